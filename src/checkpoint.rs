@@ -1,0 +1,301 @@
+//! A checkpoint folder: `config.json` plus one `model.safetensors` or shards listed by
+//! `model.safetensors.index.json`, all memory-mapped. Resolves a tensor name to its shard, decodes
+//! it to f32 and dequantises block-FP8 weights (`weight_scale_inv`, partial edge blocks included).
+//! Shapes are checked by the model builder through [`Loader`], which collects every problem before
+//! failing so a user sees all missing or misshapen tensors at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::IsTerminal;
+use std::path::{Component, Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use safetensors::tensor::Dtype;
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::st::StFile;
+
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: Config,
+    /// The raw config.json bytes (their sha256 goes into dump metadata).
+    pub config_bytes: Vec<u8>,
+    pub files: Vec<StFile>,
+    /// Tensor name -> index into `files`.
+    names: BTreeMap<String, usize>,
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::checkpoint(
+                dir,
+                "not a directory (expected a checkpoint folder with config.json)",
+            ));
+        }
+        let config_path = dir.join("config.json");
+        let config_bytes = std::fs::read(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let config = Config::from_file(&config_path)?;
+        let shard_names = shard_list(dir)?;
+        let progress = std::io::stderr().is_terminal() && shard_names.len() > 1;
+        let mut files = Vec::with_capacity(shard_names.len());
+        let mut names = BTreeMap::new();
+        for (i, shard) in shard_names.iter().enumerate() {
+            if progress {
+                eprint!("\ropening shard {}/{}: {shard}", i + 1, shard_names.len());
+            }
+            let file = StFile::open(&dir.join(shard))?;
+            for name in file.names() {
+                if let Some(prev) = names.insert(name.to_string(), i) {
+                    return Err(Error::checkpoint(
+                        dir,
+                        format!(
+                            "tensor `{name}` appears in both {} and {shard}",
+                            shard_names[prev]
+                        ),
+                    ));
+                }
+            }
+            files.push(file);
+        }
+        if progress {
+            eprintln!();
+        }
+        let ckpt = Checkpoint {
+            dir: dir.to_path_buf(),
+            config,
+            config_bytes,
+            files,
+            names,
+        };
+        ckpt.check_index()?;
+        Ok(ckpt)
+    }
+
+    /// Every name the index maps must be in the shard it names.
+    fn check_index(&self) -> Result<()> {
+        let path = self.dir.join(INDEX_FILE);
+        let Some(map) = read_index(&path)? else {
+            return Ok(());
+        };
+        for (name, shard) in map {
+            let file = self.names.get(&name).map(|&i| &self.files[i]);
+            match file {
+                Some(f) if f.path.file_name().and_then(|n| n.to_str()) == Some(shard.as_str()) => {}
+                _ => {
+                    return Err(Error::checkpoint(
+                        &path,
+                        format!("maps `{name}` to {shard}, which does not hold it"),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.keys().map(String::as_str)
+    }
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains_key(name)
+    }
+    fn file(&self, name: &str) -> Result<&StFile> {
+        self.names
+            .get(name)
+            .map(|&i| &self.files[i])
+            .ok_or_else(|| Error::Weights(format!("missing tensor `{name}`")))
+    }
+    pub fn dtype(&self, name: &str) -> Option<Dtype> {
+        self.file(name)
+            .ok()
+            .and_then(|f| f.info(name))
+            .map(|i| i.dtype)
+    }
+    /// The stored shape (for FP8 weights, the true weight's shape: same as stored).
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.file(name)
+            .ok()
+            .and_then(|f| f.info(name))
+            .map(|i| i.shape.clone())
+    }
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.file(name).ok().map(|f| f.path.as_path())
+    }
+
+    /// The FP8 scale tensor that belongs to `name`, if any (`X.weight` -> `X.weight_scale_inv`).
+    pub fn scale_name(&self, name: &str) -> Option<String> {
+        let s = format!("{name}_scale_inv");
+        self.contains(&s).then_some(s)
+    }
+
+    /// A tensor decoded to f32 with its shape; block-FP8 weights are dequantised.
+    pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let (mut data, shape) = self.file(name)?.f32(name)?;
+        if let Some(scale_name) = self.scale_name(name) {
+            let (scale, sshape) = self.file(&scale_name)?.f32(&scale_name)?;
+            let block = self
+                .config
+                .fp8
+                .as_ref()
+                .map(|f| f.block)
+                .unwrap_or([128, 128]);
+            dequantize_blocks(&mut data, &shape, &scale, &sshape, block)
+                .map_err(|msg| Error::Weights(format!("`{name}`: {msg}")))?;
+        }
+        Ok((data, shape))
+    }
+
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let (data, shape) = self.f32(name)?;
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    }
+
+    /// Tensors of the MTP layer(s) `model.layers.{num_hidden_layers + j}.*`: kept in the checkpoint,
+    /// not used by the main forward.
+    pub fn mtp_names(&self) -> Vec<&str> {
+        let n = self.config.num_hidden_layers;
+        let prefixes: Vec<String> = (0..self.config.num_nextn_predict_layers.max(1))
+            .map(|j| format!("model.layers.{}.", n + j))
+            .collect();
+        self.names()
+            .filter(|name| prefixes.iter().any(|p| name.starts_with(p)))
+            .collect()
+    }
+}
+
+/// The shard files of a checkpoint, validated to stay inside its folder.
+fn shard_list(dir: &Path) -> Result<Vec<String>> {
+    let index = dir.join(INDEX_FILE);
+    if let Some(map) = read_index(&index)? {
+        let shards: BTreeSet<String> = map.into_values().collect();
+        for s in &shards {
+            let p = Path::new(s);
+            let inside = p.components().all(|c| matches!(c, Component::Normal(_)));
+            if !inside || s.is_empty() {
+                return Err(Error::checkpoint(
+                    &index,
+                    format!("shard name \"{s}\" escapes the model folder"),
+                ));
+            }
+        }
+        return Ok(shards.into_iter().collect());
+    }
+    if dir.join(SINGLE_FILE).is_file() {
+        return Ok(vec![SINGLE_FILE.to_string()]);
+    }
+    Err(Error::checkpoint(
+        dir,
+        format!("no {SINGLE_FILE} and no {INDEX_FILE}"),
+    ))
+}
+
+/// `weight_map` of an index file, or None when there is no index.
+fn read_index(path: &Path) -> Result<Option<BTreeMap<String, String>>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::checkpoint(path, "no \"weight_map\" object"))?;
+    map.iter()
+        .map(|(k, v)| {
+            v.as_str()
+                .map(|s| (k.clone(), s.to_string()))
+                .ok_or_else(|| {
+                    Error::checkpoint(path, format!("weight_map entry `{k}` is not a file name"))
+                })
+        })
+        .collect::<Result<_>>()
+        .map(Some)
+}
+
+/// `w[i,j] *= scale[i / br, j / bc]`, the block-FP8 dequantisation. The last row and column blocks
+/// may be partial (e.g. 576 rows = 4.5 blocks of 128): the scale grid is `ceil(rows/br) x ceil(cols/bc)`.
+pub fn dequantize_blocks(
+    w: &mut [f32],
+    shape: &[usize],
+    scale: &[f32],
+    scale_shape: &[usize],
+    [br, bc]: [usize; 2],
+) -> std::result::Result<(), String> {
+    let [rows, cols] = shape else {
+        return Err(format!("FP8 weight must be 2-D, got shape {shape:?}"));
+    };
+    let want = [rows.div_ceil(br), cols.div_ceil(bc)];
+    if scale_shape != want {
+        return Err(format!("weight_scale_inv has shape {scale_shape:?}, expected {want:?} for {br}x{bc} blocks of {shape:?}"));
+    }
+    for (i, row) in w.chunks_exact_mut(*cols).enumerate() {
+        let srow = &scale[(i / br) * want[1]..(i / br + 1) * want[1]];
+        for (j, x) in row.iter_mut().enumerate() {
+            *x *= srow[j / bc];
+        }
+    }
+    Ok(())
+}
+
+/// Loads named tensors with expected shapes, collecting every problem instead of stopping at the
+/// first, so `finish` can list all of them.
+pub struct Loader<'a> {
+    pub ckpt: &'a Checkpoint,
+    problems: Vec<String>,
+}
+
+impl<'a> Loader<'a> {
+    pub fn new(ckpt: &'a Checkpoint) -> Self {
+        Loader {
+            ckpt,
+            problems: Vec::new(),
+        }
+    }
+
+    /// The tensor `name` of shape `shape`; on a problem, records it and returns an empty
+    /// placeholder (the model is discarded by `finish`).
+    pub fn get(&mut self, name: &str, shape: &[usize]) -> Tensor {
+        match self.ckpt.shape(name) {
+            None => self
+                .problems
+                .push(format!("missing `{name}` (expected shape {shape:?})")),
+            Some(s) if s != shape => self
+                .problems
+                .push(format!("`{name}` has shape {s:?}, expected {shape:?}")),
+            Some(_) => match self.ckpt.tensor(name) {
+                Ok(t) => return t,
+                Err(e) => self.problems.push(e.to_string()),
+            },
+        }
+        Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu).unwrap_or_else(|_| unreachable!())
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.ckpt.contains(name)
+    }
+
+    pub fn finish<T>(self, value: T) -> Result<T> {
+        if self.problems.is_empty() {
+            return Ok(value);
+        }
+        let n = self.problems.len();
+        let shown: Vec<_> = self.problems.iter().take(12).cloned().collect();
+        let more = if n > 12 {
+            format!("; and {} more", n - 12)
+        } else {
+            String::new()
+        };
+        Err(Error::Weights(format!(
+            "{}: {n} weight problem(s): {}{more}",
+            self.ckpt.dir.display(),
+            shown.join("; ")
+        )))
+    }
+}

@@ -1,0 +1,671 @@
+//! The model configuration: HF `config.json` of `model_type: glm_moe_dsa`, parsed into the values
+//! that change the math, with everything transformers derives (indexer sharing pattern, MLP layer
+//! types, RoPE parameters) derived here exactly the same way. Unknown or unsupported values are
+//! refused with an error naming the field, so a config we would silently misread never runs.
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// How a layer's feed-forward block is built (`mlp_layer_types`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlpKind {
+    Dense,
+    Moe,
+}
+
+/// Whether a layer runs its own DSA indexer or reuses the previous full layer's selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexerKind {
+    Full,
+    Shared,
+}
+
+/// RoPE frequencies and scaling, as transformers computes them for this model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rope {
+    Default { theta: f64 },
+    Yarn(Yarn),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Yarn {
+    pub theta: f64,
+    pub factor: f64,
+    pub original_max_position_embeddings: f64,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    pub mscale: Option<f64>,
+    pub mscale_all_dim: Option<f64>,
+    pub attention_factor: Option<f64>,
+    pub truncate: bool,
+}
+
+/// Block-FP8 storage (`quantization_config`). Which tensors are quantised is decided per tensor by
+/// the presence of `weight_scale_inv`, never by `modules_to_not_convert` (misspelled upstream).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fp8 {
+    pub block: [usize; 2],
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub moe_intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub n_shared_experts: usize,
+    pub n_routed_experts: usize,
+    pub num_experts_per_tok: usize,
+    pub routed_scaling_factor: f64,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub norm_topk_prob: bool,
+    pub q_lora_rank: usize,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    pub attention_bias: bool,
+    pub index_topk: usize,
+    pub index_head_dim: usize,
+    pub index_n_heads: usize,
+    pub rms_norm_eps: f64,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub num_nextn_predict_layers: usize,
+    pub mlp_layer_types: Vec<MlpKind>,
+    pub indexer_types: Vec<IndexerKind>,
+    pub rope: Rope,
+    pub fp8: Option<Fp8>,
+}
+
+/// Keys of config.json that do not change the forward pass; accepted and ignored.
+const IGNORED_KEYS: &[&str] = &[
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "initializer_range",
+    "use_cache",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "attention_dropout",
+    "output_router_logits",
+    "mlp_bias", // transformers builds every MLP without bias whatever this says
+    "head_dim", // transformers overwrites it with qk_rope_head_dim
+    "layer_types",
+    "num_key_value_heads", // checked below
+    "hidden_act",          // checked below
+    "auto_map",
+    "name_or_path",
+    "_name_or_path",
+    "scoring_func",
+    "topk_method",
+    "ep_size",
+    "moe_layer_freq",
+    "aux_loss_alpha",
+    "seq_aux",
+    "tokenizer_class",
+    "generation_config",
+    "index_topk_freq",
+    "index_skip_topk_offset",
+    "index_topk_pattern",
+    "num_experts",
+    "num_local_experts",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "partial_rotary_factor",
+    "original_max_position_embeddings",
+    "quantization_config",
+];
+
+struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+}
+
+impl<'a> Fields<'a> {
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+    fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => as_usize(key, v),
+        }
+    }
+    fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => as_f64(key, v),
+        }
+    }
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| Error::config(key, format!("expected a boolean, got {v}"))),
+        }
+    }
+}
+
+fn as_usize(key: &str, v: &Value) -> Result<usize> {
+    v.as_u64()
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| Error::config(key, format!("expected a non-negative integer, got {v}")))
+}
+
+fn as_f64(key: &str, v: &Value) -> Result<f64> {
+    v.as_f64()
+        .filter(|x| x.is_finite())
+        .ok_or_else(|| Error::config(key, format!("expected a finite number, got {v}")))
+}
+
+impl Config {
+    /// Reads and validates `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let value: Value = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(&value).map_err(|e| Error::Context {
+            context: path.display().to_string(),
+            source: Box::new(e),
+        })
+    }
+
+    pub fn from_json(value: &Value) -> Result<Self> {
+        let obj = value
+            .as_object()
+            .ok_or_else(|| Error::config("<root>", "config.json must be a JSON object"))?;
+        let f = Fields { obj };
+        match f.get("model_type").and_then(Value::as_str) {
+            Some("glm_moe_dsa") | None => {}
+            Some(other) => {
+                return Err(Error::config(
+                    "model_type",
+                    format!("expected \"glm_moe_dsa\", got \"{other}\""),
+                ))
+            }
+        }
+        if let Some(act) = f.get("hidden_act") {
+            if act.as_str() != Some("silu") {
+                return Err(Error::config(
+                    "hidden_act",
+                    format!("only \"silu\" is supported, got {act}"),
+                ));
+            }
+        }
+
+        // Defaults are transformers 5.24's GlmMoeDsaConfig defaults (the published GLM-5 values).
+        let num_hidden_layers = f.usize_or("num_hidden_layers", 78)?;
+        let num_attention_heads = f.usize_or("num_attention_heads", 64)?;
+        let n_routed_experts = match f.get("n_routed_experts") {
+            Some(v) => as_usize("n_routed_experts", v)?,
+            None => match f.get("num_experts").or_else(|| f.get("num_local_experts")) {
+                Some(v) => as_usize("num_experts", v)?,
+                None => 256,
+            },
+        };
+        let num_kv_heads = f.usize_or("num_key_value_heads", num_attention_heads)?;
+        if num_kv_heads != num_attention_heads {
+            return Err(Error::config(
+                "num_key_value_heads",
+                format!("must equal num_attention_heads ({num_attention_heads}) for MLA, got {num_kv_heads}"),
+            ));
+        }
+
+        let cfg = Config {
+            vocab_size: f.usize_or("vocab_size", 154880)?,
+            hidden_size: f.usize_or("hidden_size", 6144)?,
+            intermediate_size: f.usize_or("intermediate_size", 12288)?,
+            moe_intermediate_size: f.usize_or("moe_intermediate_size", 2048)?,
+            num_hidden_layers,
+            num_attention_heads,
+            n_shared_experts: f.usize_or("n_shared_experts", 1)?,
+            n_routed_experts,
+            num_experts_per_tok: f.usize_or("num_experts_per_tok", 8)?,
+            routed_scaling_factor: f.f64_or("routed_scaling_factor", 2.5)?,
+            n_group: f.usize_or("n_group", 1)?,
+            topk_group: f.usize_or("topk_group", 1)?,
+            norm_topk_prob: f.bool_or("norm_topk_prob", true)?,
+            q_lora_rank: f.usize_or("q_lora_rank", 2048)?,
+            kv_lora_rank: f.usize_or("kv_lora_rank", 512)?,
+            qk_nope_head_dim: f.usize_or("qk_nope_head_dim", 192)?,
+            qk_rope_head_dim: f.usize_or("qk_rope_head_dim", 64)?,
+            v_head_dim: f.usize_or("v_head_dim", 256)?,
+            attention_bias: f.bool_or("attention_bias", false)?,
+            index_topk: f.usize_or("index_topk", 2048)?,
+            index_head_dim: f.usize_or("index_head_dim", 128)?,
+            index_n_heads: f.usize_or("index_n_heads", 32)?,
+            rms_norm_eps: f.f64_or("rms_norm_eps", 1e-5)?,
+            max_position_embeddings: f.usize_or("max_position_embeddings", 202752)?,
+            tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+            num_nextn_predict_layers: f.usize_or("num_nextn_predict_layers", 0)?,
+            mlp_layer_types: mlp_layer_types(&f, num_hidden_layers)?,
+            indexer_types: indexer_types(&f, num_hidden_layers)?,
+            rope: rope(&f)?,
+            fp8: fp8(&f)?,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Dimension checks transformers would only trip over at run time (or not at all).
+    fn validate(&self) -> Result<()> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("q_lora_rank", self.q_lora_rank),
+            ("kv_lora_rank", self.kv_lora_rank),
+            ("qk_rope_head_dim", self.qk_rope_head_dim),
+            ("v_head_dim", self.v_head_dim),
+            ("index_topk", self.index_topk),
+            ("index_n_heads", self.index_n_heads),
+            ("n_group", self.n_group),
+            ("topk_group", self.topk_group),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return Err(Error::config(field, "must be positive"));
+            }
+        }
+        if self.qk_rope_head_dim % 2 != 0 {
+            return Err(Error::config(
+                "qk_rope_head_dim",
+                "must be even (RoPE rotates pairs)",
+            ));
+        }
+        if self.index_head_dim < self.qk_rope_head_dim {
+            return Err(Error::config(
+                "index_head_dim",
+                format!(
+                    "must be at least qk_rope_head_dim ({}), got {}",
+                    self.qk_rope_head_dim, self.index_head_dim
+                ),
+            ));
+        }
+        if self.has_moe() {
+            let e = self.n_routed_experts;
+            if e == 0 || self.num_experts_per_tok == 0 || self.moe_intermediate_size == 0 {
+                return Err(Error::config(
+                    "n_routed_experts",
+                    "MoE layers need experts, top-k and an intermediate size",
+                ));
+            }
+            if e % self.n_group != 0 {
+                return Err(Error::config(
+                    "n_group",
+                    format!(
+                        "n_routed_experts ({e}) is not divisible by n_group ({})",
+                        self.n_group
+                    ),
+                ));
+            }
+            if self.topk_group > self.n_group {
+                return Err(Error::config(
+                    "topk_group",
+                    format!("{} exceeds n_group ({})", self.topk_group, self.n_group),
+                ));
+            }
+            if self.n_group > 1 && self.experts_per_group() < 2 {
+                return Err(Error::config("n_group", "grouped routing scores groups by their top-2 experts: need at least 2 experts per group"));
+            }
+            let selectable = self.topk_group * self.experts_per_group();
+            if self.num_experts_per_tok > selectable {
+                return Err(Error::config(
+                    "num_experts_per_tok",
+                    format!(
+                        "{} exceeds the {selectable} experts the kept groups offer",
+                        self.num_experts_per_tok
+                    ),
+                ));
+            }
+            if self.n_shared_experts == 0 {
+                return Err(Error::config(
+                    "n_shared_experts",
+                    "0 is not supported (GLM-5 has one shared expert)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+    pub fn experts_per_group(&self) -> usize {
+        self.n_routed_experts / self.n_group.max(1)
+    }
+    pub fn shared_intermediate_size(&self) -> usize {
+        self.moe_intermediate_size * self.n_shared_experts
+    }
+    pub fn has_moe(&self) -> bool {
+        self.mlp_layer_types.contains(&MlpKind::Moe)
+    }
+    /// Width of one row of `kv_a_proj_with_mqa`: the latent, then the shared rope key.
+    pub fn kv_a_dim(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
+    /// `K` of the dump spec: keys kept per query for a sequence of `seq` tokens.
+    pub fn index_k(&self, seq: usize) -> usize {
+        self.index_topk.min(seq)
+    }
+    /// Softmax scale of MLA: `qk_head_dim^-0.5`, times `mscale(factor, mscale_all_dim)^2` under YaRN.
+    pub fn softmax_scale(&self) -> f64 {
+        let base = (self.qk_head_dim() as f64).powf(-0.5);
+        match &self.rope {
+            Rope::Default { .. } => base,
+            Rope::Yarn(y) => match y.mscale_all_dim {
+                Some(m) if m != 0.0 => {
+                    let s = yarn_mscale(y.factor, m);
+                    base * s * s
+                }
+                _ => base,
+            },
+        }
+    }
+}
+
+/// DeepSeek's YaRN `mscale`, as `yarn_get_mscale` in transformers.
+pub fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
+}
+
+fn mlp_layer_types(f: &Fields, n: usize) -> Result<Vec<MlpKind>> {
+    let Some(v) = f.get("mlp_layer_types") else {
+        let dense = f.usize_or("first_k_dense_replace", 3)?.min(n);
+        return Ok((0..n)
+            .map(|i| {
+                if i < dense {
+                    MlpKind::Dense
+                } else {
+                    MlpKind::Moe
+                }
+            })
+            .collect());
+    };
+    let list = v
+        .as_array()
+        .ok_or_else(|| Error::config("mlp_layer_types", "expected a list"))?;
+    let kinds = list
+        .iter()
+        .map(|x| match x.as_str() {
+            Some("dense") => Ok(MlpKind::Dense),
+            Some("sparse") => Ok(MlpKind::Moe),
+            _ => Err(Error::config(
+                "mlp_layer_types",
+                format!("entries must be \"dense\" or \"sparse\", got {x}"),
+            )),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    per_layer("mlp_layer_types", kinds, n)
+}
+
+/// Per-layer indexer mode, derived as `GlmMoeDsaConfig.__post_init__` derives it: an explicit
+/// `indexer_types`, else `index_topk_pattern` ("FSS..." or a list), else the freq/offset schedule
+/// `full iff max(i - offset + 1, 0) % freq == 0`.
+fn indexer_types(f: &Fields, n: usize) -> Result<Vec<IndexerKind>> {
+    let parse = |field: &str, s: &str| match s {
+        "full" | "F" => Ok(IndexerKind::Full),
+        "shared" | "S" => Ok(IndexerKind::Shared),
+        _ => Err(Error::config(
+            field,
+            format!("entries must be \"full\" or \"shared\", got \"{s}\""),
+        )),
+    };
+    let kinds = if let Some(v) = f.get("indexer_types") {
+        let list = v
+            .as_array()
+            .ok_or_else(|| Error::config("indexer_types", "expected a list"))?;
+        list.iter()
+            .map(|x| parse("indexer_types", x.as_str().unwrap_or("<not a string>")))
+            .collect::<Result<Vec<_>>>()?
+    } else if let Some(p) = f.get("index_topk_pattern") {
+        match p {
+            Value::String(s) => s
+                .chars()
+                .map(|c| parse("index_topk_pattern", &c.to_string()))
+                .collect::<Result<Vec<_>>>()?,
+            Value::Array(list) => list
+                .iter()
+                .map(|x| parse("index_topk_pattern", x.as_str().unwrap_or("<not a string>")))
+                .collect::<Result<Vec<_>>>()?,
+            _ => {
+                return Err(Error::config(
+                    "index_topk_pattern",
+                    "expected a string like \"FSS\" or a list",
+                ))
+            }
+        }
+    } else {
+        let freq = f.usize_or("index_topk_freq", 1)?.max(1);
+        let offset = f.usize_or("index_skip_topk_offset", 2)? as i64;
+        (0..n as i64)
+            .map(|i| {
+                if (i - offset + 1).max(0) as usize % freq == 0 {
+                    IndexerKind::Full
+                } else {
+                    IndexerKind::Shared
+                }
+            })
+            .collect()
+    };
+    let kinds = per_layer("indexer_types", kinds, n)?;
+    if kinds.first() == Some(&IndexerKind::Shared) {
+        return Err(Error::config(
+            "indexer_types",
+            "layer 0 is \"shared\" but there is no earlier full indexer layer to share from",
+        ));
+    }
+    Ok(kinds)
+}
+
+/// A per-layer list must cover every layer; extra trailing entries (e.g. describing the MTP
+/// layer) are ignored, as transformers ignores them.
+fn per_layer<T>(field: &str, mut kinds: Vec<T>, n: usize) -> Result<Vec<T>> {
+    if kinds.len() < n {
+        return Err(Error::config(
+            field,
+            format!("has {} entries but num_hidden_layers is {n}", kinds.len()),
+        ));
+    }
+    kinds.truncate(n);
+    Ok(kinds)
+}
+
+/// `rope_parameters`, or the older `rope_scaling` + top-level `rope_theta`, standardised the way
+/// `RotaryEmbeddingConfigMixin.convert_rope_params_to_dict` does it.
+fn rope(f: &Fields) -> Result<Rope> {
+    let (field, params) = match (f.get("rope_scaling"), f.get("rope_parameters")) {
+        (Some(v), _) => ("rope_scaling", v),
+        (None, Some(v)) => ("rope_parameters", v),
+        (None, None) => ("rope_parameters", &Value::Null),
+    };
+    let empty = Map::new();
+    let p = match params {
+        Value::Object(m) => m,
+        Value::Null => &empty,
+        _ => return Err(Error::config(field, "expected an object")),
+    };
+    let pf = Fields { obj: p };
+    let theta = match pf.get("rope_theta") {
+        Some(v) => as_f64(&format!("{field}.rope_theta"), v)?,
+        None => f.f64_or("rope_theta", 10_000.0)?,
+    };
+    if theta <= 0.0 {
+        return Err(Error::config(
+            format!("{field}.rope_theta"),
+            "must be positive",
+        ));
+    }
+    let partial = match pf
+        .get("partial_rotary_factor")
+        .or_else(|| f.get("partial_rotary_factor"))
+    {
+        Some(v) => as_f64("partial_rotary_factor", v)?,
+        None => 1.0,
+    };
+    if partial != 1.0 {
+        return Err(Error::config(
+            "partial_rotary_factor",
+            format!("only 1.0 is supported, got {partial}"),
+        ));
+    }
+    let rope_type = pf
+        .get("rope_type")
+        .or_else(|| pf.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    match rope_type {
+        "default" => Ok(Rope::Default { theta }),
+        "yarn" => {
+            let key = |k: &str| format!("{field}.{k}");
+            let factor = match pf.get("factor") {
+                Some(v) => as_f64(&key("factor"), v)?,
+                None => return Err(Error::config(key("factor"), "required for yarn")),
+            };
+            let max_pos = f.usize_or("max_position_embeddings", 202752)? as f64;
+            // A top-level `original_max_position_embeddings` wins, as in transformers.
+            let original = match f
+                .get("original_max_position_embeddings")
+                .or_else(|| pf.get("original_max_position_embeddings"))
+            {
+                Some(v) => as_f64(&key("original_max_position_embeddings"), v)?,
+                None => max_pos,
+            };
+            let opt = |k: &str| pf.get(k).map(|v| as_f64(&key(k), v)).transpose();
+            // `beta_fast or 32`: a 0 falls back to the default too.
+            let nonzero_or = |v: Option<f64>, d: f64| v.filter(|x| *x != 0.0).unwrap_or(d);
+            Ok(Rope::Yarn(Yarn {
+                theta,
+                factor,
+                original_max_position_embeddings: original,
+                beta_fast: nonzero_or(opt("beta_fast")?, 32.0),
+                beta_slow: nonzero_or(opt("beta_slow")?, 1.0),
+                mscale: opt("mscale")?,
+                mscale_all_dim: opt("mscale_all_dim")?,
+                attention_factor: opt("attention_factor")?,
+                truncate: match pf.get("truncate") {
+                    Some(v) => v
+                        .as_bool()
+                        .ok_or_else(|| Error::config(key("truncate"), "expected a boolean"))?,
+                    None => true,
+                },
+            }))
+        }
+        other => Err(Error::config(
+            format!("{field}.rope_type"),
+            format!("\"{other}\" is not supported (default, yarn)"),
+        )),
+    }
+}
+
+fn fp8(f: &Fields) -> Result<Option<Fp8>> {
+    let Some(q) = f.get("quantization_config") else {
+        return Ok(None);
+    };
+    let q = q
+        .as_object()
+        .ok_or_else(|| Error::config("quantization_config", "expected an object"))?;
+    match q.get("quant_method").and_then(Value::as_str) {
+        Some("fp8") => {}
+        other => {
+            return Err(Error::config(
+                "quantization_config.quant_method",
+                format!("only \"fp8\" (block-wise e4m3) is supported, got {other:?}"),
+            ))
+        }
+    }
+    if let Some(fmt) = q.get("fmt").and_then(Value::as_str) {
+        if fmt != "e4m3" {
+            return Err(Error::config(
+                "quantization_config.fmt",
+                format!("only \"e4m3\" is supported, got \"{fmt}\""),
+            ));
+        }
+    }
+    let block = match q.get("weight_block_size") {
+        None | Some(Value::Null) => [128, 128],
+        Some(Value::Array(b)) if b.len() == 2 => {
+            let r = as_usize("quantization_config.weight_block_size", &b[0])?;
+            let c = as_usize("quantization_config.weight_block_size", &b[1])?;
+            if r == 0 || c == 0 {
+                return Err(Error::config(
+                    "quantization_config.weight_block_size",
+                    "block sizes must be positive",
+                ));
+            }
+            [r, c]
+        }
+        Some(v) => {
+            return Err(Error::config(
+                "quantization_config.weight_block_size",
+                format!("expected [rows, cols], got {v}"),
+            ))
+        }
+    };
+    Ok(Some(Fp8 { block }))
+}
+
+impl Config {
+    /// Top-level keys that neither change the math nor are known: reported by `inspect` so a
+    /// user sees what glimpse did not read.
+    pub fn unread_keys(value: &Value) -> Vec<String> {
+        let known = [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "n_shared_experts",
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "routed_scaling_factor",
+            "n_group",
+            "topk_group",
+            "norm_topk_prob",
+            "q_lora_rank",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "attention_bias",
+            "index_topk",
+            "index_head_dim",
+            "index_n_heads",
+            "rms_norm_eps",
+            "max_position_embeddings",
+            "tie_word_embeddings",
+            "num_nextn_predict_layers",
+            "mlp_layer_types",
+            "first_k_dense_replace",
+            "indexer_types",
+        ];
+        value
+            .as_object()
+            .map(|o| {
+                o.keys()
+                    .filter(|k| !known.contains(&k.as_str()) && !IGNORED_KEYS.contains(&k.as_str()))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,175 @@
+//! `inspect`: what a checkpoint is, in words: its config's meaning (layer pattern, routing,
+//! indexer sharing, RoPE, quantisation), parameters per block, storage dtypes, shards, and the MTP
+//! layer the main forward does not use.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{IndexerKind, MlpKind, Rope};
+use crate::error::Result;
+use crate::layout::block_of;
+
+fn human(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+/// A run-length summary of a per-layer pattern, e.g. `0-2 dense, 3-77 moe`.
+fn runs<T: PartialEq + Copy>(v: &[T], name: impl Fn(T) -> &'static str) -> String {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..=v.len() {
+        if i == v.len() || v[i] != v[start] {
+            let span = if i - 1 == start {
+                format!("{start}")
+            } else {
+                format!("{start}-{}", i - 1)
+            };
+            out.push(format!("{span} {}", name(v[start])));
+            start = i;
+        }
+    }
+    out.join(", ")
+}
+
+pub fn describe(ckpt: &Checkpoint) -> Result<String> {
+    let c = &ckpt.config;
+    let mut s = String::new();
+    let w = &mut s;
+    let _ = writeln!(w, "checkpoint {}", ckpt.dir.display());
+    let _ = writeln!(
+        w,
+        "  {} layers, hidden {}, vocab {}, {} heads (q_lora {}, kv_lora {}, nope {}, rope {}, v {})",
+        c.num_hidden_layers, c.hidden_size, c.vocab_size, c.num_attention_heads, c.q_lora_rank, c.kv_lora_rank,
+        c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+    );
+    let _ = writeln!(
+        w,
+        "  layers: {}",
+        runs(&c.mlp_layer_types, |k| if k == MlpKind::Dense {
+            "dense"
+        } else {
+            "moe"
+        })
+    );
+    if c.has_moe() {
+        let routing = if c.n_group > 1 {
+            format!(
+                "grouped: {} groups of {}, keep {}",
+                c.n_group,
+                c.experts_per_group(),
+                c.topk_group
+            )
+        } else {
+            "flat".into()
+        };
+        let _ = writeln!(
+            w,
+            "  moe: {} routed + {} shared experts (intermediate {}), top-{} sigmoid, {routing}, {}normalised, scaled by {}",
+            c.n_routed_experts,
+            c.n_shared_experts,
+            c.moe_intermediate_size,
+            c.num_experts_per_tok,
+            if c.norm_topk_prob { "" } else { "not " },
+            c.routed_scaling_factor
+        );
+    }
+    let _ = writeln!(
+        w,
+        "  dsa indexer: {} heads x {}, top-{}; {}",
+        c.index_n_heads,
+        c.index_head_dim,
+        c.index_topk,
+        runs(&c.indexer_types, |k| if k == IndexerKind::Full {
+            "full"
+        } else {
+            "shared"
+        })
+    );
+    let rope = match &c.rope {
+        Rope::Default { theta } => format!("default, theta {theta}"),
+        Rope::Yarn(y) => format!(
+            "yarn, theta {}, factor {}, original max positions {}, mscale_all_dim {:?}",
+            y.theta, y.factor, y.original_max_position_embeddings, y.mscale_all_dim
+        ),
+    };
+    let _ = writeln!(
+        w,
+        "  rope: interleaved, {rope}; softmax scale {:.6}",
+        c.softmax_scale()
+    );
+    let _ = writeln!(
+        w,
+        "  rms_norm_eps {}, tie_word_embeddings {}, max positions {}{}",
+        c.rms_norm_eps,
+        c.tie_word_embeddings,
+        c.max_position_embeddings,
+        match &c.fp8 {
+            Some(f) => format!(", block-FP8 {}x{}", f.block[0], f.block[1]),
+            None => String::new(),
+        }
+    );
+
+    let mut blocks: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut total = 0;
+    for name in ckpt.names() {
+        let n: usize = ckpt.shape(name).unwrap_or_default().iter().product();
+        if !name.ends_with("_scale_inv") {
+            *blocks
+                .entry(block_of(name, c.num_hidden_layers))
+                .or_default() += n;
+            total += n;
+        }
+        *dtypes
+            .entry(format!(
+                "{:?}",
+                ckpt.dtype(name)
+                    .map(|d| format!("{d:?}"))
+                    .unwrap_or_default()
+            ))
+            .or_default() += 1;
+    }
+    let _ = writeln!(w, "parameters: {} in total", human(total));
+    for (block, n) in &blocks {
+        let _ = writeln!(w, "  {block:<18} {:>10}", human(*n));
+    }
+    let dt: Vec<String> = dtypes
+        .iter()
+        .map(|(d, n)| format!("{} x{n}", d.trim_matches('"')))
+        .collect();
+    let _ = writeln!(w, "dtypes: {}", dt.join(", "));
+    let _ = writeln!(w, "files: {}", ckpt.files.len());
+    for f in &ckpt.files {
+        let _ = writeln!(
+            w,
+            "  {:<40} {:>10} bytes",
+            f.path
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default(),
+            f.len_bytes()
+        );
+    }
+    let mtp = ckpt.mtp_names();
+    if mtp.is_empty() {
+        let _ = writeln!(
+            w,
+            "mtp layer: none in the checkpoint (num_nextn_predict_layers {})",
+            c.num_nextn_predict_layers
+        );
+    } else {
+        let _ = writeln!(
+            w,
+            "mtp layer: {} tensors under model.layers.{}.* (kept, not used by the main forward)",
+            mtp.len(),
+            c.num_hidden_layers
+        );
+    }
+    Ok(s)
+}

@@ -1,0 +1,22 @@
+//! glimpse: run GLM-5 (`glm_moe_dsa`), record every decision it makes inside, and prove it
+//! against a reference.
+//!
+//! - [`config`] parses `config.json`; [`checkpoint`] memory-maps the weights (sharded, FP8);
+//! - [`model`] is the f32 CPU forward pass, one file per block, reporting to [`hooks`];
+//! - [`dump`] reads and writes `glm5-dump/1` files, [`compare`] checks one against another;
+//! - [`synth`] writes random-weight checkpoints in the released layout.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod hooks;
+pub mod model;
+pub mod st;
+
+pub use error::{Error, Result};
+pub mod compare;
+pub mod dump;
+pub mod inspect;
+pub mod layout;
+pub mod synth;
+pub mod verify;

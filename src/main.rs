@@ -1,0 +1,270 @@
+//! The `glimpse` command line. Each subcommand is a thin layer over the library; errors print as
+//! one line (`glimpse: error: ...`) and exit with code 2, comparisons exit 1 on a mismatch.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use glimpse::checkpoint::Checkpoint;
+use glimpse::compare::Tolerance;
+use glimpse::dump::{self, Dump};
+use glimpse::error::{Error, Result};
+use glimpse::hooks::Recorder;
+use glimpse::model::{Model, Tokens};
+use glimpse::synth::{self, SynthDtype, SynthOptions};
+use glimpse::{inspect, verify};
+
+/// The bundled default case: GLM-5's own layer pattern at toy size, with its transformers reference.
+const DEFAULT_CASE: &str = "golden/flat";
+
+#[derive(Parser)]
+#[command(
+    name = "glimpse",
+    version,
+    about = "Run GLM-5 (glm_moe_dsa), record what happens inside, and prove it against a reference"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compare a run of the model with a reference dump, tensor by tensor.
+    Verify {
+        /// Checkpoint folder (default: the bundled default case, golden/flat).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Reference dump (default: reference.safetensors in the model folder).
+        #[arg(long)]
+        golden: Option<PathBuf>,
+        #[arg(long, default_value_t = 1e-4)]
+        atol: f64,
+        #[arg(long, default_value_t = 1e-4)]
+        rtol: f64,
+        /// Feed every layer the reference's own input, so errors do not spread between layers.
+        #[arg(long)]
+        isolate: bool,
+    },
+    /// Describe a checkpoint: what its config means, parameters per block, dtypes, shards, MTP layer.
+    Inspect {
+        #[arg(long)]
+        model: PathBuf,
+    },
+    /// Run the model on token ids and write every hook point to a dump.
+    Run {
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated token ids; `;` separates batch rows of equal length.
+        #[arg(long)]
+        tokens: String,
+        /// Write a glm5-dump/1 file here.
+        #[arg(long)]
+        dump: Option<PathBuf>,
+    },
+    /// Write a random-weight checkpoint in the released layout.
+    Synth {
+        /// Start from this config.json.
+        #[arg(long, conflicts_with = "preset", required_unless_present = "preset")]
+        config: Option<PathBuf>,
+        /// Start from a published configuration.
+        #[arg(long, value_parser = ["glm5"])]
+        preset: Option<String>,
+        #[arg(long)]
+        layers: Option<usize>,
+        #[arg(long)]
+        experts: Option<usize>,
+        #[arg(long)]
+        vocab: Option<usize>,
+        #[arg(long, value_enum, default_value_t = SynthDtype::Bf16)]
+        dtype: SynthDtype,
+        #[arg(long, default_value_t = 1)]
+        shards: usize,
+        /// Also write the MTP layer (model.layers.{num_hidden_layers}.*).
+        #[arg(long)]
+        mtp: bool,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("glimpse: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The bundled case, found next to the binary's sources or under the current directory.
+fn default_case() -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CASE);
+    if built.is_dir() {
+        built
+    } else {
+        PathBuf::from(DEFAULT_CASE)
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Verify {
+            model,
+            golden,
+            atol,
+            rtol,
+            isolate,
+        } => {
+            let model_dir = model.unwrap_or_else(default_case);
+            let golden = golden.unwrap_or_else(|| model_dir.join("reference.safetensors"));
+            let tol = Tolerance { atol, rtol };
+            if !(atol >= 0.0 && rtol >= 0.0) {
+                return Err(Error::Usage(
+                    "--atol and --rtol must be non-negative numbers".into(),
+                ));
+            }
+            let ckpt = Checkpoint::open(&model_dir)?;
+            let reference = Dump::open(&golden)?;
+            if let Some(sha) = reference.metadata().get("config_sha256") {
+                if *sha != dump::sha256_hex(&ckpt.config_bytes) {
+                    eprintln!(
+                        "glimpse: warning: {} was made from a different config.json than {}",
+                        golden.display(),
+                        model_dir.display()
+                    );
+                }
+            }
+            let model = Model::load(&ckpt)?;
+            println!(
+                "verify {} against {}",
+                model_dir.display(),
+                golden.display()
+            );
+            let report = verify::verify(&model, &reference, tol, isolate)?;
+            verify::print_report(&report, tol);
+            Ok(if report.all_match() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Inspect { model } => {
+            let ckpt = Checkpoint::open(&model)?;
+            print!("{}", inspect::describe(&ckpt)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            model,
+            tokens,
+            dump: out,
+        } => {
+            let ckpt = Checkpoint::open(&model)?;
+            let tokens = parse_tokens(&tokens)?;
+            let model_ = Model::load(&ckpt)?;
+            let mut rec = Recorder::default();
+            let logits = model_.forward(&tokens, &mut rec)?;
+            let (b, s, _) = logits.dims3()?;
+            for bi in 0..b {
+                let last = logits.get(bi)?.get(s - 1)?.to_vec1::<f32>()?;
+                let argmax = last
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map(|(i, _)| i)
+                    .unwrap_or(0);
+                println!("row {bi}: next token (greedy) {argmax}");
+            }
+            if let Some(out) = out {
+                let named: Vec<_> = rec
+                    .tensors
+                    .iter()
+                    .map(|(p, t)| (p.name(), t.clone()))
+                    .collect();
+                let meta = dump::metadata(
+                    &format!(
+                        "glimpse {} / candle, float32, cpu",
+                        env!("CARGO_PKG_VERSION")
+                    ),
+                    Some(&ckpt.config_bytes),
+                    Some(&model.display().to_string()),
+                );
+                dump::write(&out, &named, &meta)?;
+                println!("wrote {} tensors to {}", named.len(), out.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Synth {
+            config,
+            preset,
+            layers,
+            experts,
+            vocab,
+            dtype,
+            shards,
+            mtp,
+            seed,
+            out,
+        } => {
+            let config = match (config, preset) {
+                (Some(path), _) => {
+                    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+                    serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+                        path: path.clone(),
+                        source,
+                    })?
+                }
+                _ => synth::preset_glm5(),
+            };
+            let opts = SynthOptions {
+                config,
+                layers,
+                experts,
+                vocab,
+                dtype,
+                shards,
+                mtp,
+                seed,
+                out: out.clone(),
+            };
+            let cfg = synth::synth(&opts)?;
+            println!(
+                "wrote a {}-layer random checkpoint ({} experts, vocab {}, {:?}) to {}",
+                cfg.num_hidden_layers,
+                cfg.n_routed_experts,
+                cfg.vocab_size,
+                dtype,
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `1,2,3` (one row) or `1,2;3,4` (a batch of rows of equal length).
+fn parse_tokens(s: &str) -> Result<Tokens> {
+    let rows: Vec<Vec<u32>> = s
+        .split(';')
+        .map(|row| {
+            row.split(',')
+                .map(|t| {
+                    t.trim().parse::<u32>().map_err(|_| {
+                        Error::Usage(format!("--tokens: \"{}\" is not a token id", t.trim()))
+                    })
+                })
+                .collect()
+        })
+        .collect::<Result<_>>()?;
+    let seq = rows[0].len();
+    if rows.iter().any(|r| r.len() != seq) {
+        return Err(Error::Usage(
+            "--tokens: every batch row must have the same length".into(),
+        ));
+    }
+    Tokens::new(rows.len(), seq, rows.concat())
+}

@@ -1,0 +1,236 @@
+//! The DeepSeek Sparse Attention indexer: a light scorer that picks, for every query, the
+//! `index_topk` causal keys MLA is allowed to attend to. A `Full` layer scores keys itself; a
+//! `Shared` layer (GLM-5.2's `indexer_types`) has no weights and reuses the selection of the
+//! previous full layer.
+//!
+//! `score[s,t] = Σ_h w[s,h] · relu(qi[s,h] · ki[t] / sqrt(index_head_dim))`, with
+//! `qi = wq_b(q_latent)`, `ki = k_norm(wk(x))` (one head), both split `[rope | nope]` (rope first,
+//! unlike MLA) with interleaved RoPE on the rope slice, and `w = weights_proj(x) / sqrt(n_heads)`.
+//! The DeepSeek reference also applies a Hadamard rotation and FP8 quantisation to q and k; the
+//! rotation does not change dot products and transformers skips both, so do we.
+
+use candle_core::{Device, Tensor};
+
+use super::nn::{LayerNorm, Linear};
+use super::rope::RopeTables;
+use crate::checkpoint::Loader;
+use crate::config::{Config, IndexerKind};
+use crate::error::{Error, Result};
+
+pub enum Indexer {
+    Full(IndexerWeights),
+    Shared,
+}
+
+pub struct IndexerWeights {
+    pub wq_b: Linear,         // [n_heads * head_dim, q_lora_rank]
+    pub wk: Linear,           // [head_dim, hidden]
+    pub k_norm: LayerNorm,    // [head_dim], eps 1e-6
+    pub weights_proj: Linear, // [n_heads, hidden]
+    n_heads: usize,
+    head_dim: usize,
+    topk: usize,
+}
+
+/// The keys each query may attend to: `k` positions per (batch, query) row. Rows of queries with
+/// fewer than `k` causal keys are padded with positions `> s` (ignored by attention), as the
+/// reference's top-k over a causally masked row is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Selection {
+    pub batch: usize,
+    pub seq: usize,
+    pub k: usize,
+    pub idx: Vec<usize>, // [batch, seq, k]
+}
+
+impl Selection {
+    pub fn row(&self, b: usize, s: usize) -> &[usize] {
+        let r = (b * self.seq + s) * self.k;
+        &self.idx[r..r + self.k]
+    }
+
+    /// The dump's `layers.{i}.dsa.topk`: I64 [B, S, K].
+    pub fn to_tensor(&self) -> Result<Tensor> {
+        let v: Vec<i64> = self.idx.iter().map(|&i| i as i64).collect();
+        Ok(Tensor::from_vec(
+            v,
+            (self.batch, self.seq, self.k),
+            &Device::Cpu,
+        )?)
+    }
+
+    /// Additive attention mask [B, 1, S, S]: 0 on selected causal keys, -inf elsewhere.
+    pub fn mask(&self) -> Result<Tensor> {
+        let (b, s) = (self.batch, self.seq);
+        let mut m = vec![f32::NEG_INFINITY; b * s * s];
+        for bi in 0..b {
+            for q in 0..s {
+                let row = &mut m[(bi * s + q) * s..(bi * s + q + 1) * s];
+                for &t in self.row(bi, q) {
+                    if t <= q {
+                        row[t] = 0.0;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, (b, 1, s, s), &Device::Cpu)?)
+    }
+}
+
+impl Indexer {
+    pub fn load(l: &mut Loader, cfg: &Config, layer: usize) -> Self {
+        if cfg.indexer_types[layer] == IndexerKind::Shared {
+            return Indexer::Shared;
+        }
+        let p = format!("model.layers.{layer}.self_attn.indexer");
+        let (n, d, h) = (cfg.index_n_heads, cfg.index_head_dim, cfg.hidden_size);
+        Indexer::Full(IndexerWeights {
+            wq_b: Linear::load(l, &format!("{p}.wq_b"), n * d, cfg.q_lora_rank, false),
+            wk: Linear::load(l, &format!("{p}.wk"), d, h, false),
+            k_norm: LayerNorm::load(l, &format!("{p}.k_norm"), d, 1e-6),
+            weights_proj: Linear::load(l, &format!("{p}.weights_proj"), n, h, false),
+            n_heads: n,
+            head_dim: d,
+            topk: cfg.index_topk,
+        })
+    }
+
+    /// Updates `sel` with this layer's selection: a full layer computes a new one, a shared layer
+    /// keeps the previous full layer's.
+    pub fn select(
+        &self,
+        x: &Tensor,
+        q_latent: &Tensor,
+        rope: &RopeTables,
+        sel: &mut Option<Selection>,
+    ) -> Result<()> {
+        match self {
+            Indexer::Full(w) => {
+                let scores = w.scores(x, q_latent, rope)?;
+                *sel = Some(top_k_causal(&scores, x.dims()[0], x.dims()[1], w.topk));
+                Ok(())
+            }
+            Indexer::Shared if sel.is_some() => Ok(()),
+            Indexer::Shared => Err(Error::Usage(
+                "a shared indexer layer has no earlier full layer to reuse".into(),
+            )),
+        }
+    }
+}
+
+impl IndexerWeights {
+    /// Index scores [B, S, T] (T = S keys), before the causal mask.
+    pub fn scores(&self, x: &Tensor, q_latent: &Tensor, rope: &RopeTables) -> Result<Vec<f32>> {
+        let (b, s, _) = x.dims3()?;
+        let (n, d) = (self.n_heads, self.head_dim);
+        let mut q = self
+            .wq_b
+            .forward(q_latent)?
+            .flatten_all()?
+            .to_vec1::<f32>()?; // [B, S, n, d]
+        rope.apply(&mut q, s, n, d, 0);
+        let q = Tensor::from_vec(q, (b, s, n, d), &Device::Cpu)?
+            .transpose(1, 2)?
+            .contiguous()?; // [B, n, S, d]
+        let mut k = self
+            .k_norm
+            .forward(&self.wk.forward(x)?)?
+            .flatten_all()?
+            .to_vec1::<f32>()?; // [B, S, d]
+        rope.apply(&mut k, s, 1, d, 0);
+        let k = Tensor::from_vec(k, (b, 1, s, d), &Device::Cpu)?; // [B, 1, T, d]
+        let scale = (d as f64).powf(-0.5);
+        let per_head = (q.broadcast_matmul(&k.t()?)? * scale)?.relu()?; // [B, n, S, T]
+        let w = (self.weights_proj.forward(x)? * (n as f64).powf(-0.5))?; // [B, S, n]
+        let w = w.transpose(1, 2)?.unsqueeze(3)?; // [B, n, S, 1]
+        let scores = per_head.broadcast_mul(&w)?.sum(1)?; // [B, S, T]
+        Ok(scores.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+/// Top `min(topk, S)` keys per query among causal keys `t <= s`, highest score first (ties by
+/// position). Queries with fewer causal keys are padded with the positions after them.
+pub fn top_k_causal(scores: &[f32], batch: usize, seq: usize, topk: usize) -> Selection {
+    let k = topk.min(seq);
+    let mut idx = Vec::with_capacity(batch * seq * k);
+    let mut order: Vec<usize> = Vec::with_capacity(seq);
+    for b in 0..batch {
+        for s in 0..seq {
+            let row = &scores[(b * seq + s) * seq..(b * seq + s + 1) * seq];
+            order.clear();
+            order.extend(0..=s);
+            if s + 1 > k {
+                // Descending by score; NaN sorts last so it is never preferred.
+                order.sort_by(|&x, &y| {
+                    row[y]
+                        .partial_cmp(&row[x])
+                        .unwrap_or_else(|| row[x].is_nan().cmp(&row[y].is_nan()))
+                        .then(x.cmp(&y))
+                });
+                order.truncate(k);
+            } else {
+                order.extend(s + 1..k);
+            }
+            idx.extend_from_slice(&order);
+        }
+    }
+    Selection { batch, seq, k, idx }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Early queries have fewer than K causal keys: they keep all of them, padded with later
+    /// positions that the attention mask then ignores.
+    #[test]
+    fn dsa_mask_at_positions_with_fewer_than_k_keys() {
+        let seq = 5;
+        // score of key t for every query: higher for t = 1 and t = 3.
+        let row = [0.1f32, 0.9, 0.2, 0.8, 0.3];
+        let scores: Vec<f32> = (0..seq).flat_map(|_| row).collect();
+        let sel = top_k_causal(&scores, 1, seq, 3);
+        assert_eq!(sel.row(0, 0), &[0, 1, 2]); // 1 causal key + padding
+        assert_eq!(sel.row(0, 1), &[0, 1, 2]); // 2 causal keys + padding
+        assert_eq!(sel.row(0, 2), &[0, 1, 2]); // exactly K causal keys
+        assert_eq!(sel.row(0, 3), &[1, 3, 2]); // K of 4: key 0 dropped
+        assert_eq!(sel.row(0, 4), &[1, 3, 4]);
+        let mask = sel
+            .mask()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let allowed = |q: usize| {
+            (0..seq)
+                .filter(|t| mask[q * seq + t] == 0.0)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(allowed(0), vec![0]);
+        assert_eq!(allowed(1), vec![0, 1]);
+        assert_eq!(allowed(3), vec![1, 2, 3]);
+        assert_eq!(allowed(4), vec![1, 3, 4]);
+    }
+
+    #[test]
+    fn shared_indexer_reuses_the_previous_selection() {
+        let rope = RopeTables {
+            half: 0,
+            cos: vec![],
+            sin: vec![],
+        };
+        let x = Tensor::zeros((1, 2, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let prev = Selection {
+            batch: 1,
+            seq: 2,
+            k: 1,
+            idx: vec![0, 1],
+        };
+        let mut sel = Some(prev.clone());
+        Indexer::Shared.select(&x, &x, &rope, &mut sel).unwrap();
+        assert_eq!(sel, Some(prev));
+        let mut none = None;
+        assert!(Indexer::Shared.select(&x, &x, &rope, &mut none).is_err());
+    }
+}

@@ -1,0 +1,77 @@
+//! One decoder layer: pre-norm MLA with DSA, then a dense SwiGLU or MoE feed-forward, each added
+//! back to the residual stream.
+
+use candle_core::Tensor;
+
+use super::indexer::Selection;
+use super::mla::Attention;
+use super::mlp::Mlp;
+use super::moe::Moe;
+use super::nn::RmsNorm;
+use super::rope::RopeTables;
+use crate::checkpoint::Loader;
+use crate::config::{Config, MlpKind};
+use crate::error::Result;
+use crate::hooks::{emit, HookPoint, LayerHook, Observer};
+
+pub enum Ffn {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+pub struct DecoderLayer {
+    pub index: usize,
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Ffn,
+}
+
+impl DecoderLayer {
+    pub fn load(l: &mut Loader, cfg: &Config, i: usize) -> Self {
+        let p = format!("model.layers.{i}");
+        let h = cfg.hidden_size;
+        DecoderLayer {
+            index: i,
+            input_layernorm: RmsNorm::load(l, &format!("{p}.input_layernorm"), h, cfg.rms_norm_eps),
+            self_attn: Attention::load(l, cfg, i),
+            post_attention_layernorm: RmsNorm::load(
+                l,
+                &format!("{p}.post_attention_layernorm"),
+                h,
+                cfg.rms_norm_eps,
+            ),
+            mlp: match cfg.mlp_layer_types[i] {
+                MlpKind::Dense => {
+                    Ffn::Dense(Mlp::load(l, &format!("{p}.mlp"), h, cfg.intermediate_size))
+                }
+                MlpKind::Moe => Ffn::Moe(Moe::load(l, cfg, i)),
+            },
+        }
+    }
+
+    /// h: [B, S, hidden] -> [B, S, hidden]
+    pub fn forward(
+        &self,
+        h: &Tensor,
+        rope: &RopeTables,
+        sel: &mut Option<Selection>,
+        obs: &mut dyn Observer,
+    ) -> Result<Tensor> {
+        let i = self.index;
+        let hook = |p| HookPoint::Layer(i, p);
+        let x = self.input_layernorm.forward(h)?; // [B, S, hidden]
+        emit(obs, hook(LayerHook::InputNorm), || Ok(x.clone()))?;
+        let h = (h + self.self_attn.forward(i, &x, rope, sel, obs)?)?; // [B, S, hidden]
+        let x = self.post_attention_layernorm.forward(&h)?; // [B, S, hidden]
+        emit(obs, hook(LayerHook::PostAttnNorm), || Ok(x.clone()))?;
+        let mlp_out = match &self.mlp {
+            Ffn::Dense(mlp) => mlp.forward(&x)?,
+            Ffn::Moe(moe) => moe.forward(i, &x, obs)?,
+        }; // [B, S, hidden]
+        emit(obs, hook(LayerHook::MlpOut), || Ok(mlp_out.clone()))?;
+        let out = (h + mlp_out)?;
+        emit(obs, hook(LayerHook::Output), || Ok(out.clone()))?;
+        Ok(out)
+    }
+}

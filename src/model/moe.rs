@@ -1,0 +1,268 @@
+//! The mixture of experts: a sigmoid router in f32 whose correction bias steers *selection only*,
+//! flat or group-limited top-k, weights from the unbiased scores (normalised, then scaled by
+//! `routed_scaling_factor`), the chosen experts' SwiGLU outputs summed by weight, plus the shared
+//! expert. Experts load from per-expert tensors (the released layout) or from transformers' fused
+//! `experts.gate_up_proj` / `experts.down_proj`.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::mlp::Mlp;
+use super::nn::Linear;
+use crate::checkpoint::Loader;
+use crate::config::Config;
+use crate::error::Result;
+use crate::hooks::{emit, HookPoint, LayerHook, Observer};
+
+pub struct Moe {
+    pub gate: Tensor,                      // [E, hidden], f32
+    pub e_score_correction_bias: Vec<f32>, // [E]
+    pub experts: Vec<Mlp>,
+    pub shared_experts: Mlp,
+    pub router: RouterConfig,
+}
+
+/// What the router needs from the config.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    pub top_k: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub norm_topk_prob: bool,
+    pub routed_scaling_factor: f32,
+}
+
+impl RouterConfig {
+    pub fn new(cfg: &Config) -> Self {
+        RouterConfig {
+            top_k: cfg.num_experts_per_tok,
+            n_group: cfg.n_group,
+            topk_group: cfg.topk_group,
+            norm_topk_prob: cfg.norm_topk_prob,
+            routed_scaling_factor: cfg.routed_scaling_factor as f32,
+        }
+    }
+}
+
+/// One token's routing decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub ids: Vec<usize>,
+    pub weights: Vec<f32>,
+}
+
+/// Routes one token from its gate logits, as `GlmMoeDsaTopkRouter.forward`:
+/// `s = sigmoid(logits)`; choose on `s + bias` (within the `topk_group` groups whose top-2 biased
+/// scores sum highest); weight the chosen experts by the *unbiased* `s`.
+pub fn route(rc: &RouterConfig, logits: &[f32], bias: &[f32]) -> Route {
+    let e = logits.len();
+    let scores: Vec<f32> = logits.iter().map(|l| 1.0 / (1.0 + (-l).exp())).collect();
+    let mut choice: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
+    if rc.n_group > 1 {
+        let per = e / rc.n_group;
+        let group_score = |g: usize| {
+            let mut top = choice[g * per..(g + 1) * per].to_vec();
+            top.sort_by(|a, b| b.total_cmp(a));
+            top[0] + top[1]
+        };
+        let kept = top_indices(
+            &(0..rc.n_group).map(group_score).collect::<Vec<_>>(),
+            rc.topk_group,
+        );
+        for g in (0..rc.n_group).filter(|g| !kept.contains(g)) {
+            choice[g * per..(g + 1) * per].fill(f32::NEG_INFINITY);
+        }
+    }
+    let ids = top_indices(&choice, rc.top_k);
+    let mut weights: Vec<f32> = ids.iter().map(|&i| scores[i]).collect();
+    if rc.norm_topk_prob {
+        let denom = weights.iter().sum::<f32>() + 1e-20;
+        weights.iter_mut().for_each(|w| *w /= denom);
+    }
+    weights
+        .iter_mut()
+        .for_each(|w| *w *= rc.routed_scaling_factor);
+    Route { ids, weights }
+}
+
+/// Indices of the `k` largest values, largest first (ties by index).
+pub fn top_indices(v: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
+    order.truncate(k);
+    order
+}
+
+impl Moe {
+    pub fn load(l: &mut Loader, cfg: &Config, layer: usize) -> Self {
+        let p = format!("model.layers.{layer}.mlp");
+        let (h, e, inter) = (
+            cfg.hidden_size,
+            cfg.n_routed_experts,
+            cfg.moe_intermediate_size,
+        );
+        let gate = l.get(&format!("{p}.gate.weight"), &[e, h]);
+        let bias = l.get(&format!("{p}.gate.e_score_correction_bias"), &[e]);
+        let bias = bias.to_vec1::<f32>().unwrap_or_default();
+        let experts = if l.has(&format!("{p}.experts.gate_up_proj")) {
+            load_fused_experts(l, &p, e, h, inter)
+        } else {
+            (0..e)
+                .map(|j| Mlp::load(l, &format!("{p}.experts.{j}"), h, inter))
+                .collect()
+        };
+        Moe {
+            gate,
+            e_score_correction_bias: bias,
+            experts,
+            shared_experts: Mlp::load(
+                l,
+                &format!("{p}.shared_experts"),
+                h,
+                cfg.shared_intermediate_size(),
+            ),
+            router: RouterConfig::new(cfg),
+        }
+    }
+
+    /// x: [B, S, hidden] (post-attention-normed) -> [B, S, hidden]
+    pub fn forward(&self, layer: usize, x: &Tensor, obs: &mut dyn Observer) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let hidden = dims[dims.len() - 1];
+        let flat = x.reshape(((), hidden))?; // [N, hidden]
+        let n = flat.dims()[0];
+        let logits = flat.matmul(&self.gate.t()?)?; // [N, E], f32
+        emit(
+            obs,
+            HookPoint::Layer(layer, LayerHook::RouterLogits),
+            || Ok(logits.clone()),
+        )?;
+        let logits_v = logits.to_vec2::<f32>()?;
+        let routes: Vec<Route> = logits_v
+            .iter()
+            .map(|row| route(&self.router, row, &self.e_score_correction_bias))
+            .collect();
+        let k = self.router.top_k;
+        emit(obs, HookPoint::Layer(layer, LayerHook::TopkIds), || {
+            let ids: Vec<i64> = routes
+                .iter()
+                .flat_map(|r| r.ids.iter().map(|&i| i as i64))
+                .collect();
+            Ok(Tensor::from_vec(ids, (n, k), &Device::Cpu)?)
+        })?;
+        emit(obs, HookPoint::Layer(layer, LayerHook::TopkWeights), || {
+            let w: Vec<f32> = routes
+                .iter()
+                .flat_map(|r| r.weights.iter().copied())
+                .collect();
+            Ok(Tensor::from_vec(w, (n, k), &Device::Cpu)?)
+        })?;
+
+        // Dispatch: every expert runs once on the tokens routed to it, in expert order (the
+        // reference's summation order), and adds its weighted output back.
+        let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); self.experts.len()];
+        let mut token_w: Vec<Vec<f32>> = vec![Vec::new(); self.experts.len()];
+        for (t, r) in routes.iter().enumerate() {
+            for (&id, &w) in r.ids.iter().zip(&r.weights) {
+                tokens[id].push(t as u32);
+                token_w[id].push(w);
+            }
+        }
+        let mut out = Tensor::zeros((n, hidden), DType::F32, &Device::Cpu)?; // [N, hidden]
+        for (j, expert) in self.experts.iter().enumerate() {
+            if tokens[j].is_empty() {
+                continue;
+            }
+            let m = tokens[j].len();
+            let idx = Tensor::from_vec(tokens[j].clone(), m, &Device::Cpu)?;
+            let w = Tensor::from_vec(token_w[j].clone(), (m, 1), &Device::Cpu)?;
+            let y = expert
+                .forward(&flat.index_select(&idx, 0)?)?
+                .broadcast_mul(&w)?; // [m, hidden]
+            out = out.index_add(&idx, &y, 0)?;
+        }
+        let out = (out.reshape(dims)? + self.shared_experts.forward(x)?)?;
+        Ok(out)
+    }
+}
+
+/// transformers' in-memory layout: `gate_up_proj` [E, 2I, H] (gate rows first), `down_proj` [E, H, I].
+fn load_fused_experts(l: &mut Loader, p: &str, e: usize, h: usize, inter: usize) -> Vec<Mlp> {
+    let gate_up = l.get(&format!("{p}.experts.gate_up_proj"), &[e, 2 * inter, h]);
+    let down = l.get(&format!("{p}.experts.down_proj"), &[e, h, inter]);
+    let linear = |t: Tensor| -> candle_core::Result<Linear> {
+        Ok(Linear {
+            weight: t.contiguous()?,
+            bias: None,
+        })
+    };
+    let expert = |j: usize| -> candle_core::Result<Mlp> {
+        let gu = gate_up.get(j)?; // [2I, H]
+        Ok(Mlp {
+            gate_proj: linear(gu.narrow(0, 0, inter)?)?,
+            up_proj: linear(gu.narrow(0, inter, inter)?)?,
+            down_proj: linear(down.get(j)?)?,
+        })
+    };
+    // Only fails on the empty placeholders of a shape problem the loader has already recorded.
+    (0..e)
+        .map(expert)
+        .collect::<candle_core::Result<Vec<_>>>()
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rc(top_k: usize, n_group: usize, topk_group: usize) -> RouterConfig {
+        RouterConfig {
+            top_k,
+            n_group,
+            topk_group,
+            norm_topk_prob: true,
+            routed_scaling_factor: 2.5,
+        }
+    }
+    fn logit(p: f32) -> f32 {
+        (p / (1.0 - p)).ln()
+    }
+
+    /// The bias decides *which* experts win; the weights come from the unbiased sigmoid scores.
+    #[test]
+    fn weights_come_from_unbiased_scores() {
+        let probs = [0.9f32, 0.8, 0.3, 0.2];
+        let logits: Vec<f32> = probs.iter().map(|&p| logit(p)).collect();
+        let bias = [0.0f32, -1.0, 0.0, 1.0]; // pushes expert 3 in, expert 1 out
+        let r = route(&rc(2, 1, 1), &logits, &bias);
+        assert_eq!(r.ids, vec![3, 0]);
+        // Normalised over the unbiased scores 0.2 and 0.9, times 2.5.
+        approx::assert_abs_diff_eq!(r.weights[0], 0.2 / 1.1 * 2.5, epsilon = 1e-5);
+        approx::assert_abs_diff_eq!(r.weights[1], 0.9 / 1.1 * 2.5, epsilon = 1e-5);
+    }
+
+    /// Grouped routing keeps only the `topk_group` groups whose top-2 biased scores sum highest,
+    /// so it can pick a different set from flat routing over the same scores.
+    #[test]
+    fn grouped_vs_flat_routing() {
+        // Two groups of three. Group 0 holds the single best expert; group 1 has the best pair.
+        let probs = [0.95f32, 0.1, 0.1, 0.7, 0.7, 0.6];
+        let logits: Vec<f32> = probs.iter().map(|&p| logit(p)).collect();
+        let bias = [0.0f32; 6];
+        let flat = route(&rc(2, 1, 1), &logits, &bias);
+        assert_eq!(flat.ids, vec![0, 3]);
+        let grouped = route(&rc(2, 2, 1), &logits, &bias);
+        assert_eq!(grouped.ids, vec![3, 4]); // group 0 scores 1.05, group 1 scores 1.4
+        let both = route(&rc(2, 2, 2), &logits, &bias);
+        assert_eq!(both.ids, flat.ids);
+    }
+
+    #[test]
+    fn without_normalisation_weights_are_scaled_scores() {
+        let logits = [logit(0.6), logit(0.4)];
+        let mut c = rc(1, 1, 1);
+        c.norm_topk_prob = false;
+        let r = route(&c, &logits, &[0.0, 0.0]);
+        assert_eq!(r.ids, vec![0]);
+        approx::assert_abs_diff_eq!(r.weights[0], 0.6 * 2.5, epsilon = 1e-5);
+    }
+}

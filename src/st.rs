@@ -1,0 +1,291 @@
+//! Safetensors files, read through a memory map and written atomically. Shared by checkpoint
+//! loading and dumps: decoding every stored float type (F32, F64, BF16, F16, F8_E4M3) to f32,
+//! reading I64 index tensors, and streaming a file out tensor by tensor without holding it whole.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, TensorInfo};
+use safetensors::SafeTensors;
+
+use crate::error::{Error, Result};
+
+/// One memory-mapped safetensors file.
+pub struct StFile {
+    pub path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    tensors: HashMap<String, TensorInfo>,
+    metadata: HashMap<String, String>,
+}
+
+impl StFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only; a file truncated under us is outside what we defend.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (n, meta) = SafeTensors::read_metadata(&mmap)
+            .map_err(|e| Error::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
+        let tensors = meta
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| (k, v.clone()))
+            .collect();
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        Ok(StFile {
+            path: path.to_path_buf(),
+            mmap,
+            data_start: 8 + n,
+            tensors,
+            metadata,
+        })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.get(name)
+    }
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+    pub fn len_bytes(&self) -> usize {
+        self.mmap.len()
+    }
+
+    /// The raw little-endian bytes of a tensor.
+    pub fn bytes(&self, name: &str) -> Result<(&TensorInfo, &[u8])> {
+        let info = self
+            .info(name)
+            .ok_or_else(|| Error::checkpoint(&self.path, format!("no tensor `{name}`")))?;
+        let (a, b) = info.data_offsets;
+        // read_metadata validated the offsets against the file length.
+        let bytes = self
+            .mmap
+            .get(self.data_start + a..self.data_start + b)
+            .ok_or_else(|| {
+                Error::checkpoint(&self.path, format!("tensor `{name}` lies outside the file"))
+            })?;
+        Ok((info, bytes))
+    }
+
+    /// A float tensor decoded to f32, with its shape.
+    pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let (info, bytes) = self.bytes(name)?;
+        let data = decode_f32(info.dtype, bytes)
+            .map_err(|msg| Error::checkpoint(&self.path, format!("tensor `{name}`: {msg}")))?;
+        Ok((data, info.shape.clone()))
+    }
+
+    /// An integer tensor (I64, I32, U32...) as i64, with its shape.
+    pub fn i64(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>)> {
+        let (info, bytes) = self.bytes(name)?;
+        let data = match info.dtype {
+            Dtype::I64 => bytes
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect(),
+            Dtype::I32 => bytes
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64)
+                .collect(),
+            Dtype::U32 => bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64)
+                .collect(),
+            d => {
+                return Err(Error::checkpoint(
+                    &self.path,
+                    format!("tensor `{name}`: expected an integer dtype, got {d:?}"),
+                ))
+            }
+        };
+        Ok((data, info.shape.clone()))
+    }
+}
+
+/// Decodes a stored float tensor to f32.
+pub fn decode_f32(dtype: Dtype, bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
+    let chunks = |n: usize| bytes.chunks_exact(n);
+    Ok(match dtype {
+        Dtype::F32 => chunks(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F64 => chunks(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+            .collect(),
+        Dtype::BF16 => chunks(2)
+            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        Dtype::F16 => chunks(2)
+            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        Dtype::F8_E4M3 => {
+            let lut = e4m3_table();
+            bytes.iter().map(|b| lut[*b as usize]).collect()
+        }
+        d => {
+            return Err(format!(
+                "dtype {d:?} is not a supported float type (F32, F64, BF16, F16, F8_E4M3)"
+            ))
+        }
+    })
+}
+
+/// FP8 E4M3 "fn" (OCP): bias 7, no infinities, S.1111.111 is NaN, max 448.
+pub fn e4m3_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let exp = ((b >> 3) & 0xF) as i32;
+    let man = (b & 7) as f32;
+    let v = match (exp, b & 7) {
+        (0xF, 7) => f32::NAN,
+        (0, _) => man / 8.0 * 2f32.powi(-6),
+        _ => (1.0 + man / 8.0) * 2f32.powi(exp - 7),
+    };
+    sign * v
+}
+
+fn e4m3_table() -> [f32; 256] {
+    let mut t = [0f32; 256];
+    for (i, v) in t.iter_mut().enumerate() {
+        *v = e4m3_to_f32(i as u8);
+    }
+    t
+}
+
+/// A tensor to write: dtype, shape and its little-endian bytes.
+pub struct Entry {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl Entry {
+    pub fn f32(shape: Vec<usize>, data: &[f32]) -> Self {
+        Entry {
+            dtype: Dtype::F32,
+            shape,
+            data: data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+    pub fn i64(shape: Vec<usize>, data: &[i64]) -> Self {
+        Entry {
+            dtype: Dtype::I64,
+            shape,
+            data: data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// Writes a safetensors file whose tensors are produced one at a time, so a multi-GB file never
+/// sits in memory: the header is computed from shapes first, then `fill` is asked for each
+/// tensor's bytes in order. Written to `PATH.tmp` and renamed, so the target name only ever holds a
+/// complete file.
+pub fn write_streaming(
+    path: &Path,
+    layout: &[(String, Dtype, Vec<usize>)],
+    metadata: &BTreeMap<String, String>,
+    mut fill: impl FnMut(usize, &mut dyn Write) -> Result<()>,
+) -> Result<()> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).map_err(|e| Error::checkpoint(path, e.to_string()))?,
+        );
+    }
+    let mut offset = 0usize;
+    let mut sizes = Vec::with_capacity(layout.len());
+    for (name, dtype, shape) in layout {
+        let bytes = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+        header.insert(
+            name.clone(),
+            serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes] }),
+        );
+        sizes.push(bytes);
+        offset += bytes;
+    }
+    let mut header =
+        serde_json::to_vec(&header).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    let tmp = tmp_path(path);
+    let result = (|| {
+        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        w.write_all(&(header.len() as u64).to_le_bytes())
+            .map_err(|e| Error::io(&tmp, e))?;
+        w.write_all(&header).map_err(|e| Error::io(&tmp, e))?;
+        for (i, size) in sizes.iter().enumerate() {
+            let mut counter = CountingWriter {
+                inner: &mut w,
+                written: 0,
+            };
+            fill(i, &mut counter)?;
+            if counter.written != *size {
+                return Err(Error::checkpoint(
+                    path,
+                    format!(
+                        "tensor `{}`: wrote {} bytes, expected {size}",
+                        layout[i].0, counter.written
+                    ),
+                ));
+            }
+        }
+        let file = w
+            .into_inner()
+            .map_err(|e| Error::io(&tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Writes a whole in-memory set of tensors (a dump), atomically.
+pub fn write(
+    path: &Path,
+    tensors: &[(String, Entry)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let layout: Vec<_> = tensors
+        .iter()
+        .map(|(n, e)| (n.clone(), e.dtype, e.shape.clone()))
+        .collect();
+    write_streaming(path, &layout, metadata, |i, w| {
+        w.write_all(&tensors[i].1.data)
+            .map_err(|e| Error::io(path, e))
+    })
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(format!(".{}.tmp", std::process::id()));
+    path.with_file_name(name)
+}
+
+struct CountingWriter<'a> {
+    inner: &'a mut dyn Write,
+    written: usize,
+}
+
+impl Write for CountingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}

@@ -1,0 +1,398 @@
+//! `synth`: random-weight checkpoints in the released layout (config.json, shards, index), so
+//! real-shaped runs and benchmarks need no download. Tensors are generated and written in bands of
+//! rows, never whole, so multi-GB checkpoints take bounded memory. Values are deterministic in
+//! (seed, tensor name): the same command always writes the same bytes.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::Dtype;
+use serde_json::{json, Value};
+
+use crate::checkpoint::{INDEX_FILE, SINGLE_FILE};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::layout::{released_layout, Kind, WeightSpec};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SynthDtype {
+    F32,
+    Bf16,
+    Fp8,
+}
+
+pub struct SynthOptions {
+    /// The starting config.json (a preset's or a user's).
+    pub config: Value,
+    pub layers: Option<usize>,
+    pub experts: Option<usize>,
+    pub vocab: Option<usize>,
+    pub dtype: SynthDtype,
+    pub shards: usize,
+    pub mtp: bool,
+    pub seed: u64,
+    pub out: PathBuf,
+}
+
+/// The published GLM-5 config.json values.
+pub fn preset_glm5() -> Value {
+    json!({
+        "architectures": ["GlmMoeDsaForCausalLM"],
+        "model_type": "glm_moe_dsa",
+        "vocab_size": 154880, "hidden_size": 6144, "intermediate_size": 12288,
+        "moe_intermediate_size": 2048, "num_hidden_layers": 78, "num_attention_heads": 64,
+        "num_key_value_heads": 64, "n_shared_experts": 1, "n_routed_experts": 256,
+        "num_experts_per_tok": 8, "routed_scaling_factor": 2.5, "n_group": 1, "topk_group": 1,
+        "norm_topk_prob": true, "q_lora_rank": 2048, "kv_lora_rank": 512, "qk_nope_head_dim": 192,
+        "qk_rope_head_dim": 64, "v_head_dim": 256, "first_k_dense_replace": 3,
+        "index_topk": 2048, "index_head_dim": 128, "index_n_heads": 32,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 202752, "hidden_act": "silu",
+        "attention_bias": false, "tie_word_embeddings": false, "num_nextn_predict_layers": 1,
+        "eos_token_id": [154820, 154827, 154829]
+    })
+}
+
+/// Applies the shrinking flags to a config, keeping it consistent (per-layer lists cut to depth,
+/// top-k and groups within the expert count).
+fn shrink(mut v: Value, o: &SynthOptions) -> Result<Value> {
+    let obj = v
+        .as_object_mut()
+        .ok_or_else(|| Error::config("<root>", "config must be a JSON object"))?;
+    if let Some(n) = o.layers {
+        obj.insert("num_hidden_layers".into(), json!(n));
+        for key in ["mlp_layer_types", "indexer_types"] {
+            if let Some(Value::Array(list)) = obj.get_mut(key) {
+                list.truncate(n);
+            }
+        }
+        // Keep GLM-5's "dense first" pattern but leave room for MoE layers in shallow models.
+        if let Some(k) = obj.get("first_k_dense_replace").and_then(Value::as_u64) {
+            if k as usize >= n && n > 1 {
+                obj.insert("first_k_dense_replace".into(), json!(n / 2));
+            }
+        }
+    }
+    if let Some(e) = o.experts {
+        obj.insert("n_routed_experts".into(), json!(e));
+        let k = obj
+            .get("num_experts_per_tok")
+            .and_then(Value::as_u64)
+            .unwrap_or(8) as usize;
+        obj.insert("num_experts_per_tok".into(), json!(k.min(e)));
+        let g = obj.get("n_group").and_then(Value::as_u64).unwrap_or(1) as usize;
+        if g > 1 && e % g != 0 {
+            obj.insert("n_group".into(), json!(1));
+            obj.insert("topk_group".into(), json!(1));
+        }
+    }
+    if let Some(vocab) = o.vocab {
+        obj.insert("vocab_size".into(), json!(vocab));
+        for key in ["eos_token_id", "bos_token_id", "pad_token_id"] {
+            obj.remove(key);
+        }
+    }
+    obj.insert(
+        "num_nextn_predict_layers".into(),
+        json!(if o.mtp { 1 } else { 0 }),
+    );
+    obj.remove("quantization_config");
+    if o.dtype == SynthDtype::Fp8 {
+        obj.insert(
+            "quantization_config".into(),
+            json!({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}),
+        );
+    }
+    obj.insert(
+        "torch_dtype".into(),
+        json!(if o.dtype == SynthDtype::F32 {
+            "float32"
+        } else {
+            "bfloat16"
+        }),
+    );
+    Ok(v)
+}
+
+/// splitmix64: tiny, fast, and good enough for test weights.
+struct Rng(u64);
+
+impl Rng {
+    fn for_tensor(seed: u64, name: &str) -> Self {
+        let h = name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        });
+        Rng(seed ^ h)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform on [-1, 1).
+    fn uniform(&mut self) -> f32 {
+        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+/// How a tensor is initialised: values `center + spread * U(-1, 1)`, with uniform spread
+/// `sqrt(3) * std` so the std is that of `N(0, 1/fan_in)` for projections.
+fn init(spec: &WeightSpec) -> (f32, f32) {
+    let fan_in = *spec.shape.last().unwrap_or(&1) as f32;
+    let s3 = 3f32.sqrt();
+    match spec.kind {
+        Kind::Linear | Kind::Plain if spec.name.contains("embed_tokens") => (0.0, s3),
+        Kind::Linear | Kind::Plain => (0.0, s3 / fan_in.sqrt()),
+        Kind::NormWeight => (1.0, 0.1 * s3),
+        Kind::NormBias => (0.0, 0.1 * s3),
+        Kind::RouterBias => (0.0, 0.05 * s3),
+    }
+}
+
+/// Storage dtype of a tensor: FP8 checkpoints quantise projections only and keep the router bias
+/// in f32, like the released GLM-5-FP8.
+fn storage(spec: &WeightSpec, dtype: SynthDtype) -> Dtype {
+    match (dtype, spec.kind) {
+        (_, Kind::RouterBias) => Dtype::F32,
+        (SynthDtype::F32, _) => Dtype::F32,
+        (SynthDtype::Fp8, Kind::Linear) => Dtype::F8_E4M3,
+        _ => Dtype::BF16,
+    }
+}
+
+const BLOCK: usize = 128;
+
+/// Writes the tensor `spec` (and its FP8 scale, when quantised) band by band.
+fn write_tensor(
+    spec: &WeightSpec,
+    dtype: Dtype,
+    seed: u64,
+    w: &mut dyn Write,
+    scales: Option<&mut Vec<f32>>,
+) -> std::io::Result<()> {
+    let mut rng = Rng::for_tensor(seed, &spec.name);
+    let (center, spread) = init(spec);
+    let cols = if spec.shape.len() == 2 {
+        spec.shape[1]
+    } else {
+        spec.shape.iter().product()
+    };
+    let rows = if spec.shape.len() == 2 {
+        spec.shape[0]
+    } else {
+        1
+    };
+    let mut band = Vec::with_capacity(BLOCK * cols);
+    let mut bytes = Vec::new();
+    let mut scales = scales;
+    for r0 in (0..rows).step_by(BLOCK) {
+        let n = BLOCK.min(rows - r0);
+        band.clear();
+        band.extend((0..n * cols).map(|_| center + spread * rng.uniform()));
+        bytes.clear();
+        match dtype {
+            Dtype::F32 => bytes.extend(band.iter().flat_map(|x| x.to_le_bytes())),
+            Dtype::BF16 => bytes.extend(
+                band.iter()
+                    .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()),
+            ),
+            Dtype::F8_E4M3 => {
+                // One scale per 128x128 block: amax / 448 maps the block onto E4M3's range.
+                let nb = cols.div_ceil(BLOCK);
+                let block_scales: Vec<f32> = (0..nb)
+                    .map(|b| {
+                        let amax = (0..n)
+                            .flat_map(|r| {
+                                band[r * cols + b * BLOCK..(r * cols + ((b + 1) * BLOCK).min(cols))]
+                                    .iter()
+                            })
+                            .fold(0f32, |m, x| m.max(x.abs()));
+                        if amax > 0.0 {
+                            amax / 448.0
+                        } else {
+                            1.0
+                        }
+                    })
+                    .collect();
+                bytes.extend(
+                    band.iter()
+                        .enumerate()
+                        .map(|(i, x)| f32_to_e4m3(x / block_scales[(i % cols) / BLOCK])),
+                );
+                if let Some(s) = scales.as_deref_mut() {
+                    s.extend(block_scales);
+                }
+            }
+            _ => unreachable!("synth stores F32, BF16 or F8_E4M3"),
+        }
+        w.write_all(&bytes)?;
+    }
+    Ok(())
+}
+
+/// Rounds to the nearest FP8 E4M3 value (saturating at ±448), by search over the 127 positive codes.
+pub fn f32_to_e4m3(x: f32) -> u8 {
+    let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+    let a = x.abs().min(448.0);
+    let mut best = (0u8, f32::INFINITY);
+    // Codes are monotone in value; a binary search finds the neighbours.
+    let (mut lo, mut hi) = (0u8, 0x7Eu8);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if crate::st::e4m3_to_f32(mid) <= a {
+            lo = mid
+        } else {
+            hi = mid - 1
+        }
+    }
+    for c in [lo, lo.saturating_add(1).min(0x7E)] {
+        let d = (crate::st::e4m3_to_f32(c) - a).abs();
+        if d < best.1 || (d == best.1 && c % 2 == 0) {
+            best = (c, d);
+        }
+    }
+    sign | best.0
+}
+
+/// Writes the checkpoint and returns the config it was written for.
+pub fn synth(o: &SynthOptions) -> Result<Config> {
+    let config_json = shrink(o.config.clone(), o)?;
+    let cfg = Config::from_json(&config_json)?;
+    if o.shards == 0 {
+        return Err(Error::Usage("--shards must be at least 1".into()));
+    }
+    std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
+    let specs = released_layout(&cfg, o.mtp);
+    // Each quantised weight is followed by its scale tensor.
+    let mut tensors: Vec<(WeightSpec, Dtype, bool)> = Vec::new(); // (spec, dtype, is_scale)
+    for spec in specs {
+        let dtype = storage(&spec, o.dtype);
+        let quantised = dtype == Dtype::F8_E4M3;
+        let scale_shape = vec![spec.shape[0].div_ceil(BLOCK), spec.shape[1].div_ceil(BLOCK)];
+        let scale_name = format!("{}_scale_inv", spec.name);
+        tensors.push((spec.clone(), dtype, false));
+        if quantised {
+            tensors.push((
+                WeightSpec {
+                    name: scale_name,
+                    shape: scale_shape,
+                    kind: spec.kind,
+                },
+                Dtype::F32,
+                true,
+            ));
+        }
+    }
+    let bytes =
+        |t: &(WeightSpec, Dtype, bool)| t.0.shape.iter().product::<usize>() * t.1.bitsize() / 8;
+    let total: usize = tensors.iter().map(bytes).sum();
+
+    // Balanced contiguous shards; a weight and its scale stay together.
+    let mut shard_of = Vec::with_capacity(tensors.len());
+    let mut acc = 0usize;
+    for t in &tensors {
+        let s = if t.2 {
+            *shard_of.last().unwrap_or(&0)
+        } else {
+            (acc * o.shards / total.max(1)).min(o.shards - 1)
+        };
+        shard_of.push(s);
+        acc += bytes(t);
+    }
+    let file_name = |s: usize| {
+        if o.shards == 1 {
+            SINGLE_FILE.to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", s + 1, o.shards)
+        }
+    };
+
+    let progress = std::io::stderr().is_terminal();
+    let mut done = 0usize;
+    let mut weight_map = BTreeMap::new();
+    for s in 0..o.shards {
+        let members: Vec<usize> = (0..tensors.len()).filter(|&i| shard_of[i] == s).collect();
+        let path = o.out.join(file_name(s));
+        let layout: Vec<_> = members
+            .iter()
+            .map(|&i| {
+                (
+                    tensors[i].0.name.clone(),
+                    tensors[i].1,
+                    tensors[i].0.shape.clone(),
+                )
+            })
+            .collect();
+        let mut pending_scales: Vec<f32> = Vec::new();
+        let mut meta = BTreeMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        crate::st::write_streaming(&path, &layout, &meta, |j, w| {
+            let (spec, dtype, is_scale) = &tensors[members[j]];
+            let io = |e| Error::io(&path, e);
+            if *is_scale {
+                // Scales were computed while writing the weight just before.
+                w.write_all(
+                    &pending_scales
+                        .iter()
+                        .flat_map(|x| x.to_le_bytes())
+                        .collect::<Vec<_>>(),
+                )
+                .map_err(io)?;
+                pending_scales.clear();
+            } else {
+                write_tensor(spec, *dtype, o.seed, w, Some(&mut pending_scales)).map_err(io)?;
+            }
+            done += bytes(&tensors[members[j]]);
+            if progress {
+                eprint!(
+                    "\rsynth: shard {}/{}  {:5.1}% of {:.2} GB",
+                    s + 1,
+                    o.shards,
+                    100.0 * done as f64 / total as f64,
+                    total as f64 / 1e9
+                );
+            }
+            Ok(())
+        })?;
+        for &i in &members {
+            weight_map.insert(tensors[i].0.name.clone(), file_name(s));
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    if o.shards > 1 {
+        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        write_json(&o.out.join(INDEX_FILE), &index)?;
+    } else {
+        let _ = std::fs::remove_file(o.out.join(INDEX_FILE));
+    }
+    write_json(&o.out.join("config.json"), &config_json)?;
+    Ok(cfg)
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<()> {
+    let text =
+        serde_json::to_string_pretty(v).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e4m3_round_trip() {
+        for code in 0u8..0x7F {
+            let v = crate::st::e4m3_to_f32(code);
+            assert_eq!(f32_to_e4m3(v), code, "code {code:#x} value {v}");
+            assert_eq!(f32_to_e4m3(-v) & 0x7F, code);
+        }
+        assert_eq!(crate::st::e4m3_to_f32(f32_to_e4m3(1000.0)), 448.0);
+        assert_eq!(crate::st::e4m3_to_f32(0x7E), 448.0);
+        assert!(crate::st::e4m3_to_f32(0x7F).is_nan());
+    }
+}
