@@ -32,10 +32,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::checkpoint(
-                dir,
-                "not a directory (expected a checkpoint folder with config.json)",
-            ));
+            return Err(Error::checkpoint(dir, "not a directory (expected a checkpoint folder with config.json)"));
         }
         let config_path = dir.join("config.json");
         let config_bytes = std::fs::read(&config_path).map_err(|e| Error::io(&config_path, e))?;
@@ -53,10 +50,7 @@ impl Checkpoint {
                 if let Some(prev) = names.insert(name.to_string(), i) {
                     return Err(Error::checkpoint(
                         dir,
-                        format!(
-                            "tensor `{name}` appears in both {} and {shard}",
-                            shard_names[prev]
-                        ),
+                        format!("tensor `{name}` appears in both {} and {shard}", shard_names[prev]),
                     ));
                 }
             }
@@ -65,13 +59,7 @@ impl Checkpoint {
         if progress {
             eprintln!();
         }
-        let ckpt = Checkpoint {
-            dir: dir.to_path_buf(),
-            config,
-            config_bytes,
-            files,
-            names,
-        };
+        let ckpt = Checkpoint { dir: dir.to_path_buf(), config, config_bytes, files, names };
         ckpt.check_index()?;
         Ok(ckpt)
     }
@@ -86,12 +74,7 @@ impl Checkpoint {
             let file = self.names.get(&name).map(|&i| &self.files[i]);
             match file {
                 Some(f) if f.path.file_name().and_then(|n| n.to_str()) == Some(shard.as_str()) => {}
-                _ => {
-                    return Err(Error::checkpoint(
-                        &path,
-                        format!("maps `{name}` to {shard}, which does not hold it"),
-                    ))
-                }
+                _ => return Err(Error::checkpoint(&path, format!("maps `{name}` to {shard}, which does not hold it"))),
             }
         }
         Ok(())
@@ -104,23 +87,14 @@ impl Checkpoint {
         self.names.contains_key(name)
     }
     fn file(&self, name: &str) -> Result<&StFile> {
-        self.names
-            .get(name)
-            .map(|&i| &self.files[i])
-            .ok_or_else(|| Error::Weights(format!("missing tensor `{name}`")))
+        self.names.get(name).map(|&i| &self.files[i]).ok_or_else(|| Error::Weights(format!("missing tensor `{name}`")))
     }
     pub fn dtype(&self, name: &str) -> Option<Dtype> {
-        self.file(name)
-            .ok()
-            .and_then(|f| f.info(name))
-            .map(|i| i.dtype)
+        self.file(name).ok().and_then(|f| f.info(name)).map(|i| i.dtype)
     }
     /// The stored shape (for FP8 weights, the true weight's shape: same as stored).
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.file(name)
-            .ok()
-            .and_then(|f| f.info(name))
-            .map(|i| i.shape.clone())
+        self.file(name).ok().and_then(|f| f.info(name)).map(|i| i.shape.clone())
     }
     pub fn file_of(&self, name: &str) -> Option<&Path> {
         self.file(name).ok().map(|f| f.path.as_path())
@@ -137,12 +111,7 @@ impl Checkpoint {
         let (mut data, shape) = self.file(name)?.f32(name)?;
         if let Some(scale_name) = self.scale_name(name) {
             let (scale, sshape) = self.file(&scale_name)?.f32(&scale_name)?;
-            let block = self
-                .config
-                .fp8
-                .as_ref()
-                .map(|f| f.block)
-                .unwrap_or([128, 128]);
+            let block = self.config.fp8.as_ref().map(|f| f.block).unwrap_or([128, 128]);
             dequantize_blocks(&mut data, &shape, &scale, &sshape, block)
                 .map_err(|msg| Error::Weights(format!("`{name}`: {msg}")))?;
         }
@@ -158,12 +127,9 @@ impl Checkpoint {
     /// not used by the main forward.
     pub fn mtp_names(&self) -> Vec<&str> {
         let n = self.config.num_hidden_layers;
-        let prefixes: Vec<String> = (0..self.config.num_nextn_predict_layers.max(1))
-            .map(|j| format!("model.layers.{}.", n + j))
-            .collect();
-        self.names()
-            .filter(|name| prefixes.iter().any(|p| name.starts_with(p)))
-            .collect()
+        let prefixes: Vec<String> =
+            (0..self.config.num_nextn_predict_layers.max(1)).map(|j| format!("model.layers.{}.", n + j)).collect();
+        self.names().filter(|name| prefixes.iter().any(|p| name.starts_with(p))).collect()
     }
 }
 
@@ -176,10 +142,7 @@ fn shard_list(dir: &Path) -> Result<Vec<String>> {
             let p = Path::new(s);
             let inside = p.components().all(|c| matches!(c, Component::Normal(_)));
             if !inside || s.is_empty() {
-                return Err(Error::checkpoint(
-                    &index,
-                    format!("shard name \"{s}\" escapes the model folder"),
-                ));
+                return Err(Error::checkpoint(&index, format!("shard name \"{s}\" escapes the model folder")));
             }
         }
         return Ok(shards.into_iter().collect());
@@ -187,10 +150,7 @@ fn shard_list(dir: &Path) -> Result<Vec<String>> {
     if dir.join(SINGLE_FILE).is_file() {
         return Ok(vec![SINGLE_FILE.to_string()]);
     }
-    Err(Error::checkpoint(
-        dir,
-        format!("no {SINGLE_FILE} and no {INDEX_FILE}"),
-    ))
+    Err(Error::checkpoint(dir, format!("no {SINGLE_FILE} and no {INDEX_FILE}")))
 }
 
 /// `weight_map` of an index file, or None when there is no index.
@@ -199,10 +159,7 @@ fn read_index(path: &Path) -> Result<Option<BTreeMap<String, String>>> {
         return Ok(None);
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
     let map = v
         .get("weight_map")
         .and_then(Value::as_object)
@@ -211,9 +168,7 @@ fn read_index(path: &Path) -> Result<Option<BTreeMap<String, String>>> {
         .map(|(k, v)| {
             v.as_str()
                 .map(|s| (k.clone(), s.to_string()))
-                .ok_or_else(|| {
-                    Error::checkpoint(path, format!("weight_map entry `{k}` is not a file name"))
-                })
+                .ok_or_else(|| Error::checkpoint(path, format!("weight_map entry `{k}` is not a file name")))
         })
         .collect::<Result<_>>()
         .map(Some)
@@ -233,7 +188,9 @@ pub fn dequantize_blocks(
     };
     let want = [rows.div_ceil(br), cols.div_ceil(bc)];
     if scale_shape != want {
-        return Err(format!("weight_scale_inv has shape {scale_shape:?}, expected {want:?} for {br}x{bc} blocks of {shape:?}"));
+        return Err(format!(
+            "weight_scale_inv has shape {scale_shape:?}, expected {want:?} for {br}x{bc} blocks of {shape:?}"
+        ));
     }
     for (i, row) in w.chunks_exact_mut(*cols).enumerate() {
         let srow = &scale[(i / br) * want[1]..(i / br + 1) * want[1]];
@@ -253,22 +210,15 @@ pub struct Loader<'a> {
 
 impl<'a> Loader<'a> {
     pub fn new(ckpt: &'a Checkpoint) -> Self {
-        Loader {
-            ckpt,
-            problems: Vec::new(),
-        }
+        Loader { ckpt, problems: Vec::new() }
     }
 
     /// The tensor `name` of shape `shape`; on a problem, records it and returns an empty
     /// placeholder (the model is discarded by `finish`).
     pub fn get(&mut self, name: &str, shape: &[usize]) -> Tensor {
         match self.ckpt.shape(name) {
-            None => self
-                .problems
-                .push(format!("missing `{name}` (expected shape {shape:?})")),
-            Some(s) if s != shape => self
-                .problems
-                .push(format!("`{name}` has shape {s:?}, expected {shape:?}")),
+            None => self.problems.push(format!("missing `{name}` (expected shape {shape:?})")),
+            Some(s) if s != shape => self.problems.push(format!("`{name}` has shape {s:?}, expected {shape:?}")),
             Some(_) => match self.ckpt.tensor(name) {
                 Ok(t) => return t,
                 Err(e) => self.problems.push(e.to_string()),
@@ -287,15 +237,34 @@ impl<'a> Loader<'a> {
         }
         let n = self.problems.len();
         let shown: Vec<_> = self.problems.iter().take(12).cloned().collect();
-        let more = if n > 12 {
-            format!("; and {} more", n - 12)
-        } else {
-            String::new()
-        };
-        Err(Error::Weights(format!(
-            "{}: {n} weight problem(s): {}{more}",
-            self.ckpt.dir.display(),
-            shown.join("; ")
-        )))
+        let more = if n > 12 { format!("; and {} more", n - 12) } else { String::new() };
+        Err(Error::Weights(format!("{}: {n} weight problem(s): {}{more}", self.ckpt.dir.display(), shown.join("; "))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 3x5 weight in 2x2 blocks: the scale grid is 2x3 and the last row and column blocks are partial.
+    #[test]
+    fn fp8_edge_blocks_are_partial() {
+        let mut w = vec![1f32; 15];
+        let scale = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        dequantize_blocks(&mut w, &[3, 5], &scale, &[2, 3], [2, 2]).unwrap();
+        #[rustfmt::skip]
+        let want = [
+            1.0, 1.0, 2.0, 2.0, 3.0,
+            1.0, 1.0, 2.0, 2.0, 3.0,
+            4.0, 4.0, 5.0, 5.0, 6.0,
+        ];
+        assert_eq!(w, want);
+        // GLM-5's kv_a_proj_with_mqa: 576 rows are 4.5 blocks of 128, so 5 row blocks.
+        let mut w = vec![1f32; 576 * 3];
+        let scale: Vec<f32> = (0..5).map(|i| i as f32).collect();
+        dequantize_blocks(&mut w, &[576, 3], &scale, &[5, 1], [128, 128]).unwrap();
+        assert_eq!((w[575 * 3], w[512 * 3], w[511 * 3]), (4.0, 4.0, 3.0));
+        let err = dequantize_blocks(&mut w, &[576, 3], &scale, &[4, 1], [128, 128]).unwrap_err();
+        assert!(err.contains("expected [5, 1]"), "{err}");
     }
 }

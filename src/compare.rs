@@ -16,10 +16,7 @@ pub struct Tolerance {
 impl Default for Tolerance {
     /// The spec's default for float32 compute.
     fn default() -> Self {
-        Tolerance {
-            atol: 1e-4,
-            rtol: 1e-4,
-        }
+        Tolerance { atol: 1e-4, rtol: 1e-4 }
     }
 }
 
@@ -106,12 +103,7 @@ fn element_ok(a: f32, e: f32, tol: Tolerance) -> bool {
     ((a - e).abs() as f64) <= tol.atol + tol.rtol * (e.abs() as f64)
 }
 
-pub fn compare_floats(
-    ours: &[f32],
-    reference: &[f32],
-    shape: &[usize],
-    tol: Tolerance,
-) -> (bool, Detail) {
+pub fn compare_floats(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tolerance) -> (bool, Detail) {
     let (mut max_abs, mut max_rel, mut bad) = (0f64, 0f64, 0usize);
     let mut worst = (f64::NEG_INFINITY, 0usize);
     for (i, (&a, &e)) in ours.iter().zip(reference).enumerate() {
@@ -125,16 +117,8 @@ pub fn compare_floats(
             max_rel = f64::INFINITY;
         }
         // Rank by how far past the tolerance an element is, so the worst *offender* is shown.
-        let excess = if ok {
-            err - 1e300
-        } else {
-            err - (tol.atol + tol.rtol * (e as f64).abs())
-        };
-        let excess = if excess.is_nan() {
-            f64::INFINITY
-        } else {
-            excess
-        };
+        let excess = if ok { err - 1e300 } else { err - (tol.atol + tol.rtol * (e as f64).abs()) };
+        let excess = if excess.is_nan() { f64::INFINITY } else { excess };
         if !ok {
             bad += 1;
         }
@@ -156,12 +140,7 @@ pub fn compare_floats(
 }
 
 /// Compares rows as sets. `keep(row, value)` filters members (the causal rule for DSA).
-fn compare_sets(
-    ours: &[i64],
-    reference: &[i64],
-    shape: &[usize],
-    keep: impl Fn(usize, i64) -> bool,
-) -> (bool, Detail) {
+fn compare_sets(ours: &[i64], reference: &[i64], shape: &[usize], keep: impl Fn(usize, i64) -> bool) -> (bool, Detail) {
     let k = shape.last().copied().unwrap_or(1).max(1);
     let rows = reference.len() / k;
     let row_shape = &shape[..shape.len().saturating_sub(1)];
@@ -169,11 +148,7 @@ fn compare_sets(
     let mut first = None;
     for r in 0..rows {
         let set = |v: &[i64]| {
-            let mut s: Vec<i64> = v[r * k..(r + 1) * k]
-                .iter()
-                .copied()
-                .filter(|&x| keep(r, x))
-                .collect();
+            let mut s: Vec<i64> = v[r * k..(r + 1) * k].iter().copied().filter(|&x| keep(r, x)).collect();
             s.sort_unstable();
             s.dedup();
             s
@@ -188,26 +163,13 @@ fn compare_sets(
             }
         }
     }
-    (
-        differing == 0,
-        Detail::Sets {
-            rows,
-            differing,
-            first,
-        },
-    )
+    (differing == 0, Detail::Sets { rows, differing, first })
 }
 
 /// DSA rows of `[B, S, K]`: only positions `j <= s` count.
 pub fn compare_dsa(ours: &[i64], reference: &[i64], shape: &[usize]) -> (bool, Detail) {
-    let seq = if shape.len() >= 2 {
-        shape[shape.len() - 2].max(1)
-    } else {
-        1
-    };
-    compare_sets(ours, reference, shape, |row, j| {
-        j >= 0 && (j as usize) <= row % seq
-    })
+    let seq = if shape.len() >= 2 { shape[shape.len() - 2].max(1) } else { 1 };
+    compare_sets(ours, reference, shape, |row, j| j >= 0 && (j as usize) <= row % seq)
 }
 
 pub fn compare_expert_sets(ours: &[i64], reference: &[i64], shape: &[usize]) -> (bool, Detail) {
@@ -239,21 +201,9 @@ pub fn compare_expert_weights(
     let (ok, detail) = compare_floats(&aligned_ours, &aligned_ref, &[aligned_ref.len()], tol);
     // Report the worst element at its coordinate in the reference tensor.
     let detail = match detail {
-        Detail::Float {
+        Detail::Float { max_abs, worst_at, ours, reference: r, max_rel, bad, total } => Detail::Float {
             max_abs,
-            worst_at,
-            ours,
-            reference: r,
-            max_rel,
-            bad,
-            total,
-        } => Detail::Float {
-            max_abs,
-            worst_at: worst_at
-                .first()
-                .and_then(|&p| positions.get(p))
-                .map(|&p| coord(shape, p))
-                .unwrap_or_default(),
+            worst_at: worst_at.first().and_then(|&p| positions.get(p)).map(|&p| coord(shape, p)).unwrap_or_default(),
             ours,
             reference: r,
             max_rel,
@@ -271,22 +221,14 @@ mod tests {
 
     #[test]
     fn float_rule_follows_the_spec() {
-        let tol = Tolerance {
-            atol: 1e-4,
-            rtol: 1e-2,
-        };
+        let tol = Tolerance { atol: 1e-4, rtol: 1e-2 };
         let (ok, _) = compare_floats(&[100.5, 0.0], &[100.0, 0.00005], &[2], tol);
         assert!(ok, "0.5 <= 1e-4 + 1e-2 * 100");
         let (ok, d) = compare_floats(&[1.0, 2.0, 3.1], &[1.0, 2.0, 3.0], &[3], tol);
         assert!(!ok);
-        let Detail::Float { worst_at, bad, .. } = d else {
-            panic!()
-        };
+        let Detail::Float { worst_at, bad, .. } = d else { panic!() };
         assert_eq!((worst_at, bad), (vec![2], 1));
-        assert!(
-            !compare_floats(&[f32::NAN], &[f32::NAN], &[1], tol).0,
-            "NaN never matches"
-        );
+        assert!(!compare_floats(&[f32::NAN], &[f32::NAN], &[1], tol).0, "NaN never matches");
         assert!(compare_floats(&[f32::INFINITY], &[f32::INFINITY], &[1], tol).0);
         assert!(!compare_floats(&[f32::NEG_INFINITY], &[f32::INFINITY], &[1], tol).0);
     }
@@ -300,35 +242,14 @@ mod tests {
         assert!(ok);
         let (ok, d) = compare_dsa(&[0, 1, 2, 1, 1, 1], &reference, &[1, 2, 3]);
         assert!(!ok);
-        assert_eq!(
-            d,
-            Detail::Sets {
-                rows: 2,
-                differing: 1,
-                first: Some((vec![0, 1], vec![], vec![0]))
-            }
-        );
+        assert_eq!(d, Detail::Sets { rows: 2, differing: 1, first: Some((vec![0, 1], vec![], vec![0])) });
     }
 
     #[test]
     fn expert_weights_align_by_id() {
-        let (ok, _) = compare_expert_weights(
-            &[3, 1],
-            &[0.5, 0.2],
-            &[1, 3],
-            &[0.2, 0.5],
-            &[1, 2],
-            Tolerance::default(),
-        );
+        let (ok, _) = compare_expert_weights(&[3, 1], &[0.5, 0.2], &[1, 3], &[0.2, 0.5], &[1, 2], Tolerance::default());
         assert!(ok);
-        let (ok, _) = compare_expert_weights(
-            &[3, 1],
-            &[0.2, 0.5],
-            &[1, 3],
-            &[0.2, 0.5],
-            &[1, 2],
-            Tolerance::default(),
-        );
+        let (ok, _) = compare_expert_weights(&[3, 1], &[0.2, 0.5], &[1, 3], &[0.2, 0.5], &[1, 2], Tolerance::default());
         assert!(!ok);
     }
 }

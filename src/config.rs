@@ -150,9 +150,7 @@ impl<'a> Fields<'a> {
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| Error::config(key, format!("expected a boolean, got {v}"))),
+            Some(v) => v.as_bool().ok_or_else(|| Error::config(key, format!("expected a boolean, got {v}"))),
         }
     }
 }
@@ -164,45 +162,30 @@ fn as_usize(key: &str, v: &Value) -> Result<usize> {
 }
 
 fn as_f64(key: &str, v: &Value) -> Result<f64> {
-    v.as_f64()
-        .filter(|x| x.is_finite())
-        .ok_or_else(|| Error::config(key, format!("expected a finite number, got {v}")))
+    v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| Error::config(key, format!("expected a finite number, got {v}")))
 }
 
 impl Config {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let value: Value = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_json(&value).map_err(|e| Error::Context {
-            context: path.display().to_string(),
-            source: Box::new(e),
-        })
+        let value: Value =
+            serde_json::from_slice(&bytes).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+        Self::from_json(&value).map_err(|e| Error::Context { context: path.display().to_string(), source: Box::new(e) })
     }
 
     pub fn from_json(value: &Value) -> Result<Self> {
-        let obj = value
-            .as_object()
-            .ok_or_else(|| Error::config("<root>", "config.json must be a JSON object"))?;
+        let obj = value.as_object().ok_or_else(|| Error::config("<root>", "config.json must be a JSON object"))?;
         let f = Fields { obj };
         match f.get("model_type").and_then(Value::as_str) {
             Some("glm_moe_dsa") | None => {}
             Some(other) => {
-                return Err(Error::config(
-                    "model_type",
-                    format!("expected \"glm_moe_dsa\", got \"{other}\""),
-                ))
+                return Err(Error::config("model_type", format!("expected \"glm_moe_dsa\", got \"{other}\"")))
             }
         }
         if let Some(act) = f.get("hidden_act") {
             if act.as_str() != Some("silu") {
-                return Err(Error::config(
-                    "hidden_act",
-                    format!("only \"silu\" is supported, got {act}"),
-                ));
+                return Err(Error::config("hidden_act", format!("only \"silu\" is supported, got {act}")));
             }
         }
 
@@ -282,18 +265,12 @@ impl Config {
             }
         }
         if self.qk_rope_head_dim % 2 != 0 {
-            return Err(Error::config(
-                "qk_rope_head_dim",
-                "must be even (RoPE rotates pairs)",
-            ));
+            return Err(Error::config("qk_rope_head_dim", "must be even (RoPE rotates pairs)"));
         }
         if self.index_head_dim < self.qk_rope_head_dim {
             return Err(Error::config(
                 "index_head_dim",
-                format!(
-                    "must be at least qk_rope_head_dim ({}), got {}",
-                    self.qk_rope_head_dim, self.index_head_dim
-                ),
+                format!("must be at least qk_rope_head_dim ({}), got {}", self.qk_rope_head_dim, self.index_head_dim),
             ));
         }
         if self.has_moe() {
@@ -307,10 +284,7 @@ impl Config {
             if e % self.n_group != 0 {
                 return Err(Error::config(
                     "n_group",
-                    format!(
-                        "n_routed_experts ({e}) is not divisible by n_group ({})",
-                        self.n_group
-                    ),
+                    format!("n_routed_experts ({e}) is not divisible by n_group ({})", self.n_group),
                 ));
             }
             if self.topk_group > self.n_group {
@@ -320,23 +294,20 @@ impl Config {
                 ));
             }
             if self.n_group > 1 && self.experts_per_group() < 2 {
-                return Err(Error::config("n_group", "grouped routing scores groups by their top-2 experts: need at least 2 experts per group"));
+                return Err(Error::config(
+                    "n_group",
+                    "grouped routing scores groups by their top-2 experts: need at least 2 experts per group",
+                ));
             }
             let selectable = self.topk_group * self.experts_per_group();
             if self.num_experts_per_tok > selectable {
                 return Err(Error::config(
                     "num_experts_per_tok",
-                    format!(
-                        "{} exceeds the {selectable} experts the kept groups offer",
-                        self.num_experts_per_tok
-                    ),
+                    format!("{} exceeds the {selectable} experts the kept groups offer", self.num_experts_per_tok),
                 ));
             }
             if self.n_shared_experts == 0 {
-                return Err(Error::config(
-                    "n_shared_experts",
-                    "0 is not supported (GLM-5 has one shared expert)",
-                ));
+                return Err(Error::config("n_shared_experts", "0 is not supported (GLM-5 has one shared expert)"));
             }
         }
         Ok(())
@@ -390,28 +361,15 @@ pub fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
 fn mlp_layer_types(f: &Fields, n: usize) -> Result<Vec<MlpKind>> {
     let Some(v) = f.get("mlp_layer_types") else {
         let dense = f.usize_or("first_k_dense_replace", 3)?.min(n);
-        return Ok((0..n)
-            .map(|i| {
-                if i < dense {
-                    MlpKind::Dense
-                } else {
-                    MlpKind::Moe
-                }
-            })
-            .collect());
+        return Ok((0..n).map(|i| if i < dense { MlpKind::Dense } else { MlpKind::Moe }).collect());
     };
-    let list = v
-        .as_array()
-        .ok_or_else(|| Error::config("mlp_layer_types", "expected a list"))?;
+    let list = v.as_array().ok_or_else(|| Error::config("mlp_layer_types", "expected a list"))?;
     let kinds = list
         .iter()
         .map(|x| match x.as_str() {
             Some("dense") => Ok(MlpKind::Dense),
             Some("sparse") => Ok(MlpKind::Moe),
-            _ => Err(Error::config(
-                "mlp_layer_types",
-                format!("entries must be \"dense\" or \"sparse\", got {x}"),
-            )),
+            _ => Err(Error::config("mlp_layer_types", format!("entries must be \"dense\" or \"sparse\", got {x}"))),
         })
         .collect::<Result<Vec<_>>>()?;
     per_layer("mlp_layer_types", kinds, n)
@@ -424,46 +382,29 @@ fn indexer_types(f: &Fields, n: usize) -> Result<Vec<IndexerKind>> {
     let parse = |field: &str, s: &str| match s {
         "full" | "F" => Ok(IndexerKind::Full),
         "shared" | "S" => Ok(IndexerKind::Shared),
-        _ => Err(Error::config(
-            field,
-            format!("entries must be \"full\" or \"shared\", got \"{s}\""),
-        )),
+        _ => Err(Error::config(field, format!("entries must be \"full\" or \"shared\", got \"{s}\""))),
     };
     let kinds = if let Some(v) = f.get("indexer_types") {
-        let list = v
-            .as_array()
-            .ok_or_else(|| Error::config("indexer_types", "expected a list"))?;
+        let list = v.as_array().ok_or_else(|| Error::config("indexer_types", "expected a list"))?;
         list.iter()
             .map(|x| parse("indexer_types", x.as_str().unwrap_or("<not a string>")))
             .collect::<Result<Vec<_>>>()?
     } else if let Some(p) = f.get("index_topk_pattern") {
         match p {
-            Value::String(s) => s
-                .chars()
-                .map(|c| parse("index_topk_pattern", &c.to_string()))
-                .collect::<Result<Vec<_>>>()?,
+            Value::String(s) => {
+                s.chars().map(|c| parse("index_topk_pattern", &c.to_string())).collect::<Result<Vec<_>>>()?
+            }
             Value::Array(list) => list
                 .iter()
                 .map(|x| parse("index_topk_pattern", x.as_str().unwrap_or("<not a string>")))
                 .collect::<Result<Vec<_>>>()?,
-            _ => {
-                return Err(Error::config(
-                    "index_topk_pattern",
-                    "expected a string like \"FSS\" or a list",
-                ))
-            }
+            _ => return Err(Error::config("index_topk_pattern", "expected a string like \"FSS\" or a list")),
         }
     } else {
         let freq = f.usize_or("index_topk_freq", 1)?.max(1);
         let offset = f.usize_or("index_skip_topk_offset", 2)? as i64;
         (0..n as i64)
-            .map(|i| {
-                if (i - offset + 1).max(0) as usize % freq == 0 {
-                    IndexerKind::Full
-                } else {
-                    IndexerKind::Shared
-                }
-            })
+            .map(|i| if (i - offset + 1).max(0) as usize % freq == 0 { IndexerKind::Full } else { IndexerKind::Shared })
             .collect()
     };
     let kinds = per_layer("indexer_types", kinds, n)?;
@@ -480,10 +421,7 @@ fn indexer_types(f: &Fields, n: usize) -> Result<Vec<IndexerKind>> {
 /// layer) are ignored, as transformers ignores them.
 fn per_layer<T>(field: &str, mut kinds: Vec<T>, n: usize) -> Result<Vec<T>> {
     if kinds.len() < n {
-        return Err(Error::config(
-            field,
-            format!("has {} entries but num_hidden_layers is {n}", kinds.len()),
-        ));
+        return Err(Error::config(field, format!("has {} entries but num_hidden_layers is {n}", kinds.len())));
     }
     kinds.truncate(n);
     Ok(kinds)
@@ -509,29 +447,16 @@ fn rope(f: &Fields) -> Result<Rope> {
         None => f.f64_or("rope_theta", 10_000.0)?,
     };
     if theta <= 0.0 {
-        return Err(Error::config(
-            format!("{field}.rope_theta"),
-            "must be positive",
-        ));
+        return Err(Error::config(format!("{field}.rope_theta"), "must be positive"));
     }
-    let partial = match pf
-        .get("partial_rotary_factor")
-        .or_else(|| f.get("partial_rotary_factor"))
-    {
+    let partial = match pf.get("partial_rotary_factor").or_else(|| f.get("partial_rotary_factor")) {
         Some(v) => as_f64("partial_rotary_factor", v)?,
         None => 1.0,
     };
     if partial != 1.0 {
-        return Err(Error::config(
-            "partial_rotary_factor",
-            format!("only 1.0 is supported, got {partial}"),
-        ));
+        return Err(Error::config("partial_rotary_factor", format!("only 1.0 is supported, got {partial}")));
     }
-    let rope_type = pf
-        .get("rope_type")
-        .or_else(|| pf.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let rope_type = pf.get("rope_type").or_else(|| pf.get("type")).and_then(Value::as_str).unwrap_or("default");
     match rope_type {
         "default" => Ok(Rope::Default { theta }),
         "yarn" => {
@@ -562,17 +487,14 @@ fn rope(f: &Fields) -> Result<Rope> {
                 mscale_all_dim: opt("mscale_all_dim")?,
                 attention_factor: opt("attention_factor")?,
                 truncate: match pf.get("truncate") {
-                    Some(v) => v
-                        .as_bool()
-                        .ok_or_else(|| Error::config(key("truncate"), "expected a boolean"))?,
+                    Some(v) => v.as_bool().ok_or_else(|| Error::config(key("truncate"), "expected a boolean"))?,
                     None => true,
                 },
             }))
         }
-        other => Err(Error::config(
-            format!("{field}.rope_type"),
-            format!("\"{other}\" is not supported (default, yarn)"),
-        )),
+        other => {
+            Err(Error::config(format!("{field}.rope_type"), format!("\"{other}\" is not supported (default, yarn)")))
+        }
     }
 }
 
@@ -580,9 +502,7 @@ fn fp8(f: &Fields) -> Result<Option<Fp8>> {
     let Some(q) = f.get("quantization_config") else {
         return Ok(None);
     };
-    let q = q
-        .as_object()
-        .ok_or_else(|| Error::config("quantization_config", "expected an object"))?;
+    let q = q.as_object().ok_or_else(|| Error::config("quantization_config", "expected an object"))?;
     match q.get("quant_method").and_then(Value::as_str) {
         Some("fp8") => {}
         other => {
@@ -594,10 +514,7 @@ fn fp8(f: &Fields) -> Result<Option<Fp8>> {
     }
     if let Some(fmt) = q.get("fmt").and_then(Value::as_str) {
         if fmt != "e4m3" {
-            return Err(Error::config(
-                "quantization_config.fmt",
-                format!("only \"e4m3\" is supported, got \"{fmt}\""),
-            ));
+            return Err(Error::config("quantization_config.fmt", format!("only \"e4m3\" is supported, got \"{fmt}\"")));
         }
     }
     let block = match q.get("weight_block_size") {
@@ -606,10 +523,7 @@ fn fp8(f: &Fields) -> Result<Option<Fp8>> {
             let r = as_usize("quantization_config.weight_block_size", &b[0])?;
             let c = as_usize("quantization_config.weight_block_size", &b[1])?;
             if r == 0 || c == 0 {
-                return Err(Error::config(
-                    "quantization_config.weight_block_size",
-                    "block sizes must be positive",
-                ));
+                return Err(Error::config("quantization_config.weight_block_size", "block sizes must be positive"));
             }
             [r, c]
         }

@@ -32,23 +32,12 @@ impl Dump {
         let file = StFile::open(path).map_err(|e| Error::dump(path, e.to_string()))?;
         match file.metadata().get("format").map(String::as_str) {
             Some(FORMAT) => {}
-            Some(other) => {
-                return Err(Error::dump(
-                    path,
-                    format!("format is \"{other}\", expected \"{FORMAT}\""),
-                ))
-            }
+            Some(other) => return Err(Error::dump(path, format!("format is \"{other}\", expected \"{FORMAT}\""))),
             None => {
-                return Err(Error::dump(
-                    path,
-                    format!("no `format` in the header metadata (expected \"{FORMAT}\")"),
-                ))
+                return Err(Error::dump(path, format!("no `format` in the header metadata (expected \"{FORMAT}\")")))
             }
         }
-        Ok(Dump {
-            path: path.to_path_buf(),
-            file,
-        })
+        Ok(Dump { path: path.to_path_buf(), file })
     }
 
     pub fn metadata(&self) -> &std::collections::HashMap<String, String> {
@@ -76,10 +65,7 @@ impl Dump {
     }
 
     pub fn values(&self, name: &str) -> Result<(Values, Vec<usize>)> {
-        let info = self
-            .file
-            .info(name)
-            .ok_or_else(|| Error::dump(&self.path, format!("no tensor `{name}`")))?;
+        let info = self.file.info(name).ok_or_else(|| Error::dump(&self.path, format!("no tensor `{name}`")))?;
         let is_int = matches!(info.dtype, Dtype::I64 | Dtype::I32 | Dtype::U32);
         let wrap = |e: Error| Error::dump(&self.path, e.to_string());
         if is_int {
@@ -103,28 +89,15 @@ impl Dump {
     pub fn tokens(&self) -> Result<Tokens> {
         let (v, shape) = match self.values("input_ids")? {
             (Values::I64(v), s) => (v, s),
-            _ => {
-                return Err(Error::dump(
-                    &self.path,
-                    "`input_ids` must be an integer tensor",
-                ))
-            }
+            _ => return Err(Error::dump(&self.path, "`input_ids` must be an integer tensor")),
         };
         let [b, s] = shape[..] else {
-            return Err(Error::dump(
-                &self.path,
-                format!("`input_ids` must be [B, S], got {shape:?}"),
-            ));
+            return Err(Error::dump(&self.path, format!("`input_ids` must be [B, S], got {shape:?}")));
         };
         let ids = v
             .iter()
             .map(|&x| {
-                u32::try_from(x).map_err(|_| {
-                    Error::dump(
-                        &self.path,
-                        format!("`input_ids` holds invalid token id {x}"),
-                    )
-                })
+                u32::try_from(x).map_err(|_| Error::dump(&self.path, format!("`input_ids` holds invalid token id {x}")))
             })
             .collect::<Result<Vec<_>>>()?;
         Tokens::new(b, s, ids).map_err(|e| Error::dump(&self.path, e.to_string()))
@@ -132,11 +105,7 @@ impl Dump {
 }
 
 /// The header metadata a glimpse dump carries.
-pub fn metadata(
-    source: &str,
-    config_bytes: Option<&[u8]>,
-    model: Option<&str>,
-) -> BTreeMap<String, String> {
+pub fn metadata(source: &str, config_bytes: Option<&[u8]>, model: Option<&str>) -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     m.insert("format".into(), FORMAT.into());
     m.insert("source".into(), source.into());
@@ -150,21 +119,14 @@ pub fn metadata(
 }
 
 /// Writes recorded tensors as a dump (atomically).
-pub fn write(
-    path: &Path,
-    tensors: &[(String, Tensor)],
-    metadata: &BTreeMap<String, String>,
-) -> Result<()> {
+pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Result<()> {
     let entries = tensors
         .iter()
         .map(|(name, t)| {
             let shape = t.dims().to_vec();
             let entry = match t.dtype() {
                 DType::I64 => Entry::i64(shape, &t.flatten_all()?.to_vec1::<i64>()?),
-                _ => Entry::f32(
-                    shape,
-                    &t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
-                ),
+                _ => Entry::f32(shape, &t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
             };
             Ok((name.clone(), entry))
         })
@@ -175,8 +137,5 @@ pub fn write(
 /// Lower-case hex sha256, as the spec's `config_sha256`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -49,28 +49,16 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.as_ref().to_path_buf(),
-            source,
-        }
+        Error::Io { path: path.as_ref().to_path_buf(), source }
     }
     pub fn config(field: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Config {
-            field: field.into(),
-            msg: msg.into(),
-        }
+        Error::Config { field: field.into(), msg: msg.into() }
     }
     pub fn checkpoint(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
-        Error::Checkpoint {
-            path: path.as_ref().to_path_buf(),
-            msg: msg.into(),
-        }
+        Error::Checkpoint { path: path.as_ref().to_path_buf(), msg: msg.into() }
     }
     pub fn dump(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
-        Error::Dump {
-            path: path.as_ref().to_path_buf(),
-            msg: msg.into(),
-        }
+        Error::Dump { path: path.as_ref().to_path_buf(), msg: msg.into() }
     }
 }
 
@@ -81,9 +69,6 @@ pub trait Context<T> {
 
 impl<T, E: Into<Error>> Context<T> for std::result::Result<T, E> {
     fn context(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|e| Error::Context {
-            context: context(),
-            source: Box::new(e.into()),
-        })
+        self.map_err(|e| Error::Context { context: context(), source: Box::new(e.into()) })
     }
 }

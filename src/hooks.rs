@@ -89,10 +89,7 @@ impl HookPoint {
         let rest = name.strip_prefix("layers.")?;
         let (i, suffix) = rest.split_once('.')?;
         let i = i.parse().ok()?;
-        LayerHook::ALL
-            .iter()
-            .find(|h| h.suffix() == suffix)
-            .map(|h| HookPoint::Layer(i, *h))
+        LayerHook::ALL.iter().find(|h| h.suffix() == suffix).map(|h| HookPoint::Layer(i, *h))
     }
 
     pub fn layer(&self) -> Option<usize> {
@@ -141,19 +138,12 @@ impl Observer for Recorder {
 
 impl Recorder {
     pub fn get(&self, point: HookPoint) -> Option<&Tensor> {
-        self.tensors
-            .iter()
-            .find(|(p, _)| *p == point)
-            .map(|(_, t)| t)
+        self.tensors.iter().find(|(p, _)| *p == point).map(|(_, t)| t)
     }
 }
 
 /// Reports `value` to the observer if it wants `point`; `make` builds the tensor lazily.
-pub fn emit(
-    obs: &mut dyn Observer,
-    point: HookPoint,
-    make: impl FnOnce() -> Result<Tensor>,
-) -> Result<()> {
+pub fn emit(obs: &mut dyn Observer, point: HookPoint, make: impl FnOnce() -> Result<Tensor>) -> Result<()> {
     if obs.wants(point) {
         let t = make()?;
         obs.observe(point, &t)?;

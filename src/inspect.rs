@@ -25,11 +25,7 @@ fn runs<T: PartialEq + Copy>(v: &[T], name: impl Fn(T) -> &'static str) -> Strin
     let mut start = 0;
     for i in 1..=v.len() {
         if i == v.len() || v[i] != v[start] {
-            let span = if i - 1 == start {
-                format!("{start}")
-            } else {
-                format!("{start}-{}", i - 1)
-            };
+            let span = if i - 1 == start { format!("{start}") } else { format!("{start}-{}", i - 1) };
             out.push(format!("{span} {}", name(v[start])));
             start = i;
         }
@@ -45,26 +41,21 @@ pub fn describe(ckpt: &Checkpoint) -> Result<String> {
     let _ = writeln!(
         w,
         "  {} layers, hidden {}, vocab {}, {} heads (q_lora {}, kv_lora {}, nope {}, rope {}, v {})",
-        c.num_hidden_layers, c.hidden_size, c.vocab_size, c.num_attention_heads, c.q_lora_rank, c.kv_lora_rank,
-        c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.vocab_size,
+        c.num_attention_heads,
+        c.q_lora_rank,
+        c.kv_lora_rank,
+        c.qk_nope_head_dim,
+        c.qk_rope_head_dim,
+        c.v_head_dim
     );
-    let _ = writeln!(
-        w,
-        "  layers: {}",
-        runs(&c.mlp_layer_types, |k| if k == MlpKind::Dense {
-            "dense"
-        } else {
-            "moe"
-        })
-    );
+    let _ =
+        writeln!(w, "  layers: {}", runs(&c.mlp_layer_types, |k| if k == MlpKind::Dense { "dense" } else { "moe" }));
     if c.has_moe() {
         let routing = if c.n_group > 1 {
-            format!(
-                "grouped: {} groups of {}, keep {}",
-                c.n_group,
-                c.experts_per_group(),
-                c.topk_group
-            )
+            format!("grouped: {} groups of {}, keep {}", c.n_group, c.experts_per_group(), c.topk_group)
         } else {
             "flat".into()
         };
@@ -85,11 +76,7 @@ pub fn describe(ckpt: &Checkpoint) -> Result<String> {
         c.index_n_heads,
         c.index_head_dim,
         c.index_topk,
-        runs(&c.indexer_types, |k| if k == IndexerKind::Full {
-            "full"
-        } else {
-            "shared"
-        })
+        runs(&c.indexer_types, |k| if k == IndexerKind::Full { "full" } else { "shared" })
     );
     let rope = match &c.rope {
         Rope::Default { theta } => format!("default, theta {theta}"),
@@ -98,11 +85,7 @@ pub fn describe(ckpt: &Checkpoint) -> Result<String> {
             y.theta, y.factor, y.original_max_position_embeddings, y.mscale_all_dim
         ),
     };
-    let _ = writeln!(
-        w,
-        "  rope: interleaved, {rope}; softmax scale {:.6}",
-        c.softmax_scale()
-    );
+    let _ = writeln!(w, "  rope: interleaved, {rope}; softmax scale {:.6}", c.softmax_scale());
     let _ = writeln!(
         w,
         "  rms_norm_eps {}, tie_word_embeddings {}, max positions {}{}",
@@ -121,48 +104,31 @@ pub fn describe(ckpt: &Checkpoint) -> Result<String> {
     for name in ckpt.names() {
         let n: usize = ckpt.shape(name).unwrap_or_default().iter().product();
         if !name.ends_with("_scale_inv") {
-            *blocks
-                .entry(block_of(name, c.num_hidden_layers))
-                .or_default() += n;
+            *blocks.entry(block_of(name, c.num_hidden_layers)).or_default() += n;
             total += n;
         }
-        *dtypes
-            .entry(format!(
-                "{:?}",
-                ckpt.dtype(name)
-                    .map(|d| format!("{d:?}"))
-                    .unwrap_or_default()
-            ))
-            .or_default() += 1;
+        *dtypes.entry(format!("{:?}", ckpt.dtype(name).map(|d| format!("{d:?}")).unwrap_or_default())).or_default() +=
+            1;
     }
     let _ = writeln!(w, "parameters: {} in total", human(total));
     for (block, n) in &blocks {
         let _ = writeln!(w, "  {block:<18} {:>10}", human(*n));
     }
-    let dt: Vec<String> = dtypes
-        .iter()
-        .map(|(d, n)| format!("{} x{n}", d.trim_matches('"')))
-        .collect();
+    let dt: Vec<String> = dtypes.iter().map(|(d, n)| format!("{} x{n}", d.trim_matches('"'))).collect();
     let _ = writeln!(w, "dtypes: {}", dt.join(", "));
     let _ = writeln!(w, "files: {}", ckpt.files.len());
     for f in &ckpt.files {
         let _ = writeln!(
             w,
             "  {:<40} {:>10} bytes",
-            f.path
-                .file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default(),
+            f.path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
             f.len_bytes()
         );
     }
     let mtp = ckpt.mtp_names();
     if mtp.is_empty() {
-        let _ = writeln!(
-            w,
-            "mtp layer: none in the checkpoint (num_nextn_predict_layers {})",
-            c.num_nextn_predict_layers
-        );
+        let _ =
+            writeln!(w, "mtp layer: none in the checkpoint (num_nextn_predict_layers {})", c.num_nextn_predict_layers);
     } else {
         let _ = writeln!(
             w,

@@ -114,20 +114,12 @@ fn default_case() -> PathBuf {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Verify {
-            model,
-            golden,
-            atol,
-            rtol,
-            isolate,
-        } => {
+        Command::Verify { model, golden, atol, rtol, isolate } => {
             let model_dir = model.unwrap_or_else(default_case);
             let golden = golden.unwrap_or_else(|| model_dir.join("reference.safetensors"));
             let tol = Tolerance { atol, rtol };
             if !(atol >= 0.0 && rtol >= 0.0) {
-                return Err(Error::Usage(
-                    "--atol and --rtol must be non-negative numbers".into(),
-                ));
+                return Err(Error::Usage("--atol and --rtol must be non-negative numbers".into()));
             }
             let ckpt = Checkpoint::open(&model_dir)?;
             let reference = Dump::open(&golden)?;
@@ -141,29 +133,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
             let model = Model::load(&ckpt)?;
-            println!(
-                "verify {} against {}",
-                model_dir.display(),
-                golden.display()
-            );
+            println!("verify {} against {}", model_dir.display(), golden.display());
             let report = verify::verify(&model, &reference, tol, isolate)?;
             verify::print_report(&report, tol);
-            Ok(if report.all_match() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Inspect { model } => {
             let ckpt = Checkpoint::open(&model)?;
             print!("{}", inspect::describe(&ckpt)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run {
-            model,
-            tokens,
-            dump: out,
-        } => {
+        Command::Run { model, tokens, dump: out } => {
             let ckpt = Checkpoint::open(&model)?;
             let tokens = parse_tokens(&tokens)?;
             let model_ = Model::load(&ckpt)?;
@@ -172,25 +152,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let (b, s, _) = logits.dims3()?;
             for bi in 0..b {
                 let last = logits.get(bi)?.get(s - 1)?.to_vec1::<f32>()?;
-                let argmax = last
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .map(|(i, _)| i)
-                    .unwrap_or(0);
+                let argmax = last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
                 println!("row {bi}: next token (greedy) {argmax}");
             }
             if let Some(out) = out {
-                let named: Vec<_> = rec
-                    .tensors
-                    .iter()
-                    .map(|(p, t)| (p.name(), t.clone()))
-                    .collect();
+                let named: Vec<_> = rec.tensors.iter().map(|(p, t)| (p.name(), t.clone())).collect();
                 let meta = dump::metadata(
-                    &format!(
-                        "glimpse {} / candle, float32, cpu",
-                        env!("CARGO_PKG_VERSION")
-                    ),
+                    &format!("glimpse {} / candle, float32, cpu", env!("CARGO_PKG_VERSION")),
                     Some(&ckpt.config_bytes),
                     Some(&model.display().to_string()),
                 );
@@ -199,39 +167,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Synth {
-            config,
-            preset,
-            layers,
-            experts,
-            vocab,
-            dtype,
-            shards,
-            mtp,
-            seed,
-            out,
-        } => {
+        Command::Synth { config, preset, layers, experts, vocab, dtype, shards, mtp, seed, out } => {
             let config = match (config, preset) {
                 (Some(path), _) => {
                     let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-                    serde_json::from_slice(&bytes).map_err(|source| Error::Json {
-                        path: path.clone(),
-                        source,
-                    })?
+                    serde_json::from_slice(&bytes).map_err(|source| Error::Json { path: path.clone(), source })?
                 }
                 _ => synth::preset_glm5(),
             };
-            let opts = SynthOptions {
-                config,
-                layers,
-                experts,
-                vocab,
-                dtype,
-                shards,
-                mtp,
-                seed,
-                out: out.clone(),
-            };
+            let opts = SynthOptions { config, layers, experts, vocab, dtype, shards, mtp, seed, out: out.clone() };
             let cfg = synth::synth(&opts)?;
             println!(
                 "wrote a {}-layer random checkpoint ({} experts, vocab {}, {:?}) to {}",
@@ -253,18 +197,16 @@ fn parse_tokens(s: &str) -> Result<Tokens> {
         .map(|row| {
             row.split(',')
                 .map(|t| {
-                    t.trim().parse::<u32>().map_err(|_| {
-                        Error::Usage(format!("--tokens: \"{}\" is not a token id", t.trim()))
-                    })
+                    t.trim()
+                        .parse::<u32>()
+                        .map_err(|_| Error::Usage(format!("--tokens: \"{}\" is not a token id", t.trim())))
                 })
                 .collect()
         })
         .collect::<Result<_>>()?;
     let seq = rows[0].len();
     if rows.iter().any(|r| r.len() != seq) {
-        return Err(Error::Usage(
-            "--tokens: every batch row must have the same length".into(),
-        ));
+        return Err(Error::Usage("--tokens: every batch row must have the same length".into()));
     }
     Tokens::new(rows.len(), seq, rows.concat())
 }

@@ -29,19 +29,9 @@ impl StFile {
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let (n, meta) = SafeTensors::read_metadata(&mmap)
             .map_err(|e| Error::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
-        let tensors = meta
-            .tensors()
-            .into_iter()
-            .map(|(k, v)| (k, v.clone()))
-            .collect();
+        let tensors = meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
         let metadata = meta.metadata().clone().unwrap_or_default();
-        Ok(StFile {
-            path: path.to_path_buf(),
-            mmap,
-            data_start: 8 + n,
-            tensors,
-            metadata,
-        })
+        Ok(StFile { path: path.to_path_buf(), mmap, data_start: 8 + n, tensors, metadata })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -59,17 +49,13 @@ impl StFile {
 
     /// The raw little-endian bytes of a tensor.
     pub fn bytes(&self, name: &str) -> Result<(&TensorInfo, &[u8])> {
-        let info = self
-            .info(name)
-            .ok_or_else(|| Error::checkpoint(&self.path, format!("no tensor `{name}`")))?;
+        let info = self.info(name).ok_or_else(|| Error::checkpoint(&self.path, format!("no tensor `{name}`")))?;
         let (a, b) = info.data_offsets;
         // read_metadata validated the offsets against the file length.
         let bytes = self
             .mmap
             .get(self.data_start + a..self.data_start + b)
-            .ok_or_else(|| {
-                Error::checkpoint(&self.path, format!("tensor `{name}` lies outside the file"))
-            })?;
+            .ok_or_else(|| Error::checkpoint(&self.path, format!("tensor `{name}` lies outside the file")))?;
         Ok((info, bytes))
     }
 
@@ -85,18 +71,13 @@ impl StFile {
     pub fn i64(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>)> {
         let (info, bytes) = self.bytes(name)?;
         let data = match info.dtype {
-            Dtype::I64 => bytes
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                .collect(),
-            Dtype::I32 => bytes
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64)
-                .collect(),
-            Dtype::U32 => bytes
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64)
-                .collect(),
+            Dtype::I64 => bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(),
+            Dtype::I32 => {
+                bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64).collect()
+            }
+            Dtype::U32 => {
+                bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64).collect()
+            }
             d => {
                 return Err(Error::checkpoint(
                     &self.path,
@@ -112,27 +93,17 @@ impl StFile {
 pub fn decode_f32(dtype: Dtype, bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
     let chunks = |n: usize| bytes.chunks_exact(n);
     Ok(match dtype {
-        Dtype::F32 => chunks(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F64 => chunks(8)
-            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
-            .collect(),
-        Dtype::BF16 => chunks(2)
-            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-            .collect(),
-        Dtype::F16 => chunks(2)
-            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-            .collect(),
+        Dtype::F32 => chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F64 => {
+            chunks(8).map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32).collect()
+        }
+        Dtype::BF16 => chunks(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
+        Dtype::F16 => chunks(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
         Dtype::F8_E4M3 => {
             let lut = e4m3_table();
             bytes.iter().map(|b| lut[*b as usize]).collect()
         }
-        d => {
-            return Err(format!(
-                "dtype {d:?} is not a supported float type (F32, F64, BF16, F16, F8_E4M3)"
-            ))
-        }
+        d => return Err(format!("dtype {d:?} is not a supported float type (F32, F64, BF16, F16, F8_E4M3)")),
     })
 }
 
@@ -166,18 +137,10 @@ pub struct Entry {
 
 impl Entry {
     pub fn f32(shape: Vec<usize>, data: &[f32]) -> Self {
-        Entry {
-            dtype: Dtype::F32,
-            shape,
-            data: data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        }
+        Entry { dtype: Dtype::F32, shape, data: data.iter().flat_map(|x| x.to_le_bytes()).collect() }
     }
     pub fn i64(shape: Vec<usize>, data: &[i64]) -> Self {
-        Entry {
-            dtype: Dtype::I64,
-            shape,
-            data: data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        }
+        Entry { dtype: Dtype::I64, shape, data: data.iter().flat_map(|x| x.to_le_bytes()).collect() }
     }
 }
 
@@ -209,8 +172,7 @@ pub fn write_streaming(
         sizes.push(bytes);
         offset += bytes;
     }
-    let mut header =
-        serde_json::to_vec(&header).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    let mut header = serde_json::to_vec(&header).map_err(|e| Error::checkpoint(path, e.to_string()))?;
     while header.len() % 8 != 0 {
         header.push(b' ');
     }
@@ -218,28 +180,19 @@ pub fn write_streaming(
     let result = (|| {
         let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
-        w.write_all(&(header.len() as u64).to_le_bytes())
-            .map_err(|e| Error::io(&tmp, e))?;
+        w.write_all(&(header.len() as u64).to_le_bytes()).map_err(|e| Error::io(&tmp, e))?;
         w.write_all(&header).map_err(|e| Error::io(&tmp, e))?;
         for (i, size) in sizes.iter().enumerate() {
-            let mut counter = CountingWriter {
-                inner: &mut w,
-                written: 0,
-            };
+            let mut counter = CountingWriter { inner: &mut w, written: 0 };
             fill(i, &mut counter)?;
             if counter.written != *size {
                 return Err(Error::checkpoint(
                     path,
-                    format!(
-                        "tensor `{}`: wrote {} bytes, expected {size}",
-                        layout[i].0, counter.written
-                    ),
+                    format!("tensor `{}`: wrote {} bytes, expected {size}", layout[i].0, counter.written),
                 ));
             }
         }
-        let file = w
-            .into_inner()
-            .map_err(|e| Error::io(&tmp, e.into_error()))?;
+        let file = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
         file.sync_all().map_err(|e| Error::io(&tmp, e))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     })();
@@ -250,26 +203,13 @@ pub fn write_streaming(
 }
 
 /// Writes a whole in-memory set of tensors (a dump), atomically.
-pub fn write(
-    path: &Path,
-    tensors: &[(String, Entry)],
-    metadata: &BTreeMap<String, String>,
-) -> Result<()> {
-    let layout: Vec<_> = tensors
-        .iter()
-        .map(|(n, e)| (n.clone(), e.dtype, e.shape.clone()))
-        .collect();
-    write_streaming(path, &layout, metadata, |i, w| {
-        w.write_all(&tensors[i].1.data)
-            .map_err(|e| Error::io(path, e))
-    })
+pub fn write(path: &Path, tensors: &[(String, Entry)], metadata: &BTreeMap<String, String>) -> Result<()> {
+    let layout: Vec<_> = tensors.iter().map(|(n, e)| (n.clone(), e.dtype, e.shape.clone())).collect();
+    write_streaming(path, &layout, metadata, |i, w| w.write_all(&tensors[i].1.data).map_err(|e| Error::io(path, e)))
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(format!(".{}.tmp", std::process::id()));
     path.with_file_name(name)
 }

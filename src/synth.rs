@@ -57,9 +57,7 @@ pub fn preset_glm5() -> Value {
 /// Applies the shrinking flags to a config, keeping it consistent (per-layer lists cut to depth,
 /// top-k and groups within the expert count).
 fn shrink(mut v: Value, o: &SynthOptions) -> Result<Value> {
-    let obj = v
-        .as_object_mut()
-        .ok_or_else(|| Error::config("<root>", "config must be a JSON object"))?;
+    let obj = v.as_object_mut().ok_or_else(|| Error::config("<root>", "config must be a JSON object"))?;
     if let Some(n) = o.layers {
         obj.insert("num_hidden_layers".into(), json!(n));
         for key in ["mlp_layer_types", "indexer_types"] {
@@ -76,10 +74,7 @@ fn shrink(mut v: Value, o: &SynthOptions) -> Result<Value> {
     }
     if let Some(e) = o.experts {
         obj.insert("n_routed_experts".into(), json!(e));
-        let k = obj
-            .get("num_experts_per_tok")
-            .and_then(Value::as_u64)
-            .unwrap_or(8) as usize;
+        let k = obj.get("num_experts_per_tok").and_then(Value::as_u64).unwrap_or(8) as usize;
         obj.insert("num_experts_per_tok".into(), json!(k.min(e)));
         let g = obj.get("n_group").and_then(Value::as_u64).unwrap_or(1) as usize;
         if g > 1 && e % g != 0 {
@@ -93,10 +88,11 @@ fn shrink(mut v: Value, o: &SynthOptions) -> Result<Value> {
             obj.remove(key);
         }
     }
-    obj.insert(
-        "num_nextn_predict_layers".into(),
-        json!(if o.mtp { 1 } else { 0 }),
-    );
+    obj.insert("num_nextn_predict_layers".into(), json!(if o.mtp { 1 } else { 0 }));
+    // transformers defaults this to 64 and fails on any other head count when it is absent.
+    if let Some(heads) = obj.get("num_attention_heads").cloned() {
+        obj.insert("num_key_value_heads".into(), heads);
+    }
     obj.remove("quantization_config");
     if o.dtype == SynthDtype::Fp8 {
         obj.insert(
@@ -104,14 +100,7 @@ fn shrink(mut v: Value, o: &SynthOptions) -> Result<Value> {
             json!({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}),
         );
     }
-    obj.insert(
-        "torch_dtype".into(),
-        json!(if o.dtype == SynthDtype::F32 {
-            "float32"
-        } else {
-            "bfloat16"
-        }),
-    );
+    obj.insert("torch_dtype".into(), json!(if o.dtype == SynthDtype::F32 { "float32" } else { "bfloat16" }));
     Ok(v)
 }
 
@@ -120,9 +109,7 @@ struct Rng(u64);
 
 impl Rng {
     fn for_tensor(seed: u64, name: &str) -> Self {
-        let h = name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100000001b3)
-        });
+        let h = name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
         Rng(seed ^ h)
     }
     fn next(&mut self) -> u64 {
@@ -175,16 +162,8 @@ fn write_tensor(
 ) -> std::io::Result<()> {
     let mut rng = Rng::for_tensor(seed, &spec.name);
     let (center, spread) = init(spec);
-    let cols = if spec.shape.len() == 2 {
-        spec.shape[1]
-    } else {
-        spec.shape.iter().product()
-    };
-    let rows = if spec.shape.len() == 2 {
-        spec.shape[0]
-    } else {
-        1
-    };
+    let cols = if spec.shape.len() == 2 { spec.shape[1] } else { spec.shape.iter().product() };
+    let rows = if spec.shape.len() == 2 { spec.shape[0] } else { 1 };
     let mut band = Vec::with_capacity(BLOCK * cols);
     let mut bytes = Vec::new();
     let mut scales = scales;
@@ -195,20 +174,14 @@ fn write_tensor(
         bytes.clear();
         match dtype {
             Dtype::F32 => bytes.extend(band.iter().flat_map(|x| x.to_le_bytes())),
-            Dtype::BF16 => bytes.extend(
-                band.iter()
-                    .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()),
-            ),
+            Dtype::BF16 => bytes.extend(band.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes())),
             Dtype::F8_E4M3 => {
                 // One scale per 128x128 block: amax / 448 maps the block onto E4M3's range.
                 let nb = cols.div_ceil(BLOCK);
                 let block_scales: Vec<f32> = (0..nb)
                     .map(|b| {
                         let amax = (0..n)
-                            .flat_map(|r| {
-                                band[r * cols + b * BLOCK..(r * cols + ((b + 1) * BLOCK).min(cols))]
-                                    .iter()
-                            })
+                            .flat_map(|r| band[r * cols + b * BLOCK..(r * cols + ((b + 1) * BLOCK).min(cols))].iter())
                             .fold(0f32, |m, x| m.max(x.abs()));
                         if amax > 0.0 {
                             amax / 448.0
@@ -217,11 +190,7 @@ fn write_tensor(
                         }
                     })
                     .collect();
-                bytes.extend(
-                    band.iter()
-                        .enumerate()
-                        .map(|(i, x)| f32_to_e4m3(x / block_scales[(i % cols) / BLOCK])),
-                );
+                bytes.extend(band.iter().enumerate().map(|(i, x)| f32_to_e4m3(x / block_scales[(i % cols) / BLOCK])));
                 if let Some(s) = scales.as_deref_mut() {
                     s.extend(block_scales);
                 }
@@ -271,34 +240,21 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
     for spec in specs {
         let dtype = storage(&spec, o.dtype);
         let quantised = dtype == Dtype::F8_E4M3;
-        let scale_shape = vec![spec.shape[0].div_ceil(BLOCK), spec.shape[1].div_ceil(BLOCK)];
-        let scale_name = format!("{}_scale_inv", spec.name);
         tensors.push((spec.clone(), dtype, false));
         if quantised {
-            tensors.push((
-                WeightSpec {
-                    name: scale_name,
-                    shape: scale_shape,
-                    kind: spec.kind,
-                },
-                Dtype::F32,
-                true,
-            ));
+            let shape = vec![spec.shape[0].div_ceil(BLOCK), spec.shape[1].div_ceil(BLOCK)];
+            let name = format!("{}_scale_inv", spec.name);
+            tensors.push((WeightSpec { name, shape, kind: spec.kind }, Dtype::F32, true));
         }
     }
-    let bytes =
-        |t: &(WeightSpec, Dtype, bool)| t.0.shape.iter().product::<usize>() * t.1.bitsize() / 8;
+    let bytes = |t: &(WeightSpec, Dtype, bool)| t.0.shape.iter().product::<usize>() * t.1.bitsize() / 8;
     let total: usize = tensors.iter().map(bytes).sum();
 
     // Balanced contiguous shards; a weight and its scale stay together.
     let mut shard_of = Vec::with_capacity(tensors.len());
     let mut acc = 0usize;
     for t in &tensors {
-        let s = if t.2 {
-            *shard_of.last().unwrap_or(&0)
-        } else {
-            (acc * o.shards / total.max(1)).min(o.shards - 1)
-        };
+        let s = if t.2 { *shard_of.last().unwrap_or(&0) } else { (acc * o.shards / total.max(1)).min(o.shards - 1) };
         shard_of.push(s);
         acc += bytes(t);
     }
@@ -316,16 +272,8 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
     for s in 0..o.shards {
         let members: Vec<usize> = (0..tensors.len()).filter(|&i| shard_of[i] == s).collect();
         let path = o.out.join(file_name(s));
-        let layout: Vec<_> = members
-            .iter()
-            .map(|&i| {
-                (
-                    tensors[i].0.name.clone(),
-                    tensors[i].1,
-                    tensors[i].0.shape.clone(),
-                )
-            })
-            .collect();
+        let layout: Vec<_> =
+            members.iter().map(|&i| (tensors[i].0.name.clone(), tensors[i].1, tensors[i].0.shape.clone())).collect();
         let mut pending_scales: Vec<f32> = Vec::new();
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
@@ -334,13 +282,7 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
             let io = |e| Error::io(&path, e);
             if *is_scale {
                 // Scales were computed while writing the weight just before.
-                w.write_all(
-                    &pending_scales
-                        .iter()
-                        .flat_map(|x| x.to_le_bytes())
-                        .collect::<Vec<_>>(),
-                )
-                .map_err(io)?;
+                w.write_all(&pending_scales.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>()).map_err(io)?;
                 pending_scales.clear();
             } else {
                 write_tensor(spec, *dtype, o.seed, w, Some(&mut pending_scales)).map_err(io)?;
@@ -375,8 +317,7 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
-    let text =
-        serde_json::to_string_pretty(v).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::checkpoint(path, e.to_string()))?;
     std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
 }
 

@@ -25,12 +25,7 @@ pub struct Verifier<'a> {
 
 impl<'a> Verifier<'a> {
     pub fn new(golden: &'a Dump, tol: Tolerance) -> Self {
-        Verifier {
-            golden,
-            tol,
-            results: Vec::new(),
-            last_ids: None,
-        }
+        Verifier { golden, tol, results: Vec::new(), last_ids: None }
     }
 
     fn compare(&mut self, name: &str, ours: &Tensor) -> Result<Comparison> {
@@ -40,29 +35,18 @@ impl<'a> Verifier<'a> {
             return Ok(Comparison {
                 name: name.into(),
                 ok: false,
-                detail: Detail::Shape {
-                    ours: shape,
-                    reference: ref_shape,
-                },
+                detail: Detail::Shape { ours: shape, reference: ref_shape },
             });
         }
         let ours_values = match ours.dtype() {
             candle_core::DType::I64 => Values::I64(ours.flatten_all()?.to_vec1::<i64>()?),
             _ => Values::F32(ours.flatten_all()?.to_vec1::<f32>()?),
         };
-        let kind_error = || {
-            Error::dump(
-                &self.golden.path,
-                format!("`{name}` has a different element type than glimpse produces"),
-            )
-        };
+        let kind_error =
+            || Error::dump(&self.golden.path, format!("`{name}` has a different element type than glimpse produces"));
         let (ok, detail) = match (Rule::for_name(name, &reference), &ours_values, &reference) {
-            (Rule::Float, Values::F32(a), Values::F32(e)) => {
-                compare::compare_floats(a, e, &shape, self.tol)
-            }
-            (Rule::DsaSelection, Values::I64(a), Values::I64(e)) => {
-                compare::compare_dsa(a, e, &shape)
-            }
+            (Rule::Float, Values::F32(a), Values::F32(e)) => compare::compare_floats(a, e, &shape, self.tol),
+            (Rule::DsaSelection, Values::I64(a), Values::I64(e)) => compare::compare_dsa(a, e, &shape),
             (Rule::ExpertSet, Values::I64(a), Values::I64(e)) => {
                 self.last_ids = Some(a.clone());
                 compare::compare_expert_sets(a, e, &shape)
@@ -88,11 +72,7 @@ impl<'a> Verifier<'a> {
             ),
             _ => return Err(kind_error()),
         };
-        Ok(Comparison {
-            name: name.into(),
-            ok,
-            detail,
-        })
+        Ok(Comparison { name: name.into(), ok, detail })
     }
 }
 
@@ -137,11 +117,7 @@ pub fn verify(model: &Model, golden: &Dump, tol: Tolerance, isolate: bool) -> Re
                 if t.dims() != ours.dims() {
                     return Err(Error::dump(
                         &golden.path,
-                        format!(
-                            "`{name}` has shape {:?}, expected {:?}",
-                            t.dims(),
-                            ours.dims()
-                        ),
+                        format!("`{name}` has shape {:?}, expected {:?}", t.dims(), ours.dims()),
                     ));
                 }
                 Ok(t)
@@ -153,52 +129,29 @@ pub fn verify(model: &Model, golden: &Dump, tol: Tolerance, isolate: bool) -> Re
         let mut sel: Option<Selection> = None;
         for layer in &model.layers {
             let ours = layer.forward(&h, &rope, &mut sel, &mut v)?;
-            h = reference_input(
-                &HookPoint::Layer(layer.index, LayerHook::Output).name(),
-                ours,
-            )?;
+            h = reference_input(&HookPoint::Layer(layer.index, LayerHook::Output).name(), ours)?;
         }
         model.head(&h, &mut v)?;
     } else {
         model.forward(&tokens, &mut v)?;
     }
     let produced: BTreeSet<&str> = v.results.iter().map(|c| c.name.as_str()).collect();
-    let only_in_reference = golden
-        .names()
-        .into_iter()
-        .filter(|n| !produced.contains(n.as_str()))
-        .collect();
-    Ok(Report {
-        results: v.results,
-        only_in_reference,
-        isolate,
-    })
+    let only_in_reference = golden.names().into_iter().filter(|n| !produced.contains(n.as_str())).collect();
+    Ok(Report { results: v.results, only_in_reference, isolate })
 }
 
 /// One line per compared tensor.
 pub fn format_line(c: &Comparison) -> String {
     let verdict = if c.ok { "ok" } else { "MISMATCH" };
     let body = match &c.detail {
-        Detail::Float {
-            max_abs,
-            worst_at,
-            ours,
-            reference,
-            max_rel,
-            bad,
-            total,
-        } => {
+        Detail::Float { max_abs, worst_at, ours, reference, max_rel, bad, total } => {
             let mut s = format!("max_abs {max_abs:9.3e}  max_rel {max_rel:9.3e}");
             if *bad > 0 {
                 s += &format!("  {bad}/{total} outside tol; worst at {worst_at:?}: ours {ours:e} ref {reference:e}");
             }
             s
         }
-        Detail::Sets {
-            rows,
-            differing,
-            first,
-        } => {
+        Detail::Sets { rows, differing, first } => {
             let mut s = format!("{differing}/{rows} rows differ");
             if let Some((at, ours, reference)) = first {
                 s += &format!("; first at {at:?}: only ours {ours:?}, only ref {reference:?}");
@@ -215,18 +168,10 @@ pub fn print_report(r: &Report, tol: Tolerance) {
         println!("{}", format_line(c));
     }
     for n in &r.only_in_reference {
-        println!(
-            "{n:<34} {:<8} only in the reference (not produced by this run)",
-            "skipped"
-        );
+        println!("{n:<34} {:<8} only in the reference (not produced by this run)", "skipped");
     }
     let mode = if r.isolate { ", isolated layers" } else { "" };
-    let first = r
-        .results
-        .iter()
-        .find(|c| !c.ok)
-        .map(|c| format!("; first mismatch: {}", c.name))
-        .unwrap_or_default();
+    let first = r.results.iter().find(|c| !c.ok).map(|c| format!("; first mismatch: {}", c.name)).unwrap_or_default();
     println!(
         "{} of {} tensors match (atol {:e}, rtol {:e}{mode}){first}",
         r.results.len() - r.mismatches(),

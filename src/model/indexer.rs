@@ -52,11 +52,7 @@ impl Selection {
     /// The dump's `layers.{i}.dsa.topk`: I64 [B, S, K].
     pub fn to_tensor(&self) -> Result<Tensor> {
         let v: Vec<i64> = self.idx.iter().map(|&i| i as i64).collect();
-        Ok(Tensor::from_vec(
-            v,
-            (self.batch, self.seq, self.k),
-            &Device::Cpu,
-        )?)
+        Ok(Tensor::from_vec(v, (self.batch, self.seq, self.k), &Device::Cpu)?)
     }
 
     /// Additive attention mask [B, 1, S, S]: 0 on selected causal keys, -inf elsewhere.
@@ -97,13 +93,7 @@ impl Indexer {
 
     /// Updates `sel` with this layer's selection: a full layer computes a new one, a shared layer
     /// keeps the previous full layer's.
-    pub fn select(
-        &self,
-        x: &Tensor,
-        q_latent: &Tensor,
-        rope: &RopeTables,
-        sel: &mut Option<Selection>,
-    ) -> Result<()> {
+    pub fn select(&self, x: &Tensor, q_latent: &Tensor, rope: &RopeTables, sel: &mut Option<Selection>) -> Result<()> {
         match self {
             Indexer::Full(w) => {
                 let scores = w.scores(x, q_latent, rope)?;
@@ -111,9 +101,7 @@ impl Indexer {
                 Ok(())
             }
             Indexer::Shared if sel.is_some() => Ok(()),
-            Indexer::Shared => Err(Error::Usage(
-                "a shared indexer layer has no earlier full layer to reuse".into(),
-            )),
+            Indexer::Shared => Err(Error::Usage("a shared indexer layer has no earlier full layer to reuse".into())),
         }
     }
 }
@@ -123,20 +111,10 @@ impl IndexerWeights {
     pub fn scores(&self, x: &Tensor, q_latent: &Tensor, rope: &RopeTables) -> Result<Vec<f32>> {
         let (b, s, _) = x.dims3()?;
         let (n, d) = (self.n_heads, self.head_dim);
-        let mut q = self
-            .wq_b
-            .forward(q_latent)?
-            .flatten_all()?
-            .to_vec1::<f32>()?; // [B, S, n, d]
+        let mut q = self.wq_b.forward(q_latent)?.flatten_all()?.to_vec1::<f32>()?; // [B, S, n, d]
         rope.apply(&mut q, s, n, d, 0);
-        let q = Tensor::from_vec(q, (b, s, n, d), &Device::Cpu)?
-            .transpose(1, 2)?
-            .contiguous()?; // [B, n, S, d]
-        let mut k = self
-            .k_norm
-            .forward(&self.wk.forward(x)?)?
-            .flatten_all()?
-            .to_vec1::<f32>()?; // [B, S, d]
+        let q = Tensor::from_vec(q, (b, s, n, d), &Device::Cpu)?.transpose(1, 2)?.contiguous()?; // [B, n, S, d]
+        let mut k = self.k_norm.forward(&self.wk.forward(x)?)?.flatten_all()?.to_vec1::<f32>()?; // [B, S, d]
         rope.apply(&mut k, s, 1, d, 0);
         let k = Tensor::from_vec(k, (b, 1, s, d), &Device::Cpu)?; // [B, 1, T, d]
         let scale = (d as f64).powf(-0.5);
@@ -162,10 +140,7 @@ pub fn top_k_causal(scores: &[f32], batch: usize, seq: usize, topk: usize) -> Se
             if s + 1 > k {
                 // Descending by score; NaN sorts last so it is never preferred.
                 order.sort_by(|&x, &y| {
-                    row[y]
-                        .partial_cmp(&row[x])
-                        .unwrap_or_else(|| row[x].is_nan().cmp(&row[y].is_nan()))
-                        .then(x.cmp(&y))
+                    row[y].partial_cmp(&row[x]).unwrap_or_else(|| row[x].is_nan().cmp(&row[y].is_nan())).then(x.cmp(&y))
                 });
                 order.truncate(k);
             } else {
@@ -195,18 +170,8 @@ mod tests {
         assert_eq!(sel.row(0, 2), &[0, 1, 2]); // exactly K causal keys
         assert_eq!(sel.row(0, 3), &[1, 3, 2]); // K of 4: key 0 dropped
         assert_eq!(sel.row(0, 4), &[1, 3, 4]);
-        let mask = sel
-            .mask()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let allowed = |q: usize| {
-            (0..seq)
-                .filter(|t| mask[q * seq + t] == 0.0)
-                .collect::<Vec<_>>()
-        };
+        let mask = sel.mask().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let allowed = |q: usize| (0..seq).filter(|t| mask[q * seq + t] == 0.0).collect::<Vec<_>>();
         assert_eq!(allowed(0), vec![0]);
         assert_eq!(allowed(1), vec![0, 1]);
         assert_eq!(allowed(3), vec![1, 2, 3]);
@@ -215,18 +180,9 @@ mod tests {
 
     #[test]
     fn shared_indexer_reuses_the_previous_selection() {
-        let rope = RopeTables {
-            half: 0,
-            cos: vec![],
-            sin: vec![],
-        };
+        let rope = RopeTables { half: 0, cos: vec![], sin: vec![] };
         let x = Tensor::zeros((1, 2, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let prev = Selection {
-            batch: 1,
-            seq: 2,
-            k: 1,
-            idx: vec![0, 1],
-        };
+        let prev = Selection { batch: 1, seq: 2, k: 1, idx: vec![0, 1] };
         let mut sel = Some(prev.clone());
         Indexer::Shared.select(&x, &x, &rope, &mut sel).unwrap();
         assert_eq!(sel, Some(prev));

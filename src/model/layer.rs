@@ -35,16 +35,9 @@ impl DecoderLayer {
             index: i,
             input_layernorm: RmsNorm::load(l, &format!("{p}.input_layernorm"), h, cfg.rms_norm_eps),
             self_attn: Attention::load(l, cfg, i),
-            post_attention_layernorm: RmsNorm::load(
-                l,
-                &format!("{p}.post_attention_layernorm"),
-                h,
-                cfg.rms_norm_eps,
-            ),
+            post_attention_layernorm: RmsNorm::load(l, &format!("{p}.post_attention_layernorm"), h, cfg.rms_norm_eps),
             mlp: match cfg.mlp_layer_types[i] {
-                MlpKind::Dense => {
-                    Ffn::Dense(Mlp::load(l, &format!("{p}.mlp"), h, cfg.intermediate_size))
-                }
+                MlpKind::Dense => Ffn::Dense(Mlp::load(l, &format!("{p}.mlp"), h, cfg.intermediate_size)),
                 MlpKind::Moe => Ffn::Moe(Moe::load(l, cfg, i)),
             },
         }

@@ -39,26 +39,9 @@ impl Attention {
             q_a_proj: Linear::load(l, &format!("{p}.q_a_proj"), cfg.q_lora_rank, h, bias),
             // The reference builds both latent norms with the RMSNorm default eps, not rms_norm_eps.
             q_a_layernorm: RmsNorm::load(l, &format!("{p}.q_a_layernorm"), cfg.q_lora_rank, 1e-6),
-            q_b_proj: Linear::load(
-                l,
-                &format!("{p}.q_b_proj"),
-                nh * cfg.qk_head_dim(),
-                cfg.q_lora_rank,
-                false,
-            ),
-            kv_a_proj_with_mqa: Linear::load(
-                l,
-                &format!("{p}.kv_a_proj_with_mqa"),
-                cfg.kv_a_dim(),
-                h,
-                bias,
-            ),
-            kv_a_layernorm: RmsNorm::load(
-                l,
-                &format!("{p}.kv_a_layernorm"),
-                cfg.kv_lora_rank,
-                1e-6,
-            ),
+            q_b_proj: Linear::load(l, &format!("{p}.q_b_proj"), nh * cfg.qk_head_dim(), cfg.q_lora_rank, false),
+            kv_a_proj_with_mqa: Linear::load(l, &format!("{p}.kv_a_proj_with_mqa"), cfg.kv_a_dim(), h, bias),
+            kv_a_layernorm: RmsNorm::load(l, &format!("{p}.kv_a_layernorm"), cfg.kv_lora_rank, 1e-6),
             kv_b_proj: Linear::load(
                 l,
                 &format!("{p}.kv_b_proj"),
@@ -95,52 +78,31 @@ impl Attention {
         // Query: low-rank path, then RoPE on the last `rope` dims of every head.
         let q_latent = self.q_a_layernorm.forward(&self.q_a_proj.forward(x)?)?; // [B, S, q_lora_rank]
         emit(obs, hook(LayerHook::QLatent), || Ok(q_latent.clone()))?;
-        let mut q = self
-            .q_b_proj
-            .forward(&q_latent)?
-            .flatten_all()?
-            .to_vec1::<f32>()?; // [B, S, nh, qk]
+        let mut q = self.q_b_proj.forward(&q_latent)?.flatten_all()?.to_vec1::<f32>()?; // [B, S, nh, qk]
         rope.apply(&mut q, s, nh, qk, nope);
-        let q = Tensor::from_vec(q, (b, s, nh, qk), &Device::Cpu)?
-            .transpose(1, 2)?
-            .contiguous()?; // [B, nh, S, qk]
+        let q = Tensor::from_vec(q, (b, s, nh, qk), &Device::Cpu)?.transpose(1, 2)?.contiguous()?; // [B, nh, S, qk]
 
         // KV: one latent and one shared rope key per token.
         let ckv = self.kv_a_proj_with_mqa.forward(x)?; // [B, S, kv_lora_rank + rope]
-        let kv_latent =
-            self.kv_a_layernorm
-                .forward(&ckv.narrow(D::Minus1, 0, self.kv_lora_rank)?)?; // [B, S, kv_lora_rank]
+        let kv_latent = self.kv_a_layernorm.forward(&ckv.narrow(D::Minus1, 0, self.kv_lora_rank)?)?; // [B, S, kv_lora_rank]
         emit(obs, hook(LayerHook::KvLatent), || Ok(kv_latent.clone()))?;
-        let mut k_rope = ckv
-            .narrow(D::Minus1, self.kv_lora_rank, rd)?
-            .contiguous()?
-            .flatten_all()?
-            .to_vec1::<f32>()?; // [B, S, rope]
+        let mut k_rope = ckv.narrow(D::Minus1, self.kv_lora_rank, rd)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?; // [B, S, rope]
         rope.apply(&mut k_rope, s, 1, rd, 0);
         let k_rope = Tensor::from_vec(k_rope, (b, 1, s, rd), &Device::Cpu)?; // [B, 1, S, rope]
 
         // Expand the latent into per-head keys and values.
-        let kv = self
-            .kv_b_proj
-            .forward(&kv_latent)?
-            .reshape((b, s, nh, nope + vd))?
-            .transpose(1, 2)?; // [B, nh, S, nope + v]
+        let kv = self.kv_b_proj.forward(&kv_latent)?.reshape((b, s, nh, nope + vd))?.transpose(1, 2)?; // [B, nh, S, nope + v]
         let k_nope = kv.narrow(D::Minus1, 0, nope)?; // [B, nh, S, nope]
         let v = kv.narrow(D::Minus1, nope, vd)?.contiguous()?; // [B, nh, S, v]
         let k = Tensor::cat(&[&k_nope, &k_rope.broadcast_as((b, nh, s, rd))?], D::Minus1)?; // [B, nh, S, qk]
 
         // DSA: this layer's selection (or the shared one), then attention over it only.
         self.indexer.select(x, &q_latent, rope, sel)?;
-        let selection = sel
-            .as_ref()
-            .ok_or_else(|| crate::error::Error::Usage("no DSA selection".into()))?;
+        let selection = sel.as_ref().ok_or_else(|| crate::error::Error::Usage("no DSA selection".into()))?;
         emit(obs, hook(LayerHook::DsaTopk), || selection.to_tensor())?;
         let scores = (q.matmul(&k.t()?.contiguous()?)? * self.scale)?; // [B, nh, S, S]
         let probs = softmax_last(&scores.broadcast_add(&selection.mask()?)?)?; // [B, nh, S, S]
-        let o = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, s, nh * vd))?; // [B, S, nh * v]
+        let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, nh * vd))?; // [B, S, nh * v]
         let out = self.o_proj.forward(&o)?; // [B, S, hidden]
         emit(obs, hook(LayerHook::AttnOut), || Ok(out.clone()))?;
         Ok(out)

@@ -41,10 +41,7 @@ pub struct Tokens {
 impl Tokens {
     pub fn new(batch: usize, seq: usize, ids: Vec<u32>) -> Result<Self> {
         if batch == 0 || seq == 0 || ids.len() != batch * seq {
-            return Err(Error::Usage(format!(
-                "need batch x seq = {batch} x {seq} token ids, got {}",
-                ids.len()
-            )));
+            return Err(Error::Usage(format!("need batch x seq = {batch} x {seq} token ids, got {}", ids.len())));
         }
         Ok(Tokens { batch, seq, ids })
     }
@@ -58,23 +55,10 @@ impl Model {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let mut l = Loader::new(ckpt);
         let embed_tokens = l.get("model.embed_tokens.weight", &[v, h]);
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(&mut l, &cfg, i))
-            .collect();
+        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(&mut l, &cfg, i)).collect();
         let norm = RmsNorm::load(&mut l, "model.norm", h, cfg.rms_norm_eps);
-        let lm_head = if cfg.tie_word_embeddings {
-            embed_tokens.clone()
-        } else {
-            l.get("lm_head.weight", &[v, h])
-        };
-        let model = Model {
-            rotary: RotaryEmbedding::new(&cfg),
-            config: cfg,
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-        };
+        let lm_head = if cfg.tie_word_embeddings { embed_tokens.clone() } else { l.get("lm_head.weight", &[v, h]) };
+        let model = Model { rotary: RotaryEmbedding::new(&cfg), config: cfg, embed_tokens, layers, norm, lm_head };
         l.finish(model)
     }
 
@@ -86,24 +70,15 @@ impl Model {
     pub fn embed(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
         let vocab = self.config.vocab_size;
         if let Some(bad) = tokens.ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::Usage(format!(
-                "token id {bad} is out of range for vocab_size {vocab}"
-            )));
+            return Err(Error::Usage(format!("token id {bad} is out of range for vocab_size {vocab}")));
         }
         emit(obs, HookPoint::InputIds, || {
             let ids: Vec<i64> = tokens.ids.iter().map(|&t| t as i64).collect();
-            Ok(Tensor::from_vec(
-                ids,
-                (tokens.batch, tokens.seq),
-                &Device::Cpu,
-            )?)
+            Ok(Tensor::from_vec(ids, (tokens.batch, tokens.seq), &Device::Cpu)?)
         })?;
         let ids = Tensor::from_vec(tokens.ids.clone(), tokens.ids.len(), &Device::Cpu)?;
-        let h = self.embed_tokens.index_select(&ids, 0)?.reshape((
-            tokens.batch,
-            tokens.seq,
-            self.config.hidden_size,
-        ))?;
+        let h =
+            self.embed_tokens.index_select(&ids, 0)?.reshape((tokens.batch, tokens.seq, self.config.hidden_size))?;
         emit(obs, HookPoint::Embeddings, || Ok(h.clone()))?;
         Ok(h)
     }
@@ -113,10 +88,7 @@ impl Model {
         let x = self.norm.forward(h)?;
         emit(obs, HookPoint::FinalNorm, || Ok(x.clone()))?;
         let (b, s, hidden) = x.dims3()?;
-        let logits = x
-            .reshape((b * s, hidden))?
-            .matmul(&self.lm_head.t()?)?
-            .reshape((b, s, self.config.vocab_size))?;
+        let logits = x.reshape((b * s, hidden))?.matmul(&self.lm_head.t()?)?.reshape((b, s, self.config.vocab_size))?;
         emit(obs, HookPoint::Logits, || Ok(logits.clone()))?;
         Ok(logits)
     }

@@ -64,10 +64,7 @@ pub fn route(rc: &RouterConfig, logits: &[f32], bias: &[f32]) -> Route {
             top.sort_by(|a, b| b.total_cmp(a));
             top[0] + top[1]
         };
-        let kept = top_indices(
-            &(0..rc.n_group).map(group_score).collect::<Vec<_>>(),
-            rc.topk_group,
-        );
+        let kept = top_indices(&(0..rc.n_group).map(group_score).collect::<Vec<_>>(), rc.topk_group);
         for g in (0..rc.n_group).filter(|g| !kept.contains(g)) {
             choice[g * per..(g + 1) * per].fill(f32::NEG_INFINITY);
         }
@@ -78,9 +75,7 @@ pub fn route(rc: &RouterConfig, logits: &[f32], bias: &[f32]) -> Route {
         let denom = weights.iter().sum::<f32>() + 1e-20;
         weights.iter_mut().for_each(|w| *w /= denom);
     }
-    weights
-        .iter_mut()
-        .for_each(|w| *w *= rc.routed_scaling_factor);
+    weights.iter_mut().for_each(|w| *w *= rc.routed_scaling_factor);
     Route { ids, weights }
 }
 
@@ -95,31 +90,20 @@ pub fn top_indices(v: &[f32], k: usize) -> Vec<usize> {
 impl Moe {
     pub fn load(l: &mut Loader, cfg: &Config, layer: usize) -> Self {
         let p = format!("model.layers.{layer}.mlp");
-        let (h, e, inter) = (
-            cfg.hidden_size,
-            cfg.n_routed_experts,
-            cfg.moe_intermediate_size,
-        );
+        let (h, e, inter) = (cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size);
         let gate = l.get(&format!("{p}.gate.weight"), &[e, h]);
         let bias = l.get(&format!("{p}.gate.e_score_correction_bias"), &[e]);
         let bias = bias.to_vec1::<f32>().unwrap_or_default();
         let experts = if l.has(&format!("{p}.experts.gate_up_proj")) {
             load_fused_experts(l, &p, e, h, inter)
         } else {
-            (0..e)
-                .map(|j| Mlp::load(l, &format!("{p}.experts.{j}"), h, inter))
-                .collect()
+            (0..e).map(|j| Mlp::load(l, &format!("{p}.experts.{j}"), h, inter)).collect()
         };
         Moe {
             gate,
             e_score_correction_bias: bias,
             experts,
-            shared_experts: Mlp::load(
-                l,
-                &format!("{p}.shared_experts"),
-                h,
-                cfg.shared_intermediate_size(),
-            ),
+            shared_experts: Mlp::load(l, &format!("{p}.shared_experts"), h, cfg.shared_intermediate_size()),
             router: RouterConfig::new(cfg),
         }
     }
@@ -131,29 +115,17 @@ impl Moe {
         let flat = x.reshape(((), hidden))?; // [N, hidden]
         let n = flat.dims()[0];
         let logits = flat.matmul(&self.gate.t()?)?; // [N, E], f32
-        emit(
-            obs,
-            HookPoint::Layer(layer, LayerHook::RouterLogits),
-            || Ok(logits.clone()),
-        )?;
+        emit(obs, HookPoint::Layer(layer, LayerHook::RouterLogits), || Ok(logits.clone()))?;
         let logits_v = logits.to_vec2::<f32>()?;
-        let routes: Vec<Route> = logits_v
-            .iter()
-            .map(|row| route(&self.router, row, &self.e_score_correction_bias))
-            .collect();
+        let routes: Vec<Route> =
+            logits_v.iter().map(|row| route(&self.router, row, &self.e_score_correction_bias)).collect();
         let k = self.router.top_k;
         emit(obs, HookPoint::Layer(layer, LayerHook::TopkIds), || {
-            let ids: Vec<i64> = routes
-                .iter()
-                .flat_map(|r| r.ids.iter().map(|&i| i as i64))
-                .collect();
+            let ids: Vec<i64> = routes.iter().flat_map(|r| r.ids.iter().map(|&i| i as i64)).collect();
             Ok(Tensor::from_vec(ids, (n, k), &Device::Cpu)?)
         })?;
         emit(obs, HookPoint::Layer(layer, LayerHook::TopkWeights), || {
-            let w: Vec<f32> = routes
-                .iter()
-                .flat_map(|r| r.weights.iter().copied())
-                .collect();
+            let w: Vec<f32> = routes.iter().flat_map(|r| r.weights.iter().copied()).collect();
             Ok(Tensor::from_vec(w, (n, k), &Device::Cpu)?)
         })?;
 
@@ -175,9 +147,7 @@ impl Moe {
             let m = tokens[j].len();
             let idx = Tensor::from_vec(tokens[j].clone(), m, &Device::Cpu)?;
             let w = Tensor::from_vec(token_w[j].clone(), (m, 1), &Device::Cpu)?;
-            let y = expert
-                .forward(&flat.index_select(&idx, 0)?)?
-                .broadcast_mul(&w)?; // [m, hidden]
+            let y = expert.forward(&flat.index_select(&idx, 0)?)?.broadcast_mul(&w)?; // [m, hidden]
             out = out.index_add(&idx, &y, 0)?;
         }
         let out = (out.reshape(dims)? + self.shared_experts.forward(x)?)?;
@@ -189,12 +159,7 @@ impl Moe {
 fn load_fused_experts(l: &mut Loader, p: &str, e: usize, h: usize, inter: usize) -> Vec<Mlp> {
     let gate_up = l.get(&format!("{p}.experts.gate_up_proj"), &[e, 2 * inter, h]);
     let down = l.get(&format!("{p}.experts.down_proj"), &[e, h, inter]);
-    let linear = |t: Tensor| -> candle_core::Result<Linear> {
-        Ok(Linear {
-            weight: t.contiguous()?,
-            bias: None,
-        })
-    };
+    let linear = |t: Tensor| -> candle_core::Result<Linear> { Ok(Linear { weight: t.contiguous()?, bias: None }) };
     let expert = |j: usize| -> candle_core::Result<Mlp> {
         let gu = gate_up.get(j)?; // [2I, H]
         Ok(Mlp {
@@ -204,10 +169,7 @@ fn load_fused_experts(l: &mut Loader, p: &str, e: usize, h: usize, inter: usize)
         })
     };
     // Only fails on the empty placeholders of a shape problem the loader has already recorded.
-    (0..e)
-        .map(expert)
-        .collect::<candle_core::Result<Vec<_>>>()
-        .unwrap_or_default()
+    (0..e).map(expert).collect::<candle_core::Result<Vec<_>>>().unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -215,13 +177,7 @@ mod tests {
     use super::*;
 
     fn rc(top_k: usize, n_group: usize, topk_group: usize) -> RouterConfig {
-        RouterConfig {
-            top_k,
-            n_group,
-            topk_group,
-            norm_topk_prob: true,
-            routed_scaling_factor: 2.5,
-        }
+        RouterConfig { top_k, n_group, topk_group, norm_topk_prob: true, routed_scaling_factor: 2.5 }
     }
     fn logit(p: f32) -> f32 {
         (p / (1.0 - p)).ln()

@@ -48,10 +48,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(l: &mut Loader, prefix: &str, dim: usize, eps: f64) -> Self {
-        RmsNorm {
-            weight: l.get(&format!("{prefix}.weight"), &[dim]),
-            eps,
-        }
+        RmsNorm { weight: l.get(&format!("{prefix}.weight"), &[dim]), eps }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

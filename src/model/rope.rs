@@ -25,35 +25,21 @@ impl RotaryEmbedding {
         let exponents: Vec<f32> = (0..dim).step_by(2).map(|i| i as f32 / dim as f32).collect();
         match &cfg.rope {
             Rope::Default { theta } => RotaryEmbedding {
-                inv_freq: exponents
-                    .iter()
-                    .map(|e| 1.0 / (*theta as f32).powf(*e))
-                    .collect(),
+                inv_freq: exponents.iter().map(|e| 1.0 / (*theta as f32).powf(*e)).collect(),
                 attention_scaling: 1.0,
             },
             Rope::Yarn(y) => {
-                let pos_freqs: Vec<f32> = exponents
-                    .iter()
-                    .map(|e| (y.theta as f32).powf(*e))
-                    .collect();
-                let attention_factor =
-                    y.attention_factor
-                        .unwrap_or_else(|| match (y.mscale, y.mscale_all_dim) {
-                            (Some(m), Some(a)) if m != 0.0 && a != 0.0 => {
-                                yarn_mscale(y.factor, m) / yarn_mscale(y.factor, a)
-                            }
-                            _ => yarn_mscale(y.factor, 1.0),
-                        });
+                let pos_freqs: Vec<f32> = exponents.iter().map(|e| (y.theta as f32).powf(*e)).collect();
+                let attention_factor = y.attention_factor.unwrap_or_else(|| match (y.mscale, y.mscale_all_dim) {
+                    (Some(m), Some(a)) if m != 0.0 && a != 0.0 => yarn_mscale(y.factor, m) / yarn_mscale(y.factor, a),
+                    _ => yarn_mscale(y.factor, 1.0),
+                });
                 // `find_correction_range`: the dims whose wavelength lies between beta_fast and beta_slow rotations.
                 let correction_dim = |rotations: f64| {
-                    dim as f64
-                        * (y.original_max_position_embeddings
-                            / (rotations * 2.0 * std::f64::consts::PI))
-                            .ln()
+                    dim as f64 * (y.original_max_position_embeddings / (rotations * 2.0 * std::f64::consts::PI)).ln()
                         / (2.0 * y.theta.ln())
                 };
-                let (mut low, mut high) =
-                    (correction_dim(y.beta_fast), correction_dim(y.beta_slow));
+                let (mut low, mut high) = (correction_dim(y.beta_fast), correction_dim(y.beta_slow));
                 if y.truncate {
                     low = low.floor();
                     high = high.ceil();
@@ -71,14 +57,10 @@ impl RotaryEmbedding {
                         let extrapolation_factor = 1.0 - ramp;
                         let extrapolation = 1.0 / pf;
                         let interpolation = 1.0 / (y.factor as f32 * pf);
-                        interpolation * (1.0 - extrapolation_factor)
-                            + extrapolation * extrapolation_factor
+                        interpolation * (1.0 - extrapolation_factor) + extrapolation * extrapolation_factor
                     })
                     .collect();
-                RotaryEmbedding {
-                    inv_freq,
-                    attention_scaling: attention_factor as f32,
-                }
+                RotaryEmbedding { inv_freq, attention_scaling: attention_factor as f32 }
             }
         }
     }
@@ -106,10 +88,7 @@ impl RopeTables {
         let mut buf = vec![0f32; 2 * half];
         for (r, row) in x.chunks_exact_mut(width).enumerate() {
             let s = (r / heads) % seq;
-            let (cos, sin) = (
-                &self.cos[s * half..(s + 1) * half],
-                &self.sin[s * half..(s + 1) * half],
-            );
+            let (cos, sin) = (&self.cos[s * half..(s + 1) * half], &self.sin[s * half..(s + 1) * half]);
             let v = &mut row[start..start + 2 * half];
             for j in 0..half {
                 let (a, b) = (v[2 * j], v[2 * j + 1]);
@@ -126,15 +105,8 @@ mod tests {
     use super::*;
 
     fn tables(theta: f32, dim: usize, positions: &[usize]) -> RopeTables {
-        let inv_freq = (0..dim)
-            .step_by(2)
-            .map(|i| 1.0 / theta.powf(i as f32 / dim as f32))
-            .collect();
-        RotaryEmbedding {
-            inv_freq,
-            attention_scaling: 1.0,
-        }
-        .tables(positions)
+        let inv_freq = (0..dim).step_by(2).map(|i| 1.0 / theta.powf(i as f32 / dim as f32)).collect();
+        RotaryEmbedding { inv_freq, attention_scaling: 1.0 }.tables(positions)
     }
 
     /// Interleaved RoPE by hand: position 3, dim 4, theta 100 -> frequencies 1 and 0.1; the pair
@@ -146,12 +118,7 @@ mod tests {
         x[12..16].copy_from_slice(&[1.0, 2.0, 3.0, 4.0]);
         t.apply(&mut x, 4, 1, 4, 0);
         let (c1, s1, c2, s2) = (3f32.cos(), 3f32.sin(), 0.3f32.cos(), 0.3f32.sin());
-        let want = [
-            1.0 * c1 - 2.0 * s1,
-            3.0 * c2 - 4.0 * s2,
-            2.0 * c1 + 1.0 * s1,
-            4.0 * c2 + 3.0 * s2,
-        ];
+        let want = [1.0 * c1 - 2.0 * s1, 3.0 * c2 - 4.0 * s2, 2.0 * c1 + 1.0 * s1, 4.0 * c2 + 3.0 * s2];
         for (g, w) in x[12..16].iter().zip(want) {
             approx::assert_abs_diff_eq!(*g, w, epsilon = 1e-5);
         }
@@ -172,10 +139,6 @@ mod tests {
             assert_eq!(x[r * 5..r * 5 + 3], before[r * 5..r * 5 + 3]);
         }
         let (a, b) = (before[2 * 5 + 3], before[2 * 5 + 4]);
-        approx::assert_abs_diff_eq!(
-            x[2 * 5 + 3],
-            a * 5f32.cos() - b * 5f32.sin(),
-            epsilon = 1e-4
-        );
+        approx::assert_abs_diff_eq!(x[2 * 5 + 3], a * 5f32.cos() - b * 5f32.sin(), epsilon = 1e-4);
     }
 }

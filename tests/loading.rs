@@ -1,0 +1,172 @@
+//! Checkpoint loading: the same weights stored single-file or sharded, per-expert or fused, give
+//! the same model; FP8 checkpoints load; a checkpoint that does not fit its config is refused with
+//! every problem named.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use glimpse::checkpoint::Checkpoint;
+use glimpse::hooks::NoObserver;
+use glimpse::model::{Model, Tokens};
+use glimpse::st::{self, Entry, StFile};
+use glimpse::synth::{synth, SynthDtype, SynthOptions};
+use serde_json::json;
+
+fn tiny_config() -> serde_json::Value {
+    json!({
+        "model_type": "glm_moe_dsa", "vocab_size": 40, "hidden_size": 32, "intermediate_size": 40,
+        "moe_intermediate_size": 16, "num_hidden_layers": 3, "num_attention_heads": 2,
+        "n_routed_experts": 6, "num_experts_per_tok": 2, "q_lora_rank": 24, "kv_lora_rank": 16,
+        "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "first_k_dense_replace": 1,
+        "index_topk": 3, "index_head_dim": 8, "index_n_heads": 4,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}
+    })
+}
+
+fn write_synth(dir: &Path, dtype: SynthDtype, shards: usize) {
+    let o = SynthOptions {
+        config: tiny_config(),
+        layers: None,
+        experts: None,
+        vocab: None,
+        dtype,
+        shards,
+        mtp: true,
+        seed: 7,
+        out: dir.to_path_buf(),
+    };
+    synth(&o).unwrap();
+}
+
+fn logits(dir: &Path) -> Vec<f32> {
+    let ckpt = Checkpoint::open(dir).unwrap();
+    let model = Model::load(&ckpt).unwrap();
+    let tokens = Tokens::new(2, 6, vec![1, 5, 9, 13, 17, 21, 2, 4, 6, 8, 10, 12]).unwrap();
+    model.forward(&tokens, &mut NoObserver).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn sharded_and_single_file_load_the_same_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, three) = (tmp.path().join("one"), tmp.path().join("three"));
+    write_synth(&one, SynthDtype::F32, 1);
+    write_synth(&three, SynthDtype::F32, 3);
+    assert!(three.join("model.safetensors.index.json").is_file());
+    assert_eq!(Checkpoint::open(&three).unwrap().files.len(), 3);
+    assert_eq!(logits(&one), logits(&three));
+}
+
+/// Rewrites a per-expert checkpoint into transformers' fused layout
+/// (`experts.gate_up_proj` [E, 2I, H] gate rows first, `experts.down_proj` [E, H, I]).
+fn fuse_experts(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    std::fs::copy(src.join("config.json"), dst.join("config.json")).unwrap();
+    let file = StFile::open(&src.join("model.safetensors")).unwrap();
+    let mut fused: BTreeMap<String, (Vec<f32>, Vec<f32>, usize)> = BTreeMap::new(); // prefix -> (gate_up, down, E)
+    let mut out: Vec<(String, Entry)> = Vec::new();
+    let mut names: Vec<String> = file.names().map(String::from).collect();
+    // Expert order matters when concatenating: sort by layer prefix, then numerically by expert.
+    names.sort_by_key(|n| {
+        let parts: Vec<&str> = n.split('.').collect();
+        let e = parts.iter().position(|p| *p == "experts").and_then(|i| parts[i + 1].parse::<usize>().ok());
+        (parts[..parts.len().min(4)].join("."), e.unwrap_or(usize::MAX), n.clone())
+    });
+    for name in &names {
+        let (data, shape) = file.f32(name).unwrap();
+        let Some((prefix, rest)) = name.split_once(".experts.") else {
+            out.push((name.clone(), Entry::f32(shape, &data)));
+            continue;
+        };
+        let entry = fused.entry(prefix.to_string()).or_default();
+        let (_, proj) = rest.split_once('.').unwrap();
+        match proj {
+            "gate_proj.weight" => {
+                entry.0.extend(&data);
+                entry.2 += 1;
+            }
+            "up_proj.weight" => entry.0.extend(&data),
+            "down_proj.weight" => entry.1.extend(&data),
+            _ => unreachable!(),
+        }
+    }
+    for (prefix, (gate_up, down, e)) in fused {
+        let (h, i) = (32, 16);
+        // Per expert the rows came as gate then up: exactly [2I, H] per expert.
+        out.push((format!("{prefix}.experts.gate_up_proj"), Entry::f32(vec![e, 2 * i, h], &gate_up)));
+        out.push((format!("{prefix}.experts.down_proj"), Entry::f32(vec![e, h, i], &down)));
+    }
+    st::write(&dst.join("model.safetensors"), &out, &BTreeMap::new()).unwrap();
+}
+
+#[test]
+fn fused_and_per_expert_experts_load_the_same_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (per_expert, fused) = (tmp.path().join("per"), tmp.path().join("fused"));
+    write_synth(&per_expert, SynthDtype::F32, 1);
+    fuse_experts(&per_expert, &fused);
+    let ckpt = Checkpoint::open(&fused).unwrap();
+    assert!(ckpt.contains("model.layers.1.mlp.experts.gate_up_proj"));
+    assert!(!ckpt.contains("model.layers.1.mlp.experts.0.gate_proj.weight"));
+    assert_eq!(logits(&per_expert), logits(&fused));
+}
+
+#[test]
+fn fp8_and_bf16_checkpoints_load_and_stay_close_to_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (f32_dir, bf16_dir, fp8_dir) = (tmp.path().join("f32"), tmp.path().join("bf16"), tmp.path().join("fp8"));
+    write_synth(&f32_dir, SynthDtype::F32, 1);
+    write_synth(&bf16_dir, SynthDtype::Bf16, 1);
+    write_synth(&fp8_dir, SynthDtype::Fp8, 2);
+    let ckpt = Checkpoint::open(&fp8_dir).unwrap();
+    assert_eq!(ckpt.dtype("model.layers.0.self_attn.q_a_proj.weight"), Some(safetensors::Dtype::F8_E4M3));
+    assert!(ckpt.contains("model.layers.0.self_attn.q_a_proj.weight_scale_inv"));
+    // Same random weights, rounded: the models agree roughly, not exactly.
+    let (a, b, c) = (logits(&f32_dir), logits(&bf16_dir), logits(&fp8_dir));
+    let rel = |x: &[f32], y: &[f32]| {
+        let num: f32 = x.iter().zip(y).map(|(p, q)| (p - q) * (p - q)).sum();
+        let den: f32 = x.iter().map(|p| p * p).sum();
+        (num / den).sqrt()
+    };
+    assert!(rel(&a, &b) < 0.05, "bf16 vs f32: {}", rel(&a, &b));
+    assert!(rel(&a, &c) < 0.3, "fp8 vs f32: {}", rel(&a, &c));
+    assert!(rel(&a, &c) > 0.0);
+}
+
+#[test]
+fn missing_and_misshapen_tensors_are_all_listed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    write_synth(&src, SynthDtype::F32, 1);
+    std::fs::create_dir_all(&dst).unwrap();
+    std::fs::copy(src.join("config.json"), dst.join("config.json")).unwrap();
+    let file = StFile::open(&src.join("model.safetensors")).unwrap();
+    let mut out = Vec::new();
+    for name in file.names() {
+        let (data, shape) = file.f32(name).unwrap();
+        match name {
+            "model.layers.0.self_attn.o_proj.weight" | "model.norm.weight" => continue,
+            "model.layers.2.mlp.gate.weight" => {
+                out.push((name.to_string(), Entry::f32(vec![shape[1], shape[0]], &data)))
+            }
+            _ => out.push((name.to_string(), Entry::f32(shape, &data))),
+        }
+    }
+    st::write(&dst.join("model.safetensors"), &out, &BTreeMap::new()).unwrap();
+    let ckpt = Checkpoint::open(&dst).unwrap();
+    let err = Model::load(&ckpt).err().expect("load must fail").to_string();
+    assert!(err.contains("3 weight problem(s)"), "{err}");
+    assert!(err.contains("missing `model.layers.0.self_attn.o_proj.weight` (expected shape [32, 16])"), "{err}");
+    assert!(err.contains("missing `model.norm.weight`"), "{err}");
+    assert!(err.contains("`model.layers.2.mlp.gate.weight` has shape [32, 6], expected [6, 32]"), "{err}");
+}
+
+#[test]
+fn the_mtp_layer_is_recognised_not_loaded() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_synth(tmp.path(), SynthDtype::F32, 1);
+    let ckpt = Checkpoint::open(tmp.path()).unwrap();
+    let mtp = ckpt.mtp_names();
+    assert!(mtp.contains(&"model.layers.3.eh_proj.weight"), "{mtp:?}");
+    assert!(mtp.iter().all(|n| n.starts_with("model.layers.3.")));
+    Model::load(&ckpt).unwrap();
+}
