@@ -1,0 +1,150 @@
+//! The `glimpse` binary end to end: exit codes (0 match, 1 mismatch, 2 error), one-line errors that
+//! name the problem, and no panics on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn glimpse(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_glimpse")).args(args).output().expect("the binary runs")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+/// Exit code 2, exactly one line on stderr containing `needle`, no panic.
+fn assert_error(o: &Output, needle: &str) {
+    let (out, err) = text(o);
+    assert_eq!(o.status.code(), Some(2), "stdout: {out}\nstderr: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line expected: {err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+}
+
+const CONFIG: &str = r#"{
+  "model_type": "glm_moe_dsa", "vocab_size": 40, "hidden_size": 32, "intermediate_size": 40,
+  "moe_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+  "n_routed_experts": 4, "num_experts_per_tok": 2, "q_lora_rank": 24, "kv_lora_rank": 16,
+  "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "first_k_dense_replace": 1,
+  "index_topk": 3, "index_head_dim": 8, "index_n_heads": 4
+}"#;
+
+/// A tiny synthetic checkpoint written by the binary itself.
+fn synth(dir: &Path, seed: u64) -> PathBuf {
+    let cfg = dir.join("tiny.json");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let out = dir.join(format!("model-{seed}"));
+    let seed = seed.to_string();
+    let o = glimpse(&[
+        "synth",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--dtype",
+        "f32",
+        "--seed",
+        &seed,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    out
+}
+
+fn with_config(dir: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let src = synth(dir, 1);
+    let dst = dir.join(name);
+    std::fs::create_dir_all(&dst).unwrap();
+    std::fs::copy(src.join("model.safetensors"), dst.join("model.safetensors")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(CONFIG).unwrap();
+    edit(&mut v);
+    std::fs::write(dst.join("config.json"), v.to_string()).unwrap();
+    dst
+}
+
+#[test]
+fn verify_of_its_own_dump_matches_and_of_another_model_does_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (synth(tmp.path(), 1), synth(tmp.path(), 2));
+    let dump = tmp.path().join("a.safetensors");
+    let o = glimpse(&[
+        "run",
+        "--model",
+        a.to_str().unwrap(),
+        "--tokens",
+        "1,2,3,4,5;6,7,8,9,10",
+        "--dump",
+        dump.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    let o = glimpse(&["verify", "--model", a.to_str().unwrap(), "--golden", dump.to_str().unwrap()]);
+    let (out, _) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("layers.1.moe.topk_ids"), "{out}");
+    let o = glimpse(&["verify", "--model", b.to_str().unwrap(), "--golden", dump.to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("first mismatch: embeddings"), "{out}");
+    assert!(err.contains("different config.json") || err.is_empty(), "{err}");
+}
+
+#[test]
+fn bad_input_is_a_one_line_error_with_exit_code_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let good = synth(t, 1);
+    let good_s = good.to_str().unwrap();
+
+    assert_error(&glimpse(&["verify", "--model", "/no/such/dir"]), "not a directory");
+    assert_error(&glimpse(&["inspect", "--model", t.to_str().unwrap()]), "config.json");
+
+    let bad_json = t.join("bad-json");
+    std::fs::create_dir_all(&bad_json).unwrap();
+    std::fs::write(bad_json.join("config.json"), "{ not json").unwrap();
+    assert_error(&glimpse(&["inspect", "--model", bad_json.to_str().unwrap()]), "invalid JSON");
+
+    let groups = with_config(t, "groups", |v| v["n_group"] = 3.into());
+    assert_error(&glimpse(&["inspect", "--model", groups.to_str().unwrap()]), "`n_group`");
+    let rope =
+        with_config(t, "rope", |v| v["rope_parameters"] = serde_json::json!({"rope_type": "linear", "factor": 2.0}));
+    assert_error(&glimpse(&["inspect", "--model", rope.to_str().unwrap()]), "rope_parameters.rope_type");
+    let shared0 = with_config(t, "shared0", |v| v["indexer_types"] = serde_json::json!(["shared", "full"]));
+    assert_error(&glimpse(&["inspect", "--model", shared0.to_str().unwrap()]), "indexer_types");
+    let act = with_config(t, "act", |v| v["hidden_act"] = "gelu".into());
+    assert_error(&glimpse(&["inspect", "--model", act.to_str().unwrap()]), "hidden_act");
+    let wide = with_config(t, "wide", |v| v["hidden_size"] = 48.into());
+    assert_error(&glimpse(&["run", "--model", wide.to_str().unwrap(), "--tokens", "1,2"]), "weight problem(s)");
+
+    let no_weights = t.join("no-weights");
+    std::fs::create_dir_all(&no_weights).unwrap();
+    std::fs::copy(good.join("config.json"), no_weights.join("config.json")).unwrap();
+    assert_error(&glimpse(&["inspect", "--model", no_weights.to_str().unwrap()]), "no model.safetensors");
+
+    let escape = t.join("escape");
+    std::fs::create_dir_all(&escape).unwrap();
+    std::fs::copy(good.join("config.json"), escape.join("config.json")).unwrap();
+    std::fs::write(
+        escape.join("model.safetensors.index.json"),
+        r#"{"weight_map": {"lm_head.weight": "../model.safetensors"}}"#,
+    )
+    .unwrap();
+    assert_error(&glimpse(&["inspect", "--model", escape.to_str().unwrap()]), "escapes the model folder");
+
+    let garbage = t.join("garbage.safetensors");
+    std::fs::write(&garbage, b"\x10\0\0\0\0\0\0\0{not a header}").unwrap();
+    assert_error(
+        &glimpse(&["verify", "--model", good_s, "--golden", garbage.to_str().unwrap()]),
+        "garbage.safetensors",
+    );
+
+    // A valid safetensors file that is not a dump.
+    let not_dump = good.join("model.safetensors");
+    assert_error(&glimpse(&["verify", "--model", good_s, "--golden", not_dump.to_str().unwrap()]), "glm5-dump/1");
+
+    assert_error(&glimpse(&["run", "--model", good_s, "--tokens", "1,x"]), "\"x\" is not a token id");
+    assert_error(&glimpse(&["run", "--model", good_s, "--tokens", "1,2;3"]), "same length");
+    assert_error(&glimpse(&["run", "--model", good_s, "--tokens", "1,40"]), "out of range for vocab_size 40");
+    assert_error(
+        &glimpse(&["synth", "--preset", "glm5", "--shards", "0", "--out", t.join("s").to_str().unwrap()]),
+        "--shards",
+    );
+}

@@ -1,0 +1,68 @@
+//! Every committed golden case (`golden/<case>/`, written by `golden/generate.py` from the
+//! transformers reference) must match at the spec's default tolerance, both as a whole forward
+//! pass and with every layer fed the reference's own input. Like llm.c's `test_gpt2.c`, the
+//! per-tensor max differences are printed (`cargo test -- --nocapture`).
+
+use std::path::{Path, PathBuf};
+
+use glimpse::checkpoint::Checkpoint;
+use glimpse::compare::Tolerance;
+use glimpse::dump::Dump;
+use glimpse::model::Model;
+use glimpse::verify::{format_line, verify};
+
+fn cases() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden");
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&root)
+        .expect("golden/ exists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("reference.safetensors").is_file())
+        .collect();
+    cases.sort();
+    cases
+}
+
+fn check(case: &Path, isolate: bool) {
+    let ckpt = Checkpoint::open(case).unwrap_or_else(|e| panic!("{}: {e}", case.display()));
+    let model = Model::load(&ckpt).unwrap_or_else(|e| panic!("{}: {e}", case.display()));
+    let golden = Dump::open(&case.join("reference.safetensors")).unwrap();
+    let report = verify(&model, &golden, Tolerance::default(), isolate).unwrap();
+    println!("== {} (isolate: {isolate})", case.display());
+    for c in &report.results {
+        println!("{}", format_line(c));
+    }
+    let bad: Vec<String> = report.results.iter().filter(|c| !c.ok).map(format_line).collect();
+    assert!(bad.is_empty(), "{}: {} mismatches:\n{}", case.display(), bad.len(), bad.join("\n"));
+    assert!(report.only_in_reference.is_empty(), "not produced: {:?}", report.only_in_reference);
+    // Every hook point of every layer was compared.
+    let layers = ckpt.config.num_hidden_layers;
+    for i in 0..layers {
+        for suffix in ["input_norm", "attn.q_latent", "attn.kv_latent", "dsa.topk", "attn.out", "mlp.out", "output"] {
+            let name = format!("layers.{i}.{suffix}");
+            assert!(report.results.iter().any(|c| c.name == name), "{} has no {name}", case.display());
+        }
+    }
+    assert!(report.results.iter().any(|c| c.name == "logits"));
+}
+
+#[test]
+fn golden_cases_exist() {
+    let names: Vec<String> = cases().iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    for want in ["flat", "grouped-shared-yarn", "fp8-sharded", "bf16-fused"] {
+        assert!(names.iter().any(|n| n == want), "golden/{want} missing (have {names:?})");
+    }
+}
+
+#[test]
+fn every_golden_case_matches() {
+    for case in cases() {
+        check(&case, false);
+    }
+}
+
+#[test]
+fn every_golden_case_matches_with_isolated_layers() {
+    for case in cases() {
+        check(&case, true);
+    }
+}
