@@ -98,6 +98,13 @@ pub fn describe(ckpt: &Checkpoint) -> Result<String> {
         }
     );
 
+    if let Ok(raw) = serde_json::from_slice::<serde_json::Value>(&ckpt.config_bytes) {
+        let unread = crate::config::Config::unread_keys(&raw);
+        if !unread.is_empty() {
+            let _ = writeln!(w, "  config keys glimpse does not read: {}", unread.join(", "));
+        }
+    }
+
     let mut blocks: BTreeMap<&str, usize> = BTreeMap::new();
     let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
     let mut total = 0;

@@ -10,6 +10,8 @@ pub mod moe;
 pub mod nn;
 pub mod rope;
 
+use std::io::IsTerminal;
+
 use candle_core::{Device, Tensor};
 
 use crate::checkpoint::{Checkpoint, Loader};
@@ -55,7 +57,18 @@ impl Model {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let mut l = Loader::new(ckpt);
         let embed_tokens = l.get("model.embed_tokens.weight", &[v, h]);
-        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(&mut l, &cfg, i)).collect();
+        let progress = std::io::stderr().is_terminal() && cfg.num_hidden_layers > 4;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                if progress {
+                    eprint!("\rloading layer {}/{}", i + 1, cfg.num_hidden_layers);
+                }
+                DecoderLayer::load(&mut l, &cfg, i)
+            })
+            .collect();
+        if progress {
+            eprintln!();
+        }
         let norm = RmsNorm::load(&mut l, "model.norm", h, cfg.rms_norm_eps);
         let lm_head = if cfg.tie_word_embeddings { embed_tokens.clone() } else { l.get("lm_head.weight", &[v, h]) };
         let model = Model { rotary: RotaryEmbedding::new(&cfg), config: cfg, embed_tokens, layers, norm, lm_head };
