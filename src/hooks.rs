@@ -6,34 +6,62 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
+use crate::model::indexer::Selection;
 
 /// A point inside one decoder layer, in forward order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum LayerHook {
     InputNorm,
     QLatent,
+    /// L2 norm per token of the compressed KV before `kv_a_layernorm` [B, S].
+    KvNormPre,
     KvLatent,
+    /// L2 norm per token of `kv_latent` (after `kv_a_layernorm`) [B, S].
+    KvNorm,
+    /// L2 norm per token of the roped shared key `k_rope` [B, S].
+    KRopeNorm,
+    /// Indexer scores [B, S, S], -inf at non-causal keys (full indexer layers only).
+    DsaScores,
+    /// Indexer score of the K-th minus the (K+1)-th causal key [B, S]; +inf when all are kept.
+    DsaMargin,
     DsaTopk,
     AttnOut,
     PostAttnNorm,
     RouterLogits,
+    /// `sigmoid(router_logits)` [B*S, E].
+    RouterScores,
+    /// `scores + e_score_correction_bias`, the values selection ranks [B*S, E].
+    RouterBiasedScores,
     TopkIds,
     TopkWeights,
+    /// k-th minus (k+1)-th biased score among the experts routing may choose [B*S].
+    RouterMargin,
+    /// 1 where the chosen set would differ without the correction bias [B*S], I64.
+    BiasChanged,
     MlpOut,
     Output,
 }
 
 impl LayerHook {
-    pub const ALL: [LayerHook; 11] = [
+    pub const ALL: [LayerHook; 20] = [
         LayerHook::InputNorm,
         LayerHook::QLatent,
+        LayerHook::KvNormPre,
         LayerHook::KvLatent,
+        LayerHook::KvNorm,
+        LayerHook::KRopeNorm,
+        LayerHook::DsaScores,
+        LayerHook::DsaMargin,
         LayerHook::DsaTopk,
         LayerHook::AttnOut,
         LayerHook::PostAttnNorm,
         LayerHook::RouterLogits,
+        LayerHook::RouterScores,
+        LayerHook::RouterBiasedScores,
         LayerHook::TopkIds,
         LayerHook::TopkWeights,
+        LayerHook::RouterMargin,
+        LayerHook::BiasChanged,
         LayerHook::MlpOut,
         LayerHook::Output,
     ];
@@ -43,13 +71,22 @@ impl LayerHook {
         match self {
             LayerHook::InputNorm => "input_norm",
             LayerHook::QLatent => "attn.q_latent",
+            LayerHook::KvNormPre => "attn.kv_norm_pre",
             LayerHook::KvLatent => "attn.kv_latent",
+            LayerHook::KvNorm => "attn.kv_norm",
+            LayerHook::KRopeNorm => "attn.k_rope_norm",
+            LayerHook::DsaScores => "dsa.scores",
+            LayerHook::DsaMargin => "dsa.margin",
             LayerHook::DsaTopk => "dsa.topk",
             LayerHook::AttnOut => "attn.out",
             LayerHook::PostAttnNorm => "post_attn_norm",
             LayerHook::RouterLogits => "moe.router_logits",
+            LayerHook::RouterScores => "moe.scores",
+            LayerHook::RouterBiasedScores => "moe.biased_scores",
             LayerHook::TopkIds => "moe.topk_ids",
             LayerHook::TopkWeights => "moe.topk_weights",
+            LayerHook::RouterMargin => "moe.margin",
+            LayerHook::BiasChanged => "moe.bias_changed",
             LayerHook::MlpOut => "mlp.out",
             LayerHook::Output => "output",
         }
@@ -106,6 +143,16 @@ pub trait Observer {
     /// (e.g. the I64 copy of a selection) when this is false.
     fn wants(&self, point: HookPoint) -> bool;
     fn observe(&mut self, point: HookPoint, value: &Tensor) -> Result<()>;
+
+    /// Counterfactual replay: a DSA selection to use in `layer` instead of the indexer's.
+    fn forced_selection(&mut self, _layer: usize) -> Result<Option<Selection>> {
+        Ok(None)
+    }
+    /// Counterfactual replay: the experts each token of `layer` must use (weights still come from
+    /// this model's own router scores for those experts).
+    fn forced_routing(&mut self, _layer: usize) -> Result<Option<Vec<Vec<usize>>>> {
+        Ok(None)
+    }
 }
 
 /// The observer that wants nothing.
@@ -120,15 +167,78 @@ impl Observer for NoObserver {
     }
 }
 
-/// Keeps every reported tensor in memory, in the order reported.
+/// Which hook points to keep: name patterns (`*` matches any run of characters; a point is kept
+/// when any pattern matches its dump name) and an optional layer range (points outside layers,
+/// such as `logits`, are kept whenever their name matches).
+#[derive(Debug, Clone)]
+pub struct Selector {
+    pub patterns: Vec<String>,
+    pub layers: Option<std::ops::RangeInclusive<usize>>,
+}
+
+impl Default for Selector {
+    /// Every hook point except the full indexer score matrices (`*.dsa.scores`, S x S per layer).
+    fn default() -> Self {
+        Selector { patterns: vec!["*".into()], layers: None }
+    }
+}
+
+impl Selector {
+    /// Parses `PATTERN[,PATTERN...]`.
+    pub fn new(patterns: &str, layers: Option<std::ops::RangeInclusive<usize>>) -> Self {
+        Selector {
+            patterns: patterns.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect(),
+            layers,
+        }
+    }
+
+    pub fn wants(&self, point: HookPoint) -> bool {
+        if let (Some(range), Some(i)) = (&self.layers, point.layer()) {
+            if !range.contains(&i) {
+                return false;
+            }
+        }
+        let name = point.name();
+        // The S x S score matrices only when a pattern names them explicitly.
+        let explicit =
+            |p: &str| !matches!(point, HookPoint::Layer(_, LayerHook::DsaScores)) || p.contains("dsa.scores");
+        self.patterns.iter().any(|p| explicit(p) && glob(p, &name))
+    }
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+pub fn glob(pattern: &str, name: &str) -> bool {
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
+    while ni < n.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            pi += 1;
+            mark = ni;
+        } else if pi < p.len() && p[pi] == n[ni] {
+            pi += 1;
+            ni += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+/// Keeps the selected tensors in memory, in the order reported.
 #[derive(Default)]
 pub struct Recorder {
+    pub selector: Selector,
     pub tensors: Vec<(HookPoint, Tensor)>,
 }
 
 impl Observer for Recorder {
-    fn wants(&self, _: HookPoint) -> bool {
-        true
+    fn wants(&self, point: HookPoint) -> bool {
+        self.selector.wants(point)
     }
     fn observe(&mut self, point: HookPoint, value: &Tensor) -> Result<()> {
         self.tensors.push((point, value.clone()));
@@ -137,6 +247,9 @@ impl Observer for Recorder {
 }
 
 impl Recorder {
+    pub fn new(selector: Selector) -> Self {
+        Recorder { selector, tensors: Vec::new() }
+    }
     pub fn get(&self, point: HookPoint) -> Option<&Tensor> {
         self.tensors.iter().find(|(p, _)| *p == point).map(|(_, t)| t)
     }
@@ -149,4 +262,40 @@ pub fn emit(obs: &mut dyn Observer, point: HookPoint, make: impl FnOnce() -> Res
         obs.observe(point, &t)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_keep_forward_order() {
+        let mut points = vec![HookPoint::Logits, HookPoint::Layer(1, LayerHook::InputNorm), HookPoint::Embeddings];
+        points.extend(LayerHook::ALL.iter().rev().map(|h| HookPoint::Layer(0, *h)));
+        for p in &points {
+            assert_eq!(HookPoint::parse(&p.name()), Some(*p), "{}", p.name());
+        }
+        points.sort();
+        assert_eq!(points[0], HookPoint::Embeddings);
+        assert_eq!(points[1], HookPoint::Layer(0, LayerHook::InputNorm));
+        assert_eq!(points.last(), Some(&HookPoint::Logits));
+        assert_eq!(HookPoint::parse("layers.x.output"), None);
+        assert_eq!(HookPoint::parse("layers.2.nonsense"), None);
+    }
+
+    #[test]
+    fn selector_patterns_and_layer_ranges() {
+        assert!(glob("layers.*.moe.*", "layers.12.moe.topk_ids"));
+        assert!(!glob("layers.*.moe.*", "layers.12.mlp.out"));
+        assert!(glob("*", "logits") && glob("log*s", "logits") && !glob("log", "logits"));
+        let s = Selector::new("layers.*.moe.*,logits", Some(2..=3));
+        assert!(s.wants(HookPoint::Layer(2, LayerHook::TopkIds)));
+        assert!(!s.wants(HookPoint::Layer(4, LayerHook::TopkIds)));
+        assert!(!s.wants(HookPoint::Layer(2, LayerHook::Output)));
+        assert!(s.wants(HookPoint::Logits));
+        let all = Selector::default();
+        assert!(all.wants(HookPoint::Layer(0, LayerHook::DsaMargin)));
+        assert!(!all.wants(HookPoint::Layer(0, LayerHook::DsaScores)), "S x S scores only on request");
+        assert!(Selector::new("*.dsa.scores", None).wants(HookPoint::Layer(0, LayerHook::DsaScores)));
+    }
 }

@@ -16,6 +16,7 @@ use super::rope::RopeTables;
 use crate::checkpoint::Loader;
 use crate::config::{Config, IndexerKind};
 use crate::error::{Error, Result};
+use crate::hooks::{emit, HookPoint, LayerHook, Observer};
 
 pub enum Indexer {
     Full(IndexerWeights),
@@ -41,6 +42,9 @@ pub struct Selection {
     pub seq: usize,
     pub k: usize,
     pub idx: Vec<usize>, // [batch, seq, k]
+    /// Score of the K-th minus the (K+1)-th causal key per row [batch, seq]; +inf where every
+    /// causal key is kept (no cut), NaN for a selection that came from outside (a replay).
+    pub margin: Vec<f32>,
 }
 
 impl Selection {
@@ -93,11 +97,31 @@ impl Indexer {
 
     /// Updates `sel` with this layer's selection: a full layer computes a new one, a shared layer
     /// keeps the previous full layer's.
-    pub fn select(&self, x: &Tensor, q_latent: &Tensor, rope: &RopeTables, sel: &mut Option<Selection>) -> Result<()> {
+    pub fn select(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        q_latent: &Tensor,
+        rope: &RopeTables,
+        sel: &mut Option<Selection>,
+        obs: &mut dyn Observer,
+    ) -> Result<()> {
         match self {
             Indexer::Full(w) => {
-                let scores = w.scores(x, q_latent, rope)?;
-                *sel = Some(top_k_causal(&scores, x.dims()[0], x.dims()[1], w.topk));
+                let (b, s, _) = x.dims3()?;
+                let scores = w.scores(x, q_latent, rope)?; // [B, S, T]
+                emit(obs, HookPoint::Layer(layer, LayerHook::DsaScores), || {
+                    let mut masked = scores.clone();
+                    for (r, row) in masked.chunks_exact_mut(s).enumerate() {
+                        row[r % s + 1..].fill(f32::NEG_INFINITY);
+                    }
+                    Ok(Tensor::from_vec(masked, (b, s, s), &Device::Cpu)?)
+                })?;
+                let selection = top_k_causal(&scores, b, s, w.topk);
+                emit(obs, HookPoint::Layer(layer, LayerHook::DsaMargin), || {
+                    Ok(Tensor::from_vec(selection.margin.clone(), (b, s), &Device::Cpu)?)
+                })?;
+                *sel = Some(selection);
                 Ok(())
             }
             Indexer::Shared if sel.is_some() => Ok(()),
@@ -131,6 +155,7 @@ impl IndexerWeights {
 pub fn top_k_causal(scores: &[f32], batch: usize, seq: usize, topk: usize) -> Selection {
     let k = topk.min(seq);
     let mut idx = Vec::with_capacity(batch * seq * k);
+    let mut margin = Vec::with_capacity(batch * seq);
     let mut order: Vec<usize> = Vec::with_capacity(seq);
     for b in 0..batch {
         for s in 0..seq {
@@ -142,14 +167,16 @@ pub fn top_k_causal(scores: &[f32], batch: usize, seq: usize, topk: usize) -> Se
                 order.sort_by(|&x, &y| {
                     row[y].partial_cmp(&row[x]).unwrap_or_else(|| row[x].is_nan().cmp(&row[y].is_nan())).then(x.cmp(&y))
                 });
+                margin.push(row[order[k - 1]] - row[order[k]]);
                 order.truncate(k);
             } else {
+                margin.push(f32::INFINITY);
                 order.extend(s + 1..k);
             }
             idx.extend_from_slice(&order);
         }
     }
-    Selection { batch, seq, k, idx }
+    Selection { batch, seq, k, idx, margin }
 }
 
 #[cfg(test)]
@@ -170,6 +197,10 @@ mod tests {
         assert_eq!(sel.row(0, 2), &[0, 1, 2]); // exactly K causal keys
         assert_eq!(sel.row(0, 3), &[1, 3, 2]); // K of 4: key 0 dropped
         assert_eq!(sel.row(0, 4), &[1, 3, 4]);
+        // The margin is K-th minus (K+1)-th causal score; no cut means +inf.
+        assert_eq!(sel.margin[..3], [f32::INFINITY; 3]);
+        approx::assert_abs_diff_eq!(sel.margin[3], 0.2 - 0.1);
+        approx::assert_abs_diff_eq!(sel.margin[4], 0.3 - 0.2);
         let mask = sel.mask().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let allowed = |q: usize| (0..seq).filter(|t| mask[q * seq + t] == 0.0).collect::<Vec<_>>();
         assert_eq!(allowed(0), vec![0]);
@@ -182,11 +213,12 @@ mod tests {
     fn shared_indexer_reuses_the_previous_selection() {
         let rope = RopeTables { half: 0, cos: vec![], sin: vec![] };
         let x = Tensor::zeros((1, 2, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let prev = Selection { batch: 1, seq: 2, k: 1, idx: vec![0, 1] };
+        let prev = Selection { batch: 1, seq: 2, k: 1, idx: vec![0, 1], margin: vec![f32::INFINITY, 0.5] };
         let mut sel = Some(prev.clone());
-        Indexer::Shared.select(&x, &x, &rope, &mut sel).unwrap();
+        let obs = &mut crate::hooks::NoObserver;
+        Indexer::Shared.select(3, &x, &x, &rope, &mut sel, obs).unwrap();
         assert_eq!(sel, Some(prev));
         let mut none = None;
-        assert!(Indexer::Shared.select(&x, &x, &rope, &mut none).is_err());
+        assert!(Indexer::Shared.select(0, &x, &x, &rope, &mut none, obs).is_err());
     }
 }

@@ -84,11 +84,15 @@ impl Attention {
 
         // KV: one latent and one shared rope key per token.
         let ckv = self.kv_a_proj_with_mqa.forward(x)?; // [B, S, kv_lora_rank + rope]
-        let kv_latent = self.kv_a_layernorm.forward(&ckv.narrow(D::Minus1, 0, self.kv_lora_rank)?)?; // [B, S, kv_lora_rank]
+        let c_kv = ckv.narrow(D::Minus1, 0, self.kv_lora_rank)?; // [B, S, kv_lora_rank]
+        emit(obs, hook(LayerHook::KvNormPre), || l2_norm(&c_kv))?;
+        let kv_latent = self.kv_a_layernorm.forward(&c_kv)?; // [B, S, kv_lora_rank]
         emit(obs, hook(LayerHook::KvLatent), || Ok(kv_latent.clone()))?;
+        emit(obs, hook(LayerHook::KvNorm), || l2_norm(&kv_latent))?;
         let mut k_rope = ckv.narrow(D::Minus1, self.kv_lora_rank, rd)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?; // [B, S, rope]
         rope.apply(&mut k_rope, s, 1, rd, 0);
         let k_rope = Tensor::from_vec(k_rope, (b, 1, s, rd), &Device::Cpu)?; // [B, 1, S, rope]
+        emit(obs, hook(LayerHook::KRopeNorm), || l2_norm(&k_rope.squeeze(1)?))?;
 
         // Expand the latent into per-head keys and values.
         let kv = self.kv_b_proj.forward(&kv_latent)?.reshape((b, s, nh, nope + vd))?.transpose(1, 2)?; // [B, nh, S, nope + v]
@@ -97,7 +101,10 @@ impl Attention {
         let k = Tensor::cat(&[&k_nope, &k_rope.broadcast_as((b, nh, s, rd))?], D::Minus1)?; // [B, nh, S, qk]
 
         // DSA: this layer's selection (or the shared one), then attention over it only.
-        self.indexer.select(x, &q_latent, rope, sel)?;
+        self.indexer.select(layer, x, &q_latent, rope, sel, obs)?;
+        if let Some(forced) = obs.forced_selection(layer)? {
+            *sel = Some(forced);
+        }
         let selection = sel.as_ref().ok_or_else(|| crate::error::Error::Usage("no DSA selection".into()))?;
         emit(obs, hook(LayerHook::DsaTopk), || selection.to_tensor())?;
         let scores = (q.matmul(&k.t()?.contiguous()?)? * self.scale)?; // [B, nh, S, S]
@@ -107,4 +114,9 @@ impl Attention {
         emit(obs, hook(LayerHook::AttnOut), || Ok(out.clone()))?;
         Ok(out)
     }
+}
+
+/// L2 norm over the last dimension: [..., d] -> [...].
+fn l2_norm(x: &Tensor) -> Result<Tensor> {
+    Ok(x.sqr()?.sum(D::Minus1)?.sqrt()?)
 }

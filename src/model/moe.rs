@@ -48,35 +48,72 @@ impl RouterConfig {
 pub struct Route {
     pub ids: Vec<usize>,
     pub weights: Vec<f32>,
+    /// k-th minus (k+1)-th biased score among the experts the groups allow (+inf if none is left).
+    pub margin: f32,
+}
+
+pub fn sigmoid(l: f32) -> f32 {
+    1.0 / (1.0 + (-l).exp())
 }
 
 /// Routes one token from its gate logits, as `GlmMoeDsaTopkRouter.forward`:
 /// `s = sigmoid(logits)`; choose on `s + bias` (within the `topk_group` groups whose top-2 biased
 /// scores sum highest); weight the chosen experts by the *unbiased* `s`.
 pub fn route(rc: &RouterConfig, logits: &[f32], bias: &[f32]) -> Route {
-    let e = logits.len();
-    let scores: Vec<f32> = logits.iter().map(|l| 1.0 / (1.0 + (-l).exp())).collect();
+    let scores: Vec<f32> = logits.iter().map(|&l| sigmoid(l)).collect();
+    let choice = choice_scores(rc, &scores, bias);
+    let order = top_indices(&choice, rc.top_k + 1);
+    let ids = order[..rc.top_k.min(order.len())].to_vec();
+    let margin = match (ids.last(), order.get(rc.top_k)) {
+        (Some(&a), Some(&b)) if choice[b].is_finite() => choice[a] - choice[b],
+        _ => f32::INFINITY,
+    };
+    Route { weights: weights_for(rc, &scores, &ids), ids, margin }
+}
+
+/// The values selection ranks: `s + bias`, with experts outside the kept groups at -inf.
+pub fn choice_scores(rc: &RouterConfig, scores: &[f32], bias: &[f32]) -> Vec<f32> {
+    let e = scores.len();
     let mut choice: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
     if rc.n_group > 1 {
         let per = e / rc.n_group;
         let group_score = |g: usize| {
-            let mut top = choice[g * per..(g + 1) * per].to_vec();
-            top.sort_by(|a, b| b.total_cmp(a));
-            top[0] + top[1]
+            let top = top_indices(&choice[g * per..(g + 1) * per], 2);
+            top.iter().map(|&j| choice[g * per + j]).sum::<f32>()
         };
         let kept = top_indices(&(0..rc.n_group).map(group_score).collect::<Vec<_>>(), rc.topk_group);
         for g in (0..rc.n_group).filter(|g| !kept.contains(g)) {
             choice[g * per..(g + 1) * per].fill(f32::NEG_INFINITY);
         }
     }
-    let ids = top_indices(&choice, rc.top_k);
+    choice
+}
+
+/// Weights of the chosen experts: their unbiased scores, normalised (when `norm_topk_prob`), then
+/// scaled by `routed_scaling_factor`.
+pub fn weights_for(rc: &RouterConfig, scores: &[f32], ids: &[usize]) -> Vec<f32> {
     let mut weights: Vec<f32> = ids.iter().map(|&i| scores[i]).collect();
     if rc.norm_topk_prob {
         let denom = weights.iter().sum::<f32>() + 1e-20;
         weights.iter_mut().for_each(|w| *w /= denom);
     }
     weights.iter_mut().for_each(|w| *w *= rc.routed_scaling_factor);
-    Route { ids, weights }
+    weights
+}
+
+/// Whether the chosen set would differ with the correction bias removed.
+pub fn bias_changed(rc: &RouterConfig, logits: &[f32], route: &Route) -> bool {
+    let unbiased = route_ids(rc, logits, &vec![0.0; logits.len()]);
+    let mut a = unbiased;
+    let mut b = route.ids.clone();
+    a.sort_unstable();
+    b.sort_unstable();
+    a != b
+}
+
+fn route_ids(rc: &RouterConfig, logits: &[f32], bias: &[f32]) -> Vec<usize> {
+    let scores: Vec<f32> = logits.iter().map(|&l| sigmoid(l)).collect();
+    top_indices(&choice_scores(rc, &scores, bias), rc.top_k)
 }
 
 /// Indices of the `k` largest values, largest first (ties by index).
@@ -117,16 +154,42 @@ impl Moe {
         let logits = flat.matmul(&self.gate.t()?)?; // [N, E], f32
         emit(obs, HookPoint::Layer(layer, LayerHook::RouterLogits), || Ok(logits.clone()))?;
         let logits_v = logits.to_vec2::<f32>()?;
-        let routes: Vec<Route> =
-            logits_v.iter().map(|row| route(&self.router, row, &self.e_score_correction_bias)).collect();
-        let k = self.router.top_k;
-        emit(obs, HookPoint::Layer(layer, LayerHook::TopkIds), || {
+        let bias = &self.e_score_correction_bias;
+        let rc = &self.router;
+        let mut routes: Vec<Route> = logits_v.iter().map(|row| route(rc, row, bias)).collect();
+        if let Some(forced) = obs.forced_routing(layer)? {
+            if forced.len() != n || forced.iter().any(|ids| ids.iter().any(|&i| i >= bias.len())) {
+                return Err(crate::error::Error::Usage(format!(
+                    "layer {layer}: forced routing does not fit {n} tokens"
+                )));
+            }
+            for ((r, ids), row) in routes.iter_mut().zip(forced).zip(&logits_v) {
+                let scores: Vec<f32> = row.iter().map(|&l| sigmoid(l)).collect();
+                *r = Route { weights: weights_for(rc, &scores, &ids), ids, margin: f32::NAN };
+            }
+        }
+        let k = routes.first().map_or(rc.top_k, |r| r.ids.len());
+        let hook = |h| HookPoint::Layer(layer, h);
+        emit(obs, hook(LayerHook::RouterScores), || Ok(sigmoid_tensor(&logits)?))?;
+        emit(obs, hook(LayerHook::RouterBiasedScores), || {
+            let b = Tensor::from_vec(bias.clone(), bias.len(), &Device::Cpu)?;
+            Ok(sigmoid_tensor(&logits)?.broadcast_add(&b)?)
+        })?;
+        emit(obs, hook(LayerHook::TopkIds), || {
             let ids: Vec<i64> = routes.iter().flat_map(|r| r.ids.iter().map(|&i| i as i64)).collect();
             Ok(Tensor::from_vec(ids, (n, k), &Device::Cpu)?)
         })?;
-        emit(obs, HookPoint::Layer(layer, LayerHook::TopkWeights), || {
+        emit(obs, hook(LayerHook::TopkWeights), || {
             let w: Vec<f32> = routes.iter().flat_map(|r| r.weights.iter().copied()).collect();
             Ok(Tensor::from_vec(w, (n, k), &Device::Cpu)?)
+        })?;
+        emit(obs, hook(LayerHook::RouterMargin), || {
+            Ok(Tensor::from_vec(routes.iter().map(|r| r.margin).collect::<Vec<_>>(), n, &Device::Cpu)?)
+        })?;
+        emit(obs, hook(LayerHook::BiasChanged), || {
+            let changed: Vec<i64> =
+                routes.iter().zip(&logits_v).map(|(r, row)| bias_changed(rc, row, r) as i64).collect();
+            Ok(Tensor::from_vec(changed, n, &Device::Cpu)?)
         })?;
 
         // Dispatch: every expert runs once on the tokens routed to it, in expert order (the
@@ -191,6 +254,9 @@ mod tests {
         let bias = [0.0f32, -1.0, 0.0, 1.0]; // pushes expert 3 in, expert 1 out
         let r = route(&rc(2, 1, 1), &logits, &bias);
         assert_eq!(r.ids, vec![3, 0]);
+        // Margin: 2nd-best minus 3rd-best biased score (0.9 vs 0.3).
+        approx::assert_abs_diff_eq!(r.margin, 0.9 - 0.3, epsilon = 1e-5);
+        assert!(bias_changed(&rc(2, 1, 1), &logits, &r), "unbiased choice would be {{0, 1}}");
         // Normalised over the unbiased scores 0.2 and 0.9, times 2.5.
         approx::assert_abs_diff_eq!(r.weights[0], 0.2 / 1.1 * 2.5, epsilon = 1e-5);
         approx::assert_abs_diff_eq!(r.weights[1], 0.9 / 1.1 * 2.5, epsilon = 1e-5);
@@ -221,4 +287,11 @@ mod tests {
         assert_eq!(r.ids, vec![0]);
         approx::assert_abs_diff_eq!(r.weights[0], 0.6 * 2.5, epsilon = 1e-5);
     }
+}
+
+/// Elementwise sigmoid with the same formula as [`sigmoid`], so hooks report exactly the scores
+/// routing used.
+fn sigmoid_tensor(x: &Tensor) -> Result<Tensor> {
+    let v: Vec<f32> = x.flatten_all()?.to_vec1::<f32>()?.into_iter().map(sigmoid).collect();
+    Ok(Tensor::from_vec(v, x.dims(), &Device::Cpu)?)
 }
