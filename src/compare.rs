@@ -62,17 +62,52 @@ pub enum Detail {
         /// Elements outside the tolerance, of `total`.
         bad: usize,
         total: usize,
+        mean_abs: f64,
+        /// `sum((a - e)^2) / sum(e^2)`.
+        nmse: f64,
+        /// Cosine similarity of the flattened tensors.
+        cosine: f64,
     },
     Sets {
         rows: usize,
-        differing: usize,
-        /// First differing row: its coordinate, members only we chose, members only the reference chose.
-        first: Option<(Vec<usize>, Vec<i64>, Vec<i64>)>,
+        /// Mean and minimum over rows of |ours ∩ reference| / |reference|.
+        mean_recall: f64,
+        min_recall: f64,
+        /// Every row whose set differs, in order.
+        flips: Vec<Flip>,
     },
     Shape {
         ours: Vec<usize>,
         reference: Vec<usize>,
     },
+}
+
+/// A row whose selected set differs between the two sides (a routing or DSA *flip*).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Flip {
+    /// Flat row index, and its coordinate in the tensor's leading dimensions.
+    pub row: usize,
+    pub at: Vec<usize>,
+    pub only_ours: Vec<i64>,
+    pub only_reference: Vec<i64>,
+    pub recall: f64,
+    /// The margin that decided the row on each side, where the dumps hold it.
+    pub margin_ours: Option<f32>,
+    pub margin_reference: Option<f32>,
+}
+
+impl Flip {
+    /// The smaller of the known margins: how close the decision was.
+    pub fn margin(&self) -> Option<f32> {
+        match (self.margin_ours, self.margin_reference) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+    /// A near-tie: the decision was closer than `threshold`, so rounding alone can flip it.
+    pub fn near_tie(&self, threshold: f64) -> bool {
+        self.margin().is_some_and(|m| (m as f64) < threshold)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -104,20 +139,27 @@ fn element_ok(a: f32, e: f32, tol: Tolerance) -> bool {
 }
 
 pub fn compare_floats(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tolerance) -> (bool, Detail) {
-    let (mut max_abs, mut max_rel, mut bad) = (0f64, 0f64, 0usize);
+    let (mut max_abs, mut max_rel, mut bad, mut sum_abs) = (0f64, 0f64, 0usize, 0f64);
+    let (mut err2, mut ref2, mut ours2, mut dot) = (0f64, 0f64, 0f64, 0f64);
     let mut worst = (f64::NEG_INFINITY, 0usize);
     for (i, (&a, &e)) in ours.iter().zip(reference).enumerate() {
         let ok = element_ok(a, e, tol);
         let err = if a == e { 0.0 } else { ((a - e) as f64).abs() };
         let err = if err.is_nan() { f64::INFINITY } else { err };
         max_abs = max_abs.max(err);
+        sum_abs += err;
+        let (a64, e64) = (a as f64, e as f64);
+        err2 += err * err;
+        ref2 += e64 * e64;
+        ours2 += a64 * a64;
+        dot += a64 * e64;
         if e != 0.0 {
-            max_rel = max_rel.max(err / (e as f64).abs());
+            max_rel = max_rel.max(err / e64.abs());
         } else if err > 0.0 {
             max_rel = f64::INFINITY;
         }
         // Rank by how far past the tolerance an element is, so the worst *offender* is shown.
-        let excess = if ok { err - 1e300 } else { err - (tol.atol + tol.rtol * (e as f64).abs()) };
+        let excess = if ok { err - 1e300 } else { err - (tol.atol + tol.rtol * e64.abs()) };
         let excess = if excess.is_nan() { f64::INFINITY } else { excess };
         if !ok {
             bad += 1;
@@ -126,6 +168,7 @@ pub fn compare_floats(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tol
             worst = (excess, i);
         }
     }
+    let n = reference.len().max(1) as f64;
     let i = worst.1;
     let detail = Detail::Float {
         max_abs,
@@ -135,6 +178,21 @@ pub fn compare_floats(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tol
         max_rel,
         bad,
         total: reference.len(),
+        mean_abs: sum_abs / n,
+        nmse: if ref2 > 0.0 {
+            err2 / ref2
+        } else if err2 > 0.0 {
+            f64::INFINITY
+        } else {
+            0.0
+        },
+        cosine: if ours2 > 0.0 && ref2 > 0.0 {
+            dot / (ours2.sqrt() * ref2.sqrt())
+        } else if err2 == 0.0 {
+            1.0
+        } else {
+            0.0
+        },
     };
     (bad == 0, detail)
 }
@@ -144,8 +202,8 @@ fn compare_sets(ours: &[i64], reference: &[i64], shape: &[usize], keep: impl Fn(
     let k = shape.last().copied().unwrap_or(1).max(1);
     let rows = reference.len() / k;
     let row_shape = &shape[..shape.len().saturating_sub(1)];
-    let mut differing = 0;
-    let mut first = None;
+    let (mut recall_sum, mut min_recall) = (0f64, 1f64);
+    let mut flips = Vec::new();
     for r in 0..rows {
         let set = |v: &[i64]| {
             let mut s: Vec<i64> = v[r * k..(r + 1) * k].iter().copied().filter(|&x| keep(r, x)).collect();
@@ -154,16 +212,24 @@ fn compare_sets(ours: &[i64], reference: &[i64], shape: &[usize], keep: impl Fn(
             s
         };
         let (a, e) = (set(ours), set(reference));
+        let common = a.iter().filter(|x| e.contains(x)).count();
+        let recall = if e.is_empty() { 1.0 } else { common as f64 / e.len() as f64 };
+        recall_sum += recall;
+        min_recall = min_recall.min(recall);
         if a != e {
-            differing += 1;
-            if first.is_none() {
-                let only_a = a.iter().copied().filter(|x| !e.contains(x)).collect();
-                let only_e = e.iter().copied().filter(|x| !a.contains(x)).collect();
-                first = Some((coord(row_shape, r), only_a, only_e));
-            }
+            flips.push(Flip {
+                row: r,
+                at: coord(row_shape, r),
+                only_ours: a.iter().copied().filter(|x| !e.contains(x)).collect(),
+                only_reference: e.iter().copied().filter(|x| !a.contains(x)).collect(),
+                recall,
+                margin_ours: None,
+                margin_reference: None,
+            });
         }
     }
-    (differing == 0, Detail::Sets { rows, differing, first })
+    let mean_recall = if rows == 0 { 1.0 } else { recall_sum / rows as f64 };
+    (flips.is_empty(), Detail::Sets { rows, mean_recall, min_recall, flips })
 }
 
 /// DSA rows of `[B, S, K]`: only positions `j <= s` count.
@@ -198,21 +264,70 @@ pub fn compare_expert_weights(
             positions.push(i);
         }
     }
-    let (ok, detail) = compare_floats(&aligned_ours, &aligned_ref, &[aligned_ref.len()], tol);
+    let (ok, mut detail) = compare_floats(&aligned_ours, &aligned_ref, &[aligned_ref.len()], tol);
     // Report the worst element at its coordinate in the reference tensor.
-    let detail = match detail {
-        Detail::Float { max_abs, worst_at, ours, reference: r, max_rel, bad, total } => Detail::Float {
-            max_abs,
-            worst_at: worst_at.first().and_then(|&p| positions.get(p)).map(|&p| coord(shape, p)).unwrap_or_default(),
-            ours,
-            reference: r,
-            max_rel,
-            bad,
-            total,
-        },
-        d => d,
-    };
+    if let Detail::Float { worst_at, .. } = &mut detail {
+        if let Some(&p) = worst_at.first().and_then(|&p| positions.get(p)) {
+            *worst_at = coord(shape, p);
+        }
+    }
     (ok, detail)
+}
+
+/// Compares one tensor by the rule its name calls for. `ids` gives, for `moe.topk_weights`, the
+/// ids both sides chose (ours, reference) so weights align by expert.
+pub fn compare_tensor(
+    name: &str,
+    ours: (&Values, &[usize]),
+    reference: (&Values, &[usize]),
+    ids: Option<(&[i64], &[i64])>,
+    tol: Tolerance,
+) -> Comparison {
+    let (ours, shape) = ours;
+    let (reference, ref_shape) = reference;
+    if shape != ref_shape {
+        return Comparison {
+            name: name.into(),
+            ok: false,
+            detail: Detail::Shape { ours: shape.to_vec(), reference: ref_shape.to_vec() },
+        };
+    }
+    let (ok, detail) = match (Rule::for_name(name, reference), ours, reference) {
+        (Rule::DsaSelection, Values::I64(a), Values::I64(e)) => compare_dsa(a, e, shape),
+        (Rule::ExpertSet | Rule::Exact, Values::I64(a), Values::I64(e)) => {
+            compare_expert_sets(a, e, &exact_rows(name, shape))
+        }
+        (Rule::ExpertWeights, Values::F32(a), Values::F32(e)) => match ids {
+            Some((ia, ie)) if ia.len() == a.len() && ie.len() == e.len() => {
+                compare_expert_weights(ia, a, ie, e, shape, tol)
+            }
+            // Without ids on both sides, weights can only be compared position by position.
+            _ => compare_floats(a, e, shape, tol),
+        },
+        (_, a, e) => {
+            let (a, e) = (to_f32(a), to_f32(e));
+            compare_floats(&a, &e, shape, tol)
+        }
+    };
+    Comparison { name: name.into(), ok, detail }
+}
+
+/// Exact integer tensors compare element by element: each element is a one-member set.
+fn exact_rows(name: &str, shape: &[usize]) -> Vec<usize> {
+    if name.ends_with(".moe.topk_ids") {
+        shape.to_vec()
+    } else {
+        let mut s = shape.to_vec();
+        s.push(1);
+        s
+    }
+}
+
+fn to_f32(v: &Values) -> Vec<f32> {
+    match v {
+        Values::F32(x) => x.clone(),
+        Values::I64(x) => x.iter().map(|&i| i as f32).collect(),
+    }
 }
 
 #[cfg(test)]
@@ -226,8 +341,10 @@ mod tests {
         assert!(ok, "0.5 <= 1e-4 + 1e-2 * 100");
         let (ok, d) = compare_floats(&[1.0, 2.0, 3.1], &[1.0, 2.0, 3.0], &[3], tol);
         assert!(!ok);
-        let Detail::Float { worst_at, bad, .. } = d else { panic!() };
+        let Detail::Float { worst_at, bad, mean_abs, cosine, .. } = d else { panic!() };
         assert_eq!((worst_at, bad), (vec![2], 1));
+        approx::assert_abs_diff_eq!(mean_abs, 0.1 / 3.0, epsilon = 1e-6);
+        assert!(cosine > 0.999 && cosine < 1.0);
         assert!(!compare_floats(&[f32::NAN], &[f32::NAN], &[1], tol).0, "NaN never matches");
         assert!(compare_floats(&[f32::INFINITY], &[f32::INFINITY], &[1], tol).0);
         assert!(!compare_floats(&[f32::NEG_INFINITY], &[f32::INFINITY], &[1], tol).0);
@@ -242,7 +359,10 @@ mod tests {
         assert!(ok);
         let (ok, d) = compare_dsa(&[0, 1, 2, 1, 1, 1], &reference, &[1, 2, 3]);
         assert!(!ok);
-        assert_eq!(d, Detail::Sets { rows: 2, differing: 1, first: Some((vec![0, 1], vec![], vec![0])) });
+        let Detail::Sets { rows, flips, mean_recall, min_recall } = d else { panic!() };
+        assert_eq!((rows, flips.len(), flips[0].at.clone()), (2, 1, vec![0, 1]));
+        assert_eq!((flips[0].only_ours.clone(), flips[0].only_reference.clone()), (vec![], vec![0]));
+        assert_eq!((min_recall, mean_recall), (0.5, 0.75));
     }
 
     #[test]

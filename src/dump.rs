@@ -3,13 +3,15 @@
 //! reference dump is paged in tensor by tensor; writing is atomic (temporary file, then rename).
 
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 use safetensors::tensor::Dtype;
 
 use crate::error::{Error, Result};
-use crate::hooks::HookPoint;
+use crate::hooks::{HookPoint, Observer, Selector};
 use crate::model::Tokens;
 use crate::st::{self, Entry, StFile};
 
@@ -138,4 +140,94 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<Stri
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An observer that streams the selected hook points of a run into a dump. Each tensor goes to a
+/// spill file as it arrives (memory stays at one tensor, however long the run); `finish` writes
+/// the safetensors file beside the target and renames it into place, so the target name never
+/// holds a partial dump and an interrupted run leaves any earlier file there intact.
+pub struct DumpWriter {
+    path: PathBuf,
+    spill_path: PathBuf,
+    spill: Option<BufWriter<File>>,
+    selector: Selector,
+    entries: Vec<(String, Dtype, Vec<usize>)>,
+}
+
+impl DumpWriter {
+    pub fn create(path: &Path, selector: Selector) -> Result<Self> {
+        let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        name.push(format!(".{}.spill", std::process::id()));
+        let spill_path = path.with_file_name(name);
+        let file = File::create(&spill_path).map_err(|e| Error::io(&spill_path, e))?;
+        Ok(DumpWriter {
+            path: path.to_path_buf(),
+            spill_path,
+            spill: Some(BufWriter::with_capacity(1 << 20, file)),
+            selector,
+            entries: Vec::new(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Writes the dump under its name and removes the spill file.
+    pub fn finish(mut self, metadata: &BTreeMap<String, String>) -> Result<usize> {
+        let spill = self.spill.take().ok_or_else(|| Error::dump(&self.path, "already finished"))?;
+        spill.into_inner().map_err(|e| Error::io(&self.spill_path, e.into_error()))?;
+        let mut reader =
+            std::io::BufReader::new(File::open(&self.spill_path).map_err(|e| Error::io(&self.spill_path, e))?);
+        let spill_path = self.spill_path.clone();
+        st::write_streaming(&self.path, &self.entries, metadata, |i, w| {
+            let (_, dtype, shape) = &self.entries[i];
+            let len = (shape.iter().product::<usize>() * dtype.bitsize() / 8) as u64;
+            std::io::copy(&mut (&mut reader).take(len), w).map_err(|e| Error::io(&spill_path, e))?;
+            Ok(())
+        })?;
+        Ok(self.entries.len())
+    }
+}
+
+impl Drop for DumpWriter {
+    fn drop(&mut self) {
+        self.spill.take();
+        let _ = std::fs::remove_file(&self.spill_path);
+    }
+}
+
+impl Observer for DumpWriter {
+    /// `input_ids` always: a dump without its input cannot be replayed or verified.
+    fn wants(&self, point: HookPoint) -> bool {
+        point == HookPoint::InputIds || self.selector.wants(point)
+    }
+    fn observe(&mut self, point: HookPoint, value: &Tensor) -> Result<()> {
+        let name = point.name();
+        if self.entries.iter().any(|(n, _, _)| *n == name) {
+            return Err(Error::dump(&self.path, format!("`{name}` reported twice")));
+        }
+        let spill = self.spill.as_mut().ok_or_else(|| Error::dump(&self.path, "already finished"))?;
+        let (dtype, bytes): (Dtype, Vec<u8>) = match value.dtype() {
+            DType::I64 => {
+                (Dtype::I64, value.flatten_all()?.to_vec1::<i64>()?.iter().flat_map(|x| x.to_le_bytes()).collect())
+            }
+            _ => (
+                Dtype::F32,
+                value
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+        };
+        spill.write_all(&bytes).map_err(|e| Error::io(&self.spill_path, e))?;
+        self.entries.push((name, dtype, value.dims().to_vec()));
+        Ok(())
+    }
 }

@@ -19,4 +19,5 @@ pub mod dump;
 pub mod inspect;
 pub mod layout;
 pub mod synth;
+pub mod tokenizer;
 pub mod verify;

@@ -8,9 +8,10 @@ use clap::{Parser, Subcommand};
 
 use glimpse::checkpoint::Checkpoint;
 use glimpse::compare::Tolerance;
+use glimpse::dump::DumpWriter;
 use glimpse::dump::{self, Dump};
 use glimpse::error::{Error, Result};
-use glimpse::hooks::Recorder;
+use glimpse::hooks::{NoObserver, Selector};
 use glimpse::model::{Model, Tokens};
 use glimpse::synth::{self, SynthDtype, SynthOptions};
 use glimpse::{inspect, verify};
@@ -52,16 +53,26 @@ enum Command {
         #[arg(long)]
         model: PathBuf,
     },
-    /// Run the model on token ids and write every hook point to a dump.
+    /// Run the model on token ids or a text prompt, optionally recording hook points to a dump.
     Run {
         #[arg(long)]
         model: PathBuf,
         /// Comma-separated token ids; `;` separates batch rows of equal length.
+        #[arg(long, conflicts_with = "prompt", required_unless_present = "prompt")]
+        tokens: Option<String>,
+        /// Text, encoded with the checkpoint's tokenizer.json.
         #[arg(long)]
-        tokens: String,
-        /// Write a glm5-dump/1 file here.
+        prompt: Option<String>,
+        /// Write a glm5-dump/1 file here (atomically: temporary file, then rename).
         #[arg(long)]
         dump: Option<PathBuf>,
+        /// Hook points to record, as name patterns (`*` wildcard, comma-separated), e.g.
+        /// `layers.*.moe.*,logits`. Default: everything but the S x S `dsa.scores`.
+        #[arg(long, default_value = "*")]
+        record: String,
+        /// Record only layers A..B (inclusive), e.g. `3..5`.
+        #[arg(long, value_parser = parse_range)]
+        layers: Option<std::ops::RangeInclusive<usize>>,
     },
     /// Write a random-weight checkpoint in the released layout.
     Synth {
@@ -143,27 +154,38 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", inspect::describe(&ckpt)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { model, tokens, dump: out } => {
+        Command::Run { model, tokens, prompt, dump: out, record, layers } => {
             let ckpt = Checkpoint::open(&model)?;
-            let tokens = parse_tokens(&tokens)?;
+            let tokens = match (tokens, prompt) {
+                (Some(t), _) => parse_tokens(&t)?,
+                (None, Some(p)) => {
+                    let ids = glimpse::tokenizer::encode(&model, &p)?;
+                    Tokens::new(1, ids.len(), ids)?
+                }
+                (None, None) => return Err(Error::Usage("give --tokens or --prompt".into())),
+            };
             let model_ = Model::load(&ckpt)?;
-            let mut rec = Recorder::default();
-            let logits = model_.forward(&tokens, &mut rec)?;
+            let selector = Selector::new(&record, layers);
+            let logits = match &out {
+                Some(path) => {
+                    let mut writer = DumpWriter::create(path, selector)?;
+                    let logits = model_.forward(&tokens, &mut writer)?;
+                    let meta = dump::metadata(
+                        &format!("glimpse {} / candle, float32, cpu", env!("CARGO_PKG_VERSION")),
+                        Some(&ckpt.config_bytes),
+                        Some(&model.display().to_string()),
+                    );
+                    let n = writer.finish(&meta)?;
+                    println!("wrote {n} tensors to {}", path.display());
+                    logits
+                }
+                None => model_.forward(&tokens, &mut NoObserver)?,
+            };
             let (b, s, _) = logits.dims3()?;
             for bi in 0..b {
                 let last = logits.get(bi)?.get(s - 1)?.to_vec1::<f32>()?;
                 let argmax = last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
-                println!("row {bi}: next token (greedy) {argmax}");
-            }
-            if let Some(out) = out {
-                let named: Vec<_> = rec.tensors.iter().map(|(p, t)| (p.name(), t.clone())).collect();
-                let meta = dump::metadata(
-                    &format!("glimpse {} / candle, float32, cpu", env!("CARGO_PKG_VERSION")),
-                    Some(&ckpt.config_bytes),
-                    Some(&model.display().to_string()),
-                );
-                dump::write(&out, &named, &meta)?;
-                println!("wrote {} tensors to {}", named.len(), out.display());
+                println!("row {bi}: {s} tokens, next token (greedy) {argmax}");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -209,4 +231,19 @@ fn parse_tokens(s: &str) -> Result<Tokens> {
         return Err(Error::Usage("--tokens: every batch row must have the same length".into()));
     }
     Tokens::new(rows.len(), seq, rows.concat())
+}
+
+/// `A..B` (inclusive) or a single layer `A`.
+fn parse_range(s: &str) -> std::result::Result<std::ops::RangeInclusive<usize>, String> {
+    let num = |x: &str| x.trim().parse::<usize>().map_err(|_| format!("\"{s}\" is not a layer range like 3..5"));
+    match s.split_once("..") {
+        Some((a, b)) => {
+            let (a, b) = (num(a)?, num(b.trim_start_matches('='))?);
+            if a > b {
+                return Err(format!("\"{s}\": the range is empty"));
+            }
+            Ok(a..=b)
+        }
+        None => num(s).map(|a| a..=a),
+    }
 }

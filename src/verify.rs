@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use candle_core::Tensor;
 
-use crate::compare::{self, Comparison, Detail, Rule, Tolerance};
+use crate::compare::{self, Comparison, Detail, Tolerance};
 use crate::dump::{Dump, Values};
 use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, LayerHook, Observer};
@@ -31,48 +31,27 @@ impl<'a> Verifier<'a> {
     fn compare(&mut self, name: &str, ours: &Tensor) -> Result<Comparison> {
         let (reference, ref_shape) = self.golden.values(name)?;
         let shape = ours.dims().to_vec();
-        if shape != ref_shape {
-            return Ok(Comparison {
-                name: name.into(),
-                ok: false,
-                detail: Detail::Shape { ours: shape, reference: ref_shape },
-            });
-        }
-        let ours_values = match ours.dtype() {
+        let ours = match ours.dtype() {
             candle_core::DType::I64 => Values::I64(ours.flatten_all()?.to_vec1::<i64>()?),
             _ => Values::F32(ours.flatten_all()?.to_vec1::<f32>()?),
         };
-        let kind_error =
-            || Error::dump(&self.golden.path, format!("`{name}` has a different element type than glimpse produces"));
-        let (ok, detail) = match (Rule::for_name(name, &reference), &ours_values, &reference) {
-            (Rule::Float, Values::F32(a), Values::F32(e)) => compare::compare_floats(a, e, &shape, self.tol),
-            (Rule::DsaSelection, Values::I64(a), Values::I64(e)) => compare::compare_dsa(a, e, &shape),
-            (Rule::ExpertSet, Values::I64(a), Values::I64(e)) => {
-                self.last_ids = Some(a.clone());
-                compare::compare_expert_sets(a, e, &shape)
+        if name.ends_with(".moe.topk_ids") {
+            if let Values::I64(ids) = &ours {
+                self.last_ids = Some(ids.clone());
             }
-            (Rule::ExpertWeights, Values::F32(a), Values::F32(e)) => {
-                let ref_ids_name = name.replace(".moe.topk_weights", ".moe.topk_ids");
-                let (ref_ids, our_ids) = match (self.golden.values(&ref_ids_name), &self.last_ids) {
-                    (Ok((Values::I64(r), _)), Some(o)) => (r, o.clone()),
-                    // Without ids on both sides, weights can only be compared position by position.
-                    _ => (Vec::new(), Vec::new()),
-                };
-                if ref_ids.is_empty() {
-                    compare::compare_floats(a, e, &shape, self.tol)
-                } else {
-                    compare::compare_expert_weights(&our_ids, a, &ref_ids, e, &shape, self.tol)
-                }
-            }
-            (Rule::Exact, Values::I64(a), Values::I64(e)) => compare::compare_expert_sets(
-                // Exact: compare each element as its own one-member set.
-                a,
-                e,
-                &[a.len(), 1],
-            ),
-            _ => return Err(kind_error()),
+        }
+        let ref_ids = match name.strip_suffix(".moe.topk_weights") {
+            Some(layer) => match self.golden.values(&format!("{layer}.moe.topk_ids")) {
+                Ok((Values::I64(ids), _)) => Some(ids),
+                _ => None,
+            },
+            None => None,
         };
-        Ok(Comparison { name: name.into(), ok, detail })
+        let ids = match (&self.last_ids, &ref_ids) {
+            (Some(a), Some(b)) => Some((a.as_slice(), b.as_slice())),
+            _ => None,
+        };
+        Ok(compare::compare_tensor(name, (&ours, &shape), (&reference, &ref_shape), ids, self.tol))
     }
 }
 
@@ -144,17 +123,20 @@ pub fn verify(model: &Model, golden: &Dump, tol: Tolerance, isolate: bool) -> Re
 pub fn format_line(c: &Comparison) -> String {
     let verdict = if c.ok { "ok" } else { "MISMATCH" };
     let body = match &c.detail {
-        Detail::Float { max_abs, worst_at, ours, reference, max_rel, bad, total } => {
+        Detail::Float { max_abs, worst_at, ours, reference, max_rel, bad, total, .. } => {
             let mut s = format!("max_abs {max_abs:9.3e}  max_rel {max_rel:9.3e}");
             if *bad > 0 {
                 s += &format!("  {bad}/{total} outside tol; worst at {worst_at:?}: ours {ours:e} ref {reference:e}");
             }
             s
         }
-        Detail::Sets { rows, differing, first } => {
-            let mut s = format!("{differing}/{rows} rows differ");
-            if let Some((at, ours, reference)) = first {
-                s += &format!("; first at {at:?}: only ours {ours:?}, only ref {reference:?}");
+        Detail::Sets { rows, flips, min_recall, .. } => {
+            let mut s = format!("{}/{rows} rows differ", flips.len());
+            if let Some(f) = flips.first() {
+                s += &format!(
+                    " (min recall {min_recall:.3}); first at {:?}: only ours {:?}, only ref {:?}",
+                    f.at, f.only_ours, f.only_reference
+                );
             }
             s
         }
