@@ -15,6 +15,7 @@ pub mod st;
 
 pub use error::{Error, Result};
 pub mod compare;
+pub mod diff;
 pub mod dump;
 pub mod inspect;
 pub mod layout;

@@ -14,7 +14,7 @@ use glimpse::error::{Error, Result};
 use glimpse::hooks::{NoObserver, Selector};
 use glimpse::model::{Model, Tokens};
 use glimpse::synth::{self, SynthDtype, SynthOptions};
-use glimpse::{inspect, verify};
+use glimpse::{diff, inspect, verify};
 
 /// The bundled default case: GLM-5's own layer pattern at toy size, with its transformers reference.
 const DEFAULT_CASE: &str = "golden/flat";
@@ -47,6 +47,26 @@ enum Command {
         /// Feed every layer the reference's own input, so errors do not spread between layers.
         #[arg(long)]
         isolate: bool,
+    },
+    /// Compare two dumps: the first hook point where they part ways, per-tensor errors, flips.
+    Diff {
+        /// Ours.
+        a: PathBuf,
+        /// The reference.
+        b: PathBuf,
+        #[arg(long, default_value_t = 1e-4)]
+        atol: f64,
+        #[arg(long, default_value_t = 1e-4)]
+        rtol: f64,
+        /// Per-name tolerance, `PATTERN=ATOL,RTOL` (`*` wildcard); repeatable, last match wins.
+        #[arg(long = "tol", value_name = "PATTERN=ATOL,RTOL")]
+        tols: Vec<String>,
+        /// Flips decided by a margin below this are near-ties.
+        #[arg(long, default_value_t = 1e-3)]
+        near_tie: f64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Describe a checkpoint: what its config means, parameters per block, dtypes, shards, MTP layer.
     Inspect {
@@ -147,6 +167,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("verify {} against {}", model_dir.display(), golden.display());
             let report = verify::verify(&model, &reference, tol, isolate)?;
             verify::print_report(&report, tol);
+            Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Diff { a, b, atol, rtol, tols, near_tie, json } => {
+            if !(atol >= 0.0 && rtol >= 0.0 && near_tie >= 0.0) {
+                return Err(Error::Usage("--atol, --rtol and --near-tie must be non-negative numbers".into()));
+            }
+            let per_name = tols.iter().map(|t| diff::parse_tol(t)).collect::<Result<Vec<_>>>()?;
+            let opts = diff::DiffOptions { tol: Tolerance { atol, rtol }, per_name, near_tie };
+            let report = diff::diff(&Dump::open(&a)?, &Dump::open(&b)?, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report.to_json(&a, &b)).unwrap_or_default());
+            } else {
+                print!("{}", report.render(&a, &b));
+            }
             Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Inspect { model } => {

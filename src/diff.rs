@@ -1,0 +1,242 @@
+//! `diff`: compare two dumps tensor by tensor with the engine `verify` uses, name the first hook
+//! point (in forward order) where they part ways, and list every routing and DSA flip with the
+//! margins that decided it, so a near-tie (rounding can flip it) is told apart from a real bug.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use crate::compare::{compare_tensor, Comparison, Detail, Flip, Tolerance};
+use crate::dump::{Dump, Values};
+use crate::error::{Error, Result};
+use crate::hooks::glob;
+
+#[derive(Debug, Clone)]
+pub struct DiffOptions {
+    pub tol: Tolerance,
+    /// `(pattern, tolerance)` overrides; the last pattern that matches a name wins.
+    pub per_name: Vec<(String, Tolerance)>,
+    /// Flips decided by a margin below this are near-ties.
+    pub near_tie: f64,
+}
+
+impl Default for DiffOptions {
+    fn default() -> Self {
+        DiffOptions { tol: Tolerance::default(), per_name: Vec::new(), near_tie: 1e-3 }
+    }
+}
+
+impl DiffOptions {
+    pub fn tol_for(&self, name: &str) -> Tolerance {
+        self.per_name.iter().rev().find(|(p, _)| glob(p, name)).map(|(_, t)| *t).unwrap_or(self.tol)
+    }
+}
+
+/// Parses `PATTERN=ATOL,RTOL`.
+pub fn parse_tol(s: &str) -> Result<(String, Tolerance)> {
+    let bad = || Error::Usage(format!("--tol \"{s}\": expected PATTERN=ATOL,RTOL, e.g. 'layers.*.logits=1e-3,1e-3'"));
+    let (pattern, nums) = s.split_once('=').ok_or_else(bad)?;
+    let (a, r) = nums.split_once(',').ok_or_else(bad)?;
+    let atol: f64 = a.trim().parse().map_err(|_| bad())?;
+    let rtol: f64 = r.trim().parse().map_err(|_| bad())?;
+    if pattern.is_empty() || !(atol >= 0.0 && rtol >= 0.0) {
+        return Err(bad());
+    }
+    Ok((pattern.to_string(), Tolerance { atol, rtol }))
+}
+
+pub struct DiffReport {
+    pub results: Vec<Comparison>,
+    pub only_a: Vec<String>,
+    pub only_b: Vec<String>,
+    pub near_tie: f64,
+}
+
+impl DiffReport {
+    pub fn all_match(&self) -> bool {
+        !self.results.is_empty() && self.results.iter().all(|c| c.ok)
+    }
+    /// The first tensor, in forward order, that does not match.
+    pub fn first_divergence(&self) -> Option<&Comparison> {
+        self.results.iter().find(|c| !c.ok)
+    }
+    pub fn flips(&self) -> impl Iterator<Item = (&str, &Flip)> {
+        self.results.iter().flat_map(|c| match &c.detail {
+            Detail::Sets { flips, .. } => flips.iter().map(|f| (c.name.as_str(), f)).collect::<Vec<_>>(),
+            _ => Vec::new(),
+        })
+    }
+}
+
+/// The margin tensor that decided the rows of a selection tensor, if the spec's extras name one.
+fn margin_name(name: &str) -> Option<String> {
+    if let Some(layer) = name.strip_suffix(".dsa.topk") {
+        Some(format!("{layer}.dsa.margin"))
+    } else {
+        name.strip_suffix(".moe.topk_ids").map(|layer| format!("{layer}.moe.margin"))
+    }
+}
+
+fn floats(d: &Dump, name: &str) -> Option<Vec<f32>> {
+    match d.values(name) {
+        Ok((Values::F32(v), _)) => Some(v),
+        _ => None,
+    }
+}
+
+fn ints(d: &Dump, name: &str) -> Option<Vec<i64>> {
+    match d.values(name) {
+        Ok((Values::I64(v), _)) => Some(v),
+        _ => None,
+    }
+}
+
+/// Compares `a` (ours) against `b` (the reference) on the names both hold.
+pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
+    let names_a = a.names();
+    let names_b = b.names();
+    let mut results = Vec::new();
+    for name in names_b.iter().filter(|n| names_a.contains(n)) {
+        let (va, sa) = a.values(name)?;
+        let (vb, sb) = b.values(name)?;
+        let ids = match name.strip_suffix(".moe.topk_weights") {
+            Some(layer) => {
+                let n = format!("{layer}.moe.topk_ids");
+                ints(a, &n).zip(ints(b, &n))
+            }
+            None => None,
+        };
+        let ids = ids.as_ref().map(|(x, y)| (x.as_slice(), y.as_slice()));
+        let mut c = compare_tensor(name, (&va, &sa), (&vb, &sb), ids, opts.tol_for(name));
+        if let (Detail::Sets { flips, .. }, Some(m)) = (&mut c.detail, margin_name(name)) {
+            let (ma, mb) = (floats(a, &m), floats(b, &m));
+            for f in flips.iter_mut() {
+                f.margin_ours = ma.as_ref().and_then(|v| v.get(f.row).copied());
+                f.margin_reference = mb.as_ref().and_then(|v| v.get(f.row).copied());
+            }
+        }
+        results.push(c);
+    }
+    Ok(DiffReport {
+        results,
+        only_a: names_a.iter().filter(|n| !names_b.contains(n)).cloned().collect(),
+        only_b: names_b.iter().filter(|n| !names_a.contains(n)).cloned().collect(),
+        near_tie: opts.near_tie,
+    })
+}
+
+fn f(x: f64) -> Value {
+    // JSON has no Inf/NaN: spell them as strings.
+    if x.is_finite() {
+        json!(x)
+    } else {
+        json!(x.to_string())
+    }
+}
+
+fn opt_f(x: Option<f32>) -> Value {
+    x.map(|v| f(v as f64)).unwrap_or(Value::Null)
+}
+
+pub fn comparison_json(c: &Comparison, near_tie: f64) -> Value {
+    let mut v = json!({ "name": c.name, "match": c.ok });
+    let detail = match &c.detail {
+        Detail::Float { max_abs, worst_at, ours, reference, max_rel, bad, total, mean_abs, nmse, cosine } => json!({
+            "kind": "float", "max_abs": f(*max_abs), "worst_at": worst_at, "ours": f(*ours as f64),
+            "reference": f(*reference as f64), "max_rel": f(*max_rel), "mean_abs": f(*mean_abs), "nmse": f(*nmse),
+            "cosine": f(*cosine), "outside_tolerance": bad, "elements": total,
+        }),
+        Detail::Sets { rows, mean_recall, min_recall, flips } => json!({
+            "kind": "sets", "rows": rows, "mean_recall": f(*mean_recall), "min_recall": f(*min_recall),
+            "flips": flips.iter().map(|fl| json!({
+                "row": fl.row, "at": fl.at, "only_ours": fl.only_ours, "only_reference": fl.only_reference,
+                "recall": f(fl.recall), "margin_ours": opt_f(fl.margin_ours),
+                "margin_reference": opt_f(fl.margin_reference),
+                "class": classify(fl, near_tie),
+            })).collect::<Vec<_>>(),
+        }),
+        Detail::Shape { ours, reference } => json!({ "kind": "shape", "ours": ours, "reference": reference }),
+    };
+    if let (Value::Object(m), Value::Object(d)) = (&mut v, detail) {
+        m.extend(d);
+    }
+    v
+}
+
+/// `near-tie`, `real`, or `unknown` when neither dump holds the margin.
+pub fn classify(fl: &Flip, near_tie: f64) -> &'static str {
+    match fl.margin() {
+        None => "unknown",
+        Some(_) if fl.near_tie(near_tie) => "near-tie",
+        Some(_) => "real",
+    }
+}
+
+impl DiffReport {
+    pub fn to_json(&self, a: &Path, b: &Path) -> Value {
+        json!({
+            "a": a.display().to_string(),
+            "b": b.display().to_string(),
+            "match": self.all_match(),
+            "first_divergence": self.first_divergence().map(|c| c.name.clone()),
+            "near_tie_threshold": self.near_tie,
+            "tensors": self.results.iter().map(|c| comparison_json(c, self.near_tie)).collect::<Vec<_>>(),
+            "only_in_a": self.only_a,
+            "only_in_b": self.only_b,
+        })
+    }
+
+    /// The report for a terminal: first divergence on top, one line per tensor, then the flips.
+    pub fn render(&self, a: &Path, b: &Path) -> String {
+        let mut out = format!("diff {} (ours) against {} (reference)\n", a.display(), b.display());
+        match self.first_divergence() {
+            Some(c) => out += &format!("first divergence: {}\n", c.name),
+            None if self.results.is_empty() => out += "no tensor names in common\n",
+            None => out += "no divergence\n",
+        }
+        for c in &self.results {
+            out += &crate::verify::format_line(c);
+            if let Detail::Float { mean_abs, nmse, cosine, .. } = &c.detail {
+                out += &format!("  mean_abs {mean_abs:.3e}  nmse {nmse:.3e}  cos {cosine:.6}");
+            }
+            if let Detail::Sets { mean_recall, .. } = &c.detail {
+                out += &format!("  mean recall {mean_recall:.4}");
+            }
+            out.push('\n');
+        }
+        let flips: Vec<_> = self.flips().collect();
+        if !flips.is_empty() {
+            let near = flips.iter().filter(|(_, fl)| fl.near_tie(self.near_tie)).count();
+            out += &format!(
+                "{} flips: {near} near-tie (margin < {:e}), {} real or unknown\n",
+                flips.len(),
+                self.near_tie,
+                flips.len() - near
+            );
+            for (name, fl) in flips.iter().take(50) {
+                let m = |x: Option<f32>| x.map(|v| format!("{v:.3e}")).unwrap_or_else(|| "-".into());
+                out += &format!(
+                    "  {name} {:?}: only ours {:?}, only ref {:?}, margin ours {} ref {} -> {}\n",
+                    fl.at,
+                    fl.only_ours,
+                    fl.only_reference,
+                    m(fl.margin_ours),
+                    m(fl.margin_reference),
+                    classify(fl, self.near_tie)
+                );
+            }
+            if flips.len() > 50 {
+                out += &format!("  ... and {} more (see --json)\n", flips.len() - 50);
+            }
+        }
+        for n in &self.only_a {
+            out += &format!("only in {}: {n}\n", a.display());
+        }
+        for n in &self.only_b {
+            out += &format!("only in {}: {n}\n", b.display());
+        }
+        let bad = self.results.iter().filter(|c| !c.ok).count();
+        out += &format!("{} of {} common tensors match\n", self.results.len() - bad, self.results.len());
+        out
+    }
+}
