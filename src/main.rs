@@ -74,15 +74,19 @@ enum Command {
         model: PathBuf,
     },
     /// Run the model on token ids or a text prompt, optionally recording hook points to a dump.
+    #[command(group(clap::ArgGroup::new("input").required(true)))]
     Run {
         #[arg(long)]
         model: PathBuf,
         /// Comma-separated token ids; `;` separates batch rows of equal length.
-        #[arg(long, conflicts_with = "prompt", required_unless_present = "prompt")]
+        #[arg(long, group = "input")]
         tokens: Option<String>,
         /// Text, encoded with the checkpoint's tokenizer.json.
-        #[arg(long)]
+        #[arg(long, group = "input")]
         prompt: Option<String>,
+        /// The `input_ids` of a dump (e.g. a golden reference), to rerun exactly its tokens.
+        #[arg(long, group = "input", value_name = "DUMP")]
+        tokens_from: Option<PathBuf>,
         /// Write a glm5-dump/1 file here (atomically: temporary file, then rename).
         #[arg(long)]
         dump: Option<PathBuf>,
@@ -188,15 +192,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", inspect::describe(&ckpt)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { model, tokens, prompt, dump: out, record, layers } => {
+        Command::Run { model, tokens, prompt, tokens_from, dump: out, record, layers } => {
             let ckpt = Checkpoint::open(&model)?;
-            let tokens = match (tokens, prompt) {
-                (Some(t), _) => parse_tokens(&t)?,
-                (None, Some(p)) => {
+            let tokens = match (tokens, prompt, tokens_from) {
+                (Some(t), _, _) => parse_tokens(&t)?,
+                (_, Some(p), _) => {
                     let ids = glimpse::tokenizer::encode(&model, &p)?;
                     Tokens::new(1, ids.len(), ids)?
                 }
-                (None, None) => return Err(Error::Usage("give --tokens or --prompt".into())),
+                (_, _, Some(d)) => Dump::open(&d)?.tokens()?,
+                _ => return Err(Error::Usage("give --tokens, --prompt or --tokens-from".into())),
             };
             let model_ = Model::load(&ckpt)?;
             let selector = Selector::new(&record, layers);

@@ -1,0 +1,244 @@
+//! Hook points, dumps and `diff`: every hook point fires with the shape the spec (and our extra
+//! names) promise, a recorded dump round-trips, `run --dump` of a golden case's tokens diffs clean
+//! against that case, and `diff` tells a perturbed tensor or a changed routing set from a mere
+//! reordering of set rows or a change in their padding.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use glimpse::checkpoint::Checkpoint;
+use glimpse::config::{IndexerKind, MlpKind};
+use glimpse::dump::{Dump, DumpWriter, Values};
+use glimpse::hooks::{HookPoint, LayerHook, Recorder, Selector};
+use glimpse::model::Model;
+use glimpse::st::{self, Entry};
+
+fn golden(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case)
+}
+
+fn everything() -> Selector {
+    Selector::new("*,*.dsa.scores", None)
+}
+
+#[test]
+fn every_hook_point_fires_with_the_right_shapes() {
+    let dir = golden("grouped-shared-yarn");
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let c = ckpt.config.clone();
+    let model = Model::load(&ckpt).unwrap();
+    let tokens = Dump::open(&dir.join("reference.safetensors")).unwrap().tokens().unwrap();
+    let (b, s) = (tokens.batch, tokens.seq);
+    let mut rec = Recorder::new(everything());
+    model.forward(&tokens, &mut rec).unwrap();
+
+    let (h, n, e, k, kk) = (c.hidden_size, b * s, c.n_routed_experts, c.num_experts_per_tok, c.index_k(s));
+    let shape = |p: HookPoint| rec.get(p).map(|t| t.dims().to_vec());
+    assert_eq!(shape(HookPoint::InputIds), Some(vec![b, s]));
+    assert_eq!(shape(HookPoint::Embeddings), Some(vec![b, s, h]));
+    assert_eq!(shape(HookPoint::FinalNorm), Some(vec![b, s, h]));
+    assert_eq!(shape(HookPoint::Logits), Some(vec![b, s, c.vocab_size]));
+    for i in 0..c.num_hidden_layers {
+        let moe = c.mlp_layer_types[i] == MlpKind::Moe;
+        let full = c.indexer_types[i] == IndexerKind::Full;
+        for hook in LayerHook::ALL {
+            use LayerHook::*;
+            let want: Option<Vec<usize>> = match hook {
+                InputNorm | AttnOut | PostAttnNorm | MlpOut | Output => Some(vec![b, s, h]),
+                QLatent => Some(vec![b, s, c.q_lora_rank]),
+                KvLatent => Some(vec![b, s, c.kv_lora_rank]),
+                KvNormPre | KvNorm | KRopeNorm => Some(vec![b, s]),
+                DsaTopk => Some(vec![b, s, kk]),
+                DsaScores => full.then(|| vec![b, s, s]),
+                DsaMargin => full.then(|| vec![b, s]),
+                RouterLogits | RouterScores | RouterBiasedScores => moe.then(|| vec![n, e]),
+                TopkIds | TopkWeights => moe.then(|| vec![n, k]),
+                RouterMargin | BiasChanged => moe.then(|| vec![n]),
+            };
+            assert_eq!(shape(HookPoint::Layer(i, hook)), want, "layers.{i}.{}", hook.suffix());
+        }
+    }
+    // Recorded in forward order, each point once.
+    let points: Vec<HookPoint> = rec.tensors.iter().map(|(p, _)| *p).collect();
+    let mut sorted = points.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(points, sorted);
+
+    // The extras agree with the spec tensors they summarise.
+    let t = |p| rec.get(p).unwrap().flatten_all().unwrap();
+    let kv = t(HookPoint::Layer(0, LayerHook::KvLatent)).to_vec1::<f32>().unwrap();
+    let norm0 = t(HookPoint::Layer(0, LayerHook::KvNorm)).to_vec1::<f32>().unwrap()[0];
+    let by_hand = kv[..c.kv_lora_rank].iter().map(|x| x * x).sum::<f32>().sqrt();
+    approx::assert_relative_eq!(norm0, by_hand, max_relative = 1e-5);
+    let logits = t(HookPoint::Layer(1, LayerHook::RouterLogits)).to_vec1::<f32>().unwrap();
+    let scores = t(HookPoint::Layer(1, LayerHook::RouterScores)).to_vec1::<f32>().unwrap();
+    approx::assert_relative_eq!(scores[3], 1.0 / (1.0 + (-logits[3]).exp()), max_relative = 1e-6);
+}
+
+#[test]
+fn a_recorded_dump_round_trips() {
+    let dir = golden("flat");
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let model = Model::load(&ckpt).unwrap();
+    let tokens = Dump::open(&dir.join("reference.safetensors")).unwrap().tokens().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("run.safetensors");
+    let mut rec = Recorder::new(everything());
+    model.forward(&tokens, &mut rec).unwrap();
+    let mut writer = DumpWriter::create(&path, everything()).unwrap();
+    model.forward(&tokens, &mut writer).unwrap();
+    let meta = glimpse::dump::metadata("test", Some(&ckpt.config_bytes), None);
+    assert_eq!(writer.finish(&meta).unwrap(), rec.tensors.len());
+    // Only the dump is left: the spill file is gone.
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+
+    let dump = Dump::open(&path).unwrap();
+    assert_eq!(dump.tokens().unwrap(), tokens);
+    assert_eq!(dump.metadata().get("config_sha256"), Some(&glimpse::dump::sha256_hex(&ckpt.config_bytes)));
+    for (p, t) in &rec.tensors {
+        let (values, shape) = dump.values(&p.name()).unwrap();
+        assert_eq!(shape, t.dims(), "{}", p.name());
+        let flat = t.flatten_all().unwrap();
+        match values {
+            Values::F32(v) => assert_eq!(v, flat.to_vec1::<f32>().unwrap(), "{}", p.name()),
+            Values::I64(v) => assert_eq!(v, flat.to_vec1::<i64>().unwrap(), "{}", p.name()),
+        }
+    }
+}
+
+fn glimpse(args: &[&str]) -> (i32, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_glimpse")).args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(!text.contains("panicked"), "{text}");
+    (o.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn run_dump_of_a_golden_case_diffs_clean_against_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    for case in ["flat", "grouped-shared-yarn", "fp8-sharded", "bf16-fused"] {
+        let dir = golden(case);
+        let reference = dir.join("reference.safetensors");
+        let out = tmp.path().join(format!("{case}.safetensors"));
+        let (code, text) = glimpse(&[
+            "run",
+            "--model",
+            dir.to_str().unwrap(),
+            "--tokens-from",
+            reference.to_str().unwrap(),
+            "--dump",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{text}");
+        let (code, text) = glimpse(&["diff", out.to_str().unwrap(), reference.to_str().unwrap()]);
+        assert_eq!(code, 0, "{case}: {text}");
+        assert!(text.contains("no divergence"), "{text}");
+    }
+}
+
+/// Every tensor of a dump, to edit and write back.
+fn load_all(path: &Path) -> (Vec<(String, Values, Vec<usize>)>, BTreeMap<String, String>) {
+    let d = Dump::open(path).unwrap();
+    let tensors = d
+        .names()
+        .into_iter()
+        .map(|n| {
+            let (v, s) = d.values(&n).unwrap();
+            (n, v, s)
+        })
+        .collect();
+    let meta = d.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    (tensors, meta)
+}
+
+fn save_all(path: &Path, tensors: &[(String, Values, Vec<usize>)], meta: &BTreeMap<String, String>) {
+    let entries: Vec<(String, Entry)> = tensors
+        .iter()
+        .map(|(n, v, s)| {
+            let e = match v {
+                Values::F32(x) => Entry::f32(s.clone(), x),
+                Values::I64(x) => Entry::i64(s.clone(), x),
+            };
+            (n.clone(), e)
+        })
+        .collect();
+    st::write(path, &entries, meta).unwrap();
+}
+
+fn edited(tmp: &Path, name: &str, edit: impl FnOnce(&mut Vec<(String, Values, Vec<usize>)>)) -> PathBuf {
+    let (mut tensors, meta) = load_all(&golden("flat").join("reference.safetensors"));
+    edit(&mut tensors);
+    let out = tmp.join(name);
+    save_all(&out, &tensors, &meta);
+    out
+}
+
+fn ints<'a>(t: &'a mut [(String, Values, Vec<usize>)], name: &str) -> (Vec<usize>, &'a mut Vec<i64>) {
+    let (_, v, s) = t.iter_mut().find(|(n, _, _)| n == name).unwrap();
+    match v {
+        Values::I64(x) => (s.clone(), x),
+        _ => panic!("{name} is not an index tensor"),
+    }
+}
+
+#[test]
+fn diff_names_the_perturbed_tensor_and_ignores_set_order_and_padding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = golden("flat").join("reference.safetensors");
+    let r = reference.to_str().unwrap();
+
+    let perturbed = edited(tmp.path(), "perturbed.safetensors", |t| {
+        let (_, v, _) = t.iter_mut().find(|(n, _, _)| n == "layers.2.attn.out").unwrap();
+        let Values::F32(x) = v else { panic!() };
+        x[100] += 0.01;
+    });
+    let (code, text) = glimpse(&["diff", perturbed.to_str().unwrap(), r]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("first divergence: layers.2.attn.out"), "{text}");
+
+    let rerouted = edited(tmp.path(), "rerouted.safetensors", |t| {
+        let (shape, ids) = ints(t, "layers.3.moe.topk_ids");
+        let k = shape[1];
+        let row = &mut ids[5 * k..6 * k];
+        let unused = (0..16).find(|e| !row.contains(e)).unwrap();
+        row[0] = unused;
+    });
+    let (code, text) = glimpse(&["diff", rerouted.to_str().unwrap(), r]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("first divergence: layers.3.moe.topk_ids"), "{text}");
+    assert!(text.contains("1 flips"), "{text}");
+
+    // Reversing every row of every set tensor (weights follow their ids) and rewriting the
+    // padding past the causal limit are not differences.
+    let reordered = edited(tmp.path(), "reordered.safetensors", |t| {
+        let names: Vec<String> = t.iter().map(|(n, _, _)| n.clone()).collect();
+        for name in names.iter().filter(|n| n.ends_with(".dsa.topk") || n.ends_with(".moe.topk_ids")) {
+            let (shape, ids) = ints(t, name);
+            let k = *shape.last().unwrap();
+            let seq = if name.ends_with(".dsa.topk") { shape[1] } else { usize::MAX };
+            for (r, row) in ids.chunks_mut(k).enumerate() {
+                row.reverse();
+                if seq != usize::MAX {
+                    for x in row.iter_mut().filter(|x| **x as usize > r % seq) {
+                        *x = (seq - 1) as i64; // still padding: past the causal limit
+                    }
+                }
+            }
+            if let Some(layer) = name.strip_suffix(".moe.topk_ids") {
+                let wname = format!("{layer}.moe.topk_weights");
+                let (_, v, _) = t.iter_mut().find(|(n, _, _)| *n == wname).unwrap();
+                let Values::F32(w) = v else { panic!() };
+                w.chunks_mut(k).for_each(|row| row.reverse());
+            }
+        }
+    });
+    let (code, text) = glimpse(&["diff", reordered.to_str().unwrap(), r]);
+    assert_eq!(code, 0, "{text}");
+    let (code, json) = glimpse(&["diff", "--json", reordered.to_str().unwrap(), r]);
+    assert_eq!(code, 0, "{json}");
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(v["match"], true);
+    assert!(v["first_divergence"].is_null());
+}
