@@ -47,6 +47,12 @@ enum Command {
         /// Feed every layer the reference's own input, so errors do not spread between layers.
         #[arg(long)]
         isolate: bool,
+        /// Replay the reference's expert choices (counterfactual: what error is left without routing flips).
+        #[arg(long)]
+        force_routing: bool,
+        /// Replay the reference's DSA selections.
+        #[arg(long)]
+        force_selection: bool,
     },
     /// Compare two dumps: the first hook point where they part ways, per-tensor errors, flips.
     Diff {
@@ -149,7 +155,7 @@ fn default_case() -> PathBuf {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Verify { model, golden, atol, rtol, isolate } => {
+        Command::Verify { model, golden, atol, rtol, isolate, force_routing, force_selection } => {
             let model_dir = model.unwrap_or_else(default_case);
             let golden = golden.unwrap_or_else(|| model_dir.join("reference.safetensors"));
             let tol = Tolerance { atol, rtol };
@@ -169,8 +175,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let model = Model::load(&ckpt)?;
             println!("verify {} against {}", model_dir.display(), golden.display());
-            let report = verify::verify(&model, &reference, tol, isolate)?;
+            let replay = verify::Replay { routing: force_routing, selection: force_selection };
+            let report = verify::verify_with(&model, &reference, tol, isolate, replay)?;
             verify::print_report(&report, tol);
+            if replay != verify::Replay::default() {
+                let free = verify::verify(&model, &reference, tol, isolate)?;
+                println!("replay of the reference's {}: error without -> with replay", replay_what(replay));
+                for line in verify::attribution(&free, &report) {
+                    println!("  {line}");
+                }
+            }
             Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Diff { a, b, atol, rtol, tols, near_tie, json } => {
@@ -284,5 +298,13 @@ fn parse_range(s: &str) -> std::result::Result<std::ops::RangeInclusive<usize>, 
             Ok(a..=b)
         }
         None => num(s).map(|a| a..=a),
+    }
+}
+
+fn replay_what(r: verify::Replay) -> &'static str {
+    match (r.routing, r.selection) {
+        (true, true) => "expert choices and DSA selections",
+        (true, false) => "expert choices",
+        _ => "DSA selections",
     }
 }

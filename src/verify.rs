@@ -18,6 +18,7 @@ use crate::model::Model;
 pub struct Verifier<'a> {
     golden: &'a Dump,
     tol: Tolerance,
+    replay: Replay,
     pub results: Vec<Comparison>,
     /// Our `moe.topk_ids` of the current layer, to align `moe.topk_weights` by expert.
     last_ids: Option<Vec<i64>>,
@@ -25,7 +26,7 @@ pub struct Verifier<'a> {
 
 impl<'a> Verifier<'a> {
     pub fn new(golden: &'a Dump, tol: Tolerance) -> Self {
-        Verifier { golden, tol, results: Vec::new(), last_ids: None }
+        Verifier { golden, tol, replay: Replay::default(), results: Vec::new(), last_ids: None }
     }
 
     fn compare(&mut self, name: &str, ours: &Tensor) -> Result<Comparison> {
@@ -64,6 +65,46 @@ impl Observer for Verifier<'_> {
         self.results.push(c);
         Ok(())
     }
+
+    fn forced_selection(&mut self, layer: usize) -> Result<Option<Selection>> {
+        let name = HookPoint::Layer(layer, LayerHook::DsaTopk).name();
+        if !self.replay.selection || !self.golden.contains(&name) {
+            return Ok(None);
+        }
+        let (Values::I64(idx), shape) = self.golden.values(&name)? else {
+            return Err(Error::dump(&self.golden.path, format!("`{name}` must be an integer tensor")));
+        };
+        let [batch, seq, k] = shape[..] else {
+            return Err(Error::dump(&self.golden.path, format!("`{name}` must be [B, S, K], got {shape:?}")));
+        };
+        // Out-of-range entries can only be padding; map them past every query so the mask drops them.
+        let idx = idx.iter().map(|&i| usize::try_from(i).unwrap_or(usize::MAX).min(seq)).collect();
+        Ok(Some(Selection { batch, seq, k, idx, margin: vec![f32::NAN; batch * seq] }))
+    }
+
+    fn forced_routing(&mut self, layer: usize) -> Result<Option<Vec<Vec<usize>>>> {
+        let name = HookPoint::Layer(layer, LayerHook::TopkIds).name();
+        if !self.replay.routing || !self.golden.contains(&name) {
+            return Ok(None);
+        }
+        let (Values::I64(ids), shape) = self.golden.values(&name)? else {
+            return Err(Error::dump(&self.golden.path, format!("`{name}` must be an integer tensor")));
+        };
+        let k = shape.last().copied().unwrap_or(1).max(1);
+        let rows =
+            ids.chunks(k).map(|row| row.iter().map(|&i| usize::try_from(i).unwrap_or(usize::MAX)).collect()).collect();
+        Ok(Some(rows))
+    }
+}
+
+/// Counterfactual replay: take the reference's decisions instead of our own, so what remains of
+/// the difference is arithmetic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replay {
+    /// Use the reference's `moe.topk_ids` (weights still from our router scores).
+    pub routing: bool,
+    /// Use the reference's `dsa.topk`.
+    pub selection: bool,
 }
 
 pub struct Report {
@@ -85,8 +126,13 @@ impl Report {
 /// Runs the dump's tokens and compares. In `isolate` mode every layer's input (and the final
 /// norm's) is the reference's `layers.{i-1}.output` (`embeddings` for layer 0).
 pub fn verify(model: &Model, golden: &Dump, tol: Tolerance, isolate: bool) -> Result<Report> {
+    verify_with(model, golden, tol, isolate, Replay::default())
+}
+
+pub fn verify_with(model: &Model, golden: &Dump, tol: Tolerance, isolate: bool, replay: Replay) -> Result<Report> {
     let tokens = golden.tokens()?;
     let mut v = Verifier::new(golden, tol);
+    v.replay = replay;
     if isolate {
         let rope = model.rope_tables(tokens.seq);
         let ours = model.embed(&tokens, &mut v)?;
@@ -161,4 +207,28 @@ pub fn print_report(r: &Report, tol: Tolerance) {
         tol.atol,
         tol.rtol
     );
+}
+
+/// How much of the difference the flips caused: for each float tensor compared in both runs, the
+/// NMSE without and with replay, and the share of the error that replay removed. Only the final
+/// tensors (`final_norm`, `logits`) and each layer's `output` are listed.
+pub fn attribution(free: &Report, replayed: &Report) -> Vec<String> {
+    let nmse = |r: &Report, name: &str| {
+        r.results.iter().find(|c| c.name == name).and_then(|c| match c.detail {
+            Detail::Float { nmse, max_abs, .. } => Some((nmse, max_abs)),
+            _ => None,
+        })
+    };
+    free.results
+        .iter()
+        .filter(|c| c.name.ends_with(".output") || c.name == "final_norm" || c.name == "logits")
+        .filter_map(|c| {
+            let ((n0, a0), (n1, a1)) = (nmse(free, &c.name)?, nmse(replayed, &c.name)?);
+            let share = if n0 > 0.0 { format!("{:.1}%", 100.0 * (1.0 - n1 / n0).max(0.0)) } else { "-".into() };
+            Some(format!(
+                "{:<22} nmse {n0:9.3e} -> {n1:9.3e}  max_abs {a0:9.3e} -> {a1:9.3e}  explained by flips: {share}",
+                c.name
+            ))
+        })
+        .collect()
 }

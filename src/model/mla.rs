@@ -103,6 +103,12 @@ impl Attention {
         // DSA: this layer's selection (or the shared one), then attention over it only.
         self.indexer.select(layer, x, &q_latent, rope, sel, obs)?;
         if let Some(forced) = obs.forced_selection(layer)? {
+            if (forced.batch, forced.seq) != (b, s) || forced.idx.len() != b * s * forced.k {
+                return Err(crate::error::Error::Usage(format!(
+                    "layer {layer}: the replayed selection is for batch {} x seq {}, the run is {b} x {s}",
+                    forced.batch, forced.seq
+                )));
+            }
             *sel = Some(forced);
         }
         let selection = sel.as_ref().ok_or_else(|| crate::error::Error::Usage("no DSA selection".into()))?;
