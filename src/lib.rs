@@ -6,6 +6,7 @@
 //! - [`dump`] reads and writes `glm5-dump/1` files, [`compare`] checks one against another;
 //! - [`synth`] writes random-weight checkpoints in the released layout.
 
+pub mod audit;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -17,6 +18,7 @@ pub use error::{Error, Result};
 pub mod compare;
 pub mod diff;
 pub mod dump;
+pub mod heatmap;
 pub mod inspect;
 pub mod layout;
 pub mod synth;

@@ -6,6 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use std::io::IsTerminal;
+
+use glimpse::audit::{Audit, AuditObserver};
 use glimpse::checkpoint::Checkpoint;
 use glimpse::compare::Tolerance;
 use glimpse::dump::DumpWriter;
@@ -73,6 +76,28 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Expert load balance per MoE layer, over prompts (run live) or over the routing dumps recorded.
+    #[command(group(clap::ArgGroup::new("source").required(true)))]
+    Audit {
+        /// Checkpoint folder: needed with --prompts; with --dump it adds each expert's bias.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// One prompt per line: comma-separated token ids, or text (needs the model's tokenizer.json).
+        #[arg(long, group = "source")]
+        prompts: Option<PathBuf>,
+        /// Dumps holding `layers.*.moe.topk_ids` (repeatable).
+        #[arg(long = "dump", group = "source")]
+        dumps: Vec<PathBuf>,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Write per-(layer, expert) counts as CSV here.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        /// Write the layer x expert load heatmap here (SVG).
+        #[arg(long)]
+        heatmap: Option<PathBuf>,
     },
     /// Describe a checkpoint: what its config means, parameters per block, dtypes, shards, MTP layer.
     Inspect {
@@ -201,6 +226,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
+        Command::Audit { model, prompts, dumps, json, csv, heatmap } => {
+            let audit = run_audit(model.as_deref(), prompts.as_deref(), &dumps)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&audit.to_json()).unwrap_or_default());
+            } else {
+                print!("{}", audit.table());
+            }
+            if let Some(path) = csv {
+                write_file(&path, audit.to_csv().as_bytes())?;
+                eprintln!("wrote {}", path.display());
+            }
+            if let Some(path) = heatmap {
+                let title = model.as_ref().map(|m| m.display().to_string()).unwrap_or_else(|| "routing dumps".into());
+                write_file(&path, glimpse::heatmap::svg(&audit, &title).as_bytes())?;
+                eprintln!("wrote {}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Inspect { model } => {
             let ckpt = Checkpoint::open(&model)?;
             print!("{}", inspect::describe(&ckpt)?);
@@ -307,4 +350,90 @@ fn replay_what(r: verify::Replay) -> &'static str {
         (true, false) => "expert choices",
         _ => "DSA selections",
     }
+}
+
+/// Writes a report file atomically (temporary file, then rename).
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn run_audit(model_dir: Option<&Path>, prompts: Option<&Path>, dumps: &[PathBuf]) -> Result<Audit> {
+    let model = match model_dir {
+        Some(dir) => Some(Model::load(&Checkpoint::open(dir)?)?),
+        None => None,
+    };
+    let mut audit = Audit::new(model.as_ref().map_or(0, |m| m.config.n_routed_experts));
+    if let Some(m) = &model {
+        for layer in &m.layers {
+            if let glimpse::model::layer::Ffn::Moe(moe) = &layer.mlp {
+                audit.set_bias(layer.index, moe.e_score_correction_bias.clone());
+            }
+        }
+    }
+    if let Some(path) = prompts {
+        let (Some(m), Some(dir)) = (&model, model_dir) else {
+            return Err(Error::Usage("--prompts needs --model".into()));
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        if lines.is_empty() {
+            return Err(Error::Usage(format!("{}: no prompts (one per line)", path.display())));
+        }
+        let progress = std::io::stderr().is_terminal();
+        for (n, line) in lines.iter().enumerate() {
+            let is_ids = line.split(',').all(|t| t.trim().parse::<u32>().is_ok());
+            let tokens = if is_ids {
+                parse_tokens(line)?
+            } else {
+                let ids = glimpse::tokenizer::encode(dir, line)?;
+                Tokens::new(1, ids.len(), ids)?
+            };
+            if progress {
+                eprint!("\raudit: prompt {}/{}", n + 1, lines.len());
+            }
+            m.forward(&tokens, &mut AuditObserver::new(&mut audit))
+                .map_err(|e| Error::Usage(format!("{}: prompt {}: {e}", path.display(), n + 1)))?;
+            audit.prompts += 1;
+        }
+        if progress {
+            eprintln!();
+        }
+    }
+    for path in dumps {
+        let d = Dump::open(path)?;
+        let mut found = false;
+        for name in d.names() {
+            let Some(layer) = name.strip_prefix("layers.").and_then(|r| r.strip_suffix(".moe.topk_ids")) else {
+                continue;
+            };
+            let Ok(i) = layer.parse::<usize>() else { continue };
+            let (dump::Values::I64(ids), shape) = d.values(&name)? else {
+                return Err(Error::dump(path, format!("`{name}` must be an integer tensor")));
+            };
+            if audit.experts == 0 {
+                // Without a model, the expert count comes from the router's width, else the ids.
+                audit.experts = d
+                    .shape(&format!("layers.{i}.moe.router_logits"))
+                    .and_then(|s| s.last().copied())
+                    .unwrap_or_else(|| ids.iter().copied().max().map_or(0, |m| m as usize + 1));
+            }
+            let flags = match d.values(&format!("layers.{i}.moe.bias_changed")) {
+                Ok((dump::Values::I64(f), _)) => Some(f),
+                _ => None,
+            };
+            if let Some(bad) = audit.add(i, &ids, shape.last().copied().unwrap_or(1), flags.as_deref()) {
+                return Err(Error::dump(path, format!("`{name}` holds expert id {bad}, outside 0..{}", audit.experts)));
+            }
+            found = true;
+        }
+        if !found {
+            return Err(Error::dump(path, "holds no `layers.*.moe.topk_ids` to audit"));
+        }
+        audit.prompts += 1;
+    }
+    Ok(audit)
 }

@@ -1,0 +1,1009 @@
+#!/usr/bin/env python3
+"""Golden-reference generator for glimpse (GLM-5, HF `model_type: glm_moe_dsa`).
+
+For each case it builds a tiny random GLM-5 checkpoint in the *released* layout, runs the
+transformers reference forward (eager, float32, CPU) on it, and writes
+
+    golden/<case>/config.json               plain HF config (only the keys set here)
+    golden/<case>/model*.safetensors        weights (+ model.safetensors.index.json when sharded)
+    golden/<case>/reference.safetensors     activation dump, format `glm5-dump/1`
+
+Everything is deterministic: a case's seed drives the weights and the token stream. A seed is
+accepted only when every top-k selection of the reference (DSA indexer and MoE routing) is
+clear of near-ties (margin > MARGIN_MIN) and float64 makes the same selections; otherwise the
+next seed is tried (see `find_seed`).
+
+    /work/venv/bin/python golden/generate.py [--out golden] [--case NAME ...]
+
+Semantics follow transformers 5.24.0 `models/glm_moe_dsa/modeling_glm_moe_dsa.py`; the dump
+names follow shared/spec/dump-format.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+import safetensors
+import safetensors.torch
+import torch
+import transformers
+from safetensors import safe_open
+from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
+from transformers.models.glm_moe_dsa import modeling_glm_moe_dsa as glm
+
+DUMP_FORMAT = "glm5-dump/1"
+GENERATOR = "golden/generate.py"
+MARGIN_MIN = 1e-3  # absolute; indexer and routing scores are O(0.1..10)
+MAX_SEED_TRIES = 2000
+FP8_BLOCK = 128
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+# Projection leaves that the FP8 checkpoint stores as block-quantised F8_E4M3 (+ weight_scale_inv).
+FP8_QUANTISED_LEAVES = {
+    "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",  # MLA
+    "wq_b", "wk",  # indexer (weights_proj stays bf16)
+    "gate_proj", "up_proj", "down_proj",  # dense MLP, routed experts, shared experts
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    name: str
+    description: str
+    config: dict  # exactly what goes into config.json
+    batch: int
+    seq: int
+    seed: int  # first seed tried
+    storage: str  # "f32" | "fp8" | "bf16"
+    fused_experts: bool = False  # store experts as transformers' fused in-memory tensors
+    shards: int = 1
+    indexer_types: tuple[str, ...] | None = None  # what transformers must derive (checked)
+
+
+def _base_config(**overrides) -> dict:
+    """Keys every case sets explicitly (like a released config.json), then per-case overrides."""
+    cfg = {
+        "architectures": ["GlmMoeDsaForCausalLM"],
+        "model_type": "glm_moe_dsa",
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "moe_intermediate_size": 32,
+        "num_hidden_layers": 5,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 48,
+        "kv_lora_rank": 32,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 16,
+        "n_routed_experts": 16,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 4,
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "first_k_dense_replace": 2,
+        "index_n_heads": 8,
+        "index_head_dim": 16,
+        "index_topk": 8,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+        "num_nextn_predict_layers": 1,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "dtype": "float32",
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def build_cases() -> dict[str, Case]:
+    cases = [
+        Case(
+            name="flat",
+            description=(
+                "GLM-5's own pattern at toy size: 5 layers (0-1 dense SwiGLU, 2-4 MoE), every layer a full "
+                "DSA indexer (index_topk 8 of S=32, so DSA drops keys), flat sigmoid routing 16 experts "
+                "top-4 + 1 shared with non-zero e_score_correction_bias, norm_topk_prob, scaling 2.5, "
+                "default interleaved RoPE theta 1e4, untied lm_head, MTP layer model.layers.5.* present "
+                "(random, unused by the forward), batch 1, single F32 model.safetensors."
+            ),
+            config=_base_config(),
+            batch=1,
+            seq=32,
+            seed=1000,
+            storage="f32",
+        ),
+        Case(
+            name="grouped-shared-yarn",
+            description=(
+                "Grouped routing (16 experts, n_group 4, topk_group 2, top-4, scaling 1.5), cross-layer "
+                "indexer sharing from index_topk_freq 2 / index_skip_topk_offset 1 which transformers "
+                "derives to indexer_types [full, shared, full, shared] (layers 1 and 3 have no indexer "
+                "weights and reuse the previous full layer's top-k), 3 attention heads, YaRN RoPE "
+                "(factor 4, original_max_position_embeddings 64, beta 32/1, mscale 1/1: softmax scale "
+                "x mscale^2, cos/sin unscaled), batch 2 with different tokens per row, S=40, "
+                "index_topk 12, layer 0 dense, hidden 48 / q_lora 32 / kv_lora 24 / moe_intermediate 16 / "
+                "vocab 128, no MTP, single F32 model.safetensors."
+            ),
+            config=_base_config(
+                # Narrower than `flat` (hidden 48, q/kv ranks 32/24, moe_intermediate 16, vocab 128)
+                # to keep the committed files small; also exercises hidden != 64.
+                vocab_size=128,
+                hidden_size=48,
+                intermediate_size=64,
+                moe_intermediate_size=16,
+                q_lora_rank=32,
+                kv_lora_rank=24,
+                num_hidden_layers=4,
+                first_k_dense_replace=1,
+                num_attention_heads=3,
+                num_key_value_heads=3,
+                n_group=4,
+                topk_group=2,
+                routed_scaling_factor=1.5,
+                index_topk=12,
+                index_topk_freq=2,
+                index_skip_topk_offset=1,
+                rope_parameters={
+                    "rope_type": "yarn",
+                    "rope_theta": 10000.0,
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                    "beta_fast": 32,
+                    "beta_slow": 1,
+                    "mscale": 1.0,
+                    "mscale_all_dim": 1.0,
+                },
+                max_position_embeddings=256,
+                num_nextn_predict_layers=0,
+            ),
+            batch=2,
+            seq=40,
+            seed=2000,
+            storage="f32",
+            indexer_types=("full", "shared", "full", "shared"),
+        ),
+        Case(
+            name="fp8-sharded",
+            description=(
+                "Block-FP8 checkpoint (GLM-5-FP8 layout): every attention, indexer wq_b / wk, dense, "
+                "expert and shared-expert projection stored as F8_E4M3 with an F32 weight_scale_inv "
+                "[ceil(out/128), ceil(in/128)]; dims are not multiples of 128 so edge blocks are partial. "
+                "embed_tokens, lm_head, norms (incl. indexer k_norm weight/bias), router gate.weight and "
+                "indexer.weights_proj stay BF16 (no weight_scale_inv), e_score_correction_bias F32. "
+                "The reference ran in float32 on the DEQUANTISED weights (q.float() * scale per 128x128 "
+                "block). 3 layers (layer 0 dense), 8 experts top-2 flat, 2 heads, index_topk 10 of S=24, "
+                "no MTP, sharded into 3 files with model.safetensors.index.json; layers straddle shard "
+                "boundaries."
+            ),
+            config=_base_config(
+                vocab_size=200,
+                hidden_size=160,
+                intermediate_size=200,
+                moe_intermediate_size=72,
+                num_hidden_layers=3,
+                first_k_dense_replace=1,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                q_lora_rank=136,
+                kv_lora_rank=72,
+                qk_nope_head_dim=24,
+                qk_rope_head_dim=8,
+                v_head_dim=24,
+                n_routed_experts=8,
+                num_experts_per_tok=2,
+                index_topk=10,
+                num_nextn_predict_layers=0,  # MTP is covered by `flat`; size budget
+                dtype="bfloat16",
+                quantization_config={
+                    "quant_method": "fp8",
+                    "fmt": "e4m3",
+                    "activation_scheme": "dynamic",
+                    "weight_block_size": [128, 128],
+                },
+            ),
+            batch=1,
+            seq=24,
+            seed=3000,
+            storage="fp8",
+            shards=3,
+        ),
+        Case(
+            name="bf16-fused",
+            description=(
+                "BF16 checkpoint with experts in transformers' fused in-memory layout "
+                "(mlp.experts.gate_up_proj [E, 2I, H], gate rows first, and mlp.experts.down_proj "
+                "[E, H, I], no .weight suffix). Every tensor BF16 except e_score_correction_bias (F32). "
+                "The reference ran in float32 on the bf16-rounded values. tie_word_embeddings true "
+                "(no lm_head.weight stored: lm_head = embed_tokens), old-style top-level rope_theta "
+                "50000 with no rope_parameters, 3 layers (layer 0 dense), hidden 48 / q_lora 32 / kv_lora 24 / "
+                "moe_intermediate 16 / vocab 160, 16 experts top-4 flat, index_topk 6 of S=20, no MTP."
+            ),
+            config={
+                k: v
+                for k, v in _base_config(
+                    # size budget: hidden 48, ranks 32/24, moe_intermediate 16, vocab 160
+                    vocab_size=160,
+                    hidden_size=48,
+                    q_lora_rank=32,
+                    kv_lora_rank=24,
+                    moe_intermediate_size=16,
+                    num_hidden_layers=3,
+                    first_k_dense_replace=1,
+                    index_topk=6,
+                    tie_word_embeddings=True,
+                    num_nextn_predict_layers=0,
+                    rope_theta=50000.0,
+                    dtype="bfloat16",
+                ).items()
+                if k != "rope_parameters"
+            },
+            batch=1,
+            seq=20,
+            seed=4000,
+            storage="bf16",
+            fused_experts=True,
+        ),
+    ]
+    return {c.name: c for c in cases}
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint layout and weight initialisation
+# --------------------------------------------------------------------------------------------
+
+def hf_config(cfg: dict) -> GlmMoeDsaConfig:
+    """transformers' view of the config dict (derives indexer_types, mlp_layer_types, rope...)."""
+    return GlmMoeDsaConfig(**copy.deepcopy(cfg))
+
+
+def layer_tensor_specs(c: GlmMoeDsaConfig, i: int, moe: bool, indexer: bool) -> list[tuple[str, tuple, str]]:
+    """(name, shape, init kind) of one decoder layer in the released per-expert layout."""
+    p = f"model.layers.{i}."
+    H = c.hidden_size
+    qk_head = c.qk_nope_head_dim + c.qk_rope_head_dim
+    a = p + "self_attn."
+    specs = [
+        (p + "input_layernorm.weight", (H,), "rmsnorm"),
+        (a + "q_a_proj.weight", (c.q_lora_rank, H), "linear"),
+        (a + "q_a_layernorm.weight", (c.q_lora_rank,), "rmsnorm"),
+        (a + "q_b_proj.weight", (c.num_attention_heads * qk_head, c.q_lora_rank), "linear"),
+        (a + "kv_a_proj_with_mqa.weight", (c.kv_lora_rank + c.qk_rope_head_dim, H), "linear"),
+        (a + "kv_a_layernorm.weight", (c.kv_lora_rank,), "rmsnorm"),
+        (a + "kv_b_proj.weight", (c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank), "linear"),
+        (a + "o_proj.weight", (H, c.num_attention_heads * c.v_head_dim), "linear"),
+    ]
+    if indexer:
+        x = a + "indexer."
+        specs += [
+            (x + "wq_b.weight", (c.index_n_heads * c.index_head_dim, c.q_lora_rank), "linear"),
+            (x + "wk.weight", (c.index_head_dim, H), "linear"),
+            (x + "k_norm.weight", (c.index_head_dim,), "ln_weight"),
+            (x + "k_norm.bias", (c.index_head_dim,), "ln_bias"),
+            (x + "weights_proj.weight", (c.index_n_heads, H), "linear"),
+        ]
+    specs.append((p + "post_attention_layernorm.weight", (H,), "rmsnorm"))
+    m = p + "mlp."
+    if moe:
+        I = c.moe_intermediate_size
+        specs += [
+            (m + "gate.weight", (c.n_routed_experts, H), "router"),
+            (m + "gate.e_score_correction_bias", (c.n_routed_experts,), "router_bias"),
+        ]
+        for e in range(c.n_routed_experts):
+            specs += [
+                (m + f"experts.{e}.gate_proj.weight", (I, H), "linear"),
+                (m + f"experts.{e}.up_proj.weight", (I, H), "linear"),
+                (m + f"experts.{e}.down_proj.weight", (H, I), "linear"),
+            ]
+        Is = I * c.n_shared_experts
+        specs += [
+            (m + "shared_experts.gate_proj.weight", (Is, H), "linear"),
+            (m + "shared_experts.up_proj.weight", (Is, H), "linear"),
+            (m + "shared_experts.down_proj.weight", (H, Is), "linear"),
+        ]
+    else:
+        I = c.intermediate_size
+        specs += [
+            (m + "gate_proj.weight", (I, H), "linear"),
+            (m + "up_proj.weight", (I, H), "linear"),
+            (m + "down_proj.weight", (H, I), "linear"),
+        ]
+    return specs
+
+
+def checkpoint_specs(cfg: dict) -> list[tuple[str, tuple, str]]:
+    """All tensors of the released layout, in a fixed order (the order drives the RNG stream)."""
+    c = hf_config(cfg)
+    H = c.hidden_size
+    specs = [("model.embed_tokens.weight", (c.vocab_size, H), "embed")]
+    for i in range(c.num_hidden_layers):
+        specs += layer_tensor_specs(
+            c, i, moe=c.mlp_layer_types[i] == "sparse", indexer=c.indexer_types[i] == "full"
+        )
+    specs.append(("model.norm.weight", (H,), "rmsnorm"))
+    if not c.tie_word_embeddings:
+        specs.append(("lm_head.weight", (c.vocab_size, H), "linear"))
+    # MTP layers (model.layers.{N..}): a full MoE decoder layer with its own indexer plus the
+    # MTP-specific projections. The transformers forward never reads them.
+    for j in range(cfg.get("num_nextn_predict_layers", 0)):
+        n = c.num_hidden_layers + j
+        p = f"model.layers.{n}."
+        specs += layer_tensor_specs(c, n, moe=True, indexer=True)
+        specs += [
+            (p + "enorm.weight", (H,), "rmsnorm"),
+            (p + "hnorm.weight", (H,), "rmsnorm"),
+            (p + "eh_proj.weight", (H, 2 * H), "linear"),
+            (p + "shared_head.norm.weight", (H,), "rmsnorm"),
+        ]
+    return specs
+
+
+def init_tensor(shape: tuple, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """Random init with O(1) activations (std 1/sqrt(fan_in) keeps every projection's output O(1))."""
+    n = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if kind == "linear":
+        w = n / math.sqrt(shape[1])
+    elif kind == "router":
+        w = n / math.sqrt(shape[1])
+    elif kind == "router_bias":
+        w = 0.05 * n  # non-zero: a port that drops the bias must change the routing
+    elif kind == "embed":
+        w = n
+    elif kind in ("rmsnorm", "ln_weight"):
+        w = 1.0 + 0.1 * n
+    elif kind == "ln_bias":
+        w = 0.1 * n
+    else:
+        raise ValueError(kind)
+    return w.to(torch.float32)
+
+
+def init_weights(cfg: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    return {name: init_tensor(shape, kind, gen) for name, shape, kind in checkpoint_specs(cfg)}
+
+
+# --------------------------------------------------------------------------------------------
+# Storage formats: what the files hold, and the exact f32 values the reference must use
+# --------------------------------------------------------------------------------------------
+
+def fp8_quantise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per 128x128 block: scale = amax/448, q = fp8(w / scale). Returns (q F8_E4M3, scale F32)."""
+    out_f, in_f = w.shape
+    nb_o, nb_i = -(-out_f // FP8_BLOCK), -(-in_f // FP8_BLOCK)
+    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+    scale = torch.empty((nb_o, nb_i), dtype=torch.float32)
+    for bo in range(nb_o):
+        for bi in range(nb_i):
+            rows = slice(bo * FP8_BLOCK, (bo + 1) * FP8_BLOCK)
+            cols = slice(bi * FP8_BLOCK, (bi + 1) * FP8_BLOCK)
+            block = w[rows, cols]
+            amax = block.abs().max().item()
+            s = torch.tensor(amax / FP8_MAX if amax > 0 else 1.0, dtype=torch.float32)  # zero block: any scale works
+            scale[bo, bi] = s
+            q[rows, cols] = (block / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def fp8_dequantise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    s = scale.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[: q.shape[0], : q.shape[1]]
+    return q.to(torch.float32) * s
+
+
+def is_fp8_quantised(name: str) -> bool:
+    parts = name.split(".")
+    return parts[-1] == "weight" and parts[-2] in FP8_QUANTISED_LEAVES
+
+
+def fuse_experts(weights: dict[str, torch.Tensor], n_experts: int) -> dict[str, torch.Tensor]:
+    """Per-expert tensors -> transformers' fused parameters (gate_up_proj = cat([gate, up]) per expert)."""
+    out, done = {}, set()
+    for name, t in weights.items():
+        if ".mlp.experts." not in name:
+            out[name] = t
+            continue
+        prefix = name.split(".mlp.experts.")[0] + ".mlp.experts."
+        if prefix in done:
+            continue
+        done.add(prefix)
+        gate = [weights[f"{prefix}{e}.gate_proj.weight"] for e in range(n_experts)]
+        up = [weights[f"{prefix}{e}.up_proj.weight"] for e in range(n_experts)]
+        down = [weights[f"{prefix}{e}.down_proj.weight"] for e in range(n_experts)]
+        out[prefix + "gate_up_proj"] = torch.stack([torch.cat([g, u], 0) for g, u in zip(gate, up)])  # [E, 2I, H]
+        out[prefix + "down_proj"] = torch.stack(down)  # [E, H, I]
+    return out
+
+
+def to_storage(case: Case, weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Returns (tensors as stored in the checkpoint, exact f32 values the reference runs on)."""
+    stored, effective = {}, {}
+    for name, w in weights.items():
+        if case.storage == "f32":
+            stored[name] = w
+        elif case.storage == "bf16":
+            # e_score_correction_bias stays F32 (as in released bf16 checkpoints); all else BF16.
+            stored[name] = w if name.endswith("e_score_correction_bias") else w.to(torch.bfloat16)
+        elif case.storage == "fp8":
+            if is_fp8_quantised(name):
+                q, s = fp8_quantise(w)
+                stored[name] = q
+                stored[name + "_scale_inv"] = s
+                effective[name] = fp8_dequantise(q, s)
+                continue
+            stored[name] = w if name.endswith("e_score_correction_bias") else w.to(torch.bfloat16)
+        else:
+            raise ValueError(case.storage)
+        effective[name] = stored[name].to(torch.float32)
+    if case.fused_experts:
+        stored = fuse_experts(stored, case.config["n_routed_experts"])
+    return stored, effective
+
+
+def transformers_state_dict(cfg: dict, effective: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint-layout f32 weights -> the parameter names of transformers' in-memory model."""
+    c = hf_config(cfg)
+    main = {
+        k: v for k, v in effective.items()
+        if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= c.num_hidden_layers)
+    }
+    sd = fuse_experts(main, c.n_routed_experts)
+    if c.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    return sd
+
+
+# --------------------------------------------------------------------------------------------
+# The transformers reference model
+# --------------------------------------------------------------------------------------------
+
+def build_model(cfg: dict, state_dict: dict[str, torch.Tensor]) -> GlmMoeDsaForCausalLM:
+    config = hf_config(cfg)
+    model = GlmMoeDsaForCausalLM(config)
+    # Eager attention is the documented reference path (index mask added to the causal mask);
+    # eager experts is the plain per-expert loop (the default would be grouped_mm).
+    model.set_attn_implementation("eager")
+    model.set_experts_implementation("eager")
+    model = model.to(torch.float32).eval()
+    check_rope(cfg, model)
+    missing, unexpected = model.load_state_dict(state_dict, strict=True)
+    assert not missing and not unexpected, (missing, unexpected)
+    if config.tie_word_embeddings:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(), "lm_head not tied"
+    return model
+
+
+def check_rope(cfg: dict, model: GlmMoeDsaForCausalLM) -> None:
+    """The config must mean what we think: theta from rope_parameters or the old top-level
+    rope_theta key, frequencies over qk_rope_head_dim only."""
+    rp = cfg.get("rope_parameters") or {"rope_type": "default", "rope_theta": cfg["rope_theta"]}
+    rot = model.model.rotary_emb
+    assert rot.rope_type == rp["rope_type"], (rot.rope_type, rp)
+    d = cfg["qk_rope_head_dim"]
+    base = 1.0 / (rp["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    if rp["rope_type"] == "default":
+        assert torch.equal(rot.inv_freq, base) and rot.attention_scaling == 1.0
+        assert model.model.layers[0].self_attn.scaling == (cfg["qk_nope_head_dim"] + d) ** -0.5
+
+
+class Recorder:
+    """Forward hooks that collect the dump's hook points, plus the indexer's raw scores.
+
+    The indexer returns only indices; the scores that decided them are a local. We capture the
+    exact tensor the reference calls `.topk` on by patching `torch.Tensor.topk` while (and only
+    while) an indexer forward is running. That is the value the selection was made from, so its
+    margins are the ones that matter (an f64 recompute would measure a slightly different tensor).
+    """
+
+    def __init__(self, model: GlmMoeDsaForCausalLM):
+        self.model = model
+        self.t: dict[str, torch.Tensor] = {}
+        self.index_scores: dict[int, torch.Tensor] = {}
+        self.handles = []
+        self._in_indexer: int | None = None
+        self._orig_topk = None
+
+    def _put(self, name, value):
+        assert name not in self.t, f"hook point {name} recorded twice"
+        self.t[name] = value.detach().clone().contiguous()
+
+    def __enter__(self):
+        m = self.model.model
+        self.handles.append(m.embed_tokens.register_forward_hook(lambda mod, a, o: self._put("embeddings", o)))
+        self.handles.append(m.norm.register_forward_hook(lambda mod, a, o: self._put("final_norm", o)))
+        for i, layer in enumerate(m.layers):
+            self._hook_layer(i, layer)
+        orig_topk = torch.Tensor.topk
+        self._orig_topk = orig_topk
+        rec = self
+
+        def topk(self_, *args, **kwargs):
+            if rec._in_indexer is not None:
+                rec.index_scores[rec._in_indexer] = self_.detach().clone()
+            return orig_topk(self_, *args, **kwargs)
+
+        torch.Tensor.topk = topk
+        return self
+
+    def __exit__(self, *exc):
+        torch.Tensor.topk = self._orig_topk
+        for h in self.handles:
+            h.remove()
+
+    def _hook_layer(self, i: int, layer: glm.GlmMoeDsaDecoderLayer):
+        p = f"layers.{i}."
+        attn = layer.self_attn
+        H = self.handles
+        H.append(layer.input_layernorm.register_forward_hook(lambda mod, a, o: self._put(p + "input_norm", o)))
+        H.append(attn.q_a_layernorm.register_forward_hook(lambda mod, a, o: self._put(p + "attn.q_latent", o)))
+        # kv_a_layernorm sees only the c_kv slice [B, S, kv_lora_rank]; the 4D view happens after.
+        H.append(attn.kv_a_layernorm.register_forward_hook(lambda mod, a, o: self._put(p + "attn.kv_latent", o)))
+        H.append(attn.o_proj.register_forward_hook(lambda mod, a, o: self._put(p + "attn.out", o)))
+        H.append(layer.post_attention_layernorm.register_forward_hook(
+            lambda mod, a, o: self._put(p + "post_attn_norm", o)))
+        H.append(layer.mlp.register_forward_hook(lambda mod, a, o: self._put(p + "mlp.out", o)))
+        if isinstance(layer.mlp, glm.GlmMoeDsaMoE):
+            def gate_hook(mod, a, o):
+                logits, weights, ids = o
+                self._put(p + "moe.router_logits", logits)
+                self._put(p + "moe.topk_ids", ids.to(torch.int64))
+                self._put(p + "moe.topk_weights", weights)
+            H.append(layer.mlp.gate.register_forward_hook(gate_hook))
+
+        def layer_hook(mod, a, o):
+            hidden, topk = o  # the decoder layer returns (hidden, topk_indices)
+            self._put(p + "output", hidden)
+            self._put(p + "dsa.topk", topk.to(torch.int64))
+        H.append(layer.register_forward_hook(layer_hook))
+
+        if attn.indexer is not None:
+            def pre(mod, a):
+                self._in_indexer = i
+
+            def post(mod, a, o):
+                self._in_indexer = None
+            H.append(attn.indexer.register_forward_pre_hook(pre))
+            H.append(attn.indexer.register_forward_hook(post))
+
+
+@torch.no_grad()
+def run_reference(model: GlmMoeDsaForCausalLM, input_ids: torch.Tensor) -> tuple[dict, dict]:
+    with Recorder(model) as rec:
+        out = model(input_ids=input_ids, use_cache=False)
+    t = {"input_ids": input_ids.clone()}
+    t.update(rec.t)
+    t["logits"] = out.logits.detach().clone().contiguous()
+    return t, rec.index_scores
+
+
+# --------------------------------------------------------------------------------------------
+# Near-tie checks
+# --------------------------------------------------------------------------------------------
+
+def causal_sets(topk: torch.Tensor) -> list[list[list[frozenset]]]:
+    """dsa.topk [B,S,K] -> per (b, s) the set of selected positions j <= s (padding j > s dropped)."""
+    B, S, _ = topk.shape
+    return [[frozenset(j for j in topk[b, s].tolist() if j <= s) for s in range(S)] for b in range(B)]
+
+
+def dsa_margins(scores: torch.Tensor, topk: torch.Tensor, K: int) -> tuple[float, int]:
+    """K-th minus (K+1)-th largest indexer score over the causal keys, for queries with > K keys.
+
+    Also checks that the captured scores reproduce the reference's selection, and that queries
+    with <= K causal keys select all of them. Returns (min margin, number of queries measured)."""
+    B, S, _ = scores.shape
+    sets = causal_sets(topk)
+    worst, n = math.inf, 0
+    for b in range(B):
+        for s in range(S):
+            row = scores[b, s, : s + 1].double()
+            if s + 1 <= K:
+                assert sets[b][s] == frozenset(range(s + 1)), f"query {s} with <=K keys dropped a key"
+                continue
+            vals, idx = row.sort(descending=True)
+            margin = (vals[K - 1] - vals[K]).item()
+            if margin > 0:  # on an exact tie either choice is the reference's; the margin rejects it
+                assert frozenset(idx[:K].tolist()) == sets[b][s], "captured indexer scores disagree with topk"
+            worst = min(worst, margin)
+            n += 1
+    return worst, n
+
+
+def routing_margins(logits: torch.Tensor, bias: torch.Tensor, ids: torch.Tensor, c: GlmMoeDsaConfig) -> dict:
+    """Per token: k-th minus (k+1)-th biased score among the experts allowed by group selection,
+    and for grouped routing the topk_group-th minus next group score (group score = sum of the
+    group's top-2 biased scores, as in GlmMoeDsaTopkRouter)."""
+    biased = logits.double().sigmoid() + bias.double()
+    T, E = biased.shape
+    G, k = c.n_group, c.num_experts_per_tok
+    grouped = biased.view(T, G, E // G)
+    group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
+    gs, gidx = group_scores.sort(dim=-1, descending=True)
+    group_margins = torch.full((T,), math.inf, dtype=torch.float64)
+    if c.topk_group < G:  # with all groups kept there is no group decision
+        group_margins = gs[:, c.topk_group - 1] - gs[:, c.topk_group]
+    allowed = torch.zeros(T, G, dtype=torch.bool)
+    allowed.scatter_(1, gidx[:, : c.topk_group], True)
+    allowed = allowed.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
+    masked = biased.masked_fill(~allowed, -math.inf)
+    vals, idx = masked.sort(dim=-1, descending=True)
+    n_allowed = c.topk_group * (E // G)
+    margins = vals[:, k - 1] - vals[:, k] if n_allowed > k else torch.full((T,), math.inf, dtype=torch.float64)
+    for t in range(T):
+        if margins[t] > 0 and group_margins[t] > 0:  # exact ties are rejected by the margin anyway
+            assert frozenset(idx[t, :k].tolist()) == frozenset(ids[t].tolist()), "routing recompute disagrees"
+    return {"expert": margins.min().item(), "group": group_margins.min().item()}
+
+
+def check_selections(cfg: dict, sd: dict, t32: dict, scores32: dict, model32) -> dict:
+    """Margins of the f32 run + agreement of every selection with a float64 run of the same model."""
+    c = hf_config(cfg)
+    S = t32["input_ids"].shape[1]
+    K = min(c.index_topk, S)
+    res = {"dsa_margin": math.inf, "dsa_queries": 0, "routing_margin": math.inf, "group_margin": math.inf}
+    for i in range(c.num_hidden_layers):
+        if i in scores32:
+            m, n = dsa_margins(scores32[i], t32[f"layers.{i}.dsa.topk"], K)
+            res["dsa_margin"] = min(res["dsa_margin"], m)
+            res["dsa_queries"] += n
+        if c.mlp_layer_types[i] == "sparse":
+            r = routing_margins(
+                t32[f"layers.{i}.moe.router_logits"],
+                sd[f"model.layers.{i}.mlp.gate.e_score_correction_bias"],
+                t32[f"layers.{i}.moe.topk_ids"],
+                c,
+            )
+            res["routing_margin"] = min(res["routing_margin"], r["expert"])
+            res["group_margin"] = min(res["group_margin"], r["group"])
+
+    # float64 run. Note: transformers' router casts to f32 internally and the indexer computes its
+    # scores from `.float()` q/k, so the f64 run differs from f32 in everything upstream of those.
+    model64 = copy.deepcopy(model32).double()
+    t64, _ = run_reference(model64, t32["input_ids"])
+    agree, total = 0, 0
+    for i in range(c.num_hidden_layers):
+        a, b = causal_sets(t32[f"layers.{i}.dsa.topk"]), causal_sets(t64[f"layers.{i}.dsa.topk"])
+        for ra, rb in zip(a, b):
+            for x, y in zip(ra, rb):
+                agree += x == y
+                total += 1
+        if c.mlp_layer_types[i] == "sparse":
+            for x, y in zip(t32[f"layers.{i}.moe.topk_ids"].tolist(), t64[f"layers.{i}.moe.topk_ids"].tolist()):
+                agree += set(x) == set(y)
+                total += 1
+    res["f64_agree"], res["f64_total"] = agree, total
+    res["max_abs_logit_diff_f64"] = (t32["logits"].double() - t64["logits"]).abs().max().item()
+    res["ok"] = (
+        agree == total
+        and res["dsa_margin"] > MARGIN_MIN
+        and res["routing_margin"] > MARGIN_MIN
+        and res["group_margin"] > MARGIN_MIN
+    )
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# One attempt per seed
+# --------------------------------------------------------------------------------------------
+
+def make_inputs(case: Case, gen: torch.Generator) -> torch.Tensor:
+    ids = torch.randint(0, case.config["vocab_size"], (case.batch, case.seq), generator=gen, dtype=torch.int64)
+    if case.batch > 1:
+        assert not any(torch.equal(ids[0], ids[b]) for b in range(1, case.batch))
+    return ids
+
+
+def attempt(case: Case, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    weights = init_weights(case.config, gen)
+    input_ids = make_inputs(case, gen)
+    stored, effective = to_storage(case, weights)
+    sd = transformers_state_dict(case.config, effective)
+    model = build_model(case.config, sd)
+    tensors, scores = run_reference(model, input_ids)
+    checks = check_selections(case.config, sd, tensors, scores, model)
+    return stored, sd, tensors, scores, checks
+
+
+def find_seed(case: Case, verbose: bool):
+    """Deterministic seed sequence case.seed, case.seed+1, ...: the first seed whose selections are
+    all clear of near-ties and agree with float64 wins."""
+    for seed in range(case.seed, case.seed + MAX_SEED_TRIES):
+        result = attempt(case, seed)
+        checks = result[-1]
+        if verbose:
+            print(f"  seed {seed}: {fmt_checks(checks)}", file=sys.stderr)
+        if checks["ok"]:
+            return seed, result
+    raise SystemExit(f"{case.name}: no seed in [{case.seed}, {case.seed + MAX_SEED_TRIES}) passes the margin checks")
+
+
+def fmt_checks(c: dict) -> str:
+    return (
+        f"min routing margin {c['routing_margin']:.3g}, min group margin {c['group_margin']:.3g}, "
+        f"min DSA margin {c['dsa_margin']:.3g} ({c['dsa_queries']} queries), "
+        f"f32-vs-f64 selections {c['f64_agree']}/{c['f64_total']} agree"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Writing a case
+# --------------------------------------------------------------------------------------------
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """safetensors.torch.save, with the header's metadata re-emitted in sorted order: the library
+    writes `__metadata__` from a hash map in random order, so regenerating would change the file
+    bytes. Data offsets are relative to the end of the header, so only the header is rewritten."""
+    blob = safetensors.torch.save(tensors, metadata=metadata)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section stays 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + blob[8 + n :])
+
+
+def write_config(case_dir: str, cfg: dict) -> str:
+    """Writes config.json (only the keys the case set) and returns the sha256 of its exact bytes."""
+    data = (json.dumps(cfg, indent=2) + "\n").encode()
+    with open(os.path.join(case_dir, "config.json"), "wb") as f:
+        f.write(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def write_checkpoint(case_dir: str, stored: dict[str, torch.Tensor], shards: int) -> list[str]:
+    """model.safetensors, or `shards` files split by size in checkpoint order (so a layer's
+    tensors straddle file boundaries) plus model.safetensors.index.json."""
+    stored = {k: v.contiguous() for k, v in stored.items()}
+    if shards == 1:
+        save_safetensors(stored, os.path.join(case_dir, "model.safetensors"), {"format": "pt"})
+        return ["model.safetensors"]
+    total = sum(nbytes(t) for t in stored.values())
+    files = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    parts: list[dict[str, torch.Tensor]] = [{} for _ in range(shards)]
+    acc = 0
+    for name, t in stored.items():
+        shard = min(acc * shards // total, shards - 1)
+        parts[shard][name] = t
+        acc += nbytes(t)
+    weight_map = {}
+    for fname, part in zip(files, parts):
+        assert part, "empty shard"
+        save_safetensors(part, os.path.join(case_dir, fname), {"format": "pt"})
+        weight_map.update({name: fname for name in part})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    with open(os.path.join(case_dir, "model.safetensors.index.json"), "w") as f:
+        f.write(json.dumps(index, indent=2) + "\n")
+    return files + ["model.safetensors.index.json"]
+
+
+def check_layer_straddles(stored: dict[str, torch.Tensor], case_dir: str) -> None:
+    with open(os.path.join(case_dir, "model.safetensors.index.json")) as f:
+        wm = json.load(f)["weight_map"]
+    files_per_layer: dict[str, set] = {}
+    for name, fname in wm.items():
+        if name.startswith("model.layers."):
+            files_per_layer.setdefault(".".join(name.split(".")[:3]), set()).add(fname)
+    assert any(len(v) > 1 for v in files_per_layer.values()), "no layer straddles two shards"
+    assert set(wm) == set(stored)
+
+
+def verify_from_pretrained(case: Case, case_dir: str, sd: dict[str, torch.Tensor], dump: dict) -> str:
+    """The folder must load with plain from_pretrained: no missing keys, identical weights, and the
+    loaded model must reproduce the dump's logits bit for bit. Unexpected keys may only be the
+    MTP layer (transformers drops it: its ignore pattern is hard-coded to model.layers.78)."""
+    transformers.logging.set_verbosity_error()  # the MTP keys would print a LOAD REPORT table
+    transformers.utils.logging.disable_progress_bar()
+    model, info = GlmMoeDsaForCausalLM.from_pretrained(
+        case_dir, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager",
+        output_loading_info=True,
+    )
+    n_main = case.config["num_hidden_layers"]
+    bad_unexpected = [
+        k for k in info["unexpected_keys"]
+        if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= n_main)
+    ]
+    problems = []
+    if info["missing_keys"]:
+        problems.append(f"missing {sorted(info['missing_keys'])}")
+    if bad_unexpected:
+        problems.append(f"unexpected {sorted(bad_unexpected)}")
+    if info.get("mismatched_keys"):
+        problems.append(f"mismatched {info['mismatched_keys']}")
+    loaded = model.state_dict()
+    if set(loaded) != set(sd):
+        problems.append(f"key sets differ: {sorted(set(loaded) ^ set(sd))}")
+    for k, v in sd.items():
+        if k in loaded and not torch.equal(loaded[k], v):
+            problems.append(f"{k} differs after from_pretrained")
+    if problems:
+        raise SystemExit(f"{case.name}: from_pretrained check failed:\n  " + "\n  ".join(problems))
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=dump["input_ids"], use_cache=False).logits
+    if not torch.equal(logits, dump["logits"]):
+        raise SystemExit(f"{case.name}: from_pretrained model does not reproduce the dump's logits")
+    n_mtp = len(info["unexpected_keys"])
+    return f"from_pretrained OK (no missing keys, weights identical, logits bit-identical; {n_mtp} MTP keys ignored)"
+
+
+def dump_tensors(cfg: dict, tensors: dict, scores: dict) -> dict[str, torch.Tensor]:
+    """The glm5-dump/1 tensors in a readable order, plus `layers.{i}.dsa.scores` (extra name)."""
+    out = {}
+    for k, v in tensors.items():
+        assert v.dtype in (torch.float32, torch.int64), (k, v.dtype)
+        out[k] = v.contiguous()
+    for i, s in scores.items():
+        # Extra (spec: tools may add names): the indexer scores the selection was made from,
+        # [B, S, S]; entries j > s are -inf (the reference adds finfo(f32).min there).
+        S = s.shape[-1]
+        causal = torch.ones(S, S, dtype=torch.bool).tril()
+        out[f"layers.{i}.dsa.scores"] = s.masked_fill(~causal, -math.inf).to(torch.float32).contiguous()
+    return out
+
+
+def expected_dump_names(cfg: dict) -> set[str]:
+    c = hf_config(cfg)
+    names = {"input_ids", "embeddings", "final_norm", "logits"}
+    for i in range(c.num_hidden_layers):
+        p = f"layers.{i}."
+        names |= {p + n for n in ("input_norm", "attn.q_latent", "attn.kv_latent", "dsa.topk", "attn.out",
+                                   "post_attn_norm", "mlp.out", "output")}
+        if c.mlp_layer_types[i] == "sparse":
+            names |= {p + n for n in ("moe.router_logits", "moe.topk_ids", "moe.topk_weights")}
+        if c.indexer_types[i] == "full":
+            names.add(p + "dsa.scores")
+    return names
+
+
+def check_dump_shapes(cfg: dict, d: dict, B: int, S: int) -> None:
+    c = hf_config(cfg)
+    H, E, k, K = c.hidden_size, c.n_routed_experts, c.num_experts_per_tok, min(c.index_topk, S)
+    assert set(d) == expected_dump_names(cfg), set(d) ^ expected_dump_names(cfg)
+    want = {"input_ids": (B, S), "embeddings": (B, S, H), "final_norm": (B, S, H), "logits": (B, S, c.vocab_size)}
+    for i in range(c.num_hidden_layers):
+        p = f"layers.{i}."
+        want.update({
+            p + "input_norm": (B, S, H), p + "attn.q_latent": (B, S, c.q_lora_rank),
+            p + "attn.kv_latent": (B, S, c.kv_lora_rank), p + "dsa.topk": (B, S, K), p + "attn.out": (B, S, H),
+            p + "post_attn_norm": (B, S, H), p + "mlp.out": (B, S, H), p + "output": (B, S, H),
+            p + "moe.router_logits": (B * S, E), p + "moe.topk_ids": (B * S, k), p + "moe.topk_weights": (B * S, k),
+            p + "dsa.scores": (B, S, S),
+        })
+    for name, t in d.items():
+        assert tuple(t.shape) == want[name], (name, tuple(t.shape), want[name])
+        assert t.dtype == (torch.int64 if name in ("input_ids",) or name.endswith(("topk", "topk_ids")) else torch.float32)
+        if t.dtype == torch.float32:
+            assert torch.isfinite(t).all() or name.endswith("dsa.scores"), f"{name} has non-finite values"
+
+
+def source_text(case: Case) -> str:
+    weights = {
+        "f32": "f32 weights",
+        "bf16": "weights = the stored bf16 values, upcast",
+        "fp8": "weights = DEQUANTISED block-FP8 (q.float() * scale_inv per 128x128 block)",
+    }[case.storage]
+    return (
+        f"transformers {transformers.__version__} / torch {torch.__version__.split('+')[0]}, "
+        f"eager attention + eager experts, float32, cpu; {weights}"
+    )
+
+
+def check_case_config(case: Case) -> None:
+    """Properties the case exists to test, checked against transformers' derived config."""
+    c = hf_config(case.config)
+    # DSA must drop keys, or an indexer bug (e.g. half-split RoPE) would be invisible.
+    assert c.index_topk < case.seq, f"{case.name}: index_topk {c.index_topk} does not drop keys at S={case.seq}"
+    assert c.indexer_types[0] == "full", "layer 0 must run its indexer"
+    if case.indexer_types is not None:
+        assert tuple(c.indexer_types) == case.indexer_types, (c.indexer_types, case.indexer_types)
+        assert {"full", "shared"} <= set(c.indexer_types)
+
+
+def write_case(case: Case, out_dir: str, verbose: bool) -> dict:
+    check_case_config(case)
+    seed, (stored, sd, tensors, scores, checks) = find_seed(case, verbose)
+    case_dir = os.path.join(out_dir, case.name)
+    if os.path.isdir(case_dir):
+        shutil.rmtree(case_dir)  # stale shards from an older layout must not survive
+    os.makedirs(case_dir)
+
+    config_sha = write_config(case_dir, case.config)
+    files = write_checkpoint(case_dir, stored, case.shards)
+    if case.shards > 1:
+        check_layer_straddles(stored, case_dir)
+
+    B, S = tensors["input_ids"].shape
+    dump = dump_tensors(case.config, tensors, scores)
+    check_dump_shapes(case.config, dump, B, S)
+    c = hf_config(case.config)
+    metadata = {
+        "format": DUMP_FORMAT,
+        "source": source_text(case),
+        "config_sha256": config_sha,
+        "model": case.name,
+        "generator": GENERATOR,
+        "seed": str(seed),
+        "case": case.description,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "indexer_types": ",".join(c.indexer_types),
+        "mlp_layer_types": ",".join(c.mlp_layer_types),
+        "min_routing_margin": repr(checks["routing_margin"]),
+        "min_group_margin": repr(checks["group_margin"]),
+        "min_dsa_margin": repr(checks["dsa_margin"]),
+        "margin_threshold": repr(MARGIN_MIN),
+        "f64_selection_agreement": f"{checks['f64_agree']}/{checks['f64_total']}",
+        "extra_tensors": "layers.{i}.dsa.scores (full indexer layers): indexer scores [B,S,S], -inf where j > s",
+    }
+    save_safetensors(dump, os.path.join(case_dir, "reference.safetensors"), metadata)
+    files.append("reference.safetensors")
+
+    # Read it back: what a consumer sees must be what we meant to write.
+    with safe_open(os.path.join(case_dir, "reference.safetensors"), "pt") as f:
+        assert f.metadata() == metadata
+        for k in f.keys():
+            assert torch.equal(f.get_tensor(k), dump[k]), k
+
+    if case.storage == "fp8":
+        # Not only would it need `accelerate` and the FP8 quantizer: transformers 5.24's
+        # dequantize=True path derives the block size as rows // scale_rows, which is wrong for
+        # partial edge blocks (136 rows in 2 row-blocks -> 68-row blocks). We use the checkpoint's
+        # semantic: fixed 128x128 blocks, ceil grid, last block partial.
+        loaded = "from_pretrained skipped (FP8; transformers' dequantize path mishandles partial blocks)"
+    else:
+        loaded = verify_from_pretrained(case, case_dir, sd, tensors)
+
+    return {
+        "case": case.name, "seed": seed, "tensors": len(dump), "checks": checks, "loaded": loaded,
+        "files": {f: os.path.getsize(os.path.join(case_dir, f)) for f in ["config.json"] + files},
+    }
+
+
+def main(argv=None) -> int:
+    cases = build_cases()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)), help="output folder (default: golden/)")
+    ap.add_argument("--case", action="append", choices=sorted(cases), help="case to build (repeatable; default all)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print every seed tried")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)  # model construction draws from the global RNG; its values are overwritten anyway
+    torch.use_deterministic_algorithms(True)
+    os.makedirs(args.out, exist_ok=True)
+    for name in args.case or list(cases):
+        r = write_case(cases[name], args.out, args.verbose)
+        ch = r["checks"]
+        print(f"{r['case']}: seed {r['seed']}, {r['tensors']} dump tensors")
+        print(f"  {fmt_checks(ch)}; max |logits f32 - f64| {ch['max_abs_logit_diff_f64']:.2e}")
+        print(f"  {r['loaded']}")
+        for f, size in r["files"].items():
+            print(f"  {f:40s} {size:>10,d} bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

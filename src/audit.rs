@@ -1,0 +1,263 @@
+//! `audit`: expert load balance per MoE layer, over one or many prompts (or over the routing a dump
+//! recorded). Only counts are kept, never activations, so any number of prompts fits in memory.
+//!
+//! Per layer: tokens per expert, MaxVio (`max load / mean load - 1`, the DeepSeek-V3 measure),
+//! coefficient of variation, normalised entropy of the load distribution, balancedness
+//! (`mean / max`), dead experts, the share of tokens whose expert set the correction bias changed,
+//! and the Pearson correlation between each expert's bias and its load.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use candle_core::Tensor;
+use serde_json::{json, Value};
+
+use crate::error::Result;
+use crate::hooks::{HookPoint, LayerHook, Observer};
+
+/// The routing counts of one MoE layer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LayerLoad {
+    pub layer: usize,
+    /// Selections per expert (a token choosing k experts adds 1 to each).
+    pub counts: Vec<u64>,
+    pub tokens: u64,
+    /// Tokens whose chosen set would differ without the bias; None when unknown.
+    pub bias_changed: Option<u64>,
+    pub bias: Option<Vec<f32>>,
+}
+
+/// The derived balance numbers of one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stats {
+    pub max_vio: f64,
+    pub cv: f64,
+    pub entropy: f64,
+    pub balancedness: f64,
+    pub dead: usize,
+    pub bias_changed_share: Option<f64>,
+    pub bias_load_corr: Option<f64>,
+}
+
+impl LayerLoad {
+    pub fn new(layer: usize, experts: usize) -> Self {
+        LayerLoad { layer, counts: vec![0; experts], ..Default::default() }
+    }
+
+    pub fn stats(&self) -> Stats {
+        let e = self.counts.len().max(1) as f64;
+        let loads: Vec<f64> = self.counts.iter().map(|&c| c as f64).collect();
+        let total: f64 = loads.iter().sum();
+        let mean = total / e;
+        let max = loads.iter().copied().fold(0.0, f64::max);
+        let var = loads.iter().map(|l| (l - mean) * (l - mean)).sum::<f64>() / e;
+        let entropy = if total > 0.0 && e > 1.0 {
+            -loads.iter().filter(|&&l| l > 0.0).map(|l| (l / total) * (l / total).ln()).sum::<f64>() / e.ln()
+        } else {
+            0.0
+        };
+        Stats {
+            max_vio: if mean > 0.0 { max / mean - 1.0 } else { 0.0 },
+            cv: if mean > 0.0 { var.sqrt() / mean } else { 0.0 },
+            entropy,
+            balancedness: if max > 0.0 { mean / max } else { 0.0 },
+            dead: self.counts.iter().filter(|&&c| c == 0).count(),
+            bias_changed_share: self.bias_changed.filter(|_| self.tokens > 0).map(|c| c as f64 / self.tokens as f64),
+            bias_load_corr: self.bias.as_ref().and_then(|b| pearson(b.iter().map(|&x| x as f64).collect(), &loads)),
+        }
+    }
+}
+
+/// Pearson correlation; None when either side is constant.
+pub fn pearson(x: Vec<f64>, y: &[f64]) -> Option<f64> {
+    let n = x.len().min(y.len());
+    if n < 2 {
+        return None;
+    }
+    let (mx, my) = (x.iter().sum::<f64>() / n as f64, y.iter().sum::<f64>() / n as f64);
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (a, b) in x.iter().zip(y) {
+        sxy += (a - mx) * (b - my);
+        sxx += (a - mx) * (a - mx);
+        syy += (b - my) * (b - my);
+    }
+    (sxx > 0.0 && syy > 0.0).then(|| sxy / (sxx.sqrt() * syy.sqrt()))
+}
+
+/// Accumulates routing over any number of runs.
+#[derive(Debug, Default)]
+pub struct Audit {
+    pub layers: BTreeMap<usize, LayerLoad>,
+    pub experts: usize,
+    pub prompts: usize,
+}
+
+impl Audit {
+    pub fn new(experts: usize) -> Self {
+        Audit { experts, ..Default::default() }
+    }
+
+    /// Adds one layer's chosen ids (`[tokens, k]`, flattened) and optional bias-changed flags.
+    /// Returns the first id outside `0..experts`, adding nothing, when there is one.
+    pub fn add(&mut self, layer: usize, ids: &[i64], k: usize, bias_changed: Option<&[i64]>) -> Option<i64> {
+        let experts = self.experts;
+        if let Some(&bad) = ids.iter().find(|&&id| id < 0 || id as usize >= experts) {
+            return Some(bad);
+        }
+        let l = self.layers.entry(layer).or_insert_with(|| LayerLoad::new(layer, experts));
+        for &id in ids {
+            l.counts[id as usize] += 1;
+        }
+        l.tokens += (ids.len() / k.max(1)) as u64;
+        if let Some(flags) = bias_changed {
+            *l.bias_changed.get_or_insert(0) += flags.iter().filter(|&&f| f != 0).count() as u64;
+        }
+        None
+    }
+
+    pub fn set_bias(&mut self, layer: usize, bias: Vec<f32>) {
+        let experts = self.experts;
+        self.layers.entry(layer).or_insert_with(|| LayerLoad::new(layer, experts)).bias = Some(bias);
+    }
+
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "expert load over {} prompt(s), {} experts\n{:>5} {:>8} {:>8} {:>7} {:>8} {:>9} {:>5} {:>12} {:>10}  busiest experts\n",
+            self.prompts, self.experts, "layer", "tokens", "MaxVio", "CV", "entropy", "balanced", "dead", "bias-changed", "corr(b,l)"
+        );
+        for l in self.layers.values() {
+            let st = l.stats();
+            let opt = |x: Option<f64>, pct: bool| match x {
+                Some(v) if pct => format!("{:.1}%", 100.0 * v),
+                Some(v) => format!("{v:.3}"),
+                None => "-".into(),
+            };
+            let mut order: Vec<usize> = (0..l.counts.len()).collect();
+            order.sort_by(|&a, &b| l.counts[b].cmp(&l.counts[a]).then(a.cmp(&b)));
+            let busiest: Vec<String> = order.iter().take(3).map(|&e| format!("{e}:{}", l.counts[e])).collect();
+            let _ = writeln!(
+                s,
+                "{:>5} {:>8} {:>8.3} {:>7.3} {:>8.3} {:>9.3} {:>5} {:>12} {:>10}  {}",
+                l.layer,
+                l.tokens,
+                st.max_vio,
+                st.cv,
+                st.entropy,
+                st.balancedness,
+                st.dead,
+                opt(st.bias_changed_share, true),
+                opt(st.bias_load_corr, false),
+                busiest.join(" ")
+            );
+        }
+        s
+    }
+
+    pub fn to_json(&self) -> Value {
+        let layers: Vec<Value> = self
+            .layers
+            .values()
+            .map(|l| {
+                let st = l.stats();
+                json!({
+                    "layer": l.layer, "tokens": l.tokens, "counts": l.counts, "max_vio": st.max_vio, "cv": st.cv,
+                    "entropy": st.entropy, "balancedness": st.balancedness, "dead_experts": st.dead,
+                    "bias_changed_share": st.bias_changed_share, "bias_load_correlation": st.bias_load_corr,
+                })
+            })
+            .collect();
+        json!({ "prompts": self.prompts, "experts": self.experts, "layers": layers })
+    }
+
+    /// One row per (layer, expert): `layer,expert,count,share,bias`.
+    pub fn to_csv(&self) -> String {
+        let mut s = String::from("layer,expert,count,share,bias\n");
+        for l in self.layers.values() {
+            let total = l.counts.iter().sum::<u64>().max(1) as f64;
+            for (e, &c) in l.counts.iter().enumerate() {
+                let bias = l.bias.as_ref().and_then(|b| b.get(e)).map(|b| b.to_string()).unwrap_or_default();
+                let _ = writeln!(s, "{},{e},{c},{:.6},{bias}", l.layer, c as f64 / total);
+            }
+        }
+        s
+    }
+}
+
+/// Collects routing counts during forward passes, without keeping any activation.
+pub struct AuditObserver<'a> {
+    pub audit: &'a mut Audit,
+    ids: Option<(usize, Vec<i64>, usize)>,
+}
+
+impl<'a> AuditObserver<'a> {
+    pub fn new(audit: &'a mut Audit) -> Self {
+        AuditObserver { audit, ids: None }
+    }
+}
+
+impl Observer for AuditObserver<'_> {
+    fn wants(&self, point: HookPoint) -> bool {
+        matches!(point, HookPoint::Layer(_, LayerHook::TopkIds | LayerHook::BiasChanged))
+    }
+    fn observe(&mut self, point: HookPoint, value: &Tensor) -> Result<()> {
+        match point {
+            // The forward pass reports ids, then the bias flags of the same layer.
+            HookPoint::Layer(i, LayerHook::TopkIds) => {
+                let k = value.dims().last().copied().unwrap_or(1);
+                self.ids = Some((i, value.flatten_all()?.to_vec1::<i64>()?, k));
+            }
+            HookPoint::Layer(i, LayerHook::BiasChanged) => {
+                let flags = value.flatten_all()?.to_vec1::<i64>()?;
+                if let Some((layer, ids, k)) = self.ids.take().filter(|(l, _, _)| *l == i) {
+                    if let Some(bad) = self.audit.add(layer, &ids, k, Some(&flags)) {
+                        return Err(crate::error::Error::Usage(format!("layer {layer}: expert id {bad} out of range")));
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 4 experts, 3 tokens, top-2: loads [3, 2, 1, 0] by hand.
+    #[test]
+    fn balance_numbers_by_hand() {
+        let mut a = Audit::new(4);
+        assert_eq!(a.add(5, &[0, 1, 0, 2, 1, 0], 2, Some(&[1, 0, 0])), None);
+        assert_eq!(a.add(5, &[0, 4], 2, None), Some(4), "id 4 of 4 experts");
+        a.set_bias(5, vec![0.3, 0.2, 0.1, 0.0]);
+        let l = &a.layers[&5];
+        assert_eq!(l.counts, vec![3, 2, 1, 0]);
+        assert_eq!(l.tokens, 3);
+        let s = l.stats();
+        // mean load 1.5, max 3.
+        approx::assert_abs_diff_eq!(s.max_vio, 3.0 / 1.5 - 1.0);
+        approx::assert_abs_diff_eq!(s.balancedness, 0.5);
+        // population std of [3,2,1,0] is sqrt(1.25).
+        approx::assert_abs_diff_eq!(s.cv, 1.25f64.sqrt() / 1.5, epsilon = 1e-12);
+        let p = [0.5f64, 1.0 / 3.0, 1.0 / 6.0];
+        let h = -p.iter().map(|x| x * x.ln()).sum::<f64>() / 4f64.ln();
+        approx::assert_abs_diff_eq!(s.entropy, h, epsilon = 1e-12);
+        assert_eq!(s.dead, 1);
+        approx::assert_abs_diff_eq!(s.bias_changed_share.unwrap(), 1.0 / 3.0);
+        // Bias and load fall together linearly: correlation 1.
+        approx::assert_abs_diff_eq!(s.bias_load_corr.unwrap(), 1.0, epsilon = 1e-6);
+        assert!(a.to_csv().contains("5,0,3,0.500000,0.3"));
+    }
+
+    #[test]
+    fn uniform_load_is_perfectly_balanced() {
+        let mut a = Audit::new(3);
+        a.add(0, &[0, 1, 2, 0, 1, 2], 1, None);
+        let s = a.layers[&0].stats();
+        assert_eq!((s.max_vio, s.cv, s.balancedness, s.dead), (0.0, 0.0, 1.0, 0));
+        approx::assert_abs_diff_eq!(s.entropy, 1.0, epsilon = 1e-12);
+        assert_eq!(s.bias_changed_share, None);
+        assert_eq!(s.bias_load_corr, None);
+    }
+}
