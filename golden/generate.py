@@ -13,7 +13,7 @@ accepted only when every top-k selection of the reference (DSA indexer and MoE r
 clear of near-ties (margin > MARGIN_MIN) and float64 makes the same selections; otherwise the
 next seed is tried (see `find_seed`).
 
-    /work/venv/bin/python golden/generate.py [--out golden] [--case NAME ...]
+    venv/bin/python golden/generate.py [--out golden] [--case NAME ...]
 
 Semantics follow transformers 5.24.0 `models/glm_moe_dsa/modeling_glm_moe_dsa.py`; the dump
 names follow shared/spec/dump-format.md.

@@ -148,3 +148,60 @@ fn bad_input_is_a_one_line_error_with_exit_code_2() {
         "--shards",
     );
 }
+
+#[test]
+fn prompts_go_through_the_checkpoints_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = synth(tmp.path(), 3);
+    let m = model.to_str().unwrap();
+    let o = glimpse(&["run", "--model", m, "--prompt", "hello world"]);
+    assert_error(&o, "tokenizer.json");
+    let tokenizer = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "hello": 7, "world": 11}, "unk_token": "[UNK]"}}"#;
+    std::fs::write(model.join("tokenizer.json"), tokenizer).unwrap();
+    let (by_text, _) = text(&glimpse(&["run", "--model", m, "--prompt", "hello world"]));
+    let (by_ids, _) = text(&glimpse(&["run", "--model", m, "--tokens", "7,11"]));
+    assert!(by_text.contains("2 tokens"), "{by_text}");
+    assert_eq!(by_text, by_ids);
+    assert_error(&glimpse(&["run", "--model", m, "--prompt", ""]), "empty");
+}
+
+#[test]
+fn audit_reads_prompts_and_dumps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = synth(tmp.path(), 4);
+    let m = model.to_str().unwrap();
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(&prompts, "1,2,3,4\n5,6,7,8,9\n").unwrap();
+    let (svg, csv) = (tmp.path().join("load.svg"), tmp.path().join("load.csv"));
+    let o = glimpse(&[
+        "audit",
+        "--model",
+        m,
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--heatmap",
+        svg.to_str().unwrap(),
+        "--csv",
+        csv.to_str().unwrap(),
+    ]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    // One MoE layer (layer 1), 9 tokens.
+    assert!(out.contains("expert load over 2 prompt(s), 4 experts"), "{out}");
+    assert!(out.lines().any(|l| l.trim_start().starts_with("1        9")), "{out}");
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    let total: u64 = csv.lines().skip(1).map(|l| l.split(',').nth(2).unwrap().parse::<u64>().unwrap()).sum();
+    assert_eq!(total, 9 * 2, "9 tokens x top-2");
+
+    let dump = tmp.path().join("d.safetensors");
+    let o = glimpse(&["run", "--model", m, "--tokens", "1,2,3,4", "--dump", dump.to_str().unwrap()]);
+    assert!(o.status.success());
+    let (out, _) = text(&glimpse(&["audit", "--dump", dump.to_str().unwrap(), "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["layers"][0]["tokens"], 4);
+    assert_eq!(v["experts"], 4);
+    assert_error(&glimpse(&["audit", "--prompts", prompts.to_str().unwrap()]), "--prompts needs --model");
+}
