@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
@@ -142,31 +142,36 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// An observer that streams the selected hook points of a run into a dump. Each tensor goes to a
-/// spill file as it arrives (memory stays at one tensor, however long the run); `finish` writes
-/// the safetensors file beside the target and renames it into place, so the target name never
-/// holds a partial dump and an interrupted run leaves any earlier file there intact.
+/// An observer that streams the selected hook points of a run into a dump. Each tensor is
+/// appended to the data section of a temporary file as it arrives (memory stays at one tensor,
+/// however long the run), after a header region reserved up front; `finish` writes the header
+/// into that region and renames the file into place, so the target name never holds a partial
+/// dump and an interrupted run leaves any earlier file there intact. A header that outgrows its
+/// reservation is handled by copying the data once into a fresh file.
 pub struct DumpWriter {
     path: PathBuf,
-    spill_path: PathBuf,
-    spill: Option<BufWriter<File>>,
+    tmp_path: PathBuf,
+    file: Option<BufWriter<File>>,
+    reserve: usize,
     selector: Selector,
     entries: Vec<(String, Dtype, Vec<usize>)>,
 }
 
+/// Header bytes reserved per expected tensor: a name, dtype, 3-D shape and two offsets.
+pub const HEADER_BYTES_PER_TENSOR: usize = 192;
+
 impl DumpWriter {
-    pub fn create(path: &Path, selector: Selector) -> Result<Self> {
+    /// `expected` is how many tensors the run may report (sizes the header reservation).
+    pub fn create(path: &Path, selector: Selector, expected: usize) -> Result<Self> {
+        // Not `st::tmp_path`: the header-overflow fallback writes that one while reading this.
         let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-        name.push(format!(".{}.spill", std::process::id()));
-        let spill_path = path.with_file_name(name);
-        let file = File::create(&spill_path).map_err(|e| Error::io(&spill_path, e))?;
-        Ok(DumpWriter {
-            path: path.to_path_buf(),
-            spill_path,
-            spill: Some(BufWriter::with_capacity(1 << 20, file)),
-            selector,
-            entries: Vec::new(),
-        })
+        name.push(format!(".{}.partial", std::process::id()));
+        let tmp_path = path.with_file_name(name);
+        let file = File::create(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
+        let reserve = (1024 + expected * HEADER_BYTES_PER_TENSOR).next_multiple_of(8);
+        let mut file = BufWriter::with_capacity(1 << 20, file);
+        file.write_all(&vec![b' '; 8 + reserve]).map_err(|e| Error::io(&tmp_path, e))?;
+        Ok(DumpWriter { path: path.to_path_buf(), tmp_path, file: Some(file), reserve, selector, entries: Vec::new() })
     }
 
     pub fn len(&self) -> usize {
@@ -176,27 +181,48 @@ impl DumpWriter {
         self.entries.is_empty()
     }
 
-    /// Writes the dump under its name and removes the spill file.
+    /// Writes the header, makes the file durable and renames it to the target. Returns the
+    /// number of tensors written.
     pub fn finish(mut self, metadata: &BTreeMap<String, String>) -> Result<usize> {
-        let spill = self.spill.take().ok_or_else(|| Error::dump(&self.path, "already finished"))?;
-        spill.into_inner().map_err(|e| Error::io(&self.spill_path, e.into_error()))?;
-        let mut reader =
-            std::io::BufReader::new(File::open(&self.spill_path).map_err(|e| Error::io(&self.spill_path, e))?);
-        let spill_path = self.spill_path.clone();
-        st::write_streaming(&self.path, &self.entries, metadata, |i, w| {
-            let (_, dtype, shape) = &self.entries[i];
-            let len = (shape.iter().product::<usize>() * dtype.bitsize() / 8) as u64;
-            std::io::copy(&mut (&mut reader).take(len), w).map_err(|e| Error::io(&spill_path, e))?;
-            Ok(())
-        })?;
+        let tmp = self.tmp_path.clone();
+        let io = |e| Error::io(&tmp, e);
+        let file = self.file.take().ok_or_else(|| Error::dump(&self.path, "already finished"))?;
+        let mut file = file.into_inner().map_err(|e| io(e.into_error()))?;
+        let (mut header, sizes) = st::header_bytes(&self.path, &self.entries, metadata)?;
+        if header.len() <= self.reserve {
+            // Trailing spaces are valid JSON whitespace: the header fills its reservation exactly.
+            header.resize(self.reserve, b' ');
+            file.seek(SeekFrom::Start(0)).map_err(io)?;
+            file.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+            file.write_all(&header).map_err(io)?;
+            file.sync_all().map_err(io)?;
+            drop(file);
+            std::fs::rename(&tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
+        } else {
+            let mut reader = File::open(&tmp).map_err(io)?;
+            reader.seek(SeekFrom::Start(8 + self.reserve as u64)).map_err(io)?;
+            let mut buf = vec![0u8; 1 << 20];
+            st::write_streaming(&self.path, &self.entries, metadata, |i, w| {
+                let mut left = sizes[i];
+                while left > 0 {
+                    let chunk = &mut buf[..left.min(1 << 20)];
+                    reader.read_exact(chunk).map_err(io)?;
+                    w.write_all(chunk).map_err(io)?;
+                    left -= chunk.len();
+                }
+                Ok(())
+            })?;
+            let _ = std::fs::remove_file(&tmp);
+        }
         Ok(self.entries.len())
     }
 }
 
 impl Drop for DumpWriter {
     fn drop(&mut self) {
-        self.spill.take();
-        let _ = std::fs::remove_file(&self.spill_path);
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp_path);
+        }
     }
 }
 
@@ -210,24 +236,34 @@ impl Observer for DumpWriter {
         if self.entries.iter().any(|(n, _, _)| *n == name) {
             return Err(Error::dump(&self.path, format!("`{name}` reported twice")));
         }
-        let spill = self.spill.as_mut().ok_or_else(|| Error::dump(&self.path, "already finished"))?;
-        let (dtype, bytes): (Dtype, Vec<u8>) = match value.dtype() {
+        let file = self.file.as_mut().ok_or_else(|| Error::dump(&self.path, "already finished"))?;
+        let io = |e| Error::io(&self.tmp_path, e);
+        let dtype = match value.dtype() {
             DType::I64 => {
-                (Dtype::I64, value.flatten_all()?.to_vec1::<i64>()?.iter().flat_map(|x| x.to_le_bytes()).collect())
+                file.write_all(&st::le_bytes_i64(&value.flatten_all()?.to_vec1::<i64>()?)).map_err(io)?;
+                Dtype::I64
             }
-            _ => (
-                Dtype::F32,
-                value
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect(),
-            ),
+            _ => {
+                let v = value.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                file.write_all(&f32_bytes(&v)).map_err(io)?;
+                Dtype::F32
+            }
         };
-        spill.write_all(&bytes).map_err(|e| Error::io(&self.spill_path, e))?;
         self.entries.push((name, dtype, value.dims().to_vec()));
         Ok(())
     }
+}
+
+/// The little-endian bytes of f32 values: on little-endian machines the values themselves, with no
+/// conversion pass (recording sits on the forward pass's hot path).
+#[cfg(target_endian = "little")]
+fn f32_bytes(v: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    // SAFETY: any f32 is 4 initialised bytes, u8 has alignment 1, and the length covers exactly
+    // the same memory.
+    std::borrow::Cow::Borrowed(unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) })
+}
+
+#[cfg(not(target_endian = "little"))]
+fn f32_bytes(v: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    std::borrow::Cow::Owned(st::le_bytes_f32(v))
 }

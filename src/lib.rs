@@ -7,6 +7,7 @@
 //! - [`synth`] writes random-weight checkpoints in the released layout.
 
 pub mod audit;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

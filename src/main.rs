@@ -99,6 +99,16 @@ enum Command {
         #[arg(long)]
         heatmap: Option<PathBuf>,
     },
+    /// Time prefill recording nothing vs recording every hook point (medians of alternating runs).
+    Bench {
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt length.
+        #[arg(long, default_value_t = 128)]
+        tokens: usize,
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+    },
     /// Describe a checkpoint: what its config means, parameters per block, dtypes, shards, MTP layer.
     Inspect {
         #[arg(long)]
@@ -244,6 +254,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench { model, tokens, repeat } => {
+            let report = glimpse::bench::run(&model, tokens, repeat, &std::env::temp_dir())?;
+            print!("{}", report.render());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Inspect { model } => {
             let ckpt = Checkpoint::open(&model)?;
             print!("{}", inspect::describe(&ckpt)?);
@@ -264,7 +279,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let selector = Selector::new(&record, layers);
             let logits = match &out {
                 Some(path) => {
-                    let mut writer = DumpWriter::create(path, selector)?;
+                    let mut writer = DumpWriter::create(path, selector, model_.max_hook_points())?;
                     let logits = model_.forward(&tokens, &mut writer)?;
                     let meta = dump::metadata(
                         &format!("glimpse {} / candle, float32, cpu", env!("CARGO_PKG_VERSION")),

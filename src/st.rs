@@ -137,11 +137,28 @@ pub struct Entry {
 
 impl Entry {
     pub fn f32(shape: Vec<usize>, data: &[f32]) -> Self {
-        Entry { dtype: Dtype::F32, shape, data: data.iter().flat_map(|x| x.to_le_bytes()).collect() }
+        Entry { dtype: Dtype::F32, shape, data: le_bytes_f32(data) }
     }
     pub fn i64(shape: Vec<usize>, data: &[i64]) -> Self {
-        Entry { dtype: Dtype::I64, shape, data: data.iter().flat_map(|x| x.to_le_bytes()).collect() }
+        Entry { dtype: Dtype::I64, shape, data: le_bytes_i64(data) }
     }
+}
+
+/// Little-endian bytes of f32 values, in one allocation (the hot path of dump writing).
+pub fn le_bytes_f32(v: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; v.len() * 4];
+    for (o, x) in out.chunks_exact_mut(4).zip(v) {
+        o.copy_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+pub fn le_bytes_i64(v: &[i64]) -> Vec<u8> {
+    let mut out = vec![0u8; v.len() * 8];
+    for (o, x) in out.chunks_exact_mut(8).zip(v) {
+        o.copy_from_slice(&x.to_le_bytes());
+    }
+    out
 }
 
 /// Writes a safetensors file whose tensors are produced one at a time, so a multi-GB file never
@@ -154,28 +171,7 @@ pub fn write_streaming(
     metadata: &BTreeMap<String, String>,
     mut fill: impl FnMut(usize, &mut dyn Write) -> Result<()>,
 ) -> Result<()> {
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert(
-            "__metadata__".into(),
-            serde_json::to_value(metadata).map_err(|e| Error::checkpoint(path, e.to_string()))?,
-        );
-    }
-    let mut offset = 0usize;
-    let mut sizes = Vec::with_capacity(layout.len());
-    for (name, dtype, shape) in layout {
-        let bytes = shape.iter().product::<usize>() * dtype.bitsize() / 8;
-        header.insert(
-            name.clone(),
-            serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes] }),
-        );
-        sizes.push(bytes);
-        offset += bytes;
-    }
-    let mut header = serde_json::to_vec(&header).map_err(|e| Error::checkpoint(path, e.to_string()))?;
-    while header.len() % 8 != 0 {
-        header.push(b' ');
-    }
+    let (header, sizes) = header_bytes(path, layout, metadata)?;
     let tmp = tmp_path(path);
     let result = (|| {
         let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -200,6 +196,36 @@ pub fn write_streaming(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// The JSON header for `layout` (tensors stored back to back in order), padded with spaces to a
+/// multiple of 8 so the data section is aligned; and each tensor's byte size.
+pub fn header_bytes(
+    path: &Path,
+    layout: &[(String, Dtype, Vec<usize>)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<(Vec<u8>, Vec<usize>)> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let meta = serde_json::to_value(metadata).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+        header.insert("__metadata__".into(), meta);
+    }
+    let mut offset = 0usize;
+    let mut sizes = Vec::with_capacity(layout.len());
+    for (name, dtype, shape) in layout {
+        let bytes = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+        header.insert(
+            name.clone(),
+            serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes] }),
+        );
+        sizes.push(bytes);
+        offset += bytes;
+    }
+    let mut header = serde_json::to_vec(&header).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    Ok((header, sizes))
 }
 
 /// Writes a whole in-memory set of tensors (a dump), atomically.

@@ -173,7 +173,7 @@ fn write_tensor(
         band.extend((0..n * cols).map(|_| center + spread * rng.uniform()));
         bytes.clear();
         match dtype {
-            Dtype::F32 => bytes.extend(band.iter().flat_map(|x| x.to_le_bytes())),
+            Dtype::F32 => bytes.extend(crate::st::le_bytes_f32(&band)),
             Dtype::BF16 => bytes.extend(band.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes())),
             Dtype::F8_E4M3 => {
                 // One scale per 128x128 block: amax / 448 maps the block onto E4M3's range.
@@ -282,7 +282,7 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
             let io = |e| Error::io(&path, e);
             if *is_scale {
                 // Scales were computed while writing the weight just before.
-                w.write_all(&pending_scales.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>()).map_err(io)?;
+                w.write_all(&crate::st::le_bytes_f32(&pending_scales)).map_err(io)?;
                 pending_scales.clear();
             } else {
                 write_tensor(spec, *dtype, o.seed, w, Some(&mut pending_scales)).map_err(io)?;

@@ -84,19 +84,25 @@ fn a_recorded_dump_round_trips() {
     let model = Model::load(&ckpt).unwrap();
     let tokens = Dump::open(&dir.join("reference.safetensors")).unwrap().tokens().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let path = tmp.path().join("run.safetensors");
     let mut rec = Recorder::new(everything());
     model.forward(&tokens, &mut rec).unwrap();
-    let mut writer = DumpWriter::create(&path, everything()).unwrap();
-    model.forward(&tokens, &mut writer).unwrap();
-    let meta = glimpse::dump::metadata("test", Some(&ckpt.config_bytes), None);
-    assert_eq!(writer.finish(&meta).unwrap(), rec.tensors.len());
-    // Only the dump is left: the spill file is gone.
-    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+    // A header reservation sized for the model, and one far too small (the copying fallback).
+    for (expected, file) in [(model.max_hook_points(), "run.safetensors"), (0, "small-reserve.safetensors")] {
+        let path = tmp.path().join(file);
+        let mut writer = DumpWriter::create(&path, everything(), expected).unwrap();
+        model.forward(&tokens, &mut writer).unwrap();
+        let meta = glimpse::dump::metadata("test", Some(&ckpt.config_bytes), None);
+        assert_eq!(writer.finish(&meta).unwrap(), rec.tensors.len());
+        check_round_trip(&path, &rec, &tokens, &ckpt.config_bytes);
+    }
+    // Only the dumps are left: no temporary file.
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2);
+}
 
-    let dump = Dump::open(&path).unwrap();
-    assert_eq!(dump.tokens().unwrap(), tokens);
-    assert_eq!(dump.metadata().get("config_sha256"), Some(&glimpse::dump::sha256_hex(&ckpt.config_bytes)));
+fn check_round_trip(path: &Path, rec: &Recorder, tokens: &glimpse::model::Tokens, config: &[u8]) {
+    let dump = Dump::open(path).unwrap();
+    assert_eq!(&dump.tokens().unwrap(), tokens);
+    assert_eq!(dump.metadata().get("config_sha256"), Some(&glimpse::dump::sha256_hex(config)));
     for (p, t) in &rec.tensors {
         let (values, shape) = dump.values(&p.name()).unwrap();
         assert_eq!(shape, t.dims(), "{}", p.name());

@@ -75,6 +75,11 @@ impl Model {
         l.finish(model)
     }
 
+    /// How many hook points a forward pass can report (sizes dump headers).
+    pub fn max_hook_points(&self) -> usize {
+        5 + self.layers.len() * crate::hooks::LayerHook::ALL.len()
+    }
+
     pub fn rope_tables(&self, seq: usize) -> RopeTables {
         self.rotary.tables(&(0..seq).collect::<Vec<_>>())
     }

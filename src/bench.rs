@@ -1,0 +1,104 @@
+//! `bench`: prefill timings on a checkpoint, recording nothing against recording every hook point
+//! into a dump, run alternately so machine noise hits both alike; medians are reported.
+
+use std::path::Path;
+use std::time::Instant;
+
+use crate::checkpoint::Checkpoint;
+use crate::dump::{self, DumpWriter};
+use crate::error::{Error, Result};
+use crate::hooks::{NoObserver, Selector};
+use crate::model::{Model, Tokens};
+
+pub struct BenchReport {
+    pub load_s: f64,
+    pub tokens: usize,
+    pub plain_s: Vec<f64>,
+    pub recording_s: Vec<f64>,
+    /// Of `recording_s`, the time spent writing the dump file after the forward pass.
+    pub finish_s: Vec<f64>,
+    pub dump_bytes: u64,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`).
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn run(model_dir: &Path, tokens: usize, repeat: usize, scratch: &Path) -> Result<BenchReport> {
+    if tokens == 0 || repeat == 0 {
+        return Err(Error::Usage("--tokens and --repeat must be at least 1".into()));
+    }
+    let t0 = Instant::now();
+    let ckpt = Checkpoint::open(model_dir)?;
+    let model = Model::load(&ckpt)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let vocab = model.config.vocab_size as u32;
+    // A fixed, spread-out token sequence: benchmarks must not depend on a tokenizer.
+    let ids = (0..tokens as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
+    let tokens_t = Tokens::new(1, tokens, ids)?;
+    let dump_path = scratch.join("glimpse-bench.safetensors");
+    let (mut plain_s, mut recording_s, mut finish_s, mut dump_bytes) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    // One untimed warm-up pass pages the weights in.
+    model.forward(&tokens_t, &mut NoObserver)?;
+    for _ in 0..repeat {
+        let t = Instant::now();
+        model.forward(&tokens_t, &mut NoObserver)?;
+        plain_s.push(t.elapsed().as_secs_f64());
+
+        let t = Instant::now();
+        let mut w = DumpWriter::create(&dump_path, Selector::default(), model.max_hook_points())?;
+        model.forward(&tokens_t, &mut w)?;
+        let f = Instant::now();
+        w.finish(&dump::metadata("glimpse bench", None, None))?;
+        finish_s.push(f.elapsed().as_secs_f64());
+        recording_s.push(t.elapsed().as_secs_f64());
+        dump_bytes = std::fs::metadata(&dump_path).map(|m| m.len()).unwrap_or(0);
+    }
+    let _ = std::fs::remove_file(&dump_path);
+    Ok(BenchReport { load_s, tokens, plain_s, recording_s, finish_s, dump_bytes, peak_rss_bytes: peak_rss() })
+}
+
+impl BenchReport {
+    pub fn render(&self) -> String {
+        let (p, r) = (median(&self.plain_s), median(&self.recording_s));
+        let mut s = format!("load (open + convert to f32): {:.2} s\n", self.load_s);
+        s += &format!(
+            "prefill {} tokens, recording nothing:      median {:.3} s ({:.1} tok/s) over {} runs\n",
+            self.tokens,
+            p,
+            self.tokens as f64 / p,
+            self.plain_s.len()
+        );
+        s += &format!(
+            "prefill {} tokens, recording every point: median {:.3} s ({:.1} tok/s), dump {:.1} MB\n",
+            self.tokens,
+            r,
+            self.tokens as f64 / r,
+            self.dump_bytes as f64 / 1e6
+        );
+        s += &format!(
+            "recording overhead: {:+.1}% (of which writing the file after the pass: median {:.3} s)\n",
+            100.0 * (r / p - 1.0),
+            median(&self.finish_s)
+        );
+        if let Some(rss) = self.peak_rss_bytes {
+            s += &format!("peak RSS: {:.2} GB\n", rss as f64 / 1e9);
+        }
+        s
+    }
+}
