@@ -180,11 +180,11 @@ fn main() -> ExitCode {
 
 /// The bundled case, found next to the binary's sources or under the current directory.
 fn default_case() -> PathBuf {
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CASE);
-    if built.is_dir() {
-        built
+    let here = PathBuf::from(DEFAULT_CASE);
+    if here.is_dir() {
+        here
     } else {
-        PathBuf::from(DEFAULT_CASE)
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CASE)
     }
 }
 
@@ -438,7 +438,9 @@ fn run_audit(model_dir: Option<&Path>, prompts: Option<&Path>, dumps: &[PathBuf]
             }
             let flags = match d.values(&format!("layers.{i}.moe.bias_changed")) {
                 Ok((dump::Values::I64(f), _)) => Some(f),
-                _ => None,
+                // A dump without the flags (e.g. a transformers reference) still has the router
+                // logits: with the model's bias, decide what the bias changed.
+                _ => bias_changed_from_logits(model.as_ref(), &d, i)?,
             };
             if let Some(bad) = audit.add(i, &ids, shape.last().copied().unwrap_or(1), flags.as_deref()) {
                 return Err(Error::dump(path, format!("`{name}` holds expert id {bad}, outside 0..{}", audit.experts)));
@@ -451,4 +453,28 @@ fn run_audit(model_dir: Option<&Path>, prompts: Option<&Path>, dumps: &[PathBuf]
         audit.prompts += 1;
     }
     Ok(audit)
+}
+
+/// `moe.bias_changed` recomputed from a dump's `moe.router_logits` and the model's router.
+fn bias_changed_from_logits(model: Option<&Model>, d: &Dump, layer: usize) -> Result<Option<Vec<i64>>> {
+    let Some(glimpse::model::layer::Ffn::Moe(moe)) = model.and_then(|m| m.layers.get(layer)).map(|l| &l.mlp) else {
+        return Ok(None);
+    };
+    let Ok((dump::Values::F32(logits), shape)) = d.values(&format!("layers.{layer}.moe.router_logits")) else {
+        return Ok(None);
+    };
+    let e = moe.e_score_correction_bias.len();
+    if shape.last() != Some(&e) {
+        return Err(Error::dump(
+            &d.path,
+            format!("layer {layer}: router_logits have {shape:?}, the model has {e} experts"),
+        ));
+    }
+    use glimpse::model::moe::{bias_changed, route};
+    Ok(Some(
+        logits
+            .chunks(e)
+            .map(|row| bias_changed(&moe.router, row, &route(&moe.router, row, &moe.e_score_correction_bias)) as i64)
+            .collect(),
+    ))
 }
