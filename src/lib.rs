@@ -24,4 +24,5 @@ pub mod inspect;
 pub mod layout;
 pub mod synth;
 pub mod tokenizer;
+pub mod tui_source;
 pub mod verify;

@@ -17,6 +17,7 @@ use glimpse::error::{Error, Result};
 use glimpse::hooks::{NoObserver, Selector};
 use glimpse::model::{Model, Tokens};
 use glimpse::synth::{self, SynthDtype, SynthOptions};
+use glimpse::tui_source::{DumpSource, TempFile};
 use glimpse::{diff, inspect, verify};
 
 /// The bundled default case: GLM-5's own layer pattern at toy size, with its transformers reference.
@@ -108,6 +109,25 @@ enum Command {
         tokens: usize,
         #[arg(long, default_value_t = 5)]
         repeat: usize,
+    },
+    /// Step through the layers of a run in a terminal UI, side by side with its reference.
+    /// With no arguments: the bundled default case and its transformers reference.
+    Tui {
+        /// Run this checkpoint live (default: the bundled case, unless --dump is given).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The reference dump to compare with (default with a model: DIR/reference.safetensors).
+        #[arg(long)]
+        golden: Option<PathBuf>,
+        /// Show this recorded dump instead of running a model.
+        #[arg(long, conflicts_with = "model")]
+        dump: Option<PathBuf>,
+        /// Token ids for the live run (default: the reference's input_ids).
+        #[arg(long, conflicts_with = "prompt")]
+        tokens: Option<String>,
+        /// Text for the live run, encoded with the model's tokenizer.json.
+        #[arg(long)]
+        prompt: Option<String>,
     },
     /// Describe a checkpoint: what its config means, parameters per block, dtypes, shards, MTP layer.
     Inspect {
@@ -257,6 +277,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench { model, tokens, repeat } => {
             let report = glimpse::bench::run(&model, tokens, repeat, &std::env::temp_dir())?;
             print!("{}", report.render());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tui { model, golden, dump, tokens, prompt } => {
+            let src = tui_source(model, golden, dump, tokens, prompt)?;
+            glimpse_tui::term::run(&src).map_err(|e| Error::Usage(format!("terminal: {e}")))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect { model } => {
@@ -477,4 +502,52 @@ fn bias_changed_from_logits(model: Option<&Model>, d: &Dump, layer: usize) -> Re
             .map(|row| bias_changed(&moe.router, row, &route(&moe.router, row, &moe.e_score_correction_bias)) as i64)
             .collect(),
     ))
+}
+
+/// Builds the TUI's data: a recorded dump as it is, or a live run of a model recorded into a
+/// temporary dump; with the reference when there is one.
+fn tui_source(
+    model: Option<PathBuf>,
+    golden: Option<PathBuf>,
+    dump: Option<PathBuf>,
+    tokens: Option<String>,
+    prompt: Option<String>,
+) -> Result<DumpSource> {
+    if let Some(path) = dump {
+        let reference = golden.as_deref().map(Dump::open).transpose()?;
+        let title = match &golden {
+            Some(g) => format!("{} vs reference {}", path.display(), g.display()),
+            None => path.display().to_string(),
+        };
+        return DumpSource::new(title, Dump::open(&path)?, reference, None, None);
+    }
+    let dir = model.unwrap_or_else(default_case);
+    let golden = golden.or_else(|| Some(dir.join("reference.safetensors")).filter(|p| p.is_file()));
+    let reference = golden.as_deref().map(Dump::open).transpose()?;
+    let ckpt = Checkpoint::open(&dir)?;
+    let tokens = match (tokens, prompt, &reference) {
+        (Some(t), _, _) => parse_tokens(&t)?,
+        (_, Some(p), _) => {
+            let ids = glimpse::tokenizer::encode(&dir, &p)?;
+            Tokens::new(1, ids.len(), ids)?
+        }
+        (_, _, Some(r)) => r.tokens()?,
+        _ => {
+            return Err(Error::Usage(format!(
+                "{} has no reference.safetensors: give --tokens or --prompt",
+                dir.display()
+            )))
+        }
+    };
+    let model = Model::load(&ckpt)?;
+    let tmp = std::env::temp_dir().join(format!("glimpse-tui-{}.safetensors", std::process::id()));
+    let owned = TempFile(tmp.clone());
+    let mut writer = DumpWriter::create(&tmp, Selector::default(), model.max_hook_points())?;
+    model.forward(&tokens, &mut writer)?;
+    writer.finish(&dump::metadata("glimpse live run", Some(&ckpt.config_bytes), None))?;
+    let title = match &golden {
+        Some(g) => format!("{} (live) vs reference {}", dir.display(), g.display()),
+        None => format!("{} (live)", dir.display()),
+    };
+    DumpSource::new(title, Dump::open(&tmp)?, reference, Some(&ckpt.config), Some(owned))
 }

@@ -1,0 +1,323 @@
+//! The terminal UI's [`Source`] over glimpse dumps: a run's dump (written by a live run or read
+//! from a file), optionally with its reference. Layer status comes from the same engine as
+//! `diff`; everything else is read from the memory-mapped dumps when a view asks for it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use glimpse_tui::{DsaMatrix, HookRow, KvNormGrid, LayerRow, LoadRow, RefCheck, RouteRow, Source, Status, Worst};
+
+use crate::audit::LayerLoad;
+use crate::compare::{Comparison, Detail};
+use crate::config::{Config, IndexerKind, MlpKind};
+use crate::diff::{diff, DiffOptions};
+use crate::dump::{Dump, Values};
+use crate::error::Result;
+use crate::hooks::{HookPoint, LayerHook};
+use crate::model::Tokens;
+
+pub struct DumpSource {
+    title: String,
+    ours: Dump,
+    reference: Option<Dump>,
+    tokens: Tokens,
+    layers: Vec<LayerRow>,
+    comparisons: BTreeMap<String, Comparison>,
+    /// A temporary dump of a live run, removed when the source goes away.
+    _owned: Option<TempFile>,
+}
+
+/// A file deleted on drop.
+pub struct TempFile(pub PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn layer_names(d: &Dump) -> BTreeMap<usize, Vec<String>> {
+    let mut out: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    for n in d.names() {
+        if let Some(i) = HookPoint::parse(&n).and_then(|p| p.layer()) {
+            out.entry(i).or_default().push(n);
+        }
+    }
+    out
+}
+
+impl DumpSource {
+    pub fn new(
+        title: String,
+        ours: Dump,
+        reference: Option<Dump>,
+        config: Option<&Config>,
+        owned: Option<TempFile>,
+    ) -> Result<Self> {
+        let tokens = ours.tokens()?;
+        let report = match &reference {
+            Some(r) => Some(diff(&ours, r, &DiffOptions::default())?),
+            None => None,
+        };
+        let comparisons: BTreeMap<String, Comparison> =
+            report.map(|r| r.results.into_iter().map(|c| (c.name.clone(), c)).collect()).unwrap_or_default();
+        let layers = layer_names(&ours)
+            .into_iter()
+            .map(|(i, names)| {
+                let has = |suffix: &str| names.iter().any(|n| n.ends_with(suffix));
+                let ffn = match config.and_then(|c| c.mlp_layer_types.get(i)) {
+                    Some(MlpKind::Moe) => "moe",
+                    Some(MlpKind::Dense) => "dense",
+                    None if has(".moe.topk_ids") => "moe",
+                    None => "dense",
+                };
+                let indexer = match config.and_then(|c| c.indexer_types.get(i)) {
+                    Some(IndexerKind::Full) => "full",
+                    Some(IndexerKind::Shared) => "shared",
+                    None if has(".dsa.margin") || has(".dsa.scores") => "full",
+                    None => "?",
+                };
+                let mut row = LayerRow {
+                    index: i,
+                    ffn: ffn.into(),
+                    indexer: indexer.into(),
+                    status: if reference.is_some() { Status::Match } else { Status::Unchecked },
+                    mismatches: 0,
+                    routing_flips: 0,
+                    dsa_flips: 0,
+                    worst: None,
+                };
+                for c in names.iter().filter_map(|n| comparisons.get(n)) {
+                    row.mismatches += usize::from(!c.ok);
+                    match &c.detail {
+                        Detail::Sets { flips, .. } if c.name.ends_with(".moe.topk_ids") => {
+                            row.routing_flips = flips.len()
+                        }
+                        Detail::Sets { flips, .. } if c.name.ends_with(".dsa.topk") => row.dsa_flips = flips.len(),
+                        Detail::Float { max_abs, .. } if row.worst.as_ref().is_none_or(|(_, e)| max_abs > e) => {
+                            let short =
+                                c.name.split_once('.').and_then(|(_, r)| r.split_once('.')).map_or("", |(_, h)| h);
+                            row.worst = Some((short.to_string(), *max_abs));
+                        }
+                        _ => {}
+                    }
+                }
+                if row.routing_flips + row.dsa_flips > 0 {
+                    row.status = Status::Flips;
+                } else if row.mismatches > 0 {
+                    row.status = Status::Mismatch;
+                }
+                row
+            })
+            .collect();
+        Ok(DumpSource { title, ours, reference, tokens, layers, comparisons, _owned: owned })
+    }
+
+    fn floats(d: &Dump, name: &str) -> Option<(Vec<f64>, Vec<usize>)> {
+        match d.values(name).ok()? {
+            (Values::F32(v), s) => Some((v.into_iter().map(f64::from).collect(), s)),
+            (Values::I64(v), s) => Some((v.into_iter().map(|x| x as f64).collect(), s)),
+        }
+    }
+
+    fn ints(d: &Dump, name: &str) -> Option<(Vec<i64>, Vec<usize>)> {
+        match d.values(name).ok()? {
+            (Values::I64(v), s) => Some((v, s)),
+            _ => None,
+        }
+    }
+
+    fn stats(&self, name: &str) -> Option<HookRow> {
+        let (v, shape) = Self::floats(&self.ours, name)?;
+        let finite: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+        let n = finite.len().max(1) as f64;
+        let mean = finite.iter().sum::<f64>() / n;
+        let std = (finite.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n).sqrt();
+        let (min, max) = finite.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+        let mut histogram = vec![0u64; 10];
+        for x in &finite {
+            let b = if max > min { (((x - min) / (max - min)) * 10.0) as usize } else { 0 };
+            histogram[b.min(9)] += 1;
+        }
+        let reference = self.comparisons.get(name).map(|c| self.ref_check(name, &v, &shape, c));
+        Some(HookRow {
+            name: name.to_string(),
+            shape,
+            mean,
+            std,
+            min: if finite.is_empty() { 0.0 } else { min },
+            max: if finite.is_empty() { 0.0 } else { max },
+            l2: finite.iter().map(|x| x * x).sum::<f64>().sqrt(),
+            nonfinite: v.len() - finite.len(),
+            histogram,
+            reference,
+        })
+    }
+
+    /// The comparison verdict plus the three worst elements (floats only).
+    fn ref_check(&self, name: &str, ours: &[f64], shape: &[usize], c: &Comparison) -> RefCheck {
+        let (max_abs, max_rel) = match &c.detail {
+            Detail::Float { max_abs, max_rel, .. } => (*max_abs, *max_rel),
+            Detail::Sets { mean_recall, .. } => (1.0 - mean_recall, 0.0),
+            Detail::Shape { .. } => (f64::INFINITY, f64::INFINITY),
+        };
+        let mut worst = Vec::new();
+        if let (Detail::Float { .. }, Some((theirs, _))) =
+            (&c.detail, self.reference.as_ref().and_then(|r| Self::floats(r, name)))
+        {
+            let mut order: Vec<usize> = (0..ours.len().min(theirs.len())).collect();
+            let err = |i: usize| {
+                let e = (ours[i] - theirs[i]).abs();
+                if e.is_nan() {
+                    f64::INFINITY
+                } else {
+                    e
+                }
+            };
+            order.sort_by(|&a, &b| err(b).total_cmp(&err(a)));
+            worst = order
+                .into_iter()
+                .take(3)
+                .map(|i| Worst {
+                    at: crate::compare::coord(shape, i),
+                    ours: ours[i] as f32,
+                    reference: theirs[i] as f32,
+                })
+                .collect();
+        }
+        RefCheck { ok: c.ok, max_abs, max_rel, worst }
+    }
+
+    fn per_token(&self, name: &str) -> Option<Vec<f32>> {
+        match self.ours.values(name).ok()? {
+            (Values::F32(v), _) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+impl Source for DumpSource {
+    fn title(&self) -> String {
+        self.title.clone()
+    }
+    fn layers(&self) -> &[LayerRow] {
+        &self.layers
+    }
+    fn tokens(&self) -> usize {
+        self.tokens.ids.len()
+    }
+    fn token_label(&self, token: usize) -> String {
+        let (b, s) = (token / self.tokens.seq.max(1), token % self.tokens.seq.max(1));
+        let id = self.tokens.ids.get(token).copied().unwrap_or(0);
+        if self.tokens.batch > 1 {
+            format!("b{b} s{s} #{id}")
+        } else {
+            format!("s{s} #{id}")
+        }
+    }
+
+    fn hooks(&self, layer: Option<usize>) -> Vec<HookRow> {
+        self.ours
+            .names()
+            .into_iter()
+            .filter(|n| {
+                HookPoint::parse(n).map(|p| p.layer()) == Some(layer)
+                    || (layer.is_none() && HookPoint::parse(n).is_none())
+            })
+            .filter_map(|n| self.stats(&n))
+            .collect()
+    }
+
+    fn routing(&self, layer: usize) -> Option<Vec<RouteRow>> {
+        let name = |h: LayerHook| HookPoint::Layer(layer, h).name();
+        let (ids, shape) = Self::ints(&self.ours, &name(LayerHook::TopkIds))?;
+        let k = *shape.last()?;
+        let weights = self.per_token(&name(LayerHook::TopkWeights)).unwrap_or_default();
+        let margin = self.per_token(&name(LayerHook::RouterMargin));
+        let reference = self.reference.as_ref().and_then(|r| Self::ints(r, &name(LayerHook::TopkIds))).map(|(v, _)| v);
+        let to_ids = |v: &[i64]| v.iter().map(|&x| x.max(0) as usize).collect::<Vec<_>>();
+        Some(
+            ids.chunks(k)
+                .enumerate()
+                .map(|(t, row)| RouteRow {
+                    token: t,
+                    ids: to_ids(row),
+                    weights: weights.get(t * k..(t + 1) * k).map(<[f32]>::to_vec).unwrap_or_default(),
+                    margin: margin.as_ref().and_then(|m| m.get(t).copied()),
+                    reference_ids: reference.as_ref().and_then(|r| r.get(t * k..(t + 1) * k)).map(to_ids),
+                })
+                .collect(),
+        )
+    }
+
+    fn load(&self) -> Vec<LoadRow> {
+        let mut rows = Vec::new();
+        for (i, names) in layer_names(&self.ours) {
+            let Some(name) = names.iter().find(|n| n.ends_with(".moe.topk_ids")) else { continue };
+            let Some((ids, _)) = Self::ints(&self.ours, name) else { continue };
+            let experts = self
+                .ours
+                .shape(&HookPoint::Layer(i, LayerHook::RouterLogits).name())
+                .and_then(|s| s.last().copied())
+                .unwrap_or_else(|| ids.iter().copied().max().map_or(0, |m| m as usize + 1));
+            let mut load = LayerLoad::new(i, experts);
+            for id in ids.iter().filter_map(|&x| usize::try_from(x).ok()) {
+                if let Some(c) = load.counts.get_mut(id) {
+                    *c += 1;
+                }
+            }
+            let st = load.stats();
+            rows.push(LoadRow { layer: i, counts: load.counts, max_vio: st.max_vio, cv: st.cv });
+        }
+        rows
+    }
+
+    fn dsa(&self, layer: usize, token: usize) -> Option<DsaMatrix> {
+        let name = HookPoint::Layer(layer, LayerHook::DsaTopk).name();
+        let (seq, b) = (self.tokens.seq, token / self.tokens.seq.max(1));
+        let rows = |d: &Dump| -> Option<Vec<Vec<usize>>> {
+            let (idx, shape) = Self::ints(d, &name)?;
+            let k = *shape.last()?;
+            Some(
+                (0..seq)
+                    .map(|q| {
+                        let start = (b * seq + q) * k;
+                        let mut r: Vec<usize> = idx
+                            .get(start..start + k)
+                            .unwrap_or(&[])
+                            .iter()
+                            .filter_map(|&j| usize::try_from(j).ok())
+                            .filter(|&j| j <= q)
+                            .collect();
+                        r.sort_unstable();
+                        r.dedup();
+                        r
+                    })
+                    .collect(),
+            )
+        };
+        let margin = self
+            .per_token(&HookPoint::Layer(layer, LayerHook::DsaMargin).name())
+            .map(|m| m.get(b * seq..(b + 1) * seq).map(<[f32]>::to_vec).unwrap_or_default());
+        Some(DsaMatrix { seq, selected: rows(&self.ours)?, reference: self.reference.as_ref().and_then(rows), margin })
+    }
+
+    fn kv_norms(&self) -> Option<KvNormGrid> {
+        let mut g = KvNormGrid { layers: Vec::new(), latent: Vec::new(), pre_norm: Vec::new(), k_rope: Vec::new() };
+        for i in layer_names(&self.ours).into_keys() {
+            let name = |h: LayerHook| HookPoint::Layer(i, h).name();
+            // Dumps without the extra norm names (a transformers reference) still hold kv_latent.
+            let latent = self.per_token(&name(LayerHook::KvNorm)).or_else(|| {
+                let (v, shape) = Self::floats(&self.ours, &name(LayerHook::KvLatent))?;
+                let r = *shape.last()?;
+                Some(v.chunks(r).map(|c| c.iter().map(|x| x * x).sum::<f64>().sqrt() as f32).collect())
+            });
+            let Some(latent) = latent else { continue };
+            g.layers.push(i);
+            g.latent.push(latent);
+            g.pre_norm.push(self.per_token(&name(LayerHook::KvNormPre)).unwrap_or_default());
+            g.k_rope.push(self.per_token(&name(LayerHook::KRopeNorm)).unwrap_or_default());
+        }
+        (!g.layers.is_empty()).then_some(g)
+    }
+}

@@ -1,0 +1,194 @@
+//! The terminal UI on the bundled case: render tests on ratatui's `TestBackend` pin what each view
+//! shows (the default case's live run against its reference, and the bundled bf16 port, which
+//! has real flips), and a test drives the real binary in tmux.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use glimpse::checkpoint::Checkpoint;
+use glimpse::dump::{self, Dump, DumpWriter};
+use glimpse::hooks::Selector;
+use glimpse::model::Model;
+use glimpse::tui_source::DumpSource;
+use glimpse_tui::ratatui::backend::TestBackend;
+use glimpse_tui::ratatui::Terminal;
+use glimpse_tui::{ui, App, Source, View};
+
+fn flat() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat")
+}
+
+/// The default case, run live and compared with its reference (what `glimpse tui` opens).
+fn default_source(tmp: &Path) -> DumpSource {
+    let ckpt = Checkpoint::open(&flat()).unwrap();
+    let model = Model::load(&ckpt).unwrap();
+    let reference = Dump::open(&flat().join("reference.safetensors")).unwrap();
+    let path = tmp.join("live.safetensors");
+    let mut w = DumpWriter::create(&path, Selector::default(), model.max_hook_points()).unwrap();
+    model.forward(&reference.tokens().unwrap(), &mut w).unwrap();
+    w.finish(&dump::metadata("test", None, None)).unwrap();
+    DumpSource::new("default".into(), Dump::open(&path).unwrap(), Some(reference), Some(&ckpt.config), None).unwrap()
+}
+
+/// The bundled bf16 port (transformers in bfloat16) against the f32 reference: it has flips.
+fn port_source() -> DumpSource {
+    let ours = Dump::open(&flat().join("bf16-port.safetensors")).unwrap();
+    let reference = Dump::open(&flat().join("reference.safetensors")).unwrap();
+    DumpSource::new("bf16 port".into(), ours, Some(reference), None, None).unwrap()
+}
+
+fn screen(app: &App, src: &dyn Source, w: u16, h: u16) -> String {
+    let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+    t.draw(|f| ui::draw(f, app, src)).unwrap();
+    let buf = t.backend().buffer().clone();
+    (0..h)
+        .map(|y| (0..w).map(|x| buf[(x, y)].symbol().to_string()).collect::<String>().trim_end().to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn line_with<'a>(screen: &'a str, needle: &str) -> &'a str {
+    screen.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no line with {needle:?} in\n{screen}"))
+}
+
+#[test]
+fn layers_view_of_the_default_case() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = default_source(tmp.path());
+    let s = screen(&App::default(), &src, 80, 24);
+    assert!(s.contains("1 layers"), "{s}");
+    let words = |l: &str| l.trim_matches('│').split_whitespace().map(String::from).collect::<Vec<_>>();
+    assert_eq!(words(line_with(&s, "│0 "))[..6], ["0", "dense", "full", "match", "0", "0/0"]);
+    assert_eq!(words(line_with(&s, "│3 "))[..6], ["3", "moe", "full", "match", "0", "0/0"]);
+    assert!(s.contains("q quit | tab view"), "the key help is on screen:\n{s}");
+    // Nothing to jump to.
+    let mut app = App::default();
+    app.next_problem(&src);
+    assert!(screen(&app, &src, 80, 24).contains("no mismatch or flip in any layer"));
+}
+
+#[test]
+fn layers_view_flags_the_ports_flips() {
+    let src = port_source();
+    let s = screen(&App::default(), &src, 80, 24);
+    let row = line_with(&s, "│3 ");
+    assert!(row.contains("moe") && row.contains("FLIPS") && row.contains("4/12"), "{row}");
+}
+
+#[test]
+fn routing_view_shows_experts_margins_and_a_flagged_flip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = default_source(tmp.path());
+    let mut app = App { layer: 2, ..App::default() };
+    app.set_view(View::Routing);
+    let s = screen(&app, &src, 100, 30);
+    assert!(s.contains("layer 2 routing: 32 tokens, 0 flips"), "{s}");
+    // Token 0's experts and weights, as the model chose them.
+    let routes = src.routing(2).unwrap();
+    let r0 = &routes[0];
+    let first = format!("{}:{:.2}", r0.ids[0], r0.weights[0]);
+    assert!(line_with(&s, "s0 #").contains(&first), "{s}");
+
+    let port = port_source();
+    let mut app = App { layer: 1, ..App::default() };
+    app.next_problem(&port); // layer 2 has routing flips: the routing view opens on the first.
+    assert_eq!((app.view, app.layer), (View::Routing, 2));
+    let s = screen(&app, &port, 100, 30);
+    assert!(s.contains("layer 2 routing: 32 tokens, 2 flips"), "{s}");
+    let flip = line_with(&s, "FLIP ref");
+    assert!(flip.contains(&format!("s{} #", app.token)), "cursor on the flipped token: {flip}");
+}
+
+#[test]
+fn activations_view_lists_hook_points_with_stats() {
+    let port = port_source();
+    let mut app = App::default();
+    app.set_view(View::Activations);
+    let s = screen(&app, &port, 120, 30);
+    assert!(s.contains("layer 0 activations"), "{s}");
+    assert!(line_with(&s, "layers.0.attn.out").contains("BAD"), "{s}");
+    assert!(s.contains("worst elements"), "{s}");
+    app.start_filter();
+    for c in "q_latent".chars() {
+        app.filter_push(c);
+    }
+    app.finish_filter();
+    let s = screen(&app, &port, 120, 30);
+    assert!(s.contains("layers.0.attn.q_latent") && !s.contains("layers.0.attn.out "), "{s}");
+}
+
+#[test]
+fn load_dsa_and_kv_views_draw_the_bundled_case() {
+    let port = port_source();
+    let mut app = App { layer: 3, ..App::default() };
+    app.set_view(View::Load);
+    let s = screen(&app, &port, 80, 24);
+    assert!(s.contains("expert load (16 experts") && s.contains("layer 4") && s.contains("MaxVio"), "{s}");
+
+    app.set_view(View::Dsa);
+    let s = screen(&app, &port, 80, 24);
+    assert!(s.contains("layer 3 dsa (full indexer): 32 queries, 12 differ"), "{s}");
+    // Query 0 keeps its only key, on both sides.
+    assert!(line_with(&s, "q0 ").contains("1.00 #"), "{s}");
+
+    app.set_view(View::KvNorms);
+    let s = screen(&app, &port, 80, 24);
+    assert!(s.contains("latent kv norm") && s.contains("|kv_latent|"), "{s}");
+    // Resize: the same state draws at another size without trouble.
+    let small = screen(&app, &port, 40, 12);
+    assert!(small.lines().count() == 12);
+}
+
+fn tmux(args: &[&str]) -> String {
+    let o = Command::new("tmux").args(args).output().expect("tmux runs");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The real binary in a real terminal: open the default case, step down two layers; then the
+/// bf16 port, step down two layers and jump to the next flip.
+#[test]
+fn the_binary_in_tmux() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        panic!("tmux is required for this test (.ci/run installs it)");
+    }
+    let bin = env!("CARGO_BIN_EXE_glimpse");
+    let root = env!("CARGO_MANIFEST_DIR");
+    let session = format!("glimpse-test-{}", std::process::id());
+    let wait_for = |needle: &str| {
+        for _ in 0..100 {
+            let s = tmux(&["capture-pane", "-p", "-t", &session]);
+            if s.contains(needle) {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("{needle:?} never appeared:\n{}", tmux(&["capture-pane", "-p", "-t", &session]));
+    };
+    let run = |cmd: String| {
+        tmux(&["kill-session", "-t", &session]);
+        let o = Command::new("tmux")
+            .args(["new-session", "-d", "-s", &session, "-x", "80", "-y", "24", "-c", root, &cmd])
+            .status()
+            .unwrap();
+        assert!(o.success());
+    };
+
+    run(format!("{bin} tui"));
+    let s = wait_for("1 layers");
+    assert!(s.contains("golden/flat (live) vs reference"), "{s}");
+    tmux(&["send-keys", "-t", &session, "j", "j"]);
+    let s = wait_for("layer 2 (moe, full)");
+    assert!(s.contains("match"), "{s}");
+
+    run(format!("{bin} tui --dump golden/flat/bf16-port.safetensors --golden golden/flat/reference.safetensors"));
+    wait_for("1 layers");
+    tmux(&["send-keys", "-t", &session, "j", "j"]);
+    wait_for("layer 2 (moe, full)");
+    tmux(&["send-keys", "-t", &session, "n"]);
+    let s = wait_for("layer 3: FLIPS");
+    assert!(s.contains("layer 3 routing: 32 tokens, 4 flips"), "{s}");
+    assert!(s.contains("FLIP ref"), "{s}");
+    tmux(&["send-keys", "-t", &session, "q"]);
+    tmux(&["kill-session", "-t", &session]);
+}

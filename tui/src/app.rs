@@ -1,0 +1,206 @@
+//! The UI state and what each key does. Keys map to named methods; drawing (in `ui` and
+//! `views`) reads this state and never changes it.
+
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+use crate::data::Source;
+
+/// The views, in tab order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    Layers,
+    Activations,
+    Routing,
+    Load,
+    Dsa,
+    KvNorms,
+}
+
+impl View {
+    pub const ALL: [View; 6] = [View::Layers, View::Activations, View::Routing, View::Load, View::Dsa, View::KvNorms];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            View::Layers => "layers",
+            View::Activations => "activations",
+            View::Routing => "routing",
+            View::Load => "expert load",
+            View::Dsa => "dsa",
+            View::KvNorms => "latent kv",
+        }
+    }
+    fn index(self) -> usize {
+        View::ALL.iter().position(|v| *v == self).unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct App {
+    pub view: View,
+    /// Index into `Source::layers()`.
+    pub layer: usize,
+    /// Selected token position (batch rows flattened).
+    pub token: usize,
+    /// First row shown in scrollable views.
+    pub scroll: usize,
+    /// Hook-point name filter (substring); empty shows all.
+    pub filter: String,
+    pub editing_filter: bool,
+    /// A one-line message for the status bar (e.g. "no more flips").
+    pub message: String,
+    pub quit: bool,
+}
+
+impl Default for App {
+    fn default() -> Self {
+        App {
+            view: View::Layers,
+            layer: 0,
+            token: 0,
+            scroll: 0,
+            filter: String::new(),
+            editing_filter: false,
+            message: String::new(),
+            quit: false,
+        }
+    }
+}
+
+/// The key help shown at the bottom of the screen.
+pub const HELP: &str = "q quit | tab view | j/k layer | n next flip | h/l token | pgdn scroll | / filter";
+
+impl App {
+    pub fn handle_key(&mut self, key: KeyEvent, src: &dyn Source) {
+        if self.editing_filter {
+            match key.code {
+                KeyCode::Enter => self.finish_filter(),
+                KeyCode::Esc => self.clear_filter(),
+                KeyCode::Backspace => self.filter_pop(),
+                KeyCode::Char(c) => self.filter_push(c),
+                _ => {}
+            }
+            return;
+        }
+        self.message.clear();
+        match key.code {
+            KeyCode::Char('c') if key.modifiers.contains(KeyModifiers::CONTROL) => self.quit(),
+            KeyCode::Char('q') | KeyCode::Esc => self.quit(),
+            KeyCode::Tab => self.next_view(),
+            KeyCode::BackTab => self.prev_view(),
+            KeyCode::Char(c @ '1'..='6') => self.set_view(View::ALL[c as usize - '1' as usize]),
+            KeyCode::Char('j') | KeyCode::Down => self.next_layer(src),
+            KeyCode::Char('k') | KeyCode::Up => self.prev_layer(),
+            KeyCode::Char('n') => self.next_problem(src),
+            KeyCode::Char('l') | KeyCode::Right => self.next_token(src),
+            KeyCode::Char('h') | KeyCode::Left => self.prev_token(),
+            KeyCode::PageDown | KeyCode::Char('J') => self.scroll_down(),
+            KeyCode::PageUp | KeyCode::Char('K') => self.scroll_up(),
+            KeyCode::Char('/') => self.start_filter(),
+            _ => {}
+        }
+    }
+
+    pub fn quit(&mut self) {
+        self.quit = true;
+    }
+
+    pub fn set_view(&mut self, view: View) {
+        self.view = view;
+        self.scroll = 0;
+    }
+    pub fn next_view(&mut self) {
+        self.set_view(View::ALL[(self.view.index() + 1) % View::ALL.len()]);
+    }
+    pub fn prev_view(&mut self) {
+        self.set_view(View::ALL[(self.view.index() + View::ALL.len() - 1) % View::ALL.len()]);
+    }
+
+    pub fn next_layer(&mut self, src: &dyn Source) {
+        if self.layer + 1 < src.layers().len() {
+            self.layer += 1;
+        }
+    }
+    pub fn prev_layer(&mut self) {
+        self.layer = self.layer.saturating_sub(1);
+    }
+
+    /// Jumps to the next layer (after the selected one, wrapping) with a mismatch or a flip, and
+    /// to the view that shows it: routing for routing flips, DSA for selection flips, else the
+    /// activations. Like tfdbg's `run -f`.
+    pub fn next_problem(&mut self, src: &dyn Source) {
+        let layers = src.layers();
+        let n = layers.len();
+        let found = (1..=n).map(|d| (self.layer + d) % n).find(|&i| layers[i].status.is_problem());
+        match found {
+            Some(i) => {
+                self.layer = i;
+                let row = &layers[i];
+                let view = if row.routing_flips > 0 {
+                    View::Routing
+                } else if row.dsa_flips > 0 {
+                    View::Dsa
+                } else {
+                    View::Activations
+                };
+                self.set_view(view);
+                // Put the cursor on the first flipped token, so the view opens on it.
+                let first_flip = match view {
+                    View::Routing => src.routing(row.index).and_then(|r| r.iter().position(|t| t.is_flip())),
+                    View::Dsa => first_dsa_flip(src, row.index),
+                    _ => None,
+                };
+                if let Some(t) = first_flip {
+                    self.token = t;
+                }
+                self.message = format!("layer {}: {}", row.index, row.status.label());
+            }
+            None => self.message = "no mismatch or flip in any layer".into(),
+        }
+    }
+
+    pub fn next_token(&mut self, src: &dyn Source) {
+        if self.token + 1 < src.tokens() {
+            self.token += 1;
+        }
+    }
+    pub fn prev_token(&mut self) {
+        self.token = self.token.saturating_sub(1);
+    }
+
+    pub fn scroll_down(&mut self) {
+        self.scroll += 8;
+    }
+    pub fn scroll_up(&mut self) {
+        self.scroll = self.scroll.saturating_sub(8);
+    }
+
+    pub fn start_filter(&mut self) {
+        self.editing_filter = true;
+    }
+    pub fn filter_push(&mut self, c: char) {
+        self.filter.push(c);
+    }
+    pub fn filter_pop(&mut self) {
+        self.filter.pop();
+    }
+    pub fn finish_filter(&mut self) {
+        self.editing_filter = false;
+    }
+    pub fn clear_filter(&mut self) {
+        self.filter.clear();
+        self.editing_filter = false;
+    }
+}
+
+/// The first token (batch rows flattened) whose DSA selection in `layer` differs from the reference.
+fn first_dsa_flip(src: &dyn Source, layer: usize) -> Option<usize> {
+    let mut start = 0;
+    while start < src.tokens() {
+        let m = src.dsa(layer, start)?;
+        if let Some(q) = (0..m.seq).find(|&q| m.recall(q).is_some_and(|r| r < 1.0)) {
+            return Some(start + q);
+        }
+        start += m.seq.max(1);
+    }
+    None
+}

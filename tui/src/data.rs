@@ -1,0 +1,161 @@
+//! The data the views show, and the [`Source`] trait that supplies it. Everything here is plain
+//! numbers and strings: the source decides what a layer, a hook point or an expert is.
+
+/// How a layer compares with the reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Match,
+    /// Some tensor differs beyond tolerance.
+    Mismatch,
+    /// Selections differ (routing or DSA flips); may come with mismatches downstream.
+    Flips,
+    /// No reference to compare with.
+    Unchecked,
+}
+
+impl Status {
+    pub fn label(self) -> &'static str {
+        match self {
+            Status::Match => "match",
+            Status::Mismatch => "MISMATCH",
+            Status::Flips => "FLIPS",
+            Status::Unchecked => "-",
+        }
+    }
+    pub fn is_problem(self) -> bool {
+        matches!(self, Status::Mismatch | Status::Flips)
+    }
+}
+
+/// One row of the layers view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerRow {
+    pub index: usize,
+    /// e.g. "dense" or "moe".
+    pub ffn: String,
+    /// e.g. "full" or "shared".
+    pub indexer: String,
+    pub status: Status,
+    pub mismatches: usize,
+    pub routing_flips: usize,
+    pub dsa_flips: usize,
+    /// The hook point with the largest error against the reference, and that error.
+    pub worst: Option<(String, f64)>,
+}
+
+/// The worst element of a tensor against its reference.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Worst {
+    pub at: Vec<usize>,
+    pub ours: f32,
+    pub reference: f32,
+}
+
+/// One hook point of the selected layer: its statistics and its error against the reference.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HookRow {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub mean: f64,
+    pub std: f64,
+    pub min: f64,
+    pub max: f64,
+    pub l2: f64,
+    pub nonfinite: usize,
+    /// Counts over equal-width bins between min and max.
+    pub histogram: Vec<u64>,
+    pub reference: Option<RefCheck>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefCheck {
+    pub ok: bool,
+    pub max_abs: f64,
+    pub max_rel: f64,
+    pub worst: Vec<Worst>,
+}
+
+/// One token's routing in one MoE layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteRow {
+    pub token: usize,
+    pub ids: Vec<usize>,
+    pub weights: Vec<f32>,
+    /// k-th minus (k+1)-th biased score, when recorded.
+    pub margin: Option<f32>,
+    pub reference_ids: Option<Vec<usize>>,
+}
+
+impl RouteRow {
+    /// Experts chosen differently from the reference (as sets).
+    pub fn is_flip(&self) -> bool {
+        self.reference_ids.as_ref().is_some_and(|r| {
+            let (mut a, mut b) = (self.ids.clone(), r.clone());
+            a.sort_unstable();
+            b.sort_unstable();
+            a != b
+        })
+    }
+}
+
+/// Tokens per expert in one MoE layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadRow {
+    pub layer: usize,
+    pub counts: Vec<u64>,
+    pub max_vio: f64,
+    pub cv: f64,
+}
+
+/// The keys each query of one batch row attended to in one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DsaMatrix {
+    pub seq: usize,
+    /// Selected causal keys per query.
+    pub selected: Vec<Vec<usize>>,
+    pub reference: Option<Vec<Vec<usize>>>,
+    /// Score margin at the cut per query, when recorded.
+    pub margin: Option<Vec<f32>>,
+}
+
+impl DsaMatrix {
+    /// |ours ∩ reference| / |reference| for query `q`.
+    pub fn recall(&self, q: usize) -> Option<f64> {
+        let r = self.reference.as_ref()?.get(q)?;
+        if r.is_empty() {
+            return Some(1.0);
+        }
+        let common = self.selected.get(q)?.iter().filter(|x| r.contains(x)).count();
+        Some(common as f64 / r.len() as f64)
+    }
+}
+
+/// Per-layer, per-token norms of the latent KV.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvNormGrid {
+    pub layers: Vec<usize>,
+    /// `[layer][token]` L2 norm of the compressed KV after its layernorm.
+    pub latent: Vec<Vec<f32>>,
+    /// Before the layernorm.
+    pub pre_norm: Vec<Vec<f32>>,
+    /// Of the roped shared key.
+    pub k_rope: Vec<Vec<f32>>,
+}
+
+/// Where the views get their data. Implementations may compute lazily; they must not depend on
+/// being called in any order.
+pub trait Source {
+    /// One line saying what is shown (model, dump, reference).
+    fn title(&self) -> String;
+    fn layers(&self) -> &[LayerRow];
+    /// Token positions (batch rows flattened).
+    fn tokens(&self) -> usize;
+    fn token_label(&self, token: usize) -> String;
+    /// Hook points of `layer`; `None` gives the ones outside layers (embeddings, logits...).
+    fn hooks(&self, layer: Option<usize>) -> Vec<HookRow>;
+    fn routing(&self, layer: usize) -> Option<Vec<RouteRow>>;
+    fn load(&self) -> Vec<LoadRow>;
+    /// The DSA selection of `layer` for the batch row holding `token`.
+    fn dsa(&self, layer: usize, token: usize) -> Option<DsaMatrix>;
+    fn kv_norms(&self) -> Option<KvNormGrid>;
+}

@@ -1,0 +1,62 @@
+//! The frame: title, view tabs, the current view, and a status line with the key help.
+
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Paragraph, Tabs};
+use ratatui::Frame;
+
+use crate::app::{App, View, HELP};
+use crate::data::Source;
+use crate::views;
+
+pub fn draw(f: &mut Frame, app: &App, src: &dyn Source) {
+    let [title, tabs, body, status, help] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Length(1),
+        Constraint::Min(3),
+        Constraint::Length(1),
+        Constraint::Length(1),
+    ])
+    .areas(f.area());
+    f.render_widget(Paragraph::new(src.title()).style(Style::new().add_modifier(Modifier::BOLD)), title);
+    let titles: Vec<String> = View::ALL.iter().enumerate().map(|(i, v)| format!("{} {}", i + 1, v.title())).collect();
+    let selected = View::ALL.iter().position(|v| *v == app.view).unwrap_or(0);
+    f.render_widget(
+        Tabs::new(titles).select(selected).highlight_style(Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD)),
+        tabs,
+    );
+    draw_view(f, body, app, src);
+    f.render_widget(Paragraph::new(status_line(app, src)), status);
+    f.render_widget(Paragraph::new(HELP).style(Style::new().fg(Color::DarkGray)), help);
+}
+
+fn draw_view(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
+    match app.view {
+        View::Layers => views::layers::draw(f, area, app, src),
+        View::Activations => views::activations::draw(f, area, app, src),
+        View::Routing => views::routing::draw(f, area, app, src),
+        View::Load => views::load::draw(f, area, app, src),
+        View::Dsa => views::dsa::draw(f, area, app, src),
+        View::KvNorms => views::kvnorms::draw(f, area, app, src),
+    }
+}
+
+fn status_line(app: &App, src: &dyn Source) -> Line<'static> {
+    let layer = src.layers().get(app.layer);
+    let mut spans = vec![Span::raw(match layer {
+        Some(l) => format!("layer {} ({}, {}) ", l.index, l.ffn, l.indexer),
+        None => "no layers ".into(),
+    })];
+    if src.tokens() > 0 {
+        spans.push(Span::raw(format!("| token {} ", src.token_label(app.token))));
+    }
+    if app.editing_filter || !app.filter.is_empty() {
+        let cursor = if app.editing_filter { "_" } else { "" };
+        spans.push(Span::styled(format!("| filter: {}{cursor} ", app.filter), Style::new().fg(Color::Cyan)));
+    }
+    if !app.message.is_empty() {
+        spans.push(Span::styled(format!("| {}", app.message), Style::new().fg(Color::Yellow)));
+    }
+    Line::from(spans)
+}

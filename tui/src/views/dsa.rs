@@ -1,0 +1,56 @@
+//! The DSA selection of the selected layer as a query x key matrix for the batch row of the
+//! selected token: `#` kept by both sides, `+` kept only by us, `-` kept only by the reference,
+//! `.` a causal key nobody kept. Scrolls down the queries; recall per query on the left.
+
+use ratatui::layout::Rect;
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Paragraph};
+use ratatui::Frame;
+
+use crate::app::App;
+use crate::data::Source;
+
+pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
+    let Some(layer) = src.layers().get(app.layer) else { return };
+    let Some(m) = src.dsa(layer.index, app.token) else {
+        f.render_widget(Paragraph::new("no DSA selection recorded").block(Block::bordered().title("dsa")), area);
+        return;
+    };
+    let label_w = 13;
+    let keys = (area.width as usize).saturating_sub(label_w + 2).min(m.seq);
+    let rows = area.height.saturating_sub(2) as usize;
+    // Start at the scroll position, but keep the selected token's query in view.
+    let q_sel = app.token % m.seq.max(1);
+    let start = app.scroll.min(m.seq.saturating_sub(1)).max(q_sel.saturating_sub(rows.saturating_sub(1)));
+    let lines: Vec<Line> = (start..m.seq)
+        .take(rows)
+        .map(|q| {
+            let ours = &m.selected[q];
+            let theirs = m.reference.as_ref().map(|r| &r[q]);
+            let recall = m.recall(q).map(|r| format!("{r:4.2}")).unwrap_or_else(|| "  - ".into());
+            let label_style = if q == q_sel { Style::new().add_modifier(Modifier::REVERSED) } else { Style::new() };
+            let mut spans = vec![Span::styled(format!("q{q:<5} {recall} "), label_style)];
+            for k in 0..keys {
+                let (a, b) = (ours.contains(&k), theirs.is_none_or(|t| t.contains(&k)));
+                let (c, style) = match (k <= q, a, b) {
+                    (false, _, _) => (' ', Style::new()),
+                    (true, true, true) => ('#', Style::new().fg(Color::Green)),
+                    (true, true, false) => ('+', Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)),
+                    (true, false, true) if theirs.is_some() => {
+                        ('-', Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD))
+                    }
+                    _ => ('.', Style::new().fg(Color::DarkGray)),
+                };
+                spans.push(Span::styled(c.to_string(), style));
+            }
+            Line::from(spans)
+        })
+        .collect();
+    let flips = (0..m.seq).filter(|&q| m.recall(q).is_some_and(|r| r < 1.0)).count();
+    let title = format!(
+        "layer {} dsa ({} indexer): {} queries, {flips} differ; # both  + ours only  - reference only",
+        layer.index, layer.indexer, m.seq
+    );
+    f.render_widget(Paragraph::new(lines).block(Block::bordered().title(title)), area);
+}

@@ -1,0 +1,64 @@
+//! Latent KV norms per layer and token: a heatmap of the normed latent's L2 norm (each layer
+//! scaled to its own range), and for the selected layer the three norms of the selected token.
+
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::{Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Paragraph};
+use ratatui::Frame;
+
+use super::{heat, num};
+use crate::app::App;
+use crate::data::Source;
+
+pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
+    let Some(g) = src.kv_norms() else {
+        f.render_widget(
+            Paragraph::new("no latent KV norms recorded").block(Block::bordered().title("latent kv")),
+            area,
+        );
+        return;
+    };
+    let [map_area, detail_area] = Layout::vertical([Constraint::Min(3), Constraint::Length(5)]).areas(area);
+    let tokens = g.latent.first().map_or(0, |r| r.len());
+    let cols = (map_area.width as usize).saturating_sub(12).max(1);
+    let start = app.token.saturating_sub(cols - 1);
+    let selected = src.layers().get(app.layer).map(|l| l.index);
+    let lines: Vec<Line> = g
+        .layers
+        .iter()
+        .zip(&g.latent)
+        .skip(app.scroll)
+        .map(|(layer, row)| {
+            let (lo, hi) = row.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+            let label_style =
+                if Some(*layer) == selected { Style::new().add_modifier(Modifier::REVERSED) } else { Style::new() };
+            let mut spans = vec![Span::styled(format!("layer {layer:<4}"), label_style)];
+            for (t, &x) in row.iter().enumerate().skip(start).take(cols) {
+                let v = if hi > lo { ((x - lo) / (hi - lo)) as f64 } else { 0.5 };
+                let ch = if t == app.token { "|" } else { " " };
+                spans.push(Span::styled(ch, Style::new().bg(heat(v))));
+            }
+            Line::from(spans)
+        })
+        .collect();
+    let title = format!("latent kv norm after kv_a_layernorm: layers x tokens {start}..{}", (start + cols).min(tokens));
+    f.render_widget(Paragraph::new(lines).block(Block::bordered().title(title)), map_area);
+
+    let detail = selected.and_then(|l| g.layers.iter().position(|x| *x == l)).map(|i| {
+        let at = |v: &Vec<Vec<f32>>| v.get(i).and_then(|r| r.get(app.token)).map_or("-".into(), |x| num(*x as f64));
+        vec![
+            Line::raw(format!("token {}", src.token_label(app.token))),
+            Line::raw(format!(
+                "|c_kv| before norm {}   |kv_latent| {}   |k_rope| {}",
+                at(&g.pre_norm),
+                at(&g.latent),
+                at(&g.k_rope)
+            )),
+        ]
+    });
+    f.render_widget(
+        Paragraph::new(detail.unwrap_or_default()).block(Block::bordered().title("selected layer and token")),
+        detail_area,
+    );
+}

@@ -1,0 +1,43 @@
+//! One file per view. Each `draw` reads the [`App`](crate::App) and the source and never
+//! changes either.
+
+pub mod activations;
+pub mod dsa;
+pub mod kvnorms;
+pub mod layers;
+pub mod load;
+pub mod routing;
+
+use ratatui::style::Color;
+
+/// A colour ramp for heatmaps: 0 = idle (dark blue) .. 0.5 = typical (teal) .. 1 = hot (yellow).
+pub fn heat(t: f64) -> Color {
+    const STOPS: [(u8, u8, u8); 5] = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)];
+    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 };
+    let x = t * 4.0;
+    let i = (x.floor() as usize).min(3);
+    let f = x - i as f64;
+    let (a, b) = (STOPS[i], STOPS[i + 1]);
+    let mix = |p: u8, q: u8| (p as f64 + f * (q as f64 - p as f64)).round() as u8;
+    Color::Rgb(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+}
+
+/// A compact histogram as block characters.
+pub fn sparkline(counts: &[u64]) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let max = counts.iter().copied().max().unwrap_or(0).max(1);
+    counts.iter().map(|&c| if c == 0 { ' ' } else { BARS[((c * 7) / max) as usize] }).collect()
+}
+
+/// Short number formatting for tables.
+pub fn num(x: f64) -> String {
+    if x == 0.0 {
+        "0".into()
+    } else if !x.is_finite() {
+        format!("{x}")
+    } else if x.abs() >= 1e4 || x.abs() < 1e-3 {
+        format!("{x:.2e}")
+    } else {
+        format!("{x:.4}")
+    }
+}

@@ -1,0 +1,48 @@
+//! Tokens x chosen experts of the selected MoE layer, with weights and margins; rows whose
+//! expert set differs from the reference are flips, shown in red with the reference's set.
+
+use ratatui::layout::{Constraint, Rect};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::widgets::{Block, Paragraph, Row, Table};
+use ratatui::Frame;
+
+use crate::app::App;
+use crate::data::Source;
+
+pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
+    let Some(layer) = src.layers().get(app.layer) else { return };
+    let Some(routes) = src.routing(layer.index) else {
+        let msg = format!("layer {} has no router ({} feed-forward)", layer.index, layer.ffn);
+        f.render_widget(Paragraph::new(msg).block(Block::bordered().title("routing")), area);
+        return;
+    };
+    let flips = routes.iter().filter(|r| r.is_flip()).count();
+    let visible = area.height.saturating_sub(3) as usize;
+    // Keep the selected token in view; `scroll` pages further.
+    let start = app.token.saturating_sub(visible.saturating_sub(1)).max(app.scroll.min(routes.len().saturating_sub(1)));
+    let rows = routes.iter().skip(start).map(|r| {
+        let experts: Vec<String> = r.ids.iter().zip(&r.weights).map(|(i, w)| format!("{i}:{w:.2}")).collect();
+        let reference = match &r.reference_ids {
+            Some(ids) if r.is_flip() => format!("FLIP ref {ids:?}"),
+            Some(_) => "=".into(),
+            None => "-".into(),
+        };
+        let mut style =
+            if r.is_flip() { Style::new().fg(Color::Red).add_modifier(Modifier::BOLD) } else { Style::new() };
+        if r.token == app.token {
+            style = style.add_modifier(Modifier::REVERSED);
+        }
+        Row::new(vec![
+            src.token_label(r.token),
+            experts.join(" "),
+            r.margin.map(|m| format!("{m:.2e}")).unwrap_or_else(|| "-".into()),
+            reference,
+        ])
+        .style(style)
+    });
+    let widths = [Constraint::Length(12), Constraint::Min(20), Constraint::Length(9), Constraint::Length(22)];
+    let header = Row::new(["token", "experts:weight", "margin", "reference"])
+        .style(Style::new().add_modifier(Modifier::UNDERLINED));
+    let title = format!("layer {} routing: {} tokens, {flips} flips", layer.index, routes.len());
+    f.render_widget(Table::new(rows, widths).header(header).block(Block::bordered().title(title)), area);
+}
