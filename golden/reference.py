@@ -1,0 +1,284 @@
+#!/usr/bin/env python3
+"""Transformers reference dump (format `glm5-dump/1`) for an EXISTING GLM-5 checkpoint folder,
+for example one written by `glimpse synth`.
+
+    venv/bin/python golden/reference.py --model DIR --tokens "1,2,3;4,5,6" --out FILE.safetensors
+    venv/bin/python golden/reference.py --model DIR --random-tokens B,S [--seed N] --out FILE.safetensors
+
+Loading:
+  * no FP8 weights: `GlmMoeDsaForCausalLM.from_pretrained(DIR, dtype=float32, eager attention,
+    eager experts)`. The load must report no missing keys (unexpected keys only for an MTP
+    layer), and every loaded parameter must equal the stored value upcast to f32.
+  * FP8 (any `*.weight_scale_inv`): transformers 5.24's dequantiser gets partial edge blocks wrong
+    (see golden/README.md), so the weights are dequantised here with fixed 128x128 blocks on a ceil
+    grid (`q.float() * scale_inv`, last block partial) and loaded as a state dict, like
+    golden/generate.py does for its FP8 case.
+
+The hook code, the margin checks (plus a float64 rerun whose selections are compared) and the
+dump writer are golden/generate.py's own, imported. The dump holds every name of the spec plus
+`layers.{i}.dsa.scores` on full indexer layers. A selection margin below 1e-3 only warns: a
+correct implementation may then legitimately pick differently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+import torch
+import transformers
+from safetensors import safe_open
+from transformers import GlmMoeDsaForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import generate as G  # noqa: E402  (golden/generate.py)
+
+GENERATOR = "golden/reference.py"
+SCALE_SUFFIX = "_scale_inv"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint
+# --------------------------------------------------------------------------------------------
+
+def checkpoint_files(model_dir: str) -> list[str]:
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    if os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        return ["model.safetensors"]
+    raise SystemExit(f"{model_dir}: neither model.safetensors nor model.safetensors.index.json")
+
+
+def read_checkpoint(model_dir: str) -> dict[str, torch.Tensor]:
+    """Every stored tensor, as stored (dtype included)."""
+    out: dict[str, torch.Tensor] = {}
+    for fname in checkpoint_files(model_dir):
+        with safe_open(os.path.join(model_dir, fname), "pt") as f:
+            for k in f.keys():
+                assert k not in out, f"{k} stored twice"
+                out[k] = f.get_tensor(k)
+    return out
+
+
+def effective_weights(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The exact f32 values the reference runs on: FP8 weights dequantised per 128x128 block
+    (partial edge blocks), everything else upcast (bf16 -> f32 is exact)."""
+    eff = {}
+    for name, t in stored.items():
+        if name.endswith(SCALE_SUFFIX):
+            assert name[: -len(SCALE_SUFFIX)] in stored, f"{name} without its weight"
+            continue
+        scale = stored.get(name + SCALE_SUFFIX)
+        if scale is not None:
+            assert t.dtype == torch.float8_e4m3fn and t.dim() == 2, (name, t.dtype, tuple(t.shape))
+            want = (-(-t.shape[0] // G.FP8_BLOCK), -(-t.shape[1] // G.FP8_BLOCK))
+            assert tuple(scale.shape) == want, f"{name}{SCALE_SUFFIX}: shape {tuple(scale.shape)}, want {want}"
+            eff[name] = G.fp8_dequantise(t, scale.to(torch.float32))
+        else:
+            assert t.dtype != torch.float8_e4m3fn, f"{name}: FP8 without {SCALE_SUFFIX}"
+            eff[name] = t.to(torch.float32)
+    return eff
+
+
+def to_transformers_names(cfg: dict, eff: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint names -> transformers' parameter names. Per-expert tensors are fused as
+    generate.py does; a checkpoint already in the fused layout (`mlp.experts.gate_up_proj`,
+    `mlp.experts.down_proj`) passes through."""
+    fused = {k: v for k, v in eff.items() if k.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"))}
+    rest = {k: v for k, v in eff.items() if k not in fused}
+    sd = G.transformers_state_dict(cfg, rest)
+    n = G.hf_config(cfg).num_hidden_layers
+    sd.update({k: v for k, v in fused.items() if int(k.split(".")[2]) < n})
+    return sd
+
+
+def is_mtp_key(name: str, n_layers: int) -> bool:
+    return name.startswith("model.layers.") and int(name.split(".")[2]) >= n_layers
+
+
+def load_from_pretrained(model_dir: str, cfg: dict, sd: dict[str, torch.Tensor]) -> tuple[GlmMoeDsaForCausalLM, str]:
+    """Plain from_pretrained, then proof that it loaded what the files hold."""
+    transformers.logging.set_verbosity_error()  # MTP keys would print a LOAD REPORT table
+    transformers.utils.logging.disable_progress_bar()
+    model, info = GlmMoeDsaForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager",
+        output_loading_info=True,
+    )
+    n = cfg["num_hidden_layers"]
+    problems = []
+    if info["missing_keys"]:
+        problems.append(f"missing {sorted(info['missing_keys'])}")
+    bad = [k for k in info["unexpected_keys"] if not is_mtp_key(k, n)]
+    if bad:
+        problems.append(f"unexpected {sorted(bad)}")
+    if info.get("mismatched_keys"):
+        problems.append(f"mismatched {info['mismatched_keys']}")
+    loaded = model.state_dict()
+    if set(loaded) != set(sd):
+        problems.append(f"key sets differ: {sorted(set(loaded) ^ set(sd))}")
+    for k, v in sd.items():
+        if k in loaded and not torch.equal(loaded[k], v):
+            problems.append(f"{k} differs from the stored value after from_pretrained")
+    if problems:
+        raise SystemExit(f"{model_dir}: from_pretrained check failed:\n  " + "\n  ".join(problems))
+    model = model.to(torch.float32).eval()
+    G.check_rope(cfg, model)
+    n_mtp = len(info["unexpected_keys"])
+    return model, f"from_pretrained (no missing keys, weights identical to the files; {n_mtp} MTP keys ignored)"
+
+
+# --------------------------------------------------------------------------------------------
+# Tokens
+# --------------------------------------------------------------------------------------------
+
+def parse_tokens(text: str, vocab: int) -> torch.Tensor:
+    rows = [[int(x) for x in row.split(",") if x.strip()] for row in text.split(";") if row.strip()]
+    if not rows or not rows[0]:
+        raise SystemExit("--tokens: no tokens")
+    if len({len(r) for r in rows}) != 1:
+        raise SystemExit(f"--tokens: rows differ in length ({[len(r) for r in rows]})")
+    ids = torch.tensor(rows, dtype=torch.int64)
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise SystemExit(f"--tokens: ids must be in [0, {vocab})")
+    return ids
+
+
+def random_tokens(spec: str, seed: int, vocab: int) -> torch.Tensor:
+    try:
+        b, s = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise SystemExit(f"--random-tokens: want B,S, got {spec!r}")
+    if b < 1 or s < 1:
+        raise SystemExit("--random-tokens: B and S must be positive")
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (b, s), generator=gen, dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------------------------
+
+def source_text(kind: str, loader: str) -> str:
+    weights = {
+        "f32": "f32 weights",
+        "bf16": "weights = the stored bf16 values, upcast",
+        "fp8": "weights = DEQUANTISED block-FP8 (q.float() * scale_inv per 128x128 block)",
+    }[kind]
+    return (
+        f"transformers {transformers.__version__} / torch {torch.__version__.split('+')[0]}, "
+        f"eager attention + eager experts, float32, cpu; {weights}; {loader}"
+    )
+
+
+def storage_kind(stored: dict[str, torch.Tensor]) -> str:
+    dtypes = {t.dtype for t in stored.values()}
+    if torch.float8_e4m3fn in dtypes:
+        return "fp8"
+    return "bf16" if dtypes & {torch.bfloat16, torch.float16} else "f32"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
+    tok = ap.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--tokens", help='token ids, rows separated by ";" (e.g. "1,2,3;4,5,6")')
+    tok.add_argument("--random-tokens", metavar="B,S", help="B rows of S uniform random token ids")
+    ap.add_argument("--seed", type=int, default=0, help="seed for --random-tokens (default 0)")
+    ap.add_argument("--out", required=True, help="dump to write (.safetensors)")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)  # model construction draws from the global RNG; its values are overwritten anyway
+    torch.use_deterministic_algorithms(True)
+
+    with open(os.path.join(args.model, "config.json"), "rb") as f:
+        config_bytes = f.read()
+    cfg = json.loads(config_bytes)
+    if cfg.get("model_type") != "glm_moe_dsa":
+        raise SystemExit(f"{args.model}: model_type {cfg.get('model_type')!r}, want 'glm_moe_dsa'")
+    c = G.hf_config(cfg)
+    vocab = c.vocab_size
+    if args.tokens is not None:
+        input_ids = parse_tokens(args.tokens, vocab)
+    else:
+        input_ids = random_tokens(args.random_tokens, args.seed, vocab)
+    B, S = input_ids.shape
+
+    stored = read_checkpoint(args.model)
+    kind = storage_kind(stored)
+    sd = to_transformers_names(cfg, effective_weights(stored))
+    if kind == "fp8":
+        model = G.build_model(cfg, sd)
+        loader = "FP8 dequantised here, state dict loaded into GlmMoeDsaForCausalLM(config)"
+    else:
+        model, loader = load_from_pretrained(args.model, cfg, sd)
+    del stored
+
+    tensors, scores = G.run_reference(model, input_ids)
+    checks = G.check_selections(cfg, sd, tensors, scores, model)
+    dump = G.dump_tensors(cfg, tensors, scores)
+    G.check_dump_shapes(cfg, dump, B, S)
+
+    metadata = {
+        "format": G.DUMP_FORMAT,
+        "source": source_text(kind, loader),
+        "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
+        "model": args.model,
+        "generator": GENERATOR,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "tokens": "--tokens" if args.tokens is not None else f"--random-tokens {B},{S} --seed {args.seed}",
+        "indexer_types": ",".join(c.indexer_types),
+        "mlp_layer_types": ",".join(c.mlp_layer_types),
+        "min_routing_margin": repr(checks["routing_margin"]),
+        "min_group_margin": repr(checks["group_margin"]),
+        "min_dsa_margin": repr(checks["dsa_margin"]),
+        "margin_threshold": repr(G.MARGIN_MIN),
+        "f64_selection_agreement": f"{checks['f64_agree']}/{checks['f64_total']}",
+        "extra_tensors": "layers.{i}.dsa.scores (full indexer layers): indexer scores [B,S,S], -inf where j > s",
+    }
+    if args.tokens is None:
+        metadata["seed"] = str(args.seed)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    G.save_safetensors(dump, args.out, metadata)
+    with safe_open(args.out, "pt") as f:  # what a consumer sees must be what we meant to write
+        assert f.metadata() == metadata
+        for k in f.keys():
+            assert torch.equal(f.get_tensor(k), dump[k]), k
+
+    print(f"{args.out}: {len(dump)} tensors, B={B} S={S}, {kind} weights, {loader}")
+    rot = model.model.rotary_emb
+    print(
+        f"  indexer_types {metadata['indexer_types']}; mlp_layer_types {metadata['mlp_layer_types']}; "
+        f"rope {rot.rope_type} (cos/sin factor {rot.attention_scaling:.6g}, "
+        f"softmax scale {model.model.layers[0].self_attn.scaling:.6g})"
+    )
+    print(f"  {G.fmt_checks(checks)}; max |logits f32 - f64| {checks['max_abs_logit_diff_f64']:.2e}")
+    sys.stdout.flush()  # keep the warnings below after the summary when both streams share a file
+    low = [
+        f"{what} {checks[key]:.3g}"
+        for what, key in (("routing", "routing_margin"), ("group", "group_margin"), ("DSA", "dsa_margin"))
+        if not checks[key] > G.MARGIN_MIN
+    ]
+    if low:
+        log(
+            f"reference.py: warning: near-tie: min {', '.join(low)} margin below {G.MARGIN_MIN:g}; a correct "
+            "implementation may legitimately flip that selection (try other tokens or weights)"
+        )
+    if checks["f64_agree"] != checks["f64_total"]:
+        log(
+            f"reference.py: warning: float64 run selects differently in "
+            f"{checks['f64_total'] - checks['f64_agree']} of {checks['f64_total']} rows"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
