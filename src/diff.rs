@@ -10,6 +10,7 @@ use crate::compare::{compare_tensor, Comparison, Detail, Flip, Tolerance};
 use crate::dump::{Dump, Values};
 use crate::error::{Error, Result};
 use crate::hooks::glob;
+use crate::model::indexer::top_k_causal;
 
 #[derive(Debug, Clone)]
 pub struct DiffOptions {
@@ -77,6 +78,17 @@ fn margin_name(name: &str) -> Option<String> {
     }
 }
 
+/// The margins that decided the rows of `name`: the recorded margin tensor, or for DSA, the
+/// margins recomputed from the recorded indexer scores (a transformers dump has those).
+fn margins(d: &Dump, name: &str, margin_name: &str) -> Option<Vec<f32>> {
+    floats(d, margin_name).or_else(|| {
+        let layer = name.strip_suffix(".dsa.topk")?;
+        let scores = floats(d, &format!("{layer}.dsa.scores"))?;
+        let [b, s, k] = d.shape(name)?[..] else { return None };
+        (scores.len() == b * s * s).then(|| top_k_causal(&scores, b, s, k).margin)
+    })
+}
+
 fn floats(d: &Dump, name: &str) -> Option<Vec<f32>> {
     match d.values(name) {
         Ok((Values::F32(v), _)) => Some(v),
@@ -109,7 +121,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         let ids = ids.as_ref().map(|(x, y)| (x.as_slice(), y.as_slice()));
         let mut c = compare_tensor(name, (&va, &sa), (&vb, &sb), ids, opts.tol_for(name));
         if let (Detail::Sets { flips, .. }, Some(m)) = (&mut c.detail, margin_name(name)) {
-            let (ma, mb) = (floats(a, &m), floats(b, &m));
+            let (ma, mb) = (margins(a, name, &m), margins(b, name, &m));
             for f in flips.iter_mut() {
                 f.margin_ours = ma.as_ref().and_then(|v| v.get(f.row).copied());
                 f.margin_reference = mb.as_ref().and_then(|v| v.get(f.row).copied());

@@ -248,3 +248,32 @@ fn diff_names_the_perturbed_tensor_and_ignores_set_order_and_padding() {
     assert_eq!(v["match"], true);
     assert!(v["first_divergence"].is_null());
 }
+
+/// The bundled bf16 port flips selections; with the margins both dumps carry (the reference's
+/// recomputed from its indexer scores), the threshold decides near-tie against real.
+#[test]
+fn diff_classifies_flips_by_margin() {
+    let port = golden("flat").join("bf16-port.safetensors");
+    let reference = golden("flat").join("reference.safetensors");
+    let (p, r) = (port.to_str().unwrap(), reference.to_str().unwrap());
+    let classes = |threshold: &str| -> Vec<(String, serde_json::Value, serde_json::Value)> {
+        let (code, out) = glimpse(&["diff", "--json", "--near-tie", threshold, p, r]);
+        assert_eq!(code, 1, "{out}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["first_divergence"], "embeddings");
+        v["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|t| t["flips"].as_array().cloned().unwrap_or_default())
+            .map(|f| (f["class"].as_str().unwrap().to_string(), f["margin_ours"].clone(), f["margin_reference"].clone()))
+            .collect()
+    };
+    let loose = classes("10");
+    assert!(!loose.is_empty());
+    assert!(loose.iter().all(|(c, _, _)| c == "near-tie"), "{loose:?}");
+    let strict = classes("0");
+    assert!(strict.iter().all(|(c, _, _)| c == "real"), "{strict:?}");
+    // DSA flips carry both margins: the port's recorded one and the reference's from its scores.
+    assert!(strict.iter().any(|(_, a, b)| a.is_number() && b.is_number()));
+}
