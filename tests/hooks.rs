@@ -266,7 +266,9 @@ fn diff_classifies_flips_by_margin() {
             .unwrap()
             .iter()
             .flat_map(|t| t["flips"].as_array().cloned().unwrap_or_default())
-            .map(|f| (f["class"].as_str().unwrap().to_string(), f["margin_ours"].clone(), f["margin_reference"].clone()))
+            .map(|f| {
+                (f["class"].as_str().unwrap().to_string(), f["margin_ours"].clone(), f["margin_reference"].clone())
+            })
             .collect()
     };
     let loose = classes("10");

@@ -105,17 +105,18 @@ fn activations_view_lists_hook_points_with_stats() {
     let port = port_source();
     let mut app = App::default();
     app.set_view(View::Activations);
-    let s = screen(&app, &port, 120, 30);
+    let s = screen(&app, &port, 130, 30);
     assert!(s.contains("layer 0 activations"), "{s}");
-    assert!(line_with(&s, "layers.0.attn.out").contains("BAD"), "{s}");
+    assert!(line_with(&s, "│attn.out").contains("BAD"), "{s}");
+    assert!(line_with(&s, "│input_norm").contains("[1, 32, 64]"), "wide terminals show shapes:\n{s}");
     assert!(s.contains("worst elements"), "{s}");
     app.start_filter();
     for c in "q_latent".chars() {
         app.filter_push(c);
     }
     app.finish_filter();
-    let s = screen(&app, &port, 120, 30);
-    assert!(s.contains("layers.0.attn.q_latent") && !s.contains("layers.0.attn.out "), "{s}");
+    let s = screen(&app, &port, 80, 24);
+    assert!(s.contains("│attn.q_latent") && !s.contains("│attn.out "), "{s}");
 }
 
 #[test]
@@ -128,7 +129,7 @@ fn load_dsa_and_kv_views_draw_the_bundled_case() {
 
     app.set_view(View::Dsa);
     let s = screen(&app, &port, 80, 24);
-    assert!(s.contains("layer 3 dsa (full indexer): 32 queries, 12 differ"), "{s}");
+    assert!(s.contains("layer 3 dsa (full): 32 queries, 12 differ"), "{s}");
     // Query 0 keeps its only key, on both sides.
     assert!(line_with(&s, "q0 ").contains("1.00 #"), "{s}");
 

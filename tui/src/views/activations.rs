@@ -33,48 +33,49 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let worst_height = if worst_lines.is_empty() { 0 } else { (worst_lines.len() as u16 + 2).min(8) };
     let [table_area, worst_area] = Layout::vertical([Constraint::Min(3), Constraint::Length(worst_height)]).areas(area);
 
+    // Wider terminals get the L2 norm and the shape too.
+    let (with_l2, with_shape) = (area.width >= 100, area.width >= 124);
     let rows = hooks.iter().skip(app.scroll).map(|h| {
-        let (verdict, err, style) = match &h.reference {
-            Some(r) if r.ok => ("ok", num(r.max_abs), Style::new().fg(Color::Green)),
-            Some(r) => ("BAD", num(r.max_abs), Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)),
-            None => ("-", "-".into(), Style::new()),
+        let (vs_ref, style) = match &h.reference {
+            Some(r) if r.ok => (format!("ok {}", num(r.max_abs)), Style::new().fg(Color::Green)),
+            Some(r) => (format!("BAD {}", num(r.max_abs)), Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)),
+            None => ("-".into(), Style::new()),
         };
-        let nonfinite_style = if h.nonfinite > 0 { Style::new().fg(Color::Red) } else { Style::new() };
-        Row::new(vec![
-            h.name.clone(),
-            format!("{:?}", h.shape),
-            num(h.mean),
-            num(h.std),
-            num(h.min),
-            num(h.max),
-            num(h.l2),
-            h.nonfinite.to_string(),
-            sparkline(&h.histogram),
-            err,
-            verdict.to_string(),
-        ])
-        .style(if h.nonfinite > 0 { nonfinite_style } else { style })
+        let style = if h.nonfinite > 0 { Style::new().fg(Color::Red) } else { style };
+        // The layer is in the title: show `attn.out`, not `layers.3.attn.out`.
+        let short = h.name.strip_prefix("layers.").and_then(|r| r.split_once('.')).map_or(h.name.as_str(), |(_, n)| n);
+        let mut cells = vec![short.to_string()];
+        if with_shape {
+            cells.push(format!("{:?}", h.shape));
+        }
+        cells.extend([num(h.mean), num(h.std), num(h.min), num(h.max)]);
+        if with_l2 {
+            cells.push(num(h.l2));
+        }
+        cells.extend([h.nonfinite.to_string(), sparkline(&h.histogram), vs_ref]);
+        Row::new(cells).style(style)
     });
-    let widths = [
-        Constraint::Min(16),
-        Constraint::Length(12),
-        Constraint::Length(9),
-        Constraint::Length(9),
-        Constraint::Length(9),
-        Constraint::Length(9),
-        Constraint::Length(9),
-        Constraint::Length(3),
-        Constraint::Length(12),
-        Constraint::Length(9),
-        Constraint::Length(3),
-    ];
-    let header = Row::new(["hook", "shape", "mean", "std", "min", "max", "l2", "nan", "histogram", "vs ref", ""])
-        .style(Style::new().add_modifier(Modifier::UNDERLINED));
+    let mut widths = vec![Constraint::Min(14)];
+    let mut header = vec!["hook"];
+    if with_shape {
+        widths.push(Constraint::Length(14));
+        header.push("shape");
+    }
+    widths.extend([Constraint::Length(8); 4]);
+    header.extend(["mean", "std", "min", "max"]);
+    if with_l2 {
+        widths.push(Constraint::Length(8));
+        header.push("l2");
+    }
+    widths.extend([Constraint::Length(3), Constraint::Length(10), Constraint::Length(12)]);
+    header.extend(["nan", "histogram", "vs ref"]);
+    let header = Row::new(header).style(Style::new().add_modifier(Modifier::UNDERLINED));
     let title = match layer {
         Some(i) => format!("layer {i} activations"),
         None => "activations".into(),
     };
-    f.render_widget(Table::new(rows, widths).header(header).block(Block::bordered().title(title)), table_area);
+    let table = Table::new(rows, widths).header(header).column_spacing(1).block(Block::bordered().title(title));
+    f.render_widget(table, table_area);
     if !worst_lines.is_empty() {
         f.render_widget(Paragraph::new(worst_lines).block(Block::bordered().title("worst elements")), worst_area);
     }

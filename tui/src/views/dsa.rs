@@ -48,9 +48,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         })
         .collect();
     let flips = (0..m.seq).filter(|&q| m.recall(q).is_some_and(|r| r < 1.0)).count();
-    let title = format!(
-        "layer {} dsa ({} indexer): {} queries, {flips} differ; # both  + ours only  - reference only",
-        layer.index, layer.indexer, m.seq
-    );
+    let title =
+        format!("layer {} dsa ({}): {} queries, {flips} differ  # both +ours -ref", layer.index, layer.indexer, m.seq);
     f.render_widget(Paragraph::new(lines).block(Block::bordered().title(title)), area);
 }

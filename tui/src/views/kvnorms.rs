@@ -7,7 +7,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Paragraph};
 use ratatui::Frame;
 
-use super::{heat, num};
+use super::{heat_cell, num};
 use crate::app::App;
 use crate::data::Source;
 
@@ -36,8 +36,12 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             let mut spans = vec![Span::styled(format!("layer {layer:<4}"), label_style)];
             for (t, &x) in row.iter().enumerate().skip(start).take(cols) {
                 let v = if hi > lo { ((x - lo) / (hi - lo)) as f64 } else { 0.5 };
-                let ch = if t == app.token { "|" } else { " " };
-                spans.push(Span::styled(ch, Style::new().bg(heat(v))));
+                let cell = heat_cell(v);
+                spans.push(if t == app.token {
+                    cell.patch_style(Style::new().add_modifier(Modifier::REVERSED))
+                } else {
+                    cell
+                });
             }
             Line::from(spans)
         })

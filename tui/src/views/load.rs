@@ -8,7 +8,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Paragraph};
 use ratatui::Frame;
 
-use super::heat;
+use super::heat_cell;
 use crate::app::App;
 use crate::data::Source;
 
@@ -38,7 +38,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             for chunk in row.counts.chunks(per_cell) {
                 let busiest = chunk.iter().copied().max().unwrap_or(0) as f64;
                 let t = if mean > 0.0 { busiest / mean / 2.0 } else { 0.0 };
-                spans.push(Span::styled(" ", Style::new().bg(heat(t))));
+                spans.push(heat_cell(t));
             }
             spans.push(Span::raw(format!(" MaxVio {:5.2} CV {:4.2}", row.max_vio, row.cv)));
             Line::from(spans)

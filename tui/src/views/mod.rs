@@ -22,6 +22,15 @@ pub fn heat(t: f64) -> Color {
     Color::Rgb(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
+/// A heatmap cell: a shade character whose density and colour both follow `t` in 0..=1, so the
+/// map reads in colour, in monochrome and in a text capture alike.
+pub fn heat_cell(t: f64) -> ratatui::text::Span<'static> {
+    const SHADES: [&str; 5] = [" ", "░", "▒", "▓", "█"];
+    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 };
+    let shade = SHADES[((t * 4.0).round() as usize).min(4)];
+    ratatui::text::Span::styled(shade, ratatui::style::Style::new().fg(heat(t)).bg(Color::Black))
+}
+
 /// A compact histogram as block characters.
 pub fn sparkline(counts: &[u64]) -> String {
     const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
@@ -29,15 +38,36 @@ pub fn sparkline(counts: &[u64]) -> String {
     counts.iter().map(|&c| if c == 0 { ' ' } else { BARS[((c * 7) / max) as usize] }).collect()
 }
 
-/// Short number formatting for tables.
+/// Numbers in at most 8 characters, with 4 significant digits where they fit.
 pub fn num(x: f64) -> String {
+    let a = x.abs();
     if x == 0.0 {
         "0".into()
     } else if !x.is_finite() {
         format!("{x}")
-    } else if x.abs() >= 1e4 || x.abs() < 1e-3 {
-        format!("{x:.2e}")
-    } else {
+    } else if !(1e-3..1e4).contains(&a) {
+        format!("{x:.1e}")
+    } else if a < 10.0 {
         format!("{x:.4}")
+    } else if a < 100.0 {
+        format!("{x:.3}")
+    } else if a < 1000.0 {
+        format!("{x:.2}")
+    } else {
+        format!("{x:.1}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_fit_eight_columns() {
+        for x in [0.0, 1.0, -3.0312, 213.379, -9999.9, 12345.0, 8.65e-4, -1e-30, f64::INFINITY] {
+            assert!(num(x).chars().count() <= 8, "{x} -> {}", num(x));
+        }
+        assert_eq!(num(213.379), "213.38");
+        assert_eq!(sparkline(&[0, 1, 7]), " ▂█");
     }
 }
