@@ -12,8 +12,14 @@ use std::fmt::Write;
 use candle_core::Tensor;
 use serde_json::{json, Value};
 
-use crate::error::Result;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use crate::checkpoint::Checkpoint;
+use crate::dump::{Dump, Values};
+use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, LayerHook, Observer};
+use crate::model::{Model, Tokens};
 
 /// The routing counts of one MoE layer.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -210,7 +216,7 @@ impl Observer for AuditObserver<'_> {
                 let flags = value.flatten_all()?.to_vec1::<i64>()?;
                 if let Some((layer, ids, k)) = self.ids.take().filter(|(l, _, _)| *l == i) {
                     if let Some(bad) = self.audit.add(layer, &ids, k, Some(&flags)) {
-                        return Err(crate::error::Error::Usage(format!("layer {layer}: expert id {bad} out of range")));
+                        return Err(Error::Usage(format!("layer {layer}: expert id {bad} out of range")));
                     }
                 }
             }
@@ -218,6 +224,112 @@ impl Observer for AuditObserver<'_> {
         }
         Ok(())
     }
+}
+
+/// Routing counts over prompts run live (`prompts`: one per line, token ids or text) and over
+/// recorded dumps. The model, when given, supplies each expert's bias and lets dumps without
+/// `moe.bias_changed` flags have them recomputed from their router logits.
+pub fn collect(model_dir: Option<&Path>, prompts: Option<&Path>, dumps: &[PathBuf]) -> Result<Audit> {
+    let model = match model_dir {
+        Some(dir) => Some(Model::load(&Checkpoint::open(dir)?)?),
+        None => None,
+    };
+    let mut audit = Audit::new(model.as_ref().map_or(0, |m| m.config.n_routed_experts));
+    if let Some(m) = &model {
+        for layer in &m.layers {
+            if let crate::model::layer::Ffn::Moe(moe) = &layer.mlp {
+                audit.set_bias(layer.index, moe.e_score_correction_bias.clone());
+            }
+        }
+    }
+    if let Some(path) = prompts {
+        let (Some(m), Some(dir)) = (&model, model_dir) else {
+            return Err(Error::Usage("--prompts needs --model".into()));
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        if lines.is_empty() {
+            return Err(Error::Usage(format!("{}: no prompts (one per line)", path.display())));
+        }
+        let progress = std::io::stderr().is_terminal();
+        for (n, line) in lines.iter().enumerate() {
+            let is_ids = line.split(',').all(|t| t.trim().parse::<u32>().is_ok());
+            let tokens = if is_ids {
+                Tokens::parse(line)?
+            } else {
+                let ids = crate::tokenizer::encode(dir, line)?;
+                Tokens::new(1, ids.len(), ids)?
+            };
+            if progress {
+                eprint!("\raudit: prompt {}/{}", n + 1, lines.len());
+            }
+            m.forward(&tokens, &mut AuditObserver::new(&mut audit))
+                .map_err(|e| Error::Usage(format!("{}: prompt {}: {e}", path.display(), n + 1)))?;
+            audit.prompts += 1;
+        }
+        if progress {
+            eprintln!();
+        }
+    }
+    for path in dumps {
+        let d = Dump::open(path)?;
+        let mut found = false;
+        for name in d.names() {
+            let Some(layer) = name.strip_prefix("layers.").and_then(|r| r.strip_suffix(".moe.topk_ids")) else {
+                continue;
+            };
+            let Ok(i) = layer.parse::<usize>() else { continue };
+            let (Values::I64(ids), shape) = d.values(&name)? else {
+                return Err(Error::dump(path, format!("`{name}` must be an integer tensor")));
+            };
+            if audit.experts == 0 {
+                // Without a model, the expert count comes from the router's width, else the ids.
+                audit.experts = d
+                    .shape(&format!("layers.{i}.moe.router_logits"))
+                    .and_then(|s| s.last().copied())
+                    .unwrap_or_else(|| ids.iter().copied().max().map_or(0, |m| m as usize + 1));
+            }
+            let flags = match d.values(&format!("layers.{i}.moe.bias_changed")) {
+                Ok((Values::I64(f), _)) => Some(f),
+                // A dump without the flags (e.g. a transformers reference) still has the router
+                // logits: with the model's bias, decide what the bias changed.
+                _ => bias_changed_from_logits(model.as_ref(), &d, i)?,
+            };
+            if let Some(bad) = audit.add(i, &ids, shape.last().copied().unwrap_or(1), flags.as_deref()) {
+                return Err(Error::dump(path, format!("`{name}` holds expert id {bad}, outside 0..{}", audit.experts)));
+            }
+            found = true;
+        }
+        if !found {
+            return Err(Error::dump(path, "holds no `layers.*.moe.topk_ids` to audit"));
+        }
+        audit.prompts += 1;
+    }
+    Ok(audit)
+}
+
+/// `moe.bias_changed` recomputed from a dump's `moe.router_logits` and the model's router.
+fn bias_changed_from_logits(model: Option<&Model>, d: &Dump, layer: usize) -> Result<Option<Vec<i64>>> {
+    let Some(crate::model::layer::Ffn::Moe(moe)) = model.and_then(|m| m.layers.get(layer)).map(|l| &l.mlp) else {
+        return Ok(None);
+    };
+    let Ok((Values::F32(logits), shape)) = d.values(&format!("layers.{layer}.moe.router_logits")) else {
+        return Ok(None);
+    };
+    let e = moe.e_score_correction_bias.len();
+    if shape.last() != Some(&e) {
+        return Err(Error::dump(
+            &d.path,
+            format!("layer {layer}: router_logits have {shape:?}, the model has {e} experts"),
+        ));
+    }
+    use crate::model::moe::{bias_changed, route};
+    Ok(Some(
+        logits
+            .chunks(e)
+            .map(|row| bias_changed(&moe.router, row, &route(&moe.router, row, &moe.e_score_correction_bias)) as i64)
+            .collect(),
+    ))
 }
 
 #[cfg(test)]

@@ -6,9 +6,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use std::io::IsTerminal;
-
-use glimpse::audit::{Audit, AuditObserver};
 use glimpse::checkpoint::Checkpoint;
 use glimpse::compare::Tolerance;
 use glimpse::dump::DumpWriter;
@@ -17,7 +14,6 @@ use glimpse::error::{Error, Result};
 use glimpse::hooks::{NoObserver, Selector};
 use glimpse::model::{Model, Tokens};
 use glimpse::synth::{self, SynthDtype, SynthOptions};
-use glimpse::tui_source::{DumpSource, TempFile};
 use glimpse::{diff, inspect, verify};
 
 /// The bundled default case: GLM-5's own layer pattern at toy size, with its transformers reference.
@@ -257,7 +253,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Audit { model, prompts, dumps, json, csv, heatmap } => {
-            let audit = run_audit(model.as_deref(), prompts.as_deref(), &dumps)?;
+            let audit = glimpse::audit::collect(model.as_deref(), prompts.as_deref(), &dumps)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&audit.to_json()).unwrap_or_default());
             } else {
@@ -280,7 +276,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Tui { model, golden, dump, tokens, prompt } => {
-            let src = tui_source(model, golden, dump, tokens, prompt)?;
+            let model = model.or_else(|| dump.is_none().then(default_case));
+            let src = glimpse::tui_source::open(
+                model.as_deref(),
+                golden.as_deref(),
+                dump.as_deref(),
+                tokens.as_deref(),
+                prompt.as_deref(),
+            )?;
             glimpse_tui::term::run(&src).map_err(|e| Error::Usage(format!("terminal: {e}")))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -292,7 +295,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run { model, tokens, prompt, tokens_from, dump: out, record, layers } => {
             let ckpt = Checkpoint::open(&model)?;
             let tokens = match (tokens, prompt, tokens_from) {
-                (Some(t), _, _) => parse_tokens(&t)?,
+                (Some(t), _, _) => Tokens::parse(&t)?,
                 (_, Some(p), _) => {
                     let ids = glimpse::tokenizer::encode(&model, &p)?;
                     Tokens::new(1, ids.len(), ids)?
@@ -348,27 +351,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// `1,2,3` (one row) or `1,2;3,4` (a batch of rows of equal length).
-fn parse_tokens(s: &str) -> Result<Tokens> {
-    let rows: Vec<Vec<u32>> = s
-        .split(';')
-        .map(|row| {
-            row.split(',')
-                .map(|t| {
-                    t.trim()
-                        .parse::<u32>()
-                        .map_err(|_| Error::Usage(format!("--tokens: \"{}\" is not a token id", t.trim())))
-                })
-                .collect()
-        })
-        .collect::<Result<_>>()?;
-    let seq = rows[0].len();
-    if rows.iter().any(|r| r.len() != seq) {
-        return Err(Error::Usage("--tokens: every batch row must have the same length".into()));
-    }
-    Tokens::new(rows.len(), seq, rows.concat())
-}
-
 /// `A..B` (inclusive) or a single layer `A`.
 fn parse_range(s: &str) -> std::result::Result<std::ops::RangeInclusive<usize>, String> {
     let num = |x: &str| x.trim().parse::<usize>().map_err(|_| format!("\"{s}\" is not a layer range like 3..5"));
@@ -399,155 +381,4 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = PathBuf::from(tmp);
     std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
-fn run_audit(model_dir: Option<&Path>, prompts: Option<&Path>, dumps: &[PathBuf]) -> Result<Audit> {
-    let model = match model_dir {
-        Some(dir) => Some(Model::load(&Checkpoint::open(dir)?)?),
-        None => None,
-    };
-    let mut audit = Audit::new(model.as_ref().map_or(0, |m| m.config.n_routed_experts));
-    if let Some(m) = &model {
-        for layer in &m.layers {
-            if let glimpse::model::layer::Ffn::Moe(moe) = &layer.mlp {
-                audit.set_bias(layer.index, moe.e_score_correction_bias.clone());
-            }
-        }
-    }
-    if let Some(path) = prompts {
-        let (Some(m), Some(dir)) = (&model, model_dir) else {
-            return Err(Error::Usage("--prompts needs --model".into()));
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-        if lines.is_empty() {
-            return Err(Error::Usage(format!("{}: no prompts (one per line)", path.display())));
-        }
-        let progress = std::io::stderr().is_terminal();
-        for (n, line) in lines.iter().enumerate() {
-            let is_ids = line.split(',').all(|t| t.trim().parse::<u32>().is_ok());
-            let tokens = if is_ids {
-                parse_tokens(line)?
-            } else {
-                let ids = glimpse::tokenizer::encode(dir, line)?;
-                Tokens::new(1, ids.len(), ids)?
-            };
-            if progress {
-                eprint!("\raudit: prompt {}/{}", n + 1, lines.len());
-            }
-            m.forward(&tokens, &mut AuditObserver::new(&mut audit))
-                .map_err(|e| Error::Usage(format!("{}: prompt {}: {e}", path.display(), n + 1)))?;
-            audit.prompts += 1;
-        }
-        if progress {
-            eprintln!();
-        }
-    }
-    for path in dumps {
-        let d = Dump::open(path)?;
-        let mut found = false;
-        for name in d.names() {
-            let Some(layer) = name.strip_prefix("layers.").and_then(|r| r.strip_suffix(".moe.topk_ids")) else {
-                continue;
-            };
-            let Ok(i) = layer.parse::<usize>() else { continue };
-            let (dump::Values::I64(ids), shape) = d.values(&name)? else {
-                return Err(Error::dump(path, format!("`{name}` must be an integer tensor")));
-            };
-            if audit.experts == 0 {
-                // Without a model, the expert count comes from the router's width, else the ids.
-                audit.experts = d
-                    .shape(&format!("layers.{i}.moe.router_logits"))
-                    .and_then(|s| s.last().copied())
-                    .unwrap_or_else(|| ids.iter().copied().max().map_or(0, |m| m as usize + 1));
-            }
-            let flags = match d.values(&format!("layers.{i}.moe.bias_changed")) {
-                Ok((dump::Values::I64(f), _)) => Some(f),
-                // A dump without the flags (e.g. a transformers reference) still has the router
-                // logits: with the model's bias, decide what the bias changed.
-                _ => bias_changed_from_logits(model.as_ref(), &d, i)?,
-            };
-            if let Some(bad) = audit.add(i, &ids, shape.last().copied().unwrap_or(1), flags.as_deref()) {
-                return Err(Error::dump(path, format!("`{name}` holds expert id {bad}, outside 0..{}", audit.experts)));
-            }
-            found = true;
-        }
-        if !found {
-            return Err(Error::dump(path, "holds no `layers.*.moe.topk_ids` to audit"));
-        }
-        audit.prompts += 1;
-    }
-    Ok(audit)
-}
-
-/// `moe.bias_changed` recomputed from a dump's `moe.router_logits` and the model's router.
-fn bias_changed_from_logits(model: Option<&Model>, d: &Dump, layer: usize) -> Result<Option<Vec<i64>>> {
-    let Some(glimpse::model::layer::Ffn::Moe(moe)) = model.and_then(|m| m.layers.get(layer)).map(|l| &l.mlp) else {
-        return Ok(None);
-    };
-    let Ok((dump::Values::F32(logits), shape)) = d.values(&format!("layers.{layer}.moe.router_logits")) else {
-        return Ok(None);
-    };
-    let e = moe.e_score_correction_bias.len();
-    if shape.last() != Some(&e) {
-        return Err(Error::dump(
-            &d.path,
-            format!("layer {layer}: router_logits have {shape:?}, the model has {e} experts"),
-        ));
-    }
-    use glimpse::model::moe::{bias_changed, route};
-    Ok(Some(
-        logits
-            .chunks(e)
-            .map(|row| bias_changed(&moe.router, row, &route(&moe.router, row, &moe.e_score_correction_bias)) as i64)
-            .collect(),
-    ))
-}
-
-/// Builds the TUI's data: a recorded dump as it is, or a live run of a model recorded into a
-/// temporary dump; with the reference when there is one.
-fn tui_source(
-    model: Option<PathBuf>,
-    golden: Option<PathBuf>,
-    dump: Option<PathBuf>,
-    tokens: Option<String>,
-    prompt: Option<String>,
-) -> Result<DumpSource> {
-    if let Some(path) = dump {
-        let reference = golden.as_deref().map(Dump::open).transpose()?;
-        let title = match &golden {
-            Some(g) => format!("{} vs reference {}", path.display(), g.display()),
-            None => path.display().to_string(),
-        };
-        return DumpSource::new(title, Dump::open(&path)?, reference, None, None);
-    }
-    let dir = model.unwrap_or_else(default_case);
-    let golden = golden.or_else(|| Some(dir.join("reference.safetensors")).filter(|p| p.is_file()));
-    let reference = golden.as_deref().map(Dump::open).transpose()?;
-    let ckpt = Checkpoint::open(&dir)?;
-    let tokens = match (tokens, prompt, &reference) {
-        (Some(t), _, _) => parse_tokens(&t)?,
-        (_, Some(p), _) => {
-            let ids = glimpse::tokenizer::encode(&dir, &p)?;
-            Tokens::new(1, ids.len(), ids)?
-        }
-        (_, _, Some(r)) => r.tokens()?,
-        _ => {
-            return Err(Error::Usage(format!(
-                "{} has no reference.safetensors: give --tokens or --prompt",
-                dir.display()
-            )))
-        }
-    };
-    let model = Model::load(&ckpt)?;
-    let tmp = std::env::temp_dir().join(format!("glimpse-tui-{}.safetensors", std::process::id()));
-    let owned = TempFile(tmp.clone());
-    let mut writer = DumpWriter::create(&tmp, Selector::default(), model.max_hook_points())?;
-    model.forward(&tokens, &mut writer)?;
-    writer.finish(&dump::metadata("glimpse live run", Some(&ckpt.config_bytes), None))?;
-    let title = match &golden {
-        Some(g) => format!("{} (live) vs reference {}", dir.display(), g.display()),
-        None => format!("{} (live)", dir.display()),
-    };
-    DumpSource::new(title, Dump::open(&tmp)?, reference, Some(&ckpt.config), Some(owned))
 }

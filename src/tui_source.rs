@@ -3,17 +3,21 @@
 //! `diff`; everything else is read from the memory-mapped dumps when a view asks for it.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use glimpse_tui::{DsaMatrix, HookRow, KvNormGrid, LayerRow, LoadRow, RefCheck, RouteRow, Source, Status, Worst};
 
 use crate::audit::LayerLoad;
+use crate::checkpoint::Checkpoint;
 use crate::compare::{Comparison, Detail};
 use crate::config::{Config, IndexerKind, MlpKind};
 use crate::diff::{diff, DiffOptions};
+use crate::dump::{self, DumpWriter};
 use crate::dump::{Dump, Values};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::hooks::Selector;
 use crate::hooks::{HookPoint, LayerHook};
+use crate::model::Model;
 use crate::model::Tokens;
 
 pub struct DumpSource {
@@ -320,4 +324,56 @@ impl Source for DumpSource {
         }
         (!g.layers.is_empty()).then_some(g)
     }
+}
+
+/// Opens the TUI's data: a recorded dump as it is, or a live run of a model recorded into a
+/// temporary dump; with the reference when there is one.
+pub fn open(
+    model: Option<&Path>,
+    golden: Option<&Path>,
+    dump: Option<&Path>,
+    tokens: Option<&str>,
+    prompt: Option<&str>,
+) -> Result<DumpSource> {
+    let dir = match (dump, model) {
+        (Some(path), _) => {
+            let reference = golden.map(Dump::open).transpose()?;
+            let title = match golden {
+                Some(g) => format!("{} vs reference {}", path.display(), g.display()),
+                None => path.display().to_string(),
+            };
+            return DumpSource::new(title, Dump::open(path)?, reference, None, None);
+        }
+        (None, Some(dir)) => dir,
+        (None, None) => return Err(Error::Usage("give a model or a dump".into())),
+    };
+    let golden =
+        golden.map(Path::to_path_buf).or_else(|| Some(dir.join("reference.safetensors")).filter(|p| p.is_file()));
+    let reference = golden.as_deref().map(Dump::open).transpose()?;
+    let ckpt = Checkpoint::open(dir)?;
+    let tokens = match (tokens, prompt, &reference) {
+        (Some(t), _, _) => Tokens::parse(t)?,
+        (_, Some(p), _) => {
+            let ids = crate::tokenizer::encode(dir, p)?;
+            Tokens::new(1, ids.len(), ids)?
+        }
+        (_, _, Some(r)) => r.tokens()?,
+        _ => {
+            return Err(Error::Usage(format!(
+                "{} has no reference.safetensors: give --tokens or --prompt",
+                dir.display()
+            )))
+        }
+    };
+    let model = Model::load(&ckpt)?;
+    let tmp = std::env::temp_dir().join(format!("glimpse-tui-{}.safetensors", std::process::id()));
+    let owned = TempFile(tmp.clone());
+    let mut writer = DumpWriter::create(&tmp, Selector::default(), model.max_hook_points())?;
+    model.forward(&tokens, &mut writer)?;
+    writer.finish(&dump::metadata("glimpse live run", Some(&ckpt.config_bytes), None))?;
+    let title = match &golden {
+        Some(g) => format!("{} (live) vs reference {}", dir.display(), g.display()),
+        None => format!("{} (live)", dir.display()),
+    };
+    DumpSource::new(title, Dump::open(&tmp)?, reference, Some(&ckpt.config), Some(owned))
 }

@@ -41,6 +41,27 @@ pub struct Tokens {
 }
 
 impl Tokens {
+    /// `1,2,3` (one row) or `1,2;3,4` (a batch of rows of equal length).
+    pub fn parse(s: &str) -> Result<Self> {
+        let rows: Vec<Vec<u32>> = s
+            .split(';')
+            .map(|row| {
+                row.split(',')
+                    .map(|t| {
+                        t.trim()
+                            .parse::<u32>()
+                            .map_err(|_| Error::Usage(format!("--tokens: \"{}\" is not a token id", t.trim())))
+                    })
+                    .collect()
+            })
+            .collect::<Result<_>>()?;
+        let seq = rows[0].len();
+        if rows.iter().any(|r| r.len() != seq) {
+            return Err(Error::Usage("--tokens: every batch row must have the same length".into()));
+        }
+        Tokens::new(rows.len(), seq, rows.concat())
+    }
+
     pub fn new(batch: usize, seq: usize, ids: Vec<u32>) -> Result<Self> {
         if batch == 0 || seq == 0 || ids.len() != batch * seq {
             return Err(Error::Usage(format!("need batch x seq = {batch} x {seq} token ids, got {}", ids.len())));
