@@ -7,7 +7,7 @@ use std::time::Instant;
 use crate::checkpoint::Checkpoint;
 use crate::dump::{self, DumpWriter};
 use crate::error::{Error, Result};
-use crate::hooks::{NoObserver, Selector};
+use crate::hooks::{emit, HookPoint, LayerHook, NoObserver, Observer, Selector};
 use crate::model::{Model, Tokens};
 
 pub struct BenchReport {
@@ -19,6 +19,37 @@ pub struct BenchReport {
     pub finish_s: Vec<f64>,
     pub dump_bytes: u64,
     pub peak_rss_bytes: Option<u64>,
+    /// Hook points the forward pass asks about per run, and the measured cost of one question to
+    /// an observer that wants nothing: the whole cost of hooks when nothing is recorded.
+    pub hook_calls: usize,
+    pub ns_per_hook_call: f64,
+}
+
+/// Wants nothing, counts how often it is asked.
+#[derive(Default)]
+struct CountingNothing(std::cell::Cell<usize>);
+
+impl Observer for CountingNothing {
+    fn wants(&self, _: HookPoint) -> bool {
+        self.0.set(self.0.get() + 1);
+        false
+    }
+    fn observe(&mut self, _: HookPoint, _: &candle_core::Tensor) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Nanoseconds per `emit` to [`NoObserver`] (dynamic dispatch included), over many calls.
+fn time_empty_emit() -> f64 {
+    let n = 10_000_000u32;
+    let mut none = NoObserver;
+    let obs: &mut dyn Observer = std::hint::black_box(&mut none);
+    let t = Instant::now();
+    for i in 0..n {
+        let point = HookPoint::Layer(std::hint::black_box(i as usize), LayerHook::Output);
+        let _ = emit(obs, point, || Err(Error::Usage("never built".into())));
+    }
+    t.elapsed().as_secs_f64() * 1e9 / n as f64
 }
 
 pub fn median(v: &[f64]) -> f64 {
@@ -53,8 +84,10 @@ pub fn run(model_dir: &Path, tokens: usize, repeat: usize, scratch: &Path) -> Re
     let tokens_t = Tokens::new(1, tokens, ids)?;
     let dump_path = scratch.join("glimpse-bench.safetensors");
     let (mut plain_s, mut recording_s, mut finish_s, mut dump_bytes) = (Vec::new(), Vec::new(), Vec::new(), 0);
-    // One untimed warm-up pass pages the weights in.
-    model.forward(&tokens_t, &mut NoObserver)?;
+    // One untimed warm-up pass pages the weights in (and counts the hook questions).
+    let mut counter = CountingNothing::default();
+    model.forward(&tokens_t, &mut counter)?;
+    let hook_calls = counter.0.get();
     for _ in 0..repeat {
         let t = Instant::now();
         model.forward(&tokens_t, &mut NoObserver)?;
@@ -70,7 +103,17 @@ pub fn run(model_dir: &Path, tokens: usize, repeat: usize, scratch: &Path) -> Re
         dump_bytes = std::fs::metadata(&dump_path).map(|m| m.len()).unwrap_or(0);
     }
     let _ = std::fs::remove_file(&dump_path);
-    Ok(BenchReport { load_s, tokens, plain_s, recording_s, finish_s, dump_bytes, peak_rss_bytes: peak_rss() })
+    Ok(BenchReport {
+        load_s,
+        tokens,
+        plain_s,
+        recording_s,
+        finish_s,
+        dump_bytes,
+        peak_rss_bytes: peak_rss(),
+        hook_calls,
+        ns_per_hook_call: time_empty_emit(),
+    })
 }
 
 impl BenchReport {
@@ -95,6 +138,14 @@ impl BenchReport {
             "recording overhead: {:+.1}% (of which writing the file after the pass: median {:.3} s)\n",
             100.0 * (r / p - 1.0),
             median(&self.finish_s)
+        );
+        let hooks_s = self.hook_calls as f64 * self.ns_per_hook_call * 1e-9;
+        s += &format!(
+            "hooks with no observer: {} questions per pass x {:.1} ns = {:.1} us ({:.5}% of the pass)\n",
+            self.hook_calls,
+            self.ns_per_hook_call,
+            hooks_s * 1e6,
+            100.0 * hooks_s / p
         );
         if let Some(rss) = self.peak_rss_bytes {
             s += &format!("peak RSS: {:.2} GB\n", rss as f64 / 1e9);
