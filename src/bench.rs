@@ -141,11 +141,11 @@ impl BenchReport {
         );
         let hooks_s = self.hook_calls as f64 * self.ns_per_hook_call * 1e-9;
         s += &format!(
-            "hooks with no observer: {} questions per pass x {:.1} ns = {:.1} us ({:.5}% of the pass)\n",
+            "hooks with no observer: {} questions per pass x {:.1} ns = {:.0} ns ({:.1e} of the pass)\n",
             self.hook_calls,
             self.ns_per_hook_call,
-            hooks_s * 1e6,
-            100.0 * hooks_s / p
+            hooks_s * 1e9,
+            hooks_s / p
         );
         if let Some(rss) = self.peak_rss_bytes {
             s += &format!("peak RSS: {:.2} GB\n", rss as f64 / 1e9);

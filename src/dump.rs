@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Tensor};
+use candle_core::{CpuStorage, DType, Storage, Tensor};
 use safetensors::tensor::Dtype;
 
 use crate::error::{Error, Result};
@@ -142,20 +142,30 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// An observer that streams the selected hook points of a run into a dump. Each tensor is
-/// appended to the data section of a temporary file as it arrives (memory stays at one tensor,
-/// however long the run), after a header region reserved up front; `finish` writes the header
-/// into that region and renames the file into place, so the target name never holds a partial
-/// dump and an interrupted run leaves any earlier file there intact. A header that outgrows its
-/// reservation is handled by copying the data once into a fresh file.
+/// An observer that streams the selected hook points of a run into a dump. Each tensor is handed
+/// to a writer thread as it arrives, which appends it to the data section of a temporary file
+/// after a header region reserved up front, while the forward pass goes on; at most
+/// [`SPILL_QUEUE`] tensors wait, so memory stays bounded however long the run. `finish` writes the
+/// header into its region and renames the file into place, so the target name never holds a
+/// partial dump and an interrupted run leaves any earlier file there intact. A header that
+/// outgrows its reservation is handled by copying the data once into a fresh file.
 pub struct DumpWriter {
     path: PathBuf,
     tmp_path: PathBuf,
-    file: Option<BufWriter<File>>,
+    spill: Option<Spill>,
     reserve: usize,
     selector: Selector,
     entries: Vec<(String, Dtype, Vec<usize>)>,
 }
+
+/// The writer thread and the queue that feeds it.
+struct Spill {
+    queue: std::sync::mpsc::SyncSender<Tensor>,
+    thread: std::thread::JoinHandle<Result<File>>,
+}
+
+/// Tensors that may wait for the writer thread.
+pub const SPILL_QUEUE: usize = 16;
 
 /// Header bytes reserved per expected tensor: a name, dtype, 3-D shape and two offsets.
 pub const HEADER_BYTES_PER_TENSOR: usize = 192;
@@ -169,9 +179,28 @@ impl DumpWriter {
         let tmp_path = path.with_file_name(name);
         let file = File::create(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
         let reserve = (1024 + expected * HEADER_BYTES_PER_TENSOR).next_multiple_of(8);
-        let mut file = BufWriter::with_capacity(1 << 20, file);
-        file.write_all(&vec![b' '; 8 + reserve]).map_err(|e| Error::io(&tmp_path, e))?;
-        Ok(DumpWriter { path: path.to_path_buf(), tmp_path, file: Some(file), reserve, selector, entries: Vec::new() })
+        let (queue, tensors) = std::sync::mpsc::sync_channel::<Tensor>(SPILL_QUEUE);
+        let spill_path = tmp_path.clone();
+        let thread = std::thread::spawn(move || -> Result<File> {
+            let io = |e| Error::io(&spill_path, e);
+            let mut w = BufWriter::with_capacity(1 << 20, file);
+            w.write_all(&vec![b' '; 8 + reserve]).map_err(io)?;
+            for t in tensors {
+                write_tensor(&mut w, &t).map_err(|e| match e {
+                    Error::Io { source, .. } => io(source),
+                    e => e,
+                })?;
+            }
+            w.into_inner().map_err(|e| io(e.into_error()))
+        });
+        Ok(DumpWriter {
+            path: path.to_path_buf(),
+            tmp_path,
+            spill: Some(Spill { queue, thread }),
+            reserve,
+            selector,
+            entries: Vec::new(),
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -181,13 +210,19 @@ impl DumpWriter {
         self.entries.is_empty()
     }
 
+    /// Waits for the writer thread; its error, if it failed.
+    fn join(&mut self) -> Result<File> {
+        let spill = self.spill.take().ok_or_else(|| Error::dump(&self.path, "already finished"))?;
+        drop(spill.queue);
+        spill.thread.join().unwrap_or_else(|_| Err(Error::dump(&self.path, "the dump writer thread failed")))
+    }
+
     /// Writes the header, makes the file durable and renames it to the target. Returns the
     /// number of tensors written.
     pub fn finish(mut self, metadata: &BTreeMap<String, String>) -> Result<usize> {
         let tmp = self.tmp_path.clone();
         let io = |e| Error::io(&tmp, e);
-        let file = self.file.take().ok_or_else(|| Error::dump(&self.path, "already finished"))?;
-        let mut file = file.into_inner().map_err(|e| io(e.into_error()))?;
+        let mut file = self.join()?;
         let (mut header, sizes) = st::header_bytes(&self.path, &self.entries, metadata)?;
         if header.len() <= self.reserve {
             // Trailing spaces are valid JSON whitespace: the header fills its reservation exactly.
@@ -220,9 +255,23 @@ impl DumpWriter {
 
 impl Drop for DumpWriter {
     fn drop(&mut self) {
-        if self.file.take().is_some() {
+        if self.spill.is_some() {
+            let _ = self.join();
             let _ = std::fs::remove_file(&self.tmp_path);
         }
+    }
+}
+
+/// Appends a CPU f32 or i64 tensor's bytes, straight from its storage (no copy, no fresh pages).
+fn write_tensor(w: &mut impl Write, t: &Tensor) -> Result<()> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let range = layout.start_offset()..layout.start_offset() + t.elem_count();
+    let io = |e| Error::io("<dump>", e);
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => w.write_all(&f32_bytes(&v[range])).map_err(io),
+        Storage::Cpu(CpuStorage::I64(v)) => w.write_all(&st::le_bytes_i64(&v[range])).map_err(io),
+        _ => Err(Error::Usage("only CPU f32 and i64 tensors can be recorded".into())),
     }
 }
 
@@ -236,19 +285,16 @@ impl Observer for DumpWriter {
         if self.entries.iter().any(|(n, _, _)| *n == name) {
             return Err(Error::dump(&self.path, format!("`{name}` reported twice")));
         }
-        let file = self.file.as_mut().ok_or_else(|| Error::dump(&self.path, "already finished"))?;
-        let io = |e| Error::io(&self.tmp_path, e);
-        let dtype = match value.dtype() {
-            DType::I64 => {
-                file.write_all(&st::le_bytes_i64(&value.flatten_all()?.to_vec1::<i64>()?)).map_err(io)?;
-                Dtype::I64
-            }
-            _ => {
-                let v = value.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                file.write_all(&f32_bytes(&v)).map_err(io)?;
-                Dtype::F32
-            }
+        let (t, dtype) = match value.dtype() {
+            DType::I64 => (value.clone(), Dtype::I64),
+            DType::F32 => (value.clone(), Dtype::F32),
+            _ => (value.to_dtype(DType::F32)?, Dtype::F32),
         };
+        let spill = self.spill.as_ref().ok_or_else(|| Error::dump(&self.path, "already finished"))?;
+        if spill.queue.send(t).is_err() {
+            // The writer thread stopped: report why.
+            return Err(self.join().err().unwrap_or_else(|| Error::dump(&self.path, "the dump writer stopped")));
+        }
         self.entries.push((name, dtype, value.dims().to_vec()));
         Ok(())
     }
