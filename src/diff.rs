@@ -252,3 +252,22 @@ impl DiffReport {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_name_tolerances_last_match_wins() {
+        let t = |a, r| Tolerance { atol: a, rtol: r };
+        let mut o = DiffOptions::default();
+        o.per_name.push(parse_tol("layers.*=1e-2,0").unwrap());
+        o.per_name.push(parse_tol("layers.3.*=0.5,0.25").unwrap());
+        assert_eq!(o.tol_for("logits"), Tolerance::default());
+        assert_eq!(o.tol_for("layers.1.output"), t(1e-2, 0.0));
+        assert_eq!(o.tol_for("layers.3.output"), t(0.5, 0.25));
+        for bad in ["logits", "logits=1", "=1,1", "x=a,1", "x=-1,0"] {
+            assert!(parse_tol(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -279,3 +279,21 @@ fn diff_classifies_flips_by_margin() {
     // DSA flips carry both margins: the port's recorded one and the reference's from its scores.
     assert!(strict.iter().any(|(_, a, b)| a.is_number() && b.is_number()));
 }
+
+/// A run that stops before `finish` (an error, a panic unwinding, a drop) leaves the target
+/// untouched and no temporary file behind.
+#[test]
+fn an_unfinished_dump_leaves_the_previous_file_intact() {
+    let dir = golden("flat");
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let model = Model::load(&ckpt).unwrap();
+    let tokens = Dump::open(&dir.join("reference.safetensors")).unwrap().tokens().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("run.safetensors");
+    std::fs::write(&path, b"previous").unwrap();
+    let mut writer = DumpWriter::create(&path, everything(), model.max_hook_points()).unwrap();
+    model.forward(&tokens, &mut writer).unwrap();
+    drop(writer);
+    assert_eq!(std::fs::read(&path).unwrap(), b"previous");
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1, "no temporary file left");
+}
