@@ -118,6 +118,24 @@ impl Checkpoint {
         Ok((data, shape))
     }
 
+    /// Rows `[start, start + count)` of a 2-D weight as f32 [count, cols], reading only those rows
+    /// (FP8 weights are dequantised whole first: their embeddings and lm_head are never FP8).
+    pub fn rows(&self, name: &str, start: usize, count: usize) -> Result<Tensor> {
+        let cols = self.shape(name).and_then(|s| s.get(1).copied()).unwrap_or(0);
+        if self.scale_name(name).is_some() {
+            return Ok(self.tensor(name)?.narrow(0, start, count)?);
+        }
+        let data = self.file(name)?.f32_rows(name, start, count)?;
+        Ok(Tensor::from_vec(data, (count, cols), &Device::Cpu)?)
+    }
+
+    /// Drops the resident pages of every tensor whose name starts with `prefix`.
+    pub fn release(&self, prefix: &str) {
+        for (name, &i) in self.names.range(prefix.to_string()..).take_while(|(n, _)| n.starts_with(prefix)) {
+            self.files[i].release(name);
+        }
+    }
+
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let (data, shape) = self.f32(name)?;
         Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)

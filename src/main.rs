@@ -12,6 +12,7 @@ use glimpse::dump::DumpWriter;
 use glimpse::dump::{self, Dump};
 use glimpse::error::{Error, Result};
 use glimpse::hooks::{NoObserver, Selector};
+use glimpse::model::stream::{self, Start, Weights};
 use glimpse::model::{Model, Tokens};
 use glimpse::synth::{self, SynthDtype, SynthOptions};
 use glimpse::{diff, inspect, verify};
@@ -26,6 +27,9 @@ const DEFAULT_CASE: &str = "golden/flat";
     about = "Run GLM-5 (glm_moe_dsa), record what happens inside, and prove it against a reference"
 )]
 struct Cli {
+    /// CPU threads for the tensor kernels (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -53,6 +57,12 @@ enum Command {
         /// Replay the reference's DSA selections.
         #[arg(long)]
         force_selection: bool,
+        /// Check only layers A..B (inclusive), started from the reference's `layers.{A-1}.output`.
+        #[arg(long, value_parser = parse_range)]
+        layers: Option<std::ops::RangeInclusive<usize>>,
+        /// Load each layer just before it runs and release it after: memory of about one layer.
+        #[arg(long)]
+        stream: bool,
     },
     /// Compare two dumps: the first hook point where they part ways, per-tensor errors, flips.
     Diff {
@@ -131,7 +141,7 @@ enum Command {
         model: PathBuf,
     },
     /// Run the model on token ids or a text prompt, optionally recording hook points to a dump.
-    #[command(group(clap::ArgGroup::new("input").required(true)))]
+    #[command(group(clap::ArgGroup::new("input")))]
     Run {
         #[arg(long)]
         model: PathBuf,
@@ -151,9 +161,15 @@ enum Command {
         /// `layers.*.moe.*,logits`. Default: everything but the S x S `dsa.scores`.
         #[arg(long, default_value = "*")]
         record: String,
-        /// Record only layers A..B (inclusive), e.g. `3..5`.
+        /// Run only layers A..B (inclusive), e.g. `3..5`; past layer 0 it starts from --from-dump.
         #[arg(long, value_parser = parse_range)]
         layers: Option<std::ops::RangeInclusive<usize>>,
+        /// Start from this dump's `layers.{A-1}.output` (and its tokens, unless others are given).
+        #[arg(long, value_name = "DUMP")]
+        from_dump: Option<PathBuf>,
+        /// Load each layer just before it runs and release it after: memory of about one layer.
+        #[arg(long)]
+        stream: bool,
     },
     /// Write a random-weight checkpoint in the released layout.
     Synth {
@@ -205,8 +221,15 @@ fn default_case() -> PathBuf {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            return Err(Error::Usage("--threads must be at least 1".into()));
+        }
+        // candle's CPU kernels size their thread pools from this, read on first use.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     match cli.command {
-        Command::Verify { model, golden, atol, rtol, isolate, force_routing, force_selection } => {
+        Command::Verify { model, golden, atol, rtol, isolate, force_routing, force_selection, layers, stream } => {
             let model_dir = model.unwrap_or_else(default_case);
             let golden = golden.unwrap_or_else(|| model_dir.join("reference.safetensors"));
             let tol = Tolerance { atol, rtol };
@@ -224,13 +247,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     );
                 }
             }
-            let model = Model::load(&ckpt)?;
+            let resident;
+            let weights = if stream {
+                Weights::Streamed(&ckpt)
+            } else {
+                resident = Model::load(&ckpt)?;
+                Weights::Resident(&resident)
+            };
             println!("verify {} against {}", model_dir.display(), golden.display());
             let replay = verify::Replay { routing: force_routing, selection: force_selection };
-            let report = verify::verify_with(&model, &reference, tol, isolate, replay)?;
+            let opts = verify::VerifyOptions { tol, isolate, replay, layers };
+            let report = verify::verify_with(weights, &reference, &opts)?;
             verify::print_report(&report, tol);
             if replay != verify::Replay::default() {
-                let free = verify::verify(&model, &reference, tol, isolate)?;
+                let free = verify::verify_with(
+                    weights,
+                    &reference,
+                    &verify::VerifyOptions { replay: Default::default(), ..opts },
+                )?;
                 println!("replay of the reference's {}: error without -> with replay", replay_what(replay));
                 for line in verify::attribution(&free, &report) {
                     println!("  {line}");
@@ -292,23 +326,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", inspect::describe(&ckpt)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { model, tokens, prompt, tokens_from, dump: out, record, layers } => {
+        Command::Run { model, tokens, prompt, tokens_from, dump: out, record, layers, from_dump, stream } => {
             let ckpt = Checkpoint::open(&model)?;
-            let tokens = match (tokens, prompt, tokens_from) {
-                (Some(t), _, _) => Tokens::parse(&t)?,
-                (_, Some(p), _) => {
+            let from = from_dump.as_deref().map(Dump::open).transpose()?;
+            let tokens = match (tokens, prompt, tokens_from, &from) {
+                (Some(t), _, _, _) => Tokens::parse(&t)?,
+                (_, Some(p), _, _) => {
                     let ids = glimpse::tokenizer::encode(&model, &p)?;
                     Tokens::new(1, ids.len(), ids)?
                 }
-                (_, _, Some(d)) => Dump::open(&d)?.tokens()?,
-                _ => return Err(Error::Usage("give --tokens, --prompt or --tokens-from".into())),
+                (_, _, Some(d), _) => Dump::open(&d)?.tokens()?,
+                (_, _, _, Some(d)) => d.tokens()?,
+                _ => return Err(Error::Usage("give --tokens, --prompt, --tokens-from or --from-dump".into())),
             };
-            let model_ = Model::load(&ckpt)?;
-            let selector = Selector::new(&record, layers);
+            let first = layers.as_ref().map_or(0, |r| *r.start());
+            let start = match &from {
+                Some(d) => Some(Start::from_dump(d, first)?),
+                None => None,
+            };
+            let resident;
+            let weights = if stream {
+                Weights::Streamed(&ckpt)
+            } else {
+                resident = Model::load(&ckpt)?;
+                Weights::Resident(&resident)
+            };
+            let expected = 5 + ckpt.config.num_hidden_layers * glimpse::hooks::LayerHook::ALL.len();
             let logits = match &out {
                 Some(path) => {
-                    let mut writer = DumpWriter::create(path, selector, model_.max_hook_points())?;
-                    let logits = model_.forward(&tokens, &mut writer)?;
+                    let mut writer = DumpWriter::create(path, Selector::new(&record, None), expected)?;
+                    let logits = stream::run(weights, &tokens, layers, start, &mut writer)?;
                     let meta = dump::metadata(
                         &format!("glimpse {} / candle, float32, cpu", env!("CARGO_PKG_VERSION")),
                         Some(&ckpt.config_bytes),
@@ -318,13 +365,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     println!("wrote {n} tensors to {}", path.display());
                     logits
                 }
-                None => model_.forward(&tokens, &mut NoObserver)?,
+                None => stream::run(weights, &tokens, layers, start, &mut NoObserver)?,
             };
-            let (b, s, _) = logits.dims3()?;
-            for bi in 0..b {
-                let last = logits.get(bi)?.get(s - 1)?.to_vec1::<f32>()?;
-                let argmax = last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
-                println!("row {bi}: {s} tokens, next token (greedy) {argmax}");
+            if let Some(logits) = logits {
+                let (b, s, _) = logits.dims3()?;
+                for bi in 0..b {
+                    let last = logits.get(bi)?.get(s - 1)?.to_vec1::<f32>()?;
+                    let argmax = last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
+                    println!("row {bi}: {s} tokens, next token (greedy) {argmax}");
+                }
+            }
+            if let Some(rss) = glimpse::bench::peak_rss() {
+                println!("peak RSS {:.1} MB", rss as f64 / 1e6);
             }
             Ok(ExitCode::SUCCESS)
         }

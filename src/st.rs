@@ -59,6 +59,38 @@ impl StFile {
         Ok((info, bytes))
     }
 
+    /// Rows `[start, start + count)` of a 2-D float tensor, decoded to f32, without touching the
+    /// rest of it (embedding lookups and lm_head chunks of a model larger than memory).
+    pub fn f32_rows(&self, name: &str, start: usize, count: usize) -> Result<Vec<f32>> {
+        let (info, bytes) = self.bytes(name)?;
+        let [rows, cols] = info.shape[..] else {
+            return Err(Error::checkpoint(&self.path, format!("tensor `{name}` is not 2-D")));
+        };
+        if start + count > rows {
+            return Err(Error::checkpoint(
+                &self.path,
+                format!("rows {start}..{} of `{name}` (it has {rows})", start + count),
+            ));
+        }
+        let row_bytes = cols * info.dtype.bitsize() / 8;
+        decode_f32(info.dtype, &bytes[start * row_bytes..(start + count) * row_bytes])
+            .map_err(|msg| Error::checkpoint(&self.path, format!("tensor `{name}`: {msg}")))
+    }
+
+    /// Lets the kernel drop the pages of `name` from this process (they are re-read from the file
+    /// if touched again), so a streamed layer stops counting towards resident memory.
+    pub fn release(&self, name: &str) {
+        let Some(info) = self.info(name) else { return };
+        let page = 4096;
+        let (a, b) = (self.data_start + info.data_offsets.0, self.data_start + info.data_offsets.1);
+        let (a, b) = (a.div_ceil(page) * page, b / page * page);
+        if b > a {
+            // SAFETY: the map is read-only and file-backed: dropped pages are re-read from the file
+            // on the next access, so no reference into the map can observe a change.
+            let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a) };
+        }
+    }
+
     /// A float tensor decoded to f32, with its shape.
     pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         let (info, bytes) = self.bytes(name)?;

@@ -4,6 +4,7 @@
 //! that layer alone instead of spreading down the stack.
 
 use std::collections::BTreeSet;
+use std::ops::RangeInclusive;
 
 use candle_core::Tensor;
 
@@ -12,6 +13,8 @@ use crate::dump::{Dump, Values};
 use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, LayerHook, Observer};
 use crate::model::indexer::Selection;
+use crate::model::rope::RotaryEmbedding;
+use crate::model::stream::{self, Start, Weights};
 use crate::model::Model;
 
 /// Compares each reported tensor against the reference dump on arrival.
@@ -123,46 +126,64 @@ impl Report {
     }
 }
 
-/// Runs the dump's tokens and compares. In `isolate` mode every layer's input (and the final
-/// norm's) is the reference's `layers.{i-1}.output` (`embeddings` for layer 0).
-pub fn verify(model: &Model, golden: &Dump, tol: Tolerance, isolate: bool) -> Result<Report> {
-    verify_with(model, golden, tol, isolate, Replay::default())
+/// What `verify` runs and how it compares.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    pub tol: Tolerance,
+    /// Feed every layer the reference's `layers.{i-1}.output` (`embeddings` for layer 0), and the
+    /// final norm the reference's last output.
+    pub isolate: bool,
+    pub replay: Replay,
+    /// Only these layers, started from the reference's hidden state before the first.
+    pub layers: Option<RangeInclusive<usize>>,
 }
 
-pub fn verify_with(model: &Model, golden: &Dump, tol: Tolerance, isolate: bool, replay: Replay) -> Result<Report> {
+/// Runs the dump's tokens and compares (whole model, resident weights, no replay).
+pub fn verify(model: &Model, golden: &Dump, tol: Tolerance, isolate: bool) -> Result<Report> {
+    verify_with(Weights::Resident(model), golden, &VerifyOptions { tol, isolate, ..Default::default() })
+}
+
+pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Report> {
     let tokens = golden.tokens()?;
-    let mut v = Verifier::new(golden, tol);
-    v.replay = replay;
-    if isolate {
-        let rope = model.rope_tables(tokens.seq);
-        let ours = model.embed(&tokens, &mut v)?;
-        let reference_input = |name: &str, ours: Tensor| -> Result<Tensor> {
-            if golden.contains(name) {
-                let t = golden.tensor(name)?;
-                if t.dims() != ours.dims() {
-                    return Err(Error::dump(
-                        &golden.path,
-                        format!("`{name}` has shape {:?}, expected {:?}", t.dims(), ours.dims()),
-                    ));
-                }
-                Ok(t)
-            } else {
-                Ok(ours)
-            }
-        };
-        let mut h = reference_input("embeddings", ours)?;
-        let mut sel: Option<Selection> = None;
-        for layer in &model.layers {
-            let ours = layer.forward(&h, &rope, &mut sel, &mut v)?;
-            h = reference_input(&HookPoint::Layer(layer.index, LayerHook::Output).name(), ours)?;
+    let mut v = Verifier::new(golden, opts.tol);
+    v.replay = opts.replay;
+    let n = w.config().num_hidden_layers;
+    let window = opts.layers.clone().unwrap_or(0..=n - 1);
+    if opts.isolate {
+        let rope = RotaryEmbedding::new(w.config()).tables(&(0..tokens.seq).collect::<Vec<_>>());
+        if *window.start() == 0 {
+            stream::embed(w, &tokens, &mut v)?;
         }
-        model.head(&h, &mut v)?;
+        let mut last = None;
+        for i in window.clone() {
+            let start = Start::from_dump(golden, i)?;
+            let mut sel = start.selection;
+            last = Some(stream::layers(w, &rope, i..=i, start.hidden, &mut sel, &mut v)?);
+        }
+        if *window.end() + 1 == n {
+            let final_input = HookPoint::Layer(n - 1, LayerHook::Output).name();
+            let h = if golden.contains(&final_input) {
+                golden.tensor(&final_input)?
+            } else {
+                last.ok_or_else(|| Error::Usage("no layer ran".into()))?
+            };
+            stream::head(w, &h, &mut v)?;
+        }
     } else {
-        model.forward(&tokens, &mut v)?;
+        let start = match *window.start() {
+            0 => None,
+            first => Some(Start::from_dump(golden, first)?),
+        };
+        stream::run(w, &tokens, Some(window), start, &mut v)?;
     }
     let produced: BTreeSet<&str> = v.results.iter().map(|c| c.name.as_str()).collect();
-    let only_in_reference = golden.names().into_iter().filter(|n| !produced.contains(n.as_str())).collect();
-    Ok(Report { results: v.results, only_in_reference, isolate })
+    let in_window = |name: &str| match HookPoint::parse(name).and_then(|p| p.layer()) {
+        Some(i) => opts.layers.as_ref().is_none_or(|r| r.contains(&i)),
+        None => opts.layers.is_none(),
+    };
+    let only_in_reference =
+        golden.names().into_iter().filter(|n| !produced.contains(n.as_str()) && in_window(n)).collect();
+    Ok(Report { results: v.results, only_in_reference, isolate: opts.isolate })
 }
 
 /// One line per compared tensor.

@@ -163,7 +163,8 @@ fn prompts_go_through_the_checkpoints_tokenizer() {
     let (by_text, _) = text(&glimpse(&["run", "--model", m, "--prompt", "hello world"]));
     let (by_ids, _) = text(&glimpse(&["run", "--model", m, "--tokens", "7,11"]));
     assert!(by_text.contains("2 tokens"), "{by_text}");
-    assert_eq!(by_text, by_ids);
+    let rows = |out: &str| out.lines().filter(|l| l.starts_with("row ")).map(String::from).collect::<Vec<_>>();
+    assert_eq!(rows(&by_text), rows(&by_ids));
     assert_error(&glimpse(&["run", "--model", m, "--prompt", ""]), "empty");
 }
 

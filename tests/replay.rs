@@ -9,8 +9,9 @@ use glimpse::checkpoint::Checkpoint;
 use glimpse::compare::Tolerance;
 use glimpse::dump::Dump;
 use glimpse::model::Model;
+use glimpse::model::Weights;
 use glimpse::st::{self, Entry, StFile};
-use glimpse::verify::{attribution, verify, verify_with, Replay};
+use glimpse::verify::{attribution, verify, verify_with, Replay, VerifyOptions};
 
 fn golden_flat() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat")
@@ -51,7 +52,8 @@ fn replaying_the_reference_routing_removes_a_bias_bug() {
     assert_eq!(first.name, "layers.3.moe.topk_ids", "the flips are the first divergence");
 
     let replay = Replay { routing: true, selection: false };
-    let replayed = verify_with(&model, &golden, tol, false, replay).unwrap();
+    let replayed =
+        verify_with(Weights::Resident(&model), &golden, &VerifyOptions { tol, replay, ..Default::default() }).unwrap();
     let bad: Vec<&str> = replayed.results.iter().filter(|c| !c.ok).map(|c| c.name.as_str()).collect();
     assert!(bad.is_empty(), "after replay only arithmetic is left, but {bad:?} differ");
 
@@ -74,7 +76,8 @@ fn replaying_the_reference_selection_removes_an_indexer_bug() {
     assert!(!topk.ok, "the tampered indexer must change the selection");
 
     let replay = Replay { routing: false, selection: true };
-    let replayed = verify_with(&model, &golden, tol, false, replay).unwrap();
+    let replayed =
+        verify_with(Weights::Resident(&model), &golden, &VerifyOptions { tol, replay, ..Default::default() }).unwrap();
     // The indexer's own scores still differ; everything downstream of the selection matches.
     for c in &replayed.results {
         let indexer_only = c.name == "layers.1.dsa.scores";

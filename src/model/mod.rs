@@ -9,19 +9,20 @@ pub mod mlp;
 pub mod moe;
 pub mod nn;
 pub mod rope;
+pub mod stream;
 
 use std::io::IsTerminal;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use crate::checkpoint::{Checkpoint, Loader};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::hooks::{emit, HookPoint, Observer};
-use indexer::Selection;
+use crate::hooks::Observer;
 use layer::DecoderLayer;
 use nn::RmsNorm;
 use rope::{RopeTables, RotaryEmbedding};
+pub use stream::Weights;
 
 pub struct Model {
     pub config: Config,
@@ -107,39 +108,17 @@ impl Model {
 
     /// ids -> [B, S, hidden]
     pub fn embed(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
-        let vocab = self.config.vocab_size;
-        if let Some(bad) = tokens.ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::Usage(format!("token id {bad} is out of range for vocab_size {vocab}")));
-        }
-        emit(obs, HookPoint::InputIds, || {
-            let ids: Vec<i64> = tokens.ids.iter().map(|&t| t as i64).collect();
-            Ok(Tensor::from_vec(ids, (tokens.batch, tokens.seq), &Device::Cpu)?)
-        })?;
-        let ids = Tensor::from_vec(tokens.ids.clone(), tokens.ids.len(), &Device::Cpu)?;
-        let h =
-            self.embed_tokens.index_select(&ids, 0)?.reshape((tokens.batch, tokens.seq, self.config.hidden_size))?;
-        emit(obs, HookPoint::Embeddings, || Ok(h.clone()))?;
-        Ok(h)
+        stream::embed(Weights::Resident(self), tokens, obs)
     }
 
     /// [B, S, hidden] -> logits [B, S, vocab]
     pub fn head(&self, h: &Tensor, obs: &mut dyn Observer) -> Result<Tensor> {
-        let x = self.norm.forward(h)?;
-        emit(obs, HookPoint::FinalNorm, || Ok(x.clone()))?;
-        let (b, s, hidden) = x.dims3()?;
-        let logits = x.reshape((b * s, hidden))?.matmul(&self.lm_head.t()?)?.reshape((b, s, self.config.vocab_size))?;
-        emit(obs, HookPoint::Logits, || Ok(logits.clone()))?;
-        Ok(logits)
+        stream::head(Weights::Resident(self), h, obs)
     }
 
     /// The whole forward pass: ids -> logits [B, S, vocab].
     pub fn forward(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
-        let rope = self.rope_tables(tokens.seq);
-        let mut h = self.embed(tokens, obs)?;
-        let mut sel: Option<Selection> = None;
-        for layer in &self.layers {
-            h = layer.forward(&h, &rope, &mut sel, obs)?;
-        }
-        self.head(&h, obs)
+        stream::run(Weights::Resident(self), tokens, None, None, obs)?
+            .ok_or_else(|| Error::Usage("the forward pass stopped before the head".into()))
     }
 }

@@ -1,0 +1,217 @@
+//! Running the model over a window of layers, with weights either resident (loaded once) or
+//! streamed: each layer is loaded from the memory-mapped shards just before it runs, and both its
+//! f32 copy and its file pages are released right after, so peak memory is about one layer plus
+//! activations whatever the depth. A window may start mid-model from a dump's hidden state
+//! (`layers.{A-1}.output`), so one slice of a model too large to run whole can still be checked.
+
+use std::ops::RangeInclusive;
+
+use candle_core::{Device, Tensor};
+
+use super::indexer::Selection;
+use super::layer::DecoderLayer;
+use super::nn::RmsNorm;
+use super::rope::{RopeTables, RotaryEmbedding};
+use super::{Model, Tokens};
+use crate::checkpoint::{Checkpoint, Loader};
+use crate::config::{Config, IndexerKind};
+use crate::dump::{Dump, Values};
+use crate::error::{Error, Result};
+use crate::hooks::{emit, HookPoint, LayerHook, Observer};
+
+/// Where the weights come from.
+#[derive(Clone, Copy)]
+pub enum Weights<'a> {
+    Resident(&'a Model),
+    Streamed(&'a Checkpoint),
+}
+
+impl Weights<'_> {
+    pub fn config(&self) -> &Config {
+        match self {
+            Weights::Resident(m) => &m.config,
+            Weights::Streamed(c) => &c.config,
+        }
+    }
+}
+
+/// The hidden state (and DSA selection) a window starts from, instead of the embeddings.
+pub struct Start {
+    pub hidden: Tensor, // [B, S, hidden]
+    /// What a shared indexer layer at the window's start reuses.
+    pub selection: Option<Selection>,
+}
+
+impl Start {
+    /// From a dump: `layers.{first-1}.output` (`embeddings` for layer 0) and that layer's
+    /// `dsa.topk`, which a shared first layer reuses.
+    pub fn from_dump(d: &Dump, first: usize) -> Result<Start> {
+        let (hidden_name, prev) = match first {
+            0 => ("embeddings".to_string(), None),
+            a => (HookPoint::Layer(a - 1, LayerHook::Output).name(), Some(a - 1)),
+        };
+        if !d.contains(&hidden_name) {
+            return Err(Error::dump(&d.path, format!("has no `{hidden_name}` to start layer {first} from")));
+        }
+        let hidden = d.tensor(&hidden_name)?;
+        let selection = match prev.map(|p| HookPoint::Layer(p, LayerHook::DsaTopk).name()) {
+            Some(n) if d.contains(&n) => {
+                let (Values::I64(idx), shape) = d.values(&n)? else {
+                    return Err(Error::dump(&d.path, format!("`{n}` must be an integer tensor")));
+                };
+                let [batch, seq, k] = shape[..] else {
+                    return Err(Error::dump(&d.path, format!("`{n}` must be [B, S, K], got {shape:?}")));
+                };
+                let idx = idx.iter().map(|&i| usize::try_from(i).unwrap_or(usize::MAX).min(seq)).collect();
+                Some(Selection { batch, seq, k, idx, margin: vec![f32::NAN; batch * seq] })
+            }
+            _ => None,
+        };
+        Ok(Start { hidden, selection })
+    }
+}
+
+/// Runs layers `window` (all of them when None); returns the logits when the window reaches the
+/// last layer. `start` replaces the embeddings when the window starts past layer 0.
+pub fn run(
+    w: Weights,
+    tokens: &Tokens,
+    window: Option<RangeInclusive<usize>>,
+    start: Option<Start>,
+    obs: &mut dyn Observer,
+) -> Result<Option<Tensor>> {
+    let cfg = w.config();
+    let n = cfg.num_hidden_layers;
+    let window = window.unwrap_or(0..=n - 1);
+    let (first, last) = (*window.start(), *window.end());
+    if first > last || last >= n {
+        return Err(Error::Usage(format!("--layers {first}..{last} is outside the model's layers 0..{}", n - 1)));
+    }
+    let rope = RotaryEmbedding::new(cfg).tables(&(0..tokens.seq).collect::<Vec<_>>());
+    let (h, mut sel) = match start {
+        Some(s) => {
+            let want = [tokens.batch, tokens.seq, cfg.hidden_size];
+            if s.hidden.dims() != want {
+                return Err(Error::Usage(format!(
+                    "the starting hidden state is {:?}, expected {want:?}",
+                    s.hidden.dims()
+                )));
+            }
+            (s.hidden, s.selection)
+        }
+        None if first == 0 => (embed(w, tokens, obs)?, None),
+        None => return Err(Error::Usage(format!("starting at layer {first} needs a hidden state: give --from-dump"))),
+    };
+    if cfg.indexer_types[first] == IndexerKind::Shared && sel.is_none() {
+        return Err(Error::Usage(format!(
+            "layer {first} shares the previous layer's DSA selection, which the dump lacks"
+        )));
+    }
+    let h = layers(w, &rope, first..=last, h, &mut sel, obs)?;
+    if last + 1 < n {
+        return Ok(None);
+    }
+    head(w, &h, obs).map(Some)
+}
+
+/// Runs `range` of layers on the hidden state `h` ([B, S, hidden]), carrying the DSA selection
+/// between them; loads and releases each layer when streaming.
+pub fn layers(
+    w: Weights,
+    rope: &RopeTables,
+    range: RangeInclusive<usize>,
+    mut h: Tensor,
+    sel: &mut Option<Selection>,
+    obs: &mut dyn Observer,
+) -> Result<Tensor> {
+    let progress = matches!(w, Weights::Streamed(_)) && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    for i in range.clone() {
+        h = match w {
+            Weights::Resident(m) => m.layers[i].forward(&h, rope, sel, obs)?,
+            Weights::Streamed(ckpt) => {
+                if progress {
+                    eprint!("\rlayer {i} of {}..={}", range.start(), range.end());
+                }
+                let mut l = Loader::new(ckpt);
+                let layer = DecoderLayer::load(&mut l, &ckpt.config, i);
+                let layer = l.finish(layer)?;
+                let out = layer.forward(&h, rope, sel, obs)?;
+                drop(layer);
+                ckpt.release(&format!("model.layers.{i}."));
+                out
+            }
+        };
+    }
+    if progress {
+        eprintln!();
+    }
+    Ok(h)
+}
+
+/// ids -> [B, S, hidden], reporting `input_ids` and `embeddings`.
+pub fn embed(w: Weights, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
+    let cfg = w.config();
+    let vocab = cfg.vocab_size;
+    if let Some(bad) = tokens.ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Usage(format!("token id {bad} is out of range for vocab_size {vocab}")));
+    }
+    emit(obs, HookPoint::InputIds, || {
+        let ids: Vec<i64> = tokens.ids.iter().map(|&t| t as i64).collect();
+        Ok(Tensor::from_vec(ids, (tokens.batch, tokens.seq), &Device::Cpu)?)
+    })?;
+    let rows = match w {
+        Weights::Resident(m) => {
+            let ids = Tensor::from_vec(tokens.ids.clone(), tokens.ids.len(), &Device::Cpu)?;
+            m.embed_tokens.index_select(&ids, 0)?
+        }
+        // Only the rows of the prompt's tokens: the table itself may be gigabytes.
+        Weights::Streamed(ckpt) => {
+            let name = "model.embed_tokens.weight";
+            let rows = tokens.ids.iter().map(|&t| ckpt.rows(name, t as usize, 1)).collect::<Result<Vec<_>>>()?;
+            ckpt.release(name);
+            Tensor::cat(&rows, 0)?
+        }
+    };
+    let h = rows.reshape((tokens.batch, tokens.seq, cfg.hidden_size))?; // [B, S, hidden]
+    emit(obs, HookPoint::Embeddings, || Ok(h.clone()))?;
+    Ok(h)
+}
+
+/// Vocabulary rows of lm_head converted at a time when streaming.
+const HEAD_CHUNK: usize = 8192;
+
+/// [B, S, hidden] -> logits [B, S, vocab], reporting `final_norm` and `logits`.
+pub fn head(w: Weights, h: &Tensor, obs: &mut dyn Observer) -> Result<Tensor> {
+    let cfg = w.config();
+    let (b, s, hidden) = h.dims3()?;
+    let x = match w {
+        Weights::Resident(m) => m.norm.forward(h)?,
+        Weights::Streamed(ckpt) => {
+            let mut l = Loader::new(ckpt);
+            let norm = RmsNorm::load(&mut l, "model.norm", hidden, cfg.rms_norm_eps);
+            l.finish(norm)?.forward(h)?
+        }
+    }; // [B, S, hidden]
+    emit(obs, HookPoint::FinalNorm, || Ok(x.clone()))?;
+    let x2 = x.reshape((b * s, hidden))?;
+    let logits = match w {
+        Weights::Resident(m) => x2.matmul(&m.lm_head.t()?)?,
+        Weights::Streamed(ckpt) => {
+            let name = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+            let want = vec![cfg.vocab_size, hidden];
+            if ckpt.shape(name) != Some(want.clone()) {
+                return Err(Error::Weights(format!("`{name}`: expected shape {want:?}, got {:?}", ckpt.shape(name))));
+            }
+            let mut parts = Vec::new();
+            for start in (0..cfg.vocab_size).step_by(HEAD_CHUNK) {
+                let rows = ckpt.rows(name, start, HEAD_CHUNK.min(cfg.vocab_size - start))?; // [chunk, hidden]
+                parts.push(x2.matmul(&rows.t()?)?);
+            }
+            ckpt.release(name);
+            Tensor::cat(&parts, 1)?
+        }
+    }; // [B*S, vocab]
+    let logits = logits.reshape((b, s, cfg.vocab_size))?;
+    emit(obs, HookPoint::Logits, || Ok(logits.clone()))?;
+    Ok(logits)
+}
