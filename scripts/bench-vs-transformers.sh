@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Prefill speed of glimpse against transformers' eager forward on the same checkpoint, the same
+# tokens and the same number of threads, alternating the two in one run (machine noise hits both
+# alike). Prints each run's median and the ratio of the medians.
+#
+#   scripts/bench-vs-transformers.sh MODEL_DIR [TOKENS=128] [THREADS=2] [ROUNDS=2] [REPEAT=3]
+#
+# MODEL_DIR: e.g. the output of
+#   glimpse synth --preset glm5 --layers 2 --experts 16 --vocab 4096 --dtype bf16 --out /tmp/glm5-2l
+# Environment: GLIMPSE (default target/release/glimpse), PYTHON (default python3). Installs nothing.
+set -euo pipefail
+model=${1:?usage: scripts/bench-vs-transformers.sh MODEL_DIR [TOKENS] [THREADS] [ROUNDS] [REPEAT]}
+tokens=${2:-128}
+threads=${3:-2}
+rounds=${4:-2}
+repeat=${5:-3}
+glimpse=${GLIMPSE:-target/release/glimpse}
+python=${PYTHON:-python3}
+
+if [ ! -x "$glimpse" ]; then
+  echo "no glimpse binary at $glimpse: run 'cargo build --release' or set GLIMPSE" >&2
+  exit 2
+fi
+if ! "$python" -c 'import torch, transformers' 2>/dev/null; then
+  echo "torch and transformers are missing for $python: pip install -r golden/requirements.txt (or set PYTHON)" >&2
+  exit 2
+fi
+
+# The same token ids glimpse bench uses: ((i * 2654435761 mod 2^32) >> 7) mod vocab.
+read -r -d '' reference <<'PY' || true
+import json, statistics, sys, time
+import torch
+from transformers import GlmMoeDsaForCausalLM
+model_dir, tokens, threads, repeat = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+t0 = time.perf_counter()
+m = GlmMoeDsaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+m.set_attn_implementation("eager")
+m.set_experts_implementation("eager")
+m.eval()
+load = time.perf_counter() - t0
+vocab = m.config.vocab_size
+ids = torch.tensor([[(((i * 2654435761) & 0xFFFFFFFF) >> 7) % vocab for i in range(tokens)]])
+times = []
+with torch.no_grad():
+    m(ids, use_cache=False)  # warm-up, as glimpse bench does
+    for _ in range(repeat):
+        t = time.perf_counter()
+        m(ids, use_cache=False)
+        times.append(time.perf_counter() - t)
+print(json.dumps({"load": load, "median": statistics.median(times), "runs": times}))
+PY
+
+g_medians=()
+t_medians=()
+for r in $(seq 1 "$rounds"); do
+  out=$("$glimpse" --threads "$threads" bench --model "$model" --tokens "$tokens" --repeat "$repeat")
+  g=$(echo "$out" | sed -n 's/.*recording nothing: *median \([0-9.]*\) s.*/\1/p')
+  g_load=$(echo "$out" | sed -n 's/^load[^:]*: \([0-9.]*\) s/\1/p')
+  g_medians+=("$g")
+  t_json=$("$python" -c "$reference" "$model" "$tokens" "$threads" "$repeat" 2>/dev/null | tail -n 1)
+  t=$("$python" -c 'import json,sys; print(json.loads(sys.argv[1])["median"])' "$t_json")
+  t_load=$("$python" -c 'import json,sys; print(round(json.loads(sys.argv[1])["load"], 2))' "$t_json")
+  t_medians+=("$t")
+  echo "round $r: glimpse ${g}s (load ${g_load}s)   transformers ${t}s (load ${t_load}s)"
+done
+
+"$python" - "$tokens" "$threads" "${g_medians[*]}" "${t_medians[*]}" <<'PY'
+import statistics, sys
+tokens, threads = int(sys.argv[1]), int(sys.argv[2])
+g = statistics.median(float(x) for x in sys.argv[3].split())
+t = statistics.median(float(x) for x in sys.argv[4].split())
+print(f"| tool | threads | prefill {tokens} tokens (median) | tok/s |")
+print("|---|---|---|---|")
+print(f"| glimpse | {threads} | {g:.3f} s | {tokens / g:.1f} |")
+print(f"| transformers (eager, f32) | {threads} | {t:.3f} s | {tokens / t:.1f} |")
+print(f"ratio: glimpse is {t / g:.2f}x transformers' tokens/s")
+PY
