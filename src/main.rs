@@ -227,6 +227,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         // candle's CPU kernels size their thread pools from this, read on first use.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        #[cfg(feature = "openblas")]
+        glimpse::model::blas::set_threads(n);
     }
     match cli.command {
         Command::Verify { model, golden, atol, rtol, isolate, force_routing, force_selection, layers, stream } => {

@@ -33,7 +33,8 @@ fn streaming_matches_the_resident_run_in_a_fraction_of_the_memory() {
     std::fs::write(&cfg, CONFIG).unwrap();
     let model = t.join("model");
     let m = model.to_str().unwrap();
-    let (code, out) = glimpse(&["synth", "--config", cfg.to_str().unwrap(), "--dtype", "bf16", "--shards", "3", "--out", m]);
+    let (code, out) =
+        glimpse(&["synth", "--config", cfg.to_str().unwrap(), "--dtype", "bf16", "--shards", "3", "--out", m]);
     assert_eq!(code, 0, "{out}");
     let f32_bytes = checkpoint_f32_bytes(&model);
     assert!(f32_bytes > 350e6, "the checkpoint is big enough to measure against: {f32_bytes}");
@@ -58,11 +59,15 @@ fn streaming_matches_the_resident_run_in_a_fraction_of_the_memory() {
     assert!(stream < 0.3 * f32_mb, "streamed peak {stream:.1} MB is not under 30% of {f32_mb:.1} MB");
 
     // One window, started from the full run's layer 2 output, reproduces layers 3..5.
-    let (code, out) = glimpse(&["run", "--model", m, "--stream", "--from-dump", &full, "--layers", "3..5", "--dump", &window]);
+    let (code, out) =
+        glimpse(&["run", "--model", m, "--stream", "--from-dump", &full, "--layers", "3..5", "--dump", &window]);
     assert_eq!(code, 0, "{out}");
     let (code, text) = glimpse(&["diff", "--atol", "0", "--rtol", "0", &window, &full]);
     assert_eq!(code, 0, "{text}");
-    assert!(text.contains("layers.5.output") && !text.contains("\nlayers.2.output") && !text.contains("\nlogits"), "{text}");
+    assert!(
+        text.contains("layers.5.output") && !text.contains("\nlayers.2.output") && !text.contains("\nlogits"),
+        "{text}"
+    );
     // And verify can check that window against a reference directly.
     let (code, text) = glimpse(&["verify", "--model", m, "--golden", &full, "--layers", "3..5", "--stream"]);
     assert_eq!(code, 0, "{text}");

@@ -2,6 +2,8 @@
 //! [`Model::forward`] runs a whole batch; `embed`, `layer` and `head` expose the same steps one at
 //! a time so `verify --isolate` can feed any layer the reference's own input.
 
+#[cfg(feature = "openblas")]
+pub mod blas;
 pub mod indexer;
 pub mod layer;
 pub mod mla;

@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::mlp::Mlp;
-use super::nn::Linear;
+use super::nn::{matmul_nt, Linear};
 use crate::checkpoint::Loader;
 use crate::config::Config;
 use crate::error::Result;
@@ -151,7 +151,7 @@ impl Moe {
         let hidden = dims[dims.len() - 1];
         let flat = x.reshape(((), hidden))?; // [N, hidden]
         let n = flat.dims()[0];
-        let logits = flat.matmul(&self.gate.t()?)?; // [N, E], f32
+        let logits = matmul_nt(&flat, &self.gate)?; // [N, E], f32
         emit(obs, HookPoint::Layer(layer, LayerHook::RouterLogits), || Ok(logits.clone()))?;
         let logits_v = logits.to_vec2::<f32>()?;
         let bias = &self.e_score_correction_bias;

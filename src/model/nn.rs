@@ -28,7 +28,7 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim.max(1);
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?; // [rows, out]
+        let y = matmul_nt(&x.reshape((rows, in_dim))?, &self.weight)?; // [rows, out]
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -56,6 +56,14 @@ impl RmsNorm {
         let x = x.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?;
         Ok(x.broadcast_mul(&self.weight)?)
     }
+}
+
+/// `x W^T` for x [m, k] and W [n, k]: OpenBLAS with the `openblas` feature, candle otherwise.
+pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "openblas")]
+    return super::blas::matmul_nt(x, w);
+    #[cfg(not(feature = "openblas"))]
+    return Ok(x.matmul(&w.t()?)?);
 }
 
 /// `(x - mean) / sqrt(var + eps) * w + b` (biased variance), as `nn.LayerNorm`.

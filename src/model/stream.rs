@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 
 use super::indexer::Selection;
 use super::layer::DecoderLayer;
-use super::nn::RmsNorm;
+use super::nn::{matmul_nt, RmsNorm};
 use super::rope::{RopeTables, RotaryEmbedding};
 use super::{Model, Tokens};
 use crate::checkpoint::{Checkpoint, Loader};
@@ -195,7 +195,7 @@ pub fn head(w: Weights, h: &Tensor, obs: &mut dyn Observer) -> Result<Tensor> {
     emit(obs, HookPoint::FinalNorm, || Ok(x.clone()))?;
     let x2 = x.reshape((b * s, hidden))?;
     let logits = match w {
-        Weights::Resident(m) => x2.matmul(&m.lm_head.t()?)?,
+        Weights::Resident(m) => matmul_nt(&x2, &m.lm_head)?,
         Weights::Streamed(ckpt) => {
             let name = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
             let want = vec![cfg.vocab_size, hidden];
@@ -205,7 +205,7 @@ pub fn head(w: Weights, h: &Tensor, obs: &mut dyn Observer) -> Result<Tensor> {
             let mut parts = Vec::new();
             for start in (0..cfg.vocab_size).step_by(HEAD_CHUNK) {
                 let rows = ckpt.rows(name, start, HEAD_CHUNK.min(cfg.vocab_size - start))?; // [chunk, hidden]
-                parts.push(x2.matmul(&rows.t()?)?);
+                parts.push(matmul_nt(&x2, &rows)?);
             }
             ckpt.release(name);
             Tensor::cat(&parts, 1)?
