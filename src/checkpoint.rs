@@ -156,11 +156,18 @@ fn shard_list(dir: &Path) -> Result<Vec<String>> {
     let index = dir.join(INDEX_FILE);
     if let Some(map) = read_index(&index)? {
         let shards: BTreeSet<String> = map.into_values().collect();
+        let root = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
         for s in &shards {
             let p = Path::new(s);
             let inside = p.components().all(|c| matches!(c, Component::Normal(_)));
             if !inside || s.is_empty() {
                 return Err(Error::checkpoint(&index, format!("shard name \"{s}\" escapes the model folder")));
+            }
+            // A symlink may still point outside: follow it and check where it lands.
+            if let Ok(real) = dir.join(p).canonicalize() {
+                if !real.starts_with(&root) {
+                    return Err(Error::checkpoint(&index, format!("shard \"{s}\" links outside the model folder")));
+                }
             }
         }
         return Ok(shards.into_iter().collect());

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::compare::{compare_tensor, Comparison, Detail, Flip, Tolerance};
 use crate::dump::{Dump, Values};
 use crate::error::{Error, Result};
-use crate::hooks::glob;
+use crate::hooks::{finite_expected, first_non_finite, glob, NonFinite};
 use crate::model::indexer::top_k_causal;
 
 #[derive(Debug, Clone)]
@@ -48,6 +48,9 @@ pub fn parse_tol(s: &str) -> Result<(String, Tolerance)> {
 
 pub struct DiffReport {
     pub results: Vec<Comparison>,
+    /// The first NaN or Inf in forward order, in each dump.
+    pub non_finite_a: Option<NonFinite>,
+    pub non_finite_b: Option<NonFinite>,
     pub only_a: Vec<String>,
     pub only_b: Vec<String>,
     pub near_tie: f64,
@@ -89,6 +92,18 @@ fn margins(d: &Dump, name: &str, margin_name: &str) -> Option<Vec<f32>> {
     })
 }
 
+/// The first NaN or Inf of a dump in forward order (names where they are expected excepted).
+pub fn first_non_finite_in(d: &Dump) -> Result<Option<NonFinite>> {
+    for name in d.names().into_iter().filter(|n| finite_expected(n)) {
+        if let (Values::F32(v), shape) = d.values(&name)? {
+            if let Some(nf) = first_non_finite(&name, &v, &shape) {
+                return Ok(Some(nf));
+            }
+        }
+    }
+    Ok(None)
+}
+
 fn floats(d: &Dump, name: &str) -> Option<Vec<f32>> {
     match d.values(name) {
         Ok((Values::F32(v), _)) => Some(v),
@@ -105,6 +120,21 @@ fn ints(d: &Dump, name: &str) -> Option<Vec<i64>> {
 
 /// Compares `a` (ours) against `b` (the reference) on the names both hold.
 pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
+    // Runs of different inputs cannot be compared tensor by tensor.
+    if a.contains("input_ids") && b.contains("input_ids") {
+        let (ta, tb) = (a.tokens()?, b.tokens()?);
+        if ta != tb {
+            return Err(Error::Usage(format!(
+                "{} and {} are runs of different inputs ({} x {} vs {} x {} tokens, or other ids)",
+                a.path.display(),
+                b.path.display(),
+                ta.batch,
+                ta.seq,
+                tb.batch,
+                tb.seq
+            )));
+        }
+    }
     let names_a = a.names();
     let names_b = b.names();
     let mut results = Vec::new();
@@ -131,6 +161,8 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     }
     Ok(DiffReport {
         results,
+        non_finite_a: first_non_finite_in(a)?,
+        non_finite_b: first_non_finite_in(b)?,
         only_a: names_a.iter().filter(|n| !names_b.contains(n)).cloned().collect(),
         only_b: names_b.iter().filter(|n| !names_a.contains(n)).cloned().collect(),
         near_tie: opts.near_tie,
@@ -191,6 +223,8 @@ impl DiffReport {
             "b": b.display().to_string(),
             "match": self.all_match(),
             "first_divergence": self.first_divergence().map(|c| c.name.clone()),
+            "first_non_finite_a": self.non_finite_a.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
+            "first_non_finite_b": self.non_finite_b.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
             "near_tie_threshold": self.near_tie,
             "tensors": self.results.iter().map(|c| comparison_json(c, self.near_tie)).collect::<Vec<_>>(),
             "only_in_a": self.only_a,
@@ -205,6 +239,11 @@ impl DiffReport {
             Some(c) => out += &format!("first divergence: {}\n", c.name),
             None if self.results.is_empty() => out += "no tensor names in common\n",
             None => out += "no divergence\n",
+        }
+        for (side, nf) in [(a, &self.non_finite_a), (b, &self.non_finite_b)] {
+            if let Some(nf) = nf {
+                out += &format!("first NaN/Inf in {}: {nf}\n", side.display());
+            }
         }
         for c in &self.results {
             out += &crate::verify::format_line(c);

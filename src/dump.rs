@@ -31,7 +31,10 @@ pub enum Values {
 
 impl Dump {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = StFile::open(path).map_err(|e| Error::dump(path, e.to_string()))?;
+        let file = StFile::open(path).map_err(|e| match e {
+            Error::Checkpoint { msg, .. } => Error::dump(path, msg),
+            e => e,
+        })?;
         match file.metadata().get("format").map(String::as_str) {
             Some(FORMAT) => {}
             Some(other) => return Err(Error::dump(path, format!("format is \"{other}\", expected \"{FORMAT}\""))),

@@ -255,6 +255,106 @@ impl Recorder {
     }
 }
 
+/// Two observers at once: each gets what it wants; replayed decisions come from the first.
+pub struct Tee<'a>(pub &'a mut dyn Observer, pub &'a mut dyn Observer);
+
+impl Observer for Tee<'_> {
+    fn wants(&self, point: HookPoint) -> bool {
+        self.0.wants(point) || self.1.wants(point)
+    }
+    fn observe(&mut self, point: HookPoint, value: &Tensor) -> Result<()> {
+        if self.0.wants(point) {
+            self.0.observe(point, value)?;
+        }
+        if self.1.wants(point) {
+            self.1.observe(point, value)?;
+        }
+        Ok(())
+    }
+    fn forced_selection(&mut self, layer: usize) -> Result<Option<Selection>> {
+        self.0.forced_selection(layer)
+    }
+    fn forced_routing(&mut self, layer: usize) -> Result<Option<Vec<Vec<usize>>>> {
+        self.0.forced_routing(layer)
+    }
+}
+
+/// Where a NaN or an Inf first appeared (tfdbg's `has_inf_or_nan`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NonFinite {
+    pub name: String,
+    pub at: Vec<usize>,
+    pub value: f32,
+}
+
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "{} at {:?} = {}", self.name, self.at, self.value)
+    }
+}
+
+/// Whether a NaN or Inf at this name is a bug: the S x S scores are -inf off the causal triangle
+/// and margins are +inf where nothing was cut, by design.
+pub fn finite_expected(name: &str) -> bool {
+    !(name.ends_with(".dsa.scores") || name.ends_with(".dsa.margin") || name.ends_with(".moe.margin"))
+}
+
+/// The first non-finite element of a row-major tensor.
+pub fn first_non_finite(name: &str, values: &[f32], shape: &[usize]) -> Option<NonFinite> {
+    let i = values.iter().position(|x| !x.is_finite())?;
+    Some(NonFinite { name: name.to_string(), at: crate::compare::coord(shape, i), value: values[i] })
+}
+
+/// Calls `f` on a float tensor's values, straight from its storage when it is a contiguous CPU
+/// f32 tensor (the usual case), else on a converted copy.
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    use candle_core::{CpuStorage, Storage};
+    if t.dtype() == candle_core::DType::F32 && t.is_contiguous() {
+        let (storage, layout) = t.storage_and_layout();
+        if let Storage::Cpu(CpuStorage::F32(v)) = &*storage {
+            return Ok(f(&v[layout.start_offset()..layout.start_offset() + t.elem_count()]));
+        }
+    }
+    let v = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(f(&v))
+}
+
+/// Watches the float activations of a run for the first NaN or Inf.
+#[derive(Default)]
+pub struct NonFiniteWatch {
+    pub first: Option<NonFinite>,
+}
+
+impl Observer for NonFiniteWatch {
+    /// The activations every run computes anyway (no observe-only extras are built for it).
+    fn wants(&self, point: HookPoint) -> bool {
+        use LayerHook::*;
+        self.first.is_none()
+            && match point {
+                HookPoint::Embeddings | HookPoint::FinalNorm | HookPoint::Logits => true,
+                HookPoint::Layer(_, h) => {
+                    matches!(
+                        h,
+                        InputNorm
+                            | QLatent
+                            | KvLatent
+                            | AttnOut
+                            | PostAttnNorm
+                            | RouterLogits
+                            | TopkWeights
+                            | MlpOut
+                            | Output
+                    )
+                }
+                HookPoint::InputIds => false,
+            }
+    }
+    fn observe(&mut self, point: HookPoint, value: &Tensor) -> Result<()> {
+        self.first = with_f32(value, |v| first_non_finite(&point.name(), v, value.dims()))?;
+        Ok(())
+    }
+}
+
 /// Reports `value` to the observer if it wants `point`; `make` builds the tensor lazily.
 pub fn emit(obs: &mut dyn Observer, point: HookPoint, make: impl FnOnce() -> Result<Tensor>) -> Result<()> {
     if obs.wants(point) {

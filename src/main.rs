@@ -11,7 +11,7 @@ use glimpse::compare::Tolerance;
 use glimpse::dump::DumpWriter;
 use glimpse::dump::{self, Dump};
 use glimpse::error::{Error, Result};
-use glimpse::hooks::{NoObserver, Selector};
+use glimpse::hooks::{NonFiniteWatch, Selector, Tee};
 use glimpse::model::stream::{self, Start, Weights};
 use glimpse::model::{Model, Tokens};
 use glimpse::synth::{self, SynthDtype, SynthOptions};
@@ -200,7 +200,21 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line, like every other error: clap's first line, then where to look.
+            let text = e.render().to_string();
+            let first: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+            let first = first.join(" ");
+            eprintln!("glimpse: error: {} (see glimpse --help)", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -341,6 +355,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 (_, _, _, Some(d)) => d.tokens()?,
                 _ => return Err(Error::Usage("give --tokens, --prompt, --tokens-from or --from-dump".into())),
             };
+            if let Some(window) = &layers {
+                stream::check_window(&ckpt.config, window)?;
+            }
             let first = layers.as_ref().map_or(0, |r| *r.start());
             let start = match &from {
                 Some(d) => Some(Start::from_dump(d, first)?),
@@ -354,10 +371,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Weights::Resident(&resident)
             };
             let expected = 5 + ckpt.config.num_hidden_layers * glimpse::hooks::LayerHook::ALL.len();
+            let mut watch = NonFiniteWatch::default();
             let logits = match &out {
                 Some(path) => {
                     let mut writer = DumpWriter::create(path, Selector::new(&record, None), expected)?;
-                    let logits = stream::run(weights, &tokens, layers, start, &mut writer)?;
+                    let logits = stream::run(weights, &tokens, layers, start, &mut Tee(&mut writer, &mut watch))?;
                     let meta = dump::metadata(
                         &format!("glimpse {} / candle, float32, cpu", env!("CARGO_PKG_VERSION")),
                         Some(&ckpt.config_bytes),
@@ -367,8 +385,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     println!("wrote {n} tensors to {}", path.display());
                     logits
                 }
-                None => stream::run(weights, &tokens, layers, start, &mut NoObserver)?,
+                None => stream::run(weights, &tokens, layers, start, &mut watch)?,
             };
+            if let Some(nf) = &watch.first {
+                eprintln!("glimpse: warning: first NaN/Inf of the run: {nf}");
+            }
             if let Some(logits) = logits {
                 let (b, s, _) = logits.dims3()?;
                 for bi in 0..b {

@@ -27,6 +27,13 @@ impl StFile {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only; a file truncated under us is outside what we defend.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        // JSON objects may repeat a key and serde keeps the last one silently: refuse instead
+        // (before the offsets are validated, which a repeated name would confuse).
+        let header_len = mmap.get(..8).map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]));
+        let header = header_len.and_then(|n| usize::try_from(n).ok()).and_then(|n| mmap.get(8..n.checked_add(8)?));
+        if let Some(dup) = header.and_then(duplicate_key) {
+            return Err(Error::checkpoint(path, format!("the header names tensor `{dup}` twice")));
+        }
         let (n, meta) = SafeTensors::read_metadata(&mmap)
             .map_err(|e| Error::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
         let tensors = meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
@@ -119,6 +126,29 @@ impl StFile {
         };
         Ok((data, info.shape.clone()))
     }
+}
+
+/// The first top-level key that a JSON object repeats, if any.
+fn duplicate_key(header: &[u8]) -> Option<String> {
+    struct Keys(Option<String>);
+    impl<'de> serde::de::Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                if !seen.insert(key.clone()) {
+                    return Ok(Some(key));
+                }
+            }
+            Ok(self.0)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(header);
+    serde::Deserializer::deserialize_map(&mut de, Keys(None)).ok().flatten()
 }
 
 /// Decodes a stored float tensor to f32.

@@ -27,6 +27,7 @@ pub struct DumpSource {
     tokens: Tokens,
     layers: Vec<LayerRow>,
     comparisons: BTreeMap<String, Comparison>,
+    non_finite: Option<String>,
     /// A temporary dump of a live run, removed when the source goes away.
     _owned: Option<TempFile>,
 }
@@ -114,7 +115,8 @@ impl DumpSource {
                 row
             })
             .collect();
-        Ok(DumpSource { title, ours, reference, tokens, layers, comparisons, _owned: owned })
+        let non_finite = crate::diff::first_non_finite_in(&ours)?.map(|nf| nf.to_string());
+        Ok(DumpSource { title, ours, reference, tokens, layers, comparisons, non_finite, _owned: owned })
     }
 
     fn floats(d: &Dump, name: &str) -> Option<(Vec<f64>, Vec<usize>)> {
@@ -304,6 +306,10 @@ impl Source for DumpSource {
             .per_token(&HookPoint::Layer(layer, LayerHook::DsaMargin).name())
             .map(|m| m.get(b * seq..(b + 1) * seq).map(<[f32]>::to_vec).unwrap_or_default());
         Some(DsaMatrix { seq, selected: rows(&self.ours)?, reference: self.reference.as_ref().and_then(rows), margin })
+    }
+
+    fn first_non_finite(&self) -> Option<String> {
+        self.non_finite.clone()
     }
 
     fn kv_norms(&self) -> Option<KvNormGrid> {

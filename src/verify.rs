@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use crate::compare::{self, Comparison, Detail, Tolerance};
 use crate::dump::{Dump, Values};
 use crate::error::{Error, Result};
-use crate::hooks::{HookPoint, LayerHook, Observer};
+use crate::hooks::{finite_expected, first_non_finite, with_f32, HookPoint, LayerHook, NonFinite, Observer};
 use crate::model::indexer::Selection;
 use crate::model::rope::RotaryEmbedding;
 use crate::model::stream::{self, Start, Weights};
@@ -25,11 +25,13 @@ pub struct Verifier<'a> {
     pub results: Vec<Comparison>,
     /// Our `moe.topk_ids` of the current layer, to align `moe.topk_weights` by expert.
     last_ids: Option<Vec<i64>>,
+    /// Where this run first produced a NaN or Inf.
+    pub non_finite: Option<NonFinite>,
 }
 
 impl<'a> Verifier<'a> {
     pub fn new(golden: &'a Dump, tol: Tolerance) -> Self {
-        Verifier { golden, tol, replay: Replay::default(), results: Vec::new(), last_ids: None }
+        Verifier { golden, tol, replay: Replay::default(), results: Vec::new(), last_ids: None, non_finite: None }
     }
 
     fn compare(&mut self, name: &str, ours: &Tensor) -> Result<Comparison> {
@@ -64,7 +66,11 @@ impl Observer for Verifier<'_> {
         self.golden.contains(&point.name())
     }
     fn observe(&mut self, point: HookPoint, value: &Tensor) -> Result<()> {
-        let c = self.compare(&point.name(), value)?;
+        let name = point.name();
+        if self.non_finite.is_none() && value.dtype() != candle_core::DType::I64 && finite_expected(&name) {
+            self.non_finite = with_f32(value, |v| first_non_finite(&name, v, value.dims()))?;
+        }
+        let c = self.compare(&name, value)?;
         self.results.push(c);
         Ok(())
     }
@@ -112,6 +118,8 @@ pub struct Replay {
 
 pub struct Report {
     pub results: Vec<Comparison>,
+    /// Where this run first produced a NaN or Inf (among the compared tensors).
+    pub non_finite: Option<NonFinite>,
     /// Names in the reference that this run did not produce.
     pub only_in_reference: Vec<String>,
     pub isolate: bool,
@@ -149,6 +157,7 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
     v.replay = opts.replay;
     let n = w.config().num_hidden_layers;
     let window = opts.layers.clone().unwrap_or(0..=n - 1);
+    stream::check_window(w.config(), &window)?;
     if opts.isolate {
         let rope = RotaryEmbedding::new(w.config()).tables(&(0..tokens.seq).collect::<Vec<_>>());
         if *window.start() == 0 {
@@ -183,7 +192,7 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
     };
     let only_in_reference =
         golden.names().into_iter().filter(|n| !produced.contains(n.as_str()) && in_window(n)).collect();
-    Ok(Report { results: v.results, only_in_reference, isolate: opts.isolate })
+    Ok(Report { results: v.results, non_finite: v.non_finite, only_in_reference, isolate: opts.isolate })
 }
 
 /// One line per compared tensor.
@@ -218,6 +227,9 @@ pub fn print_report(r: &Report, tol: Tolerance) {
     }
     for n in &r.only_in_reference {
         println!("{n:<34} {:<8} only in the reference (not produced by this run)", "skipped");
+    }
+    if let Some(nf) = &r.non_finite {
+        println!("first NaN/Inf of this run: {nf}");
     }
     let mode = if r.isolate { ", isolated layers" } else { "" };
     let first = r.results.iter().find(|c| !c.ok).map(|c| format!("; first mismatch: {}", c.name)).unwrap_or_default();

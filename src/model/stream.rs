@@ -83,10 +83,8 @@ pub fn run(
     let cfg = w.config();
     let n = cfg.num_hidden_layers;
     let window = window.unwrap_or(0..=n - 1);
+    check_window(cfg, &window)?;
     let (first, last) = (*window.start(), *window.end());
-    if first > last || last >= n {
-        return Err(Error::Usage(format!("--layers {first}..{last} is outside the model's layers 0..{}", n - 1)));
-    }
     let rope = RotaryEmbedding::new(cfg).tables(&(0..tokens.seq).collect::<Vec<_>>());
     let (h, mut sel) = match start {
         Some(s) => {
@@ -112,6 +110,20 @@ pub fn run(
         return Ok(None);
     }
     head(w, &h, obs).map(Some)
+}
+
+/// A window must lie within the model's layers.
+pub fn check_window(cfg: &Config, window: &RangeInclusive<usize>) -> Result<()> {
+    let n = cfg.num_hidden_layers;
+    if window.start() > window.end() || *window.end() >= n {
+        return Err(Error::Usage(format!(
+            "--layers {}..{} is outside the model's layers 0..{}",
+            window.start(),
+            window.end(),
+            n - 1
+        )));
+    }
+    Ok(())
 }
 
 /// Runs `range` of layers on the hidden state `h` ([B, S, hidden]), carrying the DSA selection

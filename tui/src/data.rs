@@ -158,4 +158,8 @@ pub trait Source {
     /// The DSA selection of `layer` for the batch row holding `token`.
     fn dsa(&self, layer: usize, token: usize) -> Option<DsaMatrix>;
     fn kv_norms(&self) -> Option<KvNormGrid>;
+    /// Where the run first produced a NaN or an Inf, if it did (shown above the layers).
+    fn first_non_finite(&self) -> Option<String> {
+        None
+    }
 }

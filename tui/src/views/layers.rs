@@ -2,6 +2,7 @@
 
 use ratatui::layout::{Constraint, Rect};
 use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::Line;
 use ratatui::widgets::{Block, Row, Table, TableState};
 use ratatui::Frame;
 
@@ -50,7 +51,13 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         .style(Style::new().add_modifier(Modifier::UNDERLINED));
     let table = Table::new(rows, widths)
         .header(header)
-        .block(Block::bordered().title("layers (flips: routing/dsa)"))
+        .block(
+            Block::bordered().title(match src.first_non_finite() {
+                Some(nf) => Line::from(format!("layers (flips: routing/dsa) | first NaN/Inf: {nf}"))
+                    .style(Style::new().fg(Color::Red)),
+                None => Line::from("layers (flips: routing/dsa)"),
+            }),
+        )
         .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED));
     let mut state = TableState::default().with_selected(Some(app.layer));
     f.render_stateful_widget(table, area, &mut state);

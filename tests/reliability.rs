@@ -1,0 +1,278 @@
+//! Hostile and broken input, NaN/Inf, interrupted runs: every malformed file or argument is a
+//! one-line error with exit code 2 and no panic; the first NaN/Inf is named with its coordinate;
+//! a run killed mid-write leaves the previous dump intact.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use glimpse::st::{self, Entry, StFile};
+
+fn glimpse(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_glimpse")).args(args).stdin(Stdio::null()).output().unwrap()
+}
+
+fn golden(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case)
+}
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// A copy of golden/flat whose files `edit` may change.
+fn flat_copy(dst: &Path) -> PathBuf {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in ["config.json", "model.safetensors", "reference.safetensors"] {
+        std::fs::copy(golden("flat").join(f), dst.join(f)).unwrap();
+    }
+    dst.to_path_buf()
+}
+
+fn rewrite(file: &Path, edit: impl Fn(&str, &mut Vec<f32>)) {
+    let f = StFile::open(file).unwrap();
+    let meta: BTreeMap<String, String> = f.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let entries: Vec<(String, Entry)> = f
+        .names()
+        .map(|n| {
+            let info = f.info(n).unwrap();
+            if info.dtype == safetensors::Dtype::I64 {
+                let (v, shape) = f.i64(n).unwrap();
+                return (n.to_string(), Entry::i64(shape, &v));
+            }
+            let (mut v, shape) = f.f32(n).unwrap();
+            edit(n, &mut v);
+            (n.to_string(), Entry::f32(shape, &v))
+        })
+        .collect();
+    drop(f);
+    st::write(file, &entries, &meta).unwrap();
+}
+
+#[test]
+fn the_first_nan_is_named_with_its_coordinate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = flat_copy(&tmp.path().join("nan"));
+    rewrite(&m.join("model.safetensors"), |n, v| {
+        if n == "model.layers.2.self_attn.o_proj.weight" {
+            v[0] = f32::NAN;
+        }
+    });
+    let dump = tmp.path().join("run.safetensors");
+    let o = glimpse(&[
+        "run",
+        "--model",
+        &s(&m),
+        "--tokens-from",
+        &s(&m.join("reference.safetensors")),
+        "--dump",
+        &s(&dump),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("first NaN/Inf of the run: layers.2.attn.out at [0, 0, 0] = NaN"), "{err}");
+
+    let o = glimpse(&["verify", "--model", &s(&m)]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("first NaN/Inf of this run: layers.2.attn.out at [0, 0, 0] = NaN"), "{out}");
+
+    let o = glimpse(&["diff", &s(&dump), &s(&m.join("reference.safetensors"))]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains(&format!("first NaN/Inf in {}: layers.2.attn.out at [0, 0, 0] = NaN", s(&dump))), "{out}");
+
+    use glimpse::dump::Dump;
+    use glimpse_tui::Source;
+    let src = glimpse::tui_source::DumpSource::new("t".into(), Dump::open(&dump).unwrap(), None, None, None).unwrap();
+    assert_eq!(src.first_non_finite().as_deref(), Some("layers.2.attn.out at [0, 0, 0] = NaN"));
+}
+
+/// Writes raw bytes as a safetensors file: an 8-byte header length, the header, the data.
+fn raw_safetensors(path: &Path, header_len: u64, header: &str, data: &[u8]) {
+    let mut bytes = header_len.to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn malformed_files_and_arguments_are_one_line_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let flat = golden("flat");
+    let (model, reference) = (s(&flat), s(&flat.join("reference.safetensors")));
+
+    // Broken safetensors, used both as a dump and as a checkpoint.
+    let st_cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+        ("header-past-end", Box::new(|p| raw_safetensors(p, 4096, "{}", b"")), "not a valid safetensors"),
+        ("header-huge", Box::new(|p| raw_safetensors(p, u64::MAX / 2, "{}", b"")), "not a valid safetensors"),
+        ("header-not-json", Box::new(|p| raw_safetensors(p, 8, "{not js}", b"")), "not a valid safetensors"),
+        (
+            "offsets-outside",
+            Box::new(|p| {
+                let h = r#"{"x":{"dtype":"F32","shape":[4],"data_offsets":[0,1600]}}"#;
+                raw_safetensors(p, h.len() as u64, h, &[0; 16])
+            }),
+            "not a valid safetensors",
+        ),
+        (
+            "shape-vs-bytes",
+            Box::new(|p| {
+                let h = r#"{"x":{"dtype":"F32","shape":[5],"data_offsets":[0,16]}}"#;
+                raw_safetensors(p, h.len() as u64, h, &[0; 16])
+            }),
+            "not a valid safetensors",
+        ),
+        (
+            "unknown-dtype",
+            Box::new(|p| {
+                let h = r#"{"x":{"dtype":"F33","shape":[4],"data_offsets":[0,16]}}"#;
+                raw_safetensors(p, h.len() as u64, h, &[0; 16])
+            }),
+            "not a valid safetensors",
+        ),
+        (
+            "duplicate-names",
+            Box::new(|p| {
+                let h = r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"x":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#;
+                raw_safetensors(p, h.len() as u64, h, &[0; 16])
+            }),
+            "names tensor `x` twice",
+        ),
+        ("empty-file", Box::new(|p| std::fs::write(p, b"").unwrap()), "not a valid safetensors"),
+    ];
+    let mut cases: Vec<(Vec<String>, String)> = Vec::new();
+    for (name, make, needle) in &st_cases {
+        let file = t.join(format!("{name}.safetensors"));
+        make(&file);
+        cases.push((
+            vec!["verify".into(), "--model".into(), model.clone(), "--golden".into(), s(&file)],
+            needle.to_string(),
+        ));
+        // The same file as a checkpoint's weights.
+        let dir = t.join(format!("ckpt-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(flat.join("config.json"), dir.join("config.json")).unwrap();
+        std::fs::copy(&file, dir.join("model.safetensors")).unwrap();
+        cases.push((vec!["inspect".into(), "--model".into(), s(&dir)], needle.to_string()));
+    }
+
+    // Index files: escaping names, links out of the folder, broken JSON.
+    let with_index = |name: &str, index: &str| {
+        let dir = t.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(flat.join("config.json"), dir.join("config.json")).unwrap();
+        std::fs::write(dir.join("model.safetensors.index.json"), index).unwrap();
+        dir
+    };
+    let abs = with_index("abs", r#"{"weight_map": {"lm_head.weight": "/etc/passwd"}}"#);
+    cases.push((vec!["inspect".into(), "--model".into(), s(&abs)], "escapes the model folder".into()));
+    let link = with_index("link", r#"{"weight_map": {"lm_head.weight": "w.safetensors"}}"#);
+    std::os::unix::fs::symlink(flat.join("model.safetensors"), link.join("w.safetensors")).unwrap();
+    cases.push((vec!["inspect".into(), "--model".into(), s(&link)], "links outside the model folder".into()));
+    let bad_index = with_index("bad-index", "{ nope");
+    cases.push((vec!["inspect".into(), "--model".into(), s(&bad_index)], "invalid JSON".into()));
+    let no_map = with_index("no-map", r#"{"metadata": {}}"#);
+    cases.push((vec!["inspect".into(), "--model".into(), s(&no_map)], "weight_map".into()));
+
+    // Configs whose values are wrong or inconsistent.
+    let config_case = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let dir = t.join(format!("cfg-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(flat.join("config.json")).unwrap()).unwrap();
+        edit(&mut v);
+        std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
+        std::fs::copy(flat.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+        vec!["inspect".to_string(), "--model".into(), s(&dir)]
+    };
+    let cfgs: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+        ("not-object", Box::new(|v| *v = serde_json::json!([1, 2])), "must be a JSON object"),
+        ("negative", Box::new(|v| v["hidden_size"] = (-4).into()), "`hidden_size`"),
+        ("float-heads", Box::new(|v| v["num_attention_heads"] = 2.5.into()), "`num_attention_heads`"),
+        ("zero-layers", Box::new(|v| v["num_hidden_layers"] = 0.into()), "`num_hidden_layers`"),
+        ("groups", Box::new(|v| v["n_group"] = 3.into()), "not divisible by n_group"),
+        ("topk-too-big", Box::new(|v| v["num_experts_per_tok"] = 99.into()), "`num_experts_per_tok`"),
+        ("short-mlp-types", Box::new(|v| v["mlp_layer_types"] = serde_json::json!(["dense"])), "`mlp_layer_types`"),
+        ("bad-indexer-type", Box::new(|v| v["indexer_types"] = serde_json::json!(["full", "half"])), "`indexer_types`"),
+        ("odd-rope", Box::new(|v| v["qk_rope_head_dim"] = 7.into()), "`qk_rope_head_dim`"),
+        ("quant", Box::new(|v| v["quantization_config"] = serde_json::json!({"quant_method": "gptq"})), "quant_method"),
+        ("model-type", Box::new(|v| v["model_type"] = "llama".into()), "`model_type`"),
+        ("kv-heads", Box::new(|v| v["num_key_value_heads"] = 1.into()), "`num_key_value_heads`"),
+    ];
+    for (name, edit, needle) in &cfgs {
+        cases.push((config_case(name, edit.as_ref()), needle.to_string()));
+    }
+
+    // Arguments.
+    let (other_run, not_a_dump) =
+        (s(&golden("bf16-fused").join("reference.safetensors")), s(&flat.join("config.json")));
+    let arg_cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["run", "--model", &model, "--tokens", ""], "is not a token id"),
+        (vec!["run", "--model", &model, "--tokens", "1,-2"], "is not a token id"),
+        (vec!["run", "--model", &model, "--tokens", "99999"], "out of range for vocab_size"),
+        (vec!["run", "--model", &model, "--layers", "7..9", "--from-dump", &reference], "outside the model's layers"),
+        (vec!["run", "--model", &model, "--layers", "2..3", "--tokens", "1,2"], "give --from-dump"),
+        (vec!["run", "--model", &model], "give --tokens"),
+        (vec!["--threads", "0", "run", "--model", &model, "--tokens", "1"], "--threads"),
+        (vec!["verify", "--atol=-1"], "non-negative"),
+        (vec!["verify", "--atol", "-1"], "unexpected argument '-1'"),
+        (vec!["run"], "required arguments were not provided: --model <MODEL>"),
+        (vec!["diff", "--tol", "logits", &reference, &reference], "PATTERN=ATOL,RTOL"),
+        (vec!["diff", &reference, &other_run], "runs of different inputs"),
+        (vec!["audit", "--dump", &not_a_dump], "not a valid safetensors"),
+        (vec!["tui", "--dump", &reference], "needs an interactive terminal"),
+        (vec!["audit", "--model", &model, "--prompts", "/no/such/prompts.txt"], "/no/such/prompts.txt"),
+    ];
+    for (args, needle) in arg_cases {
+        cases.push((args.iter().map(|a| a.to_string()).collect(), needle.to_string()));
+    }
+
+    assert!(cases.len() >= 30, "the table has {} cases", cases.len());
+    for (args, needle) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = glimpse(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: exit {:?}, stderr {err}", o.status.code());
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: one line expected: {err}");
+        assert!(err.contains(needle.as_str()), "{args:?}: expected {needle:?} in {err}");
+    }
+}
+
+/// SIGKILL in the middle of writing a dump: the previous file under the target name survives
+/// whole, and no partial file takes its name.
+#[test]
+fn a_killed_run_leaves_the_previous_dump_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    // A model big enough that a run takes a while (8 layers of 16 experts).
+    let cfg = t.join("config.json");
+    std::fs::write(
+        &cfg,
+        r#"{"model_type": "glm_moe_dsa", "vocab_size": 1024, "hidden_size": 512, "intermediate_size": 1024,
+            "moe_intermediate_size": 512, "num_hidden_layers": 8, "num_attention_heads": 4, "n_routed_experts": 16,
+            "num_experts_per_tok": 4, "q_lora_rank": 256, "kv_lora_rank": 128, "qk_nope_head_dim": 64,
+            "qk_rope_head_dim": 32, "v_head_dim": 64, "first_k_dense_replace": 1, "index_topk": 8,
+            "index_head_dim": 64, "index_n_heads": 8}"#,
+    )
+    .unwrap();
+    let model = t.join("model");
+    assert!(glimpse(&["synth", "--config", &s(&cfg), "--out", &s(&model)]).status.success());
+    let dump = t.join("run.safetensors");
+    let tokens: Vec<String> = (0..256).map(|i| (i * 7 % 1024).to_string()).collect();
+    let tokens = tokens.join(",");
+    let args = ["run", "--model", &s(&model), "--stream", "--tokens", &tokens, "--dump", &s(&dump)];
+    assert!(glimpse(&args).status.success());
+    let previous = std::fs::read(&dump).unwrap();
+
+    for delay_ms in [50u64, 300, 800] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse")).args(args).stdout(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill(); // SIGKILL on Unix
+        let _ = child.wait();
+        assert_eq!(std::fs::read(&dump).unwrap(), previous, "killed after {delay_ms} ms: the previous dump changed");
+        glimpse::dump::Dump::open(&dump).unwrap();
+    }
+}
