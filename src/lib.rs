@@ -22,6 +22,7 @@ pub mod dump;
 pub mod heatmap;
 pub mod inspect;
 pub mod layout;
+pub mod memory;
 pub mod synth;
 pub mod tokenizer;
 pub mod tui_source;

@@ -15,7 +15,7 @@ use glimpse::hooks::{NonFiniteWatch, Selector, Tee};
 use glimpse::model::stream::{self, Start, Weights};
 use glimpse::model::{Model, Tokens};
 use glimpse::synth::{self, SynthDtype, SynthOptions};
-use glimpse::{diff, inspect, verify};
+use glimpse::{diff, inspect, memory, verify};
 
 /// The bundled default case: GLM-5's own layer pattern at toy size, with its transformers reference.
 const DEFAULT_CASE: &str = "golden/flat";
@@ -30,6 +30,9 @@ struct Cli {
     /// CPU threads for the tensor kernels (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Refuse runs estimated to need more memory than this, e.g. 16G (default: available RAM).
+    #[arg(long, global = true, value_parser = glimpse::memory::parse_size)]
+    max_memory: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -235,6 +238,7 @@ fn default_case() -> PathBuf {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    let max_memory = cli.max_memory;
     if let Some(n) = cli.threads {
         if n == 0 {
             return Err(Error::Usage("--threads must be at least 1".into()));
@@ -263,6 +267,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     );
                 }
             }
+            let tokens = reference.tokens()?;
+            let window = layers.clone().unwrap_or(0..=ckpt.config.num_hidden_layers - 1);
+            let est = memory::estimate(&ckpt, tokens.batch, tokens.seq, &window, stream, false);
+            memory::check(&est, max_memory)?;
             let resident;
             let weights = if stream {
                 Weights::Streamed(&ckpt)
@@ -363,6 +371,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(d) => Some(Start::from_dump(d, first)?),
                 None => None,
             };
+            let window = layers.clone().unwrap_or(0..=ckpt.config.num_hidden_layers - 1);
+            let est = memory::estimate(&ckpt, tokens.batch, tokens.seq, &window, stream, out.is_some());
+            memory::check(&est, max_memory)?;
             let resident;
             let weights = if stream {
                 Weights::Streamed(&ckpt)

@@ -205,7 +205,8 @@ fn malformed_files_and_arguments_are_one_line_errors() {
         cases.push((config_case(name, edit.as_ref()), needle.to_string()));
     }
 
-    // Arguments.
+    // Arguments. 60,000 tokens would need hundreds of GB of attention scores.
+    let many_tokens = vec!["1"; 60_000].join(",");
     let (other_run, not_a_dump) =
         (s(&golden("bf16-fused").join("reference.safetensors")), s(&flat.join("config.json")));
     let arg_cases: Vec<(Vec<&str>, &str)> = vec![
@@ -219,6 +220,9 @@ fn malformed_files_and_arguments_are_one_line_errors() {
         (vec!["verify", "--atol=-1"], "non-negative"),
         (vec!["verify", "--atol", "-1"], "unexpected argument '-1'"),
         (vec!["run"], "required arguments were not provided: --model <MODEL>"),
+        (vec!["--max-memory", "1M", "run", "--model", &model, "--tokens", "1,2"], "but --max-memory is 1.0 MB"),
+        (vec!["--max-memory", "lots", "verify"], "not a size like 500M"),
+        (vec!["run", "--model", &model, "--tokens", &many_tokens], "but available memory is"),
         (vec!["diff", "--tol", "logits", &reference, &reference], "PATTERN=ATOL,RTOL"),
         (vec!["diff", &reference, &other_run], "runs of different inputs"),
         (vec!["audit", "--dump", &not_a_dump], "not a valid safetensors"),

@@ -1,0 +1,126 @@
+//! Memory budgets: before a run allocates anything large, estimate what it will hold (weights as
+//! f32, the largest activations of a layer, what waits to be recorded) and refuse with the numbers
+//! when that exceeds `--max-memory` (default: the memory the OS says is available), rather than be
+//! killed by the OS halfway through.
+
+use std::ops::RangeInclusive;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Estimate {
+    pub weights: u64,
+    pub activations: u64,
+    pub recorded: u64,
+}
+
+impl Estimate {
+    pub fn total(&self) -> u64 {
+        self.weights + self.activations + self.recorded
+    }
+}
+
+fn gb(b: u64) -> String {
+    match b {
+        b if b >= 1_000_000_000 => format!("{:.2} GB", b as f64 / 1e9),
+        b => format!("{:.1} MB", b as f64 / 1e6),
+    }
+}
+
+/// Parses `500M`, `16G`, `1.5T` or a byte count.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().last().map(|(i, c)| (i, c.to_ascii_uppercase())) {
+        Some((i, 'K')) => (&t[..i], 1e3),
+        Some((i, 'M')) => (&t[..i], 1e6),
+        Some((i, 'G')) => (&t[..i], 1e9),
+        Some((i, 'T')) => (&t[..i], 1e12),
+        _ => (t, 1.0),
+    };
+    match num.parse::<f64>() {
+        Ok(x) if x > 0.0 && x.is_finite() => Ok((x * mul) as u64),
+        _ => Err(format!("\"{s}\" is not a size like 500M or 16G")),
+    }
+}
+
+/// `MemAvailable` of /proc/meminfo (Linux), in bytes.
+pub fn available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// What a run of `batch x seq` tokens over `window` will hold at its peak.
+pub fn estimate(
+    ckpt: &Checkpoint,
+    batch: usize,
+    seq: usize,
+    window: &RangeInclusive<usize>,
+    stream: bool,
+    recording: bool,
+) -> Estimate {
+    let c = &ckpt.config;
+    let params = |prefix: &str| -> u64 {
+        ckpt.names().filter(|n| n.starts_with(prefix) && !n.ends_with("_scale_inv")).map(|n| numel(ckpt, n)).sum()
+    };
+    let layer = |i: usize| params(&format!("model.layers.{i}."));
+    let table = numel(ckpt, "model.embed_tokens.weight");
+    let head = if c.tie_word_embeddings { 0 } else { numel(ckpt, "lm_head.weight") };
+    let weights = if stream {
+        // One layer's f32 copy plus its file pages, and an lm_head chunk.
+        let biggest = window.clone().map(layer).max().unwrap_or(0);
+        4 * biggest + 2 * biggest + 4 * 8192 * c.hidden_size as u64
+    } else {
+        4 * (window.clone().map(layer).sum::<u64>() + table + head)
+    };
+    let (b, s) = (batch as u64, seq as u64);
+    let (h, nh, ni) = (c.hidden_size as u64, c.num_attention_heads as u64, c.index_n_heads as u64);
+    let (qk, v) = (c.qk_head_dim() as u64, c.v_head_dim as u64);
+    let widest = (c.intermediate_size.max(c.moe_intermediate_size * c.num_experts_per_tok) as u64).max(h);
+    // Score matrices (attention: scores, mask, probabilities; indexer: per head and summed), the
+    // per-head q/k/v, and a few hidden-sized and intermediate-sized buffers.
+    let per_layer =
+        3 * b * nh * s * s + 2 * b * ni * s * s + b * s * s + 4 * b * s * nh * (qk + v) + 8 * b * s * widest;
+    let logits = 2 * b * s * c.vocab_size as u64;
+    let activations = 4 * (per_layer.max(logits) + 4 * b * s * h);
+    // Tensors waiting for the dump writer: at most its queue, each at most the logits.
+    let recorded =
+        if recording { 4 * crate::dump::SPILL_QUEUE as u64 * b * s * (c.vocab_size as u64).max(h) } else { 0 };
+    Estimate { weights, activations, recorded }
+}
+
+fn numel(ckpt: &Checkpoint, name: &str) -> u64 {
+    ckpt.shape(name).map_or(0, |s| s.iter().product::<usize>() as u64)
+}
+
+/// Refuses a run whose estimate exceeds `max` (default: available memory).
+pub fn check(est: &Estimate, max: Option<u64>) -> Result<()> {
+    let Some(limit) = max.or_else(available) else { return Ok(()) };
+    if est.total() <= limit {
+        return Ok(());
+    }
+    let source = if max.is_some() { "--max-memory" } else { "available memory" };
+    Err(Error::Usage(format!(
+        "this run needs about {} (weights {}, activations {}, recording {}) but {source} is {}; \
+         try --stream, fewer tokens, a --layers window, or a larger --max-memory",
+        gb(est.total()),
+        gb(est.weights),
+        gb(est.activations),
+        gb(est.recorded),
+        gb(limit)
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("500M"), Ok(500_000_000));
+        assert_eq!(parse_size("1.5g"), Ok(1_500_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("-1G").is_err() && parse_size("lots").is_err() && parse_size("").is_err());
+    }
+}
