@@ -184,7 +184,12 @@ fn read_index(path: &Path) -> Result<Option<BTreeMap<String, String>>> {
         return Ok(None);
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_slice(&bytes).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+    parse_index(path, &bytes).map(Some)
+}
+
+/// The `weight_map` of an index file's bytes.
+pub fn parse_index(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, String>> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
     let map = v
         .get("weight_map")
         .and_then(Value::as_object)
@@ -196,7 +201,6 @@ fn read_index(path: &Path) -> Result<Option<BTreeMap<String, String>>> {
                 .ok_or_else(|| Error::checkpoint(path, format!("weight_map entry `{k}` is not a file name")))
         })
         .collect::<Result<_>>()
-        .map(Some)
 }
 
 /// `w[i,j] *= scale[i / br, j / bc]`, the block-FP8 dequantisation. The last row and column blocks

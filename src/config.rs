@@ -84,6 +84,9 @@ pub struct Config {
     pub fp8: Option<Fp8>,
 }
 
+/// The most layers a config may declare.
+const MAX_LAYERS: usize = 1 << 12;
+
 /// Keys of config.json that do not change the forward pass; accepted and ignored.
 const IGNORED_KEYS: &[&str] = &[
     "architectures",
@@ -191,6 +194,14 @@ impl Config {
 
         // Defaults are transformers 5.24's GlmMoeDsaConfig defaults (the published GLM-5 values).
         let num_hidden_layers = f.usize_or("num_hidden_layers", 78)?;
+        // Checked before the per-layer lists below are derived from it (a fuzzer found a config
+        // whose layer count made that derivation abort on allocation).
+        if num_hidden_layers > MAX_LAYERS {
+            return Err(Error::config(
+                "num_hidden_layers",
+                format!("{num_hidden_layers} is beyond any supported model (at most {MAX_LAYERS})"),
+            ));
+        }
         let num_attention_heads = f.usize_or("num_attention_heads", 64)?;
         let n_routed_experts = match f.get("n_routed_experts") {
             Some(v) => as_usize("n_routed_experts", v)?,
@@ -262,6 +273,28 @@ impl Config {
         for (field, v) in positive {
             if v == 0 {
                 return Err(Error::config(field, "must be positive"));
+            }
+        }
+        // Far beyond any real model: a hostile config must not make us allocate on its word.
+        let capped = [
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("hidden_size", self.hidden_size, 1 << 18),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("moe_intermediate_size", self.moe_intermediate_size, 1 << 20),
+            ("num_attention_heads", self.num_attention_heads, 1 << 12),
+            ("n_routed_experts", self.n_routed_experts, 1 << 16),
+            ("q_lora_rank", self.q_lora_rank, 1 << 18),
+            ("kv_lora_rank", self.kv_lora_rank, 1 << 18),
+            ("qk_nope_head_dim", self.qk_nope_head_dim, 1 << 14),
+            ("qk_rope_head_dim", self.qk_rope_head_dim, 1 << 14),
+            ("v_head_dim", self.v_head_dim, 1 << 14),
+            ("index_head_dim", self.index_head_dim, 1 << 14),
+            ("index_n_heads", self.index_n_heads, 1 << 12),
+            ("num_nextn_predict_layers", self.num_nextn_predict_layers, 1 << 6),
+        ];
+        for (field, v, max) in capped {
+            if v > max {
+                return Err(Error::config(field, format!("{v} is beyond any supported model (at most {max})")));
             }
         }
         if self.qk_rope_head_dim % 2 != 0 {

@@ -27,18 +27,8 @@ impl StFile {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only; a file truncated under us is outside what we defend.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        // JSON objects may repeat a key and serde keeps the last one silently: refuse instead
-        // (before the offsets are validated, which a repeated name would confuse).
-        let header_len = mmap.get(..8).map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]));
-        let header = header_len.and_then(|n| usize::try_from(n).ok()).and_then(|n| mmap.get(8..n.checked_add(8)?));
-        if let Some(dup) = header.and_then(duplicate_key) {
-            return Err(Error::checkpoint(path, format!("the header names tensor `{dup}` twice")));
-        }
-        let (n, meta) = SafeTensors::read_metadata(&mmap)
-            .map_err(|e| Error::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
-        let tensors = meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
-        let metadata = meta.metadata().clone().unwrap_or_default();
-        Ok(StFile { path: path.to_path_buf(), mmap, data_start: 8 + n, tensors, metadata })
+        let (data_start, tensors, metadata) = parse(&mmap).map_err(|msg| Error::checkpoint(path, msg))?;
+        Ok(StFile { path: path.to_path_buf(), mmap, data_start, tensors, metadata })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -126,6 +116,26 @@ impl StFile {
         };
         Ok((data, info.shape.clone()))
     }
+}
+
+/// Parses and validates a safetensors file's header: where the data starts, the tensors and the
+/// metadata. Every offset is checked against the buffer, so reading any listed tensor stays in
+/// bounds. (Separate from `open` so it can be fuzzed on bytes.)
+#[allow(clippy::type_complexity)]
+pub fn parse(
+    bytes: &[u8],
+) -> std::result::Result<(usize, HashMap<String, TensorInfo>, HashMap<String, String>), String> {
+    // JSON objects may repeat a key and serde keeps the last one silently: refuse instead
+    // (before the offsets are validated, which a repeated name would confuse).
+    let header_len = bytes.get(..8).map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]));
+    let header = header_len.and_then(|n| usize::try_from(n).ok()).and_then(|n| bytes.get(8..n.checked_add(8)?));
+    if let Some(dup) = header.and_then(duplicate_key) {
+        return Err(format!("the header names tensor `{dup}` twice"));
+    }
+    let (n, meta) = SafeTensors::read_metadata(bytes).map_err(|e| format!("not a valid safetensors file: {e}"))?;
+    let tensors = meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
+    let metadata = meta.metadata().clone().unwrap_or_default();
+    Ok((8 + n, tensors, metadata))
 }
 
 /// The first top-level key that a JSON object repeats, if any.

@@ -200,6 +200,7 @@ fn malformed_files_and_arguments_are_one_line_errors() {
         ("quant", Box::new(|v| v["quantization_config"] = serde_json::json!({"quant_method": "gptq"})), "quant_method"),
         ("model-type", Box::new(|v| v["model_type"] = "llama".into()), "`model_type`"),
         ("kv-heads", Box::new(|v| v["num_key_value_heads"] = 1.into()), "`num_key_value_heads`"),
+        ("huge-dims", Box::new(|v| v["qk_rope_head_dim"] = 2_000_000_000u64.into()), "beyond any supported model"),
     ];
     for (name, edit, needle) in &cfgs {
         cases.push((config_case(name, edit.as_ref()), needle.to_string()));
