@@ -13,7 +13,7 @@ use safetensors::tensor::Dtype;
 use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, Observer, Selector};
 use crate::model::Tokens;
-use crate::st::{self, Entry, StFile};
+use crate::st::{self, StFile};
 
 pub const FORMAT: &str = "glm5-dump/1";
 
@@ -121,22 +121,6 @@ pub fn metadata(source: &str, config_bytes: Option<&[u8]>, model: Option<&str>) 
         m.insert("model".into(), model.into());
     }
     m
-}
-
-/// Writes recorded tensors as a dump (atomically).
-pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Result<()> {
-    let entries = tensors
-        .iter()
-        .map(|(name, t)| {
-            let shape = t.dims().to_vec();
-            let entry = match t.dtype() {
-                DType::I64 => Entry::i64(shape, &t.flatten_all()?.to_vec1::<i64>()?),
-                _ => Entry::f32(shape, &t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-            };
-            Ok((name.clone(), entry))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    st::write(path, &entries, metadata)
 }
 
 /// Lower-case hex sha256, as the spec's `config_sha256`.
