@@ -143,12 +143,85 @@ pub struct DumpWriter {
     reserve: usize,
     selector: Selector,
     entries: Vec<(String, Dtype, Vec<usize>)>,
+    resume: Option<Resume>,
 }
 
 /// The writer thread and the queue that feeds it.
 struct Spill {
-    queue: std::sync::mpsc::SyncSender<Tensor>,
+    queue: std::sync::mpsc::SyncSender<Job>,
     thread: std::thread::JoinHandle<Result<File>>,
+}
+
+enum Job {
+    Write(Tensor),
+    /// Flush and fsync everything queued so far, then acknowledge.
+    Sync(std::sync::mpsc::SyncSender<()>),
+}
+
+/// What a killed run leaves to resume from, beside the partial dump: the state (what the data
+/// section holds, after which layer) and the hidden state the next layer starts from.
+struct Resume {
+    state_path: PathBuf,
+    hidden_path: PathBuf,
+    tokens: Tokens,
+    config_sha256: String,
+}
+
+/// `OUT.resume.json` / `OUT.resume.hidden` beside a dump `OUT`.
+fn resume_paths(path: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let with = |suffix: &str| {
+        let mut n = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        n.push(suffix);
+        path.with_file_name(n)
+    };
+    (with(".partial"), with(".resume.json"), with(".resume.hidden"))
+}
+
+impl Spill {
+    /// A writer thread appending to `file`; `header` reserves the header region first.
+    fn start(file: File, path: &Path, header: Option<usize>) -> Spill {
+        let (queue, jobs) = std::sync::mpsc::sync_channel::<Job>(SPILL_QUEUE);
+        let path = path.to_path_buf();
+        let thread = std::thread::spawn(move || -> Result<File> {
+            let io = |e| Error::io(&path, e);
+            let mut w = BufWriter::with_capacity(1 << 20, file);
+            if let Some(reserve) = header {
+                w.write_all(&vec![b' '; 8 + reserve]).map_err(io)?;
+            }
+            for job in jobs {
+                match job {
+                    Job::Write(t) => write_tensor(&mut w, &t).map_err(|e| match e {
+                        Error::Io { source, .. } => io(source),
+                        e => e,
+                    })?,
+                    Job::Sync(ack) => {
+                        w.flush().map_err(io)?;
+                        w.get_ref().sync_data().map_err(io)?;
+                        let _ = ack.send(());
+                    }
+                }
+            }
+            w.into_inner().map_err(|e| io(e.into_error()))
+        });
+        Spill { queue, thread }
+    }
+}
+
+/// The hidden state (and selection) a resumed run starts from.
+fn read_hidden(path: &Path) -> Result<crate::model::stream::Start> {
+    let f = StFile::open(path)?;
+    let (h, shape) = f.f32("hidden")?;
+    let hidden = Tensor::from_vec(h, shape, &candle_core::Device::Cpu)?;
+    let selection = match f.info("selection") {
+        Some(_) => {
+            let (idx, shape) = f.i64("selection")?;
+            let [batch, seq, k] = shape[..] else { return Err(Error::dump(path, "bad selection shape")) };
+            let idx = idx.iter().map(|&i| usize::try_from(i).unwrap_or(usize::MAX).min(seq)).collect();
+            Some(crate::model::indexer::Selection { batch, seq, k, idx, margin: vec![f32::NAN; batch * seq] })
+        }
+        None => None,
+    };
+    Ok(crate::model::stream::Start { hidden, selection })
 }
 
 /// Tensors that may wait for the writer thread.
@@ -164,30 +237,116 @@ impl DumpWriter {
         let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
         name.push(format!(".{}.partial", std::process::id()));
         let tmp_path = path.with_file_name(name);
-        let file = File::create(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
         let reserve = (1024 + expected * HEADER_BYTES_PER_TENSOR).next_multiple_of(8);
-        let (queue, tensors) = std::sync::mpsc::sync_channel::<Tensor>(SPILL_QUEUE);
-        let spill_path = tmp_path.clone();
-        let thread = std::thread::spawn(move || -> Result<File> {
-            let io = |e| Error::io(&spill_path, e);
-            let mut w = BufWriter::with_capacity(1 << 20, file);
-            w.write_all(&vec![b' '; 8 + reserve]).map_err(io)?;
-            for t in tensors {
-                write_tensor(&mut w, &t).map_err(|e| match e {
-                    Error::Io { source, .. } => io(source),
-                    e => e,
-                })?;
-            }
-            w.into_inner().map_err(|e| io(e.into_error()))
-        });
+        let file = File::create(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
+        let spill = Spill::start(file, &tmp_path, Some(reserve));
         Ok(DumpWriter {
             path: path.to_path_buf(),
             tmp_path,
-            spill: Some(Spill { queue, thread }),
+            spill: Some(spill),
             reserve,
             selector,
             entries: Vec::new(),
+            resume: None,
         })
+    }
+
+    /// Like `create`, but the run can be resumed after a kill: after every layer the data is
+    /// made durable and `OUT.resume.json` / `OUT.resume.hidden` record where it stands.
+    pub fn create_resumable(
+        path: &Path,
+        selector: Selector,
+        expected: usize,
+        tokens: &Tokens,
+        config_sha256: &str,
+    ) -> Result<Self> {
+        let (partial, state_path, hidden_path) = resume_paths(path);
+        let mut w = DumpWriter::create(path, selector, expected)?;
+        // The pid-named file becomes the stable `OUT.partial` a later run can find.
+        std::fs::rename(&w.tmp_path, &partial).map_err(|e| Error::io(&partial, e))?;
+        w.tmp_path = partial;
+        w.resume =
+            Some(Resume { state_path, hidden_path, tokens: tokens.clone(), config_sha256: config_sha256.into() });
+        Ok(w)
+    }
+
+    /// Reopens what a killed resumable run left for the same tokens and config: the writer, the
+    /// state the next layer starts from, and that layer. None when there is nothing to resume.
+    pub fn resume(
+        path: &Path,
+        selector: Selector,
+        tokens: &Tokens,
+        config_sha256: &str,
+    ) -> Result<Option<(Self, crate::model::stream::Start, usize)>> {
+        let (partial, state_path, hidden_path) = resume_paths(path);
+        if !state_path.is_file() || !partial.is_file() {
+            return Ok(None);
+        }
+        let bad = |msg: &str| Error::dump(&state_path, format!("{msg}; delete it to start over"));
+        let text = std::fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;
+        let state: serde_json::Value = serde_json::from_slice(&text).map_err(|_| bad("not a resume state"))?;
+        let ids: Vec<u32> = serde_json::from_value(state["tokens"].clone()).map_err(|_| bad("no tokens"))?;
+        let (batch, seq) = (state["batch"].as_u64().unwrap_or(0) as usize, state["seq"].as_u64().unwrap_or(0) as usize);
+        if ids != tokens.ids || (batch, seq) != (tokens.batch, tokens.seq) {
+            return Err(bad("it was written for other tokens"));
+        }
+        if state["config_sha256"].as_str() != Some(config_sha256) {
+            return Err(bad("it was written for another config.json"));
+        }
+        let entries: Vec<(String, Dtype, Vec<usize>)> =
+            serde_json::from_value(state["entries"].clone()).map_err(|_| bad("no entries"))?;
+        let reserve = state["reserve"].as_u64().ok_or_else(|| bad("no reserve"))? as usize;
+        let layer = state["layer"].as_u64().ok_or_else(|| bad("no layer"))? as usize;
+        let data: usize = entries.iter().map(|(_, d, s)| s.iter().product::<usize>() * d.bitsize() / 8).sum();
+        let file = std::fs::OpenOptions::new().write(true).open(&partial).map_err(|e| Error::io(&partial, e))?;
+        // Anything written after the last checkpoint is dropped and written again.
+        file.set_len((8 + reserve + data) as u64).map_err(|e| Error::io(&partial, e))?;
+        let mut file = file;
+        file.seek(SeekFrom::End(0)).map_err(|e| Error::io(&partial, e))?;
+        let start = read_hidden(&hidden_path)?;
+        let spill = Spill::start(file, &partial, None);
+        let resume = Resume { state_path, hidden_path, tokens: tokens.clone(), config_sha256: config_sha256.into() };
+        let w = DumpWriter {
+            path: path.to_path_buf(),
+            tmp_path: partial,
+            spill: Some(spill),
+            reserve,
+            selector,
+            entries,
+            resume: Some(resume),
+        };
+        Ok(Some((w, start, layer + 1)))
+    }
+
+    /// Makes everything queued durable, then records the state after `layer`.
+    fn checkpoint(
+        &mut self,
+        layer: usize,
+        hidden: &Tensor,
+        selection: Option<&crate::model::indexer::Selection>,
+    ) -> Result<()> {
+        let Some(r) = &self.resume else { return Ok(()) };
+        let spill = self.spill.as_ref().ok_or_else(|| Error::dump(&self.path, "already finished"))?;
+        let (ack, done) = std::sync::mpsc::sync_channel(1);
+        if spill.queue.send(Job::Sync(ack)).is_err() || done.recv().is_err() {
+            return Err(self.join().err().unwrap_or_else(|| Error::dump(&self.path, "the dump writer stopped")));
+        }
+        let mut hidden_tensors = vec![(
+            "hidden".to_string(),
+            st::Entry::f32(hidden.dims().to_vec(), &hidden.flatten_all()?.to_vec1::<f32>()?),
+        )];
+        if let Some(sel) = selection {
+            let idx: Vec<i64> = sel.idx.iter().map(|&i| i as i64).collect();
+            hidden_tensors.push(("selection".into(), st::Entry::i64(vec![sel.batch, sel.seq, sel.k], &idx)));
+        }
+        st::write(&r.hidden_path, &hidden_tensors, &BTreeMap::new())?;
+        let state = serde_json::json!({
+            "layer": layer, "reserve": self.reserve, "entries": self.entries,
+            "tokens": r.tokens.ids, "batch": r.tokens.batch, "seq": r.tokens.seq, "config_sha256": r.config_sha256,
+        });
+        let tmp = r.state_path.with_extension("json.tmp");
+        std::fs::write(&tmp, state.to_string()).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, &r.state_path).map_err(|e| Error::io(&r.state_path, e))
     }
 
     pub fn len(&self) -> usize {
@@ -220,6 +379,10 @@ impl DumpWriter {
             file.sync_all().map_err(io)?;
             drop(file);
             std::fs::rename(&tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
+            if let Some(r) = &self.resume {
+                let _ = std::fs::remove_file(&r.state_path);
+                let _ = std::fs::remove_file(&r.hidden_path);
+            }
         } else {
             let mut reader = File::open(&tmp).map_err(io)?;
             reader.seek(SeekFrom::Start(8 + self.reserve as u64)).map_err(io)?;
@@ -235,16 +398,23 @@ impl DumpWriter {
                 Ok(())
             })?;
             let _ = std::fs::remove_file(&tmp);
+            if let Some(r) = &self.resume {
+                let _ = std::fs::remove_file(&r.state_path);
+                let _ = std::fs::remove_file(&r.hidden_path);
+            }
         }
         Ok(self.entries.len())
     }
 }
 
 impl Drop for DumpWriter {
+    /// An unfinished dump is removed, unless it can be resumed.
     fn drop(&mut self) {
         if self.spill.is_some() {
             let _ = self.join();
-            let _ = std::fs::remove_file(&self.tmp_path);
+            if self.resume.is_none() {
+                let _ = std::fs::remove_file(&self.tmp_path);
+            }
         }
     }
 }
@@ -263,6 +433,14 @@ fn write_tensor(w: &mut impl Write, t: &Tensor) -> Result<()> {
 }
 
 impl Observer for DumpWriter {
+    fn layer_done(
+        &mut self,
+        layer: usize,
+        hidden: &Tensor,
+        selection: Option<&crate::model::indexer::Selection>,
+    ) -> Result<()> {
+        self.checkpoint(layer, hidden, selection)
+    }
     /// `input_ids` always: a dump without its input cannot be replayed or verified.
     fn wants(&self, point: HookPoint) -> bool {
         point == HookPoint::InputIds || self.selector.wants(point)
@@ -278,7 +456,7 @@ impl Observer for DumpWriter {
             _ => (value.to_dtype(DType::F32)?, Dtype::F32),
         };
         let spill = self.spill.as_ref().ok_or_else(|| Error::dump(&self.path, "already finished"))?;
-        if spill.queue.send(t).is_err() {
+        if spill.queue.send(Job::Write(t)).is_err() {
             // The writer thread stopped: report why.
             return Err(self.join().err().unwrap_or_else(|| Error::dump(&self.path, "the dump writer stopped")));
         }

@@ -153,6 +153,11 @@ pub trait Observer {
     fn forced_routing(&mut self, _layer: usize) -> Result<Option<Vec<Vec<usize>>>> {
         Ok(None)
     }
+    /// Called after each layer with the hidden state and DSA selection the next layer starts from
+    /// (a dump writer checkpoints here so a killed run can resume).
+    fn layer_done(&mut self, _layer: usize, _hidden: &Tensor, _selection: Option<&Selection>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The observer that wants nothing.
@@ -276,6 +281,10 @@ impl Observer for Tee<'_> {
     }
     fn forced_routing(&mut self, layer: usize) -> Result<Option<Vec<Vec<usize>>>> {
         self.0.forced_routing(layer)
+    }
+    fn layer_done(&mut self, layer: usize, hidden: &Tensor, selection: Option<&Selection>) -> Result<()> {
+        self.0.layer_done(layer, hidden, selection)?;
+        self.1.layer_done(layer, hidden, selection)
     }
 }
 

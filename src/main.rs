@@ -173,6 +173,10 @@ enum Command {
         /// Load each layer just before it runs and release it after: memory of about one layer.
         #[arg(long)]
         stream: bool,
+        /// Continue a killed run with the same --dump, tokens and model from its last completed
+        /// layer (runs with --dump checkpoint after every layer).
+        #[arg(long, requires = "dump", conflicts_with_all = ["layers", "from_dump"])]
+        resume: bool,
     },
     /// Write a random-weight checkpoint in the released layout.
     Synth {
@@ -350,7 +354,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", inspect::describe(&ckpt)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { model, tokens, prompt, tokens_from, dump: out, record, layers, from_dump, stream } => {
+        Command::Run { model, tokens, prompt, tokens_from, dump: out, record, layers, from_dump, stream, resume } => {
             let ckpt = Checkpoint::open(&model)?;
             let from = from_dump.as_deref().map(Dump::open).transpose()?;
             let tokens = match (tokens, prompt, tokens_from, &from) {
@@ -385,8 +389,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut watch = NonFiniteWatch::default();
             let logits = match &out {
                 Some(path) => {
-                    let mut writer = DumpWriter::create(path, Selector::new(&record, None), expected)?;
-                    let logits = stream::run(weights, &tokens, layers, start, &mut Tee(&mut writer, &mut watch))?;
+                    let selector = Selector::new(&record, None);
+                    let sha = dump::sha256_hex(&ckpt.config_bytes);
+                    let resumed =
+                        if resume { DumpWriter::resume(path, selector.clone(), &tokens, &sha)? } else { None };
+                    let n = ckpt.config.num_hidden_layers;
+                    let (mut writer, layers, start) = match resumed {
+                        Some((w, start, next)) => {
+                            eprintln!("glimpse: resuming {} after layer {}", path.display(), next - 1);
+                            (w, Some(next..=n - 1), Some(start))
+                        }
+                        // Whole runs checkpoint after every layer; windows are short and restartable.
+                        None if layers.is_none() => {
+                            (DumpWriter::create_resumable(path, selector, expected, &tokens, &sha)?, layers, start)
+                        }
+                        None => (DumpWriter::create(path, selector, expected)?, layers, start),
+                    };
+                    let mut obs = Tee(&mut writer, &mut watch);
+                    let logits = match (layers, start) {
+                        // Killed after the last layer: only the head is left.
+                        (Some(w), Some(s)) if *w.start() == n => Some(stream::head(weights, &s.hidden, &mut obs)?),
+                        (layers, start) => stream::run(weights, &tokens, layers, start, &mut obs)?,
+                    };
                     let meta = dump::metadata(
                         &format!("glimpse {} / candle, float32, cpu", env!("CARGO_PKG_VERSION")),
                         Some(&ckpt.config_bytes),

@@ -247,9 +247,10 @@ fn malformed_files_and_arguments_are_one_line_errors() {
 }
 
 /// SIGKILL in the middle of writing a dump: the previous file under the target name survives
-/// whole, and no partial file takes its name.
+/// whole, and no partial file takes its name; `--resume` finishes a killed run from its last
+/// completed layer.
 #[test]
-fn a_killed_run_leaves_the_previous_dump_intact() {
+fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     // A model big enough that a run takes a while (8 layers of 16 experts).
@@ -280,4 +281,34 @@ fn a_killed_run_leaves_the_previous_dump_intact() {
         assert_eq!(std::fs::read(&dump).unwrap(), previous, "killed after {delay_ms} ms: the previous dump changed");
         glimpse::dump::Dump::open(&dump).unwrap();
     }
+
+    // Killed mid-run, then resumed: the finished dump equals an uninterrupted run's, bit for bit.
+    let resumed = t.join("resumed.safetensors");
+    let state = t.join("resumed.safetensors.resume.json");
+    let rargs = ["run", "--model", &s(&model), "--stream", "--tokens", &tokens, "--dump", &s(&resumed)];
+    let mut killed_mid_run = false;
+    for delay_ms in (50..3000).step_by(50) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse")).args(rargs).stdout(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        if state.is_file() {
+            killed_mid_run = true;
+            break;
+        }
+        let _ = std::fs::remove_file(&resumed);
+    }
+    assert!(killed_mid_run, "no kill landed between two layers");
+    let other = ["run", "--model", &s(&model), "--stream", "--tokens", "1,2,3", "--dump", &s(&resumed), "--resume"];
+    let o = glimpse(&other);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("written for other tokens"));
+    let mut with_resume = rargs.to_vec();
+    with_resume.push("--resume");
+    let o = glimpse(&with_resume);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("resuming"), "{err}");
+    let o = glimpse(&["diff", "--atol", "0", "--rtol", "0", &s(&resumed), &s(&dump)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(!state.exists(), "the resume state is removed once the dump is finished");
 }

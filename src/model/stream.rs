@@ -153,6 +153,7 @@ pub fn layers(
                 out
             }
         };
+        obs.layer_done(i, &h, sel.as_ref())?;
     }
     if progress {
         eprintln!();
