@@ -229,11 +229,38 @@ impl Observer for AuditObserver<'_> {
 /// Routing counts over prompts run live (`prompts`: one per line, token ids or text) and over
 /// recorded dumps. The model, when given, supplies each expert's bias and lets dumps without
 /// `moe.bias_changed` flags have them recomputed from their router logits.
-pub fn collect(model_dir: Option<&Path>, prompts: Option<&Path>, dumps: &[PathBuf]) -> Result<Audit> {
-    let model = match model_dir {
-        Some(dir) => Some(Model::load(&Checkpoint::open(dir)?)?),
-        None => None,
+pub fn collect(
+    model_dir: Option<&Path>,
+    prompts: Option<&Path>,
+    dumps: &[PathBuf],
+    max_memory: Option<u64>,
+) -> Result<Audit> {
+    let ckpt = model_dir.map(Checkpoint::open).transpose()?;
+    // Prompts are read and encoded before the model is loaded, so the memory check sees them.
+    let prompt_tokens = match (prompts, model_dir) {
+        (Some(path), Some(dir)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+            if lines.is_empty() {
+                return Err(Error::Usage(format!("{}: no prompts (one per line)", path.display())));
+            }
+            let encode = |line: &str| -> Result<Tokens> {
+                if line.split(',').all(|t| t.trim().parse::<u32>().is_ok()) {
+                    Tokens::parse(line)
+                } else {
+                    let ids = crate::tokenizer::encode(dir, line)?;
+                    Tokens::new(1, ids.len(), ids)
+                }
+            };
+            lines.iter().map(|l| encode(l)).collect::<Result<Vec<_>>>()?
+        }
+        (Some(_), None) => return Err(Error::Usage("--prompts needs --model".into())),
+        (None, _) => Vec::new(),
     };
+    if let (Some(c), Some(longest)) = (&ckpt, prompt_tokens.iter().max_by_key(|t| t.ids.len())) {
+        crate::memory::check_run(c, longest.batch, longest.seq, false, max_memory)?;
+    }
+    let model = ckpt.as_ref().map(Model::load).transpose()?;
     let mut audit = Audit::new(model.as_ref().map_or(0, |m| m.config.n_routed_experts));
     if let Some(m) = &model {
         for layer in &m.layers {
@@ -242,28 +269,13 @@ pub fn collect(model_dir: Option<&Path>, prompts: Option<&Path>, dumps: &[PathBu
             }
         }
     }
-    if let Some(path) = prompts {
-        let (Some(m), Some(dir)) = (&model, model_dir) else {
-            return Err(Error::Usage("--prompts needs --model".into()));
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-        if lines.is_empty() {
-            return Err(Error::Usage(format!("{}: no prompts (one per line)", path.display())));
-        }
+    if let (Some(m), Some(path)) = (&model, prompts) {
         let progress = std::io::stderr().is_terminal();
-        for (n, line) in lines.iter().enumerate() {
-            let is_ids = line.split(',').all(|t| t.trim().parse::<u32>().is_ok());
-            let tokens = if is_ids {
-                Tokens::parse(line)?
-            } else {
-                let ids = crate::tokenizer::encode(dir, line)?;
-                Tokens::new(1, ids.len(), ids)?
-            };
+        for (n, tokens) in prompt_tokens.iter().enumerate() {
             if progress {
-                eprint!("\raudit: prompt {}/{}", n + 1, lines.len());
+                eprint!("\raudit: prompt {}/{}", n + 1, prompt_tokens.len());
             }
-            m.forward(&tokens, &mut AuditObserver::new(&mut audit))
+            m.forward(tokens, &mut AuditObserver::new(&mut audit))
                 .map_err(|e| Error::Usage(format!("{}: prompt {}: {e}", path.display(), n + 1)))?;
             audit.prompts += 1;
         }

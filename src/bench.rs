@@ -70,12 +70,19 @@ pub fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
-pub fn run(model_dir: &Path, tokens: usize, repeat: usize, scratch: &Path) -> Result<BenchReport> {
+pub fn run(
+    model_dir: &Path,
+    tokens: usize,
+    repeat: usize,
+    scratch: &Path,
+    max_memory: Option<u64>,
+) -> Result<BenchReport> {
     if tokens == 0 || repeat == 0 {
         return Err(Error::Usage("--tokens and --repeat must be at least 1".into()));
     }
     let t0 = Instant::now();
     let ckpt = Checkpoint::open(model_dir)?;
+    crate::memory::check_run(&ckpt, 1, tokens, true, max_memory)?;
     let model = Model::load(&ckpt)?;
     let load_s = t0.elapsed().as_secs_f64();
     let vocab = model.config.vocab_size as u32;

@@ -315,7 +315,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Audit { model, prompts, dumps, json, csv, heatmap } => {
-            let audit = glimpse::audit::collect(model.as_deref(), prompts.as_deref(), &dumps)?;
+            let audit = glimpse::audit::collect(model.as_deref(), prompts.as_deref(), &dumps, max_memory)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&audit.to_json()).unwrap_or_default());
             } else {
@@ -333,7 +333,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { model, tokens, repeat } => {
-            let report = glimpse::bench::run(&model, tokens, repeat, &std::env::temp_dir())?;
+            let report = glimpse::bench::run(&model, tokens, repeat, &std::env::temp_dir(), max_memory)?;
             print!("{}", report.render());
             Ok(ExitCode::SUCCESS)
         }
@@ -345,6 +345,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 dump.as_deref(),
                 tokens.as_deref(),
                 prompt.as_deref(),
+                max_memory,
             )?;
             glimpse_tui::term::run(&src).map_err(|e| Error::Usage(format!("terminal: {e}")))?;
             Ok(ExitCode::SUCCESS)

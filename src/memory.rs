@@ -94,6 +94,12 @@ fn numel(ckpt: &Checkpoint, name: &str) -> u64 {
     ckpt.shape(name).map_or(0, |s| s.iter().product::<usize>() as u64)
 }
 
+/// Estimates a whole-model resident run of `batch x seq` tokens and refuses it past `max`.
+pub fn check_run(ckpt: &Checkpoint, batch: usize, seq: usize, recording: bool, max: Option<u64>) -> Result<()> {
+    let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
+    check(&estimate(ckpt, batch, seq, &all, false, recording), max)
+}
+
 /// Refuses a run whose estimate exceeds `max` (default: available memory).
 pub fn check(est: &Estimate, max: Option<u64>) -> Result<()> {
     let Some(limit) = max.or_else(available) else { return Ok(()) };
@@ -103,7 +109,7 @@ pub fn check(est: &Estimate, max: Option<u64>) -> Result<()> {
     let source = if max.is_some() { "--max-memory" } else { "available memory" };
     Err(Error::Usage(format!(
         "this run needs about {} (weights {}, activations {}, recording {}) but {source} is {}; \
-         try --stream, fewer tokens, a --layers window, or a larger --max-memory",
+         try fewer tokens, --stream or a --layers window (run, verify), or a larger --max-memory",
         gb(est.total()),
         gb(est.weights),
         gb(est.activations),

@@ -340,6 +340,7 @@ pub fn open(
     dump: Option<&Path>,
     tokens: Option<&str>,
     prompt: Option<&str>,
+    max_memory: Option<u64>,
 ) -> Result<DumpSource> {
     let dir = match (dump, model) {
         (Some(path), _) => {
@@ -371,6 +372,7 @@ pub fn open(
             )))
         }
     };
+    crate::memory::check_run(&ckpt, tokens.batch, tokens.seq, true, max_memory)?;
     let model = Model::load(&ckpt)?;
     let tmp = std::env::temp_dir().join(format!("glimpse-tui-{}.safetensors", std::process::id()));
     let owned = TempFile(tmp.clone());
