@@ -297,7 +297,7 @@ impl Config {
                 return Err(Error::config(field, format!("{v} is beyond any supported model (at most {max})")));
             }
         }
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
             return Err(Error::config("qk_rope_head_dim", "must be even (RoPE rotates pairs)"));
         }
         if self.index_head_dim < self.qk_rope_head_dim {
@@ -314,7 +314,7 @@ impl Config {
                     "MoE layers need experts, top-k and an intermediate size",
                 ));
             }
-            if e % self.n_group != 0 {
+            if !e.is_multiple_of(self.n_group) {
                 return Err(Error::config(
                     "n_group",
                     format!("n_routed_experts ({e}) is not divisible by n_group ({})", self.n_group),
@@ -437,7 +437,13 @@ fn indexer_types(f: &Fields, n: usize) -> Result<Vec<IndexerKind>> {
         let freq = f.usize_or("index_topk_freq", 1)?.max(1);
         let offset = f.usize_or("index_skip_topk_offset", 2)? as i64;
         (0..n as i64)
-            .map(|i| if (i - offset + 1).max(0) as usize % freq == 0 { IndexerKind::Full } else { IndexerKind::Shared })
+            .map(|i| {
+                if ((i - offset + 1).max(0) as usize).is_multiple_of(freq) {
+                    IndexerKind::Full
+                } else {
+                    IndexerKind::Shared
+                }
+            })
             .collect()
     };
     let kinds = per_layer("indexer_types", kinds, n)?;

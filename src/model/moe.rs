@@ -170,7 +170,7 @@ impl Moe {
         }
         let k = routes.first().map_or(rc.top_k, |r| r.ids.len());
         let hook = |h| HookPoint::Layer(layer, h);
-        emit(obs, hook(LayerHook::RouterScores), || Ok(sigmoid_tensor(&logits)?))?;
+        emit(obs, hook(LayerHook::RouterScores), || sigmoid_tensor(&logits))?;
         emit(obs, hook(LayerHook::RouterBiasedScores), || {
             let b = Tensor::from_vec(bias.clone(), bias.len(), &Device::Cpu)?;
             Ok(sigmoid_tensor(&logits)?.broadcast_add(&b)?)
