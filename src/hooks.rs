@@ -93,6 +93,11 @@ impl LayerHook {
     }
 }
 
+/// How many hook points a forward pass over `layers` layers can report (sizes dump headers).
+pub fn max_points(layers: usize) -> usize {
+    5 + layers * LayerHook::ALL.len()
+}
+
 /// Every point where the forward pass reports a tensor, ordered as the forward pass visits them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum HookPoint {

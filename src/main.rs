@@ -272,16 +272,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
             let tokens = reference.tokens()?;
-            let window = layers.clone().unwrap_or(0..=ckpt.config.num_hidden_layers - 1);
-            let est = memory::estimate(&ckpt, tokens.batch, tokens.seq, &window, stream, false);
-            memory::check(&est, max_memory)?;
-            let resident;
-            let weights = if stream {
-                Weights::Streamed(&ckpt)
-            } else {
-                resident = Model::load(&ckpt)?;
-                Weights::Resident(&resident)
-            };
+            let mut resident = None;
+            let budget = Budget { tokens: &tokens, window: layers.as_ref(), stream, recording: false, max: max_memory };
+            let weights = load_weights(&ckpt, &mut resident, &budget)?;
             println!("verify {} against {}", model_dir.display(), golden.display());
             let replay = verify::Replay { routing: force_routing, selection: force_selection };
             let opts = verify::VerifyOptions { tol, isolate, replay, layers };
@@ -376,17 +369,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(d) => Some(Start::from_dump(d, first)?),
                 None => None,
             };
-            let window = layers.clone().unwrap_or(0..=ckpt.config.num_hidden_layers - 1);
-            let est = memory::estimate(&ckpt, tokens.batch, tokens.seq, &window, stream, out.is_some());
-            memory::check(&est, max_memory)?;
-            let resident;
-            let weights = if stream {
-                Weights::Streamed(&ckpt)
-            } else {
-                resident = Model::load(&ckpt)?;
-                Weights::Resident(&resident)
-            };
-            let expected = 5 + ckpt.config.num_hidden_layers * glimpse::hooks::LayerHook::ALL.len();
+            let mut resident = None;
+            let budget =
+                Budget { tokens: &tokens, window: layers.as_ref(), stream, recording: out.is_some(), max: max_memory };
+            let weights = load_weights(&ckpt, &mut resident, &budget)?;
+            let expected = glimpse::hooks::max_points(ckpt.config.num_hidden_layers);
             let mut watch = NonFiniteWatch::default();
             let logits = match &out {
                 Some(path) => {
@@ -492,4 +479,22 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = PathBuf::from(tmp);
     std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// What a run will hold, for the memory check before its weights load.
+struct Budget<'a> {
+    tokens: &'a Tokens,
+    window: Option<&'a std::ops::RangeInclusive<usize>>,
+    stream: bool,
+    recording: bool,
+    max: Option<u64>,
+}
+
+/// Checks the memory budget, then loads the weights into `resident`, or leaves them to be
+/// streamed from the checkpoint.
+fn load_weights<'a>(ckpt: &'a Checkpoint, resident: &'a mut Option<Model>, b: &Budget) -> Result<Weights<'a>> {
+    let window = b.window.cloned().unwrap_or(0..=ckpt.config.num_hidden_layers - 1);
+    let est = memory::estimate(ckpt, b.tokens.batch, b.tokens.seq, &window, b.stream, b.recording);
+    memory::check(&est, b.max)?;
+    Ok(if b.stream { Weights::Streamed(ckpt) } else { Weights::Resident(resident.insert(Model::load(ckpt)?)) })
 }

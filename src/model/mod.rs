@@ -101,7 +101,7 @@ impl Model {
 
     /// How many hook points a forward pass can report (sizes dump headers).
     pub fn max_hook_points(&self) -> usize {
-        5 + self.layers.len() * crate::hooks::LayerHook::ALL.len()
+        crate::hooks::max_points(self.layers.len())
     }
 
     pub fn rope_tables(&self, seq: usize) -> RopeTables {
