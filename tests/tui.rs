@@ -151,7 +151,10 @@ fn tmux(args: &[&str]) -> String {
 #[test]
 fn the_binary_in_tmux() {
     if Command::new("tmux").arg("-V").output().is_err() {
-        panic!("tmux is required for this test (.ci/run installs it)");
+        // CI installs tmux and must run this; elsewhere say why it was skipped.
+        assert!(std::env::var_os("CI").is_none(), "tmux is required in CI (.ci/run installs it)");
+        eprintln!("skipped: tmux is not installed (apt-get install tmux to run this test)");
+        return;
     }
     let bin = env!("CARGO_BIN_EXE_glimpse");
     let root = env!("CARGO_MANIFEST_DIR");
