@@ -3,9 +3,11 @@
 //! against that case, and `diff` tells a perturbed tensor or a changed routing set from a mere
 //! reordering of set rows or a change in their padding.
 
+mod common;
+use common::code_and_text;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use glimpse::checkpoint::Checkpoint;
 use glimpse::config::{IndexerKind, MlpKind};
@@ -114,13 +116,6 @@ fn check_round_trip(path: &Path, rec: &Recorder, tokens: &glimpse::model::Tokens
     }
 }
 
-fn glimpse(args: &[&str]) -> (i32, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_glimpse")).args(args).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(!text.contains("panicked"), "{text}");
-    (o.status.code().unwrap_or(-1), text)
-}
-
 #[test]
 fn run_dump_of_a_golden_case_diffs_clean_against_it() {
     let tmp = tempfile::tempdir().unwrap();
@@ -128,7 +123,7 @@ fn run_dump_of_a_golden_case_diffs_clean_against_it() {
         let dir = golden(case);
         let reference = dir.join("reference.safetensors");
         let out = tmp.path().join(format!("{case}.safetensors"));
-        let (code, text) = glimpse(&[
+        let (code, text) = code_and_text(&[
             "run",
             "--model",
             dir.to_str().unwrap(),
@@ -138,7 +133,7 @@ fn run_dump_of_a_golden_case_diffs_clean_against_it() {
             out.to_str().unwrap(),
         ]);
         assert_eq!(code, 0, "{text}");
-        let (code, text) = glimpse(&["diff", out.to_str().unwrap(), reference.to_str().unwrap()]);
+        let (code, text) = code_and_text(&["diff", out.to_str().unwrap(), reference.to_str().unwrap()]);
         assert_eq!(code, 0, "{case}: {text}");
         assert!(text.contains("no divergence"), "{text}");
     }
@@ -200,7 +195,7 @@ fn diff_names_the_perturbed_tensor_and_ignores_set_order_and_padding() {
         let Values::F32(x) = v else { panic!() };
         x[100] += 0.01;
     });
-    let (code, text) = glimpse(&["diff", perturbed.to_str().unwrap(), r]);
+    let (code, text) = code_and_text(&["diff", perturbed.to_str().unwrap(), r]);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("first divergence: layers.2.attn.out"), "{text}");
 
@@ -211,7 +206,7 @@ fn diff_names_the_perturbed_tensor_and_ignores_set_order_and_padding() {
         let unused = (0..16).find(|e| !row.contains(e)).unwrap();
         row[0] = unused;
     });
-    let (code, text) = glimpse(&["diff", rerouted.to_str().unwrap(), r]);
+    let (code, text) = code_and_text(&["diff", rerouted.to_str().unwrap(), r]);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("first divergence: layers.3.moe.topk_ids"), "{text}");
     assert!(text.contains("1 flips"), "{text}");
@@ -240,9 +235,9 @@ fn diff_names_the_perturbed_tensor_and_ignores_set_order_and_padding() {
             }
         }
     });
-    let (code, text) = glimpse(&["diff", reordered.to_str().unwrap(), r]);
+    let (code, text) = code_and_text(&["diff", reordered.to_str().unwrap(), r]);
     assert_eq!(code, 0, "{text}");
-    let (code, json) = glimpse(&["diff", "--json", reordered.to_str().unwrap(), r]);
+    let (code, json) = code_and_text(&["diff", "--json", reordered.to_str().unwrap(), r]);
     assert_eq!(code, 0, "{json}");
     let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
     assert_eq!(v["match"], true);
@@ -257,7 +252,7 @@ fn diff_classifies_flips_by_margin() {
     let reference = golden("flat").join("reference.safetensors");
     let (p, r) = (port.to_str().unwrap(), reference.to_str().unwrap());
     let classes = |threshold: &str| -> Vec<(String, serde_json::Value, serde_json::Value)> {
-        let (code, out) = glimpse(&["diff", "--json", "--near-tie", threshold, p, r]);
+        let (code, out) = code_and_text(&["diff", "--json", "--near-tie", threshold, p, r]);
         assert_eq!(code, 1, "{out}");
         let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         assert_eq!(v["first_divergence"], "embeddings");

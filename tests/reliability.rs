@@ -2,16 +2,15 @@
 //! one-line error with exit code 2 and no panic; the first NaN/Inf is named with its coordinate;
 //! a run killed mid-write leaves the previous dump intact.
 
+mod common;
+use common::glimpse;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use glimpse::st::{self, Entry, StFile};
-
-fn glimpse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_glimpse")).args(args).stdin(Stdio::null()).output().unwrap()
-}
 
 fn golden(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case)

@@ -1,15 +1,10 @@
 //! Scale past RAM: `--stream` gives the same tensors as a resident run with a fraction of its
 //! memory, and `--layers A..B --from-dump` reproduces one window of the full run.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
+use common::code_and_text;
 
-fn glimpse(args: &[&str]) -> (i32, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_glimpse")).args(args).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(!text.contains("panicked"), "{text}");
-    (o.status.code().unwrap_or(-1), text)
-}
+use std::path::Path;
 
 fn peak_rss_mb(out: &str) -> f64 {
     let line = out.lines().find(|l| l.starts_with("peak RSS")).unwrap_or_else(|| panic!("no peak RSS in {out}"));
@@ -34,7 +29,7 @@ fn streaming_matches_the_resident_run_in_a_fraction_of_the_memory() {
     let model = t.join("model");
     let m = model.to_str().unwrap();
     let (code, out) =
-        glimpse(&["synth", "--config", cfg.to_str().unwrap(), "--dtype", "bf16", "--shards", "3", "--out", m]);
+        code_and_text(&["synth", "--config", cfg.to_str().unwrap(), "--dtype", "bf16", "--shards", "3", "--out", m]);
     assert_eq!(code, 0, "{out}");
     let f32_bytes = checkpoint_f32_bytes(&model);
     assert!(f32_bytes > 350e6, "the checkpoint is big enough to measure against: {f32_bytes}");
@@ -42,13 +37,13 @@ fn streaming_matches_the_resident_run_in_a_fraction_of_the_memory() {
     let tokens = "5,17,300,2,999,64,128,7,42,511,1000,3";
     let p = |name: &str| t.join(name).to_string_lossy().into_owned();
     let (full, streamed, window) = (p("full.safetensors"), p("streamed.safetensors"), p("window.safetensors"));
-    let (code, out_full) = glimpse(&["run", "--model", m, "--tokens", tokens, "--dump", &full]);
+    let (code, out_full) = code_and_text(&["run", "--model", m, "--tokens", tokens, "--dump", &full]);
     assert_eq!(code, 0, "{out_full}");
-    let (code, out_stream) = glimpse(&["run", "--model", m, "--tokens", tokens, "--stream", "--dump", &streamed]);
+    let (code, out_stream) = code_and_text(&["run", "--model", m, "--tokens", tokens, "--stream", "--dump", &streamed]);
     assert_eq!(code, 0, "{out_stream}");
 
     // The same tensors, bit for bit.
-    let (code, text) = glimpse(&["diff", "--atol", "0", "--rtol", "0", &streamed, &full]);
+    let (code, text) = code_and_text(&["diff", "--atol", "0", "--rtol", "0", &streamed, &full]);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("no divergence") && !text.contains("only in"), "{text}");
 
@@ -60,16 +55,16 @@ fn streaming_matches_the_resident_run_in_a_fraction_of_the_memory() {
 
     // One window, started from the full run's layer 2 output, reproduces layers 3..5.
     let (code, out) =
-        glimpse(&["run", "--model", m, "--stream", "--from-dump", &full, "--layers", "3..5", "--dump", &window]);
+        code_and_text(&["run", "--model", m, "--stream", "--from-dump", &full, "--layers", "3..5", "--dump", &window]);
     assert_eq!(code, 0, "{out}");
-    let (code, text) = glimpse(&["diff", "--atol", "0", "--rtol", "0", &window, &full]);
+    let (code, text) = code_and_text(&["diff", "--atol", "0", "--rtol", "0", &window, &full]);
     assert_eq!(code, 0, "{text}");
     assert!(
         text.contains("layers.5.output") && !text.contains("\nlayers.2.output") && !text.contains("\nlogits"),
         "{text}"
     );
     // And verify can check that window against a reference directly.
-    let (code, text) = glimpse(&["verify", "--model", m, "--golden", &full, "--layers", "3..5", "--stream"]);
+    let (code, text) = code_and_text(&["verify", "--model", m, "--golden", &full, "--layers", "3..5", "--stream"]);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("layers.3.input_norm") && !text.contains("layers.2.output "), "{text}");
 }
