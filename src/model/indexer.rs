@@ -28,9 +28,9 @@ pub struct IndexerWeights {
     pub wk: Linear,           // [head_dim, hidden]
     pub k_norm: LayerNorm,    // [head_dim], eps 1e-6
     pub weights_proj: Linear, // [n_heads, hidden]
-    n_heads: usize,
-    head_dim: usize,
-    topk: usize,
+    pub(crate) n_heads: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) topk: usize,
 }
 
 /// The keys each query may attend to: `k` positions per (batch, query) row. Rows of queries with

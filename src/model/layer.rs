@@ -56,7 +56,14 @@ impl DecoderLayer {
         let x = self.input_layernorm.forward(h)?; // [B, S, hidden]
         emit(obs, hook(LayerHook::InputNorm), || Ok(x.clone()))?;
         let h = (h + self.self_attn.forward(i, &x, rope, sel, obs)?)?; // [B, S, hidden]
-        let x = self.post_attention_layernorm.forward(&h)?; // [B, S, hidden]
+        self.feed_forward(&h, obs)
+    }
+
+    /// The second half of the layer: `h + mlp(post_attention_layernorm(h))`, [B, S, hidden].
+    pub fn feed_forward(&self, h: &Tensor, obs: &mut dyn Observer) -> Result<Tensor> {
+        let i = self.index;
+        let hook = |p| HookPoint::Layer(i, p);
+        let x = self.post_attention_layernorm.forward(h)?; // [B, S, hidden]
         emit(obs, hook(LayerHook::PostAttnNorm), || Ok(x.clone()))?;
         let mlp_out = match &self.mlp {
             Ffn::Dense(mlp) => mlp.forward(&x)?,

@@ -22,12 +22,12 @@ pub struct Attention {
     pub kv_b_proj: Linear,          // [heads * (nope + v), kv_lora_rank]
     pub o_proj: Linear,             // [hidden, heads * v]
     pub indexer: Indexer,
-    heads: usize,
-    nope: usize,
-    rope_dim: usize,
-    v_dim: usize,
-    kv_lora_rank: usize,
-    scale: f64,
+    pub(crate) heads: usize,
+    pub(crate) nope: usize,
+    pub(crate) rope_dim: usize,
+    pub(crate) v_dim: usize,
+    pub(crate) kv_lora_rank: usize,
+    pub(crate) scale: f64,
 }
 
 impl Attention {

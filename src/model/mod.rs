@@ -4,6 +4,7 @@
 
 #[cfg(feature = "openblas")]
 pub mod blas;
+pub mod decode;
 pub mod indexer;
 pub mod layer;
 pub mod mla;
