@@ -66,6 +66,10 @@ enum Command {
         /// Load each layer just before it runs and release it after: memory of about one layer.
         #[arg(long)]
         stream: bool,
+        /// Instead: run the tokens one at a time through the latent KV cache (absorbed MLA) and
+        /// compare each position's logits with the prefill of the same tokens.
+        #[arg(long, conflicts_with_all = ["isolate", "force_routing", "force_selection", "layers", "stream"])]
+        decode: bool,
     },
     /// Compare two dumps: the first hook point where they part ways, per-tensor errors, flips.
     Diff {
@@ -253,7 +257,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
         glimpse::model::blas::set_threads(n);
     }
     match cli.command {
-        Command::Verify { model, golden, atol, rtol, isolate, force_routing, force_selection, layers, stream } => {
+        Command::Verify {
+            model,
+            golden,
+            atol,
+            rtol,
+            isolate,
+            force_routing,
+            force_selection,
+            layers,
+            stream,
+            decode,
+        } => {
             let model_dir = model.unwrap_or_else(default_case);
             let golden = golden.unwrap_or_else(|| model_dir.join("reference.safetensors"));
             let tol = Tolerance { atol, rtol };
@@ -272,6 +287,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
             let tokens = reference.tokens()?;
+            if decode {
+                return verify_decode(&ckpt, &tokens, tol, max_memory);
+            }
             let mut resident = None;
             let budget = Budget { tokens: &tokens, window: layers.as_ref(), stream, recording: false, max: max_memory };
             let weights = load_weights(&ckpt, &mut resident, &budget)?;
@@ -497,4 +515,41 @@ fn load_weights<'a>(ckpt: &'a Checkpoint, resident: &'a mut Option<Model>, b: &B
     let est = memory::estimate(ckpt, b.tokens.batch, b.tokens.seq, &window, b.stream, b.recording);
     memory::check(&est, b.max)?;
     Ok(if b.stream { Weights::Streamed(ckpt) } else { Weights::Resident(resident.insert(Model::load(ckpt)?)) })
+}
+
+/// `verify --decode`: prefill vs token-by-token decode through the latent cache, per position.
+fn verify_decode(ckpt: &Checkpoint, tokens: &Tokens, tol: Tolerance, max: Option<u64>) -> Result<ExitCode> {
+    let mut resident = None;
+    let budget = Budget { tokens, window: None, stream: false, recording: false, max };
+    let Weights::Resident(model) = load_weights(ckpt, &mut resident, &budget)? else {
+        return Err(Error::Usage("decode needs resident weights".into()));
+    };
+    let prefill = model.forward(tokens, &mut glimpse::hooks::NoObserver)?; // [B, S, V]
+    let decoded = model.decode_all(tokens)?; // [B, S, V]
+    let (latent, expanded) = glimpse::model::decode::KvCache::bytes_per_token(model);
+    println!(
+        "decode {} positions through the latent cache ({latent} bytes per token and layer in f32, against {expanded} expanded)",
+        tokens.seq
+    );
+    let mut first_bad = None;
+    for s in 0..tokens.seq {
+        let (p, d) = (prefill.narrow(1, s, 1)?, decoded.narrow(1, s, 1)?);
+        let (p, d) = (p.flatten_all()?.to_vec1::<f32>()?, d.flatten_all()?.to_vec1::<f32>()?);
+        let (ok, detail) = glimpse::compare::compare_floats(&d, &p, &[tokens.batch, 1, model.config.vocab_size], tol);
+        let glimpse::compare::Detail::Float { max_abs, .. } = detail else { continue };
+        println!("position {s:<5} logits max_abs {max_abs:9.3e}  {}", if ok { "ok" } else { "MISMATCH" });
+        if !ok && first_bad.is_none() {
+            first_bad = Some(s);
+        }
+    }
+    match first_bad {
+        None => {
+            println!("decode matches prefill at every position (atol {:e}, rtol {:e})", tol.atol, tol.rtol);
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(s) => {
+            println!("first position where decode and prefill differ: {s}");
+            Ok(ExitCode::from(1))
+        }
+    }
 }

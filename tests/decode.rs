@@ -28,3 +28,12 @@ fn decode_equals_prefill_on_every_golden_case() {
         assert!(ok, "{case}: {detail:?}");
     }
 }
+
+mod common;
+
+#[test]
+fn verify_decode_reports_every_position() {
+    let (code, text) = common::code_and_text(&["verify", "--decode"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("position 31") && text.contains("decode matches prefill at every position"), "{text}");
+}
