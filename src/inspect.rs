@@ -132,6 +132,17 @@ pub fn describe(ckpt: &Checkpoint) -> Result<String> {
             f.len_bytes()
         );
     }
+    // What decoding caches per token and layer (f32), as serving engines do (latent + rope key +
+    // indexer key), against expanded per-head keys and values.
+    let latent = c.kv_lora_rank + c.qk_rope_head_dim + c.index_head_dim;
+    let expanded = c.num_attention_heads * (c.qk_head_dim() + c.v_head_dim);
+    let _ = writeln!(
+        w,
+        "kv cache per token: {latent} values per layer ({} KB over {} layers in f32) latent, against {expanded} ({} KB) expanded",
+        latent * c.num_hidden_layers * 4 / 1024,
+        c.num_hidden_layers,
+        expanded * c.num_hidden_layers * 4 / 1024
+    );
     let mtp = ckpt.mtp_names();
     if mtp.is_empty() {
         let _ =
