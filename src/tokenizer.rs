@@ -28,3 +28,13 @@ pub fn encode(model_dir: &Path, text: &str) -> Result<Vec<u32>> {
     }
     Ok(ids)
 }
+
+/// Decodes ids to text with the checkpoint's tokenizer; None when it has no `tokenizer.json`.
+pub fn decode(model_dir: &Path, ids: &[u32]) -> Result<Option<String>> {
+    let path = model_dir.join(TOKENIZER_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::checkpoint(&path, e.to_string()))?;
+    tok.decode(ids, false).map(Some).map_err(|e| Error::checkpoint(&path, format!("cannot decode: {e}")))
+}

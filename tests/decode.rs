@@ -37,3 +37,41 @@ fn verify_decode_reports_every_position() {
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("position 31") && text.contains("decode matches prefill at every position"), "{text}");
 }
+
+/// What `generate` streams is the prefill's greedy choice at every position: re-running the
+/// prompt plus the generated tokens as one prefill picks the same next token each time.
+#[test]
+fn generate_agrees_with_greedy_prefill() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/grouped-shared-yarn");
+    let prompt = [[5u32, 17, 30, 2, 99, 64], [7, 8, 9, 10, 11, 12]];
+    let arg = prompt
+        .iter()
+        .map(|r| r.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","))
+        .collect::<Vec<_>>()
+        .join(";");
+    let (code, text) = common::code_and_text(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        &arg,
+        "--max-new-tokens",
+        "6",
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let model = Model::load(&Checkpoint::open(&dir).unwrap()).unwrap();
+    for (r, row) in prompt.iter().enumerate() {
+        let line = text.lines().find(|l| l.starts_with(&format!("row {r}: generated "))).unwrap();
+        let generated: Vec<u32> = serde_json::from_str(line.split_once("generated ").unwrap().1).unwrap();
+        assert_eq!(generated.len(), 6);
+        let mut ids = row.to_vec();
+        ids.extend(&generated[..5]);
+        let tokens = glimpse::model::Tokens::new(1, ids.len(), ids.clone()).unwrap();
+        let logits = model.forward(&tokens, &mut NoObserver).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        for (k, want) in generated.iter().enumerate() {
+            let row = &logits[row.len() - 1 + k];
+            let best = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
+            assert_eq!(best, *want, "row {r}, generated token {k}");
+        }
+    }
+}
