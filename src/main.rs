@@ -582,55 +582,26 @@ fn verify_decode(ckpt: &Checkpoint, tokens: &Tokens, tol: Tolerance, max: Option
     }
 }
 
-/// Greedy decoding: the prompt goes through the cache token by token, then each step feeds back
-/// the argmax. Prints each step's tokens (and text, with a tokenizer) as soon as it is chosen.
+/// Streams `Model::generate`: each step's tokens (and text, with a tokenizer) as they come.
 fn generate(dir: &Path, model: &Model, prompt: &Tokens, new: usize) -> Result<()> {
-    use glimpse::model::decode::KvCache;
     use std::io::Write;
-    let (b, s) = (prompt.batch, prompt.seq);
-    let mut cache = KvCache::new(model.layers.len());
-    let argmax = |logits: &candle_core::Tensor| -> Result<Vec<u32>> {
-        let rows = logits.squeeze(1)?.to_vec2::<f32>()?; // [B, vocab]
-        Ok(rows
-            .iter()
-            .map(|r| r.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).map_or(0, |(i, _)| i as u32))
-            .collect())
-    };
-    let mut last = None;
-    for p in 0..s {
-        let col: Vec<u32> = (0..b).map(|r| prompt.ids[r * s + p]).collect();
-        last = Some(model.decode_step(&Tokens::new(b, 1, col)?, &mut cache, &mut glimpse::hooks::NoObserver)?);
-    }
-    let mut next = match &last {
-        Some(l) => argmax(l)?,
-        None => return Err(Error::Usage("empty prompt".into())),
-    };
-    let (latent, expanded) = KvCache::bytes_per_token(model);
+    let (latent, expanded) = glimpse::model::decode::KvCache::bytes_per_token(model);
     eprintln!("cache: {latent} bytes per token and layer (f32), against {expanded} expanded");
-    let mut out = std::io::stdout();
-    let mut generated: Vec<Vec<u32>> = vec![Vec::new(); b];
     let t0 = std::time::Instant::now();
-    for step in 0..new {
-        for (r, &t) in next.iter().enumerate() {
-            generated[r].push(t);
-        }
-        let text = if b == 1 { glimpse::tokenizer::decode(dir, &next)?.map(|t| format!(" {t:?}")) } else { None };
+    let generated = model.generate(prompt, new, |step, next| {
+        let text = match prompt.batch {
+            1 => glimpse::tokenizer::decode(dir, next)?.map(|t| format!(" {t:?}")),
+            _ => None,
+        };
+        let mut out = std::io::stdout();
         let _ = writeln!(out, "step {step}: {next:?}{}", text.unwrap_or_default());
         let _ = out.flush();
-        if step + 1 == new {
-            break;
-        }
-        let logits =
-            model.decode_step(&Tokens::new(b, 1, next.clone())?, &mut cache, &mut glimpse::hooks::NoObserver)?;
-        next = argmax(&logits)?;
-    }
+        Ok(())
+    })?;
     let secs = t0.elapsed().as_secs_f64();
     for (r, g) in generated.iter().enumerate() {
         println!("row {r}: generated {g:?}");
     }
-    eprintln!(
-        "{new} new tokens in {secs:.3} s ({:.1} tok/s per row, after a {s}-token prompt)",
-        new as f64 / secs.max(1e-9)
-    );
+    eprintln!("{new} new tokens in {secs:.3} s including the {}-token prompt", prompt.seq);
     Ok(())
 }

@@ -195,3 +195,42 @@ impl Model {
         Ok(Tensor::cat(&out, 1)?)
     }
 }
+
+impl Model {
+    /// Greedy generation: the prompt goes through the cache token by token, then every step feeds
+    /// back each row's argmax. `on_step(step, tokens)` sees each step's tokens as soon as they are
+    /// chosen; returns every row's generated tokens.
+    pub fn generate(
+        &self,
+        prompt: &Tokens,
+        new: usize,
+        mut on_step: impl FnMut(usize, &[u32]) -> Result<()>,
+    ) -> Result<Vec<Vec<u32>>> {
+        let (b, s) = (prompt.batch, prompt.seq);
+        let mut cache = KvCache::new(self.layers.len());
+        let argmax = |logits: &Tensor| -> Result<Vec<u32>> {
+            let rows = logits.squeeze(1)?.to_vec2::<f32>()?; // [B, vocab]
+            Ok(rows
+                .iter()
+                .map(|r| r.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).map_or(0, |(i, _)| i as u32))
+                .collect())
+        };
+        let mut logits = None;
+        for p in 0..s {
+            let col: Vec<u32> = (0..b).map(|r| prompt.ids[r * s + p]).collect();
+            logits = Some(self.decode_step(&Tokens::new(b, 1, col)?, &mut cache, &mut NoObserver)?);
+        }
+        let mut next = argmax(&logits.ok_or_else(|| Error::Usage("empty prompt".into()))?)?;
+        let mut generated = vec![Vec::with_capacity(new); b];
+        for step in 0..new {
+            for (row, &t) in generated.iter_mut().zip(&next) {
+                row.push(t);
+            }
+            on_step(step, &next)?;
+            if step + 1 < new {
+                next = argmax(&self.decode_step(&Tokens::new(b, 1, next.clone())?, &mut cache, &mut NoObserver)?)?;
+            }
+        }
+        Ok(generated)
+    }
+}
