@@ -11,7 +11,7 @@
 
 use candle_core::{Device, Tensor, D};
 
-use super::indexer::{top_k_causal, Indexer, Selection};
+use super::indexer::{top_k_keys, Indexer, Selection};
 use super::layer::DecoderLayer;
 use super::mla::Attention;
 use super::nn::softmax_last;
@@ -59,6 +59,19 @@ fn append(cache: &mut Option<Tensor>, new: Tensor) -> Result<Tensor> {
 }
 
 impl Attention {
+    /// `kv_b_proj` split per head for absorption, made once per model (not per step):
+    /// W_UK [nh, nope, r] goes into the query, W_UV^T [nh, r, v] into the output.
+    fn absorbed(&self) -> Result<&(Tensor, Tensor)> {
+        if let Some(w) = self.absorbed.get() {
+            return Ok(w);
+        }
+        let (nh, nope, vd, r) = (self.heads, self.nope, self.v_dim, self.kv_lora_rank);
+        let w = self.kv_b_proj.weight.reshape((nh, nope + vd, r))?;
+        let w_uk = w.narrow(1, 0, nope)?.contiguous()?;
+        let w_uv_t = w.narrow(1, nope, vd)?.transpose(1, 2)?.contiguous()?;
+        Ok(self.absorbed.get_or_init(|| (w_uk, w_uv_t)))
+    }
+
     /// One new position `pos` per batch row. x: [B, 1, hidden] -> [B, 1, hidden].
     fn decode(
         &self,
@@ -102,16 +115,14 @@ impl Attention {
                     (qi.broadcast_matmul(&keys.unsqueeze(1)?.t()?)? * (w.head_dim as f64).powf(-0.5))?.relu()?; // [B, n, 1, T]
                 let wts = (w.weights_proj.forward(x)? * (w.n_heads as f64).powf(-0.5))?; // [B, 1, n]
                 let scores = per_head.broadcast_mul(&wts.transpose(1, 2)?.unsqueeze(3)?)?.sum(1)?; // [B, 1, T]
-                                                                                                   // As the last query of a T-long sequence: top-min(index_topk, T) causal keys.
+                                                                                                   // The newest query's causal keys are all T cached ones: keep the top min(index_topk, T).
                 let v = scores.flatten_all()?.to_vec1::<f32>()?;
-                let mut full = vec![f32::NEG_INFINITY; b * t * t];
-                for bi in 0..b {
-                    full[(bi * t + t - 1) * t..(bi * t + t) * t].copy_from_slice(&v[bi * t..(bi + 1) * t]);
+                let k = w.topk.min(t);
+                let (mut idx, mut margin, mut order) = (Vec::with_capacity(b * k), Vec::with_capacity(b), Vec::new());
+                for row in v.chunks_exact(t) {
+                    margin.push(top_k_keys(row, k, &mut order));
+                    idx.extend_from_slice(&order);
                 }
-                let all = top_k_causal(&full, b, t, w.topk);
-                let k = all.k;
-                let idx = (0..b).flat_map(|bi| all.row(bi, t - 1).to_vec()).collect();
-                let margin = (0..b).map(|bi| all.margin[bi * t + t - 1]).collect();
                 *sel = Some(Selection { batch: b, seq: 1, k, idx, margin });
             }
             Indexer::Shared if sel.is_some() => {}
@@ -131,18 +142,16 @@ impl Attention {
         }
         let mask = Tensor::from_vec(mask, (b, 1, 1, t), &Device::Cpu)?;
 
-        // Absorb kv_b_proj: W_UK [nh, nope, r] into the query, W_UV [nh, v, r] into the output.
-        let w = self.kv_b_proj.weight.reshape((nh, nope + vd, r))?;
-        let (w_uk, w_uv) = (w.narrow(1, 0, nope)?, w.narrow(1, nope, vd)?);
+        let (w_uk, w_uv_t) = self.absorbed()?; // [nh, nope, r], [nh, r, v]
         let q_nope = q.narrow(D::Minus1, 0, nope)?.contiguous()?; // [B, nh, 1, nope]
         let q_rope = q.narrow(D::Minus1, nope, rd)?.contiguous()?; // [B, nh, 1, rope]
-        let q_abs = q_nope.broadcast_matmul(&w_uk.contiguous()?)?; // [B, nh, 1, r]
+        let q_abs = q_nope.broadcast_matmul(w_uk)?; // [B, nh, 1, r]
         let latents4 = latents.unsqueeze(1)?; // [B, 1, T, r]
         let scores =
             (q_abs.broadcast_matmul(&latents4.t()?)? + q_rope.broadcast_matmul(&k_ropes.unsqueeze(1)?.t()?)?)?;
         let probs = softmax_last(&(scores * self.scale)?.broadcast_add(&mask)?)?; // [B, nh, 1, T]
         let mixed = probs.broadcast_matmul(&latents4)?; // [B, nh, 1, r]
-        let o = mixed.broadcast_matmul(&w_uv.t()?.contiguous()?)?; // [B, nh, 1, v]
+        let o = mixed.broadcast_matmul(w_uv_t)?; // [B, nh, 1, v]
         let o = o.transpose(1, 2)?.reshape((b, 1, nh * vd))?; // [B, 1, nh * v]
         let out = self.o_proj.forward(&o)?;
         emit(obs, hook(LayerHook::AttnOut), || Ok(out.clone()))?;

@@ -160,23 +160,29 @@ pub fn top_k_causal(scores: &[f32], batch: usize, seq: usize, topk: usize) -> Se
     for b in 0..batch {
         for s in 0..seq {
             let row = &scores[(b * seq + s) * seq..(b * seq + s + 1) * seq];
-            order.clear();
-            order.extend(0..=s);
-            if s + 1 > k {
-                // Descending by score; NaN sorts last so it is never preferred.
-                order.sort_by(|&x, &y| {
-                    row[y].partial_cmp(&row[x]).unwrap_or_else(|| row[x].is_nan().cmp(&row[y].is_nan())).then(x.cmp(&y))
-                });
-                margin.push(row[order[k - 1]] - row[order[k]]);
-                order.truncate(k);
-            } else {
-                margin.push(f32::INFINITY);
-                order.extend(s + 1..k);
-            }
+            margin.push(top_k_keys(&row[..=s], k, &mut order));
+            order.extend(s + 1..(s + 1).max(k)); // padding past the causal limit
             idx.extend_from_slice(&order);
         }
     }
     Selection { batch, seq, k, idx, margin }
+}
+
+/// The `k` best of `scores` (one query's causal keys), best first (ties by position), into
+/// `order`; returns the margin at the cut, K-th minus (K+1)-th, or +inf when all are kept.
+pub fn top_k_keys(scores: &[f32], k: usize, order: &mut Vec<usize>) -> f32 {
+    order.clear();
+    order.extend(0..scores.len());
+    if scores.len() <= k {
+        return f32::INFINITY;
+    }
+    // Descending by score; NaN sorts last so it is never preferred.
+    order.sort_by(|&x, &y| {
+        scores[y].partial_cmp(&scores[x]).unwrap_or_else(|| scores[x].is_nan().cmp(&scores[y].is_nan())).then(x.cmp(&y))
+    });
+    let margin = scores[order[k - 1]] - scores[order[k]];
+    order.truncate(k);
+    margin
 }
 
 #[cfg(test)]

@@ -28,6 +28,8 @@ pub struct Attention {
     pub(crate) v_dim: usize,
     pub(crate) kv_lora_rank: usize,
     pub(crate) scale: f64,
+    /// `kv_b_proj` split for absorbed decode, built on first use (`decode.rs`).
+    pub(crate) absorbed: std::sync::OnceLock<(Tensor, Tensor)>,
 }
 
 impl Attention {
@@ -57,6 +59,7 @@ impl Attention {
             v_dim: cfg.v_head_dim,
             kv_lora_rank: cfg.kv_lora_rank,
             scale: cfg.softmax_scale(),
+            absorbed: std::sync::OnceLock::new(),
         }
     }
 
