@@ -2,24 +2,9 @@
 //! name the problem, and no panics on bad input.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn glimpse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_glimpse")).args(args).output().expect("the binary runs")
-}
-
-fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
-}
-
-/// Exit code 2, exactly one line on stderr containing `needle`, no panic.
-fn assert_error(o: &Output, needle: &str) {
-    let (out, err) = text(o);
-    assert_eq!(o.status.code(), Some(2), "stdout: {out}\nstderr: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "one line expected: {err}");
-    assert!(err.contains(needle), "expected {needle:?} in: {err}");
-}
+mod common;
+use common::{assert_error, glimpse, text};
 
 const CONFIG: &str = r#"{
   "model_type": "glm_moe_dsa", "vocab_size": 40, "hidden_size": 32, "intermediate_size": 40,

@@ -20,6 +20,15 @@ fn golden(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case)
 }
 
+/// The bundled default case and its reference's tokens.
+fn flat_model() -> (Checkpoint, Model, glimpse::model::Tokens) {
+    let dir = golden("flat");
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let model = Model::load(&ckpt).unwrap();
+    let tokens = Dump::open(&dir.join("reference.safetensors")).unwrap().tokens().unwrap();
+    (ckpt, model, tokens)
+}
+
 fn everything() -> Selector {
     Selector::new("*,*.dsa.scores", None)
 }
@@ -81,10 +90,7 @@ fn every_hook_point_fires_with_the_right_shapes() {
 
 #[test]
 fn a_recorded_dump_round_trips() {
-    let dir = golden("flat");
-    let ckpt = Checkpoint::open(&dir).unwrap();
-    let model = Model::load(&ckpt).unwrap();
-    let tokens = Dump::open(&dir.join("reference.safetensors")).unwrap().tokens().unwrap();
+    let (ckpt, model, tokens) = flat_model();
     let tmp = tempfile::tempdir().unwrap();
     let mut rec = Recorder::new(everything());
     model.forward(&tokens, &mut rec).unwrap();
@@ -279,10 +285,7 @@ fn diff_classifies_flips_by_margin() {
 /// untouched and no temporary file behind.
 #[test]
 fn an_unfinished_dump_leaves_the_previous_file_intact() {
-    let dir = golden("flat");
-    let ckpt = Checkpoint::open(&dir).unwrap();
-    let model = Model::load(&ckpt).unwrap();
-    let tokens = Dump::open(&dir.join("reference.safetensors")).unwrap().tokens().unwrap();
+    let (_, model, tokens) = flat_model();
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("run.safetensors");
     std::fs::write(&path, b"previous").unwrap();

@@ -15,3 +15,17 @@ pub fn code_and_text(args: &[&str]) -> (i32, String) {
     assert!(!text.contains("panicked"), "{args:?}: {text}");
     (o.status.code().unwrap_or(-1), text)
 }
+
+/// Stdout and stderr as text.
+pub fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+/// Exit code 2, exactly one line on stderr containing `needle`, no panic.
+pub fn assert_error(o: &Output, needle: &str) {
+    let (out, err) = text(o);
+    assert_eq!(o.status.code(), Some(2), "stdout: {out}\nstderr: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line expected: {err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+}
