@@ -811,24 +811,24 @@ def check_layer_straddles(stored: dict[str, torch.Tensor], case_dir: str) -> Non
     assert set(wm) == set(stored)
 
 
-def verify_from_pretrained(case: Case, case_dir: str, sd: dict[str, torch.Tensor], dump: dict) -> str:
-    """The folder must load with plain from_pretrained: no missing keys, identical weights, and the
-    loaded model must reproduce the dump's logits bit for bit. Unexpected keys may only be the
-    MTP layer (transformers drops it: its ignore pattern is hard-coded to model.layers.78)."""
+def is_mtp_key(name: str, n_layers: int) -> bool:
+    return name.startswith("model.layers.") and int(name.split(".")[2]) >= n_layers
+
+
+def from_pretrained_checked(model_dir: str, n_layers: int, sd: dict[str, torch.Tensor]):
+    """Plain from_pretrained, then proof that it loaded exactly what the files hold: no missing
+    keys, identical weights; unexpected keys may only be the MTP layer (transformers drops it: its
+    ignore pattern is hard-coded to model.layers.78). Returns (model, loading info)."""
     transformers.logging.set_verbosity_error()  # the MTP keys would print a LOAD REPORT table
     transformers.utils.logging.disable_progress_bar()
     model, info = GlmMoeDsaForCausalLM.from_pretrained(
-        case_dir, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager",
+        model_dir, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager",
         output_loading_info=True,
     )
-    n_main = case.config["num_hidden_layers"]
-    bad_unexpected = [
-        k for k in info["unexpected_keys"]
-        if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= n_main)
-    ]
     problems = []
     if info["missing_keys"]:
         problems.append(f"missing {sorted(info['missing_keys'])}")
+    bad_unexpected = [k for k in info["unexpected_keys"] if not is_mtp_key(k, n_layers)]
     if bad_unexpected:
         problems.append(f"unexpected {sorted(bad_unexpected)}")
     if info.get("mismatched_keys"):
@@ -838,9 +838,16 @@ def verify_from_pretrained(case: Case, case_dir: str, sd: dict[str, torch.Tensor
         problems.append(f"key sets differ: {sorted(set(loaded) ^ set(sd))}")
     for k, v in sd.items():
         if k in loaded and not torch.equal(loaded[k], v):
-            problems.append(f"{k} differs after from_pretrained")
+            problems.append(f"{k} differs from the stored value after from_pretrained")
     if problems:
-        raise SystemExit(f"{case.name}: from_pretrained check failed:\n  " + "\n  ".join(problems))
+        raise SystemExit(f"{model_dir}: from_pretrained check failed:\n  " + "\n  ".join(problems))
+    return model, info
+
+
+def verify_from_pretrained(case: Case, case_dir: str, sd: dict[str, torch.Tensor], dump: dict) -> str:
+    """The folder must load with plain from_pretrained (see `from_pretrained_checked`) and the
+    loaded model must reproduce the dump's logits bit for bit."""
+    model, info = from_pretrained_checked(case_dir, case.config["num_hidden_layers"], sd)
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=dump["input_ids"], use_cache=False).logits

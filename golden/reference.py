@@ -101,35 +101,9 @@ def to_transformers_names(cfg: dict, eff: dict[str, torch.Tensor]) -> dict[str, 
     return sd
 
 
-def is_mtp_key(name: str, n_layers: int) -> bool:
-    return name.startswith("model.layers.") and int(name.split(".")[2]) >= n_layers
-
-
 def load_from_pretrained(model_dir: str, cfg: dict, sd: dict[str, torch.Tensor]) -> tuple[GlmMoeDsaForCausalLM, str]:
     """Plain from_pretrained, then proof that it loaded what the files hold."""
-    transformers.logging.set_verbosity_error()  # MTP keys would print a LOAD REPORT table
-    transformers.utils.logging.disable_progress_bar()
-    model, info = GlmMoeDsaForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager",
-        output_loading_info=True,
-    )
-    n = cfg["num_hidden_layers"]
-    problems = []
-    if info["missing_keys"]:
-        problems.append(f"missing {sorted(info['missing_keys'])}")
-    bad = [k for k in info["unexpected_keys"] if not is_mtp_key(k, n)]
-    if bad:
-        problems.append(f"unexpected {sorted(bad)}")
-    if info.get("mismatched_keys"):
-        problems.append(f"mismatched {info['mismatched_keys']}")
-    loaded = model.state_dict()
-    if set(loaded) != set(sd):
-        problems.append(f"key sets differ: {sorted(set(loaded) ^ set(sd))}")
-    for k, v in sd.items():
-        if k in loaded and not torch.equal(loaded[k], v):
-            problems.append(f"{k} differs from the stored value after from_pretrained")
-    if problems:
-        raise SystemExit(f"{model_dir}: from_pretrained check failed:\n  " + "\n  ".join(problems))
+    model, info = G.from_pretrained_checked(model_dir, cfg["num_hidden_layers"], sd)
     model = model.to(torch.float32).eval()
     G.check_rope(cfg, model)
     n_mtp = len(info["unexpected_keys"])
