@@ -17,6 +17,10 @@ next seed is tried (see `find_seed`).
 
 Semantics follow transformers 5.24.0 `models/glm_moe_dsa/modeling_glm_moe_dsa.py`; the dump
 names follow shared/spec/dump-format.md.
+
+transformers skips the MTP layer (model.layers.{num_hidden_layers}). For the `mtp` case the dump
+also holds that layer's forward, built here from transformers' own GlmMoeDsaDecoderLayer and the
+design notes' MTP definition (see `MtpBlock`), with the same near-tie checks.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ import safetensors.torch
 import torch
 import transformers
 from safetensors import safe_open
+from torch import nn
 from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
+from transformers.masking_utils import create_causal_mask
 from transformers.models.glm_moe_dsa import modeling_glm_moe_dsa as glm
 
 DUMP_FORMAT = "glm5-dump/1"
@@ -70,6 +76,12 @@ class Case:
     fused_experts: bool = False  # store experts as transformers' fused in-memory tensors
     shards: int = 1
     indexer_types: tuple[str, ...] | None = None  # what transformers must derive (checked)
+    # Dump the MTP layer's forward too (mtp.*, layers.{N}.*). transformers has no MTP module, so
+    # this reference is assembled here from its decoder layer (see `MtpBlock`).
+    mtp_reference: bool = False
+    # Store an own model.layers.{N}.shared_head.head.weight (random, != lm_head), appended after
+    # every other tensor so the RNG stream of the rest of the checkpoint is unchanged.
+    mtp_own_head: bool = False
 
 
 def _base_config(**overrides) -> dict:
@@ -263,6 +275,36 @@ def build_cases() -> dict[str, Case]:
             storage="bf16",
             fused_experts=True,
         ),
+        Case(
+            name="mtp",
+            description=(
+                "MTP (multi-token prediction) layer model.layers.3.* with a reference for its forward: "
+                "3 main layers (layer 0 dense, 1-2 MoE), 8 experts top-2 flat, every layer a full DSA "
+                "indexer, index_topk 6, batch 2 with different tokens per row, S=16. The MTP layer is a "
+                "full MoE decoder layer with its own indexer plus enorm / hnorm / eh_proj [H, 2H] / "
+                "shared_head.norm and an own shared_head.head.weight (random, different from lm_head); no "
+                "own embed_tokens, so it reuses the main embedding. Its forward runs over S-1=15 positions "
+                "(RoPE positions 0..14): x = eh_proj(cat(enorm(embed(ids[:, 1:])), hnorm(h[:, :-1]))) with "
+                "h the main model's final-norm output, then the decoder layer (causal, own indexer), then "
+                "shared_head.head(shared_head.norm(x)). transformers skips model.layers.N, so that reference "
+                "is built in golden/generate.py from transformers' GlmMoeDsaDecoderLayer. Default RoPE "
+                "theta 1e4, untied lm_head, single F32 model.safetensors."
+            ),
+            config=_base_config(
+                num_hidden_layers=3,
+                first_k_dense_replace=1,
+                n_routed_experts=8,
+                num_experts_per_tok=2,
+                index_topk=6,
+                num_nextn_predict_layers=1,
+            ),
+            batch=2,
+            seq=16,
+            seed=5000,
+            storage="f32",
+            mtp_reference=True,
+            mtp_own_head=True,
+        ),
     ]
     return {c.name: c for c in cases}
 
@@ -331,7 +373,7 @@ def layer_tensor_specs(c: GlmMoeDsaConfig, i: int, moe: bool, indexer: bool) -> 
     return specs
 
 
-def checkpoint_specs(cfg: dict) -> list[tuple[str, tuple, str]]:
+def checkpoint_specs(cfg: dict, mtp_own_head: bool = False) -> list[tuple[str, tuple, str]]:
     """All tensors of the released layout, in a fixed order (the order drives the RNG stream)."""
     c = hf_config(cfg)
     H = c.hidden_size
@@ -355,6 +397,12 @@ def checkpoint_specs(cfg: dict) -> list[tuple[str, tuple, str]]:
             (p + "eh_proj.weight", (H, 2 * H), "linear"),
             (p + "shared_head.norm.weight", (H,), "rmsnorm"),
         ]
+    if mtp_own_head:
+        # Last, so that every tensor above draws the same random values as without the flag.
+        n_mtp = cfg.get("num_nextn_predict_layers", 0)
+        assert n_mtp >= 1, "mtp_own_head needs an MTP layer"
+        for j in range(n_mtp):
+            specs.append((f"model.layers.{c.num_hidden_layers + j}.shared_head.head.weight", (c.vocab_size, H), "linear"))
     return specs
 
 
@@ -378,8 +426,8 @@ def init_tensor(shape: tuple, kind: str, gen: torch.Generator) -> torch.Tensor:
     return w.to(torch.float32)
 
 
-def init_weights(cfg: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    return {name: init_tensor(shape, kind, gen) for name, shape, kind in checkpoint_specs(cfg)}
+def init_weights(cfg: dict, gen: torch.Generator, mtp_own_head: bool = False) -> dict[str, torch.Tensor]:
+    return {name: init_tensor(shape, kind, gen) for name, shape, kind in checkpoint_specs(cfg, mtp_own_head)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,6 +552,93 @@ def check_rope(cfg: dict, model: GlmMoeDsaForCausalLM) -> None:
         assert model.model.layers[0].self_attn.scaling == (cfg["qk_nope_head_dim"] + d) ** -0.5
 
 
+# Names below model.layers.{N}. that belong to the MTP wrapper, not to its decoder layer.
+MTP_OWN_PREFIXES = ("embed_tokens.", "enorm.", "hnorm.", "eh_proj.", "shared_head.")
+
+
+class MtpBlock(nn.Module):
+    """GLM-5's MTP layer model.layers.{N} (N = num_hidden_layers), per the design notes
+    (shared/design/glm5-reference.md, "Checkpoint layout"), assembled from transformers' parts.
+
+    transformers 5.24 has no MTP module: it never builds model.layers.N and drops its weights on
+    load. So the decoder layer is transformers' own GlmMoeDsaDecoderLayer (its attention, DSA
+    indexer and MoE, exactly as the main layers run them), built from a copy of the model config
+    whose per-layer lists are extended to index N (MoE, full indexer), and called the way
+    GlmMoeDsaModel.forward calls its layers. Only the glue around it (norms, eh_proj, head) is
+    written here. Parameter names below `layer.` are the decoder layer's; the others are the
+    checkpoint's own names below model.layers.N. (embed_tokens and shared_head.head hold the main
+    model's embedding / lm_head when the checkpoint has no own copy).
+
+    For a sequence of S tokens, over positions s = 0..S-2 (S' = S-1, RoPE positions 0..S-2):
+        x = eh_proj(cat([enorm(embed(ids[:, 1:])), hnorm(h[:, :S-1])], -1))
+        x = layer(x)                    causal over its own S' positions, own indexer
+        logits = shared_head.head(shared_head.norm(x))
+    where h is the main model's hidden state AFTER its final norm.
+    """
+
+    def __init__(self, main_config: GlmMoeDsaConfig):
+        super().__init__()
+        n = main_config.num_hidden_layers
+        c = copy.deepcopy(main_config)  # keeps _attn_implementation / _experts_implementation (eager)
+        # The decoder layer reads its type from these lists at its own index.
+        assert len(c.mlp_layer_types) == n and len(c.indexer_types) == n, "per-layer lists must end at layer N-1"
+        c.mlp_layer_types = list(c.mlp_layer_types) + ["sparse"]
+        c.indexer_types = list(c.indexer_types) + ["full"]
+        c.layer_types = list(c.layer_types) + ["indexed_attention"]
+        self.config = c
+        self.layer_idx = n
+        H, V = c.hidden_size, c.vocab_size
+        self.embed_tokens = nn.Embedding(V, H)
+        self.enorm = glm.GlmMoeDsaRMSNorm(H, eps=c.rms_norm_eps)
+        self.hnorm = glm.GlmMoeDsaRMSNorm(H, eps=c.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * H, H, bias=False)
+        self.layer = glm.GlmMoeDsaDecoderLayer(c, layer_idx=n)
+        assert isinstance(self.layer.mlp, glm.GlmMoeDsaMoE) and self.layer.self_attn.indexer is not None
+        self.shared_head = nn.Module()
+        self.shared_head.norm = glm.GlmMoeDsaRMSNorm(H, eps=c.rms_norm_eps)
+        self.shared_head.head = nn.Linear(H, V, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, h: torch.Tensor, rotary_emb: nn.Module) -> torch.Tensor:
+        """input_ids [B, S]; h = the main model's final-norm output [B, S, H]; rotary_emb = the main
+        model's (the MTP layer has none of its own). Returns the MTP logits [B, S-1, V]."""
+        S1 = input_ids.shape[1] - 1
+        e = self.enorm(self.embed_tokens(input_ids[:, 1:]))  # the token after each position
+        hh = self.hnorm(h[:, :S1])
+        x = self.eh_proj(torch.cat([e, hh], dim=-1))
+        position_ids = torch.arange(S1, device=x.device).unsqueeze(0)
+        # As GlmMoeDsaModel.forward: an explicit (never skipped) causal mask, which the indexer adds
+        # to its scores, and cos/sin from the main model's rotary embedding.
+        mask = create_causal_mask(
+            config=self.config, inputs_embeds=x, attention_mask=None, cache=None,
+            position_ids=position_ids, allow_is_causal_skip=False,
+        )
+        position_embeddings = rotary_emb(x, position_ids=position_ids)
+        x, _ = self.layer(
+            x, attention_mask=mask, position_embeddings=position_embeddings, position_ids=position_ids,
+            cache=None, use_cache=False, prev_topk_indices=None,
+        )
+        return self.shared_head.head(self.shared_head.norm(x))
+
+
+def build_mtp(model: GlmMoeDsaForCausalLM, weights: dict[str, torch.Tensor]) -> MtpBlock:
+    """The MTP block of `model`, loaded from the checkpoint-layout f32 tensors model.layers.{N}.*
+    in `weights` (the effective values, per-expert layout; fused here as for the main layers).
+    The MTP layer has no embedding / head of its own unless the checkpoint stores one: then it
+    uses the main model's."""
+    c = model.config
+    assert c.num_nextn_predict_layers == 1, "one MTP layer"
+    p = f"model.layers.{c.num_hidden_layers}."
+    own = fuse_experts({k: v for k, v in weights.items() if k.startswith(p)}, c.n_routed_experts)
+    own = {k[len(p):]: v for k, v in own.items()}
+    state = {(k if k.startswith(MTP_OWN_PREFIXES) else "layer." + k): v for k, v in own.items()}
+    state.setdefault("embed_tokens.weight", model.model.embed_tokens.weight.detach())
+    state.setdefault("shared_head.head.weight", model.lm_head.weight.detach())
+    mtp = MtpBlock(c).to(torch.float32).eval()
+    missing, unexpected = mtp.load_state_dict(state, strict=True)
+    assert not missing and not unexpected, (missing, unexpected)
+    return mtp
+
+
 class Recorder:
     """Forward hooks that collect the dump's hook points, plus the indexer's raw scores.
 
@@ -511,10 +646,15 @@ class Recorder:
     exact tensor the reference calls `.topk` on by patching `torch.Tensor.topk` while (and only
     while) an indexer forward is running. That is the value the selection was made from, so its
     margins are the ones that matter (an f64 recompute would measure a slightly different tensor).
+
+    With an `mtp` block it also records the MTP forward: its decoder layer under the same
+    `layers.{N}.*` names as a main layer (over its S-1 positions), plus `mtp.input_hidden`,
+    `mtp.eh_proj` and `mtp.final_norm`.
     """
 
-    def __init__(self, model: GlmMoeDsaForCausalLM):
+    def __init__(self, model: GlmMoeDsaForCausalLM, mtp: MtpBlock | None = None):
         self.model = model
+        self.mtp = mtp
         self.t: dict[str, torch.Tensor] = {}
         self.index_scores: dict[int, torch.Tensor] = {}
         self.handles = []
@@ -531,6 +671,13 @@ class Recorder:
         self.handles.append(m.norm.register_forward_hook(lambda mod, a, o: self._put("final_norm", o)))
         for i, layer in enumerate(m.layers):
             self._hook_layer(i, layer)
+        if self.mtp is not None:
+            mtp, H = self.mtp, self.handles
+            # hnorm's input is exactly the h the block was given (sliced to S-1 positions).
+            H.append(mtp.hnorm.register_forward_pre_hook(lambda mod, a: self._put("mtp.input_hidden", a[0])))
+            H.append(mtp.eh_proj.register_forward_hook(lambda mod, a, o: self._put("mtp.eh_proj", o)))
+            self._hook_layer(mtp.layer_idx, mtp.layer)
+            H.append(mtp.shared_head.norm.register_forward_hook(lambda mod, a, o: self._put("mtp.final_norm", o)))
         orig_topk = torch.Tensor.topk
         self._orig_topk = orig_topk
         rec = self
@@ -585,12 +732,17 @@ class Recorder:
 
 
 @torch.no_grad()
-def run_reference(model: GlmMoeDsaForCausalLM, input_ids: torch.Tensor) -> tuple[dict, dict]:
-    with Recorder(model) as rec:
+def run_reference(model: GlmMoeDsaForCausalLM, input_ids: torch.Tensor, mtp: MtpBlock | None = None) -> tuple[dict, dict]:
+    """The dump tensors and the captured indexer scores {layer: [B, S, S]}. With `mtp`, the MTP
+    block then runs on the recorded final_norm output (the same tensor lm_head saw)."""
+    with Recorder(model, mtp) as rec:
         out = model(input_ids=input_ids, use_cache=False)
+        mtp_logits = None if mtp is None else mtp(input_ids, rec.t["final_norm"], model.model.rotary_emb)
     t = {"input_ids": input_ids.clone()}
     t.update(rec.t)
     t["logits"] = out.logits.detach().clone().contiguous()
+    if mtp_logits is not None:
+        t["mtp.logits"] = mtp_logits.detach().clone().contiguous()
     return t, rec.index_scores
 
 
@@ -653,44 +805,56 @@ def routing_margins(logits: torch.Tensor, bias: torch.Tensor, ids: torch.Tensor,
     return {"expert": margins.min().item(), "group": group_margins.min().item()}
 
 
-def check_selections(cfg: dict, sd: dict, t32: dict, scores32: dict, model32) -> dict:
-    """Margins of the f32 run + agreement of every selection with a float64 run of the same model."""
+def check_selections(cfg: dict, sd: dict, t32: dict, scores32: dict, model32, mtp32: MtpBlock | None = None) -> dict:
+    """Margins of the f32 run + agreement of every selection with a float64 run of the same model.
+    With `mtp32`, the MTP layer's DSA and routing count like any main layer's (its margins are
+    also reported on their own: mtp_dsa_margin, mtp_routing_margin)."""
     c = hf_config(cfg)
-    S = t32["input_ids"].shape[1]
-    K = min(c.index_topk, S)
+    # (layer index, its e_score_correction_bias or None for a dense layer)
+    layers = [
+        (i, sd[f"model.layers.{i}.mlp.gate.e_score_correction_bias"] if c.mlp_layer_types[i] == "sparse" else None)
+        for i in range(c.num_hidden_layers)
+    ]
+    if mtp32 is not None:
+        layers.append((mtp32.layer_idx, mtp32.layer.mlp.gate.e_score_correction_bias.detach()))
     res = {"dsa_margin": math.inf, "dsa_queries": 0, "routing_margin": math.inf, "group_margin": math.inf}
-    for i in range(c.num_hidden_layers):
+    for i, bias in layers:
+        is_mtp = mtp32 is not None and i == mtp32.layer_idx
         if i in scores32:
+            # K from the layer's own key count: the MTP layer runs over S-1 positions.
+            K = min(c.index_topk, scores32[i].shape[-1])
             m, n = dsa_margins(scores32[i], t32[f"layers.{i}.dsa.topk"], K)
             res["dsa_margin"] = min(res["dsa_margin"], m)
             res["dsa_queries"] += n
-        if c.mlp_layer_types[i] == "sparse":
-            r = routing_margins(
-                t32[f"layers.{i}.moe.router_logits"],
-                sd[f"model.layers.{i}.mlp.gate.e_score_correction_bias"],
-                t32[f"layers.{i}.moe.topk_ids"],
-                c,
-            )
+            if is_mtp:
+                res["mtp_dsa_margin"] = m
+        if bias is not None:
+            r = routing_margins(t32[f"layers.{i}.moe.router_logits"], bias, t32[f"layers.{i}.moe.topk_ids"], c)
             res["routing_margin"] = min(res["routing_margin"], r["expert"])
             res["group_margin"] = min(res["group_margin"], r["group"])
+            if is_mtp:
+                res["mtp_routing_margin"], res["mtp_group_margin"] = r["expert"], r["group"]
 
     # float64 run. Note: transformers' router casts to f32 internally and the indexer computes its
     # scores from `.float()` q/k, so the f64 run differs from f32 in everything upstream of those.
     model64 = copy.deepcopy(model32).double()
-    t64, _ = run_reference(model64, t32["input_ids"])
+    mtp64 = None if mtp32 is None else copy.deepcopy(mtp32).double()
+    t64, _ = run_reference(model64, t32["input_ids"], mtp64)
     agree, total = 0, 0
-    for i in range(c.num_hidden_layers):
+    for i, bias in layers:
         a, b = causal_sets(t32[f"layers.{i}.dsa.topk"]), causal_sets(t64[f"layers.{i}.dsa.topk"])
         for ra, rb in zip(a, b):
             for x, y in zip(ra, rb):
                 agree += x == y
                 total += 1
-        if c.mlp_layer_types[i] == "sparse":
+        if bias is not None:
             for x, y in zip(t32[f"layers.{i}.moe.topk_ids"].tolist(), t64[f"layers.{i}.moe.topk_ids"].tolist()):
                 agree += set(x) == set(y)
                 total += 1
     res["f64_agree"], res["f64_total"] = agree, total
     res["max_abs_logit_diff_f64"] = (t32["logits"].double() - t64["logits"]).abs().max().item()
+    if mtp32 is not None:
+        res["max_abs_mtp_logit_diff_f64"] = (t32["mtp.logits"].double() - t64["mtp.logits"]).abs().max().item()
     res["ok"] = (
         agree == total
         and res["dsa_margin"] > MARGIN_MIN
@@ -713,14 +877,15 @@ def make_inputs(case: Case, gen: torch.Generator) -> torch.Tensor:
 
 def attempt(case: Case, seed: int):
     gen = torch.Generator().manual_seed(seed)
-    weights = init_weights(case.config, gen)
+    weights = init_weights(case.config, gen, case.mtp_own_head)
     input_ids = make_inputs(case, gen)
     stored, effective = to_storage(case, weights)
     sd = transformers_state_dict(case.config, effective)
     model = build_model(case.config, sd)
-    tensors, scores = run_reference(model, input_ids)
-    checks = check_selections(case.config, sd, tensors, scores, model)
-    return stored, sd, tensors, scores, checks
+    mtp = build_mtp(model, effective) if case.mtp_reference else None
+    tensors, scores = run_reference(model, input_ids, mtp)
+    checks = check_selections(case.config, sd, tensors, scores, model, mtp)
+    return stored, sd, effective, tensors, scores, checks
 
 
 def find_seed(case: Case, verbose: bool):
@@ -737,11 +902,14 @@ def find_seed(case: Case, verbose: bool):
 
 
 def fmt_checks(c: dict) -> str:
-    return (
+    text = (
         f"min routing margin {c['routing_margin']:.3g}, min group margin {c['group_margin']:.3g}, "
         f"min DSA margin {c['dsa_margin']:.3g} ({c['dsa_queries']} queries), "
         f"f32-vs-f64 selections {c['f64_agree']}/{c['f64_total']} agree"
     )
+    if "mtp_dsa_margin" in c:
+        text += f" (MTP layer alone: routing {c['mtp_routing_margin']:.3g}, DSA {c['mtp_dsa_margin']:.3g})"
+    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -854,7 +1022,22 @@ def verify_from_pretrained(case: Case, case_dir: str, sd: dict[str, torch.Tensor
     if not torch.equal(logits, dump["logits"]):
         raise SystemExit(f"{case.name}: from_pretrained model does not reproduce the dump's logits")
     n_mtp = len(info["unexpected_keys"])
-    return f"from_pretrained OK (no missing keys, weights identical, logits bit-identical; {n_mtp} MTP keys ignored)"
+    text = f"from_pretrained OK (no missing keys, weights identical, logits bit-identical; {n_mtp} MTP keys ignored)"
+    if case.mtp_reference:
+        # transformers dropped the MTP layer, so check it from the files themselves: its tensors
+        # read back from the written checkpoint, around the from_pretrained model, must reproduce
+        # the dump's MTP logits.
+        p = f"model.layers.{case.config['num_hidden_layers']}."
+        files = sorted(f for f in os.listdir(case_dir) if f.startswith("model") and f.endswith(".safetensors"))
+        on_disk = {}
+        for fname in files:
+            with safe_open(os.path.join(case_dir, fname), "pt") as f:
+                on_disk.update({k: f.get_tensor(k).to(torch.float32) for k in f.keys() if k.startswith(p)})
+        t, _ = run_reference(model, dump["input_ids"], build_mtp(model, on_disk))
+        if not torch.equal(t["mtp.logits"], dump["mtp.logits"]):
+            raise SystemExit(f"{case.name}: the MTP tensors read back from the files do not reproduce mtp.logits")
+        text += "; MTP tensors read back from the files reproduce mtp.logits bit-identically"
+    return text
 
 
 def dump_tensors(cfg: dict, tensors: dict, scores: dict) -> dict[str, torch.Tensor]:
@@ -872,33 +1055,48 @@ def dump_tensors(cfg: dict, tensors: dict, scores: dict) -> dict[str, torch.Tens
     return out
 
 
-def expected_dump_names(cfg: dict) -> set[str]:
+MTP_DUMP_NAMES = ("mtp.input_hidden", "mtp.eh_proj", "mtp.final_norm", "mtp.logits")
+
+
+def expected_dump_names(cfg: dict, mtp: bool = False) -> set[str]:
+    """With `mtp`, also the MTP block's names: mtp.* and every hook point of layer N (an MoE layer
+    with a full indexer)."""
     c = hf_config(cfg)
     names = {"input_ids", "embeddings", "final_norm", "logits"}
-    for i in range(c.num_hidden_layers):
+    N = c.num_hidden_layers
+    for i in range(N + 1 if mtp else N):
         p = f"layers.{i}."
         names |= {p + n for n in ("input_norm", "attn.q_latent", "attn.kv_latent", "dsa.topk", "attn.out",
                                    "post_attn_norm", "mlp.out", "output")}
-        if c.mlp_layer_types[i] == "sparse":
+        if i == N or c.mlp_layer_types[i] == "sparse":
             names |= {p + n for n in ("moe.router_logits", "moe.topk_ids", "moe.topk_weights")}
-        if c.indexer_types[i] == "full":
+        if i == N or c.indexer_types[i] == "full":
             names.add(p + "dsa.scores")
+    if mtp:
+        names |= set(MTP_DUMP_NAMES)
     return names
 
 
-def check_dump_shapes(cfg: dict, d: dict, B: int, S: int) -> None:
+def check_dump_shapes(cfg: dict, d: dict, B: int, S: int, mtp: bool = False) -> None:
     c = hf_config(cfg)
-    H, E, k, K = c.hidden_size, c.n_routed_experts, c.num_experts_per_tok, min(c.index_topk, S)
-    assert set(d) == expected_dump_names(cfg), set(d) ^ expected_dump_names(cfg)
-    want = {"input_ids": (B, S), "embeddings": (B, S, H), "final_norm": (B, S, H), "logits": (B, S, c.vocab_size)}
-    for i in range(c.num_hidden_layers):
+    H, E, k, V = c.hidden_size, c.n_routed_experts, c.num_experts_per_tok, c.vocab_size
+    assert set(d) == expected_dump_names(cfg, mtp), set(d) ^ expected_dump_names(cfg, mtp)
+    want = {"input_ids": (B, S), "embeddings": (B, S, H), "final_norm": (B, S, H), "logits": (B, S, V)}
+    if mtp:
+        S1 = S - 1  # the MTP layer runs over positions 0..S-2
+        want.update({"mtp.input_hidden": (B, S1, H), "mtp.eh_proj": (B, S1, H), "mtp.final_norm": (B, S1, H),
+                     "mtp.logits": (B, S1, V)})
+    N = c.num_hidden_layers
+    for i in range(N + 1 if mtp else N):
         p = f"layers.{i}."
+        L = S1 if i == N else S  # positions this layer ran over
+        K = min(c.index_topk, L)
         want.update({
-            p + "input_norm": (B, S, H), p + "attn.q_latent": (B, S, c.q_lora_rank),
-            p + "attn.kv_latent": (B, S, c.kv_lora_rank), p + "dsa.topk": (B, S, K), p + "attn.out": (B, S, H),
-            p + "post_attn_norm": (B, S, H), p + "mlp.out": (B, S, H), p + "output": (B, S, H),
-            p + "moe.router_logits": (B * S, E), p + "moe.topk_ids": (B * S, k), p + "moe.topk_weights": (B * S, k),
-            p + "dsa.scores": (B, S, S),
+            p + "input_norm": (B, L, H), p + "attn.q_latent": (B, L, c.q_lora_rank),
+            p + "attn.kv_latent": (B, L, c.kv_lora_rank), p + "dsa.topk": (B, L, K), p + "attn.out": (B, L, H),
+            p + "post_attn_norm": (B, L, H), p + "mlp.out": (B, L, H), p + "output": (B, L, H),
+            p + "moe.router_logits": (B * L, E), p + "moe.topk_ids": (B * L, k), p + "moe.topk_weights": (B * L, k),
+            p + "dsa.scores": (B, L, L),
         })
     for name, t in d.items():
         assert tuple(t.shape) == want[name], (name, tuple(t.shape), want[name])
@@ -928,11 +1126,70 @@ def check_case_config(case: Case) -> None:
     if case.indexer_types is not None:
         assert tuple(c.indexer_types) == case.indexer_types, (c.indexer_types, case.indexer_types)
         assert {"full", "shared"} <= set(c.indexer_types)
+    if case.mtp_reference:
+        assert c.num_nextn_predict_layers == 1, "the MTP reference covers one MTP layer"
+        # The MTP layer runs over S-1 positions; its indexer must drop keys there too.
+        assert c.index_topk < case.seq - 1, f"{case.name}: index_topk does not drop keys in the MTP layer"
+        # build_mtp fuses per-expert tensors and the from_pretrained check reads the MTP tensors
+        # back from the files as f32: only the plain layout is supported.
+        assert case.storage == "f32" and not case.fused_experts, "MTP reference: F32 per-expert layout only"
+
+
+def mtp_reference_text(cfg: dict, own_head: bool) -> str:
+    """The `mtp_reference` metadata sentence."""
+    N = cfg["num_hidden_layers"]
+    head = (f"model.layers.{N}.shared_head.head.weight (the MTP layer's own head)" if own_head
+            else "lm_head (the MTP layer has no own head)")
+    return (
+        f"The MTP tensors (mtp.input_hidden, mtp.eh_proj, layers.{N}.*, mtp.final_norm, mtp.logits) were built in "
+        f"golden/generate.py (MtpBlock) from transformers' GlmMoeDsaDecoderLayer and the MTP definition in "
+        f"shared/design/glm5-reference.md, because transformers skips model.layers.{N}: over positions "
+        f"s = 0..S-2 (S-1 rows, RoPE positions 0..S-2), mtp.input_hidden = final_norm[:, :S-1] (the main hidden "
+        f"state AFTER the final norm), mtp.eh_proj = eh_proj(cat([enorm(embed_tokens(input_ids[:, 1:])), "
+        f"hnorm(mtp.input_hidden)], -1)) with the main embed_tokens, then decoder layer {N} (MoE, own full DSA "
+        f"indexer, causal over its own S-1 positions, eager), mtp.final_norm = shared_head.norm(layers.{N}.output), "
+        f"mtp.logits = mtp.final_norm @ {head}^T."
+    )
+
+
+def check_mtp_by_hand(cfg: dict, d: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Recomputes the MTP glue in float64 from the dump and the checkpoint-layout weights, outside
+    any transformers module: a second reading of the formula (input slice, embedding of the NEXT
+    token, cat order, which head) that must agree with MtpBlock within the spec's default
+    tolerance. Returns the max abs difference per name."""
+    c = hf_config(cfg)
+    N = c.num_hidden_layers
+    p = f"model.layers.{N}."
+
+    def rms(x: torch.Tensor, name: str) -> torch.Tensor:
+        x = x.double()
+        return weights[name].double() * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c.rms_norm_eps)
+
+    ids = d["input_ids"]
+    S1 = ids.shape[1] - 1
+    assert torch.equal(d["mtp.input_hidden"], d["final_norm"][:, :S1]), "mtp.input_hidden != final_norm[:, :S-1]"
+    e = rms(weights["model.embed_tokens.weight"].double()[ids[:, 1:]], p + "enorm.weight")
+    hh = rms(d["mtp.input_hidden"], p + "hnorm.weight")
+    own_head = p + "shared_head.head.weight"
+    head = weights[own_head] if own_head in weights else weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    final = rms(d[f"layers.{N}.output"], p + "shared_head.norm.weight")
+    want = {
+        "mtp.eh_proj": torch.cat([e, hh], -1) @ weights[p + "eh_proj.weight"].double().T,
+        f"layers.{N}.input_norm": rms(d["mtp.eh_proj"], p + "input_layernorm.weight"),
+        "mtp.final_norm": final,
+        "mtp.logits": final @ head.double().T,
+    }
+    diffs = {}
+    for name, w in want.items():
+        err = (d[name].double() - w).abs()
+        assert (err <= 1e-4 + 1e-4 * w.abs()).all(), f"{name}: hand recompute differs by {err.max().item():.3g}"
+        diffs[name] = err.max().item()
+    return diffs
 
 
 def write_case(case: Case, out_dir: str, verbose: bool) -> dict:
     check_case_config(case)
-    seed, (stored, sd, tensors, scores, checks) = find_seed(case, verbose)
+    seed, (stored, sd, effective, tensors, scores, checks) = find_seed(case, verbose)
     case_dir = os.path.join(out_dir, case.name)
     if os.path.isdir(case_dir):
         shutil.rmtree(case_dir)  # stale shards from an older layout must not survive
@@ -945,7 +1202,8 @@ def write_case(case: Case, out_dir: str, verbose: bool) -> dict:
 
     B, S = tensors["input_ids"].shape
     dump = dump_tensors(case.config, tensors, scores)
-    check_dump_shapes(case.config, dump, B, S)
+    check_dump_shapes(case.config, dump, B, S, case.mtp_reference)
+    mtp_hand = check_mtp_by_hand(case.config, dump, effective) if case.mtp_reference else None
     c = hf_config(case.config)
     metadata = {
         "format": DUMP_FORMAT,
@@ -966,6 +1224,16 @@ def write_case(case: Case, out_dir: str, verbose: bool) -> dict:
         "f64_selection_agreement": f"{checks['f64_agree']}/{checks['f64_total']}",
         "extra_tensors": "layers.{i}.dsa.scores (full indexer layers): indexer scores [B,S,S], -inf where j > s",
     }
+    if case.mtp_reference:
+        N = c.num_hidden_layers
+        metadata["mtp_reference"] = mtp_reference_text(case.config, case.mtp_own_head)
+        metadata["mtp_min_routing_margin"] = repr(checks["mtp_routing_margin"])
+        metadata["mtp_min_dsa_margin"] = repr(checks["mtp_dsa_margin"])
+        metadata["extra_tensors"] += (
+            f"; mtp.input_hidden / mtp.eh_proj / mtp.final_norm [B,S-1,H], mtp.logits [B,S-1,V] and "
+            f"layers.{N}.* (the MTP layer's hook points, same names and conventions as a main layer, over S-1 "
+            f"positions; dsa.scores [B,S-1,S-1]): see mtp_reference"
+        )
     save_safetensors(dump, os.path.join(case_dir, "reference.safetensors"), metadata)
     files.append("reference.safetensors")
 
@@ -985,7 +1253,7 @@ def write_case(case: Case, out_dir: str, verbose: bool) -> dict:
         loaded = verify_from_pretrained(case, case_dir, sd, tensors)
 
     return {
-        "case": case.name, "seed": seed, "tensors": len(dump), "checks": checks, "loaded": loaded,
+        "case": case.name, "seed": seed, "tensors": len(dump), "checks": checks, "loaded": loaded, "mtp_hand": mtp_hand,
         "files": {f: os.path.getsize(os.path.join(case_dir, f)) for f in ["config.json"] + files},
     }
 
@@ -1006,6 +1274,9 @@ def main(argv=None) -> int:
         ch = r["checks"]
         print(f"{r['case']}: seed {r['seed']}, {r['tensors']} dump tensors")
         print(f"  {fmt_checks(ch)}; max |logits f32 - f64| {ch['max_abs_logit_diff_f64']:.2e}")
+        if r["mtp_hand"] is not None:
+            print(f"  MTP: max |mtp.logits f32 - f64| {ch['max_abs_mtp_logit_diff_f64']:.2e}; hand recompute (f64) max abs diff "
+                  + ", ".join(f"{k} {v:.2e}" for k, v in r["mtp_hand"].items()))
         print(f"  {r['loaded']}")
         for f, size in r["files"].items():
             print(f"  {f:40s} {size:>10,d} bytes")

@@ -253,6 +253,26 @@ pub fn compare_expert_weights(
     tol: Tolerance,
 ) -> (bool, Detail) {
     let k = shape.last().copied().unwrap_or(1).max(1);
+    let (aligned_ours, aligned_ref, positions) = align_by_expert(our_ids, ours, ref_ids, reference, k);
+    let (ok, mut detail) = compare_floats(&aligned_ours, &aligned_ref, &[aligned_ref.len()], tol);
+    // Report the worst element at its coordinate in the reference tensor.
+    if let Detail::Float { worst_at, .. } = &mut detail {
+        if let Some(&p) = worst_at.first().and_then(|&p| positions.get(p)) {
+            *worst_at = coord(shape, p);
+        }
+    }
+    (ok, detail)
+}
+
+/// The weights of the experts both sides chose, in the reference's order: (ours, reference, flat
+/// index of each in the reference tensor). Rows hold `k` experts.
+pub fn align_by_expert(
+    our_ids: &[i64],
+    ours: &[f32],
+    ref_ids: &[i64],
+    reference: &[f32],
+    k: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<usize>) {
     let mut aligned_ours = Vec::with_capacity(reference.len());
     let mut aligned_ref = Vec::with_capacity(reference.len());
     let mut positions = Vec::with_capacity(reference.len());
@@ -264,14 +284,12 @@ pub fn compare_expert_weights(
             positions.push(i);
         }
     }
-    let (ok, mut detail) = compare_floats(&aligned_ours, &aligned_ref, &[aligned_ref.len()], tol);
-    // Report the worst element at its coordinate in the reference tensor.
-    if let Detail::Float { worst_at, .. } = &mut detail {
-        if let Some(&p) = worst_at.first().and_then(|&p| positions.get(p)) {
-            *worst_at = coord(shape, p);
-        }
-    }
-    (ok, detail)
+    (aligned_ours, aligned_ref, positions)
+}
+
+/// Flat indices of the elements outside the tolerance.
+pub fn elements_outside<'a>(ours: &'a [f32], reference: &'a [f32], tol: Tolerance) -> impl Iterator<Item = usize> + 'a {
+    ours.iter().zip(reference).enumerate().filter(move |(_, (&a, &e))| !element_ok(a, e, tol)).map(|(i, _)| i)
 }
 
 /// Compares one tensor by the rule its name calls for. `ids` gives, for `moe.topk_weights`, the
@@ -323,7 +341,7 @@ fn exact_rows(name: &str, shape: &[usize]) -> Vec<usize> {
     }
 }
 
-fn to_f32(v: &Values) -> Vec<f32> {
+pub fn to_f32(v: &Values) -> Vec<f32> {
     match v {
         Values::F32(x) => x.clone(),
         Values::I64(x) => x.iter().map(|&i| i as f32).collect(),

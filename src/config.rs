@@ -355,6 +355,22 @@ impl Config {
     pub fn shared_intermediate_size(&self) -> usize {
         self.moe_intermediate_size * self.n_shared_experts
     }
+    /// Layer `i`'s feed-forward kind; past the main layers (the MTP layer) always MoE.
+    pub fn mlp_kind(&self, i: usize) -> MlpKind {
+        if i >= self.num_hidden_layers {
+            return MlpKind::Moe;
+        }
+        self.mlp_layer_types.get(i).copied().unwrap_or(MlpKind::Moe)
+    }
+
+    /// Layer `i`'s indexer kind; the MTP layer runs alone, so it always scores keys itself.
+    pub fn indexer_kind(&self, i: usize) -> IndexerKind {
+        if i >= self.num_hidden_layers {
+            return IndexerKind::Full;
+        }
+        self.indexer_types.get(i).copied().unwrap_or(IndexerKind::Full)
+    }
+
     pub fn has_moe(&self) -> bool {
         self.mlp_layer_types.contains(&MlpKind::Moe)
     }

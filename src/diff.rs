@@ -88,7 +88,7 @@ fn margins(d: &Dump, name: &str, margin_name: &str) -> Option<Vec<f32>> {
         let layer = name.strip_suffix(".dsa.topk")?;
         let scores = floats(d, &format!("{layer}.dsa.scores"))?;
         let [b, s, k] = d.shape(name)?[..] else { return None };
-        (scores.len() == b * s * s).then(|| top_k_causal(&scores, b, s, k).margin)
+        (scores.len() == b * s * s).then(|| top_k_causal(&scores, b, s, 0, k).margin)
     })
 }
 

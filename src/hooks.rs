@@ -66,6 +66,16 @@ impl LayerHook {
         LayerHook::Output,
     ];
 
+    /// Whether the tensor is laid out one row per token, [B*S, ...] (the router's), rather than
+    /// [B, S, ...].
+    pub fn token_rows(self) -> bool {
+        use LayerHook::*;
+        matches!(
+            self,
+            RouterLogits | RouterScores | RouterBiasedScores | TopkIds | TopkWeights | RouterMargin | BiasChanged
+        )
+    }
+
     /// The name after `layers.{i}.` in a dump.
     pub fn suffix(self) -> &'static str {
         match self {
@@ -93,9 +103,10 @@ impl LayerHook {
     }
 }
 
-/// How many hook points a forward pass over `layers` layers can report (sizes dump headers).
+/// How many hook points a forward pass over `layers` layers can report, the MTP head included
+/// (sizes dump headers).
 pub fn max_points(layers: usize) -> usize {
-    5 + layers * LayerHook::ALL.len()
+    9 + (layers + 1) * LayerHook::ALL.len()
 }
 
 /// Every point where the forward pass reports a tensor, ordered as the forward pass visits them.
@@ -106,6 +117,15 @@ pub enum HookPoint {
     Layer(usize, LayerHook),
     FinalNorm,
     Logits,
+    /// The MTP head's input: the main model's final-norm hidden state, positions 0..S-2.
+    MtpInputHidden,
+    /// `eh_proj(cat(enorm(embed(next token)), hnorm(h)))`: what the MTP decoder layer
+    /// (`layers.{num_hidden_layers}.*`) starts from.
+    MtpEhProj,
+    /// `shared_head.norm` of the MTP decoder layer's output.
+    MtpFinalNorm,
+    /// The MTP draft logits: position s predicts token s + 2.
+    MtpLogits,
 }
 
 impl HookPoint {
@@ -116,6 +136,10 @@ impl HookPoint {
             HookPoint::Layer(i, h) => format!("layers.{i}.{}", h.suffix()),
             HookPoint::FinalNorm => "final_norm".into(),
             HookPoint::Logits => "logits".into(),
+            HookPoint::MtpInputHidden => "mtp.input_hidden".into(),
+            HookPoint::MtpEhProj => "mtp.eh_proj".into(),
+            HookPoint::MtpFinalNorm => "mtp.final_norm".into(),
+            HookPoint::MtpLogits => "mtp.logits".into(),
         }
     }
 
@@ -126,6 +150,10 @@ impl HookPoint {
             "embeddings" => return Some(HookPoint::Embeddings),
             "final_norm" => return Some(HookPoint::FinalNorm),
             "logits" => return Some(HookPoint::Logits),
+            "mtp.input_hidden" => return Some(HookPoint::MtpInputHidden),
+            "mtp.eh_proj" => return Some(HookPoint::MtpEhProj),
+            "mtp.final_norm" => return Some(HookPoint::MtpFinalNorm),
+            "mtp.logits" => return Some(HookPoint::MtpLogits),
             _ => {}
         }
         let rest = name.strip_prefix("layers.")?;
@@ -345,7 +373,13 @@ impl Observer for NonFiniteWatch {
         use LayerHook::*;
         self.first.is_none()
             && match point {
-                HookPoint::Embeddings | HookPoint::FinalNorm | HookPoint::Logits => true,
+                HookPoint::Embeddings
+                | HookPoint::FinalNorm
+                | HookPoint::Logits
+                | HookPoint::MtpInputHidden
+                | HookPoint::MtpEhProj
+                | HookPoint::MtpFinalNorm
+                | HookPoint::MtpLogits => true,
                 HookPoint::Layer(_, h) => {
                     matches!(
                         h,

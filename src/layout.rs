@@ -83,8 +83,7 @@ pub fn released_layout(cfg: &Config, mtp: bool) -> Vec<WeightSpec> {
         linear(format!("{a}.o_proj"), h, nh * cfg.v_head_dim);
         push(format!("{a}.q_a_layernorm.weight"), vec![cfg.q_lora_rank], Kind::NormWeight);
         push(format!("{a}.kv_a_layernorm.weight"), vec![cfg.kv_lora_rank], Kind::NormWeight);
-        let full = is_mtp || cfg.indexer_types[i] == IndexerKind::Full;
-        if full {
+        if cfg.indexer_kind(i) == IndexerKind::Full {
             let x = format!("{a}.indexer");
             let (n, d) = (cfg.index_n_heads, cfg.index_head_dim);
             push(format!("{x}.wq_b.weight"), vec![n * d, cfg.q_lora_rank], Kind::Linear);
@@ -99,7 +98,7 @@ pub fn released_layout(cfg: &Config, mtp: bool) -> Vec<WeightSpec> {
             push(format!("{prefix}.up_proj.weight"), vec![inter, h], Kind::Linear);
             push(format!("{prefix}.down_proj.weight"), vec![h, inter], Kind::Linear);
         };
-        if !is_mtp && cfg.mlp_layer_types[i] == MlpKind::Dense {
+        if cfg.mlp_kind(i) == MlpKind::Dense {
             mlp(&mut push, m, cfg.intermediate_size);
         } else {
             push(format!("{m}.gate.weight"), vec![cfg.n_routed_experts, h], Kind::Plain);

@@ -14,11 +14,14 @@ pub mod error;
 pub mod hooks;
 pub mod model;
 pub mod st;
+pub mod stitch;
 
 pub use error::{Error, Result};
 pub mod compare;
+pub mod decode_check;
 pub mod diff;
 pub mod dump;
+pub mod generate;
 pub mod heatmap;
 pub mod inspect;
 pub mod layout;

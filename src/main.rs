@@ -66,10 +66,13 @@ enum Command {
         /// Load each layer just before it runs and release it after: memory of about one layer.
         #[arg(long)]
         stream: bool,
-        /// Instead: run the tokens one at a time through the latent KV cache (absorbed MLA) and
-        /// compare each position's logits with the prefill of the same tokens.
+        /// Instead: run the tokens through the latent KV cache (absorbed MLA) and compare every
+        /// hook point, position by position, with the prefill of the same tokens.
         #[arg(long, conflicts_with_all = ["isolate", "force_routing", "force_selection", "layers", "stream"])]
         decode: bool,
+        /// With --decode: positions per decode call (1: token by token; more: chunked prefill).
+        #[arg(long, default_value_t = 1, requires = "decode", value_parser = clap::value_parser!(u64).range(1..))]
+        chunk: u64,
     },
     /// Compare two dumps: the first hook point where they part ways, per-tensor errors, flips.
     Diff {
@@ -194,6 +197,18 @@ enum Command {
         prompt: Option<String>,
         #[arg(long, default_value_t = 16)]
         max_new_tokens: usize,
+        /// Prompt positions per decode call (default: the whole prompt in one call).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        chunk: Option<u64>,
+        /// Write every step's hook points to this dump, laid end to end like a prefill's.
+        #[arg(long)]
+        dump: Option<PathBuf>,
+        /// Hook points to record with --dump (`*` wildcard, comma-separated).
+        #[arg(long, default_value = "*", requires = "dump")]
+        record: String,
+        /// Draft each next token with the MTP head and report how often it equals the greedy token.
+        #[arg(long)]
+        mtp: bool,
     },
     /// Write a random-weight checkpoint in the released layout.
     Synth {
@@ -281,6 +296,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             layers,
             stream,
             decode,
+            chunk,
         } => {
             let model_dir = model.unwrap_or_else(default_case);
             let golden = golden.unwrap_or_else(|| model_dir.join("reference.safetensors"));
@@ -301,7 +317,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let tokens = reference.tokens()?;
             if decode {
-                return verify_decode(&ckpt, &tokens, tol, max_memory);
+                return verify_decode(&ckpt, &tokens, chunk as usize, tol, max_memory);
             }
             let mut resident = None;
             let budget = Budget { tokens: &tokens, window: layers.as_ref(), stream, recording: false, max: max_memory };
@@ -309,7 +325,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("verify {} against {}", model_dir.display(), golden.display());
             let replay = verify::Replay { routing: force_routing, selection: force_selection };
             let opts = verify::VerifyOptions { tol, isolate, replay, layers };
-            let report = verify::verify_with(weights, &reference, &opts)?;
+            let mut report = verify::verify_with(weights, &reference, &opts)?;
+            // The MTP head, when the reference checks it: resident whole-model runs only.
+            if let (Weights::Resident(m), true, None) = (weights, verify::has_mtp(&reference), &opts.layers) {
+                verify::verify_mtp(m, &glimpse::model::mtp::Mtp::load(&ckpt)?, &reference, tol, &mut report)?;
+            }
             verify::print_report(&report, tol);
             if replay != verify::Replay::default() {
                 let free = verify::verify_with(
@@ -457,7 +477,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Generate { model, tokens, prompt, max_new_tokens } => {
+        Command::Generate { model, tokens, prompt, max_new_tokens, chunk, dump, record, mtp } => {
             let ckpt = Checkpoint::open(&model)?;
             let tokens = match (tokens, prompt) {
                 (Some(t), _) => Tokens::parse(&t)?,
@@ -468,8 +488,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 _ => return Err(Error::Usage("give --tokens or --prompt".into())),
             };
             let total = Tokens { seq: tokens.seq + max_new_tokens, ..tokens.clone() };
-            memory::check_run(&ckpt, total.batch, total.seq, false, max_memory)?;
-            generate(&model, &Model::load(&ckpt)?, &tokens, max_new_tokens)?;
+            memory::check_run(&ckpt, total.batch, total.seq, dump.is_some(), max_memory)?;
+            let opts = glimpse::generate::GenerateOptions {
+                new_tokens: max_new_tokens,
+                chunk: chunk.unwrap_or(0) as usize,
+                dump: dump.map(|d| (d, Selector::new(&record, None))),
+                mtp,
+            };
+            glimpse::generate::run(&model, &ckpt, &Model::load(&ckpt)?, &tokens, &opts)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Synth { config, preset, layers, experts, vocab, dtype, shards, mtp, seed, out } => {
@@ -545,63 +571,21 @@ fn load_weights<'a>(ckpt: &'a Checkpoint, resident: &'a mut Option<Model>, b: &B
     Ok(if b.stream { Weights::Streamed(ckpt) } else { Weights::Resident(resident.insert(Model::load(ckpt)?)) })
 }
 
-/// `verify --decode`: prefill vs token-by-token decode through the latent cache, per position.
-fn verify_decode(ckpt: &Checkpoint, tokens: &Tokens, tol: Tolerance, max: Option<u64>) -> Result<ExitCode> {
+/// `verify --decode`: prefill vs decode through the latent cache, hook by hook, per position.
+fn verify_decode(
+    ckpt: &Checkpoint,
+    tokens: &Tokens,
+    chunk: usize,
+    tol: Tolerance,
+    max: Option<u64>,
+) -> Result<ExitCode> {
     let mut resident = None;
-    let budget = Budget { tokens, window: None, stream: false, recording: false, max };
+    let budget = Budget { tokens, window: None, stream: false, recording: true, max };
     let Weights::Resident(model) = load_weights(ckpt, &mut resident, &budget)? else {
         return Err(Error::Usage("decode needs resident weights".into()));
     };
-    let prefill = model.forward(tokens, &mut glimpse::hooks::NoObserver)?; // [B, S, V]
-    let decoded = model.decode_all(tokens)?; // [B, S, V]
-    let (latent, expanded) = glimpse::model::decode::KvCache::bytes_per_token(model);
-    println!(
-        "decode {} positions through the latent cache ({latent} bytes per token and layer in f32, against {expanded} expanded)",
-        tokens.seq
-    );
-    let mut first_bad = None;
-    for s in 0..tokens.seq {
-        let (p, d) = (prefill.narrow(1, s, 1)?, decoded.narrow(1, s, 1)?);
-        let (p, d) = (p.flatten_all()?.to_vec1::<f32>()?, d.flatten_all()?.to_vec1::<f32>()?);
-        let (ok, detail) = glimpse::compare::compare_floats(&d, &p, &[tokens.batch, 1, model.config.vocab_size], tol);
-        let glimpse::compare::Detail::Float { max_abs, .. } = detail else { continue };
-        println!("position {s:<5} logits max_abs {max_abs:9.3e}  {}", if ok { "ok" } else { "MISMATCH" });
-        if !ok && first_bad.is_none() {
-            first_bad = Some(s);
-        }
-    }
-    match first_bad {
-        None => {
-            println!("decode matches prefill at every position (atol {:e}, rtol {:e})", tol.atol, tol.rtol);
-            Ok(ExitCode::SUCCESS)
-        }
-        Some(s) => {
-            println!("first position where decode and prefill differ: {s}");
-            Ok(ExitCode::from(1))
-        }
-    }
-}
-
-/// Streams `Model::generate`: each step's tokens (and text, with a tokenizer) as they come.
-fn generate(dir: &Path, model: &Model, prompt: &Tokens, new: usize) -> Result<()> {
-    use std::io::Write;
-    let (latent, expanded) = glimpse::model::decode::KvCache::bytes_per_token(model);
-    eprintln!("cache: {latent} bytes per token and layer (f32), against {expanded} expanded");
-    let t0 = std::time::Instant::now();
-    let generated = model.generate(prompt, new, |step, next| {
-        let text = match prompt.batch {
-            1 => glimpse::tokenizer::decode(dir, next)?.map(|t| format!(" {t:?}")),
-            _ => None,
-        };
-        let mut out = std::io::stdout();
-        let _ = writeln!(out, "step {step}: {next:?}{}", text.unwrap_or_default());
-        let _ = out.flush();
-        Ok(())
-    })?;
-    let secs = t0.elapsed().as_secs_f64();
-    for (r, g) in generated.iter().enumerate() {
-        println!("row {r}: generated {g:?}");
-    }
-    eprintln!("{new} new tokens in {secs:.3} s including the {}-token prompt", prompt.seq);
-    Ok(())
+    println!("{}", glimpse::generate::cache_report(model, tokens.batch, tokens.seq, false));
+    let report = glimpse::decode_check::check(model, tokens, chunk, tol)?;
+    glimpse::decode_check::print(&report, tol, chunk);
+    Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

@@ -13,6 +13,7 @@ use crate::dump::{Dump, Values};
 use crate::error::{Error, Result};
 use crate::hooks::{finite_expected, first_non_finite, with_f32, HookPoint, LayerHook, NonFinite, Observer};
 use crate::model::indexer::Selection;
+use crate::model::mtp::Mtp;
 use crate::model::rope::RotaryEmbedding;
 use crate::model::stream::{self, Start, Weights};
 use crate::model::Model;
@@ -27,11 +28,21 @@ pub struct Verifier<'a> {
     last_ids: Option<Vec<i64>>,
     /// Where this run first produced a NaN or Inf.
     pub non_finite: Option<NonFinite>,
+    /// Our `final_norm`, which the MTP head consumes.
+    final_norm: Option<Tensor>,
 }
 
 impl<'a> Verifier<'a> {
     pub fn new(golden: &'a Dump, tol: Tolerance) -> Self {
-        Verifier { golden, tol, replay: Replay::default(), results: Vec::new(), last_ids: None, non_finite: None }
+        Verifier {
+            golden,
+            tol,
+            replay: Replay::default(),
+            results: Vec::new(),
+            last_ids: None,
+            non_finite: None,
+            final_norm: None,
+        }
     }
 
     fn compare(&mut self, name: &str, ours: &Tensor) -> Result<Comparison> {
@@ -69,6 +80,9 @@ impl Observer for Verifier<'_> {
         let name = point.name();
         if self.non_finite.is_none() && value.dtype() != candle_core::DType::I64 && finite_expected(&name) {
             self.non_finite = with_f32(value, |v| first_non_finite(&name, v, value.dims()))?;
+        }
+        if point == HookPoint::FinalNorm {
+            self.final_norm = Some(value.clone());
         }
         let c = self.compare(&name, value)?;
         self.results.push(c);
@@ -123,6 +137,8 @@ pub struct Report {
     /// Names in the reference that this run did not produce.
     pub only_in_reference: Vec<String>,
     pub isolate: bool,
+    /// Our `final_norm` (when the reference has one to compare): what the MTP head starts from.
+    pub final_norm: Option<Tensor>,
 }
 
 impl Report {
@@ -192,7 +208,42 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
     };
     let only_in_reference =
         golden.names().into_iter().filter(|n| !produced.contains(n.as_str()) && in_window(n)).collect();
-    Ok(Report { results: v.results, non_finite: v.non_finite, only_in_reference, isolate: opts.isolate })
+    Ok(Report {
+        results: v.results,
+        non_finite: v.non_finite,
+        only_in_reference,
+        isolate: opts.isolate,
+        final_norm: v.final_norm,
+    })
+}
+
+/// Whether a reference dump holds the MTP head's tensors.
+pub fn has_mtp(golden: &Dump) -> bool {
+    golden.names().iter().any(|n| n.starts_with("mtp."))
+}
+
+/// Adds the MTP head's comparisons to `report`: the reference's `mtp.*` and
+/// `layers.{num_hidden_layers}.*`. The head is fed our own final-norm hidden state, or with
+/// `isolate` the reference's `mtp.input_hidden`, so its own error is measured alone.
+pub fn verify_mtp(model: &Model, mtp: &Mtp, golden: &Dump, tol: Tolerance, report: &mut Report) -> Result<()> {
+    let tokens = golden.tokens()?;
+    let mut v = Verifier::new(golden, tol);
+    let hidden = if report.isolate {
+        golden.tensor(&HookPoint::MtpInputHidden.name())?
+    } else {
+        let h = report.final_norm.as_ref().ok_or_else(|| {
+            Error::dump(&golden.path, "has MTP tensors but no `final_norm` to check the main model's hidden state by")
+        })?;
+        h.narrow(1, 0, tokens.seq.saturating_sub(1))?
+    };
+    mtp.forward(model, &hidden, &tokens, &mut v)?;
+    let produced: BTreeSet<String> = v.results.iter().map(|c| c.name.clone()).collect();
+    report.only_in_reference.retain(|n| !produced.contains(n));
+    report.results.extend(v.results);
+    if report.non_finite.is_none() {
+        report.non_finite = v.non_finite;
+    }
+    Ok(())
 }
 
 /// One line per compared tensor.

@@ -1,32 +1,76 @@
-//! Decode with the latent cache and absorbed MLA equals the expanded prefill, position by
-//! position, on every golden case (batch 2, YaRN, shared indexers, FP8 and fused experts included).
+//! Decode with the latent cache and absorbed MLA equals the expanded prefill, hook by hook and
+//! position by position, on every golden case (batch 2, YaRN, shared indexers, FP8 and fused
+//! experts included), token by token and in chunks; generation streams the prefill's greedy
+//! choices and its dump equals a prefill dump of the same tokens.
 
 use std::path::Path;
 
 use glimpse::checkpoint::Checkpoint;
-use glimpse::compare::{compare_floats, Detail, Tolerance};
+use glimpse::compare::Tolerance;
+use glimpse::decode_check::check;
 use glimpse::dump::Dump;
-use glimpse::hooks::NoObserver;
+use glimpse::hooks::{NoObserver, Recorder, Selector};
+use glimpse::model::decode::KvCache;
+use glimpse::model::layer::Ffn;
 use glimpse::model::Model;
+use glimpse::stitch::Stitcher;
+use glimpse::verify;
 
+const CASES: [&str; 5] = ["flat", "grouped-shared-yarn", "fp8-sharded", "bf16-fused", "mtp"];
+
+fn load(case: &str) -> (Model, glimpse::model::Tokens) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case);
+    let model = Model::load(&Checkpoint::open(&dir).unwrap()).unwrap();
+    let tokens = Dump::open(&dir.join("reference.safetensors")).unwrap().tokens().unwrap();
+    (model, tokens)
+}
+
+/// Absorbed MLA over the latent cache equals the expanded prefill at every hook point and
+/// position (DSA selections and routing as sets), one token per call and in chunks of 3.
 #[test]
 fn decode_equals_prefill_on_every_golden_case() {
-    for case in ["flat", "grouped-shared-yarn", "fp8-sharded", "bf16-fused"] {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case);
-        let model = Model::load(&Checkpoint::open(&dir).unwrap()).unwrap();
-        let tokens = Dump::open(&dir.join("reference.safetensors")).unwrap().tokens().unwrap();
-        let prefill = model.forward(&tokens, &mut NoObserver).unwrap();
-        let decoded = model.decode_all(&tokens).unwrap();
-        assert_eq!(prefill.dims(), decoded.dims());
-        let (p, d) = (
-            prefill.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            decoded.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        );
-        let (ok, detail) = compare_floats(&d, &p, prefill.dims(), Tolerance::default());
-        let Detail::Float { max_abs, worst_at, .. } = &detail else { unreachable!() };
-        println!("{case}: decode vs prefill logits max_abs {max_abs:.3e} (worst at {worst_at:?})");
-        assert!(ok, "{case}: {detail:?}");
+    for case in CASES {
+        let (model, tokens) = load(case);
+        for chunk in [1, 3] {
+            let r = check(&model, &tokens, chunk, Tolerance::default()).unwrap();
+            let worst = r.logits_max_abs.iter().cloned().fold(0.0, f64::max);
+            println!("{case}, chunk {chunk}: {} tensors, logits max_abs {worst:.3e}", r.results.len());
+            let failed: Vec<String> = r.results.iter().filter(|c| !c.ok).map(verify::format_line).collect();
+            assert!(r.all_match(), "{case}, chunk {chunk}: {failed:#?}");
+            assert_eq!(r.logits_max_abs.len(), tokens.seq);
+            // Every layer's selections and routing were compared, not only the logits.
+            for name in ["layers.0.dsa.topk", "layers.0.attn.kv_latent", "logits"] {
+                assert!(r.results.iter().any(|c| c.name == name), "{case}: {name} not compared");
+            }
+            if let Some(layer) = (0..model.layers.len()).find(|&i| matches!(model.layers[i].mlp, Ffn::Moe(_))) {
+                assert!(r.results.iter().any(|c| c.name == format!("layers.{layer}.moe.topk_ids")));
+            }
+        }
     }
+}
+
+/// A RoPE-offset bug (the cache believes it holds one position more than it does from position 6
+/// on) is caught, and named at position 6 in layer 0's attention.
+#[test]
+fn decode_check_names_the_first_position_a_cache_bug_changes() {
+    let (model, tokens) = load("flat");
+    let mut prefill = Recorder::new(Selector::default());
+    model.forward(&tokens, &mut prefill).unwrap();
+    let mut stitcher = Stitcher::new(Selector::default());
+    let mut cache = KvCache::new(model.layers.len());
+    for s in 0..tokens.seq {
+        if s == 6 {
+            cache.len += 1;
+        }
+        model.decode_step(&tokens.columns(s..s + 1).unwrap(), &mut cache, &mut stitcher).unwrap();
+    }
+    let (prefill, decode) = (prefill.tensors.into_iter().collect(), stitcher.finish().unwrap().into_iter().collect());
+    let r = glimpse::decode_check::compare(&prefill, &decode, tokens.seq, Tolerance::default()).unwrap();
+    let (position, i) = r.first.expect("the bug is caught");
+    println!("first difference: position {position}, {}", r.results[i].name);
+    assert_eq!(position, 6);
+    assert!(r.results[i].name.starts_with("layers.0.") && !r.results[i].name.contains("kv_latent"));
+    assert!(r.logits_max_abs[..6].iter().all(|&e| e < 1e-4), "{:?}", r.logits_max_abs);
 }
 
 mod common;
@@ -36,6 +80,7 @@ fn verify_decode_reports_every_position() {
     let (code, text) = common::code_and_text(&["verify", "--decode"]);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("position 31") && text.contains("decode matches prefill at every position"), "{text}");
+    assert!(text.contains("layers.4.moe.topk_ids") && text.contains("cache: 224 bytes per token and layer"), "{text}");
 }
 
 /// What `generate` streams is the prefill's greedy choice at every position: re-running the
@@ -74,4 +119,48 @@ fn generate_agrees_with_greedy_prefill() {
             assert_eq!(best, *want, "row {r}, generated token {k}");
         }
     }
+}
+
+/// `generate --dump` lays its decode steps end to end: the dump equals `run --dump` of the tokens
+/// the model ran (the prompt and every generated token but the last), by `diff`.
+#[test]
+fn generate_dump_equals_a_prefill_dump_of_the_same_tokens() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/grouped-shared-yarn");
+    let tmp = std::env::temp_dir().join(format!("glimpse-gen-dump-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let (gen, run) = (tmp.join("gen.safetensors"), tmp.join("run.safetensors"));
+    let (code, text) = common::code_and_text(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        "5,17,30,2,99,64,3;7,8,9,10,11,12,13",
+        "--max-new-tokens",
+        "5",
+        "--chunk",
+        "3",
+        "--dump",
+        gen.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let ids = Dump::open(&gen).unwrap().tokens().unwrap();
+    assert_eq!((ids.batch, ids.seq), (2, 7 + 4));
+    let arg = (0..2)
+        .map(|b| ids.ids[b * ids.seq..(b + 1) * ids.seq].iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","))
+        .collect::<Vec<_>>()
+        .join(";");
+    let (code, text) = common::code_and_text(&[
+        "run",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        &arg,
+        "--dump",
+        run.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let (code, text) = common::code_and_text(&["diff", gen.to_str().unwrap(), run.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+    assert!(!text.contains("only in"), "both dumps hold the same names: {text}");
+    std::fs::remove_dir_all(&tmp).unwrap();
 }

@@ -1,15 +1,17 @@
 //! Every committed golden case (`golden/<case>/`, written by `golden/generate.py` from the
 //! transformers reference) must match at the spec's default tolerance, both as a whole forward
 //! pass and with every layer fed the reference's own input. Like llm.c's `test_gpt2.c`, the
-//! per-tensor max differences are printed (`cargo test -- --nocapture`).
+//! per-tensor max differences are printed (`cargo test -- --nocapture`). The `mtp` case also
+//! checks the MTP head, whose reference `golden/generate.py` builds from the module definition.
 
 use std::path::{Path, PathBuf};
 
 use glimpse::checkpoint::Checkpoint;
 use glimpse::compare::Tolerance;
 use glimpse::dump::Dump;
+use glimpse::model::mtp::Mtp;
 use glimpse::model::Model;
-use glimpse::verify::{format_line, verify};
+use glimpse::verify::{format_line, has_mtp, verify, verify_mtp};
 
 fn cases() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden");
@@ -26,7 +28,10 @@ fn check(case: &Path, isolate: bool) {
     let ckpt = Checkpoint::open(case).unwrap_or_else(|e| panic!("{}: {e}", case.display()));
     let model = Model::load(&ckpt).unwrap_or_else(|e| panic!("{}: {e}", case.display()));
     let golden = Dump::open(&case.join("reference.safetensors")).unwrap();
-    let report = verify(&model, &golden, Tolerance::default(), isolate).unwrap();
+    let mut report = verify(&model, &golden, Tolerance::default(), isolate).unwrap();
+    if has_mtp(&golden) {
+        verify_mtp(&model, &Mtp::load(&ckpt).unwrap(), &golden, Tolerance::default(), &mut report).unwrap();
+    }
     println!("== {} (isolate: {isolate})", case.display());
     for c in &report.results {
         println!("{}", format_line(c));
@@ -43,12 +48,17 @@ fn check(case: &Path, isolate: bool) {
         }
     }
     assert!(report.results.iter().any(|c| c.name == "logits"));
+    if has_mtp(&golden) {
+        for name in ["mtp.input_hidden", "mtp.eh_proj", &format!("layers.{layers}.moe.topk_ids"), "mtp.logits"] {
+            assert!(report.results.iter().any(|c| c.name == name), "{} has no {name}", case.display());
+        }
+    }
 }
 
 #[test]
 fn golden_cases_exist() {
     let names: Vec<String> = cases().iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    for want in ["flat", "grouped-shared-yarn", "fp8-sharded", "bf16-fused"] {
+    for want in ["flat", "grouped-shared-yarn", "fp8-sharded", "bf16-fused", "mtp"] {
         assert!(names.iter().any(|n| n == want), "golden/{want} missing (have {names:?})");
     }
 }

@@ -9,16 +9,17 @@
 //!
 //! It must agree with the expanded prefill (`mla.rs`); the tests check it token by token.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Tensor, D};
 
-use super::indexer::{top_k_keys, Indexer, Selection};
+use super::indexer::{append, Selection};
 use super::layer::DecoderLayer;
-use super::mla::Attention;
+use super::mla::{Attention, Projected};
+use super::mtp::Mtp;
 use super::nn::softmax_last;
 use super::rope::RopeTables;
 use super::{Model, Tokens};
 use crate::error::{Error, Result};
-use crate::hooks::{emit, HookPoint, LayerHook, NoObserver, Observer};
+use crate::hooks::{emit, HookPoint, LayerHook, Observer};
 
 /// One layer's cache: every position so far.
 #[derive(Default)]
@@ -49,15 +50,6 @@ impl KvCache {
     }
 }
 
-fn append(cache: &mut Option<Tensor>, new: Tensor) -> Result<Tensor> {
-    let t = match cache.take() {
-        Some(old) => Tensor::cat(&[&old, &new], 1)?,
-        None => new,
-    };
-    *cache = Some(t.clone());
-    Ok(t)
-}
-
 impl Attention {
     /// `kv_b_proj` split per head for absorption, made once per model (not per step):
     /// W_UK [nh, nope, r] goes into the query, W_UV^T [nh, r, v] into the output.
@@ -72,7 +64,8 @@ impl Attention {
         Ok(self.absorbed.get_or_init(|| (w_uk, w_uv_t)))
     }
 
-    /// One new position `pos` per batch row. x: [B, 1, hidden] -> [B, 1, hidden].
+    /// A chunk of `C` new positions per batch row, after the `T - C` already cached.
+    /// x: [B, C, hidden] -> [B, C, hidden].
     fn decode(
         &self,
         layer: usize,
@@ -82,85 +75,34 @@ impl Attention {
         sel: &mut Option<Selection>,
         obs: &mut dyn Observer,
     ) -> Result<Tensor> {
-        let (b, _, _) = x.dims3()?;
-        let (nh, nope, rd, vd, r) = (self.heads, self.nope, self.rope_dim, self.v_dim, self.kv_lora_rank);
-        let qk = nope + rd;
-        let hook = |h| HookPoint::Layer(layer, h);
-        let q_latent = self.q_a_layernorm.forward(&self.q_a_proj.forward(x)?)?; // [B, 1, q_lora_rank]
-        emit(obs, hook(LayerHook::QLatent), || Ok(q_latent.clone()))?;
-        let mut q = self.q_b_proj.forward(&q_latent)?.flatten_all()?.to_vec1::<f32>()?; // [B, 1, nh, qk]
-        rope.apply(&mut q, 1, nh, qk, nope);
-        let q = Tensor::from_vec(q, (b, nh, 1, qk), &Device::Cpu)?; // [B, nh, 1, qk]
+        let (b, c, _) = x.dims3()?;
+        let (nh, nope, rd, vd) = (self.heads, self.nope, self.rope_dim, self.v_dim);
+        let Projected { q_latent, q, kv_latent, k_rope } = self.project(layer, x, rope, obs)?;
+        let latents = append(&mut cache.kv_latent, kv_latent)?.unsqueeze(1)?; // [B, 1, T, r]
+        let k_ropes = append(&mut cache.k_rope, k_rope)?.unsqueeze(1)?; // [B, 1, T, rope]
+        let offset = latents.dims()[2] - c;
 
-        let ckv = self.kv_a_proj_with_mqa.forward(x)?; // [B, 1, r + rope]
-        let kv_latent = self.kv_a_layernorm.forward(&ckv.narrow(D::Minus1, 0, r)?)?; // [B, 1, r]
-        emit(obs, hook(LayerHook::KvLatent), || Ok(kv_latent.clone()))?;
-        let mut k_rope = ckv.narrow(D::Minus1, r, rd)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        rope.apply(&mut k_rope, 1, 1, rd, 0);
-        let k_rope = Tensor::from_vec(k_rope, (b, 1, rd), &Device::Cpu)?; // [B, 1, rope]
-        let latents = append(&mut cache.kv_latent, kv_latent)?; // [B, T, r]
-        let k_ropes = append(&mut cache.k_rope, k_rope)?; // [B, T, rope]
-        let t = latents.dims()[1];
-
-        // DSA over the cached index keys: the newest query sees every cached position.
-        match &self.indexer {
-            Indexer::Full(w) => {
-                let mut qi = w.wq_b.forward(&q_latent)?.flatten_all()?.to_vec1::<f32>()?; // [B, 1, n, d]
-                rope.apply(&mut qi, 1, w.n_heads, w.head_dim, 0);
-                let qi = Tensor::from_vec(qi, (b, w.n_heads, 1, w.head_dim), &Device::Cpu)?;
-                let mut ki = w.k_norm.forward(&w.wk.forward(x)?)?.flatten_all()?.to_vec1::<f32>()?; // [B, 1, d]
-                rope.apply(&mut ki, 1, 1, w.head_dim, 0);
-                let keys = append(&mut cache.index_keys, Tensor::from_vec(ki, (b, 1, w.head_dim), &Device::Cpu)?)?;
-                let per_head =
-                    (qi.broadcast_matmul(&keys.unsqueeze(1)?.t()?)? * (w.head_dim as f64).powf(-0.5))?.relu()?; // [B, n, 1, T]
-                let wts = (w.weights_proj.forward(x)? * (w.n_heads as f64).powf(-0.5))?; // [B, 1, n]
-                let scores = per_head.broadcast_mul(&wts.transpose(1, 2)?.unsqueeze(3)?)?.sum(1)?; // [B, 1, T]
-                                                                                                   // The newest query's causal keys are all T cached ones: keep the top min(index_topk, T).
-                let v = scores.flatten_all()?.to_vec1::<f32>()?;
-                let k = w.topk.min(t);
-                let (mut idx, mut margin, mut order) = (Vec::with_capacity(b * k), Vec::with_capacity(b), Vec::new());
-                for row in v.chunks_exact(t) {
-                    margin.push(top_k_keys(row, k, &mut order));
-                    idx.extend_from_slice(&order);
-                }
-                *sel = Some(Selection { batch: b, seq: 1, k, idx, margin });
-            }
-            Indexer::Shared if sel.is_some() => {}
-            Indexer::Shared => {
-                return Err(Error::Usage("a shared indexer layer has no earlier full layer to reuse".into()))
-            }
-        }
-        let selection = sel.as_ref().ok_or_else(|| Error::Usage("no DSA selection".into()))?;
-        emit(obs, hook(LayerHook::DsaTopk), || selection.to_tensor())?;
-        let mut mask = vec![f32::NEG_INFINITY; b * t];
-        for bi in 0..b {
-            for &j in selection.row(bi, 0) {
-                if j < t {
-                    mask[bi * t + j] = 0.0;
-                }
-            }
-        }
-        let mask = Tensor::from_vec(mask, (b, 1, 1, t), &Device::Cpu)?;
+        // DSA over the cached index keys: each new query sees every cached position up to its own.
+        let selection = self.select(layer, x, &q_latent, rope, Some(&mut cache.index_keys), sel, obs)?;
 
         let (w_uk, w_uv_t) = self.absorbed()?; // [nh, nope, r], [nh, r, v]
-        let q_nope = q.narrow(D::Minus1, 0, nope)?.contiguous()?; // [B, nh, 1, nope]
-        let q_rope = q.narrow(D::Minus1, nope, rd)?.contiguous()?; // [B, nh, 1, rope]
-        let q_abs = q_nope.broadcast_matmul(w_uk)?; // [B, nh, 1, r]
-        let latents4 = latents.unsqueeze(1)?; // [B, 1, T, r]
-        let scores =
-            (q_abs.broadcast_matmul(&latents4.t()?)? + q_rope.broadcast_matmul(&k_ropes.unsqueeze(1)?.t()?)?)?;
-        let probs = softmax_last(&(scores * self.scale)?.broadcast_add(&mask)?)?; // [B, nh, 1, T]
-        let mixed = probs.broadcast_matmul(&latents4)?; // [B, nh, 1, r]
-        let o = mixed.broadcast_matmul(w_uv_t)?; // [B, nh, 1, v]
-        let o = o.transpose(1, 2)?.reshape((b, 1, nh * vd))?; // [B, 1, nh * v]
-        let out = self.o_proj.forward(&o)?;
-        emit(obs, hook(LayerHook::AttnOut), || Ok(out.clone()))?;
+        let q_nope = q.narrow(D::Minus1, 0, nope)?.contiguous()?; // [B, nh, C, nope]
+        let q_rope = q.narrow(D::Minus1, nope, rd)?.contiguous()?; // [B, nh, C, rope]
+        let q_abs = q_nope.broadcast_matmul(w_uk)?; // [B, nh, C, r]
+        let scores = (q_abs.broadcast_matmul(&latents.t()?)? + q_rope.broadcast_matmul(&k_ropes.t()?)?)?; // [B, nh, C, T]
+        let probs = softmax_last(&(scores * self.scale)?.broadcast_add(&selection.mask(offset)?)?)?; // [B, nh, C, T]
+        let mixed = probs.broadcast_matmul(&latents)?; // [B, nh, C, r]
+        let o = mixed.broadcast_matmul(w_uv_t)?; // [B, nh, C, v]
+        let o = o.transpose(1, 2)?.reshape((b, c, nh * vd))?; // [B, C, nh * v]
+        let out = self.o_proj.forward(&o)?; // [B, C, hidden]
+        emit(obs, HookPoint::Layer(layer, LayerHook::AttnOut), || Ok(out.clone()))?;
         Ok(out)
     }
 }
 
 impl DecoderLayer {
-    fn decode(
+    /// [B, C, hidden] -> [B, C, hidden] through this layer's cache.
+    pub(crate) fn decode(
         &self,
         h: &Tensor,
         rope: &RopeTables,
@@ -168,7 +110,7 @@ impl DecoderLayer {
         sel: &mut Option<Selection>,
         obs: &mut dyn Observer,
     ) -> Result<Tensor> {
-        let x = self.input_layernorm.forward(h)?; // [B, 1, hidden]
+        let x = self.input_layernorm.forward(h)?; // [B, C, hidden]
         emit(obs, HookPoint::Layer(self.index, LayerHook::InputNorm), || Ok(x.clone()))?;
         let h = (h + self.self_attn.decode(self.index, &x, rope, cache, sel, obs)?)?;
         self.feed_forward(&h, obs)
@@ -176,60 +118,96 @@ impl DecoderLayer {
 }
 
 impl Model {
-    /// One decode step: the next token of every batch row (`tokens` is B x 1) at position
-    /// `cache.len`; returns its logits [B, 1, vocab] and extends the cache.
+    /// One decode call: `tokens` ([B, C]) are the next C positions of every batch row, from
+    /// `cache.len` on. Returns their logits [B, C, vocab] and extends the cache. C = 1 is a
+    /// single-token step; a larger C is a chunk (chunked prefill), causal within the chunk.
     pub fn decode_step(&self, tokens: &Tokens, cache: &mut KvCache, obs: &mut dyn Observer) -> Result<Tensor> {
-        if tokens.seq != 1 {
-            return Err(Error::Usage("decode takes one token per batch row".into()));
+        Ok(self.decode_hidden(tokens, cache, obs)?.1)
+    }
+
+    /// `decode_step` that also returns the final-norm hidden state [B, C, hidden] (what the MTP
+    /// head consumes).
+    pub fn decode_hidden(
+        &self,
+        tokens: &Tokens,
+        cache: &mut KvCache,
+        obs: &mut dyn Observer,
+    ) -> Result<(Tensor, Tensor)> {
+        if cache.layers.len() != self.layers.len() {
+            return Err(Error::Usage(format!(
+                "the cache has {} layers, the model {}",
+                cache.layers.len(),
+                self.layers.len()
+            )));
         }
-        let pos = cache.len;
-        let rope = self.rotary.tables(&[pos]);
-        let mut h = self.embed(tokens, &mut NoObserver)?;
+        let rope = self.rotary.tables(&(cache.len..cache.len + tokens.seq).collect::<Vec<_>>());
+        let mut h = self.embed(tokens, obs)?; // [B, C, hidden]
         let mut sel = None;
         for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
             h = layer.decode(&h, &rope, c, &mut sel, obs)?;
         }
-        cache.len += 1;
-        self.head(&h, obs)
+        cache.len += tokens.seq;
+        let normed = self.norm.forward(&h)?;
+        let logits = self.head(&h, obs)?;
+        Ok((normed, logits))
     }
 
-    /// Runs `tokens` ([B, S]) through the cache one position at a time: logits [B, S, vocab].
-    pub fn decode_all(&self, tokens: &Tokens) -> Result<Tensor> {
+    /// Runs `tokens` ([B, S]) through the cache `chunk` positions at a time: logits [B, S, vocab].
+    pub fn decode_all(&self, tokens: &Tokens, chunk: usize, obs: &mut dyn Observer) -> Result<Tensor> {
         let mut cache = KvCache::new(self.layers.len());
-        let mut out = Vec::with_capacity(tokens.seq);
-        for s in 0..tokens.seq {
-            let col: Vec<u32> = (0..tokens.batch).map(|b| tokens.ids[b * tokens.seq + s]).collect();
-            out.push(self.decode_step(&Tokens::new(tokens.batch, 1, col)?, &mut cache, &mut NoObserver)?);
+        let mut out = Vec::with_capacity(tokens.seq.div_ceil(chunk.max(1)));
+        for part in tokens.chunks(chunk) {
+            out.push(self.decode_step(&part?, &mut cache, obs)?);
         }
         Ok(Tensor::cat(&out, 1)?)
     }
 }
 
+/// What `generate` produced.
+pub struct Generation {
+    /// Every row's generated tokens.
+    pub tokens: Vec<Vec<u32>>,
+    /// With an MTP head: (drafts equal to the main model's greedy token, drafts compared).
+    pub drafts: Option<(usize, usize)>,
+}
+
 impl Model {
-    /// Greedy generation: the prompt goes through the cache token by token, then every step feeds
-    /// back each row's argmax. `on_step(step, tokens)` sees each step's tokens as soon as they are
-    /// chosen; returns every row's generated tokens.
+    /// Greedy generation: the prompt goes through the cache `chunk` positions at a time (0: all
+    /// at once), then every step feeds back each row's argmax. `obs` sees every hook of every
+    /// call; `on_step(step, tokens)` sees each step's tokens as soon as they are chosen.
+    ///
+    /// With `mtp`, the MTP head drafts each next token from the previous step's hidden state and
+    /// token (through its own one-layer cache), and the drafts are scored against the main
+    /// model's greedy choices. It sees the pairs (h[s], t[s+1]) of every position but the last,
+    /// as it would in a prefill of the tokens the main model ran.
     pub fn generate(
         &self,
         prompt: &Tokens,
         new: usize,
+        chunk: usize,
+        mtp: Option<&Mtp>,
+        obs: &mut dyn Observer,
         mut on_step: impl FnMut(usize, &[u32]) -> Result<()>,
-    ) -> Result<Vec<Vec<u32>>> {
-        let (b, s) = (prompt.batch, prompt.seq);
+    ) -> Result<Generation> {
+        let (b, p) = (prompt.batch, prompt.seq);
         let mut cache = KvCache::new(self.layers.len());
-        let argmax = |logits: &Tensor| -> Result<Vec<u32>> {
-            let rows = logits.squeeze(1)?.to_vec2::<f32>()?; // [B, vocab]
-            Ok(rows
-                .iter()
-                .map(|r| r.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).map_or(0, |(i, _)| i as u32))
-                .collect())
-        };
-        let mut logits = None;
-        for p in 0..s {
-            let col: Vec<u32> = (0..b).map(|r| prompt.ids[r * s + p]).collect();
-            logits = Some(self.decode_step(&Tokens::new(b, 1, col)?, &mut cache, &mut NoObserver)?);
+        let (mut hidden, mut logits) = (Vec::new(), None);
+        for part in prompt.chunks(chunk) {
+            let (h, l) = self.decode_hidden(&part?, &mut cache, obs)?;
+            hidden.push(h);
+            logits = Some(l);
         }
-        let mut next = argmax(&logits.ok_or_else(|| Error::Usage("empty prompt".into()))?)?;
+        let mut next = last_argmax(&logits.ok_or_else(|| Error::Usage("empty prompt".into()))?)?;
+        let mut drafter = mtp.map(|m| Drafter { mtp: m, cache: KvCache::new(1), draft: None, accepted: 0, drafted: 0 });
+        if let Some(d) = drafter.as_mut() {
+            // The prompt's pairs; the last pairs h[P-1] with the first generated token.
+            let shifted = (0..b).flat_map(|r| prompt.ids[r * p + 1..(r + 1) * p].iter().copied().chain([next[r]]));
+            let pairs = if new >= 2 { p } else { p - 1 };
+            if pairs > 0 {
+                let h = Tensor::cat(&hidden, 1)?.narrow(1, 0, pairs)?; // [B, pairs, hidden]
+                d.feed(self, &h, &Tokens::new(b, p, shifted.collect())?.columns(0..pairs)?, obs)?;
+            }
+        }
         let mut generated = vec![Vec::with_capacity(new); b];
         for step in 0..new {
             for (row, &t) in generated.iter_mut().zip(&next) {
@@ -237,9 +215,53 @@ impl Model {
             }
             on_step(step, &next)?;
             if step + 1 < new {
-                next = argmax(&self.decode_step(&Tokens::new(b, 1, next.clone())?, &mut cache, &mut NoObserver)?)?;
+                let (h, l) = self.decode_hidden(&Tokens::new(b, 1, next.clone())?, &mut cache, obs)?;
+                next = last_argmax(&l)?;
+                if let Some(d) = drafter.as_mut() {
+                    d.score(&next);
+                    if step + 2 < new {
+                        d.feed(self, &h, &Tokens::new(b, 1, next.clone())?, obs)?;
+                    }
+                }
             }
         }
-        Ok(generated)
+        Ok(Generation { tokens: generated, drafts: drafter.map(|d| (d.accepted, d.drafted)) })
     }
+}
+
+/// The MTP head running beside generation, and how often its drafts were right.
+struct Drafter<'a> {
+    mtp: &'a Mtp,
+    cache: KvCache,
+    /// Each row's draft for the token the main model chooses next.
+    draft: Option<Vec<u32>>,
+    accepted: usize,
+    drafted: usize,
+}
+
+impl Drafter<'_> {
+    /// More (hidden state, next token) pairs; the last one's draft is kept.
+    fn feed(&mut self, model: &Model, h: &Tensor, next: &Tokens, obs: &mut dyn Observer) -> Result<()> {
+        let logits = self.mtp.decode(model, h, next, &mut self.cache, obs)?;
+        self.draft = Some(last_argmax(&logits)?);
+        Ok(())
+    }
+
+    /// Scores the pending draft against the main model's choice.
+    fn score(&mut self, chosen: &[u32]) {
+        if let Some(draft) = self.draft.take() {
+            self.drafted += chosen.len();
+            self.accepted += draft.iter().zip(chosen).filter(|(a, b)| a == b).count();
+        }
+    }
+}
+
+/// Each row's greedy token at the last position of logits [B, C, vocab].
+pub fn last_argmax(logits: &Tensor) -> Result<Vec<u32>> {
+    let c = logits.dims()[1];
+    let rows = logits.narrow(1, c - 1, 1)?.squeeze(1)?.to_vec2::<f32>()?; // [B, vocab]
+    Ok(rows
+        .iter()
+        .map(|r| r.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).map_or(0, |(i, _)| i as u32))
+        .collect())
 }

@@ -59,27 +59,28 @@ impl Selection {
         Ok(Tensor::from_vec(v, (self.batch, self.seq, self.k), &Device::Cpu)?)
     }
 
-    /// Additive attention mask [B, 1, S, S]: 0 on selected causal keys, -inf elsewhere.
-    pub fn mask(&self) -> Result<Tensor> {
-        let (b, s) = (self.batch, self.seq);
-        let mut m = vec![f32::NEG_INFINITY; b * s * s];
+    /// Additive attention mask [B, 1, S, offset + S] for queries at positions `offset..offset + S`:
+    /// 0 on selected causal keys, -inf elsewhere.
+    pub fn mask(&self, offset: usize) -> Result<Tensor> {
+        let (b, s, t) = (self.batch, self.seq, offset + self.seq);
+        let mut m = vec![f32::NEG_INFINITY; b * s * t];
         for bi in 0..b {
             for q in 0..s {
-                let row = &mut m[(bi * s + q) * s..(bi * s + q + 1) * s];
-                for &t in self.row(bi, q) {
-                    if t <= q {
-                        row[t] = 0.0;
+                let row = &mut m[(bi * s + q) * t..(bi * s + q + 1) * t];
+                for &key in self.row(bi, q) {
+                    if key <= offset + q {
+                        row[key] = 0.0;
                     }
                 }
             }
         }
-        Ok(Tensor::from_vec(m, (b, 1, s, s), &Device::Cpu)?)
+        Ok(Tensor::from_vec(m, (b, 1, s, t), &Device::Cpu)?)
     }
 }
 
 impl Indexer {
     pub fn load(l: &mut Loader, cfg: &Config, layer: usize) -> Self {
-        if cfg.indexer_types[layer] == IndexerKind::Shared {
+        if cfg.indexer_kind(layer) == IndexerKind::Shared {
             return Indexer::Shared;
         }
         let p = format!("model.layers.{layer}.self_attn.indexer");
@@ -96,28 +97,32 @@ impl Indexer {
     }
 
     /// Updates `sel` with this layer's selection: a full layer computes a new one, a shared layer
-    /// keeps the previous full layer's.
+    /// keeps the previous full layer's. `keys` is the decode cache of index keys (the new ones are
+    /// appended and the queries score every cached position); None scores the queries' own keys.
+    #[allow(clippy::too_many_arguments)]
     pub fn select(
         &self,
         layer: usize,
         x: &Tensor,
         q_latent: &Tensor,
         rope: &RopeTables,
+        keys: Option<&mut Option<Tensor>>,
         sel: &mut Option<Selection>,
         obs: &mut dyn Observer,
     ) -> Result<()> {
         match self {
             Indexer::Full(w) => {
                 let (b, s, _) = x.dims3()?;
-                let scores = w.scores(x, q_latent, rope)?; // [B, S, T]
+                let (scores, t) = w.scores(x, q_latent, rope, keys)?; // [B, S, T]
+                let offset = t - s;
                 emit(obs, HookPoint::Layer(layer, LayerHook::DsaScores), || {
                     let mut masked = scores.clone();
-                    for (r, row) in masked.chunks_exact_mut(s).enumerate() {
-                        row[r % s + 1..].fill(f32::NEG_INFINITY);
+                    for (r, row) in masked.chunks_exact_mut(t).enumerate() {
+                        row[offset + r % s + 1..].fill(f32::NEG_INFINITY);
                     }
-                    Ok(Tensor::from_vec(masked, (b, s, s), &Device::Cpu)?)
+                    Ok(Tensor::from_vec(masked, (b, s, t), &Device::Cpu)?)
                 })?;
-                let selection = top_k_causal(&scores, b, s, w.topk);
+                let selection = top_k_causal(&scores, b, s, offset, w.topk);
                 emit(obs, HookPoint::Layer(layer, LayerHook::DsaMargin), || {
                     Ok(Tensor::from_vec(selection.margin.clone(), (b, s), &Device::Cpu)?)
                 })?;
@@ -131,8 +136,15 @@ impl Indexer {
 }
 
 impl IndexerWeights {
-    /// Index scores [B, S, T] (T = S keys), before the causal mask.
-    pub fn scores(&self, x: &Tensor, q_latent: &Tensor, rope: &RopeTables) -> Result<Vec<f32>> {
+    /// Index scores [B, S, T] before the causal mask, and T: the queries against their own keys
+    /// (T = S), or against every key in `cache` after appending their own.
+    pub fn scores(
+        &self,
+        x: &Tensor,
+        q_latent: &Tensor,
+        rope: &RopeTables,
+        cache: Option<&mut Option<Tensor>>,
+    ) -> Result<(Vec<f32>, usize)> {
         let (b, s, _) = x.dims3()?;
         let (n, d) = (self.n_heads, self.head_dim);
         let mut q = self.wq_b.forward(q_latent)?.flatten_all()?.to_vec1::<f32>()?; // [B, S, n, d]
@@ -140,28 +152,45 @@ impl IndexerWeights {
         let q = Tensor::from_vec(q, (b, s, n, d), &Device::Cpu)?.transpose(1, 2)?.contiguous()?; // [B, n, S, d]
         let mut k = self.k_norm.forward(&self.wk.forward(x)?)?.flatten_all()?.to_vec1::<f32>()?; // [B, S, d]
         rope.apply(&mut k, s, 1, d, 0);
-        let k = Tensor::from_vec(k, (b, 1, s, d), &Device::Cpu)?; // [B, 1, T, d]
+        let k = Tensor::from_vec(k, (b, s, d), &Device::Cpu)?; // [B, S, d]
+        let k = match cache {
+            Some(cache) => append(cache, k)?, // [B, T, d]
+            None => k,
+        };
+        let t = k.dims()[1];
         let scale = (d as f64).powf(-0.5);
-        let per_head = (q.broadcast_matmul(&k.t()?)? * scale)?.relu()?; // [B, n, S, T]
+        let per_head = (q.broadcast_matmul(&k.unsqueeze(1)?.t()?)? * scale)?.relu()?; // [B, n, S, T]
         let w = (self.weights_proj.forward(x)? * (n as f64).powf(-0.5))?; // [B, S, n]
         let w = w.transpose(1, 2)?.unsqueeze(3)?; // [B, n, S, 1]
         let scores = per_head.broadcast_mul(&w)?.sum(1)?; // [B, S, T]
-        Ok(scores.flatten_all()?.to_vec1::<f32>()?)
+        Ok((scores.flatten_all()?.to_vec1::<f32>()?, t))
     }
 }
 
-/// Top `min(topk, S)` keys per query among causal keys `t <= s`, highest score first (ties by
-/// position). Queries with fewer causal keys are padded with the positions after them.
-pub fn top_k_causal(scores: &[f32], batch: usize, seq: usize, topk: usize) -> Selection {
-    let k = topk.min(seq);
+/// Appends `new` [B, S, ...] to a cache along the sequence; returns the whole cache.
+pub fn append(cache: &mut Option<Tensor>, new: Tensor) -> Result<Tensor> {
+    let t = match cache.take() {
+        Some(old) => Tensor::cat(&[&old, &new], 1)?,
+        None => new,
+    };
+    *cache = Some(t.clone());
+    Ok(t)
+}
+
+/// Top `min(topk, T)` keys per query among causal keys, highest score first (ties by position),
+/// for queries at positions `offset..offset + seq` over `T = offset + seq` keys (`scores` is
+/// [batch, seq, T]). Queries with fewer causal keys are padded with the positions after them.
+pub fn top_k_causal(scores: &[f32], batch: usize, seq: usize, offset: usize, topk: usize) -> Selection {
+    let t = offset + seq;
+    let k = topk.min(t);
     let mut idx = Vec::with_capacity(batch * seq * k);
     let mut margin = Vec::with_capacity(batch * seq);
-    let mut order: Vec<usize> = Vec::with_capacity(seq);
+    let mut order: Vec<usize> = Vec::with_capacity(t);
     for b in 0..batch {
         for s in 0..seq {
-            let row = &scores[(b * seq + s) * seq..(b * seq + s + 1) * seq];
-            margin.push(top_k_keys(&row[..=s], k, &mut order));
-            order.extend(s + 1..(s + 1).max(k)); // padding past the causal limit
+            let (row, p) = (&scores[(b * seq + s) * t..(b * seq + s + 1) * t], offset + s);
+            margin.push(top_k_keys(&row[..=p], k, &mut order));
+            order.extend(p + 1..(p + 1).max(k)); // padding past the causal limit
             idx.extend_from_slice(&order);
         }
     }
@@ -197,7 +226,7 @@ mod tests {
         // score of key t for every query: higher for t = 1 and t = 3.
         let row = [0.1f32, 0.9, 0.2, 0.8, 0.3];
         let scores: Vec<f32> = (0..seq).flat_map(|_| row).collect();
-        let sel = top_k_causal(&scores, 1, seq, 3);
+        let sel = top_k_causal(&scores, 1, seq, 0, 3);
         assert_eq!(sel.row(0, 0), &[0, 1, 2]); // 1 causal key + padding
         assert_eq!(sel.row(0, 1), &[0, 1, 2]); // 2 causal keys + padding
         assert_eq!(sel.row(0, 2), &[0, 1, 2]); // exactly K causal keys
@@ -207,7 +236,7 @@ mod tests {
         assert_eq!(sel.margin[..3], [f32::INFINITY; 3]);
         approx::assert_abs_diff_eq!(sel.margin[3], 0.2 - 0.1);
         approx::assert_abs_diff_eq!(sel.margin[4], 0.3 - 0.2);
-        let mask = sel.mask().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mask = sel.mask(0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let allowed = |q: usize| (0..seq).filter(|t| mask[q * seq + t] == 0.0).collect::<Vec<_>>();
         assert_eq!(allowed(0), vec![0]);
         assert_eq!(allowed(1), vec![0, 1]);
@@ -222,9 +251,9 @@ mod tests {
         let prev = Selection { batch: 1, seq: 2, k: 1, idx: vec![0, 1], margin: vec![f32::INFINITY, 0.5] };
         let mut sel = Some(prev.clone());
         let obs = &mut crate::hooks::NoObserver;
-        Indexer::Shared.select(3, &x, &x, &rope, &mut sel, obs).unwrap();
+        Indexer::Shared.select(3, &x, &x, &rope, None, &mut sel, obs).unwrap();
         assert_eq!(sel, Some(prev));
         let mut none = None;
-        assert!(Indexer::Shared.select(0, &x, &x, &rope, &mut none, obs).is_err());
+        assert!(Indexer::Shared.select(0, &x, &x, &rope, None, &mut none, obs).is_err());
     }
 }

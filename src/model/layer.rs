@@ -36,7 +36,7 @@ impl DecoderLayer {
             input_layernorm: RmsNorm::load(l, &format!("{p}.input_layernorm"), h, cfg.rms_norm_eps),
             self_attn: Attention::load(l, cfg, i),
             post_attention_layernorm: RmsNorm::load(l, &format!("{p}.post_attention_layernorm"), h, cfg.rms_norm_eps),
-            mlp: match cfg.mlp_layer_types[i] {
+            mlp: match cfg.mlp_kind(i) {
                 MlpKind::Dense => Ffn::Dense(Mlp::load(l, &format!("{p}.mlp"), h, cfg.intermediate_size)),
                 MlpKind::Moe => Ffn::Moe(Moe::load(l, cfg, i)),
             },

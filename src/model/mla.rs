@@ -10,7 +10,7 @@ use super::nn::{softmax_last, Linear, RmsNorm};
 use super::rope::RopeTables;
 use crate::checkpoint::Loader;
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::hooks::{emit, HookPoint, LayerHook, Observer};
 
 pub struct Attention {
@@ -75,6 +75,36 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (nh, nope, rd, vd) = (self.heads, self.nope, self.rope_dim, self.v_dim);
+        let Projected { q_latent, q, kv_latent, k_rope } = self.project(layer, x, rope, obs)?;
+
+        // Expand the latent into per-head keys and values.
+        let kv = self.kv_b_proj.forward(&kv_latent)?.reshape((b, s, nh, nope + vd))?.transpose(1, 2)?; // [B, nh, S, nope + v]
+        let k_nope = kv.narrow(D::Minus1, 0, nope)?; // [B, nh, S, nope]
+        let v = kv.narrow(D::Minus1, nope, vd)?.contiguous()?; // [B, nh, S, v]
+        let k_rope = k_rope.unsqueeze(1)?.broadcast_as((b, nh, s, rd))?; // [B, nh, S, rope]
+        let k = Tensor::cat(&[&k_nope, &k_rope], D::Minus1)?; // [B, nh, S, qk]
+
+        // DSA: this layer's selection (or the shared one), then attention over it only.
+        let selection = self.select(layer, x, &q_latent, rope, None, sel, obs)?;
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * self.scale)?; // [B, nh, S, S]
+        let probs = softmax_last(&scores.broadcast_add(&selection.mask(0)?)?)?; // [B, nh, S, S]
+        let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, nh * vd))?; // [B, S, nh * v]
+        let out = self.o_proj.forward(&o)?; // [B, S, hidden]
+        emit(obs, HookPoint::Layer(layer, LayerHook::AttnOut), || Ok(out.clone()))?;
+        Ok(out)
+    }
+
+    /// The part both attention forms share: the roped query, the latent and the roped shared key
+    /// of the `S` tokens in `x` (at the positions `rope` was built for), with their hooks.
+    pub(crate) fn project(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        rope: &RopeTables,
+        obs: &mut dyn Observer,
+    ) -> Result<Projected> {
+        let (b, s, _) = x.dims3()?;
+        let (nh, nope, rd) = (self.heads, self.nope, self.rope_dim);
         let qk = nope + rd;
         let hook = |h| HookPoint::Layer(layer, h);
 
@@ -94,35 +124,47 @@ impl Attention {
         emit(obs, hook(LayerHook::KvNorm), || l2_norm(&kv_latent))?;
         let mut k_rope = ckv.narrow(D::Minus1, self.kv_lora_rank, rd)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?; // [B, S, rope]
         rope.apply(&mut k_rope, s, 1, rd, 0);
-        let k_rope = Tensor::from_vec(k_rope, (b, 1, s, rd), &Device::Cpu)?; // [B, 1, S, rope]
-        emit(obs, hook(LayerHook::KRopeNorm), || l2_norm(&k_rope.squeeze(1)?))?;
+        let k_rope = Tensor::from_vec(k_rope, (b, s, rd), &Device::Cpu)?; // [B, S, rope]
+        emit(obs, hook(LayerHook::KRopeNorm), || l2_norm(&k_rope))?;
+        Ok(Projected { q_latent, q, kv_latent, k_rope })
+    }
 
-        // Expand the latent into per-head keys and values.
-        let kv = self.kv_b_proj.forward(&kv_latent)?.reshape((b, s, nh, nope + vd))?.transpose(1, 2)?; // [B, nh, S, nope + v]
-        let k_nope = kv.narrow(D::Minus1, 0, nope)?; // [B, nh, S, nope]
-        let v = kv.narrow(D::Minus1, nope, vd)?.contiguous()?; // [B, nh, S, v]
-        let k = Tensor::cat(&[&k_nope, &k_rope.broadcast_as((b, nh, s, rd))?], D::Minus1)?; // [B, nh, S, qk]
-
-        // DSA: this layer's selection (or the shared one), then attention over it only.
-        self.indexer.select(layer, x, &q_latent, rope, sel, obs)?;
+    /// This layer's DSA selection for the queries in `x` (a replayed one when the observer forces
+    /// it), reported as `dsa.topk`. `keys` is the decode cache of index keys, None in prefill.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn select<'s>(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        q_latent: &Tensor,
+        rope: &RopeTables,
+        keys: Option<&mut Option<Tensor>>,
+        sel: &'s mut Option<Selection>,
+        obs: &mut dyn Observer,
+    ) -> Result<&'s Selection> {
+        let (b, s, _) = x.dims3()?;
+        self.indexer.select(layer, x, q_latent, rope, keys, sel, obs)?;
         if let Some(forced) = obs.forced_selection(layer)? {
             if (forced.batch, forced.seq) != (b, s) || forced.idx.len() != b * s * forced.k {
-                return Err(crate::error::Error::Usage(format!(
+                return Err(Error::Usage(format!(
                     "layer {layer}: the replayed selection is for batch {} x seq {}, the run is {b} x {s}",
                     forced.batch, forced.seq
                 )));
             }
             *sel = Some(forced);
         }
-        let selection = sel.as_ref().ok_or_else(|| crate::error::Error::Usage("no DSA selection".into()))?;
-        emit(obs, hook(LayerHook::DsaTopk), || selection.to_tensor())?;
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * self.scale)?; // [B, nh, S, S]
-        let probs = softmax_last(&scores.broadcast_add(&selection.mask()?)?)?; // [B, nh, S, S]
-        let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, nh * vd))?; // [B, S, nh * v]
-        let out = self.o_proj.forward(&o)?; // [B, S, hidden]
-        emit(obs, hook(LayerHook::AttnOut), || Ok(out.clone()))?;
-        Ok(out)
+        let selection = sel.as_ref().ok_or_else(|| Error::Usage("no DSA selection".into()))?;
+        emit(obs, HookPoint::Layer(layer, LayerHook::DsaTopk), || selection.to_tensor())?;
+        Ok(selection)
     }
+}
+
+/// The query, latent and shared rope key of one call's tokens (`Attention::project`).
+pub(crate) struct Projected {
+    pub q_latent: Tensor,  // [B, S, q_lora_rank]
+    pub q: Tensor,         // [B, nh, S, nope + rope], roped
+    pub kv_latent: Tensor, // [B, S, kv_lora_rank]
+    pub k_rope: Tensor,    // [B, S, rope], roped
 }
 
 /// L2 norm over the last dimension: [..., d] -> [...].

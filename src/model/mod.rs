@@ -10,6 +10,7 @@ pub mod layer;
 pub mod mla;
 pub mod mlp;
 pub mod moe;
+pub mod mtp;
 pub mod nn;
 pub mod rope;
 pub mod stream;
@@ -64,6 +65,18 @@ impl Tokens {
             return Err(Error::Usage("--tokens: every batch row must have the same length".into()));
         }
         Tokens::new(rows.len(), seq, rows.concat())
+    }
+
+    /// Positions `range` of every row.
+    pub fn columns(&self, range: std::ops::Range<usize>) -> Result<Tokens> {
+        let ids = (0..self.batch).flat_map(|b| self.ids[b * self.seq + range.start..b * self.seq + range.end].iter());
+        Tokens::new(self.batch, range.len(), ids.copied().collect())
+    }
+
+    /// The sequence cut into pieces of `chunk` positions (the last may be shorter; 0 means one piece).
+    pub fn chunks(&self, chunk: usize) -> impl Iterator<Item = Result<Tokens>> + '_ {
+        let chunk = if chunk == 0 { self.seq } else { chunk };
+        (0..self.seq).step_by(chunk).map(move |p| self.columns(p..(p + chunk).min(self.seq)))
     }
 
     pub fn new(batch: usize, seq: usize, ids: Vec<u32>) -> Result<Self> {

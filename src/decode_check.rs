@@ -1,0 +1,184 @@
+//! `verify --decode`: the same tokens through the latent cache (one position per call, or in
+//! chunks) and through the expanded prefill, compared hook by hook and position by position. A
+//! prefill-only check cannot see cache, RoPE-offset or indexer-cache bugs; this one names the
+//! first position (in decode order) and the first hook point there at which the two part, with
+//! the margins of any DSA or routing flip so a near-tie can be told from a bug.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor};
+
+use crate::compare::{self, Comparison, Detail, Tolerance};
+use crate::dump::Values;
+use crate::error::Result;
+use crate::hooks::{HookPoint, LayerHook, Recorder, Selector};
+use crate::model::{Model, Tokens};
+use crate::stitch::Stitcher;
+
+pub struct DecodeCheck {
+    pub positions: usize,
+    /// Every hook point both runs reported, prefill as the reference, in forward order.
+    pub results: Vec<Comparison>,
+    /// Per position: the largest |decode - prefill| of the logits.
+    pub logits_max_abs: Vec<f64>,
+    /// The first position at which the runs differ, and the index in `results` of the first hook
+    /// point (in forward order) that differs there.
+    pub first: Option<(usize, usize)>,
+}
+
+impl DecodeCheck {
+    pub fn all_match(&self) -> bool {
+        self.first.is_none() && !self.results.is_empty()
+    }
+}
+
+/// Runs `tokens` both ways (`chunk` positions per decode call) and compares.
+pub fn check(model: &Model, tokens: &Tokens, chunk: usize, tol: Tolerance) -> Result<DecodeCheck> {
+    let mut prefill = Recorder::new(Selector::default());
+    model.forward(tokens, &mut prefill)?;
+    let mut stitcher = Stitcher::new(Selector::default());
+    model.decode_all(tokens, chunk, &mut stitcher)?;
+    compare(&prefill.tensors.into_iter().collect(), &stitcher.finish()?.into_iter().collect(), tokens.seq, tol)
+}
+
+/// Compares a decode record (laid end to end, [`Stitcher`]) with a prefill record of the same
+/// `seq` positions.
+pub fn compare(
+    prefill: &BTreeMap<HookPoint, Tensor>,
+    decode: &BTreeMap<HookPoint, Tensor>,
+    seq: usize,
+    tol: Tolerance,
+) -> Result<DecodeCheck> {
+    let mut results = Vec::new();
+    let mut first: Option<(usize, usize)> = None;
+    for (&point, ours) in decode {
+        let Some(reference) = prefill.get(&point) else { continue };
+        let (a, e) = (values(ours)?, values(reference)?);
+        let ids = match point {
+            HookPoint::Layer(i, LayerHook::TopkWeights) => {
+                let get = |m: &BTreeMap<HookPoint, Tensor>| m.get(&HookPoint::Layer(i, LayerHook::TopkIds)).map(values);
+                match (get(decode).transpose()?, get(prefill).transpose()?) {
+                    (Some(Values::I64(a)), Some(Values::I64(e))) => Some((a, e)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        let ids_ref = ids.as_ref().map(|(a, e)| (a.as_slice(), e.as_slice()));
+        let mut c = compare::compare_tensor(&point.name(), (&a, ours.dims()), (&e, reference.dims()), ids_ref, tol);
+        add_margins(&mut c, point, decode, prefill)?;
+        if !c.ok {
+            let at = first_position(point, &c, (&a, &e), ours.dims(), seq, ids_ref, tol);
+            if first.is_none_or(|(p, _)| at < p) {
+                first = Some((at, results.len()));
+            }
+        }
+        results.push(c);
+    }
+    let logits_max_abs = match (decode.get(&HookPoint::Logits), prefill.get(&HookPoint::Logits)) {
+        (Some(d), Some(p)) => (0..seq)
+            .map(|s| Ok((d.narrow(1, s, 1)? - p.narrow(1, s, 1)?)?.abs()?.max_all()?.to_scalar::<f32>()? as f64))
+            .collect::<Result<_>>()?,
+        _ => Vec::new(),
+    };
+    Ok(DecodeCheck { positions: seq, results, logits_max_abs, first })
+}
+
+fn values(t: &Tensor) -> Result<Values> {
+    Ok(match t.dtype() {
+        DType::I64 => Values::I64(t.flatten_all()?.to_vec1::<i64>()?),
+        _ => Values::F32(t.flatten_all()?.to_vec1::<f32>()?),
+    })
+}
+
+/// Each flip's margins on both sides: `dsa.margin` is [B, S] and `moe.margin` [B*S], indexed by
+/// the same flat row as the selection they decided.
+fn add_margins(
+    c: &mut Comparison,
+    point: HookPoint,
+    decode: &BTreeMap<HookPoint, Tensor>,
+    prefill: &BTreeMap<HookPoint, Tensor>,
+) -> Result<()> {
+    let margin = match point {
+        HookPoint::Layer(i, LayerHook::DsaTopk) => HookPoint::Layer(i, LayerHook::DsaMargin),
+        HookPoint::Layer(i, LayerHook::TopkIds) => HookPoint::Layer(i, LayerHook::RouterMargin),
+        _ => return Ok(()),
+    };
+    let Detail::Sets { flips, .. } = &mut c.detail else { return Ok(()) };
+    let get = |m: &BTreeMap<HookPoint, Tensor>| -> Result<Option<Vec<f32>>> {
+        Ok(match m.get(&margin) {
+            Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        })
+    };
+    let (ours, reference) = (get(decode)?, get(prefill)?);
+    for f in flips {
+        f.margin_ours = ours.as_ref().and_then(|m| m.get(f.row).copied());
+        f.margin_reference = reference.as_ref().and_then(|m| m.get(f.row).copied());
+    }
+    Ok(())
+}
+
+/// The earliest sequence position at which a failed comparison differs.
+fn first_position(
+    point: HookPoint,
+    c: &Comparison,
+    (ours, reference): (&Values, &Values),
+    dims: &[usize],
+    seq: usize,
+    ids: Option<(&[i64], &[i64])>,
+    tol: Tolerance,
+) -> usize {
+    // Flat element index -> position: [B, S, ...] tensors, or [B*S, ...] rows for the router's.
+    let token_rows = matches!(point, HookPoint::Layer(_, h) if h.token_rows());
+    let inner: usize = dims.iter().skip(if token_rows { 1 } else { 2 }).product();
+    let position = |i: usize| (i / inner.max(1)) % seq.max(1);
+    match &c.detail {
+        // Set rows (and exact integers, one row per element) are flat (batch, position) rows.
+        Detail::Sets { flips, .. } => flips.iter().map(|f| f.row % seq.max(1)).min().unwrap_or(0),
+        Detail::Float { .. } => {
+            let (a, e) = (compare::to_f32(ours), compare::to_f32(reference));
+            let bad: Vec<usize> = match ids {
+                Some((ia, ie)) if matches!(point, HookPoint::Layer(_, LayerHook::TopkWeights)) => {
+                    let k = dims.last().copied().unwrap_or(1).max(1);
+                    let (a, e, at) = compare::align_by_expert(ia, &a, ie, &e, k);
+                    compare::elements_outside(&a, &e, tol).map(|i| at[i]).collect()
+                }
+                _ => compare::elements_outside(&a, &e, tol).collect(),
+            };
+            bad.into_iter().map(position).min().unwrap_or(0)
+        }
+        Detail::Shape { .. } => 0,
+    }
+}
+
+/// The report: each hook point's verdict, then each position's logits error, then the verdict.
+pub fn print(r: &DecodeCheck, tol: Tolerance, chunk: usize) {
+    for c in &r.results {
+        println!("{}", crate::verify::format_line(c));
+    }
+    for (s, max_abs) in r.logits_max_abs.iter().enumerate() {
+        let ok = r.first.is_none_or(|(p, _)| s < p);
+        println!("position {s:<5} logits max_abs {max_abs:9.3e}  {}", if ok { "ok" } else { "differs" });
+    }
+    let how = if chunk <= 1 { "one position per call".to_string() } else { format!("{chunk} positions per call") };
+    match r.first {
+        None => println!(
+            "decode matches prefill at every position ({how}; {} tensors, atol {:e}, rtol {:e})",
+            r.results.len(),
+            tol.atol,
+            tol.rtol
+        ),
+        Some((s, i)) => {
+            println!("first position where decode and prefill differ: {s}, first at {}", r.results[i].name);
+            if let Detail::Sets { flips, .. } = &r.results[i].detail {
+                if let Some(f) = flips.iter().find(|f| f.row % r.positions.max(1) == s) {
+                    println!(
+                        "  flip at {:?}: only decode {:?}, only prefill {:?}; margins decode {:?}, prefill {:?}",
+                        f.at, f.only_ours, f.only_reference, f.margin_ours, f.margin_reference
+                    );
+                }
+            }
+        }
+    }
+}

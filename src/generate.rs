@@ -1,0 +1,95 @@
+//! The `generate` command: greedy decoding through the latent KV cache, streaming each step's
+//! tokens (and text, with a tokenizer) as they come, with the cache's size for the run, the MTP
+//! head's draft acceptance when asked, and every step's hooks written to one dump at the end.
+//!
+//! The dump lays the decode calls end to end ([`crate::stitch`]): it has the names and shapes of a
+//! prefill dump of the tokens the model ran (the prompt and every generated token but the last),
+//! so `diff` can compare it with `run --dump` of the same tokens or with a reference.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::dump::{self, DumpWriter};
+use crate::error::Result;
+use crate::hooks::{NoObserver, Observer, Selector};
+use crate::model::decode::KvCache;
+use crate::model::mtp::Mtp;
+use crate::model::{Model, Tokens};
+use crate::stitch::Stitcher;
+
+pub struct GenerateOptions {
+    pub new_tokens: usize,
+    /// Prompt positions per decode call (0: the whole prompt in one call).
+    pub chunk: usize,
+    /// Record these hook points of every step into this dump.
+    pub dump: Option<(PathBuf, Selector)>,
+    /// Draft with the MTP head and report its acceptance.
+    pub mtp: bool,
+}
+
+pub fn run(
+    dir: &Path,
+    ckpt: &crate::checkpoint::Checkpoint,
+    model: &Model,
+    prompt: &Tokens,
+    opts: &GenerateOptions,
+) -> Result<()> {
+    let mtp = if opts.mtp { Some(Mtp::load(ckpt)?) } else { None };
+    eprintln!("{}", cache_report(model, prompt.batch, prompt.seq + opts.new_tokens, mtp.is_some()));
+    let mut stitcher = opts.dump.as_ref().map(|(_, sel)| Stitcher::new(sel.clone()));
+    let obs: &mut dyn Observer = match stitcher.as_mut() {
+        Some(s) => s,
+        None => &mut NoObserver,
+    };
+    let t0 = std::time::Instant::now();
+    let done = model.generate(prompt, opts.new_tokens, opts.chunk, mtp.as_ref(), obs, |step, next| {
+        let text = match prompt.batch {
+            1 => crate::tokenizer::decode(dir, next)?.map(|t| format!(" {t:?}")),
+            _ => None,
+        };
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "step {step}: {next:?}{}", text.unwrap_or_default());
+        let _ = out.flush();
+        Ok(())
+    })?;
+    let secs = t0.elapsed().as_secs_f64();
+    for (r, g) in done.tokens.iter().enumerate() {
+        println!("row {r}: generated {g:?}");
+    }
+    if let Some((accepted, drafted)) = done.drafts {
+        let rate = if drafted > 0 { format!("{:.1}%", 100.0 * accepted as f64 / drafted as f64) } else { "-".into() };
+        println!("mtp: {accepted} of {drafted} drafts equal the main model's greedy token ({rate})");
+    }
+    eprintln!("{} new tokens in {secs:.3} s including the {}-token prompt", opts.new_tokens, prompt.seq);
+    if let (Some((path, selector)), Some(stitcher)) = (&opts.dump, stitcher) {
+        let tensors = stitcher.finish()?;
+        let mut writer = DumpWriter::create(path, selector.clone(), tensors.len())?;
+        for (point, t) in &tensors {
+            writer.observe(*point, t)?;
+        }
+        let source = format!(
+            "glimpse {} / candle, float32, cpu; generate: decode through the latent cache, {} prompt positions per call",
+            env!("CARGO_PKG_VERSION"),
+            if opts.chunk == 0 { prompt.seq } else { opts.chunk }
+        );
+        let meta = dump::metadata(&source, Some(&ckpt.config_bytes), Some(&dir.display().to_string()));
+        let n = writer.finish(&meta)?;
+        println!("wrote {n} tensors to {}", path.display());
+    }
+    Ok(())
+}
+
+/// What the cache holds per token and in all for `tokens` positions of `batch` rows: the latent
+/// form this decode keeps against the expanded keys and values a naive port would.
+pub fn cache_report(model: &Model, batch: usize, tokens: usize, mtp: bool) -> String {
+    let (latent, expanded) = KvCache::bytes_per_token(model);
+    let layers = model.layers.len() + usize::from(mtp);
+    let total = |per: usize| (per * layers * tokens * batch) as f64 / (1 << 20) as f64;
+    format!(
+        "cache: {latent} bytes per token and layer in f32 (kv_latent + k_rope + index key), against {expanded} \
+         expanded ({:.1}x); {layers} layers x {tokens} positions x batch {batch}: {:.2} MiB, against {:.2} MiB",
+        expanded as f64 / latent as f64,
+        total(latent),
+        total(expanded)
+    )
+}

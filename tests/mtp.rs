@@ -1,0 +1,95 @@
+//! The MTP head: run beside generation through its own cache it equals the prefill form checked
+//! against the `golden/mtp` reference, its acceptance count is what the drafts say, and a port
+//! that feeds it the hidden state before the final norm is caught.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use glimpse::checkpoint::Checkpoint;
+use glimpse::compare::Tolerance;
+use glimpse::dump::Dump;
+use glimpse::hooks::{HookPoint, LayerHook, Recorder, Selector};
+use glimpse::model::decode::last_argmax;
+use glimpse::model::mtp::Mtp;
+use glimpse::model::{Model, Tokens};
+use glimpse::stitch::Stitcher;
+use glimpse::verify::{verify, verify_mtp};
+
+mod common;
+
+fn case() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/mtp")
+}
+
+/// Generation with drafts: every hook of the main model and of the MTP head, laid end to end,
+/// equals a prefill of the same tokens followed by the MTP head's prefill form; the reported
+/// acceptance is the share of drafts equal to the next greedy token.
+#[test]
+fn mtp_drafts_during_generation_equal_the_prefill_form() {
+    let ckpt = Checkpoint::open(&case()).unwrap();
+    let (model, mtp) = (Model::load(&ckpt).unwrap(), Mtp::load(&ckpt).unwrap());
+    let prompt = Tokens::parse("5,17,30,2,99,64,3,8;7,8,9,10,11,12,13,14").unwrap();
+    let new = 6;
+    let mut stitcher = Stitcher::new(Selector::default());
+    let done = model.generate(&prompt, new, 3, Some(&mtp), &mut stitcher, |_, _| Ok(())).unwrap();
+    let decode: BTreeMap<HookPoint, _> = stitcher.finish().unwrap().into_iter().collect();
+
+    let ids = decode[&HookPoint::InputIds].to_vec2::<i64>().unwrap();
+    let seq = prompt.seq + new - 1;
+    let tokens = Tokens::new(2, seq, ids.concat().iter().map(|&t| t as u32).collect()).unwrap();
+    let mut prefill = Recorder::new(Selector::default());
+    model.forward(&tokens, &mut prefill).unwrap();
+    let h = prefill.get(HookPoint::FinalNorm).unwrap().narrow(1, 0, seq - 1).unwrap();
+    let draft_logits = mtp.forward(&model, &h, &tokens, &mut prefill).unwrap(); // [B, seq-1, V]
+    let prefill: BTreeMap<HookPoint, _> = prefill.tensors.into_iter().collect();
+
+    let r = glimpse::decode_check::compare(&prefill, &decode, seq, Tolerance::default()).unwrap();
+    let failed: Vec<String> = r.results.iter().filter(|c| !c.ok).map(glimpse::verify::format_line).collect();
+    assert!(r.all_match(), "{failed:#?}");
+    let n = model.layers.len();
+    for point in [HookPoint::MtpInputHidden, HookPoint::Layer(n, LayerHook::TopkIds), HookPoint::MtpLogits] {
+        assert!(r.results.iter().any(|c| c.name == point.name()), "{} not compared", point.name());
+    }
+
+    // Draft at MTP position s predicts token s + 2; generated tokens after the first were drafted.
+    let mut want = (0, 0);
+    for s in prompt.seq - 1..seq - 1 {
+        let drafts = last_argmax(&draft_logits.narrow(1, s, 1).unwrap()).unwrap();
+        for (b, d) in drafts.iter().enumerate() {
+            let main = done.tokens[b][s + 2 - prompt.seq];
+            want = (want.0 + usize::from(*d == main), want.1 + 1);
+        }
+    }
+    assert_eq!(done.drafts, Some(want));
+    assert_eq!(want.1, 2 * (new - 1));
+}
+
+/// Feeding the head the hidden state before the final norm (a bug real ports shipped) fails
+/// `mtp.input_hidden` and everything after it.
+#[test]
+fn mtp_fed_the_pre_norm_state_is_caught() {
+    let ckpt = Checkpoint::open(&case()).unwrap();
+    let (model, mtp) = (Model::load(&ckpt).unwrap(), Mtp::load(&ckpt).unwrap());
+    let golden = Dump::open(&case().join("reference.safetensors")).unwrap();
+    let mut report = verify(&model, &golden, Tolerance::default(), false).unwrap();
+    let last = HookPoint::Layer(model.layers.len() - 1, LayerHook::Output).name();
+    report.final_norm = Some(golden.tensor(&last).unwrap());
+    verify_mtp(&model, &mtp, &golden, Tolerance::default(), &mut report).unwrap();
+    let verdict = |name: &str| report.results.iter().find(|c| c.name == name).map(|c| c.ok);
+    assert_eq!(verdict("final_norm"), Some(true));
+    assert_eq!(verdict("mtp.input_hidden"), Some(false));
+    assert_eq!(verdict("mtp.logits"), Some(false));
+}
+
+#[test]
+fn generate_mtp_reports_acceptance_and_refuses_a_checkpoint_without_mtp() {
+    let dir = case();
+    let args = ["generate", "--model", dir.to_str().unwrap(), "--tokens", "5,17,30,2", "--max-new-tokens", "5"];
+    let (code, text) = common::code_and_text(&[&args[..], &["--mtp"]].concat());
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("drafts equal the main model's greedy token") && text.contains("of 4 drafts"), "{text}");
+    assert!(text.contains("4 layers x 9 positions"), "the cache report counts the MTP layer: {text}");
+    let no_mtp = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/grouped-shared-yarn");
+    let o = common::glimpse(&["generate", "--model", no_mtp.to_str().unwrap(), "--tokens", "1,2", "--mtp"]);
+    common::assert_error(&o, "has no MTP layer");
+}
