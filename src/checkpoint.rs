@@ -106,6 +106,12 @@ impl Checkpoint {
         self.contains(&s).then_some(s)
     }
 
+    /// A stored-BF16 weight read in place by the few-row decode products (None for other
+    /// dtypes, FP8 included).
+    pub fn bf16_weight(&self, name: &str) -> Option<crate::model::gemv::Bf16Weight> {
+        self.file(name).ok()?.bf16_weight(name)
+    }
+
     /// A tensor decoded to f32 with its shape; block-FP8 weights are dequantised.
     pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         let (mut data, shape) = self.file(name)?.f32(name)?;
@@ -258,6 +264,11 @@ impl<'a> Loader<'a> {
 
     pub fn has(&self, name: &str) -> bool {
         self.ckpt.contains(name)
+    }
+
+    /// `name` read in place as bf16, when it is stored so.
+    pub fn bf16(&self, name: &str) -> Option<crate::model::gemv::Bf16Weight> {
+        self.ckpt.bf16_weight(name)
     }
 
     pub fn finish<T>(self, value: T) -> Result<T> {

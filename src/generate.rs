@@ -42,7 +42,9 @@ pub fn run(
         None => &mut NoObserver,
     };
     let t0 = std::time::Instant::now();
+    let mut stamps = Vec::with_capacity(opts.new_tokens);
     let done = model.generate(prompt, opts.new_tokens, opts.chunk, mtp.as_ref(), obs, |step, next| {
+        stamps.push(t0.elapsed().as_secs_f64());
         let text = match prompt.batch {
             1 => crate::tokenizer::decode(dir, next)?.map(|t| format!(" {t:?}")),
             _ => None,
@@ -61,6 +63,9 @@ pub fn run(
         println!("mtp: {accepted} of {drafted} drafts equal the main model's greedy token ({rate})");
     }
     eprintln!("{} new tokens in {secs:.3} s including the {}-token prompt", opts.new_tokens, prompt.seq);
+    if let Some(line) = speed_line(&stamps, prompt.batch) {
+        println!("{line}");
+    }
     if let (Some((path, selector)), Some(stitcher)) = (&opts.dump, stitcher) {
         let tensors = stitcher.finish()?;
         let mut writer = DumpWriter::create(path, selector.clone(), tensors.len())?;
@@ -77,6 +82,19 @@ pub fn run(
         println!("wrote {n} tensors to {}", path.display());
     }
     Ok(())
+}
+
+/// Time to the first token (the prompt) and the median time of each later step, from the time
+/// each step's token was known.
+fn speed_line(stamps: &[f64], batch: usize) -> Option<String> {
+    let first = *stamps.first()?;
+    let mut steps: Vec<f64> = stamps.windows(2).map(|w| w[1] - w[0]).collect();
+    steps.sort_by(f64::total_cmp);
+    let median = *steps.get(steps.len() / 2)?;
+    Some(format!(
+        "speed: prompt (first token) {first:.3} s; decode median {median:.4} s per step = {:.2} tok/s per row, batch {batch}",
+        1.0 / median
+    ))
 }
 
 /// What the cache holds per token and in all for `tokens` positions of `batch` rows: the latent

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 /// One memory-mapped safetensors file.
 pub struct StFile {
     pub path: PathBuf,
-    mmap: Mmap,
+    mmap: std::sync::Arc<Mmap>,
     data_start: usize,
     tensors: HashMap<String, TensorInfo>,
     metadata: HashMap<String, String>,
@@ -28,7 +28,7 @@ impl StFile {
         // SAFETY: the map is read-only; a file truncated under us is outside what we defend.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let (data_start, tensors, metadata) = parse(&mmap).map_err(|msg| Error::checkpoint(path, msg))?;
-        Ok(StFile { path: path.to_path_buf(), mmap, data_start, tensors, metadata })
+        Ok(StFile { path: path.to_path_buf(), mmap: std::sync::Arc::new(mmap), data_start, tensors, metadata })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -54,6 +54,14 @@ impl StFile {
             .get(self.data_start + a..self.data_start + b)
             .ok_or_else(|| Error::checkpoint(&self.path, format!("tensor `{name}` lies outside the file")))?;
         Ok((info, bytes))
+    }
+
+    /// A BF16 tensor of 2 or more dimensions as a `[rows, last dim]` matrix read in place.
+    pub fn bf16_weight(&self, name: &str) -> Option<crate::model::gemv::Bf16Weight> {
+        let info = self.info(name).filter(|i| i.dtype == Dtype::BF16 && i.shape.len() >= 2)?;
+        let cols = *info.shape.last()?;
+        let rows = info.shape[..info.shape.len() - 1].iter().product();
+        crate::model::gemv::Bf16Weight::new(self.mmap.clone(), self.data_start + info.data_offsets.0, rows, cols)
     }
 
     /// Rows `[start, start + count)` of a 2-D float tensor, decoded to f32, without touching the

@@ -9,8 +9,10 @@
 //!
 //! It must agree with the expanded prefill (`mla.rs`); the tests check it token by token.
 
+use candle_core::utils::get_num_threads;
 use candle_core::{Tensor, D};
 
+use super::gemv::{per_head_bf16, Form, MAX_ROWS};
 use super::indexer::{append, Selection};
 use super::layer::DecoderLayer;
 use super::mla::{Attention, Projected};
@@ -64,6 +66,38 @@ impl Attention {
         Ok(self.absorbed.get_or_init(|| (w_uk, w_uv_t)))
     }
 
+    /// `q_nope · W_UK` per head: [B, nh, C, nope] -> [B, nh, C, r]. Decode-sized inputs read
+    /// `kv_b_proj` in place as bf16 when the checkpoint stores it so (gemv.rs).
+    fn absorb_query(&self, q_nope: &Tensor) -> Result<Tensor> {
+        let (b, nh, c, nope) = q_nope.dims4()?;
+        match &self.kv_b_proj.bf16 {
+            Some(w) if b * c <= MAX_ROWS => {
+                let x = q_nope.transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?; // [B, C, nh, nope]
+                let rows = (nope + self.v_dim, 0, nope);
+                let y = per_head_bf16(&x, b * c, nh, w, rows, Form::XW, get_num_threads()); // [B, C, nh, r]
+                Ok(Tensor::from_vec(y, (b, c, nh, self.kv_lora_rank), q_nope.device())?.transpose(1, 2)?)
+            }
+            _ => Ok(q_nope.broadcast_matmul(&self.absorbed()?.0)?),
+        }
+    }
+
+    /// `mixed · W_UV^T` per head, heads side by side: [B, nh, C, r] -> [B, C, nh * v].
+    fn absorb_output(&self, mixed: &Tensor) -> Result<Tensor> {
+        let (b, nh, c, _) = mixed.dims4()?;
+        let (nope, vd) = (self.nope, self.v_dim);
+        match &self.kv_b_proj.bf16 {
+            Some(w) if b * c <= MAX_ROWS => {
+                let x = mixed.transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?; // [B, C, nh, r]
+                let y = per_head_bf16(&x, b * c, nh, w, (nope + vd, nope, vd), Form::XWt, get_num_threads());
+                Ok(Tensor::from_vec(y, (b, c, nh * vd), mixed.device())?)
+            }
+            _ => {
+                let o = mixed.broadcast_matmul(&self.absorbed()?.1)?; // [B, nh, C, v]
+                Ok(o.transpose(1, 2)?.reshape((b, c, nh * vd))?)
+            }
+        }
+    }
+
     /// A chunk of `C` new positions per batch row, after the `T - C` already cached.
     /// x: [B, C, hidden] -> [B, C, hidden].
     fn decode(
@@ -75,25 +109,29 @@ impl Attention {
         sel: &mut Option<Selection>,
         obs: &mut dyn Observer,
     ) -> Result<Tensor> {
-        let (b, c, _) = x.dims3()?;
-        let (nh, nope, rd, vd) = (self.heads, self.nope, self.rope_dim, self.v_dim);
+        let c = x.dims()[1];
+        let (nope, rd) = (self.nope, self.rope_dim);
         let Projected { q_latent, q, kv_latent, k_rope } = self.project(layer, x, rope, obs)?;
-        let latents = append(&mut cache.kv_latent, kv_latent)?.unsqueeze(1)?; // [B, 1, T, r]
-        let k_ropes = append(&mut cache.k_rope, k_rope)?.unsqueeze(1)?; // [B, 1, T, rope]
-        let offset = latents.dims()[2] - c;
+        let latents = append(&mut cache.kv_latent, kv_latent)?; // [B, T, r]
+        let k_ropes = append(&mut cache.k_rope, k_rope)?; // [B, T, rope]
+        let (b, t, _) = latents.dims3()?;
+        let offset = t - c;
 
         // DSA over the cached index keys: each new query sees every cached position up to its own.
         let selection = self.select(layer, x, &q_latent, rope, Some(&mut cache.index_keys), sel, obs)?;
 
-        let (w_uk, w_uv_t) = self.absorbed()?; // [nh, nope, r], [nh, r, v]
         let q_nope = q.narrow(D::Minus1, 0, nope)?.contiguous()?; // [B, nh, C, nope]
         let q_rope = q.narrow(D::Minus1, nope, rd)?.contiguous()?; // [B, nh, C, rope]
-        let q_abs = q_nope.broadcast_matmul(w_uk)?; // [B, nh, C, r]
-        let scores = (q_abs.broadcast_matmul(&latents.t()?)? + q_rope.broadcast_matmul(&k_ropes.t()?)?)?; // [B, nh, C, T]
+        let q_abs = self.absorb_query(&q_nope)?; // [B, nh, C, r]
+                                                 // Every head reads the same latent and rope key: fold the heads into the rows of one
+                                                 // product per batch row instead of broadcasting the cache to every head.
+        let nh = self.heads;
+        let fold = |t: &Tensor| t.reshape((b, nh * c, ())); // [B, nh, C, d] -> [B, nh * C, d]
+        let scores = (fold(&q_abs)?.matmul(&latents.t()?)? + fold(&q_rope)?.matmul(&k_ropes.t()?)?)?; // [B, nh * C, T]
+        let scores = scores.reshape((b, nh, c, t))?; // [B, nh, C, T]
         let probs = softmax_last(&(scores * self.scale)?.broadcast_add(&selection.mask(offset)?)?)?; // [B, nh, C, T]
-        let mixed = probs.broadcast_matmul(&latents)?; // [B, nh, C, r]
-        let o = mixed.broadcast_matmul(w_uv_t)?; // [B, nh, C, v]
-        let o = o.transpose(1, 2)?.reshape((b, c, nh * vd))?; // [B, C, nh * v]
+        let mixed = fold(&probs)?.matmul(&latents)?.reshape((b, nh, c, ()))?; // [B, nh, C, r]
+        let o = self.absorb_output(&mixed)?; // [B, C, nh * v]
         let out = self.o_proj.forward(&o)?; // [B, C, hidden]
         emit(obs, HookPoint::Layer(layer, LayerHook::AttnOut), || Ok(out.clone()))?;
         Ok(out)

@@ -159,7 +159,9 @@ impl IndexerWeights {
         };
         let t = k.dims()[1];
         let scale = (d as f64).powf(-0.5);
-        let per_head = (q.broadcast_matmul(&k.unsqueeze(1)?.t()?)? * scale)?.relu()?; // [B, n, S, T]
+        // One key head for all index heads: heads folded into the rows, not the cache broadcast.
+        let per_head = q.reshape((b, n * s, d))?.matmul(&k.t()?)?.reshape((b, n, s, t))?; // [B, n, S, T]
+        let per_head = (per_head * scale)?.relu()?;
         let w = (self.weights_proj.forward(x)? * (n as f64).powf(-0.5))?; // [B, S, n]
         let w = w.transpose(1, 2)?.unsqueeze(3)?; // [B, n, S, 1]
         let scores = per_head.broadcast_mul(&w)?.sum(1)?; // [B, S, T]

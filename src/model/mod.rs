@@ -5,6 +5,7 @@
 #[cfg(feature = "openblas")]
 pub mod blas;
 pub mod decode;
+pub mod gemv;
 pub mod indexer;
 pub mod layer;
 pub mod mla;
@@ -24,7 +25,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::hooks::Observer;
 use layer::DecoderLayer;
-use nn::RmsNorm;
+use nn::{Linear, RmsNorm};
 use rope::{RopeTables, RotaryEmbedding};
 pub use stream::Weights;
 
@@ -33,7 +34,7 @@ pub struct Model {
     pub embed_tokens: Tensor, // [vocab, hidden]
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
-    pub lm_head: Tensor, // [vocab, hidden] (the embedding itself when tied)
+    pub lm_head: Linear, // [vocab, hidden] (the embedding itself when tied)
     pub rotary: RotaryEmbedding,
 }
 
@@ -108,7 +109,12 @@ impl Model {
             eprintln!();
         }
         let norm = RmsNorm::load(&mut l, "model.norm", h, cfg.rms_norm_eps);
-        let lm_head = if cfg.tie_word_embeddings { embed_tokens.clone() } else { l.get("lm_head.weight", &[v, h]) };
+        let head_name = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+        let lm_head = Linear {
+            weight: if cfg.tie_word_embeddings { embed_tokens.clone() } else { l.get(head_name, &[v, h]) },
+            bias: None,
+            bf16: l.bf16(head_name).filter(|w| (w.rows, w.cols) == (v, h)),
+        };
         let model = Model { rotary: RotaryEmbedding::new(&cfg), config: cfg, embed_tokens, layers, norm, lm_head };
         l.finish(model)
     }

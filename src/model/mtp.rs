@@ -125,8 +125,12 @@ impl Mtp {
         let (b, c, hidden) = x.dims3()?;
         let x = self.shared_head_norm.forward(x)?; // [B, C, hidden]
         emit(obs, HookPoint::MtpFinalNorm, || Ok(x.clone()))?;
-        let head = self.head.as_ref().unwrap_or(&model.lm_head);
-        let logits = matmul_nt(&x.reshape((b * c, hidden))?, head)?.reshape((b, c, head.dims()[0]))?; // [B, C, vocab]
+        let x2 = x.reshape((b * c, hidden))?;
+        let logits = match &self.head {
+            Some(head) => matmul_nt(&x2, head)?,
+            None => model.lm_head.forward(&x2)?,
+        };
+        let logits = logits.reshape((b, c, ()))?; // [B, C, vocab]
         emit(obs, HookPoint::MtpLogits, || Ok(logits.clone()))?;
         Ok(logits)
     }

@@ -3,6 +3,7 @@
 
 use candle_core::{Tensor, D};
 
+use super::gemv::{matmul_nt_bf16, Bf16Weight, MAX_ROWS};
 use crate::checkpoint::Loader;
 use crate::error::Result;
 
@@ -10,13 +11,16 @@ use crate::error::Result;
 pub struct Linear {
     pub weight: Tensor,       // [out, in]
     pub bias: Option<Tensor>, // [out]
+    /// The same weight as stored in a bf16 checkpoint, read in place by few-row products.
+    pub bf16: Option<Bf16Weight>,
 }
 
 impl Linear {
     pub fn load(l: &mut Loader, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> Self {
         let weight = l.get(&format!("{prefix}.weight"), &[out_dim, in_dim]);
         let bias = bias.then(|| l.get(&format!("{prefix}.bias"), &[out_dim]));
-        Linear { weight, bias }
+        let bf16 = l.bf16(&format!("{prefix}.weight")).filter(|w| (w.rows, w.cols) == (out_dim, in_dim));
+        Linear { weight, bias, bf16 }
     }
 
     pub fn out_dim(&self) -> usize {
@@ -28,7 +32,16 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim.max(1);
-        let y = matmul_nt(&x.reshape((rows, in_dim))?, &self.weight)?; // [rows, out]
+        let x = x.reshape((rows, in_dim))?; // [rows, in]
+        let y = match &self.bf16 {
+            // Decode-sized inputs stream the bf16 weights instead of the f32 copy (gemv.rs).
+            Some(w) if rows <= MAX_ROWS && w.cols == in_dim => {
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                let y = matmul_nt_bf16(&xs, rows, w, candle_core::utils::get_num_threads());
+                Tensor::from_vec(y, (rows, w.rows), x.device())?
+            }
+            _ => matmul_nt(&x, &self.weight)?,
+        }; // [rows, out]
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

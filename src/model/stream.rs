@@ -208,7 +208,7 @@ pub fn head(w: Weights, h: &Tensor, obs: &mut dyn Observer) -> Result<Tensor> {
     emit(obs, HookPoint::FinalNorm, || Ok(x.clone()))?;
     let x2 = x.reshape((b * s, hidden))?;
     let logits = match w {
-        Weights::Resident(m) => matmul_nt(&x2, &m.lm_head)?,
+        Weights::Resident(m) => m.lm_head.forward(&x2)?,
         Weights::Streamed(ckpt) => {
             let name = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
             let want = vec![cfg.vocab_size, hidden];
