@@ -196,3 +196,30 @@ fn the_binary_in_tmux() {
     tmux(&["send-keys", "-t", &session, "q"]);
     tmux(&["kill-session", "-t", &session]);
 }
+
+/// A dump whose last layer is the MTP head (S-1 positions, `layers.{N}.*` past the main layers)
+/// draws in every view, on every layer and token, without a panic.
+#[test]
+fn every_view_draws_a_dump_with_the_mtp_layer() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/mtp");
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let reference = Dump::open(&dir.join("reference.safetensors")).unwrap();
+    let again = Dump::open(&dir.join("reference.safetensors")).unwrap();
+    let src = DumpSource::new("mtp".into(), again, Some(reference), Some(&ckpt.config), None).unwrap();
+    let mut app = App::default();
+    let mut seen_mtp_layer = false;
+    for view in [View::Layers, View::Activations, View::Routing, View::Load, View::Dsa, View::KvNorms] {
+        app.set_view(view);
+        for _ in 0..6 {
+            for _ in 0..20 {
+                let s = screen(&app, &src, 80, 24);
+                assert!(s.contains("q quit"), "{s}");
+                seen_mtp_layer |= app.layer == 3;
+                app.next_token(&src);
+            }
+            app.next_layer(&src);
+        }
+        app.layer = 0;
+    }
+    assert!(seen_mtp_layer, "the MTP layer (3) was reachable");
+}
