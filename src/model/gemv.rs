@@ -29,7 +29,7 @@ impl Bf16Weight {
     /// a big-endian host (the file is little endian).
     pub fn new(map: Arc<Mmap>, offset: usize, rows: usize, cols: usize) -> Option<Self> {
         let end = offset.checked_add(rows.checked_mul(cols)?.checked_mul(2)?)?;
-        let aligned = (map.as_ptr() as usize + offset) % std::mem::align_of::<u16>() == 0;
+        let aligned = (map.as_ptr() as usize + offset).is_multiple_of(std::mem::align_of::<u16>());
         (cfg!(target_endian = "little") && aligned && end <= map.len()).then_some(Bf16Weight {
             map,
             offset,
