@@ -34,6 +34,9 @@ pub enum Error {
     /// Bad command-line input.
     #[error("{0}")]
     Usage(String),
+    /// The GPU path: no CUDA library or device, a kernel that does not compile, a failed launch.
+    #[error("cuda: {0}")]
+    Device(String),
     #[error("tensor op: {0}")]
     Candle(#[from] candle_core::Error),
     /// An error with a line of context in front of it.

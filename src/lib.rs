@@ -10,9 +10,12 @@ pub mod audit;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod hooks;
 pub mod model;
+pub mod selftest;
 pub mod st;
 pub mod stitch;
 

@@ -210,6 +210,15 @@ enum Command {
         #[arg(long)]
         mtp: bool,
     },
+    /// Check this machine: every bundled golden case through verify, and with --device cuda every
+    /// GPU kernel against its CPU reference first.
+    Selftest {
+        #[arg(long, value_enum, default_value_t = glimpse::selftest::Device::Cpu)]
+        device: glimpse::selftest::Device,
+        /// Which GPU (CUDA device ordinal).
+        #[arg(long, default_value_t = 0)]
+        ordinal: usize,
+    },
     /// Write a random-weight checkpoint in the released layout.
     Synth {
         /// Start from this config.json.
@@ -497,6 +506,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             glimpse::generate::run(&model, &ckpt, &Model::load(&ckpt)?, &tokens, &opts)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Selftest { device, ordinal } => {
+            let root = default_case().parent().map(Path::to_path_buf).unwrap_or_default();
+            let ok = glimpse::selftest::run(&root, device, ordinal)?;
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Synth { config, preset, layers, experts, vocab, dtype, shards, mtp, seed, out } => {
             let config = match (config, preset) {

@@ -1,0 +1,52 @@
+// MLA attention over the keys DSA selected, in the expanded form (CPU reference:
+// model::mla::Attention::forward): for query (b, s) at position offset + s and head h,
+//   score_j = (q_nope . k_nope_h(key_j) + q_rope . k_rope(key_j)) * scale over the selected keys
+//   key_j <= offset + s (later entries are padding), softmax, then sum_j p_j v_h(key_j).
+// q [B, S, nh, nope + rd] roped; kv [B, T, nh, nope + vd] (kv_b_proj of the latent);
+// k_rope [B, T, rd] roped, shared by all heads; idx [B, S, K]; out [B, S, nh, vd].
+// One block per (b, s, h), blockDim a multiple of 32; shared memory K floats.
+
+extern "C" __global__ void sparse_attention(const float* q, const float* kv, const float* k_rope, const int* idx,
+                                            float* out, int s, int t, int nh, int nope, int rd, int vd, int kk,
+                                            int offset, float scale) {
+    extern __shared__ float prob[];
+    long long bs = blockIdx.x / nh; // b * S + query
+    int h = blockIdx.x % nh;
+    int b = (int)(bs / s), p = offset + (int)(bs % s);
+    const float* qv = q + (bs * nh + h) * (nope + rd);
+    const int* sel = idx + bs * kk;
+    float local_max = -INFINITY;
+    for (int j = threadIdx.x; j < kk; j += blockDim.x) {
+        int key = sel[j];
+        float sc = -INFINITY;
+        if (key >= 0 && key <= p && key < t) {
+            const float* kn = kv + (((long long)b * t + key) * nh + h) * (nope + vd);
+            const float* kr = k_rope + ((long long)b * t + key) * rd;
+            float dot = 0.0f;
+            for (int i = 0; i < nope; i++) dot += qv[i] * kn[i];
+            for (int i = 0; i < rd; i++) dot += qv[nope + i] * kr[i];
+            sc = dot * scale;
+        }
+        prob[j] = sc;
+        local_max = fmaxf(local_max, sc);
+    }
+    float m = block_max(local_max);
+    float local_sum = 0.0f;
+    for (int j = threadIdx.x; j < kk; j += blockDim.x) {
+        float e = prob[j] == -INFINITY ? 0.0f : expf(prob[j] - m);
+        prob[j] = e;
+        local_sum += e;
+    }
+    float total = block_sum(local_sum);
+    __syncthreads();
+    float* o = out + (bs * nh + h) * vd;
+    for (int d = threadIdx.x; d < vd; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < kk; j++) {
+            if (prob[j] == 0.0f) continue;
+            int key = sel[j];
+            acc += prob[j] * kv[(((long long)b * t + key) * nh + h) * (nope + vd) + nope + d];
+        }
+        o[d] = acc / total;
+    }
+}

@@ -1,0 +1,17 @@
+// Weight decoding on the device: block-FP8 (GLM-5-FP8: e4m3 values times a per-128x128-block
+// scale_inv, edge blocks partial) and bf16, both to f32.
+// CPU reference: checkpoint::dequantize_blocks and st::decode_f32.
+
+extern "C" __global__ void fp8_dequant(const fp8_t* q, const float* scale_inv, float* out, int rows, int cols,
+                                       int block_rows, int block_cols) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)rows * cols) return;
+    int r = (int)(i / cols), c = (int)(i % cols);
+    int scale_cols = (cols + block_cols - 1) / block_cols;
+    out[i] = e4m3_to_f32(q[i]) * scale_inv[(r / block_rows) * scale_cols + c / block_cols];
+}
+
+extern "C" __global__ void bf16_widen(const bf16_t* x, float* out, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = bf16_to_f32(x[i]);
+}

@@ -1,0 +1,300 @@
+//! One GPU: its context and stream, every kernel compiled with NVRTC for its architecture and
+//! loaded, and one typed launcher per kernel over device buffers. Launchers write into buffers the
+//! caller allocates, so a parity check can poison them first and see any element a kernel missed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::{compile_all, probe, Lib, KERNELS};
+use crate::error::{Error, Result};
+
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    /// The device's name and the architecture the kernels were compiled for (`sm_90` on Hopper).
+    pub name: String,
+    pub arch: String,
+    functions: HashMap<&'static str, CudaFunction>,
+}
+
+fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
+    move |e| Error::Device(format!("{what}: {e:?}"))
+}
+
+/// `n` threads in blocks of `block`, with `shared` bytes of dynamic shared memory.
+fn cfg(n: usize, block: u32, shared: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(block).max(1), 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: shared,
+    }
+}
+
+/// One block of `block` threads per item.
+fn per_item(items: usize, block: u32, shared: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (items.max(1) as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: shared }
+}
+
+/// Launches kernel `$name` with `$cfg` and the arguments in order (each one a reference).
+macro_rules! launch {
+    ($gpu:expr, $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+        let f = $gpu.f($name)?;
+        let mut b = $gpu.stream.launch_builder(f);
+        $( b.arg($arg); )*
+        // SAFETY: each launcher passes the argument list its kernel's signature declares, with
+        // buffers sized by the same dimensions it passes.
+        unsafe { b.launch($cfg) }.map_err(|e| Error::Device(format!("launch {}: {e:?}", $name)))?;
+        Ok(())
+    }};
+}
+
+impl Gpu {
+    /// Opens device `ordinal` and compiles every kernel for it.
+    pub fn open(ordinal: usize) -> Result<Gpu> {
+        probe(&[Lib::Driver, Lib::Nvrtc])?;
+        let ctx = CudaContext::new(ordinal).map_err(driver("open the device"))?;
+        let (major, minor) = ctx.compute_capability().map_err(driver("read the compute capability"))?;
+        let name = ctx.name().map_err(driver("read the device name"))?;
+        let arch = format!("sm_{major}{minor}");
+        let mut functions = HashMap::new();
+        for (file, ptx) in compile_all(&arch)? {
+            let module = ctx.load_module(ptx).map_err(driver("load a kernel module"))?;
+            let names = KERNELS.iter().find(|(f, _, _)| *f == file).map(|(_, _, n)| *n).unwrap_or(&[]);
+            for &kernel in names {
+                let f =
+                    module.load_function(kernel).map_err(|e| Error::Device(format!("{file}.cu: {kernel}: {e:?}")))?;
+                functions.insert(kernel, f);
+            }
+        }
+        Ok(Gpu { stream: ctx.default_stream(), ctx, name, arch, functions })
+    }
+
+    fn f(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions.get(name).ok_or_else(|| Error::Device(format!("kernel `{name}` is not loaded")))
+    }
+
+    pub fn upload<T: DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(v).map_err(driver("copy to the device"))
+    }
+
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, v: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.stream.clone_dtoh(v).map_err(driver("copy from the device"))
+    }
+
+    /// A device buffer of `n` copies of `value` (NaN to poison an output).
+    pub fn filled<T: DeviceRepr + Clone>(&self, n: usize, value: T) -> Result<CudaSlice<T>> {
+        self.upload(&vec![value; n])
+    }
+
+    /// x, y: [rows, cols]; w: [cols].
+    pub fn rms_norm(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let c = cols as i32;
+        launch!(self, "rms_norm", per_item(rows, 256, 0), [x, w, y, &c, &eps])
+    }
+
+    /// x, y: [rows, cols]; w, bias: [cols].
+    #[allow(clippy::too_many_arguments)]
+    pub fn layer_norm(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let c = cols as i32;
+        launch!(self, "layer_norm", per_item(rows, 256, 0), [x, w, bias, y, &c, &eps])
+    }
+
+    /// x: [rows, cols] -> out: [rows].
+    pub fn row_l2_norm(&self, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>, rows: usize, cols: usize) -> Result<()> {
+        let c = cols as i32;
+        launch!(self, "row_l2_norm", per_item(rows, 128, 0), [x, out, &c])
+    }
+
+    /// x: [rows, heads, width] in place; cos, sin: [seq, half].
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        rows: usize,
+        seq: usize,
+        heads: usize,
+        width: usize,
+        start: usize,
+        half: usize,
+    ) -> Result<()> {
+        let [r, s, h, w, st, hf] = [rows, seq, heads, width, start, half].map(|d| d as i32);
+        launch!(self, "rope_interleaved", cfg(rows * heads, 128, 0), [x, cos, sin, &r, &s, &h, &w, &st, &hf])
+    }
+
+    pub fn silu_mul(
+        &self,
+        gate: &CudaSlice<f32>,
+        up: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        n: usize,
+    ) -> Result<()> {
+        let n64 = n as i64;
+        launch!(self, "silu_mul", cfg(n, 256, 0), [gate, up, out, &n64])
+    }
+
+    /// logits: [n, e]; bias: [e] -> ids, weights: [n, k]; margin: [n].
+    #[allow(clippy::too_many_arguments)]
+    pub fn route(
+        &self,
+        logits: &CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
+        n: usize,
+        e: usize,
+        rc: &crate::model::moe::RouterConfig,
+        ids: &mut CudaSlice<i32>,
+        weights: &mut CudaSlice<f32>,
+        margin: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let [n32, e32, k, groups, kept, norm] =
+            [n, e, rc.top_k, rc.n_group, rc.topk_group, usize::from(rc.norm_topk_prob)].map(|d| d as i32);
+        let scaling = rc.routed_scaling_factor;
+        launch!(
+            self,
+            "route",
+            cfg(n, 64, 0),
+            [logits, bias, &n32, &e32, &k, &groups, &kept, &norm, &scaling, ids, weights, margin]
+        )
+    }
+
+    /// ids: [n] expert ids -> counts: [e] (added to).
+    pub fn expert_counts(&self, ids: &CudaSlice<i32>, n: usize, e: usize, counts: &mut CudaSlice<i32>) -> Result<()> {
+        let (n64, e32) = (n as i64, e as i32);
+        launch!(self, "expert_counts", cfg(n, 256, 0), [ids, &n64, &e32, counts])
+    }
+
+    /// q: [B, S, n, d]; k: [B, T, d]; w: [B, S, n] -> scores: [B, S, T]; dims = [B, S, T, n, d, offset].
+    pub fn index_scores(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        scores: &mut CudaSlice<f32>,
+        dims: [usize; 6],
+        scale: f32,
+    ) -> Result<()> {
+        let [batch, s, t, ..] = dims;
+        let [b32, s32, t32, n32, d32, o32] = dims.map(|x| x as i32);
+        launch!(
+            self,
+            "index_scores",
+            cfg(batch * s * t, 256, 0),
+            [q, k, w, scores, &b32, &s32, &t32, &n32, &d32, &o32, &scale]
+        )
+    }
+
+    /// scores: [rows, T] (rows = B*S) -> idx: [rows, K]; margin: [rows].
+    #[allow(clippy::too_many_arguments)]
+    pub fn topk_causal(
+        &self,
+        scores: &CudaSlice<f32>,
+        rows: usize,
+        s: usize,
+        t: usize,
+        offset: usize,
+        k: usize,
+        idx: &mut CudaSlice<i32>,
+        margin: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let [s32, t32, o32, k32] = [s, t, offset, k].map(|x| x as i32);
+        launch!(self, "topk_causal", per_item(rows, 128, 0), [scores, &s32, &t32, &o32, &k32, idx, margin])
+    }
+
+    /// q: [B, S, nh, nope + rd]; kv: [B, T, nh, nope + vd]; k_rope: [B, T, rd]; idx: [B, S, K]
+    /// -> out: [B, S, nh, vd]. dims = [B, S, T, nh, nope, rd, vd, K, offset].
+    #[allow(clippy::too_many_arguments)]
+    pub fn sparse_attention(
+        &self,
+        q: &CudaSlice<f32>,
+        kv: &CudaSlice<f32>,
+        k_rope: &CudaSlice<f32>,
+        idx: &CudaSlice<i32>,
+        out: &mut CudaSlice<f32>,
+        dims: [usize; 9],
+        scale: f32,
+    ) -> Result<()> {
+        let [batch, s, _, nh, _, _, _, k, _] = dims;
+        let [_, s32, t32, nh32, nope, rd, vd, k32, o32] = dims.map(|x| x as i32);
+        let cfg = per_item(batch * s * nh, 64, (4 * k) as u32);
+        launch!(
+            self,
+            "sparse_attention",
+            cfg,
+            [q, kv, k_rope, idx, out, &s32, &t32, &nh32, &nope, &rd, &vd, &k32, &o32, &scale]
+        )
+    }
+
+    /// x: [*, cols]; rows: [n] -> out: [n, cols].
+    pub fn gather_rows(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: &CudaSlice<i32>,
+        out: &mut CudaSlice<f32>,
+        n: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let [n32, c32] = [n as i32, cols as i32];
+        launch!(self, "gather_rows", cfg(n * cols, 256, 0), [x, rows, out, &n32, &c32])
+    }
+
+    /// y: packed expert outputs [*, cols]; ids, slot, w: [n, k]; shared, out: [n, cols].
+    #[allow(clippy::too_many_arguments)]
+    pub fn combine(
+        &self,
+        y: &CudaSlice<f32>,
+        ids: &CudaSlice<i32>,
+        slot: &CudaSlice<i32>,
+        w: &CudaSlice<f32>,
+        shared: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        n: usize,
+        k: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let [n32, k32, c32] = [n, k, cols].map(|x| x as i32);
+        launch!(self, "combine", cfg(n * cols, 256, 0), [y, ids, slot, w, shared, out, &n32, &k32, &c32])
+    }
+
+    /// q: e4m3 bytes [rows, cols]; scale_inv: [ceil(rows/br), ceil(cols/bc)] -> out: f32 [rows, cols].
+    pub fn fp8_dequant(
+        &self,
+        q: &CudaSlice<u8>,
+        scale_inv: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        block: [usize; 2],
+    ) -> Result<()> {
+        let [r32, c32, br, bc] = [rows, cols, block[0], block[1]].map(|x| x as i32);
+        launch!(self, "fp8_dequant", cfg(rows * cols, 256, 0), [q, scale_inv, out, &r32, &c32, &br, &bc])
+    }
+
+    pub fn bf16_widen(&self, x: &CudaSlice<u16>, out: &mut CudaSlice<f32>, n: usize) -> Result<()> {
+        let n64 = n as i64;
+        launch!(self, "bf16_widen", cfg(n, 256, 0), [x, out, &n64])
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(driver("synchronize"))
+    }
+}

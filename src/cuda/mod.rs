@@ -1,0 +1,105 @@
+//! The CUDA backend (cargo feature `cuda`): kernels of our own, one `.cu` file per op family
+//! beside this module, compiled once at start with NVRTC for the device's architecture and
+//! launched through cudarc, which loads the driver, NVRTC and cuBLAS at run time, so the project
+//! builds and tests with no CUDA toolkit and no GPU.
+//!
+//! cudarc's dynamic loading panics when a library is missing; [`probe`] checks first, so a
+//! machine without CUDA gets a one-line error instead. Each kernel has a CPU reference in the
+//! model code (named in its `.cu` file) and a parity check in [`selftest`].
+//!
+//! Status: the kernels compile (a test compiles every one with NVRTC, in CI too); their parity
+//! checks are written but have not run on a GPU yet, and the forward pass does not use them yet.
+
+pub mod gpu;
+pub mod selftest;
+
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+use crate::error::{Error, Result};
+
+/// Prepended to every kernel file: bf16 / e4m3 decoding and block reductions.
+pub const PRELUDE: &str = include_str!("prelude.cuh");
+
+/// Every kernel file, by op family, and the kernels it defines.
+pub const KERNELS: &[(&str, &str, &[&str])] = &[
+    ("norm", include_str!("norm.cu"), &["rms_norm", "layer_norm", "row_l2_norm"]),
+    ("rope", include_str!("rope.cu"), &["rope_interleaved"]),
+    ("swiglu", include_str!("swiglu.cu"), &["silu_mul"]),
+    ("router", include_str!("router.cu"), &["route", "expert_counts"]),
+    ("indexer", include_str!("indexer.cu"), &["index_scores", "topk_causal"]),
+    ("attention", include_str!("attention.cu"), &["sparse_attention"]),
+    ("moe", include_str!("moe.cu"), &["gather_rows", "combine"]),
+    ("fp8", include_str!("fp8.cu"), &["fp8_dequant", "bf16_widen"]),
+];
+
+/// A CUDA library cudarc would load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lib {
+    Driver,
+    Nvrtc,
+    Cublas,
+}
+
+impl Lib {
+    fn present(self) -> bool {
+        // SAFETY: these only try to dlopen the library's candidate names.
+        unsafe {
+            match self {
+                Lib::Driver => cudarc::driver::sys::is_culib_present(),
+                Lib::Nvrtc => cudarc::nvrtc::sys::is_culib_present(),
+                Lib::Cublas => cudarc::cublas::sys::is_culib_present(),
+            }
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Lib::Driver => "the NVIDIA driver library (libcuda.so.1): no NVIDIA driver on this machine",
+            Lib::Nvrtc => {
+                "NVRTC (libnvrtc.so.13): install it, e.g. `pip install nvidia-cuda-nvrtc`, and put its \
+                 site-packages/nvidia/cu13/lib on LD_LIBRARY_PATH"
+            }
+            Lib::Cublas => "cuBLAS (libcublas.so.13): install the CUDA 13 runtime or `pip install nvidia-cublas`",
+        }
+    }
+}
+
+/// Checks that every library in `libs` can be loaded; the error names the first missing one.
+pub fn probe(libs: &[Lib]) -> Result<()> {
+    match libs.iter().find(|l| !l.present()) {
+        Some(l) => Err(Error::Device(format!("cannot load {}", l.describe()))),
+        None => Ok(()),
+    }
+}
+
+/// The full source NVRTC compiles for one kernel file.
+pub fn source(file: &str) -> Option<String> {
+    KERNELS.iter().find(|(n, _, _)| *n == file).map(|(_, src, _)| format!("{PRELUDE}\n{src}"))
+}
+
+/// Compiles one kernel file for `arch` (e.g. `sm_90`). NVRTC needs no GPU for this.
+pub fn compile(file: &str, src: &str, arch: &str) -> Result<Ptx> {
+    probe(&[Lib::Nvrtc])?;
+    let opts = CompileOptions {
+        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
+        name: Some(format!("{file}.cu")),
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| {
+        let why = match &e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+            other => format!("{other:?}"),
+        };
+        Error::Device(format!("{file}.cu does not compile for {arch}: {}", one_line(&why)))
+    })
+}
+
+/// Every kernel file, compiled for `arch`.
+pub fn compile_all(arch: &str) -> Result<Vec<(&'static str, Ptx)>> {
+    KERNELS.iter().map(|(file, src, _)| Ok((*file, compile(file, &format!("{PRELUDE}\n{src}"), arch)?))).collect()
+}
+
+/// Compiler logs span lines; errors here are one line.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}

@@ -1,0 +1,33 @@
+// MoE dispatch around the grouped expert GEMMs (cuBLAS, one per expert with tokens):
+//   gather_rows: the rows of x routed to one expert, packed: out[i] = x[rows[i]].
+//   combine: each token's expert outputs weighted and summed in ascending expert id (the CPU
+//     reference's order, model::moe::Moe::forward, so the sum is deterministic), then the shared
+//     expert added: out[t] = sum_j w[t, j] * y[slot[t, j]] + shared[t].
+// slot[t, j] is the row of the packed expert outputs y holding token t's j-th choice.
+
+extern "C" __global__ void gather_rows(const float* x, const int* rows, float* out, int n, int cols) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)n * cols) return;
+    long long r = i / cols;
+    out[i] = x[(long long)rows[r] * cols + i % cols];
+}
+
+extern "C" __global__ void combine(const float* y, const int* ids, const int* slot, const float* w,
+                                   const float* shared, float* out, int n, int k, int cols) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)n * cols || k > 16) return;
+    long long t = i / cols;
+    int c = (int)(i % cols);
+    int order[16];
+    for (int j = 0; j < k; j++) order[j] = j;
+    for (int a = 1; a < k; a++) // insertion sort of the token's choices by expert id
+        for (int b = a; b > 0 && ids[t * k + order[b]] < ids[t * k + order[b - 1]]; b--) {
+            int tmp = order[b]; order[b] = order[b - 1]; order[b - 1] = tmp;
+        }
+    float acc = 0.0f;
+    for (int j = 0; j < k; j++) {
+        int o = order[j];
+        acc += w[t * k + o] * y[(long long)slot[t * k + o] * cols + c];
+    }
+    out[i] = acc + shared[i];
+}

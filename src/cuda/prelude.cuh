@@ -1,0 +1,48 @@
+// Shared by every kernel file: prepended to each .cu source before NVRTC compiles it (NVRTC has
+// no toolkit headers to include, so bf16 and e4m3 are decoded by hand here).
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+typedef unsigned short bf16_t;
+typedef unsigned char fp8_t;
+
+__device__ __forceinline__ float bf16_to_f32(bf16_t b) { return __uint_as_float(((unsigned int)b) << 16); }
+
+// OCP E4M3 (the "fn" variant GLM-5-FP8 stores): 1 sign, 4 exponent (bias 7), 3 mantissa bits;
+// no infinities, S.1111.111 is NaN.
+__device__ __forceinline__ float e4m3_to_f32(fp8_t v) {
+    float sign = (v & 0x80) ? -1.0f : 1.0f;
+    int e = (v >> 3) & 0xF, m = v & 0x7;
+    if (e == 0xF && m == 0x7) return __int_as_float(0x7fc00000);
+    if (e == 0) return sign * ldexpf((float)m / 8.0f, -6);
+    return sign * ldexpf(1.0f + (float)m / 8.0f, e - 7);
+}
+
+// Sum over a block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ float block_sum(float v) {
+    __shared__ float partial[32];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    int warps = (blockDim.x + 31) >> 5;
+    float t = (lane < warps) ? partial[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffff, t, o);
+    return t;
+}
+
+// Maximum over a block, same contract as block_sum.
+__device__ float block_max(float v) {
+    __shared__ float partial[32];
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    int warps = (blockDim.x + 31) >> 5;
+    float t = (lane < warps) ? partial[lane] : -INFINITY;
+    for (int o = 16; o > 0; o >>= 1) t = fmaxf(t, __shfl_xor_sync(0xffffffff, t, o));
+    return t;
+}

@@ -1,0 +1,261 @@
+//! `glimpse selftest --device cuda`: every kernel against its CPU reference on random inputs
+//! whose sizes are not multiples of the block sizes, into outputs poisoned with NaN (or -1 for
+//! indices) so an element a kernel never writes fails the check. The references are the model's
+//! own functions where the kernel computes the same thing (norms, RoPE tables, the router, the
+//! causal top-k, FP8 dequantisation), else the formula in plain loops, named in each check.
+
+use super::gpu::Gpu;
+use crate::error::Result;
+use crate::model::moe::{route, RouterConfig};
+
+/// One kernel's verdict.
+pub struct Check {
+    pub name: &'static str,
+    pub max_abs: f64,
+    pub ok: bool,
+}
+
+/// A deterministic generator of test inputs (xorshift).
+struct Rng(u64);
+
+impl Rng {
+    fn f32(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f32()).collect()
+    }
+}
+
+fn check(name: &'static str, gpu: &[f32], cpu: &[f32], tol: f64) -> Check {
+    let mut max_abs = 0f64;
+    let mut ok = gpu.len() == cpu.len();
+    for (&a, &e) in gpu.iter().zip(cpu) {
+        let same_inf = a.is_infinite() && a == e;
+        let err = if same_inf { 0.0 } else { (a as f64 - e as f64).abs() };
+        if err.is_nan() || err > tol * (1.0 + (e as f64).abs()) {
+            ok = false;
+        }
+        max_abs = if err.is_nan() { f64::INFINITY } else { max_abs.max(err) };
+    }
+    Check { name, max_abs, ok }
+}
+
+fn check_ints(name: &'static str, gpu: &[i32], cpu: &[i32]) -> Check {
+    let bad = gpu.len() != cpu.len() || gpu.iter().zip(cpu).any(|(a, b)| a != b);
+    Check { name, max_abs: if bad { f64::INFINITY } else { 0.0 }, ok: !bad }
+}
+
+/// Runs every kernel check on `gpu`.
+pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut rng = Rng(0x9e3779b97f4a7c15);
+    let mut out = Vec::new();
+    let nan = f32::NAN;
+
+    // Norms: 37 rows of 1003 (not multiples of the 256-thread block).
+    let (rows, cols) = (37, 1003);
+    let (x, w, bias) = (rng.vec(rows * cols), rng.vec(cols), rng.vec(cols));
+    let (dx, dw, db) = (gpu.upload(&x)?, gpu.upload(&w)?, gpu.upload(&bias)?);
+    let xt = candle_core::Tensor::from_vec(x.clone(), (rows, cols), &candle_core::Device::Cpu)?;
+    let wt = candle_core::Tensor::from_vec(w.clone(), cols, &candle_core::Device::Cpu)?;
+    let bt = candle_core::Tensor::from_vec(bias.clone(), cols, &candle_core::Device::Cpu)?;
+    let mut y = gpu.filled(rows * cols, nan)?;
+    gpu.rms_norm(&dx, &dw, &mut y, rows, cols, 1e-6)?;
+    let cpu = crate::model::nn::RmsNorm { weight: wt.clone(), eps: 1e-6 }.forward(&xt)?;
+    out.push(check("rms_norm", &gpu.download(&y)?, &cpu.flatten_all()?.to_vec1()?, 1e-5));
+    let mut y = gpu.filled(rows * cols, nan)?;
+    gpu.layer_norm(&dx, &dw, &db, &mut y, rows, cols, 1e-6)?;
+    let cpu = crate::model::nn::LayerNorm { weight: wt, bias: bt, eps: 1e-6 }.forward(&xt)?;
+    out.push(check("layer_norm", &gpu.download(&y)?, &cpu.flatten_all()?.to_vec1()?, 1e-5));
+    let mut n = gpu.filled(rows, nan)?;
+    gpu.row_l2_norm(&dx, &mut n, rows, cols)?;
+    let cpu: Vec<f32> = x.chunks(cols).map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt()).collect();
+    out.push(check("row_l2_norm (plain loop)", &gpu.download(&n)?, &cpu, 1e-5));
+
+    // RoPE with YaRN-style attention scaling: 7 rows x 5 heads x width 24, rope slice [8, 24).
+    let (r_rows, seq, heads, width, start, half) = (14, 7, 5, 24, 8, 8);
+    let rot = crate::model::rope::RotaryEmbedding {
+        inv_freq: (0..half).map(|j| 1.0 / 10000f32.powf(2.0 * j as f32 / (2 * half) as f32)).collect(),
+        attention_scaling: 1.2,
+    };
+    let tables = rot.tables(&(3..3 + seq).collect::<Vec<_>>());
+    let mut x = rng.vec(r_rows * heads * width);
+    let mut dx = gpu.upload(&x)?;
+    gpu.rope(&mut dx, &gpu.upload(&tables.cos)?, &gpu.upload(&tables.sin)?, r_rows, seq, heads, width, start, half)?;
+    tables.apply(&mut x, seq, heads, width, start);
+    out.push(check("rope_interleaved", &gpu.download(&dx)?, &x, 1e-5));
+
+    // SwiGLU over 10_007 values.
+    let n_sw = 10_007;
+    let (g, u) = (rng.vec(n_sw), rng.vec(n_sw));
+    let mut y = gpu.filled(n_sw, nan)?;
+    gpu.silu_mul(&gpu.upload(&g)?, &gpu.upload(&u)?, &mut y, n_sw)?;
+    let cpu: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+    out.push(check("silu_mul (plain loop)", &gpu.download(&y)?, &cpu, 1e-5));
+
+    // The router, flat and grouped: 77 tokens over 64 experts.
+    for (name, n_group, topk_group) in [("route (flat)", 1, 1), ("route (grouped 8/3)", 8, 3)] {
+        let (tokens, e) = (77, 64);
+        let rc = RouterConfig { top_k: 6, n_group, topk_group, norm_topk_prob: true, routed_scaling_factor: 2.5 };
+        let (logits, bias) = (rng.vec(tokens * e), rng.vec(e).iter().map(|b| b * 0.1).collect::<Vec<_>>());
+        let (mut ids, mut w, mut m) =
+            (gpu.filled(tokens * rc.top_k, -1i32)?, gpu.filled(tokens * rc.top_k, nan)?, gpu.filled(tokens, nan)?);
+        gpu.route(&gpu.upload(&logits)?, &gpu.upload(&bias)?, tokens, e, &rc, &mut ids, &mut w, &mut m)?;
+        let routes: Vec<_> = logits.chunks(e).map(|l| route(&rc, l, &bias)).collect();
+        let cpu_ids: Vec<i32> = routes.iter().flat_map(|r| r.ids.iter().map(|&i| i as i32)).collect();
+        let cpu_w: Vec<f32> = routes.iter().flat_map(|r| r.weights.clone()).collect();
+        let cpu_m: Vec<f32> = routes.iter().map(|r| r.margin).collect();
+        let (gpu_ids, gpu_w, gpu_m) = (gpu.download(&ids)?, gpu.download(&w)?, gpu.download(&m)?);
+        let ids_ok = check_ints(name, &gpu_ids, &cpu_ids);
+        let w_ok = check(name, &gpu_w, &cpu_w, 1e-5);
+        let m_ok = check(name, &gpu_m, &cpu_m, 1e-5);
+        out.push(Check { name, max_abs: w_ok.max_abs.max(m_ok.max_abs), ok: ids_ok.ok && w_ok.ok && m_ok.ok });
+
+        let mut counts = gpu.filled(e, 0i32)?;
+        gpu.expert_counts(&ids, tokens * rc.top_k, e, &mut counts)?;
+        let mut cpu_counts = vec![0i32; e];
+        cpu_ids.iter().for_each(|&i| cpu_counts[i as usize] += 1);
+        if n_group == 1 {
+            out.push(check_ints("expert_counts", &gpu.download(&counts)?, &cpu_counts));
+        }
+    }
+
+    // The indexer: batch 2, 5 new queries after 38 cached keys (offset), 4 heads of 16.
+    let (batch, s, offset, nh, d, topk) = (2, 5, 38, 4, 16, 24);
+    let t = offset + s;
+    let (q, k, w) = (rng.vec(batch * s * nh * d), rng.vec(batch * t * d), rng.vec(batch * s * nh));
+    let scale = (d as f32).powf(-0.5);
+    let mut sc = gpu.filled(batch * s * t, nan)?;
+    gpu.index_scores(
+        &gpu.upload(&q)?,
+        &gpu.upload(&k)?,
+        &gpu.upload(&w)?,
+        &mut sc,
+        [batch, s, t, nh, d, offset],
+        scale,
+    )?;
+    let mut cpu = vec![f32::NEG_INFINITY; batch * s * t];
+    for b in 0..batch {
+        for qi in 0..s {
+            for key in 0..=offset + qi {
+                let row = b * s + qi;
+                cpu[row * t + key] = (0..nh)
+                    .map(|h| {
+                        let dot: f32 = (0..d).map(|i| q[(row * nh + h) * d + i] * k[(b * t + key) * d + i]).sum();
+                        (dot * scale).max(0.0) * w[row * nh + h]
+                    })
+                    .sum();
+            }
+        }
+    }
+    let gpu_scores = gpu.download(&sc)?;
+    out.push(check("index_scores (plain loop)", &gpu_scores, &cpu, 1e-4));
+    // Top-k on the CPU's scores, so both sides rank the same values.
+    let kk = topk.min(t);
+    let (mut idx, mut margin) = (gpu.filled(batch * s * kk, -1i32)?, gpu.filled(batch * s, nan)?);
+    gpu.topk_causal(&gpu.upload(&cpu)?, batch * s, s, t, offset, kk, &mut idx, &mut margin)?;
+    let sel = crate::model::indexer::top_k_causal(&cpu, batch, s, offset, topk);
+    let sel_ids: Vec<i32> = sel.idx.iter().map(|&i| i as i32).collect();
+    let gpu_idx = gpu.download(&idx)?;
+    let m = check("topk_causal", &gpu.download(&margin)?, &sel.margin, 1e-6);
+    out.push(Check { name: "topk_causal", max_abs: m.max_abs, ok: m.ok && check_ints("", &gpu_idx, &sel_ids).ok });
+
+    // Sparse attention over that selection: 3 heads, nope 12, rope 4, v 10.
+    let (heads, nope, rd, vd) = (3, 12, 4, 10);
+    let (q, kv, kr) =
+        (rng.vec(batch * s * heads * (nope + rd)), rng.vec(batch * t * heads * (nope + vd)), rng.vec(batch * t * rd));
+    let att_scale = ((nope + rd) as f32).powf(-0.5);
+    let mut o = gpu.filled(batch * s * heads * vd, nan)?;
+    let dims = [batch, s, t, heads, nope, rd, vd, kk, offset];
+    gpu.sparse_attention(
+        &gpu.upload(&q)?,
+        &gpu.upload(&kv)?,
+        &gpu.upload(&kr)?,
+        &gpu.upload(&sel_ids)?,
+        &mut o,
+        dims,
+        att_scale,
+    )?;
+    let mut cpu = vec![0f32; batch * s * heads * vd];
+    for b in 0..batch {
+        for qi in 0..s {
+            let row = b * s + qi;
+            let keys: Vec<usize> = sel.row(b, qi).iter().copied().filter(|&j| j <= offset + qi).collect();
+            for h in 0..heads {
+                let qv = &q[(row * heads + h) * (nope + rd)..(row * heads + h + 1) * (nope + rd)];
+                let scores: Vec<f32> = keys
+                    .iter()
+                    .map(|&j| {
+                        let kn = &kv[((b * t + j) * heads + h) * (nope + vd)..];
+                        let dot: f32 = (0..nope).map(|i| qv[i] * kn[i]).sum::<f32>()
+                            + (0..rd).map(|i| qv[nope + i] * kr[(b * t + j) * rd + i]).sum::<f32>();
+                        dot * att_scale
+                    })
+                    .collect();
+                let mx = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = scores.iter().map(|s| (s - mx).exp()).collect();
+                let z: f32 = e.iter().sum();
+                for c in 0..vd {
+                    cpu[(row * heads + h) * vd + c] = keys
+                        .iter()
+                        .zip(&e)
+                        .map(|(&j, p)| p * kv[((b * t + j) * heads + h) * (nope + vd) + nope + c])
+                        .sum::<f32>()
+                        / z;
+                }
+            }
+        }
+    }
+    out.push(check("sparse_attention (plain loop)", &gpu.download(&o)?, &cpu, 1e-5));
+
+    // MoE dispatch: gather 9 of 13 rows; combine 13 tokens x 3 choices from 39 packed rows.
+    let (tokens, kx, hidden) = (13, 3, 67);
+    let x = rng.vec(tokens * hidden);
+    let rows: Vec<i32> = vec![12, 0, 5, 5, 7, 3, 11, 1, 9];
+    let mut g = gpu.filled(rows.len() * hidden, nan)?;
+    gpu.gather_rows(&gpu.upload(&x)?, &gpu.upload(&rows)?, &mut g, rows.len(), hidden)?;
+    let cpu: Vec<f32> = rows.iter().flat_map(|&r| x[r as usize * hidden..(r as usize + 1) * hidden].to_vec()).collect();
+    out.push(check("gather_rows (plain loop)", &gpu.download(&g)?, &cpu, 0.0));
+    let y = rng.vec(tokens * kx * hidden);
+    let ids: Vec<i32> = (0..tokens * kx).map(|i| ((i * 7) % 11) as i32).collect();
+    let slot: Vec<i32> = (0..tokens * kx).map(|i| ((i * 5) % (tokens * kx)) as i32).collect();
+    let (wts, shared) = (rng.vec(tokens * kx), rng.vec(tokens * hidden));
+    let mut c = gpu.filled(tokens * hidden, nan)?;
+    let (dy, di, ds, dw, dsh) =
+        (gpu.upload(&y)?, gpu.upload(&ids)?, gpu.upload(&slot)?, gpu.upload(&wts)?, gpu.upload(&shared)?);
+    gpu.combine(&dy, &di, &ds, &dw, &dsh, &mut c, tokens, kx, hidden)?;
+    let mut cpu = vec![0f32; tokens * hidden];
+    for tkn in 0..tokens {
+        let mut order: Vec<usize> = (0..kx).collect();
+        order.sort_by_key(|&j| ids[tkn * kx + j]);
+        for col in 0..hidden {
+            let acc: f32 =
+                order.iter().map(|&j| wts[tkn * kx + j] * y[slot[tkn * kx + j] as usize * hidden + col]).sum();
+            cpu[tkn * hidden + col] = acc + shared[tkn * hidden + col];
+        }
+    }
+    out.push(check("combine (expert-id order, plain loop)", &gpu.download(&c)?, &cpu, 1e-6));
+
+    // FP8 block dequantisation with partial edge blocks (300 x 200, blocks 128 x 128), and bf16.
+    let (fr, fc) = (300, 200);
+    let q: Vec<u8> = (0..fr * fc).map(|i| ((i * 37 + 11) % 256) as u8).filter(|_| true).collect();
+    let q: Vec<u8> = q.into_iter().map(|b| if b & 0x7f == 0x7f { b & 0xf0 } else { b }).collect(); // no NaN codes
+    let scale: Vec<f32> = (0..3 * 2).map(|i| 0.5 + i as f32 * 0.25).collect();
+    let mut f = gpu.filled(fr * fc, nan)?;
+    gpu.fp8_dequant(&gpu.upload(&q)?, &gpu.upload(&scale)?, &mut f, fr, fc, [128, 128])?;
+    let mut cpu: Vec<f32> = q.iter().map(|&b| crate::st::e4m3_to_f32(b)).collect();
+    crate::checkpoint::dequantize_blocks(&mut cpu, &[fr, fc], &scale, &[3, 2], [128, 128])
+        .map_err(crate::error::Error::Weights)?;
+    out.push(check("fp8_dequant", &gpu.download(&f)?, &cpu, 0.0));
+    let bits: Vec<u16> = rng.vec(1001).iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
+    let mut f = gpu.filled(bits.len(), nan)?;
+    gpu.bf16_widen(&gpu.upload(&bits)?, &mut f, bits.len())?;
+    let cpu: Vec<f32> = bits.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
+    out.push(check("bf16_widen", &gpu.download(&f)?, &cpu, 0.0));
+
+    gpu.synchronize()?;
+    Ok(out)
+}

@@ -1,0 +1,60 @@
+//! Every CUDA kernel compiles with NVRTC, on any machine that has NVRTC (no GPU needed): CI
+//! installs it from pip's `nvidia-cuda-nvrtc` wheel and sets `GLIMPSE_REQUIRE_NVRTC=1`, so a
+//! kernel that does not compile fails CI. Elsewhere, without NVRTC, the test says why it skipped.
+//! The kernels' parity checks need a GPU: `glimpse selftest --device cuda`, run by
+//! `scripts/gpu-check.sh`.
+#![cfg(feature = "cuda")]
+
+use glimpse::cuda::{compile, probe, source, Lib, KERNELS};
+
+/// NVRTC present, or a printed reason to skip (a failure when CI requires it).
+fn nvrtc_or_skip() -> bool {
+    match probe(&[Lib::Nvrtc]) {
+        Ok(()) => true,
+        Err(e) if std::env::var_os("GLIMPSE_REQUIRE_NVRTC").is_some() => panic!("GLIMPSE_REQUIRE_NVRTC is set: {e}"),
+        Err(e) => {
+            println!("skipped: {e}");
+            false
+        }
+    }
+}
+
+#[test]
+fn every_kernel_compiles_for_hopper_and_ampere() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    for arch in ["sm_90", "sm_80"] {
+        for (file, _, kernels) in KERNELS {
+            let ptx = compile(file, &source(file).unwrap(), arch).unwrap_or_else(|e| panic!("{e}"));
+            let text = ptx.to_src();
+            for k in *kernels {
+                assert!(text.contains(&format!(".entry {k}(")), "{file}.cu for {arch}: no entry point `{k}`");
+            }
+            println!("{file}.cu compiles for {arch}: {} kernels, {} bytes of PTX", kernels.len(), text.len());
+        }
+    }
+}
+
+/// The check can fail: a broken kernel is reported in one line naming the file and the error.
+#[test]
+fn a_broken_kernel_fails_to_compile_with_its_error() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let broken = "extern \"C\" __global__ void k(float* x) { x[0] = undefined_name; }";
+    let err = compile("broken", broken, "sm_90").unwrap_err().to_string();
+    assert!(err.contains("broken.cu does not compile for sm_90") && err.contains("undefined_name"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+/// Without the driver (no GPU here), opening a device is a one-line error, not a panic.
+#[test]
+fn no_driver_is_an_error_not_a_panic() {
+    if probe(&[Lib::Driver]).is_ok() {
+        println!("skipped: this machine has a CUDA driver");
+        return;
+    }
+    let err = glimpse::cuda::gpu::Gpu::open(0).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("NVIDIA driver"), "{err}");
+}
