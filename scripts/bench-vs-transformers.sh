@@ -56,13 +56,14 @@ t_medians=()
 for r in $(seq 1 "$rounds"); do
   out=$("$glimpse" --threads "$threads" bench --model "$model" --tokens "$tokens" --repeat "$repeat")
   g=$(echo "$out" | sed -n 's/.*recording nothing: *median \([0-9.]*\) s.*/\1/p')
-  g_load=$(echo "$out" | sed -n 's/^load[^:]*: \([0-9.]*\) s/\1/p')
+  g_load=$(echo "$out" | sed -n 's/^load[^:]*: \([0-9.]*\) s.*/\1/p')
+  g_first=$(echo "$out" | sed -n 's/.*first prefill[^:]*: \([0-9.]*\) s.*/\1/p')
   g_medians+=("$g")
   t_json=$("$python" -c "$reference" "$model" "$tokens" "$threads" "$repeat" 2>/dev/null | tail -n 1)
   t=$("$python" -c 'import json,sys; print(json.loads(sys.argv[1])["median"])' "$t_json")
   t_load=$("$python" -c 'import json,sys; print(round(json.loads(sys.argv[1])["load"], 2))' "$t_json")
   t_medians+=("$t")
-  echo "round $r: glimpse ${g}s (load ${g_load}s)   transformers ${t}s (load ${t_load}s)"
+  echo "round $r: glimpse ${g}s (load ${g_load}s, first prefill ${g_first}s)   transformers ${t}s (load ${t_load}s)"
 done
 
 "$python" - "$tokens" "$threads" "${g_medians[*]}" "${t_medians[*]}" <<'PY'

@@ -50,7 +50,8 @@ fn streaming_matches_the_resident_run_in_a_fraction_of_the_memory() {
     // A fraction of the memory: about one layer resident at a time.
     let (resident, stream) = (peak_rss_mb(&out_full), peak_rss_mb(&out_stream));
     let f32_mb = f32_bytes / 1e6;
-    assert!(resident > 0.9 * f32_mb, "the resident run holds the f32 weights: {resident} MB of {f32_mb} MB");
+    // The resident run maps every bf16 weight (half the f32 size) and widens those a prefill uses.
+    assert!(resident > 0.5 * f32_mb, "the resident run holds the weights: {resident} MB of {f32_mb} MB");
     assert!(stream < 0.3 * f32_mb, "streamed peak {stream:.1} MB is not under 30% of {f32_mb:.1} MB");
 
     // One window, started from the full run's layer 2 output, reproduces layers 3..5.

@@ -16,6 +16,7 @@ use super::gemv::{per_head_bf16, Form, MAX_ROWS};
 use super::indexer::{append, Selection};
 use super::layer::DecoderLayer;
 use super::mla::{Attention, Projected};
+use super::nn::Weight;
 use super::mtp::Mtp;
 use super::nn::softmax_last;
 use super::rope::RopeTables;
@@ -60,7 +61,7 @@ impl Attention {
             return Ok(w);
         }
         let (nh, nope, vd, r) = (self.heads, self.nope, self.v_dim, self.kv_lora_rank);
-        let w = self.kv_b_proj.weight.reshape((nh, nope + vd, r))?;
+        let w = self.kv_b_proj.f32_weight()?.reshape((nh, nope + vd, r))?;
         let w_uk = w.narrow(1, 0, nope)?.contiguous()?;
         let w_uv_t = w.narrow(1, nope, vd)?.transpose(1, 2)?.contiguous()?;
         Ok(self.absorbed.get_or_init(|| (w_uk, w_uv_t)))
@@ -70,8 +71,8 @@ impl Attention {
     /// `kv_b_proj` in place as bf16 when the checkpoint stores it so (gemv.rs).
     fn absorb_query(&self, q_nope: &Tensor) -> Result<Tensor> {
         let (b, nh, c, nope) = q_nope.dims4()?;
-        match &self.kv_b_proj.bf16 {
-            Some(w) if b * c <= MAX_ROWS => {
+        match &self.kv_b_proj.weight {
+            Weight::Bf16(w, _) if b * c <= MAX_ROWS => {
                 let x = q_nope.transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?; // [B, C, nh, nope]
                 let rows = (nope + self.v_dim, 0, nope);
                 let y = per_head_bf16(&x, b * c, nh, w, rows, Form::XW, get_num_threads()); // [B, C, nh, r]
@@ -85,8 +86,8 @@ impl Attention {
     fn absorb_output(&self, mixed: &Tensor) -> Result<Tensor> {
         let (b, nh, c, _) = mixed.dims4()?;
         let (nope, vd) = (self.nope, self.v_dim);
-        match &self.kv_b_proj.bf16 {
-            Some(w) if b * c <= MAX_ROWS => {
+        match &self.kv_b_proj.weight {
+            Weight::Bf16(w, _) if b * c <= MAX_ROWS => {
                 let x = mixed.transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?; // [B, C, nh, r]
                 let y = per_head_bf16(&x, b * c, nh, w, (nope + vd, nope, vd), Form::XWt, get_num_threads());
                 Ok(Tensor::from_vec(y, (b, c, nh * vd), mixed.device())?)

@@ -49,6 +49,17 @@ impl Bf16Weight {
         })
     }
 
+    /// Every value widened to f32, row-major (in parallel: this is a memory-bound copy).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        out.par_chunks_mut(1 << 16).zip(self.data().par_chunks(1 << 16)).for_each(|(o, w)| {
+            for (d, &b) in o.iter_mut().zip(w) {
+                *d = widen(b);
+            }
+        });
+        out
+    }
+
     fn data(&self) -> &[u16] {
         let bytes = &self.map[self.offset..self.offset + self.rows * self.cols * 2];
         // SAFETY: `new` checked the bounds and the 2-byte alignment; any bit pattern is a valid u16.

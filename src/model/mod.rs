@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::hooks::Observer;
 use layer::DecoderLayer;
-use nn::{Linear, RmsNorm};
+use nn::{Linear, RmsNorm, Weight};
 use rope::{RopeTables, RotaryEmbedding};
 pub use stream::Weights;
 
@@ -110,11 +110,12 @@ impl Model {
         }
         let norm = RmsNorm::load(&mut l, "model.norm", h, cfg.rms_norm_eps);
         let head_name = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
-        let lm_head = Linear {
-            weight: if cfg.tie_word_embeddings { embed_tokens.clone() } else { l.get(head_name, &[v, h]) },
-            bias: None,
-            bf16: l.bf16(head_name).filter(|w| (w.rows, w.cols) == (v, h)),
+        let weight = match l.bf16(head_name).filter(|w| (w.rows, w.cols) == (v, h)) {
+            Some(w) => Weight::bf16(w),
+            None if cfg.tie_word_embeddings => Weight::F32(embed_tokens.clone()),
+            None => Weight::F32(l.get(head_name, &[v, h])),
         };
+        let lm_head = Linear { weight, bias: None };
         let model = Model { rotary: RotaryEmbedding::new(&cfg), config: cfg, embed_tokens, layers, norm, lm_head };
         l.finish(model)
     }

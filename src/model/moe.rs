@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::gemv::Bf16Weight;
 use super::mlp::Mlp;
-use super::nn::{matmul_nt, Linear};
+use super::nn::{matmul_nt, Linear, Weight};
 use crate::checkpoint::Loader;
 use crate::config::Config;
 use crate::error::Result;
@@ -221,21 +221,32 @@ impl Moe {
 
 /// transformers' in-memory layout: `gate_up_proj` [E, 2I, H] (gate rows first), `down_proj` [E, H, I].
 fn load_fused_experts(l: &mut Loader, p: &str, e: usize, h: usize, inter: usize) -> Vec<Mlp> {
-    let gate_up = l.get(&format!("{p}.experts.gate_up_proj"), &[e, 2 * inter, h]);
-    let down = l.get(&format!("{p}.experts.down_proj"), &[e, h, inter]);
-    // In place as bf16 too, viewed as [E * 2I, H] and [E * H, I]: expert j's rows are contiguous.
-    let gate_up_bf16 = l.bf16(&format!("{p}.experts.gate_up_proj")).filter(|w| w.cols == h);
-    let down_bf16 = l.bf16(&format!("{p}.experts.down_proj")).filter(|w| w.cols == inter);
-    let linear = |t: Tensor, bf16: Option<Bf16Weight>| -> candle_core::Result<Linear> {
-        Ok(Linear { weight: t.contiguous()?, bias: None, bf16 })
-    };
-    let rows = |w: &Option<Bf16Weight>, start: usize, count: usize| w.as_ref().and_then(|w| w.rows(start, count));
+    let (gate_up, down) = (format!("{p}.experts.gate_up_proj"), format!("{p}.experts.down_proj"));
+    // bf16 in place, viewed as [E * 2I, H] and [E * H, I]: expert j's rows are contiguous.
+    let views = (l.bf16(&gate_up).filter(|w| (w.rows, w.cols) == (e * 2 * inter, h)))
+        .zip(l.bf16(&down).filter(|w| (w.rows, w.cols) == (e * h, inter)));
+    if let Some((gu, dn)) = views {
+        let linear = |w: Option<Bf16Weight>| w.map(|w| Linear { weight: Weight::bf16(w), bias: None });
+        let expert = |j: usize| -> Option<Mlp> {
+            Some(Mlp {
+                gate_proj: linear(gu.rows(2 * inter * j, inter))?,
+                up_proj: linear(gu.rows(2 * inter * j + inter, inter))?,
+                down_proj: linear(dn.rows(h * j, h))?,
+            })
+        };
+        if let Some(experts) = (0..e).map(expert).collect() {
+            return experts;
+        }
+    }
+    let gate_up = l.get(&gate_up, &[e, 2 * inter, h]);
+    let down = l.get(&down, &[e, h, inter]);
+    let linear = |t: Tensor| -> candle_core::Result<Linear> { Ok(Linear { weight: Weight::F32(t.contiguous()?), bias: None }) };
     let expert = |j: usize| -> candle_core::Result<Mlp> {
         let gu = gate_up.get(j)?; // [2I, H]
         Ok(Mlp {
-            gate_proj: linear(gu.narrow(0, 0, inter)?, rows(&gate_up_bf16, 2 * inter * j, inter))?,
-            up_proj: linear(gu.narrow(0, inter, inter)?, rows(&gate_up_bf16, 2 * inter * j + inter, inter))?,
-            down_proj: linear(down.get(j)?, rows(&down_bf16, h * j, h))?,
+            gate_proj: linear(gu.narrow(0, 0, inter)?)?,
+            up_proj: linear(gu.narrow(0, inter, inter)?)?,
+            down_proj: linear(down.get(j)?)?,
         })
     };
     // Only fails on the empty placeholders of a shape problem the loader has already recorded.

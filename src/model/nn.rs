@@ -7,24 +7,57 @@ use super::gemv::{matmul_nt_bf16, Bf16Weight, MAX_ROWS};
 use crate::checkpoint::Loader;
 use crate::error::Result;
 
+/// A `[out, in]` weight: f32 in memory (f32 checkpoints, dequantised FP8), or bf16 read in place
+/// from the memory-mapped checkpoint. A bf16 weight is not converted at load: few-row products
+/// (decode) stream it as bf16, and its f32 copy is made the first time a many-row product
+/// (prefill) needs one, then kept.
+pub enum Weight {
+    F32(Tensor),
+    Bf16(Bf16Weight, std::sync::OnceLock<Tensor>),
+}
+
+impl Weight {
+    pub fn bf16(w: Bf16Weight) -> Self {
+        Weight::Bf16(w, std::sync::OnceLock::new())
+    }
+}
+
 /// `y = x W^T (+ b)`, weight stored `[out, in]` as in the checkpoint.
 pub struct Linear {
-    pub weight: Tensor,       // [out, in]
+    pub weight: Weight,       // [out, in]
     pub bias: Option<Tensor>, // [out]
-    /// The same weight as stored in a bf16 checkpoint, read in place by few-row products.
-    pub bf16: Option<Bf16Weight>,
 }
 
 impl Linear {
     pub fn load(l: &mut Loader, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> Self {
-        let weight = l.get(&format!("{prefix}.weight"), &[out_dim, in_dim]);
+        let name = format!("{prefix}.weight");
+        let weight = match l.bf16(&name).filter(|w| (w.rows, w.cols) == (out_dim, in_dim)) {
+            Some(w) => Weight::bf16(w),
+            None => Weight::F32(l.get(&name, &[out_dim, in_dim])),
+        };
         let bias = bias.then(|| l.get(&format!("{prefix}.bias"), &[out_dim]));
-        let bf16 = l.bf16(&format!("{prefix}.weight")).filter(|w| (w.rows, w.cols) == (out_dim, in_dim));
-        Linear { weight, bias, bf16 }
+        Linear { weight, bias }
     }
 
     pub fn out_dim(&self) -> usize {
-        self.weight.dims()[0]
+        match &self.weight {
+            Weight::F32(w) => w.dims()[0],
+            Weight::Bf16(w, _) => w.rows,
+        }
+    }
+
+    /// The weight as an f32 tensor: the resident one, or the bf16 one widened on first use.
+    pub fn f32_weight(&self) -> Result<Tensor> {
+        Ok(match &self.weight {
+            Weight::F32(w) => w.clone(),
+            Weight::Bf16(w, f32) => match f32.get() {
+                Some(t) => t.clone(),
+                None => {
+                    let t = Tensor::from_vec(w.to_f32(), (w.rows, w.cols), &candle_core::Device::Cpu)?;
+                    f32.get_or_init(|| t).clone()
+                }
+            },
+        })
     }
 
     /// x: [..., in] -> [..., out]
@@ -33,14 +66,15 @@ impl Linear {
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim.max(1);
         let x = x.reshape((rows, in_dim))?; // [rows, in]
-        let y = match &self.bf16 {
-            // Decode-sized inputs stream the bf16 weights instead of the f32 copy (gemv.rs).
-            Some(w) if rows <= MAX_ROWS && w.cols == in_dim => {
+        let y = match &self.weight {
+            // Decode-sized inputs stream the bf16 weights (gemv.rs).
+            Weight::Bf16(w, _) if rows <= MAX_ROWS && w.cols == in_dim => {
                 let xs = x.flatten_all()?.to_vec1::<f32>()?;
                 let y = matmul_nt_bf16(&xs, rows, w, candle_core::utils::get_num_threads());
                 Tensor::from_vec(y, (rows, w.rows), x.device())?
             }
-            _ => matmul_nt(&x, &self.weight)?,
+            Weight::F32(w) => matmul_nt(&x, w)?,
+            Weight::Bf16(..) => matmul_nt(&x, &self.f32_weight()?)?,
         }; // [rows, out]
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
