@@ -184,6 +184,10 @@ enum Command {
         /// layer (runs with --dump checkpoint after every layer).
         #[arg(long, requires = "dump", conflicts_with_all = ["layers", "from_dump"])]
         resume: bool,
+        /// Also run the MTP head over the tokens (its `mtp.*` and `layers.{N}.*` hook points go to
+        /// the dump) and print its draft for the token after next.
+        #[arg(long, conflicts_with_all = ["stream", "layers", "from_dump", "resume"])]
+        mtp: bool,
     },
     /// Greedy generation through the latent KV cache, streaming tokens as they come.
     Generate {
@@ -408,8 +412,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", inspect::describe(&ckpt)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { model, tokens, prompt, tokens_from, dump: out, record, layers, from_dump, stream, resume } => {
+        Command::Run {
+            model,
+            tokens,
+            prompt,
+            tokens_from,
+            dump: out,
+            record,
+            layers,
+            from_dump,
+            stream,
+            resume,
+            mtp,
+        } => {
             let ckpt = Checkpoint::open(&model)?;
+            let mtp_head = if mtp { Some(glimpse::model::mtp::Mtp::load(&ckpt)?) } else { None };
+            let mut final_norm = glimpse::hooks::Recorder::new(Selector::new("final_norm", None));
             let from = from_dump.as_deref().map(Dump::open).transpose()?;
             let tokens = match (tokens, prompt, tokens_from, &from) {
                 (Some(t), _, _, _) => Tokens::parse(&t)?,
@@ -453,12 +471,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         }
                         None => (DumpWriter::create(path, selector, expected)?, layers, start),
                     };
-                    let mut obs = Tee(&mut writer, &mut watch);
-                    let logits = match (layers, start) {
-                        // Killed after the last layer: only the head is left.
-                        (Some(w), Some(s)) if *w.start() == n => Some(stream::head(weights, &s.hidden, &mut obs)?),
-                        (layers, start) => stream::run(weights, &tokens, layers, start, &mut obs)?,
+                    let logits = {
+                        let mut side = Tee(&mut watch, &mut final_norm);
+                        let mut obs = Tee(&mut writer, &mut side);
+                        match (layers, start) {
+                            // Killed after the last layer: only the head is left.
+                            (Some(w), Some(s)) if *w.start() == n => Some(stream::head(weights, &s.hidden, &mut obs)?),
+                            (layers, start) => stream::run(weights, &tokens, layers, start, &mut obs)?,
+                        }
                     };
+                    if let Some(head) = &mtp_head {
+                        run_mtp(weights, head, &final_norm, &tokens, &mut Tee(&mut writer, &mut watch))?;
+                    }
                     let meta = dump::metadata(
                         &format!("glimpse {} / candle, float32, cpu", env!("CARGO_PKG_VERSION")),
                         Some(&ckpt.config_bytes),
@@ -468,7 +492,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     println!("wrote {n} tensors to {}", path.display());
                     logits
                 }
-                None => stream::run(weights, &tokens, layers, start, &mut watch)?,
+                None => {
+                    let logits = stream::run(weights, &tokens, layers, start, &mut Tee(&mut watch, &mut final_norm))?;
+                    if let Some(head) = &mtp_head {
+                        run_mtp(weights, head, &final_norm, &tokens, &mut watch)?;
+                    }
+                    logits
+                }
             };
             if let Some(nf) = &watch.first {
                 eprintln!("glimpse: warning: first NaN/Inf of the run: {nf}");
@@ -583,6 +613,29 @@ fn load_weights<'a>(ckpt: &'a Checkpoint, resident: &'a mut Option<Model>, b: &B
     let est = memory::estimate(ckpt, b.tokens.batch, b.tokens.seq, &window, b.stream, b.recording);
     memory::check(&est, b.max)?;
     Ok(if b.stream { Weights::Streamed(ckpt) } else { Weights::Resident(resident.insert(Model::load(ckpt)?)) })
+}
+
+/// `run --mtp`: the MTP head over the run's tokens from the final-norm hidden state the run
+/// recorded; prints each row's draft for the token after the last.
+fn run_mtp(
+    weights: Weights,
+    head: &glimpse::model::mtp::Mtp,
+    final_norm: &glimpse::hooks::Recorder,
+    tokens: &Tokens,
+    obs: &mut dyn glimpse::hooks::Observer,
+) -> Result<()> {
+    let Weights::Resident(model) = weights else {
+        return Err(Error::Usage("--mtp needs resident weights (not --stream)".into()));
+    };
+    let h = final_norm
+        .get(glimpse::hooks::HookPoint::FinalNorm)
+        .ok_or_else(|| Error::Usage("--mtp: the run produced no final_norm".into()))?;
+    let h = h.narrow(1, 0, tokens.seq.saturating_sub(1))?;
+    let drafts = glimpse::model::decode::last_argmax(&head.forward(model, &h, tokens, obs)?)?;
+    for (row, d) in drafts.iter().enumerate() {
+        println!("row {row}: mtp draft for the token after next {d}");
+    }
+    Ok(())
 }
 
 /// `verify --decode`: prefill vs decode through the latent cache, hook by hook, per position.

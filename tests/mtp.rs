@@ -93,3 +93,33 @@ fn generate_mtp_reports_acceptance_and_refuses_a_checkpoint_without_mtp() {
     let o = common::glimpse(&["generate", "--model", no_mtp.to_str().unwrap(), "--tokens", "1,2", "--mtp"]);
     common::assert_error(&o, "has no MTP layer");
 }
+
+/// `run --mtp --dump` writes the MTP head's tensors beside the main model's: `diff` against the
+/// `golden/mtp` reference compares all of them (mtp.input_hidden included) and they match.
+#[test]
+fn run_mtp_dump_diffs_clean_against_the_reference() {
+    let dir = case();
+    let reference = dir.join("reference.safetensors");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("mtp.safetensors");
+    let (code, text) = common::code_and_text(&[
+        "run",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens-from",
+        reference.to_str().unwrap(),
+        "--mtp",
+        "--record",
+        "*,*.dsa.scores",
+        "--dump",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("row 1: mtp draft for the token after next"), "{text}");
+    let (code, text) = common::code_and_text(&["diff", out.to_str().unwrap(), reference.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+    let names = Dump::open(&reference).unwrap().names().len();
+    assert!(text.contains(&format!("{names} of {names} common tensors match")), "{text}");
+    let only_ref = format!("only in {}", reference.display());
+    assert!(!text.contains(&only_ref), "every reference tensor was produced: {text}");
+}

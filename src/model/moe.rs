@@ -240,7 +240,8 @@ fn load_fused_experts(l: &mut Loader, p: &str, e: usize, h: usize, inter: usize)
     }
     let gate_up = l.get(&gate_up, &[e, 2 * inter, h]);
     let down = l.get(&down, &[e, h, inter]);
-    let linear = |t: Tensor| -> candle_core::Result<Linear> { Ok(Linear { weight: Weight::F32(t.contiguous()?), bias: None }) };
+    let linear =
+        |t: Tensor| -> candle_core::Result<Linear> { Ok(Linear { weight: Weight::F32(t.contiguous()?), bias: None }) };
     let expert = |j: usize| -> candle_core::Result<Mlp> {
         let gu = gate_up.get(j)?; // [2I, H]
         Ok(Mlp {
