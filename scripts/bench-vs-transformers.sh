@@ -14,17 +14,7 @@ tokens=${2:-128}
 threads=${3:-2}
 rounds=${4:-2}
 repeat=${5:-3}
-glimpse=${GLIMPSE:-target/release/glimpse}
-python=${PYTHON:-python3}
-
-if [ ! -x "$glimpse" ]; then
-  echo "no glimpse binary at $glimpse: run 'cargo build --release' or set GLIMPSE" >&2
-  exit 2
-fi
-if ! "$python" -c 'import torch, transformers' 2>/dev/null; then
-  echo "torch and transformers are missing for $python: pip install -r golden/requirements.txt (or set PYTHON)" >&2
-  exit 2
-fi
+. "$(dirname "$0")/side-by-side.sh"
 
 # The same token ids glimpse bench uses: ((i * 2654435761 mod 2^32) >> 7) mod vocab.
 read -r -d '' reference <<'PY' || true

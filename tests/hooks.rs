@@ -145,8 +145,11 @@ fn run_dump_of_a_golden_case_diffs_clean_against_it() {
     }
 }
 
+/// A dump tensor: name, values, shape.
+type Named = (String, Values, Vec<usize>);
+
 /// Every tensor of a dump, to edit and write back.
-fn load_all(path: &Path) -> (Vec<(String, Values, Vec<usize>)>, BTreeMap<String, String>) {
+fn load_all(path: &Path) -> (Vec<Named>, BTreeMap<String, String>) {
     let d = Dump::open(path).unwrap();
     let tensors = d
         .names()

@@ -12,6 +12,10 @@ use std::time::Duration;
 
 use glimpse::st::{self, Entry, StFile};
 
+/// Malformed-input cases: a name, how to make the input, the message expected.
+type FileCase = (&'static str, Box<dyn Fn(&Path)>, &'static str);
+type ConfigCase = (&'static str, Box<dyn Fn(&mut serde_json::Value)>, &'static str);
+
 fn golden(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case)
 }
@@ -103,7 +107,7 @@ fn malformed_files_and_arguments_are_one_line_errors() {
     let (model, reference) = (s(&flat), s(&flat.join("reference.safetensors")));
 
     // Broken safetensors, used both as a dump and as a checkpoint.
-    let st_cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+    let st_cases: Vec<FileCase> = vec![
         ("header-past-end", Box::new(|p| raw_safetensors(p, 4096, "{}", b"")), "not a valid safetensors"),
         ("header-huge", Box::new(|p| raw_safetensors(p, u64::MAX / 2, "{}", b"")), "not a valid safetensors"),
         ("header-not-json", Box::new(|p| raw_safetensors(p, 8, "{not js}", b"")), "not a valid safetensors"),
@@ -186,7 +190,7 @@ fn malformed_files_and_arguments_are_one_line_errors() {
         std::fs::copy(flat.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
         vec!["inspect".to_string(), "--model".into(), s(&dir)]
     };
-    let cfgs: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+    let cfgs: Vec<ConfigCase> = vec![
         ("not-object", Box::new(|v| *v = serde_json::json!([1, 2])), "must be a JSON object"),
         ("negative", Box::new(|v| v["hidden_size"] = (-4).into()), "`hidden_size`"),
         ("float-heads", Box::new(|v| v["num_attention_heads"] = 2.5.into()), "`num_attention_heads`"),

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::hooks::{emit, HookPoint, LayerHook, Observer};
 
 pub enum Indexer {
-    Full(IndexerWeights),
+    Full(Box<IndexerWeights>),
     Shared,
 }
 
@@ -85,7 +85,7 @@ impl Indexer {
         }
         let p = format!("model.layers.{layer}.self_attn.indexer");
         let (n, d, h) = (cfg.index_n_heads, cfg.index_head_dim, cfg.hidden_size);
-        Indexer::Full(IndexerWeights {
+        Indexer::Full(Box::new(IndexerWeights {
             wq_b: Linear::load(l, &format!("{p}.wq_b"), n * d, cfg.q_lora_rank, false),
             wk: Linear::load(l, &format!("{p}.wk"), d, h, false),
             k_norm: LayerNorm::load(l, &format!("{p}.k_norm"), d, 1e-6),
@@ -93,7 +93,7 @@ impl Indexer {
             n_heads: n,
             head_dim: d,
             topk: cfg.index_topk,
-        })
+        }))
     }
 
     /// Updates `sel` with this layer's selection: a full layer computes a new one, a shared layer

@@ -254,6 +254,13 @@ fn load_fused_experts(l: &mut Loader, p: &str, e: usize, h: usize, inter: usize)
     (0..e).map(expert).collect::<candle_core::Result<Vec<_>>>().unwrap_or_default()
 }
 
+/// Elementwise sigmoid with the same formula as [`sigmoid`], so hooks report exactly the scores
+/// routing used.
+fn sigmoid_tensor(x: &Tensor) -> Result<Tensor> {
+    let v: Vec<f32> = x.flatten_all()?.to_vec1::<f32>()?.into_iter().map(sigmoid).collect();
+    Ok(Tensor::from_vec(v, x.dims(), &Device::Cpu)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,11 +313,4 @@ mod tests {
         assert_eq!(r.ids, vec![0]);
         approx::assert_abs_diff_eq!(r.weights[0], 0.6 * 2.5, epsilon = 1e-5);
     }
-}
-
-/// Elementwise sigmoid with the same formula as [`sigmoid`], so hooks report exactly the scores
-/// routing used.
-fn sigmoid_tensor(x: &Tensor) -> Result<Tensor> {
-    let v: Vec<f32> = x.flatten_all()?.to_vec1::<f32>()?.into_iter().map(sigmoid).collect();
-    Ok(Tensor::from_vec(v, x.dims(), &Device::Cpu)?)
 }
