@@ -10,6 +10,7 @@ pub mod audit;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;

@@ -1,0 +1,334 @@
+//! The prefill on a device: weights uploaded from a loaded [`Model`] (as f32 today), the
+//! embedding gathered on the host, then every layer through [`Ops`] in the order the CPU model
+//! computes it (`model::mla`, `model::indexer`, `model::moe`). Hook points are downloaded only
+//! when the observer wants them, so a run that records nothing copies back only the logits.
+//!
+//! Not here yet: replayed decisions (`verify --force-*`), the MTP head, decode, `attention_bias`,
+//! and keeping weights bf16/FP8 on the device.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::Ops;
+use crate::error::{Error, Result};
+use crate::hooks::{HookPoint, LayerHook, Observer};
+use crate::model::indexer::Indexer;
+use crate::model::layer::Ffn;
+use crate::model::mlp::Mlp;
+use crate::model::moe::RouterConfig;
+use crate::model::nn::{Linear, RmsNorm};
+use crate::model::{stream, Model, Tokens, Weights};
+
+/// A `[out, in]` weight on the device.
+struct DLinear<O: Ops> {
+    w: O::F,
+    out: usize,
+    inp: usize,
+}
+
+struct DMlp<O: Ops> {
+    gate: DLinear<O>,
+    up: DLinear<O>,
+    down: DLinear<O>,
+}
+
+struct DIndexer<O: Ops> {
+    wq_b: DLinear<O>,
+    wk: DLinear<O>,
+    k_norm: (O::F, O::F),
+    weights_proj: DLinear<O>,
+    heads: usize,
+    dim: usize,
+    topk: usize,
+}
+
+struct DAttention<O: Ops> {
+    q_a_proj: DLinear<O>,
+    q_a_layernorm: O::F,
+    q_b_proj: DLinear<O>,
+    /// `kv_a_proj_with_mqa` split by rows: the latent part and the rope-key part.
+    kv_a_latent: DLinear<O>,
+    kv_a_rope: DLinear<O>,
+    kv_a_layernorm: O::F,
+    kv_b_proj: DLinear<O>,
+    o_proj: DLinear<O>,
+    indexer: Option<DIndexer<O>>,
+}
+
+enum DFfn<O: Ops> {
+    Dense(DMlp<O>),
+    Moe { gate: DLinear<O>, bias: O::F, experts: Vec<DMlp<O>>, shared: DMlp<O>, router: RouterConfig },
+}
+
+struct DLayer<O: Ops> {
+    input_layernorm: O::F,
+    attn: DAttention<O>,
+    post_attention_layernorm: O::F,
+    ffn: DFfn<O>,
+}
+
+pub struct DeviceModel<'m, O: Ops> {
+    pub ops: O,
+    model: &'m Model,
+    layers: Vec<DLayer<O>>,
+    norm: O::F,
+    lm_head: DLinear<O>,
+}
+
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+impl<'m, O: Ops> DeviceModel<'m, O> {
+    /// Uploads every weight of `model` the main forward pass uses.
+    pub fn new(ops: O, model: &'m Model) -> Result<Self> {
+        let linear = |l: &Linear| -> Result<DLinear<O>> {
+            if l.bias.is_some() {
+                return Err(Error::Device("attention_bias is not supported on the device path yet".into()));
+            }
+            let w = l.f32_weight()?;
+            let (out, inp) = w.dims2()?;
+            Ok(DLinear { w: ops.upload(&values(&w)?)?, out, inp })
+        };
+        let rows = |l: &Linear, start: usize, count: usize| -> Result<DLinear<O>> {
+            let w = l.f32_weight()?.narrow(0, start, count)?;
+            Ok(DLinear { w: ops.upload(&values(&w)?)?, out: count, inp: w.dims()[1] })
+        };
+        let norm = |n: &RmsNorm| ops.upload(&values(&n.weight)?);
+        let mlp = |m: &Mlp| -> Result<DMlp<O>> {
+            Ok(DMlp { gate: linear(&m.gate_proj)?, up: linear(&m.up_proj)?, down: linear(&m.down_proj)? })
+        };
+        let cfg = &model.config;
+        let mut layers = Vec::with_capacity(model.layers.len());
+        for layer in &model.layers {
+            let a = &layer.self_attn;
+            let indexer = match &a.indexer {
+                Indexer::Full(w) => Some(DIndexer {
+                    wq_b: linear(&w.wq_b)?,
+                    wk: linear(&w.wk)?,
+                    k_norm: (ops.upload(&values(&w.k_norm.weight)?)?, ops.upload(&values(&w.k_norm.bias)?)?),
+                    weights_proj: linear(&w.weights_proj)?,
+                    heads: w.n_heads,
+                    dim: w.head_dim,
+                    topk: w.topk,
+                }),
+                Indexer::Shared => None,
+            };
+            let attn = DAttention {
+                q_a_proj: linear(&a.q_a_proj)?,
+                q_a_layernorm: norm(&a.q_a_layernorm)?,
+                q_b_proj: linear(&a.q_b_proj)?,
+                kv_a_latent: rows(&a.kv_a_proj_with_mqa, 0, cfg.kv_lora_rank)?,
+                kv_a_rope: rows(&a.kv_a_proj_with_mqa, cfg.kv_lora_rank, cfg.qk_rope_head_dim)?,
+                kv_a_layernorm: norm(&a.kv_a_layernorm)?,
+                kv_b_proj: linear(&a.kv_b_proj)?,
+                o_proj: linear(&a.o_proj)?,
+                indexer,
+            };
+            let ffn = match &layer.mlp {
+                Ffn::Dense(m) => DFfn::Dense(mlp(m)?),
+                Ffn::Moe(m) => {
+                    let (e, h) = m.gate.dims2()?;
+                    DFfn::Moe {
+                        gate: DLinear { w: ops.upload(&values(&m.gate)?)?, out: e, inp: h },
+                        bias: ops.upload(&m.e_score_correction_bias)?,
+                        experts: m.experts.iter().map(mlp).collect::<Result<_>>()?,
+                        shared: mlp(&m.shared_experts)?,
+                        router: m.router.clone(),
+                    }
+                }
+            };
+            layers.push(DLayer {
+                input_layernorm: norm(&layer.input_layernorm)?,
+                attn,
+                post_attention_layernorm: norm(&layer.post_attention_layernorm)?,
+                ffn,
+            });
+        }
+        let (norm, lm_head) = (norm(&model.norm)?, linear(&model.lm_head)?);
+        Ok(DeviceModel { ops, model, layers, norm, lm_head })
+    }
+
+    fn mm(&self, x: &O::F, l: &DLinear<O>, rows: usize, alpha: f32) -> Result<O::F> {
+        self.ops.matmul_nt(x, &l.w, [rows, l.out, l.inp], alpha)
+    }
+
+    /// Reports an f32 buffer as `shape` if the observer wants `point`.
+    fn report(&self, obs: &mut dyn Observer, point: HookPoint, buf: &O::F, shape: &[usize]) -> Result<()> {
+        if obs.wants(point) {
+            let t = Tensor::from_vec(self.ops.download(buf)?, shape, &Device::Cpu)?;
+            obs.observe(point, &t)?;
+        }
+        Ok(())
+    }
+
+    fn report_ids(&self, obs: &mut dyn Observer, point: HookPoint, buf: &O::I, shape: &[usize]) -> Result<()> {
+        if obs.wants(point) {
+            let v: Vec<i64> = self.ops.download_i32(buf)?.into_iter().map(i64::from).collect();
+            obs.observe(point, &Tensor::from_vec(v, shape, &Device::Cpu)?)?;
+        }
+        Ok(())
+    }
+
+    /// The whole prefill: ids -> logits [B, S, vocab].
+    pub fn forward(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
+        let cfg = &self.model.config;
+        let (b, s, hd) = (tokens.batch, tokens.seq, cfg.hidden_size);
+        let t = b * s;
+        let embeddings = stream::embed(Weights::Resident(self.model), tokens, obs)?; // [B, S, H]
+        let mut h = self.ops.upload(&values(&embeddings)?)?; // [T, H]
+        let tables = self.model.rope_tables(s);
+        let (cos, sin) = (self.ops.upload(&tables.cos)?, self.ops.upload(&tables.sin)?);
+        let mut selection: Option<(O::I, usize)> = None;
+        let eps = cfg.rms_norm_eps as f32;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let hook = |p| HookPoint::Layer(i, p);
+            let x = self.ops.rms_norm(&h, &layer.input_layernorm, t, hd, eps)?; // [T, H]
+            self.report(obs, hook(LayerHook::InputNorm), &x, &[b, s, hd])?;
+            let attn = self.attention(i, &layer.attn, &x, (&cos, &sin, tables.half), (b, s), &mut selection, obs)?;
+            h = self.ops.add(&h, &attn, t * hd)?;
+            let x = self.ops.rms_norm(&h, &layer.post_attention_layernorm, t, hd, eps)?;
+            self.report(obs, hook(LayerHook::PostAttnNorm), &x, &[b, s, hd])?;
+            let mlp = match &layer.ffn {
+                DFfn::Dense(m) => self.mlp(m, &x, t)?,
+                DFfn::Moe { gate, bias, experts, shared, router } => {
+                    self.moe(i, (gate, bias, experts, shared, router), &x, t, obs)?
+                }
+            };
+            self.report(obs, hook(LayerHook::MlpOut), &mlp, &[b, s, hd])?;
+            h = self.ops.add(&h, &mlp, t * hd)?;
+            self.report(obs, hook(LayerHook::Output), &h, &[b, s, hd])?;
+        }
+        let x = self.ops.rms_norm(&h, &self.norm, t, hd, eps)?;
+        self.report(obs, HookPoint::FinalNorm, &x, &[b, s, hd])?;
+        let logits = self.mm(&x, &self.lm_head, t, 1.0)?;
+        let logits = Tensor::from_vec(self.ops.download(&logits)?, (b, s, cfg.vocab_size), &Device::Cpu)?;
+        if obs.wants(HookPoint::Logits) {
+            obs.observe(HookPoint::Logits, &logits)?;
+        }
+        Ok(logits)
+    }
+
+    /// MLA with DSA over the selected keys, expanded form: [T, H] -> [T, H].
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        i: usize,
+        a: &DAttention<O>,
+        x: &O::F,
+        (cos, sin, half): (&O::F, &O::F, usize),
+        (b, s): (usize, usize),
+        selection: &mut Option<(O::I, usize)>,
+        obs: &mut dyn Observer,
+    ) -> Result<O::F> {
+        let cfg = &self.model.config;
+        let hook = |p| HookPoint::Layer(i, p);
+        let t = b * s;
+        let (nh, nope, rd, vd, r) =
+            (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
+        let qr = cfg.q_lora_rank;
+        let q_latent = self.ops.rms_norm(&self.mm(x, &a.q_a_proj, t, 1.0)?, &a.q_a_layernorm, t, qr, 1e-6)?;
+        self.report(obs, hook(LayerHook::QLatent), &q_latent, &[b, s, qr])?;
+        let mut q = self.mm(&q_latent, &a.q_b_proj, t, 1.0)?; // [T, nh, nope + rd]
+        self.ops.rope(&mut q, cos, sin, [t, s, nh, nope + rd, nope, half])?;
+        let c_kv = self.mm(x, &a.kv_a_latent, t, 1.0)?; // [T, r]
+        if obs.wants(hook(LayerHook::KvNormPre)) {
+            self.report(obs, hook(LayerHook::KvNormPre), &self.ops.row_l2_norm(&c_kv, t, r)?, &[b, s])?;
+        }
+        let kv_latent = self.ops.rms_norm(&c_kv, &a.kv_a_layernorm, t, r, 1e-6)?;
+        self.report(obs, hook(LayerHook::KvLatent), &kv_latent, &[b, s, r])?;
+        if obs.wants(hook(LayerHook::KvNorm)) {
+            self.report(obs, hook(LayerHook::KvNorm), &self.ops.row_l2_norm(&kv_latent, t, r)?, &[b, s])?;
+        }
+        let mut k_rope = self.mm(x, &a.kv_a_rope, t, 1.0)?; // [T, rd]
+        self.ops.rope(&mut k_rope, cos, sin, [t, s, 1, rd, 0, half])?;
+        if obs.wants(hook(LayerHook::KRopeNorm)) {
+            self.report(obs, hook(LayerHook::KRopeNorm), &self.ops.row_l2_norm(&k_rope, t, rd)?, &[b, s])?;
+        }
+        let kv = self.mm(&kv_latent, &a.kv_b_proj, t, 1.0)?; // [T, nh, nope + vd]
+
+        if let Some(ix) = &a.indexer {
+            let (n, d) = (ix.heads, ix.dim);
+            let mut qi = self.mm(&q_latent, &ix.wq_b, t, 1.0)?; // [T, n, d]
+            self.ops.rope(&mut qi, cos, sin, [t, s, n, d, 0, half])?;
+            let ki = self.mm(x, &ix.wk, t, 1.0)?;
+            let mut ki = self.ops.layer_norm(&ki, &ix.k_norm.0, &ix.k_norm.1, t, d, 1e-6)?; // [T, d]
+            self.ops.rope(&mut ki, cos, sin, [t, s, 1, d, 0, half])?;
+            let w = self.mm(x, &ix.weights_proj, t, (n as f32).powf(-0.5))?; // [T, n]
+            let scores = self.ops.index_scores(&qi, &ki, &w, [b, s, s, n, d, 0], (d as f32).powf(-0.5))?;
+            self.report(obs, hook(LayerHook::DsaScores), &scores, &[b, s, s])?;
+            let k = ix.topk.min(s);
+            let (idx, margin) = self.ops.topk_causal(&scores, t, s, s, 0, k)?;
+            self.report(obs, hook(LayerHook::DsaMargin), &margin, &[b, s])?;
+            *selection = Some((idx, k));
+        }
+        let (idx, k) =
+            selection.as_ref().ok_or_else(|| Error::Usage("a shared indexer layer has no earlier full layer".into()))?;
+        self.report_ids(obs, hook(LayerHook::DsaTopk), idx, &[b, s, *k])?;
+        let scale = cfg.softmax_scale() as f32;
+        let att = self.ops.sparse_attention(&q, &kv, &k_rope, idx, [b, s, s, nh, nope, rd, vd, *k, 0], scale)?;
+        let out = self.mm(&att, &a.o_proj, t, 1.0)?;
+        self.report(obs, hook(LayerHook::AttnOut), &out, &[b, s, cfg.hidden_size])?;
+        Ok(out)
+    }
+
+    /// `down(silu(gate(x)) * up(x))` over `rows` rows.
+    fn mlp(&self, m: &DMlp<O>, x: &O::F, rows: usize) -> Result<O::F> {
+        let (g, u) = (self.mm(x, &m.gate, rows, 1.0)?, self.mm(x, &m.up, rows, 1.0)?);
+        self.mm(&self.ops.silu_mul(&g, &u, rows * m.gate.out)?, &m.down, rows, 1.0)
+    }
+
+    /// Router, grouped expert GEMMs over the tokens sorted by expert, weighted combine in
+    /// ascending expert id, plus the shared expert: [T, H] -> [T, H].
+    #[allow(clippy::type_complexity)]
+    fn moe(
+        &self,
+        i: usize,
+        (gate, bias, experts, shared, router): (&DLinear<O>, &O::F, &[DMlp<O>], &DMlp<O>, &RouterConfig),
+        x: &O::F,
+        t: usize,
+        obs: &mut dyn Observer,
+    ) -> Result<O::F> {
+        let hook = |p| HookPoint::Layer(i, p);
+        let (hd, e, k) = (gate.inp, gate.out, router.top_k);
+        let logits = self.mm(x, gate, t, 1.0)?; // [T, E]
+        self.report(obs, hook(LayerHook::RouterLogits), &logits, &[t, e])?;
+        let (ids, w, margin) = self.ops.route(&logits, bias, t, e, router)?;
+        self.report_ids(obs, hook(LayerHook::TopkIds), &ids, &[t, k])?;
+        self.report(obs, hook(LayerHook::TopkWeights), &w, &[t, k])?;
+        self.report(obs, hook(LayerHook::RouterMargin), &margin, &[t])?;
+
+        // Group the (token, choice) pairs by expert on the host: the ids are small.
+        let host_ids = self.ops.download_i32(&ids)?;
+        let mut order: Vec<usize> = (0..t * k).collect(); // pair index = token * k + choice
+        order.sort_by_key(|&p| (host_ids[p], p));
+        let mut slot = vec![0i32; t * k];
+        for (pos, &p) in order.iter().enumerate() {
+            slot[p] = pos as i32;
+        }
+        let rows: Vec<i32> = order.iter().map(|&p| (p / k) as i32).collect();
+        let a = rows.len();
+        let xs = self.ops.gather_rows(x, &self.ops.upload_i32(&rows)?, a, hd)?; // [A, H]
+        let inter = experts.first().map_or(0, |m| m.gate.out);
+        let (mut g, mut u, mut y) = (self.ops.zeros(a * inter)?, self.ops.zeros(a * inter)?, self.ops.zeros(a * hd)?);
+        let mut start = 0;
+        let mut spans = Vec::new();
+        for (j, m) in experts.iter().enumerate() {
+            let count = order[start..].iter().take_while(|&&p| host_ids[p] == j as i32).count();
+            if count > 0 {
+                self.ops.gemm_rows(&xs, start, &m.gate.w, &mut g, start, [count, inter, hd], 1.0)?;
+                self.ops.gemm_rows(&xs, start, &m.up.w, &mut u, start, [count, inter, hd], 1.0)?;
+                spans.push((j, start, count));
+            }
+            start += count;
+        }
+        if start != a {
+            return Err(Error::Device(format!("layer {i}: the router chose an expert outside 0..{e}")));
+        }
+        let act = self.ops.silu_mul(&g, &u, a * inter)?;
+        for (j, start, count) in spans {
+            self.ops.gemm_rows(&act, start, &experts[j].down.w, &mut y, start, [count, hd, inter], 1.0)?;
+        }
+        let shared_out = self.mlp(shared, x, t)?;
+        self.ops.combine(&y, &ids, &self.ops.upload_i32(&slot)?, &w, &shared_out, [t, k, hd])
+    }
+}

@@ -1,0 +1,60 @@
+//! The forward pass written against a small set of device operations ([`Ops`]), one per kernel
+//! of the CUDA backend, so the same orchestration runs on the GPU (`cuda::ops`, feature `cuda`)
+//! and on [`cpu::CpuOps`], a plain-slice implementation whose every op computes what its kernel
+//! computes. The tests run this forward pass on `CpuOps` against every golden case, which checks
+//! the orchestration and the ops' contracts without a GPU; `glimpse selftest --device cuda`
+//! checks each CUDA kernel against its CPU reference and then runs this forward pass on the GPU.
+
+pub mod cpu;
+pub mod forward;
+
+use crate::error::Result;
+use crate::model::moe::RouterConfig;
+
+/// Row-major f32 and i32 buffers on a device, and the operations the forward pass needs. Shapes
+/// are passed explicitly; every op allocates its output (except `rope`, in place).
+pub trait Ops {
+    type F;
+    type I;
+
+    fn upload(&self, v: &[f32]) -> Result<Self::F>;
+    fn upload_i32(&self, v: &[i32]) -> Result<Self::I>;
+    fn download(&self, b: &Self::F) -> Result<Vec<f32>>;
+    fn download_i32(&self, b: &Self::I) -> Result<Vec<i32>>;
+    fn zeros(&self, n: usize) -> Result<Self::F>;
+
+    /// `y[m, n] = alpha * x[m, k] w[n, k]^T`, for rows `x_row0 .. x_row0 + m` of `x`, written to
+    /// rows `y_row0 .. y_row0 + m` of `y` (the expert GEMMs work on row ranges of packed buffers).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_rows(&self, x: &Self::F, x_row0: usize, w: &Self::F, y: &mut Self::F, y_row0: usize, mnk: [usize; 3], alpha: f32) -> Result<()>;
+
+    /// `alpha * x w^T`: [m, k] x [n, k] -> [m, n].
+    fn matmul_nt(&self, x: &Self::F, w: &Self::F, mnk: [usize; 3], alpha: f32) -> Result<Self::F> {
+        let mut y = self.zeros(mnk[0] * mnk[1])?;
+        self.gemm_rows(x, 0, w, &mut y, 0, mnk, alpha)?;
+        Ok(y)
+    }
+
+    fn rms_norm(&self, x: &Self::F, w: &Self::F, rows: usize, cols: usize, eps: f32) -> Result<Self::F>;
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm(&self, x: &Self::F, w: &Self::F, b: &Self::F, rows: usize, cols: usize, eps: f32) -> Result<Self::F>;
+    fn row_l2_norm(&self, x: &Self::F, rows: usize, cols: usize) -> Result<Self::F>;
+    /// Interleaved RoPE in place; `dims` = [rows, seq, heads, width, start, half].
+    fn rope(&self, x: &mut Self::F, cos: &Self::F, sin: &Self::F, dims: [usize; 6]) -> Result<()>;
+    fn silu_mul(&self, gate: &Self::F, up: &Self::F, n: usize) -> Result<Self::F>;
+    fn add(&self, a: &Self::F, b: &Self::F, n: usize) -> Result<Self::F>;
+    /// The fused router: logits [n, e] -> (ids [n, k], weights [n, k], margin [n]).
+    fn route(&self, logits: &Self::F, bias: &Self::F, n: usize, e: usize, rc: &RouterConfig) -> Result<(Self::I, Self::F, Self::F)>;
+    /// dims = [B, S, T, n_heads, head_dim, offset] -> scores [B, S, T].
+    fn index_scores(&self, q: &Self::F, k: &Self::F, w: &Self::F, dims: [usize; 6], scale: f32) -> Result<Self::F>;
+    /// scores [rows, T] -> (idx [rows, k], margin [rows]) for queries at `offset + row % s`.
+    #[allow(clippy::too_many_arguments)]
+    fn topk_causal(&self, scores: &Self::F, rows: usize, s: usize, t: usize, offset: usize, k: usize) -> Result<(Self::I, Self::F)>;
+    /// dims = [B, S, T, nh, nope, rd, vd, K, offset] -> out [B, S, nh, vd].
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_attention(&self, q: &Self::F, kv: &Self::F, k_rope: &Self::F, idx: &Self::I, dims: [usize; 9], scale: f32) -> Result<Self::F>;
+    fn gather_rows(&self, x: &Self::F, rows: &Self::I, n: usize, cols: usize) -> Result<Self::F>;
+    /// out[t] = sum over t's k choices in ascending expert id of w * y[slot] + shared[t].
+    #[allow(clippy::too_many_arguments)]
+    fn combine(&self, y: &Self::F, ids: &Self::I, slot: &Self::I, w: &Self::F, shared: &Self::F, nkc: [usize; 3]) -> Result<Self::F>;
+}
