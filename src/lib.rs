@@ -10,9 +10,9 @@ pub mod audit;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
-pub mod device;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device;
 pub mod error;
 pub mod hooks;
 pub mod model;

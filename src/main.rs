@@ -73,6 +73,10 @@ enum Command {
         /// With --decode: positions per decode call (1: token by token; more: chunked prefill).
         #[arg(long, default_value_t = 1, requires = "decode", value_parser = clap::value_parser!(u64).range(1..))]
         chunk: u64,
+        /// Where the forward pass runs: `cuda` needs a build with `--features cuda` and a GPU.
+        #[arg(long, value_enum, default_value_t = glimpse::selftest::Device::Cpu,
+              conflicts_with_all = ["isolate", "force_routing", "force_selection", "layers", "stream", "decode"])]
+        device: glimpse::selftest::Device,
     },
     /// Compare two dumps: the first hook point where they part ways, per-tensor errors, flips.
     Diff {
@@ -310,6 +314,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             stream,
             decode,
             chunk,
+            device,
         } => {
             let model_dir = model.unwrap_or_else(default_case);
             let golden = golden.unwrap_or_else(|| model_dir.join("reference.safetensors"));
@@ -331,6 +336,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let tokens = reference.tokens()?;
             if decode {
                 return verify_decode(&ckpt, &tokens, chunk as usize, tol, max_memory);
+            }
+            if device == glimpse::selftest::Device::Cuda {
+                let model = Model::load(&ckpt)?;
+                println!("verify {} against {} on cuda", model_dir.display(), golden.display());
+                let report = glimpse::selftest::verify_cuda(&model, &reference, tol, 0)?;
+                verify::print_report(&report, tol);
+                return Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) });
             }
             let mut resident = None;
             let budget = Budget { tokens: &tokens, window: layers.as_ref(), stream, recording: false, max: max_memory };

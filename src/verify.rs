@@ -217,6 +217,36 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
     })
 }
 
+/// The device forward pass (`crate::device`) on `ops` against a reference dump: every main-model
+/// tensor the dump holds (no replay, no isolation, no MTP head on the device yet).
+pub fn verify_on_device<O: crate::device::Ops>(
+    ops: &O,
+    model: &Model,
+    golden: &Dump,
+    tol: Tolerance,
+) -> Result<Report> {
+    let device = crate::device::forward::DeviceModel::new(ops, model)?;
+    let mut v = Verifier::new(golden, tol);
+    device.forward(&golden.tokens()?, &mut v)?;
+    let produced: BTreeSet<&str> = v.results.iter().map(|c| c.name.as_str()).collect();
+    let n = model.layers.len();
+    let only_in_reference = golden
+        .names()
+        .into_iter()
+        .filter(|name| !produced.contains(name.as_str()))
+        .filter(|name| {
+            !name.starts_with("mtp.") && HookPoint::parse(name).and_then(|p| p.layer()).is_none_or(|i| i < n)
+        })
+        .collect();
+    Ok(Report {
+        results: v.results,
+        non_finite: v.non_finite,
+        only_in_reference,
+        isolate: false,
+        final_norm: v.final_norm,
+    })
+}
+
 /// Whether a reference dump holds the MTP head's tensors.
 pub fn has_mtp(golden: &Dump) -> bool {
     golden.names().iter().any(|n| n.starts_with("mtp."))

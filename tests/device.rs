@@ -19,7 +19,7 @@ fn the_device_forward_on_cpu_ops_matches_every_golden_case() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case);
         let model = Model::load(&Checkpoint::open(&dir).unwrap()).unwrap();
         let golden = Dump::open(&dir.join("reference.safetensors")).unwrap();
-        let device = DeviceModel::new(CpuOps, &model).unwrap();
+        let device = DeviceModel::new(&CpuOps, &model).unwrap();
         let mut v = Verifier::new(&golden, Tolerance::default());
         device.forward(&golden.tokens().unwrap(), &mut v).unwrap();
         let bad: Vec<String> = v.results.iter().filter(|c| !c.ok).map(format_line).collect();

@@ -153,6 +153,11 @@ impl Gpu {
         launch!(self, "silu_mul", cfg(n, 256, 0), [gate, up, out, &n64])
     }
 
+    pub fn add(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>, out: &mut CudaSlice<f32>, n: usize) -> Result<()> {
+        let n64 = n as i64;
+        launch!(self, "add", cfg(n, 256, 0), [a, b, out, &n64])
+    }
+
     /// logits: [n, e]; bias: [e] -> ids, weights: [n, k]; margin: [n].
     #[allow(clippy::too_many_arguments)]
     pub fn route(

@@ -7,10 +7,13 @@
 //! machine without CUDA gets a one-line error instead. Each kernel has a CPU reference in the
 //! model code (named in its `.cu` file) and a parity check in [`selftest`].
 //!
-//! Status: the kernels compile (a test compiles every one with NVRTC, in CI too); their parity
-//! checks are written but have not run on a GPU yet, and the forward pass does not use them yet.
+//! [`ops::CudaOps`] implements the device forward pass's operations (`crate::device`) with these
+//! kernels and cuBLAS. Status: the kernels compile (a test compiles every one with NVRTC, in CI
+//! too) and the forward pass they serve matches every golden case on the CPU implementation of
+//! the same ops; nothing has run on a GPU yet.
 
 pub mod gpu;
+pub mod ops;
 pub mod selftest;
 
 use cudarc::nvrtc::{CompileOptions, Ptx};
@@ -24,7 +27,7 @@ pub const PRELUDE: &str = include_str!("prelude.cuh");
 pub const KERNELS: &[(&str, &str, &[&str])] = &[
     ("norm", include_str!("norm.cu"), &["rms_norm", "layer_norm", "row_l2_norm"]),
     ("rope", include_str!("rope.cu"), &["rope_interleaved"]),
-    ("swiglu", include_str!("swiglu.cu"), &["silu_mul"]),
+    ("elementwise", include_str!("elementwise.cu"), &["silu_mul", "add"]),
     ("router", include_str!("router.cu"), &["route", "expert_counts"]),
     ("indexer", include_str!("indexer.cu"), &["index_scores", "topk_causal"]),
     ("attention", include_str!("attention.cu"), &["sparse_attention"]),

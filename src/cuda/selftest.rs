@@ -2,9 +2,12 @@
 //! whose sizes are not multiples of the block sizes, into outputs poisoned with NaN (or -1 for
 //! indices) so an element a kernel never writes fails the check. The references are the model's
 //! own functions where the kernel computes the same thing (norms, RoPE tables, the router, the
-//! causal top-k, FP8 dequantisation), else the formula in plain loops, named in each check.
+//! causal top-k, FP8 dequantisation), else the op of [`CpuOps`], which the device forward pass
+//! is tested with.
 
 use super::gpu::Gpu;
+use crate::device::cpu::CpuOps;
+use crate::device::Ops;
 use crate::error::Result;
 use crate::model::moe::{route, RouterConfig};
 
@@ -72,8 +75,7 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     out.push(check("layer_norm", &gpu.download(&y)?, &cpu.flatten_all()?.to_vec1()?, 1e-5));
     let mut n = gpu.filled(rows, nan)?;
     gpu.row_l2_norm(&dx, &mut n, rows, cols)?;
-    let cpu: Vec<f32> = x.chunks(cols).map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt()).collect();
-    out.push(check("row_l2_norm (plain loop)", &gpu.download(&n)?, &cpu, 1e-5));
+    out.push(check("row_l2_norm", &gpu.download(&n)?, &CpuOps.row_l2_norm(&x, rows, cols)?, 1e-5));
 
     // RoPE with YaRN-style attention scaling: 7 rows x 5 heads x width 24, rope slice [8, 24).
     let (r_rows, seq, heads, width, start, half) = (14, 7, 5, 24, 8, 8);
@@ -93,8 +95,10 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     let (g, u) = (rng.vec(n_sw), rng.vec(n_sw));
     let mut y = gpu.filled(n_sw, nan)?;
     gpu.silu_mul(&gpu.upload(&g)?, &gpu.upload(&u)?, &mut y, n_sw)?;
-    let cpu: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
-    out.push(check("silu_mul (plain loop)", &gpu.download(&y)?, &cpu, 1e-5));
+    out.push(check("silu_mul", &gpu.download(&y)?, &CpuOps.silu_mul(&g, &u, n_sw)?, 1e-5));
+    let mut y = gpu.filled(n_sw, nan)?;
+    gpu.add(&gpu.upload(&g)?, &gpu.upload(&u)?, &mut y, n_sw)?;
+    out.push(check("add", &gpu.download(&y)?, &CpuOps.add(&g, &u, n_sw)?, 0.0));
 
     // The router, flat and grouped: 77 tokens over 64 experts.
     for (name, n_group, topk_group) in [("route (flat)", 1, 1), ("route (grouped 8/3)", 8, 3)] {
@@ -137,22 +141,9 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
         [batch, s, t, nh, d, offset],
         scale,
     )?;
-    let mut cpu = vec![f32::NEG_INFINITY; batch * s * t];
-    for b in 0..batch {
-        for qi in 0..s {
-            for key in 0..=offset + qi {
-                let row = b * s + qi;
-                cpu[row * t + key] = (0..nh)
-                    .map(|h| {
-                        let dot: f32 = (0..d).map(|i| q[(row * nh + h) * d + i] * k[(b * t + key) * d + i]).sum();
-                        (dot * scale).max(0.0) * w[row * nh + h]
-                    })
-                    .sum();
-            }
-        }
-    }
+    let cpu = CpuOps.index_scores(&q, &k, &w, [batch, s, t, nh, d, offset], scale)?;
     let gpu_scores = gpu.download(&sc)?;
-    out.push(check("index_scores (plain loop)", &gpu_scores, &cpu, 1e-4));
+    out.push(check("index_scores", &gpu_scores, &cpu, 1e-4));
     // Top-k on the CPU's scores, so both sides rank the same values.
     let kk = topk.min(t);
     let (mut idx, mut margin) = (gpu.filled(batch * s * kk, -1i32)?, gpu.filled(batch * s, nan)?);
@@ -179,37 +170,8 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
         dims,
         att_scale,
     )?;
-    let mut cpu = vec![0f32; batch * s * heads * vd];
-    for b in 0..batch {
-        for qi in 0..s {
-            let row = b * s + qi;
-            let keys: Vec<usize> = sel.row(b, qi).iter().copied().filter(|&j| j <= offset + qi).collect();
-            for h in 0..heads {
-                let qv = &q[(row * heads + h) * (nope + rd)..(row * heads + h + 1) * (nope + rd)];
-                let scores: Vec<f32> = keys
-                    .iter()
-                    .map(|&j| {
-                        let kn = &kv[((b * t + j) * heads + h) * (nope + vd)..];
-                        let dot: f32 = (0..nope).map(|i| qv[i] * kn[i]).sum::<f32>()
-                            + (0..rd).map(|i| qv[nope + i] * kr[(b * t + j) * rd + i]).sum::<f32>();
-                        dot * att_scale
-                    })
-                    .collect();
-                let mx = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let e: Vec<f32> = scores.iter().map(|s| (s - mx).exp()).collect();
-                let z: f32 = e.iter().sum();
-                for c in 0..vd {
-                    cpu[(row * heads + h) * vd + c] = keys
-                        .iter()
-                        .zip(&e)
-                        .map(|(&j, p)| p * kv[((b * t + j) * heads + h) * (nope + vd) + nope + c])
-                        .sum::<f32>()
-                        / z;
-                }
-            }
-        }
-    }
-    out.push(check("sparse_attention (plain loop)", &gpu.download(&o)?, &cpu, 1e-5));
+    let cpu = CpuOps.sparse_attention(&q, &kv, &kr, &sel_ids, dims, att_scale)?;
+    out.push(check("sparse_attention", &gpu.download(&o)?, &cpu, 1e-5));
 
     // MoE dispatch: gather 9 of 13 rows; combine 13 tokens x 3 choices from 39 packed rows.
     let (tokens, kx, hidden) = (13, 3, 67);
@@ -217,8 +179,7 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     let rows: Vec<i32> = vec![12, 0, 5, 5, 7, 3, 11, 1, 9];
     let mut g = gpu.filled(rows.len() * hidden, nan)?;
     gpu.gather_rows(&gpu.upload(&x)?, &gpu.upload(&rows)?, &mut g, rows.len(), hidden)?;
-    let cpu: Vec<f32> = rows.iter().flat_map(|&r| x[r as usize * hidden..(r as usize + 1) * hidden].to_vec()).collect();
-    out.push(check("gather_rows (plain loop)", &gpu.download(&g)?, &cpu, 0.0));
+    out.push(check("gather_rows", &gpu.download(&g)?, &CpuOps.gather_rows(&x, &rows, rows.len(), hidden)?, 0.0));
     let y = rng.vec(tokens * kx * hidden);
     let ids: Vec<i32> = (0..tokens * kx).map(|i| ((i * 7) % 11) as i32).collect();
     let slot: Vec<i32> = (0..tokens * kx).map(|i| ((i * 5) % (tokens * kx)) as i32).collect();
@@ -227,17 +188,8 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     let (dy, di, ds, dw, dsh) =
         (gpu.upload(&y)?, gpu.upload(&ids)?, gpu.upload(&slot)?, gpu.upload(&wts)?, gpu.upload(&shared)?);
     gpu.combine(&dy, &di, &ds, &dw, &dsh, &mut c, tokens, kx, hidden)?;
-    let mut cpu = vec![0f32; tokens * hidden];
-    for tkn in 0..tokens {
-        let mut order: Vec<usize> = (0..kx).collect();
-        order.sort_by_key(|&j| ids[tkn * kx + j]);
-        for col in 0..hidden {
-            let acc: f32 =
-                order.iter().map(|&j| wts[tkn * kx + j] * y[slot[tkn * kx + j] as usize * hidden + col]).sum();
-            cpu[tkn * hidden + col] = acc + shared[tkn * hidden + col];
-        }
-    }
-    out.push(check("combine (expert-id order, plain loop)", &gpu.download(&c)?, &cpu, 1e-6));
+    let cpu = CpuOps.combine(&y, &ids, &slot, &wts, &shared, [tokens, kx, hidden])?;
+    out.push(check("combine", &gpu.download(&c)?, &cpu, 1e-6));
 
     // FP8 block dequantisation with partial edge blocks (300 x 200, blocks 128 x 128), and bf16.
     let (fr, fc) = (300, 200);

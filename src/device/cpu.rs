@@ -32,7 +32,16 @@ impl Ops for CpuOps {
         Ok(vec![0.0; n])
     }
 
-    fn gemm_rows(&self, x: &Vec<f32>, x_row0: usize, w: &Vec<f32>, y: &mut Vec<f32>, y_row0: usize, [m, n, k]: [usize; 3], alpha: f32) -> Result<()> {
+    fn gemm_rows(
+        &self,
+        x: &Vec<f32>,
+        x_row0: usize,
+        w: &Vec<f32>,
+        y: &mut Vec<f32>,
+        y_row0: usize,
+        [m, n, k]: [usize; 3],
+        alpha: f32,
+    ) -> Result<()> {
         if m == 0 {
             return Ok(());
         }
@@ -56,7 +65,15 @@ impl Ops for CpuOps {
         Ok(y)
     }
 
-    fn layer_norm(&self, x: &Vec<f32>, w: &Vec<f32>, b: &Vec<f32>, rows: usize, cols: usize, eps: f32) -> Result<Vec<f32>> {
+    fn layer_norm(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        b: &Vec<f32>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<Vec<f32>> {
         let mut y = vec![0.0; rows * cols];
         for (yr, xr) in y.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
             let mean = xr.iter().sum::<f32>() / cols as f32;
@@ -73,7 +90,13 @@ impl Ops for CpuOps {
         Ok(x.chunks_exact(cols).take(rows).map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt()).collect())
     }
 
-    fn rope(&self, x: &mut Vec<f32>, cos: &Vec<f32>, sin: &Vec<f32>, [rows, seq, heads, width, start, half]: [usize; 6]) -> Result<()> {
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        cos: &Vec<f32>,
+        sin: &Vec<f32>,
+        [rows, seq, heads, width, start, half]: [usize; 6],
+    ) -> Result<()> {
         let tables = crate::model::rope::RopeTables { half, cos: cos.clone(), sin: sin.clone() };
         tables.apply(&mut x[..rows * heads * width], seq, heads, width, start);
         Ok(())
@@ -87,14 +110,28 @@ impl Ops for CpuOps {
         Ok(a[..n].iter().zip(b).map(|(x, y)| x + y).collect())
     }
 
-    fn route(&self, logits: &Vec<f32>, bias: &Vec<f32>, n: usize, e: usize, rc: &RouterConfig) -> Result<(Vec<i32>, Vec<f32>, Vec<f32>)> {
+    fn route(
+        &self,
+        logits: &Vec<f32>,
+        bias: &Vec<f32>,
+        n: usize,
+        e: usize,
+        rc: &RouterConfig,
+    ) -> Result<(Vec<i32>, Vec<f32>, Vec<f32>)> {
         let routes: Vec<_> = logits.chunks_exact(e).take(n).map(|l| route(rc, l, bias)).collect();
         let ids = routes.iter().flat_map(|r| r.ids.iter().map(|&i| i as i32)).collect();
         let weights = routes.iter().flat_map(|r| r.weights.iter().copied()).collect();
         Ok((ids, weights, routes.iter().map(|r| r.margin).collect()))
     }
 
-    fn index_scores(&self, q: &Vec<f32>, k: &Vec<f32>, w: &Vec<f32>, [batch, s, t, n, d, offset]: [usize; 6], scale: f32) -> Result<Vec<f32>> {
+    fn index_scores(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        w: &Vec<f32>,
+        [batch, s, t, n, d, offset]: [usize; 6],
+        scale: f32,
+    ) -> Result<Vec<f32>> {
         let mut out = vec![f32::NEG_INFINITY; batch * s * t];
         for row in 0..batch * s {
             let b = row / s;
@@ -112,12 +149,28 @@ impl Ops for CpuOps {
         Ok(out)
     }
 
-    fn topk_causal(&self, scores: &Vec<f32>, rows: usize, s: usize, t: usize, offset: usize, k: usize) -> Result<(Vec<i32>, Vec<f32>)> {
+    fn topk_causal(
+        &self,
+        scores: &Vec<f32>,
+        rows: usize,
+        s: usize,
+        t: usize,
+        offset: usize,
+        k: usize,
+    ) -> Result<(Vec<i32>, Vec<f32>)> {
         let sel = top_k_causal(&scores[..rows * t], rows / s.max(1), s, offset, k);
         Ok((sel.idx.iter().map(|&i| i as i32).collect(), sel.margin))
     }
 
-    fn sparse_attention(&self, q: &Vec<f32>, kv: &Vec<f32>, k_rope: &Vec<f32>, idx: &Vec<i32>, [batch, s, t, nh, nope, rd, vd, kk, offset]: [usize; 9], scale: f32) -> Result<Vec<f32>> {
+    fn sparse_attention(
+        &self,
+        q: &Vec<f32>,
+        kv: &Vec<f32>,
+        k_rope: &Vec<f32>,
+        idx: &Vec<i32>,
+        [batch, s, t, nh, nope, rd, vd, kk, offset]: [usize; 9],
+        scale: f32,
+    ) -> Result<Vec<f32>> {
         let mut out = vec![0f32; batch * s * nh * vd];
         for row in 0..batch * s {
             let (b, p) = (row / s, offset + row % s);
@@ -142,8 +195,11 @@ impl Ops for CpuOps {
                 let e: Vec<f32> = scores.iter().map(|v| (v - max).exp()).collect();
                 let z: f32 = e.iter().sum();
                 for c in 0..vd {
-                    let acc: f32 =
-                        keys.iter().zip(&e).map(|(&j, p)| p * kv[((b * t + j) * nh + h) * (nope + vd) + nope + c]).sum();
+                    let acc: f32 = keys
+                        .iter()
+                        .zip(&e)
+                        .map(|(&j, p)| p * kv[((b * t + j) * nh + h) * (nope + vd) + nope + c])
+                        .sum();
                     out[(row * nh + h) * vd + c] = acc / z;
                 }
             }
@@ -155,7 +211,15 @@ impl Ops for CpuOps {
         Ok(rows[..n].iter().flat_map(|&r| x[r as usize * cols..(r as usize + 1) * cols].iter().copied()).collect())
     }
 
-    fn combine(&self, y: &Vec<f32>, ids: &Vec<i32>, slot: &Vec<i32>, w: &Vec<f32>, shared: &Vec<f32>, [n, k, cols]: [usize; 3]) -> Result<Vec<f32>> {
+    fn combine(
+        &self,
+        y: &Vec<f32>,
+        ids: &Vec<i32>,
+        slot: &Vec<i32>,
+        w: &Vec<f32>,
+        shared: &Vec<f32>,
+        [n, k, cols]: [usize; 3],
+    ) -> Result<Vec<f32>> {
         let mut out = vec![0f32; n * cols];
         for t in 0..n {
             let mut order: Vec<usize> = (0..k).collect();

@@ -67,7 +67,7 @@ struct DLayer<O: Ops> {
 }
 
 pub struct DeviceModel<'m, O: Ops> {
-    pub ops: O,
+    pub ops: &'m O,
     model: &'m Model,
     layers: Vec<DLayer<O>>,
     norm: O::F,
@@ -80,7 +80,7 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
 
 impl<'m, O: Ops> DeviceModel<'m, O> {
     /// Uploads every weight of `model` the main forward pass uses.
-    pub fn new(ops: O, model: &'m Model) -> Result<Self> {
+    pub fn new(ops: &'m O, model: &'m Model) -> Result<Self> {
         let linear = |l: &Linear| -> Result<DLinear<O>> {
             if l.bias.is_some() {
                 return Err(Error::Device("attention_bias is not supported on the device path yet".into()));
@@ -261,8 +261,9 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             self.report(obs, hook(LayerHook::DsaMargin), &margin, &[b, s])?;
             *selection = Some((idx, k));
         }
-        let (idx, k) =
-            selection.as_ref().ok_or_else(|| Error::Usage("a shared indexer layer has no earlier full layer".into()))?;
+        let (idx, k) = selection
+            .as_ref()
+            .ok_or_else(|| Error::Usage("a shared indexer layer has no earlier full layer".into()))?;
         self.report_ids(obs, hook(LayerHook::DsaTopk), idx, &[b, s, *k])?;
         let scale = cfg.softmax_scale() as f32;
         let att = self.ops.sparse_attention(&q, &kv, &k_rope, idx, [b, s, s, nh, nope, rd, vd, *k, 0], scale)?;

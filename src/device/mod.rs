@@ -26,7 +26,16 @@ pub trait Ops {
     /// `y[m, n] = alpha * x[m, k] w[n, k]^T`, for rows `x_row0 .. x_row0 + m` of `x`, written to
     /// rows `y_row0 .. y_row0 + m` of `y` (the expert GEMMs work on row ranges of packed buffers).
     #[allow(clippy::too_many_arguments)]
-    fn gemm_rows(&self, x: &Self::F, x_row0: usize, w: &Self::F, y: &mut Self::F, y_row0: usize, mnk: [usize; 3], alpha: f32) -> Result<()>;
+    fn gemm_rows(
+        &self,
+        x: &Self::F,
+        x_row0: usize,
+        w: &Self::F,
+        y: &mut Self::F,
+        y_row0: usize,
+        mnk: [usize; 3],
+        alpha: f32,
+    ) -> Result<()>;
 
     /// `alpha * x w^T`: [m, k] x [n, k] -> [m, n].
     fn matmul_nt(&self, x: &Self::F, w: &Self::F, mnk: [usize; 3], alpha: f32) -> Result<Self::F> {
@@ -44,17 +53,48 @@ pub trait Ops {
     fn silu_mul(&self, gate: &Self::F, up: &Self::F, n: usize) -> Result<Self::F>;
     fn add(&self, a: &Self::F, b: &Self::F, n: usize) -> Result<Self::F>;
     /// The fused router: logits [n, e] -> (ids [n, k], weights [n, k], margin [n]).
-    fn route(&self, logits: &Self::F, bias: &Self::F, n: usize, e: usize, rc: &RouterConfig) -> Result<(Self::I, Self::F, Self::F)>;
+    fn route(
+        &self,
+        logits: &Self::F,
+        bias: &Self::F,
+        n: usize,
+        e: usize,
+        rc: &RouterConfig,
+    ) -> Result<(Self::I, Self::F, Self::F)>;
     /// dims = [B, S, T, n_heads, head_dim, offset] -> scores [B, S, T].
     fn index_scores(&self, q: &Self::F, k: &Self::F, w: &Self::F, dims: [usize; 6], scale: f32) -> Result<Self::F>;
     /// scores [rows, T] -> (idx [rows, k], margin [rows]) for queries at `offset + row % s`.
     #[allow(clippy::too_many_arguments)]
-    fn topk_causal(&self, scores: &Self::F, rows: usize, s: usize, t: usize, offset: usize, k: usize) -> Result<(Self::I, Self::F)>;
+    fn topk_causal(
+        &self,
+        scores: &Self::F,
+        rows: usize,
+        s: usize,
+        t: usize,
+        offset: usize,
+        k: usize,
+    ) -> Result<(Self::I, Self::F)>;
     /// dims = [B, S, T, nh, nope, rd, vd, K, offset] -> out [B, S, nh, vd].
     #[allow(clippy::too_many_arguments)]
-    fn sparse_attention(&self, q: &Self::F, kv: &Self::F, k_rope: &Self::F, idx: &Self::I, dims: [usize; 9], scale: f32) -> Result<Self::F>;
+    fn sparse_attention(
+        &self,
+        q: &Self::F,
+        kv: &Self::F,
+        k_rope: &Self::F,
+        idx: &Self::I,
+        dims: [usize; 9],
+        scale: f32,
+    ) -> Result<Self::F>;
     fn gather_rows(&self, x: &Self::F, rows: &Self::I, n: usize, cols: usize) -> Result<Self::F>;
     /// out[t] = sum over t's k choices in ascending expert id of w * y[slot] + shared[t].
     #[allow(clippy::too_many_arguments)]
-    fn combine(&self, y: &Self::F, ids: &Self::I, slot: &Self::I, w: &Self::F, shared: &Self::F, nkc: [usize; 3]) -> Result<Self::F>;
+    fn combine(
+        &self,
+        y: &Self::F,
+        ids: &Self::I,
+        slot: &Self::I,
+        w: &Self::F,
+        shared: &Self::F,
+        nkc: [usize; 3],
+    ) -> Result<Self::F>;
 }
