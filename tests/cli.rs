@@ -191,3 +191,25 @@ fn audit_reads_prompts_and_dumps() {
     assert_eq!(v["experts"], 4);
     assert_error(&glimpse(&["audit", "--prompts", prompts.to_str().unwrap()]), "--prompts needs --model");
 }
+
+/// `selftest` verifies every bundled golden case on the CPU, normal and isolated; asking for the
+/// GPU on a machine or build without one is a one-line error with exit code 2.
+#[test]
+fn selftest_checks_every_golden_case_and_refuses_a_missing_gpu() {
+    let (code, out) = common::code_and_text(&["selftest"]);
+    assert_eq!(code, 0, "{out}");
+    for case in ["flat", "grouped-shared-yarn", "fp8-sharded", "bf16-fused", "mtp"] {
+        assert!(out.contains(&format!("golden/{case} (cpu): ")), "{case}: {out}");
+        assert!(out.contains(&format!("golden/{case} (cpu, --isolate): ")), "{case}: {out}");
+    }
+    assert!(!out.contains("FAILED"), "{out}");
+    // Without a GPU (or the `cuda` feature) a one-line error; with one, the kernel checks run.
+    let o = glimpse(&["selftest", "--device", "cuda"]);
+    if o.status.code() == Some(2) {
+        assert_error(&o, "cuda: ");
+        assert_error(&glimpse(&["verify", "--device", "cuda"]), "cuda: ");
+    } else {
+        let (out, err) = text(&o);
+        assert!(out.contains("kernel rms_norm") && out.contains("(cuda): "), "{out}{err}");
+    }
+}
