@@ -109,6 +109,10 @@ impl Checkpoint {
     /// A stored-BF16 weight read in place by the few-row decode products (None for other
     /// dtypes, FP8 included).
     pub fn bf16_weight(&self, name: &str) -> Option<crate::model::gemv::Bf16Weight> {
+        // A scale beside it means the stored values are not the weight by themselves.
+        if self.scale_name(name).is_some() {
+            return None;
+        }
         self.file(name).ok()?.bf16_weight(name)
     }
 

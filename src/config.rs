@@ -355,6 +355,16 @@ impl Config {
     pub fn shared_intermediate_size(&self) -> usize {
         self.moe_intermediate_size * self.n_shared_experts
     }
+    /// Values the decode cache holds per token over the main layers: the latent and the roped
+    /// shared key in every layer, plus the index key in full-indexer layers; against per-head
+    /// expanded keys and values.
+    pub fn cache_values_per_token(&self) -> (usize, usize) {
+        let n = self.num_hidden_layers;
+        let full = (0..n).filter(|&i| self.indexer_kind(i) == IndexerKind::Full).count();
+        let latent = n * (self.kv_lora_rank + self.qk_rope_head_dim) + full * self.index_head_dim;
+        (latent, n * self.num_attention_heads * (self.qk_head_dim() + self.v_head_dim))
+    }
+
     /// Layer `i`'s feed-forward kind; past the main layers (the MTP layer) always MoE.
     pub fn mlp_kind(&self, i: usize) -> MlpKind {
         if i >= self.num_hidden_layers {

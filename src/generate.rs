@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use crate::dump::{self, DumpWriter};
 use crate::error::Result;
 use crate::hooks::{NoObserver, Observer, Selector};
-use crate::model::decode::KvCache;
 use crate::model::mtp::Mtp;
 use crate::model::{Model, Tokens};
 use crate::stitch::Stitcher;
@@ -100,14 +99,22 @@ fn speed_line(stamps: &[f64], batch: usize) -> Option<String> {
 /// What the cache holds per token and in all for `tokens` positions of `batch` rows: the latent
 /// form this decode keeps against the expanded keys and values a naive port would.
 pub fn cache_report(model: &Model, batch: usize, tokens: usize, mtp: bool) -> String {
-    let (latent, expanded) = KvCache::bytes_per_token(model);
+    let c = &model.config;
+    let (mut latent, mut expanded) = c.cache_values_per_token();
+    if mtp {
+        // The MTP layer: one more layer with its own (full) indexer.
+        latent += c.kv_lora_rank + c.qk_rope_head_dim + c.index_head_dim;
+        expanded += c.num_attention_heads * (c.qk_head_dim() + c.v_head_dim);
+    }
     let layers = model.layers.len() + usize::from(mtp);
-    let total = |per: usize| (per * layers * tokens * batch) as f64 / (1 << 20) as f64;
+    let mib = |values: usize| (4 * values * tokens * batch) as f64 / (1 << 20) as f64;
     format!(
-        "cache: {latent} bytes per token and layer in f32 (kv_latent + k_rope + index key), against {expanded} \
-         expanded ({:.1}x); {layers} layers x {tokens} positions x batch {batch}: {:.2} MiB, against {:.2} MiB",
+        "cache: {} bytes per token over {layers} layers in f32 (kv_latent + k_rope, + the index key in full-indexer \
+         layers), against {} expanded ({:.1}x); {tokens} positions x batch {batch}: {:.2} MiB, against {:.2} MiB",
+        4 * latent,
+        4 * expanded,
         expanded as f64 / latent as f64,
-        total(latent),
-        total(expanded)
+        mib(latent),
+        mib(expanded)
     )
 }

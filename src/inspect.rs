@@ -132,16 +132,15 @@ pub fn describe(ckpt: &Checkpoint) -> Result<String> {
             f.len_bytes()
         );
     }
-    // What decoding caches per token and layer (f32), as serving engines do (latent + rope key +
-    // indexer key), against expanded per-head keys and values.
-    let latent = c.kv_lora_rank + c.qk_rope_head_dim + c.index_head_dim;
-    let expanded = c.num_attention_heads * (c.qk_head_dim() + c.v_head_dim);
+    // What decoding caches per token (f32), as serving engines do (latent + rope key, + indexer key
+    // in full-indexer layers), against expanded per-head keys and values.
+    let (latent, expanded) = c.cache_values_per_token();
     let _ = writeln!(
         w,
-        "kv cache per token: {latent} values per layer ({} KB over {} layers in f32) latent, against {expanded} ({} KB) expanded",
-        latent * c.num_hidden_layers * 4 / 1024,
+        "kv cache per token: {latent} values over {} layers ({:.1} KB in f32) latent, against {expanded} ({:.1} KB) expanded",
         c.num_hidden_layers,
-        expanded * c.num_hidden_layers * 4 / 1024
+        (latent * 4) as f64 / 1024.0,
+        (expanded * 4) as f64 / 1024.0
     );
     let mtp = ckpt.mtp_names();
     if mtp.is_empty() {

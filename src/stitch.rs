@@ -34,12 +34,16 @@ impl Stitcher {
 }
 
 impl Observer for Stitcher {
+    /// `input_ids` always: its batch size is what un-flattens the router's [B*C, ...] rows.
     fn wants(&self, point: HookPoint) -> bool {
-        self.selector.wants(point)
+        point == HookPoint::InputIds || self.selector.wants(point)
     }
     fn observe(&mut self, point: HookPoint, value: &Tensor) -> Result<()> {
         if point == HookPoint::InputIds {
             self.batch = Some(value.dims()[0]);
+            if !self.selector.wants(point) {
+                return Ok(());
+            }
         }
         self.parts.entry(point).or_default().push(value.clone());
         Ok(())

@@ -210,6 +210,7 @@ fn selftest_checks_every_golden_case_and_refuses_a_missing_gpu() {
         assert_error(&glimpse(&["verify", "--device", "cuda"]), "cuda: ");
     } else {
         let (out, err) = text(&o);
-        assert!(out.contains("kernel rms_norm") && out.contains("(cuda): "), "{out}{err}");
+        assert_eq!(o.status.code(), Some(0), "{out}{err}");
+        assert!(out.contains("kernel rms_norm") && out.contains("(cuda): ") && !out.contains("FAILED"), "{out}{err}");
     }
 }

@@ -80,7 +80,10 @@ fn verify_decode_reports_every_position() {
     let (code, text) = common::code_and_text(&["verify", "--decode"]);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("position 31") && text.contains("decode matches prefill at every position"), "{text}");
-    assert!(text.contains("layers.4.moe.topk_ids") && text.contains("cache: 224 bytes per token and layer"), "{text}");
+    assert!(
+        text.contains("layers.4.moe.topk_ids") && text.contains("cache: 1120 bytes per token over 5 layers"),
+        "{text}"
+    );
 }
 
 /// What `generate` streams is the prefill's greedy choice at every position: re-running the

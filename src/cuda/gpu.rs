@@ -24,28 +24,40 @@ fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
 }
 
 /// `n` threads in blocks of `block`, with `shared` bytes of dynamic shared memory.
-fn cfg(n: usize, block: u32, shared: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(block).max(1), 1, 1),
-        block_dim: (block, 1, 1),
-        shared_mem_bytes: shared,
-    }
+fn cfg(n: usize, block: u32, shared: u32) -> Result<LaunchConfig> {
+    per_item(n.div_ceil(block as usize), block, shared)
 }
 
 /// One block of `block` threads per item.
-fn per_item(items: usize, block: u32, shared: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: (items.max(1) as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: shared }
+fn per_item(items: usize, block: u32, shared: u32) -> Result<LaunchConfig> {
+    let blocks = u32::try_from(items.max(1))
+        .ok()
+        .filter(|&b| b < 1 << 31)
+        .ok_or_else(|| Error::Device(format!("a launch of {items} blocks is beyond the grid limit")))?;
+    Ok(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: shared })
+}
+
+/// Refuses a launch whose buffers hold fewer values than its dimensions say: the kernels index
+/// them unchecked. `bufs` pairs each buffer's length with what the launch reads or writes.
+fn fits(kernel: &str, bufs: &[(usize, usize)]) -> Result<()> {
+    match bufs.iter().enumerate().find(|(_, (have, need))| have < need) {
+        Some((i, (have, need))) => {
+            Err(Error::Device(format!("{kernel}: argument {i} holds {have} values, the launch needs {need}")))
+        }
+        None => Ok(()),
+    }
 }
 
 /// Launches kernel `$name` with `$cfg` and the arguments in order (each one a reference).
 macro_rules! launch {
     ($gpu:expr, $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+        let cfg = $cfg?;
         let f = $gpu.f($name)?;
         let mut b = $gpu.stream.launch_builder(f);
         $( b.arg($arg); )*
-        // SAFETY: each launcher passes the argument list its kernel's signature declares, with
-        // buffers sized by the same dimensions it passes.
-        unsafe { b.launch($cfg) }.map_err(|e| Error::Device(format!("launch {}: {e:?}", $name)))?;
+        // SAFETY: each launcher passes the argument list its kernel's signature declares, and has
+        // checked (`fits`) that every buffer holds what its dimensions say the kernel touches.
+        unsafe { b.launch(cfg) }.map_err(|e| Error::Device(format!("launch {}: {e:?}", $name)))?;
         Ok(())
     }};
 }
@@ -98,6 +110,7 @@ impl Gpu {
         cols: usize,
         eps: f32,
     ) -> Result<()> {
+        fits("rms_norm", &[(x.len(), rows * cols), (w.len(), cols), (y.len(), rows * cols)])?;
         let c = cols as i32;
         launch!(self, "rms_norm", per_item(rows, 256, 0), [x, w, y, &c, &eps])
     }
@@ -114,12 +127,14 @@ impl Gpu {
         cols: usize,
         eps: f32,
     ) -> Result<()> {
+        fits("layer_norm", &[(x.len(), rows * cols), (w.len(), cols), (bias.len(), cols), (y.len(), rows * cols)])?;
         let c = cols as i32;
         launch!(self, "layer_norm", per_item(rows, 256, 0), [x, w, bias, y, &c, &eps])
     }
 
     /// x: [rows, cols] -> out: [rows].
     pub fn row_l2_norm(&self, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>, rows: usize, cols: usize) -> Result<()> {
+        fits("row_l2_norm", &[(x.len(), rows * cols), (out.len(), rows)])?;
         let c = cols as i32;
         launch!(self, "row_l2_norm", per_item(rows, 128, 0), [x, out, &c])
     }
@@ -138,6 +153,10 @@ impl Gpu {
         start: usize,
         half: usize,
     ) -> Result<()> {
+        if half > 64 || start + 2 * half > width {
+            return Err(Error::Device(format!("rope: 2 x {half} values from {start} do not fit a head of {width}")));
+        }
+        fits("rope", &[(x.len(), rows * heads * width), (cos.len(), seq * half), (sin.len(), seq * half)])?;
         let [r, s, h, w, st, hf] = [rows, seq, heads, width, start, half].map(|d| d as i32);
         launch!(self, "rope_interleaved", cfg(rows * heads, 128, 0), [x, cos, sin, &r, &s, &h, &w, &st, &hf])
     }
@@ -149,11 +168,13 @@ impl Gpu {
         out: &mut CudaSlice<f32>,
         n: usize,
     ) -> Result<()> {
+        fits("silu_mul", &[(gate.len(), n), (up.len(), n), (out.len(), n)])?;
         let n64 = n as i64;
         launch!(self, "silu_mul", cfg(n, 256, 0), [gate, up, out, &n64])
     }
 
     pub fn add(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>, out: &mut CudaSlice<f32>, n: usize) -> Result<()> {
+        fits("add", &[(a.len(), n), (b.len(), n), (out.len(), n)])?;
         let n64 = n as i64;
         launch!(self, "add", cfg(n, 256, 0), [a, b, out, &n64])
     }
@@ -171,6 +192,18 @@ impl Gpu {
         weights: &mut CudaSlice<f32>,
         margin: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        // The kernel's per-thread arrays: at most 256 experts and top_k + 1 <= 16.
+        if e > 256 || rc.top_k == 0 || rc.top_k + 1 > 16 || rc.n_group == 0 || !e.is_multiple_of(rc.n_group) {
+            return Err(Error::Device(format!(
+                "route: {e} experts, top-{} in {} groups is beyond the kernel",
+                rc.top_k, rc.n_group
+            )));
+        }
+        let kn = n * rc.top_k;
+        fits(
+            "route",
+            &[(logits.len(), n * e), (bias.len(), e), (ids.len(), kn), (weights.len(), kn), (margin.len(), n)],
+        )?;
         let [n32, e32, k, groups, kept, norm] =
             [n, e, rc.top_k, rc.n_group, rc.topk_group, usize::from(rc.norm_topk_prob)].map(|d| d as i32);
         let scaling = rc.routed_scaling_factor;
@@ -184,6 +217,7 @@ impl Gpu {
 
     /// ids: [n] expert ids -> counts: [e] (added to).
     pub fn expert_counts(&self, ids: &CudaSlice<i32>, n: usize, e: usize, counts: &mut CudaSlice<i32>) -> Result<()> {
+        fits("expert_counts", &[(ids.len(), n), (counts.len(), e)])?;
         let (n64, e32) = (n as i64, e as i32);
         launch!(self, "expert_counts", cfg(n, 256, 0), [ids, &n64, &e32, counts])
     }
@@ -198,6 +232,16 @@ impl Gpu {
         dims: [usize; 6],
         scale: f32,
     ) -> Result<()> {
+        let [batch, s, t, heads, dim, _] = dims;
+        fits(
+            "index_scores",
+            &[
+                (q.len(), batch * s * heads * dim),
+                (k.len(), batch * t * dim),
+                (w.len(), batch * s * heads),
+                (scores.len(), batch * s * t),
+            ],
+        )?;
         let [batch, s, t, ..] = dims;
         let [b32, s32, t32, n32, d32, o32] = dims.map(|x| x as i32);
         launch!(
@@ -221,6 +265,12 @@ impl Gpu {
         idx: &mut CudaSlice<i32>,
         margin: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        if s == 0 || offset + s > t || !rows.is_multiple_of(s) {
+            return Err(Error::Device(format!(
+                "topk_causal: {rows} rows of {s} queries after {offset} do not fit {t} keys"
+            )));
+        }
+        fits("topk_causal", &[(scores.len(), rows * t), (idx.len(), rows * k), (margin.len(), rows)])?;
         let [s32, t32, o32, k32] = [s, t, offset, k].map(|x| x as i32);
         launch!(self, "topk_causal", per_item(rows, 128, 0), [scores, &s32, &t32, &o32, &k32, idx, margin])
     }
@@ -238,7 +288,17 @@ impl Gpu {
         dims: [usize; 9],
         scale: f32,
     ) -> Result<()> {
-        let [batch, s, _, nh, _, _, _, k, _] = dims;
+        let [batch, s, t, nh, nope, rd, vd, k, _] = dims;
+        fits(
+            "sparse_attention",
+            &[
+                (q.len(), batch * s * nh * (nope + rd)),
+                (kv.len(), batch * t * nh * (nope + vd)),
+                (k_rope.len(), batch * t * rd),
+                (idx.len(), batch * s * k),
+                (out.len(), batch * s * nh * vd),
+            ],
+        )?;
         let [_, s32, t32, nh32, nope, rd, vd, k32, o32] = dims.map(|x| x as i32);
         let cfg = per_item(batch * s * nh, 64, (4 * k) as u32);
         launch!(
@@ -258,6 +318,7 @@ impl Gpu {
         n: usize,
         cols: usize,
     ) -> Result<()> {
+        fits("gather_rows", &[(rows.len(), n), (out.len(), n * cols)])?;
         let [n32, c32] = [n as i32, cols as i32];
         launch!(self, "gather_rows", cfg(n * cols, 256, 0), [x, rows, out, &n32, &c32])
     }
@@ -276,6 +337,19 @@ impl Gpu {
         k: usize,
         cols: usize,
     ) -> Result<()> {
+        if k > 16 {
+            return Err(Error::Device(format!("combine: {k} choices per token, the kernel takes at most 16")));
+        }
+        fits(
+            "combine",
+            &[
+                (ids.len(), n * k),
+                (slot.len(), n * k),
+                (w.len(), n * k),
+                (shared.len(), n * cols),
+                (out.len(), n * cols),
+            ],
+        )?;
         let [n32, k32, c32] = [n, k, cols].map(|x| x as i32);
         launch!(self, "combine", cfg(n * cols, 256, 0), [y, ids, slot, w, shared, out, &n32, &k32, &c32])
     }
@@ -290,11 +364,14 @@ impl Gpu {
         cols: usize,
         block: [usize; 2],
     ) -> Result<()> {
+        let scales = rows.div_ceil(block[0].max(1)) * cols.div_ceil(block[1].max(1));
+        fits("fp8_dequant", &[(q.len(), rows * cols), (scale_inv.len(), scales), (out.len(), rows * cols)])?;
         let [r32, c32, br, bc] = [rows, cols, block[0], block[1]].map(|x| x as i32);
         launch!(self, "fp8_dequant", cfg(rows * cols, 256, 0), [q, scale_inv, out, &r32, &c32, &br, &bc])
     }
 
     pub fn bf16_widen(&self, x: &CudaSlice<u16>, out: &mut CudaSlice<f32>, n: usize) -> Result<()> {
+        fits("bf16_widen", &[(x.len(), n), (out.len(), n)])?;
         let n64 = n as i64;
         launch!(self, "bf16_widen", cfg(n, 256, 0), [x, out, &n64])
     }

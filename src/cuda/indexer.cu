@@ -5,7 +5,8 @@
 //   topk_causal: the K = min(index_topk, T) best causal keys per query, best first, ties to the
 //     lower position, padded with the positions after the query when it has fewer than K keys;
 //     margin = K-th minus (K+1)-th causal score (+inf when nothing is cut). One block per query row;
-//     a key's rank is the number of keys that beat it, so no sort is needed.
+//     a key's rank is the number of keys that beat it, so no sort is needed. NaN ranks last, as
+//     in the CPU sort.
 //     CPU reference: model::indexer::top_k_causal.
 
 extern "C" __global__ void index_scores(const float* q, const float* k, const float* w, float* scores, int batch,
@@ -27,6 +28,15 @@ extern "C" __global__ void index_scores(const float* q, const float* k, const fl
     scores[id] = acc;
 }
 
+// Whether key u (score x) ranks before key j (score v): higher score first, NaN last, ties to the
+// lower position.
+__device__ bool ranks_before(float x, int u, float v, int j) {
+    bool xn = isnan(x), vn = isnan(v);
+    if (xn != vn) return vn;
+    if (xn) return u < j;
+    return x > v || (x == v && u < j);
+}
+
 extern "C" __global__ void topk_causal(const float* scores, int s, int t, int offset, int kk, int* idx, float* margin) {
     long long row = blockIdx.x;
     int p = offset + (int)(row % s); // the query's position: keys 0..=p are causal
@@ -41,7 +51,7 @@ extern "C" __global__ void topk_causal(const float* scores, int s, int t, int of
         int rank = 0;
         for (int u = 0; u < causal; u++) {
             float x = sc[u];
-            rank += (x > v || (x == v && u < j)) ? 1 : 0;
+            rank += ranks_before(x, u, v, j) ? 1 : 0;
         }
         if (rank < kk) out[rank] = j;
         if (rank == kk - 1) cut[0] = v;

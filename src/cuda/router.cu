@@ -2,8 +2,9 @@
 // only, group-limited (n_group > 1: keep the topk_group groups whose top-2 biased scores sum
 // highest) or flat top-k, weights from the unbiased sigmoid, normalised (norm_topk) and scaled by
 // routed_scaling_factor, and the margin (k-th minus (k+1)-th biased score). One thread per token:
-// E <= 256 and k <= 16. Ties go to the lower index, as the CPU reference
-// (model::moe::route) orders them.
+// E <= 256 and k <= 15 (the launcher refuses more). Ties go to the lower index, as the CPU reference
+// (model::moe::route) orders them (NaN logits aside: the CPU's total order puts NaN first, this
+// kernel never picks it).
 // logits [n, e], bias [e] -> ids [n, k], weights [n, k], margin [n].
 
 #define MAX_EXPERTS 256
@@ -71,7 +72,8 @@ extern "C" __global__ void route(const float* logits, const float* bias, int n, 
     }
 }
 
-// How many tokens chose each expert (the audit's load, reduced on the device): ids [n*k] -> counts [e].
+// How many tokens chose each expert (expert load reduced on the device, for the audit; checked
+// by selftest, not yet called by the forward pass): ids [n*k] -> counts [e].
 extern "C" __global__ void expert_counts(const int* ids, long long n, int e, int* counts) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n && ids[i] >= 0 && ids[i] < e) atomicAdd(&counts[ids[i]], 1);

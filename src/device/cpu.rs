@@ -1,12 +1,13 @@
-//! [`Ops`] on plain slices in host memory: each op computes exactly what its CUDA kernel (named
-//! in `src/cuda/*.cu`) computes, so it is both the kernels' reference in `selftest` and the way
-//! the device forward pass is tested without a GPU. The router and the causal top-k are the
-//! model's own functions; matrix products go through the model's `matmul_nt`.
+//! [`Ops`] on plain slices in host memory: each op computes the same formula as its CUDA kernel
+//! (named in `src/cuda/*.cu`), to float tolerance (the GPU's `rsqrtf`, `expf` and summation
+//! order differ), so it is both the kernels' reference in `selftest` and the way the device
+//! forward pass is tested without a GPU. The router and the causal top-k are the model's own
+//! functions; matrix products go through the model's `matmul_nt`.
 
 use candle_core::{Device, Tensor};
 
 use super::Ops;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::indexer::top_k_causal;
 use crate::model::moe::{route, RouterConfig};
 
@@ -158,6 +159,9 @@ impl Ops for CpuOps {
         offset: usize,
         k: usize,
     ) -> Result<(Vec<i32>, Vec<f32>)> {
+        if s == 0 || offset + s != t || !rows.is_multiple_of(s) || k > t {
+            return Err(Error::Usage(format!("topk_causal: {rows} rows of {s} queries after {offset} over {t} keys")));
+        }
         let sel = top_k_causal(&scores[..rows * t], rows / s.max(1), s, offset, k);
         Ok((sel.idx.iter().map(|&i| i as i32).collect(), sel.margin))
     }

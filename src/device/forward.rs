@@ -15,7 +15,7 @@ use crate::model::indexer::Indexer;
 use crate::model::layer::Ffn;
 use crate::model::mlp::Mlp;
 use crate::model::moe::RouterConfig;
-use crate::model::nn::{Linear, RmsNorm};
+use crate::model::nn::{Linear, RmsNorm, Weight};
 use crate::model::{stream, Model, Tokens, Weights};
 
 /// A `[out, in]` weight on the device.
@@ -81,18 +81,21 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
 impl<'m, O: Ops> DeviceModel<'m, O> {
     /// Uploads every weight of `model` the main forward pass uses.
     pub fn new(ops: &'m O, model: &'m Model) -> Result<Self> {
-        let linear = |l: &Linear| -> Result<DLinear<O>> {
+        // Rows `start .. start + count` of a weight, widened from bf16 without keeping a host copy.
+        let rows = |l: &Linear, start: usize, count: usize| -> Result<DLinear<O>> {
             if l.bias.is_some() {
                 return Err(Error::Device("attention_bias is not supported on the device path yet".into()));
             }
-            let w = l.f32_weight()?;
-            let (out, inp) = w.dims2()?;
-            Ok(DLinear { w: ops.upload(&values(&w)?)?, out, inp })
+            let (w, inp) = match &l.weight {
+                Weight::F32(t) => (values(&t.narrow(0, start, count)?)?, t.dims()[1]),
+                Weight::Bf16(w, _) => {
+                    let part = w.rows(start, count).ok_or_else(|| Error::Device("weight rows out of range".into()))?;
+                    (part.to_f32(), w.cols)
+                }
+            };
+            Ok(DLinear { w: ops.upload(&w)?, out: count, inp })
         };
-        let rows = |l: &Linear, start: usize, count: usize| -> Result<DLinear<O>> {
-            let w = l.f32_weight()?.narrow(0, start, count)?;
-            Ok(DLinear { w: ops.upload(&values(&w)?)?, out: count, inp: w.dims()[1] })
-        };
+        let linear = |l: &Linear| rows(l, 0, l.out_dim());
         let norm = |n: &RmsNorm| ops.upload(&values(&n.weight)?);
         let mlp = |m: &Mlp| -> Result<DMlp<O>> {
             Ok(DMlp { gate: linear(&m.gate_proj)?, up: linear(&m.up_proj)?, down: linear(&m.down_proj)? })

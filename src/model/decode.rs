@@ -42,15 +42,6 @@ impl KvCache {
     pub fn new(layers: usize) -> Self {
         KvCache { layers: (0..layers).map(|_| LayerCache::default()).collect(), len: 0 }
     }
-
-    /// Bytes cached per token and layer in f32: latent + rope key (+ the indexer key), against
-    /// what expanded keys and values would take.
-    pub fn bytes_per_token(m: &Model) -> (usize, usize) {
-        let c = &m.config;
-        let latent = 4 * (c.kv_lora_rank + c.qk_rope_head_dim + c.index_head_dim);
-        let expanded = 4 * c.num_attention_heads * (c.qk_head_dim() + c.v_head_dim);
-        (latent, expanded)
-    }
 }
 
 impl Attention {

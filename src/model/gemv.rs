@@ -71,7 +71,8 @@ impl Bf16Weight {
 /// blocks of contiguous weight rows on rayon's pool (sized by `--threads`).
 pub fn matmul_nt_bf16(x: &[f32], m: usize, w: &Bf16Weight, threads: usize) -> Vec<f32> {
     let (n, k) = (w.rows, w.cols);
-    debug_assert!(m <= MAX_ROWS && x.len() == m * k);
+    // The SIMD kernels read m rows of k from `x` unchecked: hold them to it.
+    assert!(m <= MAX_ROWS && x.len() == m * k, "matmul_nt_bf16: x has {} values, not {m} x {k}", x.len());
     let data = w.data();
     let mut out_t = vec![0f32; n * m]; // [n, m]: each thread fills whole output rows
     let per = n.div_ceil(threads.max(1)).max(1);
@@ -116,7 +117,10 @@ pub fn per_head_bf16(
         Form::XW => (count, cols),
         Form::XWt => (cols, count),
     };
-    debug_assert!(m <= MAX_ROWS && x.len() == m * heads * x_width && heads * stride <= w.rows);
+    assert!(
+        m <= MAX_ROWS && x.len() == m * heads * x_width && heads * stride <= w.rows && start + count <= stride,
+        "per_head_bf16: shapes do not fit"
+    );
     let data = w.data();
     let mut y_heads = vec![0f32; heads * m * y_width]; // [heads, m, y_width]
     let per = heads.div_ceil(threads.max(1)).max(1);

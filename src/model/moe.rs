@@ -223,8 +223,9 @@ impl Moe {
 fn load_fused_experts(l: &mut Loader, p: &str, e: usize, h: usize, inter: usize) -> Vec<Mlp> {
     let (gate_up, down) = (format!("{p}.experts.gate_up_proj"), format!("{p}.experts.down_proj"));
     // bf16 in place, viewed as [E * 2I, H] and [E * H, I]: expert j's rows are contiguous.
-    let views = (l.bf16(&gate_up).filter(|w| (w.rows, w.cols) == (e * 2 * inter, h)))
-        .zip(l.bf16(&down).filter(|w| (w.rows, w.cols) == (e * h, inter)));
+    let shaped = |name: &str, shape: [usize; 3]| l.ckpt.shape(name) == Some(shape.to_vec());
+    let views = (l.bf16(&gate_up).filter(|_| shaped(&gate_up, [e, 2 * inter, h])))
+        .zip(l.bf16(&down).filter(|_| shaped(&down, [e, h, inter])));
     if let Some((gu, dn)) = views {
         let linear = |w: Option<Bf16Weight>| w.map(|w| Linear { weight: Weight::bf16(w), bias: None });
         let expert = |j: usize| -> Option<Mlp> {

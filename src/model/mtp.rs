@@ -15,7 +15,7 @@ use candle_core::{Tensor, D};
 
 use super::decode::KvCache;
 use super::layer::DecoderLayer;
-use super::nn::{matmul_nt, Linear, RmsNorm};
+use super::nn::{Linear, RmsNorm};
 use super::{Model, Tokens};
 use crate::checkpoint::{Checkpoint, Loader};
 use crate::error::{Error, Result};
@@ -28,7 +28,7 @@ pub struct Mtp {
     pub layer: DecoderLayer,          // model.layers.{N}.{input_layernorm, self_attn, mlp, ...}
     pub shared_head_norm: RmsNorm,    // [hidden]
     pub embed_tokens: Option<Tensor>, // [vocab, hidden], only when the layer has its own
-    pub head: Option<Tensor>,         // shared_head.head [vocab, hidden], only when it has its own
+    pub head: Option<Linear>,         // shared_head.head [vocab, hidden], only when it has its own
 }
 
 impl Mtp {
@@ -56,7 +56,9 @@ impl Mtp {
             layer: DecoderLayer::load(&mut l, cfg, n),
             shared_head_norm: RmsNorm::load(&mut l, &format!("{p}.shared_head.norm"), h, cfg.rms_norm_eps),
             embed_tokens: own(&mut l, format!("{p}.embed_tokens.weight")),
-            head: own(&mut l, format!("{p}.shared_head.head.weight")),
+            head: l
+                .has(&format!("{p}.shared_head.head.weight"))
+                .then(|| Linear::load(&mut l, &format!("{p}.shared_head.head"), v, h, false)),
         };
         l.finish(mtp)
     }
@@ -126,10 +128,7 @@ impl Mtp {
         let x = self.shared_head_norm.forward(x)?; // [B, C, hidden]
         emit(obs, HookPoint::MtpFinalNorm, || Ok(x.clone()))?;
         let x2 = x.reshape((b * c, hidden))?;
-        let logits = match &self.head {
-            Some(head) => matmul_nt(&x2, head)?,
-            None => model.lm_head.forward(&x2)?,
-        };
+        let logits = self.head.as_ref().unwrap_or(&model.lm_head).forward(&x2)?;
         let logits = logits.reshape((b, c, ()))?; // [B, C, vocab]
         emit(obs, HookPoint::MtpLogits, || Ok(logits.clone()))?;
         Ok(logits)

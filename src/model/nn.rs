@@ -31,7 +31,7 @@ pub struct Linear {
 impl Linear {
     pub fn load(l: &mut Loader, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> Self {
         let name = format!("{prefix}.weight");
-        let weight = match l.bf16(&name).filter(|w| (w.rows, w.cols) == (out_dim, in_dim)) {
+        let weight = match l.bf16(&name).filter(|_| l.ckpt.shape(&name) == Some(vec![out_dim, in_dim])) {
             Some(w) => Weight::bf16(w),
             None => Weight::F32(l.get(&name, &[out_dim, in_dim])),
         };
