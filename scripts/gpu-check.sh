@@ -7,9 +7,12 @@
 # 1. `glimpse selftest --device cuda`: opens the GPU, compiles every kernel with NVRTC for its
 #    architecture, checks each against its CPU reference, then verifies every golden case on the
 #    CPU and through the prefill on the GPU.
-# 2. Prints a summary table for docs/gpu-results.md.
-#
-# Not yet here (see the CUDA issue): the benchmark at GLM-5 layer shapes.
+# 2. A benchmark at GLM-5 layer shapes: `synth --preset glm5 --layers 2 --experts 32` (made here by
+#    the binary), then `bench --device cuda` of a 2048-token prefill: time, matrix-product
+#    TFLOP/s against the card's dense bf16 peak (PEAK_TFLOPS, default 989: H100/H200 SXM), and
+#    device memory. The GPU path computes in f32 today (cuBLAS SGEMM), so expect a small fraction
+#    of the bf16 peak.
+# 3. Prints summary tables for docs/gpu-results.md.
 set -uo pipefail
 glimpse=${1:-target/release/glimpse}
 if [ ! -x "$glimpse" ]; then
@@ -35,4 +38,27 @@ echo "|---|---|---|"
 echo "$out" | sed -n 's/^kernel \(.*[^ ]\) *max_abs *\([^ ]*\) *\([A-Za-z]*\)$/| \1 | \2 | \3 |/p'
 echo "$out" | sed -n 's/^verify \(.*\) (\(.*\)): \(.*\)$/| verify \1 (\2) | | \3 |/p'
 echo "selftest exit code $rc, $(( $(date +%s) - start )) s"
-exit $rc
+
+ckpt=${TMPDIR:-/tmp}/glimpse-gpu-glm5
+t0=$(date +%s)
+if [ ! -e "$ckpt/config.json" ]; then
+  "$glimpse" synth --preset glm5 --layers 2 --experts 32 --dtype bf16 --out "$ckpt" || exit 2
+fi
+echo "synth: $(( $(date +%s) - t0 )) s"
+bench=$("$glimpse" bench --device cuda --model "$ckpt" --tokens 2048 --repeat 3 2>&1)
+brc=$?
+echo "$bench"
+peak=${PEAK_TFLOPS:-989}
+median=$(echo "$bench" | sed -n 's/.*median \([0-9.]*\) s (\([0-9.]*\) tok\/s).*/\1/p')
+toks=$(echo "$bench" | sed -n 's/.*median [0-9.]* s (\([0-9.]*\) tok\/s).*/\1/p')
+tflops=$(echo "$bench" | sed -n 's/.*= \([0-9.]*\) TFLOP\/s.*/\1/p')
+mem=$(echo "$bench" | sed -n 's/^device memory in use: \(.*\)$/\1/p')
+echo
+echo "| prefill 2048 tokens, glm5 2 layers / 32 experts | value |"
+echo "|---|---|"
+echo "| median time | ${median:-?} s |"
+echo "| tokens/s | ${toks:-?} |"
+echo "| matrix products | ${tflops:-?} TFLOP/s (bf16 peak $peak) |"
+echo "| device memory | ${mem:-?} |"
+echo "bench exit code $brc; total $(( $(date +%s) - start )) s"
+[ $rc -eq 0 ] && [ $brc -eq 0 ]

@@ -131,6 +131,62 @@ pub fn run(
     })
 }
 
+/// A prefill benchmark of the device forward pass (`crate::device`) on `ops`.
+pub struct DeviceBench {
+    /// Building the device model: widening and uploading every weight.
+    pub upload_s: f64,
+    /// The first prefill (kernel and cuBLAS warm-up).
+    pub first_s: f64,
+    pub tokens: usize,
+    pub runs: Vec<f64>,
+    /// Matrix-product FLOPs of one prefill.
+    pub flops: u64,
+}
+
+/// Times `repeat` prefills of `tokens` tokens (the same ids as [`run`]) through the device
+/// forward pass; the logits' download at the end of each pass waits for the device.
+pub fn run_device<O: crate::device::Ops>(ops: &O, model: &Model, tokens: usize, repeat: usize) -> Result<DeviceBench> {
+    if tokens == 0 || repeat == 0 {
+        return Err(Error::Usage("--tokens and --repeat must be at least 1".into()));
+    }
+    let vocab = model.config.vocab_size as u32;
+    let ids = (0..tokens as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
+    let tokens_t = Tokens::new(1, tokens, ids)?;
+    let t = Instant::now();
+    let device = crate::device::forward::DeviceModel::new(ops, model)?;
+    let upload_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    device.forward(&tokens_t, &mut NoObserver)?;
+    let first_s = t.elapsed().as_secs_f64();
+    let flops = device.matmul_flops();
+    let mut runs = Vec::with_capacity(repeat);
+    for _ in 0..repeat {
+        let t = Instant::now();
+        device.forward(&tokens_t, &mut NoObserver)?;
+        runs.push(t.elapsed().as_secs_f64());
+    }
+    Ok(DeviceBench { upload_s, first_s, tokens, runs, flops })
+}
+
+impl DeviceBench {
+    pub fn render(&self) -> String {
+        let m = median(&self.runs);
+        format!(
+            "upload (widen + copy every weight): {:.2} s; first prefill: {:.3} s\n\
+             prefill {} tokens: median {:.4} s ({:.1} tok/s) over {} runs\n\
+             matrix products: {:.1} GFLOP per prefill = {:.2} TFLOP/s\n",
+            self.upload_s,
+            self.first_s,
+            self.tokens,
+            m,
+            self.tokens as f64 / m,
+            self.runs.len(),
+            self.flops as f64 / 1e9,
+            self.flops as f64 / m / 1e12
+        )
+    }
+}
+
 impl BenchReport {
     pub fn render(&self) -> String {
         let (p, r) = (median(&self.plain_s), median(&self.recording_s));

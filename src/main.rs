@@ -129,6 +129,9 @@ enum Command {
         tokens: usize,
         #[arg(long, default_value_t = 5)]
         repeat: usize,
+        /// `cuda`: time the prefill of the device forward pass on the GPU instead.
+        #[arg(long, value_enum, default_value_t = glimpse::selftest::Device::Cpu)]
+        device: glimpse::selftest::Device,
     },
     /// Step through the layers of a run in a terminal UI, side by side with its reference.
     /// With no arguments: the bundled default case and its transformers reference.
@@ -408,7 +411,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { model, tokens, repeat } => {
+        Command::Bench { model, tokens, repeat, device: glimpse::selftest::Device::Cuda } => {
+            let model = Model::load(&Checkpoint::open(&model)?)?;
+            print!("{}", glimpse::selftest::bench_cuda(&model, tokens, repeat, 0)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { model, tokens, repeat, .. } => {
             let report = glimpse::bench::run(&model, tokens, repeat, &std::env::temp_dir(), max_memory)?;
             print!("{}", report.render());
             Ok(ExitCode::SUCCESS)

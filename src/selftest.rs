@@ -102,6 +102,28 @@ pub fn verify_cuda(model: &Model, golden: &Dump, tol: Tolerance, ordinal: usize)
     verify::verify_on_device(&ops, model, golden, tol)
 }
 
+/// `bench --device cuda`: prefill timings of the device forward pass on GPU `ordinal`, with the
+/// device memory in use after them.
+#[cfg(feature = "cuda")]
+pub fn bench_cuda(model: &Model, tokens: usize, repeat: usize, ordinal: usize) -> Result<String> {
+    let gpu = crate::cuda::gpu::Gpu::open(ordinal)?;
+    let head = format!("device {ordinal}: {} ({})\n", gpu.name, gpu.arch);
+    let ops = crate::cuda::ops::CudaOps::new(gpu)?;
+    let report = crate::bench::run_device(&ops, model, tokens, repeat)?;
+    let (free, total) = ops.gpu.memory()?;
+    Ok(format!(
+        "{head}{}device memory in use: {:.2} GB of {:.2} GB\n",
+        report.render(),
+        (total - free) as f64 / 1e9,
+        total as f64 / 1e9
+    ))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn bench_cuda(_: &Model, _: usize, _: usize, _: usize) -> Result<String> {
+    cuda(0).map(|_| unreachable!("cuda() always fails without the feature"))
+}
+
 #[cfg(not(feature = "cuda"))]
 pub fn verify_cuda(_: &Model, _: &Dump, _: Tolerance, _: usize) -> Result<verify::Report> {
     cuda(0).map(|_| unreachable!("cuda() always fails without the feature"))

@@ -28,3 +28,36 @@ fn the_device_forward_on_cpu_ops_matches_every_golden_case() {
         println!("{case}: {} tensors match", r.results.len());
     }
 }
+
+/// The device benchmark counts the matrix-product work it times: 2 x tokens x every weight a
+/// token meets (experts: top-k of them), computed here from the config alone.
+#[test]
+fn the_device_benchmark_counts_the_matmul_flops_of_a_prefill() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
+    let model = Model::load(&Checkpoint::open(&dir).unwrap()).unwrap();
+    let c = &model.config;
+    let (h, t) = (c.hidden_size, 16u64);
+    let mut per_token = 0usize;
+    for i in 0..c.num_hidden_layers {
+        let (nh, qk, r, rd) = (c.num_attention_heads, c.qk_head_dim(), c.kv_lora_rank, c.qk_rope_head_dim);
+        per_token += c.q_lora_rank * h + nh * qk * c.q_lora_rank + (r + rd) * h;
+        per_token += nh * (c.qk_nope_head_dim + c.v_head_dim) * r + h * nh * c.v_head_dim;
+        if c.indexer_kind(i) == glimpse::config::IndexerKind::Full {
+            let (n, d) = (c.index_n_heads, c.index_head_dim);
+            per_token += n * d * c.q_lora_rank + d * h + n * h;
+        }
+        per_token += match c.mlp_kind(i) {
+            glimpse::config::MlpKind::Dense => 3 * c.intermediate_size * h,
+            glimpse::config::MlpKind::Moe => {
+                c.n_routed_experts * h
+                    + c.num_experts_per_tok * 3 * c.moe_intermediate_size * h
+                    + 3 * c.shared_intermediate_size() * h
+            }
+        };
+    }
+    per_token += c.vocab_size * h;
+    let r = glimpse::bench::run_device(&CpuOps, &model, t as usize, 2).unwrap();
+    assert_eq!(r.flops, 2 * t * per_token as u64);
+    assert_eq!(r.runs.len(), 2);
+    assert!(r.render().contains("prefill 16 tokens: median"), "{}", r.render());
+}

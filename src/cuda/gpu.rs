@@ -376,6 +376,11 @@ impl Gpu {
         launch!(self, "bf16_widen", cfg(n, 256, 0), [x, out, &n64])
     }
 
+    /// (free, total) bytes of device memory.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(driver("read the memory use"))
+    }
+
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(driver("synchronize"))
     }

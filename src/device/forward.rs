@@ -72,6 +72,8 @@ pub struct DeviceModel<'m, O: Ops> {
     layers: Vec<DLayer<O>>,
     norm: O::F,
     lm_head: DLinear<O>,
+    /// Matrix-product FLOPs (2 m n k each) since the model was built.
+    flops: std::cell::Cell<u64>,
 }
 
 fn values(t: &Tensor) -> Result<Vec<f32>> {
@@ -148,11 +150,21 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             });
         }
         let (norm, lm_head) = (norm(&model.norm)?, linear(&model.lm_head)?);
-        Ok(DeviceModel { ops, model, layers, norm, lm_head })
+        Ok(DeviceModel { ops, model, layers, norm, lm_head, flops: std::cell::Cell::new(0) })
     }
 
     fn mm(&self, x: &O::F, l: &DLinear<O>, rows: usize, alpha: f32) -> Result<O::F> {
+        self.count([rows, l.out, l.inp]);
         self.ops.matmul_nt(x, &l.w, [rows, l.out, l.inp], alpha)
+    }
+
+    fn count(&self, [m, n, k]: [usize; 3]) {
+        self.flops.set(self.flops.get() + 2 * (m * n * k) as u64);
+    }
+
+    /// The matrix-product FLOPs run so far (a benchmark's work count).
+    pub fn matmul_flops(&self) -> u64 {
+        self.flops.get()
     }
 
     /// Reports an f32 buffer as `shape` if the observer wants `point`.
@@ -319,6 +331,8 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         for (j, m) in experts.iter().enumerate() {
             let count = order[start..].iter().take_while(|&&p| host_ids[p] == j as i32).count();
             if count > 0 {
+                self.count([count, inter, hd]);
+                self.count([count, inter, hd]);
                 self.ops.gemm_rows(&xs, start, &m.gate.w, &mut g, start, [count, inter, hd], 1.0)?;
                 self.ops.gemm_rows(&xs, start, &m.up.w, &mut u, start, [count, inter, hd], 1.0)?;
                 spans.push((j, start, count));
@@ -330,6 +344,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         }
         let act = self.ops.silu_mul(&g, &u, a * inter)?;
         for (j, start, count) in spans {
+            self.count([count, hd, inter]);
             self.ops.gemm_rows(&act, start, &experts[j].down.w, &mut y, start, [count, hd, inter], 1.0)?;
         }
         let shared_out = self.mlp(shared, x, t)?;
