@@ -33,6 +33,10 @@ pub fn run(
     prompt: &Tokens,
     opts: &GenerateOptions,
 ) -> Result<()> {
+    let vocab = model.config.vocab_size;
+    if let Some(bad) = prompt.ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(crate::error::Error::Usage(format!("token id {bad} is out of range for vocab_size {vocab}")));
+    }
     let mtp = if opts.mtp { Some(Mtp::load(ckpt)?) } else { None };
     eprintln!("{}", cache_report(model, prompt.batch, prompt.seq + opts.new_tokens, mtp.is_some()));
     let mut stitcher = opts.dump.as_ref().map(|(_, sel)| Stitcher::new(sel.clone()));

@@ -213,6 +213,7 @@ fn malformed_files_and_arguments_are_one_line_errors() {
     let many_tokens = vec!["1"; 60_000].join(",");
     let (other_run, not_a_dump) =
         (s(&golden("bf16-fused").join("reference.safetensors")), s(&flat.join("config.json")));
+    let mtp = s(&golden("mtp"));
     let arg_cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["run", "--model", &model, "--tokens", ""], "is not a token id"),
         (vec!["run", "--model", &model, "--tokens", "1,-2"], "is not a token id"),
@@ -232,6 +233,11 @@ fn malformed_files_and_arguments_are_one_line_errors() {
         (vec!["audit", "--dump", &not_a_dump], "not a valid safetensors"),
         (vec!["tui", "--dump", &reference], "needs an interactive terminal"),
         (vec!["audit", "--model", &model, "--prompts", "/no/such/prompts.txt"], "/no/such/prompts.txt"),
+        (vec!["generate", "--model", &model, "--tokens", "1,999"], "out of range for vocab_size"),
+        (vec!["generate", "--model", &model, "--tokens", "1", "--chunk", "0"], "0 is not in 1.."),
+        (vec!["verify", "--decode", "--chunk", "0"], "0 is not in 1.."),
+        (vec!["run", "--model", &mtp, "--tokens", "5", "--mtp"], "needs at least 2 tokens"),
+        (vec!["run", "--model", &model, "--tokens", "5,6", "--mtp", "--stream"], "cannot be used with"),
     ];
     for (args, needle) in arg_cases {
         cases.push((args.iter().map(|a| a.to_string()).collect(), needle.to_string()));

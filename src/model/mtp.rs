@@ -70,13 +70,17 @@ impl Mtp {
     pub fn forward(&self, model: &Model, hidden: &Tensor, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
         let s = tokens.seq;
         let (b, pairs, _) = hidden.dims3()?;
-        if s < 2 || (b, pairs) != (tokens.batch, s - 1) {
+        if s < 2 {
             return Err(Error::Usage(format!(
-                "the MTP head pairs each of {} x {s} tokens with the previous hidden state: it needs at least 2 \
-                 tokens and {} x {} hidden states, got {b} x {pairs}",
+                "the MTP head needs at least 2 tokens (it pairs each token with the hidden state before it), got {s}"
+            )));
+        }
+        if (b, pairs) != (tokens.batch, s - 1) {
+            return Err(Error::Usage(format!(
+                "the MTP head needs {} x {} hidden states for {} x {s} tokens, got {b} x {pairs}",
                 tokens.batch,
-                tokens.batch,
-                s.saturating_sub(1)
+                s - 1,
+                tokens.batch
             )));
         }
         let x = self.input(model, hidden, &tokens.columns(1..s)?, obs)?; // [B, S-1, hidden]
