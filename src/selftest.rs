@@ -82,11 +82,13 @@ type Gpu = ();
 fn cuda(ordinal: usize) -> Result<(Gpu, bool)> {
     let gpu = crate::cuda::gpu::Gpu::open(ordinal)?;
     println!("device {ordinal}: {} ({}); every kernel compiled with NVRTC", gpu.name, gpu.arch);
-    let checks = crate::cuda::selftest::kernels(&gpu)?;
+    let mut checks = crate::cuda::selftest::kernels(&gpu)?;
+    let ops = crate::cuda::ops::CudaOps::new(gpu)?;
+    checks.extend(crate::cuda::selftest::products(&ops)?);
     for c in &checks {
         println!("kernel {:<40} max_abs {:9.3e}  {}", c.name, c.max_abs, if c.ok { "ok" } else { "FAILED" });
     }
-    Ok((crate::cuda::ops::CudaOps::new(gpu)?, checks.iter().all(|c| c.ok)))
+    Ok((ops, checks.iter().all(|c| c.ok)))
 }
 
 #[cfg(feature = "cuda")]

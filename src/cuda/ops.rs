@@ -1,6 +1,8 @@
 //! The device forward pass's operations ([`Ops`]) on one GPU: our kernels for everything but
 //! the matrix products, which go through cuBLAS SGEMM (f32 in, f32 accumulate; cuBLAS's default
-//! math mode, so no TF32).
+//! math mode, so no TF32). bf16 weights stay bf16 in device memory (half the footprint); each
+//! product first widens its weight, exactly, into a scratch buffer (`bf16_widen`), which costs a
+//! pass over the weight's bytes, small beside the GEMM.
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
@@ -8,20 +10,63 @@ use cudarc::driver::CudaSlice;
 
 use super::gpu::Gpu;
 use super::{probe, Lib};
-use crate::device::Ops;
+use crate::device::{HostWeight, Ops};
 use crate::error::{Error, Result};
 use crate::model::moe::RouterConfig;
 
 pub struct CudaOps {
     pub gpu: Gpu,
     blas: CudaBlas,
+    /// Where a bf16 weight is widened for its product; grows to the largest weight.
+    scratch: std::cell::RefCell<Option<CudaSlice<f32>>>,
+}
+
+/// A weight in device memory, as stored.
+pub enum DeviceWeight {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
 }
 
 impl CudaOps {
     pub fn new(gpu: Gpu) -> Result<Self> {
         probe(&[Lib::Cublas])?;
         let blas = CudaBlas::new(gpu.stream.clone()).map_err(|e| Error::Device(format!("cuBLAS: {e:?}")))?;
-        Ok(CudaOps { gpu, blas })
+        Ok(CudaOps { gpu, blas, scratch: std::cell::RefCell::new(None) })
+    }
+
+    /// Row-major `y = x w^T` is column-major `y^T = w x^T`: cuBLAS with A = w (transposed),
+    /// B = x, both with leading dimension k, and C with leading dimension n. `w` may be longer
+    /// than n x k (the scratch buffer); only its first n x k values are read.
+    #[allow(clippy::too_many_arguments)]
+    fn sgemm(
+        &self,
+        x: &CudaSlice<f32>,
+        x_row0: usize,
+        w: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        y_row0: usize,
+        [m, n, k]: [usize; 3],
+        alpha: f32,
+    ) -> Result<()> {
+        if x.len() < (x_row0 + m) * k || w.len() < n * k || y.len() < (y_row0 + m) * n {
+            return Err(Error::Device(format!("SGEMM: buffers too small for rows {x_row0}+{m} x {k} -> {n}")));
+        }
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha,
+            lda: k as i32,
+            ldb: k as i32,
+            beta: 0.0,
+            ldc: n as i32,
+        };
+        let (wv, xv) = (w.slice(..n * k), x.slice(x_row0 * k..(x_row0 + m) * k));
+        let mut yv = y.slice_mut(y_row0 * n..(y_row0 + m) * n);
+        // SAFETY: the views hold exactly the n x k, m x k and m x n values the config reads/writes.
+        unsafe { self.blas.gemm(cfg, &wv, &xv, &mut yv) }.map_err(|e| Error::Device(format!("cuBLAS SGEMM: {e:?}")))
     }
 
     fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
@@ -32,6 +77,14 @@ impl CudaOps {
 impl Ops for CudaOps {
     type F = CudaSlice<f32>;
     type I = CudaSlice<i32>;
+    type W = DeviceWeight;
+
+    fn upload_weight(&self, w: HostWeight, _n: usize, _k: usize) -> Result<DeviceWeight> {
+        Ok(match w {
+            HostWeight::F32(v) => DeviceWeight::F32(self.gpu.upload(v)?),
+            HostWeight::Bf16(bits) => DeviceWeight::Bf16(self.gpu.upload(bits)?),
+        })
+    }
 
     fn upload(&self, v: &[f32]) -> Result<Self::F> {
         self.gpu.upload(v)
@@ -49,13 +102,11 @@ impl Ops for CudaOps {
         self.alloc(n)
     }
 
-    /// Row-major `y = x w^T` is column-major `y^T = w x^T`: cuBLAS with A = w (transposed),
-    /// B = x, both with leading dimension k, and C with leading dimension n.
     fn gemm_rows(
         &self,
         x: &Self::F,
         x_row0: usize,
-        w: &Self::F,
+        w: &DeviceWeight,
         y: &mut Self::F,
         y_row0: usize,
         [m, n, k]: [usize; 3],
@@ -64,22 +115,18 @@ impl Ops for CudaOps {
         if m == 0 {
             return Ok(());
         }
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_T,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: n as i32,
-            n: m as i32,
-            k: k as i32,
-            alpha,
-            lda: k as i32,
-            ldb: k as i32,
-            beta: 0.0,
-            ldc: n as i32,
-        };
-        let (wv, xv) = (w.slice(..n * k), x.slice(x_row0 * k..(x_row0 + m) * k));
-        let mut yv = y.slice_mut(y_row0 * n..(y_row0 + m) * n);
-        // SAFETY: the views hold exactly the m x k, n x k and m x n elements the config reads/writes.
-        unsafe { self.blas.gemm(cfg, &wv, &xv, &mut yv) }.map_err(|e| Error::Device(format!("cuBLAS SGEMM: {e:?}")))
+        match w {
+            DeviceWeight::F32(w) => self.sgemm(x, x_row0, w, y, y_row0, [m, n, k], alpha),
+            DeviceWeight::Bf16(bits) => {
+                let mut scratch = self.scratch.borrow_mut();
+                if scratch.as_ref().is_none_or(|s| s.len() < n * k) {
+                    *scratch = Some(self.alloc(n * k)?);
+                }
+                let wide = scratch.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
+                self.gpu.bf16_widen(bits, wide, n * k)?;
+                self.sgemm(x, x_row0, wide, y, y_row0, [m, n, k], alpha)
+            }
+        }
     }
 
     fn rms_norm(&self, x: &Self::F, w: &Self::F, rows: usize, cols: usize, eps: f32) -> Result<Self::F> {

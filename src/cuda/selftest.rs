@@ -7,7 +7,7 @@
 
 use super::gpu::Gpu;
 use crate::device::cpu::CpuOps;
-use crate::device::Ops;
+use crate::device::{HostWeight, Ops};
 use crate::error::Result;
 use crate::model::moe::{route, RouterConfig};
 
@@ -209,5 +209,33 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     out.push(check("bf16_widen", &gpu.download(&f)?, &cpu, 0.0));
 
     gpu.synchronize()?;
+    Ok(out)
+}
+
+/// The products through cuBLAS (row-major on a column-major library) against the CPU's, with an
+/// f32 weight and a bf16 one (widened on the device), on row ranges of packed buffers as the
+/// expert GEMMs use them.
+pub fn products(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
+    let mut rng = Rng(0x2545f4914f6cdd1d);
+    let (m, n, k, x_row0, y_row0) = (37, 29, 53, 5, 3);
+    let x = rng.vec((x_row0 + m) * k);
+    let w = rng.vec(n * k);
+    let bits: Vec<u16> = w.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
+    let mut out = Vec::new();
+    for (name, weight) in
+        [("gemm_rows (f32 weight)", HostWeight::F32(&w)), ("gemm_rows (bf16 weight)", HostWeight::Bf16(&bits))]
+    {
+        let cpu_w = CpuOps.upload_weight(weight, n, k)?;
+        let mut cpu_y = vec![f32::NAN; (y_row0 + m) * n];
+        CpuOps.gemm_rows(&x, x_row0, &cpu_w, &mut cpu_y, y_row0, [m, n, k], 0.5)?;
+        let dw = ops.upload_weight(weight, n, k)?;
+        let mut dy = ops.gpu.filled((y_row0 + m) * n, f32::NAN)?;
+        ops.gemm_rows(&ops.upload(&x)?, x_row0, &dw, &mut dy, y_row0, [m, n, k], 0.5)?;
+        let gpu_y = ops.download(&dy)?;
+        // Rows outside the range must be left alone (NaN on both sides).
+        let untouched = gpu_y[..y_row0 * n].iter().all(|v| v.is_nan());
+        let c = check(name, &gpu_y[y_row0 * n..], &cpu_y[y_row0 * n..], 1e-5);
+        out.push(Check { ok: c.ok && untouched, ..c });
+    }
     Ok(out)
 }

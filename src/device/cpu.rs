@@ -6,7 +6,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::Ops;
+use super::{HostWeight, Ops};
 use crate::error::{Error, Result};
 use crate::model::indexer::top_k_causal;
 use crate::model::moe::{route, RouterConfig};
@@ -16,6 +16,15 @@ pub struct CpuOps;
 impl Ops for CpuOps {
     type F = Vec<f32>;
     type I = Vec<i32>;
+    /// Widened at upload: bf16 -> f32 is exact, so this is the product a widening GEMM computes.
+    type W = Vec<f32>;
+
+    fn upload_weight(&self, w: HostWeight, _n: usize, _k: usize) -> Result<Vec<f32>> {
+        Ok(match w {
+            HostWeight::F32(v) => v.to_vec(),
+            HostWeight::Bf16(bits) => bits.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect(),
+        })
+    }
 
     fn upload(&self, v: &[f32]) -> Result<Vec<f32>> {
         Ok(v.to_vec())

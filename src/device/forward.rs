@@ -1,14 +1,15 @@
-//! The prefill on a device: weights uploaded from a loaded [`Model`] (as f32 today), the
-//! embedding gathered on the host, then every layer through [`Ops`] in the order the CPU model
-//! computes it (`model::mla`, `model::indexer`, `model::moe`). Hook points are downloaded only
-//! when the observer wants them, so a run that records nothing copies back only the logits.
+//! The prefill on a device: weights uploaded from a loaded [`Model`] as the checkpoint stores them
+//! (bf16 stays bf16; f32 and dequantised FP8 go as f32), the embedding gathered on the host, then
+//! every layer through [`Ops`] in the order the CPU model computes it (`model::mla`,
+//! `model::indexer`, `model::moe`). Hook points are downloaded only when the observer wants them,
+//! so a run that records nothing copies back only the logits.
 //!
 //! Not here yet: replayed decisions (`verify --force-*`), the MTP head, decode, `attention_bias`,
-//! and keeping weights bf16/FP8 on the device.
+//! and FP8 kept as FP8 on the device.
 
 use candle_core::{DType, Device, Tensor};
 
-use super::Ops;
+use super::{HostWeight, Ops};
 use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, LayerHook, Observer};
 use crate::model::indexer::Indexer;
@@ -20,7 +21,7 @@ use crate::model::{stream, Model, Tokens, Weights};
 
 /// A `[out, in]` weight on the device.
 struct DLinear<O: Ops> {
-    w: O::F,
+    w: O::W,
     out: usize,
     inp: usize,
 }
@@ -83,19 +84,22 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
 impl<'m, O: Ops> DeviceModel<'m, O> {
     /// Uploads every weight of `model` the main forward pass uses.
     pub fn new(ops: &'m O, model: &'m Model) -> Result<Self> {
-        // Rows `start .. start + count` of a weight, widened from bf16 without keeping a host copy.
+        // Rows `start .. start + count` of a weight, as stored (no widened host copy is kept).
         let rows = |l: &Linear, start: usize, count: usize| -> Result<DLinear<O>> {
             if l.bias.is_some() {
                 return Err(Error::Device("attention_bias is not supported on the device path yet".into()));
             }
             let (w, inp) = match &l.weight {
-                Weight::F32(t) => (values(&t.narrow(0, start, count)?)?, t.dims()[1]),
+                Weight::F32(t) => {
+                    let inp = t.dims()[1];
+                    (ops.upload_weight(HostWeight::F32(&values(&t.narrow(0, start, count)?)?), count, inp)?, inp)
+                }
                 Weight::Bf16(w, _) => {
                     let part = w.rows(start, count).ok_or_else(|| Error::Device("weight rows out of range".into()))?;
-                    (part.to_f32(), w.cols)
+                    (ops.upload_weight(HostWeight::Bf16(part.bits()), count, w.cols)?, w.cols)
                 }
             };
-            Ok(DLinear { w: ops.upload(&w)?, out: count, inp })
+            Ok(DLinear { w, out: count, inp })
         };
         let linear = |l: &Linear| rows(l, 0, l.out_dim());
         let norm = |n: &RmsNorm| ops.upload(&values(&n.weight)?);
@@ -134,7 +138,11 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
                 Ffn::Moe(m) => {
                     let (e, h) = m.gate.dims2()?;
                     DFfn::Moe {
-                        gate: DLinear { w: ops.upload(&values(&m.gate)?)?, out: e, inp: h },
+                        gate: DLinear {
+                            w: ops.upload_weight(HostWeight::F32(&values(&m.gate)?), e, h)?,
+                            out: e,
+                            inp: h,
+                        },
                         bias: ops.upload(&m.e_score_correction_bias)?,
                         experts: m.experts.iter().map(mlp).collect::<Result<_>>()?,
                         shared: mlp(&m.shared_experts)?,

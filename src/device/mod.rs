@@ -11,11 +11,24 @@ pub mod forward;
 use crate::error::Result;
 use crate::model::moe::RouterConfig;
 
-/// Row-major f32 and i32 buffers on a device, and the operations the forward pass needs. Shapes
-/// are passed explicitly; every op allocates its output (except `rope`, in place).
+/// A `[n, k]` weight as the checkpoint holds it, to upload with [`Ops::upload_weight`].
+#[derive(Clone, Copy)]
+pub enum HostWeight<'a> {
+    F32(&'a [f32]),
+    /// bf16 bit patterns: kept as bf16 on the device and widened (exactly) for each product.
+    Bf16(&'a [u16]),
+}
+
+/// Row-major f32 and i32 buffers on a device, weights kept as stored, and the operations the
+/// forward pass needs. Shapes are passed explicitly; every op allocates its output (except
+/// `rope`, in place).
 pub trait Ops {
     type F;
     type I;
+    /// A `[n, k]` weight.
+    type W;
+
+    fn upload_weight(&self, w: HostWeight, n: usize, k: usize) -> Result<Self::W>;
 
     fn upload(&self, v: &[f32]) -> Result<Self::F>;
     fn upload_i32(&self, v: &[i32]) -> Result<Self::I>;
@@ -30,7 +43,7 @@ pub trait Ops {
         &self,
         x: &Self::F,
         x_row0: usize,
-        w: &Self::F,
+        w: &Self::W,
         y: &mut Self::F,
         y_row0: usize,
         mnk: [usize; 3],
@@ -38,7 +51,7 @@ pub trait Ops {
     ) -> Result<()>;
 
     /// `alpha * x w^T`: [m, k] x [n, k] -> [m, n].
-    fn matmul_nt(&self, x: &Self::F, w: &Self::F, mnk: [usize; 3], alpha: f32) -> Result<Self::F> {
+    fn matmul_nt(&self, x: &Self::F, w: &Self::W, mnk: [usize; 3], alpha: f32) -> Result<Self::F> {
         let mut y = self.zeros(mnk[0] * mnk[1])?;
         self.gemm_rows(x, 0, w, &mut y, 0, mnk, alpha)?;
         Ok(y)

@@ -60,6 +60,11 @@ impl Bf16Weight {
         out
     }
 
+    /// The bf16 bit patterns, row-major.
+    pub fn bits(&self) -> &[u16] {
+        self.data()
+    }
+
     fn data(&self) -> &[u16] {
         let bytes = &self.map[self.offset..self.offset + self.rows * self.cols * 2];
         // SAFETY: `new` checked the bounds and the 2-byte alignment; any bit pattern is a valid u16.
