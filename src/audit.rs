@@ -234,6 +234,7 @@ pub fn collect(
     prompts: Option<&Path>,
     dumps: &[PathBuf],
     max_memory: Option<u64>,
+    backend: crate::device::Backend,
 ) -> Result<Audit> {
     let ckpt = model_dir.map(Checkpoint::open).transpose()?;
     // Prompts are read and encoded before the model is loaded, so the memory check sees them.
@@ -271,14 +272,17 @@ pub fn collect(
     }
     if let (Some(m), Some(path)) = (&model, prompts) {
         let progress = std::io::stderr().is_terminal();
-        for (n, tokens) in prompt_tokens.iter().enumerate() {
-            if progress {
-                eprint!("\raudit: prompt {}/{}", n + 1, prompt_tokens.len());
+        crate::device::with_prefill(backend, 0, m, |p| {
+            for (n, tokens) in prompt_tokens.iter().enumerate() {
+                if progress {
+                    eprint!("\raudit: prompt {}/{}", n + 1, prompt_tokens.len());
+                }
+                p.prefill(tokens, &mut AuditObserver::new(&mut audit))
+                    .map_err(|e| Error::Usage(format!("{}: prompt {}: {e}", path.display(), n + 1)))?;
+                audit.prompts += 1;
             }
-            m.forward(tokens, &mut AuditObserver::new(&mut audit))
-                .map_err(|e| Error::Usage(format!("{}: prompt {}: {e}", path.display(), n + 1)))?;
-            audit.prompts += 1;
-        }
+            Ok(())
+        })?;
         if progress {
             eprintln!();
         }

@@ -168,6 +168,34 @@ pub fn run_device<O: crate::device::Ops>(ops: &O, model: &Model, tokens: usize, 
     Ok(DeviceBench { upload_s, first_s, tokens, runs, flops })
 }
 
+/// `bench --device cpu-ops|cuda`: [`run_device`] on that backend, rendered (for `cuda` with the
+/// device and the memory in use after the runs).
+pub fn run_on(backend: crate::device::Backend, model: &Model, tokens: usize, repeat: usize) -> Result<String> {
+    match backend {
+        crate::device::Backend::Cpu => Err(Error::Usage("the CPU model is timed by plain `bench`".into())),
+        crate::device::Backend::CpuOps => Ok(run_device(&crate::device::cpu::CpuOps, model, tokens, repeat)?.render()),
+        crate::device::Backend::Cuda => on_cuda(model, tokens, repeat),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn on_cuda(model: &Model, tokens: usize, repeat: usize) -> Result<String> {
+    let gpu = crate::cuda::gpu::Gpu::open(0)?;
+    let head = format!("device 0: {} ({})\n", gpu.name, gpu.arch);
+    let ops = crate::cuda::ops::CudaOps::new(gpu)?;
+    let report = run_device(&ops, model, tokens, repeat)?;
+    let (free, total) = ops.gpu.memory()?;
+    let used = (total - free) as f64 / 1e9;
+    Ok(format!("{head}{}device memory in use: {used:.2} GB of {:.2} GB\n", report.render(), total as f64 / 1e9))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn on_cuda(_: &Model, _: usize, _: usize) -> Result<String> {
+    Err(Error::Device(
+        "this glimpse was built without the `cuda` feature: cargo build --release --features cuda".into(),
+    ))
+}
+
 impl DeviceBench {
     pub fn render(&self) -> String {
         let m = median(&self.runs);

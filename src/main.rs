@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use glimpse::checkpoint::Checkpoint;
 use glimpse::compare::Tolerance;
+use glimpse::device::Backend;
 use glimpse::dump::DumpWriter;
 use glimpse::dump::{self, Dump};
 use glimpse::error::{Error, Result};
@@ -73,10 +74,11 @@ enum Command {
         /// With --decode: positions per decode call (1: token by token; more: chunked prefill).
         #[arg(long, default_value_t = 1, requires = "decode", value_parser = clap::value_parser!(u64).range(1..))]
         chunk: u64,
-        /// Where the forward pass runs: `cuda` needs a build with `--features cuda` and a GPU.
-        #[arg(long, value_enum, default_value_t = glimpse::selftest::Device::Cpu,
+        /// Where the forward pass runs: `cpu-ops` is the GPU path's code on the host; `cuda` needs a
+        /// build with `--features cuda` and a GPU. Both compare the main forward (no replay, MTP).
+        #[arg(long, value_enum, default_value_t = Backend::Cpu,
               conflicts_with_all = ["isolate", "force_routing", "force_selection", "layers", "stream", "decode"])]
-        device: glimpse::selftest::Device,
+        device: Backend,
     },
     /// Compare two dumps: the first hook point where they part ways, per-tensor errors, flips.
     Diff {
@@ -119,6 +121,9 @@ enum Command {
         /// Write the layer x expert load heatmap here (SVG).
         #[arg(long)]
         heatmap: Option<PathBuf>,
+        /// Where the prompts run (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
+        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+        device: Backend,
     },
     /// Time prefill recording nothing vs recording every hook point (medians of alternating runs).
     Bench {
@@ -129,9 +134,9 @@ enum Command {
         tokens: usize,
         #[arg(long, default_value_t = 5)]
         repeat: usize,
-        /// `cuda`: time the prefill of the device forward pass on the GPU instead.
-        #[arg(long, value_enum, default_value_t = glimpse::selftest::Device::Cpu)]
-        device: glimpse::selftest::Device,
+        /// `cpu-ops` / `cuda`: time the prefill of the device forward pass on that backend instead.
+        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+        device: Backend,
     },
     /// Step through the layers of a run in a terminal UI, side by side with its reference.
     /// With no arguments: the bundled default case and its transformers reference.
@@ -195,6 +200,10 @@ enum Command {
         /// the dump) and print its draft for the token after next.
         #[arg(long, conflicts_with_all = ["stream", "layers", "from_dump", "resume"])]
         mtp: bool,
+        /// Where the forward pass runs (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
+        #[arg(long, value_enum, default_value_t = Backend::Cpu,
+              conflicts_with_all = ["stream", "layers", "from_dump", "resume", "mtp"])]
+        device: Backend,
     },
     /// Greedy generation through the latent KV cache, streaming tokens as they come.
     Generate {
@@ -221,11 +230,11 @@ enum Command {
         #[arg(long)]
         mtp: bool,
     },
-    /// Check this machine: every bundled golden case through verify, and with --device cuda every
-    /// GPU kernel against its CPU reference first.
+    /// Check this machine: every bundled golden case through verify, and with --device cpu-ops or
+    /// cuda through the device forward pass too (cuda: every GPU kernel against its CPU reference first).
     Selftest {
-        #[arg(long, value_enum, default_value_t = glimpse::selftest::Device::Cpu)]
-        device: glimpse::selftest::Device,
+        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+        device: Backend,
         /// Which GPU (CUDA device ordinal).
         #[arg(long, default_value_t = 0)]
         ordinal: usize,
@@ -347,10 +356,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if decode {
                 return verify_decode(&ckpt, &tokens, chunk as usize, tol, max_memory);
             }
-            if device == glimpse::selftest::Device::Cuda {
+            if device != Backend::Cpu {
                 let model = Model::load(&ckpt)?;
-                println!("verify {} against {} on cuda", model_dir.display(), golden.display());
-                let report = glimpse::selftest::verify_cuda(&model, &reference, tol, 0)?;
+                let n = model.layers.len();
+                let report = glimpse::device::with_prefill(device, 0, &model, |p| {
+                    verify::verify_prefill(p, n, &reference, tol)
+                })?;
+                println!("verify {} against {} on {device:?}", model_dir.display(), golden.display());
                 verify::print_report(&report, tol);
                 return Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) });
             }
@@ -393,8 +405,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::Audit { model, prompts, dumps, json, csv, heatmap } => {
-            let audit = glimpse::audit::collect(model.as_deref(), prompts.as_deref(), &dumps, max_memory)?;
+        Command::Audit { model, prompts, dumps, json, csv, heatmap, device } => {
+            let audit = glimpse::audit::collect(model.as_deref(), prompts.as_deref(), &dumps, max_memory, device)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&audit.to_json()).unwrap_or_default());
             } else {
@@ -411,9 +423,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { model, tokens, repeat, device: glimpse::selftest::Device::Cuda } => {
+        Command::Bench { model, tokens, repeat, device } if device != Backend::Cpu => {
             let model = Model::load(&Checkpoint::open(&model)?)?;
-            print!("{}", glimpse::selftest::bench_cuda(&model, tokens, repeat, 0)?);
+            print!("{}", glimpse::bench::run_on(device, &model, tokens, repeat)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { model, tokens, repeat, .. } => {
@@ -451,6 +463,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             stream,
             resume,
             mtp,
+            device,
         } => {
             let ckpt = Checkpoint::open(&model)?;
             let mtp_head = if mtp { Some(glimpse::model::mtp::Mtp::load(&ckpt)?) } else { None };
@@ -466,6 +479,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 (_, _, _, Some(d)) => d.tokens()?,
                 _ => return Err(Error::Usage("give --tokens, --prompt, --tokens-from or --from-dump".into())),
             };
+            if device != Backend::Cpu {
+                return run_on_device(&ckpt, &model, &tokens, out.as_deref(), &record, device, max_memory);
+            }
             if let Some(window) = &layers {
                 stream::check_window(&ckpt.config, window)?;
             }
@@ -640,6 +656,42 @@ fn load_weights<'a>(ckpt: &'a Checkpoint, resident: &'a mut Option<Model>, b: &B
     let est = memory::estimate(ckpt, b.tokens.batch, b.tokens.seq, &window, b.stream, b.recording);
     memory::check(&est, b.max)?;
     Ok(if b.stream { Weights::Streamed(ckpt) } else { Weights::Resident(resident.insert(Model::load(ckpt)?)) })
+}
+
+/// `run --device cpu-ops|cuda`: the prefill on that backend, its hook points to `--dump`.
+fn run_on_device(
+    ckpt: &Checkpoint,
+    dir: &Path,
+    tokens: &Tokens,
+    out: Option<&Path>,
+    record: &str,
+    device: Backend,
+    max: Option<u64>,
+) -> Result<ExitCode> {
+    memory::check_run(ckpt, tokens.batch, tokens.seq, out.is_some(), max)?;
+    let model = Model::load(ckpt)?;
+    let mut watch = NonFiniteWatch::default();
+    let logits = match out {
+        Some(path) => {
+            let mut writer = DumpWriter::create(path, Selector::new(record, None), model.max_hook_points())?;
+            let logits = glimpse::device::with_prefill(device, 0, &model, |p| {
+                p.prefill(tokens, &mut Tee(&mut writer, &mut watch))
+            })?;
+            let source = format!("glimpse {} / device forward pass on {device:?}, float32", env!("CARGO_PKG_VERSION"));
+            let meta = dump::metadata(&source, Some(&ckpt.config_bytes), Some(&dir.display().to_string()));
+            let n = writer.finish(&meta)?;
+            println!("wrote {n} tensors to {}", path.display());
+            logits
+        }
+        None => glimpse::device::with_prefill(device, 0, &model, |p| p.prefill(tokens, &mut watch))?,
+    };
+    if let Some(nf) = &watch.first {
+        eprintln!("glimpse: warning: first NaN/Inf of the run: {nf}");
+    }
+    for (bi, row) in glimpse::model::decode::last_argmax(&logits)?.iter().enumerate() {
+        println!("row {bi}: {} tokens on {device:?}, next token (greedy) {row}", tokens.seq);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `run --mtp`: the MTP head over the run's tokens from the final-norm hidden state the run

@@ -217,25 +217,19 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
     })
 }
 
-/// The device forward pass (`crate::device`) on `ops` against a reference dump: every main-model
-/// tensor the dump holds (no replay, no isolation, no MTP head on the device yet).
-pub fn verify_on_device<O: crate::device::Ops>(
-    ops: &O,
-    model: &Model,
-    golden: &Dump,
-    tol: Tolerance,
-) -> Result<Report> {
-    let device = crate::device::forward::DeviceModel::new(ops, model)?;
+/// A prefill (the CPU model, or the device forward pass on some backend) against a reference
+/// dump: every main-model tensor the dump holds (no replay, no isolation, no MTP head). `layers`
+/// is the model's depth, to leave the MTP layer's `layers.{N}.*` out of what must be produced.
+pub fn verify_prefill(p: &dyn crate::device::Prefill, layers: usize, golden: &Dump, tol: Tolerance) -> Result<Report> {
     let mut v = Verifier::new(golden, tol);
-    device.forward(&golden.tokens()?, &mut v)?;
+    p.prefill(&golden.tokens()?, &mut v)?;
     let produced: BTreeSet<&str> = v.results.iter().map(|c| c.name.as_str()).collect();
-    let n = model.layers.len();
     let only_in_reference = golden
         .names()
         .into_iter()
         .filter(|name| !produced.contains(name.as_str()))
         .filter(|name| {
-            !name.starts_with("mtp.") && HookPoint::parse(name).and_then(|p| p.layer()).is_none_or(|i| i < n)
+            !name.starts_with("mtp.") && HookPoint::parse(name).and_then(|p| p.layer()).is_none_or(|i| i < layers)
         })
         .collect();
     Ok(Report {

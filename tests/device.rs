@@ -8,9 +8,10 @@ use std::path::Path;
 use glimpse::checkpoint::Checkpoint;
 use glimpse::compare::Tolerance;
 use glimpse::device::cpu::CpuOps;
+use glimpse::device::forward::DeviceModel;
 use glimpse::dump::Dump;
 use glimpse::model::Model;
-use glimpse::verify::{format_line, verify_on_device};
+use glimpse::verify::{format_line, verify_prefill};
 
 #[test]
 fn the_device_forward_on_cpu_ops_matches_every_golden_case() {
@@ -18,7 +19,8 @@ fn the_device_forward_on_cpu_ops_matches_every_golden_case() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case);
         let model = Model::load(&Checkpoint::open(&dir).unwrap()).unwrap();
         let golden = Dump::open(&dir.join("reference.safetensors")).unwrap();
-        let r = verify_on_device(&CpuOps, &model, &golden, Tolerance::default()).unwrap();
+        let device = DeviceModel::new(&CpuOps, &model).unwrap();
+        let r = verify_prefill(&device, model.layers.len(), &golden, Tolerance::default()).unwrap();
         let bad: Vec<String> = r.results.iter().filter(|c| !c.ok).map(format_line).collect();
         assert!(bad.is_empty(), "{case}:\n{}", bad.join("\n"));
         assert!(r.only_in_reference.is_empty(), "{case}: not produced: {:?}", r.only_in_reference);
@@ -60,4 +62,47 @@ fn the_device_benchmark_counts_the_matmul_flops_of_a_prefill() {
     assert_eq!(r.flops, 2 * t * per_token as u64);
     assert_eq!(r.runs.len(), 2);
     assert!(r.render().contains("prefill 16 tokens: median"), "{}", r.render());
+}
+
+mod common;
+
+/// The `--device` wiring, exercised with `cpu-ops` (the GPU path's code on the host): `run`
+/// writes the same hook points as the CPU model (diff clean, every name in common), `audit`
+/// prints the same table, `verify` matches its reference, and `bench`/`selftest` run it.
+#[test]
+fn the_device_flag_runs_the_device_path_in_every_command() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/grouped-shared-yarn");
+    let m = dir.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (ours, cpu) = (tmp.path().join("ops.safetensors"), tmp.path().join("cpu.safetensors"));
+    let tokens = "1,2,3,4,5;6,7,8,9,10";
+    for (out, extra) in [(&ours, vec!["--device", "cpu-ops"]), (&cpu, vec![])] {
+        let args = [vec!["run", "--model", m, "--tokens", tokens, "--dump", out.to_str().unwrap()], extra].concat();
+        let (code, text) = common::code_and_text(&args);
+        assert_eq!(code, 0, "{text}");
+    }
+    let (code, text) = common::code_and_text(&["diff", ours.to_str().unwrap(), cpu.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+    assert!(!text.contains("only in"), "the device path records every hook point the CPU does: {text}");
+
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(&prompts, "1,2,3,4,5,6\n9,8,7\n").unwrap();
+    let audit = |extra: &[&str]| {
+        let args = [&["audit", "--model", m, "--prompts", prompts.to_str().unwrap()][..], extra].concat();
+        let (code, text) = common::code_and_text(&args);
+        assert_eq!(code, 0, "{text}");
+        text
+    };
+    assert_eq!(audit(&["--device", "cpu-ops"]), audit(&[]));
+
+    let (code, text) = common::code_and_text(&["verify", "--model", m, "--device", "cpu-ops"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("47 of 47 tensors match"), "{text}");
+    let (code, text) =
+        common::code_and_text(&["bench", "--model", m, "--tokens", "8", "--repeat", "1", "--device", "cpu-ops"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("prefill 8 tokens: median"), "{text}");
+    let (code, text) = common::code_and_text(&["selftest", "--device", "cpu-ops"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("golden/mtp (cpu-ops): 37 of 37 tensors match") && !text.contains("FAILED"), "{text}");
 }

@@ -295,6 +295,50 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         Ok(out)
     }
 
+    /// The router's observe-only hook points, derived on the host from the logits and the chosen
+    /// ids, only when wanted: `moe.scores`, `moe.biased_scores`, `moe.bias_changed`.
+    #[allow(clippy::type_complexity)]
+    fn router_extras(
+        &self,
+        i: usize,
+        (logits, bias, ids): (&O::F, &O::F, &O::I),
+        (t, e, k): (usize, usize, usize),
+        router: &RouterConfig,
+        obs: &mut dyn Observer,
+    ) -> Result<()> {
+        let hook = |p| HookPoint::Layer(i, p);
+        let wanted = [LayerHook::RouterScores, LayerHook::RouterBiasedScores, LayerHook::BiasChanged];
+        if !wanted.iter().any(|&p| obs.wants(hook(p))) {
+            return Ok(());
+        }
+        let (logits, bias) = (self.ops.download(logits)?, self.ops.download(bias)?);
+        let scores: Vec<f32> = logits.iter().map(|&l| crate::model::moe::sigmoid(l)).collect();
+        if obs.wants(hook(LayerHook::RouterScores)) {
+            obs.observe(hook(LayerHook::RouterScores), &Tensor::from_vec(scores.clone(), (t, e), &Device::Cpu)?)?;
+        }
+        if obs.wants(hook(LayerHook::RouterBiasedScores)) {
+            let biased: Vec<f32> = scores.iter().enumerate().map(|(j, s)| s + bias[j % e]).collect();
+            obs.observe(hook(LayerHook::RouterBiasedScores), &Tensor::from_vec(biased, (t, e), &Device::Cpu)?)?;
+        }
+        if obs.wants(hook(LayerHook::BiasChanged)) {
+            let ids = self.ops.download_i32(ids)?;
+            let changed: Vec<i64> = logits
+                .chunks_exact(e)
+                .zip(ids.chunks_exact(k))
+                .map(|(row, chosen)| {
+                    let route = crate::model::moe::Route {
+                        ids: chosen.iter().map(|&j| j as usize).collect(),
+                        weights: Vec::new(),
+                        margin: f32::NAN,
+                    };
+                    i64::from(crate::model::moe::bias_changed(router, row, &route))
+                })
+                .collect();
+            obs.observe(hook(LayerHook::BiasChanged), &Tensor::from_vec(changed, t, &Device::Cpu)?)?;
+        }
+        Ok(())
+    }
+
     /// `down(silu(gate(x)) * up(x))` over `rows` rows.
     fn mlp(&self, m: &DMlp<O>, x: &O::F, rows: usize) -> Result<O::F> {
         let (g, u) = (self.mm(x, &m.gate, rows, 1.0)?, self.mm(x, &m.up, rows, 1.0)?);
@@ -320,6 +364,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         self.report_ids(obs, hook(LayerHook::TopkIds), &ids, &[t, k])?;
         self.report(obs, hook(LayerHook::TopkWeights), &w, &[t, k])?;
         self.report(obs, hook(LayerHook::RouterMargin), &margin, &[t])?;
+        self.router_extras(i, (&logits, bias, &ids), (t, e, k), router, obs)?;
 
         // Group the (token, choice) pairs by expert on the host: the ids are small.
         let host_ids = self.ops.download_i32(&ids)?;

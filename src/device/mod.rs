@@ -8,8 +8,69 @@
 pub mod cpu;
 pub mod forward;
 
+use candle_core::Tensor;
+
 use crate::error::Result;
+use crate::hooks::Observer;
 use crate::model::moe::RouterConfig;
+use crate::model::{Model, Tokens};
+
+/// Where the forward pass runs (`--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// The CPU model (`crate::model`), with every feature (replay, isolation, streaming, decode).
+    Cpu,
+    /// The device forward pass on the host implementation of its ops: the GPU path's code,
+    /// checkable on any machine.
+    CpuOps,
+    /// The device forward pass on the GPU (a build with `--features cuda`).
+    Cuda,
+}
+
+/// Runs a prefill: the CPU model, or the device forward pass on some ops.
+pub trait Prefill {
+    fn prefill(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor>;
+}
+
+impl Prefill for Model {
+    fn prefill(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
+        self.forward(tokens, obs)
+    }
+}
+
+impl<O: Ops> Prefill for forward::DeviceModel<'_, O> {
+    fn prefill(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
+        self.forward(tokens, obs)
+    }
+}
+
+/// Calls `f` with the prefill of `backend` over `model` (a device model is built, and its
+/// weights uploaded, once for all of `f`'s calls). `ordinal` picks the GPU.
+pub fn with_prefill<R>(
+    backend: Backend,
+    ordinal: usize,
+    model: &Model,
+    f: impl FnOnce(&dyn Prefill) -> Result<R>,
+) -> Result<R> {
+    match backend {
+        Backend::Cpu => f(model),
+        Backend::CpuOps => f(&forward::DeviceModel::new(&cpu::CpuOps, model)?),
+        Backend::Cuda => on_cuda(ordinal, model, f),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn on_cuda<R>(ordinal: usize, model: &Model, f: impl FnOnce(&dyn Prefill) -> Result<R>) -> Result<R> {
+    let ops = crate::cuda::ops::CudaOps::new(crate::cuda::gpu::Gpu::open(ordinal)?)?;
+    f(&forward::DeviceModel::new(&ops, model)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn on_cuda<R>(_: usize, _: &Model, _: impl FnOnce(&dyn Prefill) -> Result<R>) -> Result<R> {
+    Err(crate::error::Error::Device(
+        "this glimpse was built without the `cuda` feature: cargo build --release --features cuda".into(),
+    ))
+}
 
 /// A `[n, k]` weight as the checkpoint holds it, to upload with [`Ops::upload_weight`].
 #[derive(Clone, Copy)]
