@@ -156,6 +156,9 @@ enum Command {
         /// Text for the live run, encoded with the model's tokenizer.json.
         #[arg(long)]
         prompt: Option<String>,
+        /// Where the live run goes (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
+        #[arg(long, value_enum, default_value_t = Backend::Cpu, conflicts_with = "dump")]
+        device: Backend,
     },
     /// Describe a checkpoint: what its config means, parameters per block, dtypes, shards, MTP layer.
     Inspect {
@@ -433,7 +436,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", report.render());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Tui { model, golden, dump, tokens, prompt } => {
+        Command::Tui { model, golden, dump, tokens, prompt, device } => {
             let model = model.or_else(|| dump.is_none().then(default_case));
             let src = glimpse::tui_source::open(
                 model.as_deref(),
@@ -442,6 +445,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 tokens.as_deref(),
                 prompt.as_deref(),
                 max_memory,
+                device,
             )?;
             glimpse_tui::term::run(&src).map_err(|e| Error::Usage(format!("terminal: {e}")))?;
             Ok(ExitCode::SUCCESS)
