@@ -167,3 +167,24 @@ fn generate_dump_equals_a_prefill_dump_of_the_same_tokens() {
     assert!(!text.contains("only in"), "both dumps hold the same names: {text}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// A prompt prefilled in the expanded form fills the cache so that decoding on from it gives the
+/// prefill's logits at every later position (what `generate` does with a whole prompt).
+#[test]
+fn a_prefilled_cache_decodes_on_like_the_prefill() {
+    for case in CASES {
+        let (model, tokens) = load(case);
+        let full = model.forward(&tokens, &mut NoObserver).unwrap(); // [B, S, V]
+        let p = tokens.seq - 3;
+        let mut cache = KvCache::new(model.layers.len());
+        let (_, head) = model.prefill_into(&tokens.columns(0..p).unwrap(), &mut cache, &mut NoObserver).unwrap();
+        let mut got = vec![head];
+        for s in p..tokens.seq {
+            got.push(model.decode_step(&tokens.columns(s..s + 1).unwrap(), &mut cache, &mut NoObserver).unwrap());
+        }
+        let got = candle_core::Tensor::cat(&got, 1).unwrap();
+        let err = (got - &full).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        println!("{case}: prefill {p} + decode 3: logits max_abs {err:.3e}");
+        assert!(err < 1e-4, "{case}: {err}");
+    }
+}

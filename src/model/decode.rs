@@ -182,6 +182,28 @@ impl Model {
         Ok((normed, logits))
     }
 
+    /// The expanded prefill of `tokens` into an empty cache: the same logits and hooks as
+    /// `forward`, plus the final-norm hidden state, and the cache then holds every position (the
+    /// fast way in for a long prompt; `decode_hidden` with the whole prompt gives the same).
+    pub fn prefill_into(
+        &self,
+        tokens: &Tokens,
+        cache: &mut KvCache,
+        obs: &mut dyn Observer,
+    ) -> Result<(Tensor, Tensor)> {
+        if cache.len != 0 || cache.layers.len() != self.layers.len() {
+            return Err(Error::Usage("prefill_into needs an empty cache for every layer".into()));
+        }
+        let rope = self.rope_tables(tokens.seq);
+        let mut h = self.embed(tokens, obs)?; // [B, S, hidden]
+        let mut sel = None;
+        for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            h = layer.forward_filling(&h, &rope, &mut sel, Some(c), obs)?;
+        }
+        cache.len = tokens.seq;
+        Ok((self.norm.forward(&h)?, self.head(&h, obs)?))
+    }
+
     /// Runs `tokens` ([B, S]) through the cache `chunk` positions at a time: logits [B, S, vocab].
     pub fn decode_all(&self, tokens: &Tokens, chunk: usize, obs: &mut dyn Observer) -> Result<Tensor> {
         let mut cache = KvCache::new(self.layers.len());
@@ -222,10 +244,17 @@ impl Model {
         let (b, p) = (prompt.batch, prompt.seq);
         let mut cache = KvCache::new(self.layers.len());
         let (mut hidden, mut logits) = (Vec::new(), None);
-        for part in prompt.chunks(chunk) {
-            let (h, l) = self.decode_hidden(&part?, &mut cache, obs)?;
+        if chunk == 0 || chunk >= p {
+            // The whole prompt at once: the expanded prefill, filling the cache as it goes.
+            let (h, l) = self.prefill_into(prompt, &mut cache, obs)?;
             hidden.push(h);
             logits = Some(l);
+        } else {
+            for part in prompt.chunks(chunk) {
+                let (h, l) = self.decode_hidden(&part?, &mut cache, obs)?;
+                hidden.push(h);
+                logits = Some(l);
+            }
         }
         let mut next = last_argmax(&logits.ok_or_else(|| Error::Usage("empty prompt".into()))?)?;
         let mut drafter = mtp.map(|m| Drafter { mtp: m, cache: KvCache::new(1), draft: None, accepted: 0, drafted: 0 });

@@ -51,11 +51,23 @@ impl DecoderLayer {
         sel: &mut Option<Selection>,
         obs: &mut dyn Observer,
     ) -> Result<Tensor> {
+        self.forward_filling(h, rope, sel, None, obs)
+    }
+
+    /// `forward`, also filling an empty decode cache (`Attention::forward_filling`).
+    pub(crate) fn forward_filling(
+        &self,
+        h: &Tensor,
+        rope: &RopeTables,
+        sel: &mut Option<Selection>,
+        cache: Option<&mut super::decode::LayerCache>,
+        obs: &mut dyn Observer,
+    ) -> Result<Tensor> {
         let i = self.index;
         let hook = |p| HookPoint::Layer(i, p);
         let x = self.input_layernorm.forward(h)?; // [B, S, hidden]
         emit(obs, hook(LayerHook::InputNorm), || Ok(x.clone()))?;
-        let h = (h + self.self_attn.forward(i, &x, rope, sel, obs)?)?; // [B, S, hidden]
+        let h = (h + self.self_attn.forward_filling(i, &x, rope, sel, cache, obs)?)?; // [B, S, hidden]
         self.feed_forward(&h, obs)
     }
 

@@ -5,7 +5,8 @@
 
 use candle_core::{Device, Tensor, D};
 
-use super::indexer::{Indexer, Selection};
+use super::decode::LayerCache;
+use super::indexer::{append, Indexer, Selection};
 use super::nn::{softmax_last, Linear, RmsNorm};
 use super::rope::RopeTables;
 use crate::checkpoint::Loader;
@@ -73,9 +74,27 @@ impl Attention {
         sel: &mut Option<Selection>,
         obs: &mut dyn Observer,
     ) -> Result<Tensor> {
+        self.forward_filling(layer, x, rope, sel, None, obs)
+    }
+
+    /// `forward`, also filling an empty decode cache with the latents, rope keys and index keys
+    /// of these positions (a prompt prefilled in the expanded form, then decoded).
+    pub(crate) fn forward_filling(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        rope: &RopeTables,
+        sel: &mut Option<Selection>,
+        mut cache: Option<&mut LayerCache>,
+        obs: &mut dyn Observer,
+    ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (nh, nope, rd, vd) = (self.heads, self.nope, self.rope_dim, self.v_dim);
         let Projected { q_latent, q, kv_latent, k_rope } = self.project(layer, x, rope, obs)?;
+        if let Some(c) = cache.as_deref_mut() {
+            append(&mut c.kv_latent, kv_latent.clone())?;
+            append(&mut c.k_rope, k_rope.clone())?;
+        }
 
         // Expand the latent into per-head keys and values.
         let kv = self.kv_b_proj.forward(&kv_latent)?.reshape((b, s, nh, nope + vd))?.transpose(1, 2)?; // [B, nh, S, nope + v]
@@ -85,7 +104,9 @@ impl Attention {
         let k = Tensor::cat(&[&k_nope, &k_rope], D::Minus1)?; // [B, nh, S, qk]
 
         // DSA: this layer's selection (or the shared one), then attention over it only.
-        let selection = self.select(layer, x, &q_latent, rope, None, sel, obs)?;
+        // With an empty cache, the index keys it receives are exactly these positions' own.
+        let keys = cache.map(|c| &mut c.index_keys);
+        let selection = self.select(layer, x, &q_latent, rope, keys, sel, obs)?;
         let scores = (q.matmul(&k.t()?.contiguous()?)? * self.scale)?; // [B, nh, S, S]
         let probs = softmax_last(&scores.broadcast_add(&selection.mask(0)?)?)?; // [B, nh, S, S]
         let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, nh * vd))?; // [B, S, nh * v]
