@@ -133,7 +133,7 @@ pub fn run(
 
 /// A prefill benchmark of the device forward pass (`crate::device`) on `ops`.
 pub struct DeviceBench {
-    /// Building the device model: widening and uploading every weight.
+    /// Building the device model: copying every weight to the device (`cpu-ops`: widened on the host).
     pub upload_s: f64,
     /// The first prefill (kernel and cuBLAS warm-up).
     pub first_s: f64,
@@ -200,7 +200,7 @@ impl DeviceBench {
     pub fn render(&self) -> String {
         let m = median(&self.runs);
         format!(
-            "upload (widen + copy every weight): {:.2} s; first prefill: {:.3} s\n\
+            "upload (copy every weight; cpu-ops widens bf16 on the host): {:.2} s; first prefill: {:.3} s\n\
              prefill {} tokens: median {:.4} s ({:.1} tok/s) over {} runs\n\
              matrix products: {:.1} GFLOP per prefill = {:.2} TFLOP/s\n",
             self.upload_s,

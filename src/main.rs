@@ -360,6 +360,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return verify_decode(&ckpt, &tokens, chunk as usize, tol, max_memory);
             }
             if device != Backend::Cpu {
+                memory::check_run(&ckpt, tokens.batch, tokens.seq, false, max_memory)?;
                 let model = Model::load(&ckpt)?;
                 let n = model.layers.len();
                 let report = glimpse::device::with_prefill(device, 0, &model, |p| {
@@ -427,7 +428,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { model, tokens, repeat, device } if device != Backend::Cpu => {
-            let model = Model::load(&Checkpoint::open(&model)?)?;
+            let ckpt = Checkpoint::open(&model)?;
+            memory::check_run(&ckpt, 1, tokens, false, max_memory)?;
+            let model = Model::load(&ckpt)?;
             print!("{}", glimpse::bench::run_on(device, &model, tokens, repeat)?);
             Ok(ExitCode::SUCCESS)
         }

@@ -24,17 +24,31 @@ fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
 }
 
 /// `n` threads in blocks of `block`, with `shared` bytes of dynamic shared memory.
-fn cfg(n: usize, block: u32, shared: u32) -> Result<LaunchConfig> {
+/// None when there is nothing to do (the launch is skipped).
+fn cfg(n: usize, block: u32, shared: u32) -> Result<Option<LaunchConfig>> {
     per_item(n.div_ceil(block as usize), block, shared)
 }
 
-/// One block of `block` threads per item.
-fn per_item(items: usize, block: u32, shared: u32) -> Result<LaunchConfig> {
-    let blocks = u32::try_from(items.max(1))
+/// One block of `block` threads per item; None for no items.
+fn per_item(items: usize, block: u32, shared: u32) -> Result<Option<LaunchConfig>> {
+    if items == 0 {
+        return Ok(None);
+    }
+    let blocks = u32::try_from(items)
         .ok()
         .filter(|&b| b < 1 << 31)
         .ok_or_else(|| Error::Device(format!("a launch of {items} blocks is beyond the grid limit")))?;
-    Ok(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: shared })
+    Ok(Some(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: shared }))
+}
+
+/// Sizes as the kernels' `int` arguments, refusing any that would wrap.
+fn ints<const N: usize>(kernel: &str, v: [usize; N]) -> Result<[i32; N]> {
+    let mut out = [0i32; N];
+    for (o, x) in out.iter_mut().zip(v) {
+        *o = i32::try_from(x)
+            .map_err(|_| Error::Device(format!("{kernel}: a size of {x} does not fit the kernel's int")))?;
+    }
+    Ok(out)
 }
 
 /// Refuses a launch whose buffers hold fewer values than its dimensions say: the kernels index
@@ -51,7 +65,7 @@ fn fits(kernel: &str, bufs: &[(usize, usize)]) -> Result<()> {
 /// Launches kernel `$name` with `$cfg` and the arguments in order (each one a reference).
 macro_rules! launch {
     ($gpu:expr, $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
-        let cfg = $cfg?;
+        let Some(cfg) = $cfg? else { return Ok(()) };
         let f = $gpu.f($name)?;
         let mut b = $gpu.stream.launch_builder(f);
         $( b.arg($arg); )*
@@ -111,7 +125,7 @@ impl Gpu {
         eps: f32,
     ) -> Result<()> {
         fits("rms_norm", &[(x.len(), rows * cols), (w.len(), cols), (y.len(), rows * cols)])?;
-        let c = cols as i32;
+        let [c] = ints("rms_norm", [cols])?;
         launch!(self, "rms_norm", per_item(rows, 256, 0), [x, w, y, &c, &eps])
     }
 
@@ -128,14 +142,14 @@ impl Gpu {
         eps: f32,
     ) -> Result<()> {
         fits("layer_norm", &[(x.len(), rows * cols), (w.len(), cols), (bias.len(), cols), (y.len(), rows * cols)])?;
-        let c = cols as i32;
+        let [c] = ints("layer_norm", [cols])?;
         launch!(self, "layer_norm", per_item(rows, 256, 0), [x, w, bias, y, &c, &eps])
     }
 
     /// x: [rows, cols] -> out: [rows].
     pub fn row_l2_norm(&self, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>, rows: usize, cols: usize) -> Result<()> {
         fits("row_l2_norm", &[(x.len(), rows * cols), (out.len(), rows)])?;
-        let c = cols as i32;
+        let [c] = ints("row_l2_norm", [cols])?;
         launch!(self, "row_l2_norm", per_item(rows, 128, 0), [x, out, &c])
     }
 
@@ -157,7 +171,7 @@ impl Gpu {
             return Err(Error::Device(format!("rope: 2 x {half} values from {start} do not fit a head of {width}")));
         }
         fits("rope", &[(x.len(), rows * heads * width), (cos.len(), seq * half), (sin.len(), seq * half)])?;
-        let [r, s, h, w, st, hf] = [rows, seq, heads, width, start, half].map(|d| d as i32);
+        let [r, s, h, w, st, hf] = ints("rope", [rows, seq, heads, width, start, half])?;
         launch!(self, "rope_interleaved", cfg(rows * heads, 128, 0), [x, cos, sin, &r, &s, &h, &w, &st, &hf])
     }
 
@@ -205,7 +219,7 @@ impl Gpu {
             &[(logits.len(), n * e), (bias.len(), e), (ids.len(), kn), (weights.len(), kn), (margin.len(), n)],
         )?;
         let [n32, e32, k, groups, kept, norm] =
-            [n, e, rc.top_k, rc.n_group, rc.topk_group, usize::from(rc.norm_topk_prob)].map(|d| d as i32);
+            ints("route", [n, e, rc.top_k, rc.n_group, rc.topk_group, usize::from(rc.norm_topk_prob)])?;
         let scaling = rc.routed_scaling_factor;
         launch!(
             self,
@@ -218,7 +232,7 @@ impl Gpu {
     /// ids: [n] expert ids -> counts: [e] (added to).
     pub fn expert_counts(&self, ids: &CudaSlice<i32>, n: usize, e: usize, counts: &mut CudaSlice<i32>) -> Result<()> {
         fits("expert_counts", &[(ids.len(), n), (counts.len(), e)])?;
-        let (n64, e32) = (n as i64, e as i32);
+        let (n64, [e32]) = (n as i64, ints("expert_counts", [e])?);
         launch!(self, "expert_counts", cfg(n, 256, 0), [ids, &n64, &e32, counts])
     }
 
@@ -243,7 +257,7 @@ impl Gpu {
             ],
         )?;
         let [batch, s, t, ..] = dims;
-        let [b32, s32, t32, n32, d32, o32] = dims.map(|x| x as i32);
+        let [b32, s32, t32, n32, d32, o32] = ints("index_scores", dims)?;
         launch!(
             self,
             "index_scores",
@@ -265,13 +279,13 @@ impl Gpu {
         idx: &mut CudaSlice<i32>,
         margin: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        if s == 0 || offset + s > t || !rows.is_multiple_of(s) {
+        if s == 0 || offset + s != t || !rows.is_multiple_of(s) || k > t {
             return Err(Error::Device(format!(
                 "topk_causal: {rows} rows of {s} queries after {offset} do not fit {t} keys"
             )));
         }
         fits("topk_causal", &[(scores.len(), rows * t), (idx.len(), rows * k), (margin.len(), rows)])?;
-        let [s32, t32, o32, k32] = [s, t, offset, k].map(|x| x as i32);
+        let [s32, t32, o32, k32] = ints("topk_causal", [s, t, offset, k])?;
         launch!(self, "topk_causal", per_item(rows, 128, 0), [scores, &s32, &t32, &o32, &k32, idx, margin])
     }
 
@@ -299,7 +313,13 @@ impl Gpu {
                 (out.len(), batch * s * nh * vd),
             ],
         )?;
-        let [_, s32, t32, nh32, nope, rd, vd, k32, o32] = dims.map(|x| x as i32);
+        // The selection's scores sit in shared memory: 4 bytes a key, 48 KB by default.
+        if k > 12_288 {
+            return Err(Error::Device(format!(
+                "sparse_attention: {k} selected keys exceed the 48 KB of shared memory"
+            )));
+        }
+        let [_, s32, t32, nh32, nope, rd, vd, k32, o32] = ints("sparse_attention", dims)?;
         let cfg = per_item(batch * s * nh, 64, (4 * k) as u32);
         launch!(
             self,
@@ -319,7 +339,7 @@ impl Gpu {
         cols: usize,
     ) -> Result<()> {
         fits("gather_rows", &[(rows.len(), n), (out.len(), n * cols)])?;
-        let [n32, c32] = [n as i32, cols as i32];
+        let [n32, c32] = ints("gather_rows", [n, cols])?;
         launch!(self, "gather_rows", cfg(n * cols, 256, 0), [x, rows, out, &n32, &c32])
     }
 
@@ -350,7 +370,7 @@ impl Gpu {
                 (out.len(), n * cols),
             ],
         )?;
-        let [n32, k32, c32] = [n, k, cols].map(|x| x as i32);
+        let [n32, k32, c32] = ints("combine", [n, k, cols])?;
         launch!(self, "combine", cfg(n * cols, 256, 0), [y, ids, slot, w, shared, out, &n32, &k32, &c32])
     }
 
@@ -366,14 +386,15 @@ impl Gpu {
     ) -> Result<()> {
         let scales = rows.div_ceil(block[0].max(1)) * cols.div_ceil(block[1].max(1));
         fits("fp8_dequant", &[(q.len(), rows * cols), (scale_inv.len(), scales), (out.len(), rows * cols)])?;
-        let [r32, c32, br, bc] = [rows, cols, block[0], block[1]].map(|x| x as i32);
+        let [r32, c32, br, bc] = ints("fp8_dequant", [rows, cols, block[0], block[1]])?;
         launch!(self, "fp8_dequant", cfg(rows * cols, 256, 0), [q, scale_inv, out, &r32, &c32, &br, &bc])
     }
 
-    pub fn bf16_widen(&self, x: &CudaSlice<u16>, out: &mut CudaSlice<f32>, n: usize) -> Result<()> {
-        fits("bf16_widen", &[(x.len(), n), (out.len(), n)])?;
-        let n64 = n as i64;
-        launch!(self, "bf16_widen", cfg(n, 256, 0), [x, out, &n64])
+    /// Values `start .. start + n` of `x` widened into the first n of `out`.
+    pub fn bf16_widen(&self, x: &CudaSlice<u16>, start: usize, out: &mut CudaSlice<f32>, n: usize) -> Result<()> {
+        fits("bf16_widen", &[(x.len(), start + n), (out.len(), n)])?;
+        let (part, n64) = (x.slice(start..start + n), n as i64);
+        launch!(self, "bf16_widen", cfg(n, 256, 0), [&part, out, &n64])
     }
 
     /// (free, total) bytes of device memory.

@@ -1,8 +1,10 @@
 //! The device forward pass's operations ([`Ops`]) on one GPU: our kernels for everything but
 //! the matrix products, which go through cuBLAS SGEMM (f32 in, f32 accumulate; cuBLAS's default
 //! math mode, so no TF32). bf16 weights stay bf16 in device memory (half the footprint); each
-//! product first widens its weight, exactly, into a scratch buffer (`bf16_widen`), which costs a
-//! pass over the weight's bytes, small beside the GEMM.
+//! product widens its weight, exactly, into a 64 MB scratch buffer a block of rows at a time
+//! (`bf16_widen`) before the SGEMM. That adds 6 bytes of traffic per weight to the SGEMM's 4:
+//! small beside a prefill's large GEMMs, but the expert GEMMs (few rows each) are memory-bound,
+//! so a tensor-core bf16 GEMM is the step that remains.
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
@@ -14,10 +16,13 @@ use crate::device::{HostWeight, Ops};
 use crate::error::{Error, Result};
 use crate::model::moe::RouterConfig;
 
+/// The widening scratch's size in f32 values (64 MB).
+const SCRATCH_VALUES: usize = 16 << 20;
+
 pub struct CudaOps {
     pub gpu: Gpu,
     blas: CudaBlas,
-    /// Where a bf16 weight is widened for its product; grows to the largest weight.
+    /// Where a bf16 weight is widened for its product, a block of rows at a time.
     scratch: std::cell::RefCell<Option<CudaSlice<f32>>>,
 }
 
@@ -34,9 +39,10 @@ impl CudaOps {
         Ok(CudaOps { gpu, blas, scratch: std::cell::RefCell::new(None) })
     }
 
-    /// Row-major `y = x w^T` is column-major `y^T = w x^T`: cuBLAS with A = w (transposed),
-    /// B = x, both with leading dimension k, and C with leading dimension n. `w` may be longer
-    /// than n x k (the scratch buffer); only its first n x k values are read.
+    /// Row-major `y[:, n0 .. n0 + nt] = alpha * x w^T` for a block of `nt` weight rows, out of
+    /// `n` outputs per row: column-major this is rows n0.. of `y^T = w x^T`, so cuBLAS gets A = w
+    /// (transposed, leading dimension k), B = x (leading dimension k) and C = y from offset n0
+    /// with leading dimension n. `w` may be longer than nt x k (the scratch buffer).
     #[allow(clippy::too_many_arguments)]
     fn sgemm(
         &self,
@@ -45,27 +51,35 @@ impl CudaOps {
         w: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
         y_row0: usize,
-        [m, n, k]: [usize; 3],
+        (n0, nt, n): (usize, usize, usize),
+        [m, k]: [usize; 2],
         alpha: f32,
     ) -> Result<()> {
-        if x.len() < (x_row0 + m) * k || w.len() < n * k || y.len() < (y_row0 + m) * n {
+        if m == 0 || nt == 0 {
+            return Ok(());
+        }
+        let c_len = (m - 1) * n + nt; // the last output row ends at column n0 + nt
+        if x.len() < (x_row0 + m) * k || w.len() < nt * k || y.len() < y_row0 * n + n0 + c_len {
             return Err(Error::Device(format!("SGEMM: buffers too small for rows {x_row0}+{m} x {k} -> {n}")));
         }
+        let int =
+            |v: usize| i32::try_from(v).map_err(|_| Error::Device(format!("SGEMM: size {v} exceeds cuBLAS's int")));
         let cfg = GemmConfig {
             transa: cublasOperation_t::CUBLAS_OP_T,
             transb: cublasOperation_t::CUBLAS_OP_N,
-            m: n as i32,
-            n: m as i32,
-            k: k as i32,
+            m: int(nt)?,
+            n: int(m)?,
+            k: int(k)?,
             alpha,
-            lda: k as i32,
-            ldb: k as i32,
+            lda: int(k)?,
+            ldb: int(k)?,
             beta: 0.0,
-            ldc: n as i32,
+            ldc: int(n)?,
         };
-        let (wv, xv) = (w.slice(..n * k), x.slice(x_row0 * k..(x_row0 + m) * k));
-        let mut yv = y.slice_mut(y_row0 * n..(y_row0 + m) * n);
-        // SAFETY: the views hold exactly the n x k, m x k and m x n values the config reads/writes.
+        let (wv, xv) = (w.slice(..nt * k), x.slice(x_row0 * k..(x_row0 + m) * k));
+        let start = y_row0 * n + n0;
+        let mut yv = y.slice_mut(start..start + c_len);
+        // SAFETY: the views hold the nt x k, m x k and (strided) m x nt values the config reads/writes.
         unsafe { self.blas.gemm(cfg, &wv, &xv, &mut yv) }.map_err(|e| Error::Device(format!("cuBLAS SGEMM: {e:?}")))
     }
 
@@ -116,15 +130,22 @@ impl Ops for CudaOps {
             return Ok(());
         }
         match w {
-            DeviceWeight::F32(w) => self.sgemm(x, x_row0, w, y, y_row0, [m, n, k], alpha),
+            DeviceWeight::F32(w) => self.sgemm(x, x_row0, w, y, y_row0, (0, n, n), [m, k], alpha),
             DeviceWeight::Bf16(bits) => {
+                // Widened a block of rows at a time, so the scratch stays small whatever the
+                // weight (GLM-5's lm_head alone would be 3.8 GB in f32).
+                let rows = (SCRATCH_VALUES / k.max(1)).clamp(1, n);
                 let mut scratch = self.scratch.borrow_mut();
-                if scratch.as_ref().is_none_or(|s| s.len() < n * k) {
-                    *scratch = Some(self.alloc(n * k)?);
+                if scratch.as_ref().is_none_or(|s| s.len() < rows * k) {
+                    *scratch = Some(self.alloc(rows * k)?);
                 }
                 let wide = scratch.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
-                self.gpu.bf16_widen(bits, wide, n * k)?;
-                self.sgemm(x, x_row0, wide, y, y_row0, [m, n, k], alpha)
+                for n0 in (0..n).step_by(rows) {
+                    let nt = rows.min(n - n0);
+                    self.gpu.bf16_widen(bits, n0 * k, wide, nt * k)?;
+                    self.sgemm(x, x_row0, wide, y, y_row0, (n0, nt, n), [m, k], alpha)?;
+                }
+                Ok(())
             }
         }
     }

@@ -169,7 +169,7 @@ impl Ops for CpuOps {
         k: usize,
     ) -> Result<(Vec<i32>, Vec<f32>)> {
         if s == 0 || offset + s != t || !rows.is_multiple_of(s) || k > t {
-            return Err(Error::Usage(format!("topk_causal: {rows} rows of {s} queries after {offset} over {t} keys")));
+            return Err(Error::Device(format!("topk_causal: {rows} rows of {s} queries after {offset} over {t} keys")));
         }
         let sel = top_k_causal(&scores[..rows * t], rows / s.max(1), s, offset, k);
         Ok((sel.idx.iter().map(|&i| i as i32).collect(), sel.margin))

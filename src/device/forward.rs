@@ -1,8 +1,9 @@
 //! The prefill on a device: weights uploaded from a loaded [`Model`] as the checkpoint stores them
 //! (bf16 stays bf16; f32 and dequantised FP8 go as f32), the embedding gathered on the host, then
 //! every layer through [`Ops`] in the order the CPU model computes it (`model::mla`,
-//! `model::indexer`, `model::moe`). Hook points are downloaded only when the observer wants them,
-//! so a run that records nothing copies back only the logits.
+//! `model::indexer`, `model::moe`). Hook points are downloaded only when the observer wants them
+//! (a run that records nothing copies back the logits, and per MoE layer the router's choices,
+//! which the host groups by expert).
 //!
 //! Not here yet: replayed decisions (`verify --force-*`), the MTP head, decode, `attention_bias`,
 //! and FP8 kept as FP8 on the device.
@@ -35,7 +36,7 @@ struct DMlp<O: Ops> {
 struct DIndexer<O: Ops> {
     wq_b: DLinear<O>,
     wk: DLinear<O>,
-    k_norm: (O::F, O::F),
+    k_norm: (O::F, O::F, f32),
     weights_proj: DLinear<O>,
     heads: usize,
     dim: usize,
@@ -44,12 +45,12 @@ struct DIndexer<O: Ops> {
 
 struct DAttention<O: Ops> {
     q_a_proj: DLinear<O>,
-    q_a_layernorm: O::F,
+    q_a_layernorm: (O::F, f32),
     q_b_proj: DLinear<O>,
     /// `kv_a_proj_with_mqa` split by rows: the latent part and the rope-key part.
     kv_a_latent: DLinear<O>,
     kv_a_rope: DLinear<O>,
-    kv_a_layernorm: O::F,
+    kv_a_layernorm: (O::F, f32),
     kv_b_proj: DLinear<O>,
     o_proj: DLinear<O>,
     indexer: Option<DIndexer<O>>,
@@ -61,9 +62,9 @@ enum DFfn<O: Ops> {
 }
 
 struct DLayer<O: Ops> {
-    input_layernorm: O::F,
+    input_layernorm: (O::F, f32),
     attn: DAttention<O>,
-    post_attention_layernorm: O::F,
+    post_attention_layernorm: (O::F, f32),
     ffn: DFfn<O>,
 }
 
@@ -71,7 +72,7 @@ pub struct DeviceModel<'m, O: Ops> {
     pub ops: &'m O,
     model: &'m Model,
     layers: Vec<DLayer<O>>,
-    norm: O::F,
+    norm: (O::F, f32),
     lm_head: DLinear<O>,
     /// Matrix-product FLOPs (2 m n k each) since the model was built.
     flops: std::cell::Cell<u64>,
@@ -102,7 +103,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             Ok(DLinear { w, out: count, inp })
         };
         let linear = |l: &Linear| rows(l, 0, l.out_dim());
-        let norm = |n: &RmsNorm| ops.upload(&values(&n.weight)?);
+        let norm = |n: &RmsNorm| -> Result<(O::F, f32)> { Ok((ops.upload(&values(&n.weight)?)?, n.eps as f32)) };
         let mlp = |m: &Mlp| -> Result<DMlp<O>> {
             Ok(DMlp { gate: linear(&m.gate_proj)?, up: linear(&m.up_proj)?, down: linear(&m.down_proj)? })
         };
@@ -114,7 +115,11 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
                 Indexer::Full(w) => Some(DIndexer {
                     wq_b: linear(&w.wq_b)?,
                     wk: linear(&w.wk)?,
-                    k_norm: (ops.upload(&values(&w.k_norm.weight)?)?, ops.upload(&values(&w.k_norm.bias)?)?),
+                    k_norm: (
+                        ops.upload(&values(&w.k_norm.weight)?)?,
+                        ops.upload(&values(&w.k_norm.bias)?)?,
+                        w.k_norm.eps as f32,
+                    ),
                     weights_proj: linear(&w.weights_proj)?,
                     heads: w.n_heads,
                     dim: w.head_dim,
@@ -161,6 +166,11 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         Ok(DeviceModel { ops, model, layers, norm, lm_head, flops: std::cell::Cell::new(0) })
     }
 
+    /// RMSNorm with the loaded weight and eps.
+    fn norm(&self, x: &O::F, (w, eps): &(O::F, f32), rows: usize, cols: usize) -> Result<O::F> {
+        self.ops.rms_norm(x, w, rows, cols, *eps)
+    }
+
     fn mm(&self, x: &O::F, l: &DLinear<O>, rows: usize, alpha: f32) -> Result<O::F> {
         self.count([rows, l.out, l.inp]);
         self.ops.matmul_nt(x, &l.w, [rows, l.out, l.inp], alpha)
@@ -202,14 +212,13 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let tables = self.model.rope_tables(s);
         let (cos, sin) = (self.ops.upload(&tables.cos)?, self.ops.upload(&tables.sin)?);
         let mut selection: Option<(O::I, usize)> = None;
-        let eps = cfg.rms_norm_eps as f32;
         for (i, layer) in self.layers.iter().enumerate() {
             let hook = |p| HookPoint::Layer(i, p);
-            let x = self.ops.rms_norm(&h, &layer.input_layernorm, t, hd, eps)?; // [T, H]
+            let x = self.norm(&h, &layer.input_layernorm, t, hd)?; // [T, H]
             self.report(obs, hook(LayerHook::InputNorm), &x, &[b, s, hd])?;
             let attn = self.attention(i, &layer.attn, &x, (&cos, &sin, tables.half), (b, s), &mut selection, obs)?;
             h = self.ops.add(&h, &attn, t * hd)?;
-            let x = self.ops.rms_norm(&h, &layer.post_attention_layernorm, t, hd, eps)?;
+            let x = self.norm(&h, &layer.post_attention_layernorm, t, hd)?;
             self.report(obs, hook(LayerHook::PostAttnNorm), &x, &[b, s, hd])?;
             let mlp = match &layer.ffn {
                 DFfn::Dense(m) => self.mlp(m, &x, t)?,
@@ -221,7 +230,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             h = self.ops.add(&h, &mlp, t * hd)?;
             self.report(obs, hook(LayerHook::Output), &h, &[b, s, hd])?;
         }
-        let x = self.ops.rms_norm(&h, &self.norm, t, hd, eps)?;
+        let x = self.norm(&h, &self.norm, t, hd)?;
         self.report(obs, HookPoint::FinalNorm, &x, &[b, s, hd])?;
         let logits = self.mm(&x, &self.lm_head, t, 1.0)?;
         let logits = Tensor::from_vec(self.ops.download(&logits)?, (b, s, cfg.vocab_size), &Device::Cpu)?;
@@ -249,7 +258,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let (nh, nope, rd, vd, r) =
             (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
         let qr = cfg.q_lora_rank;
-        let q_latent = self.ops.rms_norm(&self.mm(x, &a.q_a_proj, t, 1.0)?, &a.q_a_layernorm, t, qr, 1e-6)?;
+        let q_latent = self.norm(&self.mm(x, &a.q_a_proj, t, 1.0)?, &a.q_a_layernorm, t, qr)?;
         self.report(obs, hook(LayerHook::QLatent), &q_latent, &[b, s, qr])?;
         let mut q = self.mm(&q_latent, &a.q_b_proj, t, 1.0)?; // [T, nh, nope + rd]
         self.ops.rope(&mut q, cos, sin, [t, s, nh, nope + rd, nope, half])?;
@@ -257,7 +266,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         if obs.wants(hook(LayerHook::KvNormPre)) {
             self.report(obs, hook(LayerHook::KvNormPre), &self.ops.row_l2_norm(&c_kv, t, r)?, &[b, s])?;
         }
-        let kv_latent = self.ops.rms_norm(&c_kv, &a.kv_a_layernorm, t, r, 1e-6)?;
+        let kv_latent = self.norm(&c_kv, &a.kv_a_layernorm, t, r)?;
         self.report(obs, hook(LayerHook::KvLatent), &kv_latent, &[b, s, r])?;
         if obs.wants(hook(LayerHook::KvNorm)) {
             self.report(obs, hook(LayerHook::KvNorm), &self.ops.row_l2_norm(&kv_latent, t, r)?, &[b, s])?;
@@ -274,7 +283,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             let mut qi = self.mm(&q_latent, &ix.wq_b, t, 1.0)?; // [T, n, d]
             self.ops.rope(&mut qi, cos, sin, [t, s, n, d, 0, half])?;
             let ki = self.mm(x, &ix.wk, t, 1.0)?;
-            let mut ki = self.ops.layer_norm(&ki, &ix.k_norm.0, &ix.k_norm.1, t, d, 1e-6)?; // [T, d]
+            let mut ki = self.ops.layer_norm(&ki, &ix.k_norm.0, &ix.k_norm.1, t, d, ix.k_norm.2)?; // [T, d]
             self.ops.rope(&mut ki, cos, sin, [t, s, 1, d, 0, half])?;
             let w = self.mm(x, &ix.weights_proj, t, (n as f32).powf(-0.5))?; // [T, n]
             let scores = self.ops.index_scores(&qi, &ki, &w, [b, s, s, n, d, 0], (d as f32).powf(-0.5))?;
