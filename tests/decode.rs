@@ -42,9 +42,10 @@ fn decode_equals_prefill_on_every_golden_case() {
             for name in ["layers.0.dsa.topk", "layers.0.attn.kv_latent", "logits"] {
                 assert!(r.results.iter().any(|c| c.name == name), "{case}: {name} not compared");
             }
-            if let Some(layer) = (0..model.layers.len()).find(|&i| matches!(model.layers[i].mlp, Ffn::Moe(_))) {
-                assert!(r.results.iter().any(|c| c.name == format!("layers.{layer}.moe.topk_ids")));
-            }
+            let layer = (0..model.layers.len())
+                .find(|&i| matches!(model.layers[i].mlp, Ffn::Moe(_)))
+                .expect("every golden case has a MoE layer");
+            assert!(r.results.iter().any(|c| c.name == format!("layers.{layer}.moe.topk_ids")));
         }
     }
 }
@@ -79,11 +80,18 @@ mod common;
 fn verify_decode_reports_every_position() {
     let (code, text) = common::code_and_text(&["verify", "--decode"]);
     assert_eq!(code, 0, "{text}");
-    assert!(text.contains("position 31") && text.contains("decode matches prefill at every position"), "{text}");
-    assert!(
-        text.contains("layers.4.moe.topk_ids") && text.contains("cache: 1120 bytes per token over 5 layers"),
-        "{text}"
-    );
+    // The bundled default case: its last position, and its cache size from its config.json (every
+    // layer caches kv_lora_rank + qk_rope_head_dim values and, all of its indexers being full,
+    // an index_head_dim key; 4 bytes each).
+    let (_, tokens) = load("flat");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat/config.json");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir).unwrap()).unwrap();
+    let n = |k: &str| cfg[k].as_u64().unwrap();
+    let per_token = 4 * n("num_hidden_layers") * (n("kv_lora_rank") + n("qk_rope_head_dim") + n("index_head_dim"));
+    let last = format!("position {}", tokens.seq - 1);
+    assert!(text.contains(&last) && text.contains("decode matches prefill at every position"), "{text}");
+    let cache = format!("cache: {per_token} bytes per token over {} layers", n("num_hidden_layers"));
+    assert!(text.contains("layers.4.moe.topk_ids") && text.contains(&cache), "{text}");
 }
 
 /// What `generate` streams is the prefill's greedy choice at every position: re-running the

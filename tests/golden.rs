@@ -29,6 +29,8 @@ fn check(case: &Path, isolate: bool) {
     let model = Model::load(&ckpt).unwrap_or_else(|e| panic!("{}: {e}", case.display()));
     let golden = Dump::open(&case.join("reference.safetensors")).unwrap();
     let mut report = verify(&model, &golden, Tolerance::default(), isolate).unwrap();
+    // Only the `mtp` case carries the MTP head's tensors, and it must.
+    assert_eq!(has_mtp(&golden), case.ends_with("mtp"), "{}", case.display());
     if has_mtp(&golden) {
         verify_mtp(&model, &Mtp::load(&ckpt).unwrap(), &golden, Tolerance::default(), &mut report).unwrap();
     }

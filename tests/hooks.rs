@@ -279,6 +279,7 @@ fn diff_classifies_flips_by_margin() {
     assert!(!loose.is_empty());
     assert!(loose.iter().all(|(c, _, _)| c == "near-tie"), "{loose:?}");
     let strict = classes("0");
+    assert_eq!(strict.len(), loose.len(), "the threshold reclassifies flips, it does not drop them");
     assert!(strict.iter().all(|(c, _, _)| c == "real"), "{strict:?}");
     // DSA flips carry both margins: the port's recorded one and the reference's from its scores.
     assert!(strict.iter().any(|(_, a, b)| a.is_number() && b.is_number()));

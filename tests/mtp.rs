@@ -87,6 +87,7 @@ fn generate_mtp_reports_acceptance_and_refuses_a_checkpoint_without_mtp() {
     let args = ["generate", "--model", dir.to_str().unwrap(), "--tokens", "5,17,30,2", "--max-new-tokens", "5"];
     let (code, text) = common::code_and_text(&[&args[..], &["--mtp"]].concat());
     assert_eq!(code, 0, "{text}");
+    // 5 new tokens: every one after the first was drafted.
     assert!(text.contains("drafts equal the main model's greedy token") && text.contains("of 4 drafts"), "{text}");
     assert!(
         text.contains("over 4 layers") && text.contains("9 positions"),

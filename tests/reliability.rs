@@ -278,32 +278,30 @@ fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
     assert!(glimpse(&args).status.success());
     let previous = std::fs::read(&dump).unwrap();
 
-    for delay_ms in [50u64, 300, 800] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse")).args(args).stdout(Stdio::null()).spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        let _ = child.kill(); // SIGKILL on Unix
-        let _ = child.wait();
-        assert_eq!(std::fs::read(&dump).unwrap(), previous, "killed after {delay_ms} ms: the previous dump changed");
+    // Killed while writing a run of other tokens (so a run that finished would change the file):
+    // once as soon as its partial file exists, once after it checkpointed a layer.
+    let other: Vec<String> = (0..256).map(|i| (i * 11 % 1024).to_string()).collect();
+    let other = other.join(",");
+    let kargs = ["run", "--model", &s(&model), "--stream", "--tokens", &other, "--dump", &s(&dump)];
+    let (partial, state_of_dump) = (t.join("run.safetensors.partial"), t.join("run.safetensors.resume.json"));
+    for wait_for in [&partial, &state_of_dump] {
+        kill_when_present(&kargs, wait_for);
+        assert_eq!(
+            std::fs::read(&dump).unwrap(),
+            previous,
+            "killed once {wait_for:?} existed: the previous dump changed"
+        );
         glimpse::dump::Dump::open(&dump).unwrap();
+        for leftover in [&partial, &state_of_dump, &t.join("run.safetensors.resume.hidden")] {
+            let _ = std::fs::remove_file(leftover);
+        }
     }
 
     // Killed mid-run, then resumed: the finished dump equals an uninterrupted run's, bit for bit.
     let resumed = t.join("resumed.safetensors");
     let state = t.join("resumed.safetensors.resume.json");
     let rargs = ["run", "--model", &s(&model), "--stream", "--tokens", &tokens, "--dump", &s(&resumed)];
-    let mut killed_mid_run = false;
-    for delay_ms in (50..3000).step_by(50) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse")).args(rargs).stdout(Stdio::null()).spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        let _ = child.kill();
-        let _ = child.wait();
-        if state.is_file() {
-            killed_mid_run = true;
-            break;
-        }
-        let _ = std::fs::remove_file(&resumed);
-    }
-    assert!(killed_mid_run, "no kill landed between two layers");
+    kill_when_present(&rargs, &state);
     let other = ["run", "--model", &s(&model), "--stream", "--tokens", "1,2,3", "--dump", &s(&resumed), "--resume"];
     let o = glimpse(&other);
     assert_eq!(o.status.code(), Some(2));
@@ -316,4 +314,19 @@ fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
     let o = glimpse(&["diff", "--atol", "0", "--rtol", "0", &s(&resumed), &s(&dump)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
     assert!(!state.exists(), "the resume state is removed once the dump is finished");
+}
+
+/// Starts glimpse with `args`, waits until `path` exists, checks the run is still going, and
+/// kills it (SIGKILL on Unix).
+fn kill_when_present(args: &[&str], path: &Path) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse")).args(args).stdout(Stdio::null()).spawn().unwrap();
+    let start = std::time::Instant::now();
+    while !path.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before {path:?} appeared");
+        assert!(start.elapsed() < Duration::from_secs(120), "{path:?} never appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
+    let _ = child.kill();
+    let _ = child.wait();
 }
