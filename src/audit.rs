@@ -343,7 +343,9 @@ fn bias_changed_from_logits(model: Option<&Model>, d: &Dump, layer: usize) -> Re
     Ok(Some(
         logits
             .chunks(e)
-            .map(|row| bias_changed(&moe.router, row, &route(&moe.router, row, &moe.e_score_correction_bias)) as i64)
+            .map(|row| {
+                bias_changed(&moe.router, row, &route(&moe.router, row, &moe.e_score_correction_bias).ids) as i64
+            })
             .collect(),
     ))
 }

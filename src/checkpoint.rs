@@ -96,10 +96,6 @@ impl Checkpoint {
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
         self.file(name).ok().and_then(|f| f.info(name)).map(|i| i.shape.clone())
     }
-    pub fn file_of(&self, name: &str) -> Option<&Path> {
-        self.file(name).ok().map(|f| f.path.as_path())
-    }
-
     /// The FP8 scale tensor that belongs to `name`, if any (`X.weight` -> `X.weight_scale_inv`).
     pub fn scale_name(&self, name: &str) -> Option<String> {
         let s = format!("{name}_scale_inv");

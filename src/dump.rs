@@ -91,6 +91,15 @@ impl Dump {
     }
 
     /// The tokens the dump was produced from (`input_ids`, [B, S]).
+    /// A recorded DSA selection (`layers.{i}.dsa.topk`), to replay or start a window from.
+    pub fn selection(&self, name: &str) -> Result<crate::model::indexer::Selection> {
+        let (Values::I64(idx), shape) = self.values(name)? else {
+            return Err(Error::dump(&self.path, format!("`{name}` must be an integer tensor")));
+        };
+        crate::model::indexer::Selection::from_i64(&idx, &shape)
+            .ok_or_else(|| Error::dump(&self.path, format!("`{name}` must be [B, S, K], got {shape:?}")))
+    }
+
     pub fn tokens(&self) -> Result<Tokens> {
         let (v, shape) = match self.values("input_ids")? {
             (Values::I64(v), s) => (v, s),
@@ -215,9 +224,8 @@ fn read_hidden(path: &Path) -> Result<crate::model::stream::Start> {
     let selection = match f.info("selection") {
         Some(_) => {
             let (idx, shape) = f.i64("selection")?;
-            let [batch, seq, k] = shape[..] else { return Err(Error::dump(path, "bad selection shape")) };
-            let idx = idx.iter().map(|&i| usize::try_from(i).unwrap_or(usize::MAX).min(seq)).collect();
-            Some(crate::model::indexer::Selection { batch, seq, k, idx, margin: vec![f32::NAN; batch * seq] })
+            let sel = crate::model::indexer::Selection::from_i64(&idx, &shape);
+            Some(sel.ok_or_else(|| Error::dump(path, "bad selection shape"))?)
         }
         None => None,
     };

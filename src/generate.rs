@@ -44,14 +44,13 @@ pub fn run(
         Some(s) => s,
         None => &mut NoObserver,
     };
+    // Loaded once, outside the timed steps (a real tokenizer.json takes a while to parse).
+    let decoder = if prompt.batch == 1 { crate::tokenizer::Decoder::load(dir)? } else { None };
     let t0 = std::time::Instant::now();
     let mut stamps = Vec::with_capacity(opts.new_tokens);
     let done = model.generate(prompt, opts.new_tokens, opts.chunk, mtp.as_ref(), obs, |step, next| {
         stamps.push(t0.elapsed().as_secs_f64());
-        let text = match prompt.batch {
-            1 => crate::tokenizer::decode(dir, next)?.map(|t| format!(" {t:?}")),
-            _ => None,
-        };
+        let text = decoder.as_ref().map(|d| d.decode(next)).transpose()?.map(|t| format!(" {t:?}"));
         let mut out = std::io::stdout();
         let _ = writeln!(out, "step {step}: {next:?}{}", text.unwrap_or_default());
         let _ = out.flush();

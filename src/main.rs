@@ -554,11 +554,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 eprintln!("glimpse: warning: first NaN/Inf of the run: {nf}");
             }
             if let Some(logits) = logits {
-                let (b, s, _) = logits.dims3()?;
-                for bi in 0..b {
-                    let last = logits.get(bi)?.get(s - 1)?.to_vec1::<f32>()?;
-                    let argmax = last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
-                    println!("row {bi}: {s} tokens, next token (greedy) {argmax}");
+                let s = logits.dims()[1];
+                for (bi, next) in glimpse::model::decode::last_argmax(&logits)?.iter().enumerate() {
+                    println!("row {bi}: {s} tokens, next token (greedy) {next}");
                 }
             }
             if let Some(rss) = glimpse::bench::peak_rss() {

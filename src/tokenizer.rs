@@ -29,12 +29,24 @@ pub fn encode(model_dir: &Path, text: &str) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// Decodes ids to text with the checkpoint's tokenizer; None when it has no `tokenizer.json`.
-pub fn decode(model_dir: &Path, ids: &[u32]) -> Result<Option<String>> {
-    let path = model_dir.join(TOKENIZER_FILE);
-    if !path.is_file() {
-        return Ok(None);
+/// A checkpoint's tokenizer, loaded once for decoding many steps.
+pub struct Decoder {
+    tok: tokenizers::Tokenizer,
+    path: std::path::PathBuf,
+}
+
+impl Decoder {
+    /// None when the checkpoint has no `tokenizer.json`.
+    pub fn load(model_dir: &Path) -> Result<Option<Decoder>> {
+        let path = model_dir.join(TOKENIZER_FILE);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::checkpoint(&path, e.to_string()))?;
+        Ok(Some(Decoder { tok, path }))
     }
-    let tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::checkpoint(&path, e.to_string()))?;
-    tok.decode(ids, false).map(Some).map_err(|e| Error::checkpoint(&path, format!("cannot decode: {e}")))
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tok.decode(ids, false).map_err(|e| Error::checkpoint(&self.path, format!("cannot decode: {e}")))
+    }
 }

@@ -94,15 +94,7 @@ impl Observer for Verifier<'_> {
         if !self.replay.selection || !self.golden.contains(&name) {
             return Ok(None);
         }
-        let (Values::I64(idx), shape) = self.golden.values(&name)? else {
-            return Err(Error::dump(&self.golden.path, format!("`{name}` must be an integer tensor")));
-        };
-        let [batch, seq, k] = shape[..] else {
-            return Err(Error::dump(&self.golden.path, format!("`{name}` must be [B, S, K], got {shape:?}")));
-        };
-        // Out-of-range entries can only be padding; map them past every query so the mask drops them.
-        let idx = idx.iter().map(|&i| usize::try_from(i).unwrap_or(usize::MAX).min(seq)).collect();
-        Ok(Some(Selection { batch, seq, k, idx, margin: vec![f32::NAN; batch * seq] }))
+        Ok(Some(self.golden.selection(&name)?))
     }
 
     fn forced_routing(&mut self, layer: usize) -> Result<Option<Vec<Vec<usize>>>> {

@@ -310,7 +310,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
     fn router_extras(
         &self,
         i: usize,
-        (logits, bias, ids): (&O::F, &O::F, &O::I),
+        (logits, ids): (&O::F, &[i32]),
         (t, e, k): (usize, usize, usize),
         router: &RouterConfig,
         obs: &mut dyn Observer,
@@ -320,7 +320,12 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         if !wanted.iter().any(|&p| obs.wants(hook(p))) {
             return Ok(());
         }
-        let (logits, bias) = (self.ops.download(logits)?, self.ops.download(bias)?);
+        let logits = self.ops.download(logits)?;
+        // The host's copy of the bias: the model's own.
+        let bias = match &self.model.layers[i].mlp {
+            crate::model::layer::Ffn::Moe(m) => &m.e_score_correction_bias,
+            crate::model::layer::Ffn::Dense(_) => return Err(Error::Device(format!("layer {i} has no router"))),
+        };
         let scores: Vec<f32> = logits.iter().map(|&l| crate::model::moe::sigmoid(l)).collect();
         if obs.wants(hook(LayerHook::RouterScores)) {
             obs.observe(hook(LayerHook::RouterScores), &Tensor::from_vec(scores.clone(), (t, e), &Device::Cpu)?)?;
@@ -330,17 +335,12 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             obs.observe(hook(LayerHook::RouterBiasedScores), &Tensor::from_vec(biased, (t, e), &Device::Cpu)?)?;
         }
         if obs.wants(hook(LayerHook::BiasChanged)) {
-            let ids = self.ops.download_i32(ids)?;
             let changed: Vec<i64> = logits
                 .chunks_exact(e)
                 .zip(ids.chunks_exact(k))
                 .map(|(row, chosen)| {
-                    let route = crate::model::moe::Route {
-                        ids: chosen.iter().map(|&j| j as usize).collect(),
-                        weights: Vec::new(),
-                        margin: f32::NAN,
-                    };
-                    i64::from(crate::model::moe::bias_changed(router, row, &route))
+                    let chosen: Vec<usize> = chosen.iter().map(|&j| j as usize).collect();
+                    i64::from(crate::model::moe::bias_changed(router, row, &chosen))
                 })
                 .collect();
             obs.observe(hook(LayerHook::BiasChanged), &Tensor::from_vec(changed, t, &Device::Cpu)?)?;
@@ -373,10 +373,10 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         self.report_ids(obs, hook(LayerHook::TopkIds), &ids, &[t, k])?;
         self.report(obs, hook(LayerHook::TopkWeights), &w, &[t, k])?;
         self.report(obs, hook(LayerHook::RouterMargin), &margin, &[t])?;
-        self.router_extras(i, (&logits, bias, &ids), (t, e, k), router, obs)?;
 
         // Group the (token, choice) pairs by expert on the host: the ids are small.
         let host_ids = self.ops.download_i32(&ids)?;
+        self.router_extras(i, (&logits, &host_ids), (t, e, k), router, obs)?;
         let mut order: Vec<usize> = (0..t * k).collect(); // pair index = token * k + choice
         order.sort_by_key(|&p| (host_ids[p], p));
         let mut slot = vec![0i32; t * k];

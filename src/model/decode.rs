@@ -20,7 +20,7 @@ use super::mtp::Mtp;
 use super::nn::softmax_last;
 use super::nn::Weight;
 use super::rope::RopeTables;
-use super::{Model, Tokens};
+use super::{Model, Tokens, Weights};
 use crate::error::{Error, Result};
 use crate::hooks::{emit, HookPoint, LayerHook, Observer};
 
@@ -177,9 +177,7 @@ impl Model {
             h = layer.decode(&h, &rope, c, &mut sel, obs)?;
         }
         cache.len += tokens.seq;
-        let normed = self.norm.forward(&h)?;
-        let logits = self.head(&h, obs)?;
-        Ok((normed, logits))
+        super::stream::head_normed(Weights::Resident(self), &h, obs)
     }
 
     /// The expanded prefill of `tokens` into an empty cache: the same logits and hooks as
@@ -201,7 +199,7 @@ impl Model {
             h = layer.forward_filling(&h, &rope, &mut sel, Some(c), obs)?;
         }
         cache.len = tokens.seq;
-        Ok((self.norm.forward(&h)?, self.head(&h, obs)?))
+        super::stream::head_normed(Weights::Resident(self), &h, obs)
     }
 
     /// Runs `tokens` ([B, S]) through the cache `chunk` positions at a time: logits [B, S, vocab].

@@ -48,6 +48,15 @@ pub struct Selection {
 }
 
 impl Selection {
+    /// A selection recorded as I64 `[B, S, K]` (a dump's `dsa.topk`), to replay; None for another
+    /// shape. Out-of-range entries can only be padding: they map past every query, so the mask
+    /// drops them. Margins are unknown (NaN).
+    pub fn from_i64(idx: &[i64], shape: &[usize]) -> Option<Selection> {
+        let [batch, seq, k] = shape[..] else { return None };
+        let idx = idx.iter().map(|&i| usize::try_from(i).unwrap_or(usize::MAX).min(seq)).collect();
+        Some(Selection { batch, seq, k, idx, margin: vec![f32::NAN; batch * seq] })
+    }
+
     pub fn row(&self, b: usize, s: usize) -> &[usize] {
         let r = (b * self.seq + s) * self.k;
         &self.idx[r..r + self.k]
@@ -207,10 +216,13 @@ pub fn top_k_keys(scores: &[f32], k: usize, order: &mut Vec<usize>) -> f32 {
     if scores.len() <= k {
         return f32::INFINITY;
     }
-    // Descending by score; NaN sorts last so it is never preferred.
-    order.sort_by(|&x, &y| {
+    // Descending by score; NaN sorts last so it is never preferred. The order is total (ties by
+    // position), so partitioning at k and sorting only the first k gives the full sort's prefix.
+    let cmp = |&x: &usize, &y: &usize| {
         scores[y].partial_cmp(&scores[x]).unwrap_or_else(|| scores[x].is_nan().cmp(&scores[y].is_nan())).then(x.cmp(&y))
-    });
+    };
+    order.select_nth_unstable_by(k, cmp);
+    order[..k].sort_by(cmp);
     let margin = scores[order[k - 1]] - scores[order[k]];
     order.truncate(k);
     margin

@@ -4,7 +4,7 @@
 //! expert. Experts load from per-expert tensors (the released layout) or from transformers' fused
 //! `experts.gate_up_proj` / `experts.down_proj`.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::gemv::Bf16Weight;
 use super::mlp::Mlp;
@@ -102,11 +102,10 @@ pub fn weights_for(rc: &RouterConfig, scores: &[f32], ids: &[usize]) -> Vec<f32>
     weights
 }
 
-/// Whether the chosen set would differ with the correction bias removed.
-pub fn bias_changed(rc: &RouterConfig, logits: &[f32], route: &Route) -> bool {
-    let unbiased = route_ids(rc, logits, &vec![0.0; logits.len()]);
-    let mut a = unbiased;
-    let mut b = route.ids.clone();
+/// Whether the `chosen` set would differ with the correction bias removed.
+pub fn bias_changed(rc: &RouterConfig, logits: &[f32], chosen: &[usize]) -> bool {
+    let mut a = route_ids(rc, logits, &vec![0.0; logits.len()]);
+    let mut b = chosen.to_vec();
     a.sort_unstable();
     b.sort_unstable();
     a != b
@@ -189,7 +188,7 @@ impl Moe {
         })?;
         emit(obs, hook(LayerHook::BiasChanged), || {
             let changed: Vec<i64> =
-                routes.iter().zip(&logits_v).map(|(r, row)| bias_changed(rc, row, r) as i64).collect();
+                routes.iter().zip(&logits_v).map(|(r, row)| bias_changed(rc, row, &r.ids) as i64).collect();
             Ok(Tensor::from_vec(changed, n, &Device::Cpu)?)
         })?;
 
@@ -203,17 +202,25 @@ impl Moe {
                 token_w[id].push(w);
             }
         }
-        let mut out = Tensor::zeros((n, hidden), DType::F32, &Device::Cpu)?; // [N, hidden]
+        // Added in place, in expert order (a tensor `index_add` would copy [N, hidden] per expert).
+        let mut out = vec![0f32; n * hidden]; // [N, hidden]
         for (j, expert) in self.experts.iter().enumerate() {
             if tokens[j].is_empty() {
                 continue;
             }
-            let m = tokens[j].len();
-            let idx = Tensor::from_vec(tokens[j].clone(), m, &Device::Cpu)?;
-            let w = Tensor::from_vec(token_w[j].clone(), (m, 1), &Device::Cpu)?;
+            let (rows, w) = (std::mem::take(&mut tokens[j]), std::mem::take(&mut token_w[j]));
+            let m = rows.len();
+            let idx = Tensor::from_vec(rows.clone(), m, &Device::Cpu)?;
+            let w = Tensor::from_vec(w, (m, 1), &Device::Cpu)?;
             let y = expert.forward(&flat.index_select(&idx, 0)?)?.broadcast_mul(&w)?; // [m, hidden]
-            out = out.index_add(&idx, &y, 0)?;
+            let y = y.flatten_all()?.to_vec1::<f32>()?;
+            for (&t, yr) in rows.iter().zip(y.chunks_exact(hidden)) {
+                for (o, v) in out[t as usize * hidden..(t as usize + 1) * hidden].iter_mut().zip(yr) {
+                    *o += v;
+                }
+            }
         }
+        let out = Tensor::from_vec(out, (n, hidden), &Device::Cpu)?;
         let out = (out.reshape(dims)? + self.shared_experts.forward(x)?)?;
         Ok(out)
     }
@@ -283,7 +290,7 @@ mod tests {
         assert_eq!(r.ids, vec![3, 0]);
         // Margin: 2nd-best minus 3rd-best biased score (0.9 vs 0.3).
         approx::assert_abs_diff_eq!(r.margin, 0.9 - 0.3, epsilon = 1e-5);
-        assert!(bias_changed(&rc(2, 1, 1), &logits, &r), "unbiased choice would be {{0, 1}}");
+        assert!(bias_changed(&rc(2, 1, 1), &logits, &r.ids), "unbiased choice would be {{0, 1}}");
         // Normalised over the unbiased scores 0.2 and 0.9, times 2.5.
         approx::assert_abs_diff_eq!(r.weights[0], 0.2 / 1.1 * 2.5, epsilon = 1e-5);
         approx::assert_abs_diff_eq!(r.weights[1], 0.9 / 1.1 * 2.5, epsilon = 1e-5);

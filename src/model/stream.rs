@@ -15,7 +15,7 @@ use super::rope::{RopeTables, RotaryEmbedding};
 use super::{Model, Tokens};
 use crate::checkpoint::{Checkpoint, Loader};
 use crate::config::{Config, IndexerKind};
-use crate::dump::{Dump, Values};
+use crate::dump::Dump;
 use crate::error::{Error, Result};
 use crate::hooks::{emit, HookPoint, LayerHook, Observer};
 
@@ -55,16 +55,7 @@ impl Start {
         }
         let hidden = d.tensor(&hidden_name)?;
         let selection = match prev.map(|p| HookPoint::Layer(p, LayerHook::DsaTopk).name()) {
-            Some(n) if d.contains(&n) => {
-                let (Values::I64(idx), shape) = d.values(&n)? else {
-                    return Err(Error::dump(&d.path, format!("`{n}` must be an integer tensor")));
-                };
-                let [batch, seq, k] = shape[..] else {
-                    return Err(Error::dump(&d.path, format!("`{n}` must be [B, S, K], got {shape:?}")));
-                };
-                let idx = idx.iter().map(|&i| usize::try_from(i).unwrap_or(usize::MAX).min(seq)).collect();
-                Some(Selection { batch, seq, k, idx, margin: vec![f32::NAN; batch * seq] })
-            }
+            Some(n) if d.contains(&n) => Some(d.selection(&n)?),
             _ => None,
         };
         Ok(Start { hidden, selection })
@@ -100,7 +91,7 @@ pub fn run(
         None if first == 0 => (embed(w, tokens, obs)?, None),
         None => return Err(Error::Usage(format!("starting at layer {first} needs a hidden state: give --from-dump"))),
     };
-    if cfg.indexer_types[first] == IndexerKind::Shared && sel.is_none() {
+    if cfg.indexer_kind(first) == IndexerKind::Shared && sel.is_none() {
         return Err(Error::Usage(format!(
             "layer {first} shares the previous layer's DSA selection, which the dump lacks"
         )));
@@ -195,6 +186,11 @@ const HEAD_CHUNK: usize = 8192;
 
 /// [B, S, hidden] -> logits [B, S, vocab], reporting `final_norm` and `logits`.
 pub fn head(w: Weights, h: &Tensor, obs: &mut dyn Observer) -> Result<Tensor> {
+    Ok(head_normed(w, h, obs)?.1)
+}
+
+/// `head`, also returning the final-norm hidden state [B, S, hidden] (what the MTP head reads).
+pub fn head_normed(w: Weights, h: &Tensor, obs: &mut dyn Observer) -> Result<(Tensor, Tensor)> {
     let cfg = w.config();
     let (b, s, hidden) = h.dims3()?;
     let x = match w {
@@ -226,5 +222,5 @@ pub fn head(w: Weights, h: &Tensor, obs: &mut dyn Observer) -> Result<Tensor> {
     }; // [B*S, vocab]
     let logits = logits.reshape((b, s, cfg.vocab_size))?;
     emit(obs, HookPoint::Logits, || Ok(logits.clone()))?;
-    Ok(logits)
+    Ok((x, logits))
 }
