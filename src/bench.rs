@@ -191,9 +191,7 @@ fn on_cuda(model: &Model, tokens: usize, repeat: usize) -> Result<String> {
 
 #[cfg(not(feature = "cuda"))]
 fn on_cuda(_: &Model, _: usize, _: usize) -> Result<String> {
-    Err(Error::Device(
-        "this glimpse was built without the `cuda` feature: cargo build --release --features cuda".into(),
-    ))
+    Err(crate::device::no_cuda())
 }
 
 impl DeviceBench {

@@ -84,7 +84,5 @@ fn cuda(golden_root: &Path, ordinal: usize) -> Result<bool> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda(_: &Path, _: usize) -> Result<bool> {
-    Err(Error::Device(
-        "this glimpse was built without the `cuda` feature: cargo build --release --features cuda".into(),
-    ))
+    Err(crate::device::no_cuda())
 }

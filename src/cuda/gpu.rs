@@ -279,11 +279,7 @@ impl Gpu {
         idx: &mut CudaSlice<i32>,
         margin: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        if s == 0 || offset + s != t || !rows.is_multiple_of(s) || k > t {
-            return Err(Error::Device(format!(
-                "topk_causal: {rows} rows of {s} queries after {offset} do not fit {t} keys"
-            )));
-        }
+        crate::device::check_topk_causal(rows, s, t, offset, k)?;
         fits("topk_causal", &[(scores.len(), rows * t), (idx.len(), rows * k), (margin.len(), rows)])?;
         let [s32, t32, o32, k32] = ints("topk_causal", [s, t, offset, k])?;
         launch!(self, "topk_causal", per_item(rows, 128, 0), [scores, &s32, &t32, &o32, &k32, idx, margin])

@@ -7,7 +7,7 @@
 use candle_core::{Device, Tensor};
 
 use super::{HostWeight, Ops};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::indexer::top_k_causal;
 use crate::model::moe::{route, RouterConfig};
 
@@ -16,14 +16,16 @@ pub struct CpuOps;
 impl Ops for CpuOps {
     type F = Vec<f32>;
     type I = Vec<i32>;
-    /// Widened at upload: bf16 -> f32 is exact, so this is the product a widening GEMM computes.
-    type W = Vec<f32>;
+    /// Widened once at upload (bf16 -> f32 is exact, so this is the product a widening GEMM
+    /// computes), as the [n, k] tensor every product then uses as it is.
+    type W = Tensor;
 
-    fn upload_weight(&self, w: HostWeight, _n: usize, _k: usize) -> Result<Vec<f32>> {
-        Ok(match w {
+    fn upload_weight(&self, w: HostWeight, n: usize, k: usize) -> Result<Tensor> {
+        let v = match w {
             HostWeight::F32(v) => v.to_vec(),
-            HostWeight::Bf16(bits) => bits.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect(),
-        })
+            HostWeight::Bf16(bits) => bits.iter().map(|&b| crate::model::gemv::widen(b)).collect(),
+        };
+        Ok(Tensor::from_vec(v, (n, k), &Device::Cpu)?)
     }
 
     fn upload(&self, v: &[f32]) -> Result<Vec<f32>> {
@@ -46,7 +48,7 @@ impl Ops for CpuOps {
         &self,
         x: &Vec<f32>,
         x_row0: usize,
-        w: &Vec<f32>,
+        w: &Tensor,
         y: &mut Vec<f32>,
         y_row0: usize,
         [m, n, k]: [usize; 3],
@@ -56,8 +58,7 @@ impl Ops for CpuOps {
             return Ok(());
         }
         let xt = Tensor::from_slice(&x[x_row0 * k..(x_row0 + m) * k], (m, k), &Device::Cpu)?;
-        let wt = Tensor::from_slice(&w[..n * k], (n, k), &Device::Cpu)?;
-        let out = crate::model::nn::matmul_nt(&xt, &wt)?.flatten_all()?.to_vec1::<f32>()?;
+        let out = crate::model::nn::matmul_nt(&xt, w)?.flatten_all()?.to_vec1::<f32>()?;
         for (dst, v) in y[y_row0 * n..(y_row0 + m) * n].iter_mut().zip(out) {
             *dst = alpha * v;
         }
@@ -107,8 +108,7 @@ impl Ops for CpuOps {
         sin: &Vec<f32>,
         [rows, seq, heads, width, start, half]: [usize; 6],
     ) -> Result<()> {
-        let tables = crate::model::rope::RopeTables { half, cos: cos.clone(), sin: sin.clone() };
-        tables.apply(&mut x[..rows * heads * width], seq, heads, width, start);
+        crate::model::rope::rotate(cos, sin, half, &mut x[..rows * heads * width], [seq, heads, width, start]);
         Ok(())
     }
 
@@ -168,10 +168,8 @@ impl Ops for CpuOps {
         offset: usize,
         k: usize,
     ) -> Result<(Vec<i32>, Vec<f32>)> {
-        if s == 0 || offset + s != t || !rows.is_multiple_of(s) || k > t {
-            return Err(Error::Device(format!("topk_causal: {rows} rows of {s} queries after {offset} over {t} keys")));
-        }
-        let sel = top_k_causal(&scores[..rows * t], rows / s.max(1), s, offset, k);
+        super::check_topk_causal(rows, s, t, offset, k)?;
+        let sel = top_k_causal(&scores[..rows * t], rows / s, s, offset, k);
         Ok((sel.idx.iter().map(|&i| i as i32).collect(), sel.margin))
     }
 

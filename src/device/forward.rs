@@ -18,7 +18,7 @@ use crate::model::layer::Ffn;
 use crate::model::mlp::Mlp;
 use crate::model::moe::RouterConfig;
 use crate::model::nn::{Linear, RmsNorm, Weight};
-use crate::model::{stream, Model, Tokens, Weights};
+use crate::model::{Model, Tokens};
 
 /// A `[out, in]` weight on the device.
 struct DLinear<O: Ops> {
@@ -69,7 +69,7 @@ struct DLayer<O: Ops> {
 }
 
 pub struct DeviceModel<'m, O: Ops> {
-    pub ops: &'m O,
+    ops: &'m O,
     model: &'m Model,
     layers: Vec<DLayer<O>>,
     norm: (O::F, f32),
@@ -207,7 +207,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let cfg = &self.model.config;
         let (b, s, hd) = (tokens.batch, tokens.seq, cfg.hidden_size);
         let t = b * s;
-        let embeddings = stream::embed(Weights::Resident(self.model), tokens, obs)?; // [B, S, H]
+        let embeddings = self.model.embed(tokens, obs)?; // [B, S, H]
         let mut h = self.ops.upload(&values(&embeddings)?)?; // [T, H]
         let tables = self.model.rope_tables(s);
         let (cos, sin) = (self.ops.upload(&tables.cos)?, self.ops.upload(&tables.sin)?);

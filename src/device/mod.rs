@@ -67,9 +67,25 @@ fn on_cuda<R>(ordinal: usize, model: &Model, f: impl FnOnce(&dyn Prefill) -> Res
 
 #[cfg(not(feature = "cuda"))]
 fn on_cuda<R>(_: usize, _: &Model, _: impl FnOnce(&dyn Prefill) -> Result<R>) -> Result<R> {
-    Err(crate::error::Error::Device(
+    Err(no_cuda())
+}
+
+/// What asking for the GPU says in a build without the `cuda` feature.
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn no_cuda() -> crate::error::Error {
+    crate::error::Error::Device(
         "this glimpse was built without the `cuda` feature: cargo build --release --features cuda".into(),
-    ))
+    )
+}
+
+/// The contract of [`Ops::topk_causal`], checked the same way on every backend.
+pub(crate) fn check_topk_causal(rows: usize, s: usize, t: usize, offset: usize, k: usize) -> Result<()> {
+    if s == 0 || offset + s != t || !rows.is_multiple_of(s) || k > t {
+        return Err(crate::error::Error::Device(format!(
+            "topk_causal: {rows} rows of {s} queries after {offset} do not fit {t} keys (k {k})"
+        )));
+    }
+    Ok(())
 }
 
 /// A `[n, k]` weight as the checkpoint holds it, to upload with [`Ops::upload_weight`].

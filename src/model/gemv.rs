@@ -218,8 +218,9 @@ fn row_dots(w: &[u16], x: &[f32], m: usize, out: &mut [f32]) {
     }
 }
 
+/// A bf16 bit pattern as the f32 it denotes (exact).
 #[inline]
-fn widen(b: u16) -> f32 {
+pub fn widen(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
 

@@ -84,19 +84,23 @@ impl RopeTables {
     /// Rotates `x[start .. start + 2*half]` of every row in place. `x` is row-major
     /// `[B, S, heads, width]`; rows of position `s` use table row `s`.
     pub fn apply(&self, x: &mut [f32], seq: usize, heads: usize, width: usize, start: usize) {
-        let half = self.half;
-        let mut buf = vec![0f32; 2 * half];
-        for (r, row) in x.chunks_exact_mut(width).enumerate() {
-            let s = (r / heads) % seq;
-            let (cos, sin) = (&self.cos[s * half..(s + 1) * half], &self.sin[s * half..(s + 1) * half]);
-            let v = &mut row[start..start + 2 * half];
-            for j in 0..half {
-                let (a, b) = (v[2 * j], v[2 * j + 1]);
-                buf[j] = a * cos[j] - b * sin[j];
-                buf[j + half] = b * cos[j] + a * sin[j];
-            }
-            v.copy_from_slice(&buf);
+        rotate(&self.cos, &self.sin, self.half, x, [seq, heads, width, start]);
+    }
+}
+
+/// [`RopeTables::apply`] on borrowed tables (`cos`, `sin`: [S, half]).
+pub fn rotate(cos_t: &[f32], sin_t: &[f32], half: usize, x: &mut [f32], [seq, heads, width, start]: [usize; 4]) {
+    let mut buf = vec![0f32; 2 * half];
+    for (r, row) in x.chunks_exact_mut(width).enumerate() {
+        let s = (r / heads) % seq;
+        let (cos, sin) = (&cos_t[s * half..(s + 1) * half], &sin_t[s * half..(s + 1) * half]);
+        let v = &mut row[start..start + 2 * half];
+        for j in 0..half {
+            let (a, b) = (v[2 * j], v[2 * j + 1]);
+            buf[j] = a * cos[j] - b * sin[j];
+            buf[j + half] = b * cos[j] + a * sin[j];
         }
+        v.copy_from_slice(&buf);
     }
 }
 
