@@ -2,6 +2,7 @@
 //! point (in forward order) where they part ways, and list every routing and DSA flip with the
 //! margins that decided it, so a near-tie (rounding can flip it) is told apart from a real bug.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde_json::{json, Value};
@@ -94,11 +95,22 @@ fn margins(d: &Dump, name: &str, margin_name: &str) -> Option<Vec<f32>> {
 
 /// The first NaN or Inf of a dump in forward order (names where they are expected excepted).
 pub fn first_non_finite_in(d: &Dump) -> Result<Option<NonFinite>> {
+    first_non_finite_with(d, &HashMap::new())
+}
+
+/// [`first_non_finite_in`], taking the verdicts of tensors already scanned from `known` instead
+/// of reading them again.
+fn first_non_finite_with(d: &Dump, known: &HashMap<String, Option<NonFinite>>) -> Result<Option<NonFinite>> {
     for name in d.names().into_iter().filter(|n| finite_expected(n)) {
-        if let (Values::F32(v), shape) = d.values(&name)? {
-            if let Some(nf) = first_non_finite(&name, &v, &shape) {
-                return Ok(Some(nf));
-            }
+        let found = match known.get(&name) {
+            Some(verdict) => verdict.clone(),
+            None => match d.values(&name)? {
+                (Values::F32(v), shape) => first_non_finite(&name, &v, &shape),
+                _ => None,
+            },
+        };
+        if found.is_some() {
+            return Ok(found);
         }
     }
     Ok(None)
@@ -138,9 +150,16 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     let names_a = a.names();
     let names_b = b.names();
     let mut results = Vec::new();
+    // Each compared tensor is scanned for NaN/Inf while it is in memory, not read again for it.
+    let (mut seen_a, mut seen_b) = (HashMap::new(), HashMap::new());
     for name in names_b.iter().filter(|n| names_a.contains(n)) {
         let (va, sa) = a.values(name)?;
         let (vb, sb) = b.values(name)?;
+        for (seen, v, shape) in [(&mut seen_a, &va, &sa), (&mut seen_b, &vb, &sb)] {
+            if let Values::F32(v) = v {
+                seen.insert(name.clone(), first_non_finite(name, v, shape));
+            }
+        }
         let ids = match name.strip_suffix(".moe.topk_weights") {
             Some(layer) => {
                 let n = format!("{layer}.moe.topk_ids");
@@ -161,8 +180,8 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     }
     Ok(DiffReport {
         results,
-        non_finite_a: first_non_finite_in(a)?,
-        non_finite_b: first_non_finite_in(b)?,
+        non_finite_a: first_non_finite_with(a, &seen_a)?,
+        non_finite_b: first_non_finite_with(b, &seen_b)?,
         only_a: names_a.iter().filter(|n| !names_b.contains(n)).cloned().collect(),
         only_b: names_b.iter().filter(|n| !names_a.contains(n)).cloned().collect(),
         near_tie: opts.near_tie,

@@ -357,13 +357,6 @@ impl DumpWriter {
         std::fs::rename(&tmp, &r.state_path).map_err(|e| Error::io(&r.state_path, e))
     }
 
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Waits for the writer thread; its error, if it failed.
     fn join(&mut self) -> Result<File> {
         let spill = self.spill.take().ok_or_else(|| Error::dump(&self.path, "already finished"))?;

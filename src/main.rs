@@ -730,11 +730,8 @@ fn verify_decode(
     tol: Tolerance,
     max: Option<u64>,
 ) -> Result<ExitCode> {
-    let mut resident = None;
-    let budget = Budget { tokens, window: None, stream: false, recording: true, max };
-    let Weights::Resident(model) = load_weights(ckpt, &mut resident, &budget)? else {
-        return Err(Error::Usage("decode needs resident weights".into()));
-    };
+    memory::check_run(ckpt, tokens.batch, tokens.seq, true, max)?;
+    let model = &Model::load(ckpt)?;
     println!("{}", glimpse::generate::cache_report(model, tokens.batch, tokens.seq, false));
     let report = glimpse::decode_check::check(model, tokens, chunk, tol)?;
     glimpse::decode_check::print(&report, tol, chunk);

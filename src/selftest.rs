@@ -38,10 +38,11 @@ fn cases<O: Ops>(golden_root: &Path, device: Option<(&O, &str)>) -> Result<bool>
         let ckpt = Checkpoint::open(&case)?;
         let model = Model::load(&ckpt)?;
         let golden = Dump::open(&case.join("reference.safetensors"))?;
+        let mtp = if verify::has_mtp(&golden) { Some(Mtp::load(&ckpt)?) } else { None };
         for isolate in [false, true] {
             let mut r = verify::verify(&model, &golden, Tolerance::default(), isolate)?;
-            if verify::has_mtp(&golden) {
-                verify::verify_mtp(&model, &Mtp::load(&ckpt)?, &golden, Tolerance::default(), &mut r)?;
+            if let Some(mtp) = &mtp {
+                verify::verify_mtp(&model, mtp, &golden, Tolerance::default(), &mut r)?;
             }
             ok &= report(&case, if isolate { "cpu, --isolate" } else { "cpu" }, &r);
         }

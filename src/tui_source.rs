@@ -64,6 +64,12 @@ impl DumpSource {
             Some(r) => Some(diff(&ours, r, &DiffOptions::default())?),
             None => None,
         };
+        // With a reference, the diff already found our first NaN/Inf.
+        let non_finite = match &report {
+            Some(r) => r.non_finite_a.clone(),
+            None => crate::diff::first_non_finite_in(&ours)?,
+        }
+        .map(|nf| nf.to_string());
         let comparisons: BTreeMap<String, Comparison> =
             report.map(|r| r.results.into_iter().map(|c| (c.name.clone(), c)).collect()).unwrap_or_default();
         let layers = layer_names(&ours)
@@ -115,7 +121,6 @@ impl DumpSource {
                 row
             })
             .collect();
-        let non_finite = crate::diff::first_non_finite_in(&ours)?.map(|nf| nf.to_string());
         Ok(DumpSource { title, ours, reference, tokens, layers, comparisons, non_finite, _owned: owned })
     }
 
