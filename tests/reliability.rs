@@ -260,15 +260,7 @@ fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
     let t = tmp.path();
     // A model big enough that a run takes a while (8 layers of 16 experts).
     let cfg = t.join("config.json");
-    std::fs::write(
-        &cfg,
-        r#"{"model_type": "glm_moe_dsa", "vocab_size": 1024, "hidden_size": 512, "intermediate_size": 1024,
-            "moe_intermediate_size": 512, "num_hidden_layers": 8, "num_attention_heads": 4, "n_routed_experts": 16,
-            "num_experts_per_tok": 4, "q_lora_rank": 256, "kv_lora_rank": 128, "qk_nope_head_dim": 64,
-            "qk_rope_head_dim": 32, "v_head_dim": 64, "first_k_dense_replace": 1, "index_topk": 8,
-            "index_head_dim": 64, "index_n_heads": 8}"#,
-    )
-    .unwrap();
+    std::fs::write(&cfg, common::EIGHT_LAYERS).unwrap();
     let model = t.join("model");
     assert!(glimpse(&["synth", "--config", &s(&cfg), "--out", &s(&model)]).status.success());
     let dump = t.join("run.safetensors");

@@ -11,21 +11,12 @@ fn peak_rss_mb(out: &str) -> f64 {
     line.split_whitespace().nth(2).unwrap().parse().unwrap()
 }
 
-/// 8 layers (1 dense, 7 MoE with 16 experts), about 400 MB in f32.
-const CONFIG: &str = r#"{
-  "model_type": "glm_moe_dsa", "vocab_size": 1024, "hidden_size": 512, "intermediate_size": 1024,
-  "moe_intermediate_size": 512, "num_hidden_layers": 8, "num_attention_heads": 4,
-  "n_routed_experts": 16, "num_experts_per_tok": 4, "q_lora_rank": 256, "kv_lora_rank": 128,
-  "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64, "first_k_dense_replace": 1,
-  "index_topk": 8, "index_head_dim": 64, "index_n_heads": 8
-}"#;
-
 #[test]
 fn streaming_matches_the_resident_run_in_a_fraction_of_the_memory() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let cfg = t.join("config.json");
-    std::fs::write(&cfg, CONFIG).unwrap();
+    std::fs::write(&cfg, common::EIGHT_LAYERS).unwrap();
     let model = t.join("model");
     let m = model.to_str().unwrap();
     let (code, out) =

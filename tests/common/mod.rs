@@ -29,3 +29,12 @@ pub fn assert_error(o: &Output, needle: &str) {
     assert_eq!(err.trim_end().lines().count(), 1, "one line expected: {err}");
     assert!(err.contains(needle), "expected {needle:?} in: {err}");
 }
+
+/// 8 layers (1 dense, 7 MoE with 16 experts), about 400 MB in f32.
+pub const EIGHT_LAYERS: &str = r#"{
+  "model_type": "glm_moe_dsa", "vocab_size": 1024, "hidden_size": 512, "intermediate_size": 1024,
+  "moe_intermediate_size": 512, "num_hidden_layers": 8, "num_attention_heads": 4,
+  "n_routed_experts": 16, "num_experts_per_tok": 4, "q_lora_rank": 256, "kv_lora_rank": 128,
+  "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64, "first_k_dense_replace": 1,
+  "index_topk": 8, "index_head_dim": 64, "index_n_heads": 8
+}"#;
