@@ -117,6 +117,19 @@ pub struct Comparison {
     pub detail: Detail,
 }
 
+impl Comparison {
+    /// Attaches to each flip the margin that decided its row on each side (`margins` indexed by
+    /// the same flat row as the selection). Nothing for comparisons that are not of sets.
+    pub fn set_margins(&mut self, ours: Option<&[f32]>, reference: Option<&[f32]>) {
+        if let Detail::Sets { flips, .. } = &mut self.detail {
+            for f in flips {
+                f.margin_ours = ours.and_then(|m| m.get(f.row).copied());
+                f.margin_reference = reference.and_then(|m| m.get(f.row).copied());
+            }
+        }
+    }
+}
+
 /// Row-major coordinate of flat index `i` in `shape`.
 pub fn coord(shape: &[usize], mut i: usize) -> Vec<usize> {
     let mut c = vec![0; shape.len()];

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use crate::compare::{self, Comparison, Detail, Tolerance};
 use crate::dump::Values;
@@ -53,10 +53,12 @@ pub fn compare(
     let mut first: Option<(usize, usize)> = None;
     for (&point, ours) in decode {
         let Some(reference) = prefill.get(&point) else { continue };
-        let (a, e) = (values(ours)?, values(reference)?);
+        let (a, e) = (Values::from_tensor(ours)?, Values::from_tensor(reference)?);
         let ids = match point {
             HookPoint::Layer(i, LayerHook::TopkWeights) => {
-                let get = |m: &BTreeMap<HookPoint, Tensor>| m.get(&HookPoint::Layer(i, LayerHook::TopkIds)).map(values);
+                let get = |m: &BTreeMap<HookPoint, Tensor>| {
+                    m.get(&HookPoint::Layer(i, LayerHook::TopkIds)).map(Values::from_tensor)
+                };
                 match (get(decode).transpose()?, get(prefill).transpose()?) {
                     (Some(Values::I64(a)), Some(Values::I64(e))) => Some((a, e)),
                     _ => None,
@@ -84,13 +86,6 @@ pub fn compare(
     Ok(DecodeCheck { positions: seq, results, logits_max_abs, first })
 }
 
-fn values(t: &Tensor) -> Result<Values> {
-    Ok(match t.dtype() {
-        DType::I64 => Values::I64(t.flatten_all()?.to_vec1::<i64>()?),
-        _ => Values::F32(t.flatten_all()?.to_vec1::<f32>()?),
-    })
-}
-
 /// Each flip's margins on both sides: `dsa.margin` is [B, S] and `moe.margin` [B*S], indexed by
 /// the same flat row as the selection they decided.
 fn add_margins(
@@ -104,7 +99,6 @@ fn add_margins(
         HookPoint::Layer(i, LayerHook::TopkIds) => HookPoint::Layer(i, LayerHook::RouterMargin),
         _ => return Ok(()),
     };
-    let Detail::Sets { flips, .. } = &mut c.detail else { return Ok(()) };
     let get = |m: &BTreeMap<HookPoint, Tensor>| -> Result<Option<Vec<f32>>> {
         Ok(match m.get(&margin) {
             Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
@@ -112,10 +106,7 @@ fn add_margins(
         })
     };
     let (ours, reference) = (get(decode)?, get(prefill)?);
-    for f in flips {
-        f.margin_ours = ours.as_ref().and_then(|m| m.get(f.row).copied());
-        f.margin_reference = reference.as_ref().and_then(|m| m.get(f.row).copied());
-    }
+    c.set_margins(ours.as_deref(), reference.as_deref());
     Ok(())
 }
 

@@ -169,12 +169,9 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         };
         let ids = ids.as_ref().map(|(x, y)| (x.as_slice(), y.as_slice()));
         let mut c = compare_tensor(name, (&va, &sa), (&vb, &sb), ids, opts.tol_for(name));
-        if let (Detail::Sets { flips, .. }, Some(m)) = (&mut c.detail, margin_name(name)) {
+        if let (Detail::Sets { .. }, Some(m)) = (&c.detail, margin_name(name)) {
             let (ma, mb) = (margins(a, name, &m), margins(b, name, &m));
-            for f in flips.iter_mut() {
-                f.margin_ours = ma.as_ref().and_then(|v| v.get(f.row).copied());
-                f.margin_reference = mb.as_ref().and_then(|v| v.get(f.row).copied());
-            }
+            c.set_margins(ma.as_deref(), mb.as_deref());
         }
         results.push(c);
     }

@@ -29,6 +29,16 @@ pub enum Values {
     I64(Vec<i64>),
 }
 
+impl Values {
+    /// A tensor's values: I64 index tensors as they are, everything else as f32.
+    pub fn from_tensor(t: &Tensor) -> Result<Values> {
+        Ok(match t.dtype() {
+            candle_core::DType::I64 => Values::I64(t.flatten_all()?.to_vec1::<i64>()?),
+            _ => Values::F32(t.flatten_all()?.to_vec1::<f32>()?),
+        })
+    }
+}
+
 impl Dump {
     pub fn open(path: &Path) -> Result<Self> {
         let file = StFile::open(path).map_err(|e| match e {

@@ -48,10 +48,7 @@ impl<'a> Verifier<'a> {
     fn compare(&mut self, name: &str, ours: &Tensor) -> Result<Comparison> {
         let (reference, ref_shape) = self.golden.values(name)?;
         let shape = ours.dims().to_vec();
-        let ours = match ours.dtype() {
-            candle_core::DType::I64 => Values::I64(ours.flatten_all()?.to_vec1::<i64>()?),
-            _ => Values::F32(ours.flatten_all()?.to_vec1::<f32>()?),
-        };
+        let ours = Values::from_tensor(ours)?;
         if name.ends_with(".moe.topk_ids") {
             if let Values::I64(ids) = &ours {
                 self.last_ids = Some(ids.clone());
