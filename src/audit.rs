@@ -249,8 +249,7 @@ pub fn collect(
                 if line.split(',').all(|t| t.trim().parse::<u32>().is_ok()) {
                     Tokens::parse(line)
                 } else {
-                    let ids = crate::tokenizer::encode(dir, line)?;
-                    Tokens::new(1, ids.len(), ids)
+                    crate::tokenizer::encode(dir, line)
                 }
             };
             lines.iter().map(|l| encode(l)).collect::<Result<Vec<_>>>()?

@@ -478,10 +478,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let from = from_dump.as_deref().map(Dump::open).transpose()?;
             let tokens = match (tokens, prompt, tokens_from, &from) {
                 (Some(t), _, _, _) => Tokens::parse(&t)?,
-                (_, Some(p), _, _) => {
-                    let ids = glimpse::tokenizer::encode(&model, &p)?;
-                    Tokens::new(1, ids.len(), ids)?
-                }
+                (_, Some(p), _, _) => glimpse::tokenizer::encode(&model, &p)?,
                 (_, _, Some(d), _) => Dump::open(&d)?.tokens()?,
                 (_, _, _, Some(d)) => d.tokens()?,
                 _ => return Err(Error::Usage("give --tokens, --prompt, --tokens-from or --from-dump".into())),
@@ -568,10 +565,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let ckpt = Checkpoint::open(&model)?;
             let tokens = match (tokens, prompt) {
                 (Some(t), _) => Tokens::parse(&t)?,
-                (_, Some(p)) => {
-                    let ids = glimpse::tokenizer::encode(&model, &p)?;
-                    Tokens::new(1, ids.len(), ids)?
-                }
+                (_, Some(p)) => glimpse::tokenizer::encode(&model, &p)?,
                 _ => return Err(Error::Usage("give --tokens or --prompt".into())),
             };
             let total = Tokens { seq: tokens.seq + max_new_tokens, ..tokens.clone() };

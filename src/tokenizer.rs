@@ -7,8 +7,8 @@ use crate::error::{Error, Result};
 
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
-/// Encodes `text` without adding special tokens (the prompt is taken literally).
-pub fn encode(model_dir: &Path, text: &str) -> Result<Vec<u32>> {
+/// Encodes `text` without adding special tokens (the prompt is taken literally), as one row.
+pub fn encode(model_dir: &Path, text: &str) -> Result<crate::model::Tokens> {
     let path = model_dir.join(TOKENIZER_FILE);
     if !path.is_file() {
         return Err(Error::Usage(format!(
@@ -26,7 +26,7 @@ pub fn encode(model_dir: &Path, text: &str) -> Result<Vec<u32>> {
     if ids.is_empty() {
         return Err(Error::Usage("--prompt encodes to no tokens".into()));
     }
-    Ok(ids)
+    crate::model::Tokens::new(1, ids.len(), ids)
 }
 
 /// A checkpoint's tokenizer, loaded once for decoding many steps.

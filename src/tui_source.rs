@@ -366,10 +366,7 @@ pub fn open(
     let ckpt = Checkpoint::open(dir)?;
     let tokens = match (tokens, prompt, &reference) {
         (Some(t), _, _) => Tokens::parse(t)?,
-        (_, Some(p), _) => {
-            let ids = crate::tokenizer::encode(dir, p)?;
-            Tokens::new(1, ids.len(), ids)?
-        }
+        (_, Some(p), _) => crate::tokenizer::encode(dir, p)?,
         (_, _, Some(r)) => r.tokens()?,
         _ => {
             return Err(Error::Usage(format!(
