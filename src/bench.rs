@@ -174,23 +174,27 @@ pub fn run_on(backend: crate::device::Backend, model: &Model, tokens: usize, rep
     match backend {
         crate::device::Backend::Cpu => Err(Error::Usage("the CPU model is timed by plain `bench`".into())),
         crate::device::Backend::CpuOps => Ok(run_device(&crate::device::cpu::CpuOps, model, tokens, repeat)?.render()),
-        crate::device::Backend::Cuda => on_cuda(model, tokens, repeat),
+        backend => on_cuda(backend, model, tokens, repeat),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn on_cuda(model: &Model, tokens: usize, repeat: usize) -> Result<String> {
-    let gpu = crate::cuda::gpu::Gpu::open(0)?;
+fn on_cuda(backend: crate::device::Backend, model: &Model, tokens: usize, repeat: usize) -> Result<String> {
+    let gpu = crate::device::open_gpu(backend, 0)?;
     let head = format!("device 0: {} ({})\n", gpu.name, gpu.arch);
     let ops = crate::cuda::ops::CudaOps::new(gpu)?;
-    let report = run_device(&ops, model, tokens, repeat)?;
-    let (free, total) = ops.gpu.memory()?;
-    let used = (total - free) as f64 / 1e9;
-    Ok(format!("{head}{}device memory in use: {used:.2} GB of {:.2} GB\n", report.render(), total as f64 / 1e9))
+    let report = run_device(&ops, model, tokens, repeat)?.render();
+    Ok(match ops.gpu.memory()? {
+        Some((free, total)) => {
+            let used = (total - free) as f64 / 1e9;
+            format!("{head}{report}device memory in use: {used:.2} GB of {:.2} GB\n", total as f64 / 1e9)
+        }
+        None => format!("{head}{report}"),
+    })
 }
 
 #[cfg(not(feature = "cuda"))]
-fn on_cuda(_: &Model, _: usize, _: usize) -> Result<String> {
+fn on_cuda(_: crate::device::Backend, _: &Model, _: usize, _: usize) -> Result<String> {
     Err(crate::device::no_cuda())
 }
 

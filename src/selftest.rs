@@ -2,7 +2,8 @@
 //! case on the CPU (normal and isolated layers, the MTP head where the case has one), and with
 //! `--device cpu-ops` or `--device cuda` also through the device forward pass (`crate::device`)
 //! on that backend. For `cuda` it first opens the GPU, compiles every kernel for it with NVRTC
-//! and checks each one, and the cuBLAS products, against their CPU references (`cuda::selftest`).
+//! and checks each one, and the cuBLAS products, against their CPU references (`cuda::selftest`);
+//! `cuda-emu` does the same with the kernels' source run on the host (`cuda::emu`).
 
 use std::path::Path;
 
@@ -21,7 +22,7 @@ pub fn run(golden_root: &Path, backend: Backend, ordinal: usize) -> Result<bool>
     match backend {
         Backend::Cpu => cases(golden_root, None::<(&CpuOps, &str)>),
         Backend::CpuOps => cases(golden_root, Some((&CpuOps, "cpu-ops"))),
-        Backend::Cuda => cuda(golden_root, ordinal),
+        Backend::Cuda | Backend::CudaEmu => cuda(golden_root, backend, ordinal),
     }
 }
 
@@ -70,9 +71,12 @@ fn report(case: &Path, how: &str, r: &verify::Report) -> bool {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(golden_root: &Path, ordinal: usize) -> Result<bool> {
-    let gpu = crate::cuda::gpu::Gpu::open(ordinal)?;
-    println!("device {ordinal}: {} ({}); every kernel compiled with NVRTC", gpu.name, gpu.arch);
+fn cuda(golden_root: &Path, backend: Backend, ordinal: usize) -> Result<bool> {
+    let gpu = crate::device::open_gpu(backend, ordinal)?;
+    match backend {
+        Backend::CudaEmu => println!("{}: the kernels' source compiled for the host", gpu.name),
+        _ => println!("device {ordinal}: {} ({}); every kernel compiled with NVRTC", gpu.name, gpu.arch),
+    }
     let mut checks = crate::cuda::selftest::kernels(&gpu)?;
     let ops = crate::cuda::ops::CudaOps::new(gpu)?;
     checks.extend(crate::cuda::selftest::products(&ops)?);
@@ -80,10 +84,11 @@ fn cuda(golden_root: &Path, ordinal: usize) -> Result<bool> {
         println!("kernel {:<40} max_abs {:9.3e}  {}", c.name, c.max_abs, if c.ok { "ok" } else { "FAILED" });
     }
     let kernels_ok = checks.iter().all(|c| c.ok);
-    Ok(cases(golden_root, Some((&ops, "cuda")))? && kernels_ok)
+    let name = if backend == Backend::CudaEmu { "cuda-emu" } else { "cuda" };
+    Ok(cases(golden_root, Some((&ops, name)))? && kernels_ok)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: &Path, _: usize) -> Result<bool> {
+fn cuda(_: &Path, _: Backend, _: usize) -> Result<bool> {
     Err(crate::device::no_cuda())
 }

@@ -1,8 +1,8 @@
 //! Every CUDA kernel compiles with NVRTC, on any machine that has NVRTC (no GPU needed): CI
 //! installs it from pip's `nvidia-cuda-nvrtc` wheel and sets `GLIMPSE_REQUIRE_NVRTC=1`, so a
 //! kernel that does not compile fails CI. Elsewhere, without NVRTC, the test says why it skipped.
-//! The kernels' parity checks need a GPU: `glimpse selftest --device cuda`, run by
-//! `scripts/gpu-check.sh`.
+//! The kernels' parity checks run on their host emulation in `tests/cuda_emu.rs`, and on a GPU
+//! through `glimpse selftest --device cuda`, run by `scripts/gpu-check.sh`.
 #![cfg(feature = "cuda")]
 
 use glimpse::cuda::{compile, probe, source, Lib, KERNELS};

@@ -11,7 +11,8 @@ extern "C" __global__ void fp8_dequant(const fp8_t* q, const float* scale_inv, f
     out[i] = e4m3_to_f32(q[i]) * scale_inv[(r / block_rows) * scale_cols + c / block_cols];
 }
 
-extern "C" __global__ void bf16_widen(const bf16_t* x, float* out, long long n) {
+// out[i] = x[start + i] for i < n: a block of a weight's rows, widened for its product.
+extern "C" __global__ void bf16_widen(const bf16_t* x, long long start, float* out, long long n) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = bf16_to_f32(x[i]);
+    if (i < n) out[i] = bf16_to_f32(x[start + i]);
 }

@@ -1,23 +1,109 @@
-//! One GPU: its context and stream, every kernel compiled with NVRTC for its architecture and
-//! loaded, and one typed launcher per kernel over device buffers. Launchers write into buffers the
-//! caller allocates, so a parity check can poison them first and see any element a kernel missed.
+//! One GPU, or its host emulation: every kernel compiled for it (NVRTC for the device's
+//! architecture; build.rs for the emulation) and one typed launcher per kernel over [`Buf`]s.
+//! Launchers write into buffers the caller allocates, so a parity check can poison them first
+//! and see any element a kernel missed. Both engines take the same launch: the grid, the block,
+//! and the arguments in the kernel's order.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
+};
 
+use super::emu::{self, Param};
 use super::{compile_all, probe, Lib, KERNELS};
 use crate::error::{Error, Result};
 
 pub struct Gpu {
-    pub ctx: Arc<CudaContext>,
-    pub stream: Arc<CudaStream>,
     /// The device's name and the architecture the kernels were compiled for (`sm_90` on Hopper).
     pub name: String,
     pub arch: String,
-    functions: HashMap<&'static str, CudaFunction>,
+    engine: Engine,
 }
+
+enum Engine {
+    Cuda {
+        ctx: Arc<CudaContext>,
+        stream: Arc<CudaStream>,
+        functions: HashMap<&'static str, CudaFunction>,
+    },
+    /// The kernels' source compiled for the host (`cuda::emu`); buffers are host memory.
+    Emulated,
+}
+
+/// A buffer of `T` where the engine keeps its data.
+pub enum Buf<T> {
+    Device(CudaSlice<T>),
+    Host(Vec<T>),
+}
+
+impl<T> Buf<T> {
+    pub fn len(&self) -> usize {
+        match self {
+            Buf::Device(s) => s.len(),
+            Buf::Host(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One kernel argument, passed to either engine.
+pub trait KernelArg<'a> {
+    fn push(self, b: &mut LaunchArgs<'a>) -> Result<()>;
+    fn host(self) -> Result<Param>;
+}
+
+fn host_buffer_on_gpu() -> Error {
+    Error::Device("a host buffer was passed to a GPU kernel".into())
+}
+
+fn device_buffer_on_host() -> Error {
+    Error::Device("a GPU buffer was passed to an emulated kernel".into())
+}
+
+impl<'a, T> KernelArg<'a> for &'a Buf<T> {
+    fn push(self, b: &mut LaunchArgs<'a>) -> Result<()> {
+        let Buf::Device(s) = self else { return Err(host_buffer_on_gpu()) };
+        b.arg(s);
+        Ok(())
+    }
+    fn host(self) -> Result<Param> {
+        let Buf::Host(v) = self else { return Err(device_buffer_on_host()) };
+        Ok(Param::Data(v.as_ptr().cast_mut().cast())) // read only: the kernel's `const T*`
+    }
+}
+
+impl<'a, T> KernelArg<'a> for &'a mut Buf<T> {
+    fn push(self, b: &mut LaunchArgs<'a>) -> Result<()> {
+        let Buf::Device(s) = self else { return Err(host_buffer_on_gpu()) };
+        b.arg(s);
+        Ok(())
+    }
+    fn host(self) -> Result<Param> {
+        let Buf::Host(v) = self else { return Err(device_buffer_on_host()) };
+        Ok(Param::Data(v.as_mut_ptr().cast()))
+    }
+}
+
+macro_rules! scalar_arg {
+    ($($t:ty),*) => {$(
+        impl<'a> KernelArg<'a> for &'a $t {
+            fn push(self, b: &mut LaunchArgs<'a>) -> Result<()> {
+                b.arg(self);
+                Ok(())
+            }
+            fn host(self) -> Result<Param> {
+                Ok(Param::Value((self as *const $t).cast()))
+            }
+        }
+    )*};
+}
+scalar_arg!(i32, i64, f32);
 
 fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
     move |e| Error::Device(format!("{what}: {e:?}"))
@@ -66,13 +152,22 @@ fn fits(kernel: &str, bufs: &[(usize, usize)]) -> Result<()> {
 macro_rules! launch {
     ($gpu:expr, $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
         let Some(cfg) = $cfg? else { return Ok(()) };
-        let f = $gpu.f($name)?;
-        let mut b = $gpu.stream.launch_builder(f);
-        $( b.arg($arg); )*
-        // SAFETY: each launcher passes the argument list its kernel's signature declares, and has
-        // checked (`fits`) that every buffer holds what its dimensions say the kernel touches.
-        unsafe { b.launch(cfg) }.map_err(|e| Error::Device(format!("launch {}: {e:?}", $name)))?;
-        Ok(())
+        match &$gpu.engine {
+            Engine::Cuda { stream, functions, .. } => {
+                let f = functions.get($name).ok_or_else(|| Error::Device(format!("kernel `{}` is not loaded", $name)))?;
+                let mut b = stream.launch_builder(f);
+                $( KernelArg::push($arg, &mut b)?; )*
+                // SAFETY: each launcher passes the argument list its kernel's signature declares,
+                // and has checked (`fits`) that every buffer holds what the kernel touches.
+                unsafe { b.launch(cfg) }.map_err(|e| Error::Device(format!("launch {}: {e:?}", $name)))?;
+                Ok(())
+            }
+            Engine::Emulated => {
+                let params = [$( KernelArg::host($arg)? ),*];
+                // SAFETY: as above; the buffers are host vectors borrowed for the launch.
+                unsafe { emu::launch($name, cfg, &params) }
+            }
+        }
     }};
 }
 
@@ -94,32 +189,62 @@ impl Gpu {
                 functions.insert(kernel, f);
             }
         }
-        Ok(Gpu { stream: ctx.default_stream(), ctx, name, arch, functions })
+        Ok(Gpu { name, arch, engine: Engine::Cuda { stream: ctx.default_stream(), ctx, functions } })
     }
 
-    fn f(&self, name: &str) -> Result<&CudaFunction> {
-        self.functions.get(name).ok_or_else(|| Error::Device(format!("kernel `{name}` is not loaded")))
+    /// The host emulation (`cuda::emu`): needs no driver, NVRTC or GPU.
+    pub fn emulated() -> Gpu {
+        Gpu { name: "host emulation of the CUDA kernels".into(), arch: "host".into(), engine: Engine::Emulated }
     }
 
-    pub fn upload<T: DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>> {
-        self.stream.clone_htod(v).map_err(driver("copy to the device"))
+    /// The GPU's stream (None for the emulation).
+    pub fn stream(&self) -> Option<&Arc<CudaStream>> {
+        match &self.engine {
+            Engine::Cuda { stream, .. } => Some(stream),
+            Engine::Emulated => None,
+        }
     }
 
-    pub fn download<T: DeviceRepr + Default + Clone>(&self, v: &CudaSlice<T>) -> Result<Vec<T>> {
-        self.stream.clone_dtoh(v).map_err(driver("copy from the device"))
+    pub fn upload<T: DeviceRepr + Clone>(&self, v: &[T]) -> Result<Buf<T>> {
+        match &self.engine {
+            Engine::Cuda { stream, .. } => Ok(Buf::Device(stream.clone_htod(v).map_err(driver("copy to the device"))?)),
+            Engine::Emulated => Ok(Buf::Host(v.to_vec())),
+        }
     }
 
-    /// A device buffer of `n` copies of `value` (NaN to poison an output).
-    pub fn filled<T: DeviceRepr + Clone>(&self, n: usize, value: T) -> Result<CudaSlice<T>> {
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, v: &Buf<T>) -> Result<Vec<T>> {
+        match (&self.engine, v) {
+            (Engine::Cuda { stream, .. }, Buf::Device(s)) => {
+                stream.clone_dtoh(s).map_err(driver("copy from the device"))
+            }
+            (Engine::Emulated, Buf::Host(h)) => Ok(h.clone()),
+            (Engine::Cuda { .. }, Buf::Host(_)) => Err(host_buffer_on_gpu()),
+            (Engine::Emulated, Buf::Device(_)) => Err(device_buffer_on_host()),
+        }
+    }
+
+    /// A buffer of `n` copies of `value` (NaN to poison an output).
+    pub fn filled<T: DeviceRepr + Clone>(&self, n: usize, value: T) -> Result<Buf<T>> {
         self.upload(&vec![value; n])
+    }
+
+    /// A zeroed buffer of `n` values (at least one: the driver refuses empty allocations).
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits + Default + Clone>(&self, n: usize) -> Result<Buf<T>> {
+        match &self.engine {
+            Engine::Cuda { stream, .. } => stream
+                .alloc_zeros(n.max(1))
+                .map(Buf::Device)
+                .map_err(|e| Error::Device(format!("allocate {n} values: {e:?}"))),
+            Engine::Emulated => Ok(Buf::Host(vec![T::default(); n.max(1)])),
+        }
     }
 
     /// x, y: [rows, cols]; w: [cols].
     pub fn rms_norm(
         &self,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
+        x: &Buf<f32>,
+        w: &Buf<f32>,
+        y: &mut Buf<f32>,
         rows: usize,
         cols: usize,
         eps: f32,
@@ -133,10 +258,10 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn layer_norm(
         &self,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        bias: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
+        x: &Buf<f32>,
+        w: &Buf<f32>,
+        bias: &Buf<f32>,
+        y: &mut Buf<f32>,
         rows: usize,
         cols: usize,
         eps: f32,
@@ -147,7 +272,7 @@ impl Gpu {
     }
 
     /// x: [rows, cols] -> out: [rows].
-    pub fn row_l2_norm(&self, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>, rows: usize, cols: usize) -> Result<()> {
+    pub fn row_l2_norm(&self, x: &Buf<f32>, out: &mut Buf<f32>, rows: usize, cols: usize) -> Result<()> {
         fits("row_l2_norm", &[(x.len(), rows * cols), (out.len(), rows)])?;
         let [c] = ints("row_l2_norm", [cols])?;
         launch!(self, "row_l2_norm", per_item(rows, 128, 0), [x, out, &c])
@@ -157,9 +282,9 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn rope(
         &self,
-        x: &mut CudaSlice<f32>,
-        cos: &CudaSlice<f32>,
-        sin: &CudaSlice<f32>,
+        x: &mut Buf<f32>,
+        cos: &Buf<f32>,
+        sin: &Buf<f32>,
         rows: usize,
         seq: usize,
         heads: usize,
@@ -175,19 +300,13 @@ impl Gpu {
         launch!(self, "rope_interleaved", cfg(rows * heads, 128, 0), [x, cos, sin, &r, &s, &h, &w, &st, &hf])
     }
 
-    pub fn silu_mul(
-        &self,
-        gate: &CudaSlice<f32>,
-        up: &CudaSlice<f32>,
-        out: &mut CudaSlice<f32>,
-        n: usize,
-    ) -> Result<()> {
+    pub fn silu_mul(&self, gate: &Buf<f32>, up: &Buf<f32>, out: &mut Buf<f32>, n: usize) -> Result<()> {
         fits("silu_mul", &[(gate.len(), n), (up.len(), n), (out.len(), n)])?;
         let n64 = n as i64;
         launch!(self, "silu_mul", cfg(n, 256, 0), [gate, up, out, &n64])
     }
 
-    pub fn add(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>, out: &mut CudaSlice<f32>, n: usize) -> Result<()> {
+    pub fn add(&self, a: &Buf<f32>, b: &Buf<f32>, out: &mut Buf<f32>, n: usize) -> Result<()> {
         fits("add", &[(a.len(), n), (b.len(), n), (out.len(), n)])?;
         let n64 = n as i64;
         launch!(self, "add", cfg(n, 256, 0), [a, b, out, &n64])
@@ -197,14 +316,14 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn route(
         &self,
-        logits: &CudaSlice<f32>,
-        bias: &CudaSlice<f32>,
+        logits: &Buf<f32>,
+        bias: &Buf<f32>,
         n: usize,
         e: usize,
         rc: &crate::model::moe::RouterConfig,
-        ids: &mut CudaSlice<i32>,
-        weights: &mut CudaSlice<f32>,
-        margin: &mut CudaSlice<f32>,
+        ids: &mut Buf<i32>,
+        weights: &mut Buf<f32>,
+        margin: &mut Buf<f32>,
     ) -> Result<()> {
         // The kernel's per-thread arrays: at most 256 experts and top_k + 1 <= 16.
         if e > 256 || rc.top_k == 0 || rc.top_k + 1 > 16 || rc.n_group == 0 || !e.is_multiple_of(rc.n_group) {
@@ -230,7 +349,7 @@ impl Gpu {
     }
 
     /// ids: [n] expert ids -> counts: [e] (added to).
-    pub fn expert_counts(&self, ids: &CudaSlice<i32>, n: usize, e: usize, counts: &mut CudaSlice<i32>) -> Result<()> {
+    pub fn expert_counts(&self, ids: &Buf<i32>, n: usize, e: usize, counts: &mut Buf<i32>) -> Result<()> {
         fits("expert_counts", &[(ids.len(), n), (counts.len(), e)])?;
         let (n64, [e32]) = (n as i64, ints("expert_counts", [e])?);
         launch!(self, "expert_counts", cfg(n, 256, 0), [ids, &n64, &e32, counts])
@@ -239,10 +358,10 @@ impl Gpu {
     /// q: [B, S, n, d]; k: [B, T, d]; w: [B, S, n] -> scores: [B, S, T]; dims = [B, S, T, n, d, offset].
     pub fn index_scores(
         &self,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        scores: &mut CudaSlice<f32>,
+        q: &Buf<f32>,
+        k: &Buf<f32>,
+        w: &Buf<f32>,
+        scores: &mut Buf<f32>,
         dims: [usize; 6],
         scale: f32,
     ) -> Result<()> {
@@ -270,14 +389,14 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn topk_causal(
         &self,
-        scores: &CudaSlice<f32>,
+        scores: &Buf<f32>,
         rows: usize,
         s: usize,
         t: usize,
         offset: usize,
         k: usize,
-        idx: &mut CudaSlice<i32>,
-        margin: &mut CudaSlice<f32>,
+        idx: &mut Buf<i32>,
+        margin: &mut Buf<f32>,
     ) -> Result<()> {
         crate::device::check_topk_causal(rows, s, t, offset, k)?;
         fits("topk_causal", &[(scores.len(), rows * t), (idx.len(), rows * k), (margin.len(), rows)])?;
@@ -290,11 +409,11 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn sparse_attention(
         &self,
-        q: &CudaSlice<f32>,
-        kv: &CudaSlice<f32>,
-        k_rope: &CudaSlice<f32>,
-        idx: &CudaSlice<i32>,
-        out: &mut CudaSlice<f32>,
+        q: &Buf<f32>,
+        kv: &Buf<f32>,
+        k_rope: &Buf<f32>,
+        idx: &Buf<i32>,
+        out: &mut Buf<f32>,
         dims: [usize; 9],
         scale: f32,
     ) -> Result<()> {
@@ -326,14 +445,7 @@ impl Gpu {
     }
 
     /// x: [*, cols]; rows: [n] -> out: [n, cols].
-    pub fn gather_rows(
-        &self,
-        x: &CudaSlice<f32>,
-        rows: &CudaSlice<i32>,
-        out: &mut CudaSlice<f32>,
-        n: usize,
-        cols: usize,
-    ) -> Result<()> {
+    pub fn gather_rows(&self, x: &Buf<f32>, rows: &Buf<i32>, out: &mut Buf<f32>, n: usize, cols: usize) -> Result<()> {
         fits("gather_rows", &[(rows.len(), n), (out.len(), n * cols)])?;
         let [n32, c32] = ints("gather_rows", [n, cols])?;
         launch!(self, "gather_rows", cfg(n * cols, 256, 0), [x, rows, out, &n32, &c32])
@@ -343,12 +455,12 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn combine(
         &self,
-        y: &CudaSlice<f32>,
-        ids: &CudaSlice<i32>,
-        slot: &CudaSlice<i32>,
-        w: &CudaSlice<f32>,
-        shared: &CudaSlice<f32>,
-        out: &mut CudaSlice<f32>,
+        y: &Buf<f32>,
+        ids: &Buf<i32>,
+        slot: &Buf<i32>,
+        w: &Buf<f32>,
+        shared: &Buf<f32>,
+        out: &mut Buf<f32>,
         n: usize,
         k: usize,
         cols: usize,
@@ -373,9 +485,9 @@ impl Gpu {
     /// q: e4m3 bytes [rows, cols]; scale_inv: [ceil(rows/br), ceil(cols/bc)] -> out: f32 [rows, cols].
     pub fn fp8_dequant(
         &self,
-        q: &CudaSlice<u8>,
-        scale_inv: &CudaSlice<f32>,
-        out: &mut CudaSlice<f32>,
+        q: &Buf<u8>,
+        scale_inv: &Buf<f32>,
+        out: &mut Buf<f32>,
         rows: usize,
         cols: usize,
         block: [usize; 2],
@@ -387,18 +499,24 @@ impl Gpu {
     }
 
     /// Values `start .. start + n` of `x` widened into the first n of `out`.
-    pub fn bf16_widen(&self, x: &CudaSlice<u16>, start: usize, out: &mut CudaSlice<f32>, n: usize) -> Result<()> {
+    pub fn bf16_widen(&self, x: &Buf<u16>, start: usize, out: &mut Buf<f32>, n: usize) -> Result<()> {
         fits("bf16_widen", &[(x.len(), start + n), (out.len(), n)])?;
-        let (part, n64) = (x.slice(start..start + n), n as i64);
-        launch!(self, "bf16_widen", cfg(n, 256, 0), [&part, out, &n64])
+        let (start64, n64) = (start as i64, n as i64);
+        launch!(self, "bf16_widen", cfg(n, 256, 0), [x, &start64, out, &n64])
     }
 
-    /// (free, total) bytes of device memory.
-    pub fn memory(&self) -> Result<(usize, usize)> {
-        self.ctx.mem_get_info().map_err(driver("read the memory use"))
+    /// (free, total) bytes of device memory; None for the emulation.
+    pub fn memory(&self) -> Result<Option<(usize, usize)>> {
+        match &self.engine {
+            Engine::Cuda { ctx, .. } => ctx.mem_get_info().map(Some).map_err(driver("read the memory use")),
+            Engine::Emulated => Ok(None),
+        }
     }
 
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(driver("synchronize"))
+        match &self.engine {
+            Engine::Cuda { stream, .. } => stream.synchronize().map_err(driver("synchronize")),
+            Engine::Emulated => Ok(()),
+        }
     }
 }

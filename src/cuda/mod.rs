@@ -8,10 +8,12 @@
 //! model code (named in its `.cu` file) and a parity check in [`selftest`].
 //!
 //! [`ops::CudaOps`] implements the device forward pass's operations (`crate::device`) with these
-//! kernels and cuBLAS. Status: the kernels compile (a test compiles every one with NVRTC, in CI
-//! too) and the forward pass they serve matches every golden case on the CPU implementation of
-//! the same ops; nothing has run on a GPU yet.
+//! kernels and cuBLAS. [`emu`] runs the same kernel source on the host (build.rs compiles it as
+//! C++), so `--device cuda-emu` checks the kernels' logic without a GPU. Status: every kernel
+//! compiles with NVRTC (tested, in CI too), passes its parity check in the emulation, and the
+//! forward pass through them matches every golden case there; nothing has run on a GPU yet.
 
+pub mod emu;
 pub mod gpu;
 pub mod ops;
 pub mod selftest;

@@ -8,9 +8,8 @@
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::CudaSlice;
 
-use super::gpu::Gpu;
+use super::gpu::{Buf, Gpu};
 use super::{probe, Lib};
 use crate::device::{HostWeight, Ops};
 use crate::error::{Error, Result};
@@ -21,21 +20,27 @@ const SCRATCH_VALUES: usize = 16 << 20;
 
 pub struct CudaOps {
     pub gpu: Gpu,
-    blas: CudaBlas,
+    /// None on the emulation, whose products go through `emu::gemm` with the same configuration.
+    blas: Option<CudaBlas>,
     /// Where a bf16 weight is widened for its product, a block of rows at a time.
-    scratch: std::cell::RefCell<Option<CudaSlice<f32>>>,
+    scratch: std::cell::RefCell<Option<Buf<f32>>>,
 }
 
 /// A weight in device memory, as stored.
 pub enum DeviceWeight {
-    F32(CudaSlice<f32>),
-    Bf16(CudaSlice<u16>),
+    F32(Buf<f32>),
+    Bf16(Buf<u16>),
 }
 
 impl CudaOps {
     pub fn new(gpu: Gpu) -> Result<Self> {
-        probe(&[Lib::Cublas])?;
-        let blas = CudaBlas::new(gpu.stream.clone()).map_err(|e| Error::Device(format!("cuBLAS: {e:?}")))?;
+        let blas = match gpu.stream() {
+            Some(stream) => {
+                probe(&[Lib::Cublas])?;
+                Some(CudaBlas::new(stream.clone()).map_err(|e| Error::Device(format!("cuBLAS: {e:?}")))?)
+            }
+            None => None,
+        };
         Ok(CudaOps { gpu, blas, scratch: std::cell::RefCell::new(None) })
     }
 
@@ -46,10 +51,10 @@ impl CudaOps {
     #[allow(clippy::too_many_arguments)]
     fn sgemm(
         &self,
-        x: &CudaSlice<f32>,
+        x: &Buf<f32>,
         x_row0: usize,
-        w: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
+        w: &Buf<f32>,
+        y: &mut Buf<f32>,
         y_row0: usize,
         (n0, nt, n): (usize, usize, usize),
         [m, k]: [usize; 2],
@@ -76,21 +81,32 @@ impl CudaOps {
             beta: 0.0,
             ldc: int(n)?,
         };
-        let (wv, xv) = (w.slice(..nt * k), x.slice(x_row0 * k..(x_row0 + m) * k));
-        let start = y_row0 * n + n0;
-        let mut yv = y.slice_mut(start..start + c_len);
-        // SAFETY: the views hold the nt x k, m x k and (strided) m x nt values the config reads/writes.
-        unsafe { self.blas.gemm(cfg, &wv, &xv, &mut yv) }.map_err(|e| Error::Device(format!("cuBLAS SGEMM: {e:?}")))
+        let (xs, ys) = (x_row0 * k..(x_row0 + m) * k, y_row0 * n + n0..y_row0 * n + n0 + c_len);
+        match (&self.blas, x, w, y) {
+            (Some(blas), Buf::Device(x), Buf::Device(w), Buf::Device(y)) => {
+                let (wv, xv, mut yv) = (w.slice(..nt * k), x.slice(xs), y.slice_mut(ys));
+                // SAFETY: the views hold the nt x k, m x k and (strided) m x nt values the config
+                // reads and writes.
+                unsafe { blas.gemm(cfg, &wv, &xv, &mut yv) }.map_err(|e| Error::Device(format!("cuBLAS SGEMM: {e:?}")))
+            }
+            (None, Buf::Host(x), Buf::Host(w), Buf::Host(y)) => {
+                super::emu::gemm(&cfg, &w[..nt * k], &x[xs], &mut y[ys])
+            }
+            _ => Err(Error::Device("SGEMM: buffers from another device".into())),
+        }
     }
 
-    fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
-        self.gpu.stream.alloc_zeros(n.max(1)).map_err(|e| Error::Device(format!("allocate {n} values: {e:?}")))
+    fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone>(
+        &self,
+        n: usize,
+    ) -> Result<Buf<T>> {
+        self.gpu.zeros(n)
     }
 }
 
 impl Ops for CudaOps {
-    type F = CudaSlice<f32>;
-    type I = CudaSlice<i32>;
+    type F = Buf<f32>;
+    type I = Buf<i32>;
     type W = DeviceWeight;
 
     fn upload_weight(&self, w: HostWeight, _n: usize, _k: usize) -> Result<DeviceWeight> {

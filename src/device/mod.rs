@@ -25,6 +25,9 @@ pub enum Backend {
     CpuOps,
     /// The device forward pass on the GPU (a build with `--features cuda`).
     Cuda,
+    /// The device forward pass through the CUDA kernels' own source run on the host (`cuda::emu`,
+    /// a build with `--features cuda`): checks the kernels without a GPU; slow.
+    CudaEmu,
 }
 
 /// Runs a prefill: the CPU model, or the device forward pass on some ops.
@@ -55,19 +58,28 @@ pub fn with_prefill<R>(
     match backend {
         Backend::Cpu => f(model),
         Backend::CpuOps => f(&forward::DeviceModel::new(&cpu::CpuOps, model)?),
-        Backend::Cuda => on_cuda(ordinal, model, f),
+        Backend::Cuda | Backend::CudaEmu => on_cuda(backend, ordinal, model, f),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn on_cuda<R>(ordinal: usize, model: &Model, f: impl FnOnce(&dyn Prefill) -> Result<R>) -> Result<R> {
-    let ops = crate::cuda::ops::CudaOps::new(crate::cuda::gpu::Gpu::open(ordinal)?)?;
+fn on_cuda<R>(backend: Backend, ordinal: usize, model: &Model, f: impl FnOnce(&dyn Prefill) -> Result<R>) -> Result<R> {
+    let ops = crate::cuda::ops::CudaOps::new(open_gpu(backend, ordinal)?)?;
     f(&forward::DeviceModel::new(&ops, model)?)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn on_cuda<R>(_: usize, _: &Model, _: impl FnOnce(&dyn Prefill) -> Result<R>) -> Result<R> {
+fn on_cuda<R>(_: Backend, _: usize, _: &Model, _: impl FnOnce(&dyn Prefill) -> Result<R>) -> Result<R> {
     Err(no_cuda())
+}
+
+/// The GPU a CUDA backend runs on: device `ordinal`, or the host emulation of the kernels.
+#[cfg(feature = "cuda")]
+pub(crate) fn open_gpu(backend: Backend, ordinal: usize) -> Result<crate::cuda::gpu::Gpu> {
+    match backend {
+        Backend::CudaEmu => Ok(crate::cuda::gpu::Gpu::emulated()),
+        _ => crate::cuda::gpu::Gpu::open(ordinal),
+    }
 }
 
 /// What asking for the GPU says in a build without the `cuda` feature.

@@ -1,0 +1,72 @@
+//! With the `cuda` feature: compiles every kernel file (src/cuda/*.cu) a second time, as host
+//! C++ over the emulation runtime in src/cuda/emu.h, into a static library that
+//! `cuda::emu` launches. That lets the kernels' own source run, and be checked against the CPU
+//! references, on a machine with no GPU (`--device cuda-emu`, the tests, CI). Without the
+//! feature this does nothing.
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/cuda");
+    #[cfg(feature = "cuda")]
+    emu::build();
+}
+
+#[cfg(feature = "cuda")]
+mod emu {
+    use std::fmt::Write as _;
+    use std::path::{Path, PathBuf};
+
+    pub fn build() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cuda");
+        let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .expect("src/cuda is readable")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+            .collect();
+        files.sort();
+
+        let mut src = format!("#include \"{}\"\nnamespace glimpse_emu {{\n", dir.join("emu.h").display());
+        append(&mut src, &dir.join("prelude.cuh"), &mut Vec::new());
+        let mut kernels = Vec::new();
+        for f in &files {
+            append(&mut src, f, &mut kernels);
+        }
+        src.push_str("} // namespace glimpse_emu\n\n");
+        src.push_str(
+            "// 0 when the launch ran; -1 for a kernel this library does not have; see glimpse_emu::launch.\n\
+             extern \"C\" int glimpse_emu_launch(const char* name, unsigned grid, unsigned block, unsigned shared,\n\
+             \x20                                 void** params) {\n",
+        );
+        for k in &kernels {
+            let _ = writeln!(
+                src,
+                "    if (std::strcmp(name, \"{k}\") == 0) return glimpse_emu::run(glimpse_emu::{k}, grid, block, shared, params);"
+            );
+        }
+        src.push_str("    return -1;\n}\n");
+        let path = out.join("glimpse_emu.cpp");
+        std::fs::write(&path, src).expect("OUT_DIR is writable");
+        cc::Build::new().cpp(true).std("c++17").opt_level(2).file(&path).compile("glimpse_emu");
+    }
+
+    /// Appends one kernel file, rewritten where C++ differs from CUDA, and notes its kernels.
+    fn append(src: &mut String, file: &Path, kernels: &mut Vec<String>) {
+        let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let _ = writeln!(src, "#line 1 \"{}\"", file.display());
+        for line in text.lines() {
+            let t = line.trim();
+            if let Some(rest) = t.strip_prefix("extern \"C\" __global__ void ") {
+                // C++ linkage inside the namespace: the emulated `add` must not clash with a C symbol.
+                kernels.push(rest.split('(').next().unwrap_or_default().trim().to_string());
+                let _ = writeln!(src, "{}", line.replacen("extern \"C\" ", "", 1));
+            } else if let Some(decl) = t.strip_prefix("extern __shared__ ").and_then(|d| d.strip_suffix("[];")) {
+                // Dynamic shared memory: a pointer into the launch's buffer.
+                let (ty, name) = decl.rsplit_once(' ').unwrap_or_else(|| panic!("{}: `{t}`", file.display()));
+                let _ = writeln!(src, "{ty}* {name} = static_cast<{ty}*>(::glimpse_emu::dynamic_shared());");
+            } else {
+                let _ = writeln!(src, "{line}");
+            }
+        }
+    }
+}

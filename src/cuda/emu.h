@@ -1,0 +1,220 @@
+// Host emulation of the CUDA execution model, as much of it as glimpse's kernels use, so their
+// source runs (and is checked against the CPU references) on a machine without a GPU.
+// build.rs compiles every .cu file with this header as C++ (src/cuda/emu.rs launches them).
+//
+// A launch runs its blocks one after another; the threads of a block are fibers (ucontext) on
+// one OS thread, switched only at barriers, so a run is deterministic. __syncthreads is a
+// barrier over the block's live threads (a thread that returned counts as arrived, as on the
+// hardware), __shfl_xor_sync a barrier-separated exchange within the warp, __shared__ a static
+// (one launch runs at a time, one block at a time), atomics plain adds. A round in which no
+// fiber can move (threads waiting at different barriers) is reported as a deadlock: the
+// divergent-barrier bug that is undefined behaviour on a GPU.
+//
+// Not emulated: anything a GPU does differently from this serial schedule (warp-synchronous
+// code without barriers, memory-model races between blocks), NVRTC's code generation, and the
+// device's math library (expf and friends come from the host's libm, within a few ulp).
+#pragma once
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace glimpse_emu {
+
+using std::isfinite;
+using std::isnan;
+using std::max;
+using std::min;
+
+struct dim3 {
+    unsigned x, y, z;
+};
+
+// A barrier among fibers: the last to arrive releases the others, which see the new generation
+// the next time the scheduler resumes them.
+struct Barrier {
+    int expected = 0, arrived = 0;
+    unsigned long generation = 0;
+    void reset(int n) { expected = n; arrived = 0; }
+    void wait();
+    // A thread that returned: it no longer holds the others back.
+    void leave();
+};
+
+// The launch running now (one at a time, under launch_lock) and the fiber running in it.
+struct Launch {
+    dim3 grid, block, thread_idx, block_idx;
+    std::vector<unsigned char> dynamic_shared;
+    Barrier sync;
+    std::vector<Barrier> warps;
+    std::vector<uint64_t> lanes;  // the shuffle exchange: one slot per thread
+    ucontext_t scheduler;
+    std::vector<ucontext_t> fibers;
+    std::vector<char> done;
+    unsigned current = 0;
+    unsigned long progress = 0;  // arrivals, releases and exits: a round without any is a deadlock
+    void (*body)(void*) = nullptr;
+    void* args = nullptr;
+};
+
+inline Launch* L = nullptr;
+
+inline void yield_to_scheduler() { swapcontext(&L->fibers[L->current], &L->scheduler); }
+
+inline void Barrier::wait() {
+    unsigned long g = generation;
+    L->progress++;
+    if (++arrived >= expected) {
+        arrived = 0;
+        generation++;
+        return;
+    }
+    while (generation == g) yield_to_scheduler();
+}
+
+inline void Barrier::leave() {
+    expected--;
+    if (arrived > 0 && arrived >= expected) {
+        arrived = 0;
+        generation++;
+    }
+}
+
+template <class T>
+T shfl_xor(T v, int mask) {
+    unsigned t = L->thread_idx.x, warp = t >> 5;
+    static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a wide type");
+    std::memcpy(&L->lanes[t], &v, sizeof(T));
+    L->warps[warp].wait();
+    unsigned src = (warp << 5) | ((t & 31) ^ (unsigned)mask);
+    T r = v;
+    if (src < L->block.x) std::memcpy(&r, &L->lanes[src], sizeof(T));
+    L->warps[warp].wait();  // nobody overwrites a slot before every lane has read it
+    return r;
+}
+
+inline float int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline float uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline void* dynamic_shared() { return L->dynamic_shared.data(); }
+
+inline void fiber_entry() {
+    L->body(L->args);
+    unsigned t = L->current;
+    L->sync.leave();
+    L->warps[t >> 5].leave();
+    L->done[t] = 1;
+    L->progress++;
+    swapcontext(&L->fibers[t], &L->scheduler);  // never resumed
+}
+
+constexpr size_t FIBER_STACK = 64 << 10;
+
+// A fiber that starts at fiber_entry on `stack`. Kept out of line: getcontext returns twice as
+// far as the compiler knows, which would make it distrust launch()'s locals.
+__attribute__((noinline)) inline void prepare_fiber(ucontext_t* f, char* stack, ucontext_t* link) {
+    getcontext(f);
+    f->uc_stack.ss_sp = stack;
+    f->uc_stack.ss_size = FIBER_STACK;
+    f->uc_link = link;
+    makecontext(f, fiber_entry, 0);
+}
+
+// 0 when every block ran; -2 a deadlock at a barrier; -3 a block size the hardware refuses.
+inline int launch(dim3 grid, dim3 block, unsigned shared, void (*body)(void*), void* args) {
+    static std::mutex launch_lock;
+    static std::vector<std::vector<char>> stacks;
+    std::lock_guard<std::mutex> hold(launch_lock);
+    unsigned n = block.x;
+    if (n == 0 || n > 1024 || block.y != 1 || block.z != 1) return -3;
+    Launch launch_state;
+    Launch* l = &launch_state;
+    l->grid = grid;
+    l->block = block;
+    l->dynamic_shared.assign(shared, 0);
+    l->lanes.assign(n, 0);
+    l->warps.resize((n + 31) / 32);
+    l->fibers.resize(n);
+    l->done.assign(n, 0);
+    l->body = body;
+    l->args = args;
+    if (stacks.size() < n) stacks.resize(n);
+    for (auto& s : stacks) s.resize(FIBER_STACK);
+    L = l;
+    int status = 0;
+    for (unsigned b = 0; b < grid.x && status == 0; b++) {
+        l->block_idx = {b, 0, 0};
+        l->sync.reset((int)n);
+        for (unsigned w = 0; w < l->warps.size(); w++) l->warps[w].reset((int)std::min(32u, n - 32 * w));
+        for (unsigned t = 0; t < n; t++) {
+            prepare_fiber(&l->fibers[t], stacks[t].data(), &l->scheduler);
+            l->done[t] = 0;
+        }
+        unsigned live = n;
+        while (live > 0) {
+            unsigned long before = l->progress;
+            for (unsigned t = 0; t < n; t++) {
+                if (l->done[t]) continue;
+                l->current = t;
+                l->thread_idx = {t, 0, 0};
+                swapcontext(&l->scheduler, &l->fibers[t]);
+                if (l->done[t]) live--;
+            }
+            if (live > 0 && l->progress == before) {
+                status = -2;
+                break;
+            }
+        }
+    }
+    L = nullptr;
+    return status;
+}
+
+template <class... A, size_t... I>
+void call(void (*k)(A...), void** p, std::index_sequence<I...>) {
+    k(*static_cast<std::remove_cv_t<A>*>(p[I])...);
+}
+
+template <class... A>
+struct Kernel {
+    void (*k)(A...);
+    void** params;
+};
+
+template <class... A>
+void body(void* c) {
+    auto* kp = static_cast<Kernel<A...>*>(c);
+    call(kp->k, kp->params, std::index_sequence_for<A...>{});
+}
+
+// Runs kernel k over `grid` blocks of `block` threads; params[i] points at argument i, as
+// cuLaunchKernel takes them.
+template <class... A>
+int run(void (*k)(A...), unsigned grid, unsigned block, unsigned shared, void** params) {
+    Kernel<A...> kp{k, params};
+    return launch({grid, 1, 1}, {block, 1, 1}, shared, &body<A...>, &kp);
+}
+
+}  // namespace glimpse_emu
+
+// The CUDA names the kernels use.
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define threadIdx (::glimpse_emu::L->thread_idx)
+#define blockIdx (::glimpse_emu::L->block_idx)
+#define blockDim (::glimpse_emu::L->block)
+#define gridDim (::glimpse_emu::L->grid)
+#define __syncthreads() (::glimpse_emu::L->sync.wait())
+#define __shfl_xor_sync(mask, v, lane) ::glimpse_emu::shfl_xor((v), (lane))
+#define __int_as_float(i) ::glimpse_emu::int_as_float(i)
+#define __uint_as_float(i) ::glimpse_emu::uint_as_float(i)
+#define rsqrtf(x) (1.0f / std::sqrt((float)(x)))
+#define atomicAdd(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)

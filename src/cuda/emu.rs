@@ -1,0 +1,94 @@
+//! The CUDA backend without a GPU (`--device cuda-emu`): the kernels' own `.cu` source,
+//! compiled for the host by build.rs over the runtime in `emu.h` (thread blocks as fibers,
+//! barriers, warp shuffles), launched here with the argument lists the GPU launches take; and
+//! cuBLAS's SGEMM replaced by [`gemm`], the column-major BLAS contract computed plainly, so the
+//! row-major-on-column-major configuration `CudaOps` hands cuBLAS is checked too.
+//!
+//! This is how the kernels' logic (indexing, reductions, bounds, barriers) is tested in CI. It
+//! proves nothing about NVRTC's code, the hardware's scheduling or its math library: a GPU run
+//! of `glimpse selftest --device cuda` still has the last word.
+
+use std::ffi::{c_char, c_int, c_uint, c_void, CString};
+
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::GemmConfig;
+use cudarc::driver::LaunchConfig;
+
+use crate::error::{Error, Result};
+
+extern "C" {
+    fn glimpse_emu_launch(
+        name: *const c_char,
+        grid: c_uint,
+        block: c_uint,
+        shared: c_uint,
+        params: *mut *mut c_void,
+    ) -> c_int;
+}
+
+/// One kernel argument as the emulation takes it: a buffer's data pointer, or a pointer to a
+/// scalar (`int`, `long long`, `float`) that outlives the launch.
+pub enum Param {
+    Data(*mut c_void),
+    Value(*const c_void),
+}
+
+/// Runs kernel `name` over `cfg` with `params` in its signature's order.
+///
+/// # Safety
+/// The parameters must match the kernel's signature in number and type, and every buffer must
+/// hold what the kernel reads and writes (the launchers in `gpu` check this).
+pub unsafe fn launch(name: &str, cfg: LaunchConfig, params: &[Param]) -> Result<()> {
+    let (grid, block) = (cfg.grid_dim, cfg.block_dim);
+    if grid.1 != 1 || grid.2 != 1 {
+        return Err(Error::Device(format!("{name}: the emulation runs one-dimensional grids only")));
+    }
+    // The kernel reads each argument through a pointer to it: buffers' pointers live in `data`.
+    let mut data: Vec<*mut c_void> =
+        params.iter().map(|p| if let Param::Data(d) = p { *d } else { std::ptr::null_mut() }).collect();
+    let base = data.as_mut_ptr();
+    let mut args: Vec<*mut c_void> = params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| match p {
+            Param::Data(_) => base.add(i).cast(),
+            Param::Value(v) => v.cast_mut(),
+        })
+        .collect();
+    let cname = CString::new(name).map_err(|_| Error::Device(format!("kernel name {name:?}")))?;
+    match glimpse_emu_launch(cname.as_ptr(), grid.0, block.0, cfg.shared_mem_bytes, args.as_mut_ptr()) {
+        0 => Ok(()),
+        -1 => Err(Error::Device(format!("kernel `{name}` is not in the emulation library"))),
+        -2 => Err(Error::Device(format!("{name}: deadlock, threads of a block wait at different barriers"))),
+        -3 => Err(Error::Device(format!("{name}: a block of {block:?} threads is beyond the hardware"))),
+        code => Err(Error::Device(format!("{name}: the emulation failed ({code})"))),
+    }
+}
+
+/// cuBLAS's SGEMM contract on host slices (column-major): `C = alpha op(A) op(B) + beta C`,
+/// C m x n with leading dimension ldc, op(A) m x k, op(B) k x n. Accumulates in f64: this
+/// checks what the call computes, not cuBLAS's rounding.
+pub fn gemm(cfg: &GemmConfig<f32>, a: &[f32], b: &[f32], c: &mut [f32]) -> Result<()> {
+    let dims = [cfg.m, cfg.n, cfg.k, cfg.lda, cfg.ldb, cfg.ldc];
+    let [m, n, k, lda, ldb, ldc] = dims.map(|v| usize::try_from(v).unwrap_or(0));
+    if dims.iter().any(|&v| v < 0) || m == 0 || n == 0 {
+        return Ok(());
+    }
+    let t = |op: cublasOperation_t| op != cublasOperation_t::CUBLAS_OP_N;
+    let (ta, tb) = (t(cfg.transa), t(cfg.transb));
+    // Where op(A)[i, l] and op(B)[l, j] sit; both grow with each index, so the last is the extent.
+    let at = |i: usize, l: usize| if ta { l + i * lda } else { i + l * lda };
+    let bt = |l: usize, j: usize| if tb { j + l * ldb } else { l + j * ldb };
+    if k > 0 && (a.len() <= at(m - 1, k - 1) || b.len() <= bt(k - 1, n - 1)) || c.len() <= m - 1 + (n - 1) * ldc {
+        return Err(Error::Device(format!("SGEMM (emulated): buffers too small for {m} x {n} x {k}")));
+    }
+    for j in 0..n {
+        for i in 0..m {
+            let dot: f64 = (0..k).map(|l| a[at(i, l)] as f64 * b[bt(l, j)] as f64).sum();
+            let o = &mut c[i + j * ldc];
+            let prior = if cfg.beta == 0.0 { 0.0 } else { cfg.beta as f64 * *o as f64 };
+            *o = (cfg.alpha as f64 * dot + prior) as f32;
+        }
+    }
+    Ok(())
+}

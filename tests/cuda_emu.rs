@@ -1,0 +1,75 @@
+//! The CUDA kernels' own source, run on the host by the emulation (`cuda::emu`, built by
+//! build.rs): every kernel's parity check of `glimpse selftest --device cuda` (random inputs,
+//! sizes off the block size, NaN-poisoned outputs), the row-major products in the configuration
+//! cuBLAS gets, and the whole device forward pass on every golden case. No GPU is needed, so CI
+//! runs them; they check the kernels' logic, not NVRTC's code or the hardware.
+#![cfg(feature = "cuda")]
+
+use std::path::Path;
+
+use glimpse::checkpoint::Checkpoint;
+use glimpse::compare::Tolerance;
+use glimpse::cuda::gpu::Gpu;
+use glimpse::cuda::ops::CudaOps;
+use glimpse::cuda::selftest::{kernels, products, Check};
+use glimpse::device::forward::DeviceModel;
+use glimpse::device::Ops;
+use glimpse::dump::Dump;
+use glimpse::model::Model;
+use glimpse::verify::{format_line, verify_prefill};
+
+fn all_pass(checks: &[Check]) {
+    for c in checks {
+        println!("{:<45} max_abs {:9.3e}  {}", c.name, c.max_abs, if c.ok { "ok" } else { "FAILED" });
+    }
+    let failed: Vec<_> = checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
+    assert!(failed.is_empty(), "failed: {failed:?}");
+}
+
+#[test]
+fn every_kernel_matches_its_cpu_reference_in_the_emulation() {
+    let checks = kernels(&Gpu::emulated()).unwrap();
+    assert!(checks.len() >= 16, "{} checks", checks.len());
+    all_pass(&checks);
+}
+
+#[test]
+fn the_products_in_cublas_layout_match_the_cpu_in_the_emulation() {
+    let checks = products(&CudaOps::new(Gpu::emulated()).unwrap()).unwrap();
+    assert_eq!(checks.len(), 4);
+    all_pass(&checks);
+}
+
+#[test]
+fn the_device_forward_on_the_emulated_kernels_matches_every_golden_case() {
+    let ops = CudaOps::new(Gpu::emulated()).unwrap();
+    for case in ["flat", "grouped-shared-yarn", "fp8-sharded", "bf16-fused", "mtp"] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case);
+        let model = Model::load(&Checkpoint::open(&dir).unwrap()).unwrap();
+        let golden = Dump::open(&dir.join("reference.safetensors")).unwrap();
+        let device = DeviceModel::new(&ops, &model).unwrap();
+        let r = verify_prefill(&device, model.layers.len(), &golden, Tolerance::default()).unwrap();
+        for c in &r.results {
+            println!("{case}: {}", format_line(c));
+        }
+        let bad: Vec<String> = r.results.iter().filter(|c| !c.ok).map(format_line).collect();
+        assert!(bad.is_empty(), "{case}:\n{}", bad.join("\n"));
+        assert!(r.only_in_reference.is_empty(), "{case}: not produced: {:?}", r.only_in_reference);
+        assert!(
+            r.results.iter().any(|c| c.name == "layers.1.dsa.topk") && r.results.iter().any(|c| c.name == "logits")
+        );
+    }
+}
+
+/// Launchers refuse what a kernel would read out of bounds, before anything runs.
+#[test]
+fn a_launch_with_a_short_buffer_is_refused() {
+    let gpu = Gpu::emulated();
+    let (x, w) = (gpu.upload(&[1.0f32; 10]).unwrap(), gpu.upload(&[1.0f32; 5]).unwrap());
+    let mut y = gpu.filled(10, f32::NAN).unwrap();
+    let err = gpu.rms_norm(&x, &w, &mut y, 2, 6, 1e-6).unwrap_err().to_string();
+    assert!(err.contains("rms_norm: argument 0 holds 10 values, the launch needs 12"), "{err}");
+    assert!(gpu.download(&y).unwrap().iter().all(|v| v.is_nan()), "nothing was written");
+    let ops = CudaOps::new(Gpu::emulated()).unwrap();
+    assert_eq!(ops.download(&ops.zeros(3).unwrap()).unwrap(), vec![0.0; 3]);
+}
