@@ -234,7 +234,7 @@ pub fn collect(
     prompts: Option<&Path>,
     dumps: &[PathBuf],
     max_memory: Option<u64>,
-    backend: crate::device::Backend,
+    target: crate::device::Target,
 ) -> Result<Audit> {
     let ckpt = model_dir.map(Checkpoint::open).transpose()?;
     // Prompts are read and encoded before the model is loaded, so the memory check sees them.
@@ -271,7 +271,7 @@ pub fn collect(
     }
     if let (Some(m), Some(path)) = (&model, prompts) {
         let progress = std::io::stderr().is_terminal();
-        crate::device::with_prefill(backend, 0, m, |p| {
+        crate::device::with_prefill(target, m, |p| {
             for (n, tokens) in prompt_tokens.iter().enumerate() {
                 if progress {
                     eprint!("\raudit: prompt {}/{}", n + 1, prompt_tokens.len());

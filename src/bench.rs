@@ -170,19 +170,18 @@ pub fn run_device<O: crate::device::Ops>(ops: &O, model: &Model, tokens: usize, 
 
 /// `bench --device cpu-ops|cuda`: [`run_device`] on that backend, rendered (for `cuda` with the
 /// device and the memory in use after the runs).
-pub fn run_on(backend: crate::device::Backend, model: &Model, tokens: usize, repeat: usize) -> Result<String> {
-    match backend {
+pub fn run_on(target: crate::device::Target, model: &Model, tokens: usize, repeat: usize) -> Result<String> {
+    match target.check()?.backend {
         crate::device::Backend::Cpu => Err(Error::Usage("the CPU model is timed by plain `bench`".into())),
         crate::device::Backend::CpuOps => Ok(run_device(&crate::device::cpu::CpuOps, model, tokens, repeat)?.render()),
-        backend => on_cuda(backend, model, tokens, repeat),
+        _ => on_cuda(target, model, tokens, repeat),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn on_cuda(backend: crate::device::Backend, model: &Model, tokens: usize, repeat: usize) -> Result<String> {
-    let gpu = crate::device::open_gpu(backend, 0)?;
-    let head = format!("device 0: {} ({})\n", gpu.name, gpu.arch);
-    let ops = crate::cuda::ops::CudaOps::new(gpu)?;
+fn on_cuda(target: crate::device::Target, model: &Model, tokens: usize, repeat: usize) -> Result<String> {
+    let ops = crate::device::cuda_ops(target)?;
+    let head = format!("{}: {} ({})\n", target.describe(), ops.gpu.name, ops.gpu.arch);
     let report = run_device(&ops, model, tokens, repeat)?.render();
     Ok(match ops.gpu.memory()? {
         Some((free, total)) => {
@@ -194,7 +193,7 @@ fn on_cuda(backend: crate::device::Backend, model: &Model, tokens: usize, repeat
 }
 
 #[cfg(not(feature = "cuda"))]
-fn on_cuda(_: crate::device::Backend, _: &Model, _: usize, _: usize) -> Result<String> {
+fn on_cuda(_: crate::device::Target, _: &Model, _: usize, _: usize) -> Result<String> {
     Err(crate::device::no_cuda())
 }
 

@@ -82,6 +82,16 @@ pub enum Detail {
     },
 }
 
+impl Detail {
+    /// The largest absolute difference of a float comparison; None for sets and shapes.
+    pub fn max_abs(&self) -> Option<f64> {
+        match self {
+            Detail::Float { max_abs, .. } => Some(*max_abs),
+            _ => None,
+        }
+    }
+}
+
 /// A row whose selected set differs between the two sides (a routing or DSA *flip*).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Flip {

@@ -186,6 +186,11 @@ pub trait Observer {
     fn forced_routing(&mut self, _layer: usize) -> Result<Option<Vec<Vec<usize>>>> {
         Ok(None)
     }
+    /// Isolation (`verify --isolate` on a device): the hidden state to feed layer `layer` (the
+    /// final norm for `layer` = the depth) instead of the one this run computed.
+    fn isolated_input(&mut self, _layer: usize) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
     /// Called after each layer with the hidden state and DSA selection the next layer starts from
     /// (a dump writer checkpoints here so a killed run can resume).
     fn layer_done(&mut self, _layer: usize, _hidden: &Tensor, _selection: Option<&Selection>) -> Result<()> {
@@ -314,6 +319,9 @@ impl Observer for Tee<'_> {
     }
     fn forced_routing(&mut self, layer: usize) -> Result<Option<Vec<Vec<usize>>>> {
         self.0.forced_routing(layer)
+    }
+    fn isolated_input(&mut self, layer: usize) -> Result<Option<Tensor>> {
+        self.0.isolated_input(layer)
     }
     fn layer_done(&mut self, layer: usize, hidden: &Tensor, selection: Option<&Selection>) -> Result<()> {
         self.0.layer_done(layer, hidden, selection)?;

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use glimpse::checkpoint::Checkpoint;
 use glimpse::compare::Tolerance;
-use glimpse::device::Backend;
+use glimpse::device::{Backend, Precision, Target};
 use glimpse::dump::DumpWriter;
 use glimpse::dump::{self, Dump};
 use glimpse::error::{Error, Result};
@@ -34,6 +34,13 @@ struct Cli {
     /// Refuse runs estimated to need more memory than this, e.g. 16G (default: available RAM).
     #[arg(long, global = true, value_parser = glimpse::memory::parse_size)]
     max_memory: Option<u64>,
+    /// With --device cuda: which GPU (CUDA device ordinal).
+    #[arg(long, global = true, default_value_t = 0)]
+    ordinal: usize,
+    /// With --device cuda|cuda-emu: the matrix products' arithmetic. f32 (SGEMM) is verified at
+    /// the spec's default tolerance; bf16 (tensor cores, f32 accumulation) at atol = rtol = 2e-2.
+    #[arg(long, global = true, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,10 +55,12 @@ enum Command {
         /// Reference dump (default: reference.safetensors in the model folder).
         #[arg(long)]
         golden: Option<PathBuf>,
-        #[arg(long, default_value_t = 1e-4)]
-        atol: f64,
-        #[arg(long, default_value_t = 1e-4)]
-        rtol: f64,
+        /// Absolute tolerance (default 1e-4; 2e-2 with --precision bf16).
+        #[arg(long)]
+        atol: Option<f64>,
+        /// Relative tolerance (default 1e-4; 2e-2 with --precision bf16).
+        #[arg(long)]
+        rtol: Option<f64>,
         /// Feed every layer the reference's own input, so errors do not spread between layers.
         #[arg(long)]
         isolate: bool,
@@ -75,9 +84,10 @@ enum Command {
         #[arg(long, default_value_t = 1, requires = "decode", value_parser = clap::value_parser!(u64).range(1..))]
         chunk: u64,
         /// Where the forward pass runs: `cpu-ops` is the GPU path's code on the host; `cuda` needs a
-        /// build with `--features cuda` and a GPU. Both compare the main forward (no replay, MTP).
+        /// build with `--features cuda` and a GPU, `cuda-emu` that build. Each compares the main
+        /// forward (no MTP head), with --isolate and --force-*.
         #[arg(long, value_enum, default_value_t = Backend::Cpu,
-              conflicts_with_all = ["isolate", "force_routing", "force_selection", "layers", "stream", "decode"])]
+              conflicts_with_all = ["layers", "stream", "decode"])]
         device: Backend,
     },
     /// Compare two dumps: the first hook point where they part ways, per-tensor errors, flips.
@@ -238,9 +248,6 @@ enum Command {
     Selftest {
         #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         device: Backend,
-        /// Which GPU (CUDA device ordinal).
-        #[arg(long, default_value_t = 0)]
-        ordinal: usize,
     },
     /// Write a random-weight checkpoint in the released layout.
     Synth {
@@ -314,6 +321,8 @@ fn default_case() -> PathBuf {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     let max_memory = cli.max_memory;
+    let (ordinal, precision) = (cli.ordinal, cli.precision);
+    let target = |backend| Target { backend, ordinal, precision }.check();
     if let Some(n) = cli.threads {
         if n == 0 {
             return Err(Error::Usage("--threads must be at least 1".into()));
@@ -340,6 +349,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let model_dir = model.unwrap_or_else(default_case);
             let golden = golden.unwrap_or_else(|| model_dir.join("reference.safetensors"));
+            let target = target(device)?;
+            let default = target.precision.tolerance();
+            let (atol, rtol) = (atol.unwrap_or(default.atol), rtol.unwrap_or(default.rtol));
             let tol = Tolerance { atol, rtol };
             if !(atol >= 0.0 && rtol >= 0.0) {
                 return Err(Error::Usage("--atol and --rtol must be non-negative numbers".into()));
@@ -363,10 +375,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 memory::check_run(&ckpt, tokens.batch, tokens.seq, false, max_memory)?;
                 let model = Model::load(&ckpt)?;
                 let n = model.layers.len();
-                let report = glimpse::device::with_prefill(device, 0, &model, |p| {
-                    verify::verify_prefill(p, n, &reference, tol)
-                })?;
-                println!("verify {} against {} on {device:?}", model_dir.display(), golden.display());
+                let replay = verify::Replay { routing: force_routing, selection: force_selection };
+                let opts = verify::VerifyOptions { tol, isolate, replay, layers: None };
+                let report =
+                    glimpse::device::with_prefill(target, &model, |p| verify::verify_prefill(p, n, &reference, &opts))?;
+                println!("verify {} against {} on {}", model_dir.display(), golden.display(), target.describe());
                 verify::print_report(&report, tol);
                 return Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) });
             }
@@ -410,7 +423,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Audit { model, prompts, dumps, json, csv, heatmap, device } => {
-            let audit = glimpse::audit::collect(model.as_deref(), prompts.as_deref(), &dumps, max_memory, device)?;
+            let audit =
+                glimpse::audit::collect(model.as_deref(), prompts.as_deref(), &dumps, max_memory, target(device)?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&audit.to_json()).unwrap_or_default());
             } else {
@@ -431,7 +445,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let ckpt = Checkpoint::open(&model)?;
             memory::check_run(&ckpt, 1, tokens, false, max_memory)?;
             let model = Model::load(&ckpt)?;
-            print!("{}", glimpse::bench::run_on(device, &model, tokens, repeat)?);
+            print!("{}", glimpse::bench::run_on(target(device)?, &model, tokens, repeat)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { model, tokens, repeat, .. } => {
@@ -448,7 +462,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 tokens.as_deref(),
                 prompt.as_deref(),
                 max_memory,
-                device,
+                target(device)?,
             )?;
             glimpse_tui::term::run(&src).map_err(|e| Error::Usage(format!("terminal: {e}")))?;
             Ok(ExitCode::SUCCESS)
@@ -484,7 +498,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 _ => return Err(Error::Usage("give --tokens, --prompt, --tokens-from or --from-dump".into())),
             };
             if device != Backend::Cpu {
-                return run_on_device(&ckpt, &model, &tokens, out.as_deref(), &record, device, max_memory);
+                return run_on_device(&ckpt, &model, &tokens, out.as_deref(), &record, target(device)?, max_memory);
             }
             if let Some(window) = &layers {
                 stream::check_window(&ckpt.config, window)?;
@@ -579,9 +593,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             glimpse::generate::run(&model, &ckpt, &Model::load(&ckpt)?, &tokens, &opts)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Selftest { device, ordinal } => {
+        Command::Selftest { device } => {
             let root = default_case().parent().map(Path::to_path_buf).unwrap_or_default();
-            let ok = glimpse::selftest::run(&root, device, ordinal)?;
+            let ok = glimpse::selftest::run(&root, target(device)?)?;
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Synth { config, preset, layers, experts, vocab, dtype, shards, mtp, seed, out } => {
@@ -664,7 +678,7 @@ fn run_on_device(
     tokens: &Tokens,
     out: Option<&Path>,
     record: &str,
-    device: Backend,
+    device: Target,
     max: Option<u64>,
 ) -> Result<ExitCode> {
     memory::check_run(ckpt, tokens.batch, tokens.seq, out.is_some(), max)?;
@@ -673,22 +687,23 @@ fn run_on_device(
     let logits = match out {
         Some(path) => {
             let mut writer = DumpWriter::create(path, Selector::new(record, None), model.max_hook_points())?;
-            let logits = glimpse::device::with_prefill(device, 0, &model, |p| {
+            let logits = glimpse::device::with_prefill(device, &model, |p| {
                 p.prefill(tokens, &mut Tee(&mut writer, &mut watch))
             })?;
-            let source = format!("glimpse {} / device forward pass on {device:?}, float32", env!("CARGO_PKG_VERSION"));
+            let source =
+                format!("glimpse {} / device forward pass on {}", env!("CARGO_PKG_VERSION"), device.describe());
             let meta = dump::metadata(&source, Some(&ckpt.config_bytes), Some(&dir.display().to_string()));
             let n = writer.finish(&meta)?;
             println!("wrote {n} tensors to {}", path.display());
             logits
         }
-        None => glimpse::device::with_prefill(device, 0, &model, |p| p.prefill(tokens, &mut watch))?,
+        None => glimpse::device::with_prefill(device, &model, |p| p.prefill(tokens, &mut watch))?,
     };
     if let Some(nf) = &watch.first {
         eprintln!("glimpse: warning: first NaN/Inf of the run: {nf}");
     }
     for (bi, row) in glimpse::model::decode::last_argmax(&logits)?.iter().enumerate() {
-        println!("row {bi}: {} tokens on {device:?}, next token (greedy) {row}", tokens.seq);
+        println!("row {bi}: {} tokens on {}, next token (greedy) {row}", tokens.seq, device.describe());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -346,7 +346,7 @@ pub fn open(
     tokens: Option<&str>,
     prompt: Option<&str>,
     max_memory: Option<u64>,
-    backend: crate::device::Backend,
+    target: crate::device::Target,
 ) -> Result<DumpSource> {
     let dir = match (dump, model) {
         (Some(path), _) => {
@@ -380,11 +380,11 @@ pub fn open(
     let tmp = std::env::temp_dir().join(format!("glimpse-tui-{}.safetensors", std::process::id()));
     let owned = TempFile(tmp.clone());
     let mut writer = DumpWriter::create(&tmp, Selector::default(), model.max_hook_points())?;
-    crate::device::with_prefill(backend, 0, &model, |p| p.prefill(&tokens, &mut writer))?;
+    crate::device::with_prefill(target, &model, |p| p.prefill(&tokens, &mut writer))?;
     writer.finish(&dump::metadata("glimpse live run", Some(&ckpt.config_bytes), None))?;
-    let live = match backend {
+    let live = match target.backend {
         crate::device::Backend::Cpu => "live".to_string(),
-        other => format!("live, {other:?}"),
+        _ => format!("live, {}", target.describe()),
     };
     let title = match &golden {
         Some(g) => format!("{} ({live}) vs reference {}", dir.display(), g.display()),

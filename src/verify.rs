@@ -23,6 +23,8 @@ pub struct Verifier<'a> {
     golden: &'a Dump,
     tol: Tolerance,
     replay: Replay,
+    /// Answer `isolated_input` with the reference's hidden states (the device forward's isolation).
+    isolate: bool,
     pub results: Vec<Comparison>,
     /// Our `moe.topk_ids` of the current layer, to align `moe.topk_weights` by expert.
     last_ids: Option<Vec<i64>>,
@@ -38,6 +40,7 @@ impl<'a> Verifier<'a> {
             golden,
             tol,
             replay: Replay::default(),
+            isolate: false,
             results: Vec::new(),
             last_ids: None,
             non_finite: None,
@@ -92,6 +95,17 @@ impl Observer for Verifier<'_> {
             return Ok(None);
         }
         Ok(Some(self.golden.selection(&name)?))
+    }
+
+    fn isolated_input(&mut self, layer: usize) -> Result<Option<Tensor>> {
+        let name = match layer {
+            0 => return Ok(None), // the embedding is exact
+            i => HookPoint::Layer(i - 1, LayerHook::Output).name(),
+        };
+        if !self.isolate || !self.golden.contains(&name) {
+            return Ok(None);
+        }
+        Ok(Some(self.golden.tensor(&name)?))
     }
 
     fn forced_routing(&mut self, layer: usize) -> Result<Option<Vec<Vec<usize>>>> {
@@ -207,10 +221,17 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
 }
 
 /// A prefill (the CPU model, or the device forward pass on some backend) against a reference
-/// dump: every main-model tensor the dump holds (no replay, no isolation, no MTP head). `layers`
-/// is the model's depth, to leave the MTP layer's `layers.{N}.*` out of what must be produced.
-pub fn verify_prefill(p: &dyn crate::device::Prefill, layers: usize, golden: &Dump, tol: Tolerance) -> Result<Report> {
-    let mut v = Verifier::new(golden, tol);
+/// dump: every main-model tensor the dump holds, with `opts`' replay and isolation (no layer
+/// window, no MTP head). `layers` is the model's depth, to leave the MTP layer's
+/// `layers.{N}.*` out of what must be produced.
+pub fn verify_prefill(
+    p: &dyn crate::device::Prefill,
+    layers: usize,
+    golden: &Dump,
+    opts: &VerifyOptions,
+) -> Result<Report> {
+    let mut v = Verifier::new(golden, opts.tol);
+    (v.replay, v.isolate) = (opts.replay, opts.isolate);
     p.prefill(&golden.tokens()?, &mut v)?;
     let produced: BTreeSet<&str> = v.results.iter().map(|c| c.name.as_str()).collect();
     let only_in_reference = golden
@@ -225,7 +246,7 @@ pub fn verify_prefill(p: &dyn crate::device::Prefill, layers: usize, golden: &Du
         results: v.results,
         non_finite: v.non_finite,
         only_in_reference,
-        isolate: false,
+        isolate: opts.isolate,
         final_norm: v.final_norm,
     })
 }

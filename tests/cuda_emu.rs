@@ -8,12 +8,11 @@
 use std::path::Path;
 
 use glimpse::checkpoint::Checkpoint;
-use glimpse::compare::Tolerance;
 use glimpse::cuda::gpu::Gpu;
 use glimpse::cuda::ops::CudaOps;
 use glimpse::cuda::selftest::{kernels, products, Check};
 use glimpse::device::forward::DeviceModel;
-use glimpse::device::Ops;
+use glimpse::device::{Ops, Precision};
 use glimpse::dump::Dump;
 use glimpse::model::Model;
 use glimpse::verify::{format_line, verify_prefill};
@@ -34,21 +33,23 @@ fn every_kernel_matches_its_cpu_reference_in_the_emulation() {
 }
 
 #[test]
-fn the_products_in_cublas_layout_match_the_cpu_in_the_emulation() {
-    let checks = products(&CudaOps::new(Gpu::emulated()).unwrap()).unwrap();
-    assert_eq!(checks.len(), 4);
-    all_pass(&checks);
+fn the_products_in_cublas_layout_match_the_cpu_in_the_emulation_in_both_precisions() {
+    for precision in [Precision::F32, Precision::Bf16] {
+        let checks = products(&CudaOps::new(Gpu::emulated(), precision).unwrap()).unwrap();
+        assert_eq!(checks.len(), 4);
+        all_pass(&checks);
+    }
 }
 
 #[test]
 fn the_device_forward_on_the_emulated_kernels_matches_every_golden_case() {
-    let ops = CudaOps::new(Gpu::emulated()).unwrap();
+    let ops = CudaOps::new(Gpu::emulated(), Precision::F32).unwrap();
     for case in ["flat", "grouped-shared-yarn", "fp8-sharded", "bf16-fused", "mtp"] {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case);
         let model = Model::load(&Checkpoint::open(&dir).unwrap()).unwrap();
         let golden = Dump::open(&dir.join("reference.safetensors")).unwrap();
         let device = DeviceModel::new(&ops, &model).unwrap();
-        let r = verify_prefill(&device, model.layers.len(), &golden, Tolerance::default()).unwrap();
+        let r = verify_prefill(&device, model.layers.len(), &golden, &Default::default()).unwrap();
         for c in &r.results {
             println!("{case}: {}", format_line(c));
         }
@@ -70,6 +71,37 @@ fn a_launch_with_a_short_buffer_is_refused() {
     let err = gpu.rms_norm(&x, &w, &mut y, 2, 6, 1e-6).unwrap_err().to_string();
     assert!(err.contains("rms_norm: argument 0 holds 10 values, the launch needs 12"), "{err}");
     assert!(gpu.download(&y).unwrap().iter().all(|v| v.is_nan()), "nothing was written");
-    let ops = CudaOps::new(Gpu::emulated()).unwrap();
+    let ops = CudaOps::new(Gpu::emulated(), Precision::F32).unwrap();
     assert_eq!(ops.download(&ops.zeros(3).unwrap()).unwrap(), vec![0.0; 3]);
+}
+
+/// `glimpse selftest --device cuda-emu`: the kernels and products in both precisions, every
+/// golden case through the f32 path against transformers, and the bf16 path against the host's
+/// bf16 products; exit 0 only when all pass.
+#[test]
+fn selftest_on_the_emulation_passes_in_both_precisions() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["selftest", "--device", "cuda-emu"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "exit {:?}", out.status);
+    let verdicts = |what: &str| text.lines().filter(|l| l.starts_with("verify ") && l.contains(what)).count();
+    assert_eq!(verdicts("(cuda-emu, float32)"), 5);
+    assert_eq!(verdicts("bf16 products with float32 accumulation vs the host's"), 5);
+    assert_eq!(text.lines().filter(|l| l.starts_with("measure ")).count(), 5);
+    assert!(!text.contains("FAILED"));
+}
+
+/// `--precision bf16` is refused where the products are f32 only.
+#[test]
+fn bf16_precision_needs_a_cuda_backend() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["--precision", "bf16", "verify", "--device", "cpu-ops"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--precision bf16 needs --device cuda or cuda-emu"), "{err}");
 }

@@ -6,7 +6,6 @@
 use std::path::Path;
 
 use glimpse::checkpoint::Checkpoint;
-use glimpse::compare::Tolerance;
 use glimpse::device::cpu::CpuOps;
 use glimpse::device::forward::DeviceModel;
 use glimpse::dump::Dump;
@@ -20,7 +19,7 @@ fn the_device_forward_on_cpu_ops_matches_every_golden_case() {
         let model = Model::load(&Checkpoint::open(&dir).unwrap()).unwrap();
         let golden = Dump::open(&dir.join("reference.safetensors")).unwrap();
         let device = DeviceModel::new(&CpuOps, &model).unwrap();
-        let r = verify_prefill(&device, model.layers.len(), &golden, Tolerance::default()).unwrap();
+        let r = verify_prefill(&device, model.layers.len(), &golden, &Default::default()).unwrap();
         let bad: Vec<String> = r.results.iter().filter(|c| !c.ok).map(format_line).collect();
         assert!(bad.is_empty(), "{case}:\n{}", bad.join("\n"));
         assert!(r.only_in_reference.is_empty(), "{case}: not produced: {:?}", r.only_in_reference);
@@ -99,6 +98,14 @@ fn the_device_flag_runs_the_device_path_in_every_command() {
     assert_eq!(code, 0, "{text}");
     let names = Dump::open(&dir.join("reference.safetensors")).unwrap().names().len();
     assert!(text.contains(&format!("{names} of {names} tensors match")), "{text}");
+    // Isolation and replay go through the device path too.
+    let replayed = ["verify", "--model", m, "--device", "cpu-ops", "--isolate", "--force-routing", "--force-selection"];
+    let (code, text) = common::code_and_text(&replayed);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains(&format!("{names} of {names} tensors match (atol 1e-4, rtol 1e-4, isolated layers)")),
+        "{text}"
+    );
     let (code, text) =
         common::code_and_text(&["bench", "--model", m, "--tokens", "8", "--repeat", "1", "--device", "cpu-ops"]);
     assert_eq!(code, 0, "{text}");

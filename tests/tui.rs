@@ -250,11 +250,12 @@ fn every_view_draws_a_dump_with_the_mtp_layer() {
 /// every view draws it.
 #[test]
 fn the_live_run_can_go_through_the_device_path() {
-    let src = glimpse::tui_source::open(Some(&flat()), None, None, None, None, None, glimpse::device::Backend::CpuOps)
-        .unwrap();
+    let src =
+        glimpse::tui_source::open(Some(&flat()), None, None, None, None, None, glimpse::device::Backend::CpuOps.into())
+            .unwrap();
     let mut app = App::default();
     let s = screen(&app, &src, 100, 24);
-    assert!(s.contains("(live, CpuOps) vs reference"), "{s}");
+    assert!(s.contains("(live, cpu-ops, float32) vs reference"), "{s}");
     for view in [View::Activations, View::Routing, View::Dsa, View::KvNorms] {
         app.set_view(view);
         assert!(screen(&app, &src, 80, 24).contains("q quit"));

@@ -102,6 +102,7 @@ T shfl_xor(T v, int mask) {
 
 inline float int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline float uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline unsigned float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
 inline void* dynamic_shared() { return L->dynamic_shared.data(); }
 
 inline void fiber_entry() {
@@ -216,5 +217,6 @@ int run(void (*k)(A...), unsigned grid, unsigned block, unsigned shared, void** 
 #define __shfl_xor_sync(mask, v, lane) ::glimpse_emu::shfl_xor((v), (lane))
 #define __int_as_float(i) ::glimpse_emu::int_as_float(i)
 #define __uint_as_float(i) ::glimpse_emu::uint_as_float(i)
+#define __float_as_uint(f) ::glimpse_emu::float_as_uint(f)
 #define rsqrtf(x) (1.0f / std::sqrt((float)(x)))
 #define atomicAdd(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)

@@ -505,6 +505,13 @@ impl Gpu {
         launch!(self, "bf16_widen", cfg(n, 256, 0), [x, &start64, out, &n64])
     }
 
+    /// Values `start .. start + n` of `x` rounded to bf16 into the first n of `out`.
+    pub fn bf16_round(&self, x: &Buf<f32>, start: usize, out: &mut Buf<u16>, n: usize) -> Result<()> {
+        fits("bf16_round", &[(x.len(), start + n), (out.len(), n)])?;
+        let (start64, n64) = (start as i64, n as i64);
+        launch!(self, "bf16_round", cfg(n, 256, 0), [x, &start64, out, &n64])
+    }
+
     /// (free, total) bytes of device memory; None for the emulation.
     pub fn memory(&self) -> Result<Option<(usize, usize)>> {
         match &self.engine {

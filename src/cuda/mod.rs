@@ -14,6 +14,7 @@
 //! forward pass through them matches every golden case there; nothing has run on a GPU yet.
 
 pub mod emu;
+pub mod gemm;
 pub mod gpu;
 pub mod ops;
 pub mod selftest;
@@ -34,7 +35,7 @@ pub const KERNELS: &[(&str, &str, &[&str])] = &[
     ("indexer", include_str!("indexer.cu"), &["index_scores", "topk_causal"]),
     ("attention", include_str!("attention.cu"), &["sparse_attention"]),
     ("moe", include_str!("moe.cu"), &["gather_rows", "combine"]),
-    ("fp8", include_str!("fp8.cu"), &["fp8_dequant", "bf16_widen"]),
+    ("convert", include_str!("convert.cu"), &["fp8_dequant", "bf16_widen", "bf16_round"]),
 ];
 
 /// A CUDA library cudarc would load.

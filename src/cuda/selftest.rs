@@ -207,34 +207,68 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     gpu.bf16_widen(&gpu.upload(&bits)?, 0, &mut f, bits.len())?;
     let cpu: Vec<f32> = bits.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
     out.push(check("bf16_widen", &gpu.download(&f)?, &cpu, 0.0));
+    // Rounding to bf16, from an offset: ties to even, overflow to infinity, signed zero, NaN.
+    let mut v = rng.vec(1003);
+    v[3..11].copy_from_slice(&[
+        1.0 + 1.0 / 256.0,
+        1.0 + 3.0 / 256.0,
+        f32::MAX,
+        -0.0,
+        f32::INFINITY,
+        1e-40,
+        -3.5,
+        f32::NAN,
+    ]);
+    let mut b = gpu.filled(v.len() - 3, u16::MAX)?;
+    gpu.bf16_round(&gpu.upload(&v)?, 3, &mut b, v.len() - 3)?;
+    let widen = |bits: Vec<u16>| -> Vec<f32> { bits.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect() };
+    let cpu: Vec<f32> = v[3..].iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+    let got = widen(gpu.download(&b)?);
+    let nan_kept = got[7].is_nan();
+    let (mut got, mut cpu) = (got, cpu);
+    (got[7], cpu[7]) = (0.0, 0.0); // NaN == NaN fails the check; compared as "both NaN" above
+    let c = check("bf16_round", &got, &cpu, 0.0);
+    out.push(Check { ok: c.ok && nan_kept, ..c });
 
     gpu.synchronize()?;
     Ok(out)
 }
 
 /// The products through cuBLAS (row-major on a column-major library) against the CPU's, with an
-/// f32 weight and a bf16 one (widened on the device), on row ranges of packed buffers as the
-/// expert GEMMs use them.
+/// f32 weight and a bf16 one, on row ranges of packed buffers as the expert GEMMs use them, in
+/// `ops`' precision. In bf16 the reference multiplies the bf16-rounded activations and weights
+/// (what the tensor cores multiply), in f32.
 pub fn products(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
     let mut rng = Rng(0x2545f4914f6cdd1d);
     let mut out = Vec::new();
+    let bf16 = ops.precision() == crate::device::Precision::Bf16;
+    let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect() };
     // The last shape's bf16 weight (17.5 M values) is widened in two blocks of the 16 M scratch.
     for (m, n, k, x_row0, y_row0) in [(37, 29, 53, 5, 3), (3, 2500, 7000, 1, 2)] {
         let x = rng.vec((x_row0 + m) * k);
         let w = rng.vec(n * k);
         let bits: Vec<u16> = w.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
         let name = |kind: &str| -> &'static str {
-            match (kind, n) {
-                ("f32", 29) => "gemm_rows (f32 weight)",
-                ("bf16", 29) => "gemm_rows (bf16 weight)",
-                ("f32", _) => "gemm_rows (f32 weight, large)",
-                _ => "gemm_rows (bf16 weight, 2 scratch blocks)",
+            match (bf16, kind, n) {
+                (false, "f32", 29) => "gemm_rows (f32 weight)",
+                (false, "bf16", 29) => "gemm_rows (bf16 weight)",
+                (false, "f32", _) => "gemm_rows (f32 weight, large)",
+                (false, _, _) => "gemm_rows (bf16 weight, 2 scratch blocks)",
+                (true, "f32", 29) => "gemm_rows bf16 mode (f32 weight, rounded)",
+                (true, "bf16", 29) => "gemm_rows bf16 mode (bf16 weight)",
+                (true, "f32", _) => "gemm_rows bf16 mode (f32 weight, large)",
+                (true, _, _) => "gemm_rows bf16 mode (bf16 weight, large)",
             }
         };
+        let (cpu_x, cpu_w) = if bf16 { (round(&x), round(&w)) } else { (x.clone(), w.clone()) };
         for (kind, weight) in [("f32", HostWeight::F32(&w)), ("bf16", HostWeight::Bf16(&bits))] {
-            let cpu_w = CpuOps.upload_weight(weight, n, k)?;
+            let cpu_weight = match weight {
+                HostWeight::F32(_) => HostWeight::F32(&cpu_w),
+                bits => bits,
+            };
+            let cpu_w = CpuOps.upload_weight(cpu_weight, n, k)?;
             let mut cpu_y = vec![f32::NAN; (y_row0 + m) * n];
-            CpuOps.gemm_rows(&x, x_row0, &cpu_w, &mut cpu_y, y_row0, [m, n, k], 0.5)?;
+            CpuOps.gemm_rows(&cpu_x, x_row0, &cpu_w, &mut cpu_y, y_row0, [m, n, k], 0.5)?;
             let dw = ops.upload_weight(weight, n, k)?;
             let mut dy = ops.gpu.filled((y_row0 + m) * n, f32::NAN)?;
             ops.gemm_rows(&ops.upload(&x)?, x_row0, &dw, &mut dy, y_row0, [m, n, k], 0.5)?;

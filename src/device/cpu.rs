@@ -243,3 +243,68 @@ impl Ops for CpuOps {
         Ok(out)
     }
 }
+
+/// [`CpuOps`] with the products of `--precision bf16`: weights rounded to bf16 once at upload
+/// (bf16 ones are already), the activation rows before each product, f32 accumulation. The host
+/// twin of the GPU's bf16 mode, which `selftest` holds it to.
+pub struct CpuOpsBf16;
+
+fn round_bf16(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
+}
+
+/// Methods [`CpuOpsBf16`] takes from [`CpuOps`] unchanged.
+macro_rules! same_as_cpu_ops {
+    ($($name:ident($($arg:ident: $t:ty),*) -> $r:ty;)*) => {$(
+        fn $name(&self, $($arg: $t),*) -> Result<$r> {
+            CpuOps.$name($($arg),*)
+        }
+    )*};
+}
+
+impl Ops for CpuOpsBf16 {
+    type F = Vec<f32>;
+    type I = Vec<i32>;
+    type W = Tensor;
+
+    fn upload_weight(&self, w: HostWeight, n: usize, k: usize) -> Result<Tensor> {
+        match w {
+            HostWeight::F32(v) => CpuOps.upload_weight(HostWeight::F32(&round_bf16(v)), n, k),
+            bits => CpuOps.upload_weight(bits, n, k),
+        }
+    }
+
+    fn gemm_rows(
+        &self,
+        x: &Vec<f32>,
+        x_row0: usize,
+        w: &Tensor,
+        y: &mut Vec<f32>,
+        y_row0: usize,
+        [m, n, k]: [usize; 3],
+        alpha: f32,
+    ) -> Result<()> {
+        let rows = round_bf16(&x[x_row0 * k..(x_row0 + m) * k]);
+        CpuOps.gemm_rows(&rows, 0, w, y, y_row0, [m, n, k], alpha)
+    }
+
+    same_as_cpu_ops! {
+        upload(v: &[f32]) -> Vec<f32>;
+        upload_i32(v: &[i32]) -> Vec<i32>;
+        download(b: &Vec<f32>) -> Vec<f32>;
+        download_i32(b: &Vec<i32>) -> Vec<i32>;
+        zeros(n: usize) -> Vec<f32>;
+        rms_norm(x: &Vec<f32>, w: &Vec<f32>, rows: usize, cols: usize, eps: f32) -> Vec<f32>;
+        layer_norm(x: &Vec<f32>, w: &Vec<f32>, b: &Vec<f32>, rows: usize, cols: usize, eps: f32) -> Vec<f32>;
+        row_l2_norm(x: &Vec<f32>, rows: usize, cols: usize) -> Vec<f32>;
+        rope(x: &mut Vec<f32>, cos: &Vec<f32>, sin: &Vec<f32>, dims: [usize; 6]) -> ();
+        silu_mul(gate: &Vec<f32>, up: &Vec<f32>, n: usize) -> Vec<f32>;
+        add(a: &Vec<f32>, b: &Vec<f32>, n: usize) -> Vec<f32>;
+        route(logits: &Vec<f32>, bias: &Vec<f32>, n: usize, e: usize, rc: &RouterConfig) -> (Vec<i32>, Vec<f32>, Vec<f32>);
+        index_scores(q: &Vec<f32>, k: &Vec<f32>, w: &Vec<f32>, dims: [usize; 6], scale: f32) -> Vec<f32>;
+        topk_causal(scores: &Vec<f32>, rows: usize, s: usize, t: usize, offset: usize, k: usize) -> (Vec<i32>, Vec<f32>);
+        sparse_attention(q: &Vec<f32>, kv: &Vec<f32>, k_rope: &Vec<f32>, idx: &Vec<i32>, dims: [usize; 9], scale: f32) -> Vec<f32>;
+        gather_rows(x: &Vec<f32>, rows: &Vec<i32>, n: usize, cols: usize) -> Vec<f32>;
+        combine(y: &Vec<f32>, ids: &Vec<i32>, slot: &Vec<i32>, w: &Vec<f32>, shared: &Vec<f32>, dims: [usize; 3]) -> Vec<f32>;
+    }
+}

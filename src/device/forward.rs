@@ -5,8 +5,13 @@
 //! (a run that records nothing copies back the logits, and per MoE layer the router's choices,
 //! which the host groups by expert).
 //!
-//! Not here yet: replayed decisions (`verify --force-*`), the MTP head, decode, `attention_bias`,
-//! and FP8 kept as FP8 on the device.
+//! Isolation (`verify --isolate`: each layer fed the reference's hidden state) and replayed
+//! decisions (`verify --force-routing --force-selection`) are taken from the observer as
+//! the CPU model takes them: the replayed DSA selection and expert ids are uploaded in place of
+//! our own (own scores and the selection's margin still reported; a replayed route's weights come
+//! from our router scores, its margin is NaN).
+//!
+//! Not here yet: the MTP head, decode, `attention_bias`, and FP8 kept as FP8 on the device.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -185,6 +190,15 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         self.flops.get()
     }
 
+    /// A hidden state handed in by the observer (isolation), checked to hold `n` values.
+    fn feed(&self, given: &Tensor, n: usize) -> Result<O::F> {
+        let v = values(given)?;
+        if v.len() != n {
+            return Err(Error::Usage(format!("an isolated layer input of {} values, the run needs {n}", v.len())));
+        }
+        self.ops.upload(&v)
+    }
+
     /// Reports an f32 buffer as `shape` if the observer wants `point`.
     fn report(&self, obs: &mut dyn Observer, point: HookPoint, buf: &O::F, shape: &[usize]) -> Result<()> {
         if obs.wants(point) {
@@ -214,6 +228,9 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let mut selection: Option<(O::I, usize)> = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let hook = |p| HookPoint::Layer(i, p);
+            if let Some(given) = obs.isolated_input(i)? {
+                h = self.feed(&given, t * hd)?;
+            }
             let x = self.norm(&h, &layer.input_layernorm, t, hd)?; // [T, H]
             self.report(obs, hook(LayerHook::InputNorm), &x, &[b, s, hd])?;
             let attn = self.attention(i, &layer.attn, &x, (&cos, &sin, tables.half), (b, s), &mut selection, obs)?;
@@ -229,6 +246,9 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             self.report(obs, hook(LayerHook::MlpOut), &mlp, &[b, s, hd])?;
             h = self.ops.add(&h, &mlp, t * hd)?;
             self.report(obs, hook(LayerHook::Output), &h, &[b, s, hd])?;
+        }
+        if let Some(given) = obs.isolated_input(self.layers.len())? {
+            h = self.feed(&given, t * hd)?;
         }
         let x = self.norm(&h, &self.norm, t, hd)?;
         self.report(obs, HookPoint::FinalNorm, &x, &[b, s, hd])?;
@@ -292,6 +312,16 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             let (idx, margin) = self.ops.topk_causal(&scores, t, s, s, 0, k)?;
             self.report(obs, hook(LayerHook::DsaMargin), &margin, &[b, s])?;
             *selection = Some((idx, k));
+        }
+        if let Some(forced) = obs.forced_selection(i)? {
+            if (forced.batch, forced.seq) != (b, s) || forced.idx.len() != b * s * forced.k || forced.k > s {
+                return Err(Error::Usage(format!(
+                    "layer {i}: the replayed selection is for batch {} x seq {} (k {}), the run is {b} x {s}",
+                    forced.batch, forced.seq, forced.k
+                )));
+            }
+            let idx: Vec<i32> = forced.idx.iter().map(|&j| j as i32).collect(); // entries <= seq (from_i64)
+            *selection = Some((self.ops.upload_i32(&idx)?, forced.k));
         }
         let (idx, k) = selection
             .as_ref()
@@ -369,7 +399,21 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let (hd, e, k) = (gate.inp, gate.out, router.top_k);
         let logits = self.mm(x, gate, t, 1.0)?; // [T, E]
         self.report(obs, hook(LayerHook::RouterLogits), &logits, &[t, e])?;
-        let (ids, w, margin) = self.ops.route(&logits, bias, t, e, router)?;
+        let (mut ids, mut w, mut margin) = self.ops.route(&logits, bias, t, e, router)?;
+        if let Some(forced) = obs.forced_routing(i)? {
+            if forced.len() != t || forced.iter().any(|row| row.len() != k || row.iter().any(|&j| j >= e)) {
+                return Err(Error::Usage(format!("layer {i}: forced routing does not fit {t} tokens of top-{k}")));
+            }
+            let scores: Vec<f32> = self.ops.download(&logits)?.iter().map(|&l| crate::model::moe::sigmoid(l)).collect();
+            let host_w: Vec<f32> = forced
+                .iter()
+                .zip(scores.chunks_exact(e))
+                .flat_map(|(row, sc)| crate::model::moe::weights_for(router, sc, row))
+                .collect();
+            let host_ids: Vec<i32> = forced.iter().flatten().map(|&j| j as i32).collect();
+            (ids, w, margin) =
+                (self.ops.upload_i32(&host_ids)?, self.ops.upload(&host_w)?, self.ops.upload(&vec![f32::NAN; t])?);
+        }
         self.report_ids(obs, hook(LayerHook::TopkIds), &ids, &[t, k])?;
         self.report(obs, hook(LayerHook::TopkWeights), &w, &[t, k])?;
         self.report(obs, hook(LayerHook::RouterMargin), &margin, &[t])?;

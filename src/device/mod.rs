@@ -30,6 +30,69 @@ pub enum Backend {
     CudaEmu,
 }
 
+/// The arithmetic of the device's matrix products (`--precision`; CUDA backends only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Precision {
+    /// f32 in, f32 accumulate (cuBLAS SGEMM; bf16 weights widened exactly): held to the spec's
+    /// default tolerance.
+    #[default]
+    F32,
+    /// bf16 in (weights as stored or rounded once at upload, activations rounded before each
+    /// product), f32 accumulate, on tensor cores: held to atol = rtol = 2e-2.
+    Bf16,
+}
+
+impl Precision {
+    /// The tolerance a verification of this precision is held to by default.
+    pub fn tolerance(self) -> crate::compare::Tolerance {
+        match self {
+            Precision::F32 => crate::compare::Tolerance::default(),
+            Precision::Bf16 => crate::compare::Tolerance { atol: 2e-2, rtol: 2e-2 },
+        }
+    }
+}
+
+/// Where and how a prefill runs: `--device`, `--ordinal`, `--precision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub backend: Backend,
+    /// Which GPU (CUDA device ordinal).
+    pub ordinal: usize,
+    pub precision: Precision,
+}
+
+impl From<Backend> for Target {
+    fn from(backend: Backend) -> Target {
+        Target { backend, ordinal: 0, precision: Precision::F32 }
+    }
+}
+
+impl Target {
+    /// As run and verify print it, and as dumps' `source` records it.
+    pub fn describe(self) -> String {
+        let name = match self.backend {
+            Backend::Cpu => "cpu".to_string(),
+            Backend::CpuOps => "cpu-ops".to_string(),
+            Backend::Cuda => format!("cuda (GPU {})", self.ordinal),
+            Backend::CudaEmu => "cuda-emu".to_string(),
+        };
+        match self.precision {
+            Precision::F32 => format!("{name}, float32"),
+            Precision::Bf16 => format!("{name}, bf16 products with float32 accumulation"),
+        }
+    }
+
+    /// Refuses a precision the backend does not have (only the CUDA backends compute in bf16).
+    pub fn check(self) -> Result<Target> {
+        match (self.backend, self.precision) {
+            (Backend::Cpu | Backend::CpuOps, Precision::Bf16) => Err(crate::error::Error::Usage(
+                "--precision bf16 needs --device cuda or cuda-emu (the CPU paths compute in f32)".into(),
+            )),
+            _ => Ok(self),
+        }
+    }
+}
+
 /// Runs a prefill: the CPU model, or the device forward pass on some ops.
 pub trait Prefill {
     fn prefill(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor>;
@@ -47,39 +110,35 @@ impl<O: Ops> Prefill for forward::DeviceModel<'_, O> {
     }
 }
 
-/// Calls `f` with the prefill of `backend` over `model` (a device model is built, and its
-/// weights uploaded, once for all of `f`'s calls). `ordinal` picks the GPU.
-pub fn with_prefill<R>(
-    backend: Backend,
-    ordinal: usize,
-    model: &Model,
-    f: impl FnOnce(&dyn Prefill) -> Result<R>,
-) -> Result<R> {
-    match backend {
+/// Calls `f` with the prefill `target` describes over `model` (a device model is built, and its
+/// weights uploaded, once for all of `f`'s calls).
+pub fn with_prefill<R>(target: Target, model: &Model, f: impl FnOnce(&dyn Prefill) -> Result<R>) -> Result<R> {
+    match target.check()?.backend {
         Backend::Cpu => f(model),
         Backend::CpuOps => f(&forward::DeviceModel::new(&cpu::CpuOps, model)?),
-        Backend::Cuda | Backend::CudaEmu => on_cuda(backend, ordinal, model, f),
+        Backend::Cuda | Backend::CudaEmu => on_cuda(target, model, f),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn on_cuda<R>(backend: Backend, ordinal: usize, model: &Model, f: impl FnOnce(&dyn Prefill) -> Result<R>) -> Result<R> {
-    let ops = crate::cuda::ops::CudaOps::new(open_gpu(backend, ordinal)?)?;
+fn on_cuda<R>(target: Target, model: &Model, f: impl FnOnce(&dyn Prefill) -> Result<R>) -> Result<R> {
+    let ops = cuda_ops(target)?;
     f(&forward::DeviceModel::new(&ops, model)?)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn on_cuda<R>(_: Backend, _: usize, _: &Model, _: impl FnOnce(&dyn Prefill) -> Result<R>) -> Result<R> {
+fn on_cuda<R>(_: Target, _: &Model, _: impl FnOnce(&dyn Prefill) -> Result<R>) -> Result<R> {
     Err(no_cuda())
 }
 
-/// The GPU a CUDA backend runs on: device `ordinal`, or the host emulation of the kernels.
+/// The CUDA ops a CUDA target runs on: GPU `ordinal`, or the host emulation of the kernels.
 #[cfg(feature = "cuda")]
-pub(crate) fn open_gpu(backend: Backend, ordinal: usize) -> Result<crate::cuda::gpu::Gpu> {
-    match backend {
-        Backend::CudaEmu => Ok(crate::cuda::gpu::Gpu::emulated()),
-        _ => crate::cuda::gpu::Gpu::open(ordinal),
-    }
+pub(crate) fn cuda_ops(target: Target) -> Result<crate::cuda::ops::CudaOps> {
+    let gpu = match target.backend {
+        Backend::CudaEmu => crate::cuda::gpu::Gpu::emulated(),
+        _ => crate::cuda::gpu::Gpu::open(target.ordinal)?,
+    };
+    crate::cuda::ops::CudaOps::new(gpu, target.precision)
 }
 
 /// What asking for the GPU says in a build without the `cuda` feature.

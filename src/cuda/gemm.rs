@@ -1,0 +1,242 @@
+//! The matrix products on the device, row-major `y[:, n0 .. n0 + nt] = alpha * x w^T`, through
+//! cuBLAS (column-major: rows n0.. of `y^T = w x^T`, so A = w transposed with leading dimension
+//! k, B = x with leading dimension k, C = y from offset n0 with leading dimension n). Two
+//! precisions ([`Precision`]):
+//! - f32: SGEMM (cuBLAS's default math mode, so no TF32). A bf16 weight is widened exactly into a
+//!   64 MB scratch a block of rows at a time (`bf16_widen`) before each product: 6 more bytes of
+//!   traffic per weight, and no tensor cores, so this mode is for verification.
+//! - bf16: GemmEx with bf16 A and B, f32 C, f32 compute (tensor cores). Weights stay bf16 as
+//!   stored (f32 ones are rounded once at upload); the activation rows are rounded to bf16
+//!   (`bf16_round`) into a scratch before each product.
+//!
+//! On the host emulation the same configuration goes to `emu::gemm`, so the layout arithmetic is
+//! checked without a GPU.
+
+use std::cell::RefCell;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+
+use super::gpu::{Buf, Gpu};
+use super::{probe, Lib};
+use crate::device::{HostWeight, Precision};
+use crate::error::{Error, Result};
+
+/// The widening scratch's size in f32 values (64 MB).
+const SCRATCH_VALUES: usize = 16 << 20;
+
+/// A `[n, k]` weight in device memory.
+pub enum DeviceWeight {
+    F32(Buf<f32>),
+    Bf16(Buf<u16>),
+}
+
+pub struct Products {
+    pub precision: Precision,
+    /// cuBLAS and its stream; None on the emulation.
+    blas: Option<(CudaBlas, Arc<CudaStream>)>,
+    /// f32 mode: where a bf16 weight is widened, a block of rows at a time.
+    wide: RefCell<Option<Buf<f32>>>,
+    /// bf16 mode: the activation rows, rounded.
+    narrow: RefCell<Option<Buf<u16>>>,
+}
+
+/// Grows `slot` to at least `n` values.
+fn scratch<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone>(
+    gpu: &Gpu,
+    slot: &mut Option<Buf<T>>,
+    n: usize,
+) -> Result<()> {
+    if slot.as_ref().is_none_or(|s| s.len() < n) {
+        *slot = Some(gpu.zeros(n)?);
+    }
+    Ok(())
+}
+
+fn int(v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::Device(format!("GEMM: size {v} exceeds cuBLAS's int")))
+}
+
+impl Products {
+    pub fn new(gpu: &Gpu, precision: Precision) -> Result<Self> {
+        let blas = match gpu.stream() {
+            Some(stream) => {
+                probe(&[Lib::Cublas])?;
+                let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::Device(format!("cuBLAS: {e:?}")))?;
+                Some((blas, stream.clone()))
+            }
+            None => None,
+        };
+        Ok(Products { precision, blas, wide: RefCell::new(None), narrow: RefCell::new(None) })
+    }
+
+    /// A weight as this precision multiplies it: bf16 mode rounds f32 weights to bf16 once, here.
+    pub fn upload_weight(&self, gpu: &Gpu, w: HostWeight) -> Result<DeviceWeight> {
+        Ok(match (w, self.precision) {
+            (HostWeight::F32(v), Precision::F32) => DeviceWeight::F32(gpu.upload(v)?),
+            (HostWeight::F32(v), Precision::Bf16) => {
+                let bits: Vec<u16> = v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+                DeviceWeight::Bf16(gpu.upload(&bits)?)
+            }
+            (HostWeight::Bf16(bits), _) => DeviceWeight::Bf16(gpu.upload(bits)?),
+        })
+    }
+
+    /// `y[y_row0 .., :n] = alpha * x[x_row0 .., :k] w^T` over m rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_rows(
+        &self,
+        gpu: &Gpu,
+        x: &Buf<f32>,
+        x_row0: usize,
+        w: &DeviceWeight,
+        y: &mut Buf<f32>,
+        y_row0: usize,
+        [m, n, k]: [usize; 3],
+        alpha: f32,
+    ) -> Result<()> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if x.len() < (x_row0 + m) * k || y.len() < (y_row0 + m) * n {
+            return Err(Error::Device(format!("GEMM: buffers too small for rows {x_row0}+{m} x {k} -> {n}")));
+        }
+        match (self.precision, w) {
+            (Precision::F32, DeviceWeight::F32(w)) => self.sgemm(x, x_row0, w, y, y_row0, (0, n, n), [m, k], alpha),
+            (Precision::F32, DeviceWeight::Bf16(bits)) => {
+                // Widened a block of rows at a time, so the scratch stays small whatever the
+                // weight (GLM-5's lm_head alone would be 3.8 GB in f32).
+                let rows = (SCRATCH_VALUES / k.max(1)).clamp(1, n);
+                let mut wide = self.wide.borrow_mut();
+                scratch(gpu, &mut wide, rows * k)?;
+                let wide = wide.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
+                for n0 in (0..n).step_by(rows) {
+                    let nt = rows.min(n - n0);
+                    gpu.bf16_widen(bits, n0 * k, wide, nt * k)?;
+                    self.sgemm(x, x_row0, wide, y, y_row0, (n0, nt, n), [m, k], alpha)?;
+                }
+                Ok(())
+            }
+            (Precision::Bf16, DeviceWeight::Bf16(bits)) => {
+                let mut narrow = self.narrow.borrow_mut();
+                scratch(gpu, &mut narrow, m * k)?;
+                let xb = narrow.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
+                gpu.bf16_round(x, x_row0 * k, xb, m * k)?;
+                self.gemm_bf16(xb, bits, y, y_row0, [m, n, k], alpha)
+            }
+            (Precision::Bf16, DeviceWeight::F32(_)) => {
+                Err(Error::Device("an f32 weight in a bf16 product (weights are rounded at upload)".into()))
+            }
+        }
+    }
+
+    /// The column-major configuration of a row-major block product (see the module doc).
+    fn config(nt: usize, [m, n, k]: [usize; 3], alpha: f32) -> Result<GemmConfig<f32>> {
+        Ok(GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: int(nt)?,
+            n: int(m)?,
+            k: int(k)?,
+            alpha,
+            lda: int(k)?,
+            ldb: int(k)?,
+            beta: 0.0,
+            ldc: int(n)?,
+        })
+    }
+
+    /// f32 block product over weight rows n0 .. n0 + nt (of n); `w` holds those rows first and
+    /// may be longer (the scratch).
+    #[allow(clippy::too_many_arguments)]
+    fn sgemm(
+        &self,
+        x: &Buf<f32>,
+        x_row0: usize,
+        w: &Buf<f32>,
+        y: &mut Buf<f32>,
+        y_row0: usize,
+        (n0, nt, n): (usize, usize, usize),
+        [m, k]: [usize; 2],
+        alpha: f32,
+    ) -> Result<()> {
+        let c_len = (m - 1) * n + nt; // the last output row ends at column n0 + nt
+        if w.len() < nt * k || y.len() < y_row0 * n + n0 + c_len {
+            return Err(Error::Device(format!("SGEMM: buffers too small for rows {x_row0}+{m} x {k} -> {n}")));
+        }
+        let cfg = Self::config(nt, [m, n, k], alpha)?;
+        let (xs, ys) = (x_row0 * k..(x_row0 + m) * k, y_row0 * n + n0..y_row0 * n + n0 + c_len);
+        match (&self.blas, x, w, y) {
+            (Some((blas, _)), Buf::Device(x), Buf::Device(w), Buf::Device(y)) => {
+                let (wv, xv, mut yv) = (w.slice(..nt * k), x.slice(xs), y.slice_mut(ys));
+                // SAFETY: the views hold the nt x k, m x k and (strided) m x nt values the config
+                // reads and writes.
+                unsafe { blas.gemm(cfg, &wv, &xv, &mut yv) }.map_err(|e| Error::Device(format!("cuBLAS SGEMM: {e:?}")))
+            }
+            (None, Buf::Host(x), Buf::Host(w), Buf::Host(y)) => {
+                super::emu::gemm(&cfg, &w[..nt * k], &x[xs], &mut y[ys])
+            }
+            _ => Err(Error::Device("SGEMM: buffers from another device".into())),
+        }
+    }
+
+    /// bf16 product of the rounded activations `xb` (m x k, from its start) and a bf16 weight.
+    fn gemm_bf16(
+        &self,
+        xb: &Buf<u16>,
+        w: &Buf<u16>,
+        y: &mut Buf<f32>,
+        y_row0: usize,
+        [m, n, k]: [usize; 3],
+        alpha: f32,
+    ) -> Result<()> {
+        if w.len() < n * k || xb.len() < m * k {
+            return Err(Error::Device(format!("bf16 GEMM: buffers too small for {m} x {k} -> {n}")));
+        }
+        let cfg = Self::config(n, [m, n, k], alpha)?;
+        let ys = y_row0 * n..(y_row0 + m) * n;
+        match (&self.blas, xb, w, y) {
+            (Some((blas, stream)), Buf::Device(xb), Buf::Device(w), Buf::Device(y)) => {
+                let (wv, xv, mut yv) = (w.slice(..n * k), xb.slice(..m * k), y.slice_mut(ys));
+                let (a, _ra) = wv.device_ptr(stream);
+                let (b, _rb) = xv.device_ptr(stream);
+                let (c, _rc) = yv.device_ptr_mut(stream);
+                let beta = 0.0f32;
+                // SAFETY: A is n x k bf16, B m x k bf16, C m x n f32 at ldc n: the views hold
+                // exactly that; alpha and beta are f32, as CUBLAS_COMPUTE_32F takes them.
+                unsafe {
+                    cudarc::cublas::result::gemm_ex(
+                        *blas.handle(),
+                        cfg.transa,
+                        cfg.transb,
+                        cfg.m,
+                        cfg.n,
+                        cfg.k,
+                        (&cfg.alpha as *const f32).cast(),
+                        a as *const c_void,
+                        cudaDataType::CUDA_R_16BF,
+                        cfg.lda,
+                        b as *const c_void,
+                        cudaDataType::CUDA_R_16BF,
+                        cfg.ldb,
+                        (&beta as *const f32).cast(),
+                        c as *mut c_void,
+                        cudaDataType::CUDA_R_32F,
+                        cfg.ldc,
+                        cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
+                .map_err(|e| Error::Device(format!("cuBLAS GemmEx (bf16): {e:?}")))
+            }
+            (None, Buf::Host(xb), Buf::Host(w), Buf::Host(y)) => {
+                let widen = |v: &[u16]| -> Vec<f32> { v.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect() };
+                super::emu::gemm(&cfg, &widen(&w[..n * k]), &widen(&xb[..m * k]), &mut y[ys])
+            }
+            _ => Err(Error::Device("bf16 GEMM: buffers from another device".into())),
+        }
+    }
+}
