@@ -4,15 +4,22 @@
 #
 #   scripts/gpu-check.sh [GLIMPSE=target/release/glimpse]
 #
+# Environment: DEVICE (cuda), TOKENS (2048), EXPERTS (32), VOCAB (the preset's), PEAK_TFLOPS
+# (989). DEVICE=cuda-emu runs the same steps on the host emulation, but at GLM-5's widths its
+# benchmark takes far too long to be a dry run (tens of minutes for 4 tokens on 2 cores).
+#
 # 1. `glimpse selftest --device cuda`: opens the GPU, compiles every kernel with NVRTC for its
 #    architecture, checks each against its CPU reference, then verifies every golden case on the
 #    CPU and through the prefill on the GPU.
 # 2. A benchmark at GLM-5 layer shapes: `synth --preset glm5 --layers 2 --experts 32` (made here by
-#    the binary), then `bench --device cuda` of a 2048-token prefill: time, matrix-product
-#    TFLOP/s against the card's dense bf16 peak (PEAK_TFLOPS, default 989: H100/H200 SXM), and
-#    device memory. The GPU path computes in f32 today (cuBLAS SGEMM), so expect a small fraction
-#    of the bf16 peak.
-# 3. Prints summary tables for docs/gpu-results.md.
+#    the binary: one dense and one MoE layer), then `bench --device cuda` of a 2048-token prefill
+#    with f32 and with bf16 products: time, matrix-product TFLOP/s and the routed experts' GEMMs
+#    (one profiled prefill) against the card's dense bf16 peak (PEAK_TFLOPS, default 989:
+#    H100/H200 SXM), and device memory.
+# 3. When this machine's python has torch (with CUDA) and transformers: transformers' eager
+#    prefill of the same checkpoint and tokens in bf16 (scripts/transformers-prefill.py), and the
+#    speed ratio. Otherwise the table says it was not measured.
+# 4. Prints summary tables for docs/gpu-results.md.
 set -uo pipefail
 glimpse=${1:-target/release/glimpse}
 if [ ! -x "$glimpse" ]; then
@@ -29,36 +36,57 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib
 done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not found"
 start=$(date +%s)
-out=$("$glimpse" selftest --device cuda 2>&1)
+device=${DEVICE:-cuda}
+tokens=${TOKENS:-2048}
+out=$("$glimpse" selftest --device "$device" 2>&1)
 rc=$?
 echo "$out"
 echo
 echo "| check | max abs diff | verdict |"
 echo "|---|---|---|"
 echo "$out" | sed -n 's/^kernel \(.*[^ ]\) *max_abs *\([^ ]*\) *\([A-Za-z]*\)$/| \1 | \2 | \3 |/p'
-echo "$out" | sed -n 's/^verify \(.*\) (\(.*\)): \(.*\)$/| verify \1 (\2) | | \3 |/p'
+echo "$out" | sed -n 's/^verify \([^ ]*\) (\(.*\)): \(.*\)$/| verify \1 (\2) | | \3 |/p'
+echo "$out" | sed -n 's/^measure \([^ ]*\) (\(.*\)): \(.*\)$/| measured: \1 (\2) | | \3 |/p'
 echo "selftest exit code $rc, $(( $(date +%s) - start )) s"
 
-ckpt=${TMPDIR:-/tmp}/glimpse-gpu-glm5
+experts=${EXPERTS:-32}
+ckpt=${TMPDIR:-/tmp}/glimpse-gpu-glm5-$experts${VOCAB:+-v$VOCAB}
 t0=$(date +%s)
 if [ ! -e "$ckpt/config.json" ]; then
-  "$glimpse" synth --preset glm5 --layers 2 --experts 32 --dtype bf16 --out "$ckpt" || exit 2
+  "$glimpse" synth --preset glm5 --layers 2 --experts "$experts" ${VOCAB:+--vocab "$VOCAB"} --dtype bf16 --out "$ckpt" || exit 2
 fi
 echo "synth: $(( $(date +%s) - t0 )) s"
-bench=$("$glimpse" bench --device cuda --model "$ckpt" --tokens 2048 --repeat 3 2>&1)
-brc=$?
-echo "$bench"
 peak=${PEAK_TFLOPS:-989}
-median=$(echo "$bench" | sed -n 's/.*median \([0-9.]*\) s (\([0-9.]*\) tok\/s).*/\1/p')
-toks=$(echo "$bench" | sed -n 's/.*median [0-9.]* s (\([0-9.]*\) tok\/s).*/\1/p')
-tflops=$(echo "$bench" | sed -n 's/.*= \([0-9.]*\) TFLOP\/s.*/\1/p')
-mem=$(echo "$bench" | sed -n 's/^device memory in use: \(.*\)$/\1/p')
+declare -A median tflops experts mem
+for precision in f32 bf16; do
+  bench=$("$glimpse" --precision "$precision" bench --device "$device" --model "$ckpt" --tokens "$tokens" --repeat 3 2>&1)
+  brc=$?
+  echo "$bench"
+  [ $brc -eq 0 ] || { echo "bench ($precision) exit code $brc"; exit 1; }
+  median[$precision]=$(echo "$bench" | sed -n 's/.*median \([0-9.]*\) s (.*/\1/p')
+  tflops[$precision]=$(echo "$bench" | sed -n 's/^matrix products.*= \([0-9.]*\) TFLOP\/s.*/\1/p')
+  experts[$precision]=$(echo "$bench" | sed -n 's/^expert GEMMs.*= \([0-9.]*\) TFLOP\/s.*/\1/p')
+  mem[$precision]=$(echo "$bench" | sed -n 's/^device memory in use: \(.*\)$/\1/p')
+done
+pct() { python3 -c "import sys; print(f'{100 * float(sys.argv[1]) / float(sys.argv[2]):.1f}%')" "$1" "$peak" 2>/dev/null || echo "?"; }
+
+t_median=""
+if python3 -c 'import torch, transformers; assert torch.cuda.is_available()' 2>/dev/null; then
+  t_json=$(python3 "$(dirname "$0")/transformers-prefill.py" "$ckpt" "$tokens" 3 cuda bfloat16 2>&1 | tail -n 1)
+  echo "transformers (eager, bf16): $t_json"
+  t_median=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["median"])' "$t_json" 2>/dev/null)
+else
+  echo "transformers: not measured (this python lacks torch with CUDA, or transformers)"
+fi
+ratio() { [ -n "$t_median" ] && python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}x')" "$t_median" "$1" 2>/dev/null || echo "not measured"; }
+
 echo
-echo "| prefill 2048 tokens, glm5 2 layers / 32 experts | value |"
-echo "|---|---|"
-echo "| median time | ${median:-?} s |"
-echo "| tokens/s | ${toks:-?} |"
-echo "| matrix products | ${tflops:-?} TFLOP/s (bf16 peak $peak) |"
-echo "| device memory | ${mem:-?} |"
-echo "bench exit code $brc; total $(( $(date +%s) - start )) s"
-[ $rc -eq 0 ] && [ $brc -eq 0 ]
+echo "| prefill $tokens tokens, glm5 2 layers / $experts experts, $device | f32 products | bf16 products |"
+echo "|---|---|---|"
+echo "| median time | ${median[f32]:-?} s | ${median[bf16]:-?} s |"
+echo "| matrix products | ${tflops[f32]:-?} TFLOP/s ($(pct "${tflops[f32]:-0}") of bf16 peak $peak) | ${tflops[bf16]:-?} TFLOP/s ($(pct "${tflops[bf16]:-0}")) |"
+echo "| routed experts' GEMMs | ${experts[f32]:-?} TFLOP/s ($(pct "${experts[f32]:-0}")) | ${experts[bf16]:-?} TFLOP/s ($(pct "${experts[bf16]:-0}")) |"
+echo "| device memory | ${mem[f32]:-?} | ${mem[bf16]:-?} |"
+echo "| transformers eager bf16, same card: ${t_median:-not measured} s | $(ratio "${median[f32]:-1}") | $(ratio "${median[bf16]:-1}") |"
+echo "total $(( $(date +%s) - start )) s"
+[ $rc -eq 0 ]

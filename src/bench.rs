@@ -141,6 +141,9 @@ pub struct DeviceBench {
     pub runs: Vec<f64>,
     /// Matrix-product FLOPs of one prefill.
     pub flops: u64,
+    /// Seconds and FLOPs of the routed experts' GEMMs in one more prefill, profiled (None
+    /// without MoE layers).
+    pub experts: Option<(f64, u64)>,
 }
 
 /// Times `repeat` prefills of `tokens` tokens (the same ids as [`run`]) through the device
@@ -165,7 +168,10 @@ pub fn run_device<O: crate::device::Ops>(ops: &O, model: &Model, tokens: usize, 
         device.forward(&tokens_t, &mut NoObserver)?;
         runs.push(t.elapsed().as_secs_f64());
     }
-    Ok(DeviceBench { upload_s, first_s, tokens, runs, flops })
+    device.profile_experts(true);
+    device.forward(&tokens_t, &mut NoObserver)?;
+    let experts = device.expert_profile().filter(|&(_, f)| f > 0);
+    Ok(DeviceBench { upload_s, first_s, tokens, runs, flops, experts })
 }
 
 /// `bench --device cpu-ops|cuda`: [`run_device`] on that backend, rendered (for `cuda` with the
@@ -212,7 +218,15 @@ impl DeviceBench {
             self.runs.len(),
             self.flops as f64 / 1e9,
             self.flops as f64 / m / 1e12
-        )
+        ) + &match self.experts {
+            Some((secs, flops)) => format!(
+                "expert GEMMs (one more prefill, synchronised around them): {:.1} GFLOP in {:.4} s = {:.2} TFLOP/s\n",
+                flops as f64 / 1e9,
+                secs,
+                flops as f64 / secs / 1e12
+            ),
+            None => String::new(),
+        }
     }
 }
 

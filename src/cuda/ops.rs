@@ -69,6 +69,10 @@ impl Ops for CudaOps {
         self.products.gemm_rows(&self.gpu, x, x_row0, w, y, y_row0, mnk, alpha)
     }
 
+    fn synchronize(&self) -> Result<()> {
+        self.gpu.synchronize()
+    }
+
     fn rms_norm(&self, x: &Self::F, w: &Self::F, rows: usize, cols: usize, eps: f32) -> Result<Self::F> {
         let mut y = self.alloc(rows * cols)?;
         self.gpu.rms_norm(x, w, &mut y, rows, cols, eps)?;

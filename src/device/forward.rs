@@ -81,6 +81,9 @@ pub struct DeviceModel<'m, O: Ops> {
     lm_head: DLinear<O>,
     /// Matrix-product FLOPs (2 m n k each) since the model was built.
     flops: std::cell::Cell<u64>,
+    /// When profiling: seconds and FLOPs of the routed experts' GEMMs, timed between device
+    /// synchronisations (which cost time of their own, so a profiled prefill is not a timed one).
+    experts: std::cell::Cell<Option<(f64, u64)>>,
 }
 
 fn values(t: &Tensor) -> Result<Vec<f32>> {
@@ -168,7 +171,15 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             });
         }
         let (norm, lm_head) = (norm(&model.norm)?, linear(&model.lm_head)?);
-        Ok(DeviceModel { ops, model, layers, norm, lm_head, flops: std::cell::Cell::new(0) })
+        Ok(DeviceModel {
+            ops,
+            model,
+            layers,
+            norm,
+            lm_head,
+            flops: std::cell::Cell::new(0),
+            experts: std::cell::Cell::new(None),
+        })
     }
 
     /// RMSNorm with the loaded weight and eps.
@@ -188,6 +199,27 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
     /// The matrix-product FLOPs run so far (a benchmark's work count).
     pub fn matmul_flops(&self) -> u64 {
         self.flops.get()
+    }
+
+    /// Starts (or stops) timing the routed experts' GEMMs; the totals restart from zero.
+    pub fn profile_experts(&self, on: bool) {
+        self.experts.set(on.then_some((0.0, 0)));
+    }
+
+    /// Seconds and FLOPs of the routed experts' GEMMs since profiling started.
+    pub fn expert_profile(&self) -> Option<(f64, u64)> {
+        self.experts.get()
+    }
+
+    /// Runs `f` (expert GEMMs worth `flops`), timed between synchronisations when profiling.
+    fn expert_gemms(&self, flops: u64, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        let Some((s, n)) = self.experts.get() else { return f() };
+        self.ops.synchronize()?;
+        let t = std::time::Instant::now();
+        f()?;
+        self.ops.synchronize()?;
+        self.experts.set(Some((s + t.elapsed().as_secs_f64(), n + flops)));
+        Ok(())
     }
 
     /// A hidden state handed in by the observer (isolation), checked to hold `n` values.
@@ -434,13 +466,9 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let (mut g, mut u, mut y) = (self.ops.zeros(a * inter)?, self.ops.zeros(a * inter)?, self.ops.zeros(a * hd)?);
         let mut start = 0;
         let mut spans = Vec::new();
-        for (j, m) in experts.iter().enumerate() {
+        for j in 0..experts.len() {
             let count = order[start..].iter().take_while(|&&p| host_ids[p] == j as i32).count();
             if count > 0 {
-                self.count([count, inter, hd]);
-                self.count([count, inter, hd]);
-                self.ops.gemm_rows(&xs, start, &m.gate.w, &mut g, start, [count, inter, hd], 1.0)?;
-                self.ops.gemm_rows(&xs, start, &m.up.w, &mut u, start, [count, inter, hd], 1.0)?;
                 spans.push((j, start, count));
             }
             start += count;
@@ -448,11 +476,25 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         if start != a {
             return Err(Error::Device(format!("layer {i}: the router chose an expert outside 0..{e}")));
         }
+        // 2 x (gate, up, down) products of a rows each.
+        let flops = 6 * (a * inter * hd) as u64;
+        self.expert_gemms(flops, || {
+            for &(j, start, count) in &spans {
+                self.count([count, inter, hd]);
+                self.count([count, inter, hd]);
+                self.ops.gemm_rows(&xs, start, &experts[j].gate.w, &mut g, start, [count, inter, hd], 1.0)?;
+                self.ops.gemm_rows(&xs, start, &experts[j].up.w, &mut u, start, [count, inter, hd], 1.0)?;
+            }
+            Ok(())
+        })?;
         let act = self.ops.silu_mul(&g, &u, a * inter)?;
-        for (j, start, count) in spans {
-            self.count([count, hd, inter]);
-            self.ops.gemm_rows(&act, start, &experts[j].down.w, &mut y, start, [count, hd, inter], 1.0)?;
-        }
+        self.expert_gemms(0, || {
+            for &(j, start, count) in &spans {
+                self.count([count, hd, inter]);
+                self.ops.gemm_rows(&act, start, &experts[j].down.w, &mut y, start, [count, hd, inter], 1.0)?;
+            }
+            Ok(())
+        })?;
         let shared_out = self.mlp(shared, x, t)?;
         self.ops.combine(&y, &ids, &self.ops.upload_i32(&slot)?, &w, &shared_out, [t, k, hd])
     }

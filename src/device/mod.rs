@@ -198,6 +198,11 @@ pub trait Ops {
         alpha: f32,
     ) -> Result<()>;
 
+    /// Waits for the work queued so far (a GPU's stream; nothing to wait for on the host).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// `alpha * x w^T`: [m, k] x [n, k] -> [m, n].
     fn matmul_nt(&self, x: &Self::F, w: &Self::W, mnk: [usize; 3], alpha: f32) -> Result<Self::F> {
         let mut y = self.zeros(mnk[0] * mnk[1])?;

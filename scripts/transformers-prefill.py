@@ -1,0 +1,45 @@
+"""Times transformers' eager prefill of a glimpse checkpoint: the competitor in scripts/gpu-check.sh.
+
+    python3 scripts/transformers-prefill.py MODEL_DIR TOKENS REPEAT [DEVICE=cuda] [DTYPE=bfloat16]
+
+Loads the checkpoint with GlmMoeDsaForCausalLM (eager attention and experts), runs one warm-up
+prefill of TOKENS tokens (the ids `glimpse bench` uses), then REPEAT timed ones, synchronising the
+device around each, and prints one JSON line: {"load": s, "median": s, "runs": [...]}.
+"""
+import json
+import statistics
+import sys
+import time
+
+import torch
+from transformers import GlmMoeDsaForCausalLM
+
+model_dir, tokens, repeat = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+device = sys.argv[4] if len(sys.argv) > 4 else "cuda"
+dtype = getattr(torch, sys.argv[5] if len(sys.argv) > 5 else "bfloat16")
+
+t0 = time.perf_counter()
+m = GlmMoeDsaForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+m.set_attn_implementation("eager")
+m.set_experts_implementation("eager")
+m.eval()
+load = time.perf_counter() - t0
+vocab = m.config.vocab_size
+ids = torch.tensor([[(((i * 2654435761) & 0xFFFFFFFF) >> 7) % vocab for i in range(tokens)]], device=device)
+
+
+def sync():
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+times = []
+with torch.no_grad():
+    m(ids, use_cache=False)  # warm-up, as glimpse bench does
+    sync()
+    for _ in range(repeat):
+        t = time.perf_counter()
+        m(ids, use_cache=False)
+        sync()
+        times.append(time.perf_counter() - t)
+print(json.dumps({"load": load, "median": statistics.median(times), "runs": times}))
