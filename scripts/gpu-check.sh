@@ -57,7 +57,7 @@ if [ ! -e "$ckpt/config.json" ]; then
 fi
 echo "synth: $(( $(date +%s) - t0 )) s"
 peak=${PEAK_TFLOPS:-989}
-declare -A median tflops experts mem
+declare -A median tflops expert_tflops mem
 for precision in f32 bf16; do
   bench=$("$glimpse" --precision "$precision" bench --device "$device" --model "$ckpt" --tokens "$tokens" --repeat 3 2>&1)
   brc=$?
@@ -65,7 +65,7 @@ for precision in f32 bf16; do
   [ $brc -eq 0 ] || { echo "bench ($precision) exit code $brc"; exit 1; }
   median[$precision]=$(echo "$bench" | sed -n 's/.*median \([0-9.]*\) s (.*/\1/p')
   tflops[$precision]=$(echo "$bench" | sed -n 's/^matrix products.*= \([0-9.]*\) TFLOP\/s.*/\1/p')
-  experts[$precision]=$(echo "$bench" | sed -n 's/^expert GEMMs.*= \([0-9.]*\) TFLOP\/s.*/\1/p')
+  expert_tflops[$precision]=$(echo "$bench" | sed -n 's/^expert GEMMs.*= \([0-9.]*\) TFLOP\/s.*/\1/p')
   mem[$precision]=$(echo "$bench" | sed -n 's/^device memory in use: \(.*\)$/\1/p')
 done
 pct() { python3 -c "import sys; print(f'{100 * float(sys.argv[1]) / float(sys.argv[2]):.1f}%')" "$1" "$peak" 2>/dev/null || echo "?"; }
@@ -85,7 +85,7 @@ echo "| prefill $tokens tokens, glm5 2 layers / $experts experts, $device | f32 
 echo "|---|---|---|"
 echo "| median time | ${median[f32]:-?} s | ${median[bf16]:-?} s |"
 echo "| matrix products | ${tflops[f32]:-?} TFLOP/s ($(pct "${tflops[f32]:-0}") of bf16 peak $peak) | ${tflops[bf16]:-?} TFLOP/s ($(pct "${tflops[bf16]:-0}")) |"
-echo "| routed experts' GEMMs | ${experts[f32]:-?} TFLOP/s ($(pct "${experts[f32]:-0}")) | ${experts[bf16]:-?} TFLOP/s ($(pct "${experts[bf16]:-0}")) |"
+echo "| routed experts' GEMMs | ${expert_tflops[f32]:-?} TFLOP/s ($(pct "${expert_tflops[f32]:-0}")) | ${expert_tflops[bf16]:-?} TFLOP/s ($(pct "${expert_tflops[bf16]:-0}")) |"
 echo "| device memory | ${mem[f32]:-?} | ${mem[bf16]:-?} |"
 echo "| transformers eager bf16, same card: ${t_median:-not measured} s | $(ratio "${median[f32]:-1}") | $(ratio "${median[bf16]:-1}") |"
 echo "total $(( $(date +%s) - start )) s"

@@ -346,7 +346,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             *selection = Some((idx, k));
         }
         if let Some(forced) = obs.forced_selection(i)? {
-            if (forced.batch, forced.seq) != (b, s) || forced.idx.len() != b * s * forced.k || forced.k > s {
+            if (forced.batch, forced.seq) != (b, s) || forced.idx.len() != b * s * forced.k {
                 return Err(Error::Usage(format!(
                     "layer {i}: the replayed selection is for batch {} x seq {} (k {}), the run is {b} x {s}",
                     forced.batch, forced.seq, forced.k
