@@ -186,8 +186,10 @@ pub trait Observer {
     fn forced_routing(&mut self, _layer: usize) -> Result<Option<Vec<Vec<usize>>>> {
         Ok(None)
     }
-    /// Isolation (`verify --isolate` on a device): the hidden state to feed layer `layer` (the
-    /// final norm for `layer` = the depth) instead of the one this run computed.
+    /// Isolation: the hidden state to feed layer `layer` (the final norm for `layer` = the depth)
+    /// instead of the one this run computed. Both forward passes ask (`verify --isolate` on a
+    /// device answers with the reference's; the CPU's `verify --isolate` runs layer windows
+    /// instead, which also hand shared-indexer layers the reference's selection).
     fn isolated_input(&mut self, _layer: usize) -> Result<Option<Tensor>> {
         Ok(None)
     }

@@ -72,6 +72,18 @@ impl<'a> Verifier<'a> {
     }
 }
 
+impl Verifier<'_> {
+    fn into_report(self, only_in_reference: Vec<String>, isolate: bool) -> Report {
+        Report {
+            results: self.results,
+            non_finite: self.non_finite,
+            only_in_reference,
+            isolate,
+            final_norm: self.final_norm,
+        }
+    }
+}
+
 impl Observer for Verifier<'_> {
     fn wants(&self, point: HookPoint) -> bool {
         self.golden.contains(&point.name())
@@ -211,13 +223,7 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
     };
     let only_in_reference =
         golden.names().into_iter().filter(|n| !produced.contains(n.as_str()) && in_window(n)).collect();
-    Ok(Report {
-        results: v.results,
-        non_finite: v.non_finite,
-        only_in_reference,
-        isolate: opts.isolate,
-        final_norm: v.final_norm,
-    })
+    Ok(v.into_report(only_in_reference, opts.isolate))
 }
 
 /// A prefill (the CPU model, or the device forward pass on some backend) against a reference
@@ -242,13 +248,7 @@ pub fn verify_prefill(
             !name.starts_with("mtp.") && HookPoint::parse(name).and_then(|p| p.layer()).is_none_or(|i| i < layers)
         })
         .collect();
-    Ok(Report {
-        results: v.results,
-        non_finite: v.non_finite,
-        only_in_reference,
-        isolate: opts.isolate,
-        final_norm: v.final_norm,
-    })
+    Ok(v.into_report(only_in_reference, opts.isolate))
 }
 
 /// Whether a reference dump holds the MTP head's tensors.

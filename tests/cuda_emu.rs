@@ -5,17 +5,12 @@
 //! runs them; they check the kernels' logic, not NVRTC's code or the hardware.
 #![cfg(feature = "cuda")]
 
-use std::path::Path;
+mod common;
 
-use glimpse::checkpoint::Checkpoint;
 use glimpse::cuda::gpu::Gpu;
 use glimpse::cuda::ops::CudaOps;
 use glimpse::cuda::selftest::{kernels, products, Check};
-use glimpse::device::forward::DeviceModel;
 use glimpse::device::{Ops, Precision};
-use glimpse::dump::Dump;
-use glimpse::model::Model;
-use glimpse::verify::{format_line, verify_prefill};
 
 fn all_pass(checks: &[Check]) {
     for c in checks {
@@ -43,23 +38,7 @@ fn the_products_in_cublas_layout_match_the_cpu_in_the_emulation_in_both_precisio
 
 #[test]
 fn the_device_forward_on_the_emulated_kernels_matches_every_golden_case() {
-    let ops = CudaOps::new(Gpu::emulated(), Precision::F32).unwrap();
-    for case in ["flat", "grouped-shared-yarn", "fp8-sharded", "bf16-fused", "mtp"] {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case);
-        let model = Model::load(&Checkpoint::open(&dir).unwrap()).unwrap();
-        let golden = Dump::open(&dir.join("reference.safetensors")).unwrap();
-        let device = DeviceModel::new(&ops, &model).unwrap();
-        let r = verify_prefill(&device, model.layers.len(), &golden, &Default::default()).unwrap();
-        for c in &r.results {
-            println!("{case}: {}", format_line(c));
-        }
-        let bad: Vec<String> = r.results.iter().filter(|c| !c.ok).map(format_line).collect();
-        assert!(bad.is_empty(), "{case}:\n{}", bad.join("\n"));
-        assert!(r.only_in_reference.is_empty(), "{case}: not produced: {:?}", r.only_in_reference);
-        assert!(
-            r.results.iter().any(|c| c.name == "layers.1.dsa.topk") && r.results.iter().any(|c| c.name == "logits")
-        );
-    }
+    common::assert_device_matches_every_golden_case(&CudaOps::new(Gpu::emulated(), Precision::F32).unwrap());
 }
 
 /// Launchers refuse what a kernel would read out of bounds, before anything runs.
@@ -80,13 +59,9 @@ fn a_launch_with_a_short_buffer_is_refused() {
 /// bf16 products; exit 0 only when all pass.
 #[test]
 fn selftest_on_the_emulation_passes_in_both_precisions() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_glimpse"))
-        .args(["selftest", "--device", "cuda-emu"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    println!("{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "exit {:?}", out.status);
+    let (code, text) = common::code_and_text(&["selftest", "--device", "cuda-emu"]);
+    println!("{text}");
+    assert_eq!(code, 0);
     let verdicts = |what: &str| text.lines().filter(|l| l.starts_with("verify ") && l.contains(what)).count();
     assert_eq!(verdicts("(cuda-emu, float32)"), 5);
     assert_eq!(verdicts("bf16 products with float32 accumulation vs the host's"), 5);
@@ -97,11 +72,6 @@ fn selftest_on_the_emulation_passes_in_both_precisions() {
 /// `--precision bf16` is refused where the products are f32 only.
 #[test]
 fn bf16_precision_needs_a_cuda_backend() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_glimpse"))
-        .args(["--precision", "bf16", "verify", "--device", "cpu-ops"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("--precision bf16 needs --device cuda or cuda-emu"), "{err}");
+    let o = common::glimpse(&["--precision", "bf16", "verify", "--device", "cpu-ops"]);
+    common::assert_error(&o, "--precision bf16 needs --device cuda or cuda-emu");
 }

@@ -10,24 +10,10 @@ use glimpse::device::cpu::CpuOps;
 use glimpse::device::forward::DeviceModel;
 use glimpse::dump::Dump;
 use glimpse::model::Model;
-use glimpse::verify::{format_line, verify_prefill};
 
 #[test]
 fn the_device_forward_on_cpu_ops_matches_every_golden_case() {
-    for case in ["flat", "grouped-shared-yarn", "fp8-sharded", "bf16-fused", "mtp"] {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case);
-        let model = Model::load(&Checkpoint::open(&dir).unwrap()).unwrap();
-        let golden = Dump::open(&dir.join("reference.safetensors")).unwrap();
-        let device = DeviceModel::new(&CpuOps, &model).unwrap();
-        let r = verify_prefill(&device, model.layers.len(), &golden, &Default::default()).unwrap();
-        let bad: Vec<String> = r.results.iter().filter(|c| !c.ok).map(format_line).collect();
-        assert!(bad.is_empty(), "{case}:\n{}", bad.join("\n"));
-        assert!(r.only_in_reference.is_empty(), "{case}: not produced: {:?}", r.only_in_reference);
-        assert!(
-            r.results.iter().any(|c| c.name == "layers.1.dsa.topk") && r.results.iter().any(|c| c.name == "logits")
-        );
-        println!("{case}: {} tensors match", r.results.len());
-    }
+    common::assert_device_matches_every_golden_case(&CpuOps);
 }
 
 /// The device benchmark counts the matrix-product work it times: 2 x tokens x every weight a
@@ -123,4 +109,46 @@ fn the_device_flag_runs_the_device_path_in_every_command() {
         .count();
     assert!(text.contains(&format!("golden/mtp (cpu-ops): {main} of {main} tensors match")), "{text}");
     assert!(!text.contains("FAILED"), "{text}");
+}
+
+/// Feeds zeros as layer 1's input and as the final norm's: RMSNorm of zeros is zeros, so the
+/// recorded `layers.1.input_norm` and `final_norm` show whether each forward pass took the
+/// observer's hidden state (`isolated_input`) or kept its own.
+struct ZeroInputs(glimpse::hooks::Recorder, usize);
+
+impl glimpse::hooks::Observer for ZeroInputs {
+    fn wants(&self, p: glimpse::hooks::HookPoint) -> bool {
+        self.0.wants(p)
+    }
+    fn observe(&mut self, p: glimpse::hooks::HookPoint, v: &candle_core::Tensor) -> glimpse::error::Result<()> {
+        self.0.observe(p, v)
+    }
+    fn isolated_input(&mut self, layer: usize) -> glimpse::error::Result<Option<candle_core::Tensor>> {
+        let zeros =
+            |shape: &[usize]| candle_core::Tensor::zeros(shape, candle_core::DType::F32, &candle_core::Device::Cpu);
+        Ok(if layer == 1 || layer == self.1 { Some(zeros(&[1, 6, 64])?) } else { None })
+    }
+}
+
+#[test]
+fn both_forward_passes_take_an_isolated_input_from_the_observer() {
+    use glimpse::device::Prefill;
+    use glimpse::hooks::{HookPoint, LayerHook, Recorder, Selector};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
+    let model = Model::load(&Checkpoint::open(&dir).unwrap()).unwrap();
+    assert_eq!(model.config.hidden_size, 64);
+    let tokens = glimpse::model::Tokens::parse("1,2,3,4,5,6").unwrap();
+    let device = DeviceModel::new(&CpuOps, &model).unwrap();
+    for (name, p) in [("cpu", &model as &dyn Prefill), ("cpu-ops", &device)] {
+        let mut obs = ZeroInputs(Recorder::new(Selector::new("*", None)), model.layers.len());
+        p.prefill(&tokens, &mut obs).unwrap();
+        for point in
+            [HookPoint::Layer(0, LayerHook::InputNorm), HookPoint::Layer(1, LayerHook::InputNorm), HookPoint::FinalNorm]
+        {
+            let max = obs.0.get(point).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            // Layer 0 keeps its own input (the embedding), the others got zeros.
+            let fed = point != HookPoint::Layer(0, LayerHook::InputNorm);
+            assert_eq!(max == 0.0, fed, "{name}: {} max |x| {max}", point.name());
+        }
+    }
 }

@@ -22,13 +22,6 @@ impl CudaOps {
     pub fn precision(&self) -> Precision {
         self.products.precision
     }
-
-    fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone>(
-        &self,
-        n: usize,
-    ) -> Result<Buf<T>> {
-        self.gpu.zeros(n)
-    }
 }
 
 impl Ops for CudaOps {
@@ -53,7 +46,7 @@ impl Ops for CudaOps {
         self.gpu.download(b)
     }
     fn zeros(&self, n: usize) -> Result<Self::F> {
-        self.alloc(n)
+        self.gpu.zeros(n)
     }
 
     fn gemm_rows(
@@ -74,19 +67,19 @@ impl Ops for CudaOps {
     }
 
     fn rms_norm(&self, x: &Self::F, w: &Self::F, rows: usize, cols: usize, eps: f32) -> Result<Self::F> {
-        let mut y = self.alloc(rows * cols)?;
+        let mut y = self.gpu.zeros(rows * cols)?;
         self.gpu.rms_norm(x, w, &mut y, rows, cols, eps)?;
         Ok(y)
     }
 
     fn layer_norm(&self, x: &Self::F, w: &Self::F, b: &Self::F, rows: usize, cols: usize, eps: f32) -> Result<Self::F> {
-        let mut y = self.alloc(rows * cols)?;
+        let mut y = self.gpu.zeros(rows * cols)?;
         self.gpu.layer_norm(x, w, b, &mut y, rows, cols, eps)?;
         Ok(y)
     }
 
     fn row_l2_norm(&self, x: &Self::F, rows: usize, cols: usize) -> Result<Self::F> {
-        let mut y = self.alloc(rows)?;
+        let mut y = self.gpu.zeros(rows)?;
         self.gpu.row_l2_norm(x, &mut y, rows, cols)?;
         Ok(y)
     }
@@ -102,13 +95,13 @@ impl Ops for CudaOps {
     }
 
     fn silu_mul(&self, gate: &Self::F, up: &Self::F, n: usize) -> Result<Self::F> {
-        let mut y = self.alloc(n)?;
+        let mut y = self.gpu.zeros(n)?;
         self.gpu.silu_mul(gate, up, &mut y, n)?;
         Ok(y)
     }
 
     fn add(&self, a: &Self::F, b: &Self::F, n: usize) -> Result<Self::F> {
-        let mut y = self.alloc(n)?;
+        let mut y = self.gpu.zeros(n)?;
         self.gpu.add(a, b, &mut y, n)?;
         Ok(y)
     }
@@ -121,13 +114,14 @@ impl Ops for CudaOps {
         e: usize,
         rc: &RouterConfig,
     ) -> Result<(Self::I, Self::F, Self::F)> {
-        let (mut ids, mut w, mut m) = (self.alloc(n * rc.top_k)?, self.alloc(n * rc.top_k)?, self.alloc(n)?);
+        let (mut ids, mut w, mut m) =
+            (self.gpu.zeros(n * rc.top_k)?, self.gpu.zeros(n * rc.top_k)?, self.gpu.zeros(n)?);
         self.gpu.route(logits, bias, n, e, rc, &mut ids, &mut w, &mut m)?;
         Ok((ids, w, m))
     }
 
     fn index_scores(&self, q: &Self::F, k: &Self::F, w: &Self::F, dims: [usize; 6], scale: f32) -> Result<Self::F> {
-        let mut y = self.alloc(dims[0] * dims[1] * dims[2])?;
+        let mut y = self.gpu.zeros(dims[0] * dims[1] * dims[2])?;
         self.gpu.index_scores(q, k, w, &mut y, dims, scale)?;
         Ok(y)
     }
@@ -141,7 +135,7 @@ impl Ops for CudaOps {
         offset: usize,
         k: usize,
     ) -> Result<(Self::I, Self::F)> {
-        let (mut idx, mut m) = (self.alloc(rows * k)?, self.alloc(rows)?);
+        let (mut idx, mut m) = (self.gpu.zeros(rows * k)?, self.gpu.zeros(rows)?);
         self.gpu.topk_causal(scores, rows, s, t, offset, k, &mut idx, &mut m)?;
         Ok((idx, m))
     }
@@ -156,13 +150,13 @@ impl Ops for CudaOps {
         scale: f32,
     ) -> Result<Self::F> {
         let [b, s, _, nh, _, _, vd, _, _] = dims;
-        let mut y = self.alloc(b * s * nh * vd)?;
+        let mut y = self.gpu.zeros(b * s * nh * vd)?;
         self.gpu.sparse_attention(q, kv, k_rope, idx, &mut y, dims, scale)?;
         Ok(y)
     }
 
     fn gather_rows(&self, x: &Self::F, rows: &Self::I, n: usize, cols: usize) -> Result<Self::F> {
-        let mut y = self.alloc(n * cols)?;
+        let mut y = self.gpu.zeros(n * cols)?;
         self.gpu.gather_rows(x, rows, &mut y, n, cols)?;
         Ok(y)
     }
@@ -176,7 +170,7 @@ impl Ops for CudaOps {
         shared: &Self::F,
         [n, k, cols]: [usize; 3],
     ) -> Result<Self::F> {
-        let mut out = self.alloc(n * cols)?;
+        let mut out = self.gpu.zeros(n * cols)?;
         self.gpu.combine(y, ids, slot, w, shared, &mut out, n, k, cols)?;
         Ok(out)
     }

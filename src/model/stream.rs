@@ -96,9 +96,12 @@ pub fn run(
             "layer {first} shares the previous layer's DSA selection, which the dump lacks"
         )));
     }
-    let h = layers(w, &rope, first..=last, h, &mut sel, obs)?;
+    let mut h = layers(w, &rope, first..=last, h, &mut sel, obs)?;
     if last + 1 < n {
         return Ok(None);
+    }
+    if let Some(given) = obs.isolated_input(n)? {
+        h = given;
     }
     head(w, &h, obs).map(Some)
 }
@@ -129,6 +132,9 @@ pub fn layers(
 ) -> Result<Tensor> {
     let progress = matches!(w, Weights::Streamed(_)) && std::io::IsTerminal::is_terminal(&std::io::stderr());
     for i in range.clone() {
+        if let Some(given) = obs.isolated_input(i)? {
+            h = given;
+        }
         h = match w {
             Weights::Resident(m) => m.layers[i].forward(&h, rope, sel, obs)?,
             Weights::Streamed(ckpt) => {

@@ -38,3 +38,26 @@ pub const EIGHT_LAYERS: &str = r#"{
   "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64, "first_k_dense_replace": 1,
   "index_topk": 8, "index_head_dim": 64, "index_n_heads": 8
 }"#;
+
+/// The golden cases the device forward pass is checked on (every bundled one).
+pub const GOLDEN_CASES: [&str; 5] = ["flat", "grouped-shared-yarn", "fp8-sharded", "bf16-fused", "mtp"];
+
+/// The device forward pass on `ops` matches every golden case at the spec's tolerance: every
+/// tensor of the main forward compared, none missing, DSA selections and logits among them.
+pub fn assert_device_matches_every_golden_case<O: glimpse::device::Ops>(ops: &O) {
+    use glimpse::verify::{format_line, verify_prefill};
+    for case in GOLDEN_CASES {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case);
+        let model = glimpse::model::Model::load(&glimpse::checkpoint::Checkpoint::open(&dir).unwrap()).unwrap();
+        let golden = glimpse::dump::Dump::open(&dir.join("reference.safetensors")).unwrap();
+        let device = glimpse::device::forward::DeviceModel::new(ops, &model).unwrap();
+        let r = verify_prefill(&device, model.layers.len(), &golden, &Default::default()).unwrap();
+        let bad: Vec<String> = r.results.iter().filter(|c| !c.ok).map(format_line).collect();
+        assert!(bad.is_empty(), "{case}:\n{}", bad.join("\n"));
+        assert!(r.only_in_reference.is_empty(), "{case}: not produced: {:?}", r.only_in_reference);
+        assert!(
+            r.results.iter().any(|c| c.name == "layers.1.dsa.topk") && r.results.iter().any(|c| c.name == "logits")
+        );
+        println!("{case}: {} tensors match", r.results.len());
+    }
+}
