@@ -7,9 +7,10 @@
 
 mod common;
 
+use glimpse::cuda::attention::{AttentionPath, AttentionPlan};
 use glimpse::cuda::gpu::Gpu;
 use glimpse::cuda::ops::CudaOps;
-use glimpse::cuda::selftest::{kernels, products, Check};
+use glimpse::cuda::selftest::{attention, kernels, products, Check};
 use glimpse::device::{Ops, Precision};
 
 fn all_pass(checks: &[Check]) {
@@ -23,7 +24,14 @@ fn all_pass(checks: &[Check]) {
 #[test]
 fn every_kernel_matches_its_cpu_reference_in_the_emulation() {
     let checks = kernels(&Gpu::emulated()).unwrap();
-    assert!(checks.len() >= 16, "{} checks", checks.len());
+    assert!(checks.len() >= 15, "{} checks", checks.len());
+    all_pass(&checks);
+}
+
+#[test]
+fn the_attention_products_and_kernels_match_the_cpu_on_both_paths_in_the_emulation() {
+    let checks = attention(&CudaOps::new(Gpu::emulated(), Precision::F32).unwrap()).unwrap();
+    assert_eq!(checks.len(), 5);
     all_pass(&checks);
 }
 
@@ -36,9 +44,17 @@ fn the_products_in_cublas_layout_match_the_cpu_in_the_emulation_in_both_precisio
     }
 }
 
+/// Once per attention path, whichever the sizes would choose; the masked one in chunks of one
+/// query (so every chunk but the first starts past query 0).
 #[test]
-fn the_device_forward_on_the_emulated_kernels_matches_every_golden_case() {
-    common::assert_device_matches_every_golden_case(&CudaOps::new(Gpu::emulated(), Precision::F32).unwrap());
+fn the_device_forward_on_the_emulated_kernels_matches_every_golden_case_on_both_attention_paths() {
+    let gathered = AttentionPlan { path: Some(AttentionPath::Gathered), ..Default::default() };
+    let masked_by_query = AttentionPlan { path: Some(AttentionPath::Masked), chunk_values: 1 };
+    for plan in [gathered, masked_by_query] {
+        println!("{plan:?}");
+        let ops = CudaOps::new(Gpu::emulated(), Precision::F32).unwrap().with_attention(plan);
+        common::assert_device_matches_every_golden_case(&ops);
+    }
 }
 
 /// Launchers refuse what a kernel would read out of bounds, before anything runs.

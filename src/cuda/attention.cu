@@ -50,3 +50,43 @@ extern "C" __global__ void sparse_attention(const float* q, const float* kv, con
         o[d] = acc / total;
     }
 }
+
+// The masked form (cuda::attention, for contexts not much longer than K): the scores of a chunk
+// of queries against every causal key come from cuBLAS, and these two kernels restrict them to
+// the selection. A key selected twice counts once here (transformers applies DSA as a mask too);
+// the top-k never selects one twice.
+//   selection_mask: mask[i, j] = 1 if key j is selected for query i of the chunk (position
+//     first + i), is causal and j < t_eff; else 0. One block per query.
+//   masked_softmax: each row (h, i) of scores [heads, qc, t_eff] becomes the softmax over its
+//     masked-in keys, 0 elsewhere (a row with no key is NaN, as in the gathered form). One block
+//     per row.
+
+extern "C" __global__ void selection_mask(const int* idx, long long idx0, float* mask, int kk, int t_eff, int first) {
+    int i = blockIdx.x, p = first + i;
+    float* row = mask + (long long)i * t_eff;
+    for (int j = threadIdx.x; j < t_eff; j += blockDim.x) row[j] = 0.0f;
+    __syncthreads();
+    const int* sel = idx + idx0 + (long long)i * kk;
+    for (int j = threadIdx.x; j < kk; j += blockDim.x) {
+        int key = sel[j];
+        if (key >= 0 && key <= p && key < t_eff) row[key] = 1.0f;
+    }
+}
+
+extern "C" __global__ void masked_softmax(float* scores, const float* mask, int qc, int t_eff) {
+    long long r = blockIdx.x;
+    float* row = scores + r * t_eff;
+    const float* m = mask + (r % qc) * t_eff;
+    float local_max = -INFINITY;
+    for (int j = threadIdx.x; j < t_eff; j += blockDim.x)
+        if (m[j] != 0.0f) local_max = fmaxf(local_max, row[j]);
+    float mx = block_max(local_max);
+    float local_sum = 0.0f;
+    for (int j = threadIdx.x; j < t_eff; j += blockDim.x) {
+        float e = m[j] != 0.0f ? expf(row[j] - mx) : 0.0f;
+        row[j] = e;
+        local_sum += e;
+    }
+    float inv = 1.0f / block_sum(local_sum);
+    for (int j = threadIdx.x; j < t_eff; j += blockDim.x) row[j] *= inv;
+}

@@ -11,7 +11,7 @@
 use std::ffi::{c_char, c_int, c_uint, c_void, CString};
 
 use cudarc::cublas::sys::cublasOperation_t;
-use cudarc::cublas::GemmConfig;
+use cudarc::cublas::{GemmConfig, StridedBatchedConfig};
 use cudarc::driver::LaunchConfig;
 
 use crate::error::{Error, Result};
@@ -89,6 +89,18 @@ pub fn gemm(cfg: &GemmConfig<f32>, a: &[f32], b: &[f32], c: &mut [f32]) -> Resul
             let prior = if cfg.beta == 0.0 { 0.0 } else { cfg.beta as f64 * *o as f64 };
             *o = (cfg.alpha as f64 * dot + prior) as f32;
         }
+    }
+    Ok(())
+}
+
+/// cuBLAS's strided-batched SGEMM on host slices: [`gemm`] on each matrix of the batch.
+pub fn gemm_batched(cfg: &StridedBatchedConfig<f32>, a: &[f32], b: &[f32], c: &mut [f32]) -> Result<()> {
+    let stride = |s: i64| usize::try_from(s).map_err(|_| Error::Device("batched GEMM: a negative stride".into()));
+    let (sa, sb, sc) = (stride(cfg.stride_a)?, stride(cfg.stride_b)?, stride(cfg.stride_c)?);
+    for i in 0..usize::try_from(cfg.batch_size).unwrap_or(0) {
+        let (a, b) = (a.get(i * sa..).unwrap_or(&[]), b.get(i * sb..).unwrap_or(&[]));
+        let c = c.get_mut(i * sc..).unwrap_or(&mut []);
+        gemm(&cfg.gemm, a, b, c)?;
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
-use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
 use super::gpu::{Buf, Gpu};
@@ -45,7 +45,7 @@ pub struct Products {
 }
 
 /// Grows `slot` to at least `n` values.
-fn scratch<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone>(
+pub(super) fn scratch<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone>(
     gpu: &Gpu,
     slot: &mut Option<Buf<T>>,
     n: usize,
@@ -54,6 +54,19 @@ fn scratch<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Def
         *slot = Some(gpu.zeros(n)?);
     }
     Ok(())
+}
+
+/// How many values a strided batch of `rows x cols` column-major matrices (leading dimension
+/// `ld`) spans; None for a negative or impossible layout.
+fn extent(rows: i32, cols: i32, ld: i32, stride: i64, batch: i32) -> Option<usize> {
+    if rows <= 0 || cols <= 0 || batch <= 0 {
+        return Some(0);
+    }
+    if ld < rows || stride < 0 {
+        return None;
+    }
+    let one = (cols as i64 - 1) * ld as i64 + rows as i64;
+    usize::try_from((batch as i64 - 1) * stride + one).ok()
 }
 
 fn int(v: usize) -> Result<i32> {
@@ -130,6 +143,48 @@ impl Products {
             (Precision::Bf16, DeviceWeight::F32(_)) => {
                 Err(Error::Device("an f32 weight in a bf16 product (weights are rounded at upload)".into()))
             }
+        }
+    }
+
+    /// `C_i = alpha op(A_i) op(B_i) + beta C_i` for each matrix i of a strided batch, in f32
+    /// whatever the precision (the attention's products, `cuda::attention`), on cuBLAS's
+    /// column-major contract. Each operand is a buffer and the offset of its first matrix; every
+    /// matrix of the batch must lie inside its buffer (cuBLAS would not check).
+    pub fn batched_f32(
+        &self,
+        cfg: StridedBatchedConfig<f32>,
+        (a, a0): (&Buf<f32>, usize),
+        (b, b0): (&Buf<f32>, usize),
+        (c, c0): (&mut Buf<f32>, usize),
+    ) -> Result<()> {
+        let g = &cfg.gemm;
+        let trans = |op| op != cublasOperation_t::CUBLAS_OP_N;
+        let (ar, ac) = if trans(g.transa) { (g.k, g.m) } else { (g.m, g.k) };
+        let (br, bc) = if trans(g.transb) { (g.n, g.k) } else { (g.k, g.n) };
+        let need = [
+            (a.len(), a0, extent(ar, ac, g.lda, cfg.stride_a, cfg.batch_size)),
+            (b.len(), b0, extent(br, bc, g.ldb, cfg.stride_b, cfg.batch_size)),
+            (c.len(), c0, extent(g.m, g.n, g.ldc, cfg.stride_c, cfg.batch_size)),
+        ];
+        if cfg.batch_size <= 0 || g.m <= 0 || g.n <= 0 {
+            return Ok(());
+        }
+        if let Some((have, from, need)) = need.iter().find(|(have, from, need)| need.is_none_or(|n| from + n > *have)) {
+            return Err(Error::Device(format!(
+                "batched GEMM: an operand of {have} values cannot hold {need:?} from offset {from}"
+            )));
+        }
+        match (&self.blas, a, b, c) {
+            (Some((blas, _)), Buf::Device(a), Buf::Device(b), Buf::Device(c)) => {
+                let (av, bv, mut cv) = (a.slice(a0..), b.slice(b0..), c.slice_mut(c0..));
+                // SAFETY: every matrix of the batch lies inside its view (checked above).
+                unsafe { blas.gemm_strided_batched(cfg, &av, &bv, &mut cv) }
+                    .map_err(|e| Error::Device(format!("cuBLAS SGEMM (strided batched): {e:?}")))
+            }
+            (None, Buf::Host(a), Buf::Host(b), Buf::Host(c)) => {
+                super::emu::gemm_batched(&cfg, &a[a0..], &b[b0..], &mut c[c0..])
+            }
+            _ => Err(Error::Device("batched GEMM: buffers from another device".into())),
         }
     }
 

@@ -355,34 +355,25 @@ impl Gpu {
         launch!(self, "expert_counts", cfg(n, 256, 0), [ids, &n64, &e32, counts])
     }
 
-    /// q: [B, S, n, d]; k: [B, T, d]; w: [B, S, n] -> scores: [B, S, T]; dims = [B, S, T, n, d, offset].
-    pub fn index_scores(
+    /// The indexer's scores for `qc` queries from the products g = q . k * scale ([qc * n, t_eff]):
+    /// rows `row0 ..` of scores [*, t] (the first at position `first`), from the weights w [*, n].
+    #[allow(clippy::too_many_arguments)]
+    pub fn index_combine(
         &self,
-        q: &Buf<f32>,
-        k: &Buf<f32>,
+        g: &Buf<f32>,
         w: &Buf<f32>,
         scores: &mut Buf<f32>,
-        dims: [usize; 6],
-        scale: f32,
+        [qc, n, t_eff, t]: [usize; 4],
+        row0: usize,
+        first: usize,
     ) -> Result<()> {
-        let [batch, s, t, heads, dim, _] = dims;
         fits(
-            "index_scores",
-            &[
-                (q.len(), batch * s * heads * dim),
-                (k.len(), batch * t * dim),
-                (w.len(), batch * s * heads),
-                (scores.len(), batch * s * t),
-            ],
+            "index_combine",
+            &[(g.len(), qc * n * t_eff), (w.len(), (row0 + qc) * n), (scores.len(), (row0 + qc) * t)],
         )?;
-        let [batch, s, t, ..] = dims;
-        let [b32, s32, t32, n32, d32, o32] = ints("index_scores", dims)?;
-        launch!(
-            self,
-            "index_scores",
-            cfg(batch * s * t, 256, 0),
-            [q, k, w, scores, &b32, &s32, &t32, &n32, &d32, &o32, &scale]
-        )
+        let [q32, n32, te32, t32, f32_] = ints("index_combine", [qc, n, t_eff, t, first])?;
+        let row0 = row0 as i64;
+        launch!(self, "index_combine", cfg(qc * t, 256, 0), [g, w, scores, &q32, &n32, &te32, &t32, &row0, &f32_])
     }
 
     /// scores: [rows, T] (rows = B*S) -> idx: [rows, K]; margin: [rows].
@@ -442,6 +433,40 @@ impl Gpu {
             cfg,
             [q, kv, k_rope, idx, out, &s32, &t32, &nh32, &nope, &rd, &vd, &k32, &o32, &scale]
         )
+    }
+
+    /// mask [qc, t_eff]: which keys the selection rows `idx0 / kk ..` of idx [*, kk] keep for
+    /// queries at positions `first ..` (1 kept, 0 not).
+    pub fn selection_mask(
+        &self,
+        idx: &Buf<i32>,
+        idx0: usize,
+        mask: &mut Buf<f32>,
+        [qc, kk, t_eff]: [usize; 3],
+        first: usize,
+    ) -> Result<()> {
+        fits("selection_mask", &[(idx.len(), idx0 + qc * kk), (mask.len(), qc * t_eff)])?;
+        let [k32, te32, f32_] = ints("selection_mask", [kk, t_eff, first])?;
+        let idx0 = idx0 as i64;
+        launch!(self, "selection_mask", per_item(qc, 128, 0), [idx, &idx0, mask, &k32, &te32, &f32_])
+    }
+
+    /// scores [rows, t_eff] (rows = heads * qc) -> the softmax of each row over the keys
+    /// mask [qc, t_eff] keeps, in place.
+    pub fn masked_softmax(
+        &self,
+        scores: &mut Buf<f32>,
+        mask: &Buf<f32>,
+        rows: usize,
+        qc: usize,
+        t_eff: usize,
+    ) -> Result<()> {
+        fits("masked_softmax", &[(scores.len(), rows * t_eff), (mask.len(), qc * t_eff)])?;
+        if qc == 0 || !rows.is_multiple_of(qc) {
+            return Err(Error::Device(format!("masked_softmax: {rows} rows are not heads of {qc} queries")));
+        }
+        let [q32, te32] = ints("masked_softmax", [qc, t_eff])?;
+        launch!(self, "masked_softmax", per_item(rows, 256, 0), [scores, mask, &q32, &te32])
     }
 
     /// x: [*, cols]; rows: [n] -> out: [n, cols].

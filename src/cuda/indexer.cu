@@ -1,7 +1,8 @@
 // The DSA indexer: scores and the causal top-k.
-//   index_scores: score[b, s, t] = sum_h w[b, s, h] * relu(q[b, s, h] . k[b, t] * scale), -inf for
-//     keys after the query (queries at positions offset .. offset + S over T keys). One thread per
-//     (b, s, t). CPU reference: model::indexer::IndexerWeights::scores.
+//   scores: score[b, s, t] = sum_h w[b, s, h] * relu(q[b, s, h] . k[b, t] * scale), -inf for
+//     keys after the query (queries at positions offset .. offset + S over T keys); the dots are
+//     one cuBLAS product per chunk of queries, then index_combine below. CPU reference:
+//     model::indexer::IndexerWeights::scores.
 //   topk_causal: the K = min(index_topk, T) best causal keys per query, best first, ties to the
 //     lower position, padded with the positions after the query when it has fewer than K keys;
 //     margin = K-th minus (K+1)-th causal score (+inf when nothing is cut). One block per query row;
@@ -9,23 +10,21 @@
 //     in the CPU sort.
 //     CPU reference: model::indexer::top_k_causal.
 
-extern "C" __global__ void index_scores(const float* q, const float* k, const float* w, float* scores, int batch,
-                                        int s, int t, int n, int d, int offset, float scale) {
+// index_combine: the chunk's scores from g = q . k * scale (a cuBLAS product, cuda::attention):
+//   scores[row0 + i, j] = sum_h w[row0 + i, h] * relu(g[i * n + h, j]) for the causal keys
+//   j <= first + i (and j < t_eff, the keys g covers), -inf after. g is [qc * n, t_eff]; one
+//   thread per (i, j) of [qc, t].
+extern "C" __global__ void index_combine(const float* g, const float* w, float* scores, int qc, int n, int t_eff,
+                                         int t, long long row0, int first) {
     long long id = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (id >= (long long)batch * s * t) return;
-    int key = (int)(id % t);
-    long long row = id / t; // b * s + query
-    int b = (int)(row / s), query = (int)(row % s);
-    if (key > offset + query) { scores[id] = -INFINITY; return; }
-    const float* kv = k + ((long long)b * t + key) * d;
+    if (id >= (long long)qc * t) return;
+    int i = (int)(id / t), j = (int)(id % t);
+    float* out = scores + (row0 + i) * t + j;
+    if (j > first + i || j >= t_eff) { *out = -INFINITY; return; }
+    const float* wr = w + (row0 + i) * n;
     float acc = 0.0f;
-    for (int h = 0; h < n; h++) {
-        const float* qv = q + (row * n + h) * d;
-        float dot = 0.0f;
-        for (int i = 0; i < d; i++) dot += qv[i] * kv[i];
-        acc += fmaxf(dot * scale, 0.0f) * w[row * n + h];
-    }
-    scores[id] = acc;
+    for (int h = 0; h < n; h++) acc += fmaxf(g[((long long)i * n + h) * t_eff + j], 0.0f) * wr[h];
+    *out = acc;
 }
 
 // Whether key u (score x) ranks before key j (score v): higher score first, NaN last, ties to the

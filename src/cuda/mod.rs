@@ -14,6 +14,7 @@
 //! check in the emulation, and the forward pass through them matches every golden case there in
 //! both precisions; nothing has run on a GPU yet.
 
+pub mod attention;
 pub mod emu;
 pub mod gemm;
 pub mod gpu;
@@ -33,8 +34,8 @@ pub const KERNELS: &[(&str, &str, &[&str])] = &[
     ("rope", include_str!("rope.cu"), &["rope_interleaved"]),
     ("elementwise", include_str!("elementwise.cu"), &["silu_mul", "add"]),
     ("router", include_str!("router.cu"), &["route", "expert_counts"]),
-    ("indexer", include_str!("indexer.cu"), &["index_scores", "topk_causal"]),
-    ("attention", include_str!("attention.cu"), &["sparse_attention"]),
+    ("indexer", include_str!("indexer.cu"), &["index_combine", "topk_causal"]),
+    ("attention", include_str!("attention.cu"), &["sparse_attention", "selection_mask", "masked_softmax"]),
     ("moe", include_str!("moe.cu"), &["gather_rows", "combine"]),
     ("convert", include_str!("convert.cu"), &["fp8_dequant", "bf16_widen", "bf16_round"]),
 ];

@@ -1,7 +1,9 @@
 //! The device forward pass's operations ([`Ops`]) on one GPU (or its host emulation): our
 //! kernels for everything but the matrix products, which go through cuBLAS in the chosen
-//! precision (`gemm`).
+//! precision (`gemm`), and the attention's quadratic steps, which are cuBLAS products around
+//! kernels of ours (`attention`).
 
+use super::attention::{self, AttentionPath, AttentionPlan, Workspace};
 use super::gemm::{DeviceWeight, Products};
 use super::gpu::{Buf, Gpu};
 use crate::device::{HostWeight, Ops, Precision};
@@ -11,12 +13,53 @@ use crate::model::moe::RouterConfig;
 pub struct CudaOps {
     pub gpu: Gpu,
     products: Products,
+    workspace: Workspace,
+    attention: AttentionPlan,
 }
 
 impl CudaOps {
     pub fn new(gpu: Gpu, precision: Precision) -> Result<Self> {
         let products = Products::new(&gpu, precision)?;
-        Ok(CudaOps { gpu, products })
+        Ok(CudaOps { gpu, products, workspace: Workspace::default(), attention: AttentionPlan::default() })
+    }
+
+    /// These ops with the attention run as `plan` says (the tests check every path).
+    pub fn with_attention(self, plan: AttentionPlan) -> Self {
+        CudaOps { attention: plan, ..self }
+    }
+
+    /// [`Ops::index_scores`] as `plan` chunks it.
+    pub fn index_scores_with(
+        &self,
+        plan: AttentionPlan,
+        (q, k, w): (&Buf<f32>, &Buf<f32>, &Buf<f32>),
+        dims: [usize; 6],
+        scale: f32,
+    ) -> Result<Buf<f32>> {
+        let on = (&self.gpu, &self.products, &self.workspace);
+        attention::index_scores(on, plan.chunk_values, (q, k, w), dims, scale)
+    }
+
+    /// [`Ops::sparse_attention`] on the path `plan` gives (or the one the sizes choose).
+    pub fn sparse_attention_with(
+        &self,
+        plan: AttentionPlan,
+        (q, kv, k_rope, idx): (&Buf<f32>, &Buf<f32>, &Buf<f32>, &Buf<i32>),
+        dims: [usize; 9],
+        scale: f32,
+    ) -> Result<Buf<f32>> {
+        let [b, s, t, nh, _, _, vd, k, _] = dims;
+        match plan.path.unwrap_or_else(|| AttentionPath::choose(t, k)) {
+            AttentionPath::Gathered => {
+                let mut y = self.gpu.zeros(b * s * nh * vd)?;
+                self.gpu.sparse_attention(q, kv, k_rope, idx, &mut y, dims, scale)?;
+                Ok(y)
+            }
+            AttentionPath::Masked => {
+                let on = (&self.gpu, &self.products, &self.workspace);
+                attention::masked(on, plan.chunk_values, (q, kv, k_rope, idx), dims, scale)
+            }
+        }
     }
 
     pub fn precision(&self) -> Precision {
@@ -121,9 +164,7 @@ impl Ops for CudaOps {
     }
 
     fn index_scores(&self, q: &Self::F, k: &Self::F, w: &Self::F, dims: [usize; 6], scale: f32) -> Result<Self::F> {
-        let mut y = self.gpu.zeros(dims[0] * dims[1] * dims[2])?;
-        self.gpu.index_scores(q, k, w, &mut y, dims, scale)?;
-        Ok(y)
+        self.index_scores_with(self.attention, (q, k, w), dims, scale)
     }
 
     fn topk_causal(
@@ -149,10 +190,7 @@ impl Ops for CudaOps {
         dims: [usize; 9],
         scale: f32,
     ) -> Result<Self::F> {
-        let [b, s, _, nh, _, _, vd, _, _] = dims;
-        let mut y = self.gpu.zeros(b * s * nh * vd)?;
-        self.gpu.sparse_attention(q, kv, k_rope, idx, &mut y, dims, scale)?;
-        Ok(y)
+        self.sparse_attention_with(self.attention, (q, kv, k_rope, idx), dims, scale)
     }
 
     fn gather_rows(&self, x: &Self::F, rows: &Self::I, n: usize, cols: usize) -> Result<Self::F> {

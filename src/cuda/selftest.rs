@@ -127,24 +127,12 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
         }
     }
 
-    // The indexer: batch 2, 5 new queries after 38 cached keys (offset), 4 heads of 16.
+    // The causal top-k of indexer scores (the CPU's, on random inputs): batch 2, 5 new queries
+    // after 38 cached keys (offset), 4 heads of 16.
     let (batch, s, offset, nh, d, topk) = (2, 5, 38, 4, 16, 24);
     let t = offset + s;
     let (q, k, w) = (rng.vec(batch * s * nh * d), rng.vec(batch * t * d), rng.vec(batch * s * nh));
-    let scale = (d as f32).powf(-0.5);
-    let mut sc = gpu.filled(batch * s * t, nan)?;
-    gpu.index_scores(
-        &gpu.upload(&q)?,
-        &gpu.upload(&k)?,
-        &gpu.upload(&w)?,
-        &mut sc,
-        [batch, s, t, nh, d, offset],
-        scale,
-    )?;
-    let cpu = CpuOps.index_scores(&q, &k, &w, [batch, s, t, nh, d, offset], scale)?;
-    let gpu_scores = gpu.download(&sc)?;
-    out.push(check("index_scores", &gpu_scores, &cpu, 1e-4));
-    // Top-k on the CPU's scores, so both sides rank the same values.
+    let cpu = CpuOps.index_scores(&q, &k, &w, [batch, s, t, nh, d, offset], (d as f32).powf(-0.5))?;
     let kk = topk.min(t);
     let (mut idx, mut margin) = (gpu.filled(batch * s * kk, -1i32)?, gpu.filled(batch * s, nan)?);
     gpu.topk_causal(&gpu.upload(&cpu)?, batch * s, s, t, offset, kk, &mut idx, &mut margin)?;
@@ -153,25 +141,6 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     let gpu_idx = gpu.download(&idx)?;
     let m = check("topk_causal", &gpu.download(&margin)?, &sel.margin, 1e-6);
     out.push(Check { name: "topk_causal", max_abs: m.max_abs, ok: m.ok && check_ints("", &gpu_idx, &sel_ids).ok });
-
-    // Sparse attention over that selection: 3 heads, nope 12, rope 4, v 10.
-    let (heads, nope, rd, vd) = (3, 12, 4, 10);
-    let (q, kv, kr) =
-        (rng.vec(batch * s * heads * (nope + rd)), rng.vec(batch * t * heads * (nope + vd)), rng.vec(batch * t * rd));
-    let att_scale = ((nope + rd) as f32).powf(-0.5);
-    let mut o = gpu.filled(batch * s * heads * vd, nan)?;
-    let dims = [batch, s, t, heads, nope, rd, vd, kk, offset];
-    gpu.sparse_attention(
-        &gpu.upload(&q)?,
-        &gpu.upload(&kv)?,
-        &gpu.upload(&kr)?,
-        &gpu.upload(&sel_ids)?,
-        &mut o,
-        dims,
-        att_scale,
-    )?;
-    let cpu = CpuOps.sparse_attention(&q, &kv, &kr, &sel_ids, dims, att_scale)?;
-    out.push(check("sparse_attention", &gpu.download(&o)?, &cpu, 1e-5));
 
     // MoE dispatch: gather 9 of 13 rows; combine 13 tokens x 3 choices from 39 packed rows.
     let (tokens, kx, hidden) = (13, 3, 67);
@@ -231,6 +200,50 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     out.push(Check { ok: c.ok && nan_kept, ..c });
 
     gpu.synchronize()?;
+    Ok(out)
+}
+
+/// The attention's quadratic steps (`cuda::attention`) against `CpuOps`: the indexer's scores
+/// (cuBLAS products and `index_combine`) and attention over a top-k selection on both paths,
+/// whole and in chunks of 2 queries (so chunks start past the first query and reach fewer keys).
+/// Batch 2, 5 new queries after 38 cached keys.
+pub fn attention(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
+    use super::attention::{AttentionPath, AttentionPlan};
+    let mut rng = Rng(0x6a09e667f3bcc909);
+    let mut out = Vec::new();
+    let gpu = &ops.gpu;
+    let (batch, s, offset, nh, d, topk) = (2, 5, 38, 4, 16, 24);
+    let t = offset + s;
+    let (q, k, w) = (rng.vec(batch * s * nh * d), rng.vec(batch * t * d), rng.vec(batch * s * nh));
+    let (dq, dk, dw) = (gpu.upload(&q)?, gpu.upload(&k)?, gpu.upload(&w)?);
+    let (dims, scale) = ([batch, s, t, nh, d, offset], (d as f32).powf(-0.5));
+    let cpu_scores = CpuOps.index_scores(&q, &k, &w, dims, scale)?;
+    let whole = AttentionPlan::default();
+    let chunks_of_2 = |path, heads| AttentionPlan { path, chunk_values: 2 * heads * t };
+    for (name, plan) in [("index_scores", whole), ("index_scores (chunks of 2 queries)", chunks_of_2(None, nh))] {
+        let got = ops.download(&ops.index_scores_with(plan, (&dq, &dk, &dw), dims, scale)?)?;
+        out.push(check(name, &got, &cpu_scores, 1e-4));
+    }
+
+    // Attention over the CPU's top-k of those scores: 3 heads, nope 12, rope 4, v 10.
+    let sel = crate::model::indexer::top_k_causal(&cpu_scores, batch, s, offset, topk);
+    let idx: Vec<i32> = sel.idx.iter().map(|&i| i as i32).collect();
+    let (heads, nope, rd, vd, kk) = (3, 12, 4, 10, topk.min(t));
+    let (q, kv, kr) =
+        (rng.vec(batch * s * heads * (nope + rd)), rng.vec(batch * t * heads * (nope + vd)), rng.vec(batch * t * rd));
+    let dims = [batch, s, t, heads, nope, rd, vd, kk, offset];
+    let scale = ((nope + rd) as f32).powf(-0.5);
+    let cpu = CpuOps.sparse_attention(&q, &kv, &kr, &idx, dims, scale)?;
+    let bufs = (gpu.upload(&q)?, gpu.upload(&kv)?, gpu.upload(&kr)?, gpu.upload(&idx)?);
+    let masked = Some(AttentionPath::Masked);
+    for (name, plan) in [
+        ("sparse_attention (gathered)", AttentionPlan { path: Some(AttentionPath::Gathered), ..whole }),
+        ("sparse_attention (masked)", AttentionPlan { path: masked, ..whole }),
+        ("sparse_attention (masked, chunks of 2 queries)", chunks_of_2(masked, heads)),
+    ] {
+        let got = ops.sparse_attention_with(plan, (&bufs.0, &bufs.1, &bufs.2, &bufs.3), dims, scale)?;
+        out.push(check(name, &ops.download(&got)?, &cpu, 1e-5));
+    }
     Ok(out)
 }
 

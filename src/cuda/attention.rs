@@ -1,0 +1,208 @@
+//! The attention's two quadratic steps as cuBLAS products plus small kernels, a chunk of
+//! queries at a time:
+//! - the indexer's scores: `g = q k^T * scale` for every index head in one SGEMM
+//!   (`[qc * n, d] x [d, t]`), then `index_combine` (relu, weighted sum over heads, causal -inf);
+//! - attention over DSA's selection in the masked form: per-head scores
+//!   `q_nope k_nope^T + q_rope k_rope^T` (two strided-batched SGEMMs over the heads, the second
+//!   with the shared RoPE key at stride 0), `selection_mask` + `masked_softmax`, then `P v` (a
+//!   third), written straight into `[S, nh, vd]`.
+//!
+//! The masked form computes every causal key's score and throws away the unselected ones, so it
+//! does `t / K` times the gathered kernel's arithmetic; but on cuBLAS instead of one thread
+//! block per (query, head). While every causal key is selected (prefills up to `index_topk`
+//! tokens, 2048 on GLM-5) the two do the same work; [`AttentionPath::choose`] keeps the masked
+//! form up to [`MASKED_MAX_RATIO`] times that. The products stay f32 in both precisions: they
+//! are a small part of a prefill's arithmetic (the projections and experts dominate), and the
+//! scores over thousands of keys are where bf16 inputs would cost the most accuracy.
+//!
+//! Chunks bound the scratch: a chunk's products hold at most [`CHUNK_VALUES`] floats, and a
+//! chunk only reaches the keys its last query can see.
+
+use std::cell::RefCell;
+
+use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+use cudarc::cublas::{GemmConfig, StridedBatchedConfig};
+
+use super::gemm::{scratch, Products};
+use super::gpu::{Buf, Gpu};
+use crate::error::{Error, Result};
+
+/// The most f32 values one chunk's products hold (256 MB).
+pub const CHUNK_VALUES: usize = 64 << 20;
+
+/// The masked form is chosen while the causal keys are at most this many times the selected
+/// ones. A guess, to be tuned on a GPU: cuBLAS's SGEMM runs at tens of TFLOP/s where the
+/// gathered kernel (no tiling, no tensor cores) is unlikely to reach a tenth of that.
+pub const MASKED_MAX_RATIO: usize = 8;
+
+/// How attention over the selected keys is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// `sparse_attention`: one thread block per (query, head) over its K selected keys.
+    Gathered,
+    /// Scores for every causal key by cuBLAS, masked to the selection (this module).
+    Masked,
+}
+
+impl AttentionPath {
+    /// The path for a prefill over `t` keys of which `k` are selected per query.
+    pub fn choose(t: usize, k: usize) -> AttentionPath {
+        if t <= MASKED_MAX_RATIO.saturating_mul(k) {
+            AttentionPath::Masked
+        } else {
+            AttentionPath::Gathered
+        }
+    }
+}
+
+/// How the attention's quadratic steps run: the path (None: [`AttentionPath::choose`]) and the
+/// chunk budget (selftest shrinks it so the small checks span several chunks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionPlan {
+    pub path: Option<AttentionPath>,
+    /// The most f32 values one chunk's products hold.
+    pub chunk_values: usize,
+}
+
+impl Default for AttentionPlan {
+    fn default() -> Self {
+        AttentionPlan { path: None, chunk_values: CHUNK_VALUES }
+    }
+}
+
+/// Scratch the chunks reuse, grown on demand.
+#[derive(Default)]
+pub struct Workspace {
+    products: RefCell<Option<Buf<f32>>>,
+    mask: RefCell<Option<Buf<f32>>>,
+}
+
+/// Queries per chunk so a chunk's products (`per_query` values each) stay within the budget.
+fn chunk_queries(chunk_values: usize, per_query: usize) -> usize {
+    (chunk_values / per_query.max(1)).max(1)
+}
+
+fn int(v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::Device(format!("attention: size {v} exceeds cuBLAS's int")))
+}
+
+/// A strided batch of `batch` products `C = alpha op(A) op(B) + beta C`, column-major.
+#[allow(clippy::too_many_arguments)]
+fn batch(
+    (transa, transb): (bool, bool),
+    [m, n, k]: [usize; 3],
+    [lda, ldb, ldc]: [usize; 3],
+    [stride_a, stride_b, stride_c]: [usize; 3],
+    batch_size: usize,
+    alpha: f32,
+    beta: f32,
+) -> Result<StridedBatchedConfig<f32>> {
+    let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+    let gemm = GemmConfig {
+        transa: op(transa),
+        transb: op(transb),
+        m: int(m)?,
+        n: int(n)?,
+        k: int(k)?,
+        alpha,
+        lda: int(lda)?,
+        ldb: int(ldb)?,
+        beta,
+        ldc: int(ldc)?,
+    };
+    Ok(StridedBatchedConfig {
+        gemm,
+        batch_size: int(batch_size)?,
+        stride_a: stride_a as i64,
+        stride_b: stride_b as i64,
+        stride_c: stride_c as i64,
+    })
+}
+
+/// The indexer's scores: q [B, S, n, d], k [B, T, d], w [B, S, n] -> [B, S, T] (the
+/// `Ops::index_scores` contract; dims = [B, S, T, n, d, offset]).
+pub fn index_scores(
+    (gpu, products, ws): (&Gpu, &Products, &Workspace),
+    chunk_values: usize,
+    (q, k, w): (&Buf<f32>, &Buf<f32>, &Buf<f32>),
+    [batch_n, s, t, n, d, offset]: [usize; 6],
+    scale: f32,
+) -> Result<Buf<f32>> {
+    let mut scores = gpu.zeros(batch_n * s * t)?;
+    let qc_max = chunk_queries(chunk_values, n * t);
+    let mut g = ws.products.borrow_mut();
+    for b in 0..batch_n {
+        for q0 in (0..s).step_by(qc_max) {
+            let qc = qc_max.min(s - q0);
+            let first = offset + q0;
+            let t_eff = (first + qc).min(t); // the keys the chunk's last query sees
+            scratch(gpu, &mut g, qc * n * t_eff)?;
+            let g = g.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
+            // g^T [t_eff, qc * n] = k[b, :t_eff] (d x t_eff, transposed) x q rows (d x qc * n).
+            let cfg = batch((true, false), [t_eff, qc * n, d], [d, d, t_eff], [0, 0, 0], 1, scale, 0.0)?;
+            let row0 = b * s + q0;
+            products.batched_f32(cfg, (k, b * t * d), (q, row0 * n * d), (g, 0))?;
+            gpu.index_combine(g, w, &mut scores, [qc, n, t_eff, t], row0, first)?;
+        }
+    }
+    Ok(scores)
+}
+
+/// Attention over the selection in the masked form: q [B, S, nh, nope + rd], kv [B, T, nh,
+/// nope + vd], k_rope [B, T, rd], idx [B, S, K] -> [B, S, nh, vd] (the
+/// `Ops::sparse_attention` contract; dims = [B, S, T, nh, nope, rd, vd, K, offset]).
+pub fn masked(
+    (gpu, products, ws): (&Gpu, &Products, &Workspace),
+    chunk_values: usize,
+    (q, kv, k_rope, idx): (&Buf<f32>, &Buf<f32>, &Buf<f32>, &Buf<i32>),
+    [batch_n, s, t, nh, nope, rd, vd, kk, offset]: [usize; 9],
+    scale: f32,
+) -> Result<Buf<f32>> {
+    let mut out = gpu.zeros(batch_n * s * nh * vd)?;
+    let (qw, kvw) = (nh * (nope + rd), nh * (nope + vd)); // row widths of q and kv
+    let qc_max = chunk_queries(chunk_values, nh * t);
+    let (mut p, mut mask) = (ws.products.borrow_mut(), ws.mask.borrow_mut());
+    for b in 0..batch_n {
+        for q0 in (0..s).step_by(qc_max) {
+            let qc = qc_max.min(s - q0);
+            let first = offset + q0;
+            let t_eff = (first + qc).min(t);
+            scratch(gpu, &mut p, nh * qc * t_eff)?;
+            scratch(gpu, &mut mask, qc * t_eff)?;
+            let p = p.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
+            let mask = mask.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
+            let (row0, key0) = (b * s + q0, b * t);
+            // Per head h: scores_h^T [t_eff, qc] = k_nope_h (nope x t_eff, transposed) x q_nope_h.
+            let nope_cfg = batch(
+                (true, false),
+                [t_eff, qc, nope],
+                [kvw, qw, t_eff],
+                [nope + vd, nope + rd, qc * t_eff],
+                nh,
+                scale,
+                0.0,
+            )?;
+            products.batched_f32(nope_cfg, (kv, key0 * kvw), (q, row0 * qw), (p, 0))?;
+            // ... + k_rope (rd x t_eff, shared by the heads: stride 0) x q_rope_h.
+            if rd > 0 {
+                let rope_cfg =
+                    batch((true, false), [t_eff, qc, rd], [rd, qw, t_eff], [0, nope + rd, qc * t_eff], nh, scale, 1.0)?;
+                products.batched_f32(rope_cfg, (k_rope, key0 * rd), (q, row0 * qw + nope), (p, 0))?;
+            }
+            gpu.selection_mask(idx, row0 * kk, mask, [qc, kk, t_eff], first)?;
+            gpu.masked_softmax(p, mask, nh * qc, qc, t_eff)?;
+            // out_h^T [vd, qc] = v_h (vd x t_eff) x P_h^T (t_eff x qc), into out's rows at head h.
+            let pv_cfg = batch(
+                (false, false),
+                [vd, qc, t_eff],
+                [kvw, t_eff, nh * vd],
+                [nope + vd, qc * t_eff, vd],
+                nh,
+                1.0,
+                0.0,
+            )?;
+            products.batched_f32(pv_cfg, (kv, key0 * kvw + nope), (p, 0), (&mut out, row0 * nh * vd))?;
+        }
+    }
+    Ok(out)
+}
