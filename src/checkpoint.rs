@@ -112,6 +112,15 @@ impl Checkpoint {
         self.file(name).ok()?.bf16_weight(name)
     }
 
+    /// A block-FP8 weight read in place (None for other dtypes, or when its scale grid does not
+    /// fit: then [`Checkpoint::f32`] reports the problem).
+    pub fn fp8_weight(&self, name: &str) -> Option<crate::model::fp8::Fp8Weight> {
+        let scale_name = self.scale_name(name)?;
+        let (scale, _) = self.file(&scale_name).ok()?.f32(&scale_name).ok()?;
+        let block = self.config.fp8.as_ref().map(|f| f.block).unwrap_or([128, 128]);
+        self.file(name).ok()?.fp8_weight(name, scale, block)
+    }
+
     /// A tensor decoded to f32 with its shape; block-FP8 weights are dequantised.
     pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         let (mut data, shape) = self.file(name)?.f32(name)?;
@@ -269,6 +278,11 @@ impl<'a> Loader<'a> {
     /// `name` read in place as bf16, when it is stored so.
     pub fn bf16(&self, name: &str) -> Option<crate::model::gemv::Bf16Weight> {
         self.ckpt.bf16_weight(name)
+    }
+
+    /// `name` read in place as block-FP8, when it is stored so.
+    pub fn fp8(&self, name: &str) -> Option<crate::model::fp8::Fp8Weight> {
+        self.ckpt.fp8_weight(name)
     }
 
     pub fn finish<T>(self, value: T) -> Result<T> {

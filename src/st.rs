@@ -64,6 +64,19 @@ impl StFile {
         crate::model::gemv::Bf16Weight::new(self.mmap.clone(), self.data_start + info.data_offsets.0, rows, cols)
     }
 
+    /// A 2-D F8_E4M3 tensor read in place, with the scale grid and block it is quantised with.
+    pub fn fp8_weight(&self, name: &str, scale: Vec<f32>, block: [usize; 2]) -> Option<crate::model::fp8::Fp8Weight> {
+        let info = self.info(name).filter(|i| i.dtype == Dtype::F8_E4M3)?;
+        let [rows, cols] = info.shape[..] else { return None };
+        crate::model::fp8::Fp8Weight::new(
+            self.mmap.clone(),
+            self.data_start + info.data_offsets.0,
+            [rows, cols],
+            scale,
+            block,
+        )
+    }
+
     /// Rows `[start, start + count)` of a 2-D float tensor, decoded to f32, without touching the
     /// rest of it (embedding lookups and lm_head chunks of a model larger than memory).
     pub fn f32_rows(&self, name: &str, start: usize, count: usize) -> Result<Vec<f32>> {

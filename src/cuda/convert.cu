@@ -3,13 +3,17 @@
 // checkpoint::dequantize_blocks and st::decode_f32), and f32 rounded to bf16 for the bf16
 // products (round to nearest even, NaN kept NaN; CPU reference: half::bf16::from_f32).
 
-extern "C" __global__ void fp8_dequant(const fp8_t* q, const float* scale_inv, float* out, int rows, int cols,
-                                       int block_rows, int block_cols) {
+// Rows start .. start + n of a view of a block-FP8 weight [*, cols] into out [n, cols]. The view
+// begins at stored row row0 and scale_inv is the whole weight's grid, so a view that does not
+// start on a block boundary still finds its scales.
+extern "C" __global__ void fp8_dequant(const fp8_t* q, const float* scale_inv, float* out, long long start, int n,
+                                       int cols, int row0, int block_rows, int block_cols) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)rows * cols) return;
-    int r = (int)(i / cols), c = (int)(i % cols);
+    if (i >= (long long)n * cols) return;
+    long long r = start + i / cols;
+    int c = (int)(i % cols);
     int scale_cols = (cols + block_cols - 1) / block_cols;
-    out[i] = e4m3_to_f32(q[i]) * scale_inv[(r / block_rows) * scale_cols + c / block_cols];
+    out[i] = e4m3_to_f32(q[r * cols + c]) * scale_inv[((row0 + r) / block_rows) * scale_cols + c / block_cols];
 }
 
 // out[i] = x[start + i] for i < n: a block of a weight's rows, widened for its product.

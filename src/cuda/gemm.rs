@@ -32,6 +32,13 @@ const SCRATCH_VALUES: usize = 16 << 20;
 pub enum DeviceWeight {
     F32(Buf<f32>),
     Bf16(Buf<u16>),
+    /// Block-FP8 codes with the stored weight's scale grid; the codes are rows `row0 ..` of it.
+    Fp8 {
+        codes: Buf<u8>,
+        scale: Buf<f32>,
+        row0: usize,
+        block: [usize; 2],
+    },
 }
 
 pub struct Products {
@@ -42,6 +49,8 @@ pub struct Products {
     wide: RefCell<Option<Buf<f32>>>,
     /// bf16 mode: the activation rows, rounded.
     narrow: RefCell<Option<Buf<u16>>>,
+    /// bf16 mode: an FP8 weight's block of rows, dequantised (in `wide`) then rounded, here.
+    narrow_weight: RefCell<Option<Buf<u16>>>,
 }
 
 /// Grows `slot` to at least `n` values.
@@ -83,7 +92,8 @@ impl Products {
             }
             None => None,
         };
-        Ok(Products { precision, blas, wide: RefCell::new(None), narrow: RefCell::new(None) })
+        let (wide, narrow, narrow_weight) = (RefCell::new(None), RefCell::new(None), RefCell::new(None));
+        Ok(Products { precision, blas, wide, narrow, narrow_weight })
     }
 
     /// A weight as this precision multiplies it: bf16 mode rounds f32 weights to bf16 once, here.
@@ -95,6 +105,12 @@ impl Products {
                 DeviceWeight::Bf16(gpu.upload(&bits)?)
             }
             (HostWeight::Bf16(bits), _) => DeviceWeight::Bf16(gpu.upload(bits)?),
+            (HostWeight::Fp8(w), _) => DeviceWeight::Fp8 {
+                codes: gpu.upload(w.bytes())?,
+                scale: gpu.upload(&w.scale)?,
+                row0: w.row0,
+                block: w.block,
+            },
         })
     }
 
@@ -119,31 +135,59 @@ impl Products {
         }
         match (self.precision, w) {
             (Precision::F32, DeviceWeight::F32(w)) => self.sgemm(x, x_row0, w, y, y_row0, (0, n, n), [m, k], alpha),
-            (Precision::F32, DeviceWeight::Bf16(bits)) => {
-                // Widened a block of rows at a time, so the scratch stays small whatever the
-                // weight (GLM-5's lm_head alone would be 3.8 GB in f32).
-                let rows = (SCRATCH_VALUES / k.max(1)).clamp(1, n);
-                let mut wide = self.wide.borrow_mut();
-                scratch(gpu, &mut wide, rows * k)?;
-                let wide = wide.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
-                for n0 in (0..n).step_by(rows) {
-                    let nt = rows.min(n - n0);
-                    gpu.bf16_widen(bits, n0 * k, wide, nt * k)?;
-                    self.sgemm(x, x_row0, wide, y, y_row0, (n0, nt, n), [m, k], alpha)?;
-                }
-                Ok(())
+            (Precision::F32, w) => self.by_blocks(gpu, w, [n, k], |wide, n0, nt| {
+                self.sgemm(x, x_row0, wide, y, y_row0, (n0, nt, n), [m, k], alpha)
+            }),
+            (Precision::Bf16, DeviceWeight::F32(_)) => {
+                Err(Error::Device("an f32 weight in a bf16 product (weights are rounded at upload)".into()))
             }
-            (Precision::Bf16, DeviceWeight::Bf16(bits)) => {
+            (Precision::Bf16, w) => {
                 let mut narrow = self.narrow.borrow_mut();
                 scratch(gpu, &mut narrow, m * k)?;
                 let xb = narrow.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
                 gpu.bf16_round(x, x_row0 * k, xb, m * k)?;
-                self.gemm_bf16(xb, bits, y, y_row0, [m, n, k], alpha)
-            }
-            (Precision::Bf16, DeviceWeight::F32(_)) => {
-                Err(Error::Device("an f32 weight in a bf16 product (weights are rounded at upload)".into()))
+                match w {
+                    DeviceWeight::Bf16(bits) => self.gemm_bf16(xb, bits, y, y_row0, (0, n, n), [m, k], alpha),
+                    _ => {
+                        let mut wb = self.narrow_weight.borrow_mut();
+                        self.by_blocks(gpu, w, [n, k], |wide, n0, nt| {
+                            scratch(gpu, &mut wb, nt * k)?;
+                            let wb = wb.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
+                            gpu.bf16_round(wide, 0, wb, nt * k)?;
+                            self.gemm_bf16(xb, wb, y, y_row0, (n0, nt, n), [m, k], alpha)
+                        })
+                    }
+                }
             }
         }
+    }
+
+    /// Calls `f(wide, n0, nt)` with rows `n0 .. n0 + nt` of a bf16 or FP8 weight decoded to f32
+    /// in the scratch, a block of rows at a time, so the scratch stays small whatever the weight
+    /// (GLM-5's lm_head alone would be 3.8 GB in f32).
+    fn by_blocks(
+        &self,
+        gpu: &Gpu,
+        w: &DeviceWeight,
+        [n, k]: [usize; 2],
+        mut f: impl FnMut(&Buf<f32>, usize, usize) -> Result<()>,
+    ) -> Result<()> {
+        let rows = (SCRATCH_VALUES / k.max(1)).clamp(1, n);
+        let mut wide = self.wide.borrow_mut();
+        scratch(gpu, &mut wide, rows * k)?;
+        let wide = wide.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
+        for n0 in (0..n).step_by(rows) {
+            let nt = rows.min(n - n0);
+            match w {
+                DeviceWeight::Bf16(bits) => gpu.bf16_widen(bits, n0 * k, wide, nt * k)?,
+                DeviceWeight::Fp8 { codes, scale, row0, block } => {
+                    gpu.fp8_dequant(codes, scale, wide, [n0, nt, k], *row0, *block)?
+                }
+                DeviceWeight::F32(_) => return Err(Error::Device("an f32 weight needs no decoding".into())),
+            }
+            f(wide, n0, nt)?;
+        }
+        Ok(())
     }
 
     /// `C_i = alpha op(A_i) op(B_i) + beta C_i` for each matrix i of a strided batch, in f32
@@ -238,29 +282,33 @@ impl Products {
         }
     }
 
-    /// bf16 product of the rounded activations `xb` (m x k, from its start) and a bf16 weight.
+    /// bf16 block product of the rounded activations `xb` (m x k, from its start) and weight
+    /// rows n0 .. n0 + nt (of n; `w` holds those rows first and may be longer).
+    #[allow(clippy::too_many_arguments)]
     fn gemm_bf16(
         &self,
         xb: &Buf<u16>,
         w: &Buf<u16>,
         y: &mut Buf<f32>,
         y_row0: usize,
-        [m, n, k]: [usize; 3],
+        (n0, nt, n): (usize, usize, usize),
+        [m, k]: [usize; 2],
         alpha: f32,
     ) -> Result<()> {
-        if w.len() < n * k || xb.len() < m * k {
+        let c_len = (m - 1) * n + nt; // the last output row ends at column n0 + nt
+        if w.len() < nt * k || xb.len() < m * k || y.len() < y_row0 * n + n0 + c_len {
             return Err(Error::Device(format!("bf16 GEMM: buffers too small for {m} x {k} -> {n}")));
         }
-        let cfg = Self::config(n, [m, n, k], alpha)?;
-        let ys = y_row0 * n..(y_row0 + m) * n;
+        let cfg = Self::config(nt, [m, n, k], alpha)?;
+        let ys = y_row0 * n + n0..y_row0 * n + n0 + c_len;
         match (&self.blas, xb, w, y) {
             (Some((blas, stream)), Buf::Device(xb), Buf::Device(w), Buf::Device(y)) => {
-                let (wv, xv, mut yv) = (w.slice(..n * k), xb.slice(..m * k), y.slice_mut(ys));
+                let (wv, xv, mut yv) = (w.slice(..nt * k), xb.slice(..m * k), y.slice_mut(ys));
                 let (a, _ra) = wv.device_ptr(stream);
                 let (b, _rb) = xv.device_ptr(stream);
                 let (c, _rc) = yv.device_ptr_mut(stream);
                 let beta = 0.0f32;
-                // SAFETY: A is n x k bf16, B m x k bf16, C m x n f32 at ldc n: the views hold
+                // SAFETY: A is nt x k bf16, B m x k bf16, C m x nt f32 at ldc n: the views hold
                 // exactly that; alpha and beta are f32, as CUBLAS_COMPUTE_32F takes them.
                 unsafe {
                     cudarc::cublas::result::gemm_ex(
@@ -289,7 +337,7 @@ impl Products {
             }
             (None, Buf::Host(xb), Buf::Host(w), Buf::Host(y)) => {
                 let widen = |v: &[u16]| -> Vec<f32> { v.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect() };
-                super::emu::gemm(&cfg, &widen(&w[..n * k]), &widen(&xb[..m * k]), &mut y[ys])
+                super::emu::gemm(&cfg, &widen(&w[..nt * k]), &widen(&xb[..m * k]), &mut y[ys])
             }
             _ => Err(Error::Device("bf16 GEMM: buffers from another device".into())),
         }

@@ -507,20 +507,26 @@ impl Gpu {
         launch!(self, "combine", cfg(n * cols, 256, 0), [y, ids, slot, w, shared, out, &n32, &k32, &c32])
     }
 
-    /// q: e4m3 bytes [rows, cols]; scale_inv: [ceil(rows/br), ceil(cols/bc)] -> out: f32 [rows, cols].
+    /// Rows `start .. start + n` of the block-FP8 codes q [*, cols] (a view starting at stored
+    /// row `row0`; scale_inv is the weight's whole grid) dequantised into out [n, cols].
+    #[allow(clippy::too_many_arguments)]
     pub fn fp8_dequant(
         &self,
         q: &Buf<u8>,
         scale_inv: &Buf<f32>,
         out: &mut Buf<f32>,
-        rows: usize,
-        cols: usize,
+        [start, n, cols]: [usize; 3],
+        row0: usize,
         block: [usize; 2],
     ) -> Result<()> {
-        let scales = rows.div_ceil(block[0].max(1)) * cols.div_ceil(block[1].max(1));
-        fits("fp8_dequant", &[(q.len(), rows * cols), (scale_inv.len(), scales), (out.len(), rows * cols)])?;
-        let [r32, c32, br, bc] = ints("fp8_dequant", [rows, cols, block[0], block[1]])?;
-        launch!(self, "fp8_dequant", cfg(rows * cols, 256, 0), [q, scale_inv, out, &r32, &c32, &br, &bc])
+        let scales = (row0 + start + n).div_ceil(block[0].max(1)) * cols.div_ceil(block[1].max(1));
+        fits("fp8_dequant", &[(q.len(), (start + n) * cols), (scale_inv.len(), scales), (out.len(), n * cols)])?;
+        let [n32, c32, r32, br, bc] = ints("fp8_dequant", [n, cols, row0, block[0], block[1]])?;
+        if block.contains(&0) {
+            return Err(Error::Device("fp8_dequant: a quantisation block of zero".into()));
+        }
+        let start = start as i64;
+        launch!(self, "fp8_dequant", cfg(n * cols, 256, 0), [q, scale_inv, out, &start, &n32, &c32, &r32, &br, &bc])
     }
 
     /// Values `start .. start + n` of `x` widened into the first n of `out`.

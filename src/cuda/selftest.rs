@@ -13,7 +13,7 @@ use crate::model::moe::{route, RouterConfig};
 
 /// One kernel's verdict.
 pub struct Check {
-    pub name: &'static str,
+    pub name: String,
     pub max_abs: f64,
     pub ok: bool,
 }
@@ -33,7 +33,7 @@ impl Rng {
     }
 }
 
-fn check(name: &'static str, gpu: &[f32], cpu: &[f32], tol: f64) -> Check {
+fn check(name: impl Into<String>, gpu: &[f32], cpu: &[f32], tol: f64) -> Check {
     let mut max_abs = 0f64;
     let mut ok = gpu.len() == cpu.len();
     for (&a, &e) in gpu.iter().zip(cpu) {
@@ -44,12 +44,12 @@ fn check(name: &'static str, gpu: &[f32], cpu: &[f32], tol: f64) -> Check {
         }
         max_abs = if err.is_nan() { f64::INFINITY } else { max_abs.max(err) };
     }
-    Check { name, max_abs, ok }
+    Check { name: name.into(), max_abs, ok }
 }
 
-fn check_ints(name: &'static str, gpu: &[i32], cpu: &[i32]) -> Check {
+fn check_ints(name: &str, gpu: &[i32], cpu: &[i32]) -> Check {
     let bad = gpu.len() != cpu.len() || gpu.iter().zip(cpu).any(|(a, b)| a != b);
-    Check { name, max_abs: if bad { f64::INFINITY } else { 0.0 }, ok: !bad }
+    Check { name: name.into(), max_abs: if bad { f64::INFINITY } else { 0.0 }, ok: !bad }
 }
 
 /// Runs every kernel check on `gpu`.
@@ -116,7 +116,11 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
         let ids_ok = check_ints(name, &gpu_ids, &cpu_ids);
         let w_ok = check(name, &gpu_w, &cpu_w, 1e-5);
         let m_ok = check(name, &gpu_m, &cpu_m, 1e-5);
-        out.push(Check { name, max_abs: w_ok.max_abs.max(m_ok.max_abs), ok: ids_ok.ok && w_ok.ok && m_ok.ok });
+        out.push(Check {
+            name: name.into(),
+            max_abs: w_ok.max_abs.max(m_ok.max_abs),
+            ok: ids_ok.ok && w_ok.ok && m_ok.ok,
+        });
 
         let mut counts = gpu.filled(e, 0i32)?;
         gpu.expert_counts(&ids, tokens * rc.top_k, e, &mut counts)?;
@@ -140,7 +144,11 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     let sel_ids: Vec<i32> = sel.idx.iter().map(|&i| i as i32).collect();
     let gpu_idx = gpu.download(&idx)?;
     let m = check("topk_causal", &gpu.download(&margin)?, &sel.margin, 1e-6);
-    out.push(Check { name: "topk_causal", max_abs: m.max_abs, ok: m.ok && check_ints("", &gpu_idx, &sel_ids).ok });
+    out.push(Check {
+        name: "topk_causal".into(),
+        max_abs: m.max_abs,
+        ok: m.ok && check_ints("", &gpu_idx, &sel_ids).ok,
+    });
 
     // MoE dispatch: gather 9 of 13 rows; combine 13 tokens x 3 choices from 39 packed rows.
     let (tokens, kx, hidden) = (13, 3, 67);
@@ -160,17 +168,21 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     let cpu = CpuOps.combine(&y, &ids, &slot, &wts, &shared, [tokens, kx, hidden])?;
     out.push(check("combine", &gpu.download(&c)?, &cpu, 1e-6));
 
-    // FP8 block dequantisation with partial edge blocks (300 x 200, blocks 128 x 128), and bf16.
-    let (fr, fc) = (300, 200);
+    // FP8 block dequantisation with partial edge blocks (300 x 200, blocks 128 x 128): rows 50 ..
+    // 200 of the view that starts at stored row 37 (so the rows cross two block boundaries off
+    // the view's own block grid), against the whole weight dequantised on the CPU.
+    let (fr, fc, row0, start, n) = (300, 200, 37, 50, 150);
     let q: Vec<u8> = (0..fr * fc).map(|i| ((i * 37 + 11) % 256) as u8).collect();
     let q: Vec<u8> = q.into_iter().map(|b| if b & 0x7f == 0x7f { b & 0xf0 } else { b }).collect(); // no NaN codes
     let scale: Vec<f32> = (0..3 * 2).map(|i| 0.5 + i as f32 * 0.25).collect();
-    let mut f = gpu.filled(fr * fc, nan)?;
-    gpu.fp8_dequant(&gpu.upload(&q)?, &gpu.upload(&scale)?, &mut f, fr, fc, [128, 128])?;
+    let mut f = gpu.filled(n * fc, nan)?;
+    let view = gpu.upload(&q[row0 * fc..])?;
+    gpu.fp8_dequant(&view, &gpu.upload(&scale)?, &mut f, [start, n, fc], row0, [128, 128])?;
     let mut cpu: Vec<f32> = q.iter().map(|&b| crate::st::e4m3_to_f32(b)).collect();
     crate::checkpoint::dequantize_blocks(&mut cpu, &[fr, fc], &scale, &[3, 2], [128, 128])
         .map_err(crate::error::Error::Weights)?;
-    out.push(check("fp8_dequant", &gpu.download(&f)?, &cpu, 0.0));
+    let rows = (row0 + start) * fc..(row0 + start + n) * fc;
+    out.push(check("fp8_dequant (a view's rows)", &gpu.download(&f)?, &cpu[rows], 0.0));
     let bits: Vec<u16> = rng.vec(1001).iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
     let mut f = gpu.filled(bits.len(), nan)?;
     gpu.bf16_widen(&gpu.upload(&bits)?, 0, &mut f, bits.len())?;
@@ -248,37 +260,37 @@ pub fn attention(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
 }
 
 /// The products through cuBLAS (row-major on a column-major library) against the CPU's, with an
-/// f32 weight and a bf16 one, on row ranges of packed buffers as the expert GEMMs use them, in
-/// `ops`' precision. In bf16 the reference multiplies the bf16-rounded activations and weights
-/// (what the tensor cores multiply), in f32.
+/// f32, a bf16 and a block-FP8 weight (a view starting 3 rows into the stored one, so off its
+/// block grid), on row ranges of packed buffers as the expert GEMMs use them, in `ops`'
+/// precision. In bf16 the reference multiplies the bf16-rounded activations and weights (what
+/// the tensor cores multiply), in f32.
 pub fn products(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
     let mut rng = Rng(0x2545f4914f6cdd1d);
     let mut out = Vec::new();
     let bf16 = ops.precision() == crate::device::Precision::Bf16;
     let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect() };
-    // The last shape's bf16 weight (17.5 M values) is widened in two blocks of the 16 M scratch.
-    for (m, n, k, x_row0, y_row0) in [(37, 29, 53, 5, 3), (3, 2500, 7000, 1, 2)] {
+    // The last shape's decoded weights (17.5 M values) take two blocks of the 16 M scratch.
+    for (m, n, k, x_row0, y_row0, block) in [(37, 29, 53, 5, 3, [16, 32]), (3, 2500, 7000, 1, 2, [128, 128])] {
         let x = rng.vec((x_row0 + m) * k);
         let w = rng.vec(n * k);
         let bits: Vec<u16> = w.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
-        let name = |kind: &str| -> &'static str {
-            match (bf16, kind, n) {
-                (false, "f32", 29) => "gemm_rows (f32 weight)",
-                (false, "bf16", 29) => "gemm_rows (bf16 weight)",
-                (false, "f32", _) => "gemm_rows (f32 weight, large)",
-                (false, _, _) => "gemm_rows (bf16 weight, 2 scratch blocks)",
-                (true, "f32", 29) => "gemm_rows bf16 mode (f32 weight, rounded)",
-                (true, "bf16", 29) => "gemm_rows bf16 mode (bf16 weight)",
-                (true, "f32", _) => "gemm_rows bf16 mode (f32 weight, large)",
-                (true, _, _) => "gemm_rows bf16 mode (bf16 weight, large)",
-            }
-        };
+        let codes: Vec<u8> = (0..(n + 3) * k).map(|_| (rng.f32().to_bits() >> 8) as u8).collect();
+        let codes: Vec<u8> = codes.into_iter().map(|b| if b & 0x7f == 0x7f { b & 0xf0 } else { b }).collect(); // no NaN
+        let grid = (n + 3).div_ceil(block[0]) * k.div_ceil(block[1]);
+        let scale: Vec<f32> = (0..grid).map(|_| 0.01 + rng.f32().abs() * 0.02).collect();
+        let fp8 = crate::model::fp8::Fp8Weight::from_codes(&codes, [n + 3, k], scale, block)?
+            .rows(3, n)
+            .ok_or_else(|| crate::error::Error::Device("fp8 view".into()))?;
+        let fp8_wide = fp8.to_f32();
         let (cpu_x, cpu_w) = if bf16 { (round(&x), round(&w)) } else { (x.clone(), w.clone()) };
-        for (kind, weight) in [("f32", HostWeight::F32(&w)), ("bf16", HostWeight::Bf16(&bits))] {
-            let cpu_weight = match weight {
-                HostWeight::F32(_) => HostWeight::F32(&cpu_w),
-                bits => bits,
-            };
+        let cpu_fp8 = if bf16 { round(&fp8_wide) } else { fp8_wide };
+        let size = if n == 29 { "" } else { ", large" };
+        let mode = if bf16 { "gemm_rows bf16 mode" } else { "gemm_rows" };
+        for (kind, weight, cpu_weight) in [
+            ("f32", HostWeight::F32(&w), HostWeight::F32(&cpu_w)),
+            ("bf16", HostWeight::Bf16(&bits), HostWeight::Bf16(&bits)),
+            ("fp8", HostWeight::Fp8(&fp8), HostWeight::F32(&cpu_fp8)),
+        ] {
             let cpu_w = CpuOps.upload_weight(cpu_weight, n, k)?;
             let mut cpu_y = vec![f32::NAN; (y_row0 + m) * n];
             CpuOps.gemm_rows(&cpu_x, x_row0, &cpu_w, &mut cpu_y, y_row0, [m, n, k], 0.5)?;
@@ -288,7 +300,7 @@ pub fn products(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
             let gpu_y = ops.download(&dy)?;
             // Rows outside the range must be left alone (NaN on both sides).
             let untouched = gpu_y[..y_row0 * n].iter().all(|v| v.is_nan());
-            let c = check(name(kind), &gpu_y[y_row0 * n..], &cpu_y[y_row0 * n..], 1e-4);
+            let c = check(format!("{mode} ({kind} weight{size})"), &gpu_y[y_row0 * n..], &cpu_y[y_row0 * n..], 1e-4);
             out.push(Check { ok: c.ok && untouched, ..c });
         }
     }

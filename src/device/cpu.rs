@@ -24,6 +24,7 @@ impl Ops for CpuOps {
         let v = match w {
             HostWeight::F32(v) => v.to_vec(),
             HostWeight::Bf16(bits) => bits.iter().map(|&b| crate::model::gemv::widen(b)).collect(),
+            HostWeight::Fp8(w) => w.to_f32(),
         };
         Ok(Tensor::from_vec(v, (n, k), &Device::Cpu)?)
     }
@@ -270,6 +271,8 @@ impl Ops for CpuOpsBf16 {
     fn upload_weight(&self, w: HostWeight, n: usize, k: usize) -> Result<Tensor> {
         match w {
             HostWeight::F32(v) => CpuOps.upload_weight(HostWeight::F32(&round_bf16(v)), n, k),
+            // Dequantised to f32, then rounded: what the GPU's bf16 mode multiplies.
+            HostWeight::Fp8(w) => CpuOps.upload_weight(HostWeight::F32(&round_bf16(&w.to_f32())), n, k),
             bits => CpuOps.upload_weight(bits, n, k),
         }
     }

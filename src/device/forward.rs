@@ -107,6 +107,10 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
                     let part = w.rows(start, count).ok_or_else(|| Error::Device("weight rows out of range".into()))?;
                     (ops.upload_weight(HostWeight::Bf16(part.bits()), count, w.cols)?, w.cols)
                 }
+                Weight::Fp8(w, _) => {
+                    let part = w.rows(start, count).ok_or_else(|| Error::Device("weight rows out of range".into()))?;
+                    (ops.upload_weight(HostWeight::Fp8(&part), count, w.cols)?, w.cols)
+                }
             };
             Ok(DLinear { w, out: count, inp })
         };

@@ -165,6 +165,9 @@ pub enum HostWeight<'a> {
     F32(&'a [f32]),
     /// bf16 bit patterns: kept as bf16 on the device and widened (exactly) for each product.
     Bf16(&'a [u16]),
+    /// Block-FP8 codes and their scale grid: kept so on the device and dequantised for each
+    /// product.
+    Fp8(&'a crate::model::fp8::Fp8Weight),
 }
 
 /// Row-major f32 and i32 buffers on a device, weights kept as stored, and the operations the

@@ -5,6 +5,7 @@
 #[cfg(feature = "openblas")]
 pub mod blas;
 pub mod decode;
+pub mod fp8;
 pub mod gemv;
 pub mod indexer;
 pub mod layer;

@@ -3,23 +3,41 @@
 
 use candle_core::{Tensor, D};
 
+use super::fp8::Fp8Weight;
 use super::gemv::{matmul_nt_bf16, Bf16Weight, MAX_ROWS};
 use crate::checkpoint::Loader;
 use crate::error::Result;
 
-/// A `[out, in]` weight: f32 in memory (f32 checkpoints, dequantised FP8), or bf16 read in place
-/// from the memory-mapped checkpoint. A bf16 weight is not converted at load: few-row products
-/// (decode) stream it as bf16, and its f32 copy is made the first time a many-row product
-/// (prefill) needs one, then kept.
+/// A `[out, in]` weight: f32 in memory (f32 checkpoints), or bf16 or block-FP8 read in place
+/// from the memory-mapped checkpoint. Those are not converted at load: few-row products (decode)
+/// stream a bf16 weight as bf16, the device path uploads both as stored, and the f32 copy is made
+/// the first time a product on the CPU needs one, then kept.
 pub enum Weight {
     F32(Tensor),
     Bf16(Bf16Weight, std::sync::OnceLock<Tensor>),
+    Fp8(Fp8Weight, std::sync::OnceLock<Tensor>),
 }
 
 impl Weight {
     pub fn bf16(w: Bf16Weight) -> Self {
         Weight::Bf16(w, std::sync::OnceLock::new())
     }
+    pub fn fp8(w: Fp8Weight) -> Self {
+        Weight::Fp8(w, std::sync::OnceLock::new())
+    }
+}
+
+/// The f32 copy in `slot`, made by `make` the first time.
+fn cached(
+    slot: &std::sync::OnceLock<Tensor>,
+    make: impl FnOnce() -> Vec<f32>,
+    shape: (usize, usize),
+) -> Result<Tensor> {
+    if let Some(t) = slot.get() {
+        return Ok(t.clone());
+    }
+    let t = Tensor::from_vec(make(), shape, &candle_core::Device::Cpu)?;
+    Ok(slot.get_or_init(|| t).clone())
 }
 
 /// `y = x W^T (+ b)`, weight stored `[out, in]` as in the checkpoint.
@@ -31,9 +49,11 @@ pub struct Linear {
 impl Linear {
     pub fn load(l: &mut Loader, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> Self {
         let name = format!("{prefix}.weight");
-        let weight = match l.bf16(&name).filter(|_| l.ckpt.shape(&name) == Some(vec![out_dim, in_dim])) {
-            Some(w) => Weight::bf16(w),
-            None => Weight::F32(l.get(&name, &[out_dim, in_dim])),
+        let shape_ok = l.ckpt.shape(&name) == Some(vec![out_dim, in_dim]);
+        let weight = match (l.bf16(&name).filter(|_| shape_ok), l.fp8(&name).filter(|_| shape_ok)) {
+            (Some(w), _) => Weight::bf16(w),
+            (None, Some(w)) => Weight::fp8(w),
+            (None, None) => Weight::F32(l.get(&name, &[out_dim, in_dim])),
         };
         let bias = bias.then(|| l.get(&format!("{prefix}.bias"), &[out_dim]));
         Linear { weight, bias }
@@ -43,6 +63,7 @@ impl Linear {
         match &self.weight {
             Weight::F32(w) => w.dims()[0],
             Weight::Bf16(w, _) => w.rows,
+            Weight::Fp8(w, _) => w.rows,
         }
     }
 
@@ -50,13 +71,8 @@ impl Linear {
     pub fn f32_weight(&self) -> Result<Tensor> {
         Ok(match &self.weight {
             Weight::F32(w) => w.clone(),
-            Weight::Bf16(w, f32) => match f32.get() {
-                Some(t) => t.clone(),
-                None => {
-                    let t = Tensor::from_vec(w.to_f32(), (w.rows, w.cols), &candle_core::Device::Cpu)?;
-                    f32.get_or_init(|| t).clone()
-                }
-            },
+            Weight::Bf16(w, f32) => cached(f32, || w.to_f32(), (w.rows, w.cols))?,
+            Weight::Fp8(w, f32) => cached(f32, || w.to_f32(), (w.rows, w.cols))?,
         })
     }
 
@@ -74,7 +90,7 @@ impl Linear {
                 Tensor::from_vec(y, (rows, w.rows), x.device())?
             }
             Weight::F32(w) => matmul_nt(&x, w)?,
-            Weight::Bf16(..) => matmul_nt(&x, &self.f32_weight()?)?,
+            Weight::Bf16(..) | Weight::Fp8(..) => matmul_nt(&x, &self.f32_weight()?)?,
         }; // [rows, out]
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,

@@ -1,0 +1,126 @@
+//! Block-FP8 weights (GLM-5-FP8) read in place: the e4m3 bytes stay in the checkpoint's memory
+//! map and the weight is `e4m3(q[i, j]) * scale_inv[i / br, j / bc]`. The CPU dequantises one
+//! whole on first use (as for bf16: `nn::Weight`); the device path uploads the bytes and the
+//! scale grid as they are and dequantises a block of rows before each product (`cuda::gemm`), so
+//! the weights stay FP8 in device memory.
+
+use std::sync::Arc;
+
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+use crate::st::e4m3_to_f32;
+
+/// Rows of a block-FP8 weight. A row range keeps the whole scale grid and remembers where it
+/// starts (`row0`), since a range need not start on a block (kv_a_proj_with_mqa splits at row
+/// kv_lora_rank, which on small test models is inside a block).
+#[derive(Clone)]
+pub struct Fp8Weight {
+    map: Arc<Mmap>,
+    offset: usize, // bytes, of this view's first row
+    pub rows: usize,
+    pub cols: usize,
+    /// The stored weight's scale grid, `[ceil(R / br), ceil(cols / bc)]` row-major.
+    pub scale: Arc<Vec<f32>>,
+    /// The stored row this view starts at.
+    pub row0: usize,
+    /// The quantisation block, `[br, bc]`.
+    pub block: [usize; 2],
+}
+
+impl Fp8Weight {
+    /// None when the bytes are not in the map or the scale grid does not fit `rows x cols` in
+    /// blocks of `block` (then the weight is dequantised by the checkpoint, which reports it).
+    pub fn new(
+        map: Arc<Mmap>,
+        offset: usize,
+        [rows, cols]: [usize; 2],
+        scale: Vec<f32>,
+        block: [usize; 2],
+    ) -> Option<Self> {
+        let end = offset.checked_add(rows.checked_mul(cols)?)?;
+        let grid = rows.div_ceil(block[0].max(1)) * cols.div_ceil(block[1].max(1));
+        (block[0] > 0 && block[1] > 0 && end <= map.len() && scale.len() == grid).then(|| Fp8Weight {
+            map,
+            offset,
+            rows,
+            cols,
+            scale: Arc::new(scale),
+            row0: 0,
+            block,
+        })
+    }
+
+    /// A weight from codes in memory (tests and selftest; checkpoints are read in place).
+    pub fn from_codes(codes: &[u8], shape: [usize; 2], scale: Vec<f32>, block: [usize; 2]) -> Result<Self> {
+        let io = |e| Error::Device(format!("an anonymous map for FP8 codes: {e}"));
+        let mut map = memmap2::MmapMut::map_anon(codes.len().max(1)).map_err(io)?;
+        map[..codes.len()].copy_from_slice(codes);
+        let map = Arc::new(map.make_read_only().map_err(io)?);
+        Fp8Weight::new(map, 0, shape, scale, block)
+            .ok_or_else(|| Error::Device(format!("FP8 codes or scales do not fit {shape:?} in blocks of {block:?}")))
+    }
+
+    /// Rows `start .. start + count` of this view.
+    pub fn rows(&self, start: usize, count: usize) -> Option<Self> {
+        (start.checked_add(count)? <= self.rows).then(|| Fp8Weight {
+            offset: self.offset + start * self.cols,
+            rows: count,
+            row0: self.row0 + start,
+            ..self.clone()
+        })
+    }
+
+    /// The e4m3 codes, row-major.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.offset..self.offset + self.rows * self.cols]
+    }
+
+    /// Columns of the scale grid.
+    pub fn scale_cols(&self) -> usize {
+        self.cols.div_ceil(self.block[1])
+    }
+
+    /// The weight dequantised to f32, row-major: the same products, in the same order, as
+    /// `checkpoint::dequantize_blocks` on the decoded codes.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let (sc, [br, bc]) = (self.scale_cols(), self.block);
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for (i, row) in self.bytes().chunks_exact(self.cols.max(1)).enumerate() {
+            let srow = &self.scale[(self.row0 + i) / br * sc..];
+            out.extend(row.iter().enumerate().map(|(j, &q)| e4m3_to_f32(q) * srow[j / bc]));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::checkpoint::Checkpoint;
+
+    /// Every FP8 weight of the fp8-sharded case, read in place, dequantises to exactly what the
+    /// checkpoint's own decoding gives, whole and as a row range that starts inside a block (and,
+    /// in weights of over 128 rows, crosses into the next); and
+    /// the model keeps those weights as FP8.
+    #[test]
+    fn in_place_fp8_weights_dequantise_as_the_checkpoint_does() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/fp8-sharded");
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let names: Vec<String> = ckpt.names().filter(|n| ckpt.scale_name(n).is_some()).map(String::from).collect();
+        assert!(names.len() > 10, "{} FP8 weights", names.len());
+        for name in &names {
+            let w = ckpt.fp8_weight(name).unwrap_or_else(|| panic!("{name} is not read in place"));
+            let (want, shape) = ckpt.f32(name).unwrap();
+            assert_eq!([w.rows, w.cols], [shape[0], shape[1]], "{name}");
+            let got = w.to_f32();
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}");
+            let count = w.rows / 2; // the last half: crosses row 128 where the weight has more
+            let start = w.rows - count;
+            let part = w.rows(start, count).unwrap().to_f32();
+            assert_eq!(part, want[start * w.cols..(start + count) * w.cols], "{name} rows {start}..");
+        }
+        let model = crate::model::Model::load(&ckpt).unwrap();
+        let q_a = &model.layers[0].self_attn.q_a_proj.weight;
+        assert!(matches!(q_a, crate::model::nn::Weight::Fp8(..)));
+    }
+}
