@@ -11,9 +11,10 @@
 //! does `t / K` times the gathered kernel's arithmetic; but on cuBLAS instead of one thread
 //! block per (query, head). While every causal key is selected (prefills up to `index_topk`
 //! tokens, 2048 on GLM-5) the two do the same work; [`AttentionPath::choose`] keeps the masked
-//! form up to [`MASKED_MAX_RATIO`] times that. The products stay f32 in both precisions: they
-//! are a small part of a prefill's arithmetic (the projections and experts dominate), and the
-//! scores over thousands of keys are where bf16 inputs would cost the most accuracy.
+//! form up to [`MASKED_MAX_RATIO`] times that. The products take f32 operands in both
+//! precisions: SGEMM in f32 mode, TF32 tensor cores in bf16 mode (`Products::batched`): the
+//! scores over thousands of keys are where bf16 inputs would cost the most accuracy, and at
+//! GLM-5's widths these products are about a tenth of a 2048-token prefill's arithmetic.
 //!
 //! Chunks bound the scratch: a chunk's products hold at most [`CHUNK_VALUES`] floats, and a
 //! chunk only reaches the keys its last query can see.
@@ -141,7 +142,7 @@ pub fn index_scores(
             // g^T [t_eff, qc * n] = k[b, :t_eff] (d x t_eff, transposed) x q rows (d x qc * n).
             let cfg = batch((true, false), [t_eff, qc * n, d], [d, d, t_eff], [0, 0, 0], 1, scale, 0.0)?;
             let row0 = b * s + q0;
-            products.batched_f32(cfg, (k, b * t * d), (q, row0 * n * d), (g, 0))?;
+            products.batched(cfg, (k, b * t * d), (q, row0 * n * d), (g, 0))?;
             gpu.index_combine(g, w, &mut scores, [qc, n, t_eff, t], row0, first)?;
         }
     }
@@ -182,12 +183,12 @@ pub fn masked(
                 scale,
                 0.0,
             )?;
-            products.batched_f32(nope_cfg, (kv, key0 * kvw), (q, row0 * qw), (p, 0))?;
+            products.batched(nope_cfg, (kv, key0 * kvw), (q, row0 * qw), (p, 0))?;
             // ... + k_rope (rd x t_eff, shared by the heads: stride 0) x q_rope_h.
             if rd > 0 {
                 let rope_cfg =
                     batch((true, false), [t_eff, qc, rd], [rd, qw, t_eff], [0, nope + rd, qc * t_eff], nh, scale, 1.0)?;
-                products.batched_f32(rope_cfg, (k_rope, key0 * rd), (q, row0 * qw + nope), (p, 0))?;
+                products.batched(rope_cfg, (k_rope, key0 * rd), (q, row0 * qw + nope), (p, 0))?;
             }
             gpu.selection_mask(idx, row0 * kk, mask, [qc, kk, t_eff], first)?;
             gpu.masked_softmax(p, mask, nh * qc, qc, t_eff)?;
@@ -201,7 +202,7 @@ pub fn masked(
                 1.0,
                 0.0,
             )?;
-            products.batched_f32(pv_cfg, (kv, key0 * kvw + nope), (p, 0), (&mut out, row0 * nh * vd))?;
+            products.batched(pv_cfg, (kv, key0 * kvw + nope), (p, 0), (&mut out, row0 * nh * vd))?;
         }
     }
     Ok(out)
