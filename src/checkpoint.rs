@@ -116,9 +116,9 @@ impl Checkpoint {
     /// fit: then [`Checkpoint::f32`] reports the problem).
     pub fn fp8_weight(&self, name: &str) -> Option<crate::model::fp8::Fp8Weight> {
         let scale_name = self.scale_name(name)?;
-        let (scale, _) = self.file(&scale_name).ok()?.f32(&scale_name).ok()?;
+        let (scale, scale_shape) = self.file(&scale_name).ok()?.f32(&scale_name).ok()?;
         let block = self.config.fp8.as_ref().map(|f| f.block).unwrap_or([128, 128]);
-        self.file(name).ok()?.fp8_weight(name, scale, block)
+        self.file(name).ok()?.fp8_weight(name, (scale, &scale_shape), block)
     }
 
     /// A tensor decoded to f32 with its shape; block-FP8 weights are dequantised.

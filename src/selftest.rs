@@ -88,7 +88,8 @@ fn report(case: &Path, how: &str, r: &verify::Report) -> bool {
 /// forward pass in both, whatever `--precision` says:
 /// - f32 against the transformers reference at the spec's tolerance;
 /// - bf16 against the host's bf16 products (`CpuOpsBf16`, recorded per case) at atol = rtol =
-///   2e-2, every layer isolated and its decisions replayed: the same roundings summed in another
+///   2e-2, every layer isolated and its decisions replayed (the host models the bf16 roundings,
+///   not the attention's TF32 ones): the same roundings summed in another
 ///   order can round an activation to the neighbouring bf16 value (one ulp is 2^-8), which moves
 ///   a layer's output by up to a few 1e-3 here and, fed on, flips near-tied decisions;
 /// - and, measured, not judged, bf16 against the transformers reference the same way: on these
@@ -106,6 +107,7 @@ fn cuda(golden_root: &Path, target: Target) -> Result<bool> {
     }
     let mut checks = crate::cuda::selftest::kernels(gpu)?;
     checks.extend(crate::cuda::selftest::attention(&f32_ops)?);
+    checks.extend(crate::cuda::selftest::attention(&bf16_ops)?);
     checks.extend(crate::cuda::selftest::products(&f32_ops)?);
     checks.extend(crate::cuda::selftest::products(&bf16_ops)?);
     for c in &checks {

@@ -65,16 +65,16 @@ impl StFile {
     }
 
     /// A 2-D F8_E4M3 tensor read in place, with the scale grid and block it is quantised with.
-    pub fn fp8_weight(&self, name: &str, scale: Vec<f32>, block: [usize; 2]) -> Option<crate::model::fp8::Fp8Weight> {
+    pub fn fp8_weight(
+        &self,
+        name: &str,
+        scale: (Vec<f32>, &[usize]),
+        block: [usize; 2],
+    ) -> Option<crate::model::fp8::Fp8Weight> {
         let info = self.info(name).filter(|i| i.dtype == Dtype::F8_E4M3)?;
         let [rows, cols] = info.shape[..] else { return None };
-        crate::model::fp8::Fp8Weight::new(
-            self.mmap.clone(),
-            self.data_start + info.data_offsets.0,
-            [rows, cols],
-            scale,
-            block,
-        )
+        let offset = self.data_start + info.data_offsets.0;
+        crate::model::fp8::Fp8Weight::new(self.mmap.clone(), offset, [rows, cols], scale, block)
     }
 
     /// Rows `[start, start + count)` of a 2-D float tensor, decoded to f32, without touching the

@@ -30,9 +30,11 @@ fn every_kernel_matches_its_cpu_reference_in_the_emulation() {
 
 #[test]
 fn the_attention_products_and_kernels_match_the_cpu_on_both_paths_in_the_emulation() {
-    let checks = attention(&CudaOps::new(Gpu::emulated(), Precision::F32).unwrap()).unwrap();
-    assert_eq!(checks.len(), 5);
-    all_pass(&checks);
+    for precision in [Precision::F32, Precision::Bf16] {
+        let checks = attention(&CudaOps::new(Gpu::emulated(), precision).unwrap()).unwrap();
+        assert_eq!(checks.len(), 5);
+        all_pass(&checks);
+    }
 }
 
 #[test]

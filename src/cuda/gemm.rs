@@ -66,16 +66,46 @@ pub(super) fn scratch<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZer
 }
 
 /// How many values a strided batch of `rows x cols` column-major matrices (leading dimension
-/// `ld`) spans; None for a negative or impossible layout.
+/// `ld`) spans; None for a layout cuBLAS refuses (`ld < max(1, rows)`, a negative size or stride).
 fn extent(rows: i32, cols: i32, ld: i32, stride: i64, batch: i32) -> Option<usize> {
-    if rows <= 0 || cols <= 0 || batch <= 0 {
-        return Some(0);
-    }
-    if ld < rows || stride < 0 {
+    if rows < 0 || cols < 0 || batch < 0 || stride < 0 || ld < rows.max(1) {
         return None;
+    }
+    if rows == 0 || cols == 0 || batch == 0 {
+        return Some(0);
     }
     let one = (cols as i64 - 1) * ld as i64 + rows as i64;
     usize::try_from((batch as i64 - 1) * stride + one).ok()
+}
+
+/// Refuses a strided batch whose operands do not lie inside their buffers (`(length, offset)`
+/// of A, B, C) or whose outputs overlap: cuBLAS checks neither, and the emulation, which runs the
+/// batch in order, would not notice an overlap. The outputs may interleave (the attention writes
+/// each head's columns side by side) as long as they do not meet.
+fn check_batched(cfg: &StridedBatchedConfig<f32>, [a, b, c]: [(usize, usize); 3]) -> Result<()> {
+    let g = &cfg.gemm;
+    let trans = |op| op != cublasOperation_t::CUBLAS_OP_N;
+    let (ar, ac) = if trans(g.transa) { (g.k, g.m) } else { (g.m, g.k) };
+    let (br, bc) = if trans(g.transb) { (g.n, g.k) } else { (g.k, g.n) };
+    let operands = [
+        ("A", a, extent(ar, ac, g.lda, cfg.stride_a, cfg.batch_size)),
+        ("B", b, extent(br, bc, g.ldb, cfg.stride_b, cfg.batch_size)),
+        ("C", c, extent(g.m, g.n, g.ldc, cfg.stride_c, cfg.batch_size)),
+    ];
+    for (name, (have, from), need) in operands {
+        if need.is_none_or(|n| from.checked_add(n).is_none_or(|end| end > have)) || from > have {
+            return Err(Error::Device(format!(
+                "batched GEMM: operand {name} of {have} values cannot hold {need:?} from offset {from}"
+            )));
+        }
+    }
+    let (m, ldc, stride) = (g.m as i64, g.ldc as i64, cfg.stride_c);
+    let footprint = (g.n as i64 - 1).max(0) * ldc + m;
+    let apart = stride >= footprint || (stride >= m && (cfg.batch_size as i64 - 1) * stride + m <= ldc);
+    if cfg.batch_size > 1 && m > 0 && g.n > 0 && !apart {
+        return Err(Error::Device(format!("batched GEMM: outputs {stride} apart overlap (m {m}, ldc {ldc})")));
+    }
+    Ok(())
 }
 
 fn int(v: usize) -> Result<i32> {
@@ -107,9 +137,9 @@ impl Products {
             (HostWeight::Bf16(bits), _) => DeviceWeight::Bf16(gpu.upload(bits)?),
             (HostWeight::Fp8(w), _) => DeviceWeight::Fp8 {
                 codes: gpu.upload(w.bytes())?,
-                scale: gpu.upload(&w.scale)?,
-                row0: w.row0,
-                block: w.block,
+                scale: gpu.upload(w.scale())?,
+                row0: w.row0(),
+                block: w.block(),
             },
         })
     }
@@ -203,22 +233,10 @@ impl Products {
         (b, b0): (&Buf<f32>, usize),
         (c, c0): (&mut Buf<f32>, usize),
     ) -> Result<()> {
+        check_batched(&cfg, [(a.len(), a0), (b.len(), b0), (c.len(), c0)])?;
         let g = &cfg.gemm;
-        let trans = |op| op != cublasOperation_t::CUBLAS_OP_N;
-        let (ar, ac) = if trans(g.transa) { (g.k, g.m) } else { (g.m, g.k) };
-        let (br, bc) = if trans(g.transb) { (g.n, g.k) } else { (g.k, g.n) };
-        let need = [
-            (a.len(), a0, extent(ar, ac, g.lda, cfg.stride_a, cfg.batch_size)),
-            (b.len(), b0, extent(br, bc, g.ldb, cfg.stride_b, cfg.batch_size)),
-            (c.len(), c0, extent(g.m, g.n, g.ldc, cfg.stride_c, cfg.batch_size)),
-        ];
-        if cfg.batch_size <= 0 || g.m <= 0 || g.n <= 0 {
+        if cfg.batch_size == 0 || g.m == 0 || g.n == 0 {
             return Ok(());
-        }
-        if let Some((have, from, need)) = need.iter().find(|(have, from, need)| need.is_none_or(|n| from + n > *have)) {
-            return Err(Error::Device(format!(
-                "batched GEMM: an operand of {have} values cannot hold {need:?} from offset {from}"
-            )));
         }
         match (&self.blas, a, b, c) {
             (Some((blas, _)), Buf::Device(a), Buf::Device(b), Buf::Device(c)) if self.precision == Precision::F32 => {
@@ -380,5 +398,53 @@ impl Products {
             }
             _ => Err(Error::Device("bf16 GEMM: buffers from another device".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(
+        m: i32,
+        n: i32,
+        k: i32,
+        [lda, ldb, ldc]: [i32; 3],
+        strides: [i64; 3],
+        batch: i32,
+    ) -> StridedBatchedConfig<f32> {
+        let op = cublasOperation_t::CUBLAS_OP_N;
+        let gemm = GemmConfig { transa: op, transb: op, m, n, k, alpha: 1.0, lda, ldb, beta: 0.0, ldc };
+        StridedBatchedConfig {
+            gemm,
+            batch_size: batch,
+            stride_a: strides[0],
+            stride_b: strides[1],
+            stride_c: strides[2],
+        }
+    }
+
+    /// The attention's P.V layout: 3 heads' [4 x 5] outputs interleaved column by column.
+    #[test]
+    fn interleaved_outputs_that_do_not_meet_pass_and_exact_fits_pass() {
+        let c = cfg(4, 5, 6, [12, 6, 12], [4, 30, 4], 3);
+        // A: 3 x [4 x 6] at ld 12, stride 4: ends at 2*4 + 5*12 + 4 = 72.
+        assert!(check_batched(&c, [(72, 0), (90, 0), (60, 0)]).is_ok());
+        let short = check_batched(&c, [(71, 0), (90, 0), (60, 0)]).unwrap_err().to_string();
+        assert!(short.contains("operand A of 71 values"), "{short}");
+        assert!(check_batched(&c, [(80, 9), (90, 0), (60, 0)]).is_err(), "offset past the fit");
+    }
+
+    #[test]
+    fn overlapping_outputs_bad_leading_dimensions_and_offsets_past_the_end_are_refused() {
+        let same_c = cfg(4, 5, 6, [4, 6, 4], [24, 30, 0], 2);
+        assert!(check_batched(&same_c, [(100, 0), (100, 0), (100, 0)]).unwrap_err().to_string().contains("overlap"));
+        let half_c = cfg(4, 5, 6, [4, 6, 4], [24, 30, 10], 2);
+        assert!(check_batched(&half_c, [(100, 0), (100, 0), (100, 0)]).is_err());
+        let lda0 = cfg(4, 5, 0, [0, 1, 4], [0, 0, 20], 1);
+        assert!(check_batched(&lda0, [(0, 0), (0, 0), (20, 0)]).is_err(), "lda 0 < max(1, m)");
+        let k0 = cfg(4, 5, 0, [4, 1, 4], [0, 0, 20], 1);
+        assert!(check_batched(&k0, [(0, 0), (0, 0), (20, 0)]).is_ok());
+        assert!(check_batched(&k0, [(0, 1), (0, 0), (20, 0)]).is_err(), "an offset past an empty buffer");
     }
 }

@@ -109,7 +109,8 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
                 }
                 Weight::Fp8(w, _) => {
                     let part = w.rows(start, count).ok_or_else(|| Error::Device("weight rows out of range".into()))?;
-                    (ops.upload_weight(HostWeight::Fp8(&part), count, w.cols)?, w.cols)
+                    let cols = w.shape()[1];
+                    (ops.upload_weight(HostWeight::Fp8(&part), count, cols)?, cols)
                 }
             };
             Ok(DLinear { w, out: count, inp })

@@ -38,8 +38,8 @@ pub enum Precision {
     #[default]
     F32,
     /// bf16 in (weights as stored or rounded once at upload, activations rounded before each
-    /// product), f32 accumulate, on tensor cores; the attention's score and value products in
-    /// TF32: held to atol = rtol = 2e-2.
+    /// product), f32 accumulate, on tensor cores; the indexer's and the attention's score and
+    /// value products in TF32: held to atol = rtol = 2e-2.
     Bf16,
 }
 

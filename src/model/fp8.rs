@@ -18,29 +18,31 @@ use crate::st::e4m3_to_f32;
 pub struct Fp8Weight {
     map: Arc<Mmap>,
     offset: usize, // bytes, of this view's first row
-    pub rows: usize,
-    pub cols: usize,
+    rows: usize,
+    cols: usize,
     /// The stored weight's scale grid, `[ceil(R / br), ceil(cols / bc)]` row-major.
-    pub scale: Arc<Vec<f32>>,
+    scale: Arc<Vec<f32>>,
     /// The stored row this view starts at.
-    pub row0: usize,
+    row0: usize,
     /// The quantisation block, `[br, bc]`.
-    pub block: [usize; 2],
+    block: [usize; 2],
 }
 
 impl Fp8Weight {
-    /// None when the bytes are not in the map or the scale grid does not fit `rows x cols` in
-    /// blocks of `block` (then the weight is dequantised by the checkpoint, which reports it).
+    /// None when the bytes are not in the map or the scale grid is not `[ceil(rows / br),
+    /// ceil(cols / bc)]` for `block` = [br, bc] (then the checkpoint dequantises the weight and
+    /// reports the problem).
     pub fn new(
         map: Arc<Mmap>,
         offset: usize,
         [rows, cols]: [usize; 2],
-        scale: Vec<f32>,
+        (scale, scale_shape): (Vec<f32>, &[usize]),
         block: [usize; 2],
     ) -> Option<Self> {
         let end = offset.checked_add(rows.checked_mul(cols)?)?;
-        let grid = rows.div_ceil(block[0].max(1)) * cols.div_ceil(block[1].max(1));
-        (block[0] > 0 && block[1] > 0 && end <= map.len() && scale.len() == grid).then(|| Fp8Weight {
+        let grid = [rows.div_ceil(block[0].max(1)), cols.div_ceil(block[1].max(1))];
+        let fits = scale_shape == grid && scale.len() == grid[0] * grid[1];
+        (block[0] > 0 && block[1] > 0 && end <= map.len() && fits).then(|| Fp8Weight {
             map,
             offset,
             rows,
@@ -57,7 +59,8 @@ impl Fp8Weight {
         let mut map = memmap2::MmapMut::map_anon(codes.len().max(1)).map_err(io)?;
         map[..codes.len()].copy_from_slice(codes);
         let map = Arc::new(map.make_read_only().map_err(io)?);
-        Fp8Weight::new(map, 0, shape, scale, block)
+        let grid = [shape[0].div_ceil(block[0].max(1)), shape[1].div_ceil(block[1].max(1))];
+        Fp8Weight::new(map, 0, shape, (scale, &grid), block)
             .ok_or_else(|| Error::Device(format!("FP8 codes or scales do not fit {shape:?} in blocks of {block:?}")))
     }
 
@@ -69,6 +72,26 @@ impl Fp8Weight {
             row0: self.row0 + start,
             ..self.clone()
         })
+    }
+
+    /// `[rows, cols]` of this view.
+    pub fn shape(&self) -> [usize; 2] {
+        [self.rows, self.cols]
+    }
+
+    /// The stored weight's whole scale grid, row-major.
+    pub fn scale(&self) -> &[f32] {
+        &self.scale
+    }
+
+    /// The stored row this view starts at.
+    pub fn row0(&self) -> usize {
+        self.row0
+    }
+
+    /// The quantisation block, `[br, bc]`.
+    pub fn block(&self) -> [usize; 2] {
+        self.block
     }
 
     /// The e4m3 codes, row-major.
@@ -111,13 +134,14 @@ mod tests {
         for name in &names {
             let w = ckpt.fp8_weight(name).unwrap_or_else(|| panic!("{name} is not read in place"));
             let (want, shape) = ckpt.f32(name).unwrap();
-            assert_eq!([w.rows, w.cols], [shape[0], shape[1]], "{name}");
+            let [rows, cols] = w.shape();
+            assert_eq!([rows, cols], [shape[0], shape[1]], "{name}");
             let got = w.to_f32();
             assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}");
-            let count = w.rows / 2; // the last half: crosses row 128 where the weight has more
-            let start = w.rows - count;
+            let count = rows / 2; // the last half: crosses row 128 where the weight has more
+            let start = rows - count;
             let part = w.rows(start, count).unwrap().to_f32();
-            assert_eq!(part, want[start * w.cols..(start + count) * w.cols], "{name} rows {start}..");
+            assert_eq!(part, want[start * cols..(start + count) * cols], "{name} rows {start}..");
         }
         let model = crate::model::Model::load(&ckpt).unwrap();
         let q_a = &model.layers[0].self_attn.q_a_proj.weight;

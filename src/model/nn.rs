@@ -63,7 +63,7 @@ impl Linear {
         match &self.weight {
             Weight::F32(w) => w.dims()[0],
             Weight::Bf16(w, _) => w.rows,
-            Weight::Fp8(w, _) => w.rows,
+            Weight::Fp8(w, _) => w.shape()[0],
         }
     }
 
@@ -72,7 +72,10 @@ impl Linear {
         Ok(match &self.weight {
             Weight::F32(w) => w.clone(),
             Weight::Bf16(w, f32) => cached(f32, || w.to_f32(), (w.rows, w.cols))?,
-            Weight::Fp8(w, f32) => cached(f32, || w.to_f32(), (w.rows, w.cols))?,
+            Weight::Fp8(w, f32) => {
+                let [rows, cols] = w.shape();
+                cached(f32, || w.to_f32(), (rows, cols))?
+            }
         })
     }
 
