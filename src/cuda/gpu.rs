@@ -20,8 +20,29 @@ pub struct Gpu {
     /// The device's name and the architecture the kernels were compiled for (`sm_90` on Hopper).
     pub name: String,
     pub arch: String,
+    /// The dynamic shared memory a block of the kernels that use much of it may take, in bytes:
+    /// the device's opt-in maximum less room for their static reductions.
+    pub shared_limit: usize,
     engine: Engine,
 }
+
+/// How the causal top-k ranks a row (`Gpu::topk_causal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopK {
+    /// `topk_causal`: each key counts the keys that beat it, O(T) per key.
+    Ranked,
+    /// `topk_sorted`: a bitonic sort of the row in shared memory, O(T log^2 T) per row.
+    Sorted,
+}
+
+/// The kernels given the device's whole opt-in shared memory.
+const LARGE_SHARED: [&str; 2] = ["topk_sorted", "sparse_attention"];
+
+/// Room left for a kernel's static shared memory (the block reductions' 2 x 128 bytes).
+const STATIC_SHARED: usize = 1024;
+
+/// What the emulation allows: Hopper's 227 KB opt-in, so the same sizes take the same paths.
+const EMULATED_SHARED: usize = 227 * 1024 - STATIC_SHARED;
 
 enum Engine {
     Cuda {
@@ -179,6 +200,10 @@ impl Gpu {
         let (major, minor) = ctx.compute_capability().map_err(driver("read the compute capability"))?;
         let name = ctx.name().map_err(driver("read the device name"))?;
         let arch = format!("sm_{major}{minor}");
+        let optin = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(driver("read the shared memory limit"))?;
+        let shared_limit = usize::try_from(optin).unwrap_or(0).saturating_sub(STATIC_SHARED).max(48 * 1024);
         let mut functions = HashMap::new();
         for (file, ptx) in compile_all(&arch)? {
             let module = ctx.load_module(ptx).map_err(driver("load a kernel module"))?;
@@ -186,15 +211,25 @@ impl Gpu {
             for &kernel in names {
                 let f =
                     module.load_function(kernel).map_err(|e| Error::Device(format!("{file}.cu: {kernel}: {e:?}")))?;
+                if LARGE_SHARED.contains(&kernel) {
+                    let attr =
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                    f.set_attribute(attr, shared_limit as i32).map_err(driver("raise a kernel's shared memory"))?;
+                }
                 functions.insert(kernel, f);
             }
         }
-        Ok(Gpu { name, arch, engine: Engine::Cuda { stream: ctx.default_stream(), ctx, functions } })
+        Ok(Gpu { name, arch, shared_limit, engine: Engine::Cuda { stream: ctx.default_stream(), ctx, functions } })
     }
 
     /// The host emulation (`cuda::emu`): needs no driver, NVRTC or GPU.
     pub fn emulated() -> Gpu {
-        Gpu { name: "host emulation of the CUDA kernels".into(), arch: "host".into(), engine: Engine::Emulated }
+        Gpu {
+            name: "host emulation of the CUDA kernels".into(),
+            arch: "host".into(),
+            shared_limit: EMULATED_SHARED,
+            engine: Engine::Emulated,
+        }
     }
 
     /// The GPU's stream (None for the emulation).
@@ -376,7 +411,17 @@ impl Gpu {
         launch!(self, "index_combine", cfg(qc * t, 256, 0), [g, w, scores, &q32, &n32, &te32, &t32, &row0, &f32_])
     }
 
-    /// scores: [rows, T] (rows = B*S) -> idx: [rows, K]; margin: [rows].
+    /// How a top-k over `t` keys ranks: sorted while a row fits the shared memory.
+    pub fn topk_path(&self, t: usize) -> TopK {
+        if 8 * t.next_power_of_two() <= self.shared_limit {
+            TopK::Sorted
+        } else {
+            TopK::Ranked
+        }
+    }
+
+    /// scores: [rows, T] (rows = B*S) -> idx: [rows, K]; margin: [rows], on the path
+    /// [`Gpu::topk_path`] picks.
     #[allow(clippy::too_many_arguments)]
     pub fn topk_causal(
         &self,
@@ -389,10 +434,47 @@ impl Gpu {
         idx: &mut Buf<i32>,
         margin: &mut Buf<f32>,
     ) -> Result<()> {
+        self.topk_causal_by(self.topk_path(t), scores, [rows, s, t, offset, k], idx, margin)
+    }
+
+    /// [`Gpu::topk_causal`] on a given path; dims = [rows, S, T, offset, K].
+    pub fn topk_causal_by(
+        &self,
+        path: TopK,
+        scores: &Buf<f32>,
+        [rows, s, t, offset, k]: [usize; 5],
+        idx: &mut Buf<i32>,
+        margin: &mut Buf<f32>,
+    ) -> Result<()> {
         crate::device::check_topk_causal(rows, s, t, offset, k)?;
         fits("topk_causal", &[(scores.len(), rows * t), (idx.len(), rows * k), (margin.len(), rows)])?;
         let [s32, t32, o32, k32] = ints("topk_causal", [s, t, offset, k])?;
-        launch!(self, "topk_causal", per_item(rows, 128, 0), [scores, &s32, &t32, &o32, &k32, idx, margin])
+        let args = (&s32, &t32, &o32, &k32);
+        match path {
+            TopK::Ranked => launch!(
+                self,
+                "topk_causal",
+                per_item(rows, 128, 0),
+                [scores, args.0, args.1, args.2, args.3, idx, margin]
+            ),
+            TopK::Sorted => {
+                let len = t.next_power_of_two();
+                if 8 * len > self.shared_limit {
+                    return Err(Error::Device(format!(
+                        "topk_sorted: rows of {t} keys exceed the {} bytes of shared memory",
+                        self.shared_limit
+                    )));
+                }
+                // Half as many threads as slots: each compares one pair per stage.
+                let block = (len / 2).clamp(32, 512) as u32;
+                launch!(
+                    self,
+                    "topk_sorted",
+                    per_item(rows, block, (8 * len) as u32),
+                    [scores, args.0, args.1, args.2, args.3, idx, margin]
+                )
+            }
+        }
     }
 
     /// q: [B, S, nh, nope + rd]; kv: [B, T, nh, nope + vd]; k_rope: [B, T, rd]; idx: [B, S, K]
@@ -419,10 +501,11 @@ impl Gpu {
                 (out.len(), batch * s * nh * vd),
             ],
         )?;
-        // The selection's scores sit in shared memory: 4 bytes a key, 48 KB by default.
-        if k > 12_288 {
+        // The selection's scores sit in shared memory: 4 bytes a key.
+        if 4 * k > self.shared_limit {
             return Err(Error::Device(format!(
-                "sparse_attention: {k} selected keys exceed the 48 KB of shared memory"
+                "sparse_attention: {k} selected keys exceed the {} bytes of shared memory",
+                self.shared_limit
             )));
         }
         let [_, s32, t32, nh32, nope, rd, vd, k32, o32] = ints("sparse_attention", dims)?;

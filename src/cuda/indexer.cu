@@ -7,7 +7,11 @@
 //     lower position, padded with the positions after the query when it has fewer than K keys;
 //     margin = K-th minus (K+1)-th causal score (+inf when nothing is cut). One block per query row;
 //     a key's rank is the number of keys that beat it, so no sort is needed. NaN ranks last, as
-//     in the CPU sort.
+//     in the CPU sort. That is O(T) work per key, O(T^3) per prefill: fine for a few thousand
+//     tokens, not for long contexts.
+//   topk_sorted: the same result from a bitonic sort of each row's (score, position) pairs in
+//     shared memory (8 bytes a key, padded to a power of two), O(T log^2 T) per row; chosen
+//     while the row fits the block's shared memory (cuda::gpu::Gpu::topk_causal).
 //     CPU reference: model::indexer::top_k_causal.
 
 // index_combine: the chunk's scores from g = q . k * scale (a cuBLAS product, cuda::attention):
@@ -59,4 +63,43 @@ extern "C" __global__ void topk_causal(const float* scores, int s, int t, int of
     __syncthreads();
     for (int r = causal + threadIdx.x; r < kk; r += blockDim.x) out[r] = r; // padding past the query
     if (threadIdx.x == 0) margin[row] = causal > kk ? cut[0] - cut[1] : INFINITY;
+}
+
+extern "C" __global__ void topk_sorted(const float* scores, int s, int t, int offset, int kk, int* idx, float* margin) {
+    // [len] scores, then [len] positions.
+    extern __shared__ float sorted_keys[];
+    long long row = blockIdx.x;
+    int p = offset + (int)(row % s);
+    int causal = min(p + 1, t);
+    int len = 1;
+    while (len < causal) len <<= 1;
+    float* key = sorted_keys;
+    int* pos = (int*)(sorted_keys + len);
+    const float* sc = scores + row * t;
+    // Padding entries rank after every key, NaN ones included: NaN at the largest position.
+    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+        key[j] = j < causal ? sc[j] : __int_as_float(0x7fc00000);
+        pos[j] = j < causal ? j : 0x7fffffff;
+    }
+    __syncthreads();
+    for (int size = 2; size <= len; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int i = threadIdx.x; i < len; i += blockDim.x) {
+                int j = i ^ stride;
+                if (j <= i) continue;
+                // Within an ascending run the earlier slot must hold the key that ranks first.
+                bool ascending = (i & size) == 0;
+                bool swap = ascending ? ranks_before(key[j], pos[j], key[i], pos[i])
+                                      : ranks_before(key[i], pos[i], key[j], pos[j]);
+                if (swap) {
+                    float kx = key[i]; key[i] = key[j]; key[j] = kx;
+                    int px = pos[i]; pos[i] = pos[j]; pos[j] = px;
+                }
+            }
+            __syncthreads();
+        }
+    }
+    int* out = idx + row * kk;
+    for (int r = threadIdx.x; r < kk; r += blockDim.x) out[r] = r < causal ? pos[r] : r; // padding past the query
+    if (threadIdx.x == 0) margin[row] = causal > kk ? key[kk - 1] - key[kk] : INFINITY;
 }
