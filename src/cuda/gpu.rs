@@ -203,7 +203,7 @@ impl Gpu {
         let optin = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(driver("read the shared memory limit"))?;
-        let shared_limit = usize::try_from(optin).unwrap_or(0).saturating_sub(STATIC_SHARED).max(48 * 1024);
+        let mut shared_limit = usize::try_from(optin).unwrap_or(0).saturating_sub(STATIC_SHARED);
         let mut functions = HashMap::new();
         for (file, ptx) in compile_all(&arch)? {
             let module = ctx.load_module(ptx).map_err(driver("load a kernel module"))?;
@@ -211,10 +211,11 @@ impl Gpu {
             for &kernel in names {
                 let f =
                     module.load_function(kernel).map_err(|e| Error::Device(format!("{file}.cu: {kernel}: {e:?}")))?;
-                if LARGE_SHARED.contains(&kernel) {
-                    let attr =
-                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-                    f.set_attribute(attr, shared_limit as i32).map_err(driver("raise a kernel's shared memory"))?;
+                let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                let limit = i32::try_from(shared_limit).unwrap_or(i32::MAX);
+                if LARGE_SHARED.contains(&kernel) && f.set_attribute(attr, limit).is_err() {
+                    // Not raised: every block keeps the default 48 KB, and the launchers know.
+                    shared_limit = shared_limit.min(48 * 1024 - STATIC_SHARED);
                 }
                 functions.insert(kernel, f);
             }
