@@ -39,6 +39,9 @@ pub enum DeviceWeight {
         row0: usize,
         block: [usize; 2],
     },
+    /// Weights stacked by rows that could not be joined as stored (FP8 ones: each has its own
+    /// scale grid), with their row counts: a product runs once per part, into its columns.
+    Stacked(Vec<(DeviceWeight, usize)>),
 }
 
 pub struct Products {
@@ -126,9 +129,32 @@ impl Products {
         Ok(Products { precision, blas, wide, narrow, narrow_weight })
     }
 
-    /// A weight as this precision multiplies it: bf16 mode rounds f32 weights to bf16 once, here.
-    pub fn upload_weight(&self, gpu: &Gpu, w: HostWeight) -> Result<DeviceWeight> {
+    /// A `[n, k]` weight as this precision multiplies it: bf16 mode rounds f32 weights to bf16
+    /// once, here. Stacked weights are joined into one when their parts can be (all f32, all
+    /// bf16, or in bf16 mode any mix of the two), so one product covers them all.
+    pub fn upload_weight(&self, gpu: &Gpu, w: HostWeight, k: usize) -> Result<DeviceWeight> {
         Ok(match (w, self.precision) {
+            (HostWeight::Stacked(parts), precision) => {
+                let all = |f: fn(&HostWeight) -> bool| parts.iter().all(f);
+                let f32_ = |p: &HostWeight| matches!(p, HostWeight::F32(_));
+                let bf16 = |p: &HostWeight| matches!(p, HostWeight::Bf16(_));
+                let either = |p: &HostWeight| matches!(p, HostWeight::F32(_) | HostWeight::Bf16(_));
+                if all(f32_) && precision == Precision::F32 {
+                    DeviceWeight::F32(gpu.upload(&w.to_f32())?)
+                } else if all(bf16) || (all(either) && precision == Precision::Bf16) {
+                    let bits: Vec<u16> = parts
+                        .iter()
+                        .flat_map(|p| match p {
+                            HostWeight::Bf16(bits) => bits.to_vec(),
+                            other => other.to_f32().iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect(),
+                        })
+                        .collect();
+                    DeviceWeight::Bf16(gpu.upload(&bits)?)
+                } else {
+                    let each = |p: &HostWeight| Ok((self.upload_weight(gpu, *p, k)?, p.rows(k)));
+                    DeviceWeight::Stacked(parts.iter().map(each).collect::<Result<_>>()?)
+                }
+            }
             (HostWeight::F32(v), Precision::F32) => DeviceWeight::F32(gpu.upload(v)?),
             (HostWeight::F32(v), Precision::Bf16) => {
                 let bits: Vec<u16> = v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
@@ -163,31 +189,80 @@ impl Products {
         if x.len() < (x_row0 + m) * k || y.len() < (y_row0 + m) * n {
             return Err(Error::Device(format!("GEMM: buffers too small for rows {x_row0}+{m} x {k} -> {n}")));
         }
-        match (self.precision, w) {
-            (Precision::F32, DeviceWeight::F32(w)) => self.sgemm(x, x_row0, w, y, y_row0, (0, n, n), [m, k], alpha),
-            (Precision::F32, w) => self.by_blocks(gpu, w, [n, k], |wide, n0, nt| {
-                self.sgemm(x, x_row0, wide, y, y_row0, (n0, nt, n), [m, k], alpha)
-            }),
-            (Precision::Bf16, DeviceWeight::F32(_)) => {
-                Err(Error::Device("an f32 weight in a bf16 product (weights are rounded at upload)".into()))
-            }
-            (Precision::Bf16, w) => {
+        match self.precision {
+            Precision::F32 => self.part_f32(gpu, (x, x_row0), w, (y, y_row0), (0, n, n), [m, k], alpha),
+            Precision::Bf16 => {
                 let mut narrow = self.narrow.borrow_mut();
                 scratch(gpu, &mut narrow, m * k)?;
                 let xb = narrow.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
                 gpu.bf16_round(x, x_row0 * k, xb, m * k)?;
-                match w {
-                    DeviceWeight::Bf16(bits) => self.gemm_bf16(xb, bits, y, y_row0, (0, n, n), [m, k], alpha),
-                    _ => {
-                        let mut wb = self.narrow_weight.borrow_mut();
-                        self.by_blocks(gpu, w, [n, k], |wide, n0, nt| {
-                            scratch(gpu, &mut wb, nt * k)?;
-                            let wb = wb.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
-                            gpu.bf16_round(wide, 0, wb, nt * k)?;
-                            self.gemm_bf16(xb, wb, y, y_row0, (n0, nt, n), [m, k], alpha)
-                        })
-                    }
+                self.part_bf16(gpu, xb, w, (y, y_row0), (0, n, n), [m, k], alpha)
+            }
+        }
+    }
+
+    /// f32 mode: the product of weight `w` (`nw` rows) into columns `c0 .. c0 + nw` of y's `n`.
+    #[allow(clippy::too_many_arguments)]
+    fn part_f32(
+        &self,
+        gpu: &Gpu,
+        (x, x_row0): (&Buf<f32>, usize),
+        w: &DeviceWeight,
+        (y, y_row0): (&mut Buf<f32>, usize),
+        (c0, nw, n): (usize, usize, usize),
+        [m, k]: [usize; 2],
+        alpha: f32,
+    ) -> Result<()> {
+        match w {
+            DeviceWeight::F32(w) => self.sgemm(x, x_row0, w, y, y_row0, (c0, nw, n), [m, k], alpha),
+            DeviceWeight::Stacked(parts) => {
+                let mut c = c0;
+                for (part, rows) in parts {
+                    self.part_f32(gpu, (x, x_row0), part, (&mut *y, y_row0), (c, *rows, n), [m, k], alpha)?;
+                    c += rows;
                 }
+                Ok(())
+            }
+            w => self.by_blocks(gpu, w, [nw, k], |wide, n0, nt| {
+                self.sgemm(x, x_row0, wide, y, y_row0, (c0 + n0, nt, n), [m, k], alpha)
+            }),
+        }
+    }
+
+    /// bf16 mode: as [`Products::part_f32`], from the rounded activation rows `xb`.
+    #[allow(clippy::too_many_arguments)]
+    fn part_bf16(
+        &self,
+        gpu: &Gpu,
+        xb: &Buf<u16>,
+        w: &DeviceWeight,
+        (y, y_row0): (&mut Buf<f32>, usize),
+        (c0, nw, n): (usize, usize, usize),
+        [m, k]: [usize; 2],
+        alpha: f32,
+    ) -> Result<()> {
+        match w {
+            DeviceWeight::Bf16(bits) => self.gemm_bf16(xb, bits, y, y_row0, (c0, nw, n), [m, k], alpha),
+            DeviceWeight::F32(_) => {
+                Err(Error::Device("an f32 weight in a bf16 product (weights are rounded at upload)".into()))
+            }
+            DeviceWeight::Stacked(parts) => {
+                let mut c = c0;
+                for (part, rows) in parts {
+                    self.part_bf16(gpu, xb, part, (&mut *y, y_row0), (c, *rows, n), [m, k], alpha)?;
+                    c += rows;
+                }
+                Ok(())
+            }
+            w => {
+                // An FP8 weight: a block of rows dequantised, rounded, multiplied.
+                let mut wb = self.narrow_weight.borrow_mut();
+                self.by_blocks(gpu, w, [nw, k], |wide, n0, nt| {
+                    scratch(gpu, &mut wb, nt * k)?;
+                    let wb = wb.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
+                    gpu.bf16_round(wide, 0, wb, nt * k)?;
+                    self.gemm_bf16(xb, wb, y, y_row0, (c0 + n0, nt, n), [m, k], alpha)
+                })
             }
         }
     }
@@ -213,7 +288,9 @@ impl Products {
                 DeviceWeight::Fp8 { codes, scale, row0, block } => {
                     gpu.fp8_dequant(codes, scale, wide, [n0, nt, k], *row0, *block)?
                 }
-                DeviceWeight::F32(_) => return Err(Error::Device("an f32 weight needs no decoding".into())),
+                DeviceWeight::F32(_) | DeviceWeight::Stacked(_) => {
+                    return Err(Error::Device("only a bf16 or FP8 weight is decoded by blocks".into()))
+                }
             }
             f(wide, n0, nt)?;
         }

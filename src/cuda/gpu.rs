@@ -336,10 +336,11 @@ impl Gpu {
         launch!(self, "rope_interleaved", cfg(rows * heads, 128, 0), [x, cos, sin, &r, &s, &h, &w, &st, &hf])
     }
 
-    pub fn silu_mul(&self, gate: &Buf<f32>, up: &Buf<f32>, out: &mut Buf<f32>, n: usize) -> Result<()> {
-        fits("silu_mul", &[(gate.len(), n), (up.len(), n), (out.len(), n)])?;
-        let n64 = n as i64;
-        launch!(self, "silu_mul", cfg(n, 256, 0), [gate, up, out, &n64])
+    /// gate_up: [rows, 2 * inter] (gate half, then up half) -> out: [rows, inter].
+    pub fn swiglu(&self, gate_up: &Buf<f32>, out: &mut Buf<f32>, rows: usize, inter: usize) -> Result<()> {
+        fits("swiglu", &[(gate_up.len(), rows * 2 * inter), (out.len(), rows * inter)])?;
+        let (rows64, [i32_]) = (rows as i64, ints("swiglu", [inter])?);
+        launch!(self, "swiglu", cfg(rows * inter, 256, 0), [gate_up, out, &rows64, &i32_])
     }
 
     pub fn add(&self, a: &Buf<f32>, b: &Buf<f32>, out: &mut Buf<f32>, n: usize) -> Result<()> {

@@ -32,7 +32,7 @@ pub const PRELUDE: &str = include_str!("prelude.cuh");
 pub const KERNELS: &[(&str, &str, &[&str])] = &[
     ("norm", include_str!("norm.cu"), &["rms_norm", "layer_norm", "row_l2_norm"]),
     ("rope", include_str!("rope.cu"), &["rope_interleaved"]),
-    ("elementwise", include_str!("elementwise.cu"), &["silu_mul", "add"]),
+    ("elementwise", include_str!("elementwise.cu"), &["swiglu", "add"]),
     ("router", include_str!("router.cu"), &["route", "expert_counts"]),
     ("indexer", include_str!("indexer.cu"), &["index_combine", "topk_causal", "topk_sorted"]),
     ("attention", include_str!("attention.cu"), &["sparse_attention", "selection_mask", "masked_softmax"]),

@@ -72,8 +72,11 @@ impl Ops for CudaOps {
     type I = Buf<i32>;
     type W = DeviceWeight;
 
-    fn upload_weight(&self, w: HostWeight, _n: usize, _k: usize) -> Result<DeviceWeight> {
-        self.products.upload_weight(&self.gpu, w)
+    fn upload_weight(&self, w: HostWeight, n: usize, k: usize) -> Result<DeviceWeight> {
+        if w.rows(k) != n {
+            return Err(crate::error::Error::Device(format!("a weight of {} rows uploaded as {n} x {k}", w.rows(k))));
+        }
+        self.products.upload_weight(&self.gpu, w, k)
     }
 
     fn upload(&self, v: &[f32]) -> Result<Self::F> {
@@ -137,9 +140,9 @@ impl Ops for CudaOps {
         self.gpu.rope(x, cos, sin, rows, seq, heads, width, start, half)
     }
 
-    fn silu_mul(&self, gate: &Self::F, up: &Self::F, n: usize) -> Result<Self::F> {
-        let mut y = self.gpu.zeros(n)?;
-        self.gpu.silu_mul(gate, up, &mut y, n)?;
+    fn swiglu(&self, gate_up: &Self::F, rows: usize, inter: usize) -> Result<Self::F> {
+        let mut y = self.gpu.zeros(rows * inter)?;
+        self.gpu.swiglu(gate_up, &mut y, rows, inter)?;
         Ok(y)
     }
 

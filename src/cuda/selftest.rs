@@ -90,12 +90,14 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     tables.apply(&mut x, seq, heads, width, start);
     out.push(check("rope_interleaved", &gpu.download(&dx)?, &x, 1e-5));
 
-    // SwiGLU over 10_007 values.
+    // SwiGLU over 97 rows of fused gate and up products (2 x 103 wide), then adds of 10_007 values.
+    let (sw_rows, inter) = (97, 103);
+    let gate_up = rng.vec(sw_rows * 2 * inter);
+    let mut y = gpu.filled(sw_rows * inter, nan)?;
+    gpu.swiglu(&gpu.upload(&gate_up)?, &mut y, sw_rows, inter)?;
+    out.push(check("swiglu", &gpu.download(&y)?, &CpuOps.swiglu(&gate_up, sw_rows, inter)?, 1e-5));
     let n_sw = 10_007;
     let (g, u) = (rng.vec(n_sw), rng.vec(n_sw));
-    let mut y = gpu.filled(n_sw, nan)?;
-    gpu.silu_mul(&gpu.upload(&g)?, &gpu.upload(&u)?, &mut y, n_sw)?;
-    out.push(check("silu_mul", &gpu.download(&y)?, &CpuOps.silu_mul(&g, &u, n_sw)?, 1e-5));
     let mut y = gpu.filled(n_sw, nan)?;
     gpu.add(&gpu.upload(&g)?, &gpu.upload(&u)?, &mut y, n_sw)?;
     out.push(check("add", &gpu.download(&y)?, &CpuOps.add(&g, &u, n_sw)?, 0.0));
@@ -310,12 +312,29 @@ pub fn products(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
         let fp8_wide = fp8.to_f32();
         let (cpu_x, cpu_w) = if bf16 { (round(&x), round(&w)) } else { (x.clone(), w.clone()) };
         let cpu_fp8 = if bf16 { round(&fp8_wide) } else { fp8_wide };
+        // Stacked weights (an MLP's gate and up): f32 over bf16 rows, joined into one weight in
+        // bf16 mode and kept as two parts in f32 mode; FP8 over bf16 rows, always two parts.
+        let half = n / 2;
+        let top_fp8 = fp8.rows(0, half).ok_or_else(|| crate::error::Error::Device("fp8 view".into()))?;
+        let joined = [HostWeight::F32(&w[..half * k]), HostWeight::Bf16(&bits[half * k..])];
+        let parts = [HostWeight::Fp8(&top_fp8), HostWeight::Bf16(&bits[half * k..])];
+        let stacked_cpu = |parts: &[HostWeight]| {
+            let v = HostWeight::Stacked(parts).to_f32();
+            if bf16 {
+                round(&v)
+            } else {
+                v
+            }
+        };
+        let (cpu_joined, cpu_parts) = (stacked_cpu(&joined), stacked_cpu(&parts));
         let size = if n == 29 { "" } else { ", large" };
         let mode = if bf16 { "gemm_rows bf16 mode" } else { "gemm_rows" };
         for (kind, weight, cpu_weight) in [
             ("f32", HostWeight::F32(&w), HostWeight::F32(&cpu_w)),
             ("bf16", HostWeight::Bf16(&bits), HostWeight::Bf16(&bits)),
             ("fp8", HostWeight::Fp8(&fp8), HostWeight::F32(&cpu_fp8)),
+            ("f32 over bf16", HostWeight::Stacked(&joined), HostWeight::F32(&cpu_joined)),
+            ("fp8 over bf16", HostWeight::Stacked(&parts), HostWeight::F32(&cpu_parts)),
         ] {
             let cpu_w = CpuOps.upload_weight(cpu_weight, n, k)?;
             let mut cpu_y = vec![f32::NAN; (y_row0 + m) * n];

@@ -21,12 +21,7 @@ impl Ops for CpuOps {
     type W = Tensor;
 
     fn upload_weight(&self, w: HostWeight, n: usize, k: usize) -> Result<Tensor> {
-        let v = match w {
-            HostWeight::F32(v) => v.to_vec(),
-            HostWeight::Bf16(bits) => bits.iter().map(|&b| crate::model::gemv::widen(b)).collect(),
-            HostWeight::Fp8(w) => w.to_f32(),
-        };
-        Ok(Tensor::from_vec(v, (n, k), &Device::Cpu)?)
+        Ok(Tensor::from_vec(w.to_f32(), (n, k), &Device::Cpu)?)
     }
 
     fn upload(&self, v: &[f32]) -> Result<Vec<f32>> {
@@ -113,8 +108,9 @@ impl Ops for CpuOps {
         Ok(())
     }
 
-    fn silu_mul(&self, gate: &Vec<f32>, up: &Vec<f32>, n: usize) -> Result<Vec<f32>> {
-        Ok(gate[..n].iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect())
+    fn swiglu(&self, gate_up: &Vec<f32>, rows: usize, inter: usize) -> Result<Vec<f32>> {
+        let halves = gate_up[..rows * 2 * inter].chunks_exact(2 * inter.max(1));
+        Ok(halves.flat_map(|r| r[..inter].iter().zip(&r[inter..]).map(|(g, u)| g / (1.0 + (-g).exp()) * u)).collect())
     }
 
     fn add(&self, a: &Vec<f32>, b: &Vec<f32>, n: usize) -> Result<Vec<f32>> {
@@ -269,12 +265,9 @@ impl Ops for CpuOpsBf16 {
     type W = Tensor;
 
     fn upload_weight(&self, w: HostWeight, n: usize, k: usize) -> Result<Tensor> {
-        match w {
-            HostWeight::F32(v) => CpuOps.upload_weight(HostWeight::F32(&round_bf16(v)), n, k),
-            // Dequantised to f32, then rounded: what the GPU's bf16 mode multiplies.
-            HostWeight::Fp8(w) => CpuOps.upload_weight(HostWeight::F32(&round_bf16(&w.to_f32())), n, k),
-            bits => CpuOps.upload_weight(bits, n, k),
-        }
+        // What the GPU's bf16 mode multiplies: every weight rounded to bf16 (FP8 ones after
+        // dequantisation; bf16 ones are already).
+        CpuOps.upload_weight(HostWeight::F32(&round_bf16(&w.to_f32())), n, k)
     }
 
     fn gemm_rows(
@@ -301,7 +294,7 @@ impl Ops for CpuOpsBf16 {
         layer_norm(x: &Vec<f32>, w: &Vec<f32>, b: &Vec<f32>, rows: usize, cols: usize, eps: f32) -> Vec<f32>;
         row_l2_norm(x: &Vec<f32>, rows: usize, cols: usize) -> Vec<f32>;
         rope(x: &mut Vec<f32>, cos: &Vec<f32>, sin: &Vec<f32>, dims: [usize; 6]) -> ();
-        silu_mul(gate: &Vec<f32>, up: &Vec<f32>, n: usize) -> Vec<f32>;
+        swiglu(gate_up: &Vec<f32>, rows: usize, inter: usize) -> Vec<f32>;
         add(a: &Vec<f32>, b: &Vec<f32>, n: usize) -> Vec<f32>;
         route(logits: &Vec<f32>, bias: &Vec<f32>, n: usize, e: usize, rc: &RouterConfig) -> (Vec<i32>, Vec<f32>, Vec<f32>);
         index_scores(q: &Vec<f32>, k: &Vec<f32>, w: &Vec<f32>, dims: [usize; 6], scale: f32) -> Vec<f32>;

@@ -32,9 +32,10 @@ struct DLinear<O: Ops> {
     inp: usize,
 }
 
+/// An MLP with `gate_proj` and `up_proj` stacked into one `[2 * inter, in]` weight, so one
+/// product computes both (`Ops::swiglu` takes its two halves).
 struct DMlp<O: Ops> {
-    gate: DLinear<O>,
-    up: DLinear<O>,
+    gate_up: DLinear<O>,
     down: DLinear<O>,
 }
 
@@ -90,35 +91,52 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
+/// A weight's rows on the host as stored, to upload: f32 values are copied, bf16 and FP8 ones
+/// are views of the memory-mapped checkpoint.
+enum HostRows {
+    F32(Vec<f32>),
+    Bf16(crate::model::gemv::Bf16Weight),
+    Fp8(crate::model::fp8::Fp8Weight),
+}
+
+impl HostRows {
+    fn weight(&self) -> HostWeight<'_> {
+        match self {
+            HostRows::F32(v) => HostWeight::F32(v),
+            HostRows::Bf16(w) => HostWeight::Bf16(w.bits()),
+            HostRows::Fp8(w) => HostWeight::Fp8(w),
+        }
+    }
+}
+
+/// Rows `start .. start + count` of a linear layer's weight, and its input width.
+fn host_rows(l: &Linear, start: usize, count: usize) -> Result<(HostRows, usize)> {
+    if l.bias.is_some() {
+        return Err(Error::Device("attention_bias is not supported on the device path yet".into()));
+    }
+    let out_of_range = || Error::Device(format!("weight rows {start}..{} out of range", start + count));
+    Ok(match &l.weight {
+        Weight::F32(t) => (HostRows::F32(values(&t.narrow(0, start, count)?)?), t.dims()[1]),
+        Weight::Bf16(w, _) => (HostRows::Bf16(w.rows(start, count).ok_or_else(out_of_range)?), w.cols),
+        Weight::Fp8(w, _) => (HostRows::Fp8(w.rows(start, count).ok_or_else(out_of_range)?), w.shape()[1]),
+    })
+}
+
 impl<'m, O: Ops> DeviceModel<'m, O> {
     /// Uploads every weight of `model` the main forward pass uses.
     pub fn new(ops: &'m O, model: &'m Model) -> Result<Self> {
-        // Rows `start .. start + count` of a weight, as stored (no widened host copy is kept).
         let rows = |l: &Linear, start: usize, count: usize| -> Result<DLinear<O>> {
-            if l.bias.is_some() {
-                return Err(Error::Device("attention_bias is not supported on the device path yet".into()));
-            }
-            let (w, inp) = match &l.weight {
-                Weight::F32(t) => {
-                    let inp = t.dims()[1];
-                    (ops.upload_weight(HostWeight::F32(&values(&t.narrow(0, start, count)?)?), count, inp)?, inp)
-                }
-                Weight::Bf16(w, _) => {
-                    let part = w.rows(start, count).ok_or_else(|| Error::Device("weight rows out of range".into()))?;
-                    (ops.upload_weight(HostWeight::Bf16(part.bits()), count, w.cols)?, w.cols)
-                }
-                Weight::Fp8(w, _) => {
-                    let part = w.rows(start, count).ok_or_else(|| Error::Device("weight rows out of range".into()))?;
-                    let cols = w.shape()[1];
-                    (ops.upload_weight(HostWeight::Fp8(&part), count, cols)?, cols)
-                }
-            };
-            Ok(DLinear { w, out: count, inp })
+            let (w, inp) = host_rows(l, start, count)?;
+            Ok(DLinear { w: ops.upload_weight(w.weight(), count, inp)?, out: count, inp })
         };
         let linear = |l: &Linear| rows(l, 0, l.out_dim());
         let norm = |n: &RmsNorm| -> Result<(O::F, f32)> { Ok((ops.upload(&values(&n.weight)?)?, n.eps as f32)) };
         let mlp = |m: &Mlp| -> Result<DMlp<O>> {
-            Ok(DMlp { gate: linear(&m.gate_proj)?, up: linear(&m.up_proj)?, down: linear(&m.down_proj)? })
+            let inter = m.gate_proj.out_dim();
+            let ((gate, inp), (up, _)) = (host_rows(&m.gate_proj, 0, inter)?, host_rows(&m.up_proj, 0, inter)?);
+            let parts = [gate.weight(), up.weight()];
+            let w = ops.upload_weight(HostWeight::Stacked(&parts), 2 * inter, inp)?;
+            Ok(DMlp { gate_up: DLinear { w, out: 2 * inter, inp }, down: linear(&m.down_proj)? })
         };
         let cfg = &model.config;
         let mut layers = Vec::with_capacity(model.layers.len());
@@ -417,8 +435,8 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
 
     /// `down(silu(gate(x)) * up(x))` over `rows` rows.
     fn mlp(&self, m: &DMlp<O>, x: &O::F, rows: usize) -> Result<O::F> {
-        let (g, u) = (self.mm(x, &m.gate, rows, 1.0)?, self.mm(x, &m.up, rows, 1.0)?);
-        self.mm(&self.ops.silu_mul(&g, &u, rows * m.gate.out)?, &m.down, rows, 1.0)
+        let gate_up = self.mm(x, &m.gate_up, rows, 1.0)?; // [rows, 2 * inter]
+        self.mm(&self.ops.swiglu(&gate_up, rows, m.down.inp)?, &m.down, rows, 1.0)
     }
 
     /// Router, grouped expert GEMMs over the tokens sorted by expert, weighted combine in
@@ -467,8 +485,8 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let rows: Vec<i32> = order.iter().map(|&p| (p / k) as i32).collect();
         let a = rows.len();
         let xs = self.ops.gather_rows(x, &self.ops.upload_i32(&rows)?, a, hd)?; // [A, H]
-        let inter = experts.first().map_or(0, |m| m.gate.out);
-        let (mut g, mut u, mut y) = (self.ops.zeros(a * inter)?, self.ops.zeros(a * inter)?, self.ops.zeros(a * hd)?);
+        let inter = experts.first().map_or(0, |m| m.down.inp);
+        let (mut gate_up, mut y) = (self.ops.zeros(a * 2 * inter)?, self.ops.zeros(a * hd)?);
         let mut start = 0;
         let mut spans = Vec::new();
         for j in 0..experts.len() {
@@ -485,14 +503,13 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let flops = 6 * (a * inter * hd) as u64;
         self.expert_gemms(flops, || {
             for &(j, start, count) in &spans {
-                self.count([count, inter, hd]);
-                self.count([count, inter, hd]);
-                self.ops.gemm_rows(&xs, start, &experts[j].gate.w, &mut g, start, [count, inter, hd], 1.0)?;
-                self.ops.gemm_rows(&xs, start, &experts[j].up.w, &mut u, start, [count, inter, hd], 1.0)?;
+                let mnk = [count, 2 * inter, hd];
+                self.count(mnk);
+                self.ops.gemm_rows(&xs, start, &experts[j].gate_up.w, &mut gate_up, start, mnk, 1.0)?;
             }
             Ok(())
         })?;
-        let act = self.ops.silu_mul(&g, &u, a * inter)?;
+        let act = self.ops.swiglu(&gate_up, a, inter)?; // [A, inter]
         self.expert_gemms(0, || {
             for &(j, start, count) in &spans {
                 self.count([count, hd, inter]);

@@ -169,6 +169,31 @@ pub enum HostWeight<'a> {
     /// Block-FP8 codes and their scale grid: kept so on the device and dequantised for each
     /// product.
     Fp8(&'a crate::model::fp8::Fp8Weight),
+    /// Weights of the same input width stacked by rows (an MLP's gate and up, so one product
+    /// computes both): one weight where the parts can be joined as stored, else kept apart.
+    Stacked(&'a [HostWeight<'a>]),
+}
+
+impl HostWeight<'_> {
+    /// Rows of this `[n, k]` weight.
+    pub fn rows(&self, k: usize) -> usize {
+        match self {
+            HostWeight::F32(v) => v.len() / k.max(1),
+            HostWeight::Bf16(b) => b.len() / k.max(1),
+            HostWeight::Fp8(w) => w.shape()[0],
+            HostWeight::Stacked(parts) => parts.iter().map(|p| p.rows(k)).sum(),
+        }
+    }
+
+    /// The values, decoded to f32 (the host's products use them so).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            HostWeight::F32(v) => v.to_vec(),
+            HostWeight::Bf16(bits) => bits.iter().map(|&b| crate::model::gemv::widen(b)).collect(),
+            HostWeight::Fp8(w) => w.to_f32(),
+            HostWeight::Stacked(parts) => parts.iter().flat_map(|p| p.to_f32()).collect(),
+        }
+    }
 }
 
 /// Row-major f32 and i32 buffers on a device, weights kept as stored, and the operations the
@@ -220,7 +245,9 @@ pub trait Ops {
     fn row_l2_norm(&self, x: &Self::F, rows: usize, cols: usize) -> Result<Self::F>;
     /// Interleaved RoPE in place; `dims` = [rows, seq, heads, width, start, half].
     fn rope(&self, x: &mut Self::F, cos: &Self::F, sin: &Self::F, dims: [usize; 6]) -> Result<()>;
-    fn silu_mul(&self, gate: &Self::F, up: &Self::F, n: usize) -> Result<Self::F>;
+    /// SwiGLU over the fused gate and up products: [rows, 2 * inter] (gate half, then up half)
+    /// -> silu(gate) * up, [rows, inter].
+    fn swiglu(&self, gate_up: &Self::F, rows: usize, inter: usize) -> Result<Self::F>;
     fn add(&self, a: &Self::F, b: &Self::F, n: usize) -> Result<Self::F>;
     /// The fused router: logits [n, e] -> (ids [n, k], weights [n, k], margin [n]).
     fn route(
