@@ -385,6 +385,20 @@ impl Gpu {
         )
     }
 
+    /// ids, plain: [n, k] expert ids -> changed: [n], 1 where the two rows differ as sets.
+    pub fn bias_changed(
+        &self,
+        ids: &Buf<i32>,
+        plain: &Buf<i32>,
+        changed: &mut Buf<i32>,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        fits("bias_changed", &[(ids.len(), n * k), (plain.len(), n * k), (changed.len(), n)])?;
+        let [n32, k32] = ints("bias_changed", [n, k])?;
+        launch!(self, "bias_changed", cfg(n, 128, 0), [ids, plain, &n32, &k32, changed])
+    }
+
     /// ids: [n] expert ids -> counts: [e] (added to).
     pub fn expert_counts(&self, ids: &Buf<i32>, n: usize, e: usize, counts: &mut Buf<i32>) -> Result<()> {
         fits("expert_counts", &[(ids.len(), n), (counts.len(), e)])?;

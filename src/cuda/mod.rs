@@ -33,7 +33,7 @@ pub const KERNELS: &[(&str, &str, &[&str])] = &[
     ("norm", include_str!("norm.cu"), &["rms_norm", "layer_norm", "row_l2_norm"]),
     ("rope", include_str!("rope.cu"), &["rope_interleaved"]),
     ("elementwise", include_str!("elementwise.cu"), &["swiglu", "add"]),
-    ("router", include_str!("router.cu"), &["route", "expert_counts"]),
+    ("router", include_str!("router.cu"), &["route", "expert_counts", "bias_changed"]),
     ("indexer", include_str!("indexer.cu"), &["index_combine", "topk_causal", "topk_sorted"]),
     ("attention", include_str!("attention.cu"), &["sparse_attention", "selection_mask", "masked_softmax"]),
     ("moe", include_str!("moe.cu"), &["gather_rows", "combine"]),

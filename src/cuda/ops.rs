@@ -166,6 +166,12 @@ impl Ops for CudaOps {
         Ok((ids, w, m))
     }
 
+    fn bias_changed(&self, ids: &Self::I, plain: &Self::I, n: usize, k: usize) -> Result<Self::I> {
+        let mut y = self.gpu.zeros(n)?;
+        self.gpu.bias_changed(ids, plain, &mut y, n, k)?;
+        Ok(y)
+    }
+
     fn index_scores(&self, q: &Self::F, k: &Self::F, w: &Self::F, dims: [usize; 6], scale: f32) -> Result<Self::F> {
         self.index_scores_with(self.attention, (q, k, w), dims, scale)
     }

@@ -78,3 +78,21 @@ extern "C" __global__ void expert_counts(const int* ids, long long n, int e, int
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n && ids[i] >= 0 && ids[i] < e) atomicAdd(&counts[ids[i]], 1);
 }
+
+// Whether each token's chosen experts differ, as a set, from those chosen without the correction
+// bias (`route` again with a zero bias): the audit's moe.bias_changed, reduced on the device so
+// only a flag per token is copied back. ids, plain [n, k] (each row without repeats) -> changed
+// [n]. One thread per token. CPU reference: model::moe::bias_changed.
+extern "C" __global__ void bias_changed(const int* ids, const int* plain, int n, int k, int* changed) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n) return;
+    const int* a = ids + (long long)t * k;
+    const int* b = plain + (long long)t * k;
+    int differ = 0;
+    for (int r = 0; r < k; r++) {
+        int found = 0;
+        for (int q = 0; q < k; q++) found |= a[r] == b[q];
+        differ |= !found;
+    }
+    changed[t] = differ;
+}

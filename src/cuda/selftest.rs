@@ -131,6 +131,26 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
         if n_group == 1 {
             out.push(check_ints("expert_counts", &gpu.download(&counts)?, &cpu_counts));
         }
+
+        // The route without the bias, and which tokens it changes (some, with these biases).
+        let (mut plain, mut pw, mut pm) =
+            (gpu.filled(tokens * rc.top_k, -1i32)?, gpu.filled(tokens * rc.top_k, nan)?, gpu.filled(tokens, nan)?);
+        let zeros = gpu.upload(&vec![0f32; e])?;
+        gpu.route(&gpu.upload(&logits)?, &zeros, tokens, e, &rc, &mut plain, &mut pw, &mut pm)?;
+        let mut changed = gpu.filled(tokens, -1i32)?;
+        gpu.bias_changed(&ids, &plain, &mut changed, tokens, rc.top_k)?;
+        let cpu_changed: Vec<i32> = logits
+            .chunks(e)
+            .zip(cpu_ids.chunks(rc.top_k))
+            .map(|(l, chosen)| {
+                let chosen: Vec<usize> = chosen.iter().map(|&i| i as usize).collect();
+                i32::from(crate::model::moe::bias_changed(&rc, l, &chosen))
+            })
+            .collect();
+        let some = cpu_changed.contains(&1) && cpu_changed.contains(&0);
+        let c =
+            check_ints(&format!("bias_changed ({})", &name[7..name.len() - 1]), &gpu.download(&changed)?, &cpu_changed);
+        out.push(Check { ok: c.ok && some, ..c });
     }
 
     // The causal top-k on both paths, against the CPU's: indexer scores of random inputs for 2 x 5

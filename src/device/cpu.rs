@@ -131,6 +131,16 @@ impl Ops for CpuOps {
         Ok((ids, weights, routes.iter().map(|r| r.margin).collect()))
     }
 
+    fn bias_changed(&self, ids: &Vec<i32>, plain: &Vec<i32>, n: usize, k: usize) -> Result<Vec<i32>> {
+        let sorted = |r: &[i32]| {
+            let mut r = r.to_vec();
+            r.sort_unstable();
+            r
+        };
+        let rows = ids.chunks_exact(k.max(1)).zip(plain.chunks_exact(k.max(1))).take(n);
+        Ok(rows.map(|(a, b)| i32::from(sorted(a) != sorted(b))).collect())
+    }
+
     fn index_scores(
         &self,
         q: &Vec<f32>,
@@ -297,6 +307,7 @@ impl Ops for CpuOpsBf16 {
         swiglu(gate_up: &Vec<f32>, rows: usize, inter: usize) -> Vec<f32>;
         add(a: &Vec<f32>, b: &Vec<f32>, n: usize) -> Vec<f32>;
         route(logits: &Vec<f32>, bias: &Vec<f32>, n: usize, e: usize, rc: &RouterConfig) -> (Vec<i32>, Vec<f32>, Vec<f32>);
+        bias_changed(ids: &Vec<i32>, plain: &Vec<i32>, n: usize, k: usize) -> Vec<i32>;
         index_scores(q: &Vec<f32>, k: &Vec<f32>, w: &Vec<f32>, dims: [usize; 6], scale: f32) -> Vec<f32>;
         topk_causal(scores: &Vec<f32>, rows: usize, s: usize, t: usize, offset: usize, k: usize) -> (Vec<i32>, Vec<f32>);
         sparse_attention(q: &Vec<f32>, kv: &Vec<f32>, k_rope: &Vec<f32>, idx: &Vec<i32>, dims: [usize; 9], scale: f32) -> Vec<f32>;

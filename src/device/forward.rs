@@ -389,45 +389,40 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         Ok(out)
     }
 
-    /// The router's observe-only hook points, derived on the host from the logits and the chosen
-    /// ids, only when wanted: `moe.scores`, `moe.biased_scores`, `moe.bias_changed`.
+    /// The router's observe-only hook points, only when wanted: `moe.scores` and
+    /// `moe.biased_scores` derived on the host from the logits (whole activations, so copied
+    /// back only then), and `moe.bias_changed` computed on the device (the route again without
+    /// the bias, compared with the chosen ids), so an audit copies back one flag per token.
     #[allow(clippy::type_complexity)]
     fn router_extras(
         &self,
         i: usize,
-        (logits, ids): (&O::F, &[i32]),
+        (logits, ids): (&O::F, &O::I),
         (t, e, k): (usize, usize, usize),
         router: &RouterConfig,
         obs: &mut dyn Observer,
     ) -> Result<()> {
         let hook = |p| HookPoint::Layer(i, p);
-        let wanted = [LayerHook::RouterScores, LayerHook::RouterBiasedScores, LayerHook::BiasChanged];
-        if !wanted.iter().any(|&p| obs.wants(hook(p))) {
-            return Ok(());
-        }
-        let logits = self.ops.download(logits)?;
-        // The host's copy of the bias: the model's own.
-        let bias = match &self.model.layers[i].mlp {
-            crate::model::layer::Ffn::Moe(m) => &m.e_score_correction_bias,
-            crate::model::layer::Ffn::Dense(_) => return Err(Error::Device(format!("layer {i} has no router"))),
-        };
-        let scores: Vec<f32> = logits.iter().map(|&l| crate::model::moe::sigmoid(l)).collect();
-        if obs.wants(hook(LayerHook::RouterScores)) {
-            obs.observe(hook(LayerHook::RouterScores), &Tensor::from_vec(scores.clone(), (t, e), &Device::Cpu)?)?;
-        }
-        if obs.wants(hook(LayerHook::RouterBiasedScores)) {
-            let biased: Vec<f32> = scores.iter().enumerate().map(|(j, s)| s + bias[j % e]).collect();
-            obs.observe(hook(LayerHook::RouterBiasedScores), &Tensor::from_vec(biased, (t, e), &Device::Cpu)?)?;
+        if obs.wants(hook(LayerHook::RouterScores)) || obs.wants(hook(LayerHook::RouterBiasedScores)) {
+            let logits = self.ops.download(logits)?;
+            // The host's copy of the bias: the model's own.
+            let bias = match &self.model.layers[i].mlp {
+                crate::model::layer::Ffn::Moe(m) => &m.e_score_correction_bias,
+                crate::model::layer::Ffn::Dense(_) => return Err(Error::Device(format!("layer {i} has no router"))),
+            };
+            let scores: Vec<f32> = logits.iter().map(|&l| crate::model::moe::sigmoid(l)).collect();
+            if obs.wants(hook(LayerHook::RouterScores)) {
+                obs.observe(hook(LayerHook::RouterScores), &Tensor::from_vec(scores.clone(), (t, e), &Device::Cpu)?)?;
+            }
+            if obs.wants(hook(LayerHook::RouterBiasedScores)) {
+                let biased: Vec<f32> = scores.iter().enumerate().map(|(j, s)| s + bias[j % e]).collect();
+                obs.observe(hook(LayerHook::RouterBiasedScores), &Tensor::from_vec(biased, (t, e), &Device::Cpu)?)?;
+            }
         }
         if obs.wants(hook(LayerHook::BiasChanged)) {
-            let changed: Vec<i64> = logits
-                .chunks_exact(e)
-                .zip(ids.chunks_exact(k))
-                .map(|(row, chosen)| {
-                    let chosen: Vec<usize> = chosen.iter().map(|&j| j as usize).collect();
-                    i64::from(crate::model::moe::bias_changed(router, row, &chosen))
-                })
-                .collect();
+            let (plain, _, _) = self.ops.route(logits, &self.ops.zeros(e)?, t, e, router)?;
+            let changed = self.ops.download_i32(&self.ops.bias_changed(ids, &plain, t, k)?)?;
+            let changed: Vec<i64> = changed.into_iter().map(i64::from).collect();
             obs.observe(hook(LayerHook::BiasChanged), &Tensor::from_vec(changed, t, &Device::Cpu)?)?;
         }
         Ok(())
@@ -475,7 +470,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
 
         // Group the (token, choice) pairs by expert on the host: the ids are small.
         let host_ids = self.ops.download_i32(&ids)?;
-        self.router_extras(i, (&logits, &host_ids), (t, e, k), router, obs)?;
+        self.router_extras(i, (&logits, &ids), (t, e, k), router, obs)?;
         let mut order: Vec<usize> = (0..t * k).collect(); // pair index = token * k + choice
         order.sort_by_key(|&p| (host_ids[p], p));
         let mut slot = vec![0i32; t * k];

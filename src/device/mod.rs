@@ -258,6 +258,9 @@ pub trait Ops {
         e: usize,
         rc: &RouterConfig,
     ) -> Result<(Self::I, Self::F, Self::F)>;
+    /// Whether each token's chosen experts (ids [n, k]) differ, as a set, from `plain` (the
+    /// route without the correction bias): [n] of 1 or 0.
+    fn bias_changed(&self, ids: &Self::I, plain: &Self::I, n: usize, k: usize) -> Result<Self::I>;
     /// dims = [B, S, T, n_heads, head_dim, offset] -> scores [B, S, T].
     fn index_scores(&self, q: &Self::F, k: &Self::F, w: &Self::F, dims: [usize; 6], scale: f32) -> Result<Self::F>;
     /// scores [rows, T] -> (idx [rows, k], margin [rows]) for queries at `offset + row % s`.
