@@ -44,6 +44,14 @@ pub enum DeviceWeight {
     Stacked(Vec<(DeviceWeight, usize)>),
 }
 
+/// The activation rows of a product: f32 rows from an offset (f32 mode), or the rows already
+/// rounded to bf16 into a scratch (bf16 mode).
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    F32(&'a Buf<f32>, usize),
+    Bf16(&'a Buf<u16>),
+}
+
 pub struct Products {
     pub precision: Precision,
     /// cuBLAS and its stream; None on the emulation.
@@ -190,71 +198,52 @@ impl Products {
             return Err(Error::Device(format!("GEMM: buffers too small for rows {x_row0}+{m} x {k} -> {n}")));
         }
         match self.precision {
-            Precision::F32 => self.part_f32(gpu, (x, x_row0), w, (y, y_row0), (0, n, n), [m, k], alpha),
+            Precision::F32 => self.part(gpu, Rows::F32(x, x_row0), w, (y, y_row0), (0, n, n), [m, k], alpha),
             Precision::Bf16 => {
                 let mut narrow = self.narrow.borrow_mut();
                 scratch(gpu, &mut narrow, m * k)?;
                 let xb = narrow.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
                 gpu.bf16_round(x, x_row0 * k, xb, m * k)?;
-                self.part_bf16(gpu, xb, w, (y, y_row0), (0, n, n), [m, k], alpha)
+                self.part(gpu, Rows::Bf16(xb), w, (y, y_row0), (0, n, n), [m, k], alpha)
             }
         }
     }
 
-    /// f32 mode: the product of weight `w` (`nw` rows) into columns `c0 .. c0 + nw` of y's `n`.
+    /// The product of weight `w` (`nw` rows) into columns `c0 .. c0 + nw` of y's `n`, from the
+    /// activation rows as this precision multiplies them.
     #[allow(clippy::too_many_arguments)]
-    fn part_f32(
+    fn part(
         &self,
         gpu: &Gpu,
-        (x, x_row0): (&Buf<f32>, usize),
+        x: Rows,
         w: &DeviceWeight,
         (y, y_row0): (&mut Buf<f32>, usize),
         (c0, nw, n): (usize, usize, usize),
         [m, k]: [usize; 2],
         alpha: f32,
     ) -> Result<()> {
-        match w {
-            DeviceWeight::F32(w) => self.sgemm(x, x_row0, w, y, y_row0, (c0, nw, n), [m, k], alpha),
-            DeviceWeight::Stacked(parts) => {
+        match (x, w) {
+            (x, DeviceWeight::Stacked(parts)) => {
                 let mut c = c0;
                 for (part, rows) in parts {
-                    self.part_f32(gpu, (x, x_row0), part, (&mut *y, y_row0), (c, *rows, n), [m, k], alpha)?;
+                    self.part(gpu, x, part, (&mut *y, y_row0), (c, *rows, n), [m, k], alpha)?;
                     c += rows;
                 }
                 Ok(())
             }
-            w => self.by_blocks(gpu, w, [nw, k], |wide, n0, nt| {
+            (Rows::F32(x, x_row0), DeviceWeight::F32(w)) => {
+                self.sgemm(x, x_row0, w, y, y_row0, (c0, nw, n), [m, k], alpha)
+            }
+            (Rows::F32(x, x_row0), w) => self.by_blocks(gpu, w, [nw, k], |wide, n0, nt| {
                 self.sgemm(x, x_row0, wide, y, y_row0, (c0 + n0, nt, n), [m, k], alpha)
             }),
-        }
-    }
-
-    /// bf16 mode: as [`Products::part_f32`], from the rounded activation rows `xb`.
-    #[allow(clippy::too_many_arguments)]
-    fn part_bf16(
-        &self,
-        gpu: &Gpu,
-        xb: &Buf<u16>,
-        w: &DeviceWeight,
-        (y, y_row0): (&mut Buf<f32>, usize),
-        (c0, nw, n): (usize, usize, usize),
-        [m, k]: [usize; 2],
-        alpha: f32,
-    ) -> Result<()> {
-        match w {
-            DeviceWeight::Bf16(bits) => self.gemm_bf16(xb, bits, y, y_row0, (c0, nw, n), [m, k], alpha),
-            DeviceWeight::F32(_) => {
+            (Rows::Bf16(xb), DeviceWeight::Bf16(bits)) => {
+                self.gemm_bf16(xb, bits, y, y_row0, (c0, nw, n), [m, k], alpha)
+            }
+            (Rows::Bf16(_), DeviceWeight::F32(_)) => {
                 Err(Error::Device("an f32 weight in a bf16 product (weights are rounded at upload)".into()))
             }
-            DeviceWeight::Stacked(parts) => {
-                let mut c = c0;
-                for (part, rows) in parts {
-                    self.part_bf16(gpu, xb, part, (&mut *y, y_row0), (c, *rows, n), [m, k], alpha)?;
-                    c += rows;
-                }
-                Ok(())
-            }
-            w => {
+            (Rows::Bf16(xb), w) => {
                 // An FP8 weight: a block of rows dequantised, rounded, multiplied.
                 let mut wb = self.narrow_weight.borrow_mut();
                 self.by_blocks(gpu, w, [nw, k], |wide, n0, nt| {
