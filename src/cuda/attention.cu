@@ -4,7 +4,8 @@
 //   key_j <= offset + s (later entries are padding), softmax, then sum_j p_j v_h(key_j).
 // q [B, S, nh, nope + rd] roped; kv [B, T, nh, nope + vd] (kv_b_proj of the latent);
 // k_rope [B, T, rd] roped, shared by all heads; idx [B, S, K]; out [B, S, nh, vd].
-// One block per (b, s, h), blockDim a multiple of 32; shared memory K floats.
+// One block per (b, s, h), blockDim a multiple of 32; shared memory K floats. For long contexts
+// only (cuda::attention picks the masked form while the causal keys are few enough).
 
 extern "C" __global__ void sparse_attention(const float* q, const float* kv, const float* k_rope, const int* idx,
                                             float* out, int s, int t, int nh, int nope, int rd, int vd, int kk,
@@ -15,21 +16,25 @@ extern "C" __global__ void sparse_attention(const float* q, const float* kv, con
     int b = (int)(bs / s), p = offset + (int)(bs % s);
     const float* qv = q + (bs * nh + h) * (nope + rd);
     const int* sel = idx + bs * kk;
-    float local_max = -INFINITY;
-    for (int j = threadIdx.x; j < kk; j += blockDim.x) {
+    // Scores: a warp per key, its lanes over the key's dimensions, so each key row is read in
+    // coalesced runs; the sum goes round the warp by shuffles.
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int j = warp; j < kk; j += warps) {
         int key = sel[j];
-        float sc = -INFINITY;
-        if (key >= 0 && key <= p && key < t) {
+        bool valid = key >= 0 && key <= p && key < t; // the same for the whole warp
+        float dot = 0.0f;
+        if (valid) {
             const float* kn = kv + (((long long)b * t + key) * nh + h) * (nope + vd);
             const float* kr = k_rope + ((long long)b * t + key) * rd;
-            float dot = 0.0f;
-            for (int i = 0; i < nope; i++) dot += qv[i] * kn[i];
-            for (int i = 0; i < rd; i++) dot += qv[nope + i] * kr[i];
-            sc = dot * scale;
+            for (int i = lane; i < nope; i += 32) dot += qv[i] * kn[i];
+            for (int i = lane; i < rd; i += 32) dot += qv[nope + i] * kr[i];
         }
-        prob[j] = sc;
-        local_max = fmaxf(local_max, sc);
+        for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
+        if (lane == 0) prob[j] = valid ? dot * scale : -INFINITY;
     }
+    __syncthreads();
+    float local_max = -INFINITY;
+    for (int j = threadIdx.x; j < kk; j += blockDim.x) local_max = fmaxf(local_max, prob[j]);
     float m = block_max(local_max);
     float local_sum = 0.0f;
     for (int j = threadIdx.x; j < kk; j += blockDim.x) {

@@ -270,7 +270,7 @@ pub fn attention(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
     let gpu = &ops.gpu;
     let (mode, tol) = match ops.precision() {
         crate::device::Precision::F32 => ("", 1e-5f64),
-        crate::device::Precision::Bf16 => (", TF32", 5e-3),
+        crate::device::Precision::Bf16 => (", bf16 mode", 5e-3),
     };
     let (batch, s, offset, nh, d, topk) = (2, 5, 38, 4, 16, 24);
     let t = offset + s;
