@@ -44,6 +44,18 @@ pub enum DeviceWeight {
     Stacked(Vec<(DeviceWeight, usize)>),
 }
 
+impl DeviceWeight {
+    /// Rows of this weight as `[rows, k]`.
+    pub fn rows(&self, k: usize) -> usize {
+        match self {
+            DeviceWeight::F32(w) => w.len() / k.max(1),
+            DeviceWeight::Bf16(w) => w.len() / k.max(1),
+            DeviceWeight::Fp8 { codes, .. } => codes.len() / k.max(1),
+            DeviceWeight::Stacked(parts) => parts.iter().map(|(_, rows)| rows).sum(),
+        }
+    }
+}
+
 /// The activation rows of a product: f32 rows from an offset (f32 mode), or the rows already
 /// rounded to bf16 into a scratch (bf16 mode).
 #[derive(Clone, Copy)]
@@ -159,7 +171,9 @@ impl Products {
                         .collect();
                     DeviceWeight::Bf16(gpu.upload(&bits)?)
                 } else {
-                    let each = |p: &HostWeight| Ok((self.upload_weight(gpu, *p, k)?, p.rows(k)));
+                    let rows =
+                        |p: &HostWeight| p.rows(k).ok_or_else(|| Error::Device(format!("a part is not rows of {k}")));
+                    let each = |p: &HostWeight| Ok((self.upload_weight(gpu, *p, k)?, rows(p)?));
                     DeviceWeight::Stacked(parts.iter().map(each).collect::<Result<_>>()?)
                 }
             }
@@ -196,6 +210,9 @@ impl Products {
         }
         if x.len() < (x_row0 + m) * k || y.len() < (y_row0 + m) * n {
             return Err(Error::Device(format!("GEMM: buffers too small for rows {x_row0}+{m} x {k} -> {n}")));
+        }
+        if w.rows(k) != n {
+            return Err(Error::Device(format!("GEMM: a weight of {} rows of {k} used as {n}", w.rows(k))));
         }
         match self.precision {
             Precision::F32 => self.part(gpu, Rows::F32(x, x_row0), w, (y, y_row0), (0, n, n), [m, k], alpha),
@@ -386,7 +403,7 @@ impl Products {
         alpha: f32,
     ) -> Result<()> {
         let c_len = (m - 1) * n + nt; // the last output row ends at column n0 + nt
-        if w.len() < nt * k || y.len() < y_row0 * n + n0 + c_len {
+        if n0 + nt > n || w.len() < nt * k || y.len() < y_row0 * n + n0 + c_len {
             return Err(Error::Device(format!("SGEMM: buffers too small for rows {x_row0}+{m} x {k} -> {n}")));
         }
         let cfg = Self::config(nt, [m, n, k], alpha)?;
@@ -419,7 +436,7 @@ impl Products {
         alpha: f32,
     ) -> Result<()> {
         let c_len = (m - 1) * n + nt; // the last output row ends at column n0 + nt
-        if w.len() < nt * k || xb.len() < m * k || y.len() < y_row0 * n + n0 + c_len {
+        if n0 + nt > n || w.len() < nt * k || xb.len() < m * k || y.len() < y_row0 * n + n0 + c_len {
             return Err(Error::Device(format!("bf16 GEMM: buffers too small for {m} x {k} -> {n}")));
         }
         let cfg = Self::config(nt, [m, n, k], alpha)?;

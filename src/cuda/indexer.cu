@@ -84,9 +84,9 @@ extern "C" __global__ void topk_sorted(const float* scores, int s, int t, int of
     __syncthreads();
     for (int size = 2; size <= len; size <<= 1) {
         for (int stride = size >> 1; stride > 0; stride >>= 1) {
-            for (int i = threadIdx.x; i < len; i += blockDim.x) {
-                int j = i ^ stride;
-                if (j <= i) continue;
+            // Pair q is slots i < j = i + stride, i the q-th slot whose `stride` bit is clear.
+            for (int q = threadIdx.x; q < len / 2; q += blockDim.x) {
+                int i = 2 * stride * (q / stride) + q % stride, j = i + stride;
                 // Within an ascending run the earlier slot must hold the key that ranks first.
                 bool ascending = (i & size) == 0;
                 bool swap = ascending ? ranks_before(key[j], pos[j], key[i], pos[i])

@@ -73,8 +73,8 @@ impl Ops for CudaOps {
     type W = DeviceWeight;
 
     fn upload_weight(&self, w: HostWeight, n: usize, k: usize) -> Result<DeviceWeight> {
-        if w.rows(k) != n {
-            return Err(crate::error::Error::Device(format!("a weight of {} rows uploaded as {n} x {k}", w.rows(k))));
+        if w.rows(k) != Some(n) {
+            return Err(crate::error::Error::Device(format!("a weight uploaded as {n} x {k} is not {n} rows of {k}")));
         }
         self.products.upload_weight(&self.gpu, w, k)
     }

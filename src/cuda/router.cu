@@ -81,18 +81,22 @@ extern "C" __global__ void expert_counts(const int* ids, long long n, int e, int
 
 // Whether each token's chosen experts differ, as a set, from those chosen without the correction
 // bias (`route` again with a zero bias): the audit's moe.bias_changed, reduced on the device so
-// only a flag per token is copied back. ids, plain [n, k] (each row without repeats) -> changed
+// only a flag per token is copied back. ids, plain [n, k] -> changed
 // [n]. One thread per token. CPU reference: model::moe::bias_changed.
 extern "C" __global__ void bias_changed(const int* ids, const int* plain, int n, int k, int* changed) {
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= n) return;
     const int* a = ids + (long long)t * k;
     const int* b = plain + (long long)t * k;
+    // As multisets, as the CPU compares sorted rows: a replayed route may repeat an id.
     int differ = 0;
     for (int r = 0; r < k; r++) {
-        int found = 0;
-        for (int q = 0; q < k; q++) found |= a[r] == b[q];
-        differ |= !found;
+        int in_a = 0, in_b = 0;
+        for (int q = 0; q < k; q++) {
+            in_a += a[q] == a[r];
+            in_b += b[q] == a[r];
+        }
+        differ |= in_a != in_b;
     }
     changed[t] = differ;
 }

@@ -152,6 +152,13 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
             check_ints(&format!("bias_changed ({})", &name[7..name.len() - 1]), &gpu.download(&changed)?, &cpu_changed);
         out.push(Check { ok: c.ok && some, ..c });
     }
+    // A replayed route may repeat an id: rows compare as multisets, as the CPU's sorted rows do.
+    let (ids, plain) = (vec![1, 1, 2, 1, 2, 1, 4, 5, 6], vec![1, 2, 3, 2, 1, 1, 6, 4, 5]);
+    let mut changed = gpu.filled(3, -1i32)?;
+    gpu.bias_changed(&gpu.upload(&ids)?, &gpu.upload(&plain)?, &mut changed, 3, 3)?;
+    let cpu = CpuOps.bias_changed(&ids, &plain, 3, 3)?;
+    let c = check_ints("bias_changed (repeated ids)", &gpu.download(&changed)?, &cpu);
+    out.push(Check { ok: c.ok && cpu == [1, 0, 0], ..c });
 
     // The causal top-k on both paths, against the CPU's: indexer scores of random inputs for 2 x 5
     // new queries after 38 cached keys, coarsened to quarters so ties straddle the cut, one NaN
@@ -165,8 +172,11 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     coarse.iter_mut().for_each(|v| *v = (*v * 4.0).round() / 4.0);
     coarse[3 * t + 7] = f32::NAN;
     let prefix: Vec<f32> = rng.vec(9 * 9);
+    // Both kernels list keys best first, ties to the lower position: their rows must agree in order.
+    let mut listed: Vec<Vec<i32>> = Vec::new();
     for path in [TopK::Ranked, TopK::Sorted] {
         let mut worst = Check { name: format!("topk_causal ({path:?})"), max_abs: 0.0, ok: true };
+        let mut all = Vec::new();
         for (scores, batch, s, offset, topk) in [(&coarse, batch, s, offset, topk), (&prefix, 1, 9, 0, 6)] {
             let (t, rows) = (offset + s, batch * s);
             let kk = topk.min(t);
@@ -183,13 +193,17 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
                     .collect()
             };
             let cpu_ids = as_sets(sel.idx.iter().map(|&i| i as i32).collect());
-            let ids = check_ints("", &as_sets(gpu.download(&idx)?), &cpu_ids);
+            let gpu_ids = gpu.download(&idx)?;
+            all.extend_from_slice(&gpu_ids);
+            let ids = check_ints("", &as_sets(gpu_ids), &cpu_ids);
             let m = check("", &gpu.download(&margin)?, &sel.margin, 0.0);
             worst.max_abs = worst.max_abs.max(m.max_abs).max(ids.max_abs);
             worst.ok &= m.ok && ids.ok;
         }
         out.push(worst);
+        listed.push(all);
     }
+    out.push(check_ints("topk_causal (Ranked and Sorted, in order)", &listed[0], &listed[1]));
 
     // MoE dispatch: gather 9 of 13 rows; combine 13 tokens x 3 choices from 39 packed rows.
     let (tokens, kx, hidden) = (13, 3, 67);

@@ -152,7 +152,7 @@ pub(crate) fn no_cuda() -> crate::error::Error {
 
 /// The contract of [`Ops::topk_causal`], checked the same way on every backend.
 pub(crate) fn check_topk_causal(rows: usize, s: usize, t: usize, offset: usize, k: usize) -> Result<()> {
-    if s == 0 || offset + s != t || !rows.is_multiple_of(s) || k > t {
+    if s == 0 || offset + s != t || !rows.is_multiple_of(s) || k == 0 || k > t {
         return Err(crate::error::Error::Device(format!(
             "topk_causal: {rows} rows of {s} queries after {offset} do not fit {t} keys (k {k})"
         )));
@@ -175,12 +175,14 @@ pub enum HostWeight<'a> {
 }
 
 impl HostWeight<'_> {
-    /// Rows of this `[n, k]` weight.
-    pub fn rows(&self, k: usize) -> usize {
+    /// Rows of this weight as `[rows, k]`; None when its values are not whole rows of `k` (or,
+    /// for FP8, its width is not `k`).
+    pub fn rows(&self, k: usize) -> Option<usize> {
+        let whole = |len: usize| (k > 0 && len.is_multiple_of(k)).then(|| len / k);
         match self {
-            HostWeight::F32(v) => v.len() / k.max(1),
-            HostWeight::Bf16(b) => b.len() / k.max(1),
-            HostWeight::Fp8(w) => w.shape()[0],
+            HostWeight::F32(v) => whole(v.len()),
+            HostWeight::Bf16(b) => whole(b.len()),
+            HostWeight::Fp8(w) => (w.shape()[1] == k).then(|| w.shape()[0]),
             HostWeight::Stacked(parts) => parts.iter().map(|p| p.rows(k)).sum(),
         }
     }
