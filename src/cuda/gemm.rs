@@ -56,12 +56,12 @@ impl DeviceWeight {
     }
 }
 
-/// The activation rows of a product: f32 rows from an offset (f32 mode), or the rows already
+/// The activation rows of a product, from a row offset: f32 rows (f32 mode), or rows already
 /// rounded to bf16 into a scratch (bf16 mode).
 #[derive(Clone, Copy)]
 enum Rows<'a> {
     F32(&'a Buf<f32>, usize),
-    Bf16(&'a Buf<u16>),
+    Bf16(&'a Buf<u16>, usize),
 }
 
 pub struct Products {
@@ -221,9 +221,45 @@ impl Products {
                 scratch(gpu, &mut narrow, m * k)?;
                 let xb = narrow.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
                 gpu.bf16_round(x, x_row0 * k, xb, m * k)?;
-                self.part(gpu, Rows::Bf16(xb), w, (y, y_row0), (0, n, n), [m, k], alpha)
+                self.part(gpu, Rows::Bf16(xb, 0), w, (y, y_row0), (0, n, n), [m, k], alpha)
             }
         }
+    }
+
+    /// The expert GEMMs (`Ops::gemm_groups`): each group's rows of `x` times its weight into the
+    /// same rows of `y`. In bf16 mode the rows the groups span are rounded once, not per group.
+    pub fn gemm_groups(
+        &self,
+        gpu: &Gpu,
+        x: &Buf<f32>,
+        groups: &[(&DeviceWeight, usize, usize)],
+        y: &mut Buf<f32>,
+        [n, k]: [usize; 2],
+    ) -> Result<()> {
+        let spans = groups.iter().filter(|g| g.2 > 0);
+        let (Some(r0), Some(r1)) = (spans.clone().map(|g| g.1).min(), spans.clone().map(|g| g.1 + g.2).max()) else {
+            return Ok(());
+        };
+        if self.precision == Precision::F32 {
+            for &(w, start, count) in groups {
+                self.gemm_rows(gpu, x, start, w, y, start, [count, n, k], 1.0)?;
+            }
+            return Ok(());
+        }
+        if x.len() < r1 * k || y.len() < r1 * n || n == 0 {
+            return Err(Error::Device(format!("grouped GEMM: buffers too small for rows {r0}..{r1} x {k} -> {n}")));
+        }
+        let mut narrow = self.narrow.borrow_mut();
+        scratch(gpu, &mut narrow, (r1 - r0) * k)?;
+        let xb = narrow.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
+        gpu.bf16_round(x, r0 * k, xb, (r1 - r0) * k)?;
+        for (w, start, count) in spans {
+            if w.rows(k) != n {
+                return Err(Error::Device(format!("GEMM: a weight of {} rows of {k} used as {n}", w.rows(k))));
+            }
+            self.part(gpu, Rows::Bf16(xb, start - r0), w, (&mut *y, *start), (0, n, n), [*count, k], 1.0)?;
+        }
+        Ok(())
     }
 
     /// The product of weight `w` (`nw` rows) into columns `c0 .. c0 + nw` of y's `n`, from the
@@ -254,20 +290,20 @@ impl Products {
             (Rows::F32(x, x_row0), w) => self.by_blocks(gpu, w, [nw, k], |wide, n0, nt| {
                 self.sgemm(x, x_row0, wide, y, y_row0, (c0 + n0, nt, n), [m, k], alpha)
             }),
-            (Rows::Bf16(xb), DeviceWeight::Bf16(bits)) => {
-                self.gemm_bf16(xb, bits, y, y_row0, (c0, nw, n), [m, k], alpha)
+            (Rows::Bf16(xb, x_row0), DeviceWeight::Bf16(bits)) => {
+                self.gemm_bf16((xb, x_row0), bits, y, y_row0, (c0, nw, n), [m, k], alpha)
             }
-            (Rows::Bf16(_), DeviceWeight::F32(_)) => {
+            (Rows::Bf16(..), DeviceWeight::F32(_)) => {
                 Err(Error::Device("an f32 weight in a bf16 product (weights are rounded at upload)".into()))
             }
-            (Rows::Bf16(xb), w) => {
+            (Rows::Bf16(xb, x_row0), w) => {
                 // An FP8 weight: a block of rows dequantised, rounded, multiplied.
                 let mut wb = self.narrow_weight.borrow_mut();
                 self.by_blocks(gpu, w, [nw, k], |wide, n0, nt| {
                     scratch(gpu, &mut wb, nt * k)?;
                     let wb = wb.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
                     gpu.bf16_round(wide, 0, wb, nt * k)?;
-                    self.gemm_bf16(xb, wb, y, y_row0, (c0 + n0, nt, n), [m, k], alpha)
+                    self.gemm_bf16((xb, x_row0), wb, y, y_row0, (c0 + n0, nt, n), [m, k], alpha)
                 })
             }
         }
@@ -422,12 +458,12 @@ impl Products {
         }
     }
 
-    /// bf16 block product of the rounded activations `xb` (m x k, from its start) and weight
+    /// bf16 block product of the rounded activations `xb` (m x k, from row x_row0) and weight
     /// rows n0 .. n0 + nt (of n; `w` holds those rows first and may be longer).
     #[allow(clippy::too_many_arguments)]
     fn gemm_bf16(
         &self,
-        xb: &Buf<u16>,
+        (xb, x_row0): (&Buf<u16>, usize),
         w: &Buf<u16>,
         y: &mut Buf<f32>,
         y_row0: usize,
@@ -436,14 +472,14 @@ impl Products {
         alpha: f32,
     ) -> Result<()> {
         let c_len = (m - 1) * n + nt; // the last output row ends at column n0 + nt
-        if n0 + nt > n || w.len() < nt * k || xb.len() < m * k || y.len() < y_row0 * n + n0 + c_len {
+        if n0 + nt > n || w.len() < nt * k || xb.len() < (x_row0 + m) * k || y.len() < y_row0 * n + n0 + c_len {
             return Err(Error::Device(format!("bf16 GEMM: buffers too small for {m} x {k} -> {n}")));
         }
         let cfg = Self::config(nt, [m, n, k], alpha)?;
-        let ys = y_row0 * n + n0..y_row0 * n + n0 + c_len;
+        let (xs, ys) = (x_row0 * k..(x_row0 + m) * k, y_row0 * n + n0..y_row0 * n + n0 + c_len);
         match (&self.blas, xb, w, y) {
             (Some((blas, stream)), Buf::Device(xb), Buf::Device(w), Buf::Device(y)) => {
-                let (wv, xv, mut yv) = (w.slice(..nt * k), xb.slice(..m * k), y.slice_mut(ys));
+                let (wv, xv, mut yv) = (w.slice(..nt * k), xb.slice(xs), y.slice_mut(ys));
                 let (a, _ra) = wv.device_ptr(stream);
                 let (b, _rb) = xv.device_ptr(stream);
                 let (c, _rc) = yv.device_ptr_mut(stream);
@@ -477,7 +513,7 @@ impl Products {
             }
             (None, Buf::Host(xb), Buf::Host(w), Buf::Host(y)) => {
                 let widen = |v: &[u16]| -> Vec<f32> { v.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect() };
-                super::emu::gemm(&cfg, &widen(&w[..nt * k]), &widen(&xb[..m * k]), &mut y[ys])
+                super::emu::gemm(&cfg, &widen(&w[..nt * k]), &widen(&xb[xs]), &mut y[ys])
             }
             _ => Err(Error::Device("bf16 GEMM: buffers from another device".into())),
         }

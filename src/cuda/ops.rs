@@ -108,6 +108,16 @@ impl Ops for CudaOps {
         self.products.gemm_rows(&self.gpu, x, x_row0, w, y, y_row0, mnk, alpha)
     }
 
+    fn gemm_groups(
+        &self,
+        x: &Self::F,
+        groups: &[(&DeviceWeight, usize, usize)],
+        y: &mut Self::F,
+        nk: [usize; 2],
+    ) -> Result<()> {
+        self.products.gemm_groups(&self.gpu, x, groups, y, nk)
+    }
+
     fn synchronize(&self) -> Result<()> {
         self.gpu.synchronize()
     }

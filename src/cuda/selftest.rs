@@ -382,6 +382,30 @@ pub fn products(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
             let c = check(format!("{mode} ({kind} weight{size})"), &gpu_y[y_row0 * n..], &cpu_y[y_row0 * n..], 1e-4);
             out.push(Check { ok: c.ok && untouched, ..c });
         }
+        if n == 29 {
+            // The expert GEMMs' grouped form: three weights over row ranges of 24 rows, one
+            // range empty; rows no group covers must stay NaN.
+            let rows = 24;
+            let x = rng.vec(rows * k);
+            let weights = [HostWeight::Bf16(&bits), HostWeight::Fp8(&fp8), HostWeight::Stacked(&joined)];
+            let cpu_weights = [HostWeight::Bf16(&bits), HostWeight::F32(&cpu_fp8), HostWeight::F32(&cpu_joined)];
+            let spans = [(0, 2, 7), (1, 9, 0), (1, 10, 4), (2, 14, 8)];
+            let device: Vec<_> = weights.iter().map(|w| ops.upload_weight(*w, n, k)).collect::<Result<_>>()?;
+            let host: Vec<_> = cpu_weights.iter().map(|w| CpuOps.upload_weight(*w, n, k)).collect::<Result<_>>()?;
+            let groups: Vec<_> = spans.iter().map(|&(w, start, count)| (&device[w], start, count)).collect();
+            let mut dy = ops.gpu.filled(rows * n, f32::NAN)?;
+            ops.gemm_groups(&ops.upload(&x)?, &groups, &mut dy, [n, k])?;
+            let cpu_x = if bf16 { round(&x) } else { x.clone() };
+            let mut cpu_y = vec![f32::NAN; rows * n];
+            for &(w, start, count) in &spans {
+                CpuOps.gemm_rows(&cpu_x, start, &host[w], &mut cpu_y, start, [count, n, k], 1.0)?;
+            }
+            let gpu_y = ops.download(&dy)?;
+            let same_nan = gpu_y.iter().zip(&cpu_y).all(|(a, b)| a.is_nan() == b.is_nan());
+            let covered = |v: &[f32]| -> Vec<f32> { v.iter().copied().filter(|x| !x.is_nan()).collect() };
+            let c = check(format!("{mode} (grouped, 3 weights)"), &covered(&gpu_y), &covered(&cpu_y), 1e-4);
+            out.push(Check { ok: c.ok && same_nan, ..c });
+        }
     }
     Ok(out)
 }

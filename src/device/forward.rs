@@ -496,22 +496,16 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         }
         // 2 x (gate, up, down) products of a rows each.
         let flops = 6 * (a * inter * hd) as u64;
+        let groups = |w: fn(&DMlp<O>) -> &O::W| -> Vec<(&O::W, usize, usize)> {
+            spans.iter().map(|&(j, start, count)| (w(&experts[j]), start, count)).collect()
+        };
+        self.count([a, 2 * inter, hd]);
+        self.count([a, hd, inter]);
         self.expert_gemms(flops, || {
-            for &(j, start, count) in &spans {
-                let mnk = [count, 2 * inter, hd];
-                self.count(mnk);
-                self.ops.gemm_rows(&xs, start, &experts[j].gate_up.w, &mut gate_up, start, mnk, 1.0)?;
-            }
-            Ok(())
+            self.ops.gemm_groups(&xs, &groups(|m| &m.gate_up.w), &mut gate_up, [2 * inter, hd])
         })?;
         let act = self.ops.swiglu(&gate_up, a, inter)?; // [A, inter]
-        self.expert_gemms(0, || {
-            for &(j, start, count) in &spans {
-                self.count([count, hd, inter]);
-                self.ops.gemm_rows(&act, start, &experts[j].down.w, &mut y, start, [count, hd, inter], 1.0)?;
-            }
-            Ok(())
-        })?;
+        self.expert_gemms(0, || self.ops.gemm_groups(&act, &groups(|m| &m.down.w), &mut y, [hd, inter]))?;
         let shared_out = self.mlp(shared, x, t)?;
         self.ops.combine(&y, &ids, &self.ops.upload_i32(&slot)?, &w, &shared_out, [t, k, hd])
     }

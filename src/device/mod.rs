@@ -234,6 +234,22 @@ pub trait Ops {
         Ok(())
     }
 
+    /// The expert GEMMs: for each group `(w, start, count)`, rows `start .. start + count` of
+    /// `x` [*, k] times `w` [n, k]^T into the same rows of `y` [*, n]. One op, so a device can
+    /// prepare the activations once for all of them (bf16 mode rounds them once).
+    fn gemm_groups(
+        &self,
+        x: &Self::F,
+        groups: &[(&Self::W, usize, usize)],
+        y: &mut Self::F,
+        nk: [usize; 2],
+    ) -> Result<()> {
+        for &(w, start, count) in groups {
+            self.gemm_rows(x, start, w, y, start, [count, nk[0], nk[1]], 1.0)?;
+        }
+        Ok(())
+    }
+
     /// `alpha * x w^T`: [m, k] x [n, k] -> [m, n].
     fn matmul_nt(&self, x: &Self::F, w: &Self::W, mnk: [usize; 3], alpha: f32) -> Result<Self::F> {
         let mut y = self.zeros(mnk[0] * mnk[1])?;
