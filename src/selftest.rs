@@ -111,7 +111,7 @@ fn cuda(golden_root: &Path, target: Target) -> Result<bool> {
     checks.extend(crate::cuda::selftest::products(&f32_ops)?);
     checks.extend(crate::cuda::selftest::products(&bf16_ops)?);
     for c in &checks {
-        println!("kernel {:<48} max_abs {:9.3e}  {}", c.name, c.max_abs, if c.ok { "ok" } else { "FAILED" });
+        println!("kernel {:<60} max_abs {:9.3e}  {}", c.name, c.max_abs, if c.ok { "ok" } else { "FAILED" });
     }
     let kernels_ok = checks.iter().all(|c| c.ok);
     let f32_name = Target { precision: Precision::F32, ..target }.describe();

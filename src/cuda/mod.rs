@@ -8,9 +8,11 @@
 //! model code (named in its `.cu` file) and a parity check in [`selftest`].
 //!
 //! [`ops::CudaOps`] implements the device forward pass's operations (`crate::device`) with these
-//! kernels and cuBLAS ([`gemm`]: f32 SGEMM or bf16 GemmEx). [`emu`] runs the same kernel source
-//! on the host (build.rs compiles it as C++), so `--device cuda-emu` checks the kernels' logic
-//! without a GPU. Status: every kernel compiles with NVRTC (tested, in CI too), passes its parity
+//! kernels and cuBLAS: the projections and expert GEMMs in [`gemm`] (f32 SGEMM or bf16 GemmEx,
+//! weights kept bf16 or FP8 and decoded by blocks), the attention's quadratic steps in
+//! [`attention`] (strided-batched products around masking kernels). [`emu`] runs the same kernel
+//! source on the host (build.rs compiles it as C++), so `--device cuda-emu` checks the kernels'
+//! logic without a GPU. Status: every kernel compiles with NVRTC (tested, in CI too), passes its parity
 //! check in the emulation, and the forward pass through them matches every golden case there in
 //! both precisions; nothing has run on a GPU yet.
 
