@@ -46,7 +46,7 @@ fn the_device_benchmark_counts_the_matmul_flops_of_a_prefill() {
     let r = glimpse::bench::run_device(&CpuOps, &model, t as usize, 2).unwrap();
     assert_eq!(r.flops, 2 * t * per_token as u64);
     assert_eq!(r.runs.len(), 2);
-    assert!(r.render().contains("prefill 16 tokens: median"), "{}", r.render());
+    assert!(r.render().contains("prefill 16 tokens, logits left on the device: median"), "{}", r.render());
 }
 
 mod common;
@@ -95,7 +95,7 @@ fn the_device_flag_runs_the_device_path_in_every_command() {
     let (code, text) =
         common::code_and_text(&["bench", "--model", m, "--tokens", "8", "--repeat", "1", "--device", "cpu-ops"]);
     assert_eq!(code, 0, "{text}");
-    assert!(text.contains("prefill 8 tokens: median"), "{text}");
+    assert!(text.contains("prefill 8 tokens, logits left on the device: median"), "{text}");
     let (code, text) = common::code_and_text(&["selftest", "--device", "cpu-ops"]);
     assert_eq!(code, 0, "{text}");
     // The device path checks the main forward: every reference name but the MTP head's.
