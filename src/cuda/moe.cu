@@ -12,6 +12,15 @@ extern "C" __global__ void gather_rows(const float* x, const int* rows, float* o
     out[i] = x[(long long)rows[r] * cols + i % cols];
 }
 
+// The embeddings: rows of a bf16 table widened (the same lookup for the prompt's tokens; CPU
+// reference: model::stream::embed).
+extern "C" __global__ void gather_rows_bf16(const bf16_t* x, const int* rows, float* out, int n, int cols) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)n * cols) return;
+    long long r = i / cols;
+    out[i] = bf16_to_f32(x[(long long)rows[r] * cols + i % cols]);
+}
+
 extern "C" __global__ void combine(const float* y, const int* ids, const int* slot, const float* w,
                                    const float* shared, float* out, int n, int k, int cols) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;

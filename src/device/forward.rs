@@ -80,6 +80,8 @@ pub struct DeviceModel<'m, O: Ops> {
     layers: Vec<DLayer<O>>,
     norm: (O::F, f32),
     lm_head: DLinear<O>,
+    /// `embed_tokens` [vocab, hidden], looked up on the device.
+    embed: O::W,
     /// Matrix-product FLOPs (2 m n k each) since the model was built.
     flops: std::cell::Cell<u64>,
     /// When profiling: seconds and FLOPs of the routed experts' GEMMs, timed between device
@@ -194,12 +196,15 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             });
         }
         let (norm, lm_head) = (norm(&model.norm)?, linear(&model.lm_head)?);
+        let (vocab, hidden) = model.embed_tokens.dims2()?;
+        let embed = ops.upload_weight(HostWeight::F32(&values(&model.embed_tokens)?), vocab, hidden)?;
         Ok(DeviceModel {
             ops,
             model,
             layers,
             norm,
             lm_head,
+            embed,
             flops: std::cell::Cell::new(0),
             experts: std::cell::Cell::new(None),
         })
@@ -289,8 +294,10 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let cfg = &self.model.config;
         let (b, s, hd) = (tokens.batch, tokens.seq, cfg.hidden_size);
         let t = b * s;
-        let embeddings = self.model.embed(tokens, obs)?; // [B, S, H]
-        let mut h = self.ops.upload(&values(&embeddings)?)?; // [T, H]
+        crate::model::stream::input_ids(tokens, cfg.vocab_size, obs)?;
+        let ids: Vec<i32> = tokens.ids.iter().map(|&i| i as i32).collect(); // < vocab (checked)
+        let mut h = self.ops.embed_rows(&self.embed, &self.ops.upload_i32(&ids)?, t, hd)?; // [T, H]
+        self.report(obs, HookPoint::Embeddings, &h, &[b, s, hd])?;
         let tables = self.model.rope_tables(s);
         let (cos, sin) = (self.ops.upload(&tables.cos)?, self.ops.upload(&tables.sin)?);
         let mut selection: Option<(O::I, usize)> = None;

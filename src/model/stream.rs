@@ -159,16 +159,21 @@ pub fn layers(
 }
 
 /// ids -> [B, S, hidden], reporting `input_ids` and `embeddings`.
-pub fn embed(w: Weights, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
-    let cfg = w.config();
-    let vocab = cfg.vocab_size;
+/// Checks the prompt's ids against the vocabulary and reports them (`input_ids`): the start of
+/// every forward pass, the device's too.
+pub fn input_ids(tokens: &Tokens, vocab: usize, obs: &mut dyn Observer) -> Result<()> {
     if let Some(bad) = tokens.ids.iter().find(|&&t| t as usize >= vocab) {
         return Err(Error::Usage(format!("token id {bad} is out of range for vocab_size {vocab}")));
     }
     emit(obs, HookPoint::InputIds, || {
         let ids: Vec<i64> = tokens.ids.iter().map(|&t| t as i64).collect();
         Ok(Tensor::from_vec(ids, (tokens.batch, tokens.seq), &Device::Cpu)?)
-    })?;
+    })
+}
+
+pub fn embed(w: Weights, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
+    let cfg = w.config();
+    input_ids(tokens, cfg.vocab_size, obs)?;
     let rows = match w {
         Weights::Resident(m) => {
             let ids = Tensor::from_vec(tokens.ids.clone(), tokens.ids.len(), &Device::Cpu)?;
