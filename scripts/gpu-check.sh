@@ -81,7 +81,7 @@ fi
 ratio() { [ -n "$t_median" ] && python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}x')" "$t_median" "$1" 2>/dev/null || echo "not measured"; }
 
 echo
-echo "$(date -u '+%F %H:%M UTC'), $("$glimpse" --version 2>/dev/null), scripts/gpu-check.sh with TOKENS=$tokens EXPERTS=$experts DEVICE=$device"
+echo "$(date -u '+%F %H:%M UTC'), $("$glimpse" --version 2>/dev/null), scripts/gpu-check.sh with TOKENS=$tokens EXPERTS=$experts VOCAB=${VOCAB:-preset} DEVICE=$device PEAK_TFLOPS=$peak"
 echo "| prefill $tokens tokens, glm5 2 layers / $experts experts, $device | f32 products | bf16 products |"
 echo "|---|---|---|"
 echo "| median time | ${median[f32]:-?} s | ${median[bf16]:-?} s |"

@@ -575,20 +575,6 @@ impl Gpu {
         launch!(self, "gather_rows", cfg(n * cols, 256, 0), [x, rows, out, &n32, &c32])
     }
 
-    /// The rows of a bf16 table [*, cols], widened: out[i] = table[rows[i]] ([n, cols]).
-    pub fn gather_rows_bf16(
-        &self,
-        table: &Buf<u16>,
-        rows: &Buf<i32>,
-        out: &mut Buf<f32>,
-        n: usize,
-        cols: usize,
-    ) -> Result<()> {
-        fits("gather_rows_bf16", &[(rows.len(), n), (out.len(), n * cols)])?;
-        let [n32, c32] = ints("gather_rows_bf16", [n, cols])?;
-        launch!(self, "gather_rows_bf16", cfg(n * cols, 256, 0), [table, rows, out, &n32, &c32])
-    }
-
     /// y: packed expert outputs [*, cols]; ids, slot, w: [n, k]; shared, out: [n, cols].
     #[allow(clippy::too_many_arguments)]
     pub fn combine(

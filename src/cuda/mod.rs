@@ -38,7 +38,7 @@ pub const KERNELS: &[(&str, &str, &[&str])] = &[
     ("router", include_str!("router.cu"), &["route", "expert_counts", "bias_changed"]),
     ("indexer", include_str!("indexer.cu"), &["index_combine", "topk_causal", "topk_sorted"]),
     ("attention", include_str!("attention.cu"), &["sparse_attention", "selection_mask", "masked_softmax"]),
-    ("moe", include_str!("moe.cu"), &["gather_rows", "gather_rows_bf16", "combine"]),
+    ("moe", include_str!("moe.cu"), &["gather_rows", "combine"]),
     ("convert", include_str!("convert.cu"), &["fp8_dequant", "bf16_widen", "bf16_round"]),
 ];
 

@@ -1,5 +1,6 @@
 // MoE dispatch around the grouped expert GEMMs (cuBLAS, one per expert with tokens):
-//   gather_rows: the rows of x routed to one expert, packed: out[i] = x[rows[i]].
+//   gather_rows: the rows of x routed to one expert, packed: out[i] = x[rows[i]] (also the
+//     embeddings' lookup, from the table's rows).
 //   combine: each token's expert outputs weighted and summed in ascending expert id (the CPU
 //     reference's order, model::moe::Moe::forward, so the sum is deterministic), then the shared
 //     expert added: out[t] = sum_j w[t, j] * y[slot[t, j]] + shared[t].
@@ -10,15 +11,6 @@ extern "C" __global__ void gather_rows(const float* x, const int* rows, float* o
     if (i >= (long long)n * cols) return;
     long long r = i / cols;
     out[i] = x[(long long)rows[r] * cols + i % cols];
-}
-
-// The embeddings: rows of a bf16 table widened (the same lookup for the prompt's tokens; CPU
-// reference: model::stream::embed).
-extern "C" __global__ void gather_rows_bf16(const bf16_t* x, const int* rows, float* out, int n, int cols) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)n * cols) return;
-    long long r = i / cols;
-    out[i] = bf16_to_f32(x[(long long)rows[r] * cols + i % cols]);
 }
 
 extern "C" __global__ void combine(const float* y, const int* ids, const int* slot, const float* w,

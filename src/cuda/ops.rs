@@ -212,16 +212,6 @@ impl Ops for CudaOps {
         self.sparse_attention_with(self.attention, (q, kv, k_rope, idx), dims, scale)
     }
 
-    fn embed_rows(&self, table: &DeviceWeight, ids: &Self::I, n: usize, cols: usize) -> Result<Self::F> {
-        let mut y = self.gpu.zeros(n * cols)?;
-        match table {
-            DeviceWeight::F32(t) => self.gpu.gather_rows(t, ids, &mut y, n, cols)?,
-            DeviceWeight::Bf16(t) => self.gpu.gather_rows_bf16(t, ids, &mut y, n, cols)?,
-            _ => return Err(crate::error::Error::Device("an embedding table is f32 or bf16".into())),
-        }
-        Ok(y)
-    }
-
     fn gather_rows(&self, x: &Self::F, rows: &Self::I, n: usize, cols: usize) -> Result<Self::F> {
         let mut y = self.gpu.zeros(n * cols)?;
         self.gpu.gather_rows(x, rows, &mut y, n, cols)?;

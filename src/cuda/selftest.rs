@@ -212,13 +212,6 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut g = gpu.filled(rows.len() * hidden, nan)?;
     gpu.gather_rows(&gpu.upload(&x)?, &gpu.upload(&rows)?, &mut g, rows.len(), hidden)?;
     out.push(check("gather_rows", &gpu.download(&g)?, &CpuOps.gather_rows(&x, &rows, rows.len(), hidden)?, 0.0));
-    // The same rows of a bf16 table (the embeddings' lookup), widened.
-    let bits: Vec<u16> = x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
-    let table = CpuOps.upload_weight(HostWeight::Bf16(&bits), tokens, hidden)?;
-    let mut g = gpu.filled(rows.len() * hidden, nan)?;
-    gpu.gather_rows_bf16(&gpu.upload(&bits)?, &gpu.upload(&rows)?, &mut g, rows.len(), hidden)?;
-    let cpu = CpuOps.embed_rows(&table, &rows, rows.len(), hidden)?;
-    out.push(check("gather_rows_bf16", &gpu.download(&g)?, &cpu, 0.0));
     let y = rng.vec(tokens * kx * hidden);
     let ids: Vec<i32> = (0..tokens * kx).map(|i| ((i * 7) % 11) as i32).collect();
     let slot: Vec<i32> = (0..tokens * kx).map(|i| ((i * 5) % (tokens * kx)) as i32).collect();

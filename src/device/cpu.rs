@@ -225,11 +225,6 @@ impl Ops for CpuOps {
         Ok(out)
     }
 
-    fn embed_rows(&self, table: &Tensor, ids: &Vec<i32>, n: usize, _cols: usize) -> Result<Vec<f32>> {
-        let ids = Tensor::from_vec(ids[..n].iter().map(|&i| i as u32).collect::<Vec<_>>(), n, &Device::Cpu)?;
-        Ok(table.index_select(&ids, 0)?.flatten_all()?.to_vec1()?)
-    }
-
     fn gather_rows(&self, x: &Vec<f32>, rows: &Vec<i32>, n: usize, cols: usize) -> Result<Vec<f32>> {
         Ok(rows[..n].iter().flat_map(|&r| x[r as usize * cols..(r as usize + 1) * cols].iter().copied()).collect())
     }
@@ -317,7 +312,6 @@ impl Ops for CpuOpsBf16 {
         topk_causal(scores: &Vec<f32>, rows: usize, s: usize, t: usize, offset: usize, k: usize) -> (Vec<i32>, Vec<f32>);
         sparse_attention(q: &Vec<f32>, kv: &Vec<f32>, k_rope: &Vec<f32>, idx: &Vec<i32>, dims: [usize; 9], scale: f32) -> Vec<f32>;
         gather_rows(x: &Vec<f32>, rows: &Vec<i32>, n: usize, cols: usize) -> Vec<f32>;
-        embed_rows(table: &Tensor, ids: &Vec<i32>, n: usize, cols: usize) -> Vec<f32>;
         combine(y: &Vec<f32>, ids: &Vec<i32>, slot: &Vec<i32>, w: &Vec<f32>, shared: &Vec<f32>, dims: [usize; 3]) -> Vec<f32>;
     }
 }

@@ -1,9 +1,9 @@
 //! The prefill on a device: weights uploaded from a loaded [`Model`] as the checkpoint stores them
-//! (bf16 stays bf16; f32 and dequantised FP8 go as f32), the embedding gathered on the host, then
-//! every layer through [`Ops`] in the order the CPU model computes it (`model::mla`,
-//! `model::indexer`, `model::moe`). Hook points are downloaded only when the observer wants them
-//! (a run that records nothing copies back the logits, and per MoE layer the router's choices,
-//! which the host groups by expert).
+//! (f32, bf16 or block-FP8, decoded for each product), the embedding table as f32 so the prompt's
+//! rows are gathered on the device, then every layer through [`Ops`] in the order the CPU model
+//! computes it (`model::mla`, `model::indexer`, `model::moe`). Hook points are downloaded only
+//! when the observer wants them (a run that records nothing copies back the logits, and per MoE
+//! layer the router's choices, which the host groups by expert).
 //!
 //! Isolation (`verify --isolate`: each layer fed the reference's hidden state) and replayed
 //! decisions (`verify --force-routing --force-selection`) are taken from the observer as
@@ -80,8 +80,8 @@ pub struct DeviceModel<'m, O: Ops> {
     layers: Vec<DLayer<O>>,
     norm: (O::F, f32),
     lm_head: DLinear<O>,
-    /// `embed_tokens` [vocab, hidden], looked up on the device.
-    embed: O::W,
+    /// `embed_tokens` [vocab, hidden] in f32 (exact in both precisions: a lookup, not a product).
+    embed: O::F,
     /// Matrix-product FLOPs (2 m n k each) since the model was built.
     flops: std::cell::Cell<u64>,
     /// When profiling: seconds and FLOPs of the routed experts' GEMMs, timed between device
@@ -196,8 +196,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             });
         }
         let (norm, lm_head) = (norm(&model.norm)?, linear(&model.lm_head)?);
-        let (vocab, hidden) = model.embed_tokens.dims2()?;
-        let embed = ops.upload_weight(HostWeight::F32(&values(&model.embed_tokens)?), vocab, hidden)?;
+        let embed = ops.upload(&values(&model.embed_tokens)?)?;
         Ok(DeviceModel {
             ops,
             model,
@@ -296,7 +295,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let t = b * s;
         crate::model::stream::input_ids(tokens, cfg.vocab_size, obs)?;
         let ids: Vec<i32> = tokens.ids.iter().map(|&i| i as i32).collect(); // < vocab (checked)
-        let mut h = self.ops.embed_rows(&self.embed, &self.ops.upload_i32(&ids)?, t, hd)?; // [T, H]
+        let mut h = self.ops.gather_rows(&self.embed, &self.ops.upload_i32(&ids)?, t, hd)?; // [T, H]
         self.report(obs, HookPoint::Embeddings, &h, &[b, s, hd])?;
         let tables = self.model.rope_tables(s);
         let (cos, sin) = (self.ops.upload(&tables.cos)?, self.ops.upload(&tables.sin)?);

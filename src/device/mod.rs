@@ -304,9 +304,6 @@ pub trait Ops {
         scale: f32,
     ) -> Result<Self::F>;
     fn gather_rows(&self, x: &Self::F, rows: &Self::I, n: usize, cols: usize) -> Result<Self::F>;
-    /// Rows `ids` of a `[vocab, cols]` table uploaded as a weight (the embeddings): [n, cols].
-    /// The ids are checked against the table by the caller.
-    fn embed_rows(&self, table: &Self::W, ids: &Self::I, n: usize, cols: usize) -> Result<Self::F>;
     /// out[t] = sum over t's k choices in ascending expert id of w * y[slot] + shared[t].
     #[allow(clippy::too_many_arguments)]
     fn combine(

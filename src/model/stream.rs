@@ -158,7 +158,6 @@ pub fn layers(
     Ok(h)
 }
 
-/// ids -> [B, S, hidden], reporting `input_ids` and `embeddings`.
 /// Checks the prompt's ids against the vocabulary and reports them (`input_ids`): the start of
 /// every forward pass, the device's too.
 pub fn input_ids(tokens: &Tokens, vocab: usize, obs: &mut dyn Observer) -> Result<()> {
@@ -171,6 +170,7 @@ pub fn input_ids(tokens: &Tokens, vocab: usize, obs: &mut dyn Observer) -> Resul
     })
 }
 
+/// ids -> [B, S, hidden], reporting `input_ids` and `embeddings`.
 pub fn embed(w: Weights, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
     let cfg = w.config();
     input_ids(tokens, cfg.vocab_size, obs)?;
