@@ -148,6 +148,12 @@ fn per_item(items: usize, block: u32, shared: u32) -> Result<Option<LaunchConfig
     Ok(Some(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: shared }))
 }
 
+/// Threads for a block that reduces a row of `cols` values: the row's length rounded up to a
+/// power of two, between one warp and `max`, so short rows do not leave most threads idle.
+fn row_block(cols: usize, max: u32) -> u32 {
+    cols.next_power_of_two().clamp(32, max as usize) as u32
+}
+
 /// Sizes as the kernels' `int` arguments, refusing any that would wrap.
 fn ints<const N: usize>(kernel: &str, v: [usize; N]) -> Result<[i32; N]> {
     let mut out = [0i32; N];
@@ -287,7 +293,7 @@ impl Gpu {
     ) -> Result<()> {
         fits("rms_norm", &[(x.len(), rows * cols), (w.len(), cols), (y.len(), rows * cols)])?;
         let [c] = ints("rms_norm", [cols])?;
-        launch!(self, "rms_norm", per_item(rows, 256, 0), [x, w, y, &c, &eps])
+        launch!(self, "rms_norm", per_item(rows, row_block(cols, 256), 0), [x, w, y, &c, &eps])
     }
 
     /// x, y: [rows, cols]; w, bias: [cols].
@@ -304,14 +310,14 @@ impl Gpu {
     ) -> Result<()> {
         fits("layer_norm", &[(x.len(), rows * cols), (w.len(), cols), (bias.len(), cols), (y.len(), rows * cols)])?;
         let [c] = ints("layer_norm", [cols])?;
-        launch!(self, "layer_norm", per_item(rows, 256, 0), [x, w, bias, y, &c, &eps])
+        launch!(self, "layer_norm", per_item(rows, row_block(cols, 256), 0), [x, w, bias, y, &c, &eps])
     }
 
     /// x: [rows, cols] -> out: [rows].
     pub fn row_l2_norm(&self, x: &Buf<f32>, out: &mut Buf<f32>, rows: usize, cols: usize) -> Result<()> {
         fits("row_l2_norm", &[(x.len(), rows * cols), (out.len(), rows)])?;
         let [c] = ints("row_l2_norm", [cols])?;
-        launch!(self, "row_l2_norm", per_item(rows, 128, 0), [x, out, &c])
+        launch!(self, "row_l2_norm", per_item(rows, row_block(cols, 128), 0), [x, out, &c])
     }
 
     /// x: [rows, heads, width] in place; cos, sin: [seq, half].
@@ -547,7 +553,12 @@ impl Gpu {
         fits("selection_mask", &[(idx.len(), idx0 + qc * kk), (mask.len(), qc * t_eff)])?;
         let [k32, te32, f32_] = ints("selection_mask", [kk, t_eff, first])?;
         let idx0 = idx0 as i64;
-        launch!(self, "selection_mask", per_item(qc, 128, 0), [idx, &idx0, mask, &k32, &te32, &f32_])
+        launch!(
+            self,
+            "selection_mask",
+            per_item(qc, row_block(t_eff.max(kk), 128), 0),
+            [idx, &idx0, mask, &k32, &te32, &f32_]
+        )
     }
 
     /// scores [rows, t_eff] (rows = heads * qc) -> the softmax of each row over the keys
@@ -565,7 +576,7 @@ impl Gpu {
             return Err(Error::Device(format!("masked_softmax: {rows} rows are not heads of {qc} queries")));
         }
         let [q32, te32] = ints("masked_softmax", [qc, t_eff])?;
-        launch!(self, "masked_softmax", per_item(rows, 256, 0), [scores, mask, &q32, &te32])
+        launch!(self, "masked_softmax", per_item(rows, row_block(t_eff, 256), 0), [scores, mask, &q32, &te32])
     }
 
     /// x: [*, cols]; rows: [n] -> out: [n, cols].
