@@ -28,22 +28,23 @@ fn every_kernel_matches_its_cpu_reference_in_the_emulation() {
     all_pass(&checks);
 }
 
-#[test]
-fn the_attention_products_and_kernels_match_the_cpu_on_both_paths_in_the_emulation() {
+/// `checks` on emulated ops of each precision: `count` checks each time, all passing.
+fn in_both_precisions(checks: fn(&CudaOps) -> glimpse::error::Result<Vec<Check>>, count: usize) {
     for precision in [Precision::F32, Precision::Bf16] {
-        let checks = attention(&CudaOps::new(Gpu::emulated(), precision).unwrap()).unwrap();
-        assert_eq!(checks.len(), 5);
+        let checks = checks(&CudaOps::new(Gpu::emulated(), precision).unwrap()).unwrap();
+        assert_eq!(checks.len(), count);
         all_pass(&checks);
     }
 }
 
 #[test]
+fn the_attention_products_and_kernels_match_the_cpu_on_both_paths_in_the_emulation() {
+    in_both_precisions(attention, 5);
+}
+
+#[test]
 fn the_products_in_cublas_layout_match_the_cpu_in_the_emulation_in_both_precisions() {
-    for precision in [Precision::F32, Precision::Bf16] {
-        let checks = products(&CudaOps::new(Gpu::emulated(), precision).unwrap()).unwrap();
-        assert_eq!(checks.len(), 8);
-        all_pass(&checks);
-    }
+    in_both_precisions(products, 8);
 }
 
 /// Once per attention path, whichever the sizes would choose; the masked one in chunks of one

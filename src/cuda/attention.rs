@@ -78,9 +78,32 @@ pub struct Workspace {
     mask: RefCell<Option<Buf<f32>>>,
 }
 
-/// Queries per chunk so a chunk's products (`per_query` values each) stay within the budget.
-fn chunk_queries(chunk_values: usize, per_query: usize) -> usize {
-    (chunk_values / per_query.max(1)).max(1)
+/// A chunk of queries: batch row `b`, queries `q0 .. q0 + qc` at positions `first ..`, which
+/// see keys `0 .. t_eff` (the chunk's last query's causal keys).
+struct Chunk {
+    b: usize,
+    q0: usize,
+    qc: usize,
+    first: usize,
+    t_eff: usize,
+}
+
+/// The chunks of `batch` rows of `s` queries after `offset` cached keys (`t` keys in all), each
+/// small enough that its products (`per_query` values a query) stay within `chunk_values`.
+fn chunks(
+    batch: usize,
+    [s, t, offset]: [usize; 3],
+    chunk_values: usize,
+    per_query: usize,
+) -> impl Iterator<Item = Chunk> {
+    let qc_max = (chunk_values / per_query.max(1)).max(1);
+    (0..batch).flat_map(move |b| {
+        (0..s).step_by(qc_max).map(move |q0| {
+            let qc = qc_max.min(s - q0);
+            let first = offset + q0;
+            Chunk { b, q0, qc, first, t_eff: (first + qc).min(t) }
+        })
+    })
 }
 
 fn int(v: usize) -> Result<i32> {
@@ -130,21 +153,14 @@ pub fn index_scores(
     scale: f32,
 ) -> Result<Buf<f32>> {
     let mut scores = gpu.zeros(batch_n * s * t)?;
-    let qc_max = chunk_queries(chunk_values, n * t);
     let mut g = ws.products.borrow_mut();
-    for b in 0..batch_n {
-        for q0 in (0..s).step_by(qc_max) {
-            let qc = qc_max.min(s - q0);
-            let first = offset + q0;
-            let t_eff = (first + qc).min(t); // the keys the chunk's last query sees
-            scratch(gpu, &mut g, qc * n * t_eff)?;
-            let g = g.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
-            // g^T [t_eff, qc * n] = k[b, :t_eff] (d x t_eff, transposed) x q rows (d x qc * n).
-            let cfg = batch((true, false), [t_eff, qc * n, d], [d, d, t_eff], [0, 0, 0], 1, scale, 0.0)?;
-            let row0 = b * s + q0;
-            products.batched(cfg, (k, b * t * d), (q, row0 * n * d), (g, 0))?;
-            gpu.index_combine(g, w, &mut scores, [qc, n, t_eff, t], row0, first)?;
-        }
+    for Chunk { b, q0, qc, first, t_eff } in chunks(batch_n, [s, t, offset], chunk_values, n * t) {
+        let g = scratch(gpu, &mut g, qc * n * t_eff)?;
+        // g^T [t_eff, qc * n] = k[b, :t_eff] (d x t_eff, transposed) x q rows (d x qc * n).
+        let cfg = batch((true, false), [t_eff, qc * n, d], [d, d, t_eff], [0, 0, 0], 1, scale, 0.0)?;
+        let row0 = b * s + q0;
+        products.batched(cfg, (k, b * t * d), (q, row0 * n * d), (g, 0))?;
+        gpu.index_combine(g, w, &mut scores, [qc, n, t_eff, t], row0, first)?;
     }
     Ok(scores)
 }
@@ -161,49 +177,33 @@ pub fn masked(
 ) -> Result<Buf<f32>> {
     let mut out = gpu.zeros(batch_n * s * nh * vd)?;
     let (qw, kvw) = (nh * (nope + rd), nh * (nope + vd)); // row widths of q and kv
-    let qc_max = chunk_queries(chunk_values, nh * t);
     let (mut p, mut mask) = (ws.products.borrow_mut(), ws.mask.borrow_mut());
-    for b in 0..batch_n {
-        for q0 in (0..s).step_by(qc_max) {
-            let qc = qc_max.min(s - q0);
-            let first = offset + q0;
-            let t_eff = (first + qc).min(t);
-            scratch(gpu, &mut p, nh * qc * t_eff)?;
-            scratch(gpu, &mut mask, qc * t_eff)?;
-            let p = p.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
-            let mask = mask.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
-            let (row0, key0) = (b * s + q0, b * t);
-            // Per head h: scores_h^T [t_eff, qc] = k_nope_h (nope x t_eff, transposed) x q_nope_h.
-            let nope_cfg = batch(
-                (true, false),
-                [t_eff, qc, nope],
-                [kvw, qw, t_eff],
-                [nope + vd, nope + rd, qc * t_eff],
-                nh,
-                scale,
-                0.0,
-            )?;
-            products.batched(nope_cfg, (kv, key0 * kvw), (q, row0 * qw), (p, 0))?;
-            // ... + k_rope (rd x t_eff, shared by the heads: stride 0) x q_rope_h.
-            if rd > 0 {
-                let rope_cfg =
-                    batch((true, false), [t_eff, qc, rd], [rd, qw, t_eff], [0, nope + rd, qc * t_eff], nh, scale, 1.0)?;
-                products.batched(rope_cfg, (k_rope, key0 * rd), (q, row0 * qw + nope), (p, 0))?;
-            }
-            gpu.selection_mask(idx, row0 * kk, mask, [qc, kk, t_eff], first)?;
-            gpu.masked_softmax(p, mask, nh * qc, qc, t_eff)?;
-            // out_h^T [vd, qc] = v_h (vd x t_eff) x P_h^T (t_eff x qc), into out's rows at head h.
-            let pv_cfg = batch(
-                (false, false),
-                [vd, qc, t_eff],
-                [kvw, t_eff, nh * vd],
-                [nope + vd, qc * t_eff, vd],
-                nh,
-                1.0,
-                0.0,
-            )?;
-            products.batched(pv_cfg, (kv, key0 * kvw + nope), (p, 0), (&mut out, row0 * nh * vd))?;
+    for Chunk { b, q0, qc, first, t_eff } in chunks(batch_n, [s, t, offset], chunk_values, nh * t) {
+        let (p, mask) = (scratch(gpu, &mut p, nh * qc * t_eff)?, scratch(gpu, &mut mask, qc * t_eff)?);
+        let (row0, key0) = (b * s + q0, b * t);
+        // Per head h: scores_h^T [t_eff, qc] = k_nope_h (nope x t_eff, transposed) x q_nope_h.
+        let nope_cfg = batch(
+            (true, false),
+            [t_eff, qc, nope],
+            [kvw, qw, t_eff],
+            [nope + vd, nope + rd, qc * t_eff],
+            nh,
+            scale,
+            0.0,
+        )?;
+        products.batched(nope_cfg, (kv, key0 * kvw), (q, row0 * qw), (p, 0))?;
+        // ... + k_rope (rd x t_eff, shared by the heads: stride 0) x q_rope_h.
+        if rd > 0 {
+            let rope_cfg =
+                batch((true, false), [t_eff, qc, rd], [rd, qw, t_eff], [0, nope + rd, qc * t_eff], nh, scale, 1.0)?;
+            products.batched(rope_cfg, (k_rope, key0 * rd), (q, row0 * qw + nope), (p, 0))?;
         }
+        gpu.selection_mask(idx, row0 * kk, mask, [qc, kk, t_eff], first)?;
+        gpu.masked_softmax(p, mask, nh * qc, qc, t_eff)?;
+        // out_h^T [vd, qc] = v_h (vd x t_eff) x P_h^T (t_eff x qc), into out's rows at head h.
+        let pv_cfg =
+            batch((false, false), [vd, qc, t_eff], [kvw, t_eff, nh * vd], [nope + vd, qc * t_eff, vd], nh, 1.0, 0.0)?;
+        products.batched(pv_cfg, (kv, key0 * kvw + nope), (p, 0), (&mut out, row0 * nh * vd))?;
     }
     Ok(out)
 }

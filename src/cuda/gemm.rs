@@ -76,16 +76,16 @@ pub struct Products {
     narrow_weight: RefCell<Option<Buf<u16>>>,
 }
 
-/// Grows `slot` to at least `n` values.
-pub(super) fn scratch<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone>(
+/// The scratch in `slot`, grown to at least `n` values.
+pub(super) fn scratch<'a, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone>(
     gpu: &Gpu,
-    slot: &mut Option<Buf<T>>,
+    slot: &'a mut Option<Buf<T>>,
     n: usize,
-) -> Result<()> {
+) -> Result<&'a mut Buf<T>> {
     if slot.as_ref().is_none_or(|s| s.len() < n) {
         *slot = Some(gpu.zeros(n)?);
     }
-    Ok(())
+    slot.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))
 }
 
 /// How many values a strided batch of `rows x cols` column-major matrices (leading dimension
@@ -127,6 +127,31 @@ fn check_batched(cfg: &StridedBatchedConfig<f32>, [a, b, c]: [(usize, usize); 3]
     let apart = stride >= footprint || (stride >= m && (cfg.batch_size as i64 - 1) * stride + m <= ldc);
     if cfg.batch_size > 1 && m > 0 && g.n > 0 && !apart {
         return Err(Error::Device(format!("batched GEMM: outputs {stride} apart overlap (m {m}, ldc {ldc})")));
+    }
+    Ok(())
+}
+
+/// Where a block product reads and writes: activation rows `x_row0 .. x_row0 + m` (of width k)
+/// and, in output rows `y_row0 ..` of width n, columns `n0 .. n0 + nt` (the last row ends at
+/// column n0 + nt); refused unless the buffers (`[x, w, y]` lengths; w holds the nt weight rows
+/// first) hold them.
+fn block_ranges(
+    [x, w, y]: [usize; 3],
+    (x_row0, y_row0): (usize, usize),
+    (n0, nt, n): (usize, usize, usize),
+    [m, k]: [usize; 2],
+) -> Result<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+    let c_len = m.saturating_sub(1) * n + nt;
+    if n0 + nt > n || w < nt * k || x < (x_row0 + m) * k || y < y_row0 * n + n0 + c_len {
+        return Err(Error::Device(format!("GEMM: buffers too small for rows {x_row0}+{m} x {k} -> {n0}+{nt} of {n}")));
+    }
+    Ok((x_row0 * k..(x_row0 + m) * k, y_row0 * n + n0..y_row0 * n + n0 + c_len))
+}
+
+/// Refuses a weight whose rows are not the `n` a product says.
+fn check_rows(w: &DeviceWeight, n: usize, k: usize) -> Result<()> {
+    if w.rows(k) != n {
+        return Err(Error::Device(format!("GEMM: a weight of {} rows of {k} used as {n}", w.rows(k))));
     }
     Ok(())
 }
@@ -211,15 +236,12 @@ impl Products {
         if x.len() < (x_row0 + m) * k || y.len() < (y_row0 + m) * n {
             return Err(Error::Device(format!("GEMM: buffers too small for rows {x_row0}+{m} x {k} -> {n}")));
         }
-        if w.rows(k) != n {
-            return Err(Error::Device(format!("GEMM: a weight of {} rows of {k} used as {n}", w.rows(k))));
-        }
+        check_rows(w, n, k)?;
         match self.precision {
             Precision::F32 => self.part(gpu, Rows::F32(x, x_row0), w, (y, y_row0), (0, n, n), [m, k], alpha),
             Precision::Bf16 => {
                 let mut narrow = self.narrow.borrow_mut();
-                scratch(gpu, &mut narrow, m * k)?;
-                let xb = narrow.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
+                let xb = scratch(gpu, &mut narrow, m * k)?;
                 gpu.bf16_round(x, x_row0 * k, xb, m * k)?;
                 self.part(gpu, Rows::Bf16(xb, 0), w, (y, y_row0), (0, n, n), [m, k], alpha)
             }
@@ -255,13 +277,10 @@ impl Products {
             return Err(Error::Device(format!("grouped GEMM: buffers too small for rows {r0}..{r1} x {k} -> {n}")));
         }
         let mut narrow = self.narrow.borrow_mut();
-        scratch(gpu, &mut narrow, (r1 - r0) * k)?;
-        let xb = narrow.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
+        let xb = scratch(gpu, &mut narrow, (r1 - r0) * k)?;
         gpu.bf16_round(x, r0 * k, xb, (r1 - r0) * k)?;
         for (w, start, count) in spans {
-            if w.rows(k) != n {
-                return Err(Error::Device(format!("GEMM: a weight of {} rows of {k} used as {n}", w.rows(k))));
-            }
+            check_rows(w, n, k)?;
             self.part(gpu, Rows::Bf16(xb, start - r0), w, (&mut *y, *start), (0, n, n), [*count, k], 1.0)?;
         }
         Ok(())
@@ -305,8 +324,7 @@ impl Products {
                 // An FP8 weight: a block of rows dequantised, rounded, multiplied.
                 let mut wb = self.narrow_weight.borrow_mut();
                 self.by_blocks(gpu, w, [nw, k], |wide, n0, nt| {
-                    scratch(gpu, &mut wb, nt * k)?;
-                    let wb = wb.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
+                    let wb = scratch(gpu, &mut wb, nt * k)?;
                     gpu.bf16_round(wide, 0, wb, nt * k)?;
                     self.gemm_bf16((xb, x_row0), wb, y, y_row0, (c0 + n0, nt, n), [m, k], alpha)
                 })
@@ -326,8 +344,7 @@ impl Products {
     ) -> Result<()> {
         let rows = (SCRATCH_VALUES / k.max(1)).clamp(1, n);
         let mut wide = self.wide.borrow_mut();
-        scratch(gpu, &mut wide, rows * k)?;
-        let wide = wide.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))?;
+        let wide = scratch(gpu, &mut wide, rows * k)?;
         for n0 in (0..n).step_by(rows) {
             let nt = rows.min(n - n0);
             match w {
@@ -443,12 +460,8 @@ impl Products {
         [m, k]: [usize; 2],
         alpha: f32,
     ) -> Result<()> {
-        let c_len = (m - 1) * n + nt; // the last output row ends at column n0 + nt
-        if n0 + nt > n || w.len() < nt * k || y.len() < y_row0 * n + n0 + c_len {
-            return Err(Error::Device(format!("SGEMM: buffers too small for rows {x_row0}+{m} x {k} -> {n}")));
-        }
+        let (xs, ys) = block_ranges([x.len(), w.len(), y.len()], (x_row0, y_row0), (n0, nt, n), [m, k])?;
         let cfg = Self::config(nt, [m, n, k], alpha)?;
-        let (xs, ys) = (x_row0 * k..(x_row0 + m) * k, y_row0 * n + n0..y_row0 * n + n0 + c_len);
         match (&self.blas, x, w, y) {
             (Some((blas, _)), Buf::Device(x), Buf::Device(w), Buf::Device(y)) => {
                 let (wv, xv, mut yv) = (w.slice(..nt * k), x.slice(xs), y.slice_mut(ys));
@@ -476,12 +489,8 @@ impl Products {
         [m, k]: [usize; 2],
         alpha: f32,
     ) -> Result<()> {
-        let c_len = (m - 1) * n + nt; // the last output row ends at column n0 + nt
-        if n0 + nt > n || w.len() < nt * k || xb.len() < (x_row0 + m) * k || y.len() < y_row0 * n + n0 + c_len {
-            return Err(Error::Device(format!("bf16 GEMM: buffers too small for {m} x {k} -> {n}")));
-        }
+        let (xs, ys) = block_ranges([xb.len(), w.len(), y.len()], (x_row0, y_row0), (n0, nt, n), [m, k])?;
         let cfg = Self::config(nt, [m, n, k], alpha)?;
-        let (xs, ys) = (x_row0 * k..(x_row0 + m) * k, y_row0 * n + n0..y_row0 * n + n0 + c_len);
         match (&self.blas, xb, w, y) {
             (Some((blas, stream)), Buf::Device(xb), Buf::Device(w), Buf::Device(y)) => {
                 let (wv, xv, mut yv) = (w.slice(..nt * k), xb.slice(xs), y.slice_mut(ys));

@@ -442,24 +442,8 @@ impl Gpu {
         }
     }
 
-    /// scores: [rows, T] (rows = B*S) -> idx: [rows, K]; margin: [rows], on the path
-    /// [`Gpu::topk_path`] picks.
-    #[allow(clippy::too_many_arguments)]
-    pub fn topk_causal(
-        &self,
-        scores: &Buf<f32>,
-        rows: usize,
-        s: usize,
-        t: usize,
-        offset: usize,
-        k: usize,
-        idx: &mut Buf<i32>,
-        margin: &mut Buf<f32>,
-    ) -> Result<()> {
-        self.topk_causal_by(self.topk_path(t), scores, [rows, s, t, offset, k], idx, margin)
-    }
-
-    /// [`Gpu::topk_causal`] on a given path; dims = [rows, S, T, offset, K].
+    /// scores: [rows, T] (rows = B*S) -> idx: [rows, K]; margin: [rows], ranked on `path`
+    /// ([`Gpu::topk_path`] picks one); dims = [rows, S, T, offset, K].
     pub fn topk_causal_by(
         &self,
         path: TopK,
