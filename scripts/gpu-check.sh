@@ -26,13 +26,18 @@ if [ ! -x "$glimpse" ]; then
   echo "no glimpse binary at $glimpse (build it with: cargo build --release --features cuda)" >&2
   exit 2
 fi
-# NVRTC and the driver are loaded at run time: look where CUDA installs usually put NVRTC.
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu \
-  $(python3 -c 'import site; print(" ".join(p + "/nvidia/cu13/lib" for p in site.getsitepackages()))' 2>/dev/null); do
-  if ls "$d"/libnvrtc.so* >/dev/null 2>&1; then
-    export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    break
-  fi
+# NVRTC and cuBLAS are loaded at run time: put the first folder holding each on the loader's path
+# (CUDA's own folders first, then the wheels of the python here, e.g. torch's nvidia-* packages).
+lib_dirs="/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu \
+  $(python3 -c 'import site; print(" ".join(p + "/nvidia/cu13/lib " + p + "/nvidia/cublas/lib " + p + "/nvidia/cuda_nvrtc/lib" for p in site.getsitepackages()))' 2>/dev/null)"
+for lib in libnvrtc.so libcublas.so; do
+  for d in $lib_dirs; do
+    if ls "$d/$lib".13* >/dev/null 2>&1; then
+      case ":${LD_LIBRARY_PATH:-}:" in *":$d:"*) ;; *) export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;; esac
+      echo "$lib: $(cd "$d" && ls "$lib".13* | tr '\n' ' ')in $d"
+      break
+    fi
+  done
 done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not found"
 start=$(date +%s)
@@ -73,7 +78,7 @@ pct() { python3 -c "import sys; print(f'{100 * float(sys.argv[1]) / float(sys.ar
 t_median=""
 if python3 -c 'import torch, transformers; assert torch.cuda.is_available()' 2>/dev/null; then
   t_json=$(python3 "$(dirname "$0")/transformers-prefill.py" "$ckpt" "$tokens" 3 cuda bfloat16 2>&1 | tail -n 1)
-  echo "transformers (eager, bf16): $t_json"
+  echo "transformers $(python3 -c 'import transformers; print(transformers.__version__)' 2>/dev/null) (eager, bf16): $t_json"
   t_median=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["median"])' "$t_json" 2>/dev/null)
 else
   echo "transformers: not measured (this python lacks torch with CUDA, or transformers)"

@@ -26,12 +26,26 @@ fn every_kernel_compiles_for_hopper_and_ampere() {
     }
     for arch in ["sm_90", "sm_80"] {
         for (file, _, kernels) in KERNELS {
-            let ptx = compile(file, &source(file).unwrap(), arch).unwrap_or_else(|e| panic!("{e}"));
-            let text = ptx.to_src();
+            let compiled = compile(file, &source(file).unwrap(), arch).unwrap_or_else(|e| panic!("{e}"));
+            // The machine code the GPU loads: an ELF image naming every kernel.
+            assert!(
+                compiled.cubin.starts_with(b"\x7fELF"),
+                "{file}.cu for {arch}: the machine code is not an ELF image"
+            );
             for k in *kernels {
-                assert!(text.contains(&format!(".entry {k}(")), "{file}.cu for {arch}: no entry point `{k}`");
+                assert!(compiled.ptx.contains(&format!(".entry {k}(")), "{file}.cu for {arch}: no entry point `{k}`");
+                let symbol = [k.as_bytes(), b"\0"].concat();
+                assert!(
+                    compiled.cubin.windows(symbol.len()).any(|w| w == symbol.as_slice()),
+                    "{file}.cu for {arch}: `{k}` is not in the machine code"
+                );
             }
-            println!("{file}.cu compiles for {arch}: {} kernels, {} bytes of PTX", kernels.len(), text.len());
+            println!(
+                "{file}.cu compiles for {arch}: {} kernels, {} bytes of PTX, {} bytes of machine code",
+                kernels.len(),
+                compiled.ptx.len(),
+                compiled.cubin.len()
+            );
         }
     }
 }

@@ -211,8 +211,10 @@ impl Gpu {
             .map_err(driver("read the shared memory limit"))?;
         let mut shared_limit = usize::try_from(optin).unwrap_or(0).saturating_sub(STATIC_SHARED);
         let mut functions = HashMap::new();
-        for (file, ptx) in compile_all(&arch)? {
-            let module = ctx.load_module(ptx).map_err(driver("load a kernel module"))?;
+        for (file, compiled) in compile_all(&arch)? {
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin))
+                .map_err(|e| Error::Device(format!("{file}.cu: cannot load its machine code for {arch}: {e:?}")))?;
             let names = KERNELS.iter().find(|(f, _, _)| *f == file).map(|(_, _, n)| *n).unwrap_or(&[]);
             for &kernel in names {
                 let f =

@@ -23,8 +23,6 @@ pub mod gpu;
 pub mod ops;
 pub mod selftest;
 
-use cudarc::nvrtc::{CompileOptions, Ptx};
-
 use crate::error::{Error, Result};
 
 /// Prepended to every kernel file: bf16 / e4m3 decoding and block reductions.
@@ -87,25 +85,69 @@ pub fn source(file: &str) -> Option<String> {
     KERNELS.iter().find(|(n, _, _)| *n == file).map(|(_, src, _)| format!("{PRELUDE}\n{src}"))
 }
 
+/// One kernel file compiled by NVRTC for one architecture.
+pub struct Compiled {
+    /// Machine code for the architecture, loaded as is. Loading PTX instead would have the driver
+    /// compile it, and a driver older than NVRTC refuses newer PTX; machine code runs on any
+    /// driver of the same CUDA major version.
+    pub cubin: Vec<u8>,
+    /// The same program as PTX, for reading (and for the entry points the tests look for).
+    pub ptx: String,
+}
+
+impl std::fmt::Debug for Compiled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Compiled {{ {} bytes of machine code, {} bytes of PTX }}", self.cubin.len(), self.ptx.len())
+    }
+}
+
 /// Compiles one kernel file for `arch` (e.g. `sm_90`). NVRTC needs no GPU for this.
-pub fn compile(file: &str, src: &str, arch: &str) -> Result<Ptx> {
+pub fn compile(file: &str, src: &str, arch: &str) -> Result<Compiled> {
+    use cudarc::nvrtc::{result, sys};
+    use std::ffi::{c_char, CString};
+
+    /// Destroys the program however compilation ends.
+    struct Program(sys::nvrtcProgram);
+    impl Drop for Program {
+        fn drop(&mut self) {
+            // SAFETY: created by create_program and destroyed only here.
+            let _ = unsafe { result::destroy_program(self.0) };
+        }
+    }
+    /// NVRTC's NUL-terminated text as a String.
+    fn text(chars: Vec<c_char>) -> String {
+        let bytes: Vec<u8> = chars.into_iter().map(|c| c as u8).take_while(|&b| b != 0).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
     probe(&[Lib::Nvrtc])?;
-    let opts = CompileOptions {
-        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
-        name: Some(format!("{file}.cu")),
-        ..Default::default()
-    };
-    cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| {
-        let why = match &e {
-            cudarc::nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
-            other => format!("{other:?}"),
-        };
-        Error::Device(format!("{file}.cu does not compile for {arch}: {}", one_line(&why)))
-    })
+    let fail = |why: &str| Error::Device(format!("{file}.cu does not compile for {arch}: {}", one_line(why)));
+    let nvrtc = |what: &'static str| move |e: result::NvrtcError| fail(&format!("{what}: {e}"));
+    let source = CString::new(src).map_err(|_| fail("the source holds a NUL byte"))?;
+    let name = CString::new(format!("{file}.cu")).map_err(|_| fail("the file name holds a NUL byte"))?;
+    let program = Program(result::create_program(&source, Some(name.as_c_str())).map_err(nvrtc("create"))?);
+    let options = [format!("--gpu-architecture={arch}"), "--std=c++17".to_string()];
+    // SAFETY (the calls below): `program` lives until the end of this function, after every call
+    // on it, and `source` and `name`, which it may point into, are dropped after it.
+    if let Err(e) = unsafe { result::compile_program(program.0, &options) } {
+        let log = unsafe { result::get_program_log(program.0) }.map(text).unwrap_or_else(|_| e.to_string());
+        return Err(fail(&log));
+    }
+    let ptx = text(unsafe { result::get_ptx(program.0) }.map_err(nvrtc("read its PTX"))?);
+    let mut size = 0usize;
+    unsafe { sys::nvrtcGetCUBINSize(program.0, &mut size) }.result().map_err(nvrtc("size its machine code"))?;
+    let mut cubin = vec![0u8; size];
+    unsafe { sys::nvrtcGetCUBIN(program.0, cubin.as_mut_ptr().cast()) }
+        .result()
+        .map_err(nvrtc("read its machine code"))?;
+    if cubin.is_empty() {
+        return Err(fail(&format!("no machine code ({arch} must be a real architecture, sm_XX)")));
+    }
+    Ok(Compiled { cubin, ptx })
 }
 
 /// Every kernel file, compiled for `arch`.
-pub fn compile_all(arch: &str) -> Result<Vec<(&'static str, Ptx)>> {
+pub fn compile_all(arch: &str) -> Result<Vec<(&'static str, Compiled)>> {
     KERNELS.iter().map(|(file, src, _)| Ok((*file, compile(file, &format!("{PRELUDE}\n{src}"), arch)?))).collect()
 }
 
