@@ -5,8 +5,14 @@
 #   scripts/gpu-check.sh [GLIMPSE=target/release/glimpse]
 #
 # Environment: DEVICE (cuda), TOKENS (2048), EXPERTS (32), VOCAB (the preset's), PEAK_TFLOPS
-# (989). DEVICE=cuda-emu runs the same steps on the host emulation, but at GLM-5's widths its
-# benchmark takes far too long to be a dry run (tens of minutes for 4 tokens on 2 cores).
+# (989), BUDGET_S (540: every step's time limit fits inside it), SYNTH (the benchmark
+# checkpoint's synth arguments, `--preset glm5 --layers 2 --experts $EXPERTS`), PYTHON (python3)
+# and TORCH_DEVICE (cuda) for the transformers side. Logs go to $OUT (the device tool's folder)
+# or $TMPDIR/glimpse-gpu-check. A dry run of the whole script on the host emulation, with a small
+# checkpoint and transformers on the CPU (about a minute):
+#
+#   SYNTH="--config golden/flat/config.json" TOKENS=32 DEVICE=cuda-emu TORCH_DEVICE=cpu \
+#     PYTHON=/path/to/venv/bin/python scripts/gpu-check.sh
 #
 # 1. `glimpse selftest --device cuda`: opens the GPU, compiles every kernel with NVRTC for its
 #    architecture, checks each against its CPU reference, then verifies every golden case on the
@@ -43,9 +49,32 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 start=$(date +%s)
 device=${DEVICE:-cuda}
 tokens=${TOKENS:-2048}
-out=$("$glimpse" selftest --device "$device" 2>&1)
+# Every step streams its output as it runs and keeps a log (in $OUT when the device tool runs
+# this, so the logs come back), and has a time limit inside the whole check's (BUDGET_S, 540 s
+# by default, under the device tool's 600 s per call): a hung step costs its own limit, not the
+# table.
+logs=${OUT:-${TMPDIR:-/tmp}/glimpse-gpu-check}
+mkdir -p "$logs"
+deadline=$(( start + ${BUDGET_S:-540} ))
+# step NAME CAP_SECONDS COMMAND...: runs COMMAND, its output teed to $logs/NAME.log.
+step() {
+  local name=$1 cap=$2
+  shift 2
+  local left=$(( deadline - $(date +%s) - 5 ))
+  [ "$left" -lt "$cap" ] && cap=$left
+  if [ "$cap" -le 0 ]; then
+    echo "$name: skipped, the check's time budget is spent" | tee "$logs/$name.log"
+    return 124
+  fi
+  timeout --kill-after=5 "$cap" "$@" 2>&1 | tee "$logs/$name.log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 124 ] && echo "$name: stopped after its limit of $cap s" | tee -a "$logs/$name.log"
+  return "$rc"
+}
+
+step selftest 240 "$glimpse" selftest --device "$device"
 rc=$?
-echo "$out"
+out=$(cat "$logs/selftest.log")
 echo
 echo "| check | max abs diff | verdict |"
 echo "|---|---|---|"
@@ -55,19 +84,22 @@ echo "$out" | sed -n 's/^measure \([^ ]*\) (\(.*\)): \(.*\)$/| measured: \1 (\2)
 echo "selftest exit code $rc, $(( $(date +%s) - start )) s"
 
 experts=${EXPERTS:-32}
-ckpt=${TMPDIR:-/tmp}/glimpse-gpu-glm5-$experts${VOCAB:+-v$VOCAB}
+synth_args=${SYNTH:-"--preset glm5 --layers 2 --experts $experts"}
+ckpt=${TMPDIR:-/tmp}/glimpse-gpu-$(echo "$synth_args${VOCAB:+ v$VOCAB}" | tr -cs 'A-Za-z0-9' '-')
 t0=$(date +%s)
 if [ ! -e "$ckpt/config.json" ]; then
-  "$glimpse" synth --preset glm5 --layers 2 --experts "$experts" ${VOCAB:+--vocab "$VOCAB"} --dtype bf16 --out "$ckpt" || exit 2
+  # shellcheck disable=SC2086 # the synth arguments are words
+  step synth 120 "$glimpse" synth $synth_args ${VOCAB:+--vocab "$VOCAB"} --dtype bf16 --out "$ckpt" || exit 2
 fi
 echo "synth: $(( $(date +%s) - t0 )) s"
 peak=${PEAK_TFLOPS:-989}
 declare -A median tflops expert_tflops mem
 for precision in f32 bf16; do
-  bench=$("$glimpse" --precision "$precision" bench --device "$device" --model "$ckpt" --tokens "$tokens" --repeat 3 2>&1)
+  step "bench-$precision" 150 "$glimpse" --precision "$precision" bench --device "$device" --model "$ckpt" \
+    --tokens "$tokens" --repeat 3
   brc=$?
-  echo "$bench"
-  [ $brc -eq 0 ] || { echo "bench ($precision) exit code $brc"; exit 1; }
+  [ $brc -eq 0 ] || { echo "bench ($precision) exit code $brc"; rc=1; }
+  bench=$(cat "$logs/bench-$precision.log")
   median[$precision]=$(echo "$bench" | sed -n 's/.*median \([0-9.]*\) s (.*/\1/p')
   tflops[$precision]=$(echo "$bench" | sed -n 's/^matrix products.*= \([0-9.]*\) TFLOP\/s.*/\1/p')
   expert_tflops[$precision]=$(echo "$bench" | sed -n 's/^expert GEMMs.*= \([0-9.]*\) TFLOP\/s.*/\1/p')
@@ -76,23 +108,29 @@ done
 pct() { python3 -c "import sys; print(f'{100 * float(sys.argv[1]) / float(sys.argv[2]):.1f}%')" "$1" "$peak" 2>/dev/null || echo "?"; }
 
 t_median=""
-if python3 -c 'import torch, transformers; assert torch.cuda.is_available()' 2>/dev/null; then
-  t_json=$(python3 "$(dirname "$0")/transformers-prefill.py" "$ckpt" "$tokens" 3 cuda bfloat16 2>&1 | tail -n 1)
-  echo "transformers $(python3 -c 'import transformers; print(transformers.__version__)' 2>/dev/null) (eager, bf16): $t_json"
+python=${PYTHON:-python3}
+torch_device=${TORCH_DEVICE:-cuda}
+if "$python" -c 'import sys, torch, transformers; assert sys.argv[1] != "cuda" or torch.cuda.is_available()' \
+  "$torch_device" 2>/dev/null; then
+  step transformers 180 "$python" "$(dirname "$0")/transformers-prefill.py" "$ckpt" "$tokens" 3 "$torch_device" bfloat16
+  t_json=$(tail -n 1 "$logs/transformers.log")
+  t_version=$("$python" -c 'import transformers; print(transformers.__version__)' 2>/dev/null)
   t_median=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["median"])' "$t_json" 2>/dev/null)
 else
-  echo "transformers: not measured (this python lacks torch with CUDA, or transformers)"
+  echo "transformers: not measured ($python lacks torch with $torch_device, or transformers)"
 fi
 ratio() { [ -n "$t_median" ] && python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}x')" "$t_median" "$1" 2>/dev/null || echo "not measured"; }
 
+{
 echo
 echo "$(date -u '+%F %H:%M UTC'), $("$glimpse" --version 2>/dev/null), scripts/gpu-check.sh with TOKENS=$tokens EXPERTS=$experts VOCAB=${VOCAB:-preset} DEVICE=$device PEAK_TFLOPS=$peak"
-echo "| prefill $tokens tokens, glm5 2 layers / $experts experts, $device | f32 products | bf16 products |"
+echo "| prefill $tokens tokens, synth $synth_args, $device | f32 products | bf16 products |"
 echo "|---|---|---|"
 echo "| median time | ${median[f32]:-?} s | ${median[bf16]:-?} s |"
 echo "| matrix products | ${tflops[f32]:-?} TFLOP/s ($(pct "${tflops[f32]:-0}") of bf16 peak $peak) | ${tflops[bf16]:-?} TFLOP/s ($(pct "${tflops[bf16]:-0}")) |"
 echo "| routed experts' GEMMs | ${expert_tflops[f32]:-?} TFLOP/s ($(pct "${expert_tflops[f32]:-0}")) | ${expert_tflops[bf16]:-?} TFLOP/s ($(pct "${expert_tflops[bf16]:-0}")) |"
 echo "| device memory | ${mem[f32]:-?} | ${mem[bf16]:-?} |"
-echo "| transformers eager bf16, same card: ${t_median:-not measured} s | $(ratio "${median[f32]:-1}") | $(ratio "${median[bf16]:-1}") |"
+echo "| transformers ${t_version:-} eager bf16 on $torch_device: ${t_median:-not measured} s | $(ratio "${median[f32]:-1}") | $(ratio "${median[bf16]:-1}") |"
 echo "total $(( $(date +%s) - start )) s"
+} | tee "$logs/table.md"
 [ $rc -eq 0 ]

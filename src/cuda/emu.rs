@@ -71,11 +71,22 @@ pub unsafe fn launch(name: &str, cfg: LaunchConfig, params: &[Param]) -> Result<
 pub fn gemm(cfg: &GemmConfig<f32>, a: &[f32], b: &[f32], c: &mut [f32]) -> Result<()> {
     let dims = [cfg.m, cfg.n, cfg.k, cfg.lda, cfg.ldb, cfg.ldc];
     let [m, n, k, lda, ldb, ldc] = dims.map(|v| usize::try_from(v).unwrap_or(0));
-    if dims.iter().any(|&v| v < 0) || m == 0 || n == 0 {
-        return Ok(());
+    if dims.iter().any(|&v| v < 0) {
+        return Err(Error::Device(format!("SGEMM (emulated): a negative dimension in {dims:?}")));
     }
     let t = |op: cublasOperation_t| op != cublasOperation_t::CUBLAS_OP_N;
     let (ta, tb) = (t(cfg.transa), t(cfg.transb));
+    // cuBLAS refuses (CUBLAS_STATUS_INVALID_VALUE) leading dimensions shorter than the stored
+    // matrices' columns; so does the emulation, so a configuration it passes is one cuBLAS takes.
+    let rows = |stored_t: bool, if_t: usize, if_n: usize| if stored_t { if_t } else { if_n }.max(1);
+    if lda < rows(ta, k, m) || ldb < rows(tb, n, k) || ldc < m.max(1) {
+        return Err(Error::Device(format!(
+            "SGEMM (emulated): leading dimensions {lda}, {ldb}, {ldc} too short for {m} x {n} x {k} (cuBLAS would refuse them)"
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
     // Where op(A)[i, l] and op(B)[l, j] sit; both grow with each index, so the last is the extent.
     let at = |i: usize, l: usize| if ta { l + i * lda } else { i + l * lda };
     let bt = |l: usize, j: usize| if tb { j + l * ldb } else { l + j * ldb };
@@ -103,4 +114,30 @@ pub fn gemm_batched(cfg: &StridedBatchedConfig<f32>, a: &[f32], b: &[f32], c: &m
         gemm(&cfg.gemm, a, b, c)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(transa: bool, m: i32, n: i32, k: i32, [lda, ldb, ldc]: [i32; 3]) -> GemmConfig<f32> {
+        let op = |t| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        GemmConfig { transa: op(transa), transb: op(false), m, n, k, alpha: 1.0, lda, ldb, beta: 0.0, ldc }
+    }
+
+    /// y = x W^T as the device products configure it: op(A) = W^T read at lda = k.
+    #[test]
+    fn the_row_major_product_and_cublas_leading_dimension_rules() {
+        let w = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]; // 2 rows of k = 3
+        let x = [1.0, 0.0, -1.0]; // 1 row
+        let mut y = [f32::NAN; 2];
+        gemm(&cfg(true, 2, 1, 3, [3, 3, 2]), &w, &x, &mut y).unwrap();
+        assert_eq!(y, [-2.0, -2.0]);
+        for bad in [[2, 3, 2], [3, 2, 2], [3, 3, 1]] {
+            let err = gemm(&cfg(true, 2, 1, 3, bad), &w, &x, &mut y).unwrap_err().to_string();
+            assert!(err.contains("leading dimensions"), "{bad:?}: {err}");
+        }
+        assert!(gemm(&cfg(false, 2, 1, 3, [1, 3, 2]), &w, &x, &mut y).is_err(), "N: lda must cover m");
+        assert!(gemm(&cfg(false, -1, 1, 3, [3, 3, 2]), &w, &x, &mut y).is_err(), "negative m");
+    }
 }
