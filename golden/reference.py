@@ -4,6 +4,7 @@ for example one written by `glimpse synth`.
 
     venv/bin/python golden/reference.py --model DIR --tokens "1,2,3;4,5,6" --out FILE.safetensors
     venv/bin/python golden/reference.py --model DIR --random-tokens B,S [--seed N] --out FILE.safetensors
+    venv/bin/python golden/reference.py --model DIR --tokens-from DUMP --products bf16 --out FILE.safetensors
 
 Loading:
   * no FP8 weights: `GlmMoeDsaForCausalLM.from_pretrained(DIR, dtype=float32, eager attention,
@@ -13,6 +14,14 @@ Loading:
     (see golden/README.md), so the weights are dequantised here with fixed 128x128 blocks on a ceil
     grid (`q.float() * scale_inv`, last block partial) and loaded as a state dict, like
     golden/generate.py does for its FP8 case.
+
+`--products bf16` writes the reference for glimpse's bf16 mode (`--precision bf16`): the same f32
+run, except that every `torch.nn.functional.linear` (every projection, the router, each expert and
+the lm_head) gets its input and its weight rounded to bf16 (round to nearest even) and
+accumulates and returns f32; attention, the indexer's scores, norms, RoPE and routing stay f32.
+That is the arithmetic bf16 tensor cores do with f32 accumulation, computed by transformers' own
+modules, so glimpse's bf16 path is checked against the reference rather than against itself.
+The float64 rerun stays unrounded: where the bf16 run selects differently, that is reported.
 
 The hook code, the margin checks (plus a float64 rerun whose selections are compared) and the
 dump writer are golden/generate.py's own, imported. The dump holds every name of the spec plus
@@ -151,6 +160,23 @@ def source_text(kind: str, loader: str) -> str:
     )
 
 
+class Bf16Products:
+    """Within it, `F.linear(x, w, b)` computes `bf16(x) @ bf16(w).T + b` in f32 (see the doc)."""
+
+    def __enter__(self):
+        self.linear = torch.nn.functional.linear
+        plain = self.linear
+
+        def rounded(x, w, b=None):
+            return plain(x.to(torch.bfloat16).to(x.dtype), w.to(torch.bfloat16).to(w.dtype), b)
+
+        torch.nn.functional.linear = rounded
+        return self
+
+    def __exit__(self, *exc):
+        torch.nn.functional.linear = self.linear
+
+
 def storage_kind(stored: dict[str, torch.Tensor]) -> str:
     dtypes = {t.dtype for t in stored.values()}
     if torch.float8_e4m3fn in dtypes:
@@ -164,8 +190,15 @@ def main(argv=None) -> int:
     tok = ap.add_mutually_exclusive_group(required=True)
     tok.add_argument("--tokens", help='token ids, rows separated by ";" (e.g. "1,2,3;4,5,6")')
     tok.add_argument("--random-tokens", metavar="B,S", help="B rows of S uniform random token ids")
+    tok.add_argument("--tokens-from", metavar="DUMP", help="the input_ids of an existing dump")
     ap.add_argument("--seed", type=int, default=0, help="seed for --random-tokens (default 0)")
     ap.add_argument("--out", required=True, help="dump to write (.safetensors)")
+    ap.add_argument(
+        "--products",
+        choices=["f32", "bf16"],
+        default="f32",
+        help="f32 (default), or bf16: every linear's input and weight rounded to bf16, f32 accumulation",
+    )
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)  # model construction draws from the global RNG; its values are overwritten anyway
@@ -180,6 +213,9 @@ def main(argv=None) -> int:
     vocab = c.vocab_size
     if args.tokens is not None:
         input_ids = parse_tokens(args.tokens, vocab)
+    elif args.tokens_from is not None:
+        with safe_open(args.tokens_from, "pt") as f:
+            input_ids = f.get_tensor("input_ids").to(torch.int64)
     else:
         input_ids = random_tokens(args.random_tokens, args.seed, vocab)
     B, S = input_ids.shape
@@ -194,20 +230,34 @@ def main(argv=None) -> int:
         model, loader = load_from_pretrained(args.model, cfg, sd)
     del stored
 
-    tensors, scores = G.run_reference(model, input_ids)
+    if args.products == "bf16":
+        with Bf16Products():
+            tensors, scores = G.run_reference(model, input_ids)
+    else:
+        tensors, scores = G.run_reference(model, input_ids)
     checks = G.check_selections(cfg, sd, tensors, scores, model)
     dump = G.dump_tensors(cfg, tensors, scores)
     G.check_dump_shapes(cfg, dump, B, S)
 
     metadata = {
         "format": G.DUMP_FORMAT,
-        "source": source_text(kind, loader),
+        "source": source_text(kind, loader)
+        + (
+            "; bf16 products: every F.linear's input and weight rounded to bf16 (nearest even), f32 accumulation"
+            if args.products == "bf16"
+            else ""
+        ),
+        "products": args.products,
         "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
         "model": args.model,
         "generator": GENERATOR,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
-        "tokens": "--tokens" if args.tokens is not None else f"--random-tokens {B},{S} --seed {args.seed}",
+        "tokens": "--tokens"
+        if args.tokens is not None
+        else f"--tokens-from {args.tokens_from}"
+        if args.tokens_from is not None
+        else f"--random-tokens {B},{S} --seed {args.seed}",
         "indexer_types": ",".join(c.indexer_types),
         "mlp_layer_types": ",".join(c.mlp_layer_types),
         "min_routing_margin": repr(checks["routing_margin"]),
@@ -217,7 +267,7 @@ def main(argv=None) -> int:
         "f64_selection_agreement": f"{checks['f64_agree']}/{checks['f64_total']}",
         "extra_tensors": "layers.{i}.dsa.scores (full indexer layers): indexer scores [B,S,S], -inf where j > s",
     }
-    if args.tokens is None:
+    if args.random_tokens is not None:
         metadata["seed"] = str(args.seed)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)

@@ -52,7 +52,8 @@ enum Command {
         /// Checkpoint folder (default: the bundled default case, golden/flat).
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Reference dump (default: reference.safetensors in the model folder).
+        /// Reference dump (default: reference.safetensors in the model folder; with --precision
+        /// bf16, its reference-bf16.safetensors where it has one: transformers with bf16 products).
         #[arg(long)]
         golden: Option<PathBuf>,
         /// Absolute tolerance (default 1e-4; 2e-2 with --precision bf16).
@@ -348,8 +349,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             device,
         } => {
             let model_dir = model.unwrap_or_else(default_case);
-            let golden = golden.unwrap_or_else(|| model_dir.join("reference.safetensors"));
             let target = target(device)?;
+            let golden = golden.unwrap_or_else(|| target.precision.reference_in(&model_dir));
             let default = target.precision.tolerance();
             let (atol, rtol) = (atol.unwrap_or(default.atol), rtol.unwrap_or(default.rtol));
             let tol = Tolerance { atol, rtol };

@@ -74,8 +74,8 @@ fn a_launch_with_a_short_buffer_is_refused() {
 }
 
 /// `glimpse selftest --device cuda-emu`: the kernels and products in both precisions, every
-/// golden case through the f32 path against transformers, and the bf16 path against the host's
-/// bf16 products; exit 0 only when all pass.
+/// golden case through the f32 path against transformers, and the bf16 path against transformers
+/// with bf16 products; exit 0 only when all pass.
 #[test]
 fn selftest_on_the_emulation_passes_in_both_precisions() {
     let (code, text) = common::code_and_text(&["selftest", "--device", "cuda-emu"]);
@@ -83,9 +83,23 @@ fn selftest_on_the_emulation_passes_in_both_precisions() {
     assert_eq!(code, 0);
     let verdicts = |what: &str| text.lines().filter(|l| l.starts_with("verify ") && l.contains(what)).count();
     assert_eq!(verdicts("(cuda-emu, float32)"), 5);
-    assert_eq!(verdicts("bf16 products with float32 accumulation vs the host's"), 5);
+    assert_eq!(verdicts("bf16 products with float32 accumulation vs transformers with bf16 products"), 5);
     assert_eq!(text.lines().filter(|l| l.starts_with("measure ")).count(), 5);
     assert!(!text.contains("FAILED"));
+}
+
+/// `--precision bf16 verify` defaults to the case's reference with bf16 products, and matches it
+/// at 2e-2 with decisions replayed, where the f32 reference is out of reach of bf16 rounding.
+#[test]
+fn bf16_verify_defaults_to_the_bf16_products_reference() {
+    let args = ["--precision", "bf16", "verify", "--device", "cuda-emu", "--isolate", "--force-routing"];
+    let (code, text) = common::code_and_text(&[&args[..], &["--force-selection"]].concat());
+    println!("{text}");
+    assert_eq!(code, 0);
+    assert!(text.contains("against golden/flat/reference-bf16.safetensors"), "{text}");
+    let golden = ["--golden", "golden/flat/reference.safetensors", "--force-selection"];
+    let (code, text) = common::code_and_text(&[&args[..], &golden].concat());
+    assert_eq!(code, 1, "bf16 products against the f32 reference: {text}");
 }
 
 /// `--precision bf16` is refused where the products are f32 only.

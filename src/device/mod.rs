@@ -51,6 +51,17 @@ impl Precision {
             Precision::Bf16 => crate::compare::Tolerance { atol: 2e-2, rtol: 2e-2 },
         }
     }
+
+    /// The reference dump a case folder holds for this precision: transformers' run with bf16
+    /// products (`reference-bf16.safetensors`, from `golden/reference.py --products bf16`) for
+    /// bf16 where the folder has one, else the f32 `reference.safetensors`.
+    pub fn reference_in(self, dir: &std::path::Path) -> std::path::PathBuf {
+        let bf16 = dir.join("reference-bf16.safetensors");
+        match self {
+            Precision::Bf16 if bf16.is_file() => bf16,
+            _ => dir.join("reference.safetensors"),
+        }
+    }
 }
 
 /// Where and how a prefill runs: `--device`, `--ordinal`, `--precision`.
