@@ -3,8 +3,10 @@
     python3 scripts/transformers-prefill.py MODEL_DIR TOKENS REPEAT [DEVICE=cuda] [DTYPE=bfloat16]
 
 Loads the checkpoint with GlmMoeDsaForCausalLM (eager attention and experts), runs one warm-up
-prefill of TOKENS tokens (the ids `glimpse bench` uses), then REPEAT timed ones, synchronising the
-device around each, and prints one JSON line: {"load": s, "median": s, "runs": [...]}.
+prefill of TOKENS tokens (the ids `glimpse bench` uses) in each form, then REPEAT timed ones of
+each, alternating, synchronising the device around each: the forward as called plainly (every
+position's logits) and with `logits_to_keep=1` (the last position's only, as `generate` prefills).
+Prints one JSON line: {"load": s, "median": s, "median_last": s, "runs": [...], "runs_last": [...]}.
 """
 import json
 import statistics
@@ -33,13 +35,28 @@ def sync():
         torch.cuda.synchronize()
 
 
-times = []
-with torch.no_grad():
-    m(ids, use_cache=False)  # warm-up, as glimpse bench does
+def timed(**kwargs):
+    t = time.perf_counter()
+    m(ids, use_cache=False, **kwargs)
     sync()
+    return time.perf_counter() - t
+
+
+times, times_last = [], []
+with torch.no_grad():
+    timed()  # warm-ups, as glimpse bench does
+    timed(logits_to_keep=1)
     for _ in range(repeat):
-        t = time.perf_counter()
-        m(ids, use_cache=False)
-        sync()
-        times.append(time.perf_counter() - t)
-print(json.dumps({"load": load, "median": statistics.median(times), "runs": times}))
+        times.append(timed())
+        times_last.append(timed(logits_to_keep=1))
+print(
+    json.dumps(
+        {
+            "load": load,
+            "median": statistics.median(times),
+            "median_last": statistics.median(times_last),
+            "runs": times,
+            "runs_last": times_last,
+        }
+    )
+)

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::checkpoint::Checkpoint;
+use crate::device::forward::LogitRows;
 use crate::dump::{self, DumpWriter};
 use crate::error::{Error, Result};
 use crate::hooks::{emit, HookPoint, LayerHook, NoObserver, Observer, Selector};
@@ -140,17 +141,23 @@ pub struct DeviceBench {
     /// Copying one prefill's logits back to the host (not in `runs`).
     pub download_s: f64,
     pub tokens: usize,
+    /// Prefills computing every position's logits (as a forward returns them).
     pub runs: Vec<f64>,
-    /// Matrix-product FLOPs of one prefill.
+    /// Prefills computing the last position's logits only (as generation needs), alternating
+    /// with `runs` so machine noise hits both alike.
+    pub runs_last: Vec<f64>,
+    /// Matrix-product FLOPs of one prefill, with every position's logits and with the last's.
     pub flops: u64,
+    pub flops_last: u64,
     /// Seconds and FLOPs of the routed experts' GEMMs in one more prefill, profiled (None
     /// without MoE layers).
     pub experts: Option<(f64, u64)>,
 }
 
 /// Times `repeat` prefills of `tokens` tokens (the same ids as [`run`]) through the device
-/// forward pass, up to the logits on the device (as transformers leaves them), synchronised.
-/// Copying the logits back is timed once, apart.
+/// forward pass, up to the logits on the device (as transformers leaves them), synchronised:
+/// every position's logits and, alternating, the last position's only. Copying the logits back is
+/// timed once, apart.
 pub fn run_device<O: crate::device::Ops>(ops: &O, model: &Model, tokens: usize, repeat: usize) -> Result<DeviceBench> {
     if tokens == 0 || repeat == 0 {
         return Err(Error::Usage("--tokens and --repeat must be at least 1".into()));
@@ -161,26 +168,29 @@ pub fn run_device<O: crate::device::Ops>(ops: &O, model: &Model, tokens: usize, 
     let t = Instant::now();
     let device = crate::device::forward::DeviceModel::new(ops, model)?;
     let upload_s = t.elapsed().as_secs_f64();
-    let prefill = || -> Result<(f64, O::F)> {
+    let prefill = |rows| -> Result<(f64, O::F)> {
         let t = Instant::now();
-        let logits = device.forward_on_device(&tokens_t, &mut NoObserver)?;
+        let logits = device.forward_on_device(&tokens_t, rows, &mut NoObserver)?;
         ops.synchronize()?;
         Ok((t.elapsed().as_secs_f64(), logits))
     };
-    let (first_s, logits) = prefill()?;
+    let (first_s, logits) = prefill(LogitRows::All)?;
     let flops = device.matmul_flops();
     let t = Instant::now();
     ops.download(&logits)?;
     let download_s = t.elapsed().as_secs_f64();
     drop(logits);
-    let mut runs = Vec::with_capacity(repeat);
+    prefill(LogitRows::Last)?; // its own warm-up, and its work count
+    let flops_last = device.matmul_flops() - flops;
+    let (mut runs, mut runs_last) = (Vec::with_capacity(repeat), Vec::with_capacity(repeat));
     for _ in 0..repeat {
-        runs.push(prefill()?.0);
+        runs.push(prefill(LogitRows::All)?.0);
+        runs_last.push(prefill(LogitRows::Last)?.0);
     }
     device.profile_experts(true);
     device.forward(&tokens_t, &mut NoObserver)?;
     let experts = device.expert_profile().filter(|&(_, f)| f > 0);
-    Ok(DeviceBench { upload_s, first_s, download_s, tokens, runs, flops, experts })
+    Ok(DeviceBench { upload_s, first_s, download_s, tokens, runs, runs_last, flops, flops_last, experts })
 }
 
 /// `bench --device cpu-ops|cuda`: [`run_device`] on that backend, rendered (for `cuda` with the
@@ -214,12 +224,14 @@ fn on_cuda(_: crate::device::Target, _: &Model, _: usize, _: usize) -> Result<St
 
 impl DeviceBench {
     pub fn render(&self) -> String {
-        let m = median(&self.runs);
+        let (m, last) = (median(&self.runs), median(&self.runs_last));
         format!(
             "upload (copy every weight; cpu-ops widens bf16 on the host): {:.2} s; first prefill: {:.3} s\n\
              prefill {} tokens, logits left on the device: median {:.4} s ({:.1} tok/s) over {} runs\n\
              copying the logits back (not in the prefill's time): {:.4} s\n\
-             matrix products: {:.1} GFLOP per prefill = {:.2} TFLOP/s\n",
+             matrix products: {:.1} GFLOP per prefill = {:.2} TFLOP/s\n\
+             prefill {} tokens, last position's logits only: median {:.4} s ({:.1} tok/s), \
+             {:.1} GFLOP = {:.2} TFLOP/s\n",
             self.upload_s,
             self.first_s,
             self.tokens,
@@ -228,7 +240,12 @@ impl DeviceBench {
             self.runs.len(),
             self.download_s,
             self.flops as f64 / 1e9,
-            self.flops as f64 / m / 1e12
+            self.flops as f64 / m / 1e12,
+            self.tokens,
+            last,
+            self.tokens as f64 / last,
+            self.flops_last as f64 / 1e9,
+            self.flops_last as f64 / last / 1e12
         ) + &match self.experts {
             Some((secs, flops)) => format!(
                 "expert GEMMs (one more prefill, synchronised around them): {:.1} GFLOP in {:.4} s = {:.2} TFLOP/s\n",

@@ -45,8 +45,32 @@ fn the_device_benchmark_counts_the_matmul_flops_of_a_prefill() {
     per_token += c.vocab_size * h;
     let r = glimpse::bench::run_device(&CpuOps, &model, t as usize, 2).unwrap();
     assert_eq!(r.flops, 2 * t * per_token as u64);
-    assert_eq!(r.runs.len(), 2);
+    // With the last position's logits only, the lm_head meets one token, not t.
+    assert_eq!(r.flops_last, r.flops - 2 * (t - 1) * (c.vocab_size * h) as u64);
+    assert_eq!((r.runs.len(), r.runs_last.len()), (2, 2));
     assert!(r.render().contains("prefill 16 tokens, logits left on the device: median"), "{}", r.render());
+}
+
+/// `LogitRows::Last` computes the last row of each sequence's logits (batch 2 here).
+#[test]
+fn the_last_positions_logits_are_the_last_rows_of_all() {
+    use glimpse::device::{forward::LogitRows, Ops};
+    use glimpse::hooks::NoObserver;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/grouped-shared-yarn");
+    let model = Model::load(&Checkpoint::open(&dir).unwrap()).unwrap();
+    let tokens = Dump::open(&dir.join("reference.safetensors")).unwrap().tokens().unwrap();
+    let (b, s, v) = (tokens.batch, tokens.seq, model.config.vocab_size);
+    assert_eq!(b, 2);
+    let device = DeviceModel::new(&CpuOps, &model).unwrap();
+    let all = CpuOps.download(&device.forward_on_device(&tokens, LogitRows::All, &mut NoObserver).unwrap()).unwrap();
+    let last = CpuOps.download(&device.forward_on_device(&tokens, LogitRows::Last, &mut NoObserver).unwrap()).unwrap();
+    assert_eq!(last.len(), b * v);
+    // Equal up to summation order: a product of 2 rows may block its sums differently.
+    for r in 0..b {
+        let rows = last[r * v..(r + 1) * v].iter().zip(&all[(r * s + s - 1) * v..(r * s + s) * v]);
+        let worst = rows.map(|(a, e)| (a - e).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-5, "sequence {r}: max abs diff {worst:e}");
+    }
 }
 
 mod common;

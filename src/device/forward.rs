@@ -74,6 +74,16 @@ struct DLayer<O: Ops> {
     ffn: DFfn<O>,
 }
 
+/// Which positions' logits a prefill computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitRows {
+    /// Every position's, as a model's forward returns them (and transformers' forward does).
+    All,
+    /// Each sequence's last position's only: what generating the next token needs (transformers'
+    /// `generate` prefills with `logits_to_keep=1`); the lm_head then costs B rows, not B * S.
+    Last,
+}
+
 pub struct DeviceModel<'m, O: Ops> {
     ops: &'m O,
     model: &'m Model,
@@ -277,7 +287,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
 
     /// The whole prefill: ids -> logits [B, S, vocab], copied to the host (and reported).
     pub fn forward(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
-        let logits = self.forward_on_device(tokens, obs)?;
+        let logits = self.forward_on_device(tokens, LogitRows::All, obs)?;
         let shape = (tokens.batch, tokens.seq, self.model.config.vocab_size);
         let logits = Tensor::from_vec(self.ops.download(&logits)?, shape, &Device::Cpu)?;
         if obs.wants(HookPoint::Logits) {
@@ -286,10 +296,10 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         Ok(logits)
     }
 
-    /// The prefill up to the logits [B * S, vocab], left on the device (the benchmark's unit of
-    /// work: at GLM-5's vocabulary, 2048 tokens of f32 logits are 1.3 GB to copy back); every
-    /// hook point but `logits` is reported.
-    pub fn forward_on_device(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<O::F> {
+    /// The prefill up to the logits of `rows` ([B * S, vocab] or [B, vocab]), left on the device
+    /// (the benchmark's unit of work: at GLM-5's vocabulary, 2048 tokens of f32 logits are 1.3 GB
+    /// to copy back); every hook point but `logits` is reported.
+    pub fn forward_on_device(&self, tokens: &Tokens, rows: LogitRows, obs: &mut dyn Observer) -> Result<O::F> {
         let cfg = &self.model.config;
         let (b, s, hd) = (tokens.batch, tokens.seq, cfg.hidden_size);
         let t = b * s;
@@ -326,7 +336,14 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         }
         let x = self.norm(&h, &self.norm, t, hd)?;
         self.report(obs, HookPoint::FinalNorm, &x, &[b, s, hd])?;
-        self.mm(&x, &self.lm_head, t, 1.0)
+        match rows {
+            LogitRows::All => self.mm(&x, &self.lm_head, t, 1.0), // [T, V]
+            LogitRows::Last => {
+                let last: Vec<i32> = (1..=b).map(|r| (r * s - 1) as i32).collect(); // < T
+                let x = self.ops.gather_rows(&x, &self.ops.upload_i32(&last)?, b, hd)?; // [B, H]
+                self.mm(&x, &self.lm_head, b, 1.0) // [B, V]
+            }
+        }
     }
 
     /// MLA with DSA over the selected keys, expanded form: [T, H] -> [T, H].
