@@ -249,6 +249,10 @@ enum Command {
     Selftest {
         #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         device: Backend,
+        /// With --device cuda|cuda-emu: only the kernels' and the products' checks, no golden case
+        /// (quick: e.g. under compute-sanitizer).
+        #[arg(long)]
+        kernels_only: bool,
     },
     /// Write a random-weight checkpoint in the released layout.
     Synth {
@@ -594,9 +598,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             glimpse::generate::run(&model, &ckpt, &Model::load(&ckpt)?, &tokens, &opts)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Selftest { device } => {
+        Command::Selftest { device, kernels_only } => {
             let root = default_case().parent().map(Path::to_path_buf).unwrap_or_default();
-            let ok = glimpse::selftest::run(&root, target(device)?)?;
+            let scope = if kernels_only { glimpse::selftest::Scope::Kernels } else { glimpse::selftest::Scope::All };
+            let ok = glimpse::selftest::run(&root, target(device)?, scope)?;
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Synth { config, preset, layers, experts, vocab, dtype, shards, mtp, seed, out } => {

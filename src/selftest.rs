@@ -17,14 +17,26 @@ use crate::model::mtp::Mtp;
 use crate::model::Model;
 use crate::verify::{self, VerifyOptions};
 
+/// What a selftest covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The kernels and products (with a CUDA backend), then every golden case.
+    All,
+    /// The kernels and products only (`--kernels-only`; a CUDA backend).
+    Kernels,
+}
+
 /// Prints one line per check; returns whether all passed.
-pub fn run(golden_root: &Path, target: Target) -> Result<bool> {
-    match target.backend {
-        Backend::Cpu => cases(golden_root, |_, _, _| Ok(true)),
-        Backend::CpuOps => cases(golden_root, |case, model, golden| {
+pub fn run(golden_root: &Path, target: Target, scope: Scope) -> Result<bool> {
+    match (target.backend, scope) {
+        (Backend::Cpu | Backend::CpuOps, Scope::Kernels) => {
+            Err(Error::Usage("--kernels-only needs --device cuda or cuda-emu".into()))
+        }
+        (Backend::Cpu, Scope::All) => cases(golden_root, |_, _, _| Ok(true)),
+        (Backend::CpuOps, Scope::All) => cases(golden_root, |case, model, golden| {
             device_case(&CpuOps, "cpu-ops", (case, model, golden), &VerifyOptions::default())
         }),
-        Backend::Cuda | Backend::CudaEmu => cuda(golden_root, target),
+        (Backend::Cuda | Backend::CudaEmu, _) => cuda(golden_root, target, scope),
     }
 }
 
@@ -96,7 +108,7 @@ fn report(case: &Path, how: &str, r: &verify::Report) -> bool {
 /// - and, measured, not judged, bf16 against the f32 reference the same way: on these toy random
 ///   models bf16 rounding alone moves single-layer outputs by up to a few 1e-2.
 #[cfg(feature = "cuda")]
-fn cuda(golden_root: &Path, target: Target) -> Result<bool> {
+fn cuda(golden_root: &Path, target: Target, scope: Scope) -> Result<bool> {
     use crate::device::Precision;
     use crate::verify::Replay;
     let in_precision = |precision| crate::device::cuda_ops(Target { precision, ..target });
@@ -115,6 +127,9 @@ fn cuda(golden_root: &Path, target: Target) -> Result<bool> {
         println!("kernel {:<60} max_abs {:9.3e}  {}", c.name, c.max_abs, if c.ok { "ok" } else { "FAILED" });
     }
     let kernels_ok = checks.iter().all(|c| c.ok);
+    if scope == Scope::Kernels {
+        return Ok(kernels_ok);
+    }
     let f32_name = Target { precision: Precision::F32, ..target }.describe();
     let bf16_name = Target { precision: Precision::Bf16, ..target }.describe();
     let isolated = VerifyOptions {
@@ -148,6 +163,6 @@ fn cuda(golden_root: &Path, target: Target) -> Result<bool> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: &Path, _: Target) -> Result<bool> {
+fn cuda(_: &Path, _: Target, _: Scope) -> Result<bool> {
     Err(crate::device::no_cuda())
 }

@@ -88,6 +88,7 @@ fn bad_input_is_a_one_line_error_with_exit_code_2() {
     let good_s = good.to_str().unwrap();
 
     assert_error(&glimpse(&["verify", "--model", "/no/such/dir"]), "not a directory");
+    assert_error(&glimpse(&["selftest", "--kernels-only"]), "--kernels-only needs --device cuda or cuda-emu");
     assert_error(&glimpse(&["inspect", "--model", t.to_str().unwrap()]), "config.json");
 
     let bad_json = t.join("bad-json");
