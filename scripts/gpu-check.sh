@@ -74,7 +74,9 @@ step() {
   return "$rc"
 }
 
-step selftest 150 "$glimpse" selftest --device "$device"
+# CUDA_LAUNCH_BLOCKING: a kernel that faults is reported by its own launch, not by whatever
+# synchronises next (the selftest times nothing, so serialising costs it little).
+CUDA_LAUNCH_BLOCKING=1 step selftest 150 "$glimpse" selftest --device "$device"
 rc=$?
 out=$(cat "$logs/selftest.log")
 echo
@@ -131,12 +133,17 @@ ratio() { [ -n "$1" ] && python3 -c "import sys; print(f'{float(sys.argv[1]) / f
 # Out-of-bounds accesses the parity checks cannot see (a kernel may read past a buffer and still
 # compute the right values): the kernels and products once more under compute-sanitizer.
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
-memcheck="not run"
+memcheck="not run" racecheck="not run"
 if [ "$device" = cuda ] && [ -n "$sanitizer" ]; then
   step memcheck 120 "$sanitizer" --tool memcheck --print-limit 20 --error-exitcode 3 "$glimpse" selftest --device cuda --kernels-only
   mrc=$?
   memcheck="$(grep -o 'ERROR SUMMARY: [0-9]* errors*' "$logs/memcheck.log" | tail -n 1) (exit code $mrc)"
   [ $mrc -eq 0 ] || rc=1
+  # Shared-memory races, which the emulation's fibers (switching only at barriers) cannot show.
+  step racecheck 90 "$sanitizer" --tool racecheck --print-limit 20 --error-exitcode 3 "$glimpse" selftest --device cuda --kernels-only
+  rrc=$?
+  racecheck="$(grep -oE '(RACECHECK|ERROR) SUMMARY: .*' "$logs/racecheck.log" | tail -n 1) (exit code $rrc)"
+  [ $rrc -eq 0 ] || rc=1
 fi
 {
 echo
@@ -151,6 +158,7 @@ echo "| device memory | ${mem[f32]:-?} | ${mem[bf16]:-?} |"
 echo "| transformers ${t_version:-} eager bf16 on $torch_device, every position's logits: ${t_median:-not measured} s | $(ratio "${t_median:-}" "${median[f32]:-1}") | $(ratio "${t_median:-}" "${median[bf16]:-1}") |"
 echo "| the same, logits_to_keep=1: ${t_median_last:-not measured} s | $(ratio "${t_median_last:-}" "${median_last[f32]:-1}") | $(ratio "${t_median_last:-}" "${median_last[bf16]:-1}") |"
 echo "| compute-sanitizer memcheck, kernels and products | $memcheck | |"
+echo "| compute-sanitizer racecheck, kernels and products | $racecheck | |"
 echo "total $(( $(date +%s) - start )) s"
 } | tee "$logs/table.md"
 [ $rc -eq 0 ]

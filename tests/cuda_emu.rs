@@ -71,6 +71,19 @@ fn a_launch_with_a_short_buffer_is_refused() {
     assert!(gpu.download(&y).unwrap().iter().all(|v| v.is_nan()), "nothing was written");
     let ops = CudaOps::new(Gpu::emulated(), Precision::F32).unwrap();
     assert_eq!(ops.download(&ops.zeros(3).unwrap()).unwrap(), vec![0.0; 3]);
+    // More experts chosen than exist: the kernel would index the logits with choices never made.
+    let rc = glimpse::model::moe::RouterConfig {
+        top_k: 4,
+        n_group: 1,
+        topk_group: 1,
+        norm_topk_prob: true,
+        routed_scaling_factor: 1.0,
+    };
+    let (logits, bias) = (gpu.upload(&[0.5f32; 6]).unwrap(), gpu.upload(&[0.0f32; 3]).unwrap());
+    let (mut ids, mut w, mut m) =
+        (gpu.filled(8, -1).unwrap(), gpu.filled(8, 0.0).unwrap(), gpu.filled(2, 0.0).unwrap());
+    let err = gpu.route(&logits, &bias, 2, 3, &rc, &mut ids, &mut w, &mut m).unwrap_err().to_string();
+    assert!(err.contains("route: 3 experts, top-4"), "{err}");
 }
 
 /// `glimpse selftest --device cuda-emu`: the kernels and products in both precisions, every

@@ -370,8 +370,15 @@ impl Gpu {
         weights: &mut Buf<f32>,
         margin: &mut Buf<f32>,
     ) -> Result<()> {
-        // The kernel's per-thread arrays: at most 256 experts and top_k + 1 <= 16.
-        if e > 256 || rc.top_k == 0 || rc.top_k + 1 > 16 || rc.n_group == 0 || !e.is_multiple_of(rc.n_group) {
+        // The kernel's per-thread arrays: at most 256 experts and top_k + 1 <= 16; top_k <= e, or
+        // the kernel would read the logits at choices it never made.
+        if e > 256
+            || rc.top_k == 0
+            || rc.top_k > e
+            || rc.top_k + 1 > 16
+            || rc.n_group == 0
+            || !e.is_multiple_of(rc.n_group)
+        {
             return Err(Error::Device(format!(
                 "route: {e} experts, top-{} in {} groups is beyond the kernel",
                 rc.top_k, rc.n_group

@@ -2,15 +2,20 @@
 // only, group-limited (n_group > 1: keep the topk_group groups whose top-2 biased scores sum
 // highest) or flat top-k, weights from the unbiased sigmoid, normalised (norm_topk) and scaled by
 // routed_scaling_factor, and the margin (k-th minus (k+1)-th biased score). One thread per token:
-// E <= 256 and k <= 15 (the launcher refuses more). Ties go to the lower index, as the CPU reference
-// (model::moe::route) orders them (NaN logits aside: the CPU's total order puts NaN first, this
-// kernel never picks it).
+// k <= E <= 256 and k <= 15 (the launcher refuses more). Ties go to the lower index, as the CPU
+// reference (model::moe::route) orders them. A NaN score ranks above every number, wherever it
+// sits, as a positive NaN does in the CPU's total order (a NaN router logit means the run is
+// already broken; this keeps the choice deterministic and the indices in range).
 // logits [n, e], bias [e] -> ids [n, k], weights [n, k], margin [n].
 
 #define MAX_EXPERTS 256
 #define MAX_K 16
 
-__device__ bool better(float a, int ia, float b, int ib) { return a > b || (a == b && ia < ib); }
+__device__ bool better(float a, int ia, float b, int ib) {
+    bool na = isnan(a), nb = isnan(b);
+    if (na != nb) return na;
+    return na || a == b ? ia < ib : a > b;
+}
 
 extern "C" __global__ void route(const float* logits, const float* bias, int n, int e, int k, int n_group,
                                  int topk_group, int norm_topk, float scaling, int* ids, float* weights,
