@@ -7,19 +7,12 @@
 
 mod common;
 
+use common::all_pass;
 use glimpse::cuda::attention::{AttentionPath, AttentionPlan};
 use glimpse::cuda::gpu::Gpu;
 use glimpse::cuda::ops::CudaOps;
 use glimpse::cuda::selftest::{attention, kernels, products, Check};
 use glimpse::device::{Ops, Precision};
-
-fn all_pass(checks: &[Check]) {
-    for c in checks {
-        println!("{:<45} max_abs {:9.3e}  {}", c.name, c.max_abs, if c.ok { "ok" } else { "FAILED" });
-    }
-    let failed: Vec<_> = checks.iter().filter(|c| !c.ok).map(|c| &c.name).collect();
-    assert!(failed.is_empty(), "failed: {failed:?}");
-}
 
 #[test]
 fn every_kernel_matches_its_cpu_reference_in_the_emulation() {

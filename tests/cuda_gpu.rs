@@ -9,9 +9,10 @@
 
 mod common;
 
+use common::all_pass;
 use glimpse::cuda::gpu::Gpu;
 use glimpse::cuda::ops::CudaOps;
-use glimpse::cuda::selftest::{attention, kernels, products, Check};
+use glimpse::cuda::selftest::{attention, kernels, products};
 use glimpse::device::Precision;
 
 /// GPU 0, or a printed reason to skip.
@@ -23,14 +24,6 @@ fn gpu_or_skip() -> Option<Gpu> {
             None
         }
     }
-}
-
-fn all_pass(checks: &[Check]) {
-    for c in checks {
-        println!("{:<60} max_abs {:9.3e}  {}", c.name, c.max_abs, if c.ok { "ok" } else { "FAILED" });
-    }
-    let failed: Vec<_> = checks.iter().filter(|c| !c.ok).map(|c| &c.name).collect();
-    assert!(failed.is_empty(), "failed: {failed:?}");
 }
 
 #[test]

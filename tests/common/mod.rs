@@ -61,3 +61,13 @@ pub fn assert_device_matches_every_golden_case<O: glimpse::device::Ops>(ops: &O)
         println!("{case}: {} tensors match", r.results.len());
     }
 }
+
+/// Prints every CUDA parity check and fails naming those that failed.
+#[cfg(feature = "cuda")]
+pub fn all_pass(checks: &[glimpse::cuda::selftest::Check]) {
+    for c in checks {
+        println!("{:<60} max_abs {:9.3e}  {}", c.name, c.max_abs, if c.ok { "ok" } else { "FAILED" });
+    }
+    let failed: Vec<_> = checks.iter().filter(|c| !c.ok).map(|c| &c.name).collect();
+    assert!(failed.is_empty(), "failed: {failed:?}");
+}
