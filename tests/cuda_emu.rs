@@ -108,6 +108,21 @@ fn bf16_verify_defaults_to_the_bf16_products_reference() {
     assert_eq!(code, 1, "bf16 products against the f32 reference: {text}");
 }
 
+/// The top-k's path by row length, at Hopper's shared memory (which the emulation reports): the
+/// sort while a row fits (16k keys), then chunks of 16k, and ranks where no chunk of 2 (K + 1) fits.
+#[test]
+fn the_topk_path_follows_the_shared_memory() {
+    use glimpse::cuda::gpu::TopK;
+    let mut gpu = Gpu::emulated();
+    assert_eq!(gpu.topk_path(16384, 2048), TopK::Sorted);
+    assert_eq!(gpu.topk_path(16385, 2048), TopK::Chunked { chunk: 16384 });
+    assert_eq!(gpu.topk_path(202752, 2048), TopK::Chunked { chunk: 16384 });
+    // 47 KB: chunks of 4096 keys, enough for K = 1024 but not for K = 2048 (a chunk of 8192).
+    gpu.shared_limit = 48 * 1024 - 1024;
+    assert_eq!(gpu.topk_path(16385, 1024), TopK::Chunked { chunk: 4096 });
+    assert_eq!(gpu.topk_path(16385, 2048), TopK::Ranked);
+}
+
 /// `--precision bf16` is refused where the products are f32 only.
 #[test]
 fn bf16_precision_needs_a_cuda_backend() {

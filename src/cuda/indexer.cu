@@ -11,7 +11,9 @@
 //     tokens, not for long contexts.
 //   topk_sorted: the same result from a bitonic sort of each row's (score, position) pairs in
 //     shared memory (8 bytes a key, padded to a power of two), O(T log^2 T) per row; chosen
-//     while the row fits the block's shared memory (cuda::gpu::Gpu::topk_causal).
+//     while the row fits the block's shared memory (cuda::gpu::Gpu::topk_path).
+//   topk_chunks_of_scores, topk_chunks_of_pairs, topk_emit: the same result for longer rows,
+//     sorting chunks that fit and keeping each one's best K + 1, round after round.
 //     CPU reference: model::indexer::top_k_causal.
 
 // index_combine: the chunk's scores from g = q . k * scale (a cuBLAS product, cuda::attention):
@@ -65,23 +67,9 @@ extern "C" __global__ void topk_causal(const float* scores, int s, int t, int of
     if (threadIdx.x == 0) margin[row] = causal > kk ? cut[0] - cut[1] : INFINITY;
 }
 
-extern "C" __global__ void topk_sorted(const float* scores, int s, int t, int offset, int kk, int* idx, float* margin) {
-    // [len] scores, then [len] positions.
-    extern __shared__ float sorted_keys[];
-    long long row = blockIdx.x;
-    int p = offset + (int)(row % s);
-    int causal = min(p + 1, t);
-    int len = 1;
-    while (len < causal) len <<= 1;
-    float* key = sorted_keys;
-    int* pos = (int*)(sorted_keys + len);
-    const float* sc = scores + row * t;
-    // Padding entries rank after every key, NaN ones included: NaN at the largest position.
-    for (int j = threadIdx.x; j < len; j += blockDim.x) {
-        key[j] = j < causal ? sc[j] : __int_as_float(0x7fc00000);
-        pos[j] = j < causal ? j : 0x7fffffff;
-    }
-    __syncthreads();
+// Sorts len (a power of two) (score, position) pairs in shared memory, best first (ranks_before),
+// with the whole block; ends after a barrier.
+__device__ void bitonic_sort(float* key, int* pos, int len) {
     for (int size = 2; size <= len; size <<= 1) {
         for (int stride = size >> 1; stride > 0; stride >>= 1) {
             // Pair q is slots i < j = i + stride, i the q-th slot whose `stride` bit is clear.
@@ -99,7 +87,88 @@ extern "C" __global__ void topk_sorted(const float* scores, int s, int t, int of
             __syncthreads();
         }
     }
+}
+
+// Padding slots: they rank after every key, NaN ones included (NaN at the largest position).
+#define PAD_SCORE __int_as_float(0x7fc00000)
+#define PAD_POS 0x7fffffff
+
+extern "C" __global__ void topk_sorted(const float* scores, int s, int t, int offset, int kk, int* idx, float* margin) {
+    // [len] scores, then [len] positions.
+    extern __shared__ float sorted_keys[];
+    long long row = blockIdx.x;
+    int p = offset + (int)(row % s);
+    int causal = min(p + 1, t);
+    int len = 1;
+    while (len < causal) len <<= 1;
+    float* key = sorted_keys;
+    int* pos = (int*)(sorted_keys + len);
+    const float* sc = scores + row * t;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+        key[j] = j < causal ? sc[j] : PAD_SCORE;
+        pos[j] = j < causal ? j : PAD_POS;
+    }
+    __syncthreads();
+    bitonic_sort(key, pos, len);
     int* out = idx + row * kk;
     for (int r = threadIdx.x; r < kk; r += blockDim.x) out[r] = r < causal ? pos[r] : r; // padding past the query
     if (threadIdx.x == 0) margin[row] = causal > kk ? key[kk - 1] - key[kk] : INFINITY;
+}
+
+// The chunked top-k, for rows longer than a block's shared memory holds (cuda::gpu::TopK::Chunked):
+// each chunk of `chunk` (a power of two) candidates of a row is sorted in shared memory and its
+// best `keep` = K + 1 written out, best first (the margin needs the (K+1)-th). A key among a
+// row's best K + 1 is among its chunk's best K + 1, so the row's best K + 1 are the best of the
+// chunks' lists: the launcher repeats this over the lists until one chunk is left, then
+// topk_emit writes idx and margin as topk_sorted would. Slots past a row's candidates hold
+// (PAD_SCORE, PAD_POS). One block per (row, chunk).
+//   topk_chunks_of_scores: the candidates are row r's causal keys (scores [rows, n]).
+//   topk_chunks_of_pairs: n (score, position) pairs a row, from the previous round.
+template <bool FROM_SCORES>
+__device__ void topk_chunk(const float* score, const int* at, int n, int s, int offset, int chunk, int keep,
+                           float* key, int* pos, float* out_score, int* out_pos) {
+    int chunks = (n + chunk - 1) / chunk;
+    long long row = blockIdx.x / chunks;
+    long long c = blockIdx.x % chunks;
+    long long avail = FROM_SCORES ? min(offset + (int)(row % s) + 1, n) : n;
+    for (int j = threadIdx.x; j < chunk; j += blockDim.x) {
+        long long g = c * chunk + j;
+        bool real = g < avail;
+        long long src = row * n + g;
+        key[j] = real ? score[src] : PAD_SCORE;
+        pos[j] = real ? (FROM_SCORES ? (int)g : at[src]) : PAD_POS;
+    }
+    __syncthreads();
+    bitonic_sort(key, pos, chunk);
+    long long dst = (row * chunks + c) * keep;
+    for (int r = threadIdx.x; r < keep; r += blockDim.x) {
+        out_score[dst + r] = r < chunk ? key[r] : PAD_SCORE;
+        out_pos[dst + r] = r < chunk ? pos[r] : PAD_POS;
+    }
+}
+
+extern "C" __global__ void topk_chunks_of_scores(const float* scores, int n, int s, int offset, int chunk, int keep,
+                                                 float* out_score, int* out_pos) {
+    extern __shared__ float scores_chunk[];
+    topk_chunk<true>(scores, 0, n, s, offset, chunk, keep, scores_chunk, (int*)(scores_chunk + chunk), out_score,
+                     out_pos);
+}
+
+extern "C" __global__ void topk_chunks_of_pairs(const float* score, const int* at, int n, int chunk, int keep,
+                                                float* out_score, int* out_pos) {
+    extern __shared__ float pairs_chunk[];
+    topk_chunk<false>(score, at, n, 1, 0, chunk, keep, pairs_chunk, (int*)(pairs_chunk + chunk), out_score, out_pos);
+}
+
+// topk_emit: rows' sorted best K + 1 pairs (n a row) -> idx [rows, kk] and margin [rows], as
+// topk_sorted writes them. One thread per (row, slot).
+extern "C" __global__ void topk_emit(const float* score, const int* at, long long rows, int n, int s, int t,
+                                     int offset, int kk, int* idx, float* margin) {
+    long long id = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (id >= rows * kk) return;
+    long long row = id / kk;
+    int r = (int)(id % kk);
+    int causal = min(offset + (int)(row % s) + 1, t);
+    idx[id] = r < causal ? at[row * n + r] : r; // padding past the query
+    if (r == 0) margin[row] = causal > kk ? score[row * n + kk - 1] - score[row * n + kk] : INFINITY;
 }

@@ -34,7 +34,11 @@ pub const KERNELS: &[(&str, &str, &[&str])] = &[
     ("rope", include_str!("rope.cu"), &["rope_interleaved"]),
     ("elementwise", include_str!("elementwise.cu"), &["swiglu", "add"]),
     ("router", include_str!("router.cu"), &["route", "expert_counts", "bias_changed"]),
-    ("indexer", include_str!("indexer.cu"), &["index_combine", "topk_causal", "topk_sorted"]),
+    (
+        "indexer",
+        include_str!("indexer.cu"),
+        &["index_combine", "topk_causal", "topk_sorted", "topk_chunks_of_scores", "topk_chunks_of_pairs", "topk_emit"],
+    ),
     ("attention", include_str!("attention.cu"), &["sparse_attention", "selection_mask", "masked_softmax"]),
     ("moe", include_str!("moe.cu"), &["gather_rows", "combine"]),
     ("convert", include_str!("convert.cu"), &["fp8_dequant", "bf16_widen", "bf16_round"]),

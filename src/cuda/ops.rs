@@ -196,7 +196,7 @@ impl Ops for CudaOps {
         k: usize,
     ) -> Result<(Self::I, Self::F)> {
         let (mut idx, mut m) = (self.gpu.zeros(rows * k)?, self.gpu.zeros(rows)?);
-        self.gpu.topk_causal_by(self.gpu.topk_path(t), scores, [rows, s, t, offset, k], &mut idx, &mut m)?;
+        self.gpu.topk_causal_by(self.gpu.topk_path(t, k), scores, [rows, s, t, offset, k], &mut idx, &mut m)?;
         Ok((idx, m))
     }
 

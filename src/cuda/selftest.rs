@@ -160,11 +160,13 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     let c = check_ints("bias_changed (repeated ids)", &gpu.download(&changed)?, &cpu);
     out.push(Check { ok: c.ok && cpu == [1, 0, 0], ..c });
 
-    // The causal top-k on both paths, against the CPU's: indexer scores of random inputs for 2 x 5
+    // The causal top-k on every path, against the CPU's: indexer scores of random inputs for 2 x 5
     // new queries after 38 cached keys, coarsened to quarters so ties straddle the cut, one NaN
     // (ranks last); then 9 queries from position 0 with K = 6, so early rows keep every causal
-    // key and are padded. Rows compare as sets (the spec's contract: the kernels list keys best
-    // first, the CPU lists a row it keeps whole by position), margins exactly.
+    // key and are padded; then 3 queries after 200 keys with K = 6, coarsened, with a NaN, which
+    // the chunked path (chunks of 16) cuts in five rounds. Rows compare as sets (the spec's
+    // contract: the kernels list keys best first, the CPU lists a row it keeps whole by
+    // position), margins exactly.
     let (batch, s, offset, nh, d, topk) = (2, 5, 38, 4, 16, 24);
     let t = offset + s;
     let (q, k, w) = (rng.vec(batch * s * nh * d), rng.vec(batch * t * d), rng.vec(batch * s * nh));
@@ -172,14 +174,25 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     coarse.iter_mut().for_each(|v| *v = (*v * 4.0).round() / 4.0);
     coarse[3 * t + 7] = f32::NAN;
     let prefix: Vec<f32> = rng.vec(9 * 9);
-    // Both kernels list keys best first, ties to the lower position: their rows must agree in order.
+    let mut long: Vec<f32> = rng.vec(3 * 203).iter().map(|v| (v * 4.0).round() / 4.0).collect();
+    long[203 + 150] = f32::NAN;
+    // Every path lists keys best first, ties to the lower position: their rows must agree in order.
     let mut listed: Vec<Vec<i32>> = Vec::new();
-    for path in [TopK::Ranked, TopK::Sorted] {
-        let mut worst = Check { name: format!("topk_causal ({path:?})"), max_abs: 0.0, ok: true };
+    let datasets = [(&coarse, batch, s, offset, topk), (&prefix, 1, 9, 0, 6), (&long, 1, 3, 200, 6)];
+    for path in [TopK::Ranked, TopK::Sorted, TopK::Chunked { chunk: 0 }] {
+        let name = match path {
+            TopK::Chunked { .. } => "topk_causal (Chunked, the smallest chunks K allows)".to_string(),
+            _ => format!("topk_causal ({path:?})"),
+        };
+        let mut worst = Check { name, max_abs: 0.0, ok: true };
         let mut all = Vec::new();
-        for (scores, batch, s, offset, topk) in [(&coarse, batch, s, offset, topk), (&prefix, 1, 9, 0, 6)] {
+        for (scores, batch, s, offset, topk) in datasets {
             let (t, rows) = (offset + s, batch * s);
             let kk = topk.min(t);
+            let path = match path {
+                TopK::Chunked { .. } => TopK::Chunked { chunk: (2 * (kk + 1)).next_power_of_two() },
+                other => other,
+            };
             let (mut idx, mut margin) = (gpu.filled(rows * kk, -1i32)?, gpu.filled(rows, nan)?);
             gpu.topk_causal_by(path, &gpu.upload(scores)?, [rows, s, t, offset, kk], &mut idx, &mut margin)?;
             let sel = crate::model::indexer::top_k_causal(scores, batch, s, offset, topk);
@@ -204,6 +217,7 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
         listed.push(all);
     }
     out.push(check_ints("topk_causal (Ranked and Sorted, in order)", &listed[0], &listed[1]));
+    out.push(check_ints("topk_causal (Ranked and Chunked, in order)", &listed[0], &listed[2]));
 
     // MoE dispatch: gather 9 of 13 rows; combine 13 tokens x 3 choices from 39 packed rows.
     let (tokens, kx, hidden) = (13, 3, 67);
