@@ -2,6 +2,7 @@
 //! queries at a time:
 //! - the indexer's scores: `g = q k^T * scale` for every index head in one SGEMM
 //!   (`[qc * n, d] x [d, t]`), then `index_combine` (relu, weighted sum over heads, causal -inf);
+//!   [`index_topk`] takes each chunk's top-k right after, so no more than a chunk's scores exist;
 //! - attention over DSA's selection in the masked form: per-head scores
 //!   `q_nope k_nope^T + q_rope k_rope^T` (two strided-batched SGEMMs over the heads, the second
 //!   with the shared RoPE key at stride 0), `selection_mask` + `masked_softmax`, then `P v` (a
@@ -76,6 +77,7 @@ impl Default for AttentionPlan {
 pub struct Workspace {
     products: RefCell<Option<Buf<f32>>>,
     mask: RefCell<Option<Buf<f32>>>,
+    scores: RefCell<Option<Buf<f32>>>,
 }
 
 /// A chunk of queries: batch row `b`, queries `q0 .. q0 + qc` at positions `first ..`, which
@@ -160,9 +162,39 @@ pub fn index_scores(
         let cfg = batch((true, false), [t_eff, qc * n, d], [d, d, t_eff], [0, 0, 0], 1, scale, 0.0)?;
         let row0 = b * s + q0;
         products.batched(cfg, (k, b * t * d), (q, row0 * n * d), (g, 0))?;
-        gpu.index_combine(g, w, &mut scores, [qc, n, t_eff, t], row0, first)?;
+        gpu.index_combine(g, w, &mut scores, [qc, n, t_eff, t], (row0, row0), first)?;
     }
     Ok(scores)
+}
+
+/// The indexer's selection without the whole [B, S, T] scores: each chunk's scores, then their
+/// causal top-`kk` (`Ops::index_topk`; dims as [`index_scores`]) -> (idx [B, S, kk], margin
+/// [B, S]). Memory: a chunk's products and scores, not S x T floats (64 GB at 128k tokens).
+pub fn index_topk(
+    (gpu, products, ws): (&Gpu, &Products, &Workspace),
+    chunk_values: usize,
+    (q, k, w): (&Buf<f32>, &Buf<f32>, &Buf<f32>),
+    [batch_n, s, t, n, d, offset]: [usize; 6],
+    scale: f32,
+    kk: usize,
+) -> Result<(Buf<i32>, Buf<f32>)> {
+    let (mut idx, mut margin) = (gpu.zeros(batch_n * s * kk)?, gpu.zeros(batch_n * s)?);
+    let (mut g, mut scores) = (ws.products.borrow_mut(), ws.scores.borrow_mut());
+    let path = gpu.topk_path(t, kk);
+    for Chunk { b, q0, qc, first, t_eff } in chunks(batch_n, [s, t, offset], chunk_values, n * t) {
+        let g = scratch(gpu, &mut g, qc * n * t_eff)?;
+        let cfg = batch((true, false), [t_eff, qc * n, d], [d, d, t_eff], [0, 0, 0], 1, scale, 0.0)?;
+        let row0 = b * s + q0;
+        products.batched(cfg, (k, b * t * d), (q, row0 * n * d), (g, 0))?;
+        let scores = scratch(gpu, &mut scores, qc * t)?;
+        gpu.index_combine(g, w, scores, [qc, n, t_eff, t], (row0, 0), first)?;
+        // The chunk's rows are queries first .. first + qc: row i at first + i % qc.
+        let (mut ci, mut cm) = (gpu.zeros(qc * kk)?, gpu.zeros(qc)?);
+        gpu.topk_causal_by(path, scores, [qc, qc, t, first, kk], &mut ci, &mut cm)?;
+        gpu.copy_into(&ci, qc * kk, &mut idx, row0 * kk)?;
+        gpu.copy_into(&cm, qc, &mut margin, row0)?;
+    }
+    Ok((idx, margin))
 }
 
 /// Attention over the selection in the masked form: q [B, S, nh, nope + rd], kv [B, T, nh,

@@ -424,16 +424,43 @@ impl Gpu {
         w: &Buf<f32>,
         scores: &mut Buf<f32>,
         [qc, n, t_eff, t]: [usize; 4],
-        row0: usize,
+        (w_row0, out_row0): (usize, usize),
         first: usize,
     ) -> Result<()> {
         fits(
             "index_combine",
-            &[(g.len(), qc * n * t_eff), (w.len(), (row0 + qc) * n), (scores.len(), (row0 + qc) * t)],
+            &[(g.len(), qc * n * t_eff), (w.len(), (w_row0 + qc) * n), (scores.len(), (out_row0 + qc) * t)],
         )?;
         let [q32, n32, te32, t32, f32_] = ints("index_combine", [qc, n, t_eff, t, first])?;
-        let row0 = row0 as i64;
-        launch!(self, "index_combine", cfg(qc * t, 256, 0), [g, w, scores, &q32, &n32, &te32, &t32, &row0, &f32_])
+        let (w_row0, out_row0) = (w_row0 as i64, out_row0 as i64);
+        launch!(
+            self,
+            "index_combine",
+            cfg(qc * t, 256, 0),
+            [g, w, scores, &q32, &n32, &te32, &t32, &w_row0, &out_row0, &f32_]
+        )
+    }
+
+    /// Copies the first `n` values of `src` into `dst` from `start` on (on the device).
+    pub fn copy_into<T: DeviceRepr + Clone>(
+        &self,
+        src: &Buf<T>,
+        n: usize,
+        dst: &mut Buf<T>,
+        start: usize,
+    ) -> Result<()> {
+        fits("copy", &[(src.len(), n), (dst.len(), start + n)])?;
+        match (&self.engine, src, dst) {
+            (Engine::Cuda { stream, .. }, Buf::Device(a), Buf::Device(b)) => stream
+                .memcpy_dtod(&a.slice(..n), &mut b.slice_mut(start..start + n))
+                .map_err(driver("copy on the device")),
+            (Engine::Emulated, Buf::Host(a), Buf::Host(b)) => {
+                b[start..start + n].clone_from_slice(&a[..n]);
+                Ok(())
+            }
+            (Engine::Cuda { .. }, ..) => Err(host_buffer_on_gpu()),
+            (Engine::Emulated, ..) => Err(device_buffer_on_host()),
+        }
     }
 
     /// q: [B, S, nh, nope + rd]; kv: [B, T, nh, nope + vd]; k_rope: [B, T, rd]; idx: [B, S, K]

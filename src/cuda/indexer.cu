@@ -17,17 +17,18 @@
 //     CPU reference: model::indexer::top_k_causal.
 
 // index_combine: the chunk's scores from g = q . k * scale (a cuBLAS product, cuda::attention):
-//   scores[row0 + i, j] = sum_h w[row0 + i, h] * relu(g[i * n + h, j]) for the causal keys
+//   scores[out_row0 + i, j] = sum_h w[w_row0 + i, h] * relu(g[i * n + h, j]) for the causal keys
 //   j <= first + i (and j < t_eff, the keys g covers), -inf after. g is [qc * n, t_eff]; one
-//   thread per (i, j) of [qc, t].
+//   thread per (i, j) of [qc, t]. The rows of all queries' scores (out_row0 = w_row0), or of a
+//   chunk's own (out_row0 = 0) when its top-k is taken before the next chunk.
 extern "C" __global__ void index_combine(const float* g, const float* w, float* scores, int qc, int n, int t_eff,
-                                         int t, long long row0, int first) {
+                                         int t, long long w_row0, long long out_row0, int first) {
     long long id = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (id >= (long long)qc * t) return;
     int i = (int)(id / t), j = (int)(id % t);
-    float* out = scores + (row0 + i) * t + j;
+    float* out = scores + (out_row0 + i) * t + j;
     if (j > first + i || j >= t_eff) { *out = -INFINITY; return; }
-    const float* wr = w + (row0 + i) * n;
+    const float* wr = w + (w_row0 + i) * n;
     float acc = 0.0f;
     for (int h = 0; h < n; h++) acc += fmaxf(g[((long long)i * n + h) * t_eff + j], 0.0f) * wr[h];
     *out = acc;

@@ -40,6 +40,19 @@ impl CudaOps {
         attention::index_scores(on, plan.chunk_values, (q, k, w), dims, scale)
     }
 
+    /// [`Ops::index_topk`] as `plan` chunks it.
+    pub fn index_topk_with(
+        &self,
+        plan: AttentionPlan,
+        (q, k, w): (&Buf<f32>, &Buf<f32>, &Buf<f32>),
+        dims: [usize; 6],
+        scale: f32,
+        kk: usize,
+    ) -> Result<(Buf<i32>, Buf<f32>)> {
+        let on = (&self.gpu, &self.products, &self.workspace);
+        attention::index_topk(on, plan.chunk_values, (q, k, w), dims, scale, kk)
+    }
+
     /// [`Ops::sparse_attention`] on the path `plan` gives (or the one the sizes choose).
     pub fn sparse_attention_with(
         &self,
@@ -184,6 +197,18 @@ impl Ops for CudaOps {
 
     fn index_scores(&self, q: &Self::F, k: &Self::F, w: &Self::F, dims: [usize; 6], scale: f32) -> Result<Self::F> {
         self.index_scores_with(self.attention, (q, k, w), dims, scale)
+    }
+
+    fn index_topk(
+        &self,
+        q: &Self::F,
+        keys: &Self::F,
+        w: &Self::F,
+        dims: [usize; 6],
+        scale: f32,
+        k: usize,
+    ) -> Result<(Self::I, Self::F)> {
+        self.index_topk_with(self.attention, (q, keys, w), dims, scale, k)
     }
 
     fn topk_causal(

@@ -309,8 +309,16 @@ pub fn attention(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
     let whole = AttentionPlan::default();
     let chunks_of_2 = |path, heads| AttentionPlan { path, chunk_values: 2 * heads * t };
     for (name, plan) in [("index_scores", whole), ("index_scores (chunks of 2 queries)", chunks_of_2(None, nh))] {
-        let got = ops.download(&ops.index_scores_with(plan, (&dq, &dk, &dw), dims, scale)?)?;
-        out.push(check(format!("{name}{mode}"), &got, &cpu_scores, tol.max(1e-4)));
+        let scores = ops.index_scores_with(plan, (&dq, &dk, &dw), dims, scale)?;
+        out.push(check(format!("{name}{mode}"), &ops.download(&scores)?, &cpu_scores, tol.max(1e-4)));
+        // The selection taken chunk by chunk, without the whole scores, is the selection of the
+        // whole scores (the same products): the same keys in the same order, the same margins.
+        let (idx, margin) = ops.topk_causal(&scores, batch * s, s, t, offset, topk.min(t))?;
+        let (fused_idx, fused_margin) = ops.index_topk_with(plan, (&dq, &dk, &dw), dims, scale, topk.min(t))?;
+        let ids = check_ints("", &ops.gpu.download(&fused_idx)?, &ops.gpu.download(&idx)?);
+        let m = check("", &ops.download(&fused_margin)?, &ops.download(&margin)?, 0.0);
+        let name = name.replace("index_scores", "index_topk");
+        out.push(Check { name: format!("{name}{mode}"), max_abs: m.max_abs.max(ids.max_abs), ok: m.ok && ids.ok });
     }
 
     // Attention over the CPU's top-k of those scores: 3 heads, nope 12, rope 4, v 10.

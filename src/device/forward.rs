@@ -392,10 +392,16 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             let mut ki = self.ops.layer_norm(&ki, &ix.k_norm.0, &ix.k_norm.1, t, d, ix.k_norm.2)?; // [T, d]
             self.ops.rope(&mut ki, cos, sin, [t, s, 1, d, 0, half])?;
             let w = self.mm(x, &ix.weights_proj, t, (n as f32).powf(-0.5))?; // [T, n]
-            let scores = self.ops.index_scores(&qi, &ki, &w, [b, s, s, n, d, 0], (d as f32).powf(-0.5))?;
-            self.report(obs, hook(LayerHook::DsaScores), &scores, &[b, s, s])?;
-            let k = ix.topk.min(s);
-            let (idx, margin) = self.ops.topk_causal(&scores, t, s, s, 0, k)?;
+            let (dims, scale, k) = ([b, s, s, n, d, 0], (d as f32).powf(-0.5), ix.topk.min(s));
+            // The whole [B, S, S] scores only when they are recorded: otherwise the backend may
+            // select a chunk of queries at a time (16 GB of scores at 64k tokens).
+            let (idx, margin) = if obs.wants(hook(LayerHook::DsaScores)) {
+                let scores = self.ops.index_scores(&qi, &ki, &w, dims, scale)?;
+                self.report(obs, hook(LayerHook::DsaScores), &scores, &[b, s, s])?;
+                self.ops.topk_causal(&scores, t, s, s, 0, k)?
+            } else {
+                self.ops.index_topk(&qi, &ki, &w, dims, scale, k)?
+            };
             self.report(obs, hook(LayerHook::DsaMargin), &margin, &[b, s])?;
             *selection = Some((idx, k));
         }

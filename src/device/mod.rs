@@ -303,6 +303,22 @@ pub trait Ops {
         offset: usize,
         k: usize,
     ) -> Result<(Self::I, Self::F)>;
+    /// The indexer's selection, `index_scores` then `topk_causal` of `k` (dims as
+    /// `index_scores`) -> (idx [B, S, k], margin [B, S]); a backend may compute it a chunk of
+    /// queries at a time, so the whole [B, S, T] scores never exist at once.
+    fn index_topk(
+        &self,
+        q: &Self::F,
+        keys: &Self::F,
+        w: &Self::F,
+        dims: [usize; 6],
+        scale: f32,
+        k: usize,
+    ) -> Result<(Self::I, Self::F)> {
+        let [b, s, t, _, _, offset] = dims;
+        let scores = self.index_scores(q, keys, w, dims, scale)?;
+        self.topk_causal(&scores, b * s, s, t, offset, k)
+    }
     /// dims = [B, S, T, nh, nope, rd, vd, K, offset] -> out [B, S, nh, vd].
     #[allow(clippy::too_many_arguments)]
     fn sparse_attention(

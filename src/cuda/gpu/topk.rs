@@ -42,7 +42,13 @@ impl Gpu {
         idx: &mut Buf<i32>,
         margin: &mut Buf<f32>,
     ) -> Result<()> {
-        crate::device::check_topk_causal(rows, s, t, offset, k)?;
+        // Unlike `Ops::topk_causal`, the rows may be a chunk of the queries (`attention::index_topk`):
+        // their positions offset .. offset + s may end before the last key.
+        if s == 0 || offset + s > t || !rows.is_multiple_of(s) || k == 0 || k > t {
+            return Err(Error::Device(format!(
+                "topk_causal: {rows} rows of {s} queries after {offset} do not fit {t} keys (k {k})"
+            )));
+        }
         fits("topk_causal", &[(scores.len(), rows * t), (idx.len(), rows * k), (margin.len(), rows)])?;
         let [s32, t32, o32, k32] = ints("topk_causal", [s, t, offset, k])?;
         let args = (&s32, &t32, &o32, &k32);
