@@ -26,7 +26,9 @@
 # 3. When this machine's python has torch (with CUDA) and transformers: transformers' eager
 #    prefill of the same checkpoint and tokens in bf16 (scripts/transformers-prefill.py), and the
 #    speed ratio. Otherwise the table says it was not measured.
-# 4. Prints summary tables for docs/gpu-results.md.
+# 4. With the time left: `selftest --kernels-only` under compute-sanitizer's memcheck and racecheck.
+# 5. Prints summary tables for docs/gpu-results.md. The logs are 8 files, the most the device tool
+#    brings back: a ninth would not come back.
 set -uo pipefail
 glimpse=${1:-$( [ -x gpu-bin/glimpse ] && echo gpu-bin/glimpse || echo target/release/glimpse )}
 if [ ! -x "$glimpse" ]; then
@@ -36,7 +38,7 @@ fi
 # NVRTC and cuBLAS are loaded at run time: put the first folder holding each on the loader's path
 # (CUDA's own folders first, then the wheels of the python here, e.g. torch's nvidia-* packages).
 lib_dirs="/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu \
-  $(python3 -c 'import site; print(" ".join(p + "/nvidia/cu13/lib " + p + "/nvidia/cublas/lib " + p + "/nvidia/cuda_nvrtc/lib" for p in site.getsitepackages()))' 2>/dev/null)"
+  $("${PYTHON:-python3}" -c 'import site; print(" ".join(p + "/nvidia/cu13/lib " + p + "/nvidia/cublas/lib " + p + "/nvidia/cuda_nvrtc/lib" for p in site.getsitepackages()))' 2>/dev/null)"
 for lib in libnvrtc.so libcublas.so; do
   for d in $lib_dirs; do
     if ls "$d/$lib".13* >/dev/null 2>&1; then
@@ -70,7 +72,7 @@ step() {
   fi
   timeout --kill-after=5 "$cap" "$@" 2>&1 | tee "$logs/$name.log"
   local rc=${PIPESTATUS[0]}
-  [ "$rc" -eq 124 ] && echo "$name: stopped after its limit of $cap s" | tee -a "$logs/$name.log"
+  case $rc in 124 | 137) echo "$name: stopped after its limit of $cap s" | tee -a "$logs/$name.log" ;; esac
   return "$rc"
 }
 
@@ -133,8 +135,10 @@ ratio() { [ -n "$1" ] && [ -n "$2" ] && python3 -c "import sys; print(f'{float(s
 # Out-of-bounds accesses the parity checks cannot see (a kernel may read past a buffer and still
 # compute the right values), then shared-memory races, which the emulation's fibers (switching
 # only at barriers) cannot show: the kernels and products once more under compute-sanitizer.
-# Exit code 3 means it found something (a failure of the check); any other non-zero code means
-# the tool could not run here (on gVisor machines it refuses the device), which is reported only.
+# Verdicts: exit 0 with its summary is clean; exit 3 (--error-exitcode) is a finding, a failure
+# of the check (racecheck watches cuBLAS's kernels too: the log names the kernel); a log saying
+# the device is not supported (gVisor machines), or with no summary, is no verdict; any other exit
+# is the selftest failing under the tool, a failure.
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 declare -A sanitized=([memcheck]="not run" [racecheck]="not run")
 if [ "$device" = cuda ] && [ -n "$sanitizer" ]; then
@@ -143,11 +147,15 @@ if [ "$device" = cuda ] && [ -n "$sanitizer" ]; then
       --device cuda --kernels-only
     src=$?
     summary=$(grep -oE '(ERROR|RACECHECK) SUMMARY: .*' "$logs/$tool.log" | tail -n 1)
-    case $src in
-      0) sanitized[$tool]="${summary:-clean}" ;;
-      3) sanitized[$tool]="FOUND: $summary"; rc=1 ;;
-      *) sanitized[$tool]="no verdict (exit code $src: the tool could not run here, or ran out of time; see $tool.log)" ;;
-    esac
+    if grep -qi 'not supported' "$logs/$tool.log" || [ -z "$summary" ]; then
+      sanitized[$tool]="no verdict (exit code $src: the tool could not run here, or ran out of time; see $tool.log)"
+    elif [ $src -eq 0 ]; then
+      sanitized[$tool]="$summary"
+    elif [ $src -eq 3 ]; then
+      sanitized[$tool]="FOUND: $summary (see $tool.log)"; rc=1
+    else
+      sanitized[$tool]="FAILED: the selftest exited $src under the tool (see $tool.log)"; rc=1
+    fi
   done
 fi
 {

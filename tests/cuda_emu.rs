@@ -106,6 +106,12 @@ fn bf16_verify_defaults_to_the_bf16_products_reference() {
     let golden = ["--golden", "golden/flat/reference.safetensors", "--force-selection"];
     let (code, text) = common::code_and_text(&[&args[..], &golden].concat());
     assert_eq!(code, 1, "bf16 products against the f32 reference: {text}");
+    // And the other way: f32 products do not pass for bf16 ones against the bf16 reference.
+    let f32_args = ["verify", "--device", "cuda-emu", "--model", "golden/bf16-fused", "--isolate", "--force-routing"];
+    let bf16_golden = ["--golden", "golden/bf16-fused/reference-bf16.safetensors", "--force-selection"];
+    let tol = ["--atol", "2e-2", "--rtol", "2e-2"];
+    let (code, text) = common::code_and_text(&[&f32_args[..], &bf16_golden, &tol].concat());
+    assert_eq!(code, 1, "f32 products against the bf16 reference: {text}");
 }
 
 /// The top-k's path by row length, at Hopper's shared memory (which the emulation reports): the

@@ -13,17 +13,22 @@ use common::all_pass;
 use glimpse::cuda::gpu::Gpu;
 use glimpse::cuda::ops::CudaOps;
 use glimpse::cuda::selftest::{attention, kernels, products};
+use glimpse::cuda::{probe, Lib};
 use glimpse::device::Precision;
 
-/// GPU 0, or a printed reason to skip.
+/// GPU 0, or a printed reason to skip: no NVIDIA driver, or no device. Any other failure to open
+/// it (NVRTC missing, a kernel that does not compile or load) fails the test, as does any skip
+/// with `GLIMPSE_REQUIRE_GPU` set.
 fn gpu_or_skip() -> Option<Gpu> {
-    match Gpu::open(0) {
-        Ok(gpu) => Some(gpu),
-        Err(e) => {
-            println!("skipped: no GPU to test on ({e})");
-            None
-        }
-    }
+    let why = match probe(&[Lib::Driver]).map(|()| Gpu::open(0)) {
+        Ok(Ok(gpu)) => return Some(gpu),
+        Err(e) => e.to_string(),
+        Ok(Err(e)) if e.to_string().contains("NO_DEVICE") => e.to_string(),
+        Ok(Err(e)) => panic!("a CUDA driver is here but GPU 0 does not open: {e}"),
+    };
+    assert!(std::env::var_os("GLIMPSE_REQUIRE_GPU").is_none(), "GLIMPSE_REQUIRE_GPU is set: {why}");
+    println!("skipped: no GPU to test on ({why})");
+    None
 }
 
 #[test]

@@ -34,7 +34,7 @@ fn every_kernel_compiles_for_hopper_and_ampere() {
             );
             for k in *kernels {
                 assert!(compiled.ptx.contains(&format!(".entry {k}(")), "{file}.cu for {arch}: no entry point `{k}`");
-                let symbol = [k.as_bytes(), b"\0"].concat();
+                let symbol = [b"\0", k.as_bytes(), b"\0"].concat(); // the whole name in the string table
                 assert!(
                     compiled.cubin.windows(symbol.len()).any(|w| w == symbol.as_slice()),
                     "{file}.cu for {arch}: `{k}` is not in the machine code"

@@ -78,6 +78,8 @@ pub struct Workspace {
     products: RefCell<Option<Buf<f32>>>,
     mask: RefCell<Option<Buf<f32>>>,
     scores: RefCell<Option<Buf<f32>>>,
+    chunk_idx: RefCell<Option<Buf<i32>>>,
+    chunk_margin: RefCell<Option<Buf<f32>>>,
 }
 
 /// A chunk of queries: batch row `b`, queries `q0 .. q0 + qc` at positions `first ..`, which
@@ -145,24 +147,38 @@ fn batch(
     })
 }
 
+/// One chunk's indexer scores: `g = q k^T * scale` for its queries over the keys they see, then
+/// `index_combine` into rows `out_row0 ..` of `out` (rows of `cols` keys, -inf past a query's).
+fn chunk_scores(
+    (gpu, products, g): (&Gpu, &Products, &mut Option<Buf<f32>>),
+    (q, k, w): (&Buf<f32>, &Buf<f32>, &Buf<f32>),
+    c: &Chunk,
+    [s, t, n, d]: [usize; 4],
+    scale: f32,
+    (out, out_row0, cols): (&mut Buf<f32>, usize, usize),
+) -> Result<()> {
+    let g = scratch(gpu, g, c.qc * n * c.t_eff)?;
+    // g^T [t_eff, qc * n] = k[b, :t_eff] (d x t_eff, transposed) x q rows (d x qc * n).
+    let cfg = batch((true, false), [c.t_eff, c.qc * n, d], [d, d, c.t_eff], [0, 0, 0], 1, scale, 0.0)?;
+    let row0 = c.b * s + c.q0;
+    products.batched(cfg, (k, c.b * t * d), (q, row0 * n * d), (g, 0))?;
+    gpu.index_combine(g, w, out, [c.qc, n, c.t_eff, cols], (row0, out_row0), c.first)
+}
+
 /// The indexer's scores: q [B, S, n, d], k [B, T, d], w [B, S, n] -> [B, S, T] (the
 /// `Ops::index_scores` contract; dims = [B, S, T, n, d, offset]).
 pub fn index_scores(
     (gpu, products, ws): (&Gpu, &Products, &Workspace),
     chunk_values: usize,
-    (q, k, w): (&Buf<f32>, &Buf<f32>, &Buf<f32>),
+    qkw: (&Buf<f32>, &Buf<f32>, &Buf<f32>),
     [batch_n, s, t, n, d, offset]: [usize; 6],
     scale: f32,
 ) -> Result<Buf<f32>> {
     let mut scores = gpu.zeros(batch_n * s * t)?;
     let mut g = ws.products.borrow_mut();
-    for Chunk { b, q0, qc, first, t_eff } in chunks(batch_n, [s, t, offset], chunk_values, n * t) {
-        let g = scratch(gpu, &mut g, qc * n * t_eff)?;
-        // g^T [t_eff, qc * n] = k[b, :t_eff] (d x t_eff, transposed) x q rows (d x qc * n).
-        let cfg = batch((true, false), [t_eff, qc * n, d], [d, d, t_eff], [0, 0, 0], 1, scale, 0.0)?;
-        let row0 = b * s + q0;
-        products.batched(cfg, (k, b * t * d), (q, row0 * n * d), (g, 0))?;
-        gpu.index_combine(g, w, &mut scores, [qc, n, t_eff, t], (row0, row0), first)?;
+    for c in chunks(batch_n, [s, t, offset], chunk_values, n * t) {
+        let row0 = c.b * s + c.q0;
+        chunk_scores((gpu, products, &mut g), qkw, &c, [s, t, n, d], scale, (&mut scores, row0, t))?;
     }
     Ok(scores)
 }
@@ -173,26 +189,25 @@ pub fn index_scores(
 pub fn index_topk(
     (gpu, products, ws): (&Gpu, &Products, &Workspace),
     chunk_values: usize,
-    (q, k, w): (&Buf<f32>, &Buf<f32>, &Buf<f32>),
+    qkw: (&Buf<f32>, &Buf<f32>, &Buf<f32>),
     [batch_n, s, t, n, d, offset]: [usize; 6],
     scale: f32,
     kk: usize,
 ) -> Result<(Buf<i32>, Buf<f32>)> {
     let (mut idx, mut margin) = (gpu.zeros(batch_n * s * kk)?, gpu.zeros(batch_n * s)?);
     let (mut g, mut scores) = (ws.products.borrow_mut(), ws.scores.borrow_mut());
-    let path = gpu.topk_path(t, kk);
-    for Chunk { b, q0, qc, first, t_eff } in chunks(batch_n, [s, t, offset], chunk_values, n * t) {
-        let g = scratch(gpu, &mut g, qc * n * t_eff)?;
-        let cfg = batch((true, false), [t_eff, qc * n, d], [d, d, t_eff], [0, 0, 0], 1, scale, 0.0)?;
-        let row0 = b * s + q0;
-        products.batched(cfg, (k, b * t * d), (q, row0 * n * d), (g, 0))?;
-        let scores = scratch(gpu, &mut scores, qc * t)?;
-        gpu.index_combine(g, w, scores, [qc, n, t_eff, t], (row0, 0), first)?;
-        // The chunk's rows are queries first .. first + qc: row i at first + i % qc.
-        let (mut ci, mut cm) = (gpu.zeros(qc * kk)?, gpu.zeros(qc)?);
-        gpu.topk_causal_by(path, scores, [qc, qc, t, first, kk], &mut ci, &mut cm)?;
-        gpu.copy_into(&ci, qc * kk, &mut idx, row0 * kk)?;
-        gpu.copy_into(&cm, qc, &mut margin, row0)?;
+    let (mut chunk_idx, mut chunk_margin) = (ws.chunk_idx.borrow_mut(), ws.chunk_margin.borrow_mut());
+    for c in chunks(batch_n, [s, t, offset], chunk_values, n * t) {
+        // Rows as wide as the keys the chunk sees (at least K, which the top-k requires).
+        let cols = c.t_eff.max(kk).min(t);
+        let scores = scratch(gpu, &mut scores, c.qc * cols)?;
+        chunk_scores((gpu, products, &mut g), qkw, &c, [s, t, n, d], scale, (&mut *scores, 0, cols))?;
+        // Row i of the chunk is the query at position first + i.
+        let (ci, cm) = (scratch(gpu, &mut chunk_idx, c.qc * kk)?, scratch(gpu, &mut chunk_margin, c.qc)?);
+        gpu.topk_causal_by(gpu.topk_path(cols, kk), scores, [c.qc, c.qc, cols, c.first, kk], ci, cm)?;
+        let row0 = c.b * s + c.q0;
+        gpu.copy_into(ci, c.qc * kk, &mut idx, row0 * kk)?;
+        gpu.copy_into(cm, c.qc, &mut margin, row0)?;
     }
     Ok((idx, margin))
 }

@@ -416,7 +416,8 @@ impl Gpu {
     }
 
     /// The indexer's scores for `qc` queries from the products g = q . k * scale ([qc * n, t_eff]):
-    /// rows `row0 ..` of scores [*, t] (the first at position `first`), from the weights w [*, n].
+    /// rows `out_row0 ..` of scores [*, t] (the first at position `first`), from rows `w_row0 ..`
+    /// of the weights w [*, n].
     #[allow(clippy::too_many_arguments)]
     pub fn index_combine(
         &self,

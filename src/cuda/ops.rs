@@ -220,6 +220,7 @@ impl Ops for CudaOps {
         offset: usize,
         k: usize,
     ) -> Result<(Self::I, Self::F)> {
+        crate::device::check_topk_causal(rows, s, t, offset, k)?; // the contract, as on the CPU
         let (mut idx, mut m) = (self.gpu.zeros(rows * k)?, self.gpu.zeros(rows)?);
         self.gpu.topk_causal_by(self.gpu.topk_path(t, k), scores, [rows, s, t, offset, k], &mut idx, &mut m)?;
         Ok((idx, m))

@@ -3,9 +3,9 @@
 // highest) or flat top-k, weights from the unbiased sigmoid, normalised (norm_topk) and scaled by
 // routed_scaling_factor, and the margin (k-th minus (k+1)-th biased score). One thread per token:
 // k <= E <= 256 and k <= 15 (the launcher refuses more). Ties go to the lower index, as the CPU
-// reference (model::moe::route) orders them. A NaN score ranks above every number, wherever it
-// sits, as a positive NaN does in the CPU's total order (a NaN router logit means the run is
-// already broken; this keeps the choice deterministic and the indices in range).
+// reference (model::moe::route) orders them. A NaN score ranks above every number whatever its
+// sign and wherever it sits, as torch.topk and the CPU reference rank it (a NaN router logit
+// means the run is already broken; this keeps both sides alike and the indices in range).
 // logits [n, e], bias [e] -> ids [n, k], weights [n, k], margin [n].
 
 #define MAX_EXPERTS 256

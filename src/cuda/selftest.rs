@@ -152,6 +152,30 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
             check_ints(&format!("bias_changed ({})", &name[7..name.len() - 1]), &gpu.download(&changed)?, &cpu_changed);
         out.push(Check { ok: c.ok && some, ..c });
     }
+
+    // NaN logits of either sign rank first on both sides (torch.topk's order), flat and grouped:
+    // the chosen ids must agree (the weights of a token that chose a NaN are NaN).
+    for (name, n_group, topk_group) in [("route (NaN logits, flat)", 1, 1), ("route (NaN logits, grouped 8/3)", 8, 3)] {
+        let (tokens, e) = (4, 64);
+        let rc = RouterConfig { top_k: 6, n_group, topk_group, norm_topk_prob: true, routed_scaling_factor: 2.5 };
+        let mut logits = rng.vec(tokens * e);
+        let negative_nan = f32::from_bits(0xffc0_0000);
+        for (at, v) in [(10, f32::NAN), (e, negative_nan), (2 * e + 2, f32::NAN), (2 * e + 40, negative_nan)] {
+            logits[at] = v;
+        }
+        let bias = vec![0.0f32; e];
+        let (mut ids, mut w, mut m) =
+            (gpu.filled(tokens * rc.top_k, -1i32)?, gpu.filled(tokens * rc.top_k, nan)?, gpu.filled(tokens, nan)?);
+        gpu.route(&gpu.upload(&logits)?, &gpu.upload(&bias)?, tokens, e, &rc, &mut ids, &mut w, &mut m)?;
+        let cpu_ids: Vec<i32> =
+            logits.chunks(e).flat_map(|l| route(&rc, l, &bias).ids.into_iter().map(|i| i as i32)).collect();
+        // Tokens 0-2 hold a NaN each; every one of them must have been chosen.
+        let chose_nan =
+            (0..3).all(|t| cpu_ids[t * rc.top_k..][..rc.top_k].iter().any(|&i| logits[t * e + i as usize].is_nan()));
+        let c = check_ints(name, &gpu.download(&ids)?, &cpu_ids);
+        out.push(Check { ok: c.ok && chose_nan, ..c });
+    }
+
     // A replayed route may repeat an id: rows compare as multisets, as the CPU's sorted rows do.
     let (ids, plain) = (vec![1, 1, 2, 1, 2, 1, 4, 5, 6], vec![1, 2, 3, 2, 1, 1, 6, 4, 5]);
     let mut changed = gpu.filled(3, -1i32)?;

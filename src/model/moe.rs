@@ -116,10 +116,20 @@ fn route_ids(rc: &RouterConfig, logits: &[f32], bias: &[f32]) -> Vec<usize> {
     top_indices(&choice_scores(rc, &scores, bias), rc.top_k)
 }
 
-/// Indices of the `k` largest values, largest first (ties by index).
+/// Indices of the `k` largest values, largest first, ties by index. A NaN ranks above every
+/// number whatever its sign, as `torch.topk` ranks it (and the route kernel, `cuda/router.cu`).
 pub fn top_indices(v: &[f32], k: usize) -> Vec<usize> {
+    use std::cmp::Ordering;
     let mut order: Vec<usize> = (0..v.len()).collect();
-    order.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| {
+        let by_value = match (v[a].is_nan(), v[b].is_nan()) {
+            (true, true) => Ordering::Equal,
+            (true, false) => Ordering::Less,
+            (false, true) => Ordering::Greater,
+            (false, false) => v[b].partial_cmp(&v[a]).unwrap_or(Ordering::Equal),
+        };
+        by_value.then(a.cmp(&b))
+    });
     order.truncate(k);
     order
 }
