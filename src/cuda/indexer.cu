@@ -132,6 +132,11 @@ __device__ void topk_chunk(const float* score, const int* at, int n, int s, int 
     long long row = blockIdx.x / chunks;
     long long c = blockIdx.x % chunks;
     long long avail = FROM_SCORES ? min(offset + (int)(row % s) + 1, n) : n;
+    long long dst = (row * chunks + c) * keep;
+    if (c * chunk >= avail) { // past the row's causal keys (the whole block agrees): padding only
+        for (int r = threadIdx.x; r < keep; r += blockDim.x) { out_score[dst + r] = PAD_SCORE; out_pos[dst + r] = PAD_POS; }
+        return;
+    }
     for (int j = threadIdx.x; j < chunk; j += blockDim.x) {
         long long g = c * chunk + j;
         bool real = g < avail;
@@ -141,7 +146,6 @@ __device__ void topk_chunk(const float* score, const int* at, int n, int s, int 
     }
     __syncthreads();
     bitonic_sort(key, pos, chunk);
-    long long dst = (row * chunks + c) * keep;
     for (int r = threadIdx.x; r < keep; r += blockDim.x) {
         out_score[dst + r] = r < chunk ? key[r] : PAD_SCORE;
         out_pos[dst + r] = r < chunk ? pos[r] : PAD_POS;

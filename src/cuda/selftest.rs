@@ -188,7 +188,8 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     // new queries after 38 cached keys, coarsened to quarters so ties straddle the cut, one NaN
     // (ranks last); then 9 queries from position 0 with K = 6, so early rows keep every causal
     // key and are padded; then 3 queries after 200 keys with K = 6, coarsened, with a NaN, which
-    // the chunked path (chunks of 16) cuts in five rounds. Rows compare as sets (the spec's
+    // the chunked path (chunks of 16) cuts in five rounds; then 40 queries from position 0 with
+    // K = 3, whose early rows end chunks before the row does. Rows compare as sets (the spec's
     // contract: the kernels list keys best first, the CPU lists a row it keeps whole by
     // position), margins exactly.
     let (batch, s, offset, nh, d, topk) = (2, 5, 38, 4, 16, 24);
@@ -202,7 +203,10 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     long[203 + 150] = f32::NAN;
     // Every path lists keys best first, ties to the lower position: their rows must agree in order.
     let mut listed: Vec<Vec<i32>> = Vec::new();
-    let datasets = [(&coarse, batch, s, offset, topk), (&prefix, 1, 9, 0, 6), (&long, 1, 3, 200, 6)];
+    // 40 queries from position 0 with K = 3: chunks of 8 that lie wholly past a row's query.
+    let early: Vec<f32> = rng.vec(40 * 40).iter().map(|v| (v * 4.0).round() / 4.0).collect();
+    let datasets =
+        [(&coarse, batch, s, offset, topk), (&prefix, 1, 9, 0, 6), (&long, 1, 3, 200, 6), (&early, 1, 40, 0, 3)];
     for path in [TopK::Ranked, TopK::Sorted, TopK::Chunked { chunk: 0 }] {
         let name = match path {
             TopK::Chunked { .. } => "topk_causal (Chunked, the smallest chunks K allows)".to_string(),
