@@ -134,7 +134,10 @@ __device__ void topk_chunk(const float* score, const int* at, int n, int s, int 
     long long avail = FROM_SCORES ? min(offset + (int)(row % s) + 1, n) : n;
     long long dst = (row * chunks + c) * keep;
     if (c * chunk >= avail) { // past the row's causal keys (the whole block agrees): padding only
-        for (int r = threadIdx.x; r < keep; r += blockDim.x) { out_score[dst + r] = PAD_SCORE; out_pos[dst + r] = PAD_POS; }
+        for (int r = threadIdx.x; r < keep; r += blockDim.x) {
+            out_score[dst + r] = PAD_SCORE;
+            out_pos[dst + r] = PAD_POS;
+        }
         return;
     }
     for (int j = threadIdx.x; j < chunk; j += blockDim.x) {
