@@ -5,8 +5,8 @@
 // A launch runs its blocks one after another; the threads of a block are fibers (ucontext) on
 // one OS thread, switched only at barriers, so a run is deterministic. __syncthreads is a
 // barrier over the block's live threads (a thread that returned counts as arrived, as on the
-// hardware), __shfl_xor_sync a barrier-separated exchange within the warp, __shared__ a static
-// (one launch runs at a time, one block at a time), atomics plain adds. A round in which no
+// hardware), __shfl_xor_sync and __shfl_sync a barrier-separated exchange within the warp,
+// __shared__ a static (one launch runs at a time, one block at a time), atomics plain adds. A round in which no
 // fiber can move (threads waiting at different barriers) is reported as a deadlock: the
 // divergent-barrier bug that is undefined behaviour on a GPU.
 //
@@ -87,17 +87,23 @@ inline void Barrier::leave() {
     }
 }
 
+// Lane `src_lane`'s value of v, for every lane of the warp (__shfl_sync).
 template <class T>
-T shfl_xor(T v, int mask) {
+T shfl(T v, unsigned src_lane) {
     unsigned t = L->thread_idx.x, warp = t >> 5;
     static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a wide type");
     std::memcpy(&L->lanes[t], &v, sizeof(T));
     L->warps[warp].wait();
-    unsigned src = (warp << 5) | ((t & 31) ^ (unsigned)mask);
+    unsigned src = (warp << 5) | (src_lane & 31);
     T r = v;
     if (src < L->block.x) std::memcpy(&r, &L->lanes[src], sizeof(T));
     L->warps[warp].wait();  // nobody overwrites a slot before every lane has read it
     return r;
+}
+
+template <class T>
+T shfl_xor(T v, int mask) {
+    return shfl(v, (L->thread_idx.x & 31) ^ (unsigned)mask);
 }
 
 inline float int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
@@ -215,6 +221,7 @@ int run(void (*k)(A...), unsigned grid, unsigned block, unsigned shared, void** 
 #define gridDim (::glimpse_emu::L->grid)
 #define __syncthreads() (::glimpse_emu::L->sync.wait())
 #define __shfl_xor_sync(mask, v, lane) ::glimpse_emu::shfl_xor((v), (lane))
+#define __shfl_sync(mask, v, lane) ::glimpse_emu::shfl((v), (unsigned)(lane))
 #define __int_as_float(i) ::glimpse_emu::int_as_float(i)
 #define __uint_as_float(i) ::glimpse_emu::uint_as_float(i)
 #define __float_as_uint(f) ::glimpse_emu::float_as_uint(f)

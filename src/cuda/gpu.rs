@@ -364,13 +364,14 @@ impl Gpu {
         weights: &mut Buf<f32>,
         margin: &mut Buf<f32>,
     ) -> Result<()> {
-        // The kernel's per-thread arrays: at most 256 experts and top_k + 1 <= 16; top_k <= e, or
-        // the kernel would read the logits at choices it never made.
+        // The kernel's warp: at most 256 experts (8 a lane), 32 groups (one a lane) and
+        // top_k + 1 <= 16; top_k <= e, or it would read the logits at choices it never made.
         if e > 256
             || rc.top_k == 0
             || rc.top_k > e
             || rc.top_k + 1 > 16
             || rc.n_group == 0
+            || rc.n_group > 32
             || !e.is_multiple_of(rc.n_group)
         {
             return Err(Error::Device(format!(
@@ -389,7 +390,7 @@ impl Gpu {
         launch!(
             self,
             "route",
-            cfg(n, 64, 0),
+            cfg(n * 32, 128, 0), // a warp per token
             [logits, bias, &n32, &e32, &k, &groups, &kept, &norm, &scaling, ids, weights, margin]
         )
     }

@@ -1,79 +1,113 @@
 // The MoE router, fused: sigmoid of the gate logits, + e_score_correction_bias for selection
 // only, group-limited (n_group > 1: keep the topk_group groups whose top-2 biased scores sum
 // highest) or flat top-k, weights from the unbiased sigmoid, normalised (norm_topk) and scaled by
-// routed_scaling_factor, and the margin (k-th minus (k+1)-th biased score). One thread per token:
-// k <= E <= 256 and k <= 15 (the launcher refuses more). Ties go to the lower index, as the CPU
-// reference (model::moe::route) orders them. A NaN score ranks above every number whatever its
-// sign and wherever it sits, as torch.topk and the CPU reference rank it (a NaN router logit
-// means the run is already broken; this keeps both sides alike and the indices in range).
+// routed_scaling_factor, and the margin (k-th minus (k+1)-th biased score). One warp per token:
+// lane l holds experts l, l + 32, ... in registers (E <= 256), group g's score sits in lane g
+// (n_group <= 32), and each choice is a warp-wide argmax by shuffles (k + 1 <= 16); the launcher
+// refuses more. Ties go to the lower index, as the CPU reference (model::moe::route) orders them.
+// A NaN score ranks above every number whatever its sign and wherever it sits, as torch.topk and
+// the CPU reference rank it (a NaN router logit means the run is already broken; this keeps both
+// sides alike and the indices in range).
 // logits [n, e], bias [e] -> ids [n, k], weights [n, k], margin [n].
 
-#define MAX_EXPERTS 256
+#define MAX_PER_LANE 8 // 256 experts / 32 lanes
 #define MAX_K 16
 
+// Whether (a, ia) ranks before (b, ib); index -1 is no candidate and ranks after everything.
 __device__ bool better(float a, int ia, float b, int ib) {
+    if (ia < 0 || ib < 0) return ib < 0 && ia >= 0;
     bool na = isnan(a), nb = isnan(b);
     if (na != nb) return na;
     return na || a == b ? ia < ib : a > b;
 }
 
+// The warp's best (value, index) of every lane's candidate; every lane gets it.
+__device__ void warp_best(float& v, int& i) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffff, v, o);
+        int oi = __shfl_xor_sync(0xffffffff, i, o);
+        if (better(ov, oi, v, i)) { v = ov; i = oi; }
+    }
+}
+
 extern "C" __global__ void route(const float* logits, const float* bias, int n, int e, int k, int n_group,
                                  int topk_group, int norm_topk, float scaling, int* ids, float* weights,
                                  float* margin) {
-    int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= n || e > MAX_EXPERTS || k + 1 > MAX_K) return;
-    const float* l = logits + (long long)t * e;
-    float choice[MAX_EXPERTS];
-    for (int j = 0; j < e; j++) choice[j] = 1.0f / (1.0f + expf(-l[j])) + bias[j];
+    long long t = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5; // the warp's token
+    int lane = threadIdx.x & 31;
+    if (t >= n || e > 32 * MAX_PER_LANE || k + 1 > MAX_K || n_group > 32) return; // whole warps
+    const float* l = logits + t * e;
+    float choice[MAX_PER_LANE];
+    for (int r = 0; r < MAX_PER_LANE; r++) {
+        int j = lane + 32 * r;
+        choice[r] = j < e ? 1.0f / (1.0f + expf(-l[j])) + bias[j] : 0.0f;
+    }
 
     if (n_group > 1) {
         int per = e / n_group;
-        float group[MAX_EXPERTS];
+        float mine = 0.0f; // group `lane`'s score (lanes >= n_group: unused)
         for (int g = 0; g < n_group; g++) {
-            // top-2 (or top-1) of the group
-            int a = -1, b = -1;
-            for (int j = g * per; j < (g + 1) * per; j++) {
-                if (a < 0 || better(choice[j], j, choice[a], a)) { b = a; a = j; }
-                else if (b < 0 || better(choice[j], j, choice[b], b)) { b = j; }
+            // The group's top 2: this lane's best two of the group's experts, then the warp's.
+            float a = 0.0f, b = 0.0f;
+            int ia = -1, ib = -1;
+            for (int r = 0; r < MAX_PER_LANE; r++) {
+                int j = lane + 32 * r;
+                if (j < g * per || j >= (g + 1) * per) continue;
+                if (better(choice[r], j, a, ia)) { b = a; ib = ia; a = choice[r]; ia = j; }
+                else if (better(choice[r], j, b, ib)) { b = choice[r]; ib = j; }
             }
-            group[g] = choice[a] + (b >= 0 ? choice[b] : 0.0f);
+            float first = a;
+            int i_first = ia;
+            warp_best(first, i_first);
+            // The second: the best left once the first is taken (this lane's b if it held the first).
+            float second = ia == i_first ? b : a;
+            int i_second = ia == i_first ? ib : ia;
+            warp_best(second, i_second);
+            float score = (i_first >= 0 ? first : 0.0f) + (i_second >= 0 ? second : 0.0f);
+            if (lane == g) mine = score;
         }
-        unsigned int kept[MAX_EXPERTS / 32] = {0};
-        for (int r = 0; r < topk_group; r++) {
-            int best = -1;
-            for (int g = 0; g < n_group; g++)
-                if (!(kept[g >> 5] >> (g & 31) & 1) && (best < 0 || better(group[g], g, group[best], best))) best = g;
-            if (best >= 0) kept[best >> 5] |= 1u << (best & 31);
+        // Keep the topk_group best groups (lane g holds group g's score).
+        bool kept = false;
+        for (int r = 0; r < topk_group && r < n_group; r++) {
+            float v = mine;
+            int g = lane < n_group && !kept ? lane : -1;
+            warp_best(v, g);
+            if (lane == g) kept = true;
         }
-        for (int g = 0; g < n_group; g++)
-            if (!(kept[g >> 5] >> (g & 31) & 1))
-                for (int j = g * per; j < (g + 1) * per; j++) choice[j] = -INFINITY;
+        for (int r = 0; r < MAX_PER_LANE; r++) {
+            int j = lane + 32 * r;
+            int owner = j < e ? j / per : 0;
+            bool owner_kept = __shfl_sync(0xffffffff, (int)kept, owner) != 0; // lane `owner` holds it
+            if (j < e && !owner_kept) choice[r] = -INFINITY;
+        }
     }
 
-    // top-(k+1) by repeated selection; the (k+1)-th only decides the margin.
+    // top-(k+1) by repeated warp argmax; the (k+1)-th only decides the margin.
     int order[MAX_K];
-    unsigned int taken[MAX_EXPERTS / 32] = {0};
+    float value[MAX_K];
+    unsigned taken = 0; // this lane's experts already chosen, bit r for expert lane + 32 r
     int found = 0;
     for (int r = 0; r < k + 1 && r < e; r++) {
-        int best = -1;
-        for (int j = 0; j < e; j++)
-            if (!(taken[j >> 5] >> (j & 31) & 1) && (best < 0 || better(choice[j], j, choice[best], best))) best = j;
-        taken[best >> 5] |= 1u << (best & 31);
-        order[found++] = best;
+        float v = 0.0f;
+        int i = -1;
+        for (int q = 0; q < MAX_PER_LANE; q++) {
+            int j = lane + 32 * q;
+            if (j < e && !(taken >> q & 1) && better(choice[q], j, v, i)) { v = choice[q]; i = j; }
+        }
+        warp_best(v, i);
+        if ((i & 31) == lane) taken |= 1u << (i >> 5);
+        order[found] = i;
+        value[found++] = v;
     }
-    float m = INFINITY;
-    if (found > k && isfinite(choice[order[k]])) m = choice[order[k - 1]] - choice[order[k]];
-    margin[t] = m;
+    if (lane == 0) margin[t] = found > k && isfinite(value[k]) ? value[k - 1] - value[k] : INFINITY;
 
-    float w[MAX_K], sum = 0.0f;
-    for (int r = 0; r < k; r++) {
-        w[r] = 1.0f / (1.0f + expf(-l[order[r]]));
-        sum += w[r];
-    }
-    for (int r = 0; r < k; r++) {
-        float v = norm_topk ? w[r] / (sum + 1e-20f) : w[r];
-        ids[(long long)t * k + r] = order[r];
-        weights[(long long)t * k + r] = v * scaling;
+    float w = lane < k ? 1.0f / (1.0f + expf(-l[order[lane < k ? lane : 0]])) : 0.0f;
+    float sum = w;
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+    if (lane < k) {
+        float v = norm_topk ? w / (sum + 1e-20f) : w;
+        ids[t * k + lane] = order[lane];
+        weights[t * k + lane] = v * scaling;
     }
 }
 

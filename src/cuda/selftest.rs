@@ -102,11 +102,21 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     gpu.add(&gpu.upload(&g)?, &gpu.upload(&u)?, &mut y, n_sw)?;
     out.push(check("add", &gpu.download(&y)?, &CpuOps.add(&g, &u, n_sw)?, 0.0));
 
-    // The router, flat and grouped: 77 tokens over 64 experts.
-    for (name, n_group, topk_group) in [("route (flat)", 1, 1), ("route (grouped 8/3)", 8, 3)] {
-        let (tokens, e) = (77, 64);
-        let rc = RouterConfig { top_k: 6, n_group, topk_group, norm_topk_prob: true, routed_scaling_factor: 2.5 };
-        let (logits, bias) = (rng.vec(tokens * e), rng.vec(e).iter().map(|b| b * 0.1).collect::<Vec<_>>());
+    // The router, flat and grouped: 77 tokens over 64 experts, top-6; and GLM-5's 256, top-8. The
+    // biases shrink as the experts grow in number (and the gaps between their scores with them),
+    // so that they change some routes and not others.
+    // Groups of 64 put two of a group's experts in each lane of the kernel's warp.
+    let routers = [
+        ("route (flat)", 1, 1, 64, 6),
+        ("route (grouped 8/3)", 8, 3, 64, 6),
+        ("route (flat 256)", 1, 1, 256, 8),
+        ("route (grouped 256 in 4/2)", 4, 2, 256, 8),
+    ];
+    for (name, n_group, topk_group, e, top_k) in routers {
+        let tokens = 77;
+        let rc = RouterConfig { top_k, n_group, topk_group, norm_topk_prob: true, routed_scaling_factor: 2.5 };
+        let (logits, bias) =
+            (rng.vec(tokens * e), rng.vec(e).iter().map(|b| b * 25.0 / (e * e) as f32).collect::<Vec<_>>());
         let (mut ids, mut w, mut m) =
             (gpu.filled(tokens * rc.top_k, -1i32)?, gpu.filled(tokens * rc.top_k, nan)?, gpu.filled(tokens, nan)?);
         gpu.route(&gpu.upload(&logits)?, &gpu.upload(&bias)?, tokens, e, &rc, &mut ids, &mut w, &mut m)?;
@@ -128,7 +138,7 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
         gpu.expert_counts(&ids, tokens * rc.top_k, e, &mut counts)?;
         let mut cpu_counts = vec![0i32; e];
         cpu_ids.iter().for_each(|&i| cpu_counts[i as usize] += 1);
-        if n_group == 1 {
+        if name == "route (flat)" {
             out.push(check_ints("expert_counts", &gpu.download(&counts)?, &cpu_counts));
         }
 
