@@ -6,26 +6,27 @@
 #   scripts/gpu-check.sh [GLIMPSE=gpu-bin/glimpse, else target/release/glimpse]
 #
 # Environment: DEVICE (cuda), TOKENS (2048), EXPERTS (32), VOCAB (the preset's), PEAK_TFLOPS
-# (989), BUDGET_S (350: the issue asks for under 6 minutes; every step's limit fits inside it), SYNTH (the benchmark
-# checkpoint's synth arguments, `--preset glm5 --layers 2 --experts $EXPERTS`), PYTHON (python3)
-# and TORCH_DEVICE (cuda) for the transformers side. Logs go to $OUT (the device tool's folder)
-# or $TMPDIR/glimpse-gpu-check. A dry run of the whole script on the host emulation, with a small
-# checkpoint and transformers on the CPU (about a minute):
+# (989), BUDGET_S (350: the issue asks for under 6 minutes; every step's limit fits inside it),
+# SYNTH (the benchmark checkpoint's synth arguments, `--preset glm5 --layers 2 --experts
+# $EXPERTS`), PYTHON (python3) and TORCH_DEVICE (cuda) for the transformers side. Logs go to $OUT
+# (the device tool's folder) or $TMPDIR/glimpse-gpu-check. A dry run of the whole script on the
+# host emulation, with a small checkpoint and transformers on the CPU (about a minute):
 #
 #   SYNTH="--config golden/flat/config.json" TOKENS=32 DEVICE=cuda-emu TORCH_DEVICE=cpu \
 #     PYTHON=/path/to/venv/bin/python scripts/gpu-check.sh
 #
-# 1. `glimpse selftest --device cuda`: opens the GPU, compiles every kernel with NVRTC for its
+# 1. `glimpse selftest --device cuda` (with CUDA_LAUNCH_BLOCKING=1, so a faulting kernel is named
+#    by its own launch): opens the GPU, compiles every kernel with NVRTC to machine code for its
 #    architecture, checks each against its CPU reference, then verifies every golden case on the
-#    CPU and through the prefill on the GPU.
+#    CPU and through the prefill on the GPU in both precisions.
 # 2. A benchmark at GLM-5 layer shapes: `synth --preset glm5 --layers 2 --experts 32` (made here by
 #    the binary: one dense and one MoE layer), then `bench --device cuda` of a 2048-token prefill
-#    with f32 and with bf16 products: time, matrix-product TFLOP/s and the routed experts' GEMMs
-#    (one profiled prefill) against the card's dense bf16 peak (PEAK_TFLOPS, default 989:
-#    H100/H200 SXM), and device memory.
+#    with bf16 and with f32 products, with every position's logits and with the last one's:
+#    time, matrix-product TFLOP/s and the routed experts' GEMMs (one profiled prefill) against
+#    the card's dense bf16 peak (PEAK_TFLOPS, default 989: H100/H200 SXM), and device memory.
 # 3. When this machine's python has torch (with CUDA) and transformers: transformers' eager
-#    prefill of the same checkpoint and tokens in bf16 (scripts/transformers-prefill.py), and the
-#    speed ratio. Otherwise the table says it was not measured.
+#    prefill of the same checkpoint and tokens in bf16, in both forms
+#    (scripts/transformers-prefill.py), and the speed ratios. Otherwise the table says so.
 # 4. With the time left: `selftest --kernels-only` under compute-sanitizer's memcheck and racecheck.
 # 5. Prints summary tables for docs/gpu-results.md. The logs are 8 files, the most the device tool
 #    brings back: a ninth would not come back.
