@@ -47,6 +47,18 @@ fn check(name: impl Into<String>, gpu: &[f32], cpu: &[f32], tol: f64) -> Check {
     Check { name: name.into(), max_abs, ok }
 }
 
+/// Whether a token's route hangs on two biased scores (or, grouped, two group scores) within
+/// 1e-6 of each other, which a GPU's expf (up to 2 ulp from the host's) may order otherwise.
+fn near_tie(rc: &RouterConfig, logits: &[f32], bias: &[f32]) -> bool {
+    use crate::model::moe::{choice_scores, sigmoid, top_indices};
+    let close = |v: &[f32], n: usize| top_indices(v, n).windows(2).any(|p| (v[p[0]] - v[p[1]]).abs() < 1e-6);
+    let biased: Vec<f32> = logits.iter().zip(bias).map(|(&l, &b)| sigmoid(l) + b).collect();
+    let per = biased.len() / rc.n_group.max(1);
+    let groups: Vec<f32> = biased.chunks(per.max(1)).map(|g| top_indices(g, 2).iter().map(|&j| g[j]).sum()).collect();
+    let scores: Vec<f32> = logits.iter().map(|&l| sigmoid(l)).collect();
+    close(&choice_scores(rc, &scores, bias), rc.top_k + 1) || (rc.n_group > 1 && close(&groups, rc.topk_group + 1))
+}
+
 fn check_ints(name: &str, gpu: &[i32], cpu: &[i32]) -> Check {
     let bad = gpu.len() != cpu.len() || gpu.iter().zip(cpu).any(|(a, b)| a != b);
     Check { name: name.into(), max_abs: if bad { f64::INFINITY } else { 0.0 }, ok: !bad }
@@ -125,19 +137,33 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
         let cpu_w: Vec<f32> = routes.iter().flat_map(|r| r.weights.clone()).collect();
         let cpu_m: Vec<f32> = routes.iter().map(|r| r.margin).collect();
         let (gpu_ids, gpu_w, gpu_m) = (gpu.download(&ids)?, gpu.download(&w)?, gpu.download(&m)?);
-        let ids_ok = check_ints(name, &gpu_ids, &cpu_ids);
-        let w_ok = check(name, &gpu_w, &cpu_w, 1e-5);
+        // A GPU's expf may differ from the host's by an ulp or two, which can reorder two
+        // choices (or groups) that close: such a token, if it differs, is left out of the exact
+        // comparison, and at most 3 of the 77 may be.
+        let differs = |t: usize| gpu_ids[t * top_k..(t + 1) * top_k] != cpu_ids[t * top_k..(t + 1) * top_k];
+        let excused: Vec<usize> =
+            (0..tokens).filter(|&t| differs(t) && near_tie(&rc, &logits[t * e..][..e], &bias)).collect();
+        let kept = |v: &[f32], per: usize| -> Vec<f32> {
+            v.chunks(per).enumerate().filter(|(t, _)| !excused.contains(t)).flat_map(|(_, r)| r.to_vec()).collect()
+        };
+        let as_f32 = |v: &[i32]| -> Vec<f32> { v.iter().map(|&i| i as f32).collect() };
+        let ids_ok = check(name, &kept(&as_f32(&gpu_ids), top_k), &kept(&as_f32(&cpu_ids), top_k), 0.0);
+        let w_ok = check(name, &kept(&gpu_w, top_k), &kept(&cpu_w, top_k), 1e-5);
         let m_ok = check(name, &gpu_m, &cpu_m, 1e-5);
+        let label = match excused.len() {
+            0 => name.to_string(),
+            n => format!("{name}, {n} near-tied tokens ordered otherwise"),
+        };
         out.push(Check {
-            name: name.into(),
+            name: label,
             max_abs: w_ok.max_abs.max(m_ok.max_abs),
-            ok: ids_ok.ok && w_ok.ok && m_ok.ok,
+            ok: ids_ok.ok && w_ok.ok && m_ok.ok && excused.len() <= 3,
         });
 
         let mut counts = gpu.filled(e, 0i32)?;
         gpu.expert_counts(&ids, tokens * rc.top_k, e, &mut counts)?;
         let mut cpu_counts = vec![0i32; e];
-        cpu_ids.iter().for_each(|&i| cpu_counts[i as usize] += 1);
+        gpu_ids.iter().for_each(|&i| cpu_counts[i as usize] += 1); // the kernel counts the ids it is given
         if name == "route (flat)" {
             out.push(check_ints("expert_counts", &gpu.download(&counts)?, &cpu_counts));
         }
@@ -158,9 +184,18 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
             })
             .collect();
         let some = cpu_changed.contains(&1) && cpu_changed.contains(&0);
-        let c =
-            check_ints(&format!("bias_changed ({})", &name[7..name.len() - 1]), &gpu.download(&changed)?, &cpu_changed);
-        out.push(Check { ok: c.ok && some, ..c });
+        // Near ties of either route excuse a differing token, as above.
+        let (gpu_changed, no_bias) = (gpu.download(&changed)?, vec![0f32; e]);
+        let tied =
+            |t: usize| near_tie(&rc, &logits[t * e..][..e], &bias) || near_tie(&rc, &logits[t * e..][..e], &no_bias);
+        let excused: Vec<usize> = (0..tokens).filter(|&t| gpu_changed[t] != cpu_changed[t] && tied(t)).collect();
+        let kept = |v: &[i32]| -> Vec<i32> { (0..tokens).filter(|t| !excused.contains(t)).map(|t| v[t]).collect() };
+        let c = check_ints(
+            &format!("bias_changed ({})", &name[7..name.len() - 1]),
+            &kept(&gpu_changed),
+            &kept(&cpu_changed),
+        );
+        out.push(Check { ok: c.ok && some && excused.len() <= 3, ..c });
     }
 
     // NaN logits of either sign rank first on both sides (torch.topk's order), flat and grouped:
@@ -475,4 +510,24 @@ pub fn products(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A route that hangs on two scores 1e-7 apart is near-tied; one whose cut is clear is not.
+    #[test]
+    fn near_ties_at_the_cut_and_between_groups_are_recognised() {
+        let rc = RouterConfig { top_k: 2, n_group: 1, topk_group: 1, norm_topk_prob: true, routed_scaling_factor: 1.0 };
+        let bias = [0.0f32; 4];
+        assert!(!near_tie(&rc, &[3.0, 2.0, 1.0, 0.0], &bias));
+        // Experts 1 and 2 (the 2nd and 3rd) differ by 1e-7 once biased, or not at all.
+        assert!(near_tie(&rc, &[3.0, 2.0, 2.0, 0.0], &[0.0, 0.0, 1e-7, 0.0]));
+        assert!(near_tie(&rc, &[3.0, 2.0, 2.0, 0.0], &bias), "an exact tie at the cut");
+        // Grouped: two groups of 2 whose top-2 sums tie; the experts themselves are apart.
+        let grouped = RouterConfig { n_group: 2, topk_group: 1, ..rc };
+        assert!(near_tie(&grouped, &[3.0, -1.0, -1.0, 3.0], &bias));
+        assert!(!near_tie(&grouped, &[3.0, 1.0, -2.0, -3.0], &bias));
+    }
 }
