@@ -50,13 +50,12 @@ fn check(name: impl Into<String>, gpu: &[f32], cpu: &[f32], tol: f64) -> Check {
 /// Whether a token's route hangs on two biased scores (or, grouped, two group scores) within
 /// 1e-6 of each other, which a GPU's expf (up to 2 ulp from the host's) may order otherwise.
 fn near_tie(rc: &RouterConfig, logits: &[f32], bias: &[f32]) -> bool {
-    use crate::model::moe::{choice_scores, sigmoid, top_indices};
+    use crate::model::moe::{choice_scores, group_scores, sigmoid, top_indices};
     let close = |v: &[f32], n: usize| top_indices(v, n).windows(2).any(|p| (v[p[0]] - v[p[1]]).abs() < 1e-6);
-    let biased: Vec<f32> = logits.iter().zip(bias).map(|(&l, &b)| sigmoid(l) + b).collect();
-    let per = biased.len() / rc.n_group.max(1);
-    let groups: Vec<f32> = biased.chunks(per.max(1)).map(|g| top_indices(g, 2).iter().map(|&j| g[j]).sum()).collect();
     let scores: Vec<f32> = logits.iter().map(|&l| sigmoid(l)).collect();
-    close(&choice_scores(rc, &scores, bias), rc.top_k + 1) || (rc.n_group > 1 && close(&groups, rc.topk_group + 1))
+    let biased: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
+    close(&choice_scores(rc, &scores, bias), rc.top_k + 1)
+        || (rc.n_group > 1 && close(&group_scores(&biased, rc.n_group), rc.topk_group + 1))
 }
 
 fn check_ints(name: &str, gpu: &[i32], cpu: &[i32]) -> Check {

@@ -78,16 +78,19 @@ pub fn choice_scores(rc: &RouterConfig, scores: &[f32], bias: &[f32]) -> Vec<f32
     let mut choice: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
     if rc.n_group > 1 {
         let per = e / rc.n_group;
-        let group_score = |g: usize| {
-            let top = top_indices(&choice[g * per..(g + 1) * per], 2);
-            top.iter().map(|&j| choice[g * per + j]).sum::<f32>()
-        };
-        let kept = top_indices(&(0..rc.n_group).map(group_score).collect::<Vec<_>>(), rc.topk_group);
+        let kept = top_indices(&group_scores(&choice, rc.n_group), rc.topk_group);
         for g in (0..rc.n_group).filter(|g| !kept.contains(g)) {
             choice[g * per..(g + 1) * per].fill(f32::NEG_INFINITY);
         }
     }
     choice
+}
+
+/// Each of `n_group` equal groups' score: the sum of its top 2 biased scores (of its only one
+/// when a group holds one expert).
+pub fn group_scores(choice: &[f32], n_group: usize) -> Vec<f32> {
+    let per = (choice.len() / n_group.max(1)).max(1);
+    choice.chunks(per).map(|g| top_indices(g, 2).iter().map(|&j| g[j]).sum()).collect()
 }
 
 /// Weights of the chosen experts: their unbiased scores, normalised (when `norm_topk_prob`), then
