@@ -58,6 +58,11 @@ fn near_tie(rc: &RouterConfig, logits: &[f32], bias: &[f32]) -> bool {
         || (rc.n_group > 1 && close(&group_scores(&biased, rc.n_group), rc.topk_group + 1))
 }
 
+/// `v`'s rows of `per` values, without the rows `excused`.
+fn without<T: Copy>(v: &[T], per: usize, excused: &[usize]) -> Vec<T> {
+    v.chunks(per.max(1)).enumerate().filter(|(t, _)| !excused.contains(t)).flat_map(|(_, r)| r.to_vec()).collect()
+}
+
 fn check_ints(name: &str, gpu: &[i32], cpu: &[i32]) -> Check {
     let bad = gpu.len() != cpu.len() || gpu.iter().zip(cpu).any(|(a, b)| a != b);
     Check { name: name.into(), max_abs: if bad { f64::INFINITY } else { 0.0 }, ok: !bad }
@@ -142,12 +147,8 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
         let differs = |t: usize| gpu_ids[t * top_k..(t + 1) * top_k] != cpu_ids[t * top_k..(t + 1) * top_k];
         let excused: Vec<usize> =
             (0..tokens).filter(|&t| differs(t) && near_tie(&rc, &logits[t * e..][..e], &bias)).collect();
-        let kept = |v: &[f32], per: usize| -> Vec<f32> {
-            v.chunks(per).enumerate().filter(|(t, _)| !excused.contains(t)).flat_map(|(_, r)| r.to_vec()).collect()
-        };
-        let as_f32 = |v: &[i32]| -> Vec<f32> { v.iter().map(|&i| i as f32).collect() };
-        let ids_ok = check(name, &kept(&as_f32(&gpu_ids), top_k), &kept(&as_f32(&cpu_ids), top_k), 0.0);
-        let w_ok = check(name, &kept(&gpu_w, top_k), &kept(&cpu_w, top_k), 1e-5);
+        let ids_ok = check_ints(name, &without(&gpu_ids, top_k, &excused), &without(&cpu_ids, top_k, &excused));
+        let w_ok = check(name, &without(&gpu_w, top_k, &excused), &without(&cpu_w, top_k, &excused), 1e-5);
         let m_ok = check(name, &gpu_m, &cpu_m, 1e-5);
         let label = match excused.len() {
             0 => name.to_string(),
@@ -188,11 +189,10 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
         let tied =
             |t: usize| near_tie(&rc, &logits[t * e..][..e], &bias) || near_tie(&rc, &logits[t * e..][..e], &no_bias);
         let excused: Vec<usize> = (0..tokens).filter(|&t| gpu_changed[t] != cpu_changed[t] && tied(t)).collect();
-        let kept = |v: &[i32]| -> Vec<i32> { (0..tokens).filter(|t| !excused.contains(t)).map(|t| v[t]).collect() };
         let c = check_ints(
             &format!("bias_changed ({})", &name[7..name.len() - 1]),
-            &kept(&gpu_changed),
-            &kept(&cpu_changed),
+            &without(&gpu_changed, 1, &excused),
+            &without(&cpu_changed, 1, &excused),
         );
         out.push(Check { ok: c.ok && some && excused.len() <= 3, ..c });
     }
