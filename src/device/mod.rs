@@ -56,13 +56,16 @@ impl Precision {
     /// products (`reference-bf16.safetensors`, from `golden/reference.py --products bf16`) for
     /// bf16 where the folder has one, else the f32 `reference.safetensors`.
     pub fn reference_in(self, dir: &std::path::Path) -> std::path::PathBuf {
-        let bf16 = dir.join("reference-bf16.safetensors");
+        let bf16 = dir.join(BF16_REFERENCE);
         match self {
             Precision::Bf16 if bf16.is_file() => bf16,
             _ => dir.join("reference.safetensors"),
         }
     }
 }
+
+/// A case folder's reference for bf16 products (`golden/reference.py --products bf16`).
+pub const BF16_REFERENCE: &str = "reference-bf16.safetensors";
 
 /// Where and how a prefill runs: `--device`, `--ordinal`, `--precision`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
