@@ -1,7 +1,6 @@
-//! `x W^T` through the system's OpenBLAS (feature `openblas`), for the projections that dominate
-//! a forward pass. candle-core's own CPU matmul (the `gemm` crate) is limited to AVX2 on stable
-//! Rust; OpenBLAS picks the widest kernel the CPU has (AVX-512 where present). Same math, another
-//! summation order: results stay within f32 rounding of the default path.
+//! `x W` through the system's OpenBLAS (feature `openblas`), for the projections that dominate
+//! a forward pass, in place of candle-core's own CPU matmul (the `gemm` crate). Same math,
+//! another summation order: results stay within f32 rounding of the default path.
 
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 
@@ -39,14 +38,18 @@ pub fn set_threads(n: usize) {
     unsafe { openblas_set_num_threads(n as i32) }
 }
 
-/// x: [m, k], w: [n, k] -> [m, n]
-pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// x: [m, k], w: [k, n] -> [m, n]. `w` contiguous, or the transposed view of a contiguous
+/// [n, k] (as the model's weights are held): OpenBLAS reads either in place.
+pub fn matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
-    let (n, k2) = w.dims2()?;
+    let (k2, n) = w.dims2()?;
     if k != k2 {
-        return Err(Error::Usage(format!("matmul shapes [{m}, {k}] x [{n}, {k2}]^T do not fit")));
+        return Err(Error::Usage(format!("matmul shapes [{m}, {k}] x [{k2}, {n}] do not fit")));
     }
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let x = x.contiguous()?;
+    let transposed = w.t()?.is_contiguous();
+    let w = if transposed || w.is_contiguous() { w.clone() } else { w.contiguous()? };
+    let (trans_b, ldb) = if transposed { (TRANS, k) } else { (NO_TRANS, n) };
     let (xs, xl) = x.storage_and_layout();
     let (ws, wl) = w.storage_and_layout();
     let (Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(CpuStorage::F32(wv))) = (&*xs, &*ws) else {
@@ -56,13 +59,14 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let b = &wv[wl.start_offset()..wl.start_offset() + n * k];
     let mut c = vec![0f32; m * n];
     if m > 0 && n > 0 && k > 0 {
-        // SAFETY: a is m x k, b is n x k and c is m x n, all row-major and contiguous, as the
-        // leading dimensions passed say; the slices outlive the call.
+        // SAFETY: a is m x k row-major, b holds k x n row-major (or n x k row-major, read
+        // transposed), c is m x n row-major, as the leading dimensions passed say; the slices
+        // outlive the call.
         unsafe {
             cblas_sgemm(
                 ROW_MAJOR,
                 NO_TRANS,
-                TRANS,
+                trans_b,
                 m as i32,
                 n as i32,
                 k as i32,
@@ -70,7 +74,7 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
                 a.as_ptr(),
                 k as i32,
                 b.as_ptr(),
-                k as i32,
+                ldb as i32,
                 0.0,
                 c.as_mut_ptr(),
                 n as i32,
@@ -84,15 +88,21 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
 
-    /// Against candle's own matmul, on sizes that are not multiples of any kernel's tile.
+    /// Against candle's own matmul, on sizes that are not multiples of any kernel's tile, with
+    /// the weight in each layout `matmul` reads in place and one it must copy first.
     #[test]
     fn blas_matches_candle() {
         let x = Tensor::randn(0f32, 1.0, (37, 129), &Device::Cpu).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (53, 129), &Device::Cpu).unwrap();
-        let ours = matmul_nt(&x, &w).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let want = x.matmul(&w.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        for (a, b) in ours.iter().zip(&want) {
-            approx::assert_abs_diff_eq!(a, b, epsilon = 1e-4);
+        let w = Tensor::randn(0f32, 1.0, (53, 129), &Device::Cpu).unwrap(); // [n, k]
+        let wt = w.t().unwrap().contiguous().unwrap(); // [k, n]
+        let strided = Tensor::randn(0f32, 1.0, (129, 2, 53), &Device::Cpu).unwrap().narrow(1, 0, 1).unwrap();
+        let strided = strided.squeeze(1).unwrap(); // [k, n], rows 106 apart
+        for w in [w.t().unwrap(), wt, strided] {
+            let ours = matmul(&x, &w).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = x.matmul(&w).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (a, b) in ours.iter().zip(&want) {
+                approx::assert_abs_diff_eq!(a, b, epsilon = 1e-4);
+            }
         }
     }
 }

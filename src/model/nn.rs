@@ -3,15 +3,22 @@
 
 use candle_core::{Tensor, D};
 
+use rayon::prelude::*;
+
 use super::fp8::Fp8Weight;
-use super::gemv::{matmul_nt_bf16, Bf16Weight, MAX_ROWS};
+use super::gemv::{matmul_nt_bf16, widen, Bf16Weight, MAX_ROWS};
 use crate::checkpoint::Loader;
 use crate::error::Result;
 
 /// A `[out, in]` weight: f32 in memory (f32 checkpoints), or bf16 or block-FP8 read in place
 /// from the memory-mapped checkpoint. Those are not converted at load: few-row products (decode)
-/// stream a bf16 weight as bf16, the device path uploads both as stored, and the f32 copy is made
+/// stream a bf16 weight as bf16, the device path uploads both as stored, and an f32 copy is made
 /// the first time a product on the CPU needs one, then kept.
+///
+/// The copy is kept transposed, `W^T` `[in, out]`: the `gemm` crate behind candle's matmul (and
+/// OpenBLAS) then reads the weight in the order its micro-kernel wants, where `[out, in]` made it
+/// repack the whole weight element by element on every product (29% of a 128-token prefill,
+/// docs/performance.md).
 pub enum Weight {
     F32(Tensor),
     Bf16(Bf16Weight, std::sync::OnceLock<Tensor>),
@@ -38,6 +45,27 @@ fn cached(
     }
     let t = Tensor::from_vec(make(), shape, &candle_core::Device::Cpu)?;
     Ok(slot.get_or_init(|| t).clone())
+}
+
+/// `v` `[rows, cols]` row-major, each value mapped by `f`, as `[cols, rows]`: 64 x 64 tiles,
+/// a band of output rows per task on rayon's pool.
+fn transpose<T: Copy + Sync>(v: &[T], (rows, cols): (usize, usize), f: impl Fn(T) -> f32 + Sync) -> Vec<f32> {
+    const TILE: usize = 64;
+    let mut out = vec![0f32; rows * cols];
+    if out.is_empty() {
+        return out;
+    }
+    out.par_chunks_mut(TILE * rows).enumerate().for_each(|(band, o)| {
+        let (c0, cn) = (band * TILE, o.len() / rows); // output rows c0 .. c0 + cn
+        for r0 in (0..rows).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for (c, &x) in v[r * cols + c0..r * cols + c0 + cn].iter().enumerate() {
+                    o[c * rows + r] = f(x);
+                }
+            }
+        }
+    });
+    out
 }
 
 /// `y = x W^T (+ b)`, weight stored `[out, in]` as in the checkpoint.
@@ -67,16 +95,22 @@ impl Linear {
         }
     }
 
-    /// The weight as an f32 tensor: the resident one, or the bf16 one widened on first use.
-    pub fn f32_weight(&self) -> Result<Tensor> {
+    /// `W^T` `[in, out]` in f32: a view of the resident f32 weight, or the transposed copy of a
+    /// bf16 or FP8 one, made on first use.
+    pub fn f32_weight_t(&self) -> Result<Tensor> {
         Ok(match &self.weight {
-            Weight::F32(w) => w.clone(),
-            Weight::Bf16(w, f32) => cached(f32, || w.to_f32(), (w.rows, w.cols))?,
-            Weight::Fp8(w, f32) => {
+            Weight::F32(w) => w.t()?,
+            Weight::Bf16(w, wt) => cached(wt, || transpose(w.bits(), (w.rows, w.cols), widen), (w.cols, w.rows))?,
+            Weight::Fp8(w, wt) => {
                 let [rows, cols] = w.shape();
-                cached(f32, || w.to_f32(), (rows, cols))?
+                cached(wt, || transpose(&w.to_f32(), (rows, cols), |x| x), (cols, rows))?
             }
         })
+    }
+
+    /// The weight `[out, in]` in f32 (a transposed view of [`Self::f32_weight_t`]).
+    pub fn f32_weight(&self) -> Result<Tensor> {
+        Ok(self.f32_weight_t()?.t()?)
     }
 
     /// x: [..., in] -> [..., out]
@@ -92,8 +126,7 @@ impl Linear {
                 let y = matmul_nt_bf16(&xs, rows, w, candle_core::utils::get_num_threads());
                 Tensor::from_vec(y, (rows, w.rows), x.device())?
             }
-            Weight::F32(w) => matmul_nt(&x, w)?,
-            Weight::Bf16(..) | Weight::Fp8(..) => matmul_nt(&x, &self.f32_weight()?)?,
+            _ => matmul(&x, &self.f32_weight_t()?)?,
         }; // [rows, out]
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -124,12 +157,28 @@ impl RmsNorm {
     }
 }
 
-/// `x W^T` for x [m, k] and W [n, k]: OpenBLAS with the `openblas` feature, candle otherwise.
-pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// `x W` for x [m, k] and W [k, n], contiguous or the transposed view of a contiguous [n, k]:
+/// OpenBLAS with the `openblas` feature, candle otherwise.
+pub fn matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    // The `gemm` crate copies a block of the (transposed) weight into a contiguous panel only
+    // when more than 16 x 6 token columns read it; below that (the experts' row groups: 64 rows
+    // per expert at 128 tokens, 16 experts, top-8) its micro-kernel reads the weight in place,
+    // a row of panel every 16 KB, and runs at half speed (100 against 215 GFLOP/s at 64 x 4096 x
+    // 6144 on the 2-core AVX-512 VM). Packing always costs one contiguous copy of the block.
+    static PACK_ALWAYS: std::sync::Once = std::sync::Once::new();
+    PACK_ALWAYS.call_once(|| {
+        gemm::set_lhs_packing_threshold_multi_thread(1);
+        gemm::set_lhs_packing_threshold_single_thread(1);
+    });
     #[cfg(feature = "openblas")]
-    return super::blas::matmul_nt(x, w);
+    return super::blas::matmul(x, w);
     #[cfg(not(feature = "openblas"))]
-    return Ok(x.matmul(&w.t()?)?);
+    return Ok(x.matmul(w)?);
+}
+
+/// `x W^T` for x [m, k] and W [n, k].
+pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    matmul(x, &w.t()?)
 }
 
 /// `(x - mean) / sqrt(var + eps) * w + b` (biased variance), as `nn.LayerNorm`.
