@@ -334,8 +334,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         // candle's CPU kernels size their thread pools from this, read on first use.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        #[cfg(feature = "openblas")]
-        glimpse::model::blas::set_threads(n);
     }
     match cli.command {
         Command::Verify {

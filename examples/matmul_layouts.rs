@@ -1,0 +1,51 @@
+//! GFLOP/s of candle's CPU matmul `x W^T` at GLM-5's projection shapes, with the weight held as
+//! stored (`[out, in]`, multiplied through a transposed view) and as the model now holds its f32
+//! copies (`W^T` `[in, out]`, contiguous), with the `gemm` crate's default panel packing and with
+//! packing always on (what `model::nn::matmul` sets). Medians of 5 runs each.
+//!
+//!     cargo run --release --example matmul_layouts
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+fn median_secs(mut f: impl FnMut() -> candle_core::Result<Tensor>) -> candle_core::Result<f64> {
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[2])
+}
+
+fn main() -> candle_core::Result<()> {
+    // (rows m, out n, in k): expert groups, attention and dense-MLP projections, the lm_head.
+    let shapes = [(16, 4096, 6144), (64, 4096, 6144), (64, 6144, 2048), (128, 16384, 2048), (128, 24576, 6144)];
+    println!("{:>5} {:>6} {:>6} | {:>14} {:>14} | {:>14} {:>14}", "m", "n", "k", "[n,k] default", "[k,n] default", "[n,k] packed", "[k,n] packed");
+    let mut rows = Vec::new();
+    for pack in [false, true] {
+        if pack {
+            gemm::set_lhs_packing_threshold_multi_thread(1);
+            gemm::set_lhs_packing_threshold_single_thread(1);
+        }
+        for (i, &(m, n, k)) in shapes.iter().enumerate() {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+            let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?; // [n, k]
+            let wt = w.t()?.contiguous()?; // [k, n]
+            let flops = 2.0 * (m * n * k) as f64 / 1e9;
+            let stored = flops / median_secs(|| x.matmul(&w.t()?))?;
+            let transposed = flops / median_secs(|| x.matmul(&wt))?;
+            if pack {
+                rows[i] = format!("{} | {stored:>14.0} {transposed:>14.0}", rows[i]);
+            } else {
+                rows.push(format!("{m:>5} {n:>6} {k:>6} | {stored:>14.0} {transposed:>14.0}"));
+            }
+        }
+    }
+    for r in rows {
+        println!("{r}");
+    }
+    Ok(())
+}
