@@ -23,7 +23,10 @@ fn median_secs(mut f: impl FnMut() -> candle_core::Result<Tensor>) -> candle_cor
 fn main() -> candle_core::Result<()> {
     // (rows m, out n, in k): expert groups, attention and dense-MLP projections, the lm_head.
     let shapes = [(16, 4096, 6144), (64, 4096, 6144), (64, 6144, 2048), (128, 16384, 2048), (128, 24576, 6144)];
-    println!("{:>5} {:>6} {:>6} | {:>14} {:>14} | {:>14} {:>14}", "m", "n", "k", "[n,k] default", "[k,n] default", "[n,k] packed", "[k,n] packed");
+    println!(
+        "{:>5} {:>6} {:>6} | {:>14} {:>14} | {:>14} {:>14}",
+        "m", "n", "k", "[n,k] default", "[k,n] default", "[n,k] packed", "[k,n] packed"
+    );
     let mut rows = Vec::new();
     for pack in [false, true] {
         if pack {

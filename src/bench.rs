@@ -12,10 +12,10 @@ use crate::hooks::{emit, HookPoint, LayerHook, NoObserver, Observer, Selector};
 use crate::model::{Model, Tokens};
 
 pub struct BenchReport {
-    /// Opening the checkpoint and building the model (f32 and FP8 weights are converted here;
-    /// bf16 weights are memory-mapped and widened on first use).
+    /// Opening the checkpoint and building the model (f32 weights are converted here; bf16 and
+    /// FP8 ones are memory-mapped and made ready for the CPU's products on first use).
     pub load_s: f64,
-    /// The first forward pass, which pages the weights in and widens bf16 ones: open to first
+    /// The first forward pass, which pages the weights in and packs or widens them: open to first
     /// logits is `load_s + first_s`.
     pub first_s: f64,
     pub tokens: usize,
@@ -262,7 +262,7 @@ impl BenchReport {
     pub fn render(&self) -> String {
         let (p, r) = (median(&self.plain_s), median(&self.recording_s));
         let mut s = format!(
-            "load (open; bf16 weights stay memory-mapped): {:.2} s; first prefill (pages in, widens bf16): {:.2} s\n",
+            "load (open; bf16 weights stay memory-mapped): {:.2} s; first prefill (pages in, packs bf16): {:.2} s\n",
             self.load_s, self.first_s
         );
         s += &format!(

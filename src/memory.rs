@@ -1,9 +1,11 @@
 //! Memory budgets: before a run allocates anything large, estimate what it will hold (weights as
-//! f32, the largest activations of a layer, what waits to be recorded) and refuse with the numbers
+//! the CPU multiplies them, the largest activations of a layer, what waits to be recorded) and refuse with the numbers
 //! when that exceeds `--max-memory` (default: the memory the OS says is available), rather than be
 //! killed by the OS halfway through.
 
 use std::ops::RangeInclusive;
+
+use safetensors::tensor::Dtype;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
@@ -61,18 +63,27 @@ pub fn estimate(
     recording: bool,
 ) -> Estimate {
     let c = &ckpt.config;
-    let params = |prefix: &str| -> u64 {
-        ckpt.names().filter(|n| n.starts_with(prefix) && !n.ends_with("_scale_inv")).map(|n| numel(ckpt, n)).sum()
+    // What the CPU holds of a weight once a prefill used it: bf16 panels where the AVX-512 kernel
+    // multiplies a bf16 weight (model::bf16_gemm), an f32 copy otherwise.
+    let held = |n: &str| {
+        let bf16_panels = ckpt.dtype(n) == Some(Dtype::BF16) && crate::model::bf16_gemm::available();
+        numel(ckpt, n) * if bf16_panels { 2 } else { 4 }
     };
-    let layer = |i: usize| params(&format!("model.layers.{i}."));
-    let table = numel(ckpt, "model.embed_tokens.weight");
-    let head = if c.tie_word_embeddings { 0 } else { numel(ckpt, "lm_head.weight") };
+    let in_layer = |i: usize| {
+        let prefix = format!("model.layers.{i}.");
+        ckpt.names().filter(move |n| n.starts_with(&prefix) && !n.ends_with("_scale_inv")).collect::<Vec<_>>()
+    };
+    let layer = |i: usize| in_layer(i).into_iter().map(held).sum::<u64>();
+    let table = 4 * numel(ckpt, "model.embed_tokens.weight");
+    let head = if c.tie_word_embeddings { 0 } else { held("lm_head.weight") };
     let weights = if stream {
-        // One layer's f32 copy plus its file pages, and an lm_head chunk.
-        let biggest = window.clone().map(layer).max().unwrap_or(0);
-        4 * biggest + 2 * biggest + 4 * 8192 * c.hidden_size as u64
+        // One layer's copies plus its file pages (at most 2 bytes a weight when they are
+        // released at all: bf16 or FP8), and an lm_head chunk.
+        let file = |i: usize| in_layer(i).into_iter().map(|n| 2 * numel(ckpt, n)).sum::<u64>();
+        let biggest = window.clone().map(|i| layer(i) + file(i)).max().unwrap_or(0);
+        biggest + 4 * 8192 * c.hidden_size as u64
     } else {
-        4 * (window.clone().map(layer).sum::<u64>() + table + head)
+        window.clone().map(layer).sum::<u64>() + table + head
     };
     let (b, s) = (batch as u64, seq as u64);
     let (h, nh, ni) = (c.hidden_size as u64, c.num_attention_heads as u64, c.index_n_heads as u64);

@@ -60,6 +60,17 @@ impl Bf16Weight {
         out
     }
 
+    /// A `[rows, cols]` test matrix of values in [-1, 1], in an anonymous map.
+    #[cfg(test)]
+    pub fn test_matrix(rows: usize, cols: usize) -> Self {
+        let bits =
+            (0..rows * cols).map(|i| (((i * 7919) % 2001) as f32 / 1000.0 - 1.0).to_bits().wrapping_shr(16) as u16);
+        let bytes: Vec<u8> = bits.flat_map(|v| v.to_le_bytes()).collect();
+        let mut map = memmap2::MmapMut::map_anon(bytes.len().max(1)).unwrap();
+        map[..bytes.len()].copy_from_slice(&bytes);
+        Bf16Weight::new(Arc::new(map.make_read_only().unwrap()), 0, rows, cols).unwrap()
+    }
+
     /// The bf16 bit patterns, row-major.
     pub fn bits(&self) -> &[u16] {
         self.data()
@@ -366,17 +377,9 @@ mod tests {
     #[test]
     fn bf16_products_match_the_f32_reference() {
         let (n, k) = (13, 77);
-        let w: Vec<u16> =
-            (0..n * k).map(|i| (((i * 7919) % 2001) as f32 / 1000.0 - 1.0).to_bits().wrapping_shr(16) as u16).collect();
-        let bytes: Vec<u8> =
-            std::iter::once(0u8).chain(std::iter::once(0)).chain(w.iter().flat_map(|v| v.to_le_bytes())).collect();
-        let path = std::env::temp_dir().join(format!("glimpse-gemv-{}", std::process::id()));
-        std::fs::write(&path, &bytes).unwrap();
-        let file = std::fs::File::open(&path).unwrap();
-        std::fs::remove_file(&path).unwrap(); // the map keeps the data
-        let map = Arc::new(unsafe { Mmap::map(&file) }.unwrap());
-        let weight = Bf16Weight::new(map.clone(), 2, n, k).unwrap();
-        assert!(Bf16Weight::new(map, 1, n, k).is_none(), "misaligned");
+        let weight = Bf16Weight::test_matrix(n, k);
+        let w = weight.bits();
+        assert!(Bf16Weight::new(weight.map.clone(), 1, n, k - 1).is_none(), "misaligned");
         for m in 1..=MAX_ROWS {
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
             let y = matmul_nt_bf16(&x, m, &weight, 3);

@@ -2,6 +2,7 @@
 //! [`Model::forward`] runs a whole batch; `embed`, `layer` and `head` expose the same steps one at
 //! a time so `verify --isolate` can feed any layer the reference's own input.
 
+pub mod bf16_gemm;
 pub mod decode;
 pub mod fp8;
 pub mod gemv;
@@ -111,7 +112,9 @@ impl Model {
         let head_name = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
         let weight = match l.bf16(head_name).filter(|w| (w.rows, w.cols) == (v, h)) {
             // Tied: the embedding's f32 copy already is the widened head; share it (as W^T, a view).
-            Some(w) if cfg.tie_word_embeddings => Weight::Bf16(w, std::sync::OnceLock::from(embed_tokens.t()?)),
+            Some(w) if cfg.tie_word_embeddings => {
+                Weight::Bf16(w, std::sync::OnceLock::from(nn::Product::F32T(embed_tokens.t()?)))
+            }
             Some(w) => Weight::bf16(w),
             None if cfg.tie_word_embeddings => Weight::F32(embed_tokens.clone()),
             None => Weight::F32(l.get(head_name, &[v, h])),

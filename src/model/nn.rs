@@ -1,50 +1,88 @@
 //! Small building blocks shared by the blocks of the model: linear layers, RMSNorm, LayerNorm and
 //! softmax, computed in f32 exactly as the transformers reference orders the arithmetic.
 
-use candle_core::{Tensor, D};
+use std::sync::OnceLock;
 
+use candle_core::{Device, Tensor, D};
 use rayon::prelude::*;
 
+use super::bf16_gemm::{self, Panels};
 use super::fp8::Fp8Weight;
 use super::gemv::{matmul_nt_bf16, widen, Bf16Weight, MAX_ROWS};
 use crate::checkpoint::Loader;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// A `[out, in]` weight: f32 in memory (f32 checkpoints), or bf16 or block-FP8 read in place
 /// from the memory-mapped checkpoint. Those are not converted at load: few-row products (decode)
-/// stream a bf16 weight as bf16, the device path uploads both as stored, and an f32 copy is made
-/// the first time a product on the CPU needs one, then kept.
-///
-/// The copy is kept transposed, `W^T` `[in, out]`: the `gemm` crate behind candle's matmul then
-/// reads the weight in the order its micro-kernel wants, where `[out, in]` made it repack the
-/// whole weight element by element on every product (29% of a 128-token prefill,
-/// docs/performance.md).
+/// stream a bf16 weight as bf16, the device path uploads both as stored, and what the CPU's
+/// many-row products multiply ([`Product`]) is made the first time one needs it, then kept.
 pub enum Weight {
     F32(Tensor),
-    Bf16(Bf16Weight, std::sync::OnceLock<Tensor>),
-    Fp8(Fp8Weight, std::sync::OnceLock<Tensor>),
+    Bf16(Bf16Weight, OnceLock<Product>),
+    Fp8(Fp8Weight, OnceLock<Product>),
 }
 
 impl Weight {
     pub fn bf16(w: Bf16Weight) -> Self {
-        Weight::Bf16(w, std::sync::OnceLock::new())
+        Weight::Bf16(w, OnceLock::new())
     }
     pub fn fp8(w: Fp8Weight) -> Self {
-        Weight::Fp8(w, std::sync::OnceLock::new())
+        Weight::Fp8(w, OnceLock::new())
     }
 }
 
-/// The f32 copy in `slot`, made by `make` the first time.
-fn cached(
-    slot: &std::sync::OnceLock<Tensor>,
-    make: impl FnOnce() -> Vec<f32>,
-    shape: (usize, usize),
-) -> Result<Tensor> {
-    if let Some(t) = slot.get() {
-        return Ok(t.clone());
+/// What a bf16 or FP8 weight's many-row products (a prefill's) multiply on the CPU.
+pub enum Product {
+    /// The bf16 values reordered into panels for the AVX-512 kernel (`bf16_gemm`): 2 bytes a
+    /// weight.
+    Bf16Panels(Panels),
+    /// `W^T` `[in, out]` in f32 (FP8 weights, bf16 ones where the CPU has no AVX-512, and a tied
+    /// head, as a view of the embedding's table). Transposed because the `gemm` crate behind
+    /// candle's matmul reads it in its micro-kernel's order, where `[out, in]` made it repack the
+    /// whole weight element by element on every product (docs/performance.md).
+    F32T(Tensor),
+}
+
+impl Product {
+    fn of_bf16(w: &Bf16Weight) -> Result<Self> {
+        Ok(match Panels::new(w) {
+            Some(p) => Product::Bf16Panels(p),
+            None => Product::F32T(Tensor::from_vec(
+                transpose(w.bits(), (w.rows, w.cols), widen),
+                (w.cols, w.rows),
+                &Device::Cpu,
+            )?),
+        })
     }
-    let t = Tensor::from_vec(make(), shape, &candle_core::Device::Cpu)?;
-    Ok(slot.get_or_init(|| t).clone())
+
+    fn of_fp8(w: &Fp8Weight) -> Result<Self> {
+        let [rows, cols] = w.shape();
+        Ok(Product::F32T(Tensor::from_vec(transpose(&w.to_f32(), (rows, cols), |x| x), (cols, rows), &Device::Cpu)?))
+    }
+
+    /// x [m, in] -> [m, out]
+    fn multiply(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Product::Bf16Panels(p) => {
+                let (m, k) = x.dims2()?;
+                if k != p.k {
+                    return Err(Error::Usage(format!("a product of [{m}, {k}] with a [{}, {}] weight", p.n, p.k)));
+                }
+                let y = bf16_gemm::matmul(&x.flatten_all()?.to_vec1::<f32>()?, m, p);
+                Ok(Tensor::from_vec(y, (m, p.n), x.device())?)
+            }
+            Product::F32T(wt) => matmul(x, wt),
+        }
+    }
+}
+
+/// The value in `slot`, made by `make` the first time.
+fn made<T>(slot: &OnceLock<T>, make: impl FnOnce() -> Result<T>) -> Result<&T> {
+    if let Some(v) = slot.get() {
+        return Ok(v);
+    }
+    let v = make()?;
+    Ok(slot.get_or_init(|| v))
 }
 
 /// `v` `[rows, cols]` row-major, each value mapped by `f`, as `[cols, rows]`: a band of 16
@@ -101,22 +139,13 @@ impl Linear {
         }
     }
 
-    /// `W^T` `[in, out]` in f32: a view of the resident f32 weight, or the transposed copy of a
-    /// bf16 or FP8 one, made on first use.
-    pub fn f32_weight_t(&self) -> Result<Tensor> {
-        Ok(match &self.weight {
-            Weight::F32(w) => w.t()?,
-            Weight::Bf16(w, wt) => cached(wt, || transpose(w.bits(), (w.rows, w.cols), widen), (w.cols, w.rows))?,
-            Weight::Fp8(w, wt) => {
-                let [rows, cols] = w.shape();
-                cached(wt, || transpose(&w.to_f32(), (rows, cols), |x| x), (cols, rows))?
-            }
-        })
-    }
-
-    /// The weight `[out, in]` in f32 (a transposed view of [`Self::f32_weight_t`]).
+    /// The weight `[out, in]` in f32 (for a bf16 or FP8 one, a new copy each call).
     pub fn f32_weight(&self) -> Result<Tensor> {
-        Ok(self.f32_weight_t()?.t()?)
+        Ok(match &self.weight {
+            Weight::F32(w) => w.clone(),
+            Weight::Bf16(w, _) => Tensor::from_vec(w.to_f32(), (w.rows, w.cols), &Device::Cpu)?,
+            Weight::Fp8(w, _) => Tensor::from_vec(w.to_f32(), w.shape().to_vec(), &Device::Cpu)?,
+        })
     }
 
     /// x: [..., in] -> [..., out]
@@ -132,7 +161,9 @@ impl Linear {
                 let y = matmul_nt_bf16(&xs, rows, w, candle_core::utils::get_num_threads());
                 Tensor::from_vec(y, (rows, w.rows), x.device())?
             }
-            _ => matmul(&x, &self.f32_weight_t()?)?,
+            Weight::F32(w) => matmul_nt(&x, w)?,
+            Weight::Bf16(w, product) => made(product, || Product::of_bf16(w))?.multiply(&x)?,
+            Weight::Fp8(w, product) => made(product, || Product::of_fp8(w))?.multiply(&x)?,
         }; // [rows, out]
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
