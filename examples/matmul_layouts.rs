@@ -1,13 +1,26 @@
-//! GFLOP/s of candle's CPU matmul `x W^T` at GLM-5's projection shapes, with the weight held as
-//! stored (`[out, in]`, multiplied through a transposed view) and as the model now holds its f32
+//! GFLOP/s of `x W^T` at GLM-5's projection shapes: candle's CPU matmul with the f32 weight held
+//! as stored (`[out, in]`, multiplied through a transposed view) and as the model holds its f32
 //! copies (`W^T` `[in, out]`, contiguous), with the `gemm` crate's default panel packing and with
-//! packing always on (what `model::nn::matmul` sets). Medians of 5 runs each.
+//! packing always on (what `model::nn::matmul` sets); and the model's own AVX-512 kernel on the
+//! bf16 weight in panels (`model::bf16_gemm`, where the CPU has AVX-512F). Medians of 5 runs.
 //!
 //!     cargo run --release --example matmul_layouts
 
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use candle_core::{Device, Tensor};
+use glimpse::model::bf16_gemm::{self, Panels};
+use glimpse::model::gemv::Bf16Weight;
+
+/// `w` rounded to bf16, in an anonymous map (as a checkpoint's weight would be, memory-mapped).
+fn bf16_weight(w: &[f32], n: usize, k: usize) -> Bf16Weight {
+    let bytes: Vec<u8> = w.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
+    let mut map = memmap2::MmapMut::map_anon(bytes.len()).expect("anonymous map");
+    map.copy_from_slice(&bytes);
+    Bf16Weight::new(Arc::new(map.make_read_only().expect("read-only map")), 0, n, k).expect("bf16 weight")
+}
 
 fn median_secs(mut f: impl FnMut() -> candle_core::Result<Tensor>) -> candle_core::Result<f64> {
     let mut times = Vec::new();
@@ -21,11 +34,18 @@ fn median_secs(mut f: impl FnMut() -> candle_core::Result<Tensor>) -> candle_cor
 }
 
 fn main() -> candle_core::Result<()> {
-    // (rows m, out n, in k): expert groups, attention and dense-MLP projections, the lm_head.
-    let shapes = [(16, 4096, 6144), (64, 4096, 6144), (64, 6144, 2048), (128, 16384, 2048), (128, 24576, 6144)];
+    // (rows m, out n, in k): expert groups, attention and dense-MLP projections, a long prompt.
+    let shapes = [
+        (16, 4096, 6144),
+        (64, 4096, 6144),
+        (64, 6144, 2048),
+        (128, 16384, 2048),
+        (128, 24576, 6144),
+        (1024, 4096, 6144),
+    ];
     println!(
-        "{:>5} {:>6} {:>6} | {:>14} {:>14} | {:>14} {:>14}",
-        "m", "n", "k", "[n,k] default", "[k,n] default", "[n,k] packed", "[k,n] packed"
+        "{:>5} {:>6} {:>6} | {:>14} {:>14} | {:>14} {:>14} | {:>12}",
+        "m", "n", "k", "[n,k] default", "[k,n] default", "[n,k] packed", "[k,n] packed", "bf16 panels"
     );
     let mut rows = Vec::new();
     for pack in [false, true] {
@@ -41,7 +61,16 @@ fn main() -> candle_core::Result<()> {
             let stored = flops / median_secs(|| x.matmul(&w.t()?))?;
             let transposed = flops / median_secs(|| x.matmul(&wt))?;
             if pack {
-                rows[i] = format!("{} | {stored:>14.0} {transposed:>14.0}", rows[i]);
+                let panels = Panels::new(&bf16_weight(&w.flatten_all()?.to_vec1::<f32>()?, n, k));
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                let ours = match &panels {
+                    Some(p) => format!(
+                        "{:>12.0}",
+                        flops / median_secs(|| Tensor::new(&bf16_gemm::matmul(&xs, m, p)[..1], &Device::Cpu))?
+                    ),
+                    None => format!("{:>12}", "no AVX-512"),
+                };
+                rows[i] = format!("{} | {stored:>14.0} {transposed:>14.0} | {ours}", rows[i]);
             } else {
                 rows.push(format!("{m:>5} {n:>6} {k:>6} | {stored:>14.0} {transposed:>14.0}"));
             }

@@ -25,6 +25,9 @@ const MR: usize = 12;
 /// Input positions per pass over the panels: a panel's slice (`KC x 32` bf16, 32 KB) and the
 /// tokens' slice (`12 x KC` f32, 24 KB) stay in L1/L2 while every token block reuses them.
 const KC: usize = 512;
+/// Token rows per pass over the panels: their `MC x KC` f32 slice (480 KB) stays in L2 while
+/// every panel reads it.
+const MC: usize = 240;
 
 /// A bf16 weight `[n, k]` in panels for [`matmul`]. Only made where the CPU has AVX-512F.
 pub struct Panels {
@@ -79,13 +82,13 @@ pub fn matmul(x: &[f32], m: usize, w: &Panels) -> Vec<f32> {
         return y;
     }
     let out = Out(y.as_mut_ptr());
-    for k0 in (0..k).step_by(KC) {
+    for (k0, m0) in (0..k).step_by(KC).flat_map(|k0| (0..m).step_by(MC).map(move |m0| (k0, m0))) {
         let kc = KC.min(k - k0);
         (0..n.div_ceil(NR)).into_par_iter().for_each(|p| {
             let out = &out;
             let cols = NR.min(n - p * NR);
             let panel = &w.data[(p * k + k0) * NR..(p * k + k0 + kc) * NR];
-            for i0 in (0..m).step_by(MR) {
+            for i0 in (m0..(m0 + MC).min(m)).step_by(MR) {
                 let rows = MR.min(m - i0);
                 // (No `Panels` exist off x86_64.)
                 #[cfg(target_arch = "x86_64")]
