@@ -119,6 +119,7 @@ fn cuda(golden_root: &Path, target: Target, scope: Scope) -> Result<bool> {
         _ => println!("device {}: {} ({}); every kernel compiled with NVRTC", target.ordinal, gpu.name, gpu.arch),
     }
     let mut checks = crate::cuda::selftest::kernels(gpu)?;
+    checks.extend(crate::cuda::selftest::dispatch(&f32_ops)?);
     checks.extend(crate::cuda::selftest::attention(&f32_ops)?);
     checks.extend(crate::cuda::selftest::attention(&bf16_ops)?);
     checks.extend(crate::cuda::selftest::products(&f32_ops)?);

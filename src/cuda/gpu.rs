@@ -545,6 +545,26 @@ impl Gpu {
         launch!(self, "masked_softmax", per_item(rows, row_block(t_eff, 256), 0), [scores, mask, &q32, &te32])
     }
 
+    /// The pairs' expert ids [n] (pair p = token p / k's choice p % k) grouped by expert, from
+    /// the groups' offsets [e] (prefix sums of `expert_counts`) -> slot [n] (each pair's packed
+    /// row), rows [n] (each packed row's token).
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_dispatch(
+        &self,
+        ids: &Buf<i32>,
+        offsets: &Buf<i32>,
+        slot: &mut Buf<i32>,
+        rows: &mut Buf<i32>,
+        n: usize,
+        k: usize,
+        e: usize,
+    ) -> Result<()> {
+        fits("moe_dispatch", &[(ids.len(), n), (offsets.len(), e), (slot.len(), n), (rows.len(), n)])?;
+        let [n32, k32] = ints("moe_dispatch", [n, k.max(1)])?;
+        const THREADS: u32 = 256;
+        launch!(self, "moe_dispatch", per_item(e, THREADS, THREADS * 4), [ids, &n32, &k32, offsets, slot, rows])
+    }
+
     /// x: [*, cols]; rows: [n] -> out: [n, cols].
     pub fn gather_rows(&self, x: &Buf<f32>, rows: &Buf<i32>, out: &mut Buf<f32>, n: usize, cols: usize) -> Result<()> {
         fits("gather_rows", &[(rows.len(), n), (out.len(), n * cols)])?;

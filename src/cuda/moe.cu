@@ -1,4 +1,7 @@
 // MoE dispatch around the grouped expert GEMMs (cuBLAS, one per expert with tokens):
+//   moe_dispatch: the (token, choice) pairs grouped by expert (with router.cu's expert_counts,
+//     whose prefix sums are the groups' offsets): slot[p] is pair p's row among the packed rows,
+//     rows[slot[p]] its token.
 //   gather_rows: the rows of x routed to one expert, packed: out[i] = x[rows[i]] (also the
 //     embeddings' lookup, from the table's rows).
 //   combine: each token's expert outputs weighted and summed in ascending expert id (the CPU
@@ -31,4 +34,33 @@ extern "C" __global__ void combine(const float* y, const int* ids, const int* sl
         acc += w[t * k + o] * y[(long long)slot[t * k + o] * cols + c];
     }
     out[i] = acc + shared[i];
+}
+
+// One block per expert scans the pairs' ids [n] in order, a chunk of blockDim at a time, and
+// places the pairs that chose it at offsets[e] + their rank (a block-wide prefix sum of "chose
+// me"): within an expert the pairs keep ascending pair order, as the host's stable sort did
+// (model::moe and Ops::dispatch's host version). Dynamic shared memory: blockDim ints.
+extern "C" __global__ void moe_dispatch(const int* ids, int n, int k, const int* offsets, int* slot, int* rows) {
+    extern __shared__ int scan[];
+    int e = blockIdx.x, tid = threadIdx.x, width = blockDim.x;
+    int base = offsets[e];
+    for (int start = 0; start < n; start += width) {
+        int p = start + tid;
+        int mine = p < n && ids[p] == e;
+        scan[tid] = mine;
+        __syncthreads();
+        for (int o = 1; o < width; o <<= 1) {  // inclusive Hillis-Steele scan
+            int v = tid >= o ? scan[tid - o] : 0;
+            __syncthreads();
+            scan[tid] += v;
+            __syncthreads();
+        }
+        if (mine) {
+            int pos = base + scan[tid] - 1;
+            slot[p] = pos;
+            rows[pos] = p / k;
+        }
+        base += scan[width - 1];
+        __syncthreads();  // every thread has read the total before the next chunk overwrites it
+    }
 }

@@ -7,7 +7,7 @@ use super::attention::{self, AttentionPath, AttentionPlan, Workspace};
 use super::gemm::{DeviceWeight, Products};
 use super::gpu::{Buf, Gpu};
 use crate::device::{HostWeight, Ops, Precision};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::moe::RouterConfig;
 
 pub struct CudaOps {
@@ -236,6 +236,22 @@ impl Ops for CudaOps {
         scale: f32,
     ) -> Result<Self::F> {
         self.sparse_attention_with(self.attention, (q, kv, k_rope, idx), dims, scale)
+    }
+
+    /// On the device: the groups' sizes (`expert_counts`) are all that is copied back.
+    fn dispatch(&self, ids: &Self::I, n: usize, k: usize, e: usize) -> Result<(Vec<usize>, Self::I, Self::I)> {
+        let pairs = n * k;
+        let mut counts = self.gpu.filled(e, 0i32)?;
+        self.gpu.expert_counts(ids, pairs, e, &mut counts)?;
+        let counts: Vec<usize> = self.gpu.download(&counts)?.into_iter().map(|c| c.max(0) as usize).collect();
+        if counts.iter().sum::<usize>() != pairs {
+            return Err(Error::Device(format!("the router chose an expert outside 0..{e}")));
+        }
+        let offsets: Vec<i32> =
+            counts.iter().scan(0, |start, &c| Some(std::mem::replace(start, *start + c) as i32)).collect();
+        let (mut slot, mut rows) = (self.gpu.filled(pairs, -1i32)?, self.gpu.filled(pairs, -1i32)?);
+        self.gpu.moe_dispatch(ids, &self.gpu.upload(&offsets)?, &mut slot, &mut rows, pairs, k, e)?;
+        Ok((counts, slot, rows))
     }
 
     fn gather_rows(&self, x: &Self::F, rows: &Self::I, n: usize, cols: usize) -> Result<Self::F> {

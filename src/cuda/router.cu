@@ -111,8 +111,8 @@ extern "C" __global__ void route(const float* logits, const float* bias, int n, 
     }
 }
 
-// How many tokens chose each expert (expert load reduced on the device, for the audit; checked
-// by selftest, not yet called by the forward pass): ids [n*k] -> counts [e].
+// How many (token, choice) pairs chose each expert, the MoE dispatch's group sizes (moe.cu):
+// ids [n*k] -> counts [e] (added to).
 extern "C" __global__ void expert_counts(const int* ids, long long n, int e, int* counts) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n && ids[i] >= 0 && ids[i] < e) atomicAdd(&counts[ids[i]], 1);

@@ -356,6 +356,29 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     Ok(out)
 }
 
+/// The MoE dispatch on the device (`expert_counts`, then `moe_dispatch`) against the host's sort
+/// (`dispatch_on_host`): 300 tokens x 8 choices over 64 experts of which 16 get none (2400 pairs,
+/// so the kernel's scan runs 10 chunks, the last partial), and an id outside the experts, which
+/// both must refuse.
+pub fn dispatch(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
+    use crate::device::{dispatch_on_host, Ops};
+    let (tokens, k, e) = (300, 8, 64);
+    let ids: Vec<i32> = (0..tokens * k).map(|i| ((i * i * 7 + i / 3) % 48) as i32).collect();
+    let (counts, slot, rows) = ops.dispatch(&ops.upload_i32(&ids)?, tokens, k, e)?;
+    let (cpu_counts, cpu_slot, cpu_rows) = dispatch_on_host(&ids, k, e)?;
+    let as_i32 = |c: &[usize]| c.iter().map(|&c| c as i32).collect::<Vec<_>>();
+    let mut out = vec![
+        check_ints("moe dispatch: group sizes", &as_i32(&counts), &as_i32(&cpu_counts)),
+        check_ints("moe dispatch: each pair's packed row", &ops.download_i32(&slot)?, &cpu_slot),
+        check_ints("moe dispatch: each packed row's token", &ops.download_i32(&rows)?, &cpu_rows),
+    ];
+    let mut bad = ids.clone();
+    bad[777] = e as i32;
+    let refused = ops.dispatch(&ops.upload_i32(&bad)?, tokens, k, e).is_err() && dispatch_on_host(&bad, k, e).is_err();
+    out.push(Check { name: "moe dispatch: an id outside the experts is refused".into(), max_abs: 0.0, ok: refused });
+    Ok(out)
+}
+
 /// The attention's quadratic steps (`cuda::attention`) against `CpuOps`: the indexer's scores
 /// (cuBLAS products and `index_combine`) and attention over a top-k selection on both paths,
 /// whole and in chunks of 2 queries (so chunks start past the first query and reach fewer keys).

@@ -3,7 +3,7 @@
 //! rows are gathered on the device, then every layer through [`Ops`] in the order the CPU model
 //! computes it (`model::mla`, `model::indexer`, `model::moe`). Hook points are downloaded only
 //! when the observer wants them (a run that records nothing copies back the logits, and per MoE
-//! layer the router's choices, which the host groups by expert).
+//! layer how many tokens each expert got, which sizes its GEMM).
 //!
 //! Isolation (`verify --isolate`: each layer fed the reference's hidden state) and replayed
 //! decisions (`verify --force-routing --force-selection`) are taken from the observer as
@@ -11,7 +11,7 @@
 //! our own (own scores and the selection's margin still reported; a replayed route's weights come
 //! from our router scores, its margin is NaN).
 //!
-//! Not here yet: the MTP head, decode, `attention_bias`, and FP8 kept as FP8 on the device.
+//! Not here yet: the MTP head, decode and `attention_bias`.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -505,31 +505,27 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         self.report(obs, hook(LayerHook::TopkWeights), &w, &[t, k])?;
         self.report(obs, hook(LayerHook::RouterMargin), &margin, &[t])?;
 
-        // Group the (token, choice) pairs by expert on the host: the ids are small.
-        let host_ids = self.ops.download_i32(&ids)?;
         self.router_extras(i, (&logits, &ids), (t, e, k), router, obs)?;
-        let mut order: Vec<usize> = (0..t * k).collect(); // pair index = token * k + choice
-        order.sort_by_key(|&p| (host_ids[p], p));
-        let mut slot = vec![0i32; t * k];
-        for (pos, &p) in order.iter().enumerate() {
-            slot[p] = pos as i32;
-        }
-        let rows: Vec<i32> = order.iter().map(|&p| (p / k) as i32).collect();
-        let a = rows.len();
-        let xs = self.ops.gather_rows(x, &self.ops.upload_i32(&rows)?, a, hd)?; // [A, H]
+        // The (token, choice) pairs grouped by expert: experts[j] multiplies rows start .. start
+        // + count of the packed rows.
+        let (counts, slot, rows) = self.ops.dispatch(&ids, t, k, e)?;
+        let a = t * k;
+        let xs = self.ops.gather_rows(x, &rows, a, hd)?; // [A, H]
         let inter = experts.first().map_or(0, |m| m.down.inp);
         let (mut gate_up, mut y) = (self.ops.zeros(a * 2 * inter)?, self.ops.zeros(a * hd)?);
-        let mut start = 0;
-        let mut spans = Vec::new();
-        for j in 0..experts.len() {
-            let count = order[start..].iter().take_while(|&&p| host_ids[p] == j as i32).count();
+        if counts.len() != experts.len() {
+            return Err(Error::Device(format!(
+                "layer {i}: {} expert groups for {} experts",
+                counts.len(),
+                experts.len()
+            )));
+        }
+        let (mut spans, mut start) = (Vec::new(), 0); // (expert, first packed row, rows)
+        for (j, &count) in counts.iter().enumerate() {
             if count > 0 {
                 spans.push((j, start, count));
             }
             start += count;
-        }
-        if start != a {
-            return Err(Error::Device(format!("layer {i}: the router chose an expert outside 0..{e}")));
         }
         // 2 x (gate, up, down) products of a rows each.
         let flops = 6 * (a * inter * hd) as u64;
@@ -544,6 +540,6 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let act = self.ops.swiglu(&gate_up, a, inter)?; // [A, inter]
         self.expert_gemms(0, || self.ops.gemm_groups(&act, &groups(|m| &m.down.w), &mut y, [hd, inter]))?;
         let shared_out = self.mlp(shared, x, t)?;
-        self.ops.combine(&y, &ids, &self.ops.upload_i32(&slot)?, &w, &shared_out, [t, k, hd])
+        self.ops.combine(&y, &ids, &slot, &w, &shared_out, [t, k, hd])
     }
 }

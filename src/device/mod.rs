@@ -333,6 +333,17 @@ pub trait Ops {
         dims: [usize; 9],
         scale: f32,
     ) -> Result<Self::F>;
+    /// The MoE dispatch: the expert ids [n, k] of n tokens' choices grouped by expert ->
+    /// (the group sizes [e], slot [n * k]: each (token, choice) pair's row among the packed rows,
+    /// rows [n * k]: each packed row's token). By default on the host ([`dispatch_on_host`]).
+    fn dispatch(&self, ids: &Self::I, n: usize, k: usize, e: usize) -> Result<(Vec<usize>, Self::I, Self::I)> {
+        let ids = self.download_i32(ids)?;
+        if ids.len() != n * k {
+            return Err(crate::error::Error::Device(format!("dispatch: {} ids for {n} tokens of {k}", ids.len())));
+        }
+        let (counts, slot, rows) = dispatch_on_host(&ids, k, e)?;
+        Ok((counts, self.upload_i32(&slot)?, self.upload_i32(&rows)?))
+    }
     fn gather_rows(&self, x: &Self::F, rows: &Self::I, n: usize, cols: usize) -> Result<Self::F>;
     /// out[t] = sum over t's k choices in ascending expert id of w * y[slot] + shared[t].
     #[allow(clippy::too_many_arguments)]
@@ -345,4 +356,21 @@ pub trait Ops {
         shared: &Self::F,
         nkc: [usize; 3],
     ) -> Result<Self::F>;
+}
+
+/// [`Ops::dispatch`] on the host: the pairs sorted by (expert, pair index), so within an expert
+/// they keep token order. Refuses an id outside `0..e`.
+pub fn dispatch_on_host(ids: &[i32], k: usize, e: usize) -> Result<(Vec<usize>, Vec<i32>, Vec<i32>)> {
+    if let Some(bad) = ids.iter().find(|&&j| usize::try_from(j).map_or(true, |j| j >= e)) {
+        return Err(crate::error::Error::Device(format!("the router chose expert {bad}, outside 0..{e}")));
+    }
+    let mut order: Vec<usize> = (0..ids.len()).collect(); // pair index = token * k + choice
+    order.sort_by_key(|&p| (ids[p], p));
+    let (mut counts, mut slot) = (vec![0usize; e], vec![0i32; ids.len()]);
+    for (pos, &p) in order.iter().enumerate() {
+        slot[p] = pos as i32;
+        counts[ids[p] as usize] += 1;
+    }
+    let rows = order.iter().map(|&p| (p / k.max(1)) as i32).collect();
+    Ok((counts, slot, rows))
 }
