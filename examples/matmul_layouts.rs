@@ -8,19 +8,9 @@
 
 use std::time::Instant;
 
-use std::sync::Arc;
-
 use candle_core::{Device, Tensor};
 use glimpse::model::bf16_gemm::{self, Panels};
 use glimpse::model::gemv::Bf16Weight;
-
-/// `w` rounded to bf16, in an anonymous map (as a checkpoint's weight would be, memory-mapped).
-fn bf16_weight(w: &[f32], n: usize, k: usize) -> Bf16Weight {
-    let bytes: Vec<u8> = w.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
-    let mut map = memmap2::MmapMut::map_anon(bytes.len()).expect("anonymous map");
-    map.copy_from_slice(&bytes);
-    Bf16Weight::new(Arc::new(map.make_read_only().expect("read-only map")), 0, n, k).expect("bf16 weight")
-}
 
 fn median_secs(mut f: impl FnMut() -> candle_core::Result<Tensor>) -> candle_core::Result<f64> {
     let mut times = Vec::new();
@@ -61,7 +51,9 @@ fn main() -> candle_core::Result<()> {
             let stored = flops / median_secs(|| x.matmul(&w.t()?))?;
             let transposed = flops / median_secs(|| x.matmul(&wt))?;
             if pack {
-                let panels = Panels::new(&bf16_weight(&w.flatten_all()?.to_vec1::<f32>()?, n, k));
+                let bits: Vec<u16> =
+                    w.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+                let panels = Panels::new(&Bf16Weight::from_bits(&bits, n, k, 0).expect("bf16 weight"));
                 let xs = x.flatten_all()?.to_vec1::<f32>()?;
                 let ours = match &panels {
                     Some(p) => format!(

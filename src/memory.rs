@@ -1,7 +1,7 @@
 //! Memory budgets: before a run allocates anything large, estimate what it will hold (weights as
-//! the CPU multiplies them, the largest activations of a layer, what waits to be recorded) and refuse with the numbers
-//! when that exceeds `--max-memory` (default: the memory the OS says is available), rather than be
-//! killed by the OS halfway through.
+//! the CPU multiplies them, the largest activations of a layer, what waits to be recorded) and
+//! refuse with the numbers when that exceeds `--max-memory` (default: the memory the OS says is
+//! available), rather than be killed by the OS halfway through.
 
 use std::ops::RangeInclusive;
 
@@ -64,10 +64,12 @@ pub fn estimate(
 ) -> Estimate {
     let c = &ckpt.config;
     // What the CPU holds of a weight once a prefill used it: bf16 panels where the AVX-512 kernel
-    // multiplies a bf16 weight (model::bf16_gemm), an f32 copy otherwise.
+    // multiplies a bf16 or FP8 projection (model::bf16_gemm), an f32 copy otherwise (and always
+    // for the router's gate and the norms, loaded as f32).
     let held = |n: &str| {
-        let bf16_panels = ckpt.dtype(n) == Some(Dtype::BF16) && crate::model::bf16_gemm::available();
-        numel(ckpt, n) * if bf16_panels { 2 } else { 4 }
+        let stored = matches!(ckpt.dtype(n), Some(Dtype::BF16 | Dtype::F8_E4M3));
+        let projection = ckpt.shape(n).is_some_and(|s| s.len() >= 2) && !n.ends_with(".gate.weight");
+        numel(ckpt, n) * if stored && projection && crate::model::bf16_gemm::available() { 2 } else { 4 }
     };
     let in_layer = |i: usize| {
         let prefix = format!("model.layers.{i}.");

@@ -3,7 +3,7 @@
 //! rows are gathered on the device, then every layer through [`Ops`] in the order the CPU model
 //! computes it (`model::mla`, `model::indexer`, `model::moe`). Hook points are downloaded only
 //! when the observer wants them (a run that records nothing copies back the logits, and per MoE
-//! layer how many tokens each expert got, which sizes its GEMM).
+//! layer how many (token, choice) pairs each expert got, which sizes its GEMM).
 //!
 //! Isolation (`verify --isolate`: each layer fed the reference's hidden state) and replayed
 //! decisions (`verify --force-routing --force-selection`) are taken from the observer as
@@ -141,10 +141,10 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             let (w, inp) = host_rows(l, start, count)?;
             Ok(DLinear { w: ops.upload_weight(w.weight(), count, inp)?, out: count, inp })
         };
-        let linear = |l: &Linear| rows(l, 0, l.out_dim());
+        let linear = |l: &Linear| rows(l, 0, l.shape()[0]);
         let norm = |n: &RmsNorm| -> Result<(O::F, f32)> { Ok((ops.upload(&values(&n.weight)?)?, n.eps as f32)) };
         let mlp = |m: &Mlp| -> Result<DMlp<O>> {
-            let inter = m.gate_proj.out_dim();
+            let inter = m.gate_proj.shape()[0];
             let ((gate, inp), (up, _)) = (host_rows(&m.gate_proj, 0, inter)?, host_rows(&m.up_proj, 0, inter)?);
             let parts = [gate.weight(), up.weight()];
             let w = ops.upload_weight(HostWeight::Stacked(&parts), 2 * inter, inp)?;
@@ -509,17 +509,14 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         // The (token, choice) pairs grouped by expert: experts[j] multiplies rows start .. start
         // + count of the packed rows.
         let (counts, slot, rows) = self.ops.dispatch(&ids, t, k, e)?;
+        if counts.len() != experts.len() {
+            let (groups, have) = (counts.len(), experts.len());
+            return Err(Error::Device(format!("layer {i}: {groups} expert groups for {have} experts")));
+        }
         let a = t * k;
         let xs = self.ops.gather_rows(x, &rows, a, hd)?; // [A, H]
         let inter = experts.first().map_or(0, |m| m.down.inp);
         let (mut gate_up, mut y) = (self.ops.zeros(a * 2 * inter)?, self.ops.zeros(a * hd)?);
-        if counts.len() != experts.len() {
-            return Err(Error::Device(format!(
-                "layer {i}: {} expert groups for {} experts",
-                counts.len(),
-                experts.len()
-            )));
-        }
         let (mut spans, mut start) = (Vec::new(), 0); // (expert, first packed row, rows)
         for (j, &count) in counts.iter().enumerate() {
             if count > 0 {

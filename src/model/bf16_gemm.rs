@@ -1,5 +1,9 @@
-//! Many-row products `x W^T` against a bf16 weight, on AVX-512, from a copy of the weight's bf16
-//! values reordered once into panels (2 bytes a weight, where an f32 copy takes 4).
+//! Many-row products `x W^T` against a bf16 or block-FP8 weight, on AVX-512, from a copy of the
+//! weight's values as bf16, reordered once into panels (2 bytes a weight, where an f32 copy takes
+//! 4). An e4m3 code is exactly a bf16 value; a block-FP8 panel keeps its scales beside it and the
+//! kernel multiplies each widened code by its block's scale, the f32 product the reference's
+//! dequantisation computes (`Fp8Weight::to_f32`), so the weights multiplied are the same f32
+//! values on either path.
 //!
 //! The prefill multiplies every weight by 100s of token rows, so its speed is arithmetic, not
 //! streaming (that is `gemv.rs`'s case). The kernel is an outer product: for each input position
@@ -16,7 +20,9 @@
 
 use rayon::prelude::*;
 
+use super::fp8::Fp8Weight;
 use super::gemv::Bf16Weight;
+use crate::st::e4m3_to_f32;
 
 /// Outputs per panel (two vectors of 16 f32).
 const NR: usize = 32;
@@ -28,41 +34,73 @@ const KC: usize = 512;
 /// Token rows per pass over the panels: their `MC x KC` f32 slice (480 KB) stays in L2 while
 /// every panel reads it.
 const MC: usize = 240;
+const _: () = assert!(MC.is_multiple_of(MR), "a token block must not cross a pass's rows");
 
-/// A bf16 weight `[n, k]` in panels for [`matmul`]. Only made where the CPU has AVX-512F.
+/// A weight `[n, k]` in panels for [`matmul`]. Only made where the CPU has AVX-512F.
 pub struct Panels {
     data: Vec<u16>, // [ceil(n / 32)][k][32]
-    pub n: usize,
-    pub k: usize,
+    n: usize,
+    k: usize,
+    /// Block-FP8 weights: each panel's scale for each block of `bc` inputs,
+    /// `[ceil(n / 32)][ceil(k / bc)]`, and `bc`.
+    scale: Option<(Vec<f32>, usize)>,
 }
 
 impl Panels {
-    /// The weight's values in panels (the last one padded with zeros), or None when this CPU has
-    /// no AVX-512F.
+    /// A bf16 weight's values in panels, or None when this CPU has no AVX-512F.
     pub fn new(w: &Bf16Weight) -> Option<Self> {
-        if !available() {
-            return None;
-        }
-        let (n, k, bits) = (w.rows, w.cols, w.bits());
-        let mut data = vec![0u16; n.div_ceil(NR) * k * NR];
-        if k > 0 {
-            data.par_chunks_mut(k * NR).enumerate().for_each(|(p, panel)| {
-                for c in 0..NR.min(n - p * NR) {
-                    let slot = if c < 16 { 2 * c } else { 2 * (c - 16) + 1 };
-                    let row = &bits[(p * NR + c) * k..(p * NR + c + 1) * k];
-                    for (to, &v) in panel[slot..].iter_mut().step_by(NR).zip(row) {
-                        *to = v;
-                    }
-                }
-            });
-        }
-        Some(Panels { data, n, k })
+        available().then(|| Panels {
+            data: interleave(w.bits(), w.rows, w.cols, |b| b),
+            n: w.rows,
+            k: w.cols,
+            scale: None,
+        })
     }
 
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.data.len() * 2
+    /// A block-FP8 weight's codes (as bf16) in panels with its scales, or None when this CPU has
+    /// no AVX-512F or a panel's 32 outputs would span two blocks of rows (blocks of rows, or a
+    /// view's first row, not a multiple of 32; GLM-5's blocks are 128 x 128).
+    pub fn from_fp8(w: &Fp8Weight) -> Option<Self> {
+        let ([n, k], [br, bc], row0) = (w.shape(), w.block(), w.row0());
+        if !available() || !br.is_multiple_of(NR) || !row0.is_multiple_of(NR) {
+            return None;
+        }
+        let bf16: [u16; 256] = std::array::from_fn(|q| (e4m3_to_f32(q as u8).to_bits() >> 16) as u16); // exact
+        let data = interleave(w.bytes(), n, k, |q| bf16[q as usize]);
+        let (blocks, grid) = (k.div_ceil(bc), w.scale());
+        let scale = (0..n.div_ceil(NR))
+            .flat_map(|p| {
+                let from = (row0 + p * NR) / br * w.scale_cols();
+                grid[from..from + blocks].iter().copied()
+            })
+            .collect();
+        Some(Panels { data, n, k, scale: Some((scale, bc)) })
     }
+}
+
+impl Panels {
+    /// `[n, k]`: outputs, inputs.
+    pub fn shape(&self) -> [usize; 2] {
+        [self.n, self.k]
+    }
+}
+
+/// `w` `[n, k]` row-major, each value mapped by `f` to bf16 bits, in panels (the last one padded
+/// with zeros).
+fn interleave<T: Copy + Sync>(w: &[T], n: usize, k: usize, f: impl Fn(T) -> u16 + Sync) -> Vec<u16> {
+    let mut data = vec![0u16; n.div_ceil(NR) * k * NR];
+    if k > 0 {
+        data.par_chunks_mut(k * NR).enumerate().for_each(|(p, panel)| {
+            for c in 0..NR.min(n - p * NR) {
+                let slot = if c < 16 { 2 * c } else { 2 * (c - 16) + 1 };
+                let row = &w[(p * NR + c) * k..(p * NR + c + 1) * k];
+                for (to, &v) in panel[slot..].iter_mut().step_by(NR).zip(row) {
+                    *to = f(v);
+                }
+            }
+        });
+    }
+    data
 }
 
 /// Whether this CPU runs the kernel.
@@ -75,7 +113,7 @@ pub fn available() -> bool {
 
 /// `x W^T`: x `[m, k]` row-major -> `[m, n]` row-major, on rayon's pool (a task per panel).
 pub fn matmul(x: &[f32], m: usize, w: &Panels) -> Vec<f32> {
-    let (n, k) = (w.n, w.k);
+    let [n, k] = w.shape();
     assert_eq!(x.len(), m * k, "bf16_gemm::matmul: x has {} values, not {m} x {k}", x.len());
     let mut y = vec![0f32; m * n];
     if m == 0 || n == 0 {
@@ -88,17 +126,21 @@ pub fn matmul(x: &[f32], m: usize, w: &Panels) -> Vec<f32> {
             let out = &out;
             let cols = NR.min(n - p * NR);
             let panel = &w.data[(p * k + k0) * NR..(p * k + k0 + kc) * NR];
+            let scale = w.scale.as_ref().map(|(s, bc)| {
+                let blocks = k.div_ceil(*bc);
+                Scale { per_block: &s[p * blocks..(p + 1) * blocks], bc: *bc, k0 }
+            });
             for i0 in (m0..(m0 + MC).min(m)).step_by(MR) {
-                let rows = MR.min(m - i0);
+                let rows = MR.min((m0 + MC).min(m) - i0);
                 // (No `Panels` exist off x86_64.)
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `Panels` exist only where AVX-512F does. x holds rows i0 .. i0 + rows of
                 // k values and the panel kc x 32; the block writes rows i0 .. i0 + rows of y, in
-                // columns 32 p .. 32 p + cols < n, which no other task writes (one task per panel,
+                // columns 32 p .. 32 p + cols <= n, which no other task writes (one task per panel,
                 // and the passes over k run one after another).
                 unsafe {
                     let y = out.0.add(i0 * n + p * NR);
-                    block(&x[i0 * k + k0..], rows, k, panel, kc, y, n, k0 > 0, cols);
+                    block(&x[i0 * k + k0..], rows, k, (panel, scale), kc, y, n, k0 > 0, cols);
                 }
             }
         });
@@ -111,39 +153,66 @@ struct Out(*mut f32);
 // SAFETY: see `matmul`: every task writes its own columns, and none reads another's.
 unsafe impl Sync for Out {}
 
-/// The kernel for `rows` (1 ..= 12) token rows.
+/// A block-FP8 panel's scales: `per_block[b]` multiplies inputs `b * bc .. (b + 1) * bc`; the
+/// kernel's slice starts at input `k0`.
+#[derive(Clone, Copy)]
+struct Scale<'a> {
+    per_block: &'a [f32],
+    bc: usize,
+    k0: usize,
+}
+
+/// The kernel for `rows` (1 ..= 12) token rows, with or without scales.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block(x: &[f32], rows: usize, k: usize, w: &[u16], kc: usize, y: *mut f32, n: usize, add: bool, cols: usize) {
-    let f = match rows {
-        12 => x86::kernel::<12>,
-        11 => x86::kernel::<11>,
-        10 => x86::kernel::<10>,
-        9 => x86::kernel::<9>,
-        8 => x86::kernel::<8>,
-        7 => x86::kernel::<7>,
-        6 => x86::kernel::<6>,
-        5 => x86::kernel::<5>,
-        4 => x86::kernel::<4>,
-        3 => x86::kernel::<3>,
-        2 => x86::kernel::<2>,
-        _ => x86::kernel::<1>,
-    };
-    f(x, k, w, kc, y, n, add, cols)
+unsafe fn block(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    (w, scale): (&[u16], Option<Scale>),
+    kc: usize,
+    y: *mut f32,
+    n: usize,
+    add: bool,
+    cols: usize,
+) {
+    macro_rules! by_rows {
+        ($scaled:literal) => {
+            match rows {
+                12 => x86::kernel::<12, $scaled>,
+                11 => x86::kernel::<11, $scaled>,
+                10 => x86::kernel::<10, $scaled>,
+                9 => x86::kernel::<9, $scaled>,
+                8 => x86::kernel::<8, $scaled>,
+                7 => x86::kernel::<7, $scaled>,
+                6 => x86::kernel::<6, $scaled>,
+                5 => x86::kernel::<5, $scaled>,
+                4 => x86::kernel::<4, $scaled>,
+                3 => x86::kernel::<3, $scaled>,
+                2 => x86::kernel::<2, $scaled>,
+                _ => x86::kernel::<1, $scaled>,
+            }
+        };
+    }
+    match scale {
+        None => by_rows!(false)(x, k, w, None, kc, y, n, add, cols),
+        Some(s) => by_rows!(true)(x, k, w, Some(s), kc, y, n, add, cols),
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// `y[r][c] (+)= sum_kk x[r][kk] w[kk][c]` for `R` rows and the panel's first `cols`
-    /// outputs; x rows are `k` apart, y rows `n` apart.
+    /// `y[r][c] (+)= sum_kk x[r][kk] w[kk][c]` (each `w` times its block's scale when `S`) for
+    /// `R` rows and the panel's first `cols` outputs; x rows are `k` apart, y rows `n` apart.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn kernel<const R: usize>(
+    pub unsafe fn kernel<const R: usize, const S: bool>(
         x: &[f32],
         k: usize,
         w: &[u16],
+        scale: Option<super::Scale>,
         kc: usize,
         y: *mut f32,
         n: usize,
@@ -155,26 +224,46 @@ mod x86 {
         let lanes = |c: usize| if c >= 16 { 0xFFFFu16 } else { ((1u32 << c) - 1) as u16 };
         let (m0, m1) = (lanes(cols), lanes(cols.saturating_sub(16)));
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        // The high half only where the panel has outputs past 16: `y.add` must stay inside y.
         if add {
             for (r, a) in acc.iter_mut().enumerate() {
                 a[0] = _mm512_maskz_loadu_ps(m0, y.add(r * n));
-                a[1] = _mm512_maskz_loadu_ps(m1, y.add(r * n + 16));
+                if m1 != 0 {
+                    a[1] = _mm512_maskz_loadu_ps(m1, y.add(r * n + 16));
+                }
             }
         }
         let (x, w) = (x.as_ptr(), w.as_ptr());
-        for kk in 0..kc {
-            let v = _mm512_loadu_si512(w.add(kk * super::NR).cast());
-            let lo = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)); // outputs 0 .. 16
-            let hi = _mm512_castsi512_ps(_mm512_and_si512(v, high)); // outputs 16 .. 32
-            for (r, a) in acc.iter_mut().enumerate() {
-                let b = _mm512_set1_ps(*x.add(r * k + kk));
-                a[0] = _mm512_fmadd_ps(b, lo, a[0]);
-                a[1] = _mm512_fmadd_ps(b, hi, a[1]);
+        let mut from = 0;
+        while from < kc {
+            // Inputs from .. to share one scale (all of them when unscaled).
+            let (to, sv) = match scale {
+                Some(s) if S => {
+                    let b = (s.k0 + from) / s.bc;
+                    (kc.min((b + 1) * s.bc - s.k0), _mm512_set1_ps(s.per_block[b]))
+                }
+                _ => (kc, _mm512_set1_ps(1.0)),
+            };
+            for kk in from..to {
+                let v = _mm512_loadu_si512(w.add(kk * super::NR).cast());
+                let mut lo = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)); // outputs 0 .. 16
+                let mut hi = _mm512_castsi512_ps(_mm512_and_si512(v, high)); // outputs 16 .. 32
+                if S {
+                    (lo, hi) = (_mm512_mul_ps(lo, sv), _mm512_mul_ps(hi, sv));
+                }
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let b = _mm512_set1_ps(*x.add(r * k + kk));
+                    a[0] = _mm512_fmadd_ps(b, lo, a[0]);
+                    a[1] = _mm512_fmadd_ps(b, hi, a[1]);
+                }
             }
+            from = to;
         }
         for (r, a) in acc.iter().enumerate() {
             _mm512_mask_storeu_ps(y.add(r * n), m0, a[0]);
-            _mm512_mask_storeu_ps(y.add(r * n + 16), m1, a[1]);
+            if m1 != 0 {
+                _mm512_mask_storeu_ps(y.add(r * n + 16), m1, a[1]);
+            }
         }
     }
 }
@@ -191,18 +280,50 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX-512F (the f32 path is used instead)");
             return;
         }
-        for (m, n, k) in [(13, 45, 77), (1, 32, 600), (25, 1, 1030), (12, 64, 512), (3, 0, 5), (0, 7, 5)] {
+        // (493 rows: three passes of 240, the last partial; 49 outputs: a panel's high half partial.)
+        for (m, n, k) in
+            [(13, 45, 77), (1, 32, 600), (25, 1, 1030), (12, 64, 512), (493, 49, 1030), (5, 7, 0), (3, 0, 5), (0, 7, 5)]
+        {
             let w = Bf16Weight::test_matrix(n, k);
             let panels = Panels::new(&w).unwrap();
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
             let y = matmul(&x, m, &panels);
             assert_eq!(y.len(), m * n);
             let bits = w.bits();
-            for i in 0..m {
-                for j in 0..n {
-                    let want: f64 = (0..k).map(|c| widen(bits[j * k + c]) as f64 * x[i * k + c] as f64).sum();
-                    approx::assert_abs_diff_eq!(y[i * n + j] as f64, want, epsilon = 1e-3);
-                }
+            let wide: Vec<f32> = bits.iter().map(|&b| widen(b)).collect();
+            assert_matches_sum(&y, &x, &wide, (m, n, k));
+        }
+    }
+
+    /// Block-FP8: a view starting 32 rows into the stored weight (so on a panel's boundary but
+    /// not a block's), blocks of 64 x 100 (so a block of inputs crosses the kernel's pass at 512
+    /// and the last is partial), 70 outputs (a partial panel); against the f32 dequantisation.
+    /// Blocks of rows that a panel would straddle are refused (the f32 path takes those).
+    #[test]
+    fn fp8_panels_multiply_as_the_dequantised_weight() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512F (the f32 path is used instead)");
+            return;
+        }
+        let (rows, k, block) = (128, 600, [64, 100]);
+        let codes: Vec<u8> = (0..rows * k).map(|i| ((i * 37 + 11) % 256) as u8 & 0xf7).collect(); // no NaN codes
+        let scale: Vec<f32> = (0..2 * 6).map(|i| 0.25 + i as f32 * 0.125).collect();
+        let stored = Fp8Weight::from_codes(&codes, [rows, k], scale, block).unwrap();
+        let view = stored.rows(32, 70).unwrap();
+        let panels = Panels::from_fp8(&view).unwrap();
+        let m = 13;
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
+        assert_matches_sum(&matmul(&x, m, &panels), &x, &view.to_f32(), (m, 70, k));
+        let straddled = Fp8Weight::from_codes(&codes, [rows, k], vec![1.0; 3 * 5], [48, 128]).unwrap();
+        assert!(Panels::from_fp8(&straddled).is_none());
+    }
+
+    /// y [m, n] against the f64 sum of x [m, k] times w [n, k]^T.
+    fn assert_matches_sum(y: &[f32], x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize)) {
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k).map(|c| w[j * k + c] as f64 * x[i * k + c] as f64).sum();
+                approx::assert_abs_diff_eq!(y[i * n + j] as f64, want, epsilon = 1e-3 * (1.0 + want.abs()));
             }
         }
     }

@@ -60,15 +60,29 @@ impl Bf16Weight {
         out
     }
 
-    /// A `[rows, cols]` test matrix of values in [-1, 1], in an anonymous map.
+    /// A weight from bf16 bit patterns in memory (tests and benchmarks; checkpoints are read in
+    /// place), `offset` bytes into an anonymous map.
+    pub fn from_bits(bits: &[u16], rows: usize, cols: usize, offset: usize) -> crate::error::Result<Self> {
+        let io = |e| crate::error::Error::Device(format!("an anonymous map for bf16 values: {e}"));
+        let mut map = memmap2::MmapMut::map_anon((offset + bits.len() * 2).max(1)).map_err(io)?;
+        for (to, b) in map[offset..].chunks_exact_mut(2).zip(bits) {
+            to.copy_from_slice(&b.to_le_bytes());
+        }
+        Bf16Weight::new(Arc::new(map.make_read_only().map_err(io)?), offset, rows, cols).ok_or_else(|| {
+            crate::error::Error::Device(format!(
+                "{} bf16 values at offset {offset} are not [{rows}, {cols}]",
+                bits.len()
+            ))
+        })
+    }
+
+    /// A `[rows, cols]` test matrix of values in [-1, 1], 2 bytes into its map.
     #[cfg(test)]
     pub fn test_matrix(rows: usize, cols: usize) -> Self {
-        let bits =
-            (0..rows * cols).map(|i| (((i * 7919) % 2001) as f32 / 1000.0 - 1.0).to_bits().wrapping_shr(16) as u16);
-        let bytes: Vec<u8> = bits.flat_map(|v| v.to_le_bytes()).collect();
-        let mut map = memmap2::MmapMut::map_anon(bytes.len().max(1)).unwrap();
-        map[..bytes.len()].copy_from_slice(&bytes);
-        Bf16Weight::new(Arc::new(map.make_read_only().unwrap()), 0, rows, cols).unwrap()
+        let bits: Vec<u16> = (0..rows * cols)
+            .map(|i| (((i * 7919) % 2001) as f32 / 1000.0 - 1.0).to_bits().wrapping_shr(16) as u16)
+            .collect();
+        Bf16Weight::from_bits(&bits, rows, cols, 2).unwrap()
     }
 
     /// The bf16 bit patterns, row-major.
@@ -380,6 +394,7 @@ mod tests {
         let weight = Bf16Weight::test_matrix(n, k);
         let w = weight.bits();
         assert!(Bf16Weight::new(weight.map.clone(), 1, n, k - 1).is_none(), "misaligned");
+        assert!(Bf16Weight::new(weight.map.clone(), 2, n, k + 1).is_none(), "past the map");
         for m in 1..=MAX_ROWS {
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
             let y = matmul_nt_bf16(&x, m, &weight, 3);

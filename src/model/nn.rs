@@ -33,11 +33,11 @@ impl Weight {
 
 /// What a bf16 or FP8 weight's many-row products (a prefill's) multiply on the CPU.
 pub enum Product {
-    /// The bf16 values reordered into panels for the AVX-512 kernel (`bf16_gemm`): 2 bytes a
-    /// weight.
-    Bf16Panels(Panels),
-    /// `W^T` `[in, out]` in f32 (FP8 weights, bf16 ones where the CPU has no AVX-512, and a tied
-    /// head, as a view of the embedding's table). Transposed because the `gemm` crate behind
+    /// The values as bf16 (FP8 codes: exactly; their scales kept beside them) reordered into
+    /// panels for the AVX-512 kernel (`bf16_gemm`): 2 bytes a weight.
+    Panels(Panels),
+    /// `W^T` `[in, out]` in f32 (where the CPU has no AVX-512F, FP8 weights whose blocks the
+    /// panels do not fit, and a tied head, as a view of the embedding's table). Transposed because the `gemm` crate behind
     /// candle's matmul reads it in its micro-kernel's order, where `[out, in]` made it repack the
     /// whole weight element by element on every product (docs/performance.md).
     F32T(Tensor),
@@ -46,7 +46,7 @@ pub enum Product {
 impl Product {
     fn of_bf16(w: &Bf16Weight) -> Result<Self> {
         Ok(match Panels::new(w) {
-            Some(p) => Product::Bf16Panels(p),
+            Some(p) => Product::Panels(p),
             None => Product::F32T(Tensor::from_vec(
                 transpose(w.bits(), (w.rows, w.cols), widen),
                 (w.cols, w.rows),
@@ -57,19 +57,23 @@ impl Product {
 
     fn of_fp8(w: &Fp8Weight) -> Result<Self> {
         let [rows, cols] = w.shape();
-        Ok(Product::F32T(Tensor::from_vec(transpose(&w.to_f32(), (rows, cols), |x| x), (cols, rows), &Device::Cpu)?))
+        Ok(match Panels::from_fp8(w) {
+            Some(p) => Product::Panels(p),
+            None => Product::F32T(Tensor::from_vec(
+                transpose(&w.to_f32(), (rows, cols), |x| x),
+                (cols, rows),
+                &Device::Cpu,
+            )?),
+        })
     }
 
     /// x [m, in] -> [m, out]
     fn multiply(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Product::Bf16Panels(p) => {
-                let (m, k) = x.dims2()?;
-                if k != p.k {
-                    return Err(Error::Usage(format!("a product of [{m}, {k}] with a [{}, {}] weight", p.n, p.k)));
-                }
+            Product::Panels(p) => {
+                let (m, [n, _]) = (x.dims2()?.0, p.shape()); // x's width checked by Linear::forward
                 let y = bf16_gemm::matmul(&x.flatten_all()?.to_vec1::<f32>()?, m, p);
-                Ok(Tensor::from_vec(y, (m, p.n), x.device())?)
+                Ok(Tensor::from_vec(y, (m, n), x.device())?)
             }
             Product::F32T(wt) => matmul(x, wt),
         }
@@ -131,11 +135,12 @@ impl Linear {
         Linear { weight, bias }
     }
 
-    pub fn out_dim(&self) -> usize {
+    /// `[out, in]`.
+    pub fn shape(&self) -> [usize; 2] {
         match &self.weight {
-            Weight::F32(w) => w.dims()[0],
-            Weight::Bf16(w, _) => w.rows,
-            Weight::Fp8(w, _) => w.shape()[0],
+            Weight::F32(w) => [w.dims()[0], w.dims()[1]],
+            Weight::Bf16(w, _) => [w.rows, w.cols],
+            Weight::Fp8(w, _) => w.shape(),
         }
     }
 
@@ -153,10 +158,15 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim.max(1);
+        let [out_dim, weight_in] = self.shape();
+        if in_dim != weight_in {
+            // Before anything is widened or packed for the product.
+            return Err(Error::Usage(format!("a product of [.., {in_dim}] with a [{out_dim}, {weight_in}] weight")));
+        }
         let x = x.reshape((rows, in_dim))?; // [rows, in]
         let y = match &self.weight {
             // Decode-sized inputs stream the bf16 weights (gemv.rs).
-            Weight::Bf16(w, _) if rows <= MAX_ROWS && w.cols == in_dim => {
+            Weight::Bf16(w, _) if rows <= MAX_ROWS => {
                 let xs = x.flatten_all()?.to_vec1::<f32>()?;
                 let y = matmul_nt_bf16(&xs, rows, w, candle_core::utils::get_num_threads());
                 Tensor::from_vec(y, (rows, w.rows), x.device())?
@@ -171,7 +181,7 @@ impl Linear {
         };
         let mut out_dims = dims;
         let last = out_dims.len() - 1;
-        out_dims[last] = self.out_dim();
+        out_dims[last] = out_dim;
         Ok(y.reshape(out_dims)?)
     }
 }
