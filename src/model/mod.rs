@@ -5,6 +5,7 @@
 pub mod bf16_gemm;
 pub mod decode;
 pub mod fp8;
+pub mod fp8_gemv;
 pub mod gemv;
 pub mod indexer;
 pub mod layer;

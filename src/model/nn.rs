@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use super::bf16_gemm::{self, Panels};
 use super::fp8::Fp8Weight;
+use super::fp8_gemv;
 use super::gemv::{matmul_nt_bf16, widen, Bf16Weight, MAX_ROWS};
 use crate::checkpoint::Loader;
 use crate::error::{Error, Result};
@@ -170,6 +171,13 @@ impl Linear {
                 let xs = x.flatten_all()?.to_vec1::<f32>()?;
                 let y = matmul_nt_bf16(&xs, rows, w, candle_core::utils::get_num_threads());
                 Tensor::from_vec(y, (rows, w.rows), x.device())?
+            }
+            // And block-FP8 ones as FP8 (fp8_gemv.rs), where the kernel takes their blocks.
+            Weight::Fp8(w, _) if rows <= MAX_ROWS && fp8_gemv::available(w) => {
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                let y = fp8_gemv::matmul_nt_fp8(&xs, rows, w, candle_core::utils::get_num_threads())
+                    .ok_or_else(|| Error::Usage(format!("an FP8 product of {rows} rows of {in_dim}")))?;
+                Tensor::from_vec(y, (rows, out_dim), x.device())?
             }
             Weight::F32(w) => matmul_nt(&x, w)?,
             Weight::Bf16(w, product) => made(product, || Product::of_bf16(w))?.multiply(&x)?,

@@ -1,0 +1,167 @@
+//! Few-row products against block-FP8 weights read straight from the memory-mapped checkpoint:
+//! `gemv.rs`'s decode products for GLM-5-FP8, streaming 1 byte a weight.
+//!
+//! Each 16 e4m3 codes become f32 in registers: placed in f16 bit positions (sign, then the 4
+//! exponent and 3 mantissa bits shifted under f16's 5-bit exponent), converted by `vcvtph2ps`,
+//! and multiplied by 2^8, which is exact and makes up the two formats' exponent biases (15 and 7)
+//! for normal and subnormal codes alike; NaN codes (`S.1111.111`) are set to NaN. Each value is
+//! then multiplied by its block's scale: `e4m3(q) * scale`, the f32 product the reference's
+//! dequantisation computes (`Fp8Weight::to_f32`). Accumulation is f32.
+//!
+//! AVX-512F only, and for scale blocks a multiple of 16 inputs wide (GLM-5's are 128); other
+//! weights take the panel kernel (`bf16_gemm`), which handles any.
+
+use rayon::prelude::*;
+
+use super::fp8::Fp8Weight;
+use super::gemv::MAX_ROWS;
+
+/// Whether this CPU and this weight's blocks take the kernel.
+pub fn available(w: &Fp8Weight) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx512f") && w.block()[1].is_multiple_of(16);
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
+
+/// `x W^T` for `x` [m, cols] (row-major, m <= MAX_ROWS) where [`available`]: returns [m, rows],
+/// as `threads` blocks of contiguous weight rows on rayon's pool; None where not available.
+pub fn matmul_nt_fp8(x: &[f32], m: usize, w: &Fp8Weight, threads: usize) -> Option<Vec<f32>> {
+    let ([n, k], [br, _], row0, sc) = (w.shape(), w.block(), w.row0(), w.scale_cols());
+    if !available(w) || m > MAX_ROWS || x.len() != m * k {
+        return None;
+    }
+    let (codes, grid) = (w.bytes(), w.scale());
+    let mut out_t = vec![0f32; n * m]; // [n, m]: each thread fills whole output rows
+    let per = n.div_ceil(threads.max(1)).max(1);
+    out_t.par_chunks_mut(per * m).enumerate().for_each(|(block, out)| {
+        let first = block * per;
+        for (i, o) in out.chunks_exact_mut(m).enumerate() {
+            let j = first + i;
+            let scale = &grid[(row0 + j) / br * sc..][..sc];
+            // SAFETY: `available` checked AVX-512F and bc % 16 == 0; x holds m rows of k.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                x86::dots(&codes[j * k..(j + 1) * k], scale, w.block()[1], x, m, o)
+            }
+        }
+    });
+    let mut y = vec![0f32; m * n];
+    for (j, o) in out_t.chunks_exact(m).enumerate() {
+        for (r, v) in o.iter().enumerate() {
+            y[r * n + j] = *v;
+        }
+    }
+    Some(y)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use crate::st::e4m3_to_f32;
+
+    /// As `gemv.rs`: prefetch 8 KB of codes ahead of the loads.
+    const PREFETCH: usize = 8192;
+
+    /// 16 codes at `p` as f32, each times `scale` (the 16 share a block).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const u8, scale: __m512) -> __m512 {
+        let b = _mm_loadu_si128(p.cast());
+        let h = _mm256_cvtepu8_epi16(b);
+        let magnitude = _mm256_slli_epi16::<7>(_mm256_and_si256(h, _mm256_set1_epi16(0x7F)));
+        let sign = _mm256_slli_epi16::<8>(_mm256_and_si256(h, _mm256_set1_epi16(0x80)));
+        let v = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_or_si256(magnitude, sign)), _mm512_set1_ps(256.0));
+        let nan = _mm_movemask_epi8(_mm_cmpeq_epi8(_mm_and_si128(b, _mm_set1_epi8(0x7F)), _mm_set1_epi8(0x7F)));
+        _mm512_mul_ps(_mm512_mask_mov_ps(v, nan as u16, _mm512_set1_ps(f32::NAN)), scale)
+    }
+
+    /// `out[r] = x[r] · w` for the m (1 ..= 8) rows of x, w's codes scaled by `scale[i / bc]`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dots(w: &[u8], scale: &[f32], bc: usize, x: &[f32], m: usize, out: &mut [f32]) {
+        match m {
+            1 => dots_m::<1>(w, scale, bc, x, out),
+            2 => dots_m::<2>(w, scale, bc, x, out),
+            3 => dots_m::<3>(w, scale, bc, x, out),
+            4 => dots_m::<4>(w, scale, bc, x, out),
+            5 => dots_m::<5>(w, scale, bc, x, out),
+            6 => dots_m::<6>(w, scale, bc, x, out),
+            7 => dots_m::<7>(w, scale, bc, x, out),
+            _ => dots_m::<8>(w, scale, bc, x, out),
+        }
+    }
+
+    /// Two accumulators a row (alternate 16-code steps), so one row keeps two FMAs in flight.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dots_m<const M: usize>(w: &[u8], scale: &[f32], bc: usize, x: &[f32], out: &mut [f32]) {
+        let k = w.len();
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); 2]; M];
+        let mut i = 0;
+        while i + 32 <= k {
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + PREFETCH).cast());
+            for h in 0..2 {
+                let at = i + 16 * h;
+                let wv = load16(wp.add(at), _mm512_set1_ps(scale[at / bc]));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    a[h] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xp.add(r * k + at)), a[h]);
+                }
+            }
+            i += 32;
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+            for j in i..k {
+                s += e4m3_to_f32(w[j]) * scale[j / bc] * x[r * k + j];
+            }
+            out[r] = s;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A view starting 37 rows into the weight (off the blocks of rows), blocks of 64 x 32 with a
+    /// partial last one and a tail past the 32-code steps, each row count: against the f32
+    /// dequantisation, summed in f64. Then a NaN code, which must reach its output only.
+    #[test]
+    fn fp8_products_match_the_dequantised_weight() {
+        if !crate::model::bf16_gemm::available() {
+            eprintln!("skipped: this CPU has no AVX-512F (the f32 copy is used)");
+            return;
+        }
+        let (rows, k, block) = (150, 300, [64, 32]);
+        let mut codes: Vec<u8> = (0..rows * k).map(|i| ((i * 37 + 11) % 256) as u8 & 0xf7).collect(); // no NaN
+        let scale: Vec<f32> = (0..3 * 10).map(|i| 0.25 + i as f32 * 0.125).collect();
+        let check = |codes: &[u8]| -> Vec<(f32, f64)> {
+            let stored = Fp8Weight::from_codes(codes, [rows, k], scale.clone(), block).unwrap();
+            let view = stored.rows(37, 100).unwrap();
+            let wide = view.to_f32();
+            let mut pairs = Vec::new();
+            for m in 1..=MAX_ROWS {
+                let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
+                let y = matmul_nt_fp8(&x, m, &view, 3).unwrap();
+                for r in 0..m {
+                    for j in 0..100 {
+                        let want: f64 = (0..k).map(|c| wide[j * k + c] as f64 * x[r * k + c] as f64).sum();
+                        pairs.push((y[r * 100 + j], want));
+                    }
+                }
+            }
+            pairs
+        };
+        for (got, want) in check(&codes) {
+            approx::assert_abs_diff_eq!(got as f64, want, epsilon = 1e-3 * (1.0 + want.abs()));
+        }
+        codes[(37 + 5) * k + 290] = 0xff; // output 5's row, in the scalar tail
+        codes[(37 + 9) * k + 7] = 0x7f; // output 9's, in the vector steps
+        for (got, want) in check(&codes) {
+            assert_eq!(got.is_nan(), want.is_nan(), "{got} against {want}");
+        }
+        let narrow = Fp8Weight::from_codes(&codes, [rows, k], vec![1.0; 3 * 38], [64, 8]).unwrap();
+        assert!(matmul_nt_fp8(&vec![0.0; k], 1, &narrow, 1).is_none(), "blocks of 8 inputs");
+    }
+}
