@@ -103,12 +103,9 @@ fn interleave<T: Copy + Sync>(w: &[T], n: usize, k: usize, f: impl Fn(T) -> u16 
     data
 }
 
-/// Whether this CPU runs the kernel.
+/// Whether this CPU runs the kernel (`model::avx512f`).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    return false;
+    super::avx512f()
 }
 
 /// `x W^T`: x `[m, k]` row-major -> `[m, n]` row-major, on rayon's pool (a task per panel).

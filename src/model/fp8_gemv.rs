@@ -18,10 +18,7 @@ use super::gemv::MAX_ROWS;
 
 /// Whether this CPU and this weight's blocks take the kernel.
 pub fn available(w: &Fp8Weight) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx512f") && w.block()[1].is_multiple_of(16);
-    #[cfg(not(target_arch = "x86_64"))]
-    return false;
+    super::avx512f() && w.block()[1].is_multiple_of(16)
 }
 
 /// `x W^T` for `x` [m, cols] (row-major, m <= MAX_ROWS) where [`available`]: returns [m, rows],

@@ -204,8 +204,8 @@ pub fn per_head_bf16(
 /// `out[r] = x[r] · w` for each of the m rows of x.
 fn row_dots(w: &[u16], x: &[f32], m: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the feature was detected at run time.
+    if super::avx512f() {
+        // SAFETY: `avx512f` detected the feature at run time.
         unsafe {
             match m {
                 1 => return x86::dot1_512(w, x, out),

@@ -18,6 +18,7 @@ pub mod rope;
 pub mod stream;
 
 use std::io::IsTerminal;
+use std::sync::OnceLock;
 
 use candle_core::Tensor;
 
@@ -149,4 +150,18 @@ impl Model {
         stream::run(Weights::Resident(self), tokens, None, None, obs)?
             .ok_or_else(|| Error::Usage("the forward pass stopped before the head".into()))
     }
+}
+
+/// Whether the CPU kernels may use AVX-512F (`bf16_gemm`, `fp8_gemv`, `gemv`): the CPU has it and
+/// `GLIMPSE_NO_AVX512` is unset. CI sets it to run the golden cases through the portable paths
+/// (the f32 copies, AVX2 or plain loops) on a machine that has AVX-512.
+pub fn avx512f() -> bool {
+    static AVX512F: OnceLock<bool> = OnceLock::new();
+    *AVX512F.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        let has = std::arch::is_x86_feature_detected!("avx512f");
+        #[cfg(not(target_arch = "x86_64"))]
+        let has = false;
+        has && std::env::var_os("GLIMPSE_NO_AVX512").is_none()
+    })
 }
