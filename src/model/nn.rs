@@ -38,9 +38,11 @@ pub enum Product {
     /// panels for the AVX-512 kernel (`bf16_gemm`): 2 bytes a weight.
     Panels(Panels),
     /// `W^T` `[in, out]` in f32 (where the CPU has no AVX-512F, FP8 weights whose blocks the
-    /// panels do not fit, and a tied head, as a view of the embedding's table). Transposed because the `gemm` crate behind
-    /// candle's matmul reads it in its micro-kernel's order, where `[out, in]` made it repack the
-    /// whole weight element by element on every product (docs/performance.md).
+    /// panels do not fit, and a tied head, as a view of the embedding's table). Transposed
+    /// because the `gemm` crate behind candle's matmul reads it in its micro-kernel's order,
+    /// where `[out, in]` made it repack the whole weight element by element on every product
+    /// (docs/performance.md). f32 checkpoints' weights (the small test cases) are multiplied
+    /// through a transposed view, the slower order, rather than held twice.
     F32T(Tensor),
 }
 
