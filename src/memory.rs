@@ -66,8 +66,14 @@ pub fn estimate(
     // What the CPU holds of a weight once a prefill used it: bf16 panels where the AVX-512 kernel
     // multiplies a bf16 or FP8 projection (model::bf16_gemm), an f32 copy otherwise (and always
     // for the router's gate and the norms, loaded as f32).
+    // (FP8 panels need blocks of rows a multiple of 32: `Panels::from_fp8`.)
+    let fp8_panels = c.fp8.as_ref().is_some_and(|q| q.block[0].is_multiple_of(32));
     let held = |n: &str| {
-        let stored = matches!(ckpt.dtype(n), Some(Dtype::BF16 | Dtype::F8_E4M3));
+        let stored = match ckpt.dtype(n) {
+            Some(Dtype::BF16) => true,
+            Some(Dtype::F8_E4M3) => fp8_panels && ckpt.scale_name(n).is_some(),
+            _ => false,
+        };
         let projection = ckpt.shape(n).is_some_and(|s| s.len() >= 2) && !n.ends_with(".gate.weight");
         numel(ckpt, n) * if stored && projection && crate::model::bf16_gemm::available() { 2 } else { 4 }
     };
@@ -77,7 +83,12 @@ pub fn estimate(
     };
     let layer = |i: usize| in_layer(i).into_iter().map(held).sum::<u64>();
     let table = 4 * numel(ckpt, "model.embed_tokens.weight");
-    let head = if c.tie_word_embeddings { 0 } else { held("lm_head.weight") };
+    // The head is held as panels only from bf16 (`Model::load` reads an FP8 one as f32).
+    let head = match c.tie_word_embeddings {
+        true => 0,
+        false if ckpt.dtype("lm_head.weight") == Some(Dtype::BF16) => held("lm_head.weight"),
+        false => 4 * numel(ckpt, "lm_head.weight"),
+    };
     let weights = if stream {
         // One layer's copies plus its file pages (at most 2 bytes a weight when they are
         // released at all: bf16 or FP8), and an lm_head chunk.

@@ -275,7 +275,7 @@ mod tests {
     #[test]
     fn panels_multiply_as_the_plain_sum() {
         if !available() {
-            eprintln!("skipped: this CPU has no AVX-512F (the f32 path is used instead)");
+            eprintln!("skipped: AVX-512F is absent or switched off (GLIMPSE_NO_AVX512)");
             return;
         }
         // (493 rows: three passes of 240, the last partial; 49 outputs: a panel's high half partial.)
@@ -300,7 +300,7 @@ mod tests {
     #[test]
     fn fp8_panels_multiply_as_the_dequantised_weight() {
         if !available() {
-            eprintln!("skipped: this CPU has no AVX-512F (the f32 path is used instead)");
+            eprintln!("skipped: AVX-512F is absent or switched off (GLIMPSE_NO_AVX512)");
             return;
         }
         let (rows, k, block) = (128, 600, [64, 100]);

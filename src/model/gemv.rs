@@ -103,6 +103,9 @@ pub fn matmul_nt_bf16(x: &[f32], m: usize, w: &Bf16Weight, threads: usize) -> Ve
     let (n, k) = (w.rows, w.cols);
     // The SIMD kernels read m rows of k from `x` unchecked: hold them to it.
     assert!(m <= MAX_ROWS && x.len() == m * k, "matmul_nt_bf16: x has {} values, not {m} x {k}", x.len());
+    if m == 0 || n == 0 {
+        return vec![0f32; m * n];
+    }
     let data = w.data();
     let mut out_t = vec![0f32; n * m]; // [n, m]: each thread fills whole output rows
     let per = n.div_ceil(threads.max(1)).max(1);
@@ -395,6 +398,7 @@ mod tests {
         let w = weight.bits();
         assert!(Bf16Weight::new(weight.map.clone(), 1, n, k - 1).is_none(), "misaligned");
         assert!(Bf16Weight::new(weight.map.clone(), 2, n, k + 1).is_none(), "past the map");
+        assert!(matmul_nt_bf16(&[], 0, &weight, 2).is_empty(), "no rows");
         for m in 1..=MAX_ROWS {
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
             let y = matmul_nt_bf16(&x, m, &weight, 3);
