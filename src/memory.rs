@@ -66,8 +66,7 @@ pub fn estimate(
     // What the CPU holds of a weight once a prefill used it: bf16 panels where the AVX-512 kernel
     // multiplies a bf16 or FP8 projection (model::bf16_gemm), an f32 copy otherwise (and always
     // for the router's gate and the norms, loaded as f32).
-    // (FP8 panels need blocks of rows a multiple of 32: `Panels::from_fp8`.)
-    let fp8_panels = c.fp8.as_ref().is_some_and(|q| q.block[0].is_multiple_of(32));
+    let fp8_panels = c.fp8.as_ref().is_some_and(|q| crate::model::bf16_gemm::takes_fp8_rows(q.block[0]));
     let held = |n: &str| {
         let stored = match ckpt.dtype(n) {
             Some(Dtype::BF16) => true,

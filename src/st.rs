@@ -213,7 +213,8 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
     sign * v
 }
 
-fn e4m3_table() -> [f32; 256] {
+/// Every E4M3 code's value, by code.
+pub fn e4m3_table() -> [f32; 256] {
     let mut t = [0f32; 256];
     for (i, v) in t.iter_mut().enumerate() {
         *v = e4m3_to_f32(i as u8);

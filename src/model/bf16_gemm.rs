@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use super::fp8::Fp8Weight;
 use super::gemv::Bf16Weight;
-use crate::st::e4m3_to_f32;
+use crate::st::e4m3_table;
 
 /// Outputs per panel (two vectors of 16 f32).
 const NR: usize = 32;
@@ -63,10 +63,10 @@ impl Panels {
     /// view's first row, not a multiple of 32; GLM-5's blocks are 128 x 128).
     pub fn from_fp8(w: &Fp8Weight) -> Option<Self> {
         let ([n, k], [br, bc], row0) = (w.shape(), w.block(), w.row0());
-        if !available() || !br.is_multiple_of(NR) || !row0.is_multiple_of(NR) {
+        if !available() || !takes_fp8_rows(br) || !row0.is_multiple_of(NR) {
             return None;
         }
-        let bf16: [u16; 256] = std::array::from_fn(|q| (e4m3_to_f32(q as u8).to_bits() >> 16) as u16); // exact
+        let bf16 = e4m3_table().map(|v| (v.to_bits() >> 16) as u16); // exact: 3 mantissa bits
         let data = interleave(w.bytes(), n, k, |q| bf16[q as usize]);
         let (blocks, grid) = (k.div_ceil(bc), w.scale());
         let scale = (0..n.div_ceil(NR))
@@ -77,9 +77,7 @@ impl Panels {
             .collect();
         Some(Panels { data, n, k, scale: Some((scale, bc)) })
     }
-}
 
-impl Panels {
     /// `[n, k]`: outputs, inputs.
     pub fn shape(&self) -> [usize; 2] {
         [self.n, self.k]
@@ -109,6 +107,12 @@ pub fn available() -> bool {
     super::avx512f()
 }
 
+/// Whether block-FP8 weights quantised in blocks of `br` rows fit the panels (a panel's 32
+/// outputs must share a block of rows).
+pub fn takes_fp8_rows(br: usize) -> bool {
+    br.is_multiple_of(NR)
+}
+
 /// `x W^T`: x `[m, k]` row-major -> `[m, n]` row-major, on rayon's pool (a task per panel).
 pub fn matmul(x: &[f32], m: usize, w: &Panels) -> Vec<f32> {
     let [n, k] = w.shape();
@@ -128,8 +132,9 @@ pub fn matmul(x: &[f32], m: usize, w: &Panels) -> Vec<f32> {
                 let blocks = k.div_ceil(*bc);
                 Scale { per_block: &s[p * blocks..(p + 1) * blocks], bc: *bc, k0 }
             });
-            for i0 in (m0..(m0 + MC).min(m)).step_by(MR) {
-                let rows = MR.min((m0 + MC).min(m) - i0);
+            let m1 = (m0 + MC).min(m); // this pass's token rows: m0 .. m1
+            for i0 in (m0..m1).step_by(MR) {
+                let rows = MR.min(m1 - i0);
                 // (No `Panels` exist off x86_64.)
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `Panels` exist only where AVX-512F does. x holds rows i0 .. i0 + rows of
