@@ -76,11 +76,13 @@ pub fn estimate(
         let projection = ckpt.shape(n).is_some_and(|s| s.len() >= 2) && !n.ends_with(".gate.weight");
         numel(ckpt, n) * if stored && projection && crate::model::bf16_gemm::available() { 2 } else { 4 }
     };
-    let in_layer = |i: usize| {
+    // A layer's bytes: (what the CPU holds of its weights, their file pages at up to 2 bytes a
+    // weight: bf16 or FP8, when they are released at all).
+    let layer = |i: usize| {
         let prefix = format!("model.layers.{i}.");
-        ckpt.names().filter(move |n| n.starts_with(&prefix) && !n.ends_with("_scale_inv")).collect::<Vec<_>>()
+        let names = ckpt.names().filter(|n| n.starts_with(&prefix) && !n.ends_with("_scale_inv"));
+        names.fold((0u64, 0u64), |(copies, file), n| (copies + held(n), file + 2 * numel(ckpt, n)))
     };
-    let layer = |i: usize| in_layer(i).into_iter().map(held).sum::<u64>();
     let table = 4 * numel(ckpt, "model.embed_tokens.weight");
     // The head is held as panels only from bf16 (`Model::load` reads an FP8 one as f32).
     let head = match c.tie_word_embeddings {
@@ -89,13 +91,18 @@ pub fn estimate(
         false => 4 * numel(ckpt, "lm_head.weight"),
     };
     let weights = if stream {
-        // One layer's copies plus its file pages (at most 2 bytes a weight when they are
-        // released at all: bf16 or FP8), and an lm_head chunk.
-        let file = |i: usize| in_layer(i).into_iter().map(|n| 2 * numel(ckpt, n)).sum::<u64>();
-        let biggest = window.clone().map(|i| layer(i) + file(i)).max().unwrap_or(0);
+        // One layer's copies plus its file pages, and an lm_head chunk.
+        let biggest = window
+            .clone()
+            .map(|i| {
+                let (copies, file) = layer(i);
+                copies + file
+            })
+            .max()
+            .unwrap_or(0);
         biggest + 4 * 8192 * c.hidden_size as u64
     } else {
-        window.clone().map(layer).sum::<u64>() + table + head
+        window.clone().map(|i| layer(i).0).sum::<u64>() + table + head
     };
     let (b, s) = (batch as u64, seq as u64);
     let (h, nh, ni) = (c.hidden_size as u64, c.num_attention_heads as u64, c.index_n_heads as u64);
