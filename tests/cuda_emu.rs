@@ -11,7 +11,7 @@ use common::all_pass;
 use glimpse::cuda::attention::{AttentionPath, AttentionPlan};
 use glimpse::cuda::gpu::Gpu;
 use glimpse::cuda::ops::CudaOps;
-use glimpse::cuda::selftest::{attention, kernels, products, Check};
+use glimpse::cuda::selftest::{attention, dispatch, kernels, products, Check};
 use glimpse::device::{Ops, Precision};
 
 #[test]
@@ -33,6 +33,12 @@ fn in_both_precisions(checks: fn(&CudaOps) -> glimpse::error::Result<Vec<Check>>
 #[test]
 fn the_attention_products_and_kernels_match_the_cpu_on_both_paths_in_the_emulation() {
     in_both_precisions(attention, 7);
+}
+
+/// The MoE dispatch on the device against the host's grouping (and both refusing a bad id).
+#[test]
+fn the_moe_dispatch_matches_the_hosts_in_the_emulation() {
+    in_both_precisions(dispatch, 4);
 }
 
 #[test]

@@ -12,7 +12,7 @@ mod common;
 use common::all_pass;
 use glimpse::cuda::gpu::Gpu;
 use glimpse::cuda::ops::CudaOps;
-use glimpse::cuda::selftest::{attention, kernels, products};
+use glimpse::cuda::selftest::{attention, dispatch, kernels, products};
 use glimpse::cuda::{probe, Lib};
 use glimpse::device::Precision;
 
@@ -38,6 +38,7 @@ fn every_kernel_and_product_matches_its_cpu_reference_on_the_gpu() {
     all_pass(&kernels(&gpu).unwrap());
     for precision in [Precision::F32, Precision::Bf16] {
         let ops = CudaOps::new(Gpu::open(0).unwrap(), precision).unwrap();
+        all_pass(&dispatch(&ops).unwrap());
         all_pass(&attention(&ops).unwrap());
         all_pass(&products(&ops).unwrap());
     }

@@ -240,10 +240,7 @@ impl Ops for CudaOps {
 
     /// On the device: the groups' sizes (`expert_counts`) are all that is copied back.
     fn dispatch(&self, ids: &Self::I, n: usize, k: usize, e: usize) -> Result<(Vec<usize>, Self::I, Self::I)> {
-        let pairs = n * k;
-        if ids.len() != pairs || pairs == 0 {
-            return Err(Error::Device(format!("dispatch: {} ids for {n} tokens of {k}", ids.len())));
-        }
+        let pairs = crate::device::dispatch_pairs(ids.len(), n, k)?;
         let mut counts = self.gpu.filled(e, 0i32)?;
         self.gpu.expert_counts(ids, pairs, e, &mut counts)?;
         let counts: Vec<usize> = self.gpu.download(&counts)?.into_iter().map(|c| c.max(0) as usize).collect();

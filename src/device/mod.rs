@@ -338,9 +338,7 @@ pub trait Ops {
     /// rows [n * k]: each packed row's token). By default on the host ([`dispatch_on_host`]).
     fn dispatch(&self, ids: &Self::I, n: usize, k: usize, e: usize) -> Result<(Vec<usize>, Self::I, Self::I)> {
         let ids = self.download_i32(ids)?;
-        if ids.len() != n * k {
-            return Err(crate::error::Error::Device(format!("dispatch: {} ids for {n} tokens of {k}", ids.len())));
-        }
+        dispatch_pairs(ids.len(), n, k)?;
         let (counts, slot, rows) = dispatch_on_host(&ids, k, e)?;
         Ok((counts, self.upload_i32(&slot)?, self.upload_i32(&rows)?))
     }
@@ -356,6 +354,16 @@ pub trait Ops {
         shared: &Self::F,
         nkc: [usize; 3],
     ) -> Result<Self::F>;
+}
+
+/// The (token, choice) pairs of [`Ops::dispatch`]: `n * k`, refused unless the ids hold that
+/// many and there is at least one.
+pub fn dispatch_pairs(ids: usize, n: usize, k: usize) -> Result<usize> {
+    match n * k {
+        0 => Err(crate::error::Error::Device(format!("dispatch: no pairs for {n} tokens of {k}"))),
+        pairs if pairs != ids => Err(crate::error::Error::Device(format!("dispatch: {ids} ids for {n} tokens of {k}"))),
+        pairs => Ok(pairs),
+    }
 }
 
 /// [`Ops::dispatch`] on the host: the pairs sorted by (expert, pair index), so within an expert
