@@ -11,10 +11,8 @@
 //! AVX-512F only, and for scale blocks a multiple of 16 inputs wide (GLM-5's are 128); other
 //! weights take the panel kernel (`bf16_gemm`), which handles any.
 
-use rayon::prelude::*;
-
 use super::fp8::Fp8Weight;
-use super::gemv::MAX_ROWS;
+use super::gemv::{by_weight_rows, MAX_ROWS};
 
 /// Whether this CPU and this weight's blocks take the kernel.
 pub fn available(w: &Fp8Weight) -> bool {
@@ -28,31 +26,15 @@ pub fn matmul_nt_fp8(x: &[f32], m: usize, w: &Fp8Weight, threads: usize) -> Opti
     if !available(w) || m > MAX_ROWS || x.len() != m * k {
         return None;
     }
-    if m == 0 || n == 0 {
-        return Some(vec![0f32; m * n]);
-    }
-    let (codes, grid) = (w.bytes(), w.scale());
-    let mut out_t = vec![0f32; n * m]; // [n, m]: each thread fills whole output rows
-    let per = n.div_ceil(threads.max(1)).max(1);
-    out_t.par_chunks_mut(per * m).enumerate().for_each(|(block, out)| {
-        let first = block * per;
-        for (i, o) in out.chunks_exact_mut(m).enumerate() {
-            let j = first + i;
-            let scale = &grid[(row0 + j) / br * sc..][..sc];
-            // SAFETY: `available` checked AVX-512F and bc % 16 == 0; x holds m rows of k.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                x86::dots(&codes[j * k..(j + 1) * k], scale, w.block()[1], x, m, o)
-            }
+    let (codes, grid, bc) = (w.bytes(), w.scale(), w.block()[1]);
+    Some(by_weight_rows(m, n, threads, |j, o| {
+        let scale = &grid[(row0 + j) / br * sc..][..sc];
+        // SAFETY: `available` checked AVX-512F and bc % 16 == 0; x holds m rows of k.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            x86::dots(&codes[j * k..(j + 1) * k], scale, bc, x, m, o)
         }
-    });
-    let mut y = vec![0f32; m * n];
-    for (j, o) in out_t.chunks_exact(m).enumerate() {
-        for (r, v) in o.iter().enumerate() {
-            y[r * n + j] = *v;
-        }
-    }
-    Some(y)
+    }))
 }
 
 #[cfg(target_arch = "x86_64")]

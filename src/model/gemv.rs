@@ -103,16 +103,22 @@ pub fn matmul_nt_bf16(x: &[f32], m: usize, w: &Bf16Weight, threads: usize) -> Ve
     let (n, k) = (w.rows, w.cols);
     // The SIMD kernels read m rows of k from `x` unchecked: hold them to it.
     assert!(m <= MAX_ROWS && x.len() == m * k, "matmul_nt_bf16: x has {} values, not {m} x {k}", x.len());
+    let data = w.data();
+    by_weight_rows(m, n, threads, |j, o| row_dots(&data[j * k..(j + 1) * k], x, m, o))
+}
+
+/// The `[m, n]` outputs of a few-row product, computed a weight row at a time: `dots(j, out)`
+/// writes the m inputs' dots with weight row j, on `threads` blocks of contiguous rows on rayon's
+/// pool (each thread streams its own part of the weight).
+pub fn by_weight_rows(m: usize, n: usize, threads: usize, dots: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     if m == 0 || n == 0 {
         return vec![0f32; m * n];
     }
-    let data = w.data();
     let mut out_t = vec![0f32; n * m]; // [n, m]: each thread fills whole output rows
     let per = n.div_ceil(threads.max(1)).max(1);
     out_t.par_chunks_mut(per * m).enumerate().for_each(|(block, out)| {
-        let rows = &data[block * per * k..(block * per + out.len() / m) * k];
-        for (wrow, o) in rows.chunks_exact(k).zip(out.chunks_exact_mut(m)) {
-            row_dots(wrow, x, m, o);
+        for (i, o) in out.chunks_exact_mut(m).enumerate() {
+            dots(block * per + i, o);
         }
     });
     let mut y = vec![0f32; m * n];
