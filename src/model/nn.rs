@@ -50,23 +50,14 @@ impl Product {
     fn of_bf16(w: &Bf16Weight) -> Result<Self> {
         Ok(match Panels::new(w) {
             Some(p) => Product::Panels(p),
-            None => Product::F32T(Tensor::from_vec(
-                transpose(w.bits(), (w.rows, w.cols), widen),
-                (w.cols, w.rows),
-                &Device::Cpu,
-            )?),
+            None => Product::F32T(transposed(w.bits(), [w.rows, w.cols], widen)?),
         })
     }
 
     fn of_fp8(w: &Fp8Weight) -> Result<Self> {
-        let [rows, cols] = w.shape();
         Ok(match Panels::from_fp8(w) {
             Some(p) => Product::Panels(p),
-            None => Product::F32T(Tensor::from_vec(
-                transpose(&w.to_f32(), (rows, cols), |x| x),
-                (cols, rows),
-                &Device::Cpu,
-            )?),
+            None => Product::F32T(transposed(&w.to_f32(), w.shape(), |x| x)?),
         })
     }
 
@@ -92,14 +83,15 @@ fn made<T>(slot: &OnceLock<T>, make: impl FnOnce() -> Result<T>) -> Result<&T> {
     Ok(slot.get_or_init(|| v))
 }
 
-/// `v` `[rows, cols]` row-major, each value mapped by `f`, as `[cols, rows]`: a band of 16
-/// output rows per task on rayon's pool, moved 16 x 16 values at a time through a buffer so both
-/// the reads and the writes are runs of 16 (20% faster than writing each value in place).
-fn transpose<T: Copy + Sync>(v: &[T], (rows, cols): (usize, usize), f: impl Fn(T) -> f32 + Sync) -> Vec<f32> {
+/// `v` `[rows, cols]` row-major, each value mapped by `f`, as an f32 tensor `[cols, rows]`: a
+/// band of 16 output rows per task on rayon's pool, moved 16 x 16 values at a time through a
+/// buffer so both the reads and the writes are runs of 16 (20% faster than writing each value in
+/// place).
+fn transposed<T: Copy + Sync>(v: &[T], [rows, cols]: [usize; 2], f: impl Fn(T) -> f32 + Sync) -> Result<Tensor> {
     const TILE: usize = 16;
     let mut out = vec![0f32; rows * cols];
     if out.is_empty() {
-        return out;
+        return Ok(Tensor::from_vec(out, (cols, rows), &Device::Cpu)?);
     }
     out.par_chunks_mut(TILE * rows).enumerate().for_each(|(band, o)| {
         let (c0, cn) = (band * TILE, o.len() / rows); // output rows c0 .. c0 + cn
@@ -116,7 +108,7 @@ fn transpose<T: Copy + Sync>(v: &[T], (rows, cols): (usize, usize), f: impl Fn(T
             }
         }
     });
-    out
+    Ok(Tensor::from_vec(out, (cols, rows), &Device::Cpu)?)
 }
 
 /// `y = x W^T (+ b)`, weight stored `[out, in]` as in the checkpoint.
@@ -269,14 +261,16 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
-    use super::transpose;
+    use super::transposed;
 
     /// Shapes on and off the 16 x 16 tiles, one band narrower than a tile, and empty ones.
     #[test]
     fn transpose_moves_every_value_once() {
         for (rows, cols) in [(70, 130), (16, 16), (1, 5), (5, 1), (0, 3), (3, 0)] {
             let v: Vec<u32> = (0..(rows * cols) as u32).collect();
-            let t = transpose(&v, (rows, cols), |x| x as f32);
+            let t = transposed(&v, [rows, cols], |x| x as f32).unwrap();
+            assert_eq!(t.dims(), [cols, rows]);
+            let t = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert_eq!(t.len(), rows * cols);
             for r in 0..rows {
                 for c in 0..cols {
