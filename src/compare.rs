@@ -20,6 +20,16 @@ impl Default for Tolerance {
     }
 }
 
+impl Tolerance {
+    /// The margin below which a flip is a near-tie unless the user says otherwise: 1e-3, or twice
+    /// `atol` where that is larger (bf16's 2e-2 gives 4e-2). Each of the two scores a margin
+    /// compares may be off by `atol` and still match, so a closer decision can flip by rounding
+    /// alone.
+    pub fn near_tie(&self) -> f64 {
+        (2.0 * self.atol).max(1e-3)
+    }
+}
+
 /// How a tensor name is compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rule {
@@ -120,6 +130,17 @@ impl Flip {
     }
 }
 
+/// Every flip in `results`, with the name of the selection it is in, in order.
+pub fn flips(results: &[Comparison]) -> Vec<(&str, &Flip)> {
+    results
+        .iter()
+        .flat_map(|c| match &c.detail {
+            Detail::Sets { flips, .. } => flips.iter().map(|f| (c.name.as_str(), f)).collect(),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Comparison {
     pub name: String,
@@ -129,12 +150,13 @@ pub struct Comparison {
 
 impl Comparison {
     /// Attaches to each flip the margin that decided its row on each side (`margins` indexed by
-    /// the same flat row as the selection). Nothing for comparisons that are not of sets.
+    /// the same flat row as the selection; NaN is an unknown margin). Nothing for comparisons
+    /// that are not of sets.
     pub fn set_margins(&mut self, ours: Option<&[f32]>, reference: Option<&[f32]>) {
         if let Detail::Sets { flips, .. } = &mut self.detail {
             for f in flips {
-                f.margin_ours = ours.and_then(|m| m.get(f.row).copied());
-                f.margin_reference = reference.and_then(|m| m.get(f.row).copied());
+                let at = |m: Option<&[f32]>| m.and_then(|m| m.get(f.row).copied()).filter(|v| !v.is_nan());
+                (f.margin_ours, f.margin_reference) = (at(ours), at(reference));
             }
         }
     }
@@ -372,6 +394,33 @@ pub fn to_f32(v: &Values) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A flip is a near-tie below 1e-3, or below twice atol where that is larger; NaN margins
+    /// (unknown: a replayed decision, or a recomputation that did not make the recorded choice)
+    /// are not attached, so the flip is unknown rather than real.
+    #[test]
+    fn near_ties_follow_the_tolerance_and_unknown_margins_stay_unknown() {
+        assert_eq!(Tolerance::default().near_tie(), 1e-3);
+        assert_eq!(Tolerance { atol: 2e-2, rtol: 2e-2 }.near_tie(), 4e-2);
+        let flip = Flip {
+            row: 1,
+            at: vec![1],
+            only_ours: vec![3],
+            only_reference: vec![4],
+            recall: 0.5,
+            margin_ours: None,
+            margin_reference: None,
+        };
+        let mut c = Comparison {
+            name: "layers.0.dsa.topk".into(),
+            ok: false,
+            detail: Detail::Sets { rows: 2, mean_recall: 0.75, min_recall: 0.5, flips: vec![flip] },
+        };
+        c.set_margins(Some(&[0.5, f32::NAN]), Some(&[0.5, 2e-2]));
+        let Detail::Sets { flips, .. } = &c.detail else { unreachable!() };
+        assert_eq!((flips[0].margin_ours, flips[0].margin_reference), (None, Some(2e-2)));
+        assert!(!flips[0].near_tie(1e-3) && flips[0].near_tie(4e-2));
+    }
 
     #[test]
     fn float_rule_follows_the_spec() {

@@ -94,11 +94,7 @@ fn add_margins(
     decode: &BTreeMap<HookPoint, Tensor>,
     prefill: &BTreeMap<HookPoint, Tensor>,
 ) -> Result<()> {
-    let margin = match point {
-        HookPoint::Layer(i, LayerHook::DsaTopk) => HookPoint::Layer(i, LayerHook::DsaMargin),
-        HookPoint::Layer(i, LayerHook::TopkIds) => HookPoint::Layer(i, LayerHook::RouterMargin),
-        _ => return Ok(()),
-    };
+    let Some(margin) = point.margin() else { return Ok(()) };
     let get = |m: &BTreeMap<HookPoint, Tensor>| -> Result<Option<Vec<f32>>> {
         Ok(match m.get(&margin) {
             Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),

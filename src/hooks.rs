@@ -168,6 +168,25 @@ impl HookPoint {
             _ => None,
         }
     }
+
+    /// For a selection (`dsa.topk`, `moe.topk_ids`), the hook point holding the margin that
+    /// decided each of its rows (`dsa.margin` [B, S], `moe.margin` [B*S]: the same flat rows).
+    pub fn margin(&self) -> Option<HookPoint> {
+        match self {
+            HookPoint::Layer(i, LayerHook::DsaTopk) => Some(HookPoint::Layer(*i, LayerHook::DsaMargin)),
+            HookPoint::Layer(i, LayerHook::TopkIds) => Some(HookPoint::Layer(*i, LayerHook::RouterMargin)),
+            _ => None,
+        }
+    }
+
+    /// For a margin (`dsa.margin`, `moe.margin`), the selection whose rows it decided.
+    pub fn decides(&self) -> Option<HookPoint> {
+        match self {
+            HookPoint::Layer(i, LayerHook::DsaMargin) => Some(HookPoint::Layer(*i, LayerHook::DsaTopk)),
+            HookPoint::Layer(i, LayerHook::RouterMargin) => Some(HookPoint::Layer(*i, LayerHook::TopkIds)),
+            _ => None,
+        }
+    }
 }
 
 /// Receives tensors from the forward pass. Float activations are F32; index tensors are I64.

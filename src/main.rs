@@ -62,6 +62,10 @@ enum Command {
         /// Relative tolerance (default 1e-4; 2e-2 with --precision bf16).
         #[arg(long)]
         rtol: Option<f64>,
+        /// Flips decided by a margin below this are near-ties, which rounding alone can flip
+        /// (default 1e-3, or twice --atol where larger: 4e-2 with --precision bf16).
+        #[arg(long)]
+        near_tie: Option<f64>,
         /// Feed every layer the reference's own input, so errors do not spread between layers.
         #[arg(long)]
         isolate: bool,
@@ -104,9 +108,10 @@ enum Command {
         /// Per-name tolerance, `PATTERN=ATOL,RTOL` (`*` wildcard); repeatable, last match wins.
         #[arg(long = "tol", value_name = "PATTERN=ATOL,RTOL")]
         tols: Vec<String>,
-        /// Flips decided by a margin below this are near-ties.
-        #[arg(long, default_value_t = 1e-3)]
-        near_tie: f64,
+        /// Flips decided by a margin below this are near-ties, which rounding alone can flip
+        /// (default 1e-3, or twice --atol where larger).
+        #[arg(long)]
+        near_tie: Option<f64>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -341,6 +346,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             golden,
             atol,
             rtol,
+            near_tie,
             isolate,
             force_routing,
             force_selection,
@@ -356,8 +362,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let default = target.precision.tolerance();
             let (atol, rtol) = (atol.unwrap_or(default.atol), rtol.unwrap_or(default.rtol));
             let tol = Tolerance { atol, rtol };
-            if !(atol >= 0.0 && rtol >= 0.0) {
-                return Err(Error::Usage("--atol and --rtol must be non-negative numbers".into()));
+            let near_tie = near_tie.unwrap_or(tol.near_tie());
+            if !(atol >= 0.0 && rtol >= 0.0 && near_tie >= 0.0) {
+                return Err(Error::Usage("--atol, --rtol and --near-tie must be non-negative numbers".into()));
             }
             let ckpt = Checkpoint::open(&model_dir)?;
             let reference = Dump::open(&golden)?;
@@ -377,13 +384,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if device != Backend::Cpu {
                 memory::check_run(&ckpt, tokens.batch, tokens.seq, false, max_memory)?;
                 let model = Model::load(&ckpt)?;
-                let n = model.layers.len();
                 let replay = verify::Replay { routing: force_routing, selection: force_selection };
                 let opts = verify::VerifyOptions { tol, isolate, replay, layers: None };
-                let report =
-                    glimpse::device::with_prefill(target, &model, |p| verify::verify_prefill(p, n, &reference, &opts))?;
+                let report = glimpse::device::with_prefill(target, &model, |p| {
+                    verify::verify_prefill(p, &model, &reference, &opts)
+                })?;
                 println!("verify {} against {} on {}", model_dir.display(), golden.display(), target.describe());
-                verify::print_report(&report, tol);
+                verify::print_report(&report, tol, near_tie);
                 return Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) });
             }
             let mut resident = None;
@@ -397,7 +404,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let (Weights::Resident(m), true, None) = (weights, verify::has_mtp(&reference), &opts.layers) {
                 verify::verify_mtp(m, &glimpse::model::mtp::Mtp::load(&ckpt)?, &reference, tol, &mut report)?;
             }
-            verify::print_report(&report, tol);
+            verify::print_report(&report, tol, near_tie);
             if replay != verify::Replay::default() {
                 let free = verify::verify_with(
                     weights,
@@ -412,6 +419,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Diff { a, b, atol, rtol, tols, near_tie, json } => {
+            let near_tie = near_tie.unwrap_or(Tolerance { atol, rtol }.near_tie());
             if !(atol >= 0.0 && rtol >= 0.0 && near_tie >= 0.0) {
                 return Err(Error::Usage("--atol, --rtol and --near-tie must be non-negative numbers".into()));
             }

@@ -69,7 +69,7 @@ fn cases(golden_root: &Path, mut device: impl FnMut(&Path, &Model, &Dump) -> Res
 
 /// One case through the device forward pass on `ops`, compared with `reference`.
 fn device_run<O: Ops>(ops: &O, model: &Model, reference: &Dump, opts: &VerifyOptions) -> Result<verify::Report> {
-    verify::verify_prefill(&DeviceModel::new(ops, model)?, model.layers.len(), reference, opts)
+    verify::verify_prefill(&DeviceModel::new(ops, model)?, model, reference, opts)
 }
 
 /// [`device_run`], its verdict printed as `name`'s; whether it passed.

@@ -3,16 +3,19 @@
 //! `isolate` feeds every layer the reference's own input, so an error in one layer is measured in
 //! that layer alone instead of spreading down the stack.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::ops::RangeInclusive;
 
 use candle_core::Tensor;
 
 use crate::compare::{self, Comparison, Detail, Tolerance};
+use crate::diff;
 use crate::dump::{Dump, Values};
 use crate::error::{Error, Result};
 use crate::hooks::{finite_expected, first_non_finite, with_f32, HookPoint, LayerHook, NonFinite, Observer};
 use crate::model::indexer::Selection;
+use crate::model::layer::{DecoderLayer, Ffn};
+use crate::model::moe::RouterConfig;
 use crate::model::mtp::Mtp;
 use crate::model::rope::RotaryEmbedding;
 use crate::model::stream::{self, Start, Weights};
@@ -32,6 +35,8 @@ pub struct Verifier<'a> {
     pub non_finite: Option<NonFinite>,
     /// Our `final_norm`, which the MTP head consumes.
     final_norm: Option<Tensor>,
+    /// Our margins (`dsa.margin`, `moe.margin`) by the selection they decided, for its flips.
+    margins: HashMap<String, Vec<f32>>,
 }
 
 impl<'a> Verifier<'a> {
@@ -45,6 +50,7 @@ impl<'a> Verifier<'a> {
             last_ids: None,
             non_finite: None,
             final_norm: None,
+            margins: HashMap::new(),
         }
     }
 
@@ -73,6 +79,21 @@ impl<'a> Verifier<'a> {
 }
 
 impl Verifier<'_> {
+    /// Gives each flip the margins that decided its row: ours as this run reported them, the
+    /// reference's as its dump records them or as recomputed from its indexer scores and gate
+    /// logits (`diff::margins_in`; `bias` is layer `i`'s correction bias, None for dense layers).
+    fn attach_margins(&mut self, rc: &RouterConfig, bias: impl Fn(usize) -> Option<Vec<f32>>) {
+        for c in &mut self.results {
+            let point = match (&c.detail, HookPoint::parse(&c.name)) {
+                (Detail::Sets { flips, .. }, Some(p)) if !flips.is_empty() => p,
+                _ => continue,
+            };
+            let bias = point.layer().and_then(&bias);
+            let reference = diff::margins_in(self.golden, point, bias.as_deref().map(|b| (rc, b)));
+            c.set_margins(self.margins.get(&c.name).map(Vec::as_slice), reference.as_deref());
+        }
+    }
+
     fn into_report(self, only_in_reference: Vec<String>, isolate: bool) -> Report {
         Report {
             results: self.results,
@@ -85,11 +106,18 @@ impl Verifier<'_> {
 }
 
 impl Observer for Verifier<'_> {
+    /// What the reference holds, and the margins deciding the selections it holds.
     fn wants(&self, point: HookPoint) -> bool {
-        self.golden.contains(&point.name())
+        self.golden.contains(&point.name()) || point.decides().is_some_and(|s| self.golden.contains(&s.name()))
     }
     fn observe(&mut self, point: HookPoint, value: &Tensor) -> Result<()> {
         let name = point.name();
+        if let Some(selection) = point.decides() {
+            self.margins.insert(selection.name(), with_f32(value, <[f32]>::to_vec)?);
+            if !self.golden.contains(&name) {
+                return Ok(());
+            }
+        }
         if self.non_finite.is_none() && value.dtype() != candle_core::DType::I64 && finite_expected(&name) {
             self.non_finite = with_f32(value, |v| first_non_finite(&name, v, value.dims()))?;
         }
@@ -223,19 +251,24 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
     };
     let only_in_reference =
         golden.names().into_iter().filter(|n| !produced.contains(n.as_str()) && in_window(n)).collect();
+    v.attach_margins(&RouterConfig::new(w.config()), |i| match w {
+        Weights::Resident(m) => m.layers.get(i).and_then(moe_bias),
+        Weights::Streamed(c) => c.f32(&format!("model.layers.{i}.mlp.gate.e_score_correction_bias")).ok().map(|b| b.0),
+    });
     Ok(v.into_report(only_in_reference, opts.isolate))
 }
 
 /// A prefill (the CPU model, or the device forward pass on some backend) against a reference
 /// dump: every main-model tensor the dump holds, with `opts`' replay and isolation (no layer
-/// window, no MTP head). `layers` is the model's depth, to leave the MTP layer's
-/// `layers.{N}.*` out of what must be produced.
+/// window, no MTP head). `model` is the one `p` runs: its depth leaves the MTP layer's
+/// `layers.{N}.*` out of what must be produced, and its routers give the reference's margins.
 pub fn verify_prefill(
     p: &dyn crate::device::Prefill,
-    layers: usize,
+    model: &Model,
     golden: &Dump,
     opts: &VerifyOptions,
 ) -> Result<Report> {
+    let layers = model.layers.len();
     let mut v = Verifier::new(golden, opts.tol);
     (v.replay, v.isolate) = (opts.replay, opts.isolate);
     p.prefill(&golden.tokens()?, &mut v)?;
@@ -248,7 +281,16 @@ pub fn verify_prefill(
             !name.starts_with("mtp.") && HookPoint::parse(name).and_then(|p| p.layer()).is_none_or(|i| i < layers)
         })
         .collect();
+    v.attach_margins(&RouterConfig::new(&model.config), |i| model.layers.get(i).and_then(moe_bias));
     Ok(v.into_report(only_in_reference, opts.isolate))
+}
+
+/// A MoE layer's correction bias; None for a dense layer.
+fn moe_bias(layer: &DecoderLayer) -> Option<Vec<f32>> {
+    match &layer.mlp {
+        Ffn::Moe(moe) => Some(moe.e_score_correction_bias.clone()),
+        Ffn::Dense(_) => None,
+    }
 }
 
 /// Whether a reference dump holds the MTP head's tensors.
@@ -271,6 +313,8 @@ pub fn verify_mtp(model: &Model, mtp: &Mtp, golden: &Dump, tol: Tolerance, repor
         h.narrow(1, 0, tokens.seq.saturating_sub(1))?
     };
     mtp.forward(model, &hidden, &tokens, &mut v)?;
+    let depth = model.layers.len();
+    v.attach_margins(&RouterConfig::new(&model.config), |i| (i == depth).then(|| moe_bias(&mtp.layer)).flatten());
     let produced: BTreeSet<String> = v.results.iter().map(|c| c.name.clone()).collect();
     report.only_in_reference.retain(|n| !produced.contains(n));
     report.results.extend(v.results);
@@ -306,10 +350,13 @@ pub fn format_line(c: &Comparison) -> String {
     format!("{:<34} {:<8} {body}", c.name, verdict)
 }
 
-pub fn print_report(r: &Report, tol: Tolerance) {
+/// One line per tensor, then the flips with their margins (near-ties below `near_tie`), then a
+/// summary.
+pub fn print_report(r: &Report, tol: Tolerance, near_tie: f64) {
     for c in &r.results {
         println!("{}", format_line(c));
     }
+    print!("{}", diff::render_flips(&compare::flips(&r.results), near_tie));
     for n in &r.only_in_reference {
         println!("{n:<34} {:<8} only in the reference (not produced by this run)", "skipped");
     }

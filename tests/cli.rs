@@ -223,3 +223,24 @@ fn selftest_checks_every_golden_case_and_refuses_a_missing_gpu() {
         assert!(out.contains("kernel rms_norm") && out.contains("(cuda): ") && !out.contains("FAILED"), "{out}{err}");
     }
 }
+
+/// f32 products against the bf16-products reference of bf16-fused flip one DSA key (query 11 of
+/// layer 2): `verify` lists the flip with the margin that decided it on each side (ours as the run
+/// reported it, the reference's from its own indexer scores) and classes it by `--near-tie`.
+#[test]
+fn verify_lists_each_flip_with_its_margins_and_class() {
+    let case = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/bf16-fused");
+    let (model, golden) = (case.to_str().unwrap(), case.join("reference-bf16.safetensors"));
+    for (near_tie, summary, class) in [
+        ("1e-3", "1 flips: 0 near-tie (margin < 1e-3), 1 real", "-> real"),
+        ("1e-2", "1 flips: 1 near-tie", "-> near-tie"),
+    ] {
+        let args = ["verify", "--model", model, "--golden", golden.to_str().unwrap(), "--near-tie", near_tie];
+        let (code, out) = common::code_and_text(&args);
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains(summary), "{out}");
+        let flip = out.lines().find(|l| l.contains("layers.2.dsa.topk [0, 11]")).unwrap_or_else(|| panic!("{out}"));
+        assert!(flip.contains("margin ours ") && !flip.contains("ours -") && flip.contains("ref 8.867e-3"), "{flip}");
+        assert!(flip.ends_with(class), "{flip}");
+    }
+}

@@ -1,17 +1,24 @@
 //! Counterfactual replay: a model whose router bias (or DSA indexer) was tampered with makes
 //! different choices than the reference; replaying the reference's choices must remove exactly the
-//! difference those choices caused.
+//! difference those choices caused. And the margins `verify` gives those flips: ours as the run
+//! reported them, the reference's recomputed from its scores and logits where that reproduces its
+//! recorded choice.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use glimpse::checkpoint::Checkpoint;
 use glimpse::compare::Tolerance;
+use glimpse::compare::{Detail, Flip};
+use glimpse::diff::classify;
 use glimpse::dump::Dump;
+use glimpse::dump::Values;
+use glimpse::hooks::{HookPoint, LayerHook, Recorder, Selector};
+use glimpse::model::indexer::top_k_causal;
 use glimpse::model::Model;
 use glimpse::model::Weights;
 use glimpse::st::{self, Entry, StFile};
-use glimpse::verify::{attribution, verify, verify_with, Replay, VerifyOptions};
+use glimpse::verify::{attribution, verify, verify_with, Replay, Report, VerifyOptions};
 
 fn golden_flat() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat")
@@ -36,6 +43,18 @@ fn tampered(dst: &Path, name: &str, edit: impl Fn(&mut Vec<f32>)) {
     st::write(&dst.join("model.safetensors"), &entries, &BTreeMap::new()).unwrap();
 }
 
+/// The flips `verify` found in the selection `name`.
+fn flips_of<'a>(r: &'a Report, name: &str) -> Vec<&'a Flip> {
+    r.results
+        .iter()
+        .filter(|c| c.name == name)
+        .flat_map(|c| match &c.detail {
+            Detail::Sets { flips, .. } => flips.iter().collect(),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
 #[test]
 fn replaying_the_reference_routing_removes_a_bias_bug() {
     let tmp = tempfile::tempdir().unwrap();
@@ -50,6 +69,13 @@ fn replaying_the_reference_routing_removes_a_bias_bug() {
     let free = verify(&model, &golden, tol, false).unwrap();
     let first = free.results.iter().find(|c| !c.ok).unwrap();
     assert_eq!(first.name, "layers.3.moe.topk_ids", "the flips are the first divergence");
+    // The reference's margins would be recomputed with this checkpoint's (mangled) bias, which
+    // does not make the reference's choices: unknown, rather than a margin of another decision.
+    let flips = flips_of(&free, "layers.3.moe.topk_ids");
+    assert!(!flips.is_empty());
+    for f in flips {
+        assert!(f.margin_ours.is_some_and(|m| m >= 0.0) && f.margin_reference.is_none(), "{f:?}");
+    }
 
     let replay = Replay { routing: true, selection: false };
     let replayed =
@@ -74,6 +100,25 @@ fn replaying_the_reference_selection_removes_an_indexer_bug() {
     let free = verify(&model, &golden, tol, false).unwrap();
     let topk = free.results.iter().find(|c| c.name == "layers.1.dsa.topk").unwrap();
     assert!(!topk.ok, "the tampered indexer must change the selection");
+    // Each flip carries our margin as the run reports it and the reference's from its scores;
+    // the routing flips downstream carry the reference's from its logits and the (intact) bias.
+    let mut recorder = Recorder::new(Selector::new("layers.1.dsa.margin", None));
+    model.forward(&golden.tokens().unwrap(), &mut recorder).unwrap();
+    let ours = recorder.get(HookPoint::Layer(1, LayerHook::DsaMargin)).unwrap().flatten_all().unwrap();
+    let ours = ours.to_vec1::<f32>().unwrap();
+    let scores = golden.values("layers.1.dsa.scores").unwrap().0;
+    let Values::F32(scores) = scores else { panic!("scores are floats") };
+    let [b, s, k] = golden.shape("layers.1.dsa.topk").unwrap()[..] else { panic!("[B, S, K]") };
+    let reference = top_k_causal(&scores, b, s, 0, k).margin;
+    let flips = flips_of(&free, "layers.1.dsa.topk");
+    assert!(!flips.is_empty());
+    for f in &flips {
+        assert_eq!((f.margin_ours, f.margin_reference), (Some(ours[f.row]), Some(reference[f.row])), "{f:?}");
+    }
+    let routing: Vec<&Flip> = (2..5).flat_map(|i| flips_of(&free, &format!("layers.{i}.moe.topk_ids"))).collect();
+    assert!(!routing.is_empty(), "a different selection in layer 1 changes the routing downstream");
+    assert!(routing.iter().all(|f| f.margin_ours.is_some() && f.margin_reference.is_some()), "{routing:?}");
+    assert!(flips.into_iter().chain(routing).any(|f| classify(f, 1e-3) == "real"));
 
     let replay = Replay { routing: false, selection: true };
     let replayed =

@@ -51,7 +51,7 @@ pub fn assert_device_matches_every_golden_case<O: glimpse::device::Ops>(ops: &O)
         let model = glimpse::model::Model::load(&glimpse::checkpoint::Checkpoint::open(&dir).unwrap()).unwrap();
         let golden = glimpse::dump::Dump::open(&dir.join("reference.safetensors")).unwrap();
         let device = glimpse::device::forward::DeviceModel::new(ops, &model).unwrap();
-        let r = verify_prefill(&device, model.layers.len(), &golden, &Default::default()).unwrap();
+        let r = verify_prefill(&device, &model, &golden, &Default::default()).unwrap();
         let bad: Vec<String> = r.results.iter().filter(|c| !c.ok).map(format_line).collect();
         assert!(bad.is_empty(), "{case}:\n{}", bad.join("\n"));
         assert!(r.only_in_reference.is_empty(), "{case}: not produced: {:?}", r.only_in_reference);
