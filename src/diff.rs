@@ -12,7 +12,7 @@ use crate::dump::{Dump, Values};
 use crate::error::{Error, Result};
 use crate::hooks::{finite_expected, first_non_finite, glob, HookPoint, LayerHook, NonFinite};
 use crate::model::indexer::top_k_causal;
-use crate::model::moe::{route, RouterConfig};
+use crate::model::moe::{route, RouterConfig, Routers};
 
 #[derive(Debug, Clone)]
 pub struct DiffOptions {
@@ -21,11 +21,15 @@ pub struct DiffOptions {
     pub per_name: Vec<(String, Tolerance)>,
     /// Flips decided by a margin below this are near-ties.
     pub near_tie: f64,
+    /// The routers of the checkpoint both dumps ran (`diff --model`), to recompute routing
+    /// margins from recorded gate logits.
+    pub routers: Option<Routers>,
 }
 
 impl Default for DiffOptions {
     fn default() -> Self {
-        DiffOptions { tol: Tolerance::default(), per_name: Vec::new(), near_tie: Tolerance::default().near_tie() }
+        let near_tie = Tolerance::default().near_tie();
+        DiffOptions { tol: Tolerance::default(), per_name: Vec::new(), near_tie, routers: None }
     }
 }
 
@@ -71,17 +75,13 @@ impl DiffReport {
     }
 }
 
-/// A MoE layer's routing rule and correction bias: what turns recorded gate logits into the
-/// margin that decided each token's experts.
-pub type Router<'a> = (&'a RouterConfig, &'a [f32]);
-
 /// The margins that decided the rows of `selection` (`dsa.topk` or `moe.topk_ids`) in `d`: its
 /// recorded margin tensor; else recomputed from what a transformers dump records, the indexer
 /// scores for DSA, and for routing the gate logits with the layer's `router` when given. A
 /// recomputed margin is kept only for rows where the recomputation chooses what the dump recorded
 /// (NaN, unknown, elsewhere): a margin that does not describe the recorded decision would
 /// misclass its flip.
-pub fn margins_in(d: &Dump, selection: HookPoint, router: Option<Router>) -> Option<Vec<f32>> {
+pub fn margins_in(d: &Dump, selection: HookPoint, router: Option<(&RouterConfig, &[f32])>) -> Option<Vec<f32>> {
     if let Some(recorded) = floats(d, &selection.margin()?.name()) {
         return Some(recorded);
     }
@@ -209,7 +209,8 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         let ids = ids.as_ref().map(|(x, y)| (x.as_slice(), y.as_slice()));
         let mut c = compare_tensor(name, (&va, &sa), (&vb, &sb), ids, opts.tol_for(name));
         if let (Detail::Sets { .. }, Some(point)) = (&c.detail, HookPoint::parse(name)) {
-            let (ma, mb) = (margins_in(a, point, None), margins_in(b, point, None));
+            let router = opts.routers.as_ref().zip(point.layer()).and_then(|(r, i)| r.layer(i));
+            let (ma, mb) = (margins_in(a, point, router), margins_in(b, point, router));
             c.set_margins(ma.as_deref(), mb.as_deref());
         }
         results.push(c);

@@ -115,6 +115,10 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// The checkpoint both dumps ran: its routers recompute routing margins from recorded
+        /// gate logits (`moe.router_logits`) where a dump holds no `moe.margin`.
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
     /// Expert load balance per MoE layer, over prompts (run live) or over the routing dumps recorded.
     #[command(group(clap::ArgGroup::new("source").required(true)))]
@@ -418,13 +422,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::Diff { a, b, atol, rtol, tols, near_tie, json } => {
+        Command::Diff { a, b, atol, rtol, tols, near_tie, json, model } => {
             let near_tie = near_tie.unwrap_or(Tolerance { atol, rtol }.near_tie());
             if !(atol >= 0.0 && rtol >= 0.0 && near_tie >= 0.0) {
                 return Err(Error::Usage("--atol, --rtol and --near-tie must be non-negative numbers".into()));
             }
             let per_name = tols.iter().map(|t| diff::parse_tol(t)).collect::<Result<Vec<_>>>()?;
-            let opts = diff::DiffOptions { tol: Tolerance { atol, rtol }, per_name, near_tie };
+            let routers = match model {
+                Some(dir) => Some(glimpse::model::moe::Routers::read(&Checkpoint::open(&dir)?)?),
+                None => None,
+            };
+            let opts = diff::DiffOptions { tol: Tolerance { atol, rtol }, per_name, near_tie, routers };
             let report = diff::diff(&Dump::open(&a)?, &Dump::open(&b)?, &opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report.to_json(&a, &b)).unwrap_or_default());

@@ -14,8 +14,7 @@ use crate::dump::{Dump, Values};
 use crate::error::{Error, Result};
 use crate::hooks::{finite_expected, first_non_finite, with_f32, HookPoint, LayerHook, NonFinite, Observer};
 use crate::model::indexer::Selection;
-use crate::model::layer::{DecoderLayer, Ffn};
-use crate::model::moe::RouterConfig;
+use crate::model::moe::Routers;
 use crate::model::mtp::Mtp;
 use crate::model::rope::RotaryEmbedding;
 use crate::model::stream::{self, Start, Weights};
@@ -81,15 +80,15 @@ impl<'a> Verifier<'a> {
 impl Verifier<'_> {
     /// Gives each flip the margins that decided its row: ours as this run reported them, the
     /// reference's as its dump records them or as recomputed from its indexer scores and gate
-    /// logits (`diff::margins_in`; `bias` is layer `i`'s correction bias, None for dense layers).
-    fn attach_margins(&mut self, rc: &RouterConfig, bias: impl Fn(usize) -> Option<Vec<f32>>) {
+    /// logits with `routers` (`diff::margins_in`).
+    fn attach_margins(&mut self, routers: &Routers) {
         for c in &mut self.results {
             let point = match (&c.detail, HookPoint::parse(&c.name)) {
                 (Detail::Sets { flips, .. }, Some(p)) if !flips.is_empty() => p,
                 _ => continue,
             };
-            let bias = point.layer().and_then(&bias);
-            let reference = diff::margins_in(self.golden, point, bias.as_deref().map(|b| (rc, b)));
+            let router = point.layer().and_then(|i| routers.layer(i));
+            let reference = diff::margins_in(self.golden, point, router);
             c.set_margins(self.margins.get(&c.name).map(Vec::as_slice), reference.as_deref());
         }
     }
@@ -251,9 +250,9 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
     };
     let only_in_reference =
         golden.names().into_iter().filter(|n| !produced.contains(n.as_str()) && in_window(n)).collect();
-    v.attach_margins(&RouterConfig::new(w.config()), |i| match w {
-        Weights::Resident(m) => m.layers.get(i).and_then(moe_bias),
-        Weights::Streamed(c) => c.f32(&format!("model.layers.{i}.mlp.gate.e_score_correction_bias")).ok().map(|b| b.0),
+    v.attach_margins(&match w {
+        Weights::Resident(m) => Routers::of_layers(&m.config, &m.layers),
+        Weights::Streamed(c) => Routers::read(c)?,
     });
     Ok(v.into_report(only_in_reference, opts.isolate))
 }
@@ -281,16 +280,8 @@ pub fn verify_prefill(
             !name.starts_with("mtp.") && HookPoint::parse(name).and_then(|p| p.layer()).is_none_or(|i| i < layers)
         })
         .collect();
-    v.attach_margins(&RouterConfig::new(&model.config), |i| model.layers.get(i).and_then(moe_bias));
+    v.attach_margins(&Routers::of_layers(&model.config, &model.layers));
     Ok(v.into_report(only_in_reference, opts.isolate))
-}
-
-/// A MoE layer's correction bias; None for a dense layer.
-fn moe_bias(layer: &DecoderLayer) -> Option<Vec<f32>> {
-    match &layer.mlp {
-        Ffn::Moe(moe) => Some(moe.e_score_correction_bias.clone()),
-        Ffn::Dense(_) => None,
-    }
 }
 
 /// Whether a reference dump holds the MTP head's tensors.
@@ -313,8 +304,7 @@ pub fn verify_mtp(model: &Model, mtp: &Mtp, golden: &Dump, tol: Tolerance, repor
         h.narrow(1, 0, tokens.seq.saturating_sub(1))?
     };
     mtp.forward(model, &hidden, &tokens, &mut v)?;
-    let depth = model.layers.len();
-    v.attach_margins(&RouterConfig::new(&model.config), |i| (i == depth).then(|| moe_bias(&mtp.layer)).flatten());
+    v.attach_margins(&Routers::of_layers(&model.config, [&mtp.layer]));
     let produced: BTreeSet<String> = v.results.iter().map(|c| c.name.clone()).collect();
     report.only_in_reference.retain(|n| !produced.contains(n));
     report.results.extend(v.results);

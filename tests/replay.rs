@@ -10,11 +10,13 @@ use std::path::{Path, PathBuf};
 use glimpse::checkpoint::Checkpoint;
 use glimpse::compare::Tolerance;
 use glimpse::compare::{Detail, Flip};
-use glimpse::diff::classify;
+use glimpse::diff::{classify, diff, DiffOptions};
 use glimpse::dump::Dump;
+use glimpse::dump::DumpWriter;
 use glimpse::dump::Values;
 use glimpse::hooks::{HookPoint, LayerHook, Recorder, Selector};
 use glimpse::model::indexer::top_k_causal;
+use glimpse::model::moe::Routers;
 use glimpse::model::Model;
 use glimpse::model::Weights;
 use glimpse::st::{self, Entry, StFile};
@@ -128,4 +130,40 @@ fn replaying_the_reference_selection_removes_an_indexer_bug() {
         let indexer_only = c.name == "layers.1.dsa.scores";
         assert!(c.ok || indexer_only, "{} differs after replay", c.name);
     }
+}
+
+/// `diff --model`: a port's dump that records gate logits but no `moe.margin` (as a transformers
+/// dump does) gets its routing margins recomputed with the checkpoint's routers, where that makes
+/// the recorded choice. Here "ours" ran a mangled bias, so only the reference's choices are
+/// reproduced by the true checkpoint; without `--model` neither side's margin is known.
+#[test]
+fn diff_recomputes_routing_margins_from_the_recorded_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    tampered(tmp.path(), "model.layers.3.mlp.gate.e_score_correction_bias", |b| {
+        b.iter_mut().enumerate().for_each(|(i, x)| *x += if i % 2 == 0 { 0.3 } else { -0.3 })
+    });
+    let model = Model::load(&Checkpoint::open(tmp.path()).unwrap()).unwrap();
+    let golden = Dump::open(&golden_flat().join("reference.safetensors")).unwrap();
+    let ours = tmp.path().join("ours.safetensors");
+    let mut w =
+        DumpWriter::create(&ours, Selector::new("layers.*.moe.router_logits,layers.*.moe.topk_ids", None), 16).unwrap();
+    model.forward(&golden.tokens().unwrap(), &mut w).unwrap();
+    w.finish(&glimpse::dump::metadata("a port", None, None)).unwrap();
+    let ours = Dump::open(&ours).unwrap();
+    assert!(!ours.contains("layers.3.moe.margin"));
+
+    let name = "layers.3.moe.topk_ids";
+    let flips_in = |r: &glimpse::diff::DiffReport| -> Vec<Flip> {
+        r.flips().into_iter().filter(|(n, _)| *n == name).map(|(_, f)| f.clone()).collect()
+    };
+    let without = diff(&ours, &golden, &DiffOptions::default()).unwrap();
+    let flips = flips_in(&without);
+    assert!(!flips.is_empty());
+    assert!(flips.iter().all(|f| f.margin().is_none()), "{flips:?}");
+
+    let routers = Routers::read(&Checkpoint::open(&golden_flat()).unwrap()).unwrap();
+    let with = diff(&ours, &golden, &DiffOptions { routers: Some(routers), ..Default::default() }).unwrap();
+    let flips = flips_in(&with);
+    assert!(!flips.is_empty());
+    assert!(flips.iter().all(|f| f.margin_ours.is_none() && f.margin_reference.is_some_and(|m| m > 0.0)), "{flips:?}");
 }

@@ -4,12 +4,15 @@
 //! expert. Experts load from per-expert tensors (the released layout) or from transformers' fused
 //! `experts.gate_up_proj` / `experts.down_proj`.
 
+use std::collections::BTreeMap;
+
 use candle_core::{Device, Tensor};
 
 use super::gemv::Bf16Weight;
+use super::layer::{DecoderLayer, Ffn};
 use super::mlp::Mlp;
 use super::nn::{matmul_nt, Linear, Weight};
-use crate::checkpoint::Loader;
+use crate::checkpoint::{Checkpoint, Loader};
 use crate::config::Config;
 use crate::error::Result;
 use crate::hooks::{emit, HookPoint, LayerHook, Observer};
@@ -41,6 +44,47 @@ impl RouterConfig {
             norm_topk_prob: cfg.norm_topk_prob,
             routed_scaling_factor: cfg.routed_scaling_factor as f32,
         }
+    }
+}
+
+/// Every MoE layer's routing rule and correction bias: what recomputes the margin of a routing
+/// decision from recorded gate logits (`diff::margins_in`), for dumps that hold logits, not margins.
+#[derive(Debug, Clone)]
+pub struct Routers {
+    pub config: RouterConfig,
+    /// Layer index -> its `e_score_correction_bias`.
+    pub bias: BTreeMap<usize, Vec<f32>>,
+}
+
+impl Routers {
+    /// From loaded layers (the main model's, the MTP layer).
+    pub fn of_layers<'a>(cfg: &Config, layers: impl IntoIterator<Item = &'a DecoderLayer>) -> Self {
+        let bias = layers
+            .into_iter()
+            .filter_map(|l| match &l.mlp {
+                Ffn::Moe(m) => Some((l.index, m.e_score_correction_bias.clone())),
+                Ffn::Dense(_) => None,
+            })
+            .collect();
+        Routers { config: RouterConfig::new(cfg), bias }
+    }
+
+    /// Read from a checkpoint without loading it: every layer that has a correction bias (the
+    /// MTP layer's too).
+    pub fn read(ckpt: &Checkpoint) -> Result<Self> {
+        let mut bias = BTreeMap::new();
+        for i in 0..=ckpt.config.num_hidden_layers {
+            let name = format!("model.layers.{i}.mlp.gate.e_score_correction_bias");
+            if ckpt.contains(&name) {
+                bias.insert(i, ckpt.f32(&name)?.0);
+            }
+        }
+        Ok(Routers { config: RouterConfig::new(&ckpt.config), bias })
+    }
+
+    /// Layer `i`'s rule and bias; None for a dense layer.
+    pub fn layer(&self, i: usize) -> Option<(&RouterConfig, &[f32])> {
+        self.bias.get(&i).map(|b| (&self.config, b.as_slice()))
     }
 }
 
