@@ -18,6 +18,9 @@
 //! Measured against candle's f32 matmul on the `W^T` copy, at this model's shapes on the project's
 //! 2-core AVX-512 VM: docs/performance.md.
 
+// Off x86_64 no kernel exists (`available` is false), and what only feeds it goes unused.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables))]
+
 use rayon::prelude::*;
 
 use super::fp8::Fp8Weight;
