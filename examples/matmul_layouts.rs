@@ -1,8 +1,9 @@
 //! GFLOP/s of `x W^T` at GLM-5's projection shapes: candle's CPU matmul with the f32 weight held
 //! as stored (`[out, in]`, multiplied through a transposed view) and as the model holds its f32
 //! copies (`W^T` `[in, out]`, contiguous), with the `gemm` crate's default panel packing and with
-//! packing always on (what `model::nn::matmul` sets); and the model's own AVX-512 kernel on the
-//! bf16 weight in panels (`model::bf16_gemm`, where the CPU has AVX-512F). Medians of 5 runs.
+//! packing always on (what `model::nn::matmul` sets); and the model's own kernel on the bf16
+//! weight in panels (`model::bf16_gemm`: AVX-512F, or AVX2 with FMA; `GLIMPSE_NO_AVX512=1` times
+//! the AVX2 one). Medians of 5 runs.
 //!
 //!     cargo run --release --example matmul_layouts
 
@@ -60,7 +61,7 @@ fn main() -> candle_core::Result<()> {
                         "{:>12.0}",
                         flops / median_secs(|| Tensor::new(&bf16_gemm::matmul(&xs, m, p)[..1], &Device::Cpu))?
                     ),
-                    None => format!("{:>12}", "no AVX-512"),
+                    None => format!("{:>12}", "no kernel"),
                 };
                 rows[i] = format!("{} | {stored:>14.0} {transposed:>14.0} | {ours}", rows[i]);
             } else {

@@ -63,7 +63,7 @@ pub fn estimate(
     recording: bool,
 ) -> Estimate {
     let c = &ckpt.config;
-    // What the CPU holds of a weight once a prefill used it: bf16 panels where the AVX-512 kernel
+    // What the CPU holds of a weight once a prefill used it: bf16 panels where a panel kernel
     // multiplies a bf16 or FP8 projection (model::bf16_gemm), an f32 copy otherwise (and always
     // for the router's gate and the norms, loaded as f32).
     let fp8_panels = c.fp8.as_ref().is_some_and(|q| crate::model::bf16_gemm::takes_fp8_rows(q.block[0]));

@@ -114,8 +114,8 @@ mod tests {
     /// dequantisation, summed in f64. Then a NaN code, which must reach its output only.
     #[test]
     fn fp8_products_match_the_dequantised_weight() {
-        if !crate::model::bf16_gemm::available() {
-            eprintln!("skipped: AVX-512F is absent or switched off (GLIMPSE_NO_AVX512)");
+        if !crate::model::avx512f() {
+            eprintln!("skipped: AVX-512F is absent or switched off (GLIMPSE_NO_AVX512 or GLIMPSE_NO_AVX2)");
             return;
         }
         let (rows, k, block) = (150, 300, [64, 32]);

@@ -153,8 +153,9 @@ impl Model {
 }
 
 /// Whether the CPU kernels may use AVX-512F (`bf16_gemm`, `fp8_gemv`, `gemv`): the CPU has it and
-/// `GLIMPSE_NO_AVX512` is unset. CI sets it to run the golden cases through the portable paths
-/// (the f32 copies, AVX2 or plain loops) on a machine that has AVX-512.
+/// neither `GLIMPSE_NO_AVX512` nor `GLIMPSE_NO_AVX2` is set. CI sets them to run the golden cases
+/// through the paths of CPUs without AVX-512F (the AVX2 kernels) and without AVX2 either (the
+/// f32 copies and plain loops) on a machine that has AVX-512.
 pub fn avx512f() -> bool {
     static AVX512F: OnceLock<bool> = OnceLock::new();
     *AVX512F.get_or_init(|| {
@@ -162,6 +163,19 @@ pub fn avx512f() -> bool {
         let has = std::arch::is_x86_feature_detected!("avx512f");
         #[cfg(not(target_arch = "x86_64"))]
         let has = false;
-        has && std::env::var_os("GLIMPSE_NO_AVX512").is_none()
+        has && avx2_fma() && std::env::var_os("GLIMPSE_NO_AVX512").is_none()
+    })
+}
+
+/// Whether the CPU kernels may use AVX2 with FMA (`bf16_gemm`'s 8-wide kernel, `gemv`'s loops):
+/// the CPU has both and `GLIMPSE_NO_AVX2` is unset.
+pub fn avx2_fma() -> bool {
+    static AVX2_FMA: OnceLock<bool> = OnceLock::new();
+    *AVX2_FMA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        let has = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+        #[cfg(not(target_arch = "x86_64"))]
+        let has = false;
+        has && std::env::var_os("GLIMPSE_NO_AVX2").is_none()
     })
 }

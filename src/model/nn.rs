@@ -35,10 +35,11 @@ impl Weight {
 /// What a bf16 or FP8 weight's many-row products (a prefill's) multiply on the CPU.
 pub enum Product {
     /// The values as bf16 (FP8 codes: exactly; their scales kept beside them) reordered into
-    /// panels for the AVX-512 kernel (`bf16_gemm`): 2 bytes a weight.
+    /// panels for the AVX-512 or AVX2 kernel (`bf16_gemm`): 2 bytes a weight.
     Panels(Panels),
-    /// `W^T` `[in, out]` in f32 (where the CPU has no AVX-512F, FP8 weights whose blocks the
-    /// panels do not fit, and a tied head, as a view of the embedding's table). Transposed
+    /// `W^T` `[in, out]` in f32 (where the CPU has neither AVX-512F nor AVX2 with FMA, FP8
+    /// weights whose blocks the panels do not fit, and a tied head, as a view of the embedding's
+    /// table). Transposed
     /// because the `gemm` crate behind candle's matmul reads it in its micro-kernel's order,
     /// where `[out, in]` made it repack the whole weight element by element on every product
     /// (docs/performance.md). f32 checkpoints' weights (the small test cases) are multiplied
