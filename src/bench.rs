@@ -120,7 +120,6 @@ pub fn run(
         // replaces an existing dump pays it: 12 ms for this one at 128 tokens, docs/performance.md).
         let _ = std::fs::remove_file(&dump_path);
     }
-    let _ = std::fs::remove_file(&dump_path);
     Ok(BenchReport {
         load_s,
         first_s,

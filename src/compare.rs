@@ -22,9 +22,9 @@ impl Default for Tolerance {
 
 impl Tolerance {
     /// The margin below which a flip is a near-tie unless the user says otherwise: 1e-3, or twice
-    /// `atol` where that is larger (bf16's 2e-2 gives 4e-2). Each of the two scores a margin
-    /// compares may be off by `atol` and still match, so a closer decision can flip by rounding
-    /// alone.
+    /// `atol` where that is larger (bf16's 2e-2 gives 4e-2). A rule of thumb: each of the two
+    /// scores a margin compares may be off by `atol` (and by `rtol` of its size) and still match,
+    /// so a closer decision can flip by roundings the tolerance accepts.
     pub fn near_tie(&self) -> f64 {
         (2.0 * self.atol).max(1e-3)
     }
@@ -132,13 +132,13 @@ impl Flip {
 
 /// Every flip in `results`, with the name of the selection it is in, in order.
 pub fn flips(results: &[Comparison]) -> Vec<(&str, &Flip)> {
-    results
-        .iter()
-        .flat_map(|c| match &c.detail {
-            Detail::Sets { flips, .. } => flips.iter().map(|f| (c.name.as_str(), f)).collect(),
-            _ => Vec::new(),
-        })
-        .collect()
+    fn of(c: &Comparison) -> &[Flip] {
+        match &c.detail {
+            Detail::Sets { flips, .. } => flips,
+            _ => &[],
+        }
+    }
+    results.iter().flat_map(|c| of(c).iter().map(|f| (c.name.as_str(), f))).collect()
 }
 
 #[derive(Debug, Clone, PartialEq)]

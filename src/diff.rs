@@ -2,7 +2,7 @@
 //! point (in forward order) where they part ways, and list every routing and DSA flip with the
 //! margins that decided it, so a near-tie (rounding can flip it) is told apart from a real bug.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde_json::{json, Value};
@@ -10,9 +10,9 @@ use serde_json::{json, Value};
 use crate::compare::{compare_tensor, Comparison, Detail, Flip, Tolerance};
 use crate::dump::{Dump, Values};
 use crate::error::{Error, Result};
-use crate::hooks::{finite_expected, first_non_finite, glob, HookPoint, LayerHook, NonFinite};
-use crate::model::indexer::top_k_causal;
-use crate::model::moe::{route, RouterConfig, Routers};
+use crate::flips::{self, margins_in, Class};
+use crate::hooks::{finite_expected, first_non_finite, glob, HookPoint, NonFinite};
+use crate::model::moe::Routers;
 
 #[derive(Debug, Clone)]
 pub struct DiffOptions {
@@ -75,63 +75,6 @@ impl DiffReport {
     }
 }
 
-/// The margins that decided the rows of `selection` (`dsa.topk` or `moe.topk_ids`) in `d`: its
-/// recorded margin tensor; else recomputed from what a transformers dump records, the indexer
-/// scores for DSA, and for routing the gate logits with the layer's `router` when given. A
-/// recomputed margin is kept only for rows where the recomputation chooses what the dump recorded
-/// (NaN, unknown, elsewhere): a margin that does not describe the recorded decision would
-/// misclass its flip.
-pub fn margins_in(d: &Dump, selection: HookPoint, router: Option<(&RouterConfig, &[f32])>) -> Option<Vec<f32>> {
-    if let Some(recorded) = floats(d, &selection.margin()?.name()) {
-        return Some(recorded);
-    }
-    let chosen = ints(d, &selection.name())?;
-    match selection {
-        HookPoint::Layer(i, LayerHook::DsaTopk) => {
-            let scores = floats(d, &HookPoint::Layer(i, LayerHook::DsaScores).name())?;
-            let [b, s, k] = d.shape(&selection.name())?[..] else { return None };
-            if scores.len() != b * s * s || chosen.len() != b * s * k {
-                return None;
-            }
-            let sel = top_k_causal(&scores, b, s, 0, k);
-            let ids: Vec<i64> = sel.idx.iter().map(|&j| j as i64).collect();
-            // Only the causal keys of a row count; the rest is padding.
-            Some(reproduced(sel.margin, k, &chosen, &ids, |r, j| j >= 0 && j as usize <= r % s))
-        }
-        HookPoint::Layer(i, LayerHook::TopkIds) => {
-            let (rc, bias) = router?;
-            let logits = floats(d, &HookPoint::Layer(i, LayerHook::RouterLogits).name())?;
-            if bias.is_empty() || logits.len() % bias.len() != 0 || chosen.len() != logits.len() / bias.len() * rc.top_k
-            {
-                return None;
-            }
-            let routes: Vec<_> = logits.chunks(bias.len()).map(|row| route(rc, row, bias)).collect();
-            let ids: Vec<i64> = routes.iter().flat_map(|r| r.ids.iter().map(|&j| j as i64)).collect();
-            Some(reproduced(routes.iter().map(|r| r.margin).collect(), rc.top_k, &chosen, &ids, |_, _| true))
-        }
-        _ => None,
-    }
-}
-
-/// `margin`, with NaN (unknown) for each row `r` whose `recomputed` choice differs from the
-/// `recorded` one, compared as sets of the ids `keep(r, id)` admits (`k` ids a row).
-fn reproduced(
-    mut margin: Vec<f32>,
-    k: usize,
-    recorded: &[i64],
-    recomputed: &[i64],
-    keep: impl Fn(usize, i64) -> bool,
-) -> Vec<f32> {
-    for (r, m) in margin.iter_mut().enumerate() {
-        let set =
-            |ids: &[i64]| ids[r * k..(r + 1) * k].iter().copied().filter(|&j| keep(r, j)).collect::<BTreeSet<_>>();
-        if set(recorded) != set(recomputed) {
-            *m = f32::NAN;
-        }
-    }
-    margin
-}
-
 /// The first NaN or Inf of a dump in forward order (names where they are expected excepted).
 pub fn first_non_finite_in(d: &Dump) -> Result<Option<NonFinite>> {
     first_non_finite_with(d, &HashMap::new())
@@ -155,14 +98,14 @@ fn first_non_finite_with(d: &Dump, known: &HashMap<String, Option<NonFinite>>) -
     Ok(None)
 }
 
-fn floats(d: &Dump, name: &str) -> Option<Vec<f32>> {
+pub(crate) fn floats(d: &Dump, name: &str) -> Option<Vec<f32>> {
     match d.values(name) {
         Ok((Values::F32(v), _)) => Some(v),
         _ => None,
     }
 }
 
-fn ints(d: &Dump, name: &str) -> Option<Vec<i64>> {
+pub(crate) fn ints(d: &Dump, name: &str) -> Option<Vec<i64>> {
     match d.values(name) {
         Ok((Values::I64(v), _)) => Some(v),
         _ => None,
@@ -208,10 +151,13 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         };
         let ids = ids.as_ref().map(|(x, y)| (x.as_slice(), y.as_slice()));
         let mut c = compare_tensor(name, (&va, &sa), (&vb, &sb), ids, opts.tol_for(name));
-        if let (Detail::Sets { .. }, Some(point)) = (&c.detail, HookPoint::parse(name)) {
-            let router = opts.routers.as_ref().zip(point.layer()).and_then(|(r, i)| r.layer(i));
-            let (ma, mb) = (margins_in(a, point, router), margins_in(b, point, router));
-            c.set_margins(ma.as_deref(), mb.as_deref());
+        // Margins for the flips: recomputing them can read the S x S scores, so only where needed.
+        if let (Detail::Sets { flips, .. }, Some(point)) = (&c.detail, HookPoint::parse(name)) {
+            if !flips.is_empty() {
+                let router = opts.routers.as_ref().zip(point.layer()).and_then(|(r, i)| r.layer(i));
+                let (ma, mb) = (margins_in(a, point, router), margins_in(b, point, router));
+                c.set_margins(ma.as_deref(), mb.as_deref());
+            }
         }
         results.push(c);
     }
@@ -252,7 +198,7 @@ pub fn comparison_json(c: &Comparison, near_tie: f64) -> Value {
                 "row": fl.row, "at": fl.at, "only_ours": fl.only_ours, "only_reference": fl.only_reference,
                 "recall": f(fl.recall), "margin_ours": opt_f(fl.margin_ours),
                 "margin_reference": opt_f(fl.margin_reference),
-                "class": classify(fl, near_tie),
+                "class": Class::of(fl, near_tie).label(),
             })).collect::<Vec<_>>(),
         }),
         Detail::Shape { ours, reference } => json!({ "kind": "shape", "ours": ours, "reference": reference }),
@@ -261,47 +207,6 @@ pub fn comparison_json(c: &Comparison, near_tie: f64) -> Value {
         m.extend(d);
     }
     v
-}
-
-/// The flips of a comparison, counted by class, and the first 50 listed with the margins that
-/// decided them on each side and their class; nothing when there are none.
-pub fn render_flips(flips: &[(&str, &Flip)], near_tie: f64) -> String {
-    if flips.is_empty() {
-        return String::new();
-    }
-    let count = |class| flips.iter().filter(|(_, fl)| classify(fl, near_tie) == class).count();
-    let mut out = format!(
-        "{} flips: {} near-tie (margin < {near_tie:e}), {} real, {} of unknown margin\n",
-        flips.len(),
-        count("near-tie"),
-        count("real"),
-        count("unknown")
-    );
-    for (name, fl) in flips.iter().take(50) {
-        let m = |x: Option<f32>| x.map(|v| format!("{v:.3e}")).unwrap_or_else(|| "-".into());
-        out += &format!(
-            "  {name} {:?}: only ours {:?}, only ref {:?}, margin ours {} ref {} -> {}\n",
-            fl.at,
-            fl.only_ours,
-            fl.only_reference,
-            m(fl.margin_ours),
-            m(fl.margin_reference),
-            classify(fl, near_tie)
-        );
-    }
-    if flips.len() > 50 {
-        out += &format!("  ... and {} more\n", flips.len() - 50);
-    }
-    out
-}
-
-/// `near-tie`, `real`, or `unknown` when neither dump holds the margin.
-pub fn classify(fl: &Flip, near_tie: f64) -> &'static str {
-    match fl.margin() {
-        None => "unknown",
-        Some(_) if fl.near_tie(near_tie) => "near-tie",
-        Some(_) => "real",
-    }
 }
 
 impl DiffReport {
@@ -343,7 +248,7 @@ impl DiffReport {
             }
             out.push('\n');
         }
-        out += &render_flips(&self.flips(), self.near_tie);
+        out += &flips::render(&self.flips(), self.near_tie, " (see --json)");
         for n in &self.only_a {
             out += &format!("only in {}: {n}\n", a.display());
         }

@@ -225,6 +225,7 @@ impl Spill {
                     Job::Sync(ack) => {
                         w.flush().map_err(io)?;
                         w.get_ref().sync_data().map_err(io)?;
+                        unsent = 0;
                         let _ = ack.send(());
                     }
                 }

@@ -25,6 +25,7 @@ pub mod compare;
 pub mod decode_check;
 pub mod diff;
 pub mod dump;
+pub mod flips;
 pub mod generate;
 pub mod heatmap;
 pub mod inspect;

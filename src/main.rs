@@ -83,7 +83,7 @@ enum Command {
         stream: bool,
         /// Instead: run the tokens through the latent KV cache (absorbed MLA) and compare every
         /// hook point, position by position, with the prefill of the same tokens.
-        #[arg(long, conflicts_with_all = ["isolate", "force_routing", "force_selection", "layers", "stream"])]
+        #[arg(long, conflicts_with_all = ["isolate", "force_routing", "force_selection", "layers", "stream", "near_tie"])]
         decode: bool,
         /// With --decode: positions per decode call (1: token by token; more: chunked prefill).
         #[arg(long, default_value_t = 1, requires = "decode", value_parser = clap::value_parser!(u64).range(1..))]
@@ -109,7 +109,7 @@ enum Command {
         #[arg(long = "tol", value_name = "PATTERN=ATOL,RTOL")]
         tols: Vec<String>,
         /// Flips decided by a margin below this are near-ties, which rounding alone can flip
-        /// (default 1e-3, or twice --atol where larger).
+        /// (default 1e-3, or twice --atol where larger; --tol overrides do not move it).
         #[arg(long)]
         near_tie: Option<f64>,
         /// Print the report as JSON.

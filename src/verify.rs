@@ -9,9 +9,9 @@ use std::ops::RangeInclusive;
 use candle_core::Tensor;
 
 use crate::compare::{self, Comparison, Detail, Tolerance};
-use crate::diff;
 use crate::dump::{Dump, Values};
 use crate::error::{Error, Result};
+use crate::flips;
 use crate::hooks::{finite_expected, first_non_finite, with_f32, HookPoint, LayerHook, NonFinite, Observer};
 use crate::model::indexer::Selection;
 use crate::model::moe::Routers;
@@ -80,15 +80,18 @@ impl<'a> Verifier<'a> {
 impl Verifier<'_> {
     /// Gives each flip the margins that decided its row: ours as this run reported them, the
     /// reference's as its dump records them or as recomputed from its indexer scores and gate
-    /// logits with `routers` (`diff::margins_in`).
-    fn attach_margins(&mut self, routers: &Routers) {
-        for c in &mut self.results {
-            let point = match (&c.detail, HookPoint::parse(&c.name)) {
-                (Detail::Sets { flips, .. }, Some(p)) if !flips.is_empty() => p,
-                _ => continue,
-            };
-            let router = point.layer().and_then(|i| routers.layer(i));
-            let reference = diff::margins_in(self.golden, point, router);
+    /// logits (`flips::margins_in`) with the routers `routers` gives (asked only when there are
+    /// flips; None leaves the reference's routing margins unknown).
+    fn attach_margins(&mut self, routers: impl FnOnce() -> Option<Routers>) {
+        let has_flips = |c: &Comparison| matches!(&c.detail, Detail::Sets { flips, .. } if !flips.is_empty());
+        if !self.results.iter().any(has_flips) {
+            return;
+        }
+        let routers = routers();
+        for c in self.results.iter_mut().filter(|c| has_flips(c)) {
+            let Some(point) = HookPoint::parse(&c.name) else { continue };
+            let router = routers.as_ref().zip(point.layer()).and_then(|(r, i)| r.layer(i));
+            let reference = flips::margins_in(self.golden, point, router);
             c.set_margins(self.margins.get(&c.name).map(Vec::as_slice), reference.as_deref());
         }
     }
@@ -250,9 +253,10 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
     };
     let only_in_reference =
         golden.names().into_iter().filter(|n| !produced.contains(n.as_str()) && in_window(n)).collect();
-    v.attach_margins(&match w {
-        Weights::Resident(m) => Routers::of_layers(&m.config, &m.layers),
-        Weights::Streamed(c) => Routers::read(c)?,
+    v.attach_margins(|| match w {
+        Weights::Resident(m) => Some(Routers::of_layers(&m.config, &m.layers)),
+        // Margins are advice on a finished comparison: a bias that cannot be read leaves them unknown.
+        Weights::Streamed(c) => Routers::read(c).ok(),
     });
     Ok(v.into_report(only_in_reference, opts.isolate))
 }
@@ -280,7 +284,7 @@ pub fn verify_prefill(
             !name.starts_with("mtp.") && HookPoint::parse(name).and_then(|p| p.layer()).is_none_or(|i| i < layers)
         })
         .collect();
-    v.attach_margins(&Routers::of_layers(&model.config, &model.layers));
+    v.attach_margins(|| Some(Routers::of_layers(&model.config, &model.layers)));
     Ok(v.into_report(only_in_reference, opts.isolate))
 }
 
@@ -304,7 +308,7 @@ pub fn verify_mtp(model: &Model, mtp: &Mtp, golden: &Dump, tol: Tolerance, repor
         h.narrow(1, 0, tokens.seq.saturating_sub(1))?
     };
     mtp.forward(model, &hidden, &tokens, &mut v)?;
-    v.attach_margins(&Routers::of_layers(&model.config, [&mtp.layer]));
+    v.attach_margins(|| Some(Routers::of_layers(&model.config, [&mtp.layer])));
     let produced: BTreeSet<String> = v.results.iter().map(|c| c.name.clone()).collect();
     report.only_in_reference.retain(|n| !produced.contains(n));
     report.results.extend(v.results);
@@ -346,7 +350,7 @@ pub fn print_report(r: &Report, tol: Tolerance, near_tie: f64) {
     for c in &r.results {
         println!("{}", format_line(c));
     }
-    print!("{}", diff::render_flips(&compare::flips(&r.results), near_tie));
+    print!("{}", flips::render(&compare::flips(&r.results), near_tie, ""));
     for n in &r.only_in_reference {
         println!("{n:<34} {:<8} only in the reference (not produced by this run)", "skipped");
     }

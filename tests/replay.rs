@@ -9,11 +9,12 @@ use std::path::{Path, PathBuf};
 
 use glimpse::checkpoint::Checkpoint;
 use glimpse::compare::Tolerance;
-use glimpse::compare::{Detail, Flip};
-use glimpse::diff::{classify, diff, DiffOptions};
+use glimpse::compare::{flips, Flip};
+use glimpse::diff::{diff, DiffOptions};
 use glimpse::dump::Dump;
 use glimpse::dump::DumpWriter;
 use glimpse::dump::Values;
+use glimpse::flips::Class;
 use glimpse::hooks::{HookPoint, LayerHook, Recorder, Selector};
 use glimpse::model::indexer::top_k_causal;
 use glimpse::model::moe::Routers;
@@ -47,14 +48,7 @@ fn tampered(dst: &Path, name: &str, edit: impl Fn(&mut Vec<f32>)) {
 
 /// The flips `verify` found in the selection `name`.
 fn flips_of<'a>(r: &'a Report, name: &str) -> Vec<&'a Flip> {
-    r.results
-        .iter()
-        .filter(|c| c.name == name)
-        .flat_map(|c| match &c.detail {
-            Detail::Sets { flips, .. } => flips.iter().collect(),
-            _ => Vec::new(),
-        })
-        .collect()
+    flips(&r.results).into_iter().filter(|(n, _)| *n == name).map(|(_, f)| f).collect()
 }
 
 #[test]
@@ -120,7 +114,7 @@ fn replaying_the_reference_selection_removes_an_indexer_bug() {
     let routing: Vec<&Flip> = (2..5).flat_map(|i| flips_of(&free, &format!("layers.{i}.moe.topk_ids"))).collect();
     assert!(!routing.is_empty(), "a different selection in layer 1 changes the routing downstream");
     assert!(routing.iter().all(|f| f.margin_ours.is_some() && f.margin_reference.is_some()), "{routing:?}");
-    assert!(flips.into_iter().chain(routing).any(|f| classify(f, 1e-3) == "real"));
+    assert!(flips.into_iter().chain(routing).any(|f| Class::of(f, 1e-3) == Class::Real));
 
     let replay = Replay { routing: false, selection: true };
     let replayed =
@@ -154,7 +148,7 @@ fn diff_recomputes_routing_margins_from_the_recorded_logits() {
 
     let name = "layers.3.moe.topk_ids";
     let flips_in = |r: &glimpse::diff::DiffReport| -> Vec<Flip> {
-        r.flips().into_iter().filter(|(n, _)| *n == name).map(|(_, f)| f.clone()).collect()
+        flips(&r.results).into_iter().filter(|(n, _)| *n == name).map(|(_, f)| f.clone()).collect()
     };
     let without = diff(&ours, &golden, &DiffOptions::default()).unwrap();
     let flips = flips_in(&without);

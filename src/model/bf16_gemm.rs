@@ -1,9 +1,9 @@
 //! Many-row products `x W^T` against a bf16 or block-FP8 weight, on AVX-512 or AVX2 with FMA, from
 //! a copy of the weight's values as bf16, reordered once into panels (2 bytes a weight, where an
-//! f32 copy takes 4). An e4m3 code is exactly a bf16 value; a block-FP8 panel keeps its scales beside it and the
-//! kernel multiplies each widened code by its block's scale, the f32 product the reference's
-//! dequantisation computes (`Fp8Weight::to_f32`), so the weights multiplied are the same f32
-//! values on either path.
+//! f32 copy takes 4). An e4m3 code is exactly a bf16 value; a block-FP8 panel keeps its scales
+//! beside it and the kernel multiplies each widened code by its block's scale, the f32 product the
+//! reference's dequantisation computes (`Fp8Weight::to_f32`), so the weights multiplied are the
+//! same f32 values on either path.
 //!
 //! The prefill multiplies every weight by 100s of token rows, so its speed is arithmetic, not
 //! streaming (that is `gemv.rs`'s case). The kernel is an outer product: for each input position
@@ -36,7 +36,8 @@ use crate::st::e4m3_table;
 const NR: usize = 32;
 /// Token rows per kernel call (24 accumulators + 2 weight vectors + a broadcast of 32 registers).
 const MR: usize = 12;
-/// The AVX2 kernel's (12 accumulators + 2 + 1 of 16 registers).
+/// The AVX2 kernel's: 12 accumulators, 2 weight vectors, a broadcast and the widening mask fill
+/// the 16 registers (FP8 panels' scale is read from memory).
 const MR_AVX2: usize = 6;
 /// Input positions per pass over the panels: a panel's slice (`KC x 32` bf16, 64 KB) stays in
 /// L2 while every token block of the pass reuses it. (512, 1024, 2048 and 8192 measured: 1024
@@ -72,8 +73,12 @@ impl Panels {
     /// runs on this CPU or a panel's 32 outputs would span two blocks of rows (blocks of rows, or a
     /// view's first row, not a multiple of 32; GLM-5's blocks are 128 x 128).
     pub fn from_fp8(w: &Fp8Weight) -> Option<Self> {
+        available().then(|| Panels::of_fp8(w)).flatten()
+    }
+
+    fn of_fp8(w: &Fp8Weight) -> Option<Self> {
         let ([n, k], [br, bc], row0) = (w.shape(), w.block(), w.row0());
-        if !available() || !takes_fp8_rows(br) || !row0.is_multiple_of(NR) {
+        if !takes_fp8_rows(br) || !row0.is_multiple_of(NR) {
             return None;
         }
         let bf16 = e4m3_table().map(|v| (v.to_bits() >> 16) as u16); // exact: 3 mantissa bits
@@ -407,7 +412,8 @@ mod tests {
     #[test]
     fn panels_multiply_as_the_plain_sum() {
         // (493 rows: three passes of 240, the last partial; 49 outputs: a panel's high half partial;
-        // 45 and 7: the AVX2 kernel's second half partial and absent.)
+        // for the AVX2 kernel's halves, 45 outputs: the second half's low vector partial, 59: its
+        // high one, 7: no second half.)
         for isa in kernels_here() {
             for (m, n, k) in [
                 (13, 45, 77),
@@ -416,6 +422,7 @@ mod tests {
                 (12, 64, 512),
                 (493, 49, 1030),
                 (7, 7, 9),
+                (8, 59, 33),
                 (5, 7, 0),
                 (3, 0, 5),
                 (0, 7, 5),
@@ -438,23 +445,19 @@ mod tests {
     /// Blocks of rows that a panel would straddle are refused (the f32 path takes those).
     #[test]
     fn fp8_panels_multiply_as_the_dequantised_weight() {
-        if !available() {
-            eprintln!("skipped: this CPU runs no panel kernel (or GLIMPSE_NO_AVX2 is set)");
-            return;
-        }
         let (rows, k, block) = (128, 600, [64, 100]);
         let codes: Vec<u8> = (0..rows * k).map(|i| ((i * 37 + 11) % 256) as u8 & 0xf7).collect(); // no NaN codes
         let scale: Vec<f32> = (0..2 * 6).map(|i| 0.25 + i as f32 * 0.125).collect();
         let stored = Fp8Weight::from_codes(&codes, [rows, k], scale, block).unwrap();
         let view = stored.rows(32, 70).unwrap();
-        let panels = Panels::from_fp8(&view).unwrap();
+        let panels = Panels::of_fp8(&view).unwrap();
         let m = 13;
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
         for isa in kernels_here() {
             assert_matches_sum(&matmul_on(Some(isa), &x, m, &panels), &x, &view.to_f32(), (m, 70, k), isa);
         }
         let straddled = Fp8Weight::from_codes(&codes, [rows, k], vec![1.0; 3 * 5], [48, 128]).unwrap();
-        assert!(Panels::from_fp8(&straddled).is_none());
+        assert!(Panels::of_fp8(&straddled).is_none());
     }
 
     /// y [m, n] against the f64 sum of x [m, k] times w [n, k]^T.

@@ -48,7 +48,7 @@ impl RouterConfig {
 }
 
 /// Every MoE layer's routing rule and correction bias: what recomputes the margin of a routing
-/// decision from recorded gate logits (`diff::margins_in`), for dumps that hold logits, not margins.
+/// decision from recorded gate logits (`flips::margins_in`), for dumps that hold logits, not margins.
 #[derive(Debug, Clone)]
 pub struct Routers {
     pub config: RouterConfig,
@@ -70,10 +70,11 @@ impl Routers {
     }
 
     /// Read from a checkpoint without loading it: every layer that has a correction bias (the
-    /// MTP layer's too).
+    /// MTP layers' too).
     pub fn read(ckpt: &Checkpoint) -> Result<Self> {
         let mut bias = BTreeMap::new();
-        for i in 0..=ckpt.config.num_hidden_layers {
+        let c = &ckpt.config;
+        for i in 0..c.num_hidden_layers + c.num_nextn_predict_layers.max(1) {
             let name = format!("model.layers.{i}.mlp.gate.e_score_correction_bias");
             if ckpt.contains(&name) {
                 bias.insert(i, ckpt.f32(&name)?.0);

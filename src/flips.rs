@@ -1,0 +1,159 @@
+//! Flips (a routing or DSA selection that differs between two runs) and the margins that decided
+//! them, so a near-tie, which rounding alone can flip, is told from a bug. A margin is what a dump
+//! records (`dsa.margin`, `moe.margin`) or is recomputed from what a transformers dump records
+//! (`dsa.scores`; `moe.router_logits` with the checkpoint's routers), and a recomputed one is kept
+//! only where it makes the recorded choice. `verify`, `diff` and the terminal UI class flips here.
+
+use crate::compare::Flip;
+use crate::diff::{floats, ints};
+use crate::dump::Dump;
+use crate::hooks::{HookPoint, LayerHook};
+use crate::model::indexer::top_k_causal;
+use crate::model::moe::{route, RouterConfig};
+
+/// How close the decision a flip overturned was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Decided by less than the near-tie threshold on one side at least.
+    NearTie,
+    Real,
+    /// Neither side's margin is known.
+    Unknown,
+}
+
+impl Class {
+    pub fn of(fl: &Flip, near_tie: f64) -> Class {
+        match fl.margin() {
+            None => Class::Unknown,
+            Some(_) if fl.near_tie(near_tie) => Class::NearTie,
+            Some(_) => Class::Real,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Class::NearTie => "near-tie",
+            Class::Real => "real",
+            Class::Unknown => "unknown",
+        }
+    }
+}
+
+/// The margins that decided the rows of `selection` (`dsa.topk` or `moe.topk_ids`) in `d`: its
+/// recorded margin tensor; else recomputed from the indexer scores for DSA, and for routing from
+/// the gate logits with the layer's `router` when given. A recomputed margin is kept only for rows
+/// where the recomputation chooses what the dump recorded (NaN, unknown, elsewhere): a margin that
+/// does not describe the recorded decision would misclass its flip. (So an exact tie at the cut
+/// that the recording broke the other way is unknown, not a near-tie.) None when the dump holds
+/// neither, or its shapes do not fit each other.
+pub fn margins_in(d: &Dump, selection: HookPoint, router: Option<(&RouterConfig, &[f32])>) -> Option<Vec<f32>> {
+    if let Some(recorded) = floats(d, &selection.margin()?.name()) {
+        return Some(recorded);
+    }
+    let chosen = ints(d, &selection.name())?;
+    match selection {
+        HookPoint::Layer(i, LayerHook::DsaTopk) => {
+            let scores = floats(d, &HookPoint::Layer(i, LayerHook::DsaScores).name())?;
+            let [b, s, k] = d.shape(&selection.name())?[..] else { return None };
+            if scores.len() != b * s * s || chosen.len() != b * s * k {
+                return None;
+            }
+            let sel = top_k_causal(&scores, b, s, 0, k);
+            let ids: Vec<i64> = sel.idx.iter().map(|&j| j as i64).collect();
+            // Only the causal keys of a row count; the rest is padding.
+            reproduced(sel.margin, k, &chosen, &ids, |r, j| j >= 0 && j as usize <= r % s)
+        }
+        HookPoint::Layer(i, LayerHook::TopkIds) => {
+            let (rc, bias) = router?;
+            let name = HookPoint::Layer(i, LayerHook::RouterLogits).name();
+            let (logits, rows) = (floats(d, &name)?, d.shape(&name)?);
+            if rows.last() != Some(&bias.len()) || chosen.len() != logits.len() / bias.len() * rc.top_k {
+                return None;
+            }
+            let routes: Vec<_> = logits.chunks(bias.len()).map(|row| route(rc, row, bias)).collect();
+            let ids: Vec<i64> = routes.iter().flat_map(|r| r.ids.iter().map(|&j| j as i64)).collect();
+            reproduced(routes.iter().map(|r| r.margin).collect(), rc.top_k, &chosen, &ids, |_, _| true)
+        }
+        _ => None,
+    }
+}
+
+/// `margin`, with NaN (unknown) for each row `r` whose `recomputed` choice differs from the
+/// `recorded` one, compared as sets of the ids `keep(r, id)` admits (`k` ids a row); None when the
+/// two do not hold `k` ids for every row of `margin`.
+fn reproduced(
+    mut margin: Vec<f32>,
+    k: usize,
+    recorded: &[i64],
+    recomputed: &[i64],
+    keep: impl Fn(usize, i64) -> bool,
+) -> Option<Vec<f32>> {
+    if recorded.len() != margin.len() * k || recomputed.len() != recorded.len() {
+        return None;
+    }
+    let set = |ids: &[i64], r: usize| {
+        let mut s: Vec<i64> = ids[r * k..(r + 1) * k].iter().copied().filter(|&j| keep(r, j)).collect();
+        s.sort_unstable();
+        s.dedup();
+        s
+    };
+    for (r, m) in margin.iter_mut().enumerate() {
+        if set(recorded, r) != set(recomputed, r) {
+            *m = f32::NAN;
+        }
+    }
+    Some(margin)
+}
+
+/// Flips counted by class, and the first 50 listed with the margin that decided each on both
+/// sides and its class; `more` follows the count of those left out. Nothing when there are none.
+pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
+    if flips.is_empty() {
+        return String::new();
+    }
+    let count = |class| flips.iter().filter(|(_, fl)| Class::of(fl, near_tie) == class).count();
+    let mut out = format!(
+        "{} flips: {} near-tie (margin < {near_tie:e}), {} real, {} of unknown margin\n",
+        flips.len(),
+        count(Class::NearTie),
+        count(Class::Real),
+        count(Class::Unknown)
+    );
+    for (name, fl) in flips.iter().take(50) {
+        let m = |x: Option<f32>| x.map(|v| format!("{v:.3e}")).unwrap_or_else(|| "-".into());
+        out += &format!(
+            "  {name} {:?}: only ours {:?}, only ref {:?}, margin ours {} ref {} -> {}\n",
+            fl.at,
+            fl.only_ours,
+            fl.only_reference,
+            m(fl.margin_ours),
+            m(fl.margin_reference),
+            Class::of(fl, near_tie).label()
+        );
+    }
+    if flips.len() > 50 {
+        out += &format!("  ... and {} more{more}\n", flips.len() - 50);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows whose recomputed set is not the recorded one lose their margin; padding past a DSA
+    /// row's query and the order within a row do not count; ids that do not fill the rows are
+    /// refused.
+    #[test]
+    fn only_reproduced_rows_keep_their_margin() {
+        let causal = |r: usize, j: i64| j >= 0 && j as usize <= r % 3;
+        // Rows of k = 2 over 3 queries: [0, pad], [1, 0], [2, 0]; the recording keeps [0, 9],
+        // [0, 1] (same set, other order) and [2, 1] (another key).
+        let (recomputed, recorded) = ([0, 5, 1, 0, 2, 0], [0, 9, 0, 1, 2, 1]);
+        let m = reproduced(vec![f32::INFINITY, 0.5, 0.25], 2, &recorded, &recomputed, causal).unwrap();
+        assert_eq!(m[..2], [f32::INFINITY, 0.5]);
+        assert!(m[2].is_nan());
+        assert!(reproduced(vec![0.5; 3], 2, &recorded[..4], &recomputed[..4], causal).is_none());
+        assert!(reproduced(vec![0.5; 3], 2, &recorded, &recomputed[..4], causal).is_none());
+    }
+}
