@@ -179,6 +179,9 @@ enum Command {
         /// Where the live run goes (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
         #[arg(long, value_enum, default_value_t = Backend::Cpu, conflicts_with = "dump")]
         device: Backend,
+        /// Flips decided by a margin below this are marked near-ties (default 1e-3).
+        #[arg(long)]
+        near_tie: Option<f64>,
     },
     /// Describe a checkpoint: what its config means, parameters per block, dtypes, shards, MTP layer.
     Inspect {
@@ -472,17 +475,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", report.render());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Tui { model, golden, dump, tokens, prompt, device } => {
+        Command::Tui { model, golden, dump, tokens, prompt, device, near_tie } => {
             let model = model.or_else(|| dump.is_none().then(default_case));
-            let src = glimpse::tui_source::open(
-                model.as_deref(),
-                golden.as_deref(),
-                dump.as_deref(),
-                tokens.as_deref(),
-                prompt.as_deref(),
+            if near_tie.is_some_and(|m| m.is_nan() || m < 0.0) {
+                return Err(Error::Usage("--near-tie must be a non-negative number".into()));
+            }
+            let src = glimpse::tui_source::open(&glimpse::tui_source::Open {
+                model: model.as_deref(),
+                golden: golden.as_deref(),
+                dump: dump.as_deref(),
+                tokens: tokens.as_deref(),
+                prompt: prompt.as_deref(),
                 max_memory,
-                target(device)?,
-            )?;
+                target: target(device)?,
+                near_tie,
+            })?;
             glimpse_tui::term::run(&src).map_err(|e| Error::Usage(format!("terminal: {e}")))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use glimpse_tui::{DsaMatrix, HookRow, KvNormGrid, LayerRow, LoadRow, RefCheck, RouteRow, Source, Status, Worst};
+use glimpse_tui::{
+    DsaMatrix, FlipClass, HookRow, KvNormGrid, LayerRow, LoadRow, RefCheck, RouteRow, Source, Status, Worst,
+};
 
 use crate::audit::LayerLoad;
 use crate::checkpoint::Checkpoint;
@@ -15,8 +17,10 @@ use crate::diff::{diff, DiffOptions};
 use crate::dump::{self, DumpWriter};
 use crate::dump::{Dump, Values};
 use crate::error::{Error, Result};
+use crate::flips::Class;
 use crate::hooks::Selector;
 use crate::hooks::{HookPoint, LayerHook};
+use crate::model::moe::Routers;
 use crate::model::Model;
 use crate::model::Tokens;
 
@@ -27,6 +31,8 @@ pub struct DumpSource {
     tokens: Tokens,
     layers: Vec<LayerRow>,
     comparisons: BTreeMap<String, Comparison>,
+    /// Flips decided by a margin below this are near-ties.
+    near_tie: f64,
     non_finite: Option<String>,
     /// A temporary dump of a live run, removed when the source goes away.
     _owned: Option<TempFile>,
@@ -52,16 +58,19 @@ fn layer_names(d: &Dump) -> BTreeMap<usize, Vec<String>> {
 }
 
 impl DumpSource {
+    /// `opts` compare `ours` with the reference (its routers and near-tie threshold class the
+    /// flips); `config` names each layer's blocks.
     pub fn new(
         title: String,
         ours: Dump,
         reference: Option<Dump>,
         config: Option<&Config>,
+        opts: &DiffOptions,
         owned: Option<TempFile>,
     ) -> Result<Self> {
         let tokens = ours.tokens()?;
         let report = match &reference {
-            Some(r) => Some(diff(&ours, r, &DiffOptions::default())?),
+            Some(r) => Some(diff(&ours, r, opts)?),
             None => None,
         };
         // With a reference, the diff already found our first NaN/Inf.
@@ -121,7 +130,21 @@ impl DumpSource {
                 row
             })
             .collect();
-        Ok(DumpSource { title, ours, reference, tokens, layers, comparisons, non_finite, _owned: owned })
+        let near_tie = opts.near_tie;
+        Ok(DumpSource { title, ours, reference, tokens, layers, comparisons, near_tie, non_finite, _owned: owned })
+    }
+
+    /// The class of each flipped row (flat, as the comparison indexes them) of the selection `name`.
+    fn flip_classes(&self, name: &str) -> BTreeMap<usize, FlipClass> {
+        let Some(Detail::Sets { flips, .. }) = self.comparisons.get(name).map(|c| &c.detail) else {
+            return BTreeMap::new();
+        };
+        let class = |f| match Class::of(f, self.near_tie) {
+            Class::NearTie => FlipClass::NearTie,
+            Class::Real => FlipClass::Real,
+            Class::Unknown => FlipClass::Unknown,
+        };
+        flips.iter().map(|f| (f.row, class(f))).collect()
     }
 
     fn floats(d: &Dump, name: &str) -> Option<(Vec<f64>, Vec<usize>)> {
@@ -246,6 +269,7 @@ impl Source for DumpSource {
         let weights = self.per_token(&name(LayerHook::TopkWeights)).unwrap_or_default();
         let margin = self.per_token(&name(LayerHook::RouterMargin));
         let reference = self.reference.as_ref().and_then(|r| Self::ints(r, &name(LayerHook::TopkIds))).map(|(v, _)| v);
+        let flips = self.flip_classes(&name(LayerHook::TopkIds));
         let to_ids = |v: &[i64]| v.iter().map(|&x| x.max(0) as usize).collect::<Vec<_>>();
         Some(
             ids.chunks(k)
@@ -256,6 +280,7 @@ impl Source for DumpSource {
                     weights: weights.get(t * k..(t + 1) * k).map(<[f32]>::to_vec).unwrap_or_default(),
                     margin: margin.as_ref().and_then(|m| m.get(t).copied()),
                     reference_ids: reference.as_ref().and_then(|r| r.get(t * k..(t + 1) * k)).map(to_ids),
+                    flip: flips.get(&t).copied(),
                 })
                 .collect(),
         )
@@ -310,7 +335,10 @@ impl Source for DumpSource {
         let margin = self
             .per_token(&HookPoint::Layer(layer, LayerHook::DsaMargin).name())
             .map(|m| m.get(b * seq..(b + 1) * seq).map(<[f32]>::to_vec).unwrap_or_default());
-        Some(DsaMatrix { seq, selected: rows(&self.ours)?, reference: self.reference.as_ref().and_then(rows), margin })
+        let classes = self.flip_classes(&name);
+        let flips = (0..seq).map(|q| classes.get(&(b * seq + q)).copied()).collect();
+        let (selected, reference) = (rows(&self.ours)?, self.reference.as_ref().and_then(rows));
+        Some(DsaMatrix { seq, selected, reference, margin, flips })
     }
 
     fn first_non_finite(&self) -> Option<String> {
@@ -337,17 +365,27 @@ impl Source for DumpSource {
     }
 }
 
+/// What the TUI opens (`glimpse tui`'s arguments).
+pub struct Open<'a> {
+    /// Run this checkpoint live.
+    pub model: Option<&'a Path>,
+    pub golden: Option<&'a Path>,
+    /// Show this recorded dump instead.
+    pub dump: Option<&'a Path>,
+    pub tokens: Option<&'a str>,
+    pub prompt: Option<&'a str>,
+    pub max_memory: Option<u64>,
+    pub target: crate::device::Target,
+    /// Flips decided by a margin below this are near-ties (default: `diff`'s).
+    pub near_tie: Option<f64>,
+}
+
 /// Opens the TUI's data: a recorded dump as it is, or a live run of a model recorded into a
 /// temporary dump; with the reference when there is one.
-pub fn open(
-    model: Option<&Path>,
-    golden: Option<&Path>,
-    dump: Option<&Path>,
-    tokens: Option<&str>,
-    prompt: Option<&str>,
-    max_memory: Option<u64>,
-    target: crate::device::Target,
-) -> Result<DumpSource> {
+pub fn open(o: &Open) -> Result<DumpSource> {
+    let Open { model, golden, dump, tokens, prompt, max_memory, target, near_tie } = *o;
+    let mut opts = DiffOptions::default();
+    opts.near_tie = near_tie.unwrap_or(opts.near_tie);
     let dir = match (dump, model) {
         (Some(path), _) => {
             let reference = golden.map(Dump::open).transpose()?;
@@ -355,7 +393,7 @@ pub fn open(
                 Some(g) => format!("{} vs reference {}", path.display(), g.display()),
                 None => path.display().to_string(),
             };
-            return DumpSource::new(title, Dump::open(path)?, reference, None, None);
+            return DumpSource::new(title, Dump::open(path)?, reference, None, &opts, None);
         }
         (None, Some(dir)) => dir,
         (None, None) => return Err(Error::Usage("give a model or a dump".into())),
@@ -390,5 +428,7 @@ pub fn open(
         Some(g) => format!("{} ({live}) vs reference {}", dir.display(), g.display()),
         None => format!("{} ({live})", dir.display()),
     };
-    DumpSource::new(title, Dump::open(&tmp)?, reference, Some(&ckpt.config), Some(owned))
+    // The routers recompute the reference's routing margins from its gate logits.
+    opts.routers = Some(Routers::of_layers(&model.config, &model.layers));
+    DumpSource::new(title, Dump::open(&tmp)?, reference, Some(&ckpt.config), &opts, Some(owned))
 }

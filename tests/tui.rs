@@ -7,8 +7,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use glimpse::checkpoint::Checkpoint;
+use glimpse::diff::DiffOptions;
 use glimpse::dump::{self, Dump, DumpWriter};
+use glimpse::flips::Class;
 use glimpse::hooks::Selector;
+use glimpse::model::moe::Routers;
 use glimpse::model::Model;
 use glimpse::tui_source::DumpSource;
 use glimpse_tui::ratatui::backend::TestBackend;
@@ -28,14 +31,48 @@ fn default_source(tmp: &Path) -> DumpSource {
     let mut w = DumpWriter::create(&path, Selector::default(), model.max_hook_points()).unwrap();
     model.forward(&reference.tokens().unwrap(), &mut w).unwrap();
     w.finish(&dump::metadata("test", None, None)).unwrap();
-    DumpSource::new("default".into(), Dump::open(&path).unwrap(), Some(reference), Some(&ckpt.config), None).unwrap()
+    let opts = DiffOptions::default();
+    DumpSource::new("default".into(), Dump::open(&path).unwrap(), Some(reference), Some(&ckpt.config), &opts, None)
+        .unwrap()
 }
 
-/// The bundled bf16 port (transformers in bfloat16) against the f32 reference: it has flips.
+/// The bundled bf16 port (transformers in bfloat16) against the f32 reference: it has flips,
+/// classed with golden/flat's routers (the reference records gate logits, not margins).
 fn port_source() -> DumpSource {
-    let ours = Dump::open(&flat().join("bf16-port.safetensors")).unwrap();
-    let reference = Dump::open(&flat().join("reference.safetensors")).unwrap();
-    DumpSource::new("bf16 port".into(), ours, Some(reference), None, None).unwrap()
+    let (ours, reference) = port_dumps();
+    DumpSource::new("bf16 port".into(), ours, Some(reference), None, &port_options(), None).unwrap()
+}
+
+fn port_dumps() -> (Dump, Dump) {
+    let open = |f: &str| Dump::open(&flat().join(f)).unwrap();
+    (open("bf16-port.safetensors"), open("reference.safetensors"))
+}
+
+fn port_options() -> DiffOptions {
+    let routers = Routers::read(&Checkpoint::open(&flat()).unwrap()).unwrap();
+    DiffOptions { routers: Some(routers), ..Default::default() }
+}
+
+/// How `diff` classes the port's flips in the selection `name`, by flat row, to check the views
+/// show the same.
+fn port_classes(name: &str) -> Vec<(usize, Class)> {
+    let (ours, reference) = port_dumps();
+    let opts = port_options();
+    let report = glimpse::diff::diff(&ours, &reference, &opts).unwrap();
+    let classes: Vec<(usize, Class)> = report
+        .flips()
+        .into_iter()
+        .filter(|(n, _)| *n == name)
+        .map(|(_, f)| (f.row, Class::of(f, opts.near_tie)))
+        .collect();
+    assert!(classes.iter().all(|c| c.1 != Class::Unknown), "{name}: both dumps give every flip a margin");
+    classes
+}
+
+/// (near-tie, real) flips among `classes`.
+fn counts(classes: &[(usize, Class)]) -> (usize, usize) {
+    let count = |c| classes.iter().filter(|x| x.1 == c).count();
+    (count(Class::NearTie), count(Class::Real))
 }
 
 /// Rows of `layers.{layer}.{name}` whose selected set differs between the bundled bf16 port and
@@ -116,10 +153,19 @@ fn routing_view_shows_experts_margins_and_a_flagged_flip() {
     let mut app = App { layer: 1, ..App::default() };
     app.next_problem(&port); // layer 2 has routing flips: the routing view opens on the first.
     assert_eq!((app.view, app.layer), (View::Routing, 2));
-    let s = screen(&app, &port, 100, 30);
-    assert!(s.contains(&format!("layer 2 routing: 32 tokens, {} flips", flipped_rows(2, "moe.topk_ids"))), "{s}");
-    let flip = line_with(&s, "FLIP ref");
-    assert!(flip.contains(&format!("s{} #", app.token)), "cursor on the flipped token: {flip}");
+    let s = screen(&app, &port, 120, 30);
+    let classes = port_classes("layers.2.moe.topk_ids");
+    let (near, real) = counts(&classes);
+    let title = format!("layer 2 routing: 32 tokens, {} flips ({near} near-tie ~, {real} real !)", near + real);
+    assert_eq!(near + real, flipped_rows(2, "moe.topk_ids"));
+    assert!(s.contains(&title), "{title}\n{s}");
+    let flip = line_with(&s, &format!("s{} #", app.token));
+    let class = match classes.iter().find(|c| c.0 == app.token).map(|c| c.1) {
+        Some(Class::NearTie) => "FLIP~ ref [",
+        Some(Class::Real) => "FLIP! ref [",
+        other => panic!("the cursor's token {} is not a classed flip: {other:?}", app.token),
+    };
+    assert!(flip.contains(class), "cursor on the flipped token, classed: {flip}");
 }
 
 #[test]
@@ -151,9 +197,29 @@ fn load_dsa_and_kv_views_draw_the_bundled_case() {
 
     app.set_view(View::Dsa);
     let s = screen(&app, &port, 80, 24);
-    assert!(s.contains(&format!("layer 3 dsa (full): 32 queries, {} differ", flipped_rows(3, "dsa.topk"))), "{s}");
+    let classes = port_classes("layers.3.dsa.topk");
+    let (near, real) = counts(&classes);
+    assert_eq!(near + real, flipped_rows(3, "dsa.topk"));
+    let title = format!("layer 3 dsa (full): 32 queries, {} differ ({near} near-tie ~, {real} real !)", near + real);
+    assert!(s.contains(&title), "{title}\n{s}");
+    // Each flipped query on screen is marked with its class after its recall (its label's last
+    // character); the others are not.
+    let label = |q: usize| -> Option<String> {
+        let line = s.lines().find(|l| l.contains(&format!("│q{q:<5} ")))?;
+        Some(line.split('│').nth(1)?.chars().take(12).collect())
+    };
+    let shown: Vec<usize> = (0..32).filter(|&q| label(q).is_some()).collect();
+    assert!(classes.iter().any(|c| shown.contains(&c.0)), "a flipped query is on screen:\n{s}");
+    for q in shown {
+        let mark = match classes.iter().find(|c| c.0 == q).map(|c| c.1) {
+            Some(Class::NearTie) => '~',
+            Some(Class::Real) => '!',
+            _ => ' ',
+        };
+        assert_eq!(label(q).and_then(|l| l.chars().last()), Some(mark), "q{q}:\n{s}");
+    }
     // Query 0 keeps its only key, on both sides.
-    assert!(line_with(&s, "q0 ").contains("1.00 #"), "{s}");
+    assert!(line_with(&s, "q0 ").contains("1.00  #"), "{s}");
 
     app.set_view(View::KvNorms);
     let s = screen(&app, &port, 80, 24);
@@ -214,7 +280,7 @@ fn the_binary_in_tmux() {
     tmux(&["send-keys", "-t", &session, "n"]);
     let s = wait_for("layer 3: FLIPS");
     assert!(s.contains(&format!("layer 3 routing: 32 tokens, {} flips", flipped_rows(3, "moe.topk_ids"))), "{s}");
-    assert!(s.contains("FLIP ref"), "{s}");
+    assert!(s.contains("FLIP! ref ["), "{s}");
     tmux(&["send-keys", "-t", &session, "q"]);
     tmux(&["kill-session", "-t", &session]);
 }
@@ -227,7 +293,8 @@ fn every_view_draws_a_dump_with_the_mtp_layer() {
     let ckpt = Checkpoint::open(&dir).unwrap();
     let reference = Dump::open(&dir.join("reference.safetensors")).unwrap();
     let again = Dump::open(&dir.join("reference.safetensors")).unwrap();
-    let src = DumpSource::new("mtp".into(), again, Some(reference), Some(&ckpt.config), None).unwrap();
+    let opts = DiffOptions::default();
+    let src = DumpSource::new("mtp".into(), again, Some(reference), Some(&ckpt.config), &opts, None).unwrap();
     let mut app = App::default();
     let mut seen_mtp_layer = false;
     for view in [View::Layers, View::Activations, View::Routing, View::Load, View::Dsa, View::KvNorms] {
@@ -250,9 +317,17 @@ fn every_view_draws_a_dump_with_the_mtp_layer() {
 /// every view draws it.
 #[test]
 fn the_live_run_can_go_through_the_device_path() {
-    let src =
-        glimpse::tui_source::open(Some(&flat()), None, None, None, None, None, glimpse::device::Backend::CpuOps.into())
-            .unwrap();
+    let src = glimpse::tui_source::open(&glimpse::tui_source::Open {
+        model: Some(&flat()),
+        golden: None,
+        dump: None,
+        tokens: None,
+        prompt: None,
+        max_memory: None,
+        target: glimpse::device::Backend::CpuOps.into(),
+        near_tie: None,
+    })
+    .unwrap();
     let mut app = App::default();
     let s = screen(&app, &src, 100, 24);
     assert!(s.contains("(live, cpu-ops, float32) vs reference"), "{s}");

@@ -75,6 +75,27 @@ pub struct RefCheck {
     pub worst: Vec<Worst>,
 }
 
+/// How close the decision a flip overturned was, by the margins that decided it on each side:
+/// rounding alone can flip a near-tie; a real flip needs a larger error; unknown when neither
+/// side's margin is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlipClass {
+    NearTie,
+    Real,
+    Unknown,
+}
+
+impl FlipClass {
+    /// The one-character mark of a flip (a routing row's, a DSA query's).
+    pub fn mark(self) -> char {
+        match self {
+            FlipClass::NearTie => '~',
+            FlipClass::Real => '!',
+            FlipClass::Unknown => '?',
+        }
+    }
+}
+
 /// One token's routing in one MoE layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteRow {
@@ -84,6 +105,8 @@ pub struct RouteRow {
     /// k-th minus (k+1)-th biased score, when recorded.
     pub margin: Option<f32>,
     pub reference_ids: Option<Vec<usize>>,
+    /// For a flip, its class.
+    pub flip: Option<FlipClass>,
 }
 
 impl RouteRow {
@@ -116,6 +139,8 @@ pub struct DsaMatrix {
     pub reference: Option<Vec<Vec<usize>>>,
     /// Score margin at the cut per query, when recorded.
     pub margin: Option<Vec<f32>>,
+    /// For each query whose selection flipped, its class.
+    pub flips: Vec<Option<FlipClass>>,
 }
 
 impl DsaMatrix {

@@ -1,6 +1,7 @@
 //! The DSA selection of the selected layer as a query x key matrix for the batch row of the
 //! selected token: `#` kept by both sides, `+` kept only by us, `-` kept only by the reference,
-//! `.` a causal key nobody kept. Scrolls down the queries; recall per query on the left.
+//! `.` a causal key nobody kept. Scrolls down the queries; recall per query on the left, marked
+//! `~` for a near-tie flip, `!` a real one, `?` one of unknown margin.
 
 use ratatui::layout::Rect;
 use ratatui::style::{Color, Modifier, Style};
@@ -9,7 +10,7 @@ use ratatui::widgets::{Block, Paragraph};
 use ratatui::Frame;
 
 use crate::app::App;
-use crate::data::Source;
+use crate::data::{FlipClass, Source};
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let Some(layer) = src.layers().get(app.layer) else { return };
@@ -17,7 +18,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         f.render_widget(Paragraph::new("no DSA selection recorded").block(Block::bordered().title("dsa")), area);
         return;
     };
-    let label_w = 13;
+    let label_w = 14;
     let keys = (area.width as usize).saturating_sub(label_w + 2).min(m.seq);
     let rows = area.height.saturating_sub(2) as usize;
     // Start at the scroll position, but keep the selected token's query in view.
@@ -30,7 +31,8 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             let theirs = m.reference.as_ref().map(|r| &r[q]);
             let recall = m.recall(q).map(|r| format!("{r:4.2}")).unwrap_or_else(|| "  - ".into());
             let label_style = if q == q_sel { Style::new().add_modifier(Modifier::REVERSED) } else { Style::new() };
-            let mut spans = vec![Span::styled(format!("q{q:<5} {recall} "), label_style)];
+            let mark = m.flips.get(q).copied().flatten().map_or(' ', |c| c.mark());
+            let mut spans = vec![Span::styled(format!("q{q:<5} {recall}{mark} "), label_style)];
             for k in 0..keys {
                 let (a, b) = (ours.contains(&k), theirs.is_none_or(|t| t.contains(&k)));
                 let (c, style) = match (k <= q, a, b) {
@@ -48,7 +50,14 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         })
         .collect();
     let flips = (0..m.seq).filter(|&q| m.recall(q).is_some_and(|r| r < 1.0)).count();
-    let title =
-        format!("layer {} dsa ({}): {} queries, {flips} differ  # both +ours -ref", layer.index, layer.indexer, m.seq);
+    let class = |c| m.flips.iter().filter(|f| **f == Some(c)).count();
+    let title = format!(
+        "layer {} dsa ({}): {} queries, {flips} differ ({} near-tie ~, {} real !)  # both +ours -ref",
+        layer.index,
+        layer.indexer,
+        m.seq,
+        class(FlipClass::NearTie),
+        class(FlipClass::Real)
+    );
     f.render_widget(Paragraph::new(lines).block(Block::bordered().title(title)), area);
 }

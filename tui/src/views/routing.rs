@@ -1,5 +1,6 @@
 //! Tokens x chosen experts of the selected MoE layer, with weights and margins; rows whose
-//! expert set differs from the reference are flips, shown in red with the reference's set.
+//! expert set differs from the reference are flips, shown in red with their class (`~` near-tie,
+//! `!` real, `?` unknown, by the margins that decided them) and the reference's set.
 
 use ratatui::layout::{Constraint, Rect};
 use ratatui::style::{Color, Modifier, Style};
@@ -7,7 +8,7 @@ use ratatui::widgets::{Block, Paragraph, Row, Table};
 use ratatui::Frame;
 
 use crate::app::App;
-use crate::data::Source;
+use crate::data::{FlipClass, Source};
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let Some(layer) = src.layers().get(app.layer) else { return };
@@ -17,13 +18,15 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         return;
     };
     let flips = routes.iter().filter(|r| r.is_flip()).count();
+    let class = |c| routes.iter().filter(|r| r.flip == Some(c)).count();
+    let (near, real) = (class(FlipClass::NearTie), class(FlipClass::Real));
     let visible = area.height.saturating_sub(3) as usize;
     // Keep the selected token in view; `scroll` pages further.
     let start = app.token.saturating_sub(visible.saturating_sub(1)).max(app.scroll.min(routes.len().saturating_sub(1)));
     let rows = routes.iter().skip(start).map(|r| {
         let experts: Vec<String> = r.ids.iter().zip(&r.weights).map(|(i, w)| format!("{i}:{w:.2}")).collect();
         let reference = match &r.reference_ids {
-            Some(ids) if r.is_flip() => format!("FLIP ref {ids:?}"),
+            Some(ids) if r.is_flip() => format!("FLIP{} ref {ids:?}", r.flip.map_or(' ', FlipClass::mark)),
             Some(_) => "=".into(),
             None => "-".into(),
         };
@@ -40,9 +43,13 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         ])
         .style(style)
     });
-    let widths = [Constraint::Length(12), Constraint::Min(20), Constraint::Length(9), Constraint::Length(22)];
+    let widths = [Constraint::Length(12), Constraint::Min(20), Constraint::Length(9), Constraint::Length(24)];
     let header = Row::new(["token", "experts:weight", "margin", "reference"])
         .style(Style::new().add_modifier(Modifier::UNDERLINED));
-    let title = format!("layer {} routing: {} tokens, {flips} flips", layer.index, routes.len());
+    let title = format!(
+        "layer {} routing: {} tokens, {flips} flips ({near} near-tie ~, {real} real !)",
+        layer.index,
+        routes.len()
+    );
     f.render_widget(Table::new(rows, widths).header(header).block(Block::bordered().title(title)), area);
 }
