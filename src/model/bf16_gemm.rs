@@ -117,7 +117,7 @@ fn interleave<T: Copy + Sync>(w: &[T], n: usize, k: usize, f: impl Fn(T) -> u16 
     data
 }
 
-/// Which kernel this CPU runs: AVX-512F (`model::avx512f`), else AVX2 with FMA (`model::avx2_fma`).
+/// Which kernel this CPU runs: AVX-512F (`model::avx512f`), else AVX2 with FMA (`model::avx2`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Isa {
     Avx512,
@@ -127,7 +127,7 @@ enum Isa {
 fn isa() -> Option<Isa> {
     if super::avx512f() {
         Some(Isa::Avx512)
-    } else if super::avx2_fma() {
+    } else if super::avx2() {
         Some(Isa::Avx2)
     } else {
         None

@@ -3,13 +3,13 @@
 //!
 //! Each 16 e4m3 codes become f32 in registers: placed in f16 bit positions (sign, then the 4
 //! exponent and 3 mantissa bits shifted under f16's 5-bit exponent), converted by `vcvtph2ps`,
-//! and multiplied by 2^8, which is exact and makes up the two formats' exponent biases (15 and 7)
-//! for normal and subnormal codes alike; NaN codes (`S.1111.111`) are set to NaN. Each value is
-//! then multiplied by its block's scale: `e4m3(q) * scale`, the f32 product the reference's
-//! dequantisation computes (`Fp8Weight::to_f32`). Accumulation is f32.
+//! and multiplied by their block's scale times 2^8: the 2^8 makes up the two formats' exponent
+//! biases (15 and 7) for normal and subnormal codes alike, and is exact, so the one rounding
+//! leaves `e4m3(q) * scale`, the f32 product the reference's dequantisation computes
+//! (`Fp8Weight::to_f32`). NaN codes (`S.1111.111`) are set to NaN. Accumulation is f32.
 //!
-//! AVX-512F only, and for scale blocks a multiple of 16 inputs wide (GLM-5's are 128); other
-//! weights take the panel kernel (`bf16_gemm`), which handles any.
+//! AVX-512F, or AVX2 with F16C 8 codes at a time, and for scale blocks a multiple of 16 inputs
+//! wide (GLM-5's are 128); other weights take the panel kernel (`bf16_gemm`), which handles any.
 
 // Off x86_64 no kernel exists (`available` is false), and what only feeds it goes unused.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables))]
@@ -19,23 +19,39 @@ use super::gemv::{by_weight_rows, MAX_ROWS};
 
 /// Whether this CPU and this weight's blocks take the kernel.
 pub fn available(w: &Fp8Weight) -> bool {
-    super::avx512f() && w.block()[1].is_multiple_of(16)
+    isa().is_some() && w.block()[1].is_multiple_of(16)
+}
+
+/// The kernel this CPU runs: Some(true) for AVX-512F, Some(false) for AVX2 (`model::avx2`).
+fn isa() -> Option<bool> {
+    (super::avx512f() || super::avx2()).then(super::avx512f)
 }
 
 /// `x W^T` for `x` [m, cols] (row-major, m <= MAX_ROWS) where [`available`]: returns [m, rows],
 /// as `threads` blocks of contiguous weight rows on rayon's pool; None where not available.
 pub fn matmul_nt_fp8(x: &[f32], m: usize, w: &Fp8Weight, threads: usize) -> Option<Vec<f32>> {
-    let ([n, k], [br, _], row0, sc) = (w.shape(), w.block(), w.row0(), w.scale_cols());
-    if !available(w) || m > MAX_ROWS || x.len() != m * k {
+    matmul_on(isa()?, x, m, w, threads)
+}
+
+/// [`matmul_nt_fp8`] on the AVX-512 kernel or the AVX2 one (the tests run both where they can).
+fn matmul_on(avx512: bool, x: &[f32], m: usize, w: &Fp8Weight, threads: usize) -> Option<Vec<f32>> {
+    let ([n, k], [br, bc], row0, sc) = (w.shape(), w.block(), w.row0(), w.scale_cols());
+    if !bc.is_multiple_of(16) || m > MAX_ROWS || x.len() != m * k {
         return None;
     }
-    let (codes, grid, bc) = (w.bytes(), w.scale(), w.block()[1]);
+    let (codes, grid) = (w.bytes(), w.scale());
     Some(by_weight_rows(m, n, threads, |j, o| {
         let scale = &grid[(row0 + j) / br * sc..][..sc];
-        // SAFETY: `available` checked AVX-512F and bc % 16 == 0; x holds m rows of k.
+        // SAFETY: the callers checked the kernel's features (`isa`, or the tests' detection);
+        // bc % 16 == 0; x holds m rows of k.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            x86::dots(&codes[j * k..(j + 1) * k], scale, bc, x, m, o)
+            let w = &codes[j * k..(j + 1) * k];
+            if avx512 {
+                x86::dots(w, scale, bc, x, m, o)
+            } else {
+                x86::dots_avx2(w, scale, bc, x, m, o)
+            }
         }
     }))
 }
@@ -49,17 +65,19 @@ mod x86 {
     /// As `gemv.rs`: prefetch 8 KB of codes ahead of the loads.
     const PREFETCH: usize = 8192;
 
-    /// 16 codes at `p` as f32, each times `scale` (the 16 share a block).
+    /// 16 codes at `p` as f32, each times `scale256` (their block's scale times 2^8, see the
+    /// module's doc): each byte moved to the high byte of a 16-bit lane (sign at bit 15), shifted
+    /// right by one arithmetically (the 7 low bits under f16's sign; bit 14, a copy of the sign,
+    /// cleared), converted, and NaN codes set to NaN.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn load16(p: *const u8, scale: __m512) -> __m512 {
+    unsafe fn load16(p: *const u8, scale256: __m512) -> __m512 {
         let b = _mm_loadu_si128(p.cast());
-        let h = _mm256_cvtepu8_epi16(b);
-        let magnitude = _mm256_slli_epi16::<7>(_mm256_and_si256(h, _mm256_set1_epi16(0x7F)));
-        let sign = _mm256_slli_epi16::<8>(_mm256_and_si256(h, _mm256_set1_epi16(0x80)));
-        let v = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_or_si256(magnitude, sign)), _mm512_set1_ps(256.0));
+        let high = _mm256_slli_epi16::<8>(_mm256_cvtepu8_epi16(b));
+        let half = _mm256_and_si256(_mm256_srai_epi16::<1>(high), _mm256_set1_epi16(!0x4000 & !0x7F));
+        let v = _mm512_mul_ps(_mm512_cvtph_ps(half), scale256);
         let nan = _mm_movemask_epi8(_mm_cmpeq_epi8(_mm_and_si128(b, _mm_set1_epi8(0x7F)), _mm_set1_epi8(0x7F)));
-        _mm512_mul_ps(_mm512_mask_mov_ps(v, nan as u16, _mm512_set1_ps(f32::NAN)), scale)
+        _mm512_mask_mov_ps(v, nan as u16, _mm512_set1_ps(f32::NAN))
     }
 
     /// `out[r] = x[r] · w` for the m (1 ..= 8) rows of x, w's codes scaled by `scale[i / bc]`.
@@ -88,7 +106,7 @@ mod x86 {
             _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + PREFETCH).cast());
             for h in 0..2 {
                 let at = i + 16 * h;
-                let wv = load16(wp.add(at), _mm512_set1_ps(scale[at / bc]));
+                let wv = load16(wp.add(at), _mm512_set1_ps(scale[at / bc] * 256.0));
                 for (r, a) in acc.iter_mut().enumerate() {
                     a[h] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xp.add(r * k + at)), a[h]);
                 }
@@ -97,6 +115,64 @@ mod x86 {
         }
         for (r, a) in acc.iter().enumerate() {
             let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+            for j in i..k {
+                s += e4m3_to_f32(w[j]) * scale[j / bc] * x[r * k + j];
+            }
+            out[r] = s;
+        }
+    }
+
+    /// [`load16`] for 8 codes: the bytes unpacked straight into the high bytes of the lanes, and
+    /// NaN lanes set by OR-ing all ones (a NaN) over them.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const u8, scale256: __m256) -> __m256 {
+        let b = _mm_loadl_epi64(p.cast());
+        let half = _mm_and_si128(_mm_srai_epi16::<1>(_mm_unpacklo_epi8(_mm_setzero_si128(), b)), _mm_set1_epi16(!0x4000 & !0x7F));
+        let v = _mm256_cvtph_ps(half);
+        let nan = _mm256_cvtepi8_epi32(_mm_cmpeq_epi8(_mm_and_si128(b, _mm_set1_epi8(0x7F)), _mm_set1_epi8(0x7F)));
+        // All ones is a NaN.
+        _mm256_or_ps(_mm256_mul_ps(v, scale256), _mm256_castsi256_ps(nan))
+    }
+
+    /// [`dots`] on AVX2.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dots_avx2(w: &[u8], scale: &[f32], bc: usize, x: &[f32], m: usize, out: &mut [f32]) {
+        match m {
+            1 => dots_m_avx2::<1>(w, scale, bc, x, out),
+            2 => dots_m_avx2::<2>(w, scale, bc, x, out),
+            3 => dots_m_avx2::<3>(w, scale, bc, x, out),
+            4 => dots_m_avx2::<4>(w, scale, bc, x, out),
+            5 => dots_m_avx2::<5>(w, scale, bc, x, out),
+            6 => dots_m_avx2::<6>(w, scale, bc, x, out),
+            7 => dots_m_avx2::<7>(w, scale, bc, x, out),
+            _ => dots_m_avx2::<8>(w, scale, bc, x, out),
+        }
+    }
+
+    /// [`dots_m`] 8 codes a step: two accumulators a row over alternate 8-code steps.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dots_m_avx2<const M: usize>(w: &[u8], scale: &[f32], bc: usize, x: &[f32], out: &mut [f32]) {
+        let k = w.len();
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); 2]; M];
+        let mut i = 0;
+        while i + 16 <= k {
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + PREFETCH).cast());
+            for h in 0..2 {
+                let at = i + 8 * h;
+                let wv = load8(wp.add(at), _mm256_set1_ps(scale[at / bc] * 256.0));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    a[h] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(r * k + at)), a[h]);
+                }
+            }
+            i += 16;
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let v = _mm256_add_ps(a[0], a[1]);
+            let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+            let mut s = _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps::<1>(q, q)));
             for j in i..k {
                 s += e4m3_to_f32(w[j]) * scale[j / bc] * x[r * k + j];
             }
@@ -114,10 +190,25 @@ mod tests {
     /// dequantisation, summed in f64. Then a NaN code, which must reach its output only.
     #[test]
     fn fp8_products_match_the_dequantised_weight() {
-        if !crate::model::avx512f() {
-            eprintln!("skipped: AVX-512F is absent or switched off (GLIMPSE_NO_AVX512 or GLIMPSE_NO_AVX2)");
-            return;
+        #[cfg(target_arch = "x86_64")]
+        let kernels: Vec<bool> = {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            let avx512 = avx2 && is_x86_feature_detected!("avx512f");
+            [(avx512, true), (avx2, false)].into_iter().filter(|k| k.0).map(|k| k.1).collect()
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let kernels: Vec<bool> = Vec::new();
+        if kernels.is_empty() {
+            eprintln!("skipped: this CPU has neither AVX-512F nor AVX2 with F16C");
         }
+        for avx512 in kernels {
+            check_kernel(avx512);
+        }
+    }
+
+    fn check_kernel(avx512: bool) {
         let (rows, k, block) = (150, 300, [64, 32]);
         let mut codes: Vec<u8> = (0..rows * k).map(|i| ((i * 37 + 11) % 256) as u8 & 0xf7).collect(); // no NaN
         let scale: Vec<f32> = (0..3 * 10).map(|i| 0.25 + i as f32 * 0.125).collect();
@@ -128,7 +219,7 @@ mod tests {
             let mut pairs = Vec::new();
             for m in 1..=MAX_ROWS {
                 let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
-                let y = matmul_nt_fp8(&x, m, &view, 3).unwrap();
+                let y = matmul_on(avx512, &x, m, &view, 3).unwrap();
                 for r in 0..m {
                     for j in 0..100 {
                         let want: f64 = (0..k).map(|c| wide[j * k + c] as f64 * x[r * k + c] as f64).sum();
@@ -139,16 +230,16 @@ mod tests {
             pairs
         };
         for (got, want) in check(&codes) {
-            approx::assert_abs_diff_eq!(got as f64, want, epsilon = 1e-3 * (1.0 + want.abs()));
+            assert!((got as f64 - want).abs() <= 1e-3 * (1.0 + want.abs()), "avx512 {avx512}: {got} against {want}");
         }
         codes[(37 + 5) * k + 290] = 0xff; // output 5's row, in the scalar tail
         codes[(37 + 9) * k + 7] = 0x7f; // output 9's, in the vector steps
         for (got, want) in check(&codes) {
-            assert_eq!(got.is_nan(), want.is_nan(), "{got} against {want}");
+            assert_eq!(got.is_nan(), want.is_nan(), "avx512 {avx512}: {got} against {want}");
         }
         let stored = Fp8Weight::from_codes(&codes, [rows, k], scale.clone(), block).unwrap();
-        assert_eq!(matmul_nt_fp8(&[], 0, &stored, 2), Some(vec![]), "no rows");
+        assert_eq!(matmul_on(avx512, &[], 0, &stored, 2), Some(vec![]), "no rows");
         let narrow = Fp8Weight::from_codes(&codes, [rows, k], vec![1.0; 3 * 38], [64, 8]).unwrap();
-        assert!(matmul_nt_fp8(&vec![0.0; k], 1, &narrow, 1).is_none(), "blocks of 8 inputs");
+        assert!(matmul_on(avx512, &vec![0.0; k], 1, &narrow, 1).is_none(), "blocks of 8 inputs");
     }
 }

@@ -230,7 +230,7 @@ fn row_dots(w: &[u16], x: &[f32], m: usize, out: &mut [f32]) {
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if super::avx2_fma() {
+    if super::avx2() {
         // SAFETY: the features were detected at run time.
         unsafe {
             match m {

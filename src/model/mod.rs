@@ -163,17 +163,20 @@ pub fn avx512f() -> bool {
         let has = std::arch::is_x86_feature_detected!("avx512f");
         #[cfg(not(target_arch = "x86_64"))]
         let has = false;
-        has && avx2_fma() && std::env::var_os("GLIMPSE_NO_AVX512").is_none()
+        has && avx2() && std::env::var_os("GLIMPSE_NO_AVX512").is_none()
     })
 }
 
-/// Whether the CPU kernels may use AVX2 with FMA (`bf16_gemm`'s 8-wide kernel, `gemv`'s loops):
-/// the CPU has both and `GLIMPSE_NO_AVX2` is unset.
-pub fn avx2_fma() -> bool {
-    static AVX2_FMA: OnceLock<bool> = OnceLock::new();
-    *AVX2_FMA.get_or_init(|| {
+/// Whether the CPU kernels may use AVX2 with FMA and F16C (`bf16_gemm`'s 8-wide kernel, `gemv`'s
+/// and `fp8_gemv`'s 8-wide loops; every CPU with AVX2 has the other two): the CPU has them and
+/// `GLIMPSE_NO_AVX2` is unset.
+pub fn avx2() -> bool {
+    static AVX2: OnceLock<bool> = OnceLock::new();
+    *AVX2.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
-        let has = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+        let has = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c");
         #[cfg(not(target_arch = "x86_64"))]
         let has = false;
         has && std::env::var_os("GLIMPSE_NO_AVX2").is_none()
