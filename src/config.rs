@@ -381,6 +381,12 @@ impl Config {
         self.indexer_types.get(i).copied().unwrap_or(IndexerKind::Full)
     }
 
+    /// The layer whose indexer chose layer `i`'s keys: `i` itself, or for a shared-indexer layer
+    /// the last full one before it (the config refuses a shared first layer).
+    pub fn indexer_source(&self, i: usize) -> usize {
+        (0..=i).rev().find(|&j| self.indexer_kind(j) == IndexerKind::Full).unwrap_or(0)
+    }
+
     pub fn has_moe(&self) -> bool {
         self.mlp_layer_types.contains(&MlpKind::Moe)
     }

@@ -9,6 +9,7 @@ use std::ops::RangeInclusive;
 use candle_core::Tensor;
 
 use crate::compare::{self, Comparison, Detail, Tolerance};
+use crate::config::Config;
 use crate::dump::{Dump, Values};
 use crate::error::{Error, Result};
 use crate::flips;
@@ -81,18 +82,25 @@ impl Verifier<'_> {
     /// Gives each flip the margins that decided its row: ours as this run reported them, the
     /// reference's as its dump records them or as recomputed from its indexer scores and gate
     /// logits (`flips::margins_in`) with the routers `routers` gives (asked only when there are
-    /// flips; None leaves the reference's routing margins unknown).
-    fn attach_margins(&mut self, routers: impl FnOnce() -> Option<Routers>) {
+    /// flips; None leaves the reference's routing margins unknown). A shared-indexer layer's DSA
+    /// rows were decided in the full layer it reuses (`indexer_source`), so they take its margins.
+    fn attach_margins(&mut self, config: &Config, routers: impl FnOnce() -> Option<Routers>) {
         let has_flips = |c: &Comparison| matches!(&c.detail, Detail::Sets { flips, .. } if !flips.is_empty());
         if !self.results.iter().any(has_flips) {
             return;
         }
         let routers = routers();
         for c in self.results.iter_mut().filter(|c| has_flips(c)) {
-            let Some(point) = HookPoint::parse(&c.name) else { continue };
+            let point = match HookPoint::parse(&c.name) {
+                Some(HookPoint::Layer(i, LayerHook::DsaTopk)) => {
+                    HookPoint::Layer(config.indexer_source(i), LayerHook::DsaTopk)
+                }
+                Some(p) => p,
+                None => continue,
+            };
             let router = routers.as_ref().zip(point.layer()).and_then(|(r, i)| r.layer(i));
             let reference = flips::margins_in(self.golden, point, router);
-            c.set_margins(self.margins.get(&c.name).map(Vec::as_slice), reference.as_deref());
+            c.set_margins(self.margins.get(&point.name()).map(Vec::as_slice), reference.as_deref());
         }
     }
 
@@ -253,7 +261,7 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
     };
     let only_in_reference =
         golden.names().into_iter().filter(|n| !produced.contains(n.as_str()) && in_window(n)).collect();
-    v.attach_margins(|| match w {
+    v.attach_margins(w.config(), || match w {
         Weights::Resident(m) => Some(Routers::of_layers(&m.config, &m.layers)),
         // Margins are advice on a finished comparison: a bias that cannot be read leaves them unknown.
         Weights::Streamed(c) => Routers::read(c).ok(),
@@ -284,7 +292,7 @@ pub fn verify_prefill(
             !name.starts_with("mtp.") && HookPoint::parse(name).and_then(|p| p.layer()).is_none_or(|i| i < layers)
         })
         .collect();
-    v.attach_margins(|| Some(Routers::of_layers(&model.config, &model.layers)));
+    v.attach_margins(&model.config, || Some(Routers::of_layers(&model.config, &model.layers)));
     Ok(v.into_report(only_in_reference, opts.isolate))
 }
 
@@ -308,7 +316,7 @@ pub fn verify_mtp(model: &Model, mtp: &Mtp, golden: &Dump, tol: Tolerance, repor
         h.narrow(1, 0, tokens.seq.saturating_sub(1))?
     };
     mtp.forward(model, &hidden, &tokens, &mut v)?;
-    v.attach_margins(|| Some(Routers::of_layers(&model.config, [&mtp.layer])));
+    v.attach_margins(&model.config, || Some(Routers::of_layers(&model.config, [&mtp.layer])));
     let produced: BTreeSet<String> = v.results.iter().map(|c| c.name.clone()).collect();
     report.only_in_reference.retain(|n| !produced.contains(n));
     report.results.extend(v.results);

@@ -29,7 +29,11 @@ fn golden_flat() -> PathBuf {
 
 /// A copy of golden/flat with `edit` applied to one tensor.
 fn tampered(dst: &Path, name: &str, edit: impl Fn(&mut Vec<f32>)) {
-    let src = golden_flat();
+    tampered_case(&golden_flat(), dst, name, edit)
+}
+
+/// A copy of the golden case `src` with `edit` applied to one tensor.
+fn tampered_case(src: &Path, dst: &Path, name: &str, edit: impl Fn(&mut Vec<f32>)) {
     std::fs::create_dir_all(dst).unwrap();
     std::fs::copy(src.join("config.json"), dst.join("config.json")).unwrap();
     let file = StFile::open(&src.join("model.safetensors")).unwrap();
@@ -160,4 +164,25 @@ fn diff_recomputes_routing_margins_from_the_recorded_logits() {
     let flips = flips_in(&with);
     assert!(!flips.is_empty());
     assert!(flips.iter().all(|f| f.margin_ours.is_none() && f.margin_reference.is_some_and(|m| m > 0.0)), "{flips:?}");
+}
+
+/// A shared-indexer layer reuses the keys the full layer before it chose, so its flips are that
+/// layer's: `verify` gives them that layer's margins, ours and the reference's.
+#[test]
+fn a_shared_indexer_layers_flips_take_the_margins_of_the_layer_it_reuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = golden_flat().with_file_name("grouped-shared-yarn"); // layers 1 and 3 share
+    tampered_case(&case, tmp.path(), "model.layers.0.self_attn.indexer.wk.weight", |w| {
+        w.iter_mut().for_each(|x| *x = -*x * 1.7)
+    });
+    let model = Model::load(&Checkpoint::open(tmp.path()).unwrap()).unwrap();
+    let golden = Dump::open(&case.join("reference.safetensors")).unwrap();
+    let r = verify(&model, &golden, Tolerance::default(), false).unwrap();
+    let (full, shared) = (flips_of(&r, "layers.0.dsa.topk"), flips_of(&r, "layers.1.dsa.topk"));
+    assert!(!shared.is_empty(), "the shared layer inherits layer 0's flips");
+    for f in shared {
+        let g = full.iter().find(|g| g.row == f.row).unwrap_or_else(|| panic!("{f:?} is not layer 0's"));
+        assert!(f.margin_ours.is_some() && f.margin_reference.is_some(), "{f:?}");
+        assert_eq!((f.margin_ours, f.margin_reference), (g.margin_ours, g.margin_reference));
+    }
 }
