@@ -100,16 +100,23 @@ impl Panels {
 }
 
 /// `w` `[n, k]` row-major, each value mapped by `f` to bf16 bits, in panels (the last one padded
-/// with zeros).
+/// with zeros). A panel is filled `TILE` inputs at a time, each of its rows read in a run, so the
+/// 32-way interleaved writes land in 4 KB that stays in L1 (a whole row at a time rewrote each
+/// of the panel's lines once per output: 0.090 s against 0.060 s for a 16384 x 6144 weight on
+/// the project's 2-core VM; tiles of 16 to 128 inputs measured alike).
 fn interleave<T: Copy + Sync>(w: &[T], n: usize, k: usize, f: impl Fn(T) -> u16 + Sync) -> Vec<u16> {
+    const TILE: usize = 64;
     let mut data = vec![0u16; n.div_ceil(NR) * k * NR];
     if k > 0 {
         data.par_chunks_mut(k * NR).enumerate().for_each(|(p, panel)| {
-            for c in 0..NR.min(n - p * NR) {
-                let slot = if c < 16 { 2 * c } else { 2 * (c - 16) + 1 };
-                let row = &w[(p * NR + c) * k..(p * NR + c + 1) * k];
-                for (to, &v) in panel[slot..].iter_mut().step_by(NR).zip(row) {
-                    *to = f(v);
+            for k0 in (0..k).step_by(TILE) {
+                let tile = &mut panel[k0 * NR..(k0 + TILE).min(k) * NR];
+                for c in 0..NR.min(n - p * NR) {
+                    let slot = if c < 16 { 2 * c } else { 2 * (c - 16) + 1 };
+                    let row = &w[(p * NR + c) * k + k0..(p * NR + c + 1) * k];
+                    for (to, &v) in tile[slot..].iter_mut().step_by(NR).zip(row) {
+                        *to = f(v);
+                    }
                 }
             }
         });
