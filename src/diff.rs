@@ -8,10 +8,11 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use crate::compare::{compare_tensor, Comparison, Detail, Flip, Tolerance};
+use crate::config::Config;
 use crate::dump::{Dump, Values};
 use crate::error::{Error, Result};
 use crate::flips::{self, margins_in, Class};
-use crate::hooks::{finite_expected, first_non_finite, glob, HookPoint, NonFinite};
+use crate::hooks::{finite_expected, first_non_finite, glob, HookPoint, LayerHook, NonFinite};
 use crate::model::moe::Routers;
 
 #[derive(Debug, Clone)]
@@ -24,12 +25,15 @@ pub struct DiffOptions {
     /// The routers of the checkpoint both dumps ran (`diff --model`), to recompute routing
     /// margins from recorded gate logits.
     pub routers: Option<Routers>,
+    /// Its config (`diff --model`): a shared-indexer layer's DSA flips take the margins of the
+    /// full layer whose keys it reuses.
+    pub config: Option<Config>,
 }
 
 impl Default for DiffOptions {
     fn default() -> Self {
         let near_tie = Tolerance::default().near_tie();
-        DiffOptions { tol: Tolerance::default(), per_name: Vec::new(), near_tie, routers: None }
+        DiffOptions { tol: Tolerance::default(), per_name: Vec::new(), near_tie, routers: None, config: None }
     }
 }
 
@@ -154,6 +158,12 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         // Margins for the flips: recomputing them can read the S x S scores, so only where needed.
         if let (Detail::Sets { flips, .. }, Some(point)) = (&c.detail, HookPoint::parse(name)) {
             if !flips.is_empty() {
+                let point = match (point, &opts.config) {
+                    (HookPoint::Layer(i, LayerHook::DsaTopk), Some(c)) => {
+                        HookPoint::Layer(c.indexer_source(i), LayerHook::DsaTopk)
+                    }
+                    _ => point,
+                };
                 let router = opts.routers.as_ref().zip(point.layer()).and_then(|(r, i)| r.layer(i));
                 let (ma, mb) = (margins_in(a, point, router), margins_in(b, point, router));
                 c.set_margins(ma.as_deref(), mb.as_deref());

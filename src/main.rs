@@ -116,7 +116,8 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// The checkpoint both dumps ran: its routers recompute routing margins from recorded
-        /// gate logits (`moe.router_logits`) where a dump holds no `moe.margin`.
+        /// gate logits (`moe.router_logits`) where a dump holds no `moe.margin`, and its config
+        /// gives shared-indexer layers' flips the margins of the layer whose keys they reuse.
         #[arg(long)]
         model: Option<PathBuf>,
     },
@@ -431,11 +432,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Err(Error::Usage("--atol, --rtol and --near-tie must be non-negative numbers".into()));
             }
             let per_name = tols.iter().map(|t| diff::parse_tol(t)).collect::<Result<Vec<_>>>()?;
-            let routers = match model {
-                Some(dir) => Some(glimpse::model::moe::Routers::read(&Checkpoint::open(&dir)?)?),
-                None => None,
-            };
-            let opts = diff::DiffOptions { tol: Tolerance { atol, rtol }, per_name, near_tie, routers };
+            let ckpt = model.map(|dir| Checkpoint::open(&dir)).transpose()?;
+            let routers = ckpt.as_ref().map(glimpse::model::moe::Routers::read).transpose()?;
+            let config = ckpt.map(|c| c.config);
+            let opts = diff::DiffOptions { tol: Tolerance { atol, rtol }, per_name, near_tie, routers, config };
             let report = diff::diff(&Dump::open(&a)?, &Dump::open(&b)?, &opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report.to_json(&a, &b)).unwrap_or_default());

@@ -430,5 +430,6 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     };
     // The routers recompute the reference's routing margins from its gate logits.
     opts.routers = Some(Routers::of_layers(&model.config, &model.layers));
+    opts.config = Some(ckpt.config.clone());
     DumpSource::new(title, Dump::open(&tmp)?, reference, Some(&ckpt.config), &opts, Some(owned))
 }

@@ -167,7 +167,8 @@ fn diff_recomputes_routing_margins_from_the_recorded_logits() {
 }
 
 /// A shared-indexer layer reuses the keys the full layer before it chose, so its flips are that
-/// layer's: `verify` gives them that layer's margins, ours and the reference's.
+/// layer's: `verify`, and `diff` given the model's config, give them that layer's margins, ours
+/// and the reference's.
 #[test]
 fn a_shared_indexer_layers_flips_take_the_margins_of_the_layer_it_reuses() {
     let tmp = tempfile::tempdir().unwrap();
@@ -179,7 +180,23 @@ fn a_shared_indexer_layers_flips_take_the_margins_of_the_layer_it_reuses() {
     let golden = Dump::open(&case.join("reference.safetensors")).unwrap();
     let r = verify(&model, &golden, Tolerance::default(), false).unwrap();
     let (full, shared) = (flips_of(&r, "layers.0.dsa.topk"), flips_of(&r, "layers.1.dsa.topk"));
-    assert!(!shared.is_empty(), "the shared layer inherits layer 0's flips");
+    assert_same_margins(&full, &shared);
+
+    // `diff --model` does the same from the model's config, for the run's dump against the reference.
+    let ours = tmp.path().join("ours.safetensors");
+    let mut w = DumpWriter::create(&ours, Selector::new("layers.*.dsa.*", None), 32).unwrap();
+    model.forward(&golden.tokens().unwrap(), &mut w).unwrap();
+    w.finish(&glimpse::dump::metadata("a port", None, None)).unwrap();
+    let opts = DiffOptions { config: Some(model.config.clone()), ..Default::default() };
+    let d = diff(&Dump::open(&ours).unwrap(), &golden, &opts).unwrap();
+    let of =
+        |name: &str| -> Vec<&Flip> { flips(&d.results).into_iter().filter(|f| f.0 == name).map(|f| f.1).collect() };
+    assert_same_margins(&of("layers.0.dsa.topk"), &of("layers.1.dsa.topk"));
+}
+
+/// Every flip of `shared` is a flip of `full` (same row), with its margins, both known.
+fn assert_same_margins(full: &[&Flip], shared: &[&Flip]) {
+    assert!(!shared.is_empty(), "the shared layer inherits its full layer's flips");
     for f in shared {
         let g = full.iter().find(|g| g.row == f.row).unwrap_or_else(|| panic!("{f:?} is not layer 0's"));
         assert!(f.margin_ours.is_some() && f.margin_reference.is_some(), "{f:?}");

@@ -128,7 +128,10 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn load8(p: *const u8, scale256: __m256) -> __m256 {
         let b = _mm_loadl_epi64(p.cast());
-        let half = _mm_and_si128(_mm_srai_epi16::<1>(_mm_unpacklo_epi8(_mm_setzero_si128(), b)), _mm_set1_epi16(!0x4000 & !0x7F));
+        let half = _mm_and_si128(
+            _mm_srai_epi16::<1>(_mm_unpacklo_epi8(_mm_setzero_si128(), b)),
+            _mm_set1_epi16(!0x4000 & !0x7F),
+        );
         let v = _mm256_cvtph_ps(half);
         let nan = _mm256_cvtepi8_epi32(_mm_cmpeq_epi8(_mm_and_si128(b, _mm_set1_epi8(0x7F)), _mm_set1_epi8(0x7F)));
         // All ones is a NaN.
@@ -192,9 +195,8 @@ mod tests {
     fn fp8_products_match_the_dequantised_weight() {
         #[cfg(target_arch = "x86_64")]
         let kernels: Vec<bool> = {
-            let avx2 = is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c");
+            let avx2 =
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
             let avx512 = avx2 && is_x86_feature_detected!("avx512f");
             [(avx512, true), (avx2, false)].into_iter().filter(|k| k.0).map(|k| k.1).collect()
         };
