@@ -159,8 +159,8 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         if let (Detail::Sets { flips, .. }, Some(point)) = (&c.detail, HookPoint::parse(name)) {
             if !flips.is_empty() {
                 let point = match (point, &opts.config) {
-                    (HookPoint::Layer(i, LayerHook::DsaTopk), Some(c)) => {
-                        HookPoint::Layer(c.indexer_source(i), LayerHook::DsaTopk)
+                    (HookPoint::Layer(i, LayerHook::DsaTopk), Some(cfg)) => {
+                        HookPoint::Layer(cfg.indexer_source(i), LayerHook::DsaTopk)
                     }
                     _ => point,
                 };

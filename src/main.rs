@@ -162,14 +162,15 @@ enum Command {
     /// Step through the layers of a run in a terminal UI, side by side with its reference.
     /// With no arguments: the bundled default case and its transformers reference.
     Tui {
-        /// Run this checkpoint live (default: the bundled case, unless --dump is given).
+        /// Run this checkpoint live (default: the bundled case, unless --dump is given); with
+        /// --dump, the checkpoint the dump ran, whose routers and config class its flips.
         #[arg(long)]
         model: Option<PathBuf>,
         /// The reference dump to compare with (default with a model: DIR/reference.safetensors).
         #[arg(long)]
         golden: Option<PathBuf>,
         /// Show this recorded dump instead of running a model.
-        #[arg(long, conflicts_with = "model")]
+        #[arg(long)]
         dump: Option<PathBuf>,
         /// Token ids for the live run (default: the reference's input_ids).
         #[arg(long, conflicts_with = "prompt")]

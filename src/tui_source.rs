@@ -387,13 +387,19 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     let mut opts = DiffOptions::default();
     opts.near_tie = near_tie.unwrap_or(opts.near_tie);
     let dir = match (dump, model) {
-        (Some(path), _) => {
+        (Some(path), model) => {
             let reference = golden.map(Dump::open).transpose()?;
             let title = match golden {
                 Some(g) => format!("{} vs reference {}", path.display(), g.display()),
                 None => path.display().to_string(),
             };
-            return DumpSource::new(title, Dump::open(path)?, reference, None, &opts, None);
+            // The checkpoint the dump ran, when given: its routers and config class the flips.
+            let ckpt = model.map(Checkpoint::open).transpose()?;
+            if let Some(c) = &ckpt {
+                (opts.routers, opts.config) = (Some(Routers::read(c)?), Some(c.config.clone()));
+            }
+            let config = ckpt.as_ref().map(|c| &c.config);
+            return DumpSource::new(title, Dump::open(path)?, reference, config, &opts, None);
         }
         (None, Some(dir)) => dir,
         (None, None) => return Err(Error::Usage("give a model or a dump".into())),

@@ -156,7 +156,7 @@ fn routing_view_shows_experts_margins_and_a_flagged_flip() {
     let s = screen(&app, &port, 120, 30);
     let classes = port_classes("layers.2.moe.topk_ids");
     let (near, real) = counts(&classes);
-    let title = format!("layer 2 routing: 32 tokens, {} flips ({near} near-tie ~, {real} real !)", near + real);
+    let title = format!("layer 2 routing: 32 tokens, {} flips ({near}~ {real}!)", near + real);
     assert_eq!(near + real, flipped_rows(2, "moe.topk_ids"));
     assert!(s.contains(&title), "{title}\n{s}");
     let flip = line_with(&s, &format!("s{} #", app.token));
@@ -200,7 +200,7 @@ fn load_dsa_and_kv_views_draw_the_bundled_case() {
     let classes = port_classes("layers.3.dsa.topk");
     let (near, real) = counts(&classes);
     assert_eq!(near + real, flipped_rows(3, "dsa.topk"));
-    let title = format!("layer 3 dsa (full): 32 queries, {} differ ({near} near-tie ~, {real} real !)", near + real);
+    let title = format!("layer 3 dsa (full): 32 queries, {} differ ({near}~ {real}!)  # both +ours -ref", near + real);
     assert!(s.contains(&title), "{title}\n{s}");
     // Each flipped query on screen is marked with its class after its recall (its label's last
     // character); the others are not.
@@ -229,8 +229,16 @@ fn load_dsa_and_kv_views_draw_the_bundled_case() {
     assert!(small.contains("latent kv") && small.contains("q quit"), "{small}");
 }
 
+/// tmux on a server of this test process's own (`-L`), so other tmux users, another run of
+/// this test among them, cannot end its sessions.
+fn tmux_command() -> Command {
+    let mut c = Command::new("tmux");
+    c.args(["-L", &format!("glimpse-test-{}", std::process::id())]);
+    c
+}
+
 fn tmux(args: &[&str]) -> String {
-    let o = Command::new("tmux").args(args).output().expect("tmux runs");
+    let o = tmux_command().args(args).output().expect("tmux runs");
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -259,7 +267,7 @@ fn the_binary_in_tmux() {
     };
     let run = |cmd: String| {
         tmux(&["kill-session", "-t", &session]);
-        let o = Command::new("tmux")
+        let o = tmux_command()
             .args(["new-session", "-d", "-s", &session, "-x", "80", "-y", "24", "-c", root, &cmd])
             .status()
             .unwrap();

@@ -24,17 +24,21 @@ pub fn available(w: &Fp8Weight) -> bool {
 
 /// The kernel this CPU runs: Some(true) for AVX-512F, Some(false) for AVX2 (`model::avx2`).
 fn isa() -> Option<bool> {
-    (super::avx512f() || super::avx2()).then(super::avx512f)
+    super::avx2().then(super::avx512f) // (`avx512f` implies `avx2`)
 }
 
 /// `x W^T` for `x` [m, cols] (row-major, m <= MAX_ROWS) where [`available`]: returns [m, rows],
 /// as `threads` blocks of contiguous weight rows on rayon's pool; None where not available.
 pub fn matmul_nt_fp8(x: &[f32], m: usize, w: &Fp8Weight, threads: usize) -> Option<Vec<f32>> {
-    matmul_on(isa()?, x, m, w, threads)
+    // SAFETY: `isa` is a kernel this CPU runs.
+    unsafe { matmul_on(isa()?, x, m, w, threads) }
 }
 
 /// [`matmul_nt_fp8`] on the AVX-512 kernel or the AVX2 one (the tests run both where they can).
-fn matmul_on(avx512: bool, x: &[f32], m: usize, w: &Fp8Weight, threads: usize) -> Option<Vec<f32>> {
+///
+/// # Safety
+/// The CPU must have AVX-512F (`avx512`) or AVX2 with FMA and F16C (`!avx512`).
+unsafe fn matmul_on(avx512: bool, x: &[f32], m: usize, w: &Fp8Weight, threads: usize) -> Option<Vec<f32>> {
     let ([n, k], [br, bc], row0, sc) = (w.shape(), w.block(), w.row0(), w.scale_cols());
     if !bc.is_multiple_of(16) || m > MAX_ROWS || x.len() != m * k {
         return None;
@@ -42,8 +46,7 @@ fn matmul_on(avx512: bool, x: &[f32], m: usize, w: &Fp8Weight, threads: usize) -
     let (codes, grid) = (w.bytes(), w.scale());
     Some(by_weight_rows(m, n, threads, |j, o| {
         let scale = &grid[(row0 + j) / br * sc..][..sc];
-        // SAFETY: the callers checked the kernel's features (`isa`, or the tests' detection);
-        // bc % 16 == 0; x holds m rows of k.
+        // SAFETY: the caller checked the kernel's features; bc % 16 == 0; x holds m rows of k.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             let w = &codes[j * k..(j + 1) * k];
@@ -193,6 +196,14 @@ mod tests {
     /// dequantisation, summed in f64. Then a NaN code, which must reach its output only.
     #[test]
     fn fp8_products_match_the_dequantised_weight() {
+        for avx512 in kernels_here() {
+            check_kernel(avx512);
+        }
+    }
+
+    /// The kernels this CPU has (true: AVX-512F, false: AVX2 with FMA and F16C), whatever
+    /// `GLIMPSE_NO_*` say: each is tested where it can run.
+    fn kernels_here() -> Vec<bool> {
         #[cfg(target_arch = "x86_64")]
         let kernels: Vec<bool> = {
             let avx2 =
@@ -205,8 +216,29 @@ mod tests {
         if kernels.is_empty() {
             eprintln!("skipped: this CPU has neither AVX-512F nor AVX2 with F16C");
         }
-        for avx512 in kernels {
-            check_kernel(avx512);
+        kernels
+    }
+
+    /// Every one of the 256 codes in every lane of a step (16 on AVX-512, 8 on AVX2) widens to
+    /// exactly `e4m3_to_f32`'s value times the scale (NaN codes to NaN): a weight whose row `q`
+    /// holds code `q` in all 16 inputs, times one-hot rows of x.
+    #[test]
+    fn every_code_widens_exactly_in_every_lane() {
+        let codes: Vec<u8> = (0..=255u8).flat_map(|q| [q; 16]).collect();
+        let w = Fp8Weight::from_codes(&codes, [256, 16], vec![0.5, 3.0], [128, 16]).unwrap();
+        for avx512 in kernels_here() {
+            for lane in 0..16 {
+                let x: Vec<f32> = (0..16).map(|i| if i == lane { 1.0 } else { 0.0 }).collect();
+                // SAFETY: `kernels_here` detected the kernel's features.
+                let y = unsafe { matmul_on(avx512, &x, 1, &w, 2) }.unwrap();
+                for (q, &got) in y.iter().enumerate() {
+                    let want = crate::st::e4m3_to_f32(q as u8) * if q < 128 { 0.5 } else { 3.0 };
+                    assert!(
+                        got == want || got.is_nan() && want.is_nan(),
+                        "avx512 {avx512}, code {q:#04x}, lane {lane}: {got} vs {want}"
+                    );
+                }
+            }
         }
     }
 
@@ -221,7 +253,8 @@ mod tests {
             let mut pairs = Vec::new();
             for m in 1..=MAX_ROWS {
                 let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
-                let y = matmul_on(avx512, &x, m, &view, 3).unwrap();
+                // SAFETY: `kernels_here` detected the kernel's features.
+                let y = unsafe { matmul_on(avx512, &x, m, &view, 3) }.unwrap();
                 for r in 0..m {
                     for j in 0..100 {
                         let want: f64 = (0..k).map(|c| wide[j * k + c] as f64 * x[r * k + c] as f64).sum();
@@ -240,8 +273,9 @@ mod tests {
             assert_eq!(got.is_nan(), want.is_nan(), "avx512 {avx512}: {got} against {want}");
         }
         let stored = Fp8Weight::from_codes(&codes, [rows, k], scale.clone(), block).unwrap();
-        assert_eq!(matmul_on(avx512, &[], 0, &stored, 2), Some(vec![]), "no rows");
+        // SAFETY: as above.
+        assert_eq!(unsafe { matmul_on(avx512, &[], 0, &stored, 2) }, Some(vec![]), "no rows");
         let narrow = Fp8Weight::from_codes(&codes, [rows, k], vec![1.0; 3 * 38], [64, 8]).unwrap();
-        assert!(matmul_on(avx512, &vec![0.0; k], 1, &narrow, 1).is_none(), "blocks of 8 inputs");
+        assert!(unsafe { matmul_on(avx512, &vec![0.0; k], 1, &narrow, 1) }.is_none(), "blocks of 8 inputs");
     }
 }

@@ -96,6 +96,24 @@ impl FlipClass {
     }
 }
 
+/// Flips counted by class for a view's title: ` (1~ 11!)`, with `N?` when some have no known
+/// margin; nothing when there are none.
+pub fn counts(flips: impl Iterator<Item = FlipClass>) -> String {
+    let (mut near, mut real, mut unknown) = (0, 0, 0);
+    for c in flips {
+        *match c {
+            FlipClass::NearTie => &mut near,
+            FlipClass::Real => &mut real,
+            FlipClass::Unknown => &mut unknown,
+        } += 1;
+    }
+    if near + real + unknown == 0 {
+        return String::new();
+    }
+    let unknown = if unknown > 0 { format!(" {unknown}?") } else { String::new() };
+    format!(" ({near}~ {real}!{unknown})")
+}
+
 /// One token's routing in one MoE layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteRow {

@@ -10,7 +10,7 @@ use ratatui::widgets::{Block, Paragraph};
 use ratatui::Frame;
 
 use crate::app::App;
-use crate::data::{FlipClass, Source};
+use crate::data::{counts, FlipClass, Source};
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let Some(layer) = src.layers().get(app.layer) else { return };
@@ -18,7 +18,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         f.render_widget(Paragraph::new("no DSA selection recorded").block(Block::bordered().title("dsa")), area);
         return;
     };
-    let label_w = 14;
+    let label_w = 13;
     let keys = (area.width as usize).saturating_sub(label_w + 2).min(m.seq);
     let rows = area.height.saturating_sub(2) as usize;
     // Start at the scroll position, but keep the selected token's query in view.
@@ -31,7 +31,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             let theirs = m.reference.as_ref().map(|r| &r[q]);
             let recall = m.recall(q).map(|r| format!("{r:4.2}")).unwrap_or_else(|| "  - ".into());
             let label_style = if q == q_sel { Style::new().add_modifier(Modifier::REVERSED) } else { Style::new() };
-            let mark = m.flips.get(q).copied().flatten().map_or(' ', |c| c.mark());
+            let mark = m.flips.get(q).copied().flatten().map_or(' ', FlipClass::mark);
             let mut spans = vec![Span::styled(format!("q{q:<5} {recall}{mark} "), label_style)];
             for k in 0..keys {
                 let (a, b) = (ours.contains(&k), theirs.is_none_or(|t| t.contains(&k)));
@@ -50,14 +50,12 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         })
         .collect();
     let flips = (0..m.seq).filter(|&q| m.recall(q).is_some_and(|r| r < 1.0)).count();
-    let class = |c| m.flips.iter().filter(|f| **f == Some(c)).count();
     let title = format!(
-        "layer {} dsa ({}): {} queries, {flips} differ ({} near-tie ~, {} real !)  # both +ours -ref",
+        "layer {} dsa ({}): {} queries, {flips} differ{}  # both +ours -ref",
         layer.index,
         layer.indexer,
         m.seq,
-        class(FlipClass::NearTie),
-        class(FlipClass::Real)
+        counts(m.flips.iter().flatten().copied())
     );
     f.render_widget(Paragraph::new(lines).block(Block::bordered().title(title)), area);
 }

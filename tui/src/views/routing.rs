@@ -8,7 +8,7 @@ use ratatui::widgets::{Block, Paragraph, Row, Table};
 use ratatui::Frame;
 
 use crate::app::App;
-use crate::data::{FlipClass, Source};
+use crate::data::{counts, FlipClass, Source};
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let Some(layer) = src.layers().get(app.layer) else { return };
@@ -18,8 +18,6 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         return;
     };
     let flips = routes.iter().filter(|r| r.is_flip()).count();
-    let class = |c| routes.iter().filter(|r| r.flip == Some(c)).count();
-    let (near, real) = (class(FlipClass::NearTie), class(FlipClass::Real));
     let visible = area.height.saturating_sub(3) as usize;
     // Keep the selected token in view; `scroll` pages further.
     let start = app.token.saturating_sub(visible.saturating_sub(1)).max(app.scroll.min(routes.len().saturating_sub(1)));
@@ -47,9 +45,10 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let header = Row::new(["token", "experts:weight", "margin", "reference"])
         .style(Style::new().add_modifier(Modifier::UNDERLINED));
     let title = format!(
-        "layer {} routing: {} tokens, {flips} flips ({near} near-tie ~, {real} real !)",
+        "layer {} routing: {} tokens, {flips} flips{}",
         layer.index,
-        routes.len()
+        routes.len(),
+        counts(routes.iter().filter_map(|r| r.flip))
     );
     f.render_widget(Table::new(rows, widths).header(header).block(Block::bordered().title(title)), area);
 }
