@@ -400,18 +400,8 @@ mod tests {
 
     /// The kernels this CPU has (whatever `GLIMPSE_NO_*` say: each is tested where it can run).
     fn kernels_here() -> Vec<Isa> {
-        #[cfg(target_arch = "x86_64")]
-        let here: Vec<Isa> = {
-            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-            let avx512 = avx2 && is_x86_feature_detected!("avx512f");
-            [(avx512, Isa::Avx512), (avx2, Isa::Avx2)].into_iter().filter(|h| h.0).map(|h| h.1).collect()
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let here: Vec<Isa> = Vec::new();
-        if here.is_empty() {
-            eprintln!("skipped: this CPU has neither AVX-512F nor AVX2 with FMA");
-        }
-        here
+        let isa = |avx512| if avx512 { Isa::Avx512 } else { Isa::Avx2 };
+        super::super::kernels_on_this_cpu().into_iter().map(isa).collect()
     }
 
     /// Sizes off every block (rows of either kernel, panels and their halves, KC), against an

@@ -196,27 +196,9 @@ mod tests {
     /// dequantisation, summed in f64. Then a NaN code, which must reach its output only.
     #[test]
     fn fp8_products_match_the_dequantised_weight() {
-        for avx512 in kernels_here() {
+        for avx512 in crate::model::kernels_on_this_cpu() {
             check_kernel(avx512);
         }
-    }
-
-    /// The kernels this CPU has (true: AVX-512F, false: AVX2 with FMA and F16C), whatever
-    /// `GLIMPSE_NO_*` say: each is tested where it can run.
-    fn kernels_here() -> Vec<bool> {
-        #[cfg(target_arch = "x86_64")]
-        let kernels: Vec<bool> = {
-            let avx2 =
-                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
-            let avx512 = avx2 && is_x86_feature_detected!("avx512f");
-            [(avx512, true), (avx2, false)].into_iter().filter(|k| k.0).map(|k| k.1).collect()
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let kernels: Vec<bool> = Vec::new();
-        if kernels.is_empty() {
-            eprintln!("skipped: this CPU has neither AVX-512F nor AVX2 with F16C");
-        }
-        kernels
     }
 
     /// Every one of the 256 codes in every lane of a step (16 on AVX-512, 8 on AVX2) widens to
@@ -226,10 +208,10 @@ mod tests {
     fn every_code_widens_exactly_in_every_lane() {
         let codes: Vec<u8> = (0..=255u8).flat_map(|q| [q; 16]).collect();
         let w = Fp8Weight::from_codes(&codes, [256, 16], vec![0.5, 3.0], [128, 16]).unwrap();
-        for avx512 in kernels_here() {
+        for avx512 in crate::model::kernels_on_this_cpu() {
             for lane in 0..16 {
                 let x: Vec<f32> = (0..16).map(|i| if i == lane { 1.0 } else { 0.0 }).collect();
-                // SAFETY: `kernels_here` detected the kernel's features.
+                // SAFETY: `kernels_on_this_cpu` detected the kernel's features.
                 let y = unsafe { matmul_on(avx512, &x, 1, &w, 2) }.unwrap();
                 for (q, &got) in y.iter().enumerate() {
                     let want = crate::st::e4m3_to_f32(q as u8) * if q < 128 { 0.5 } else { 3.0 };
@@ -253,7 +235,7 @@ mod tests {
             let mut pairs = Vec::new();
             for m in 1..=MAX_ROWS {
                 let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
-                // SAFETY: `kernels_here` detected the kernel's features.
+                // SAFETY: `kernels_on_this_cpu` detected the kernel's features.
                 let y = unsafe { matmul_on(avx512, &x, m, &view, 3) }.unwrap();
                 for r in 0..m {
                     for j in 0..100 {

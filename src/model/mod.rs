@@ -167,6 +167,25 @@ pub fn avx512f() -> bool {
     })
 }
 
+/// The kernels this CPU can run, whatever `GLIMPSE_NO_*` say: AVX-512F (true) and AVX2 with FMA
+/// and F16C (false), widest first. The kernels' tests run each one the CPU has.
+#[cfg(test)]
+pub(crate) fn kernels_on_this_cpu() -> Vec<bool> {
+    #[cfg(target_arch = "x86_64")]
+    let here: Vec<bool> = {
+        let avx2 =
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+        let avx512 = avx2 && is_x86_feature_detected!("avx512f");
+        [(avx512, true), (avx2, false)].into_iter().filter(|k| k.0).map(|k| k.1).collect()
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let here: Vec<bool> = Vec::new();
+    if here.is_empty() {
+        eprintln!("skipped: this CPU has neither AVX-512F nor AVX2 with FMA and F16C");
+    }
+    here
+}
+
 /// Whether the CPU kernels may use AVX2 with FMA and F16C (`bf16_gemm`'s 8-wide kernel, `gemv`'s
 /// and `fp8_gemv`'s 8-wide loops; every CPU with AVX2 has the other two): the CPU has them and
 /// `GLIMPSE_NO_AVX2` is unset.
