@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use candle_core::Tensor;
 
 use crate::compare::{self, Comparison, Detail, Tolerance};
+use crate::config::Config;
 use crate::dump::Values;
 use crate::error::Result;
 use crate::hooks::{HookPoint, LayerHook, Recorder, Selector};
@@ -38,16 +39,18 @@ pub fn check(model: &Model, tokens: &Tokens, chunk: usize, tol: Tolerance) -> Re
     model.forward(tokens, &mut prefill)?;
     let mut stitcher = Stitcher::new(Selector::default());
     model.decode_all(tokens, chunk, &mut stitcher)?;
-    compare(&prefill.tensors.into_iter().collect(), &stitcher.finish()?.into_iter().collect(), tokens.seq, tol)
+    let (prefill, decode) = (prefill.tensors.into_iter().collect(), stitcher.finish()?.into_iter().collect());
+    compare(&prefill, &decode, tokens.seq, tol, &model.config)
 }
 
 /// Compares a decode record (laid end to end, [`Stitcher`]) with a prefill record of the same
-/// `seq` positions.
+/// `seq` positions of the model `config` describes.
 pub fn compare(
     prefill: &BTreeMap<HookPoint, Tensor>,
     decode: &BTreeMap<HookPoint, Tensor>,
     seq: usize,
     tol: Tolerance,
+    config: &Config,
 ) -> Result<DecodeCheck> {
     let mut results = Vec::new();
     let mut first: Option<(usize, usize)> = None;
@@ -68,7 +71,7 @@ pub fn compare(
         };
         let ids_ref = ids.as_ref().map(|(a, e)| (a.as_slice(), e.as_slice()));
         let mut c = compare::compare_tensor(&point.name(), (&a, ours.dims()), (&e, reference.dims()), ids_ref, tol);
-        add_margins(&mut c, point, decode, prefill)?;
+        add_margins(&mut c, point, (decode, prefill), config)?;
         if !c.ok {
             let at = first_position(point, &c, (&a, &e), ours.dims(), seq, ids_ref, tol);
             if first.is_none_or(|(p, _)| at < p) {
@@ -87,13 +90,18 @@ pub fn compare(
 }
 
 /// Each flip's margins on both sides: `dsa.margin` is [B, S] and `moe.margin` [B*S], indexed by
-/// the same flat row as the selection they decided.
+/// the same flat row as the selection they decided; a shared-indexer layer's DSA rows take those
+/// of the full layer whose keys it reuses (`Config::indexer_source`).
 fn add_margins(
     c: &mut Comparison,
     point: HookPoint,
-    decode: &BTreeMap<HookPoint, Tensor>,
-    prefill: &BTreeMap<HookPoint, Tensor>,
+    (decode, prefill): (&BTreeMap<HookPoint, Tensor>, &BTreeMap<HookPoint, Tensor>),
+    config: &Config,
 ) -> Result<()> {
+    let point = match point {
+        HookPoint::Layer(i, LayerHook::DsaTopk) => HookPoint::Layer(config.indexer_source(i), LayerHook::DsaTopk),
+        p => p,
+    };
     let Some(margin) = point.margin() else { return Ok(()) };
     let get = |m: &BTreeMap<HookPoint, Tensor>| -> Result<Option<Vec<f32>>> {
         Ok(match m.get(&margin) {

@@ -50,11 +50,10 @@ fn decode_equals_prefill_on_every_golden_case() {
     }
 }
 
-/// A RoPE-offset bug (the cache believes it holds one position more than it does from position 6
-/// on) is caught, and named at position 6 in layer 0's attention.
-#[test]
-fn decode_check_names_the_first_position_a_cache_bug_changes() {
-    let (model, tokens) = load("flat");
+/// The decode and prefill records of `case` with a RoPE-offset bug planted in the decode: from
+/// position 6 on, the cache believes it holds one position more than it does.
+fn with_a_cache_bug(case: &str) -> glimpse::decode_check::DecodeCheck {
+    let (model, tokens) = load(case);
     let mut prefill = Recorder::new(Selector::default());
     model.forward(&tokens, &mut prefill).unwrap();
     let mut stitcher = Stitcher::new(Selector::default());
@@ -66,7 +65,33 @@ fn decode_check_names_the_first_position_a_cache_bug_changes() {
         model.decode_step(&tokens.columns(s..s + 1).unwrap(), &mut cache, &mut stitcher).unwrap();
     }
     let (prefill, decode) = (prefill.tensors.into_iter().collect(), stitcher.finish().unwrap().into_iter().collect());
-    let r = glimpse::decode_check::compare(&prefill, &decode, tokens.seq, Tolerance::default()).unwrap();
+    glimpse::decode_check::compare(&prefill, &decode, tokens.seq, Tolerance::default(), &model.config).unwrap()
+}
+
+/// The flips the check found in the selection `name`.
+fn flips_in<'a>(r: &'a glimpse::decode_check::DecodeCheck, name: &str) -> Vec<&'a glimpse::compare::Flip> {
+    glimpse::compare::flips(&r.results).into_iter().filter(|f| f.0 == name).map(|f| f.1).collect()
+}
+
+/// Shared-indexer layers (grouped-shared-yarn's 1 and 3) reuse the keys of the full layer before
+/// them, so the bug's DSA flips there carry that layer's margins, on both sides.
+#[test]
+fn decode_check_gives_shared_indexer_flips_their_full_layers_margins() {
+    let r = with_a_cache_bug("grouped-shared-yarn");
+    let (full, shared) = (flips_in(&r, "layers.2.dsa.topk"), flips_in(&r, "layers.3.dsa.topk"));
+    assert!(!shared.is_empty(), "the bug flips layer 3's keys");
+    for f in shared {
+        let g = full.iter().find(|g| g.row == f.row).unwrap_or_else(|| panic!("{f:?} is not layer 2's"));
+        assert!(f.margin_ours.is_some() && f.margin_reference.is_some(), "{f:?}");
+        assert_eq!((f.margin_ours, f.margin_reference), (g.margin_ours, g.margin_reference));
+    }
+}
+
+/// A RoPE-offset bug (the cache believes it holds one position more than it does from position 6
+/// on) is caught, and named at position 6 in layer 0's attention.
+#[test]
+fn decode_check_names_the_first_position_a_cache_bug_changes() {
+    let r = with_a_cache_bug("flat");
     let (position, i) = r.first.expect("the bug is caught");
     println!("first difference: position {position}, {}", r.results[i].name);
     assert_eq!(position, 6);
