@@ -231,6 +231,9 @@ fn selftest_checks_every_golden_case_and_refuses_a_missing_gpu() {
 fn verify_lists_each_flip_with_its_margins_and_class() {
     let case = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/bf16-fused");
     let (model, golden) = (case.to_str().unwrap(), case.join("reference-bf16.safetensors"));
+    // The reference's margin for that query, from its own recorded scores.
+    let reference = common::dsa_margin_from_scores(&glimpse::dump::Dump::open(&golden).unwrap(), 2, 11);
+    let reference = format!("ref {reference:.3e}");
     for (near_tie, summary, class) in [
         ("1e-3", "1 flips: 0 near-tie (margin < 1e-3), 1 real", "-> real"),
         ("1e-2", "1 flips: 1 near-tie", "-> near-tie"),
@@ -240,7 +243,10 @@ fn verify_lists_each_flip_with_its_margins_and_class() {
         assert_eq!(code, 1, "{out}");
         assert!(out.contains(summary), "{out}");
         let flip = out.lines().find(|l| l.contains("layers.2.dsa.topk [0, 11]")).unwrap_or_else(|| panic!("{out}"));
-        assert!(flip.contains("margin ours ") && !flip.contains("ours -") && flip.contains("ref 8.867e-3"), "{flip}");
+        assert!(
+            flip.contains("margin ours ") && !flip.contains("ours -") && flip.contains(&reference),
+            "{reference}: {flip}"
+        );
         assert!(flip.ends_with(class), "{flip}");
     }
 }

@@ -4,24 +4,24 @@
 //! reported them, the reference's recomputed from its scores and logits where that reproduces its
 //! recorded choice.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use glimpse::checkpoint::Checkpoint;
 use glimpse::compare::Tolerance;
-use glimpse::compare::{flips, Flip};
+use glimpse::compare::{flips, Comparison, Flip};
 use glimpse::diff::{diff, DiffOptions};
 use glimpse::dump::Dump;
 use glimpse::dump::DumpWriter;
-use glimpse::dump::Values;
 use glimpse::flips::Class;
 use glimpse::hooks::{HookPoint, LayerHook, Recorder, Selector};
-use glimpse::model::indexer::top_k_causal;
 use glimpse::model::moe::Routers;
 use glimpse::model::Model;
 use glimpse::model::Weights;
 use glimpse::st::{self, Entry, StFile};
-use glimpse::verify::{attribution, verify, verify_with, Replay, Report, VerifyOptions};
+use glimpse::verify::{attribution, verify, verify_with, Replay, VerifyOptions};
 
 fn golden_flat() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat")
@@ -50,19 +50,34 @@ fn tampered_case(src: &Path, dst: &Path, name: &str, edit: impl Fn(&mut Vec<f32>
     st::write(&dst.join("model.safetensors"), &entries, &BTreeMap::new()).unwrap();
 }
 
-/// The flips `verify` found in the selection `name`.
-fn flips_of<'a>(r: &'a Report, name: &str) -> Vec<&'a Flip> {
-    flips(&r.results).into_iter().filter(|(n, _)| *n == name).map(|(_, f)| f).collect()
+/// The flips a comparison (`verify`'s or `diff`'s results) found in the selection `name`.
+fn flips_of<'a>(results: &'a [Comparison], name: &str) -> Vec<&'a Flip> {
+    flips(results).into_iter().filter(|(n, _)| *n == name).map(|(_, f)| f).collect()
+}
+
+/// golden/flat with layer 3's correction bias mangled (a port's bias bug): its selection changes,
+/// its weights (unbiased) do not.
+fn with_a_bias_bug(dir: &Path) -> Model {
+    tampered(dir, "model.layers.3.mlp.gate.e_score_correction_bias", |b| {
+        b.iter_mut().enumerate().for_each(|(i, x)| *x += if i % 2 == 0 { 0.3 } else { -0.3 })
+    });
+    Model::load(&Checkpoint::open(dir).unwrap()).unwrap()
+}
+
+/// `model`'s run of the reference's tokens, the hook points `patterns` select written to a dump
+/// in `dir`, as a port's dump would be.
+fn dump_of(model: &Model, golden: &Dump, patterns: &str, dir: &Path) -> Dump {
+    let path = dir.join("ours.safetensors");
+    let mut w = DumpWriter::create(&path, Selector::new(patterns, None), 32).unwrap();
+    model.forward(&golden.tokens().unwrap(), &mut w).unwrap();
+    w.finish(&glimpse::dump::metadata("a port", None, None)).unwrap();
+    Dump::open(&path).unwrap()
 }
 
 #[test]
 fn replaying_the_reference_routing_removes_a_bias_bug() {
     let tmp = tempfile::tempdir().unwrap();
-    // A port that mangled layer 3's correction bias: selection changes, weights (unbiased) do not.
-    tampered(tmp.path(), "model.layers.3.mlp.gate.e_score_correction_bias", |b| {
-        b.iter_mut().enumerate().for_each(|(i, x)| *x += if i % 2 == 0 { 0.3 } else { -0.3 })
-    });
-    let model = Model::load(&Checkpoint::open(tmp.path()).unwrap()).unwrap();
+    let model = with_a_bias_bug(tmp.path());
     let golden = Dump::open(&golden_flat().join("reference.safetensors")).unwrap();
     let tol = Tolerance::default();
 
@@ -71,7 +86,7 @@ fn replaying_the_reference_routing_removes_a_bias_bug() {
     assert_eq!(first.name, "layers.3.moe.topk_ids", "the flips are the first divergence");
     // The reference's margins would be recomputed with this checkpoint's (mangled) bias, which
     // does not make the reference's choices: unknown, rather than a margin of another decision.
-    let flips = flips_of(&free, "layers.3.moe.topk_ids");
+    let flips = flips_of(&free.results, "layers.3.moe.topk_ids");
     assert!(!flips.is_empty());
     for f in flips {
         assert!(f.margin_ours.is_some_and(|m| m >= 0.0) && f.margin_reference.is_none(), "{f:?}");
@@ -106,16 +121,14 @@ fn replaying_the_reference_selection_removes_an_indexer_bug() {
     model.forward(&golden.tokens().unwrap(), &mut recorder).unwrap();
     let ours = recorder.get(HookPoint::Layer(1, LayerHook::DsaMargin)).unwrap().flatten_all().unwrap();
     let ours = ours.to_vec1::<f32>().unwrap();
-    let scores = golden.values("layers.1.dsa.scores").unwrap().0;
-    let Values::F32(scores) = scores else { panic!("scores are floats") };
-    let [b, s, k] = golden.shape("layers.1.dsa.topk").unwrap()[..] else { panic!("[B, S, K]") };
-    let reference = top_k_causal(&scores, b, s, 0, k).margin;
-    let flips = flips_of(&free, "layers.1.dsa.topk");
+    let flips = flips_of(&free.results, "layers.1.dsa.topk");
     assert!(!flips.is_empty());
     for f in &flips {
-        assert_eq!((f.margin_ours, f.margin_reference), (Some(ours[f.row]), Some(reference[f.row])), "{f:?}");
+        let reference = common::dsa_margin_from_scores(&golden, 1, f.row);
+        assert_eq!((f.margin_ours, f.margin_reference), (Some(ours[f.row]), Some(reference)), "{f:?}");
     }
-    let routing: Vec<&Flip> = (2..5).flat_map(|i| flips_of(&free, &format!("layers.{i}.moe.topk_ids"))).collect();
+    let routing: Vec<&Flip> =
+        (2..5).flat_map(|i| flips_of(&free.results, &format!("layers.{i}.moe.topk_ids"))).collect();
     assert!(!routing.is_empty(), "a different selection in layer 1 changes the routing downstream");
     assert!(routing.iter().all(|f| f.margin_ours.is_some() && f.margin_reference.is_some()), "{routing:?}");
     assert!(flips.into_iter().chain(routing).any(|f| Class::of(f, 1e-3) == Class::Real));
@@ -137,31 +150,20 @@ fn replaying_the_reference_selection_removes_an_indexer_bug() {
 #[test]
 fn diff_recomputes_routing_margins_from_the_recorded_logits() {
     let tmp = tempfile::tempdir().unwrap();
-    tampered(tmp.path(), "model.layers.3.mlp.gate.e_score_correction_bias", |b| {
-        b.iter_mut().enumerate().for_each(|(i, x)| *x += if i % 2 == 0 { 0.3 } else { -0.3 })
-    });
-    let model = Model::load(&Checkpoint::open(tmp.path()).unwrap()).unwrap();
+    let model = with_a_bias_bug(tmp.path());
     let golden = Dump::open(&golden_flat().join("reference.safetensors")).unwrap();
-    let ours = tmp.path().join("ours.safetensors");
-    let mut w =
-        DumpWriter::create(&ours, Selector::new("layers.*.moe.router_logits,layers.*.moe.topk_ids", None), 16).unwrap();
-    model.forward(&golden.tokens().unwrap(), &mut w).unwrap();
-    w.finish(&glimpse::dump::metadata("a port", None, None)).unwrap();
-    let ours = Dump::open(&ours).unwrap();
+    let ours = dump_of(&model, &golden, "layers.*.moe.router_logits,layers.*.moe.topk_ids", tmp.path());
     assert!(!ours.contains("layers.3.moe.margin"));
 
     let name = "layers.3.moe.topk_ids";
-    let flips_in = |r: &glimpse::diff::DiffReport| -> Vec<Flip> {
-        flips(&r.results).into_iter().filter(|(n, _)| *n == name).map(|(_, f)| f.clone()).collect()
-    };
     let without = diff(&ours, &golden, &DiffOptions::default()).unwrap();
-    let flips = flips_in(&without);
+    let flips = flips_of(&without.results, name);
     assert!(!flips.is_empty());
     assert!(flips.iter().all(|f| f.margin().is_none()), "{flips:?}");
 
     let routers = Routers::read(&Checkpoint::open(&golden_flat()).unwrap()).unwrap();
     let with = diff(&ours, &golden, &DiffOptions { routers: Some(routers), ..Default::default() }).unwrap();
-    let flips = flips_in(&with);
+    let flips = flips_of(&with.results, name);
     assert!(!flips.is_empty());
     assert!(flips.iter().all(|f| f.margin_ours.is_none() && f.margin_reference.is_some_and(|m| m > 0.0)), "{flips:?}");
 }
@@ -179,19 +181,14 @@ fn a_shared_indexer_layers_flips_take_the_margins_of_the_layer_it_reuses() {
     let model = Model::load(&Checkpoint::open(tmp.path()).unwrap()).unwrap();
     let golden = Dump::open(&case.join("reference.safetensors")).unwrap();
     let r = verify(&model, &golden, Tolerance::default(), false).unwrap();
-    let (full, shared) = (flips_of(&r, "layers.0.dsa.topk"), flips_of(&r, "layers.1.dsa.topk"));
+    let (full, shared) = (flips_of(&r.results, "layers.0.dsa.topk"), flips_of(&r.results, "layers.1.dsa.topk"));
     assert_same_margins(&full, &shared);
 
     // `diff --model` does the same from the model's config, for the run's dump against the reference.
-    let ours = tmp.path().join("ours.safetensors");
-    let mut w = DumpWriter::create(&ours, Selector::new("layers.*.dsa.*", None), 32).unwrap();
-    model.forward(&golden.tokens().unwrap(), &mut w).unwrap();
-    w.finish(&glimpse::dump::metadata("a port", None, None)).unwrap();
+    let ours = dump_of(&model, &golden, "layers.*.dsa.*", tmp.path());
     let opts = DiffOptions { config: Some(model.config.clone()), ..Default::default() };
-    let d = diff(&Dump::open(&ours).unwrap(), &golden, &opts).unwrap();
-    let of =
-        |name: &str| -> Vec<&Flip> { flips(&d.results).into_iter().filter(|f| f.0 == name).map(|f| f.1).collect() };
-    assert_same_margins(&of("layers.0.dsa.topk"), &of("layers.1.dsa.topk"));
+    let d = diff(&ours, &golden, &opts).unwrap();
+    assert_same_margins(&flips_of(&d.results, "layers.0.dsa.topk"), &flips_of(&d.results, "layers.1.dsa.topk"));
 }
 
 /// Every flip of `shared` is a flip of `full` (same row), with its margins, both known.

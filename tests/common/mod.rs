@@ -71,3 +71,20 @@ pub fn all_pass(checks: &[glimpse::cuda::selftest::Check]) {
     let failed: Vec<_> = checks.iter().filter(|c| !c.ok).map(|c| &c.name).collect();
     assert!(failed.is_empty(), "failed: {failed:?}");
 }
+
+/// The margin that decided row `row` (flat: batch x query) of `layer`'s DSA selection in a
+/// transformers dump, computed here from its recorded `dsa.scores` [B, S, T] alone, independently
+/// of glimpse: the K-th minus the (K+1)-th best causal score (+inf when every causal key is kept).
+pub fn dsa_margin_from_scores(d: &glimpse::dump::Dump, layer: usize, row: usize) -> f32 {
+    let (glimpse::dump::Values::F32(scores), shape) = d.values(&format!("layers.{layer}.dsa.scores")).unwrap() else {
+        panic!("layers.{layer}.dsa.scores are not floats")
+    };
+    let (s, t) = (shape[1], shape[2]);
+    let k = d.shape(&format!("layers.{layer}.dsa.topk")).unwrap()[2];
+    let mut causal = scores[row * t..row * t + row % s + 1].to_vec();
+    if causal.len() <= k {
+        return f32::INFINITY;
+    }
+    causal.sort_by(|a, b| b.total_cmp(a));
+    causal[k - 1] - causal[k]
+}
