@@ -90,19 +90,15 @@ pub fn compare(
 }
 
 /// Each flip's margins on both sides: `dsa.margin` is [B, S] and `moe.margin` [B*S], indexed by
-/// the same flat row as the selection they decided; a shared-indexer layer's DSA rows take those
-/// of the full layer whose keys it reuses (`Config::indexer_source`).
+/// the same flat row as the selection they decided (`flips::deciding`: a shared-indexer layer's
+/// DSA rows take those of the full layer whose keys it reuses).
 fn add_margins(
     c: &mut Comparison,
     point: HookPoint,
     (decode, prefill): (&BTreeMap<HookPoint, Tensor>, &BTreeMap<HookPoint, Tensor>),
     config: &Config,
 ) -> Result<()> {
-    let point = match point {
-        HookPoint::Layer(i, LayerHook::DsaTopk) => HookPoint::Layer(config.indexer_source(i), LayerHook::DsaTopk),
-        p => p,
-    };
-    let Some(margin) = point.margin() else { return Ok(()) };
+    let Some(margin) = crate::flips::deciding(point, config).margin() else { return Ok(()) };
     let get = |m: &BTreeMap<HookPoint, Tensor>| -> Result<Option<Vec<f32>>> {
         Ok(match m.get(&margin) {
             Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),

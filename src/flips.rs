@@ -5,6 +5,7 @@
 //! only where it makes the recorded choice. `verify`, `diff` and the terminal UI class flips here.
 
 use crate::compare::Flip;
+use crate::config::Config;
 use crate::diff::{floats, ints};
 use crate::dump::Dump;
 use crate::hooks::{HookPoint, LayerHook};
@@ -36,6 +37,16 @@ impl Class {
             Class::Real => "real",
             Class::Unknown => "unknown",
         }
+    }
+}
+
+/// The selection whose margins decided `selection`'s rows: itself, or for a shared-indexer
+/// layer's `dsa.topk` that of the full layer whose keys it reuses (`Config::indexer_source`),
+/// since a shared layer records no margin or scores of its own.
+pub fn deciding(selection: HookPoint, config: &Config) -> HookPoint {
+    match selection {
+        HookPoint::Layer(i, LayerHook::DsaTopk) => HookPoint::Layer(config.indexer_source(i), LayerHook::DsaTopk),
+        p => p,
     }
 }
 

@@ -12,7 +12,7 @@ use glimpse_tui::{
 use crate::audit::LayerLoad;
 use crate::checkpoint::Checkpoint;
 use crate::compare::{Comparison, Detail};
-use crate::config::{Config, IndexerKind, MlpKind};
+use crate::config::{IndexerKind, MlpKind};
 use crate::diff::{diff, DiffOptions};
 use crate::dump::{self, DumpWriter};
 use crate::dump::{Dump, Values};
@@ -58,16 +58,16 @@ fn layer_names(d: &Dump) -> BTreeMap<usize, Vec<String>> {
 }
 
 impl DumpSource {
-    /// `opts` compare `ours` with the reference (its routers and near-tie threshold class the
-    /// flips); `config` names each layer's blocks.
+    /// `opts` compare `ours` with the reference (its routers, config and near-tie threshold class
+    /// the flips); its config, when it has one, also names each layer's blocks.
     pub fn new(
         title: String,
         ours: Dump,
         reference: Option<Dump>,
-        config: Option<&Config>,
         opts: &DiffOptions,
         owned: Option<TempFile>,
     ) -> Result<Self> {
+        let config = opts.config.as_ref();
         let tokens = ours.tokens()?;
         let report = match &reference {
             Some(r) => Some(diff(&ours, r, opts)?),
@@ -398,8 +398,7 @@ pub fn open(o: &Open) -> Result<DumpSource> {
             if let Some(c) = &ckpt {
                 (opts.routers, opts.config) = (Some(Routers::read(c)?), Some(c.config.clone()));
             }
-            let config = ckpt.as_ref().map(|c| &c.config);
-            return DumpSource::new(title, Dump::open(path)?, reference, config, &opts, None);
+            return DumpSource::new(title, Dump::open(path)?, reference, &opts, None);
         }
         (None, Some(dir)) => dir,
         (None, None) => return Err(Error::Usage("give a model or a dump".into())),
@@ -437,5 +436,5 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     // The routers recompute the reference's routing margins from its gate logits.
     opts.routers = Some(Routers::of_layers(&model.config, &model.layers));
     opts.config = Some(ckpt.config.clone());
-    DumpSource::new(title, Dump::open(&tmp)?, reference, Some(&ckpt.config), &opts, Some(owned))
+    DumpSource::new(title, Dump::open(&tmp)?, reference, &opts, Some(owned))
 }

@@ -82,8 +82,8 @@ impl Verifier<'_> {
     /// Gives each flip the margins that decided its row: ours as this run reported them, the
     /// reference's as its dump records them or as recomputed from its indexer scores and gate
     /// logits (`flips::margins_in`) with the routers `routers` gives (asked only when there are
-    /// flips; None leaves the reference's routing margins unknown). A shared-indexer layer's DSA
-    /// rows were decided in the full layer it reuses (`indexer_source`), so they take its margins.
+    /// flips; None leaves the reference's routing margins unknown), from the selection that decided
+    /// them (`flips::deciding`).
     fn attach_margins(&mut self, config: &Config, routers: impl FnOnce() -> Option<Routers>) {
         let has_flips = |c: &Comparison| matches!(&c.detail, Detail::Sets { flips, .. } if !flips.is_empty());
         if !self.results.iter().any(has_flips) {
@@ -91,13 +91,7 @@ impl Verifier<'_> {
         }
         let routers = routers();
         for c in self.results.iter_mut().filter(|c| has_flips(c)) {
-            let point = match HookPoint::parse(&c.name) {
-                Some(HookPoint::Layer(i, LayerHook::DsaTopk)) => {
-                    HookPoint::Layer(config.indexer_source(i), LayerHook::DsaTopk)
-                }
-                Some(p) => p,
-                None => continue,
-            };
+            let Some(point) = HookPoint::parse(&c.name).map(|p| flips::deciding(p, config)) else { continue };
             let router = routers.as_ref().zip(point.layer()).and_then(|(r, i)| r.layer(i));
             let reference = flips::margins_in(self.golden, point, router);
             c.set_margins(self.margins.get(&point.name()).map(Vec::as_slice), reference.as_deref());

@@ -31,16 +31,15 @@ fn default_source(tmp: &Path) -> DumpSource {
     let mut w = DumpWriter::create(&path, Selector::default(), model.max_hook_points()).unwrap();
     model.forward(&reference.tokens().unwrap(), &mut w).unwrap();
     w.finish(&dump::metadata("test", None, None)).unwrap();
-    let opts = DiffOptions::default();
-    DumpSource::new("default".into(), Dump::open(&path).unwrap(), Some(reference), Some(&ckpt.config), &opts, None)
-        .unwrap()
+    let opts = DiffOptions { config: Some(ckpt.config.clone()), ..Default::default() };
+    DumpSource::new("default".into(), Dump::open(&path).unwrap(), Some(reference), &opts, None).unwrap()
 }
 
 /// The bundled bf16 port (transformers in bfloat16) against the f32 reference: it has flips,
 /// classed with golden/flat's routers (the reference records gate logits, not margins).
 fn port_source() -> DumpSource {
     let (ours, reference) = port_dumps();
-    DumpSource::new("bf16 port".into(), ours, Some(reference), None, &port_options(), None).unwrap()
+    DumpSource::new("bf16 port".into(), ours, Some(reference), &port_options(), None).unwrap()
 }
 
 fn port_dumps() -> (Dump, Dump) {
@@ -301,8 +300,8 @@ fn every_view_draws_a_dump_with_the_mtp_layer() {
     let ckpt = Checkpoint::open(&dir).unwrap();
     let reference = Dump::open(&dir.join("reference.safetensors")).unwrap();
     let again = Dump::open(&dir.join("reference.safetensors")).unwrap();
-    let opts = DiffOptions::default();
-    let src = DumpSource::new("mtp".into(), again, Some(reference), Some(&ckpt.config), &opts, None).unwrap();
+    let opts = DiffOptions { config: Some(ckpt.config), ..Default::default() };
+    let src = DumpSource::new("mtp".into(), again, Some(reference), &opts, None).unwrap();
     let mut app = App::default();
     let mut seen_mtp_layer = false;
     for view in [View::Layers, View::Activations, View::Routing, View::Load, View::Dsa, View::KvNorms] {
