@@ -30,6 +30,7 @@ use rayon::prelude::*;
 
 use super::fp8::Fp8Weight;
 use super::gemv::Bf16Weight;
+use super::{isa, Isa};
 use crate::st::e4m3_table;
 
 /// Outputs per panel (two vectors of 16 f32).
@@ -124,24 +125,7 @@ fn interleave<T: Copy + Sync>(w: &[T], n: usize, k: usize, f: impl Fn(T) -> u16 
     data
 }
 
-/// Which kernel this CPU runs: AVX-512F (`model::avx512f`), else AVX2 with FMA (`model::avx2`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isa {
-    Avx512,
-    Avx2,
-}
-
-fn isa() -> Option<Isa> {
-    if super::avx512f() {
-        Some(Isa::Avx512)
-    } else if super::avx2() {
-        Some(Isa::Avx2)
-    } else {
-        None
-    }
-}
-
-/// Whether this CPU runs a kernel (AVX-512F, or AVX2 with FMA).
+/// Whether this CPU runs a kernel (`model::isa`).
 pub fn available() -> bool {
     isa().is_some()
 }
@@ -398,12 +382,6 @@ mod tests {
     use super::super::gemv::widen;
     use super::*;
 
-    /// The kernels this CPU has (whatever `GLIMPSE_NO_*` say: each is tested where it can run).
-    fn kernels_here() -> Vec<Isa> {
-        let isa = |avx512| if avx512 { Isa::Avx512 } else { Isa::Avx2 };
-        super::super::kernels_on_this_cpu().into_iter().map(isa).collect()
-    }
-
     /// Sizes off every block (rows of either kernel, panels and their halves, KC), against an
     /// f64 sum of the same values, on each kernel.
     #[test]
@@ -411,7 +389,7 @@ mod tests {
         // (493 rows: three passes of 240, the last partial; 49 outputs: a panel's high half partial;
         // for the AVX2 kernel's halves, 45 outputs: the second half's low vector partial, 59: its
         // high one, 7: no second half.)
-        for isa in kernels_here() {
+        for isa in crate::model::kernels_on_this_cpu() {
             for (m, n, k) in [
                 (13, 45, 77),
                 (1, 32, 600),
@@ -450,7 +428,7 @@ mod tests {
         let panels = Panels::of_fp8(&view).unwrap();
         let m = 13;
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
-        for isa in kernels_here() {
+        for isa in crate::model::kernels_on_this_cpu() {
             assert_matches_sum(&matmul_on(Some(isa), &x, m, &panels), &x, &view.to_f32(), (m, 70, k), isa);
         }
         let straddled = Fp8Weight::from_codes(&codes, [rows, k], vec![1.0; 3 * 5], [48, 128]).unwrap();

@@ -16,15 +16,11 @@
 
 use super::fp8::Fp8Weight;
 use super::gemv::{by_weight_rows, MAX_ROWS};
+use super::{isa, Isa};
 
 /// Whether this CPU and this weight's blocks take the kernel.
 pub fn available(w: &Fp8Weight) -> bool {
     isa().is_some() && w.block()[1].is_multiple_of(16)
-}
-
-/// The kernel this CPU runs: Some(true) for AVX-512F, Some(false) for AVX2 (`model::avx2`).
-fn isa() -> Option<bool> {
-    super::avx2().then(super::avx512f) // (`avx512f` implies `avx2`)
 }
 
 /// `x W^T` for `x` [m, cols] (row-major, m <= MAX_ROWS) where [`available`]: returns [m, rows],
@@ -37,8 +33,8 @@ pub fn matmul_nt_fp8(x: &[f32], m: usize, w: &Fp8Weight, threads: usize) -> Opti
 /// [`matmul_nt_fp8`] on the AVX-512 kernel or the AVX2 one (the tests run both where they can).
 ///
 /// # Safety
-/// The CPU must have AVX-512F (`avx512`) or AVX2 with FMA and F16C (`!avx512`).
-unsafe fn matmul_on(avx512: bool, x: &[f32], m: usize, w: &Fp8Weight, threads: usize) -> Option<Vec<f32>> {
+/// The CPU must run `isa` (`model::isa` says it does, or the tests' `kernels_on_this_cpu`).
+unsafe fn matmul_on(isa: Isa, x: &[f32], m: usize, w: &Fp8Weight, threads: usize) -> Option<Vec<f32>> {
     let ([n, k], [br, bc], row0, sc) = (w.shape(), w.block(), w.row0(), w.scale_cols());
     if !bc.is_multiple_of(16) || m > MAX_ROWS || x.len() != m * k {
         return None;
@@ -50,7 +46,7 @@ unsafe fn matmul_on(avx512: bool, x: &[f32], m: usize, w: &Fp8Weight, threads: u
         #[cfg(target_arch = "x86_64")]
         unsafe {
             let w = &codes[j * k..(j + 1) * k];
-            if avx512 {
+            if isa == Isa::Avx512 {
                 x86::dots(w, scale, bc, x, m, o)
             } else {
                 x86::dots_avx2(w, scale, bc, x, m, o)
@@ -196,8 +192,8 @@ mod tests {
     /// dequantisation, summed in f64. Then a NaN code, which must reach its output only.
     #[test]
     fn fp8_products_match_the_dequantised_weight() {
-        for avx512 in crate::model::kernels_on_this_cpu() {
-            check_kernel(avx512);
+        for isa in crate::model::kernels_on_this_cpu() {
+            check_kernel(isa);
         }
     }
 
@@ -208,23 +204,23 @@ mod tests {
     fn every_code_widens_exactly_in_every_lane() {
         let codes: Vec<u8> = (0..=255u8).flat_map(|q| [q; 16]).collect();
         let w = Fp8Weight::from_codes(&codes, [256, 16], vec![0.5, 3.0], [128, 16]).unwrap();
-        for avx512 in crate::model::kernels_on_this_cpu() {
+        for isa in crate::model::kernels_on_this_cpu() {
             for lane in 0..16 {
                 let x: Vec<f32> = (0..16).map(|i| if i == lane { 1.0 } else { 0.0 }).collect();
                 // SAFETY: `kernels_on_this_cpu` detected the kernel's features.
-                let y = unsafe { matmul_on(avx512, &x, 1, &w, 2) }.unwrap();
+                let y = unsafe { matmul_on(isa, &x, 1, &w, 2) }.unwrap();
                 for (q, &got) in y.iter().enumerate() {
                     let want = crate::st::e4m3_to_f32(q as u8) * if q < 128 { 0.5 } else { 3.0 };
                     assert!(
                         got == want || got.is_nan() && want.is_nan(),
-                        "avx512 {avx512}, code {q:#04x}, lane {lane}: {got} vs {want}"
+                        "{isa:?}, code {q:#04x}, lane {lane}: {got} vs {want}"
                     );
                 }
             }
         }
     }
 
-    fn check_kernel(avx512: bool) {
+    fn check_kernel(isa: Isa) {
         let (rows, k, block) = (150, 300, [64, 32]);
         let mut codes: Vec<u8> = (0..rows * k).map(|i| ((i * 37 + 11) % 256) as u8 & 0xf7).collect(); // no NaN
         let scale: Vec<f32> = (0..3 * 10).map(|i| 0.25 + i as f32 * 0.125).collect();
@@ -236,7 +232,7 @@ mod tests {
             for m in 1..=MAX_ROWS {
                 let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
                 // SAFETY: `kernels_on_this_cpu` detected the kernel's features.
-                let y = unsafe { matmul_on(avx512, &x, m, &view, 3) }.unwrap();
+                let y = unsafe { matmul_on(isa, &x, m, &view, 3) }.unwrap();
                 for r in 0..m {
                     for j in 0..100 {
                         let want: f64 = (0..k).map(|c| wide[j * k + c] as f64 * x[r * k + c] as f64).sum();
@@ -247,17 +243,17 @@ mod tests {
             pairs
         };
         for (got, want) in check(&codes) {
-            assert!((got as f64 - want).abs() <= 1e-3 * (1.0 + want.abs()), "avx512 {avx512}: {got} against {want}");
+            assert!((got as f64 - want).abs() <= 1e-3 * (1.0 + want.abs()), "{isa:?}: {got} against {want}");
         }
         codes[(37 + 5) * k + 290] = 0xff; // output 5's row, in the scalar tail
         codes[(37 + 9) * k + 7] = 0x7f; // output 9's, in the vector steps
         for (got, want) in check(&codes) {
-            assert_eq!(got.is_nan(), want.is_nan(), "avx512 {avx512}: {got} against {want}");
+            assert_eq!(got.is_nan(), want.is_nan(), "{isa:?}: {got} against {want}");
         }
         let stored = Fp8Weight::from_codes(&codes, [rows, k], scale.clone(), block).unwrap();
         // SAFETY: as above.
-        assert_eq!(unsafe { matmul_on(avx512, &[], 0, &stored, 2) }, Some(vec![]), "no rows");
+        assert_eq!(unsafe { matmul_on(isa, &[], 0, &stored, 2) }, Some(vec![]), "no rows");
         let narrow = Fp8Weight::from_codes(&codes, [rows, k], vec![1.0; 3 * 38], [64, 8]).unwrap();
-        assert!(unsafe { matmul_on(avx512, &vec![0.0; k], 1, &narrow, 1) }.is_none(), "blocks of 8 inputs");
+        assert!(unsafe { matmul_on(isa, &vec![0.0; k], 1, &narrow, 1) }.is_none(), "blocks of 8 inputs");
     }
 }

@@ -167,19 +167,37 @@ pub fn avx512f() -> bool {
     })
 }
 
-/// The kernels this CPU can run, whatever `GLIMPSE_NO_*` say: AVX-512F (true) and AVX2 with FMA
-/// and F16C (false), widest first. The kernels' tests run each one the CPU has.
+/// The vector kernels the CPU paths run (`bf16_gemm`, `fp8_gemv`): AVX-512F, else AVX2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Avx512,
+    Avx2,
+}
+
+/// The widest kernel this CPU runs and `GLIMPSE_NO_*` allow; None for the portable paths.
+pub(crate) fn isa() -> Option<Isa> {
+    if avx512f() {
+        Some(Isa::Avx512)
+    } else if avx2() {
+        Some(Isa::Avx2)
+    } else {
+        None
+    }
+}
+
+/// The kernels this CPU can run, whatever `GLIMPSE_NO_*` say, widest first: the kernels' tests
+/// run each one the CPU has.
 #[cfg(test)]
-pub(crate) fn kernels_on_this_cpu() -> Vec<bool> {
+pub(crate) fn kernels_on_this_cpu() -> Vec<Isa> {
     #[cfg(target_arch = "x86_64")]
-    let here: Vec<bool> = {
+    let here: Vec<Isa> = {
         let avx2 =
             is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
         let avx512 = avx2 && is_x86_feature_detected!("avx512f");
-        [(avx512, true), (avx2, false)].into_iter().filter(|k| k.0).map(|k| k.1).collect()
+        [(avx512, Isa::Avx512), (avx2, Isa::Avx2)].into_iter().filter(|k| k.0).map(|k| k.1).collect()
     };
     #[cfg(not(target_arch = "x86_64"))]
-    let here: Vec<bool> = Vec::new();
+    let here: Vec<Isa> = Vec::new();
     if here.is_empty() {
         eprintln!("skipped: this CPU has neither AVX-512F nor AVX2 with FMA and F16C");
     }
