@@ -10,6 +10,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use glimpse::model::amx::{self, Tiles};
 use glimpse::model::bf16_gemm::{self, Panels};
 use glimpse::model::gemv::Bf16Weight;
 
@@ -35,8 +36,8 @@ fn main() -> candle_core::Result<()> {
         (1024, 4096, 6144),
     ];
     println!(
-        "{:>5} {:>6} {:>6} | {:>14} {:>14} | {:>14} {:>14} | {:>12}",
-        "m", "n", "k", "[n,k] default", "[k,n] default", "[n,k] packed", "[k,n] packed", "bf16 panels"
+        "{:>5} {:>6} {:>6} | {:>14} {:>14} | {:>14} {:>14} | {:>12} {:>12}",
+        "m", "n", "k", "[n,k] default", "[k,n] default", "[n,k] packed", "[k,n] packed", "bf16 panels", "AMX tiles"
     );
     let mut rows = Vec::new();
     for pack in [false, true] {
@@ -63,7 +64,15 @@ fn main() -> candle_core::Result<()> {
                     ),
                     None => format!("{:>12}", "no kernel"),
                 };
-                rows[i] = format!("{} | {stored:>14.0} {transposed:>14.0} | {ours}", rows[i]);
+                let tiles = Tiles::new(&Bf16Weight::from_bits(&bits, n, k, 0).expect("bf16 weight"));
+                let amx = match &tiles {
+                    Some(t) => format!(
+                        "{:>12.0}",
+                        flops / median_secs(|| Tensor::new(&amx::matmul(&xs, m, t)[..1], &Device::Cpu))?
+                    ),
+                    None => format!("{:>12}", "no AMX"),
+                };
+                rows[i] = format!("{} | {stored:>14.0} {transposed:>14.0} | {ours} {amx}", rows[i]);
             } else {
                 rows.push(format!("{m:>5} {n:>6} {k:>6} | {stored:>14.0} {transposed:>14.0}"));
             }

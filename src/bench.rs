@@ -29,6 +29,8 @@ pub struct BenchReport {
     /// an observer that wants nothing: the whole cost of hooks when nothing is recorded.
     pub hook_calls: usize,
     pub ns_per_hook_call: f64,
+    /// What the products ran on (`model::cpu_products`).
+    pub products: String,
 }
 
 /// Wants nothing, counts how often it is asked.
@@ -131,6 +133,7 @@ pub fn run(
         peak_rss_bytes: peak_rss(),
         hook_calls,
         ns_per_hook_call: time_empty_emit(),
+        products: crate::model::cpu_products(),
     })
 }
 
@@ -263,7 +266,8 @@ impl DeviceBench {
 impl BenchReport {
     pub fn render(&self) -> String {
         let (p, r) = (median(&self.plain_s), median(&self.recording_s));
-        let mut s = format!(
+        let mut s = format!("CPU products: {}\n", self.products);
+        s += &format!(
             "load (open; bf16 weights stay memory-mapped): {:.2} s; first prefill (pages in, packs bf16): {:.2} s\n",
             self.load_s, self.first_s
         );

@@ -2,6 +2,7 @@
 //! [`Model::forward`] runs a whole batch; `embed`, `layer` and `head` expose the same steps one at
 //! a time so `verify --isolate` can feed any layer the reference's own input.
 
+pub mod amx;
 pub mod bf16_gemm;
 pub mod decode;
 pub mod fp8;
@@ -183,6 +184,18 @@ pub(crate) fn isa() -> Option<Isa> {
     } else {
         None
     }
+}
+
+/// What the many-row products (a prefill's) run on here, for reports: bf16 weights on AMX tiles
+/// (`amx`) where the CPU has them, else the panels of `bf16_gemm`, as FP8 weights are.
+pub fn cpu_products() -> String {
+    let panels = match isa() {
+        Some(Isa::Avx512) => "AVX-512 panels",
+        Some(Isa::Avx2) => "AVX2 panels",
+        None => "f32 copies",
+    };
+    let bf16 = if amx::available() { "AMX tiles" } else { panels };
+    format!("bf16 weights on {bf16}, FP8 on {panels}")
 }
 
 /// The kernels this CPU can run, whatever `GLIMPSE_NO_*` say, widest first: the kernels' tests

@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 use candle_core::{Device, Tensor, D};
 use rayon::prelude::*;
 
+use super::amx::{self, Tiles};
 use super::bf16_gemm::{self, Panels};
 use super::fp8::Fp8Weight;
 use super::fp8_gemv;
@@ -34,6 +35,9 @@ impl Weight {
 
 /// What a bf16 or FP8 weight's many-row products (a prefill's) multiply on the CPU.
 pub enum Product {
+    /// A bf16 weight's values in AMX's tile order (`amx`), where the CPU has AMX-BF16: 2 bytes
+    /// a weight.
+    Tiles(Tiles),
     /// The values as bf16 (FP8 codes: exactly; their scales kept beside them) reordered into
     /// panels for the AVX-512 or AVX2 kernel (`bf16_gemm`): 2 bytes a weight.
     Panels(Panels),
@@ -49,6 +53,9 @@ pub enum Product {
 
 impl Product {
     fn of_bf16(w: &Bf16Weight) -> Result<Self> {
+        if let Some(t) = Tiles::new(w) {
+            return Ok(Product::Tiles(t));
+        }
         Ok(match Panels::new(w) {
             Some(p) => Product::Panels(p),
             None => Product::F32T(transposed(w.bits(), [w.rows, w.cols], widen)?),
@@ -65,6 +72,11 @@ impl Product {
     /// x [m, in] -> [m, out]
     fn multiply(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Product::Tiles(t) => {
+                let (m, [n, _]) = (x.dims2()?.0, t.shape()); // x's width checked by Linear::forward
+                let y = amx::matmul(&x.flatten_all()?.to_vec1::<f32>()?, m, t);
+                Ok(Tensor::from_vec(y, (m, n), x.device())?)
+            }
             Product::Panels(p) => {
                 let (m, [n, _]) = (x.dims2()?.0, p.shape()); // x's width checked by Linear::forward
                 let y = bf16_gemm::matmul(&x.flatten_all()?.to_vec1::<f32>()?, m, p);

@@ -1,0 +1,376 @@
+//! Many-row products `x W^T` against a bf16 weight on Intel's AMX tile units (Sapphire Rapids and
+//! later), with f32 results as exact as `bf16_gemm`'s.
+//!
+//! AMX multiplies bf16 by bf16 into f32 accumulators (`tdpbf16ps`). A bf16 weight is bf16 already;
+//! the f32 activations are not, so each is split into three bf16 values whose sum is exactly the
+//! f32 value (`split`: hi holds the top 8 significant bits, mid the next 8, lo the last 8), and
+//! the product is the sum of three tile products. Each bf16 x bf16 product is exact in f32 (8 + 8
+//! significant bits), and the accumulation is f32, so only the summation order differs from
+//! other f32 GEMMs (the reference's included), as for `bf16_gemm`. Where we depart from plain f32:
+//! AMX treats a denormal input as zero and flushes denormal results (a product below 1e-38).
+//!
+//! Three tile products per step still move 5x more multiply-adds per cycle than the AVX-512
+//! kernel's FMAs (512 against 32 a core, in theory), which is the point: the prefill is
+//! arithmetic, and `bf16_gemm` is already near the FMA units' limit (docs/performance.md).
+//!
+//! Layout: the weight `[n, k]` is reordered once into groups of 16 outputs, each `[k / 2][16][2]`
+//! (AMX's "VNNI" order: a tile row holds two consecutive inputs of 16 outputs), `k` padded with
+//! zeros to a multiple of 32 and the groups to an even count; 2 bytes a weight, as the panels.
+//! The kernel holds a 32 x 32 block of outputs in four tiles (tmm0-3), and per 32 inputs loads two
+//! weight tiles (tmm6-7) and, for each of hi, mid and lo, two activation tiles (tmm4-5): 12 tile
+//! products.
+//!
+//! Linux hands out the tile registers only to a process that asks (`arch_prctl`); `available`
+//! asks once. `GLIMPSE_NO_AMX=1` (or either of `model::avx512f`'s switches) keeps the AVX-512
+//! kernel, which CI uses to run the golden cases through both.
+
+// Off x86_64 there are no tiles (`available` is false), and what only feeds them goes unused.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables))]
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use super::gemv::Bf16Weight;
+
+/// Outputs per tile (16 f32 a tile row), and per weight group.
+const TN: usize = 16;
+/// Token rows per tile.
+const TM: usize = 16;
+/// Inputs per tile product (32 bf16 a 64-byte tile row).
+const TK: usize = 32;
+/// Outputs and token rows per kernel call: 2 x 2 tiles.
+const BLOCK: usize = 32;
+/// Inputs per pass: the split activations of a pass (3 x MC x KC bf16, 768 KB) stay in L2 while
+/// every weight group reads them.
+const KC: usize = 1024;
+/// Token rows per pass.
+const MC: usize = 128;
+const _: () = assert!(KC.is_multiple_of(TK) && MC.is_multiple_of(BLOCK) && BLOCK == 2 * TN && BLOCK == 2 * TM);
+
+/// Whether this CPU has AMX-BF16, the OS lets this process use the tiles, and no switch keeps
+/// the AVX-512 kernel.
+pub fn available() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| super::avx512f() && std::env::var_os("GLIMPSE_NO_AMX").is_none() && tiles_granted())
+}
+
+/// CPUID's AMX-TILE and AMX-BF16 bits, then Linux's permission for the tile data
+/// (`ARCH_REQ_XCOMP_PERM` for XFEATURE_XTILEDATA), which holds for every thread of the process.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn tiles_granted() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: CPUID leaf 7 exists on every x86_64 CPU with AVX-512F (checked by the caller).
+    // (Safe to call from Rust 1.94 on; the block keeps older toolchains building.)
+    #[allow(unused_unsafe)]
+    let leaf7 = unsafe { std::arch::x86_64::__cpuid_count(7, 0) };
+    let (amx_bf16, amx_tile) = (leaf7.edx & (1 << 22) != 0, leaf7.edx & (1 << 24) != 0);
+    // SAFETY: a request for a permission; it changes nothing but the process's XSAVE state size.
+    amx_bf16 && amx_tile && unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) } == 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn tiles_granted() -> bool {
+    false
+}
+
+/// A bf16 weight `[n, k]` in AMX order for [`matmul`]. Only made where the tiles run.
+pub struct Tiles {
+    data: Vec<u16>, // [n_groups][kp / 2][16][2], n_groups even
+    n: usize,
+    k: usize,
+}
+
+impl Tiles {
+    /// A bf16 weight's values in AMX order, or None where the tiles do not run.
+    pub fn new(w: &Bf16Weight) -> Option<Self> {
+        available().then(|| Tiles::of(w))
+    }
+
+    fn of(w: &Bf16Weight) -> Self {
+        let (n, k, bits) = (w.rows, w.cols, w.bits());
+        let kp = k.div_ceil(TK) * TK;
+        let groups = n.div_ceil(BLOCK) * 2;
+        let mut data = vec![0u16; groups * kp * TN];
+        // A group's 16 rows are read 64 inputs at a time, so the interleaved writes stay in 2 KB.
+        const RUN: usize = 64;
+        data.par_chunks_mut((kp * TN).max(1)).enumerate().for_each(|(g, group)| {
+            for k0 in (0..k).step_by(RUN) {
+                let k1 = (k0 + RUN).min(k);
+                for c in 0..TN.min(n.saturating_sub(g * TN)) {
+                    let row = &bits[(g * TN + c) * k..(g * TN + c + 1) * k];
+                    for (kk, &v) in row.iter().enumerate().take(k1).skip(k0) {
+                        group[(kk / 2) * 2 * TN + 2 * c + kk % 2] = v;
+                    }
+                }
+            }
+        });
+        Tiles { data, n, k }
+    }
+
+    /// `[n, k]`: outputs, inputs.
+    pub fn shape(&self) -> [usize; 2] {
+        [self.n, self.k]
+    }
+
+    /// Inputs, padded to whole tiles.
+    fn kp(&self) -> usize {
+        self.k.div_ceil(TK) * TK
+    }
+}
+
+/// `x` as three bf16 values (bit patterns) whose sum is exactly `x`: each takes the top 8
+/// significant bits of what the ones before left (truncation, so none can overflow, and each
+/// remainder is exact in f32). A NaN or an infinity is carried whole by `hi`.
+#[inline(always)]
+fn split(x: f32) -> [u16; 3] {
+    let top = |v: f32| (v.to_bits() >> 16) as u16;
+    let wide = |b: u16| f32::from_bits((b as u32) << 16);
+    let finite = x.is_finite();
+    let hi = if x.is_nan() { 0x7FC0 } else { top(x) }; // (a NaN's payload may lie in the low bits)
+    let r = x - wide(hi); // the low 16 bits of x's significand: exact
+    let mid = if finite { top(r) } else { 0 };
+    let lo = if finite { top(r - wide(mid)) } else { 0 }; // at most 8 significant bits left: exact
+    [hi, mid, lo]
+}
+
+/// One row of `x` split into its three bf16 rows, `row` being `[hi | mid | lo]`, each as long as
+/// the padded pass (the padding left zero).
+fn split_row(x: &[f32], row: &mut [u16]) {
+    let width = row.len() / 3;
+    row.fill(0);
+    let (hi, rest) = row.split_at_mut(width);
+    let (mid, lo) = rest.split_at_mut(width);
+    for (((&v, h), m), l) in x.iter().zip(hi).zip(mid).zip(lo) {
+        [*h, *m, *l] = split(v);
+    }
+}
+
+/// `x W^T`: x `[m, k]` row-major -> `[m, n]` row-major, on rayon's pool (a task per 32 outputs).
+pub fn matmul(x: &[f32], m: usize, w: &Tiles) -> Vec<f32> {
+    let [n, k] = w.shape();
+    assert_eq!(x.len(), m * k, "amx::matmul: x has {} values, not {m} x {k}", x.len());
+    let mut y = vec![0f32; m * n];
+    if m == 0 || n == 0 || !available() {
+        return y; // (`Tiles` exist only where `available`.)
+    }
+    let kp = w.kp();
+    let mut parts = vec![0u16; 3 * MC * KC]; // [MC][hi, mid, lo][kcp]
+    let out = Out(y.as_mut_ptr());
+    for m0 in (0..m).step_by(MC) {
+        let rows = MC.min(m - m0);
+        let mp = rows.div_ceil(BLOCK) * BLOCK; // padded with zero rows
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            // Padded with zero inputs; row r of the pass's activations is hi at r * stride, mid
+            // and lo after it.
+            let kcp = kc.div_ceil(TK) * TK;
+            let stride = 3 * kcp;
+            parts[..mp * stride].par_chunks_mut(stride).enumerate().for_each(|(r, row)| match r < rows {
+                true => split_row(&x[(m0 + r) * k + k0..(m0 + r) * k + k0 + kc], row),
+                false => row.fill(0),
+            });
+            let parts = &parts[..mp * stride];
+            (0..n.div_ceil(BLOCK)).into_par_iter().for_each(|j| {
+                let out = &out;
+                let cols = BLOCK.min(n - j * BLOCK);
+                let at = |g: usize| (g * kp + k0) * TN; // group g's weights from input k0
+                let (b0, b1) =
+                    (&w.data[at(2 * j)..at(2 * j) + kcp * TN], &w.data[at(2 * j + 1)..at(2 * j + 1) + kcp * TN]);
+                let mut c = [0f32; BLOCK * BLOCK];
+                // SAFETY: `available` (checked above) says this CPU has the tiles and the OS
+                // granted them; each task configures them before use and releases them after.
+                unsafe { tiles::configure() };
+                for i0 in (0..rows).step_by(BLOCK) {
+                    let a = [0, 1, 2].map(|p| &parts[i0 * stride + p * kcp..(i0 + BLOCK) * stride]);
+                    // SAFETY: each slice holds the 32 x kcp (or kcp / 2 x 32) values the kernel
+                    // reads, and c the 32 x 32 it writes.
+                    unsafe { tiles::block(a, stride, [b0, b1], kcp / TK, &mut c) };
+                    for (r, c_row) in c.chunks(BLOCK).enumerate().take(rows - i0) {
+                        // SAFETY: row m0 + i0 + r < m of y, columns 32 j .. 32 j + cols <= n,
+                        // which only this task writes (one task per 32 columns; passes over k
+                        // run one after another).
+                        let y_row =
+                            unsafe { std::slice::from_raw_parts_mut(out.0.add((m0 + i0 + r) * n + j * BLOCK), cols) };
+                        if k0 == 0 {
+                            y_row.copy_from_slice(&c_row[..cols]);
+                        } else {
+                            y_row.iter_mut().zip(c_row).for_each(|(y, c)| *y += c);
+                        }
+                    }
+                }
+                // SAFETY: as `configure`.
+                unsafe { tiles::release() };
+            });
+        }
+    }
+    y
+}
+
+/// The output's base pointer, shared by the tasks, which write disjoint columns.
+struct Out(*mut f32);
+// SAFETY: see `matmul`: every task writes its own columns, and none reads another's.
+unsafe impl Sync for Out {}
+
+#[cfg(target_arch = "x86_64")]
+mod tiles {
+    use std::arch::asm;
+
+    use super::{BLOCK, TK, TN};
+
+    /// The tile configuration (`ldtilecfg`'s 64-byte operand): palette 1, eight tiles of 16
+    /// rows x 64 bytes.
+    #[repr(C, align(64))]
+    struct Config {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    static CONFIG: Config = Config {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+        rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+    };
+
+    /// Loads [`CONFIG`] into this thread's tile unit.
+    ///
+    /// # Safety
+    /// The CPU has AMX and the OS granted this process the tile data (`super::available`).
+    pub unsafe fn configure() {
+        asm!("ldtilecfg [{0}]", in(reg) &CONFIG, options(nostack, readonly));
+    }
+
+    /// Returns the tiles to their initial state (so a context switch does not save 8 KB of them).
+    ///
+    /// # Safety
+    /// As [`configure`].
+    pub unsafe fn release() {
+        asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// `c[32][32] = sum over steps of a[p] . b` for the split activations `a` (hi, mid, lo: each
+    /// 32 rows `stride` bf16 apart, from the pass's first input) and the two weight groups `b`
+    /// (`[steps * 16][16][2]` each), `steps` of 32 inputs.
+    ///
+    /// # Safety
+    /// As [`configure`], after it on this thread; the slices hold what is read (checked in debug).
+    pub unsafe fn block(a: [&[u16]; 3], stride: usize, b: [&[u16]; 2], steps: usize, c: &mut [f32; BLOCK * BLOCK]) {
+        debug_assert!(a.iter().all(|a| a.len() >= (BLOCK - 1) * stride + steps * TK));
+        debug_assert!(b.iter().all(|b| b.len() >= steps * TK * TN));
+        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+        let sa = stride * 2; // bytes between rows of a
+        let half = 16 * stride; // a's second tile of rows
+        for s in 0..steps {
+            let (b0, b1) = (b[0].as_ptr().add(s * TK * TN), b[1].as_ptr().add(s * TK * TN));
+            asm!(
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                b0 = in(reg) b0, b1 = in(reg) b1, sb = in(reg) 64usize,
+                options(nostack, readonly),
+            );
+            for part in a {
+                let a0 = part.as_ptr().add(s * TK);
+                asm!(
+                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a0, a1 = in(reg) a0.add(half), sa = in(reg) sa,
+                    options(nostack, readonly),
+                );
+            }
+        }
+        let (c0, sc) = (c.as_mut_ptr(), BLOCK * 4); // c rows are 128 bytes apart
+        asm!(
+            "tilestored [{c0} + {sc}*1], tmm0",
+            "tilestored [{c1} + {sc}*1], tmm1",
+            "tilestored [{c2} + {sc}*1], tmm2",
+            "tilestored [{c3} + {sc}*1], tmm3",
+            c0 = in(reg) c0, c1 = in(reg) c0.add(TN), c2 = in(reg) c0.add(16 * BLOCK), c3 = in(reg) c0.add(16 * BLOCK + TN),
+            sc = in(reg) sc,
+            options(nostack),
+        );
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod tiles {
+    pub unsafe fn configure() {}
+    pub unsafe fn release() {}
+    pub unsafe fn block(
+        _: [&[u16]; 3],
+        _: usize,
+        _: [&[u16]; 2],
+        _: usize,
+        _: &mut [f32; super::BLOCK * super::BLOCK],
+    ) {
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// hi + mid + lo is x, for values across the exponent range, both signs, and the
+    /// non-finite ones.
+    #[test]
+    fn split_is_exact() {
+        let wide = |b: u16| f32::from_bits((b as u32) << 16);
+        let mut state = 0x9E37_79B9u32;
+        for i in 0..200_000 {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            let x = f32::from_bits(state);
+            if !x.is_finite() || x.abs() < 1e-30 {
+                continue; // (below that, lo would be an f32 denormal)
+            }
+            let [hi, mid, lo] = split(x);
+            // In the order the tiles add them (hi first); exact, so any order gives x.
+            assert_eq!(wide(hi) + wide(mid) + wide(lo), x, "value {i}: {x:e}");
+        }
+        assert!(wide(split(f32::NAN)[0]).is_nan());
+        assert_eq!(split(f32::NEG_INFINITY), [0xFF80, 0, 0]);
+        assert_eq!(split(f32::MAX).map(wide).iter().sum::<f32>(), f32::MAX);
+    }
+
+    /// Sizes off every block (32 x 32 blocks, 16-row tiles, the 32-input step, the KC pass and
+    /// MC's rows), activations that need all 24 bits, against an f64 sum, within 3e-7 of the sum
+    /// of the terms' sizes: f32 accumulation measured 7e-8 at most here, and dropping `lo` (2^-16
+    /// of each product) 1.2e-6.
+    #[test]
+    fn tiles_multiply_as_the_plain_sum() {
+        if !available() {
+            eprintln!("skipped: no AMX-BF16 here (or GLIMPSE_NO_AMX / GLIMPSE_NO_AVX512 set)");
+            return;
+        }
+        for (m, n, k) in
+            [(13, 45, 77), (1, 32, 600), (33, 1, 1030), (32, 64, 512), (300, 49, 2100), (7, 7, 9), (5, 7, 0)]
+        {
+            let w = Bf16Weight::test_matrix(n, k);
+            let tiles = Tiles::of(&w);
+            let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.6180).sin() * 1.001).collect();
+            let y = matmul(&x, m, &tiles);
+            let wide: Vec<f32> = w.bits().iter().map(|&b| super::super::gemv::widen(b)).collect();
+            for i in 0..m {
+                for j in 0..n {
+                    let terms = (0..k).map(|c| wide[j * k + c] as f64 * x[i * k + c] as f64);
+                    let (want, size): (f64, f64) = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+                    let got = y[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 3e-7 * size + 1e-30,
+                        "[{m}, {n}, {k}] at ({i}, {j}): {got} vs {want} (sum of |terms| {size})"
+                    );
+                }
+            }
+        }
+    }
+}
