@@ -29,8 +29,8 @@ pub struct BenchReport {
     /// an observer that wants nothing: the whole cost of hooks when nothing is recorded.
     pub hook_calls: usize,
     pub ns_per_hook_call: f64,
-    /// What the products ran on (`model::cpu_products`).
-    pub products: String,
+    /// What the bf16 and FP8 weights' products ran on (`model::cpu_products`).
+    pub products: &'static str,
 }
 
 /// Wants nothing, counts how often it is asked.
@@ -266,7 +266,7 @@ impl DeviceBench {
 impl BenchReport {
     pub fn render(&self) -> String {
         let (p, r) = (median(&self.plain_s), median(&self.recording_s));
-        let mut s = format!("CPU products: {}\n", self.products);
+        let mut s = format!("products of bf16 and FP8 weights: {}\n", self.products);
         s += &format!(
             "load (open; bf16 weights stay memory-mapped): {:.2} s; first prefill (pages in, packs bf16): {:.2} s\n",
             self.load_s, self.first_s

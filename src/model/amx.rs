@@ -31,7 +31,9 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::fp8::Fp8Weight;
 use super::gemv::Bf16Weight;
+use crate::st::e4m3_table;
 
 /// Outputs per tile (16 f32 a tile row), and per weight group.
 const TN: usize = 16;
@@ -75,11 +77,14 @@ fn tiles_granted() -> bool {
     false
 }
 
-/// A bf16 weight `[n, k]` in AMX order for [`matmul`]. Only made where the tiles run.
+/// A bf16 or block-FP8 weight `[n, k]` in AMX order for [`matmul`]. Only made where the tiles run.
 pub struct Tiles {
     data: Vec<u16>, // [n_groups][kp / 2][16][2], n_groups even
     n: usize,
     k: usize,
+    /// Block-FP8 weights: each 32 outputs' scale for each block of `bc` inputs,
+    /// `[ceil(n / 32)][ceil(k / bc)]`, and `bc`.
+    scale: Option<(Vec<f32>, usize)>,
 }
 
 impl Tiles {
@@ -89,24 +94,35 @@ impl Tiles {
     }
 
     fn of(w: &Bf16Weight) -> Self {
-        let (n, k, bits) = (w.rows, w.cols, w.bits());
-        let kp = k.div_ceil(TK) * TK;
-        let groups = n.div_ceil(BLOCK) * 2;
-        let mut data = vec![0u16; groups * kp * TN];
-        // A group's 16 rows are read 64 inputs at a time, so the interleaved writes stay in 2 KB.
-        const RUN: usize = 64;
-        data.par_chunks_mut((kp * TN).max(1)).enumerate().for_each(|(g, group)| {
-            for k0 in (0..k).step_by(RUN) {
-                let k1 = (k0 + RUN).min(k);
-                for c in 0..TN.min(n.saturating_sub(g * TN)) {
-                    let row = &bits[(g * TN + c) * k..(g * TN + c + 1) * k];
-                    for (kk, &v) in row.iter().enumerate().take(k1).skip(k0) {
-                        group[(kk / 2) * 2 * TN + 2 * c + kk % 2] = v;
-                    }
-                }
-            }
-        });
-        Tiles { data, n, k }
+        Tiles { data: vnni(w.bits(), w.rows, w.cols, |b| b), n: w.rows, k: w.cols, scale: None }
+    }
+
+    /// A block-FP8 weight's codes (exactly, as bf16) in AMX order with its scales, or None where
+    /// the tiles do not run or its blocks do not fit them: 32 outputs must share a block of rows
+    /// (blocks of rows and the view's first row multiples of 32) and a tile step of 32 inputs a
+    /// block of inputs (blocks of inputs a multiple of 32). GLM-5's blocks are 128 x 128.
+    ///
+    /// Each block's partial sums are scaled once (`sum_b s_b (sum_k x_k q_k)`), where the
+    /// reference multiplies each code by its scale first (`sum_k x_k (q_k s_b)`): the same sum in
+    /// another rounding order, not the same f32 products as the panels' path.
+    pub fn from_fp8(w: &Fp8Weight) -> Option<Self> {
+        available().then(|| Tiles::of_fp8(w)).flatten()
+    }
+
+    fn of_fp8(w: &Fp8Weight) -> Option<Self> {
+        let ([n, k], [br, bc], row0) = (w.shape(), w.block(), w.row0());
+        if !br.is_multiple_of(BLOCK) || !row0.is_multiple_of(BLOCK) || !bc.is_multiple_of(TK) {
+            return None;
+        }
+        let bf16 = e4m3_table().map(|v| (v.to_bits() >> 16) as u16); // exact: 3 mantissa bits
+        let (blocks, grid) = (k.div_ceil(bc), w.scale());
+        let scale = (0..n.div_ceil(BLOCK))
+            .flat_map(|j| {
+                let from = (row0 + j * BLOCK) / br * w.scale_cols();
+                grid[from..from + blocks].iter().copied()
+            })
+            .collect();
+        Some(Tiles { data: vnni(w.bytes(), n, k, |q| bf16[q as usize]), n, k, scale: Some((scale, bc)) })
     }
 
     /// `[n, k]`: outputs, inputs.
@@ -118,6 +134,36 @@ impl Tiles {
     fn kp(&self) -> usize {
         self.k.div_ceil(TK) * TK
     }
+
+    /// Inputs per pass: KC, or for block-FP8 the most whole blocks that fit (at least one), so
+    /// no block crosses a pass.
+    fn pass(&self) -> usize {
+        match &self.scale {
+            Some((_, bc)) => (KC / bc).max(1) * bc,
+            None => KC,
+        }
+    }
+}
+
+/// `w` `[n, k]` row-major, each value mapped by `f` to bf16 bits, in AMX order (padded with
+/// zeros). A group's 16 rows are read 64 inputs at a time, so the interleaved writes stay in 2 KB.
+fn vnni<T: Copy + Sync>(w: &[T], n: usize, k: usize, f: impl Fn(T) -> u16 + Sync) -> Vec<u16> {
+    const RUN: usize = 64;
+    let kp = k.div_ceil(TK) * TK;
+    let groups = n.div_ceil(BLOCK) * 2;
+    let mut data = vec![0u16; groups * kp * TN];
+    data.par_chunks_mut((kp * TN).max(1)).enumerate().for_each(|(g, group)| {
+        for k0 in (0..k).step_by(RUN) {
+            let k1 = (k0 + RUN).min(k);
+            for c in 0..TN.min(n.saturating_sub(g * TN)) {
+                let row = &w[(g * TN + c) * k..(g * TN + c + 1) * k];
+                for (kk, &v) in row.iter().enumerate().take(k1).skip(k0) {
+                    group[(kk / 2) * 2 * TN + 2 * c + kk % 2] = f(v);
+                }
+            }
+        }
+    });
+    data
 }
 
 /// `x` as three bf16 values (bit patterns) whose sum is exactly `x`: each takes the top 8
@@ -155,14 +201,14 @@ pub fn matmul(x: &[f32], m: usize, w: &Tiles) -> Vec<f32> {
     if m == 0 || n == 0 || !available() {
         return y; // (`Tiles` exist only where `available`.)
     }
-    let kp = w.kp();
-    let mut parts = vec![0u16; 3 * MC * KC]; // [MC][hi, mid, lo][kcp]
+    let (kp, pass) = (w.kp(), w.pass());
+    let mut parts = vec![0u16; 3 * MC * pass.div_ceil(TK) * TK]; // [MC][hi, mid, lo][kcp]
     let out = Out(y.as_mut_ptr());
     for m0 in (0..m).step_by(MC) {
         let rows = MC.min(m - m0);
         let mp = rows.div_ceil(BLOCK) * BLOCK; // padded with zero rows
-        for k0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - k0);
+        for k0 in (0..k).step_by(pass) {
+            let kc = pass.min(k - k0);
             // Padded with zero inputs; row r of the pass's activations is hi at r * stride, mid
             // and lo after it.
             let kcp = kc.div_ceil(TK) * TK;
@@ -178,6 +224,12 @@ pub fn matmul(x: &[f32], m: usize, w: &Tiles) -> Vec<f32> {
                 let at = |g: usize| (g * kp + k0) * TN; // group g's weights from input k0
                 let (b0, b1) =
                     (&w.data[at(2 * j)..at(2 * j) + kcp * TN], &w.data[at(2 * j + 1)..at(2 * j + 1) + kcp * TN]);
+                // Block-FP8: these 32 outputs' scales from the pass's first block on, and the
+                // tile steps in a block.
+                let scale = w.scale.as_ref().map(|(s, bc)| {
+                    let blocks = k.div_ceil(*bc);
+                    (&s[j * blocks + k0 / bc..(j + 1) * blocks], bc / TK)
+                });
                 let mut c = [0f32; BLOCK * BLOCK];
                 // SAFETY: `available` (checked above) says this CPU has the tiles and the OS
                 // granted them; each task configures them before use and releases them after.
@@ -186,7 +238,7 @@ pub fn matmul(x: &[f32], m: usize, w: &Tiles) -> Vec<f32> {
                     let a = [0, 1, 2].map(|p| &parts[i0 * stride + p * kcp..(i0 + BLOCK) * stride]);
                     // SAFETY: each slice holds the 32 x kcp (or kcp / 2 x 32) values the kernel
                     // reads, and c the 32 x 32 it writes.
-                    unsafe { tiles::block(a, stride, [b0, b1], kcp / TK, &mut c) };
+                    unsafe { tiles::block(a, stride, [b0, b1], kcp / TK, scale, &mut c) };
                     for (r, c_row) in c.chunks(BLOCK).enumerate().take(rows - i0) {
                         // SAFETY: row m0 + i0 + r < m of y, columns 32 j .. 32 j + cols <= n,
                         // which only this task writes (one task per 32 columns; passes over k
@@ -256,17 +308,42 @@ mod tiles {
 
     /// `c[32][32] = sum over steps of a[p] . b` for the split activations `a` (hi, mid, lo: each
     /// 32 rows `stride` bf16 apart, from the pass's first input) and the two weight groups `b`
-    /// (`[steps * 16][16][2]` each), `steps` of 32 inputs.
+    /// (`[steps * 16][16][2]` each), `steps` of 32 inputs; with `scale` (block-FP8: a scale per
+    /// block of `per` steps), each block's sum times its scale.
     ///
     /// # Safety
     /// As [`configure`], after it on this thread; the slices hold what is read (checked in debug).
-    pub unsafe fn block(a: [&[u16]; 3], stride: usize, b: [&[u16]; 2], steps: usize, c: &mut [f32; BLOCK * BLOCK]) {
+    pub unsafe fn block(
+        a: [&[u16]; 3],
+        stride: usize,
+        b: [&[u16]; 2],
+        steps: usize,
+        scale: Option<(&[f32], usize)>,
+        c: &mut [f32; BLOCK * BLOCK],
+    ) {
         debug_assert!(a.iter().all(|a| a.len() >= (BLOCK - 1) * stride + steps * TK));
         debug_assert!(b.iter().all(|b| b.len() >= steps * TK * TN));
+        let Some((scale, per)) = scale else {
+            products(a, stride, b, 0..steps);
+            return store(c);
+        };
+        debug_assert!(per > 0 && scale.len() >= steps.div_ceil(per));
+        let mut sum = [0f32; BLOCK * BLOCK];
+        for (s0, &sv) in (0..steps).step_by(per).zip(scale) {
+            products(a, stride, b, s0..(s0 + per).min(steps));
+            store(c);
+            add_scaled(&mut sum, sv, c);
+        }
+        *c = sum;
+    }
+
+    /// tmm0-3 = the sum over `steps` of the 12 tile products each.
+    #[inline(always)]
+    unsafe fn products(a: [&[u16]; 3], stride: usize, b: [&[u16]; 2], steps: std::ops::Range<usize>) {
         asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
         let sa = stride * 2; // bytes between rows of a
         let half = 16 * stride; // a's second tile of rows
-        for s in 0..steps {
+        for s in steps {
             let (b0, b1) = (b[0].as_ptr().add(s * TK * TN), b[1].as_ptr().add(s * TK * TN));
             asm!(
                 "tileloadd tmm6, [{b0} + {sb}*1]",
@@ -288,6 +365,11 @@ mod tiles {
                 );
             }
         }
+    }
+
+    /// c = tmm0-3, as 32 rows of 32.
+    #[inline(always)]
+    unsafe fn store(c: &mut [f32; BLOCK * BLOCK]) {
         let (c0, sc) = (c.as_mut_ptr(), BLOCK * 4); // c rows are 128 bytes apart
         asm!(
             "tilestored [{c0} + {sc}*1], tmm0",
@@ -298,6 +380,14 @@ mod tiles {
             sc = in(reg) sc,
             options(nostack),
         );
+    }
+
+    /// `sum += s * c` (the loop vectorises under the feature; `super::available` implies it).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn add_scaled(sum: &mut [f32; BLOCK * BLOCK], s: f32, c: &[f32; BLOCK * BLOCK]) {
+        for (y, &v) in sum.iter_mut().zip(c) {
+            *y += s * v;
+        }
     }
 }
 
@@ -310,6 +400,7 @@ mod tiles {
         _: usize,
         _: [&[u16]; 2],
         _: usize,
+        _: Option<(&[f32], usize)>,
         _: &mut [f32; super::BLOCK * super::BLOCK],
     ) {
     }
@@ -318,6 +409,33 @@ mod tiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Block-FP8: a view starting 32 rows into the stored weight (a tile block's boundary, not a
+    /// block's), blocks of 64 x 96 (3 tile steps each; passes of 10 blocks, the last pass and
+    /// block partial), 70 outputs, 45 rows, against the f64 sum of the f32 dequantisation.
+    /// Blocks that do not fit are refused (rows of 48, inputs of 100, a view from row 16).
+    #[test]
+    fn fp8_tiles_multiply_as_the_dequantised_weight() {
+        if !available() {
+            eprintln!("skipped: no AMX-BF16 here (or GLIMPSE_NO_AMX / GLIMPSE_NO_AVX512 set)");
+            return;
+        }
+        let (rows, k, block) = (128, 2000, [64, 96]);
+        let codes: Vec<u8> = (0..rows * k).map(|i| ((i * 37 + 11) % 256) as u8 & 0xf7).collect(); // no NaN codes
+        let scale: Vec<f32> = (0..2 * 21).map(|i| 0.25 + i as f32 * 0.125).collect();
+        let stored = Fp8Weight::from_codes(&codes, [rows, k], scale, block).unwrap();
+        let view = stored.rows(32, 70).unwrap();
+        let tiles = Tiles::of_fp8(&view).unwrap();
+        assert_eq!(tiles.pass(), 960);
+        let m = 45;
+        let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.6180).sin() * 1.001).collect();
+        assert_matches_sum(&matmul(&x, m, &tiles), &x, &view.to_f32(), (m, 70, k));
+        for (block, row0) in [([48, 128], 0), ([64, 100], 0), ([64, 128], 16)] {
+            let scales = rows.div_ceil(block[0]) * k.div_ceil(block[1]);
+            let w = Fp8Weight::from_codes(&codes, [rows, k], vec![1.0; scales], block).unwrap();
+            assert!(Tiles::of_fp8(&w.rows(row0, 32).unwrap()).is_none(), "{block:?} from row {row0}");
+        }
+    }
 
     /// hi + mid + lo is x, for values across the exponent range, both signs, and the
     /// non-finite ones.
@@ -358,18 +476,24 @@ mod tests {
             let w = Bf16Weight::test_matrix(n, k);
             let tiles = Tiles::of(&w);
             let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.6180).sin() * 1.001).collect();
-            let y = matmul(&x, m, &tiles);
             let wide: Vec<f32> = w.bits().iter().map(|&b| super::super::gemv::widen(b)).collect();
-            for i in 0..m {
-                for j in 0..n {
-                    let terms = (0..k).map(|c| wide[j * k + c] as f64 * x[i * k + c] as f64);
-                    let (want, size): (f64, f64) = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
-                    let got = y[i * n + j] as f64;
-                    assert!(
-                        (got - want).abs() <= 3e-7 * size + 1e-30,
-                        "[{m}, {n}, {k}] at ({i}, {j}): {got} vs {want} (sum of |terms| {size})"
-                    );
-                }
+            assert_matches_sum(&matmul(&x, m, &tiles), &x, &wide, (m, n, k));
+        }
+    }
+
+    /// y [m, n] against the f64 sum of x [m, k] times w [n, k]^T, within 3e-7 of the sum of the
+    /// terms' sizes.
+    fn assert_matches_sum(y: &[f32], x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize)) {
+        assert_eq!(y.len(), m * n);
+        for i in 0..m {
+            for j in 0..n {
+                let terms = (0..k).map(|c| w[j * k + c] as f64 * x[i * k + c] as f64);
+                let (want, size): (f64, f64) = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+                let got = y[i * n + j] as f64;
+                assert!(
+                    (got - want).abs() <= 3e-7 * size + 1e-30,
+                    "[{m}, {n}, {k}] at ({i}, {j}): {got} vs {want} (sum of |terms| {size})"
+                );
             }
         }
     }

@@ -186,16 +186,16 @@ pub(crate) fn isa() -> Option<Isa> {
     }
 }
 
-/// What the many-row products (a prefill's) run on here, for reports: bf16 weights on AMX tiles
-/// (`amx`) where the CPU has them, else the panels of `bf16_gemm`, as FP8 weights are.
-pub fn cpu_products() -> String {
-    let panels = match isa() {
-        Some(Isa::Avx512) => "AVX-512 panels",
-        Some(Isa::Avx2) => "AVX2 panels",
-        None => "f32 copies",
-    };
-    let bf16 = if amx::available() { "AMX tiles" } else { panels };
-    format!("bf16 weights on {bf16}, FP8 on {panels}")
+/// What the many-row products (a prefill's) of bf16 and block-FP8 weights run on here, for
+/// reports: AMX tiles (`amx`) where the CPU has them, else the panels of `bf16_gemm`, else f32
+/// copies. (Block-FP8 weights whose blocks fit neither take the f32 copies.)
+pub fn cpu_products() -> &'static str {
+    match (amx::available(), isa()) {
+        (true, _) => "AMX tiles",
+        (false, Some(Isa::Avx512)) => "AVX-512 panels",
+        (false, Some(Isa::Avx2)) => "AVX2 panels",
+        (false, None) => "f32 copies",
+    }
 }
 
 /// The kernels this CPU can run, whatever `GLIMPSE_NO_*` say, widest first: the kernels' tests

@@ -35,8 +35,8 @@ impl Weight {
 
 /// What a bf16 or FP8 weight's many-row products (a prefill's) multiply on the CPU.
 pub enum Product {
-    /// A bf16 weight's values in AMX's tile order (`amx`), where the CPU has AMX-BF16: 2 bytes
-    /// a weight.
+    /// A bf16 weight's values, or a block-FP8 one's codes (with its scales beside them), in AMX's
+    /// tile order (`amx`), where the CPU has AMX-BF16 (and the blocks fit): 2 bytes a weight.
     Tiles(Tiles),
     /// The values as bf16 (FP8 codes: exactly; their scales kept beside them) reordered into
     /// panels for the AVX-512 or AVX2 kernel (`bf16_gemm`): 2 bytes a weight.
@@ -63,6 +63,9 @@ impl Product {
     }
 
     fn of_fp8(w: &Fp8Weight) -> Result<Self> {
+        if let Some(t) = Tiles::from_fp8(w) {
+            return Ok(Product::Tiles(t));
+        }
         Ok(match Panels::from_fp8(w) {
             Some(p) => Product::Panels(p),
             None => Product::F32T(transposed(&w.to_f32(), w.shape(), |x| x)?),
