@@ -1,17 +1,19 @@
-//! Many-row products `x W^T` against a bf16 weight on Intel's AMX tile units (Sapphire Rapids and
-//! later), with f32 results as exact as `bf16_gemm`'s.
+//! Many-row products `x W^T` against a bf16 or block-FP8 weight on Intel's AMX tile units
+//! (Sapphire Rapids and later), with f32 results as exact as `bf16_gemm`'s.
 //!
-//! AMX multiplies bf16 by bf16 into f32 accumulators (`tdpbf16ps`). A bf16 weight is bf16 already;
-//! the f32 activations are not, so each is split into three bf16 values whose sum is exactly the
-//! f32 value (`split`: hi holds the top 8 significant bits, mid the next 8, lo the last 8), and
-//! the product is the sum of three tile products. Each bf16 x bf16 product is exact in f32 (8 + 8
-//! significant bits), and the accumulation is f32, so only the summation order differs from
-//! other f32 GEMMs (the reference's included), as for `bf16_gemm`. Where we depart from plain f32:
-//! AMX treats a denormal input as zero and flushes denormal results (a product below 1e-38).
+//! AMX multiplies bf16 by bf16 into f32 accumulators (`tdpbf16ps`). A bf16 weight is bf16 already,
+//! and an e4m3 code is exactly a bf16 value; the f32 activations are not, so each is split into
+//! three bf16 values whose sum is exactly the f32 value (`split`: hi holds the top 8 significant
+//! bits, mid the next 8, lo the last 8), and the product is the sum of three tile products. Each
+//! bf16 x bf16 product is exact in f32 (8 + 8 significant bits), and the accumulation is f32, so
+//! only the summation order differs from other f32 GEMMs (the reference's included), as for
+//! `bf16_gemm`. Where we depart from plain f32: AMX treats a denormal input as zero and flushes
+//! denormal results (a product below 1e-38); and a block-FP8 block's sum is scaled once, where
+//! the reference scales each code ([`Tiles::from_fp8`]).
 //!
-//! Three tile products per step still move 5x more multiply-adds per cycle than the AVX-512
-//! kernel's FMAs (512 against 32 a core, in theory), which is the point: the prefill is
-//! arithmetic, and `bf16_gemm` is already near the FMA units' limit (docs/performance.md).
+//! In theory a core's tiles do 512 bf16 multiply-adds a cycle, so 170 of ours with three parts,
+//! against 32 for the AVX-512 kernel's FMAs, which `bf16_gemm` already nears: the prefill is
+//! arithmetic. Measured: docs/performance.md.
 //!
 //! Layout: the weight `[n, k]` is reordered once into groups of 16 outputs, each `[k / 2][16][2]`
 //! (AMX's "VNNI" order: a tile row holds two consecutive inputs of 16 outputs), `k` padded with
@@ -268,6 +270,12 @@ unsafe impl Sync for Out {}
 #[cfg(target_arch = "x86_64")]
 mod tiles {
     use std::arch::asm;
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+
+    /// Tile steps ahead that a weight group's tiles are prefetched: the first block of token rows
+    /// reads each weight from memory, and the tile loads stalled on it (22% of the kernel's
+    /// samples on one load). 128-token prefill, alternating: 0.75-0.78 s against 0.80-0.84 s.
+    const AHEAD: usize = 8;
 
     use super::{BLOCK, TK, TN};
 
@@ -343,8 +351,15 @@ mod tiles {
         asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
         let sa = stride * 2; // bytes between rows of a
         let half = 16 * stride; // a's second tile of rows
+        let end = steps.end;
         for s in steps {
             let (b0, b1) = (b[0].as_ptr().add(s * TK * TN), b[1].as_ptr().add(s * TK * TN));
+            if s + AHEAD < end {
+                for line in (0..TK * TN).step_by(32) {
+                    _mm_prefetch::<_MM_HINT_T0>(b0.add(AHEAD * TK * TN + line).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(b1.add(AHEAD * TK * TN + line).cast());
+                }
+            }
             asm!(
                 "tileloadd tmm6, [{b0} + {sb}*1]",
                 "tileloadd tmm7, [{b1} + {sb}*1]",

@@ -21,7 +21,8 @@
 //! `8 h ..` and `16 + 8 h ..`).
 //!
 //! Measured against candle's f32 matmul on the `W^T` copy, at this model's shapes on the project's
-//! 2-core AVX-512 VM: docs/performance.md.
+//! 2-core AVX-512 VM: docs/performance.md. Where the CPU has AMX, `amx.rs` takes these products
+//! (this kernel stays for other CPUs and for FP8 blocks the tiles do not fit).
 
 // Off x86_64 no kernel exists (`available` is false), and what only feeds it goes unused.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables))]
