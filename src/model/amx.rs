@@ -33,9 +33,8 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::fp8::Fp8Weight;
+use super::fp8::{codes_as_bf16, Fp8Weight};
 use super::gemv::Bf16Weight;
-use crate::st::e4m3_table;
 
 /// Outputs per tile (16 f32 a tile row), and per weight group.
 const TN: usize = 16;
@@ -112,18 +111,12 @@ impl Tiles {
     }
 
     fn of_fp8(w: &Fp8Weight) -> Option<Self> {
-        let ([n, k], [br, bc], row0) = (w.shape(), w.block(), w.row0());
-        if !br.is_multiple_of(BLOCK) || !row0.is_multiple_of(BLOCK) || !bc.is_multiple_of(TK) {
+        let ([n, k], [_, bc]) = (w.shape(), w.block());
+        if !bc.is_multiple_of(TK) {
             return None;
         }
-        let bf16 = e4m3_table().map(|v| (v.to_bits() >> 16) as u16); // exact: 3 mantissa bits
-        let (blocks, grid) = (k.div_ceil(bc), w.scale());
-        let scale = (0..n.div_ceil(BLOCK))
-            .flat_map(|j| {
-                let from = (row0 + j * BLOCK) / br * w.scale_cols();
-                grid[from..from + blocks].iter().copied()
-            })
-            .collect();
+        let scale = w.scales_by_rows(BLOCK)?;
+        let bf16 = codes_as_bf16();
         Some(Tiles { data: vnni(w.bytes(), n, k, |q| bf16[q as usize]), n, k, scale: Some((scale, bc)) })
     }
 

@@ -29,10 +29,9 @@
 
 use rayon::prelude::*;
 
-use super::fp8::Fp8Weight;
+use super::fp8::{codes_as_bf16, Fp8Weight};
 use super::gemv::Bf16Weight;
 use super::{isa, Isa};
-use crate::st::e4m3_table;
 
 /// Outputs per panel (two vectors of 16 f32).
 const NR: usize = 32;
@@ -79,20 +78,10 @@ impl Panels {
     }
 
     fn of_fp8(w: &Fp8Weight) -> Option<Self> {
-        let ([n, k], [br, bc], row0) = (w.shape(), w.block(), w.row0());
-        if !takes_fp8_rows(br) || !row0.is_multiple_of(NR) {
-            return None;
-        }
-        let bf16 = e4m3_table().map(|v| (v.to_bits() >> 16) as u16); // exact: 3 mantissa bits
-        let data = interleave(w.bytes(), n, k, |q| bf16[q as usize]);
-        let (blocks, grid) = (k.div_ceil(bc), w.scale());
-        let scale = (0..n.div_ceil(NR))
-            .flat_map(|p| {
-                let from = (row0 + p * NR) / br * w.scale_cols();
-                grid[from..from + blocks].iter().copied()
-            })
-            .collect();
-        Some(Panels { data, n, k, scale: Some((scale, bc)) })
+        let ([n, k], [_, bc]) = (w.shape(), w.block());
+        let scale = w.scales_by_rows(NR)?;
+        let bf16 = codes_as_bf16();
+        Some(Panels { data: interleave(w.bytes(), n, k, |q| bf16[q as usize]), n, k, scale: Some((scale, bc)) })
     }
 
     /// `[n, k]`: outputs, inputs.

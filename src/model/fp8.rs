@@ -9,7 +9,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 use crate::error::{Error, Result};
-use crate::st::e4m3_to_f32;
+use crate::st::{e4m3_table, e4m3_to_f32};
 
 /// Rows of a block-FP8 weight. A row range keeps the whole scale grid and remembers where it
 /// starts (`row0`), since a range need not start on a block (kv_a_proj_with_mqa splits at row
@@ -104,6 +104,18 @@ impl Fp8Weight {
         self.cols.div_ceil(self.block[1])
     }
 
+    /// The scales of each run of `run` rows of this view, `[ceil(rows / run)][scale_cols]`, for
+    /// kernels that hold `run` outputs together; None where a run would span two blocks of rows
+    /// (the block's rows, or the view's first row, not a multiple of `run`).
+    pub fn scales_by_rows(&self, run: usize) -> Option<Vec<f32>> {
+        let ([br, _], cols) = (self.block, self.scale_cols());
+        if run == 0 || !br.is_multiple_of(run) || !self.row0.is_multiple_of(run) {
+            return None;
+        }
+        let runs = (0..self.rows.div_ceil(run)).map(|r| (self.row0 + r * run) / br * cols);
+        Some(runs.flat_map(|from| self.scale[from..from + cols].iter().copied()).collect())
+    }
+
     /// The weight dequantised to f32, row-major: the same products, in the same order, as
     /// `checkpoint::dequantize_blocks` on the decoded codes.
     pub fn to_f32(&self) -> Vec<f32> {
@@ -115,6 +127,12 @@ impl Fp8Weight {
         }
         out
     }
+}
+
+/// Each e4m3 code's value as bf16 bits: exact (a code has 3 mantissa bits), so kernels that
+/// multiply bf16 take FP8 codes through this table.
+pub fn codes_as_bf16() -> [u16; 256] {
+    e4m3_table().map(|v| (v.to_bits() >> 16) as u16)
 }
 
 #[cfg(test)]
