@@ -67,3 +67,24 @@ fn checkpoint_f32_bytes(dir: &Path) -> f64 {
     let params: usize = ckpt.names().map(|n| ckpt.shape(n).unwrap().iter().product::<usize>()).sum();
     params as f64 * 4.0
 }
+
+/// The head is multiplied alike streamed or resident, whatever the rows: a tied bf16 head
+/// (`golden/bf16-fused`) with a prefill's 12 tokens (its f32 copy) and a decode-sized 5 (its bf16
+/// streaming kernel; a streamed band multiplied as f32 rows once differed in the last bits).
+#[test]
+fn a_streamed_head_gives_the_resident_logits_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    for tokens in ["5,17,30,2,99,64,128,7,42,51,100,3", "1,2,3,4,5"] {
+        let p = |name: &str| tmp.path().join(name).to_string_lossy().into_owned();
+        let (resident, streamed) = (p("resident.safetensors"), p("streamed.safetensors"));
+        for (dump, stream) in [(&resident, false), (&streamed, true)] {
+            let mut args = vec!["run", "--model", "golden/bf16-fused", "--tokens", tokens, "--dump", dump];
+            args.extend(stream.then_some("--stream"));
+            let (code, out) = code_and_text(&args);
+            assert_eq!(code, 0, "{out}");
+        }
+        let (code, text) = code_and_text(&["diff", "--atol", "0", "--rtol", "0", &streamed, &resident]);
+        assert_eq!(code, 0, "{tokens}: {text}");
+        assert!(text.contains("no divergence"), "{tokens}: {text}");
+    }
+}

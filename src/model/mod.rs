@@ -113,15 +113,10 @@ impl Model {
         }
         let norm = RmsNorm::load(&mut l, "model.norm", h, cfg.rms_norm_eps);
         let head_name = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
-        let weight = match l.bf16(head_name).filter(|w| (w.rows, w.cols) == (v, h)) {
-            // Tied: the embedding's f32 copy already is the widened head; share it (as W^T, a view).
-            Some(w) if cfg.tie_word_embeddings => {
-                Weight::Bf16(w, std::sync::OnceLock::from(nn::Product::F32T(embed_tokens.t()?)))
-            }
-            Some(w) => Weight::bf16(w),
-            None if cfg.tie_word_embeddings => Weight::F32(embed_tokens.clone()),
-            None => Weight::F32(l.get(head_name, &[v, h])),
-        };
+        let bf16 = l.bf16(head_name).filter(|w| (w.rows, w.cols) == (v, h));
+        let tied = cfg.tie_word_embeddings;
+        let weight =
+            Weight::head(bf16, tied, || Ok(if tied { embed_tokens.clone() } else { l.get(head_name, &[v, h]) }))?;
         let lm_head = Linear { weight, bias: None };
         let model = Model { rotary: RotaryEmbedding::new(&cfg), config: cfg, embed_tokens, layers, norm, lm_head };
         l.finish(model)

@@ -31,6 +31,19 @@ impl Weight {
     pub fn fp8(w: Fp8Weight) -> Self {
         Weight::Fp8(w, OnceLock::new())
     }
+
+    /// lm_head's weight, or a band of its rows, as the model multiplies it: a bf16 one as stored,
+    /// except that a tied head's many-row products take `f32()` (the embedding's f32 rows, the
+    /// same values already widened) rather than a second copy; without bf16, `f32()` itself.
+    /// The resident model and the streamed head's bands both take it, so `--stream` multiplies
+    /// the head through the same kernels and gives the same bits.
+    pub fn head(bf16: Option<Bf16Weight>, tied: bool, f32: impl FnOnce() -> Result<Tensor>) -> Result<Self> {
+        Ok(match bf16 {
+            Some(w) if tied => Weight::Bf16(w, OnceLock::from(Product::F32T(f32()?.t()?))),
+            Some(w) => Weight::bf16(w),
+            None => Weight::F32(f32()?),
+        })
+    }
 }
 
 /// What a bf16 or FP8 weight's many-row products (a prefill's) multiply on the CPU.

@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 
 use super::indexer::Selection;
 use super::layer::DecoderLayer;
-use super::nn::{matmul_nt, Linear, RmsNorm, Weight};
+use super::nn::{Linear, RmsNorm, Weight};
 use super::rope::{RopeTables, RotaryEmbedding};
 use super::{Model, Tokens};
 use crate::checkpoint::{Checkpoint, Loader};
@@ -222,17 +222,15 @@ pub fn head_normed(w: Weights, h: &Tensor, obs: &mut dyn Observer) -> Result<(Te
             if ckpt.shape(name) != Some(want.clone()) {
                 return Err(Error::Weights(format!("`{name}`: expected shape {want:?}, got {:?}", ckpt.shape(name))));
             }
-            // An untied bf16 head multiplies each chunk as the resident model's `lm_head` does (the
-            // same kernel, whose outputs do not depend on the chunking), so the logits are the
-            // same bits; a tied or f32 one through f32 rows, as the resident model's f32 copy.
-            let bf16 = ckpt.bf16_weight(name).filter(|_| !cfg.tie_word_embeddings);
+            // Each band as the resident model holds lm_head (`Weight::head`): the kernels' outputs
+            // do not depend on the banding, so the logits are the same bits.
+            let bf16 = ckpt.bf16_weight(name);
             let mut parts = Vec::new();
             for start in (0..cfg.vocab_size).step_by(HEAD_CHUNK) {
                 let count = HEAD_CHUNK.min(cfg.vocab_size - start);
-                match bf16.as_ref().and_then(|w| w.rows(start, count)) {
-                    Some(rows) => parts.push(Linear { weight: Weight::bf16(rows), bias: None }.forward(&x2)?),
-                    None => parts.push(matmul_nt(&x2, &ckpt.rows(name, start, count)?)?), // [chunk, hidden]
-                }
+                let band = bf16.as_ref().and_then(|w| w.rows(start, count));
+                let weight = Weight::head(band, cfg.tie_word_embeddings, || ckpt.rows(name, start, count))?; // [chunk, hidden]
+                parts.push(Linear { weight, bias: None }.forward(&x2)?);
             }
             ckpt.release(name);
             Tensor::cat(&parts, 1)?
