@@ -33,6 +33,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::bf16_gemm::Out;
 use super::fp8::{codes_as_bf16, Fp8Weight};
 use super::gemv::Bf16Weight;
 
@@ -177,14 +178,17 @@ fn split(x: f32) -> [u16; 3] {
 }
 
 /// One row of `x` split into its three bf16 rows, `row` being `[hi | mid | lo]`, each as long as
-/// the padded pass (the padding left zero).
+/// the padded pass. The padding is zeroed: the weights' padding is zero, but what an earlier pass
+/// left there may be an infinity, and infinity x 0 is NaN.
 fn split_row(x: &[f32], row: &mut [u16]) {
     let width = row.len() / 3;
-    row.fill(0);
     let (hi, rest) = row.split_at_mut(width);
     let (mid, lo) = rest.split_at_mut(width);
-    for (((&v, h), m), l) in x.iter().zip(hi).zip(mid).zip(lo) {
+    for (((&v, h), m), l) in x.iter().zip(&mut *hi).zip(&mut *mid).zip(&mut *lo) {
         [*h, *m, *l] = split(v);
+    }
+    for part in [hi, mid, lo] {
+        part[x.len()..].fill(0);
     }
 }
 
@@ -204,13 +208,13 @@ pub fn matmul(x: &[f32], m: usize, w: &Tiles) -> Vec<f32> {
         let mp = rows.div_ceil(BLOCK) * BLOCK; // padded with zero rows
         for k0 in (0..k).step_by(pass) {
             let kc = pass.min(k - k0);
-            // Padded with zero inputs; row r of the pass's activations is hi at r * stride, mid
-            // and lo after it.
+            // Row r of the pass's activations is hi at r * stride, mid and lo after it. The rows
+            // past `rows` are left as they are: each tile row of outputs reads only its own row
+            // of activations, and those outputs are not kept.
             let kcp = kc.div_ceil(TK) * TK;
             let stride = 3 * kcp;
-            parts[..mp * stride].par_chunks_mut(stride).enumerate().for_each(|(r, row)| match r < rows {
-                true => split_row(&x[(m0 + r) * k + k0..(m0 + r) * k + k0 + kc], row),
-                false => row.fill(0),
+            parts[..rows * stride].par_chunks_mut(stride).enumerate().for_each(|(r, row)| {
+                split_row(&x[(m0 + r) * k + k0..(m0 + r) * k + k0 + kc], row);
             });
             let parts = &parts[..mp * stride];
             (0..n.div_ceil(BLOCK)).into_par_iter().for_each(|j| {
@@ -254,11 +258,6 @@ pub fn matmul(x: &[f32], m: usize, w: &Tiles) -> Vec<f32> {
     }
     y
 }
-
-/// The output's base pointer, shared by the tasks, which write disjoint columns.
-struct Out(*mut f32);
-// SAFETY: see `matmul`: every task writes its own columns, and none reads another's.
-unsafe impl Sync for Out {}
 
 #[cfg(target_arch = "x86_64")]
 mod tiles {
@@ -487,6 +486,13 @@ mod tests {
             let wide: Vec<f32> = w.bits().iter().map(|&b| super::super::gemv::widen(b)).collect();
             assert_matches_sum(&matmul(&x, m, &tiles), &x, &wide, (m, n, k));
         }
+        // An infinity in row 0 of the first pass lies where the second pass (6 inputs, padded to
+        // 32) keeps row 5's padding: row 0 is not finite, and row 5 must still be.
+        let (m, n, k) = (8, 4, 1030);
+        let mut x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.6180).sin()).collect();
+        x[5 * 3 * 32 + 10] = f32::INFINITY;
+        let y = matmul(&x, m, &Tiles::of(&Bf16Weight::test_matrix(n, k)));
+        assert!(!y[..n].iter().all(|v| v.is_finite()) && y[5 * n..6 * n].iter().all(|v| v.is_finite()), "{y:?}");
     }
 
     /// y [m, n] against the f64 sum of x [m, k] times w [n, k]^T, within 3e-7 of the sum of the

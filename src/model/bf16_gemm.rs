@@ -169,9 +169,11 @@ fn matmul_on(isa: Option<Isa>, x: &[f32], m: usize, w: &Panels) -> Vec<f32> {
     y
 }
 
-/// The output's base pointer, shared by the tasks, which write disjoint columns.
-struct Out(*mut f32);
-// SAFETY: see `matmul`: every task writes its own columns, and none reads another's.
+/// The output's base pointer, shared by the tasks of a product (here and in `amx`), which write
+/// disjoint columns.
+pub(super) struct Out(pub(super) *mut f32);
+// SAFETY: see `matmul` (and `amx::matmul`): every task writes its own columns, and none reads
+// another's.
 unsafe impl Sync for Out {}
 
 /// A block-FP8 panel's scales: `per_block[b]` multiplies inputs `b * bc .. (b + 1) * bc`; the
