@@ -87,17 +87,14 @@ impl Product {
 
     /// x [m, in] -> [m, out]
     fn multiply(&self, x: &Tensor) -> Result<Tensor> {
+        // Our kernels take x's values and rows (its width checked by Linear::forward), giving `n` outputs.
+        let ours = |n: usize, kernel: &dyn Fn(&[f32], usize) -> Vec<f32>| -> Result<Tensor> {
+            let m = x.dims2()?.0;
+            Ok(Tensor::from_vec(kernel(&x.flatten_all()?.to_vec1::<f32>()?, m), (m, n), x.device())?)
+        };
         match self {
-            Product::Tiles(t) => {
-                let (m, [n, _]) = (x.dims2()?.0, t.shape()); // x's width checked by Linear::forward
-                let y = amx::matmul(&x.flatten_all()?.to_vec1::<f32>()?, m, t);
-                Ok(Tensor::from_vec(y, (m, n), x.device())?)
-            }
-            Product::Panels(p) => {
-                let (m, [n, _]) = (x.dims2()?.0, p.shape()); // x's width checked by Linear::forward
-                let y = bf16_gemm::matmul(&x.flatten_all()?.to_vec1::<f32>()?, m, p);
-                Ok(Tensor::from_vec(y, (m, n), x.device())?)
-            }
+            Product::Tiles(t) => ours(t.shape()[0], &|xs, m| amx::matmul(xs, m, t)),
+            Product::Panels(p) => ours(p.shape()[0], &|xs, m| bf16_gemm::matmul(xs, m, p)),
             Product::F32T(wt) => matmul(x, wt),
         }
     }
