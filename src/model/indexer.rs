@@ -11,6 +11,7 @@
 
 use candle_core::{Device, Tensor};
 
+use super::attention::index_scores;
 use super::nn::{LayerNorm, Linear};
 use super::rope::RopeTables;
 use crate::checkpoint::Loader;
@@ -125,11 +126,7 @@ impl Indexer {
                 let (scores, t) = w.scores(x, q_latent, rope, keys)?; // [B, S, T]
                 let offset = t - s;
                 emit(obs, HookPoint::Layer(layer, LayerHook::DsaScores), || {
-                    let mut masked = scores.clone();
-                    for (r, row) in masked.chunks_exact_mut(t).enumerate() {
-                        row[offset + r % s + 1..].fill(f32::NEG_INFINITY);
-                    }
-                    Ok(Tensor::from_vec(masked, (b, s, t), &Device::Cpu)?)
+                    Ok(Tensor::from_vec(scores.clone(), (b, s, t), &Device::Cpu)?)
                 })?;
                 let selection = top_k_causal(&scores, b, s, offset, w.topk);
                 emit(obs, HookPoint::Layer(layer, LayerHook::DsaMargin), || {
@@ -145,7 +142,7 @@ impl Indexer {
 }
 
 impl IndexerWeights {
-    /// Index scores [B, S, T] before the causal mask, and T: the queries against their own keys
+    /// Index scores [B, S, T] (`-inf` at non-causal keys), and T: the queries against their own keys
     /// (T = S), or against every key in `cache` after appending their own.
     pub fn scores(
         &self,
@@ -158,7 +155,6 @@ impl IndexerWeights {
         let (n, d) = (self.n_heads, self.head_dim);
         let mut q = self.wq_b.forward(q_latent)?.flatten_all()?.to_vec1::<f32>()?; // [B, S, n, d]
         rope.apply(&mut q, s, n, d, 0);
-        let q = Tensor::from_vec(q, (b, s, n, d), &Device::Cpu)?.transpose(1, 2)?.contiguous()?; // [B, n, S, d]
         let mut k = self.k_norm.forward(&self.wk.forward(x)?)?.flatten_all()?.to_vec1::<f32>()?; // [B, S, d]
         rope.apply(&mut k, s, 1, d, 0);
         let k = Tensor::from_vec(k, (b, s, d), &Device::Cpu)?; // [B, S, d]
@@ -167,14 +163,10 @@ impl IndexerWeights {
             None => k,
         };
         let t = k.dims()[1];
-        let scale = (d as f64).powf(-0.5);
-        // One key head for all index heads: heads folded into the rows, not the cache broadcast.
-        let per_head = q.reshape((b, n * s, d))?.matmul(&k.t()?)?.reshape((b, n, s, t))?; // [B, n, S, T]
-        let per_head = (per_head * scale)?.relu()?;
         let w = (self.weights_proj.forward(x)? * (n as f64).powf(-0.5))?; // [B, S, n]
-        let w = w.transpose(1, 2)?.unsqueeze(3)?; // [B, n, S, 1]
-        let scores = per_head.broadcast_mul(&w)?.sum(1)?; // [B, S, T]
-        Ok((scores.flatten_all()?.to_vec1::<f32>()?, t))
+        let (k, w) = (k.flatten_all()?.to_vec1::<f32>()?, w.flatten_all()?.to_vec1::<f32>()?);
+        let scale = (d as f32).powf(-0.5);
+        Ok((index_scores(&q, &k, &w, [b, s, t, n, d], scale), t)) // [B, S, T]
     }
 }
 

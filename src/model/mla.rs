@@ -5,9 +5,10 @@
 
 use candle_core::{Device, Tensor, D};
 
+use super::attention::{sparse_attention, Dims};
 use super::decode::LayerCache;
 use super::indexer::{append, Indexer, Selection};
-use super::nn::{softmax_last, Linear, RmsNorm};
+use super::nn::{Linear, RmsNorm};
 use super::rope::RopeTables;
 use crate::checkpoint::Loader;
 use crate::config::Config;
@@ -97,19 +98,16 @@ impl Attention {
         }
 
         // Expand the latent into per-head keys and values.
-        let kv = self.kv_b_proj.forward(&kv_latent)?.reshape((b, s, nh, nope + vd))?.transpose(1, 2)?; // [B, nh, S, nope + v]
-        let k_nope = kv.narrow(D::Minus1, 0, nope)?; // [B, nh, S, nope]
-        let v = kv.narrow(D::Minus1, nope, vd)?.contiguous()?; // [B, nh, S, v]
-        let k_rope = k_rope.unsqueeze(1)?.broadcast_as((b, nh, s, rd))?; // [B, nh, S, rope]
-        let k = Tensor::cat(&[&k_nope, &k_rope], D::Minus1)?; // [B, nh, S, qk]
+        let kv = self.kv_b_proj.forward(&kv_latent)?; // [B, S, nh * (nope + v)]
 
         // DSA: this layer's selection (or the shared one), then attention over it only.
         // With an empty cache, the index keys it receives are exactly these positions' own.
         let keys = cache.map(|c| &mut c.index_keys);
         let selection = self.select(layer, x, &q_latent, rope, keys, sel, obs)?;
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * self.scale)?; // [B, nh, S, S]
-        let probs = softmax_last(&scores.broadcast_add(&selection.mask(0)?)?)?; // [B, nh, S, S]
-        let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, nh * vd))?; // [B, S, nh * v]
+        let dims = Dims { batch: b, seq: s, keys: s, heads: nh, nope, rope: rd, v: vd };
+        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let o = sparse_attention(&flat(&q)?, &flat(&kv)?, &flat(&k_rope)?, selection, dims, self.scale as f32);
+        let o = Tensor::from_vec(o, (b, s, nh * vd), &Device::Cpu)?; // [B, S, nh * v]
         let out = self.o_proj.forward(&o)?; // [B, S, hidden]
         emit(obs, HookPoint::Layer(layer, LayerHook::AttnOut), || Ok(out.clone()))?;
         Ok(out)

@@ -3,6 +3,7 @@
 //! a time so `verify --isolate` can feed any layer the reference's own input.
 
 pub mod amx;
+pub mod attention;
 pub mod bf16_gemm;
 pub mod decode;
 pub mod fp8;
