@@ -50,7 +50,7 @@ for r in $(seq 1 "$rounds"); do
   g_first=$(echo "$out" | sed -n 's/.*first prefill[^:]*: \([0-9.]*\) s.*/\1/p')
   g_medians+=("$g")
   t_json=$("$python" -c "$reference" "$model" "$tokens" "$threads" "$repeat" 2>/dev/null | tail -n 1)
-  t=$("$python" -c 'import json,sys; print(json.loads(sys.argv[1])["median"])' "$t_json")
+  t=$("$python" -c 'import json,sys; print(round(json.loads(sys.argv[1])["median"], 3))' "$t_json")
   t_load=$("$python" -c 'import json,sys; print(round(json.loads(sys.argv[1])["load"], 2))' "$t_json")
   t_medians+=("$t")
   echo "round $r: glimpse ${g}s (load ${g_load}s, first prefill ${g_first}s)   transformers ${t}s (load ${t_load}s)"

@@ -108,12 +108,14 @@ pub fn estimate(
     let (h, nh) = (c.hidden_size as u64, c.num_attention_heads as u64);
     let (qk, v) = (c.qk_head_dim() as u64, c.v_head_dim as u64);
     let widest = (c.intermediate_size.max(c.moe_intermediate_size * c.num_experts_per_tok) as u64).max(h);
-    // The indexer's summed scores [B, S, S] and a copy for its hook, the selection (8-byte
-    // positions), each thread's block of scores (model::attention: no per-head S x S matrix is
-    // ever whole), the per-head q/k/v, and a few hidden-sized and intermediate-sized buffers.
+    // The selection (8-byte positions), each thread's block of scores (model::attention: no
+    // S x S matrix is whole, but for the indexer's summed scores [B, S, S] and their copy when a
+    // recording run names them), the per-head q/k/v, and a few hidden-sized and
+    // intermediate-sized buffers.
     let (k, threads) = ((c.index_topk as u64).min(s), rayon::current_num_threads() as u64);
     let blocks = 2 * threads * crate::model::attention::BLOCK as u64 * s;
-    let per_layer = 2 * b * s * s + 2 * b * s * k + blocks + 4 * b * s * nh * (qk + v) + 8 * b * s * widest;
+    let whole_scores = if recording { 2 * b * s * s } else { 0 };
+    let per_layer = whole_scores + 2 * b * s * k + blocks + 4 * b * s * nh * (qk + v) + 8 * b * s * widest;
     let logits = 2 * b * s * c.vocab_size as u64;
     let activations = 4 * (per_layer.max(logits) + 4 * b * s * h);
     // Tensors waiting for the dump writer: at most its queue, each at most the logits.

@@ -8,12 +8,14 @@
 //! (the rest are causally masked anyway), drops the keys the selection did not keep, normalises,
 //! and multiplies the values straight into the output: the reference's math, per query, in
 //! another summation order, with scratch of one block's scores. The products go through the
-//! `gemm` crate (candle's own CPU matmul) on strided views, so no key or value is copied.
+//! `gemm` crate (candle's own CPU matmul) on strided views, so no key or value is copied. The
+//! indexer's scores go the same way, and its top-k is taken per block ([`index_topk`]), so its
+//! `[B, S, T]` scores exist only when they are recorded ([`index_scores`]).
 
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::indexer::Selection;
+use super::indexer::{select_row, Selection};
 
 /// Queries per task: enough rows for the products to run at speed, few enough that a prefill of
 /// a few hundred tokens still makes a task for every thread.
@@ -140,7 +142,7 @@ pub(crate) fn sparse_attention(
         row.par_chunks_mut(BLOCK * nh * vd).enumerate().for_each(|(blk, out)| {
             let (i0, m) = (blk * BLOCK, out.len() / (nh * vd));
             let tb = offset + i0 + m; // the keys any query of the block may see
-            let keep = kept(sel, b, i0, m, offset, tb);
+            let keep = kept(sel, b, i0..i0 + m, offset, tb);
             let mut p = vec![0f32; m * tb]; // [m, tb]
             let (kv, k_rope) = (&kv[b * t * nh * kvw..], &k_rope[b * t * rope..]);
             for h in 0..nh {
@@ -170,13 +172,61 @@ pub(crate) fn sparse_attention(
     out
 }
 
-/// Which of the keys `0..tb` each of the queries `i0..i0 + m` of batch row `b` attends to: its
-/// selected keys at or before its own position. [m, tb].
-fn kept(sel: &Selection, b: usize, i0: usize, m: usize, offset: usize, tb: usize) -> Vec<bool> {
-    let mut keep = vec![false; m * tb];
-    for i in 0..m {
-        let row = &mut keep[i * tb..(i + 1) * tb];
-        sel.row(b, i0 + i).iter().filter(|&&key| key <= offset + i0 + i).for_each(|&key| row[key] = true);
+/// Softmax over the selected keys of each query, in the absorbed form (decode): every head reads
+/// the same latent and rope key of a position, so a task takes a block of the folded
+/// (head, query) rows. q_abs: [B, nh, C, r] (queries absorbed into the latent); q_rope:
+/// [B, nh, C, rope]; latents: [B, T, r]; k_rope: [B, T, rope] -> the latents mixed by each row's
+/// probabilities, [B, nh, C, r]. In `d`, `nope` and `v` are both the latent rank r.
+pub(crate) fn absorbed_attention(
+    q_abs: &[f32],
+    q_rope: &[f32],
+    latents: &[f32],
+    k_rope: &[f32],
+    sel: &Selection,
+    d: Dims,
+    scale: f32,
+) -> Vec<f32> {
+    let Dims { batch, seq: c, keys: t, heads: nh, nope: r, rope, .. } = d;
+    let offset = t - c;
+    assert!(q_abs.len() == batch * nh * c * r && q_rope.len() == batch * nh * c * rope);
+    assert!(latents.len() == batch * t * r && k_rope.len() == batch * t * rope);
+    let mut out = vec![0f32; batch * nh * c * r];
+    if out.is_empty() {
+        return out;
+    }
+    out.par_chunks_mut(nh * c * r).enumerate().for_each(|(b, rows)| {
+        rows.par_chunks_mut(BLOCK * r).enumerate().for_each(|(blk, out)| {
+            let (r0, m) = (blk * BLOCK, out.len() / r); // folded rows r0.. are (head, query) pairs
+            let last = (r0..r0 + m).map(|row| row % c).max().unwrap_or(0);
+            let tb = offset + last + 1;
+            let keep = kept(sel, b, (r0..r0 + m).map(|row| row % c), offset, tb);
+            let mut p = vec![0f32; m * tb]; // [m, tb]
+            let latent = View::at(latents, b * t * r, [tb, r, r]);
+            abt(&mut p, tb, View::at(q_abs, (b * nh * c + r0) * r, [m, r, r]), latent, scale, false);
+            let (qr, kr) = (
+                View::at(q_rope, (b * nh * c + r0) * rope, [m, rope, rope]),
+                View::at(k_rope, b * t * rope, [tb, rope, rope]),
+            );
+            abt(&mut p, tb, qr, kr, scale, true);
+            softmax_kept(&mut p, &keep, tb);
+            ab(out, r, View::at(&p, 0, [m, tb, tb]), latent);
+        });
+    });
+    out
+}
+
+/// Which of the keys `0..tb` each of `queries` (indices into batch row `b`'s queries) attends to:
+/// its selected keys at or before its own position. [queries, tb].
+fn kept(
+    sel: &Selection,
+    b: usize,
+    queries: impl ExactSizeIterator<Item = usize>,
+    offset: usize,
+    tb: usize,
+) -> Vec<bool> {
+    let mut keep = vec![false; queries.len() * tb];
+    for (row, q) in keep.chunks_exact_mut(tb).zip(queries) {
+        sel.row(b, q).iter().filter(|&&key| key <= offset + q).for_each(|&key| row[key] = true);
     }
     keep
 }
@@ -196,37 +246,89 @@ fn softmax_kept(p: &mut [f32], keep: &[bool], tb: usize) {
     }
 }
 
+/// The sizes of one indexer call: `[batch, S, T, n_heads, head_dim]`.
+pub(crate) type IndexDims = [usize; 5];
+
 /// The indexer's scores, `Σ_h w[s, h] · relu(scale · q[s, h] · k[t])`, at every causal key and
 /// `-inf` past it. q: [B, S, n, d] (roped); k: [B, T, d] (roped; the last S are the queries' own);
 /// w: [B, S, n] -> [B, S, T]. Heads are summed in order.
-pub(crate) fn index_scores(q: &[f32], k: &[f32], w: &[f32], [batch, s, t, n, d]: [usize; 5], scale: f32) -> Vec<f32> {
-    assert!(q.len() == batch * s * n * d && k.len() == batch * t * d && w.len() == batch * s * n && t >= s);
-    let offset = t - s;
-    let mut out = vec![f32::NEG_INFINITY; batch * s * t];
-    if out.is_empty() {
-        return out;
-    }
-    out.par_chunks_mut(s * t).enumerate().for_each(|(b, rows)| {
-        rows.par_chunks_mut(BLOCK * t).enumerate().for_each(|(blk, out)| {
-            let (i0, m) = (blk * BLOCK, out.len() / t);
-            let tb = offset + i0 + m;
-            let mut head = vec![0f32; m * tb]; // [m, tb]
-            let keys = View::at(k, b * t * d, [tb, d, d]);
-            for h in 0..n {
-                abt(&mut head, tb, View::at(q, ((b * s + i0) * n + h) * d, [m, d, n * d]), keys, scale, false);
-                for (i, (acc, scores)) in out.chunks_exact_mut(t).zip(head.chunks_exact(tb)).enumerate() {
-                    let wi = w[(b * s + i0 + i) * n + h];
-                    let causal = offset + i0 + i + 1;
-                    for (a, &x) in acc[..causal].iter_mut().zip(&scores[..causal]) {
-                        // relu that keeps a NaN, as torch's does
-                        let term = wi * if x < 0.0 { 0.0 } else { x };
-                        *a = if h == 0 { term } else { *a + term };
-                    }
-                }
-            }
+pub(crate) fn index_scores(q: &[f32], k: &[f32], w: &[f32], dims: IndexDims, scale: f32) -> Vec<f32> {
+    let [batch, s, t, ..] = check_index(q, k, w, dims);
+    let mut out = vec![0f32; batch * s * t];
+    if !out.is_empty() {
+        out.par_chunks_mut(s * t).enumerate().for_each(|(b, rows)| {
+            rows.par_chunks_mut(BLOCK * t).enumerate().for_each(|(blk, out)| {
+                index_block(q, k, w, dims, scale, b, blk * BLOCK, out);
+            });
         });
-    });
+    }
     out
+}
+
+/// [`index_scores`]' top `topk` causal keys per query (`top_k_causal`), one block of queries'
+/// scores at a time: the `[B, S, T]` scores are never whole.
+pub(crate) fn index_topk(q: &[f32], k: &[f32], w: &[f32], dims: IndexDims, scale: f32, topk: usize) -> Selection {
+    let [batch, s, t, ..] = check_index(q, k, w, dims);
+    let kk = topk.min(t);
+    let tasks: Vec<(usize, usize)> = (0..batch).flat_map(|b| (0..s.div_ceil(BLOCK)).map(move |blk| (b, blk))).collect();
+    let parts: Vec<(Vec<usize>, Vec<f32>)> = tasks
+        .into_par_iter()
+        .map(|(b, blk)| {
+            let (i0, m) = (blk * BLOCK, BLOCK.min(s - blk * BLOCK));
+            let mut scores = vec![0f32; m * t];
+            index_block(q, k, w, dims, scale, b, i0, &mut scores);
+            let (mut idx, mut margin, mut order) = (Vec::with_capacity(m * kk), Vec::with_capacity(m), Vec::new());
+            for (i, row) in scores.chunks_exact(t).enumerate() {
+                margin.push(select_row(row, t - s + i0 + i, kk, &mut order, &mut idx));
+            }
+            (idx, margin)
+        })
+        .collect();
+    let (idx, margin) = parts.into_iter().fold((vec![], vec![]), |(mut idx, mut margin), (i, m)| {
+        idx.extend(i);
+        margin.extend(m);
+        (idx, margin)
+    });
+    Selection { batch, seq: s, k: kk, idx, margin }
+}
+
+fn check_index(q: &[f32], k: &[f32], w: &[f32], dims: IndexDims) -> IndexDims {
+    let [batch, s, t, n, d] = dims;
+    assert!(q.len() == batch * s * n * d && k.len() == batch * t * d && w.len() == batch * s * n && t >= s);
+    dims
+}
+
+/// The scores of batch row `b`'s queries `i0..i0 + m` into `out` ([m, T], `m` from its length).
+#[allow(clippy::too_many_arguments)]
+fn index_block(
+    q: &[f32],
+    k: &[f32],
+    w: &[f32],
+    [_, s, t, n, d]: IndexDims,
+    scale: f32,
+    b: usize,
+    i0: usize,
+    out: &mut [f32],
+) {
+    let (m, offset) = (out.len() / t, t - s);
+    let tb = offset + i0 + m; // the keys any query of the block may see
+    let mut head = vec![0f32; m * tb]; // [m, tb]
+    let keys = View::at(k, b * t * d, [tb, d, d]);
+    for h in 0..n {
+        abt(&mut head, tb, View::at(q, ((b * s + i0) * n + h) * d, [m, d, n * d]), keys, scale, false);
+        for (i, (acc, scores)) in out.chunks_exact_mut(t).zip(head.chunks_exact(tb)).enumerate() {
+            let wi = w[(b * s + i0 + i) * n + h];
+            let causal = offset + i0 + i + 1;
+            for (a, &x) in acc[..causal].iter_mut().zip(&scores[..causal]) {
+                // relu that keeps a NaN, as torch's does
+                let term = wi * if x < 0.0 { 0.0 } else { x };
+                *a = if h == 0 { term } else { *a + term };
+            }
+        }
+    }
+    for (i, acc) in out.chunks_exact_mut(t).enumerate() {
+        acc[offset + i0 + i + 1..].fill(f32::NEG_INFINITY);
+    }
 }
 
 #[cfg(test)]
@@ -293,6 +395,37 @@ mod tests {
         }
     }
 
+    /// The absorbed form is the expanded form whose heads all expand the latent as itself (keys
+    /// and values both the latent): checked against `sparse_attention` (itself checked in f64)
+    /// with one query, and with 13 queries after 9 cached positions, where a block of folded
+    /// (head, query) rows ends inside a head.
+    #[test]
+    fn absorbed_attention_is_the_expanded_form_with_the_latent_as_keys_and_values() {
+        for (c, offset, topk) in [(1, 0, 4), (1, 20, 6), (13, 9, 5), (13, 9, 40)] {
+            let (batch, nh, r, rope) = (2, 3, 8, 4);
+            let t = offset + c;
+            let (q_abs, q_rope) = (values(batch * nh * c * r, 0.5), values(batch * nh * c * rope, 1.5));
+            let (latents, k_rope) = (values(batch * t * r, 2.5), values(batch * t * rope, 3.5));
+            let sel = top_k_causal(&values(batch * c * t, 4.5), batch, c, offset, topk);
+            let d = Dims { batch, seq: c, keys: t, heads: nh, nope: r, rope, v: r };
+            let ours = absorbed_attention(&q_abs, &q_rope, &latents, &k_rope, &sel, d, 0.3); // [B, nh, C, r]
+            let row = |b: usize, h: usize, i: usize| b * nh * c + h * c + i;
+            let q: Vec<f32> = (0..batch * nh * c)
+                .flat_map(|x| q_abs[x * r..(x + 1) * r].iter().chain(&q_rope[x * rope..(x + 1) * rope]).copied())
+                .collect();
+            let kv: Vec<f32> = (0..batch * t)
+                .flat_map(|x| (0..nh).flat_map(move |_| (0..2).flat_map(move |_| x * r..(x + 1) * r)))
+                .map(|i| latents[i])
+                .collect();
+            let want = sparse_attention(&q, &kv, &k_rope, &sel, d, 0.3); // [B, C, nh, r]
+            for (b, h, i) in (0..batch).flat_map(|b| (0..nh).flat_map(move |h| (0..c).map(move |i| (b, h, i)))) {
+                let (a, e) = (&ours[row(b, h, i) * r..][..r], &want[((b * c + i) * nh + h) * r..][..r]);
+                let err = a.iter().zip(e).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+                assert!(err < 1e-5, "C {c}, offset {offset}, top {topk}, ({b}, {h}, {i}): {err:.2e}");
+            }
+        }
+    }
+
     /// A query whose selection keeps no key at or before it gives NaN, as the reference's softmax
     /// over an all -inf row; the other rows are unaffected.
     #[test]
@@ -332,6 +465,23 @@ mod tests {
                     assert!((x as f64 - want).abs() < 1e-5, "row {r} key {j}: {x} against {want}");
                 }
             }
+        }
+    }
+
+    /// The blocked selection is the selection of the whole scores, bit for bit (positions and
+    /// margins), with cuts and without, off the block size, after cached keys, in batch 2.
+    #[test]
+    fn index_topk_selects_what_the_whole_scores_select() {
+        for (s, offset, topk) in [(1, 0, 3), (45, 0, 64), (2 * BLOCK + 5, 0, 7), (40, 11, 9)] {
+            let (batch, n, d) = (2, 3, 8);
+            let t = offset + s;
+            let (q, k, w) = (values(batch * s * n * d, 0.75), values(batch * t * d, 1.75), values(batch * s * n, 2.75));
+            let dims = [batch, s, t, n, d];
+            let whole = top_k_causal(&index_scores(&q, &k, &w, dims, 0.35), batch, s, offset, topk);
+            let blocked = index_topk(&q, &k, &w, dims, 0.35, topk);
+            assert_eq!((blocked.batch, blocked.seq, blocked.k, &blocked.idx), (batch, s, whole.k, &whole.idx));
+            let bits = |m: &[f32]| m.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&blocked.margin), bits(&whole.margin), "S {s}, offset {offset}, top {topk}");
         }
     }
 

@@ -12,12 +12,12 @@
 use candle_core::utils::get_num_threads;
 use candle_core::{Tensor, D};
 
+use super::attention::{absorbed_attention, Dims};
 use super::gemv::{per_head_bf16, Form, MAX_ROWS};
 use super::indexer::{append, Selection};
 use super::layer::DecoderLayer;
 use super::mla::{Attention, Projected};
 use super::mtp::Mtp;
-use super::nn::softmax_last;
 use super::nn::Weight;
 use super::rope::RopeTables;
 use super::{Model, Tokens, Weights};
@@ -106,8 +106,7 @@ impl Attention {
         let Projected { q_latent, q, kv_latent, k_rope } = self.project(layer, x, rope, obs)?;
         let latents = append(&mut cache.kv_latent, kv_latent)?; // [B, T, r]
         let k_ropes = append(&mut cache.k_rope, k_rope)?; // [B, T, rope]
-        let (b, t, _) = latents.dims3()?;
-        let offset = t - c;
+        let (b, t, _) = latents.dims3()?; // T = the cached positions, then these C
 
         // DSA over the cached index keys: each new query sees every cached position up to its own.
         let selection = self.select(layer, x, &q_latent, rope, Some(&mut cache.index_keys), sel, obs)?;
@@ -115,14 +114,12 @@ impl Attention {
         let q_nope = q.narrow(D::Minus1, 0, nope)?.contiguous()?; // [B, nh, C, nope]
         let q_rope = q.narrow(D::Minus1, nope, rd)?.contiguous()?; // [B, nh, C, rope]
         let q_abs = self.absorb_query(&q_nope)?; // [B, nh, C, r]
-                                                 // Every head reads the same latent and rope key: fold the heads into the rows of one
-                                                 // product per batch row instead of broadcasting the cache to every head.
-        let nh = self.heads;
-        let fold = |t: &Tensor| t.reshape((b, nh * c, ())); // [B, nh, C, d] -> [B, nh * C, d]
-        let scores = (fold(&q_abs)?.matmul(&latents.t()?)? + fold(&q_rope)?.matmul(&k_ropes.t()?)?)?; // [B, nh * C, T]
-        let scores = scores.reshape((b, nh, c, t))?; // [B, nh, C, T]
-        let probs = softmax_last(&(scores * self.scale)?.broadcast_add(&selection.mask(offset)?)?)?; // [B, nh, C, T]
-        let mixed = fold(&probs)?.matmul(&latents)?.reshape((b, nh, c, ()))?; // [B, nh, C, r]
+        let (nh, r) = (self.heads, self.kv_lora_rank);
+        let dims = Dims { batch: b, seq: c, keys: t, heads: nh, nope: r, rope: rd, v: r };
+        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let (q_abs, q_rope, cached) = (flat(&q_abs)?, flat(&q_rope)?, flat(&latents)?);
+        let mixed = absorbed_attention(&q_abs, &q_rope, &cached, &flat(&k_ropes)?, selection, dims, self.scale as f32);
+        let mixed = Tensor::from_vec(mixed, (b, nh, c, r), latents.device())?; // [B, nh, C, r]
         let o = self.absorb_output(&mixed)?; // [B, C, nh * v]
         let out = self.o_proj.forward(&o)?; // [B, C, hidden]
         emit(obs, HookPoint::Layer(layer, LayerHook::AttnOut), || Ok(out.clone()))?;

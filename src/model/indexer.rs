@@ -11,7 +11,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::attention::index_scores;
+use super::attention::{index_scores, index_topk};
 use super::nn::{LayerNorm, Linear};
 use super::rope::RopeTables;
 use crate::checkpoint::Loader;
@@ -68,24 +68,6 @@ impl Selection {
         let v: Vec<i64> = self.idx.iter().map(|&i| i as i64).collect();
         Ok(Tensor::from_vec(v, (self.batch, self.seq, self.k), &Device::Cpu)?)
     }
-
-    /// Additive attention mask [B, 1, S, offset + S] for queries at positions `offset..offset + S`:
-    /// 0 on selected causal keys, -inf elsewhere.
-    pub fn mask(&self, offset: usize) -> Result<Tensor> {
-        let (b, s, t) = (self.batch, self.seq, offset + self.seq);
-        let mut m = vec![f32::NEG_INFINITY; b * s * t];
-        for bi in 0..b {
-            for q in 0..s {
-                let row = &mut m[(bi * s + q) * t..(bi * s + q + 1) * t];
-                for &key in self.row(bi, q) {
-                    if key <= offset + q {
-                        row[key] = 0.0;
-                    }
-                }
-            }
-        }
-        Ok(Tensor::from_vec(m, (b, 1, s, t), &Device::Cpu)?)
-    }
 }
 
 impl Indexer {
@@ -123,12 +105,17 @@ impl Indexer {
         match self {
             Indexer::Full(w) => {
                 let (b, s, _) = x.dims3()?;
-                let (scores, t) = w.scores(x, q_latent, rope, keys)?; // [B, S, T]
-                let offset = t - s;
-                emit(obs, HookPoint::Layer(layer, LayerHook::DsaScores), || {
-                    Ok(Tensor::from_vec(scores.clone(), (b, s, t), &Device::Cpu)?)
-                })?;
-                let selection = top_k_causal(&scores, b, s, offset, w.topk);
+                let IndexInputs { q, k, w: hw, t } = w.inputs(x, q_latent, rope, keys)?;
+                let (dims, scale) = ([b, s, t, w.n_heads, w.head_dim], (w.head_dim as f32).powf(-0.5));
+                // The [B, S, T] scores are held whole only when they are recorded.
+                let point = HookPoint::Layer(layer, LayerHook::DsaScores);
+                let selection = if obs.wants(point) {
+                    let scores = index_scores(&q, &k, &hw, dims, scale); // [B, S, T], -inf past each query
+                    emit(obs, point, || Ok(Tensor::from_vec(scores.clone(), (b, s, t), &Device::Cpu)?))?;
+                    top_k_causal(&scores, b, s, t - s, w.topk)
+                } else {
+                    index_topk(&q, &k, &hw, dims, scale, w.topk)
+                };
                 emit(obs, HookPoint::Layer(layer, LayerHook::DsaMargin), || {
                     Ok(Tensor::from_vec(selection.margin.clone(), (b, s), &Device::Cpu)?)
                 })?;
@@ -141,16 +128,24 @@ impl Indexer {
     }
 }
 
+/// What the indexer's scores are computed from, flat (`IndexerWeights::inputs`).
+pub struct IndexInputs {
+    pub q: Vec<f32>, // [B, S, n, d], roped
+    pub k: Vec<f32>, // [B, T, d], roped
+    pub w: Vec<f32>, // [B, S, n]: weights_proj(x) / sqrt(n)
+    pub t: usize,
+}
+
 impl IndexerWeights {
-    /// Index scores [B, S, T] (`-inf` at non-causal keys), and T: the queries against their own keys
-    /// (T = S), or against every key in `cache` after appending their own.
-    pub fn scores(
+    /// The inputs of the scores: the queries' own keys (T = S), or every key in `cache` after
+    /// appending their own.
+    pub fn inputs(
         &self,
         x: &Tensor,
         q_latent: &Tensor,
         rope: &RopeTables,
         cache: Option<&mut Option<Tensor>>,
-    ) -> Result<(Vec<f32>, usize)> {
+    ) -> Result<IndexInputs> {
         let (b, s, _) = x.dims3()?;
         let (n, d) = (self.n_heads, self.head_dim);
         let mut q = self.wq_b.forward(q_latent)?.flatten_all()?.to_vec1::<f32>()?; // [B, S, n, d]
@@ -164,9 +159,7 @@ impl IndexerWeights {
         };
         let t = k.dims()[1];
         let w = (self.weights_proj.forward(x)? * (n as f64).powf(-0.5))?; // [B, S, n]
-        let (k, w) = (k.flatten_all()?.to_vec1::<f32>()?, w.flatten_all()?.to_vec1::<f32>()?);
-        let scale = (d as f32).powf(-0.5);
-        Ok((index_scores(&q, &k, &w, [b, s, t, n, d], scale), t)) // [B, S, T]
+        Ok(IndexInputs { q, k: k.flatten_all()?.to_vec1::<f32>()?, w: w.flatten_all()?.to_vec1::<f32>()?, t })
     }
 }
 
@@ -189,15 +182,20 @@ pub fn top_k_causal(scores: &[f32], batch: usize, seq: usize, offset: usize, top
     let mut idx = Vec::with_capacity(batch * seq * k);
     let mut margin = Vec::with_capacity(batch * seq);
     let mut order: Vec<usize> = Vec::with_capacity(t);
-    for b in 0..batch {
-        for s in 0..seq {
-            let (row, p) = (&scores[(b * seq + s) * t..(b * seq + s + 1) * t], offset + s);
-            margin.push(top_k_keys(&row[..=p], k, &mut order));
-            order.extend(p + 1..(p + 1).max(k)); // padding past the causal limit
-            idx.extend_from_slice(&order);
-        }
+    for (r, row) in scores[..batch * seq * t].chunks_exact(t).enumerate() {
+        margin.push(select_row(row, offset + r % seq, k, &mut order, &mut idx));
     }
     Selection { batch, seq, k, idx, margin }
+}
+
+/// One query's row of a selection: the `k` best of its scores at keys `0..=p` (`row` may hold
+/// more), padded with the positions after `p` when it has fewer, appended to `idx`; returns the
+/// margin (`top_k_keys`).
+pub fn select_row(row: &[f32], p: usize, k: usize, order: &mut Vec<usize>, idx: &mut Vec<usize>) -> f32 {
+    let margin = top_k_keys(&row[..=p], k, order);
+    order.extend(p + 1..(p + 1).max(k)); // padding past the causal limit
+    idx.extend_from_slice(order);
+    margin
 }
 
 /// The `k` best of `scores` (one query's causal keys), best first (ties by position), into
@@ -242,12 +240,6 @@ mod tests {
         assert_eq!(sel.margin[..3], [f32::INFINITY; 3]);
         approx::assert_abs_diff_eq!(sel.margin[3], 0.2 - 0.1);
         approx::assert_abs_diff_eq!(sel.margin[4], 0.3 - 0.2);
-        let mask = sel.mask(0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let allowed = |q: usize| (0..seq).filter(|t| mask[q * seq + t] == 0.0).collect::<Vec<_>>();
-        assert_eq!(allowed(0), vec![0]);
-        assert_eq!(allowed(1), vec![0, 1]);
-        assert_eq!(allowed(3), vec![1, 2, 3]);
-        assert_eq!(allowed(4), vec![1, 3, 4]);
     }
 
     #[test]

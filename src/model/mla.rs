@@ -1,7 +1,8 @@
 //! Multi-head Latent Attention with DSA, in the expanded form the transformers reference computes:
 //! low-rank query path, KV compressed into a `kv_lora_rank` latent plus one shared RoPE key,
 //! `kv_b_proj` expanding the latent into per-head `[k_nope | v]`, then softmax over the keys the
-//! indexer selected (intersected with the causal mask).
+//! indexer selected (intersected with the causal mask), a block of queries at a time
+//! (`attention.rs`).
 
 use candle_core::{Device, Tensor, D};
 

@@ -277,14 +277,6 @@ impl LayerNorm {
     }
 }
 
-/// Softmax over the last dimension; rows must hold at least one finite value.
-pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let sum = e.sum_keepdim(D::Minus1)?;
-    Ok(e.broadcast_div(&sum)?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::transposed;
