@@ -106,7 +106,7 @@ impl Indexer {
             Indexer::Full(w) => {
                 let (b, s, _) = x.dims3()?;
                 let IndexInputs { q, k, w: hw, t } = w.inputs(x, q_latent, rope, keys)?;
-                let (dims, scale) = ([b, s, t, w.n_heads, w.head_dim], (w.head_dim as f32).powf(-0.5));
+                let (dims, scale) = ([b, s, t, w.n_heads, w.head_dim], (w.head_dim as f64).powf(-0.5) as f32);
                 // The [B, S, T] scores are held whole only when they are recorded.
                 let point = HookPoint::Layer(layer, LayerHook::DsaScores);
                 let selection = if obs.wants(point) {
