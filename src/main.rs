@@ -296,23 +296,6 @@ enum Command {
     },
 }
 
-/// A forward pass allocates and frees the same large activations layer after layer. glibc gives
-/// blocks over 32 MB back to the OS (they are separate mappings) and trims the heap's free top,
-/// so each layer faulted its buffers in again, zeroed page by page: 19% of a 1024-token
-/// `glimpse bench`'s samples were page faults. Keeping freed memory in the process made
-/// 1024-token prefills about 8% faster here, for 0.3-3% more peak RSS (docs/performance.md).
-/// Left alone when the user tunes malloc through `GLIBC_TUNABLES`.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("GLIBC_TUNABLES").is_none() {
-        // SAFETY: mallopt only sets glibc allocator parameters; called before any thread starts.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_MAX, 0); // every block from the heap, none mapped apart
-            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX); // the heap's free top stays
-        }
-    }
-}
-
 fn main() -> ExitCode {
     // Rust ignores SIGPIPE, which turns `glimpse ... | head` into a panic on the next print;
     // restore the default so the process ends quietly, as other Unix tools do.
@@ -321,7 +304,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    keep_freed_memory();
+    memory::keep_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => {
