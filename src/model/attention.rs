@@ -146,27 +146,13 @@ pub(crate) fn sparse_attention(
             let keep = kept(sel, b, i0..i0 + m, offset, tb);
             let mut p = vec![0f32; m * tb]; // [m, tb]
             let (kv, k_rope) = (&kv[b * t * nh * kvw..], &k_rope[b * t * rope..]);
+            let k_rope = View::at(k_rope, 0, [tb, rope, rope]);
             for h in 0..nh {
                 let q0 = ((b * nh + h) * s + i0) * qk;
-                abt(
-                    &mut p,
-                    tb,
-                    View::at(q, q0, [m, nope, qk]),
-                    View::at(kv, h * kvw, [tb, nope, nh * kvw]),
-                    scale,
-                    false,
-                );
-                abt(
-                    &mut p,
-                    tb,
-                    View::at(q, q0 + nope, [m, rope, qk]),
-                    View::at(k_rope, 0, [tb, rope, rope]),
-                    scale,
-                    true,
-                );
-                softmax_kept(&mut p, &keep, tb);
+                let q = [View::at(q, q0, [m, nope, qk]), View::at(q, q0 + nope, [m, rope, qk])];
+                let k = [View::at(kv, h * kvw, [tb, nope, nh * kvw]), k_rope];
                 let v = View::at(kv, h * kvw + nope, [tb, vd, nh * kvw]);
-                ab(&mut out[h * vd..], nh * vd, View::at(&p, 0, [m, tb, tb]), v);
+                attend(&mut p, &keep, q, k, v, scale, &mut out[h * vd..], nh * vd);
             }
         });
     });
@@ -202,18 +188,37 @@ pub(crate) fn absorbed_attention(
             let tb = offset + last + 1;
             let keep = kept(sel, b, (r0..r0 + m).map(|row| row % c), offset, tb);
             let mut p = vec![0f32; m * tb]; // [m, tb]
-            let latent = View::at(latents, b * t * r, [tb, r, r]);
-            abt(&mut p, tb, View::at(q_abs, (b * nh * c + r0) * r, [m, r, r]), latent, scale, false);
-            let (qr, kr) = (
+            let latent = View::at(latents, b * t * r, [tb, r, r]); // keys and values alike
+            let q = [
+                View::at(q_abs, (b * nh * c + r0) * r, [m, r, r]),
                 View::at(q_rope, (b * nh * c + r0) * rope, [m, rope, rope]),
-                View::at(k_rope, b * t * rope, [tb, rope, rope]),
-            );
-            abt(&mut p, tb, qr, kr, scale, true);
-            softmax_kept(&mut p, &keep, tb);
-            ab(out, r, View::at(&p, 0, [m, tb, tb]), latent);
+            ];
+            let k = [latent, View::at(k_rope, b * t * rope, [tb, rope, rope])];
+            attend(&mut p, &keep, q, k, latent, scale, out, r);
         });
     });
     out
+}
+
+/// One block of rows against keys `0..tb`, the step both forms share: `p` (`[rows, tb]` scratch)
+/// = scale · (q[0] · k[0]ᵀ + q[1] · k[1]ᵀ) (the latent or nope part, then the rope part), the
+/// softmax over the `keep` keys, and `out` (rows `stride` apart) = p · v.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    p: &mut [f32],
+    keep: &[bool],
+    q: [View; 2],
+    k: [View; 2],
+    v: View,
+    scale: f32,
+    out: &mut [f32],
+    stride: usize,
+) {
+    let tb = k[0].rows;
+    abt(p, tb, q[0], k[0], scale, false);
+    abt(p, tb, q[1], k[1], scale, true);
+    softmax_kept(p, keep, tb);
+    ab(out, stride, View::at(p, 0, [q[0].rows, tb, tb]), v);
 }
 
 /// Which of the keys `0..tb` each of `queries` (indices into batch row `b`'s queries) attends to:
