@@ -122,7 +122,7 @@ pub(crate) struct Dims {
 }
 
 /// Softmax over the selected keys of each query, in the expanded form.
-/// q: [B, nh, S, nope + rope] (roped); kv: `kv_b_proj`'s output [B, T, nh, nope + v]; k_rope: the
+/// q: [B, S, nh, nope + rope] (roped); kv: `kv_b_proj`'s output [B, T, nh, nope + v]; k_rope: the
 /// shared roped key [B, T, rope] -> [B, S, nh * v].
 pub(crate) fn sparse_attention(
     q: &[f32],
@@ -134,7 +134,7 @@ pub(crate) fn sparse_attention(
 ) -> Vec<f32> {
     let Dims { batch, seq: s, keys: t, heads: nh, nope, rope, v: vd } = d;
     let (qk, kvw, offset) = (nope + rope, nope + vd, t - s);
-    assert!(q.len() == batch * nh * s * qk && kv.len() == batch * t * nh * kvw && k_rope.len() == batch * t * rope);
+    assert!(q.len() == batch * s * nh * qk && kv.len() == batch * t * nh * kvw && k_rope.len() == batch * t * rope);
     let mut out = vec![0f32; batch * s * nh * vd];
     if out.is_empty() {
         return out;
@@ -148,8 +148,8 @@ pub(crate) fn sparse_attention(
             let (kv, k_rope) = (&kv[b * t * nh * kvw..], &k_rope[b * t * rope..]);
             let k_rope = View::at(k_rope, 0, [tb, rope, rope]);
             for h in 0..nh {
-                let q0 = ((b * nh + h) * s + i0) * qk;
-                let q = [View::at(q, q0, [m, nope, qk]), View::at(q, q0 + nope, [m, rope, qk])];
+                let q0 = ((b * s + i0) * nh + h) * qk;
+                let q = [View::at(q, q0, [m, nope, nh * qk]), View::at(q, q0 + nope, [m, rope, nh * qk])];
                 let k = [View::at(kv, h * kvw, [tb, nope, nh * kvw]), k_rope];
                 let v = View::at(kv, h * kvw + nope, [tb, vd, nh * kvw]);
                 attend(&mut p, &keep, q, k, v, scale, &mut out[h * vd..], nh * vd);
@@ -356,7 +356,7 @@ mod tests {
             for i in 0..s {
                 let p = t - s + i;
                 for h in 0..nh {
-                    let qv = &q[((b * nh + h) * s + i) * qk..][..qk];
+                    let qv = &q[((b * s + i) * nh + h) * qk..][..qk];
                     let score = |j: usize| {
                         let kn = &kv[((b * t + j) * nh + h) * kvw..][..nope];
                         let kr = &k_rope[(b * t + j) * rope..][..rope];
@@ -389,7 +389,7 @@ mod tests {
         for (s, offset, topk) in [(1, 0, 4), (45, 0, 64), (70, 0, 5), (33, 7, 5), (2 * BLOCK, 3, 2 * BLOCK + 3)] {
             let d = Dims { batch: 2, seq: s, keys: offset + s, heads: 3, nope: 12, rope: 4, v: 10 };
             let t = d.keys;
-            let q = values(d.batch * d.heads * s * (d.nope + d.rope), 0.5);
+            let q = values(d.batch * s * d.heads * (d.nope + d.rope), 0.5);
             let kv = values(d.batch * t * d.heads * (d.nope + d.v), 1.5);
             let k_rope = values(d.batch * t * d.rope, 2.5);
             let sel = top_k_causal(&values(d.batch * s * t, 3.5), d.batch, s, offset, topk);
@@ -416,7 +416,8 @@ mod tests {
             let d = Dims { batch, seq: c, keys: t, heads: nh, nope: r, rope, v: r };
             let ours = absorbed_attention(&q_abs, &q_rope, &latents, &k_rope, &sel, d, 0.3); // [B, nh, C, r]
             let row = |b: usize, h: usize, i: usize| b * nh * c + h * c + i;
-            let q: Vec<f32> = (0..batch * nh * c)
+            let q: Vec<f32> = (0..batch)
+                .flat_map(|b| (0..c).flat_map(move |i| (0..nh).map(move |h| row(b, h, i)))) // [B, C, nh]
                 .flat_map(|x| q_abs[x * r..(x + 1) * r].iter().chain(&q_rope[x * rope..(x + 1) * rope]).copied())
                 .collect();
             let kv: Vec<f32> = (0..batch * t)

@@ -111,10 +111,11 @@ impl Attention {
         // DSA over the cached index keys: each new query sees every cached position up to its own.
         let selection = self.select(layer, x, &q_latent, rope, Some(&mut cache.index_keys), sel, obs)?;
 
+        let (nh, r) = (self.heads, self.kv_lora_rank);
+        let q = Tensor::from_vec(q, (b, c, nh, nope + rd), latents.device())?.transpose(1, 2)?; // [B, nh, C, qk]
         let q_nope = q.narrow(D::Minus1, 0, nope)?.contiguous()?; // [B, nh, C, nope]
         let q_rope = q.narrow(D::Minus1, nope, rd)?.contiguous()?; // [B, nh, C, rope]
         let q_abs = self.absorb_query(&q_nope)?; // [B, nh, C, r]
-        let (nh, r) = (self.heads, self.kv_lora_rank);
         let dims = Dims { batch: b, seq: c, keys: t, heads: nh, nope: r, rope: rd, v: r };
         let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
         let (q_abs, q_rope, cached) = (flat(&q_abs)?, flat(&q_rope)?, flat(&latents)?);

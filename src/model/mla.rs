@@ -107,7 +107,7 @@ impl Attention {
         let selection = self.select(layer, x, &q_latent, rope, keys, sel, obs)?;
         let dims = Dims { batch: b, seq: s, keys: s, heads: nh, nope, rope: rd, v: vd };
         let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-        let o = sparse_attention(&flat(&q)?, &flat(&kv)?, &flat(&k_rope)?, selection, dims, self.scale as f32);
+        let o = sparse_attention(&q, &flat(&kv)?, &flat(&k_rope)?, selection, dims, self.scale as f32);
         let o = Tensor::from_vec(o, (b, s, nh * vd), &Device::Cpu)?; // [B, S, nh * v]
         let out = self.o_proj.forward(&o)?; // [B, S, hidden]
         emit(obs, HookPoint::Layer(layer, LayerHook::AttnOut), || Ok(out.clone()))?;
@@ -133,7 +133,6 @@ impl Attention {
         emit(obs, hook(LayerHook::QLatent), || Ok(q_latent.clone()))?;
         let mut q = self.q_b_proj.forward(&q_latent)?.flatten_all()?.to_vec1::<f32>()?; // [B, S, nh, qk]
         rope.apply(&mut q, s, nh, qk, nope);
-        let q = Tensor::from_vec(q, (b, s, nh, qk), &Device::Cpu)?.transpose(1, 2)?.contiguous()?; // [B, nh, S, qk]
 
         // KV: one latent and one shared rope key per token.
         let ckv = self.kv_a_proj_with_mqa.forward(x)?; // [B, S, kv_lora_rank + rope]
@@ -182,7 +181,7 @@ impl Attention {
 /// The query, latent and shared rope key of one call's tokens (`Attention::project`).
 pub(crate) struct Projected {
     pub q_latent: Tensor,  // [B, S, q_lora_rank]
-    pub q: Tensor,         // [B, nh, S, nope + rope], roped
+    pub q: Vec<f32>,       // [B, S, nh, nope + rope], roped
     pub kv_latent: Tensor, // [B, S, kv_lora_rank]
     pub k_rope: Tensor,    // [B, S, rope], roped
 }
