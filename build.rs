@@ -19,12 +19,17 @@ mod emu {
     pub fn build() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cuda");
         let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .expect("src/cuda is readable")
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "cu"))
-            .collect();
-        files.sort();
+        // The kernels, then the emulation's own test kernels (src/cuda/emu/: never given to NVRTC).
+        let cu_files = |dir: &Path| {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+                .collect();
+            files.sort();
+            files
+        };
+        let files = [cu_files(&dir), cu_files(&dir.join("emu"))].concat();
 
         let mut src = format!("#include \"{}\"\nnamespace glimpse_emu {{\n", dir.join("emu.h").display());
         append(&mut src, &dir.join("prelude.cuh"), &mut Vec::new());
@@ -34,14 +39,17 @@ mod emu {
         }
         src.push_str("} // namespace glimpse_emu\n\n");
         src.push_str(
-            "// 0 when the launch ran; -1 for a kernel this library does not have; see glimpse_emu::launch.\n\
+            "// 0 when the launch ran; -1 for a kernel this library does not have, -4 an unknown order; see\n\
+             // glimpse_emu::launch. `order` is a glimpse_emu::Order, `seed` the shuffle's.\n\
              extern \"C\" int glimpse_emu_launch(const char* name, unsigned grid, unsigned block, unsigned shared,\n\
-             \x20                                 void** params) {\n",
+             \x20                                 int order, unsigned long long seed, void** params) {\n\
+             \x20   if (order < 0 || order > 3) return -4;\n\
+             \x20   glimpse_emu::Schedule schedule{static_cast<glimpse_emu::Order>(order), seed};\n",
         );
         for k in &kernels {
             let _ = writeln!(
                 src,
-                "    if (std::strcmp(name, \"{k}\") == 0) return glimpse_emu::run(glimpse_emu::{k}, grid, block, shared, params);"
+                "    if (std::strcmp(name, \"{k}\") == 0) return glimpse_emu::run(glimpse_emu::{k}, grid, block, shared, schedule, params);"
             );
         }
         src.push_str("    return -1;\n}\n");

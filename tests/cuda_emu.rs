@@ -8,25 +8,53 @@
 mod common;
 
 use common::all_pass;
+use cudarc::driver::LaunchConfig;
 use glimpse::cuda::attention::{AttentionPath, AttentionPlan};
+use glimpse::cuda::emu::{Param, Schedule};
 use glimpse::cuda::gpu::Gpu;
 use glimpse::cuda::ops::CudaOps;
 use glimpse::cuda::selftest::{attention, dispatch, kernels, products, Check};
 use glimpse::device::{Ops, Precision};
 
+/// A GPU runs blocks, and threads between barriers, in no promised order: every kernel passes
+/// with its blocks and its threads' rounds in order, reversed and shuffled.
 #[test]
-fn every_kernel_matches_its_cpu_reference_in_the_emulation() {
-    let checks = kernels(&Gpu::emulated()).unwrap();
-    assert!(checks.len() >= 15, "{} checks", checks.len());
-    all_pass(&checks);
+fn every_kernel_matches_its_cpu_reference_in_the_emulation_in_every_schedule() {
+    for schedule in Schedule::ALL {
+        println!("{schedule:?}");
+        let checks = kernels(&Gpu::emulated_in(schedule)).unwrap();
+        assert!(checks.len() >= 15, "{} checks", checks.len());
+        all_pass(&checks);
+    }
 }
 
-/// `checks` on emulated ops of each precision: `count` checks each time, all passing.
+/// The schedules are not all alike: a kernel with a race planted on purpose (a block sum missing
+/// a barrier, `src/cuda/emu/race_canary.cu`) computes the right sums in lockstep and wrong ones
+/// once warps run ahead.
+#[test]
+fn the_warps_ahead_schedules_find_a_race_that_lockstep_misses() {
+    let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+    for schedule in Schedule::ALL {
+        let mut out = vec![f32::NAN; 64];
+        let params = [Param::Data(x.as_ptr().cast_mut().cast()), Param::Data(out.as_mut_ptr().cast())];
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: race_canary(const float* x, float* out) reads and writes one float per thread.
+        unsafe { glimpse::cuda::emu::launch("race_canary", cfg, schedule, &params) }.unwrap();
+        let wrong = out.iter().filter(|&&v| v != 0.0).count();
+        println!("{schedule:?}: {wrong} of 64 threads see the race");
+        assert_eq!(wrong == 0, schedule == Schedule::Lockstep, "{schedule:?}: {out:?}");
+    }
+}
+
+/// `checks` on emulated ops of each precision and schedule: `count` checks each time, all passing.
 fn in_both_precisions(checks: fn(&CudaOps) -> glimpse::error::Result<Vec<Check>>, count: usize) {
-    for precision in [Precision::F32, Precision::Bf16] {
-        let checks = checks(&CudaOps::new(Gpu::emulated(), precision).unwrap()).unwrap();
-        assert_eq!(checks.len(), count);
-        all_pass(&checks);
+    for schedule in Schedule::ALL {
+        for precision in [Precision::F32, Precision::Bf16] {
+            println!("{schedule:?} {precision:?}");
+            let checks = checks(&CudaOps::new(Gpu::emulated_in(schedule), precision).unwrap()).unwrap();
+            assert_eq!(checks.len(), count);
+            all_pass(&checks);
+        }
     }
 }
 
@@ -47,14 +75,15 @@ fn the_products_in_cublas_layout_match_the_cpu_in_the_emulation_in_both_precisio
 }
 
 /// Once per attention path, whichever the sizes would choose; the masked one in chunks of one
-/// query (so every chunk but the first starts past query 0).
+/// query (so every chunk but the first starts past query 0). The gathered one with warps running
+/// ahead in a shuffled order, the other in lockstep.
 #[test]
 fn the_device_forward_on_the_emulated_kernels_matches_every_golden_case_on_both_attention_paths() {
     let gathered = AttentionPlan { path: Some(AttentionPath::Gathered), ..Default::default() };
     let masked_by_query = AttentionPlan { path: Some(AttentionPath::Masked), chunk_values: 1 };
-    for plan in [gathered, masked_by_query] {
-        println!("{plan:?}");
-        let ops = CudaOps::new(Gpu::emulated(), Precision::F32).unwrap().with_attention(plan);
+    for (plan, schedule) in [(gathered, Schedule::Shuffled(7)), (masked_by_query, Schedule::Lockstep)] {
+        println!("{plan:?} {schedule:?}");
+        let ops = CudaOps::new(Gpu::emulated_in(schedule), Precision::F32).unwrap().with_attention(plan);
         common::assert_device_matches_every_golden_case(&ops);
     }
 }

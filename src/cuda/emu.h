@@ -3,16 +3,29 @@
 // build.rs compiles every .cu file with this header as C++ (src/cuda/emu.rs launches them).
 //
 // A launch runs its blocks one after another; the threads of a block are fibers (ucontext) on
-// one OS thread, switched only at barriers, so a run is deterministic. __syncthreads is a
-// barrier over the block's live threads (a thread that returned counts as arrived, as on the
-// hardware), __shfl_xor_sync and __shfl_sync a barrier-separated exchange within the warp,
-// __shared__ a static (one launch runs at a time, one block at a time), atomics plain adds. A round in which no
-// fiber can move (threads waiting at different barriers) is reported as a deadlock: the
+// one OS thread, switched only at barriers, so a run is deterministic for a given schedule.
+// The schedules differ in which thread runs when, which a GPU does not promise:
+// - lockstep: every live thread in order runs to its next barrier, round after round, so all
+//   threads keep pace;
+// - warps ahead: one warp at a time runs as far as it can (through its own shuffles, up to a
+//   block barrier) before the next starts, as a GPU's warps drift apart: a warp that overwrites
+//   shared memory another warp has yet to read shows up here; in order, reversed (blocks and
+//   warps), or shuffled (a seeded permutation of the blocks, and of the warps and lanes at every
+//   step).
+// A kernel whose result depends on the schedule has a race a GPU can hit, so the tests run every
+// kernel under each. Dynamic shared memory starts each block as 0xFF bytes (NaN floats, -1
+// ints): a GPU's holds whatever was there before, never zeros.
+//
+// __syncthreads is a barrier over the block's live threads (a thread that returned counts as
+// arrived, as on the hardware), __shfl_xor_sync and __shfl_sync a barrier-separated exchange
+// within the warp, __shared__ a static (one launch runs at a time, one block at a time), atomics
+// plain adds. A round in which no fiber can move (threads waiting at different barriers) is reported as a deadlock: the
 // divergent-barrier bug that is undefined behaviour on a GPU.
 //
-// Not emulated: anything a GPU does differently from this serial schedule (warp-synchronous
-// code without barriers, memory-model races between blocks), NVRTC's code generation, and the
-// device's math library (expf and friends come from the host's libm, within a few ulp).
+// Not emulated: interleavings finer than a round (each thread runs from one barrier to the next
+// at once, so two unsynchronised read-modify-writes of one location never lose an update here),
+// blocks running at the same time, NVRTC's code generation, and the device's math library (expf
+// and friends come from the host's libm, within a few ulp).
 #pragma once
 
 #include <ucontext.h>
@@ -35,6 +48,31 @@ using std::min;
 
 struct dim3 {
     unsigned x, y, z;
+};
+
+// Which thread runs when (the values glimpse_emu_launch takes; see the top of this file).
+enum class Order { Lockstep = 0, WarpsAhead = 1, WarpsAheadReversed = 2, Shuffled = 3 };
+
+struct Schedule {
+    Order order;
+    uint64_t state;  // the shuffle's generator (splitmix64)
+
+    uint64_t next() {
+        uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        return z ^ (z >> 31);
+    }
+
+    // first..first+n-1 in this schedule's order (a fresh permutation each call when shuffled).
+    void arrange(std::vector<unsigned>& v, unsigned first, unsigned n) {
+        v.resize(n);
+        for (unsigned i = 0; i < n; i++) v[i] = first + (order == Order::WarpsAheadReversed ? n - 1 - i : i);
+        if (order == Order::Shuffled)
+            for (unsigned i = n; i > 1; i--) std::swap(v[i - 1], v[next() % i]);
+    }
+
+    bool warps_ahead() const { return order != Order::Lockstep; }
 };
 
 // A barrier among fibers: the last to arrive releases the others, which see the new generation
@@ -134,7 +172,7 @@ __attribute__((noinline)) inline void prepare_fiber(ucontext_t* f, char* stack, 
 }
 
 // 0 when every block ran; -2 a deadlock at a barrier; -3 a block size the hardware refuses.
-inline int launch(dim3 grid, dim3 block, unsigned shared, void (*body)(void*), void* args) {
+inline int launch(dim3 grid, dim3 block, unsigned shared, Schedule schedule, void (*body)(void*), void* args) {
     static std::mutex launch_lock;
     static std::vector<std::vector<char>> stacks;
     std::lock_guard<std::mutex> hold(launch_lock);
@@ -144,7 +182,6 @@ inline int launch(dim3 grid, dim3 block, unsigned shared, void (*body)(void*), v
     Launch* l = &launch_state;
     l->grid = grid;
     l->block = block;
-    l->dynamic_shared.assign(shared, 0);
     l->lanes.assign(n, 0);
     l->warps.resize((n + 31) / 32);
     l->fibers.resize(n);
@@ -155,8 +192,14 @@ inline int launch(dim3 grid, dim3 block, unsigned shared, void (*body)(void*), v
     for (auto& s : stacks) s.resize(FIBER_STACK);
     L = l;
     int status = 0;
-    for (unsigned b = 0; b < grid.x && status == 0; b++) {
-        l->block_idx = {b, 0, 0};
+    // Lockstep schedules the whole block as one group, one barrier a round; otherwise each warp
+    // is a group, run again and again while it moves.
+    unsigned group = schedule.warps_ahead() ? 32 : n, groups = (n + group - 1) / group;
+    std::vector<unsigned> blocks, order, lanes;
+    schedule.arrange(blocks, 0, grid.x);
+    for (unsigned i = 0; i < grid.x && status == 0; i++) {
+        l->block_idx = {blocks[i], 0, 0};
+        l->dynamic_shared.assign(shared, 0xFF);
         l->sync.reset((int)n);
         for (unsigned w = 0; w < l->warps.size(); w++) l->warps[w].reset((int)std::min(32u, n - 32 * w));
         for (unsigned t = 0; t < n; t++) {
@@ -166,12 +209,20 @@ inline int launch(dim3 grid, dim3 block, unsigned shared, void (*body)(void*), v
         unsigned live = n;
         while (live > 0) {
             unsigned long before = l->progress;
-            for (unsigned t = 0; t < n; t++) {
-                if (l->done[t]) continue;
-                l->current = t;
-                l->thread_idx = {t, 0, 0};
-                swapcontext(&l->scheduler, &l->fibers[t]);
-                if (l->done[t]) live--;
+            schedule.arrange(order, 0, groups);
+            for (unsigned g : order) {
+                unsigned long moved;
+                do {
+                    moved = l->progress;
+                    schedule.arrange(lanes, g * group, std::min(group, n - g * group));
+                    for (unsigned t : lanes) {
+                        if (l->done[t]) continue;
+                        l->current = t;
+                        l->thread_idx = {t, 0, 0};
+                        swapcontext(&l->scheduler, &l->fibers[t]);
+                        if (l->done[t]) live--;
+                    }
+                } while (schedule.warps_ahead() && l->progress != moved);
             }
             if (live > 0 && l->progress == before) {
                 status = -2;
@@ -200,12 +251,12 @@ void body(void* c) {
     call(kp->k, kp->params, std::index_sequence_for<A...>{});
 }
 
-// Runs kernel k over `grid` blocks of `block` threads; params[i] points at argument i, as
-// cuLaunchKernel takes them.
+// Runs kernel k over `grid` blocks of `block` threads in `schedule`'s order; params[i] points at
+// argument i, as cuLaunchKernel takes them.
 template <class... A>
-int run(void (*k)(A...), unsigned grid, unsigned block, unsigned shared, void** params) {
+int run(void (*k)(A...), unsigned grid, unsigned block, unsigned shared, Schedule schedule, void** params) {
     Kernel<A...> kp{k, params};
-    return launch({grid, 1, 1}, {block, 1, 1}, shared, &body<A...>, &kp);
+    return launch({grid, 1, 1}, {block, 1, 1}, shared, schedule, &body<A...>, &kp);
 }
 
 }  // namespace glimpse_emu

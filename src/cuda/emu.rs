@@ -22,8 +22,35 @@ extern "C" {
         grid: c_uint,
         block: c_uint,
         shared: c_uint,
+        order: c_int,
+        seed: u64,
         params: *mut *mut c_void,
     ) -> c_int;
+}
+
+/// Which of a launch's threads the emulation runs when (see `emu.h`). A GPU promises no order,
+/// so a kernel whose results differ between these has a race; the tests run every kernel under
+/// each.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Schedule {
+    /// Blocks in order; every thread of a block, in order, runs to its next barrier, round after
+    /// round.
+    #[default]
+    Lockstep,
+    /// Blocks in order; one warp at a time runs as far as it can (up to a block barrier), in
+    /// order: warps drift apart as on a GPU.
+    WarpsAhead,
+    /// As `WarpsAhead`, blocks and warps from the last.
+    WarpsAheadReversed,
+    /// As `WarpsAhead`, with blocks, warps and lanes in a fresh permutation (from this seed) at
+    /// every step.
+    Shuffled(u64),
+}
+
+impl Schedule {
+    /// One of each kind, the shuffle seeded.
+    pub const ALL: [Schedule; 4] =
+        [Schedule::Lockstep, Schedule::WarpsAhead, Schedule::WarpsAheadReversed, Schedule::Shuffled(0x5eed)];
 }
 
 /// One kernel argument as the emulation takes it: a buffer's data pointer, or a pointer to a
@@ -33,12 +60,12 @@ pub enum Param {
     Value(*const c_void),
 }
 
-/// Runs kernel `name` over `cfg` with `params` in its signature's order.
+/// Runs kernel `name` over `cfg` with `params` in its signature's order, in `schedule`'s order.
 ///
 /// # Safety
 /// The parameters must match the kernel's signature in number and type, and every buffer must
 /// hold what the kernel reads and writes (the launchers in `gpu` check this).
-pub unsafe fn launch(name: &str, cfg: LaunchConfig, params: &[Param]) -> Result<()> {
+pub unsafe fn launch(name: &str, cfg: LaunchConfig, schedule: Schedule, params: &[Param]) -> Result<()> {
     let (grid, block) = (cfg.grid_dim, cfg.block_dim);
     if grid.1 != 1 || grid.2 != 1 {
         return Err(Error::Device(format!("{name}: the emulation runs one-dimensional grids only")));
@@ -56,7 +83,13 @@ pub unsafe fn launch(name: &str, cfg: LaunchConfig, params: &[Param]) -> Result<
         })
         .collect();
     let cname = CString::new(name).map_err(|_| Error::Device(format!("kernel name {name:?}")))?;
-    match glimpse_emu_launch(cname.as_ptr(), grid.0, block.0, cfg.shared_mem_bytes, args.as_mut_ptr()) {
+    let (order, seed) = match schedule {
+        Schedule::Lockstep => (0, 0),
+        Schedule::WarpsAhead => (1, 0),
+        Schedule::WarpsAheadReversed => (2, 0),
+        Schedule::Shuffled(seed) => (3, seed),
+    };
+    match glimpse_emu_launch(cname.as_ptr(), grid.0, block.0, cfg.shared_mem_bytes, order, seed, args.as_mut_ptr()) {
         0 => Ok(()),
         -1 => Err(Error::Device(format!("kernel `{name}` is not in the emulation library"))),
         -2 => Err(Error::Device(format!("{name}: deadlock, threads of a block wait at different barriers"))),

@@ -12,7 +12,7 @@ use cudarc::driver::{
     ValidAsZeroBits,
 };
 
-use super::emu::{self, Param};
+use super::emu::{self, Param, Schedule};
 use super::{compile_all, probe, Lib, KERNELS};
 use crate::error::{Error, Result};
 
@@ -41,8 +41,9 @@ enum Engine {
         stream: Arc<CudaStream>,
         functions: HashMap<&'static str, CudaFunction>,
     },
-    /// The kernels' source compiled for the host (`cuda::emu`); buffers are host memory.
-    Emulated,
+    /// The kernels' source compiled for the host (`cuda::emu`), run in this order; buffers are
+    /// host memory.
+    Emulated(Schedule),
 }
 
 /// A buffer of `T` where the engine keeps its data.
@@ -180,10 +181,10 @@ macro_rules! launch {
                 unsafe { b.launch(cfg) }.map_err(|e| Error::Device(format!("launch {}: {e:?}", $name)))?;
                 Ok(())
             }
-            Engine::Emulated => {
+            Engine::Emulated(schedule) => {
                 let params = [$( KernelArg::host($arg)? ),*];
                 // SAFETY: as above; the buffers are host vectors borrowed for the launch.
-                unsafe { emu::launch($name, cfg, &params) }
+                unsafe { emu::launch($name, cfg, *schedule, &params) }
             }
         }
     }};
@@ -227,11 +228,19 @@ impl Gpu {
 
     /// The host emulation (`cuda::emu`): needs no driver, NVRTC or GPU.
     pub fn emulated() -> Gpu {
+        Gpu::emulated_in(Schedule::Lockstep)
+    }
+
+    /// The host emulation, running blocks and threads in `schedule`'s order.
+    pub fn emulated_in(schedule: Schedule) -> Gpu {
         Gpu {
-            name: "host emulation of the CUDA kernels".into(),
+            name: match schedule {
+                Schedule::Lockstep => "host emulation of the CUDA kernels".into(),
+                other => format!("host emulation of the CUDA kernels, schedule {other:?}"),
+            },
             arch: "host".into(),
             shared_limit: EMULATED_SHARED,
-            engine: Engine::Emulated,
+            engine: Engine::Emulated(schedule),
         }
     }
 
@@ -239,14 +248,14 @@ impl Gpu {
     pub fn stream(&self) -> Option<&Arc<CudaStream>> {
         match &self.engine {
             Engine::Cuda { stream, .. } => Some(stream),
-            Engine::Emulated => None,
+            Engine::Emulated(_) => None,
         }
     }
 
     pub fn upload<T: DeviceRepr + Clone>(&self, v: &[T]) -> Result<Buf<T>> {
         match &self.engine {
             Engine::Cuda { stream, .. } => Ok(Buf::Device(stream.clone_htod(v).map_err(driver("copy to the device"))?)),
-            Engine::Emulated => Ok(Buf::Host(v.to_vec())),
+            Engine::Emulated(_) => Ok(Buf::Host(v.to_vec())),
         }
     }
 
@@ -255,9 +264,9 @@ impl Gpu {
             (Engine::Cuda { stream, .. }, Buf::Device(s)) => {
                 stream.clone_dtoh(s).map_err(driver("copy from the device"))
             }
-            (Engine::Emulated, Buf::Host(h)) => Ok(h.clone()),
+            (Engine::Emulated(_), Buf::Host(h)) => Ok(h.clone()),
             (Engine::Cuda { .. }, Buf::Host(_)) => Err(host_buffer_on_gpu()),
-            (Engine::Emulated, Buf::Device(_)) => Err(device_buffer_on_host()),
+            (Engine::Emulated(_), Buf::Device(_)) => Err(device_buffer_on_host()),
         }
     }
 
@@ -273,7 +282,7 @@ impl Gpu {
                 .alloc_zeros(n.max(1))
                 .map(Buf::Device)
                 .map_err(|e| Error::Device(format!("allocate {n} values: {e:?}"))),
-            Engine::Emulated => Ok(Buf::Host(vec![T::default(); n.max(1)])),
+            Engine::Emulated(_) => Ok(Buf::Host(vec![T::default(); n.max(1)])),
         }
     }
 
@@ -456,12 +465,12 @@ impl Gpu {
             (Engine::Cuda { stream, .. }, Buf::Device(a), Buf::Device(b)) => stream
                 .memcpy_dtod(&a.slice(..n), &mut b.slice_mut(start..start + n))
                 .map_err(driver("copy on the device")),
-            (Engine::Emulated, Buf::Host(a), Buf::Host(b)) => {
+            (Engine::Emulated(_), Buf::Host(a), Buf::Host(b)) => {
                 b[start..start + n].clone_from_slice(&a[..n]);
                 Ok(())
             }
             (Engine::Cuda { .. }, ..) => Err(host_buffer_on_gpu()),
-            (Engine::Emulated, ..) => Err(device_buffer_on_host()),
+            (Engine::Emulated(_), ..) => Err(device_buffer_on_host()),
         }
     }
 
@@ -643,14 +652,14 @@ impl Gpu {
     pub fn memory(&self) -> Result<Option<(usize, usize)>> {
         match &self.engine {
             Engine::Cuda { ctx, .. } => ctx.mem_get_info().map(Some).map_err(driver("read the memory use")),
-            Engine::Emulated => Ok(None),
+            Engine::Emulated(_) => Ok(None),
         }
     }
 
     pub fn synchronize(&self) -> Result<()> {
         match &self.engine {
             Engine::Cuda { stream, .. } => stream.synchronize().map_err(driver("synchronize")),
-            Engine::Emulated => Ok(()),
+            Engine::Emulated(_) => Ok(()),
         }
     }
 }
