@@ -122,6 +122,7 @@ fn cuda(golden_root: &Path, target: Target, scope: Scope) -> Result<bool> {
     checks.extend(crate::cuda::selftest::dispatch(&f32_ops)?);
     checks.extend(crate::cuda::selftest::attention(&f32_ops)?);
     checks.extend(crate::cuda::selftest::attention(&bf16_ops)?);
+    checks.extend(crate::cuda::selftest::at_glm5_sizes(&f32_ops)?);
     checks.extend(crate::cuda::selftest::products(&f32_ops)?);
     checks.extend(crate::cuda::selftest::products(&bf16_ops)?);
     for c in &checks {

@@ -63,6 +63,17 @@ fn without<T: Copy>(v: &[T], per: usize, excused: &[usize]) -> Vec<T> {
     v.chunks(per.max(1)).enumerate().filter(|(t, _)| !excused.contains(t)).flat_map(|(_, r)| r.to_vec()).collect()
 }
 
+/// Rows of `k` keys, each sorted: selections compare as sets.
+fn as_sets(v: &[i32], k: usize) -> Vec<i32> {
+    v.chunks(k.max(1))
+        .flat_map(|r| {
+            let mut r = r.to_vec();
+            r.sort_unstable();
+            r
+        })
+        .collect()
+}
+
 fn check_ints(name: &str, gpu: &[i32], cpu: &[i32]) -> Check {
     let bad = gpu.len() != cpu.len() || gpu.iter().zip(cpu).any(|(a, b)| a != b);
     Check { name: name.into(), max_abs: if bad { f64::INFINITY } else { 0.0 }, ok: !bad }
@@ -268,19 +279,10 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
             let (mut idx, mut margin) = (gpu.filled(rows * kk, -1i32)?, gpu.filled(rows, nan)?);
             gpu.topk_causal_by(path, &gpu.upload(scores)?, [rows, s, t, offset, kk], &mut idx, &mut margin)?;
             let sel = crate::model::indexer::top_k_causal(scores, batch, s, offset, topk);
-            let as_sets = |v: Vec<i32>| -> Vec<i32> {
-                v.chunks(kk)
-                    .flat_map(|r| {
-                        let mut r = r.to_vec();
-                        r.sort_unstable();
-                        r
-                    })
-                    .collect()
-            };
-            let cpu_ids = as_sets(sel.idx.iter().map(|&i| i as i32).collect());
+            let cpu_ids = as_sets(&sel.idx.iter().map(|&i| i as i32).collect::<Vec<_>>(), kk);
             let gpu_ids = gpu.download(&idx)?;
             all.extend_from_slice(&gpu_ids);
-            let ids = check_ints("", &as_sets(gpu_ids), &cpu_ids);
+            let ids = check_ints("", &as_sets(&gpu_ids, kk), &cpu_ids);
             let m = check("", &gpu.download(&margin)?, &sel.margin, 0.0);
             worst.max_abs = worst.max_abs.max(m.max_abs).max(ids.max_abs);
             worst.ok &= m.ok && ids.ok;
@@ -434,6 +436,61 @@ pub fn attention(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
     ] {
         let got = ops.sparse_attention_with(plan, (&bufs.0, &bufs.1, &bufs.2, &bufs.3), dims, scale)?;
         out.push(check(format!("{name}{mode}"), &ops.download(&got)?, &cpu, tol));
+    }
+    Ok(out)
+}
+
+/// The top-k and the attention at GLM-5's sizes, which the small checks do not reach: K = 2048
+/// (`index_topk`) over rows of 10 000 keys, sorted in 128 KB of shared memory (past the 48 KB a
+/// launch gets without the opt-in `Gpu::open` asks for), and of 20 000 keys, in chunks of the
+/// largest the shared memory holds (two rounds); then attention over those 2048 keys of 2100 at
+/// GLM-5's head sizes (64 heads, nope 192, rope 64, v 256; 2 heads on the emulation) on both
+/// paths. Two queries each, at
+/// the ends of their rows. The path each top-k took is in its check's name: a device that
+/// refused the opt-in takes smaller chunks.
+pub fn at_glm5_sizes(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
+    use super::attention::{AttentionPath, AttentionPlan};
+    let mut rng = Rng(0xbb67ae8584caa73b);
+    let mut out = Vec::new();
+    let gpu = &ops.gpu;
+    let (s, k) = (2, 2048);
+    for (t, step) in [(10_000, 1.0 / 64.0), (20_000, 0.0)] {
+        // Scores on a grid of 1/64 tie at the cut, and the positions must break the ties.
+        let scores: Vec<f32> =
+            rng.vec(s * t).iter().map(|&v| if step > 0.0 { (v / step).round() * step } else { v }).collect();
+        let path = gpu.topk_path(t, k);
+        let (mut idx, mut margin) = (gpu.filled(s * k, -1i32)?, gpu.filled(s, f32::NAN)?);
+        gpu.topk_causal_by(path, &gpu.upload(&scores)?, [s, s, t, t - s, k], &mut idx, &mut margin)?;
+        let sel = crate::model::indexer::top_k_causal(&scores, 1, s, t - s, k);
+        let cpu_ids: Vec<i32> = sel.idx.iter().map(|&i| i as i32).collect();
+        let ids = check_ints("", &as_sets(&gpu.download(&idx)?, k), &as_sets(&cpu_ids, k));
+        let m = check("", &gpu.download(&margin)?, &sel.margin, 0.0);
+        let name = format!("topk_causal ({path:?}, {t} keys, K {k})");
+        out.push(Check { name, max_abs: m.max_abs.max(ids.max_abs), ok: m.ok && ids.ok });
+    }
+
+    // The emulation runs a block's threads one at a time, and each key of the gathered path is a
+    // block reduction: 2 heads there (the same loops over each row), 64 on a GPU.
+    let heads = if gpu.stream().is_none() { 2 } else { 64 };
+    let (t, nope, rd, vd) = (2100, 192, 64, 256);
+    let scores = rng.vec(s * t);
+    let idx: Vec<i32> =
+        crate::model::indexer::top_k_causal(&scores, 1, s, t - s, k).idx.iter().map(|&i| i as i32).collect();
+    let (q, kv, kr) = (rng.vec(s * heads * (nope + rd)), rng.vec(t * heads * (nope + vd)), rng.vec(t * rd));
+    let dims = [1, s, t, heads, nope, rd, vd, k, t - s];
+    let scale = ((nope + rd) as f32).powf(-0.5);
+    let cpu = CpuOps.sparse_attention(&q, &kv, &kr, &idx, dims, scale)?;
+    let bufs = (gpu.upload(&q)?, gpu.upload(&kv)?, gpu.upload(&kr)?, gpu.upload(&idx)?);
+    // TF32 products on the masked path in bf16 mode, as in `attention`.
+    let tol = match ops.precision() {
+        crate::device::Precision::F32 => 1e-5,
+        crate::device::Precision::Bf16 => 5e-3,
+    };
+    for path in [AttentionPath::Gathered, AttentionPath::Masked] {
+        let plan = AttentionPlan { path: Some(path), ..Default::default() };
+        let got = ops.sparse_attention_with(plan, (&bufs.0, &bufs.1, &bufs.2, &bufs.3), dims, scale)?;
+        let name = format!("sparse_attention ({path:?}, {heads} heads of {nope}+{rd}/{vd}, {k} of {t} keys)");
+        out.push(check(name, &ops.download(&got)?, &cpu, tol));
     }
     Ok(out)
 }
