@@ -14,5 +14,9 @@ cargo build --release --locked --features cuda
 mkdir -p gpu-bin
 cp target/release/glimpse gpu-bin/glimpse
 strip gpu-bin/glimpse
+# Which source the binary is: the check prints it in its table (a stale gpu-bin/ is easy to carry).
+echo "$(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD || echo '+uncommitted changes') built $(date -u '+%F %H:%M UTC')" \
+  >gpu-bin/COMMIT
 ls -la gpu-bin/glimpse
 gpu-bin/glimpse --version
+cat gpu-bin/COMMIT
