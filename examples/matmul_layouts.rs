@@ -3,14 +3,15 @@
 //! copies (`W^T` `[in, out]`, contiguous), with the `gemm` crate's default panel packing and with
 //! packing always on (what `model::nn::matmul` sets); and the model's own kernel on the bf16
 //! weight in panels (`model::bf16_gemm`: AVX-512F, or AVX2 with FMA; `GLIMPSE_NO_AVX512=1` times
-//! the AVX2 one). Medians of 5 runs.
+//! the AVX2 one), on AMX's tiles packed (`amx::Tiles`) and in place (`amx::InPlace`, the rows 2
+//! bytes off a 64-byte line as a checkpoint's may be). Medians of 5 runs.
 //!
 //!     cargo run --release --example matmul_layouts
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use glimpse::model::amx::{self, Tiles};
+use glimpse::model::amx::{self, InPlace, Tiles};
 use glimpse::model::bf16_gemm::{self, Panels};
 use glimpse::model::gemv::Bf16Weight;
 
@@ -36,8 +37,17 @@ fn main() -> candle_core::Result<()> {
         (1024, 4096, 6144),
     ];
     println!(
-        "{:>5} {:>6} {:>6} | {:>14} {:>14} | {:>14} {:>14} | {:>12} {:>12}",
-        "m", "n", "k", "[n,k] default", "[k,n] default", "[n,k] packed", "[k,n] packed", "bf16 panels", "AMX tiles"
+        "{:>5} {:>6} {:>6} | {:>14} {:>14} | {:>14} {:>14} | {:>12} {:>12} {:>12}",
+        "m",
+        "n",
+        "k",
+        "[n,k] default",
+        "[k,n] default",
+        "[n,k] packed",
+        "[k,n] packed",
+        "bf16 panels",
+        "AMX tiles",
+        "AMX in place"
     );
     let mut rows = Vec::new();
     for pack in [false, true] {
@@ -72,7 +82,16 @@ fn main() -> candle_core::Result<()> {
                     ),
                     None => format!("{:>12}", "no AMX"),
                 };
-                rows[i] = format!("{} | {stored:>14.0} {transposed:>14.0} | {ours} {amx}", rows[i]);
+                // In place, as a checkpoint's rows lie: 2 bytes past a 64-byte line.
+                let in_place = InPlace::new(&Bf16Weight::from_bits(&bits, n, k, 2).expect("bf16 weight"));
+                let amx_in_place = match &in_place {
+                    Some(t) => format!(
+                        "{:>12.0}",
+                        flops / median_secs(|| Tensor::new(&amx::matmul_in_place(&xs, m, t)[..1], &Device::Cpu))?
+                    ),
+                    None => format!("{:>12}", "no AMX"),
+                };
+                rows[i] = format!("{} | {stored:>14.0} {transposed:>14.0} | {ours} {amx} {amx_in_place}", rows[i]);
             } else {
                 rows.push(format!("{m:>5} {n:>6} {k:>6} | {stored:>14.0} {transposed:>14.0}"));
             }

@@ -268,7 +268,7 @@ impl BenchReport {
         let (p, r) = (median(&self.plain_s), median(&self.recording_s));
         let mut s = format!("products of bf16 and FP8 weights: {}\n", self.products);
         s += &format!(
-            "load (open; bf16 weights stay memory-mapped): {:.2} s; first prefill (pages in, packs bf16): {:.2} s\n",
+            "load (open; bf16 weights stay memory-mapped): {:.2} s; first prefill (pages in; packs what it does not read in place): {:.2} s\n",
             self.load_s, self.first_s
         );
         s += &format!(

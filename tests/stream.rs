@@ -41,8 +41,11 @@ fn streaming_matches_the_resident_run_in_a_fraction_of_the_memory() {
     // A fraction of the memory: about one layer resident at a time.
     let (resident, stream) = (peak_rss_mb(&out_full), peak_rss_mb(&out_stream));
     let f32_mb = f32_bytes / 1e6;
-    // The resident run maps every bf16 weight (half the f32 size) and widens those a prefill uses.
-    assert!(resident > 0.5 * f32_mb, "the resident run holds the weights: {resident} MB of {f32_mb} MB");
+    // The resident run maps every bf16 weight (half the f32 size; of the embedding table, the
+    // pages of the rows it looks up) and multiplies them where they lie (or, without AMX, also
+    // holds them reordered).
+    assert!(resident > 0.4 * f32_mb, "the resident run holds the weights: {resident} MB of {f32_mb} MB");
+    println!("peak RSS: resident {resident:.1} MB, streamed {stream:.1} MB, of {f32_mb:.1} MB in f32");
     assert!(stream < 0.3 * f32_mb, "streamed peak {stream:.1} MB is not under 30% of {f32_mb:.1} MB");
 
     // One window, started from the full run's layer 2 output, reproduces layers 3..5.

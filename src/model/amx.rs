@@ -237,7 +237,7 @@ pub fn matmul(x: &[f32], m: usize, w: &Tiles) -> Vec<f32> {
                     let a = [0, 1, 2].map(|p| &parts[i0 * stride + p * kcp..(i0 + BLOCK) * stride]);
                     // SAFETY: each slice holds the 32 x kcp (or kcp / 2 x 32) values the kernel
                     // reads, and c the 32 x 32 it writes.
-                    unsafe { tiles::block(a, stride, [b0, b1], kcp / TK, scale, &mut c) };
+                    unsafe { tiles::block((a, stride), ([[b0, b1]], TK), kcp / TK, scale, &mut c) };
                     for (r, c_row) in c.chunks(BLOCK).enumerate().take(rows - i0) {
                         // SAFETY: row m0 + i0 + r < m of y, columns 32 j .. 32 j + cols <= n,
                         // which only this task writes (one task per 32 columns; passes over k
@@ -259,6 +259,131 @@ pub fn matmul(x: &[f32], m: usize, w: &Tiles) -> Vec<f32> {
     y
 }
 
+/// A bf16 weight multiplied where it lies, for its first product ([`matmul_in_place`]): the
+/// memory-mapped checkpoint's `[n, k]` rows are the left operand of a tile product as they are
+/// (16 rows of 32 inputs, `k` values apart), so nothing is copied or reordered, but the last
+/// `n % 32` outputs (copied, padded with zero rows, so no tile reads past the weight). The tiles
+/// then hold the outputs' transpose, turned as they are stored, and the split activations go to
+/// the right operand in VNNI order. Measured against [`Tiles`] (docs/performance.md): no packing
+/// (a one-off run's first prefill about half as long, and no second copy of the weights), but
+/// slower products (0.75-1.0x `examples/matmul_layouts`, least at few rows; a whole prefill
+/// 1.3x as long): a checkpoint's rows are not 64-byte aligned, so a tile row straddles two
+/// lines, and 32 rows are 32 streams to prefetch. So a weight multiplied again is packed
+/// (`nn::Packing`). Inputs must be whole tile steps.
+pub struct InPlace {
+    w: Bf16Weight,
+    /// The last `n % 32` rows padded to 32, `[32][k]` (empty when `n` is a multiple of 32).
+    tail: Vec<u16>,
+}
+
+impl InPlace {
+    /// None where the tiles do not run, or the inputs are not a multiple of 32.
+    pub fn new(w: &Bf16Weight) -> Option<Self> {
+        (available() && w.cols.is_multiple_of(TK)).then(|| InPlace::of(w))
+    }
+
+    fn of(w: &Bf16Weight) -> Self {
+        let (n, k, full) = (w.rows, w.cols, w.rows / BLOCK * BLOCK);
+        let mut tail = Vec::new();
+        if full < n {
+            tail = vec![0u16; BLOCK * k];
+            tail[..(n - full) * k].copy_from_slice(&w.bits()[full * k..]);
+        }
+        InPlace { w: w.clone(), tail }
+    }
+
+    /// `[n, k]`: outputs, inputs.
+    pub fn shape(&self) -> [usize; 2] {
+        [self.w.rows, self.w.cols]
+    }
+
+    /// Outputs `32 j .. 32 j + 32`'s rows: the weight's own, or the padded tail.
+    fn block_rows(&self, j: usize) -> &[u16] {
+        let k = self.w.cols;
+        match self.w.bits().get(j * BLOCK * k..(j + 1) * BLOCK * k) {
+            Some(rows) => rows,
+            None => &self.tail,
+        }
+    }
+}
+
+/// Rows `m0 .. m0 + rows` of `x` (`[.., k]`), inputs `k0 .. k0 + kc`, split into hi, mid and lo,
+/// each in VNNI order in `parts[p]`: `[kcp / 2][mp][2]` (input pair, token, the pair's values).
+/// The pairs past `kc` are zeroed (the weights' values there belong to the next pass, or are the
+/// zero rows' padding, and infinity x 0 is NaN); the tokens past `rows` are left as they are:
+/// each token's column feeds only that token's outputs, which are not kept.
+fn split_pass(x: &[f32], [k, m0, rows, k0, kc]: [usize; 5], mp: usize, parts: [&mut [u16]; 3]) {
+    const PAIRS: usize = TK / 2; // a task: one tile step's pairs
+    let [hi, mid, lo] = parts;
+    let chunk = PAIRS * 2 * mp;
+    let steps = hi.par_chunks_mut(chunk).zip(mid.par_chunks_mut(chunk)).zip(lo.par_chunks_mut(chunk));
+    steps.enumerate().for_each(|(step, ((hi, mid), lo))| {
+        for p in 0..hi.len() / (2 * mp) {
+            let i = 2 * (step * PAIRS + p); // the pair's first input in the pass
+            let at = p * 2 * mp;
+            for r in 0..rows {
+                let row = &x[(m0 + r) * k + k0..(m0 + r) * k + k0 + kc];
+                for e in 0..2 {
+                    let [h, m, l] = split(row.get(i + e).copied().unwrap_or(0.0));
+                    (hi[at + 2 * r + e], mid[at + 2 * r + e], lo[at + 2 * r + e]) = (h, m, l);
+                }
+            }
+        }
+    });
+}
+
+/// `x W^T` with `w` where it lies: as [`matmul`].
+pub fn matmul_in_place(x: &[f32], m: usize, w: &InPlace) -> Vec<f32> {
+    let [n, k] = w.shape();
+    assert_eq!(x.len(), m * k, "amx::matmul_in_place: x has {} values, not {m} x {k}", x.len());
+    let mut y = vec![0f32; m * n];
+    if m == 0 || n == 0 || !available() {
+        return y;
+    }
+    let mut parts = vec![0u16; 3 * KC * MC]; // [hi, mid, lo][kcp / 2][mp][2]
+    let out = Out(y.as_mut_ptr());
+    for m0 in (0..m).step_by(MC) {
+        let rows = MC.min(m - m0);
+        let mp = rows.div_ceil(BLOCK) * BLOCK; // token columns, padded
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0); // a multiple of 32, as k
+            let (hi, rest) = parts[..3 * kc * mp].split_at_mut(kc * mp);
+            let (mid, lo) = rest.split_at_mut(kc * mp);
+            split_pass(x, [k, m0, rows, k0, kc], mp, [hi, mid, lo]);
+            let parts = &parts[..3 * kc * mp];
+            (0..n.div_ceil(BLOCK)).into_par_iter().for_each(|j| {
+                let out = &out;
+                let cols = BLOCK.min(n - j * BLOCK);
+                let a = &w.block_rows(j)[k0..];
+                let mut c = [0f32; BLOCK * BLOCK]; // [output][token]
+                                                   // SAFETY: as in `matmul`.
+                unsafe { tiles::configure() };
+                for i0 in (0..rows).step_by(BLOCK) {
+                    let part = |p: usize, h: usize| &parts[p * kc * mp + 2 * (i0 + h * TM)..(p + 1) * kc * mp];
+                    let b = [0, 1, 2].map(|p| [part(p, 0), part(p, 1)]);
+                    // SAFETY: a holds 32 rows of k values from input k0 (kc of each read), each
+                    // b tile kc / 2 rows of 2 mp values (32 of each read), c the 32 x 32 written.
+                    unsafe { tiles::block(([a], k), (b, 2 * mp), kc / TK, None, &mut c) };
+                    for r in 0..BLOCK.min(rows - i0) {
+                        // SAFETY: as in `matmul`: row m0 + i0 + r, this task's 32 columns.
+                        let y_row =
+                            unsafe { std::slice::from_raw_parts_mut(out.0.add((m0 + i0 + r) * n + j * BLOCK), cols) };
+                        let c_col = c.iter().skip(r).step_by(BLOCK); // token r of each output
+                        if k0 == 0 {
+                            y_row.iter_mut().zip(c_col).for_each(|(y, c)| *y = *c);
+                        } else {
+                            y_row.iter_mut().zip(c_col).for_each(|(y, c)| *y += c);
+                        }
+                    }
+                }
+                // SAFETY: as `configure`.
+                unsafe { tiles::release() };
+            });
+        }
+    }
+    y
+}
+
 #[cfg(target_arch = "x86_64")]
 mod tiles {
     use std::arch::asm;
@@ -269,7 +394,7 @@ mod tiles {
     /// samples on one load). 128-token prefill, alternating: 0.75-0.78 s against 0.80-0.84 s.
     const AHEAD: usize = 8;
 
-    use super::{BLOCK, TK, TN};
+    use super::{BLOCK, TK, TM, TN};
 
     /// The tile configuration (`ldtilecfg`'s 64-byte operand): palette 1, eight tiles of 16
     /// rows x 64 bytes.
@@ -306,31 +431,34 @@ mod tiles {
         asm!("tilerelease", options(nostack, nomem));
     }
 
-    /// `c[32][32] = sum over steps of a[p] . b` for the split activations `a` (hi, mid, lo: each
-    /// 32 rows `stride` bf16 apart, from the pass's first input) and the two weight groups `b`
-    /// (`[steps * 16][16][2]` each), `steps` of 32 inputs; with `scale` (block-FP8: a scale per
-    /// block of `per` steps), each block's sum times its scale.
+    /// `c[32][32] = sum over steps of a . b` over the parts of one side, for the 32 rows of `a`
+    /// (each part's two tiles of 16 rows `sa` bf16 apart, 32 inputs a step) and the 32 columns of
+    /// `b` (each part's two tiles, of 16 columns in VNNI order, 16 input pairs a step, rows `sb`
+    /// bf16 apart), `steps` of 32 inputs. One side has a part (the weight), the other three
+    /// (the split activations' hi, mid and lo): the weight's tiles are loaded once a step.
+    /// With `scale` (block-FP8: a scale per block of `per` steps), each block's sum times its
+    /// scale.
     ///
     /// # Safety
     /// As [`configure`], after it on this thread; the slices hold what is read (checked in debug).
-    pub unsafe fn block(
-        a: [&[u16]; 3],
-        stride: usize,
-        b: [&[u16]; 2],
+    pub unsafe fn block<const PA: usize, const PB: usize>(
+        (a, sa): ([&[u16]; PA], usize),
+        (b, sb): ([[&[u16]; 2]; PB], usize),
         steps: usize,
         scale: Option<(&[f32], usize)>,
         c: &mut [f32; BLOCK * BLOCK],
     ) {
-        debug_assert!(a.iter().all(|a| a.len() >= (BLOCK - 1) * stride + steps * TK));
-        debug_assert!(b.iter().all(|b| b.len() >= steps * TK * TN));
+        debug_assert!(PA == 1 || PB == 1);
+        debug_assert!(steps == 0 || a.iter().all(|a| a.len() >= (BLOCK - 1) * sa + steps * TK));
+        debug_assert!(steps == 0 || b.iter().flatten().all(|b| b.len() >= (steps * TK / 2 - 1) * sb + 2 * TN));
         let Some((scale, per)) = scale else {
-            products(a, stride, b, 0..steps);
+            products((a, sa), (b, sb), 0..steps);
             return store(c);
         };
         debug_assert!(per > 0 && scale.len() >= steps.div_ceil(per));
         let mut sum = [0f32; BLOCK * BLOCK];
         for (s0, &sv) in (0..steps).step_by(per).zip(scale) {
-            products(a, stride, b, s0..(s0 + per).min(steps));
+            products((a, sa), (b, sb), s0..(s0 + per).min(steps));
             store(c);
             add_scaled(&mut sum, sv, c);
         }
@@ -339,39 +467,81 @@ mod tiles {
 
     /// tmm0-3 = the sum over `steps` of the 12 tile products each.
     #[inline(always)]
-    unsafe fn products(a: [&[u16]; 3], stride: usize, b: [&[u16]; 2], steps: std::ops::Range<usize>) {
+    unsafe fn products<const PA: usize, const PB: usize>(
+        (a, sa): ([&[u16]; PA], usize),
+        (b, sb): ([[&[u16]; 2]; PB], usize),
+        steps: std::ops::Range<usize>,
+    ) {
         asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
-        let sa = stride * 2; // bytes between rows of a
-        let half = 16 * stride; // a's second tile of rows
+        let a_at = |a: &[u16], s: usize| a.as_ptr().add(s * TK); // a step's first tile
+        let b_at = |b: &[u16], s: usize| b.as_ptr().add(s * (TK / 2) * sb);
         let end = steps.end;
         for s in steps {
-            let (b0, b1) = (b[0].as_ptr().add(s * TK * TN), b[1].as_ptr().add(s * TK * TN));
+            // The weight's tiles AHEAD steps on: 32 rows of 64 bytes, each of which may straddle
+            // two lines (rows in place are not 64-byte aligned).
             if s + AHEAD < end {
-                for line in (0..TK * TN).step_by(32) {
-                    _mm_prefetch::<_MM_HINT_T0>(b0.add(AHEAD * TK * TN + line).cast());
-                    _mm_prefetch::<_MM_HINT_T0>(b1.add(AHEAD * TK * TN + line).cast());
+                let rows: [*const u16; 2] = if PA == 1 {
+                    [a_at(a[0], s + AHEAD), a_at(a[0], s + AHEAD).add(TM * sa)]
+                } else {
+                    [b_at(b[0][0], s + AHEAD), b_at(b[0][1], s + AHEAD)]
+                };
+                let gap = if PA == 1 { sa } else { sb };
+                for tile in rows {
+                    for r in 0..16 {
+                        let at = tile.add(r * gap).cast::<i8>();
+                        _mm_prefetch::<_MM_HINT_T0>(at);
+                        _mm_prefetch::<_MM_HINT_T0>(at.add(63));
+                    }
                 }
             }
-            asm!(
-                "tileloadd tmm6, [{b0} + {sb}*1]",
-                "tileloadd tmm7, [{b1} + {sb}*1]",
-                b0 = in(reg) b0, b1 = in(reg) b1, sb = in(reg) 64usize,
-                options(nostack, readonly),
-            );
-            for part in a {
-                let a0 = part.as_ptr().add(s * TK);
-                asm!(
-                    "tileloadd tmm4, [{a0} + {sa}*1]",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a0, a1 = in(reg) a0.add(half), sa = in(reg) sa,
-                    options(nostack, readonly),
-                );
+            if PA == 1 {
+                load_a(a_at(a[0], s), sa);
+                for [b0, b1] in b {
+                    load_b(b_at(b0, s), b_at(b1, s), sb);
+                    dot();
+                }
+            } else {
+                load_b(b_at(b[0][0], s), b_at(b[0][1], s), sb);
+                for part in a {
+                    load_a(a_at(part, s), sa);
+                    dot();
+                }
             }
         }
+    }
+
+    /// tmm4-5 = rows 0-15 and 16-31 from `a0`, rows `sa` bf16 apart.
+    #[inline(always)]
+    unsafe fn load_a(a0: *const u16, sa: usize) {
+        asm!(
+            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm5, [{a1} + {sa}*1]",
+            a0 = in(reg) a0, a1 = in(reg) a0.add(TM * sa), sa = in(reg) sa * 2,
+            options(nostack, readonly),
+        );
+    }
+
+    /// tmm6-7 = the tiles at `b0` and `b1`, rows `sb` bf16 apart.
+    #[inline(always)]
+    unsafe fn load_b(b0: *const u16, b1: *const u16, sb: usize) {
+        asm!(
+            "tileloadd tmm6, [{b0} + {sb}*1]",
+            "tileloadd tmm7, [{b1} + {sb}*1]",
+            b0 = in(reg) b0, b1 = in(reg) b1, sb = in(reg) sb * 2,
+            options(nostack, readonly),
+        );
+    }
+
+    /// tmm0-3 += the four products of tmm4-5 by tmm6-7.
+    #[inline(always)]
+    unsafe fn dot() {
+        asm!(
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            options(nostack, nomem),
+        );
     }
 
     /// c = tmm0-3, as 32 rows of 32.
@@ -402,10 +572,9 @@ mod tiles {
 mod tiles {
     pub unsafe fn configure() {}
     pub unsafe fn release() {}
-    pub unsafe fn block(
-        _: [&[u16]; 3],
-        _: usize,
-        _: [&[u16]; 2],
+    pub unsafe fn block<const PA: usize, const PB: usize>(
+        _: ([&[u16]; PA], usize),
+        _: ([[&[u16]; 2]; PB], usize),
         _: usize,
         _: Option<(&[f32], usize)>,
         _: &mut [f32; super::BLOCK * super::BLOCK],
@@ -477,14 +646,26 @@ mod tests {
             eprintln!("skipped: no AMX-BF16 here (or GLIMPSE_NO_AMX / GLIMPSE_NO_AVX512 set)");
             return;
         }
-        for (m, n, k) in
-            [(13, 45, 77), (1, 32, 600), (33, 1, 1030), (32, 64, 512), (300, 49, 2100), (7, 7, 9), (5, 7, 0)]
-        {
+        let cases = [
+            (13, 45, 77),
+            (1, 32, 600),
+            (33, 1, 1030),
+            (32, 64, 512),
+            (300, 49, 2100),
+            (7, 7, 9),
+            (5, 7, 0),
+            (130, 45, 64),
+            (40, 70, 1088),
+        ];
+        for (m, n, k) in cases {
+            // Rows 2 bytes past a 64-byte line, as a checkpoint's may be (`test_matrix`).
             let w = Bf16Weight::test_matrix(n, k);
-            let tiles = Tiles::of(&w);
             let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.6180).sin() * 1.001).collect();
             let wide: Vec<f32> = w.bits().iter().map(|&b| super::super::gemv::widen(b)).collect();
-            assert_matches_sum(&matmul(&x, m, &tiles), &x, &wide, (m, n, k));
+            assert_matches_sum(&matmul(&x, m, &Tiles::of(&w)), &x, &wide, (m, n, k));
+            if k % TK == 0 {
+                assert_matches_sum(&matmul_in_place(&x, m, &InPlace::of(&w)), &x, &wide, (m, n, k));
+            }
         }
         // An infinity in row 0 of the first pass lies where the second pass (6 inputs, padded to
         // 32) keeps row 5's padding: row 0 is not finite, and row 5 must still be.
@@ -493,6 +674,13 @@ mod tests {
         x[5 * 3 * 32 + 10] = f32::INFINITY;
         let y = matmul(&x, m, &Tiles::of(&Bf16Weight::test_matrix(n, k)));
         assert!(!y[..n].iter().all(|v| v.is_finite()) && y[5 * n..6 * n].iter().all(|v| v.is_finite()), "{y:?}");
+        // In place, token 0's infinity reaches its own outputs only (tokens are the tiles'
+        // columns there).
+        let (m, n, k) = (3, 40, 64);
+        let mut x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.6180).sin()).collect();
+        x[7] = f32::INFINITY;
+        let y = matmul_in_place(&x, m, &InPlace::of(&Bf16Weight::test_matrix(n, k)));
+        assert!(!y[..n].iter().all(|v| v.is_finite()) && y[n..].iter().all(|v| v.is_finite()), "{y:?}");
     }
 
     /// y [m, n] against the f64 sum of x [m, k] times w [n, k]^T, within 3e-7 of the sum of the
