@@ -218,38 +218,20 @@ pub fn matmul(x: &[f32], m: usize, w: &Tiles) -> Vec<f32> {
             });
             let parts = &parts[..mp * stride];
             (0..n.div_ceil(BLOCK)).into_par_iter().for_each(|j| {
-                let out = &out;
-                let cols = BLOCK.min(n - j * BLOCK);
                 let at = |g: usize| (g * kp + k0) * TN; // group g's weights from input k0
                 let (b0, b1) =
                     (&w.data[at(2 * j)..at(2 * j) + kcp * TN], &w.data[at(2 * j + 1)..at(2 * j + 1) + kcp * TN]);
-                // Block-FP8: these 32 outputs' scales from the pass's first block on, and the
-                // tile steps in a block.
-                let scale = w.scale.as_ref().map(|(s, bc)| {
-                    let blocks = k.div_ceil(*bc);
-                    (&s[j * blocks + k0 / bc..(j + 1) * blocks], bc / TK)
-                });
-                let mut c = [0f32; BLOCK * BLOCK];
-                // SAFETY: `available` (checked above) says this CPU has the tiles and the OS
-                // granted them; each task configures them before use and releases them after.
+                let scale = block_scales(&w.scale, j, k, k0);
+                let mut c = [0f32; BLOCK * BLOCK]; // [token][output]
+                                                   // SAFETY: `available` (checked above) says this CPU has the tiles and the OS
+                                                   // granted them; each task configures them before use and releases them after.
                 unsafe { tiles::configure() };
                 for i0 in (0..rows).step_by(BLOCK) {
                     let a = [0, 1, 2].map(|p| &parts[i0 * stride + p * kcp..(i0 + BLOCK) * stride]);
                     // SAFETY: each slice holds the 32 x kcp (or kcp / 2 x 32) values the kernel
                     // reads, and c the 32 x 32 it writes.
                     unsafe { tiles::block((a, stride), ([[b0, b1]], TK), kcp / TK, scale, &mut c) };
-                    for (r, c_row) in c.chunks(BLOCK).enumerate().take(rows - i0) {
-                        // SAFETY: row m0 + i0 + r < m of y, columns 32 j .. 32 j + cols <= n,
-                        // which only this task writes (one task per 32 columns; passes over k
-                        // run one after another).
-                        let y_row =
-                            unsafe { std::slice::from_raw_parts_mut(out.0.add((m0 + i0 + r) * n + j * BLOCK), cols) };
-                        if k0 == 0 {
-                            y_row.copy_from_slice(&c_row[..cols]);
-                        } else {
-                            y_row.iter_mut().zip(c_row).for_each(|(y, c)| *y += c);
-                        }
-                    }
+                    store(&out, [n, m0 + i0, j, BLOCK.min(rows - i0)], k0 == 0, |r, o| c[r * BLOCK + o]);
                 }
                 // SAFETY: as `configure`.
                 unsafe { tiles::release() };
@@ -259,21 +241,33 @@ pub fn matmul(x: &[f32], m: usize, w: &Tiles) -> Vec<f32> {
     y
 }
 
-/// A bf16 weight multiplied where it lies, for its first product ([`matmul_in_place`]): the
-/// memory-mapped checkpoint's `[n, k]` rows are the left operand of a tile product as they are
-/// (16 rows of 32 inputs, `k` values apart), so nothing is copied or reordered, but the last
-/// `n % 32` outputs (copied, padded with zero rows, so no tile reads past the weight). The tiles
-/// then hold the outputs' transpose, turned as they are stored, and the split activations go to
-/// the right operand in VNNI order. Measured against [`Tiles`] (docs/performance.md): no packing
-/// (a one-off run's first prefill about half as long, and no second copy of the weights), but
-/// slower products (0.75-1.0x `examples/matmul_layouts`, least at few rows; a whole prefill
-/// 1.3x as long): a checkpoint's rows are not 64-byte aligned, so a tile row straddles two
-/// lines, and 32 rows are 32 streams to prefetch. So a weight multiplied again is packed
-/// (`nn::Packing`). Inputs must be whole tile steps.
+/// A bf16 or block-FP8 weight multiplied where it lies, for its first product
+/// ([`matmul_in_place`]): the memory-mapped checkpoint's `[n, k]` rows are the left operand of a
+/// tile product as they are (16 rows of 32 inputs, `k` values apart), so nothing is copied or
+/// reordered, but the last `n % 32` outputs (copied, padded with zero rows, so no tile reads past
+/// the weight); FP8 codes are widened to bf16 (exactly) 32 rows and one pass of inputs at a
+/// time, into a task's buffer. The tiles then hold the outputs' transpose, turned as they are
+/// stored, and the split activations go to the right operand in VNNI order. Measured against
+/// [`Tiles`] (docs/performance.md): no packing (a one-off run's first prefill about half as
+/// long, and no second copy of the weights), but slower products (0.75-1.0x
+/// `examples/matmul_layouts`, least at few rows; a whole prefill 1.3x as long): a checkpoint's
+/// rows are not 64-byte aligned, so a tile row straddles two lines, and 32 rows are 32 streams
+/// to prefetch. So a weight multiplied again is packed (`nn::Packing`). Inputs must be whole
+/// tile steps; FP8 blocks must fit the tiles as for [`Tiles::from_fp8`], and are scaled the same
+/// way.
 pub struct InPlace {
-    w: Bf16Weight,
-    /// The last `n % 32` rows padded to 32, `[32][k]` (empty when `n` is a multiple of 32).
+    src: Source,
+    n: usize,
+    k: usize,
+    /// bf16: the last `n % 32` rows padded to 32, `[32][k]` (empty when `n` is a multiple of 32).
     tail: Vec<u16>,
+    /// Block-FP8: as [`Tiles`]' scale.
+    scale: Option<(Vec<f32>, usize)>,
+}
+
+enum Source {
+    Bf16(Bf16Weight),
+    Fp8(Fp8Weight),
 }
 
 impl InPlace {
@@ -289,20 +283,56 @@ impl InPlace {
             tail = vec![0u16; BLOCK * k];
             tail[..(n - full) * k].copy_from_slice(&w.bits()[full * k..]);
         }
-        InPlace { w: w.clone(), tail }
+        InPlace { src: Source::Bf16(w.clone()), n, k, tail, scale: None }
+    }
+
+    /// None where the tiles do not run, the inputs are not a multiple of 32, or the blocks do not
+    /// fit the tiles ([`Tiles::from_fp8`]).
+    pub fn from_fp8(w: &Fp8Weight) -> Option<Self> {
+        available().then(|| InPlace::of_fp8(w)).flatten()
+    }
+
+    fn of_fp8(w: &Fp8Weight) -> Option<Self> {
+        let ([n, k], [_, bc]) = (w.shape(), w.block());
+        if !k.is_multiple_of(TK) || !bc.is_multiple_of(TK) {
+            return None;
+        }
+        let scale = Some((w.scales_by_rows(BLOCK)?, bc));
+        Some(InPlace { src: Source::Fp8(w.clone()), n, k, tail: Vec::new(), scale })
     }
 
     /// `[n, k]`: outputs, inputs.
     pub fn shape(&self) -> [usize; 2] {
-        [self.w.rows, self.w.cols]
+        [self.n, self.k]
     }
 
-    /// Outputs `32 j .. 32 j + 32`'s rows: the weight's own, or the padded tail.
-    fn block_rows(&self, j: usize) -> &[u16] {
-        let k = self.w.cols;
-        match self.w.bits().get(j * BLOCK * k..(j + 1) * BLOCK * k) {
-            Some(rows) => rows,
-            None => &self.tail,
+    /// Inputs per pass, as [`Tiles`]'.
+    fn pass(&self) -> usize {
+        match &self.scale {
+            Some((_, bc)) => (KC / bc).max(1) * bc,
+            None => KC,
+        }
+    }
+
+    /// Outputs `32 j .. 32 j + 32`'s rows from input `k0` as bf16 and their stride: a bf16
+    /// weight's own (or the padded tail), or `kc` inputs of FP8 codes widened into `buf`.
+    fn block_rows<'a>(&'a self, j: usize, k0: usize, kc: usize, buf: &'a mut Vec<u16>) -> (&'a [u16], usize) {
+        let k = self.k;
+        match &self.src {
+            Source::Bf16(w) => match w.bits().get(j * BLOCK * k..(j + 1) * BLOCK * k) {
+                Some(rows) => (&rows[k0..], k),
+                None => (&self.tail[k0..], k),
+            },
+            Source::Fp8(w) => {
+                let bf16 = codes_as_bf16();
+                buf.clear();
+                buf.resize(BLOCK * kc, 0); // rows past n stay zero
+                let codes = &w.bytes()[j * BLOCK * k..];
+                for (row, out) in codes.chunks(k).zip(buf.chunks_mut(kc)) {
+                    out.iter_mut().zip(&row[k0..k0 + kc]).for_each(|(o, &q)| *o = bf16[q as usize]);
+                }
+                (buf, kc)
+            }
         }
     }
 }
@@ -340,41 +370,33 @@ pub fn matmul_in_place(x: &[f32], m: usize, w: &InPlace) -> Vec<f32> {
     if m == 0 || n == 0 || !available() {
         return y;
     }
-    let mut parts = vec![0u16; 3 * KC * MC]; // [hi, mid, lo][kcp / 2][mp][2]
+    let pass = w.pass();
+    let mut parts = vec![0u16; 3 * pass * MC]; // [hi, mid, lo][kc / 2][mp][2]
     let out = Out(y.as_mut_ptr());
     for m0 in (0..m).step_by(MC) {
         let rows = MC.min(m - m0);
         let mp = rows.div_ceil(BLOCK) * BLOCK; // token columns, padded
-        for k0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - k0); // a multiple of 32, as k
+        for k0 in (0..k).step_by(pass) {
+            let kc = pass.min(k - k0); // a multiple of 32, as k
             let (hi, rest) = parts[..3 * kc * mp].split_at_mut(kc * mp);
             let (mid, lo) = rest.split_at_mut(kc * mp);
             split_pass(x, [k, m0, rows, k0, kc], mp, [hi, mid, lo]);
             let parts = &parts[..3 * kc * mp];
             (0..n.div_ceil(BLOCK)).into_par_iter().for_each(|j| {
-                let out = &out;
-                let cols = BLOCK.min(n - j * BLOCK);
-                let a = &w.block_rows(j)[k0..];
-                let mut c = [0f32; BLOCK * BLOCK]; // [output][token]
-                                                   // SAFETY: as in `matmul`.
+                let mut buf = Vec::new();
+                let (a, sa) = w.block_rows(j, k0, kc, &mut buf);
+                let scale = block_scales(&w.scale, j, k, k0);
+                // [output][token]
+                let mut c = [0f32; BLOCK * BLOCK];
+                // SAFETY: as in `matmul`.
                 unsafe { tiles::configure() };
                 for i0 in (0..rows).step_by(BLOCK) {
                     let part = |p: usize, h: usize| &parts[p * kc * mp + 2 * (i0 + h * TM)..(p + 1) * kc * mp];
                     let b = [0, 1, 2].map(|p| [part(p, 0), part(p, 1)]);
-                    // SAFETY: a holds 32 rows of k values from input k0 (kc of each read), each
-                    // b tile kc / 2 rows of 2 mp values (32 of each read), c the 32 x 32 written.
-                    unsafe { tiles::block(([a], k), (b, 2 * mp), kc / TK, None, &mut c) };
-                    for r in 0..BLOCK.min(rows - i0) {
-                        // SAFETY: as in `matmul`: row m0 + i0 + r, this task's 32 columns.
-                        let y_row =
-                            unsafe { std::slice::from_raw_parts_mut(out.0.add((m0 + i0 + r) * n + j * BLOCK), cols) };
-                        let c_col = c.iter().skip(r).step_by(BLOCK); // token r of each output
-                        if k0 == 0 {
-                            y_row.iter_mut().zip(c_col).for_each(|(y, c)| *y = *c);
-                        } else {
-                            y_row.iter_mut().zip(c_col).for_each(|(y, c)| *y += c);
-                        }
-                    }
+                    // SAFETY: a holds 32 rows of sa values (kc of each read), each b tile kc / 2
+                    // rows of 2 mp values (32 of each read), c the 32 x 32 written.
+                    unsafe { tiles::block(([a], sa), (b, 2 * mp), kc / TK, scale, &mut c) };
+                    store(&out, [n, m0 + i0, j, BLOCK.min(rows - i0)], k0 == 0, |r, o| c[o * BLOCK + r]);
                 }
                 // SAFETY: as `configure`.
                 unsafe { tiles::release() };
@@ -382,6 +404,31 @@ pub fn matmul_in_place(x: &[f32], m: usize, w: &InPlace) -> Vec<f32> {
         }
     }
     y
+}
+
+/// Block-FP8: outputs `32 j ..`'s scales from the block of input `k0` on, and the tile steps in a
+/// block.
+fn block_scales(scale: &Option<(Vec<f32>, usize)>, j: usize, k: usize, k0: usize) -> Option<(&[f32], usize)> {
+    scale.as_ref().map(|(s, bc)| {
+        let blocks = k.div_ceil(*bc);
+        (&s[j * blocks + k0 / bc..(j + 1) * blocks], bc / TK)
+    })
+}
+
+/// Writes (`first`) or adds a block of results into `y` (`[.., n]` at `out`): `rows` token rows
+/// from `row0`, outputs `32 j ..` (as many as `n` has), token `r`'s output `o` being `c(r, o)`.
+fn store(out: &Out, [n, row0, j, rows]: [usize; 4], first: bool, c: impl Fn(usize, usize) -> f32) {
+    let cols = BLOCK.min(n - j * BLOCK);
+    for r in 0..rows {
+        // SAFETY: row row0 + r < m of y and outputs 32 j .. 32 j + cols <= n, which only this
+        // task writes (one task per 32 outputs; passes over k run one after another).
+        let y_row = unsafe { std::slice::from_raw_parts_mut(out.0.add((row0 + r) * n + j * BLOCK), cols) };
+        if first {
+            y_row.iter_mut().enumerate().for_each(|(o, y)| *y = c(r, o));
+        } else {
+            y_row.iter_mut().enumerate().for_each(|(o, y)| *y += c(r, o));
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -606,6 +653,19 @@ mod tests {
         let m = 45;
         let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.6180).sin() * 1.001).collect();
         assert_matches_sum(&matmul(&x, m, &tiles), &x, &view.to_f32(), (m, 70, k));
+        assert!(InPlace::of_fp8(&view).is_none(), "2000 inputs are not whole tile steps");
+        // In place: 1920 inputs (two passes of 10 blocks), the same view's rows.
+        let k = 1920;
+        let stored = Fp8Weight::from_codes(
+            &codes[..rows * k],
+            [rows, k],
+            (0..2 * 20).map(|i| 0.5 + i as f32 * 0.25).collect(),
+            block,
+        )
+        .unwrap();
+        let view = stored.rows(32, 70).unwrap();
+        let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.6180).sin() * 1.001).collect();
+        assert_matches_sum(&matmul_in_place(&x, m, &InPlace::of_fp8(&view).unwrap()), &x, &view.to_f32(), (m, 70, k));
         for (block, row0) in [([48, 128], 0), ([64, 100], 0), ([64, 128], 16)] {
             let scales = rows.div_ceil(block[0]) * k.div_ceil(block[1]);
             let w = Fp8Weight::from_codes(&codes, [rows, k], vec![1.0; scales], block).unwrap();

@@ -23,14 +23,15 @@ use crate::error::{Error, Result};
 pub enum Weight {
     F32(Tensor),
     Bf16(Bf16Weight, Packing),
-    Fp8(Fp8Weight, OnceLock<Product>),
+    Fp8(Fp8Weight, Packing),
 }
 
-/// How a bf16 weight's many-row products run: its first in place where the CPU has AMX and it
-/// has fewer than [`Packing::IN_PLACE_MAX_ROWS`] rows ([`amx::InPlace`]: nothing copied, so a
-/// one-off run's first prefill is about half as long and holds one copy of the weights), then,
-/// from its second on, through its [`Product`], made then: a weight multiplied twice is multiplied again (`bench`, the TUI's runs, `generate`'s
-/// prompt in chunks), and a prefill on the packed tiles takes 0.75x as long.
+/// How a bf16 or block-FP8 weight's many-row products run: its first in place where the CPU
+/// has AMX and it has fewer than [`Packing::IN_PLACE_MAX_ROWS`] rows ([`amx::InPlace`]: nothing
+/// copied, so a one-off run's first prefill is about half as long and holds one copy of the
+/// weights), then, from its second on, through its [`Product`], made then: a weight multiplied
+/// twice is multiplied again (`bench`, the TUI's runs, `generate`'s prompt in chunks), and a
+/// prefill on the packed tiles takes 0.75x as long.
 #[derive(Default)]
 pub struct Packing {
     product: OnceLock<Product>,
@@ -42,15 +43,22 @@ impl Packing {
     /// rows lose in place (a 128-token prefill gains 1 s here, a 1024-token one lost 0.5 s).
     const IN_PLACE_MAX_ROWS: usize = 512;
 
-    /// x [m, in] -> [m, out]
-    fn multiply(&self, w: &Bf16Weight, x: &Tensor) -> Result<Tensor> {
+    /// x [m, in] -> [m, out]: in place (`in_place`, when it gives one) or through the product
+    /// (`make`, the first time).
+    fn multiply(
+        &self,
+        x: &Tensor,
+        out: usize,
+        in_place: impl FnOnce() -> Option<amx::InPlace>,
+        make: impl FnOnce() -> Result<Product>,
+    ) -> Result<Tensor> {
         let few = x.dims2()?.0 < Self::IN_PLACE_MAX_ROWS;
         if few && self.product.get().is_none() && !self.used.swap(true, Ordering::Relaxed) {
-            if let Some(once) = amx::InPlace::new(w) {
-                return with_rows(x, w.rows, &|xs, m| amx::matmul_in_place(xs, m, &once));
+            if let Some(once) = in_place() {
+                return with_rows(x, out, &|xs, m| amx::matmul_in_place(xs, m, &once));
             }
         }
-        made(&self.product, || Product::of_bf16(w))?.multiply(x)
+        made(&self.product, make)?.multiply(x)
     }
 }
 
@@ -59,7 +67,7 @@ impl Weight {
         Weight::Bf16(w, Packing::default())
     }
     pub fn fp8(w: Fp8Weight) -> Self {
-        Weight::Fp8(w, OnceLock::new())
+        Weight::Fp8(w, Packing::default())
     }
 
     /// lm_head's weight, or a band of its rows, as the model multiplies it: a bf16 one as stored,
@@ -234,8 +242,12 @@ impl Linear {
                 Tensor::from_vec(y, (rows, out_dim), x.device())?
             }
             Weight::F32(w) => matmul_nt(&x, w)?,
-            Weight::Bf16(w, packing) => packing.multiply(w, &x)?,
-            Weight::Fp8(w, product) => made(product, || Product::of_fp8(w))?.multiply(&x)?,
+            Weight::Bf16(w, packing) => {
+                packing.multiply(&x, out_dim, || amx::InPlace::new(w), || Product::of_bf16(w))?
+            }
+            Weight::Fp8(w, packing) => {
+                packing.multiply(&x, out_dim, || amx::InPlace::from_fp8(w), || Product::of_fp8(w))?
+            }
         }; // [rows, out]
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -327,14 +339,16 @@ mod tests {
                 .unwrap()
         };
         let packing = Packing::default();
-        let first = packing.multiply(&w, &x(3)).unwrap();
+        let multiply =
+            |p: &Packing, x: &Tensor| p.multiply(x, n, || amx::InPlace::new(&w), || Product::of_bf16(&w)).unwrap();
+        let first = multiply(&packing, &x(3));
         assert_eq!(packing.product.get().is_none(), amx::available(), "in place where the tiles run");
-        let second = packing.multiply(&w, &x(3)).unwrap();
+        let second = multiply(&packing, &x(3));
         assert!(packing.product.get().is_some());
         let diff = (first - second).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "{diff}");
         let many = Packing::default();
-        many.multiply(&w, &x(Packing::IN_PLACE_MAX_ROWS)).unwrap();
+        multiply(&many, &x(Packing::IN_PLACE_MAX_ROWS));
         assert!(many.product.get().is_some());
     }
 
