@@ -15,6 +15,14 @@ use glimpse::model::amx::{self, InPlace, Tiles};
 use glimpse::model::bf16_gemm::{self, Panels};
 use glimpse::model::gemv::Bf16Weight;
 
+/// GFLOP/s of one of our kernels (`flops` GFLOP a call), or `missing` where it has none.
+fn gflops_or(flops: f64, kernel: Option<impl Fn() -> Vec<f32>>, missing: &str) -> candle_core::Result<String> {
+    Ok(match kernel {
+        Some(f) => format!("{:>12.0}", flops / median_secs(|| Tensor::new(&f()[..1], &Device::Cpu))?),
+        None => format!("{missing:>12}"),
+    })
+}
+
 fn median_secs(mut f: impl FnMut() -> candle_core::Result<Tensor>) -> candle_core::Result<f64> {
     let mut times = Vec::new();
     for _ in 0..5 {
@@ -65,32 +73,15 @@ fn main() -> candle_core::Result<()> {
             if pack {
                 let bits: Vec<u16> =
                     w.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
-                let panels = Panels::new(&Bf16Weight::from_bits(&bits, n, k, 0).expect("bf16 weight"));
-                let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                let ours = match &panels {
-                    Some(p) => format!(
-                        "{:>12.0}",
-                        flops / median_secs(|| Tensor::new(&bf16_gemm::matmul(&xs, m, p)[..1], &Device::Cpu))?
-                    ),
-                    None => format!("{:>12}", "no kernel"),
-                };
-                let tiles = Tiles::new(&Bf16Weight::from_bits(&bits, n, k, 0).expect("bf16 weight"));
-                let amx = match &tiles {
-                    Some(t) => format!(
-                        "{:>12.0}",
-                        flops / median_secs(|| Tensor::new(&amx::matmul(&xs, m, t)[..1], &Device::Cpu))?
-                    ),
-                    None => format!("{:>12}", "no AMX"),
-                };
+                let weight = |offset| Bf16Weight::from_bits(&bits, n, k, offset).expect("bf16 weight");
+                let xs = &x.flatten_all()?.to_vec1::<f32>()?;
+                let (panels, tiles) = (Panels::new(&weight(0)), Tiles::new(&weight(0)));
                 // In place, as a checkpoint's rows lie: 2 bytes past a 64-byte line.
-                let in_place = InPlace::new(&Bf16Weight::from_bits(&bits, n, k, 2).expect("bf16 weight"));
-                let amx_in_place = match &in_place {
-                    Some(t) => format!(
-                        "{:>12.0}",
-                        flops / median_secs(|| Tensor::new(&amx::matmul_in_place(&xs, m, t)[..1], &Device::Cpu))?
-                    ),
-                    None => format!("{:>12}", "no AMX"),
-                };
+                let in_place = InPlace::new(&weight(2));
+                let ours = gflops_or(flops, panels.as_ref().map(|p| move || bf16_gemm::matmul(xs, m, p)), "no kernel")?;
+                let amx = gflops_or(flops, tiles.as_ref().map(|t| move || amx::matmul(xs, m, t)), "no AMX")?;
+                let amx_in_place =
+                    gflops_or(flops, in_place.as_ref().map(|t| move || amx::matmul_in_place(xs, m, t)), "no AMX")?;
                 rows[i] = format!("{} | {stored:>14.0} {transposed:>14.0} | {ours} {amx} {amx_in_place}", rows[i]);
             } else {
                 rows.push(format!("{m:>5} {n:>6} {k:>6} | {stored:>14.0} {transposed:>14.0}"));
