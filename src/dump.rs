@@ -457,7 +457,7 @@ impl Drop for DumpWriter {
 }
 
 /// Appends a CPU f32 or i64 tensor's bytes, straight from its storage (no copy, no fresh pages).
-fn write_tensor(w: &mut impl Write, t: &Tensor) -> Result<()> {
+pub(crate) fn write_tensor(w: &mut impl Write, t: &Tensor) -> Result<()> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let range = layout.start_offset()..layout.start_offset() + t.elem_count();

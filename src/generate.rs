@@ -39,7 +39,7 @@ pub fn run(
     }
     let mtp = if opts.mtp { Some(Mtp::load(ckpt)?) } else { None };
     eprintln!("{}", cache_report(model, prompt.batch, prompt.seq + opts.new_tokens, mtp.is_some()));
-    let mut stitcher = opts.dump.as_ref().map(|(_, sel)| Stitcher::new(sel.clone()));
+    let mut stitcher = opts.dump.as_ref().map(|(path, sel)| Stitcher::spilling(sel.clone(), path)).transpose()?;
     let obs: &mut dyn Observer = match stitcher.as_mut() {
         Some(s) => s,
         None => &mut NoObserver,
@@ -69,11 +69,8 @@ pub fn run(
         println!("{line}");
     }
     if let (Some((path, selector)), Some(stitcher)) = (&opts.dump, stitcher) {
-        let tensors = stitcher.finish()?;
-        let mut writer = DumpWriter::create(path, selector.clone(), tensors.len())?;
-        for (point, t) in &tensors {
-            writer.observe(*point, t)?;
-        }
+        let mut writer = DumpWriter::create(path, selector.clone(), stitcher.len())?;
+        stitcher.for_each(|point, t| writer.observe(point, &t))?;
         let source = format!(
             "glimpse {} / candle, float32, cpu; generate: decode through the latent cache, {} prompt positions per call",
             env!("CARGO_PKG_VERSION"),

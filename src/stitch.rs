@@ -1,7 +1,9 @@
 //! Laying decode steps end to end. Each decode call reports its hooks for the few positions it
 //! ran; [`Stitcher`] keeps them and joins them along the sequence, so a decode run's record has
 //! the names and shapes of a prefill's (`../shared/spec/dump-format.md`) and can be compared with
-//! one, written as a dump, or diffed against a reference.
+//! one, written as a dump, or diffed against a reference. A long generation's parts go to a file
+//! beside the dump as they come ([`Stitcher::spilling`]) and are joined one hook point at a time,
+//! so its memory does not grow with the generation.
 //!
 //! Two kinds of tensor grow with the cache, not the chunk: `dsa.topk` (K = min(index_topk, T))
 //! and `dsa.scores` (T keys). Early calls are padded to the final width the way a prefill pads
@@ -9,27 +11,115 @@
 //! of that row, so ignored by the spec's set rule), `dsa.scores` with -inf.
 
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, LayerHook, Observer, Selector};
 
 pub struct Stitcher {
     selector: Selector,
-    parts: BTreeMap<HookPoint, Vec<Tensor>>,
+    parts: BTreeMap<HookPoint, Vec<Part>>,
+    spill: Option<Spill>,
     batch: Option<usize>,
 }
 
+/// One call's tensor for a hook point: in memory, or its bytes in the spill file.
+enum Part {
+    Held(Tensor),
+    Spilled { dtype: DType, shape: Vec<usize>, offset: u64 },
+}
+
+/// The file the parts go to: created beside the dump and unlinked at once where the OS allows
+/// (then it vanishes with the process, killed or not), else removed when dropped.
+struct Spill {
+    file: BufWriter<File>,
+    path: PathBuf,
+    unlinked: bool,
+    len: u64,
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        if !self.unlinked {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 impl Stitcher {
+    /// Parts held in memory (a decode check's few positions).
     pub fn new(selector: Selector) -> Self {
-        Stitcher { selector, parts: BTreeMap::new(), batch: None }
+        Stitcher { selector, parts: BTreeMap::new(), spill: None, batch: None }
+    }
+
+    /// Parts written to a file beside `dump` as they come.
+    pub fn spilling(selector: Selector, dump: &Path) -> Result<Self> {
+        let name = dump.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let path = dump.with_file_name(format!(".{name}.parts"));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let unlinked = std::fs::remove_file(&path).is_ok();
+        let spill = Spill { file: BufWriter::with_capacity(1 << 20, file), path, unlinked, len: 0 };
+        Ok(Stitcher { spill: Some(spill), ..Stitcher::new(selector) })
+    }
+
+    /// Hook points recorded.
+    pub fn len(&self) -> usize {
+        self.parts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
     }
 
     /// Every recorded hook point joined over all calls, in forward order.
     pub fn finish(self) -> Result<Vec<(HookPoint, Tensor)>> {
+        let mut all = Vec::new();
+        self.for_each(|point, t| {
+            all.push((point, t));
+            Ok(())
+        })?;
+        Ok(all)
+    }
+
+    /// Each recorded hook point joined over all calls, in forward order, handed to `f` one at a
+    /// time (a spilled point's parts are read back only then).
+    pub fn for_each(mut self, mut f: impl FnMut(HookPoint, Tensor) -> Result<()>) -> Result<()> {
         let batch = self.batch.unwrap_or(1);
-        self.parts.into_iter().map(|(point, parts)| Ok((point, stitch(point, parts, batch)?))).collect()
+        let mut spill = self.spill.take();
+        if let Some(s) = spill.as_mut() {
+            s.file.flush().map_err(|e| Error::io(&s.path, e))?;
+        }
+        for (point, parts) in std::mem::take(&mut self.parts) {
+            let parts = parts.into_iter().map(|p| p.load(spill.as_mut())).collect::<Result<Vec<_>>>()?;
+            f(point, stitch(point, parts, batch)?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Part {
+    fn load(self, spill: Option<&mut Spill>) -> Result<Tensor> {
+        let (dtype, shape, offset) = match self {
+            Part::Held(t) => return Ok(t),
+            Part::Spilled { dtype, shape, offset } => (dtype, shape, offset),
+        };
+        let spill = spill.ok_or_else(|| Error::Usage("a spilled part without its file".into()))?;
+        let mut bytes = vec![0u8; shape.iter().product::<usize>() * dtype.size_in_bytes()];
+        let file = spill.file.get_mut();
+        file.seek(SeekFrom::Start(offset))
+            .and_then(|_| file.read_exact(&mut bytes))
+            .map_err(|e| Error::io(&spill.path, e))?;
+        Ok(Tensor::from_raw_buffer(&bytes, dtype, &shape, &Device::Cpu)?)
     }
 }
 
@@ -45,7 +135,16 @@ impl Observer for Stitcher {
                 return Ok(());
             }
         }
-        self.parts.entry(point).or_default().push(value.clone());
+        let part = match self.spill.as_mut() {
+            None => Part::Held(value.clone()),
+            Some(s) => {
+                let offset = s.len;
+                crate::dump::write_tensor(&mut s.file, value)?;
+                s.len += (value.elem_count() * value.dtype().size_in_bytes()) as u64;
+                Part::Spilled { dtype: value.dtype(), shape: value.dims().to_vec(), offset }
+            }
+        };
+        self.parts.entry(point).or_default().push(part);
         Ok(())
     }
 }

@@ -179,6 +179,9 @@ fn generate_dump_equals_a_prefill_dump_of_the_same_tokens() {
         gen.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{text}");
+    // The steps' parts went to a file beside the dump, gone once it is written.
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, [std::ffi::OsString::from("gen.safetensors")], "only the dump is left");
     let ids = Dump::open(&gen).unwrap().tokens().unwrap();
     assert_eq!((ids.batch, ids.seq), (2, 7 + 4));
     let arg = (0..2)
