@@ -199,8 +199,8 @@ impl Gpu {
         probe(&[Lib::Driver, Lib::Nvrtc])?;
         let ctx = CudaContext::new(ordinal).map_err(driver("open the device"))?;
         // Kernels, cuBLAS and copies all go to the one stream below, whose order alone keeps
-        // every buffer's uses apart; cudarc's tracking would create two events per allocation
-        // and wait on and record them around every launch argument, host time on each op.
+        // every buffer's uses apart; cudarc's tracking would still create two events for every
+        // allocation (each op allocates its output), host time spent on nothing with one stream.
         // SAFETY: no second stream is ever made (cudarc's events only order work across streams).
         unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx.compute_capability().map_err(driver("read the compute capability"))?;
