@@ -3,7 +3,8 @@
 //! the names and shapes of a prefill's (`../shared/spec/dump-format.md`) and can be compared with
 //! one, written as a dump, or diffed against a reference. A long generation's parts go to a file
 //! beside the dump as they come ([`Stitcher::spilling`]) and are joined one hook point at a time,
-//! so its memory does not grow with the generation.
+//! so its memory does not grow with the generation; its disk use peaks at about twice the dump's
+//! size, the parts and the dump being written from them.
 //!
 //! Two kinds of tensor grow with the cache, not the chunk: `dsa.topk` (K = min(index_topk, T))
 //! and `dsa.scores` (T keys). Early calls are padded to the final width the way a prefill pads
@@ -36,14 +37,21 @@ enum Part {
 /// The file the parts go to: created beside the dump and unlinked at once where the OS allows
 /// (then it vanishes with the process, killed or not), else removed when dropped.
 struct Spill {
-    file: BufWriter<File>,
+    file: Option<BufWriter<File>>,
     path: PathBuf,
     unlinked: bool,
     len: u64,
 }
 
+impl Spill {
+    fn file(&mut self) -> Result<&mut BufWriter<File>> {
+        self.file.as_mut().ok_or_else(|| Error::Usage("the parts' file is closed".into()))
+    }
+}
+
 impl Drop for Spill {
     fn drop(&mut self) {
+        drop(self.file.take()); // closed first: an open file may not be removable
         if !self.unlinked {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -56,19 +64,20 @@ impl Stitcher {
         Stitcher { selector, parts: BTreeMap::new(), spill: None, batch: None }
     }
 
-    /// Parts written to a file beside `dump` as they come.
+    /// Parts written to a file beside `dump` (`.NAME.PID.parts`) as they come.
     pub fn spilling(selector: Selector, dump: &Path) -> Result<Self> {
-        let name = dump.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let path = dump.with_file_name(format!(".{name}.parts"));
+        let mut name = std::ffi::OsString::from(".");
+        name.push(dump.file_name().unwrap_or_default());
+        name.push(format!(".{}.parts", std::process::id()));
+        let path = dump.with_file_name(name);
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
         let unlinked = std::fs::remove_file(&path).is_ok();
-        let spill = Spill { file: BufWriter::with_capacity(1 << 20, file), path, unlinked, len: 0 };
+        let spill = Spill { file: Some(BufWriter::with_capacity(1 << 20, file)), path, unlinked, len: 0 };
         Ok(Stitcher { spill: Some(spill), ..Stitcher::new(selector) })
     }
 
@@ -97,7 +106,8 @@ impl Stitcher {
         let batch = self.batch.unwrap_or(1);
         let mut spill = self.spill.take();
         if let Some(s) = spill.as_mut() {
-            s.file.flush().map_err(|e| Error::io(&s.path, e))?;
+            let path = s.path.clone();
+            s.file()?.flush().map_err(|e| Error::io(path, e))?;
         }
         for (point, parts) in std::mem::take(&mut self.parts) {
             let parts = parts.into_iter().map(|p| p.load(spill.as_mut())).collect::<Result<Vec<_>>>()?;
@@ -115,10 +125,9 @@ impl Part {
         };
         let spill = spill.ok_or_else(|| Error::Usage("a spilled part without its file".into()))?;
         let mut bytes = vec![0u8; shape.iter().product::<usize>() * dtype.size_in_bytes()];
-        let file = spill.file.get_mut();
-        file.seek(SeekFrom::Start(offset))
-            .and_then(|_| file.read_exact(&mut bytes))
-            .map_err(|e| Error::io(&spill.path, e))?;
+        let path = spill.path.clone();
+        let file = spill.file()?.get_mut();
+        file.seek(SeekFrom::Start(offset)).and_then(|_| file.read_exact(&mut bytes)).map_err(|e| Error::io(path, e))?;
         Ok(Tensor::from_raw_buffer(&bytes, dtype, &shape, &Device::Cpu)?)
     }
 }
@@ -138,8 +147,16 @@ impl Observer for Stitcher {
         let part = match self.spill.as_mut() {
             None => Part::Held(value.clone()),
             Some(s) => {
-                let offset = s.len;
-                crate::dump::write_tensor(&mut s.file, value)?;
+                // As the dump will hold it: f32 or i64.
+                let value = match value.dtype() {
+                    DType::F32 | DType::I64 => value.clone(),
+                    _ => value.to_dtype(DType::F32)?,
+                };
+                let (offset, path) = (s.len, s.path.clone());
+                crate::dump::write_tensor(s.file()?, &value).map_err(|e| match e {
+                    Error::Io { source, .. } => Error::io(path, source),
+                    e => e,
+                })?;
                 s.len += (value.elem_count() * value.dtype().size_in_bytes()) as u64;
                 Part::Spilled { dtype: value.dtype(), shape: value.dims().to_vec(), offset }
             }
@@ -185,4 +202,41 @@ fn stitch(point: HookPoint, parts: Vec<Tensor>, batch: usize) -> Result<Tensor> 
     } else {
         joined
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three calls' parts (f32, i64, and a bf16 one the dump would hold as f32), spilled to disk
+    /// and read back, join into what the parts held in memory join into; the file is gone after.
+    #[test]
+    fn spilled_parts_join_as_held_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let dump = dir.path().join("gen.safetensors");
+        let mut held = Stitcher::new(Selector::default());
+        let mut spilled = Stitcher::spilling(Selector::default(), &dump).unwrap();
+        for (c, width) in [(0, 3), (3, 1), (4, 2)] {
+            let ids = Tensor::arange(c as i64, (c + width) as i64, &Device::Cpu).unwrap().reshape((1, width)).unwrap();
+            let x: Vec<f32> = (0..width * 4).map(|i| (c * 4 + i) as f32 * 0.37).collect();
+            let x = Tensor::from_vec(x, (1, width, 4), &Device::Cpu).unwrap();
+            let logits = x.to_dtype(DType::BF16).unwrap();
+            for s in [&mut held, &mut spilled] {
+                s.observe(HookPoint::InputIds, &ids).unwrap();
+                s.observe(HookPoint::Embeddings, &x).unwrap();
+                s.observe(HookPoint::Logits, &logits).unwrap();
+            }
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the parts' file is unlinked at once");
+        let held = held.finish().unwrap();
+        let spilled = spilled.finish().unwrap();
+        assert_eq!(held.len(), 3);
+        for ((p, a), (q, b)) in held.iter().zip(&spilled) {
+            assert_eq!((p, a.dims()), (q, b.dims()));
+            let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(a, b, "{p:?}");
+        }
+        assert_eq!(spilled[2].1.dtype(), DType::F32, "bf16 is spilled as the f32 the dump holds");
+    }
 }

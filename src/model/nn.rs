@@ -18,8 +18,8 @@ use crate::error::{Error, Result};
 /// A `[out, in]` weight: f32 in memory (f32 checkpoints), or bf16 or block-FP8 read in place
 /// from the memory-mapped checkpoint. Those are not converted at load: few-row products (decode)
 /// stream a bf16 weight as bf16, the device path uploads both as stored, and what the CPU's
-/// many-row products multiply ([`Product`]) is made the first time one needs it (for bf16 on
-/// AMX, the second: [`Packing`]), then kept.
+/// many-row products multiply ([`Product`]) is made the first time one needs it (on AMX, the
+/// second: [`Packing`]), then kept.
 pub enum Weight {
     F32(Tensor),
     Bf16(Bf16Weight, Packing),
