@@ -10,6 +10,12 @@
 //!
 //! AVX-512F, or AVX2 with F16C 8 codes at a time, and for scale blocks a multiple of 16 inputs
 //! wide (GLM-5's are 128); other weights take the panel kernel (`bf16_gemm`), which handles any.
+//!
+//! With AVX-512BW and blocks a multiple of 32 wide, 32 codes at a time go through a table
+//! instead (`load32`): a word permute looks up each code's 7 low bits among 128 bf16 values (the
+//! NaN code's entry a NaN), the sign is or-ed in, and the bf16 bits widen to f32 by a shift,
+//! then times the scale: the same single rounding of `e4m3(q) * scale`, in half the
+//! instructions. Measured: docs/performance.md.
 
 // Off x86_64 no kernel exists (`available` is false), and what only feeds it goes unused.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables))]
@@ -26,30 +32,43 @@ pub fn available(w: &Fp8Weight) -> bool {
 /// `x W^T` for `x` [m, cols] (row-major, m <= MAX_ROWS) where [`available`]: returns [m, rows],
 /// as `threads` blocks of contiguous weight rows on rayon's pool; None where not available.
 pub fn matmul_nt_fp8(x: &[f32], m: usize, w: &Fp8Weight, threads: usize) -> Option<Vec<f32>> {
-    // SAFETY: `isa` is a kernel this CPU runs.
-    unsafe { matmul_on(isa()?, x, m, w, threads) }
+    // SAFETY: `isa` is a kernel this CPU runs, and `avx512bw` says whether it has the table's.
+    unsafe { matmul_on(isa()?, avx512bw(), x, m, w, threads) }
 }
 
-/// [`matmul_nt_fp8`] on the AVX-512 kernel or the AVX2 one (the tests run both where they can).
+/// Whether this CPU has AVX-512BW (the table's word permutes).
+fn avx512bw() -> bool {
+    static BW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    #[cfg(target_arch = "x86_64")]
+    return *BW.get_or_init(|| is_x86_feature_detected!("avx512bw"));
+    #[cfg(not(target_arch = "x86_64"))]
+    return *BW.get_or_init(|| false);
+}
+
+/// [`matmul_nt_fp8`] on the AVX-512 kernel (through the table where `table` and the blocks allow)
+/// or the AVX2 one (the tests run each where they can).
 ///
 /// # Safety
-/// The CPU must run `isa` (`model::isa` says it does, or the tests' `kernels_on_this_cpu`).
-unsafe fn matmul_on(isa: Isa, x: &[f32], m: usize, w: &Fp8Weight, threads: usize) -> Option<Vec<f32>> {
+/// The CPU must run `isa` (`model::isa` says it does, or the tests' `kernels_on_this_cpu`), and
+/// have AVX-512BW where `table`.
+unsafe fn matmul_on(isa: Isa, table: bool, x: &[f32], m: usize, w: &Fp8Weight, threads: usize) -> Option<Vec<f32>> {
     let ([n, k], [br, bc], row0, sc) = (w.shape(), w.block(), w.row0(), w.scale_cols());
     if !bc.is_multiple_of(16) || m > MAX_ROWS || x.len() != m * k {
         return None;
     }
+    let table = table && isa == Isa::Avx512 && bc.is_multiple_of(32);
     let (codes, grid) = (w.bytes(), w.scale());
     Some(by_weight_rows(m, n, threads, |j, o| {
         let scale = &grid[(row0 + j) / br * sc..][..sc];
-        // SAFETY: the caller checked the kernel's features; bc % 16 == 0; x holds m rows of k.
+        // SAFETY: the caller checked the kernel's features; bc % 16 == 0 (% 32 for the table); x
+        // holds m rows of k.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             let w = &codes[j * k..(j + 1) * k];
-            if isa == Isa::Avx512 {
-                x86::dots(w, scale, bc, x, m, o)
-            } else {
-                x86::dots_avx2(w, scale, bc, x, m, o)
+            match (isa, table) {
+                (Isa::Avx512, true) => x86::dots_table(w, scale, bc, x, m, o),
+                (Isa::Avx512, false) => x86::dots(w, scale, bc, x, m, o),
+                _ => x86::dots_avx2(w, scale, bc, x, m, o),
             }
         }
     }))
@@ -108,6 +127,75 @@ mod x86 {
                 let wv = load16(wp.add(at), _mm512_set1_ps(scale[at / bc] * 256.0));
                 for (r, a) in acc.iter_mut().enumerate() {
                     a[h] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xp.add(r * k + at)), a[h]);
+                }
+            }
+            i += 32;
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+            for j in i..k {
+                s += e4m3_to_f32(w[j]) * scale[j / bc] * x[r * k + j];
+            }
+            out[r] = s;
+        }
+    }
+
+    /// Each e4m3 code's magnitude (its 7 low bits) as bf16 bits, the NaN code's a NaN: 128
+    /// words in four registers, two pairs for `_mm512_permutex2var_epi16` (index bits 0-4 pick a
+    /// word, bit 5 the register of the pair; bit 6 picks the pair, the sign bit 7 is ignored).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn magnitudes() -> [__m512i; 4] {
+        static WORDS: std::sync::OnceLock<[u16; 128]> = std::sync::OnceLock::new();
+        let words = WORDS.get_or_init(|| std::array::from_fn(|q| (e4m3_to_f32(q as u8).to_bits() >> 16) as u16));
+        std::array::from_fn(|r| _mm512_loadu_si512(words[32 * r..].as_ptr().cast()))
+    }
+
+    /// 32 codes at `p` as f32, each times `scale`: looked up in `table` ([`magnitudes`]), the
+    /// sign or-ed in, widened from bf16 by a shift. `e4m3(q)` is exactly a bf16 value, so the
+    /// product is the reference's `e4m3(q) * scale`, rounded once.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn load32(p: *const u8, table: &[__m512i; 4], scale: __m512) -> [__m512; 2] {
+        let q = _mm512_cvtepu8_epi16(_mm256_loadu_si256(p.cast()));
+        let (low, high) =
+            (_mm512_permutex2var_epi16(table[0], q, table[1]), _mm512_permutex2var_epi16(table[2], q, table[3]));
+        let magnitude = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(q, _mm512_set1_epi16(0x40)), low, high);
+        // magnitude | (q << 8 & 0x8000): the sign into bf16's bit 15.
+        let bits = _mm512_ternarylogic_epi32::<0xF8>(magnitude, _mm512_slli_epi16::<8>(q), _mm512_set1_epi16(i16::MIN));
+        let widen = |half: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(half)));
+        let (lo, hi) = (widen(_mm512_castsi512_si256(bits)), widen(_mm512_extracti64x4_epi64::<1>(bits)));
+        [_mm512_mul_ps(lo, scale), _mm512_mul_ps(hi, scale)]
+    }
+
+    /// [`dots`] through the table ([`load32`]): blocks a multiple of 32 wide.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn dots_table(w: &[u8], scale: &[f32], bc: usize, x: &[f32], m: usize, out: &mut [f32]) {
+        match m {
+            1 => dots_table_m::<1>(w, scale, bc, x, out),
+            2 => dots_table_m::<2>(w, scale, bc, x, out),
+            3 => dots_table_m::<3>(w, scale, bc, x, out),
+            4 => dots_table_m::<4>(w, scale, bc, x, out),
+            5 => dots_table_m::<5>(w, scale, bc, x, out),
+            6 => dots_table_m::<6>(w, scale, bc, x, out),
+            7 => dots_table_m::<7>(w, scale, bc, x, out),
+            _ => dots_table_m::<8>(w, scale, bc, x, out),
+        }
+    }
+
+    /// [`dots_m`]'s accumulators and order (alternate 16-code halves), 32 codes a step.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn dots_table_m<const M: usize>(w: &[u8], scale: &[f32], bc: usize, x: &[f32], out: &mut [f32]) {
+        let k = w.len();
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let table = magnitudes();
+        let mut acc = [[_mm512_setzero_ps(); 2]; M];
+        let mut i = 0;
+        while i + 32 <= k {
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + PREFETCH).cast());
+            let wv = load32(wp.add(i), &table, _mm512_set1_ps(scale[i / bc]));
+            for (r, a) in acc.iter_mut().enumerate() {
+                for h in 0..2 {
+                    a[h] = _mm512_fmadd_ps(wv[h], _mm512_loadu_ps(xp.add(r * k + i + 16 * h)), a[h]);
                 }
             }
             i += 32;
@@ -192,35 +280,42 @@ mod tests {
     /// dequantisation, summed in f64. Then a NaN code, which must reach its output only.
     #[test]
     fn fp8_products_match_the_dequantised_weight() {
-        for isa in crate::model::kernels_on_this_cpu() {
-            check_kernel(isa);
+        for (isa, table) in kernels() {
+            check_kernel(isa, table);
         }
     }
 
-    /// Every one of the 256 codes in every lane of a step (16 on AVX-512, 8 on AVX2) widens to
-    /// exactly `e4m3_to_f32`'s value times the scale (NaN codes to NaN): a weight whose row `q`
-    /// holds code `q` in all 16 inputs, times one-hot rows of x.
+    /// Every one of the 256 codes in every lane of a step (32 through the table, 16 on AVX-512,
+    /// 8 on AVX2) widens to exactly `e4m3_to_f32`'s value times the scale (NaN codes to NaN): a
+    /// weight whose row `q` holds code `q` in all 32 inputs, times one-hot rows of x.
     #[test]
     fn every_code_widens_exactly_in_every_lane() {
-        let codes: Vec<u8> = (0..=255u8).flat_map(|q| [q; 16]).collect();
-        let w = Fp8Weight::from_codes(&codes, [256, 16], vec![0.5, 3.0], [128, 16]).unwrap();
-        for isa in crate::model::kernels_on_this_cpu() {
-            for lane in 0..16 {
-                let x: Vec<f32> = (0..16).map(|i| if i == lane { 1.0 } else { 0.0 }).collect();
-                // SAFETY: `kernels_on_this_cpu` detected the kernel's features.
-                let y = unsafe { matmul_on(isa, &x, 1, &w, 2) }.unwrap();
+        let codes: Vec<u8> = (0..=255u8).flat_map(|q| [q; 32]).collect();
+        let w = Fp8Weight::from_codes(&codes, [256, 32], vec![0.5, 3.0], [128, 32]).unwrap();
+        for (isa, table) in kernels() {
+            for lane in 0..32 {
+                let x: Vec<f32> = (0..32).map(|i| if i == lane { 1.0 } else { 0.0 }).collect();
+                // SAFETY: `kernels` lists what this CPU runs.
+                let y = unsafe { matmul_on(isa, table, &x, 1, &w, 2) }.unwrap();
                 for (q, &got) in y.iter().enumerate() {
                     let want = crate::st::e4m3_to_f32(q as u8) * if q < 128 { 0.5 } else { 3.0 };
                     assert!(
                         got == want || got.is_nan() && want.is_nan(),
-                        "{isa:?}, code {q:#04x}, lane {lane}: {got} vs {want}"
+                        "{isa:?} (table {table}), code {q:#04x}, lane {lane}: {got} vs {want}"
                     );
                 }
             }
         }
     }
 
-    fn check_kernel(isa: Isa) {
+    /// Every kernel this CPU runs: the ISAs, and on AVX-512 with and without the table.
+    fn kernels() -> Vec<(Isa, bool)> {
+        let isas = crate::model::kernels_on_this_cpu();
+        let tables = |isa| if isa == Isa::Avx512 && avx512bw() { vec![false, true] } else { vec![false] };
+        isas.into_iter().flat_map(|isa| tables(isa).into_iter().map(move |t| (isa, t))).collect()
+    }
+
+    fn check_kernel(isa: Isa, table: bool) {
         let (rows, k, block) = (150, 300, [64, 32]);
         let mut codes: Vec<u8> = (0..rows * k).map(|i| ((i * 37 + 11) % 256) as u8 & 0xf7).collect(); // no NaN
         let scale: Vec<f32> = (0..3 * 10).map(|i| 0.25 + i as f32 * 0.125).collect();
@@ -231,8 +326,8 @@ mod tests {
             let mut pairs = Vec::new();
             for m in 1..=MAX_ROWS {
                 let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
-                // SAFETY: `kernels_on_this_cpu` detected the kernel's features.
-                let y = unsafe { matmul_on(isa, &x, m, &view, 3) }.unwrap();
+                // SAFETY: `kernels` lists what this CPU runs.
+                let y = unsafe { matmul_on(isa, table, &x, m, &view, 3) }.unwrap();
                 for r in 0..m {
                     for j in 0..100 {
                         let want: f64 = (0..k).map(|c| wide[j * k + c] as f64 * x[r * k + c] as f64).sum();
@@ -243,7 +338,7 @@ mod tests {
             pairs
         };
         for (got, want) in check(&codes) {
-            assert!((got as f64 - want).abs() <= 1e-3 * (1.0 + want.abs()), "{isa:?}: {got} against {want}");
+            assert!((got as f64 - want).abs() <= 1e-3 * (1.0 + want.abs()), "{isa:?} ({table}): {got} against {want}");
         }
         codes[(37 + 5) * k + 290] = 0xff; // output 5's row, in the scalar tail
         codes[(37 + 9) * k + 7] = 0x7f; // output 9's, in the vector steps
@@ -252,8 +347,8 @@ mod tests {
         }
         let stored = Fp8Weight::from_codes(&codes, [rows, k], scale.clone(), block).unwrap();
         // SAFETY: as above.
-        assert_eq!(unsafe { matmul_on(isa, &[], 0, &stored, 2) }, Some(vec![]), "no rows");
+        assert_eq!(unsafe { matmul_on(isa, table, &[], 0, &stored, 2) }, Some(vec![]), "no rows");
         let narrow = Fp8Weight::from_codes(&codes, [rows, k], vec![1.0; 3 * 38], [64, 8]).unwrap();
-        assert!(unsafe { matmul_on(isa, &vec![0.0; k], 1, &narrow, 1) }.is_none(), "blocks of 8 inputs");
+        assert!(unsafe { matmul_on(isa, table, &vec![0.0; k], 1, &narrow, 1) }.is_none(), "blocks of 8 inputs");
     }
 }
