@@ -83,6 +83,27 @@ mod x86 {
     /// As `gemv.rs`: prefetch 8 KB of codes ahead of the loads.
     const PREFETCH: usize = 8192;
 
+    /// `$f::<M>(args)` for the `M` (1 ..= 8) that is `$m`: a row count the kernels' loops unroll.
+    macro_rules! by_rows {
+        ($m:expr, $f:ident($($a:expr),*)) => {
+            match $m {
+                1 => $f::<1>($($a),*),
+                2 => $f::<2>($($a),*),
+                3 => $f::<3>($($a),*),
+                4 => $f::<4>($($a),*),
+                5 => $f::<5>($($a),*),
+                6 => $f::<6>($($a),*),
+                7 => $f::<7>($($a),*),
+                _ => $f::<8>($($a),*),
+            }
+        };
+    }
+
+    /// `s` plus the codes from `from` on (past the vector steps) times x's row, one at a time.
+    fn tail(s: f32, w: &[u8], scale: &[f32], bc: usize, x: &[f32], from: usize) -> f32 {
+        (from..w.len()).fold(s, |s, j| s + e4m3_to_f32(w[j]) * scale[j / bc] * x[j])
+    }
+
     /// 16 codes at `p` as f32, each times `scale256` (their block's scale times 2^8, see the
     /// module's doc): each byte moved to the high byte of a 16-bit lane (sign at bit 15), shifted
     /// right by one arithmetically (the 7 low bits under f16's sign; bit 14, a copy of the sign,
@@ -101,16 +122,7 @@ mod x86 {
     /// `out[r] = x[r] · w` for the m (1 ..= 8) rows of x, w's codes scaled by `scale[i / bc]`.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn dots(w: &[u8], scale: &[f32], bc: usize, x: &[f32], m: usize, out: &mut [f32]) {
-        match m {
-            1 => dots_m::<1>(w, scale, bc, x, out),
-            2 => dots_m::<2>(w, scale, bc, x, out),
-            3 => dots_m::<3>(w, scale, bc, x, out),
-            4 => dots_m::<4>(w, scale, bc, x, out),
-            5 => dots_m::<5>(w, scale, bc, x, out),
-            6 => dots_m::<6>(w, scale, bc, x, out),
-            7 => dots_m::<7>(w, scale, bc, x, out),
-            _ => dots_m::<8>(w, scale, bc, x, out),
-        }
+        by_rows!(m, dots_m(w, scale, bc, x, out))
     }
 
     /// Two accumulators a row (alternate 16-code steps), so one row keeps two FMAs in flight.
@@ -132,11 +144,8 @@ mod x86 {
             i += 32;
         }
         for (r, a) in acc.iter().enumerate() {
-            let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
-            for j in i..k {
-                s += e4m3_to_f32(w[j]) * scale[j / bc] * x[r * k + j];
-            }
-            out[r] = s;
+            let s = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+            out[r] = tail(s, w, scale, bc, &x[r * k..], i);
         }
     }
 
@@ -170,16 +179,7 @@ mod x86 {
     /// [`dots`] through the table ([`load32`]): blocks a multiple of 32 wide.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub unsafe fn dots_table(w: &[u8], scale: &[f32], bc: usize, x: &[f32], m: usize, out: &mut [f32]) {
-        match m {
-            1 => dots_table_m::<1>(w, scale, bc, x, out),
-            2 => dots_table_m::<2>(w, scale, bc, x, out),
-            3 => dots_table_m::<3>(w, scale, bc, x, out),
-            4 => dots_table_m::<4>(w, scale, bc, x, out),
-            5 => dots_table_m::<5>(w, scale, bc, x, out),
-            6 => dots_table_m::<6>(w, scale, bc, x, out),
-            7 => dots_table_m::<7>(w, scale, bc, x, out),
-            _ => dots_table_m::<8>(w, scale, bc, x, out),
-        }
+        by_rows!(m, dots_table_m(w, scale, bc, x, out))
     }
 
     /// [`dots_m`]'s accumulators and order (alternate 16-code halves), 32 codes a step.
@@ -201,11 +201,8 @@ mod x86 {
             i += 32;
         }
         for (r, a) in acc.iter().enumerate() {
-            let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
-            for j in i..k {
-                s += e4m3_to_f32(w[j]) * scale[j / bc] * x[r * k + j];
-            }
-            out[r] = s;
+            let s = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+            out[r] = tail(s, w, scale, bc, &x[r * k..], i);
         }
     }
 
@@ -228,16 +225,7 @@ mod x86 {
     /// [`dots`] on AVX2.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dots_avx2(w: &[u8], scale: &[f32], bc: usize, x: &[f32], m: usize, out: &mut [f32]) {
-        match m {
-            1 => dots_m_avx2::<1>(w, scale, bc, x, out),
-            2 => dots_m_avx2::<2>(w, scale, bc, x, out),
-            3 => dots_m_avx2::<3>(w, scale, bc, x, out),
-            4 => dots_m_avx2::<4>(w, scale, bc, x, out),
-            5 => dots_m_avx2::<5>(w, scale, bc, x, out),
-            6 => dots_m_avx2::<6>(w, scale, bc, x, out),
-            7 => dots_m_avx2::<7>(w, scale, bc, x, out),
-            _ => dots_m_avx2::<8>(w, scale, bc, x, out),
-        }
+        by_rows!(m, dots_m_avx2(w, scale, bc, x, out))
     }
 
     /// [`dots_m`] 8 codes a step: two accumulators a row over alternate 8-code steps.
@@ -262,11 +250,8 @@ mod x86 {
             let v = _mm256_add_ps(a[0], a[1]);
             let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
             let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-            let mut s = _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps::<1>(q, q)));
-            for j in i..k {
-                s += e4m3_to_f32(w[j]) * scale[j / bc] * x[r * k + j];
-            }
-            out[r] = s;
+            let s = _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps::<1>(q, q)));
+            out[r] = tail(s, w, scale, bc, &x[r * k..], i);
         }
     }
 }
