@@ -37,9 +37,10 @@ pub fn run(
     if let Some(bad) = prompt.ids.iter().find(|&&t| t as usize >= vocab) {
         return Err(crate::error::Error::Usage(format!("token id {bad} is out of range for vocab_size {vocab}")));
     }
+    // First: a dump that cannot be written is refused before anything is computed or printed.
+    let mut stitcher = opts.dump.as_ref().map(|(path, sel)| Stitcher::spilling(sel.clone(), path)).transpose()?;
     let mtp = if opts.mtp { Some(Mtp::load(ckpt)?) } else { None };
     eprintln!("{}", cache_report(model, prompt.batch, prompt.seq + opts.new_tokens, mtp.is_some()));
-    let mut stitcher = opts.dump.as_ref().map(|(path, sel)| Stitcher::spilling(sel.clone(), path)).transpose()?;
     let obs: &mut dyn Observer = match stitcher.as_mut() {
         Some(s) => s,
         None => &mut NoObserver,

@@ -238,6 +238,11 @@ fn malformed_files_and_arguments_are_one_line_errors() {
         (vec!["audit", "--model", &model, "--prompts", "/no/such/prompts.txt"], "/no/such/prompts.txt"),
         (vec!["generate", "--model", &model, "--tokens", "1,999"], "out of range for vocab_size"),
         (vec!["generate", "--model", &model, "--tokens", "1", "--chunk", "0"], "0 is not in 1.."),
+        // Refused before the first step: the steps' parts go beside the dump as they come.
+        (
+            vec!["generate", "--model", &model, "--tokens", "1", "--dump", "/no/such/dir/gen.safetensors"],
+            "/no/such/dir/",
+        ),
         (vec!["verify", "--decode", "--chunk", "0"], "0 is not in 1.."),
         (vec!["run", "--model", &mtp, "--tokens", "5", "--mtp"], "needs at least 2 tokens"),
         (vec!["run", "--model", &model, "--tokens", "5,6", "--mtp", "--stream"], "cannot be used with"),
