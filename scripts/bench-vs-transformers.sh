@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prefill speed of glimpse against transformers' eager forward on the same checkpoint, the same
 # tokens and the same number of threads, alternating the two in one run (machine noise hits both
-# alike). Prints each run's median and the ratio of the medians.
+# alike). Prints each run's median and the ratio of the medians, and the time from nothing to the
+# first logits (opening the checkpoint plus the first prefill, which pays paging the weights in).
 #
 #   scripts/bench-vs-transformers.sh MODEL_DIR [TOKENS=128] [THREADS=2] [ROUNDS=2] [REPEAT=3]
 #
@@ -33,16 +34,20 @@ vocab = m.config.vocab_size
 ids = torch.tensor([[(((i * 2654435761) & 0xFFFFFFFF) >> 7) % vocab for i in range(tokens)]])
 times = []
 with torch.no_grad():
+    t = time.perf_counter()
     m(ids, use_cache=False)  # warm-up, as glimpse bench does
+    first = time.perf_counter() - t
     for _ in range(repeat):
         t = time.perf_counter()
         m(ids, use_cache=False)
         times.append(time.perf_counter() - t)
-print(json.dumps({"load": load, "median": statistics.median(times), "runs": times}))
+print(json.dumps({"load": load, "first": first, "median": statistics.median(times), "runs": times}))
 PY
 
 g_medians=()
 t_medians=()
+g_firsts=()
+t_firsts=()
 for r in $(seq 1 "$rounds"); do
   out=$("$glimpse" --threads "$threads" bench --model "$model" --tokens "$tokens" --repeat "$repeat")
   g=$(echo "$out" | sed -n 's/.*recording nothing: *median \([0-9.]*\) s.*/\1/p')
@@ -53,17 +58,20 @@ for r in $(seq 1 "$rounds"); do
   t=$("$python" -c 'import json,sys; print(round(json.loads(sys.argv[1])["median"], 3))' "$t_json")
   t_load=$("$python" -c 'import json,sys; print(round(json.loads(sys.argv[1])["load"], 2))' "$t_json")
   t_medians+=("$t")
-  echo "round $r: glimpse ${g}s (load ${g_load}s, first prefill ${g_first}s)   transformers ${t}s (load ${t_load}s)"
+  t_fwd=$("$python" -c 'import json,sys; print(round(json.loads(sys.argv[1])["first"], 3))' "$t_json")
+  g_firsts+=("$("$python" -c 'import sys; print(float(sys.argv[1]) + float(sys.argv[2]))' "$g_load" "$g_first")")
+  t_firsts+=("$("$python" -c 'import sys; print(float(sys.argv[1]) + float(sys.argv[2]))' "$t_load" "$t_fwd")")
+  echo "round $r: glimpse ${g}s (load ${g_load}s, first prefill ${g_first}s)   transformers ${t}s (load ${t_load}s, first forward ${t_fwd}s)"
 done
 
-"$python" - "$tokens" "$threads" "${g_medians[*]}" "${t_medians[*]}" <<'PY'
+"$python" - "$tokens" "$threads" "${g_medians[*]}" "${t_medians[*]}" "${g_firsts[*]}" "${t_firsts[*]}" <<'PY'
 import statistics, sys
 tokens, threads = int(sys.argv[1]), int(sys.argv[2])
-g = statistics.median(float(x) for x in sys.argv[3].split())
-t = statistics.median(float(x) for x in sys.argv[4].split())
+g, t, g_first, t_first = (statistics.median(float(x) for x in a.split()) for a in sys.argv[3:7])
 print(f"| tool | threads | prefill {tokens} tokens (median) | tok/s |")
 print("|---|---|---|---|")
 print(f"| glimpse | {threads} | {g:.3f} s | {tokens / g:.1f} |")
 print(f"| transformers (eager, f32) | {threads} | {t:.3f} s | {tokens / t:.1f} |")
 print(f"ratio: glimpse is {t / g:.2f}x transformers' tokens/s")
+print(f"first logits (open + first prefill, medians): glimpse {g_first:.2f} s, transformers {t_first:.2f} s: {t_first / g_first:.1f}x")
 PY
