@@ -19,8 +19,8 @@
 // __syncthreads is a barrier over the block's live threads (a thread that returned counts as
 // arrived, as on the hardware), __shfl_xor_sync and __shfl_sync a barrier-separated exchange
 // within the warp, __shared__ a static (one launch runs at a time, one block at a time), atomics
-// plain adds. A round in which no fiber can move (threads waiting at different barriers) is reported as a deadlock: the
-// divergent-barrier bug that is undefined behaviour on a GPU.
+// plain adds. A round in which no fiber can move (threads waiting at different barriers) is
+// reported as a deadlock: the divergent-barrier bug that is undefined behaviour on a GPU.
 //
 // Not emulated: interleavings finer than a round (each thread runs from one barrier to the next
 // at once, so two unsynchronised read-modify-writes of one location never lose an update here),
