@@ -189,17 +189,21 @@ mod x86 {
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
         let table = magnitudes();
         let mut acc = [[_mm512_setzero_ps(); 2]; M];
-        let mut i = 0;
-        while i + 32 <= k {
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + PREFETCH).cast());
-            let wv = load32(wp.add(i), &table, _mm512_set1_ps(scale[i / bc]));
-            for (r, a) in acc.iter_mut().enumerate() {
-                for h in 0..2 {
-                    a[h] = _mm512_fmadd_ps(wv[h], _mm512_loadu_ps(xp.add(r * k + i + 16 * h)), a[h]);
+        // Block by block (bc a multiple of 32), so a block's scale is read once, not divided for.
+        let steps = k / 32 * 32;
+        for (b, b0) in (0..steps).step_by(bc).enumerate() {
+            let sv = _mm512_set1_ps(scale[b]);
+            for i in (b0..(b0 + bc).min(steps)).step_by(32) {
+                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + PREFETCH).cast());
+                let wv = load32(wp.add(i), &table, sv);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    for h in 0..2 {
+                        a[h] = _mm512_fmadd_ps(wv[h], _mm512_loadu_ps(xp.add(r * k + i + 16 * h)), a[h]);
+                    }
                 }
             }
-            i += 32;
         }
+        let i = steps;
         for (r, a) in acc.iter().enumerate() {
             let s = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
             out[r] = tail(s, w, scale, bc, &x[r * k..], i);
