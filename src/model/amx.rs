@@ -196,46 +196,80 @@ fn split_row(x: &[f32], row: &mut [u16]) {
 
 /// `x W^T`: x `[m, k]` row-major -> `[m, n]` row-major, on rayon's pool (a task per 32 outputs).
 pub fn matmul(x: &[f32], m: usize, w: &Tiles) -> Vec<f32> {
-    let [n, k] = w.shape();
-    assert_eq!(x.len(), m * k, "amx::matmul: x has {} values, not {m} x {k}", x.len());
+    let ([n, k], kp) = (w.shape(), w.kp());
+    // A pass's activations: row r is hi at r * stride, mid and lo after it. The rows past `rows`
+    // are left as they are: each tile row of outputs reads only its own row of activations, and
+    // those outputs are not kept.
+    let lay = |parts: &mut [u16], p: Pass| {
+        let stride = 3 * p.kcp();
+        parts[..p.rows * stride].par_chunks_mut(stride).enumerate().for_each(|(r, row)| {
+            split_row(&x[(p.m0 + r) * k + p.k0..(p.m0 + r) * k + p.k0 + p.kc], row);
+        });
+    };
+    product(x, m, [n, k], w.pass(), lay, |j, parts, p, out| {
+        let (kcp, stride) = (p.kcp(), 3 * p.kcp());
+        let at = |g: usize| (g * kp + p.k0) * TN; // group g's weights from input k0
+        let (b0, b1) = (&w.data[at(2 * j)..at(2 * j) + kcp * TN], &w.data[at(2 * j + 1)..at(2 * j + 1) + kcp * TN]);
+        let scale = block_scales(&w.scale, j, k, p.k0);
+        let mut c = [0f32; BLOCK * BLOCK]; // [token][output]
+        for i0 in (0..p.rows).step_by(BLOCK) {
+            let a = [0, 1, 2].map(|q| &parts[i0 * stride + q * kcp..(i0 + BLOCK) * stride]);
+            // SAFETY: `product` configured the tiles; each slice holds the 32 x kcp (or kcp / 2
+            // x 32) values the kernel reads, and c the 32 x 32 it writes.
+            unsafe { tiles::block((a, stride), ([[b0, b1]], TK), kcp / TK, scale, &mut c) };
+            store(out, [n, p.m0 + i0, j, BLOCK.min(p.rows - i0)], p.k0 == 0, |r, o| c[r * BLOCK + o]);
+        }
+    })
+}
+
+/// One pass of a product: token rows `m0 .. m0 + rows` (`mp` with the padding to 32) and inputs
+/// `k0 .. k0 + kc`.
+#[derive(Clone, Copy)]
+struct Pass {
+    m0: usize,
+    rows: usize,
+    mp: usize,
+    k0: usize,
+    kc: usize,
+}
+
+impl Pass {
+    /// The pass's inputs padded to whole tile steps.
+    fn kcp(&self) -> usize {
+        self.kc.div_ceil(TK) * TK
+    }
+}
+
+/// The loops [`matmul`] and [`matmul_in_place`] share, for `y = x W^T` `[m, n]`: passes of up to
+/// MC token rows and `width` inputs; `lay` splits a pass's activations into the buffer in its
+/// kernel's order, then a task per 32 outputs `j` runs `task(j, buffer, pass, y)` on rayon's
+/// pool with the tiles configured.
+fn product(
+    x: &[f32],
+    m: usize,
+    [n, k]: [usize; 2],
+    width: usize,
+    lay: impl Fn(&mut [u16], Pass),
+    task: impl Fn(usize, &[u16], Pass, &Out) + Sync,
+) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "amx: x has {} values, not {m} x {k}", x.len());
     let mut y = vec![0f32; m * n];
     if m == 0 || n == 0 || !available() {
-        return y; // (`Tiles` exist only where `available`.)
+        return y; // (`Tiles` and `InPlace` exist only where `available`.)
     }
-    let (kp, pass) = (w.kp(), w.pass());
-    let mut parts = vec![0u16; 3 * MC * pass.div_ceil(TK) * TK]; // [MC][hi, mid, lo][kcp]
+    let mut parts = vec![0u16; 3 * MC * width.div_ceil(TK) * TK];
     let out = Out(y.as_mut_ptr());
     for m0 in (0..m).step_by(MC) {
         let rows = MC.min(m - m0);
-        let mp = rows.div_ceil(BLOCK) * BLOCK; // padded with zero rows
-        for k0 in (0..k).step_by(pass) {
-            let kc = pass.min(k - k0);
-            // Row r of the pass's activations is hi at r * stride, mid and lo after it. The rows
-            // past `rows` are left as they are: each tile row of outputs reads only its own row
-            // of activations, and those outputs are not kept.
-            let kcp = kc.div_ceil(TK) * TK;
-            let stride = 3 * kcp;
-            parts[..rows * stride].par_chunks_mut(stride).enumerate().for_each(|(r, row)| {
-                split_row(&x[(m0 + r) * k + k0..(m0 + r) * k + k0 + kc], row);
-            });
-            let parts = &parts[..mp * stride];
+        for k0 in (0..k).step_by(width) {
+            let p = Pass { m0, rows, mp: rows.div_ceil(BLOCK) * BLOCK, k0, kc: width.min(k - k0) };
+            lay(&mut parts, p);
+            let parts = &parts;
             (0..n.div_ceil(BLOCK)).into_par_iter().for_each(|j| {
-                let at = |g: usize| (g * kp + k0) * TN; // group g's weights from input k0
-                let (b0, b1) =
-                    (&w.data[at(2 * j)..at(2 * j) + kcp * TN], &w.data[at(2 * j + 1)..at(2 * j + 1) + kcp * TN]);
-                let scale = block_scales(&w.scale, j, k, k0);
-                // [token][output]
-                let mut c = [0f32; BLOCK * BLOCK];
                 // SAFETY: `available` (checked above) says this CPU has the tiles and the OS
                 // granted them; each task configures them before use and releases them after.
                 unsafe { tiles::configure() };
-                for i0 in (0..rows).step_by(BLOCK) {
-                    let a = [0, 1, 2].map(|p| &parts[i0 * stride + p * kcp..(i0 + BLOCK) * stride]);
-                    // SAFETY: each slice holds the 32 x kcp (or kcp / 2 x 32) values the kernel
-                    // reads, and c the 32 x 32 it writes.
-                    unsafe { tiles::block((a, stride), ([[b0, b1]], TK), kcp / TK, scale, &mut c) };
-                    store(&out, [n, m0 + i0, j, BLOCK.min(rows - i0)], k0 == 0, |r, o| c[r * BLOCK + o]);
-                }
+                task(j, parts, p, &out);
                 // SAFETY: as `configure`.
                 unsafe { tiles::release() };
             });
@@ -367,45 +401,28 @@ fn split_pass(x: &[f32], [k, m0, rows, k0, kc]: [usize; 5], mp: usize, parts: [&
 /// `x W^T` with `w` where it lies: as [`matmul`].
 pub fn matmul_in_place(x: &[f32], m: usize, w: &InPlace) -> Vec<f32> {
     let [n, k] = w.shape();
-    assert_eq!(x.len(), m * k, "amx::matmul_in_place: x has {} values, not {m} x {k}", x.len());
-    let mut y = vec![0f32; m * n];
-    if m == 0 || n == 0 || !available() {
-        return y;
-    }
-    let pass = w.pass();
-    let mut parts = vec![0u16; 3 * pass * MC]; // [hi, mid, lo][kc / 2][mp][2]
-    let out = Out(y.as_mut_ptr());
-    for m0 in (0..m).step_by(MC) {
-        let rows = MC.min(m - m0);
-        let mp = rows.div_ceil(BLOCK) * BLOCK; // token columns, padded
-        for k0 in (0..k).step_by(pass) {
-            let kc = pass.min(k - k0); // a multiple of 32, as k
-            let (hi, rest) = parts[..3 * kc * mp].split_at_mut(kc * mp);
-            let (mid, lo) = rest.split_at_mut(kc * mp);
-            split_pass(x, [k, m0, rows, k0, kc], mp, [hi, mid, lo]);
-            let parts = &parts[..3 * kc * mp];
-            (0..n.div_ceil(BLOCK)).into_par_iter().for_each(|j| {
-                let mut buf = Vec::new();
-                let (a, sa) = w.block_rows(j, k0, kc, &mut buf);
-                let scale = block_scales(&w.scale, j, k, k0);
-                // [output][token]
-                let mut c = [0f32; BLOCK * BLOCK];
-                // SAFETY: as in `matmul`.
-                unsafe { tiles::configure() };
-                for i0 in (0..rows).step_by(BLOCK) {
-                    let part = |p: usize, h: usize| &parts[p * kc * mp + 2 * (i0 + h * TM)..(p + 1) * kc * mp];
-                    let b = [0, 1, 2].map(|p| [part(p, 0), part(p, 1)]);
-                    // SAFETY: a holds 32 rows of sa values (kc of each read), each b tile kc / 2
-                    // rows of 2 mp values (32 of each read), c the 32 x 32 written.
-                    unsafe { tiles::block(([a], sa), (b, 2 * mp), kc / TK, scale, &mut c) };
-                    store(&out, [n, m0 + i0, j, BLOCK.min(rows - i0)], k0 == 0, |r, o| c[o * BLOCK + r]);
-                }
-                // SAFETY: as `configure`.
-                unsafe { tiles::release() };
-            });
+    // A pass's activations: [hi, mid, lo][kc / 2][mp][2] (`kc` a multiple of 32, as k).
+    let lay = |parts: &mut [u16], p: Pass| {
+        let (hi, rest) = parts[..3 * p.kc * p.mp].split_at_mut(p.kc * p.mp);
+        let (mid, lo) = rest.split_at_mut(p.kc * p.mp);
+        split_pass(x, [k, p.m0, p.rows, p.k0, p.kc], p.mp, [hi, mid, lo]);
+    };
+    product(x, m, [n, k], w.pass(), lay, |j, parts, p, out| {
+        let (kc, mp) = (p.kc, p.mp);
+        let mut buf = Vec::new();
+        let (a, sa) = w.block_rows(j, p.k0, kc, &mut buf);
+        let scale = block_scales(&w.scale, j, k, p.k0);
+        let mut c = [0f32; BLOCK * BLOCK]; // [output][token]
+        for i0 in (0..p.rows).step_by(BLOCK) {
+            let part = |q: usize, h: usize| &parts[q * kc * mp + 2 * (i0 + h * TM)..(q + 1) * kc * mp];
+            let b = [0, 1, 2].map(|q| [part(q, 0), part(q, 1)]);
+            // SAFETY: `product` configured the tiles; a holds 32 rows of sa values (kc of each
+            // read), each b tile kc / 2 rows of 2 mp values (32 of each read), c the 32 x 32
+            // written.
+            unsafe { tiles::block(([a], sa), (b, 2 * mp), kc / TK, scale, &mut c) };
+            store(out, [n, p.m0 + i0, j, BLOCK.min(p.rows - i0)], p.k0 == 0, |r, o| c[o * BLOCK + r]);
         }
-    }
-    y
+    })
 }
 
 /// Block-FP8: outputs `32 j ..`'s scales from the block of input `k0` on, and the tile steps in a
