@@ -22,7 +22,7 @@ use super::nn::Weight;
 use super::rope::RopeTables;
 use super::{Model, Tokens, Weights};
 use crate::error::{Error, Result};
-use crate::hooks::{emit, HookPoint, LayerHook, Observer};
+use crate::hooks::{emit, with_f32, HookPoint, LayerHook, Observer};
 
 /// One layer's cache: every position so far.
 #[derive(Default)]
@@ -117,9 +117,13 @@ impl Attention {
         let q_rope = q.narrow(D::Minus1, nope, rd)?.contiguous()?; // [B, nh, C, rope]
         let q_abs = self.absorb_query(&q_nope)?; // [B, nh, C, r]
         let dims = Dims { batch: b, seq: c, keys: t, heads: nh, nope: r, rope: rd, v: r };
-        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-        let (q_abs, q_rope, cached) = (flat(&q_abs)?, flat(&q_rope)?, flat(&latents)?);
-        let mixed = absorbed_attention(&q_abs, &q_rope, &cached, &flat(&k_ropes)?, selection, dims, self.scale as f32);
+        let (q_abs, q_rope) = (q_abs.flatten_all()?.to_vec1::<f32>()?, q_rope.flatten_all()?.to_vec1::<f32>()?);
+        // The cache read in place, not copied again for every step.
+        let mixed = with_f32(&latents, |cached| {
+            with_f32(&k_ropes, |k_ropes| {
+                absorbed_attention(&q_abs, &q_rope, cached, k_ropes, selection, dims, self.scale as f32)
+            })
+        })??;
         let mixed = Tensor::from_vec(mixed, (b, nh, c, r), latents.device())?; // [B, nh, C, r]
         let o = self.absorb_output(&mixed)?; // [B, C, nh * v]
         let out = self.o_proj.forward(&o)?; // [B, C, hidden]

@@ -14,7 +14,7 @@ use super::rope::RopeTables;
 use crate::checkpoint::Loader;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::hooks::{emit, HookPoint, LayerHook, Observer};
+use crate::hooks::{emit, with_f32, HookPoint, LayerHook, Observer};
 
 pub struct Attention {
     pub q_a_proj: Linear,           // [q_lora_rank, hidden]
@@ -106,8 +106,11 @@ impl Attention {
         let keys = cache.map(|c| &mut c.index_keys);
         let selection = self.select(layer, x, &q_latent, rope, keys, sel, obs)?;
         let dims = Dims { batch: b, seq: s, keys: s, heads: nh, nope, rope: rd, v: vd };
-        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-        let o = sparse_attention(&q, &flat(&kv)?, &flat(&k_rope)?, selection, dims, self.scale as f32);
+        // The expanded keys and values read where `kv_b_proj` left them (a copy would be 117 MB a
+        // layer at 1024 tokens).
+        let o = with_f32(&kv, |kv| {
+            with_f32(&k_rope, |k_rope| sparse_attention(&q, kv, k_rope, selection, dims, self.scale as f32))
+        })??;
         let o = Tensor::from_vec(o, (b, s, nh * vd), &Device::Cpu)?; // [B, S, nh * v]
         let out = self.o_proj.forward(&o)?; // [B, S, hidden]
         emit(obs, HookPoint::Layer(layer, LayerHook::AttnOut), || Ok(out.clone()))?;

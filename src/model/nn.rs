@@ -135,11 +135,11 @@ impl Product {
     }
 }
 
-/// One of our kernels, which take x's values and rows (its width checked by `Linear::forward`)
-/// and give `n` outputs a row, on `x` [m, in] -> [m, n].
+/// One of our kernels, which take x's values (read in place) and rows (its width checked by
+/// `Linear::forward`) and give `n` outputs a row, on `x` [m, in] -> [m, n].
 fn with_rows(x: &Tensor, n: usize, kernel: &dyn Fn(&[f32], usize) -> Vec<f32>) -> Result<Tensor> {
     let m = x.dims2()?.0;
-    Ok(Tensor::from_vec(kernel(&x.flatten_all()?.to_vec1::<f32>()?, m), (m, n), x.device())?)
+    Ok(Tensor::from_vec(crate::hooks::with_f32(x, |xs| kernel(xs, m))?, (m, n), x.device())?)
 }
 
 /// The value in `slot`, made by `make` the first time.
