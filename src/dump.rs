@@ -211,10 +211,7 @@ impl Spill {
             for job in jobs {
                 match job {
                     Job::Write(t) => {
-                        write_tensor(&mut w, &t).map_err(|e| match e {
-                            Error::Io { source, .. } => io(source),
-                            e => e,
-                        })?;
+                        write_tensor(&mut w, &t, &path)?;
                         unsent += t.elem_count() * t.dtype().size_in_bytes();
                         if unsent >= WRITEBACK_BYTES {
                             w.flush().map_err(io)?;
@@ -456,12 +453,22 @@ impl Drop for DumpWriter {
     }
 }
 
-/// Appends a CPU f32 or i64 tensor's bytes, straight from its storage (no copy, no fresh pages).
-pub(crate) fn write_tensor(w: &mut impl Write, t: &Tensor) -> Result<()> {
+/// A tensor as a dump records it: i64 and f32 as they are, any other float as f32.
+pub(crate) fn as_recorded(t: &Tensor) -> Result<(Tensor, Dtype)> {
+    Ok(match t.dtype() {
+        DType::I64 => (t.clone(), Dtype::I64),
+        DType::F32 => (t.clone(), Dtype::F32),
+        _ => (t.to_dtype(DType::F32)?, Dtype::F32),
+    })
+}
+
+/// Appends a CPU f32 or i64 tensor's bytes, straight from its storage (no copy, no fresh pages),
+/// to `w`, the file at `path` (named by its errors).
+pub(crate) fn write_tensor(w: &mut impl Write, t: &Tensor, path: &Path) -> Result<()> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let range = layout.start_offset()..layout.start_offset() + t.elem_count();
-    let io = |e| Error::io("<dump>", e);
+    let io = |e| Error::io(path, e);
     match &*storage {
         Storage::Cpu(CpuStorage::F32(v)) => w.write_all(&f32_bytes(&v[range])).map_err(io),
         Storage::Cpu(CpuStorage::I64(v)) => w.write_all(&st::le_bytes_i64(&v[range])).map_err(io),
@@ -487,11 +494,7 @@ impl Observer for DumpWriter {
         if self.entries.iter().any(|(n, _, _)| *n == name) {
             return Err(Error::dump(&self.path, format!("`{name}` reported twice")));
         }
-        let (t, dtype) = match value.dtype() {
-            DType::I64 => (value.clone(), Dtype::I64),
-            DType::F32 => (value.clone(), Dtype::F32),
-            _ => (value.to_dtype(DType::F32)?, Dtype::F32),
-        };
+        let (t, dtype) = as_recorded(value)?;
         let spill = self.spill.as_ref().ok_or_else(|| Error::dump(&self.path, "already finished"))?;
         if spill.queue.send(Job::Write(t)).is_err() {
             // The writer thread stopped: report why.

@@ -34,24 +34,23 @@ enum Part {
     Spilled { dtype: DType, shape: Vec<usize>, offset: u64 },
 }
 
-/// The file the parts go to: created beside the dump and unlinked at once where the OS allows
-/// (then it vanishes with the process, killed or not), else removed when dropped.
+/// The file the parts go to, created beside the dump and unlinked at once where the OS allows
+/// (then it vanishes with the process, killed or not).
 struct Spill {
-    file: Option<BufWriter<File>>,
+    file: BufWriter<File>,
+    len: u64,
+    /// Declared after `file`, so dropped after it: an open file may not be removable.
+    removal: Removal,
+}
+
+/// Removes the file at `path` when dropped, unless it was unlinked already.
+struct Removal {
     path: PathBuf,
     unlinked: bool,
-    len: u64,
 }
 
-impl Spill {
-    fn file(&mut self) -> Result<&mut BufWriter<File>> {
-        self.file.as_mut().ok_or_else(|| Error::Usage("the parts' file is closed".into()))
-    }
-}
-
-impl Drop for Spill {
+impl Drop for Removal {
     fn drop(&mut self) {
-        drop(self.file.take()); // closed first: an open file may not be removable
         if !self.unlinked {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -76,8 +75,8 @@ impl Stitcher {
             .create_new(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        let unlinked = std::fs::remove_file(&path).is_ok();
-        let spill = Spill { file: Some(BufWriter::with_capacity(1 << 20, file)), path, unlinked, len: 0 };
+        let removal = Removal { unlinked: std::fs::remove_file(&path).is_ok(), path };
+        let spill = Spill { file: BufWriter::with_capacity(1 << 20, file), len: 0, removal };
         Ok(Stitcher { spill: Some(spill), ..Stitcher::new(selector) })
     }
 
@@ -106,8 +105,7 @@ impl Stitcher {
         let batch = self.batch.unwrap_or(1);
         let mut spill = self.spill.take();
         if let Some(s) = spill.as_mut() {
-            let path = s.path.clone();
-            s.file()?.flush().map_err(|e| Error::io(path, e))?;
+            s.file.flush().map_err(|e| Error::io(&s.removal.path, e))?;
         }
         for (point, parts) in std::mem::take(&mut self.parts) {
             let parts = parts.into_iter().map(|p| p.load(spill.as_mut())).collect::<Result<Vec<_>>>()?;
@@ -125,9 +123,10 @@ impl Part {
         };
         let spill = spill.ok_or_else(|| Error::Usage("a spilled part without its file".into()))?;
         let mut bytes = vec![0u8; shape.iter().product::<usize>() * dtype.size_in_bytes()];
-        let path = spill.path.clone();
-        let file = spill.file()?.get_mut();
-        file.seek(SeekFrom::Start(offset)).and_then(|_| file.read_exact(&mut bytes)).map_err(|e| Error::io(path, e))?;
+        let file = spill.file.get_mut();
+        file.seek(SeekFrom::Start(offset))
+            .and_then(|_| file.read_exact(&mut bytes))
+            .map_err(|e| Error::io(&spill.removal.path, e))?;
         Ok(Tensor::from_raw_buffer(&bytes, dtype, &shape, &Device::Cpu)?)
     }
 }
@@ -147,16 +146,9 @@ impl Observer for Stitcher {
         let part = match self.spill.as_mut() {
             None => Part::Held(value.clone()),
             Some(s) => {
-                // As the dump will hold it: f32 or i64.
-                let value = match value.dtype() {
-                    DType::F32 | DType::I64 => value.clone(),
-                    _ => value.to_dtype(DType::F32)?,
-                };
-                let (offset, path) = (s.len, s.path.clone());
-                crate::dump::write_tensor(s.file()?, &value).map_err(|e| match e {
-                    Error::Io { source, .. } => Error::io(path, source),
-                    e => e,
-                })?;
+                let (value, _) = crate::dump::as_recorded(value)?; // as the dump will hold it
+                let offset = s.len;
+                crate::dump::write_tensor(&mut s.file, &value, &s.removal.path)?;
                 s.len += (value.elem_count() * value.dtype().size_in_bytes()) as u64;
                 Part::Spilled { dtype: value.dtype(), shape: value.dims().to_vec(), offset }
             }
