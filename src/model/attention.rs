@@ -290,12 +290,8 @@ pub(crate) fn index_topk(q: &[f32], k: &[f32], w: &[f32], dims: IndexDims, scale
             (idx, margin)
         })
         .collect();
-    let (idx, margin) = parts.into_iter().fold((vec![], vec![]), |(mut idx, mut margin), (i, m)| {
-        idx.extend(i);
-        margin.extend(m);
-        (idx, margin)
-    });
-    Selection { batch, seq: s, k: kk, idx, margin }
+    let (idx, margin): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+    Selection { batch, seq: s, k: kk, idx: idx.concat(), margin: margin.concat() }
 }
 
 fn check_index(q: &[f32], k: &[f32], w: &[f32], dims: IndexDims) -> IndexDims {
