@@ -63,6 +63,11 @@ fn without<T: Copy>(v: &[T], per: usize, excused: &[usize]) -> Vec<T> {
     v.chunks(per.max(1)).enumerate().filter(|(t, _)| !excused.contains(t)).flat_map(|(_, r)| r.to_vec()).collect()
 }
 
+/// A selection's positions as the kernels' i32 ids.
+fn selected_ids(sel: &crate::model::indexer::Selection) -> Vec<i32> {
+    sel.idx.iter().map(|&i| i as i32).collect()
+}
+
 /// Rows of `k` keys, each sorted: selections compare as sets.
 fn as_sets(v: &[i32], k: usize) -> Vec<i32> {
     v.chunks(k.max(1))
@@ -279,7 +284,7 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
             let (mut idx, mut margin) = (gpu.filled(rows * kk, -1i32)?, gpu.filled(rows, nan)?);
             gpu.topk_causal_by(path, &gpu.upload(scores)?, [rows, s, t, offset, kk], &mut idx, &mut margin)?;
             let sel = crate::model::indexer::top_k_causal(scores, batch, s, offset, topk);
-            let cpu_ids = as_sets(&sel.idx.iter().map(|&i| i as i32).collect::<Vec<_>>(), kk);
+            let cpu_ids = as_sets(&selected_ids(&sel), kk);
             let gpu_ids = gpu.download(&idx)?;
             all.extend_from_slice(&gpu_ids);
             let ids = check_ints("", &as_sets(&gpu_ids, kk), &cpu_ids);
@@ -420,7 +425,7 @@ pub fn attention(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
 
     // Attention over the CPU's top-k of those scores: 3 heads, nope 12, rope 4, v 10.
     let sel = crate::model::indexer::top_k_causal(&cpu_scores, batch, s, offset, topk);
-    let idx: Vec<i32> = sel.idx.iter().map(|&i| i as i32).collect();
+    let idx = selected_ids(&sel);
     let (heads, nope, rd, vd, kk) = (3, 12, 4, 10, topk.min(t));
     let (q, kv, kr) =
         (rng.vec(batch * s * heads * (nope + rd)), rng.vec(batch * t * heads * (nope + vd)), rng.vec(batch * t * rd));
@@ -445,8 +450,7 @@ pub fn attention(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
 /// launch gets without the opt-in `Gpu::open` asks for), and of 20 000 keys, in chunks of the
 /// largest the shared memory holds (two rounds); then attention over those 2048 keys of 2100 at
 /// GLM-5's head sizes (64 heads, nope 192, rope 64, v 256; 2 heads on the emulation) on both
-/// paths. Two queries each, at
-/// the ends of their rows. The path each top-k took is in its check's name: a device that
+/// paths. Two queries each, at the ends of their rows. The path each top-k took is in its check's name: a device that
 /// refused the opt-in takes smaller chunks.
 pub fn at_glm5_sizes(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
     use super::attention::{AttentionPath, AttentionPlan};
@@ -462,11 +466,10 @@ pub fn at_glm5_sizes(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
         let (mut idx, mut margin) = (gpu.filled(s * k, -1i32)?, gpu.filled(s, f32::NAN)?);
         gpu.topk_causal_by(path, &gpu.upload(&scores)?, [s, s, t, t - s, k], &mut idx, &mut margin)?;
         let sel = crate::model::indexer::top_k_causal(&scores, 1, s, t - s, k);
-        let cpu_ids: Vec<i32> = sel.idx.iter().map(|&i| i as i32).collect();
-        let ids = check_ints("", &as_sets(&gpu.download(&idx)?, k), &as_sets(&cpu_ids, k));
+        let same = check_ints("", &as_sets(&gpu.download(&idx)?, k), &as_sets(&selected_ids(&sel), k));
         let m = check("", &gpu.download(&margin)?, &sel.margin, 0.0);
         let name = format!("topk_causal ({path:?}, {t} keys, K {k})");
-        out.push(Check { name, max_abs: m.max_abs.max(ids.max_abs), ok: m.ok && ids.ok });
+        out.push(Check { name, max_abs: m.max_abs.max(same.max_abs), ok: m.ok && same.ok });
     }
 
     // The emulation runs a block's threads one at a time, and each key of the gathered path is a
@@ -474,8 +477,7 @@ pub fn at_glm5_sizes(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
     let heads = if gpu.stream().is_none() { 2 } else { 64 };
     let (t, nope, rd, vd) = (2100, 192, 64, 256);
     let scores = rng.vec(s * t);
-    let idx: Vec<i32> =
-        crate::model::indexer::top_k_causal(&scores, 1, s, t - s, k).idx.iter().map(|&i| i as i32).collect();
+    let idx = selected_ids(&crate::model::indexer::top_k_causal(&scores, 1, s, t - s, k));
     let (q, kv, kr) = (rng.vec(s * heads * (nope + rd)), rng.vec(t * heads * (nope + vd)), rng.vec(t * rd));
     let dims = [1, s, t, heads, nope, rd, vd, k, t - s];
     let scale = ((nope + rd) as f32).powf(-0.5);
