@@ -55,12 +55,11 @@ for r in $(seq 1 "$rounds"); do
   g_first=$(echo "$out" | sed -n 's/.*first prefill[^:]*: \([0-9.]*\) s.*/\1/p')
   g_medians+=("$g")
   t_json=$("$python" -c "$reference" "$model" "$tokens" "$threads" "$repeat" 2>/dev/null | tail -n 1)
-  t=$("$python" -c 'import json,sys; print(round(json.loads(sys.argv[1])["median"], 3))' "$t_json")
-  t_load=$("$python" -c 'import json,sys; print(round(json.loads(sys.argv[1])["load"], 2))' "$t_json")
+  read -r t t_load t_fwd < <("$python" -c 'import json,sys; d = json.loads(sys.argv[1])
+print(round(d["median"], 3), round(d["load"], 2), round(d["first"], 3))' "$t_json")
   t_medians+=("$t")
-  t_fwd=$("$python" -c 'import json,sys; print(round(json.loads(sys.argv[1])["first"], 3))' "$t_json")
-  g_firsts+=("$("$python" -c 'import sys; print(float(sys.argv[1]) + float(sys.argv[2]))' "$g_load" "$g_first")")
-  t_firsts+=("$("$python" -c 'import sys; print(float(sys.argv[1]) + float(sys.argv[2]))' "$t_load" "$t_fwd")")
+  g_firsts+=("$(awk -v a="$g_load" -v b="$g_first" 'BEGIN { print a + b }')")
+  t_firsts+=("$(awk -v a="$t_load" -v b="$t_fwd" 'BEGIN { print a + b }')")
   echo "round $r: glimpse ${g}s (load ${g_load}s, first prefill ${g_first}s)   transformers ${t}s (load ${t_load}s, first forward ${t_fwd}s)"
 done
 
