@@ -339,13 +339,21 @@ fn default_case() -> PathBuf {
     }
 }
 
+/// The most `--threads` accepted: far past any CPU's cores, far short of an OS's thread limit.
+const MAX_THREADS: usize = 1024;
+
 fn run(cli: Cli) -> Result<ExitCode> {
     let max_memory = cli.max_memory;
     let (ordinal, precision) = (cli.ordinal, cli.precision);
     let target = |backend| Target { backend, ordinal, precision }.check();
     if let Some(n) = cli.threads {
-        if n == 0 {
-            return Err(Error::Usage("--threads must be at least 1".into()));
+        // Each thread is started up front, and a pool of 100,000 took minutes to start a
+        // two-token run: more than MAX_THREADS is refused as a slip.
+        if n == 0 || n > MAX_THREADS {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            return Err(Error::Usage(format!(
+                "--threads {n} is out of range: give 1 to {MAX_THREADS} (this machine has {cores} cores)"
+            )));
         }
         // candle's CPU kernels size their thread pools from this, read on first use.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
