@@ -400,6 +400,15 @@ impl DumpWriter {
     /// Writes the header, makes the file durable and renames it to the target. Returns the
     /// number of tensors written.
     pub fn finish(mut self, metadata: &BTreeMap<String, String>) -> Result<usize> {
+        let result = self.write_header_and_rename(metadata);
+        // A failed finish leaves no stray file, unless a resumable run can still be resumed.
+        if result.is_err() && self.resume.is_none() {
+            let _ = std::fs::remove_file(&self.tmp_path);
+        }
+        result
+    }
+
+    fn write_header_and_rename(&mut self, metadata: &BTreeMap<String, String>) -> Result<usize> {
         let tmp = self.tmp_path.clone();
         let io = |e| Error::io(&tmp, e);
         let mut file = self.join()?;

@@ -16,6 +16,7 @@ pub mod device;
 pub mod error;
 pub mod hooks;
 pub mod model;
+pub mod output;
 pub mod selftest;
 pub mod st;
 pub mod stitch;

@@ -339,6 +339,22 @@ fn default_case() -> PathBuf {
     }
 }
 
+impl Command {
+    /// The files this command will write, with the flag that names each: checked before any work.
+    fn outputs(&self) -> Vec<(&'static str, &Path)> {
+        fn named<'a>(flag: &'static str, p: &'a Option<PathBuf>) -> Option<(&'static str, &'a Path)> {
+            p.as_deref().map(|p| (flag, p))
+        }
+        match self {
+            Command::Run { dump, .. } | Command::Generate { dump, .. } => named("--dump", dump).into_iter().collect(),
+            Command::Audit { csv, heatmap, .. } => {
+                [named("--csv", csv), named("--heatmap", heatmap)].into_iter().flatten().collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// The most `--threads` accepted: far past any CPU's cores, far short of an OS's thread limit.
 const MAX_THREADS: usize = 1024;
 
@@ -357,6 +373,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         // candle's CPU kernels size their thread pools from this, read on first use.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    for (flag, path) in cli.command.outputs() {
+        glimpse::output::check(flag, path)?;
     }
     match cli.command {
         Command::Verify {
@@ -455,6 +474,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Audit { model, prompts, dumps, json, csv, heatmap, device } => {
+            if let Some(p) = heatmap.as_ref().filter(|p| !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")))
+            {
+                return Err(Error::Usage(format!("--heatmap {}: the heatmap is SVG; name a .svg file", p.display())));
+            }
             let audit =
                 glimpse::audit::collect(model.as_deref(), prompts.as_deref(), &dumps, max_memory, target(device)?)?;
             if json {
@@ -463,12 +486,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", audit.table());
             }
             if let Some(path) = csv {
-                write_file(&path, audit.to_csv().as_bytes())?;
+                glimpse::output::write_atomic(&path, audit.to_csv().as_bytes())?;
                 eprintln!("wrote {}", path.display());
             }
             if let Some(path) = heatmap {
                 let title = model.as_ref().map(|m| m.display().to_string()).unwrap_or_else(|| "routing dumps".into());
-                write_file(&path, glimpse::heatmap::svg(&audit, &title).as_bytes())?;
+                glimpse::output::write_atomic(&path, glimpse::heatmap::svg(&audit, &title).as_bytes())?;
                 eprintln!("wrote {}", path.display());
             }
             Ok(ExitCode::SUCCESS)
@@ -679,15 +702,6 @@ fn replay_what(r: verify::Replay) -> &'static str {
         (true, false) => "expert choices",
         _ => "DSA selections",
     }
-}
-
-/// Writes a report file atomically (temporary file, then rename).
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// What a run will hold, for the memory check before its weights load.

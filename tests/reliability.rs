@@ -245,6 +245,10 @@ fn malformed_files_and_arguments_are_one_line_errors() {
             "/no/such/dir/",
         ),
         (vec!["verify", "--decode", "--chunk", "0"], "0 is not in 1.."),
+        // Output paths that cannot become files are refused before any work, leaving nothing.
+        (vec!["run", "--model", &model, "--tokens", "1,2", "--dump", &model], "is a folder; give a file path"),
+        (vec!["audit", "--dump", &reference, "--csv", &model], "is a folder; give a file path"),
+        (vec!["audit", "--dump", &reference, "--heatmap", "/tmp/load.png"], "name a .svg file"),
         (vec!["run", "--model", &mtp, "--tokens", "5", "--mtp"], "needs at least 2 tokens"),
         (vec!["run", "--model", &model, "--tokens", "5,6", "--mtp", "--stream"], "cannot be used with"),
     ];

@@ -1,0 +1,72 @@
+//! Where results go. Every output path a command names is checked before any work starts
+//! ([`check`]), so a path that cannot be written is refused at once rather than after a long run;
+//! and small reports are written atomically ([`write_atomic`]), leaving nothing behind on failure.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Refuses an output path that cannot become a file: an existing folder, a folder that does not
+/// exist, or one this process cannot create files in (found by creating and removing a probe
+/// file beside the target, named like the temporary files the writers use).
+pub fn check(flag: &str, path: &Path) -> Result<()> {
+    if path.is_dir() {
+        return Err(Error::Usage(format!("{flag} {}: is a folder; give a file path", path.display())));
+    }
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !folder.is_dir() {
+        return Err(Error::Usage(format!("{flag} {}: folder {} does not exist", path.display(), folder.display())));
+    }
+    let probe = sibling(path, &format!(".{}.probe", std::process::id()));
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(Error::Usage(format!("{flag} {}: cannot write in {}: {e}", path.display(), folder.display()))),
+    }
+}
+
+/// `path` with `suffix` appended to its file name.
+pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+/// Writes a report file atomically: a temporary file beside it, then a rename. On failure the
+/// temporary file is removed and any earlier file at `path` is left as it was.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = sibling(path, &format!(".{}.tmp", std::process::id()));
+    let result = std::fs::write(&tmp, bytes)
+        .map_err(|e| Error::io(&tmp, e))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folders_and_missing_folders_are_refused_and_nothing_is_left() {
+        let dir = std::env::temp_dir().join(format!("glimpse-output-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = |p: &Path| check("--dump", p).unwrap_err().to_string();
+        assert!(err(&dir).contains("is a folder"), "{}", err(&dir));
+        assert!(err(&dir.join("no/such/x.safetensors")).contains("does not exist"));
+        check("--dump", &dir.join("x.safetensors")).unwrap();
+        assert!(write_atomic(&dir, b"x").is_err(), "a folder cannot be replaced by a file");
+        write_atomic(&dir.join("r.csv"), b"a,b\n").unwrap();
+        let mut left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        left.sort();
+        assert_eq!(left, ["r.csv"], "only the report is left");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
