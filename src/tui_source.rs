@@ -34,12 +34,10 @@ pub struct DumpSource {
     /// Flips decided by a margin below this are near-ties.
     near_tie: f64,
     non_finite: Option<String>,
-    /// A temporary dump of a live run, removed when the source goes away.
-    _owned: Option<TempFile>,
 }
 
 /// A file deleted on drop.
-pub struct TempFile(pub PathBuf);
+struct TempFile(PathBuf);
 
 impl Drop for TempFile {
     fn drop(&mut self) {
@@ -60,13 +58,7 @@ fn layer_names(d: &Dump) -> BTreeMap<usize, Vec<String>> {
 impl DumpSource {
     /// `opts` compare `ours` with the reference (its routers, config and near-tie threshold class
     /// the flips); its config, when it has one, also names each layer's blocks.
-    pub fn new(
-        title: String,
-        ours: Dump,
-        reference: Option<Dump>,
-        opts: &DiffOptions,
-        owned: Option<TempFile>,
-    ) -> Result<Self> {
+    pub fn new(title: String, ours: Dump, reference: Option<Dump>, opts: &DiffOptions) -> Result<Self> {
         let config = opts.config.as_ref();
         let tokens = ours.tokens()?;
         let report = match &reference {
@@ -131,7 +123,7 @@ impl DumpSource {
             })
             .collect();
         let near_tie = opts.near_tie;
-        Ok(DumpSource { title, ours, reference, tokens, layers, comparisons, near_tie, non_finite, _owned: owned })
+        Ok(DumpSource { title, ours, reference, tokens, layers, comparisons, near_tie, non_finite })
     }
 
     /// The class of each flipped row (flat, as the comparison indexes them) of the selection `name`.
@@ -398,14 +390,15 @@ pub fn open(o: &Open) -> Result<DumpSource> {
             if let Some(c) = &ckpt {
                 (opts.routers, opts.config) = (Some(Routers::read(c)?), Some(c.config.clone()));
             }
-            return DumpSource::new(title, Dump::open(path)?, reference, &opts, None);
+            return DumpSource::new(title, Dump::open(path)?, reference, &opts);
         }
         (None, Some(dir)) => dir,
         (None, None) => return Err(Error::Usage("give a model or a dump".into())),
     };
-    let golden =
+    let explicit = golden.is_some();
+    let mut golden =
         golden.map(Path::to_path_buf).or_else(|| Some(dir.join("reference.safetensors")).filter(|p| p.is_file()));
-    let reference = golden.as_deref().map(Dump::open).transpose()?;
+    let mut reference = golden.as_deref().map(Dump::open).transpose()?;
     let ckpt = Checkpoint::open(dir)?;
     let tokens = match (tokens, prompt, &reference) {
         (Some(t), _, _) => Tokens::parse(t)?,
@@ -418,6 +411,20 @@ pub fn open(o: &Open) -> Result<DumpSource> {
             )))
         }
     };
+    // The folder's own reference ran its tokens: other tokens run without it (the title says
+    // so); a reference named with --golden must have run the same ones.
+    let mut skipped = "";
+    if let (Some(r), Some(g)) = (&reference, &golden) {
+        if r.tokens()? != tokens {
+            if explicit {
+                return Err(Error::Usage(format!(
+                    "{} ran other tokens than --tokens/--prompt give: drop them to run the reference's",
+                    g.display()
+                )));
+            }
+            (reference, golden, skipped) = (None, None, ", no reference: it ran other tokens");
+        }
+    }
     crate::memory::check_run(&ckpt, tokens.batch, tokens.seq, true, max_memory)?;
     let model = Model::load(&ckpt)?;
     let tmp = std::env::temp_dir().join(format!("glimpse-tui-{}.safetensors", std::process::id()));
@@ -425,9 +432,13 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     let mut writer = DumpWriter::create(&tmp, Selector::default(), model.max_hook_points())?;
     crate::device::with_prefill(target, &model, |p| p.prefill(&tokens, &mut writer))?;
     writer.finish(&dump::metadata("glimpse live run", Some(&ckpt.config_bytes), None))?;
+    // Mapped, the dump outlives its name: removing the file now leaves none behind, however the
+    // TUI ends (a kill included).
+    let ours = Dump::open(&tmp)?;
+    drop(owned);
     let live = match target.backend {
-        crate::device::Backend::Cpu => "live".to_string(),
-        _ => format!("live, {}", target.describe()),
+        crate::device::Backend::Cpu => format!("live{skipped}"),
+        _ => format!("live, {}{skipped}", target.describe()),
     };
     let title = match &golden {
         Some(g) => format!("{} ({live}) vs reference {}", dir.display(), g.display()),
@@ -436,5 +447,5 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     // The routers recompute the reference's routing margins from its gate logits.
     opts.routers = Some(Routers::of_layers(&model.config, &model.layers));
     opts.config = Some(ckpt.config.clone());
-    DumpSource::new(title, Dump::open(&tmp)?, reference, &opts, Some(owned))
+    DumpSource::new(title, ours, reference, &opts)
 }

@@ -88,7 +88,7 @@ fn the_first_nan_is_named_with_its_coordinate() {
     use glimpse::dump::Dump;
     use glimpse_tui::Source;
     let opts = glimpse::diff::DiffOptions::default();
-    let src = glimpse::tui_source::DumpSource::new("t".into(), Dump::open(&dump).unwrap(), None, &opts, None).unwrap();
+    let src = glimpse::tui_source::DumpSource::new("t".into(), Dump::open(&dump).unwrap(), None, &opts).unwrap();
     assert_eq!(src.first_non_finite().as_deref(), Some("layers.2.attn.out at [0, 0, 0] = NaN"));
 }
 

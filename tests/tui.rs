@@ -32,14 +32,14 @@ fn default_source(tmp: &Path) -> DumpSource {
     model.forward(&reference.tokens().unwrap(), &mut w).unwrap();
     w.finish(&dump::metadata("test", None, None)).unwrap();
     let opts = DiffOptions { config: Some(ckpt.config.clone()), ..Default::default() };
-    DumpSource::new("default".into(), Dump::open(&path).unwrap(), Some(reference), &opts, None).unwrap()
+    DumpSource::new("default".into(), Dump::open(&path).unwrap(), Some(reference), &opts).unwrap()
 }
 
 /// The bundled bf16 port (transformers in bfloat16) against the f32 reference: it has flips,
 /// classed with golden/flat's routers (the reference records gate logits, not margins).
 fn port_source() -> DumpSource {
     let (ours, reference) = port_dumps();
-    DumpSource::new("bf16 port".into(), ours, Some(reference), &port_options(), None).unwrap()
+    DumpSource::new("bf16 port".into(), ours, Some(reference), &port_options()).unwrap()
 }
 
 fn port_dumps() -> (Dump, Dump) {
@@ -301,7 +301,7 @@ fn every_view_draws_a_dump_with_the_mtp_layer() {
     let reference = Dump::open(&dir.join("reference.safetensors")).unwrap();
     let again = Dump::open(&dir.join("reference.safetensors")).unwrap();
     let opts = DiffOptions { config: Some(ckpt.config), ..Default::default() };
-    let src = DumpSource::new("mtp".into(), again, Some(reference), &opts, None).unwrap();
+    let src = DumpSource::new("mtp".into(), again, Some(reference), &opts).unwrap();
     let mut app = App::default();
     let mut seen_mtp_layer = false;
     for view in [View::Layers, View::Activations, View::Routing, View::Load, View::Dsa, View::KvNorms] {
@@ -342,4 +342,31 @@ fn the_live_run_can_go_through_the_device_path() {
         app.set_view(view);
         assert!(screen(&app, &src, 80, 24).contains("q quit"));
     }
+}
+
+/// A live run of other tokens than the folder's reference ran goes without it, and the title
+/// says so; a reference named with --golden must have run the same tokens. The live run's
+/// temporary dump is gone as soon as it is open (a killed TUI leaves nothing in the temp folder).
+#[test]
+fn a_live_run_of_other_tokens_runs_without_the_folders_reference() {
+    let reference = flat().join("reference.safetensors");
+    let open = |golden: Option<&std::path::Path>| {
+        glimpse::tui_source::open(&glimpse::tui_source::Open {
+            model: Some(&flat()),
+            golden,
+            dump: None,
+            tokens: Some("1,2,3"),
+            prompt: None,
+            max_memory: None,
+            target: glimpse::device::Backend::Cpu.into(),
+            near_tie: None,
+        })
+    };
+    let src = open(None).unwrap();
+    let s = screen(&App::default(), &src, 100, 24);
+    assert!(s.contains("(live, no reference: it ran other tokens)"), "{s}");
+    let tmp = std::env::temp_dir().join(format!("glimpse-tui-{}.safetensors", std::process::id()));
+    assert!(!tmp.exists(), "{} is left while the TUI runs", tmp.display());
+    let err = open(Some(&reference)).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("ran other tokens than --tokens/--prompt give"), "{err}");
 }

@@ -1,7 +1,9 @@
-//! The terminal loop: raw mode and the alternate screen (restored on exit and on panic), draw,
-//! wait for a key, update the state, until quit. Resizes just redraw.
+//! The terminal loop: raw mode and the alternate screen (restored on exit, on panic, and on
+//! SIGTERM or SIGINT), draw, wait for a key, update the state, until quit. Resizes just
+//! redraw.
 
 use std::io::{self, IsTerminal};
+use std::time::Duration;
 
 use ratatui::crossterm::event::{self, Event, KeyEventKind};
 
@@ -21,13 +23,52 @@ pub fn run(src: &dyn Source) -> io::Result<()> {
 
 fn event_loop(terminal: &mut ratatui::DefaultTerminal, src: &dyn Source) -> io::Result<()> {
     let mut app = App::default();
-    while !app.quit {
-        terminal.draw(|f| ui::draw(f, &app, src))?;
+    stop::install();
+    terminal.draw(|f| ui::draw(f, &app, src))?;
+    while !app.quit && !stop::requested() {
+        // Waits in slices, so a signal ends the loop within one.
+        if !event::poll(Duration::from_millis(200))? {
+            continue;
+        }
         if let Event::Key(key) = event::read()? {
             if key.kind == KeyEventKind::Press {
                 app.handle_key(key, src);
             }
         }
+        terminal.draw(|f| ui::draw(f, &app, src))?;
     }
     Ok(())
+}
+
+/// `kill` (SIGTERM) or SIGINT from outside end the loop like `q`, so the terminal is restored;
+/// their default action would leave it raw, on the alternate screen. SIGHUP keeps its default
+/// action: the terminal is gone, and crossterm's reader spins on a hung-up one.
+#[cfg(unix)]
+mod stop {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static REQUESTED: AtomicBool = AtomicBool::new(false);
+
+    extern "C" fn on_signal(_: libc::c_int) {
+        REQUESTED.store(true, Ordering::Relaxed);
+    }
+
+    pub fn install() {
+        for signal in [libc::SIGTERM, libc::SIGINT] {
+            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+            unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
+        }
+    }
+
+    pub fn requested() -> bool {
+        REQUESTED.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(not(unix))]
+mod stop {
+    pub fn install() {}
+    pub fn requested() -> bool {
+        false
+    }
 }
