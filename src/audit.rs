@@ -258,7 +258,7 @@ pub fn collect(
         (None, _) => Vec::new(),
     };
     if let (Some(c), Some(longest)) = (&ckpt, prompt_tokens.iter().max_by_key(|t| t.ids.len())) {
-        crate::memory::check_run(c, longest.batch, longest.seq, false, max_memory)?;
+        crate::memory::check_run(c, longest.batch, longest.seq, false, max_memory, "shorter prompts")?;
     }
     let model = ckpt.as_ref().map(Model::load).transpose()?;
     let mut audit = Audit::new(model.as_ref().map_or(0, |m| m.config.n_routed_experts));

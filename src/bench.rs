@@ -90,7 +90,7 @@ pub fn run(
     }
     let t0 = Instant::now();
     let ckpt = Checkpoint::open(model_dir)?;
-    crate::memory::check_run(&ckpt, 1, tokens, true, max_memory)?;
+    crate::memory::check_run(&ckpt, 1, tokens, true, max_memory, "fewer --tokens")?;
     let model = Model::load(&ckpt)?;
     let load_s = t0.elapsed().as_secs_f64();
     let vocab = model.config.vocab_size as u32;

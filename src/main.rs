@@ -419,7 +419,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return verify_decode(&ckpt, &tokens, chunk as usize, tol, max_memory);
             }
             if device != Backend::Cpu {
-                memory::check_run(&ckpt, tokens.batch, tokens.seq, false, max_memory)?;
+                memory::check_run(
+                    &ckpt,
+                    tokens.batch,
+                    tokens.seq,
+                    false,
+                    max_memory,
+                    "fewer tokens, or the CPU with --stream",
+                )?;
                 let model = Model::load(&ckpt)?;
                 let replay = verify::Replay { routing: force_routing, selection: force_selection };
                 let opts = verify::VerifyOptions { tol, isolate, replay, layers: None };
@@ -498,7 +505,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Bench { model, tokens, repeat, device } if device != Backend::Cpu => {
             let ckpt = Checkpoint::open(&model)?;
-            memory::check_run(&ckpt, 1, tokens, false, max_memory)?;
+            memory::check_run(&ckpt, 1, tokens, false, max_memory, "fewer --tokens")?;
             let model = Model::load(&ckpt)?;
             print!("{}", glimpse::bench::run_on(target(device)?, &model, tokens, repeat)?);
             Ok(ExitCode::SUCCESS)
@@ -642,7 +649,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 _ => return Err(Error::Usage("give --tokens or --prompt".into())),
             };
             let total = Tokens { seq: tokens.seq + max_new_tokens, ..tokens.clone() };
-            memory::check_run(&ckpt, total.batch, total.seq, dump.is_some(), max_memory)?;
+            memory::check_run(&ckpt, total.batch, total.seq, dump.is_some(), max_memory, "fewer tokens")?;
             let opts = glimpse::generate::GenerateOptions {
                 new_tokens: max_new_tokens,
                 chunk: chunk.unwrap_or(0) as usize,
@@ -718,7 +725,9 @@ struct Budget<'a> {
 fn load_weights<'a>(ckpt: &'a Checkpoint, resident: &'a mut Option<Model>, b: &Budget) -> Result<Weights<'a>> {
     let window = b.window.cloned().unwrap_or(0..=ckpt.config.num_hidden_layers - 1);
     let est = memory::estimate(ckpt, b.tokens.batch, b.tokens.seq, &window, b.stream, b.recording);
-    memory::check(&est, b.max)?;
+    let hint =
+        if b.stream { "fewer tokens or a --layers window" } else { "fewer tokens, --stream or a --layers window" };
+    memory::check(&est, b.max, hint)?;
     Ok(if b.stream { Weights::Streamed(ckpt) } else { Weights::Resident(resident.insert(Model::load(ckpt)?)) })
 }
 
@@ -732,7 +741,7 @@ fn run_on_device(
     device: Target,
     max: Option<u64>,
 ) -> Result<ExitCode> {
-    memory::check_run(ckpt, tokens.batch, tokens.seq, out.is_some(), max)?;
+    memory::check_run(ckpt, tokens.batch, tokens.seq, out.is_some(), max, "fewer tokens, or the CPU with --stream")?;
     let model = Model::load(ckpt)?;
     let mut watch = NonFiniteWatch::default();
     let logits = match out {
@@ -790,7 +799,7 @@ fn verify_decode(
     tol: Tolerance,
     max: Option<u64>,
 ) -> Result<ExitCode> {
-    memory::check_run(ckpt, tokens.batch, tokens.seq, true, max)?;
+    memory::check_run(ckpt, tokens.batch, tokens.seq, true, max, "fewer tokens")?;
     let model = &Model::load(ckpt)?;
     println!("{}", glimpse::generate::cache_report(model, tokens.batch, tokens.seq, false));
     let report = glimpse::decode_check::check(model, tokens, chunk, tol)?;

@@ -109,12 +109,13 @@ pub fn estimate(
         false => 4 * numel(ckpt, "lm_head.weight"),
     };
     let weights = if stream {
-        // One layer's copies plus its file pages, and an lm_head chunk.
+        // One layer's copies or its file pages (a product reads the pages in place or packs
+        // them, and the pages of a packed weight are not read again), and an lm_head chunk.
         let biggest = window
             .clone()
             .map(|i| {
                 let (copies, file) = layer(i);
-                copies + file
+                copies.max(file)
             })
             .max()
             .unwrap_or(0);
@@ -146,14 +147,23 @@ fn numel(ckpt: &Checkpoint, name: &str) -> u64 {
     ckpt.shape(name).map_or(0, |s| s.iter().product::<usize>() as u64)
 }
 
-/// Estimates a whole-model resident run of `batch x seq` tokens and refuses it past `max`.
-pub fn check_run(ckpt: &Checkpoint, batch: usize, seq: usize, recording: bool, max: Option<u64>) -> Result<()> {
+/// Estimates a whole-model resident run of `batch x seq` tokens and refuses it past `max`;
+/// `hint` says what the command can do instead (e.g. "fewer tokens").
+pub fn check_run(
+    ckpt: &Checkpoint,
+    batch: usize,
+    seq: usize,
+    recording: bool,
+    max: Option<u64>,
+    hint: &str,
+) -> Result<()> {
     let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
-    check(&estimate(ckpt, batch, seq, &all, false, recording), max)
+    check(&estimate(ckpt, batch, seq, &all, false, recording), max, hint)
 }
 
-/// Refuses a run whose estimate exceeds `max` (default: available memory).
-pub fn check(est: &Estimate, max: Option<u64>) -> Result<()> {
+/// Refuses a run whose estimate exceeds `max` (default: available memory), suggesting `hint`
+/// or a larger `--max-memory`.
+pub fn check(est: &Estimate, max: Option<u64>, hint: &str) -> Result<()> {
     let Some(limit) = max.or_else(available) else { return Ok(()) };
     if est.total() <= limit {
         return Ok(());
@@ -161,7 +171,7 @@ pub fn check(est: &Estimate, max: Option<u64>) -> Result<()> {
     let source = if max.is_some() { "--max-memory" } else { "available memory" };
     Err(Error::Usage(format!(
         "this run needs about {} (weights {}, activations {}, recording {}) but {source} is {}; \
-         try fewer tokens, --stream or a --layers window (run, verify), or a larger --max-memory",
+         try {hint}, or a larger --max-memory",
         gb(est.total()),
         gb(est.weights),
         gb(est.activations),

@@ -425,7 +425,7 @@ pub fn open(o: &Open) -> Result<DumpSource> {
             (reference, golden, skipped) = (None, None, ", no reference: it ran other tokens");
         }
     }
-    crate::memory::check_run(&ckpt, tokens.batch, tokens.seq, true, max_memory)?;
+    crate::memory::check_run(&ckpt, tokens.batch, tokens.seq, true, max_memory, "fewer tokens")?;
     let model = Model::load(&ckpt)?;
     let tmp = std::env::temp_dir().join(format!("glimpse-tui-{}.safetensors", std::process::id()));
     let owned = TempFile(tmp.clone());
