@@ -587,6 +587,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     let resumed =
                         if resume { DumpWriter::resume(path, selector.clone(), &tokens, &sha)? } else { None };
                     let n = ckpt.config.num_hidden_layers;
+                    // A window starts from a dump's hidden state, and its dump names the tokens
+                    // it ran all the same (a resumed run's file holds them already).
+                    let window_from_dump = from.is_some() && resumed.is_none();
                     let (mut writer, layers, start) = match resumed {
                         Some((w, start, next)) => {
                             eprintln!("glimpse: resuming {} after layer {}", path.display(), next - 1);
@@ -601,6 +604,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     let logits = {
                         let mut side = Tee(&mut watch, &mut final_norm);
                         let mut obs = Tee(&mut writer, &mut side);
+                        if window_from_dump {
+                            stream::input_ids(&tokens, ckpt.config.vocab_size, &mut obs)?;
+                        }
                         match (layers, start) {
                             // Killed after the last layer: only the head is left.
                             (Some(w), Some(s)) if *w.start() == n => Some(stream::head(weights, &s.hidden, &mut obs)?),

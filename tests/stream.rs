@@ -58,6 +58,8 @@ fn streaming_matches_the_resident_run_in_a_fraction_of_the_memory() {
         text.contains("layers.5.output") && !text.contains("\nlayers.2.output") && !text.contains("\nlogits"),
         "{text}"
     );
+    // The window's dump names the tokens it ran, so diff can tell other runs' dumps from it.
+    assert!(text.contains("\ninput_ids "), "{text}");
     // And verify can check that window against a reference directly.
     let (code, text) = code_and_text(&["verify", "--model", m, "--golden", &full, "--layers", "3..5", "--stream"]);
     assert_eq!(code, 0, "{text}");
