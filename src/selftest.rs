@@ -49,6 +49,13 @@ fn cases(golden_root: &Path, mut device: impl FnMut(&Path, &Model, &Dump) -> Res
         .filter(|p| p.join("reference.safetensors").is_file())
         .collect();
     cases.sort();
+    if cases.is_empty() {
+        return Err(Error::Usage(format!(
+            "no golden cases under {} (folders holding reference.safetensors): nothing to check",
+            golden_root.display()
+        )));
+    }
+    println!("golden cases under {}: {}", golden_root.display(), cases.len());
     let mut ok = true;
     for case in cases {
         let ckpt = Checkpoint::open(&case)?;

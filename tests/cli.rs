@@ -212,6 +212,15 @@ fn selftest_checks_every_golden_case_and_refuses_a_missing_gpu() {
         assert!(out.contains(&format!("golden/{case} (cpu, --isolate): ")), "{case}: {out}");
     }
     assert!(!out.contains("FAILED"), "{out}");
+    // A folder whose golden/ holds no reference is an error, not a pass that checked nothing.
+    let empty = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(empty.path().join("golden/flat")).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .arg("selftest")
+        .current_dir(empty.path())
+        .output()
+        .unwrap();
+    assert_error(&o, "no golden cases under golden");
     // Without a GPU (or the `cuda` feature) a one-line error; with one, the kernel checks run.
     let o = glimpse(&["selftest", "--device", "cuda"]);
     if o.status.code() == Some(2) {
