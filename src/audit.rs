@@ -28,8 +28,10 @@ pub struct LayerLoad {
     /// Selections per expert (a token choosing k experts adds 1 to each).
     pub counts: Vec<u64>,
     pub tokens: u64,
-    /// Tokens whose chosen set would differ without the bias; None when unknown.
+    /// Tokens whose chosen set would differ without the bias, of `bias_known` tokens whose flags
+    /// are known (runs mixed with dumps that lack them count only the others); None when unknown.
     pub bias_changed: Option<u64>,
+    pub bias_known: u64,
     pub bias: Option<Vec<f32>>,
 }
 
@@ -68,7 +70,10 @@ impl LayerLoad {
             entropy,
             balancedness: if max > 0.0 { mean / max } else { 0.0 },
             dead: self.counts.iter().filter(|&&c| c == 0).count(),
-            bias_changed_share: self.bias_changed.filter(|_| self.tokens > 0).map(|c| c as f64 / self.tokens as f64),
+            bias_changed_share: self
+                .bias_changed
+                .filter(|_| self.bias_known > 0)
+                .map(|c| c as f64 / self.bias_known as f64),
             bias_load_corr: self.bias.as_ref().and_then(|b| pearson(b.iter().map(|&x| x as f64).collect(), &loads)),
         }
     }
@@ -117,6 +122,7 @@ impl Audit {
         l.tokens += (ids.len() / k.max(1)) as u64;
         if let Some(flags) = bias_changed {
             *l.bias_changed.get_or_insert(0) += flags.iter().filter(|&&f| f != 0).count() as u64;
+            l.bias_known += flags.len() as u64;
         }
         None
     }
@@ -318,7 +324,7 @@ pub fn collect(
         if !found {
             return Err(Error::dump(path, "holds no `layers.*.moe.topk_ids` to audit"));
         }
-        audit.prompts += 1;
+        audit.prompts += d.tokens().map_or(1, |t| t.batch);
     }
     Ok(audit)
 }
@@ -388,5 +394,16 @@ mod tests {
         approx::assert_abs_diff_eq!(s.entropy, 1.0, epsilon = 1e-12);
         assert_eq!(s.bias_changed_share, None);
         assert_eq!(s.bias_load_corr, None);
+    }
+
+    /// Runs without bias flags, mixed with runs that have them, count in the loads but not in
+    /// the share of bias-changed tokens: 1 of the 4 tokens whose flags are known, not of 6.
+    #[test]
+    fn the_bias_changed_share_counts_only_tokens_whose_flags_are_known() {
+        let mut a = Audit::new(3);
+        a.add(0, &[0, 1, 2, 0], 1, Some(&[0, 1, 0, 0]));
+        a.add(0, &[1, 2], 1, None);
+        assert_eq!(a.layers[&0].tokens, 6);
+        approx::assert_abs_diff_eq!(a.layers[&0].stats().bias_changed_share.unwrap(), 0.25);
     }
 }
