@@ -269,6 +269,7 @@ impl Config {
             ("index_n_heads", self.index_n_heads),
             ("n_group", self.n_group),
             ("topk_group", self.topk_group),
+            ("max_position_embeddings", self.max_position_embeddings),
         ];
         for (field, v) in positive {
             if v == 0 {
@@ -296,6 +297,10 @@ impl Config {
             if v > max {
                 return Err(Error::config(field, format!("{v} is beyond any supported model (at most {max})")));
             }
+        }
+        // RMSNorm divides by sqrt(mean(x^2) + eps): eps <= 0 gives NaN or Inf on a zero row.
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
+            return Err(Error::config("rms_norm_eps", format!("must be a positive number, got {}", self.rms_norm_eps)));
         }
         if !self.qk_rope_head_dim.is_multiple_of(2) {
             return Err(Error::config("qk_rope_head_dim", "must be even (RoPE rotates pairs)"));

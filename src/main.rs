@@ -355,6 +355,15 @@ impl Command {
     }
 }
 
+/// Positions past the config's `max_position_embeddings` still run (RoPE extends, as in
+/// transformers), but the model was not trained there: say so once.
+fn warn_past_positions(config: &glimpse::config::Config, positions: usize) {
+    let max = config.max_position_embeddings;
+    if positions > max {
+        eprintln!("glimpse: warning: {positions} positions run past max_position_embeddings ({max}) of this config");
+    }
+}
+
 /// The most `--threads` accepted: far past any CPU's cores, far short of an OS's thread limit.
 const MAX_THREADS: usize = 1024;
 
@@ -563,6 +572,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 (_, _, _, Some(d)) => d.tokens()?,
                 _ => return Err(Error::Usage("give --tokens, --prompt, --tokens-from or --from-dump".into())),
             };
+            warn_past_positions(&ckpt.config, tokens.seq);
             if device != Backend::Cpu {
                 return run_on_device(&ckpt, &model, &tokens, out.as_deref(), &record, target(device)?, max_memory);
             }
@@ -655,6 +665,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 _ => return Err(Error::Usage("give --tokens or --prompt".into())),
             };
             let total = Tokens { seq: tokens.seq + max_new_tokens, ..tokens.clone() };
+            warn_past_positions(&ckpt.config, total.seq);
             memory::check_run(&ckpt, total.batch, total.seq, dump.is_some(), max_memory, "fewer tokens")?;
             let opts = glimpse::generate::GenerateOptions {
                 new_tokens: max_new_tokens,

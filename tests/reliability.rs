@@ -205,6 +205,8 @@ fn malformed_files_and_arguments_are_one_line_errors() {
         ("model-type", Box::new(|v| v["model_type"] = "llama".into()), "`model_type`"),
         ("kv-heads", Box::new(|v| v["num_key_value_heads"] = 1.into()), "`num_key_value_heads`"),
         ("huge-dims", Box::new(|v| v["qk_rope_head_dim"] = 2_000_000_000u64.into()), "beyond any supported model"),
+        ("negative-eps", Box::new(|v| v["rms_norm_eps"] = (-1.0).into()), "`rms_norm_eps`: must be a positive number"),
+        ("no-positions", Box::new(|v| v["max_position_embeddings"] = 0.into()), "`max_position_embeddings`"),
     ];
     for (name, edit, needle) in &cfgs {
         cases.push((config_case(name, edit.as_ref()), needle.to_string()));
