@@ -283,6 +283,26 @@ pub fn compare_dsa(ours: &[i64], reference: &[i64], shape: &[usize]) -> (bool, D
     compare_sets(ours, reference, shape, |row, j| j >= 0 && (j as usize) <= row % seq)
 }
 
+/// What is wrong with a `moe.topk_ids` tensor `[N, k]`, if anything: an id outside
+/// `0..experts` (when the expert count is known; else a negative one), or an expert chosen twice
+/// by one token. Such a tensor is malformed, not a flip.
+pub fn invalid_expert_ids(ids: &[i64], shape: &[usize], experts: Option<usize>) -> Option<String> {
+    let k = shape.last().copied().unwrap_or(1).max(1);
+    let row_shape = &shape[..shape.len().saturating_sub(1)];
+    for (r, row) in ids.chunks(k).enumerate() {
+        for (j, &id) in row.iter().enumerate() {
+            if id < 0 || experts.is_some_and(|e| id as u64 >= e as u64) {
+                let range = experts.map_or("0..".to_string(), |e| format!("0..{e}"));
+                return Some(format!("holds expert id {id} at {:?}, outside {range}", coord(shape, r * k + j)));
+            }
+            if row[..j].contains(&id) {
+                return Some(format!("chooses expert {id} twice for token {:?}", coord(row_shape, r)));
+            }
+        }
+    }
+    None
+}
+
 pub fn compare_expert_sets(ours: &[i64], reference: &[i64], shape: &[usize]) -> (bool, Detail) {
     compare_sets(ours, reference, shape, |_, _| true)
 }
@@ -394,6 +414,20 @@ pub fn to_f32(v: &Values) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Expert ids outside the experts, negative ones, and an expert chosen twice by one token are
+    /// malformed, named with their coordinate; a well-formed tensor passes.
+    #[test]
+    fn malformed_expert_ids_are_named_with_their_coordinate() {
+        let shape = [3, 2];
+        assert_eq!(invalid_expert_ids(&[0, 1, 2, 3, 1, 0], &shape, Some(4)), None);
+        let msg = invalid_expert_ids(&[0, 1, 2, 9, 1, 0], &shape, Some(4)).unwrap();
+        assert_eq!(msg, "holds expert id 9 at [1, 1], outside 0..4");
+        let msg = invalid_expert_ids(&[0, 1, -2, 3, 1, 0], &shape, None).unwrap();
+        assert_eq!(msg, "holds expert id -2 at [1, 0], outside 0..");
+        let msg = invalid_expert_ids(&[0, 1, 2, 3, 1, 1], &shape, None).unwrap();
+        assert_eq!(msg, "chooses expert 1 twice for token [2]");
+    }
 
     /// A flip is a near-tie below 1e-3, or below twice atol where that is larger; NaN margins
     /// (unknown: a replayed decision, or a recomputation that did not make the recorded choice)

@@ -141,6 +141,23 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     for name in names_b.iter().filter(|n| names_a.contains(n)) {
         let (va, sa) = a.values(name)?;
         let (vb, sb) = b.values(name)?;
+        if let Some(layer) = name.strip_suffix(".moe.topk_ids") {
+            for (d, v, shape) in [(a, &va, &sa), (b, &vb, &sb)] {
+                // The expert count: the checkpoint's, else the width of the dump's router logits.
+                let experts = opts
+                    .config
+                    .as_ref()
+                    .map(|c| c.n_routed_experts)
+                    .or_else(|| d.shape(&format!("{layer}.moe.router_logits")).and_then(|s| s.last().copied()));
+                let ids = match v {
+                    Values::I64(ids) => Some(ids),
+                    Values::F32(_) => None,
+                };
+                if let Some(msg) = ids.and_then(|ids| crate::compare::invalid_expert_ids(ids, shape, experts)) {
+                    return Err(Error::dump(&d.path, format!("`{name}` {msg}")));
+                }
+            }
+        }
         for (seen, v, shape) in [(&mut seen_a, &va, &sa), (&mut seen_b, &vb, &sb)] {
             if let Values::F32(v) = v {
                 seen.insert(name.clone(), first_non_finite(name, v, shape));
