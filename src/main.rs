@@ -57,14 +57,14 @@ enum Command {
         #[arg(long)]
         golden: Option<PathBuf>,
         /// Absolute tolerance (default 1e-4; 2e-2 with --precision bf16).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]
         atol: Option<f64>,
         /// Relative tolerance (default 1e-4; 2e-2 with --precision bf16).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]
         rtol: Option<f64>,
         /// Flips decided by a margin below this are near-ties, which rounding alone can flip
         /// (default 1e-3, or twice --atol where larger: 4e-2 with --precision bf16).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]
         near_tie: Option<f64>,
         /// Feed every layer the reference's own input, so errors do not spread between layers.
         #[arg(long)]
@@ -101,16 +101,18 @@ enum Command {
         a: PathBuf,
         /// The reference.
         b: PathBuf,
-        #[arg(long, default_value_t = 1e-4)]
+        /// Absolute tolerance.
+        #[arg(long, default_value_t = 1e-4, allow_negative_numbers = true, value_parser = non_negative)]
         atol: f64,
-        #[arg(long, default_value_t = 1e-4)]
+        /// Relative tolerance.
+        #[arg(long, default_value_t = 1e-4, allow_negative_numbers = true, value_parser = non_negative)]
         rtol: f64,
         /// Per-name tolerance, `PATTERN=ATOL,RTOL` (`*` wildcard); repeatable, last match wins.
         #[arg(long = "tol", value_name = "PATTERN=ATOL,RTOL")]
         tols: Vec<String>,
         /// Flips decided by a margin below this are near-ties, which rounding alone can flip
         /// (default 1e-3, or twice --atol where larger; --tol overrides do not move it).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]
         near_tie: Option<f64>,
         /// Print the report as JSON.
         #[arg(long)]
@@ -182,7 +184,7 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Backend::Cpu, conflicts_with = "dump")]
         device: Backend,
         /// Flips decided by a margin below this are marked near-ties (default 1e-3).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]
         near_tie: Option<f64>,
     },
     /// Describe a checkpoint: what its config means, parameters per block, dtypes, shards, MTP layer.
@@ -355,12 +357,32 @@ impl Command {
     }
 }
 
+/// A dump records the sha256 of the config.json it ran: a checkpoint given to class its flips
+/// (or to rerun it) that has another config is named, though the run goes on.
+fn warn_other_config(d: &Dump, ckpt: &Checkpoint, model_dir: &Path) {
+    if d.metadata().get("config_sha256").is_some_and(|sha| *sha != dump::sha256_hex(&ckpt.config_bytes)) {
+        eprintln!(
+            "glimpse: warning: {} was made from a different config.json than {}",
+            d.path.display(),
+            model_dir.display()
+        );
+    }
+}
+
 /// Positions past the config's `max_position_embeddings` still run (RoPE extends, as in
 /// transformers), but the model was not trained there: say so once.
 fn warn_past_positions(config: &glimpse::config::Config, positions: usize) {
     let max = config.max_position_embeddings;
     if positions > max {
         eprintln!("glimpse: warning: {positions} positions run past max_position_embeddings ({max}) of this config");
+    }
+}
+
+/// A tolerance or margin: a number, 0 or more (NaN would make every comparison fail silently).
+fn non_negative(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x >= 0.0 => Ok(x),
+        _ => Err("must be a number, 0 or more".into()),
     }
 }
 
@@ -409,20 +431,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let (atol, rtol) = (atol.unwrap_or(default.atol), rtol.unwrap_or(default.rtol));
             let tol = Tolerance { atol, rtol };
             let near_tie = near_tie.unwrap_or(tol.near_tie());
-            if !(atol >= 0.0 && rtol >= 0.0 && near_tie >= 0.0) {
-                return Err(Error::Usage("--atol, --rtol and --near-tie must be non-negative numbers".into()));
-            }
             let ckpt = Checkpoint::open(&model_dir)?;
             let reference = Dump::open(&golden)?;
-            if let Some(sha) = reference.metadata().get("config_sha256") {
-                if *sha != dump::sha256_hex(&ckpt.config_bytes) {
-                    eprintln!(
-                        "glimpse: warning: {} was made from a different config.json than {}",
-                        golden.display(),
-                        model_dir.display()
-                    );
-                }
-            }
+            warn_other_config(&reference, &ckpt, &model_dir);
             let tokens = reference.tokens()?;
             if decode {
                 return verify_decode(&ckpt, &tokens, chunk as usize, tol, max_memory);
@@ -473,15 +484,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Diff { a, b, atol, rtol, tols, near_tie, json, model } => {
             let near_tie = near_tie.unwrap_or(Tolerance { atol, rtol }.near_tie());
-            if !(atol >= 0.0 && rtol >= 0.0 && near_tie >= 0.0) {
-                return Err(Error::Usage("--atol, --rtol and --near-tie must be non-negative numbers".into()));
-            }
             let per_name = tols.iter().map(|t| diff::parse_tol(t)).collect::<Result<Vec<_>>>()?;
-            let ckpt = model.map(|dir| Checkpoint::open(&dir)).transpose()?;
+            let (da, db) = (Dump::open(&a)?, Dump::open(&b)?);
+            let ckpt = model.as_ref().map(|dir| Checkpoint::open(dir)).transpose()?;
+            if let (Some(c), Some(dir)) = (&ckpt, &model) {
+                [&da, &db].into_iter().for_each(|d| warn_other_config(d, c, dir));
+            }
             let routers = ckpt.as_ref().map(glimpse::model::moe::Routers::read).transpose()?;
             let config = ckpt.map(|c| c.config);
             let opts = diff::DiffOptions { tol: Tolerance { atol, rtol }, per_name, near_tie, routers, config };
-            let report = diff::diff(&Dump::open(&a)?, &Dump::open(&b)?, &opts)?;
+            let report = diff::diff(&da, &db, &opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report.to_json(&a, &b)).unwrap_or_default());
             } else {
@@ -665,8 +677,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 _ => return Err(Error::Usage("give --tokens or --prompt".into())),
             };
             let total = Tokens { seq: tokens.seq + max_new_tokens, ..tokens.clone() };
-            warn_past_positions(&ckpt.config, total.seq);
             memory::check_run(&ckpt, total.batch, total.seq, dump.is_some(), max_memory, "fewer tokens")?;
+            warn_past_positions(&ckpt.config, total.seq);
             let opts = glimpse::generate::GenerateOptions {
                 new_tokens: max_new_tokens,
                 chunk: chunk.unwrap_or(0) as usize,
