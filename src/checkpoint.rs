@@ -187,10 +187,16 @@ fn shard_list(dir: &Path) -> Result<Vec<String>> {
         }
         return Ok(shards.into_iter().collect());
     }
-    if dir.join(SINGLE_FILE).is_file() {
+    let single = dir.join(SINGLE_FILE);
+    if single.is_file() {
         return Ok(vec![SINGLE_FILE.to_string()]);
     }
-    Err(Error::checkpoint(dir, format!("no {SINGLE_FILE} and no {INDEX_FILE}")))
+    // Something by that name that is not a readable file: say what it is.
+    match std::fs::symlink_metadata(&single) {
+        Ok(m) if m.is_dir() => Err(Error::checkpoint(&single, "is a folder, not a safetensors file")),
+        Ok(m) if m.file_type().is_symlink() => Err(Error::checkpoint(&single, "is a link to nothing readable")),
+        _ => Err(Error::checkpoint(dir, format!("no {SINGLE_FILE} and no {INDEX_FILE}"))),
+    }
 }
 
 /// `weight_map` of an index file, or None when there is no index.

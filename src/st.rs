@@ -24,6 +24,9 @@ pub struct StFile {
 
 impl StFile {
     pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            return Err(Error::checkpoint(path, "is a folder, not a safetensors file"));
+        }
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only; a file truncated under us is outside what we defend.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;

@@ -252,6 +252,7 @@ fn malformed_files_and_arguments_are_one_line_errors() {
         (vec!["run", "--model", &model, "--tokens", "1,2", "--dump", &model], "is a folder; give a file path"),
         (vec!["audit", "--dump", &reference, "--csv", &model], "is a folder; give a file path"),
         (vec!["audit", "--dump", &reference, "--heatmap", "/tmp/load.png"], "name a .svg file"),
+        (vec!["diff", &model, &reference], "is a folder, not a safetensors file"),
         (vec!["run", "--model", &mtp, "--tokens", "5", "--mtp"], "needs at least 2 tokens"),
         (vec!["run", "--model", &model, "--tokens", "5,6", "--mtp", "--stream"], "cannot be used with"),
     ];
