@@ -11,7 +11,7 @@ use crate::compare::{compare_tensor, Comparison, Detail, Flip, Tolerance};
 use crate::config::Config;
 use crate::dump::{Dump, Values};
 use crate::error::{Error, Result};
-use crate::flips::{self, margins_in, Class};
+use crate::flips::{self, Class};
 use crate::hooks::{finite_expected, first_non_finite, glob, HookPoint, NonFinite};
 use crate::model::moe::Routers;
 
@@ -175,9 +175,9 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         // Margins for the flips: recomputing them can read the S x S scores, so only where needed.
         if let (Detail::Sets { flips, .. }, Some(point)) = (&c.detail, HookPoint::parse(name)) {
             if !flips.is_empty() {
-                let point = opts.config.as_ref().map_or(point, |cfg| flips::deciding(point, cfg));
                 let router = opts.routers.as_ref().zip(point.layer()).and_then(|(r, i)| r.layer(i));
-                let (ma, mb) = (margins_in(a, point, router), margins_in(b, point, router));
+                let margins = |d| flips::deciding_margins(d, point, opts.config.as_ref(), router);
+                let (ma, mb) = (margins(a), margins(b));
                 c.set_margins(ma.as_deref(), mb.as_deref());
             }
         }

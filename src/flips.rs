@@ -89,6 +89,26 @@ pub fn margins_in(d: &Dump, selection: HookPoint, router: Option<(&RouterConfig,
     }
 }
 
+/// [`margins_in`] of the selection that decided `selection` ([`deciding`], with `config`). A
+/// shared-indexer layer reuses its source layer's selection, so the source's margins describe its
+/// rows only where the dump's shared selection is the source's: elsewhere (a port whose shared
+/// layer parted from its source) they are unknown, and so is the class of a flip there.
+pub fn deciding_margins(
+    d: &Dump,
+    selection: HookPoint,
+    config: Option<&Config>,
+    router: Option<(&RouterConfig, &[f32])>,
+) -> Option<Vec<f32>> {
+    let source = config.map_or(selection, |c| deciding(selection, c));
+    let margins = margins_in(d, source, router)?;
+    if source == selection {
+        return Some(margins);
+    }
+    let (own, reused) = (ints(d, &selection.name())?, ints(d, &source.name())?);
+    let [_, s, k] = d.shape(&selection.name())?[..] else { return None };
+    reproduced(margins, k, &own, &reused, |r, j| j >= 0 && j as usize <= r % s)
+}
+
 /// `margin`, with NaN (unknown) for each row `r` whose `recomputed` choice differs from the
 /// `recorded` one, compared as sets of the ids `keep(r, id)` admits (`k` ids a row); None when the
 /// two do not hold `k` ids for every row of `margin`.

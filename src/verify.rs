@@ -91,10 +91,12 @@ impl Verifier<'_> {
         }
         let routers = routers();
         for c in self.results.iter_mut().filter(|c| has_flips(c)) {
-            let Some(point) = HookPoint::parse(&c.name).map(|p| flips::deciding(p, config)) else { continue };
+            let Some(point) = HookPoint::parse(&c.name) else { continue };
             let router = routers.as_ref().zip(point.layer()).and_then(|(r, i)| r.layer(i));
-            let reference = flips::margins_in(self.golden, point, router);
-            c.set_margins(self.margins.get(&point.name()).map(Vec::as_slice), reference.as_deref());
+            let reference = flips::deciding_margins(self.golden, point, Some(config), router);
+            // Ours: the run's own margins of the deciding selection (a shared layer reuses it).
+            let ours = self.margins.get(&flips::deciding(point, config).name());
+            c.set_margins(ours.map(Vec::as_slice), reference.as_deref());
         }
     }
 

@@ -200,3 +200,47 @@ fn assert_same_margins(full: &[&Flip], shared: &[&Flip]) {
         assert_eq!((f.margin_ours, f.margin_reference), (g.margin_ours, g.margin_reference));
     }
 }
+
+/// A dump whose shared-indexer layer parted from the layer it reuses (a port bug of its own, here
+/// one key of query 39 swapped in the reference's layer 1): the full layer's margins do not
+/// describe that row, so its flip gets no margin on that side, while the other side keeps its own.
+#[test]
+fn a_shared_layer_that_parted_from_its_source_has_no_borrowed_margin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = golden_flat().with_file_name("grouped-shared-yarn"); // layers 1 and 3 share
+    let reference = case.join("reference.safetensors");
+    let file = StFile::open(&reference).unwrap();
+    let entries: Vec<(String, Entry)> = file
+        .names()
+        .map(|n| {
+            let entry = match file.info(n).unwrap().dtype {
+                safetensors::Dtype::I64 => {
+                    let (mut ids, shape) = file.i64(n).unwrap();
+                    if n == "layers.1.dsa.topk" {
+                        // Row [0, 39] keeps 12 of its 40 causal keys: swap one for one it left.
+                        let row = &mut ids[39 * 12..40 * 12];
+                        let left = (0..40).find(|j| !row.contains(j)).unwrap();
+                        row[0] = left;
+                    }
+                    Entry::i64(shape, &ids)
+                }
+                _ => {
+                    let (v, shape) = file.f32(n).unwrap();
+                    Entry::f32(shape, &v)
+                }
+            };
+            (n.to_string(), entry)
+        })
+        .collect();
+    let ours = tmp.path().join("ours.safetensors");
+    let meta: BTreeMap<String, String> = file.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    st::write(&ours, &entries, &meta).unwrap();
+    let config = Checkpoint::open(&case).unwrap().config;
+    let opts = DiffOptions { config: Some(config), ..Default::default() };
+    let d = diff(&Dump::open(&ours).unwrap(), &Dump::open(&reference).unwrap(), &opts).unwrap();
+    let flips = flips_of(&d.results, "layers.1.dsa.topk");
+    assert_eq!(flips.len(), 1, "{flips:?}");
+    assert_eq!(flips[0].at, [0, 39]);
+    assert!(flips[0].margin_ours.is_none(), "layer 0's margin does not describe our layer 1 there: {:?}", flips[0]);
+    assert!(flips[0].margin_reference.is_some(), "{:?}", flips[0]);
+}
