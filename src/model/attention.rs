@@ -7,10 +7,12 @@
 //! [`BLOCK`] queries, and for each head scores only the keys up to the block's last position
 //! (the rest are causally masked anyway), drops the keys the selection did not keep, normalises,
 //! and multiplies the values straight into the output: the reference's math, per query, in
-//! another summation order, with scratch of one block's scores. The products go through the
-//! `gemm` crate (candle's own CPU matmul) on strided views, so no key or value is copied. The
-//! indexer's scores go the same way, and its top-k is taken per block ([`index_topk`]), so its
-//! `[B, S, T]` scores exist only when they are recorded ([`index_scores`]).
+//! another summation order, with scratch of one block's scores. When the block's queries keep
+//! few of those keys (a decode step past `index_topk` positions), only the kept ones are
+//! gathered and scored ([`Keys`]); otherwise the products go through the `gemm` crate (candle's
+//! own CPU matmul) on strided views, so no key or value is copied. The indexer's scores go the
+//! same way, and its top-k is taken per block ([`index_topk`]), so its `[B, S, T]` scores exist
+//! only when they are recorded ([`index_scores`]).
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -143,16 +145,17 @@ pub(crate) fn sparse_attention(
         row.par_chunks_mut(BLOCK * nh * vd).enumerate().for_each(|(blk, out)| {
             let (i0, m) = (blk * BLOCK, out.len() / (nh * vd));
             let tb = offset + i0 + m; // the keys any query of the block may see
-            let keep = kept(sel, b, i0..i0 + m, offset, tb);
-            let mut p = vec![0f32; m * tb]; // [m, tb]
+            let keys = Keys::kept(sel, b, i0..i0 + m, offset, tb);
+            let mut p = vec![0f32; m * keys.width]; // [m, keys]
             let (kv, k_rope) = (&kv[b * t * nh * kvw..], &k_rope[b * t * rope..]);
-            let k_rope = View::at(k_rope, 0, [tb, rope, rope]);
+            let (mut buf_rope, mut buf_k, mut buf_v) = (Vec::new(), Vec::new(), Vec::new());
+            let k_rope = keys.rows(View::at(k_rope, 0, [tb, rope, rope]), &mut buf_rope);
             for h in 0..nh {
                 let q0 = ((b * s + i0) * nh + h) * qk;
                 let q = [View::at(q, q0, [m, nope, nh * qk]), View::at(q, q0 + nope, [m, rope, nh * qk])];
-                let k = [View::at(kv, h * kvw, [tb, nope, nh * kvw]), k_rope];
-                let v = View::at(kv, h * kvw + nope, [tb, vd, nh * kvw]);
-                attend(&mut p, &keep, q, k, v, scale, &mut out[h * vd..], nh * vd);
+                let k = [keys.rows(View::at(kv, h * kvw, [tb, nope, nh * kvw]), &mut buf_k), k_rope];
+                let v = keys.rows(View::at(kv, h * kvw + nope, [tb, vd, nh * kvw]), &mut buf_v);
+                attend(&mut p, &keys.keep, q, k, v, scale, &mut out[h * vd..], nh * vd);
             }
         });
     });
@@ -186,15 +189,16 @@ pub(crate) fn absorbed_attention(
             let (r0, m) = (blk * BLOCK, out.len() / r); // folded rows r0.. are (head, query) pairs
             let last = (r0..r0 + m).map(|row| row % c).max().unwrap_or(0);
             let tb = offset + last + 1;
-            let keep = kept(sel, b, (r0..r0 + m).map(|row| row % c), offset, tb);
-            let mut p = vec![0f32; m * tb]; // [m, tb]
-            let latent = View::at(latents, b * t * r, [tb, r, r]); // keys and values alike
+            let keys = Keys::kept(sel, b, (r0..r0 + m).map(|row| row % c), offset, tb);
+            let mut p = vec![0f32; m * keys.width]; // [m, keys]
+            let (mut buf_latent, mut buf_rope) = (Vec::new(), Vec::new());
+            let latent = keys.rows(View::at(latents, b * t * r, [tb, r, r]), &mut buf_latent); // keys and values alike
             let q = [
                 View::at(q_abs, (b * nh * c + r0) * r, [m, r, r]),
                 View::at(q_rope, (b * nh * c + r0) * rope, [m, rope, rope]),
             ];
-            let k = [latent, View::at(k_rope, b * t * rope, [tb, rope, rope])];
-            attend(&mut p, &keep, q, k, latent, scale, out, r);
+            let k = [latent, keys.rows(View::at(k_rope, b * t * rope, [tb, rope, rope]), &mut buf_rope)];
+            attend(&mut p, &keys.keep, q, k, latent, scale, out, r);
         });
     });
     out
@@ -221,20 +225,63 @@ fn attend(
     ab(out, stride, View::at(p, 0, [q[0].rows, tb, tb]), v);
 }
 
-/// Which of the keys `0..tb` each of `queries` (indices into batch row `b`'s queries) attends to:
-/// its selected keys at or before its own position. [queries, tb].
-fn kept(
-    sel: &Selection,
-    b: usize,
-    queries: impl ExactSizeIterator<Item = usize>,
-    offset: usize,
-    tb: usize,
-) -> Vec<bool> {
-    let mut keep = vec![false; queries.len() * tb];
-    for (row, q) in keep.chunks_exact_mut(tb).zip(queries) {
-        sel.row(b, q).iter().filter(|&&key| key <= offset + q).for_each(|&key| row[key] = true);
+/// The keys one block of queries attends to, and which of them each query keeps.
+///
+/// Past `index_topk` keys a query keeps only some of those it may see. When the keys any query
+/// of the block keeps are at most [`GATHER_BELOW`] of them, they are copied together and scored
+/// alone: a decode step then scores `index_topk` keys, not every cached one, so DSA cuts the
+/// work as well as the choice. Otherwise (a prefill block whose queries keep different keys,
+/// or no cut at all) the block scores every key up to its last query, where it reads them in
+/// place, and drops the ones not kept. Either way each query's softmax covers the same keys in
+/// the same order; only the products' blocking (ulp-level rounding) may differ.
+struct Keys {
+    /// The positions of the gathered keys (ascending), or None: the keys `0..tb` in place.
+    gathered: Option<Vec<usize>>,
+    /// [queries, width]: whether each query keeps each key.
+    keep: Vec<bool>,
+    /// How many keys the block scores: `tb`, or how many were gathered.
+    width: usize,
+}
+
+/// Gather the kept keys when they are at most this share of the keys the block may see (3/4: a
+/// copied key costs one read and write of its row, a scored one a multiply-add per query).
+const GATHER_BELOW: (usize, usize) = (3, 4);
+
+impl Keys {
+    /// Batch row `b`'s `queries` (indices into its queries) against keys `0..tb`: each keeps its
+    /// selected keys at or before its own position.
+    fn kept(
+        sel: &Selection,
+        b: usize,
+        queries: impl ExactSizeIterator<Item = usize>,
+        offset: usize,
+        tb: usize,
+    ) -> Self {
+        let (mut keep, mut any) = (vec![false; queries.len() * tb], vec![false; tb]);
+        for (row, q) in keep.chunks_exact_mut(tb).zip(queries) {
+            for &key in sel.row(b, q).iter().filter(|&&key| key <= offset + q) {
+                (row[key], any[key]) = (true, true);
+            }
+        }
+        let any: Vec<usize> = (0..tb).filter(|&key| any[key]).collect();
+        // (A block that keeps nothing scores its keys in place, to give the reference's NaN.)
+        if any.is_empty() || any.len() * GATHER_BELOW.1 > tb * GATHER_BELOW.0 {
+            return Keys { gathered: None, keep, width: tb };
+        }
+        let keep = keep.chunks_exact(tb).flat_map(|row| any.iter().map(|&key| row[key])).collect();
+        Keys { width: any.len(), gathered: Some(any), keep }
     }
-    keep
+
+    /// The rows of `all` (one row per key `0..tb`) the block reads: `all` itself, or its gathered
+    /// rows copied into `buf`.
+    fn rows<'a>(&self, all: View<'a>, buf: &'a mut Vec<f32>) -> View<'a> {
+        let Some(keys) = &self.gathered else { return all };
+        buf.clear();
+        for &key in keys {
+            buf.extend_from_slice(&all.data[key * all.stride..][..all.cols]);
+        }
+        View { data: buf, rows: keys.len(), cols: all.cols, stride: all.cols }
+    }
 }
 
 /// Each row of `p` (rows `tb` wide) becomes the softmax of its kept scores, 0 elsewhere. A row
@@ -314,17 +361,28 @@ fn index_block(
 ) {
     let (m, offset) = (out.len() / t, t - s);
     let tb = offset + i0 + m; // the keys any query of the block may see
-    let mut head = vec![0f32; m * tb]; // [m, tb]
     let keys = View::at(k, b * t * d, [tb, d, d]);
-    for h in 0..n {
-        abt(&mut head, tb, View::at(q, ((b * s + i0) * n + h) * d, [m, d, n * d]), keys, scale, false);
-        for (i, (acc, scores)) in out.chunks_exact_mut(t).zip(head.chunks_exact(tb)).enumerate() {
-            let wi = w[(b * s + i0 + i) * n + h];
+    let q0 = (b * s + i0) * n * d;
+    // A block of few queries (a decode step: one query, 32 heads) scores all its heads in one
+    // product, its (query, head) rows being one after another: one pass over the keys instead of
+    // one per head. A block of many scores a head at a time, so its scratch stays [m, tb].
+    let heads = if m * n <= BLOCK { n } else { 1 };
+    let mut scores = vec![0f32; m * heads * tb]; // [m, heads, tb]
+    for h0 in (0..n).step_by(heads) {
+        let rows = match heads {
+            1 => View::at(q, q0 + h0 * d, [m, d, n * d]),
+            _ => View::at(q, q0, [m * n, d, d]),
+        };
+        abt(&mut scores, tb, rows, keys, scale, false);
+        for (i, (acc, scores)) in out.chunks_exact_mut(t).zip(scores.chunks_exact(heads * tb)).enumerate() {
             let causal = offset + i0 + i + 1;
-            for (a, &x) in acc[..causal].iter_mut().zip(&scores[..causal]) {
-                // relu that keeps a NaN, as torch's does
-                let term = wi * if x < 0.0 { 0.0 } else { x };
-                *a = if h == 0 { term } else { *a + term };
+            for (h, scores) in (h0..h0 + heads).zip(scores.chunks_exact(tb)) {
+                let wi = w[(b * s + i0 + i) * n + h];
+                for (a, &x) in acc[..causal].iter_mut().zip(&scores[..causal]) {
+                    // relu that keeps a NaN, as torch's does
+                    let term = wi * if x < 0.0 { 0.0 } else { x };
+                    *a = if h == 0 { term } else { *a + term };
+                }
             }
         }
     }
@@ -379,10 +437,12 @@ mod tests {
     }
 
     /// Batch 2, sequences on and off the block size, keys cached before the queries (offset),
-    /// and selections that keep every causal key, or cut them (top 5 of up to 77).
+    /// and selections that keep every causal key, or cut them (top 5 of up to 77; top 5 of up to
+    /// 64 for 4 queries, whose block gathers its at most 20 kept keys).
     #[test]
     fn sparse_attention_is_the_masked_softmax_of_the_selected_keys() {
-        for (s, offset, topk) in [(1, 0, 4), (45, 0, 64), (70, 0, 5), (33, 7, 5), (2 * BLOCK, 3, 2 * BLOCK + 3)] {
+        let cases = [(1, 0, 4), (45, 0, 64), (70, 0, 5), (33, 7, 5), (2 * BLOCK, 3, 2 * BLOCK + 3), (4, 60, 5)];
+        for (s, offset, topk) in cases {
             let d = Dims { batch: 2, seq: s, keys: offset + s, heads: 3, nope: 12, rope: 4, v: 10 };
             let t = d.keys;
             let q = values(d.batch * s * d.heads * (d.nope + d.rope), 0.5);
@@ -427,6 +487,31 @@ mod tests {
                 assert!(err < 1e-5, "C {c}, offset {offset}, top {topk}, ({b}, {h}, {i}): {err:.2e}");
             }
         }
+    }
+
+    /// A block gathers the keys its queries keep when they are few (a decode step past the top-k,
+    /// queries that keep the same keys), keeps every key in place when they are many or none,
+    /// and each query's row of the mask covers the same keys either way.
+    #[test]
+    fn a_block_gathers_only_the_keys_it_keeps_when_they_are_few() {
+        let sel = Selection { batch: 1, seq: 3, k: 2, idx: vec![9, 2, 9, 4, 0, 2], margin: vec![f32::NAN; 3] };
+        // Queries at positions 8, 9, 10 (offset 8) see keys 0..11 and keep {2} (9 is after it),
+        // {4, 9} and {0, 2}.
+        let keys = Keys::kept(&sel, 0, 0..3, 8, 11);
+        assert_eq!(keys.gathered.as_deref(), Some(&[0, 2, 4, 9][..]));
+        let rows: Vec<Vec<bool>> = keys.keep.chunks(keys.width).map(<[bool]>::to_vec).collect();
+        assert_eq!(rows, [[false, true, false, false], [false, false, true, true], [true, true, false, false]]);
+        let latent: Vec<f32> = (0..11 * 3).map(|x| x as f32).collect();
+        let mut buf = Vec::new();
+        let v = keys.rows(View::at(&latent, 0, [11, 2, 3]), &mut buf); // 2 of each key's 3 values
+        assert_eq!((v.rows, v.cols, v.data), (4, 2, &[0.0, 1.0, 6.0, 7.0, 12.0, 13.0, 27.0, 28.0][..]));
+        // Query 9 alone keeps 2 of 10 keys; past the share, or keeping none, nothing is gathered.
+        assert_eq!(Keys::kept(&sel, 0, 1..2, 8, 10).gathered.as_deref(), Some(&[4, 9][..]));
+        let many = Selection { batch: 1, seq: 1, k: 4, idx: vec![0, 1, 2, 3], margin: vec![f32::NAN] };
+        assert!(Keys::kept(&many, 0, 0..1, 4, 5).gathered.is_none());
+        let none = Selection { batch: 1, seq: 1, k: 1, idx: vec![7], margin: vec![f32::NAN] };
+        let keys = Keys::kept(&none, 0, 0..1, 4, 5);
+        assert!(keys.gathered.is_none() && keys.width == 5 && keys.keep.iter().all(|&k| !k));
     }
 
     /// A query whose selection keeps no key at or before it gives NaN, as the reference's softmax
