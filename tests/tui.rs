@@ -370,3 +370,23 @@ fn a_live_run_of_other_tokens_runs_without_the_folders_reference() {
     let err = open(Some(&reference)).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("ran other tokens than --tokens/--prompt give"), "{err}");
 }
+
+/// At 40 columns the tables drop columns rather than squeeze them: every number shown is whole
+/// (a squeezed `max err` column read `2.1` for 2.1e-6, a margin `7.` for 7.67e-2).
+#[test]
+fn narrow_screens_drop_columns_rather_than_cut_numbers() {
+    let src = port_source();
+    let mut app = App::default();
+    let s = screen(&app, &src, 40, 14);
+    assert!(s.contains("max err") && !s.contains("worst hook"), "{s}");
+    let worst = src.layers()[0].worst.as_ref().map(|(_, e)| glimpse_tui::views::num(*e)).unwrap();
+    assert!(line_with(&s, "FLIPS").contains(&worst), "{s}");
+    app.next_layer(&src);
+    app.next_layer(&src);
+    app.set_view(View::Routing);
+    let s = screen(&app, &src, 40, 14);
+    assert!(s.contains("margin") && !s.contains("reference"), "{s}");
+    let routes = src.routing(src.layers()[2].index).unwrap();
+    let margin = format!("{:.2e}", routes[0].margin.unwrap());
+    assert!(line_with(&s, "s0 ").contains(&margin), "{margin} in {s}");
+}

@@ -7,7 +7,7 @@ use ratatui::text::Line;
 use ratatui::widgets::{Block, Paragraph, Row, Table};
 use ratatui::Frame;
 
-use super::{num, sparkline};
+use super::{fitting, num, shown, sparkline};
 use crate::app::App;
 use crate::data::Source;
 
@@ -33,8 +33,10 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let worst_height = if worst_lines.is_empty() { 0 } else { (worst_lines.len() as u16 + 2).min(8) };
     let [table_area, worst_area] = Layout::vertical([Constraint::Min(3), Constraint::Length(worst_height)]).areas(area);
 
-    // Wider terminals get the L2 norm and the shape too.
-    let (with_l2, with_shape) = (area.width >= 100, area.width >= 124);
+    // Columns as wide as they fit: the shape and the L2 norm first go, then the histogram, the
+    // NaN count and the spread, so no number is cut short.
+    const WIDTHS: [u16; 10] = [14, 14, 8, 8, 8, 8, 8, 3, 10, 12];
+    let show = fitting(area.width.saturating_sub(2), &WIDTHS, &[1, 6, 8, 7, 3, 4, 5]);
     let rows = hooks.iter().skip(app.scroll).map(|h| {
         let (vs_ref, style) = match &h.reference {
             Some(r) if r.ok => (format!("ok {}", num(r.max_abs)), Style::new().fg(Color::Green)),
@@ -44,32 +46,17 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         let style = if h.nonfinite > 0 { Style::new().fg(Color::Red) } else { style };
         // The layer is in the title: show `attn.out`, not `layers.3.attn.out`.
         let short = h.name.strip_prefix("layers.").and_then(|r| r.split_once('.')).map_or(h.name.as_str(), |(_, n)| n);
-        let mut cells = vec![short.to_string()];
-        if with_shape {
-            cells.push(format!("{:?}", h.shape));
-        }
-        cells.extend([num(h.mean), num(h.std), num(h.min), num(h.max)]);
-        if with_l2 {
-            cells.push(num(h.l2));
-        }
-        cells.extend([h.nonfinite.to_string(), sparkline(&h.histogram), vs_ref]);
-        Row::new(cells).style(style)
+        let (shape, l2) = (format!("{:?}", h.shape), num(h.l2));
+        let (nan, hist) = (h.nonfinite.to_string(), sparkline(&h.histogram));
+        let cells = [short.to_string(), shape, num(h.mean), num(h.std), num(h.min), num(h.max), l2, nan, hist, vs_ref];
+        Row::new(shown(cells, &show)).style(style)
     });
-    let mut widths = vec![Constraint::Min(14)];
-    let mut header = vec!["hook"];
-    if with_shape {
-        widths.push(Constraint::Length(14));
-        header.push("shape");
-    }
-    widths.extend([Constraint::Length(8); 4]);
-    header.extend(["mean", "std", "min", "max"]);
-    if with_l2 {
-        widths.push(Constraint::Length(8));
-        header.push("l2");
-    }
-    widths.extend([Constraint::Length(3), Constraint::Length(10), Constraint::Length(12)]);
-    header.extend(["nan", "histogram", "vs ref"]);
-    let header = Row::new(header).style(Style::new().add_modifier(Modifier::UNDERLINED));
+    let header = ["hook", "shape", "mean", "std", "min", "max", "l2", "nan", "histogram", "vs ref"];
+    let header = Row::new(shown(header, &show)).style(Style::new().add_modifier(Modifier::UNDERLINED));
+    let widths = shown(
+        WIDTHS.iter().enumerate().map(|(i, &w)| if i == 0 { Constraint::Min(w) } else { Constraint::Length(w) }),
+        &show,
+    );
     let title = match layer {
         Some(i) => format!("layer {i} activations"),
         None => "activations".into(),

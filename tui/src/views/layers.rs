@@ -6,7 +6,7 @@ use ratatui::text::Line;
 use ratatui::widgets::{Block, Row, Table, TableState};
 use ratatui::Frame;
 
-use super::num;
+use super::{fitting, num, shown};
 use crate::app::App;
 use crate::data::{Source, Status};
 
@@ -20,35 +20,35 @@ pub fn status_style(s: Status) -> Style {
 }
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
+    // At narrow widths the type columns go first, then the worst hook and the mismatch count.
+    const WIDTHS: [u16; 8] = [5, 6, 7, 9, 5, 7, 9, 10];
+    let show = fitting(area.width.saturating_sub(2), &WIDTHS, &[1, 2, 7, 4, 3]);
     let rows = src.layers().iter().map(|l| {
         let (worst_name, worst) = match &l.worst {
             Some((n, e)) => (n.clone(), num(*e)),
             None => ("-".into(), "-".into()),
         };
-        Row::new(vec![
-            l.index.to_string(),
-            l.ffn.clone(),
-            l.indexer.clone(),
-            l.status.label().to_string(),
-            l.mismatches.to_string(),
-            format!("{}/{}", l.routing_flips, l.dsa_flips),
-            worst,
-            worst_name,
-        ])
+        Row::new(shown(
+            [
+                l.index.to_string(),
+                l.ffn.clone(),
+                l.indexer.clone(),
+                l.status.label().to_string(),
+                l.mismatches.to_string(),
+                format!("{}/{}", l.routing_flips, l.dsa_flips),
+                worst,
+                worst_name,
+            ],
+            &show,
+        ))
         .style(status_style(l.status))
     });
-    let widths = [
-        Constraint::Length(5),
-        Constraint::Length(6),
-        Constraint::Length(7),
-        Constraint::Length(9),
-        Constraint::Length(5),
-        Constraint::Length(7),
-        Constraint::Length(9),
-        Constraint::Min(10),
-    ];
-    let header = Row::new(["layer", "ffn", "indexer", "status", "bad", "flips", "max err", "worst hook"])
-        .style(Style::new().add_modifier(Modifier::UNDERLINED));
+    let last = WIDTHS.len() - 1;
+    let widths =
+        (0..WIDTHS.len()).map(|i| if i == last { Constraint::Min(WIDTHS[i]) } else { Constraint::Length(WIDTHS[i]) });
+    let header = ["layer", "ffn", "indexer", "status", "bad", "flips", "max err", "worst hook"];
+    let header = Row::new(shown(header, &show)).style(Style::new().add_modifier(Modifier::UNDERLINED));
+    let widths = shown(widths, &show);
     let table = Table::new(rows, widths)
         .header(header)
         .block(

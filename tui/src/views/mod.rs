@@ -38,6 +38,29 @@ pub fn sparkline(counts: &[u64]) -> String {
     counts.iter().map(|&c| if c == 0 { ' ' } else { BARS[((c * 7) / max) as usize] }).collect()
 }
 
+/// Which columns of a table fit `width` cells (its inner width, one cell between columns): all
+/// when they do, else columns are dropped in `drop_order` until the rest fit. A squeezed column
+/// would cut its numbers and change their meaning (`2.1e-6` read `2.1`); a missing one does not.
+pub fn fitting(width: u16, widths: &[u16], drop_order: &[usize]) -> Vec<bool> {
+    let mut shown = vec![true; widths.len()];
+    let need = |shown: &[bool]| {
+        let cols: Vec<u16> = widths.iter().zip(shown).filter(|(_, &s)| s).map(|(&w, _)| w).collect();
+        cols.iter().sum::<u16>() + cols.len().saturating_sub(1) as u16
+    };
+    for &i in drop_order {
+        if need(&shown) <= width {
+            break;
+        }
+        shown[i] = false;
+    }
+    shown
+}
+
+/// The items of `v` whose column is shown.
+pub fn shown<T>(v: impl IntoIterator<Item = T>, shown: &[bool]) -> Vec<T> {
+    v.into_iter().zip(shown).filter(|(_, &s)| s).map(|(x, _)| x).collect()
+}
+
 /// Numbers in at most 8 characters, with 4 significant digits where they fit.
 pub fn num(x: f64) -> String {
     let a = x.abs();
@@ -68,6 +91,11 @@ mod tests {
             assert!(num(x).chars().count() <= 8, "{x} -> {}", num(x));
         }
         assert_eq!(num(213.379), "213.38");
+        // 5 + 6 + 9 and two spaces fit 22; at 16 the first of the drop order goes.
+        assert_eq!(fitting(22, &[5, 6, 9], &[1, 0]), [true, true, true]);
+        assert_eq!(fitting(16, &[5, 6, 9], &[1, 0]), [true, false, true]);
+        assert_eq!(fitting(9, &[5, 6, 9], &[1, 0]), [false, false, true]);
+        assert_eq!(shown(["a", "b", "c"], &[true, false, true]), ["a", "c"]);
         assert_eq!(sparkline(&[0, 1, 7]), " ▂█");
     }
 }

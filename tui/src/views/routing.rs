@@ -7,6 +7,7 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::widgets::{Block, Paragraph, Row, Table};
 use ratatui::Frame;
 
+use super::{fitting, shown};
 use crate::app::App;
 use crate::data::{counts, FlipClass, Source};
 
@@ -21,6 +22,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let visible = area.height.saturating_sub(3) as usize;
     // Keep the selected token in view; `scroll` pages further.
     let start = app.token.saturating_sub(visible.saturating_sub(1)).max(app.scroll.min(routes.len().saturating_sub(1)));
+    // At narrow widths the reference's set goes first, then the experts: never a cut number.
+    const WIDTHS: [u16; 4] = [12, 20, 9, 24];
+    let show = fitting(area.width.saturating_sub(2), &WIDTHS, &[3, 1]);
     let rows = routes.iter().skip(start).map(|r| {
         let experts: Vec<String> = r.ids.iter().zip(&r.weights).map(|(i, w)| format!("{i}:{w:.2}")).collect();
         let reference = match &r.reference_ids {
@@ -33,16 +37,12 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         if r.token == app.token {
             style = style.add_modifier(Modifier::REVERSED);
         }
-        Row::new(vec![
-            src.token_label(r.token),
-            experts.join(" "),
-            r.margin.map(|m| format!("{m:.2e}")).unwrap_or_else(|| "-".into()),
-            reference,
-        ])
-        .style(style)
+        let margin = r.margin.map(|m| format!("{m:.2e}")).unwrap_or_else(|| "-".into());
+        Row::new(shown([src.token_label(r.token), experts.join(" "), margin, reference], &show)).style(style)
     });
-    let widths = [Constraint::Length(12), Constraint::Min(20), Constraint::Length(9), Constraint::Length(24)];
-    let header = Row::new(["token", "experts:weight", "margin", "reference"])
+    let widths = WIDTHS.map(Constraint::Length);
+    let widths = shown([widths[0], Constraint::Min(WIDTHS[1]), widths[2], widths[3]], &show);
+    let header = Row::new(shown(["token", "experts:weight", "margin", "reference"], &show))
         .style(Style::new().add_modifier(Modifier::UNDERLINED));
     let title = format!(
         "layer {} routing: {} tokens, {flips} flips{}",
