@@ -135,6 +135,13 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     }
     let names_a = a.names();
     let names_b = b.names();
+    if !names_b.iter().any(|n| names_a.contains(n)) {
+        return Err(Error::Usage(format!(
+            "{} and {} hold no tensor of the same name: nothing to compare",
+            a.path.display(),
+            b.path.display()
+        )));
+    }
     let mut results = Vec::new();
     // Each compared tensor is scanned for NaN/Inf while it is in memory, not read again for it.
     let (mut seen_a, mut seen_b) = (HashMap::new(), HashMap::new());

@@ -162,6 +162,20 @@ impl HookPoint {
         LayerHook::ALL.iter().find(|h| h.suffix() == suffix).map(|h| HookPoint::Layer(i, *h))
     }
 
+    /// Every hook point of a model of `layers` layers and its MTP layer, in forward order.
+    pub fn all(layers: usize) -> impl Iterator<Item = HookPoint> {
+        use HookPoint::*;
+        let per_layer = (0..=layers).flat_map(|i| LayerHook::ALL.map(|h| Layer(i, h)));
+        [InputIds, Embeddings].into_iter().chain(per_layer).chain([
+            FinalNorm,
+            Logits,
+            MtpInputHidden,
+            MtpEhProj,
+            MtpFinalNorm,
+            MtpLogits,
+        ])
+    }
+
     pub fn layer(&self) -> Option<usize> {
         match self {
             HookPoint::Layer(i, _) => Some(*i),
@@ -254,6 +268,13 @@ impl Selector {
             patterns: patterns.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect(),
             layers,
         }
+    }
+
+    /// The patterns that name no hook point of a model of `layers` layers (its MTP layer
+    /// included): a typo that would record nothing.
+    pub fn unmatched(&self, layers: usize) -> Vec<&str> {
+        let names: Vec<String> = HookPoint::all(layers).map(|p| p.name()).collect();
+        self.patterns.iter().filter(|p| !names.iter().any(|n| glob(p, n))).map(String::as_str).collect()
     }
 
     pub fn wants(&self, point: HookPoint) -> bool {

@@ -175,10 +175,10 @@ enum Command {
         #[arg(long)]
         dump: Option<PathBuf>,
         /// Token ids for the live run (default: the reference's input_ids).
-        #[arg(long, conflicts_with = "prompt")]
+        #[arg(long, conflicts_with_all = ["prompt", "dump"])]
         tokens: Option<String>,
         /// Text for the live run, encoded with the model's tokenizer.json.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "dump")]
         prompt: Option<String>,
         /// Where the live run goes (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
         #[arg(long, value_enum, default_value_t = Backend::Cpu, conflicts_with = "dump")]
@@ -355,6 +355,23 @@ impl Command {
             _ => Vec::new(),
         }
     }
+}
+
+/// The hook points `--record` names; patterns that name none of this model's are refused, as
+/// the dump would silently hold nothing of them.
+fn recording(patterns: &str, config: &glimpse::config::Config) -> Result<Selector> {
+    let selector = Selector::new(patterns, None);
+    if selector.patterns.is_empty() {
+        return Err(Error::Usage("--record names no hook point (give e.g. 'layers.*.moe.*,logits')".into()));
+    }
+    let unmatched = selector.unmatched(config.num_hidden_layers);
+    if !unmatched.is_empty() {
+        return Err(Error::Usage(format!(
+            "--record {}: names no hook point of this model (names as in `glimpse diff` output, e.g. layers.3.moe.topk_ids)",
+            unmatched.join(",")
+        )));
+    }
+    Ok(selector)
 }
 
 /// A dump records the sha256 of the config.json it ran: a checkpoint given to class its flips
@@ -604,10 +621,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut watch = NonFiniteWatch::default();
             let logits = match &out {
                 Some(path) => {
-                    let selector = Selector::new(&record, None);
+                    let selector = recording(&record, &ckpt.config)?;
                     let sha = dump::sha256_hex(&ckpt.config_bytes);
                     let resumed =
                         if resume { DumpWriter::resume(path, selector.clone(), &tokens, &sha)? } else { None };
+                    if resume && resumed.is_none() {
+                        eprintln!("glimpse: nothing to resume for {}: starting from the first layer", path.display());
+                    }
                     let n = ckpt.config.num_hidden_layers;
                     // A window starts from a dump's hidden state, and its dump names the tokens
                     // it ran all the same (a resumed run's file holds them already).
@@ -682,7 +702,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let opts = glimpse::generate::GenerateOptions {
                 new_tokens: max_new_tokens,
                 chunk: chunk.unwrap_or(0) as usize,
-                dump: dump.map(|d| (d, Selector::new(&record, None))),
+                dump: dump.map(|d| recording(&record, &ckpt.config).map(|s| (d, s))).transpose()?,
                 mtp,
             };
             glimpse::generate::run(&model, &ckpt, &Model::load(&ckpt)?, &tokens, &opts)?;
@@ -775,7 +795,7 @@ fn run_on_device(
     let mut watch = NonFiniteWatch::default();
     let logits = match out {
         Some(path) => {
-            let mut writer = DumpWriter::create(path, Selector::new(record, None), model.max_hook_points())?;
+            let mut writer = DumpWriter::create(path, recording(record, &ckpt.config)?, model.max_hook_points())?;
             let logits = glimpse::device::with_prefill(device, &model, |p| {
                 p.prefill(tokens, &mut Tee(&mut writer, &mut watch))
             })?;

@@ -31,19 +31,27 @@ fn gb(b: u64) -> String {
     }
 }
 
-/// Parses `500M`, `16G`, `1.5T` or a byte count.
+/// Parses `500M`, `16G`, `16GB`, `16GiB`, `1.5T` or a byte count (K, M, G, T are powers of
+/// 1000; with `i`, of 1024).
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let t = s.trim();
-    let (num, mul) = match t.char_indices().last().map(|(i, c)| (i, c.to_ascii_uppercase())) {
-        Some((i, 'K')) => (&t[..i], 1e3),
-        Some((i, 'M')) => (&t[..i], 1e6),
-        Some((i, 'G')) => (&t[..i], 1e9),
-        Some((i, 'T')) => (&t[..i], 1e12),
-        _ => (t, 1.0),
+    let upper = t.to_ascii_uppercase();
+    let digits = upper.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let (num, unit) = (&t[..digits.len()], &upper[digits.len()..]);
+    let power = |p: i32, binary: bool| if binary { 1024f64.powi(p) } else { 1000f64.powi(p) };
+    let mul = match unit.strip_suffix('B').unwrap_or(unit) {
+        "" => 1.0,
+        u => match (u.trim_end_matches('I'), u.ends_with('I')) {
+            ("K", b) => power(1, b),
+            ("M", b) => power(2, b),
+            ("G", b) => power(3, b),
+            ("T", b) => power(4, b),
+            _ => return Err(format!("\"{s}\" is not a size like 500M, 16G or 16GiB")),
+        },
     };
     match num.parse::<f64>() {
         Ok(x) if x > 0.0 && x.is_finite() => Ok((x * mul) as u64),
-        _ => Err(format!("\"{s}\" is not a size like 500M or 16G")),
+        _ => Err(format!("\"{s}\" is not a size like 500M, 16G or 16GiB")),
     }
 }
 
@@ -189,6 +197,11 @@ mod tests {
         assert_eq!(parse_size("500M"), Ok(500_000_000));
         assert_eq!(parse_size("1.5g"), Ok(1_500_000_000));
         assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("16GB"), Ok(16_000_000_000));
+        assert_eq!(parse_size("2GiB"), Ok(2 * 1024 * 1024 * 1024));
+        assert_eq!(parse_size("512mib"), Ok(512 * 1024 * 1024));
+        assert_eq!(parse_size("100B"), Ok(100));
         assert!(parse_size("-1G").is_err() && parse_size("lots").is_err() && parse_size("").is_err());
+        assert!(parse_size("5X").is_err() && parse_size("5GiBB").is_err() && parse_size("G").is_err());
     }
 }

@@ -253,6 +253,12 @@ fn malformed_files_and_arguments_are_one_line_errors() {
         (vec!["audit", "--dump", &reference, "--csv", &model], "is a folder; give a file path"),
         (vec!["audit", "--dump", &reference, "--heatmap", "/tmp/load.png"], "name a .svg file"),
         (vec!["diff", &model, &reference], "is a folder, not a safetensors file"),
+        (
+            vec!["run", "--model", &model, "--tokens", "1", "--record", "layers.*.moe.nothing", "--dump", "/tmp/x.st"],
+            "names no hook point of this model",
+        ),
+        (vec!["tui", "--dump", &reference, "--tokens", "1,2"], "cannot be used with"),
+        (vec!["--max-memory", "16Gb2", "verify"], "not a size like"),
         (vec!["run", "--model", &mtp, "--tokens", "5", "--mtp"], "needs at least 2 tokens"),
         (vec!["run", "--model", &model, "--tokens", "5,6", "--mtp", "--stream"], "cannot be used with"),
     ];
