@@ -271,9 +271,10 @@ enum Command {
         kernels_only: bool,
     },
     /// Write a random-weight checkpoint in the released layout.
+    #[command(group(clap::ArgGroup::new("start").required(true).args(["config", "preset"])))]
     Synth {
         /// Start from this config.json.
-        #[arg(long, conflicts_with = "preset", required_unless_present = "preset")]
+        #[arg(long)]
         config: Option<PathBuf>,
         /// Start from a published configuration.
         #[arg(long, value_parser = ["glm5"])]
@@ -725,7 +726,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let opts = SynthOptions { config, layers, experts, vocab, dtype, shards, mtp, seed, out: out.clone() };
             let cfg = synth::synth(&opts)?;
             println!(
-                "wrote a {}-layer random checkpoint ({} experts, vocab {}, {:?}) to {}",
+                "wrote a {}-layer random checkpoint ({} experts, vocab {}, {}) to {}",
                 cfg.num_hidden_layers,
                 cfg.n_routed_experts,
                 cfg.vocab_size,

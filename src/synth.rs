@@ -22,6 +22,16 @@ pub enum SynthDtype {
     Fp8,
 }
 
+impl std::fmt::Display for SynthDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SynthDtype::F32 => "f32",
+            SynthDtype::Bf16 => "bf16",
+            SynthDtype::Fp8 => "fp8",
+        })
+    }
+}
+
 pub struct SynthOptions {
     /// The starting config.json (a preset's or a user's).
     pub config: Value,
