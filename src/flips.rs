@@ -151,7 +151,7 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
         count(Class::Unknown)
     );
     for (name, fl) in flips.iter().take(50) {
-        let m = |x: Option<f32>| x.map(|v| format!("{v:.3e}")).unwrap_or_else(|| "-".into());
+        let m = |x: Option<f32>| x.map(|v| format!("{v:.3e}")).unwrap_or_else(|| "unknown".into());
         out += &format!(
             "  {name} {:?}: only ours {:?}, only ref {:?}, margin ours {} ref {} -> {}\n",
             fl.at,
