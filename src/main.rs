@@ -150,11 +150,13 @@ enum Command {
     },
     /// Time prefill recording nothing vs recording every hook point (medians of alternating runs).
     Bench {
+        /// The checkpoint folder (config.json and safetensors weights).
         #[arg(long)]
         model: PathBuf,
         /// Prompt length.
         #[arg(long, default_value_t = 128)]
         tokens: usize,
+        /// Timed prefills of each kind (the medians are reported).
         #[arg(long, default_value_t = 5)]
         repeat: usize,
         /// `cpu-ops` / `cuda`: time the prefill of the device forward pass on that backend instead.
@@ -189,12 +191,14 @@ enum Command {
     },
     /// Describe a checkpoint: what its config means, parameters per block, dtypes, shards, MTP layer.
     Inspect {
+        /// The checkpoint folder (config.json and safetensors weights).
         #[arg(long)]
         model: PathBuf,
     },
     /// Run the model on token ids or a text prompt, optionally recording hook points to a dump.
     #[command(group(clap::ArgGroup::new("input")))]
     Run {
+        /// The checkpoint folder (config.json and safetensors weights).
         #[arg(long)]
         model: PathBuf,
         /// Comma-separated token ids; `;` separates batch rows of equal length.
@@ -237,6 +241,7 @@ enum Command {
     },
     /// Greedy generation through the latent KV cache, streaming tokens as they come.
     Generate {
+        /// The checkpoint folder (config.json and safetensors weights).
         #[arg(long)]
         model: PathBuf,
         /// Comma-separated prompt token ids (`;` separates batch rows of equal length).
@@ -245,6 +250,7 @@ enum Command {
         /// Prompt text, encoded with the checkpoint's tokenizer.json.
         #[arg(long)]
         prompt: Option<String>,
+        /// Tokens to generate after the prompt.
         #[arg(long, default_value_t = 16)]
         max_new_tokens: usize,
         /// Prompt positions per decode call (default: the whole prompt in one call).
@@ -263,6 +269,7 @@ enum Command {
     /// Check this machine: every bundled golden case through verify, and with --device cpu-ops or
     /// cuda through the device forward pass too (cuda: every GPU kernel against its CPU reference first).
     Selftest {
+        /// Where the checks run: cpu; cpu-ops (the GPU path's code on the host); cuda (kernels on the GPU, then the golden cases); cuda-emu (the kernels run on the host).
         #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         device: Backend,
         /// With --device cuda|cuda-emu: only the kernels' and the products' checks, no golden case
@@ -279,21 +286,28 @@ enum Command {
         /// Start from a published configuration.
         #[arg(long, value_parser = ["glm5"])]
         preset: Option<String>,
+        /// Decoder layers (default: the config's; the first `first_k_dense_replace` stay dense).
         #[arg(long)]
         layers: Option<usize>,
+        /// Routed experts (default: the config's).
         #[arg(long)]
         experts: Option<usize>,
+        /// Vocabulary size (default: the config's).
         #[arg(long)]
         vocab: Option<usize>,
+        /// How the projections are stored: f32, bf16, or block-FP8 (128 x 128 blocks, f32 scales).
         #[arg(long, value_enum, default_value_t = SynthDtype::Bf16)]
         dtype: SynthDtype,
+        /// Weight files (more than 1 writes model-0000i-of-0000n.safetensors and an index).
         #[arg(long, default_value_t = 1)]
         shards: usize,
         /// Also write the MTP layer (model.layers.{num_hidden_layers}.*).
         #[arg(long)]
         mtp: bool,
+        /// Seed of the random weights.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// The folder to write (created if missing).
         #[arg(long)]
         out: PathBuf,
     },

@@ -322,6 +322,17 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
     } else {
         let _ = std::fs::remove_file(o.out.join(INDEX_FILE));
     }
+    // Weight files an earlier synth left in this folder (another shard count) are no part of
+    // this checkpoint: removed, so the folder holds one checkpoint.
+    let written: Vec<String> = (0..o.shards).map(file_name).collect();
+    let ours =
+        |n: &str| n == SINGLE_FILE || (n.starts_with("model-") && n.contains("-of-") && n.ends_with(".safetensors"));
+    for entry in std::fs::read_dir(&o.out).map_err(|e| Error::io(&o.out, e))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if ours(&name) && !written.contains(&name) {
+            std::fs::remove_file(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+        }
+    }
     write_json(&o.out.join("config.json"), &config_json)?;
     Ok(cfg)
 }
