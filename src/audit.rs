@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use crate::checkpoint::Checkpoint;
 use crate::dump::{Dump, Values};
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::hooks::{HookPoint, LayerHook, Observer};
 use crate::model::{Model, Tokens};
 
@@ -247,18 +247,19 @@ pub fn collect(
     let prompt_tokens = match (prompts, model_dir) {
         (Some(path), Some(dir)) => {
             let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-            let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+            // Blank lines and `#` comments are skipped; lines keep their numbers for errors.
+            let lines: Vec<(usize, &str)> =
+                text.lines().map(str::trim).enumerate().filter(|(_, l)| !l.is_empty() && !l.starts_with('#')).collect();
             if lines.is_empty() {
                 return Err(Error::Usage(format!("{}: no prompts (one per line)", path.display())));
             }
-            let encode = |line: &str| -> Result<Tokens> {
-                if line.split(',').all(|t| t.trim().parse::<u32>().is_ok()) {
-                    Tokens::parse(line)
-                } else {
-                    crate::tokenizer::encode(dir, line)
-                }
+            let encode = |&(n, line): &(usize, &str)| -> Result<Tokens> {
+                // Ids (`;` separating batch rows, as --tokens takes them), else text.
+                let ids = line.chars().all(|c| c.is_ascii_digit() || matches!(c, ',' | ';' | ' '));
+                let tokens = if ids { Tokens::parse(line) } else { crate::tokenizer::encode(dir, line) };
+                tokens.context(|| format!("{} line {}", path.display(), n + 1))
             };
-            lines.iter().map(|l| encode(l)).collect::<Result<Vec<_>>>()?
+            lines.iter().map(encode).collect::<Result<Vec<_>>>()?
         }
         (Some(_), None) => return Err(Error::Usage("--prompts needs --model".into())),
         (None, _) => Vec::new(),
@@ -284,7 +285,7 @@ pub fn collect(
                 }
                 p.prefill(tokens, &mut AuditObserver::new(&mut audit))
                     .map_err(|e| Error::Usage(format!("{}: prompt {}: {e}", path.display(), n + 1)))?;
-                audit.prompts += 1;
+                audit.prompts += tokens.batch;
             }
             Ok(())
         })?;

@@ -129,7 +129,8 @@ enum Command {
         /// Checkpoint folder: needed with --prompts; with --dump it adds each expert's bias.
         #[arg(long)]
         model: Option<PathBuf>,
-        /// One prompt per line: comma-separated token ids, or text (needs the model's tokenizer.json).
+        /// One prompt per line: comma-separated token ids (`;` between rows of a batch), or text (needs the
+        /// model's tokenizer.json); blank lines and lines starting with `#` are skipped.
         #[arg(long, group = "source")]
         prompts: Option<PathBuf>,
         /// Dumps holding `layers.*.moe.topk_ids` (repeatable).

@@ -12,19 +12,19 @@ pub fn encode(model_dir: &Path, text: &str) -> Result<crate::model::Tokens> {
     let path = model_dir.join(TOKENIZER_FILE);
     if !path.is_file() {
         return Err(Error::Usage(format!(
-            "--prompt needs {}, which does not exist; pass token ids with --tokens instead",
+            "text needs {}, which does not exist; give token ids instead",
             path.display()
         )));
     }
     if text.is_empty() {
-        return Err(Error::Usage("--prompt is empty".into()));
+        return Err(Error::Usage("the prompt is empty".into()));
     }
     let tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::checkpoint(&path, e.to_string()))?;
     let enc =
         tok.encode(text, false).map_err(|e| Error::checkpoint(&path, format!("cannot encode the prompt: {e}")))?;
     let ids = enc.get_ids().to_vec();
     if ids.is_empty() {
-        return Err(Error::Usage("--prompt encodes to no tokens".into()));
+        return Err(Error::Usage("the prompt encodes to no tokens".into()));
     }
     crate::model::Tokens::new(1, ids.len(), ids)
 }
