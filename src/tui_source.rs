@@ -174,7 +174,11 @@ impl DumpSource {
             min: if finite.is_empty() { 0.0 } else { min },
             max: if finite.is_empty() { 0.0 } else { max },
             l2: finite.iter().map(|x| x * x).sum::<f64>().sqrt(),
-            nonfinite: v.len() - finite.len(),
+            // Where infinities are by design (masked scores, uncut margins) only NaN counts.
+            nonfinite: match crate::hooks::finite_expected(name) {
+                true => v.len() - finite.len(),
+                false => v.iter().filter(|x| x.is_nan()).count(),
+            },
             histogram,
             reference,
         })

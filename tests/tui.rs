@@ -149,7 +149,12 @@ fn routing_view_shows_experts_margins_and_a_flagged_flip() {
     assert!(line_with(&s, "s0 #").contains(&first), "{s}");
 
     let port = port_source();
-    let mut app = App { layer: 1, ..App::default() };
+    // From the layers view the selected layer counts: layer 0's one DSA flip opens first.
+    let mut app = App::default();
+    app.next_problem(&port);
+    assert_eq!((app.view, app.layer), (View::Dsa, 0));
+    app.next_problem(&port);
+    assert_eq!((app.view, app.layer), (View::Dsa, 1));
     app.next_problem(&port); // layer 2 has routing flips: the routing view opens on the first.
     assert_eq!((app.view, app.layer), (View::Routing, 2));
     let s = screen(&app, &port, 120, 30);
@@ -184,6 +189,22 @@ fn activations_view_lists_hook_points_with_stats() {
     app.finish_filter();
     let s = screen(&app, &port, 80, 24);
     assert!(s.contains("│attn.q_latent") && !s.contains("│attn.out "), "{s}");
+    // `/` starts a new filter; one that matches nothing says so.
+    app.start_filter();
+    "zzz".chars().for_each(|c| app.filter_push(c));
+    app.finish_filter();
+    assert!(screen(&app, &port, 80, 24).contains("no hook point matches \"zzz\""));
+    // Unfiltered at 80x24 the rows run past the bottom: the title says which are shown, and
+    // paging stops at the last row.
+    app.start_filter();
+    app.finish_filter();
+    assert!(screen(&app, &port, 80, 24).contains("rows 1-"), "{}", screen(&app, &port, 80, 24));
+    for _ in 0..10 {
+        app.scroll_down(&port);
+    }
+    let hooks = port.hooks(Some(0)).len();
+    assert_eq!(app.scroll, hooks - 1);
+    assert!(screen(&app, &port, 80, 24).contains(&format!("rows {hooks}-{hooks} of {hooks}")));
 }
 
 #[test]
@@ -242,7 +263,7 @@ fn tmux(args: &[&str]) -> String {
 }
 
 /// The real binary in a real terminal: open the default case, step down two layers; then the
-/// bf16 port, step down two layers and jump to the next flip.
+/// bf16 port, step down two layers, open that layer's flips and jump to the next layer's.
 #[test]
 fn the_binary_in_tmux() {
     if Command::new("tmux").arg("-V").output().is_err() {
@@ -284,6 +305,9 @@ fn the_binary_in_tmux() {
     wait_for("1 layers");
     tmux(&["send-keys", "-t", &session, "j", "j"]);
     wait_for("layer 2 (moe, full)");
+    // From the layers view the selected layer's own flips open first, then the next layer's.
+    tmux(&["send-keys", "-t", &session, "n"]);
+    wait_for("layer 2: FLIPS");
     tmux(&["send-keys", "-t", &session, "n"]);
     let s = wait_for("layer 3: FLIPS");
     assert!(s.contains(&format!("layer 3 routing: 32 tokens, {} flips", flipped_rows(3, "moe.topk_ids"))), "{s}");

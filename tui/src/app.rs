@@ -93,7 +93,7 @@ impl App {
             KeyCode::Char('n') => self.next_problem(src),
             KeyCode::Char('l') | KeyCode::Right => self.next_token(src),
             KeyCode::Char('h') | KeyCode::Left => self.prev_token(),
-            KeyCode::PageDown | KeyCode::Char('J') => self.scroll_down(),
+            KeyCode::PageDown | KeyCode::Char('J') => self.scroll_down(src),
             KeyCode::PageUp | KeyCode::Char('K') => self.scroll_up(),
             KeyCode::Char('/') => self.start_filter(),
             _ => {}
@@ -124,13 +124,15 @@ impl App {
         self.layer = self.layer.saturating_sub(1);
     }
 
-    /// Jumps to the next layer (after the selected one, wrapping) with a mismatch or a flip, and
-    /// to the view that shows it: routing for routing flips, DSA for selection flips, else the
-    /// activations. Like tfdbg's `run -f`.
+    /// Jumps to the next layer (after the selected one, wrapping; from the layers view the
+    /// selected one counts too, so the first press from layer 0 can open layer 0) with a mismatch
+    /// or a flip, and to the view that shows it: routing for routing flips, DSA for selection
+    /// flips, else the activations. Like tfdbg's `run -f`.
     pub fn next_problem(&mut self, src: &dyn Source) {
         let layers = src.layers();
         let n = layers.len();
-        let found = (1..=n).map(|d| (self.layer + d) % n).find(|&i| layers[i].status.is_problem());
+        let first = if self.view == View::Layers { 0 } else { 1 };
+        let found = (first..first + n).map(|d| (self.layer + d) % n).find(|&i| layers[i].status.is_problem());
         match found {
             Some(i) => {
                 self.layer = i;
@@ -167,14 +169,30 @@ impl App {
         self.token = self.token.saturating_sub(1);
     }
 
-    pub fn scroll_down(&mut self) {
-        self.scroll += 8;
+    /// Pages down the current view, stopping at its last row.
+    pub fn scroll_down(&mut self, src: &dyn Source) {
+        self.scroll = (self.scroll + 8).min(self.rows(src).saturating_sub(1));
+    }
+
+    /// How many rows the current view lists (what `scroll` pages through).
+    fn rows(&self, src: &dyn Source) -> usize {
+        let layer = src.layers().get(self.layer).map(|l| l.index);
+        match self.view {
+            View::Activations => src.hooks(layer).iter().filter(|h| h.name.contains(&self.filter)).count(),
+            View::Routing => layer.and_then(|i| src.routing(i)).map_or(0, |r| r.len()),
+            View::Dsa => src.tokens(),
+            View::Load | View::KvNorms => src.layers().len(),
+            View::Layers => 0,
+        }
     }
     pub fn scroll_up(&mut self) {
         self.scroll = self.scroll.saturating_sub(8);
     }
 
+    /// `/` starts a new filter, as a search does.
     pub fn start_filter(&mut self) {
+        self.filter.clear();
+        self.scroll = 0;
         self.editing_filter = true;
     }
     pub fn filter_push(&mut self, c: char) {

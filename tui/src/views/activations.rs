@@ -57,10 +57,18 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         WIDTHS.iter().enumerate().map(|(i, &w)| if i == 0 { Constraint::Min(w) } else { Constraint::Length(w) }),
         &show,
     );
-    let title = match layer {
+    let mut title = match layer {
         Some(i) => format!("layer {i} activations"),
         None => "activations".into(),
     };
+    // Say what the table does not show: a filter that matches nothing, rows past the bottom.
+    let visible = (table_area.height as usize).saturating_sub(3);
+    if hooks.is_empty() && !app.filter.is_empty() {
+        title += &format!(": no hook point matches \"{}\"", app.filter);
+    } else if hooks.len() > visible || app.scroll > 0 {
+        let (from, to) = (app.scroll + 1, (app.scroll + visible).min(hooks.len()));
+        title += &format!(": rows {from}-{to} of {} (PgDn/PgUp)", hooks.len());
+    }
     let table = Table::new(rows, widths).header(header).column_spacing(1).block(Block::bordered().title(title));
     f.render_widget(table, table_area);
     if !worst_lines.is_empty() {
