@@ -156,10 +156,38 @@ pub fn parse(
     if let Some(dup) = header.and_then(duplicate_key) {
         return Err(format!("the header names tensor `{dup}` twice"));
     }
-    let (n, meta) = SafeTensors::read_metadata(bytes).map_err(|e| format!("not a valid safetensors file: {e}"))?;
+    let (n, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
+        // The crate's message does not say which tensor: name it where we can.
+        let which = header.and_then(mismatched_tensor).map(|m| format!(" ({m})")).unwrap_or_default();
+        format!("not a valid safetensors file: {e}{which}")
+    })?;
     let tensors = meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
     let metadata = meta.metadata().clone().unwrap_or_default();
     Ok((8 + n, tensors, metadata))
+}
+
+/// The first tensor of a header whose byte range does not hold its dtype and shape, described.
+fn mismatched_tensor(header: &[u8]) -> Option<String> {
+    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
+    v.iter().filter(|(k, _)| *k != "__metadata__").find_map(|(name, t)| {
+        let dtype = t.get("dtype")?.as_str()?;
+        let size = match dtype {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+            _ => return Some(format!("tensor `{name}` has dtype {dtype}")),
+        };
+        let shape: Option<Vec<u64>> = t.get("shape")?.as_array()?.iter().map(|d| d.as_u64()).collect();
+        let offsets: Option<Vec<u64>> = t.get("data_offsets")?.as_array()?.iter().map(|d| d.as_u64()).collect();
+        let (shape, offsets) = (shape?, offsets?);
+        let want = shape.iter().try_fold(size as u64, |a, &d| a.checked_mul(d));
+        match (want, &offsets[..]) {
+            (Some(w), &[a, b]) if b >= a && b - a == w => None,
+            (_, &[a, b]) => Some(format!("tensor `{name}`: {dtype} {shape:?} in bytes {a}..{b}")),
+            _ => Some(format!("tensor `{name}`: data_offsets must be two numbers")),
+        }
+    })
 }
 
 /// The first top-level key that a JSON object repeats, if any.
@@ -350,5 +378,19 @@ impl Write for CountingWriter<'_> {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A tensor whose byte range does not hold its dtype and shape is named in the error.
+    #[test]
+    fn a_mismatched_tensor_is_named() {
+        let header = br#"{"ok":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"x":{"dtype":"F32","shape":[2],"data_offsets":[4,8]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header);
+        bytes.extend_from_slice(&[0; 8]);
+        let err = super::parse(&bytes).err().unwrap_or_default();
+        assert!(err.contains("tensor `x`: F32 [2] in bytes 4..8"), "{err}");
     }
 }
