@@ -1,0 +1,344 @@
+//! The command line's grammar: every subcommand and flag with its help text (clap), the checks a
+//! flag's value gets as it is parsed, and what each command will write, checked before any work.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+
+use glimpse::device::{Backend, Precision};
+use glimpse::synth::SynthDtype;
+
+#[derive(Parser)]
+#[command(
+    name = "glimpse",
+    version,
+    about = "Run GLM-5 (glm_moe_dsa), record what happens inside, and prove it against a reference"
+)]
+pub(crate) struct Cli {
+    /// CPU threads for the tensor kernels (default: all cores).
+    #[arg(long, global = true)]
+    pub(crate) threads: Option<usize>,
+    /// Refuse runs estimated to need more memory than this, e.g. 16G (default: available RAM).
+    #[arg(long, global = true, value_parser = glimpse::memory::parse_size)]
+    pub(crate) max_memory: Option<u64>,
+    /// With --device cuda: which GPU (CUDA device ordinal).
+    #[arg(long, global = true, default_value_t = 0)]
+    pub(crate) ordinal: usize,
+    /// With --device cuda|cuda-emu: the matrix products' arithmetic. f32 (SGEMM) is verified at
+    /// the spec's default tolerance; bf16 (tensor cores, f32 accumulation) at atol = rtol = 2e-2.
+    #[arg(long, global = true, value_enum, default_value_t = Precision::F32)]
+    pub(crate) precision: Precision,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Compare a run of the model with a reference dump, tensor by tensor.
+    Verify {
+        /// Checkpoint folder (default: the bundled default case, golden/flat).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Reference dump (default: reference.safetensors in the model folder; with --precision
+        /// bf16, its reference-bf16.safetensors where it has one: transformers with bf16 products).
+        #[arg(long)]
+        golden: Option<PathBuf>,
+        /// Absolute tolerance (default 1e-4; 2e-2 with --precision bf16).
+        #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]
+        atol: Option<f64>,
+        /// Relative tolerance (default 1e-4; 2e-2 with --precision bf16).
+        #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]
+        rtol: Option<f64>,
+        /// Flips decided by a margin below this are near-ties, which rounding alone can flip
+        /// (default 1e-3, or twice --atol where larger: 4e-2 with --precision bf16).
+        #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]
+        near_tie: Option<f64>,
+        /// Feed every layer the reference's own input, so errors do not spread between layers.
+        #[arg(long)]
+        isolate: bool,
+        /// Replay the reference's expert choices (counterfactual: what error is left without routing flips).
+        #[arg(long)]
+        force_routing: bool,
+        /// Replay the reference's DSA selections.
+        #[arg(long)]
+        force_selection: bool,
+        /// Check only layers A..B (inclusive), started from the reference's `layers.{A-1}.output`.
+        #[arg(long, value_parser = parse_range)]
+        layers: Option<std::ops::RangeInclusive<usize>>,
+        /// Load each layer just before it runs and release it after: memory of about one layer.
+        #[arg(long)]
+        stream: bool,
+        /// Instead: run the tokens through the latent KV cache (absorbed MLA) and compare every
+        /// hook point, position by position, with the prefill of the same tokens.
+        #[arg(long, conflicts_with_all = ["isolate", "force_routing", "force_selection", "layers", "stream", "near_tie"])]
+        decode: bool,
+        /// With --decode: positions per decode call (1: token by token; more: chunked prefill).
+        #[arg(long, default_value_t = 1, requires = "decode", value_parser = clap::value_parser!(u64).range(1..))]
+        chunk: u64,
+        /// Where the forward pass runs: `cpu-ops` is the GPU path's code on the host; `cuda` needs a
+        /// build with `--features cuda` and a GPU, `cuda-emu` that build. Each compares the main
+        /// forward (no MTP head), with --isolate and --force-*.
+        #[arg(long, value_enum, default_value_t = Backend::Cpu,
+              conflicts_with_all = ["layers", "stream", "decode"])]
+        device: Backend,
+    },
+    /// Compare two dumps: the first hook point where they part ways, per-tensor errors, flips.
+    Diff {
+        /// Ours.
+        a: PathBuf,
+        /// The reference.
+        b: PathBuf,
+        /// Absolute tolerance.
+        #[arg(long, default_value_t = 1e-4, allow_negative_numbers = true, value_parser = non_negative)]
+        atol: f64,
+        /// Relative tolerance.
+        #[arg(long, default_value_t = 1e-4, allow_negative_numbers = true, value_parser = non_negative)]
+        rtol: f64,
+        /// Per-name tolerance, `PATTERN=ATOL,RTOL` (`*` wildcard); repeatable, last match wins.
+        #[arg(long = "tol", value_name = "PATTERN=ATOL,RTOL")]
+        tols: Vec<String>,
+        /// Flips decided by a margin below this are near-ties, which rounding alone can flip
+        /// (default 1e-3, or twice --atol where larger; --tol overrides do not move it).
+        #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]
+        near_tie: Option<f64>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The checkpoint both dumps ran: its routers recompute routing margins from recorded
+        /// gate logits (`moe.router_logits`) where a dump holds no `moe.margin`, and its config
+        /// gives shared-indexer layers' flips the margins of the layer whose keys they reuse.
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// Expert load balance per MoE layer, over prompts (run live) or over the routing dumps recorded.
+    #[command(group(clap::ArgGroup::new("source").required(true)))]
+    Audit {
+        /// Checkpoint folder: needed with --prompts; with --dump it adds each expert's bias.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// One prompt per line: comma-separated token ids (`;` between rows of a batch), or text (needs the
+        /// model's tokenizer.json); blank lines and lines starting with `#` are skipped.
+        #[arg(long, group = "source")]
+        prompts: Option<PathBuf>,
+        /// Dumps holding `layers.*.moe.topk_ids` (repeatable).
+        #[arg(long = "dump", group = "source")]
+        dumps: Vec<PathBuf>,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Write per-(layer, expert) counts as CSV here.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        /// Write the layer x expert load heatmap here (SVG).
+        #[arg(long)]
+        heatmap: Option<PathBuf>,
+        /// Where the prompts run (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
+        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+        device: Backend,
+    },
+    /// Time prefill recording nothing vs recording every hook point (medians of alternating runs).
+    Bench {
+        /// The checkpoint folder (config.json and safetensors weights).
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt length.
+        #[arg(long, default_value_t = 128)]
+        tokens: usize,
+        /// Timed prefills of each kind (the medians are reported).
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+        /// `cpu-ops` / `cuda`: time the prefill of the device forward pass on that backend instead.
+        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+        device: Backend,
+    },
+    /// Step through the layers of a run in a terminal UI, side by side with its reference.
+    /// With no arguments: the bundled default case and its transformers reference.
+    Tui {
+        /// Run this checkpoint live (default: the bundled case, unless --dump is given); with
+        /// --dump, the checkpoint the dump ran, whose routers and config class its flips.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The reference dump to compare with (default with a model: DIR/reference.safetensors).
+        #[arg(long)]
+        golden: Option<PathBuf>,
+        /// Show this recorded dump instead of running a model.
+        #[arg(long)]
+        dump: Option<PathBuf>,
+        /// Token ids for the live run (default: the reference's input_ids).
+        #[arg(long, conflicts_with_all = ["prompt", "dump"])]
+        tokens: Option<String>,
+        /// Text for the live run, encoded with the model's tokenizer.json.
+        #[arg(long, conflicts_with = "dump")]
+        prompt: Option<String>,
+        /// Where the live run goes (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
+        #[arg(long, value_enum, default_value_t = Backend::Cpu, conflicts_with = "dump")]
+        device: Backend,
+        /// Flips decided by a margin below this are marked near-ties (default 1e-3).
+        #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]
+        near_tie: Option<f64>,
+    },
+    /// Describe a checkpoint: what its config means, parameters per block, dtypes, shards, MTP layer.
+    Inspect {
+        /// The checkpoint folder (config.json and safetensors weights).
+        #[arg(long)]
+        model: PathBuf,
+    },
+    /// Run the model on token ids or a text prompt, optionally recording hook points to a dump.
+    #[command(group(clap::ArgGroup::new("input")))]
+    Run {
+        /// The checkpoint folder (config.json and safetensors weights).
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated token ids; `;` separates batch rows of equal length.
+        #[arg(long, group = "input")]
+        tokens: Option<String>,
+        /// Text, encoded with the checkpoint's tokenizer.json.
+        #[arg(long, group = "input")]
+        prompt: Option<String>,
+        /// The `input_ids` of a dump (e.g. a golden reference), to rerun exactly its tokens.
+        #[arg(long, group = "input", value_name = "DUMP")]
+        tokens_from: Option<PathBuf>,
+        /// Write a glm5-dump/1 file here (atomically: temporary file, then rename).
+        #[arg(long)]
+        dump: Option<PathBuf>,
+        /// Hook points to record, as name patterns (`*` wildcard, comma-separated), e.g.
+        /// `layers.*.moe.*,logits`. Default: everything but the S x S `dsa.scores`.
+        #[arg(long, default_value = "*")]
+        record: String,
+        /// Run only layers A..B (inclusive), e.g. `3..5`; past layer 0 it starts from --from-dump.
+        #[arg(long, value_parser = parse_range)]
+        layers: Option<std::ops::RangeInclusive<usize>>,
+        /// Start from this dump's `layers.{A-1}.output` (and its tokens, unless others are given).
+        #[arg(long, value_name = "DUMP")]
+        from_dump: Option<PathBuf>,
+        /// Load each layer just before it runs and release it after: memory of about one layer.
+        #[arg(long)]
+        stream: bool,
+        /// Continue a killed run with the same --dump, tokens and model from its last completed
+        /// layer (runs with --dump checkpoint after every layer).
+        #[arg(long, requires = "dump", conflicts_with_all = ["layers", "from_dump"])]
+        resume: bool,
+        /// Also run the MTP head over the tokens (its `mtp.*` and `layers.{N}.*` hook points go to
+        /// the dump) and print its draft for the token after next.
+        #[arg(long, conflicts_with_all = ["stream", "layers", "from_dump", "resume"])]
+        mtp: bool,
+        /// Where the forward pass runs (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
+        #[arg(long, value_enum, default_value_t = Backend::Cpu,
+              conflicts_with_all = ["stream", "layers", "from_dump", "resume", "mtp"])]
+        device: Backend,
+    },
+    /// Greedy generation through the latent KV cache, streaming tokens as they come.
+    Generate {
+        /// The checkpoint folder (config.json and safetensors weights).
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated prompt token ids (`;` separates batch rows of equal length).
+        #[arg(long, conflicts_with = "prompt", required_unless_present = "prompt")]
+        tokens: Option<String>,
+        /// Prompt text, encoded with the checkpoint's tokenizer.json.
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Tokens to generate after the prompt.
+        #[arg(long, default_value_t = 16)]
+        max_new_tokens: usize,
+        /// Prompt positions per decode call (default: the whole prompt in one call).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        chunk: Option<u64>,
+        /// Write every step's hook points to this dump, laid end to end like a prefill's.
+        #[arg(long)]
+        dump: Option<PathBuf>,
+        /// Hook points to record with --dump (`*` wildcard, comma-separated).
+        #[arg(long, default_value = "*", requires = "dump")]
+        record: String,
+        /// Draft each next token with the MTP head and report how often it equals the greedy token.
+        #[arg(long)]
+        mtp: bool,
+    },
+    /// Check this machine: every bundled golden case through verify, and with --device cpu-ops or
+    /// cuda through the device forward pass too (cuda: every GPU kernel against its CPU reference first).
+    Selftest {
+        /// Where the checks run: cpu; cpu-ops (the GPU path's code on the host); cuda (kernels on the GPU, then the golden cases); cuda-emu (the kernels run on the host).
+        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+        device: Backend,
+        /// With --device cuda|cuda-emu: only the kernels' and the products' checks, no golden case
+        /// (quick: e.g. under compute-sanitizer).
+        #[arg(long)]
+        kernels_only: bool,
+    },
+    /// Write a random-weight checkpoint in the released layout.
+    #[command(group(clap::ArgGroup::new("start").required(true).args(["config", "preset"])))]
+    Synth {
+        /// Start from this config.json.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Start from a published configuration.
+        #[arg(long, value_parser = ["glm5"])]
+        preset: Option<String>,
+        /// Decoder layers (default: the config's; the first `first_k_dense_replace` stay dense).
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Routed experts (default: the config's).
+        #[arg(long)]
+        experts: Option<usize>,
+        /// Vocabulary size (default: the config's).
+        #[arg(long)]
+        vocab: Option<usize>,
+        /// How the projections are stored: f32, bf16, or block-FP8 (128 x 128 blocks, f32 scales).
+        #[arg(long, value_enum, default_value_t = SynthDtype::Bf16)]
+        dtype: SynthDtype,
+        /// Weight files (more than 1 writes model-0000i-of-0000n.safetensors and an index).
+        #[arg(long, default_value_t = 1)]
+        shards: usize,
+        /// Also write the MTP layer (model.layers.{num_hidden_layers}.*).
+        #[arg(long)]
+        mtp: bool,
+        /// Seed of the random weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The folder to write (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+impl Command {
+    /// The files this command will write, with the flag that names each: checked before any work.
+    pub(crate) fn outputs(&self) -> Vec<(&'static str, &Path)> {
+        fn named<'a>(flag: &'static str, p: &'a Option<PathBuf>) -> Option<(&'static str, &'a Path)> {
+            p.as_deref().map(|p| (flag, p))
+        }
+        match self {
+            Command::Run { dump, .. } | Command::Generate { dump, .. } => named("--dump", dump).into_iter().collect(),
+            Command::Audit { csv, heatmap, .. } => {
+                [named("--csv", csv), named("--heatmap", heatmap)].into_iter().flatten().collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// `A..B` (inclusive) or a single layer `A`.
+fn parse_range(s: &str) -> std::result::Result<std::ops::RangeInclusive<usize>, String> {
+    let num = |x: &str| x.trim().parse::<usize>().map_err(|_| format!("\"{s}\" is not a layer range like 3..5"));
+    match s.split_once("..") {
+        Some((a, b)) => {
+            let (a, b) = (num(a)?, num(b.trim_start_matches('='))?);
+            if a > b {
+                return Err(format!("\"{s}\": the range is empty"));
+            }
+            Ok(a..=b)
+        }
+        None => num(s).map(|a| a..=a),
+    }
+}
+
+/// A tolerance or margin: a number, 0 or more (NaN would make every comparison fail silently).
+fn non_negative(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x >= 0.0 => Ok(x),
+        _ => Err("must be a number, 0 or more".into()),
+    }
+}
+
+/// The most `--threads` accepted: far past any CPU's cores, far short of an OS's thread limit.
+pub(crate) const MAX_THREADS: usize = 1024;
