@@ -141,11 +141,15 @@ pub(crate) fn sparse_attention(
     if out.is_empty() {
         return out;
     }
+    let mut poisoned = non_finite_positions(kv, batch, t, nh * kvw, 0);
+    poisoned.extend(non_finite_positions(k_rope, batch, t, rope, 0));
+    poisoned.sort_unstable();
+    poisoned.dedup();
     out.par_chunks_mut(s * nh * vd).enumerate().for_each(|(b, row)| {
         row.par_chunks_mut(BLOCK * nh * vd).enumerate().for_each(|(blk, out)| {
             let (i0, m) = (blk * BLOCK, out.len() / (nh * vd));
             let tb = offset + i0 + m; // the keys any query of the block may see
-            let keys = Keys::kept(sel, b, i0..i0 + m, offset, tb);
+            let keys = Keys::kept(sel, b, i0..i0 + m, offset, tb, &poisoned);
             let mut p = vec![0f32; m * keys.width]; // [m, keys]
             let (kv, k_rope) = (&kv[b * t * nh * kvw..], &k_rope[b * t * rope..]);
             let (mut buf_rope, mut buf_k, mut buf_v) = (Vec::new(), Vec::new(), Vec::new());
@@ -166,13 +170,16 @@ pub(crate) fn sparse_attention(
 /// the same latent and rope key of a position, so a task takes a block of the folded
 /// (head, query) rows. q_abs: [B, nh, C, r] (queries absorbed into the latent); q_rope:
 /// [B, nh, C, rope]; latents: [B, T, r]; k_rope: [B, T, rope] -> the latents mixed by each row's
-/// probabilities, [B, nh, C, r]. In `d`, `nope` and `v` are both the latent rank r.
+/// probabilities, [B, nh, C, r]. In `d`, `nope` and `v` are both the latent rank r. `poisoned`:
+/// the positions (ascending) whose latent or rope key is not finite (the cache tracks them).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn absorbed_attention(
     q_abs: &[f32],
     q_rope: &[f32],
     latents: &[f32],
     k_rope: &[f32],
     sel: &Selection,
+    poisoned: &[usize],
     d: Dims,
     scale: f32,
 ) -> Vec<f32> {
@@ -189,7 +196,7 @@ pub(crate) fn absorbed_attention(
             let (r0, m) = (blk * BLOCK, out.len() / r); // folded rows r0.. are (head, query) pairs
             let last = (r0..r0 + m).map(|row| row % c).max().unwrap_or(0);
             let tb = offset + last + 1;
-            let keys = Keys::kept(sel, b, (r0..r0 + m).map(|row| row % c), offset, tb);
+            let keys = Keys::kept(sel, b, (r0..r0 + m).map(|row| row % c), offset, tb, poisoned);
             let mut p = vec![0f32; m * keys.width]; // [m, keys]
             let (mut buf_latent, mut buf_rope) = (Vec::new(), Vec::new());
             let latent = keys.rows(View::at(latents, b * t * r, [tb, r, r]), &mut buf_latent); // keys and values alike
@@ -233,7 +240,11 @@ fn attend(
 /// work as well as the choice. Otherwise (a prefill block whose queries keep different keys,
 /// or no cut at all) the block scores every key up to its last query, where it reads them in
 /// place, and drops the ones not kept. Either way each query's softmax covers the same keys in
-/// the same order; only the products' blocking (ulp-level rounding) may differ.
+/// the same order; only the products' blocking (ulp-level rounding) may differ. And a key whose
+/// row is not finite is gathered too, dropped: its values, times a probability of 0, make the
+/// block's outputs NaN either way. (The reference sums over every key, so there every query
+/// turns NaN; here the queries of blocks that reach the key. The first NaN is found where it
+/// arises, before attention, all the same.)
 struct Keys {
     /// The positions of the gathered keys (ascending), or None: the keys `0..tb` in place.
     gathered: Option<Vec<usize>>,
@@ -249,13 +260,15 @@ const GATHER_BELOW: (usize, usize) = (3, 4);
 
 impl Keys {
     /// Batch row `b`'s `queries` (indices into its queries) against keys `0..tb`: each keeps its
-    /// selected keys at or before its own position.
+    /// selected keys at or before its own position. `poisoned`: positions whose key or value row
+    /// is not finite, gathered whether kept or not.
     fn kept(
         sel: &Selection,
         b: usize,
         queries: impl ExactSizeIterator<Item = usize>,
         offset: usize,
         tb: usize,
+        poisoned: &[usize],
     ) -> Self {
         let (mut keep, mut any) = (vec![false; queries.len() * tb], vec![false; tb]);
         for (row, q) in keep.chunks_exact_mut(tb).zip(queries) {
@@ -263,6 +276,7 @@ impl Keys {
                 (row[key], any[key]) = (true, true);
             }
         }
+        poisoned.iter().take_while(|&&p| p < tb).for_each(|&p| any[p] = true);
         let any: Vec<usize> = (0..tb).filter(|&key| any[key]).collect();
         // (A block that keeps nothing scores its keys in place, to give the reference's NaN.)
         if any.is_empty() || any.len() * GATHER_BELOW.1 > tb * GATHER_BELOW.0 {
@@ -282,6 +296,21 @@ impl Keys {
         }
         View { data: buf, rows: keys.len(), cols: all.cols, stride: all.cols }
     }
+}
+
+/// The positions `first + j` (ascending) whose row in `x` ([B, positions, width]) is not finite
+/// in any batch row.
+pub(crate) fn non_finite_positions(
+    x: &[f32],
+    batch: usize,
+    positions: usize,
+    width: usize,
+    first: usize,
+) -> Vec<usize> {
+    (0..positions)
+        .filter(|&j| (0..batch).any(|b| x[(b * positions + j) * width..][..width].iter().any(|v| !v.is_finite())))
+        .map(|j| first + j)
+        .collect()
 }
 
 /// Each row of `p` (rows `tb` wide) becomes the softmax of its kept scores, 0 elsewhere. A row
@@ -470,7 +499,7 @@ mod tests {
             let (latents, k_rope) = (values(batch * t * r, 2.5), values(batch * t * rope, 3.5));
             let sel = top_k_causal(&values(batch * c * t, 4.5), batch, c, offset, topk);
             let d = Dims { batch, seq: c, keys: t, heads: nh, nope: r, rope, v: r };
-            let ours = absorbed_attention(&q_abs, &q_rope, &latents, &k_rope, &sel, d, 0.3); // [B, nh, C, r]
+            let ours = absorbed_attention(&q_abs, &q_rope, &latents, &k_rope, &sel, &[], d, 0.3); // [B, nh, C, r]
             let row = |b: usize, h: usize, i: usize| b * nh * c + h * c + i;
             let q: Vec<f32> = (0..batch)
                 .flat_map(|b| (0..c).flat_map(move |i| (0..nh).map(move |h| row(b, h, i)))) // [B, C, nh]
@@ -497,7 +526,7 @@ mod tests {
         let sel = Selection { batch: 1, seq: 3, k: 2, idx: vec![9, 2, 9, 4, 0, 2], margin: vec![f32::NAN; 3] };
         // Queries at positions 8, 9, 10 (offset 8) see keys 0..11 and keep {2} (9 is after it),
         // {4, 9} and {0, 2}.
-        let keys = Keys::kept(&sel, 0, 0..3, 8, 11);
+        let keys = Keys::kept(&sel, 0, 0..3, 8, 11, &[]);
         assert_eq!(keys.gathered.as_deref(), Some(&[0, 2, 4, 9][..]));
         let rows: Vec<Vec<bool>> = keys.keep.chunks(keys.width).map(<[bool]>::to_vec).collect();
         assert_eq!(rows, [[false, true, false, false], [false, false, true, true], [true, true, false, false]]);
@@ -506,12 +535,52 @@ mod tests {
         let v = keys.rows(View::at(&latent, 0, [11, 2, 3]), &mut buf); // 2 of each key's 3 values
         assert_eq!((v.rows, v.cols, v.data), (4, 2, &[0.0, 1.0, 6.0, 7.0, 12.0, 13.0, 27.0, 28.0][..]));
         // Query 9 alone keeps 2 of 10 keys; past the share, or keeping none, nothing is gathered.
-        assert_eq!(Keys::kept(&sel, 0, 1..2, 8, 10).gathered.as_deref(), Some(&[4, 9][..]));
+        assert_eq!(Keys::kept(&sel, 0, 1..2, 8, 10, &[]).gathered.as_deref(), Some(&[4, 9][..]));
         let many = Selection { batch: 1, seq: 1, k: 4, idx: vec![0, 1, 2, 3], margin: vec![f32::NAN] };
-        assert!(Keys::kept(&many, 0, 0..1, 4, 5).gathered.is_none());
+        assert!(Keys::kept(&many, 0, 0..1, 4, 5, &[]).gathered.is_none());
         let none = Selection { batch: 1, seq: 1, k: 1, idx: vec![7], margin: vec![f32::NAN] };
-        let keys = Keys::kept(&none, 0, 0..1, 4, 5);
+        let keys = Keys::kept(&none, 0, 0..1, 4, 5, &[]);
         assert!(keys.gathered.is_none() && keys.width == 5 && keys.keep.iter().all(|&k| !k));
+    }
+
+    /// A value that is not finite at a key the selection dropped makes the output NaN whether a
+    /// block gathers its keys or scores them all in place (0 · NaN in the values' sum, as the
+    /// reference's masked softmax leaves it): the gather takes such keys along, dropped.
+    #[test]
+    fn a_non_finite_value_at_a_dropped_key_gives_nan_both_ways() {
+        let (nh, r, rope) = (4, 8, 4);
+        // Absorbed, one query after 20 cached keys keeping 6: its block gathers.
+        let t = 21;
+        let mut latents = values(t * r, 2.5);
+        let sel = top_k_causal(&values(t, 4.5), 1, 1, 20, 6);
+        let dropped = (0..t).find(|j| !sel.row(0, 0).contains(j)).unwrap();
+        latents[dropped * r + 3] = f32::NAN;
+        assert_eq!(non_finite_positions(&latents, 1, t, r, 0), [dropped]);
+        let d = Dims { batch: 1, seq: 1, keys: t, heads: nh, nope: r, rope, v: r };
+        let (q_abs, q_rope, k_rope) = (values(nh * r, 0.5), values(nh * rope, 1.5), values(t * rope, 3.5));
+        let run = |poisoned: &[usize]| absorbed_attention(&q_abs, &q_rope, &latents, &k_rope, &sel, poisoned, d, 0.3);
+        // Every head's output column 3 is NaN (0 · NaN); the other columns stay finite.
+        let column3 = |out: Vec<f32>| out.chunks(r).map(|row| row[3].is_nan()).collect::<Vec<_>>();
+        assert_eq!(column3(run(&[dropped])), [true; 4]);
+        assert_eq!(column3(run(&[])), [false; 4], "without the position the gather would skip it");
+        // Expanded, which finds such keys itself: 4 queries after 60 keys keeping 5 (gathered),
+        // and 70 queries keeping 5 of up to 70 (in place).
+        for (s, offset) in [(4, 60), (70, 0)] {
+            let d = Dims { batch: 1, seq: s, keys: offset + s, heads: 2, nope: 6, rope: 4, v: 5 };
+            let (kvw, t) = (d.nope + d.v, d.keys);
+            let q = values(s * d.heads * (d.nope + d.rope), 0.5);
+            let mut kv = values(t * d.heads * kvw, 1.5);
+            let sel = top_k_causal(&values(s * t, 3.5), 1, s, offset, 5);
+            let dropped = (0..t).find(|j| !(0..s).any(|i| sel.row(0, i).contains(j))).unwrap();
+            kv[dropped * d.heads * kvw + d.nope] = f32::INFINITY; // head 0's first value
+            let out = sparse_attention(&q, &kv, &values(t * d.rope, 2.5), &sel, d, 0.3);
+            for i in 0..s {
+                // A block reads the keys up to its last query: those past `dropped` see it.
+                let tb = offset + ((i / BLOCK + 1) * BLOCK).min(s);
+                let head0 = out[i * d.heads * d.v];
+                assert_eq!(head0.is_nan(), tb > dropped, "S {s}: query {i} head 0 {head0}");
+            }
+        }
     }
 
     /// A query whose selection keeps no key at or before it gives NaN, as the reference's softmax

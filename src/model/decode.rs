@@ -12,7 +12,7 @@
 use candle_core::utils::get_num_threads;
 use candle_core::{Tensor, D};
 
-use super::attention::{absorbed_attention, Dims};
+use super::attention::{absorbed_attention, non_finite_positions, Dims};
 use super::gemv::{per_head_bf16, Form, MAX_ROWS};
 use super::indexer::{append, Selection};
 use super::layer::DecoderLayer;
@@ -30,6 +30,9 @@ pub struct LayerCache {
     pub kv_latent: Option<Tensor>,  // [B, T, kv_lora_rank]
     pub k_rope: Option<Tensor>,     // [B, T, rope], roped
     pub index_keys: Option<Tensor>, // [B, T, index_head_dim], roped (full indexer layers)
+    /// Positions whose latent or rope key is not finite, ascending: attention gathers them with
+    /// the kept keys, so they poison the output as the reference's masked sum does.
+    pub non_finite: Vec<usize>,
 }
 
 /// The whole model's cache and how many positions it holds.
@@ -104,6 +107,13 @@ impl Attention {
         let c = x.dims()[1];
         let (nope, rd) = (self.nope, self.rope_dim);
         let Projected { q_latent, q, kv_latent, k_rope } = self.project(layer, x, rope, obs)?;
+        let first = cache.kv_latent.as_ref().map_or(0, |l| l.dims()[1]);
+        for new in [&kv_latent, &k_rope] {
+            let (b, _, w) = new.dims3()?;
+            cache.non_finite.extend(with_f32(new, |v| non_finite_positions(v, b, c, w, first))?);
+        }
+        cache.non_finite.sort_unstable();
+        cache.non_finite.dedup();
         let latents = append(&mut cache.kv_latent, kv_latent)?; // [B, T, r]
         let k_ropes = append(&mut cache.k_rope, k_rope)?; // [B, T, rope]
         let (b, t, _) = latents.dims3()?; // T = the cached positions, then these C
@@ -121,7 +131,8 @@ impl Attention {
         // The cache read in place, not copied again for every step.
         let mixed = with_f32(&latents, |cached| {
             with_f32(&k_ropes, |k_ropes| {
-                absorbed_attention(&q_abs, &q_rope, cached, k_ropes, selection, dims, self.scale as f32)
+                let poisoned = &cache.non_finite;
+                absorbed_attention(&q_abs, &q_rope, cached, k_ropes, selection, poisoned, dims, self.scale as f32)
             })
         })??;
         let mixed = Tensor::from_vec(mixed, (b, nh, c, r), latents.device())?; // [B, nh, C, r]
