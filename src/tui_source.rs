@@ -431,7 +431,11 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     }
     crate::memory::check_run(&ckpt, tokens.batch, tokens.seq, true, max_memory, "fewer tokens")?;
     let model = Model::load(&ckpt)?;
-    let tmp = std::env::temp_dir().join(format!("glimpse-tui-{}.safetensors", std::process::id()));
+    // Named by process and by call: two live runs of one process (tests in threads) must not
+    // share the file.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = std::env::temp_dir().join(format!("glimpse-tui-{}-{call}.safetensors", std::process::id()));
     let owned = TempFile(tmp.clone());
     let mut writer = DumpWriter::create(&tmp, Selector::default(), model.max_hook_points())?;
     crate::device::with_prefill(target, &model, |p| p.prefill(&tokens, &mut writer))?;

@@ -344,10 +344,14 @@ fn every_view_draws_a_dump_with_the_mtp_layer() {
     assert!(seen_mtp_layer, "the MTP layer (3) was reachable");
 }
 
+/// Live runs in this process, one at a time: one test looks for temporary files a live run left.
+static LIVE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// `tui --device cpu-ops`: the live run goes through the device path, says so in its title, and
 /// every view draws it.
 #[test]
 fn the_live_run_can_go_through_the_device_path() {
+    let _one_live_run_at_a_time = LIVE.lock();
     let src = glimpse::tui_source::open(&glimpse::tui_source::Open {
         model: Some(&flat()),
         golden: None,
@@ -373,6 +377,7 @@ fn the_live_run_can_go_through_the_device_path() {
 /// temporary dump is gone as soon as it is open (a killed TUI leaves nothing in the temp folder).
 #[test]
 fn a_live_run_of_other_tokens_runs_without_the_folders_reference() {
+    let _one_live_run_at_a_time = LIVE.lock();
     let reference = flat().join("reference.safetensors");
     let open = |golden: Option<&std::path::Path>| {
         glimpse::tui_source::open(&glimpse::tui_source::Open {
@@ -389,8 +394,13 @@ fn a_live_run_of_other_tokens_runs_without_the_folders_reference() {
     let src = open(None).unwrap();
     let s = screen(&App::default(), &src, 100, 24);
     assert!(s.contains("(live, no reference: it ran other tokens)"), "{s}");
-    let tmp = std::env::temp_dir().join(format!("glimpse-tui-{}.safetensors", std::process::id()));
-    assert!(!tmp.exists(), "{} is left while the TUI runs", tmp.display());
+    let prefix = format!("glimpse-tui-{}-", std::process::id());
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with(&prefix) && n.ends_with(".safetensors"))
+        .collect();
+    assert!(left.is_empty(), "left while the TUI runs: {left:?}");
     let err = open(Some(&reference)).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("ran other tokens than --tokens/--prompt give"), "{err}");
 }

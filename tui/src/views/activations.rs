@@ -35,8 +35,10 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
 
     // Columns as wide as they fit: the shape and the L2 norm first go, then the histogram, the
     // NaN count and the spread, so no number is cut short.
-    const WIDTHS: [u16; 10] = [14, 14, 8, 8, 8, 8, 8, 3, 10, 12];
-    let show = fitting(area.width.saturating_sub(2), &WIDTHS, &[1, 6, 8, 7, 3, 4, 5]);
+    // The NaN column is as wide as its largest count.
+    let nan_width = hooks.iter().map(|h| h.nonfinite.to_string().len()).max().unwrap_or(0).max(3) as u16;
+    let widths_wanted = [14, 14, 8, 8, 8, 8, 8, nan_width, 10, 12];
+    let show = fitting(area.width.saturating_sub(2), &widths_wanted, &[1, 6, 8, 7, 3, 4, 5]);
     let rows = hooks.iter().skip(app.scroll).map(|h| {
         let (vs_ref, style) = match &h.reference {
             Some(r) if r.ok => (format!("ok {}", num(r.max_abs)), Style::new().fg(Color::Green)),
@@ -54,7 +56,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let header = ["hook", "shape", "mean", "std", "min", "max", "l2", "nan", "histogram", "vs ref"];
     let header = Row::new(shown(header, &show)).style(Style::new().add_modifier(Modifier::UNDERLINED));
     let widths = shown(
-        WIDTHS.iter().enumerate().map(|(i, &w)| if i == 0 { Constraint::Min(w) } else { Constraint::Length(w) }),
+        widths_wanted.iter().enumerate().map(|(i, &w)| if i == 0 { Constraint::Min(w) } else { Constraint::Length(w) }),
         &show,
     );
     let mut title = match layer {

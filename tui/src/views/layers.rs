@@ -21,8 +21,14 @@ pub fn status_style(s: Status) -> Style {
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     // At narrow widths the type columns go first, then the worst hook and the mismatch count.
-    const WIDTHS: [u16; 8] = [5, 6, 7, 9, 5, 7, 9, 10];
-    let show = fitting(area.width.saturating_sub(2), &WIDTHS, &[1, 2, 7, 4, 3]);
+    // The count columns are as wide as their largest entries.
+    let widest = |f: &dyn Fn(&crate::data::LayerRow) -> String| {
+        src.layers().iter().map(|l| f(l).len()).max().unwrap_or(0) as u16
+    };
+    let bad = widest(&|l| l.mismatches.to_string()).max(5);
+    let flips = widest(&|l| format!("{}/{}", l.routing_flips, l.dsa_flips)).max(7);
+    let widths_wanted = [5, 6, 7, 9, bad, flips, 9, 10];
+    let show = fitting(area.width.saturating_sub(2), &widths_wanted, &[1, 2, 7, 4, 3]);
     let rows = src.layers().iter().map(|l| {
         let (worst_name, worst) = match &l.worst {
             Some((n, e)) => (n.clone(), num(*e)),
@@ -43,9 +49,12 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         ))
         .style(status_style(l.status))
     });
-    let last = WIDTHS.len() - 1;
+    let last = widths_wanted.len() - 1;
     let widths =
-        (0..WIDTHS.len()).map(|i| if i == last { Constraint::Min(WIDTHS[i]) } else { Constraint::Length(WIDTHS[i]) });
+        widths_wanted
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| if i == last { Constraint::Min(w) } else { Constraint::Length(w) });
     let header = ["layer", "ffn", "indexer", "status", "bad", "flips", "max err", "worst hook"];
     let header = Row::new(shown(header, &show)).style(Style::new().add_modifier(Modifier::UNDERLINED));
     let widths = shown(widths, &show);
