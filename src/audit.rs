@@ -254,8 +254,10 @@ pub fn collect(
                 return Err(Error::Usage(format!("{}: no prompts (one per line)", path.display())));
             }
             let encode = |&(n, line): &(usize, &str)| -> Result<Tokens> {
-                // Ids (`;` separating batch rows, as --tokens takes them), else text.
-                let ids = line.chars().all(|c| c.is_ascii_digit() || matches!(c, ',' | ';' | ' '));
+                // Ids (`;` separating batch rows, as --tokens takes them), else text: a line of
+                // digits and spaces alone ("1 2 3") is text, as before.
+                let ids = line.chars().all(|c| c.is_ascii_digit() || matches!(c, ',' | ';' | ' '))
+                    && (line.contains([',', ';']) || line.chars().all(|c| c.is_ascii_digit()));
                 let tokens = if ids { Tokens::parse(line) } else { crate::tokenizer::encode(dir, line) };
                 tokens.context(|| format!("{} line {}", path.display(), n + 1))
             };

@@ -332,11 +332,12 @@ fn parse_range(s: &str) -> std::result::Result<std::ops::RangeInclusive<usize>, 
     }
 }
 
-/// A tolerance or margin: a number, 0 or more (NaN would make every comparison fail silently).
+/// A tolerance or margin: a finite number, 0 or more (NaN would fail every comparison, an
+/// infinity pass every one, without a word).
 fn non_negative(s: &str) -> std::result::Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(x) if x >= 0.0 => Ok(x),
-        _ => Err("must be a number, 0 or more".into()),
+        Ok(x) if x >= 0.0 && x.is_finite() => Ok(x),
+        _ => Err("must be a finite number, 0 or more".into()),
     }
 }
 

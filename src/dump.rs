@@ -188,11 +188,7 @@ struct Resume {
 
 /// `OUT.resume.json` / `OUT.resume.hidden` beside a dump `OUT`.
 fn resume_paths(path: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let with = |suffix: &str| {
-        let mut n = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-        n.push(suffix);
-        path.with_file_name(n)
-    };
+    let with = |suffix| crate::output::sibling(path, suffix);
     (with(".partial"), with(".resume.json"), with(".resume.hidden"))
 }
 
@@ -275,9 +271,7 @@ impl DumpWriter {
     /// `expected` is how many tensors the run may report (sizes the header reservation).
     pub fn create(path: &Path, selector: Selector, expected: usize) -> Result<Self> {
         // Not `st::tmp_path`: the header-overflow fallback writes that one while reading this.
-        let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-        name.push(format!(".{}.partial", std::process::id()));
-        let tmp_path = path.with_file_name(name);
+        let tmp_path = crate::output::sibling(path, &format!(".{}.partial", std::process::id()));
         let reserve = (1024 + expected * HEADER_BYTES_PER_TENSOR).next_multiple_of(8);
         let file = File::create(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
         let spill = Spill::start(file, &tmp_path, Some(reserve));

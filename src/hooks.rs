@@ -273,8 +273,11 @@ impl Selector {
     /// The patterns that name no hook point of a model of `layers` layers (its MTP layer
     /// included): a typo that would record nothing.
     pub fn unmatched(&self, layers: usize) -> Vec<&str> {
-        let names: Vec<String> = HookPoint::all(layers).map(|p| p.name()).collect();
-        self.patterns.iter().filter(|p| !names.iter().any(|n| glob(p, n))).map(String::as_str).collect()
+        let records = |p: &String| {
+            let one = Selector { patterns: vec![p.clone()], layers: self.layers.clone() };
+            HookPoint::all(layers).any(|point| one.wants(point))
+        };
+        self.patterns.iter().filter(|p| !records(p)).map(String::as_str).collect()
     }
 
     pub fn wants(&self, point: HookPoint) -> bool {
@@ -495,5 +498,9 @@ mod tests {
         assert!(all.wants(HookPoint::Layer(0, LayerHook::DsaMargin)));
         assert!(!all.wants(HookPoint::Layer(0, LayerHook::DsaScores)), "S x S scores only on request");
         assert!(Selector::new("*.dsa.scores", None).wants(HookPoint::Layer(0, LayerHook::DsaScores)));
+        // Patterns that would record nothing in a 3-layer model (its MTP layer is layers.3):
+        // a typo, a layer past the model, and scores named by a wildcard alone.
+        let s = Selector::new("logits,layers.*.moe.topk_id,layers.4.*,layers.*.dsa.score*,mtp.*", None);
+        assert_eq!(s.unmatched(3), ["layers.*.moe.topk_id", "layers.4.*", "layers.*.dsa.score*"]);
     }
 }

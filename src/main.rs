@@ -161,7 +161,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     tokens.seq,
                     false,
                     max_memory,
-                    "fewer tokens, or the CPU with --stream",
+                    "the CPU (--device cpu) with --stream or a --layers window",
                 )?;
                 let model = Model::load(&ckpt)?;
                 let replay = verify::Replay { routing: force_routing, selection: force_selection };
@@ -174,7 +174,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) });
             }
             let mut resident = None;
-            let budget = Budget { tokens: &tokens, window: layers.as_ref(), stream, recording: false, max: max_memory };
+            let budget = Budget {
+                tokens: &tokens,
+                fixed: true,
+                window: layers.as_ref(),
+                stream,
+                recording: false,
+                max: max_memory,
+            };
             let weights = load_weights(&ckpt, &mut resident, &budget)?;
             println!("verify {} against {}", model_dir.display(), golden.display());
             let replay = verify::Replay { routing: force_routing, selection: force_selection };
@@ -254,9 +261,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Tui { model, golden, dump, tokens, prompt, device, near_tie } => {
             let model = model.or_else(|| dump.is_none().then(default_case));
-            if near_tie.is_some_and(|m| m.is_nan() || m < 0.0) {
-                return Err(Error::Usage("--near-tie must be a non-negative number".into()));
-            }
             let src = glimpse::tui_source::open(&glimpse::tui_source::Open {
                 model: model.as_deref(),
                 golden: golden.as_deref(),
@@ -290,6 +294,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             device,
         } => {
             let ckpt = Checkpoint::open(&model)?;
+            // Checked before any weight loads: a typo in --record is found at once.
+            let selector = recording(&record, &ckpt.config)?;
             let mtp_head = if mtp { Some(glimpse::model::mtp::Mtp::load(&ckpt)?) } else { None };
             let mut final_norm = glimpse::hooks::Recorder::new(Selector::new("final_norm", None));
             let from = from_dump.as_deref().map(Dump::open).transpose()?;
@@ -302,7 +308,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             warn_past_positions(&ckpt.config, tokens.seq);
             if device != Backend::Cpu {
-                return run_on_device(&ckpt, &model, &tokens, out.as_deref(), &record, target(device)?, max_memory);
+                return run_on_device(&ckpt, &model, &tokens, out.as_deref(), selector, target(device)?, max_memory);
             }
             if let Some(window) = &layers {
                 stream::check_window(&ckpt.config, window)?;
@@ -313,14 +319,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 None => None,
             };
             let mut resident = None;
-            let budget =
-                Budget { tokens: &tokens, window: layers.as_ref(), stream, recording: out.is_some(), max: max_memory };
+            let budget = Budget {
+                tokens: &tokens,
+                fixed: false,
+                window: layers.as_ref(),
+                stream,
+                recording: out.is_some(),
+                max: max_memory,
+            };
             let weights = load_weights(&ckpt, &mut resident, &budget)?;
             let expected = glimpse::hooks::max_points(ckpt.config.num_hidden_layers);
             let mut watch = NonFiniteWatch::default();
             let logits = match &out {
                 Some(path) => {
-                    let selector = recording(&record, &ckpt.config)?;
+                    let selector = selector.clone();
                     let sha = dump::sha256_hex(&ckpt.config_bytes);
                     let resumed =
                         if resume { DumpWriter::resume(path, selector.clone(), &tokens, &sha)? } else { None };
@@ -447,6 +459,8 @@ fn replay_what(r: verify::Replay) -> &'static str {
 /// What a run will hold, for the memory check before its weights load.
 struct Budget<'a> {
     tokens: &'a Tokens,
+    /// The tokens are a reference's (verify), not the user's to shorten.
+    fixed: bool,
     window: Option<&'a std::ops::RangeInclusive<usize>>,
     stream: bool,
     recording: bool,
@@ -458,8 +472,12 @@ struct Budget<'a> {
 fn load_weights<'a>(ckpt: &'a Checkpoint, resident: &'a mut Option<Model>, b: &Budget) -> Result<Weights<'a>> {
     let window = b.window.cloned().unwrap_or(0..=ckpt.config.num_hidden_layers - 1);
     let est = memory::estimate(ckpt, b.tokens.batch, b.tokens.seq, &window, b.stream, b.recording);
-    let hint =
-        if b.stream { "fewer tokens or a --layers window" } else { "fewer tokens, --stream or a --layers window" };
+    let hint = match (b.fixed, b.stream) {
+        (false, true) => "fewer tokens or a --layers window",
+        (false, false) => "fewer tokens, --stream or a --layers window",
+        (true, true) => "a --layers window",
+        (true, false) => "--stream or a --layers window",
+    };
     memory::check(&est, b.max, hint)?;
     Ok(if b.stream { Weights::Streamed(ckpt) } else { Weights::Resident(resident.insert(Model::load(ckpt)?)) })
 }
@@ -470,7 +488,7 @@ fn run_on_device(
     dir: &Path,
     tokens: &Tokens,
     out: Option<&Path>,
-    record: &str,
+    selector: Selector,
     device: Target,
     max: Option<u64>,
 ) -> Result<ExitCode> {
@@ -479,7 +497,7 @@ fn run_on_device(
     let mut watch = NonFiniteWatch::default();
     let logits = match out {
         Some(path) => {
-            let mut writer = DumpWriter::create(path, recording(record, &ckpt.config)?, model.max_hook_points())?;
+            let mut writer = DumpWriter::create(path, selector, model.max_hook_points())?;
             let logits = glimpse::device::with_prefill(device, &model, |p| {
                 p.prefill(tokens, &mut Tee(&mut writer, &mut watch))
             })?;
@@ -532,7 +550,7 @@ fn verify_decode(
     tol: Tolerance,
     max: Option<u64>,
 ) -> Result<ExitCode> {
-    memory::check_run(ckpt, tokens.batch, tokens.seq, true, max, "fewer tokens")?;
+    memory::check_run(ckpt, tokens.batch, tokens.seq, true, max, "a reference of fewer tokens")?;
     let model = &Model::load(ckpt)?;
     println!("{}", glimpse::generate::cache_report(model, tokens.batch, tokens.seq, false));
     let report = glimpse::decode_check::check(model, tokens, chunk, tol)?;

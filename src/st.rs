@@ -360,9 +360,7 @@ pub fn write(path: &Path, tensors: &[(String, Entry)], metadata: &BTreeMap<Strin
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".{}.tmp", std::process::id()));
-    path.with_file_name(name)
+    crate::output::sibling(path, &format!(".{}.tmp", std::process::id()))
 }
 
 struct CountingWriter<'a> {

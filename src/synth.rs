@@ -322,16 +322,23 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
     } else {
         let _ = std::fs::remove_file(o.out.join(INDEX_FILE));
     }
-    // Weight files an earlier synth left in this folder (another shard count) are no part of
-    // this checkpoint: removed, so the folder holds one checkpoint.
+    // Weight files left in this folder from before (another shard count) are no part of this
+    // checkpoint. They are named, not removed: the folder may hold a real model's shards.
     let written: Vec<String> = (0..o.shards).map(file_name).collect();
-    let ours =
-        |n: &str| n == SINGLE_FILE || (n.starts_with("model-") && n.contains("-of-") && n.ends_with(".safetensors"));
-    for entry in std::fs::read_dir(&o.out).map_err(|e| Error::io(&o.out, e))?.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if ours(&name) && !written.contains(&name) {
-            std::fs::remove_file(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
-        }
+    let weights = |n: &str| n == SINGLE_FILE || (n.starts_with("model-") && n.ends_with(".safetensors"));
+    let mut stale: Vec<String> = std::fs::read_dir(&o.out)
+        .map_err(|e| Error::io(&o.out, e))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| weights(n) && !written.contains(n))
+        .collect();
+    stale.sort();
+    if !stale.is_empty() {
+        eprintln!(
+            "synth: note: {} also holds {} from before, which this checkpoint does not use",
+            o.out.display(),
+            stale.join(", ")
+        );
     }
     write_json(&o.out.join("config.json"), &config_json)?;
     Ok(cfg)
