@@ -303,6 +303,14 @@ pub(crate) enum Command {
 
 impl Command {
     /// The files this command will write, with the flag that names each: checked before any work.
+    /// Whether the command takes `--device` (and so the GPU flags).
+    pub(crate) fn has_device(&self) -> bool {
+        !matches!(
+            self,
+            Command::Diff { .. } | Command::Inspect { .. } | Command::Synth { .. } | Command::Generate { .. }
+        )
+    }
+
     pub(crate) fn outputs(&self) -> Vec<(&'static str, &Path)> {
         fn named<'a>(flag: &'static str, p: &'a Option<PathBuf>) -> Option<(&'static str, &'a Path)> {
             p.as_deref().map(|p| (flag, p))

@@ -121,6 +121,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         // candle's CPU kernels size their thread pools from this, read on first use.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
+    // The GPU flags are global (`glimpse --precision bf16 verify ...`): refused where no --device is.
+    if !cli.command.has_device() && (cli.ordinal != 0 || cli.precision != glimpse::device::Precision::F32) {
+        return Err(Error::Usage("--ordinal and --precision go with a command's --device cuda|cuda-emu".into()));
+    }
     for (flag, path) in cli.command.outputs() {
         glimpse::output::check(flag, path)?;
     }

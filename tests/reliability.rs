@@ -259,6 +259,8 @@ fn malformed_files_and_arguments_are_one_line_errors() {
             "names no hook point of this model",
         ),
         (vec!["tui", "--dump", &reference, "--tokens", "1,2"], "cannot be used with"),
+        (vec!["--ordinal", "3", "verify"], "--ordinal 3 needs --device cuda"),
+        (vec!["--precision", "bf16", "diff", &reference, &reference], "go with a command's --device"),
         (vec!["--max-memory", "16Gb2", "verify"], "not a size like"),
         (vec!["run", "--model", &mtp, "--tokens", "5", "--mtp"], "needs at least 2 tokens"),
         (vec!["run", "--model", &model, "--tokens", "5,6", "--mtp", "--stream"], "cannot be used with"),

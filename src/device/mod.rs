@@ -103,6 +103,9 @@ impl Target {
             (Backend::Cpu | Backend::CpuOps, Precision::Bf16) => Err(crate::error::Error::Usage(
                 "--precision bf16 needs --device cuda or cuda-emu (the CPU paths compute in f32)".into(),
             )),
+            (Backend::Cpu | Backend::CpuOps | Backend::CudaEmu, _) if self.ordinal != 0 => {
+                Err(crate::error::Error::Usage(format!("--ordinal {} needs --device cuda", self.ordinal)))
+            }
             _ => Ok(self),
         }
     }
