@@ -45,12 +45,12 @@ impl DiffOptions {
 
 /// Parses `PATTERN=ATOL,RTOL`.
 pub fn parse_tol(s: &str) -> Result<(String, Tolerance)> {
-    let bad = || Error::Usage(format!("--tol \"{s}\": expected PATTERN=ATOL,RTOL, e.g. 'layers.*.logits=1e-3,1e-3'"));
+    let bad = || Error::Usage(format!("--tol \"{s}\": expected PATTERN=ATOL,RTOL, e.g. 'layers.*.moe.*=1e-3,1e-3'"));
     let (pattern, nums) = s.split_once('=').ok_or_else(bad)?;
     let (a, r) = nums.split_once(',').ok_or_else(bad)?;
     let atol: f64 = a.trim().parse().map_err(|_| bad())?;
     let rtol: f64 = r.trim().parse().map_err(|_| bad())?;
-    if pattern.is_empty() || !(atol >= 0.0 && rtol >= 0.0) {
+    if pattern.is_empty() || !(atol >= 0.0 && rtol >= 0.0 && atol.is_finite() && rtol.is_finite()) {
         return Err(bad());
     }
     Ok((pattern.to_string(), Tolerance { atol, rtol }))

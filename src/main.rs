@@ -221,6 +221,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let config = ckpt.map(|c| c.config);
             let opts = diff::DiffOptions { tol: Tolerance { atol, rtol }, per_name, near_tie, routers, config };
             let report = diff::diff(&da, &db, &opts)?;
+            for (pattern, _) in &opts.per_name {
+                if !report.results.iter().any(|c| glimpse::hooks::glob(pattern, &c.name)) {
+                    eprintln!("glimpse: warning: --tol {pattern} matches no tensor the two dumps share");
+                }
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report.to_json(&a, &b)).unwrap_or_default());
             } else {
