@@ -231,7 +231,10 @@ pub fn compare_floats(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tol
         } else {
             0.0
         },
-        cosine: if ours2 > 0.0 && ref2 > 0.0 {
+        // Undefined (NaN) with a NaN or an infinity on either side, whichever it is.
+        cosine: if !(ours2.is_finite() && ref2.is_finite() && dot.is_finite()) {
+            f64::NAN
+        } else if ours2 > 0.0 && ref2 > 0.0 {
             dot / (ours2.sqrt() * ref2.sqrt())
         } else if err2 == 0.0 {
             1.0
