@@ -166,14 +166,8 @@ impl HookPoint {
     pub fn all(layers: usize) -> impl Iterator<Item = HookPoint> {
         use HookPoint::*;
         let per_layer = (0..=layers).flat_map(|i| LayerHook::ALL.map(|h| Layer(i, h)));
-        [InputIds, Embeddings].into_iter().chain(per_layer).chain([
-            FinalNorm,
-            Logits,
-            MtpInputHidden,
-            MtpEhProj,
-            MtpFinalNorm,
-            MtpLogits,
-        ])
+        let after = [FinalNorm, Logits, MtpInputHidden, MtpEhProj, MtpFinalNorm, MtpLogits];
+        [InputIds, Embeddings].into_iter().chain(per_layer).chain(after)
     }
 
     pub fn layer(&self) -> Option<usize> {
