@@ -305,9 +305,14 @@ impl Command {
     /// The files this command will write, with the flag that names each: checked before any work.
     /// Whether the command takes `--device` (and so the GPU flags).
     pub(crate) fn has_device(&self) -> bool {
-        !matches!(
+        matches!(
             self,
-            Command::Diff { .. } | Command::Inspect { .. } | Command::Synth { .. } | Command::Generate { .. }
+            Command::Verify { .. }
+                | Command::Run { .. }
+                | Command::Audit { .. }
+                | Command::Bench { .. }
+                | Command::Tui { .. }
+                | Command::Selftest { .. }
         )
     }
 
