@@ -2,7 +2,8 @@
 //! from a file), optionally with its reference. Layer status comes from the same engine as
 //! `diff`; everything else is read from the memory-mapped dumps when a view asks for it.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use glimpse_tui::{
@@ -34,6 +35,9 @@ pub struct DumpSource {
     /// Flips decided by a margin below this are near-ties.
     near_tie: f64,
     non_finite: Option<String>,
+    /// Each hook point's statistics and worst elements, computed when first drawn: every key
+    /// redraws, and at 512 tokens of GLM-5 shapes a layer's took 4.4 s to compute.
+    hook_rows: RefCell<HashMap<String, Option<HookRow>>>,
 }
 
 /// A file deleted on drop.
@@ -123,7 +127,17 @@ impl DumpSource {
             })
             .collect();
         let near_tie = opts.near_tie;
-        Ok(DumpSource { title, ours, reference, tokens, layers, comparisons, near_tie, non_finite })
+        Ok(DumpSource {
+            title,
+            ours,
+            reference,
+            tokens,
+            layers,
+            comparisons,
+            near_tie,
+            non_finite,
+            hook_rows: RefCell::default(),
+        })
     }
 
     /// The class of each flipped row (flat, as the comparison indexes them) of the selection `name`.
@@ -195,7 +209,6 @@ impl DumpSource {
         if let (Detail::Float { .. }, Some((theirs, _))) =
             (&c.detail, self.reference.as_ref().and_then(|r| Self::floats(r, name)))
         {
-            let mut order: Vec<usize> = (0..ours.len().min(theirs.len())).collect();
             let err = |i: usize| {
                 let e = (ours[i] - theirs[i]).abs();
                 if e.is_nan() {
@@ -204,10 +217,17 @@ impl DumpSource {
                     e
                 }
             };
-            order.sort_by(|&a, &b| err(b).total_cmp(&err(a)));
-            worst = order
+            // The three largest errors in one pass (largest first; ties by position).
+            let mut top: Vec<usize> = Vec::with_capacity(4);
+            for i in 0..ours.len().min(theirs.len()) {
+                let at = top.iter().position(|&j| err(i) > err(j)).unwrap_or(top.len());
+                if at < 3 {
+                    top.insert(at, i);
+                    top.truncate(3);
+                }
+            }
+            worst = top
                 .into_iter()
-                .take(3)
                 .map(|i| Worst {
                     at: crate::compare::coord(shape, i),
                     ours: ours[i] as f32,
@@ -254,7 +274,7 @@ impl Source for DumpSource {
                 HookPoint::parse(n).map(|p| p.layer()) == Some(layer)
                     || (layer.is_none() && HookPoint::parse(n).is_none())
             })
-            .filter_map(|n| self.stats(&n))
+            .filter_map(|n| self.hook_rows.borrow_mut().entry(n).or_insert_with_key(|n| self.stats(n)).clone())
             .collect()
     }
 
