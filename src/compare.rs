@@ -5,6 +5,7 @@
 //! with its coordinate and both values, or the first row whose set differs.
 
 use crate::dump::Values;
+use crate::hooks::HookPoint;
 
 /// `|a - e| <= atol + rtol * |e|`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -130,11 +131,13 @@ impl Flip {
     }
 }
 
-/// Every flip in `results`, with the name of the selection it is in, in order.
+/// Every flip in `results`, with the name of the selection it is in, in order. Only decisions
+/// (`dsa.topk`, `moe.topk_ids`: what a margin decided) flip; other integer tensors that differ
+/// (`moe.bias_changed`, a consequence of the logits) are mismatches, not flips.
 pub fn flips(results: &[Comparison]) -> Vec<(&str, &Flip)> {
     fn of(c: &Comparison) -> &[Flip] {
         match &c.detail {
-            Detail::Sets { flips, .. } => flips,
+            Detail::Sets { flips, .. } if HookPoint::parse(&c.name).is_some_and(|p| p.margin().is_some()) => flips,
             _ => &[],
         }
     }
@@ -417,6 +420,25 @@ pub fn to_f32(v: &Values) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only decisions flip: a differing `moe.bias_changed` (a consequence of the logits) is a
+    /// mismatch, not a flip, while the same difference in `moe.topk_ids` is one.
+    #[test]
+    fn only_decisions_flip() {
+        let compared = |name: &str| {
+            compare_tensor(
+                name,
+                (&Values::I64(vec![0, 1]), &[2, 1]),
+                (&Values::I64(vec![1, 1]), &[2, 1]),
+                None,
+                Tolerance::default(),
+            )
+        };
+        let results = [compared("layers.1.moe.bias_changed"), compared("layers.1.moe.topk_ids")];
+        assert!(!results[0].ok && !results[1].ok);
+        let names: Vec<&str> = flips(&results).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["layers.1.moe.topk_ids"]);
+    }
 
     /// Expert ids outside the experts, negative ones, and an expert chosen twice by one token are
     /// malformed, named with their coordinate; a well-formed tensor passes.
