@@ -61,6 +61,27 @@ pub fn shown<T>(v: impl IntoIterator<Item = T>, shown: &[bool]) -> Vec<T> {
     v.into_iter().zip(shown).filter(|(_, &s)| s).map(|(x, _)| x).collect()
 }
 
+/// `items` joined by spaces in at most `width` characters: whole items only, and `+N` for the
+/// N that do not fit (a cut item, `9:0.` for `9:0.62`, would read as another value).
+pub fn fit_list(items: &[String], width: usize) -> String {
+    let mut out = String::new();
+    for (i, item) in items.iter().enumerate() {
+        let left = items.len() - i - 1;
+        let sep = usize::from(!out.is_empty());
+        // Room for this item, and for the marker of what follows if this is not the last.
+        let marker = if left > 0 { format!(" +{left}").len() } else { 0 };
+        if out.len() + sep + item.chars().count() + marker > width {
+            let rest = format!("+{}", items.len() - i);
+            return if out.is_empty() { rest } else { format!("{out} {rest}") };
+        }
+        if sep == 1 {
+            out.push(' ');
+        }
+        out.push_str(item);
+    }
+    out
+}
+
 /// Numbers in at most 8 characters, with 4 significant digits where they fit.
 pub fn num(x: f64) -> String {
     let a = x.abs();
@@ -96,6 +117,11 @@ mod tests {
         assert_eq!(fitting(16, &[5, 6, 9], &[1, 0]), [true, false, true]);
         assert_eq!(fitting(9, &[5, 6, 9], &[1, 0]), [false, false, true]);
         assert_eq!(shown(["a", "b", "c"], &[true, false, true]), ["a", "c"]);
+        let items: Vec<String> = ["1:0.50", "22:0.25", "3:0.25"].map(String::from).into();
+        assert_eq!(fit_list(&items, 30), "1:0.50 22:0.25 3:0.25");
+        assert_eq!(fit_list(&items, 20), "1:0.50 22:0.25 +1");
+        assert_eq!(fit_list(&items, 10), "1:0.50 +2");
+        assert_eq!(fit_list(&items, 3), "+3");
         assert_eq!(sparkline(&[0, 1, 7]), " ▂█");
     }
 }

@@ -7,7 +7,7 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::widgets::{Block, Paragraph, Row, Table};
 use ratatui::Frame;
 
-use super::{fitting, shown};
+use super::{fit_list, fitting, shown};
 use crate::app::App;
 use crate::data::{counts, FlipClass, Source};
 
@@ -25,6 +25,10 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     // At narrow widths the reference's set goes first, then the experts: never a cut number.
     const WIDTHS: [u16; 4] = [12, 20, 9, 24];
     let show = fitting(area.width.saturating_sub(2), &WIDTHS, &[3, 1]);
+    // The experts column takes what the others leave (each with its space): whole entries, and
+    // `+N` for the rest.
+    let others: u16 = (0..4).filter(|&i| i != 1 && show[i]).map(|i| WIDTHS[i] + 1).sum();
+    let experts_width = area.width.saturating_sub(2).saturating_sub(others) as usize;
     let rows = routes.iter().skip(start).map(|r| {
         let experts: Vec<String> = r.ids.iter().zip(&r.weights).map(|(i, w)| format!("{i}:{w:.2}")).collect();
         let reference = match &r.reference_ids {
@@ -38,7 +42,8 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             style = style.add_modifier(Modifier::REVERSED);
         }
         let margin = r.margin.map(|m| format!("{m:.2e}")).unwrap_or_else(|| "-".into());
-        Row::new(shown([src.token_label(r.token), experts.join(" "), margin, reference], &show)).style(style)
+        Row::new(shown([src.token_label(r.token), fit_list(&experts, experts_width), margin, reference], &show))
+            .style(style)
     });
     let widths = WIDTHS.map(Constraint::Length);
     let widths = shown([widths[0], Constraint::Min(WIDTHS[1]), widths[2], widths[3]], &show);
