@@ -423,4 +423,9 @@ fn narrow_screens_drop_columns_rather_than_cut_numbers() {
     let routes = src.routing(src.layers()[2].index).unwrap();
     let margin = format!("{:.2e}", routes[0].margin.unwrap());
     assert!(line_with(&s, "s0 ").contains(&margin), "{margin} in {s}");
+    // At 50 columns the experts column holds 3 of the 4 entries, whole, and says one more.
+    let s = screen(&app, &src, 50, 14);
+    let r0 = &routes[0];
+    let whole: Vec<String> = r0.ids.iter().zip(&r0.weights).take(3).map(|(i, w)| format!("{i}:{w:.2}")).collect();
+    assert!(line_with(&s, "s0 ").contains(&format!("{} +1", whole.join(" "))), "{s}");
 }
