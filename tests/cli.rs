@@ -259,3 +259,29 @@ fn verify_lists_each_flip_with_its_margins_and_class() {
         assert!(flip.ends_with(class), "{flip}");
     }
 }
+
+/// Warnings and budgets that do not stop a run: `--stream` fits where the resident run fits (its
+/// estimate once added a layer's copies to its file pages and refused it), `diff --model` names
+/// a checkpoint whose config is not the one the dumps ran, and `generate` past
+/// `max_position_embeddings` says so.
+#[test]
+fn streaming_fits_where_resident_does_and_mismatched_configs_are_named() {
+    for stream in [&[][..], &["--stream"]] {
+        let args: Vec<&str> = ["--max-memory", "3M", "verify"].iter().chain(stream).copied().collect();
+        let (code, out) = common::code_and_text(&args);
+        assert_eq!(code, 0, "{args:?}: {out}");
+    }
+    let reference = "golden/flat/reference.safetensors";
+    let o = glimpse(&["diff", reference, reference, "--model", "golden/grouped-shared-yarn"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(
+        text(&o).1.contains("was made from a different config.json than golden/grouped-shared-yarn"),
+        "{:?}",
+        text(&o)
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let short = with_config(tmp.path(), "short", |v| v["max_position_embeddings"] = 4.into());
+    let o = glimpse(&["generate", "--model", short.to_str().unwrap(), "--tokens", "1,2,3", "--max-new-tokens", "2"]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    assert!(text(&o).1.contains("5 positions run past max_position_embeddings (4)"), "{:?}", text(&o).1);
+}
