@@ -33,9 +33,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let worst_height = if worst_lines.is_empty() { 0 } else { (worst_lines.len() as u16 + 2).min(8) };
     let [table_area, worst_area] = Layout::vertical([Constraint::Min(3), Constraint::Length(worst_height)]).areas(area);
 
-    // Columns as wide as they fit: the shape and the L2 norm first go, then the histogram, the
-    // NaN count and the spread, so no number is cut short.
-    // The NaN column is as wide as its largest count.
+    // Columns as wide as they fit: the shape and the L2 norm go first, then the histogram, the
+    // NaN count and the spread, so no number is cut short. The NaN column is as wide as its
+    // largest count.
     let nan_width = hooks.iter().map(|h| h.nonfinite.to_string().len()).max().unwrap_or(0).max(3) as u16;
     let widths_wanted = [14, 14, 8, 8, 8, 8, 8, nan_width, 10, 12];
     let show = fitting(area.width.saturating_sub(2), &widths_wanted, &[1, 6, 8, 7, 3, 4, 5]);
