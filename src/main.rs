@@ -178,12 +178,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) });
             }
             let mut resident = None;
+            // A replay runs the forward pass a second time, which packs what the first read.
+            let passes = if force_routing || force_selection { memory::Passes::Many } else { memory::Passes::One };
             let budget = Budget {
                 tokens: &tokens,
                 fixed: true,
                 window: layers.as_ref(),
                 stream,
                 recording: false,
+                passes,
                 max: max_memory,
             };
             let weights = load_weights(&ckpt, &mut resident, &budget)?;
@@ -334,6 +337,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 window: layers.as_ref(),
                 stream,
                 recording: out.is_some(),
+                passes: memory::Passes::One,
                 max: max_memory,
             };
             let weights = load_weights(&ckpt, &mut resident, &budget)?;
@@ -470,6 +474,7 @@ struct Budget<'a> {
     tokens: &'a Tokens,
     /// The tokens are a reference's (verify), not the user's to shorten.
     fixed: bool,
+    passes: memory::Passes,
     window: Option<&'a std::ops::RangeInclusive<usize>>,
     stream: bool,
     recording: bool,
@@ -480,7 +485,8 @@ struct Budget<'a> {
 /// streamed from the checkpoint.
 fn load_weights<'a>(ckpt: &'a Checkpoint, resident: &'a mut Option<Model>, b: &Budget) -> Result<Weights<'a>> {
     let window = b.window.cloned().unwrap_or(0..=ckpt.config.num_hidden_layers - 1);
-    let est = memory::estimate(ckpt, b.tokens.batch, b.tokens.seq, &window, b.stream, b.recording);
+    let tokens = (b.tokens.batch, b.tokens.seq);
+    let est = memory::estimate(ckpt, tokens, &window, b.stream, b.recording, b.passes);
     let hint = match (b.fixed, b.stream) {
         (false, true) => "fewer tokens or a --layers window",
         (false, false) => "fewer tokens, --stream or a --layers window",

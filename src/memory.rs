@@ -79,28 +79,42 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// How often a run multiplies each weight, which decides what it holds of the weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Passes {
+    /// One forward pass (`run`, `verify`): on a CPU with AMX, a product of fewer than
+    /// `Packing::IN_PLACE_MAX_ROWS` rows reads bf16 and FP8 weights where they are mapped.
+    One,
+    /// Repeated passes, or a weight used twice: each weight ends up packed.
+    Many,
+}
+
 /// What a run of `batch x seq` tokens over `window` will hold at its peak.
 pub fn estimate(
     ckpt: &Checkpoint,
-    batch: usize,
-    seq: usize,
+    (batch, seq): (usize, usize),
     window: &RangeInclusive<usize>,
     stream: bool,
     recording: bool,
+    passes: Passes,
 ) -> Estimate {
     let c = &ckpt.config;
     // What the CPU holds of a weight once a prefill used it: bf16 panels where a panel kernel
     // multiplies a bf16 or FP8 projection (model::bf16_gemm), an f32 copy otherwise (and always
-    // for the router's gate and the norms, loaded as f32).
+    // for the router's gate and the norms, loaded as f32). A one-off pass that reads its weights
+    // in place holds their mapped pages only: 2 bytes a bf16 weight, 1 an FP8 one.
+    let in_place = passes == Passes::One
+        && crate::model::amx::available()
+        && batch * seq < crate::model::nn::Packing::IN_PLACE_MAX_ROWS;
     let fp8_panels = c.fp8.as_ref().is_some_and(|q| crate::model::bf16_gemm::takes_fp8_rows(q.block[0]));
     let held = |n: &str| {
-        let stored = match ckpt.dtype(n) {
-            Some(Dtype::BF16) => true,
-            Some(Dtype::F8_E4M3) => fp8_panels && ckpt.scale_name(n).is_some(),
-            _ => false,
+        let (stored, bytes) = match ckpt.dtype(n) {
+            Some(Dtype::BF16) => (true, 2),
+            Some(Dtype::F8_E4M3) => (fp8_panels && ckpt.scale_name(n).is_some(), if in_place { 1 } else { 2 }),
+            _ => (false, 4),
         };
         let projection = ckpt.shape(n).is_some_and(|s| s.len() >= 2) && !n.ends_with(".gate.weight");
-        numel(ckpt, n) * if stored && projection && crate::model::bf16_gemm::available() { 2 } else { 4 }
+        numel(ckpt, n) * if stored && projection && crate::model::bf16_gemm::available() { bytes } else { 4 }
     };
     // A layer's bytes: (what the CPU holds of its weights, their file pages at up to 2 bytes a
     // weight: bf16 or FP8, when they are released at all).
@@ -166,7 +180,7 @@ pub fn check_run(
     hint: &str,
 ) -> Result<()> {
     let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
-    check(&estimate(ckpt, batch, seq, &all, false, recording), max, hint)
+    check(&estimate(ckpt, (batch, seq), &all, false, recording, Passes::Many), max, hint)
 }
 
 /// Refuses a run whose estimate exceeds `max` (default: available memory), suggesting `hint`
@@ -191,6 +205,25 @@ pub fn check(est: &Estimate, max: Option<u64>, hint: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One forward pass of fewer than 512 rows on a CPU with AMX holds the FP8 codes as mapped
+    /// (1 byte a weight), where repeated passes, or 512 rows, pack them (2 bytes); elsewhere the
+    /// two are the same.
+    #[test]
+    fn a_one_off_pass_holds_fp8_weights_as_mapped() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/fp8-sharded");
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let all = 0..=ckpt.config.num_hidden_layers - 1;
+        let weights = |rows, passes| estimate(&ckpt, (1, rows), &all, false, false, passes).weights;
+        let many = weights(8, Passes::Many);
+        assert_eq!(weights(512, Passes::One), many, "512 rows pack at once");
+        if crate::model::amx::available() && crate::model::bf16_gemm::available() {
+            let one = weights(8, Passes::One);
+            assert!(one < many, "{one} against {many}");
+        } else {
+            assert_eq!(weights(8, Passes::One), many);
+        }
+    }
 
     #[test]
     fn sizes() {

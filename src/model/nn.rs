@@ -41,7 +41,7 @@ pub struct Packing {
 impl Packing {
     /// Rows from which a first product packs the weight at once: packing costs about what 500
     /// rows lose in place (a 128-token prefill gains 1 s here, a 1024-token one lost 0.5 s).
-    const IN_PLACE_MAX_ROWS: usize = 512;
+    pub(crate) const IN_PLACE_MAX_ROWS: usize = 512;
 
     /// x [m, in] -> [m, out]: in place (`in_place`, when it gives one) or through the product
     /// (`make`, the first time).
