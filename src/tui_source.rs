@@ -43,6 +43,40 @@ pub struct DumpSource {
 /// A file deleted on drop.
 struct TempFile(PathBuf);
 
+/// Live runs' temporary dumps are named `glimpse-tui-PID-...` in the temp folder.
+const LIVE_PREFIX: &str = "glimpse-tui-";
+
+/// Removes the temporary dumps of live runs whose process is gone: a TUI killed during its
+/// prefill (or by SIGKILL) cannot remove its own, so the next one does.
+pub fn sweep_live_dumps(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix(LIVE_PREFIX).map(|rest| rest.split(['-', '.']).next().unwrap_or(""));
+        if let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) {
+            if pid != std::process::id() && !alive(pid) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// Whether a process of this id exists (elsewhere than on Unix: assumed so, keeping its files).
+fn alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else { return true };
+        // SAFETY: signal 0 only checks that the process exists and may be signalled.
+        let r = unsafe { libc::kill(pid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
@@ -455,7 +489,8 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     // share the file.
     static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = std::env::temp_dir().join(format!("glimpse-tui-{}-{call}.safetensors", std::process::id()));
+    sweep_live_dumps(&std::env::temp_dir());
+    let tmp = std::env::temp_dir().join(format!("{LIVE_PREFIX}{}-{call}.safetensors", std::process::id()));
     let owned = TempFile(tmp.clone());
     let mut writer = DumpWriter::create(&tmp, Selector::default(), model.max_hook_points())?;
     crate::device::with_prefill(target, &model, |p| p.prefill(&tokens, &mut writer))?;

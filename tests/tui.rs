@@ -429,3 +429,26 @@ fn narrow_screens_drop_columns_rather_than_cut_numbers() {
     let whole: Vec<String> = r0.ids.iter().zip(&r0.weights).take(3).map(|(i, w)| format!("{i}:{w:.2}")).collect();
     assert!(line_with(&s, "s0 ").contains(&format!("{} +1", whole.join(" "))), "{s}");
 }
+
+/// A live run's temporary dump whose process is gone (killed during its prefill, or by SIGKILL)
+/// is removed by the next live run; a running process's and unrelated files stay.
+#[test]
+fn stale_live_dumps_of_dead_processes_are_swept() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let own = std::process::id();
+    let names = [
+        format!("glimpse-tui-{dead}-0.safetensors"),
+        format!("glimpse-tui-{dead}-1.safetensors.{dead}.partial"),
+        format!("glimpse-tui-{own}-0.safetensors"),
+        "notes.txt".to_string(),
+    ];
+    for n in &names {
+        std::fs::write(dir.path().join(n), b"x").unwrap();
+    }
+    glimpse::tui_source::sweep_live_dumps(dir.path());
+    let left: Vec<bool> = names.iter().map(|n| dir.path().join(n).exists()).collect();
+    assert_eq!(left, [false, false, true, true]);
+}
