@@ -169,23 +169,16 @@ pub fn parse(
 /// The first tensor of a header whose byte range does not hold its dtype and shape, described.
 fn mismatched_tensor(header: &[u8]) -> Option<String> {
     let v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
-    v.iter().filter(|(k, _)| *k != "__metadata__").find_map(|(name, t)| {
-        let dtype = t.get("dtype")?.as_str()?;
-        let size = match dtype {
-            "F64" | "I64" | "U64" => 8,
-            "F32" | "I32" | "U32" => 4,
-            "F16" | "BF16" | "I16" | "U16" => 2,
-            "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
-            _ => return Some(format!("tensor `{name}` has dtype {dtype}")),
+    v.into_iter().filter(|(k, _)| k != "__metadata__").find_map(|(name, t)| {
+        // The crate's own description of a tensor: dtype (with its size), shape and offsets.
+        let Ok(info) = serde_json::from_value::<TensorInfo>(t) else {
+            return Some(format!("tensor `{name}`: not a dtype, shape and two data_offsets"));
         };
-        let shape: Option<Vec<u64>> = t.get("shape")?.as_array()?.iter().map(|d| d.as_u64()).collect();
-        let offsets: Option<Vec<u64>> = t.get("data_offsets")?.as_array()?.iter().map(|d| d.as_u64()).collect();
-        let (shape, offsets) = (shape?, offsets?);
-        let want = shape.iter().try_fold(size as u64, |a, &d| a.checked_mul(d));
-        match (want, &offsets[..]) {
-            (Some(w), &[a, b]) if b >= a && b - a == w => None,
-            (_, &[a, b]) => Some(format!("tensor `{name}`: {dtype} {shape:?} in bytes {a}..{b}")),
-            _ => Some(format!("tensor `{name}`: data_offsets must be two numbers")),
+        let (a, b) = info.data_offsets;
+        let bits = info.shape.iter().try_fold(info.dtype.bitsize(), |n, &d| n.checked_mul(d));
+        match bits {
+            Some(bits) if b >= a && (b - a) * 8 == bits => None,
+            _ => Some(format!("tensor `{name}`: {:?} {:?} in bytes {a}..{b}", info.dtype, info.shape)),
         }
     })
 }
