@@ -141,10 +141,17 @@ pub(crate) fn sparse_attention(
     if out.is_empty() {
         return out;
     }
-    let mut poisoned = non_finite_positions(kv, batch, t, nh * kvw, 0);
-    poisoned.extend(non_finite_positions(k_rope, batch, t, rope, 0));
-    poisoned.sort_unstable();
-    poisoned.dedup();
+    // Only a block that gathers needs the non-finite keys, and none gathers when a row holds
+    // as many keys as there are (a prefill shorter than `index_topk`: every causal key kept), so
+    // then kv is not read a second time. (A replayed row that wide but keeping fewer keys could
+    // gather: its NaN is named where it arises all the same.)
+    let mut poisoned = Vec::new();
+    if sel.k < t {
+        poisoned = non_finite_positions(kv, batch, t, nh * kvw, 0);
+        poisoned.extend(non_finite_positions(k_rope, batch, t, rope, 0));
+        poisoned.sort_unstable();
+        poisoned.dedup();
+    }
     out.par_chunks_mut(s * nh * vd).enumerate().for_each(|(b, row)| {
         row.par_chunks_mut(BLOCK * nh * vd).enumerate().for_each(|(blk, out)| {
             let (i0, m) = (blk * BLOCK, out.len() / (nh * vd));
