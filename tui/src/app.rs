@@ -3,7 +3,7 @@
 
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
-use crate::data::Source;
+use crate::data::{HookRow, Source};
 
 /// The views, in tab order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +169,12 @@ impl App {
         self.token = self.token.saturating_sub(1);
     }
 
+    /// The selected layer's hook points that the filter lets through (the activations view's rows).
+    pub fn hooks(&self, src: &dyn Source) -> Vec<HookRow> {
+        let layer = src.layers().get(self.layer).map(|l| l.index);
+        src.hooks(layer).into_iter().filter(|h| h.name.contains(&self.filter)).collect()
+    }
+
     /// Pages down the current view, stopping at its last row.
     pub fn scroll_down(&mut self, src: &dyn Source) {
         self.scroll = (self.scroll + 8).min(self.rows(src).saturating_sub(1));
@@ -178,7 +184,7 @@ impl App {
     fn rows(&self, src: &dyn Source) -> usize {
         let layer = src.layers().get(self.layer).map(|l| l.index);
         match self.view {
-            View::Activations => src.hooks(layer).iter().filter(|h| h.name.contains(&self.filter)).count(),
+            View::Activations => self.hooks(src).len(),
             View::Routing => layer.and_then(|i| src.routing(i)).map_or(0, |r| r.len()),
             View::Dsa => src.tokens(),
             View::Load | View::KvNorms => src.layers().len(),

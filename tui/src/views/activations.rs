@@ -13,7 +13,7 @@ use crate::data::Source;
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let layer = src.layers().get(app.layer).map(|l| l.index);
-    let hooks: Vec<_> = src.hooks(layer).into_iter().filter(|h| h.name.contains(&app.filter)).collect();
+    let hooks = app.hooks(src);
     let worst_lines: Vec<Line> = hooks
         .iter()
         .filter_map(|h| h.reference.as_ref().filter(|r| !r.ok).map(|r| (h, r)))
