@@ -83,7 +83,7 @@ pub fn keep_freed_memory() {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Passes {
     /// One forward pass (`run`, `verify`): on a CPU with AMX, a product of fewer than
-    /// `Packing::IN_PLACE_MAX_ROWS` rows reads bf16 and FP8 weights where they are mapped.
+    /// 512 rows (`Packing::reads_in_place`) reads bf16 and FP8 weights where they are mapped.
     One,
     /// Repeated passes, or a weight used twice: each weight ends up packed.
     Many,
@@ -103,9 +103,7 @@ pub fn estimate(
     // multiplies a bf16 or FP8 projection (model::bf16_gemm), an f32 copy otherwise (and always
     // for the router's gate and the norms, loaded as f32). A one-off pass that reads its weights
     // in place holds their mapped pages only: 2 bytes a bf16 weight, 1 an FP8 one.
-    let in_place = passes == Passes::One
-        && crate::model::amx::available()
-        && batch * seq < crate::model::nn::Packing::IN_PLACE_MAX_ROWS;
+    let in_place = passes == Passes::One && crate::model::nn::Packing::reads_in_place(batch * seq);
     let fp8_panels = c.fp8.as_ref().is_some_and(|q| crate::model::bf16_gemm::takes_fp8_rows(q.block[0]));
     let held = |n: &str| {
         let (stored, bytes) = match ckpt.dtype(n) {

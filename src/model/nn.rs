@@ -41,7 +41,13 @@ pub struct Packing {
 impl Packing {
     /// Rows from which a first product packs the weight at once: packing costs about what 500
     /// rows lose in place (a 128-token prefill gains 1 s here, a 1024-token one lost 0.5 s).
-    pub(crate) const IN_PLACE_MAX_ROWS: usize = 512;
+    const IN_PLACE_MAX_ROWS: usize = 512;
+
+    /// Whether a weight's first product of `rows` rows reads it where it is mapped (what the
+    /// memory estimate of a one-off pass counts).
+    pub(crate) fn reads_in_place(rows: usize) -> bool {
+        rows < Self::IN_PLACE_MAX_ROWS && amx::available()
+    }
 
     /// x [m, in] -> [m, out]: in place (`in_place`, when it gives one) or through the product
     /// (`make`, the first time).
