@@ -30,6 +30,27 @@ pub fn check(flag: &str, path: &Path) -> Result<()> {
     }
 }
 
+/// Removes the file at `path` when dropped, unless it was `removed` already: a temporary file
+/// that must not outlive its owner, whatever error ends it.
+pub struct Removal {
+    pub path: PathBuf,
+    pub removed: bool,
+}
+
+impl Removal {
+    pub fn new(path: PathBuf) -> Self {
+        Removal { path, removed: false }
+    }
+}
+
+impl Drop for Removal {
+    fn drop(&mut self) {
+        if !self.removed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// `path` with `suffix` appended to its file name.
 pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();

@@ -14,12 +14,13 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, LayerHook, Observer, Selector};
+use crate::output::Removal;
 
 pub struct Stitcher {
     selector: Selector,
@@ -43,20 +44,6 @@ struct Spill {
     removal: Removal,
 }
 
-/// Removes the file at `path` when dropped, unless it was unlinked already.
-struct Removal {
-    path: PathBuf,
-    unlinked: bool,
-}
-
-impl Drop for Removal {
-    fn drop(&mut self) {
-        if !self.unlinked {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
 impl Stitcher {
     /// Parts held in memory (a decode check's few positions).
     pub fn new(selector: Selector) -> Self {
@@ -75,7 +62,7 @@ impl Stitcher {
             .create_new(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        let removal = Removal { unlinked: std::fs::remove_file(&path).is_ok(), path };
+        let removal = Removal { removed: std::fs::remove_file(&path).is_ok(), path };
         let spill = Spill { file: BufWriter::with_capacity(1 << 20, file), len: 0, removal };
         Ok(Stitcher { spill: Some(spill), ..Stitcher::new(selector) })
     }

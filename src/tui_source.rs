@@ -4,7 +4,7 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use glimpse_tui::{
     DsaMatrix, FlipClass, HookRow, KvNormGrid, LayerRow, LoadRow, RefCheck, RouteRow, Source, Status, Worst,
@@ -40,9 +40,6 @@ pub struct DumpSource {
     hook_rows: RefCell<HashMap<String, Option<HookRow>>>,
 }
 
-/// A file deleted on drop.
-struct TempFile(PathBuf);
-
 /// Live runs' temporary dumps are named `glimpse-tui-PID-...` in the temp folder.
 const LIVE_PREFIX: &str = "glimpse-tui-";
 
@@ -74,12 +71,6 @@ fn alive(pid: u32) -> bool {
     {
         let _ = pid;
         true
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -491,7 +482,7 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     sweep_live_dumps(&std::env::temp_dir());
     let tmp = std::env::temp_dir().join(format!("{LIVE_PREFIX}{}-{call}.safetensors", std::process::id()));
-    let owned = TempFile(tmp.clone());
+    let owned = crate::output::Removal::new(tmp.clone());
     let mut writer = DumpWriter::create(&tmp, Selector::default(), model.max_hook_points())?;
     crate::device::with_prefill(target, &model, |p| p.prefill(&tokens, &mut writer))?;
     writer.finish(&dump::metadata("glimpse live run", Some(&ckpt.config_bytes), None))?;
