@@ -176,8 +176,8 @@ pub(crate) fn sparse_attention(
 /// Softmax over the selected keys of each query, in the absorbed form (decode): every head reads
 /// the same latent and rope key of a position, so a task takes a block of the folded
 /// (head, query) rows. q_abs: [B, nh, C, r] (queries absorbed into the latent); q_rope:
-/// [B, nh, C, rope]; latents: [B, T, r]; k_rope: [B, T, rope] -> the latents mixed by each row's
-/// probabilities, [B, nh, C, r]. In `d`, `nope` and `v` are both the latent rank r. `poisoned`:
+/// [B, nh, C, rope]; latents: [T, B, r]; k_rope: [T, B, rope] (position-major, as the decode cache
+/// holds them) -> the latents mixed by each row's probabilities, [B, nh, C, r]. In `d`, `nope` and `v` are both the latent rank r. `poisoned`:
 /// the positions (ascending) whose latent or rope key is not finite (the cache tracks them).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn absorbed_attention(
@@ -206,12 +206,12 @@ pub(crate) fn absorbed_attention(
             let keys = Keys::kept(sel, b, (r0..r0 + m).map(|row| row % c), offset, tb, poisoned);
             let mut p = vec![0f32; m * keys.width]; // [m, keys]
             let (mut buf_latent, mut buf_rope) = (Vec::new(), Vec::new());
-            let latent = keys.rows(View::at(latents, b * t * r, [tb, r, r]), &mut buf_latent); // keys and values alike
+            let latent = keys.rows(View::at(latents, b * r, [tb, r, batch * r]), &mut buf_latent); // keys and values alike
             let q = [
                 View::at(q_abs, (b * nh * c + r0) * r, [m, r, r]),
                 View::at(q_rope, (b * nh * c + r0) * rope, [m, rope, rope]),
             ];
-            let k = [latent, keys.rows(View::at(k_rope, b * t * rope, [tb, rope, rope]), &mut buf_rope)];
+            let k = [latent, keys.rows(View::at(k_rope, b * rope, [tb, rope, batch * rope]), &mut buf_rope)];
             attend(&mut p, &keys.keep, q, k, latent, scale, out, r);
         });
     });
@@ -339,8 +339,8 @@ fn softmax_kept(p: &mut [f32], keep: &[bool], tb: usize) {
 pub(crate) type IndexDims = [usize; 5];
 
 /// The indexer's scores, `Σ_h w[s, h] · relu(scale · q[s, h] · k[t])`, at every causal key and
-/// `-inf` past it. q: [B, S, n, d] (roped); k: [B, T, d] (roped; the last S are the queries' own);
-/// w: [B, S, n] -> [B, S, T]. Heads are summed in order.
+/// `-inf` past it. q: [B, S, n, d] (roped); k: [T, B, d] (roped, position-major as the decode cache
+/// holds them; the last S are the queries' own); w: [B, S, n] -> [B, S, T]. Heads are summed in order.
 pub(crate) fn index_scores(q: &[f32], k: &[f32], w: &[f32], dims: IndexDims, scale: f32) -> Vec<f32> {
     let [batch, s, t, ..] = check_index(q, k, w, dims);
     let mut out = vec![0f32; batch * s * t];
@@ -389,7 +389,7 @@ fn index_block(
     q: &[f32],
     k: &[f32],
     w: &[f32],
-    [_, s, t, n, d]: IndexDims,
+    [batch, s, t, n, d]: IndexDims,
     scale: f32,
     b: usize,
     i0: usize,
@@ -397,7 +397,7 @@ fn index_block(
 ) {
     let (m, offset) = (out.len() / t, t - s);
     let tb = offset + i0 + m; // the keys any query of the block may see
-    let keys = View::at(k, b * t * d, [tb, d, d]);
+    let keys = View::at(k, b * d, [tb, d, batch * d]);
     let q0 = (b * s + i0) * n * d;
     // A block of few queries (a decode step: one query, 32 heads) scores all its heads in one
     // product, its (query, head) rows being one after another: one pass over the keys instead of
@@ -512,10 +512,13 @@ mod tests {
                 .flat_map(|b| (0..c).flat_map(move |i| (0..nh).map(move |h| row(b, h, i)))) // [B, C, nh]
                 .flat_map(|x| q_abs[x * r..(x + 1) * r].iter().chain(&q_rope[x * rope..(x + 1) * rope]).copied())
                 .collect();
+            // The cache is [T, B, ...]; the expanded form reads [B, T, ...].
+            let at = |x: usize, w: usize| ((x % t) * batch + x / t) * w..((x % t) * batch + x / t + 1) * w;
             let kv: Vec<f32> = (0..batch * t)
-                .flat_map(|x| (0..nh).flat_map(move |_| (0..2).flat_map(move |_| x * r..(x + 1) * r)))
+                .flat_map(|x| (0..nh).flat_map(move |_| (0..2).flat_map(move |_| at(x, r))))
                 .map(|i| latents[i])
                 .collect();
+            let k_rope: Vec<f32> = (0..batch * t).flat_map(|x| at(x, rope)).map(|i| k_rope[i]).collect();
             let want = sparse_attention(&q, &kv, &k_rope, &sel, d, 0.3); // [B, C, nh, r]
             for (b, h, i) in (0..batch).flat_map(|b| (0..nh).flat_map(move |h| (0..c).map(move |i| (b, h, i)))) {
                 let (a, e) = (&ours[row(b, h, i) * r..][..r], &want[((b * c + i) * nh + h) * r..][..r]);
@@ -602,8 +605,9 @@ mod tests {
         assert_eq!(&out[2..], v0);
     }
 
-    /// Against the formula in f64, with negative terms (the relu), batch 2, keys cached before the
-    /// queries, and sequences off the block size; -inf exactly past each query's position.
+    /// Against the formula in f64, with negative terms (the relu), batch 2 (keys position-major),
+    /// keys cached before the queries, and sequences off the block size; -inf exactly past each
+    /// query's position.
     #[test]
     fn index_scores_sum_the_heads_relu_at_causal_keys() {
         for (s, offset) in [(1, 0), (45, 0), (2 * BLOCK + 1, 9)] {
@@ -622,7 +626,7 @@ mod tests {
                         .map(|h| {
                             let qh = &q[((b * s + i) * n + h) * d..][..d];
                             let dot: f64 =
-                                qh.iter().zip(&k[(b * t + j) * d..]).map(|(&a, &c)| a as f64 * c as f64).sum();
+                                qh.iter().zip(&k[(j * batch + b) * d..]).map(|(&a, &c)| a as f64 * c as f64).sum();
                             w[(b * s + i) * n + h] as f64 * (dot * 0.35).max(0.0)
                         })
                         .sum();

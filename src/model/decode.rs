@@ -14,7 +14,7 @@ use candle_core::{Tensor, D};
 
 use super::attention::{absorbed_attention, non_finite_positions, Dims};
 use super::gemv::{per_head_bf16, Form, MAX_ROWS};
-use super::indexer::{append, Selection};
+use super::indexer::Selection;
 use super::layer::DecoderLayer;
 use super::mla::{Attention, Projected};
 use super::mtp::Mtp;
@@ -24,15 +24,78 @@ use super::{Model, Tokens, Weights};
 use crate::error::{Error, Result};
 use crate::hooks::{emit, with_f32, HookPoint, LayerHook, Observer};
 
-/// One layer's cache: every position so far.
+/// One layer's cache: every position so far, position-major, so a step appends its own rows
+/// in place (a `Tensor::cat` of the whole cache per step made decode O(T) in copies alone).
 #[derive(Default)]
 pub struct LayerCache {
-    pub kv_latent: Option<Tensor>,  // [B, T, kv_lora_rank]
-    pub k_rope: Option<Tensor>,     // [B, T, rope], roped
-    pub index_keys: Option<Tensor>, // [B, T, index_head_dim], roped (full indexer layers)
+    pub kv_latent: Positions,  // [T, B, kv_lora_rank]
+    pub k_rope: Positions,     // [T, B, rope], roped
+    pub index_keys: Positions, // [T, B, index_head_dim], roped (full indexer layers)
     /// Positions whose latent or rope key is not finite, ascending: attention gathers them with
     /// the kept keys, so they poison the output as the reference's masked sum does.
     pub non_finite: Vec<usize>,
+}
+
+impl LayerCache {
+    /// Room for `positions` positions reserved at the first append (more still fit: they grow it).
+    pub fn with_capacity(positions: usize) -> Self {
+        let p = || Positions { reserve: positions, ..Positions::default() };
+        LayerCache { kv_latent: p(), k_rope: p(), index_keys: p(), non_finite: Vec::new() }
+    }
+}
+
+/// Rows of `width` values for every position and batch row, flat `[T, B, width]`: appending a
+/// step's positions extends the buffer; nothing already cached moves (but on reallocation).
+#[derive(Default)]
+pub struct Positions {
+    data: Vec<f32>,
+    batch: usize,
+    width: usize,
+    /// Positions to reserve room for at the first append.
+    reserve: usize,
+}
+
+impl Positions {
+    /// Appends `c` positions of `batch` rows, `new` laid out `[B, C, width]` as a layer computes
+    /// them.
+    pub fn append(&mut self, new: &[f32], batch: usize, c: usize) -> Result<()> {
+        let width = new.len().checked_div(batch * c).unwrap_or(0);
+        if self.data.is_empty() {
+            (self.batch, self.width) = (batch, width);
+            self.data.reserve_exact(self.reserve.max(c) * batch * width);
+        } else if (batch, width) != (self.batch, self.width) {
+            return Err(Error::Usage(format!(
+                "the cache holds batch {} of width {}, a step brought batch {batch} of width {width}",
+                self.batch, self.width
+            )));
+        }
+        for i in 0..c {
+            for b in 0..batch {
+                self.data.extend_from_slice(&new[(b * c + i) * width..][..width]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends the rows of a `[B, C, width]` tensor.
+    pub fn append_tensor(&mut self, new: &Tensor) -> Result<()> {
+        let (b, c, _) = new.dims3()?;
+        with_f32(new, |v| self.append(v, b, c))?
+    }
+
+    /// Every cached row, `[T, B, width]`.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// How many positions are cached.
+    pub fn len(&self) -> usize {
+        self.data.len().checked_div(self.batch * self.width).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
 }
 
 /// The whole model's cache and how many positions it holds.
@@ -43,7 +106,13 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(layers: usize) -> Self {
-        KvCache { layers: (0..layers).map(|_| LayerCache::default()).collect(), len: 0 }
+        Self::with_capacity(layers, 0)
+    }
+
+    /// A cache that reserves room for `positions` positions per layer as it is first filled
+    /// (the prompt plus the tokens to generate), so it never grows by reallocating.
+    pub fn with_capacity(layers: usize, positions: usize) -> Self {
+        KvCache { layers: (0..layers).map(|_| LayerCache::with_capacity(positions)).collect(), len: 0 }
     }
 }
 
@@ -107,35 +176,31 @@ impl Attention {
         let c = x.dims()[1];
         let (nope, rd) = (self.nope, self.rope_dim);
         let Projected { q_latent, q, kv_latent, k_rope } = self.project(layer, x, rope, obs)?;
-        let first = cache.kv_latent.as_ref().map_or(0, |l| l.dims()[1]);
+        let (b, first) = (x.dims()[0], cache.kv_latent.len());
         for new in [&kv_latent, &k_rope] {
-            let (b, _, w) = new.dims3()?;
+            let w = new.dims()[2];
             cache.non_finite.extend(with_f32(new, |v| non_finite_positions(v, b, c, w, first))?);
         }
         cache.non_finite.sort_unstable();
         cache.non_finite.dedup();
-        let latents = append(&mut cache.kv_latent, kv_latent)?; // [B, T, r]
-        let k_ropes = append(&mut cache.k_rope, k_rope)?; // [B, T, rope]
-        let (b, t, _) = latents.dims3()?; // T = the cached positions, then these C
+        cache.kv_latent.append_tensor(&kv_latent)?;
+        cache.k_rope.append_tensor(&k_rope)?;
+        let t = cache.kv_latent.len(); // the cached positions, then these C
 
         // DSA over the cached index keys: each new query sees every cached position up to its own.
         let selection = self.select(layer, x, &q_latent, rope, Some(&mut cache.index_keys), sel, obs)?;
 
         let (nh, r) = (self.heads, self.kv_lora_rank);
-        let q = Tensor::from_vec(q, (b, c, nh, nope + rd), latents.device())?.transpose(1, 2)?; // [B, nh, C, qk]
+        let q = Tensor::from_vec(q, (b, c, nh, nope + rd), x.device())?.transpose(1, 2)?; // [B, nh, C, qk]
         let q_nope = q.narrow(D::Minus1, 0, nope)?.contiguous()?; // [B, nh, C, nope]
         let q_rope = q.narrow(D::Minus1, nope, rd)?.contiguous()?; // [B, nh, C, rope]
         let q_abs = self.absorb_query(&q_nope)?; // [B, nh, C, r]
         let dims = Dims { batch: b, seq: c, keys: t, heads: nh, nope: r, rope: rd, v: r };
         let (q_abs, q_rope) = (q_abs.flatten_all()?.to_vec1::<f32>()?, q_rope.flatten_all()?.to_vec1::<f32>()?);
-        // The cache read in place, not copied again for every step.
-        let mixed = with_f32(&latents, |cached| {
-            with_f32(&k_ropes, |k_ropes| {
-                let poisoned = &cache.non_finite;
-                absorbed_attention(&q_abs, &q_rope, cached, k_ropes, selection, poisoned, dims, self.scale as f32)
-            })
-        })??;
-        let mixed = Tensor::from_vec(mixed, (b, nh, c, r), latents.device())?; // [B, nh, C, r]
+        let (latents, k_ropes) = (cache.kv_latent.data(), cache.k_rope.data()); // read in place
+        let scale = self.scale as f32;
+        let mixed = absorbed_attention(&q_abs, &q_rope, latents, k_ropes, selection, &cache.non_finite, dims, scale);
+        let mixed = Tensor::from_vec(mixed, (b, nh, c, r), x.device())?; // [B, nh, C, r]
         let o = self.absorb_output(&mixed)?; // [B, C, nh * v]
         let out = self.o_proj.forward(&o)?; // [B, C, hidden]
         emit(obs, HookPoint::Layer(layer, LayerHook::AttnOut), || Ok(out.clone()))?;
@@ -217,7 +282,7 @@ impl Model {
 
     /// Runs `tokens` ([B, S]) through the cache `chunk` positions at a time: logits [B, S, vocab].
     pub fn decode_all(&self, tokens: &Tokens, chunk: usize, obs: &mut dyn Observer) -> Result<Tensor> {
-        let mut cache = KvCache::new(self.layers.len());
+        let mut cache = KvCache::with_capacity(self.layers.len(), tokens.seq);
         let mut out = Vec::with_capacity(tokens.seq.div_ceil(chunk.max(1)));
         for part in tokens.chunks(chunk) {
             out.push(self.decode_step(&part?, &mut cache, obs)?);
@@ -253,7 +318,7 @@ impl Model {
         mut on_step: impl FnMut(usize, &[u32]) -> Result<()>,
     ) -> Result<Generation> {
         let (b, p) = (prompt.batch, prompt.seq);
-        let mut cache = KvCache::new(self.layers.len());
+        let mut cache = KvCache::with_capacity(self.layers.len(), p + new);
         let (mut hidden, mut logits) = (Vec::new(), None);
         if chunk == 0 || chunk >= p {
             // The whole prompt at once: the expanded prefill, filling the cache as it goes.
@@ -268,7 +333,13 @@ impl Model {
             }
         }
         let mut next = last_argmax(&logits.ok_or_else(|| Error::Usage("empty prompt".into()))?)?;
-        let mut drafter = mtp.map(|m| Drafter { mtp: m, cache: KvCache::new(1), draft: None, accepted: 0, drafted: 0 });
+        let mut drafter = mtp.map(|m| Drafter {
+            mtp: m,
+            cache: KvCache::with_capacity(1, p + new),
+            draft: None,
+            accepted: 0,
+            drafted: 0,
+        });
         if let Some(d) = drafter.as_mut() {
             // The prompt's pairs; the last pairs h[P-1] with the first generated token.
             let shifted = (0..b).flat_map(|r| prompt.ids[r * p + 1..(r + 1) * p].iter().copied().chain([next[r]]));
@@ -334,4 +405,25 @@ pub fn last_argmax(logits: &Tensor) -> Result<Vec<u32>> {
         .iter()
         .map(|r| r.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).map_or(0, |(i, _)| i as u32))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Steps of batch-major rows land position-major, past the reserved room too, and a step of
+    /// another batch or width is refused.
+    #[test]
+    fn positions_append_in_place_position_major() {
+        let mut p = LayerCache::with_capacity(2).kv_latent;
+        // Batch 2, width 2: a chunk of 2 positions, then 1 step, then 1 more past the reserve.
+        p.append(&[1., 1., 2., 2., /* row 1 */ 5., 5., 6., 6.], 2, 2).unwrap();
+        p.append(&[3., 3., /* row 1 */ 7., 7.], 2, 1).unwrap();
+        p.append(&[4., 4., /* row 1 */ 8., 8.], 2, 1).unwrap();
+        assert_eq!(p.len(), 4);
+        assert_eq!(p.data(), &[1., 1., 5., 5., 2., 2., 6., 6., 3., 3., 7., 7., 4., 4., 8., 8.]);
+        assert!(p.append(&[0.; 4], 1, 2).is_err(), "batch 1 after batch 2");
+        assert!(p.append(&[0.; 6], 2, 1).is_err(), "width 3 after width 2");
+        assert_eq!(p.len(), 4);
+    }
 }

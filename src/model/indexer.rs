@@ -12,6 +12,7 @@
 use candle_core::{Device, Tensor};
 
 use super::attention::{index_scores, index_topk};
+use super::decode::Positions;
 use super::nn::{LayerNorm, Linear};
 use super::rope::RopeTables;
 use crate::checkpoint::Loader;
@@ -98,23 +99,28 @@ impl Indexer {
         x: &Tensor,
         q_latent: &Tensor,
         rope: &RopeTables,
-        keys: Option<&mut Option<Tensor>>,
+        keys: Option<&mut Positions>,
         sel: &mut Option<Selection>,
         obs: &mut dyn Observer,
     ) -> Result<()> {
         match self {
             Indexer::Full(w) => {
                 let (b, s, _) = x.dims3()?;
-                let IndexInputs { q, k, w: hw, t } = w.inputs(x, q_latent, rope, keys)?;
+                let IndexInputs { q, k: new_keys, w: hw } = w.inputs(x, q_latent, rope)?;
+                // Without a cache the queries score their own keys, laid out as a cache holds them.
+                let mut own = Positions::default();
+                let keys = keys.unwrap_or(&mut own);
+                keys.append(&new_keys, b, s)?;
+                let (k, t) = (keys.data(), keys.len()); // [T, B, d]
                 let (dims, scale) = ([b, s, t, w.n_heads, w.head_dim], (w.head_dim as f64).powf(-0.5) as f32);
                 // The [B, S, T] scores are held whole only when they are recorded.
                 let point = HookPoint::Layer(layer, LayerHook::DsaScores);
                 let selection = if obs.wants(point) {
-                    let scores = index_scores(&q, &k, &hw, dims, scale); // [B, S, T], -inf past each query
+                    let scores = index_scores(&q, k, &hw, dims, scale); // [B, S, T], -inf past each query
                     emit(obs, point, || Ok(Tensor::from_vec(scores.clone(), (b, s, t), &Device::Cpu)?))?;
                     top_k_causal(&scores, b, s, t - s, w.topk)
                 } else {
-                    index_topk(&q, &k, &hw, dims, scale, w.topk)
+                    index_topk(&q, k, &hw, dims, scale, w.topk)
                 };
                 emit(obs, HookPoint::Layer(layer, LayerHook::DsaMargin), || {
                     Ok(Tensor::from_vec(selection.margin.clone(), (b, s), &Device::Cpu)?)
@@ -131,46 +137,22 @@ impl Indexer {
 /// What the indexer's scores are computed from, flat (`IndexerWeights::inputs`).
 pub struct IndexInputs {
     pub q: Vec<f32>, // [B, S, n, d], roped
-    pub k: Vec<f32>, // [B, T, d], roped
+    pub k: Vec<f32>, // [B, S, d], roped: the queries' own keys
     pub w: Vec<f32>, // [B, S, n]: weights_proj(x) / sqrt(n)
-    pub t: usize,
 }
 
 impl IndexerWeights {
-    /// The inputs of the scores: the queries' own keys (T = S), or every key in `cache` after
-    /// appending their own.
-    pub fn inputs(
-        &self,
-        x: &Tensor,
-        q_latent: &Tensor,
-        rope: &RopeTables,
-        cache: Option<&mut Option<Tensor>>,
-    ) -> Result<IndexInputs> {
-        let (b, s, _) = x.dims3()?;
+    /// The inputs of the scores for the tokens in `x`.
+    pub fn inputs(&self, x: &Tensor, q_latent: &Tensor, rope: &RopeTables) -> Result<IndexInputs> {
+        let s = x.dims3()?.1;
         let (n, d) = (self.n_heads, self.head_dim);
         let mut q = self.wq_b.forward(q_latent)?.flatten_all()?.to_vec1::<f32>()?; // [B, S, n, d]
         rope.apply(&mut q, s, n, d, 0);
         let mut k = self.k_norm.forward(&self.wk.forward(x)?)?.flatten_all()?.to_vec1::<f32>()?; // [B, S, d]
         rope.apply(&mut k, s, 1, d, 0);
-        let k = Tensor::from_vec(k, (b, s, d), &Device::Cpu)?; // [B, S, d]
-        let k = match cache {
-            Some(cache) => append(cache, k)?, // [B, T, d]
-            None => k,
-        };
-        let t = k.dims()[1];
         let w = (self.weights_proj.forward(x)? * (n as f64).powf(-0.5))?; // [B, S, n]
-        Ok(IndexInputs { q, k: k.flatten_all()?.to_vec1::<f32>()?, w: w.flatten_all()?.to_vec1::<f32>()?, t })
+        Ok(IndexInputs { q, k, w: w.flatten_all()?.to_vec1::<f32>()? })
     }
-}
-
-/// Appends `new` [B, S, ...] to a cache along the sequence; returns the whole cache.
-pub fn append(cache: &mut Option<Tensor>, new: Tensor) -> Result<Tensor> {
-    let t = match cache.take() {
-        Some(old) => Tensor::cat(&[&old, &new], 1)?,
-        None => new,
-    };
-    *cache = Some(t.clone());
-    Ok(t)
 }
 
 /// Top `min(topk, T)` keys per query among causal keys, highest score first (ties by position),

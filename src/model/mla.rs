@@ -7,8 +7,8 @@
 use candle_core::{Device, Tensor, D};
 
 use super::attention::{sparse_attention, Dims};
-use super::decode::LayerCache;
-use super::indexer::{append, Indexer, Selection};
+use super::decode::{LayerCache, Positions};
+use super::indexer::{Indexer, Selection};
 use super::nn::{Linear, RmsNorm};
 use super::rope::RopeTables;
 use crate::checkpoint::Loader;
@@ -94,8 +94,8 @@ impl Attention {
         let (nh, nope, rd, vd) = (self.heads, self.nope, self.rope_dim, self.v_dim);
         let Projected { q_latent, q, kv_latent, k_rope } = self.project(layer, x, rope, obs)?;
         if let Some(c) = cache.as_deref_mut() {
-            append(&mut c.kv_latent, kv_latent.clone())?;
-            append(&mut c.k_rope, k_rope.clone())?;
+            c.kv_latent.append_tensor(&kv_latent)?;
+            c.k_rope.append_tensor(&k_rope)?;
         }
 
         // Expand the latent into per-head keys and values.
@@ -160,7 +160,7 @@ impl Attention {
         x: &Tensor,
         q_latent: &Tensor,
         rope: &RopeTables,
-        keys: Option<&mut Option<Tensor>>,
+        keys: Option<&mut Positions>,
         sel: &'s mut Option<Selection>,
         obs: &mut dyn Observer,
     ) -> Result<&'s Selection> {
