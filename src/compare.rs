@@ -74,10 +74,16 @@ pub enum Detail {
         bad: usize,
         total: usize,
         mean_abs: f64,
-        /// `sum((a - e)^2) / sum(e^2)`.
+        /// `sum((a - e)^2) / sum(e^2)` over the elements finite on both sides; infinite with a NaN
+        /// or an infinity only one side holds.
         nmse: f64,
-        /// Cosine similarity of the flattened tensors.
+        /// Cosine similarity of the flattened tensors, over the same elements; NaN where nmse is
+        /// infinite for a NaN or an unshared infinity.
         cosine: f64,
+        /// The factor `c` that best fits `ours ≈ c · reference` over the same elements
+        /// (`sum(a e) / sum(e^2)`; NaN where undefined): with a cosine of 1, a constant factor
+        /// apart (a missing scaling, a wrong softmax scale).
+        scale: f64,
     },
     Sets {
         rows: usize,
@@ -118,10 +124,14 @@ pub struct Flip {
 }
 
 impl Flip {
-    /// The smaller of the known margins: how close the decision was.
+    /// The larger of the known margins: how close the decision was. A flip overturns both
+    /// sides' decisions (a key or expert each kept over the other by at least its margin), so the
+    /// scores moved by at least the sum of the two margins between them: rounding alone flips it
+    /// only when both are small. (The smaller one misclassed a bug's flips: a reference margin of
+    /// 1e-2 with ours at 1e-4 read as a near-tie.)
     pub fn margin(&self) -> Option<f32> {
         match (self.margin_ours, self.margin_reference) {
-            (Some(a), Some(b)) => Some(a.min(b)),
+            (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         }
     }
@@ -189,7 +199,7 @@ fn element_ok(a: f32, e: f32, tol: Tolerance) -> bool {
 pub fn compare_floats(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tolerance) -> (bool, Detail) {
     let (mut max_abs, mut max_rel, mut bad, mut sum_abs) = (0f64, 0f64, 0usize, 0f64);
     let (mut err2, mut ref2, mut ours2, mut dot) = (0f64, 0f64, 0f64, 0f64);
-    let mut worst = (f64::NEG_INFINITY, 0usize);
+    let (mut worst, mut undefined) = ((f64::NEG_INFINITY, 0usize), false);
     for (i, (&a, &e)) in ours.iter().zip(reference).enumerate() {
         let ok = element_ok(a, e, tol);
         let err = if a == e { 0.0 } else { ((a - e) as f64).abs() };
@@ -197,10 +207,14 @@ pub fn compare_floats(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tol
         max_abs = max_abs.max(err);
         sum_abs += err;
         let (a64, e64) = (a as f64, e as f64);
-        err2 += err * err;
-        ref2 += e64 * e64;
-        ours2 += a64 * a64;
-        dot += a64 * e64;
+        if a.is_finite() && e.is_finite() {
+            err2 += err * err;
+            ref2 += e64 * e64;
+            ours2 += a64 * a64;
+            dot += a64 * e64;
+        } else if a != e {
+            undefined = true; // a NaN, or infinities the two sides do not share
+        }
         if e != 0.0 {
             max_rel = max_rel.max(err / e64.abs());
         } else if err > 0.0 {
@@ -227,15 +241,19 @@ pub fn compare_floats(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tol
         bad,
         total: reference.len(),
         mean_abs: sum_abs / n,
-        nmse: if ref2 > 0.0 {
+        // Over the elements finite on both sides: an infinity both hold (the `-inf` past each
+        // query in `dsa.scores`) is equal, not error; a NaN or an unshared infinity makes the
+        // error infinite and the cosine undefined.
+        nmse: if undefined {
+            f64::INFINITY
+        } else if ref2 > 0.0 {
             err2 / ref2
         } else if err2 > 0.0 {
             f64::INFINITY
         } else {
             0.0
         },
-        // Undefined (NaN) with a NaN or an infinity on either side, whichever it is.
-        cosine: if !(ours2.is_finite() && ref2.is_finite() && dot.is_finite()) {
+        cosine: if undefined {
             f64::NAN
         } else if ours2 > 0.0 && ref2 > 0.0 {
             dot / (ours2.sqrt() * ref2.sqrt())
@@ -244,6 +262,7 @@ pub fn compare_floats(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tol
         } else {
             0.0
         },
+        scale: if undefined || ref2 == 0.0 { f64::NAN } else { dot / ref2 },
     };
     (bad == 0, detail)
 }
@@ -479,6 +498,11 @@ mod tests {
         let Detail::Sets { flips, .. } = &c.detail else { unreachable!() };
         assert_eq!((flips[0].margin_ours, flips[0].margin_reference), (None, Some(2e-2)));
         assert!(!flips[0].near_tie(1e-3) && flips[0].near_tie(4e-2));
+        // Both known: near only when both are (ours close to a tie, the reference's not is a bug).
+        let with =
+            |ours, reference| Flip { margin_ours: Some(ours), margin_reference: Some(reference), ..flips[0].clone() };
+        assert!(!with(1.4e-4, 1.4e-2).near_tie(1e-3) && !with(1.4e-2, 1.4e-4).near_tie(1e-3));
+        assert!(with(1.4e-4, 6e-4).near_tie(1e-3));
     }
 
     #[test]
@@ -493,6 +517,23 @@ mod tests {
         approx::assert_abs_diff_eq!(mean_abs, 0.1 / 3.0, epsilon = 1e-6);
         assert!(cosine > 0.999 && cosine < 1.0);
         assert!(!compare_floats(&[f32::NAN], &[f32::NAN], &[1], tol).0, "NaN never matches");
+        // Shared -inf (the scores past each query) is equal and left out of nmse and cosine; one
+        // side's alone makes them undefined.
+        let stats = |a: &[f32], e: &[f32]| match compare_floats(a, e, &[a.len()], tol).1 {
+            Detail::Float { nmse, cosine, .. } => (nmse, cosine),
+            _ => unreachable!(),
+        };
+        let inf = f32::NEG_INFINITY;
+        let (nmse, cosine) = stats(&[2.0, 1.0, inf], &[1.0, 1.0, inf]);
+        approx::assert_abs_diff_eq!(nmse, 0.5, epsilon = 1e-12);
+        let Detail::Float { scale, cosine: c, .. } = compare_floats(&[0.8, -2.0], &[2.0, -5.0], &[2], tol).1 else {
+            unreachable!()
+        };
+        approx::assert_abs_diff_eq!(scale, 0.4, epsilon = 1e-6);
+        approx::assert_abs_diff_eq!(c, 1.0, epsilon = 1e-6);
+        approx::assert_abs_diff_eq!(cosine, 3.0 / (5f64.sqrt() * 2f64.sqrt()), epsilon = 1e-12);
+        let (nmse, cosine) = stats(&[1.0, 1.0, inf], &[1.0, 1.0, -1.0]);
+        assert!(nmse.is_infinite() && cosine.is_nan());
         assert!(compare_floats(&[f32::INFINITY], &[f32::INFINITY], &[1], tol).0);
         assert!(!compare_floats(&[f32::NEG_INFINITY], &[f32::INFINITY], &[1], tol).0);
     }

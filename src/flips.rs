@@ -15,7 +15,7 @@ use crate::model::moe::{route, RouterConfig};
 /// How close the decision a flip overturned was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
-    /// Decided by less than the near-tie threshold on one side at least.
+    /// Decided by less than the near-tie threshold on each side whose margin is known.
     NearTie,
     Real,
     /// Neither side's margin is known.
@@ -144,7 +144,7 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
     }
     let count = |class| flips.iter().filter(|(_, fl)| Class::of(fl, near_tie) == class).count();
     let mut out = format!(
-        "{} flips: {} near-tie (margin < {near_tie:e}), {} real, {} of unknown margin\n",
+        "{} flips: {} near-tie (every known margin < {near_tie:e}), {} real, {} of unknown margin\n",
         flips.len(),
         count(Class::NearTie),
         count(Class::Real),
@@ -152,8 +152,12 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
     );
     for (name, fl) in flips.iter().take(50) {
         let m = |x: Option<f32>| x.map(|v| format!("{v:.3e}")).unwrap_or_else(|| "unknown".into());
+        // A row of ours that misses keys and adds none held padding (a position past the query,
+        // or negative) where the reference kept a causal key: a causality or width bug.
+        let padded =
+            if fl.only_ours.is_empty() { " (ours keeps fewer causal keys: padding in their place)" } else { "" };
         out += &format!(
-            "  {name} {:?}: only ours {:?}, only ref {:?}, margin ours {} ref {} -> {}\n",
+            "  {name} {:?}: only ours {:?}, only ref {:?}, margin ours {} ref {} -> {}{padded}\n",
             fl.at,
             fl.only_ours,
             fl.only_reference,
