@@ -297,6 +297,9 @@ pub fn collect(
     }
     for path in dumps {
         let d = Dump::open(path)?;
+        if let (Some(c), Some(dir)) = (&ckpt, model_dir) {
+            d.warn_other_config(&c.config_bytes, dir);
+        }
         let mut found = false;
         for name in d.names() {
             let Some(layer) = name.strip_prefix("layers.").and_then(|r| r.strip_suffix(".moe.topk_ids")) else {

@@ -64,6 +64,8 @@ pub struct DiffReport {
     pub only_a: Vec<String>,
     pub only_b: Vec<String>,
     pub near_tie: f64,
+    /// Whether a checkpoint's config and routers were given to recompute margins a dump lacks.
+    pub with_model: bool,
 }
 
 impl DiffReport {
@@ -196,6 +198,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         only_a: names_a.iter().filter(|n| !names_b.contains(n)).cloned().collect(),
         only_b: names_b.iter().filter(|n| !names_a.contains(n)).cloned().collect(),
         near_tie: opts.near_tie,
+        with_model: opts.config.is_some(),
     })
 }
 
@@ -215,11 +218,13 @@ fn opt_f(x: Option<f32>) -> Value {
 pub fn comparison_json(c: &Comparison, near_tie: f64) -> Value {
     let mut v = json!({ "name": c.name, "match": c.ok });
     let detail = match &c.detail {
-        Detail::Float { max_abs, worst_at, ours, reference, max_rel, bad, total, mean_abs, nmse, cosine } => json!({
-            "kind": "float", "max_abs": f(*max_abs), "worst_at": worst_at, "ours": f(*ours as f64),
-            "reference": f(*reference as f64), "max_rel": f(*max_rel), "mean_abs": f(*mean_abs), "nmse": f(*nmse),
-            "cosine": f(*cosine), "outside_tolerance": bad, "elements": total,
-        }),
+        Detail::Float { max_abs, worst_at, ours, reference, max_rel, bad, total, mean_abs, nmse, cosine, scale } => {
+            json!({
+                "kind": "float", "max_abs": f(*max_abs), "worst_at": worst_at, "ours": f(*ours as f64),
+                "reference": f(*reference as f64), "max_rel": f(*max_rel), "mean_abs": f(*mean_abs), "nmse": f(*nmse),
+                "cosine": f(*cosine), "scale": f(*scale), "outside_tolerance": bad, "elements": total,
+            })
+        }
         Detail::Sets { rows, mean_recall, min_recall, flips } => json!({
             "kind": "sets", "rows": rows, "mean_recall": f(*mean_recall), "min_recall": f(*min_recall),
             "flips": flips.iter().map(|fl| json!({
@@ -237,6 +242,10 @@ pub fn comparison_json(c: &Comparison, near_tie: f64) -> Value {
     v
 }
 
+/// Names only one dump has, listed per side before the rest are counted (a partial dump lacks
+/// dozens).
+const ONLY_IN_LISTED: usize = 10;
+
 impl DiffReport {
     pub fn to_json(&self, a: &Path, b: &Path) -> Value {
         json!({
@@ -253,11 +262,27 @@ impl DiffReport {
         })
     }
 
+    /// What the first divergence looks like, where a pattern names a likely cause: two tensors a
+    /// constant factor apart (cosine 1), or selections that differ only by near-ties.
+    fn reading(&self, c: &Comparison) -> String {
+        match &c.detail {
+            Detail::Float { cosine, scale, .. } if *cosine > 1.0 - 1e-6 && (scale - 1.0).abs() > 1e-3 => {
+                format!(" (ours = {scale:.4} x reference, cosine {cosine:.6}: a constant factor apart)")
+            }
+            Detail::Sets { flips, .. }
+                if !flips.is_empty() && flips.iter().all(|fl| Class::of(fl, self.near_tie) == Class::NearTie) =>
+            {
+                " (every flip a near-tie)".into()
+            }
+            _ => String::new(),
+        }
+    }
+
     /// The report for a terminal: first divergence on top, one line per tensor, then the flips.
     pub fn render(&self, a: &Path, b: &Path) -> String {
         let mut out = format!("diff {} (ours) against {} (reference)\n", a.display(), b.display());
         match self.first_divergence() {
-            Some(c) => out += &format!("first divergence: {}\n", c.name),
+            Some(c) => out += &format!("first divergence: {}{}\n", c.name, self.reading(c)),
             None if self.results.is_empty() => out += "no tensor names in common\n",
             None => out += "no divergence\n",
         }
@@ -276,12 +301,23 @@ impl DiffReport {
             }
             out.push('\n');
         }
-        out += &flips::render(&self.flips(), self.near_tie, " (see --json)");
-        for n in &self.only_a {
-            out += &format!("only in {}: {n}\n", a.display());
+        let flips = self.flips();
+        out += &flips::render(&flips, self.near_tie, " (see --json)");
+        if !self.with_model && flips.iter().any(|(_, fl)| Class::of(fl, self.near_tie) == Class::Unknown) {
+            out +=
+                "  (margins a dump does not record are recomputed from its scores or gate logits with --model DIR)\n";
         }
-        for n in &self.only_b {
-            out += &format!("only in {}: {n}\n", b.display());
+        for (side, names) in [(a, &self.only_a), (b, &self.only_b)] {
+            for n in names.iter().take(ONLY_IN_LISTED) {
+                out += &format!("only in {}: {n}\n", side.display());
+            }
+            if names.len() > ONLY_IN_LISTED {
+                out += &format!(
+                    "only in {}: ... and {} more (see --json)\n",
+                    side.display(),
+                    names.len() - ONLY_IN_LISTED
+                );
+            }
         }
         let bad = self.results.iter().filter(|c| !c.ok).count();
         out += &format!("{} of {} common tensors match\n", self.results.len() - bad, self.results.len());
@@ -292,6 +328,46 @@ impl DiffReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The first-divergence line reads a constant factor, a DSA row that kept padding for a key
+    /// is marked, flips of unknown margin without a checkpoint point at --model, and long
+    /// "only in" lists are cut.
+    #[test]
+    fn render_reads_the_first_divergence_and_bounds_its_lists() {
+        use crate::compare::{compare_floats, Comparison};
+        let (_, scaled) = compare_floats(&[0.8, -2.0], &[2.0, -5.0], &[2], Tolerance::default());
+        let flip = Flip {
+            row: 3,
+            at: vec![0, 3],
+            only_ours: vec![],
+            only_reference: vec![2],
+            recall: 0.5,
+            margin_ours: None,
+            margin_reference: None,
+        };
+        let sets = Detail::Sets { rows: 4, mean_recall: 0.875, min_recall: 0.5, flips: vec![flip] };
+        let report = DiffReport {
+            results: vec![
+                Comparison { name: "layers.0.moe.topk_weights".into(), ok: false, detail: scaled },
+                Comparison { name: "layers.1.dsa.topk".into(), ok: false, detail: sets },
+            ],
+            non_finite_a: None,
+            non_finite_b: None,
+            only_a: (0..12).map(|i| format!("layers.{i}.output")).collect(),
+            only_b: vec![],
+            near_tie: 1e-3,
+            with_model: false,
+        };
+        let out = report.render(Path::new("a"), Path::new("b"));
+        let first = "first divergence: layers.0.moe.topk_weights (ours = 0.4000 x reference, cosine 1.000000";
+        assert!(out.contains(first), "{out}");
+        assert!(
+            out.contains("only ours [], only ref [2], margin ours unknown ref unknown -> unknown (ours keeps fewer")
+        );
+        assert!(out.contains("with --model DIR"), "{out}");
+        assert!(out.contains("only in a: layers.9.output\nonly in a: ... and 2 more (see --json)\n"), "{out}");
+        assert!(!out.contains("layers.10.output"), "{out}");
+    }
 
     #[test]
     fn per_name_tolerances_last_match_wins() {

@@ -84,18 +84,6 @@ fn recording(patterns: &str, config: &glimpse::config::Config) -> Result<Selecto
     Ok(selector)
 }
 
-/// A dump records the sha256 of the config.json it ran: a checkpoint given to class its flips
-/// (or to rerun it) that has another config is named, though the run goes on.
-fn warn_other_config(d: &Dump, ckpt: &Checkpoint, model_dir: &Path) {
-    if d.metadata().get("config_sha256").is_some_and(|sha| *sha != dump::sha256_hex(&ckpt.config_bytes)) {
-        eprintln!(
-            "glimpse: warning: {} was made from a different config.json than {}",
-            d.path.display(),
-            model_dir.display()
-        );
-    }
-}
-
 /// Positions past the config's `max_position_embeddings` still run (RoPE extends, as in
 /// transformers), but the model was not trained there: say so once.
 fn warn_past_positions(config: &glimpse::config::Config, positions: usize) {
@@ -153,7 +141,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let near_tie = near_tie.unwrap_or(tol.near_tie());
             let ckpt = Checkpoint::open(&model_dir)?;
             let reference = Dump::open(&golden)?;
-            warn_other_config(&reference, &ckpt, &model_dir);
+            reference.warn_other_config(&ckpt.config_bytes, &model_dir);
             let tokens = reference.tokens()?;
             if decode {
                 return verify_decode(&ckpt, &tokens, chunk as usize, tol, max_memory);
@@ -218,7 +206,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let (da, db) = (Dump::open(&a)?, Dump::open(&b)?);
             let ckpt = model.as_ref().map(|dir| Checkpoint::open(dir)).transpose()?;
             if let (Some(c), Some(dir)) = (&ckpt, &model) {
-                [&da, &db].into_iter().for_each(|d| warn_other_config(d, c, dir));
+                [&da, &db].into_iter().for_each(|d| d.warn_other_config(&c.config_bytes, dir));
             }
             let routers = ckpt.as_ref().map(glimpse::model::moe::Routers::read).transpose()?;
             let config = ckpt.map(|c| c.config);
