@@ -127,18 +127,23 @@ impl DumpSource {
                     routing_flips: 0,
                     dsa_flips: 0,
                     worst: None,
+                    first_bad: None,
+                };
+                let short = |name: &str| {
+                    name.split_once('.').and_then(|(_, r)| r.split_once('.')).map_or("", |(_, h)| h).to_string()
                 };
                 for c in names.iter().filter_map(|n| comparisons.get(n)) {
                     row.mismatches += usize::from(!c.ok);
+                    if !c.ok && row.first_bad.is_none() {
+                        row.first_bad = Some(short(&c.name));
+                    }
                     match &c.detail {
                         Detail::Sets { flips, .. } if c.name.ends_with(".moe.topk_ids") => {
                             row.routing_flips = flips.len()
                         }
                         Detail::Sets { flips, .. } if c.name.ends_with(".dsa.topk") => row.dsa_flips = flips.len(),
                         Detail::Float { max_abs, .. } if row.worst.as_ref().is_none_or(|(_, e)| max_abs > e) => {
-                            let short =
-                                c.name.split_once('.').and_then(|(_, r)| r.split_once('.')).map_or("", |(_, h)| h);
-                            row.worst = Some((short.to_string(), *max_abs));
+                            row.worst = Some((short(&c.name), *max_abs));
                         }
                         _ => {}
                     }

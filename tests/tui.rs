@@ -132,6 +132,13 @@ fn layers_view_flags_the_ports_flips() {
     assert!(routing > 0 && dsa > 0, "the port flips in layer 3");
     let counts = format!("{routing}/{dsa}");
     assert!(row.contains("moe") && row.contains("FLIPS") && row.contains(&counts), "{row}");
+    // The first bad column: the layer's first hook point in forward order that diff finds
+    // outside the tolerance.
+    let (ours, reference) = port_dumps();
+    let report = glimpse::diff::diff(&ours, &reference, &port_options()).unwrap();
+    let first = report.results.iter().find(|c| !c.ok && c.name.starts_with("layers.3.")).unwrap();
+    let first = first.name.trim_start_matches("layers.3.");
+    assert!(row.contains(&format!(" {first} ")), "{first}: {row}");
 }
 
 #[test]
@@ -342,6 +349,12 @@ fn every_view_draws_a_dump_with_the_mtp_layer() {
         app.layer = 0;
     }
     assert!(seen_mtp_layer, "the MTP layer (3) was reachable");
+    // Batch 2: the DSA view says which row it shows, and follows the token into the second.
+    let mut app = App::default();
+    app.set_view(View::Dsa);
+    assert!(screen(&app, &src, 80, 24).contains("16 queries (batch row 0 of 2),"));
+    app.token = 16;
+    assert!(screen(&app, &src, 80, 24).contains("16 queries (batch row 1 of 2),"));
 }
 
 /// Live runs in this process, one at a time: one test looks for temporary files a live run left.

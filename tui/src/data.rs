@@ -41,6 +41,9 @@ pub struct LayerRow {
     pub dsa_flips: usize,
     /// The hook point with the largest error against the reference, and that error.
     pub worst: Option<(String, f64)>,
+    /// The layer's first hook point in forward order that does not match: where to look first
+    /// (the largest error is usually downstream of it, in `output`).
+    pub first_bad: Option<String>,
 }
 
 /// The worst element of a tensor against its reference.

@@ -50,8 +50,10 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         })
         .collect();
     let flips = (0..m.seq).filter(|&q| m.recall(q).is_some_and(|r| r < 1.0)).count();
+    let batch = src.tokens() / m.seq.max(1);
+    let row = if batch > 1 { format!(" (batch row {} of {batch})", app.token / m.seq.max(1)) } else { String::new() };
     let title = format!(
-        "layer {} dsa ({}): {} queries, {flips} differ{}  # both +ours -ref",
+        "layer {} dsa ({}): {} queries{row}, {flips} differ{}  # both +ours -ref",
         layer.index,
         layer.indexer,
         m.seq,

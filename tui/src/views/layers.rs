@@ -1,4 +1,5 @@
-//! One row per layer: its type, its status against the reference, and its worst error.
+//! One row per layer: its type, its status against the reference, its first mismatching hook
+//! point and its worst error.
 
 use ratatui::layout::{Constraint, Rect};
 use ratatui::style::{Color, Modifier, Style};
@@ -20,15 +21,17 @@ pub fn status_style(s: Status) -> Style {
 }
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
-    // At narrow widths the type columns go first, then the worst hook and the mismatch count.
+    // At narrow widths the type columns go first, then the worst hook, the mismatch count and the
+    // first bad hook.
     // The count columns are as wide as their largest entries.
     let widest = |f: &dyn Fn(&crate::data::LayerRow) -> String| {
         src.layers().iter().map(|l| f(l).len()).max().unwrap_or(0) as u16
     };
     let bad = widest(&|l| l.mismatches.to_string()).max(5);
     let flips = widest(&|l| format!("{}/{}", l.routing_flips, l.dsa_flips)).max(7);
-    let widths_wanted = [5, 6, 7, 9, bad, flips, 9, 10];
-    let show = fitting(area.width.saturating_sub(2), &widths_wanted, &[1, 2, 7, 4, 3]);
+    let first = widest(&|l| l.first_bad.clone().unwrap_or_default()).max(9);
+    let widths_wanted = [5, 6, 7, 9, bad, flips, first, 9, 10];
+    let show = fitting(area.width.saturating_sub(2), &widths_wanted, &[1, 2, 8, 4, 6, 3]);
     let rows = src.layers().iter().map(|l| {
         let (worst_name, worst) = match &l.worst {
             Some((n, e)) => (n.clone(), num(*e)),
@@ -42,6 +45,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
                 l.status.label().to_string(),
                 l.mismatches.to_string(),
                 format!("{}/{}", l.routing_flips, l.dsa_flips),
+                l.first_bad.clone().unwrap_or_else(|| "-".into()),
                 worst,
                 worst_name,
             ],
@@ -55,7 +59,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             .iter()
             .enumerate()
             .map(|(i, &w)| if i == last { Constraint::Min(w) } else { Constraint::Length(w) });
-    let header = ["layer", "ffn", "indexer", "status", "bad", "flips", "max err", "worst hook"];
+    let header = ["layer", "ffn", "indexer", "status", "bad", "flips", "first bad", "max err", "worst hook"];
     let header = Row::new(shown(header, &show)).style(Style::new().add_modifier(Modifier::UNDERLINED));
     let widths = shown(widths, &show);
     let table = Table::new(rows, widths)
