@@ -263,8 +263,15 @@ impl DiffReport {
     }
 
     /// What the first divergence looks like, where a pattern names a likely cause: two tensors a
-    /// constant factor apart (cosine 1), or selections that differ only by near-ties.
+    /// constant factor apart (cosine 1), selections that differ only by near-ties, or selections
+    /// made from scores that match (the rule that selects differs, not its input).
     fn reading(&self, c: &Comparison) -> String {
+        let matching = |name: String| self.results.iter().any(|r| r.name == name && r.ok).then_some(name);
+        let inputs = c
+            .name
+            .strip_suffix(".moe.topk_ids")
+            .map(|l| format!("{l}.moe.router_logits"))
+            .or_else(|| c.name.strip_suffix(".dsa.topk").map(|l| format!("{l}.dsa.scores")));
         match &c.detail {
             Detail::Float { cosine, scale, .. } if *cosine > 1.0 - 1e-6 && (scale - 1.0).abs() > 1e-3 => {
                 format!(" (ours = {scale:.4} x reference, cosine {cosine:.6}: a constant factor apart)")
@@ -274,6 +281,10 @@ impl DiffReport {
             {
                 " (every flip a near-tie)".into()
             }
+            Detail::Sets { .. } => match inputs.and_then(matching) {
+                Some(name) => format!(" (it selects from {name}, which matches: the selection rule differs)"),
+                None => String::new(),
+            },
             _ => String::new(),
         }
     }
@@ -367,6 +378,23 @@ mod tests {
         assert!(out.contains("with --model DIR"), "{out}");
         assert!(out.contains("only in a: layers.9.output\nonly in a: ... and 2 more (see --json)\n"), "{out}");
         assert!(!out.contains("layers.10.output"), "{out}");
+
+        // Routing that differs over gate logits that match: the rule, not its input.
+        let (_, logits) = compare_floats(&[1.0, 2.0], &[1.0, 2.0], &[2], Tolerance::default());
+        let flip = Flip { only_ours: vec![1], ..report.flips()[0].1.clone() };
+        let sets = Detail::Sets { rows: 4, mean_recall: 0.875, min_recall: 0.5, flips: vec![flip] };
+        let report = DiffReport {
+            results: vec![
+                Comparison { name: "layers.2.moe.router_logits".into(), ok: true, detail: logits },
+                Comparison { name: "layers.2.moe.topk_ids".into(), ok: false, detail: sets },
+            ],
+            only_a: vec![],
+            ..report
+        };
+        let out = report.render(Path::new("a"), Path::new("b"));
+        let first =
+            "first divergence: layers.2.moe.topk_ids (it selects from layers.2.moe.router_logits, which matches";
+        assert!(out.contains(first), "{out}");
     }
 
     #[test]
