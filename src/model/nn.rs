@@ -58,7 +58,10 @@ impl Packing {
         in_place: impl FnOnce() -> Option<amx::InPlace>,
         make: impl FnOnce() -> Result<Product>,
     ) -> Result<Tensor> {
-        if Self::reads_in_place(x.dims2()?.0) && self.product.get().is_none() && !self.used.swap(true, Ordering::Relaxed) {
+        if Self::reads_in_place(x.dims2()?.0)
+            && self.product.get().is_none()
+            && !self.used.swap(true, Ordering::Relaxed)
+        {
             if let Some(once) = in_place() {
                 return with_rows(x, out, &|xs, m| amx::matmul_in_place(xs, m, &once));
             }
