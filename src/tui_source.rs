@@ -18,7 +18,7 @@ use crate::diff::{diff, DiffOptions};
 use crate::dump::{self, DumpWriter};
 use crate::dump::{Dump, Values};
 use crate::error::{Error, Result};
-use crate::flips::Class;
+use crate::flips::{margins_in, Class};
 use crate::hooks::Selector;
 use crate::hooks::{HookPoint, LayerHook};
 use crate::model::moe::Routers;
@@ -34,6 +34,9 @@ pub struct DumpSource {
     comparisons: BTreeMap<String, Comparison>,
     /// Flips decided by a margin below this are near-ties.
     near_tie: f64,
+    /// The checkpoint's routers, when given: they recompute the routing margins of a dump that
+    /// records gate logits but no `moe.margin` (a transformers dump).
+    routers: Option<Routers>,
     non_finite: Option<String>,
     /// Each hook point's statistics and worst elements, computed when first drawn: every key
     /// redraws, and at 512 tokens of GLM-5 shapes a layer's took 4.4 s to compute.
@@ -165,6 +168,7 @@ impl DumpSource {
             layers,
             comparisons,
             near_tie,
+            routers: opts.routers.clone(),
             non_finite,
             hook_rows: RefCell::default(),
         })
@@ -313,7 +317,10 @@ impl Source for DumpSource {
         let (ids, shape) = Self::ints(&self.ours, &name(LayerHook::TopkIds))?;
         let k = *shape.last()?;
         let weights = self.per_token(&name(LayerHook::TopkWeights)).unwrap_or_default();
-        let margin = self.per_token(&name(LayerHook::RouterMargin));
+        let margin = self.per_token(&name(LayerHook::RouterMargin)).or_else(|| {
+            let router = self.routers.as_ref()?.layer(layer);
+            margins_in(&self.ours, HookPoint::Layer(layer, LayerHook::TopkIds), router)
+        });
         let reference = self.reference.as_ref().and_then(|r| Self::ints(r, &name(LayerHook::TopkIds))).map(|(v, _)| v);
         let flips = self.flip_classes(&name(LayerHook::TopkIds));
         let to_ids = |v: &[i64]| v.iter().map(|&x| x.max(0) as usize).collect::<Vec<_>>();
@@ -324,7 +331,7 @@ impl Source for DumpSource {
                     token: t,
                     ids: to_ids(row),
                     weights: weights.get(t * k..(t + 1) * k).map(<[f32]>::to_vec).unwrap_or_default(),
-                    margin: margin.as_ref().and_then(|m| m.get(t).copied()),
+                    margin: margin.as_ref().and_then(|m| m.get(t).copied()).filter(|m| !m.is_nan()),
                     reference_ids: reference.as_ref().and_then(|r| r.get(t * k..(t + 1) * k)).map(to_ids),
                     flip: flips.get(&t).copied(),
                 })

@@ -179,6 +179,34 @@ fn routing_view_shows_experts_margins_and_a_flagged_flip() {
     assert!(flip.contains(class), "cursor on the flipped token, classed: {flip}");
 }
 
+/// A transformers dump records gate logits, no `moe.margin`: given the checkpoint's routers, the
+/// routing view shows each token's margin recomputed from them, here checked against the flat
+/// sigmoid-plus-bias rule computed in the test (k-th minus (k+1)-th biased score).
+#[test]
+fn routing_view_recomputes_margins_a_dump_does_not_record() {
+    let (reference, again) = (port_dumps().1, port_dumps().1);
+    let src = DumpSource::new("reference".into(), again, Some(reference), &port_options()).unwrap();
+    let ckpt = Checkpoint::open(&flat()).unwrap();
+    let (k, e) = (ckpt.config.num_experts_per_tok, ckpt.config.n_routed_experts);
+    let bias = Routers::read(&ckpt).unwrap().bias[&2].clone();
+    let logits = match port_dumps().1.values("layers.2.moe.router_logits").unwrap() {
+        (glimpse::dump::Values::F32(v), _) => v,
+        _ => panic!("router logits are floats"),
+    };
+    let routes = src.routing(2).unwrap();
+    for (t, route) in routes.iter().enumerate() {
+        let mut scores: Vec<f32> =
+            logits[t * e..][..e].iter().zip(&bias).map(|(&l, &b)| 1.0 / (1.0 + (-l).exp()) + b).collect();
+        scores.sort_by(|a, b| b.total_cmp(a));
+        let margin = route.margin.unwrap_or_else(|| panic!("token {t} has a margin"));
+        assert!((margin - (scores[k - 1] - scores[k])).abs() < 1e-6, "token {t}: {margin}");
+    }
+    let mut app = App { layer: 2, ..App::default() };
+    app.set_view(View::Routing);
+    let s = screen(&app, &src, 100, 30);
+    assert!(line_with(&s, "s0 #").contains(&format!("{:.2e}", routes[0].margin.unwrap())), "{s}");
+}
+
 #[test]
 fn activations_view_lists_hook_points_with_stats() {
     let port = port_source();
