@@ -298,7 +298,9 @@ pub fn collect(
     for path in dumps {
         let d = Dump::open(path)?;
         if let (Some(c), Some(dir)) = (&ckpt, model_dir) {
-            d.warn_other_config(&c.config_bytes, dir);
+            if let Some(m) = d.other_config(&c.config_bytes, dir) {
+                eprintln!("glimpse: warning: {m}");
+            }
         }
         let mut found = false;
         for name in d.names() {

@@ -49,8 +49,8 @@ pub(crate) enum Command {
         /// Relative tolerance (default 1e-4; 2e-2 with --precision bf16).
         #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]
         rtol: Option<f64>,
-        /// Flips decided by a margin below this are near-ties, which rounding alone can flip
-        /// (default 1e-3, or twice --atol where larger: 4e-2 with --precision bf16).
+        /// Flips whose margins on both sides are below this are near-ties, which rounding alone can
+        /// flip (default 1e-3, or twice --atol where larger: 4e-2 with --precision bf16).
         #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]
         near_tie: Option<f64>,
         /// Feed every layer the reference's own input, so errors do not spread between layers.
@@ -97,7 +97,7 @@ pub(crate) enum Command {
         /// Per-name tolerance, `PATTERN=ATOL,RTOL` (`*` wildcard); repeatable, last match wins.
         #[arg(long = "tol", value_name = "PATTERN=ATOL,RTOL")]
         tols: Vec<String>,
-        /// Flips decided by a margin below this are near-ties, which rounding alone can flip
+        /// Flips whose margins on both sides are below this are near-ties, which rounding alone can flip
         /// (default 1e-3, or twice --atol where larger; --tol overrides do not move it).
         #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]
         near_tie: Option<f64>,
@@ -173,7 +173,7 @@ pub(crate) enum Command {
         /// Where the live run goes (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
         #[arg(long, value_enum, default_value_t = Backend::Cpu, conflicts_with = "dump")]
         device: Backend,
-        /// Flips decided by a margin below this are marked near-ties (default 1e-3).
+        /// Flips whose margins on both sides are below this are marked near-ties (default 1e-3).
         #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]
         near_tie: Option<f64>,
     },

@@ -124,20 +124,23 @@ pub struct Flip {
 }
 
 impl Flip {
-    /// The larger of the known margins: how close the decision was. A flip overturns both
-    /// sides' decisions (a key or expert each kept over the other by at least its margin), so the
-    /// scores moved by at least the sum of the two margins between them: rounding alone flips it
-    /// only when both are small. (The smaller one misclassed a bug's flips: a reference margin of
-    /// 1e-2 with ours at 1e-4 read as a near-tie.)
+    /// The larger of the known margins. A flip overturns both sides' decisions (a key or expert
+    /// each kept over the other by at least its margin), so the scores moved by at least the sum
+    /// of the two margins between them: rounding alone flips it only when both are small. (The
+    /// smaller one misclassed a bug's flips: a reference margin of 1e-2 with ours at 1e-4 read as
+    /// a near-tie.) With grouped routing a margin covers the experts of the kept groups only, so a
+    /// flip of the group choice is classed by its experts' margins.
     pub fn margin(&self) -> Option<f32> {
         match (self.margin_ours, self.margin_reference) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         }
     }
-    /// A near-tie: the decision was closer than `threshold`, so rounding alone can flip it.
+    /// A near-tie: both margins known and below `threshold`, so rounding alone can flip it.
     pub fn near_tie(&self, threshold: f64) -> bool {
-        self.margin().is_some_and(|m| (m as f64) < threshold)
+        self.margin_ours.is_some()
+            && self.margin_reference.is_some()
+            && self.margin().is_some_and(|m| (m as f64) < threshold)
     }
 }
 
@@ -497,7 +500,7 @@ mod tests {
         c.set_margins(Some(&[0.5, f32::NAN]), Some(&[0.5, 2e-2]));
         let Detail::Sets { flips, .. } = &c.detail else { unreachable!() };
         assert_eq!((flips[0].margin_ours, flips[0].margin_reference), (None, Some(2e-2)));
-        assert!(!flips[0].near_tie(1e-3) && flips[0].near_tie(4e-2));
+        assert!(!flips[0].near_tie(1e-3) && !flips[0].near_tie(4e-2), "one side unknown: never a near-tie");
         // Both known: near only when both are (ours close to a tie, the reference's not is a bug).
         let with =
             |ours, reference| Flip { margin_ours: Some(ours), margin_reference: Some(reference), ..flips[0].clone() };

@@ -20,7 +20,7 @@ pub struct DiffOptions {
     pub tol: Tolerance,
     /// `(pattern, tolerance)` overrides; the last pattern that matches a name wins.
     pub per_name: Vec<(String, Tolerance)>,
-    /// Flips decided by a margin below this are near-ties.
+    /// Flips whose margins on both sides are below this are near-ties.
     pub near_tie: f64,
     /// The routers of the checkpoint both dumps ran (`diff --model`), to recompute routing
     /// margins from recorded gate logits.
@@ -56,6 +56,7 @@ pub fn parse_tol(s: &str) -> Result<(String, Tolerance)> {
     Ok((pattern.to_string(), Tolerance { atol, rtol }))
 }
 
+#[derive(Clone)]
 pub struct DiffReport {
     pub results: Vec<Comparison>,
     /// The first NaN or Inf in forward order, in each dump.
@@ -253,6 +254,8 @@ impl DiffReport {
             "b": b.display().to_string(),
             "match": self.all_match(),
             "first_divergence": self.first_divergence().map(|c| c.name.clone()),
+            "first_divergence_reading": self.first_divergence().map(|c| self.reading(c)).filter(|r| !r.is_empty())
+                .map(|r| r.trim().trim_start_matches('(').trim_end_matches(')').to_string()),
             "first_non_finite_a": self.non_finite_a.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
             "first_non_finite_b": self.non_finite_b.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
             "near_tie_threshold": self.near_tie,
@@ -272,17 +275,24 @@ impl DiffReport {
             .strip_suffix(".moe.topk_ids")
             .map(|l| format!("{l}.moe.router_logits"))
             .or_else(|| c.name.strip_suffix(".dsa.topk").map(|l| format!("{l}.dsa.scores")));
+        let all =
+            |flips: &[Flip], class| !flips.is_empty() && flips.iter().all(|fl| Class::of(fl, self.near_tie) == class);
         match &c.detail {
-            Detail::Float { cosine, scale, .. } if *cosine > 1.0 - 1e-6 && (scale - 1.0).abs() > 1e-3 => {
+            // The scale explains the difference: what is left once it is taken out (1 - cos², of
+            // the squared norm) is small against it, and it is past rounding (bf16's half ulp is
+            // 2e-3). One element always has a cosine of 1.
+            Detail::Float { cosine, scale, total, .. }
+                if *total > 1 && (scale - 1.0).abs() > 1e-2 && 1.0 - cosine * cosine < 1e-2 * (scale - 1.0).powi(2) =>
+            {
                 format!(" (ours = {scale:.4} x reference, cosine {cosine:.6}: a constant factor apart)")
             }
-            Detail::Sets { flips, .. }
-                if !flips.is_empty() && flips.iter().all(|fl| Class::of(fl, self.near_tie) == Class::NearTie) =>
-            {
-                " (every flip a near-tie)".into()
-            }
-            Detail::Sets { .. } => match inputs.and_then(matching) {
-                Some(name) => format!(" (it selects from {name}, which matches: the selection rule differs)"),
+            Detail::Sets { flips, .. } if all(flips, Class::NearTie) => " (every flip a near-tie)".into(),
+            // Real flips over scores that match: the rule differs, not its input.
+            Detail::Sets { flips, .. } if all(flips, Class::Real) => match inputs.and_then(matching) {
+                Some(name) if name.ends_with("router_logits") => {
+                    format!(" (its input {name} matches and the flips are real: the routing rule or the correction bias differs)")
+                }
+                Some(name) => format!(" (its input {name} matches and the flips are real: the top-k rule differs)"),
                 None => String::new(),
             },
             _ => String::new(),
@@ -315,8 +325,8 @@ impl DiffReport {
         let flips = self.flips();
         out += &flips::render(&flips, self.near_tie, " (see --json)");
         if !self.with_model && flips.iter().any(|(_, fl)| Class::of(fl, self.near_tie) == Class::Unknown) {
-            out +=
-                "  (margins a dump does not record are recomputed from its scores or gate logits with --model DIR)\n";
+            out += "  (with --model DIR, routing margins a dump does not record are recomputed from its gate logits, \
+                    and shared-indexer layers take those of the layer they reuse)\n";
         }
         for (side, names) in [(a, &self.only_a), (b, &self.only_b)] {
             for n in names.iter().take(ONLY_IN_LISTED) {
@@ -372,6 +382,11 @@ mod tests {
         let out = report.render(Path::new("a"), Path::new("b"));
         let first = "first divergence: layers.0.moe.topk_weights (ours = 0.4000 x reference, cosine 1.000000";
         assert!(out.contains(first), "{out}");
+        // Rounding is not a factor: 0.2% apart (bf16's half ulp) is not read as one.
+        let (_, rounded) = compare_floats(&[1.002, -2.004], &[1.0, -2.0], &[2], Tolerance::default());
+        let x = Comparison { name: "x".into(), ok: false, detail: rounded };
+        let one = DiffReport { results: vec![x], only_a: vec![], ..report.clone() };
+        assert!(one.render(Path::new("a"), Path::new("b")).contains("first divergence: x\n"));
         assert!(
             out.contains("only ours [], only ref [2], margin ours unknown ref unknown -> unknown (ours keeps fewer")
         );
@@ -381,7 +396,12 @@ mod tests {
 
         // Routing that differs over gate logits that match: the rule, not its input.
         let (_, logits) = compare_floats(&[1.0, 2.0], &[1.0, 2.0], &[2], Tolerance::default());
-        let flip = Flip { only_ours: vec![1], ..report.flips()[0].1.clone() };
+        let flip = Flip {
+            only_ours: vec![1],
+            margin_ours: Some(0.05),
+            margin_reference: Some(0.02),
+            ..report.flips()[0].1.clone()
+        };
         let sets = Detail::Sets { rows: 4, mean_recall: 0.875, min_recall: 0.5, flips: vec![flip] };
         let report = DiffReport {
             results: vec![
@@ -393,8 +413,10 @@ mod tests {
         };
         let out = report.render(Path::new("a"), Path::new("b"));
         let first =
-            "first divergence: layers.2.moe.topk_ids (it selects from layers.2.moe.router_logits, which matches";
+            "first divergence: layers.2.moe.topk_ids (its input layers.2.moe.router_logits matches and the flips are real";
         assert!(out.contains(first), "{out}");
+        let json = report.to_json(Path::new("a"), Path::new("b"));
+        assert!(json["first_divergence_reading"].as_str().is_some_and(|r| r.starts_with("its input")), "{json}");
     }
 
     #[test]

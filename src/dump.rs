@@ -59,17 +59,15 @@ impl Dump {
         self.file.metadata()
     }
 
-    /// Warns when the dump records a `config_sha256` other than `config_bytes`' (the checkpoint
-    /// in `model_dir`): its decisions were made by another model, so comparing or auditing them
-    /// with this one's routers is wrong, but not refused (a port may rewrite the config).
-    pub fn warn_other_config(&self, config_bytes: &[u8], model_dir: &Path) {
-        if self.metadata().get("config_sha256").is_some_and(|sha| *sha != sha256_hex(config_bytes)) {
-            eprintln!(
-                "glimpse: warning: {} was made from a different config.json than {}",
-                self.path.display(),
-                model_dir.display()
-            );
-        }
+    /// A warning when the dump records a `config_sha256` other than `config_bytes`' (the
+    /// checkpoint in `model_dir`): its decisions were made by another model, so comparing or
+    /// auditing them with this one's routers is wrong, but not refused (a port may rewrite the
+    /// config).
+    pub fn other_config(&self, config_bytes: &[u8], model_dir: &Path) -> Option<String> {
+        let sha = self.metadata().get("config_sha256")?;
+        (*sha != sha256_hex(config_bytes)).then(|| {
+            format!("{} was made from a different config.json than {}", self.path.display(), model_dir.display())
+        })
     }
 
     /// Tensor names, in forward order for hook points, then the rest alphabetically.

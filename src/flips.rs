@@ -15,10 +15,11 @@ use crate::model::moe::{route, RouterConfig};
 /// How close the decision a flip overturned was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
-    /// Decided by less than the near-tie threshold on each side whose margin is known.
+    /// Decided by less than the near-tie threshold on both sides.
     NearTie,
+    /// Decided by at least the threshold on one side at least.
     Real,
-    /// Neither side's margin is known.
+    /// Neither side's margin is known, or only one, below the threshold.
     Unknown,
 }
 
@@ -26,8 +27,11 @@ impl Class {
     pub fn of(fl: &Flip, near_tie: f64) -> Class {
         match fl.margin() {
             None => Class::Unknown,
+            // One clear margin is enough: the scores moved by at least that much.
+            Some(m) if m as f64 >= near_tie => Class::Real,
             Some(_) if fl.near_tie(near_tie) => Class::NearTie,
-            Some(_) => Class::Real,
+            // One small margin, the other side's unknown: it could be either.
+            Some(_) => Class::Unknown,
         }
     }
 
@@ -144,7 +148,7 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
     }
     let count = |class| flips.iter().filter(|(_, fl)| Class::of(fl, near_tie) == class).count();
     let mut out = format!(
-        "{} flips: {} near-tie (every known margin < {near_tie:e}), {} real, {} of unknown margin\n",
+        "{} flips: {} near-tie (both margins < {near_tie:e}), {} real, {} of unknown margin\n",
         flips.len(),
         count(Class::NearTie),
         count(Class::Real),
@@ -152,10 +156,13 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
     );
     for (name, fl) in flips.iter().take(50) {
         let m = |x: Option<f32>| x.map(|v| format!("{v:.3e}")).unwrap_or_else(|| "unknown".into());
-        // A row of ours that misses keys and adds none held padding (a position past the query,
-        // or negative) where the reference kept a causal key: a causality or width bug.
-        let padded =
-            if fl.only_ours.is_empty() { " (ours keeps fewer causal keys: padding in their place)" } else { "" };
+        // A row that misses keys and adds none held padding (a position past the query, or
+        // negative) where the other side kept a causal key: a causality or width bug.
+        let padded = match (fl.only_ours.is_empty(), fl.only_reference.is_empty()) {
+            (true, false) => " (ours keeps fewer causal keys: padding in their place)",
+            (false, true) => " (the reference keeps fewer causal keys: padding in their place)",
+            _ => "",
+        };
         out += &format!(
             "  {name} {:?}: only ours {:?}, only ref {:?}, margin ours {} ref {} -> {}{padded}\n",
             fl.at,
@@ -175,6 +182,28 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Near-tie only with both margins small; one clear margin makes it real; one small margin
+    /// with the other unknown stays unknown.
+    #[test]
+    fn classes_take_both_margins() {
+        let flip = |ours, reference| Flip {
+            row: 0,
+            at: vec![0],
+            only_ours: vec![1],
+            only_reference: vec![2],
+            recall: 0.5,
+            margin_ours: ours,
+            margin_reference: reference,
+        };
+        let class = |ours, reference| Class::of(&flip(ours, reference), 1e-3);
+        assert_eq!(class(Some(1e-4), Some(5e-4)), Class::NearTie);
+        assert_eq!(class(Some(1e-4), Some(1e-2)), Class::Real);
+        assert_eq!(class(Some(f32::INFINITY), Some(1e-4)), Class::Real);
+        assert_eq!(class(None, Some(1e-2)), Class::Real);
+        assert_eq!(class(Some(1e-4), None), Class::Unknown);
+        assert_eq!(class(None, None), Class::Unknown);
+    }
 
     /// Rows whose recomputed set is not the recorded one lose their margin; padding past a DSA
     /// row's query and the order within a row do not count; ids that do not fill the rows are

@@ -84,6 +84,13 @@ fn recording(patterns: &str, config: &glimpse::config::Config) -> Result<Selecto
     Ok(selector)
 }
 
+/// Prints a warning, when there is one, as every warning of the command line reads.
+fn warn(message: Option<String>) {
+    if let Some(m) = message {
+        eprintln!("glimpse: warning: {m}");
+    }
+}
+
 /// Positions past the config's `max_position_embeddings` still run (RoPE extends, as in
 /// transformers), but the model was not trained there: say so once.
 fn warn_past_positions(config: &glimpse::config::Config, positions: usize) {
@@ -141,7 +148,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let near_tie = near_tie.unwrap_or(tol.near_tie());
             let ckpt = Checkpoint::open(&model_dir)?;
             let reference = Dump::open(&golden)?;
-            reference.warn_other_config(&ckpt.config_bytes, &model_dir);
+            warn(reference.other_config(&ckpt.config_bytes, &model_dir));
             let tokens = reference.tokens()?;
             if decode {
                 return verify_decode(&ckpt, &tokens, chunk as usize, tol, max_memory);
@@ -206,7 +213,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let (da, db) = (Dump::open(&a)?, Dump::open(&b)?);
             let ckpt = model.as_ref().map(|dir| Checkpoint::open(dir)).transpose()?;
             if let (Some(c), Some(dir)) = (&ckpt, &model) {
-                [&da, &db].into_iter().for_each(|d| d.warn_other_config(&c.config_bytes, dir));
+                [&da, &db].into_iter().for_each(|d| warn(d.other_config(&c.config_bytes, dir)));
             }
             let routers = ckpt.as_ref().map(glimpse::model::moe::Routers::read).transpose()?;
             let config = ckpt.map(|c| c.config);

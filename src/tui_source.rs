@@ -32,7 +32,7 @@ pub struct DumpSource {
     tokens: Tokens,
     layers: Vec<LayerRow>,
     comparisons: BTreeMap<String, Comparison>,
-    /// Flips decided by a margin below this are near-ties.
+    /// Flips whose margins on both sides are below this are near-ties.
     near_tie: f64,
     /// The checkpoint's routers, when given: they recompute the routing margins of a dump that
     /// records gate logits but no `moe.margin` (a transformers dump).
@@ -429,7 +429,7 @@ pub struct Open<'a> {
     pub prompt: Option<&'a str>,
     pub max_memory: Option<u64>,
     pub target: crate::device::Target,
-    /// Flips decided by a margin below this are near-ties (default: `diff`'s).
+    /// Flips whose margins on both sides are below this are near-ties (default: `diff`'s).
     pub near_tie: Option<f64>,
 }
 

@@ -244,7 +244,7 @@ fn verify_lists_each_flip_with_its_margins_and_class() {
     let reference = common::dsa_margin_from_scores(&glimpse::dump::Dump::open(&golden).unwrap(), 2, 11);
     let reference = format!("ref {reference:.3e}");
     for (near_tie, summary, class) in [
-        ("1e-3", "1 flips: 0 near-tie (every known margin < 1e-3), 1 real", "-> real"),
+        ("1e-3", "1 flips: 0 near-tie (both margins < 1e-3), 1 real", "-> real"),
         ("1e-2", "1 flips: 1 near-tie", "-> near-tie"),
     ] {
         let args = ["verify", "--model", model, "--golden", golden.to_str().unwrap(), "--near-tie", near_tie];

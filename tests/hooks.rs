@@ -253,15 +253,19 @@ fn diff_names_the_perturbed_tensor_and_ignores_set_order_and_padding() {
     assert!(v["first_divergence"].is_null());
 }
 
-/// The bundled bf16 port flips selections; with the margins both dumps carry (the reference's
-/// recomputed from its indexer scores), the threshold decides near-tie against real.
+/// The bundled bf16 port flips selections; with the margins of both sides (the port's recorded,
+/// the reference's recomputed from its indexer scores and, with --model, its gate logits), the
+/// threshold decides near-tie against real. Without --model the reference's routing margins are
+/// unknown, and a small margin of the port's alone is no near-tie.
 #[test]
 fn diff_classifies_flips_by_margin() {
     let port = golden("flat").join("bf16-port.safetensors");
     let reference = golden("flat").join("reference.safetensors");
     let (p, r) = (port.to_str().unwrap(), reference.to_str().unwrap());
+    let model = golden("flat");
     let classes = |threshold: &str| -> Vec<(String, serde_json::Value, serde_json::Value)> {
-        let (code, out) = code_and_text(&["diff", "--json", "--near-tie", threshold, p, r]);
+        let args = ["diff", "--json", "--model", model.to_str().unwrap(), "--near-tie", threshold, p, r];
+        let (code, out) = code_and_text(&args);
         assert_eq!(code, 1, "{out}");
         let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         assert_eq!(v["first_divergence"], "embeddings");
@@ -281,8 +285,10 @@ fn diff_classifies_flips_by_margin() {
     let strict = classes("0");
     assert_eq!(strict.len(), loose.len(), "the threshold reclassifies flips, it does not drop them");
     assert!(strict.iter().all(|(c, _, _)| c == "real"), "{strict:?}");
-    // DSA flips carry both margins: the port's recorded one and the reference's from its scores.
-    assert!(strict.iter().any(|(_, a, b)| a.is_number() && b.is_number()));
+    assert!(strict.iter().all(|(_, a, b)| a.is_number() && b.is_number()), "{strict:?}");
+    let (_, out) = code_and_text(&["diff", "--near-tie", "10", p, r]);
+    let routing: Vec<&str> = out.lines().filter(|l| l.contains(".moe.topk_ids [")).collect();
+    assert!(!routing.is_empty() && routing.iter().all(|l| l.contains("ref unknown -> unknown")), "{out}");
 }
 
 /// A run that stops before `finish` (an error, a panic unwinding, a drop) leaves the target

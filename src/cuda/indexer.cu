@@ -2,7 +2,8 @@
 //   scores: score[b, s, t] = sum_h w[b, s, h] * relu(q[b, s, h] . k[b, t] * scale), -inf for
 //     keys after the query (queries at positions offset .. offset + S over T keys); the dots are
 //     one cuBLAS product per chunk of queries, then index_combine below. CPU reference:
-//     model::attention::index_scores.
+//     device::Ops::index_scores (CpuOps), which takes k as [B, T, d] too (model::attention's own
+//     reads the decode cache's [T, B, d]).
 //   topk_causal: the K = min(index_topk, T) best causal keys per query, best first, ties to the
 //     lower position, padded with the positions after the query when it has fewer than K keys;
 //     margin = K-th minus (K+1)-th causal score (+inf when nothing is cut). One block per query row;

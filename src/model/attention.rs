@@ -177,8 +177,9 @@ pub(crate) fn sparse_attention(
 /// the same latent and rope key of a position, so a task takes a block of the folded
 /// (head, query) rows. q_abs: [B, nh, C, r] (queries absorbed into the latent); q_rope:
 /// [B, nh, C, rope]; latents: [T, B, r]; k_rope: [T, B, rope] (position-major, as the decode cache
-/// holds them) -> the latents mixed by each row's probabilities, [B, nh, C, r]. In `d`, `nope` and `v` are both the latent rank r. `poisoned`:
-/// the positions (ascending) whose latent or rope key is not finite (the cache tracks them).
+/// holds them) -> the latents mixed by each row's probabilities, [B, nh, C, r]. In `d`, `nope`
+/// and `v` are both the latent rank r. `poisoned`: the positions (ascending) whose latent or rope
+/// key is not finite (the cache tracks them).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn absorbed_attention(
     q_abs: &[f32],

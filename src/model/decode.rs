@@ -42,6 +42,21 @@ impl LayerCache {
         let p = || Positions { reserve: positions, ..Positions::default() };
         LayerCache { kv_latent: p(), k_rope: p(), index_keys: p(), non_finite: Vec::new() }
     }
+
+    /// Appends a call's latents [B, C, r] and roped shared keys [B, C, rope], noting the
+    /// positions where either is not finite.
+    pub fn append_latents(&mut self, kv_latent: &Tensor, k_rope: &Tensor) -> Result<()> {
+        let first = self.kv_latent.len();
+        self.kv_latent.append_tensor(kv_latent)?;
+        self.k_rope.append_tensor(k_rope)?;
+        for new in [kv_latent, k_rope] {
+            let (b, c, w) = new.dims3()?;
+            self.non_finite.extend(with_f32(new, |v| non_finite_positions(v, b, c, w, first))?);
+        }
+        self.non_finite.sort_unstable();
+        self.non_finite.dedup();
+        Ok(())
+    }
 }
 
 /// Rows of `width` values for every position and batch row, flat `[T, B, width]`: appending a
@@ -59,10 +74,18 @@ impl Positions {
     /// Appends `c` positions of `batch` rows, `new` laid out `[B, C, width]` as a layer computes
     /// them.
     pub fn append(&mut self, new: &[f32], batch: usize, c: usize) -> Result<()> {
-        let width = new.len().checked_div(batch * c).unwrap_or(0);
+        if batch * c == 0 {
+            return Ok(());
+        }
+        let width = new.len() / (batch * c);
+        if width * batch * c != new.len() {
+            return Err(Error::Usage(format!("{} values are not {batch} x {c} rows of one width", new.len())));
+        }
         if self.data.is_empty() {
             (self.batch, self.width) = (batch, width);
-            self.data.reserve_exact(self.reserve.max(c) * batch * width);
+            // A hint: if the room cannot be had up front, the buffer grows as it fills.
+            let room = self.reserve.max(c).saturating_mul(batch * width);
+            let _ = self.data.try_reserve_exact(room);
         } else if (batch, width) != (self.batch, self.width) {
             return Err(Error::Usage(format!(
                 "the cache holds batch {} of width {}, a step brought batch {batch} of width {width}",
@@ -176,16 +199,8 @@ impl Attention {
         let c = x.dims()[1];
         let (nope, rd) = (self.nope, self.rope_dim);
         let Projected { q_latent, q, kv_latent, k_rope } = self.project(layer, x, rope, obs)?;
-        let (b, first) = (x.dims()[0], cache.kv_latent.len());
-        for new in [&kv_latent, &k_rope] {
-            let w = new.dims()[2];
-            cache.non_finite.extend(with_f32(new, |v| non_finite_positions(v, b, c, w, first))?);
-        }
-        cache.non_finite.sort_unstable();
-        cache.non_finite.dedup();
-        cache.kv_latent.append_tensor(&kv_latent)?;
-        cache.k_rope.append_tensor(&k_rope)?;
-        let t = cache.kv_latent.len(); // the cached positions, then these C
+        cache.append_latents(&kv_latent, &k_rope)?;
+        let (b, t) = (x.dims()[0], cache.kv_latent.len()); // T: the cached positions, then these C
 
         // DSA over the cached index keys: each new query sees every cached position up to its own.
         let selection = self.select(layer, x, &q_latent, rope, Some(&mut cache.index_keys), sel, obs)?;
@@ -424,6 +439,19 @@ mod tests {
         assert_eq!(p.data(), &[1., 1., 5., 5., 2., 2., 6., 6., 3., 3., 7., 7., 4., 4., 8., 8.]);
         assert!(p.append(&[0.; 4], 1, 2).is_err(), "batch 1 after batch 2");
         assert!(p.append(&[0.; 6], 2, 1).is_err(), "width 3 after width 2");
+        assert!(p.append(&[0.; 5], 2, 1).is_err(), "5 values are not 2 rows of one width");
         assert_eq!(p.len(), 4);
+    }
+
+    /// Both ways in (a prefill filling the cache, then decode calls) note the positions whose
+    /// latent or rope key is not finite, counted from the positions already cached.
+    #[test]
+    fn appended_latents_note_their_non_finite_positions() {
+        let mut cache = LayerCache::with_capacity(4);
+        let t = |v: Vec<f32>, c: usize, w: usize| Tensor::from_vec(v, (1, c, w), &candle_core::Device::Cpu).unwrap();
+        cache.append_latents(&t(vec![0., 1., f32::NAN, 0.], 2, 2), &t(vec![0., 0.], 2, 1)).unwrap();
+        cache.append_latents(&t(vec![0., 0.], 1, 2), &t(vec![f32::INFINITY], 1, 1)).unwrap();
+        cache.append_latents(&t(vec![0., 0.], 1, 2), &t(vec![0.], 1, 1)).unwrap();
+        assert_eq!((cache.kv_latent.len(), &cache.non_finite[..]), (4, &[1, 2][..]));
     }
 }

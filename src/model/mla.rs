@@ -94,8 +94,7 @@ impl Attention {
         let (nh, nope, rd, vd) = (self.heads, self.nope, self.rope_dim, self.v_dim);
         let Projected { q_latent, q, kv_latent, k_rope } = self.project(layer, x, rope, obs)?;
         if let Some(c) = cache.as_deref_mut() {
-            c.kv_latent.append_tensor(&kv_latent)?;
-            c.k_rope.append_tensor(&k_rope)?;
+            c.append_latents(&kv_latent, &k_rope)?;
         }
 
         // Expand the latent into per-head keys and values.
@@ -152,7 +151,8 @@ impl Attention {
     }
 
     /// This layer's DSA selection for the queries in `x` (a replayed one when the observer forces
-    /// it), reported as `dsa.topk`. `keys` is the decode cache of index keys, None in prefill.
+    /// it), reported as `dsa.topk`. `keys` is the decode cache of index keys, None in a prefill
+    /// that fills no cache.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn select<'s>(
         &self,
