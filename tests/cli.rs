@@ -290,3 +290,27 @@ fn streaming_fits_where_resident_does_and_mismatched_configs_are_named() {
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
     assert!(text(&o).1.contains("5 positions run past max_position_embeddings (4)"), "{:?}", text(&o).1);
 }
+
+/// A run checked against its own dump with its decisions replayed matches everywhere, on both
+/// paths: a replayed route keeps its own decision's margin (it was recorded as NaN, a mismatch).
+#[test]
+fn replaying_a_runs_own_decisions_matches_its_dump() {
+    let tmp = tempfile::tempdir().unwrap();
+    let own = tmp.path().join("own.safetensors");
+    let own = own.to_str().unwrap();
+    let o = glimpse(&[
+        "run",
+        "--model",
+        "golden/flat",
+        "--tokens-from",
+        "golden/flat/reference.safetensors",
+        "--dump",
+        own,
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    for device in ["cpu", "cpu-ops"] {
+        let args = ["verify", "--model", "golden/flat", "--golden", own, "--force-routing", "--force-selection"];
+        let (code, out) = common::code_and_text(&[&args[..], &["--device", device]].concat());
+        assert_eq!(code, 0, "{device}: {out}");
+    }
+}

@@ -8,8 +8,8 @@
 //! Isolation (`verify --isolate`: each layer fed the reference's hidden state) and replayed
 //! decisions (`verify --force-routing --force-selection`) are taken from the observer as
 //! the CPU model takes them: the replayed DSA selection and expert ids are uploaded in place of
-//! our own (own scores and the selection's margin still reported; a replayed route's weights come
-//! from our router scores, its margin is NaN).
+//! our own (own scores and margins still reported, the margins of the decisions our own scores
+//! make; a replayed route's weights come from our router scores).
 //!
 //! Not here yet: the MTP head, decode and `attention_bias`.
 
@@ -486,7 +486,8 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let (hd, e, k) = (gate.inp, gate.out, router.top_k);
         let logits = self.mm(x, gate, t, 1.0)?; // [T, E]
         self.report(obs, hook(LayerHook::RouterLogits), &logits, &[t, e])?;
-        let (mut ids, mut w, mut margin) = self.ops.route(&logits, bias, t, e, router)?;
+        // A replayed route keeps our own decision's margin, as a replayed DSA selection does.
+        let (mut ids, mut w, margin) = self.ops.route(&logits, bias, t, e, router)?;
         if let Some(forced) = obs.forced_routing(i)? {
             if forced.len() != t || forced.iter().any(|row| row.len() != k || row.iter().any(|&j| j >= e)) {
                 return Err(Error::Usage(format!("layer {i}: forced routing does not fit {t} tokens of top-{k}")));
@@ -498,8 +499,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
                 .flat_map(|(row, sc)| crate::model::moe::weights_for(router, sc, row))
                 .collect();
             let host_ids: Vec<i32> = forced.iter().flatten().map(|&j| j as i32).collect();
-            (ids, w, margin) =
-                (self.ops.upload_i32(&host_ids)?, self.ops.upload(&host_w)?, self.ops.upload(&vec![f32::NAN; t])?);
+            (ids, w) = (self.ops.upload_i32(&host_ids)?, self.ops.upload(&host_w)?);
         }
         self.report_ids(obs, hook(LayerHook::TopkIds), &ids, &[t, k])?;
         self.report(obs, hook(LayerHook::TopkWeights), &w, &[t, k])?;

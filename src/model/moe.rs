@@ -221,9 +221,11 @@ impl Moe {
                     "layer {layer}: forced routing does not fit {n} tokens"
                 )));
             }
+            // The margin stays our own decision's (as a replayed DSA selection's does), so a run
+            // that replays its own choices records what it would have recorded.
             for ((r, ids), row) in routes.iter_mut().zip(forced).zip(&logits_v) {
                 let scores: Vec<f32> = row.iter().map(|&l| sigmoid(l)).collect();
-                *r = Route { weights: weights_for(rc, &scores, &ids), ids, margin: f32::NAN };
+                *r = Route { weights: weights_for(rc, &scores, &ids), ids, margin: r.margin };
             }
         }
         let k = routes.first().map_or(rc.top_k, |r| r.ids.len());
