@@ -197,6 +197,14 @@ struct Resume {
     config_sha256: String,
 }
 
+/// What a resumable run records, as its state holds it: a resumed run must record the same.
+fn selection_json(selector: &Selector) -> serde_json::Value {
+    serde_json::json!({
+        "patterns": selector.patterns,
+        "layers": selector.layers.as_ref().map(|r| [*r.start(), *r.end()]),
+    })
+}
+
 /// `OUT.resume.json` / `OUT.resume.hidden` beside a dump `OUT`.
 fn resume_paths(path: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let with = |suffix| crate::output::sibling(path, suffix);
@@ -339,6 +347,10 @@ impl DumpWriter {
         if state["config_sha256"].as_str() != Some(config_sha256) {
             return Err(bad("it was written for another config.json"));
         }
+        // (A state written before the selection was recorded in it has no `record`.)
+        if !state["record"].is_null() && state["record"] != selection_json(&selector) {
+            return Err(bad("it was written recording other hook points (--record, --layers)"));
+        }
         let entries: Vec<(String, Dtype, Vec<usize>)> =
             serde_json::from_value(state["entries"].clone()).map_err(|_| bad("no entries"))?;
         let reserve = state["reserve"].as_u64().ok_or_else(|| bad("no reserve"))? as usize;
@@ -389,6 +401,7 @@ impl DumpWriter {
         let state = serde_json::json!({
             "layer": layer, "reserve": self.reserve, "entries": self.entries,
             "tokens": r.tokens.ids, "batch": r.tokens.batch, "seq": r.tokens.seq, "config_sha256": r.config_sha256,
+            "record": selection_json(&self.selector),
         });
         let tmp = r.state_path.with_extension("json.tmp");
         std::fs::write(&tmp, state.to_string()).map_err(|e| Error::io(&tmp, e))?;

@@ -279,7 +279,7 @@ fn malformed_files_and_arguments_are_one_line_errors() {
 
 /// SIGKILL in the middle of writing a dump: the previous file under the target name survives
 /// whole, and no partial file takes its name; `--resume` finishes a killed run from its last
-/// completed layer.
+/// completed layer, and refuses other tokens or other hook points to record.
 #[test]
 fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();
@@ -324,6 +324,10 @@ fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
     let o = glimpse(&other);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("written for other tokens"));
+    let narrower: Vec<&str> = rargs.iter().copied().chain(["--resume", "--record", "layers.*.moe.*"]).collect();
+    let o = glimpse(&narrower);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("recording other hook points"));
     let mut with_resume = rargs.to_vec();
     with_resume.push("--resume");
     let o = glimpse(&with_resume);
