@@ -295,8 +295,29 @@ pub fn collect(
             eprintln!();
         }
     }
+    let mut seen: Vec<(PathBuf, &Path, Option<String>)> = Vec::new();
+    let mut guessed_experts = None;
     for path in dumps {
         let d = Dump::open(path)?;
+        // One model's load, each dump once: the same file twice would count its tokens twice,
+        // and another model's dump adds layers and experts of another routing.
+        let canonical = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
+        let sha = d.metadata().get("config_sha256").cloned();
+        for (other, given, other_sha) in &seen {
+            if *other == canonical {
+                return Err(Error::Usage(format!("--dump {} is given twice", path.display())));
+            }
+            if let (Some(a), Some(b)) = (&sha, other_sha) {
+                if a != b {
+                    return Err(Error::Usage(format!(
+                        "{} was made from another config.json than {}: audit one model at a time",
+                        path.display(),
+                        given.display()
+                    )));
+                }
+            }
+        }
+        seen.push((canonical, path, sha));
         if let (Some(c), Some(dir)) = (&ckpt, model_dir) {
             if let Some(m) = d.other_config(&c.config_bytes, dir) {
                 eprintln!("glimpse: warning: {m}");
@@ -313,10 +334,15 @@ pub fn collect(
             };
             if audit.experts == 0 {
                 // Without a model, the expert count comes from the router's width, else the ids.
-                audit.experts = d
-                    .shape(&format!("layers.{i}.moe.router_logits"))
-                    .and_then(|s| s.last().copied())
-                    .unwrap_or_else(|| ids.iter().copied().max().map_or(0, |m| m as usize + 1));
+                audit.experts = match d.shape(&format!("layers.{i}.moe.router_logits")).and_then(|s| s.last().copied())
+                {
+                    Some(width) => width,
+                    None => {
+                        let n = ids.iter().copied().max().map_or(0, |m| m as usize + 1);
+                        guessed_experts = Some(n);
+                        n
+                    }
+                };
             }
             let flags = match d.values(&format!("layers.{i}.moe.bias_changed")) {
                 Ok((Values::I64(f), _)) => Some(f),
@@ -333,6 +359,12 @@ pub fn collect(
             return Err(Error::dump(path, "holds no `layers.*.moe.topk_ids` to audit"));
         }
         audit.prompts += d.tokens().map_or(1, |t| t.batch);
+    }
+    if let Some(n) = guessed_experts {
+        eprintln!(
+            "glimpse: warning: the dumps hold no router logits: {n} experts counted from the largest id, \
+             so experts above it cannot show as dead (--model DIR gives the checkpoint's count)"
+        );
     }
     Ok(audit)
 }

@@ -150,11 +150,17 @@ impl Flip {
 pub fn flips(results: &[Comparison]) -> Vec<(&str, &Flip)> {
     fn of(c: &Comparison) -> &[Flip] {
         match &c.detail {
-            Detail::Sets { flips, .. } if HookPoint::parse(&c.name).is_some_and(|p| p.margin().is_some()) => flips,
+            Detail::Sets { flips, .. } if is_decision(&c.name) => flips,
             _ => &[],
         }
     }
     results.iter().flat_map(|c| of(c).iter().map(|f| (c.name.as_str(), f))).collect()
+}
+
+/// Whether `name` is a selection a margin decides (`dsa.topk`, `moe.topk_ids`); other integer
+/// tensors compare element by element, their differences are not flips.
+pub fn is_decision(name: &str) -> bool {
+    HookPoint::parse(name).is_some_and(|p| p.margin().is_some())
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -226,6 +226,12 @@ pub fn comparison_json(c: &Comparison, near_tie: f64) -> Value {
                 "cosine": f(*cosine), "scale": f(*scale), "outside_tolerance": bad, "elements": total,
             })
         }
+        Detail::Sets { rows, flips, .. } if !crate::compare::is_decision(&c.name) => json!({
+            "kind": "exact", "elements": rows, "differ": flips.len(),
+            "differing": flips.iter().map(|fl| json!({
+                "at": fl.at, "ours": fl.only_ours.first(), "reference": fl.only_reference.first(),
+            })).collect::<Vec<_>>(),
+        }),
         Detail::Sets { rows, mean_recall, min_recall, flips } => json!({
             "kind": "sets", "rows": rows, "mean_recall": f(*mean_recall), "min_recall": f(*min_recall),
             "flips": flips.iter().map(|fl| json!({
@@ -417,6 +423,21 @@ mod tests {
         assert!(out.contains(first), "{out}");
         let json = report.to_json(Path::new("a"), Path::new("b"));
         assert!(json["first_divergence_reading"].as_str().is_some_and(|r| r.starts_with("its input")), "{json}");
+    }
+
+    /// An exact integer tensor that differs reads as elements, in text and JSON, not as flips.
+    #[test]
+    fn exact_integer_tensors_differ_by_element() {
+        let (a, e) = (Values::I64(vec![1, 0, 0]), Values::I64(vec![0, 0, 0]));
+        let c = compare_tensor("layers.2.moe.bias_changed", (&a, &[3]), (&e, &[3]), None, Tolerance::default());
+        assert_eq!(
+            crate::verify::format_line(&c).split_whitespace().collect::<Vec<_>>()[1..5],
+            ["MISMATCH", "1/3", "elements", "differ;"]
+        );
+        let json = comparison_json(&c, 1e-3);
+        assert_eq!((json["kind"].as_str(), json["differ"].as_u64()), (Some("exact"), Some(1)));
+        assert_eq!(json["differing"][0]["ours"], 1);
+        assert!(crate::compare::flips(&[c]).is_empty());
     }
 
     #[test]

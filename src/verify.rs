@@ -333,6 +333,14 @@ pub fn format_line(c: &Comparison) -> String {
             }
             s
         }
+        // An exact integer tensor (`moe.bias_changed`) holds one-member sets: its elements.
+        Detail::Sets { rows, flips, .. } if !compare::is_decision(&c.name) => {
+            let mut s = format!("{}/{rows} elements differ", flips.len());
+            if let Some(f) = flips.first() {
+                s += &format!("; first at {:?}: ours {:?} ref {:?}", f.at, f.only_ours, f.only_reference);
+            }
+            s
+        }
         Detail::Sets { rows, flips, min_recall, .. } => {
             let mut s = format!("{}/{rows} rows differ", flips.len());
             if let Some(f) = flips.first() {

@@ -314,3 +314,32 @@ fn replaying_a_runs_own_decisions_matches_its_dump() {
         assert_eq!(code, 0, "{device}: {out}");
     }
 }
+
+/// `audit` takes one model's dumps, each once, and says when it can only guess the expert count.
+#[test]
+fn audit_refuses_twice_the_same_dump_and_other_models_dumps() {
+    let flat = "golden/flat/reference.safetensors";
+    assert_error(&glimpse(&["audit", "--dump", flat, "--dump", flat]), "is given twice");
+    let mixed = glimpse(&["audit", "--dump", flat, "--dump", "golden/mtp/reference.safetensors"]);
+    assert_error(&mixed, "was made from another config.json than golden/flat/reference.safetensors");
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = tmp.path().join("ids.safetensors");
+    let ids = ids.to_str().unwrap();
+    let o = glimpse(&[
+        "run",
+        "--model",
+        "golden/flat",
+        "--tokens",
+        "1,2,3",
+        "--record",
+        "layers.*.moe.topk_ids",
+        "--dump",
+        ids,
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    let o = glimpse(&["audit", "--dump", ids]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    assert!(text(&o).1.contains("experts counted from the largest id"), "{:?}", text(&o));
+    let o = glimpse(&["audit", "--dump", ids, "--model", "golden/flat"]);
+    assert!(text(&o).0.contains("16 experts") && !text(&o).1.contains("largest id"), "{:?}", text(&o));
+}
