@@ -172,11 +172,20 @@ fn routing_view_shows_experts_margins_and_a_flagged_flip() {
     assert!(s.contains(&title), "{title}\n{s}");
     let flip = line_with(&s, &format!("s{} #", app.token));
     let class = match classes.iter().find(|c| c.0 == app.token).map(|c| c.1) {
-        Some(Class::NearTie) => "FLIP~ ref [",
-        Some(Class::Real) => "FLIP! ref [",
+        Some(Class::NearTie) => "FLIP~",
+        Some(Class::Real) => "FLIP!",
         other => panic!("the cursor's token {} is not a classed flip: {other:?}", app.token),
     };
-    assert!(flip.contains(class), "cursor on the flipped token, classed: {flip}");
+    // What differs, from the two dumps: `-` the reference's experts we lack, `+` ours it lacks.
+    let row = |d: &Dump| match d.values("layers.2.moe.topk_ids").unwrap() {
+        (glimpse::dump::Values::I64(v), shape) => v[app.token * shape[1]..][..shape[1]].to_vec(),
+        _ => panic!("expert ids are integers"),
+    };
+    let (ours, reference) = port_dumps();
+    let (ours, reference) = (row(&ours), row(&reference));
+    let only = |a: &[i64], b: &[i64]| a.iter().filter(|x| !b.contains(x)).copied().collect::<Vec<_>>();
+    let differs = format!("{class} -{:?} +{:?}", only(&reference, &ours), only(&ours, &reference));
+    assert!(flip.contains(&differs), "cursor on the flipped token, classed: {differs} in {flip}");
 }
 
 /// A transformers dump records gate logits, no `moe.margin`: given the checkpoint's routers, the
@@ -257,6 +266,26 @@ fn load_dsa_and_kv_views_draw_the_bundled_case() {
     assert_eq!(near + real, flipped_rows(3, "dsa.topk"));
     let title = format!("layer 3 dsa (full): 32 queries, {} differ ({near}~ {real}!)  # both +ours -ref", near + real);
     assert!(s.contains(&title), "{title}\n{s}");
+    // 40 columns: 13 for the label, 2 borders, 24 keys and the `>` column. A row ends in `>`
+    // exactly when it differs at a key past 23, counted here from the two dumps.
+    let narrow_app = App { token: 31, ..app.clone() };
+    let narrow = screen(&narrow_app, &port, 40, 24);
+    assert!(narrow.contains("keys 0-23 of 32"), "{narrow}");
+    let sets = |d: &Dump| match d.values("layers.3.dsa.topk").unwrap() {
+        (glimpse::dump::Values::I64(v), shape) => v.chunks(shape[2]).map(<[i64]>::to_vec).collect::<Vec<_>>(),
+        _ => panic!("DSA selections are integers"),
+    };
+    let (ours, reference) = port_dumps();
+    let (ours, reference) = (sets(&ours), sets(&reference));
+    let mut marked = 0;
+    for q in 0..32usize {
+        let Some(line) = narrow.lines().find(|l| l.contains(&format!("│q{q:<5} "))) else { continue };
+        let differs = |k: i64| ours[q].contains(&k) != reference[q].contains(&k);
+        let hidden = (24..=q as i64).any(differs);
+        assert_eq!(line.trim_end_matches('│').trim_end().ends_with('>'), hidden, "q{q}: {line}");
+        marked += usize::from(hidden);
+    }
+    assert!(marked > 0, "some row differs past the shown keys:\n{narrow}");
     // Each flipped query on screen is marked with its class after its recall (its label's last
     // character); the others are not.
     let label = |q: usize| -> Option<String> {
@@ -346,7 +375,7 @@ fn the_binary_in_tmux() {
     tmux(&["send-keys", "-t", &session, "n"]);
     let s = wait_for("layer 3: FLIPS");
     assert!(s.contains(&format!("layer 3 routing: 32 tokens, {} flips", flipped_rows(3, "moe.topk_ids"))), "{s}");
-    assert!(s.contains("FLIP! ref ["), "{s}");
+    assert!(s.contains("FLIP! -["), "{s}");
     tmux(&["send-keys", "-t", &session, "q"]);
     tmux(&["kill-session", "-t", &session]);
 }
@@ -381,6 +410,7 @@ fn every_view_draws_a_dump_with_the_mtp_layer() {
     let mut app = App::default();
     app.set_view(View::Dsa);
     assert!(screen(&app, &src, 80, 24).contains("16 queries (batch row 0 of 2),"));
+
     app.token = 16;
     assert!(screen(&app, &src, 80, 24).contains("16 queries (batch row 1 of 2),"));
 }

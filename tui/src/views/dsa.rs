@@ -1,7 +1,8 @@
 //! The DSA selection of the selected layer as a query x key matrix for the batch row of the
 //! selected token: `#` kept by both sides, `+` kept only by us, `-` kept only by the reference,
 //! `.` a causal key nobody kept. Scrolls down the queries; recall per query on the left, marked
-//! `~` for a near-tie flip, `!` a real one, `?` one of unknown margin.
+//! `~` for a near-tie flip, `!` a real one, `?` one of unknown margin. Keys past the width are
+//! left out (the title says which are shown), and `>` ends a row that differs among them.
 
 use ratatui::layout::Rect;
 use ratatui::style::{Color, Modifier, Style};
@@ -19,7 +20,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         return;
     };
     let label_w = 13;
-    let keys = (area.width as usize).saturating_sub(label_w + 2).min(m.seq);
+    // When the keys do not fit, the last column marks with `>` the rows that differ past it.
+    let room = (area.width as usize).saturating_sub(label_w + 2);
+    let keys = if m.seq > room { room.saturating_sub(1) } else { m.seq };
     let rows = area.height.saturating_sub(2) as usize;
     // Start at the scroll position, but keep the selected token's query in view.
     let q_sel = app.token % m.seq.max(1);
@@ -46,14 +49,20 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
                 };
                 spans.push(Span::styled(c.to_string(), style));
             }
+            let hidden = (keys..=q.min(m.seq - 1)).any(|k| theirs.is_some_and(|t| t.contains(&k) != ours.contains(&k)));
+            if hidden {
+                spans.push(Span::styled(">", Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)));
+            }
             Line::from(spans)
         })
         .collect();
     let flips = (0..m.seq).filter(|&q| m.recall(q).is_some_and(|r| r < 1.0)).count();
     let batch = src.tokens() / m.seq.max(1);
     let row = if batch > 1 { format!(" (batch row {} of {batch})", app.token / m.seq.max(1)) } else { String::new() };
+    // Keys past the width are not drawn: say so.
+    let cut = if keys < m.seq { format!(" keys 0-{} of {}", keys.saturating_sub(1), m.seq) } else { String::new() };
     let title = format!(
-        "layer {} dsa ({}): {} queries{row}, {flips} differ{}  # both +ours -ref",
+        "layer {} dsa ({}){cut}: {} queries{row}, {flips} differ{}  # both +ours -ref",
         layer.index,
         layer.indexer,
         m.seq,

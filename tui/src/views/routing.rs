@@ -1,6 +1,7 @@
 //! Tokens x chosen experts of the selected MoE layer, with weights and margins; rows whose
 //! expert set differs from the reference are flips, shown in red with their class (`~` near-tie,
-//! `!` real, `?` unknown, by the margins that decided them) and the reference's set.
+//! `!` real, `?` unknown, by the margins that decided them) and what differs: `-` the experts only
+//! the reference chose, `+` those only we chose (as the DSA view marks keys).
 
 use ratatui::layout::{Constraint, Rect};
 use ratatui::style::{Color, Modifier, Style};
@@ -32,7 +33,11 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let rows = routes.iter().skip(start).map(|r| {
         let experts: Vec<String> = r.ids.iter().zip(&r.weights).map(|(i, w)| format!("{i}:{w:.2}")).collect();
         let reference = match &r.reference_ids {
-            Some(ids) if r.is_flip() => format!("FLIP{} ref {ids:?}", r.flip.map_or(' ', FlipClass::mark)),
+            Some(ids) if r.is_flip() => {
+                let only = |a: &[usize], b: &[usize]| a.iter().filter(|x| !b.contains(x)).copied().collect::<Vec<_>>();
+                let mark = r.flip.map_or(' ', FlipClass::mark);
+                format!("FLIP{mark} -{:?} +{:?}", only(ids, &r.ids), only(&r.ids, ids))
+            }
             Some(_) => "=".into(),
             None => "-".into(),
         };
@@ -47,7 +52,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     });
     let widths = WIDTHS.map(Constraint::Length);
     let widths = shown([widths[0], Constraint::Min(WIDTHS[1]), widths[2], widths[3]], &show);
-    let header = Row::new(shown(["token", "experts:weight", "margin", "reference"], &show))
+    let header = Row::new(shown(["token", "experts:weight", "margin", "vs ref (-ref +ours)"], &show))
         .style(Style::new().add_modifier(Modifier::UNDERLINED));
     let title = format!(
         "layer {} routing: {} tokens, {flips} flips{}",
