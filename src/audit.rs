@@ -134,8 +134,8 @@ impl Audit {
 
     pub fn table(&self) -> String {
         let mut s = format!(
-            "expert load over {} prompt(s), {} experts\n{:>5} {:>8} {:>8} {:>7} {:>8} {:>9} {:>5} {:>12} {:>10}  busiest experts\n",
-            self.prompts, self.experts, "layer", "tokens", "MaxVio", "CV", "entropy", "balanced", "dead", "bias-changed", "corr(b,l)"
+            "expert load over {} prompt(s), {} experts\n{:>5} {:>8} {:>8} {:>7} {:>8} {:>9} {:>5} {:>12} {:>10}  {:<30}  rarest (expert:tokens)\n",
+            self.prompts, self.experts, "layer", "tokens", "MaxVio", "CV", "entropy", "balanced", "dead", "bias-changed", "corr(b,l)", "busiest (expert:tokens)"
         );
         for l in self.layers.values() {
             let st = l.stats();
@@ -146,10 +146,13 @@ impl Audit {
             };
             let mut order: Vec<usize> = (0..l.counts.len()).collect();
             order.sort_by(|&a, &b| l.counts[b].cmp(&l.counts[a]).then(a.cmp(&b)));
-            let busiest: Vec<String> = order.iter().take(3).map(|&e| format!("{e}:{}", l.counts[e])).collect();
+            let list = |experts: &mut dyn Iterator<Item = &usize>| {
+                experts.take(3).map(|&e| format!("{e}:{}", l.counts[e])).collect::<Vec<_>>().join(" ")
+            };
+            let (busiest, rarest) = (list(&mut order.iter()), list(&mut order.iter().rev()));
             let _ = writeln!(
                 s,
-                "{:>5} {:>8} {:>8.3} {:>7.3} {:>8.3} {:>9.3} {:>5} {:>12} {:>10}  {}",
+                "{:>5} {:>8} {:>8.3} {:>7.3} {:>8.3} {:>9.3} {:>5} {:>12} {:>10}  {busiest:<30}  {rarest}",
                 l.layer,
                 l.tokens,
                 st.max_vio,
@@ -159,7 +162,6 @@ impl Audit {
                 st.dead,
                 opt(st.bias_changed_share, true),
                 opt(st.bias_load_corr, false),
-                busiest.join(" ")
             );
         }
         s

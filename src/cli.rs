@@ -292,7 +292,8 @@ pub(crate) enum Command {
         /// Also write the MTP layer (model.layers.{num_hidden_layers}.*).
         #[arg(long)]
         mtp: bool,
-        /// Seed of the random weights.
+        /// Seed of the random weights: the same seed draws the same values in every --dtype (fp8
+        /// stores their block quantisation), so twins in two precisions compare a quantisation.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// The folder to write (created if missing).

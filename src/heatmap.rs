@@ -1,6 +1,7 @@
 //! The expert-load heatmap as an SVG file: one row per MoE layer, one cell per expert, coloured by
 //! load relative to the layer's mean (so balanced layers look flat whatever the token count),
-//! with each layer's MaxVio and dead-expert count on the right.
+//! with each layer's MaxVio and dead-expert count on the right. Dead experts (no token) are
+//! light grey, apart from the ramp, whose dark end would hide them among the barely used.
 
 use std::fmt::Write;
 
@@ -22,6 +23,9 @@ fn colour(t: f64) -> String {
     let c: Vec<u8> = (0..3).map(|k| (c0[k] + f * (c1[k] - c0[k])).round() as u8).collect();
     format!("#{:02x}{:02x}{:02x}", c[0], c[1], c[2])
 }
+
+/// The colour of an expert no token chose.
+const DEAD: &str = "#d9d9d9";
 
 /// Maps load/mean onto the ramp: 0 at no load, 0.5 at the mean, 1 at twice the mean or more.
 fn scale(load: u64, mean: f64) -> f64 {
@@ -67,7 +71,7 @@ pub fn svg(audit: &Audit, title: &str) -> String {
                 s,
                 r#"<rect x="{:.2}" y="{y:.2}" width="{cell_w:.2}" height="{cell_h:.2}" fill="{}"><title>layer {} expert {e}: {c} tokens</title></rect>"#,
                 left + e as f64 * cell_w,
-                colour(scale(c, mean)),
+                if c == 0 { DEAD.to_string() } else { colour(scale(c, mean)) },
                 l.layer
             );
         }
@@ -102,6 +106,9 @@ pub fn svg(audit: &Audit, title: &str) -> String {
     let _ = writeln!(s, r#"<text x="{left}" y="{:.1}">idle</text>"#, ly + 28.0);
     let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">mean</text>"#, left + 100.0, ly + 28.0);
     let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">2x mean+</text>"#, left + 200.0, ly + 28.0);
+    let dx = left + 230.0;
+    let _ = writeln!(s, r#"<rect x="{dx:.1}" y="{ly:.1}" width="12" height="12" fill="{DEAD}"/>"#);
+    let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}">dead (no token)</text>"#, dx + 18.0, ly + 10.0);
     s += "</svg>\n";
     s
 }
