@@ -173,7 +173,14 @@ pub(crate) enum Command {
         /// Where the live run goes (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
         #[arg(long, value_enum, default_value_t = Backend::Cpu, conflicts_with = "dump")]
         device: Backend,
-        /// Flips whose margins on both sides are below this are marked near-ties (default 1e-3).
+        /// Absolute tolerance of the comparison with the reference (diff's; 2e-2 suits bf16).
+        #[arg(long, default_value_t = 1e-4, allow_negative_numbers = true, value_parser = non_negative)]
+        atol: f64,
+        /// Relative tolerance of the comparison with the reference.
+        #[arg(long, default_value_t = 1e-4, allow_negative_numbers = true, value_parser = non_negative)]
+        rtol: f64,
+        /// Flips whose margins on both sides are below this are marked near-ties (default 1e-3, or
+        /// twice --atol where larger).
         #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]
         near_tie: Option<f64>,
     },

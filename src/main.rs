@@ -266,7 +266,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", report.render());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Tui { model, golden, dump, tokens, prompt, device, near_tie } => {
+        Command::Tui { model, golden, dump, tokens, prompt, device, atol, rtol, near_tie } => {
             let model = model.or_else(|| dump.is_none().then(default_case));
             let src = glimpse::tui_source::open(&glimpse::tui_source::Open {
                 model: model.as_deref(),
@@ -277,6 +277,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 max_memory,
                 target: target(device)?,
                 near_tie,
+                tol: Tolerance { atol, rtol },
             })?;
             glimpse_tui::term::run(&src).map_err(|e| Error::Usage(format!("terminal: {e}")))?;
             Ok(ExitCode::SUCCESS)

@@ -431,14 +431,15 @@ pub struct Open<'a> {
     pub target: crate::device::Target,
     /// Flips whose margins on both sides are below this are near-ties (default: `diff`'s).
     pub near_tie: Option<f64>,
+    /// The comparison's tolerance.
+    pub tol: crate::compare::Tolerance,
 }
 
 /// Opens the TUI's data: a recorded dump as it is, or a live run of a model recorded into a
 /// temporary dump; with the reference when there is one.
 pub fn open(o: &Open) -> Result<DumpSource> {
-    let Open { model, golden, dump, tokens, prompt, max_memory, target, near_tie } = *o;
-    let mut opts = DiffOptions::default();
-    opts.near_tie = near_tie.unwrap_or(opts.near_tie);
+    let Open { model, golden, dump, tokens, prompt, max_memory, target, near_tie, tol } = *o;
+    let mut opts = DiffOptions { tol, near_tie: near_tie.unwrap_or(tol.near_tie()), ..DiffOptions::default() };
     let dir = match (dump, model) {
         (Some(path), model) => {
             let reference = golden.map(Dump::open).transpose()?;

@@ -432,6 +432,7 @@ fn the_live_run_can_go_through_the_device_path() {
         max_memory: None,
         target: glimpse::device::Backend::CpuOps.into(),
         near_tie: None,
+        tol: Default::default(),
     })
     .unwrap();
     let mut app = App::default();
@@ -460,6 +461,7 @@ fn a_live_run_of_other_tokens_runs_without_the_folders_reference() {
             max_memory: None,
             target: glimpse::device::Backend::Cpu.into(),
             near_tie: None,
+            tol: Default::default(),
         })
     };
     let src = open(None).unwrap();
@@ -522,4 +524,38 @@ fn stale_live_dumps_of_dead_processes_are_swept() {
     glimpse::tui_source::sweep_live_dumps(dir.path());
     let left: Vec<bool> = names.iter().map(|n| dir.path().join(n).exists()).collect();
     assert_eq!(left, [false, false, true, true]);
+}
+
+/// `tui --atol/--rtol`: the comparison's tolerance is diff's, so the bf16 port at bf16's 2e-2
+/// counts the mismatches diff counts there, and fewer than at the default 1e-4.
+#[test]
+fn the_tolerance_is_the_comparisons() {
+    let (port, reference) = (flat().join("bf16-port.safetensors"), flat().join("reference.safetensors"));
+    let open = |atol: f64| {
+        glimpse::tui_source::open(&glimpse::tui_source::Open {
+            model: None,
+            golden: Some(&reference),
+            dump: Some(&port),
+            tokens: None,
+            prompt: None,
+            max_memory: None,
+            target: glimpse::device::Backend::Cpu.into(),
+            near_tie: None,
+            tol: glimpse::compare::Tolerance { atol, rtol: atol },
+        })
+        .unwrap()
+    };
+    let (strict, loose) = (open(1e-4), open(2e-2));
+    let tol = glimpse::compare::Tolerance { atol: 2e-2, rtol: 2e-2 };
+    let (ours, theirs) = port_dumps();
+    let opts = DiffOptions { tol, near_tie: tol.near_tie(), ..Default::default() };
+    let report = glimpse::diff::diff(&ours, &theirs, &opts).unwrap();
+    for (s, l) in strict.layers().iter().zip(loose.layers()) {
+        let prefix = format!("layers.{}.", l.index);
+        let want = report.results.iter().filter(|c| !c.ok && c.name.starts_with(&prefix)).count();
+        assert_eq!(l.mismatches, want, "layer {}", l.index);
+        assert!(l.mismatches <= s.mismatches, "layer {}: {} then {}", l.index, s.mismatches, l.mismatches);
+    }
+    let total = |src: &DumpSource| src.layers().iter().map(|l| l.mismatches).sum::<usize>();
+    assert!(total(&loose) < total(&strict));
 }
