@@ -212,28 +212,25 @@ fn write_tensor(
     Ok(())
 }
 
-/// Rounds to the nearest FP8 E4M3 value (saturating at ±448), by search over the 127 positive codes.
+/// Rounds to the nearest FP8 E4M3 value (saturating at ±448; ties to the even code) from the
+/// f32 bits: the mantissa's top 3 bits, rounded, or a multiple of 2^-9 below the normal range.
+/// (A search over the codes cost 30 s of a 1-layer synth; the tests check the two agree.)
 pub fn f32_to_e4m3(x: f32) -> u8 {
     let sign = if x.is_sign_negative() { 0x80 } else { 0 };
-    let a = x.abs().min(448.0);
-    let mut best = (0u8, f32::INFINITY);
-    // Codes are monotone in value; a binary search finds the neighbours.
-    let (mut lo, mut hi) = (0u8, 0x7Eu8);
-    while lo < hi {
-        let mid = (lo + hi).div_ceil(2);
-        if crate::st::e4m3_to_f32(mid) <= a {
-            lo = mid
-        } else {
-            hi = mid - 1
-        }
+    let a = x.abs().min(448.0); // (a NaN saturates too: f32::min takes the number)
+    let bits = a.to_bits();
+    let exp = ((bits >> 23) & 0xFF) as i32 - 127;
+    if exp < -6 {
+        // Subnormal: code = a / 2^-9, ties to even; 8 is the smallest normal's code, 0x08.
+        let q = a * 512.0;
+        let (r, f) = (q.floor(), q - q.floor());
+        let r = r as u8 + u8::from(f > 0.5 || (f == 0.5 && r as u8 % 2 == 1));
+        return sign | r;
     }
-    for c in [lo, lo.saturating_add(1).min(0x7E)] {
-        let d = (crate::st::e4m3_to_f32(c) - a).abs();
-        if d < best.1 || (d == best.1 && c % 2 == 0) {
-            best = (c, d);
-        }
-    }
-    sign | best.0
+    let (top, rest) = ((bits >> 20) & 7, bits & 0xF_FFFF);
+    let up = rest > 0x8_0000 || (rest == 0x8_0000 && top % 2 == 1);
+    let code = (((exp + 7) as u32) << 3) + top + u32::from(up); // a carry moves into the exponent
+    sign | code.min(0x7E) as u8
 }
 
 /// Writes the checkpoint and returns the config it was written for.
@@ -352,6 +349,36 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The nearest code by search over the monotone codes, ties to the even code.
+    fn by_search(x: f32) -> u8 {
+        let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+        let a = x.abs().min(448.0);
+        let near = (0u8..=0x7E).min_by(|&c, &d| {
+            let (dc, dd) = ((crate::st::e4m3_to_f32(c) - a).abs(), (crate::st::e4m3_to_f32(d) - a).abs());
+            dc.total_cmp(&dd).then((c % 2).cmp(&(d % 2)))
+        });
+        sign | near.unwrap_or(0)
+    }
+
+    /// Every code, the midpoints between neighbours (ties), and a sweep of values agree with the
+    /// search.
+    #[test]
+    fn e4m3_rounding_agrees_with_the_search() {
+        let mut values: Vec<f32> = (0u8..0x7E)
+            .flat_map(|c| {
+                let (a, b) = (crate::st::e4m3_to_f32(c), crate::st::e4m3_to_f32(c + 1));
+                let mid = (a + b) / 2.0;
+                [a, mid, f32::from_bits(mid.to_bits() - 1), f32::from_bits(mid.to_bits() + 1)]
+            })
+            .collect();
+        values.extend((0..200_000).map(|i| i as f32 * 0.00231));
+        values.extend([448.0, 447.9, 460.0, 1e30, 1e-30, 0.0]);
+        for v in values {
+            assert_eq!(f32_to_e4m3(v), by_search(v), "{v:e}");
+            assert_eq!(f32_to_e4m3(-v), by_search(-v), "{:e}", -v);
+        }
+    }
 
     #[test]
     fn e4m3_round_trip() {
