@@ -21,6 +21,19 @@ use crate::error::{Context, Error, Result};
 use crate::hooks::{HookPoint, LayerHook, Observer};
 use crate::model::{Model, Tokens};
 
+/// How one layer's load moved against a reference's (`Audit::shift`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerShift {
+    pub layer: usize,
+    /// The reference's routing slots (tokens x k).
+    pub slots: u64,
+    /// The share of them that went to other experts.
+    pub moved: f64,
+    /// Up to three experts that gained most, and lost most: (expert, tokens gained or lost).
+    pub gained: Vec<(usize, i64)>,
+    pub lost: Vec<(usize, i64)>,
+}
+
 /// The routing counts of one MoE layer.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LayerLoad {
@@ -77,6 +90,19 @@ impl LayerLoad {
             bias_load_corr: self.bias.as_ref().and_then(|b| pearson(b.iter().map(|&x| x as f64).collect(), &loads)),
         }
     }
+}
+
+/// `Audit::shift` as JSON: per layer, slots, moved share, and the gained / lost experts.
+pub fn shift_json(shift: &[LayerShift]) -> Value {
+    let pairs = |v: &[(usize, i64)]| v.iter().map(|(e, d)| json!({"expert": e, "tokens": d})).collect::<Vec<_>>();
+    Value::Array(
+        shift
+            .iter()
+            .map(|l| {
+                json!({"layer": l.layer, "slots": l.slots, "moved": l.moved, "gained": pairs(&l.gained), "lost": pairs(&l.lost)})
+            })
+            .collect(),
+    )
 }
 
 /// Pearson correlation; None when either side is constant.
@@ -163,6 +189,43 @@ impl Audit {
                 opt(st.bias_changed_share, true),
                 opt(st.bias_load_corr, false),
             );
+        }
+        s
+    }
+
+    /// Per layer, how the load moved from `reference`'s to this one (same model, the same layers):
+    /// the share of routing slots that went to other experts (`sum |ours - reference| / 2` over
+    /// the reference's slots) and the experts that gained and lost most.
+    pub fn shift(&self, reference: &Audit) -> Vec<LayerShift> {
+        self.layers
+            .iter()
+            .filter_map(|(i, l)| {
+                let r = reference.layers.get(i)?;
+                let delta: Vec<i64> = l.counts.iter().zip(&r.counts).map(|(&a, &b)| a as i64 - b as i64).collect();
+                let slots: u64 = r.counts.iter().sum();
+                let moved = delta.iter().map(|d| d.unsigned_abs()).sum::<u64>() as f64 / 2.0 / slots.max(1) as f64;
+                let mut order: Vec<usize> = (0..delta.len()).collect();
+                order.sort_by(|&a, &b| delta[b].cmp(&delta[a]).then(a.cmp(&b)));
+                let pick = |it: &mut dyn Iterator<Item = &usize>, keep: &dyn Fn(i64) -> bool| {
+                    it.filter(|&&e| keep(delta[e])).take(3).map(|&e| (e, delta[e])).collect::<Vec<_>>()
+                };
+                let gained = pick(&mut order.iter(), &|d| d > 0);
+                let lost = pick(&mut order.iter().rev(), &|d| d < 0);
+                Some(LayerShift { layer: *i, slots, moved, gained, lost })
+            })
+            .collect()
+    }
+
+    pub fn shift_table(&self, reference: &Audit) -> String {
+        let list = |v: &[(usize, i64)]| v.iter().map(|(e, d)| format!("{e}:{d:+}")).collect::<Vec<_>>().join(" ");
+        let mut s = format!(
+            "load shift against the reference ({} prompt(s)): share of routing slots moved to other experts\n\
+             {:>5} {:>8} {:>7}  {:<30}  lost most\n",
+            reference.prompts, "layer", "slots", "moved", "gained most"
+        );
+        for l in self.shift(reference) {
+            let moved = format!("{:.1}%", 100.0 * l.moved);
+            let _ = writeln!(s, "{:>5} {:>8} {moved:>7}  {:<30}  {}", l.layer, l.slots, list(&l.gained), list(&l.lost));
         }
         s
     }
@@ -400,6 +463,23 @@ fn bias_changed_from_logits(model: Option<&Model>, d: &Dump, layer: usize) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two slots of 8 moved (expert 0 lost two, experts 2 and 3 gained one each); a layer only
+    /// one side has is left out.
+    #[test]
+    fn shift_counts_the_slots_that_moved() {
+        let mut ours = Audit::new(4);
+        let mut reference = Audit::new(4);
+        ours.add(1, &[1, 2, 1, 3, 0, 1, 0, 1], 2, None);
+        reference.add(1, &[0, 1, 0, 1, 0, 1, 0, 1], 2, None);
+        ours.add(2, &[0, 1], 2, None);
+        let shift = ours.shift(&reference);
+        assert_eq!(shift.len(), 1);
+        let l = &shift[0];
+        assert_eq!((l.layer, l.slots, l.moved), (1, 8, 0.25));
+        assert_eq!((l.gained.as_slice(), l.lost.as_slice()), (&[(2, 1), (3, 1)][..], &[(0, -2)][..]));
+        assert!(ours.shift_table(&reference).contains("25.0%  2:+1 3:+1"));
+    }
 
     /// 4 experts, 3 tokens, top-2: loads [3, 2, 1, 0] by hand.
     #[test]

@@ -123,6 +123,11 @@ pub(crate) enum Command {
         /// Dumps holding `layers.*.moe.topk_ids` (repeatable).
         #[arg(long = "dump", group = "source")]
         dumps: Vec<PathBuf>,
+        /// Reference dumps of the same model (repeatable): per layer, how much of the load moved
+        /// to other experts against them, and which experts gained and lost most (a quantised
+        /// port's against the original's).
+        #[arg(long = "against")]
+        against: Vec<PathBuf>,
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,

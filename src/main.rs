@@ -231,17 +231,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::Audit { model, prompts, dumps, json, csv, heatmap, device } => {
+        Command::Audit { model, prompts, dumps, against, json, csv, heatmap, device } => {
             if let Some(p) = heatmap.as_ref().filter(|p| !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")))
             {
                 return Err(Error::Usage(format!("--heatmap {}: the heatmap is SVG; name a .svg file", p.display())));
             }
             let audit =
                 glimpse::audit::collect(model.as_deref(), prompts.as_deref(), &dumps, max_memory, target(device)?)?;
+            let reference = match against.is_empty() {
+                true => None,
+                false => Some(glimpse::audit::collect(model.as_deref(), None, &against, max_memory, target(device)?)?),
+            };
+            if let Some(r) = reference.as_ref().filter(|r| r.experts != audit.experts) {
+                return Err(Error::Usage(format!(
+                    "--against has {} experts, the audited runs {}: compare one model's routing",
+                    r.experts, audit.experts
+                )));
+            }
             if json {
-                println!("{}", serde_json::to_string_pretty(&audit.to_json()).unwrap_or_default());
+                let mut v = audit.to_json();
+                if let (Some(r), Some(map)) = (&reference, v.as_object_mut()) {
+                    map.insert("shift".into(), glimpse::audit::shift_json(&audit.shift(r)));
+                }
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
                 print!("{}", audit.table());
+                if let Some(r) = &reference {
+                    print!("\n{}", audit.shift_table(r));
+                }
             }
             if let Some(path) = csv {
                 glimpse::output::write_atomic(&path, audit.to_csv().as_bytes())?;

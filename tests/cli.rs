@@ -342,4 +342,9 @@ fn audit_refuses_twice_the_same_dump_and_other_models_dumps() {
     assert!(text(&o).1.contains("experts counted from the largest id"), "{:?}", text(&o));
     let o = glimpse(&["audit", "--dump", ids, "--model", "golden/flat"]);
     assert!(text(&o).0.contains("16 experts") && !text(&o).1.contains("largest id"), "{:?}", text(&o));
+    // --against compares one model's routing: the mtp case has 8 experts, not 16.
+    let other = glimpse(&["audit", "--dump", flat, "--against", "golden/mtp/reference.safetensors"]);
+    assert_error(&other, "--against has 8 experts, the audited runs 16");
+    let port = glimpse(&["audit", "--dump", "golden/flat/bf16-port.safetensors", "--against", flat]);
+    assert!(text(&port).0.contains("load shift against the reference"), "{:?}", text(&port));
 }
