@@ -318,20 +318,20 @@ pub fn collect(
             if lines.is_empty() {
                 return Err(Error::Usage(format!("{}: no prompts (one per line)", path.display())));
             }
-            let encode = |&(n, line): &(usize, &str)| -> Result<Tokens> {
+            let encode = |&(n, line): &(usize, &str)| -> Result<(usize, Tokens)> {
                 // Ids (`;` separating batch rows, as --tokens takes them), else text: a line of
                 // digits and spaces alone ("1 2 3") is text, as before.
                 let ids = line.chars().all(|c| c.is_ascii_digit() || matches!(c, ',' | ';' | ' '))
                     && (line.contains([',', ';']) || line.chars().all(|c| c.is_ascii_digit()));
                 let tokens = if ids { Tokens::parse(line) } else { crate::tokenizer::encode(dir, line) };
-                tokens.context(|| format!("{} line {}", path.display(), n + 1))
+                Ok((n + 1, tokens.context(|| format!("{} line {}", path.display(), n + 1))?))
             };
-            lines.iter().map(encode).collect::<Result<Vec<_>>>()?
+            lines.iter().map(encode).collect::<Result<Vec<(usize, Tokens)>>>()?
         }
         (Some(_), None) => return Err(Error::Usage("--prompts needs --model".into())),
         (None, _) => Vec::new(),
     };
-    if let (Some(c), Some(longest)) = (&ckpt, prompt_tokens.iter().max_by_key(|t| t.ids.len())) {
+    if let (Some(c), Some(longest)) = (&ckpt, prompt_tokens.iter().map(|(_, t)| t).max_by_key(|t| t.ids.len())) {
         crate::memory::check_run(c, longest.batch, longest.seq, false, max_memory, "shorter prompts")?;
     }
     let model = ckpt.as_ref().map(Model::load).transpose()?;
@@ -346,12 +346,12 @@ pub fn collect(
     if let (Some(m), Some(path)) = (&model, prompts) {
         let progress = std::io::stderr().is_terminal();
         crate::device::with_prefill(target, m, |p| {
-            for (n, tokens) in prompt_tokens.iter().enumerate() {
+            for (n, (line, tokens)) in prompt_tokens.iter().enumerate() {
                 if progress {
                     eprint!("\raudit: prompt {}/{}", n + 1, prompt_tokens.len());
                 }
                 p.prefill(tokens, &mut AuditObserver::new(&mut audit))
-                    .map_err(|e| Error::Usage(format!("{}: prompt {}: {e}", path.display(), n + 1)))?;
+                    .map_err(|e| Error::Usage(format!("{} line {line}: {e}", path.display())))?;
                 audit.prompts += tokens.batch;
             }
             Ok(())

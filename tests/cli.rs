@@ -190,6 +190,12 @@ fn audit_reads_prompts_and_dumps() {
     let csv = std::fs::read_to_string(&csv).unwrap();
     let total: u64 = csv.lines().skip(1).map(|l| l.split(',').nth(2).unwrap().parse::<u64>().unwrap()).sum();
     assert_eq!(total, 9 * 2, "9 tokens x top-2");
+    // A prompt the model refuses is named by its line, as one that does not parse is.
+    std::fs::write(&prompts, "1,2,3\n# a comment\n\n1,99\n").unwrap();
+    assert_error(
+        &glimpse(&["audit", "--model", m, "--prompts", prompts.to_str().unwrap()]),
+        "prompts.txt line 4: token id 99",
+    );
 
     let dump = tmp.path().join("d.safetensors");
     let o = glimpse(&["run", "--model", m, "--tokens", "1,2,3,4", "--dump", dump.to_str().unwrap()]);
