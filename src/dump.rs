@@ -376,7 +376,14 @@ impl DumpWriter {
         Ok(Some((w, start, layer + 1)))
     }
 
-    /// Makes everything queued durable, then records the state after `layer`.
+    /// Whether this writer checkpoints after every layer (`create_resumable`, `resume`), so a
+    /// stopped run can be resumed.
+    pub fn resumable(&self) -> bool {
+        self.resume.is_some()
+    }
+
+    /// Makes everything queued durable, then records the state after `layer`; then, when Ctrl-C
+    /// asked for it, stops the run (`Error::Interrupted`).
     fn checkpoint(
         &mut self,
         layer: usize,
@@ -405,7 +412,14 @@ impl DumpWriter {
         });
         let tmp = r.state_path.with_extension("json.tmp");
         std::fs::write(&tmp, state.to_string()).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, &r.state_path).map_err(|e| Error::io(&r.state_path, e))
+        std::fs::rename(&tmp, &r.state_path).map_err(|e| Error::io(&r.state_path, e))?;
+        if crate::interrupt::requested() {
+            return Err(Error::Interrupted(format!(
+                "interrupted after layer {layer}: {} keeps the run; the same command with --resume continues it",
+                self.tmp_path.display()
+            )));
+        }
+        Ok(())
     }
 
     /// Waits for the writer thread; its error, if it failed.

@@ -34,6 +34,9 @@ pub enum Error {
     /// Bad command-line input.
     #[error("{0}")]
     Usage(String),
+    /// A resumable run stopped at a checkpoint after Ctrl-C; the message says how to go on.
+    #[error("{0}")]
+    Interrupted(String),
     /// The GPU path: no CUDA library or device, a kernel that does not compile, a failed launch.
     #[error("cuda: {0}")]
     Device(String),

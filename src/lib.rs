@@ -30,6 +30,7 @@ pub mod flips;
 pub mod generate;
 pub mod heatmap;
 pub mod inspect;
+pub mod interrupt;
 pub mod layout;
 pub mod memory;
 pub mod synth;

@@ -50,6 +50,11 @@ fn main() -> ExitCode {
     };
     match run(cli) {
         Ok(code) => code,
+        // Ctrl-C's exit status, as a shell reports a process that SIGINT ended.
+        Err(Error::Interrupted(msg)) => {
+            eprintln!("glimpse: {msg}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("glimpse: error: {e}");
             ExitCode::from(2)
@@ -380,6 +385,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         }
                         None => (DumpWriter::create(path, selector, expected)?, layers, start),
                     };
+                    if writer.resumable() {
+                        glimpse::interrupt::stop_at_checkpoints();
+                    }
                     let logits = {
                         let mut side = Tee(&mut watch, &mut final_norm);
                         let mut obs = Tee(&mut writer, &mut side);

@@ -336,6 +336,39 @@ fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
     let o = glimpse(&["diff", "--atol", "0", "--rtol", "0", &s(&resumed), &s(&dump)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
     assert!(!state.exists(), "the resume state is removed once the dump is finished");
+
+    // Ctrl-C: the run stops after the layer it is in, says how to go on (exit 130, Ctrl-C's
+    // status), and --resume finishes it as if nothing happened.
+    let stopped = t.join("stopped.safetensors");
+    let sargs = ["run", "--model", &s(&model), "--stream", "--tokens", &tokens, "--dump", &s(&stopped)];
+    let out = interrupt_when_present(&sargs, &t.join("stopped.safetensors.resume.json"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("stopping after this layer") && err.contains("with --resume continues it"), "{err}");
+    assert!(!stopped.exists(), "no dump under the target name until the run is finished");
+    let resumed: Vec<&str> = sargs.iter().copied().chain(["--resume"]).collect();
+    assert!(glimpse(&resumed).status.success());
+    let o = glimpse(&["diff", "--atol", "0", "--rtol", "0", &s(&stopped), &s(&dump)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+}
+
+/// Starts glimpse with `args`, waits until `path` exists, sends it SIGINT (Ctrl-C) and returns
+/// what it printed and how it ended.
+fn interrupt_when_present(args: &[&str], path: &Path) -> std::process::Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !path.exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "{path:?} never appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // SAFETY: signalling a child this test started and has not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    child.wait_with_output().unwrap()
 }
 
 /// Starts glimpse with `args`, waits until `path` exists, checks the run is still going, and

@@ -1,0 +1,44 @@
+//! Ctrl-C during a resumable run (`run --dump` of a whole model): the first SIGINT asks the run to
+//! stop at its next checkpoint, so the layer being computed finishes, is made durable, and the
+//! command says how to continue (`--resume`); a second SIGINT ends the process at once, as the
+//! default action does. Elsewhere SIGINT keeps its default action.
+
+#[cfg(unix)]
+mod imp {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static REQUESTED: AtomicBool = AtomicBool::new(false);
+
+    const NOTICE: &[u8] = b"\nglimpse: stopping after this layer, to resume later (Ctrl-C again to quit now)\n";
+
+    extern "C" fn on_sigint(_: libc::c_int) {
+        REQUESTED.store(true, Ordering::Relaxed);
+        // SAFETY: write(2) and signal(2) are async-signal-safe; NOTICE is a static buffer.
+        unsafe {
+            libc::write(2, NOTICE.as_ptr().cast(), NOTICE.len());
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+        }
+    }
+
+    pub fn stop_at_checkpoints() {
+        // SAFETY: the handler only stores to an atomic and makes async-signal-safe calls.
+        unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    }
+
+    pub fn requested() -> bool {
+        REQUESTED.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(not(unix))]
+mod imp {
+    pub fn stop_at_checkpoints() {}
+    pub fn requested() -> bool {
+        false
+    }
+}
+
+/// Whether a stop was asked for.
+pub use imp::requested;
+/// From now on the first Ctrl-C asks for a stop at the next checkpoint.
+pub use imp::stop_at_checkpoints;
