@@ -269,7 +269,11 @@ impl DumpSource {
                 })
                 .collect();
         }
-        RefCheck { ok: c.ok, max_abs, max_rel, worst }
+        let rows_differ = match &c.detail {
+            Detail::Sets { flips, .. } => Some(flips.len()),
+            _ => None,
+        };
+        RefCheck { ok: c.ok, rows_differ, max_abs, max_rel, worst }
     }
 
     fn per_token(&self, name: &str) -> Option<Vec<f32>> {

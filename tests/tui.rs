@@ -226,6 +226,11 @@ fn activations_view_lists_hook_points_with_stats() {
     assert!(line_with(&s, "│attn.out").contains("BAD"), "{s}");
     assert!(line_with(&s, "│input_norm").contains("[1, 32, 64]"), "wide terminals show shapes:\n{s}");
     assert!(s.contains("worst elements"), "{s}");
+    // A selection's error is the rows that differ, counted here from the two dumps.
+    let layer2 = App { layer: 2, ..app.clone() };
+    let s2 = screen(&layer2, &port, 130, 40);
+    let rows = format!("BAD {} rows", flipped_rows(2, "moe.topk_ids"));
+    assert!(line_with(&s2, "│moe.topk_ids").contains(&rows), "{rows}: {s2}");
     app.start_filter();
     for c in "q_latent".chars() {
         app.filter_push(c);

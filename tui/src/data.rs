@@ -73,6 +73,9 @@ pub struct HookRow {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RefCheck {
     pub ok: bool,
+    /// For a selection or an integer tensor: how many of its rows differ (its error is no
+    /// float difference); None for floats.
+    pub rows_differ: Option<usize>,
     pub max_abs: f64,
     pub max_rel: f64,
     pub worst: Vec<Worst>,

@@ -40,9 +40,11 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let widths_wanted = [14, 14, 8, 8, 8, 8, 8, nan_width, 10, 12];
     let show = fitting(area.width.saturating_sub(2), &widths_wanted, &[1, 6, 8, 7, 3, 4, 5]);
     let rows = hooks.iter().skip(app.scroll).map(|h| {
+        // Floats by their largest error; selections by the rows that differ.
+        let error = |r: &crate::data::RefCheck| r.rows_differ.map_or_else(|| num(r.max_abs), |n| format!("{n} rows"));
         let (vs_ref, style) = match &h.reference {
-            Some(r) if r.ok => (format!("ok {}", num(r.max_abs)), Style::new().fg(Color::Green)),
-            Some(r) => (format!("BAD {}", num(r.max_abs)), Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)),
+            Some(r) if r.ok => (format!("ok {}", error(r)), Style::new().fg(Color::Green)),
+            Some(r) => (format!("BAD {}", error(r)), Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)),
             None => ("-".into(), Style::new()),
         };
         let style = if h.nonfinite > 0 { Style::new().fg(Color::Red) } else { style };
