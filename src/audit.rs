@@ -175,7 +175,9 @@ impl Audit {
             let list = |experts: &mut dyn Iterator<Item = &usize>| {
                 experts.take(3).map(|&e| format!("{e}:{}", l.counts[e])).collect::<Vec<_>>().join(" ")
             };
-            let (busiest, rarest) = (list(&mut order.iter()), list(&mut order.iter().rev()));
+            // With few experts the rarest are those the busiest leave.
+            let rarest_pool: Vec<usize> = order.iter().rev().take(order.len().saturating_sub(3)).copied().collect();
+            let (busiest, rarest) = (list(&mut order.iter()), list(&mut rarest_pool.iter()));
             let _ = writeln!(
                 s,
                 "{:>5} {:>8} {:>8.3} {:>7.3} {:>8.3} {:>9.3} {:>5} {:>12} {:>10}  {busiest:<30}  {rarest}",
@@ -196,6 +198,28 @@ impl Audit {
     /// Per layer, how the load moved from `reference`'s to this one (same model, the same layers):
     /// the share of routing slots that went to other experts (`sum |ours - reference| / 2` over
     /// the reference's slots) and the experts that gained and lost most.
+    /// Refuses a reference whose MoE layers ran other tokens (another count of routing slots):
+    /// their loads would differ by the count, not by the routing.
+    pub fn check_comparable(&self, reference: &Audit) -> Result<()> {
+        let slots = |l: &LayerLoad| l.counts.iter().sum::<u64>();
+        let mut common = 0;
+        for (i, l) in &self.layers {
+            let Some(r) = reference.layers.get(i) else { continue };
+            common += 1;
+            if slots(l) != slots(r) {
+                return Err(Error::Usage(format!(
+                    "layer {i}: {} routing slots against the reference's {}: --against must run the same tokens",
+                    slots(l),
+                    slots(r)
+                )));
+            }
+        }
+        if common == 0 {
+            return Err(Error::Usage("--against shares no MoE layer with the audited runs".into()));
+        }
+        Ok(())
+    }
+
     pub fn shift(&self, reference: &Audit) -> Vec<LayerShift> {
         self.layers
             .iter()
@@ -300,10 +324,13 @@ impl Observer for AuditObserver<'_> {
 /// Routing counts over prompts run live (`prompts`: one per line, token ids or text) and over
 /// recorded dumps. The model, when given, supplies each expert's bias and lets dumps without
 /// `moe.bias_changed` flags have them recomputed from their router logits.
+/// `experts` overrides the expert count (`audit --against` gives the audited side's), else it
+/// comes from the model, else from the dumps.
 pub fn collect(
     model_dir: Option<&Path>,
     prompts: Option<&Path>,
     dumps: &[PathBuf],
+    experts: Option<usize>,
     max_memory: Option<u64>,
     target: crate::device::Target,
 ) -> Result<Audit> {
@@ -335,7 +362,24 @@ pub fn collect(
         crate::memory::check_run(c, longest.batch, longest.seq, false, max_memory, "shorter prompts")?;
     }
     let model = ckpt.as_ref().map(Model::load).transpose()?;
-    let mut audit = Audit::new(model.as_ref().map_or(0, |m| m.config.n_routed_experts));
+    let mut guessed_experts = None;
+    let experts = match (experts, &model) {
+        (Some(n), _) => match experts_in(dumps)? {
+            (width, false) if width != n => {
+                return Err(Error::Usage(format!(
+                    "the dumps' routers have {width} experts, not {n}: one model's routing"
+                )))
+            }
+            _ => n,
+        },
+        (None, Some(m)) => m.config.n_routed_experts,
+        (None, None) => {
+            let (n, guessed) = experts_in(dumps)?;
+            guessed_experts = guessed.then_some(n);
+            n
+        }
+    };
+    let mut audit = Audit::new(experts);
     if let Some(m) = &model {
         for layer in &m.layers {
             if let crate::model::layer::Ffn::Moe(moe) = &layer.mlp {
@@ -361,7 +405,6 @@ pub fn collect(
         }
     }
     let mut seen: Vec<(PathBuf, &Path, Option<String>)> = Vec::new();
-    let mut guessed_experts = None;
     for path in dumps {
         let d = Dump::open(path)?;
         // One model's load, each dump once: the same file twice would count its tokens twice,
@@ -397,18 +440,6 @@ pub fn collect(
             let (Values::I64(ids), shape) = d.values(&name)? else {
                 return Err(Error::dump(path, format!("`{name}` must be an integer tensor")));
             };
-            if audit.experts == 0 {
-                // Without a model, the expert count comes from the router's width, else the ids.
-                audit.experts = match d.shape(&format!("layers.{i}.moe.router_logits")).and_then(|s| s.last().copied())
-                {
-                    Some(width) => width,
-                    None => {
-                        let n = ids.iter().copied().max().map_or(0, |m| m as usize + 1);
-                        guessed_experts = Some(n);
-                        n
-                    }
-                };
-            }
             let flags = match d.values(&format!("layers.{i}.moe.bias_changed")) {
                 Ok((Values::I64(f), _)) => Some(f),
                 // A dump without the flags (e.g. a transformers reference) still has the router
@@ -432,6 +463,26 @@ pub fn collect(
         );
     }
     Ok(audit)
+}
+
+/// The expert count the dumps show: a router's width, else the largest id of any layer of any
+/// dump + 1 (then `true`: a guess, blind to experts above it).
+fn experts_in(dumps: &[PathBuf]) -> Result<(usize, bool)> {
+    let mut largest = 0;
+    for path in dumps {
+        let d = Dump::open(path)?;
+        for name in d.names().iter().filter(|n| n.ends_with(".moe.topk_ids")) {
+            if let Some(width) =
+                d.shape(&name.replace(".moe.topk_ids", ".moe.router_logits")).and_then(|s| s.last().copied())
+            {
+                return Ok((width, false));
+            }
+            if let (Values::I64(ids), _) = d.values(name)? {
+                largest = ids.iter().fold(largest, |m, &id| m.max(id.saturating_add(1).max(0) as usize));
+            }
+        }
+    }
+    Ok((largest, true))
 }
 
 /// `moe.bias_changed` recomputed from a dump's `moe.router_logits` and the model's router.

@@ -250,9 +250,10 @@ pub(crate) enum Command {
         /// Prompt text, encoded with the checkpoint's tokenizer.json.
         #[arg(long)]
         prompt: Option<String>,
-        /// Tokens to generate after the prompt.
-        #[arg(long, default_value_t = 16)]
-        max_new_tokens: usize,
+        /// Tokens to generate after the prompt (at most 10,000,000; past that the position count
+        /// and the memory estimate would overflow, and no GLM-5 context holds it).
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+        max_new_tokens: u64,
         /// Prompt positions per decode call (default: the whole prompt in one call).
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         chunk: Option<u64>,

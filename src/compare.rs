@@ -67,6 +67,10 @@ pub enum Detail {
         max_abs: f64,
         /// Coordinate of the worst element (largest excess over the tolerance, else largest error).
         worst_at: Vec<usize>,
+        /// Coordinate of the first element (row-major) outside the tolerance, empty when none is:
+        /// for `[B, S, ...]` tensors the first position that broke (a decode bug's first step),
+        /// which the worst element, often downstream, does not give.
+        first_at: Vec<usize>,
         ours: f32,
         reference: f32,
         max_rel: f64,
@@ -208,7 +212,7 @@ fn element_ok(a: f32, e: f32, tol: Tolerance) -> bool {
 pub fn compare_floats(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tolerance) -> (bool, Detail) {
     let (mut max_abs, mut max_rel, mut bad, mut sum_abs) = (0f64, 0f64, 0usize, 0f64);
     let (mut err2, mut ref2, mut ours2, mut dot) = (0f64, 0f64, 0f64, 0f64);
-    let (mut worst, mut undefined) = ((f64::NEG_INFINITY, 0usize), false);
+    let (mut worst, mut undefined, mut first) = ((f64::NEG_INFINITY, 0usize), false, None);
     for (i, (&a, &e)) in ours.iter().zip(reference).enumerate() {
         let ok = element_ok(a, e, tol);
         let err = if a == e { 0.0 } else { ((a - e) as f64).abs() };
@@ -234,6 +238,7 @@ pub fn compare_floats(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tol
         let excess = if excess.is_nan() { f64::INFINITY } else { excess };
         if !ok {
             bad += 1;
+            first = first.or(Some(i));
         }
         if excess > worst.0 {
             worst = (excess, i);
@@ -244,6 +249,7 @@ pub fn compare_floats(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tol
     let detail = Detail::Float {
         max_abs,
         worst_at: coord(shape, i),
+        first_at: first.map(|f| coord(shape, f)).unwrap_or_default(),
         ours: ours.get(i).copied().unwrap_or(f32::NAN),
         reference: reference.get(i).copied().unwrap_or(f32::NAN),
         max_rel,
@@ -526,6 +532,12 @@ mod tests {
         approx::assert_abs_diff_eq!(mean_abs, 0.1 / 3.0, epsilon = 1e-6);
         assert!(cosine > 0.999 && cosine < 1.0);
         assert!(!compare_floats(&[f32::NAN], &[f32::NAN], &[1], tol).0, "NaN never matches");
+        // The first element outside (row-major) is named beside the worst: a decode bug's first step.
+        let (_, d) = compare_floats(&[1.0, 2.1, 3.5], &[1.0, 2.0, 3.0], &[3], tol);
+        let Detail::Float { worst_at, first_at, .. } = &d else { panic!() };
+        assert_eq!((worst_at.as_slice(), first_at.as_slice()), (&[2][..], &[1][..]));
+        let c = Comparison { name: "x".into(), ok: false, detail: d };
+        assert!(crate::verify::format_line(&c).ends_with("; first at [1]"), "{}", crate::verify::format_line(&c));
         // Shared -inf (the scores past each query) is equal and left out of nmse and cosine; one
         // side's alone makes them undefined.
         let stats = |a: &[f32], e: &[f32]| match compare_floats(a, e, &[a.len()], tol).1 {

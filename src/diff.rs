@@ -219,9 +219,23 @@ fn opt_f(x: Option<f32>) -> Value {
 pub fn comparison_json(c: &Comparison, near_tie: f64) -> Value {
     let mut v = json!({ "name": c.name, "match": c.ok });
     let detail = match &c.detail {
-        Detail::Float { max_abs, worst_at, ours, reference, max_rel, bad, total, mean_abs, nmse, cosine, scale } => {
+        Detail::Float {
+            max_abs,
+            worst_at,
+            first_at,
+            ours,
+            reference,
+            max_rel,
+            bad,
+            total,
+            mean_abs,
+            nmse,
+            cosine,
+            scale,
+        } => {
             json!({
-                "kind": "float", "max_abs": f(*max_abs), "worst_at": worst_at, "ours": f(*ours as f64),
+                "kind": "float", "max_abs": f(*max_abs), "worst_at": worst_at, "first_outside_at": first_at,
+                "ours": f(*ours as f64),
                 "reference": f(*reference as f64), "max_rel": f(*max_rel), "mean_abs": f(*mean_abs), "nmse": f(*nmse),
                 "cosine": f(*cosine), "scale": f(*scale), "outside_tolerance": bad, "elements": total,
             })
@@ -324,7 +338,9 @@ impl DiffReport {
                 out += &format!("  mean_abs {mean_abs:.3e}  nmse {nmse:.3e}  cos {cosine:.6}");
             }
             if let Detail::Sets { mean_recall, .. } = &c.detail {
-                out += &format!("  mean recall {mean_recall:.4}");
+                if crate::compare::is_decision(&c.name) {
+                    out += &format!("  mean recall {mean_recall:.4}");
+                }
             }
             out.push('\n');
         }

@@ -197,6 +197,9 @@ struct Resume {
     config_sha256: String,
 }
 
+/// The metadata key of the hidden state's file that holds the state it belongs to.
+const PAIRED_STATE: &str = "resume_state";
+
 /// What a resumable run records, as its state holds it: a resumed run must record the same.
 fn selection_json(selector: &Selector) -> serde_json::Value {
     serde_json::json!({
@@ -337,7 +340,13 @@ impl DumpWriter {
             return Ok(None);
         }
         let bad = |msg: &str| Error::dump(&state_path, format!("{msg}; delete it to start over"));
-        let text = std::fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;
+        // The hidden state's file carries the state it belongs to (one atomic rename wrote both);
+        // the JSON beside it is a readable copy, the only copy in files of older versions.
+        let paired = StFile::open(&hidden_path).ok().and_then(|f| f.metadata().get(PAIRED_STATE).cloned());
+        let text = match paired {
+            Some(text) => text.into_bytes(),
+            None => std::fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?,
+        };
         let state: serde_json::Value = serde_json::from_slice(&text).map_err(|_| bad("not a resume state"))?;
         let ids: Vec<u32> = serde_json::from_value(state["tokens"].clone()).map_err(|_| bad("no tokens"))?;
         let (batch, seq) = (state["batch"].as_u64().unwrap_or(0) as usize, state["seq"].as_u64().unwrap_or(0) as usize);
@@ -349,7 +358,7 @@ impl DumpWriter {
         }
         // (A state written before the selection was recorded in it has no `record`.)
         if !state["record"].is_null() && state["record"] != selection_json(&selector) {
-            return Err(bad("it was written recording other hook points (--record, --layers)"));
+            return Err(bad("it was written recording other hook points (--record)"));
         }
         let entries: Vec<(String, Dtype, Vec<usize>)> =
             serde_json::from_value(state["entries"].clone()).map_err(|_| bad("no entries"))?;
@@ -396,6 +405,11 @@ impl DumpWriter {
         if spill.queue.send(Job::Sync(ack)).is_err() || done.recv().is_err() {
             return Err(self.join().err().unwrap_or_else(|| Error::dump(&self.path, "the dump writer stopped")));
         }
+        let state = serde_json::json!({
+            "layer": layer, "reserve": self.reserve, "entries": self.entries,
+            "tokens": r.tokens.ids, "batch": r.tokens.batch, "seq": r.tokens.seq, "config_sha256": r.config_sha256,
+            "record": selection_json(&self.selector),
+        });
         let mut hidden_tensors = vec![(
             "hidden".to_string(),
             st::Entry::f32(hidden.dims().to_vec(), &hidden.flatten_all()?.to_vec1::<f32>()?),
@@ -404,22 +418,25 @@ impl DumpWriter {
             let idx: Vec<i64> = sel.idx.iter().map(|&i| i as i64).collect();
             hidden_tensors.push(("selection".into(), st::Entry::i64(vec![sel.batch, sel.seq, sel.k], &idx)));
         }
-        st::write(&r.hidden_path, &hidden_tensors, &BTreeMap::new())?;
-        let state = serde_json::json!({
-            "layer": layer, "reserve": self.reserve, "entries": self.entries,
-            "tokens": r.tokens.ids, "batch": r.tokens.batch, "seq": r.tokens.seq, "config_sha256": r.config_sha256,
-            "record": selection_json(&self.selector),
-        });
+        // The state goes into the hidden state's file too: a kill between the two renames below
+        // must not pair layer L's hidden state with layer L - 1's state (L would run twice).
+        let paired = BTreeMap::from([(PAIRED_STATE.to_string(), state.to_string())]);
+        st::write(&r.hidden_path, &hidden_tensors, &paired)?;
         let tmp = r.state_path.with_extension("json.tmp");
         std::fs::write(&tmp, state.to_string()).map_err(|e| Error::io(&tmp, e))?;
         std::fs::rename(&tmp, &r.state_path).map_err(|e| Error::io(&r.state_path, e))?;
         if crate::interrupt::requested() {
-            return Err(Error::Interrupted(format!(
-                "interrupted after layer {layer}: {} keeps the run; the same command with --resume continues it",
-                self.tmp_path.display()
-            )));
+            return Err(self.interrupted(layer));
         }
         Ok(())
+    }
+
+    /// The error of a run stopped by Ctrl-C after `layer`'s checkpoint.
+    pub fn interrupted(&self, layer: usize) -> Error {
+        Error::Interrupted(format!(
+            "interrupted after layer {layer}: {} keeps the run; the same command with --resume continues it",
+            self.tmp_path.display()
+        ))
     }
 
     /// Waits for the writer thread; its error, if it failed.

@@ -40,7 +40,9 @@ pub fn run(
     // First: a dump that cannot be written is refused before anything is computed or printed.
     let mut stitcher = opts.dump.as_ref().map(|(path, sel)| Stitcher::spilling(sel.clone(), path)).transpose()?;
     let mtp = if opts.mtp { Some(Mtp::load(ckpt)?) } else { None };
-    eprintln!("{}", cache_report(model, prompt.batch, prompt.seq + opts.new_tokens, mtp.is_some()));
+    // The last generated token is printed, never fed back: the cache ends one position short.
+    let cached = prompt.seq + opts.new_tokens.saturating_sub(1);
+    eprintln!("{}", cache_report(model, prompt.batch, cached, mtp.is_some()));
     let obs: &mut dyn Observer = match stitcher.as_mut() {
         Some(s) => s,
         None => &mut NoObserver,

@@ -43,7 +43,8 @@ pub fn svg(audit: &Audit, title: &str) -> String {
     let cell_h = (600.0 / rows as f64).clamp(4.0, 24.0);
     let (left, top) = (70.0, 60.0);
     let grid_w = cell_w * experts as f64;
-    let (width, height) = (left + grid_w + 200.0, top + cell_h * rows as f64 + 90.0);
+    // Wide enough for the legend (ramp and the dead swatch) whatever the expert count.
+    let (width, height) = ((left + grid_w + 200.0).max(left + 360.0), top + cell_h * rows as f64 + 90.0);
     let mut s = String::new();
     let _ = writeln!(
         s,

@@ -28,6 +28,11 @@ mod imp {
     pub fn requested() -> bool {
         REQUESTED.load(Ordering::Relaxed)
     }
+
+    pub fn default_again() {
+        // SAFETY: restoring the default disposition.
+        unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
+    }
 }
 
 #[cfg(not(unix))]
@@ -36,8 +41,11 @@ mod imp {
     pub fn requested() -> bool {
         false
     }
+    pub fn default_again() {}
 }
 
+/// SIGINT's default action again (past the last checkpoint, where there is no layer to finish).
+pub use imp::default_again;
 /// Whether a stop was asked for.
 pub use imp::requested;
 /// From now on the first Ctrl-C asks for a stop at the next checkpoint.

@@ -101,7 +101,8 @@ fn warn(message: Option<String>) {
 fn warn_past_positions(config: &glimpse::config::Config, positions: usize) {
     let max = config.max_position_embeddings;
     if positions > max {
-        eprintln!("glimpse: warning: {positions} positions run past max_position_embeddings ({max}) of this config");
+        let past = positions - max;
+        eprintln!("glimpse: warning: {positions} positions, {past} of them past max_position_embeddings ({max}) of this config");
     }
 }
 
@@ -241,17 +242,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
             {
                 return Err(Error::Usage(format!("--heatmap {}: the heatmap is SVG; name a .svg file", p.display())));
             }
-            let audit =
-                glimpse::audit::collect(model.as_deref(), prompts.as_deref(), &dumps, max_memory, target(device)?)?;
+            let audit = glimpse::audit::collect(
+                model.as_deref(),
+                prompts.as_deref(),
+                &dumps,
+                None,
+                max_memory,
+                target(device)?,
+            )?;
             let reference = match against.is_empty() {
                 true => None,
-                false => Some(glimpse::audit::collect(model.as_deref(), None, &against, max_memory, target(device)?)?),
+                false => {
+                    let experts = Some(audit.experts);
+                    Some(glimpse::audit::collect(
+                        model.as_deref(),
+                        None,
+                        &against,
+                        experts,
+                        max_memory,
+                        target(device)?,
+                    )?)
+                }
             };
-            if let Some(r) = reference.as_ref().filter(|r| r.experts != audit.experts) {
-                return Err(Error::Usage(format!(
-                    "--against has {} experts, the audited runs {}: compare one model's routing",
-                    r.experts, audit.experts
-                )));
+            if let Some(r) = &reference {
+                audit.check_comparable(r)?;
             }
             if json {
                 let mut v = audit.to_json();
@@ -379,8 +393,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             eprintln!("glimpse: resuming {} after layer {}", path.display(), next - 1);
                             (w, Some(next..=n - 1), Some(start))
                         }
-                        // Whole runs checkpoint after every layer; windows are short and restartable.
-                        None if layers.is_none() => {
+                        // Whole runs checkpoint after every layer; windows are short and restartable,
+                        // and an MTP run cannot be resumed (its head needs every position's state).
+                        None if layers.is_none() && mtp_head.is_none() => {
                             (DumpWriter::create_resumable(path, selector, expected, &tokens, &sha)?, layers, start)
                         }
                         None => (DumpWriter::create(path, selector, expected)?, layers, start),
@@ -400,6 +415,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             (layers, start) => stream::run(weights, &tokens, layers, start, &mut obs)?,
                         }
                     };
+                    // A Ctrl-C after the last checkpoint still stops here (the head is left to
+                    // resume); from now on one ends the run at once, as by default.
+                    if writer.resumable() {
+                        glimpse::interrupt::default_again();
+                        if glimpse::interrupt::requested() {
+                            return Err(writer.interrupted(n - 1));
+                        }
+                    }
                     if let Some(head) = &mtp_head {
                         run_mtp(weights, head, &final_norm, &tokens, &mut Tee(&mut writer, &mut watch))?;
                     }
@@ -441,6 +464,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 (_, Some(p)) => glimpse::tokenizer::encode(&model, &p)?,
                 _ => return Err(Error::Usage("give --tokens or --prompt".into())),
             };
+            let max_new_tokens = max_new_tokens as usize;
             let total = Tokens { seq: tokens.seq + max_new_tokens, ..tokens.clone() };
             memory::check_run(&ckpt, total.batch, total.seq, dump.is_some(), max_memory, "fewer tokens")?;
             warn_past_positions(&ckpt.config, total.seq);

@@ -13,6 +13,11 @@ pub fn check(flag: &str, path: &Path) -> Result<()> {
     if path.is_dir() {
         return Err(Error::Usage(format!("{flag} {}: is a folder; give a file path", path.display())));
     }
+    // Outputs are written beside the target and renamed over it: a device or a FIFO there
+    // (`--dump /dev/null`) would be replaced by a regular file.
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return Err(Error::Usage(format!("{flag} {}: is not a regular file; give a file path", path.display())));
+    }
     let folder = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

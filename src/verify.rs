@@ -326,10 +326,13 @@ pub fn verify_mtp(model: &Model, mtp: &Mtp, golden: &Dump, tol: Tolerance, repor
 pub fn format_line(c: &Comparison) -> String {
     let verdict = if c.ok { "ok" } else { "MISMATCH" };
     let body = match &c.detail {
-        Detail::Float { max_abs, worst_at, ours, reference, max_rel, bad, total, .. } => {
+        Detail::Float { max_abs, worst_at, first_at, ours, reference, max_rel, bad, total, .. } => {
             let mut s = format!("max_abs {max_abs:9.3e}  max_rel {max_rel:9.3e}");
             if *bad > 0 {
                 s += &format!("  {bad}/{total} outside tol; worst at {worst_at:?}: ours {ours:e} ref {reference:e}");
+            }
+            if *bad > 1 && first_at != worst_at {
+                s += &format!("; first at {first_at:?}");
             }
             s
         }

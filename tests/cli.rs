@@ -294,7 +294,7 @@ fn streaming_fits_where_resident_does_and_mismatched_configs_are_named() {
     let short = with_config(tmp.path(), "short", |v| v["max_position_embeddings"] = 4.into());
     let o = glimpse(&["generate", "--model", short.to_str().unwrap(), "--tokens", "1,2,3", "--max-new-tokens", "2"]);
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
-    assert!(text(&o).1.contains("5 positions run past max_position_embeddings (4)"), "{:?}", text(&o).1);
+    assert!(text(&o).1.contains("5 positions, 1 of them past max_position_embeddings (4)"), "{:?}", text(&o).1);
 }
 
 /// A run checked against its own dump with its decisions replayed matches everywhere, on both
@@ -350,7 +350,9 @@ fn audit_refuses_twice_the_same_dump_and_other_models_dumps() {
     assert!(text(&o).0.contains("16 experts") && !text(&o).1.contains("largest id"), "{:?}", text(&o));
     // --against compares one model's routing: the mtp case has 8 experts, not 16.
     let other = glimpse(&["audit", "--dump", flat, "--against", "golden/mtp/reference.safetensors"]);
-    assert_error(&other, "--against has 8 experts, the audited runs 16");
+    assert_error(&other, "the dumps' routers have 8 experts, not 16");
+    let twice = glimpse(&["audit", "--dump", flat, "--dump", "golden/flat/bf16-port.safetensors", "--against", flat]);
+    assert_error(&twice, "layer 2: 256 routing slots against the reference's 128");
     let port = glimpse(&["audit", "--dump", "golden/flat/bf16-port.safetensors", "--against", flat]);
     assert!(text(&port).0.contains("load shift against the reference"), "{:?}", text(&port));
 }

@@ -243,6 +243,11 @@ fn malformed_files_and_arguments_are_one_line_errors() {
         (vec!["audit", "--model", &model, "--prompts", "/no/such/prompts.txt"], "/no/such/prompts.txt"),
         (vec!["generate", "--model", &model, "--tokens", "1,999"], "out of range for vocab_size"),
         (vec!["generate", "--model", &model, "--tokens", "1", "--chunk", "0"], "0 is not in 1.."),
+        // 3 + 2^64 - 1 positions wrapped around and panicked at a capacity overflow.
+        (
+            vec!["generate", "--model", &model, "--tokens", "1,2,3", "--max-new-tokens", "18446744073709551615"],
+            "is not in 0..=10000000",
+        ),
         // Refused before the first step: the steps' parts go beside the dump as they come.
         (
             vec!["generate", "--model", &model, "--tokens", "1", "--dump", "/no/such/dir/gen.safetensors"],
@@ -252,6 +257,9 @@ fn malformed_files_and_arguments_are_one_line_errors() {
         // Output paths that cannot become files are refused before any work, leaving nothing.
         (vec!["run", "--model", &model, "--tokens", "1,2", "--dump", &model], "is a folder; give a file path"),
         (vec!["audit", "--dump", &reference, "--csv", &model], "is a folder; give a file path"),
+        // Written beside and renamed over: a device would become a regular file (as root, /dev/null).
+        (vec!["run", "--model", &model, "--tokens", "1,2", "--dump", "/dev/null"], "is not a regular file"),
+        (vec!["generate", "--model", &model, "--tokens", "1", "--dump", "/dev/null"], "is not a regular file"),
         (vec!["audit", "--dump", &reference, "--heatmap", "/tmp/load.png"], "name a .svg file"),
         (vec!["diff", &model, &reference], "is a folder, not a safetensors file"),
         (
@@ -346,6 +354,13 @@ fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("stopping after this layer") && err.contains("with --resume continues it"), "{err}");
     assert!(!stopped.exists(), "no dump under the target name until the run is finished");
+    // A kill between the checkpoint's two renames leaves the JSON a layer behind the hidden
+    // state; the state the hidden state's file carries wins. Here the JSON names another layer.
+    let json_path = t.join("stopped.safetensors.resume.json");
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+    let layer = json["layer"].as_u64().unwrap();
+    json["layer"] = (if layer == 0 { 1 } else { layer - 1 }).into();
+    std::fs::write(&json_path, json.to_string()).unwrap();
     let resumed: Vec<&str> = sargs.iter().copied().chain(["--resume"]).collect();
     assert!(glimpse(&resumed).status.success());
     let o = glimpse(&["diff", "--atol", "0", "--rtol", "0", &s(&stopped), &s(&dump)]);

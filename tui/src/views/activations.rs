@@ -37,7 +37,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     // NaN count and the spread, so no number is cut short. The NaN column is as wide as its
     // largest count.
     let nan_width = hooks.iter().map(|h| h.nonfinite.to_string().len()).max().unwrap_or(0).max(3) as u16;
-    let widths_wanted = [14, 14, 8, 8, 8, 8, 8, nan_width, 10, 12];
+    let widths_wanted = [14, 14, 8, 8, 8, 8, 8, nan_width, 10, 13];
     let show = fitting(area.width.saturating_sub(2), &widths_wanted, &[1, 6, 8, 7, 3, 4, 5]);
     let rows = hooks.iter().skip(app.scroll).map(|h| {
         // Floats by their largest error; selections by the rows that differ.

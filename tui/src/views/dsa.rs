@@ -60,7 +60,11 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let batch = src.tokens() / m.seq.max(1);
     let row = if batch > 1 { format!(" (batch row {} of {batch})", app.token / m.seq.max(1)) } else { String::new() };
     // Keys past the width are not drawn: say so.
-    let cut = if keys < m.seq { format!(" keys 0-{} of {}", keys.saturating_sub(1), m.seq) } else { String::new() };
+    let cut = match keys {
+        0 if m.seq > 0 => format!(" no room for its {} keys", m.seq),
+        k if k < m.seq => format!(" keys 0-{} of {}", k - 1, m.seq),
+        _ => String::new(),
+    };
     let title = format!(
         "layer {} dsa ({}){cut}: {} queries{row}, {flips} differ{}  # both +ours -ref",
         layer.index,
