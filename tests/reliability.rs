@@ -233,8 +233,8 @@ fn malformed_files_and_arguments_are_one_line_errors() {
         (vec!["--max-memory", "1M", "run", "--model", &model, "--tokens", "1,2"], "but --max-memory is 1.0 MB"),
         (vec!["--max-memory", "lots", "verify"], "not a size like 500M"),
         (
-            vec!["generate", "--model", &model, "--tokens", "1", "--max-new-tokens", "1000000000"],
-            "but available memory is",
+            vec!["--max-memory", "16G", "generate", "--model", &model, "--tokens", "1", "--max-new-tokens", "10000000"],
+            "needs about 87.68 GB",
         ),
         (vec!["diff", "--tol", "logits", &reference, &reference], "PATTERN=ATOL,RTOL"),
         (vec!["diff", &reference, &other_run], "runs of different inputs"),
