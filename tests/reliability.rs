@@ -234,7 +234,7 @@ fn malformed_files_and_arguments_are_one_line_errors() {
         (vec!["--max-memory", "lots", "verify"], "not a size like 500M"),
         (
             vec!["--max-memory", "16G", "generate", "--model", &model, "--tokens", "1", "--max-new-tokens", "10000000"],
-            "needs about 87.68 GB",
+            "but --max-memory is 16.00 GB",
         ),
         (vec!["diff", "--tol", "logits", &reference, &reference], "PATTERN=ATOL,RTOL"),
         (vec!["diff", &reference, &other_run], "runs of different inputs"),
