@@ -253,15 +253,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let reference = match against.is_empty() {
                 true => None,
                 false => {
+                    // Counts only: the shift needs no routers, so the model is not loaded again.
                     let experts = Some(audit.experts);
-                    Some(glimpse::audit::collect(
-                        model.as_deref(),
-                        None,
-                        &against,
-                        experts,
-                        max_memory,
-                        target(device)?,
-                    )?)
+                    Some(glimpse::audit::collect(None, None, &against, experts, max_memory, target(device)?)?)
                 }
             };
             if let Some(r) = &reference {
