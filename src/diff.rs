@@ -304,7 +304,10 @@ impl DiffReport {
             Detail::Float { cosine, scale, total, .. }
                 if *total > 1 && (scale - 1.0).abs() > 1e-2 && 1.0 - cosine * cosine < 1e-2 * (scale - 1.0).powi(2) =>
             {
-                format!(" (ours = {scale:.4} x reference, cosine {cosine:.6}: a constant factor apart)")
+                // Exactly (a missing scaling) or mostly (a per-token one, like a skipped normalisation).
+                let how =
+                    if 1.0 - cosine * cosine < 1e-6 { "a constant factor apart" } else { "mostly a factor apart" };
+                format!(" (ours = {scale:.4} x reference, cosine {cosine:.6}: {how})")
             }
             Detail::Sets { flips, .. } if all(flips, Class::NearTie) => " (every flip a near-tie)".into(),
             // Real flips over scores that match: the rule differs, not its input.
@@ -404,6 +407,13 @@ mod tests {
         let out = report.render(Path::new("a"), Path::new("b"));
         let first = "first divergence: layers.0.moe.topk_weights (ours = 0.4000 x reference, cosine 1.000000";
         assert!(out.contains(first), "{out}");
+        // A factor with some spread around it (a per-token normalisation skipped) is "mostly" one.
+        let (_, mostly) = compare_floats(&[0.8, -2.0, 1.1], &[2.0, -5.0, 2.5], &[3], Tolerance::default());
+        let x = Comparison { name: "x".into(), ok: false, detail: mostly };
+        let one = DiffReport { results: vec![x], only_a: vec![], ..report.clone() };
+        assert!(one
+            .render(Path::new("a"), Path::new("b"))
+            .contains("ours = 0.4071 x reference, cosine 0.999297: mostly a factor apart)"));
         // Rounding is not a factor: 0.2% apart (bf16's half ulp) is not read as one.
         let (_, rounded) = compare_floats(&[1.002, -2.004], &[1.0, -2.0], &[2], Tolerance::default());
         let x = Comparison { name: "x".into(), ok: false, detail: rounded };
