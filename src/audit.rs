@@ -195,9 +195,6 @@ impl Audit {
         s
     }
 
-    /// Per layer, how the load moved from `reference`'s to this one (same model, the same layers):
-    /// the share of routing slots that went to other experts (`sum |ours - reference| / 2` over
-    /// the reference's slots) and the experts that gained and lost most.
     /// Refuses a reference whose MoE layers ran other tokens (another count of routing slots):
     /// their loads would differ by the count, not by the routing.
     pub fn check_comparable(&self, reference: &Audit) -> Result<()> {
@@ -220,6 +217,10 @@ impl Audit {
         Ok(())
     }
 
+    /// Per layer, how the load moved from `reference`'s to this one (same model, the same layers):
+    /// the share of routing slots that went to other experts (`sum |ours - reference| / 2` over
+    /// the reference's slots) and the experts that gained and lost most. A net measure of load:
+    /// tokens that swapped experts both ways cancel out (`diff` counts the flips themselves).
     pub fn shift(&self, reference: &Audit) -> Vec<LayerShift> {
         self.layers
             .iter()

@@ -420,10 +420,10 @@ impl DumpWriter {
         }
         // The state goes into the hidden state's file too: a kill between the two renames below
         // must not pair layer L's hidden state with layer L - 1's state (L would run twice).
-        let paired = BTreeMap::from([(PAIRED_STATE.to_string(), state.to_string())]);
-        st::write(&r.hidden_path, &hidden_tensors, &paired)?;
+        let state = state.to_string();
+        st::write(&r.hidden_path, &hidden_tensors, &BTreeMap::from([(PAIRED_STATE.to_string(), state.clone())]))?;
         let tmp = r.state_path.with_extension("json.tmp");
-        std::fs::write(&tmp, state.to_string()).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::write(&tmp, state).map_err(|e| Error::io(&tmp, e))?;
         std::fs::rename(&tmp, &r.state_path).map_err(|e| Error::io(&r.state_path, e))?;
         if crate::interrupt::requested() {
             return Err(self.interrupted(layer));
