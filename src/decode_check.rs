@@ -148,9 +148,23 @@ pub fn print(r: &DecodeCheck, tol: Tolerance, chunk: usize) {
     for c in &r.results {
         println!("{}", crate::verify::format_line(c));
     }
-    for (s, max_abs) in r.logits_max_abs.iter().enumerate() {
+    // A line a position, up to LISTED of them; past that the largest error, and the positions
+    // from the first that differs (a 512-token check printed 512 lines of "ok").
+    const LISTED: usize = 32;
+    let line = |s: usize, max_abs: f64| {
         let ok = r.first.is_none_or(|(p, _)| s < p);
         println!("position {s:<5} logits max_abs {max_abs:9.3e}  {}", if ok { "ok" } else { "differs" });
+    };
+    let n = r.logits_max_abs.len();
+    if n <= LISTED {
+        r.logits_max_abs.iter().enumerate().for_each(|(s, &e)| line(s, e));
+    } else {
+        let (s, e) =
+            r.logits_max_abs.iter().copied().enumerate().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap_or((0, 0.0));
+        println!("logits over {n} positions: largest max_abs {e:.3e} at position {s}");
+        if let Some((p, _)) = r.first {
+            r.logits_max_abs.iter().enumerate().skip(p).take(5).for_each(|(s, &e)| line(s, e));
+        }
     }
     let how = if chunk <= 1 { "one position per call".to_string() } else { format!("{chunk} positions per call") };
     match r.first {
