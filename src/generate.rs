@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use crate::dump::{self, DumpWriter};
 use crate::error::Result;
 use crate::hooks::{NoObserver, Observer, Selector};
+use crate::model::decode::Flow;
 use crate::model::mtp::Mtp;
 use crate::model::{Model, Tokens};
 use crate::stitch::Stitcher;
@@ -51,15 +52,22 @@ pub fn run(
     let decoder = if prompt.batch == 1 { crate::tokenizer::Decoder::load(dir)? } else { None };
     let t0 = std::time::Instant::now();
     let mut stamps = Vec::with_capacity(opts.new_tokens);
+    // Ctrl-C ends the generation after the step in progress, keeping what it made (and its dump).
+    crate::interrupt::stop_at_checkpoints();
     let done = model.generate(prompt, opts.new_tokens, opts.chunk, mtp.as_ref(), obs, |step, next| {
         stamps.push(t0.elapsed().as_secs_f64());
         let text = decoder.as_ref().map(|d| d.decode(next)).transpose()?.map(|t| format!(" {t:?}"));
         let mut out = std::io::stdout();
         let _ = writeln!(out, "step {step}: {next:?}{}", text.unwrap_or_default());
         let _ = out.flush();
-        Ok(())
+        Ok(if crate::interrupt::requested() { Flow::Stop } else { Flow::Continue })
     })?;
+    crate::interrupt::default_again();
     let secs = t0.elapsed().as_secs_f64();
+    let made = done.tokens.first().map_or(0, Vec::len);
+    if made < opts.new_tokens {
+        eprintln!("glimpse: stopped by Ctrl-C after {made} of {} new tokens", opts.new_tokens);
+    }
     for (r, g) in done.tokens.iter().enumerate() {
         println!("row {r}: generated {g:?}");
     }
@@ -67,7 +75,7 @@ pub fn run(
         let rate = if drafted > 0 { format!("{:.1}%", 100.0 * accepted as f64 / drafted as f64) } else { "-".into() };
         println!("mtp: {accepted} of {drafted} drafts equal the main model's greedy token ({rate})");
     }
-    eprintln!("{} new tokens in {secs:.3} s including the {}-token prompt", opts.new_tokens, prompt.seq);
+    eprintln!("{made} new tokens in {secs:.3} s including the {}-token prompt", prompt.seq);
     if let Some(line) = speed_line(&stamps, prompt.batch) {
         println!("{line}");
     }

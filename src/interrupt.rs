@@ -1,7 +1,8 @@
-//! Ctrl-C during a resumable run (`run --dump` of a whole model): the first SIGINT asks the run to
-//! stop at its next checkpoint, so the layer being computed finishes, is made durable, and the
-//! command says how to continue (`--resume`); a second SIGINT ends the process at once, as the
-//! default action does. Elsewhere SIGINT keeps its default action.
+//! Ctrl-C during long work that can stop cleanly: the first SIGINT asks it to stop at its next
+//! checkpoint: a resumable `run --dump` after the layer being computed, made durable (the command
+//! says how to `--resume`); `generate` after the step in progress, keeping its tokens and dump. A
+//! second SIGINT ends the process at once, as the default action does. Elsewhere SIGINT keeps
+//! its default action.
 
 #[cfg(unix)]
 mod imp {
@@ -9,7 +10,8 @@ mod imp {
 
     static REQUESTED: AtomicBool = AtomicBool::new(false);
 
-    const NOTICE: &[u8] = b"\nglimpse: stopping after this layer, to resume later (Ctrl-C again to quit now)\n";
+    const NOTICE: &[u8] =
+        b"\nglimpse: stopping after the work in progress, keeping what is done (Ctrl-C again to quit now)\n";
 
     extern "C" fn on_sigint(_: libc::c_int) {
         REQUESTED.store(true, Ordering::Relaxed);

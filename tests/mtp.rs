@@ -31,7 +31,9 @@ fn mtp_drafts_during_generation_equal_the_prefill_form() {
     let prompt = Tokens::parse("5,17,30,2,99,64,3,8;7,8,9,10,11,12,13,14").unwrap();
     let new = 6;
     let mut stitcher = Stitcher::new(Selector::default());
-    let done = model.generate(&prompt, new, 3, Some(&mtp), &mut stitcher, |_, _| Ok(())).unwrap();
+    let done = model
+        .generate(&prompt, new, 3, Some(&mtp), &mut stitcher, |_, _| Ok(glimpse::model::decode::Flow::Continue))
+        .unwrap();
     let decode: BTreeMap<HookPoint, _> = stitcher.finish().unwrap().into_iter().collect();
 
     let ids = decode[&HookPoint::InputIds].to_vec2::<i64>().unwrap();

@@ -352,7 +352,7 @@ fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
     let out = interrupt_when_present(&sargs, &t.join("stopped.safetensors.resume.json"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
-    assert!(err.contains("stopping after this layer") && err.contains("with --resume continues it"), "{err}");
+    assert!(err.contains("stopping after the work in progress") && err.contains("--resume continues it"), "{err}");
     assert!(!stopped.exists(), "no dump under the target name until the run is finished");
     // A kill between the checkpoint's two renames leaves the JSON a layer behind the hidden
     // state; the state the hidden state's file carries wins. Here the JSON names another layer.
@@ -365,6 +365,34 @@ fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
     assert!(glimpse(&resumed).status.success());
     let o = glimpse(&["diff", "--atol", "0", "--rtol", "0", &s(&stopped), &s(&dump)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+}
+
+/// Ctrl-C during `generate` ends it after the step in progress: the tokens so far, the speed
+/// line, and a dump of those steps, exit 0.
+#[test]
+fn ctrl_c_stops_generate_and_keeps_what_it_made() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let dump = tmp.path().join("gen.safetensors");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["generate", "--model", &s(&golden("flat")), "--tokens", "1,2,3", "--max-new-tokens", "5000"])
+        .args(["--dump", &s(&dump)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.unwrap().starts_with("step 3:")), "it generates");
+    // SAFETY: signalling a child this test started and has not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("stopped by Ctrl-C after"), "{err}");
+    assert!(rest.iter().any(|l| l.starts_with("wrote ")), "{rest:?}");
+    let d = glimpse::dump::Dump::open(&dump).unwrap();
+    assert!(d.names().iter().any(|n| n == "logits"));
 }
 
 /// Starts glimpse with `args`, waits until `path` exists, sends it SIGINT (Ctrl-C) and returns

@@ -306,6 +306,13 @@ impl Model {
     }
 }
 
+/// Whether generation goes on after a step (`Model::generate`'s `on_step`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
 /// What `generate` produced.
 pub struct Generation {
     /// Every row's generated tokens.
@@ -317,7 +324,8 @@ pub struct Generation {
 impl Model {
     /// Greedy generation: the prompt goes through the cache `chunk` positions at a time (0: all
     /// at once), then every step feeds back each row's argmax. `obs` sees every hook of every
-    /// call; `on_step(step, tokens)` sees each step's tokens as soon as they are chosen.
+    /// call; `on_step(step, tokens)` sees each step's tokens as soon as they are chosen, and
+    /// returning `Flow::Stop` ends the generation there (fewer than `new` tokens).
     ///
     /// With `mtp`, the MTP head drafts each next token from the previous step's hidden state and
     /// token (through its own one-layer cache), and the drafts are scored against the main
@@ -330,7 +338,7 @@ impl Model {
         chunk: usize,
         mtp: Option<&Mtp>,
         obs: &mut dyn Observer,
-        mut on_step: impl FnMut(usize, &[u32]) -> Result<()>,
+        mut on_step: impl FnMut(usize, &[u32]) -> Result<Flow>,
     ) -> Result<Generation> {
         let (b, p) = (prompt.batch, prompt.seq);
         let mut cache = KvCache::with_capacity(self.layers.len(), p + new);
@@ -369,7 +377,9 @@ impl Model {
             for (row, &t) in generated.iter_mut().zip(&next) {
                 row.push(t);
             }
-            on_step(step, &next)?;
+            if on_step(step, &next)? == Flow::Stop {
+                break;
+            }
             if step + 1 < new {
                 let (h, l) = self.decode_hidden(&Tokens::new(b, 1, next.clone())?, &mut cache, obs)?;
                 next = last_argmax(&l)?;
