@@ -266,6 +266,10 @@ pub(crate) enum Command {
         /// Draft each next token with the MTP head and report how often it equals the greedy token.
         #[arg(long)]
         mtp: bool,
+        /// Generate all --max-new-tokens even after every row has produced one of config.json's
+        /// `eos_token_id`s (by default generation stops there).
+        #[arg(long)]
+        ignore_eos: bool,
     },
     /// Check this machine: every bundled golden case through verify, and with --device cpu-ops or
     /// cuda through the device forward pass too (cuda: every GPU kernel against its CPU reference first).

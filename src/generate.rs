@@ -25,6 +25,18 @@ pub struct GenerateOptions {
     pub dump: Option<(PathBuf, Selector)>,
     /// Draft with the MTP head and report its acceptance.
     pub mtp: bool,
+    /// Stop once every row has produced one of these (config.json's `eos_token_id`).
+    pub eos: Vec<u32>,
+}
+
+/// config.json's `eos_token_id`: one id or a list (GLM-5's has three); none when absent.
+pub fn eos_ids(config_bytes: &[u8]) -> Vec<u32> {
+    let v: serde_json::Value = serde_json::from_slice(config_bytes).unwrap_or_default();
+    let one = |x: &serde_json::Value| x.as_u64().and_then(|i| u32::try_from(i).ok());
+    match &v["eos_token_id"] {
+        serde_json::Value::Array(ids) => ids.iter().filter_map(one).collect(),
+        x => one(x).into_iter().collect(),
+    }
 }
 
 pub fn run(
@@ -54,22 +66,28 @@ pub fn run(
     let mut stamps = Vec::with_capacity(opts.new_tokens);
     // Ctrl-C ends the generation after the step in progress, keeping what it made (and its dump).
     crate::interrupt::stop_at_checkpoints();
+    let mut ended = vec![false; prompt.batch]; // rows that produced an eos id
     let done = model.generate(prompt, opts.new_tokens, opts.chunk, mtp.as_ref(), obs, |step, next| {
         stamps.push(t0.elapsed().as_secs_f64());
         let text = decoder.as_ref().map(|d| d.decode(next)).transpose()?.map(|t| format!(" {t:?}"));
         let mut out = std::io::stdout();
         let _ = writeln!(out, "step {step}: {next:?}{}", text.unwrap_or_default());
         let _ = out.flush();
-        Ok(if crate::interrupt::requested() { Flow::Stop } else { Flow::Continue })
+        ended.iter_mut().zip(next).for_each(|(e, t)| *e |= opts.eos.contains(t));
+        let stop = crate::interrupt::requested() || ended.iter().all(|&e| e);
+        Ok(if stop { Flow::Stop } else { Flow::Continue })
     })?;
     crate::interrupt::default_again();
     let secs = t0.elapsed().as_secs_f64();
     let made = done.tokens.first().map_or(0, Vec::len);
     if made < opts.new_tokens {
-        eprintln!("glimpse: stopped by Ctrl-C after {made} of {} new tokens", opts.new_tokens);
+        let why = if crate::interrupt::requested() { "Ctrl-C" } else { "eos_token_id in every row" };
+        eprintln!("glimpse: stopped by {why} after {made} of {} new tokens", opts.new_tokens);
     }
     for (r, g) in done.tokens.iter().enumerate() {
-        println!("row {r}: generated {g:?}");
+        // A row that ended earlier than the others is shown up to its eos.
+        let end = g.iter().position(|t| opts.eos.contains(t)).map_or(g.len(), |i| i + 1);
+        println!("row {r}: generated {:?}", &g[..end]);
     }
     if let Some((accepted, drafted)) = done.drafts {
         let rate = if drafted > 0 { format!("{:.1}%", 100.0 * accepted as f64 / drafted as f64) } else { "-".into() };

@@ -451,7 +451,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Generate { model, tokens, prompt, max_new_tokens, chunk, dump, record, mtp } => {
+        Command::Generate { model, tokens, prompt, max_new_tokens, chunk, dump, record, mtp, ignore_eos } => {
             let ckpt = Checkpoint::open(&model)?;
             let tokens = match (tokens, prompt) {
                 (Some(t), _) => Tokens::parse(&t)?,
@@ -467,6 +467,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 chunk: chunk.unwrap_or(0) as usize,
                 dump: dump.map(|d| recording(&record, &ckpt.config).map(|s| (d, s))).transpose()?,
                 mtp,
+                eos: if ignore_eos { Vec::new() } else { glimpse::generate::eos_ids(&ckpt.config_bytes) },
             };
             glimpse::generate::run(&model, &ckpt, &Model::load(&ckpt)?, &tokens, &opts)?;
             Ok(ExitCode::SUCCESS)

@@ -356,3 +356,30 @@ fn audit_refuses_twice_the_same_dump_and_other_models_dumps() {
     let port = glimpse(&["audit", "--dump", "golden/flat/bf16-port.safetensors", "--against", flat]);
     assert!(text(&port).0.contains("load shift against the reference"), "{:?}", text(&port));
 }
+
+/// `generate` stops once every row has produced one of config.json's `eos_token_id`s (one id or
+/// a list), shows a row up to its eos, and `--ignore-eos` goes on.
+#[test]
+fn generate_stops_at_eos_unless_told_not_to() {
+    let tmp = tempfile::tempdir().unwrap();
+    let free = synth(tmp.path(), 1);
+    let greedy = |dir: &Path, extra: &[&str]| {
+        let mut args = vec!["generate", "--model", dir.to_str().unwrap(), "--tokens", "1,2,3", "--max-new-tokens", "6"];
+        args.extend(extra);
+        let o = glimpse(&args);
+        assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+        let (out, err) = text(&o);
+        let row = out.lines().find(|l| l.starts_with("row 0: generated ")).unwrap().to_string();
+        let ids: Vec<u32> = serde_json::from_str(row.trim_start_matches("row 0: generated ")).unwrap();
+        (ids, err)
+    };
+    let (all, _) = greedy(&free, &["--ignore-eos"]);
+    assert_eq!(all.len(), 6);
+    // The third greedy token made the eos (in a list, as GLM-5's config has it).
+    let eos = with_config(tmp.path(), "eos", |v| v["eos_token_id"] = serde_json::json!([all[2], 99_999]));
+    let (stopped, err) = greedy(&eos, &[]);
+    let first = all.iter().position(|&t| t == all[2]).unwrap();
+    assert_eq!(stopped, all[..=first], "{err}");
+    assert!(err.contains(&format!("stopped by eos_token_id in every row after {} of 6", first + 1)), "{err}");
+    assert_eq!(greedy(&eos, &["--ignore-eos"]).0, all);
+}
