@@ -47,7 +47,7 @@ PY
 
 g_steps=(); g_totals=(); t_steps=(); t_totals=()
 for r in $(seq 1 "$rounds"); do
-  out=$("$glimpse" --threads "$threads" generate --model "$model" --tokens "$ids" --max-new-tokens "$new" 2>&1)
+  out=$("$glimpse" --threads "$threads" generate --model "$model" --tokens "$ids" --max-new-tokens "$new" --ignore-eos 2>&1)
   g_step=$(echo "$out" | sed -n 's/.*decode median \([0-9.]*\) s per step.*/\1/p')
   g_total=$(echo "$out" | sed -n 's/.* new tokens in \([0-9.]*\) s including.*/\1/p')
   g_tokens=$(echo "$out" | sed -n 's/^row 0: generated \[\(.*\)\]/\1/p' | tr -d ' ')
