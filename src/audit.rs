@@ -126,6 +126,8 @@ pub fn pearson(x: Vec<f64>, y: &[f64]) -> Option<f64> {
 pub struct Audit {
     pub layers: BTreeMap<usize, LayerLoad>,
     pub experts: usize,
+    /// The expert count is the dumps' largest id + 1, not a model's or a router's.
+    pub experts_guessed: bool,
     pub prompts: usize,
 }
 
@@ -226,7 +228,11 @@ impl Audit {
             .iter()
             .filter_map(|(i, l)| {
                 let r = reference.layers.get(i)?;
-                let delta: Vec<i64> = l.counts.iter().zip(&r.counts).map(|(&a, &b)| a as i64 - b as i64).collect();
+                // (Two guessed expert counts may differ: a missing expert has no tokens.)
+                let count = |c: &[u64], e: usize| c.get(e).copied().unwrap_or(0) as i64;
+                let delta: Vec<i64> = (0..l.counts.len().max(r.counts.len()))
+                    .map(|e| count(&l.counts, e) - count(&r.counts, e))
+                    .collect();
                 let slots: u64 = r.counts.iter().sum();
                 let moved = delta.iter().map(|d| d.unsigned_abs()).sum::<u64>() as f64 / 2.0 / slots.max(1) as f64;
                 let mut order: Vec<usize> = (0..delta.len()).collect();
@@ -381,6 +387,7 @@ pub fn collect(
         }
     };
     let mut audit = Audit::new(experts);
+    audit.experts_guessed = guessed_experts.is_some();
     if let Some(m) = &model {
         for layer in &m.layers {
             if let crate::model::layer::Ffn::Moe(moe) = &layer.mlp {

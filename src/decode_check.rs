@@ -148,7 +148,7 @@ pub fn print(r: &DecodeCheck, tol: Tolerance, chunk: usize) {
     for c in &r.results {
         println!("{}", crate::verify::format_line(c));
     }
-    // A line a position, up to LISTED of them; past that the largest error, and the positions
+    // A line a position, up to LISTED of them; past that the largest error, and five positions
     // from the first that differs (a 512-token check printed 512 lines of "ok").
     const LISTED: usize = 32;
     let line = |s: usize, max_abs: f64| {

@@ -65,7 +65,7 @@ pub fn run(
     let t0 = std::time::Instant::now();
     let mut stamps = Vec::with_capacity(opts.new_tokens);
     // Ctrl-C ends the generation after the step in progress, keeping what it made (and its dump).
-    crate::interrupt::stop_at_checkpoints();
+    let stopping = crate::interrupt::stop_at_checkpoints();
     let mut ended = vec![false; prompt.batch]; // rows that produced an eos id
     let done = model.generate(prompt, opts.new_tokens, opts.chunk, mtp.as_ref(), obs, |step, next| {
         stamps.push(t0.elapsed().as_secs_f64());
@@ -77,7 +77,7 @@ pub fn run(
         let stop = crate::interrupt::requested() || ended.iter().all(|&e| e);
         Ok(if stop { Flow::Stop } else { Flow::Continue })
     })?;
-    crate::interrupt::default_again();
+    drop(stopping);
     let secs = t0.elapsed().as_secs_f64();
     let made = done.tokens.first().map_or(0, Vec::len);
     if made < opts.new_tokens {

@@ -23,6 +23,7 @@ mod imp {
     }
 
     pub fn stop_at_checkpoints() {
+        REQUESTED.store(false, Ordering::Relaxed);
         // SAFETY: the handler only stores to an atomic and makes async-signal-safe calls.
         unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
     }
@@ -46,9 +47,25 @@ mod imp {
     pub fn default_again() {}
 }
 
-/// SIGINT's default action again (past the last checkpoint, where there is no layer to finish).
+/// SIGINT's default action again (past the last checkpoint, where there is nothing left to stop
+/// cleanly at).
 pub use imp::default_again;
 /// Whether a stop was asked for.
 pub use imp::requested;
-/// From now on the first Ctrl-C asks for a stop at the next checkpoint.
-pub use imp::stop_at_checkpoints;
+
+/// While this lives, the first Ctrl-C asks for a stop at the next checkpoint (`requested`); when
+/// it is dropped, however the work ended, SIGINT's default action is back.
+#[must_use]
+pub struct Stopping(());
+
+/// Starts asking: a stop requested before is forgotten.
+pub fn stop_at_checkpoints() -> Stopping {
+    imp::stop_at_checkpoints();
+    Stopping(())
+}
+
+impl Drop for Stopping {
+    fn drop(&mut self) {
+        imp::default_again();
+    }
+}

@@ -254,7 +254,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 true => None,
                 false => {
                     // Counts only: the shift needs no routers, so the model is not loaded again.
-                    let experts = Some(audit.experts);
+                    let experts = (!audit.experts_guessed).then_some(audit.experts);
                     Some(glimpse::audit::collect(None, None, &against, experts, max_memory, target(device)?)?)
                 }
             };
@@ -394,9 +394,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         }
                         None => (DumpWriter::create(path, selector, expected)?, layers, start),
                     };
-                    if writer.resumable() {
-                        glimpse::interrupt::stop_at_checkpoints();
-                    }
+                    let _stopping = writer.resumable().then(glimpse::interrupt::stop_at_checkpoints);
                     let logits = {
                         let mut side = Tee(&mut watch, &mut final_norm);
                         let mut obs = Tee(&mut writer, &mut side);

@@ -23,47 +23,51 @@ fn case() -> PathBuf {
 
 /// Generation with drafts: every hook of the main model and of the MTP head, laid end to end,
 /// equals a prefill of the same tokens followed by the MTP head's prefill form; the reported
-/// acceptance is the share of drafts equal to the next greedy token.
+/// acceptance is the share of drafts equal to the next greedy token. Also when `on_step` stops
+/// the generation early (Ctrl-C, eos): the head then saw no pair past the main model's run.
 #[test]
 fn mtp_drafts_during_generation_equal_the_prefill_form() {
+    use glimpse::model::decode::Flow;
     let ckpt = Checkpoint::open(&case()).unwrap();
     let (model, mtp) = (Model::load(&ckpt).unwrap(), Mtp::load(&ckpt).unwrap());
     let prompt = Tokens::parse("5,17,30,2,99,64,3,8;7,8,9,10,11,12,13,14").unwrap();
-    let new = 6;
-    let mut stitcher = Stitcher::new(Selector::default());
-    let done = model
-        .generate(&prompt, new, 3, Some(&mtp), &mut stitcher, |_, _| Ok(glimpse::model::decode::Flow::Continue))
-        .unwrap();
-    let decode: BTreeMap<HookPoint, _> = stitcher.finish().unwrap().into_iter().collect();
+    for stop_after in [None, Some(2), Some(0)] {
+        let mut stitcher = Stitcher::new(Selector::default());
+        let flow = |step| if Some(step) == stop_after { Flow::Stop } else { Flow::Continue };
+        let done = model.generate(&prompt, 6, 3, Some(&mtp), &mut stitcher, |step, _| Ok(flow(step))).unwrap();
+        let new = done.tokens[0].len();
+        assert_eq!(new, stop_after.map_or(6, |s| s + 1));
+        let decode: BTreeMap<HookPoint, _> = stitcher.finish().unwrap().into_iter().collect();
 
-    let ids = decode[&HookPoint::InputIds].to_vec2::<i64>().unwrap();
-    let seq = prompt.seq + new - 1;
-    let tokens = Tokens::new(2, seq, ids.concat().iter().map(|&t| t as u32).collect()).unwrap();
-    let mut prefill = Recorder::new(Selector::default());
-    model.forward(&tokens, &mut prefill).unwrap();
-    let h = prefill.get(HookPoint::FinalNorm).unwrap().narrow(1, 0, seq - 1).unwrap();
-    let draft_logits = mtp.forward(&model, &h, &tokens, &mut prefill).unwrap(); // [B, seq-1, V]
-    let prefill: BTreeMap<HookPoint, _> = prefill.tensors.into_iter().collect();
+        let ids = decode[&HookPoint::InputIds].to_vec2::<i64>().unwrap();
+        let seq = prompt.seq + new - 1;
+        let tokens = Tokens::new(2, seq, ids.concat().iter().map(|&t| t as u32).collect()).unwrap();
+        let mut prefill = Recorder::new(Selector::default());
+        model.forward(&tokens, &mut prefill).unwrap();
+        let h = prefill.get(HookPoint::FinalNorm).unwrap().narrow(1, 0, seq - 1).unwrap();
+        let draft_logits = mtp.forward(&model, &h, &tokens, &mut prefill).unwrap(); // [B, seq-1, V]
+        let prefill: BTreeMap<HookPoint, _> = prefill.tensors.into_iter().collect();
 
-    let r = glimpse::decode_check::compare(&prefill, &decode, seq, Tolerance::default(), &model.config).unwrap();
-    let failed: Vec<String> = r.results.iter().filter(|c| !c.ok).map(glimpse::verify::format_line).collect();
-    assert!(r.all_match(), "{failed:#?}");
-    let n = model.layers.len();
-    for point in [HookPoint::MtpInputHidden, HookPoint::Layer(n, LayerHook::TopkIds), HookPoint::MtpLogits] {
-        assert!(r.results.iter().any(|c| c.name == point.name()), "{} not compared", point.name());
-    }
-
-    // Draft at MTP position s predicts token s + 2; generated tokens after the first were drafted.
-    let mut want = (0, 0);
-    for s in prompt.seq - 1..seq - 1 {
-        let drafts = last_argmax(&draft_logits.narrow(1, s, 1).unwrap()).unwrap();
-        for (b, d) in drafts.iter().enumerate() {
-            let main = done.tokens[b][s + 2 - prompt.seq];
-            want = (want.0 + usize::from(*d == main), want.1 + 1);
+        let r = glimpse::decode_check::compare(&prefill, &decode, seq, Tolerance::default(), &model.config).unwrap();
+        let failed: Vec<String> = r.results.iter().filter(|c| !c.ok).map(glimpse::verify::format_line).collect();
+        assert!(r.all_match(), "stop after {stop_after:?}: {failed:#?}");
+        let n = model.layers.len();
+        for point in [HookPoint::MtpInputHidden, HookPoint::Layer(n, LayerHook::TopkIds), HookPoint::MtpLogits] {
+            assert!(r.results.iter().any(|c| c.name == point.name()), "{} not compared", point.name());
         }
+
+        // Draft at MTP position s predicts token s + 2; generated tokens after the first were drafted.
+        let mut want = (0, 0);
+        for s in prompt.seq - 1..seq - 1 {
+            let drafts = last_argmax(&draft_logits.narrow(1, s, 1).unwrap()).unwrap();
+            for (b, d) in drafts.iter().enumerate() {
+                let main = done.tokens[b][s + 2 - prompt.seq];
+                want = (want.0 + usize::from(*d == main), want.1 + 1);
+            }
+        }
+        assert_eq!(done.drafts, Some(want));
+        assert_eq!(want.1, 2 * (new - 1));
     }
-    assert_eq!(done.drafts, Some(want));
-    assert_eq!(want.1, 2 * (new - 1));
 }
 
 /// Feeding the head the hidden state before the final norm (a bug real ports shipped) fails

@@ -363,13 +363,19 @@ impl Model {
             accepted: 0,
             drafted: 0,
         });
+        // The MTP head sees the pair (h[s], t[s+1]) of each position the main model runs but the
+        // last; a pair waits in `pending` until the step that makes it not the last is certain
+        // (`on_step` may stop the generation), so an early stop leaves no extra MTP position.
+        let mut pending = None;
         if let Some(d) = drafter.as_mut() {
             // The prompt's pairs; the last pairs h[P-1] with the first generated token.
             let shifted = (0..b).flat_map(|r| prompt.ids[r * p + 1..(r + 1) * p].iter().copied().chain([next[r]]));
-            let pairs = if new >= 2 { p } else { p - 1 };
-            if pairs > 0 {
-                let h = Tensor::cat(&hidden, 1)?.narrow(1, 0, pairs)?; // [B, pairs, hidden]
-                d.feed(self, &h, &Tokens::new(b, p, shifted.collect())?.columns(0..pairs)?, obs)?;
+            let (h, pairs) = (Tensor::cat(&hidden, 1)?, Tokens::new(b, p, shifted.collect())?); // [B, P, hidden]
+            if p > 1 {
+                d.feed(self, &h.narrow(1, 0, p - 1)?, &pairs.columns(0..p - 1)?, obs)?;
+            }
+            if new >= 2 {
+                pending = Some((h.narrow(1, p - 1, 1)?, pairs.columns(p - 1..p)?));
             }
         }
         let mut generated = vec![Vec::with_capacity(new); b];
@@ -380,13 +386,16 @@ impl Model {
             if on_step(step, &next)? == Flow::Stop {
                 break;
             }
+            if let (Some(d), Some((h, t))) = (drafter.as_mut(), pending.take()) {
+                d.feed(self, &h, &t, obs)?;
+            }
             if step + 1 < new {
                 let (h, l) = self.decode_hidden(&Tokens::new(b, 1, next.clone())?, &mut cache, obs)?;
                 next = last_argmax(&l)?;
                 if let Some(d) = drafter.as_mut() {
                     d.score(&next);
                     if step + 2 < new {
-                        d.feed(self, &h, &Tokens::new(b, 1, next.clone())?, obs)?;
+                        pending = Some((h, Tokens::new(b, 1, next.clone())?));
                     }
                 }
             }
