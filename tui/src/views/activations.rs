@@ -37,16 +37,21 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     // NaN count and the spread, so no number is cut short. The NaN column is as wide as its
     // largest count.
     let nan_width = hooks.iter().map(|h| h.nonfinite.to_string().len()).max().unwrap_or(0).max(3) as u16;
-    let widths_wanted = [14, 14, 8, 8, 8, 8, 8, nan_width, 10, 13];
-    let show = fitting(area.width.saturating_sub(2), &widths_wanted, &[1, 6, 8, 7, 3, 4, 5]);
-    let rows = hooks.iter().skip(app.scroll).map(|h| {
-        // Floats by their largest error; selections by the rows that differ.
-        let error = |r: &crate::data::RefCheck| r.rows_differ.map_or_else(|| num(r.max_abs), |n| format!("{n} rows"));
-        let (vs_ref, style) = match &h.reference {
+    // Floats by their largest error; selections by the rows that differ. The column is as wide
+    // as its widest entry, so `BAD 2048 rows` is whole and the usual ones leave room.
+    let error = |r: &crate::data::RefCheck| r.rows_differ.map_or_else(|| num(r.max_abs), |n| format!("{n} rows"));
+    let verdicts: Vec<(String, Style)> = hooks
+        .iter()
+        .map(|h| match &h.reference {
             Some(r) if r.ok => (format!("ok {}", error(r)), Style::new().fg(Color::Green)),
             Some(r) => (format!("BAD {}", error(r)), Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)),
             None => ("-".into(), Style::new()),
-        };
+        })
+        .collect();
+    let vs_width = verdicts.iter().map(|(v, _)| v.len()).max().unwrap_or(0).max(10) as u16;
+    let widths_wanted = [14, 14, 8, 8, 8, 8, 8, nan_width, 10, vs_width];
+    let show = fitting(area.width.saturating_sub(2), &widths_wanted, &[1, 6, 8, 7, 3, 4, 5]);
+    let rows = hooks.iter().zip(verdicts).skip(app.scroll).map(|(h, (vs_ref, style))| {
         let style = if h.nonfinite > 0 { Style::new().fg(Color::Red) } else { style };
         // The layer is in the title: show `attn.out`, not `layers.3.attn.out`.
         let short = h.name.strip_prefix("layers.").and_then(|r| r.split_once('.')).map_or(h.name.as_str(), |(_, n)| n);
