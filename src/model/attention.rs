@@ -145,13 +145,10 @@ pub(crate) fn sparse_attention(
     // as many keys as there are (a prefill shorter than `index_topk`: every causal key kept), so
     // then kv is not read a second time. (A replayed row that wide but keeping fewer keys could
     // gather: its NaN is named where it arises all the same.)
-    let mut poisoned = Vec::new();
-    if sel.k < t {
-        poisoned = non_finite_positions(kv, batch, t, nh * kvw, 0);
-        poisoned.extend(non_finite_positions(k_rope, batch, t, rope, 0));
-        poisoned.sort_unstable();
-        poisoned.dedup();
-    }
+    let poisoned = match sel.k < t {
+        true => non_finite_positions(&[(kv, nh * kvw), (k_rope, rope)], batch, t, 0),
+        false => Vec::new(),
+    };
     out.par_chunks_mut(s * nh * vd).enumerate().for_each(|(b, row)| {
         row.par_chunks_mut(BLOCK * nh * vd).enumerate().for_each(|(blk, out)| {
             let (i0, m) = (blk * BLOCK, out.len() / (nh * vd));
@@ -306,19 +303,18 @@ impl Keys {
     }
 }
 
-/// The positions `first + j` (ascending) whose row in `x` ([B, positions, width]) is not finite
-/// in any batch row.
+/// The positions `first + j` (ascending, each once) whose row is not finite in any of `parts`
+/// (each `[B, positions, width]` with its width), in any batch row.
 pub(crate) fn non_finite_positions(
-    x: &[f32],
+    parts: &[(&[f32], usize)],
     batch: usize,
     positions: usize,
-    width: usize,
     first: usize,
 ) -> Vec<usize> {
-    (0..positions)
-        .filter(|&j| (0..batch).any(|b| x[(b * positions + j) * width..][..width].iter().any(|v| !v.is_finite())))
-        .map(|j| first + j)
-        .collect()
+    let bad = |j: usize, (x, width): (&[f32], usize)| {
+        (0..batch).any(|b| x[(b * positions + j) * width..][..width].iter().any(|v| !v.is_finite()))
+    };
+    (0..positions).filter(|&j| parts.iter().any(|&part| bad(j, part))).map(|j| first + j).collect()
 }
 
 /// Each row of `p` (rows `tb` wide) becomes the softmax of its kept scores, 0 elsewhere. A row
@@ -566,7 +562,7 @@ mod tests {
         let sel = top_k_causal(&values(t, 4.5), 1, 1, 20, 6);
         let dropped = (0..t).find(|j| !sel.row(0, 0).contains(j)).unwrap();
         latents[dropped * r + 3] = f32::NAN;
-        assert_eq!(non_finite_positions(&latents, 1, t, r, 0), [dropped]);
+        assert_eq!(non_finite_positions(&[(&latents, r)], 1, t, 0), [dropped]);
         let d = Dims { batch: 1, seq: 1, keys: t, heads: nh, nope: r, rope, v: r };
         let (q_abs, q_rope, k_rope) = (values(nh * r, 0.5), values(nh * rope, 1.5), values(t * rope, 3.5));
         let run = |poisoned: &[usize]| absorbed_attention(&q_abs, &q_rope, &latents, &k_rope, &sel, poisoned, d, 0.3);

@@ -49,12 +49,11 @@ impl LayerCache {
         let first = self.kv_latent.len();
         self.kv_latent.append_tensor(kv_latent)?;
         self.k_rope.append_tensor(k_rope)?;
-        for new in [kv_latent, k_rope] {
-            let (b, c, w) = new.dims3()?;
-            self.non_finite.extend(with_f32(new, |v| non_finite_positions(v, b, c, w, first))?);
-        }
-        self.non_finite.sort_unstable();
-        self.non_finite.dedup();
+        let ((b, c, r), rope) = (kv_latent.dims3()?, k_rope.dims()[2]);
+        // All at or past `first`, so the list stays ascending without a sort.
+        let new =
+            with_f32(kv_latent, |l| with_f32(k_rope, |k| non_finite_positions(&[(l, r), (k, rope)], b, c, first)))??;
+        self.non_finite.extend(new);
         Ok(())
     }
 }
@@ -98,6 +97,17 @@ impl Positions {
             }
         }
         Ok(())
+    }
+
+    /// `c` positions of `batch` rows, `[B, C, width]`, as a cache holds them: one batch row is
+    /// laid out so already and is taken as it is (a prefill's own index keys, not copied).
+    pub fn of(rows: Vec<f32>, batch: usize, c: usize) -> Result<Self> {
+        let mut p = Positions::default();
+        match batch {
+            1 if c > 0 && rows.len() % c == 0 => (p.batch, p.width, p.data) = (1, rows.len() / c, rows),
+            _ => p.append(&rows, batch, c)?,
+        }
+        Ok(p)
     }
 
     /// Appends the rows of a `[B, C, width]` tensor.
@@ -460,6 +470,11 @@ mod tests {
         assert!(p.append(&[0.; 6], 2, 1).is_err(), "width 3 after width 2");
         assert!(p.append(&[0.; 5], 2, 1).is_err(), "5 values are not 2 rows of one width");
         assert_eq!(p.len(), 4);
+        // Taken whole: one batch row as it is, two laid out position-major.
+        let one = Positions::of(vec![1., 1., 2., 2.], 1, 2).unwrap();
+        assert_eq!((one.len(), one.data()), (2, &[1., 1., 2., 2.][..]));
+        let two = Positions::of(vec![1., 1., 2., 2., /* row 1 */ 5., 5., 6., 6.], 2, 2).unwrap();
+        assert_eq!((two.len(), two.data()), (2, &[1., 1., 5., 5., 2., 2., 6., 6.][..]));
     }
 
     /// Both ways in (a prefill filling the cache, then decode calls) note the positions whose

@@ -108,9 +108,17 @@ impl Indexer {
                 let (b, s, _) = x.dims3()?;
                 let IndexInputs { q, k: new_keys, w: hw } = w.inputs(x, q_latent, rope)?;
                 // Without a cache the queries score their own keys, laid out as a cache holds them.
-                let mut own = Positions::default();
-                let keys = keys.unwrap_or(&mut own);
-                keys.append(&new_keys, b, s)?;
+                let own;
+                let keys = match keys {
+                    Some(cache) => {
+                        cache.append(&new_keys, b, s)?;
+                        cache
+                    }
+                    None => {
+                        own = Positions::of(new_keys, b, s)?;
+                        &own
+                    }
+                };
                 let (k, t) = (keys.data(), keys.len()); // [T, B, d]
                 let (dims, scale) = ([b, s, t, w.n_heads, w.head_dim], (w.head_dim as f64).powf(-0.5) as f32);
                 // The [B, S, T] scores are held whole only when they are recorded.
