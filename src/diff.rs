@@ -274,8 +274,7 @@ impl DiffReport {
             "b": b.display().to_string(),
             "match": self.all_match(),
             "first_divergence": self.first_divergence().map(|c| c.name.clone()),
-            "first_divergence_reading": self.first_divergence().map(|c| self.reading(c)).filter(|r| !r.is_empty())
-                .map(|r| r.trim().trim_start_matches('(').trim_end_matches(')').to_string()),
+            "first_divergence_reading": self.first_divergence().and_then(|c| self.reading(c)),
             "first_non_finite_a": self.non_finite_a.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
             "first_non_finite_b": self.non_finite_b.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
             "near_tie_threshold": self.near_tie,
@@ -286,9 +285,9 @@ impl DiffReport {
     }
 
     /// What the first divergence looks like, where a pattern names a likely cause: two tensors a
-    /// factor apart (exactly, or mostly: a per-token factor), selections that differ only by near-ties, or selections
-    /// made from scores that match (the rule that selects differs, not its input).
-    fn reading(&self, c: &Comparison) -> String {
+    /// factor apart (exactly, or mostly: a per-token factor), selections that differ only by
+    /// near-ties, or selections made from scores that match (the rule differs, not its input).
+    fn reading(&self, c: &Comparison) -> Option<String> {
         let matching = |name: String| self.results.iter().any(|r| r.name == name && r.ok).then_some(name);
         let inputs = c
             .name
@@ -308,18 +307,19 @@ impl DiffReport {
                 // 3e-6), or mostly (a per-token factor, like a skipped normalisation).
                 let how =
                     if 1.0 - cosine * cosine < 1e-4 { "a constant factor apart" } else { "mostly a factor apart" };
-                format!(" (ours = {scale:.4} x reference, cosine {cosine:.6}: {how})")
+                Some(format!("ours = {scale:.4} x reference, cosine {cosine:.6}: {how}"))
             }
-            Detail::Sets { flips, .. } if all(flips, Class::NearTie) => " (every flip a near-tie)".into(),
+            Detail::Sets { flips, .. } if all(flips, Class::NearTie) => Some("every flip a near-tie".into()),
             // Real flips over scores that match: the rule differs, not its input.
-            Detail::Sets { flips, .. } if all(flips, Class::Real) => match inputs.and_then(matching) {
-                Some(name) if name.ends_with("router_logits") => {
-                    format!(" (its input {name} matches and the flips are real: the routing rule or the correction bias differs)")
-                }
-                Some(name) => format!(" (its input {name} matches and the flips are real: the top-k rule differs)"),
-                None => String::new(),
-            },
-            _ => String::new(),
+            Detail::Sets { flips, .. } if all(flips, Class::Real) => {
+                let name = inputs.and_then(matching)?;
+                let rule = match name.ends_with("router_logits") {
+                    true => "the routing rule or the correction bias differs",
+                    false => "the top-k rule differs",
+                };
+                Some(format!("its input {name} matches and the flips are real: {rule}"))
+            }
+            _ => None,
         }
     }
 
@@ -327,7 +327,10 @@ impl DiffReport {
     pub fn render(&self, a: &Path, b: &Path) -> String {
         let mut out = format!("diff {} (ours) against {} (reference)\n", a.display(), b.display());
         match self.first_divergence() {
-            Some(c) => out += &format!("first divergence: {}{}\n", c.name, self.reading(c)),
+            Some(c) => {
+                let reading = self.reading(c).map(|r| format!(" ({r})")).unwrap_or_default();
+                out += &format!("first divergence: {}{reading}\n", c.name);
+            }
             None if self.results.is_empty() => out += "no tensor names in common\n",
             None => out += "no divergence\n",
         }
