@@ -148,6 +148,22 @@ impl Flip {
     }
 }
 
+#[cfg(test)]
+impl Flip {
+    /// Row 0 of a selection of two, one key swapped (1 ours, 2 the reference's), with `margins`.
+    pub(crate) fn with_margins(ours: Option<f32>, reference: Option<f32>) -> Flip {
+        Flip {
+            row: 0,
+            at: vec![0],
+            only_ours: vec![1],
+            only_reference: vec![2],
+            recall: 0.5,
+            margin_ours: ours,
+            margin_reference: reference,
+        }
+    }
+}
+
 /// Every flip in `results`, with the name of the selection it is in, in order. Only decisions
 /// (`dsa.topk`, `moe.topk_ids`: what a margin decided) flip; other integer tensors that differ
 /// (`moe.bias_changed`, a consequence of the logits) are mismatches, not flips.
@@ -495,15 +511,7 @@ mod tests {
     fn near_ties_follow_the_tolerance_and_unknown_margins_stay_unknown() {
         assert_eq!(Tolerance::default().near_tie(), 1e-3);
         assert_eq!(Tolerance { atol: 2e-2, rtol: 2e-2 }.near_tie(), 4e-2);
-        let flip = Flip {
-            row: 1,
-            at: vec![1],
-            only_ours: vec![3],
-            only_reference: vec![4],
-            recall: 0.5,
-            margin_ours: None,
-            margin_reference: None,
-        };
+        let flip = Flip { row: 1, at: vec![1], ..Flip::with_margins(None, None) };
         let mut c = Comparison {
             name: "layers.0.dsa.topk".into(),
             ok: false,

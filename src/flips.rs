@@ -189,16 +189,7 @@ mod tests {
     /// with the other unknown stays unknown.
     #[test]
     fn classes_take_both_margins() {
-        let flip = |ours, reference| Flip {
-            row: 0,
-            at: vec![0],
-            only_ours: vec![1],
-            only_reference: vec![2],
-            recall: 0.5,
-            margin_ours: ours,
-            margin_reference: reference,
-        };
-        let class = |ours, reference| Class::of(&flip(ours, reference), 1e-3);
+        let class = |ours, reference| Class::of(&Flip::with_margins(ours, reference), 1e-3);
         assert_eq!(class(Some(1e-4), Some(5e-4)), Class::NearTie);
         assert_eq!(class(Some(1e-4), Some(1e-2)), Class::Real);
         assert_eq!(class(Some(f32::INFINITY), Some(1e-4)), Class::Real);

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{assert_error, glimpse, text};
+use common::{assert_error, assert_ok, glimpse, text};
 
 const CONFIG: &str = r#"{
   "model_type": "glm_moe_dsa", "vocab_size": 40, "hidden_size": 32, "intermediate_size": 40,
@@ -292,8 +292,9 @@ fn streaming_fits_where_resident_does_and_mismatched_configs_are_named() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let short = with_config(tmp.path(), "short", |v| v["max_position_embeddings"] = 4.into());
-    let o = glimpse(&["generate", "--model", short.to_str().unwrap(), "--tokens", "1,2,3", "--max-new-tokens", "2"]);
+    let o = glimpse(&["generate", "--model", short.to_str().unwrap(), "--tokens", "1,2,3", "--max-new-tokens", "3"]);
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    // 3 prompt positions and 2 fed back (the third new token is only printed).
     assert!(text(&o).1.contains("5 positions, 1 of them past max_position_embeddings (4)"), "{:?}", text(&o).1);
 }
 
@@ -302,18 +303,9 @@ fn streaming_fits_where_resident_does_and_mismatched_configs_are_named() {
 #[test]
 fn replaying_a_runs_own_decisions_matches_its_dump() {
     let tmp = tempfile::tempdir().unwrap();
-    let own = tmp.path().join("own.safetensors");
-    let own = own.to_str().unwrap();
-    let o = glimpse(&[
-        "run",
-        "--model",
-        "golden/flat",
-        "--tokens-from",
-        "golden/flat/reference.safetensors",
-        "--dump",
-        own,
-    ]);
-    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    let own =
+        common::run_dump("golden/flat", &["--tokens-from", "golden/flat/reference.safetensors"], tmp.path(), "own.st");
+    let own = own.as_str();
     for device in ["cpu", "cpu-ops"] {
         let args = ["verify", "--model", "golden/flat", "--golden", own, "--force-routing", "--force-selection"];
         let (code, out) = common::code_and_text(&[&args[..], &["--device", device]].concat());
@@ -329,25 +321,17 @@ fn audit_refuses_twice_the_same_dump_and_other_models_dumps() {
     let mixed = glimpse(&["audit", "--dump", flat, "--dump", "golden/mtp/reference.safetensors"]);
     assert_error(&mixed, "was made from another config.json than golden/flat/reference.safetensors");
     let tmp = tempfile::tempdir().unwrap();
-    let ids = tmp.path().join("ids.safetensors");
-    let ids = ids.to_str().unwrap();
-    let o = glimpse(&[
-        "run",
-        "--model",
+    let ids = common::run_dump(
         "golden/flat",
-        "--tokens",
-        "1,2,3",
-        "--record",
-        "layers.*.moe.topk_ids",
-        "--dump",
-        ids,
-    ]);
-    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
-    let o = glimpse(&["audit", "--dump", ids]);
-    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
-    assert!(text(&o).1.contains("experts counted from the largest id"), "{:?}", text(&o));
-    let o = glimpse(&["audit", "--dump", ids, "--model", "golden/flat"]);
-    assert!(text(&o).0.contains("16 experts") && !text(&o).1.contains("largest id"), "{:?}", text(&o));
+        &["--tokens", "1,2,3", "--record", "layers.*.moe.topk_ids"],
+        tmp.path(),
+        "ids.st",
+    );
+    let ids = ids.as_str();
+    let (_, err) = assert_ok(&glimpse(&["audit", "--dump", ids]));
+    assert!(err.contains("experts counted from the largest id"), "{err}");
+    let (out, err) = assert_ok(&glimpse(&["audit", "--dump", ids, "--model", "golden/flat"]));
+    assert!(out.contains("16 experts") && !err.contains("largest id"), "{out}{err}");
     // --against compares one model's routing: the mtp case has 8 experts, not 16.
     let other = glimpse(&["audit", "--dump", flat, "--against", "golden/mtp/reference.safetensors"]);
     assert_error(&other, "the dumps' routers have 8 experts, not 16");

@@ -96,7 +96,7 @@ fn generate_mtp_reports_acceptance_and_refuses_a_checkpoint_without_mtp() {
     // 5 new tokens: every one after the first was drafted.
     assert!(text.contains("drafts equal the main model's greedy token") && text.contains("of 4 drafts"), "{text}");
     assert!(
-        text.contains("over 4 layers") && text.contains("8 positions"),
+        text.contains("over 4 layers") && text.contains(" 8 positions"),
         "the cache report counts the MTP layer, and the 4 + 5 - 1 positions fed through it: {text}"
     );
     let no_mtp = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/grouped-shared-yarn");

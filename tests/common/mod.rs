@@ -21,6 +21,21 @@ pub fn text(o: &Output) -> (String, String) {
     (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
+/// Exit code 0; (stdout, stderr).
+pub fn assert_ok(o: &Output) -> (String, String) {
+    let (out, err) = text(o);
+    assert_eq!(o.status.code(), Some(0), "stdout: {out}\nstderr: {err}");
+    (out, err)
+}
+
+/// `glimpse run --model MODEL ARGS... --dump DIR/NAME`, which must succeed; the dump's path.
+pub fn run_dump(model: &str, args: &[&str], dir: &std::path::Path, name: &str) -> String {
+    let path = dir.join(name).to_str().unwrap().to_string();
+    let run: Vec<&str> = ["run", "--model", model].iter().chain(args).chain(&["--dump", &path]).copied().collect();
+    assert_ok(&glimpse(&run));
+    path
+}
+
 /// Exit code 2, exactly one line on stderr containing `needle`, no panic.
 pub fn assert_error(o: &Output, needle: &str) {
     let (out, err) = text(o);
