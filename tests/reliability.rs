@@ -106,6 +106,13 @@ fn malformed_files_and_arguments_are_one_line_errors() {
     let t = tmp.path();
     let flat = golden("flat");
     let (model, reference) = (s(&flat), s(&flat.join("reference.safetensors")));
+    // A FIFO stands for any non-regular file (as root a device like /dev/null would be one, but
+    // a broken check must not replace the real one).
+    let fifo = t.join("fifo");
+    let c_fifo = std::ffi::CString::new(s(&fifo)).unwrap();
+    // SAFETY: a NUL-terminated path in this test's own temporary folder.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+    let (fifo, x_st) = (s(&fifo), s(&t.join("x.st")));
 
     // Broken safetensors, used both as a dump and as a checkpoint.
     let st_cases: Vec<FileCase> = vec![
@@ -257,13 +264,13 @@ fn malformed_files_and_arguments_are_one_line_errors() {
         // Output paths that cannot become files are refused before any work, leaving nothing.
         (vec!["run", "--model", &model, "--tokens", "1,2", "--dump", &model], "is a folder; give a file path"),
         (vec!["audit", "--dump", &reference, "--csv", &model], "is a folder; give a file path"),
-        // Written beside and renamed over: a device would become a regular file (as root, /dev/null).
-        (vec!["run", "--model", &model, "--tokens", "1,2", "--dump", "/dev/null"], "is not a regular file"),
-        (vec!["generate", "--model", &model, "--tokens", "1", "--dump", "/dev/null"], "is not a regular file"),
+        // Written beside and renamed over: a FIFO or a device would become a regular file.
+        (vec!["run", "--model", &model, "--tokens", "1,2", "--dump", &fifo], "is not a regular file"),
+        (vec!["generate", "--model", &model, "--tokens", "1", "--dump", &fifo], "is not a regular file"),
         (vec!["audit", "--dump", &reference, "--heatmap", "/tmp/load.png"], "name a .svg file"),
         (vec!["diff", &model, &reference], "is a folder, not a safetensors file"),
         (
-            vec!["run", "--model", &model, "--tokens", "1", "--record", "layers.*.moe.nothing", "--dump", "/tmp/x.st"],
+            vec!["run", "--model", &model, "--tokens", "1", "--record", "layers.*.moe.nothing", "--dump", &x_st],
             "names no hook point of this model",
         ),
         (vec!["tui", "--dump", &reference, "--tokens", "1,2"], "cannot be used with"),
@@ -311,7 +318,7 @@ fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
     let kargs = ["run", "--model", &s(&model), "--stream", "--tokens", &other, "--dump", &s(&dump)];
     let (partial, state_of_dump) = (t.join("run.safetensors.partial"), t.join("run.safetensors.resume.json"));
     for wait_for in [&partial, &state_of_dump] {
-        kill_when_present(&kargs, wait_for);
+        signal_when_present(&kargs, wait_for, libc::SIGKILL);
         assert_eq!(
             std::fs::read(&dump).unwrap(),
             previous,
@@ -327,7 +334,7 @@ fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
     let resumed = t.join("resumed.safetensors");
     let state = t.join("resumed.safetensors.resume.json");
     let rargs = ["run", "--model", &s(&model), "--stream", "--tokens", &tokens, "--dump", &s(&resumed)];
-    kill_when_present(&rargs, &state);
+    signal_when_present(&rargs, &state, libc::SIGKILL);
     let other = ["run", "--model", &s(&model), "--stream", "--tokens", "1,2,3", "--dump", &s(&resumed), "--resume"];
     let o = glimpse(&other);
     assert_eq!(o.status.code(), Some(2));
@@ -349,7 +356,7 @@ fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
     // status), and --resume finishes it as if nothing happened.
     let stopped = t.join("stopped.safetensors");
     let sargs = ["run", "--model", &s(&model), "--stream", "--tokens", &tokens, "--dump", &s(&stopped)];
-    let out = interrupt_when_present(&sargs, &t.join("stopped.safetensors.resume.json"));
+    let out = signal_when_present(&sargs, &t.join("stopped.safetensors.resume.json"), libc::SIGINT);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("stopping after the work in progress") && err.contains("--resume continues it"), "{err}");
@@ -386,6 +393,7 @@ fn ctrl_c_stops_generate_and_keeps_what_it_made() {
         .unwrap();
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     assert!(lines.any(|l| l.unwrap().starts_with("step 3:")), "it generates");
+    assert!(child.try_wait().unwrap().is_none(), "still generating when signalled");
     // SAFETY: signalling a child this test started and has not reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let rest: Vec<String> = lines.map(Result::unwrap).collect();
@@ -398,10 +406,10 @@ fn ctrl_c_stops_generate_and_keeps_what_it_made() {
     assert!(d.names().iter().any(|n| n == "logits"));
 }
 
-/// Starts glimpse with `args`, waits until `path` exists, sends it SIGINT (Ctrl-C) and returns
-/// what it printed and how it ended.
-fn interrupt_when_present(args: &[&str], path: &Path) -> std::process::Output {
-    let child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+/// Starts glimpse with `args`, waits until `path` exists, checks the run is still going, sends
+/// it `signal` (SIGKILL: killed; SIGINT: Ctrl-C) and returns what it printed and how it ended.
+fn signal_when_present(args: &[&str], path: &Path, signal: i32) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -409,25 +417,12 @@ fn interrupt_when_present(args: &[&str], path: &Path) -> std::process::Output {
         .unwrap();
     let start = std::time::Instant::now();
     while !path.exists() {
-        assert!(start.elapsed() < Duration::from_secs(120), "{path:?} never appeared");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    // SAFETY: signalling a child this test started and has not reaped.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    child.wait_with_output().unwrap()
-}
-
-/// Starts glimpse with `args`, waits until `path` exists, checks the run is still going, and
-/// kills it (SIGKILL on Unix).
-fn kill_when_present(args: &[&str], path: &Path) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse")).args(args).stdout(Stdio::null()).spawn().unwrap();
-    let start = std::time::Instant::now();
-    while !path.exists() {
         assert!(child.try_wait().unwrap().is_none(), "the run ended before {path:?} appeared");
         assert!(start.elapsed() < Duration::from_secs(120), "{path:?} never appeared");
         std::thread::sleep(Duration::from_millis(2));
     }
-    assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
-    let _ = child.kill();
-    let _ = child.wait();
+    assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be signalled");
+    // SAFETY: signalling a child this test started and has not reaped.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    child.wait_with_output().unwrap()
 }
