@@ -141,7 +141,9 @@ fn layers_view_flags_the_ports_flips() {
     };
     let outside = |n: &String| {
         let (a, e) = (floats(&ours, n), floats(&reference, n));
-        a.zip(e).is_some_and(|(a, e)| a.iter().zip(&e).any(|(a, e)| !((a - e).abs() <= 1e-4 + 1e-4 * e.abs())))
+        a.zip(e).is_some_and(|(a, e)| {
+            a.iter().zip(&e).any(|(a, e)| (a - e).abs() > 1e-4 + 1e-4 * e.abs() || a.is_nan() || e.is_nan())
+        })
     };
     let first = ours.names().into_iter().filter(|n| n.starts_with("layers.3.")).find(outside).unwrap();
     let first = first.trim_start_matches("layers.3.");

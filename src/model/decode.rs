@@ -104,7 +104,7 @@ impl Positions {
     pub fn of(rows: Vec<f32>, batch: usize, c: usize) -> Result<Self> {
         let mut p = Positions::default();
         match batch {
-            1 if c > 0 && rows.len() % c == 0 => (p.batch, p.width, p.data) = (1, rows.len() / c, rows),
+            1 if c > 0 && rows.len().is_multiple_of(c) => (p.batch, p.width, p.data) = (1, rows.len() / c, rows),
             _ => p.append(&rows, batch, c)?,
         }
         Ok(p)
