@@ -371,8 +371,8 @@ pub fn collect(
     let model = ckpt.as_ref().map(Model::load).transpose()?;
     let mut guessed_experts = None;
     let experts = match (experts, &model) {
-        (Some(n), _) => match experts_in(dumps)? {
-            (width, false) if width != n => {
+        (Some(n), _) => match router_width(dumps)? {
+            Some(width) if width != n => {
                 return Err(Error::Usage(format!(
                     "the dumps' routers have {width} experts, not {n}: one model's routing"
                 )))
@@ -380,11 +380,14 @@ pub fn collect(
             _ => n,
         },
         (None, Some(m)) => m.config.n_routed_experts,
-        (None, None) => {
-            let (n, guessed) = experts_in(dumps)?;
-            guessed_experts = guessed.then_some(n);
-            n
-        }
+        (None, None) => match router_width(dumps)? {
+            Some(width) => width,
+            None => {
+                let n = largest_id(dumps)?;
+                guessed_experts = Some(n);
+                n
+            }
+        },
     };
     let mut audit = Audit::new(experts);
     audit.experts_guessed = guessed_experts.is_some();
@@ -473,24 +476,31 @@ pub fn collect(
     Ok(audit)
 }
 
-/// The expert count the dumps show: a router's width, else the largest id of any layer of any
-/// dump + 1 (then `true`: a guess, blind to experts above it).
-fn experts_in(dumps: &[PathBuf]) -> Result<(usize, bool)> {
+/// The width of the first router the dumps record (shapes only: nothing is read).
+fn router_width(dumps: &[PathBuf]) -> Result<Option<usize>> {
+    for path in dumps {
+        let d = Dump::open(path)?;
+        let logits = d.names().into_iter().filter(|n| n.ends_with(".moe.router_logits"));
+        if let Some(width) = logits.filter_map(|n| d.shape(&n).and_then(|s| s.last().copied())).next() {
+            return Ok(Some(width));
+        }
+    }
+    Ok(None)
+}
+
+/// The largest expert id of any layer of any dump, + 1: a guess of the expert count, blind to
+/// experts above it (for dumps that record no router).
+fn largest_id(dumps: &[PathBuf]) -> Result<usize> {
     let mut largest = 0;
     for path in dumps {
         let d = Dump::open(path)?;
         for name in d.names().iter().filter(|n| n.ends_with(".moe.topk_ids")) {
-            if let Some(width) =
-                d.shape(&name.replace(".moe.topk_ids", ".moe.router_logits")).and_then(|s| s.last().copied())
-            {
-                return Ok((width, false));
-            }
             if let (Values::I64(ids), _) = d.values(name)? {
                 largest = ids.iter().fold(largest, |m, &id| m.max(id.saturating_add(1).max(0) as usize));
             }
         }
     }
-    Ok((largest, true))
+    Ok(largest)
 }
 
 /// `moe.bias_changed` recomputed from a dump's `moe.router_logits` and the model's router.
