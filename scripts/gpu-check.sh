@@ -106,7 +106,7 @@ peak=${PEAK_TFLOPS:-989}
 declare -A median median_last tflops expert_tflops mem
 for precision in bf16 f32; do
   [ -e "$ckpt/config.json" ] || break
-  step "bench-$precision" 90 "$glimpse" --precision "$precision" bench --device "$device" --model "$ckpt" \
+  step "bench-$precision" 90 "$glimpse" bench --device "$device" --precision "$precision" --model "$ckpt" \
     --tokens "$tokens" --repeat 3
   brc=$?
   [ $brc -eq 0 ] || { echo "bench ($precision) exit code $brc"; rc=1; }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
-use glimpse::device::{Backend, Precision};
+use glimpse::device::{Backend, Precision, Target};
 use glimpse::synth::SynthDtype;
 
 #[derive(Parser)]
@@ -16,20 +16,35 @@ use glimpse::synth::SynthDtype;
 )]
 pub(crate) struct Cli {
     /// CPU threads for the tensor kernels (default: all cores).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = GLOBAL)]
     pub(crate) threads: Option<usize>,
     /// Refuse runs estimated to need more memory than this, e.g. 16G (default: available RAM).
-    #[arg(long, global = true, value_parser = glimpse::memory::parse_size)]
+    #[arg(long, global = true, value_parser = glimpse::memory::parse_size, help_heading = GLOBAL)]
     pub(crate) max_memory: Option<u64>,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+const GLOBAL: &str = "Global options";
+
+/// The GPU's flags, beside `--device` on each command that has one.
+#[derive(clap::Args, Clone, Copy)]
+#[command(next_help_heading = "GPU (with --device cuda|cuda-emu)")]
+pub(crate) struct Gpu {
     /// With --device cuda: which GPU (CUDA device ordinal).
-    #[arg(long, global = true, default_value_t = 0)]
+    #[arg(long, default_value_t = 0)]
     pub(crate) ordinal: usize,
     /// With --device cuda|cuda-emu: the matrix products' arithmetic. f32 (SGEMM) is verified at
     /// the spec's default tolerance; bf16 (tensor cores, f32 accumulation) at atol = rtol = 2e-2.
-    #[arg(long, global = true, value_enum, default_value_t = Precision::F32)]
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub(crate) precision: Precision,
-    #[command(subcommand)]
-    pub(crate) command: Command,
+}
+
+impl Gpu {
+    /// Where and how a prefill runs, refused where the backend cannot do it.
+    pub(crate) fn target(self, backend: Backend) -> glimpse::Result<Target> {
+        Target { backend, ordinal: self.ordinal, precision: self.precision }.check()
+    }
 }
 
 #[derive(Subcommand)]
@@ -81,6 +96,8 @@ pub(crate) enum Command {
         #[arg(long, value_enum, default_value_t = Backend::Cpu,
               conflicts_with_all = ["layers", "stream", "decode"])]
         device: Backend,
+        #[command(flatten)]
+        gpu: Gpu,
     },
     /// Compare two dumps: the first hook point where they part ways, per-tensor errors, flips.
     Diff {
@@ -140,6 +157,8 @@ pub(crate) enum Command {
         /// Where the prompts run (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
         #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         device: Backend,
+        #[command(flatten)]
+        gpu: Gpu,
     },
     /// Time prefill recording nothing vs recording every hook point (medians of alternating runs).
     Bench {
@@ -155,6 +174,8 @@ pub(crate) enum Command {
         /// `cpu-ops` / `cuda`: time the prefill of the device forward pass on that backend instead.
         #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         device: Backend,
+        #[command(flatten)]
+        gpu: Gpu,
     },
     /// Step through the layers of a run in a terminal UI, side by side with its reference.
     /// With no arguments: the bundled default case and its transformers reference.
@@ -178,6 +199,8 @@ pub(crate) enum Command {
         /// Where the live run goes (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
         #[arg(long, value_enum, default_value_t = Backend::Cpu, conflicts_with = "dump")]
         device: Backend,
+        #[command(flatten)]
+        gpu: Gpu,
         /// Absolute tolerance of the comparison with the reference (diff's; 2e-2 suits bf16).
         #[arg(long, default_value_t = 1e-4, allow_negative_numbers = true, value_parser = non_negative)]
         atol: f64,
@@ -238,6 +261,8 @@ pub(crate) enum Command {
         #[arg(long, value_enum, default_value_t = Backend::Cpu,
               conflicts_with_all = ["stream", "layers", "from_dump", "resume", "mtp"])]
         device: Backend,
+        #[command(flatten)]
+        gpu: Gpu,
     },
     /// Greedy generation through the latent KV cache, streaming tokens as they come.
     Generate {
@@ -277,6 +302,8 @@ pub(crate) enum Command {
         /// Where the checks run: cpu; cpu-ops (the GPU path's code on the host); cuda (kernels on the GPU, then the golden cases); cuda-emu (the kernels run on the host).
         #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         device: Backend,
+        #[command(flatten)]
+        gpu: Gpu,
         /// With --device cuda|cuda-emu: only the kernels' and the products' checks, no golden case
         /// (quick: e.g. under compute-sanitizer).
         #[arg(long)]
@@ -321,19 +348,6 @@ pub(crate) enum Command {
 
 impl Command {
     /// The files this command will write, with the flag that names each: checked before any work.
-    /// Whether the command takes `--device` (and so the GPU flags).
-    pub(crate) fn has_device(&self) -> bool {
-        matches!(
-            self,
-            Command::Verify { .. }
-                | Command::Run { .. }
-                | Command::Audit { .. }
-                | Command::Bench { .. }
-                | Command::Tui { .. }
-                | Command::Selftest { .. }
-        )
-    }
-
     pub(crate) fn outputs(&self) -> Vec<(&'static str, &Path)> {
         fn named<'a>(flag: &'static str, p: &'a Option<PathBuf>) -> Option<(&'static str, &'a Path)> {
             p.as_deref().map(|p| (flag, p))

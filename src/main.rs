@@ -44,6 +44,13 @@ fn main() -> ExitCode {
             let text = e.render().to_string();
             let first: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
             let first = first.join(" ");
+            if e.kind() == clap::error::ErrorKind::UnknownArgument
+                && ["'--precision'", "'--ordinal'"].iter().any(|f| first.contains(f))
+            {
+                // They were global flags once (`glimpse --precision bf16 verify`).
+                eprintln!("glimpse: error: {} (--precision and --ordinal go after a command that takes --device, e.g. glimpse verify --device cuda --precision bf16)", first.trim_start_matches("error: "));
+                return ExitCode::from(2);
+            }
             eprintln!("glimpse: error: {} (see glimpse --help)", first.trim_start_matches("error: "));
             return ExitCode::from(2);
         }
@@ -108,8 +115,6 @@ fn warn_past_positions(config: &glimpse::config::Config, positions: usize) {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     let max_memory = cli.max_memory;
-    let (ordinal, precision) = (cli.ordinal, cli.precision);
-    let target = |backend| Target { backend, ordinal, precision }.check();
     if let Some(n) = cli.threads {
         // Each thread is started up front, and a pool of 100,000 took minutes to start a
         // two-token run: more than MAX_THREADS is refused as a slip.
@@ -121,10 +126,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         // candle's CPU kernels size their thread pools from this, read on first use.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
-    // The GPU flags are global (`glimpse --precision bf16 verify ...`): refused where no --device is.
-    if !cli.command.has_device() && (cli.ordinal != 0 || cli.precision != glimpse::device::Precision::F32) {
-        return Err(Error::Usage("--ordinal and --precision go with a command's --device cuda|cuda-emu".into()));
     }
     for (flag, path) in cli.command.outputs() {
         glimpse::output::check(flag, path)?;
@@ -144,9 +145,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             decode,
             chunk,
             device,
+            gpu,
         } => {
             let model_dir = model.unwrap_or_else(default_case);
-            let target = target(device)?;
+            let target = gpu.target(device)?;
             let golden = golden.unwrap_or_else(|| target.precision.reference_in(&model_dir));
             let default = target.precision.tolerance();
             let (atol, rtol) = (atol.unwrap_or(default.atol), rtol.unwrap_or(default.rtol));
@@ -237,25 +239,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::Audit { model, prompts, dumps, against, json, csv, heatmap, device } => {
+        Command::Audit { model, prompts, dumps, against, json, csv, heatmap, device, gpu } => {
             if let Some(p) = heatmap.as_ref().filter(|p| !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")))
             {
                 return Err(Error::Usage(format!("--heatmap {}: the heatmap is SVG; name a .svg file", p.display())));
             }
-            let audit = glimpse::audit::collect(
-                model.as_deref(),
-                prompts.as_deref(),
-                &dumps,
-                None,
-                max_memory,
-                target(device)?,
-            )?;
+            let target = gpu.target(device)?;
+            let audit =
+                glimpse::audit::collect(model.as_deref(), prompts.as_deref(), &dumps, None, max_memory, target)?;
             let reference = match against.is_empty() {
                 true => None,
                 false => {
                     // Counts only: the shift needs no routers, so the model is not loaded again.
                     let experts = (!audit.experts_guessed).then_some(audit.experts);
-                    Some(glimpse::audit::collect(None, None, &against, experts, max_memory, target(device)?)?)
+                    Some(glimpse::audit::collect(None, None, &against, experts, max_memory, target)?)
                 }
             };
             if let Some(r) = &reference {
@@ -284,19 +281,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { model, tokens, repeat, device } if device != Backend::Cpu => {
-            let ckpt = Checkpoint::open(&model)?;
-            memory::check_run(&ckpt, 1, tokens, false, max_memory, "fewer --tokens")?;
-            let model = Model::load(&ckpt)?;
-            print!("{}", glimpse::bench::run_on(target(device)?, &model, tokens, repeat)?);
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bench { model, tokens, repeat, .. } => {
+        Command::Bench { model, tokens, repeat, device, gpu } => {
+            let target = gpu.target(device)?;
+            if device != Backend::Cpu {
+                let ckpt = Checkpoint::open(&model)?;
+                memory::check_run(&ckpt, 1, tokens, false, max_memory, "fewer --tokens")?;
+                let model = Model::load(&ckpt)?;
+                print!("{}", glimpse::bench::run_on(target, &model, tokens, repeat)?);
+                return Ok(ExitCode::SUCCESS);
+            }
             let report = glimpse::bench::run(&model, tokens, repeat, &std::env::temp_dir(), max_memory)?;
             print!("{}", report.render());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Tui { model, golden, dump, tokens, prompt, device, atol, rtol, near_tie } => {
+        Command::Tui { model, golden, dump, tokens, prompt, device, gpu, atol, rtol, near_tie } => {
             let model = model.or_else(|| dump.is_none().then(default_case));
             let src = glimpse::tui_source::open(&glimpse::tui_source::Open {
                 model: model.as_deref(),
@@ -305,7 +303,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 tokens: tokens.as_deref(),
                 prompt: prompt.as_deref(),
                 max_memory,
-                target: target(device)?,
+                target: gpu.target(device)?,
                 near_tie,
                 tol: Tolerance { atol, rtol },
             })?;
@@ -330,7 +328,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             resume,
             mtp,
             device,
+            gpu,
         } => {
+            let target = gpu.target(device)?;
             let ckpt = Checkpoint::open(&model)?;
             // Checked before any weight loads: a typo in --record is found at once.
             let selector = recording(&record, &ckpt.config)?;
@@ -346,7 +346,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             warn_past_positions(&ckpt.config, tokens.seq);
             if device != Backend::Cpu {
-                return run_on_device(&ckpt, &model, &tokens, out.as_deref(), selector, target(device)?, max_memory);
+                return run_on_device(&ckpt, &model, &tokens, out.as_deref(), selector, target, max_memory);
             }
             if let Some(window) = &layers {
                 stream::check_window(&ckpt.config, window)?;
@@ -471,10 +471,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             glimpse::generate::run(&model, &ckpt, &Model::load(&ckpt)?, &tokens, &opts)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Selftest { device, kernels_only } => {
+        Command::Selftest { device, gpu, kernels_only } => {
             let root = default_case().parent().map(Path::to_path_buf).unwrap_or_default();
             let scope = if kernels_only { glimpse::selftest::Scope::Kernels } else { glimpse::selftest::Scope::All };
-            let ok = glimpse::selftest::run(&root, target(device)?, scope)?;
+            let ok = glimpse::selftest::run(&root, gpu.target(device)?, scope)?;
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Synth { config, preset, layers, experts, vocab, dtype, shards, mtp, seed, out } => {

@@ -129,11 +129,11 @@ fn selftest_on_the_emulation_passes_in_both_precisions() {
     assert!(!text.contains("FAILED"));
 }
 
-/// `--precision bf16 verify` defaults to the case's reference with bf16 products, and matches it
+/// `verify --precision bf16` defaults to the case's reference with bf16 products, and matches it
 /// at 2e-2 with decisions replayed, where the f32 reference is out of reach of bf16 rounding.
 #[test]
 fn bf16_verify_defaults_to_the_bf16_products_reference() {
-    let args = ["--precision", "bf16", "verify", "--device", "cuda-emu", "--isolate", "--force-routing"];
+    let args = ["verify", "--precision", "bf16", "--device", "cuda-emu", "--isolate", "--force-routing"];
     let (code, text) = common::code_and_text(&[&args[..], &["--force-selection"]].concat());
     println!("{text}");
     assert_eq!(code, 0);
@@ -191,6 +191,6 @@ fn a_run_without_the_scores_selects_by_chunks_and_matches_the_reference() {
 /// `--precision bf16` is refused where the products are f32 only.
 #[test]
 fn bf16_precision_needs_a_cuda_backend() {
-    let o = common::glimpse(&["--precision", "bf16", "verify", "--device", "cpu-ops"]);
+    let o = common::glimpse(&["verify", "--precision", "bf16", "--device", "cpu-ops"]);
     common::assert_error(&o, "--precision bf16 needs --device cuda or cuda-emu");
 }
