@@ -129,6 +129,11 @@ pub struct Audit {
     /// The expert count is the dumps' largest id + 1, not a model's or a router's.
     pub experts_guessed: bool,
     pub prompts: usize,
+    /// Each run's token ids, in order (None for a dump without `input_ids`): `--against` must
+    /// have run the same.
+    pub inputs: Vec<Option<Tokens>>,
+    /// The model's `config_sha256`: the checkpoint's, else the first dump's that records one.
+    pub config_sha256: Option<String>,
 }
 
 impl Audit {
@@ -197,9 +202,33 @@ impl Audit {
         s
     }
 
-    /// Refuses a reference whose MoE layers ran other tokens (another count of routing slots):
-    /// their loads would differ by the count, not by the routing.
+    /// Refuses a reference of another model, or whose runs held other tokens (or, where ids
+    /// are not recorded, another count of routing slots): their loads would differ by the
+    /// inputs, not by the routing.
     pub fn check_comparable(&self, reference: &Audit) -> Result<()> {
+        if let (Some(a), Some(b)) = (&self.config_sha256, &reference.config_sha256) {
+            if a != b {
+                return Err(Error::Usage("--against was made from another config.json: one model's routing".into()));
+            }
+        }
+        if let (Some(ours), Some(theirs)) = (rows(&self.inputs), rows(&reference.inputs)) {
+            if ours.len() != theirs.len() {
+                return Err(Error::Usage(format!(
+                    "the audited runs hold {} rows of tokens, --against {}: it must run the same prompts",
+                    ours.len(),
+                    theirs.len()
+                )));
+            }
+            if let Some((r, (a, b))) = ours.iter().zip(&theirs).enumerate().find(|(_, (a, b))| a != b) {
+                let p = a.iter().zip(b.iter()).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
+                let id = |row: &[u32]| row.get(p).map_or("none".to_string(), u32::to_string);
+                return Err(Error::Usage(format!(
+                    "row {r} of the audited runs differs from --against's at position {p} ({} vs {}): it must run the same prompts",
+                    id(a),
+                    id(b)
+                )));
+            }
+        }
         let slots = |l: &LayerLoad| l.counts.iter().sum::<u64>();
         let mut common = 0;
         for (i, l) in &self.layers {
@@ -289,6 +318,12 @@ impl Audit {
         }
         s
     }
+}
+
+/// Every run's batch rows in order; None when a run's ids are unknown.
+fn rows(inputs: &[Option<Tokens>]) -> Option<Vec<&[u32]>> {
+    let runs = inputs.iter().map(|t| t.as_ref().map(|t| t.ids.chunks(t.seq.max(1)))).collect::<Option<Vec<_>>>()?;
+    Some(runs.into_iter().flatten().collect())
 }
 
 /// Collects routing counts during forward passes, without keeping any activation.
@@ -391,13 +426,6 @@ pub fn collect(
     };
     let mut audit = Audit::new(experts);
     audit.experts_guessed = guessed_experts.is_some();
-    if let Some(m) = &model {
-        for layer in &m.layers {
-            if let crate::model::layer::Ffn::Moe(moe) = &layer.mlp {
-                audit.set_bias(layer.index, moe.e_score_correction_bias.clone());
-            }
-        }
-    }
     if let (Some(m), Some(path)) = (&model, prompts) {
         let progress = std::io::stderr().is_terminal();
         crate::device::with_prefill(target, m, |p| {
@@ -408,6 +436,7 @@ pub fn collect(
                 p.prefill(tokens, &mut AuditObserver::new(&mut audit))
                     .map_err(|e| Error::Usage(format!("{} line {line}: {e}", path.display())))?;
                 audit.prompts += tokens.batch;
+                audit.inputs.push(Some(tokens.clone()));
             }
             Ok(())
         })?;
@@ -436,6 +465,7 @@ pub fn collect(
                 }
             }
         }
+        audit.config_sha256 = audit.config_sha256.take().or_else(|| sha.clone());
         seen.push((canonical, path, sha));
         if let (Some(c), Some(dir)) = (&ckpt, model_dir) {
             if let Some(m) = d.other_config(&c.config_bytes, dir) {
@@ -465,7 +495,21 @@ pub fn collect(
         if !found {
             return Err(Error::dump(path, "holds no `layers.*.moe.topk_ids` to audit"));
         }
-        audit.prompts += d.tokens().map_or(1, |t| t.batch);
+        let tokens = d.contains("input_ids").then(|| d.tokens()).transpose()?;
+        audit.prompts += tokens.as_ref().map_or(1, |t| t.batch);
+        audit.inputs.push(tokens);
+    }
+    // The dumps' own record first: --model's config.json may be the same model in other bytes.
+    if audit.config_sha256.is_none() {
+        audit.config_sha256 = ckpt.as_ref().map(|c| crate::dump::sha256_hex(&c.config_bytes));
+    }
+    // The bias of the layers counted only: a layer no dump recorded is not a layer of dead experts.
+    if let Some(m) = &model {
+        for layer in &m.layers {
+            if let (crate::model::layer::Ffn::Moe(moe), true) = (&layer.mlp, audit.layers.contains_key(&layer.index)) {
+                audit.set_bias(layer.index, moe.e_score_correction_bias.clone());
+            }
+        }
     }
     if let Some(n) = guessed_experts {
         eprintln!(

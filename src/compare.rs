@@ -244,11 +244,14 @@ pub fn compare_floats(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tol
         } else if a != e {
             undefined = true; // a NaN, or infinities the two sides do not share
         }
-        if e != 0.0 {
-            max_rel = max_rel.max(err / e64.abs());
-        } else if err > 0.0 {
-            max_rel = f64::INFINITY;
-        }
+        // Against a zero, a NaN or an infinity any error is infinitely relative (err / |e| would
+        // be NaN there, which `max` skips).
+        let rel = match err {
+            0.0 => 0.0,
+            _ if e.is_finite() && e != 0.0 => err / e64.abs(),
+            _ => f64::INFINITY,
+        };
+        max_rel = max_rel.max(rel);
         // Rank by how far past the tolerance an element is, so the worst *offender* is shown.
         let excess = if ok { err - 1e300 } else { err - (tol.atol + tol.rtol * e64.abs()) };
         let excess = if excess.is_nan() { f64::INFINITY } else { excess };
@@ -376,10 +379,12 @@ pub fn compare_expert_weights(
     let k = shape.last().copied().unwrap_or(1).max(1);
     let (aligned_ours, aligned_ref, positions) = align_by_expert(our_ids, ours, ref_ids, reference, k);
     let (ok, mut detail) = compare_floats(&aligned_ours, &aligned_ref, &[aligned_ref.len()], tol);
-    // Report the worst element at its coordinate in the reference tensor.
-    if let Detail::Float { worst_at, .. } = &mut detail {
-        if let Some(&p) = worst_at.first().and_then(|&p| positions.get(p)) {
-            *worst_at = coord(shape, p);
+    // Report the worst and the first element outside at their coordinates in the reference tensor.
+    if let Detail::Float { worst_at, first_at, .. } = &mut detail {
+        for at in [worst_at, first_at] {
+            if let Some(&p) = at.first().and_then(|&p| positions.get(p)) {
+                *at = coord(shape, p);
+            }
         }
     }
     (ok, detail)
@@ -528,6 +533,19 @@ mod tests {
         assert!(with(1.4e-4, 6e-4).near_tie(1e-3));
     }
 
+    /// Expert weights are compared aligned by expert, and named at their place in the reference
+    /// tensor: row 1's second expert, where ours holds it first.
+    #[test]
+    fn expert_weights_are_named_at_their_coordinate() {
+        let tol = Tolerance { atol: 1e-4, rtol: 1e-4 };
+        let (ids, ours_ids) = ([3, 5, 2, 7], [3, 5, 7, 2]);
+        let (reference, ours) = ([0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.45, 0.3]);
+        let (ok, d) = compare_expert_weights(&ours_ids, &ours, &ids, &reference, &[2, 2], tol);
+        let Detail::Float { worst_at, first_at, bad, .. } = d else { panic!() };
+        assert!(!ok);
+        assert_eq!((worst_at, first_at, bad), (vec![1, 1], vec![1, 1], 1));
+    }
+
     #[test]
     fn float_rule_follows_the_spec() {
         let tol = Tolerance { atol: 1e-4, rtol: 1e-2 };
@@ -539,7 +557,10 @@ mod tests {
         assert_eq!((worst_at, bad), (vec![2], 1));
         approx::assert_abs_diff_eq!(mean_abs, 0.1 / 3.0, epsilon = 1e-6);
         assert!(cosine > 0.999 && cosine < 1.0);
-        assert!(!compare_floats(&[f32::NAN], &[f32::NAN], &[1], tol).0, "NaN never matches");
+        let (ok, d) = compare_floats(&[f32::NAN], &[f32::NAN], &[1], tol);
+        assert!(!ok, "NaN never matches");
+        let Detail::Float { max_abs, max_rel, .. } = d else { panic!() };
+        assert_eq!((max_abs, max_rel), (f64::INFINITY, f64::INFINITY), "and its error is no smaller than any");
         // The first element outside (row-major) is named beside the worst: a decode bug's first step.
         let (_, d) = compare_floats(&[1.0, 2.1, 3.5], &[1.0, 2.0, 3.0], &[3], tol);
         let Detail::Float { worst_at, first_at, .. } = &d else { panic!() };

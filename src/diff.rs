@@ -123,16 +123,11 @@ pub(crate) fn ints(d: &Dump, name: &str) -> Option<Vec<i64>> {
 pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     // Runs of different inputs cannot be compared tensor by tensor.
     if a.contains("input_ids") && b.contains("input_ids") {
-        let (ta, tb) = (a.tokens()?, b.tokens()?);
-        if ta != tb {
+        if let Some(d) = a.tokens()?.difference(&b.tokens()?) {
             return Err(Error::Usage(format!(
-                "{} and {} are runs of different inputs ({} x {} vs {} x {} tokens, or other ids)",
+                "{} and {} are runs of different inputs ({d})",
                 a.path.display(),
-                b.path.display(),
-                ta.batch,
-                ta.seq,
-                tb.batch,
-                tb.seq
+                b.path.display()
             )));
         }
     }
@@ -334,9 +329,9 @@ impl DiffReport {
             None if self.results.is_empty() => out += "no tensor names in common\n",
             None => out += "no divergence\n",
         }
-        for (side, nf) in [(a, &self.non_finite_a), (b, &self.non_finite_b)] {
+        for (side, path, nf) in [("ours", a, &self.non_finite_a), ("reference", b, &self.non_finite_b)] {
             if let Some(nf) = nf {
-                out += &format!("first NaN/Inf in {}: {nf}\n", side.display());
+                out += &format!("first NaN/Inf in {} ({side}): {nf}\n", path.display());
             }
         }
         for c in &self.results {

@@ -93,7 +93,20 @@ impl Dump {
     pub fn values(&self, name: &str) -> Result<(Values, Vec<usize>)> {
         let info = self.file.info(name).ok_or_else(|| Error::dump(&self.path, format!("no tensor `{name}`")))?;
         let is_int = matches!(info.dtype, Dtype::I64 | Dtype::I32 | Dtype::U32);
-        let wrap = |e: Error| Error::dump(&self.path, e.to_string());
+        if !is_int && !matches!(info.dtype, Dtype::F32 | Dtype::F64 | Dtype::BF16 | Dtype::F16 | Dtype::F8_E4M3) {
+            return Err(Error::dump(
+                &self.path,
+                format!(
+                    "tensor `{name}` has dtype {:?}: a dump holds floats (F32, F64, BF16, F16, F8_E4M3) and integers (I64, I32, U32)",
+                    info.dtype
+                ),
+            ));
+        }
+        // The reader's errors name the file already.
+        let wrap = |e: Error| match e {
+            Error::Checkpoint { msg, .. } => Error::dump(&self.path, msg),
+            e => Error::dump(&self.path, e.to_string()),
+        };
         if is_int {
             let (v, s) = self.file.i64(name).map_err(wrap)?;
             Ok((Values::I64(v), s))

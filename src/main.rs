@@ -208,9 +208,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     &reference,
                     &verify::VerifyOptions { replay: Default::default(), ..opts },
                 )?;
-                println!("replay of the reference's {}: error without -> with replay", replay_what(replay));
+                let what = replay.describe().unwrap_or_default();
+                println!("replay of the reference's {what}: error without -> with replay");
                 for line in verify::attribution(&free, &report) {
                     println!("  {line}");
+                }
+                // What the replay hid: a run that matches only with the reference's decisions.
+                if let Some(first) = free.results.iter().find(|c| !c.ok) {
+                    println!(
+                        "without the replay: {} of {} tensors match; first mismatch: {}",
+                        free.results.len() - free.mismatches(),
+                        free.results.len(),
+                        first.name
+                    );
                 }
             }
             Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
@@ -497,14 +507,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-    }
-}
-
-fn replay_what(r: verify::Replay) -> &'static str {
-    match (r.routing, r.selection) {
-        (true, true) => "expert choices and DSA selections",
-        (true, false) => "expert choices",
-        _ => "DSA selections",
     }
 }
 

@@ -100,12 +100,13 @@ impl Verifier<'_> {
         }
     }
 
-    fn into_report(self, only_in_reference: Vec<String>, isolate: bool) -> Report {
+    fn into_report(self, only_in_reference: Vec<String>, opts: &VerifyOptions) -> Report {
         Report {
             results: self.results,
             non_finite: self.non_finite,
             only_in_reference,
-            isolate,
+            isolate: opts.isolate,
+            replay: opts.replay,
             final_norm: self.final_norm,
         }
     }
@@ -179,6 +180,18 @@ pub struct Replay {
     pub selection: bool,
 }
 
+impl Replay {
+    /// What is replayed, as the reports name it; None when nothing is.
+    pub fn describe(self) -> Option<&'static str> {
+        match (self.routing, self.selection) {
+            (true, true) => Some("expert choices and DSA selections"),
+            (true, false) => Some("expert choices"),
+            (false, true) => Some("DSA selections"),
+            (false, false) => None,
+        }
+    }
+}
+
 pub struct Report {
     pub results: Vec<Comparison>,
     /// Where this run first produced a NaN or Inf (among the compared tensors).
@@ -186,6 +199,8 @@ pub struct Report {
     /// Names in the reference that this run did not produce.
     pub only_in_reference: Vec<String>,
     pub isolate: bool,
+    /// The reference's decisions this run took instead of its own.
+    pub replay: Replay,
     /// Our `final_norm` (when the reference has one to compare): what the MTP head starts from.
     pub final_norm: Option<Tensor>,
 }
@@ -262,7 +277,7 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
         // Margins are advice on a finished comparison: a bias that cannot be read leaves them unknown.
         Weights::Streamed(c) => Routers::read(c).ok(),
     });
-    Ok(v.into_report(only_in_reference, opts.isolate))
+    Ok(v.into_report(only_in_reference, opts))
 }
 
 /// A prefill (the CPU model, or the device forward pass on some backend) against a reference
@@ -289,7 +304,7 @@ pub fn verify_prefill(
         })
         .collect();
     v.attach_margins(&model.config, || Some(Routers::of_layers(&model.config, &model.layers)));
-    Ok(v.into_report(only_in_reference, opts.isolate))
+    Ok(v.into_report(only_in_reference, opts))
 }
 
 /// Whether a reference dump holds the MTP head's tensors.
@@ -372,7 +387,9 @@ pub fn print_report(r: &Report, tol: Tolerance, near_tie: f64) {
     if let Some(nf) = &r.non_finite {
         println!("first NaN/Inf of this run: {nf}");
     }
-    let mode = if r.isolate { ", isolated layers" } else { "" };
+    // A replayed run matches by taking the reference's decisions: the summary says so.
+    let replayed = r.replay.describe().map(|what| format!(", the reference's {what} replayed")).unwrap_or_default();
+    let mode = format!("{}{replayed}", if r.isolate { ", isolated layers" } else { "" });
     let first = r.results.iter().find(|c| !c.ok).map(|c| format!("; first mismatch: {}", c.name)).unwrap_or_default();
     println!(
         "{} of {} tensors match (atol {:e}, rtol {:e}{mode}){first}",

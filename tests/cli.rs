@@ -313,6 +313,22 @@ fn replaying_a_runs_own_decisions_matches_its_dump() {
     }
 }
 
+/// The README's porting command: a replayed run's summary says what it replayed, and a last line
+/// what matches without the replay (fewer tensors, first a decision).
+#[test]
+fn a_replayed_verify_says_so_and_what_matches_without() {
+    let args = ["verify", "--model", "golden/flat", "--golden", "golden/flat/bf16-port.safetensors", "--isolate"];
+    let tol = ["--force-routing", "--force-selection", "--atol", "2e-2", "--rtol", "2e-2"];
+    let (_, out) = common::code_and_text(&[&args[..], &tol].concat());
+    let count = |line: &str| -> usize { line.split(" of ").next().unwrap().trim().parse().unwrap() };
+    let summary = out.lines().find(|l| l.contains(" tensors match (")).unwrap();
+    assert!(summary.contains("isolated layers, the reference's expert choices and DSA selections replayed"), "{out}");
+    let without = out.lines().find_map(|l| l.strip_prefix("without the replay: ")).unwrap();
+    assert!(count(without) < count(summary), "{out}");
+    let first = without.split("first mismatch: ").nth(1).unwrap();
+    assert!(first.ends_with(".dsa.topk") || first.ends_with(".moe.topk_ids"), "{out}");
+}
+
 /// `audit` takes one model's dumps, each once, and says when it can only guess the expert count.
 #[test]
 fn audit_refuses_twice_the_same_dump_and_other_models_dumps() {
@@ -336,9 +352,38 @@ fn audit_refuses_twice_the_same_dump_and_other_models_dumps() {
     let other = glimpse(&["audit", "--dump", flat, "--against", "golden/mtp/reference.safetensors"]);
     assert_error(&other, "the dumps' routers have 8 experts, not 16");
     let twice = glimpse(&["audit", "--dump", flat, "--dump", "golden/flat/bf16-port.safetensors", "--against", flat]);
-    assert_error(&twice, "layer 2: 256 routing slots against the reference's 128");
+    assert_error(&twice, "the audited runs hold 2 rows of tokens, --against 1");
     let port = glimpse(&["audit", "--dump", "golden/flat/bf16-port.safetensors", "--against", flat]);
     assert!(text(&port).0.contains("load shift against the reference"), "{:?}", text(&port));
+    // The same count of tokens is not the same tokens; the same experts are not the same model.
+    let other_ids =
+        common::run_dump("golden/flat", &["--tokens", "1,2,4", "--record", "layers.*.moe.*"], tmp.path(), "other.st");
+    let same =
+        common::run_dump("golden/flat", &["--tokens", "1,2,3", "--record", "layers.*.moe.*"], tmp.path(), "same.st");
+    let moved = glimpse(&["audit", "--dump", &same, "--against", &other_ids]);
+    assert_error(&moved, "row 0 of the audited runs differs from --against's at position 2 (3 vs 4)");
+    let yarn = common::run_dump(
+        "golden/grouped-shared-yarn",
+        &["--tokens", "1,2,3", "--record", "*.moe.*"],
+        tmp.path(),
+        "y.st",
+    );
+    assert_error(
+        &glimpse(&["audit", "--dump", &same, "--against", &yarn]),
+        "--against was made from another config.json",
+    );
+}
+
+/// A layer no dump recorded is left out of the audit, not shown as a layer of dead experts, even
+/// when --model knows it is an MoE layer.
+#[test]
+fn audit_leaves_out_the_layers_no_dump_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let one =
+        common::run_dump("golden/flat", &["--tokens", "1,2,3", "--record", "layers.3.moe.*"], tmp.path(), "l3.st");
+    let (out, _) = assert_ok(&glimpse(&["audit", "--dump", &one, "--model", "golden/flat"]));
+    let layers: Vec<&str> = out.lines().skip(2).filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(layers, ["3"], "{out}");
 }
 
 /// `generate` stops once every row has produced one of config.json's `eos_token_id`s (one id or

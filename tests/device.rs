@@ -113,7 +113,7 @@ fn the_device_flag_runs_the_device_path_in_every_command() {
     let (code, text) = common::code_and_text(&replayed);
     assert_eq!(code, 0, "{text}");
     assert!(
-        text.contains(&format!("{names} of {names} tensors match (atol 1e-4, rtol 1e-4, isolated layers)")),
+        text.contains(&format!("{names} of {names} tensors match (atol 1e-4, rtol 1e-4, isolated layers, the reference's expert choices and DSA selections replayed)")),
         "{text}"
     );
     let (code, text) =

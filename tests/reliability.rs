@@ -83,7 +83,10 @@ fn the_first_nan_is_named_with_its_coordinate() {
 
     let o = glimpse(&["diff", &s(&dump), &s(&m.join("reference.safetensors"))]);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains(&format!("first NaN/Inf in {}: layers.2.attn.out at [0, 0, 0] = NaN", s(&dump))), "{out}");
+    assert!(
+        out.contains(&format!("first NaN/Inf in {} (ours): layers.2.attn.out at [0, 0, 0] = NaN", s(&dump))),
+        "{out}"
+    );
 
     use glimpse::dump::Dump;
     use glimpse_tui::Source;
@@ -186,6 +189,13 @@ fn malformed_files_and_arguments_are_one_line_errors() {
     cases.push((vec!["inspect".into(), "--model".into(), s(&bad_index)], "invalid JSON".into()));
     let no_map = with_index("no-map", r#"{"metadata": {}}"#);
     cases.push((vec!["inspect".into(), "--model".into(), s(&no_map)], "weight_map".into()));
+
+    // A dump tensor of a dtype no dump holds: named once, with the file.
+    let bool_dump = t.join("bool.safetensors");
+    let h = r#"{"__metadata__":{"format":"glm5-dump/1"},"layers.2.moe.topk_ids":{"dtype":"BOOL","shape":[1,2],"data_offsets":[0,2]}}"#;
+    raw_safetensors(&bool_dump, h.len() as u64, h, &[1, 0]);
+    let needle = format!("dump {}: tensor `layers.2.moe.topk_ids` has dtype BOOL", s(&bool_dump));
+    cases.push((vec!["audit".into(), "--dump".into(), s(&bool_dump)], needle));
 
     // Configs whose values are wrong or inconsistent.
     let config_case = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {

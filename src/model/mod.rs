@@ -85,10 +85,23 @@ impl Tokens {
     }
 
     pub fn new(batch: usize, seq: usize, ids: Vec<u32>) -> Result<Self> {
-        if batch == 0 || seq == 0 || ids.len() != batch * seq {
+        if batch == 0 || seq == 0 {
+            return Err(Error::Usage(format!("no token ids (batch x seq = {batch} x {seq})")));
+        }
+        if ids.len() != batch * seq {
             return Err(Error::Usage(format!("need batch x seq = {batch} x {seq} token ids, got {}", ids.len())));
         }
         Ok(Tokens { batch, seq, ids })
+    }
+
+    /// Where two runs' inputs part: their shapes (`1 x 32 vs 1 x 16 tokens`) or the first id
+    /// that differs (`token [0, 5]: 17 vs 4`); None when they are the same.
+    pub fn difference(&self, other: &Tokens) -> Option<String> {
+        if (self.batch, self.seq) != (other.batch, other.seq) {
+            return Some(format!("{} x {} vs {} x {} tokens", self.batch, self.seq, other.batch, other.seq));
+        }
+        let i = self.ids.iter().zip(&other.ids).position(|(a, b)| a != b)?;
+        Some(format!("token [{}, {}]: {} vs {}", i / self.seq, i % self.seq, self.ids[i], other.ids[i]))
     }
 }
 
