@@ -224,11 +224,13 @@ pub fn run_on(target: crate::device::Target, model: &Model, tokens: usize, repea
 #[cfg(feature = "cuda")]
 fn on_cuda(target: crate::device::Target, model: &Model, tokens: usize, repeat: usize) -> Result<String> {
     let ops = crate::device::cuda_ops(target)?;
-    let head = format!("{}: {} ({})\n", target.describe(), ops.gpu.name, ops.gpu.arch);
+    let gpu = &ops.gpu;
+    let head = format!("{}: {} ({}; memory: {})\n", target.describe(), gpu.name, gpu.arch, gpu.allocation);
     let report = run_device(&ops, model, tokens, repeat)?.render();
     Ok(match ops.gpu.memory()? {
         Some((free, total)) => {
             let used = (total - free) as f64 / 1e9;
+            // With the pool kept, this is the weights plus one prefill's peak.
             format!("{head}{report}device memory in use: {used:.2} GB of {:.2} GB\n", total as f64 / 1e9)
         }
         None => format!("{head}{report}"),

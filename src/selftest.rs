@@ -125,17 +125,40 @@ fn cuda(golden_root: &Path, target: Target, scope: Scope) -> Result<bool> {
         Backend::CudaEmu => println!("{}: the kernels' source compiled for the host", gpu.name),
         _ => println!("device {}: {} ({}); every kernel compiled with NVRTC", target.ordinal, gpu.name, gpu.arch),
     }
-    let mut checks = crate::cuda::selftest::kernels(gpu)?;
-    checks.extend(crate::cuda::selftest::dispatch(&f32_ops)?);
-    checks.extend(crate::cuda::selftest::attention(&f32_ops)?);
-    checks.extend(crate::cuda::selftest::attention(&bf16_ops)?);
-    checks.extend(crate::cuda::selftest::at_glm5_sizes(&f32_ops)?);
-    checks.extend(crate::cuda::selftest::products(&f32_ops)?);
-    checks.extend(crate::cuda::selftest::products(&bf16_ops)?);
-    for c in &checks {
-        println!("kernel {:<60} max_abs {:9.3e}  {}", c.name, c.max_abs, if c.ok { "ok" } else { "FAILED" });
+    use crate::cuda::selftest as check;
+    type Group<'a> = Box<dyn Fn() -> Result<Vec<check::Check>> + 'a>;
+    let groups: [(&str, Group); 7] = [
+        ("kernels", Box::new(|| check::kernels(gpu))),
+        ("MoE dispatch", Box::new(|| check::dispatch(&f32_ops))),
+        ("attention (f32)", Box::new(|| check::attention(&f32_ops))),
+        ("attention (bf16)", Box::new(|| check::attention(&bf16_ops))),
+        ("GLM-5 sizes", Box::new(|| check::at_glm5_sizes(&f32_ops))),
+        ("products (f32)", Box::new(|| check::products(&f32_ops))),
+        ("products (bf16)", Box::new(|| check::products(&bf16_ops))),
+    ];
+    // Each group's verdicts as it ends: a group that fails to run (a launch or cuBLAS error) is
+    // one FAILED line with its error, and the groups after it still run.
+    let mut kernels_ok = true;
+    for (group, run) in &groups {
+        match run() {
+            Ok(checks) => {
+                for c in &checks {
+                    println!(
+                        "kernel {:<60} max_abs {:9.3e}  {}",
+                        c.name,
+                        c.max_abs,
+                        if c.ok { "ok" } else { "FAILED" }
+                    );
+                }
+                kernels_ok &= checks.iter().all(|c| c.ok);
+            }
+            Err(e) => {
+                println!("kernel {:<60} max_abs {:>9}  FAILED", format!("{group}: did not run"), "-");
+                println!("  {group}: {e}");
+                kernels_ok = false;
+            }
+        }
     }
-    let kernels_ok = checks.iter().all(|c| c.ok);
     if scope == Scope::Kernels {
         return Ok(kernels_ok);
     }

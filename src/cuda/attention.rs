@@ -174,7 +174,7 @@ pub fn index_scores(
     [batch_n, s, t, n, d, offset]: [usize; 6],
     scale: f32,
 ) -> Result<Buf<f32>> {
-    let mut scores = gpu.zeros(batch_n * s * t)?;
+    let mut scores = gpu.output(batch_n * s * t)?;
     let mut g = ws.products.borrow_mut();
     for c in chunks(batch_n, [s, t, offset], chunk_values, n * t) {
         let row0 = c.b * s + c.q0;
@@ -194,7 +194,7 @@ pub fn index_topk(
     scale: f32,
     kk: usize,
 ) -> Result<(Buf<i32>, Buf<f32>)> {
-    let (mut idx, mut margin) = (gpu.zeros(batch_n * s * kk)?, gpu.zeros(batch_n * s)?);
+    let (mut idx, mut margin) = (gpu.zeros(batch_n * s * kk)?, gpu.output(batch_n * s)?);
     let (mut g, mut scores) = (ws.products.borrow_mut(), ws.scores.borrow_mut());
     let (mut chunk_idx, mut chunk_margin) = (ws.chunk_idx.borrow_mut(), ws.chunk_margin.borrow_mut());
     for c in chunks(batch_n, [s, t, offset], chunk_values, n * t) {
@@ -222,7 +222,7 @@ pub fn masked(
     [batch_n, s, t, nh, nope, rd, vd, kk, offset]: [usize; 9],
     scale: f32,
 ) -> Result<Buf<f32>> {
-    let mut out = gpu.zeros(batch_n * s * nh * vd)?;
+    let mut out = gpu.output(batch_n * s * nh * vd)?;
     let (qw, kvw) = (nh * (nope + rd), nh * (nope + vd)); // row widths of q and kv
     let (mut p, mut mask) = (ws.products.borrow_mut(), ws.mask.borrow_mut());
     for Chunk { b, q0, qc, first, t_eff } in chunks(batch_n, [s, t, offset], chunk_values, nh * t) {

@@ -64,10 +64,30 @@ enum Rows<'a> {
     Bf16(&'a Buf<u16>, usize),
 }
 
+/// cuBLAS's handle, destroyed without cudarc's `unwrap`: after a sticky device error (an illegal
+/// address) `cublasDestroy` may fail too, and its panic would hide the error being returned.
+struct Blas(std::mem::ManuallyDrop<CudaBlas>);
+
+impl std::ops::Deref for Blas {
+    type Target = CudaBlas;
+    fn deref(&self) -> &CudaBlas {
+        &self.0
+    }
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        // SAFETY: the handle is ours and nothing uses it after this. The CudaBlas itself is never
+        // dropped (it would destroy the handle again), which keeps its reference to the stream:
+        // one per `Products`, and the stream lives as long as the device anyway.
+        let _ = unsafe { cudarc::cublas::result::destroy_handle(*self.0.handle()) };
+    }
+}
+
 pub struct Products {
     pub precision: Precision,
     /// cuBLAS and its stream; None on the emulation.
-    blas: Option<(CudaBlas, Arc<CudaStream>)>,
+    blas: Option<(Blas, Arc<CudaStream>)>,
     /// f32 mode: where a bf16 weight is widened, a block of rows at a time.
     wide: RefCell<Option<Buf<f32>>>,
     /// bf16 mode: the activation rows, rounded.
@@ -166,7 +186,7 @@ impl Products {
             Some(stream) => {
                 probe(&[Lib::Cublas])?;
                 let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::Device(format!("cuBLAS: {e:?}")))?;
-                Some((blas, stream.clone()))
+                Some((Blas(std::mem::ManuallyDrop::new(blas)), stream.clone()))
             }
             None => None,
         };

@@ -23,6 +23,9 @@ pub struct Gpu {
     /// The dynamic shared memory a block of the kernels that use much of it may take, in bytes:
     /// the device's opt-in maximum less room for their static reductions.
     pub shared_limit: usize,
+    /// How buffers are allocated, as `bench` reports it: a free that synchronises the device
+    /// would serialise the forward pass, so a run's timing depends on it.
+    pub allocation: &'static str,
     engine: Engine,
 }
 
@@ -31,6 +34,27 @@ const LARGE_SHARED: [&str; 4] = ["topk_sorted", "topk_chunks_of_scores", "topk_c
 
 /// Room left for a kernel's static shared memory (the block reductions' 2 x 128 bytes).
 const STATIC_SHARED: usize = 1024;
+
+/// cudarc allocates from the device's default memory pool (`cuMemAllocAsync`) where the device
+/// has pools. Its release threshold is 0 by default: every synchronisation hands the freed memory
+/// back to the driver, and the next prefill pays to map it again, inside its timing. Raised to
+/// the maximum, the pool grows to one prefill's peak and stays. Without pools, cudarc frees with
+/// `cuMemFree`, which synchronises the device at every drop: said, as it slows every run.
+fn keep_pool(ctx: &CudaContext) -> Result<&'static str> {
+    if !ctx.has_async_alloc() {
+        return Ok("cuMemAlloc (no memory pools: each free synchronises the device)");
+    }
+    use cudarc::driver::{result, sys::CUmemPool_attribute};
+    let mut keep: u64 = u64::MAX;
+    // SAFETY: the context's own device; the release threshold is a cuuint64_t.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device()).map_err(driver("read the memory pool"))?;
+        let attr = CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+        result::mem_pool::set_attribute(pool, attr, (&mut keep as *mut u64).cast())
+            .map_err(driver("keep the memory pool"))?;
+    }
+    Ok("stream-ordered, from a pool kept between prefills")
+}
 
 /// What the emulation allows: Hopper's 227 KB opt-in, so the same sizes take the same paths.
 const EMULATED_SHARED: usize = 227 * 1024 - STATIC_SHARED;
@@ -203,6 +227,7 @@ impl Gpu {
         // allocation (each op allocates its output), host time spent on nothing with one stream.
         // SAFETY: no second stream is ever made (cudarc's events only order work across streams).
         unsafe { ctx.disable_event_tracking() };
+        let allocation = keep_pool(&ctx)?;
         let (major, minor) = ctx.compute_capability().map_err(driver("read the compute capability"))?;
         let name = ctx.name().map_err(driver("read the device name"))?;
         let arch = format!("sm_{major}{minor}");
@@ -228,7 +253,8 @@ impl Gpu {
                 functions.insert(kernel, f);
             }
         }
-        Ok(Gpu { name, arch, shared_limit, engine: Engine::Cuda { stream: ctx.default_stream(), ctx, functions } })
+        let engine = Engine::Cuda { stream: ctx.default_stream(), ctx, functions };
+        Ok(Gpu { name, arch, shared_limit, allocation, engine })
     }
 
     /// The host emulation (`cuda::emu`): needs no driver, NVRTC or GPU.
@@ -245,6 +271,7 @@ impl Gpu {
             },
             arch: "host".into(),
             shared_limit: EMULATED_SHARED,
+            allocation: "host vectors",
             engine: Engine::Emulated(schedule),
         }
     }
@@ -278,6 +305,20 @@ impl Gpu {
     /// A buffer of `n` copies of `value` (NaN to poison an output).
     pub fn filled<T: DeviceRepr + Clone>(&self, n: usize, value: T) -> Result<Buf<T>> {
         self.upload(&vec![value; n])
+    }
+
+    /// A buffer of `n` floats that the op it is made for writes whole: left uninitialised on the
+    /// GPU (zeroing it first would be one more write of every output), NaN in the emulation so
+    /// that an element an op leaves unwritten shows in every parity check and golden case.
+    pub fn output(&self, n: usize) -> Result<Buf<f32>> {
+        match &self.engine {
+            // SAFETY: every caller hands the buffer to an op that writes each of its values
+            // before anything reads it (checked on the emulation, where it starts as NaN).
+            Engine::Cuda { stream, .. } => unsafe { stream.alloc::<f32>(n.max(1)) }
+                .map(Buf::Device)
+                .map_err(|e| Error::Device(format!("allocate {n} values: {e:?}"))),
+            Engine::Emulated(_) => Ok(Buf::Host(vec![f32::NAN; n.max(1)])),
+        }
     }
 
     /// A zeroed buffer of `n` values (at least one: the driver refuses empty allocations).

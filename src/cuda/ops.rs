@@ -64,7 +64,7 @@ impl CudaOps {
         let [b, s, t, nh, _, _, vd, k, _] = dims;
         match plan.path.unwrap_or_else(|| AttentionPath::choose(t, k)) {
             AttentionPath::Gathered => {
-                let mut y = self.gpu.zeros(b * s * nh * vd)?;
+                let mut y = self.gpu.output(b * s * nh * vd)?;
                 self.gpu.sparse_attention(q, kv, k_rope, idx, &mut y, dims, scale)?;
                 Ok(y)
             }
@@ -107,6 +107,9 @@ impl Ops for CudaOps {
     fn zeros(&self, n: usize) -> Result<Self::F> {
         self.gpu.zeros(n)
     }
+    fn output(&self, n: usize) -> Result<Self::F> {
+        self.gpu.output(n)
+    }
 
     fn gemm_rows(
         &self,
@@ -136,19 +139,19 @@ impl Ops for CudaOps {
     }
 
     fn rms_norm(&self, x: &Self::F, w: &Self::F, rows: usize, cols: usize, eps: f32) -> Result<Self::F> {
-        let mut y = self.gpu.zeros(rows * cols)?;
+        let mut y = self.gpu.output(rows * cols)?;
         self.gpu.rms_norm(x, w, &mut y, rows, cols, eps)?;
         Ok(y)
     }
 
     fn layer_norm(&self, x: &Self::F, w: &Self::F, b: &Self::F, rows: usize, cols: usize, eps: f32) -> Result<Self::F> {
-        let mut y = self.gpu.zeros(rows * cols)?;
+        let mut y = self.gpu.output(rows * cols)?;
         self.gpu.layer_norm(x, w, b, &mut y, rows, cols, eps)?;
         Ok(y)
     }
 
     fn row_l2_norm(&self, x: &Self::F, rows: usize, cols: usize) -> Result<Self::F> {
-        let mut y = self.gpu.zeros(rows)?;
+        let mut y = self.gpu.output(rows)?;
         self.gpu.row_l2_norm(x, &mut y, rows, cols)?;
         Ok(y)
     }
@@ -164,13 +167,13 @@ impl Ops for CudaOps {
     }
 
     fn swiglu(&self, gate_up: &Self::F, rows: usize, inter: usize) -> Result<Self::F> {
-        let mut y = self.gpu.zeros(rows * inter)?;
+        let mut y = self.gpu.output(rows * inter)?;
         self.gpu.swiglu(gate_up, &mut y, rows, inter)?;
         Ok(y)
     }
 
     fn add(&self, a: &Self::F, b: &Self::F, n: usize) -> Result<Self::F> {
-        let mut y = self.gpu.zeros(n)?;
+        let mut y = self.gpu.output(n)?;
         self.gpu.add(a, b, &mut y, n)?;
         Ok(y)
     }
@@ -184,7 +187,7 @@ impl Ops for CudaOps {
         rc: &RouterConfig,
     ) -> Result<(Self::I, Self::F, Self::F)> {
         let (mut ids, mut w, mut m) =
-            (self.gpu.zeros(n * rc.top_k)?, self.gpu.zeros(n * rc.top_k)?, self.gpu.zeros(n)?);
+            (self.gpu.zeros(n * rc.top_k)?, self.gpu.output(n * rc.top_k)?, self.gpu.output(n)?);
         self.gpu.route(logits, bias, n, e, rc, &mut ids, &mut w, &mut m)?;
         Ok((ids, w, m))
     }
@@ -221,7 +224,7 @@ impl Ops for CudaOps {
         k: usize,
     ) -> Result<(Self::I, Self::F)> {
         crate::device::check_topk_causal(rows, s, t, offset, k)?; // the contract, as on the CPU
-        let (mut idx, mut m) = (self.gpu.zeros(rows * k)?, self.gpu.zeros(rows)?);
+        let (mut idx, mut m) = (self.gpu.zeros(rows * k)?, self.gpu.output(rows)?);
         self.gpu.topk_causal_by(self.gpu.topk_path(t, k), scores, [rows, s, t, offset, k], &mut idx, &mut m)?;
         Ok((idx, m))
     }
@@ -255,7 +258,7 @@ impl Ops for CudaOps {
     }
 
     fn gather_rows(&self, x: &Self::F, rows: &Self::I, n: usize, cols: usize) -> Result<Self::F> {
-        let mut y = self.gpu.zeros(n * cols)?;
+        let mut y = self.gpu.output(n * cols)?;
         self.gpu.gather_rows(x, rows, &mut y, n, cols)?;
         Ok(y)
     }
@@ -269,7 +272,7 @@ impl Ops for CudaOps {
         shared: &Self::F,
         [n, k, cols]: [usize; 3],
     ) -> Result<Self::F> {
-        let mut out = self.gpu.zeros(n * cols)?;
+        let mut out = self.gpu.output(n * cols)?;
         self.gpu.combine(y, ids, slot, w, shared, &mut out, n, k, cols)?;
         Ok(out)
     }

@@ -39,6 +39,9 @@ impl Ops for CpuOps {
     fn zeros(&self, n: usize) -> Result<Vec<f32>> {
         Ok(vec![0.0; n])
     }
+    fn output(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![f32::NAN; n])
+    }
 
     fn gemm_rows(
         &self,

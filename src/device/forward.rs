@@ -516,7 +516,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let a = t * k;
         let xs = self.ops.gather_rows(x, &rows, a, hd)?; // [A, H]
         let inter = experts.first().map_or(0, |m| m.down.inp);
-        let (mut gate_up, mut y) = (self.ops.zeros(a * 2 * inter)?, self.ops.zeros(a * hd)?);
+        let (mut gate_up, mut y) = (self.ops.output(a * 2 * inter)?, self.ops.output(a * hd)?);
         let (mut spans, mut start) = (Vec::new(), 0); // (expert, first packed row, rows)
         for (j, &count) in counts.iter().enumerate() {
             if count > 0 {

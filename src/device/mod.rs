@@ -231,6 +231,9 @@ pub trait Ops {
     fn download(&self, b: &Self::F) -> Result<Vec<f32>>;
     fn download_i32(&self, b: &Self::I) -> Result<Vec<i32>>;
     fn zeros(&self, n: usize) -> Result<Self::F>;
+    /// A buffer the op it is made for writes whole: uninitialised on a GPU, NaN on the host
+    /// backends, so that an element an op leaves unwritten shows in every check.
+    fn output(&self, n: usize) -> Result<Self::F>;
 
     /// `y[m, n] = alpha * x[m, k] w[n, k]^T`, for rows `x_row0 .. x_row0 + m` of `x`, written to
     /// rows `y_row0 .. y_row0 + m` of `y` (the expert GEMMs work on row ranges of packed buffers).
@@ -269,7 +272,7 @@ pub trait Ops {
 
     /// `alpha * x w^T`: [m, k] x [n, k] -> [m, n].
     fn matmul_nt(&self, x: &Self::F, w: &Self::W, mnk: [usize; 3], alpha: f32) -> Result<Self::F> {
-        let mut y = self.zeros(mnk[0] * mnk[1])?;
+        let mut y = self.output(mnk[0] * mnk[1])?;
         self.gemm_rows(x, 0, w, &mut y, 0, mnk, alpha)?;
         Ok(y)
     }
