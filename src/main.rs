@@ -173,11 +173,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let model = Model::load(&ckpt)?;
                 let replay = verify::Replay { routing: force_routing, selection: force_selection };
                 let opts = verify::VerifyOptions { tol, isolate, replay, layers: None };
-                let report = glimpse::device::with_prefill(target, &model, |p| {
-                    verify::verify_prefill(p, &model, &reference, &opts)
+                // With a replay, the same prefill once more without it, for what the flips explain.
+                let (report, free) = glimpse::device::with_prefill(target, &model, |p| {
+                    let report = verify::verify_prefill(p, &model, &reference, &opts)?;
+                    let free = match replay == verify::Replay::default() {
+                        true => None,
+                        false => {
+                            let free = verify::VerifyOptions { replay: Default::default(), ..opts.clone() };
+                            Some(verify::verify_prefill(p, &model, &reference, &free)?)
+                        }
+                    };
+                    Ok((report, free))
                 })?;
                 println!("verify {} against {} on {}", model_dir.display(), golden.display(), target.describe());
                 verify::print_report(&report, tol, near_tie);
+                if let Some(free) = &free {
+                    verify::print_replay(free, &report);
+                }
                 return Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) });
             }
             let mut resident = None;
@@ -203,25 +215,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             verify::print_report(&report, tol, near_tie);
             if replay != verify::Replay::default() {
-                let free = verify::verify_with(
-                    weights,
-                    &reference,
-                    &verify::VerifyOptions { replay: Default::default(), ..opts },
-                )?;
-                let what = replay.describe().unwrap_or_default();
-                println!("replay of the reference's {what}: error without -> with replay");
-                for line in verify::attribution(&free, &report) {
-                    println!("  {line}");
-                }
-                // What the replay hid: a run that matches only with the reference's decisions.
-                if let Some(first) = free.results.iter().find(|c| !c.ok) {
-                    println!(
-                        "without the replay: {} of {} tensors match; first mismatch: {}",
-                        free.results.len() - free.mismatches(),
-                        free.results.len(),
-                        first.name
-                    );
-                }
+                let free = verify::VerifyOptions { replay: Default::default(), ..opts };
+                verify::print_replay(&verify::verify_with(weights, &reference, &free)?, &report);
             }
             Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }

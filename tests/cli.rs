@@ -314,19 +314,23 @@ fn replaying_a_runs_own_decisions_matches_its_dump() {
 }
 
 /// The README's porting command: a replayed run's summary says what it replayed, and a last line
-/// what matches without the replay (fewer tensors, first a decision).
+/// what matches without the replay (fewer tensors, first a decision), on both paths.
 #[test]
 fn a_replayed_verify_says_so_and_what_matches_without() {
     let args = ["verify", "--model", "golden/flat", "--golden", "golden/flat/bf16-port.safetensors", "--isolate"];
     let tol = ["--force-routing", "--force-selection", "--atol", "2e-2", "--rtol", "2e-2"];
-    let (_, out) = common::code_and_text(&[&args[..], &tol].concat());
-    let count = |line: &str| -> usize { line.split(" of ").next().unwrap().trim().parse().unwrap() };
-    let summary = out.lines().find(|l| l.contains(" tensors match (")).unwrap();
-    assert!(summary.contains("isolated layers, the reference's expert choices and DSA selections replayed"), "{out}");
-    let without = out.lines().find_map(|l| l.strip_prefix("without the replay: ")).unwrap();
-    assert!(count(without) < count(summary), "{out}");
-    let first = without.split("first mismatch: ").nth(1).unwrap();
-    assert!(first.ends_with(".dsa.topk") || first.ends_with(".moe.topk_ids"), "{out}");
+    for device in ["cpu", "cpu-ops"] {
+        let (_, out) = common::code_and_text(&[&args[..], &tol, &["--device", device]].concat());
+        let count = |line: &str| -> usize { line.split(" of ").next().unwrap().trim().parse().unwrap() };
+        let summary = out.lines().find(|l| l.contains(" tensors match (")).unwrap();
+        let replayed = "isolated layers, the reference's expert choices and DSA selections replayed";
+        assert!(summary.contains(replayed), "{device}: {out}");
+        assert!(out.contains("explained by flips"), "{device}: {out}");
+        let without = out.lines().find_map(|l| l.strip_prefix("without the replay: ")).unwrap();
+        assert!(count(without) < count(summary), "{device}: {out}");
+        let first = without.split("first mismatch: ").nth(1).unwrap();
+        assert!(first.ends_with(".dsa.topk") || first.ends_with(".moe.topk_ids"), "{device}: {out}");
+    }
 }
 
 /// `audit` takes one model's dumps, each once, and says when it can only guess the expert count.
