@@ -126,6 +126,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         // candle's CPU kernels size their thread pools from this, read on first use.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    } else if std::env::var("RAYON_NUM_THREADS").ok().and_then(|s| s.parse::<usize>().ok()).is_none_or(|n| n == 0) {
+        // Without it candle counts the physical cores at every product (it reads /proc/cpuinfo:
+        // about 460 times a pass, 11 ms a prompt of the bundled case). Counted once here, with
+        // rayon's own pool started first on its default (every logical core), as before.
+        let _ = rayon::ThreadPoolBuilder::new().build_global();
+        std::env::set_var("RAYON_NUM_THREADS", candle_core::utils::get_num_threads().to_string());
     }
     for (flag, path) in cli.command.outputs() {
         glimpse::output::check(flag, path)?;

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use glimpse_tui::{
-    DsaMatrix, FlipClass, HookRow, KvNormGrid, LayerRow, LoadRow, RefCheck, RouteRow, Source, Status, Worst,
+    DsaMatrix, FlipClass, HookRow, KvNormGrid, LayerRow, LoadRow, Part, RefCheck, RouteRow, Source, Status, Worst,
 };
 
 use crate::audit::LayerLoad;
@@ -77,14 +77,37 @@ fn alive(pid: u32) -> bool {
     }
 }
 
-fn layer_names(d: &Dump) -> BTreeMap<usize, Vec<String>> {
-    let mut out: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-    for n in d.names() {
-        if let Some(i) = HookPoint::parse(&n).and_then(|p| p.layer()) {
-            out.entry(i).or_default().push(n);
-        }
+/// The row of the layers view a tensor belongs to: its layer (a name of another tool's under
+/// `layers.{i}.` too), the embeddings (with the input ids), or the head (everything else: the
+/// final norm, the logits, the MTP head's own tensors).
+fn part_of(name: &str) -> Part {
+    let layer = || name.strip_prefix("layers.")?.split('.').next()?.parse::<usize>().ok();
+    match HookPoint::parse(name) {
+        Some(HookPoint::InputIds | HookPoint::Embeddings) => Part::Embeddings,
+        Some(HookPoint::Layer(i, _)) => Part::Layer(i),
+        Some(_) => Part::Head,
+        None => layer().map_or(Part::Head, Part::Layer),
     }
-    out
+}
+
+/// The dump's names by row of the layers view, in forward order: embeddings, layers, head.
+fn part_names(d: &Dump) -> Vec<(Part, Vec<String>)> {
+    let order = |p: Part| match p {
+        Part::Embeddings => (0, 0),
+        Part::Layer(i) => (1, i),
+        Part::Head => (2, 0),
+    };
+    let mut out: BTreeMap<(u8, usize), (Part, Vec<String>)> = BTreeMap::new();
+    for n in d.names() {
+        let part = part_of(&n);
+        out.entry(order(part)).or_insert_with(|| (part, Vec::new())).1.push(n);
+    }
+    out.into_values().collect()
+}
+
+/// The decoder layers' names alone, by layer.
+fn layer_names(d: &Dump) -> Vec<(usize, Vec<String>)> {
+    part_names(d).into_iter().filter_map(|(part, names)| Some((part.layer()?, names))).collect()
 }
 
 impl DumpSource {
@@ -105,24 +128,31 @@ impl DumpSource {
         .map(|nf| nf.to_string());
         let comparisons: BTreeMap<String, Comparison> =
             report.map(|r| r.results.into_iter().map(|c| (c.name.clone(), c)).collect()).unwrap_or_default();
-        let layers = layer_names(&ours)
+        let layers = part_names(&ours)
             .into_iter()
-            .map(|(i, names)| {
+            .map(|(part, names)| {
                 let has = |suffix: &str| names.iter().any(|n| n.ends_with(suffix));
-                let ffn = match config.and_then(|c| c.mlp_layer_types.get(i)) {
-                    Some(MlpKind::Moe) => "moe",
-                    Some(MlpKind::Dense) => "dense",
-                    None if has(".moe.topk_ids") => "moe",
-                    None => "dense",
-                };
-                let indexer = match config.and_then(|c| c.indexer_types.get(i)) {
-                    Some(IndexerKind::Full) => "full",
-                    Some(IndexerKind::Shared) => "shared",
-                    None if has(".dsa.margin") || has(".dsa.scores") => "full",
-                    None => "?",
+                let (ffn, indexer) = match part {
+                    Part::Layer(i) => {
+                        let ffn = match config.map(|c| (c.mlp_layer_types.get(i), i >= c.num_hidden_layers)) {
+                            Some((_, true)) => "mtp",
+                            Some((Some(MlpKind::Moe), _)) => "moe",
+                            Some((Some(MlpKind::Dense), _)) => "dense",
+                            _ if has(".moe.topk_ids") => "moe",
+                            _ => "dense",
+                        };
+                        let indexer = match config.and_then(|c| c.indexer_types.get(i)) {
+                            Some(IndexerKind::Full) => "full",
+                            Some(IndexerKind::Shared) => "shared",
+                            None if has(".dsa.margin") || has(".dsa.scores") => "full",
+                            None => "?",
+                        };
+                        (ffn, indexer)
+                    }
+                    Part::Embeddings | Part::Head => ("-", "-"),
                 };
                 let mut row = LayerRow {
-                    index: i,
+                    part,
                     ffn: ffn.into(),
                     indexer: indexer.into(),
                     status: if reference.is_some() { Status::Match } else { Status::Unchecked },
@@ -132,8 +162,10 @@ impl DumpSource {
                     worst: None,
                     first_bad: None,
                 };
-                let short = |name: &str| {
-                    name.split_once('.').and_then(|(_, r)| r.split_once('.')).map_or("", |(_, h)| h).to_string()
+                // `attn.out` for `layers.3.attn.out`: the row names the layer.
+                let short = |name: &str| match part {
+                    Part::Layer(_) => name.splitn(3, '.').nth(2).unwrap_or(name).to_string(),
+                    _ => name.to_string(),
                 };
                 for c in names.iter().filter_map(|n| comparisons.get(n)) {
                     row.mismatches += usize::from(!c.ok);
@@ -217,10 +249,11 @@ impl DumpSource {
         Some(HookRow {
             name: name.to_string(),
             shape,
-            mean,
-            std,
-            min: if finite.is_empty() { 0.0 } else { min },
-            max: if finite.is_empty() { 0.0 } else { max },
+            // A tensor with no finite value has no statistics: NaN, not zeros that read as values.
+            mean: if finite.is_empty() { f64::NAN } else { mean },
+            std: if finite.is_empty() { f64::NAN } else { std },
+            min: if finite.is_empty() { f64::NAN } else { min },
+            max: if finite.is_empty() { f64::NAN } else { max },
             l2: finite.iter().map(|x| x * x).sum::<f64>().sqrt(),
             // Where infinities are by design (masked scores, uncut margins) only NaN counts.
             nonfinite: match crate::hooks::finite_expected(name) {
@@ -251,9 +284,10 @@ impl DumpSource {
                     e
                 }
             };
-            // The three largest errors in one pass (largest first; ties by position).
+            // The three largest errors in one pass (largest first; ties by position), of the
+            // elements that differ at all.
             let mut top: Vec<usize> = Vec::with_capacity(4);
-            for i in 0..ours.len().min(theirs.len()) {
+            for i in (0..ours.len().min(theirs.len())).filter(|&i| err(i) > 0.0) {
                 let at = top.iter().position(|&j| err(i) > err(j)).unwrap_or(top.len());
                 if at < 3 {
                     top.insert(at, i);
@@ -304,14 +338,11 @@ impl Source for DumpSource {
         }
     }
 
-    fn hooks(&self, layer: Option<usize>) -> Vec<HookRow> {
+    fn hooks(&self, part: Part) -> Vec<HookRow> {
         self.ours
             .names()
             .into_iter()
-            .filter(|n| {
-                HookPoint::parse(n).map(|p| p.layer()) == Some(layer)
-                    || (layer.is_none() && HookPoint::parse(n).is_none())
-            })
+            .filter(|n| part_of(n) == part)
             .filter_map(|n| self.hook_rows.borrow_mut().entry(n).or_insert_with_key(|n| self.stats(n)).clone())
             .collect()
     }
@@ -404,7 +435,7 @@ impl Source for DumpSource {
 
     fn kv_norms(&self) -> Option<KvNormGrid> {
         let mut g = KvNormGrid { layers: Vec::new(), latent: Vec::new(), pre_norm: Vec::new(), k_rope: Vec::new() };
-        for i in layer_names(&self.ours).into_keys() {
+        for (i, _) in layer_names(&self.ours) {
             let name = |h: LayerHook| HookPoint::Layer(i, h).name();
             // Dumps without the extra norm names (a transformers reference) still hold kv_latent.
             let latent = self.per_token(&name(LayerHook::KvNorm)).or_else(|| {

@@ -123,7 +123,8 @@ impl Model {
             })
             .collect();
         if progress {
-            eprintln!();
+            // The progress line is erased, as cargo's is: nothing of it stays in the shell.
+            eprint!("\r\x1b[2K");
         }
         let norm = RmsNorm::load(&mut l, "model.norm", h, cfg.rms_norm_eps);
         let head_name = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };

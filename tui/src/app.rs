@@ -48,6 +48,8 @@ pub struct App {
     pub editing_filter: bool,
     /// A one-line message for the status bar (e.g. "no more flips").
     pub message: String,
+    /// The key help is open over the view.
+    pub help: bool,
     pub quit: bool,
 }
 
@@ -61,15 +63,36 @@ impl Default for App {
             filter: String::new(),
             editing_filter: false,
             message: String::new(),
+            help: false,
             quit: false,
         }
     }
 }
 
 /// The key help shown at the bottom of the screen.
-pub const HELP: &str = "q quit | tab view | j/k layer | n next flip | h/l token | pgdn scroll | / filter";
+pub const HELP: &str = "q quit | ? keys | tab view | j/k layer | n next flip | h/l token | / filter";
+
+/// Every key, as `?` lists them.
+pub const KEYS: [(&str, &str); 9] = [
+    ("q, ctrl-c", "quit"),
+    ("?", "this help (any key closes it)"),
+    ("tab, shift-tab, 1-6", "next, previous view; view by number"),
+    ("j/k, down/up", "next, previous row: embeddings, each layer, head"),
+    ("n", "next flip in the layer (routing, DSA), then next bad row"),
+    ("h/l, left/right", "previous, next token"),
+    ("pgdn/pgup, J/K", "scroll the view"),
+    ("/", "filter hook points (enter keeps it, esc clears it)"),
+    ("esc", "close the help, or clear a filter being typed"),
+];
 
 impl App {
+    /// The state a session starts in: the layers view, on the first decoder layer (the
+    /// embeddings row above it is one `k` away).
+    pub fn new(src: &dyn Source) -> App {
+        let layer = src.layers().iter().position(|l| l.part.layer().is_some()).unwrap_or(0);
+        App { layer, ..App::default() }
+    }
+
     pub fn handle_key(&mut self, key: KeyEvent, src: &dyn Source) {
         if self.editing_filter {
             match key.code {
@@ -82,9 +105,14 @@ impl App {
             return;
         }
         self.message.clear();
+        if self.help {
+            return self.close_help();
+        }
         match key.code {
             KeyCode::Char('c') if key.modifiers.contains(KeyModifiers::CONTROL) => self.quit(),
-            KeyCode::Char('q') | KeyCode::Esc => self.quit(),
+            // Not esc: it clears a filter, and a slip of it used to end the session.
+            KeyCode::Char('q') => self.quit(),
+            KeyCode::Char('?') => self.open_help(),
             KeyCode::Tab => self.next_view(),
             KeyCode::BackTab => self.prev_view(),
             KeyCode::Char(c @ '1'..='6') => self.set_view(View::ALL[c as usize - '1' as usize]),
@@ -102,6 +130,12 @@ impl App {
 
     pub fn quit(&mut self) {
         self.quit = true;
+    }
+    pub fn open_help(&mut self) {
+        self.help = true;
+    }
+    pub fn close_help(&mut self) {
+        self.help = false;
     }
 
     pub fn set_view(&mut self, view: View) {
@@ -124,11 +158,38 @@ impl App {
         self.layer = self.layer.saturating_sub(1);
     }
 
-    /// Jumps to the next layer (after the selected one, wrapping; from the layers view the
+    /// The next flip: in the routing view, the layer's next flipped token, then its first DSA
+    /// flip; in the DSA view, its next flipped query. Past the layer's last (or from any other
+    /// view), the next row with a mismatch or a flip.
+    pub fn next_problem(&mut self, src: &dyn Source) {
+        let Some(row) = src.layers().get(self.layer) else { return };
+        let Some(layer) = row.part.layer() else { return self.next_problem_row(src) };
+        let after = self.token + 1;
+        let next_route = || src.routing(layer)?.iter().find(|r| r.token >= after && r.is_flip()).map(|r| r.token);
+        let found = match self.view {
+            View::Routing => next_route()
+                .map(|t| (View::Routing, t, "routing"))
+                .or_else(|| next_dsa_flip(src, layer, 0).map(|t| (View::Dsa, t, "dsa"))),
+            View::Dsa => next_dsa_flip(src, layer, after).map(|t| (View::Dsa, t, "dsa")),
+            _ => None,
+        };
+        match found {
+            Some((view, token, what)) => {
+                if view != self.view {
+                    self.set_view(view);
+                }
+                self.token = token;
+                self.message = format!("layer {layer}: {what} flip at {}", src.token_label(token));
+            }
+            None => self.next_problem_row(src),
+        }
+    }
+
+    /// Jumps to the next row (after the selected one, wrapping; from the layers view the
     /// selected one counts too, so the first press from layer 0 can open layer 0) with a mismatch
     /// or a flip, and to the view that shows it: routing for routing flips, DSA for selection
     /// flips, else the activations. Like tfdbg's `run -f`.
-    pub fn next_problem(&mut self, src: &dyn Source) {
+    pub fn next_problem_row(&mut self, src: &dyn Source) {
         let layers = src.layers();
         let n = layers.len();
         let first = if self.view == View::Layers { 0 } else { 1 };
@@ -147,14 +208,16 @@ impl App {
                 self.set_view(view);
                 // Put the cursor on the first flipped token, so the view opens on it.
                 let first_flip = match view {
-                    View::Routing => src.routing(row.index).and_then(|r| r.iter().position(|t| t.is_flip())),
-                    View::Dsa => first_dsa_flip(src, row.index),
+                    View::Routing => {
+                        row.part.layer().and_then(|i| src.routing(i)).and_then(|r| r.iter().position(|t| t.is_flip()))
+                    }
+                    View::Dsa => row.part.layer().and_then(|i| next_dsa_flip(src, i, 0)),
                     _ => None,
                 };
                 if let Some(t) = first_flip {
                     self.token = t;
                 }
-                self.message = format!("layer {}: {}", row.index, row.status.label());
+                self.message = format!("{}: {}", row.part.name(), row.status.label());
             }
             None => self.message = "no mismatch or flip in any layer".into(),
         }
@@ -171,8 +234,8 @@ impl App {
 
     /// The selected layer's hook points that the filter lets through (the activations view's rows).
     pub fn hooks(&self, src: &dyn Source) -> Vec<HookRow> {
-        let layer = src.layers().get(self.layer).map(|l| l.index);
-        src.hooks(layer).into_iter().filter(|h| h.name.contains(&self.filter)).collect()
+        let Some(row) = src.layers().get(self.layer) else { return Vec::new() };
+        src.hooks(row.part).into_iter().filter(|h| h.name.contains(&self.filter)).collect()
     }
 
     /// Pages down the current view, stopping at its last row.
@@ -182,7 +245,7 @@ impl App {
 
     /// How many rows the current view lists (what `scroll` pages through).
     fn rows(&self, src: &dyn Source) -> usize {
-        let layer = src.layers().get(self.layer).map(|l| l.index);
+        let layer = src.layers().get(self.layer).and_then(|l| l.part.layer());
         match self.view {
             View::Activations => self.hooks(src).len(),
             View::Routing => layer.and_then(|i| src.routing(i)).map_or(0, |r| r.len()),
@@ -216,15 +279,18 @@ impl App {
     }
 }
 
-/// The first token (batch rows flattened) whose DSA selection in `layer` differs from the reference.
-fn first_dsa_flip(src: &dyn Source, layer: usize) -> Option<usize> {
-    let mut start = 0;
+/// The first token (batch rows flattened) from `from` on whose DSA selection in `layer` differs
+/// from the reference.
+fn next_dsa_flip(src: &dyn Source, layer: usize, from: usize) -> Option<usize> {
+    let seq = src.dsa(layer, 0)?.seq.max(1);
+    let mut start = from - from % seq;
     while start < src.tokens() {
         let m = src.dsa(layer, start)?;
-        if let Some(q) = (0..m.seq).find(|&q| m.recall(q).is_some_and(|r| r < 1.0)) {
+        let first = from.saturating_sub(start);
+        if let Some(q) = (first..m.seq).find(|&q| m.recall(q).is_some_and(|r| r < 1.0)) {
             return Some(start + q);
         }
-        start += m.seq.max(1);
+        start += seq;
     }
     None
 }

@@ -27,10 +27,45 @@ impl Status {
     }
 }
 
+/// What a row of the layers view stands for: the embeddings before the first layer, a decoder
+/// layer, or the head after the last (final norm, logits, and the MTP head's own tensors). The
+/// first and the last are rows too, so that a difference there is seen like any other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Embeddings,
+    Layer(usize),
+    Head,
+}
+
+impl Part {
+    pub fn layer(self) -> Option<usize> {
+        match self {
+            Part::Layer(i) => Some(i),
+            _ => None,
+        }
+    }
+    /// As the layers view's first column shows it.
+    pub fn label(self) -> String {
+        match self {
+            Part::Embeddings => "emb".into(),
+            Part::Layer(i) => i.to_string(),
+            Part::Head => "head".into(),
+        }
+    }
+    /// As titles and messages name it: `layer 3`, `embeddings`, `head`.
+    pub fn name(self) -> String {
+        match self {
+            Part::Embeddings => "embeddings".into(),
+            Part::Layer(i) => format!("layer {i}"),
+            Part::Head => "head".into(),
+        }
+    }
+}
+
 /// One row of the layers view.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerRow {
-    pub index: usize,
+    pub part: Part,
     /// e.g. "dense" or "moe".
     pub ffn: String,
     /// e.g. "full" or "shared".
@@ -200,8 +235,8 @@ pub trait Source {
     /// Token positions (batch rows flattened).
     fn tokens(&self) -> usize;
     fn token_label(&self, token: usize) -> String;
-    /// Hook points of `layer`; `None` gives the ones outside layers (embeddings, logits...).
-    fn hooks(&self, layer: Option<usize>) -> Vec<HookRow>;
+    /// Hook points of one row of the layers view.
+    fn hooks(&self, part: Part) -> Vec<HookRow>;
     fn routing(&self, layer: usize) -> Option<Vec<RouteRow>>;
     fn load(&self) -> Vec<LoadRow>;
     /// The DSA selection of `layer` for the batch row holding `token`.

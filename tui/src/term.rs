@@ -22,7 +22,7 @@ pub fn run(src: &dyn Source) -> io::Result<()> {
 }
 
 fn event_loop(terminal: &mut ratatui::DefaultTerminal, src: &dyn Source) -> io::Result<()> {
-    let mut app = App::default();
+    let mut app = App::new(src);
     stop::install();
     terminal.draw(|f| ui::draw(f, &app, src))?;
     while !app.quit && !stop::requested() {

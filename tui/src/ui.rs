@@ -3,10 +3,10 @@
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Paragraph, Tabs};
+use ratatui::widgets::{Block, Clear, Paragraph, Tabs, Wrap};
 use ratatui::Frame;
 
-use crate::app::{App, View, HELP};
+use crate::app::{App, View, HELP, KEYS};
 use crate::data::Source;
 use crate::views;
 
@@ -29,6 +29,31 @@ pub fn draw(f: &mut Frame, app: &App, src: &dyn Source) {
     draw_view(f, body, app, src);
     f.render_widget(Paragraph::new(status_line(app, src)), status);
     f.render_widget(Paragraph::new(HELP).style(Style::new().fg(Color::DarkGray)), help);
+    if app.help {
+        draw_keys(f, body);
+    }
+}
+
+/// Every key and what it does, over the view (`?`).
+fn draw_keys(f: &mut Frame, area: Rect) {
+    let key_width = KEYS.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let lines: Vec<Line> = KEYS
+        .iter()
+        .map(|(k, what)| {
+            Line::from(vec![
+                Span::styled(format!("{k:<key_width$}  "), Style::new().fg(Color::Yellow)),
+                Span::raw(*what),
+            ])
+        })
+        .collect();
+    // Each entry's lines once wrapped to the popup's inner width.
+    let inner = area.width.saturating_sub(2).max(1) as usize;
+    let wrapped: usize = KEYS.iter().map(|(_, what)| (key_width + 2 + what.len()).div_ceil(inner)).sum();
+    let height = (wrapped as u16 + 2).min(area.height);
+    let popup = Rect { y: area.y + (area.height - height) / 2, height, ..area };
+    f.render_widget(Clear, popup);
+    let block = Block::bordered().title("keys (any key closes)");
+    f.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }).block(block), popup);
 }
 
 fn draw_view(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
@@ -45,7 +70,8 @@ fn draw_view(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
 fn status_line(app: &App, src: &dyn Source) -> Line<'static> {
     let layer = src.layers().get(app.layer);
     let mut spans = vec![Span::raw(match layer {
-        Some(l) => format!("layer {} ({}, {}) ", l.index, l.ffn, l.indexer),
+        Some(l) if l.part.layer().is_some() => format!("{} ({}, {}) ", l.part.name(), l.ffn, l.indexer),
+        Some(l) => format!("{} ", l.part.name()),
         None => "no layers ".into(),
     })];
     if src.tokens() > 0 {

@@ -12,7 +12,7 @@ use crate::app::App;
 use crate::data::Source;
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
-    let layer = src.layers().get(app.layer).map(|l| l.index);
+    let part = src.layers().get(app.layer).map(|l| l.part);
     let hooks = app.hooks(src);
     let worst_lines: Vec<Line> = hooks
         .iter()
@@ -30,7 +30,13 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             })
         })
         .collect();
-    let worst_height = if worst_lines.is_empty() { 0 } else { (worst_lines.len() as u16 + 2).min(8) };
+    // The table keeps room for its header and three rows: on a small screen the worst elements
+    // give way (to nothing below 6 lines of their own), not the rows.
+    let room = area.height.saturating_sub(6);
+    let worst_height = match (worst_lines.len() as u16 + 2).min(8).min(room) {
+        h if worst_lines.is_empty() || h < 3 => 0,
+        h => h,
+    };
     let [table_area, worst_area] = Layout::vertical([Constraint::Min(3), Constraint::Length(worst_height)]).areas(area);
 
     // Columns as wide as they fit: the shape and the L2 norm go first, then the histogram, the
@@ -51,7 +57,10 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let vs_width = verdicts.iter().map(|(v, _)| v.len()).max().unwrap_or(0).max(10) as u16;
     let widths_wanted = [14, 14, 8, 8, 8, 8, 8, nan_width, 10, vs_width];
     let show = fitting(area.width.saturating_sub(2), &widths_wanted, &[1, 6, 8, 7, 3, 4, 5]);
-    let rows = hooks.iter().zip(verdicts).skip(app.scroll).map(|(h, (vs_ref, style))| {
+    // Paging stops at the last full page: the rows shown always fill the table.
+    let visible = (table_area.height as usize).saturating_sub(3);
+    let scroll = app.scroll.min(hooks.len().saturating_sub(visible));
+    let rows = hooks.iter().zip(verdicts).skip(scroll).map(|(h, (vs_ref, style))| {
         let style = if h.nonfinite > 0 { Style::new().fg(Color::Red) } else { style };
         // The layer is in the title: show `attn.out`, not `layers.3.attn.out`.
         let short = h.name.strip_prefix("layers.").and_then(|r| r.split_once('.')).map_or(h.name.as_str(), |(_, n)| n);
@@ -66,16 +75,17 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         widths_wanted.iter().enumerate().map(|(i, &w)| if i == 0 { Constraint::Min(w) } else { Constraint::Length(w) }),
         &show,
     );
-    let mut title = match layer {
-        Some(i) => format!("layer {i} activations"),
+    let mut title = match part {
+        Some(p) => format!("{} activations", p.name()),
         None => "activations".into(),
     };
     // Say what the table does not show: a filter that matches nothing, rows past the bottom.
-    let visible = (table_area.height as usize).saturating_sub(3);
     if hooks.is_empty() && !app.filter.is_empty() {
         title += &format!(": no hook point matches \"{}\"", app.filter);
-    } else if hooks.len() > visible || app.scroll > 0 {
-        let (from, to) = (app.scroll + 1, (app.scroll + visible).min(hooks.len()));
+    } else if visible == 0 && !hooks.is_empty() {
+        title += &format!(": {} rows, none fits", hooks.len());
+    } else if hooks.len() > visible {
+        let (from, to) = (scroll + 1, (scroll + visible).min(hooks.len()));
         title += &format!(": rows {from}-{to} of {} (PgDn/PgUp)", hooks.len());
     }
     let table = Table::new(rows, widths).header(header).column_spacing(1).block(Block::bordered().title(title));

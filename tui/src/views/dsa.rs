@@ -15,7 +15,7 @@ use crate::data::{counts, FlipClass, Source};
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let Some(layer) = src.layers().get(app.layer) else { return };
-    let Some(m) = src.dsa(layer.index, app.token) else {
+    let Some((index, m)) = layer.part.layer().and_then(|i| Some((i, src.dsa(i, app.token)?))) else {
         f.render_widget(Paragraph::new("no DSA selection recorded").block(Block::bordered().title("dsa")), area);
         return;
     };
@@ -67,7 +67,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     };
     let title = format!(
         "layer {} dsa ({}){cut}: {} queries{row}, {flips} differ{}  # both +ours -ref",
-        layer.index,
+        index,
         layer.indexer,
         m.seq,
         counts(m.flips.iter().flatten().copied())

@@ -1,8 +1,9 @@
 //! Latent KV norms per layer and token: a heatmap of the normed latent's L2 norm (each layer
-//! scaled to its own range), and for the selected layer the three norms of the selected token.
+//! scaled to its own range of finite norms; `!` marks a NaN or an infinite one), and for the
+//! selected layer the three norms of the selected token.
 
 use ratatui::layout::{Constraint, Layout, Rect};
-use ratatui::style::{Modifier, Style};
+use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Paragraph};
 use ratatui::Frame;
@@ -23,20 +24,26 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let tokens = g.latent.first().map_or(0, |r| r.len());
     let cols = (map_area.width as usize).saturating_sub(12).max(1);
     let start = app.token.saturating_sub(cols - 1);
-    let selected = src.layers().get(app.layer).map(|l| l.index);
+    let selected = src.layers().get(app.layer).and_then(|l| l.part.layer());
     let lines: Vec<Line> = g
         .layers
         .iter()
         .zip(&g.latent)
         .skip(app.scroll)
         .map(|(layer, row)| {
-            let (lo, hi) = row.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+            // The scale of the finite norms: one Inf would flatten the rest of the layer to one shade.
+            let finite = row.iter().filter(|x| x.is_finite());
+            let (lo, hi) = finite.fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
             let label_style =
                 if Some(*layer) == selected { Style::new().add_modifier(Modifier::REVERSED) } else { Style::new() };
             let mut spans = vec![Span::styled(format!("layer {layer:<4}"), label_style)];
             for (t, &x) in row.iter().enumerate().skip(start).take(cols) {
-                let v = if hi > lo { ((x - lo) / (hi - lo)) as f64 } else { 0.5 };
-                let cell = heat_cell(v);
+                let cell = match x {
+                    // A NaN or an infinite norm is marked, not shaded as the lowest.
+                    x if !x.is_finite() => Span::styled("!", Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)),
+                    x if hi > lo => heat_cell(((x - lo) / (hi - lo)) as f64),
+                    _ => heat_cell(0.5),
+                };
                 spans.push(if t == app.token {
                     cell.patch_style(Style::new().add_modifier(Modifier::REVERSED))
                 } else {

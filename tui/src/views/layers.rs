@@ -1,10 +1,9 @@
 //! One row per layer: its type, its status against the reference, its first mismatching hook
 //! point and its worst error.
 
-use ratatui::layout::{Constraint, Rect};
+use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
-use ratatui::text::Line;
-use ratatui::widgets::{Block, Row, Table, TableState};
+use ratatui::widgets::{Block, Paragraph, Row, Table, TableState, Wrap};
 use ratatui::Frame;
 
 use super::{fitting, num, shown};
@@ -21,6 +20,18 @@ pub fn status_style(s: Status) -> Style {
 }
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
+    // The first NaN/Inf of the run, whole, above the table (a title would cut its coordinate).
+    let area = match src.first_non_finite() {
+        Some(nf) => {
+            let text = format!("first NaN/Inf of this run: {nf}");
+            let lines = (text.chars().count().div_ceil(area.width.max(1) as usize) as u16).clamp(1, 3);
+            let [note, rest] = Layout::vertical([Constraint::Length(lines), Constraint::Min(3)]).areas(area);
+            let style = Style::new().fg(Color::Red).add_modifier(Modifier::BOLD);
+            f.render_widget(Paragraph::new(text).style(style).wrap(Wrap { trim: false }), note);
+            rest
+        }
+        None => area,
+    };
     // At narrow widths the type columns go first, then the worst hook, the mismatch count and the
     // first bad hook.
     // The count columns are as wide as their largest entries.
@@ -39,7 +50,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         };
         Row::new(shown(
             [
-                l.index.to_string(),
+                l.part.label(),
                 l.ffn.clone(),
                 l.indexer.clone(),
                 l.status.label().to_string(),
@@ -64,13 +75,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let widths = shown(widths, &show);
     let table = Table::new(rows, widths)
         .header(header)
-        .block(
-            Block::bordered().title(match src.first_non_finite() {
-                Some(nf) => Line::from(format!("layers (flips: routing/dsa) | first NaN/Inf: {nf}"))
-                    .style(Style::new().fg(Color::Red)),
-                None => Line::from("layers (flips: routing/dsa)"),
-            }),
-        )
+        .block(Block::bordered().title("layers (flips: routing/dsa)"))
         .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED));
     let mut state = TableState::default().with_selected(Some(app.layer));
     f.render_stateful_widget(table, area, &mut state);

@@ -25,7 +25,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let stats_w = 22;
     let cells = (area.width as usize).saturating_sub(label_w + stats_w + 2).max(1);
     let per_cell = experts.div_ceil(cells).max(1);
-    let selected = src.layers().get(app.layer).map(|l| l.index);
+    let selected = src.layers().get(app.layer).and_then(|l| l.part.layer());
     let mut lines: Vec<Line> = load
         .iter()
         .skip(app.scroll)

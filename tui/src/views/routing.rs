@@ -14,8 +14,11 @@ use crate::data::{counts, FlipClass, Source};
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let Some(layer) = src.layers().get(app.layer) else { return };
-    let Some(routes) = src.routing(layer.index) else {
-        let msg = format!("layer {} has no router ({} feed-forward)", layer.index, layer.ffn);
+    let Some((index, routes)) = layer.part.layer().and_then(|i| Some((i, src.routing(i)?))) else {
+        let msg = match layer.part.layer() {
+            Some(i) => format!("layer {i} has no router ({} feed-forward)", layer.ffn),
+            None => format!("no router in the {}", layer.part.name()),
+        };
         f.render_widget(Paragraph::new(msg).block(Block::bordered().title("routing")), area);
         return;
     };
@@ -23,9 +26,12 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let visible = area.height.saturating_sub(3) as usize;
     // Keep the selected token in view; `scroll` pages further.
     let start = app.token.saturating_sub(visible.saturating_sub(1)).max(app.scroll.min(routes.len().saturating_sub(1)));
-    // At narrow widths the reference's set goes first, then the experts: never a cut number.
-    const WIDTHS: [u16; 4] = [12, 20, 9, 24];
-    let show = fitting(area.width.saturating_sub(2), &WIDTHS, &[3, 1]);
+    // At narrow widths columns go rather than numbers being cut. Against a reference the flips
+    // are what the view is for: the experts go first (they shrink to `+N` before that), then the
+    // margin. Without one the empty reference column goes first.
+    const WIDTHS: [u16; 4] = [12, 10, 9, 24];
+    let compared = routes.iter().any(|r| r.reference_ids.is_some());
+    let show = fitting(area.width.saturating_sub(2), &WIDTHS, if compared { &[1, 2] } else { &[3, 1] });
     // The experts column takes what the others leave (each with its space): whole entries, and
     // `+N` for the rest.
     let others: u16 = (0..4).filter(|&i| i != 1 && show[i]).map(|i| WIDTHS[i] + 1).sum();
@@ -52,11 +58,12 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     });
     let widths = WIDTHS.map(Constraint::Length);
     let widths = shown([widths[0], Constraint::Min(WIDTHS[1]), widths[2], widths[3]], &show);
-    let header = Row::new(shown(["token", "experts:weight", "margin", "vs ref (-ref +ours)"], &show))
+    let experts_header = if experts_width >= 14 { "experts:weight" } else { "experts" };
+    let header = Row::new(shown(["token", experts_header, "margin", "vs ref (-ref +ours)"], &show))
         .style(Style::new().add_modifier(Modifier::UNDERLINED));
     let title = format!(
         "layer {} routing: {} tokens, {flips} flips{}",
-        layer.index,
+        index,
         routes.len(),
         counts(routes.iter().filter_map(|r| r.flip))
     );
