@@ -41,6 +41,7 @@ pub struct DumpSource {
     /// Each hook point's statistics and worst elements, computed when first drawn: every key
     /// redraws, and at 512 tokens of GLM-5 shapes a layer's took 4.4 s to compute.
     hook_rows: RefCell<HashMap<String, Option<HookRow>>>,
+    warning: Option<String>,
 }
 
 /// Live runs' temporary dumps are named `glimpse-tui-PID-...` in the temp folder.
@@ -203,6 +204,7 @@ impl DumpSource {
             routers: opts.routers.clone(),
             non_finite,
             hook_rows: RefCell::default(),
+            warning: None,
         })
     }
 
@@ -432,6 +434,9 @@ impl Source for DumpSource {
     fn first_non_finite(&self) -> Option<String> {
         self.non_finite.clone()
     }
+    fn warning(&self) -> Option<String> {
+        self.warning.clone()
+    }
 
     fn kv_norms(&self) -> Option<KvNormGrid> {
         let mut g = KvNormGrid { layers: Vec::new(), latent: Vec::new(), pre_norm: Vec::new(), k_rope: Vec::new() };
@@ -487,7 +492,19 @@ pub fn open(o: &Open) -> Result<DumpSource> {
             if let Some(c) = &ckpt {
                 (opts.routers, opts.config) = (Some(Routers::read(c)?), Some(c.config.clone()));
             }
-            return DumpSource::new(title, Dump::open(path)?, reference, &opts);
+            let ours = Dump::open(path)?;
+            // A checkpoint other than the one the dumps ran would label layers and recompute
+            // margins with another model's routers: said in the status line, where a warning on
+            // stderr would be hidden behind the terminal UI.
+            let warning = ckpt.as_ref().zip(model).and_then(|(c, dir)| {
+                let mut dumps = std::iter::once(&ours).chain(reference.as_ref());
+                dumps
+                    .any(|d| d.other_config(&c.config_bytes, dir).is_some())
+                    .then(|| format!("--model {}: not the config.json the dumps ran", dir.display()))
+            });
+            let mut src = DumpSource::new(title, ours, reference, &opts)?;
+            src.warning = warning;
+            return Ok(src);
         }
         (None, Some(dir)) => dir,
         (None, None) => return Err(Error::Usage("give a model or a dump".into())),

@@ -695,6 +695,32 @@ fn stale_live_dumps_of_dead_processes_are_swept() {
     assert_eq!(left, [false, false, true, true]);
 }
 
+/// `tui --model` naming another checkpoint than the dumps ran is said in the status line (a
+/// warning on stderr would be hidden behind the UI); the right one says nothing.
+#[test]
+fn another_models_checkpoint_is_said() {
+    let (port, reference) = (flat().join("bf16-port.safetensors"), flat().join("reference.safetensors"));
+    let open = |model: &Path| {
+        glimpse::tui_source::open(&glimpse::tui_source::Open {
+            model: Some(model),
+            golden: Some(&reference),
+            dump: Some(&port),
+            tokens: None,
+            prompt: None,
+            max_memory: None,
+            target: glimpse::device::Backend::Cpu.into(),
+            near_tie: None,
+            tol: Default::default(),
+        })
+        .unwrap()
+    };
+    let other = open(&flat().with_file_name("mtp"));
+    let s = screen(&App::new(&other), &other, 120, 24);
+    assert!(s.contains("golden/mtp: not the config.json the dumps ran"), "{s}");
+    let right = open(&flat());
+    assert!(App::new(&right).message.is_empty());
+}
+
 /// `tui --atol/--rtol`: the comparison's tolerance is diff's, so the bf16 port at bf16's 2e-2
 /// counts the mismatches diff counts there, and fewer than at the default 1e-4. (This checks
 /// the plumbing of the tolerance into the view; `diff`'s rules are checked in their own tests.)

@@ -90,7 +90,8 @@ impl App {
     /// embeddings row above it is one `k` away).
     pub fn new(src: &dyn Source) -> App {
         let layer = src.layers().iter().position(|l| l.part.layer().is_some()).unwrap_or(0);
-        App { layer, ..App::default() }
+        let message = src.warning().map(|w| format!("warning: {w}")).unwrap_or_default();
+        App { layer, message, ..App::default() }
     }
 
     pub fn handle_key(&mut self, key: KeyEvent, src: &dyn Source) {

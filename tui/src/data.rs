@@ -246,4 +246,9 @@ pub trait Source {
     fn first_non_finite(&self) -> Option<String> {
         None
     }
+    /// What the session should know from the start (shown in the status line until a key):
+    /// e.g. that the checkpoint given is not the one the dump ran.
+    fn warning(&self) -> Option<String> {
+        None
+    }
 }
