@@ -351,8 +351,11 @@ pub fn invalid_expert_ids(ids: &[i64], shape: &[usize], experts: Option<usize>) 
     for (r, row) in ids.chunks(k).enumerate() {
         for (j, &id) in row.iter().enumerate() {
             if id < 0 || experts.is_some_and(|e| id as u64 >= e as u64) {
-                let range = experts.map_or("0..".to_string(), |e| format!("0..{e}"));
-                return Some(format!("holds expert id {id} at {:?}, outside {range}", coord(shape, r * k + j)));
+                let range = experts.map_or("0 and up".to_string(), |e| format!("0-{}", e.saturating_sub(1)));
+                return Some(format!(
+                    "holds expert id {id} at {:?}, outside the experts {range}",
+                    coord(shape, r * k + j)
+                ));
             }
             if row[..j].contains(&id) {
                 return Some(format!("chooses expert {id} twice for token {:?}", coord(row_shape, r)));
@@ -502,9 +505,9 @@ mod tests {
         let shape = [3, 2];
         assert_eq!(invalid_expert_ids(&[0, 1, 2, 3, 1, 0], &shape, Some(4)), None);
         let msg = invalid_expert_ids(&[0, 1, 2, 9, 1, 0], &shape, Some(4)).unwrap();
-        assert_eq!(msg, "holds expert id 9 at [1, 1], outside 0..4");
+        assert_eq!(msg, "holds expert id 9 at [1, 1], outside the experts 0-3");
         let msg = invalid_expert_ids(&[0, 1, -2, 3, 1, 0], &shape, None).unwrap();
-        assert_eq!(msg, "holds expert id -2 at [1, 0], outside 0..");
+        assert_eq!(msg, "holds expert id -2 at [1, 0], outside the experts 0 and up");
         let msg = invalid_expert_ids(&[0, 1, 2, 3, 1, 1], &shape, None).unwrap();
         assert_eq!(msg, "chooses expert 1 twice for token [2]");
     }

@@ -268,6 +268,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             if let Some(r) = &reference {
                 audit.check_comparable(r)?;
+                warn(audit.other_config(r).map(String::from));
             }
             if json {
                 let mut v = audit.to_json();

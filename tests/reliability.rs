@@ -197,6 +197,20 @@ fn malformed_files_and_arguments_are_one_line_errors() {
     let needle = format!("dump {}: tensor `layers.2.moe.topk_ids` has dtype BOOL", s(&bool_dump));
     cases.push((vec!["audit".into(), "--dump".into(), s(&bool_dump)], needle));
 
+    // Routing another tool wrote wrong: rows that are not one a token, an expert chosen twice.
+    let routing = |name: &str, rows: usize, ids: &[i64]| {
+        let path = t.join(format!("{name}.safetensors"));
+        let h = format!(
+            r#"{{"__metadata__":{{"format":"glm5-dump/1"}},"input_ids":{{"dtype":"I64","shape":[1,3],"data_offsets":[0,24]}},"layers.2.moe.topk_ids":{{"dtype":"I64","shape":[{rows},2],"data_offsets":[24,{}]}}}}"#,
+            24 + 8 * ids.len()
+        );
+        let data: Vec<u8> = [1i64, 2, 3].iter().chain(ids).flat_map(|v| v.to_le_bytes()).collect();
+        raw_safetensors(&path, h.len() as u64, &h, &data);
+        vec!["audit".to_string(), "--dump".into(), s(&path)]
+    };
+    cases.push((routing("rows", 2, &[0, 1, 2, 3]), "holds 2 tokens' experts, its input_ids 1 x 3".into()));
+    cases.push((routing("twice", 3, &[0, 1, 2, 2, 4, 5]), "chooses expert 2 twice for token [1]".into()));
+
     // Configs whose values are wrong or inconsistent.
     let config_case = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
         let dir = t.join(format!("cfg-{name}"));

@@ -1,0 +1,320 @@
+//! Reading routing into an [`Audit`]: prompts run live through the model, and recorded dumps
+//! (glimpse's, or another tool's in the spec's format), each checked before it counts: one row
+//! of `moe.topk_ids` a token, `k` distinct experts in range, the same `k` in every run, one
+//! bias-changed flag a token.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+
+use super::Audit;
+use crate::checkpoint::Checkpoint;
+use crate::dump::{Dump, Values};
+use crate::error::{Context, Error, Result};
+use crate::hooks::{HookPoint, LayerHook, Observer};
+use crate::model::moe::Routers;
+use crate::model::{Model, Tokens};
+
+/// Collects routing counts during forward passes, without keeping any activation.
+pub struct AuditObserver<'a> {
+    pub audit: &'a mut Audit,
+    ids: Option<(usize, Vec<i64>, usize)>,
+}
+
+impl<'a> AuditObserver<'a> {
+    pub fn new(audit: &'a mut Audit) -> Self {
+        AuditObserver { audit, ids: None }
+    }
+}
+
+impl Observer for AuditObserver<'_> {
+    fn wants(&self, point: HookPoint) -> bool {
+        matches!(point, HookPoint::Layer(_, LayerHook::TopkIds | LayerHook::BiasChanged))
+    }
+    fn observe(&mut self, point: HookPoint, value: &Tensor) -> Result<()> {
+        match point {
+            // The forward pass reports ids, then the bias flags of the same layer.
+            HookPoint::Layer(i, LayerHook::TopkIds) => {
+                let k = value.dims().last().copied().unwrap_or(1);
+                self.ids = Some((i, value.flatten_all()?.to_vec1::<i64>()?, k));
+            }
+            HookPoint::Layer(i, LayerHook::BiasChanged) => {
+                let flags = value.flatten_all()?.to_vec1::<i64>()?;
+                if let Some((layer, ids, k)) = self.ids.take().filter(|(l, _, _)| *l == i) {
+                    self.audit
+                        .add(layer, &ids, k, Some(&flags))
+                        .map_err(|m| Error::Usage(format!("layer {layer}: {m}")))?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Routing counts over prompts run live (`prompts`: one per line, token ids or text) and over
+/// recorded dumps. The checkpoint, when given, supplies the expert count, each expert's bias
+/// (the MTP layer's too) and lets dumps without `moe.bias_changed` flags have them recomputed
+/// from their router logits; the model itself is loaded only to run prompts.
+/// `experts` overrides the expert count (`audit --against` gives the audited side's), else it
+/// comes from the checkpoint, else from the dumps.
+pub fn collect(
+    model_dir: Option<&Path>,
+    prompts: Option<&Path>,
+    dumps: &[PathBuf],
+    experts: Option<usize>,
+    max_memory: Option<u64>,
+    target: crate::device::Target,
+) -> Result<Audit> {
+    let ckpt = model_dir.map(Checkpoint::open).transpose()?;
+    // Prompts are read and encoded before the model is loaded, so the memory check sees them.
+    let prompt_tokens = match (prompts, model_dir) {
+        (Some(path), Some(dir)) => read_prompts(path, dir)?,
+        (Some(_), None) => return Err(Error::Usage("--prompts needs --model".into())),
+        (None, _) => Vec::new(),
+    };
+    if let (Some(c), Some(longest)) = (&ckpt, prompt_tokens.iter().map(|(_, t)| t).max_by_key(|t| t.ids.len())) {
+        crate::memory::check_run(c, longest.batch, longest.seq, false, max_memory, "shorter prompts")?;
+    }
+    let routers = ckpt.as_ref().map(Routers::read).transpose()?;
+    let model = match (&ckpt, prompts) {
+        (Some(c), Some(_)) => Some(Model::load(c)?),
+        _ => None,
+    };
+    let mut guessed_experts = None;
+    let experts = match (experts, &ckpt) {
+        (Some(n), _) => match router_width(dumps)? {
+            Some(width) if width != n => {
+                return Err(Error::Usage(format!(
+                    "the dumps' routers have {width} experts, not {n}: one model's routing"
+                )))
+            }
+            _ => n,
+        },
+        (None, Some(c)) => c.config.n_routed_experts,
+        (None, None) => match router_width(dumps)? {
+            Some(width) => width,
+            None => {
+                let n = largest_id(dumps)?;
+                guessed_experts = Some(n);
+                n
+            }
+        },
+    };
+    let mut audit = Audit::new(experts);
+    audit.experts_guessed = guessed_experts.is_some();
+    audit.mtp_layer = ckpt.as_ref().map(|c| c.config.num_hidden_layers);
+    if let (Some(m), Some(path)) = (&model, prompts) {
+        run_prompts(&mut audit, m, &prompt_tokens, path, target)?;
+    }
+    let mut seen: Vec<(PathBuf, &Path, Option<String>)> = Vec::new();
+    for path in dumps {
+        let d = Dump::open(path)?;
+        // One model's load, each dump once: the same file twice would count its tokens twice,
+        // and another model's dump adds layers and experts of another routing.
+        let canonical = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
+        let sha = d.metadata().get("config_sha256").cloned();
+        for (other, given, other_sha) in &seen {
+            if *other == canonical {
+                return Err(Error::Usage(format!("--dump {} is given twice", path.display())));
+            }
+            if let (Some(a), Some(b)) = (&sha, other_sha) {
+                if a != b {
+                    return Err(Error::Usage(format!(
+                        "{} was made from another config.json than {}: audit one model at a time",
+                        path.display(),
+                        given.display()
+                    )));
+                }
+            }
+        }
+        audit.config_sha256 = audit.config_sha256.take().or_else(|| sha.clone());
+        seen.push((canonical, path, sha));
+        if let (Some(c), Some(dir)) = (&ckpt, model_dir) {
+            if let Some(m) = d.other_config(&c.config_bytes, dir) {
+                eprintln!("glimpse: warning: {m}");
+            }
+        }
+        add_dump(&mut audit, &d, routers.as_ref())?;
+    }
+    // The dumps' own record first: --model's config.json may be the same model in other bytes.
+    if audit.config_sha256.is_none() {
+        audit.config_sha256 = ckpt.as_ref().map(|c| crate::dump::sha256_hex(&c.config_bytes));
+    }
+    // The bias of the layers counted only: a layer no dump recorded is not a layer of dead experts.
+    if let Some(r) = &routers {
+        for (&i, bias) in &r.bias {
+            if audit.layers.contains_key(&i) {
+                audit.set_bias(i, bias.clone());
+            }
+        }
+    }
+    if let Some(n) = guessed_experts {
+        eprintln!(
+            "glimpse: warning: the dumps hold no router logits: {n} experts counted from the largest id, \
+             so experts above it cannot show as dead (--model DIR gives the checkpoint's count)"
+        );
+    }
+    Ok(audit)
+}
+
+/// Runs every prompt, counting its routing. Ctrl-C stops after the prompt in progress: the
+/// audit then covers the prompts run, and says so.
+fn run_prompts(
+    audit: &mut Audit,
+    m: &Model,
+    prompts: &[(usize, Tokens)],
+    path: &Path,
+    target: crate::device::Target,
+) -> Result<()> {
+    let progress = std::io::stderr().is_terminal();
+    let _stopping = crate::interrupt::stop_at_checkpoints();
+    crate::device::with_prefill(target, m, |p| {
+        for (n, (line, tokens)) in prompts.iter().enumerate() {
+            if progress {
+                eprint!("\raudit: prompt {}/{}", n + 1, prompts.len());
+            }
+            p.prefill(tokens, &mut AuditObserver::new(audit))
+                .map_err(|e| Error::Usage(format!("{} line {line}: {e}", path.display())))?;
+            audit.prompts += tokens.batch;
+            audit.inputs.push(Some(tokens.clone()));
+            if crate::interrupt::requested() && n + 1 < prompts.len() {
+                audit.stopped = Some((n + 1, prompts.len()));
+                break;
+            }
+        }
+        Ok(())
+    })?;
+    if progress {
+        eprint!("\r\x1b[2K");
+    }
+    Ok(())
+}
+
+/// The prompts of a `--prompts` file, with their line numbers: token ids (comma-separated, `;`
+/// between batch rows, as `--tokens` takes them), else text for the checkpoint's tokenizer.
+/// Blank lines and `#` comments are skipped. A line whose comma-separated items are mostly
+/// integers is read as ids, so a mistyped id (`1,2,x`) is an error, not text.
+fn read_prompts(path: &Path, dir: &Path) -> Result<Vec<(usize, Tokens)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let lines: Vec<(usize, &str)> =
+        text.lines().map(str::trim).enumerate().filter(|(_, l)| !l.is_empty() && !l.starts_with('#')).collect();
+    if lines.is_empty() {
+        return Err(Error::Usage(format!("{}: no prompts (one per line)", path.display())));
+    }
+    lines
+        .iter()
+        .map(|&(n, line)| {
+            let tokens = if looks_like_ids(line) { Tokens::parse(line) } else { crate::tokenizer::encode(dir, line) };
+            Ok((n + 1, tokens.context(|| format!("{} line {}", path.display(), n + 1))?))
+        })
+        .collect()
+}
+
+/// Ids, not text: a single number, or items separated by `,`/`;` of which more than half are
+/// integers ("1,2,x" is a slip in ids; "Hello, world" and "In 1990, 2000 people" are text).
+fn looks_like_ids(line: &str) -> bool {
+    let items: Vec<&str> = line.split([',', ';']).map(str::trim).collect();
+    let numbers = items.iter().filter(|i| i.parse::<i64>().is_ok()).count();
+    match items.len() {
+        1 => numbers == 1,
+        n => 2 * numbers > n,
+    }
+}
+
+/// One dump's routing: every `layers.{i}.moe.topk_ids`, checked against the dump's tokens (one
+/// row a token; the MTP layer's one fewer a row) and its flags (recorded, or recomputed from the
+/// router logits with the checkpoint's routers).
+fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<()> {
+    let tokens = d.contains("input_ids").then(|| d.tokens()).transpose()?;
+    let layers: Vec<usize> = d
+        .names()
+        .iter()
+        .filter_map(|n| n.strip_prefix("layers.")?.strip_suffix(".moe.topk_ids")?.parse().ok())
+        .collect();
+    if layers.is_empty() {
+        return Err(Error::dump(&d.path, "holds no `layers.*.moe.topk_ids` to audit"));
+    }
+    // The MTP head's layer: the config's, else the last layer of a dump that records the head.
+    let mtp = audit
+        .mtp_layer
+        .or_else(|| d.names().iter().any(|n| n.starts_with("mtp.")).then(|| layers.iter().max().copied()).flatten());
+    if audit.mtp_layer.is_none() {
+        audit.mtp_layer = mtp;
+    }
+    for i in layers {
+        let name = format!("layers.{i}.moe.topk_ids");
+        let (Values::I64(ids), shape) = d.values(&name)? else {
+            return Err(Error::dump(&d.path, format!("`{name}` must be an integer tensor")));
+        };
+        let k = shape.last().copied().unwrap_or(1).max(1);
+        if let Some(t) = &tokens {
+            let rows = ids.len() / k;
+            let fits = |positions: usize| rows == t.batch * positions;
+            if !(fits(t.seq) || (Some(i) == mtp && fits(t.seq.saturating_sub(1)))) {
+                return Err(Error::dump(
+                    &d.path,
+                    format!("`{name}` holds {rows} tokens' experts, its input_ids {} x {}", t.batch, t.seq),
+                ));
+            }
+        }
+        let flags = match d.values(&format!("layers.{i}.moe.bias_changed")) {
+            Ok((Values::I64(f), _)) => Some(f),
+            // A dump without the flags (e.g. a transformers reference) still has the router
+            // logits: with the checkpoint's bias, decide what the bias changed.
+            _ => bias_changed_from_logits(routers, d, i)?,
+        };
+        audit.add(i, &ids, k, flags.as_deref()).map_err(|m| Error::dump(&d.path, format!("`{name}` {m}")))?;
+    }
+    audit.prompts += tokens.as_ref().map_or(1, |t| t.batch);
+    audit.inputs.push(tokens);
+    Ok(())
+}
+
+/// The width of the first router the dumps record (shapes only: nothing is read).
+fn router_width(dumps: &[PathBuf]) -> Result<Option<usize>> {
+    for path in dumps {
+        let d = Dump::open(path)?;
+        let logits = d.names().into_iter().filter(|n| n.ends_with(".moe.router_logits"));
+        if let Some(width) = logits.filter_map(|n| d.shape(&n).and_then(|s| s.last().copied())).next() {
+            return Ok(Some(width));
+        }
+    }
+    Ok(None)
+}
+
+/// The largest expert id of any layer of any dump, + 1: a guess of the expert count, blind to
+/// experts above it (for dumps that record no router).
+fn largest_id(dumps: &[PathBuf]) -> Result<usize> {
+    let mut largest = 0;
+    for path in dumps {
+        let d = Dump::open(path)?;
+        for name in d.names().iter().filter(|n| n.ends_with(".moe.topk_ids")) {
+            if let (Values::I64(ids), _) = d.values(name)? {
+                largest = ids.iter().fold(largest, |m, &id| m.max(id.saturating_add(1).max(0) as usize));
+            }
+        }
+    }
+    Ok(largest)
+}
+
+/// Per token of `layer`, whether the correction bias changed its expert set, from the dump's
+/// router logits and the checkpoint's routers; None when either is missing.
+fn bias_changed_from_logits(routers: Option<&Routers>, d: &Dump, layer: usize) -> Result<Option<Vec<i64>>> {
+    let Some((rc, bias)) = routers.and_then(|r| r.layer(layer)) else {
+        return Ok(None);
+    };
+    let Ok((Values::F32(logits), shape)) = d.values(&format!("layers.{layer}.moe.router_logits")) else {
+        return Ok(None);
+    };
+    let e = bias.len();
+    if shape.last() != Some(&e) {
+        return Err(Error::dump(
+            &d.path,
+            format!("layer {layer}: router_logits have {shape:?}, the model has {e} experts"),
+        ));
+    }
+    use crate::model::moe::{bias_changed, route};
+    Ok(Some(logits.chunks(e).map(|row| bias_changed(rc, row, &route(rc, row, bias).ids) as i64).collect()))
+}

@@ -1,0 +1,449 @@
+//! `audit`: expert load balance per MoE layer, over one or many prompts (or over the routing a dump
+//! recorded). Only counts are kept, never activations, so any number of prompts fits in memory.
+//!
+//! Per layer: tokens per expert, MaxVio (`max load / mean load - 1`, the DeepSeek-V3 measure),
+//! coefficient of variation, normalised entropy of the load distribution, balancedness
+//! (`mean / max`), dead experts, the share of tokens whose expert set the correction bias changed,
+//! and the Pearson correlation between each expert's bias and its load.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::model::Tokens;
+
+mod collect;
+pub use collect::{collect, AuditObserver};
+
+/// How one layer's load moved against a reference's (`Audit::shift`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerShift {
+    pub layer: usize,
+    /// The reference's routing slots (tokens x k).
+    pub slots: u64,
+    /// The share of them that went to other experts.
+    pub moved: f64,
+    /// Up to three experts that gained most, and lost most: (expert, tokens gained or lost).
+    pub gained: Vec<(usize, i64)>,
+    pub lost: Vec<(usize, i64)>,
+}
+
+/// The routing counts of one MoE layer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LayerLoad {
+    pub layer: usize,
+    /// Selections per expert (a token choosing k experts adds 1 to each).
+    pub counts: Vec<u64>,
+    pub tokens: u64,
+    /// Tokens whose chosen set would differ without the bias, of `bias_known` tokens whose flags
+    /// are known (runs mixed with dumps that lack them count only the others); None when unknown.
+    pub bias_changed: Option<u64>,
+    pub bias_known: u64,
+    pub bias: Option<Vec<f32>>,
+    /// Experts a token chooses (0 before the first run).
+    pub k: usize,
+}
+
+/// The derived balance numbers of one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stats {
+    pub max_vio: f64,
+    pub cv: f64,
+    pub entropy: f64,
+    pub balancedness: f64,
+    pub dead: usize,
+    pub bias_changed_share: Option<f64>,
+    pub bias_load_corr: Option<f64>,
+}
+
+impl LayerLoad {
+    pub fn new(layer: usize, experts: usize) -> Self {
+        LayerLoad { layer, counts: vec![0; experts], ..Default::default() }
+    }
+
+    pub fn stats(&self) -> Stats {
+        let e = self.counts.len().max(1) as f64;
+        let loads: Vec<f64> = self.counts.iter().map(|&c| c as f64).collect();
+        let total: f64 = loads.iter().sum();
+        let mean = total / e;
+        let max = loads.iter().copied().fold(0.0, f64::max);
+        let var = loads.iter().map(|l| (l - mean) * (l - mean)).sum::<f64>() / e;
+        let entropy = if total > 0.0 && e > 1.0 {
+            -loads.iter().filter(|&&l| l > 0.0).map(|l| (l / total) * (l / total).ln()).sum::<f64>() / e.ln()
+        } else {
+            0.0
+        };
+        Stats {
+            max_vio: if mean > 0.0 { max / mean - 1.0 } else { 0.0 },
+            cv: if mean > 0.0 { var.sqrt() / mean } else { 0.0 },
+            entropy,
+            balancedness: if max > 0.0 { mean / max } else { 0.0 },
+            dead: self.counts.iter().filter(|&&c| c == 0).count(),
+            bias_changed_share: self
+                .bias_changed
+                .filter(|_| self.bias_known > 0)
+                .map(|c| c as f64 / self.bias_known as f64),
+            bias_load_corr: self.bias.as_ref().and_then(|b| pearson(b.iter().map(|&x| x as f64).collect(), &loads)),
+        }
+    }
+}
+
+/// `Audit::shift` as JSON: per layer, slots, moved share, and the gained / lost experts.
+pub fn shift_json(shift: &[LayerShift]) -> Value {
+    let pairs = |v: &[(usize, i64)]| v.iter().map(|(e, d)| json!({"expert": e, "tokens": d})).collect::<Vec<_>>();
+    Value::Array(
+        shift
+            .iter()
+            .map(|l| {
+                json!({"layer": l.layer, "slots": l.slots, "moved": l.moved, "gained": pairs(&l.gained), "lost": pairs(&l.lost)})
+            })
+            .collect(),
+    )
+}
+
+/// Pearson correlation; None when either side is constant.
+pub fn pearson(x: Vec<f64>, y: &[f64]) -> Option<f64> {
+    let n = x.len().min(y.len());
+    if n < 2 {
+        return None;
+    }
+    let (mx, my) = (x.iter().sum::<f64>() / n as f64, y.iter().sum::<f64>() / n as f64);
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (a, b) in x.iter().zip(y) {
+        sxy += (a - mx) * (b - my);
+        sxx += (a - mx) * (a - mx);
+        syy += (b - my) * (b - my);
+    }
+    (sxx > 0.0 && syy > 0.0).then(|| sxy / (sxx.sqrt() * syy.sqrt()))
+}
+
+/// Accumulates routing over any number of runs.
+#[derive(Debug, Default)]
+pub struct Audit {
+    pub layers: BTreeMap<usize, LayerLoad>,
+    pub experts: usize,
+    /// The expert count is the dumps' largest id + 1, not a model's or a router's.
+    pub experts_guessed: bool,
+    pub prompts: usize,
+    /// Each run's token ids, in order (None for a dump without `input_ids`): `--against` must
+    /// have run the same.
+    pub inputs: Vec<Option<Tokens>>,
+    /// The model's `config_sha256`: the checkpoint's, else the first dump's that records one.
+    pub config_sha256: Option<String>,
+    /// The MTP head's decoder layer (`num_hidden_layers`), when known: marked in the table.
+    pub mtp_layer: Option<usize>,
+    /// Ctrl-C stopped the prompts: (run, of).
+    pub stopped: Option<(usize, usize)>,
+}
+
+impl Audit {
+    pub fn new(experts: usize) -> Self {
+        Audit { experts, ..Default::default() }
+    }
+
+    /// Adds one layer's chosen ids (`[tokens, k]`, flattened) and optional bias-changed flags
+    /// (one a token). Adds nothing and says what is wrong when an id is outside the experts or
+    /// chosen twice by a token, the flags are not one a token, or another run of the layer chose
+    /// another number of experts a token.
+    pub fn add(
+        &mut self,
+        layer: usize,
+        ids: &[i64],
+        k: usize,
+        bias_changed: Option<&[i64]>,
+    ) -> std::result::Result<(), String> {
+        let (experts, k) = (self.experts, k.max(1));
+        let rows = ids.len() / k;
+        if let Some(problem) = crate::compare::invalid_expert_ids(ids, &[rows, k], Some(experts)) {
+            return Err(problem);
+        }
+        if let Some(flags) = bias_changed.filter(|f| f.len() != rows) {
+            return Err(format!("has {rows} tokens and {} bias-changed flags", flags.len()));
+        }
+        let l = self.layers.entry(layer).or_insert_with(|| LayerLoad::new(layer, experts));
+        if l.k != 0 && l.k != k {
+            return Err(format!("chooses {k} experts a token, another run of layer {layer} {}", l.k));
+        }
+        l.k = k;
+        for &id in ids {
+            l.counts[id as usize] += 1;
+        }
+        l.tokens += (ids.len() / k.max(1)) as u64;
+        if let Some(flags) = bias_changed {
+            *l.bias_changed.get_or_insert(0) += flags.iter().filter(|&&f| f != 0).count() as u64;
+            l.bias_known += flags.len() as u64;
+        }
+        Ok(())
+    }
+
+    pub fn set_bias(&mut self, layer: usize, bias: Vec<f32>) {
+        let experts = self.experts;
+        self.layers.entry(layer).or_insert_with(|| LayerLoad::new(layer, experts)).bias = Some(bias);
+    }
+
+    pub fn table(&self) -> String {
+        let stopped = match self.stopped {
+            Some((run, of)) => format!(" (Ctrl-C stopped the prompts after {run} of {of})"),
+            None => String::new(),
+        };
+        let mut s = format!(
+            "expert load over {} prompt(s){stopped}, {} experts\n{:>7} {:>8} {:>8} {:>7} {:>8} {:>9} {:>5} {:>12} {:>10}  {:<30}  rarest (expert:tokens)\n",
+            self.prompts, self.experts, "layer", "tokens", "MaxVio", "CV", "entropy", "balanced", "dead", "bias-changed", "corr(b,l)", "busiest (expert:tokens)"
+        );
+        let mut sparse = Vec::new();
+        for l in self.layers.values() {
+            let st = l.stats();
+            let opt = |x: Option<f64>, pct: bool| match x {
+                Some(v) if pct => format!("{:.1}%", 100.0 * v),
+                Some(v) => format!("{v:.3}"),
+                None => "-".into(),
+            };
+            // Ties by expert id, lowest first, in both lists.
+            let mut busiest: Vec<usize> = (0..l.counts.len()).collect();
+            busiest.sort_by(|&a, &b| l.counts[b].cmp(&l.counts[a]).then(a.cmp(&b)));
+            let mut rarest = busiest.clone();
+            rarest.sort_by(|&a, &b| l.counts[a].cmp(&l.counts[b]).then(a.cmp(&b)));
+            // With few experts the rarest are those the busiest leave.
+            rarest.retain(|e| !busiest[..3.min(busiest.len())].contains(e));
+            let list = |experts: &[usize]| {
+                experts.iter().take(3).map(|&e| format!("{e}:{}", l.counts[e])).collect::<Vec<_>>().join(" ")
+            };
+            let (busiest, rarest) = (list(&busiest), list(&rarest));
+            if l.counts.iter().sum::<u64>() < 2 * l.counts.len() as u64 {
+                sparse.push(l.layer.to_string());
+            }
+            let label = match self.mtp_layer == Some(l.layer) {
+                true => format!("{} mtp", l.layer),
+                false => l.layer.to_string(),
+            };
+            let _ = writeln!(
+                s,
+                "{label:>7} {:>8} {:>8.3} {:>7.3} {:>8.3} {:>9.3} {:>5} {:>12} {:>10}  {busiest:<30}  {rarest}",
+                l.tokens,
+                st.max_vio,
+                st.cv,
+                st.entropy,
+                st.balancedness,
+                st.dead,
+                opt(st.bias_changed_share, true),
+                opt(st.bias_load_corr, false),
+            );
+        }
+        if !sparse.is_empty() {
+            let _ = writeln!(
+                s,
+                "note: layer(s) {} routed fewer tokens x k than twice the experts: their MaxVio and dead experts say little",
+                sparse.join(", ")
+            );
+        }
+        s
+    }
+
+    /// A reference made from another config.json: a quantised twin's differs (its dtype, its
+    /// `quantization_config`), so it is compared, with this said.
+    pub fn other_config(&self, reference: &Audit) -> Option<&'static str> {
+        let (a, b) = (self.config_sha256.as_ref()?, reference.config_sha256.as_ref()?);
+        (a != b).then_some(
+            "--against was made from another config.json (a quantised twin's differs in its dtype and \
+             quantization_config): comparing their routing as one model's",
+        )
+    }
+
+    /// Refuses a reference whose runs held other tokens (or, where ids are not recorded, another
+    /// count of routing slots): their loads would differ by the inputs, not by the routing.
+    pub fn check_comparable(&self, reference: &Audit) -> Result<()> {
+        if let (Some(ours), Some(theirs)) = (rows(&self.inputs), rows(&reference.inputs)) {
+            if ours.len() != theirs.len() {
+                return Err(Error::Usage(format!(
+                    "the audited runs hold {} rows of tokens, --against {}: it must run the same prompts",
+                    ours.len(),
+                    theirs.len()
+                )));
+            }
+            if let Some((r, (a, b))) = ours.iter().zip(&theirs).enumerate().find(|(_, (a, b))| a != b) {
+                let p = a.iter().zip(b.iter()).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
+                let id = |row: &[u32]| row.get(p).map_or("none".to_string(), u32::to_string);
+                return Err(Error::Usage(format!(
+                    "row {r} of the audited runs differs from --against's at position {p} ({} vs {}): it must run the same prompts",
+                    id(a),
+                    id(b)
+                )));
+            }
+        }
+        let slots = |l: &LayerLoad| l.counts.iter().sum::<u64>();
+        let mut common = 0;
+        for (i, l) in &self.layers {
+            let Some(r) = reference.layers.get(i) else { continue };
+            common += 1;
+            if slots(l) != slots(r) {
+                return Err(Error::Usage(format!(
+                    "layer {i}: {} routing slots against the reference's {}: --against must run the same tokens",
+                    slots(l),
+                    slots(r)
+                )));
+            }
+        }
+        if common == 0 {
+            return Err(Error::Usage("--against shares no MoE layer with the audited runs".into()));
+        }
+        Ok(())
+    }
+
+    /// Per layer, how the load moved from `reference`'s to this one (same model, the same layers):
+    /// the share of routing slots that went to other experts (`sum |ours - reference| / 2` over
+    /// the reference's slots) and the experts that gained and lost most. A net measure of load:
+    /// tokens that swapped experts both ways cancel out (`diff` counts the flips themselves).
+    pub fn shift(&self, reference: &Audit) -> Vec<LayerShift> {
+        self.layers
+            .iter()
+            .filter_map(|(i, l)| {
+                let r = reference.layers.get(i)?;
+                // (Two guessed expert counts may differ: a missing expert has no tokens.)
+                let count = |c: &[u64], e: usize| c.get(e).copied().unwrap_or(0) as i64;
+                let delta: Vec<i64> = (0..l.counts.len().max(r.counts.len()))
+                    .map(|e| count(&l.counts, e) - count(&r.counts, e))
+                    .collect();
+                let slots: u64 = r.counts.iter().sum();
+                let moved = delta.iter().map(|d| d.unsigned_abs()).sum::<u64>() as f64 / 2.0 / slots.max(1) as f64;
+                // The largest changes each way; ties by expert id, lowest first.
+                let pick = |sign: i64| {
+                    let mut order: Vec<usize> = (0..delta.len()).filter(|&e| delta[e] * sign > 0).collect();
+                    order.sort_by(|&a, &b| (delta[b] * sign).cmp(&(delta[a] * sign)).then(a.cmp(&b)));
+                    order.into_iter().take(3).map(|e| (e, delta[e])).collect::<Vec<_>>()
+                };
+                let (gained, lost) = (pick(1), pick(-1));
+                Some(LayerShift { layer: *i, slots, moved, gained, lost })
+            })
+            .collect()
+    }
+
+    pub fn shift_table(&self, reference: &Audit) -> String {
+        let list = |v: &[(usize, i64)]| v.iter().map(|(e, d)| format!("{e}:{d:+}")).collect::<Vec<_>>().join(" ");
+        let mut s = format!(
+            "load shift against the reference ({} prompt(s)): net load moved, sum |ours - reference| / 2 over the \
+             reference's slots (tokens that swapped experts both ways cancel; `diff` counts each flip)\n\
+             {:>5} {:>8} {:>7}  {:<30}  lost most\n",
+            reference.prompts, "layer", "slots", "moved", "gained most"
+        );
+        for l in self.shift(reference) {
+            let moved = format!("{:.1}%", 100.0 * l.moved);
+            let _ = writeln!(s, "{:>5} {:>8} {moved:>7}  {:<30}  {}", l.layer, l.slots, list(&l.gained), list(&l.lost));
+        }
+        s
+    }
+
+    pub fn to_json(&self) -> Value {
+        let layers: Vec<Value> = self
+            .layers
+            .values()
+            .map(|l| {
+                let st = l.stats();
+                json!({
+                    "layer": l.layer, "tokens": l.tokens, "counts": l.counts, "max_vio": st.max_vio, "cv": st.cv,
+                    "entropy": st.entropy, "balancedness": st.balancedness, "dead_experts": st.dead,
+                    "bias_changed_share": st.bias_changed_share, "bias_load_correlation": st.bias_load_corr,
+                    "mtp": self.mtp_layer == Some(l.layer),
+                })
+            })
+            .collect();
+        json!({
+            "prompts": self.prompts, "experts": self.experts, "experts_guessed": self.experts_guessed,
+            "stopped_after": self.stopped.map(|(run, _)| run), "layers": layers,
+        })
+    }
+
+    /// One row per (layer, expert): `layer,expert,count,share,bias`.
+    pub fn to_csv(&self) -> String {
+        let mut s = String::from("layer,expert,count,share,bias\n");
+        for l in self.layers.values() {
+            let total = l.counts.iter().sum::<u64>().max(1) as f64;
+            for (e, &c) in l.counts.iter().enumerate() {
+                let bias = l.bias.as_ref().and_then(|b| b.get(e)).map(|b| b.to_string()).unwrap_or_default();
+                let _ = writeln!(s, "{},{e},{c},{:.6},{bias}", l.layer, c as f64 / total);
+            }
+        }
+        s
+    }
+}
+
+/// Every run's batch rows in order; None when a run's ids are unknown.
+fn rows(inputs: &[Option<Tokens>]) -> Option<Vec<&[u32]>> {
+    let runs = inputs.iter().map(|t| t.as_ref().map(|t| t.ids.chunks(t.seq.max(1)))).collect::<Option<Vec<_>>>()?;
+    Some(runs.into_iter().flatten().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two slots of 8 moved (expert 0 lost two, experts 2 and 3 gained one each); a layer only
+    /// one side has is left out.
+    #[test]
+    fn shift_counts_the_slots_that_moved() {
+        let mut ours = Audit::new(4);
+        let mut reference = Audit::new(4);
+        ours.add(1, &[1, 2, 1, 3, 0, 1, 0, 1], 2, None).unwrap();
+        reference.add(1, &[0, 1, 0, 1, 0, 1, 0, 1], 2, None).unwrap();
+        ours.add(2, &[0, 1], 2, None).unwrap();
+        let shift = ours.shift(&reference);
+        assert_eq!(shift.len(), 1);
+        let l = &shift[0];
+        assert_eq!((l.layer, l.slots, l.moved), (1, 8, 0.25));
+        assert_eq!((l.gained.as_slice(), l.lost.as_slice()), (&[(2, 1), (3, 1)][..], &[(0, -2)][..]));
+        assert!(ours.shift_table(&reference).contains("25.0%  2:+1 3:+1"));
+    }
+
+    /// 4 experts, 3 tokens, top-2: loads [3, 2, 1, 0] by hand.
+    #[test]
+    fn balance_numbers_by_hand() {
+        let mut a = Audit::new(4);
+        assert_eq!(a.add(5, &[0, 1, 0, 2, 1, 0], 2, Some(&[1, 0, 0])), Ok(()));
+        let out_of_range = a.add(5, &[0, 4], 2, None).unwrap_err();
+        assert!(out_of_range.contains("expert id 4 at [0, 1], outside the experts 0-3"), "{out_of_range}");
+        assert!(a.add(5, &[1, 1], 2, None).unwrap_err().contains("chooses expert 1 twice"));
+        assert!(a.add(5, &[1, 2], 2, Some(&[0, 0])).unwrap_err().contains("1 tokens and 2 bias-changed flags"));
+        assert!(a.add(5, &[1], 1, None).unwrap_err().contains("chooses 1 experts a token, another run of layer 5 2"));
+        a.set_bias(5, vec![0.3, 0.2, 0.1, 0.0]);
+        let l = &a.layers[&5];
+        assert_eq!(l.counts, vec![3, 2, 1, 0]);
+        assert_eq!(l.tokens, 3);
+        let s = l.stats();
+        // mean load 1.5, max 3.
+        approx::assert_abs_diff_eq!(s.max_vio, 3.0 / 1.5 - 1.0);
+        approx::assert_abs_diff_eq!(s.balancedness, 0.5);
+        // population std of [3,2,1,0] is sqrt(1.25).
+        approx::assert_abs_diff_eq!(s.cv, 1.25f64.sqrt() / 1.5, epsilon = 1e-12);
+        let p = [0.5f64, 1.0 / 3.0, 1.0 / 6.0];
+        let h = -p.iter().map(|x| x * x.ln()).sum::<f64>() / 4f64.ln();
+        approx::assert_abs_diff_eq!(s.entropy, h, epsilon = 1e-12);
+        assert_eq!(s.dead, 1);
+        approx::assert_abs_diff_eq!(s.bias_changed_share.unwrap(), 1.0 / 3.0);
+        // Bias and load fall together linearly: correlation 1.
+        approx::assert_abs_diff_eq!(s.bias_load_corr.unwrap(), 1.0, epsilon = 1e-6);
+        assert!(a.to_csv().contains("5,0,3,0.500000,0.3"));
+    }
+
+    #[test]
+    fn uniform_load_is_perfectly_balanced() {
+        let mut a = Audit::new(3);
+        a.add(0, &[0, 1, 2, 0, 1, 2], 1, None).unwrap();
+        let s = a.layers[&0].stats();
+        assert_eq!((s.max_vio, s.cv, s.balancedness, s.dead), (0.0, 0.0, 1.0, 0));
+        approx::assert_abs_diff_eq!(s.entropy, 1.0, epsilon = 1e-12);
+        assert_eq!(s.bias_changed_share, None);
+        assert_eq!(s.bias_load_corr, None);
+    }
+
+    /// Runs without bias flags, mixed with runs that have them, count in the loads but not in
+    /// the share of bias-changed tokens: 1 of the 4 tokens whose flags are known, not of 6.
+    #[test]
+    fn the_bias_changed_share_counts_only_tokens_whose_flags_are_known() {
+        let mut a = Audit::new(3);
+        a.add(0, &[0, 1, 2, 0], 1, Some(&[0, 1, 0, 0])).unwrap();
+        a.add(0, &[1, 2], 1, None).unwrap();
+        assert_eq!(a.layers[&0].tokens, 6);
+        approx::assert_abs_diff_eq!(a.layers[&0].stats().bias_changed_share.unwrap(), 0.25);
+    }
+}
