@@ -44,14 +44,14 @@ fn main() -> ExitCode {
             let text = e.render().to_string();
             let first: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
             let first = first.join(" ");
-            if e.kind() == clap::error::ErrorKind::UnknownArgument
-                && ["'--precision'", "'--ordinal'"].iter().any(|f| first.contains(f))
-            {
-                // They were global flags once (`glimpse --precision bf16 verify`).
-                eprintln!("glimpse: error: {} (--precision and --ordinal go after a command that takes --device, e.g. glimpse verify --device cuda --precision bf16)", first.trim_start_matches("error: "));
-                return ExitCode::from(2);
-            }
-            eprintln!("glimpse: error: {} (see glimpse --help)", first.trim_start_matches("error: "));
+            // --precision and --ordinal were global flags once (`glimpse --precision bf16 verify`).
+            let moved = e.kind() == clap::error::ErrorKind::UnknownArgument
+                && ["'--precision'", "'--ordinal'"].iter().any(|f| first.contains(f));
+            let hint = match moved {
+                true => "--precision and --ordinal go after a command that takes --device, e.g. glimpse verify --device cuda --precision bf16",
+                false => "see glimpse --help",
+            };
+            eprintln!("glimpse: error: {} ({hint})", first.trim_start_matches("error: "));
             return ExitCode::from(2);
         }
     };
@@ -214,15 +214,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("verify {} against {}", model_dir.display(), golden.display());
             let replay = verify::Replay { routing: force_routing, selection: force_selection };
             let opts = verify::VerifyOptions { tol, isolate, replay, layers };
-            let mut report = verify::verify_with(weights, &reference, &opts)?;
             // The MTP head, when the reference checks it: resident whole-model runs only.
-            if let (Weights::Resident(m), true, None) = (weights, verify::has_mtp(&reference), &opts.layers) {
-                verify::verify_mtp(m, &glimpse::model::mtp::Mtp::load(&ckpt)?, &reference, tol, &mut report)?;
-            }
+            let mtp = match (weights, verify::has_mtp(&reference), &opts.layers) {
+                (Weights::Resident(m), true, None) => Some((m, glimpse::model::mtp::Mtp::load(&ckpt)?)),
+                _ => None,
+            };
+            let run = |opts: &verify::VerifyOptions| -> Result<verify::Report> {
+                let mut report = verify::verify_with(weights, &reference, opts)?;
+                if let Some((m, head)) = &mtp {
+                    verify::verify_mtp(m, head, &reference, tol, &mut report)?;
+                }
+                Ok(report)
+            };
+            let report = run(&opts)?;
             verify::print_report(&report, tol, near_tie);
             if replay != verify::Replay::default() {
-                let free = verify::VerifyOptions { replay: Default::default(), ..opts };
-                verify::print_replay(&verify::verify_with(weights, &reference, &free)?, &report);
+                // The same tensors without the replay (the MTP head's too), so the counts compare.
+                let free = run(&verify::VerifyOptions { replay: Default::default(), ..opts })?;
+                verify::print_replay(&free, &report);
             }
             Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }

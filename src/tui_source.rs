@@ -312,6 +312,14 @@ impl DumpSource {
         RefCheck { ok: c.ok, rows_differ, max_abs, max_rel, worst }
     }
 
+    /// For a layer of `rows` rows, the run's token (batch rows flattened) of its row `t`: the
+    /// same, except in the MTP layer, whose batch rows are one position shorter.
+    fn token_of(&self, rows: usize) -> impl Fn(usize) -> usize {
+        let (batch, seq) = (self.tokens.batch.max(1), self.tokens.seq.max(1));
+        let positions = (rows / batch).clamp(1, seq);
+        move |t| (t / positions) * seq + t % positions
+    }
+
     fn per_token(&self, name: &str) -> Option<Vec<f32>> {
         match self.ours.values(name).ok()? {
             (Values::F32(v), _) => Some(v),
@@ -361,11 +369,14 @@ impl Source for DumpSource {
         let reference = self.reference.as_ref().and_then(|r| Self::ints(r, &name(LayerHook::TopkIds))).map(|(v, _)| v);
         let flips = self.flip_classes(&name(LayerHook::TopkIds));
         let to_ids = |v: &[i64]| v.iter().map(|&x| x.max(0) as usize).collect::<Vec<_>>();
+        // Row t of the layer is its position's token; the MTP layer has one position fewer a
+        // batch row, so its rows are mapped to the main run's tokens.
+        let token = self.token_of(ids.len() / k.max(1));
         Some(
             ids.chunks(k)
                 .enumerate()
                 .map(|(t, row)| RouteRow {
-                    token: t,
+                    token: token(t),
                     ids: to_ids(row),
                     weights: weights.get(t * k..(t + 1) * k).map(<[f32]>::to_vec).unwrap_or_default(),
                     margin: margin.as_ref().and_then(|m| m.get(t).copied()).filter(|m| !m.is_nan()),
@@ -401,13 +412,19 @@ impl Source for DumpSource {
     fn dsa(&self, layer: usize, token: usize) -> Option<DsaMatrix> {
         let name = HookPoint::Layer(layer, LayerHook::DsaTopk).name();
         let (seq, b) = (self.tokens.seq, token / self.tokens.seq.max(1));
+        // Queries a batch row: the run's positions, one fewer in the MTP layer (its last
+        // position's row is left empty, so the rows stay the run's tokens).
+        let p = self.ours.shape(&name).and_then(|s| s.len().checked_sub(2).map(|i| s[i])).unwrap_or(seq).min(seq);
         let rows = |d: &Dump| -> Option<Vec<Vec<usize>>> {
             let (idx, shape) = Self::ints(d, &name)?;
             let k = *shape.last()?;
             Some(
                 (0..seq)
                     .map(|q| {
-                        let start = (b * seq + q) * k;
+                        if q >= p {
+                            return Vec::new();
+                        }
+                        let start = (b * p + q) * k;
                         let mut r: Vec<usize> = idx
                             .get(start..start + k)
                             .unwrap_or(&[])
@@ -424,9 +441,9 @@ impl Source for DumpSource {
         };
         let margin = self
             .per_token(&HookPoint::Layer(layer, LayerHook::DsaMargin).name())
-            .map(|m| m.get(b * seq..(b + 1) * seq).map(<[f32]>::to_vec).unwrap_or_default());
+            .map(|m| m.get(b * p..(b + 1) * p).map(<[f32]>::to_vec).unwrap_or_default());
         let classes = self.flip_classes(&name);
-        let flips = (0..seq).map(|q| classes.get(&(b * seq + q)).copied()).collect();
+        let flips = (0..seq).map(|q| if q < p { classes.get(&(b * p + q)).copied() } else { None }).collect();
         let (selected, reference) = (rows(&self.ours)?, self.reference.as_ref().and_then(rows));
         Some(DsaMatrix { seq, selected, reference, margin, flips })
     }

@@ -401,22 +401,21 @@ pub fn print_report(r: &Report, tol: Tolerance, near_tie: f64) {
 }
 
 /// After a replayed run's report: how much of each layer's error the flips explain (`free`: the
-/// same run without the replay), and what the replay hid, a run that matches only with the
-/// reference's decisions.
+/// same run without the replay, over the same tensors), and how many match without the replay
+/// (what it hid: a run that matches only with the reference's decisions).
 pub fn print_replay(free: &Report, replayed: &Report) {
     let what = replayed.replay.describe().unwrap_or_default();
     println!("replay of the reference's {what}: error without -> with replay");
     for line in attribution(free, replayed) {
         println!("  {line}");
     }
-    if let Some(first) = free.results.iter().find(|c| !c.ok) {
-        println!(
-            "without the replay: {} of {} tensors match; first mismatch: {}",
-            free.results.len() - free.mismatches(),
-            free.results.len(),
-            first.name
-        );
-    }
+    let first = free.results.iter().find(|c| !c.ok).map(|c| format!("; first mismatch: {}", c.name));
+    println!(
+        "without the replay: {} of {} tensors match{}",
+        free.results.len() - free.mismatches(),
+        free.results.len(),
+        first.unwrap_or_default()
+    );
 }
 
 /// How much of the difference the flips caused: for each float tensor compared in both runs, the

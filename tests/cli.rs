@@ -236,6 +236,13 @@ fn audit_marks_the_mtp_layer_and_uses_its_bias() {
     assert!(recomputed["bias_load_correlation"].is_number(), "{recomputed}");
     let (table, _) = assert_ok(&glimpse(&["audit", "--model", "golden/mtp", "--dump", reference]));
     assert!(table.lines().any(|l| l.trim_start().starts_with("3 mtp ")), "{table}");
+    // Without a checkpoint or the head's own tensors, the MTP layer is told by its rows (one
+    // position fewer), on both sides of --against.
+    let args = ["--tokens-from", reference, "--mtp", "--record", "layers.*.moe.*"];
+    let routing_only = common::run_dump("golden/mtp", &args, tmp.path(), "routing.st");
+    let (out, _) = assert_ok(&glimpse(&["audit", "--dump", &routing_only, "--against", reference]));
+    assert!(out.lines().any(|l| l.trim_start().starts_with("3 mtp ")), "{out}");
+    assert!(out.contains("load shift against the reference"), "{out}");
 }
 
 /// `selftest` verifies every bundled golden case on the CPU, normal and isolated; asking for the

@@ -208,7 +208,11 @@ fn malformed_files_and_arguments_are_one_line_errors() {
         raw_safetensors(&path, h.len() as u64, &h, &data);
         vec!["audit".to_string(), "--dump".into(), s(&path)]
     };
-    cases.push((routing("rows", 2, &[0, 1, 2, 3]), "holds 2 tokens' experts, its input_ids 1 x 3".into()));
+    // (2 rows would be an MTP layer's: one position fewer.)
+    cases.push((
+        routing("rows", 5, &[0, 1, 2, 3, 0, 1, 2, 3, 0, 1]),
+        "holds 5 tokens' experts, its input_ids 1 x 3".into(),
+    ));
     cases.push((routing("twice", 3, &[0, 1, 2, 2, 4, 5]), "chooses expert 2 twice for token [1]".into()));
 
     // Configs whose values are wrong or inconsistent.
@@ -450,4 +454,35 @@ fn signal_when_present(args: &[&str], path: &Path, signal: i32) -> std::process:
     // SAFETY: signalling a child this test started and has not reaped.
     unsafe { libc::kill(child.id() as i32, signal) };
     child.wait_with_output().unwrap()
+}
+
+/// Ctrl-C during `audit --prompts` stops after the prompt in progress and audits the prompts
+/// run, saying how many (exit 0: the numbers cover those prompts whole).
+#[test]
+fn ctrl_c_stops_an_audit_after_the_prompt_in_progress() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("prompts.txt");
+    // Far more than run in the second before the signal (about 0.5 ms a prompt here).
+    let line = (1..=16).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    std::fs::write(&prompts, format!("{line}\n").repeat(200_000)).unwrap();
+    let flat = golden("flat");
+    let child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["audit", "--model", &s(&flat), "--prompts", &s(&prompts), "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: signalling a child this test started and has not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = v["stopped_after"].as_u64().unwrap_or_else(|| panic!("not stopped early: {v}"));
+    assert!(run > 0 && run < 200_000, "{run}");
+    assert_eq!(v["prompts"].as_u64(), Some(run));
+    for layer in v["layers"].as_array().unwrap() {
+        assert_eq!(layer["tokens"].as_u64(), Some(16 * run), "{layer}");
+    }
 }

@@ -189,7 +189,7 @@ fn embeddings_and_head_are_rows_of_their_own() {
         let first = names.iter().find(|n| outside(n)).unwrap();
         assert_eq!(row[6], *first, "{s}");
     }
-    let mut app = App { layer: 0, ..App::new(&src) };
+    let mut app = App::new(&src);
     app.next_problem(&src);
     assert_eq!((app.view, app.layer), (View::Activations, 0));
     assert!(screen(&app, &src, 80, 24).contains("embeddings activations"));
@@ -298,7 +298,7 @@ fn routing_view_shows_experts_margins_and_a_flagged_flip() {
 
     let port = port_source();
     // From the layers view the selected layer counts: layer 0's one DSA flip opens first.
-    let mut app = App::new(&port);
+    let mut app = at_layer(&port, 0);
     app.next_problem(&port);
     assert_eq!((app.view, app.layer), (View::Dsa, row_of(&port, 0)));
     // Layer 0 has one DSA flip: the next is layer 1's first.
@@ -362,7 +362,7 @@ fn routing_view_recomputes_margins_a_dump_does_not_record() {
 #[test]
 fn activations_view_lists_hook_points_with_stats() {
     let port = port_source();
-    let mut app = App::new(&port);
+    let mut app = at_layer(&port, 0);
     app.set_view(View::Activations);
     let s = screen(&app, &port, 130, 30);
     assert!(s.contains("layer 0 activations"), "{s}");
@@ -399,6 +399,20 @@ fn activations_view_lists_hook_points_with_stats() {
     }
     let bottom = screen(&app, &port, 80, 24);
     assert!(bottom.contains(&format!("rows {}-{hooks} of {hooks}", hooks - page + 1)), "{bottom}");
+    // With the page the terminal loop measures, PgDn stops at the last full page and PgUp moves
+    // back from there at once.
+    let top = App { scroll: 0, page, ..app.clone() };
+    let mut paged = top.clone();
+    for _ in 0..10 {
+        paged.scroll_down(&port);
+    }
+    assert_eq!(paged.scroll, hooks - page);
+    paged.scroll_up();
+    assert_eq!(paged.scroll, (hooks - page).saturating_sub(page));
+    assert_eq!(
+        glimpse_tui::views::page(&top, &port, ui::body(glimpse_tui::ratatui::layout::Rect::new(0, 0, 80, 24))),
+        page
+    );
 }
 
 #[test]
@@ -511,13 +525,14 @@ fn the_binary_in_tmux() {
     run(format!("{bin} tui"));
     let s = wait_for("1 layers");
     assert!(s.contains("golden/flat (live) vs reference"), "{s}");
-    tmux(&["send-keys", "-t", &session, "j", "j"]);
+    // The first row is the embeddings: three rows down is layer 2.
+    tmux(&["send-keys", "-t", &session, "j", "j", "j"]);
     let s = wait_for("layer 2 (moe, full)");
     assert!(s.contains("match"), "{s}");
 
     run(format!("{bin} tui --dump golden/flat/bf16-port.safetensors --golden golden/flat/reference.safetensors"));
     wait_for("1 layers");
-    tmux(&["send-keys", "-t", &session, "j", "j"]);
+    tmux(&["send-keys", "-t", &session, "j", "j", "j"]);
     wait_for("layer 2 (moe, full)");
     // From the layers view the selected layer's own flips open first, one by one (routing, then
     // DSA), then the next layer's.
@@ -566,12 +581,38 @@ fn every_view_draws_a_dump_with_the_mtp_layer() {
     }
     assert!(seen_mtp_layer, "the MTP layer (3) was reachable");
     // Batch 2: the DSA view says which row it shows, and follows the token into the second.
-    let mut app = App::new(&src);
+    let mut app = at_layer(&src, 0);
     app.set_view(View::Dsa);
     assert!(screen(&app, &src, 80, 24).contains("16 queries (batch row 0 of 2),"));
 
     app.token = 16;
     assert!(screen(&app, &src, 80, 24).contains("16 queries (batch row 1 of 2),"));
+    // The MTP layer runs one position fewer a batch row: its rows are the run's tokens but the
+    // last of each row (2 rows of 16 tokens here), and its DSA queries of batch row 1 are row 1's.
+    let seq = src.tokens() / 2;
+    let tokens: Vec<usize> = src.routing(3).unwrap().iter().map(|r| r.token).collect();
+    let want: Vec<usize> = (0..2).flat_map(|b| (0..seq - 1).map(move |q| b * seq + q)).collect();
+    assert_eq!(tokens, want);
+    let reference = Dump::open(&dir.join("reference.safetensors")).unwrap();
+    let (idx, shape) = match reference.values("layers.3.dsa.topk").unwrap() {
+        (glimpse::dump::Values::I64(v), s) => (v, s),
+        _ => panic!("selections are integers"),
+    };
+    assert_eq!(shape[1], seq - 1);
+    let m = src.dsa(3, seq).unwrap();
+    // Batch row 1's last MTP query: its causal keys, as the dump holds them for row 1 (read at
+    // the main run's row length, they would lie past the tensor's end).
+    let (k, q) = (shape[2], seq - 2);
+    let keys = |flat_row: usize| {
+        let mut r: Vec<usize> =
+            idx[flat_row * k..][..k].iter().filter_map(|&j| usize::try_from(j).ok()).filter(|&j| j <= q).collect();
+        r.sort_unstable();
+        r.dedup();
+        r
+    };
+    assert_eq!(keys(seq - 1 + q).len(), k, "a full selection");
+    assert_eq!(m.selected[q], keys(seq - 1 + q));
+    assert!(m.selected[seq - 1].is_empty(), "the MTP layer has no query at the last position");
 }
 
 /// Live runs in this process, one at a time: one test looks for temporary files a live run left.
@@ -642,7 +683,7 @@ fn a_live_run_of_other_tokens_runs_without_the_folders_reference() {
 #[test]
 fn narrow_screens_drop_columns_rather_than_cut_numbers() {
     let src = port_source();
-    let mut app = App::new(&src);
+    let mut app = at_layer(&src, 0);
     let s = screen(&app, &src, 40, 14);
     assert!(s.contains("max err") && !s.contains("worst hook"), "{s}");
     // Layer 0's largest error, 1.01, whole to four decimals (written here, not by the view's

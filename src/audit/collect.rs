@@ -42,9 +42,7 @@ impl Observer for AuditObserver<'_> {
             HookPoint::Layer(i, LayerHook::BiasChanged) => {
                 let flags = value.flatten_all()?.to_vec1::<i64>()?;
                 if let Some((layer, ids, k)) = self.ids.take().filter(|(l, _, _)| *l == i) {
-                    self.audit
-                        .add(layer, &ids, k, Some(&flags))
-                        .map_err(|m| Error::Usage(format!("layer {layer}: {m}")))?;
+                    self.audit.add(layer, &ids, k, Some(&flags)).context(|| format!("layer {layer}"))?;
                 }
             }
             _ => {}
@@ -67,6 +65,8 @@ pub fn collect(
     max_memory: Option<u64>,
     target: crate::device::Target,
 ) -> Result<Audit> {
+    // Ctrl-C from the start: one before the first prompt stops after it.
+    let _stopping = prompts.map(|_| crate::interrupt::stop_at_checkpoints());
     let ckpt = model_dir.map(Checkpoint::open).transpose()?;
     // Prompts are read and encoded before the model is loaded, so the memory check sees them.
     let prompt_tokens = match (prompts, model_dir) {
@@ -106,7 +106,7 @@ pub fn collect(
     audit.experts_guessed = guessed_experts.is_some();
     audit.mtp_layer = ckpt.as_ref().map(|c| c.config.num_hidden_layers);
     if let (Some(m), Some(path)) = (&model, prompts) {
-        run_prompts(&mut audit, m, &prompt_tokens, path, target)?;
+        run_prompts(&mut audit, m, prompt_tokens, path, target)?;
     }
     let mut seen: Vec<(PathBuf, &Path, Option<String>)> = Vec::new();
     for path in dumps {
@@ -164,23 +164,24 @@ pub fn collect(
 fn run_prompts(
     audit: &mut Audit,
     m: &Model,
-    prompts: &[(usize, Tokens)],
+    prompts: Vec<(usize, Tokens)>,
     path: &Path,
     target: crate::device::Target,
 ) -> Result<()> {
     let progress = std::io::stderr().is_terminal();
-    let _stopping = crate::interrupt::stop_at_checkpoints();
+    let total = prompts.len();
     crate::device::with_prefill(target, m, |p| {
-        for (n, (line, tokens)) in prompts.iter().enumerate() {
+        for (n, (line, tokens)) in prompts.into_iter().enumerate() {
             if progress {
-                eprint!("\raudit: prompt {}/{}", n + 1, prompts.len());
+                eprint!("\raudit: prompt {}/{total}", n + 1);
             }
-            p.prefill(tokens, &mut AuditObserver::new(audit))
+            p.prefill(&tokens, &mut AuditObserver::new(audit))
                 .map_err(|e| Error::Usage(format!("{} line {line}: {e}", path.display())))?;
             audit.prompts += tokens.batch;
-            audit.inputs.push(Some(tokens.clone()));
-            if crate::interrupt::requested() && n + 1 < prompts.len() {
-                audit.stopped = Some((n + 1, prompts.len()));
+            // Kept (ids only) for `--against`, which must have run the same prompts.
+            audit.inputs.push(Some(tokens));
+            if crate::interrupt::requested() && n + 1 < total {
+                audit.stopped = Some((n + 1, total));
                 break;
             }
         }
@@ -236,23 +237,22 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<()
     if layers.is_empty() {
         return Err(Error::dump(&d.path, "holds no `layers.*.moe.topk_ids` to audit"));
     }
-    // The MTP head's layer: the config's, else the last layer of a dump that records the head.
-    let mtp = audit
-        .mtp_layer
-        .or_else(|| d.names().iter().any(|n| n.starts_with("mtp.")).then(|| layers.iter().max().copied()).flatten());
-    if audit.mtp_layer.is_none() {
-        audit.mtp_layer = mtp;
-    }
+    // The MTP head's layer runs one position fewer a row: the config's layer, else the dump's
+    // last, when its rows say so.
+    let last = layers.iter().max().copied();
     for i in layers {
         let name = format!("layers.{i}.moe.topk_ids");
         let (Values::I64(ids), shape) = d.values(&name)? else {
             return Err(Error::dump(&d.path, format!("`{name}` must be an integer tensor")));
         };
         let k = shape.last().copied().unwrap_or(1).max(1);
+        let rows = ids.len() / k;
         if let Some(t) = &tokens {
-            let rows = ids.len() / k;
             let fits = |positions: usize| rows == t.batch * positions;
-            if !(fits(t.seq) || (Some(i) == mtp && fits(t.seq.saturating_sub(1)))) {
+            let may_be_mtp = audit.mtp_layer.map_or(Some(i) == last, |m| m == i);
+            if may_be_mtp && !fits(t.seq) && fits(t.seq.saturating_sub(1)) {
+                audit.mtp_layer = Some(i);
+            } else if !fits(t.seq) {
                 return Err(Error::dump(
                     &d.path,
                     format!("`{name}` holds {rows} tokens' experts, its input_ids {} x {}", t.batch, t.seq),
@@ -263,9 +263,9 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<()
             Ok((Values::I64(f), _)) => Some(f),
             // A dump without the flags (e.g. a transformers reference) still has the router
             // logits: with the checkpoint's bias, decide what the bias changed.
-            _ => bias_changed_from_logits(routers, d, i)?,
+            _ => bias_changed_from_logits(routers, d, i, rows)?,
         };
-        audit.add(i, &ids, k, flags.as_deref()).map_err(|m| Error::dump(&d.path, format!("`{name}` {m}")))?;
+        audit.add(i, &ids, k, flags.as_deref()).map_err(|e| Error::dump(&d.path, format!("`{name}` {e}")))?;
     }
     audit.prompts += tokens.as_ref().map_or(1, |t| t.batch);
     audit.inputs.push(tokens);
@@ -299,9 +299,14 @@ fn largest_id(dumps: &[PathBuf]) -> Result<usize> {
     Ok(largest)
 }
 
-/// Per token of `layer`, whether the correction bias changed its expert set, from the dump's
-/// router logits and the checkpoint's routers; None when either is missing.
-fn bias_changed_from_logits(routers: Option<&Routers>, d: &Dump, layer: usize) -> Result<Option<Vec<i64>>> {
+/// Per token of `layer` (`rows` of them), whether the correction bias changed its expert set,
+/// from the dump's router logits and the checkpoint's routers; None when either is missing.
+fn bias_changed_from_logits(
+    routers: Option<&Routers>,
+    d: &Dump,
+    layer: usize,
+    rows: usize,
+) -> Result<Option<Vec<i64>>> {
     let Some((rc, bias)) = routers.and_then(|r| r.layer(layer)) else {
         return Ok(None);
     };
@@ -309,12 +314,27 @@ fn bias_changed_from_logits(routers: Option<&Routers>, d: &Dump, layer: usize) -
         return Ok(None);
     };
     let e = bias.len();
-    if shape.last() != Some(&e) {
+    if shape.last() != Some(&e) || logits.len() != rows * e {
         return Err(Error::dump(
             &d.path,
-            format!("layer {layer}: router_logits have {shape:?}, the model has {e} experts"),
+            format!("layer {layer}: router_logits have {shape:?}, for {rows} tokens of the model's {e} experts"),
         ));
     }
     use crate::model::moe::{bias_changed, route};
     Ok(Some(logits.chunks(e).map(|row| bias_changed(rc, row, &route(rc, row, bias).ids) as i64).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::looks_like_ids;
+
+    #[test]
+    fn lines_of_mostly_integers_are_ids() {
+        for ids in ["17", "1,2,3", "1, 2, 3", "1,2;3,4", "1,2,x", "1,-2,3", "1,2,3 # a note"] {
+            assert!(looks_like_ids(ids), "{ids}");
+        }
+        for text in ["Hello, world", "In 1990, 2000 people", "1 2 3", "x", "one, 2, three"] {
+            assert!(!looks_like_ids(text), "{text}");
+        }
+    }
 }

@@ -1,5 +1,5 @@
 //! `audit`: expert load balance per MoE layer, over one or many prompts (or over the routing a dump
-//! recorded). Only counts are kept, never activations, so any number of prompts fits in memory.
+//! recorded). Only counts and the prompts' token ids are kept, never activations.
 //!
 //! Per layer: tokens per expert, MaxVio (`max load / mean load - 1`, the DeepSeek-V3 measure),
 //! coefficient of variation, normalised entropy of the load distribution, balancedness
@@ -147,24 +147,18 @@ impl Audit {
     /// (one a token). Adds nothing and says what is wrong when an id is outside the experts or
     /// chosen twice by a token, the flags are not one a token, or another run of the layer chose
     /// another number of experts a token.
-    pub fn add(
-        &mut self,
-        layer: usize,
-        ids: &[i64],
-        k: usize,
-        bias_changed: Option<&[i64]>,
-    ) -> std::result::Result<(), String> {
+    pub fn add(&mut self, layer: usize, ids: &[i64], k: usize, bias_changed: Option<&[i64]>) -> Result<()> {
         let (experts, k) = (self.experts, k.max(1));
         let rows = ids.len() / k;
         if let Some(problem) = crate::compare::invalid_expert_ids(ids, &[rows, k], Some(experts)) {
-            return Err(problem);
+            return Err(Error::Usage(problem));
         }
         if let Some(flags) = bias_changed.filter(|f| f.len() != rows) {
-            return Err(format!("has {rows} tokens and {} bias-changed flags", flags.len()));
+            return Err(Error::Usage(format!("has {rows} tokens and {} bias-changed flags", flags.len())));
         }
         let l = self.layers.entry(layer).or_insert_with(|| LayerLoad::new(layer, experts));
         if l.k != 0 && l.k != k {
-            return Err(format!("chooses {k} experts a token, another run of layer {layer} {}", l.k));
+            return Err(Error::Usage(format!("chooses {k} experts a token, another run of layer {layer} {}", l.k)));
         }
         l.k = k;
         for &id in ids {
@@ -256,8 +250,9 @@ impl Audit {
     pub fn check_comparable(&self, reference: &Audit) -> Result<()> {
         if let (Some(ours), Some(theirs)) = (rows(&self.inputs), rows(&reference.inputs)) {
             if ours.len() != theirs.len() {
+                let stopped = if self.stopped.is_some() { " (Ctrl-C stopped the prompts early)" } else { "" };
                 return Err(Error::Usage(format!(
-                    "the audited runs hold {} rows of tokens, --against {}: it must run the same prompts",
+                    "the audited runs hold {} rows of tokens{stopped}, --against {}: it must run the same prompts",
                     ours.len(),
                     theirs.len()
                 )));
@@ -399,12 +394,20 @@ mod tests {
     #[test]
     fn balance_numbers_by_hand() {
         let mut a = Audit::new(4);
-        assert_eq!(a.add(5, &[0, 1, 0, 2, 1, 0], 2, Some(&[1, 0, 0])), Ok(()));
-        let out_of_range = a.add(5, &[0, 4], 2, None).unwrap_err();
+        a.add(5, &[0, 1, 0, 2, 1, 0], 2, Some(&[1, 0, 0])).unwrap();
+        let out_of_range = a.add(5, &[0, 4], 2, None).unwrap_err().to_string();
         assert!(out_of_range.contains("expert id 4 at [0, 1], outside the experts 0-3"), "{out_of_range}");
-        assert!(a.add(5, &[1, 1], 2, None).unwrap_err().contains("chooses expert 1 twice"));
-        assert!(a.add(5, &[1, 2], 2, Some(&[0, 0])).unwrap_err().contains("1 tokens and 2 bias-changed flags"));
-        assert!(a.add(5, &[1], 1, None).unwrap_err().contains("chooses 1 experts a token, another run of layer 5 2"));
+        assert!(a.add(5, &[1, 1], 2, None).unwrap_err().to_string().contains("chooses expert 1 twice"));
+        assert!(a
+            .add(5, &[1, 2], 2, Some(&[0, 0]))
+            .unwrap_err()
+            .to_string()
+            .contains("1 tokens and 2 bias-changed flags"));
+        assert!(a
+            .add(5, &[1], 1, None)
+            .unwrap_err()
+            .to_string()
+            .contains("chooses 1 experts a token, another run of layer 5 2"));
         a.set_bias(5, vec![0.3, 0.2, 0.1, 0.0]);
         let l = &a.layers[&5];
         assert_eq!(l.counts, vec![3, 2, 1, 0]);

@@ -25,7 +25,7 @@ pub struct Gpu {
     pub shared_limit: usize,
     /// How buffers are allocated, as `bench` reports it: a free that synchronises the device
     /// would serialise the forward pass, so a run's timing depends on it.
-    pub allocation: &'static str,
+    pub allocation: String,
     engine: Engine,
 }
 
@@ -39,21 +39,27 @@ const STATIC_SHARED: usize = 1024;
 /// has pools. Its release threshold is 0 by default: every synchronisation hands the freed memory
 /// back to the driver, and the next prefill pays to map it again, inside its timing. Raised to
 /// the maximum, the pool grows to one prefill's peak and stays. Without pools, cudarc frees with
-/// `cuMemFree`, which synchronises the device at every drop: said, as it slows every run.
-fn keep_pool(ctx: &CudaContext) -> Result<&'static str> {
+/// `cuMemFree`, which synchronises the device at every drop: said, as it slows every run. Only a
+/// timing depends on it, so a pool that cannot be kept is said, not refused. (A kept pool is
+/// not trimmed for allocations outside it, cuBLAS's and modules': fine while a prefill's peak
+/// leaves room on the card.)
+fn keep_pool(ctx: &CudaContext) -> String {
     if !ctx.has_async_alloc() {
-        return Ok("cuMemAlloc (no memory pools: each free synchronises the device)");
+        return "cuMemAlloc (no memory pools: each free synchronises the device)".into();
     }
     use cudarc::driver::{result, sys::CUmemPool_attribute};
     let mut keep: u64 = u64::MAX;
     // SAFETY: the context's own device; the release threshold is a cuuint64_t.
-    unsafe {
-        let pool = result::device::get_default_mem_pool(ctx.cu_device()).map_err(driver("read the memory pool"))?;
-        let attr = CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
-        result::mem_pool::set_attribute(pool, attr, (&mut keep as *mut u64).cast())
-            .map_err(driver("keep the memory pool"))?;
+    let kept = unsafe {
+        result::device::get_default_mem_pool(ctx.cu_device()).and_then(|pool| {
+            let attr = CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+            result::mem_pool::set_attribute(pool, attr, (&mut keep as *mut u64).cast())
+        })
+    };
+    match kept {
+        Ok(()) => "stream-ordered, from a pool kept between prefills".into(),
+        Err(e) => format!("stream-ordered, from a pool released at each synchronisation (keeping it failed: {e:?})"),
     }
-    Ok("stream-ordered, from a pool kept between prefills")
 }
 
 /// What the emulation allows: Hopper's 227 KB opt-in, so the same sizes take the same paths.
@@ -227,7 +233,7 @@ impl Gpu {
         // allocation (each op allocates its output), host time spent on nothing with one stream.
         // SAFETY: no second stream is ever made (cudarc's events only order work across streams).
         unsafe { ctx.disable_event_tracking() };
-        let allocation = keep_pool(&ctx)?;
+        let allocation = keep_pool(&ctx);
         let (major, minor) = ctx.compute_capability().map_err(driver("read the compute capability"))?;
         let name = ctx.name().map_err(driver("read the device name"))?;
         let arch = format!("sm_{major}{minor}");
@@ -271,7 +277,7 @@ impl Gpu {
             },
             arch: "host".into(),
             shared_limit: EMULATED_SHARED,
-            allocation: "host vectors",
+            allocation: "host vectors".into(),
             engine: Engine::Emulated(schedule),
         }
     }

@@ -50,6 +50,9 @@ pub struct App {
     pub message: String,
     /// The key help is open over the view.
     pub help: bool,
+    /// Rows of the current view on screen (the terminal loop sets it after each draw): what
+    /// `PgDn` moves by, and where paging stops.
+    pub page: usize,
     pub quit: bool,
 }
 
@@ -64,6 +67,7 @@ impl Default for App {
             editing_filter: false,
             message: String::new(),
             help: false,
+            page: 8,
             quit: false,
         }
     }
@@ -86,12 +90,11 @@ pub const KEYS: [(&str, &str); 9] = [
 ];
 
 impl App {
-    /// The state a session starts in: the layers view, on the first decoder layer (the
-    /// embeddings row above it is one `k` away).
+    /// The state a session starts in: the layers view on its first row (the embeddings), with
+    /// the source's warning, if any, in the status line.
     pub fn new(src: &dyn Source) -> App {
-        let layer = src.layers().iter().position(|l| l.part.layer().is_some()).unwrap_or(0);
         let message = src.warning().map(|w| format!("warning: {w}")).unwrap_or_default();
-        App { layer, message, ..App::default() }
+        App { message, ..App::default() }
     }
 
     pub fn handle_key(&mut self, key: KeyEvent, src: &dyn Source) {
@@ -239,9 +242,9 @@ impl App {
         src.hooks(row.part).into_iter().filter(|h| h.name.contains(&self.filter)).collect()
     }
 
-    /// Pages down the current view, stopping at its last row.
+    /// Pages down the current view, stopping at its last full page.
     pub fn scroll_down(&mut self, src: &dyn Source) {
-        self.scroll = (self.scroll + 8).min(self.rows(src).saturating_sub(1));
+        self.scroll = (self.scroll + self.page).min(self.rows(src).saturating_sub(self.page));
     }
 
     /// How many rows the current view lists (what `scroll` pages through).
@@ -251,12 +254,13 @@ impl App {
             View::Activations => self.hooks(src).len(),
             View::Routing => layer.and_then(|i| src.routing(i)).map_or(0, |r| r.len()),
             View::Dsa => src.tokens(),
-            View::Load | View::KvNorms => src.layers().len(),
+            View::Load => src.load().len(),
+            View::KvNorms => src.kv_norms().map_or(0, |g| g.layers.len()),
             View::Layers => 0,
         }
     }
     pub fn scroll_up(&mut self) {
-        self.scroll = self.scroll.saturating_sub(8);
+        self.scroll = self.scroll.saturating_sub(self.page);
     }
 
     /// `/` starts a new filter, as a search does.

@@ -24,7 +24,7 @@ pub fn run(src: &dyn Source) -> io::Result<()> {
 fn event_loop(terminal: &mut ratatui::DefaultTerminal, src: &dyn Source) -> io::Result<()> {
     let mut app = App::new(src);
     stop::install();
-    terminal.draw(|f| ui::draw(f, &app, src))?;
+    draw(terminal, &mut app, src)?;
     while !app.quit && !stop::requested() {
         // Waits in slices, so a signal ends the loop within one.
         if !event::poll(Duration::from_millis(200))? {
@@ -35,8 +35,15 @@ fn event_loop(terminal: &mut ratatui::DefaultTerminal, src: &dyn Source) -> io::
                 app.handle_key(key, src);
             }
         }
-        terminal.draw(|f| ui::draw(f, &app, src))?;
+        draw(terminal, &mut app, src)?;
     }
+    Ok(())
+}
+
+/// Draws the screen, then notes how many rows of the view it holds (for paging).
+fn draw(terminal: &mut ratatui::DefaultTerminal, app: &mut App, src: &dyn Source) -> io::Result<()> {
+    let screen = terminal.draw(|f| ui::draw(f, app, src))?.area;
+    app.page = crate::views::page(app, src, ui::body(screen));
     Ok(())
 }
 

@@ -10,15 +10,25 @@ use crate::app::{App, View, HELP, KEYS};
 use crate::data::Source;
 use crate::views;
 
-pub fn draw(f: &mut Frame, app: &App, src: &dyn Source) {
-    let [title, tabs, body, status, help] = Layout::vertical([
+/// The screen's lines: title, view tabs, the view, status, key help.
+fn areas(screen: Rect) -> [Rect; 5] {
+    Layout::vertical([
         Constraint::Length(1),
         Constraint::Length(1),
         Constraint::Min(3),
         Constraint::Length(1),
         Constraint::Length(1),
     ])
-    .areas(f.area());
+    .areas(screen)
+}
+
+/// Where the view is drawn on a screen of this size.
+pub fn body(screen: Rect) -> Rect {
+    areas(screen)[2]
+}
+
+pub fn draw(f: &mut Frame, app: &App, src: &dyn Source) {
+    let [title, tabs, body, status, help] = areas(f.area());
     f.render_widget(Paragraph::new(src.title()).style(Style::new().add_modifier(Modifier::BOLD)), title);
     let titles: Vec<String> = View::ALL.iter().enumerate().map(|(i, v)| format!("{} {}", i + 1, v.title())).collect();
     let selected = View::ALL.iter().position(|v| *v == app.view).unwrap_or(0);

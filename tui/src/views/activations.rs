@@ -11,6 +11,25 @@ use super::{fitting, num, shown, sparkline};
 use crate::app::App;
 use crate::data::Source;
 
+/// The table's area and the worst elements' below it. The table keeps room for its header and
+/// three rows: on a small screen the worst elements give way (to nothing below 6 lines of their
+/// own), not the rows.
+fn split(area: Rect, worst_lines: usize) -> [Rect; 2] {
+    let room = area.height.saturating_sub(6);
+    let worst_height = match (worst_lines as u16 + 2).min(8).min(room) {
+        h if worst_lines == 0 || h < 3 => 0,
+        h => h,
+    };
+    Layout::vertical([Constraint::Min(3), Constraint::Length(worst_height)]).areas(area)
+}
+
+/// The table rows that fit `area` (what a page is).
+pub fn page(area: Rect, app: &App, src: &dyn Source) -> usize {
+    let worst =
+        app.hooks(src).iter().filter_map(|h| h.reference.as_ref().filter(|r| !r.ok)).map(|r| r.worst.len()).sum();
+    (split(area, worst)[0].height as usize).saturating_sub(3)
+}
+
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let part = src.layers().get(app.layer).map(|l| l.part);
     let hooks = app.hooks(src);
@@ -30,14 +49,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             })
         })
         .collect();
-    // The table keeps room for its header and three rows: on a small screen the worst elements
-    // give way (to nothing below 6 lines of their own), not the rows.
-    let room = area.height.saturating_sub(6);
-    let worst_height = match (worst_lines.len() as u16 + 2).min(8).min(room) {
-        h if worst_lines.is_empty() || h < 3 => 0,
-        h => h,
-    };
-    let [table_area, worst_area] = Layout::vertical([Constraint::Min(3), Constraint::Length(worst_height)]).areas(area);
+    let [table_area, worst_area] = split(area, worst_lines.len());
 
     // Columns as wide as they fit: the shape and the L2 norm go first, then the histogram, the
     // NaN count and the spread, so no number is cut short. The NaN column is as wide as its

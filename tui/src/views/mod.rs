@@ -8,7 +8,25 @@ pub mod layers;
 pub mod load;
 pub mod routing;
 
+use ratatui::layout::Rect;
 use ratatui::style::Color;
+
+use crate::app::{App, View};
+use crate::data::Source;
+
+/// The rows of the current view that fit its `area` (the body): what `PgDn` moves by.
+pub fn page(app: &App, src: &dyn Source, area: Rect) -> usize {
+    let rows = match app.view {
+        View::Activations => activations::page(area, app, src),
+        // Borders, and a header or a last line of their own.
+        View::Routing | View::Load => (area.height as usize).saturating_sub(3),
+        View::Dsa => (area.height as usize).saturating_sub(2),
+        // The map above the 5 lines of the selected token's norms.
+        View::KvNorms => (area.height as usize).saturating_sub(7),
+        View::Layers => 0,
+    };
+    rows.max(1)
+}
 
 /// A colour ramp for heatmaps: 0 = idle (dark blue) .. 0.5 = typical (teal) .. 1 = hot (yellow).
 pub fn heat(t: f64) -> Color {

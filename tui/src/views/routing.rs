@@ -24,8 +24,10 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     };
     let flips = routes.iter().filter(|r| r.is_flip()).count();
     let visible = area.height.saturating_sub(3) as usize;
-    // Keep the selected token in view; `scroll` pages further.
-    let start = app.token.saturating_sub(visible.saturating_sub(1)).max(app.scroll.min(routes.len().saturating_sub(1)));
+    // Keep the selected token's row in view (the MTP layer has fewer rows than tokens); `scroll`
+    // pages further.
+    let selected = routes.iter().position(|r| r.token >= app.token).unwrap_or(routes.len());
+    let start = selected.saturating_sub(visible.saturating_sub(1)).max(app.scroll.min(routes.len().saturating_sub(1)));
     // At narrow widths columns go rather than numbers being cut. Against a reference the flips
     // are what the view is for: the experts go first (they shrink to `+N` before that), then the
     // margin. Without one the empty reference column goes first.
