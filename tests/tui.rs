@@ -740,26 +740,28 @@ fn stale_live_dumps_of_dead_processes_are_swept() {
 /// warning on stderr would be hidden behind the UI); the right one says nothing.
 #[test]
 fn another_models_checkpoint_is_said() {
-    let (port, reference) = (flat().join("bf16-port.safetensors"), flat().join("reference.safetensors"));
-    let open = |model: &Path| {
-        glimpse::tui_source::open(&glimpse::tui_source::Open {
-            model: Some(model),
-            golden: Some(&reference),
-            dump: Some(&port),
-            tokens: None,
-            prompt: None,
-            max_memory: None,
-            target: glimpse::device::Backend::Cpu.into(),
-            near_tie: None,
-            tol: Default::default(),
-        })
-        .unwrap()
-    };
-    let other = open(&flat().with_file_name("mtp"));
+    let other = open_port(Some(&flat().with_file_name("mtp")), Default::default());
     let s = screen(&App::new(&other), &other, 120, 24);
     assert!(s.contains("golden/mtp: not the config.json the dumps ran"), "{s}");
-    let right = open(&flat());
+    let right = open_port(Some(&flat()), Default::default());
     assert!(App::new(&right).message.is_empty());
+}
+
+/// `tui --dump` of the bundled bf16 port against its reference, as the binary opens it.
+fn open_port(model: Option<&Path>, tol: glimpse::compare::Tolerance) -> DumpSource {
+    let (port, reference) = (flat().join("bf16-port.safetensors"), flat().join("reference.safetensors"));
+    glimpse::tui_source::open(&glimpse::tui_source::Open {
+        model,
+        golden: Some(&reference),
+        dump: Some(&port),
+        tokens: None,
+        prompt: None,
+        max_memory: None,
+        target: glimpse::device::Backend::Cpu.into(),
+        near_tie: None,
+        tol,
+    })
+    .unwrap()
 }
 
 /// `tui --atol/--rtol`: the comparison's tolerance is diff's, so the bf16 port at bf16's 2e-2
@@ -767,21 +769,7 @@ fn another_models_checkpoint_is_said() {
 /// the plumbing of the tolerance into the view; `diff`'s rules are checked in their own tests.)
 #[test]
 fn the_tolerance_is_the_comparisons() {
-    let (port, reference) = (flat().join("bf16-port.safetensors"), flat().join("reference.safetensors"));
-    let open = |atol: f64| {
-        glimpse::tui_source::open(&glimpse::tui_source::Open {
-            model: None,
-            golden: Some(&reference),
-            dump: Some(&port),
-            tokens: None,
-            prompt: None,
-            max_memory: None,
-            target: glimpse::device::Backend::Cpu.into(),
-            near_tie: None,
-            tol: glimpse::compare::Tolerance { atol, rtol: atol },
-        })
-        .unwrap()
-    };
+    let open = |atol: f64| open_port(None, glimpse::compare::Tolerance { atol, rtol: atol });
     let (strict, loose) = (open(1e-4), open(2e-2));
     let tol = glimpse::compare::Tolerance { atol: 2e-2, rtol: 2e-2 };
     let (ours, theirs) = port_dumps();
