@@ -208,8 +208,9 @@ impl DumpSource {
         })
     }
 
-    /// The class of each flipped row (flat, as the comparison indexes them) of the selection `name`.
-    fn flip_classes(&self, name: &str) -> BTreeMap<usize, FlipClass> {
+    /// The class of each flipped row (flat, as the comparison indexes them) of the selection
+    /// `name`, and the reference's margin that decided it (where known).
+    fn flip_classes(&self, name: &str) -> BTreeMap<usize, (FlipClass, Option<f32>)> {
         let Some(Detail::Sets { flips, .. }) = self.comparisons.get(name).map(|c| &c.detail) else {
             return BTreeMap::new();
         };
@@ -218,7 +219,7 @@ impl DumpSource {
             Class::Real => FlipClass::Real,
             Class::Unknown => FlipClass::Unknown,
         };
-        flips.iter().map(|f| (f.row, class(f))).collect()
+        flips.iter().map(|f| (f.row, (class(f), f.margin_reference))).collect()
     }
 
     fn floats(d: &Dump, name: &str) -> Option<(Vec<f64>, Vec<usize>)> {
@@ -381,7 +382,8 @@ impl Source for DumpSource {
                     weights: weights.get(t * k..(t + 1) * k).map(<[f32]>::to_vec).unwrap_or_default(),
                     margin: margin.as_ref().and_then(|m| m.get(t).copied()).filter(|m| !m.is_nan()),
                     reference_ids: reference.as_ref().and_then(|r| r.get(t * k..(t + 1) * k)).map(to_ids),
-                    flip: flips.get(&t).copied(),
+                    flip: flips.get(&t).map(|f| f.0),
+                    reference_margin: flips.get(&t).and_then(|f| f.1),
                 })
                 .collect(),
         )
@@ -443,7 +445,7 @@ impl Source for DumpSource {
             .per_token(&HookPoint::Layer(layer, LayerHook::DsaMargin).name())
             .map(|m| m.get(b * p..(b + 1) * p).map(<[f32]>::to_vec).unwrap_or_default());
         let classes = self.flip_classes(&name);
-        let flips = (0..seq).map(|q| if q < p { classes.get(&(b * p + q)).copied() } else { None }).collect();
+        let flips = (0..seq).map(|q| if q < p { classes.get(&(b * p + q)).map(|f| f.0) } else { None }).collect();
         let (selected, reference) = (rows(&self.ours)?, self.reference.as_ref().and_then(rows));
         Some(DsaMatrix { seq, selected, reference, margin, flips })
     }

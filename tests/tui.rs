@@ -701,17 +701,31 @@ fn narrow_screens_drop_columns_rather_than_cut_numbers() {
     let s = screen(&app, &src, 40, 14);
     assert!(s.contains("vs ref") && !s.contains("margin") && !s.contains("experts"), "{s}");
     assert!(line_with(&s, &format!("s{} #", flip.token)).contains("FLIP"), "{s}");
-    // At 50 the margin too, whole.
-    app.token = 0;
-    let s = screen(&app, &src, 50, 14);
-    let margin = format!("{:.2e}", routes[0].margin.unwrap());
-    assert!(s.contains("vs ref") && !s.contains("experts"), "{s}");
-    assert!(line_with(&s, "s0 ").contains(&margin), "{margin} in {s}");
-    // At 60 the experts column holds the first entry, whole, and says how many more.
+    // At 60 the margins too, whole: a flip's both sides, `ours (ref)`, as diff computes them.
     let s = screen(&app, &src, 60, 14);
+    assert!(s.contains("vs ref") && s.contains("margin (ref)") && !s.contains("experts"), "{s}");
+    let (ours, theirs) = port_dumps();
+    let opts = DiffOptions { routers: port_options().routers, ..Default::default() };
+    let report = glimpse::diff::diff(&ours, &theirs, &opts).unwrap();
+    let c = report.results.iter().find(|c| c.name == "layers.2.moe.topk_ids").unwrap();
+    let glimpse::compare::Detail::Sets { flips, .. } = &c.detail else { panic!("a selection") };
+    let f = flips.iter().find(|f| f.row == flip.token).unwrap();
+    let both = format!("{:.2e} ({:.2e})", f.margin_ours.unwrap(), f.margin_reference.unwrap());
+    assert!(line_with(&s, &format!("s{} #", flip.token)).contains(&both), "{both} in {s}");
+    app.token = 0;
+    let s = screen(&app, &src, 60, 14);
+    let margin = format!("{:.2e}", routes[0].margin.unwrap());
+    assert!(line_with(&s, "s0 ").contains(&format!(" {margin} ")), "{margin} in {s}");
+    // At 80 the experts column holds whole entries, in order, and says how many more.
+    let s = screen(&app, &src, 80, 14);
     let r0 = &routes[0];
-    let first = format!("{}:{:.2} +{}", r0.ids[0], r0.weights[0], r0.ids.len() - 1);
-    assert!(line_with(&s, "s0 ").contains(&first), "{first} in {s}");
+    let words: Vec<&str> = line_with(&s, "s0 ").trim_matches('│').split_whitespace().skip(2).collect();
+    let shown = words.iter().take_while(|w| !w.starts_with('+')).count();
+    assert!(shown >= 1 && shown < r0.ids.len(), "{s}");
+    for (j, w) in words[..shown].iter().enumerate() {
+        assert_eq!(*w, format!("{}:{:.2}", r0.ids[j], r0.weights[j]), "{s}");
+    }
+    assert_eq!(words[shown], format!("+{}", r0.ids.len() - shown), "{s}");
 }
 
 /// A live run's temporary dump whose process is gone (killed during its prefill, or by SIGKILL)

@@ -164,8 +164,10 @@ pub struct RouteRow {
     /// k-th minus (k+1)-th biased score, when recorded.
     pub margin: Option<f32>,
     pub reference_ids: Option<Vec<usize>>,
-    /// For a flip, its class.
+    /// For a flip, its class, and the reference's margin that decided it (where known): the
+    /// class weighs both margins, and a porter reads which side was close.
     pub flip: Option<FlipClass>,
+    pub reference_margin: Option<f32>,
 }
 
 impl RouteRow {

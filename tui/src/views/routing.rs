@@ -1,7 +1,8 @@
 //! Tokens x chosen experts of the selected MoE layer, with weights and margins; rows whose
-//! expert set differs from the reference are flips, shown in red with their class (`~` near-tie,
-//! `!` real, `?` unknown, by the margins that decided them) and what differs: `-` the experts only
-//! the reference chose, `+` those only we chose (as the DSA view marks keys).
+//! expert set differs from the reference are flips, shown in red with both sides' margins
+//! (`ours (ref)`), their class (`~` near-tie, `!` real, `?` unknown, by those margins) and what
+//! differs: `-` the experts only the reference chose, `+` those only we chose (as the DSA view
+//! marks keys).
 
 use ratatui::layout::{Constraint, Rect};
 use ratatui::style::{Color, Modifier, Style};
@@ -31,12 +32,14 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     // At narrow widths columns go rather than numbers being cut. Against a reference the flips
     // are what the view is for: the experts go first (they shrink to `+N` before that), then the
     // margin. Without one the empty reference column goes first.
-    const WIDTHS: [u16; 4] = [12, 10, 9, 24];
     let compared = routes.iter().any(|r| r.reference_ids.is_some());
-    let show = fitting(area.width.saturating_sub(2), &WIDTHS, if compared { &[1, 2] } else { &[3, 1] });
+    // A flip's margin shows both sides, `ours (ref)`, where the reference's is known.
+    let both = routes.iter().any(|r| r.flip.is_some() && r.reference_margin.is_some());
+    let widths: [u16; 4] = [12, 10, if both { 17 } else { 9 }, 24];
+    let show = fitting(area.width.saturating_sub(2), &widths, if compared { &[1, 2] } else { &[3, 1] });
     // The experts column takes what the others leave (each with its space): whole entries, and
     // `+N` for the rest.
-    let others: u16 = (0..4).filter(|&i| i != 1 && show[i]).map(|i| WIDTHS[i] + 1).sum();
+    let others: u16 = (0..4).filter(|&i| i != 1 && show[i]).map(|i| widths[i] + 1).sum();
     let experts_width = area.width.saturating_sub(2).saturating_sub(others) as usize;
     let rows = routes.iter().skip(start).map(|r| {
         let experts: Vec<String> = r.ids.iter().zip(&r.weights).map(|(i, w)| format!("{i}:{w:.2}")).collect();
@@ -54,14 +57,19 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         if r.token == app.token {
             style = style.add_modifier(Modifier::REVERSED);
         }
-        let margin = r.margin.map(|m| format!("{m:.2e}")).unwrap_or_else(|| "-".into());
+        let e = |m: Option<f32>| m.map_or_else(|| "-".into(), |m| format!("{m:.2e}"));
+        let margin = match (r.flip, r.reference_margin) {
+            (Some(_), Some(m)) => format!("{} ({})", e(r.margin), e(Some(m))),
+            _ => e(r.margin),
+        };
         Row::new(shown([src.token_label(r.token), fit_list(&experts, experts_width), margin, reference], &show))
             .style(style)
     });
-    let widths = WIDTHS.map(Constraint::Length);
-    let widths = shown([widths[0], Constraint::Min(WIDTHS[1]), widths[2], widths[3]], &show);
+    let constraints = widths.map(Constraint::Length);
+    let constraints = shown([constraints[0], Constraint::Min(widths[1]), constraints[2], constraints[3]], &show);
     let experts_header = if experts_width >= 14 { "experts:weight" } else { "experts" };
-    let header = Row::new(shown(["token", experts_header, "margin", "vs ref (-ref +ours)"], &show))
+    let margin_header = if both { "margin (ref)" } else { "margin" };
+    let header = Row::new(shown(["token", experts_header, margin_header, "vs ref (-ref +ours)"], &show))
         .style(Style::new().add_modifier(Modifier::UNDERLINED));
     let title = format!(
         "layer {} routing: {} tokens, {flips} flips{}",
@@ -69,5 +77,5 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         routes.len(),
         counts(routes.iter().filter_map(|r| r.flip))
     );
-    f.render_widget(Table::new(rows, widths).header(header).block(Block::bordered().title(title)), area);
+    f.render_widget(Table::new(rows, constraints).header(header).block(Block::bordered().title(title)), area);
 }
