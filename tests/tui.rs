@@ -375,7 +375,8 @@ fn activations_view_lists_hook_points_with_stats() {
     let rows = format!("BAD {} rows", flipped_rows(2, "moe.topk_ids"));
     assert!(line_with(&s2, "│moe.topk_ids").contains(&rows), "{rows}: {s2}");
     app.start_filter();
-    for c in "q_latent".chars() {
+    // Case-insensitive.
+    for c in "Q_Latent".chars() {
         app.filter_push(c);
     }
     app.finish_filter();
@@ -667,6 +668,9 @@ fn a_live_run_of_other_tokens_runs_without_the_folders_reference() {
     let src = open(None).unwrap();
     let s = screen(&App::default(), &src, 100, 24);
     assert!(s.contains("(live, no reference: it ran other tokens)"), "{s}");
+    // Without a reference there is nothing to count: the counts read `-`.
+    let words: Vec<&str> = line_with(&s, "│0 ").trim_matches('│').split_whitespace().collect();
+    assert_eq!(words[3..6], ["-", "-", "-"], "{s}");
     let prefix = format!("glimpse-tui-{}-", std::process::id());
     let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
         .unwrap()

@@ -239,7 +239,9 @@ impl App {
     /// The selected layer's hook points that the filter lets through (the activations view's rows).
     pub fn hooks(&self, src: &dyn Source) -> Vec<HookRow> {
         let Some(row) = src.layers().get(self.layer) else { return Vec::new() };
-        src.hooks(row.part).into_iter().filter(|h| h.name.contains(&self.filter)).collect()
+        // Case-insensitive, as a search in a pager is by default.
+        let filter = self.filter.to_lowercase();
+        src.hooks(row.part).into_iter().filter(|h| h.name.to_lowercase().contains(&filter)).collect()
     }
 
     /// Pages down the current view, stopping at its last full page.

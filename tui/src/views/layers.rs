@@ -54,8 +54,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
                 l.ffn.clone(),
                 l.indexer.clone(),
                 l.status.label().to_string(),
-                l.mismatches.to_string(),
-                format!("{}/{}", l.routing_flips, l.dsa_flips),
+                // Without a reference there is nothing to count.
+                if l.status == Status::Unchecked { "-".into() } else { l.mismatches.to_string() },
+                if l.status == Status::Unchecked { "-".into() } else { format!("{}/{}", l.routing_flips, l.dsa_flips) },
                 l.first_bad.clone().unwrap_or_else(|| "-".into()),
                 worst,
                 worst_name,
