@@ -28,17 +28,19 @@ pub(crate) struct Cli {
 const GLOBAL: &str = "Global options";
 
 /// The GPU's flags, beside `--device` on each command that has one.
+/// (A heading on each flag, not `next_help_heading`, which would also head the flags after them.)
 #[derive(clap::Args, Clone, Copy)]
-#[command(next_help_heading = "GPU (with --device cuda|cuda-emu)")]
 pub(crate) struct Gpu {
     /// With --device cuda: which GPU (CUDA device ordinal).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, help_heading = GPU)]
     pub(crate) ordinal: usize,
     /// With --device cuda|cuda-emu: the matrix products' arithmetic. f32 (SGEMM) is verified at
     /// the spec's default tolerance; bf16 (tensor cores, f32 accumulation) at atol = rtol = 2e-2.
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    #[arg(long, value_enum, default_value_t = Precision::F32, help_heading = GPU)]
     pub(crate) precision: Precision,
 }
+
+const GPU: &str = "GPU (with --device cuda|cuda-emu)";
 
 impl Gpu {
     /// Where and how a prefill runs, refused where the backend cannot do it.

@@ -458,3 +458,20 @@ fn generate_stops_at_eos_unless_told_not_to() {
     assert!(err.contains(&format!("stopped by eos_token_id in every row after {} of 6", first + 1)), "{err}");
     assert_eq!(greedy(&eos, &["--ignore-eos"]).0, all);
 }
+
+/// The GPU's flags are a section of their own in the help of each command with `--device`, and
+/// only they are in it (a heading set for them once headed every flag after them).
+#[test]
+fn the_gpu_section_of_the_help_holds_the_gpu_flags_only() {
+    for cmd in ["verify", "run", "audit", "bench", "tui", "selftest"] {
+        let (out, _) = assert_ok(&glimpse(&[cmd, "-h"]));
+        let section: Vec<&str> = out
+            .lines()
+            .skip_while(|l| !l.starts_with("GPU (with --device"))
+            .skip(1)
+            .take_while(|l| !l.trim().is_empty())
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert_eq!(section, ["--ordinal", "--precision"], "{cmd}: {out}");
+    }
+}
