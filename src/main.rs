@@ -11,7 +11,7 @@ use glimpse::compare::Tolerance;
 use glimpse::device::{Backend, Target};
 use glimpse::dump::DumpWriter;
 use glimpse::dump::{self, Dump};
-use glimpse::error::{Error, Result};
+use glimpse::error::{Context, Error, Result};
 use glimpse::hooks::{NonFiniteWatch, Selector, Tee};
 use glimpse::model::stream::{self, Start, Weights};
 use glimpse::model::{Model, Tokens};
@@ -359,7 +359,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut final_norm = glimpse::hooks::Recorder::new(Selector::new("final_norm", None));
             let from = from_dump.as_deref().map(Dump::open).transpose()?;
             let tokens = match (tokens, prompt, tokens_from, &from) {
-                (Some(t), _, _, _) => Tokens::parse(&t)?,
+                (Some(t), _, _, _) => Tokens::parse(&t).context(|| "--tokens".into())?,
                 (_, Some(p), _, _) => glimpse::tokenizer::encode(&model, &p)?,
                 (_, _, Some(d), _) => Dump::open(&d)?.tokens()?,
                 (_, _, _, Some(d)) => d.tokens()?,
@@ -473,7 +473,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Generate { model, tokens, prompt, max_new_tokens, chunk, dump, record, mtp, ignore_eos } => {
             let ckpt = Checkpoint::open(&model)?;
             let tokens = match (tokens, prompt) {
-                (Some(t), _) => Tokens::parse(&t)?,
+                (Some(t), _) => Tokens::parse(&t).context(|| "--tokens".into())?,
                 (_, Some(p)) => glimpse::tokenizer::encode(&model, &p)?,
                 _ => return Err(Error::Usage("give --tokens or --prompt".into())),
             };

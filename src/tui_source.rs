@@ -17,7 +17,7 @@ use crate::config::{IndexerKind, MlpKind};
 use crate::diff::{diff, DiffOptions};
 use crate::dump::{self, DumpWriter};
 use crate::dump::{Dump, Values};
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::flips::{margins_in, Class};
 use crate::hooks::Selector;
 use crate::hooks::{HookPoint, LayerHook};
@@ -534,7 +534,7 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     let mut reference = golden.as_deref().map(Dump::open).transpose()?;
     let ckpt = Checkpoint::open(dir)?;
     let tokens = match (tokens, prompt, &reference) {
-        (Some(t), _, _) => Tokens::parse(t)?,
+        (Some(t), _, _) => Tokens::parse(t).context(|| "--tokens".into())?,
         (_, Some(p), _) => crate::tokenizer::encode(dir, p)?,
         (_, _, Some(r)) => r.tokens()?,
         _ => {

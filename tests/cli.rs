@@ -134,7 +134,7 @@ fn bad_input_is_a_one_line_error_with_exit_code_2() {
     let not_dump = good.join("model.safetensors");
     assert_error(&glimpse(&["verify", "--model", good_s, "--golden", not_dump.to_str().unwrap()]), "glm5-dump/1");
 
-    assert_error(&glimpse(&["run", "--model", good_s, "--tokens", "1,x"]), "\"x\" is not a token id");
+    assert_error(&glimpse(&["run", "--model", good_s, "--tokens", "1,x"]), "--tokens: \"x\" is not a token id");
     assert_error(&glimpse(&["run", "--model", good_s, "--tokens", "1,2;3"]), "same length");
     assert_error(&glimpse(&["run", "--model", good_s, "--tokens", "1,40"]), "out of range for vocab_size 40");
     assert_error(
@@ -200,7 +200,7 @@ fn audit_reads_prompts_and_dumps() {
     std::fs::write(&prompts, "1,2,x\n").unwrap();
     assert_error(
         &glimpse(&["audit", "--model", m, "--prompts", prompts.to_str().unwrap()]),
-        "prompts.txt line 1: --tokens: \"x\" is not a token id",
+        "prompts.txt line 1: \"x\" is not a token id",
     );
 
     let dump = tmp.path().join("d.safetensors");

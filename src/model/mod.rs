@@ -51,23 +51,22 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    /// `1,2,3` (one row) or `1,2;3,4` (a batch of rows of equal length).
+    /// `1,2,3` (one row) or `1,2;3,4` (a batch of rows of equal length). Errors say what is
+    /// wrong; the caller says where (`--tokens`, a prompts file's line).
     pub fn parse(s: &str) -> Result<Self> {
         let rows: Vec<Vec<u32>> = s
             .split(';')
             .map(|row| {
                 row.split(',')
                     .map(|t| {
-                        t.trim()
-                            .parse::<u32>()
-                            .map_err(|_| Error::Usage(format!("--tokens: \"{}\" is not a token id", t.trim())))
+                        t.trim().parse::<u32>().map_err(|_| Error::Usage(format!("\"{}\" is not a token id", t.trim())))
                     })
                     .collect()
             })
             .collect::<Result<_>>()?;
         let seq = rows[0].len();
         if rows.iter().any(|r| r.len() != seq) {
-            return Err(Error::Usage("--tokens: every batch row must have the same length".into()));
+            return Err(Error::Usage("every batch row must have the same length".into()));
         }
         Tokens::new(rows.len(), seq, rows.concat())
     }
