@@ -458,23 +458,30 @@ impl Source for DumpSource {
     }
 
     fn kv_norms(&self) -> Option<KvNormGrid> {
-        let mut g = KvNormGrid { layers: Vec::new(), latent: Vec::new(), pre_norm: Vec::new(), k_rope: Vec::new() };
+        let mut g = KvNormGrid::default();
         for (i, _) in layer_names(&self.ours) {
             let name = |h: LayerHook| HookPoint::Layer(i, h).name();
-            // Dumps without the extra norm names (a transformers reference) still hold kv_latent.
-            let latent = self.per_token(&name(LayerHook::KvNorm)).or_else(|| {
-                let (v, shape) = Self::floats(&self.ours, &name(LayerHook::KvLatent))?;
-                let r = *shape.last()?;
-                Some(v.chunks(r).map(|c| c.iter().map(|x| x * x).sum::<f64>().sqrt() as f32).collect())
-            });
-            let Some(latent) = latent else { continue };
+            let Some(latent) = latent_norms(&self.ours, i) else { continue };
             g.layers.push(i);
             g.latent.push(latent);
+            g.reference_latent.push(self.reference.as_ref().and_then(|r| latent_norms(r, i)).unwrap_or_default());
             g.pre_norm.push(self.per_token(&name(LayerHook::KvNormPre)).unwrap_or_default());
             g.k_rope.push(self.per_token(&name(LayerHook::KRopeNorm)).unwrap_or_default());
         }
         (!g.layers.is_empty()).then_some(g)
     }
+}
+
+/// Layer `i`'s per-token norm of the normed latent KV: recorded (`attn.kv_norm`), else computed
+/// from `attn.kv_latent` (a transformers reference records no norms).
+fn latent_norms(d: &Dump, i: usize) -> Option<Vec<f32>> {
+    let name = |h: LayerHook| HookPoint::Layer(i, h).name();
+    if let Ok((Values::F32(v), _)) = d.values(&name(LayerHook::KvNorm)) {
+        return Some(v);
+    }
+    let (v, shape) = DumpSource::floats(d, &name(LayerHook::KvLatent))?;
+    let r = *shape.last()?;
+    Some(v.chunks(r).map(|c| c.iter().map(|x| x * x).sum::<f64>().sqrt() as f32).collect())
 }
 
 /// What the TUI opens (`glimpse tui`'s arguments).

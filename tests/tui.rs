@@ -471,11 +471,25 @@ fn load_dsa_and_kv_views_draw_the_bundled_case() {
     assert!(line_with(&s, "q0 ").contains("1.00  #"), "{s}");
 
     app.set_view(View::KvNorms);
+    app.token = 28;
     let s = screen(&app, &port, 80, 24);
     assert!(s.contains("latent kv norm") && s.contains("|kv_latent|"), "{s}");
-    // Resize: the same state draws at another size, key help still on screen.
+    // The selected token's norm on both sides, from the two dumps' kv_latent of layer 3.
+    let norm = |d: &Dump| match d.values("layers.3.attn.kv_latent").unwrap() {
+        (glimpse::dump::Values::F32(v), shape) => {
+            let r = shape[shape.len() - 1];
+            v[28 * r..][..r].iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt()
+        }
+        _ => panic!("floats"),
+    };
+    let (ours, reference) = port_dumps();
+    let both = format!("|kv_latent| {:.4} (ref {:.4})", norm(&ours), norm(&reference));
+    assert!(s.contains(&both), "{both} in {s}");
+    // Resize: the same state draws at another size, key help still on screen, and the selected
+    // layer's row stays in view.
     let small = screen(&app, &port, 40, 12);
     assert!(small.contains("latent kv") && small.contains("q quit"), "{small}");
+    assert!(small.contains("layer 3"), "{small}");
 }
 
 /// tmux on a server of this test process's own (`-L`), so other tmux users, another run of

@@ -217,11 +217,13 @@ impl DsaMatrix {
 }
 
 /// Per-layer, per-token norms of the latent KV.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct KvNormGrid {
     pub layers: Vec<usize>,
     /// `[layer][token]` L2 norm of the compressed KV after its layernorm.
     pub latent: Vec<Vec<f32>>,
+    /// The same of the reference, where there is one (empty rows where not).
+    pub reference_latent: Vec<Vec<f32>>,
     /// Before the layernorm.
     pub pre_norm: Vec<Vec<f32>>,
     /// Of the roped shared key.

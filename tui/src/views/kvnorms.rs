@@ -25,11 +25,15 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let cols = (map_area.width as usize).saturating_sub(12).max(1);
     let start = app.token.saturating_sub(cols - 1);
     let selected = src.layers().get(app.layer).and_then(|l| l.part.layer());
+    // From the scroll position, but keeping the selected layer's row in view.
+    let visible = (map_area.height as usize).saturating_sub(2).max(1);
+    let row = selected.and_then(|l| g.layers.iter().position(|x| *x == l)).unwrap_or(0);
+    let first = app.scroll.min(g.layers.len().saturating_sub(1)).max((row + 1).saturating_sub(visible));
     let lines: Vec<Line> = g
         .layers
         .iter()
         .zip(&g.latent)
-        .skip(app.scroll)
+        .skip(first)
         .map(|(layer, row)| {
             // The scale of the finite norms: one Inf would flatten the rest of the layer to one shade.
             let finite = row.iter().filter(|x| x.is_finite());
@@ -61,9 +65,13 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         vec![
             Line::raw(format!("token {}", src.token_label(app.token))),
             Line::raw(format!(
-                "|c_kv| before norm {}   |kv_latent| {}   |k_rope| {}",
+                "|c_kv| before norm {}   |kv_latent| {}{}   |k_rope| {}",
                 at(&g.pre_norm),
                 at(&g.latent),
+                match at(&g.reference_latent).as_str() {
+                    "-" => String::new(),
+                    r => format!(" (ref {r})"),
+                },
                 at(&g.k_rope)
             )),
         ]
