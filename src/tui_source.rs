@@ -399,14 +399,23 @@ impl Source for DumpSource {
                 .shape(&HookPoint::Layer(i, LayerHook::RouterLogits).name())
                 .and_then(|s| s.last().copied())
                 .unwrap_or_else(|| ids.iter().copied().max().map_or(0, |m| m as usize + 1));
-            let mut load = LayerLoad::new(i, experts);
-            for id in ids.iter().filter_map(|&x| usize::try_from(x).ok()) {
-                if let Some(c) = load.counts.get_mut(id) {
-                    *c += 1;
+            let counts = |ids: &[i64]| {
+                let mut load = LayerLoad::new(i, experts);
+                for id in ids.iter().filter_map(|&x| usize::try_from(x).ok()) {
+                    if let Some(c) = load.counts.get_mut(id) {
+                        *c += 1;
+                    }
                 }
-            }
+                load
+            };
+            let load = counts(&ids);
+            let moved = self
+                .reference
+                .as_ref()
+                .and_then(|r| Self::ints(r, name))
+                .map(|(theirs, _)| crate::audit::net_moved(&load.counts, &counts(&theirs).counts));
             let st = load.stats();
-            rows.push(LoadRow { layer: i, counts: load.counts, max_vio: st.max_vio, cv: st.cv });
+            rows.push(LoadRow { layer: i, counts: load.counts, max_vio: st.max_vio, cv: st.cv, moved });
         }
         rows
     }

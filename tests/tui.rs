@@ -423,6 +423,23 @@ fn load_dsa_and_kv_views_draw_the_bundled_case() {
     app.set_view(View::Load);
     let s = screen(&app, &port, 80, 24);
     assert!(s.contains("expert load (16 experts") && s.contains("layer 4") && s.contains("MaxVio"), "{s}");
+    // Against the reference, each layer's net load moved: sum |ours - ref| / 2 over the slots,
+    // counted here from the two dumps' expert ids.
+    let (ours, reference) = port_dumps();
+    for layer in 2..5 {
+        let name = format!("layers.{layer}.moe.topk_ids");
+        let counts = |d: &Dump| match d.values(&name).unwrap() {
+            (glimpse::dump::Values::I64(v), _) => v.iter().fold(vec![0i64; 16], |mut c, &e| {
+                c[e as usize] += 1;
+                c
+            }),
+            _ => panic!("ids"),
+        };
+        let (a, b) = (counts(&ours), counts(&reference));
+        let moved =
+            a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<i64>() as f64 / 2.0 / b.iter().sum::<i64>() as f64;
+        assert!(line_with(&s, &format!("layer {layer} ")).contains(&format!("moved {:5.1}%", 100.0 * moved)), "{s}");
+    }
 
     app.set_view(View::Dsa);
     let s = screen(&app, &port, 80, 24);

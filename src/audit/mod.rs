@@ -103,6 +103,16 @@ pub fn shift_json(shift: &[LayerShift]) -> Value {
     )
 }
 
+/// The net load moved from `reference`'s counts to `ours` (one layer's, per expert): `sum |ours
+/// - reference| / 2` over the reference's routing slots. Tokens that swapped experts both ways
+/// cancel out.
+pub fn net_moved(ours: &[u64], reference: &[u64]) -> f64 {
+    let count = |c: &[u64], e: usize| c.get(e).copied().unwrap_or(0) as i64;
+    let changed: u64 =
+        (0..ours.len().max(reference.len())).map(|e| (count(ours, e) - count(reference, e)).unsigned_abs()).sum();
+    changed as f64 / 2.0 / reference.iter().sum::<u64>().max(1) as f64
+}
+
 /// Pearson correlation; None when either side is constant.
 pub fn pearson(x: Vec<f64>, y: &[f64]) -> Option<f64> {
     let n = x.len().min(y.len());
@@ -301,7 +311,7 @@ impl Audit {
                     .map(|e| count(&l.counts, e) - count(&r.counts, e))
                     .collect();
                 let slots: u64 = r.counts.iter().sum();
-                let moved = delta.iter().map(|d| d.unsigned_abs()).sum::<u64>() as f64 / 2.0 / slots.max(1) as f64;
+                let moved = net_moved(&l.counts, &r.counts);
                 // The largest changes each way; ties by expert id, lowest first.
                 let pick = |sign: i64| {
                     let mut order: Vec<usize> = (0..delta.len()).filter(|&e| delta[e] * sign > 0).collect();

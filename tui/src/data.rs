@@ -189,6 +189,8 @@ pub struct LoadRow {
     pub counts: Vec<u64>,
     pub max_vio: f64,
     pub cv: f64,
+    /// The net load moved from the reference's counts (`audit --against`'s measure), if any.
+    pub moved: Option<f64>,
 }
 
 /// The keys each query of one batch row attended to in one layer.

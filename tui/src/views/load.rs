@@ -1,6 +1,7 @@
 //! Expert load: a layer x expert heatmap (cells coloured by load relative to the layer mean), with
-//! MaxVio and CV per layer. With more experts than columns, neighbouring experts share a cell
-//! (the busiest of them sets its colour).
+//! MaxVio and CV per layer, and against a reference the net load moved (`audit --against`'s
+//! measure). With more experts than columns, neighbouring experts share a cell (the busiest of
+//! them sets its colour).
 
 use ratatui::layout::Rect;
 use ratatui::style::{Modifier, Style};
@@ -22,7 +23,8 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         return;
     }
     let label_w = 9;
-    let stats_w = 22;
+    let compared = load.iter().any(|l| l.moved.is_some());
+    let stats_w = if compared { 35 } else { 22 };
     let cells = (area.width as usize).saturating_sub(label_w + stats_w + 2).max(1);
     let per_cell = experts.div_ceil(cells).max(1);
     let selected = src.layers().get(app.layer).and_then(|l| l.part.layer());
@@ -41,6 +43,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
                 spans.push(heat_cell(t));
             }
             spans.push(Span::raw(format!(" MaxVio {:5.2} CV {:4.2}", row.max_vio, row.cv)));
+            if let Some(m) = row.moved {
+                spans.push(Span::raw(format!(" moved {:5.1}%", 100.0 * m)));
+            }
             Line::from(spans)
         })
         .collect();
