@@ -103,9 +103,9 @@ pub fn shift_json(shift: &[LayerShift]) -> Value {
     )
 }
 
-/// The net load moved from `reference`'s counts to `ours` (one layer's, per expert): `sum |ours
-/// - reference| / 2` over the reference's routing slots. Tokens that swapped experts both ways
-/// cancel out.
+/// The net load moved from `reference`'s counts to `ours` (one layer's, per expert): half the
+/// sum of `|ours - reference|` over the reference's routing slots. Tokens that swapped experts
+/// both ways cancel out.
 pub fn net_moved(ours: &[u64], reference: &[u64]) -> f64 {
     let count = |c: &[u64], e: usize| c.get(e).copied().unwrap_or(0) as i64;
     let changed: u64 =
