@@ -454,9 +454,11 @@ impl Source for DumpSource {
             .per_token(&HookPoint::Layer(layer, LayerHook::DsaMargin).name())
             .map(|m| m.get(b * p..(b + 1) * p).map(<[f32]>::to_vec).unwrap_or_default());
         let classes = self.flip_classes(&name);
-        let flips = (0..seq).map(|q| if q < p { classes.get(&(b * p + q)).map(|f| f.0) } else { None }).collect();
+        let flip = |q: usize| if q < p { classes.get(&(b * p + q)).copied() } else { None };
+        let flips = (0..seq).map(|q| flip(q).map(|f| f.0)).collect();
+        let reference_margin = (0..seq).map(|q| flip(q).and_then(|f| f.1)).collect();
         let (selected, reference) = (rows(&self.ours)?, self.reference.as_ref().and_then(rows));
-        Some(DsaMatrix { seq, selected, reference, margin, flips })
+        Some(DsaMatrix { seq, selected, reference, margin, flips, reference_margin })
     }
 
     fn first_non_finite(&self) -> Option<String> {

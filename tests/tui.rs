@@ -486,6 +486,15 @@ fn load_dsa_and_kv_views_draw_the_bundled_case() {
     }
     // Query 0 keeps its only key, on both sides.
     assert!(line_with(&s, "q0 ").contains("1.00  #"), "{s}");
+    // The selected query's margins at the bottom: a flip's both sides, as diff computes them.
+    let (ours, theirs) = port_dumps();
+    let report = glimpse::diff::diff(&ours, &theirs, &port_options()).unwrap();
+    let c = report.results.iter().find(|c| c.name == "layers.3.dsa.topk").unwrap();
+    let glimpse::compare::Detail::Sets { flips, .. } = &c.detail else { panic!("a selection") };
+    let f = &flips[0];
+    let q = App { token: f.row, ..app.clone() };
+    let both = format!("q{}: margin {:.2e} (ref {:.2e})", f.row, f.margin_ours.unwrap(), f.margin_reference.unwrap());
+    assert!(screen(&q, &port, 80, 24).contains(&both), "{both}");
 
     app.set_view(View::KvNorms);
     app.token = 28;

@@ -202,8 +202,10 @@ pub struct DsaMatrix {
     pub reference: Option<Vec<Vec<usize>>>,
     /// Score margin at the cut per query, when recorded.
     pub margin: Option<Vec<f32>>,
-    /// For each query whose selection flipped, its class.
+    /// For each query whose selection flipped, its class, and the reference's margin that
+    /// decided it (where known).
     pub flips: Vec<Option<FlipClass>>,
+    pub reference_margin: Vec<Option<f32>>,
 }
 
 impl DsaMatrix {

@@ -72,5 +72,18 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         m.seq,
         counts(m.flips.iter().flatten().copied())
     );
-    f.render_widget(Paragraph::new(lines).block(Block::bordered().title(title)), area);
+    // The selected query's margin at the cut, and for a flip the reference's beside it.
+    // A query that may see no more keys than it keeps has no cut: its margin is infinite.
+    let e = |m: Option<f32>| match m {
+        None => "-".into(),
+        Some(m) if m.is_infinite() => "none (every causal key kept)".into(),
+        Some(m) => format!("{m:.2e}"),
+    };
+    let ours = m.margin.as_ref().and_then(|v| v.get(q_sel).copied());
+    let margin = match (m.flips.get(q_sel).copied().flatten(), m.reference_margin.get(q_sel).copied().flatten()) {
+        (Some(_), Some(r)) => format!(" q{q_sel}: margin {} (ref {}) ", e(ours), e(Some(r))),
+        _ => format!(" q{q_sel}: margin {} ", e(ours)),
+    };
+    let block = Block::bordered().title(title).title_bottom(margin);
+    f.render_widget(Paragraph::new(lines).block(block), area);
 }
