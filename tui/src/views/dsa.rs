@@ -10,6 +10,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Paragraph};
 use ratatui::Frame;
 
+use super::margin;
 use crate::app::App;
 use crate::data::{counts, FlipClass, Source};
 
@@ -73,16 +74,12 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         counts(m.flips.iter().flatten().copied())
     );
     // The selected query's margin at the cut, and for a flip the reference's beside it.
-    // A query that may see no more keys than it keeps has no cut: its margin is infinite.
-    let e = |m: Option<f32>| match m {
-        None => "-".into(),
-        Some(m) if m.is_infinite() => "none (every causal key kept)".into(),
-        Some(m) => format!("{m:.2e}"),
-    };
     let ours = m.margin.as_ref().and_then(|v| v.get(q_sel).copied());
     let margin = match (m.flips.get(q_sel).copied().flatten(), m.reference_margin.get(q_sel).copied().flatten()) {
-        (Some(_), Some(r)) => format!(" q{q_sel}: margin {} (ref {}) ", e(ours), e(Some(r))),
-        _ => format!(" q{q_sel}: margin {} ", e(ours)),
+        (Some(_), Some(r)) => format!(" q{q_sel}: margin {} (ref {}) ", margin(ours), margin(Some(r))),
+        // A query that may see no more keys than it keeps has no cut.
+        _ if ours.is_some_and(f32::is_infinite) => format!(" q{q_sel}: margin none (every causal key kept) "),
+        _ => format!(" q{q_sel}: margin {} ", margin(ours)),
     };
     let block = Block::bordered().title(title).title_bottom(margin);
     f.render_widget(Paragraph::new(lines).block(block), area);

@@ -100,6 +100,16 @@ pub fn fit_list(items: &[String], width: usize) -> String {
     out
 }
 
+/// A decision's margin: `-` unknown, `none` where nothing was cut (every candidate kept: an
+/// infinite margin), else in 3 significant digits.
+pub fn margin(m: Option<f32>) -> String {
+    match m {
+        None => "-".into(),
+        Some(m) if m.is_infinite() => "none".into(),
+        Some(m) => format!("{m:.2e}"),
+    }
+}
+
 /// Numbers in at most 8 characters, with 4 significant digits where they fit.
 pub fn num(x: f64) -> String {
     let a = x.abs();

@@ -9,7 +9,7 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::widgets::{Block, Paragraph, Row, Table};
 use ratatui::Frame;
 
-use super::{fit_list, fitting, shown};
+use super::{fit_list, fitting, margin, shown};
 use crate::app::App;
 use crate::data::{counts, FlipClass, Source};
 
@@ -57,10 +57,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         if r.token == app.token {
             style = style.add_modifier(Modifier::REVERSED);
         }
-        let e = |m: Option<f32>| m.map_or_else(|| "-".into(), |m| format!("{m:.2e}"));
         let margin = match (r.flip, r.reference_margin) {
-            (Some(_), Some(m)) => format!("{} ({})", e(r.margin), e(Some(m))),
-            _ => e(r.margin),
+            (Some(_), Some(m)) => format!("{} ({})", margin(r.margin), margin(Some(m))),
+            _ => margin(r.margin),
         };
         Row::new(shown([src.token_label(r.token), fit_list(&experts, experts_width), margin, reference], &show))
             .style(style)
