@@ -1,10 +1,11 @@
 //! `audit`: expert load balance per MoE layer, over one or many prompts (or over the routing a dump
 //! recorded). Only counts and the prompts' token ids are kept, never activations.
 //!
-//! Per layer: tokens per expert, MaxVio (`max load / mean load - 1`, the DeepSeek-V3 measure),
-//! coefficient of variation, normalised entropy of the load distribution, balancedness
-//! (`mean / max`), dead experts, the share of tokens whose expert set the correction bias changed,
-//! and the Pearson correlation between each expert's bias and its load.
+//! Per layer: tokens per expert, MaxVio (`max load / mean load - 1`, the DeepSeek-V3 measure)
+//! over all runs and the mean of each run's own (a load balanced over many prompts can be hot in
+//! each), coefficient of variation, normalised entropy of the load distribution, balancedness
+//! (`mean / max`, in the JSON), dead experts, the share of tokens whose expert set the correction
+//! bias changed, and the Pearson correlation between each expert's bias and its load.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -44,6 +45,9 @@ pub struct LayerLoad {
     pub bias: Option<Vec<f32>>,
     /// Experts a token chooses (0 before the first run).
     pub k: usize,
+    /// Each run's own MaxVio (a prompt's, a dump's): a load balanced over all runs may still
+    /// be hot in each, which is what a server batch meets.
+    pub run_max_vio: Vec<f64>,
 }
 
 /// The derived balance numbers of one layer.
@@ -56,6 +60,19 @@ pub struct Stats {
     pub dead: usize,
     pub bias_changed_share: Option<f64>,
     pub bias_load_corr: Option<f64>,
+    /// The mean of the runs' own MaxVio (the Loss-Free Balancing paper's MaxVio_batch).
+    pub max_vio_per_run: Option<f64>,
+}
+
+/// `max load / mean load - 1` of per-expert counts (0 for no load).
+fn max_vio(counts: &[u64]) -> f64 {
+    let mean = counts.iter().sum::<u64>() as f64 / counts.len().max(1) as f64;
+    let max = counts.iter().copied().max().unwrap_or(0) as f64;
+    if mean > 0.0 {
+        max / mean - 1.0
+    } else {
+        0.0
+    }
 }
 
 impl LayerLoad {
@@ -75,8 +92,9 @@ impl LayerLoad {
         } else {
             0.0
         };
+        let runs = self.run_max_vio.len();
         Stats {
-            max_vio: if mean > 0.0 { max / mean - 1.0 } else { 0.0 },
+            max_vio: max_vio(&self.counts),
             cv: if mean > 0.0 { var.sqrt() / mean } else { 0.0 },
             entropy,
             balancedness: if max > 0.0 { mean / max } else { 0.0 },
@@ -86,6 +104,7 @@ impl LayerLoad {
                 .filter(|_| self.bias_known > 0)
                 .map(|c| c as f64 / self.bias_known as f64),
             bias_load_corr: self.bias.as_ref().and_then(|b| pearson(b.iter().map(|&x| x as f64).collect(), &loads)),
+            max_vio_per_run: (runs > 0).then(|| self.run_max_vio.iter().sum::<f64>() / runs as f64),
         }
     }
 }
@@ -171,8 +190,13 @@ impl Audit {
             return Err(Error::Usage(format!("chooses {k} experts a token, another run of layer {layer} {}", l.k)));
         }
         l.k = k;
+        let mut run = vec![0u64; experts];
         for &id in ids {
-            l.counts[id as usize] += 1;
+            run[id as usize] += 1;
+        }
+        l.run_max_vio.push(max_vio(&run));
+        for (total, this) in l.counts.iter_mut().zip(run) {
+            *total += this;
         }
         l.tokens += (ids.len() / k.max(1)) as u64;
         if let Some(flags) = bias_changed {
@@ -193,8 +217,8 @@ impl Audit {
             None => String::new(),
         };
         let mut s = format!(
-            "expert load over {} prompt(s){stopped}, {} experts\n{:>7} {:>8} {:>8} {:>7} {:>8} {:>9} {:>5} {:>12} {:>10}  {:<30}  rarest (expert:tokens)\n",
-            self.prompts, self.experts, "layer", "tokens", "MaxVio", "CV", "entropy", "balanced", "dead", "bias-changed", "corr(b,l)", "busiest (expert:tokens)"
+            "expert load over {} prompt(s){stopped}, {} experts\n{:>7} {:>8} {:>8} {:>7} {:>8} {:>10} {:>5} {:>12} {:>10}  {:<30}  rarest (expert:tokens)\n",
+            self.prompts, self.experts, "layer", "tokens", "MaxVio", "CV", "entropy", "MaxVio/run", "dead", "bias-changed", "corr(b,l)", "busiest (expert:tokens)"
         );
         let mut sparse = Vec::new();
         for l in self.layers.values() {
@@ -224,12 +248,12 @@ impl Audit {
             };
             let _ = writeln!(
                 s,
-                "{label:>7} {:>8} {:>8.3} {:>7.3} {:>8.3} {:>9.3} {:>5} {:>12} {:>10}  {busiest:<30}  {rarest}",
+                "{label:>7} {:>8} {:>8.3} {:>7.3} {:>8.3} {:>10} {:>5} {:>12} {:>10}  {busiest:<30}  {rarest}",
                 l.tokens,
                 st.max_vio,
                 st.cv,
                 st.entropy,
-                st.balancedness,
+                opt(st.max_vio_per_run, false),
                 st.dead,
                 opt(st.bias_changed_share, true),
                 opt(st.bias_load_corr, false),
@@ -349,6 +373,7 @@ impl Audit {
                     "layer": l.layer, "tokens": l.tokens, "counts": l.counts, "max_vio": st.max_vio, "cv": st.cv,
                     "entropy": st.entropy, "balancedness": st.balancedness, "dead_experts": st.dead,
                     "bias_changed_share": st.bias_changed_share, "bias_load_correlation": st.bias_load_corr,
+                    "max_vio_per_run_mean": st.max_vio_per_run,
                     "mtp": self.mtp_layer == Some(l.layer),
                 })
             })
@@ -436,6 +461,18 @@ mod tests {
         // Bias and load fall together linearly: correlation 1.
         approx::assert_abs_diff_eq!(s.bias_load_corr.unwrap(), 1.0, epsilon = 1e-6);
         assert!(a.to_csv().contains("5,0,3,0.500000,0.3"));
+    }
+
+    /// Two prompts each sending all their tokens to one expert, a different one: balanced over
+    /// both (MaxVio 0), hot in each (MaxVio 1 a prompt, the mean of the runs' own).
+    #[test]
+    fn a_load_balanced_over_runs_can_be_hot_in_each() {
+        let mut a = Audit::new(2);
+        a.add(0, &[0, 0], 1, None).unwrap();
+        a.add(0, &[1, 1], 1, None).unwrap();
+        let s = a.layers[&0].stats();
+        assert_eq!((s.max_vio, s.max_vio_per_run), (0.0, Some(1.0)));
+        assert!(a.table().lines().nth(2).unwrap().contains("  0.000   ") && a.table().contains("1.000"));
     }
 
     #[test]
