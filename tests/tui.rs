@@ -138,6 +138,10 @@ fn layers_view_of_the_default_case() {
     app.handle_key(esc, &src);
     app.handle_key(esc, &src);
     assert!(!app.help && !app.quit, "{app:?}");
+    // A filter kept with enter is cleared by esc.
+    app.filter = "q_latent".into();
+    app.handle_key(esc, &src);
+    assert!(app.filter.is_empty(), "{app:?}");
     // Nothing to jump to.
     let mut app = App::new(&src);
     app.next_problem(&src);

@@ -86,7 +86,7 @@ pub const KEYS: [(&str, &str); 9] = [
     ("h/l, left/right", "previous, next token"),
     ("pgdn/pgup, J/K", "scroll the view"),
     ("/", "filter hook points (enter keeps it, esc clears it)"),
-    ("esc", "close the help, or clear a filter being typed"),
+    ("esc", "close the help, or clear the filter"),
 ];
 
 impl App {
@@ -128,6 +128,7 @@ impl App {
             KeyCode::PageDown | KeyCode::Char('J') => self.scroll_down(src),
             KeyCode::PageUp | KeyCode::Char('K') => self.scroll_up(),
             KeyCode::Char('/') => self.start_filter(),
+            KeyCode::Esc => self.clear_filter(),
             _ => {}
         }
     }
