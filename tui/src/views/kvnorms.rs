@@ -57,7 +57,13 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             Line::from(spans)
         })
         .collect();
-    let title = format!("latent kv norm after kv_a_layernorm: layers x tokens {start}..{}", (start + cols).min(tokens));
+    // The tokens shown, named as the status line names them (batch rows are laid end to end).
+    let last = (start + cols).min(tokens).saturating_sub(1);
+    let title = format!(
+        "latent kv norm after kv_a_layernorm: layers x tokens {} to {}",
+        src.token_label(start),
+        src.token_label(last)
+    );
     f.render_widget(Paragraph::new(lines).block(Block::bordered().title(title)), map_area);
 
     let detail = selected.and_then(|l| g.layers.iter().position(|x| *x == l)).map(|i| {
