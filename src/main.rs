@@ -328,8 +328,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 near_tie,
                 tol: Tolerance { atol, rtol },
             })?;
-            glimpse_tui::term::run(&src).map_err(|e| Error::Usage(format!("terminal: {e}")))?;
-            Ok(ExitCode::SUCCESS)
+            let signal = glimpse_tui::term::run(&src).map_err(|e| Error::Usage(format!("terminal: {e}")))?;
+            // Ended by SIGTERM or SIGINT from outside: the status a shell expects of it.
+            Ok(signal.map_or(ExitCode::SUCCESS, |s| ExitCode::from((128 + s).clamp(0, 255) as u8)))
         }
         Command::Inspect { model } => {
             let ckpt = Checkpoint::open(&model)?;

@@ -596,6 +596,35 @@ fn the_binary_in_tmux() {
     assert!(s.contains(&format!("layer 3 routing: 32 tokens, {} flips", flipped_rows(3, "moe.topk_ids"))), "{s}");
     assert!(s.contains("FLIP! -["), "{s}");
     tmux(&["send-keys", "-t", &session, "q"]);
+
+    // SIGTERM from outside ends it with the status a shell gives a process that signal ends
+    // (143), with the terminal restored (a process the signal killed would leave the UI drawn).
+    let dir = tempfile::tempdir().unwrap();
+    let (pid_file, rc_file) = (dir.path().join("pid"), dir.path().join("rc"));
+    run(format!("sh -c 'echo $$ > {}; {bin} tui; echo $? > {}; sleep 30'", pid_file.display(), rc_file.display()));
+    wait_for("1 layers");
+    let shell = std::fs::read_to_string(&pid_file).unwrap().trim().to_string();
+    let pid: i32 = (0..100)
+        .find_map(|_| {
+            let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children")).ok()?;
+            let pid = children.split_whitespace().next().and_then(|p| p.parse().ok());
+            if pid.is_none() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            pid
+        })
+        .unwrap_or_else(|| panic!("no child of the shell {shell}"));
+    // SAFETY: signalling the TUI this test started (the only child of its shell).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let rc = (0..100)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            std::fs::read_to_string(&rc_file).ok()
+        })
+        .unwrap_or_default();
+    assert_eq!(rc.trim(), "143");
+    let after = tmux(&["capture-pane", "-p", "-t", &session]);
+    assert!(!after.contains("1 layers"), "the terminal is restored: {after}");
     tmux(&["kill-session", "-t", &session]);
 }
 

@@ -11,21 +11,23 @@ use crate::app::App;
 use crate::data::Source;
 use crate::ui;
 
-pub fn run(src: &dyn Source) -> io::Result<()> {
+/// Runs the UI until `q`, or a SIGTERM or SIGINT from outside: then the signal's number, so the
+/// caller can exit as a process that signal ended does (128 + it), once the terminal is restored.
+pub fn run(src: &dyn Source) -> io::Result<Option<i32>> {
     if !io::stdout().is_terminal() {
         return Err(io::Error::other("needs an interactive terminal (stdout is not one)"));
     }
     let mut terminal = ratatui::try_init()?;
     let result = event_loop(&mut terminal, src);
     ratatui::restore();
-    result
+    result.map(|()| stop::signal())
 }
 
 fn event_loop(terminal: &mut ratatui::DefaultTerminal, src: &dyn Source) -> io::Result<()> {
     let mut app = App::new(src);
     stop::install();
     draw(terminal, &mut app, src)?;
-    while !app.quit && !stop::requested() {
+    while !app.quit && stop::signal().is_none() {
         // Waits in slices, so a signal ends the loop within one.
         if !event::poll(Duration::from_millis(200))? {
             continue;
@@ -52,12 +54,13 @@ fn draw(terminal: &mut ratatui::DefaultTerminal, app: &mut App, src: &dyn Source
 /// action: the terminal is gone, and crossterm's reader spins on a hung-up one.
 #[cfg(unix)]
 mod stop {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicI32, Ordering};
 
-    static REQUESTED: AtomicBool = AtomicBool::new(false);
+    /// The signal that asked the loop to end; 0 for none.
+    static SIGNAL: AtomicI32 = AtomicI32::new(0);
 
-    extern "C" fn on_signal(_: libc::c_int) {
-        REQUESTED.store(true, Ordering::Relaxed);
+    extern "C" fn on_signal(signal: libc::c_int) {
+        SIGNAL.store(signal, Ordering::Relaxed);
     }
 
     pub fn install() {
@@ -67,15 +70,15 @@ mod stop {
         }
     }
 
-    pub fn requested() -> bool {
-        REQUESTED.load(Ordering::Relaxed)
+    pub fn signal() -> Option<i32> {
+        Some(SIGNAL.load(Ordering::Relaxed)).filter(|&s| s != 0)
     }
 }
 
 #[cfg(not(unix))]
 mod stop {
     pub fn install() {}
-    pub fn requested() -> bool {
-        false
+    pub fn signal() -> Option<i32> {
+        None
     }
 }
