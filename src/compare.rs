@@ -5,7 +5,6 @@
 //! with its coordinate and both values, or the first row whose set differs.
 
 use crate::dump::Values;
-use crate::hooks::HookPoint;
 
 /// `|a - e| <= atol + rtol * |e|`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -97,10 +96,26 @@ pub enum Detail {
         /// Every row whose set differs, in order.
         flips: Vec<Flip>,
     },
+    /// An exact integer tensor (`input_ids`, `moe.bias_changed`): element by element. Its
+    /// differences are mismatches, not flips: no margin decided them.
+    Exact {
+        elements: usize,
+        /// Every element that differs, in order.
+        differing: Vec<Difference>,
+    },
     Shape {
         ours: Vec<usize>,
         reference: Vec<usize>,
     },
+}
+
+/// An element of an exact integer tensor that differs: its flat index and coordinate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Difference {
+    pub index: usize,
+    pub at: Vec<usize>,
+    pub ours: i64,
+    pub reference: i64,
 }
 
 impl Detail {
@@ -166,21 +181,15 @@ impl Flip {
 
 /// Every flip in `results`, with the name of the selection it is in, in order. Only decisions
 /// (`dsa.topk`, `moe.topk_ids`: what a margin decided) flip; other integer tensors that differ
-/// (`moe.bias_changed`, a consequence of the logits) are mismatches, not flips.
+/// (`moe.bias_changed`, a consequence of the logits) are `Detail::Exact` mismatches.
 pub fn flips(results: &[Comparison]) -> Vec<(&str, &Flip)> {
     fn of(c: &Comparison) -> &[Flip] {
         match &c.detail {
-            Detail::Sets { flips, .. } if is_decision(&c.name) => flips,
+            Detail::Sets { flips, .. } => flips,
             _ => &[],
         }
     }
     results.iter().flat_map(|c| of(c).iter().map(|f| (c.name.as_str(), f))).collect()
-}
-
-/// Whether `name` is a selection a margin decides (`dsa.topk`, `moe.topk_ids`); other integer
-/// tensors compare element by element, their differences are not flips.
-pub fn is_decision(name: &str) -> bool {
-    HookPoint::parse(name).is_some_and(|p| p.margin().is_some())
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -441,9 +450,8 @@ pub fn compare_tensor(
     }
     let (ok, detail) = match (Rule::for_name(name, reference), ours, reference) {
         (Rule::DsaSelection, Values::I64(a), Values::I64(e)) => compare_dsa(a, e, shape),
-        (Rule::ExpertSet | Rule::Exact, Values::I64(a), Values::I64(e)) => {
-            compare_expert_sets(a, e, &exact_rows(name, shape))
-        }
+        (Rule::ExpertSet, Values::I64(a), Values::I64(e)) => compare_expert_sets(a, e, shape),
+        (Rule::Exact, Values::I64(a), Values::I64(e)) => compare_exact(a, e, shape),
         (Rule::ExpertWeights, Values::F32(a), Values::F32(e)) => match ids {
             Some((ia, ie)) if ia.len() == a.len() && ie.len() == e.len() => {
                 compare_expert_weights(ia, a, ie, e, shape, tol)
@@ -457,15 +465,16 @@ pub fn compare_tensor(
     Comparison { name: name.into(), ok, detail }
 }
 
-/// Exact integer tensors compare element by element: each element is a one-member set.
-fn exact_rows(name: &str, shape: &[usize]) -> Vec<usize> {
-    if name.ends_with(".moe.topk_ids") {
-        shape.to_vec()
-    } else {
-        let mut s = shape.to_vec();
-        s.push(1);
-        s
-    }
+/// Exact integer tensors compare element by element.
+fn compare_exact(ours: &[i64], reference: &[i64], shape: &[usize]) -> (bool, Detail) {
+    let differing: Vec<Difference> = ours
+        .iter()
+        .zip(reference)
+        .enumerate()
+        .filter(|(_, (a, e))| a != e)
+        .map(|(index, (&ours, &reference))| Difference { index, at: coord(shape, index), ours, reference })
+        .collect();
+    (differing.is_empty(), Detail::Exact { elements: reference.len(), differing })
 }
 
 pub fn to_f32(v: &Values) -> Vec<f32> {

@@ -125,8 +125,9 @@ fn first_position(
     let inner: usize = dims.iter().skip(if token_rows { 1 } else { 2 }).product();
     let position = |i: usize| (i / inner.max(1)) % seq.max(1);
     match &c.detail {
-        // Set rows (and exact integers, one row per element) are flat (batch, position) rows.
+        // Set rows are flat (batch, position) rows; so are exact integers' elements.
         Detail::Sets { flips, .. } => flips.iter().map(|f| f.row % seq.max(1)).min().unwrap_or(0),
+        Detail::Exact { differing, .. } => differing.iter().map(|d| d.index % seq.max(1)).min().unwrap_or(0),
         Detail::Float { .. } => {
             let (a, e) = (compare::to_f32(ours), compare::to_f32(reference));
             let bad: Vec<usize> = match ids {

@@ -235,10 +235,10 @@ pub fn comparison_json(c: &Comparison, near_tie: f64) -> Value {
                 "cosine": f(*cosine), "scale": f(*scale), "outside_tolerance": bad, "elements": total,
             })
         }
-        Detail::Sets { rows, flips, .. } if !crate::compare::is_decision(&c.name) => json!({
-            "kind": "exact", "elements": rows, "differ": flips.len(),
-            "differing": flips.iter().map(|fl| json!({
-                "at": fl.at, "ours": fl.only_ours.first(), "reference": fl.only_reference.first(),
+        Detail::Exact { elements, differing } => json!({
+            "kind": "exact", "elements": elements, "differ": differing.len(),
+            "differing": differing.iter().map(|d| json!({
+                "at": d.at, "ours": d.ours, "reference": d.reference,
             })).collect::<Vec<_>>(),
         }),
         Detail::Sets { rows, mean_recall, min_recall, flips } => json!({
@@ -340,9 +340,7 @@ impl DiffReport {
                 out += &format!("  mean_abs {mean_abs:.3e}  nmse {nmse:.3e}  cos {cosine:.6}");
             }
             if let Detail::Sets { mean_recall, .. } = &c.detail {
-                if crate::compare::is_decision(&c.name) {
-                    out += &format!("  mean recall {mean_recall:.4}");
-                }
+                out += &format!("  mean recall {mean_recall:.4}");
             }
             out.push('\n');
         }

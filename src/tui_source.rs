@@ -273,6 +273,7 @@ impl DumpSource {
         let (max_abs, max_rel) = match &c.detail {
             Detail::Float { max_abs, max_rel, .. } => (*max_abs, *max_rel),
             Detail::Sets { mean_recall, .. } => (1.0 - mean_recall, 0.0),
+            Detail::Exact { elements, differing } => (differing.len() as f64 / (*elements).max(1) as f64, 0.0),
             Detail::Shape { .. } => (f64::INFINITY, f64::INFINITY),
         };
         let mut worst = Vec::new();
@@ -308,6 +309,7 @@ impl DumpSource {
         }
         let rows_differ = match &c.detail {
             Detail::Sets { flips, .. } => Some(flips.len()),
+            Detail::Exact { differing, .. } => Some(differing.len()),
             _ => None,
         };
         RefCheck { ok: c.ok, rows_differ, max_abs, max_rel, worst }

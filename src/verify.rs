@@ -351,11 +351,10 @@ pub fn format_line(c: &Comparison) -> String {
             }
             s
         }
-        // An exact integer tensor (`moe.bias_changed`) holds one-member sets: its elements.
-        Detail::Sets { rows, flips, .. } if !compare::is_decision(&c.name) => {
-            let mut s = format!("{}/{rows} elements differ", flips.len());
-            if let Some(f) = flips.first() {
-                s += &format!("; first at {:?}: ours {:?} ref {:?}", f.at, f.only_ours, f.only_reference);
+        Detail::Exact { elements, differing } => {
+            let mut s = format!("{}/{elements} elements differ", differing.len());
+            if let Some(d) = differing.first() {
+                s += &format!("; first at {:?}: ours [{}] ref [{}]", d.at, d.ours, d.reference);
             }
             s
         }
