@@ -209,8 +209,9 @@ impl DumpSource {
     }
 
     /// The class of each flipped row (flat, as the comparison indexes them) of the selection
-    /// `name`, and the reference's margin that decided it (where known).
-    fn flip_classes(&self, name: &str) -> BTreeMap<usize, (FlipClass, Option<f32>)> {
+    /// `name`, and the margins that decided it on each side (ours, reference; where known): the
+    /// ones its class was made from, which the views show.
+    fn flip_classes(&self, name: &str) -> BTreeMap<usize, (FlipClass, Option<f32>, Option<f32>)> {
         let Some(Detail::Sets { flips, .. }) = self.comparisons.get(name).map(|c| &c.detail) else {
             return BTreeMap::new();
         };
@@ -219,7 +220,7 @@ impl DumpSource {
             Class::Real => FlipClass::Real,
             Class::Unknown => FlipClass::Unknown,
         };
-        flips.iter().map(|f| (f.row, (class(f), f.margin_reference))).collect()
+        flips.iter().map(|f| (f.row, (class(f), f.margin_ours, f.margin_reference))).collect()
     }
 
     fn floats(d: &Dump, name: &str) -> Option<(Vec<f64>, Vec<usize>)> {
@@ -365,10 +366,9 @@ impl Source for DumpSource {
         let (ids, shape) = Self::ints(&self.ours, &name(LayerHook::TopkIds))?;
         let k = *shape.last()?;
         let weights = self.per_token(&name(LayerHook::TopkWeights)).unwrap_or_default();
-        let margin = self.per_token(&name(LayerHook::RouterMargin)).or_else(|| {
-            let router = self.routers.as_ref()?.layer(layer);
-            margins_in(&self.ours, HookPoint::Layer(layer, LayerHook::TopkIds), router)
-        });
+        // Recorded, else recomputed from the gate logits with the checkpoint's routers.
+        let router = self.routers.as_ref().and_then(|r| r.layer(layer));
+        let margin = margins_in(&self.ours, HookPoint::Layer(layer, LayerHook::TopkIds), router);
         let reference = self.reference.as_ref().and_then(|r| Self::ints(r, &name(LayerHook::TopkIds))).map(|(v, _)| v);
         let flips = self.flip_classes(&name(LayerHook::TopkIds));
         let to_ids = |v: &[i64]| v.iter().map(|&x| x.max(0) as usize).collect::<Vec<_>>();
@@ -382,10 +382,13 @@ impl Source for DumpSource {
                     token: token(t),
                     ids: to_ids(row),
                     weights: weights.get(t * k..(t + 1) * k).map(<[f32]>::to_vec).unwrap_or_default(),
-                    margin: margin.as_ref().and_then(|m| m.get(t).copied()).filter(|m| !m.is_nan()),
+                    margin: flips
+                        .get(&t)
+                        .and_then(|f| f.1)
+                        .or_else(|| margin.as_ref().and_then(|m| m.get(t).copied()).filter(|m| !m.is_nan())),
                     reference_ids: reference.as_ref().and_then(|r| r.get(t * k..(t + 1) * k)).map(to_ids),
                     flip: flips.get(&t).map(|f| f.0),
-                    reference_margin: flips.get(&t).and_then(|f| f.1),
+                    reference_margin: flips.get(&t).and_then(|f| f.2),
                 })
                 .collect(),
         )
@@ -458,7 +461,11 @@ impl Source for DumpSource {
         let classes = self.flip_classes(&name);
         let flip = |q: usize| if q < p { classes.get(&(b * p + q)).copied() } else { None };
         let flips = (0..seq).map(|q| flip(q).map(|f| f.0)).collect();
-        let reference_margin = (0..seq).map(|q| flip(q).and_then(|f| f.1)).collect();
+        let reference_margin = (0..seq).map(|q| flip(q).and_then(|f| f.2)).collect();
+        // A flip's own margin where the comparison knows it (a shared layer's is the layer's
+        // whose keys it reuses), else the recorded one.
+        let margin = margin
+            .map(|m: Vec<f32>| (0..m.len()).map(|q| flip(q).and_then(|f| f.1).unwrap_or(m[q])).collect::<Vec<f32>>());
         let (selected, reference) = (rows(&self.ours)?, self.reference.as_ref().and_then(rows));
         Some(DsaMatrix { seq, selected, reference, margin, flips, reference_margin })
     }

@@ -214,7 +214,8 @@ impl App {
                 // Put the cursor on the first flipped token, so the view opens on it.
                 let first_flip = match view {
                     View::Routing => {
-                        row.part.layer().and_then(|i| src.routing(i)).and_then(|r| r.iter().position(|t| t.is_flip()))
+                        let routes = row.part.layer().and_then(|i| src.routing(i));
+                        routes.and_then(|r| r.iter().find(|t| t.is_flip()).map(|t| t.token))
                     }
                     View::Dsa => row.part.layer().and_then(|i| next_dsa_flip(src, i, 0)),
                     _ => None,
