@@ -55,7 +55,7 @@ pub fn svg(audit: &Audit, title: &str) -> String {
     let _ = writeln!(
         s,
         r##"<text x="{left}" y="44" fill="#555">expert load per MoE layer, relative to the layer mean ({} prompt(s))</text>"##,
-        audit.prompts
+        audit.prompts()
     );
     for (r, l) in audit.layers.values().enumerate() {
         let y = top + r as f64 * cell_h;

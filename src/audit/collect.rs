@@ -177,7 +177,6 @@ fn run_prompts(
             }
             p.prefill(&tokens, &mut AuditObserver::new(audit))
                 .map_err(|e| Error::Usage(format!("{} line {line}: {e}", path.display())))?;
-            audit.prompts += tokens.batch;
             // Kept (ids only) for `--against`, which must have run the same prompts.
             audit.inputs.push(Some(tokens));
             if crate::interrupt::requested() && n + 1 < total {
@@ -267,7 +266,6 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<()
         };
         audit.add(i, &ids, k, flags.as_deref()).map_err(|e| Error::dump(&d.path, format!("`{name}` {e}")))?;
     }
-    audit.prompts += tokens.as_ref().map_or(1, |t| t.batch);
     audit.inputs.push(tokens);
     Ok(())
 }

@@ -45,9 +45,10 @@ pub struct LayerLoad {
     pub bias: Option<Vec<f32>>,
     /// Experts a token chooses (0 before the first run).
     pub k: usize,
-    /// Each run's own MaxVio (a prompt's, a dump's): a load balanced over all runs may still
-    /// be hot in each, which is what a server batch meets.
-    pub run_max_vio: Vec<f64>,
+    /// The sum of each run's own MaxVio (a prompt's, a dump's) and the runs: a load balanced
+    /// over all runs may still be hot in each, which is what a server batch meets.
+    pub run_max_vio_sum: f64,
+    pub runs: usize,
 }
 
 /// The derived balance numbers of one layer.
@@ -92,7 +93,6 @@ impl LayerLoad {
         } else {
             0.0
         };
-        let runs = self.run_max_vio.len();
         Stats {
             max_vio: max_vio(&self.counts),
             cv: if mean > 0.0 { var.sqrt() / mean } else { 0.0 },
@@ -104,7 +104,7 @@ impl LayerLoad {
                 .filter(|_| self.bias_known > 0)
                 .map(|c| c as f64 / self.bias_known as f64),
             bias_load_corr: self.bias.as_ref().and_then(|b| pearson(b.iter().map(|&x| x as f64).collect(), &loads)),
-            max_vio_per_run: (runs > 0).then(|| self.run_max_vio.iter().sum::<f64>() / runs as f64),
+            max_vio_per_run: (self.runs > 0).then(|| self.run_max_vio_sum / self.runs as f64),
         }
     }
 }
@@ -126,10 +126,19 @@ pub fn shift_json(shift: &[LayerShift]) -> Value {
 /// sum of `|ours - reference|` over the reference's routing slots. Tokens that swapped experts
 /// both ways cancel out.
 pub fn net_moved(ours: &[u64], reference: &[u64]) -> f64 {
+    moved(&delta(ours, reference), reference.iter().sum())
+}
+
+/// Per expert, `ours - reference` (two guessed expert counts may differ: a missing expert has
+/// no tokens).
+fn delta(ours: &[u64], reference: &[u64]) -> Vec<i64> {
     let count = |c: &[u64], e: usize| c.get(e).copied().unwrap_or(0) as i64;
-    let changed: u64 =
-        (0..ours.len().max(reference.len())).map(|e| (count(ours, e) - count(reference, e)).unsigned_abs()).sum();
-    changed as f64 / 2.0 / reference.iter().sum::<u64>().max(1) as f64
+    (0..ours.len().max(reference.len())).map(|e| count(ours, e) - count(reference, e)).collect()
+}
+
+/// Half the summed change over the reference's `slots`.
+fn moved(delta: &[i64], slots: u64) -> f64 {
+    delta.iter().map(|d| d.unsigned_abs()).sum::<u64>() as f64 / 2.0 / slots.max(1) as f64
 }
 
 /// Pearson correlation; None when either side is constant.
@@ -155,11 +164,10 @@ pub struct Audit {
     pub experts: usize,
     /// The expert count is the dumps' largest id + 1, not a model's or a router's.
     pub experts_guessed: bool,
-    pub prompts: usize,
     /// Each run's token ids, in order (None for a dump without `input_ids`): `--against` must
     /// have run the same.
     pub inputs: Vec<Option<Tokens>>,
-    /// The model's `config_sha256`: the checkpoint's, else the first dump's that records one.
+    /// The model's `config_sha256`: the first dump's that records one, else the checkpoint's.
     pub config_sha256: Option<String>,
     /// The MTP head's decoder layer (`num_hidden_layers`), when known: marked in the table.
     pub mtp_layer: Option<usize>,
@@ -170,6 +178,11 @@ pub struct Audit {
 impl Audit {
     pub fn new(experts: usize) -> Self {
         Audit { experts, ..Default::default() }
+    }
+
+    /// The prompts counted: every run's batch rows (a dump without `input_ids` counts one).
+    pub fn prompts(&self) -> usize {
+        self.inputs.iter().map(|t| t.as_ref().map_or(1, |t| t.batch)).sum()
     }
 
     /// Adds one layer's chosen ids (`[tokens, k]`, flattened) and optional bias-changed flags
@@ -194,7 +207,7 @@ impl Audit {
         for &id in ids {
             run[id as usize] += 1;
         }
-        l.run_max_vio.push(max_vio(&run));
+        (l.run_max_vio_sum, l.runs) = (l.run_max_vio_sum + max_vio(&run), l.runs + 1);
         for (total, this) in l.counts.iter_mut().zip(run) {
             *total += this;
         }
@@ -218,7 +231,7 @@ impl Audit {
         };
         let mut s = format!(
             "expert load over {} prompt(s){stopped}, {} experts\n{:>7} {:>8} {:>8} {:>7} {:>8} {:>10} {:>5} {:>12} {:>10}  {:<30}  rarest (expert:tokens)\n",
-            self.prompts, self.experts, "layer", "tokens", "MaxVio", "CV", "entropy", "MaxVio/run", "dead", "bias-changed", "corr(b,l)", "busiest (expert:tokens)"
+            self.prompts(), self.experts, "layer", "tokens", "MaxVio", "CV", "entropy", "MaxVio/run", "dead", "bias-changed", "corr(b,l)", "busiest (expert:tokens)"
         );
         let mut sparse = Vec::new();
         for l in self.layers.values() {
@@ -329,13 +342,9 @@ impl Audit {
             .iter()
             .filter_map(|(i, l)| {
                 let r = reference.layers.get(i)?;
-                // (Two guessed expert counts may differ: a missing expert has no tokens.)
-                let count = |c: &[u64], e: usize| c.get(e).copied().unwrap_or(0) as i64;
-                let delta: Vec<i64> = (0..l.counts.len().max(r.counts.len()))
-                    .map(|e| count(&l.counts, e) - count(&r.counts, e))
-                    .collect();
+                let delta = delta(&l.counts, &r.counts);
                 let slots: u64 = r.counts.iter().sum();
-                let moved = net_moved(&l.counts, &r.counts);
+                let moved = moved(&delta, slots);
                 // The largest changes each way; ties by expert id, lowest first.
                 let pick = |sign: i64| {
                     let mut order: Vec<usize> = (0..delta.len()).filter(|&e| delta[e] * sign > 0).collect();
@@ -354,7 +363,11 @@ impl Audit {
             "load shift against the reference ({} prompt(s)): net load moved, sum |ours - reference| / 2 over the \
              reference's slots (tokens that swapped experts both ways cancel; `diff` counts each flip)\n\
              {:>5} {:>8} {:>7}  {:<30}  lost most\n",
-            reference.prompts, "layer", "slots", "moved", "gained most"
+            reference.prompts(),
+            "layer",
+            "slots",
+            "moved",
+            "gained most"
         );
         for l in self.shift(reference) {
             let moved = format!("{:.1}%", 100.0 * l.moved);
@@ -379,7 +392,7 @@ impl Audit {
             })
             .collect();
         json!({
-            "prompts": self.prompts, "experts": self.experts, "experts_guessed": self.experts_guessed,
+            "prompts": self.prompts(), "experts": self.experts, "experts_guessed": self.experts_guessed,
             "stopped_after": self.stopped.map(|(run, _)| run), "layers": layers,
         })
     }
