@@ -82,6 +82,9 @@ pub struct Config {
     pub indexer_types: Vec<IndexerKind>,
     pub rope: Rope,
     pub fp8: Option<Fp8>,
+    /// `eos_token_id`: one id or a list (GLM-5's has three); empty when absent. Not the forward
+    /// pass's: where `generate` stops.
+    pub eos_token_ids: Vec<u32>,
 }
 
 /// The most layers a config may declare.
@@ -98,7 +101,6 @@ const IGNORED_KEYS: &[&str] = &[
     "use_cache",
     "pad_token_id",
     "bos_token_id",
-    "eos_token_id",
     "attention_dropout",
     "output_router_logits",
     "mlp_bias", // transformers builds every MLP without bias whatever this says
@@ -155,6 +157,20 @@ impl<'a> Fields<'a> {
             None => Ok(default),
             Some(v) => v.as_bool().ok_or_else(|| Error::config(key, format!("expected a boolean, got {v}"))),
         }
+    }
+}
+
+/// `eos_token_id`: one token id or a list of them.
+fn eos_token_ids(f: &Fields) -> Result<Vec<u32>> {
+    let id = |v: &Value| {
+        v.as_u64()
+            .and_then(|i| u32::try_from(i).ok())
+            .ok_or_else(|| Error::config("eos_token_id", format!("expected a token id or a list of them, got {v}")))
+    };
+    match f.get("eos_token_id") {
+        None => Ok(Vec::new()),
+        Some(Value::Array(ids)) => ids.iter().map(id).collect(),
+        Some(v) => id(v).map(|i| vec![i]),
     }
 }
 
@@ -249,6 +265,7 @@ impl Config {
             indexer_types: indexer_types(&f, num_hidden_layers)?,
             rope: rope(&f)?,
             fp8: fp8(&f)?,
+            eos_token_ids: eos_token_ids(&f)?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -657,5 +674,21 @@ impl Config {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `eos_token_id`: one id or a list; none when absent; anything else is refused, not dropped.
+    #[test]
+    fn eos_token_id_is_one_id_or_a_list() {
+        let eos = |v: Value| Config::from_json(&serde_json::json!({ "eos_token_id": v })).map(|c| c.eos_token_ids);
+        assert_eq!(eos(serde_json::json!(7)).unwrap(), [7]);
+        assert_eq!(eos(serde_json::json!([154820, 154827, 154829])).unwrap(), [154820, 154827, 154829]);
+        assert_eq!(eos(Value::Null).unwrap(), Vec::<u32>::new());
+        let bad = eos(serde_json::json!([1, "x"])).unwrap_err().to_string();
+        assert!(bad.contains("eos_token_id") && bad.contains("\"x\""), "{bad}");
     }
 }

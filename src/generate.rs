@@ -29,16 +29,6 @@ pub struct GenerateOptions {
     pub eos: Vec<u32>,
 }
 
-/// config.json's `eos_token_id`: one id or a list (GLM-5's has three); none when absent.
-pub fn eos_ids(config_bytes: &[u8]) -> Vec<u32> {
-    let v: serde_json::Value = serde_json::from_slice(config_bytes).unwrap_or_default();
-    let one = |x: &serde_json::Value| x.as_u64().and_then(|i| u32::try_from(i).ok());
-    match &v["eos_token_id"] {
-        serde_json::Value::Array(ids) => ids.iter().filter_map(one).collect(),
-        x => one(x).into_iter().collect(),
-    }
-}
-
 pub fn run(
     dir: &Path,
     ckpt: &crate::checkpoint::Checkpoint,

@@ -488,7 +488,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 chunk: chunk.unwrap_or(0) as usize,
                 dump: dump.map(|d| recording(&record, &ckpt.config).map(|s| (d, s))).transpose()?,
                 mtp,
-                eos: if ignore_eos { Vec::new() } else { glimpse::generate::eos_ids(&ckpt.config_bytes) },
+                eos: if ignore_eos { Vec::new() } else { ckpt.config.eos_token_ids.clone() },
             };
             glimpse::generate::run(&model, &ckpt, &Model::load(&ckpt)?, &tokens, &opts)?;
             Ok(ExitCode::SUCCESS)
