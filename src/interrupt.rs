@@ -47,9 +47,6 @@ mod imp {
     pub fn default_again() {}
 }
 
-/// SIGINT's default action again (past the last checkpoint, where there is nothing left to stop
-/// cleanly at).
-pub use imp::default_again;
 /// Whether a stop was asked for.
 pub use imp::requested;
 

@@ -416,7 +416,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         }
                         None => (DumpWriter::create(path, selector, expected)?, layers, start),
                     };
-                    let _stopping = writer.resumable().then(glimpse::interrupt::stop_at_checkpoints);
+                    let stopping = writer.resumable().then(glimpse::interrupt::stop_at_checkpoints);
                     let logits = {
                         let mut side = Tee(&mut watch, &mut final_norm);
                         let mut obs = Tee(&mut writer, &mut side);
@@ -431,8 +431,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     };
                     // A Ctrl-C after the last checkpoint still stops here (the head is left to
                     // resume); from now on one ends the run at once, as by default.
-                    if writer.resumable() {
-                        glimpse::interrupt::default_again();
+                    if let Some(stopping) = stopping {
+                        drop(stopping);
                         if glimpse::interrupt::requested() {
                             return Err(writer.interrupted(n - 1));
                         }

@@ -351,7 +351,10 @@ impl Model {
         mut on_step: impl FnMut(usize, &[u32]) -> Result<Flow>,
     ) -> Result<Generation> {
         let (b, p) = (prompt.batch, prompt.seq);
-        let mut cache = KvCache::with_capacity(self.layers.len(), p + new);
+        // Positions fed: the prompt and every new token but the last (never fed); the MTP head
+        // runs one fewer.
+        let fed = p + new.saturating_sub(1);
+        let mut cache = KvCache::with_capacity(self.layers.len(), fed);
         let (mut hidden, mut logits) = (Vec::new(), None);
         if chunk == 0 || chunk >= p {
             // The whole prompt at once: the expanded prefill, filling the cache as it goes.
@@ -368,7 +371,7 @@ impl Model {
         let mut next = last_argmax(&logits.ok_or_else(|| Error::Usage("empty prompt".into()))?)?;
         let mut drafter = mtp.map(|m| Drafter {
             mtp: m,
-            cache: KvCache::with_capacity(1, p + new),
+            cache: KvCache::with_capacity(1, fed.saturating_sub(1)),
             draft: None,
             accepted: 0,
             drafted: 0,
