@@ -142,27 +142,6 @@ pub struct Flip {
     pub margin_reference: Option<f32>,
 }
 
-impl Flip {
-    /// The larger of the known margins. A flip overturns both sides' decisions (a key or expert
-    /// each kept over the other by at least its margin), so the scores moved by at least the sum
-    /// of the two margins between them: rounding alone flips it only when both are small. (The
-    /// smaller one misclassed a bug's flips: a reference margin of 1e-2 with ours at 1e-4 read as
-    /// a near-tie.) With grouped routing a margin covers the experts of the kept groups only, so a
-    /// flip of the group choice is classed by its experts' margins.
-    pub fn margin(&self) -> Option<f32> {
-        match (self.margin_ours, self.margin_reference) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        }
-    }
-    /// A near-tie: both margins known and below `threshold`, so rounding alone can flip it.
-    pub fn near_tie(&self, threshold: f64) -> bool {
-        self.margin_ours.is_some()
-            && self.margin_reference.is_some()
-            && self.margin().is_some_and(|m| (m as f64) < threshold)
-    }
-}
-
 #[cfg(test)]
 impl Flip {
     /// Row 0 of a selection of two, one key swapped (1 ours, 2 the reference's), with `margins`.
@@ -487,6 +466,7 @@ pub fn to_f32(v: &Values) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flips::Class;
 
     /// Only decisions flip: a differing `moe.bias_changed` (a consequence of the logits) is a
     /// mismatch, not a flip, while the same difference in `moe.topk_ids` is one.
@@ -537,12 +517,13 @@ mod tests {
         c.set_margins(Some(&[0.5, f32::NAN]), Some(&[0.5, 2e-2]));
         let Detail::Sets { flips, .. } = &c.detail else { unreachable!() };
         assert_eq!((flips[0].margin_ours, flips[0].margin_reference), (None, Some(2e-2)));
-        assert!(!flips[0].near_tie(1e-3) && !flips[0].near_tie(4e-2), "one side unknown: never a near-tie");
+        let near_tie = |f: &Flip, t| Class::of(f, t) == Class::NearTie;
+        assert!(!near_tie(&flips[0], 1e-3) && !near_tie(&flips[0], 4e-2), "one side unknown: never a near-tie");
         // Both known: near only when both are (ours close to a tie, the reference's not is a bug).
         let with =
             |ours, reference| Flip { margin_ours: Some(ours), margin_reference: Some(reference), ..flips[0].clone() };
-        assert!(!with(1.4e-4, 1.4e-2).near_tie(1e-3) && !with(1.4e-2, 1.4e-4).near_tie(1e-3));
-        assert!(with(1.4e-4, 6e-4).near_tie(1e-3));
+        assert!(!near_tie(&with(1.4e-4, 1.4e-2), 1e-3) && !near_tie(&with(1.4e-2, 1.4e-4), 1e-3));
+        assert!(near_tie(&with(1.4e-4, 6e-4), 1e-3));
     }
 
     /// Expert weights are compared aligned by expert, and named at their place in the reference

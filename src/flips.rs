@@ -24,14 +24,21 @@ pub enum Class {
 }
 
 impl Class {
+    /// A flip overturns both sides' decisions (a key or expert each kept over the other by at
+    /// least its margin), so the scores moved by at least the sum of the two margins between
+    /// them: rounding alone flips it only when both are small. (Classing by the smaller one
+    /// misclassed a bug's flips: a reference margin of 1e-2 with ours at 1e-4 read as a
+    /// near-tie.) With grouped routing a margin covers the experts of the kept groups only, so a
+    /// flip of the group choice is classed by its experts' margins.
     pub fn of(fl: &Flip, near_tie: f64) -> Class {
-        match fl.margin() {
-            None => Class::Unknown,
+        let clear = |m: Option<f32>| m.is_some_and(|m| m as f64 >= near_tie);
+        match (fl.margin_ours, fl.margin_reference) {
             // One clear margin is enough: the scores moved by at least that much.
-            Some(m) if m as f64 >= near_tie => Class::Real,
-            Some(_) if fl.near_tie(near_tie) => Class::NearTie,
-            // One small margin, the other side's unknown: it could be either.
-            Some(_) => Class::Unknown,
+            (a, b) if clear(a) || clear(b) => Class::Real,
+            // Both known and small: rounding alone can flip it.
+            (Some(_), Some(_)) => Class::NearTie,
+            // One small margin, the other side's unknown (or neither known): it could be either.
+            _ => Class::Unknown,
         }
     }
 
