@@ -66,9 +66,9 @@ pub enum Detail {
         max_abs: f64,
         /// Coordinate of the worst element (largest excess over the tolerance, else largest error).
         worst_at: Vec<usize>,
-        /// Coordinate of the first element (row-major) outside the tolerance, empty when none is:
-        /// for `[B, S, ...]` tensors the first position that broke (a decode bug's first step),
-        /// which the worst element, often downstream, does not give.
+        /// Coordinate of the first element (row-major, so batch row 0 first) outside the
+        /// tolerance, empty when none is: for `[1, S, ...]` tensors the first position that broke
+        /// (a decode bug's first step), which the worst element, often downstream, does not give.
         first_at: Vec<usize>,
         ours: f32,
         reference: f32,

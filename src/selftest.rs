@@ -92,7 +92,7 @@ fn device_case<O: Ops>(
 /// Prints a case's verdict; whether it passed (every tensor matched, none missing).
 fn report(case: &Path, how: &str, r: &verify::Report) -> bool {
     let pass = r.all_match() && r.only_in_reference.is_empty();
-    let first = r.results.iter().find(|c| !c.ok).map(|c| format!("; first mismatch {}", c.name)).unwrap_or_default();
+    let first = r.first_mismatch().map(|c| format!("; first mismatch {}", c.name)).unwrap_or_default();
     println!(
         "verify {} ({how}): {} of {} tensors match{first}{}",
         case.display(),
@@ -126,39 +126,32 @@ fn cuda(golden_root: &Path, target: Target, scope: Scope) -> Result<bool> {
         _ => println!("device {}: {} ({}); every kernel compiled with NVRTC", target.ordinal, gpu.name, gpu.arch),
     }
     use crate::cuda::selftest as check;
-    type Group<'a> = Box<dyn Fn() -> Result<Vec<check::Check>> + 'a>;
-    let groups: [(&str, Group); 7] = [
-        ("kernels", Box::new(|| check::kernels(gpu))),
-        ("MoE dispatch", Box::new(|| check::dispatch(&f32_ops))),
-        ("attention (f32)", Box::new(|| check::attention(&f32_ops))),
-        ("attention (bf16)", Box::new(|| check::attention(&bf16_ops))),
-        ("GLM-5 sizes", Box::new(|| check::at_glm5_sizes(&f32_ops))),
-        ("products (f32)", Box::new(|| check::products(&f32_ops))),
-        ("products (bf16)", Box::new(|| check::products(&bf16_ops))),
-    ];
     // Each group's verdicts as it ends: a group that fails to run (a launch or cuBLAS error) is
     // one FAILED line with its error, and the groups after it still run.
-    let mut kernels_ok = true;
-    for (group, run) in &groups {
-        match run() {
-            Ok(checks) => {
-                for c in &checks {
-                    println!(
-                        "kernel {:<60} max_abs {:9.3e}  {}",
-                        c.name,
-                        c.max_abs,
-                        if c.ok { "ok" } else { "FAILED" }
-                    );
-                }
-                kernels_ok &= checks.iter().all(|c| c.ok);
+    let show = |group: &str, checks: Result<Vec<check::Check>>| match checks {
+        Ok(checks) => {
+            for c in &checks {
+                println!("kernel {:<60} max_abs {:9.3e}  {}", c.name, c.max_abs, if c.ok { "ok" } else { "FAILED" });
             }
-            Err(e) => {
-                println!("kernel {:<60} max_abs {:>9}  FAILED", format!("{group}: did not run"), "-");
-                println!("  {group}: {e}");
-                kernels_ok = false;
-            }
+            checks.iter().all(|c| c.ok)
         }
-    }
+        Err(e) => {
+            println!("kernel {:<60} max_abs {:>9}  FAILED", format!("{group}: did not run"), "-");
+            println!("  {group}: {e}");
+            false
+        }
+    };
+    let kernels_ok = [
+        show("kernels", check::kernels(gpu)),
+        show("MoE dispatch", check::dispatch(&f32_ops)),
+        show("attention (f32)", check::attention(&f32_ops)),
+        show("attention (bf16)", check::attention(&bf16_ops)),
+        show("GLM-5 sizes", check::at_glm5_sizes(&f32_ops)),
+        show("products (f32)", check::products(&f32_ops)),
+        show("products (bf16)", check::products(&bf16_ops)),
+    ]
+    .iter()
+    .all(|&ok| ok);
     if scope == Scope::Kernels {
         return Ok(kernels_ok);
     }

@@ -209,6 +209,10 @@ impl Report {
     pub fn mismatches(&self) -> usize {
         self.results.iter().filter(|c| !c.ok).count()
     }
+    /// The first tensor (forward order) that does not match.
+    pub fn first_mismatch(&self) -> Option<&Comparison> {
+        self.results.iter().find(|c| !c.ok)
+    }
     pub fn all_match(&self) -> bool {
         self.mismatches() == 0 && !self.results.is_empty()
     }
@@ -389,7 +393,7 @@ pub fn print_report(r: &Report, tol: Tolerance, near_tie: f64) {
     // A replayed run matches by taking the reference's decisions: the summary says so.
     let replayed = r.replay.describe().map(|what| format!(", the reference's {what} replayed")).unwrap_or_default();
     let mode = format!("{}{replayed}", if r.isolate { ", isolated layers" } else { "" });
-    let first = r.results.iter().find(|c| !c.ok).map(|c| format!("; first mismatch: {}", c.name)).unwrap_or_default();
+    let first = r.first_mismatch().map(|c| format!("; first mismatch: {}", c.name)).unwrap_or_default();
     println!(
         "{} of {} tensors match (atol {:e}, rtol {:e}{mode}){first}",
         r.results.len() - r.mismatches(),
@@ -408,7 +412,7 @@ pub fn print_replay(free: &Report, replayed: &Report) {
     for line in attribution(free, replayed) {
         println!("  {line}");
     }
-    let first = free.results.iter().find(|c| !c.ok).map(|c| format!("; first mismatch: {}", c.name));
+    let first = free.first_mismatch().map(|c| format!("; first mismatch: {}", c.name));
     println!(
         "without the replay: {} of {} tensors match{}",
         free.results.len() - free.mismatches(),
