@@ -472,7 +472,19 @@ fn ctrl_c_stops_an_audit_after_the_prompt_in_progress() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Once the audit catches SIGINT (its handler is installed before the prompts are read),
+    // with a moment for prompts to run.
+    let catches_sigint = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+        let caught = status.lines().find_map(|l| l.strip_prefix("SigCgt:")).map(str::trim).unwrap_or("0");
+        u64::from_str_radix(caught, 16).is_ok_and(|mask| mask & (1 << (libc::SIGINT - 1)) != 0)
+    };
+    let start = std::time::Instant::now();
+    while !catches_sigint() {
+        assert!(start.elapsed() < Duration::from_secs(60), "the audit never caught SIGINT");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(500));
     // SAFETY: signalling a child this test started and has not reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();

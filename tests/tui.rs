@@ -2,6 +2,8 @@
 //! shows (the default case's live run against its reference, and the bundled bf16 port, which
 //! has real flips), and a test drives the real binary in tmux.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -79,6 +81,12 @@ fn counts(classes: &[(usize, Class)]) -> (usize, usize) {
 /// its reference, counted here from the two transformers dumps (DSA rows keep causal keys only),
 /// independently of glimpse's own comparison.
 fn flipped_rows(layer: usize, name: &str) -> usize {
+    flipped_row_ids(layer, name).len()
+}
+
+/// The flat rows of the port's selection `name` in `layer` whose set (DSA: of causal keys)
+/// differs from the reference's, in order, from the two dumps.
+fn flipped_row_ids(layer: usize, name: &str) -> Vec<usize> {
     let name = format!("layers.{layer}.{name}");
     let ids = |file: &str| match Dump::open(&flat().join(file)).unwrap().values(&name).unwrap() {
         (glimpse::dump::Values::I64(v), shape) => (v, shape),
@@ -91,7 +99,7 @@ fn flipped_rows(layer: usize, name: &str) -> usize {
         v.sort_unstable();
         v
     };
-    a.chunks(k).zip(b.chunks(k)).enumerate().filter(|(r, (x, y))| set(x, *r) != set(y, *r)).count()
+    a.chunks(k).zip(b.chunks(k)).enumerate().filter(|(r, (x, y))| set(x, *r) != set(y, *r)).map(|(r, _)| r).collect()
 }
 
 /// The state a session opens in, moved to layer `i`'s row (the embeddings row is above layer 0).
@@ -259,31 +267,24 @@ fn next_flip_steps_through_a_layers_flips() {
     let mut app = at_layer(&src, 2);
     app.set_view(View::Routing);
     let (mut routing, mut dsa) = (Vec::new(), Vec::new());
-    loop {
+    let mut left = false;
+    for _ in 0..64 {
         app.next_problem(&src);
         if app.layer != row_of(&src, 2) {
+            left = true;
             break;
         }
         match app.view {
             View::Routing => routing.push(app.token),
-            _ => dsa.push(app.token),
+            View::Dsa => dsa.push(app.token),
+            other => panic!("n opened {other:?} in layer 2"),
         }
     }
-    let flipped = |name: &str| {
-        let (ours, reference) = port_dumps();
-        let sets = |d: &Dump| match d.values(name).unwrap() {
-            (glimpse::dump::Values::I64(v), s) => {
-                v.chunks(s[s.len() - 1]).map(|r| r.iter().copied().collect::<std::collections::BTreeSet<_>>()).collect()
-            }
-            _ => panic!("selections are integers"),
-        };
-        let (a, b): (Vec<_>, Vec<_>) = (sets(&ours), sets(&reference));
-        (0..a.len()).filter(|&i| a[i] != b[i]).collect::<Vec<usize>>()
-    };
+    assert!(left, "n never left layer 2");
     // Token 0 is where the view opened: the first press goes past it.
-    let routing_want: Vec<usize> = flipped("layers.2.moe.topk_ids").into_iter().filter(|&t| t > 0).collect();
+    let routing_want: Vec<usize> = flipped_row_ids(2, "moe.topk_ids").into_iter().filter(|&t| t > 0).collect();
     assert_eq!(routing, routing_want);
-    assert_eq!(dsa, flipped("layers.2.dsa.topk"));
+    assert_eq!(dsa, flipped_row_ids(2, "dsa.topk"));
 }
 
 #[test]
@@ -499,6 +500,9 @@ fn load_dsa_and_kv_views_draw_the_bundled_case() {
     let q = App { token: f.row, ..app.clone() };
     let both = format!("q{}: margin {:.2e} (ref {:.2e})", f.row, f.margin_ours.unwrap(), f.margin_reference.unwrap());
     assert!(screen(&q, &port, 80, 24).contains(&both), "{both}");
+    // And those margins are each side's indexer scores' gap at the cut, computed here.
+    let gap = |d: &Dump| format!("{:.2e}", common::dsa_margin_from_scores(d, 3, f.row));
+    assert!(both.contains(&format!("margin {} (ref {})", gap(&ours), gap(&theirs))), "{both}");
 
     app.set_view(View::KvNorms);
     app.token = 28;
@@ -589,7 +593,8 @@ fn the_binary_in_tmux() {
     for _ in 0..rest {
         tmux(&["send-keys", "-t", &session, "n"]);
     }
-    let s = wait_for("layer 2: dsa flip at s");
+    let last = flipped_row_ids(2, "dsa.topk").last().copied().unwrap();
+    let s = wait_for(&format!("layer 2: dsa flip at s{last} #"));
     assert!(!s.contains("layer 3"), "{s}");
     tmux(&["send-keys", "-t", &session, "n"]);
     let s = wait_for("layer 3: FLIPS");
@@ -616,15 +621,19 @@ fn the_binary_in_tmux() {
         .unwrap_or_else(|| panic!("no child of the shell {shell}"));
     // SAFETY: signalling the TUI this test started (the only child of its shell).
     unsafe { libc::kill(pid, libc::SIGTERM) };
+    // The shell creates the file before it writes the status: a whole line is the status.
     let rc = (0..100)
         .find_map(|_| {
             std::thread::sleep(Duration::from_millis(100));
-            std::fs::read_to_string(&rc_file).ok()
+            std::fs::read_to_string(&rc_file).ok().filter(|s| s.ends_with('\n'))
         })
         .unwrap_or_default();
     assert_eq!(rc.trim(), "143");
-    let after = tmux(&["capture-pane", "-p", "-t", &session]);
-    assert!(!after.contains("1 layers"), "the terminal is restored: {after}");
+    let restored = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        !tmux(&["capture-pane", "-p", "-t", &session]).contains("1 layers")
+    });
+    assert!(restored, "the terminal is restored: {}", tmux(&["capture-pane", "-p", "-t", &session]));
     tmux(&["kill-session", "-t", &session]);
 }
 

@@ -486,6 +486,10 @@ mod tests {
         let s = a.layers[&0].stats();
         assert_eq!((s.max_vio, s.max_vio_per_run), (0.0, Some(1.0)));
         assert!(a.table().lines().nth(2).unwrap().contains("  0.000   ") && a.table().contains("1.000"));
+        // The row's MaxVio, CV, entropy and MaxVio/run, as printed.
+        let table = a.table();
+        let row: Vec<&str> = table.lines().nth(2).unwrap().split_whitespace().collect();
+        assert_eq!(row[2..6], ["0.000", "0.000", "1.000", "1.000"], "{table}");
     }
 
     #[test]
