@@ -556,8 +556,9 @@ pub fn open(o: &Open) -> Result<DumpSource> {
         (None, None) => return Err(Error::Usage("give a model or a dump".into())),
     };
     let explicit = golden.is_some();
+    // The folder's reference for the products' precision, as verify picks it.
     let mut golden =
-        golden.map(Path::to_path_buf).or_else(|| Some(dir.join("reference.safetensors")).filter(|p| p.is_file()));
+        golden.map(Path::to_path_buf).or_else(|| Some(target.precision.reference_in(dir)).filter(|p| p.is_file()));
     let mut reference = golden.as_deref().map(Dump::open).transpose()?;
     let ckpt = Checkpoint::open(dir)?;
     let tokens = match (tokens, prompt, &reference) {

@@ -194,3 +194,27 @@ fn bf16_precision_needs_a_cuda_backend() {
     let o = common::glimpse(&["verify", "--precision", "bf16", "--device", "cpu-ops"]);
     common::assert_error(&o, "--precision bf16 needs --device cuda or cuda-emu");
 }
+
+/// The TUI's live run in bf16 products is compared, as verify's is, with the case's reference of
+/// bf16 products.
+#[test]
+fn the_tui_in_bf16_takes_the_bf16_reference_and_tolerance() {
+    use glimpse_tui::Source;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
+    let target =
+        glimpse::device::Target { backend: glimpse::device::Backend::CudaEmu, ordinal: 0, precision: Precision::Bf16 };
+    let src = glimpse::tui_source::open(&glimpse::tui_source::Open {
+        model: Some(&dir),
+        golden: None,
+        dump: None,
+        tokens: None,
+        prompt: None,
+        max_memory: None,
+        target,
+        near_tie: None,
+        tol: Precision::Bf16.tolerance(),
+    })
+    .unwrap();
+    let reference = dir.join("reference-bf16.safetensors");
+    assert!(src.title().ends_with(&format!("vs reference {}", reference.display())), "{}", src.title());
+}
