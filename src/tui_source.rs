@@ -479,14 +479,27 @@ impl Source for DumpSource {
 
     fn kv_norms(&self) -> Option<KvNormGrid> {
         let mut g = KvNormGrid::default();
+        // Each layer's rows laid out by the run's tokens: the MTP layer's batch rows are one
+        // position shorter, so its rows are mapped (`None` at each batch row's last position).
+        let by_token = |v: Vec<f32>| {
+            let token = self.token_of(v.len());
+            let mut out = vec![None; self.tokens.ids.len()];
+            for (t, x) in v.into_iter().enumerate() {
+                if let Some(cell) = out.get_mut(token(t)) {
+                    *cell = Some(x);
+                }
+            }
+            out
+        };
         for (i, _) in layer_names(&self.ours) {
             let name = |h: LayerHook| HookPoint::Layer(i, h).name();
             let Some(latent) = latent_norms(&self.ours, i) else { continue };
             g.layers.push(i);
-            g.latent.push(latent);
-            g.reference_latent.push(self.reference.as_ref().and_then(|r| latent_norms(r, i)).unwrap_or_default());
-            g.pre_norm.push(self.per_token(&name(LayerHook::KvNormPre)).unwrap_or_default());
-            g.k_rope.push(self.per_token(&name(LayerHook::KRopeNorm)).unwrap_or_default());
+            g.latent.push(by_token(latent));
+            g.reference_latent
+                .push(self.reference.as_ref().and_then(|r| latent_norms(r, i)).map(by_token).unwrap_or_default());
+            g.pre_norm.push(self.per_token(&name(LayerHook::KvNormPre)).map(by_token).unwrap_or_default());
+            g.k_rope.push(self.per_token(&name(LayerHook::KRopeNorm)).map(by_token).unwrap_or_default());
         }
         (!g.layers.is_empty()).then_some(g)
     }

@@ -696,6 +696,27 @@ fn every_view_draws_a_dump_with_the_mtp_layer() {
     assert_eq!(keys(seq - 1 + q).len(), k, "a full selection");
     assert_eq!(m.selected[q], keys(seq - 1 + q));
     assert!(m.selected[seq - 1].is_empty(), "the MTP layer has no query at the last position");
+    // The latent-KV grid lays the MTP layer's rows out by the same tokens: batch row 1's norms
+    // are the dump's rows seq-1.., each batch row's last token has none.
+    let latent = match reference.values("layers.3.attn.kv_latent").unwrap() {
+        (glimpse::dump::Values::F32(v), s) => {
+            v.chunks(s[2]).map(|c| c.iter().map(|x| x * x).sum::<f32>().sqrt()).collect::<Vec<_>>()
+        }
+        _ => panic!("the latent is float"),
+    };
+    assert_eq!(latent.len(), 2 * (seq - 1));
+    let g = src.kv_norms().unwrap();
+    let row = &g.latent[g.layers.iter().position(|&l| l == 3).unwrap()];
+    assert_eq!(row.len(), 2 * seq);
+    for b in 0..2 {
+        for q in 0..seq - 1 {
+            let (ours, want) = (row[b * seq + q].unwrap(), latent[b * (seq - 1) + q]);
+            assert!((ours - want).abs() <= 1e-4 * want.max(1.0), "b{b} s{q}: {ours} against {want}");
+        }
+        assert_eq!(row[b * seq + seq - 1], None, "batch row {b}'s last token has no MTP row");
+    }
+    let main = &g.latent[g.layers.iter().position(|&l| l == 0).unwrap()];
+    assert!(main.iter().all(Option::is_some), "a main layer has every token");
 }
 
 /// Live runs in this process, one at a time: one test looks for temporary files a live run left.

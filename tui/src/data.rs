@@ -224,14 +224,15 @@ impl DsaMatrix {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct KvNormGrid {
     pub layers: Vec<usize>,
-    /// `[layer][token]` L2 norm of the compressed KV after its layernorm.
-    pub latent: Vec<Vec<f32>>,
+    /// `[layer][token]` L2 norm of the compressed KV after its layernorm; `None` where the layer
+    /// has no row for the token (the MTP layer has none for each batch row's last position).
+    pub latent: Vec<Vec<Option<f32>>>,
     /// The same of the reference, where there is one (empty rows where not).
-    pub reference_latent: Vec<Vec<f32>>,
+    pub reference_latent: Vec<Vec<Option<f32>>>,
     /// Before the layernorm.
-    pub pre_norm: Vec<Vec<f32>>,
+    pub pre_norm: Vec<Vec<Option<f32>>>,
     /// Of the roped shared key.
-    pub k_rope: Vec<Vec<f32>>,
+    pub k_rope: Vec<Vec<Option<f32>>>,
 }
 
 /// Where the views get their data. Implementations may compute lazily; they must not depend on

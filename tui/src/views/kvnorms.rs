@@ -1,6 +1,6 @@
 //! Latent KV norms per layer and token: a heatmap of the normed latent's L2 norm (each layer
-//! scaled to its own range of finite norms; `!` marks a NaN or an infinite one), and for the
-//! selected layer the three norms of the selected token.
+//! scaled to its own range of finite norms; `!` marks a NaN or an infinite one, a blank a token
+//! the layer has no row for), and for the selected layer the three norms of the selected token.
 
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
@@ -36,17 +36,21 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         .skip(first)
         .map(|(layer, row)| {
             // The scale of the finite norms: one Inf would flatten the rest of the layer to one shade.
-            let finite = row.iter().filter(|x| x.is_finite());
+            let finite = row.iter().flatten().filter(|x| x.is_finite());
             let (lo, hi) = finite.fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
             let label_style =
                 if Some(*layer) == selected { Style::new().add_modifier(Modifier::REVERSED) } else { Style::new() };
             let mut spans = vec![Span::styled(format!("layer {layer:<4}"), label_style)];
             for (t, &x) in row.iter().enumerate().skip(start).take(cols) {
                 let cell = match x {
+                    // A token the layer has no row for (the MTP layer's last position).
+                    None => Span::raw(" "),
                     // A NaN or an infinite norm is marked, not shaded as the lowest.
-                    x if !x.is_finite() => Span::styled("!", Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)),
-                    x if hi > lo => heat_cell(((x - lo) / (hi - lo)) as f64),
-                    _ => heat_cell(0.5),
+                    Some(x) if !x.is_finite() => {
+                        Span::styled("!", Style::new().fg(Color::Red).add_modifier(Modifier::BOLD))
+                    }
+                    Some(x) if hi > lo => heat_cell(((x - lo) / (hi - lo)) as f64),
+                    Some(_) => heat_cell(0.5),
                 };
                 spans.push(if t == app.token {
                     cell.patch_style(Style::new().add_modifier(Modifier::REVERSED))
@@ -67,7 +71,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     f.render_widget(Paragraph::new(lines).block(Block::bordered().title(title)), map_area);
 
     let detail = selected.and_then(|l| g.layers.iter().position(|x| *x == l)).map(|i| {
-        let at = |v: &Vec<Vec<f32>>| v.get(i).and_then(|r| r.get(app.token)).map_or("-".into(), |x| num(*x as f64));
+        let at = |v: &Vec<Vec<Option<f32>>>| {
+            v.get(i).and_then(|r| r.get(app.token).copied().flatten()).map_or("-".into(), |x| num(x as f64))
+        };
         vec![
             Line::raw(format!("token {}", src.token_label(app.token))),
             Line::raw(format!(
