@@ -146,13 +146,10 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     for name in names_b.iter().filter(|n| names_a.contains(n)) {
         let (va, sa) = a.values(name)?;
         let (vb, sb) = b.values(name)?;
-        if let Some(layer) = name.strip_suffix(".moe.topk_ids") {
+        if name.ends_with(".moe.topk_ids") {
             for (d, v, shape) in [(a, &va, &sa), (b, &vb, &sb)] {
                 // The expert count: the width of the dump's own router logits, else the checkpoint's.
-                let experts = d
-                    .shape(&format!("{layer}.moe.router_logits"))
-                    .and_then(|s| s.last().copied())
-                    .or_else(|| opts.config.as_ref().map(|c| c.n_routed_experts));
+                let experts = d.experts_of(name).or_else(|| opts.config.as_ref().map(|c| c.n_routed_experts));
                 let ids = match v {
                     Values::I64(ids) => Some(ids),
                     Values::F32(_) => None,

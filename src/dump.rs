@@ -90,6 +90,18 @@ impl Dump {
         self.file.info(name).map(|i| i.shape.clone())
     }
 
+    /// The routed-expert count this dump records for the routing `selection` (a
+    /// `….moe.topk_ids` name): the width of the router logits beside it.
+    pub fn experts_of(&self, selection: &str) -> Option<usize> {
+        let layer = selection.strip_suffix(".moe.topk_ids")?;
+        self.shape(&format!("{layer}.moe.router_logits"))?.last().copied()
+    }
+
+    /// The routed-expert count of the first layer that records its router logits.
+    pub fn experts(&self) -> Option<usize> {
+        self.names().iter().find_map(|n| self.experts_of(n))
+    }
+
     pub fn values(&self, name: &str) -> Result<(Values, Vec<usize>)> {
         let info = self.file.info(name).ok_or_else(|| Error::dump(&self.path, format!("no tensor `{name}`")))?;
         let is_int = matches!(info.dtype, Dtype::I64 | Dtype::I32 | Dtype::U32);

@@ -38,6 +38,8 @@ pub struct DumpSource {
     /// records gate logits but no `moe.margin` (a transformers dump).
     routers: Option<Routers>,
     non_finite: Option<String>,
+    /// The checkpoint's routed-expert count, when its config is given.
+    experts: Option<usize>,
     /// Each hook point's statistics and worst elements, computed when first drawn: every key
     /// redraws, and at 512 tokens of GLM-5 shapes a layer's took 4.4 s to compute.
     hook_rows: RefCell<HashMap<String, Option<HookRow>>>,
@@ -203,6 +205,7 @@ impl DumpSource {
             near_tie,
             routers: opts.routers.clone(),
             non_finite,
+            experts: config.map(|c| c.n_routed_experts),
             hook_rows: RefCell::default(),
             warning: None,
         })
@@ -399,10 +402,12 @@ impl Source for DumpSource {
         for (i, names) in layer_names(&self.ours) {
             let Some(name) = names.iter().find(|n| n.ends_with(".moe.topk_ids")) else { continue };
             let Some((ids, _)) = Self::ints(&self.ours, name) else { continue };
+            // As `diff` and `audit` count them: the router's width, the checkpoint's count, else
+            // (neither known) the largest id + 1.
             let experts = self
                 .ours
-                .shape(&HookPoint::Layer(i, LayerHook::RouterLogits).name())
-                .and_then(|s| s.last().copied())
+                .experts_of(name)
+                .or(self.experts)
                 .unwrap_or_else(|| ids.iter().copied().max().map_or(0, |m| m as usize + 1));
             let counts = |ids: &[i64]| {
                 let mut load = LayerLoad::new(i, experts);

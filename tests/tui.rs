@@ -906,3 +906,29 @@ fn the_tolerance_is_the_comparisons() {
     let total = |src: &DumpSource| src.layers().iter().map(|l| l.mismatches).sum::<usize>();
     assert!(total(&loose) < total(&strict));
 }
+
+/// The expert-load view counts a layer's experts as `diff` and `audit` do: the router's width,
+/// else the checkpoint's count (given its config), and only with neither the largest id + 1 (a
+/// dump without router logits whose tokens chose experts 0 and 1 of 16).
+#[test]
+fn the_load_view_counts_the_checkpoints_experts_without_router_logits() {
+    use candle_core::{Device, Tensor};
+    use glimpse::hooks::{HookPoint, LayerHook, Observer};
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("ids-only.safetensors");
+    let mut w = DumpWriter::create(&path, Selector::default(), 2).unwrap();
+    let ids = Tensor::from_vec(vec![1i64, 2, 3, 4], (1, 4), &Device::Cpu).unwrap();
+    w.observe(HookPoint::InputIds, &ids).unwrap();
+    let topk = Tensor::from_vec(vec![0i64, 1, 1, 0, 0, 1, 1, 0], (1, 4, 2), &Device::Cpu).unwrap();
+    w.observe(HookPoint::Layer(0, LayerHook::TopkIds), &topk).unwrap();
+    w.finish(&dump::metadata("test", None, None)).unwrap();
+    let config = Checkpoint::open(&flat()).unwrap().config;
+    let load = |config| {
+        let opts = DiffOptions { config, ..Default::default() };
+        DumpSource::new("ids".into(), Dump::open(&path).unwrap(), None, &opts).unwrap().load()
+    };
+    let with = load(Some(config));
+    assert_eq!(with[0].counts.len(), 16, "the checkpoint's 16 experts");
+    assert_eq!(with[0].counts[..2], [4, 4]);
+    assert_eq!(load(None)[0].counts.len(), 2, "guessed from the ids");
+}

@@ -273,9 +273,7 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<()
 /// The width of the first router the dumps record (shapes only: nothing is read).
 fn router_width(dumps: &[PathBuf]) -> Result<Option<usize>> {
     for path in dumps {
-        let d = Dump::open(path)?;
-        let logits = d.names().into_iter().filter(|n| n.ends_with(".moe.router_logits"));
-        if let Some(width) = logits.filter_map(|n| d.shape(&n).and_then(|s| s.last().copied())).next() {
+        if let Some(width) = Dump::open(path)?.experts() {
             return Ok(Some(width));
         }
     }
