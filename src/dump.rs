@@ -104,13 +104,15 @@ impl Dump {
 
     pub fn values(&self, name: &str) -> Result<(Values, Vec<usize>)> {
         let info = self.file.info(name).ok_or_else(|| Error::dump(&self.path, format!("no tensor `{name}`")))?;
-        let is_int = matches!(info.dtype, Dtype::I64 | Dtype::I32 | Dtype::U32);
-        if !is_int && !matches!(info.dtype, Dtype::F32 | Dtype::F64 | Dtype::BF16 | Dtype::F16 | Dtype::F8_E4M3) {
+        let is_int = st::INTS.contains(&info.dtype);
+        if !is_int && !st::FLOATS.contains(&info.dtype) {
             return Err(Error::dump(
                 &self.path,
                 format!(
-                    "tensor `{name}` has dtype {:?}: a dump holds floats (F32, F64, BF16, F16, F8_E4M3) and integers (I64, I32, U32)",
-                    info.dtype
+                    "tensor `{name}` has dtype {:?}: a dump holds floats ({}) and integers ({})",
+                    info.dtype,
+                    st::listed(&st::FLOATS),
+                    st::listed(&st::INTS)
                 ),
             ));
         }

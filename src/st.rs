@@ -134,7 +134,7 @@ impl StFile {
             d => {
                 return Err(Error::checkpoint(
                     &self.path,
-                    format!("tensor `{name}`: expected an integer dtype, got {d:?}"),
+                    format!("tensor `{name}`: expected an integer dtype ({}), got {d:?}", listed(&INTS)),
                 ))
             }
         };
@@ -207,6 +207,15 @@ fn duplicate_key(header: &[u8]) -> Option<String> {
 }
 
 /// Decodes a stored float tensor to f32.
+/// The float dtypes [`decode_f32`] reads, and the integer ones [`StFile::i64`] reads.
+pub const FLOATS: [Dtype; 5] = [Dtype::F32, Dtype::F64, Dtype::BF16, Dtype::F16, Dtype::F8_E4M3];
+pub const INTS: [Dtype; 3] = [Dtype::I64, Dtype::I32, Dtype::U32];
+
+/// A dtype list as the errors name it: `F32, F64, ...`.
+pub fn listed(dtypes: &[Dtype]) -> String {
+    dtypes.iter().map(|d| format!("{d:?}")).collect::<Vec<_>>().join(", ")
+}
+
 pub fn decode_f32(dtype: Dtype, bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
     let chunks = |n: usize| bytes.chunks_exact(n);
     Ok(match dtype {
@@ -220,7 +229,7 @@ pub fn decode_f32(dtype: Dtype, bytes: &[u8]) -> std::result::Result<Vec<f32>, S
             let lut = e4m3_table();
             bytes.iter().map(|b| lut[*b as usize]).collect()
         }
-        d => return Err(format!("dtype {d:?} is not a supported float type (F32, F64, BF16, F16, F8_E4M3)")),
+        d => return Err(format!("dtype {d:?} is not a supported float type ({})", listed(&FLOATS))),
     })
 }
 
