@@ -28,8 +28,8 @@ impl Class {
     /// least its margin), so the scores moved by at least the sum of the two margins between
     /// them: rounding alone flips it only when both are small. (Classing by the smaller one
     /// misclassed a bug's flips: a reference margin of 1e-2 with ours at 1e-4 read as a
-    /// near-tie.) With grouped routing a margin covers the experts of the kept groups only, so a
-    /// flip of the group choice is classed by its experts' margins.
+    /// near-tie.) With grouped routing a margin is the smaller of the experts' gap and the
+    /// groups' (`Route::margin`), so a flip of a near-tied group choice reads as a near-tie too.
     pub fn of(fl: &Flip, near_tie: f64) -> Class {
         let clear = |m: Option<f32>| m.is_some_and(|m| m as f64 >= near_tie);
         match (fl.margin_ours, fl.margin_reference) {

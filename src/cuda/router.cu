@@ -1,7 +1,8 @@
 // The MoE router, fused: sigmoid of the gate logits, + e_score_correction_bias for selection
 // only, group-limited (n_group > 1: keep the topk_group groups whose top-2 biased scores sum
 // highest) or flat top-k, weights from the unbiased sigmoid, normalised (norm_topk) and scaled by
-// routed_scaling_factor, and the margin (k-th minus (k+1)-th biased score). One warp per token:
+// routed_scaling_factor, and the margin (k-th minus (k+1)-th biased score; grouped, the smaller of
+// that and the topk_group-th minus the next group's score, as model::moe::route). One warp per token:
 // lane l holds experts l, l + 32, ... in registers (E <= 256), group g's score sits in lane g
 // (n_group <= 32), and each choice is a warp-wide argmax by shuffles (k + 1 <= 16); the launcher
 // refuses more. Ties go to the lower index, as the CPU reference (model::moe::route) orders them.
@@ -43,6 +44,7 @@ extern "C" __global__ void route(const float* logits, const float* bias, int n, 
         choice[r] = j < e ? 1.0f / (1.0f + expf(-l[j])) + bias[j] : 0.0f;
     }
 
+    float group_margin = INFINITY; // the kept groups' lead over the next (grouped routing only)
     if (n_group > 1) {
         int per = e / n_group;
         float mine = 0.0f; // group `lane`'s score (lanes >= n_group: unused)
@@ -66,13 +68,20 @@ extern "C" __global__ void route(const float* logits, const float* bias, int n, 
             float score = (i_first >= 0 ? first : 0.0f) + (i_second >= 0 ? second : 0.0f);
             if (lane == g) mine = score;
         }
-        // Keep the topk_group best groups (lane g holds group g's score).
+        // Keep the topk_group best groups (lane g holds group g's score), then the next one's
+        // score gives the groups' margin.
         bool kept = false;
-        for (int r = 0; r < topk_group && r < n_group; r++) {
+        float last = 0.0f;
+        for (int r = 0; r <= topk_group && r < n_group; r++) {
             float v = mine;
             int g = lane < n_group && !kept ? lane : -1;
             warp_best(v, g);
-            if (lane == g) kept = true;
+            if (r == topk_group) {
+                if (isfinite(v)) group_margin = last - v;
+            } else {
+                if (lane == g) kept = true;
+                last = v;
+            }
         }
         for (int r = 0; r < MAX_PER_LANE; r++) {
             int j = lane + 32 * r;
@@ -99,7 +108,7 @@ extern "C" __global__ void route(const float* logits, const float* bias, int n, 
         order[found] = i;
         value[found++] = v;
     }
-    if (lane == 0) margin[t] = found > k && isfinite(value[k]) ? value[k - 1] - value[k] : INFINITY;
+    if (lane == 0) margin[t] = fminf(found > k && isfinite(value[k]) ? value[k - 1] - value[k] : INFINITY, group_margin);
 
     float w = lane < k ? 1.0f / (1.0f + expf(-l[order[lane < k ? lane : 0]])) : 0.0f;
     float sum = w;

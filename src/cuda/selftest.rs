@@ -54,7 +54,7 @@ fn near_tie(rc: &RouterConfig, logits: &[f32], bias: &[f32]) -> bool {
     let close = |v: &[f32], n: usize| top_indices(v, n).windows(2).any(|p| (v[p[0]] - v[p[1]]).abs() < 1e-6);
     let scores: Vec<f32> = logits.iter().map(|&l| sigmoid(l)).collect();
     let biased: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
-    close(&choice_scores(rc, &scores, bias), rc.top_k + 1)
+    close(&choice_scores(rc, &scores, bias).0, rc.top_k + 1)
         || (rc.n_group > 1 && close(&group_scores(&biased, rc.n_group), rc.topk_group + 1))
 }
 

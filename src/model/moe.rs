@@ -94,7 +94,10 @@ impl Routers {
 pub struct Route {
     pub ids: Vec<usize>,
     pub weights: Vec<f32>,
-    /// k-th minus (k+1)-th biased score among the experts the groups allow (+inf if none is left).
+    /// How close the choice came to another: k-th minus (k+1)-th biased score among the experts
+    /// the groups allow (+inf if none is left), and with grouped routing, where that is smaller,
+    /// the `topk_group`-th minus the next group's score (a near tie there swaps groups, and so
+    /// experts, whatever the experts' own gap).
     pub margin: f32,
 }
 
@@ -107,28 +110,38 @@ pub fn sigmoid(l: f32) -> f32 {
 /// scores sum highest); weight the chosen experts by the *unbiased* `s`.
 pub fn route(rc: &RouterConfig, logits: &[f32], bias: &[f32]) -> Route {
     let scores: Vec<f32> = logits.iter().map(|&l| sigmoid(l)).collect();
-    let choice = choice_scores(rc, &scores, bias);
+    let (choice, group_margin) = choice_scores(rc, &scores, bias);
     let order = top_indices(&choice, rc.top_k + 1);
     let ids = order[..rc.top_k.min(order.len())].to_vec();
-    let margin = match (ids.last(), order.get(rc.top_k)) {
-        (Some(&a), Some(&b)) if choice[b].is_finite() => choice[a] - choice[b],
-        _ => f32::INFINITY,
-    };
-    Route { weights: weights_for(rc, &scores, &ids), ids, margin }
+    Route { weights: weights_for(rc, &scores, &ids), margin: gap(&choice, &order, rc.top_k).min(group_margin), ids }
 }
 
-/// The values selection ranks: `s + bias`, with experts outside the kept groups at -inf.
-pub fn choice_scores(rc: &RouterConfig, scores: &[f32], bias: &[f32]) -> Vec<f32> {
+/// `v[order[n-1]] - v[order[n]]` (`order` ranks `v`): how far the n-th is ahead of the next;
+/// +inf when there is no finite next.
+fn gap(v: &[f32], order: &[usize], n: usize) -> f32 {
+    match (n.checked_sub(1).and_then(|i| order.get(i)), order.get(n)) {
+        (Some(&a), Some(&b)) if v[b].is_finite() => v[a] - v[b],
+        _ => f32::INFINITY,
+    }
+}
+
+/// The values selection ranks: `s + bias`, with experts outside the kept groups at -inf; and the
+/// margin of the groups kept (`topk_group`-th minus the next group's score; +inf when routing is
+/// flat or keeps every group).
+pub fn choice_scores(rc: &RouterConfig, scores: &[f32], bias: &[f32]) -> (Vec<f32>, f32) {
     let e = scores.len();
     let mut choice: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
-    if rc.n_group > 1 {
-        let per = e / rc.n_group;
-        let kept = top_indices(&group_scores(&choice, rc.n_group), rc.topk_group);
-        for g in (0..rc.n_group).filter(|g| !kept.contains(g)) {
-            choice[g * per..(g + 1) * per].fill(f32::NEG_INFINITY);
-        }
+    if rc.n_group <= 1 {
+        return (choice, f32::INFINITY);
     }
-    choice
+    let per = e / rc.n_group;
+    let groups = group_scores(&choice, rc.n_group);
+    let order = top_indices(&groups, rc.topk_group + 1);
+    let kept = &order[..rc.topk_group.min(order.len())];
+    for g in (0..rc.n_group).filter(|g| !kept.contains(g)) {
+        choice[g * per..(g + 1) * per].fill(f32::NEG_INFINITY);
+    }
+    (choice, gap(&groups, &order, rc.topk_group))
 }
 
 /// Each of `n_group` equal groups' score: the sum of its top 2 biased scores (of its only one
@@ -161,7 +174,7 @@ pub fn bias_changed(rc: &RouterConfig, logits: &[f32], chosen: &[usize]) -> bool
 
 fn route_ids(rc: &RouterConfig, logits: &[f32], bias: &[f32]) -> Vec<usize> {
     let scores: Vec<f32> = logits.iter().map(|&l| sigmoid(l)).collect();
-    top_indices(&choice_scores(rc, &scores, bias), rc.top_k)
+    top_indices(&choice_scores(rc, &scores, bias).0, rc.top_k)
 }
 
 /// Indices of the `k` largest values, largest first, ties by index. A NaN ranks above every
@@ -370,6 +383,27 @@ mod tests {
         assert_eq!(grouped.ids, vec![3, 4]); // group 0 scores 1.05, group 1 scores 1.4
         let both = route(&rc(2, 2, 2), &logits, &bias);
         assert_eq!(both.ids, flat.ids);
+    }
+
+    /// With groups, a route is as close to flipping as the smaller of its two gaps: the experts'
+    /// (k-th minus (k+1)-th among the kept groups) and the groups' (kept minus the next).
+    #[test]
+    fn a_grouped_margin_is_the_smaller_gap() {
+        // Group 0 scores 0.95 + 0.1 = 1.05, group 1 0.7 + 0.69 = 1.39: group 1 is kept.
+        let probs = [0.95f32, 0.1, 0.1, 0.7, 0.69, 0.2];
+        let logits: Vec<f32> = probs.iter().map(|&p| logit(p)).collect();
+        let r = route(&rc(1, 2, 1), &logits, &[0.0; 6]);
+        assert_eq!(r.ids, vec![3]);
+        approx::assert_abs_diff_eq!(r.margin, 0.7 - 0.69, epsilon = 1e-5); // the experts' gap
+        let r = route(&rc(2, 2, 1), &logits, &[0.0; 6]);
+        assert_eq!(r.ids, vec![3, 4]);
+        // The experts' gap is 0.69 - 0.2; the groups' 1.39 - 1.05 is smaller.
+        approx::assert_abs_diff_eq!(r.margin, 1.39 - 1.05, epsilon = 1e-5);
+        // Both groups kept: only the experts' gap counts (0.95 and 0.7 chosen, 0.69 next).
+        let r = route(&rc(2, 2, 2), &logits, &[0.0; 6]);
+        assert_eq!(r.ids, vec![0, 3]);
+        approx::assert_abs_diff_eq!(r.margin, 0.7 - 0.69, epsilon = 1e-5);
+        assert_eq!(choice_scores(&rc(2, 1, 1), &probs, &[0.0; 6]).1, f32::INFINITY, "flat routing");
     }
 
     #[test]
