@@ -197,7 +197,7 @@ pub struct LoadRow {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DsaMatrix {
     pub seq: usize,
-    /// Selected causal keys per query.
+    /// Selected causal keys per query, ascending, each once (what lets the views search them).
     pub selected: Vec<Vec<usize>>,
     pub reference: Option<Vec<Vec<usize>>>,
     /// Score margin at the cut per query, when recorded.
@@ -215,8 +215,13 @@ impl DsaMatrix {
         if r.is_empty() {
             return Some(1.0);
         }
-        let common = self.selected.get(q)?.iter().filter(|x| r.contains(x)).count();
+        let common = self.selected.get(q)?.iter().filter(|x| r.binary_search(x).is_ok()).count();
         Some(common as f64 / r.len() as f64)
+    }
+
+    /// Whether query `q`'s selection (ours, or the reference's) keeps key `k`.
+    pub fn keeps(row: &[usize], k: usize) -> bool {
+        row.binary_search(&k).is_ok()
     }
 }
 
@@ -248,8 +253,9 @@ pub trait Source {
     fn hooks(&self, part: Part) -> Vec<HookRow>;
     fn routing(&self, layer: usize) -> Option<Vec<RouteRow>>;
     fn load(&self) -> Vec<LoadRow>;
-    /// The DSA selection of `layer` for the batch row holding `token`.
-    fn dsa(&self, layer: usize, token: usize) -> Option<DsaMatrix>;
+    /// The DSA selection of `layer` for the batch row holding `token` (shared: a long prompt's
+    /// is large, and every key press redraws it).
+    fn dsa(&self, layer: usize, token: usize) -> Option<std::rc::Rc<DsaMatrix>>;
     fn kv_norms(&self) -> Option<KvNormGrid>;
     /// Where the run first produced a NaN or an Inf, if it did (shown above the layers).
     fn first_non_finite(&self) -> Option<String> {

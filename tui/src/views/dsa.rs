@@ -12,7 +12,7 @@ use ratatui::Frame;
 
 use super::margin;
 use crate::app::App;
-use crate::data::{counts, FlipClass, Source};
+use crate::data::{counts, DsaMatrix, FlipClass, Source};
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let Some(layer) = src.layers().get(app.layer) else { return };
@@ -38,7 +38,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             let mark = m.flips.get(q).copied().flatten().map_or(' ', FlipClass::mark);
             let mut spans = vec![Span::styled(format!("q{q:<5} {recall}{mark} "), label_style)];
             for k in 0..keys {
-                let (a, b) = (ours.contains(&k), theirs.is_none_or(|t| t.contains(&k)));
+                let (a, b) = (DsaMatrix::keeps(ours, k), theirs.is_none_or(|t| DsaMatrix::keeps(t, k)));
                 let (c, style) = match (k <= q, a, b) {
                     (false, _, _) => (' ', Style::new()),
                     (true, true, true) => ('#', Style::new().fg(Color::Green)),
@@ -50,7 +50,8 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
                 };
                 spans.push(Span::styled(c.to_string(), style));
             }
-            let hidden = (keys..=q.min(m.seq - 1)).any(|k| theirs.is_some_and(|t| t.contains(&k) != ours.contains(&k)));
+            // The keys past the width that either side keeps (both ascending): the same or not.
+            let hidden = theirs.is_some_and(|t| past(t, keys) != past(ours, keys));
             if hidden {
                 spans.push(Span::styled(">", Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)));
             }
@@ -83,4 +84,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     };
     let block = Block::bordered().title(title).title_bottom(margin);
     f.render_widget(Paragraph::new(lines).block(block), area);
+}
+
+/// The keys of a selection row (ascending) from `first` on.
+fn past(row: &[usize], first: usize) -> &[usize] {
+    &row[row.partition_point(|&k| k < first)..]
 }
