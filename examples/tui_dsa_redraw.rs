@@ -26,7 +26,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut idx = Vec::with_capacity(s * k);
     for q in 0..s {
         for j in 0..k {
-            (x ^= x << 13, x ^= x >> 7, x ^= x << 17);
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
             idx.push(if q < k { j.min(q) as i64 } else { (x % (q as u64 + 1)) as i64 });
         }
     }

@@ -26,6 +26,9 @@ use crate::model::moe::Routers;
 use crate::model::Model;
 use crate::model::Tokens;
 
+/// A layer and a batch row.
+type LayerAndRow = (usize, usize);
+
 pub struct DumpSource {
     title: String,
     ours: Dump,
@@ -46,7 +49,7 @@ pub struct DumpSource {
     hook_rows: RefCell<HashMap<String, Option<HookRow>>>,
     /// The last DSA selection asked for, by (layer, batch row): moving along a batch row's tokens
     /// redraws the same one (at 4096 tokens reading it took 0.15 s).
-    last_dsa: RefCell<Option<((usize, usize), Rc<DsaMatrix>)>>,
+    last_dsa: RefCell<Option<(LayerAndRow, Rc<DsaMatrix>)>>,
     warning: Option<String>,
 }
 
