@@ -140,20 +140,23 @@ impl<'a> Fields<'a> {
     fn get(&self, key: &str) -> Option<&'a Value> {
         self.obj.get(key).filter(|v| !v.is_null())
     }
+    // A number or a flag given as `null` is refused, not read as its default: transformers'
+    // config refuses it too (`q_lora_rank: null`, DeepSeek's "no low-rank query path", would
+    // otherwise run as GLM-5's 2048).
     fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
-        match self.get(key) {
+        match self.obj.get(key) {
             None => Ok(default),
             Some(v) => as_usize(key, v),
         }
     }
     fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
-        match self.get(key) {
+        match self.obj.get(key) {
             None => Ok(default),
             Some(v) => as_f64(key, v),
         }
     }
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
-        match self.get(key) {
+        match self.obj.get(key) {
             None => Ok(default),
             Some(v) => v.as_bool().ok_or_else(|| Error::config(key, format!("expected a boolean, got {v}"))),
         }
@@ -466,25 +469,32 @@ fn mlp_layer_types(f: &Fields, n: usize) -> Result<Vec<MlpKind>> {
 /// `indexer_types`, else `index_topk_pattern` ("FSS..." or a list), else the freq/offset schedule
 /// `full iff max(i - offset + 1, 0) % freq == 0`.
 fn indexer_types(f: &Fields, n: usize) -> Result<Vec<IndexerKind>> {
-    let parse = |field: &str, s: &str| match s {
-        "full" | "F" => Ok(IndexerKind::Full),
-        "shared" | "S" => Ok(IndexerKind::Shared),
-        _ => Err(Error::config(field, format!("entries must be \"full\" or \"shared\", got \"{s}\""))),
+    // A list's entries are words; only a pattern string spells layers as letters. (transformers
+    // reads an "S" inside a list as a full layer, anything but "shared" being full: refused here
+    // rather than read either way.)
+    let word = |field: &str, x: &Value| match x.as_str() {
+        Some("full") => Ok(IndexerKind::Full),
+        Some("shared") => Ok(IndexerKind::Shared),
+        Some(s @ ("F" | "S")) => Err(Error::config(
+            field,
+            format!(
+                "a list's entries are \"full\" or \"shared\", got \"{s}\" (letters go in a pattern string, \"FSS...\")"
+            ),
+        )),
+        _ => Err(Error::config(field, format!("entries must be \"full\" or \"shared\", got {x}"))),
     };
+    let letter = |c: char| match c {
+        'F' => Ok(IndexerKind::Full),
+        'S' => Ok(IndexerKind::Shared),
+        _ => Err(Error::config("index_topk_pattern", format!("letters must be F or S, got '{c}'"))),
+    };
+    let list = |field: &str, list: &Vec<Value>| list.iter().map(|x| word(field, x)).collect::<Result<Vec<_>>>();
     let kinds = if let Some(v) = f.get("indexer_types") {
-        let list = v.as_array().ok_or_else(|| Error::config("indexer_types", "expected a list"))?;
-        list.iter()
-            .map(|x| parse("indexer_types", x.as_str().unwrap_or("<not a string>")))
-            .collect::<Result<Vec<_>>>()?
+        list("indexer_types", v.as_array().ok_or_else(|| Error::config("indexer_types", "expected a list"))?)?
     } else if let Some(p) = f.get("index_topk_pattern") {
         match p {
-            Value::String(s) => {
-                s.chars().map(|c| parse("index_topk_pattern", &c.to_string())).collect::<Result<Vec<_>>>()?
-            }
-            Value::Array(list) => list
-                .iter()
-                .map(|x| parse("index_topk_pattern", x.as_str().unwrap_or("<not a string>")))
-                .collect::<Result<Vec<_>>>()?,
+            Value::String(s) => s.chars().map(letter).collect::<Result<Vec<_>>>()?,
+            Value::Array(l) => list("index_topk_pattern", l)?,
             _ => return Err(Error::config("index_topk_pattern", "expected a string like \"FSS\" or a list")),
         }
     } else {
@@ -523,7 +533,9 @@ fn per_layer<T>(field: &str, mut kinds: Vec<T>, n: usize) -> Result<Vec<T>> {
 /// `rope_parameters`, or the older `rope_scaling` + top-level `rope_theta`, standardised the way
 /// `RotaryEmbeddingConfigMixin.convert_rope_params_to_dict` does it.
 fn rope(f: &Fields) -> Result<Rope> {
-    let (field, params) = match (f.get("rope_scaling"), f.get("rope_parameters")) {
+    // `rope_scaling or rope_parameters`, as transformers takes them: an empty `{}` is no scaling.
+    let given = |v: &&Value| v.as_object().is_none_or(|m| !m.is_empty());
+    let (field, params) = match (f.get("rope_scaling").filter(given), f.get("rope_parameters")) {
         (Some(v), _) => ("rope_scaling", v),
         (None, Some(v)) => ("rope_parameters", v),
         (None, None) => ("rope_parameters", &Value::Null),
@@ -534,6 +546,14 @@ fn rope(f: &Fields) -> Result<Rope> {
         Value::Null => &empty,
         _ => return Err(Error::config(field, "expected an object")),
     };
+    // Parameters per layer type (`{"full_attention": {...}}`) are another model's: GLM-5's
+    // layers share one rotary embedding (transformers fails on them too).
+    if let Some((key, _)) = p.iter().find(|(_, v)| v.is_object()) {
+        return Err(Error::config(
+            format!("{field}.{key}"),
+            "nested rope parameters (per layer type) are not supported",
+        ));
+    }
     let pf = Fields { obj: p };
     let theta = match pf.get("rope_theta") {
         Some(v) => as_f64(&format!("{field}.rope_theta"), v)?,
@@ -690,5 +710,42 @@ mod tests {
         assert_eq!(eos(Value::Null).unwrap(), Vec::<u32>::new());
         let bad = eos(serde_json::json!([1, "x"])).unwrap_err().to_string();
         assert!(bad.contains("eos_token_id") && bad.contains("\"x\""), "{bad}");
+    }
+
+    fn read(json: Value) -> std::result::Result<Config, String> {
+        Config::from_json(&json).map_err(|e| e.to_string())
+    }
+
+    /// Where transformers' reading of a config is not the obvious one, it is followed or the
+    /// config refused, never read another way (each of these ran silently otherwise).
+    #[test]
+    fn configs_transformers_reads_otherwise_are_followed_or_refused() {
+        let layers = |json: Value| read(json).map(|c| c.indexer_types);
+        let small = |extra: Value| {
+            let mut j = serde_json::json!({ "num_hidden_layers": 3 });
+            j.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            j
+        };
+        use IndexerKind::{Full, Shared};
+        // Letters in a pattern string; words in a list. transformers takes a list's "S" as full.
+        assert_eq!(layers(small(serde_json::json!({ "index_topk_pattern": "FSF" }))).unwrap(), [Full, Shared, Full]);
+        let words = serde_json::json!({ "index_topk_pattern": ["full", "shared", "full"] });
+        assert_eq!(layers(small(words)).unwrap(), [Full, Shared, Full]);
+        for field in ["index_topk_pattern", "indexer_types"] {
+            let e = layers(small(serde_json::json!({ field: ["F", "S", "F"] }))).unwrap_err();
+            assert!(e.contains(field) && e.contains("\"F\"") && e.contains("pattern string"), "{e}");
+        }
+        // An empty `rope_scaling` is no scaling: `rope_parameters` beside it counts.
+        let yarn = serde_json::json!({ "rope_type": "yarn", "factor": 4.0, "rope_theta": 5e5 });
+        let rope = read(serde_json::json!({ "rope_scaling": {}, "rope_parameters": yarn })).unwrap().rope;
+        assert!(matches!(rope, Rope::Yarn(ref y) if y.factor == 4.0 && y.theta == 5e5), "{rope:?}");
+        let nested = serde_json::json!({ "rope_parameters": { "full_attention": { "rope_type": "default" } } });
+        let e = read(nested).unwrap_err();
+        assert!(e.contains("rope_parameters.full_attention") && e.contains("nested"), "{e}");
+        // A null number is refused, not read as GLM-5's default.
+        for field in ["q_lora_rank", "index_topk", "routed_scaling_factor", "norm_topk_prob"] {
+            let e = read(serde_json::json!({ field: null })).unwrap_err();
+            assert!(e.contains(field) && e.contains("got null"), "{e}");
+        }
     }
 }
