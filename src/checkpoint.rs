@@ -86,6 +86,22 @@ impl Checkpoint {
     pub fn contains(&self, name: &str) -> bool {
         self.names.contains_key(name)
     }
+
+    /// Whether lm_head is the embedding table: `tie_word_embeddings`, unless the checkpoint
+    /// stores an `lm_head.weight` of its own, which transformers then keeps (it unties the two
+    /// when both are stored and differ, with a warning; equal ones give the same logits).
+    pub fn tied_head(&self) -> bool {
+        self.config.tie_word_embeddings && !self.contains("lm_head.weight")
+    }
+
+    /// The tensor lm_head multiplies by (see [`Checkpoint::tied_head`]).
+    pub fn head_name(&self) -> &'static str {
+        if self.tied_head() {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        }
+    }
     fn file(&self, name: &str) -> Result<&StFile> {
         self.names.get(name).map(|&i| &self.files[i]).ok_or_else(|| Error::Weights(format!("missing tensor `{name}`")))
     }

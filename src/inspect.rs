@@ -88,9 +88,13 @@ pub fn describe(ckpt: &Checkpoint) -> Result<String> {
     let _ = writeln!(w, "  rope: interleaved, {rope}; softmax scale {:.6}", c.softmax_scale());
     let _ = writeln!(
         w,
-        "  rms_norm_eps {}, tie_word_embeddings {}, max positions {}{}",
+        "  rms_norm_eps {}, tie_word_embeddings {}{}, max positions {}{}",
         c.rms_norm_eps,
         c.tie_word_embeddings,
+        match c.tie_word_embeddings && !ckpt.tied_head() {
+            true => " (but lm_head.weight is stored: it is the head, as in transformers)",
+            false => "",
+        },
         c.max_position_embeddings,
         match &c.fp8 {
             Some(f) => format!(", block-FP8 {}x{}", f.block[0], f.block[1]),

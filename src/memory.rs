@@ -123,7 +123,7 @@ pub fn estimate(
     };
     let table = 4 * numel(ckpt, "model.embed_tokens.weight");
     // The head is held as panels only from bf16 (`Model::load` reads an FP8 one as f32).
-    let head = match c.tie_word_embeddings {
+    let head = match ckpt.tied_head() {
         true => 0,
         false if ckpt.dtype("lm_head.weight") == Some(Dtype::BF16) => held("lm_head.weight"),
         false => 4 * numel(ckpt, "lm_head.weight"),

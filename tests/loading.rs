@@ -170,3 +170,42 @@ fn the_mtp_layer_is_recognised_not_loaded() {
     assert!(mtp.iter().all(|n| n.starts_with("model.layers.3.")));
     Model::load(&ckpt).unwrap();
 }
+
+/// `tie_word_embeddings` with an `lm_head.weight` stored beside the embedding: transformers keeps
+/// the stored head (it unties the two when they differ), so glimpse multiplies by it too, in the
+/// resident model and when streaming; without one stored, the head is the embedding.
+#[test]
+fn a_stored_lm_head_is_the_head_even_when_tied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    write_synth(&dir, SynthDtype::F32, 1);
+    let untied = logits(&dir);
+    let config = dir.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    c["tie_word_embeddings"] = json!(true);
+    std::fs::write(&config, serde_json::to_vec(&c).unwrap()).unwrap();
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    assert!(!ckpt.tied_head() && ckpt.head_name() == "lm_head.weight");
+    assert_eq!(logits(&dir), untied, "the stored head, not the embedding");
+    let tokens = Tokens::new(2, 6, vec![1, 5, 9, 13, 17, 21, 2, 4, 6, 8, 10, 12]).unwrap();
+    use glimpse::model::stream::{run, Weights};
+    let streamed = run(Weights::Streamed(&ckpt), &tokens, None, None, &mut NoObserver).unwrap().unwrap();
+    assert_eq!(streamed.flatten_all().unwrap().to_vec1::<f32>().unwrap(), untied, "streamed alike");
+
+    // Without a stored head, tying makes the embedding the head: other logits.
+    let path = dir.join("model.safetensors");
+    let file = StFile::open(&path).unwrap();
+    let entries: Vec<(String, Entry)> = file
+        .names()
+        .filter(|n| *n != "lm_head.weight")
+        .map(|n| {
+            let (v, shape) = file.f32(n).unwrap();
+            (n.to_string(), Entry::f32(shape, &v))
+        })
+        .collect();
+    drop(file);
+    st::write(&path, &entries, &BTreeMap::new()).unwrap();
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    assert!(ckpt.tied_head() && ckpt.head_name() == "model.embed_tokens.weight");
+    assert_ne!(logits(&dir), untied);
+}

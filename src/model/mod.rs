@@ -126,9 +126,8 @@ impl Model {
             eprint!("\r\x1b[2K");
         }
         let norm = RmsNorm::load(&mut l, "model.norm", h, cfg.rms_norm_eps);
-        let head_name = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+        let (head_name, tied) = (ckpt.head_name(), ckpt.tied_head());
         let bf16 = l.bf16(head_name).filter(|w| (w.rows, w.cols) == (v, h));
-        let tied = cfg.tie_word_embeddings;
         let weight =
             Weight::head(bf16, tied, || Ok(if tied { embed_tokens.clone() } else { l.get(head_name, &[v, h]) }))?;
         let lm_head = Linear { weight, bias: None };

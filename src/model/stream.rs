@@ -217,7 +217,7 @@ pub fn head_normed(w: Weights, h: &Tensor, obs: &mut dyn Observer) -> Result<(Te
     let logits = match w {
         Weights::Resident(m) => m.lm_head.forward(&x2)?,
         Weights::Streamed(ckpt) => {
-            let name = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+            let name = ckpt.head_name();
             let want = vec![cfg.vocab_size, hidden];
             if ckpt.shape(name) != Some(want.clone()) {
                 return Err(Error::Weights(format!("`{name}`: expected shape {want:?}, got {:?}", ckpt.shape(name))));
@@ -229,7 +229,7 @@ pub fn head_normed(w: Weights, h: &Tensor, obs: &mut dyn Observer) -> Result<(Te
             for start in (0..cfg.vocab_size).step_by(HEAD_CHUNK) {
                 let count = HEAD_CHUNK.min(cfg.vocab_size - start);
                 let band = bf16.as_ref().and_then(|w| w.rows(start, count));
-                let weight = Weight::head(band, cfg.tie_word_embeddings, || ckpt.rows(name, start, count))?; // [chunk, hidden]
+                let weight = Weight::head(band, ckpt.tied_head(), || ckpt.rows(name, start, count))?; // [chunk, hidden]
                 parts.push(Linear { weight, bias: None }.forward(&x2)?);
             }
             ckpt.release(name);
