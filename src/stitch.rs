@@ -119,16 +119,14 @@ impl Part {
 }
 
 impl Observer for Stitcher {
-    /// `input_ids` always: its batch size is what un-flattens the router's [B*C, ...] rows.
+    /// `input_ids` always, as a dump holds them whatever `--record` says (`DumpWriter`): its
+    /// batch size is also what un-flattens the router's [B*C, ...] rows.
     fn wants(&self, point: HookPoint) -> bool {
         point == HookPoint::InputIds || self.selector.wants(point)
     }
     fn observe(&mut self, point: HookPoint, value: &Tensor) -> Result<()> {
         if point == HookPoint::InputIds {
             self.batch = Some(value.dims()[0]);
-            if !self.selector.wants(point) {
-                return Ok(());
-            }
         }
         let part = match self.spill.as_mut() {
             None => Part::Held(value.clone()),

@@ -201,6 +201,29 @@ fn generate_dump_equals_a_prefill_dump_of_the_same_tokens() {
     let (code, text) = common::code_and_text(&["diff", gen.to_str().unwrap(), run.to_str().unwrap()]);
     assert_eq!(code, 0, "{text}");
     assert!(!text.contains("only in"), "both dumps hold the same names: {text}");
+
+    // With --record naming other points, the dump still holds the tokens it ran (as `run`'s
+    // does): `run --tokens-from` reruns them.
+    let (code, text) = common::code_and_text(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        "5,17,30",
+        "--max-new-tokens",
+        "3",
+        "--record",
+        "logits",
+        "--dump",
+        gen.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let recorded = Dump::open(&gen).unwrap();
+    assert_eq!(recorded.names(), ["input_ids", "logits"]);
+    assert_eq!(recorded.tokens().unwrap().ids[..3], [5, 17, 30]);
+    let (code, text) =
+        common::code_and_text(&["run", "--model", dir.to_str().unwrap(), "--tokens-from", gen.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
