@@ -1,16 +1,16 @@
 //! Flips (a routing or DSA selection that differs between two runs) and the margins that decided
 //! them, so a near-tie, which rounding alone can flip, is told from a bug. A margin is what a dump
 //! records (`dsa.margin`, `moe.margin`) or is recomputed from what a transformers dump records
-//! (`dsa.scores`; `moe.router_logits` with the checkpoint's routers), and a recomputed one is kept
-//! only where it makes the recorded choice. `verify`, `diff` and the terminal UI class flips here.
+//! (`dsa.scores`; `moe.router_logits` with the checkpoint's routers): the recorded choice's own
+//! lead over what it left out, known only where those scores admit that choice. `verify`, `diff`
+//! and the terminal UI class flips here.
 
 use crate::compare::Flip;
 use crate::config::Config;
 use crate::diff::{floats, ints};
 use crate::dump::Dump;
 use crate::hooks::{HookPoint, LayerHook};
-use crate::model::indexer::top_k_causal;
-use crate::model::moe::{route, RouterConfig};
+use crate::model::moe::{route, sigmoid, RouterConfig};
 
 /// How close the decision a flip overturned was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,11 +63,13 @@ pub fn deciding(selection: HookPoint, config: &Config) -> HookPoint {
 
 /// The margins that decided the rows of `selection` (`dsa.topk` or `moe.topk_ids`) in `d`: its
 /// recorded margin tensor; else recomputed from the indexer scores for DSA, and for routing from
-/// the gate logits with the layer's `router` when given. A recomputed margin is kept only for rows
-/// where the recomputation chooses what the dump recorded (NaN, unknown, elsewhere): a margin that
-/// does not describe the recorded decision would misclass its flip. (So an exact tie at the cut
-/// that the recording broke the other way is unknown, not a near-tie.) None when the dump holds
-/// neither, or its shapes do not fit each other.
+/// the gate logits with the layer's `router` when given. A recomputed margin is the recorded
+/// choice's own lead, the lowest score it kept minus the highest it left out, where that is not
+/// negative (the recorded set is a top-k of those scores; 0 for an exact tie at the cut, however
+/// the recording broke it), and NaN (unknown) where it is: a margin that does not describe the
+/// recorded decision would misclass its flip. (Grouped routing takes the recomputed route's
+/// margin where it chooses what was recorded.) None when the dump holds neither, or its shapes
+/// do not fit each other.
 pub fn margins_in(d: &Dump, selection: HookPoint, router: Option<(&RouterConfig, &[f32])>) -> Option<Vec<f32>> {
     if let Some(recorded) = floats(d, &selection.margin()?.name()) {
         return Some(recorded);
@@ -80,23 +82,63 @@ pub fn margins_in(d: &Dump, selection: HookPoint, router: Option<(&RouterConfig,
             if scores.len() != b * s * s || chosen.len() != b * s * k {
                 return None;
             }
-            let sel = top_k_causal(&scores, b, s, 0, k);
-            let ids: Vec<i64> = sel.idx.iter().map(|&j| j as i64).collect();
-            // Only the causal keys of a row count; the rest is padding.
-            reproduced(sel.margin, k, &chosen, &ids, |r, j| j >= 0 && j as usize <= r % s)
+            // Query q of a row chooses among its causal keys 0..=q (the rest is padding): it
+            // keeps min(k, q + 1) of them.
+            let rows = scores.chunks_exact(s).zip(chosen.chunks_exact(k)).enumerate();
+            Some(rows.map(|(r, (row, ids))| lead(&row[..=r % s], ids, k.min(r % s + 1))).collect())
         }
         HookPoint::Layer(i, LayerHook::TopkIds) => {
             let (rc, bias) = router?;
+            let e = bias.len();
             let name = HookPoint::Layer(i, LayerHook::RouterLogits).name();
             let (logits, rows) = (floats(d, &name)?, d.shape(&name)?);
-            if rows.last() != Some(&bias.len()) || chosen.len() != logits.len() / bias.len() * rc.top_k {
+            if rows.last() != Some(&e) || chosen.len() != logits.len() / e * rc.top_k {
                 return None;
             }
-            let routes: Vec<_> = logits.chunks(bias.len()).map(|row| route(rc, row, bias)).collect();
+            let rows = logits.chunks_exact(e).zip(chosen.chunks_exact(rc.top_k));
+            if rc.n_group <= 1 {
+                let choice = |l: &[f32]| l.iter().zip(bias).map(|(&l, b)| sigmoid(l) + b).collect::<Vec<f32>>();
+                return Some(rows.map(|(l, ids)| lead(&choice(l), ids, rc.top_k)).collect());
+            }
+            // With groups the experts left out of dropped groups may score above the kept ones:
+            // the recomputed route's margin, where it makes the recorded choice.
+            let routes: Vec<_> = logits.chunks_exact(e).map(|row| route(rc, row, bias)).collect();
             let ids: Vec<i64> = routes.iter().flat_map(|r| r.ids.iter().map(|&j| j as i64)).collect();
             reproduced(routes.iter().map(|r| r.margin).collect(), rc.top_k, &chosen, &ids, |_, _| true)
         }
         _ => None,
+    }
+}
+
+/// How far the recorded choice `ids` (of which `want` distinct ones must index `values`) leads
+/// the values it left out: the lowest chosen minus the highest not chosen (+inf when none is
+/// left out); NaN when the choice is not `want` distinct indices or is not a top-`want` of
+/// `values` (a lead below 0).
+fn lead(values: &[f32], ids: &[i64], want: usize) -> f32 {
+    let mut kept = vec![false; values.len()];
+    for &j in ids {
+        if let Some(slot) = usize::try_from(j).ok().and_then(|j| kept.get_mut(j)) {
+            *slot = true;
+        }
+    }
+    if kept.iter().filter(|&&x| x).count() != want {
+        return f32::NAN;
+    }
+    let (mut low, mut high) = (f32::INFINITY, f32::NEG_INFINITY);
+    for (&v, &k) in values.iter().zip(&kept) {
+        if v.is_nan() {
+            return f32::NAN;
+        }
+        if k {
+            low = low.min(v);
+        } else {
+            high = high.max(v);
+        }
+    }
+    match low - high {
+        m if m >= 0.0 => m,
+        m if m.is_nan() && high == f32::NEG_INFINITY => f32::INFINITY,
+        _ => f32::NAN,
     }
 }
 
@@ -219,5 +261,46 @@ mod tests {
         assert!(m[2].is_nan());
         assert!(reproduced(vec![0.5; 3], 2, &recorded[..4], &recomputed[..4], causal).is_none());
         assert!(reproduced(vec![0.5; 3], 2, &recorded, &recomputed[..4], causal).is_none());
+    }
+
+    /// A recorded choice's margin is its own lead over what it left out: the k-th minus the
+    /// (k+1)-th where it is the top k, 0 where it broke an exact tie either way, unknown where it
+    /// is no top k of the values (or holds duplicates), +inf where nothing was left out.
+    #[test]
+    fn a_recorded_choice_leads_by_its_lowest_kept_value() {
+        let v = [0.9f32, 0.0, 0.5, 0.0];
+        approx::assert_abs_diff_eq!(lead(&v, &[2, 0], 2), 0.5);
+        assert_eq!(lead(&v, &[0, 2, 1], 3), 0.0, "keeps key 1 of the tied 1 and 3");
+        assert_eq!(lead(&v, &[0, 2, 3], 3), 0.0, "keeps key 3 of the tied 1 and 3");
+        assert!(lead(&v, &[0, 1], 2).is_nan(), "0.0 kept over 0.5: not a top 2");
+        assert!(lead(&v, &[0, 0], 2).is_nan(), "a duplicate where a key should be");
+        assert!(lead(&v, &[0, 7], 2).is_nan(), "padding where a key should be");
+        assert_eq!(lead(&v[..2], &[1, 0, 9], 2), f32::INFINITY, "every value kept (padding past them)");
+        assert!(lead(&[f32::NAN, 1.0], &[1], 1).is_nan());
+    }
+
+    /// Recomputed from a transformers-style dump (scores, no margin): query 2's exact tie between
+    /// keys 0 and 1, broken towards the higher key, has margin 0 (a near-tie, not unknown); a
+    /// query that keeps every causal key has none to lose (+inf).
+    #[test]
+    fn a_tie_broken_either_way_has_margin_zero() {
+        use crate::hooks::Observer;
+        use candle_core::{Device, Tensor};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ref.safetensors");
+        let mut w = crate::dump::DumpWriter::create(&path, crate::hooks::Selector::default(), 3).unwrap();
+        let t = |v: Vec<f32>, s: &[usize]| Tensor::from_vec(v, s, &Device::Cpu).unwrap();
+        w.observe(HookPoint::InputIds, &Tensor::from_vec(vec![1i64, 2, 3], (1, 3), &Device::Cpu).unwrap()).unwrap();
+        let ninf = f32::NEG_INFINITY;
+        let scores = t(vec![0.3, ninf, ninf, 0.2, 0.7, ninf, 0.1, 0.1, 0.6], &[1, 3, 3]);
+        w.observe(HookPoint::Layer(0, LayerHook::DsaScores), &scores).unwrap();
+        let topk = Tensor::from_vec(vec![0i64, 1, 1, 0, 2, 1], (1, 3, 2), &Device::Cpu).unwrap();
+        w.observe(HookPoint::Layer(0, LayerHook::DsaTopk), &topk).unwrap();
+        w.finish(&crate::dump::metadata("test", None, None)).unwrap();
+        let d = Dump::open(&path).unwrap();
+        let m = margins_in(&d, HookPoint::Layer(0, LayerHook::DsaTopk), None).unwrap();
+        assert_eq!(m[0], f32::INFINITY, "query 0 keeps its only key (the 1 past it is padding)");
+        assert_eq!(m[1], f32::INFINITY, "query 1 keeps both its keys");
+        assert_eq!(m[2], 0.0, "keys 0 and 1 tie at 0.1; the recording kept 1");
     }
 }
