@@ -54,7 +54,7 @@ for r in $(seq 1 "$rounds"); do
   g_load=$(echo "$out" | sed -n 's/^load[^:]*: \([0-9.]*\) s.*/\1/p')
   g_first=$(echo "$out" | sed -n 's/.*first prefill[^:]*: \([0-9.]*\) s.*/\1/p')
   g_medians+=("$g")
-  t_json=$("$python" -c "$reference" "$model" "$tokens" "$threads" "$repeat" 2>/dev/null | tail -n 1)
+  t_json=$(transformers_json "$reference" "$model" "$tokens" "$threads" "$repeat")
   read -r t t_load t_fwd < <("$python" -c 'import json,sys; d = json.loads(sys.argv[1])
 print(round(d["median"], 3), round(d["load"], 2), round(d["first"], 3))' "$t_json")
   t_medians+=("$t")

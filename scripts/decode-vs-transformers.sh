@@ -16,6 +16,10 @@ prompt=${2:-128}
 new=${3:-16}
 threads=${4:-2}
 rounds=${5:-3}
+if ! [ "$new" -ge 2 ] 2>/dev/null; then
+  echo "NEW must be at least 2 (a decode step is a token after the first), got $new" >&2
+  exit 2
+fi
 . "$(dirname "$0")/side-by-side.sh"
 
 # The same token ids glimpse bench uses: ((i * 2654435761 mod 2^32) >> 7) mod vocab.
@@ -36,7 +40,11 @@ m.eval()
 x = torch.tensor([[int(t) for t in ids.split(",")]])
 def gen(n):
     t = time.perf_counter()
-    out = m.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True)
+    # No eos: glimpse runs with --ignore-eos, so both make n tokens whichever they are (an eos
+    # included: min_new_tokens would forbid it, and so change the tokens). The mask is explicit,
+    # or a prompt token equal to pad_token_id would be read as padding.
+    out = m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, eos_token_id=None,
+                     do_sample=False, use_cache=True)
     return time.perf_counter() - t, out[0, x.shape[1]:].tolist()
 with torch.no_grad():
     gen(2)  # warm-up
@@ -51,7 +59,7 @@ for r in $(seq 1 "$rounds"); do
   g_step=$(echo "$out" | sed -n 's/.*decode median \([0-9.]*\) s per step.*/\1/p')
   g_total=$(echo "$out" | sed -n 's/.* new tokens in \([0-9.]*\) s including.*/\1/p')
   g_tokens=$(echo "$out" | sed -n 's/^row 0: generated \[\(.*\)\]/\1/p' | tr -d ' ')
-  t_json=$("$python" -c "$reference" "$model" "$ids" "$new" "$threads" 2>/dev/null | tail -n 1)
+  t_json=$(transformers_json "$reference" "$model" "$ids" "$new" "$threads")
   read -r t_step t_total t_tokens < <("$python" -c 'import json,sys; d = json.loads(sys.argv[1]); print(d["step"], d["total"], ",".join(map(str, d["tokens"])))' "$t_json")
   g_steps+=("$g_step"); g_totals+=("$g_total"); t_steps+=("$t_step"); t_totals+=("$t_total")
   same=$([ "$g_tokens" = "$t_tokens" ] && echo "same tokens" || echo "TOKENS DIFFER: glimpse $g_tokens, transformers $t_tokens")
