@@ -386,8 +386,10 @@ impl Config {
     pub fn cache_values_per_token(&self) -> (usize, usize) {
         let n = self.num_hidden_layers;
         let full = (0..n).filter(|&i| self.indexer_kind(i) == IndexerKind::Full).count();
-        let latent = n * (self.kv_lora_rank + self.qk_rope_head_dim) + full * self.index_head_dim;
-        (latent, n * self.num_attention_heads * (self.qk_head_dim() + self.v_head_dim))
+        // Either cache keeps the indexer's keys (DSA scores every cached position with them).
+        let index = full * self.index_head_dim;
+        let latent = n * (self.kv_lora_rank + self.qk_rope_head_dim) + index;
+        (latent, n * self.num_attention_heads * (self.qk_head_dim() + self.v_head_dim) + index)
     }
 
     /// Layer `i`'s feed-forward kind; past the main layers (the MTP layer) always MoE.

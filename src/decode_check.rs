@@ -167,7 +167,12 @@ pub fn print(r: &DecodeCheck, tol: Tolerance, chunk: usize) {
             r.logits_max_abs.iter().enumerate().skip(p).take(5).for_each(|(s, &e)| line(s, e));
         }
     }
-    let how = if chunk <= 1 { "one position per call".to_string() } else { format!("{chunk} positions per call") };
+    // A chunk longer than the tokens runs them in one call: said as what ran.
+    let how = match chunk.min(r.positions) {
+        0 | 1 => "one position per call".to_string(),
+        c if c == r.positions && chunk > c => format!("all {c} positions in one call"),
+        c => format!("{c} positions per call"),
+    };
     match r.first {
         None => println!(
             "decode matches prefill at every position ({how}; {} tensors, atol {:e}, rtol {:e})",

@@ -123,13 +123,14 @@ pub fn cache_report(model: &Model, batch: usize, tokens: usize, mtp: bool) -> St
     if mtp {
         // The MTP layer: one more layer with its own (full) indexer.
         latent += c.kv_lora_rank + c.qk_rope_head_dim + c.index_head_dim;
-        expanded += c.num_attention_heads * (c.qk_head_dim() + c.v_head_dim);
+        expanded += c.num_attention_heads * (c.qk_head_dim() + c.v_head_dim) + c.index_head_dim;
     }
     let layers = model.layers.len() + usize::from(mtp);
     let mib = |values: usize| (4 * values * tokens * batch) as f64 / (1 << 20) as f64;
     format!(
         "cache: {} bytes per token over {layers} layers in f32 (kv_latent + k_rope, + the index key in full-indexer \
-         layers), against {} expanded ({:.1}x); {tokens} positions x batch {batch}: {:.2} MiB, against {:.2} MiB",
+         layers), against {} expanded (per-head keys and values, + the same index keys) ({:.1}x); {tokens} positions \
+         x batch {batch}: {:.2} MiB, against {:.2} MiB",
         4 * latent,
         4 * expanded,
         expanded as f64 / latent as f64,

@@ -137,7 +137,7 @@ pub fn describe(ckpt: &Checkpoint) -> Result<String> {
         );
     }
     // What decoding caches per token (f32), as serving engines do (latent + rope key, + indexer key
-    // in full-indexer layers), against expanded per-head keys and values.
+    // in full-indexer layers), against expanded per-head keys and values (+ the same indexer keys).
     let (latent, expanded) = c.cache_values_per_token();
     let _ = writeln!(
         w,
