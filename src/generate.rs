@@ -74,12 +74,17 @@ pub fn run(
         let why = if crate::interrupt::requested() { "Ctrl-C" } else { "eos_token_id in every row" };
         eprintln!("glimpse: stopped by {why} after {made} of {} new tokens", opts.new_tokens);
     }
-    for (r, g) in done.tokens.iter().enumerate() {
-        // A row that ended earlier than the others is shown up to its eos.
-        let end = g.iter().position(|t| opts.eos.contains(t)).map_or(g.len(), |i| i + 1);
+    // A row that ended earlier than the others is shown up to its eos, and its drafts counted
+    // up to it: the steps after are the other rows'.
+    let ends: Vec<usize> =
+        done.tokens.iter().map(|g| g.iter().position(|t| opts.eos.contains(t)).map_or(g.len(), |i| i + 1)).collect();
+    for (r, (g, &end)) in done.tokens.iter().zip(&ends).enumerate() {
         println!("row {r}: generated {:?}", &g[..end]);
     }
-    if let Some((accepted, drafted)) = done.drafts {
+    if let Some(hits) = &done.drafts {
+        // Draft j is of token j + 1.
+        let counted = hits.iter().zip(&ends).flat_map(|(row, &end)| &row[..row.len().min(end.saturating_sub(1))]);
+        let (accepted, drafted) = counted.fold((0, 0), |(a, d), &hit| (a + usize::from(hit), d + 1));
         let rate = if drafted > 0 { format!("{:.1}%", 100.0 * accepted as f64 / drafted as f64) } else { "-".into() };
         println!("mtp: {accepted} of {drafted} drafts equal the main model's greedy token ({rate})");
     }

@@ -65,7 +65,9 @@ fn mtp_drafts_during_generation_equal_the_prefill_form() {
                 want = (want.0 + usize::from(*d == main), want.1 + 1);
             }
         }
-        assert_eq!(done.drafts, Some(want));
+        let hits = done.drafts.as_ref().unwrap();
+        let counted = hits.iter().flatten().fold((0, 0), |(a, d), &hit| (a + usize::from(hit), d + 1));
+        assert_eq!(counted, want);
         assert_eq!(want.1, 2 * (new - 1));
     }
 }
@@ -102,6 +104,36 @@ fn generate_mtp_reports_acceptance_and_refuses_a_checkpoint_without_mtp() {
     let no_mtp = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/grouped-shared-yarn");
     let o = common::glimpse(&["generate", "--model", no_mtp.to_str().unwrap(), "--tokens", "1,2", "--mtp"]);
     common::assert_error(&o, "has no MTP layer");
+}
+
+/// A row that produced its eos stops counting drafts: the steps after it are the other rows'.
+#[test]
+fn drafts_after_a_rows_eos_are_not_counted() {
+    let generate = |dir: &Path, extra: &[&str]| {
+        let args = ["generate", "--model", dir.to_str().unwrap(), "--tokens", "5,17,30,2;9,10,11,12", "--mtp"];
+        let (code, text) = common::code_and_text(&[&args[..], &["--max-new-tokens", "6"], extra].concat());
+        assert_eq!(code, 0, "{text}");
+        text
+    };
+    let text = generate(&case(), &["--ignore-eos"]);
+    assert!(text.contains("of 10 drafts"), "2 rows x 5 drafted tokens: {text}");
+    let row0: Vec<u32> =
+        serde_json::from_str(text.split("row 0: generated ").nth(1).unwrap().lines().next().unwrap()).unwrap();
+    let row1 = text.split("row 1: generated ").nth(1).unwrap().lines().next().unwrap().to_string();
+    // Row 0's second token as the eos: row 0 ends there, row 1 (without it) runs on.
+    assert!(!row1.contains(&format!(" {},", row0[1])) && !row0[..1].contains(&row0[1]), "{text}");
+    let tmp = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(case()).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, tmp.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let config = tmp.path().join("config.json");
+    let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    c["eos_token_id"] = serde_json::json!(row0[1]);
+    std::fs::write(&config, serde_json::to_vec(&c).unwrap()).unwrap();
+    let text = generate(tmp.path(), &[]);
+    assert!(text.contains(&format!("row 0: generated {:?}", &row0[..2])), "{text}");
+    assert!(text.contains("of 6 drafts"), "row 0's one drafted token up to its eos, row 1's 5: {text}");
 }
 
 /// `run --mtp --dump` writes the MTP head's tensors beside the main model's: `diff` against the

@@ -327,8 +327,9 @@ pub enum Flow {
 pub struct Generation {
     /// Every row's generated tokens.
     pub tokens: Vec<Vec<u32>>,
-    /// With an MTP head: (drafts equal to the main model's greedy token, drafts compared).
-    pub drafts: Option<(usize, usize)>,
+    /// With an MTP head, per row: whether its draft of each generated token after the first
+    /// equalled the main model's greedy token (entry `j` for token `j + 1`).
+    pub drafts: Option<Vec<Vec<bool>>>,
 }
 
 impl Model {
@@ -373,8 +374,7 @@ impl Model {
             mtp: m,
             cache: KvCache::with_capacity(1, fed.saturating_sub(1)),
             draft: None,
-            accepted: 0,
-            drafted: 0,
+            hits: vec![Vec::with_capacity(new); b],
         });
         // The MTP head sees the pair (h[s], t[s+1]) of each position the main model runs but the
         // last; a pair waits in `pending` until the step that makes it not the last is certain
@@ -413,7 +413,7 @@ impl Model {
                 }
             }
         }
-        Ok(Generation { tokens: generated, drafts: drafter.map(|d| (d.accepted, d.drafted)) })
+        Ok(Generation { tokens: generated, drafts: drafter.map(|d| d.hits) })
     }
 }
 
@@ -423,8 +423,8 @@ struct Drafter<'a> {
     cache: KvCache,
     /// Each row's draft for the token the main model chooses next.
     draft: Option<Vec<u32>>,
-    accepted: usize,
-    drafted: usize,
+    /// Per row, whether each scored draft was the main model's choice.
+    hits: Vec<Vec<bool>>,
 }
 
 impl Drafter<'_> {
@@ -438,8 +438,7 @@ impl Drafter<'_> {
     /// Scores the pending draft against the main model's choice.
     fn score(&mut self, chosen: &[u32]) {
         if let Some(draft) = self.draft.take() {
-            self.drafted += chosen.len();
-            self.accepted += draft.iter().zip(chosen).filter(|(a, b)| a == b).count();
+            self.hits.iter_mut().zip(draft.iter().zip(chosen)).for_each(|(row, (a, b))| row.push(a == b));
         }
     }
 }
