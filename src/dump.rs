@@ -320,6 +320,7 @@ impl DumpWriter {
     /// `expected` is how many tensors the run may report (sizes the header reservation).
     pub fn create(path: &Path, selector: Selector, expected: usize) -> Result<Self> {
         // Not `st::tmp_path`: the header-overflow fallback writes that one while reading this.
+        crate::output::sweep_leftovers(path);
         let tmp_path = crate::output::sibling(path, &format!(".{}.partial", std::process::id()));
         let reserve = (1024 + expected * HEADER_BYTES_PER_TENSOR).next_multiple_of(8);
         let file = File::create(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;

@@ -63,9 +63,45 @@ pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// Removes the temporary files killed runs left beside `path` (`NAME.PID.partial`,
+/// `NAME.PID.tmp`) whose process is gone: a run killed while writing (a second Ctrl-C, SIGKILL)
+/// cannot remove its own, so the next one writing `path` does.
+pub fn sweep_leftovers(path: &Path) {
+    let (Some(name), Some(dir)) = (path.file_name().and_then(|n| n.to_str()), path.parent()) else { return };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(name)?.strip_prefix('.')) else { continue };
+        let pid = rest.strip_suffix(".partial").or_else(|| rest.strip_suffix(".tmp"));
+        if let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) {
+            if pid != std::process::id() && !alive(pid) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// Whether a process of this id exists (elsewhere than on Unix: assumed so, keeping its files).
+pub fn alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else { return true };
+        // SAFETY: signal 0 only checks that the process exists and may be signalled.
+        let r = unsafe { libc::kill(pid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
 /// Writes a report file atomically: a temporary file beside it, then a rename. On failure the
 /// temporary file is removed and any earlier file at `path` is left as it was.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    sweep_leftovers(path);
     let tmp = sibling(path, &format!(".{}.tmp", std::process::id()));
     let result = std::fs::write(&tmp, bytes)
         .map_err(|e| Error::io(&tmp, e))

@@ -362,6 +362,7 @@ pub fn write(path: &Path, tensors: &[(String, Entry)], metadata: &BTreeMap<Strin
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
+    crate::output::sweep_leftovers(path);
     crate::output::sibling(path, &format!(".{}.tmp", std::process::id()))
 }
 

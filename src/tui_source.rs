@@ -64,26 +64,10 @@ pub fn sweep_live_dumps(dir: &Path) {
         let name = entry.file_name().to_string_lossy().into_owned();
         let pid = name.strip_prefix(LIVE_PREFIX).map(|rest| rest.split(['-', '.']).next().unwrap_or(""));
         if let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) {
-            if pid != std::process::id() && !alive(pid) {
+            if pid != std::process::id() && !crate::output::alive(pid) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-    }
-}
-
-/// Whether a process of this id exists (elsewhere than on Unix: assumed so, keeping its files).
-fn alive(pid: u32) -> bool {
-    #[cfg(unix)]
-    {
-        let Ok(pid) = libc::pid_t::try_from(pid) else { return true };
-        // SAFETY: signal 0 only checks that the process exists and may be signalled.
-        let r = unsafe { libc::kill(pid, 0) };
-        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = pid;
-        true
     }
 }
 

@@ -498,3 +498,29 @@ fn ctrl_c_stops_an_audit_after_the_prompt_in_progress() {
         assert_eq!(layer["tokens"].as_u64(), Some(16 * run), "{layer}");
     }
 }
+
+/// A run killed while writing (a second Ctrl-C during the dump's last write, SIGKILL) leaves its
+/// pid-named temporary file; the next run writing the same dump removes it, and only it: another
+/// live process's is kept.
+#[test]
+fn the_next_run_removes_what_a_killed_one_left() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run.safetensors");
+    let mut gone = Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let names = [format!("run.safetensors.{dead}.partial"), format!("run.safetensors.{dead}.tmp")];
+    let kept = ["run.safetensors.1.partial".to_string(), "other.7.partial".into()];
+    for f in names.iter().chain(&kept) {
+        std::fs::write(tmp.path().join(f), b"left").unwrap();
+    }
+    let o = glimpse(&["run", "--model", &s(&golden("flat")), "--tokens", "1,2,3", "--dump", &s(&out)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut left: Vec<String> =
+        std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    left.sort();
+    let mut want: Vec<String> = kept.to_vec();
+    want.push("run.safetensors".into());
+    want.sort();
+    assert_eq!(left, want);
+}
