@@ -40,6 +40,9 @@ pub fn run(
     if let Some(bad) = prompt.ids.iter().find(|&&t| t as usize >= vocab) {
         return Err(crate::error::Error::Usage(format!("token id {bad} is out of range for vocab_size {vocab}")));
     }
+    if let Some(e) = opts.eos.iter().find(|&&e| e as usize >= vocab) {
+        eprintln!("glimpse: warning: eos_token_id {e} is past vocab_size {vocab}: no row can produce it");
+    }
     // First: a dump that cannot be written is refused before anything is computed or printed.
     let mut stitcher = opts.dump.as_ref().map(|(path, sel)| Stitcher::spilling(sel.clone(), path)).transpose()?;
     let mtp = if opts.mtp { Some(Mtp::load(ckpt)?) } else { None };
@@ -51,7 +54,14 @@ pub fn run(
         None => &mut NoObserver,
     };
     // Loaded once, outside the timed steps (a real tokenizer.json takes a while to parse).
-    let decoder = if prompt.batch == 1 { crate::tokenizer::Decoder::load(dir)? } else { None };
+    // Ids need no tokenizer: one that cannot be read costs the text, not the run.
+    let decoder = match prompt.batch {
+        1 => crate::tokenizer::Decoder::load(dir).unwrap_or_else(|e| {
+            eprintln!("glimpse: warning: {e}: the steps are shown as ids only");
+            None
+        }),
+        _ => None,
+    };
     let t0 = std::time::Instant::now();
     let mut stamps = Vec::with_capacity(opts.new_tokens);
     // Ctrl-C ends the generation after the step in progress, keeping what it made (and its dump).

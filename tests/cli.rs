@@ -334,6 +334,16 @@ fn streaming_fits_where_resident_does_and_mismatched_configs_are_named() {
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
     // 3 prompt positions and 2 fed back (the third new token is only printed).
     assert!(text(&o).1.contains("5 positions, 1 of them past max_position_embeddings (4)"), "{:?}", text(&o).1);
+
+    // An eos id no token can be is said; a tokenizer that cannot be read costs ids the text only.
+    let odd = with_config(tmp.path(), "odd", |v| v["eos_token_id"] = 999.into());
+    std::fs::write(odd.join("tokenizer.json"), "{broken").unwrap();
+    let o = glimpse(&["generate", "--model", odd.to_str().unwrap(), "--tokens", "1,2,3", "--max-new-tokens", "2"]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    let (out, err) = text(&o);
+    assert!(err.contains("eos_token_id 999 is past vocab_size"), "{err}");
+    assert!(err.contains("tokenizer.json") && err.contains("shown as ids only"), "{err}");
+    assert!(out.contains("row 0: generated ["), "{out}");
 }
 
 /// A run checked against its own dump with its decisions replayed matches everywhere, on both
