@@ -64,10 +64,12 @@ pub fn run(
     };
     let t0 = std::time::Instant::now();
     let mut stamps = Vec::with_capacity(opts.new_tokens);
-    // Ctrl-C ends the generation after the step in progress, keeping what it made (and its dump).
+    // Ctrl-C ends the generation after the step (or the prompt's chunk) in progress, keeping what
+    // it made (and its dump).
     let stopping = crate::interrupt::stop_at_checkpoints();
     let mut ended = vec![false; prompt.batch]; // rows that produced an eos id
-    let done = model.generate(prompt, opts.new_tokens, opts.chunk, mtp.as_ref(), obs, |step, next| {
+    let stop = crate::interrupt::requested;
+    let done = model.generate(prompt, opts.new_tokens, opts.chunk, mtp.as_ref(), obs, &stop, |step, next| {
         stamps.push(t0.elapsed().as_secs_f64());
         let text = decoder.as_ref().map(|d| d.decode(next)).transpose()?.map(|t| format!(" {t:?}"));
         let mut out = std::io::stdout();

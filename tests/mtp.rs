@@ -34,7 +34,8 @@ fn mtp_drafts_during_generation_equal_the_prefill_form() {
     for stop_after in [None, Some(2), Some(0)] {
         let mut stitcher = Stitcher::new(Selector::default());
         let flow = |step| if Some(step) == stop_after { Flow::Stop } else { Flow::Continue };
-        let done = model.generate(&prompt, 6, 3, Some(&mtp), &mut stitcher, |step, _| Ok(flow(step))).unwrap();
+        let done =
+            model.generate(&prompt, 6, 3, Some(&mtp), &mut stitcher, &|| false, |step, _| Ok(flow(step))).unwrap();
         let new = done.tokens[0].len();
         assert_eq!(new, stop_after.map_or(6, |s| s + 1));
         let decode: BTreeMap<HookPoint, _> = stitcher.finish().unwrap().into_iter().collect();

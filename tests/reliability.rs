@@ -435,6 +435,38 @@ fn ctrl_c_stops_generate_and_keeps_what_it_made() {
     assert!(d.names().iter().any(|n| n == "logits"));
 }
 
+/// Ctrl-C while a prompt goes through the cache in chunks stops after the chunk in progress,
+/// with no token made (a 10,000-token prompt fed a position at a time ran to its end before).
+#[test]
+fn ctrl_c_stops_generate_during_a_chunked_prompt() {
+    let tokens = (0..10_000).map(|i| (i % 200 + 1).to_string()).collect::<Vec<_>>().join(",");
+    let flat = golden("flat");
+    let args = ["generate", "--model", &s(&flat), "--tokens", &tokens, "--chunk", "1", "--max-new-tokens", "5"];
+    let child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let catches_sigint = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+        let caught = status.lines().find_map(|l| l.strip_prefix("SigCgt:")).map(str::trim).unwrap_or("0");
+        u64::from_str_radix(caught, 16).is_ok_and(|mask| mask & (1 << (libc::SIGINT - 1)) != 0)
+    };
+    let start = std::time::Instant::now();
+    while !catches_sigint() {
+        assert!(start.elapsed() < Duration::from_secs(60), "generate never caught SIGINT");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // SAFETY: signalling a child this test started and has not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let (stdout, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("stopped by Ctrl-C after 0 of 5 new tokens"), "{err}");
+    assert!(!stdout.contains("step 0:"), "no token was made: {stdout}");
+}
+
 /// Starts glimpse with `args`, waits until `path` exists, checks the run is still going, sends
 /// it `signal` (SIGKILL: killed; SIGINT: Ctrl-C) and returns what it printed and how it ended.
 fn signal_when_present(args: &[&str], path: &Path, signal: i32) -> std::process::Output {

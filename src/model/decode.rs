@@ -336,7 +336,9 @@ impl Model {
     /// Greedy generation: the prompt goes through the cache `chunk` positions at a time (0: all
     /// at once), then every step feeds back each row's argmax. `obs` sees every hook of every
     /// call; `on_step(step, tokens)` sees each step's tokens as soon as they are chosen, and
-    /// returning `Flow::Stop` ends the generation there (fewer than `new` tokens).
+    /// returning `Flow::Stop` ends the generation there (fewer than `new` tokens). A prompt fed in
+    /// chunks asks `stop_in_prompt` after each: true ends the generation with no token (the
+    /// hooks of the positions fed so far observed).
     ///
     /// With `mtp`, the MTP head drafts each next token from the previous step's hidden state and
     /// token (through its own one-layer cache), and the drafts are scored against the main
@@ -349,6 +351,7 @@ impl Model {
         chunk: usize,
         mtp: Option<&Mtp>,
         obs: &mut dyn Observer,
+        stop_in_prompt: &dyn Fn() -> bool,
         mut on_step: impl FnMut(usize, &[u32]) -> Result<Flow>,
     ) -> Result<Generation> {
         let (b, p) = (prompt.batch, prompt.seq);
@@ -367,6 +370,9 @@ impl Model {
                 let (h, l) = self.decode_hidden(&part?, &mut cache, obs)?;
                 hidden.push(h);
                 logits = Some(l);
+                if stop_in_prompt() {
+                    return Ok(Generation { tokens: vec![Vec::new(); b], drafts: mtp.map(|_| vec![Vec::new(); b]) });
+                }
             }
         }
         let mut next = last_argmax(&logits.ok_or_else(|| Error::Usage("empty prompt".into()))?)?;
