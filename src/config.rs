@@ -380,11 +380,12 @@ impl Config {
     pub fn shared_intermediate_size(&self) -> usize {
         self.moe_intermediate_size * self.n_shared_experts
     }
-    /// Values the decode cache holds per token over the main layers: the latent and the roped
-    /// shared key in every layer, plus the index key in full-indexer layers; against per-head
-    /// expanded keys and values.
-    pub fn cache_values_per_token(&self) -> (usize, usize) {
-        let n = self.num_hidden_layers;
+    /// Values the decode cache holds per token over the main layers (and the MTP layer, with
+    /// `mtp`): the latent and the roped shared key in every layer, plus the index key in
+    /// full-indexer layers; against per-head expanded keys and values.
+    pub fn cache_values_per_token(&self, mtp: bool) -> (usize, usize) {
+        // The MTP layer runs alone, so it has a full indexer of its own (`indexer_kind`).
+        let n = self.num_hidden_layers + usize::from(mtp);
         let full = (0..n).filter(|&i| self.indexer_kind(i) == IndexerKind::Full).count();
         // Either cache keeps the indexer's keys (DSA scores every cached position with them).
         let index = full * self.index_head_dim;

@@ -135,13 +135,7 @@ fn speed_line(stamps: &[f64], batch: usize) -> Option<String> {
 /// What the cache holds per token and in all for `tokens` positions of `batch` rows: the latent
 /// form this decode keeps against the expanded keys and values a naive port would.
 pub fn cache_report(model: &Model, batch: usize, tokens: usize, mtp: bool) -> String {
-    let c = &model.config;
-    let (mut latent, mut expanded) = c.cache_values_per_token();
-    if mtp {
-        // The MTP layer: one more layer with its own (full) indexer.
-        latent += c.kv_lora_rank + c.qk_rope_head_dim + c.index_head_dim;
-        expanded += c.num_attention_heads * (c.qk_head_dim() + c.v_head_dim) + c.index_head_dim;
-    }
+    let (latent, expanded) = model.config.cache_values_per_token(mtp);
     let layers = model.layers.len() + usize::from(mtp);
     let mib = |values: usize| (4 * values * tokens * batch) as f64 / (1 << 20) as f64;
     format!(

@@ -138,7 +138,7 @@ pub fn describe(ckpt: &Checkpoint) -> Result<String> {
     }
     // What decoding caches per token (f32), as serving engines do (latent + rope key, + indexer key
     // in full-indexer layers), against expanded per-head keys and values (+ the same indexer keys).
-    let (latent, expanded) = c.cache_values_per_token();
+    let (latent, expanded) = c.cache_values_per_token(false);
     let _ = writeln!(
         w,
         "kv cache per token: {latent} values over {} layers ({:.1} KB in f32) latent, against {expanded} ({:.1} KB) expanded",

@@ -486,8 +486,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 _ => return Err(Error::Usage("give --tokens or --prompt".into())),
             };
             let max_new_tokens = max_new_tokens as usize;
-            let total = Tokens { seq: tokens.seq + max_new_tokens, ..tokens.clone() };
-            memory::check_run(&ckpt, total.batch, total.seq, dump.is_some(), max_memory, "fewer tokens")?;
+            let (size, feed) = ((tokens.batch, tokens.seq), chunk.unwrap_or(0) as usize);
+            memory::check_generate(&ckpt, size, feed, max_new_tokens, mtp, dump.is_some(), max_memory)?;
             // The last generated token is printed, never fed back: one position fewer runs.
             warn_past_positions(&ckpt.config, tokens.seq + max_new_tokens.saturating_sub(1));
             let opts = glimpse::generate::GenerateOptions {
