@@ -222,7 +222,7 @@ impl Config {
             ));
         }
         let num_attention_heads = f.usize_or("num_attention_heads", 64)?;
-        let n_routed_experts = match f.get("n_routed_experts") {
+        let n_routed_experts = match f.obj.get("n_routed_experts") {
             Some(v) => as_usize("n_routed_experts", v)?,
             None => match f.get("num_experts").or_else(|| f.get("num_local_experts")) {
                 Some(v) => as_usize("num_experts", v)?,
@@ -746,7 +746,7 @@ mod tests {
         let e = read(nested).unwrap_err();
         assert!(e.contains("rope_parameters.full_attention") && e.contains("nested"), "{e}");
         // A null number is refused, not read as GLM-5's default.
-        for field in ["q_lora_rank", "index_topk", "routed_scaling_factor", "norm_topk_prob"] {
+        for field in ["q_lora_rank", "index_topk", "routed_scaling_factor", "norm_topk_prob", "n_routed_experts"] {
             let e = read(serde_json::json!({ field: null })).unwrap_err();
             assert!(e.contains(field) && e.contains("got null"), "{e}");
         }

@@ -97,7 +97,7 @@ impl Dump {
         self.shape(&format!("{layer}.moe.router_logits"))?.last().copied()
     }
 
-    /// The routed-expert count of the first layer that records its router logits.
+    /// The routed-expert count of the first layer that records its routing and router logits.
     pub fn experts(&self) -> Option<usize> {
         self.names().iter().find_map(|n| self.experts_of(n))
     }

@@ -96,12 +96,13 @@ pub fn margins_in(d: &Dump, selection: HookPoint, router: Option<(&RouterConfig,
                 return None;
             }
             let rows = logits.chunks_exact(e).zip(chosen.chunks_exact(rc.top_k));
-            if rc.n_group <= 1 {
+            if rc.n_group <= 1 || rc.topk_group >= rc.n_group {
                 let choice = |l: &[f32]| l.iter().zip(bias).map(|(&l, b)| sigmoid(l) + b).collect::<Vec<f32>>();
                 return Some(rows.map(|(l, ids)| lead(&choice(l), ids, rc.top_k)).collect());
             }
             // With groups the experts left out of dropped groups may score above the kept ones:
-            // the recomputed route's margin, where it makes the recorded choice.
+            // the recomputed route's margin, where it makes the recorded choice (so a tie the
+            // recording broke otherwise stays unknown here).
             let routes: Vec<_> = logits.chunks_exact(e).map(|row| route(rc, row, bias)).collect();
             let ids: Vec<i64> = routes.iter().flat_map(|r| r.ids.iter().map(|&j| j as i64)).collect();
             reproduced(routes.iter().map(|r| r.margin).collect(), rc.top_k, &chosen, &ids, |_, _| true)

@@ -34,7 +34,8 @@ pub enum LayerHook {
     RouterBiasedScores,
     TopkIds,
     TopkWeights,
-    /// k-th minus (k+1)-th biased score among the experts routing may choose [B*S].
+    /// k-th minus (k+1)-th biased score among the experts routing may choose, or with grouped
+    /// routing the groups' gap where smaller and it matters (`moe::Route::margin`) [B*S].
     RouterMargin,
     /// 1 where the chosen set would differ without the correction bias [B*S], I64.
     BiasChanged,

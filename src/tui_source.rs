@@ -440,13 +440,10 @@ impl Source for DumpSource {
         for (i, names) in layer_names(&self.ours) {
             let Some(name) = names.iter().find(|n| n.ends_with(".moe.topk_ids")) else { continue };
             let Some((ids, _)) = Self::ints(&self.ours, name) else { continue };
-            // As `diff` and `audit` count them: the router's width, the checkpoint's count, else
-            // (neither known) the largest id + 1.
-            let experts = self
-                .ours
-                .experts_of(name)
-                .or(self.experts)
-                .unwrap_or_else(|| ids.iter().copied().max().map_or(0, |m| m as usize + 1));
+            // The router's width, the checkpoint's count, else (neither known) the largest id + 1;
+            // never fewer than the ids need (a dump of a larger model than the config given).
+            let largest = ids.iter().filter_map(|&x| usize::try_from(x).ok()).max().map_or(0, |m| m + 1);
+            let experts = self.ours.experts_of(name).or(self.experts).unwrap_or(largest).max(largest);
             let counts = |ids: &[i64]| {
                 let mut load = LayerLoad::new(i, experts);
                 for id in ids.iter().filter_map(|&x| usize::try_from(x).ok()) {

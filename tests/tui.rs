@@ -931,4 +931,14 @@ fn the_load_view_counts_the_checkpoints_experts_without_router_logits() {
     assert_eq!(with[0].counts.len(), 16, "the checkpoint's 16 experts");
     assert_eq!(with[0].counts[..2], [4, 4]);
     assert_eq!(load(None)[0].counts.len(), 2, "guessed from the ids");
+
+    // Ids past the config's count (a larger model's dump) are counted, not dropped.
+    let mut w = DumpWriter::create(&path, Selector::default(), 2).unwrap();
+    w.observe(HookPoint::InputIds, &ids).unwrap();
+    let topk = Tensor::from_vec(vec![0i64, 20, 1, 20, 0, 1, 1, 0], (1, 4, 2), &Device::Cpu).unwrap();
+    w.observe(HookPoint::Layer(0, LayerHook::TopkIds), &topk).unwrap();
+    w.finish(&dump::metadata("test", None, None)).unwrap();
+    let config = Checkpoint::open(&flat()).unwrap().config;
+    let counts = &load(Some(config))[0].counts;
+    assert_eq!((counts.len(), counts[20]), (21, 2));
 }

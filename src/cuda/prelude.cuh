@@ -3,6 +3,9 @@
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
 #endif
+#ifndef NAN
+#define NAN __int_as_float(0x7fffffff)
+#endif
 
 typedef unsigned short bf16_t;
 typedef unsigned char fp8_t;

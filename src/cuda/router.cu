@@ -2,7 +2,8 @@
 // only, group-limited (n_group > 1: keep the topk_group groups whose top-2 biased scores sum
 // highest) or flat top-k, weights from the unbiased sigmoid, normalised (norm_topk) and scaled by
 // routed_scaling_factor, and the margin (k-th minus (k+1)-th biased score; grouped, the smaller of
-// that and the topk_group-th minus the next group's score, as model::moe::route). One warp per token:
+// that and the topk_group-th minus the next group's score where the groups' choice matters, as
+// model::moe::route). One warp per token:
 // lane l holds experts l, l + 32, ... in registers (E <= 256), group g's score sits in lane g
 // (n_group <= 32), and each choice is a warp-wide argmax by shuffles (k + 1 <= 16); the launcher
 // refuses more. Ties go to the lower index, as the CPU reference (model::moe::route) orders them.
@@ -44,9 +45,12 @@ extern "C" __global__ void route(const float* logits, const float* bias, int n, 
         choice[r] = j < e ? 1.0f / (1.0f + expf(-l[j])) + bias[j] : 0.0f;
     }
 
-    float group_margin = INFINITY; // the kept groups' lead over the next (grouped routing only)
+    // Where grouped routing cut its groups (as model::moe::GroupCut): the last kept group's lead
+    // over the next, the two groups, and the next one's best expert.
+    float group_margin = INFINITY, best_next = -INFINITY;
+    int last_group = -1, next_group = -1, per = 1;
     if (n_group > 1) {
-        int per = e / n_group;
+        per = e / n_group;
         float mine = 0.0f; // group `lane`'s score (lanes >= n_group: unused)
         for (int g = 0; g < n_group; g++) {
             // The group's top 2: this lane's best two of the group's experts, then the warp's.
@@ -78,10 +82,19 @@ extern "C" __global__ void route(const float* logits, const float* bias, int n, 
             warp_best(v, g);
             if (r == topk_group) {
                 if (isfinite(v)) group_margin = last - v;
+                next_group = g;
             } else {
                 if (lane == g) kept = true;
                 last = v;
+                last_group = g;
             }
+        }
+        if (next_group >= 0) {
+            for (int r = 0; r < MAX_PER_LANE; r++) {
+                int j = lane + 32 * r;
+                if (j < e && j / per == next_group) best_next = fmaxf(best_next, choice[r]);
+            }
+            for (int o = 16; o > 0; o >>= 1) best_next = fmaxf(best_next, __shfl_xor_sync(0xffffffff, best_next, o));
         }
         for (int r = 0; r < MAX_PER_LANE; r++) {
             int j = lane + 32 * r;
@@ -108,7 +121,14 @@ extern "C" __global__ void route(const float* logits, const float* bias, int n, 
         order[found] = i;
         value[found++] = v;
     }
-    if (lane == 0) margin[t] = fminf(found > k && isfinite(value[k]) ? value[k - 1] - value[k] : INFINITY, group_margin);
+    if (lane == 0) {
+        float experts = found > k && isfinite(value[k]) ? value[k - 1] - value[k] : INFINITY;
+        // The groups' gap counts where swapping the last kept group for the next could change the
+        // experts: the last kept one holds a chosen expert, or the next one's best reaches the k-th.
+        bool matters = next_group >= 0 && best_next >= value[k - 1];
+        for (int i = 0; i < k && next_group >= 0; i++) matters = matters || order[i] / per == last_group;
+        margin[t] = !matters ? experts : isnan(experts) || isnan(group_margin) ? NAN : fminf(experts, group_margin);
+    }
 
     float w = lane < k ? 1.0f / (1.0f + expf(-l[order[lane < k ? lane : 0]])) : 0.0f;
     float sum = w;

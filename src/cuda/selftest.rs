@@ -143,6 +143,8 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
         ("route (grouped 8/3)", 8, 3, 64, 6),
         ("route (flat 256)", 1, 1, 256, 8),
         ("route (grouped 256 in 4/2)", 4, 2, 256, 8),
+        // Every group kept: no cut, the experts' gap alone.
+        ("route (grouped 4/4)", 4, 4, 64, 6),
     ];
     for (name, n_group, topk_group, e, top_k) in routers {
         let tokens = 77;
@@ -234,6 +236,34 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
             (0..3).all(|t| cpu_ids[t * rc.top_k..][..rc.top_k].iter().any(|&i| logits[t * e + i as usize].is_nan()));
         let c = check_ints(name, &gpu.download(&ids)?, &cpu_ids);
         out.push(Check { ok: c.ok && chose_nan, ..c });
+    }
+
+    // Grouped routing's margin takes the groups' gap only where swapping the last kept group for
+    // the next could change the experts. 8 groups of 8, 3 kept, top 2; token 0: groups 2 and 3
+    // tie within 0.003 but the two chosen experts sit in group 0 and the next group's best is far
+    // below them (the experts' gap, 0.33, decides); token 1: the second chosen expert sits in the
+    // last kept group, which leads the next by 0.005 (the groups' gap decides).
+    {
+        let (e, low) = (64, -3.0f32);
+        let rc = RouterConfig { top_k: 2, n_group: 8, topk_group: 3, norm_topk_prob: true, routed_scaling_factor: 2.5 };
+        let token = |set: &[(usize, f32)]| {
+            let mut l = vec![low; e];
+            set.iter().for_each(|&(j, v)| l[j] = v);
+            l
+        };
+        let logits = [
+            token(&[(0, 3.0), (1, 3.0), (8, 0.5), (9, 0.5), (16, 0.5), (17, 0.49), (24, 0.5), (25, 0.48)]),
+            token(&[(0, 3.0), (1, 0.0), (8, 0.5), (9, 0.5), (16, 1.5), (17, -2.0), (24, 0.5), (25, -0.8025)]),
+        ]
+        .concat();
+        let bias = vec![0.0f32; e];
+        let (mut ids, mut w, mut m) = (gpu.filled(2 * 2, -1i32)?, gpu.filled(2 * 2, nan)?, gpu.filled(2, nan)?);
+        gpu.route(&gpu.upload(&logits)?, &gpu.upload(&bias)?, 2, e, &rc, &mut ids, &mut w, &mut m)?;
+        let cpu: Vec<f32> = logits.chunks(e).map(|l| route(&rc, l, &bias).margin).collect();
+        let c =
+            check("route (grouped, a groups' near tie that decides nothing / decides)", &gpu.download(&m)?, &cpu, 1e-5);
+        // The case is what it says: the experts' gap on token 0, the groups' on token 1.
+        out.push(Check { ok: c.ok && cpu[0] > 0.3 && cpu[1] < 0.01, ..c });
     }
 
     // A replayed route may repeat an id: rows compare as multisets, as the CPU's sorted rows do.

@@ -95,9 +95,10 @@ pub struct Route {
     pub ids: Vec<usize>,
     pub weights: Vec<f32>,
     /// How close the choice came to another: k-th minus (k+1)-th biased score among the experts
-    /// the groups allow (+inf if none is left), and with grouped routing, where that is smaller,
-    /// the `topk_group`-th minus the next group's score (a near tie there swaps groups, and so
-    /// experts, whatever the experts' own gap).
+    /// the groups allow (+inf if none is left), and with grouped routing, where that is smaller
+    /// and the group choice matters ([`GroupCut::matters`]), the `topk_group`-th minus the next
+    /// group's score (a near tie there swaps groups, and so experts, whatever the experts' own
+    /// gap). NaN when either is.
     pub margin: f32,
 }
 
@@ -110,10 +111,18 @@ pub fn sigmoid(l: f32) -> f32 {
 /// scores sum highest); weight the chosen experts by the *unbiased* `s`.
 pub fn route(rc: &RouterConfig, logits: &[f32], bias: &[f32]) -> Route {
     let scores: Vec<f32> = logits.iter().map(|&l| sigmoid(l)).collect();
-    let (choice, group_margin) = choice_scores(rc, &scores, bias);
+    let (choice, cut) = choice_scores(rc, &scores, bias);
     let order = top_indices(&choice, rc.top_k + 1);
     let ids = order[..rc.top_k.min(order.len())].to_vec();
-    Route { weights: weights_for(rc, &scores, &ids), margin: gap(&choice, &order, rc.top_k).min(group_margin), ids }
+    let experts = gap(&choice, &order, rc.top_k);
+    let margin = match cut {
+        Some(cut) if cut.matters(&ids, &choice) => match (experts, cut.margin) {
+            (e, g) if e.is_nan() || g.is_nan() => f32::NAN,
+            (e, g) => e.min(g),
+        },
+        _ => experts,
+    };
+    Route { weights: weights_for(rc, &scores, &ids), margin, ids }
 }
 
 /// `v[order[n-1]] - v[order[n]]` (`order` ranks `v`): how far the n-th is ahead of the next;
@@ -125,23 +134,52 @@ fn gap(v: &[f32], order: &[usize], n: usize) -> f32 {
     }
 }
 
-/// The values selection ranks: `s + bias`, with experts outside the kept groups at -inf; and the
-/// margin of the groups kept (`topk_group`-th minus the next group's score; +inf when routing is
-/// flat or keeps every group).
-pub fn choice_scores(rc: &RouterConfig, scores: &[f32], bias: &[f32]) -> (Vec<f32>, f32) {
+/// Where grouped routing cut its groups: between the last group it kept and the best it dropped.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupCut {
+    /// The last kept group's score minus the next group's (+inf when that one is not finite).
+    pub margin: f32,
+    pub last_kept: usize,
+    /// The next group's best biased score.
+    pub best_next: f32,
+    /// Experts a group.
+    pub per: usize,
+}
+
+impl GroupCut {
+    /// Whether swapping the last kept group for the next could change the experts `ids` chosen
+    /// from `choice`: the last kept group holds one of them, or the next holds an expert scoring
+    /// at least the k-th. (Otherwise a near tie of the groups flips nothing, and its gap would
+    /// class a bug's expert flips as near-ties.)
+    pub fn matters(&self, ids: &[usize], choice: &[f32]) -> bool {
+        let kth = ids.last().map_or(f32::NEG_INFINITY, |&i| choice[i]);
+        ids.iter().any(|&i| i / self.per == self.last_kept) || self.best_next >= kth
+    }
+}
+
+/// The values selection ranks: `s + bias`, with experts outside the kept groups at -inf; and, when
+/// grouped routing drops some groups, where it cut them.
+pub fn choice_scores(rc: &RouterConfig, scores: &[f32], bias: &[f32]) -> (Vec<f32>, Option<GroupCut>) {
     let e = scores.len();
     let mut choice: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
-    if rc.n_group <= 1 {
-        return (choice, f32::INFINITY);
+    if rc.n_group <= 1 || rc.topk_group >= rc.n_group {
+        return (choice, None);
     }
     let per = e / rc.n_group;
     let groups = group_scores(&choice, rc.n_group);
     let order = top_indices(&groups, rc.topk_group + 1);
+    let cut = match (rc.topk_group.checked_sub(1).and_then(|i| order.get(i)), order.get(rc.topk_group)) {
+        (Some(&last_kept), Some(&next)) => {
+            let best_next = choice[next * per..(next + 1) * per].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            Some(GroupCut { margin: gap(&groups, &order, rc.topk_group), last_kept, best_next, per })
+        }
+        _ => None,
+    };
     let kept = &order[..rc.topk_group.min(order.len())];
     for g in (0..rc.n_group).filter(|g| !kept.contains(g)) {
         choice[g * per..(g + 1) * per].fill(f32::NEG_INFINITY);
     }
-    (choice, gap(&groups, &order, rc.topk_group))
+    (choice, cut)
 }
 
 /// Each of `n_group` equal groups' score: the sum of its top 2 biased scores (of its only one
@@ -385,25 +423,42 @@ mod tests {
         assert_eq!(both.ids, flat.ids);
     }
 
-    /// With groups, a route is as close to flipping as the smaller of its two gaps: the experts'
-    /// (k-th minus (k+1)-th among the kept groups) and the groups' (kept minus the next).
+    /// With groups, a route is as close to flipping as the smaller of its two gaps, the experts'
+    /// (k-th minus (k+1)-th among the kept groups) and the groups' (kept minus the next), where
+    /// swapping the two groups could change the experts at all.
     #[test]
-    fn a_grouped_margin_is_the_smaller_gap() {
+    fn a_grouped_margin_is_the_smaller_gap_where_the_groups_matter() {
+        let route_of = |probs: &[f32], (k, n, keep)| {
+            let logits: Vec<f32> = probs.iter().map(|&p| logit(p)).collect();
+            route(&rc(k, n, keep), &logits, &vec![0.0; probs.len()])
+        };
         // Group 0 scores 0.95 + 0.1 = 1.05, group 1 0.7 + 0.69 = 1.39: group 1 is kept.
         let probs = [0.95f32, 0.1, 0.1, 0.7, 0.69, 0.2];
-        let logits: Vec<f32> = probs.iter().map(|&p| logit(p)).collect();
-        let r = route(&rc(1, 2, 1), &logits, &[0.0; 6]);
+        let r = route_of(&probs, (1, 2, 1));
         assert_eq!(r.ids, vec![3]);
         approx::assert_abs_diff_eq!(r.margin, 0.7 - 0.69, epsilon = 1e-5); // the experts' gap
-        let r = route(&rc(2, 2, 1), &logits, &[0.0; 6]);
+        let r = route_of(&probs, (2, 2, 1));
         assert_eq!(r.ids, vec![3, 4]);
         // The experts' gap is 0.69 - 0.2; the groups' 1.39 - 1.05 is smaller.
         approx::assert_abs_diff_eq!(r.margin, 1.39 - 1.05, epsilon = 1e-5);
-        // Both groups kept: only the experts' gap counts (0.95 and 0.7 chosen, 0.69 next).
-        let r = route(&rc(2, 2, 2), &logits, &[0.0; 6]);
+        // Both groups kept: no cut, only the experts' gap (0.95 and 0.7 chosen, 0.69 next).
+        let r = route_of(&probs, (2, 2, 2));
         assert_eq!(r.ids, vec![0, 3]);
         approx::assert_abs_diff_eq!(r.margin, 0.7 - 0.69, epsilon = 1e-5);
-        assert_eq!(choice_scores(&rc(2, 1, 1), &probs, &[0.0; 6]).1, f32::INFINITY, "flat routing");
+        assert_eq!(choice_scores(&rc(2, 2, 2), &probs, &[0.0; 6]).1, None);
+        assert_eq!(choice_scores(&rc(2, 1, 1), &probs, &[0.0; 6]).1, None, "flat routing");
+
+        // Three groups, two kept: 1.0, 0.95 and 0.94 (a near tie between groups 1 and 2).
+        let probs = [0.9f32, 0.1, 0.5, 0.45, 0.5, 0.44];
+        // Top 1 is expert 0: swapping groups 1 and 2 cannot change it (0.5 < 0.9), so the
+        // experts' gap (0.9 - 0.5) is the margin.
+        let r = route_of(&probs, (1, 3, 2));
+        assert_eq!(r.ids, vec![0]);
+        approx::assert_abs_diff_eq!(r.margin, 0.9 - 0.5, epsilon = 1e-5);
+        // Top 2 takes expert 2 from group 1: the groups' 0.01 decides.
+        let r = route_of(&probs, (2, 3, 2));
+        assert_eq!(r.ids, vec![0, 2]);
+        approx::assert_abs_diff_eq!(r.margin, 0.95 - 0.94, epsilon = 1e-5);
     }
 
     #[test]

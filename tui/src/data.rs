@@ -161,7 +161,8 @@ pub struct RouteRow {
     pub token: usize,
     pub ids: Vec<usize>,
     pub weights: Vec<f32>,
-    /// k-th minus (k+1)-th biased score, when recorded.
+    /// The margin that decided the row (k-th minus (k+1)-th biased score): recorded, or
+    /// recomputed from the gate logits, where known.
     pub margin: Option<f32>,
     pub reference_ids: Option<Vec<usize>>,
     /// For a flip, its class, and the reference's margin that decided it (where known): the
