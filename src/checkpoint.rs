@@ -61,7 +61,46 @@ impl Checkpoint {
         }
         let ckpt = Checkpoint { dir: dir.to_path_buf(), config, config_bytes, files, names };
         ckpt.check_index()?;
+        ckpt.check_scales_pair()?;
         Ok(ckpt)
+    }
+
+    /// Every FP8 tensor has its block scales beside it, and every block scale an FP8 tensor to
+    /// scale: alone, an FP8 tensor's codes are not its weight (they ran as if scaled by 1), and a
+    /// scale beside a bf16 or f32 weight would multiply values that are already the weight.
+    fn check_scales_pair(&self) -> Result<()> {
+        for name in self.names() {
+            if let Some(weight) = name.strip_suffix("_scale_inv") {
+                if self.dtype(weight) != Some(Dtype::F8_E4M3) {
+                    let what = self.dtype(weight).map_or("missing".to_string(), |d| format!("{d:?}"));
+                    return Err(Error::checkpoint(
+                        &self.dir,
+                        format!("`{name}` scales `{weight}`, which is {what}: block scales go beside F8_E4M3 weights"),
+                    ));
+                }
+            } else if self.dtype(name) == Some(Dtype::F8_E4M3) && self.scale_name(name).is_none() {
+                return Err(Error::checkpoint(
+                    &self.dir,
+                    format!(
+                        "F8_E4M3 tensor `{name}` has no `{name}_scale_inv`: its codes are not the weight by themselves"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `name`'s block scales, each finite and not negative (0 scales a block of zeros).
+    fn scales(&self, scale_name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let (scale, shape) = self.file(scale_name)?.f32(scale_name)?;
+        if let Some(i) = scale.iter().position(|s| !s.is_finite() || *s < 0.0) {
+            let at = crate::compare::coord(&shape, i);
+            return Err(Error::Weights(format!(
+                "`{scale_name}` {at:?} is {}: a block's scale must be a finite number, 0 or more",
+                scale[i]
+            )));
+        }
+        Ok((scale, shape))
     }
 
     /// Every name the index maps must be in the shard it names.
@@ -128,11 +167,11 @@ impl Checkpoint {
         self.file(name).ok()?.bf16_weight(name)
     }
 
-    /// A block-FP8 weight read in place (None for other dtypes, or when its scale grid does not
-    /// fit: then [`Checkpoint::f32`] reports the problem).
+    /// A block-FP8 weight read in place (None for other dtypes, or when its scales do not fit or
+    /// hold a bad value: then [`Checkpoint::f32`] reports the problem).
     pub fn fp8_weight(&self, name: &str) -> Option<crate::model::fp8::Fp8Weight> {
         let scale_name = self.scale_name(name)?;
-        let (scale, scale_shape) = self.file(&scale_name).ok()?.f32(&scale_name).ok()?;
+        let (scale, scale_shape) = self.scales(&scale_name).ok()?;
         let block = self.config.fp8.as_ref().map(|f| f.block).unwrap_or([128, 128]);
         self.file(name).ok()?.fp8_weight(name, (scale, &scale_shape), block)
     }
@@ -141,7 +180,7 @@ impl Checkpoint {
     pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         let (mut data, shape) = self.file(name)?.f32(name)?;
         if let Some(scale_name) = self.scale_name(name) {
-            let (scale, sshape) = self.file(&scale_name)?.f32(&scale_name)?;
+            let (scale, sshape) = self.scales(&scale_name)?;
             let block = self.config.fp8.as_ref().map(|f| f.block).unwrap_or([128, 128]);
             dequantize_blocks(&mut data, &shape, &scale, &sshape, block)
                 .map_err(|msg| Error::Weights(format!("`{name}`: {msg}")))?;

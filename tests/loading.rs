@@ -209,3 +209,54 @@ fn a_stored_lm_head_is_the_head_even_when_tied() {
     assert!(ckpt.tied_head() && ckpt.head_name() == "model.embed_tokens.weight");
     assert_ne!(logits(&dir), untied);
 }
+
+/// Rewrites `dir`'s single weight file through `edit`, which sees every tensor as stored.
+fn rewrite_weights(dir: &Path, edit: impl Fn(&mut Vec<(String, Entry)>)) {
+    let path = dir.join("model.safetensors");
+    let file = StFile::open(&path).unwrap();
+    let mut entries: Vec<(String, Entry)> = file
+        .names()
+        .map(|n| {
+            let (info, bytes) = file.bytes(n).unwrap();
+            (n.to_string(), Entry { dtype: info.dtype, shape: info.shape.clone(), data: bytes.to_vec() })
+        })
+        .collect();
+    drop(file);
+    edit(&mut entries);
+    st::write(&path, &entries, &BTreeMap::new()).unwrap();
+}
+
+/// An FP8 weight without its block scales, a scale beside a weight that is not FP8, and scales
+/// that are not finite or are negative are refused, naming the tensor (each ran before: the
+/// codes as the weight, the scale applied twice, NaN activations far downstream).
+#[test]
+fn fp8_scales_must_pair_with_fp8_weights_and_be_finite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = "model.layers.1.mlp.experts.3.gate_proj.weight";
+    let scale = format!("{w}_scale_inv");
+    let case = |name: &str, dtype, edit: &dyn Fn(&mut Vec<(String, Entry)>)| {
+        let dir = tmp.path().join(name);
+        write_synth(&dir, dtype, 1);
+        rewrite_weights(&dir, edit);
+        Checkpoint::open(&dir).and_then(|c| Model::load(&c)).err().map(|e| e.to_string()).unwrap_or_default()
+    };
+    let e = case("no-scale", SynthDtype::Fp8, &|t| t.retain(|(n, _)| *n != scale));
+    assert!(e.contains(&format!("F8_E4M3 tensor `{w}` has no `{scale}`")), "{e}");
+    let e = case("stray-scale", SynthDtype::Bf16, &|t| {
+        t.push((scale.clone(), Entry::f32(vec![1, 1], &[2.0])));
+    });
+    assert!(e.contains(&format!("`{scale}` scales `{w}`, which is BF16")), "{e}");
+    for (name, bad) in [("nan-scale", f32::NAN), ("inf-scale", f32::INFINITY), ("negative-scale", -0.5)] {
+        let e = case(name, SynthDtype::Fp8, &|t| {
+            let (_, entry) = t.iter_mut().find(|(n, _)| *n == scale).unwrap();
+            entry.data[..4].copy_from_slice(&bad.to_le_bytes());
+        });
+        assert!(e.contains(&format!("`{scale}` [0, 0] is {bad}")), "{name}: {e}");
+    }
+    // A scale of 0 is a block of zeros, as a quantiser writes one.
+    let e = case("zero-scale", SynthDtype::Fp8, &|t| {
+        let (_, entry) = t.iter_mut().find(|(n, _)| *n == scale).unwrap();
+        entry.data[..4].copy_from_slice(&0f32.to_le_bytes());
+    });
+    assert_eq!(e, "");
+}
