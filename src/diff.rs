@@ -290,10 +290,13 @@ impl DiffReport {
             |flips: &[Flip], class| !flips.is_empty() && flips.iter().all(|fl| Class::of(fl, self.near_tie) == class);
         match &c.detail {
             // The scale explains the difference: what is left once it is taken out (1 - cos², of
-            // the squared norm) is small against it, and it is past rounding (bf16's half ulp is
-            // 2e-3). One element always has a cosine of 1.
+            // the squared norm) is small against it, and at most a tenth of the tensor (a factor
+            // of 120 fitted to a tensor a few rows of which went wrong explains nothing), and it
+            // is past rounding (bf16's half ulp is 2e-3). One element always has a cosine of 1.
             Detail::Float { cosine, scale, total, .. }
-                if *total > 1 && (scale - 1.0).abs() > 1e-2 && 1.0 - cosine * cosine < 1e-2 * (scale - 1.0).powi(2) =>
+                if *total > 1
+                    && (scale - 1.0).abs() > 1e-2
+                    && 1.0 - cosine * cosine < (1e-2 * (scale - 1.0).powi(2)).min(0.1) =>
             {
                 // Exactly, up to rounding (a missing scaling: one bf16 rounding leaves 1 - cos² near
                 // 3e-6), or mostly (a per-token factor, like a skipped normalisation).
@@ -408,6 +411,13 @@ mod tests {
         assert!(one
             .render(Path::new("a"), Path::new("b"))
             .contains("ours = 0.4071 x reference, cosine 0.999297: mostly a factor apart)"));
+        // A large factor fitted to a tensor that mostly differs otherwise is not read as one (a
+        // missing FP8 scale on one expert: 11 of 48 rows wrong read "ours = 119.6 x reference,
+        // cosine 0.15: mostly a factor apart").
+        let (_, few_rows) = compare_floats(&[1.0, 2.0, 300.0, -1.0], &[1.0, 2.0, 3.0, 4.0], &[4], Tolerance::default());
+        let x = Comparison { name: "x".into(), ok: false, detail: few_rows };
+        let one = DiffReport { results: vec![x], only_a: vec![], ..report.clone() };
+        assert!(one.render(Path::new("a"), Path::new("b")).contains("first divergence: x\n"));
         // Rounding is not a factor: 0.2% apart (bf16's half ulp) is not read as one.
         let (_, rounded) = compare_floats(&[1.002, -2.004], &[1.0, -2.0], &[2], Tolerance::default());
         let x = Comparison { name: "x".into(), ok: false, detail: rounded };
