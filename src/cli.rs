@@ -340,7 +340,9 @@ pub(crate) enum Command {
         #[arg(long)]
         mtp: bool,
         /// Seed of the random weights: the same seed draws the same values in every --dtype (fp8
-        /// stores their block quantisation), so twins in two precisions compare a quantisation.
+        /// stores their block quantisation, and keeps embeddings, norms, routers and lm_head in
+        /// bf16 as released FP8 checkpoints do), so twins in two precisions compare a
+        /// quantisation; fp8 against bf16 isolates the FP8 projections.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// The folder to write (created if missing).

@@ -524,6 +524,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 dtype,
                 out.display()
             );
+            if cfg.has_moe() && cfg.num_experts_per_tok >= cfg.n_routed_experts {
+                eprintln!(
+                    "glimpse: warning: every token takes all {} experts (top-{}): its routing decides nothing \
+                     (give --experts more than {})",
+                    cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.num_experts_per_tok
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
