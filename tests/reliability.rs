@@ -556,3 +556,21 @@ fn the_next_run_removes_what_a_killed_one_left() {
     want.sort();
     assert_eq!(left, want);
 }
+
+/// `audit` of a dump whose routing came from NaN gate logits counts it, but says so: the NaNs
+/// rank first, so those experts are not a model's choice.
+#[test]
+fn audit_says_when_a_routing_came_from_nan_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dump = tmp.path().join("nan.st");
+    std::fs::copy(golden("flat").join("reference.safetensors"), &dump).unwrap();
+    rewrite(&dump, |name, v| {
+        if name == "layers.3.moe.router_logits" {
+            v[2 * 16 + 5] = f32::NAN; // row 2, expert 5 of 16
+        }
+    });
+    let o = glimpse(&["audit", "--dump", &s(&dump)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("`layers.3.moe.router_logits` holds NaN at [2, 5]: its routing is counted"), "{err}");
+}

@@ -258,6 +258,17 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<()
                 ));
             }
         }
+        // Routing made from NaN gate logits is counted as recorded, but said: its experts are
+        // the NaNs' (they rank first), not a model's choice.
+        let logits = format!("layers.{i}.moe.router_logits");
+        if let Ok((Values::F32(v), shape)) = d.values(&logits) {
+            if let Some(at) = v.iter().position(|x| x.is_nan()).map(|i| crate::compare::coord(&shape, i)) {
+                let path = d.path.display();
+                eprintln!(
+                    "glimpse: warning: {path}: `{logits}` holds NaN at {at:?}: its routing is counted as recorded"
+                );
+            }
+        }
         let flags = match d.values(&format!("layers.{i}.moe.bias_changed")) {
             Ok((Values::I64(f), _)) => Some(f),
             // A dump without the flags (e.g. a transformers reference) still has the router
