@@ -633,6 +633,18 @@ fn fp8(f: &Fields) -> Result<Option<Fp8>> {
             return Err(Error::config("quantization_config.fmt", format!("only \"e4m3\" is supported, got \"{fmt}\"")));
         }
     }
+    // Static activation scales quantise every product's input with a stored scale; glimpse keeps
+    // activations in f32, as a dequantised reference does: right for "dynamic" (the weights'
+    // rounding is the quantisation studied), not for "static".
+    match q.get("activation_scheme").and_then(Value::as_str).map(str::to_lowercase).as_deref() {
+        None | Some("dynamic") => {}
+        Some(other) => {
+            return Err(Error::config(
+                "quantization_config.activation_scheme",
+                format!("only \"dynamic\" is supported (activations stay f32), got \"{other}\""),
+            ))
+        }
+    }
     let block = match q.get("weight_block_size") {
         None | Some(Value::Null) => [128, 128],
         Some(Value::Array(b)) if b.len() == 2 => {
@@ -745,6 +757,12 @@ mod tests {
         let nested = serde_json::json!({ "rope_parameters": { "full_attention": { "rope_type": "default" } } });
         let e = read(nested).unwrap_err();
         assert!(e.contains("rope_parameters.full_attention") && e.contains("nested"), "{e}");
+        let scheme = |s: &str| {
+            read(serde_json::json!({ "quantization_config": { "quant_method": "fp8", "activation_scheme": s } }))
+        };
+        assert!(scheme("dynamic").is_ok());
+        let e = scheme("static").unwrap_err();
+        assert!(e.contains("activation_scheme") && e.contains("\"static\""), "{e}");
         // A null number is refused, not read as GLM-5's default.
         for field in ["q_lora_rank", "index_topk", "routed_scaling_factor", "norm_topk_prob", "n_routed_experts"] {
             let e = read(serde_json::json!({ field: null })).unwrap_err();

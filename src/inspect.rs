@@ -97,6 +97,10 @@ pub fn describe(ckpt: &Checkpoint) -> Result<String> {
         },
         c.max_position_embeddings,
         match &c.fp8 {
+            // The config's word: say so where no tensor is stored FP8.
+            Some(f) if !ckpt.names().any(|n| ckpt.dtype(n) == Some(safetensors::Dtype::F8_E4M3)) => {
+                format!(", block-FP8 {}x{} in the config, but no tensor is stored F8_E4M3", f.block[0], f.block[1])
+            }
             Some(f) => format!(", block-FP8 {}x{}", f.block[0], f.block[1]),
             None => String::new(),
         }
