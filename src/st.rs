@@ -65,6 +65,7 @@ impl StFile {
         let cols = *info.shape.last()?;
         let rows = info.shape[..info.shape.len() - 1].iter().product();
         crate::model::gemv::Bf16Weight::new(self.mmap.clone(), self.data_start + info.data_offsets.0, rows, cols)
+            .map(crate::model::gemv::Bf16Weight::in_file)
     }
 
     /// A 2-D F8_E4M3 tensor read in place, with the scale grid and block it is quantised with.
@@ -78,6 +79,7 @@ impl StFile {
         let [rows, cols] = info.shape[..] else { return None };
         let offset = self.data_start + info.data_offsets.0;
         crate::model::fp8::Fp8Weight::new(self.mmap.clone(), offset, [rows, cols], scale, block)
+            .map(crate::model::fp8::Fp8Weight::in_file)
     }
 
     /// Rows `[start, start + count)` of a 2-D float tensor, decoded to f32, without touching the
@@ -102,14 +104,7 @@ impl StFile {
     /// if touched again), so a streamed layer stops counting towards resident memory.
     pub fn release(&self, name: &str) {
         let Some(info) = self.info(name) else { return };
-        let page = 4096;
-        let (a, b) = (self.data_start + info.data_offsets.0, self.data_start + info.data_offsets.1);
-        let (a, b) = (a.div_ceil(page) * page, b / page * page);
-        if b > a {
-            // SAFETY: the map is read-only and file-backed: dropped pages are re-read from the file
-            // on the next access, so no reference into the map can observe a change.
-            let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a) };
-        }
+        release_range(&self.mmap, self.data_start + info.data_offsets.0, self.data_start + info.data_offsets.1);
     }
 
     /// A float tensor decoded to f32, with its shape.
@@ -139,6 +134,19 @@ impl StFile {
             }
         };
         Ok((data, info.shape.clone()))
+    }
+}
+
+/// Drops the whole pages of bytes `start..end` of a read-only, file-backed `map` from this
+/// process (they are re-read from the file, or the page cache, if touched again). Never for an
+/// anonymous map: its dropped pages would read back as zeros.
+pub(crate) fn release_range(map: &Mmap, start: usize, end: usize) {
+    let page = 4096;
+    let (a, b) = (start.div_ceil(page) * page, (end / page * page).min(map.len()));
+    if b > a {
+        // SAFETY: the map is read-only and file-backed (the callers' contract): dropped pages are
+        // re-read from the file on the next access, so no reference into the map sees a change.
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a) };
     }
 }
 

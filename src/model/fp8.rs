@@ -26,6 +26,8 @@ pub struct Fp8Weight {
     row0: usize,
     /// The quantisation block, `[br, bc]`.
     block: [usize; 2],
+    /// The map is a file's (a checkpoint's), so its pages may be dropped ([`Fp8Weight::release`]).
+    in_file: bool,
 }
 
 impl Fp8Weight {
@@ -50,7 +52,21 @@ impl Fp8Weight {
             scale: Arc::new(scale),
             row0: 0,
             block,
+            in_file: false,
         })
+    }
+
+    /// Marks the map as a file's: [`Fp8Weight::release`] may then drop its pages.
+    pub(crate) fn in_file(self) -> Self {
+        Fp8Weight { in_file: true, ..self }
+    }
+
+    /// Drops this view's pages from the process where the map is a file's (as
+    /// `Bf16Weight::release`).
+    pub fn release(&self) {
+        if self.in_file {
+            crate::st::release_range(&self.map, self.offset, self.offset + self.rows * self.cols);
+        }
     }
 
     /// A weight from codes in memory (tests and selftest; checkpoints are read in place).

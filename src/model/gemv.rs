@@ -22,6 +22,8 @@ pub struct Bf16Weight {
     offset: usize, // bytes
     pub rows: usize,
     pub cols: usize,
+    /// The map is a file's (a checkpoint's), so its pages may be dropped ([`Bf16Weight::release`]).
+    in_file: bool,
 }
 
 impl Bf16Weight {
@@ -35,17 +37,31 @@ impl Bf16Weight {
             offset,
             rows,
             cols,
+            in_file: false,
         })
+    }
+
+    /// Marks the map as a file's: [`Bf16Weight::release`] may then drop its pages.
+    pub(crate) fn in_file(self) -> Self {
+        Bf16Weight { in_file: true, ..self }
+    }
+
+    /// Drops this weight's pages from the process where the map is a file's (re-read if touched):
+    /// once a weight is packed for many-row products, its mapped bytes would otherwise stay
+    /// resident beside the packed copy.
+    pub fn release(&self) {
+        if self.in_file {
+            crate::st::release_range(&self.map, self.offset, self.offset + self.rows * self.cols * 2);
+        }
     }
 
     /// Rows `start .. start + count` (e.g. one expert of a fused `[E, R, C]` tensor viewed as
     /// `[E * R, C]`).
     pub fn rows(&self, start: usize, count: usize) -> Option<Self> {
         (start + count <= self.rows).then(|| Bf16Weight {
-            map: self.map.clone(),
             offset: self.offset + start * self.cols * 2,
             rows: count,
-            cols: self.cols,
+            ..self.clone()
         })
     }
 
