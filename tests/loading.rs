@@ -210,11 +210,14 @@ fn a_stored_lm_head_is_the_head_even_when_tied() {
     assert_ne!(logits(&dir), untied);
 }
 
+/// A weight file's tensors as stored, by name.
+type Tensors = Vec<(String, Entry)>;
+
 /// Rewrites `dir`'s single weight file through `edit`, which sees every tensor as stored.
-fn rewrite_weights(dir: &Path, edit: impl Fn(&mut Vec<(String, Entry)>)) {
+fn rewrite_weights(dir: &Path, edit: impl Fn(&mut Tensors)) {
     let path = dir.join("model.safetensors");
     let file = StFile::open(&path).unwrap();
-    let mut entries: Vec<(String, Entry)> = file
+    let mut entries: Tensors = file
         .names()
         .map(|n| {
             let (info, bytes) = file.bytes(n).unwrap();
@@ -234,7 +237,7 @@ fn fp8_scales_must_pair_with_fp8_weights_and_be_finite() {
     let tmp = tempfile::tempdir().unwrap();
     let w = "model.layers.1.mlp.experts.3.gate_proj.weight";
     let scale = format!("{w}_scale_inv");
-    let case = |name: &str, dtype, edit: &dyn Fn(&mut Vec<(String, Entry)>)| {
+    let case = |name: &str, dtype, edit: &dyn Fn(&mut Tensors)| {
         let dir = tmp.path().join(name);
         write_synth(&dir, dtype, 1);
         rewrite_weights(&dir, edit);
