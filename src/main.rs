@@ -254,8 +254,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let opts = diff::DiffOptions { tol: Tolerance { atol, rtol }, per_name, near_tie, routers, config };
             let report = diff::diff(&da, &db, &opts)?;
             for (pattern, _) in &opts.per_name {
-                if !report.results.iter().any(|c| glimpse::hooks::glob(pattern, &c.name)) {
+                let matched: Vec<_> =
+                    report.results.iter().filter(|c| glimpse::hooks::glob(pattern, &c.name)).collect();
+                if matched.is_empty() {
                     eprintln!("glimpse: warning: --tol {pattern} matches no tensor the two dumps share");
+                } else if matched.iter().all(|c| !matches!(c.detail, glimpse::compare::Detail::Float { .. })) {
+                    eprintln!(
+                        "glimpse: warning: --tol {pattern} matches only selections and integer tensors, which compare \
+                         as sets or exactly: a tolerance does not apply to them"
+                    );
                 }
             }
             if json {

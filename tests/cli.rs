@@ -304,6 +304,23 @@ fn verify_lists_each_flip_with_its_margins_and_class() {
     }
 }
 
+/// `diff --tol` says when a pattern can change nothing: it names no shared tensor, or only
+/// selections and integer tensors (compared as sets or exactly, not at a tolerance).
+#[test]
+fn diff_tol_patterns_that_change_nothing_are_said() {
+    let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat/reference.safetensors");
+    let r = reference.to_str().unwrap();
+    for (pattern, said) in [
+        ("*.dsa.topk=1,1", "--tol *.dsa.topk matches only selections and integer tensors"),
+        ("nothing.*=1,1", "--tol nothing.* matches no tensor the two dumps share"),
+    ] {
+        let (_, err) = assert_ok(&glimpse(&["diff", r, r, "--tol", pattern]));
+        assert!(err.contains(said), "{pattern}: {err}");
+    }
+    let (_, err) = assert_ok(&glimpse(&["diff", r, r, "--tol", "*.dsa.*=1,1"]));
+    assert!(!err.contains("warning"), "dsa.* also names the margins' and scores' floats: {err}");
+}
+
 /// Warnings and budgets that do not stop a run: `--stream` fits where the resident run fits (its
 /// estimate once added a layer's copies to its file pages and refused it), `diff --model` names
 /// a checkpoint whose config is not the one the dumps ran (diff, audit), and `generate` past
