@@ -564,10 +564,14 @@ pub fn open(o: &Open) -> Result<DumpSource> {
             // margins with another model's routers: said in the status line, where a warning on
             // stderr would be hidden behind the terminal UI.
             let warning = ckpt.as_ref().zip(model).and_then(|(c, dir)| {
-                let mut dumps = std::iter::once(&ours).chain(reference.as_ref());
-                dumps
-                    .any(|d| d.other_config(&c.config_bytes, dir).is_some())
-                    .then(|| format!("--model {}: not the config.json the dumps ran", dir.display()))
+                let other = |d: &Dump| d.other_config(&c.config_bytes, dir).is_some();
+                let which = match (other(&ours), reference.as_ref().is_some_and(other)) {
+                    (true, true) => "the dumps",
+                    (true, _) => "this dump",
+                    (false, true) => "the reference",
+                    (false, false) => return None,
+                };
+                Some(format!("--model {}: not the config.json {which} ran", dir.display()))
             });
             let mut src = DumpSource::new(title, ours, reference, &opts)?;
             src.warning = warning;
