@@ -442,6 +442,19 @@ fn ctrl_c_stops_generate_during_a_chunked_prompt() {
     let tokens = (0..10_000).map(|i| (i % 200 + 1).to_string()).collect::<Vec<_>>().join(",");
     let flat = golden("flat");
     let args = ["generate", "--model", &s(&flat), "--tokens", &tokens, "--chunk", "1", "--max-new-tokens", "5"];
+    let child = spawn_catching_sigint(&args);
+    // SAFETY: signalling a child this test started and has not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let (stdout, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("stopped by Ctrl-C after 0 of 5 new tokens"), "{err}");
+    assert!(!stdout.contains("step 0:"), "no token was made: {stdout}");
+}
+
+/// Starts glimpse with `args` (its output piped) and returns once it catches SIGINT (/proc's
+/// `SigCgt`), so a Ctrl-C sent then is handled, not fatal.
+fn spawn_catching_sigint(args: &[&str]) -> std::process::Child {
     let child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
         .args(args)
         .stdout(Stdio::piped())
@@ -455,16 +468,10 @@ fn ctrl_c_stops_generate_during_a_chunked_prompt() {
     };
     let start = std::time::Instant::now();
     while !catches_sigint() {
-        assert!(start.elapsed() < Duration::from_secs(60), "generate never caught SIGINT");
+        assert!(start.elapsed() < Duration::from_secs(60), "{args:?} never caught SIGINT");
         std::thread::sleep(Duration::from_millis(2));
     }
-    // SAFETY: signalling a child this test started and has not reaped.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let out = child.wait_with_output().unwrap();
-    let (stdout, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{err}");
-    assert!(err.contains("stopped by Ctrl-C after 0 of 5 new tokens"), "{err}");
-    assert!(!stdout.contains("step 0:"), "no token was made: {stdout}");
+    child
 }
 
 /// Starts glimpse with `args`, waits until `path` exists, checks the run is still going, sends
@@ -498,24 +505,9 @@ fn ctrl_c_stops_an_audit_after_the_prompt_in_progress() {
     let line = (1..=16).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
     std::fs::write(&prompts, format!("{line}\n").repeat(200_000)).unwrap();
     let flat = golden("flat");
-    let child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
-        .args(["audit", "--model", &s(&flat), "--prompts", &s(&prompts), "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     // Once the audit catches SIGINT (its handler is installed before the prompts are read),
     // with a moment for prompts to run.
-    let catches_sigint = || {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
-        let caught = status.lines().find_map(|l| l.strip_prefix("SigCgt:")).map(str::trim).unwrap_or("0");
-        u64::from_str_radix(caught, 16).is_ok_and(|mask| mask & (1 << (libc::SIGINT - 1)) != 0)
-    };
-    let start = std::time::Instant::now();
-    while !catches_sigint() {
-        assert!(start.elapsed() < Duration::from_secs(60), "the audit never caught SIGINT");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let child = spawn_catching_sigint(&["audit", "--model", &s(&flat), "--prompts", &s(&prompts), "--json"]);
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: signalling a child this test started and has not reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
