@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use glimpse::checkpoint::Checkpoint;
-use glimpse::compare::Tolerance;
+use glimpse::compare::{Detail, Tolerance};
 use glimpse::device::{Backend, Target};
 use glimpse::dump::DumpWriter;
 use glimpse::dump::{self, Dump};
@@ -258,7 +258,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     report.results.iter().filter(|c| glimpse::hooks::glob(pattern, &c.name)).collect();
                 if matched.is_empty() {
                     eprintln!("glimpse: warning: --tol {pattern} matches no tensor the two dumps share");
-                } else if matched.iter().all(|c| !matches!(c.detail, glimpse::compare::Detail::Float { .. })) {
+                } else if matched.iter().all(|c| matches!(c.detail, Detail::Sets { .. } | Detail::Exact { .. })) {
                     eprintln!(
                         "glimpse: warning: --tol {pattern} matches only selections and integer tensors, which compare \
                          as sets or exactly: a tolerance does not apply to them"

@@ -182,11 +182,14 @@ pub fn check_run(
 }
 
 /// What `generate` of `new` tokens after a `batch x prompt` prompt holds (`chunk` prompt
-/// positions a call, 0: all at once; `mtp`: with the MTP head): the prompt's pass (or a chunk's)
-/// and the latent cache of every position fed, each chunk's or step's blocks of scores reaching
-/// all of them; with a dump, the largest hook point joined at the end (the logits: the steps'
-/// parts wait on disk until then). Not a prefill of `prompt + new` positions: decoding holds
-/// none of its activations. Refused past `max`.
+/// positions a call, 0: all at once; `mtp`: with the MTP head, whose layer is loaded too and runs
+/// the whole prompt in one call): the prompt's pass (or a chunk's, with the prompt's hidden states
+/// kept), the latent cache of every position fed, each chunk's or step's blocks of scores
+/// reaching all of them, the weights both packed (the prompt's many-row products) and mapped
+/// (the decode steps read them in place), the absorbed `kv_b_proj` copies where a call has more
+/// than `MAX_ROWS` rows; with a dump, the largest hook point joined at the end (the logits: the
+/// steps' parts wait on disk until then). Not a prefill of `prompt + new` positions: decoding
+/// holds no such activations. Refused past `max`.
 #[allow(clippy::too_many_arguments)]
 pub fn check_generate(
     ckpt: &Checkpoint,
@@ -198,15 +201,37 @@ pub fn check_generate(
     max: Option<u64>,
 ) -> Result<()> {
     let c = &ckpt.config;
-    let all = 0..=c.num_hidden_layers.saturating_sub(1);
-    let rows = if chunk == 0 || chunk >= prompt { prompt } else { chunk };
-    let mut est = estimate(ckpt, (batch, rows), &all, false, false, Passes::Many);
-    let fed = (batch * (prompt + new.saturating_sub(1))) as u64;
+    let layers = 0..=(c.num_hidden_layers + usize::from(mtp)).saturating_sub(1);
+    let chunked = chunk > 0 && chunk < prompt;
+    let rows = match (chunked, mtp) {
+        (false, _) => prompt,
+        (true, false) => chunk,
+        (true, true) => chunk.max(prompt.saturating_sub(1)),
+    };
+    let mut est = estimate(ckpt, (batch, rows), &layers, false, recording, Passes::Many);
+    let (b, fed) = (batch as u64, (batch * (prompt + new.saturating_sub(1))) as u64);
     let threads = rayon::current_num_threads() as u64;
     let cache = 4 * c.cache_values_per_token(mtp).0 as u64 * fed;
-    est.activations += cache + 4 * 2 * threads * crate::model::attention::BLOCK as u64 * fed;
+    let hidden = 4 * b * prompt as u64 * c.hidden_size as u64;
+    est.activations += cache + hidden + 4 * 2 * threads * crate::model::attention::BLOCK as u64 * fed;
+    let projections = |i: usize| {
+        let prefix = format!("model.layers.{i}.");
+        let names = ckpt.names().filter(move |n| n.starts_with(&prefix) && ckpt.shape(n).is_some_and(|s| s.len() >= 2));
+        names.collect::<Vec<_>>()
+    };
+    for name in layers.clone().flat_map(projections) {
+        est.weights += match ckpt.dtype(name) {
+            Some(Dtype::BF16) => 2 * numel(ckpt, name),
+            Some(Dtype::F8_E4M3) => numel(ckpt, name),
+            _ => 0,
+        };
+        let per_call = batch * if chunked { chunk } else { 1 };
+        if name.ends_with("kv_b_proj.weight") && per_call > crate::model::gemv::MAX_ROWS {
+            est.weights += 4 * numel(ckpt, name);
+        }
+    }
     if recording {
-        est.recorded = 4 * 2 * fed * (c.vocab_size.max(c.hidden_size) as u64);
+        est.recorded = est.recorded.max(4 * 2 * fed * (c.vocab_size.max(c.hidden_size) as u64));
     }
     check(&est, max, "fewer tokens")
 }
@@ -261,10 +286,14 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
         let ckpt = Checkpoint::open(&dir).unwrap();
         let limit = Some(25_000_000);
-        assert!(check_run(&ckpt, 1, 5003, false, limit, "").is_err());
-        assert!(check_generate(&ckpt, (1, 3), 0, 5000, false, false, limit).is_ok());
-        // The cache still grows with the positions, the MTP layer's included.
-        assert!(check_generate(&ckpt, (1, 3), 0, 50_000, false, false, limit).is_err());
+        // Each thread's blocks of scores count: the numbers below are for 2.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        pool.install(|| {
+            assert!(check_run(&ckpt, 1, 5003, false, limit, "").is_err());
+            assert!(check_generate(&ckpt, (1, 3), 0, 5000, false, false, limit).is_ok());
+            // The cache still grows with the positions.
+            assert!(check_generate(&ckpt, (1, 3), 0, 50_000, false, false, limit).is_err());
+        });
         let (plain, mtp) = (ckpt.config.cache_values_per_token(false).0, ckpt.config.cache_values_per_token(true).0);
         let c = &ckpt.config;
         assert_eq!(mtp - plain, c.kv_lora_rank + c.qk_rope_head_dim + c.index_head_dim);

@@ -141,13 +141,28 @@ impl StFile {
 /// process (they are re-read from the file, or the page cache, if touched again). Never for an
 /// anonymous map: its dropped pages would read back as zeros.
 pub(crate) fn release_range(map: &Mmap, start: usize, end: usize) {
-    let page = 4096;
+    let page = page_size();
     let (a, b) = (start.div_ceil(page) * page, (end / page * page).min(map.len()));
     if b > a {
         // SAFETY: the map is read-only and file-backed (the callers' contract): dropped pages are
         // re-read from the file on the next access, so no reference into the map sees a change.
         let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a) };
     }
+}
+
+/// The system's page size (4096 where it cannot be asked).
+fn page_size() -> usize {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf reads a constant of the system.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if let Ok(n) = usize::try_from(n) {
+            if n > 0 {
+                return n;
+            }
+        }
+    }
+    4096
 }
 
 /// Parses and validates a safetensors file's header: where the data starts, the tensors and the

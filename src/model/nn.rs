@@ -357,7 +357,19 @@ mod tests {
         let file = crate::st::StFile::open(&path).unwrap();
         let w = file.bf16_weight("w").unwrap();
         let before = w.to_f32();
+        // The file's resident KB in this process, as /proc/self/smaps counts them (Linux).
+        let resident = || -> Option<u64> {
+            let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+            let mut lines = smaps.lines().skip_while(|l| !l.ends_with(path.to_str().unwrap_or("?")));
+            lines.next()?;
+            let rss = lines.find(|l| l.starts_with("Rss:"))?;
+            rss.split_whitespace().nth(1)?.parse().ok()
+        };
+        let held = resident();
         Product::of_bf16(&w).unwrap();
+        if let (Some(held), Some(now)) = (held, resident()) {
+            assert!(held >= 120 && now <= 8, "{held} KB resident before, {now} KB after");
+        }
         assert_eq!(w.to_f32(), before, "read back from the file");
         let halves: Vec<u16> = bits.chunks(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
         let anon = Bf16Weight::from_bits(&halves, rows, cols, 0).unwrap();
