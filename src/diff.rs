@@ -270,6 +270,7 @@ impl DiffReport {
             "first_non_finite_a": self.non_finite_a.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
             "first_non_finite_b": self.non_finite_b.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
             "near_tie_threshold": self.near_tie,
+            "by_layer": crate::layer_error::json(&crate::layer_error::by_layer(&self.results, self.near_tie)),
             "tensors": self.results.iter().map(|c| comparison_json(c, self.near_tie)).collect::<Vec<_>>(),
             "only_in_a": self.only_a,
             "only_in_b": self.only_b,
@@ -344,6 +345,7 @@ impl DiffReport {
             }
             out.push('\n');
         }
+        out += &crate::layer_error::render(&crate::layer_error::by_layer(&self.results, self.near_tie));
         let flips = self.flips();
         out += &flips::render(&flips, self.near_tie, " (see --json)");
         if !self.with_model && flips.iter().any(|(_, fl)| Class::of(fl, self.near_tie) == Class::Unknown) {

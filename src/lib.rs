@@ -31,6 +31,7 @@ pub mod generate;
 pub mod heatmap;
 pub mod inspect;
 pub mod interrupt;
+pub mod layer_error;
 pub mod layout;
 pub mod memory;
 pub mod synth;

@@ -377,12 +377,13 @@ pub fn format_line(c: &Comparison) -> String {
     format!("{:<34} {:<8} {body}", c.name, verdict)
 }
 
-/// One line per tensor, then the flips with their margins (near-ties below `near_tie`), then a
-/// summary.
+/// One line per tensor, the errors by layer, then the flips with their margins (near-ties below
+/// `near_tie`), then a summary.
 pub fn print_report(r: &Report, tol: Tolerance, near_tie: f64) {
     for c in &r.results {
         println!("{}", format_line(c));
     }
+    print!("{}", crate::layer_error::render(&crate::layer_error::by_layer(&r.results, near_tie)));
     print!("{}", flips::render(&compare::flips(&r.results), near_tie, ""));
     for n in &r.only_in_reference {
         println!("{n:<34} {:<8} only in the reference (not produced by this run)", "skipped");

@@ -1,0 +1,177 @@
+//! A comparison summed up by decoder layer: how far each layer's output is off (NMSE, cosine),
+//! how many of its tensors are outside the tolerance, and its routing and DSA flips by class.
+//! Where every layer is somewhat off (a quantised twin, a bf16 port) the first divergence is
+//! layer 0's rounding; the layer whose output error jumps against the one before is where to
+//! look for a bug, and this table marks it.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde_json::{json, Value};
+
+use crate::compare::{Comparison, Detail};
+use crate::flips::Class;
+use crate::hooks::{HookPoint, LayerHook};
+
+/// One decoder layer's share of a comparison.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerError {
+    pub layer: usize,
+    /// `layers.{i}.output`'s NMSE and cosine, where both sides hold it.
+    pub nmse: Option<f64>,
+    pub cosine: Option<f64>,
+    /// Tensors of the layer outside the tolerance, of those compared.
+    pub off: usize,
+    pub tensors: usize,
+    /// Flips by class: near-tie, real, unknown.
+    pub routing: [usize; 3],
+    pub dsa: [usize; 3],
+}
+
+/// Output NMSE growing by at least this factor over the layer before marks the layer.
+const JUMP: f64 = 10.0;
+
+/// `results` summed up by decoder layer, in order (flips classed at `near_tie`).
+pub fn by_layer(results: &[Comparison], near_tie: f64) -> Vec<LayerError> {
+    let mut layers: BTreeMap<usize, LayerError> = BTreeMap::new();
+    for c in results {
+        let Some(HookPoint::Layer(i, hook)) = HookPoint::parse(&c.name) else { continue };
+        let e = layers.entry(i).or_insert(LayerError {
+            layer: i,
+            nmse: None,
+            cosine: None,
+            off: 0,
+            tensors: 0,
+            routing: [0; 3],
+            dsa: [0; 3],
+        });
+        e.tensors += 1;
+        e.off += usize::from(!c.ok);
+        let count = |flips: &[crate::compare::Flip], into: &mut [usize; 3]| {
+            for f in flips {
+                into[match Class::of(f, near_tie) {
+                    Class::NearTie => 0,
+                    Class::Real => 1,
+                    Class::Unknown => 2,
+                }] += 1;
+            }
+        };
+        match (&c.detail, hook) {
+            (Detail::Float { nmse, cosine, .. }, LayerHook::Output) => {
+                (e.nmse, e.cosine) = (Some(*nmse), Some(*cosine))
+            }
+            (Detail::Sets { flips, .. }, LayerHook::TopkIds) => count(flips, &mut e.routing),
+            (Detail::Sets { flips, .. }, LayerHook::DsaTopk) => count(flips, &mut e.dsa),
+            _ => {}
+        }
+    }
+    layers.into_values().collect()
+}
+
+/// The layer whose output NMSE grew the most over the layer before, when by [`JUMP`] or more,
+/// with the factor.
+pub fn jump(layers: &[LayerError]) -> Option<(usize, f64)> {
+    layers
+        .windows(2)
+        .filter_map(|w| {
+            let (before, now) = (w[0].nmse?, w[1].nmse?);
+            let factor = if before > 0.0 {
+                now / before
+            } else if now > 0.0 {
+                f64::INFINITY
+            } else {
+                1.0
+            };
+            (factor >= JUMP).then_some((w[1].layer, factor))
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+}
+
+/// The table, for two or more layers (one says nothing the tensor lines do not).
+pub fn render(layers: &[LayerError]) -> String {
+    if layers.len() < 2 {
+        return String::new();
+    }
+    let mut out = String::from(
+        "by layer (output nmse and cosine; tensors outside the tolerance; flips near-tie/real/unknown):\n\
+         layer  output nmse  cosine      off       routing flips  dsa flips\n",
+    );
+    let jump = jump(layers);
+    let num = |x: Option<f64>, f: &dyn Fn(f64) -> String| x.map_or("-".to_string(), f);
+    let flips = |c: [usize; 3]| if c == [0; 3] { "0".to_string() } else { format!("{}/{}/{}", c[0], c[1], c[2]) };
+    for l in layers {
+        let _ = write!(
+            out,
+            "{:>5}  {:<11}  {:<10}  {:<8}  {:<13}  {}",
+            l.layer,
+            num(l.nmse, &|x| format!("{x:.3e}")),
+            num(l.cosine, &|x| format!("{x:.6}")),
+            format!("{} of {}", l.off, l.tensors),
+            flips(l.routing),
+            flips(l.dsa)
+        );
+        if let Some((_, factor)) = jump.filter(|(i, _)| *i == l.layer) {
+            let _ = write!(out, "   <- nmse x{factor:.0} over the layer before");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+pub fn json(layers: &[LayerError]) -> Value {
+    let classes = |c: [usize; 3]| json!({"near_tie": c[0], "real": c[1], "unknown": c[2]});
+    let jump = jump(layers);
+    json!(layers
+        .iter()
+        .map(|l| json!({
+            "layer": l.layer,
+            // NaN and infinite NMSE as strings, as the tensors' lines keep them.
+            "output_nmse": l.nmse.map(|x| if x.is_finite() { json!(x) } else { json!(x.to_string()) }),
+            "output_cosine": l.cosine.map(|x| if x.is_finite() { json!(x) } else { json!(x.to_string()) }),
+            "tensors_off": l.off,
+            "tensors": l.tensors,
+            "routing_flips": classes(l.routing),
+            "dsa_flips": classes(l.dsa),
+            "nmse_jump": jump.filter(|(i, _)| *i == l.layer).map(|(_, f)| f),
+        }))
+        .collect::<Vec<_>>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compare::{compare_floats, Tolerance};
+
+    fn output(layer: usize, ours: &[f32], reference: &[f32]) -> Comparison {
+        let (ok, detail) = compare_floats(ours, reference, &[ours.len()], Tolerance::default());
+        Comparison { name: format!("layers.{layer}.output"), ok, detail }
+    }
+
+    /// Three layers a little off (rounding) and one much more: the jump marks layer 2, not layer
+    /// 0 where the divergence starts.
+    #[test]
+    fn the_layer_whose_error_jumps_is_marked() {
+        let e = [1.0f32, -2.0, 3.0, 0.5];
+        let off = |d: f32| e.iter().map(|x| x * (1.0 + d)).collect::<Vec<_>>();
+        let results = vec![
+            output(0, &off(1e-3), &e),
+            output(1, &off(2e-3), &e),
+            output(2, &[1.5, -1.0, 3.0, 0.0], &e),
+            output(3, &[1.6, -1.0, 3.1, 0.0], &e),
+        ];
+        let layers = by_layer(&results, 1e-3);
+        assert_eq!(layers.len(), 4);
+        assert_eq!(layers.iter().map(|l| (l.off, l.tensors)).collect::<Vec<_>>(), [(1, 1); 4]);
+        let (layer, factor) = jump(&layers).unwrap();
+        assert_eq!(layer, 2);
+        assert!(factor > 1000.0, "{factor}");
+        let table = render(&layers);
+        let marked: Vec<&str> = table.lines().filter(|l| l.contains("<- nmse x")).collect();
+        assert_eq!(marked.len(), 1, "{table}");
+        assert!(marked[0].trim_start().starts_with("2 "), "{table}");
+        assert_eq!(json(&layers)[2]["nmse_jump"], json!(factor));
+        // Errors that grow smoothly mark nothing; one layer makes no table.
+        assert_eq!(jump(&layers[..2]), None);
+        assert_eq!(render(&layers[..1]), "");
+    }
+}
