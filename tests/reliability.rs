@@ -566,3 +566,26 @@ fn audit_says_when_a_routing_came_from_nan_logits() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("`layers.3.moe.router_logits` holds NaN at [2, 5]: its routing is counted"), "{err}");
 }
+
+/// A bug under rounding noise: golden/flat with layer 3's correction bias negated, checked with
+/// `--isolate` against the bf16 port (every layer a little off). The first divergence is layer
+/// 0's rounding; the by-layer lines mark layer 3 alone, its output NMSE 10x the layer before's.
+#[test]
+fn the_by_layer_lines_mark_a_bug_under_rounding_noise() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = flat_copy(&tmp.path().join("bug"));
+    rewrite(&model.join("model.safetensors"), |name, v| {
+        if name == "model.layers.3.mlp.gate.e_score_correction_bias" {
+            v.iter_mut().for_each(|x| *x = -*x);
+        }
+    });
+    let port = golden("flat").join("bf16-port.safetensors");
+    let args =
+        ["verify", "--model", &s(&model), "--golden", &s(&port), "--isolate", "--atol", "2e-2", "--rtol", "2e-2"];
+    let o = glimpse(&args);
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let marked: Vec<&str> = out.lines().filter(|l| l.contains("<- nmse x")).collect();
+    assert_eq!(marked.len(), 1, "{out}");
+    assert!(marked[0].trim_start().starts_with("3 "), "{out}");
+}
