@@ -278,14 +278,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Err(Error::Usage(format!("--heatmap {}: the heatmap is SVG; name a .svg file", p.display())));
             }
             let target = gpu.target(device)?;
+            // Against a reference, both keep their expert sets token by token, to count what changed.
+            let sets = !against.is_empty();
             let audit =
-                glimpse::audit::collect(model.as_deref(), prompts.as_deref(), &dumps, None, max_memory, target)?;
+                glimpse::audit::collect(model.as_deref(), prompts.as_deref(), &dumps, None, max_memory, target, sets)?;
             let reference = match against.is_empty() {
                 true => None,
                 false => {
                     // Counts only: the shift needs no routers, so the model is not loaded again.
                     let experts = (!audit.experts_guessed).then_some(audit.experts);
-                    Some(glimpse::audit::collect(None, None, &against, experts, max_memory, target)?)
+                    Some(glimpse::audit::collect(None, None, &against, experts, max_memory, target, sets)?)
                 }
             };
             if let Some(r) = &reference {

@@ -427,6 +427,22 @@ fn audit_refuses_twice_the_same_dump_and_other_models_dumps() {
     let port = glimpse(&["audit", "--dump", "golden/flat/bf16-port.safetensors", "--against", flat]);
     let (out, _) = assert_ok(&port);
     assert!(out.contains("load shift against the reference"), "{out}");
+    // Gross, token by token: the tokens whose expert set changed are diff's routing flips (2, 4
+    // and 6 in layers 2-4), and the slots that changed their experts chosen on one side only.
+    let (json, _) =
+        assert_ok(&glimpse(&["audit", "--dump", "golden/flat/bf16-port.safetensors", "--against", flat, "--json"]));
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let (diff, _) = text(&glimpse(&["diff", "golden/flat/bf16-port.safetensors", flat, "--json"]));
+    let diff: serde_json::Value = serde_json::from_str(&diff).unwrap();
+    for layer in json["shift"].as_array().unwrap() {
+        let name = format!("layers.{}.moe.topk_ids", layer["layer"]);
+        let t = diff["tensors"].as_array().unwrap().iter().find(|t| t["name"] == name.as_str()).unwrap();
+        let flips = t["flips"].as_array().unwrap();
+        let only_ours: u64 = flips.iter().map(|f| f["only_ours"].as_array().unwrap().len() as u64).sum();
+        assert_eq!(layer["tokens_changed"], flips.len(), "{name}");
+        assert_eq!(layer["slots_changed"], only_ours, "{name}");
+        assert_eq!(layer["tokens"], 32);
+    }
     // The same count of tokens is not the same tokens; another config.json (a quantised twin's
     // differs) is compared, and said.
     let other_ids =

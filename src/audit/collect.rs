@@ -64,6 +64,7 @@ pub fn collect(
     experts: Option<usize>,
     max_memory: Option<u64>,
     target: crate::device::Target,
+    keep_sets: bool,
 ) -> Result<Audit> {
     // Ctrl-C from the start: one before the first prompt stops after it.
     let _stopping = prompts.map(|_| crate::interrupt::stop_at_checkpoints());
@@ -103,6 +104,7 @@ pub fn collect(
         },
     };
     let mut audit = Audit::new(experts);
+    audit.sets = keep_sets.then(std::collections::BTreeMap::new);
     audit.experts_guessed = guessed_experts.is_some();
     audit.mtp_layer = ckpt.as_ref().map(|c| c.config.num_hidden_layers);
     if let (Some(m), Some(path)) = (&model, prompts) {

@@ -29,6 +29,18 @@ pub struct LayerShift {
     /// Up to three experts that gained most, and lost most: (expert, tokens gained or lost).
     pub gained: Vec<(usize, i64)>,
     pub lost: Vec<(usize, i64)>,
+    /// Token by token, where both audits kept their sets: the tokens whose expert set changed,
+    /// and the routing slots that did (an expert chosen on one side only, counted once), gross
+    /// where `moved` is net.
+    pub changed: Option<Changed>,
+}
+
+/// Routing that changed token by token between two audits of the same tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Changed {
+    pub tokens: u64,
+    pub of_tokens: u64,
+    pub slots: u64,
 }
 
 /// The routing counts of one MoE layer.
@@ -116,7 +128,12 @@ pub fn shift_json(shift: &[LayerShift]) -> Value {
         shift
             .iter()
             .map(|l| {
-                json!({"layer": l.layer, "slots": l.slots, "moved": l.moved, "gained": pairs(&l.gained), "lost": pairs(&l.lost)})
+                json!({
+                    "layer": l.layer, "slots": l.slots, "moved": l.moved,
+                    "gained": pairs(&l.gained), "lost": pairs(&l.lost),
+                    "tokens_changed": l.changed.map(|c| c.tokens), "tokens": l.changed.map(|c| c.of_tokens),
+                    "slots_changed": l.changed.map(|c| c.slots),
+                })
             })
             .collect(),
     )
@@ -134,6 +151,17 @@ pub fn net_moved(ours: &[u64], reference: &[u64]) -> f64 {
 fn delta(ours: &[u64], reference: &[u64]) -> Vec<i64> {
     let count = |c: &[u64], e: usize| c.get(e).copied().unwrap_or(0) as i64;
     (0..ours.len().max(reference.len())).map(|e| count(ours, e) - count(reference, e)).collect()
+}
+
+/// Token by token (rows of `k` ascending ids), what changed from `reference` to `ours`.
+fn changed(ours: &[u16], reference: &[u16], k: usize) -> Changed {
+    let mut c = Changed { tokens: 0, of_tokens: (ours.len() / k) as u64, slots: 0 };
+    for (a, b) in ours.chunks_exact(k).zip(reference.chunks_exact(k)) {
+        let only_ours = a.iter().filter(|x| b.binary_search(x).is_err()).count() as u64;
+        c.slots += only_ours;
+        c.tokens += u64::from(only_ours > 0);
+    }
+    c
 }
 
 /// Half the summed change over the reference's `slots`.
@@ -173,6 +201,9 @@ pub struct Audit {
     pub mtp_layer: Option<usize>,
     /// Ctrl-C stopped the prompts: (run, of).
     pub stopped: Option<(usize, usize)>,
+    /// Each layer's expert sets token by token (`[tokens, k]` flattened, each row ascending),
+    /// kept when asked (`audit --against` compares them token by token: 2 bytes a slot).
+    pub sets: Option<BTreeMap<usize, Vec<u16>>>,
 }
 
 impl Audit {
@@ -208,6 +239,15 @@ impl Audit {
             run[id as usize] += 1;
         }
         (l.run_max_vio_sum, l.runs) = (l.run_max_vio_sum + max_vio(&run), l.runs + 1);
+        if let Some(sets) = self.sets.as_mut() {
+            // Ids are checked to lie within the experts, at most 2^16 of them (`Config`).
+            let kept = sets.entry(layer).or_default();
+            for row in ids.chunks(k) {
+                let start = kept.len();
+                kept.extend(row.iter().map(|&id| id as u16));
+                kept[start..].sort_unstable();
+            }
+        }
         for (total, this) in l.counts.iter_mut().zip(run) {
             *total += this;
         }
@@ -352,7 +392,12 @@ impl Audit {
                     order.into_iter().take(3).map(|e| (e, delta[e])).collect::<Vec<_>>()
                 };
                 let (gained, lost) = (pick(1), pick(-1));
-                Some(LayerShift { layer: *i, slots, moved, gained, lost })
+                let (ours, theirs) = (self.sets.as_ref(), reference.sets.as_ref());
+                let changed = (ours.and_then(|s| s.get(i)))
+                    .zip(theirs.and_then(|s| s.get(i)))
+                    .filter(|(a, b)| a.len() == b.len() && l.k > 0)
+                    .map(|(a, b)| changed(a, b, l.k));
+                Some(LayerShift { layer: *i, slots, moved, gained, lost, changed })
             })
             .collect()
     }
@@ -361,17 +406,32 @@ impl Audit {
         let list = |v: &[(usize, i64)]| v.iter().map(|(e, d)| format!("{e}:{d:+}")).collect::<Vec<_>>().join(" ");
         let mut s = format!(
             "load shift against the reference ({} prompt(s)): net load moved, sum |ours - reference| / 2 over the \
-             reference's slots (tokens that swapped experts both ways cancel; `diff` counts each flip)\n\
-             {:>5} {:>8} {:>7}  {:<30}  lost most\n",
+             reference's slots (tokens that swapped experts both ways cancel); and gross, token by token, the \
+             tokens whose expert set changed and the slots that did\n\
+             {:>5} {:>8} {:>7} {:>15} {:>14}  {:<30}  lost most\n",
             reference.prompts(),
             "layer",
             "slots",
             "moved",
+            "tokens changed",
+            "slots changed",
             "gained most"
         );
+        let pct = |n: u64, of: u64| format!("{:.1}%", 100.0 * n as f64 / of.max(1) as f64);
         for l in self.shift(reference) {
             let moved = format!("{:.1}%", 100.0 * l.moved);
-            let _ = writeln!(s, "{:>5} {:>8} {moved:>7}  {:<30}  {}", l.layer, l.slots, list(&l.gained), list(&l.lost));
+            let (tokens, slots) = match l.changed {
+                Some(c) => (format!("{} {}", c.tokens, pct(c.tokens, c.of_tokens)), pct(c.slots, l.slots)),
+                None => ("-".into(), "-".into()),
+            };
+            let _ = writeln!(
+                s,
+                "{:>5} {:>8} {moved:>7} {tokens:>15} {slots:>14}  {:<30}  {}",
+                l.layer,
+                l.slots,
+                list(&l.gained),
+                list(&l.lost)
+            );
         }
         s
     }
