@@ -481,13 +481,13 @@ fn rows(inputs: &[Option<Tokens>]) -> Option<Vec<&[u32]>> {
 mod tests {
     use super::*;
 
-    /// Two slots of 8 moved (expert 0 lost two, experts 2 and 3 gained one each); a layer only
-    /// one side has is left out.
+    /// Two slots of 8 moved (expert 0 lost two, experts 2 and 3 gained one each), in two tokens
+    /// of 4 (their sets kept, in either order); a layer only one side has is left out.
     #[test]
     fn shift_counts_the_slots_that_moved() {
-        let mut ours = Audit::new(4);
-        let mut reference = Audit::new(4);
-        ours.add(1, &[1, 2, 1, 3, 0, 1, 0, 1], 2, None).unwrap();
+        let (mut ours, mut reference) = (Audit::new(4), Audit::new(4));
+        (ours.sets, reference.sets) = (Some(BTreeMap::new()), Some(BTreeMap::new()));
+        ours.add(1, &[1, 2, 3, 1, 0, 1, 1, 0], 2, None).unwrap();
         reference.add(1, &[0, 1, 0, 1, 0, 1, 0, 1], 2, None).unwrap();
         ours.add(2, &[0, 1], 2, None).unwrap();
         let shift = ours.shift(&reference);
@@ -495,7 +495,13 @@ mod tests {
         let l = &shift[0];
         assert_eq!((l.layer, l.slots, l.moved), (1, 8, 0.25));
         assert_eq!((l.gained.as_slice(), l.lost.as_slice()), (&[(2, 1), (3, 1)][..], &[(0, -2)][..]));
-        assert!(ours.shift_table(&reference).contains("25.0%  2:+1 3:+1"));
+        assert_eq!(l.changed, Some(Changed { tokens: 2, of_tokens: 4, slots: 2 }));
+        let table = ours.shift_table(&reference);
+        let row: Vec<&str> = table.lines().last().unwrap().split_whitespace().collect();
+        assert_eq!(row, ["1", "8", "25.0%", "2", "50.0%", "25.0%", "2:+1", "3:+1", "0:-2"], "{table}");
+        // Without the sets, the gross change is unknown.
+        ours.sets = None;
+        assert_eq!(ours.shift(&reference)[0].changed, None);
     }
 
     /// 4 experts, 3 tokens, top-2: loads [3, 2, 1, 0] by hand.
