@@ -163,6 +163,11 @@ pub fn estimate(
     Estimate { weights, activations, recorded }
 }
 
+/// Whether `name` is a matrix or more (a projection, not a norm or a bias).
+fn is_matrix(ckpt: &Checkpoint, name: &str) -> bool {
+    ckpt.shape(name).is_some_and(|s| s.len() >= 2)
+}
+
 fn numel(ckpt: &Checkpoint, name: &str) -> u64 {
     ckpt.shape(name).map_or(0, |s| s.iter().product::<usize>() as u64)
 }
@@ -214,19 +219,16 @@ pub fn check_generate(
     let cache = 4 * c.cache_values_per_token(mtp).0 as u64 * fed;
     let hidden = 4 * b * prompt as u64 * c.hidden_size as u64;
     est.activations += cache + hidden + 4 * 2 * threads * crate::model::attention::BLOCK as u64 * fed;
-    let projections = |i: usize| {
-        let prefix = format!("model.layers.{i}.");
-        let names = ckpt.names().filter(move |n| n.starts_with(&prefix) && ckpt.shape(n).is_some_and(|s| s.len() >= 2));
-        names.collect::<Vec<_>>()
-    };
-    for name in layers.clone().flat_map(projections) {
+    let layer_of = |n: &str| n.strip_prefix("model.layers.")?.split('.').next()?.parse::<usize>().ok();
+    let projection = |n: &&str| layer_of(n).is_some_and(|i| layers.contains(&i)) && is_matrix(ckpt, n);
+    let absorbed = batch * if chunked { chunk } else { 1 } > crate::model::gemv::MAX_ROWS;
+    for name in ckpt.names().filter(projection) {
         est.weights += match ckpt.dtype(name) {
             Some(Dtype::BF16) => 2 * numel(ckpt, name),
             Some(Dtype::F8_E4M3) => numel(ckpt, name),
             _ => 0,
         };
-        let per_call = batch * if chunked { chunk } else { 1 };
-        if name.ends_with("kv_b_proj.weight") && per_call > crate::model::gemv::MAX_ROWS {
+        if absorbed && name.ends_with("kv_b_proj.weight") {
             est.weights += 4 * numel(ckpt, name);
         }
     }
