@@ -141,6 +141,7 @@ impl Checkpoint {
             "lm_head.weight"
         }
     }
+
     fn file(&self, name: &str) -> Result<&StFile> {
         self.names.get(name).map(|&i| &self.files[i]).ok_or_else(|| Error::Weights(format!("missing tensor `{name}`")))
     }
