@@ -140,6 +140,23 @@ pub struct Flip {
     /// The margin that decided the row on each side, where the dumps hold it.
     pub margin_ours: Option<f32>,
     pub margin_reference: Option<f32>,
+    /// Where both dumps hold the scores the selection ranked: how far the flipped keys' scores
+    /// moved between the runs (`flips::add_movement`).
+    pub moved: Option<Movement>,
+}
+
+/// How far a flip's keys (or experts) moved between two runs, against the layer's noise.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Movement {
+    /// The largest `|ours - reference|` of the flipped keys' scores.
+    pub keys: f32,
+    /// The 99th percentile of `|ours - reference|` over every score of the layer.
+    pub noise: f32,
+    /// The keys moved less than half the two margins: a rank reversal under one rule needs at
+    /// least that (ours kept x over y by `margin_ours`, the reference y over x by its margin, so
+    /// `|Δx| + |Δy| >= margin_ours + margin_reference`), so the rule itself differs (a bias, a
+    /// scale, a top-k). False where it cannot be told (a margin unknown; grouped routing).
+    pub too_little: bool,
 }
 
 #[cfg(test)]
@@ -154,6 +171,7 @@ impl Flip {
             recall: 0.5,
             margin_ours: ours,
             margin_reference: reference,
+            moved: None,
         }
     }
 }
@@ -317,6 +335,7 @@ fn compare_sets(ours: &[i64], reference: &[i64], shape: &[usize], keep: impl Fn(
                 recall,
                 margin_ours: None,
                 margin_reference: None,
+                moved: None,
             });
         }
     }

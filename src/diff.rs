@@ -180,6 +180,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
                 let margins = |d| flips::deciding_margins(d, point, opts.config.as_ref(), router);
                 let (ma, mb) = (margins(a), margins(b));
                 c.set_margins(ma.as_deref(), mb.as_deref());
+                flips::add_movement(&mut c, a, b, opts.config.as_ref());
             }
         }
         results.push(c);
@@ -244,6 +245,8 @@ pub fn comparison_json(c: &Comparison, near_tie: f64) -> Value {
                 "row": fl.row, "at": fl.at, "only_ours": fl.only_ours, "only_reference": fl.only_reference,
                 "recall": f(fl.recall), "margin_ours": opt_f(fl.margin_ours),
                 "margin_reference": opt_f(fl.margin_reference),
+                "keys_moved": opt_f(fl.moved.map(|m| m.keys)), "layer_score_noise_p99": opt_f(fl.moved.map(|m| m.noise)),
+                "moved_too_little": fl.moved.map(|m| m.too_little),
                 "class": Class::of(fl, near_tie).label(),
             })).collect::<Vec<_>>(),
         }),
@@ -389,6 +392,7 @@ mod tests {
             recall: 0.5,
             margin_ours: None,
             margin_reference: None,
+            moved: None,
         };
         let sets = Detail::Sets { rows: 4, mean_recall: 0.875, min_recall: 0.5, flips: vec![flip] };
         let report = DiffReport {

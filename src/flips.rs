@@ -5,7 +5,7 @@
 //! lead over what it left out, known only where those scores admit that choice. `verify`, `diff`
 //! and the terminal UI class flips here.
 
-use crate::compare::Flip;
+use crate::compare::{Comparison, Detail, Flip, Movement};
 use crate::config::Config;
 use crate::diff::{floats, ints};
 use crate::dump::Dump;
@@ -143,6 +143,56 @@ fn lead(values: &[f32], ids: &[i64], want: usize) -> f32 {
     }
 }
 
+/// Each flip of `c` (a `dsa.topk` or `moe.topk_ids` comparison of `a` against `b`, its margins
+/// set) with how far its keys' scores moved between the two dumps against the layer's noise
+/// ([`Movement`]): the scores the selection ranked, `dsa.scores` (of the layer that decided it,
+/// for a shared indexer) or the gate's `sigmoid(router_logits)` (the correction bias cancels
+/// where both sides apply the same one; where they do not, the keys move too little for the
+/// flip, which is what that test finds). Routing margins are tested only with `config` saying
+/// the routing is flat (a grouped margin may be the groups' gap, made of experts that did not
+/// flip). Nothing where either dump lacks the scores or their shapes differ.
+pub fn add_movement(c: &mut Comparison, a: &Dump, b: &Dump, config: Option<&Config>) {
+    let Some(point) = HookPoint::parse(&c.name) else { return };
+    let flat = config.is_some_and(|c| c.n_group <= 1 || c.topk_group >= c.n_group);
+    let (scores, squash, margins_tell): (HookPoint, fn(f32) -> f32, bool) =
+        match config.map_or(point, |cfg| deciding(point, cfg)) {
+            HookPoint::Layer(i, LayerHook::DsaTopk) => (HookPoint::Layer(i, LayerHook::DsaScores), |x| x, true),
+            HookPoint::Layer(i, LayerHook::TopkIds) => (HookPoint::Layer(i, LayerHook::RouterLogits), sigmoid, flat),
+            _ => return,
+        };
+    let name = scores.name();
+    let (Some(x), Some(y)) = (floats(a, &name), floats(b, &name)) else { return };
+    let Some(width) = a.shape(&name).filter(|s| Some(s) == b.shape(&name).as_ref()).and_then(|s| s.last().copied())
+    else {
+        return;
+    };
+    // Scores only one side holds finite (a NaN, a causal key's -inf) are left out of both.
+    let delta = |i: usize| {
+        let (p, q) = (squash(x[i]), squash(y[i]));
+        (p.is_finite() && q.is_finite()).then(|| (p - q).abs())
+    };
+    let mut all: Vec<f32> = (0..x.len()).filter_map(delta).collect();
+    if all.is_empty() || width == 0 {
+        return;
+    }
+    let at = ((all.len() - 1) as f64 * 0.99).round() as usize;
+    let noise = *all.select_nth_unstable_by(at, f32::total_cmp).1;
+    let Detail::Sets { flips, .. } = &mut c.detail else { return };
+    for f in flips.iter_mut() {
+        let keys = f.only_ours.iter().chain(&f.only_reference).filter_map(|&k| usize::try_from(k).ok());
+        let moved = keys
+            .filter(|&k| k < width)
+            .filter_map(|k| delta(f.row * width + k))
+            .fold(None, |m: Option<f32>, d| Some(m.map_or(d, |m| m.max(d))));
+        let too_little = |keys: f32| match (f.margin_ours, f.margin_reference) {
+            // 0.9: room for the rounding of recomputed margins.
+            (Some(mo), Some(mr)) if margins_tell => 2.0 * keys < 0.9 * (mo + mr),
+            _ => false,
+        };
+        f.moved = moved.map(|keys| Movement { keys, noise, too_little: too_little(keys) });
+    }
+}
+
 /// [`margins_in`] of the selection that decided `selection` ([`deciding`], with `config`). A
 /// shared-indexer layer reuses its source layer's selection, so the source's margins describe its
 /// rows only where the dump's shared selection is the source's: elsewhere (a port whose shared
@@ -197,11 +247,24 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
         return String::new();
     }
     let count = |class| flips.iter().filter(|(_, fl)| Class::of(fl, near_tie) == class).count();
+    // A real flip whose keys moved no more than most of the layer's scores did is one the run's
+    // own noise explains (a quantised twin's), though its margins are past the threshold.
+    let in_noise = |fl: &Flip| fl.moved.is_some_and(|m| m.keys <= m.noise && !m.too_little);
+    let real = |fl: &Flip| Class::of(fl, near_tie) == Class::Real;
+    let real_in_noise = flips.iter().filter(|(_, fl)| real(fl) && in_noise(fl)).count();
+    let too_little = flips.iter().filter(|(_, fl)| fl.moved.is_some_and(|m| m.too_little)).count();
     let mut out = format!(
-        "{} flips: {} near-tie (both margins < {near_tie:e}), {} real, {} of unknown margin\n",
+        "{} flips: {} near-tie (both margins < {near_tie:e}), {} real{}, {} of unknown margin\n",
         flips.len(),
         count(Class::NearTie),
         count(Class::Real),
+        match flips.iter().any(|(_, fl)| fl.moved.is_some()) {
+            true => format!(
+                " ({real_in_noise} of them within the run's score noise: their keys moved no more than the layer's \
+                 99th percentile; {too_little} flips whose keys moved too little to flip under one rule)"
+            ),
+            false => String::new(),
+        },
         count(Class::Unknown)
     );
     for (name, fl) in flips.iter().take(50) {
@@ -215,8 +278,21 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
             }
             _ => "",
         };
+        let moved = match fl.moved {
+            Some(m) => format!(
+                "; keys moved {:.3e}, layer p99 {:.3e}{}",
+                m.keys,
+                m.noise,
+                match (m.too_little, m.keys <= m.noise) {
+                    (true, _) => " (too little to flip it: the rule differs)",
+                    (false, true) => " (within the noise)",
+                    (false, false) => "",
+                }
+            ),
+            None => String::new(),
+        };
         out += &format!(
-            "  {name} {:?}: only ours {:?}, only ref {:?}, margin ours {} ref {} -> {}{padded}\n",
+            "  {name} {:?}: only ours {:?}, only ref {:?}, margin ours {} ref {} -> {}{padded}{moved}\n",
             fl.at,
             fl.only_ours,
             fl.only_reference,
@@ -278,6 +354,55 @@ mod tests {
         assert!(lead(&v, &[0, 7], 2).is_nan(), "padding where a key should be");
         assert_eq!(lead(&v[..2], &[1, 0, 9], 2), f32::INFINITY, "every value kept (padding past them)");
         assert!(lead(&[f32::NAN, 1.0], &[1], 1).is_nan());
+    }
+
+    /// A flip's keys against the layer's noise: one whose keys moved past half its two margins
+    /// is one rule's flip (within the noise when no more than the layer's 99th percentile); one
+    /// whose keys barely moved cannot be, so the rule differs.
+    #[test]
+    fn a_flip_whose_keys_did_not_move_enough_has_another_rule() {
+        use crate::hooks::Observer;
+        use candle_core::{Device, Tensor};
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, scores: Vec<f32>, topk: Vec<i64>| {
+            let path = dir.path().join(name);
+            let mut w = crate::dump::DumpWriter::create(&path, crate::hooks::Selector::default(), 3).unwrap();
+            let ids = Tensor::from_vec(vec![1i64, 2, 3], (1, 3), &Device::Cpu).unwrap();
+            w.observe(HookPoint::InputIds, &ids).unwrap();
+            let scores = Tensor::from_vec(scores, (1, 3, 3), &Device::Cpu).unwrap();
+            w.observe(HookPoint::Layer(0, LayerHook::DsaScores), &scores).unwrap();
+            let topk = Tensor::from_vec(topk, (1, 3, 1), &Device::Cpu).unwrap();
+            w.observe(HookPoint::Layer(0, LayerHook::DsaTopk), &topk).unwrap();
+            w.finish(&crate::dump::metadata("test", None, None)).unwrap();
+            Dump::open(&path).unwrap()
+        };
+        let ninf = f32::NEG_INFINITY;
+        // Query 1 keeps one of keys 0 and 1; query 2 one of 0, 1, 2.
+        let reference = write("ref.st", vec![0.0, ninf, ninf, 0.5, 0.3, ninf, 0.1, 0.9, 0.2], vec![0, 0, 1]);
+        // Query 1's two scores crossed (0.5/0.3 -> 0.38/0.42): a flip of one rule. Query 2 kept
+        // key 2 though its scores barely moved: no rule of the reference's makes that choice.
+        let ours = write("ours.st", vec![0.0, ninf, ninf, 0.38, 0.42, ninf, 0.1, 0.9, 0.21], vec![0, 1, 2]);
+        let point = HookPoint::Layer(0, LayerHook::DsaTopk);
+        let (ok, detail) = crate::compare::compare_dsa(&[0, 1, 2], &[0, 0, 1], &ours.shape(&point.name()).unwrap());
+        assert!(!ok);
+        let mut c = Comparison { name: point.name(), ok, detail };
+        // Ours chose key 2 of query 2 by a margin (as a rule of its own would record it).
+        let margins = |d: &Dump| margins_in(d, point, None);
+        let (mo, mr) = (vec![f32::INFINITY, 0.04, 0.5], margins(&reference).unwrap());
+        c.set_margins(Some(&mo), Some(&mr));
+        add_movement(&mut c, &ours, &reference, None);
+        let Detail::Sets { flips, .. } = &c.detail else { panic!() };
+        let moved: Vec<Movement> = flips.iter().map(|f| f.moved.unwrap()).collect();
+        assert_eq!(flips.iter().map(|f| f.row).collect::<Vec<_>>(), [1, 2]);
+        approx::assert_abs_diff_eq!(moved[0].keys, 0.12, epsilon = 1e-6); // key 0: 0.5 -> 0.38
+        assert!(!moved[0].too_little, "0.12 >= (0.04 + 0.2) / 2: one rule can flip it");
+        approx::assert_abs_diff_eq!(moved[1].keys, 0.01, epsilon = 1e-6); // key 2: 0.2 -> 0.21
+        assert!(moved[1].too_little, "0.01 < (0.5 + 0.7) / 2");
+        // The noise: the 99th percentile of the 6 causal scores' changes, the largest here.
+        approx::assert_abs_diff_eq!(moved[0].noise, 0.12, epsilon = 1e-6);
+        let out = render(&crate::compare::flips(std::slice::from_ref(&c)), 1e-3, "");
+        assert!(out.contains("1 flips whose keys moved too little"), "{out}");
+        assert!(out.contains("(too little to flip it: the rule differs)"), "{out}");
     }
 
     /// Recomputed from a transformers-style dump (scores, no margin): query 2's exact tie between

@@ -1,8 +1,8 @@
 //! A comparison summed up by decoder layer: how far each layer's output is off (NMSE, cosine),
 //! how many of its tensors are outside the tolerance, and its routing and DSA flips by class.
 //! Where every layer is somewhat off (a quantised twin, a bf16 port) the first divergence is
-//! layer 0's rounding; the layer whose output error jumps against the one before is where to
-//! look for a bug, and this table marks it.
+//! layer 0's rounding; the table marks where to look for a bug: a layer whose output error jumps
+//! against the one before, and one whose flips its scores did not move enough to make.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -26,6 +26,9 @@ pub struct LayerError {
     /// Flips by class: near-tie, real, unknown.
     pub routing: [usize; 3],
     pub dsa: [usize; 3],
+    /// Flips whose keys' scores moved too little for one rule to flip them
+    /// (`Movement::too_little`): the selection's rule differs in this layer.
+    pub unexplained: usize,
 }
 
 /// Output NMSE growing by at least this factor over the layer before marks the layer.
@@ -44,11 +47,13 @@ pub fn by_layer(results: &[Comparison], near_tie: f64) -> Vec<LayerError> {
             tensors: 0,
             routing: [0; 3],
             dsa: [0; 3],
+            unexplained: 0,
         });
         e.tensors += 1;
         e.off += usize::from(!c.ok);
-        let count = |flips: &[crate::compare::Flip], into: &mut [usize; 3]| {
+        let mut count = |flips: &[crate::compare::Flip], into: &mut [usize; 3]| {
             for f in flips {
+                e.unexplained += usize::from(f.moved.is_some_and(|m| m.too_little));
                 into[match Class::of(f, near_tie) {
                     Class::NearTie => 0,
                     Class::Real => 1,
@@ -113,6 +118,9 @@ pub fn render(layers: &[LayerError]) -> String {
         if let Some((_, factor)) = jump.filter(|(i, _)| *i == l.layer) {
             let _ = write!(out, "   <- nmse x{factor:.0} over the layer before");
         }
+        if l.unexplained > 0 {
+            let _ = write!(out, "   <- {} flips its scores' change cannot explain: the rule differs", l.unexplained);
+        }
         out.push('\n');
     }
     out
@@ -133,6 +141,7 @@ pub fn json(layers: &[LayerError]) -> Value {
             "routing_flips": classes(l.routing),
             "dsa_flips": classes(l.dsa),
             "nmse_jump": jump.filter(|(i, _)| *i == l.layer).map(|(_, f)| f),
+            "unexplained_flips": l.unexplained,
         }))
         .collect::<Vec<_>>())
 }

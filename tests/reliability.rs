@@ -588,4 +588,23 @@ fn the_by_layer_lines_mark_a_bug_under_rounding_noise() {
     let marked: Vec<&str> = out.lines().filter(|l| l.contains("<- nmse x")).collect();
     assert_eq!(marked.len(), 1, "{out}");
     assert!(marked[0].trim_start().starts_with("3 "), "{out}");
+
+    // Accumulated (`diff` of the whole run against the port), errors compound and no layer's
+    // NMSE jumps; but layer 3's expert flips happen where the gate's scores barely moved, which
+    // one rule cannot do: that layer alone is marked. The port against its f32 reference (the
+    // same rule, bf16 noise) marks nothing.
+    let dump = tmp.path().join("bug.st");
+    let run = ["run", "--model", &s(&model), "--tokens-from", &s(&golden("flat").join("reference.safetensors"))];
+    assert!(glimpse(&[&run[..], &["--dump", &s(&dump)]].concat()).status.success());
+    let diff = |a: &Path, b: &Path| {
+        let o = glimpse(&["diff", &s(a), &s(b), "--model", &s(&golden("flat")), "--atol", "2e-2", "--rtol", "2e-2"]);
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let out = diff(&dump, &port);
+    let marked: Vec<&str> = out.lines().filter(|l| l.contains("cannot explain: the rule differs")).collect();
+    assert_eq!(marked.len(), 1, "{out}");
+    assert!(marked[0].trim_start().starts_with("3 "), "{out}");
+    assert!(!out.lines().any(|l| l.contains("layers.3.dsa") && l.contains("the rule differs")), "{out}");
+    let clean = diff(&port, &golden("flat").join("reference.safetensors"));
+    assert!(clean.contains("0 flips whose keys moved too little") && !clean.contains("the rule differs"), "{clean}");
 }
