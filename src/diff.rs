@@ -180,7 +180,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
                 let margins = |d| flips::deciding_margins(d, point, opts.config.as_ref(), router);
                 let (ma, mb) = (margins(a), margins(b));
                 c.set_margins(ma.as_deref(), mb.as_deref());
-                flips::add_movement(&mut c, a, b, opts.config.as_ref());
+                flips::add_movement(&mut c, a, b, opts.config.as_ref(), opts.near_tie);
             }
         }
         results.push(c);

@@ -148,50 +148,78 @@ fn lead(values: &[f32], ids: &[i64], want: usize) -> f32 {
 /// ([`Movement`]): the scores the selection ranked, `dsa.scores` (of the layer that decided it,
 /// for a shared indexer) or the gate's `sigmoid(router_logits)` (the correction bias cancels
 /// where both sides apply the same one; where they do not, the keys move too little for the
-/// flip, which is what that test finds). Routing margins are tested only with `config` saying
-/// the routing is flat (a grouped margin may be the groups' gap, made of experts that did not
-/// flip). Nothing where either dump lacks the scores or their shapes differ.
-pub fn add_movement(c: &mut Comparison, a: &Dump, b: &Dump, config: Option<&Config>) {
+/// flip, which is what that test finds). The noise is over causal keys only. Nothing where
+/// either dump lacks the scores, their shapes differ from each other or from the selection's
+/// rows, or they are larger than [`MOVEMENT_MAX`] values.
+///
+/// The "too little" test is made for routing only, where a rule can differ under the same
+/// scores (the correction bias: margins are on `sigmoid + bias`, the movement on `sigmoid`),
+/// and only where it can be trusted: `config` saying the routing is flat (a grouped margin may
+/// be the groups' gap, made of experts that did not flip), a flip that swapped experts both
+/// ways, both margins known, finite and summing to at least `near_tie` (below, rounding alone
+/// moves them), every flipped expert's change finite. (For DSA a selection that is a top-k of
+/// its own scores always moved enough, and one that is not has no margin: nothing to test.)
+pub fn add_movement(c: &mut Comparison, a: &Dump, b: &Dump, config: Option<&Config>, near_tie: f64) {
     let Some(point) = HookPoint::parse(&c.name) else { return };
-    let flat = config.is_some_and(|c| c.n_group <= 1 || c.topk_group >= c.n_group);
-    let (scores, squash, margins_tell): (HookPoint, fn(f32) -> f32, bool) =
-        match config.map_or(point, |cfg| deciding(point, cfg)) {
-            HookPoint::Layer(i, LayerHook::DsaTopk) => (HookPoint::Layer(i, LayerHook::DsaScores), |x| x, true),
-            HookPoint::Layer(i, LayerHook::TopkIds) => (HookPoint::Layer(i, LayerHook::RouterLogits), sigmoid, flat),
-            _ => return,
-        };
-    let name = scores.name();
-    let (Some(x), Some(y)) = (floats(a, &name), floats(b, &name)) else { return };
-    let Some(width) = a.shape(&name).filter(|s| Some(s) == b.shape(&name).as_ref()).and_then(|s| s.last().copied())
-    else {
-        return;
+    let source = config.map_or(point, |cfg| deciding(point, cfg));
+    let (scores, dsa) = match source {
+        HookPoint::Layer(i, LayerHook::DsaTopk) => (HookPoint::Layer(i, LayerHook::DsaScores), true),
+        HookPoint::Layer(i, LayerHook::TopkIds) => (HookPoint::Layer(i, LayerHook::RouterLogits), false),
+        _ => return,
     };
-    // Scores only one side holds finite (a NaN, a causal key's -inf) are left out of both.
+    let name = scores.name();
+    let Some(shape) = a.shape(&name).filter(|s| Some(s) == b.shape(&name).as_ref()) else { return };
+    let (Detail::Sets { rows, .. }, Some(&width)) = (&c.detail, shape.last()) else { return };
+    let n: usize = shape.iter().product();
+    if width == 0 || n != rows * width || n > MOVEMENT_MAX {
+        return;
+    }
+    let (Some(x), Some(y)) = (floats(a, &name), floats(b, &name)) else { return };
+    // DSA: query q of a row of S sees keys 0..=T-S+q.
+    let seq = if dsa { shape[shape.len() - 2].max(1) } else { 1 };
+    let causal = |i: usize| !dsa || i % width <= width - seq.min(width) + (i / width) % seq;
+    let squash = |v: f32| if dsa { v } else { sigmoid(v) };
     let delta = |i: usize| {
         let (p, q) = (squash(x[i]), squash(y[i]));
         (p.is_finite() && q.is_finite()).then(|| (p - q).abs())
     };
-    let mut all: Vec<f32> = (0..x.len()).filter_map(delta).collect();
-    if all.is_empty() || width == 0 {
+    let mut all: Vec<f32> = (0..n).filter(|&i| causal(i)).filter_map(delta).collect();
+    if all.is_empty() {
         return;
     }
     let at = ((all.len() - 1) as f64 * 0.99).round() as usize;
     let noise = *all.select_nth_unstable_by(at, f32::total_cmp).1;
+    drop(all);
+    let testable = !dsa && config.is_some_and(|c| c.n_group <= 1 || c.topk_group >= c.n_group);
     let Detail::Sets { flips, .. } = &mut c.detail else { return };
     for f in flips.iter_mut() {
-        let keys = f.only_ours.iter().chain(&f.only_reference).filter_map(|&k| usize::try_from(k).ok());
-        let moved = keys
-            .filter(|&k| k < width)
-            .filter_map(|k| delta(f.row * width + k))
-            .fold(None, |m: Option<f32>, d| Some(m.map_or(d, |m| m.max(d))));
-        let too_little = |keys: f32| match (f.margin_ours, f.margin_reference) {
-            // 0.9: room for the rounding of recomputed margins.
-            (Some(mo), Some(mr)) if margins_tell => 2.0 * keys < 0.9 * (mo + mr),
+        let keys: Vec<usize> =
+            f.only_ours.iter().chain(&f.only_reference).filter_map(|&k| usize::try_from(k).ok()).collect();
+        let deltas: Vec<Option<f32>> =
+            keys.iter().map(|&k| (k < width).then(|| delta(f.row * width + k)).flatten()).collect();
+        let Some(moved) = deltas.iter().flatten().copied().reduce(f32::max) else { continue };
+        let too_little = match f.margin_ours.zip(f.margin_reference) {
+            Some((mo, mr))
+                if testable
+                    && !f.only_ours.is_empty()
+                    && !f.only_reference.is_empty()
+                    && deltas.iter().all(Option::is_some)
+                    && mo.is_finite()
+                    && mr.is_finite()
+                    && (mo + mr) as f64 >= near_tie =>
+            {
+                // 0.9: room for the rounding of the margins themselves.
+                2.0 * moved < 0.9 * (mo + mr)
+            }
             _ => false,
         };
-        f.moved = moved.map(|keys| Movement { keys, noise, too_little: too_little(keys) });
+        f.moved = Some(Movement { keys: moved, noise, too_little });
     }
 }
+
+/// The most score values (per dump) [`add_movement`] reads: 2^26, a 256 MB f32 tensor each
+/// (the `[B, S, S]` scores of 8192 tokens); larger dumps are not measured.
+pub const MOVEMENT_MAX: usize = 1 << 26;
 
 /// [`margins_in`] of the selection that decided `selection` ([`deciding`], with `config`). A
 /// shared-indexer layer reuses its source layer's selection, so the source's margins describe its
@@ -254,18 +282,22 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
     let real_in_noise = flips.iter().filter(|(_, fl)| real(fl) && in_noise(fl)).count();
     let too_little = flips.iter().filter(|(_, fl)| fl.moved.is_some_and(|m| m.too_little)).count();
     let mut out = format!(
-        "{} flips: {} near-tie (both margins < {near_tie:e}), {} real{}, {} of unknown margin\n",
+        "{} flips: {} near-tie (both margins < {near_tie:e}), {} real{}, {} of unknown margin{}\n",
         flips.len(),
         count(Class::NearTie),
         count(Class::Real),
         match flips.iter().any(|(_, fl)| fl.moved.is_some()) {
             true => format!(
                 " ({real_in_noise} of them within the run's score noise: their keys moved no more than the layer's \
-                 99th percentile; {too_little} flips whose keys moved too little to flip under one rule)"
+                 99th percentile)"
             ),
             false => String::new(),
         },
-        count(Class::Unknown)
+        count(Class::Unknown),
+        match too_little {
+            0 => String::new(),
+            n => format!("; {n} whose experts moved too little to flip under one rule: the rule differs"),
+        }
     );
     for (name, fl) in flips.iter().take(50) {
         let m = |x: Option<f32>| x.map(|v| format!("{v:.3e}")).unwrap_or_else(|| "unknown".into());
@@ -356,53 +388,59 @@ mod tests {
         assert!(lead(&[f32::NAN, 1.0], &[1], 1).is_nan());
     }
 
-    /// A flip's keys against the layer's noise: one whose keys moved past half its two margins
-    /// is one rule's flip (within the noise when no more than the layer's 99th percentile); one
-    /// whose keys barely moved cannot be, so the rule differs.
+    /// A routing flip's experts against the layer's noise: one whose experts moved past half its
+    /// two margins is one rule's flip (within the noise when no more than the layer's 99th
+    /// percentile); one whose experts barely moved cannot be, so the rule (the bias) differs.
     #[test]
-    fn a_flip_whose_keys_did_not_move_enough_has_another_rule() {
+    fn a_flip_whose_experts_did_not_move_enough_has_another_rule() {
         use crate::hooks::Observer;
         use candle_core::{Device, Tensor};
+        let logit = |p: f32| (p / (1.0 - p)).ln();
         let dir = tempfile::tempdir().unwrap();
-        let write = |name: &str, scores: Vec<f32>, topk: Vec<i64>| {
+        let point = HookPoint::Layer(0, LayerHook::TopkIds);
+        let write = |name: &str, scores: [[f32; 3]; 3], topk: Vec<i64>| {
             let path = dir.path().join(name);
             let mut w = crate::dump::DumpWriter::create(&path, crate::hooks::Selector::default(), 3).unwrap();
             let ids = Tensor::from_vec(vec![1i64, 2, 3], (1, 3), &Device::Cpu).unwrap();
             w.observe(HookPoint::InputIds, &ids).unwrap();
-            let scores = Tensor::from_vec(scores, (1, 3, 3), &Device::Cpu).unwrap();
-            w.observe(HookPoint::Layer(0, LayerHook::DsaScores), &scores).unwrap();
-            let topk = Tensor::from_vec(topk, (1, 3, 1), &Device::Cpu).unwrap();
-            w.observe(HookPoint::Layer(0, LayerHook::DsaTopk), &topk).unwrap();
+            let logits: Vec<f32> = scores.iter().flatten().map(|&p| logit(p)).collect();
+            let logits = Tensor::from_vec(logits, (3, 3), &Device::Cpu).unwrap();
+            w.observe(HookPoint::Layer(0, LayerHook::RouterLogits), &logits).unwrap();
+            w.observe(point, &Tensor::from_vec(topk, (3, 1), &Device::Cpu).unwrap()).unwrap();
             w.finish(&crate::dump::metadata("test", None, None)).unwrap();
             Dump::open(&path).unwrap()
         };
-        let ninf = f32::NEG_INFINITY;
-        // Query 1 keeps one of keys 0 and 1; query 2 one of 0, 1, 2.
-        let reference = write("ref.st", vec![0.0, ninf, ninf, 0.5, 0.3, ninf, 0.1, 0.9, 0.2], vec![0, 0, 1]);
-        // Query 1's two scores crossed (0.5/0.3 -> 0.38/0.42): a flip of one rule. Query 2 kept
-        // key 2 though its scores barely moved: no rule of the reference's makes that choice.
-        let ours = write("ours.st", vec![0.0, ninf, ninf, 0.38, 0.42, ninf, 0.1, 0.9, 0.21], vec![0, 1, 2]);
-        let point = HookPoint::Layer(0, LayerHook::DsaTopk);
-        let (ok, detail) = crate::compare::compare_dsa(&[0, 1, 2], &[0, 0, 1], &ours.shape(&point.name()).unwrap());
-        assert!(!ok);
-        let mut c = Comparison { name: point.name(), ok, detail };
-        // Ours chose key 2 of query 2 by a margin (as a rule of its own would record it).
-        let margins = |d: &Dump| margins_in(d, point, None);
-        let (mo, mr) = (vec![f32::INFINITY, 0.04, 0.5], margins(&reference).unwrap());
-        c.set_margins(Some(&mo), Some(&mr));
-        add_movement(&mut c, &ours, &reference, None);
+        // Token 1: experts 0 and 1 crossed (0.6/0.55 -> 0.55/0.6), a flip of one rule. Token 2:
+        // its scores barely moved, yet it took expert 2 over 0, each side by 0.2 (another bias).
+        let reference = write("ref.st", [[0.9, 0.1, 0.1], [0.6, 0.55, 0.1], [0.5, 0.1, 0.45]], vec![0, 0, 0]);
+        let ours = write("ours.st", [[0.9, 0.1, 0.1], [0.55, 0.6, 0.1], [0.5, 0.1, 0.451]], vec![0, 1, 2]);
+        let mut c = crate::compare::compare_tensor(
+            &point.name(),
+            (&crate::dump::Values::I64(vec![0, 1, 2]), &[3, 1]),
+            (&crate::dump::Values::I64(vec![0, 0, 0]), &[3, 1]),
+            None,
+            crate::compare::Tolerance::default(),
+        );
+        c.set_margins(Some(&[0.8, 0.05, 0.2]), Some(&[0.8, 0.05, 0.2]));
+        let flat = Config::from_json(&serde_json::json!({})).unwrap();
+        add_movement(&mut c, &ours, &reference, Some(&flat), 1e-3);
         let Detail::Sets { flips, .. } = &c.detail else { panic!() };
-        let moved: Vec<Movement> = flips.iter().map(|f| f.moved.unwrap()).collect();
         assert_eq!(flips.iter().map(|f| f.row).collect::<Vec<_>>(), [1, 2]);
-        approx::assert_abs_diff_eq!(moved[0].keys, 0.12, epsilon = 1e-6); // key 0: 0.5 -> 0.38
-        assert!(!moved[0].too_little, "0.12 >= (0.04 + 0.2) / 2: one rule can flip it");
-        approx::assert_abs_diff_eq!(moved[1].keys, 0.01, epsilon = 1e-6); // key 2: 0.2 -> 0.21
-        assert!(moved[1].too_little, "0.01 < (0.5 + 0.7) / 2");
-        // The noise: the 99th percentile of the 6 causal scores' changes, the largest here.
-        approx::assert_abs_diff_eq!(moved[0].noise, 0.12, epsilon = 1e-6);
+        let moved: Vec<Movement> = flips.iter().map(|f| f.moved.unwrap()).collect();
+        approx::assert_abs_diff_eq!(moved[0].keys, 0.05, epsilon = 1e-5);
+        assert!(!moved[0].too_little, "0.05 >= (0.05 + 0.05) / 2: one rule can flip it");
+        approx::assert_abs_diff_eq!(moved[1].keys, 0.001, epsilon = 1e-5);
+        assert!(moved[1].too_little, "0.001 < (0.2 + 0.2) / 2");
+        // The noise: the 99th percentile of the 9 scores' changes, the largest here.
+        approx::assert_abs_diff_eq!(moved[0].noise, 0.05, epsilon = 1e-5);
         let out = render(&crate::compare::flips(std::slice::from_ref(&c)), 1e-3, "");
-        assert!(out.contains("1 flips whose keys moved too little"), "{out}");
+        assert!(out.contains("; 1 whose experts moved too little to flip under one rule"), "{out}");
         assert!(out.contains("(too little to flip it: the rule differs)"), "{out}");
+        // Without a config saying the routing is flat, nothing is tested.
+        c.set_margins(Some(&[0.8, 0.05, 0.2]), Some(&[0.8, 0.05, 0.2]));
+        add_movement(&mut c, &ours, &reference, None, 1e-3);
+        let Detail::Sets { flips, .. } = &c.detail else { panic!() };
+        assert!(flips.iter().all(|f| f.moved.is_some_and(|m| !m.too_little)));
     }
 
     /// Recomputed from a transformers-style dump (scores, no margin): query 2's exact tie between

@@ -2,7 +2,8 @@
 //! how many of its tensors are outside the tolerance, and its routing and DSA flips by class.
 //! Where every layer is somewhat off (a quantised twin, a bf16 port) the first divergence is
 //! layer 0's rounding; the table marks where to look for a bug: a layer whose output error jumps
-//! against the one before, and one whose flips its scores did not move enough to make.
+//! against the one before, and (in `diff`, which measures flips against both dumps' scores:
+//! `flips::add_movement`) one whose flips its scores did not move enough to make.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;

@@ -604,7 +604,7 @@ fn the_by_layer_lines_mark_a_bug_under_rounding_noise() {
     let marked: Vec<&str> = out.lines().filter(|l| l.contains("cannot explain: the rule differs")).collect();
     assert_eq!(marked.len(), 1, "{out}");
     assert!(marked[0].trim_start().starts_with("3 "), "{out}");
-    assert!(!out.lines().any(|l| l.contains("layers.3.dsa") && l.contains("the rule differs")), "{out}");
+    assert!(!out.lines().any(|l| l.contains(".dsa.topk") && l.contains("the rule differs")), "{out}");
     let clean = diff(&port, &golden("flat").join("reference.safetensors"));
-    assert!(clean.contains("0 flips whose keys moved too little") && !clean.contains("the rule differs"), "{clean}");
+    assert!(clean.contains("within the run's score noise") && !clean.contains("the rule differs"), "{clean}");
 }
