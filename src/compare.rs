@@ -159,6 +159,13 @@ pub struct Movement {
     pub too_little: bool,
 }
 
+impl Flip {
+    /// Whether its keys' scores moved too little for one rule to flip it (`Movement`).
+    pub fn unexplained(&self) -> bool {
+        self.moved.is_some_and(|m| m.too_little)
+    }
+}
+
 #[cfg(test)]
 impl Flip {
     /// Row 0 of a selection of two, one key swapped (1 ours, 2 the reference's), with `margins`.

@@ -196,8 +196,8 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     })
 }
 
-fn f(x: f64) -> Value {
-    // JSON has no Inf/NaN: spell them as strings.
+/// A number for JSON, which has no Inf or NaN: those spelled as strings.
+pub(crate) fn json_number(x: f64) -> Value {
     if x.is_finite() {
         json!(x)
     } else {
@@ -206,7 +206,7 @@ fn f(x: f64) -> Value {
 }
 
 fn opt_f(x: Option<f32>) -> Value {
-    x.map(|v| f(v as f64)).unwrap_or(Value::Null)
+    x.map(|v| json_number(v as f64)).unwrap_or(Value::Null)
 }
 
 pub fn comparison_json(c: &Comparison, near_tie: f64) -> Value {
@@ -227,10 +227,10 @@ pub fn comparison_json(c: &Comparison, near_tie: f64) -> Value {
             scale,
         } => {
             json!({
-                "kind": "float", "max_abs": f(*max_abs), "worst_at": worst_at, "first_outside_at": first_at,
-                "ours": f(*ours as f64),
-                "reference": f(*reference as f64), "max_rel": f(*max_rel), "mean_abs": f(*mean_abs), "nmse": f(*nmse),
-                "cosine": f(*cosine), "scale": f(*scale), "outside_tolerance": bad, "elements": total,
+                "kind": "float", "max_abs": json_number(*max_abs), "worst_at": worst_at, "first_outside_at": first_at,
+                "ours": json_number(*ours as f64),
+                "reference": json_number(*reference as f64), "max_rel": json_number(*max_rel), "mean_abs": json_number(*mean_abs), "nmse": json_number(*nmse),
+                "cosine": json_number(*cosine), "scale": json_number(*scale), "outside_tolerance": bad, "elements": total,
             })
         }
         Detail::Exact { elements, differing } => json!({
@@ -240,10 +240,10 @@ pub fn comparison_json(c: &Comparison, near_tie: f64) -> Value {
             })).collect::<Vec<_>>(),
         }),
         Detail::Sets { rows, mean_recall, min_recall, flips } => json!({
-            "kind": "sets", "rows": rows, "mean_recall": f(*mean_recall), "min_recall": f(*min_recall),
+            "kind": "sets", "rows": rows, "mean_recall": json_number(*mean_recall), "min_recall": json_number(*min_recall),
             "flips": flips.iter().map(|fl| json!({
                 "row": fl.row, "at": fl.at, "only_ours": fl.only_ours, "only_reference": fl.only_reference,
-                "recall": f(fl.recall), "margin_ours": opt_f(fl.margin_ours),
+                "recall": json_number(fl.recall), "margin_ours": opt_f(fl.margin_ours),
                 "margin_reference": opt_f(fl.margin_reference),
                 "keys_moved": opt_f(fl.moved.map(|m| m.keys)), "layer_score_noise_p99": opt_f(fl.moved.map(|m| m.noise)),
                 "moved_too_little": fl.moved.map(|m| m.too_little),

@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::diff::{floats, ints};
 use crate::dump::Dump;
 use crate::hooks::{HookPoint, LayerHook};
-use crate::model::moe::{route, sigmoid, RouterConfig};
+use crate::model::moe::{choice_scores, route, sigmoid, RouterConfig};
 
 /// How close the decision a flip overturned was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +40,15 @@ impl Class {
             // One small margin, the other side's unknown (or neither known): it could be either.
             _ => Class::Unknown,
         }
+    }
+
+    /// Counts by class, in the order near-tie, real, unknown.
+    pub fn counts<'a>(flips: impl IntoIterator<Item = &'a Flip>, near_tie: f64) -> [usize; 3] {
+        let mut c = [0; 3];
+        for f in flips {
+            c[Class::of(f, near_tie) as usize] += 1;
+        }
+        c
     }
 
     pub fn label(self) -> &'static str {
@@ -96,8 +105,8 @@ pub fn margins_in(d: &Dump, selection: HookPoint, router: Option<(&RouterConfig,
                 return None;
             }
             let rows = logits.chunks_exact(e).zip(chosen.chunks_exact(rc.top_k));
-            if rc.n_group <= 1 || rc.topk_group >= rc.n_group {
-                let choice = |l: &[f32]| l.iter().zip(bias).map(|(&l, b)| sigmoid(l) + b).collect::<Vec<f32>>();
+            if rc.is_flat() {
+                let choice = |l: &[f32]| choice_scores(rc, &l.iter().map(|&l| sigmoid(l)).collect::<Vec<_>>(), bias).0;
                 return Some(rows.map(|(l, ids)| lead(&choice(l), ids, rc.top_k)).collect());
             }
             // With groups the experts left out of dropped groups may score above the kept ones:
@@ -190,7 +199,7 @@ pub fn add_movement(c: &mut Comparison, a: &Dump, b: &Dump, config: Option<&Conf
     let at = ((all.len() - 1) as f64 * 0.99).round() as usize;
     let noise = *all.select_nth_unstable_by(at, f32::total_cmp).1;
     drop(all);
-    let testable = !dsa && config.is_some_and(|c| c.n_group <= 1 || c.topk_group >= c.n_group);
+    let testable = !dsa && config.is_some_and(|c| RouterConfig::new(c).is_flat());
     let Detail::Sets { flips, .. } = &mut c.detail else { return };
     for f in flips.iter_mut() {
         let keys: Vec<usize> =
@@ -274,18 +283,18 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
     if flips.is_empty() {
         return String::new();
     }
-    let count = |class| flips.iter().filter(|(_, fl)| Class::of(fl, near_tie) == class).count();
+    let [near, real_count, unknown] = Class::counts(flips.iter().map(|(_, fl)| *fl), near_tie);
     // A real flip whose keys moved no more than most of the layer's scores did is one the run's
     // own noise explains (a quantised twin's), though its margins are past the threshold.
     let in_noise = |fl: &Flip| fl.moved.is_some_and(|m| m.keys <= m.noise && !m.too_little);
     let real = |fl: &Flip| Class::of(fl, near_tie) == Class::Real;
     let real_in_noise = flips.iter().filter(|(_, fl)| real(fl) && in_noise(fl)).count();
-    let too_little = flips.iter().filter(|(_, fl)| fl.moved.is_some_and(|m| m.too_little)).count();
+    let too_little = flips.iter().filter(|(_, fl)| fl.unexplained()).count();
     let mut out = format!(
         "{} flips: {} near-tie (both margins < {near_tie:e}), {} real{}, {} of unknown margin{}\n",
         flips.len(),
-        count(Class::NearTie),
-        count(Class::Real),
+        near,
+        real_count,
         match flips.iter().any(|(_, fl)| fl.moved.is_some()) {
             true => format!(
                 " ({real_in_noise} of them within the run's score noise: their keys moved no more than the layer's \
@@ -293,7 +302,7 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
             ),
             false => String::new(),
         },
-        count(Class::Unknown),
+        unknown,
         match too_little {
             0 => String::new(),
             n => format!("; {n} whose experts moved too little to flip under one rule: the rule differs"),

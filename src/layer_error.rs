@@ -52,22 +52,15 @@ pub fn by_layer(results: &[Comparison], near_tie: f64) -> Vec<LayerError> {
         });
         e.tensors += 1;
         e.off += usize::from(!c.ok);
-        let mut count = |flips: &[crate::compare::Flip], into: &mut [usize; 3]| {
-            for f in flips {
-                e.unexplained += usize::from(f.moved.is_some_and(|m| m.too_little));
-                into[match Class::of(f, near_tie) {
-                    Class::NearTie => 0,
-                    Class::Real => 1,
-                    Class::Unknown => 2,
-                }] += 1;
-            }
-        };
+        if let Detail::Sets { flips, .. } = &c.detail {
+            e.unexplained += flips.iter().filter(|f| f.unexplained()).count();
+        }
         match (&c.detail, hook) {
             (Detail::Float { nmse, cosine, .. }, LayerHook::Output) => {
                 (e.nmse, e.cosine) = (Some(*nmse), Some(*cosine))
             }
-            (Detail::Sets { flips, .. }, LayerHook::TopkIds) => count(flips, &mut e.routing),
-            (Detail::Sets { flips, .. }, LayerHook::DsaTopk) => count(flips, &mut e.dsa),
+            (Detail::Sets { flips, .. }, LayerHook::TopkIds) => e.routing = Class::counts(flips, near_tie),
+            (Detail::Sets { flips, .. }, LayerHook::DsaTopk) => e.dsa = Class::counts(flips, near_tie),
             _ => {}
         }
     }
@@ -134,14 +127,14 @@ pub fn json(layers: &[LayerError]) -> Value {
         .iter()
         .map(|l| json!({
             "layer": l.layer,
-            // NaN and infinite NMSE as strings, as the tensors' lines keep them.
-            "output_nmse": l.nmse.map(|x| if x.is_finite() { json!(x) } else { json!(x.to_string()) }),
-            "output_cosine": l.cosine.map(|x| if x.is_finite() { json!(x) } else { json!(x.to_string()) }),
+            // NaN and infinite numbers as strings, as the tensors' lines keep them.
+            "output_nmse": l.nmse.map(crate::diff::json_number),
+            "output_cosine": l.cosine.map(crate::diff::json_number),
             "tensors_off": l.off,
             "tensors": l.tensors,
             "routing_flips": classes(l.routing),
             "dsa_flips": classes(l.dsa),
-            "nmse_jump": jump.filter(|(i, _)| *i == l.layer).map(|(_, f)| f),
+            "nmse_jump": jump.filter(|(i, _)| *i == l.layer).map(|(_, f)| crate::diff::json_number(f)),
             "unexplained_flips": l.unexplained,
         }))
         .collect::<Vec<_>>())
@@ -180,6 +173,10 @@ mod tests {
         assert_eq!(marked.len(), 1, "{table}");
         assert!(marked[0].trim_start().starts_with("2 "), "{table}");
         assert_eq!(json(&layers)[2]["nmse_jump"], json!(factor));
+        // From an exact layer to an inexact one the jump is infinite, spelled so in JSON (a bare
+        // infinity would be written as null: no jump).
+        let exact = by_layer(&[output(0, &e, &e), output(1, &off(1e-3), &e)], 1e-3);
+        assert_eq!(json(&exact)[1]["nmse_jump"], json!("inf"));
         // Errors that grow smoothly mark nothing; one layer makes no table.
         assert_eq!(jump(&layers[..2]), None);
         assert_eq!(render(&layers[..1]), "");

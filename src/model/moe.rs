@@ -45,6 +45,12 @@ impl RouterConfig {
             routed_scaling_factor: cfg.routed_scaling_factor as f32,
         }
     }
+
+    /// Whether every group is kept (one group, or `topk_group` of them all): then grouped
+    /// routing is flat routing.
+    pub fn is_flat(&self) -> bool {
+        self.n_group <= 1 || self.topk_group >= self.n_group
+    }
 }
 
 /// Every MoE layer's routing rule and correction bias: what recomputes the margin of a routing
@@ -162,7 +168,7 @@ impl GroupCut {
 pub fn choice_scores(rc: &RouterConfig, scores: &[f32], bias: &[f32]) -> (Vec<f32>, Option<GroupCut>) {
     let e = scores.len();
     let mut choice: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
-    if rc.n_group <= 1 || rc.topk_group >= rc.n_group {
+    if rc.is_flat() {
         return (choice, None);
     }
     let per = e / rc.n_group;
