@@ -71,8 +71,9 @@ impl Checkpoint {
     fn check_scales_pair(&self) -> Result<()> {
         for name in self.names() {
             if let Some(weight) = name.strip_suffix("_scale_inv") {
-                if self.dtype(weight) != Some(Dtype::F8_E4M3) {
-                    let what = self.dtype(weight).map_or("missing".to_string(), |d| format!("{d:?}"));
+                let dtype = self.dtype(weight);
+                if dtype != Some(Dtype::F8_E4M3) {
+                    let what = dtype.map_or("missing".to_string(), |d| format!("{d:?}"));
                     return Err(Error::checkpoint(
                         &self.dir,
                         format!("`{name}` scales `{weight}`, which is {what}: block scales go beside F8_E4M3 weights"),
@@ -159,12 +160,8 @@ impl Checkpoint {
     }
 
     /// A stored-BF16 weight read in place by the few-row decode products (None for other
-    /// dtypes, FP8 included).
+    /// dtypes, FP8 included; a scale beside a bf16 weight is refused at open).
     pub fn bf16_weight(&self, name: &str) -> Option<crate::model::gemv::Bf16Weight> {
-        // A scale beside it means the stored values are not the weight by themselves.
-        if self.scale_name(name).is_some() {
-            return None;
-        }
         self.file(name).ok()?.bf16_weight(name)
     }
 

@@ -108,10 +108,11 @@ pub fn estimate(
     let held = |n: &str| {
         let (stored, bytes) = match ckpt.dtype(n) {
             Some(Dtype::BF16) => (true, 2),
-            Some(Dtype::F8_E4M3) => (fp8_panels && ckpt.scale_name(n).is_some(), if in_place { 1 } else { 2 }),
+            // (Every F8_E4M3 tensor has its scales: `Checkpoint::open` refuses one without.)
+            Some(Dtype::F8_E4M3) => (fp8_panels, if in_place { 1 } else { 2 }),
             _ => (false, 4),
         };
-        let projection = ckpt.shape(n).is_some_and(|s| s.len() >= 2) && !n.ends_with(".gate.weight");
+        let projection = is_matrix(ckpt, n) && !n.ends_with(".gate.weight");
         numel(ckpt, n) * if stored && projection && crate::model::bf16_gemm::available() { bytes } else { 4 }
     };
     // A layer's bytes: (what the CPU holds of its weights, their file pages at up to 2 bytes a

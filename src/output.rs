@@ -63,6 +63,13 @@ pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// The temporary file a write of `path` goes to before its rename (`NAME.PID.tmp`), once what
+/// killed runs left beside it is swept.
+pub fn tmp_sibling(path: &Path) -> PathBuf {
+    sweep_leftovers(path);
+    sibling(path, &format!(".{}.tmp", std::process::id()))
+}
+
 /// Removes the temporary files killed runs left beside `path` (`NAME.PID.partial`,
 /// `NAME.PID.tmp`) whose process is gone: a run killed while writing (a second Ctrl-C, SIGKILL)
 /// cannot remove its own, so the next one writing `path` does.
@@ -101,8 +108,7 @@ pub fn alive(pid: u32) -> bool {
 /// Writes a report file atomically: a temporary file beside it, then a rename. On failure the
 /// temporary file is removed and any earlier file at `path` is left as it was.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    sweep_leftovers(path);
-    let tmp = sibling(path, &format!(".{}.tmp", std::process::id()));
+    let tmp = tmp_sibling(path);
     let result = std::fs::write(&tmp, bytes)
         .map_err(|e| Error::io(&tmp, e))
         .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));

@@ -229,7 +229,6 @@ fn duplicate_key(header: &[u8]) -> Option<String> {
     serde::Deserializer::deserialize_map(&mut de, Keys(None)).ok().flatten()
 }
 
-/// Decodes a stored float tensor to f32.
 /// The float dtypes [`decode_f32`] reads, and the integer ones [`StFile::i64`] reads.
 pub const FLOATS: [Dtype; 5] = [Dtype::F32, Dtype::F64, Dtype::BF16, Dtype::F16, Dtype::F8_E4M3];
 pub const INTS: [Dtype; 3] = [Dtype::I64, Dtype::I32, Dtype::U32];
@@ -239,6 +238,7 @@ pub fn listed(dtypes: &[Dtype]) -> String {
     dtypes.iter().map(|d| format!("{d:?}")).collect::<Vec<_>>().join(", ")
 }
 
+/// Decodes a stored float tensor to f32.
 pub fn decode_f32(dtype: Dtype, bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
     let chunks = |n: usize| bytes.chunks_exact(n);
     Ok(match dtype {
@@ -322,7 +322,7 @@ pub fn write_streaming(
     mut fill: impl FnMut(usize, &mut dyn Write) -> Result<()>,
 ) -> Result<()> {
     let (header, sizes) = header_bytes(path, layout, metadata)?;
-    let tmp = tmp_path(path);
+    let tmp = crate::output::tmp_sibling(path);
     let result = (|| {
         let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
@@ -382,11 +382,6 @@ pub fn header_bytes(
 pub fn write(path: &Path, tensors: &[(String, Entry)], metadata: &BTreeMap<String, String>) -> Result<()> {
     let layout: Vec<_> = tensors.iter().map(|(n, e)| (n.clone(), e.dtype, e.shape.clone())).collect();
     write_streaming(path, &layout, metadata, |i, w| w.write_all(&tensors[i].1.data).map_err(|e| Error::io(path, e)))
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    crate::output::sweep_leftovers(path);
-    crate::output::sibling(path, &format!(".{}.tmp", std::process::id()))
 }
 
 struct CountingWriter<'a> {
