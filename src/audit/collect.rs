@@ -262,12 +262,16 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<()
         }
         // Routing made from NaN gate logits is counted as recorded, but said: its experts are
         // the NaNs' (they rank first), not a model's choice.
-        let logits = format!("layers.{i}.moe.router_logits");
-        if let Ok((Values::F32(v), shape)) = d.values(&logits) {
-            if let Some(at) = v.iter().position(|x| x.is_nan()).map(|i| crate::compare::coord(&shape, i)) {
+        let name_logits = format!("layers.{i}.moe.router_logits");
+        let logits = match d.values(&name_logits) {
+            Ok((Values::F32(v), shape)) => Some((v, shape)),
+            _ => None,
+        };
+        if let Some((v, shape)) = &logits {
+            if let Some(at) = v.iter().position(|x| x.is_nan()).map(|i| crate::compare::coord(shape, i)) {
                 let path = d.path.display();
                 eprintln!(
-                    "glimpse: warning: {path}: `{logits}` holds NaN at {at:?}: its routing is counted as recorded"
+                    "glimpse: warning: {path}: `{name_logits}` holds NaN at {at:?}: its routing is counted as recorded"
                 );
             }
         }
@@ -275,7 +279,7 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<()
             Ok((Values::I64(f), _)) => Some(f),
             // A dump without the flags (e.g. a transformers reference) still has the router
             // logits: with the checkpoint's bias, decide what the bias changed.
-            _ => bias_changed_from_logits(routers, d, i, rows)?,
+            _ => bias_changed_from_logits(routers, d, i, rows, logits.as_ref())?,
         };
         audit.add(i, &ids, k, flags.as_deref()).map_err(|e| Error::dump(&d.path, format!("`{name}` {e}")))?;
     }
@@ -309,17 +313,16 @@ fn largest_id(dumps: &[PathBuf]) -> Result<usize> {
 }
 
 /// Per token of `layer` (`rows` of them), whether the correction bias changed its expert set,
-/// from the dump's router logits and the checkpoint's routers; None when either is missing.
+/// from the dump's router `logits` (with their shape) and the checkpoint's routers; None when
+/// either is missing.
 fn bias_changed_from_logits(
     routers: Option<&Routers>,
     d: &Dump,
     layer: usize,
     rows: usize,
+    logits: Option<&(Vec<f32>, Vec<usize>)>,
 ) -> Result<Option<Vec<i64>>> {
-    let Some((rc, bias)) = routers.and_then(|r| r.layer(layer)) else {
-        return Ok(None);
-    };
-    let Ok((Values::F32(logits), shape)) = d.values(&format!("layers.{layer}.moe.router_logits")) else {
+    let (Some((rc, bias)), Some((logits, shape))) = (routers.and_then(|r| r.layer(layer)), logits) else {
         return Ok(None);
     };
     let e = bias.len();

@@ -251,7 +251,7 @@ impl Audit {
         for (total, this) in l.counts.iter_mut().zip(run) {
             *total += this;
         }
-        l.tokens += (ids.len() / k.max(1)) as u64;
+        l.tokens += rows as u64;
         if let Some(flags) = bias_changed {
             *l.bias_changed.get_or_insert(0) += flags.iter().filter(|&&f| f != 0).count() as u64;
             l.bias_known += flags.len() as u64;

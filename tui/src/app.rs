@@ -291,7 +291,8 @@ impl App {
 /// The first token (batch rows flattened) from `from` on whose DSA selection in `layer` differs
 /// from the reference.
 fn next_dsa_flip(src: &dyn Source, layer: usize, from: usize) -> Option<usize> {
-    let seq = src.dsa(layer, 0)?.seq.max(1);
+    // (The batch row being drawn: `Source::dsa` keeps its last one, which row 0 would evict.)
+    let seq = src.dsa(layer, from)?.seq.max(1);
     let mut start = from - from % seq;
     while start < src.tokens() {
         let m = src.dsa(layer, start)?;
