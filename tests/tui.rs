@@ -226,13 +226,15 @@ fn edited_reference(path: &Path, edit: impl Fn(&str, &mut Vec<f32>)) -> Dump {
 }
 
 /// Non-finite values are shown as such: the run's first NaN whole above the layers at 80
-/// columns, an all-NaN tensor's statistics as NaN (not zeros), a NaN latent norm as `!` while
-/// the layer's other tokens keep their shades; and the worst elements are elements that differ.
+/// columns, an all-NaN tensor's statistics as NaN (not zeros), a NaN or infinite latent norm as
+/// `!` while the layer's other tokens keep their shades; and the worst elements are elements that differ.
 #[test]
 fn nan_and_inf_are_shown_as_such() {
     let tmp = tempfile::tempdir().unwrap();
     let ours = edited_reference(&tmp.path().join("nan.st"), |name, v| match name {
-        "layers.2.attn.kv_latent" => v[4 * 32] = f32::NAN, // token 4 (kv_lora_rank 32)
+        // Token 4 NaN, token 5 infinite (kv_lora_rank 32): an Inf among the norms would
+        // flatten the layer's other tokens to one shade if the scale took it.
+        "layers.2.attn.kv_latent" => (v[4 * 32], v[5 * 32]) = (f32::NAN, f32::INFINITY),
         "layers.3.input_norm" => v.iter_mut().for_each(|x| *x = f32::NAN),
         "layers.1.attn.out" => v[7] += 0.05,
         _ => {}
@@ -255,7 +257,7 @@ fn nan_and_inf_are_shown_as_such() {
     app.set_view(View::KvNorms);
     let s = screen(&app, &src, 80, 24);
     let cells: String = line_with(&s, "│layer 2 ").chars().skip(11).take(32).collect();
-    assert_eq!(cells.chars().nth(4), Some('!'), "{s}");
+    assert_eq!((cells.chars().nth(4), cells.chars().nth(5)), (Some('!'), Some('!')), "{s}");
     assert!(cells.chars().filter(|&c| c != ' ').count() > 16, "the other tokens keep their shades: {s}");
 }
 
