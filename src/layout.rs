@@ -24,11 +24,14 @@ pub struct WeightSpec {
     pub kind: Kind,
 }
 
+/// The decoder layer a checkpoint tensor belongs to (`model.layers.{i}.…`), if any.
+pub fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+}
+
 /// The block a tensor name belongs to, for per-block parameter counts.
 pub fn block_of(name: &str, num_layers: usize) -> &'static str {
-    let layer: Option<usize> =
-        name.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|i| i.parse().ok());
-    if layer.is_some_and(|i| i >= num_layers) {
+    if layer_of(name).is_some_and(|i| i >= num_layers) {
         return "mtp layer";
     }
     match name {

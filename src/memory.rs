@@ -220,8 +220,7 @@ pub fn check_generate(
     let cache = 4 * c.cache_values_per_token(mtp).0 as u64 * fed;
     let hidden = 4 * b * prompt as u64 * c.hidden_size as u64;
     est.activations += cache + hidden + 4 * 2 * threads * crate::model::attention::BLOCK as u64 * fed;
-    let layer_of = |n: &str| n.strip_prefix("model.layers.")?.split('.').next()?.parse::<usize>().ok();
-    let projection = |n: &&str| layer_of(n).is_some_and(|i| layers.contains(&i)) && is_matrix(ckpt, n);
+    let projection = |n: &&str| crate::layout::layer_of(n).is_some_and(|i| layers.contains(&i)) && is_matrix(ckpt, n);
     let absorbed = batch * if chunked { chunk } else { 1 } > crate::model::gemv::MAX_ROWS;
     for name in ckpt.names().filter(projection) {
         est.weights += match ckpt.dtype(name) {
