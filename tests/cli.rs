@@ -436,7 +436,18 @@ fn audit_refuses_twice_the_same_dump_and_other_models_dumps() {
     let diff: serde_json::Value = serde_json::from_str(&diff).unwrap();
     let shift = json["shift"].as_array().unwrap();
     assert!(shift.iter().any(|l| l["tokens_changed"].as_u64() > Some(0)), "some tokens changed experts: {shift:?}");
+    // Counted here from the two dumps' expert ids, row by row.
+    let ids = |file: &str, name: &str| match glimpse::dump::Dump::open(Path::new(file)).unwrap().values(name).unwrap() {
+        (glimpse::dump::Values::I64(v), shape) => (v, shape[shape.len() - 1]),
+        _ => panic!("{name}: expert ids"),
+    };
     for layer in shift {
+        let name = format!("layers.{}.moe.topk_ids", layer["layer"]);
+        let ((a, k), (b, _)) = (ids("golden/flat/bf16-port.safetensors", &name), ids(flat, &name));
+        let only_ours: Vec<usize> =
+            a.chunks(k).zip(b.chunks(k)).map(|(x, y)| x.iter().filter(|e| !y.contains(e)).count()).collect();
+        assert_eq!(layer["tokens_changed"], only_ours.iter().filter(|&&n| n > 0).count(), "{name}");
+        assert_eq!(layer["slots_changed"], only_ours.iter().sum::<usize>(), "{name}");
         let name = format!("layers.{}.moe.topk_ids", layer["layer"]);
         let t = diff["tensors"].as_array().unwrap().iter().find(|t| t["name"] == name.as_str()).unwrap();
         let flips = t["flips"].as_array().unwrap();

@@ -102,6 +102,21 @@ fn flipped_row_ids(layer: usize, name: &str) -> Vec<usize> {
     a.chunks(k).zip(b.chunks(k)).enumerate().filter(|(r, (x, y))| set(x, *r) != set(y, *r)).map(|(r, _)| r).collect()
 }
 
+/// Row `row` of `layer`'s routing in `d`, its margin as its own decision: the lowest biased
+/// score (`sigmoid(logit) + bias`) it chose minus the highest it left out.
+fn routing_margin(d: &Dump, layer: usize, row: usize, bias: &[f32]) -> f32 {
+    use glimpse::dump::Values;
+    let e = bias.len();
+    let (Values::F32(logits), _) = d.values(&format!("layers.{layer}.moe.router_logits")).unwrap() else { panic!() };
+    let (Values::I64(ids), shape) = d.values(&format!("layers.{layer}.moe.topk_ids")).unwrap() else { panic!() };
+    let k = shape[shape.len() - 1];
+    let chosen = &ids[row * k..][..k];
+    let score = |j: usize| 1.0 / (1.0 + (-logits[row * e + j]).exp()) + bias[j];
+    let (kept, left): (Vec<usize>, Vec<usize>) = (0..e).partition(|&j| chosen.contains(&(j as i64)));
+    let low = kept.iter().map(|&j| score(j)).fold(f32::INFINITY, f32::min);
+    low - left.iter().map(|&j| score(j)).fold(f32::NEG_INFINITY, f32::max)
+}
+
 /// The state a session opens in, moved to layer `i`'s row (the embeddings row is above layer 0).
 fn at_layer(src: &dyn Source, i: usize) -> App {
     App { layer: row_of(src, i), ..App::new(src) }
@@ -814,13 +829,30 @@ fn narrow_screens_drop_columns_rather_than_cut_numbers() {
     let s = screen(&app, &src, 60, 14);
     assert!(s.contains("vs ref") && s.contains("margin (ref)") && !s.contains("experts"), "{s}");
     let (ours, theirs) = port_dumps();
-    let opts = DiffOptions { routers: port_options().routers, ..Default::default() };
-    let report = glimpse::diff::diff(&ours, &theirs, &opts).unwrap();
+    let report = glimpse::diff::diff(&ours, &theirs, &port_options()).unwrap();
     let c = report.results.iter().find(|c| c.name == "layers.2.moe.topk_ids").unwrap();
     let glimpse::compare::Detail::Sets { flips, .. } = &c.detail else { panic!("a selection") };
     let f = flips.iter().find(|f| f.row == flip.token).unwrap();
     let both = format!("{:.2e} ({:.2e})", f.margin_ours.unwrap(), f.margin_reference.unwrap());
     assert!(line_with(&s, &format!("s{} #", flip.token)).contains(&both), "{both} in {s}");
+    // And those margins are each dump's own: the reference's its lowest chosen biased score
+    // minus its highest left out, computed here from its gate logits and the checkpoint's bias;
+    // the port's the one it recorded (`moe.margin`, from its bf16 arithmetic: within 1e-3 of the
+    // same computed in f32).
+    let bias = Routers::read(&Checkpoint::open(&flat()).unwrap()).unwrap().bias[&2].clone();
+    let own = |d: &Dump| routing_margin(d, 2, flip.token, &bias);
+    assert!(
+        (f.margin_reference.unwrap() - own(&theirs)).abs() < 1e-6,
+        "{} against {}",
+        f.margin_reference.unwrap(),
+        own(&theirs)
+    );
+    let recorded = match ours.values("layers.2.moe.margin").unwrap() {
+        (glimpse::dump::Values::F32(v), _) => v[flip.token],
+        _ => panic!("margins are floats"),
+    };
+    assert_eq!(f.margin_ours, Some(recorded));
+    assert!((recorded - own(&ours)).abs() < 1e-3, "{recorded} against {}", own(&ours));
     app.token = 0;
     let s = screen(&app, &src, 60, 14);
     let margin = format!("{:.2e}", routes[0].margin.unwrap());
