@@ -8,6 +8,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use glimpse::bench::median;
 use glimpse::diff::DiffOptions;
 use glimpse::dump::{self, Dump, DumpWriter};
 use glimpse::hooks::{HookPoint, LayerHook, Observer, Selector};
@@ -35,10 +36,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     w.observe(HookPoint::Layer(0, LayerHook::DsaTopk), &Tensor::from_vec(idx, (1, s, k), &Device::Cpu)?)?;
     w.finish(&dump::metadata("tui_dsa_redraw", None, None))?;
 
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let (mut first, mut next) = (Vec::new(), Vec::new());
     for _ in 0..5 {
         let src = DumpSource::new("t".into(), Dump::open(&path)?, Some(Dump::open(&path)?), &DiffOptions::default())?;
@@ -53,7 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     println!("DSA view, {s} queries keeping {k} keys, 160 x 48:");
-    println!("  first draw (reads the selection): {:.3} s", median(first));
-    println!("  next token in the same batch row: {:.3} s", median(next));
+    println!("  first draw (reads the selection): {:.3} s", median(&first));
+    println!("  next token in the same batch row: {:.3} s", median(&next));
     Ok(())
 }

@@ -76,15 +76,20 @@ pub fn tmp_sibling(path: &Path) -> PathBuf {
 pub fn sweep_leftovers(path: &Path) {
     let (Some(name), Some(dir)) = (path.file_name().and_then(|n| n.to_str()), path.parent()) else { return };
     let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    sweep(dir, |file| {
+        let rest = file.strip_prefix(name)?.strip_prefix('.')?;
+        rest.strip_suffix(".partial").or_else(|| rest.strip_suffix(".tmp"))?.parse().ok()
+    });
+}
+
+/// Removes the files of `dir` whose name `pid_of` reads a process id from, where that process
+/// is gone (not this one).
+pub fn sweep(dir: &Path, pid_of: impl Fn(&str) -> Option<u32>) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
-        let file = entry.file_name();
-        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(name)?.strip_prefix('.')) else { continue };
-        let pid = rest.strip_suffix(".partial").or_else(|| rest.strip_suffix(".tmp"));
-        if let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) {
-            if pid != std::process::id() && !alive(pid) {
-                let _ = std::fs::remove_file(entry.path());
-            }
+        let pid = entry.file_name().to_str().and_then(&pid_of);
+        if pid.is_some_and(|pid| pid != std::process::id() && !alive(pid)) {
+            let _ = std::fs::remove_file(entry.path());
         }
     }
 }

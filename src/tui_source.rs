@@ -59,16 +59,7 @@ const LIVE_PREFIX: &str = "glimpse-tui-";
 /// Removes the temporary dumps of live runs whose process is gone: a TUI killed during its
 /// prefill (or by SIGKILL) cannot remove its own, so the next one does.
 pub fn sweep_live_dumps(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let pid = name.strip_prefix(LIVE_PREFIX).map(|rest| rest.split(['-', '.']).next().unwrap_or(""));
-        if let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) {
-            if pid != std::process::id() && !crate::output::alive(pid) {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-    }
+    crate::output::sweep(dir, |name| name.strip_prefix(LIVE_PREFIX)?.split(['-', '.']).next()?.parse().ok());
 }
 
 /// The row of the layers view a tensor belongs to: its layer (a name of another tool's under
