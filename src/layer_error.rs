@@ -35,6 +35,11 @@ pub struct LayerError {
 /// Output NMSE growing by at least this factor over the layer before marks the layer.
 const JUMP: f64 = 10.0;
 
+/// NMSE at or below this is f32 rounding's level (about 1e-6 of the values' scale, a few ulps
+/// grown over layers): a jump is measured from here at least, so a port whose first layers are
+/// bit-exact does not get its first rounding error marked as an infinite jump.
+const NMSE_FLOOR: f64 = 1e-12;
+
 /// `results` summed up by decoder layer, in order (flips classed at `near_tie`).
 pub fn by_layer(results: &[Comparison], near_tie: f64) -> Vec<LayerError> {
     let mut layers: BTreeMap<usize, LayerError> = BTreeMap::new();
@@ -67,23 +72,27 @@ pub fn by_layer(results: &[Comparison], near_tie: f64) -> Vec<LayerError> {
     layers.into_values().collect()
 }
 
-/// The layer whose output NMSE grew the most over the layer before, when by [`JUMP`] or more,
-/// with the factor.
-pub fn jump(layers: &[LayerError]) -> Option<(usize, f64)> {
+/// A layer whose output NMSE grew by [`JUMP`] or more over the layer before's (or over
+/// [`NMSE_FLOOR`], where the layer before was below it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Jump {
+    pub layer: usize,
+    pub factor: f64,
+    /// The layer before's NMSE, when it was below [`NMSE_FLOOR`] (the factor is over the floor).
+    pub from_rounding: Option<f64>,
+}
+
+/// Every layer that jumps: two bugs make two jumps.
+pub fn jumps(layers: &[LayerError]) -> Vec<Jump> {
     layers
         .windows(2)
         .filter_map(|w| {
             let (before, now) = (w[0].nmse?, w[1].nmse?);
-            let factor = if before > 0.0 {
-                now / before
-            } else if now > 0.0 {
-                f64::INFINITY
-            } else {
-                1.0
-            };
-            (factor >= JUMP).then_some((w[1].layer, factor))
+            let factor = now / before.max(NMSE_FLOOR);
+            let from_rounding = (before < NMSE_FLOOR).then_some(before);
+            (factor >= JUMP).then_some(Jump { layer: w[1].layer, factor, from_rounding })
         })
-        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .collect()
 }
 
 /// The table, for two or more layers (one says nothing the tensor lines do not).
@@ -95,7 +104,7 @@ pub fn render(layers: &[LayerError]) -> String {
         "by layer (output nmse and cosine; tensors outside the tolerance; flips near-tie/real/unknown):\n\
          layer  output nmse  cosine      off       routing flips  dsa flips\n",
     );
-    let jump = jump(layers);
+    let jumps = jumps(layers);
     let num = |x: Option<f64>, f: &dyn Fn(f64) -> String| x.map_or("-".to_string(), f);
     let flips = |c: [usize; 3]| if c == [0; 3] { "0".to_string() } else { format!("{}/{}/{}", c[0], c[1], c[2]) };
     for l in layers {
@@ -109,8 +118,17 @@ pub fn render(layers: &[LayerError]) -> String {
             flips(l.routing),
             flips(l.dsa)
         );
-        if let Some((_, factor)) = jump.filter(|(i, _)| *i == l.layer) {
-            let _ = write!(out, "   <- nmse x{factor:.0} over the layer before");
+        match jumps.iter().find(|j| j.layer == l.layer) {
+            Some(Jump { factor, from_rounding: None, .. }) => {
+                let _ = write!(out, "   <- nmse x{factor:.0} over the layer before");
+            }
+            Some(Jump { factor, from_rounding: Some(before), .. }) => {
+                let _ = write!(
+                    out,
+                    "   <- nmse x{factor:.0} over rounding's level {NMSE_FLOOR:.0e} (the layer before: {before:.1e})"
+                );
+            }
+            None => {}
         }
         if l.unexplained > 0 {
             let _ = write!(out, "   <- {} flips its scores' change cannot explain: the rule differs", l.unexplained);
@@ -122,7 +140,7 @@ pub fn render(layers: &[LayerError]) -> String {
 
 pub fn json(layers: &[LayerError]) -> Value {
     let classes = |c: [usize; 3]| json!({"near_tie": c[0], "real": c[1], "unknown": c[2]});
-    let jump = jump(layers);
+    let jumps = jumps(layers);
     json!(layers
         .iter()
         .map(|l| json!({
@@ -134,7 +152,7 @@ pub fn json(layers: &[LayerError]) -> Value {
             "tensors": l.tensors,
             "routing_flips": classes(l.routing),
             "dsa_flips": classes(l.dsa),
-            "nmse_jump": jump.filter(|(i, _)| *i == l.layer).map(|(_, f)| crate::diff::json_number(f)),
+            "nmse_jump": jumps.iter().find(|j| j.layer == l.layer).map(|j| crate::diff::json_number(j.factor)),
             "unexplained_flips": l.unexplained,
         }))
         .collect::<Vec<_>>())
@@ -165,7 +183,7 @@ mod tests {
         let layers = by_layer(&results, 1e-3);
         assert_eq!(layers.len(), 4);
         assert_eq!(layers.iter().map(|l| (l.off, l.tensors)).collect::<Vec<_>>(), [(1, 1); 4]);
-        let (layer, factor) = jump(&layers).unwrap();
+        let [Jump { layer, factor, from_rounding: None }] = jumps(&layers)[..] else { panic!("{:?}", jumps(&layers)) };
         assert_eq!(layer, 2);
         assert!(factor > 1000.0, "{factor}");
         let table = render(&layers);
@@ -173,12 +191,38 @@ mod tests {
         assert_eq!(marked.len(), 1, "{table}");
         assert!(marked[0].trim_start().starts_with("2 "), "{table}");
         assert_eq!(json(&layers)[2]["nmse_jump"], json!(factor));
-        // From an exact layer to an inexact one the jump is infinite, spelled so in JSON (a bare
-        // infinity would be written as null: no jump).
-        let exact = by_layer(&[output(0, &e, &e), output(1, &off(1e-3), &e)], 1e-3);
-        assert_eq!(json(&exact)[1]["nmse_jump"], json!("inf"));
+        assert_eq!(json(&layers)[1]["nmse_jump"], json!(null));
         // Errors that grow smoothly mark nothing; one layer makes no table.
-        assert_eq!(jump(&layers[..2]), None);
+        assert_eq!(jumps(&layers[..2]), []);
         assert_eq!(render(&layers[..1]), "");
+    }
+
+    /// A port whose first layers are bit-exact: the first rounding error after them is no jump
+    /// (the factor over 0 would be infinite), a bug's error after it is, measured over rounding's
+    /// level; and a second bug further on is marked too.
+    #[test]
+    fn jumps_count_from_rounding_level_and_every_one_is_marked() {
+        let e: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin() + 2.0).collect();
+        let off = |d: f32| e.iter().map(|x| x * (1.0 + d)).collect::<Vec<_>>();
+        let mut rounding = e.clone();
+        rounding[5] = f32::from_bits(rounding[5].to_bits() + 1); // one ulp
+        let results = vec![
+            output(0, &e, &e),
+            output(1, &rounding, &e),
+            output(2, &off(1e-2), &e),
+            output(3, &off(1.1e-2), &e),
+            output(4, &off(0.5), &e),
+        ];
+        let layers = by_layer(&results, 1e-3);
+        assert!(layers[1].nmse.is_some_and(|n| n > 0.0 && n < NMSE_FLOOR), "{:?}", layers[1]);
+        let jumps = jumps(&layers);
+        assert_eq!(jumps.iter().map(|j| j.layer).collect::<Vec<_>>(), [2, 4], "{jumps:?}");
+        assert_eq!(jumps[0].from_rounding, layers[1].nmse);
+        assert!(jumps[0].factor > 1e6 && jumps[0].factor.is_finite(), "{jumps:?}");
+        let table = render(&layers);
+        assert_eq!(table.lines().filter(|l| l.contains("<- nmse x")).count(), 2, "{table}");
+        assert!(table.contains("over rounding's level 1e-12 (the layer before: "), "{table}");
+        assert_eq!(json(&layers)[1]["nmse_jump"], json!(null));
+        assert!(json(&layers)[2]["nmse_jump"].is_number());
     }
 }
