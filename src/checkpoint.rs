@@ -2,7 +2,8 @@
 //! `model.safetensors.index.json`, all memory-mapped. Resolves a tensor name to its shard, decodes
 //! it to f32 and dequantises block-FP8 weights (`weight_scale_inv`, partial edge blocks included).
 //! Shapes are checked by the model builder through [`Loader`], which collects every problem before
-//! failing so a user sees all missing or misshapen tensors at once.
+//! failing so a user sees all missing or misshapen tensors at once (and by the few readers that
+//! take a tensor without building the model, like `Routers::read`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::IsTerminal;

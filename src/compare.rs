@@ -4,6 +4,7 @@
 //! aligned by expert id. Each comparison keeps what a person needs to judge it: the worst element
 //! with its coordinate and both values, or the first row whose set differs.
 
+use crate::config::MAX_EXPERTS;
 use crate::dump::Values;
 
 /// `|a - e| <= atol + rtol * |e|`.
@@ -357,15 +358,19 @@ pub fn compare_dsa(ours: &[i64], reference: &[i64], shape: &[usize]) -> (bool, D
 }
 
 /// What is wrong with a `moe.topk_ids` tensor `[N, k]`, if anything: an id outside
-/// `0..experts` (when the expert count is known; else a negative one), or an expert chosen twice
+/// `0..experts` (when the expert count is known; else outside `0..MAX_EXPERTS`), or an expert chosen twice
 /// by one token. Such a tensor is malformed, not a flip.
 pub fn invalid_expert_ids(ids: &[i64], shape: &[usize], experts: Option<usize>) -> Option<String> {
     let k = shape.last().copied().unwrap_or(1).max(1);
     let row_shape = &shape[..shape.len().saturating_sub(1)];
+    let (bound, known) = (experts.unwrap_or(MAX_EXPERTS), experts.is_some());
     for (r, row) in ids.chunks(k).enumerate() {
         for (j, &id) in row.iter().enumerate() {
-            if id < 0 || experts.is_some_and(|e| id as u64 >= e as u64) {
-                let range = experts.map_or("0 and up".to_string(), |e| format!("0-{}", e.saturating_sub(1)));
+            if id < 0 || id as u64 >= bound as u64 {
+                let range = match known {
+                    true => format!("0-{}", bound.saturating_sub(1)),
+                    false => format!("0-{} (the most glimpse reads)", MAX_EXPERTS - 1),
+                };
                 return Some(format!(
                     "holds expert id {id} at {:?}, outside the experts {range}",
                     coord(shape, r * k + j)
@@ -522,7 +527,9 @@ mod tests {
         let msg = invalid_expert_ids(&[0, 1, 2, 9, 1, 0], &shape, Some(4)).unwrap();
         assert_eq!(msg, "holds expert id 9 at [1, 1], outside the experts 0-3");
         let msg = invalid_expert_ids(&[0, 1, -2, 3, 1, 0], &shape, None).unwrap();
-        assert_eq!(msg, "holds expert id -2 at [1, 0], outside the experts 0 and up");
+        assert_eq!(msg, "holds expert id -2 at [1, 0], outside the experts 0-65535 (the most glimpse reads)");
+        let msg = invalid_expert_ids(&[0, 1, 1 << 16, 3, 1, 0], &shape, None).unwrap();
+        assert_eq!(msg, "holds expert id 65536 at [1, 0], outside the experts 0-65535 (the most glimpse reads)");
         let msg = invalid_expert_ids(&[0, 1, 2, 3, 1, 1], &shape, None).unwrap();
         assert_eq!(msg, "chooses expert 1 twice for token [2]");
     }

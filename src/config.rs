@@ -9,6 +9,10 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
+/// The most routed experts glimpse reads (GLM-5 has 256): a config, a dump's router or its
+/// expert ids past it are refused, so neither can make us allocate on its word.
+pub const MAX_EXPERTS: usize = 1 << 16;
+
 /// How a layer's feed-forward block is built (`mlp_layer_types`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MlpKind {
@@ -303,7 +307,7 @@ impl Config {
             ("intermediate_size", self.intermediate_size, 1 << 20),
             ("moe_intermediate_size", self.moe_intermediate_size, 1 << 20),
             ("num_attention_heads", self.num_attention_heads, 1 << 12),
-            ("n_routed_experts", self.n_routed_experts, 1 << 16),
+            ("n_routed_experts", self.n_routed_experts, MAX_EXPERTS),
             ("q_lora_rank", self.q_lora_rank, 1 << 18),
             ("kv_lora_rank", self.kv_lora_rank, 1 << 18),
             ("qk_nope_head_dim", self.qk_nope_head_dim, 1 << 14),
@@ -581,6 +585,10 @@ fn rope(f: &Fields) -> Result<Rope> {
                 Some(v) => as_f64(&key("factor"), v)?,
                 None => return Err(Error::config(key("factor"), "required for yarn")),
             };
+            // (transformers would divide by it: every attention output NaN.)
+            if factor <= 0.0 {
+                return Err(Error::config(key("factor"), format!("must be positive, got {factor}")));
+            }
             let max_pos = f.usize_or("max_position_embeddings", 202752)? as f64;
             // A top-level `original_max_position_embeddings` wins, as in transformers.
             let original = match f
@@ -754,6 +762,10 @@ mod tests {
         let yarn = serde_json::json!({ "rope_type": "yarn", "factor": 4.0, "rope_theta": 5e5 });
         let rope = read(serde_json::json!({ "rope_scaling": {}, "rope_parameters": yarn })).unwrap().rope;
         assert!(matches!(rope, Rope::Yarn(ref y) if y.factor == 4.0 && y.theta == 5e5), "{rope:?}");
+        for factor in [0.0, -2.0] {
+            let e = read(serde_json::json!({ "rope_scaling": { "rope_type": "yarn", "factor": factor } })).unwrap_err();
+            assert!(e.contains("rope_scaling.factor") && e.contains("must be positive"), "{e}");
+        }
         let nested = serde_json::json!({ "rope_parameters": { "full_attention": { "rope_type": "default" } } });
         let e = read(nested).unwrap_err();
         assert!(e.contains("rope_parameters.full_attention") && e.contains("nested"), "{e}");

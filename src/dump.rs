@@ -138,16 +138,38 @@ impl Dump {
         })
     }
 
-    /// The tokens the dump was produced from (`input_ids`, [B, S]).
-    /// A recorded DSA selection (`layers.{i}.dsa.topk`), to replay or start a window from.
-    pub fn selection(&self, name: &str) -> Result<crate::model::indexer::Selection> {
+    /// A hidden state to start or isolate a layer from: a float tensor of shape `want`
+    /// ([B, S, hidden] of the run it feeds).
+    pub fn hidden(&self, name: &str, want: [usize; 3]) -> Result<Tensor> {
+        let (Values::F32(v), shape) = self.values(name)? else {
+            return Err(Error::dump(&self.path, format!("`{name}` must be a float tensor")));
+        };
+        if shape != want {
+            return Err(Error::dump(
+                &self.path,
+                format!("`{name}` is {shape:?}; the run it feeds needs [batch, seq, hidden] = {want:?}"),
+            ));
+        }
+        Ok(Tensor::from_vec(v, shape, &candle_core::Device::Cpu)?)
+    }
+
+    /// A recorded DSA selection (`layers.{i}.dsa.topk`), to replay or start a window from, for a
+    /// run of `batch` x `seq` tokens.
+    pub fn selection(&self, name: &str, batch: usize, seq: usize) -> Result<crate::model::indexer::Selection> {
         let (Values::I64(idx), shape) = self.values(name)? else {
             return Err(Error::dump(&self.path, format!("`{name}` must be an integer tensor")));
         };
-        crate::model::indexer::Selection::from_i64(&idx, &shape)
-            .ok_or_else(|| Error::dump(&self.path, format!("`{name}` must be [B, S, K], got {shape:?}")))
+        match shape[..] {
+            [b, s, _] if (b, s) == (batch, seq) => Ok(crate::model::indexer::Selection::from_i64(&idx, &shape)
+                .ok_or_else(|| Error::dump(&self.path, format!("`{name}` must be [B, S, K], got {shape:?}")))?),
+            _ => Err(Error::dump(
+                &self.path,
+                format!("`{name}` is {shape:?}; the run needs [batch, seq, K] with batch {batch}, seq {seq}"),
+            )),
+        }
     }
 
+    /// The tokens the dump was produced from (`input_ids`, [B, S]).
     pub fn tokens(&self) -> Result<Tokens> {
         let (v, shape) = match self.values("input_ids")? {
             (Values::I64(v), s) => (v, s),
@@ -235,7 +257,8 @@ fn selection_json(selector: &Selector) -> serde_json::Value {
     })
 }
 
-/// `OUT.resume.json` / `OUT.resume.hidden` beside a dump `OUT`.
+/// `OUT.partial` (the data written so far), `OUT.resume.json` and `OUT.resume.hidden` beside a
+/// dump `OUT`.
 fn resume_paths(path: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let with = |suffix| crate::output::sibling(path, suffix);
     (with(".partial"), with(".resume.json"), with(".resume.hidden"))
@@ -319,7 +342,7 @@ pub const HEADER_BYTES_PER_TENSOR: usize = 192;
 impl DumpWriter {
     /// `expected` is how many tensors the run may report (sizes the header reservation).
     pub fn create(path: &Path, selector: Selector, expected: usize) -> Result<Self> {
-        // Not `st::tmp_path`: the header-overflow fallback writes that one while reading this.
+        // Not `output::tmp_sibling`: the header-overflow fallback writes that one while reading this.
         crate::output::sweep_leftovers(path);
         let tmp_path = crate::output::sibling(path, &format!(".{}.partial", std::process::id()));
         let reserve = (1024 + expected * HEADER_BYTES_PER_TENSOR).next_multiple_of(8);
@@ -499,10 +522,6 @@ impl DumpWriter {
             file.sync_all().map_err(io)?;
             drop(file);
             std::fs::rename(&tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
-            if let Some(r) = &self.resume {
-                let _ = std::fs::remove_file(&r.state_path);
-                let _ = std::fs::remove_file(&r.hidden_path);
-            }
         } else {
             let mut reader = File::open(&tmp).map_err(io)?;
             reader.seek(SeekFrom::Start(8 + self.reserve as u64)).map_err(io)?;
@@ -518,10 +537,10 @@ impl DumpWriter {
                 Ok(())
             })?;
             let _ = std::fs::remove_file(&tmp);
-            if let Some(r) = &self.resume {
-                let _ = std::fs::remove_file(&r.state_path);
-                let _ = std::fs::remove_file(&r.hidden_path);
-            }
+        }
+        if let Some(r) = &self.resume {
+            let _ = std::fs::remove_file(&r.state_path);
+            let _ = std::fs::remove_file(&r.hidden_path);
         }
         Ok(self.entries.len())
     }

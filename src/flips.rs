@@ -88,7 +88,7 @@ pub fn margins_in(d: &Dump, selection: HookPoint, router: Option<(&RouterConfig,
         HookPoint::Layer(i, LayerHook::DsaTopk) => {
             let scores = floats(d, &HookPoint::Layer(i, LayerHook::DsaScores).name())?;
             let [b, s, k] = d.shape(&selection.name())?[..] else { return None };
-            if scores.len() != b * s * s || chosen.len() != b * s * k {
+            if scores.len() != b * s * s || chosen.len() != b * s * k || s == 0 || k == 0 {
                 return None;
             }
             // Query q of a row chooses among its causal keys 0..=q (the rest is padding): it

@@ -391,7 +391,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let first = layers.as_ref().map_or(0, |r| *r.start());
             let start = match &from {
-                Some(d) => Some(Start::from_dump(d, first)?),
+                Some(d) => Some(Start::from_dump(d, first, [tokens.batch, tokens.seq, ckpt.config.hidden_size])?),
                 None => None,
             };
             let mut resident = None;

@@ -396,7 +396,7 @@ impl Source for DumpSource {
     fn routing(&self, layer: usize) -> Option<Vec<RouteRow>> {
         let name = |h: LayerHook| HookPoint::Layer(layer, h).name();
         let (ids, shape) = Self::ints(&self.ours, &name(LayerHook::TopkIds))?;
-        let k = *shape.last()?;
+        let k = shape.last().copied().filter(|&k| k > 0)?;
         let weights = self.per_token(&name(LayerHook::TopkWeights)).unwrap_or_default();
         // Recorded, else recomputed from the gate logits with the checkpoint's routers.
         let router = self.routers.as_ref().and_then(|r| r.layer(layer));
@@ -433,8 +433,10 @@ impl Source for DumpSource {
             let Some((ids, _)) = Self::ints(&self.ours, name) else { continue };
             // The router's width, the checkpoint's count, else (neither known) the largest id + 1;
             // never fewer than the ids need (a dump of a larger model than the config given).
+            // (At most `MAX_EXPERTS`, whatever a dump says: ids past it are not counted.)
             let largest = ids.iter().filter_map(|&x| usize::try_from(x).ok()).max().map_or(0, |m| m + 1);
             let experts = self.ours.experts_of(name).or(self.experts).unwrap_or(largest).max(largest);
+            let experts = experts.min(crate::config::MAX_EXPERTS);
             let counts = |ids: &[i64]| {
                 let mut load = LayerLoad::new(i, experts);
                 for id in ids.iter().filter_map(|&x| usize::try_from(x).ok()) {
@@ -512,7 +514,7 @@ fn latent_norms(d: &Dump, i: usize) -> Option<Vec<f32>> {
         return Some(v);
     }
     let (v, shape) = DumpSource::floats(d, &name(LayerHook::KvLatent))?;
-    let r = *shape.last()?;
+    let r = shape.last().copied().filter(|&r| r > 0)?;
     Some(v.chunks(r).map(|c| c.iter().map(|x| x * x).sum::<f64>().sqrt() as f32).collect())
 }
 

@@ -26,8 +26,9 @@ pub struct Verifier<'a> {
     golden: &'a Dump,
     tol: Tolerance,
     replay: Replay,
-    /// Answer `isolated_input` with the reference's hidden states (the device forward's isolation).
-    isolate: bool,
+    /// Answer `isolated_input` with the reference's hidden states (the device forward's
+    /// isolation), which must have this shape ([B, S, hidden]).
+    isolate: Option<[usize; 3]>,
     pub results: Vec<Comparison>,
     /// Our `moe.topk_ids` of the current layer, to align `moe.topk_weights` by expert.
     last_ids: Option<Vec<i64>>,
@@ -45,7 +46,7 @@ impl<'a> Verifier<'a> {
             golden,
             tol,
             replay: Replay::default(),
-            isolate: false,
+            isolate: None,
             results: Vec::new(),
             last_ids: None,
             non_finite: None,
@@ -141,7 +142,8 @@ impl Observer for Verifier<'_> {
         if !self.replay.selection || !self.golden.contains(&name) {
             return Ok(None);
         }
-        Ok(Some(self.golden.selection(&name)?))
+        let tokens = self.golden.tokens()?;
+        Ok(Some(self.golden.selection(&name, tokens.batch, tokens.seq)?))
     }
 
     fn isolated_input(&mut self, layer: usize) -> Result<Option<Tensor>> {
@@ -149,10 +151,10 @@ impl Observer for Verifier<'_> {
             0 => return Ok(None), // the embedding is exact
             i => HookPoint::Layer(i - 1, LayerHook::Output).name(),
         };
-        if !self.isolate || !self.golden.contains(&name) {
-            return Ok(None);
+        match self.isolate {
+            Some(shape) if self.golden.contains(&name) => Ok(Some(self.golden.hidden(&name, shape)?)),
+            _ => Ok(None),
         }
-        Ok(Some(self.golden.tensor(&name)?))
     }
 
     fn forced_routing(&mut self, layer: usize) -> Result<Option<Vec<Vec<usize>>>> {
@@ -248,15 +250,16 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
             stream::embed(w, &tokens, &mut v)?;
         }
         let mut last = None;
+        let shape = [tokens.batch, tokens.seq, w.config().hidden_size];
         for i in window.clone() {
-            let start = Start::from_dump(golden, i)?;
+            let start = Start::from_dump(golden, i, shape)?;
             let mut sel = start.selection;
             last = Some(stream::layers(w, &rope, i..=i, start.hidden, &mut sel, &mut v)?);
         }
         if *window.end() + 1 == n {
             let final_input = HookPoint::Layer(n - 1, LayerHook::Output).name();
             let h = if golden.contains(&final_input) {
-                golden.tensor(&final_input)?
+                golden.hidden(&final_input, shape)?
             } else {
                 last.ok_or_else(|| Error::Usage("no layer ran".into()))?
             };
@@ -265,7 +268,7 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
     } else {
         let start = match *window.start() {
             0 => None,
-            first => Some(Start::from_dump(golden, first)?),
+            first => Some(Start::from_dump(golden, first, [tokens.batch, tokens.seq, w.config().hidden_size])?),
         };
         stream::run(w, &tokens, Some(window), start, &mut v)?;
     }
@@ -296,8 +299,10 @@ pub fn verify_prefill(
 ) -> Result<Report> {
     let layers = model.layers.len();
     let mut v = Verifier::new(golden, opts.tol);
-    (v.replay, v.isolate) = (opts.replay, opts.isolate);
-    p.prefill(&golden.tokens()?, &mut v)?;
+    let tokens = golden.tokens()?;
+    v.replay = opts.replay;
+    v.isolate = opts.isolate.then_some([tokens.batch, tokens.seq, model.config.hidden_size]);
+    p.prefill(&tokens, &mut v)?;
     let produced: BTreeSet<&str> = v.results.iter().map(|c| c.name.as_str()).collect();
     let only_in_reference = golden
         .names()
@@ -323,7 +328,8 @@ pub fn verify_mtp(model: &Model, mtp: &Mtp, golden: &Dump, tol: Tolerance, repor
     let tokens = golden.tokens()?;
     let mut v = Verifier::new(golden, tol);
     let hidden = if report.isolate {
-        golden.tensor(&HookPoint::MtpInputHidden.name())?
+        let shape = [tokens.batch, tokens.seq.saturating_sub(1), model.config.hidden_size];
+        golden.hidden(&HookPoint::MtpInputHidden.name(), shape)?
     } else {
         let h = report.final_norm.as_ref().ok_or_else(|| {
             Error::dump(&golden.path, "has MTP tensors but no `final_norm` to check the main model's hidden state by")

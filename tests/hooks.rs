@@ -4,9 +4,8 @@
 //! reordering of set rows or a change in their padding.
 
 mod common;
-use common::code_and_text;
+use common::{code_and_text, edit_dump, Named};
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use glimpse::checkpoint::Checkpoint;
@@ -14,7 +13,6 @@ use glimpse::config::{IndexerKind, MlpKind};
 use glimpse::dump::{Dump, DumpWriter, Values};
 use glimpse::hooks::{HookPoint, LayerHook, Recorder, Selector};
 use glimpse::model::Model;
-use glimpse::st::{self, Entry};
 
 fn golden(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case)
@@ -145,44 +143,8 @@ fn run_dump_of_a_golden_case_diffs_clean_against_it() {
     }
 }
 
-/// A dump tensor: name, values, shape.
-type Named = (String, Values, Vec<usize>);
-
-/// Every tensor of a dump, to edit and write back.
-fn load_all(path: &Path) -> (Vec<Named>, BTreeMap<String, String>) {
-    let d = Dump::open(path).unwrap();
-    let tensors = d
-        .names()
-        .into_iter()
-        .map(|n| {
-            let (v, s) = d.values(&n).unwrap();
-            (n, v, s)
-        })
-        .collect();
-    let meta = d.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    (tensors, meta)
-}
-
-fn save_all(path: &Path, tensors: &[(String, Values, Vec<usize>)], meta: &BTreeMap<String, String>) {
-    let entries: Vec<(String, Entry)> = tensors
-        .iter()
-        .map(|(n, v, s)| {
-            let e = match v {
-                Values::F32(x) => Entry::f32(s.clone(), x),
-                Values::I64(x) => Entry::i64(s.clone(), x),
-            };
-            (n.clone(), e)
-        })
-        .collect();
-    st::write(path, &entries, meta).unwrap();
-}
-
-fn edited(tmp: &Path, name: &str, edit: impl FnOnce(&mut Vec<(String, Values, Vec<usize>)>)) -> PathBuf {
-    let (mut tensors, meta) = load_all(&golden("flat").join("reference.safetensors"));
-    edit(&mut tensors);
-    let out = tmp.join(name);
-    save_all(&out, &tensors, &meta);
-    out
+fn edited(tmp: &Path, name: &str, edit: impl FnOnce(&mut Vec<Named>)) -> PathBuf {
+    edit_dump(&golden("flat").join("reference.safetensors"), &tmp.join(name), edit)
 }
 
 fn ints<'a>(t: &'a mut [(String, Values, Vec<usize>)], name: &str) -> (Vec<usize>, &'a mut Vec<i64>) {

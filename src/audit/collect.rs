@@ -10,6 +10,7 @@ use candle_core::Tensor;
 
 use super::Audit;
 use crate::checkpoint::Checkpoint;
+use crate::config::MAX_EXPERTS;
 use crate::dump::{Dump, Values};
 use crate::error::{Context, Error, Result};
 use crate::hooks::{HookPoint, LayerHook, Observer};
@@ -291,6 +292,10 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<()
 fn router_width(dumps: &[PathBuf]) -> Result<Option<usize>> {
     for path in dumps {
         if let Some(width) = Dump::open(path)?.experts() {
+            if width > MAX_EXPERTS {
+                let msg = format!("its router logits are {width} experts wide, past the {MAX_EXPERTS} glimpse reads");
+                return Err(Error::dump(path, msg));
+            }
             return Ok(Some(width));
         }
     }
@@ -304,8 +309,11 @@ fn largest_id(dumps: &[PathBuf]) -> Result<usize> {
     for path in dumps {
         let d = Dump::open(path)?;
         for name in d.names().iter().filter(|n| n.ends_with(".moe.topk_ids")) {
-            if let (Values::I64(ids), _) = d.values(name)? {
-                largest = ids.iter().fold(largest, |m, &id| m.max(id.saturating_add(1).max(0) as usize));
+            if let (Values::I64(ids), shape) = d.values(name)? {
+                if let Some(msg) = crate::compare::invalid_expert_ids(&ids, &shape, None) {
+                    return Err(Error::dump(&d.path, format!("`{name}` {msg}")));
+                }
+                largest = ids.iter().fold(largest, |m, &id| m.max(id as usize + 1));
             }
         }
     }

@@ -240,7 +240,8 @@ impl Audit {
         }
         (l.run_max_vio_sum, l.runs) = (l.run_max_vio_sum + max_vio(&run), l.runs + 1);
         if let Some(sets) = self.sets.as_mut() {
-            // Ids are checked to lie within the experts, at most 2^16 of them (`Config`).
+            // Ids are checked to lie within the experts, at most `MAX_EXPERTS` = 2^16 of them
+            // (`collect` refuses more).
             let kept = sets.entry(layer).or_default();
             for row in ids.chunks(k) {
                 let start = kept.len();

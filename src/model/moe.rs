@@ -14,7 +14,7 @@ use super::mlp::Mlp;
 use super::nn::{matmul_nt, Linear, Weight};
 use crate::checkpoint::{Checkpoint, Loader};
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::hooks::{emit, HookPoint, LayerHook, Observer};
 
 pub struct Moe {
@@ -83,7 +83,16 @@ impl Routers {
         for i in 0..c.num_hidden_layers + c.num_nextn_predict_layers.max(1) {
             let name = format!("model.layers.{i}.mlp.gate.e_score_correction_bias");
             if ckpt.contains(&name) {
-                bias.insert(i, ckpt.f32(&name)?.0);
+                // Checked here too: `diff`, `audit` and the TUI read routers without the loader.
+                let (b, shape) = ckpt.f32(&name)?;
+                if shape != [c.n_routed_experts] {
+                    let want = [c.n_routed_experts];
+                    return Err(Error::checkpoint(
+                        &ckpt.dir,
+                        format!("`{name}` has shape {shape:?}, expected {want:?}"),
+                    ));
+                }
+                bias.insert(i, b);
             }
         }
         Ok(Routers { config: RouterConfig::new(&ckpt.config), bias })
@@ -274,9 +283,7 @@ impl Moe {
         let mut routes: Vec<Route> = logits_v.iter().map(|row| route(rc, row, bias)).collect();
         if let Some(forced) = obs.forced_routing(layer)? {
             if forced.len() != n || forced.iter().any(|ids| ids.iter().any(|&i| i >= bias.len())) {
-                return Err(crate::error::Error::Usage(format!(
-                    "layer {layer}: forced routing does not fit {n} tokens"
-                )));
+                return Err(Error::Usage(format!("layer {layer}: forced routing does not fit {n} tokens")));
             }
             // The margin stays our own decision's (as a replayed DSA selection's does), so a run
             // that replays its own choices records what it would have recorded.

@@ -44,8 +44,9 @@ pub struct Start {
 
 impl Start {
     /// From a dump: `layers.{first-1}.output` (`embeddings` for layer 0) and that layer's
-    /// `dsa.topk`, which a shared first layer reuses.
-    pub fn from_dump(d: &Dump, first: usize) -> Result<Start> {
+    /// `dsa.topk`, which a shared first layer reuses, for a run whose hidden state is `want`
+    /// ([B, S, hidden]).
+    pub fn from_dump(d: &Dump, first: usize, want: [usize; 3]) -> Result<Start> {
         let (hidden_name, prev) = match first {
             0 => ("embeddings".to_string(), None),
             a => (HookPoint::Layer(a - 1, LayerHook::Output).name(), Some(a - 1)),
@@ -53,9 +54,9 @@ impl Start {
         if !d.contains(&hidden_name) {
             return Err(Error::dump(&d.path, format!("has no `{hidden_name}` to start layer {first} from")));
         }
-        let hidden = d.tensor(&hidden_name)?;
+        let hidden = d.hidden(&hidden_name, want)?;
         let selection = match prev.map(|p| HookPoint::Layer(p, LayerHook::DsaTopk).name()) {
-            Some(n) if d.contains(&n) => Some(d.selection(&n)?),
+            Some(n) if d.contains(&n) => Some(d.selection(&n, want[0], want[1])?),
             _ => None,
         };
         Ok(Start { hidden, selection })
@@ -84,6 +85,12 @@ pub fn run(
                 return Err(Error::Usage(format!(
                     "the starting hidden state is {:?}, expected {want:?}",
                     s.hidden.dims()
+                )));
+            }
+            if let Some(sel) = s.selection.as_ref().filter(|sel| (sel.batch, sel.seq) != (tokens.batch, tokens.seq)) {
+                return Err(Error::Usage(format!(
+                    "the starting DSA selection is for batch {} x seq {}, the run is {} x {}",
+                    sel.batch, sel.seq, tokens.batch, tokens.seq
                 )));
             }
             (s.hidden, s.selection)

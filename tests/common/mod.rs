@@ -103,3 +103,40 @@ pub fn dsa_margin_from_scores(d: &glimpse::dump::Dump, layer: usize, row: usize)
     causal.sort_by(|a, b| b.total_cmp(a));
     causal[k - 1] - causal[k]
 }
+
+/// A dump tensor: name, values, shape.
+pub type Named = (String, glimpse::dump::Values, Vec<usize>);
+
+/// Every tensor of the dump `src`, edited by `edit`, written to `dst` (the metadata kept).
+pub fn edit_dump(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    edit: impl FnOnce(&mut Vec<Named>),
+) -> std::path::PathBuf {
+    use glimpse::dump::{Dump, Values};
+    use glimpse::st::{self, Entry};
+    let d = Dump::open(src).unwrap();
+    let mut tensors: Vec<Named> = d
+        .names()
+        .into_iter()
+        .map(|n| {
+            let (v, s) = d.values(&n).unwrap();
+            (n, v, s)
+        })
+        .collect();
+    let meta: std::collections::BTreeMap<String, String> =
+        d.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    edit(&mut tensors);
+    let entries: Vec<(String, Entry)> = tensors
+        .iter()
+        .map(|(n, v, s)| {
+            let e = match v {
+                Values::F32(x) => Entry::f32(s.clone(), x),
+                Values::I64(x) => Entry::i64(s.clone(), x),
+            };
+            (n.clone(), e)
+        })
+        .collect();
+    st::write(dst, &entries, &meta).unwrap();
+    dst.to_path_buf()
+}

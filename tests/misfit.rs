@@ -1,0 +1,146 @@
+//! Files that parse but do not fit what reads them: a dump whose hidden state or DSA selection is
+//! for another run, expert ids or router widths no model has, zero-width selections and latents,
+//! a checkpoint's correction bias of the wrong length. Each is a one-line error naming the file
+//! and tensor, or (where a view can do without the tensor) shown without it; never a panic or
+//! an abort.
+
+mod common;
+use common::{assert_error, code_and_text, edit_dump, glimpse, Named};
+
+use std::path::{Path, PathBuf};
+
+use glimpse::diff::DiffOptions;
+use glimpse::dump::{Dump, Values};
+use glimpse::tui_source::DumpSource;
+use glimpse_tui::Source;
+
+fn golden(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case)
+}
+
+fn s(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+/// The tensor `name` of `t`.
+fn tensor<'a>(t: &'a mut [Named], name: &str) -> &'a mut Named {
+    t.iter_mut().find(|(n, _, _)| n == name).unwrap_or_else(|| panic!("no {name}"))
+}
+
+/// A dump whose starting hidden state or DSA selection is for another run: named, with the shape
+/// the run needs (it panicked slicing the selection, or deep in RoPE).
+#[test]
+fn a_start_from_another_run_is_refused_naming_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = golden("grouped-shared-yarn"); // batch 2 x 40 tokens, hidden 48; layer 1 shares layer 0's selection
+    let reference = case.join("reference.safetensors");
+    let one_key = edit_dump(&reference, &tmp.path().join("sel.st"), |t| {
+        *tensor(t, "layers.0.dsa.topk") = ("layers.0.dsa.topk".into(), Values::I64(vec![0]), vec![1, 1, 1]);
+    });
+    let run = ["run", "--model", &s(&case), "--tokens-from", &s(&one_key), "--layers", "1..1"];
+    let o = glimpse(&[&run[..], &["--from-dump", &s(&one_key)]].concat());
+    assert_error(&o, "`layers.0.dsa.topk` is [1, 1, 1]; the run needs [batch, seq, K] with batch 2, seq 40");
+    let verify = |golden: &Path| glimpse(&["verify", "--model", &s(&case), "--golden", &s(golden), "--isolate"]);
+    assert_error(&verify(&one_key), "`layers.0.dsa.topk` is [1, 1, 1]");
+
+    // The same bytes in another shape, and another hidden size.
+    let reshaped =
+        edit_dump(&reference, &tmp.path().join("h.st"), |t| tensor(t, "layers.1.output").2 = vec![1, 80, 48]);
+    assert_error(
+        &verify(&reshaped),
+        "`layers.1.output` is [1, 80, 48]; the run it feeds needs [batch, seq, hidden] = [2, 40, 48]",
+    );
+    let narrow = edit_dump(&reference, &tmp.path().join("n.st"), |t| {
+        let (_, v, shape) = tensor(t, "layers.0.output");
+        *v = Values::F32(vec![0.5; 2 * 40 * 24]);
+        *shape = vec![2, 40, 24];
+    });
+    assert_error(&verify(&narrow), "`layers.0.output` is [2, 40, 24]");
+}
+
+/// Expert ids or router widths past `MAX_EXPERTS` are refused before anything is allocated for
+/// them (an id of 2^40 made `audit` ask for 8 TB and abort); the TUI's load view caps its count.
+#[test]
+fn expert_counts_no_model_has_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = golden("flat").join("reference.safetensors");
+    let no_logits = |t: &mut Vec<Named>| t.retain(|(n, _, _)| !n.ends_with(".moe.router_logits"));
+    let huge_id = edit_dump(&reference, &tmp.path().join("id.st"), |t| {
+        no_logits(t);
+        let Values::I64(ids) = &mut tensor(t, "layers.3.moe.topk_ids").1 else { panic!() };
+        ids[0] = 1 << 40;
+    });
+    let o = glimpse(&["audit", "--dump", &s(&huge_id)]);
+    assert_error(&o, "`layers.3.moe.topk_ids` holds expert id 1099511627776 at [0, 0], outside the experts 0-65535");
+    let wide = edit_dump(&reference, &tmp.path().join("wide.st"), |t| {
+        no_logits(t);
+        t.push(("layers.3.moe.router_logits".into(), Values::F32(vec![]), vec![0, 1 << 40]));
+    });
+    assert_error(&glimpse(&["audit", "--dump", &s(&wide)]), "its router logits are 1099511627776 experts wide");
+
+    let d = Dump::open(&huge_id).unwrap();
+    let src = DumpSource::new("huge id".into(), d, None, &DiffOptions::default()).unwrap();
+    let load = src.load();
+    let layer3 = load.iter().find(|l| l.layer == 3).unwrap();
+    assert_eq!(layer3.counts.len(), glimpse::config::MAX_EXPERTS);
+    // Every id but the one past the cap is counted: one slot fewer than layer 4 routed.
+    let routed = |layer: usize| load.iter().find(|l| l.layer == layer).unwrap().counts.iter().sum::<u64>();
+    assert_eq!(routed(3) + 1, routed(4));
+}
+
+/// Zero-width selections and latents (shapes like [2, 0]): the views that read them show nothing
+/// for them, and `diff --model` (which recomputes a shared layer's margins from its source
+/// layer's) does not divide by them.
+#[test]
+fn zero_width_selections_and_latents_show_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = golden("flat").join("reference.safetensors");
+    let empty = edit_dump(&reference, &tmp.path().join("empty.st"), |t| {
+        let (_, v, shape) = tensor(t, "layers.3.moe.topk_ids");
+        (*v, *shape) = (Values::I64(vec![]), vec![shape[0], 0]);
+        let (_, v, shape) = tensor(t, "layers.1.attn.kv_latent");
+        (*v, *shape) = (Values::F32(vec![]), vec![shape[0], shape[1], 0]);
+    });
+    let src = DumpSource::new("empty".into(), Dump::open(&empty).unwrap(), None, &DiffOptions::default()).unwrap();
+    assert!(src.routing(3).is_none());
+    assert!(src.routing(4).is_some());
+    assert!(src.kv_norms().is_some());
+
+    let case = golden("grouped-shared-yarn");
+    let theirs = case.join("reference.safetensors");
+    let k0 = edit_dump(&theirs, &tmp.path().join("k0.st"), |t| {
+        let (_, v, shape) = tensor(t, "layers.0.dsa.topk");
+        (*v, *shape) = (Values::I64(vec![]), vec![2, 40, 0]);
+        let Values::I64(ids) = &mut tensor(t, "layers.1.dsa.topk").1 else { panic!() };
+        ids.swap(12 * 39, 12 * 39 + 1); // the same set, and one key changed:
+        ids[12 * 39] = (ids[12 * 39] + 1) % 40;
+    });
+    let (code, text) = code_and_text(&["diff", &s(&k0), &s(&theirs), "--model", &s(&case)]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("layers.0.dsa.topk"), "{text}");
+}
+
+/// A checkpoint's correction bias of the wrong length is named when routers are read without
+/// loading the model (`diff --model`; grouped routing divided by zero on it).
+#[test]
+fn a_misshapen_correction_bias_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = golden("grouped-shared-yarn");
+    let dir = tmp.path().join("ckpt");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(case.join("config.json"), dir.join("config.json")).unwrap();
+    let f = glimpse::st::StFile::open(&case.join("model.safetensors")).unwrap();
+    let bias = "model.layers.1.mlp.gate.e_score_correction_bias";
+    let entries: Vec<(String, glimpse::st::Entry)> = f
+        .names()
+        .map(|n| {
+            let (v, shape) = f.f32(n).unwrap();
+            let (v, shape) = if n == bias { (v[..3].to_vec(), vec![3]) } else { (v, shape) };
+            (n.to_string(), glimpse::st::Entry::f32(shape, &v))
+        })
+        .collect();
+    glimpse::st::write(&dir.join("model.safetensors"), &entries, &Default::default()).unwrap();
+    let theirs = s(&case.join("reference.safetensors"));
+    let o = glimpse(&["diff", &theirs, &theirs, "--model", &s(&dir)]);
+    assert_error(&o, &format!("`{bias}` has shape [3], expected [16]"));
+}
