@@ -153,17 +153,44 @@ pub struct Movement {
     pub keys: f32,
     /// The 99th percentile of `|ours - reference|` over every score of the layer.
     pub noise: f32,
+    /// Why one rule cannot have made the flip, where that can be told.
+    pub rule_break: Option<RuleBreak>,
+}
+
+/// Why a flip is not one rule's choice on two sets of scores: the rule itself differs (a bias,
+/// a scale, a top-k), not its input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RuleBreak {
     /// The keys moved less than half the two margins: a rank reversal under one rule needs at
     /// least that (ours kept x over y by `margin_ours`, the reference y over x by its margin, so
-    /// `|Δx| + |Δy| >= margin_ours + margin_reference`), so the rule itself differs (a bias, a
-    /// scale, a top-k). False where it cannot be told (a margin unknown; grouped routing).
-    pub too_little: bool,
+    /// `|Δx| + |Δy| >= margin_ours + margin_reference`).
+    TooLittle,
+    /// One side left out a key (`left_out`) that its own scores, under the rule (the
+    /// checkpoint's, for routing), rank above one it kept (`kept`), by `by`: that side's choice
+    /// is not the rule's.
+    OwnScores { side: Side, kept: i64, left_out: i64, by: f32 },
+}
+
+/// Which dump of a comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Ours,
+    Reference,
+}
+
+impl Side {
+    pub fn label(self) -> &'static str {
+        match self {
+            Side::Ours => "ours",
+            Side::Reference => "the reference",
+        }
+    }
 }
 
 impl Flip {
-    /// Whether its keys' scores moved too little for one rule to flip it (`Movement`).
+    /// Whether one rule cannot have made it ([`RuleBreak`]).
     pub fn unexplained(&self) -> bool {
-        self.moved.is_some_and(|m| m.too_little)
+        self.moved.is_some_and(|m| m.rule_break.is_some())
     }
 }
 

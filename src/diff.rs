@@ -180,7 +180,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
                 let margins = |d| flips::deciding_margins(d, point, opts.config.as_ref(), router);
                 let (ma, mb) = (margins(a), margins(b));
                 c.set_margins(ma.as_deref(), mb.as_deref());
-                flips::add_movement(&mut c, a, b, opts.config.as_ref(), opts.near_tie);
+                flips::add_movement(&mut c, a, b, opts.config.as_ref(), router, opts.near_tie);
             }
         }
         results.push(c);
@@ -246,7 +246,8 @@ pub fn comparison_json(c: &Comparison, near_tie: f64) -> Value {
                 "recall": json_number(fl.recall), "margin_ours": opt_f(fl.margin_ours),
                 "margin_reference": opt_f(fl.margin_reference),
                 "keys_moved": opt_f(fl.moved.map(|m| m.keys)), "layer_score_noise_p99": opt_f(fl.moved.map(|m| m.noise)),
-                "moved_too_little": fl.moved.map(|m| m.too_little),
+                "moved_too_little": fl.moved.map(|m| m.rule_break == Some(crate::compare::RuleBreak::TooLittle)),
+                "rule_break": fl.moved.and_then(|m| m.rule_break).map(rule_break_json),
                 "class": Class::of(fl, near_tie).label(),
             })).collect::<Vec<_>>(),
         }),
@@ -256,6 +257,16 @@ pub fn comparison_json(c: &Comparison, near_tie: f64) -> Value {
         m.extend(d);
     }
     v
+}
+
+fn rule_break_json(r: crate::compare::RuleBreak) -> Value {
+    match r {
+        crate::compare::RuleBreak::TooLittle => json!({"kind": "too_little"}),
+        crate::compare::RuleBreak::OwnScores { side, kept, left_out, by } => json!({
+            "kind": "own_scores", "side": match side { crate::compare::Side::Ours => "ours", crate::compare::Side::Reference => "reference" },
+            "kept": kept, "left_out": left_out, "by": json_number(by as f64),
+        }),
+    }
 }
 
 /// Names only one dump has, listed per side before the rest are counted (a partial dump lacks

@@ -125,7 +125,13 @@ impl Dump {
             let (v, s) = self.file.i64(name).map_err(wrap)?;
             Ok((Values::I64(v), s))
         } else {
-            let (v, s) = self.file.f32(name).map_err(wrap)?;
+            let (mut v, s) = self.file.f32(name).map_err(wrap)?;
+            // Indexer scores masked the way transformers masks attention (`finfo(dtype).min`, not
+            // `-inf`) read as our `-inf`: the same mask, which would otherwise compare as a
+            // difference of 1e38.
+            if name.ends_with(".dsa.scores") {
+                v.iter_mut().filter(|x| **x <= MASKED).for_each(|x| *x = f32::NEG_INFINITY);
+            }
             Ok((Values::F32(v), s))
         }
     }
@@ -187,6 +193,10 @@ impl Dump {
         Tokens::new(b, s, ids).map_err(|e| Error::dump(&self.path, e.to_string()))
     }
 }
+
+/// Scores at or below this (half of f32's lowest; torch's `finfo.min` of f32 and bf16 is below it)
+/// are a mask.
+const MASKED: f32 = f32::MIN / 2.0;
 
 /// The header metadata a glimpse dump carries.
 pub fn metadata(source: &str, config_bytes: Option<&[u8]>, model: Option<&str>) -> BTreeMap<String, String> {

@@ -5,7 +5,7 @@
 //! lead over what it left out, known only where those scores admit that choice. `verify`, `diff`
 //! and the terminal UI class flips here.
 
-use crate::compare::{Comparison, Detail, Flip, Movement};
+use crate::compare::{Comparison, Detail, Flip, Movement, RuleBreak, Side};
 use crate::config::Config;
 use crate::diff::{floats, ints};
 use crate::dump::Dump;
@@ -157,18 +157,30 @@ fn lead(values: &[f32], ids: &[i64], want: usize) -> f32 {
 /// ([`Movement`]): the scores the selection ranked, `dsa.scores` (of the layer that decided it,
 /// for a shared indexer) or the gate's `sigmoid(router_logits)` (the correction bias cancels
 /// where both sides apply the same one; where they do not, the keys move too little for the
-/// flip, which is what that test finds). The noise is over causal keys only. Nothing where
-/// either dump lacks the scores, their shapes differ from each other or from the selection's
-/// rows, or they are larger than [`MOVEMENT_MAX`] values.
+/// flip, which is what that test finds). The noise is over causal keys' finite changes; a key
+/// masked on one side only (`-inf` there) moved infinitely. Nothing where either dump lacks the scores, their
+/// shapes differ from each other or from the selection's rows, or they are larger than
+/// [`MOVEMENT_MAX`] values.
 ///
-/// The "too little" test is made for routing only, where a rule can differ under the same
-/// scores (the correction bias: margins are on `sigmoid + bias`, the movement on `sigmoid`),
-/// and only where it can be trusted: `config` saying the routing is flat (a grouped margin may
-/// be the groups' gap, made of experts that did not flip), a flip that swapped experts both
-/// ways, both margins known, finite and summing to at least `near_tie` (below, rounding alone
-/// moves them), every flipped expert's change finite. (For DSA a selection that is a top-k of
-/// its own scores always moved enough, and one that is not has no margin: nothing to test.)
-pub fn add_movement(c: &mut Comparison, a: &Dump, b: &Dump, config: Option<&Config>, near_tie: f64) {
+/// And whether one rule cannot have made the flip ([`RuleBreak`]), tested where it can be
+/// trusted, so a flip that reads as real or unknown is told to be a rule's:
+/// - *Own scores*, for DSA and (with `router`, the checkpoint's bias, and `config` saying the
+///   routing is flat) for routing: a side left out a flipped key that its own scores rank above
+///   one it kept by `near_tie` or more (below, the recomputation's rounding could do it). Such a
+///   side's recomputed margin is unknown ([`margins_in`]), so this is the test that sees a port
+///   whose gate logits match but whose rule differs.
+/// - *Too little*, for flat routing (a grouped margin may be the groups' gap, made of experts
+///   that did not flip): a flip that swapped experts both ways, both margins known, finite and
+///   summing to at least `near_tie`, whose experts moved less than half of them. (For DSA a
+///   selection that is a top-k of its own scores always moved enough.)
+pub fn add_movement(
+    c: &mut Comparison,
+    a: &Dump,
+    b: &Dump,
+    config: Option<&Config>,
+    router: Option<(&RouterConfig, &[f32])>,
+    near_tie: f64,
+) {
     let Some(point) = HookPoint::parse(&c.name) else { return };
     let source = config.map_or(point, |cfg| deciding(point, cfg));
     let (scores, dsa) = match source {
@@ -190,29 +202,62 @@ pub fn add_movement(c: &mut Comparison, a: &Dump, b: &Dump, config: Option<&Conf
     let squash = |v: f32| if dsa { v } else { sigmoid(v) };
     let delta = |i: usize| {
         let (p, q) = (squash(x[i]), squash(y[i]));
-        (p.is_finite() && q.is_finite()).then(|| (p - q).abs())
+        match (p.is_finite(), q.is_finite()) {
+            (true, true) => Some((p - q).abs()),
+            // Masked on one side only (a key one side excluded): as far as a key can move.
+            (true, false) | (false, true) if !p.is_nan() && !q.is_nan() => Some(f32::INFINITY),
+            _ => None,
+        }
     };
-    let mut all: Vec<f32> = (0..n).filter(|&i| causal(i)).filter_map(delta).collect();
+    // (Finite changes only: a key masked on one side is a choice, not the run's noise.)
+    let mut all: Vec<f32> = (0..n).filter(|&i| causal(i)).filter_map(delta).filter(|d| d.is_finite()).collect();
     if all.is_empty() {
         return;
     }
     let at = ((all.len() - 1) as f64 * 0.99).round() as usize;
     let noise = *all.select_nth_unstable_by(at, f32::total_cmp).1;
     drop(all);
-    let testable = !dsa && config.is_some_and(|c| RouterConfig::new(c).is_flat());
+    let flat = !dsa && config.is_some_and(|c| RouterConfig::new(c).is_flat());
+    // What each side's rule ranks: DSA's scores as they are; flat routing's `sigmoid + bias`.
+    let bias = router.map(|(_, bias)| bias).filter(|bias| flat && bias.len() == width);
+    let ranked = |v: &[f32], i: usize| match (dsa, bias) {
+        (true, _) => Some(v[i]),
+        (false, Some(bias)) => Some(sigmoid(v[i]) + bias[i % width]),
+        (false, None) => None,
+    };
     let Detail::Sets { flips, .. } = &mut c.detail else { return };
     for f in flips.iter_mut() {
-        let keys: Vec<usize> =
-            f.only_ours.iter().chain(&f.only_reference).filter_map(|&k| usize::try_from(k).ok()).collect();
-        let deltas: Vec<Option<f32>> =
-            keys.iter().map(|&k| (k < width).then(|| delta(f.row * width + k)).flatten()).collect();
+        let in_row = |keys: &[i64]| -> Vec<usize> {
+            keys.iter().filter_map(|&k| usize::try_from(k).ok()).filter(|&k| k < width).collect()
+        };
+        let (kept, left) = (in_row(&f.only_ours), in_row(&f.only_reference));
+        let deltas: Vec<Option<f32>> = kept.iter().chain(&left).map(|&k| delta(f.row * width + k)).collect();
         let Some(moved) = deltas.iter().flatten().copied().reduce(f32::max) else { continue };
+        // Own scores: the largest lead of a key a side left out over one it kept.
+        let mut own: Option<RuleBreak> = None;
+        for (side, v, kept, left) in [(Side::Ours, &x, &kept, &left), (Side::Reference, &y, &left, &kept)] {
+            for (&k, &l) in kept.iter().flat_map(|k| left.iter().map(move |l| (k, l))) {
+                let Some(by) = ranked(v, f.row * width + l).zip(ranked(v, f.row * width + k)).map(|(l, k)| l - k)
+                else {
+                    continue;
+                };
+                let larger = match own {
+                    Some(RuleBreak::OwnScores { by: b, .. }) => by > b,
+                    _ => true,
+                };
+                if by as f64 >= near_tie && larger {
+                    own = Some(RuleBreak::OwnScores { side, kept: k as i64, left_out: l as i64, by });
+                }
+            }
+        }
         let too_little = match f.margin_ours.zip(f.margin_reference) {
             Some((mo, mr))
-                if testable
-                    && !f.only_ours.is_empty()
-                    && !f.only_reference.is_empty()
-                    && deltas.iter().all(Option::is_some)
+                if flat
+                    && !kept.is_empty()
+                    && !left.is_empty()
+                    && kept.len() == f.only_ours.len()
+                    && left.len() == f.only_reference.len()
+                    && deltas.iter().all(|d| d.is_some_and(f32::is_finite))
                     && mo.is_finite()
                     && mr.is_finite()
                     && (mo + mr) as f64 >= near_tie =>
@@ -222,7 +267,8 @@ pub fn add_movement(c: &mut Comparison, a: &Dump, b: &Dump, config: Option<&Conf
             }
             _ => false,
         };
-        f.moved = Some(Movement { keys: moved, noise, too_little });
+        let rule_break = own.or(too_little.then_some(RuleBreak::TooLittle));
+        f.moved = Some(Movement { keys: moved, noise, rule_break });
     }
 }
 
@@ -286,10 +332,10 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
     let [near, real_count, unknown] = Class::counts(flips.iter().map(|(_, fl)| *fl), near_tie);
     // A real flip whose keys moved no more than most of the layer's scores did is one the run's
     // own noise explains (a quantised twin's), though its margins are past the threshold.
-    let in_noise = |fl: &Flip| fl.moved.is_some_and(|m| m.keys <= m.noise && !m.too_little);
+    let in_noise = |fl: &Flip| fl.moved.is_some_and(|m| m.keys <= m.noise && m.rule_break.is_none());
     let real = |fl: &Flip| Class::of(fl, near_tie) == Class::Real;
     let real_in_noise = flips.iter().filter(|(_, fl)| real(fl) && in_noise(fl)).count();
-    let too_little = flips.iter().filter(|(_, fl)| fl.unexplained()).count();
+    let unexplained = flips.iter().filter(|(_, fl)| fl.unexplained()).count();
     let mut out = format!(
         "{} flips: {} near-tie (both margins < {near_tie:e}), {} real{}, {} of unknown margin{}\n",
         flips.len(),
@@ -303,9 +349,12 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
             false => String::new(),
         },
         unknown,
-        match too_little {
+        match unexplained {
             0 => String::new(),
-            n => format!("; {n} whose experts moved too little to flip under one rule: the rule differs"),
+            n => format!(
+                "; {n} that one rule cannot make (a side's choice its own scores contradict, or keys that moved too \
+                 little): the rule differs"
+            ),
         }
     );
     for (name, fl) in flips.iter().take(50) {
@@ -324,10 +373,15 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
                 "; keys moved {:.3e}, layer p99 {:.3e}{}",
                 m.keys,
                 m.noise,
-                match (m.too_little, m.keys <= m.noise) {
-                    (true, _) => " (too little to flip it: the rule differs)",
-                    (false, true) => " (within the noise)",
-                    (false, false) => "",
+                match (m.rule_break, m.keys <= m.noise) {
+                    (Some(RuleBreak::TooLittle), _) => " (too little to flip it: the rule differs)".to_string(),
+                    (Some(RuleBreak::OwnScores { side, kept, left_out, by }), _) => format!(
+                        " ({} left out {left_out}, which its own scores rank {by:.3e} above {kept} it kept: its rule \
+                         differs)",
+                        side.label()
+                    ),
+                    (None, true) => " (within the noise)".to_string(),
+                    (None, false) => String::new(),
                 }
             ),
             None => String::new(),
@@ -432,24 +486,43 @@ mod tests {
         );
         c.set_margins(Some(&[0.8, 0.05, 0.2]), Some(&[0.8, 0.05, 0.2]));
         let flat = Config::from_json(&serde_json::json!({})).unwrap();
-        add_movement(&mut c, &ours, &reference, Some(&flat), 1e-3);
+        add_movement(&mut c, &ours, &reference, Some(&flat), None, 1e-3);
         let Detail::Sets { flips, .. } = &c.detail else { panic!() };
         assert_eq!(flips.iter().map(|f| f.row).collect::<Vec<_>>(), [1, 2]);
         let moved: Vec<Movement> = flips.iter().map(|f| f.moved.unwrap()).collect();
         approx::assert_abs_diff_eq!(moved[0].keys, 0.05, epsilon = 1e-5);
-        assert!(!moved[0].too_little, "0.05 >= (0.05 + 0.05) / 2: one rule can flip it");
+        assert_eq!(moved[0].rule_break, None, "0.05 >= (0.05 + 0.05) / 2: one rule can flip it");
         approx::assert_abs_diff_eq!(moved[1].keys, 0.001, epsilon = 1e-5);
-        assert!(moved[1].too_little, "0.001 < (0.2 + 0.2) / 2");
+        assert_eq!(moved[1].rule_break, Some(RuleBreak::TooLittle), "0.001 < (0.2 + 0.2) / 2");
         // The noise: the 99th percentile of the 9 scores' changes, the largest here.
         approx::assert_abs_diff_eq!(moved[0].noise, 0.05, epsilon = 1e-5);
         let out = render(&crate::compare::flips(std::slice::from_ref(&c)), 1e-3, "");
-        assert!(out.contains("; 1 whose experts moved too little to flip under one rule"), "{out}");
+        assert!(out.contains("; 1 that one rule cannot make ("), "{out}");
         assert!(out.contains("(too little to flip it: the rule differs)"), "{out}");
+        // With the checkpoint's bias (0 here), token 2's choice is seen against ours's own
+        // scores: expert 2 (0.451) kept over expert 0 (0.5). Its margin would be unknown then
+        // (not a top-1 of those scores); the break is told all the same.
+        let rc = RouterConfig::new(&flat);
+        c.set_margins(Some(&[0.8, 0.05, f32::NAN]), Some(&[0.8, 0.05, 0.2]));
+        add_movement(&mut c, &ours, &reference, Some(&flat), Some((&rc, &[0.0; 3])), 1e-3);
+        let Detail::Sets { flips, .. } = &c.detail else { panic!() };
+        assert_eq!(flips[0].moved.unwrap().rule_break, None);
+        let Some(RuleBreak::OwnScores { side: Side::Ours, kept: 2, left_out: 0, by }) =
+            flips[1].moved.unwrap().rule_break
+        else {
+            panic!("{:?}", flips[1])
+        };
+        approx::assert_abs_diff_eq!(by, 0.049, epsilon = 1e-5);
+        let out = render(&crate::compare::flips(std::slice::from_ref(&c)), 1e-3, "");
+        assert!(
+            out.contains("(ours left out 0, which its own scores rank 4.900e-2 above 2 it kept: its rule differs)"),
+            "{out}"
+        );
         // Without a config saying the routing is flat, nothing is tested.
         c.set_margins(Some(&[0.8, 0.05, 0.2]), Some(&[0.8, 0.05, 0.2]));
-        add_movement(&mut c, &ours, &reference, None, 1e-3);
+        add_movement(&mut c, &ours, &reference, None, Some((&rc, &[0.0; 3])), 1e-3);
         let Detail::Sets { flips, .. } = &c.detail else { panic!() };
-        assert!(flips.iter().all(|f| f.moved.is_some_and(|m| !m.too_little)));
+        assert!(flips.iter().all(|f| f.moved.is_some_and(|m| m.rule_break.is_none())));
     }
 
     /// Recomputed from a transformers-style dump (scores, no margin): query 2's exact tie between
@@ -475,5 +548,47 @@ mod tests {
         assert_eq!(m[0], f32::INFINITY, "query 0 keeps its only key (the 1 past it is padding)");
         assert_eq!(m[1], f32::INFINITY, "query 1 keeps both its keys");
         assert_eq!(m[2], 0.0, "keys 0 and 1 tie at 0.1; the recording kept 1");
+    }
+
+    /// DSA flips seen against each side's own scores: a query whose selection leaves out a key its
+    /// own scores rank higher is a rule break of that side; a key one side masked (torch's
+    /// `finfo.min`, read as `-inf`) moved infinitely, outside the noise, which it does not make.
+    #[test]
+    fn a_dsa_selection_its_own_scores_contradict_breaks_the_rule() {
+        use crate::hooks::Observer;
+        use candle_core::{Device, Tensor};
+        let dir = tempfile::tempdir().unwrap();
+        let point = HookPoint::Layer(0, LayerHook::DsaTopk);
+        let write = |name: &str, scores: Vec<f32>, topk: Vec<i64>| {
+            let path = dir.path().join(name);
+            let mut w = crate::dump::DumpWriter::create(&path, crate::hooks::Selector::default(), 3).unwrap();
+            w.observe(HookPoint::InputIds, &Tensor::from_vec(vec![1i64, 2, 3], (1, 3), &Device::Cpu).unwrap()).unwrap();
+            let scores = Tensor::from_vec(scores, (1, 3, 3), &Device::Cpu).unwrap();
+            w.observe(HookPoint::Layer(0, LayerHook::DsaScores), &scores).unwrap();
+            w.observe(point, &Tensor::from_vec(topk, (1, 3, 1), &Device::Cpu).unwrap()).unwrap();
+            w.finish(&crate::dump::metadata("test", None, None)).unwrap();
+            Dump::open(&path).unwrap()
+        };
+        let ninf = f32::NEG_INFINITY;
+        let reference = write("ref.st", vec![0.3, ninf, ninf, 0.2, 0.7, ninf, 0.1, 0.5, 0.6], vec![0, 1, 2]);
+        // Query 1 kept key 0 (0.2) over key 1 (0.7); query 2 masked its own key (f32::MIN).
+        let ours = write("ours.st", vec![0.3, ninf, ninf, 0.2, 0.7, ninf, 0.1, 0.5, f32::MIN], vec![0, 0, 1]);
+        let values = |d: &Dump| ints(d, &point.name()).unwrap();
+        let mut c = crate::compare::compare_tensor(
+            &point.name(),
+            (&crate::dump::Values::I64(values(&ours)), &[1, 3, 1]),
+            (&crate::dump::Values::I64(values(&reference)), &[1, 3, 1]),
+            None,
+            crate::compare::Tolerance::default(),
+        );
+        add_movement(&mut c, &ours, &reference, None, None, 1e-3);
+        let Detail::Sets { flips, .. } = &c.detail else { panic!() };
+        assert_eq!(flips.iter().map(|f| f.row).collect::<Vec<_>>(), [1, 2]);
+        let [one, two] = [flips[0].moved.unwrap(), flips[1].moved.unwrap()];
+        assert_eq!(one.rule_break, Some(RuleBreak::OwnScores { side: Side::Ours, kept: 0, left_out: 1, by: 0.5 }));
+        assert_eq!((two.keys, two.noise, two.rule_break), (f32::INFINITY, 0.0, None));
+        let out = render(&crate::compare::flips(std::slice::from_ref(&c)), 1e-3, "");
+        assert!(out.contains("(ours left out 1, which its own scores rank 5.000e-1 above 0 it kept: its rule differs)"));
+        assert!(out.contains("(0 of them within the run's score noise"), "{out}");
     }
 }

@@ -3,7 +3,7 @@
 //! Where every layer is somewhat off (a quantised twin, a bf16 port) the first divergence is
 //! layer 0's rounding; the table marks where to look for a bug: a layer whose output error jumps
 //! against the one before, and (in `diff`, which measures flips against both dumps' scores:
-//! `flips::add_movement`) one whose flips its scores did not move enough to make.
+//! `flips::add_movement`) one with flips one rule cannot make.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -27,8 +27,8 @@ pub struct LayerError {
     /// Flips by class: near-tie, real, unknown.
     pub routing: [usize; 3],
     pub dsa: [usize; 3],
-    /// Flips whose keys' scores moved too little for one rule to flip them
-    /// (`Movement::too_little`): the selection's rule differs in this layer.
+    /// Flips one rule cannot have made (`compare::RuleBreak`): the selection's rule differs in
+    /// this layer.
     pub unexplained: usize,
 }
 
@@ -131,7 +131,7 @@ pub fn render(layers: &[LayerError]) -> String {
             None => {}
         }
         if l.unexplained > 0 {
-            let _ = write!(out, "   <- {} flips its scores' change cannot explain: the rule differs", l.unexplained);
+            let _ = write!(out, "   <- {} flips one rule cannot make: the rule differs", l.unexplained);
         }
         out.push('\n');
     }

@@ -601,7 +601,8 @@ fn the_by_layer_lines_mark_a_bug_under_rounding_noise() {
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
     let out = diff(&dump, &port);
-    let marked: Vec<&str> = out.lines().filter(|l| l.contains("cannot explain: the rule differs")).collect();
+    let marked: Vec<&str> =
+        out.lines().filter(|l| l.contains("flips one rule cannot make: the rule differs")).collect();
     assert_eq!(marked.len(), 1, "{out}");
     assert!(marked[0].trim_start().starts_with("3 "), "{out}");
     // The flips it names are layer 3's routing flips, and only those.
