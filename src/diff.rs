@@ -329,6 +329,26 @@ impl DiffReport {
                 };
                 Some(format!("its input {name} matches and the flips are real: {rule}"))
             }
+            // Flips none of which is a near-tie (their margins unknown: routing without --model)
+            // over gate logits that moved by m: one rule flips only choices tied within 2m, and
+            // where 2m is under TIED (1e-3 / GLM-5's 256 experts: fewer than one token in a
+            // thousand is that close) many flips are no such ties.
+            Detail::Sets { flips, rows, .. }
+                if flips.len() > 1 && flips.iter().all(|f| Class::of(f, self.near_tie) == Class::Unknown) =>
+            {
+                const TIED: f64 = 4e-6;
+                let name = inputs.filter(|n| n.ends_with("router_logits")).and_then(matching)?;
+                let moved = self.results.iter().find(|r| r.name == name)?.detail.max_abs()?;
+                let test = if self.with_model { "" } else { "; --model DIR tests each flip" };
+                (2.0 * moved <= TIED).then(|| {
+                    format!(
+                        "its input {name} matches (max_abs {moved:.1e}, so one rule flips only choices tied within \
+                         {:.1e}): {} flips in {rows} tokens say the routing rule or the correction bias differs{test}",
+                        2.0 * moved,
+                        flips.len()
+                    )
+                })
+            }
             _ => None,
         }
     }
@@ -470,6 +490,28 @@ mod tests {
         assert!(out.contains(first), "{out}");
         let json = report.to_json(Path::new("a"), Path::new("b"));
         assert!(json["first_divergence_reading"].as_str().is_some_and(|r| r.starts_with("its input")), "{json}");
+
+        // Without margins (no --model), flips over logits 7e-7 apart are still no ties: one rule
+        // flips only choices tied within 1.4e-6. Logits 1e-2 apart (a bf16 port) say nothing.
+        let unknown = Flip { margin_ours: None, margin_reference: None, ..report.flips()[0].1.clone() };
+        let reading = |apart: f32| {
+            let (_, logits) =
+                compare_floats(&[1.0, 2.0 + apart], &[1.0, 2.0], &[2], Tolerance { atol: 2e-2, rtol: 0.0 });
+            let flips = vec![unknown.clone(), Flip { row: 3, ..unknown.clone() }];
+            let sets = Detail::Sets { rows: 4, mean_recall: 0.75, min_recall: 0.5, flips };
+            let results = vec![
+                Comparison { name: "layers.2.moe.router_logits".into(), ok: true, detail: logits },
+                Comparison { name: "layers.2.moe.topk_ids".into(), ok: false, detail: sets },
+            ];
+            let report = DiffReport { results, ..report.clone() };
+            report.to_json(Path::new("a"), Path::new("b"))["first_divergence_reading"].clone()
+        };
+        let read = reading(7.2e-7);
+        let expected = "its input layers.2.moe.router_logits matches (max_abs 7.2e-7, so one rule flips only choices \
+                        tied within 1.4e-6): 2 flips in 4 tokens say the routing rule or the correction bias differs; \
+                        --model DIR tests each flip";
+        assert_eq!(read, json!(expected));
+        assert_eq!(reading(1e-2), Value::Null);
     }
 
     /// An exact integer tensor that differs reads as elements, in text and JSON, not as flips.
