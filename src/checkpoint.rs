@@ -220,6 +220,20 @@ impl Checkpoint {
     }
 }
 
+/// The files of the checkpoint in `dir` that glimpse reads (those that exist): its config,
+/// tokenizer, index and weights (the index's shards, read leniently: a broken index is the
+/// checkpoint reader's to name). No output may replace one.
+pub fn own_files(dir: &Path) -> Vec<PathBuf> {
+    let mut names: BTreeSet<String> = ["config.json", crate::tokenizer::TOKENIZER_FILE, INDEX_FILE, SINGLE_FILE]
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    if let Ok(Some(map)) = read_index(&dir.join(INDEX_FILE)) {
+        names.extend(map.into_values());
+    }
+    names.into_iter().map(|n| dir.join(n)).filter(|p| p.exists()).collect()
+}
+
 /// The shard files of a checkpoint, validated to stay inside its folder.
 fn shard_list(dir: &Path) -> Result<Vec<String>> {
     let index = dir.join(INDEX_FILE);

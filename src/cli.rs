@@ -353,6 +353,27 @@ pub(crate) enum Command {
 
 impl Command {
     /// The files this command will write, with the flag that names each: checked before any work.
+    /// The files a command reads, which no output may replace: dumps, prompt files, and a
+    /// checkpoint's own files (`checkpoint::own_files`: its config, tokenizer, weights).
+    pub(crate) fn inputs(&self) -> Vec<(&'static str, PathBuf)> {
+        let file =
+            |flag: &'static str, p: &Option<PathBuf>| p.iter().map(move |p| (flag, p.clone())).collect::<Vec<_>>();
+        let model = |p: &Option<PathBuf>| {
+            p.iter().flat_map(|dir| glimpse::checkpoint::own_files(dir)).map(|f| ("--model", f)).collect::<Vec<_>>()
+        };
+        let files = |flag: &'static str, ps: &[PathBuf]| ps.iter().map(|p| (flag, p.clone())).collect::<Vec<_>>();
+        match self {
+            Command::Run { model: m, tokens_from, from_dump, .. } => {
+                [model(&Some(m.clone())), file("--tokens-from", tokens_from), file("--from-dump", from_dump)].concat()
+            }
+            Command::Generate { model: m, .. } => model(&Some(m.clone())),
+            Command::Audit { model: m, prompts, dumps, against, .. } => {
+                [model(m), file("--prompts", prompts), files("--dump", dumps), files("--against", against)].concat()
+            }
+            _ => Vec::new(),
+        }
+    }
+
     pub(crate) fn outputs(&self) -> Vec<(&'static str, &Path)> {
         fn named<'a>(flag: &'static str, p: &'a Option<PathBuf>) -> Option<(&'static str, &'a Path)> {
             p.as_deref().map(|p| (flag, p))

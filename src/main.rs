@@ -144,6 +144,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     for (flag, path) in cli.command.outputs() {
         glimpse::output::check(flag, path)?;
     }
+    glimpse::output::check_distinct(&cli.command.outputs(), &cli.command.inputs())?;
     match cli.command {
         Command::Verify {
             model,
@@ -516,6 +517,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Synth { config, preset, layers, experts, vocab, dtype, shards, mtp, seed, out } => {
+            if let Some(path) = &config {
+                glimpse::output::check_distinct(&[("--out", &out.join("config.json"))], &[("--config", path.clone())])?;
+            }
             let config = match (config, preset) {
                 (Some(path), _) => {
                     let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;

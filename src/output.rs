@@ -35,6 +35,35 @@ pub fn check(flag: &str, path: &Path) -> Result<()> {
     }
 }
 
+/// Refuses outputs that would replace one of the command's `inputs` (a dump written over the
+/// reference it was run from, a CSV over a dump, a dump over the weights) or each other (two
+/// reports to one path: one would be lost). Paths are compared as they resolve (links
+/// followed, `..` and `.` taken out).
+pub fn check_distinct(outputs: &[(&str, &Path)], inputs: &[(&str, PathBuf)]) -> Result<()> {
+    let resolved = |p: &Path| match p.canonicalize() {
+        Ok(real) => Some(real),
+        // Not there yet: its folder's real path and its name.
+        Err(_) => {
+            let folder = p.parent().filter(|f| !f.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            Some(folder.canonicalize().ok()?.join(p.file_name()?))
+        }
+    };
+    for (i, (flag, out)) in outputs.iter().enumerate() {
+        let Some(real) = resolved(out) else { continue };
+        if let Some((input_flag, input)) = inputs.iter().find(|(_, p)| resolved(p).as_ref() == Some(&real)) {
+            return Err(Error::Usage(format!(
+                "{flag} {} is {input_flag}'s {}, which this command reads: give another path",
+                out.display(),
+                input.display()
+            )));
+        }
+        if let Some((other, _)) = outputs[..i].iter().find(|(_, p)| resolved(p).as_ref() == Some(&real)) {
+            return Err(Error::Usage(format!("{flag} {} is also {other}'s path: give each its own", out.display())));
+        }
+    }
+    Ok(())
+}
+
 /// Removes the file at `path` when dropped, unless it was `removed` already: a temporary file
 /// that must not outlive its owner, whatever error ends it.
 pub struct Removal {

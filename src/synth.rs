@@ -240,8 +240,16 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
     if o.shards == 0 {
         return Err(Error::Usage("--shards must be at least 1".into()));
     }
-    std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
+    refuse_foreign_weights(&o.out)?;
     let specs = released_layout(&cfg, o.mtp);
+    // A shard holds at least one weight (and its scale): no empty shards.
+    if o.shards > specs.len() {
+        return Err(Error::Usage(format!(
+            "--shards {} is more than the checkpoint's {} weights: give at most that",
+            o.shards,
+            specs.len()
+        )));
+    }
     // Each quantised weight is followed by its scale tensor.
     let mut tensors: Vec<(WeightSpec, Dtype, bool)> = Vec::new(); // (spec, dtype, is_scale)
     for spec in specs {
@@ -256,6 +264,15 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
     }
     let bytes = |t: &(WeightSpec, Dtype, bool)| t.0.shape.iter().product::<usize>() * t.1.bitsize() / 8;
     let total: usize = tensors.iter().map(bytes).sum();
+    if let Some(free) = free_bytes(&o.out).filter(|&free| total as u64 > free) {
+        return Err(Error::Usage(format!(
+            "--out {}: the checkpoint needs {:.2} GB and {:.2} GB are free there",
+            o.out.display(),
+            total as f64 / 1e9,
+            free as f64 / 1e9
+        )));
+    }
+    std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
 
     // Balanced contiguous shards; a weight and its scale stay together.
     let mut shard_of = Vec::with_capacity(tensors.len());
@@ -284,6 +301,7 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
         let mut pending_scales: Vec<f32> = Vec::new();
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
+        meta.insert(MARK.0.to_string(), MARK.1.to_string());
         crate::st::write_streaming(&path, &layout, &meta, |j, w| {
             let (spec, dtype, is_scale) = &tensors[members[j]];
             let io = |e| Error::io(&path, e);
@@ -339,6 +357,50 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
     }
     write_json(&o.out.join("config.json"), &config_json)?;
     Ok(cfg)
+}
+
+/// The metadata entry on every weight file synth writes: a folder whose weights lack it holds a
+/// real checkpoint, which synth must not replace with random weights.
+const MARK: (&str, &str) = ("glimpse", "synth");
+
+/// Refuses an `out` folder that holds weight files synth did not write (a real checkpoint,
+/// perhaps with its reference dumps beside it).
+fn refuse_foreign_weights(out: &Path) -> Result<()> {
+    for path in crate::checkpoint::own_files(out).iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")) {
+        let ours =
+            crate::st::StFile::open(path).is_ok_and(|f| f.metadata().get(MARK.0).map(String::as_str) == Some(MARK.1));
+        if !ours {
+            return Err(Error::Usage(format!(
+                "--out {}: holds weights synth did not write ({}); give an empty folder or one synth wrote",
+                out.display(),
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Bytes free to this user on the file system that holds (or will hold) `dir`; None where that
+/// is not known.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let existing =
+            dir.ancestors().find(|a| a.is_dir()).filter(|a| !a.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let c = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
+        // SAFETY: a NUL-terminated path and a zeroed struct the call fills.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        Some(st.f_bavail as u64 * st.f_frsize as u64)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
+    }
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {

@@ -14,6 +14,10 @@ const CONFIG: &str = r#"{
   "index_topk": 3, "index_head_dim": 8, "index_n_heads": 4
 }"#;
 
+fn golden(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case)
+}
+
 /// A tiny synthetic checkpoint written by the binary itself.
 fn synth(dir: &Path, seed: u64) -> PathBuf {
     let cfg = dir.join("tiny.json");
@@ -533,4 +537,72 @@ fn the_gpu_section_of_the_help_holds_the_gpu_flags_only() {
             .collect();
         assert_eq!(section, ["--ordinal", "--precision"], "{cmd}: {out}");
     }
+}
+
+/// An output never replaces what the command reads (a dump over the weights or over the dump it
+/// was run from, a CSV over an audited dump) nor another output; the files stay as they were.
+#[test]
+fn outputs_never_replace_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("flat");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["config.json", "model.safetensors", "reference.safetensors"] {
+        std::fs::copy(golden("flat").join(f), model.join(f)).unwrap();
+    }
+    let (m, reference) = (model.to_str().unwrap(), model.join("reference.safetensors"));
+    let r = reference.to_str().unwrap();
+    let weights = model.join("model.safetensors");
+    let before = |p: &Path| std::fs::read(p).unwrap();
+    let (weights_before, reference_before) = (before(&weights), before(&reference));
+    let dotted = format!("{m}/../flat/model.safetensors");
+    let cases: [(&[&str], &str); 5] = [
+        (&["run", "--model", m, "--tokens", "1,2", "--dump", &dotted], "is --model's "),
+        (&["run", "--model", m, "--tokens-from", r, "--dump", r], "is --tokens-from's "),
+        (&["generate", "--model", m, "--tokens", "1", "--dump", &format!("{m}/config.json")], "is --model's "),
+        (&["audit", "--dump", r, "--csv", r], "--csv"),
+        (&["audit", "--dump", r, "--csv", &format!("{m}/x"), "--heatmap", &format!("{m}/./x")], "is also --csv's path"),
+    ];
+    for (args, needle) in cases {
+        assert_error(&glimpse(args), needle);
+    }
+    assert!(before(&weights) == weights_before && before(&reference) == reference_before);
+    assert!(!model.join("x").exists());
+    // A dump beside the weights is fine, and so is writing it again.
+    for _ in 0..2 {
+        assert_ok(&glimpse(&["run", "--model", m, "--tokens", "1,2", "--dump", &format!("{m}/ours.st")]));
+    }
+}
+
+/// `synth` does not write random weights over a checkpoint it did not write (it marks its own),
+/// nor over its `--config`; it refuses shards it cannot fill and checkpoints the disk cannot
+/// hold, before creating anything.
+#[test]
+fn synth_refuses_what_it_would_destroy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    let real = tmp.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    std::fs::copy(golden("flat").join("config.json"), real.join("config.json")).unwrap();
+    std::fs::copy(golden("flat").join("model.safetensors"), real.join("model.safetensors")).unwrap();
+    let cfg = golden("flat").join("config.json");
+    let cfg = cfg.to_str().unwrap();
+    let o = glimpse(&["synth", "--config", cfg, "--out", &t("real")]);
+    assert_error(&o, "holds weights synth did not write");
+    let o = glimpse(&["synth", "--config", &t("real/config.json"), "--out", &t("real")]);
+    assert_error(&o, "is --config's ");
+    assert_eq!(
+        std::fs::read(real.join("model.safetensors")).unwrap(),
+        std::fs::read(golden("flat").join("model.safetensors")).unwrap()
+    );
+    // Its own checkpoint it rewrites.
+    for shards in ["1", "2"] {
+        assert_ok(&glimpse(&["synth", "--config", cfg, "--dtype", "f32", "--shards", shards, "--out", &t("mine")]));
+    }
+    assert_error(
+        &glimpse(&["synth", "--config", cfg, "--shards", "100000", "--out", &t("many")]),
+        "more than the checkpoint's",
+    );
+    let o = glimpse(&["synth", "--preset", "glm5", "--layers", "2000", "--out", &t("huge/x")]);
+    assert_error(&o, "GB are free there");
+    assert!(!tmp.path().join("many").exists() && !tmp.path().join("huge").exists());
 }
