@@ -55,7 +55,23 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(cli) {
+    // Standard output that cannot be written (`> /dev/full`, a closed descriptor) makes `print!`
+    // panic; that one panic is a one-line error here, after unwinding (which removes unfinished
+    // files as any error does), and says nothing through the panic hook.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if stdout_failure(info.payload()).is_none() {
+            hook(info)
+        }
+    }));
+    let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli))) {
+        Ok(result) => result,
+        Err(payload) => match stdout_failure(payload.as_ref()) {
+            Some(msg) => Err(Error::Usage(msg)),
+            None => std::panic::resume_unwind(payload),
+        },
+    };
+    match result {
         Ok(code) => code,
         // Ctrl-C's exit status, as a shell reports a process that SIGINT ended.
         Err(Error::Interrupted(msg)) => {
@@ -67,6 +83,13 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The message of the standard library's panic on a failed `print!` to standard output, reworded.
+fn stdout_failure(payload: &(dyn std::any::Any + Send)) -> Option<String> {
+    let text = payload.downcast_ref::<String>()?;
+    let why = text.strip_prefix("failed printing to stdout: ")?;
+    Some(format!("cannot write to standard output: {why}"))
 }
 
 /// The bundled case, found next to the binary's sources or under the current directory.

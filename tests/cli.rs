@@ -606,3 +606,18 @@ fn synth_refuses_what_it_would_destroy() {
     assert_error(&o, "GB are free there");
     assert!(!tmp.path().join("many").exists() && !tmp.path().join("huge").exists());
 }
+
+/// Standard output that cannot be written (`> /dev/full`) is a one-line error with exit code 2,
+/// not a panic.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_standard_output_is_a_one_line_error() {
+    let reference = golden("flat").join("reference.safetensors");
+    let r = reference.to_str().unwrap();
+    for args in [&["verify"][..], &["diff", r, r, "--json"], &["inspect", "--model", golden("flat").to_str().unwrap()]]
+    {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_glimpse")).args(args).stdout(full).output().unwrap();
+        assert_error(&o, "cannot write to standard output: No space left on device");
+    }
+}
