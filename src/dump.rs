@@ -423,12 +423,26 @@ impl DumpWriter {
         }
         let entries: Vec<(String, Dtype, Vec<usize>)> =
             serde_json::from_value(state["entries"].clone()).map_err(|_| bad("no entries"))?;
-        let reserve = state["reserve"].as_u64().ok_or_else(|| bad("no reserve"))? as usize;
-        let layer = state["layer"].as_u64().ok_or_else(|| bad("no layer"))? as usize;
-        let data: usize = entries.iter().map(|(_, d, s)| s.iter().product::<usize>() * d.bitsize() / 8).sum();
+        let reserve = state["reserve"].as_u64().ok_or_else(|| bad("no reserve"))?;
+        let layer = state["layer"].as_u64().and_then(|l| usize::try_from(l).ok()).ok_or_else(|| bad("no layer"))?;
+        let bytes = |(_, d, s): &(String, Dtype, Vec<usize>)| {
+            s.iter().try_fold(d.bitsize() as u64 / 8, |n, &x| n.checked_mul(x as u64))
+        };
+        let mut sizes = [Some(8), Some(reserve)].into_iter().chain(entries.iter().map(bytes));
+        let end = sizes.try_fold(0u64, |n, b| n.checked_add(b?)).ok_or_else(|| bad("its sizes overflow"))?;
+        let reserve = usize::try_from(reserve).map_err(|_| bad("its header reservation is too large"))?;
         let file = std::fs::OpenOptions::new().write(true).open(&partial).map_err(|e| Error::io(&partial, e))?;
+        // The layers recorded must all be there: a shorter file lost some (it was truncated, or
+        // its disk filled) and would resume into a dump of zeros.
+        let len = file.metadata().map_err(|e| Error::io(&partial, e))?.len();
+        if len < end {
+            return Err(Error::dump(
+                &partial,
+                format!("holds {len} bytes, short of the {end} its recorded layers need; delete it to start over"),
+            ));
+        }
         // Anything written after the last checkpoint is dropped and written again.
-        file.set_len((8 + reserve + data) as u64).map_err(|e| Error::io(&partial, e))?;
+        file.set_len(end).map_err(|e| Error::io(&partial, e))?;
         let mut file = file;
         file.seek(SeekFrom::End(0)).map_err(|e| Error::io(&partial, e))?;
         let start = read_hidden(&hidden_path)?;
@@ -443,7 +457,7 @@ impl DumpWriter {
             entries,
             resume: Some(resume),
         };
-        Ok(Some((w, start, layer + 1)))
+        Ok(Some((w, start, layer.saturating_add(1))))
     }
 
     /// Whether this writer checkpoints after every layer (`create_resumable`, `resume`), so a

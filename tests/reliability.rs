@@ -374,6 +374,14 @@ fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("recording other hook points"));
     let mut with_resume = rargs.to_vec();
     with_resume.push("--resume");
+    // A partial file shorter than the layers its state recorded (truncated, or its disk filled)
+    // is refused; it resumed into a dump whose first layers were zeros.
+    let partial = t.join("resumed.safetensors.partial");
+    let whole = std::fs::read(&partial).unwrap();
+    std::fs::write(&partial, &whole[..1000]).unwrap();
+    let o = glimpse(&with_resume);
+    common::assert_error(&o, "short of the");
+    std::fs::write(&partial, &whole).unwrap();
     let o = glimpse(&with_resume);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && err.contains("resuming"), "{err}");
