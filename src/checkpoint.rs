@@ -349,6 +349,11 @@ impl<'a> Loader<'a> {
         self.ckpt.contains(name)
     }
 
+    /// A problem found in a tensor's values, listed with the rest.
+    pub fn refuse(&mut self, problem: String) {
+        self.problems.push(problem);
+    }
+
     /// `name` read in place as bf16, when it is stored so.
     pub fn bf16(&self, name: &str) -> Option<crate::model::gemv::Bf16Weight> {
         self.ckpt.bf16_weight(name)

@@ -598,7 +598,16 @@ fn rope(f: &Fields) -> Result<Rope> {
                 Some(v) => as_f64(&key("original_max_position_embeddings"), v)?,
                 None => max_pos,
             };
+            if original <= 0.0 {
+                let msg = format!("must be positive, got {original}");
+                return Err(Error::config(key("original_max_position_embeddings"), msg));
+            }
             let opt = |k: &str| pf.get(k).map(|v| as_f64(&key(k), v)).transpose();
+            for k in ["beta_fast", "beta_slow"] {
+                if let Some(beta) = opt(k)?.filter(|b| *b < 0.0) {
+                    return Err(Error::config(key(k), format!("must not be negative, got {beta}")));
+                }
+            }
             // `beta_fast or 32`: a 0 falls back to the default too.
             let nonzero_or = |v: Option<f64>, d: f64| v.filter(|x| *x != 0.0).unwrap_or(d);
             Ok(Rope::Yarn(Yarn {
@@ -762,6 +771,12 @@ mod tests {
         let yarn = serde_json::json!({ "rope_type": "yarn", "factor": 4.0, "rope_theta": 5e5 });
         let rope = read(serde_json::json!({ "rope_scaling": {}, "rope_parameters": yarn })).unwrap().rope;
         assert!(matches!(rope, Rope::Yarn(ref y) if y.factor == 4.0 && y.theta == 5e5), "{rope:?}");
+        let e = read(serde_json::json!({ "rope_scaling": { "rope_type": "yarn", "factor": 4.0, "beta_fast": -1 } }));
+        assert!(e.unwrap_err().contains("rope_scaling.beta_fast"));
+        let zero = serde_json::json!({ "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 0 });
+        assert!(read(serde_json::json!({ "rope_scaling": zero }))
+            .unwrap_err()
+            .contains("original_max_position_embeddings"));
         for factor in [0.0, -2.0] {
             let e = read(serde_json::json!({ "rope_scaling": { "rope_type": "yarn", "factor": factor } })).unwrap_err();
             assert!(e.contains("rope_scaling.factor") && e.contains("must be positive"), "{e}");

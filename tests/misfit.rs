@@ -120,27 +120,42 @@ fn zero_width_selections_and_latents_show_nothing() {
     assert!(text.contains("layers.0.dsa.topk"), "{text}");
 }
 
-/// A checkpoint's correction bias of the wrong length is named when routers are read without
-/// loading the model (`diff --model`; grouped routing divided by zero on it).
-#[test]
-fn a_misshapen_correction_bias_is_named() {
-    let tmp = tempfile::tempdir().unwrap();
+/// grouped-shared-yarn with layer 1's correction bias edited, in `dir`.
+fn with_bias(dir: &Path, edit: impl Fn(&mut Vec<f32>)) -> PathBuf {
     let case = golden("grouped-shared-yarn");
-    let dir = tmp.path().join("ckpt");
-    std::fs::create_dir(&dir).unwrap();
+    std::fs::create_dir(dir).unwrap();
     std::fs::copy(case.join("config.json"), dir.join("config.json")).unwrap();
     let f = glimpse::st::StFile::open(&case.join("model.safetensors")).unwrap();
-    let bias = "model.layers.1.mlp.gate.e_score_correction_bias";
     let entries: Vec<(String, glimpse::st::Entry)> = f
         .names()
         .map(|n| {
-            let (v, shape) = f.f32(n).unwrap();
-            let (v, shape) = if n == bias { (v[..3].to_vec(), vec![3]) } else { (v, shape) };
+            let (mut v, shape) = f.f32(n).unwrap();
+            if n == BIAS {
+                edit(&mut v);
+            }
+            let shape = if n == BIAS { vec![v.len()] } else { shape };
             (n.to_string(), glimpse::st::Entry::f32(shape, &v))
         })
         .collect();
     glimpse::st::write(&dir.join("model.safetensors"), &entries, &Default::default()).unwrap();
-    let theirs = s(&case.join("reference.safetensors"));
-    let o = glimpse(&["diff", &theirs, &theirs, "--model", &s(&dir)]);
-    assert_error(&o, &format!("`{bias}` has shape [3], expected [16]"));
+    dir.to_path_buf()
+}
+
+const BIAS: &str = "model.layers.1.mlp.gate.e_score_correction_bias";
+
+/// A checkpoint's correction bias of the wrong length is named when routers are read without
+/// loading the model (`diff --model`; grouped routing divided by zero on it); one that is not
+/// finite is refused by both readers (a NaN sent every token to the same experts, margin inf).
+#[test]
+fn a_misshapen_or_non_finite_correction_bias_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let theirs = s(&golden("grouped-shared-yarn").join("reference.safetensors"));
+    let short = with_bias(&tmp.path().join("short"), |v| v.truncate(3));
+    let o = glimpse(&["diff", &theirs, &theirs, "--model", &s(&short)]);
+    assert_error(&o, &format!("`{BIAS}` has shape [3], expected [16]"));
+    let nan = with_bias(&tmp.path().join("nan"), |v| v[5] = f32::NAN);
+    let o = glimpse(&["diff", &theirs, &theirs, "--model", &s(&nan)]);
+    assert_error(&o, &format!("`{BIAS}` holds NaN at expert 5"));
+    let o = glimpse(&["run", "--model", &s(&nan), "--tokens", "1,2"]);
+    assert_error(&o, &format!("`{BIAS}` holds NaN at expert 5"));
 }

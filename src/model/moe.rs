@@ -85,12 +85,12 @@ impl Routers {
             if ckpt.contains(&name) {
                 // Checked here too: `diff`, `audit` and the TUI read routers without the loader.
                 let (b, shape) = ckpt.f32(&name)?;
-                if shape != [c.n_routed_experts] {
-                    let want = [c.n_routed_experts];
-                    return Err(Error::checkpoint(
-                        &ckpt.dir,
-                        format!("`{name}` has shape {shape:?}, expected {want:?}"),
-                    ));
+                let want = [c.n_routed_experts];
+                let problem = (shape != want)
+                    .then(|| format!("`{name}` has shape {shape:?}, expected {want:?}"))
+                    .or_else(|| non_finite_bias(&name, &b));
+                if let Some(problem) = problem {
+                    return Err(Error::checkpoint(&ckpt.dir, problem));
                 }
                 bias.insert(i, b);
             }
@@ -102,6 +102,13 @@ impl Routers {
     pub fn layer(&self, i: usize) -> Option<(&RouterConfig, &[f32])> {
         self.bias.get(&i).map(|b| (&self.config, b.as_slice()))
     }
+}
+
+/// What is wrong with a correction bias that is not finite: selection ranks by it, and a NaN
+/// ranks below everything, so every token took the same experts with an infinite margin.
+fn non_finite_bias(name: &str, bias: &[f32]) -> Option<String> {
+    let j = bias.iter().position(|b| !b.is_finite())?;
+    Some(format!("`{name}` holds {} at expert {j}: selection ranks experts by it", bias[j]))
 }
 
 /// One token's routing decision.
@@ -255,6 +262,9 @@ impl Moe {
         let gate = l.get(&format!("{p}.gate.weight"), &[e, h]);
         let bias = l.get(&format!("{p}.gate.e_score_correction_bias"), &[e]);
         let bias = bias.to_vec1::<f32>().unwrap_or_default();
+        if let Some(problem) = non_finite_bias(&format!("{p}.gate.e_score_correction_bias"), &bias) {
+            l.refuse(problem);
+        }
         let experts = if l.has(&format!("{p}.experts.gate_up_proj")) {
             load_fused_experts(l, &p, e, h, inter)
         } else {
