@@ -36,7 +36,7 @@ impl Checkpoint {
             return Err(Error::checkpoint(dir, "not a directory (expected a checkpoint folder with config.json)"));
         }
         let config_path = dir.join("config.json");
-        let config_bytes = std::fs::read(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let config_bytes = crate::st::read_input(&config_path)?;
         let config = Config::from_file(&config_path)?;
         let shard_names = shard_list(dir)?;
         let progress = std::io::stderr().is_terminal() && shard_names.len() > 1;
@@ -263,6 +263,7 @@ fn shard_list(dir: &Path) -> Result<Vec<String>> {
     match std::fs::symlink_metadata(&single) {
         Ok(m) if m.is_dir() => Err(Error::checkpoint(&single, "is a folder, not a safetensors file")),
         Ok(m) if m.file_type().is_symlink() => Err(Error::checkpoint(&single, "is a link to nothing readable")),
+        Ok(_) => Err(Error::checkpoint(&single, "is not a regular file")),
         _ => Err(Error::checkpoint(dir, format!("no {SINGLE_FILE} and no {INDEX_FILE}"))),
     }
 }
@@ -272,7 +273,7 @@ fn read_index(path: &Path) -> Result<Option<BTreeMap<String, String>>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::st::read_input(path)?;
     parse_index(path, &bytes).map(Some)
 }
 

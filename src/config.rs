@@ -194,7 +194,7 @@ fn as_f64(key: &str, v: &Value) -> Result<f64> {
 impl Config {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::st::read_input(path)?;
         let value: Value =
             serde_json::from_slice(&bytes).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
         Self::from_json(&value).map_err(|e| Error::Context { context: path.display().to_string(), source: Box::new(e) })

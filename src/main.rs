@@ -545,7 +545,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let config = match (config, preset) {
                 (Some(path), _) => {
-                    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+                    let bytes = glimpse::st::read_input(&path)?;
                     serde_json::from_slice(&bytes).map_err(|source| Error::Json { path: path.clone(), source })?
                 }
                 _ => synth::preset_glm5(),

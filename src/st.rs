@@ -22,11 +22,27 @@ pub struct StFile {
     metadata: HashMap<String, String>,
 }
 
+/// Refuses an input that is not a regular file: opening a FIFO waits for a writer forever, and a
+/// device reads without end. (A missing file is left to the open, whose error says so.)
+pub fn check_regular(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() && !m.is_dir() => Err(Error::Usage(format!("{}: is not a regular file", path.display()))),
+        _ => Ok(()),
+    }
+}
+
+/// A whole input file ([`check_regular`] first).
+pub fn read_input(path: &Path) -> Result<Vec<u8>> {
+    check_regular(path)?;
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
 impl StFile {
     pub fn open(path: &Path) -> Result<Self> {
         if path.is_dir() {
             return Err(Error::checkpoint(path, "is a folder, not a safetensors file"));
         }
+        check_regular(path)?;
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only; a file truncated under us is outside what we defend.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;

@@ -19,6 +19,7 @@ pub fn encode(model_dir: &Path, text: &str) -> Result<crate::model::Tokens> {
     if text.is_empty() {
         return Err(Error::Usage("the prompt is empty".into()));
     }
+    crate::st::check_regular(&path)?;
     let tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::checkpoint(&path, e.to_string()))?;
     let enc =
         tok.encode(text, false).map_err(|e| Error::checkpoint(&path, format!("cannot encode the prompt: {e}")))?;
@@ -42,6 +43,7 @@ impl Decoder {
         if !path.is_file() {
             return Ok(None);
         }
+        crate::st::check_regular(&path)?;
         let tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::checkpoint(&path, e.to_string()))?;
         Ok(Some(Decoder { tok, path }))
     }

@@ -185,6 +185,16 @@ fn malformed_files_and_arguments_are_one_line_errors() {
     let link = with_index("link", r#"{"weight_map": {"lm_head.weight": "w.safetensors"}}"#);
     std::os::unix::fs::symlink(flat.join("model.safetensors"), link.join("w.safetensors")).unwrap();
     cases.push((vec!["inspect".into(), "--model".into(), s(&link)], "links outside the model folder".into()));
+    let fifo_weights = t.join("fifo-weights");
+    std::fs::create_dir_all(&fifo_weights).unwrap();
+    std::fs::copy(flat.join("config.json"), fifo_weights.join("config.json")).unwrap();
+    let c_path = std::ffi::CString::new(s(&fifo_weights.join("model.safetensors"))).unwrap();
+    // SAFETY: a NUL-terminated path in this test's own temporary folder.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    cases.push((
+        vec!["inspect".into(), "--model".into(), s(&fifo_weights)],
+        "model.safetensors: is not a regular file".into(),
+    ));
     let bad_index = with_index("bad-index", "{ nope");
     cases.push((vec!["inspect".into(), "--model".into(), s(&bad_index)], "invalid JSON".into()));
     let no_map = with_index("no-map", r#"{"metadata": {}}"#);
@@ -295,6 +305,11 @@ fn malformed_files_and_arguments_are_one_line_errors() {
         // Written beside and renamed over: a FIFO or a device would become a regular file.
         (vec!["run", "--model", &model, "--tokens", "1,2", "--dump", &fifo], "is not a regular file"),
         (vec!["generate", "--model", &model, "--tokens", "1", "--dump", &fifo], "is not a regular file"),
+        // Read from, a FIFO would wait for a writer forever.
+        (vec!["diff", &fifo, &reference], "fifo: is not a regular file"),
+        (vec!["run", "--model", &model, "--tokens-from", &fifo], "fifo: is not a regular file"),
+        (vec!["audit", "--model", &model, "--prompts", &fifo], "fifo: is not a regular file"),
+        (vec!["synth", "--config", &fifo, "--out", &x_st], "fifo: is not a regular file"),
         (vec!["audit", "--dump", &reference, "--heatmap", "/tmp/load.png"], "name a .svg file"),
         (vec!["diff", &model, &reference], "is a folder, not a safetensors file"),
         (

@@ -200,7 +200,8 @@ fn run_prompts(
 /// Blank lines and `#` comments are skipped. A line whose comma-separated items are mostly
 /// integers is read as ids, so a mistyped id (`1,2,x`) is an error, not text.
 fn read_prompts(path: &Path, dir: &Path) -> Result<Vec<(usize, Tokens)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::st::read_input(path)?;
+    let text = String::from_utf8(bytes).map_err(|_| Error::Usage(format!("{}: is not UTF-8 text", path.display())))?;
     let lines: Vec<(usize, &str)> =
         text.lines().map(str::trim).enumerate().filter(|(_, l)| !l.is_empty() && !l.starts_with('#')).collect();
     if lines.is_empty() {
