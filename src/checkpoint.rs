@@ -240,6 +240,11 @@ fn shard_list(dir: &Path) -> Result<Vec<String>> {
     if let Some(map) = read_index(&index)? {
         let shards: BTreeSet<String> = map.into_values().collect();
         let root = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+        // The Hugging Face cache keeps a revision's files in `REPO/snapshots/REV/` as links to
+        // `REPO/blobs/`: links there stay inside the download.
+        let blobs = (root.parent().and_then(Path::file_name) == Some("snapshots".as_ref()))
+            .then(|| root.parent().and_then(Path::parent).map(|repo| repo.join("blobs")))
+            .flatten();
         for s in &shards {
             let p = Path::new(s);
             let inside = p.components().all(|c| matches!(c, Component::Normal(_)));
@@ -248,7 +253,7 @@ fn shard_list(dir: &Path) -> Result<Vec<String>> {
             }
             // A symlink may still point outside: follow it and check where it lands.
             if let Ok(real) = dir.join(p).canonicalize() {
-                if !real.starts_with(&root) {
+                if !real.starts_with(&root) && !blobs.as_ref().is_some_and(|b| real.starts_with(b)) {
                     return Err(Error::checkpoint(&index, format!("shard \"{s}\" links outside the model folder")));
                 }
             }

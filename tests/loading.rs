@@ -56,6 +56,34 @@ fn sharded_and_single_file_load_the_same_weights() {
     assert_eq!(logits(&one), logits(&three));
 }
 
+/// A sharded checkpoint as the Hugging Face cache holds it (`REPO/snapshots/REV/` of links into
+/// `REPO/blobs/`) loads the same weights; the same links from a folder that is no snapshot are
+/// still refused (they lead outside it).
+#[cfg(unix)]
+#[test]
+fn a_hugging_face_cache_snapshot_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let three = tmp.path().join("three");
+    write_synth(&three, SynthDtype::F32, 3);
+    let repo = tmp.path().join("models--zai-org--tiny");
+    let (blobs, snapshot) = (repo.join("blobs"), repo.join("snapshots/0123abcd"));
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::create_dir_all(&snapshot).unwrap();
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    for (i, entry) in std::fs::read_dir(&three).unwrap().enumerate() {
+        let name = entry.unwrap().file_name();
+        std::fs::rename(three.join(&name), blobs.join(format!("blob{i}"))).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/blob{i}"), snapshot.join(&name)).unwrap();
+        std::os::unix::fs::symlink(blobs.join(format!("blob{i}")), elsewhere.join(&name)).unwrap();
+    }
+    let one = tmp.path().join("one");
+    write_synth(&one, SynthDtype::F32, 1);
+    assert_eq!(logits(&snapshot), logits(&one));
+    let e = Checkpoint::open(&elsewhere).err().unwrap().to_string();
+    assert!(e.contains("links outside the model folder"), "{e}");
+}
+
 /// Rewrites a per-expert checkpoint into transformers' fused layout
 /// (`experts.gate_up_proj` [E, 2I, H] gate rows first, `experts.down_proj` [E, H, I]).
 fn fuse_experts(src: &Path, dst: &Path) {
