@@ -353,8 +353,13 @@ impl DumpWriter {
     /// `expected` is how many tensors the run may report (sizes the header reservation).
     pub fn create(path: &Path, selector: Selector, expected: usize) -> Result<Self> {
         // Not `output::tmp_sibling`: the header-overflow fallback writes that one while reading this.
-        crate::output::sweep_leftovers(path);
         let tmp_path = crate::output::sibling(path, &format!(".{}.partial", std::process::id()));
+        DumpWriter::create_at(path, tmp_path, selector, expected)
+    }
+
+    /// `create`, writing to `tmp_path` until the dump is finished.
+    fn create_at(path: &Path, tmp_path: PathBuf, selector: Selector, expected: usize) -> Result<Self> {
+        crate::output::sweep_leftovers(path);
         let reserve = (1024 + expected * HEADER_BYTES_PER_TENSOR).next_multiple_of(8);
         let file = File::create(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
         let spill = Spill::start(file, &tmp_path, Some(reserve));
@@ -370,7 +375,8 @@ impl DumpWriter {
     }
 
     /// Like `create`, but the run can be resumed after a kill: after every layer the data is
-    /// made durable and `OUT.resume.json` / `OUT.resume.hidden` record where it stands.
+    /// made durable and `OUT.resume.json` / `OUT.resume.hidden` record where it stands. The data
+    /// goes to the stable `OUT.partial` a later run can find (and the errors name).
     pub fn create_resumable(
         path: &Path,
         selector: Selector,
@@ -379,10 +385,7 @@ impl DumpWriter {
         config_sha256: &str,
     ) -> Result<Self> {
         let (partial, state_path, hidden_path) = resume_paths(path);
-        let mut w = DumpWriter::create(path, selector, expected)?;
-        // The pid-named file becomes the stable `OUT.partial` a later run can find.
-        std::fs::rename(&w.tmp_path, &partial).map_err(|e| Error::io(&partial, e))?;
-        w.tmp_path = partial;
+        let mut w = DumpWriter::create_at(path, partial, selector, expected)?;
         w.resume =
             Some(Resume { state_path, hidden_path, tokens: tokens.clone(), config_sha256: config_sha256.into() });
         Ok(w)
