@@ -175,6 +175,13 @@ impl Dump {
         }
     }
 
+    /// [`Dump::tokens`], for a model of `vocab` tokens: an id past it is named with the dump.
+    pub fn tokens_for(&self, vocab: usize) -> Result<Tokens> {
+        let tokens = self.tokens()?;
+        tokens.check_vocab(vocab).map_err(|e| Error::dump(&self.path, format!("`input_ids`: {e}")))?;
+        Ok(tokens)
+    }
+
     /// The tokens the dump was produced from (`input_ids`, [B, S]).
     pub fn tokens(&self) -> Result<Tokens> {
         let (v, shape) = match self.values("input_ids")? {

@@ -37,9 +37,7 @@ pub fn run(
     opts: &GenerateOptions,
 ) -> Result<()> {
     let vocab = model.config.vocab_size;
-    if let Some(bad) = prompt.ids.iter().find(|&&t| t as usize >= vocab) {
-        return Err(crate::error::Error::Usage(format!("token id {bad} is out of range for vocab_size {vocab}")));
-    }
+    prompt.check_vocab(vocab)?;
     if let Some(e) = opts.eos.iter().find(|&&e| e as usize >= vocab) {
         eprintln!("glimpse: warning: eos_token_id {e} is past vocab_size {vocab}: no row can produce it");
     }

@@ -193,7 +193,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let ckpt = Checkpoint::open(&model_dir)?;
             let reference = Dump::open(&golden)?;
             warn(reference.other_config(&ckpt.config_bytes, &model_dir));
-            let tokens = reference.tokens()?;
+            let tokens = reference.tokens_for(ckpt.config.vocab_size)?;
             if decode {
                 return verify_decode(&ckpt, &tokens, chunk as usize, tol, max_memory);
             }
@@ -402,8 +402,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let tokens = match (tokens, prompt, tokens_from, &from) {
                 (Some(t), _, _, _) => Tokens::parse(&t).context(|| "--tokens".into())?,
                 (_, Some(p), _, _) => glimpse::tokenizer::encode(&model, &p)?,
-                (_, _, Some(d), _) => Dump::open(&d)?.tokens()?,
-                (_, _, _, Some(d)) => d.tokens()?,
+                (_, _, Some(d), _) => Dump::open(&d)?.tokens_for(ckpt.config.vocab_size)?,
+                (_, _, _, Some(d)) => d.tokens_for(ckpt.config.vocab_size)?,
                 _ => return Err(Error::Usage("give --tokens, --prompt, --tokens-from or --from-dump".into())),
             };
             warn_past_positions(&ckpt.config, tokens.seq);

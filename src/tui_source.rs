@@ -582,7 +582,7 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     let tokens = match (tokens, prompt, &reference) {
         (Some(t), _, _) => Tokens::parse(t).context(|| "--tokens".into())?,
         (_, Some(p), _) => crate::tokenizer::encode(dir, p)?,
-        (_, _, Some(r)) => r.tokens()?,
+        (_, _, Some(r)) => r.tokens_for(ckpt.config.vocab_size)?,
         _ => {
             return Err(Error::Usage(format!(
                 "{} has no reference.safetensors: give --tokens or --prompt",

@@ -159,3 +159,28 @@ fn a_misshapen_or_non_finite_correction_bias_is_named() {
     let o = glimpse(&["run", "--model", &s(&nan), "--tokens", "1,2"]);
     assert_error(&o, &format!("`{BIAS}` holds NaN at expert 5"));
 }
+
+/// A reference whose tokens or expert ids the model does not have: named with the dump (or the
+/// replayed tensor) and where in it.
+#[test]
+fn ids_the_model_lacks_are_named_with_where_they_are() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = golden("flat");
+    let reference = case.join("reference.safetensors");
+    let token = edit_dump(&reference, &tmp.path().join("token.st"), |t| {
+        let Values::I64(ids) = &mut tensor(t, "input_ids").1 else { panic!() };
+        ids[3] = 9999;
+    });
+    let verify = |golden: &Path, extra: &[&str]| {
+        glimpse(&[&["verify", "--model", &s(&case), "--golden", &s(golden)][..], extra].concat())
+    };
+    let needle = "`input_ids`: token id 9999 at [0, 3] is out of range for vocab_size 256";
+    assert_error(&verify(&token, &[]), needle);
+    assert_error(&glimpse(&["run", "--model", &s(&case), "--tokens-from", &s(&token)]), needle);
+    let expert = edit_dump(&reference, &tmp.path().join("expert.st"), |t| {
+        let Values::I64(ids) = &mut tensor(t, "layers.2.moe.topk_ids").1 else { panic!() };
+        ids[8] = 999; // token 2 of top-4
+    });
+    let o = verify(&expert, &["--force-routing"]);
+    assert_error(&o, "layer 2: the replayed routing (the reference's `moe.topk_ids`) holds expert 999 for token 2");
+}

@@ -489,9 +489,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         // A replayed route keeps our own decision's margin, as a replayed DSA selection does.
         let (mut ids, mut w, margin) = self.ops.route(&logits, bias, t, e, router)?;
         if let Some(forced) = obs.forced_routing(i)? {
-            if forced.len() != t || forced.iter().any(|row| row.len() != k || row.iter().any(|&j| j >= e)) {
-                return Err(Error::Usage(format!("layer {i}: forced routing does not fit {t} tokens of top-{k}")));
-            }
+            crate::model::moe::check_replayed(i, &forced, t, Some(k), e)?;
             let scores: Vec<f32> = self.ops.download(&logits)?.iter().map(|&l| crate::model::moe::sigmoid(l)).collect();
             let host_w: Vec<f32> = forced
                 .iter()

@@ -93,6 +93,19 @@ impl Tokens {
         Ok(Tokens { batch, seq, ids })
     }
 
+    /// Refuses an id past the vocabulary, naming it and where it is.
+    pub fn check_vocab(&self, vocab: usize) -> Result<()> {
+        match self.ids.iter().position(|&t| t as usize >= vocab) {
+            Some(i) => Err(Error::Usage(format!(
+                "token id {} at [{}, {}] is out of range for vocab_size {vocab}",
+                self.ids[i],
+                i / self.seq,
+                i % self.seq
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Where two runs' inputs part: their shapes (`1 x 32 vs 1 x 16 tokens`) or the first id
     /// that differs (`token [0, 5]: 17 vs 4`); None when they are the same.
     pub fn difference(&self, other: &Tokens) -> Option<String> {

@@ -104,6 +104,35 @@ impl Routers {
     }
 }
 
+/// Refuses replayed routing (`verify --force-routing`: the reference's `moe.topk_ids`) that does
+/// not fit the run: another number of tokens, of experts a token (`k`, where the run fixes it),
+/// or an expert the model does not have.
+pub fn check_replayed(
+    layer: usize,
+    forced: &[Vec<usize>],
+    tokens: usize,
+    k: Option<usize>,
+    experts: usize,
+) -> Result<()> {
+    let problem = if forced.len() != tokens {
+        Some(format!("has {} tokens, the run {tokens}", forced.len()))
+    } else if let Some(row) = forced.iter().position(|ids| k.is_some_and(|k| ids.len() != k)) {
+        Some(format!("chooses {} experts for token {row}, the run {}", forced[row].len(), k.unwrap_or(0)))
+    } else {
+        forced.iter().enumerate().find_map(|(t, ids)| {
+            let id = ids.iter().find(|&&i| i >= experts)?;
+            let id = if *id == usize::MAX { "a negative expert id".to_string() } else { format!("expert {id}") };
+            Some(format!("holds {id} for token {t}, past the model's {experts}"))
+        })
+    };
+    match problem {
+        Some(p) => {
+            Err(Error::Usage(format!("layer {layer}: the replayed routing (the reference's `moe.topk_ids`) {p}")))
+        }
+        None => Ok(()),
+    }
+}
+
 /// What is wrong with a correction bias that is not finite: selection ranks by it, and a NaN
 /// ranks below everything, so every token took the same experts with an infinite margin.
 fn non_finite_bias(name: &str, bias: &[f32]) -> Option<String> {
@@ -292,9 +321,7 @@ impl Moe {
         let rc = &self.router;
         let mut routes: Vec<Route> = logits_v.iter().map(|row| route(rc, row, bias)).collect();
         if let Some(forced) = obs.forced_routing(layer)? {
-            if forced.len() != n || forced.iter().any(|ids| ids.iter().any(|&i| i >= bias.len())) {
-                return Err(Error::Usage(format!("layer {layer}: forced routing does not fit {n} tokens")));
-            }
+            check_replayed(layer, &forced, n, None, bias.len())?;
             // The margin stays our own decision's (as a replayed DSA selection's does), so a run
             // that replays its own choices records what it would have recorded.
             for ((r, ids), row) in routes.iter_mut().zip(forced).zip(&logits_v) {

@@ -115,9 +115,7 @@ impl Mtp {
         emit(obs, HookPoint::MtpInputHidden, || Ok(h.clone()))?;
         let table = self.embed_tokens.as_ref().unwrap_or(&model.embed_tokens);
         let vocab = table.dims()[0];
-        if let Some(bad) = next.ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::Usage(format!("token id {bad} is out of range for vocab_size {vocab}")));
-        }
+        next.check_vocab(vocab)?;
         let ids = Tensor::from_vec(next.ids.clone(), next.ids.len(), h.device())?;
         let e = table.index_select(&ids, 0)?.reshape(h.dims())?; // [B, C, hidden]
         let cat = Tensor::cat(&[&self.enorm.forward(&e)?, &self.hnorm.forward(h)?], D::Minus1)?; // [B, C, 2 * hidden]

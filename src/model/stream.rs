@@ -168,9 +168,7 @@ pub fn layers(
 /// Checks the prompt's ids against the vocabulary and reports them (`input_ids`): the start of
 /// every forward pass, the device's too.
 pub fn input_ids(tokens: &Tokens, vocab: usize, obs: &mut dyn Observer) -> Result<()> {
-    if let Some(bad) = tokens.ids.iter().find(|&&t| t as usize >= vocab) {
-        return Err(Error::Usage(format!("token id {bad} is out of range for vocab_size {vocab}")));
-    }
+    tokens.check_vocab(vocab)?;
     emit(obs, HookPoint::InputIds, || {
         let ids: Vec<i64> = tokens.ids.iter().map(|&t| t as i64).collect();
         Ok(Tensor::from_vec(ids, (tokens.batch, tokens.seq), &Device::Cpu)?)
