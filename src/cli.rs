@@ -241,7 +241,7 @@ pub(crate) enum Command {
         dump: Option<PathBuf>,
         /// Hook points to record, as name patterns (`*` wildcard, comma-separated), e.g.
         /// `layers.*.moe.*,logits`. Default: everything but the S x S `dsa.scores`.
-        #[arg(long, default_value = "*")]
+        #[arg(long, default_value = "*", requires = "dump")]
         record: String,
         /// Run only layers A..B (inclusive), e.g. `3..5`; past layer 0 it starts from --from-dump.
         #[arg(long, value_parser = parse_range)]

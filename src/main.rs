@@ -271,7 +271,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let (da, db) = (Dump::open(&a)?, Dump::open(&b)?);
             let ckpt = model.as_ref().map(|dir| Checkpoint::open(dir)).transpose()?;
             if let (Some(c), Some(dir)) = (&ckpt, &model) {
-                [&da, &db].into_iter().for_each(|d| warn(d.other_config(&c.config_bytes, dir)));
+                // (Once for a dump given as both sides.)
+                let warnings: std::collections::BTreeSet<_> =
+                    [&da, &db].into_iter().filter_map(|d| d.other_config(&c.config_bytes, dir)).collect();
+                warnings.into_iter().for_each(|w| warn(Some(w)));
             }
             let routers = ckpt.as_ref().map(glimpse::model::moe::Routers::read).transpose()?;
             let config = ckpt.map(|c| c.config);

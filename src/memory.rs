@@ -27,7 +27,10 @@ impl Estimate {
 fn gb(b: u64) -> String {
     match b {
         b if b >= 1_000_000_000 => format!("{:.2} GB", b as f64 / 1e9),
-        b => format!("{:.1} MB", b as f64 / 1e6),
+        b if b >= 1_000_000 => format!("{:.1} MB", b as f64 / 1e6),
+        0 => "0 MB".to_string(),
+        b if b >= 1_000 => format!("{:.1} KB", b as f64 / 1e3),
+        b => format!("{b} bytes"),
     }
 }
 

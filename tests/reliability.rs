@@ -317,6 +317,11 @@ fn malformed_files_and_arguments_are_one_line_errors() {
             "names no hook point of this model",
         ),
         (vec!["tui", "--dump", &reference, "--tokens", "1,2"], "cannot be used with"),
+        // Recording nowhere: it did nothing, silently.
+        (
+            vec!["run", "--model", &model, "--tokens", "1,2", "--record", "logits"],
+            "required arguments were not provided: --dump",
+        ),
         (vec!["verify", "--ordinal", "3"], "--ordinal 3 needs --device cuda"),
         (vec!["--precision", "bf16", "verify"], "go after a command that takes --device"),
         (vec!["diff", &reference, &reference, "--precision", "bf16"], "go after a command that takes --device"),

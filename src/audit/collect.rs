@@ -120,7 +120,7 @@ pub fn collect(
         let sha = d.metadata().get("config_sha256").cloned();
         for (other, given, other_sha) in &seen {
             if *other == canonical {
-                return Err(Error::Usage(format!("--dump {} is given twice", path.display())));
+                return Err(Error::Usage(format!("{} is given twice", path.display())));
             }
             if let (Some(a), Some(b)) = (&sha, other_sha) {
                 if a != b {
