@@ -80,6 +80,32 @@ impl DiffReport {
     pub fn flips(&self) -> Vec<(&str, &Flip)> {
         crate::compare::flips(&self.results)
     }
+
+    /// The spec's hook points the reference holds and ours does not: not compared, which a
+    /// partial recording means, and so does a port that names its tensors otherwise.
+    pub fn missing_spec_names(&self) -> Vec<&str> {
+        let in_spec = |n: &&String| HookPoint::parse(n).is_some_and(|p| p.in_spec());
+        self.only_b.iter().filter(in_spec).map(String::as_str).collect()
+    }
+
+    /// Why ours may lack them, where its own names say: the same names behind a prefix
+    /// (`model.layers.0.input_norm`), or layers numbered one up (from 1).
+    fn missing_names_hint(&self, missing: &[&str]) -> Option<String> {
+        let prefix = missing.iter().find_map(|m| {
+            self.only_a.iter().find_map(|a| a.strip_suffix(m).filter(|p| p.ends_with('.') || p.ends_with('/')))
+        });
+        if let Some(p) = prefix {
+            return Some(format!("ours names them with a `{p}` prefix"));
+        }
+        let shifted = missing.iter().filter_map(|m| match HookPoint::parse(m)? {
+            HookPoint::Layer(i, h) => Some(HookPoint::Layer(i + 1, h).name()),
+            _ => None,
+        });
+        let ours: std::collections::HashSet<&str> =
+            self.results.iter().map(|c| c.name.as_str()).chain(self.only_a.iter().map(String::as_str)).collect();
+        let (found, of) = shifted.fold((0, 0), |(f, n), name| (f + usize::from(ours.contains(name.as_str())), n + 1));
+        (of > 0 && found * 2 > of && !ours.contains("layers.0.output")).then(|| "ours numbers its layers from 1".into())
+    }
 }
 
 /// The first NaN or Inf of a dump in forward order (names where they are expected excepted).
@@ -286,6 +312,7 @@ impl DiffReport {
             "near_tie_threshold": self.near_tie,
             "by_layer": crate::layer_error::json(&crate::layer_error::by_layer(&self.results, self.near_tie)),
             "tensors": self.results.iter().map(|c| comparison_json(c, self.near_tie)).collect::<Vec<_>>(),
+            "missing_spec_names_in_a": self.missing_spec_names(),
             "only_in_a": self.only_a,
             "only_in_b": self.only_b,
         })
@@ -356,13 +383,26 @@ impl DiffReport {
     /// The report for a terminal: first divergence on top, one line per tensor, then the flips.
     pub fn render(&self, a: &Path, b: &Path) -> String {
         let mut out = format!("diff {} (ours) against {} (reference)\n", a.display(), b.display());
+        let missing = self.missing_spec_names();
         match self.first_divergence() {
             Some(c) => {
                 let reading = self.reading(c).map(|r| format!(" ({r})")).unwrap_or_default();
                 out += &format!("first divergence: {}{reading}\n", c.name);
             }
             None if self.results.is_empty() => out += "no tensor names in common\n",
+            None if !missing.is_empty() => {
+                out += &format!("no divergence in the {} tensors both hold\n", self.results.len())
+            }
             None => out += "no divergence\n",
+        }
+        if !missing.is_empty() {
+            let listed = missing.iter().take(3).copied().collect::<Vec<_>>().join(", ");
+            let more = if missing.len() > 3 { ", ..." } else { "" };
+            let hint = self.missing_names_hint(&missing).map(|h| format!(": {h}")).unwrap_or_default();
+            out += &format!(
+                "not compared: ours lacks {} of the reference's spec hook points ({listed}{more}){hint}\n",
+                missing.len()
+            );
         }
         for (side, path, nf) in [("ours", a, &self.non_finite_a), ("reference", b, &self.non_finite_b)] {
             if let Some(nf) = nf {
@@ -399,7 +439,11 @@ impl DiffReport {
             }
         }
         let bad = self.results.iter().filter(|c| !c.ok).count();
-        out += &format!("{} of {} common tensors match\n", self.results.len() - bad, self.results.len());
+        let unmatched = match missing.len() {
+            0 => String::new(),
+            n => format!(" ({n} spec hook points of the reference not in ours)"),
+        };
+        out += &format!("{} of {} common tensors match{unmatched}\n", self.results.len() - bad, self.results.len());
         out
     }
 }
@@ -512,6 +556,42 @@ mod tests {
                         --model DIR tests each flip";
         assert_eq!(read, json!(expected));
         assert_eq!(reading(1e-2), Value::Null);
+    }
+
+    /// Spec hook points the reference holds and ours does not are said on top and in the
+    /// summary, with what ours's own names suggest (a prefix, layers numbered from 1); extras
+    /// (`dsa.scores`) ours does not record are not.
+    #[test]
+    fn spec_names_ours_lacks_are_said_with_a_hint() {
+        let (_, same) = crate::compare::compare_floats(&[1.0], &[1.0], &[1], Tolerance::default());
+        let report = |only_a: &[&str], only_b: &[&str]| DiffReport {
+            results: vec![Comparison { name: "logits".into(), ok: true, detail: same.clone() }],
+            non_finite_a: None,
+            non_finite_b: None,
+            only_a: only_a.iter().map(|s| s.to_string()).collect(),
+            only_b: only_b.iter().map(|s| s.to_string()).collect(),
+            near_tie: 1e-3,
+            with_model: false,
+        };
+        let render = |r: DiffReport| r.render(Path::new("a"), Path::new("b"));
+        let theirs = ["layers.0.output", "layers.0.attn.out", "layers.1.output", "layers.0.dsa.scores"];
+        let out = render(report(&["model.layers.0.output", "model.layers.1.output"], &theirs));
+        assert!(out.contains("no divergence in the 1 tensors both hold\n"), "{out}");
+        let note =
+            "not compared: ours lacks 3 of the reference's spec hook points (layers.0.output, layers.0.attn.out, \
+                    layers.1.output): ours names them with a `model.` prefix\n";
+        assert!(out.contains(note), "{out}");
+        assert!(out.contains("1 of 1 common tensors match (3 spec hook points of the reference not in ours)"), "{out}");
+        let out = render(report(&["layers.2.output", "layers.1.attn.out"], &theirs));
+        assert!(out.contains("ours numbers its layers from 1"), "{out}");
+        let out = render(report(&[], &["layers.0.dsa.scores"]));
+        assert!(out.contains("no divergence\n") && !out.contains("not compared"), "{out}");
+        assert_eq!(
+            report(&[], &theirs).to_json(Path::new("a"), Path::new("b"))["missing_spec_names_in_a"]
+                .as_array()
+                .map(Vec::len),
+            Some(3)
+        );
     }
 
     /// An exact integer tensor that differs reads as elements, in text and JSON, not as flips.

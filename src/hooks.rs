@@ -178,6 +178,29 @@ impl HookPoint {
         }
     }
 
+    /// Whether the dump spec's table names it (the rest are glimpse's extras).
+    pub fn in_spec(&self) -> bool {
+        use LayerHook::*;
+        match self {
+            HookPoint::InputIds | HookPoint::Embeddings | HookPoint::FinalNorm | HookPoint::Logits => true,
+            HookPoint::Layer(_, h) => matches!(
+                h,
+                InputNorm
+                    | QLatent
+                    | KvLatent
+                    | DsaTopk
+                    | AttnOut
+                    | PostAttnNorm
+                    | RouterLogits
+                    | TopkIds
+                    | TopkWeights
+                    | MlpOut
+                    | Output
+            ),
+            _ => false,
+        }
+    }
+
     /// For a selection (`dsa.topk`, `moe.topk_ids`), the hook point holding the margin that
     /// decided each of its rows (`dsa.margin` [B, S], `moe.margin` [B*S]: the same flat rows).
     pub fn margin(&self) -> Option<HookPoint> {
