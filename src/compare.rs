@@ -342,6 +342,27 @@ pub fn compare_floats(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tol
     (bad == 0, detail)
 }
 
+/// Of a float tensor `[B, S, ...]` that does not match: how many leading positions match on every
+/// batch row, when every position after them does not (a difference that starts at a position:
+/// RoPE leaves position 0 alone; a DSA bug spares the queries that keep every causal key).
+/// None otherwise, and for tensors without two positions.
+pub fn matching_positions(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tolerance) -> Option<usize> {
+    let [b, s, ..] = shape[..] else { return None };
+    if s < 2 || b == 0 || ours.len() != reference.len() || reference.len() % (b * s) != 0 {
+        return None;
+    }
+    let width = reference.len() / (b * s);
+    let ok_at = |p: usize| {
+        (0..b).all(|r| {
+            let start = (r * s + p) * width;
+            (start..start + width).all(|i| element_ok(ours[i], reference[i], tol))
+        })
+    };
+    let ok: Vec<bool> = (0..s).map(ok_at).collect();
+    let p = ok.iter().take_while(|&&x| x).count();
+    (p >= 1 && p < s && ok[p..].iter().all(|&x| !x)).then_some(p)
+}
+
 /// Compares rows as sets. `keep(row, value)` filters members (the causal rule for DSA).
 fn compare_sets(ours: &[i64], reference: &[i64], shape: &[usize], keep: impl Fn(usize, i64) -> bool) -> (bool, Detail) {
     let k = shape.last().copied().unwrap_or(1).max(1);
@@ -547,6 +568,25 @@ mod tests {
 
     /// Expert ids outside the experts, negative ones, and an expert chosen twice by one token are
     /// malformed, named with their coordinate; a well-formed tensor passes.
+    /// A difference from position 2 on (of 4, in both batch rows): 2 matching positions; one
+    /// that stops again, or starts at 0, has no onset.
+    #[test]
+    fn a_difference_that_starts_at_a_position_is_found() {
+        let (t, shape) = (Tolerance::default(), [2, 4, 3]);
+        let reference = vec![1.0f32; 24];
+        let mut ours = reference.clone();
+        for (b, p) in [(0, 2), (0, 3), (1, 3)] {
+            ours[(b * 4 + p) * 3 + 1] = 2.0;
+        }
+        assert_eq!(matching_positions(&ours, &reference, &shape, t), Some(2), "position 2 differs in row 0");
+        ours[3 + 1] = 2.0; // position 1 of row 0 too
+        assert_eq!(matching_positions(&ours, &reference, &shape, t), Some(1));
+        ours[(4 + 3) * 3 + 1] = 1.0; // position 3 matches again, in both rows
+        ours[(3) * 3 + 1] = 1.0;
+        assert_eq!(matching_positions(&ours, &reference, &shape, t), None);
+        assert_eq!(matching_positions(&[2.0; 24], &reference, &shape, t), None, "from position 0");
+    }
+
     #[test]
     fn malformed_expert_ids_are_named_with_their_coordinate() {
         let shape = [3, 2];

@@ -67,6 +67,36 @@ pub struct DiffReport {
     pub near_tie: f64,
     /// Whether a checkpoint's config and routers were given to recompute margins a dump lacks.
     pub with_model: bool,
+    /// Where the first divergence starts along the sequence, when it starts at a position.
+    pub onset: Option<Onset>,
+}
+
+/// A first divergence whose leading positions match and whose every later one does not
+/// (`compare::matching_positions`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Onset {
+    /// How many leading positions match.
+    pub matching: usize,
+    /// The reference's `index_topk` where its DSA selections cut (K < S): queries before it keep
+    /// every causal key.
+    pub index_topk: Option<usize>,
+}
+
+impl Onset {
+    fn reading(self) -> String {
+        match self {
+            Onset { matching: 1, .. } => "position 0 matches and every later one differs: something that acts by \
+                                          position (RoPE, YaRN: they leave position 0 alone) or that its single key \
+                                          hides (the softmax scale)"
+                .into(),
+            Onset { matching: p, index_topk: Some(k) } if p == k => format!(
+                "queries 0-{} (which keep every causal key) match and every later one differs: the DSA selection is \
+                 applied otherwise (attention over all keys?)",
+                p - 1
+            ),
+            Onset { matching: p, .. } => format!("positions 0-{} match and every later one differs", p - 1),
+        }
+    }
 }
 
 impl DiffReport {
@@ -166,7 +196,8 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
             b.path.display()
         )));
     }
-    let mut results = Vec::new();
+    let mut results: Vec<Comparison> = Vec::new();
+    let mut onset = None;
     // Each compared tensor is scanned for NaN/Inf while it is in memory, not read again for it.
     let (mut seen_a, mut seen_b) = (HashMap::new(), HashMap::new());
     for name in names_b.iter().filter(|n| names_a.contains(n)) {
@@ -199,6 +230,17 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         };
         let ids = ids.as_ref().map(|(x, y)| (x.as_slice(), y.as_slice()));
         let mut c = compare_tensor(name, (&va, &sa), (&vb, &sb), ids, opts.tol_for(name));
+        // The first divergence's onset, while its values are here.
+        if let (false, true, Values::F32(x), Values::F32(y)) = (c.ok, results.iter().all(|r| r.ok), &va, &vb) {
+            let index_topk = names_b
+                .iter()
+                .find(|n| n.ends_with(".dsa.topk"))
+                .and_then(|n| b.shape(n))
+                .and_then(|s| Some((*s.get(1)?, *s.last()?)))
+                .and_then(|(seq, k)| (k < seq).then_some(k));
+            onset = crate::compare::matching_positions(x, y, &sb, opts.tol_for(name))
+                .map(|matching| Onset { matching, index_topk });
+        }
         // Margins for the flips: recomputing them can read the S x S scores, so only where needed.
         if let (Detail::Sets { flips, .. }, Some(point)) = (&c.detail, HookPoint::parse(name)) {
             if !flips.is_empty() {
@@ -219,6 +261,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         only_b: names_b.iter().filter(|n| !names_a.contains(n)).cloned().collect(),
         near_tie: opts.near_tie,
         with_model: opts.config.is_some(),
+        onset,
     })
 }
 
@@ -307,6 +350,7 @@ impl DiffReport {
             "match": self.all_match(),
             "first_divergence": self.first_divergence().map(|c| c.name.clone()),
             "first_divergence_reading": self.first_divergence().and_then(|c| self.reading(c)),
+            "first_divergence_onset": self.onset.map(|o| json!({"matching_positions": o.matching, "reading": o.reading()})),
             "first_non_finite_a": self.non_finite_a.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
             "first_non_finite_b": self.non_finite_b.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
             "near_tie_threshold": self.near_tie,
@@ -388,6 +432,9 @@ impl DiffReport {
             Some(c) => {
                 let reading = self.reading(c).map(|r| format!(" ({r})")).unwrap_or_default();
                 out += &format!("first divergence: {}{reading}\n", c.name);
+                if let Some(o) = self.onset {
+                    out += &format!("  {}\n", o.reading());
+                }
             }
             None if self.results.is_empty() => out += "no tensor names in common\n",
             None if !missing.is_empty() => {
@@ -481,6 +528,7 @@ mod tests {
             only_b: vec![],
             near_tie: 1e-3,
             with_model: false,
+            onset: None,
         };
         let out = report.render(Path::new("a"), Path::new("b"));
         let first = "first divergence: layers.0.moe.topk_weights (ours = 0.4000 x reference, cosine 1.000000";
@@ -572,6 +620,7 @@ mod tests {
             only_b: only_b.iter().map(|s| s.to_string()).collect(),
             near_tie: 1e-3,
             with_model: false,
+            onset: None,
         };
         let render = |r: DiffReport| r.render(Path::new("a"), Path::new("b"));
         let theirs = ["layers.0.output", "layers.0.attn.out", "layers.1.output", "layers.0.dsa.scores"];

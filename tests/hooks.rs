@@ -168,7 +168,26 @@ fn diff_names_the_perturbed_tensor_and_ignores_set_order_and_padding() {
     });
     let (code, text) = code_and_text(&["diff", perturbed.to_str().unwrap(), r]);
     assert_eq!(code, 1, "{text}");
-    assert!(text.contains("first divergence: layers.2.attn.out"), "{text}");
+    assert!(text.contains("first divergence: layers.2.attn.out\n"), "{text}");
+    assert!(!text.contains("every later one differs"), "one element is no onset: {text}");
+
+    // A difference from a position on is read: from 1 (what acts by position), from K = 8 (the
+    // queries that drop keys).
+    let from = |p: usize| {
+        edited(tmp.path(), &format!("from{p}.safetensors"), |t| {
+            let (_, v, shape) = t.iter_mut().find(|(n, _, _)| n == "layers.0.attn.out").unwrap();
+            let (s, h) = (shape[1], shape[2]);
+            let Values::F32(x) = v else { panic!() };
+            (p..s).for_each(|q| x[q * h] += 0.5);
+        })
+    };
+    let (_, text) = code_and_text(&["diff", from(1).to_str().unwrap(), r]);
+    assert!(
+        text.contains("  position 0 matches and every later one differs: something that acts by position"),
+        "{text}"
+    );
+    let (_, text) = code_and_text(&["diff", from(8).to_str().unwrap(), r]);
+    assert!(text.contains("  queries 0-7 (which keep every causal key) match and every later one differs"), "{text}");
 
     let rerouted = edited(tmp.path(), "rerouted.safetensors", |t| {
         let (shape, ids) = ints(t, "layers.3.moe.topk_ids");
