@@ -69,6 +69,10 @@ pub struct DiffReport {
     pub with_model: bool,
     /// Where the first divergence starts along the sequence, when it starts at a position.
     pub onset: Option<Onset>,
+    /// Which dumps hold only bf16 values (every float's low 16 bits 0), ours then the
+    /// reference, when floats differ at a tolerance tighter than bf16's: a hint to compare at
+    /// bf16's.
+    pub bf16_only: [bool; 2],
 }
 
 /// A first divergence whose leading positions match and whose every later one does not
@@ -198,6 +202,8 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     }
     let mut results: Vec<Comparison> = Vec::new();
     let mut onset = None;
+    // Whether every float value of each dump is a bf16 (low 16 bits 0), and any float compared.
+    let (mut bf16_only, mut floats_seen) = ([true; 2], false);
     // Each compared tensor is scanned for NaN/Inf while it is in memory, not read again for it.
     let (mut seen_a, mut seen_b) = (HashMap::new(), HashMap::new());
     for name in names_b.iter().filter(|n| names_a.contains(n)) {
@@ -229,6 +235,12 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
             None => None,
         };
         let ids = ids.as_ref().map(|(x, y)| (x.as_slice(), y.as_slice()));
+        for (side, v) in [&va, &vb].into_iter().enumerate() {
+            if let Values::F32(v) = v {
+                floats_seen = true;
+                bf16_only[side] &= v.iter().all(|x| x.to_bits() & 0xFFFF == 0);
+            }
+        }
         let mut c = compare_tensor(name, (&va, &sa), (&vb, &sb), ids, opts.tol_for(name));
         // The first divergence's onset, while its values are here.
         if let (false, true, Values::F32(x), Values::F32(y)) = (c.ok, results.iter().all(|r| r.ok), &va, &vb) {
@@ -253,6 +265,8 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         }
         results.push(c);
     }
+    let bf16 = crate::device::Precision::Bf16.tolerance();
+    let loose = !floats_seen || opts.tol.atol >= bf16.atol || results.iter().all(|c| c.ok);
     Ok(DiffReport {
         results,
         non_finite_a: first_non_finite_with(a, &seen_a)?,
@@ -262,6 +276,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         near_tie: opts.near_tie,
         with_model: opts.config.is_some(),
         onset,
+        bf16_only: if loose { [false; 2] } else { bf16_only },
     })
 }
 
@@ -485,6 +500,16 @@ impl DiffReport {
                 );
             }
         }
+        let bf16 = crate::device::Precision::Bf16.tolerance();
+        for (side, only) in ["ours", "the reference"].iter().zip(self.bf16_only) {
+            if only {
+                out += &format!(
+                    "note: {side} holds bf16 values only (every float's low 16 bits are 0): compare at bf16's tolerance, \
+                     --atol {} --rtol {}\n",
+                    bf16.atol, bf16.rtol
+                );
+            }
+        }
         let bad = self.results.iter().filter(|c| !c.ok).count();
         let unmatched = match missing.len() {
             0 => String::new(),
@@ -529,6 +554,7 @@ mod tests {
             near_tie: 1e-3,
             with_model: false,
             onset: None,
+            bf16_only: [false; 2],
         };
         let out = report.render(Path::new("a"), Path::new("b"));
         let first = "first divergence: layers.0.moe.topk_weights (ours = 0.4000 x reference, cosine 1.000000";
@@ -621,6 +647,7 @@ mod tests {
             near_tie: 1e-3,
             with_model: false,
             onset: None,
+            bf16_only: [false; 2],
         };
         let render = |r: DiffReport| r.render(Path::new("a"), Path::new("b"));
         let theirs = ["layers.0.output", "layers.0.attn.out", "layers.1.output", "layers.0.dsa.scores"];

@@ -378,7 +378,12 @@ pub fn format_line(c: &Comparison) -> String {
             }
             s
         }
-        Detail::Shape { ours, reference } => format!("shape {ours:?}, reference {reference:?}"),
+        Detail::Shape { ours, reference } => {
+            let same = ours.iter().product::<usize>() == reference.iter().product::<usize>();
+            let layout =
+                if same { " (the same elements in another layout: the spec's shapes are the contract)" } else { "" };
+            format!("shape {ours:?}, reference {reference:?}{layout}")
+        }
     };
     format!("{:<34} {:<8} {body}", c.name, verdict)
 }

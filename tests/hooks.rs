@@ -171,6 +171,20 @@ fn diff_names_the_perturbed_tensor_and_ignores_set_order_and_padding() {
     assert!(text.contains("first divergence: layers.2.attn.out\n"), "{text}");
     assert!(!text.contains("every later one differs"), "one element is no onset: {text}");
 
+    // A dump whose floats are all bf16 values, compared at f32's tolerance: said, with bf16's.
+    let rounded = edited(tmp.path(), "bf16.safetensors", |t| {
+        for (_, v, _) in t.iter_mut() {
+            if let Values::F32(x) = v {
+                x.iter_mut().for_each(|x| *x = f32::from_bits(x.to_bits() & 0xFFFF_0000));
+            }
+        }
+    });
+    let note = "note: ours holds bf16 values only (every float's low 16 bits are 0): compare at bf16's tolerance";
+    let (code, text) = code_and_text(&["diff", rounded.to_str().unwrap(), r]);
+    assert!(code == 1 && text.contains(note), "{text}");
+    let (_, text) = code_and_text(&["diff", rounded.to_str().unwrap(), r, "--atol", "2e-2", "--rtol", "2e-2"]);
+    assert!(!text.contains(note), "{text}");
+
     // A difference from a position on is read: from 1 (what acts by position), from K = 8 (the
     // queries that drop keys).
     let from = |p: usize| {
