@@ -348,7 +348,7 @@ pub fn compare_floats(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tol
 /// None otherwise, and for tensors without two positions.
 pub fn matching_positions(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tolerance) -> Option<usize> {
     let [b, s, ..] = shape[..] else { return None };
-    if s < 2 || b == 0 || ours.len() != reference.len() || reference.len() % (b * s) != 0 {
+    if s < 2 || b == 0 || ours.len() != reference.len() || !reference.len().is_multiple_of(b * s) {
         return None;
     }
     let width = reference.len() / (b * s);
