@@ -193,7 +193,7 @@ pub(crate) enum Command {
         #[arg(long)]
         dump: Option<PathBuf>,
         /// Token ids for the live run (default: the reference's input_ids).
-        #[arg(long, conflicts_with_all = ["prompt", "dump"])]
+        #[arg(long, conflicts_with_all = ["prompt", "dump"], allow_hyphen_values = true)]
         tokens: Option<String>,
         /// Text for the live run, encoded with the model's tokenizer.json.
         #[arg(long, conflicts_with = "dump")]
@@ -228,7 +228,7 @@ pub(crate) enum Command {
         #[arg(long)]
         model: PathBuf,
         /// Comma-separated token ids; `;` separates batch rows of equal length.
-        #[arg(long, group = "input")]
+        #[arg(long, group = "input", allow_hyphen_values = true)]
         tokens: Option<String>,
         /// Text, encoded with the checkpoint's tokenizer.json.
         #[arg(long, group = "input")]
@@ -273,7 +273,7 @@ pub(crate) enum Command {
         #[arg(long)]
         model: PathBuf,
         /// Comma-separated prompt token ids (`;` separates batch rows of equal length).
-        #[arg(long, conflicts_with = "prompt", required_unless_present = "prompt")]
+        #[arg(long, conflicts_with = "prompt", required_unless_present = "prompt", allow_hyphen_values = true)]
         tokens: Option<String>,
         /// Prompt text, encoded with the checkpoint's tokenizer.json.
         #[arg(long)]

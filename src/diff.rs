@@ -67,40 +67,12 @@ pub struct DiffReport {
     pub near_tie: f64,
     /// Whether a checkpoint's config and routers were given to recompute margins a dump lacks.
     pub with_model: bool,
-    /// Where the first divergence starts along the sequence, when it starts at a position.
-    pub onset: Option<Onset>,
+    /// What the first divergence's values say beyond its numbers.
+    pub notes: crate::reading::Notes,
     /// Which dumps hold only bf16 values (every float's low 16 bits 0), ours then the
     /// reference, when floats differ at a tolerance tighter than bf16's: a hint to compare at
     /// bf16's.
     pub bf16_only: [bool; 2],
-}
-
-/// A first divergence whose leading positions match and whose every later one does not
-/// (`compare::matching_positions`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Onset {
-    /// How many leading positions match.
-    pub matching: usize,
-    /// The reference's `index_topk` where its DSA selections cut (K < S): queries before it keep
-    /// every causal key.
-    pub index_topk: Option<usize>,
-}
-
-impl Onset {
-    fn reading(self) -> String {
-        match self {
-            Onset { matching: 1, .. } => "position 0 matches and every later one differs: something that acts by \
-                                          position (RoPE, YaRN: they leave position 0 alone) or that its single key \
-                                          hides (the softmax scale)"
-                .into(),
-            Onset { matching: p, index_topk: Some(k) } if p == k => format!(
-                "queries 0-{} (which keep every causal key) match and every later one differs: the DSA selection is \
-                 applied otherwise (attention over all keys?)",
-                p - 1
-            ),
-            Onset { matching: p, .. } => format!("positions 0-{} match and every later one differs", p - 1),
-        }
-    }
 }
 
 impl DiffReport {
@@ -113,32 +85,6 @@ impl DiffReport {
     }
     pub fn flips(&self) -> Vec<(&str, &Flip)> {
         crate::compare::flips(&self.results)
-    }
-
-    /// The spec's hook points the reference holds and ours does not: not compared, which a
-    /// partial recording means, and so does a port that names its tensors otherwise.
-    pub fn missing_spec_names(&self) -> Vec<&str> {
-        let in_spec = |n: &&String| HookPoint::parse(n).is_some_and(|p| p.in_spec());
-        self.only_b.iter().filter(in_spec).map(String::as_str).collect()
-    }
-
-    /// Why ours may lack them, where its own names say: the same names behind a prefix
-    /// (`model.layers.0.input_norm`), or layers numbered one up (from 1).
-    fn missing_names_hint(&self, missing: &[&str]) -> Option<String> {
-        let prefix = missing.iter().find_map(|m| {
-            self.only_a.iter().find_map(|a| a.strip_suffix(m).filter(|p| p.ends_with('.') || p.ends_with('/')))
-        });
-        if let Some(p) = prefix {
-            return Some(format!("ours names them with a `{p}` prefix"));
-        }
-        let shifted = missing.iter().filter_map(|m| match HookPoint::parse(m)? {
-            HookPoint::Layer(i, h) => Some(HookPoint::Layer(i + 1, h).name()),
-            _ => None,
-        });
-        let ours: std::collections::HashSet<&str> =
-            self.results.iter().map(|c| c.name.as_str()).chain(self.only_a.iter().map(String::as_str)).collect();
-        let (found, of) = shifted.fold((0, 0), |(f, n), name| (f + usize::from(ours.contains(name.as_str())), n + 1));
-        (of > 0 && found * 2 > of && !ours.contains("layers.0.output")).then(|| "ours numbers its layers from 1".into())
     }
 }
 
@@ -201,7 +147,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         )));
     }
     let mut results: Vec<Comparison> = Vec::new();
-    let mut onset = None;
+    let mut notes = crate::reading::Notes::default();
     // Whether every float value of each dump is a bf16 (low 16 bits 0), and any float compared.
     let (mut bf16_only, mut floats_seen) = ([true; 2], false);
     // Each compared tensor is scanned for NaN/Inf while it is in memory, not read again for it.
@@ -242,16 +188,9 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
             }
         }
         let mut c = compare_tensor(name, (&va, &sa), (&vb, &sb), ids, opts.tol_for(name));
-        // The first divergence's onset, while its values are here.
+        // What the first divergence's values say, while they are here.
         if let (false, true, Values::F32(x), Values::F32(y)) = (c.ok, results.iter().all(|r| r.ok), &va, &vb) {
-            let index_topk = names_b
-                .iter()
-                .find(|n| n.ends_with(".dsa.topk"))
-                .and_then(|n| b.shape(n))
-                .and_then(|s| Some((*s.get(1)?, *s.last()?)))
-                .and_then(|(seq, k)| (k < seq).then_some(k));
-            onset = crate::compare::matching_positions(x, y, &sb, opts.tol_for(name))
-                .map(|matching| Onset { matching, index_topk });
+            notes = crate::reading::Notes::of(a, b, name, (x, y, &sb), opts);
         }
         // Margins for the flips: recomputing them can read the S x S scores, so only where needed.
         if let (Detail::Sets { flips, .. }, Some(point)) = (&c.detail, HookPoint::parse(name)) {
@@ -275,7 +214,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         only_b: names_b.iter().filter(|n| !names_a.contains(n)).cloned().collect(),
         near_tie: opts.near_tie,
         with_model: opts.config.is_some(),
-        onset,
+        notes,
         bf16_only: if loose { [false; 2] } else { bf16_only },
     })
 }
@@ -365,7 +304,8 @@ impl DiffReport {
             "match": self.all_match(),
             "first_divergence": self.first_divergence().map(|c| c.name.clone()),
             "first_divergence_reading": self.first_divergence().and_then(|c| self.reading(c)),
-            "first_divergence_onset": self.onset.map(|o| json!({"matching_positions": o.matching, "reading": o.reading()})),
+            "first_divergence_onset": self.notes.onset.map(|o| json!({"matching_positions": o.matching, "reading": o.reading()})),
+            "first_divergence_weights_rule": self.notes.weights_rule.map(|r| r.reading()),
             "first_non_finite_a": self.non_finite_a.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
             "first_non_finite_b": self.non_finite_b.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
             "near_tie_threshold": self.near_tie,
@@ -377,68 +317,6 @@ impl DiffReport {
         })
     }
 
-    /// What the first divergence looks like, where a pattern names a likely cause: two tensors a
-    /// factor apart (exactly, or mostly: a per-token factor), selections that differ only by
-    /// near-ties, or selections made from scores that match (the rule differs, not its input).
-    fn reading(&self, c: &Comparison) -> Option<String> {
-        let matching = |name: String| self.results.iter().any(|r| r.name == name && r.ok).then_some(name);
-        let inputs = c
-            .name
-            .strip_suffix(".moe.topk_ids")
-            .map(|l| format!("{l}.moe.router_logits"))
-            .or_else(|| c.name.strip_suffix(".dsa.topk").map(|l| format!("{l}.dsa.scores")));
-        let all =
-            |flips: &[Flip], class| !flips.is_empty() && flips.iter().all(|fl| Class::of(fl, self.near_tie) == class);
-        match &c.detail {
-            // The scale explains the difference: what is left once it is taken out (1 - cos², of
-            // the squared norm) is small against it, and at most a tenth of the tensor (a factor
-            // of 120 fitted to a tensor a few rows of which went wrong explains nothing), and it
-            // is past rounding (bf16's half ulp is 2e-3). One element always has a cosine of 1.
-            Detail::Float { cosine, scale, total, .. }
-                if *total > 1
-                    && (scale - 1.0).abs() > 1e-2
-                    && 1.0 - cosine * cosine < (1e-2 * (scale - 1.0).powi(2)).min(0.1) =>
-            {
-                // Exactly, up to rounding (a missing scaling: one bf16 rounding leaves 1 - cos² near
-                // 3e-6), or mostly (a per-token factor, like a skipped normalisation).
-                let how =
-                    if 1.0 - cosine * cosine < 1e-4 { "a constant factor apart" } else { "mostly a factor apart" };
-                Some(format!("ours = {scale:.4} x reference, cosine {cosine:.6}: {how}"))
-            }
-            Detail::Sets { flips, .. } if all(flips, Class::NearTie) => Some("every flip a near-tie".into()),
-            // Real flips over scores that match: the rule differs, not its input.
-            Detail::Sets { flips, .. } if all(flips, Class::Real) => {
-                let name = inputs.and_then(matching)?;
-                let rule = match name.ends_with("router_logits") {
-                    true => "the routing rule or the correction bias differs",
-                    false => "the top-k rule differs",
-                };
-                Some(format!("its input {name} matches and the flips are real: {rule}"))
-            }
-            // Flips none of which is a near-tie (their margins unknown: routing without --model)
-            // over gate logits that moved by m: one rule flips only choices tied within 2m, and
-            // where 2m is under TIED (1e-3 / GLM-5's 256 experts: fewer than one token in a
-            // thousand is that close) many flips are no such ties.
-            Detail::Sets { flips, rows, .. }
-                if flips.len() > 1 && flips.iter().all(|f| Class::of(f, self.near_tie) == Class::Unknown) =>
-            {
-                const TIED: f64 = 4e-6;
-                let name = inputs.filter(|n| n.ends_with("router_logits")).and_then(matching)?;
-                let moved = self.results.iter().find(|r| r.name == name)?.detail.max_abs()?;
-                let test = if self.with_model { "" } else { "; --model DIR tests each flip" };
-                (2.0 * moved <= TIED).then(|| {
-                    format!(
-                        "its input {name} matches (max_abs {moved:.1e}, so one rule flips only choices tied within \
-                         {:.1e}): {} flips in {rows} tokens say the routing rule or the correction bias differs{test}",
-                        2.0 * moved,
-                        flips.len()
-                    )
-                })
-            }
-            _ => None,
-        }
-    }
-
     /// The report for a terminal: first divergence on top, one line per tensor, then the flips.
     pub fn render(&self, a: &Path, b: &Path) -> String {
         let mut out = format!("diff {} (ours) against {} (reference)\n", a.display(), b.display());
@@ -447,7 +325,7 @@ impl DiffReport {
             Some(c) => {
                 let reading = self.reading(c).map(|r| format!(" ({r})")).unwrap_or_default();
                 out += &format!("first divergence: {}{reading}\n", c.name);
-                if let Some(o) = self.onset {
+                if let Some(o) = self.notes.onset {
                     out += &format!("  {}\n", o.reading());
                 }
             }
@@ -553,7 +431,7 @@ mod tests {
             only_b: vec![],
             near_tie: 1e-3,
             with_model: false,
-            onset: None,
+            notes: Default::default(),
             bf16_only: [false; 2],
         };
         let out = report.render(Path::new("a"), Path::new("b"));
@@ -646,7 +524,7 @@ mod tests {
             only_b: only_b.iter().map(|s| s.to_string()).collect(),
             near_tie: 1e-3,
             with_model: false,
-            onset: None,
+            notes: Default::default(),
             bf16_only: [false; 2],
         };
         let render = |r: DiffReport| r.render(Path::new("a"), Path::new("b"));

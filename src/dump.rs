@@ -52,6 +52,19 @@ impl Dump {
                 return Err(Error::dump(path, format!("no `format` in the header metadata (expected \"{FORMAT}\")")))
             }
         }
+        // Refused at open, not when a command reaches the tensor (after its header was printed).
+        let odd = |n: &str| file.info(n).filter(|i| !st::FLOATS.contains(&i.dtype) && !st::INTS.contains(&i.dtype));
+        if let Some((name, info)) = file.names().find_map(|n| Some((n, odd(n)?))) {
+            return Err(Error::dump(
+                path,
+                format!(
+                    "tensor `{name}` has dtype {:?}: a dump holds floats ({}) and integers ({})",
+                    info.dtype,
+                    st::listed(&st::FLOATS),
+                    st::listed(&st::INTS)
+                ),
+            ));
+        }
         Ok(Dump { path: path.to_path_buf(), file })
     }
 
@@ -104,19 +117,8 @@ impl Dump {
 
     pub fn values(&self, name: &str) -> Result<(Values, Vec<usize>)> {
         let info = self.file.info(name).ok_or_else(|| Error::dump(&self.path, format!("no tensor `{name}`")))?;
-        let is_int = st::INTS.contains(&info.dtype);
-        if !is_int && !st::FLOATS.contains(&info.dtype) {
-            return Err(Error::dump(
-                &self.path,
-                format!(
-                    "tensor `{name}` has dtype {:?}: a dump holds floats ({}) and integers ({})",
-                    info.dtype,
-                    st::listed(&st::FLOATS),
-                    st::listed(&st::INTS)
-                ),
-            ));
-        }
-        // The reader's errors name the file already.
+        let is_int = st::INTS.contains(&info.dtype); // else a float: `open` refused other dtypes
+                                                     // The reader's errors name the file already.
         let wrap = |e: Error| match e {
             Error::Checkpoint { msg, .. } => Error::dump(&self.path, msg),
             e => Error::dump(&self.path, e.to_string()),

@@ -34,6 +34,7 @@ pub mod interrupt;
 pub mod layer_error;
 pub mod layout;
 pub mod memory;
+pub mod reading;
 pub mod synth;
 pub mod tokenizer;
 pub mod tui_source;

@@ -240,6 +240,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 passes,
                 max: max_memory,
             };
+            if let Some(window) = &layers {
+                stream::check_window(&ckpt.config, window)?; // before the header: a one-line error
+            }
             let weights = load_weights(&ckpt, &mut resident, &budget)?;
             println!("verify {} against {}", model_dir.display(), golden.display());
             let replay = verify::Replay { routing: force_routing, selection: force_selection };

@@ -317,6 +317,7 @@ fn malformed_files_and_arguments_are_one_line_errors() {
             "names no hook point of this model",
         ),
         (vec!["tui", "--dump", &reference, "--tokens", "1,2"], "cannot be used with"),
+        (vec!["run", "--model", &model, "--tokens", "-1"], "\"-1\" is not a token id"),
         // Recording nowhere: it did nothing, silently.
         (
             vec!["run", "--model", &model, "--tokens", "1,2", "--record", "logits"],

@@ -1,0 +1,309 @@
+//! Readings of a comparison: what its first divergence looks like where a pattern names a
+//! likely cause (a factor, near-ties, flips a rule made on matching scores, where along the
+//! sequence it starts, routing weights another rule made), and what the reference holds that
+//! ours does not. `diff` prints them beside the numbers; they are hints, each said only where
+//! its pattern holds.
+
+use crate::compare::{Comparison, Detail, Flip, Tolerance};
+use crate::diff::{floats, ints, DiffOptions, DiffReport};
+use crate::dump::Dump;
+use crate::flips::Class;
+use crate::hooks::{HookPoint, LayerHook};
+use crate::model::moe::{sigmoid, weights_for, RouterConfig};
+
+/// A first divergence whose leading positions match and whose every later one does not
+/// (`compare::matching_positions`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Onset {
+    /// How many leading positions match.
+    pub matching: usize,
+    /// The reference's `index_topk` where its DSA selections cut (K < S): queries before it keep
+    /// every causal key.
+    pub index_topk: Option<usize>,
+}
+
+impl Onset {
+    pub(crate) fn reading(self) -> String {
+        match self {
+            Onset { matching: 1, .. } => "position 0 matches and every later one differs: something that acts by \
+                                          position (RoPE, YaRN: they leave position 0 alone) or that its single key \
+                                          hides (the softmax scale)"
+                .into(),
+            Onset { matching: p, index_topk: Some(k) } if p == k => format!(
+                "queries 0-{} (which keep every causal key) match and every later one differs: the DSA selection is \
+                 applied otherwise (attention over all keys?)",
+                p - 1
+            ),
+            Onset { matching: p, .. } => format!("positions 0-{} match and every later one differs", p - 1),
+        }
+    }
+}
+
+impl DiffReport {
+    /// The spec's hook points the reference holds and ours does not: not compared, which a
+    /// partial recording means, and so does a port that names its tensors otherwise.
+    pub fn missing_spec_names(&self) -> Vec<&str> {
+        let in_spec = |n: &&String| HookPoint::parse(n).is_some_and(|p| p.in_spec());
+        self.only_b.iter().filter(in_spec).map(String::as_str).collect()
+    }
+
+    /// Why ours may lack them, where its own names say: the same names behind a prefix
+    /// (`model.layers.0.input_norm`), or layers numbered one up (from 1).
+    pub(crate) fn missing_names_hint(&self, missing: &[&str]) -> Option<String> {
+        let prefix = missing.iter().find_map(|m| {
+            self.only_a.iter().find_map(|a| a.strip_suffix(m).filter(|p| p.ends_with('.') || p.ends_with('/')))
+        });
+        if let Some(p) = prefix {
+            return Some(format!("ours names them with a `{p}` prefix"));
+        }
+        let shifted = missing.iter().filter_map(|m| match HookPoint::parse(m)? {
+            HookPoint::Layer(i, h) => Some(HookPoint::Layer(i + 1, h).name()),
+            _ => None,
+        });
+        let ours: std::collections::HashSet<&str> =
+            self.results.iter().map(|c| c.name.as_str()).chain(self.only_a.iter().map(String::as_str)).collect();
+        let (found, of) = shifted.fold((0, 0), |(f, n), name| (f + usize::from(ours.contains(name.as_str())), n + 1));
+        (of > 0 && found * 2 > of && !ours.contains("layers.0.output")).then(|| "ours numbers its layers from 1".into())
+    }
+
+    /// What the first divergence looks like, where a pattern names a likely cause: two tensors a
+    /// factor apart (exactly, or mostly: a per-token factor), selections that differ only by
+    /// near-ties, or selections made from scores that match (the rule differs, not its input).
+    pub(crate) fn reading(&self, c: &Comparison) -> Option<String> {
+        let matching = |name: String| self.results.iter().any(|r| r.name == name && r.ok).then_some(name);
+        let inputs = c
+            .name
+            .strip_suffix(".moe.topk_ids")
+            .map(|l| format!("{l}.moe.router_logits"))
+            .or_else(|| c.name.strip_suffix(".dsa.topk").map(|l| format!("{l}.dsa.scores")));
+        let all =
+            |flips: &[Flip], class| !flips.is_empty() && flips.iter().all(|fl| Class::of(fl, self.near_tie) == class);
+        if let (Some(rule), true) = (self.notes.weights_rule, c.name.ends_with(".moe.topk_weights")) {
+            return Some(rule.reading().into());
+        }
+        match &c.detail {
+            // The scale explains the difference: what is left once it is taken out (1 - cos², of
+            // the squared norm) is small against it, and at most a tenth of the tensor (a factor
+            // of 120 fitted to a tensor a few rows of which went wrong explains nothing), and it
+            // is past rounding (bf16's half ulp is 2e-3). One element always has a cosine of 1.
+            Detail::Float { cosine, scale, total, .. }
+                if *total > 1
+                    && (scale - 1.0).abs() > 1e-2
+                    && 1.0 - cosine * cosine < (1e-2 * (scale - 1.0).powi(2)).min(0.1) =>
+            {
+                // Exactly, up to rounding (a missing scaling: one bf16 rounding leaves 1 - cos² near
+                // 3e-6), or mostly (a per-token factor, like a skipped normalisation).
+                let how =
+                    if 1.0 - cosine * cosine < 1e-4 { "a constant factor apart" } else { "mostly a factor apart" };
+                Some(format!("ours = {scale:.4} x reference, cosine {cosine:.6}: {how}"))
+            }
+            Detail::Sets { flips, .. } if all(flips, Class::NearTie) => Some("every flip a near-tie".into()),
+            // Real flips over scores that match: the rule differs, not its input.
+            Detail::Sets { flips, .. } if all(flips, Class::Real) => {
+                let name = inputs.and_then(matching)?;
+                let rule = match name.ends_with("router_logits") {
+                    true => "the routing rule or the correction bias differs",
+                    false => "the top-k rule differs",
+                };
+                Some(format!("its input {name} matches and the flips are real: {rule}"))
+            }
+            // Flips none of which is a near-tie (their margins unknown: routing without --model)
+            // over gate logits that moved by m: one rule flips only choices tied within 2m, and
+            // where 2m is under TIED (1e-3 / GLM-5's 256 experts: fewer than one token in a
+            // thousand is that close) many flips are no such ties.
+            Detail::Sets { flips, rows, .. }
+                if flips.len() > 1 && flips.iter().all(|f| Class::of(f, self.near_tie) == Class::Unknown) =>
+            {
+                const TIED: f64 = 4e-6;
+                let name = inputs.filter(|n| n.ends_with("router_logits")).and_then(matching)?;
+                let moved = self.results.iter().find(|r| r.name == name)?.detail.max_abs()?;
+                let test = if self.with_model { "" } else { "; --model DIR tests each flip" };
+                (2.0 * moved <= TIED).then(|| {
+                    format!(
+                        "its input {name} matches (max_abs {moved:.1e}, so one rule flips only choices tied within \
+                         {:.1e}): {} flips in {rows} tokens say the routing rule or the correction bias differs{test}",
+                        2.0 * moved,
+                        flips.len()
+                    )
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What the first divergence's values say beyond its numbers, found while `diff` has them: where
+/// along the sequence it starts, and for routing weights, the rule that made ours.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Notes {
+    pub onset: Option<Onset>,
+    pub weights_rule: Option<WeightsRule>,
+}
+
+impl Notes {
+    /// For the tensor `name`, its values (ours, the reference's) and shape (the reference's).
+    pub(crate) fn of(
+        a: &Dump,
+        b: &Dump,
+        name: &str,
+        (ours, reference, shape): (&[f32], &[f32], &[usize]),
+        opts: &DiffOptions,
+    ) -> Notes {
+        let point = HookPoint::parse(name);
+        // Router tensors are [B*S, ...]: by position as [B, S, ...], where `input_ids` says B and S.
+        let shape = match point {
+            Some(HookPoint::Layer(_, h)) if h.token_rows() => match (b.shape("input_ids"), shape.split_first()) {
+                (Some(ids), Some((&rows, rest))) if ids.len() == 2 && ids[0] * ids[1] == rows => {
+                    [&ids[..], rest].concat()
+                }
+                _ => Vec::new(),
+            },
+            _ => shape.to_vec(),
+        };
+        let index_topk = b
+            .names()
+            .iter()
+            .find(|n| n.ends_with(".dsa.topk"))
+            .and_then(|n| b.shape(n))
+            .and_then(|s| Some((*s.get(1)?, *s.last()?)))
+            .and_then(|(seq, k)| (k < seq).then_some(k));
+        let onset = crate::compare::matching_positions(ours, reference, &shape, opts.tol_for(name))
+            .map(|matching| Onset { matching, index_topk });
+        let weights_rule = || {
+            let Some(HookPoint::Layer(i, LayerHook::TopkWeights)) = point else { return None };
+            let (rc, bias) = opts.routers.as_ref()?.layer(i)?;
+            let logits = floats(a, &HookPoint::Layer(i, LayerHook::RouterLogits).name())?;
+            let ids = ints(a, &HookPoint::Layer(i, LayerHook::TopkIds).name())?;
+            WeightsRule::of(&logits, &ids, ours, rc, bias, opts.tol_for(name))
+        };
+        let weights_rule = weights_rule();
+        Notes { onset, weights_rule }
+    }
+}
+
+/// Routing weights made by another rule than the checkpoint's, tried on ours's own gate logits
+/// and chosen experts: the variants real ports have shipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightsRule {
+    /// From `sigmoid + bias`, the scores selection ranks, not the unbiased sigmoid.
+    Biased,
+    /// Not divided by their sum (`norm_topk_prob`).
+    Unnormalised,
+    /// Not multiplied by `routed_scaling_factor`.
+    Unscaled,
+    /// From a softmax of the gate logits (DeepSeek-V2's router), not a sigmoid.
+    Softmax,
+}
+
+impl WeightsRule {
+    pub fn reading(self) -> &'static str {
+        match self {
+            WeightsRule::Biased => {
+                "ours's weights are its gate's biased scores (sigmoid + e_score_correction_bias): \
+                                    the bias is for selection only"
+            }
+            WeightsRule::Unnormalised => {
+                "ours's weights are its gate's scores not divided by their sum (norm_topk_prob)"
+            }
+            WeightsRule::Unscaled => "ours's weights are its gate's scores without routed_scaling_factor",
+            WeightsRule::Softmax => "ours's weights are a softmax of its gate logits, not their sigmoid",
+        }
+    }
+
+    /// The rule `weights` (`[T, k]`, aligned with `ids`) follow on `logits` (`[T, E]`), where the
+    /// checkpoint's rule (`rc`, `bias`) does not reproduce them within `tol` and exactly one
+    /// variant does; None otherwise (also for shapes that do not fit).
+    pub fn of(
+        logits: &[f32],
+        ids: &[i64],
+        weights: &[f32],
+        rc: &RouterConfig,
+        bias: &[f32],
+        tol: Tolerance,
+    ) -> Option<WeightsRule> {
+        let (e, k) = (bias.len(), rc.top_k);
+        if e == 0
+            || k == 0
+            || !logits.len().is_multiple_of(e)
+            || ids.len() != logits.len() / e * k
+            || weights.len() != ids.len()
+        {
+            return None;
+        }
+        let ids: Vec<usize> = ids.iter().map(|&i| usize::try_from(i).ok().filter(|&i| i < e)).collect::<Option<_>>()?;
+        let made_by = |rule: Option<WeightsRule>| {
+            logits.chunks_exact(e).zip(ids.chunks_exact(k)).zip(weights.chunks_exact(k)).all(|((l, ids), w)| {
+                let scores: Vec<f32> = match rule {
+                    Some(WeightsRule::Biased) => l.iter().zip(bias).map(|(&l, b)| sigmoid(l) + b).collect(),
+                    Some(WeightsRule::Softmax) => {
+                        let max = l.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                        let exp: Vec<f32> = l.iter().map(|&x| (x - max).exp()).collect();
+                        let sum: f32 = exp.iter().sum();
+                        exp.iter().map(|x| x / sum).collect()
+                    }
+                    _ => l.iter().map(|&l| sigmoid(l)).collect(),
+                };
+                let variant = RouterConfig {
+                    norm_topk_prob: rc.norm_topk_prob && rule != Some(WeightsRule::Unnormalised),
+                    routed_scaling_factor: match rule {
+                        Some(WeightsRule::Unscaled) => 1.0,
+                        _ => rc.routed_scaling_factor,
+                    },
+                    ..rc.clone()
+                };
+                let expected = weights_for(&variant, &scores, ids);
+                w.iter().zip(&expected).all(|(&a, &x)| ((a - x).abs() as f64) <= tol.atol + tol.rtol * x.abs() as f64)
+            })
+        };
+        if made_by(None) {
+            return None;
+        }
+        let rules = [WeightsRule::Biased, WeightsRule::Unnormalised, WeightsRule::Unscaled, WeightsRule::Softmax];
+        let mut matching = rules.into_iter().filter(|&r| made_by(Some(r)));
+        match (matching.next(), matching.next()) {
+            (Some(rule), None) => Some(rule),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Weights made on the same logits and experts by each variant are told apart (and the
+    /// checkpoint's own rule says nothing).
+    #[test]
+    fn the_rule_that_made_routing_weights_is_found() {
+        let rc = RouterConfig { top_k: 2, n_group: 1, topk_group: 1, norm_topk_prob: true, routed_scaling_factor: 2.5 };
+        let bias = [0.3f32, -0.2, 0.1, 0.0];
+        let logits = [0.5f32, -1.0, 2.0, 0.1, -0.3, 1.2, 0.7, -2.0];
+        let ids = [2i64, 0, 1, 2];
+        let tol = Tolerance::default();
+        let made = |rule: Option<WeightsRule>| -> Vec<f32> {
+            let mut out = Vec::new();
+            for (l, ids) in logits.chunks(4).zip(ids.chunks(2)) {
+                let s: Vec<f32> = match rule {
+                    Some(WeightsRule::Biased) => l.iter().zip(&bias).map(|(&l, b)| sigmoid(l) + b).collect(),
+                    Some(WeightsRule::Softmax) => {
+                        let sum: f32 = l.iter().map(|x| x.exp()).sum();
+                        l.iter().map(|x| x.exp() / sum).collect()
+                    }
+                    _ => l.iter().map(|&l| sigmoid(l)).collect(),
+                };
+                let picked: Vec<f32> = ids.iter().map(|&i| s[i as usize]).collect();
+                let sum: f32 = picked.iter().sum();
+                let norm = if rule == Some(WeightsRule::Unnormalised) { 1.0 } else { sum };
+                let scale = if rule == Some(WeightsRule::Unscaled) { 1.0 } else { 2.5 };
+                out.extend(picked.iter().map(|p| p / norm * scale));
+            }
+            out
+        };
+        assert_eq!(WeightsRule::of(&logits, &ids, &made(None), &rc, &bias, tol), None);
+        for rule in [WeightsRule::Biased, WeightsRule::Unnormalised, WeightsRule::Unscaled, WeightsRule::Softmax] {
+            assert_eq!(WeightsRule::of(&logits, &ids, &made(Some(rule)), &rc, &bias, tol), Some(rule), "{rule:?}");
+        }
+        // Weights no variant makes: nothing said.
+        assert_eq!(WeightsRule::of(&logits, &ids, &[1.0; 4], &rc, &bias, tol), None);
+    }
+}
