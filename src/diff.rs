@@ -504,10 +504,12 @@ mod tests {
         };
         let read = reading(7.2e-7);
         let expected = "its input layers.2.moe.router_logits matches (max_abs 7.2e-7, so one rule flips only choices \
-                        tied within 1.4e-6): 2 flips in 4 tokens say the routing rule or the correction bias differs; \
-                        --model DIR tests each flip";
+                        tied within 1.4e-6, about 0.0 of 4 tokens by chance): 2 flips say the routing rule or the \
+                        correction bias differs; --model DIR tests each flip";
         assert_eq!(read, json!(expected));
         assert_eq!(reading(1e-2), Value::Null);
+        // Two flips in 4 tokens where chance makes 0.33 (4 x 3.2e-4 x 256): not ten times that.
+        assert_eq!(reading(1.6e-4), Value::Null);
     }
 
     /// Spec hook points the reference holds and ours does not are said on top and in the
@@ -538,6 +540,13 @@ mod tests {
         assert!(out.contains("1 of 1 common tensors match (3 spec hook points of the reference not in ours)"), "{out}");
         let out = render(report(&["layers.2.output", "layers.1.attn.out"], &theirs));
         assert!(out.contains("ours numbers its layers from 1"), "{out}");
+        // Not a shift: a window run from layer 1 (its last layer is the reference's); not a
+        // prefix: the MTP head's own names (`mtp.logits` ends with `logits`).
+        let out =
+            render(report(&["layers.2.output", "layers.1.attn.out"], &[&theirs[..], &["layers.2.output"]].concat()));
+        assert!(out.contains("not compared") && !out.contains("from 1"), "{out}");
+        let out = render(report(&["mtp.logits", "mtp.final_norm"], &["logits", "final_norm", "embeddings"]));
+        assert!(out.contains("not compared") && !out.contains("prefix"), "{out}");
         let out = render(report(&[], &["layers.0.dsa.scores"]));
         assert!(out.contains("no divergence\n") && !out.contains("not compared"), "{out}");
         assert_eq!(

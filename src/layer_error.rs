@@ -35,10 +35,11 @@ pub struct LayerError {
 /// Output NMSE growing by at least this factor over the layer before marks the layer.
 const JUMP: f64 = 10.0;
 
-/// NMSE at or below this is f32 rounding's level (about 1e-6 of the values' scale, a few ulps
-/// grown over layers): a jump is measured from here at least, so a port whose first layers are
-/// bit-exact does not get its first rounding error marked as an infinite jump.
-const NMSE_FLOOR: f64 = 1e-12;
+/// NMSE at or below this is about f32 rounding's level (1e-5 of the values' scale: a few ulps
+/// grown over layers and wide sums; the golden cases' layers show 3e-14 to 4e-13 at toy widths):
+/// a jump is measured from here at least, so a port whose first layers are bit-exact does not get
+/// its first rounding error marked as an infinite jump.
+const NMSE_FLOOR: f64 = 1e-10;
 
 /// `results` summed up by decoder layer, in order (flips classed at `near_tie`).
 pub fn by_layer(results: &[Comparison], near_tie: f64) -> Vec<LayerError> {
@@ -153,6 +154,7 @@ pub fn json(layers: &[LayerError]) -> Value {
             "routing_flips": classes(l.routing),
             "dsa_flips": classes(l.dsa),
             "nmse_jump": jumps.iter().find(|j| j.layer == l.layer).map(|j| crate::diff::json_number(j.factor)),
+            "nmse_jump_from_rounding": jumps.iter().find(|j| j.layer == l.layer).map(|j| j.from_rounding.is_some()),
             "unexplained_flips": l.unexplained,
         }))
         .collect::<Vec<_>>())
@@ -218,10 +220,10 @@ mod tests {
         let jumps = jumps(&layers);
         assert_eq!(jumps.iter().map(|j| j.layer).collect::<Vec<_>>(), [2, 4], "{jumps:?}");
         assert_eq!(jumps[0].from_rounding, layers[1].nmse);
-        assert!(jumps[0].factor > 1e6 && jumps[0].factor.is_finite(), "{jumps:?}");
+        assert!(jumps[0].factor > 1e5 && jumps[0].factor.is_finite(), "{jumps:?}");
         let table = render(&layers);
         assert_eq!(table.lines().filter(|l| l.contains("<- nmse x")).count(), 2, "{table}");
-        assert!(table.contains("over rounding's level 1e-12 (the layer before: "), "{table}");
+        assert!(table.contains("over rounding's level 1e-10 (the layer before: "), "{table}");
         assert_eq!(json(&layers)[1]["nmse_jump"], json!(null));
         assert!(json(&layers)[2]["nmse_jump"].is_number());
     }

@@ -50,20 +50,35 @@ impl DiffReport {
     /// Why ours may lack them, where its own names say: the same names behind a prefix
     /// (`model.layers.0.input_norm`), or layers numbered one up (from 1).
     pub(crate) fn missing_names_hint(&self, missing: &[&str]) -> Option<String> {
-        let prefix = missing.iter().find_map(|m| {
-            self.only_a.iter().find_map(|a| a.strip_suffix(m).filter(|p| p.ends_with('.') || p.ends_with('/')))
-        });
-        if let Some(p) = prefix {
-            return Some(format!("ours names them with a `{p}` prefix"));
+        // A prefix: ours's names outside the spec that end with most of the missing ones after
+        // the same prefix (not `mtp.logits`, a name of its own ending with `logits`).
+        let foreign: Vec<&str> =
+            self.only_a.iter().map(String::as_str).filter(|a| HookPoint::parse(a).is_none()).collect();
+        let prefix_of =
+            |m: &str| foreign.iter().find_map(|a| a.strip_suffix(m).filter(|p| p.ends_with('.') || p.ends_with('/')));
+        let mut prefixes: Vec<&str> = missing.iter().filter_map(|m| prefix_of(m)).collect();
+        prefixes.sort_unstable();
+        let most = prefixes.chunk_by(|x, y| x == y).max_by_key(|run| run.len());
+        if let Some(run) = most.filter(|run| run.len() * 2 > missing.len()) {
+            return Some(format!("ours names them with a `{}` prefix", run[0]));
         }
-        let shifted = missing.iter().filter_map(|m| match HookPoint::parse(m)? {
-            HookPoint::Layer(i, h) => Some(HookPoint::Layer(i + 1, h).name()),
-            _ => None,
-        });
+        // Layers numbered from 1: most missing `layers.{i}.X` are ours's `layers.{i+1}.X`, and
+        // ours holds a layer past the reference's last (a window that starts at 1 does not).
         let ours: std::collections::HashSet<&str> =
             self.results.iter().map(|c| c.name.as_str()).chain(self.only_a.iter().map(String::as_str)).collect();
-        let (found, of) = shifted.fold((0, 0), |(f, n), name| (f + usize::from(ours.contains(name.as_str())), n + 1));
-        (of > 0 && found * 2 > of && !ours.contains("layers.0.output")).then(|| "ours numbers its layers from 1".into())
+        let last = |names: &mut dyn Iterator<Item = &str>| names.filter_map(|n| HookPoint::parse(n)?.layer()).max();
+        let theirs_last =
+            last(&mut self.results.iter().map(|c| c.name.as_str()).chain(self.only_b.iter().map(String::as_str)));
+        let ours_last = last(&mut ours.iter().copied());
+        let shifted: Vec<String> = missing
+            .iter()
+            .filter_map(|m| match HookPoint::parse(m)? {
+                HookPoint::Layer(i, h) => Some(HookPoint::Layer(i + 1, h).name()),
+                _ => None,
+            })
+            .collect();
+        let found = shifted.iter().filter(|n| ours.contains(n.as_str())).count();
+        (found * 2 > shifted.len() && ours_last > theirs_last).then(|| "ours numbers its layers from 1".into())
     }
 
     /// What the first divergence looks like, where a pattern names a likely cause: two tensors a
@@ -108,20 +123,22 @@ impl DiffReport {
                 Some(format!("its input {name} matches and the flips are real: {rule}"))
             }
             // Flips none of which is a near-tie (their margins unknown: routing without --model)
-            // over gate logits that moved by m: one rule flips only choices tied within 2m, and
-            // where 2m is under TIED (1e-3 / GLM-5's 256 experts: fewer than one token in a
-            // thousand is that close) many flips are no such ties.
+            // over gate logits that moved by m: one rule flips only choices tied within 2m, which
+            // chance makes of about rows x 2m x E tokens (the k-th and next scores' gap has a
+            // density of about E, the experts, near 0; E = 256, GLM-5's, as the worst case).
+            // Ten times that many flips, and two at least, are no such ties.
             Detail::Sets { flips, rows, .. }
                 if flips.len() > 1 && flips.iter().all(|f| Class::of(f, self.near_tie) == Class::Unknown) =>
             {
-                const TIED: f64 = 4e-6;
                 let name = inputs.filter(|n| n.ends_with("router_logits")).and_then(matching)?;
                 let moved = self.results.iter().find(|r| r.name == name)?.detail.max_abs()?;
+                let chance = *rows as f64 * 2.0 * moved * 256.0;
                 let test = if self.with_model { "" } else { "; --model DIR tests each flip" };
-                (2.0 * moved <= TIED).then(|| {
+                (flips.len() as f64 >= 10.0 * chance).then(|| {
                     format!(
                         "its input {name} matches (max_abs {moved:.1e}, so one rule flips only choices tied within \
-                         {:.1e}): {} flips in {rows} tokens say the routing rule or the correction bias differs{test}",
+                         {:.1e}, about {chance:.1} of {rows} tokens by chance): {} flips say the routing rule or the \
+                         correction bias differs{test}",
                         2.0 * moved,
                         flips.len()
                     )
