@@ -67,6 +67,9 @@ fn main() -> ExitCode {
     let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli))) {
         Ok(result) => result,
         Err(payload) => match stdout_failure(payload.as_ref()) {
+            // A reader that stopped reading (`| head`, where SIGPIPE is blocked): quietly, with
+            // the status SIGPIPE would have given.
+            Some(msg) if msg.contains("Broken pipe") => return ExitCode::from(141),
             Some(msg) => Err(Error::Usage(msg)),
             None => std::panic::resume_unwind(payload),
         },
@@ -546,9 +549,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Synth { config, preset, layers, experts, vocab, dtype, shards, mtp, seed, out } => {
-            if let Some(path) = &config {
-                glimpse::output::check_distinct(&[("--out", &out.join("config.json"))], &[("--config", path.clone())])?;
-            }
             let config = match (config, preset) {
                 (Some(path), _) => {
                     let bytes = glimpse::st::read_input(&path)?;

@@ -264,7 +264,14 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
     }
     let bytes = |t: &(WeightSpec, Dtype, bool)| t.0.shape.iter().product::<usize>() * t.1.bitsize() / 8;
     let total: usize = tensors.iter().map(bytes).sum();
-    if let Some(free) = free_bytes(&o.out).filter(|&free| total as u64 > free) {
+    // The weights this replaces (its own, written before) free their space as they go.
+    let replaced: u64 = crate::checkpoint::own_files(&o.out)
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    if let Some(free) = free_bytes(&o.out).map(|f| f + replaced).filter(|&free| total as u64 > free) {
         return Err(Error::Usage(format!(
             "--out {}: the checkpoint needs {:.2} GB and {:.2} GB are free there",
             o.out.display(),
@@ -371,7 +378,8 @@ fn refuse_foreign_weights(out: &Path) -> Result<()> {
             crate::st::StFile::open(path).is_ok_and(|f| f.metadata().get(MARK.0).map(String::as_str) == Some(MARK.1));
         if !ours {
             return Err(Error::Usage(format!(
-                "--out {}: holds weights synth did not write ({}); give an empty folder or one synth wrote",
+                "--out {}: holds weights without synth's mark ({}: another tool's, or an older glimpse's); give an \
+                 empty folder or one synth wrote",
                 out.display(),
                 path.display()
             )));
