@@ -31,9 +31,17 @@ pub fn check_regular(path: &Path) -> Result<()> {
     }
 }
 
-/// A whole input file ([`check_regular`] first).
+/// A whole small input (a config, an index, a prompts file): a regular file, or a pipe, which
+/// process substitution (`--prompts <(...)`) gives and which is read to its end; a device or
+/// socket is refused.
 pub fn read_input(path: &Path) -> Result<Vec<u8>> {
-    check_regular(path)?;
+    #[cfg(unix)]
+    let pipe = std::fs::metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()));
+    #[cfg(not(unix))]
+    let pipe = false;
+    if !pipe {
+        check_regular(path)?;
+    }
     std::fs::read(path).map_err(|e| Error::io(path, e))
 }
 

@@ -620,3 +620,21 @@ fn a_full_standard_output_is_a_one_line_error() {
         assert_error(&o, "cannot write to standard output: No space left on device");
     }
 }
+
+/// Small inputs read whole may come through a pipe, as process substitution gives them.
+#[cfg(unix)]
+#[test]
+fn small_inputs_may_be_pipes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (bin, flat) = (env!("CARGO_BIN_EXE_glimpse"), golden("flat"));
+    let (cfg, out) = (flat.join("config.json"), tmp.path().join("piped"));
+    let script = format!(
+        "'{bin}' synth --config <(cat '{}') --out '{}' && '{bin}' audit --model '{}' --prompts <(printf '1,2,3\\n')",
+        cfg.display(),
+        out.display(),
+        flat.display()
+    );
+    let o = std::process::Command::new("bash").args(["-c", &script]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("model.safetensors").is_file());
+}

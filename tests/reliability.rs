@@ -308,8 +308,7 @@ fn malformed_files_and_arguments_are_one_line_errors() {
         // Read from, a FIFO would wait for a writer forever.
         (vec!["diff", &fifo, &reference], "fifo: is not a regular file"),
         (vec!["run", "--model", &model, "--tokens-from", &fifo], "fifo: is not a regular file"),
-        (vec!["audit", "--model", &model, "--prompts", &fifo], "fifo: is not a regular file"),
-        (vec!["synth", "--config", &fifo, "--out", &x_st], "fifo: is not a regular file"),
+        (vec!["synth", "--config", "/dev/null", "--out", &x_st], "/dev/null: is not a regular file"),
         (vec!["audit", "--dump", &reference, "--heatmap", "/tmp/load.png"], "name a .svg file"),
         (vec!["diff", &model, &reference], "is a folder, not a safetensors file"),
         (
