@@ -352,7 +352,6 @@ pub(crate) enum Command {
 }
 
 impl Command {
-    /// The files this command will write, with the flag that names each: checked before any work.
     /// The files a command reads, which no output may replace: dumps, prompt files, and a
     /// checkpoint's own files (`checkpoint::own_files`: its config, tokenizer, weights).
     pub(crate) fn inputs(&self) -> Vec<(&'static str, PathBuf)> {
@@ -374,6 +373,7 @@ impl Command {
         }
     }
 
+    /// The files this command will write, with the flag that names each: checked before any work.
     pub(crate) fn outputs(&self) -> Vec<(&'static str, &Path)> {
         fn named<'a>(flag: &'static str, p: &'a Option<PathBuf>) -> Option<(&'static str, &'a Path)> {
             p.as_deref().map(|p| (flag, p))

@@ -179,6 +179,15 @@ pub enum Side {
 }
 
 impl Side {
+    /// Its name in JSON.
+    pub fn key(self) -> &'static str {
+        match self {
+            Side::Ours => "ours",
+            Side::Reference => "reference",
+        }
+    }
+
+    /// Its name in a sentence.
     pub fn label(self) -> &'static str {
         match self {
             Side::Ours => "ours",
@@ -566,8 +575,6 @@ mod tests {
         assert_eq!(names, ["layers.1.moe.topk_ids"]);
     }
 
-    /// Expert ids outside the experts, negative ones, and an expert chosen twice by one token are
-    /// malformed, named with their coordinate; a well-formed tensor passes.
     /// A difference from position 2 on (of 4, in both batch rows): 2 matching positions; one
     /// that stops again, or starts at 0, has no onset.
     #[test]
@@ -587,6 +594,8 @@ mod tests {
         assert_eq!(matching_positions(&[2.0; 24], &reference, &shape, t), None, "from position 0");
     }
 
+    /// Expert ids outside the experts, negative ones, and an expert chosen twice by one token are
+    /// malformed, named with their coordinate; a well-formed tensor passes.
     #[test]
     fn malformed_expert_ids_are_named_with_their_coordinate() {
         let shape = [3, 2];

@@ -379,7 +379,8 @@ pub fn format_line(c: &Comparison) -> String {
             s
         }
         Detail::Shape { ours, reference } => {
-            let same = ours.iter().product::<usize>() == reference.iter().product::<usize>();
+            let n = ours.iter().product::<usize>();
+            let same = n > 0 && n == reference.iter().product::<usize>();
             let layout =
                 if same { " (the same elements in another layout: the spec's shapes are the contract)" } else { "" };
             format!("shape {ours:?}, reference {reference:?}{layout}")

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{assert_error, assert_ok, glimpse, text};
+use common::{assert_error, assert_ok, glimpse, golden, text};
 
 const CONFIG: &str = r#"{
   "model_type": "glm_moe_dsa", "vocab_size": 40, "hidden_size": 32, "intermediate_size": 40,
@@ -13,10 +13,6 @@ const CONFIG: &str = r#"{
   "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "first_k_dense_replace": 1,
   "index_topk": 3, "index_head_dim": 8, "index_n_heads": 4
 }"#;
-
-fn golden(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case)
-}
 
 /// A tiny synthetic checkpoint written by the binary itself.
 fn synth(dir: &Path, seed: u64) -> PathBuf {
@@ -559,7 +555,7 @@ fn outputs_never_replace_inputs() {
         (&["run", "--model", m, "--tokens", "1,2", "--dump", &dotted], "is --model's "),
         (&["run", "--model", m, "--tokens-from", r, "--dump", r], "is --tokens-from's "),
         (&["generate", "--model", m, "--tokens", "1", "--dump", &format!("{m}/config.json")], "is --model's "),
-        (&["audit", "--dump", r, "--csv", r], "--csv"),
+        (&["audit", "--dump", r, "--csv", r], &format!("--csv {r} is --dump's {r}")),
         (&["audit", "--dump", r, "--csv", &format!("{m}/x"), "--heatmap", &format!("{m}/./x")], "is also --csv's path"),
     ];
     for (args, needle) in cases {

@@ -4,7 +4,7 @@
 //! reordering of set rows or a change in their padding.
 
 mod common;
-use common::{code_and_text, edit_dump, Named};
+use common::{code_and_text, edit_dump, golden, Named};
 
 use std::path::{Path, PathBuf};
 
@@ -13,10 +13,6 @@ use glimpse::config::{IndexerKind, MlpKind};
 use glimpse::dump::{Dump, DumpWriter, Values};
 use glimpse::hooks::{HookPoint, LayerHook, Recorder, Selector};
 use glimpse::model::Model;
-
-fn golden(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case)
-}
 
 /// The bundled default case and its reference's tokens.
 fn flat_model() -> (Checkpoint, Model, glimpse::model::Tokens) {
@@ -202,6 +198,18 @@ fn diff_names_the_perturbed_tensor_and_ignores_set_order_and_padding() {
     );
     let (_, text) = code_and_text(&["diff", from(8).to_str().unwrap(), r]);
     assert!(text.contains("  queries 0-7 (which keep every causal key) match and every later one differs"), "{text}");
+    // A router tensor is [B*S, E]: its columns are experts, not positions.
+    let experts = edited(tmp.path(), "experts.safetensors", |t| {
+        let (_, v, shape) = t.iter_mut().find(|(n, _, _)| n == "layers.2.moe.router_logits").unwrap();
+        let e = shape[1];
+        let Values::F32(x) = v else { panic!() };
+        x.iter_mut().enumerate().filter(|(i, _)| i % e > 0).for_each(|(_, x)| *x += 0.05);
+    });
+    let (_, text) = code_and_text(&["diff", experts.to_str().unwrap(), r]);
+    assert!(
+        text.contains("first divergence: layers.2.moe.router_logits") && !text.contains("every later one"),
+        "{text}"
+    );
 
     let rerouted = edited(tmp.path(), "rerouted.safetensors", |t| {
         let (shape, ids) = ints(t, "layers.3.moe.topk_ids");

@@ -5,7 +5,7 @@
 //! an abort.
 
 mod common;
-use common::{assert_error, code_and_text, edit_dump, glimpse, Named};
+use common::{assert_error, code_and_text, edit_dump, glimpse, golden, s, Named};
 
 use std::path::{Path, PathBuf};
 
@@ -13,14 +13,6 @@ use glimpse::diff::DiffOptions;
 use glimpse::dump::{Dump, Values};
 use glimpse::tui_source::DumpSource;
 use glimpse_tui::Source;
-
-fn golden(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case)
-}
-
-fn s(p: &Path) -> String {
-    p.to_str().unwrap().to_string()
-}
 
 /// The tensor `name` of `t`.
 fn tensor<'a>(t: &'a mut [Named], name: &str) -> &'a mut Named {
@@ -104,7 +96,8 @@ fn zero_width_selections_and_latents_show_nothing() {
     let src = DumpSource::new("empty".into(), Dump::open(&empty).unwrap(), None, &DiffOptions::default()).unwrap();
     assert!(src.routing(3).is_none());
     assert!(src.routing(4).is_some());
-    assert!(src.kv_norms().is_some());
+    let grid = src.kv_norms().unwrap();
+    assert!(!grid.layers.contains(&1) && grid.layers.contains(&2), "{:?}", grid.layers);
 
     let case = golden("grouped-shared-yarn");
     let theirs = case.join("reference.safetensors");
@@ -117,7 +110,8 @@ fn zero_width_selections_and_latents_show_nothing() {
     });
     let (code, text) = code_and_text(&["diff", &s(&k0), &s(&theirs), "--model", &s(&case)]);
     assert_eq!(code, 1, "{text}");
-    assert!(text.contains("layers.0.dsa.topk"), "{text}");
+    // Layer 1's flip is listed, its margin unknown (its source layer's selection is empty).
+    assert!(text.contains("layers.1.dsa.topk [0, 39]: ") && text.contains("margin ours unknown"), "{text}");
 }
 
 /// grouped-shared-yarn with layer 1's correction bias edited, in `dir`.

@@ -3,7 +3,7 @@
 //! a run killed mid-write leaves the previous dump intact.
 
 mod common;
-use common::{assert_error, glimpse};
+use common::{assert_error, glimpse, golden, s};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,14 +15,6 @@ use glimpse::st::{self, Entry, StFile};
 /// Malformed-input cases: a name, how to make the input, the message expected.
 type FileCase = (&'static str, Box<dyn Fn(&Path)>, &'static str);
 type ConfigCase = (&'static str, Box<dyn Fn(&mut serde_json::Value)>, &'static str);
-
-fn golden(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case)
-}
-
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
-}
 
 /// A copy of golden/flat whose files `edit` may change.
 fn flat_copy(dst: &Path) -> PathBuf {

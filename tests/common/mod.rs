@@ -3,6 +3,16 @@
 
 use std::process::{Command, Output, Stdio};
 
+/// A bundled golden case's folder.
+pub fn golden(case: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case)
+}
+
+/// A path as an argument.
+pub fn s(p: &std::path::Path) -> String {
+    p.to_str().expect("test paths are UTF-8").to_string()
+}
+
 /// Runs the binary with no standard input.
 pub fn glimpse(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_glimpse")).args(args).stdin(Stdio::null()).output().expect("the binary runs")
