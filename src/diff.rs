@@ -192,6 +192,9 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         if let (false, true, Values::F32(x), Values::F32(y)) = (c.ok, results.iter().all(|r| r.ok), &va, &vb) {
             notes = crate::reading::Notes::of(a, b, name, (x, y, &sb), opts);
         }
+        if let (false, true, Some(config)) = (c.ok, results.iter().all(|r| r.ok), &opts.config) {
+            notes.not_reused = crate::reading::Notes::not_reused(a, b, name, config);
+        }
         // Margins for the flips: recomputing them can read the S x S scores, so only where needed.
         if let (Detail::Sets { flips, .. }, Some(point)) = (&c.detail, HookPoint::parse(name)) {
             if !flips.is_empty() {

@@ -5,6 +5,7 @@
 //! its pattern holds.
 
 use crate::compare::{Comparison, Detail, Flip, Tolerance};
+use crate::config::Config;
 use crate::diff::{floats, ints, DiffOptions, DiffReport};
 use crate::dump::Dump;
 use crate::flips::Class;
@@ -96,6 +97,12 @@ impl DiffReport {
         if let (Some(rule), true) = (self.notes.weights_rule, c.name.ends_with(".moe.topk_weights")) {
             return Some(rule.reading().into());
         }
+        if let Some(source) = self.notes.not_reused {
+            return Some(format!(
+                "a shared-indexer layer: the reference's selection is layer {source}'s, ours's is not (it must reuse \
+                 layer {source}'s, not choose its own)"
+            ));
+        }
         match &c.detail {
             // The scale explains the difference: what is left once it is taken out (1 - cos², of
             // the squared norm) is small against it, and at most a tenth of the tensor (a factor
@@ -155,6 +162,9 @@ impl DiffReport {
 pub struct Notes {
     pub onset: Option<Onset>,
     pub weights_rule: Option<WeightsRule>,
+    /// For a shared-indexer layer's selection: the layer whose selection it reuses, where the
+    /// reference's is that layer's and ours's is not (ours recomputed it, or reused another).
+    pub not_reused: Option<usize>,
 }
 
 impl Notes {
@@ -194,7 +204,24 @@ impl Notes {
             WeightsRule::of(&logits, &ids, ours, rc, bias, opts.tol_for(name))
         };
         let weights_rule = weights_rule();
-        Notes { onset, weights_rule }
+        Notes { onset, weights_rule, not_reused: None }
+    }
+
+    /// For the selection `name` of a shared-indexer layer (with `--model`'s config): the layer
+    /// it reuses, when the reference's rows are that layer's and ours's are not, as sets of
+    /// causal keys.
+    pub(crate) fn not_reused(a: &Dump, b: &Dump, name: &str, config: &Config) -> Option<usize> {
+        let Some(HookPoint::Layer(i, LayerHook::DsaTopk)) = HookPoint::parse(name) else { return None };
+        let source = config.indexer_source(i);
+        if source == i {
+            return None;
+        }
+        let reused = |d: &Dump| {
+            let src = HookPoint::Layer(source, LayerHook::DsaTopk).name();
+            let shape = d.shape(name).filter(|s| Some(s) == d.shape(&src).as_ref())?;
+            Some(crate::compare::compare_dsa(&ints(d, name)?, &ints(d, &src)?, &shape).0)
+        };
+        (reused(b)? && !reused(a)?).then_some(source)
     }
 }
 

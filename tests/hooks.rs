@@ -308,3 +308,27 @@ fn an_unfinished_dump_leaves_the_previous_file_intact() {
     assert_eq!(std::fs::read(&path).unwrap(), b"previous");
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1, "no temporary file left");
 }
+
+/// A shared-indexer layer whose selection is not the layer it reuses (a port that recomputed
+/// it) is read so with --model; without the config nothing says the layer is shared.
+#[test]
+fn a_shared_layer_that_does_not_reuse_its_source_is_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = golden("grouped-shared-yarn"); // layer 1 reuses layer 0's selection (K = 12, S = 40)
+    let reference = case.join("reference.safetensors");
+    let own = edit_dump(&reference, &tmp.path().join("own.st"), |t| {
+        let (_, v, _) = t.iter_mut().find(|(n, _, _)| n == "layers.1.dsa.topk").unwrap();
+        let Values::I64(ids) = v else { panic!() };
+        let row = &mut ids[12 * 39..12 * 40]; // the last query keeps 12 of its 40 keys
+        let unused = (0..40).find(|j| !row.contains(j)).unwrap();
+        row[0] = unused;
+    });
+    let (a, r, m) = (own.to_str().unwrap(), reference.to_str().unwrap(), case.to_str().unwrap());
+    let (code, text) = code_and_text(&["diff", a, r, "--model", m]);
+    let reading =
+        "first divergence: layers.1.dsa.topk (a shared-indexer layer: the reference's selection is layer 0's, \
+                   ours's is not";
+    assert!(code == 1 && text.contains(reading), "{text}");
+    let (_, text) = code_and_text(&["diff", a, r]);
+    assert!(!text.contains("(a shared-indexer layer:"), "{text}");
+}
