@@ -3,6 +3,8 @@
 
 use std::process::{Command, Output, Stdio};
 
+pub mod tui;
+
 /// A bundled golden case's folder.
 pub fn golden(case: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case)

@@ -1,0 +1,370 @@
+//! The terminal UI end to end: the real binary in tmux, live runs (the device path, other
+//! tokens than the reference's, stale temporary dumps), narrow screens, and what the title and
+//! views say of another model, another tolerance, a dump without router logits.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::tui::*;
+use glimpse::checkpoint::Checkpoint;
+use glimpse::diff::DiffOptions;
+use glimpse::dump::{self, Dump, DumpWriter};
+use glimpse::hooks::Selector;
+use glimpse::model::moe::Routers;
+use glimpse::tui_source::DumpSource;
+use glimpse_tui::{App, Source, View};
+
+/// tmux on a server of this test process's own (`-L`), so other tmux users, another run of
+/// this test among them, cannot end its sessions.
+fn tmux_command() -> Command {
+    let mut c = Command::new("tmux");
+    c.args(["-L", &format!("glimpse-test-{}", std::process::id())]);
+    c
+}
+
+fn tmux(args: &[&str]) -> String {
+    let o = tmux_command().args(args).output().expect("tmux runs");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The real binary in a real terminal: open the default case, step down two layers; then the
+/// bf16 port, step down two layers, open that layer's flips and jump to the next layer's.
+#[test]
+fn the_binary_in_tmux() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        // CI installs tmux and must run this; elsewhere say why it was skipped.
+        assert!(std::env::var_os("CI").is_none(), "tmux is required in CI (.ci/run installs it)");
+        eprintln!("skipped: tmux is not installed (apt-get install tmux to run this test)");
+        return;
+    }
+    let bin = env!("CARGO_BIN_EXE_glimpse");
+    let root = env!("CARGO_MANIFEST_DIR");
+    let session = format!("glimpse-test-{}", std::process::id());
+    let wait_for = |needle: &str| {
+        for _ in 0..100 {
+            let s = tmux(&["capture-pane", "-p", "-t", &session]);
+            if s.contains(needle) {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("{needle:?} never appeared:\n{}", tmux(&["capture-pane", "-p", "-t", &session]));
+    };
+    let run = |cmd: String| {
+        tmux(&["kill-session", "-t", &session]);
+        let o = tmux_command()
+            .args(["new-session", "-d", "-s", &session, "-x", "80", "-y", "24", "-c", root, &cmd])
+            .status()
+            .unwrap();
+        assert!(o.success());
+    };
+
+    run(format!("{bin} tui"));
+    let s = wait_for("1 layers");
+    assert!(s.contains("golden/flat (live) vs reference"), "{s}");
+    // The first row is the embeddings: three rows down is layer 2.
+    tmux(&["send-keys", "-t", &session, "j", "j", "j"]);
+    let s = wait_for("layer 2 (moe, full)");
+    assert!(s.contains("match"), "{s}");
+
+    run(format!("{bin} tui --dump golden/flat/bf16-port.safetensors --golden golden/flat/reference.safetensors"));
+    wait_for("1 layers");
+    tmux(&["send-keys", "-t", &session, "j", "j", "j"]);
+    wait_for("layer 2 (moe, full)");
+    // From the layers view the selected layer's own flips open first, one by one (routing, then
+    // DSA), then the next layer's.
+    tmux(&["send-keys", "-t", &session, "n"]);
+    wait_for("layer 2: FLIPS");
+    tmux(&["send-keys", "-t", &session, "n"]);
+    wait_for("layer 2: routing flip at s");
+    let rest = flipped_rows(2, "moe.topk_ids") - 2 + flipped_rows(2, "dsa.topk");
+    for _ in 0..rest {
+        tmux(&["send-keys", "-t", &session, "n"]);
+    }
+    let last = flipped_row_ids(2, "dsa.topk").last().copied().unwrap();
+    let s = wait_for(&format!("layer 2: dsa flip at s{last} #"));
+    assert!(!s.contains("layer 3"), "{s}");
+    tmux(&["send-keys", "-t", &session, "n"]);
+    let s = wait_for("layer 3: FLIPS");
+    assert!(s.contains(&format!("layer 3 routing: 32 tokens, {} flips", flipped_rows(3, "moe.topk_ids"))), "{s}");
+    assert!(s.contains("FLIP! -["), "{s}");
+    tmux(&["send-keys", "-t", &session, "q"]);
+
+    // SIGTERM from outside ends it with the status a shell gives a process that signal ends
+    // (143), with the terminal restored (a process the signal killed would leave the UI drawn).
+    let dir = tempfile::tempdir().unwrap();
+    let (pid_file, rc_file) = (dir.path().join("pid"), dir.path().join("rc"));
+    run(format!("sh -c 'echo $$ > {}; {bin} tui; echo $? > {}; sleep 30'", pid_file.display(), rc_file.display()));
+    wait_for("1 layers");
+    let shell = std::fs::read_to_string(&pid_file).unwrap().trim().to_string();
+    let pid: i32 = (0..100)
+        .find_map(|_| {
+            let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children")).ok()?;
+            let pid = children.split_whitespace().next().and_then(|p| p.parse().ok());
+            if pid.is_none() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            pid
+        })
+        .unwrap_or_else(|| panic!("no child of the shell {shell}"));
+    // SAFETY: signalling the TUI this test started (the only child of its shell).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    // The shell creates the file before it writes the status: a whole line is the status.
+    let rc = (0..100)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            std::fs::read_to_string(&rc_file).ok().filter(|s| s.ends_with('\n'))
+        })
+        .unwrap_or_default();
+    assert_eq!(rc.trim(), "143");
+    let restored = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        !tmux(&["capture-pane", "-p", "-t", &session]).contains("1 layers")
+    });
+    assert!(restored, "the terminal is restored: {}", tmux(&["capture-pane", "-p", "-t", &session]));
+    tmux(&["kill-session", "-t", &session]);
+}
+
+/// Live runs in this process, one at a time: one test looks for temporary files a live run left.
+static LIVE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// `tui --device cpu-ops`: the live run goes through the device path, says so in its title, and
+/// every view draws it.
+#[test]
+fn the_live_run_can_go_through_the_device_path() {
+    let _one_live_run_at_a_time = LIVE.lock();
+    let src = glimpse::tui_source::open(&glimpse::tui_source::Open {
+        model: Some(&flat()),
+        golden: None,
+        dump: None,
+        tokens: None,
+        prompt: None,
+        max_memory: None,
+        target: glimpse::device::Backend::CpuOps.into(),
+        near_tie: None,
+        tol: Default::default(),
+    })
+    .unwrap();
+    let mut app = App::new(&src);
+    let s = screen(&app, &src, 100, 24);
+    assert!(s.contains("(live, cpu-ops, float32) vs reference"), "{s}");
+    for view in [View::Activations, View::Routing, View::Dsa, View::KvNorms] {
+        app.set_view(view);
+        assert!(screen(&app, &src, 80, 24).contains("q quit"));
+    }
+}
+
+/// A live run of other tokens than the folder's reference ran goes without it, and the title
+/// says so; a reference named with --golden must have run the same tokens. The live run's
+/// temporary dump is gone as soon as it is open (a killed TUI leaves nothing in the temp folder).
+#[test]
+fn a_live_run_of_other_tokens_runs_without_the_folders_reference() {
+    let _one_live_run_at_a_time = LIVE.lock();
+    let reference = flat().join("reference.safetensors");
+    let open = |golden: Option<&std::path::Path>| {
+        glimpse::tui_source::open(&glimpse::tui_source::Open {
+            model: Some(&flat()),
+            golden,
+            dump: None,
+            tokens: Some("1,2,3"),
+            prompt: None,
+            max_memory: None,
+            target: glimpse::device::Backend::Cpu.into(),
+            near_tie: None,
+            tol: Default::default(),
+        })
+    };
+    let src = open(None).unwrap();
+    let s = screen(&App::default(), &src, 100, 24);
+    assert!(s.contains("(live, no reference: it ran other tokens)"), "{s}");
+    // Without a reference there is nothing to count: the counts read `-`.
+    let words: Vec<&str> = line_with(&s, "│0 ").trim_matches('│').split_whitespace().collect();
+    assert_eq!(words[3..6], ["-", "-", "-"], "{s}");
+    let prefix = format!("glimpse-tui-{}-", std::process::id());
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with(&prefix) && n.ends_with(".safetensors"))
+        .collect();
+    assert!(left.is_empty(), "left while the TUI runs: {left:?}");
+    let err = open(Some(&reference)).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("ran other tokens than --tokens/--prompt give"), "{err}");
+}
+
+/// At 40 columns the tables drop columns rather than squeeze them: every number shown is whole
+/// (a squeezed `max err` column read `2.1` for 2.1e-6, a margin `7.` for 7.67e-2).
+#[test]
+fn narrow_screens_drop_columns_rather_than_cut_numbers() {
+    let src = port_source();
+    let mut app = at_layer(&src, 0);
+    let s = screen(&app, &src, 40, 14);
+    assert!(s.contains("max err") && !s.contains("worst hook"), "{s}");
+    // Layer 0's largest error, 1.01, whole to four decimals (written here, not by the view's
+    // formatter).
+    let worst = src.layers()[row_of(&src, 0)].worst.as_ref().map(|(_, e)| *e).unwrap();
+    assert!((1.0..10.0).contains(&worst), "{worst}");
+    assert!(line_with(&s, "FLIPS").contains(&format!("{worst:.4}")), "{s}");
+    app.next_layer(&src);
+    app.next_layer(&src);
+    app.set_view(View::Routing);
+    // Against a reference the flips stay longest: at 40 columns the token and what differs.
+    let routes = src.routing(2).unwrap();
+    let flip = routes.iter().find(|r| r.is_flip()).unwrap();
+    app.token = flip.token;
+    let s = screen(&app, &src, 40, 14);
+    assert!(s.contains("vs ref") && !s.contains("margin") && !s.contains("experts"), "{s}");
+    assert!(line_with(&s, &format!("s{} #", flip.token)).contains("FLIP"), "{s}");
+    // At 60 the margins too, whole: a flip's both sides, `ours (ref)`, as diff computes them.
+    let s = screen(&app, &src, 60, 14);
+    assert!(s.contains("vs ref") && s.contains("margin (ref)") && !s.contains("experts"), "{s}");
+    let (ours, theirs) = port_dumps();
+    let report = glimpse::diff::diff(&ours, &theirs, &port_options()).unwrap();
+    let c = report.results.iter().find(|c| c.name == "layers.2.moe.topk_ids").unwrap();
+    let glimpse::compare::Detail::Sets { flips, .. } = &c.detail else { panic!("a selection") };
+    let f = flips.iter().find(|f| f.row == flip.token).unwrap();
+    let both = format!("{:.2e} ({:.2e})", f.margin_ours.unwrap(), f.margin_reference.unwrap());
+    assert!(line_with(&s, &format!("s{} #", flip.token)).contains(&both), "{both} in {s}");
+    // And those margins are each dump's own: the reference's its lowest chosen biased score
+    // minus its highest left out, computed here from its gate logits and the checkpoint's bias;
+    // the port's the one it recorded (`moe.margin`, from its bf16 arithmetic: within 1e-3 of the
+    // same computed in f32).
+    let bias = Routers::read(&Checkpoint::open(&flat()).unwrap()).unwrap().bias[&2].clone();
+    let own = |d: &Dump| routing_margin(d, 2, flip.token, &bias);
+    assert!(
+        (f.margin_reference.unwrap() - own(&theirs)).abs() < 1e-6,
+        "{} against {}",
+        f.margin_reference.unwrap(),
+        own(&theirs)
+    );
+    let recorded = match ours.values("layers.2.moe.margin").unwrap() {
+        (glimpse::dump::Values::F32(v), _) => v[flip.token],
+        _ => panic!("margins are floats"),
+    };
+    assert_eq!(f.margin_ours, Some(recorded));
+    assert!((recorded - own(&ours)).abs() < 1e-3, "{recorded} against {}", own(&ours));
+    app.token = 0;
+    let s = screen(&app, &src, 60, 14);
+    let margin = format!("{:.2e}", routes[0].margin.unwrap());
+    assert!(line_with(&s, "s0 ").contains(&format!(" {margin} ")), "{margin} in {s}");
+    // At 80 the experts column holds whole entries, in order, and says how many more.
+    let s = screen(&app, &src, 80, 14);
+    let r0 = &routes[0];
+    let words: Vec<&str> = line_with(&s, "s0 ").trim_matches('│').split_whitespace().skip(2).collect();
+    let shown = words.iter().take_while(|w| !w.starts_with('+')).count();
+    assert!(shown >= 1 && shown < r0.ids.len(), "{s}");
+    for (j, w) in words[..shown].iter().enumerate() {
+        assert_eq!(*w, format!("{}:{:.2}", r0.ids[j], r0.weights[j]), "{s}");
+    }
+    assert_eq!(words[shown], format!("+{}", r0.ids.len() - shown), "{s}");
+}
+
+/// A live run's temporary dump whose process is gone (killed during its prefill, or by SIGKILL)
+/// is removed by the next live run; a running process's and unrelated files stay.
+#[test]
+fn stale_live_dumps_of_dead_processes_are_swept() {
+    let dir = tempfile::tempdir().unwrap();
+    // Past any pid_max, so no process has it (a finished child's pid could be reused).
+    let dead = i32::MAX as u32;
+    let own = std::process::id();
+    let names = [
+        format!("glimpse-tui-{dead}-0.safetensors"),
+        format!("glimpse-tui-{dead}-1.safetensors.{dead}.partial"),
+        format!("glimpse-tui-{own}-0.safetensors"),
+        "notes.txt".to_string(),
+    ];
+    for n in &names {
+        std::fs::write(dir.path().join(n), b"x").unwrap();
+    }
+    glimpse::tui_source::sweep_live_dumps(dir.path());
+    let left: Vec<bool> = names.iter().map(|n| dir.path().join(n).exists()).collect();
+    assert_eq!(left, [false, false, true, true]);
+}
+
+/// `tui --model` naming another checkpoint than the dumps ran is said in the status line (a
+/// warning on stderr would be hidden behind the UI); the right one says nothing.
+#[test]
+fn another_models_checkpoint_is_said() {
+    let other = open_port(Some(&flat().with_file_name("mtp")), Default::default());
+    let s = screen(&App::new(&other), &other, 120, 24);
+    assert!(s.contains("golden/mtp: not the config.json the dumps ran"), "{s}");
+    let right = open_port(Some(&flat()), Default::default());
+    assert!(App::new(&right).message.is_empty());
+}
+
+/// `tui --dump` of the bundled bf16 port against its reference, as the binary opens it.
+fn open_port(model: Option<&Path>, tol: glimpse::compare::Tolerance) -> DumpSource {
+    let (port, reference) = (flat().join("bf16-port.safetensors"), flat().join("reference.safetensors"));
+    glimpse::tui_source::open(&glimpse::tui_source::Open {
+        model,
+        golden: Some(&reference),
+        dump: Some(&port),
+        tokens: None,
+        prompt: None,
+        max_memory: None,
+        target: glimpse::device::Backend::Cpu.into(),
+        near_tie: None,
+        tol,
+    })
+    .unwrap()
+}
+
+/// `tui --atol/--rtol`: the comparison's tolerance is diff's, so the bf16 port at bf16's 2e-2
+/// counts the mismatches diff counts there, and fewer than at the default 1e-4. (This checks
+/// the plumbing of the tolerance into the view; `diff`'s rules are checked in their own tests.)
+#[test]
+fn the_tolerance_is_the_comparisons() {
+    let open = |atol: f64| open_port(None, glimpse::compare::Tolerance { atol, rtol: atol });
+    let (strict, loose) = (open(1e-4), open(2e-2));
+    let tol = glimpse::compare::Tolerance { atol: 2e-2, rtol: 2e-2 };
+    let (ours, theirs) = port_dumps();
+    let opts = DiffOptions { tol, near_tie: tol.near_tie(), ..Default::default() };
+    let report = glimpse::diff::diff(&ours, &theirs, &opts).unwrap();
+    for (s, l) in strict.layers().iter().zip(loose.layers()) {
+        let Some(i) = l.part.layer() else { continue };
+        let prefix = format!("layers.{i}.");
+        let want = report.results.iter().filter(|c| !c.ok && c.name.starts_with(&prefix)).count();
+        assert_eq!(l.mismatches, want, "layer {i}");
+        assert!(l.mismatches <= s.mismatches, "layer {i}: {} then {}", s.mismatches, l.mismatches);
+    }
+    let total = |src: &DumpSource| src.layers().iter().map(|l| l.mismatches).sum::<usize>();
+    assert!(total(&loose) < total(&strict));
+}
+
+/// The expert-load view counts a layer's experts as `diff` and `audit` do: the router's width,
+/// else the checkpoint's count (given its config), and only with neither the largest id + 1 (a
+/// dump without router logits whose tokens chose experts 0 and 1 of 16).
+#[test]
+fn the_load_view_counts_the_checkpoints_experts_without_router_logits() {
+    use candle_core::{Device, Tensor};
+    use glimpse::hooks::{HookPoint, LayerHook, Observer};
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("ids-only.safetensors");
+    let mut w = DumpWriter::create(&path, Selector::default(), 2).unwrap();
+    let ids = Tensor::from_vec(vec![1i64, 2, 3, 4], (1, 4), &Device::Cpu).unwrap();
+    w.observe(HookPoint::InputIds, &ids).unwrap();
+    let topk = Tensor::from_vec(vec![0i64, 1, 1, 0, 0, 1, 1, 0], (1, 4, 2), &Device::Cpu).unwrap();
+    w.observe(HookPoint::Layer(0, LayerHook::TopkIds), &topk).unwrap();
+    w.finish(&dump::metadata("test", None, None)).unwrap();
+    let config = Checkpoint::open(&flat()).unwrap().config;
+    let load = |config| {
+        let opts = DiffOptions { config, ..Default::default() };
+        DumpSource::new("ids".into(), Dump::open(&path).unwrap(), None, &opts).unwrap().load()
+    };
+    let with = load(Some(config));
+    assert_eq!(with[0].counts.len(), 16, "the checkpoint's 16 experts");
+    assert_eq!(with[0].counts[..2], [4, 4]);
+    assert_eq!(load(None)[0].counts.len(), 2, "guessed from the ids");
+
+    // Ids past the config's count (a larger model's dump) are counted, not dropped.
+    let mut w = DumpWriter::create(&path, Selector::default(), 2).unwrap();
+    w.observe(HookPoint::InputIds, &ids).unwrap();
+    let topk = Tensor::from_vec(vec![0i64, 20, 1, 20, 0, 1, 1, 0], (1, 4, 2), &Device::Cpu).unwrap();
+    w.observe(HookPoint::Layer(0, LayerHook::TopkIds), &topk).unwrap();
+    w.finish(&dump::metadata("test", None, None)).unwrap();
+    let config = Checkpoint::open(&flat()).unwrap().config;
+    let counts = &load(Some(config))[0].counts;
+    assert_eq!((counts.len(), counts[20]), (21, 2));
+}
