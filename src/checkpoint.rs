@@ -171,7 +171,7 @@ impl Checkpoint {
     pub fn fp8_weight(&self, name: &str) -> Option<crate::model::fp8::Fp8Weight> {
         let scale_name = self.scale_name(name)?;
         let (scale, scale_shape) = self.scales(&scale_name).ok()?;
-        let block = self.config.fp8.as_ref().map(|f| f.block).unwrap_or([128, 128]);
+        let block = self.config.fp8_block();
         self.file(name).ok()?.fp8_weight(name, (scale, &scale_shape), block)
     }
 
@@ -180,7 +180,7 @@ impl Checkpoint {
         let (mut data, shape) = self.file(name)?.f32(name)?;
         if let Some(scale_name) = self.scale_name(name) {
             let (scale, sshape) = self.scales(&scale_name)?;
-            let block = self.config.fp8.as_ref().map(|f| f.block).unwrap_or([128, 128]);
+            let block = self.config.fp8_block();
             dequantize_blocks(&mut data, &shape, &scale, &sshape, block)
                 .map_err(|msg| Error::Weights(format!("`{name}`: {msg}")))?;
         }

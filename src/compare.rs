@@ -373,6 +373,14 @@ pub fn matching_positions(ours: &[f32], reference: &[f32], shape: &[usize], tol:
 }
 
 /// Compares rows as sets. `keep(row, value)` filters members (the causal rule for DSA).
+/// Row `r` of `k` ids as a set: the ids `keep(r, id)` admits, ascending, each once.
+pub(crate) fn row_set(ids: &[i64], k: usize, r: usize, keep: impl Fn(usize, i64) -> bool) -> Vec<i64> {
+    let mut s: Vec<i64> = ids[r * k..(r + 1) * k].iter().copied().filter(|&x| keep(r, x)).collect();
+    s.sort_unstable();
+    s.dedup();
+    s
+}
+
 fn compare_sets(ours: &[i64], reference: &[i64], shape: &[usize], keep: impl Fn(usize, i64) -> bool) -> (bool, Detail) {
     let k = shape.last().copied().unwrap_or(1).max(1);
     let rows = reference.len() / k;
@@ -380,13 +388,7 @@ fn compare_sets(ours: &[i64], reference: &[i64], shape: &[usize], keep: impl Fn(
     let (mut recall_sum, mut min_recall) = (0f64, 1f64);
     let mut flips = Vec::new();
     for r in 0..rows {
-        let set = |v: &[i64]| {
-            let mut s: Vec<i64> = v[r * k..(r + 1) * k].iter().copied().filter(|&x| keep(r, x)).collect();
-            s.sort_unstable();
-            s.dedup();
-            s
-        };
-        let (a, e) = (set(ours), set(reference));
+        let (a, e) = (row_set(ours, k, r, &keep), row_set(reference, k, r, &keep));
         let common = a.iter().filter(|x| e.contains(x)).count();
         let recall = if e.is_empty() { 1.0 } else { common as f64 / e.len() as f64 };
         recall_sum += recall;

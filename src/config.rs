@@ -5,6 +5,9 @@
 
 use std::path::Path;
 
+mod rope;
+pub use rope::{yarn_mscale, Rope, Yarn};
+
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
@@ -12,6 +15,9 @@ use crate::error::{Error, Result};
 /// The most routed experts glimpse reads (GLM-5 has 256): a config, a dump's router or its
 /// expert ids past it are refused, so neither can make us allocate on its word.
 pub const MAX_EXPERTS: usize = 1 << 16;
+
+/// The FP8 scale block when a config names none.
+const DEFAULT_FP8_BLOCK: [usize; 2] = [128, 128];
 
 /// How a layer's feed-forward block is built (`mlp_layer_types`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,26 +31,6 @@ pub enum MlpKind {
 pub enum IndexerKind {
     Full,
     Shared,
-}
-
-/// RoPE frequencies and scaling, as transformers computes them for this model.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Rope {
-    Default { theta: f64 },
-    Yarn(Yarn),
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Yarn {
-    pub theta: f64,
-    pub factor: f64,
-    pub original_max_position_embeddings: f64,
-    pub beta_fast: f64,
-    pub beta_slow: f64,
-    pub mscale: Option<f64>,
-    pub mscale_all_dim: Option<f64>,
-    pub attention_factor: Option<f64>,
-    pub truncate: bool,
 }
 
 /// Block-FP8 storage (`quantization_config`). Which tensors are quantised is decided per tensor by
@@ -136,24 +122,24 @@ const IGNORED_KEYS: &[&str] = &[
     "quantization_config",
 ];
 
-struct Fields<'a> {
-    obj: &'a Map<String, Value>,
+pub(crate) struct Fields<'a> {
+    pub(crate) obj: &'a Map<String, Value>,
 }
 
 impl<'a> Fields<'a> {
-    fn get(&self, key: &str) -> Option<&'a Value> {
+    pub(crate) fn get(&self, key: &str) -> Option<&'a Value> {
         self.obj.get(key).filter(|v| !v.is_null())
     }
     // A number or a flag given as `null` is refused, not read as its default: transformers'
     // config refuses it too (`q_lora_rank: null`, DeepSeek's "no low-rank query path", would
     // otherwise run as GLM-5's 2048).
-    fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+    pub(crate) fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
         match self.obj.get(key) {
             None => Ok(default),
             Some(v) => as_usize(key, v),
         }
     }
-    fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+    pub(crate) fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.obj.get(key) {
             None => Ok(default),
             Some(v) => as_f64(key, v),
@@ -187,7 +173,7 @@ fn as_usize(key: &str, v: &Value) -> Result<usize> {
         .ok_or_else(|| Error::config(key, format!("expected a non-negative integer, got {v}")))
 }
 
-fn as_f64(key: &str, v: &Value) -> Result<f64> {
+pub(crate) fn as_f64(key: &str, v: &Value) -> Result<f64> {
     v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| Error::config(key, format!("expected a finite number, got {v}")))
 }
 
@@ -270,7 +256,7 @@ impl Config {
             num_nextn_predict_layers: f.usize_or("num_nextn_predict_layers", 0)?,
             mlp_layer_types: mlp_layer_types(&f, num_hidden_layers)?,
             indexer_types: indexer_types(&f, num_hidden_layers)?,
-            rope: rope(&f)?,
+            rope: rope::rope(&f)?,
             fp8: fp8(&f)?,
             eos_token_ids: eos_token_ids(&f)?,
         };
@@ -419,6 +405,12 @@ impl Config {
         (0..=i).rev().find(|&j| self.indexer_kind(j) == IndexerKind::Full).unwrap_or(0)
     }
 
+    /// The block of one FP8 scale: the config's `weight_block_size`, else DeepSeek-V3's and
+    /// GLM-5's 128 x 128 (also for FP8 tensors a config without `quantization_config` holds).
+    pub fn fp8_block(&self) -> [usize; 2] {
+        self.fp8.as_ref().map_or(DEFAULT_FP8_BLOCK, |f| f.block)
+    }
+
     pub fn has_moe(&self) -> bool {
         self.mlp_layer_types.contains(&MlpKind::Moe)
     }
@@ -443,15 +435,6 @@ impl Config {
                 _ => base,
             },
         }
-    }
-}
-
-/// DeepSeek's YaRN `mscale`, as `yarn_get_mscale` in transformers.
-pub fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
-    if scale <= 1.0 {
-        1.0
-    } else {
-        0.1 * mscale * scale.ln() + 1.0
     }
 }
 
@@ -537,100 +520,6 @@ fn per_layer<T>(field: &str, mut kinds: Vec<T>, n: usize) -> Result<Vec<T>> {
     Ok(kinds)
 }
 
-/// `rope_parameters`, or the older `rope_scaling` + top-level `rope_theta`, standardised the way
-/// `RotaryEmbeddingConfigMixin.convert_rope_params_to_dict` does it.
-fn rope(f: &Fields) -> Result<Rope> {
-    // `rope_scaling or rope_parameters`, as transformers takes them: an empty `{}` is no scaling.
-    let given = |v: &&Value| v.as_object().is_none_or(|m| !m.is_empty());
-    let (field, params) = match (f.get("rope_scaling").filter(given), f.get("rope_parameters")) {
-        (Some(v), _) => ("rope_scaling", v),
-        (None, Some(v)) => ("rope_parameters", v),
-        (None, None) => ("rope_parameters", &Value::Null),
-    };
-    let empty = Map::new();
-    let p = match params {
-        Value::Object(m) => m,
-        Value::Null => &empty,
-        _ => return Err(Error::config(field, "expected an object")),
-    };
-    // Parameters per layer type (`{"full_attention": {...}}`) are another model's: GLM-5's
-    // layers share one rotary embedding (transformers fails on them too).
-    if let Some((key, _)) = p.iter().find(|(_, v)| v.is_object()) {
-        return Err(Error::config(
-            format!("{field}.{key}"),
-            "nested rope parameters (per layer type) are not supported",
-        ));
-    }
-    let pf = Fields { obj: p };
-    let theta = match pf.get("rope_theta") {
-        Some(v) => as_f64(&format!("{field}.rope_theta"), v)?,
-        None => f.f64_or("rope_theta", 10_000.0)?,
-    };
-    if theta <= 0.0 {
-        return Err(Error::config(format!("{field}.rope_theta"), "must be positive"));
-    }
-    let partial = match pf.get("partial_rotary_factor").or_else(|| f.get("partial_rotary_factor")) {
-        Some(v) => as_f64("partial_rotary_factor", v)?,
-        None => 1.0,
-    };
-    if partial != 1.0 {
-        return Err(Error::config("partial_rotary_factor", format!("only 1.0 is supported, got {partial}")));
-    }
-    let rope_type = pf.get("rope_type").or_else(|| pf.get("type")).and_then(Value::as_str).unwrap_or("default");
-    match rope_type {
-        "default" => Ok(Rope::Default { theta }),
-        "yarn" => {
-            let key = |k: &str| format!("{field}.{k}");
-            let factor = match pf.get("factor") {
-                Some(v) => as_f64(&key("factor"), v)?,
-                None => return Err(Error::config(key("factor"), "required for yarn")),
-            };
-            // (transformers would divide by it: every attention output NaN.)
-            if factor <= 0.0 {
-                return Err(Error::config(key("factor"), format!("must be positive, got {factor}")));
-            }
-            let max_pos = f.usize_or("max_position_embeddings", 202752)? as f64;
-            // A top-level `original_max_position_embeddings` wins, as in transformers.
-            let original = match f
-                .get("original_max_position_embeddings")
-                .or_else(|| pf.get("original_max_position_embeddings"))
-            {
-                Some(v) => as_f64(&key("original_max_position_embeddings"), v)?,
-                None => max_pos,
-            };
-            if original <= 0.0 {
-                let msg = format!("must be positive, got {original}");
-                return Err(Error::config(key("original_max_position_embeddings"), msg));
-            }
-            let opt = |k: &str| pf.get(k).map(|v| as_f64(&key(k), v)).transpose();
-            for k in ["beta_fast", "beta_slow"] {
-                if let Some(beta) = opt(k)?.filter(|b| *b < 0.0) {
-                    return Err(Error::config(key(k), format!("must not be negative, got {beta}")));
-                }
-            }
-            // `beta_fast or 32`: a 0 falls back to the default too.
-            let nonzero_or = |v: Option<f64>, d: f64| v.filter(|x| *x != 0.0).unwrap_or(d);
-            Ok(Rope::Yarn(Yarn {
-                theta,
-                factor,
-                original_max_position_embeddings: original,
-                beta_fast: nonzero_or(opt("beta_fast")?, 32.0),
-                beta_slow: nonzero_or(opt("beta_slow")?, 1.0),
-                mscale: opt("mscale")?,
-                mscale_all_dim: opt("mscale_all_dim")?,
-                attention_factor: opt("attention_factor")?,
-                truncate: match pf.get("truncate") {
-                    Some(v) => v.as_bool().ok_or_else(|| Error::config(key("truncate"), "expected a boolean"))?,
-                    None => true,
-                },
-            }))
-        }
-        other => {
-            Err(Error::config(format!("{field}.rope_type"), format!("\"{other}\" is not supported (default, yarn)")))
-        }
-    }
-}
-
 fn fp8(f: &Fields) -> Result<Option<Fp8>> {
     let Some(q) = f.get("quantization_config") else {
         return Ok(None);
@@ -663,7 +552,7 @@ fn fp8(f: &Fields) -> Result<Option<Fp8>> {
         }
     }
     let block = match q.get("weight_block_size") {
-        None | Some(Value::Null) => [128, 128],
+        None | Some(Value::Null) => DEFAULT_FP8_BLOCK,
         Some(Value::Array(b)) if b.len() == 2 => {
             let r = as_usize("quantization_config.weight_block_size", &b[0])?;
             let c = as_usize("quantization_config.weight_block_size", &b[1])?;

@@ -5,7 +5,7 @@
 //! lead over what it left out, known only where those scores admit that choice. `verify`, `diff`
 //! and the terminal UI class flips here.
 
-use crate::compare::{Comparison, Detail, Flip, Movement, RuleBreak, Side};
+use crate::compare::{row_set, Comparison, Detail, Flip, Movement, RuleBreak, Side};
 use crate::config::Config;
 use crate::diff::{floats, ints};
 use crate::dump::Dump;
@@ -309,14 +309,8 @@ fn reproduced(
     if recorded.len() != margin.len() * k || recomputed.len() != recorded.len() {
         return None;
     }
-    let set = |ids: &[i64], r: usize| {
-        let mut s: Vec<i64> = ids[r * k..(r + 1) * k].iter().copied().filter(|&j| keep(r, j)).collect();
-        s.sort_unstable();
-        s.dedup();
-        s
-    };
     for (r, m) in margin.iter_mut().enumerate() {
-        if set(recorded, r) != set(recomputed, r) {
+        if row_set(recorded, k, r, &keep) != row_set(recomputed, k, r, &keep) {
             *m = f32::NAN;
         }
     }
