@@ -144,6 +144,9 @@ pub struct Flip {
     /// Where both dumps hold the scores the selection ranked: how far the flipped keys' scores
     /// moved between the runs (`flips::add_movement`).
     pub moved: Option<Movement>,
+    /// Why one rule cannot have made the flip, where that can be told (`flips::add_movement`,
+    /// `flips::reference_rule_breaks`).
+    pub rule_break: Option<RuleBreak>,
 }
 
 /// How far a flip's keys (or experts) moved between two runs, against the layer's noise.
@@ -153,8 +156,6 @@ pub struct Movement {
     pub keys: f32,
     /// The 99th percentile of `|ours - reference|` over every score of the layer.
     pub noise: f32,
-    /// Why one rule cannot have made the flip, where that can be told.
-    pub rule_break: Option<RuleBreak>,
 }
 
 /// Why a flip is not one rule's choice on two sets of scores: the rule itself differs (a bias,
@@ -199,7 +200,7 @@ impl Side {
 impl Flip {
     /// Whether one rule cannot have made it ([`RuleBreak`]).
     pub fn unexplained(&self) -> bool {
-        self.moved.is_some_and(|m| m.rule_break.is_some())
+        self.rule_break.is_some()
     }
 }
 
@@ -216,6 +217,7 @@ impl Flip {
             margin_ours: ours,
             margin_reference: reference,
             moved: None,
+            rule_break: None,
         }
     }
 }
@@ -403,6 +405,7 @@ fn compare_sets(ours: &[i64], reference: &[i64], shape: &[usize], keep: impl Fn(
                 margin_ours: None,
                 margin_reference: None,
                 moved: None,
+                rule_break: None,
             });
         }
     }

@@ -274,8 +274,8 @@ pub fn comparison_json(c: &Comparison, near_tie: f64) -> Value {
                 "recall": json_number(fl.recall), "margin_ours": opt_f(fl.margin_ours),
                 "margin_reference": opt_f(fl.margin_reference),
                 "keys_moved": opt_f(fl.moved.map(|m| m.keys)), "layer_score_noise_p99": opt_f(fl.moved.map(|m| m.noise)),
-                "moved_too_little": fl.moved.map(|m| m.rule_break == Some(crate::compare::RuleBreak::TooLittle)),
-                "rule_break": fl.moved.and_then(|m| m.rule_break).map(rule_break_json),
+                "moved_too_little": fl.moved.map(|_| fl.rule_break == Some(crate::compare::RuleBreak::TooLittle)),
+                "rule_break": fl.rule_break.map(rule_break_json),
                 "class": Class::of(fl, near_tie).label(),
             })).collect::<Vec<_>>(),
         }),
@@ -424,6 +424,7 @@ mod tests {
             margin_ours: None,
             margin_reference: None,
             moved: None,
+            rule_break: None,
         };
         let sets = Detail::Sets { rows: 4, mean_recall: 0.875, min_recall: 0.5, flips: vec![flip] };
         let report = DiffReport {

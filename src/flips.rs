@@ -218,13 +218,8 @@ pub fn add_movement(
     let noise = *all.select_nth_unstable_by(at, f32::total_cmp).1;
     drop(all);
     let flat = !dsa && config.is_some_and(|c| RouterConfig::new(c).is_flat());
-    // What each side's rule ranks: DSA's scores as they are; flat routing's `sigmoid + bias`.
-    let bias = router.map(|(_, bias)| bias).filter(|bias| flat && bias.len() == width);
-    let ranked = |v: &[f32], i: usize| match (dsa, bias) {
-        (true, _) => Some(v[i]),
-        (false, Some(bias)) => Some(sigmoid(v[i]) + bias[i % width]),
-        (false, None) => None,
-    };
+    let ranked = |values| Ranked::new(values, width, dsa, flat, router);
+    let (ours, theirs) = (ranked(&x), ranked(&y));
     let Detail::Sets { flips, .. } = &mut c.detail else { return };
     for f in flips.iter_mut() {
         let in_row = |keys: &[i64]| -> Vec<usize> {
@@ -233,23 +228,7 @@ pub fn add_movement(
         let (kept, left) = (in_row(&f.only_ours), in_row(&f.only_reference));
         let deltas: Vec<Option<f32>> = kept.iter().chain(&left).map(|&k| delta(f.row * width + k)).collect();
         let Some(moved) = deltas.iter().flatten().copied().reduce(f32::max) else { continue };
-        // Own scores: the largest lead of a key a side left out over one it kept.
-        let mut own: Option<RuleBreak> = None;
-        for (side, v, kept, left) in [(Side::Ours, &x, &kept, &left), (Side::Reference, &y, &left, &kept)] {
-            for (&k, &l) in kept.iter().flat_map(|k| left.iter().map(move |l| (k, l))) {
-                let Some(by) = ranked(v, f.row * width + l).zip(ranked(v, f.row * width + k)).map(|(l, k)| l - k)
-                else {
-                    continue;
-                };
-                let larger = match own {
-                    Some(RuleBreak::OwnScores { by: b, .. }) => by > b,
-                    _ => true,
-                };
-                if by as f64 >= near_tie && larger {
-                    own = Some(RuleBreak::OwnScores { side, kept: k as i64, left_out: l as i64, by });
-                }
-            }
-        }
+        let own = own_scores(f, &[(Side::Ours, ours.as_ref()), (Side::Reference, theirs.as_ref())], near_tie);
         let too_little = match f.margin_ours.zip(f.margin_reference) {
             Some((mo, mr))
                 if flat
@@ -267,8 +246,109 @@ pub fn add_movement(
             }
             _ => false,
         };
-        let rule_break = own.or(too_little.then_some(RuleBreak::TooLittle));
-        f.moved = Some(Movement { keys: moved, noise, rule_break });
+        f.rule_break = own.or(too_little.then_some(RuleBreak::TooLittle));
+        f.moved = Some(Movement { keys: moved, noise });
+    }
+}
+
+/// The values a selection's rule ranks, of one dump: DSA's `dsa.scores` as they are, flat
+/// routing's `sigmoid(router_logits) + bias` (with the checkpoint's bias); `width` a row.
+struct Ranked<'a> {
+    values: &'a [f32],
+    width: usize,
+    /// The correction bias, for routing.
+    bias: Option<&'a [f32]>,
+}
+
+impl<'a> Ranked<'a> {
+    /// None where the rule's values cannot be had: routing that is not flat (a grouped choice
+    /// ranks experts of dropped groups at -inf, and that choice's rounding is another test's),
+    /// or without the checkpoint's bias of `width` experts.
+    fn new(
+        values: &'a [f32],
+        width: usize,
+        dsa: bool,
+        flat: bool,
+        router: Option<(&RouterConfig, &'a [f32])>,
+    ) -> Option<Ranked<'a>> {
+        match dsa {
+            true => Some(Ranked { values, width, bias: None }),
+            false => {
+                let bias = router.map(|(_, bias)| bias).filter(|b| flat && b.len() == width)?;
+                Some(Ranked { values, width, bias: Some(bias) })
+            }
+        }
+    }
+
+    fn at(&self, row: usize, key: usize) -> f32 {
+        let v = self.values[row * self.width + key];
+        match self.bias {
+            Some(bias) => sigmoid(v) + bias[key],
+            None => v,
+        }
+    }
+}
+
+/// A side whose choice its own ranked values contradict: it left out a flipped key (or expert)
+/// that they rank above one it kept, by `near_tie` or more (below, the recomputation's rounding
+/// could do it); the largest such lead over the `sides` tested. Ours kept `only_ours` and left
+/// out `only_reference`; the reference the other way round.
+fn own_scores(f: &Flip, sides: &[(Side, Option<&Ranked>)], near_tie: f64) -> Option<RuleBreak> {
+    let mut found: Option<RuleBreak> = None;
+    for &(side, ranked) in sides {
+        let Some(r) = ranked else { continue };
+        let in_row = |keys: &[i64]| -> Vec<usize> {
+            keys.iter().filter_map(|&k| usize::try_from(k).ok()).filter(|&k| k < r.width).collect()
+        };
+        let (kept, left) = match side {
+            Side::Ours => (in_row(&f.only_ours), in_row(&f.only_reference)),
+            Side::Reference => (in_row(&f.only_reference), in_row(&f.only_ours)),
+        };
+        for (&k, &l) in kept.iter().flat_map(|k| left.iter().map(move |l| (k, l))) {
+            let by = r.at(f.row, l) - r.at(f.row, k);
+            let larger = match found {
+                Some(RuleBreak::OwnScores { by: b, .. }) => by > b,
+                _ => true,
+            };
+            if by as f64 >= near_tie && larger {
+                found = Some(RuleBreak::OwnScores { side, kept: k as i64, left_out: l as i64, by });
+            }
+        }
+    }
+    found
+}
+
+/// `verify`'s rule breaks of a selection `c` (the run against `golden`, its flips): the
+/// reference's side alone, against its own recorded scores (the deciding layer's `dsa.scores`,
+/// or its `router_logits` with `router`'s bias when `config` says routing is flat). Ours follows
+/// the rule by construction; a port's dump given as the reference may not.
+pub fn reference_rule_breaks(
+    c: &mut Comparison,
+    golden: &Dump,
+    config: &Config,
+    router: Option<(&RouterConfig, &[f32])>,
+    near_tie: f64,
+) {
+    let Some(point) = HookPoint::parse(&c.name) else { return };
+    let (scores, dsa) = match deciding(point, config) {
+        HookPoint::Layer(i, LayerHook::DsaTopk) => (HookPoint::Layer(i, LayerHook::DsaScores), true),
+        HookPoint::Layer(i, LayerHook::TopkIds) => (HookPoint::Layer(i, LayerHook::RouterLogits), false),
+        _ => return,
+    };
+    let name = scores.name();
+    let (Detail::Sets { rows, flips, .. }, Some(&width)) =
+        (&mut c.detail, golden.shape(&name).and_then(|s| s.last().copied()).as_ref())
+    else {
+        return;
+    };
+    if flips.is_empty() || width == 0 || *rows * width > MOVEMENT_MAX {
+        return;
+    }
+    let Some(values) = floats(golden, &name).filter(|v| v.len() == *rows * width) else { return };
+    let flat = RouterConfig::new(config).is_flat();
+    let ranked = Ranked::new(&values, width, dsa, flat, router);
+    for f in flips.iter_mut() {
+        f.rule_break = own_scores(f, &[(Side::Reference, ranked.as_ref())], near_tie);
     }
 }
 
@@ -326,7 +406,7 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
     let [near, real_count, unknown] = Class::counts(flips.iter().map(|(_, fl)| *fl), near_tie);
     // A real flip whose keys moved no more than most of the layer's scores did is one the run's
     // own noise explains (a quantised twin's), though its margins are past the threshold.
-    let in_noise = |fl: &Flip| fl.moved.is_some_and(|m| m.keys <= m.noise && m.rule_break.is_none());
+    let in_noise = |fl: &Flip| fl.moved.is_some_and(|m| m.keys <= m.noise) && fl.rule_break.is_none();
     let real = |fl: &Flip| Class::of(fl, near_tie) == Class::Real;
     let real_in_noise = flips.iter().filter(|(_, fl)| real(fl) && in_noise(fl)).count();
     let unexplained = flips.iter().filter(|(_, fl)| fl.unexplained()).count();
@@ -363,25 +443,20 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
             _ => "",
         };
         let moved = match fl.moved {
-            Some(m) => format!(
-                "; keys moved {:.3e}, layer p99 {:.3e}{}",
-                m.keys,
-                m.noise,
-                match (m.rule_break, m.keys <= m.noise) {
-                    (Some(RuleBreak::TooLittle), _) => " (too little to flip it: the rule differs)".to_string(),
-                    (Some(RuleBreak::OwnScores { side, kept, left_out, by }), _) => format!(
-                        " ({} left out {left_out}, which its own scores rank {by:.3e} above {kept} it kept: its rule \
-                         differs)",
-                        side.label()
-                    ),
-                    (None, true) => " (within the noise)".to_string(),
-                    (None, false) => String::new(),
-                }
-            ),
+            Some(m) => format!("; keys moved {:.3e}, layer p99 {:.3e}", m.keys, m.noise),
             None => String::new(),
         };
+        let why = match (fl.rule_break, fl.moved.is_some_and(|m| m.keys <= m.noise)) {
+            (Some(RuleBreak::TooLittle), _) => " (too little to flip it: the rule differs)".to_string(),
+            (Some(RuleBreak::OwnScores { side, kept, left_out, by }), _) => format!(
+                " ({} left out {left_out}, which its own scores rank {by:.3e} above {kept} it kept: its rule differs)",
+                side.label()
+            ),
+            (None, true) => " (within the noise)".to_string(),
+            (None, false) => String::new(),
+        };
         out += &format!(
-            "  {name} {:?}: only ours {:?}, only ref {:?}, margin ours {} ref {} -> {}{padded}{moved}\n",
+            "  {name} {:?}: only ours {:?}, only ref {:?}, margin ours {} ref {} -> {}{padded}{moved}{why}\n",
             fl.at,
             fl.only_ours,
             fl.only_reference,
@@ -485,9 +560,9 @@ mod tests {
         assert_eq!(flips.iter().map(|f| f.row).collect::<Vec<_>>(), [1, 2]);
         let moved: Vec<Movement> = flips.iter().map(|f| f.moved.unwrap()).collect();
         approx::assert_abs_diff_eq!(moved[0].keys, 0.05, epsilon = 1e-5);
-        assert_eq!(moved[0].rule_break, None, "0.05 >= (0.05 + 0.05) / 2: one rule can flip it");
+        assert_eq!(flips[0].rule_break, None, "0.05 >= (0.05 + 0.05) / 2: one rule can flip it");
         approx::assert_abs_diff_eq!(moved[1].keys, 0.001, epsilon = 1e-5);
-        assert_eq!(moved[1].rule_break, Some(RuleBreak::TooLittle), "0.001 < (0.2 + 0.2) / 2");
+        assert_eq!(flips[1].rule_break, Some(RuleBreak::TooLittle), "0.001 < (0.2 + 0.2) / 2");
         // The noise: the 99th percentile of the 9 scores' changes, the largest here.
         approx::assert_abs_diff_eq!(moved[0].noise, 0.05, epsilon = 1e-5);
         let out = render(&crate::compare::flips(std::slice::from_ref(&c)), 1e-3, "");
@@ -500,10 +575,8 @@ mod tests {
         c.set_margins(Some(&[0.8, 0.05, f32::NAN]), Some(&[0.8, 0.05, 0.2]));
         add_movement(&mut c, &ours, &reference, Some(&flat), Some((&rc, &[0.0; 3])), 1e-3);
         let Detail::Sets { flips, .. } = &c.detail else { panic!() };
-        assert_eq!(flips[0].moved.unwrap().rule_break, None);
-        let Some(RuleBreak::OwnScores { side: Side::Ours, kept: 2, left_out: 0, by }) =
-            flips[1].moved.unwrap().rule_break
-        else {
+        assert_eq!(flips[0].rule_break, None);
+        let Some(RuleBreak::OwnScores { side: Side::Ours, kept: 2, left_out: 0, by }) = flips[1].rule_break else {
             panic!("{:?}", flips[1])
         };
         approx::assert_abs_diff_eq!(by, 0.049, epsilon = 1e-5);
@@ -516,7 +589,7 @@ mod tests {
         c.set_margins(Some(&[0.8, 0.05, 0.2]), Some(&[0.8, 0.05, 0.2]));
         add_movement(&mut c, &ours, &reference, None, Some((&rc, &[0.0; 3])), 1e-3);
         let Detail::Sets { flips, .. } = &c.detail else { panic!() };
-        assert!(flips.iter().all(|f| f.moved.is_some_and(|m| m.rule_break.is_none())));
+        assert!(flips.iter().all(|f| f.moved.is_some() && f.rule_break.is_none()));
     }
 
     /// Recomputed from a transformers-style dump (scores, no margin): query 2's exact tie between
@@ -579,8 +652,9 @@ mod tests {
         let Detail::Sets { flips, .. } = &c.detail else { panic!() };
         assert_eq!(flips.iter().map(|f| f.row).collect::<Vec<_>>(), [1, 2]);
         let [one, two] = [flips[0].moved.unwrap(), flips[1].moved.unwrap()];
-        assert_eq!(one.rule_break, Some(RuleBreak::OwnScores { side: Side::Ours, kept: 0, left_out: 1, by: 0.5 }));
-        assert_eq!((two.keys, two.noise, two.rule_break), (f32::INFINITY, 0.0, None));
+        let own = RuleBreak::OwnScores { side: Side::Ours, kept: 0, left_out: 1, by: 0.5 };
+        assert_eq!((one.keys, flips[0].rule_break), (0.0, Some(own)));
+        assert_eq!((two.keys, two.noise, flips[1].rule_break), (f32::INFINITY, 0.0, None));
         let out = render(&crate::compare::flips(std::slice::from_ref(&c)), 1e-3, "");
         assert!(out.contains("(ours left out 1, which its own scores rank 5.000e-1 above 0 it kept: its rule differs)"));
         assert!(out.contains("(0 of them within the run's score noise"), "{out}");

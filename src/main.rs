@@ -211,7 +211,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 )?;
                 let model = Model::load(&ckpt)?;
                 let replay = verify::Replay { routing: force_routing, selection: force_selection };
-                let opts = verify::VerifyOptions { tol, isolate, replay, layers: None };
+                let opts = verify::VerifyOptions { tol, isolate, replay, layers: None, near_tie: Some(near_tie) };
                 // With a replay, the same prefill once more without it, for what the flips explain.
                 let (report, free) = glimpse::device::with_prefill(target, &model, |p| {
                     let report = verify::verify_prefill(p, &model, &reference, &opts)?;
@@ -249,7 +249,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let weights = load_weights(&ckpt, &mut resident, &budget)?;
             println!("verify {} against {}", model_dir.display(), golden.display());
             let replay = verify::Replay { routing: force_routing, selection: force_selection };
-            let opts = verify::VerifyOptions { tol, isolate, replay, layers };
+            let opts = verify::VerifyOptions { tol, isolate, replay, layers, near_tie: Some(near_tie) };
             // The MTP head, when the reference checks it: resident whole-model runs only.
             let mtp = match (weights, verify::has_mtp(&reference), &opts.layers) {
                 (Weights::Resident(m), true, None) => Some((m, glimpse::model::mtp::Mtp::load(&ckpt)?)),

@@ -38,6 +38,8 @@ pub struct Verifier<'a> {
     final_norm: Option<Tensor>,
     /// Our margins (`dsa.margin`, `moe.margin`) by the selection they decided, for its flips.
     margins: HashMap<String, Vec<f32>>,
+    /// Below this a lead of a key left out over one kept is rounding's (`VerifyOptions`).
+    near_tie: f64,
 }
 
 impl<'a> Verifier<'a> {
@@ -52,6 +54,7 @@ impl<'a> Verifier<'a> {
             non_finite: None,
             final_norm: None,
             margins: HashMap::new(),
+            near_tie: tol.near_tie(),
         }
     }
 
@@ -98,6 +101,7 @@ impl Verifier<'_> {
             // Ours: the run's own margins of the deciding selection (a shared layer reuses it).
             let ours = self.margins.get(&flips::deciding(point, config).name());
             c.set_margins(ours.map(Vec::as_slice), reference.as_deref());
+            flips::reference_rule_breaks(c, self.golden, config, router, self.near_tie);
         }
     }
 
@@ -230,6 +234,9 @@ pub struct VerifyOptions {
     pub replay: Replay,
     /// Only these layers, started from the reference's hidden state before the first.
     pub layers: Option<RangeInclusive<usize>>,
+    /// The near-tie threshold (`--near-tie`; None: the tolerance's), for the reference's rule
+    /// breaks (`flips::reference_rule_breaks`).
+    pub near_tie: Option<f64>,
 }
 
 /// Runs the dump's tokens and compares (whole model, resident weights, no replay).
@@ -240,6 +247,7 @@ pub fn verify(model: &Model, golden: &Dump, tol: Tolerance, isolate: bool) -> Re
 pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Report> {
     let tokens = golden.tokens()?;
     let mut v = Verifier::new(golden, opts.tol);
+    v.near_tie = opts.near_tie.unwrap_or(v.near_tie);
     v.replay = opts.replay;
     let n = w.config().num_hidden_layers;
     let window = opts.layers.clone().unwrap_or(0..=n - 1);
@@ -299,6 +307,7 @@ pub fn verify_prefill(
 ) -> Result<Report> {
     let layers = model.layers.len();
     let mut v = Verifier::new(golden, opts.tol);
+    v.near_tie = opts.near_tie.unwrap_or(v.near_tie);
     let tokens = golden.tokens()?;
     v.replay = opts.replay;
     v.isolate = opts.isolate.then_some([tokens.batch, tokens.seq, model.config.hidden_size]);
