@@ -229,6 +229,9 @@ impl Audit {
         if let Some(flags) = bias_changed.filter(|f| f.len() != rows) {
             return Err(Error::Usage(format!("has {rows} tokens and {} bias-changed flags", flags.len())));
         }
+        if let Some((t, f)) = bias_changed.and_then(|f| f.iter().enumerate().find(|(_, &x)| x != 0 && x != 1)) {
+            return Err(Error::Usage(format!("has bias-changed flag {f} for token {t}: a flag is 0 or 1")));
+        }
         let l = self.layers.entry(layer).or_insert_with(|| LayerLoad::new(layer, experts));
         if l.k != 0 && l.k != k {
             return Err(Error::Usage(format!("chooses {k} experts a token, another run of layer {layer} {}", l.k)));
@@ -518,6 +521,8 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("1 tokens and 2 bias-changed flags"));
+        let flag = a.add(5, &[1, 2], 2, Some(&[5])).unwrap_err().to_string();
+        assert!(flag.contains("bias-changed flag 5 for token 0: a flag is 0 or 1"), "{flag}");
         assert!(a
             .add(5, &[1], 1, None)
             .unwrap_err()
