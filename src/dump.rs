@@ -83,6 +83,15 @@ impl Dump {
         })
     }
 
+    /// A warning when both dumps record a `config_sha256` and they differ: two models' runs,
+    /// compared as one's (a port may rewrite the config, so it is not refused).
+    pub fn other_config_than(&self, other: &Dump) -> Option<String> {
+        let (a, b) = (self.metadata().get("config_sha256")?, other.metadata().get("config_sha256")?);
+        (a != b).then(|| {
+            format!("{} and {} were made from different config.json files", self.path.display(), other.path.display())
+        })
+    }
+
     /// Tensor names, in forward order for hook points, then the rest alphabetically.
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.file.names().map(String::from).collect();

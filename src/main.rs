@@ -276,16 +276,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let per_name = tols.iter().map(|t| diff::parse_tol(t)).collect::<Result<Vec<_>>>()?;
             let (da, db) = (Dump::open(&a)?, Dump::open(&b)?);
             let ckpt = model.as_ref().map(|dir| Checkpoint::open(dir)).transpose()?;
+            // Warned once the comparison stands (an error alone is one line).
+            let mut warnings: Vec<String> = da.other_config_than(&db).into_iter().collect();
             if let (Some(c), Some(dir)) = (&ckpt, &model) {
-                // (Once for a dump given as both sides.)
-                let warnings: std::collections::BTreeSet<_> =
-                    [&da, &db].into_iter().filter_map(|d| d.other_config(&c.config_bytes, dir)).collect();
-                warnings.into_iter().for_each(|w| warn(Some(w)));
+                for w in [&da, &db].into_iter().filter_map(|d| d.other_config(&c.config_bytes, dir)) {
+                    // (Once for a dump given as both sides.)
+                    if !warnings.contains(&w) {
+                        warnings.push(w);
+                    }
+                }
             }
             let routers = ckpt.as_ref().map(glimpse::model::moe::Routers::read).transpose()?;
-            let config = ckpt.map(|c| c.config);
+            let config = ckpt.as_ref().map(|c| c.config.clone());
             let opts = diff::DiffOptions { tol: Tolerance { atol, rtol }, per_name, near_tie, routers, config };
             let report = diff::diff(&da, &db, &opts)?;
+            warnings.into_iter().for_each(|w| warn(Some(w)));
             for (pattern, _) in &opts.per_name {
                 let matched: Vec<_> =
                     report.results.iter().filter(|c| glimpse::hooks::glob(pattern, &c.name)).collect();

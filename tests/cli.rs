@@ -671,3 +671,22 @@ fn verify_says_when_the_references_own_scores_contradict_its_choice() {
     assert!(marked.len() == 1 && marked[0].trim_start().starts_with("3 "), "{out}");
     assert!(!verify(&reference).contains("rule"));
 }
+
+/// Two dumps whose recorded config.json differ are compared with a warning saying so (printed
+/// once the comparison stands: an error alone stays one line).
+#[test]
+fn diff_warns_when_the_dumps_configs_differ() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flat = golden("flat");
+    let copy = tmp.path().join("flat");
+    std::fs::create_dir(&copy).unwrap();
+    std::fs::copy(flat.join("model.safetensors"), copy.join("model.safetensors")).unwrap();
+    let config = std::fs::read_to_string(flat.join("config.json")).unwrap();
+    std::fs::write(copy.join("config.json"), format!("{config}\n")).unwrap(); // other bytes, same config
+    let reference = flat.join("reference.safetensors");
+    let r = reference.to_str().unwrap();
+    let ours = common::run_dump(copy.to_str().unwrap(), &["--tokens-from", r], tmp.path(), "ours.st");
+    let (out, err) = text(&glimpse(&["diff", &ours, r]));
+    assert!(out.contains("no divergence"), "{out}");
+    assert!(err.contains("were made from different config.json files"), "{err}");
+}
