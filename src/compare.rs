@@ -374,7 +374,6 @@ pub fn matching_positions(ours: &[f32], reference: &[f32], shape: &[usize], tol:
     (p >= 1 && p < s && ok[p..].iter().all(|&x| !x)).then_some(p)
 }
 
-/// Compares rows as sets. `keep(row, value)` filters members (the causal rule for DSA).
 /// Row `r` of `k` ids as a set: the ids `keep(r, id)` admits, ascending, each once.
 pub(crate) fn row_set(ids: &[i64], k: usize, r: usize, keep: impl Fn(usize, i64) -> bool) -> Vec<i64> {
     let mut s: Vec<i64> = ids[r * k..(r + 1) * k].iter().copied().filter(|&x| keep(r, x)).collect();
@@ -383,6 +382,7 @@ pub(crate) fn row_set(ids: &[i64], k: usize, r: usize, keep: impl Fn(usize, i64)
     s
 }
 
+/// Compares rows as sets. `keep(row, value)` filters members (the causal rule for DSA).
 fn compare_sets(ours: &[i64], reference: &[i64], shape: &[usize], keep: impl Fn(usize, i64) -> bool) -> (bool, Detail) {
     let k = shape.last().copied().unwrap_or(1).max(1);
     let rows = reference.len() / k;

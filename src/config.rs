@@ -405,8 +405,9 @@ impl Config {
         (0..=i).rev().find(|&j| self.indexer_kind(j) == IndexerKind::Full).unwrap_or(0)
     }
 
-    /// The block of one FP8 scale: the config's `weight_block_size`, else DeepSeek-V3's and
-    /// GLM-5's 128 x 128 (also for FP8 tensors a config without `quantization_config` holds).
+    /// The block of one FP8 scale the readers use: the config's `weight_block_size`, else
+    /// DeepSeek-V3's and GLM-5's 128 x 128 (also for FP8 tensors a config without
+    /// `quantization_config` holds). (`synth` writes 128 x 128 blocks and says so in its config.)
     pub fn fp8_block(&self) -> [usize; 2] {
         self.fp8.as_ref().map_or(DEFAULT_FP8_BLOCK, |f| f.block)
     }

@@ -488,11 +488,16 @@ mod tests {
             ..report
         };
         let out = report.render(Path::new("a"), Path::new("b"));
-        let first =
-            "first divergence: layers.2.moe.topk_ids (its input layers.2.moe.router_logits matches and the flips are real";
+        let first = "first divergence: layers.2.moe.topk_ids (its input layers.2.moe.router_logits matches (max_abs \
+                     0.0e0, under half of every flip's margin) and the flips are real";
         assert!(out.contains(first), "{out}");
         let json = report.to_json(Path::new("a"), Path::new("b"));
         assert!(json["first_divergence_reading"].as_str().is_some_and(|r| r.starts_with("its input")), "{json}");
+        // Logits that moved 0.03, past half the flip's larger margin (0.05): one rule can flip it.
+        let (_, moved) = compare_floats(&[1.0, 2.03], &[1.0, 2.0], &[2], Tolerance { atol: 0.05, rtol: 0.0 });
+        let mut loose = report.clone();
+        loose.results[0].detail = moved;
+        assert_eq!(loose.to_json(Path::new("a"), Path::new("b"))["first_divergence_reading"], Value::Null);
 
         // Without margins (no --model), flips over logits 7e-7 apart are still no ties: one rule
         // flips only choices tied within 1.4e-6. Logits 1e-2 apart (a bf16 port) say nothing.

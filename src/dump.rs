@@ -126,8 +126,9 @@ impl Dump {
 
     pub fn values(&self, name: &str) -> Result<(Values, Vec<usize>)> {
         let info = self.file.info(name).ok_or_else(|| Error::dump(&self.path, format!("no tensor `{name}`")))?;
-        let is_int = st::INTS.contains(&info.dtype); // else a float: `open` refused other dtypes
-                                                     // The reader's errors name the file already.
+        // Else a float: `open` refused other dtypes.
+        let is_int = st::INTS.contains(&info.dtype);
+        // The reader's errors name the file already.
         let wrap = |e: Error| match e {
             Error::Checkpoint { msg, .. } => Error::dump(&self.path, msg),
             e => Error::dump(&self.path, e.to_string()),

@@ -189,15 +189,19 @@ pub fn add_movement(
         _ => return,
     };
     let name = scores.name();
-    let Some(shape) = a.shape(&name).filter(|s| Some(s) == b.shape(&name).as_ref()) else { return };
+    let Some(shape) =
+        scores_shape(a, &name, &c.name, dsa).filter(|s| Some(s) == scores_shape(b, &name, &c.name, dsa).as_ref())
+    else {
+        return;
+    };
     let (Detail::Sets { rows, .. }, Some(&width)) = (&c.detail, shape.last()) else { return };
     let n: usize = shape.iter().product();
-    if width == 0 || n != rows * width || n > MOVEMENT_MAX {
+    if n != rows * width || n > MOVEMENT_MAX {
         return;
     }
     let (Some(x), Some(y)) = (floats(a, &name), floats(b, &name)) else { return };
     // DSA: query q of a row of S sees keys 0..=T-S+q.
-    let seq = if dsa { shape[shape.len() - 2].max(1) } else { 1 };
+    let seq = if dsa { shape[1].max(1) } else { 1 };
     let causal = |i: usize| !dsa || i % width <= width - seq.min(width) + (i / width) % seq;
     let squash = |v: f32| if dsa { v } else { sigmoid(v) };
     let delta = |i: usize| {
@@ -249,6 +253,18 @@ pub fn add_movement(
         f.rule_break = own.or(too_little.then_some(RuleBreak::TooLittle));
         f.moved = Some(Movement { keys: moved, noise });
     }
+}
+
+/// The shape of the scores `scores` in `d` where they lay out the rows of `selection` (its
+/// `[B, S, K]` or `[N, k]`) in order: `[B, S, T]` for DSA, `[N, E]` for routing, T and E not 0.
+/// None otherwise: another layout of the same values would pair rows with other rows' scores.
+fn scores_shape(d: &Dump, scores: &str, selection: &str, dsa: bool) -> Option<Vec<usize>> {
+    let (s, sel) = (d.shape(scores)?, d.shape(selection)?);
+    let fits = match dsa {
+        true => s.len() == 3 && sel.len() == 3 && s[..2] == sel[..2],
+        false => s.len() == 2 && sel.len() == 2 && s[0] == sel[0],
+    };
+    (fits && s.last().is_some_and(|&w| w > 0)).then_some(s)
 }
 
 /// The values a selection's rule ranks, of one dump: DSA's `dsa.scores` as they are, flat
@@ -336,12 +352,9 @@ pub fn reference_rule_breaks(
         _ => return,
     };
     let name = scores.name();
-    let (Detail::Sets { rows, flips, .. }, Some(&width)) =
-        (&mut c.detail, golden.shape(&name).and_then(|s| s.last().copied()).as_ref())
-    else {
-        return;
-    };
-    if flips.is_empty() || width == 0 || *rows * width > MOVEMENT_MAX {
+    let width = scores_shape(golden, &name, &c.name, dsa).and_then(|s| s.last().copied());
+    let (Detail::Sets { rows, flips, .. }, Some(width)) = (&mut c.detail, width) else { return };
+    if flips.is_empty() || *rows * width > MOVEMENT_MAX {
         return;
     }
     let Some(values) = floats(golden, &name).filter(|v| v.len() == *rows * width) else { return };

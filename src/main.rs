@@ -258,7 +258,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let run = |opts: &verify::VerifyOptions| -> Result<verify::Report> {
                 let mut report = verify::verify_with(weights, &reference, opts)?;
                 if let Some((m, head)) = &mtp {
-                    verify::verify_mtp(m, head, &reference, tol, &mut report)?;
+                    verify::verify_mtp(m, head, &reference, opts, &mut report)?;
                 }
                 Ok(report)
             };

@@ -28,7 +28,7 @@ impl Onset {
         match self {
             Onset { matching: 1, .. } => "position 0 matches and every later one differs: something that acts by \
                                           position (RoPE, YaRN: they leave position 0 alone) or that its single key \
-                                          hides (the softmax scale)"
+                                          hides (the softmax scale, which keys a query may see)"
                 .into(),
             Onset { matching: p, index_topk: Some(k) } if p == k => format!(
                 "queries 0-{} (which keep every causal key) match and every later one differs: the DSA selection is \
@@ -121,13 +121,25 @@ impl DiffReport {
             }
             Detail::Sets { flips, .. } if all(flips, Class::NearTie) => Some("every flip a near-tie".into()),
             // Real flips over scores that match: the rule differs, not its input.
+            // A flip under one rule needs its scores to move by half its two margins, so at least
+            // half the larger: scores that moved less than that for every flip (measured on the
+            // input, gate logits moving more than the sigmoid of them) leave the rule. ("Matches"
+            // alone says too little: at a loose tolerance scores move past the margins.)
             Detail::Sets { flips, .. } if all(flips, Class::Real) => {
                 let name = inputs.and_then(matching)?;
+                let moved = self.results.iter().find(|r| r.name == name)?.detail.max_abs()?;
+                let larger = |f: &Flip| f.margin_ours.into_iter().chain(f.margin_reference).fold(0f32, f32::max) as f64;
+                let needed = flips.iter().map(larger).fold(f64::INFINITY, f64::min);
                 let rule = match name.ends_with("router_logits") {
                     true => "the routing rule or the correction bias differs",
                     false => "the top-k rule differs",
                 };
-                Some(format!("its input {name} matches and the flips are real: {rule}"))
+                (2.0 * moved < needed).then(|| {
+                    format!(
+                        "its input {name} matches (max_abs {moved:.1e}, under half of every flip's margin) and the \
+                         flips are real: {rule}"
+                    )
+                })
             }
             // Flips none of which is a near-tie (their margins unknown: routing without --model)
             // over gate logits that moved by m: one rule flips only choices tied within 2m, which

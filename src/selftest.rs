@@ -65,7 +65,7 @@ fn cases(golden_root: &Path, mut device: impl FnMut(&Path, &Model, &Dump) -> Res
         for isolate in [false, true] {
             let mut r = verify::verify(&model, &golden, Tolerance::default(), isolate)?;
             if let Some(mtp) = &mtp {
-                verify::verify_mtp(&model, mtp, &golden, Tolerance::default(), &mut r)?;
+                verify::verify_mtp(&model, mtp, &golden, &VerifyOptions::default(), &mut r)?;
             }
             ok &= report(&case, if isolate { "cpu, --isolate" } else { "cpu" }, &r);
         }

@@ -264,14 +264,8 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
     }
     let bytes = |t: &(WeightSpec, Dtype, bool)| t.0.shape.iter().product::<usize>() * t.1.bitsize() / 8;
     let total: usize = tensors.iter().map(bytes).sum();
-    // The weights this replaces (its own, written before) free their space as they go.
-    let replaced: u64 = crate::checkpoint::own_files(&o.out)
-        .iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum();
-    if let Some(free) = free_bytes(&o.out).map(|f| f + replaced).filter(|&free| total as u64 > free) {
+    // (Weights written before are replaced only once each new shard is whole: not counted free.)
+    if let Some(free) = free_bytes(&o.out).filter(|&free| total as u64 > free) {
         return Err(Error::Usage(format!(
             "--out {}: the checkpoint needs {:.2} GB and {:.2} GB are free there",
             o.out.display(),

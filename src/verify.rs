@@ -333,9 +333,10 @@ pub fn has_mtp(golden: &Dump) -> bool {
 /// Adds the MTP head's comparisons to `report`: the reference's `mtp.*` and
 /// `layers.{num_hidden_layers}.*`. The head is fed our own final-norm hidden state, or with
 /// `isolate` the reference's `mtp.input_hidden`, so its own error is measured alone.
-pub fn verify_mtp(model: &Model, mtp: &Mtp, golden: &Dump, tol: Tolerance, report: &mut Report) -> Result<()> {
+pub fn verify_mtp(model: &Model, mtp: &Mtp, golden: &Dump, opts: &VerifyOptions, report: &mut Report) -> Result<()> {
     let tokens = golden.tokens()?;
-    let mut v = Verifier::new(golden, tol);
+    let mut v = Verifier::new(golden, opts.tol);
+    v.near_tie = opts.near_tie.unwrap_or(v.near_tie);
     let hidden = if report.isolate {
         let shape = [tokens.batch, tokens.seq.saturating_sub(1), model.config.hidden_size];
         golden.hidden(&HookPoint::MtpInputHidden.name(), shape)?

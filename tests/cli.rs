@@ -660,16 +660,17 @@ fn verify_says_when_the_references_own_scores_contradict_its_choice() {
         let best = (0..k).max_by(|&a, &b| score(ids[a] as usize).total_cmp(&score(ids[b] as usize))).unwrap();
         ids[best] = worst as i64;
     });
-    let verify = |golden: &Path| {
+    let verify = |golden: &Path, code: i32| {
         let o =
             glimpse(&["verify", "--model", flat.to_str().unwrap(), "--golden", golden.to_str().unwrap(), "--isolate"]);
+        assert_eq!(o.status.code(), Some(code), "{}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
-    let out = verify(&edited);
+    let out = verify(&edited, 1);
     assert!(out.contains("layers.3.moe.topk_ids [0]: ") && out.contains("(the reference left out "), "{out}");
     let marked: Vec<&str> = out.lines().filter(|l| l.contains("flips one rule cannot make")).collect();
     assert!(marked.len() == 1 && marked[0].trim_start().starts_with("3 "), "{out}");
-    assert!(!verify(&reference).contains("rule"));
+    assert!(!verify(&reference, 0).contains("rule"));
 }
 
 /// Two dumps whose recorded config.json differ are compared with a warning saying so (printed

@@ -178,3 +178,37 @@ fn ids_the_model_lacks_are_named_with_where_they_are() {
     let o = verify(&expert, &["--force-routing"]);
     assert_error(&o, "layer 2: the replayed routing (the reference's `moe.topk_ids`) holds expert 999 for token 2");
 }
+
+/// Scores in another layout than the selection's rows (`dsa.scores` as `[S, B, T]`, or flat) are
+/// not read as its rows: no rule break from another row's scores (verify read ten), no panic
+/// (diff indexed a 1-D tensor's second-to-last dimension).
+#[test]
+fn scores_in_another_layout_are_not_read_as_the_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = golden("grouped-shared-yarn"); // batch 2, 40 tokens
+    let bf16 = case.join("reference-bf16.safetensors");
+    let swapped = edit_dump(&bf16, &tmp.path().join("sbt.st"), |t| {
+        for (n, _, shape) in t.iter_mut().filter(|(n, _, _)| n.ends_with(".dsa.scores")) {
+            assert_eq!(shape[..2], [2, 40], "{n}");
+            *shape = vec![40, 2, 40];
+        }
+    });
+    let args = ["verify", "--model", &s(&case), "--golden", &s(&swapped), "--atol", "2e-2", "--rtol", "2e-2"];
+    let (code, text) = code_and_text(&args);
+    assert!(code == 1 && text.contains("flips:") && !text.contains("rule"), "{text}");
+
+    // One query keeping key 0 on one side, nothing on the other (padding), over 1-D scores.
+    let write = |name: &str, row: [i64; 2]| {
+        let path = tmp.path().join(name);
+        let entries = vec![
+            ("input_ids".to_string(), glimpse::st::Entry::i64(vec![1, 1], &[0])),
+            ("layers.0.dsa.topk".to_string(), glimpse::st::Entry::i64(vec![1, 1, 2], &row)),
+            ("layers.0.dsa.scores".to_string(), glimpse::st::Entry::f32(vec![2], &[1.0, 0.5])),
+        ];
+        glimpse::st::write(&path, &entries, &glimpse::dump::metadata("test", None, None)).unwrap();
+        path
+    };
+    let (a, b) = (write("a.st", [0, -1]), write("b.st", [-1, -1]));
+    let (code, text) = code_and_text(&["diff", &s(&a), &s(&b)]);
+    assert!(code == 1 && text.contains("first divergence: layers.0.dsa.topk"), "{text}");
+}

@@ -83,7 +83,7 @@ fn mtp_fed_the_pre_norm_state_is_caught() {
     let mut report = verify(&model, &golden, Tolerance::default(), false).unwrap();
     let last = HookPoint::Layer(model.layers.len() - 1, LayerHook::Output).name();
     report.final_norm = Some(golden.tensor(&last).unwrap());
-    verify_mtp(&model, &mtp, &golden, Tolerance::default(), &mut report).unwrap();
+    verify_mtp(&model, &mtp, &golden, &Default::default(), &mut report).unwrap();
     let verdict = |name: &str| report.results.iter().find(|c| c.name == name).map(|c| c.ok);
     assert_eq!(verdict("final_norm"), Some(true));
     assert_eq!(verdict("mtp.input_hidden"), Some(false));

@@ -16,7 +16,7 @@ use glimpse_tui::ratatui::Terminal;
 use glimpse_tui::{ui, App, Part, Source};
 
 pub fn flat() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat")
+    super::golden("flat")
 }
 
 /// The default case, run live and compared with its reference (what `glimpse tui` opens).
