@@ -162,6 +162,7 @@ fn cuda(golden_root: &Path, target: Target, scope: Scope) -> Result<bool> {
         isolate: true,
         replay: Replay { routing: true, selection: true },
         layers: None,
+        near_tie: None,
     };
     let cases_ok = cases(golden_root, |case, model, golden| {
         let f32_ok = device_case(&f32_ops, &f32_name, (case, model, golden), &VerifyOptions::default())?;
