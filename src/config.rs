@@ -120,6 +120,7 @@ const IGNORED_KEYS: &[&str] = &[
     "partial_rotary_factor",
     "original_max_position_embeddings",
     "quantization_config",
+    "eos_token_id", // read by `generate`
 ];
 
 pub(crate) struct Fields<'a> {

@@ -389,7 +389,7 @@ impl DiffReport {
             if only {
                 out += &format!(
                     "note: {side} holds bf16 values only (every float's low 16 bits are 0): compare at bf16's tolerance, \
-                     --atol {} --rtol {}\n",
+                     --atol {:e} --rtol {:e}\n",
                     bf16.atol, bf16.rtol
                 );
             }
