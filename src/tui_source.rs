@@ -168,7 +168,10 @@ impl DumpSource {
                         _ => {}
                     }
                 }
-                if row.routing_flips + row.dsa_flips > 0 {
+                let broken = |c: &Comparison| matches!(&c.detail, Detail::Sets { flips, .. } if flips.iter().any(|f| f.unexplained()));
+                if names.iter().filter_map(|n| comparisons.get(n)).any(broken) {
+                    row.status = Status::Rule;
+                } else if row.routing_flips + row.dsa_flips > 0 {
                     row.status = Status::Flips;
                 } else if row.mismatches > 0 {
                     row.status = Status::Mismatch;

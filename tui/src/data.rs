@@ -9,6 +9,9 @@ pub enum Status {
     Mismatch,
     /// Selections differ (routing or DSA flips); may come with mismatches downstream.
     Flips,
+    /// Some flips one rule cannot make (`compare::RuleBreak`: a side's choice its own scores
+    /// contradict, or keys that moved too little): the selection's rule differs here.
+    Rule,
     /// No reference to compare with.
     Unchecked,
 }
@@ -19,11 +22,12 @@ impl Status {
             Status::Match => "match",
             Status::Mismatch => "MISMATCH",
             Status::Flips => "FLIPS",
+            Status::Rule => "RULE",
             Status::Unchecked => "-",
         }
     }
     pub fn is_problem(self) -> bool {
-        matches!(self, Status::Mismatch | Status::Flips)
+        matches!(self, Status::Mismatch | Status::Flips | Status::Rule)
     }
 }
 

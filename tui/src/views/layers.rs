@@ -15,6 +15,7 @@ pub fn status_style(s: Status) -> Style {
         Status::Match => Style::new().fg(Color::Green),
         Status::Mismatch => Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
         Status::Flips => Style::new().fg(Color::Magenta).add_modifier(Modifier::BOLD),
+        Status::Rule => Style::new().fg(Color::Red).add_modifier(Modifier::BOLD | Modifier::REVERSED),
         Status::Unchecked => Style::new().fg(Color::DarkGray),
     }
 }
