@@ -182,12 +182,7 @@ pub fn add_movement(
     near_tie: f64,
 ) {
     let Some(point) = HookPoint::parse(&c.name) else { return };
-    let source = config.map_or(point, |cfg| deciding(point, cfg));
-    let (scores, dsa) = match source {
-        HookPoint::Layer(i, LayerHook::DsaTopk) => (HookPoint::Layer(i, LayerHook::DsaScores), true),
-        HookPoint::Layer(i, LayerHook::TopkIds) => (HookPoint::Layer(i, LayerHook::RouterLogits), false),
-        _ => return,
-    };
+    let Some((scores, dsa)) = ranked_scores(config.map_or(point, |cfg| deciding(point, cfg))) else { return };
     let name = scores.name();
     let Some(shape) =
         scores_shape(a, &name, &c.name, dsa).filter(|s| Some(s) == scores_shape(b, &name, &c.name, dsa).as_ref())
@@ -252,6 +247,16 @@ pub fn add_movement(
         };
         f.rule_break = own.or(too_little.then_some(RuleBreak::TooLittle));
         f.moved = Some(Movement { keys: moved, noise });
+    }
+}
+
+/// The scores a selection (`dsa.topk`, `moe.topk_ids`) ranked: `dsa.scores` (true: DSA) or the
+/// gate's `router_logits`.
+pub(crate) fn ranked_scores(selection: HookPoint) -> Option<(HookPoint, bool)> {
+    match selection {
+        HookPoint::Layer(i, LayerHook::DsaTopk) => Some((HookPoint::Layer(i, LayerHook::DsaScores), true)),
+        HookPoint::Layer(i, LayerHook::TopkIds) => Some((HookPoint::Layer(i, LayerHook::RouterLogits), false)),
+        _ => None,
     }
 }
 
@@ -346,11 +351,7 @@ pub fn reference_rule_breaks(
     near_tie: f64,
 ) {
     let Some(point) = HookPoint::parse(&c.name) else { return };
-    let (scores, dsa) = match deciding(point, config) {
-        HookPoint::Layer(i, LayerHook::DsaTopk) => (HookPoint::Layer(i, LayerHook::DsaScores), true),
-        HookPoint::Layer(i, LayerHook::TopkIds) => (HookPoint::Layer(i, LayerHook::RouterLogits), false),
-        _ => return,
-    };
+    let Some((scores, dsa)) = ranked_scores(deciding(point, config)) else { return };
     let name = scores.name();
     let width = scores_shape(golden, &name, &c.name, dsa).and_then(|s| s.last().copied());
     let (Detail::Sets { rows, flips, .. }, Some(width)) = (&mut c.detail, width) else { return };

@@ -87,11 +87,8 @@ impl DiffReport {
     /// near-ties, or selections made from scores that match (the rule differs, not its input).
     pub(crate) fn reading(&self, c: &Comparison) -> Option<String> {
         let matching = |name: String| self.results.iter().any(|r| r.name == name && r.ok).then_some(name);
-        let inputs = c
-            .name
-            .strip_suffix(".moe.topk_ids")
-            .map(|l| format!("{l}.moe.router_logits"))
-            .or_else(|| c.name.strip_suffix(".dsa.topk").map(|l| format!("{l}.dsa.scores")));
+        // The scores the selection ranked.
+        let inputs = HookPoint::parse(&c.name).and_then(crate::flips::ranked_scores).map(|(p, _)| p.name());
         let all =
             |flips: &[Flip], class| !flips.is_empty() && flips.iter().all(|fl| Class::of(fl, self.near_tie) == class);
         if let (Some(rule), true) = (self.notes.weights_rule, c.name.ends_with(".moe.topk_weights")) {
