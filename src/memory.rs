@@ -20,7 +20,7 @@ pub struct Estimate {
 
 impl Estimate {
     pub fn total(&self) -> u64 {
-        self.weights + self.activations + self.recorded
+        self.weights.saturating_add(self.activations).saturating_add(self.recorded)
     }
 }
 
@@ -147,24 +147,27 @@ pub fn estimate(
     } else {
         window.clone().map(|i| layer(i).0).sum::<u64>() + table + head
     };
-    let (b, s) = (batch as u64, seq as u64);
-    let (h, nh) = (c.hidden_size as u64, c.num_attention_heads as u64);
-    let (qk, v) = (c.qk_head_dim() as u64, c.v_head_dim as u64);
-    let widest = (c.intermediate_size.max(c.moe_intermediate_size * c.num_experts_per_tok) as u64).max(h);
+    // In u128, saturated at the end: sizes from a dump's `input_ids` are the user's, and a
+    // wrapped product would pass any --max-memory.
+    let (b, s) = (batch as u128, seq as u128);
+    let (h, nh) = (c.hidden_size as u128, c.num_attention_heads as u128);
+    let (qk, v) = (c.qk_head_dim() as u128, c.v_head_dim as u128);
+    let widest = (c.intermediate_size.max(c.moe_intermediate_size * c.num_experts_per_tok) as u128).max(h);
     // The selection (8-byte positions), each thread's block of scores (model::attention: no
     // S x S matrix is whole, but for the indexer's summed scores [B, S, S] and their copy when a
     // recording run names them), the per-head q/k/v, and a few hidden-sized and
     // intermediate-sized buffers.
-    let (k, threads) = ((c.index_topk as u64).min(s), rayon::current_num_threads() as u64);
-    let blocks = 2 * threads * crate::model::attention::BLOCK as u64 * s;
+    let (k, threads) = ((c.index_topk as u128).min(s), rayon::current_num_threads() as u128);
+    let blocks = 2 * threads * crate::model::attention::BLOCK as u128 * s;
     let whole_scores = if recording { 2 * b * s * s } else { 0 };
     let per_layer = whole_scores + 2 * b * s * k + blocks + 4 * b * s * nh * (qk + v) + 8 * b * s * widest;
-    let logits = 2 * b * s * c.vocab_size as u64;
+    let logits = 2 * b * s * c.vocab_size as u128;
     let activations = 4 * (per_layer.max(logits) + 4 * b * s * h);
     // Tensors waiting for the dump writer: at most its queue, each at most the logits.
     let recorded =
-        if recording { 4 * crate::dump::SPILL_QUEUE as u64 * b * s * (c.vocab_size as u64).max(h) } else { 0 };
-    Estimate { weights, activations, recorded }
+        if recording { 4 * crate::dump::SPILL_QUEUE as u128 * b * s * (c.vocab_size as u128).max(h) } else { 0 };
+    let saturated = |x: u128| u64::try_from(x).unwrap_or(u64::MAX);
+    Estimate { weights, activations: saturated(activations), recorded: saturated(recorded) }
 }
 
 /// Whether `name` is a matrix or more (a projection, not a norm or a bias).
@@ -298,6 +301,9 @@ mod tests {
             assert!(check_generate(&ckpt, (1, 3), 0, 5000, false, false, limit).is_ok());
             // The cache still grows with the positions.
             assert!(check_generate(&ckpt, (1, 3), 0, 50_000, false, false, limit).is_err());
+            // Sizes whose products pass u64 (a dump's `input_ids` of 2^40 positions) are refused,
+            // not wrapped into a small estimate.
+            assert!(check_run(&ckpt, 1, 1 << 40, true, Some(u64::MAX - 1), "").is_err());
         });
         let (plain, mtp) = (ckpt.config.cache_values_per_token(false).0, ckpt.config.cache_values_per_token(true).0);
         let c = &ckpt.config;
