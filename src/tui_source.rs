@@ -204,7 +204,8 @@ impl DumpSource {
         let Some(Detail::Sets { flips, .. }) = self.comparisons.get(name).map(|c| &c.detail) else {
             return BTreeMap::new();
         };
-        let class = |f| match Class::of(f, self.near_tie) {
+        let class = |f: &crate::compare::Flip| match Class::of(f, self.near_tie) {
+            _ if f.unexplained() => FlipClass::Rule,
             Class::NearTie => FlipClass::NearTie,
             Class::Real => FlipClass::Real,
             Class::Unknown => FlipClass::Unknown,

@@ -530,4 +530,13 @@ fn a_layer_whose_rule_differs_reads_rule() {
     let status = |i: usize| src.layers()[row_of(&src, i)].status;
     assert_eq!((status(3), status(2)), (glimpse_tui::Status::Rule, glimpse_tui::Status::Match));
     assert!(line_with(&screen(&App::new(&src), &src, 80, 24), "│3 ").contains("RULE"));
+    // The routing view marks the flip R (whatever its margins) and counts it in its title.
+    let routes = src.routing(3).unwrap();
+    assert_eq!(
+        routes.iter().filter(|r| r.flip.is_some()).map(|r| (r.token, r.flip)).collect::<Vec<_>>(),
+        [(0, Some(glimpse_tui::FlipClass::Rule))]
+    );
+    let mut app = at_layer(&src, 3);
+    app.set_view(View::Routing);
+    assert!(screen(&app, &src, 100, 24).contains("1R)"), "{}", screen(&app, &src, 100, 24));
 }

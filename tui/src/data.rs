@@ -122,12 +122,15 @@ pub struct RefCheck {
 
 /// How close the decision a flip overturned was, by the margins that decided it on each side:
 /// rounding alone can flip a near-tie; a real flip needs a larger error; unknown when neither
-/// side's margin is known.
+/// side's margin is known. And, before any of those, a flip one rule cannot make (a side's choice
+/// its own scores contradict, or keys that moved too little: `diff`'s rule break), whatever its
+/// margins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlipClass {
     NearTie,
     Real,
     Unknown,
+    Rule,
 }
 
 impl FlipClass {
@@ -137,26 +140,28 @@ impl FlipClass {
             FlipClass::NearTie => '~',
             FlipClass::Real => '!',
             FlipClass::Unknown => '?',
+            FlipClass::Rule => 'R',
         }
     }
 }
 
 /// Flips counted by class for a view's title: ` (1~ 11!)`, with `N?` when some have no known
-/// margin; nothing when there are none.
+/// margin and `NR` when some break the rule; nothing when there are none.
 pub fn counts(flips: impl Iterator<Item = FlipClass>) -> String {
-    let (mut near, mut real, mut unknown) = (0, 0, 0);
+    let (mut near, mut real, mut unknown, mut rule) = (0, 0, 0, 0);
     for c in flips {
         *match c {
             FlipClass::NearTie => &mut near,
             FlipClass::Real => &mut real,
             FlipClass::Unknown => &mut unknown,
+            FlipClass::Rule => &mut rule,
         } += 1;
     }
-    if near + real + unknown == 0 {
+    if near + real + unknown + rule == 0 {
         return String::new();
     }
-    let unknown = if unknown > 0 { format!(" {unknown}?") } else { String::new() };
-    format!(" ({near}~ {real}!{unknown})")
+    let some = |n: usize, mark: char| if n > 0 { format!(" {n}{mark}") } else { String::new() };
+    format!(" ({near}~ {real}!{}{})", some(unknown, '?'), some(rule, 'R'))
 }
 
 /// One token's routing in one MoE layer.
