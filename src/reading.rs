@@ -86,12 +86,20 @@ impl DiffReport {
     /// factor apart (exactly, or mostly: a per-token factor), selections that differ only by
     /// near-ties, or selections made from scores that match (the rule differs, not its input).
     pub(crate) fn reading(&self, c: &Comparison) -> Option<String> {
-        let matching = |name: String| self.results.iter().any(|r| r.name == name && r.ok).then_some(name);
-        // The scores the selection ranked.
-        let inputs = HookPoint::parse(&c.name).and_then(crate::flips::ranked_scores).map(|(p, _)| p.name());
+        // The scores the selection ranked, where they match, and how far they moved.
+        let input = || {
+            let name = HookPoint::parse(&c.name).and_then(crate::flips::ranked_scores)?.0.name();
+            let moved = self.results.iter().find(|r| r.name == name && r.ok)?.detail.max_abs()?;
+            Some((name, moved))
+        };
+        let rule = |name: &str| match name.ends_with("router_logits") {
+            true => "the routing rule or the correction bias differs",
+            false => "the top-k rule differs",
+        };
         let all =
             |flips: &[Flip], class| !flips.is_empty() && flips.iter().all(|fl| Class::of(fl, self.near_tie) == class);
-        if let (Some(rule), true) = (self.notes.weights_rule, c.name.ends_with(".moe.topk_weights")) {
+        // (The notes are the first divergence's, which is what this reads.)
+        if let Some(rule) = self.notes.weights_rule {
             return Some(rule.reading().into());
         }
         if let Some(source) = self.notes.not_reused {
@@ -117,24 +125,20 @@ impl DiffReport {
                 Some(format!("ours = {scale:.4} x reference, cosine {cosine:.6}: {how}"))
             }
             Detail::Sets { flips, .. } if all(flips, Class::NearTie) => Some("every flip a near-tie".into()),
-            // Real flips over scores that match: the rule differs, not its input.
-            // A flip under one rule needs its scores to move by half its two margins, so at least
-            // half the larger: scores that moved less than that for every flip (measured on the
-            // input, gate logits moving more than the sigmoid of them) leave the rule. ("Matches"
-            // alone says too little: at a loose tolerance scores move past the margins.)
+            // Real flips over scores that match: the rule differs, not its input. A flip under one
+            // rule needs its scores to move by half its two margins, so at least half the larger:
+            // scores that moved less than that for every flip (measured on the input, gate logits
+            // moving more than the sigmoid of them) leave the rule. ("Matches" alone says too
+            // little: at a loose tolerance scores move past the margins.)
             Detail::Sets { flips, .. } if all(flips, Class::Real) => {
-                let name = inputs.and_then(matching)?;
-                let moved = self.results.iter().find(|r| r.name == name)?.detail.max_abs()?;
+                let (name, moved) = input()?;
                 let larger = |f: &Flip| f.margin_ours.into_iter().chain(f.margin_reference).fold(0f32, f32::max) as f64;
                 let needed = flips.iter().map(larger).fold(f64::INFINITY, f64::min);
-                let rule = match name.ends_with("router_logits") {
-                    true => "the routing rule or the correction bias differs",
-                    false => "the top-k rule differs",
-                };
                 (2.0 * moved < needed).then(|| {
                     format!(
                         "its input {name} matches (max_abs {moved:.1e}, under half of every flip's margin) and the \
-                         flips are real: {rule}"
+                         flips are real: {}",
+                        rule(&name)
                     )
                 })
             }
@@ -146,17 +150,16 @@ impl DiffReport {
             Detail::Sets { flips, rows, .. }
                 if flips.len() > 1 && flips.iter().all(|f| Class::of(f, self.near_tie) == Class::Unknown) =>
             {
-                let name = inputs.filter(|n| n.ends_with("router_logits")).and_then(matching)?;
-                let moved = self.results.iter().find(|r| r.name == name)?.detail.max_abs()?;
+                let (name, moved) = input().filter(|(n, _)| n.ends_with("router_logits"))?;
                 let chance = *rows as f64 * 2.0 * moved * 256.0;
                 let test = if self.with_model { "" } else { "; --model DIR tests each flip" };
                 (flips.len() as f64 >= 10.0 * chance).then(|| {
                     format!(
                         "its input {name} matches (max_abs {moved:.1e}, so one rule flips only choices tied within \
-                         {:.1e}, about {chance:.1} of {rows} tokens by chance): {} flips say the routing rule or the \
-                         correction bias differs{test}",
+                         {:.1e}, about {chance:.1} of {rows} tokens by chance): {} flips say {}{test}",
                         2.0 * moved,
-                        flips.len()
+                        flips.len(),
+                        rule(&name)
                     )
                 })
             }
