@@ -198,6 +198,14 @@ impl Side {
 }
 
 impl Flip {
+    /// The keys (or experts) only ours kept and only the reference kept, as indices into a row
+    /// of `width` scores (ids outside it dropped).
+    pub fn keys_in(&self, width: usize) -> [Vec<usize>; 2] {
+        let in_row =
+            |keys: &[i64]| keys.iter().filter_map(|&k| usize::try_from(k).ok()).filter(|&k| k < width).collect();
+        [in_row(&self.only_ours), in_row(&self.only_reference)]
+    }
+
     /// Whether one rule cannot have made it ([`RuleBreak`]).
     pub fn unexplained(&self) -> bool {
         self.rule_break.is_some()

@@ -184,7 +184,8 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         for (side, v) in [&va, &vb].into_iter().enumerate() {
             if let Values::F32(v) = v {
                 floats_seen = true;
-                bf16_only[side] &= v.iter().all(|x| x.to_bits() & 0xFFFF == 0);
+                // (Once a side holds a value that is no bf16, its tensors are not scanned again.)
+                bf16_only[side] = bf16_only[side] && v.iter().all(|x| x.to_bits() & 0xFFFF == 0);
             }
         }
         let mut c = compare_tensor(name, (&va, &sa), (&vb, &sb), ids, opts.tol_for(name));

@@ -221,10 +221,7 @@ pub fn add_movement(
     let (ours, theirs) = (ranked(&x), ranked(&y));
     let Detail::Sets { flips, .. } = &mut c.detail else { return };
     for f in flips.iter_mut() {
-        let in_row = |keys: &[i64]| -> Vec<usize> {
-            keys.iter().filter_map(|&k| usize::try_from(k).ok()).filter(|&k| k < width).collect()
-        };
-        let (kept, left) = (in_row(&f.only_ours), in_row(&f.only_reference));
+        let [kept, left] = f.keys_in(width);
         let deltas: Vec<Option<f32>> = kept.iter().chain(&left).map(|&k| delta(f.row * width + k)).collect();
         let Some(moved) = deltas.iter().flatten().copied().reduce(f32::max) else { continue };
         let own = own_scores(f, &[(Side::Ours, ours.as_ref()), (Side::Reference, theirs.as_ref())], near_tie);
@@ -318,12 +315,10 @@ fn own_scores(f: &Flip, sides: &[(Side, Option<&Ranked>)], near_tie: f64) -> Opt
     let mut found: Option<RuleBreak> = None;
     for &(side, ranked) in sides {
         let Some(r) = ranked else { continue };
-        let in_row = |keys: &[i64]| -> Vec<usize> {
-            keys.iter().filter_map(|&k| usize::try_from(k).ok()).filter(|&k| k < r.width).collect()
-        };
+        let [ours, theirs] = f.keys_in(r.width);
         let (kept, left) = match side {
-            Side::Ours => (in_row(&f.only_ours), in_row(&f.only_reference)),
-            Side::Reference => (in_row(&f.only_reference), in_row(&f.only_ours)),
+            Side::Ours => (ours, theirs),
+            Side::Reference => (theirs, ours),
         };
         for (&k, &l) in kept.iter().flat_map(|k| left.iter().map(move |l| (k, l))) {
             let by = r.at(f.row, l) - r.at(f.row, k);
