@@ -640,26 +640,10 @@ fn small_inputs_may_be_pipes() {
 /// scores rank higher, and the layer is marked; the untouched reference marks nothing.
 #[test]
 fn verify_says_when_the_references_own_scores_contradict_its_choice() {
-    use glimpse::dump::Values;
     let tmp = tempfile::tempdir().unwrap();
     let flat = golden("flat");
     let reference = flat.join("reference.safetensors");
-    let bias = glimpse::model::moe::Routers::read(&glimpse::checkpoint::Checkpoint::open(&flat).unwrap()).unwrap();
-    let bias = bias.bias[&3].clone();
-    let edited = common::edit_dump(&reference, &tmp.path().join("edited.st"), |t| {
-        let logits = match &t.iter().find(|(n, _, _)| n == "layers.3.moe.router_logits").unwrap().1 {
-            Values::F32(v) => v[..bias.len()].to_vec(),
-            _ => panic!(),
-        };
-        let (_, v, shape) = t.iter_mut().find(|(n, _, _)| n == "layers.3.moe.topk_ids").unwrap();
-        let k = shape[1];
-        let Values::I64(ids) = v else { panic!() };
-        // Token 0 takes, instead of its best expert, the one its biased scores rank last.
-        let score = |e: usize| 1.0 / (1.0 + (-logits[e]).exp()) + bias[e];
-        let worst = (0..bias.len()).min_by(|&a, &b| score(a).total_cmp(&score(b))).unwrap();
-        let best = (0..k).max_by(|&a, &b| score(ids[a] as usize).total_cmp(&score(ids[b] as usize))).unwrap();
-        ids[best] = worst as i64;
-    });
+    let edited = common::contradicted_routing(&reference, &flat, 3, &tmp.path().join("edited.st"));
     let verify = |golden: &Path, code: i32| {
         let o =
             glimpse(&["verify", "--model", flat.to_str().unwrap(), "--golden", golden.to_str().unwrap(), "--isolate"]);

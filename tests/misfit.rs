@@ -119,19 +119,12 @@ fn with_bias(dir: &Path, edit: impl Fn(&mut Vec<f32>)) -> PathBuf {
     let case = golden("grouped-shared-yarn");
     std::fs::create_dir(dir).unwrap();
     std::fs::copy(case.join("config.json"), dir.join("config.json")).unwrap();
-    let f = glimpse::st::StFile::open(&case.join("model.safetensors")).unwrap();
-    let entries: Vec<(String, glimpse::st::Entry)> = f
-        .names()
-        .map(|n| {
-            let (mut v, shape) = f.f32(n).unwrap();
-            if n == BIAS {
-                edit(&mut v);
-            }
-            let shape = if n == BIAS { vec![v.len()] } else { shape };
-            (n.to_string(), glimpse::st::Entry::f32(shape, &v))
-        })
-        .collect();
-    glimpse::st::write(&dir.join("model.safetensors"), &entries, &Default::default()).unwrap();
+    common::rewrite_st(&case.join("model.safetensors"), &dir.join("model.safetensors"), |n, v, shape| {
+        if n == BIAS {
+            edit(v);
+            *shape = vec![v.len()];
+        }
+    });
     dir.to_path_buf()
 }
 

@@ -5,12 +5,9 @@
 mod common;
 use common::{assert_error, glimpse, golden, s};
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-
-use glimpse::st::{self, Entry, StFile};
 
 /// Malformed-input cases: a name, how to make the input, the message expected.
 type FileCase = (&'static str, Box<dyn Fn(&Path)>, &'static str);
@@ -26,23 +23,7 @@ fn flat_copy(dst: &Path) -> PathBuf {
 }
 
 fn rewrite(file: &Path, edit: impl Fn(&str, &mut Vec<f32>)) {
-    let f = StFile::open(file).unwrap();
-    let meta: BTreeMap<String, String> = f.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let entries: Vec<(String, Entry)> = f
-        .names()
-        .map(|n| {
-            let info = f.info(n).unwrap();
-            if info.dtype == safetensors::Dtype::I64 {
-                let (v, shape) = f.i64(n).unwrap();
-                return (n.to_string(), Entry::i64(shape, &v));
-            }
-            let (mut v, shape) = f.f32(n).unwrap();
-            edit(n, &mut v);
-            (n.to_string(), Entry::f32(shape, &v))
-        })
-        .collect();
-    drop(f);
-    st::write(file, &entries, &meta).unwrap();
+    common::rewrite_st(file, file, |n, v, _| edit(n, v));
 }
 
 #[test]

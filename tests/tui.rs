@@ -508,21 +508,7 @@ fn every_view_draws_a_dump_with_the_mtp_layer() {
 fn a_layer_whose_rule_differs_reads_rule() {
     let tmp = tempfile::tempdir().unwrap();
     let reference = flat().join("reference.safetensors");
-    let routers = Routers::read(&Checkpoint::open(&flat()).unwrap()).unwrap();
-    let bias = routers.bias[&3].clone();
-    let ours = common::edit_dump(&reference, &tmp.path().join("ours.st"), |t| {
-        let logits = match &t.iter().find(|(n, _, _)| n == "layers.3.moe.router_logits").unwrap().1 {
-            glimpse::dump::Values::F32(v) => v[..bias.len()].to_vec(),
-            _ => panic!(),
-        };
-        let (_, v, shape) = t.iter_mut().find(|(n, _, _)| n == "layers.3.moe.topk_ids").unwrap();
-        let k = shape[1];
-        let glimpse::dump::Values::I64(ids) = v else { panic!() };
-        let score = |e: usize| 1.0 / (1.0 + (-logits[e]).exp()) + bias[e];
-        let worst = (0..bias.len()).min_by(|&a, &b| score(a).total_cmp(&score(b))).unwrap();
-        let best = (0..k).max_by(|&a, &b| score(ids[a] as usize).total_cmp(&score(ids[b] as usize))).unwrap();
-        ids[best] = worst as i64;
-    });
+    let ours = common::contradicted_routing(&reference, &flat(), 3, &tmp.path().join("ours.st"));
     // With the checkpoint's config (flat routing), as `tui --model` gives it.
     let opts = DiffOptions { config: Some(Checkpoint::open(&flat()).unwrap().config), ..port_options() };
     let (ours, reference) = (Dump::open(&ours).unwrap(), Dump::open(&reference).unwrap());

@@ -152,3 +152,53 @@ pub fn edit_dump(
     st::write(dst, &entries, &meta).unwrap();
     dst.to_path_buf()
 }
+
+/// The safetensors file `src` with its float tensors edited by `edit(name, values, shape)`
+/// (integers kept, metadata kept), written to `dst` (which may be `src`: it is read whole first).
+pub fn rewrite_st(src: &std::path::Path, dst: &std::path::Path, edit: impl Fn(&str, &mut Vec<f32>, &mut Vec<usize>)) {
+    use glimpse::st::{self, Entry, StFile};
+    let f = StFile::open(src).unwrap();
+    let meta: std::collections::BTreeMap<String, String> =
+        f.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let entries: Vec<(String, Entry)> = f
+        .names()
+        .map(|n| {
+            if f.info(n).unwrap().dtype == safetensors::Dtype::I64 {
+                let (v, shape) = f.i64(n).unwrap();
+                return (n.to_string(), Entry::i64(shape, &v));
+            }
+            let (mut v, mut shape) = f.f32(n).unwrap();
+            edit(n, &mut v, &mut shape);
+            (n.to_string(), Entry::f32(shape, &v))
+        })
+        .collect();
+    drop(f);
+    st::write(dst, &entries, &meta).unwrap();
+}
+
+/// The dump `reference` with token 0 of `layer`'s routing taking, instead of its best expert, the
+/// one its biased scores rank last (`sigmoid(router_logits) + bias`, the bias `model`'s, computed
+/// here): a choice the dump's own gate logits contradict, written to `dst`.
+pub fn contradicted_routing(
+    reference: &std::path::Path,
+    model: &std::path::Path,
+    layer: usize,
+    dst: &std::path::Path,
+) -> std::path::PathBuf {
+    use glimpse::dump::Values;
+    let routers = glimpse::model::moe::Routers::read(&glimpse::checkpoint::Checkpoint::open(model).unwrap()).unwrap();
+    let bias = routers.bias[&layer].clone();
+    edit_dump(reference, dst, |t| {
+        let logits = match &t.iter().find(|(n, _, _)| *n == format!("layers.{layer}.moe.router_logits")).unwrap().1 {
+            Values::F32(v) => v[..bias.len()].to_vec(),
+            _ => panic!("router logits are floats"),
+        };
+        let (_, v, shape) = t.iter_mut().find(|(n, _, _)| *n == format!("layers.{layer}.moe.topk_ids")).unwrap();
+        let k = shape[1];
+        let Values::I64(ids) = v else { panic!("expert ids are integers") };
+        let score = |e: usize| 1.0 / (1.0 + (-logits[e]).exp()) + bias[e];
+        let worst = (0..bias.len()).min_by(|&a, &b| score(a).total_cmp(&score(b))).unwrap();
+        let best = (0..k).max_by(|&a, &b| score(ids[a] as usize).total_cmp(&score(ids[b] as usize))).unwrap();
+        ids[best] = worst as i64;
+    })
+}
