@@ -152,10 +152,15 @@ impl DumpSource {
                     Part::Layer(_) => name.splitn(3, '.').nth(2).unwrap_or(name).to_string(),
                     _ => name.to_string(),
                 };
+                // Whether a flip of the layer is one one rule cannot make.
+                let mut rule_broken = false;
                 for c in names.iter().filter_map(|n| comparisons.get(n)) {
                     row.mismatches += usize::from(!c.ok);
                     if !c.ok && row.first_bad.is_none() {
                         row.first_bad = Some(short(&c.name));
+                    }
+                    if let Detail::Sets { flips, .. } = &c.detail {
+                        rule_broken |= flips.iter().any(|f| f.unexplained());
                     }
                     match &c.detail {
                         Detail::Sets { flips, .. } if c.name.ends_with(".moe.topk_ids") => {
@@ -168,8 +173,7 @@ impl DumpSource {
                         _ => {}
                     }
                 }
-                let broken = |c: &Comparison| matches!(&c.detail, Detail::Sets { flips, .. } if flips.iter().any(|f| f.unexplained()));
-                if names.iter().filter_map(|n| comparisons.get(n)).any(broken) {
+                if rule_broken {
                     row.status = Status::Rule;
                 } else if row.routing_flips + row.dsa_flips > 0 {
                     row.status = Status::Flips;
