@@ -243,11 +243,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 passes,
                 max: max_memory,
             };
-            if let Some(window) = &layers {
-                stream::check_window(&ckpt.config, window)?; // before the header: a one-line error
-            }
             let weights = load_weights(&ckpt, &mut resident, &budget)?;
-            println!("verify {} against {}", model_dir.display(), golden.display());
             let replay = verify::Replay { routing: force_routing, selection: force_selection };
             let opts = verify::VerifyOptions { tol, isolate, replay, layers, near_tie: Some(near_tie) };
             // The MTP head, when the reference checks it: resident whole-model runs only.
@@ -263,6 +259,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(report)
             };
             let report = run(&opts)?;
+            // After the run, as the device path does: an error on the way is its one line alone.
+            println!("verify {} against {}", model_dir.display(), golden.display());
             verify::print_report(&report, tol, near_tie);
             if replay != verify::Replay::default() {
                 // The same tensors without the replay (the MTP head's too), so the counts compare.
