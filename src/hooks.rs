@@ -5,7 +5,7 @@
 
 use candle_core::Tensor;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::indexer::Selection;
 
 /// A point inside one decoder layer, in forward order.
@@ -421,15 +421,35 @@ pub fn first_non_finite(name: &str, values: &[f32], shape: &[usize]) -> Option<N
 /// Calls `f` on a float tensor's values, straight from its storage when it is a contiguous CPU
 /// f32 tensor (the usual case), else on a converted copy.
 pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    use candle_core::{CpuStorage, Storage};
-    if t.dtype() == candle_core::DType::F32 && t.is_contiguous() {
-        let (storage, layout) = t.storage_and_layout();
-        if let Storage::Cpu(CpuStorage::F32(v)) = &*storage {
-            return Ok(f(&v[layout.start_offset()..layout.start_offset() + t.elem_count()]));
-        }
-    }
-    let v = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    Ok(f(&v))
+    with_f32s(&[t], |x| f(x[0]))
+}
+
+/// [`with_f32`] of several tensors at once: `f` gets their values in order.
+pub fn with_f32s<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+    use candle_core::{CpuStorage, DType, Storage};
+    let in_place = |t: &Tensor| {
+        t.dtype() == DType::F32 && t.is_contiguous() && matches!(&*t.storage_and_layout().0, Storage::Cpu(_))
+    };
+    // The copies first: a tensor's storage is not read again while its guard is held.
+    let copies = ts
+        .iter()
+        .map(|t| match in_place(t) {
+            true => Ok(None),
+            false => Ok(Some(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let values = ts
+        .iter()
+        .zip(&guards)
+        .zip(&copies)
+        .map(|((t, (storage, layout)), copy)| match (copy, &**storage) {
+            (Some(v), _) => Ok(v.as_slice()),
+            (None, Storage::Cpu(CpuStorage::F32(v))) => Ok(&v[layout.start_offset()..][..t.elem_count()]),
+            (None, _) => Err(Error::Usage("a tensor changed storage while read".into())),
+        })
+        .collect::<Result<Vec<&[f32]>>>()?;
+    Ok(f(&values))
 }
 
 /// Watches the float activations of a run for the first NaN or Inf.

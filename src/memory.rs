@@ -10,6 +10,7 @@ use safetensors::tensor::Dtype;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::model::attention::{self, Dims};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Estimate {
@@ -151,16 +152,30 @@ pub fn estimate(
     // wrapped product would pass any --max-memory.
     let (b, s) = (batch as u128, seq as u128);
     let (h, nh) = (c.hidden_size as u128, c.num_attention_heads as u128);
-    let (qk, v) = (c.qk_head_dim() as u128, c.v_head_dim as u128);
+    let (qk, nope, v) = (c.qk_head_dim() as u128, c.qk_nope_head_dim as u128, c.v_head_dim as u128);
+    // The expanded keys and values exist only before a long prefill's absorbed form takes over,
+    // which makes its own f32 split of `kv_b_proj`.
+    let dims = Dims {
+        batch,
+        seq,
+        keys: seq,
+        heads: c.num_attention_heads,
+        nope: c.qk_nope_head_dim,
+        rope: c.qk_rope_head_dim,
+        v: c.v_head_dim,
+    };
+    let e = attention::absorbed_from(dims, c.kv_lora_rank, c.index_topk).unwrap_or(seq) as u128;
+    let split = if e < s { nh * (nope + v) * c.kv_lora_rank as u128 } else { 0 };
     let widest = (c.intermediate_size.max(c.moe_intermediate_size * c.num_experts_per_tok) as u128).max(h);
     // The selection (8-byte positions), each thread's block of scores (model::attention: no
     // S x S matrix is whole, but for the indexer's summed scores [B, S, S] and their copy when a
-    // recording run names them), the per-head q/k/v, and a few hidden-sized and
-    // intermediate-sized buffers.
+    // recording run names them), the per-head queries and outputs and the expanded keys and
+    // values (twice, for temporaries), and a few hidden-sized and intermediate-sized buffers.
     let (k, threads) = ((c.index_topk as u128).min(s), rayon::current_num_threads() as u128);
-    let blocks = 2 * threads * crate::model::attention::BLOCK as u128 * s;
+    let blocks = 2 * threads * attention::BLOCK as u128 * s;
     let whole_scores = if recording { 2 * b * s * s } else { 0 };
-    let per_layer = whole_scores + 2 * b * s * k + blocks + 4 * b * s * nh * (qk + v) + 8 * b * s * widest;
+    let heads = 2 * b * nh * (s * (qk + v) + e * (nope + v)) + split;
+    let per_layer = whole_scores + 2 * b * s * k + blocks + heads + 8 * b * s * widest;
     let logits = 2 * b * s * c.vocab_size as u128;
     let activations = 4 * (per_layer.max(logits) + 4 * b * s * h);
     // Tensors waiting for the dump writer: at most its queue, each at most the logits.

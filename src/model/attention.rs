@@ -1,23 +1,26 @@
-//! Attention over the DSA selection and the indexer's scores, one block of queries at a time.
+//! Attention over the DSA selection, one block of queries at a time, and the strided products
+//! it and the indexer's scores (indexer.rs) are made of.
 //!
 //! The reference builds every head's `[S, T]` score matrix, adds the selection as a `-inf` mask,
-//! takes the softmax and multiplies the values; its indexer builds `[n_heads, S, T]` before
-//! summing the heads. At GLM-5's 64 attention heads and 32 index heads that is about 1 KB of f32
-//! per query-key pair held at once: 17 GB at 4096 tokens. Here a task takes one batch row and
-//! [`BLOCK`] queries, and for each head scores only the keys up to the block's last position
-//! (the rest are causally masked anyway), drops the keys the selection did not keep, normalises,
-//! and multiplies the values straight into the output: the reference's math, per query, in
-//! another summation order, with scratch of one block's scores. When the block's queries keep
-//! few of those keys (a decode step past `index_topk` positions), only the kept ones are
-//! gathered and scored ([`Keys`]); otherwise the products go through the `gemm` crate (candle's
-//! own CPU matmul) on strided views, so no key or value is copied. The indexer's scores go the
-//! same way, and its top-k is taken per block ([`index_topk`]), so its `[B, S, T]` scores exist
-//! only when they are recorded ([`index_scores`]).
+//! takes the softmax and multiplies the values. At GLM-5's 64 attention heads that is 512 bytes
+//! of f32 per query-key pair held at once. Here a task takes one batch row and [`BLOCK`] queries,
+//! and for each head scores only the keys up to the block's last position (the rest are causally
+//! masked anyway), drops the keys the selection did not keep, normalises, and multiplies the
+//! values straight into the output: the reference's math, per query, in another summation order,
+//! with scratch of one block's scores. When the block's queries keep few of those keys, only the
+//! kept ones are gathered and scored ([`Keys`]); otherwise the products go through the `gemm`
+//! crate (candle's own CPU matmul) on strided views, so no key or value is copied.
+//!
+//! Decode steps and chunks, and a long prefill's later queries (each keeping `index_topk` of
+//! many more causal keys, [`Absorbed`]), take the absorbed form: every head of a query reads the
+//! same latents, so a query and all its heads gather the latents of just the keys it keeps
+//! ([`attend_gathered`]), and past `index_topk` attention's work grows with the prompt, not its
+//! square.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::indexer::{select_row, Selection};
+use super::indexer::Selection;
 
 /// Queries per task. Each task's products repack a head's keys, so larger blocks repack less: 64
 /// measured about 5% faster than 32 on a 1024-token prefill and the same on 128 tokens, where
@@ -123,20 +126,27 @@ pub(crate) struct Dims {
     pub v: usize,
 }
 
-/// Softmax over the selected keys of each query, in the expanded form.
-/// q: [B, S, nh, nope + rope] (roped); kv: `kv_b_proj`'s output [B, T, nh, nope + v]; k_rope: the
-/// shared roped key [B, T, rope] -> [B, S, nh * v].
+/// Softmax over the selected keys of each query: in the expanded form, and from `absorbed.from`
+/// on (when given) in the absorbed form ([`absorbed_from`]).
+/// q: [B, S, nh, nope + rope] (roped); kv: `kv_b_proj`'s output [B, E, nh, nope + v] for the first
+/// `E = T - S + from` positions (every one when nothing is absorbed); k_rope: the shared roped key
+/// [B, T, rope] -> [B, S, nh * v].
 pub(crate) fn sparse_attention(
     q: &[f32],
     kv: &[f32],
     k_rope: &[f32],
+    absorbed: Option<&Absorbed>,
     sel: &Selection,
     d: Dims,
     scale: f32,
 ) -> Vec<f32> {
     let Dims { batch, seq: s, keys: t, heads: nh, nope, rope, v: vd } = d;
     let (qk, kvw, offset) = (nope + rope, nope + vd, t - s);
-    assert!(q.len() == batch * s * nh * qk && kv.len() == batch * t * nh * kvw && k_rope.len() == batch * t * rope);
+    let expanded = offset + absorbed.map_or(s, |a| a.from); // the positions kv holds
+    assert!(
+        q.len() == batch * s * nh * qk && kv.len() == batch * expanded * nh * kvw && k_rope.len() == batch * t * rope
+    );
+    assert!(absorbed.is_none_or(|a| a.fits(d)), "absorbed weights or latents of other sizes");
     let mut out = vec![0f32; batch * s * nh * vd];
     if out.is_empty() {
         return out;
@@ -146,37 +156,209 @@ pub(crate) fn sparse_attention(
     // then kv is not read a second time. (A replayed row that wide but keeping fewer keys could
     // gather: its NaN is named where it arises all the same.)
     let poisoned = match sel.k < t {
-        true => non_finite_positions(&[(kv, nh * kvw), (k_rope, rope)], batch, t, 0),
+        true => {
+            let mut p = non_finite_positions(&[(kv, nh * kvw)], batch, expanded, 0);
+            p.extend(non_finite_positions(&[(k_rope, rope)], batch, t, 0));
+            if let Some(a) = absorbed {
+                p.extend(non_finite_positions(&[(a.latents, a.rank)], batch, t, 0));
+            }
+            p.sort_unstable();
+            p.dedup();
+            p
+        }
         false => Vec::new(),
     };
     out.par_chunks_mut(s * nh * vd).enumerate().for_each(|(b, row)| {
-        row.par_chunks_mut(BLOCK * nh * vd).enumerate().for_each(|(blk, out)| {
-            let (i0, m) = (blk * BLOCK, out.len() / (nh * vd));
-            let tb = offset + i0 + m; // the keys any query of the block may see
-            let keys = Keys::kept(sel, b, i0..i0 + m, offset, tb, &poisoned);
-            let mut p = vec![0f32; m * keys.width]; // [m, keys]
-            let (kv, k_rope) = (&kv[b * t * nh * kvw..], &k_rope[b * t * rope..]);
-            let (mut buf_rope, mut buf_k, mut buf_v) = (Vec::new(), Vec::new(), Vec::new());
-            let k_rope = keys.rows(View::at(k_rope, 0, [tb, rope, rope]), &mut buf_rope);
-            for h in 0..nh {
-                let q0 = ((b * s + i0) * nh + h) * qk;
-                let q = [View::at(q, q0, [m, nope, nh * qk]), View::at(q, q0 + nope, [m, rope, nh * qk])];
-                let k = [keys.rows(View::at(kv, h * kvw, [tb, nope, nh * kvw]), &mut buf_k), k_rope];
-                let v = keys.rows(View::at(kv, h * kvw + nope, [tb, vd, nh * kvw]), &mut buf_v);
-                attend(&mut p, &keys.keep, q, k, v, scale, &mut out[h * vd..], nh * vd);
+        row.par_chunks_mut(BLOCK * nh * vd).enumerate().for_each(|(blk, out)| match absorbed {
+            Some(a) if blk * BLOCK >= a.from => a.block(out, q, k_rope, sel, (b, blk * BLOCK), d, scale, &poisoned),
+            _ => {
+                let (i0, m) = (blk * BLOCK, out.len() / (nh * vd));
+                let tb = offset + i0 + m; // the keys any query of the block may see
+                let keys = Keys::kept(sel, b, i0..i0 + m, offset, tb, &poisoned);
+                let mut p = vec![0f32; m * keys.width]; // [m, keys]
+                let (kv, k_rope) = (&kv[b * expanded * nh * kvw..], &k_rope[b * t * rope..]);
+                let (mut buf_rope, mut buf_k, mut buf_v) = (Vec::new(), Vec::new(), Vec::new());
+                let k_rope = keys.rows(View::at(k_rope, 0, [tb, rope, rope]), &mut buf_rope);
+                for h in 0..nh {
+                    let q0 = ((b * s + i0) * nh + h) * qk;
+                    let q = [View::at(q, q0, [m, nope, nh * qk]), View::at(q, q0 + nope, [m, rope, nh * qk])];
+                    let k = [keys.rows(View::at(kv, h * kvw, [tb, nope, nh * kvw]), &mut buf_k), k_rope];
+                    let v = keys.rows(View::at(kv, h * kvw + nope, [tb, vd, nh * kvw]), &mut buf_v);
+                    attend(&mut p, &keys.keep, q, k, v, scale, &mut out[h * vd..], nh * vd);
+                }
             }
         });
     });
     out
 }
 
-/// Softmax over the selected keys of each query, in the absorbed form (decode): every head reads
-/// the same latent and rope key of a position, so a task takes a block of the folded
-/// (head, query) rows. q_abs: [B, nh, C, r] (queries absorbed into the latent); q_rope:
-/// [B, nh, C, rope]; latents: [T, B, r]; k_rope: [T, B, rope] (position-major, as the decode cache
-/// holds them) -> the latents mixed by each row's probabilities, [B, nh, C, r]. In `d`, `nope`
-/// and `v` are both the latent rank r. `poisoned`: the positions (ascending) whose latent or rope
-/// key is not finite (the cache tracks them).
+/// Where a prefill's queries switch to the absorbed form: the first block start (a multiple of
+/// [`BLOCK`], or `S`) whose first query's kept keys cost fewer multiply-adds through the latent
+/// than its causal keys expanded. Per head, a query at position `p` keeping `n = min(k, p + 1)`:
+/// - expanded: `(p + 1)·(nope + rope + v)` (its scores and values over every causal key, the
+///   dropped ones masked) + `r·(nope + v)` (its own position's keys and values from `kv_b_proj`);
+/// - absorbed: `nope·r` (the query into the latent) + `n·(2r + rope)` (scores and mix over its
+///   kept keys) + `r·v` (the mix out of the latent).
+///
+/// The first grows with `p` and the second stops growing at `n = k`, so past one point every
+/// query is cheaper absorbed: from 4,352 at GLM-5's sizes (`r` 512, `k` 2048), where an 8k-token
+/// prefill then does 1.25x fewer attention products and a 16k-token one 2x (the indexer's scores
+/// stay quadratic).
+/// `GLIMPSE_ABSORBED_FROM=P` moves the switch to `P` (rounded up to a block): `0` runs every query
+/// absorbed, which is how CI takes the golden cases through this form.
+pub(crate) fn absorbed_from(d: Dims, rank: usize, topk: usize) -> Result<usize, String> {
+    let from = match std::env::var("GLIMPSE_ABSORBED_FROM").ok().filter(|p| !p.trim().is_empty()) {
+        Some(p) => p.trim().parse::<usize>().map_err(|_| format!("GLIMPSE_ABSORBED_FROM={p}: not a position"))?,
+        None => crossover(d, rank, topk),
+    };
+    Ok(from.checked_next_multiple_of(BLOCK).unwrap_or(d.seq).min(d.seq))
+}
+
+/// [`absorbed_from`]'s cost model alone.
+fn crossover(d: Dims, rank: usize, topk: usize) -> usize {
+    let Dims { seq: s, keys: t, nope, rope, v, .. } = d;
+    (0..s)
+        .step_by(BLOCK)
+        .find(|&i0| {
+            let p = t - s + i0 + 1; // the keys the block's first query sees
+            let expanded = p * (nope + rope + v) + rank * (nope + v);
+            expanded >= nope * rank + topk.min(p) * (2 * rank + rope) + rank * v
+        })
+        .unwrap_or(s)
+}
+
+/// The absorbed form of a prefill's later queries: `kv_b_proj` folded into each query and output
+/// as in a decode step (decode.rs), so a query reads the 576-value latent and rope key of just the
+/// keys it keeps, gathered, instead of every causal key's expanded keys and values.
+pub(crate) struct Absorbed<'a> {
+    /// The first query in this form, a multiple of [`BLOCK`] ([`absorbed_from`]).
+    pub from: usize,
+    /// The latents, `kv_a_layernorm`'s output: [B, T, r].
+    pub latents: &'a [f32],
+    /// `kv_b_proj` split per head: W_UK [nh, nope, r] into the query, W_UV^T [nh, r, v] out.
+    pub w_uk: &'a [f32],
+    pub w_uv_t: &'a [f32],
+    pub rank: usize,
+}
+
+impl Absorbed<'_> {
+    fn fits(&self, d: Dims) -> bool {
+        let (r, nh) = (self.rank, d.heads);
+        self.from % BLOCK == 0
+            && self.from <= d.seq
+            && self.latents.len() == d.batch * d.keys * r
+            && self.w_uk.len() == nh * d.nope * r
+            && self.w_uv_t.len() == nh * r * d.v
+    }
+
+    /// Queries `i0..` of batch row `b` into `out` ([m, nh * v]): `q_abs = q_nope · W_UK` per
+    /// head, then per query the softmax over its own kept keys (with, dropped, the non-finite
+    /// positions up to it: see [`Keys`]), and `o = mixed · W_UV^T` per head.
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        k_rope: &[f32],
+        sel: &Selection,
+        (b, i0): (usize, usize),
+        d: Dims,
+        scale: f32,
+        poisoned: &[usize],
+    ) {
+        let Dims { seq: s, keys: t, heads: nh, nope, rope, v: vd, .. } = d;
+        let (qk, r, m, offset) = (nope + rope, self.rank, out.len() / (nh * vd), t - s);
+        let mut q_abs = vec![0f32; m * nh * r]; // [m, nh, r]
+        for h in 0..nh {
+            let q_nope = View::at(q, ((b * s + i0) * nh + h) * qk, [m, nope, nh * qk]);
+            ab(&mut q_abs[h * r..], nh * r, q_nope, View::at(self.w_uk, h * nope * r, [nope, r, r]));
+        }
+        let rows = KeyRows {
+            latents: View::at(self.latents, b * t * r, [t, r, r]),
+            k_rope: View::at(k_rope, b * t * rope, [t, rope, rope]),
+        };
+        let mut mixed = vec![0f32; m * nh * r]; // [m, nh, r]
+        let mut scratch = Scratch::default();
+        for (i, mixed) in mixed.chunks_exact_mut(nh * r).enumerate() {
+            let q0 = (b * s + i0 + i) * nh * qk;
+            let q = [View::at(&q_abs, i * nh * r, [nh, r, r]), View::at(q, q0 + nope, [nh, rope, qk])];
+            let keys = (sel.row(b, i0 + i), offset + i0 + i, poisoned);
+            attend_gathered(mixed, q, &rows, keys, scale, &mut scratch);
+        }
+        for h in 0..nh {
+            let w_uv_t = View::at(self.w_uv_t, h * r * vd, [r, vd, vd]);
+            ab(&mut out[h * vd..], nh * vd, View::at(&mixed, h * r, [m, r, nh * r]), w_uv_t);
+        }
+    }
+}
+
+/// Every position's latent and rope key, one row each (`[T, r]` and `[T, rope]` views: a
+/// prefill's rows are a batch row's, a decode cache's are position-major, `B` rows apart).
+struct KeyRows<'a> {
+    latents: View<'a>,
+    k_rope: View<'a>,
+}
+
+/// One query's scratch, kept across the queries of a task.
+#[derive(Default)]
+struct Scratch {
+    keys: Vec<(usize, bool)>,
+    keep: Vec<bool>,
+    p: Vec<f32>,
+    latents: Vec<f32>,
+    k_rope: Vec<f32>,
+}
+
+/// One query of the absorbed form, all its heads: `q` = (q_abs [nh, r], q_rope [nh, rope]) ->
+/// `mixed` ([nh, r], rows `r` apart), the latents mixed by each head's softmax over the keys the
+/// query keeps. `(row, pos, poisoned)`: its row of the selection, its position, and the
+/// non-finite positions (ascending), taken along dropped (see [`Keys`]). The kept keys are
+/// gathered: each once (a replayed row may repeat one), at or before `pos`, ascending; a query
+/// that keeps every position up to its own reads them in place.
+fn attend_gathered(
+    mixed: &mut [f32],
+    q: [View; 2],
+    rows: &KeyRows,
+    (row, pos, poisoned): (&[usize], usize, &[usize]),
+    scale: f32,
+    s: &mut Scratch,
+) {
+    let (nh, r, rope) = (q[0].rows, rows.latents.cols, rows.k_rope.cols);
+    s.keys.clear();
+    s.keys.extend(row.iter().filter(|&&key| key <= pos).map(|&key| (key, true)));
+    s.keys.extend(poisoned.iter().take_while(|&&p| p <= pos).map(|&p| (p, false)));
+    s.keys.sort_unstable_by_key(|&(key, kept)| (key, !kept));
+    s.keys.dedup_by_key(|&mut (key, _)| key);
+    let n = s.keys.len();
+    if n == 0 {
+        mixed[..nh * r].fill(f32::NAN); // the reference's softmax of an all -inf row
+        return;
+    }
+    let every = s.keys.iter().enumerate().all(|(i, &(key, kept))| key == i && kept);
+    let (latents, k_rope) = match every {
+        true => (View { rows: n, ..rows.latents }, View { rows: n, ..rows.k_rope }),
+        false => {
+            (s.latents.clear(), s.k_rope.clear());
+            for &(key, _) in &s.keys {
+                s.latents.extend_from_slice(&rows.latents.data[key * rows.latents.stride..][..r]);
+                s.k_rope.extend_from_slice(&rows.k_rope.data[key * rows.k_rope.stride..][..rope]);
+            }
+            (View::at(&s.latents, 0, [n, r, r]), View::at(&s.k_rope, 0, [n, rope, rope]))
+        }
+    };
+    s.keep.clear();
+    (0..nh).for_each(|_| s.keep.extend(s.keys.iter().map(|&(_, kept)| kept)));
+    s.p.resize(nh * n, 0.0); // [nh, n]
+    attend(&mut s.p, &s.keep, q, [latents, k_rope], latents, scale, mixed, r); // keys and values alike
+}
+
+/// Softmax over the selected keys of each query, in the absorbed form (decode): a task takes one
+/// query and all its heads, which read the same keys (`attend_gathered`), so a chunk's queries
+/// each read only the keys they keep. q_abs: [B, nh, C, r] (queries absorbed into the latent);
+/// q_rope: [B, nh, C, rope]; latents: [T, B, r]; k_rope: [T, B, rope] (position-major, as the
+/// decode cache holds them) -> the latents mixed by each row's probabilities, [B, nh, C, r]. In
+/// `d`, `nope` and `v` are both the latent rank r. `poisoned`: the positions (ascending) whose
+/// latent or rope key is not finite (the cache tracks them).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn absorbed_attention(
     q_abs: &[f32],
@@ -196,23 +378,27 @@ pub(crate) fn absorbed_attention(
     if out.is_empty() {
         return out;
     }
-    out.par_chunks_mut(nh * c * r).enumerate().for_each(|(b, rows)| {
-        rows.par_chunks_mut(BLOCK * r).enumerate().for_each(|(blk, out)| {
-            let (r0, m) = (blk * BLOCK, out.len() / r); // folded rows r0.. are (head, query) pairs
-            let last = (r0..r0 + m).map(|row| row % c).max().unwrap_or(0);
-            let tb = offset + last + 1;
-            let keys = Keys::kept(sel, b, (r0..r0 + m).map(|row| row % c), offset, tb, poisoned);
-            let mut p = vec![0f32; m * keys.width]; // [m, keys]
-            let (mut buf_latent, mut buf_rope) = (Vec::new(), Vec::new());
-            let latent = keys.rows(View::at(latents, b * r, [tb, r, batch * r]), &mut buf_latent); // keys and values alike
-            let q = [
-                View::at(q_abs, (b * nh * c + r0) * r, [m, r, r]),
-                View::at(q_rope, (b * nh * c + r0) * rope, [m, rope, rope]),
-            ];
-            let k = [latent, keys.rows(View::at(k_rope, b * rope, [tb, rope, batch * rope]), &mut buf_rope)];
-            attend(&mut p, &keys.keep, q, k, latent, scale, out, r);
-        });
-    });
+    let queries: Vec<Vec<f32>> = (0..batch * c)
+        .into_par_iter()
+        .map_init(Scratch::default, |scratch, x| {
+            let (b, i) = (x / c, x % c);
+            let rows = KeyRows {
+                latents: View::at(latents, b * r, [t, r, batch * r]),
+                k_rope: View::at(k_rope, b * rope, [t, rope, batch * rope]),
+            };
+            let first = b * nh * c + i; // the query's row of head 0; its heads are C rows apart
+            let q = [View::at(q_abs, first * r, [nh, r, c * r]), View::at(q_rope, first * rope, [nh, rope, c * rope])];
+            let mut mixed = vec![0f32; nh * r];
+            attend_gathered(&mut mixed, q, &rows, (sel.row(b, i), offset + i, poisoned), scale, scratch);
+            mixed
+        })
+        .collect();
+    for (x, mixed) in queries.iter().enumerate() {
+        let (b, i) = (x / c, x % c);
+        for (h, head) in mixed.chunks_exact(r).enumerate() {
+            out[((b * nh + h) * c + i) * r..][..r].copy_from_slice(head);
+        }
+    }
     out
 }
 
@@ -241,8 +427,7 @@ fn attend(
 ///
 /// Past `index_topk` keys a query keeps only some of those it may see. When the keys any query
 /// of the block keeps are at most [`GATHER_BELOW`] of them, they are copied together and scored
-/// alone: a decode step then scores `index_topk` keys, not every cached one, so DSA cuts the
-/// work as well as the choice. Otherwise (a prefill block whose queries keep different keys,
+/// alone, so DSA cuts the work as well as the choice. Otherwise (a block whose queries keep different keys,
 /// or no cut at all) the block scores every key up to its last query, where it reads them in
 /// place, and drops the ones not kept. Either way each query's softmax covers the same keys in
 /// the same order; only the products' blocking (ulp-level rounding) may differ. And a key whose
@@ -332,98 +517,6 @@ fn softmax_kept(p: &mut [f32], keep: &[bool], tb: usize) {
     }
 }
 
-/// The sizes of one indexer call: `[batch, S, T, n_heads, head_dim]`.
-pub(crate) type IndexDims = [usize; 5];
-
-/// The indexer's scores, `Σ_h w[s, h] · relu(scale · q[s, h] · k[t])`, at every causal key and
-/// `-inf` past it. q: [B, S, n, d] (roped); k: [T, B, d] (roped, position-major as the decode cache
-/// holds them; the last S are the queries' own); w: [B, S, n] -> [B, S, T]. Heads are summed in order.
-pub(crate) fn index_scores(q: &[f32], k: &[f32], w: &[f32], dims: IndexDims, scale: f32) -> Vec<f32> {
-    let [batch, s, t, ..] = check_index(q, k, w, dims);
-    let mut out = vec![0f32; batch * s * t];
-    if !out.is_empty() {
-        out.par_chunks_mut(s * t).enumerate().for_each(|(b, rows)| {
-            rows.par_chunks_mut(BLOCK * t).enumerate().for_each(|(blk, out)| {
-                index_block(q, k, w, dims, scale, b, blk * BLOCK, out);
-            });
-        });
-    }
-    out
-}
-
-/// [`index_scores`]' top `topk` causal keys per query (`top_k_causal`), one block of queries'
-/// scores at a time: the `[B, S, T]` scores are never whole.
-pub(crate) fn index_topk(q: &[f32], k: &[f32], w: &[f32], dims: IndexDims, scale: f32, topk: usize) -> Selection {
-    let [batch, s, t, ..] = check_index(q, k, w, dims);
-    let kk = topk.min(t);
-    let tasks: Vec<(usize, usize)> = (0..batch).flat_map(|b| (0..s.div_ceil(BLOCK)).map(move |blk| (b, blk))).collect();
-    let parts: Vec<(Vec<usize>, Vec<f32>)> = tasks
-        .into_par_iter()
-        .map(|(b, blk)| {
-            let (i0, m) = (blk * BLOCK, BLOCK.min(s - blk * BLOCK));
-            let mut scores = vec![0f32; m * t];
-            index_block(q, k, w, dims, scale, b, i0, &mut scores);
-            let (mut idx, mut margin, mut order) = (Vec::with_capacity(m * kk), Vec::with_capacity(m), Vec::new());
-            for (i, row) in scores.chunks_exact(t).enumerate() {
-                margin.push(select_row(row, t - s + i0 + i, kk, &mut order, &mut idx));
-            }
-            (idx, margin)
-        })
-        .collect();
-    let (idx, margin): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
-    Selection { batch, seq: s, k: kk, idx: idx.concat(), margin: margin.concat() }
-}
-
-fn check_index(q: &[f32], k: &[f32], w: &[f32], dims: IndexDims) -> IndexDims {
-    let [batch, s, t, n, d] = dims;
-    assert!(q.len() == batch * s * n * d && k.len() == batch * t * d && w.len() == batch * s * n && t >= s);
-    dims
-}
-
-/// The scores of batch row `b`'s queries `i0..i0 + m` into `out` ([m, T], `m` from its length).
-#[allow(clippy::too_many_arguments)]
-fn index_block(
-    q: &[f32],
-    k: &[f32],
-    w: &[f32],
-    [batch, s, t, n, d]: IndexDims,
-    scale: f32,
-    b: usize,
-    i0: usize,
-    out: &mut [f32],
-) {
-    let (m, offset) = (out.len() / t, t - s);
-    let tb = offset + i0 + m; // the keys any query of the block may see
-    let keys = View::at(k, b * d, [tb, d, batch * d]);
-    let q0 = (b * s + i0) * n * d;
-    // A block of few queries (a decode step: one query, 32 heads) scores all its heads in one
-    // product, its (query, head) rows being one after another: one pass over the keys instead of
-    // one per head. A block of many scores a head at a time, so its scratch stays [m, tb].
-    let heads = if m * n <= BLOCK { n } else { 1 };
-    let mut scores = vec![0f32; m * heads * tb]; // [m, heads, tb]
-    for h0 in (0..n).step_by(heads) {
-        let rows = match heads {
-            1 => View::at(q, q0 + h0 * d, [m, d, n * d]),
-            _ => View::at(q, q0, [m * n, d, d]),
-        };
-        abt(&mut scores, tb, rows, keys, scale, false);
-        for (i, (acc, scores)) in out.chunks_exact_mut(t).zip(scores.chunks_exact(heads * tb)).enumerate() {
-            let causal = offset + i0 + i + 1;
-            for (h, scores) in (h0..h0 + heads).zip(scores.chunks_exact(tb)) {
-                let wi = w[(b * s + i0 + i) * n + h];
-                for (a, &x) in acc[..causal].iter_mut().zip(&scores[..causal]) {
-                    // relu that keeps a NaN, as torch's does
-                    let term = wi * if x < 0.0 { 0.0 } else { x };
-                    *a = if h == 0 { term } else { *a + term };
-                }
-            }
-        }
-    }
-    for (i, acc) in out.chunks_exact_mut(t).enumerate() {
-        acc[offset + i0 + i + 1..].fill(f32::NEG_INFINITY);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,7 +575,7 @@ mod tests {
             let kv = values(d.batch * t * d.heads * (d.nope + d.v), 1.5);
             let k_rope = values(d.batch * t * d.rope, 2.5);
             let sel = top_k_causal(&values(d.batch * s * t, 3.5), d.batch, s, offset, topk);
-            let ours = sparse_attention(&q, &kv, &k_rope, &sel, d, 0.3);
+            let ours = sparse_attention(&q, &kv, &k_rope, None, &sel, d, 0.3);
             let want = attention_f64(&q, &kv, &k_rope, &sel, d, 0.3);
             let err = ours.iter().zip(&want).map(|(&a, &b)| (a as f64 - b).abs()).fold(0.0, f64::max);
             println!("S {s}, offset {offset}, top {topk}: max abs error {err:.2e}");
@@ -492,12 +585,12 @@ mod tests {
 
     /// The absorbed form is the expanded form whose heads all expand the latent as itself (keys
     /// and values both the latent): checked against `sparse_attention` (itself checked in f64)
-    /// with one query, and with 13 queries after 9 cached positions, where the first block of
-    /// folded (head, query) rows ends inside the last head.
+    /// with one query, and with a chunk of 13 queries after 9 cached positions, with cuts and
+    /// without.
     #[test]
     fn absorbed_attention_is_the_expanded_form_with_the_latent_as_keys_and_values() {
         for (c, offset, topk) in [(1, 0, 4), (1, 20, 6), (13, 9, 5), (13, 9, 40)] {
-            let (batch, nh, r, rope) = (2, 5, 8, 4); // 65 folded rows when C = 13
+            let (batch, nh, r, rope) = (2, 5, 8, 4);
             let t = offset + c;
             let (q_abs, q_rope) = (values(batch * nh * c * r, 0.5), values(batch * nh * c * rope, 1.5));
             let (latents, k_rope) = (values(batch * t * r, 2.5), values(batch * t * rope, 3.5));
@@ -516,7 +609,7 @@ mod tests {
                 .map(|i| latents[i])
                 .collect();
             let k_rope: Vec<f32> = (0..batch * t).flat_map(|x| at(x, rope)).map(|i| k_rope[i]).collect();
-            let want = sparse_attention(&q, &kv, &k_rope, &sel, d, 0.3); // [B, C, nh, r]
+            let want = sparse_attention(&q, &kv, &k_rope, None, &sel, d, 0.3); // [B, C, nh, r]
             for (b, h, i) in (0..batch).flat_map(|b| (0..nh).flat_map(move |h| (0..c).map(move |i| (b, h, i)))) {
                 let (a, e) = (&ours[row(b, h, i) * r..][..r], &want[((b * c + i) * nh + h) * r..][..r]);
                 let err = a.iter().zip(e).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
@@ -525,8 +618,65 @@ mod tests {
         }
     }
 
-    /// A block gathers the keys its queries keep when they are few (a decode step past the top-k,
-    /// queries that keep the same keys), keeps every key in place when they are many or none,
+    /// A prefill's later queries in the absorbed form give the expanded form's outputs: keys and
+    /// values made from latents by a per-head `kv_b_proj`, the f64 reference fed them all, ours
+    /// the first `from` positions' only; from block 1 and from 0, after cached keys, with cuts
+    /// and without, and a replayed row that repeats a key and one that keeps none (NaN).
+    #[test]
+    fn absorbed_queries_of_a_prefill_match_the_expanded_form() {
+        let (batch, nh, nope, rope, vd, r) = (2, 3, 6, 4, 5, 7);
+        for (s, offset, topk, from) in [(2 * BLOCK + 3, 0, 5, BLOCK), (2 * BLOCK + 3, 0, 500, 0), (70, 7, 9, 0)] {
+            let t = offset + s;
+            let d = Dims { batch, seq: s, keys: t, heads: nh, nope, rope, v: vd };
+            let (latents, w) = (values(batch * t * r, 0.5), values(nh * (nope + vd) * r, 1.5)); // w: [nh, nope + v, r]
+            let kv: Vec<f32> = (0..batch * t * nh * (nope + vd)) // [B, T, nh, nope + v]
+                .map(|i| {
+                    let (x, row) = (i / (nh * (nope + vd)), i % (nh * (nope + vd)));
+                    (0..r).map(|j| latents[x * r + j] * w[row * r + j]).sum()
+                })
+                .collect();
+            let w_uk: Vec<f32> = (0..nh).flat_map(|h| w[h * (nope + vd) * r..][..nope * r].to_vec()).collect();
+            let w_uv_t: Vec<f32> = (0..nh * r * vd)
+                .map(|i| w[((i / (r * vd)) * (nope + vd) + nope + i % vd) * r + (i / vd) % r])
+                .collect();
+            let (q, k_rope) = (values(batch * s * nh * (nope + rope), 2.5), values(batch * t * rope, 3.5));
+            let mut sel = crate::model::indexer::top_k_causal(&values(batch * s * t, 4.5), batch, s, offset, topk);
+            if topk < t {
+                let k = sel.k;
+                sel.idx[(s - 1) * k..s * k].fill(offset + s - 2); // one key, k times
+                sel.idx[(2 * s - 1) * k..2 * s * k].fill(t + 3); // none at or before the query
+            }
+            let expanded = &kv[..]; // [B, T, ...] holds every position; ours reads the first E
+            let e = offset + from;
+            let first: Vec<f32> = (0..batch)
+                .flat_map(|b| expanded[b * t * nh * (nope + vd)..][..e * nh * (nope + vd)].to_vec())
+                .collect();
+            let a = Absorbed { from, latents: &latents, w_uk: &w_uk, w_uv_t: &w_uv_t, rank: r };
+            let ours = sparse_attention(&q, &first, &k_rope, Some(&a), &sel, d, 0.3);
+            let want = attention_f64(&q, &kv, &k_rope, &sel, d, 0.3);
+            let compared = if topk < t { (2 * s - 1) * nh * vd } else { ours.len() }; // the last keeps none
+            let err = ours[..compared].iter().zip(&want).map(|(&x, &y)| (x as f64 - y).abs()).fold(0.0, f64::max);
+            println!("S {s}, offset {offset}, top {topk}, from {from}: max abs error {err:.2e}");
+            assert!(err < 1e-5, "S {s}, offset {offset}, top {topk}, from {from}: max abs error {err:.2e}");
+            assert!(ours[compared..].iter().all(|x| x.is_nan()));
+        }
+    }
+
+    /// Where the switch falls: nowhere in a prompt shorter than GLM-5's crossover, and at 4,352
+    /// in a longer one.
+    #[test]
+    fn the_absorbed_form_starts_where_it_costs_less() {
+        let glm5 = |s| Dims { batch: 1, seq: s, keys: s, heads: 64, nope: 192, rope: 64, v: 256 };
+        assert_eq!(crossover(glm5(4096), 512, 2048), 4096);
+        let from = crossover(glm5(16384), 512, 2048);
+        assert_eq!(from, 4352);
+        // Per head at position p: 512·(p+1) + 512·448 expanded against 192·512 + 2048·1088 + 512·256.
+        let cost = |p: usize| (512 * (p + 1) + 512 * 448, 192 * 512 + 2048 * 1088 + 512 * 256);
+        assert!(cost(from).0 >= cost(from).1 && cost(from - BLOCK).0 < cost(from - BLOCK).1);
+    }
+
+    /// A block gathers the keys its queries keep when they are few (queries that keep the same
+    /// keys), keeps every key in place when they are many or none,
     /// and each query's row of the mask covers the same keys either way.
     #[test]
     fn a_block_gathers_only_the_keys_it_keeps_when_they_are_few() {
@@ -580,7 +730,7 @@ mod tests {
             let sel = top_k_causal(&values(s * t, 3.5), 1, s, offset, 5);
             let dropped = (0..t).find(|j| !(0..s).any(|i| sel.row(0, i).contains(j))).unwrap();
             kv[dropped * d.heads * kvw + d.nope] = f32::INFINITY; // head 0's first value
-            let out = sparse_attention(&q, &kv, &values(t * d.rope, 2.5), &sel, d, 0.3);
+            let out = sparse_attention(&q, &kv, &values(t * d.rope, 2.5), None, &sel, d, 0.3);
             for i in 0..s {
                 // A block reads the keys up to its last query: those past `dropped` see it.
                 let tb = offset + ((i / BLOCK + 1) * BLOCK).min(s);
@@ -596,58 +746,10 @@ mod tests {
     fn a_query_that_keeps_nothing_gives_nan() {
         let d = Dims { batch: 1, seq: 2, keys: 2, heads: 1, nope: 2, rope: 2, v: 2 };
         let sel = Selection { batch: 1, seq: 2, k: 1, idx: vec![1, 0], margin: vec![f32::NAN; 2] };
-        let out = sparse_attention(&values(8, 0.0), &values(8, 1.0), &values(4, 2.0), &sel, d, 1.0);
+        let out = sparse_attention(&values(8, 0.0), &values(8, 1.0), &values(4, 2.0), None, &sel, d, 1.0);
         assert!(out[..2].iter().all(|x| x.is_nan()), "{out:?}");
         let v0 = &values(8, 1.0)[2..4]; // key 0's values
         assert_eq!(&out[2..], v0);
-    }
-
-    /// Against the formula in f64, with negative terms (the relu), batch 2 (keys position-major),
-    /// keys cached before the queries, and sequences off the block size; -inf exactly past each
-    /// query's position.
-    #[test]
-    fn index_scores_sum_the_heads_relu_at_causal_keys() {
-        for (s, offset) in [(1, 0), (45, 0), (2 * BLOCK + 1, 9)] {
-            let (batch, n, d) = (2, 3, 8);
-            let t = offset + s;
-            let (q, k, w) = (values(batch * s * n * d, 0.25), values(batch * t * d, 1.25), values(batch * s * n, 2.25));
-            let ours = index_scores(&q, &k, &w, [batch, s, t, n, d], 0.35);
-            for (r, row) in ours.chunks_exact(t).enumerate() {
-                let (b, i) = (r / s, r % s);
-                for (j, &x) in row.iter().enumerate() {
-                    if j > offset + i {
-                        assert_eq!(x, f32::NEG_INFINITY, "row {r} key {j}");
-                        continue;
-                    }
-                    let want: f64 = (0..n)
-                        .map(|h| {
-                            let qh = &q[((b * s + i) * n + h) * d..][..d];
-                            let dot: f64 =
-                                qh.iter().zip(&k[(j * batch + b) * d..]).map(|(&a, &c)| a as f64 * c as f64).sum();
-                            w[(b * s + i) * n + h] as f64 * (dot * 0.35).max(0.0)
-                        })
-                        .sum();
-                    assert!((x as f64 - want).abs() < 1e-5, "row {r} key {j}: {x} against {want}");
-                }
-            }
-        }
-    }
-
-    /// The blocked selection is the selection of the whole scores, bit for bit (positions and
-    /// margins), with cuts and without, off the block size, after cached keys, in batch 2.
-    #[test]
-    fn index_topk_selects_what_the_whole_scores_select() {
-        for (s, offset, topk) in [(1, 0, 3), (45, 0, 64), (2 * BLOCK + 5, 0, 7), (40, 11, 9)] {
-            let (batch, n, d) = (2, 3, 8);
-            let t = offset + s;
-            let (q, k, w) = (values(batch * s * n * d, 0.75), values(batch * t * d, 1.75), values(batch * s * n, 2.75));
-            let dims = [batch, s, t, n, d];
-            let whole = top_k_causal(&index_scores(&q, &k, &w, dims, 0.35), batch, s, offset, topk);
-            let blocked = index_topk(&q, &k, &w, dims, 0.35, topk);
-            assert_eq!((blocked.batch, blocked.seq, blocked.k, &blocked.idx), (batch, s, whole.k, &whole.idx));
-            let bits = |m: &[f32]| m.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&blocked.margin), bits(&whole.margin), "S {s}, offset {offset}, top {topk}");
-        }
     }
 
     /// The strided products against plain loops: a·bᵀ with accumulation and scale, a·b, and an

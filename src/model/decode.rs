@@ -150,19 +150,6 @@ impl KvCache {
 }
 
 impl Attention {
-    /// `kv_b_proj` split per head for absorption, made once per model (not per step):
-    /// W_UK [nh, nope, r] goes into the query, W_UV^T [nh, r, v] into the output.
-    fn absorbed(&self) -> Result<&(Tensor, Tensor)> {
-        if let Some(w) = self.absorbed.get() {
-            return Ok(w);
-        }
-        let (nh, nope, vd, r) = (self.heads, self.nope, self.v_dim, self.kv_lora_rank);
-        let w = self.kv_b_proj.f32_weight()?.reshape((nh, nope + vd, r))?;
-        let w_uk = w.narrow(1, 0, nope)?.contiguous()?;
-        let w_uv_t = w.narrow(1, nope, vd)?.transpose(1, 2)?.contiguous()?;
-        Ok(self.absorbed.get_or_init(|| (w_uk, w_uv_t)))
-    }
-
     /// `q_nope · W_UK` per head: [B, nh, C, nope] -> [B, nh, C, r]. Decode-sized inputs read
     /// `kv_b_proj` in place as bf16 when the checkpoint stores it so (gemv.rs).
     fn absorb_query(&self, q_nope: &Tensor) -> Result<Tensor> {

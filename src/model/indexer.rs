@@ -10,8 +10,9 @@
 //! rotation does not change dot products and transformers skips both, so do we.
 
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
-use super::attention::{index_scores, index_topk};
+use super::attention::{abt, View, BLOCK};
 use super::decode::Positions;
 use super::nn::{LayerNorm, Linear};
 use super::rope::RopeTables;
@@ -208,9 +209,105 @@ pub fn top_k_keys(scores: &[f32], k: usize, order: &mut Vec<usize>) -> f32 {
     margin
 }
 
+/// The sizes of one indexer call: `[batch, S, T, n_heads, head_dim]`.
+pub(crate) type IndexDims = [usize; 5];
+
+/// The indexer's scores, `Σ_h w[s, h] · relu(scale · q[s, h] · k[t])`, at every causal key and
+/// `-inf` past it. q: [B, S, n, d] (roped); k: [T, B, d] (roped, position-major as the decode cache
+/// holds them; the last S are the queries' own); w: [B, S, n] -> [B, S, T]. Heads are summed in order.
+pub(crate) fn index_scores(q: &[f32], k: &[f32], w: &[f32], dims: IndexDims, scale: f32) -> Vec<f32> {
+    let [batch, s, t, ..] = check_index(q, k, w, dims);
+    let mut out = vec![0f32; batch * s * t];
+    if !out.is_empty() {
+        out.par_chunks_mut(s * t).enumerate().for_each(|(b, rows)| {
+            rows.par_chunks_mut(BLOCK * t).enumerate().for_each(|(blk, out)| {
+                index_block(q, k, w, dims, scale, b, blk * BLOCK, out);
+            });
+        });
+    }
+    out
+}
+
+/// [`index_scores`]' top `topk` causal keys per query (`top_k_causal`), one block of queries'
+/// scores at a time: the `[B, S, T]` scores are never whole.
+pub(crate) fn index_topk(q: &[f32], k: &[f32], w: &[f32], dims: IndexDims, scale: f32, topk: usize) -> Selection {
+    let [batch, s, t, ..] = check_index(q, k, w, dims);
+    let kk = topk.min(t);
+    let tasks: Vec<(usize, usize)> = (0..batch).flat_map(|b| (0..s.div_ceil(BLOCK)).map(move |blk| (b, blk))).collect();
+    let parts: Vec<(Vec<usize>, Vec<f32>)> = tasks
+        .into_par_iter()
+        .map(|(b, blk)| {
+            let (i0, m) = (blk * BLOCK, BLOCK.min(s - blk * BLOCK));
+            let mut scores = vec![0f32; m * t];
+            index_block(q, k, w, dims, scale, b, i0, &mut scores);
+            let (mut idx, mut margin, mut order) = (Vec::with_capacity(m * kk), Vec::with_capacity(m), Vec::new());
+            for (i, row) in scores.chunks_exact(t).enumerate() {
+                margin.push(select_row(row, t - s + i0 + i, kk, &mut order, &mut idx));
+            }
+            (idx, margin)
+        })
+        .collect();
+    let (idx, margin): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+    Selection { batch, seq: s, k: kk, idx: idx.concat(), margin: margin.concat() }
+}
+
+fn check_index(q: &[f32], k: &[f32], w: &[f32], dims: IndexDims) -> IndexDims {
+    let [batch, s, t, n, d] = dims;
+    assert!(q.len() == batch * s * n * d && k.len() == batch * t * d && w.len() == batch * s * n && t >= s);
+    dims
+}
+
+/// The scores of batch row `b`'s queries `i0..i0 + m` into `out` ([m, T], `m` from its length).
+#[allow(clippy::too_many_arguments)]
+fn index_block(
+    q: &[f32],
+    k: &[f32],
+    w: &[f32],
+    [batch, s, t, n, d]: IndexDims,
+    scale: f32,
+    b: usize,
+    i0: usize,
+    out: &mut [f32],
+) {
+    let (m, offset) = (out.len() / t, t - s);
+    let tb = offset + i0 + m; // the keys any query of the block may see
+    let keys = View::at(k, b * d, [tb, d, batch * d]);
+    let q0 = (b * s + i0) * n * d;
+    // A block of few queries (a decode step: one query, 32 heads) scores all its heads in one
+    // product, its (query, head) rows being one after another: one pass over the keys instead of
+    // one per head. A block of many scores a head at a time, so its scratch stays [m, tb].
+    let heads = if m * n <= BLOCK { n } else { 1 };
+    let mut scores = vec![0f32; m * heads * tb]; // [m, heads, tb]
+    for h0 in (0..n).step_by(heads) {
+        let rows = match heads {
+            1 => View::at(q, q0 + h0 * d, [m, d, n * d]),
+            _ => View::at(q, q0, [m * n, d, d]),
+        };
+        abt(&mut scores, tb, rows, keys, scale, false);
+        for (i, (acc, scores)) in out.chunks_exact_mut(t).zip(scores.chunks_exact(heads * tb)).enumerate() {
+            let causal = offset + i0 + i + 1;
+            for (h, scores) in (h0..h0 + heads).zip(scores.chunks_exact(tb)) {
+                let wi = w[(b * s + i0 + i) * n + h];
+                for (a, &x) in acc[..causal].iter_mut().zip(&scores[..causal]) {
+                    // relu that keeps a NaN, as torch's does
+                    let term = wi * if x < 0.0 { 0.0 } else { x };
+                    *a = if h == 0 { term } else { *a + term };
+                }
+            }
+        }
+    }
+    for (i, acc) in out.chunks_exact_mut(t).enumerate() {
+        acc[offset + i0 + i + 1..].fill(f32::NEG_INFINITY);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn values(n: usize, seed: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32 + seed) * 0.618_034).sin() * 1.5).collect()
+    }
 
     /// Early queries have fewer than K causal keys: they keep all of them, padded with later
     /// positions that the attention mask then ignores.
@@ -243,5 +340,53 @@ mod tests {
         assert_eq!(sel, Some(prev));
         let mut none = None;
         assert!(Indexer::Shared.select(0, &x, &x, &rope, None, &mut none, obs).is_err());
+    }
+
+    /// Against the formula in f64, with negative terms (the relu), batch 2 (keys position-major),
+    /// keys cached before the queries, and sequences off the block size; -inf exactly past each
+    /// query's position.
+    #[test]
+    fn index_scores_sum_the_heads_relu_at_causal_keys() {
+        for (s, offset) in [(1, 0), (45, 0), (2 * BLOCK + 1, 9)] {
+            let (batch, n, d) = (2, 3, 8);
+            let t = offset + s;
+            let (q, k, w) = (values(batch * s * n * d, 0.25), values(batch * t * d, 1.25), values(batch * s * n, 2.25));
+            let ours = index_scores(&q, &k, &w, [batch, s, t, n, d], 0.35);
+            for (r, row) in ours.chunks_exact(t).enumerate() {
+                let (b, i) = (r / s, r % s);
+                for (j, &x) in row.iter().enumerate() {
+                    if j > offset + i {
+                        assert_eq!(x, f32::NEG_INFINITY, "row {r} key {j}");
+                        continue;
+                    }
+                    let want: f64 = (0..n)
+                        .map(|h| {
+                            let qh = &q[((b * s + i) * n + h) * d..][..d];
+                            let dot: f64 =
+                                qh.iter().zip(&k[(j * batch + b) * d..]).map(|(&a, &c)| a as f64 * c as f64).sum();
+                            w[(b * s + i) * n + h] as f64 * (dot * 0.35).max(0.0)
+                        })
+                        .sum();
+                    assert!((x as f64 - want).abs() < 1e-5, "row {r} key {j}: {x} against {want}");
+                }
+            }
+        }
+    }
+
+    /// The blocked selection is the selection of the whole scores, bit for bit (positions and
+    /// margins), with cuts and without, off the block size, after cached keys, in batch 2.
+    #[test]
+    fn index_topk_selects_what_the_whole_scores_select() {
+        for (s, offset, topk) in [(1, 0, 3), (45, 0, 64), (2 * BLOCK + 5, 0, 7), (40, 11, 9)] {
+            let (batch, n, d) = (2, 3, 8);
+            let t = offset + s;
+            let (q, k, w) = (values(batch * s * n * d, 0.75), values(batch * t * d, 1.75), values(batch * s * n, 2.75));
+            let dims = [batch, s, t, n, d];
+            let whole = top_k_causal(&index_scores(&q, &k, &w, dims, 0.35), batch, s, offset, topk);
+            let blocked = index_topk(&q, &k, &w, dims, 0.35, topk);
+            assert_eq!((blocked.batch, blocked.seq, blocked.k, &blocked.idx), (batch, s, whole.k, &whole.idx));
+            let bits = |m: &[f32]| m.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&blocked.margin), bits(&whole.margin), "S {s}, offset {offset}, top {topk}");
+        }
     }
 }

@@ -2,11 +2,14 @@
 //! low-rank query path, KV compressed into a `kv_lora_rank` latent plus one shared RoPE key,
 //! `kv_b_proj` expanding the latent into per-head `[k_nope | v]`, then softmax over the keys the
 //! indexer selected (intersected with the causal mask), a block of queries at a time
-//! (`attention.rs`).
+//! (`attention.rs`). Where we depart: past a few thousand positions, where each query keeps
+//! `index_topk` of many more causal keys, the later queries take the absorbed form decode steps
+//! use (`kv_b_proj` folded into the query and output), the same math in another order, so that
+//! they read only the keys they keep.
 
 use candle_core::{Device, Tensor, D};
 
-use super::attention::{sparse_attention, Dims};
+use super::attention::{absorbed_from, sparse_attention, Absorbed, Dims};
 use super::decode::{LayerCache, Positions};
 use super::indexer::{Indexer, Selection};
 use super::nn::{Linear, RmsNorm};
@@ -14,7 +17,7 @@ use super::rope::RopeTables;
 use crate::checkpoint::Loader;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::hooks::{emit, with_f32, HookPoint, LayerHook, Observer};
+use crate::hooks::{emit, with_f32s, HookPoint, LayerHook, Observer};
 
 pub struct Attention {
     pub q_a_proj: Linear,           // [q_lora_rank, hidden]
@@ -97,23 +100,59 @@ impl Attention {
             c.append_latents(&kv_latent, &k_rope)?;
         }
 
-        // Expand the latent into per-head keys and values.
-        let kv = self.kv_b_proj.forward(&kv_latent)?; // [B, S, nh * (nope + v)]
-
         // DSA: this layer's selection (or the shared one), then attention over it only.
         // With an empty cache, the index keys it receives are exactly these positions' own.
         let keys = cache.map(|c| &mut c.index_keys);
         let selection = self.select(layer, x, &q_latent, rope, keys, sel, obs)?;
         let dims = Dims { batch: b, seq: s, keys: s, heads: nh, nope, rope: rd, v: vd };
-        // The expanded keys and values read where `kv_b_proj` left them (a copy would be 117 MB a
-        // layer at 1024 tokens).
-        let o = with_f32(&kv, |kv| {
-            with_f32(&k_rope, |k_rope| sparse_attention(&q, kv, k_rope, selection, dims, self.scale as f32))
-        })??;
+
+        // Queries before `from` read every causal key's keys and values expanded from the latent;
+        // later ones, each keeping `index_topk` of many more keys, read just those keys' latents
+        // with `kv_b_proj` absorbed (attention::absorbed_from), so only `from` positions expand.
+        let from = absorbed_from(dims, self.kv_lora_rank, selection.k).map_err(Error::Usage)?;
+        let kv = self.kv_b_proj.forward(&kv_latent.narrow(1, 0, from)?)?; // [B, from, nh * (nope + v)]
+        let split = match (from < s, self.absorbed.get()) {
+            (false, _) => None,
+            (true, Some(w)) => Some(w.clone()),
+            (true, None) => Some(self.split_kv_b()?),
+        };
+        let mut inputs = vec![&kv, &k_rope, &kv_latent];
+        inputs.extend(split.iter().flat_map(|(w_uk, w_uv_t)| [w_uk, w_uv_t]));
+        // Every input read where it lies (a copy of the expanded keys and values would be 117 MB
+        // a layer at 1024 tokens).
+        let o = with_f32s(&inputs, |x| {
+            let absorbed = match x {
+                &[_, _, latents, w_uk, w_uv_t] => {
+                    Some(Absorbed { from, latents, w_uk, w_uv_t, rank: self.kv_lora_rank })
+                }
+                _ => None,
+            };
+            sparse_attention(&q, x[0], x[1], absorbed.as_ref(), selection, dims, self.scale as f32)
+        })?;
         let o = Tensor::from_vec(o, (b, s, nh * vd), &Device::Cpu)?; // [B, S, nh * v]
         let out = self.o_proj.forward(&o)?; // [B, S, hidden]
         emit(obs, HookPoint::Layer(layer, LayerHook::AttnOut), || Ok(out.clone()))?;
         Ok(out)
+    }
+
+    /// `kv_b_proj` split per head for absorption, made once per model for decode steps:
+    /// W_UK [nh, nope, r] goes into the query, W_UV^T [nh, r, v] into the output.
+    pub(crate) fn absorbed(&self) -> Result<&(Tensor, Tensor)> {
+        if let Some(w) = self.absorbed.get() {
+            return Ok(w);
+        }
+        let w = self.split_kv_b()?;
+        Ok(self.absorbed.get_or_init(|| w))
+    }
+
+    /// [`Self::absorbed`]'s split, made anew: a prefill needs it once, so it is not kept (a
+    /// resident model would hold an f32 copy of every layer's `kv_b_proj`).
+    fn split_kv_b(&self) -> Result<(Tensor, Tensor)> {
+        let (nh, nope, vd, r) = (self.heads, self.nope, self.v_dim, self.kv_lora_rank);
+        let w = self.kv_b_proj.f32_weight()?.reshape((nh, nope + vd, r))?;
+        let w_uk = w.narrow(1, 0, nope)?.contiguous()?;
+        let w_uv_t = w.narrow(1, nope, vd)?.transpose(1, 2)?.contiguous()?;
+        Ok((w_uk, w_uv_t))
     }
 
     /// The part both attention forms share: the roped query, the latent and the roped shared key

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use rayon::prelude::*;
 
 use super::amx::{self, Tiles};
@@ -241,6 +241,12 @@ impl Linear {
             // Before anything is widened or packed for the product.
             return Err(Error::Usage(format!("a product of [.., {in_dim}] with a [{out_dim}, {weight_in}] weight")));
         }
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = out_dim;
+        if rows == 0 {
+            return Ok(Tensor::zeros(out_dims, DType::F32, x.device())?);
+        }
         let x = x.reshape((rows, in_dim))?; // [rows, in]
         let y = match &self.weight {
             // Decode-sized inputs stream the bf16 weights (gemv.rs).
@@ -268,9 +274,6 @@ impl Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
-        let mut out_dims = dims;
-        let last = out_dims.len() - 1;
-        out_dims[last] = out_dim;
         Ok(y.reshape(out_dims)?)
     }
 }
