@@ -25,7 +25,7 @@ impl Estimate {
     }
 }
 
-fn gb(b: u64) -> String {
+pub(crate) fn gb(b: u64) -> String {
     match b {
         b if b >= 1_000_000_000 => format!("{:.2} GB", b as f64 / 1e9),
         b if b >= 1_000_000 => format!("{:.1} MB", b as f64 / 1e6),

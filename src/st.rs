@@ -142,20 +142,19 @@ impl StFile {
     /// An integer tensor (I64, I32, U32...) as i64, with its shape.
     pub fn i64(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>)> {
         let (info, bytes) = self.bytes(name)?;
-        let data = match info.dtype {
-            Dtype::I64 => bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(),
+        let fail = |msg: String| Error::checkpoint(&self.path, format!("tensor `{name}`: {msg}"));
+        let mut data = room(bytes.len() / (info.dtype.bitsize() / 8).max(1)).map_err(fail)?;
+        match info.dtype {
+            Dtype::I64 => {
+                data.extend(bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))))
+            }
             Dtype::I32 => {
-                bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64).collect()
+                data.extend(bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64))
             }
             Dtype::U32 => {
-                bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64).collect()
+                data.extend(bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64))
             }
-            d => {
-                return Err(Error::checkpoint(
-                    &self.path,
-                    format!("tensor `{name}`: expected an integer dtype ({}), got {d:?}", listed(&INTS)),
-                ))
-            }
+            d => return Err(fail(format!("expected an integer dtype ({}), got {d:?}", listed(&INTS)))),
         };
         Ok((data, info.shape.clone()))
     }
@@ -265,19 +264,37 @@ pub fn listed(dtypes: &[Dtype]) -> String {
 /// Decodes a stored float tensor to f32.
 pub fn decode_f32(dtype: Dtype, bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
     let chunks = |n: usize| bytes.chunks_exact(n);
-    Ok(match dtype {
-        Dtype::F32 => chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+    if !FLOATS.contains(&dtype) {
+        return Err(format!("dtype {dtype:?} is not a supported float type ({})", listed(&FLOATS)));
+    }
+    let mut out = room(bytes.len() / (dtype.bitsize() / 8).max(1))?;
+    match dtype {
+        Dtype::F32 => out.extend(chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
         Dtype::F64 => {
-            chunks(8).map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32).collect()
+            out.extend(chunks(8).map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32))
         }
-        Dtype::BF16 => chunks(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
-        Dtype::F16 => chunks(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
-        Dtype::F8_E4M3 => {
+        Dtype::BF16 => out.extend(chunks(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())),
+        Dtype::F16 => out.extend(chunks(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())),
+        _ => {
             let lut = e4m3_table();
-            bytes.iter().map(|b| lut[*b as usize]).collect()
+            out.extend(bytes.iter().map(|b| lut[*b as usize]))
         }
-        d => return Err(format!("dtype {d:?} is not a supported float type ({})", listed(&FLOATS))),
-    })
+    }
+    Ok(out)
+}
+
+/// An empty vector with room for `n` values, or a one-line error when memory has none: a file
+/// can declare a tensor larger than memory (a sparse one holds it in a few KB of disk), and
+/// collecting it would abort the process.
+pub fn room<T>(n: usize) -> std::result::Result<Vec<T>, String> {
+    let mut v = Vec::new();
+    match v.try_reserve_exact(n) {
+        Ok(()) => Ok(v),
+        Err(_) => Err(format!(
+            "its {n} values ({}) do not fit in memory",
+            crate::memory::gb(n.saturating_mul(std::mem::size_of::<T>()) as u64)
+        )),
+    }
 }
 
 /// FP8 E4M3 "fn" (OCP): bias 7, no infinities, S.1111.111 is NaN, max 448.

@@ -205,3 +205,37 @@ fn scores_in_another_layout_are_not_read_as_the_rows() {
     let (code, text) = code_and_text(&["diff", &s(&a), &s(&b)]);
     assert!(code == 1 && text.contains("first divergence: layers.0.dsa.topk"), "{text}");
 }
+
+/// A dump that declares tensors larger than memory (a sparse file holds 1 TB in a few KB of
+/// disk): each is a one-line error naming the file, tensor and size, where reading it aborted
+/// the process (an allocation failure is no panic). Skipped where the kernel promises any
+/// allocation (`vm.overcommit_memory` 1): there the reservation succeeds and filling it would
+/// meet the OOM killer instead.
+#[test]
+fn tensors_larger_than_memory_are_refused() {
+    if std::fs::read_to_string("/proc/sys/vm/overcommit_memory").is_ok_and(|m| m.trim() == "1") {
+        eprintln!("skipped: vm.overcommit_memory is 1, so no allocation fails");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // 2^38 f32 logits and 2^37 i64 expert ids: a terabyte each.
+    let huge = |name: &str, dtype: &str, shape: [u64; 3], width: u64| {
+        let bytes = shape.iter().product::<u64>() * width;
+        let header = format!(
+            r#"{{"__metadata__":{{"format":"glm5-dump/1"}},"{name}":{{"dtype":"{dtype}","shape":{shape:?},"data_offsets":[0,{bytes}]}}}}"#
+        );
+        let path = tmp.path().join(format!("{name}.safetensors"));
+        let mut f = std::fs::File::create(&path).unwrap();
+        std::io::Write::write_all(&mut f, &[&(header.len() as u64).to_le_bytes()[..], header.as_bytes()].concat())
+            .unwrap();
+        f.set_len(8 + header.len() as u64 + bytes).unwrap();
+        s(&path)
+    };
+    let logits = huge("logits", "F32", [1, 1 << 18, 1 << 20], 4);
+    assert_error(
+        &glimpse(&["diff", &logits, &logits]),
+        "tensor `logits`: its 274877906944 values (1099.51 GB) do not fit in memory",
+    );
+    let ids = huge("layers.3.moe.topk_ids", "I64", [1, 1 << 34, 8], 8);
+    assert_error(&glimpse(&["audit", "--dump", &ids]), "its 137438953472 values (1099.51 GB) do not fit in memory");
+}
