@@ -165,7 +165,8 @@ pub fn estimate(
         v: c.v_head_dim,
     };
     let e = attention::absorbed_from(dims, c.kv_lora_rank, c.index_topk).unwrap_or(seq) as u128;
-    let split = if e < s { nh * (nope + v) * c.kv_lora_rank as u128 } else { 0 };
+    let (r, rope) = (c.kv_lora_rank as u128, c.qk_rope_head_dim as u128);
+    let split = if e < s { nh * (nope + v) * r } else { 0 };
     let widest = (c.intermediate_size.max(c.moe_intermediate_size * c.num_experts_per_tok) as u128).max(h);
     // The selection (8-byte positions), each thread's block of scores (model::attention: no
     // S x S matrix is whole, but for the indexer's summed scores [B, S, S] and their copy when a
@@ -173,9 +174,11 @@ pub fn estimate(
     // values (twice, for temporaries), and a few hidden-sized and intermediate-sized buffers.
     let (k, threads) = ((c.index_topk as u128).min(s), rayon::current_num_threads() as u128);
     let blocks = 2 * threads * attention::BLOCK as u128 * s;
+    // An absorbed task's folded queries and their mixes, and one query's gathered keys and scores.
+    let absorbed = if e < s { threads * (2 * attention::BLOCK as u128 * nh * r + k * (r + rope) + nh * k) } else { 0 };
     let whole_scores = if recording { 2 * b * s * s } else { 0 };
     let heads = 2 * b * nh * (s * (qk + v) + e * (nope + v)) + split;
-    let per_layer = whole_scores + 2 * b * s * k + blocks + heads + 8 * b * s * widest;
+    let per_layer = whole_scores + 2 * b * s * k + blocks + absorbed + heads + 8 * b * s * widest;
     let logits = 2 * b * s * c.vocab_size as u128;
     let activations = 4 * (per_layer.max(logits) + 4 * b * s * h);
     // Tensors waiting for the dump writer: at most its queue, each at most the logits.

@@ -143,18 +143,17 @@ impl StFile {
     pub fn i64(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>)> {
         let (info, bytes) = self.bytes(name)?;
         let fail = |msg: String| Error::checkpoint(&self.path, format!("tensor `{name}`: {msg}"));
-        let mut data = room(bytes.len() / (info.dtype.bitsize() / 8).max(1)).map_err(fail)?;
+        let unsupported = || fail(format!("expected an integer dtype ({}), got {:?}", listed(&INTS), info.dtype));
+        if !INTS.contains(&info.dtype) {
+            return Err(unsupported());
+        }
+        let mut data = room(bytes.len() / (info.dtype.bitsize() / 8)).map_err(fail)?;
+        let chunks = |n: usize| bytes.chunks_exact(n);
         match info.dtype {
-            Dtype::I64 => {
-                data.extend(bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))))
-            }
-            Dtype::I32 => {
-                data.extend(bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64))
-            }
-            Dtype::U32 => {
-                data.extend(bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64))
-            }
-            d => return Err(fail(format!("expected an integer dtype ({}), got {d:?}", listed(&INTS)))),
+            Dtype::I64 => data.extend(chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))),
+            Dtype::I32 => data.extend(chunks(4).map(|c| i32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64)),
+            Dtype::U32 => data.extend(chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64)),
+            _ => return Err(unsupported()),
         };
         Ok((data, info.shape.clone()))
     }
@@ -263,11 +262,12 @@ pub fn listed(dtypes: &[Dtype]) -> String {
 
 /// Decodes a stored float tensor to f32.
 pub fn decode_f32(dtype: Dtype, bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
-    let chunks = |n: usize| bytes.chunks_exact(n);
+    let unsupported = || format!("dtype {dtype:?} is not a supported float type ({})", listed(&FLOATS));
     if !FLOATS.contains(&dtype) {
-        return Err(format!("dtype {dtype:?} is not a supported float type ({})", listed(&FLOATS)));
+        return Err(unsupported());
     }
-    let mut out = room(bytes.len() / (dtype.bitsize() / 8).max(1))?;
+    let mut out = room(bytes.len() / (dtype.bitsize() / 8))?;
+    let chunks = |n: usize| bytes.chunks_exact(n);
     match dtype {
         Dtype::F32 => out.extend(chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
         Dtype::F64 => {
@@ -275,10 +275,11 @@ pub fn decode_f32(dtype: Dtype, bytes: &[u8]) -> std::result::Result<Vec<f32>, S
         }
         Dtype::BF16 => out.extend(chunks(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())),
         Dtype::F16 => out.extend(chunks(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())),
-        _ => {
+        Dtype::F8_E4M3 => {
             let lut = e4m3_table();
             out.extend(bytes.iter().map(|b| lut[*b as usize]))
         }
+        _ => return Err(unsupported()),
     }
     Ok(out)
 }

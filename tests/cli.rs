@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{assert_error, assert_ok, glimpse, golden, text};
+use common::{assert_error, assert_ok, glimpse, golden, s, text};
 
 const CONFIG: &str = r#"{
   "model_type": "glm_moe_dsa", "vocab_size": 40, "hidden_size": 32, "intermediate_size": 40,
@@ -674,4 +674,25 @@ fn diff_warns_when_the_dumps_configs_differ() {
     let (out, err) = text(&glimpse(&["diff", &ours, r]));
     assert!(out.contains("no divergence"), "{out}");
     assert!(err.contains("were made from different config.json files"), "{err}");
+}
+
+/// Every golden case matches its transformers reference with every query of the prefill in the
+/// absorbed form (`GLIMPSE_ABSORBED_FROM=0`; by default it starts past these cases' lengths), and
+/// a value that is no position is refused before any work.
+#[test]
+fn golden_cases_match_with_every_query_absorbed() {
+    let with = |from: &str, args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_glimpse"))
+            .args(args)
+            .env("GLIMPSE_ABSORBED_FROM", from)
+            .output()
+            .unwrap()
+    };
+    for case in ["flat", "fp8-sharded", "grouped-shared-yarn", "bf16-fused", "mtp"] {
+        let o = with("0", &["verify", "--model", &s(&golden(case))]);
+        let (out, err) = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{case}: {out}{err}");
+        assert!(out.lines().last().is_some_and(|l| l.contains("tensors match")), "{case}: {out}");
+    }
+    assert_error(&with("first", &["verify"]), "GLIMPSE_ABSORBED_FROM=first: not a position");
 }

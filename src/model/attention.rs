@@ -151,11 +151,12 @@ pub(crate) fn sparse_attention(
     if out.is_empty() {
         return out;
     }
-    // Only a block that gathers needs the non-finite keys, and none gathers when a row holds
-    // as many keys as there are (a prefill shorter than `index_topk`: every causal key kept), so
-    // then kv is not read a second time. (A replayed row that wide but keeping fewer keys could
-    // gather: its NaN is named where it arises all the same.)
-    let poisoned = match sel.k < t {
+    // Only a block that gathers needs the non-finite keys, and no expanded block gathers when a
+    // row holds as many keys as there are (a prefill shorter than `index_topk`: every causal key
+    // kept), so then kv is not read a second time. (A replayed row that wide but keeping fewer
+    // keys could gather: its NaN is named where it arises all the same.) Absorbed queries gather
+    // whatever their rows hold.
+    let poisoned = match sel.k < t || absorbed.is_some() {
         true => {
             let mut p = non_finite_positions(&[(kv, nh * kvw)], batch, expanded, 0);
             p.extend(non_finite_positions(&[(k_rope, rope)], batch, t, 0));
@@ -202,29 +203,38 @@ pub(crate) fn sparse_attention(
 ///
 /// The first grows with `p` and the second stops growing at `n = k`, so past one point every
 /// query is cheaper absorbed: from 4,352 at GLM-5's sizes (`r` 512, `k` 2048), where an 8k-token
-/// prefill then does 1.25x fewer attention products and a 16k-token one 2x (the indexer's scores
-/// stay quadratic).
+/// prefill then does 1.25x fewer attention products and a 16k-token one 2x by this count (the
+/// indexer's scores stay quadratic). The count takes the expanded form to score every causal
+/// key, which its blocks do unless their queries keep mostly the same keys ([`Keys`]); measured
+/// (docs/performance.md), the time is flat from 2048 to this crossover.
 /// `GLIMPSE_ABSORBED_FROM=P` moves the switch to `P` (rounded up to a block): `0` runs every query
 /// absorbed, which is how CI takes the golden cases through this form.
 pub(crate) fn absorbed_from(d: Dims, rank: usize, topk: usize) -> Result<usize, String> {
-    let from = match std::env::var("GLIMPSE_ABSORBED_FROM").ok().filter(|p| !p.trim().is_empty()) {
-        Some(p) => p.trim().parse::<usize>().map_err(|_| format!("GLIMPSE_ABSORBED_FROM={p}: not a position"))?,
-        None => crossover(d, rank, topk),
-    };
+    let from = absorbed_override()?.unwrap_or_else(|| crossover(d, rank, topk));
     Ok(from.checked_next_multiple_of(BLOCK).unwrap_or(d.seq).min(d.seq))
 }
 
-/// [`absorbed_from`]'s cost model alone.
+/// `GLIMPSE_ABSORBED_FROM`, when set and not empty: the binary checks it before any work, so a
+/// bad value is refused at once, not after a checkpoint has loaded.
+pub fn absorbed_override() -> Result<Option<usize>, String> {
+    match std::env::var("GLIMPSE_ABSORBED_FROM").ok().filter(|p| !p.trim().is_empty()) {
+        Some(p) => p.trim().parse().map(Some).map_err(|_| format!("GLIMPSE_ABSORBED_FROM={p}: not a position")),
+        None => Ok(None),
+    }
+}
+
+/// [`absorbed_from`]'s cost model alone, solved for the first position: with `p` keys seen, the
+/// expanded form costs minus the absorbed one `p·(nope + v - 2r)` while `p <= k` (the terms in
+/// `r` alone cancel) and `p·(nope + rope + v) - k·(2r + rope)` after.
 fn crossover(d: Dims, rank: usize, topk: usize) -> usize {
     let Dims { seq: s, keys: t, nope, rope, v, .. } = d;
-    (0..s)
-        .step_by(BLOCK)
-        .find(|&i0| {
-            let p = t - s + i0 + 1; // the keys the block's first query sees
-            let expanded = p * (nope + rope + v) + rank * (nope + v);
-            expanded >= nope * rank + topk.min(p) * (2 * rank + rope) + rank * v
-        })
-        .unwrap_or(s)
+    let keys = match nope + v >= 2 * rank {
+        true => 1, // a latent narrower than a head's keys and values: absorbed from the start
+        false => (topk + 1).max((topk * (2 * rank + rope)).div_ceil((nope + rope + v).max(1))),
+    };
+    // The block whose first query (at offset + i0, seeing offset + i0 + 1 keys) sees enough.
+    let i0 = keys.saturating_sub(t - s + 1);
+    i0.checked_next_multiple_of(BLOCK).unwrap_or(s).min(s)
 }
 
 /// The absorbed form of a prefill's later queries: `kv_b_proj` folded into each query and output
@@ -353,8 +363,8 @@ fn attend_gathered(
 }
 
 /// Softmax over the selected keys of each query, in the absorbed form (decode): a task takes one
-/// query and all its heads, which read the same keys (`attend_gathered`), so a chunk's queries
-/// each read only the keys they keep. q_abs: [B, nh, C, r] (queries absorbed into the latent);
+/// query and its heads, which read the same keys (`attend_gathered`), so a chunk's queries each
+/// read only the keys they keep. q_abs: [B, nh, C, r] (queries absorbed into the latent);
 /// q_rope: [B, nh, C, rope]; latents: [T, B, r]; k_rope: [T, B, rope] (position-major, as the
 /// decode cache holds them) -> the latents mixed by each row's probabilities, [B, nh, C, r]. In
 /// `d`, `nope` and `v` are both the latent rank r. `poisoned`: the positions (ascending) whose
@@ -378,24 +388,29 @@ pub(crate) fn absorbed_attention(
     if out.is_empty() {
         return out;
     }
-    let queries: Vec<Vec<f32>> = (0..batch * c)
+    // A task takes one query and a group of its heads: all of them when the queries are enough
+    // to keep every thread busy, else fewer, so a decode step's one query uses every thread (each
+    // group gathers the same keys).
+    let group = nh.div_ceil(rayon::current_num_threads().div_ceil(batch * c).clamp(1, nh));
+    let groups = nh.div_ceil(group);
+    let parts: Vec<Vec<f32>> = (0..batch * c * groups)
         .into_par_iter()
         .map_init(Scratch::default, |scratch, x| {
-            let (b, i) = (x / c, x % c);
+            let (b, i, h0) = (x / groups / c, x / groups % c, x % groups * group);
             let rows = KeyRows {
                 latents: View::at(latents, b * r, [t, r, batch * r]),
                 k_rope: View::at(k_rope, b * rope, [t, rope, batch * rope]),
             };
-            let first = b * nh * c + i; // the query's row of head 0; its heads are C rows apart
-            let q = [View::at(q_abs, first * r, [nh, r, c * r]), View::at(q_rope, first * rope, [nh, rope, c * rope])];
-            let mut mixed = vec![0f32; nh * r];
+            let (first, hn) = ((b * nh + h0) * c + i, group.min(nh - h0)); // its heads' rows are C apart
+            let q = [View::at(q_abs, first * r, [hn, r, c * r]), View::at(q_rope, first * rope, [hn, rope, c * rope])];
+            let mut mixed = vec![0f32; hn * r];
             attend_gathered(&mut mixed, q, &rows, (sel.row(b, i), offset + i, poisoned), scale, scratch);
             mixed
         })
         .collect();
-    for (x, mixed) in queries.iter().enumerate() {
-        let (b, i) = (x / c, x % c);
-        for (h, head) in mixed.chunks_exact(r).enumerate() {
+    for (x, mixed) in parts.iter().enumerate() {
+        let (b, i, h0) = (x / groups / c, x / groups % c, x % groups * group);
+        for (h, head) in (h0..).zip(mixed.chunks_exact(r)) {
             out[((b * nh + h) * c + i) * r..][..r].copy_from_slice(head);
         }
     }
@@ -503,13 +518,15 @@ pub(crate) fn non_finite_positions(
 }
 
 /// Each row of `p` (rows `tb` wide) becomes the softmax of its kept scores, 0 elsewhere. A row
-/// that keeps nothing gives NaN, as the reference's softmax of an all `-inf` row does.
+/// that keeps nothing gives NaN, as the reference's softmax of an all `-inf` row does, and so
+/// does a row with a NaN or infinite score at a key it drops (the reference adds its `-inf` mask
+/// to that score: NaN).
 fn softmax_kept(p: &mut [f32], keep: &[bool], tb: usize) {
     for (row, keep) in p.chunks_exact_mut(tb).zip(keep.chunks_exact(tb)) {
         let max = row.iter().zip(keep).filter(|(_, &k)| k).fold(f32::NEG_INFINITY, |m, (&x, _)| m.max(x));
         let mut sum = 0f32;
         for (x, &k) in row.iter_mut().zip(keep) {
-            *x = if k { (*x - max).exp() } else { 0.0 };
+            *x = if k { (*x - max).exp() } else { *x * 0.0 }; // 0, or NaN from a non-finite score
             sum += *x;
         }
         let sum = if sum > 0.0 { sum } else { f32::NAN };
@@ -586,17 +603,19 @@ mod tests {
     /// The absorbed form is the expanded form whose heads all expand the latent as itself (keys
     /// and values both the latent): checked against `sparse_attention` (itself checked in f64)
     /// with one query, and with a chunk of 13 queries after 9 cached positions, with cuts and
-    /// without.
+    /// without; on 1 thread and on 8, where a query's 5 heads are split in groups of 2, 2 and 1.
     #[test]
     fn absorbed_attention_is_the_expanded_form_with_the_latent_as_keys_and_values() {
-        for (c, offset, topk) in [(1, 0, 4), (1, 20, 6), (13, 9, 5), (13, 9, 40)] {
+        let pools = [1, 8].map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap());
+        let cases = [(1, 0, 4), (1, 20, 6), (13, 9, 5), (13, 9, 40)];
+        for (pool, (c, offset, topk)) in pools.iter().flat_map(|p| cases.map(|case| (p, case))) {
             let (batch, nh, r, rope) = (2, 5, 8, 4);
             let t = offset + c;
             let (q_abs, q_rope) = (values(batch * nh * c * r, 0.5), values(batch * nh * c * rope, 1.5));
             let (latents, k_rope) = (values(batch * t * r, 2.5), values(batch * t * rope, 3.5));
             let sel = top_k_causal(&values(batch * c * t, 4.5), batch, c, offset, topk);
             let d = Dims { batch, seq: c, keys: t, heads: nh, nope: r, rope, v: r };
-            let ours = absorbed_attention(&q_abs, &q_rope, &latents, &k_rope, &sel, &[], d, 0.3); // [B, nh, C, r]
+            let ours = pool.install(|| absorbed_attention(&q_abs, &q_rope, &latents, &k_rope, &sel, &[], d, 0.3)); // [B, nh, C, r]
             let row = |b: usize, h: usize, i: usize| b * nh * c + h * c + i;
             let q: Vec<f32> = (0..batch)
                 .flat_map(|b| (0..c).flat_map(move |i| (0..nh).map(move |h| row(b, h, i)))) // [B, C, nh]
@@ -618,6 +637,30 @@ mod tests {
         }
     }
 
+    /// Latents [B, T, r] and a per-head `kv_b_proj` w [nh, nope + v, r]: the keys and values it
+    /// expands them into [B, T, nh, nope + v], and w split as W_UK [nh, nope, r] and W_UV^T
+    /// [nh, r, v].
+    fn expanded_from_latents(batch: usize, t: usize, d: Dims, r: usize) -> [Vec<f32>; 4] {
+        let (nh, nope, vd) = (d.heads, d.nope, d.v);
+        let (latents, w) = (values(batch * t * r, 0.5), values(nh * (nope + vd) * r, 1.5));
+        let kv: Vec<f32> = (0..batch * t * nh * (nope + vd))
+            .map(|i| {
+                let (x, row) = (i / (nh * (nope + vd)), i % (nh * (nope + vd)));
+                (0..r).map(|j| latents[x * r + j] * w[row * r + j]).sum()
+            })
+            .collect();
+        let w_uk: Vec<f32> = (0..nh).flat_map(|h| w[h * (nope + vd) * r..][..nope * r].to_vec()).collect();
+        let w_uv_t: Vec<f32> =
+            (0..nh * r * vd).map(|i| w[((i / (r * vd)) * (nope + vd) + nope + i % vd) * r + (i / vd) % r]).collect();
+        [latents, kv, w_uk, w_uv_t]
+    }
+
+    /// The first `e` of each batch row's `t` positions of `x` ([B, T, ...]).
+    fn first_positions(x: &[f32], batch: usize, t: usize, e: usize) -> Vec<f32> {
+        let width = x.len() / (batch * t);
+        (0..batch).flat_map(|b| x[b * t * width..][..e * width].to_vec()).collect()
+    }
+
     /// A prefill's later queries in the absorbed form give the expanded form's outputs: keys and
     /// values made from latents by a per-head `kv_b_proj`, the f64 reference fed them all, ours
     /// the first `from` positions' only; from block 1 and from 0, after cached keys, with cuts
@@ -625,20 +668,12 @@ mod tests {
     #[test]
     fn absorbed_queries_of_a_prefill_match_the_expanded_form() {
         let (batch, nh, nope, rope, vd, r) = (2, 3, 6, 4, 5, 7);
-        for (s, offset, topk, from) in [(2 * BLOCK + 3, 0, 5, BLOCK), (2 * BLOCK + 3, 0, 500, 0), (70, 7, 9, 0)] {
+        for (s, offset, topk, from) in
+            [(2 * BLOCK + 3, 0, 5, BLOCK), (2 * BLOCK + 3, 0, 500, 0), (70, 7, 9, 0), (2 * BLOCK + 3, 5, 7, BLOCK)]
+        {
             let t = offset + s;
             let d = Dims { batch, seq: s, keys: t, heads: nh, nope, rope, v: vd };
-            let (latents, w) = (values(batch * t * r, 0.5), values(nh * (nope + vd) * r, 1.5)); // w: [nh, nope + v, r]
-            let kv: Vec<f32> = (0..batch * t * nh * (nope + vd)) // [B, T, nh, nope + v]
-                .map(|i| {
-                    let (x, row) = (i / (nh * (nope + vd)), i % (nh * (nope + vd)));
-                    (0..r).map(|j| latents[x * r + j] * w[row * r + j]).sum()
-                })
-                .collect();
-            let w_uk: Vec<f32> = (0..nh).flat_map(|h| w[h * (nope + vd) * r..][..nope * r].to_vec()).collect();
-            let w_uv_t: Vec<f32> = (0..nh * r * vd)
-                .map(|i| w[((i / (r * vd)) * (nope + vd) + nope + i % vd) * r + (i / vd) % r])
-                .collect();
+            let [latents, kv, w_uk, w_uv_t] = expanded_from_latents(batch, t, d, r);
             let (q, k_rope) = (values(batch * s * nh * (nope + rope), 2.5), values(batch * t * rope, 3.5));
             let mut sel = crate::model::indexer::top_k_causal(&values(batch * s * t, 4.5), batch, s, offset, topk);
             if topk < t {
@@ -646,11 +681,7 @@ mod tests {
                 sel.idx[(s - 1) * k..s * k].fill(offset + s - 2); // one key, k times
                 sel.idx[(2 * s - 1) * k..2 * s * k].fill(t + 3); // none at or before the query
             }
-            let expanded = &kv[..]; // [B, T, ...] holds every position; ours reads the first E
-            let e = offset + from;
-            let first: Vec<f32> = (0..batch)
-                .flat_map(|b| expanded[b * t * nh * (nope + vd)..][..e * nh * (nope + vd)].to_vec())
-                .collect();
+            let first = first_positions(&kv, batch, t, offset + from); // ours reads the first E
             let a = Absorbed { from, latents: &latents, w_uk: &w_uk, w_uv_t: &w_uv_t, rank: r };
             let ours = sparse_attention(&q, &first, &k_rope, Some(&a), &sel, d, 0.3);
             let want = attention_f64(&q, &kv, &k_rope, &sel, d, 0.3);
@@ -662,17 +693,24 @@ mod tests {
         }
     }
 
-    /// Where the switch falls: nowhere in a prompt shorter than GLM-5's crossover, and at 4,352
-    /// in a longer one.
+    /// Where the switch falls: nowhere in a prompt shorter than GLM-5's crossover, at 4,352 in a
+    /// longer one, and, for other sizes, offsets and cuts, at the first block whose first query's
+    /// multiply-adds (counted here, query by query) are no more absorbed than expanded.
     #[test]
     fn the_absorbed_form_starts_where_it_costs_less() {
         let glm5 = |s| Dims { batch: 1, seq: s, keys: s, heads: 64, nope: 192, rope: 64, v: 256 };
         assert_eq!(crossover(glm5(4096), 512, 2048), 4096);
-        let from = crossover(glm5(16384), 512, 2048);
-        assert_eq!(from, 4352);
-        // Per head at position p: 512·(p+1) + 512·448 expanded against 192·512 + 2048·1088 + 512·256.
-        let cost = |p: usize| (512 * (p + 1) + 512 * 448, 192 * 512 + 2048 * 1088 + 512 * 256);
-        assert!(cost(from).0 >= cost(from).1 && cost(from - BLOCK).0 < cost(from - BLOCK).1);
+        assert_eq!(crossover(glm5(16384), 512, 2048), 4352);
+        assert_eq!(crossover(glm5(1 << 40), 512, 2048), 4352); // solved, not searched
+        for (nope, rope, v, r, topk, offset) in
+            [(16, 8, 16, 32, 64, 0), (16, 8, 16, 32, 8, 100), (24, 8, 24, 12, 10, 0)]
+        {
+            let d = Dims { batch: 1, seq: 500, keys: offset + 500, heads: 4, nope, rope, v };
+            let cheaper =
+                |p: usize| p * (nope + rope + v) + r * (nope + v) >= nope * r + topk.min(p) * (2 * r + rope) + r * v;
+            let want = (0..500).step_by(BLOCK).find(|&i0| cheaper(offset + i0 + 1)).unwrap_or(500);
+            assert_eq!(crossover(d, r, topk), want, "nope {nope}, r {r}, top {topk}, offset {offset}");
+        }
     }
 
     /// A block gathers the keys its queries keep when they are few (queries that keep the same
@@ -738,6 +776,51 @@ mod tests {
                 assert_eq!(head0.is_nan(), tb > dropped, "S {s}: query {i} head 0 {head0}");
             }
         }
+    }
+
+    /// A score that is not finite at a key a query drops (its rope key, or its latent in the
+    /// absorbed prefill, not finite) makes the query's output NaN, as the reference's masked
+    /// softmax does (its `-inf` mask added to a NaN score): in place, gathered, and absorbed.
+    #[test]
+    fn a_non_finite_key_at_a_dropped_position_gives_nan_in_every_form() {
+        let r = 7;
+        for (s, offset, from) in [(70, 0, None), (4, 60, None), (70, 0, Some(0))] {
+            let d = Dims { batch: 1, seq: s, keys: offset + s, heads: 2, nope: 6, rope: 4, v: 5 };
+            let t = d.keys;
+            let [latents, kv, w_uk, w_uv_t] = expanded_from_latents(1, t, d, r);
+            let (q, k_rope) = (values(s * d.heads * (d.nope + d.rope), 2.5), values(t * d.rope, 3.5));
+            let sel = top_k_causal(&values(s * t, 4.5), 1, s, offset, 5);
+            let last = s - 1; // the last query drops a key before it
+            let dropped = (0..t).find(|j| !sel.row(0, last).contains(j)).unwrap();
+            for poison in 0..2 {
+                let (mut k_rope, mut latents) = (k_rope.clone(), latents.clone());
+                match poison {
+                    0 => k_rope[dropped * d.rope + 1] = f32::NAN,
+                    _ if from.is_some() => latents[dropped * r + 2] = f32::INFINITY,
+                    _ => continue, // the expanded form reads no latents
+                }
+                let first = first_positions(&kv, 1, t, offset + from.unwrap_or(s));
+                let a = from.map(|from| Absorbed { from, latents: &latents, w_uk: &w_uk, w_uv_t: &w_uv_t, rank: r });
+                let out = sparse_attention(&q, &first, &k_rope, a.as_ref(), &sel, d, 0.3);
+                let row = &out[last * d.heads * d.v..];
+                assert!(
+                    row.iter().all(|x| x.is_nan()),
+                    "S {s}, offset {offset}, from {from:?}, poison {poison}: {row:?}"
+                );
+            }
+        }
+        // A replayed selection as wide as the keys that keeps only key 0 (no cut, so the
+        // expanded form would look for nothing non-finite): absorbed queries still find key 1's.
+        let (s, r) = (3, 7);
+        let d = Dims { batch: 1, seq: s, keys: s, heads: 2, nope: 6, rope: 4, v: 5 };
+        let [latents, _, w_uk, w_uv_t] = expanded_from_latents(1, s, d, r);
+        let (q, mut k_rope) = (values(s * d.heads * (d.nope + d.rope), 2.5), values(s * d.rope, 3.5));
+        k_rope[d.rope] = f32::NAN;
+        let sel = Selection { batch: 1, seq: s, k: s, idx: vec![0; s * s], margin: vec![f32::INFINITY; s] };
+        let a = Absorbed { from: 0, latents: &latents, w_uk: &w_uk, w_uv_t: &w_uv_t, rank: r };
+        let out = sparse_attention(&q, &[], &k_rope, Some(&a), &sel, d, 0.3);
+        let nan: Vec<bool> = out.chunks(d.heads * d.v).map(|o| o.iter().all(|x| x.is_nan())).collect();
+        assert_eq!(nan, [false, true, true]);
     }
 
     /// A query whose selection keeps no key at or before it gives NaN, as the reference's softmax
