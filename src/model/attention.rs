@@ -254,7 +254,7 @@ pub(crate) struct Absorbed<'a> {
 impl Absorbed<'_> {
     fn fits(&self, d: Dims) -> bool {
         let (r, nh) = (self.rank, d.heads);
-        self.from % BLOCK == 0
+        self.from.is_multiple_of(BLOCK)
             && self.from <= d.seq
             && self.latents.len() == d.batch * d.keys * r
             && self.w_uk.len() == nh * d.nope * r
@@ -348,7 +348,8 @@ fn attend_gathered(
     let (latents, k_rope) = match every {
         true => (View { rows: n, ..rows.latents }, View { rows: n, ..rows.k_rope }),
         false => {
-            (s.latents.clear(), s.k_rope.clear());
+            s.latents.clear();
+            s.k_rope.clear();
             for &(key, _) in &s.keys {
                 s.latents.extend_from_slice(&rows.latents.data[key * rows.latents.stride..][..r]);
                 s.k_rope.extend_from_slice(&rows.k_rope.data[key * rows.k_rope.stride..][..rope]);
