@@ -10,6 +10,7 @@ use safetensors::tensor::Dtype;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::model::absorbed::absorbed_from;
 use crate::model::attention::{self, Dims};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -164,7 +165,7 @@ pub fn estimate(
         rope: c.qk_rope_head_dim,
         v: c.v_head_dim,
     };
-    let e = attention::absorbed_from(dims, c.kv_lora_rank, c.index_topk).unwrap_or(seq) as u128;
+    let e = absorbed_from(dims, c.kv_lora_rank, c.index_topk).unwrap_or(seq) as u128;
     let (r, rope) = (c.kv_lora_rank as u128, c.qk_rope_head_dim as u128);
     let split = if e < s { nh * (nope + v) * r } else { 0 };
     let widest = (c.intermediate_size.max(c.moe_intermediate_size * c.num_experts_per_tok) as u128).max(h);

@@ -12,7 +12,8 @@
 use candle_core::utils::get_num_threads;
 use candle_core::{Tensor, D};
 
-use super::attention::{absorbed_attention, non_finite_positions, Dims};
+use super::absorbed::absorbed_attention;
+use super::attention::{non_finite_positions, Dims};
 use super::gemv::{per_head_bf16, Form, MAX_ROWS};
 use super::indexer::Selection;
 use super::layer::DecoderLayer;

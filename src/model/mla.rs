@@ -9,7 +9,8 @@
 
 use candle_core::{Device, Tensor, D};
 
-use super::attention::{absorbed_from, sparse_attention, Absorbed, Dims};
+use super::absorbed::{absorbed_from, Absorbed};
+use super::attention::{sparse_attention, Dims};
 use super::decode::{LayerCache, Positions};
 use super::indexer::{Indexer, Selection};
 use super::nn::{Linear, RmsNorm};

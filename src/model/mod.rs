@@ -2,6 +2,7 @@
 //! [`Model::forward`] runs a whole batch; `embed`, `layer` and `head` expose the same steps one at
 //! a time so `verify --isolate` can feed any layer the reference's own input.
 
+pub mod absorbed;
 pub mod amx;
 pub mod attention;
 pub mod bf16_gemm;
