@@ -109,7 +109,7 @@ impl Attention {
 
         // Queries before `from` read every causal key's keys and values expanded from the latent;
         // later ones, each keeping `index_topk` of many more keys, read just those keys' latents
-        // with `kv_b_proj` absorbed (attention::absorbed_from), so only `from` positions expand.
+        // with `kv_b_proj` absorbed (absorbed::absorbed_from), so only `from` positions expand.
         let from = absorbed_from(dims, self.kv_lora_rank, selection.k).map_err(Error::Usage)?;
         let kv = self.kv_b_proj.forward(&kv_latent.narrow(1, 0, from)?)?; // [B, from, nh * (nope + v)]
         let split = match (from < s, self.absorbed.get()) {
