@@ -24,8 +24,8 @@ use super::indexer::Selection;
 /// query is cheaper absorbed: from 4,352 at GLM-5's sizes (`r` 512, `k` 2048), where an 8k-token
 /// prefill then does 1.25x fewer attention products and a 16k-token one 2x by this count (the
 /// indexer's scores stay quadratic). The count takes the expanded form to score every causal
-/// key, which its blocks do unless their queries keep mostly the same keys (`attention::Keys`); measured
-/// (docs/performance.md), the time is flat from 2048 to this crossover.
+/// key, which its blocks do unless their queries keep mostly the same keys (`attention::Keys`);
+/// measured (docs/performance.md), the time is flat from 2048 to this crossover.
 /// `GLIMPSE_ABSORBED_FROM=P` moves the switch to `P` (rounded up to a block): `0` runs every query
 /// absorbed, which is how CI takes the golden cases through this form.
 pub(crate) fn absorbed_from(d: Dims, rank: usize, topk: usize) -> Result<usize, String> {
@@ -47,9 +47,13 @@ pub fn absorbed_override() -> Result<Option<usize>, String> {
 /// `r` alone cancel) and `p·(nope + rope + v) - k·(2r + rope)` after.
 fn crossover(d: Dims, rank: usize, topk: usize) -> usize {
     let Dims { seq: s, keys: t, nope, rope, v, .. } = d;
-    let keys = match nope + v >= 2 * rank {
+    // Saturating: the sizes are a config.json's.
+    let keys = match nope.saturating_add(v) >= rank.saturating_mul(2) {
         true => 1, // a latent narrower than a head's keys and values: absorbed from the start
-        false => (topk + 1).max((topk * (2 * rank + rope)).div_ceil((nope + rope + v).max(1))),
+        false => {
+            let absorbed = topk.saturating_mul(rank.saturating_mul(2).saturating_add(rope));
+            topk.saturating_add(1).max(absorbed.div_ceil(nope.saturating_add(rope).saturating_add(v).max(1)))
+        }
     };
     // The block whose first query (at offset + i0, seeing offset + i0 + 1 keys) sees enough.
     let i0 = keys.saturating_sub(t - s + 1);
@@ -346,6 +350,7 @@ mod tests {
         assert_eq!(crossover(glm5(4096), 512, 2048), 4096);
         assert_eq!(crossover(glm5(16384), 512, 2048), 4352);
         assert_eq!(crossover(glm5(1 << 40), 512, 2048), 4352); // solved, not searched
+        assert_eq!(crossover(glm5(1 << 20), 512, usize::MAX), 1 << 20); // a config's top-k past any prompt
         for (nope, rope, v, r, topk, offset) in
             [(16, 8, 16, 32, 64, 0), (16, 8, 16, 32, 8, 100), (24, 8, 24, 12, 10, 0)]
         {
