@@ -352,6 +352,12 @@ pub(crate) enum Command {
 }
 
 impl Command {
+    /// Whether the command may run the model's forward pass (and so read
+    /// `GLIMPSE_ABSORBED_FROM`): `diff`, `inspect` and `synth` never do.
+    pub(crate) fn runs_model(&self) -> bool {
+        !matches!(self, Command::Diff { .. } | Command::Inspect { .. } | Command::Synth { .. })
+    }
+
     /// The files a command reads, which no output may replace: dumps, prompt files, and a
     /// checkpoint's own files (`checkpoint::own_files`: its config, tokenizer, weights).
     pub(crate) fn inputs(&self) -> Vec<(&'static str, PathBuf)> {

@@ -170,7 +170,7 @@ pub fn print(r: &DecodeCheck, tol: Tolerance, chunk: usize) {
     // A chunk longer than the tokens runs them in one call: said as what ran.
     let how = match chunk.min(r.positions) {
         0 | 1 => "one position per call".to_string(),
-        c if c == r.positions && chunk > c => format!("all {c} positions in one call"),
+        c if c == r.positions => format!("all {c} positions in one call"),
         c => format!("{c} positions per call"),
     };
     match r.first {

@@ -80,10 +80,17 @@ pub fn describe(ckpt: &Checkpoint) -> Result<String> {
     );
     let rope = match &c.rope {
         Rope::Default { theta } => format!("default, theta {theta}"),
-        Rope::Yarn(y) => format!(
-            "yarn, theta {}, factor {}, original max positions {}, mscale_all_dim {:?}",
-            y.theta, y.factor, y.original_max_position_embeddings, y.mscale_all_dim
-        ),
+        Rope::Yarn(y) => {
+            let unset = |x: Option<f64>| x.map_or("unset".to_string(), |x| x.to_string());
+            format!(
+                "yarn, theta {}, factor {}, original max positions {}, mscale {}, mscale_all_dim {}",
+                y.theta,
+                y.factor,
+                y.original_max_position_embeddings,
+                unset(y.mscale),
+                unset(y.mscale_all_dim)
+            )
+        }
     };
     let _ = writeln!(w, "  rope: interleaved, {rope}; softmax scale {:.6}", c.softmax_scale());
     let _ = writeln!(

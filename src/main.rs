@@ -148,7 +148,9 @@ fn warn_past_positions(config: &glimpse::config::Config, positions: usize) {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     let max_memory = cli.max_memory;
-    glimpse::model::absorbed::absorbed_override().map_err(Error::Usage)?;
+    if cli.command.runs_model() {
+        glimpse::model::absorbed::absorbed_override().map_err(Error::Usage)?;
+    }
     if let Some(n) = cli.threads {
         // Each thread is started up front, and a pool of 100,000 took minutes to start a
         // two-token run: more than MAX_THREADS is refused as a slip.

@@ -678,7 +678,7 @@ fn diff_warns_when_the_dumps_configs_differ() {
 
 /// Every golden case matches its transformers reference with every query of the prefill in the
 /// absorbed form (`GLIMPSE_ABSORBED_FROM=0`; by default it starts past these cases' lengths), and
-/// a value that is no position is refused before any work.
+/// a value that is no position is refused before any work by the commands that run the model.
 #[test]
 fn golden_cases_match_with_every_query_absorbed() {
     let with = |from: &str, args: &[&str]| {
@@ -695,4 +695,7 @@ fn golden_cases_match_with_every_query_absorbed() {
         assert!(out.lines().last().is_some_and(|l| l.contains("tensors match")), "{case}: {out}");
     }
     assert_error(&with("first", &["verify"]), "GLIMPSE_ABSORBED_FROM=first: not a position");
+    // Commands that never run the model do not read it.
+    let reference = s(&golden("flat").join("reference.safetensors"));
+    assert_eq!(with("first", &["diff", &reference, &reference]).status.code(), Some(0));
 }
