@@ -12,7 +12,7 @@ use glimpse::device::{Backend, Target};
 use glimpse::dump::DumpWriter;
 use glimpse::dump::{self, Dump};
 use glimpse::error::{Context, Error, Result};
-use glimpse::hooks::{NonFiniteWatch, Selector, Tee};
+use glimpse::hooks::{glob, HookPoint, LayerHook, NonFiniteWatch, Selector, Tee};
 use glimpse::model::stream::{self, Start, Weights};
 use glimpse::model::{Model, Tokens};
 use glimpse::synth::{self, SynthOptions};
@@ -118,6 +118,19 @@ fn recording(patterns: &str, config: &glimpse::config::Config) -> Result<Selecto
             "--record {}: names no hook point of this model (names as in `glimpse diff` output, e.g. layers.3.moe.topk_ids)",
             unmatched.join(",")
         )));
+    }
+    // A pattern that reaches the S x S score matrices only by a wildcard leaves them out (each is
+    // as large as B x S x S): said, so a dump without them is no surprise.
+    if !selector.patterns.iter().any(|p| p.contains("dsa.scores")) {
+        let scores = |p: &String| {
+            HookPoint::all(config.num_hidden_layers)
+                .any(|point| matches!(point, HookPoint::Layer(_, LayerHook::DsaScores)) && glob(p, &point.name()))
+        };
+        if let Some(p) = selector.patterns.iter().find(|p| scores(p)) {
+            eprintln!(
+                "glimpse: note: --record {p} leaves out the S x S `dsa.scores`, which only a pattern naming them records (e.g. '{p},*.dsa.scores')"
+            );
+        }
     }
     Ok(selector)
 }
@@ -293,8 +306,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let report = diff::diff(&da, &db, &opts)?;
             warnings.into_iter().for_each(|w| warn(Some(w)));
             for (pattern, _) in &opts.per_name {
-                let matched: Vec<_> =
-                    report.results.iter().filter(|c| glimpse::hooks::glob(pattern, &c.name)).collect();
+                let matched: Vec<_> = report.results.iter().filter(|c| glob(pattern, &c.name)).collect();
                 if matched.is_empty() {
                     eprintln!("glimpse: warning: --tol {pattern} matches no tensor the two dumps share");
                 } else if matched.iter().all(|c| matches!(c.detail, Detail::Sets { .. } | Detail::Exact { .. })) {
