@@ -119,20 +119,24 @@ fn recording(patterns: &str, config: &glimpse::config::Config) -> Result<Selecto
             unmatched.join(",")
         )));
     }
-    // A pattern that reaches the S x S score matrices only by a wildcard leaves them out (each is
-    // as large as B x S x S): said, so a dump without them is no surprise.
-    if !selector.patterns.iter().any(|p| p.contains("dsa.scores")) {
-        let scores = |p: &String| {
-            HookPoint::all(config.num_hidden_layers)
-                .any(|point| matches!(point, HookPoint::Layer(_, LayerHook::DsaScores)) && glob(p, &point.name()))
-        };
-        if let Some(p) = selector.patterns.iter().find(|p| scores(p)) {
-            eprintln!(
-                "glimpse: note: --record {p} leaves out the S x S `dsa.scores`, which only a pattern naming them records (e.g. '{p},*.dsa.scores')"
-            );
-        }
-    }
     Ok(selector)
+}
+
+/// What a `--record` that reaches the S x S score matrices only by a wildcard left out (each is
+/// as large as B x S x S, so only a pattern naming them records them): said after the dump is
+/// written, so an error stays one line.
+fn scores_left_out(patterns: &str, config: &glimpse::config::Config) -> Option<String> {
+    let selector = Selector::new(patterns, None);
+    if selector.patterns.iter().any(|p| p.contains("dsa.scores")) {
+        return None;
+    }
+    let scores = |p: &&String| {
+        HookPoint::all(config.num_hidden_layers)
+            .any(|point| matches!(point, HookPoint::Layer(_, LayerHook::DsaScores)) && glob(p, &point.name()))
+    };
+    selector.patterns.iter().find(scores).map(|p| {
+        format!("glimpse: note: --record {p} left out the S x S `dsa.scores`, which only a pattern naming them records (e.g. '{p},*.dsa.scores')")
+    })
 }
 
 /// The comparison's tolerance: the flags', else the default of the products' precision (the
@@ -536,6 +540,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(rss) = glimpse::bench::peak_rss() {
                 println!("peak RSS {:.1} MB", rss as f64 / 1e6);
             }
+            if let Some(note) = out.as_ref().and_then(|_| scores_left_out(&record, &ckpt.config)) {
+                eprintln!("{note}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Generate { model, tokens, prompt, max_new_tokens, chunk, dump, record, mtp, ignore_eos } => {
@@ -558,6 +565,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 eos: if ignore_eos { Vec::new() } else { ckpt.config.eos_token_ids.clone() },
             };
             glimpse::generate::run(&model, &ckpt, &Model::load(&ckpt)?, &tokens, &opts)?;
+            if let Some(note) = opts.dump.as_ref().and_then(|_| scores_left_out(&record, &ckpt.config)) {
+                eprintln!("{note}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Selftest { device, gpu, kernels_only } => {
