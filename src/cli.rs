@@ -353,9 +353,15 @@ pub(crate) enum Command {
 
 impl Command {
     /// Whether the command may run the model's forward pass (and so read
-    /// `GLIMPSE_ABSORBED_FROM`): `diff`, `inspect` and `synth` never do.
+    /// `GLIMPSE_ABSORBED_FROM`): not `diff`, `inspect`, `synth`, `audit` of dumps, or the TUI
+    /// showing a dump.
     pub(crate) fn runs_model(&self) -> bool {
-        !matches!(self, Command::Diff { .. } | Command::Inspect { .. } | Command::Synth { .. })
+        match self {
+            Command::Diff { .. } | Command::Inspect { .. } | Command::Synth { .. } => false,
+            Command::Audit { prompts, .. } => prompts.is_some(),
+            Command::Tui { dump, .. } => dump.is_none(),
+            _ => true,
+        }
     }
 
     /// The files a command reads, which no output may replace: dumps, prompt files, and a

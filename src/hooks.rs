@@ -305,11 +305,28 @@ impl Selector {
             }
         }
         let name = point.name();
-        // The S x S score matrices only when a pattern names them explicitly.
-        let explicit =
-            |p: &str| !matches!(point, HookPoint::Layer(_, LayerHook::DsaScores)) || p.contains("dsa.scores");
-        self.patterns.iter().any(|p| explicit(p) && glob(p, &name))
+        self.patterns.iter().any(|p| (!is_scores(point) || names_scores(p)) && glob(p, &name))
     }
+
+    /// A pattern other than the default `*` that reaches the S x S score matrices of a model of
+    /// `layers` layers by a wildcard alone, so records everything it names but them (only a
+    /// pattern naming them records them): the one to tell the user about.
+    pub fn scores_left_out(&self, layers: usize) -> Option<&str> {
+        if self.patterns.iter().any(|p| names_scores(p)) || self.patterns == ["*"] {
+            return None;
+        }
+        let reaches = |p: &&String| HookPoint::all(layers).any(|point| is_scores(point) && glob(p, &point.name()));
+        self.patterns.iter().find(reaches).map(String::as_str)
+    }
+}
+
+/// The S x S score matrices are recorded only when a pattern names them explicitly.
+fn is_scores(point: HookPoint) -> bool {
+    matches!(point, HookPoint::Layer(_, LayerHook::DsaScores))
+}
+
+fn names_scores(pattern: &str) -> bool {
+    pattern.contains("dsa.scores")
 }
 
 /// `*` matches any run of characters; everything else matches itself.

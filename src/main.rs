@@ -12,7 +12,7 @@ use glimpse::device::{Backend, Target};
 use glimpse::dump::DumpWriter;
 use glimpse::dump::{self, Dump};
 use glimpse::error::{Context, Error, Result};
-use glimpse::hooks::{glob, HookPoint, LayerHook, NonFiniteWatch, Selector, Tee};
+use glimpse::hooks::{glob, NonFiniteWatch, Selector, Tee};
 use glimpse::model::stream::{self, Start, Weights};
 use glimpse::model::{Model, Tokens};
 use glimpse::synth::{self, SynthOptions};
@@ -122,19 +122,11 @@ fn recording(patterns: &str, config: &glimpse::config::Config) -> Result<Selecto
     Ok(selector)
 }
 
-/// What a `--record` that reaches the S x S score matrices only by a wildcard left out (each is
-/// as large as B x S x S, so only a pattern naming them records them): said after the dump is
-/// written, so an error stays one line.
+/// The note for a `--record` that left out the S x S score matrices
+/// (`Selector::scores_left_out`): said after the dump is written, so an error stays one line.
 fn scores_left_out(patterns: &str, config: &glimpse::config::Config) -> Option<String> {
     let selector = Selector::new(patterns, None);
-    if selector.patterns.iter().any(|p| p.contains("dsa.scores")) {
-        return None;
-    }
-    let scores = |p: &&String| {
-        HookPoint::all(config.num_hidden_layers)
-            .any(|point| matches!(point, HookPoint::Layer(_, LayerHook::DsaScores)) && glob(p, &point.name()))
-    };
-    selector.patterns.iter().find(scores).map(|p| {
+    selector.scores_left_out(config.num_hidden_layers).map(|p| {
         format!("glimpse: note: --record {p} left out the S x S `dsa.scores`, which only a pattern naming them records (e.g. '{p},*.dsa.scores')")
     })
 }

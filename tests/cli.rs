@@ -103,6 +103,9 @@ fn bad_input_is_a_one_line_error_with_exit_code_2() {
     assert_error(&glimpse(&["inspect", "--model", rope.to_str().unwrap()]), "rope_parameters.rope_type");
     let shared0 = with_config(t, "shared0", |v| v["indexer_types"] = serde_json::json!(["shared", "full"]));
     assert_error(&glimpse(&["inspect", "--model", shared0.to_str().unwrap()]), "indexer_types");
+    // YaRN's mscale values as numbers (they printed as `Some(1.0)`).
+    let (out, _) = assert_ok(&glimpse(&["inspect", "--model", "golden/grouped-shared-yarn"]));
+    assert!(out.contains("mscale 1, mscale_all_dim 1;") && !out.contains("Some("), "{out}");
     let act = with_config(t, "act", |v| v["hidden_act"] = "gelu".into());
     assert_error(&glimpse(&["inspect", "--model", act.to_str().unwrap()]), "hidden_act");
     let wide = with_config(t, "wide", |v| v["hidden_size"] = 48.into());
@@ -694,6 +697,22 @@ fn golden_cases_match_with_every_query_absorbed() {
         assert_eq!(o.status.code(), Some(0), "{case}: {out}{err}");
         assert!(out.lines().last().is_some_and(|l| l.contains("tensors match")), "{case}: {out}");
     }
+    // The override is what put those queries in the absorbed form: the attention outputs of the
+    // two forms differ in their last bits, and only there.
+    let tmp = tempfile::tempdir().unwrap();
+    let attn = |from: &str| {
+        let out = tmp.path().join(format!("from{from}.st"));
+        let args = ["run", "--model", "golden/flat", "--tokens", "1,2,3,4", "--dump", &s(&out)];
+        assert_eq!(with(from, &args).status.code(), Some(0));
+        match glimpse::dump::Dump::open(&out).unwrap().values("layers.0.attn.out").unwrap().0 {
+            glimpse::dump::Values::F32(v) => v,
+            _ => panic!("attn.out is not f32"),
+        }
+    };
+    let (expanded, absorbed) = (attn(""), attn("0"));
+    assert_ne!(expanded, absorbed, "GLIMPSE_ABSORBED_FROM=0 changed nothing");
+    let worst = expanded.iter().zip(&absorbed).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-5, "the two forms differ by {worst}");
     assert_error(&with("first", &["verify"]), "GLIMPSE_ABSORBED_FROM=first: not a position");
     // Commands that never run the model do not read it.
     let reference = s(&golden("flat").join("reference.safetensors"));
@@ -701,7 +720,8 @@ fn golden_cases_match_with_every_query_absorbed() {
 }
 
 /// A `--record` pattern that reaches `dsa.scores` only by a wildcard records everything it names
-/// but them, and says so after the dump is written; naming them records them, with no note.
+/// but them, and says so after the dump is written; naming them records them, and the default
+/// leaves them out, each with no note.
 #[test]
 fn a_wildcard_that_leaves_out_the_scores_says_so() {
     let tmp = tempfile::tempdir().unwrap();
@@ -715,4 +735,7 @@ fn a_wildcard_that_leaves_out_the_scores_says_so() {
     let (_, err) = assert_ok(&run("layers.*.dsa.*,*.dsa.scores"));
     assert!(!err.contains("left out"), "{err}");
     assert!(glimpse::dump::Dump::open(Path::new(&out)).unwrap().contains("layers.0.dsa.scores"));
+    // The default (`*`) leaves them out as its help says, with no note.
+    let (_, err) = assert_ok(&glimpse(&["run", "--model", "golden/flat", "--tokens", "1,2,3", "--dump", &out]));
+    assert!(!err.contains("left out"), "{err}");
 }

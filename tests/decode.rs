@@ -117,6 +117,12 @@ fn verify_decode_reports_every_position() {
     assert!(text.contains(&last) && text.contains("decode matches prefill at every position"), "{text}");
     let cache = format!("cache: {per_token} bytes per token over {} layers", n("num_hidden_layers"));
     assert!(text.contains("layers.4.moe.topk_ids") && text.contains(&cache), "{text}");
+    // A chunk as long as the tokens, or longer, is said as what ran: one call.
+    for chunk in [tokens.seq, tokens.seq + 5] {
+        let (code, text) = common::code_and_text(&["verify", "--decode", "--chunk", &chunk.to_string()]);
+        assert_eq!(code, 0, "{text}");
+        assert!(text.contains(&format!("all {} positions in one call", tokens.seq)), "--chunk {chunk}: {text}");
+    }
 }
 
 /// What `generate` streams is the prefill's greedy choice at every position: re-running the

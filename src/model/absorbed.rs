@@ -4,7 +4,7 @@
 //! expanded keys and values. Decode steps and chunks take it (their cache holds latents), and so
 //! do a long prefill's later queries, from where it costs fewer products ([`absorbed_from`]): a
 //! query and its heads gather the latents of just the keys the query keeps
-//! ([`attend_gathered`]), so past `index_topk` attention's work grows with the prompt, not its
+//! ([`attend_gathered`]), so past the crossover attention's work grows with the prompt, not its
 //! square. The expanded form, and the products both are made of, are in attention.rs.
 
 use rayon::prelude::*;
@@ -13,7 +13,7 @@ use super::attention::{ab, attend, Dims, View, BLOCK};
 use super::indexer::Selection;
 
 /// Where a prefill's queries switch to the absorbed form: the first block start (a multiple of
-/// [`BLOCK`], or `S`) whose first query's kept keys cost fewer multiply-adds through the latent
+/// [`BLOCK`], or `S`) whose first query's kept keys cost no more multiply-adds through the latent
 /// than its causal keys expanded. Per head, a query at position `p` keeping `n = min(k, p + 1)`:
 /// - expanded: `(p + 1)·(nope + rope + v)` (its scores and values over every causal key, the
 ///   dropped ones masked) + `r·(nope + v)` (its own position's keys and values from `kv_b_proj`);

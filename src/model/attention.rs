@@ -158,9 +158,9 @@ pub(crate) fn sparse_attention(
     let poisoned = match sel.k < t || absorbed.is_some() {
         true => {
             let mut p = non_finite_positions(&[(kv, nh * kvw)], batch, expanded, 0);
-            p.extend(non_finite_positions(&[(k_rope, rope)], batch, t, 0));
-            if let Some(a) = absorbed {
-                p.extend(non_finite_positions(&[(a.latents, a.rank)], batch, t, 0));
+            match absorbed {
+                Some(a) => p.extend(non_finite_positions(&[(k_rope, rope), (a.latents, a.rank)], batch, t, 0)),
+                None => p.extend(non_finite_positions(&[(k_rope, rope)], batch, t, 0)),
             }
             p.sort_unstable();
             p.dedup();
@@ -245,7 +245,7 @@ impl Keys {
     fn kept(
         sel: &Selection,
         b: usize,
-        queries: impl ExactSizeIterator<Item = usize>,
+        queries: std::ops::Range<usize>,
         offset: usize,
         tb: usize,
         poisoned: &[usize],

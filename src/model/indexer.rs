@@ -304,10 +304,7 @@ fn index_block(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: f32) -> Vec<f32> {
-        (0..n).map(|i| ((i as f32 + seed) * 0.618_034).sin() * 1.5).collect()
-    }
+    use crate::model::attention::tests::values;
 
     /// Early queries have fewer than K causal keys: they keep all of them, padded with later
     /// positions that the attention mask then ignores.
