@@ -190,7 +190,8 @@ fn attend_gathered(
 /// query and its heads, which read the same keys (`attend_gathered`), so a chunk's queries each
 /// read only the keys they keep. q_abs: [B, nh, C, r] (queries absorbed into the latent);
 /// q_rope: [B, nh, C, rope]; latents: [T, B, r]; k_rope: [T, B, rope] (position-major, as the
-/// decode cache holds them) -> the latents mixed by each row's probabilities, [B, nh, C, r]. In
+/// decode cache holds them) -> the latents mixed by each row's probabilities, [B, C, nh, r] (as
+/// the output's fold wants them). In
 /// `d`, `nope` and `v` are both the latent rank r. `poisoned`: the positions (ascending) whose
 /// latent or rope key is not finite (the cache tracks them).
 #[allow(clippy::too_many_arguments)]
@@ -208,7 +209,7 @@ pub(crate) fn absorbed_attention(
     let offset = t - c;
     assert!(q_abs.len() == batch * nh * c * r && q_rope.len() == batch * nh * c * rope);
     assert!(latents.len() == batch * t * r && k_rope.len() == batch * t * rope);
-    let mut out = vec![0f32; batch * nh * c * r];
+    let mut out = vec![0f32; batch * c * nh * r];
     if out.is_empty() {
         return out;
     }
@@ -216,28 +217,19 @@ pub(crate) fn absorbed_attention(
     // to keep every thread busy, else fewer, so a decode step's one query uses every thread (each
     // group gathers the same keys).
     let group = nh.div_ceil(rayon::current_num_threads().div_ceil(batch * c).clamp(1, nh));
-    let groups = nh.div_ceil(group);
-    let parts: Vec<Vec<f32>> = (0..batch * c * groups)
-        .into_par_iter()
-        .map_init(Scratch::default, |scratch, x| {
-            let (b, i, h0) = (x / groups / c, x / groups % c, x % groups * group);
-            let rows = KeyRows {
-                latents: View::at(latents, b * r, [t, r, batch * r]),
-                k_rope: View::at(k_rope, b * rope, [t, rope, batch * rope]),
-            };
-            let (first, hn) = ((b * nh + h0) * c + i, group.min(nh - h0)); // its heads' rows are C apart
+    out.par_chunks_mut(nh * r).enumerate().for_each(|(x, query)| {
+        let (b, i) = (x / c, x % c);
+        let rows = KeyRows {
+            latents: View::at(latents, b * r, [t, r, batch * r]),
+            k_rope: View::at(k_rope, b * rope, [t, rope, batch * rope]),
+        };
+        query.par_chunks_mut(group * r).enumerate().for_each_init(Scratch::default, |scratch, (g, mixed)| {
+            let (h0, hn) = (g * group, mixed.len() / r);
+            let first = (b * nh + h0) * c + i; // the query's row of head h0; its heads' rows are C apart
             let q = [View::at(q_abs, first * r, [hn, r, c * r]), View::at(q_rope, first * rope, [hn, rope, c * rope])];
-            let mut mixed = vec![0f32; hn * r];
-            attend_gathered(&mut mixed, q, &rows, (sel.row(b, i), offset + i, poisoned), scale, scratch);
-            mixed
-        })
-        .collect();
-    for (x, mixed) in parts.iter().enumerate() {
-        let (b, i, h0) = (x / groups / c, x / groups % c, x % groups * group);
-        for (h, head) in (h0..).zip(mixed.chunks_exact(r)) {
-            out[((b * nh + h) * c + i) * r..][..r].copy_from_slice(head);
-        }
-    }
+            attend_gathered(mixed, q, &rows, (sel.row(b, i), offset + i, poisoned), scale, scratch);
+        });
+    });
     out
 }
 
@@ -263,8 +255,8 @@ mod tests {
             let (latents, k_rope) = (values(batch * t * r, 2.5), values(batch * t * rope, 3.5));
             let sel = top_k_causal(&values(batch * c * t, 4.5), batch, c, offset, topk);
             let d = Dims { batch, seq: c, keys: t, heads: nh, nope: r, rope, v: r };
-            let ours = pool.install(|| absorbed_attention(&q_abs, &q_rope, &latents, &k_rope, &sel, &[], d, 0.3)); // [B, nh, C, r]
-            let row = |b: usize, h: usize, i: usize| b * nh * c + h * c + i;
+            let ours = pool.install(|| absorbed_attention(&q_abs, &q_rope, &latents, &k_rope, &sel, &[], d, 0.3)); // [B, C, nh, r]
+            let row = |b: usize, h: usize, i: usize| b * nh * c + h * c + i; // of q_abs, q_rope: [B, nh, C, ...]
             let q: Vec<f32> = (0..batch)
                 .flat_map(|b| (0..c).flat_map(move |i| (0..nh).map(move |h| row(b, h, i)))) // [B, C, nh]
                 .flat_map(|x| q_abs[x * r..(x + 1) * r].iter().chain(&q_rope[x * rope..(x + 1) * rope]).copied())
@@ -277,11 +269,9 @@ mod tests {
                 .collect();
             let k_rope: Vec<f32> = (0..batch * t).flat_map(|x| at(x, rope)).map(|i| k_rope[i]).collect();
             let want = sparse_attention(&q, &kv, &k_rope, None, &sel, d, 0.3); // [B, C, nh, r]
-            for (b, h, i) in (0..batch).flat_map(|b| (0..nh).flat_map(move |h| (0..c).map(move |i| (b, h, i)))) {
-                let (a, e) = (&ours[row(b, h, i) * r..][..r], &want[((b * c + i) * nh + h) * r..][..r]);
-                let err = a.iter().zip(e).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
-                assert!(err < 1e-5, "C {c}, offset {offset}, top {topk}, ({b}, {h}, {i}): {err:.2e}");
-            }
+            assert_eq!(ours.len(), want.len());
+            let err = ours.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+            assert!(err < 1e-5, "C {c}, offset {offset}, top {topk}: {err:.2e}");
         }
     }
 

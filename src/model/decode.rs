@@ -10,7 +10,7 @@
 //! It must agree with the expanded prefill (`mla.rs`); the tests check it token by token.
 
 use candle_core::utils::get_num_threads;
-use candle_core::{Tensor, D};
+use candle_core::{Device, Tensor, D};
 
 use super::absorbed::absorbed_attention;
 use super::attention::{non_finite_positions, Dims};
@@ -166,17 +166,16 @@ impl Attention {
         }
     }
 
-    /// `mixed · W_UV^T` per head, heads side by side: [B, nh, C, r] -> [B, C, nh * v].
-    fn absorb_output(&self, mixed: &Tensor) -> Result<Tensor> {
-        let (b, nh, c, _) = mixed.dims4()?;
-        let (nope, vd) = (self.nope, self.v_dim);
+    /// `mixed · W_UV^T` per head, heads side by side: mixed [B, C, nh, r] -> [B, C, nh * v].
+    fn absorb_output(&self, mixed: Vec<f32>, (b, c): (usize, usize), device: &Device) -> Result<Tensor> {
+        let (nh, r, nope, vd) = (self.heads, self.kv_lora_rank, self.nope, self.v_dim);
         match &self.kv_b_proj.weight {
             Weight::Bf16(w, _) if b * c <= MAX_ROWS => {
-                let x = mixed.transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?; // [B, C, nh, r]
-                let y = per_head_bf16(&x, b * c, nh, w, (nope + vd, nope, vd), Form::XWt, get_num_threads());
-                Ok(Tensor::from_vec(y, (b, c, nh * vd), mixed.device())?)
+                let y = per_head_bf16(&mixed, b * c, nh, w, (nope + vd, nope, vd), Form::XWt, get_num_threads());
+                Ok(Tensor::from_vec(y, (b, c, nh * vd), device)?)
             }
             _ => {
+                let mixed = Tensor::from_vec(mixed, (b, c, nh, r), device)?.transpose(1, 2)?.contiguous()?; // [B, nh, C, r]
                 let o = mixed.broadcast_matmul(&self.absorbed()?.1)?; // [B, nh, C, v]
                 Ok(o.transpose(1, 2)?.reshape((b, c, nh * vd))?)
             }
@@ -213,8 +212,7 @@ impl Attention {
         let (latents, k_ropes) = (cache.kv_latent.data(), cache.k_rope.data()); // read in place
         let scale = self.scale as f32;
         let mixed = absorbed_attention(&q_abs, &q_rope, latents, k_ropes, selection, &cache.non_finite, dims, scale);
-        let mixed = Tensor::from_vec(mixed, (b, nh, c, r), x.device())?; // [B, nh, C, r]
-        let o = self.absorb_output(&mixed)?; // [B, C, nh * v]
+        let o = self.absorb_output(mixed, (b, c), x.device())?; // [B, C, nh * v]
         let out = self.o_proj.forward(&o)?; // [B, C, hidden]
         emit(obs, HookPoint::Layer(layer, LayerHook::AttnOut), || Ok(out.clone()))?;
         Ok(out)
