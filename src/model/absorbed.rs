@@ -191,8 +191,7 @@ fn attend_gathered(
 /// read only the keys they keep. q_abs: [B, nh, C, r] (queries absorbed into the latent);
 /// q_rope: [B, nh, C, rope]; latents: [T, B, r]; k_rope: [T, B, rope] (position-major, as the
 /// decode cache holds them) -> the latents mixed by each row's probabilities, [B, C, nh, r] (as
-/// the output's fold wants them). In
-/// `d`, `nope` and `v` are both the latent rank r. `poisoned`: the positions (ascending) whose
+/// the output's fold wants them). In `d`, `nope` and `v` are both the latent rank r. `poisoned`: the positions (ascending) whose
 /// latent or rope key is not finite (the cache tracks them).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn absorbed_attention(
@@ -214,21 +213,21 @@ pub(crate) fn absorbed_attention(
         return out;
     }
     // A task takes one query and a group of its heads: all of them when the queries are enough
-    // to keep every thread busy, else fewer, so a decode step's one query uses every thread (each
-    // group gathers the same keys).
-    let group = nh.div_ceil(rayon::current_num_threads().div_ceil(batch * c).clamp(1, nh));
-    out.par_chunks_mut(nh * r).enumerate().for_each(|(x, query)| {
-        let (b, i) = (x / c, x % c);
+    // to keep every thread busy, else fewer (a divisor of nh), so a decode step's one query uses
+    // every thread (each group gathers the same keys). A task's scratch serves its next ones.
+    let split = rayon::current_num_threads().div_ceil(batch * c).clamp(1, nh);
+    let group = (1..=nh.div_ceil(split)).rev().find(|g| nh % g == 0).unwrap_or(1);
+    let groups = nh / group;
+    out.par_chunks_mut(group * r).enumerate().for_each_init(Scratch::default, |scratch, (x, mixed)| {
+        let (b, i, h0) = (x / groups / c, x / groups % c, x % groups * group);
         let rows = KeyRows {
             latents: View::at(latents, b * r, [t, r, batch * r]),
             k_rope: View::at(k_rope, b * rope, [t, rope, batch * rope]),
         };
-        query.par_chunks_mut(group * r).enumerate().for_each_init(Scratch::default, |scratch, (g, mixed)| {
-            let (h0, hn) = (g * group, mixed.len() / r);
-            let first = (b * nh + h0) * c + i; // the query's row of head h0; its heads' rows are C apart
-            let q = [View::at(q_abs, first * r, [hn, r, c * r]), View::at(q_rope, first * rope, [hn, rope, c * rope])];
-            attend_gathered(mixed, q, &rows, (sel.row(b, i), offset + i, poisoned), scale, scratch);
-        });
+        let first = (b * nh + h0) * c + i; // the query's row of head h0; its heads' rows are C apart
+        let q =
+            [View::at(q_abs, first * r, [group, r, c * r]), View::at(q_rope, first * rope, [group, rope, c * rope])];
+        attend_gathered(mixed, q, &rows, (sel.row(b, i), offset + i, poisoned), scale, scratch);
     });
     out
 }
@@ -243,13 +242,13 @@ mod tests {
     /// The absorbed form is the expanded form whose heads all expand the latent as itself (keys
     /// and values both the latent): checked against `sparse_attention` (itself checked in f64)
     /// with one query, and with a chunk of 13 queries after 9 cached positions, with cuts and
-    /// without; on 1 thread and on 8, where a query's 5 heads are split in groups of 2, 2 and 1.
+    /// without; on 1 thread and on 8, where a single query's 6 heads go to 3 tasks of 2.
     #[test]
     fn absorbed_attention_is_the_expanded_form_with_the_latent_as_keys_and_values() {
         let pools = [1, 8].map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap());
         let cases = [(1, 0, 4), (1, 20, 6), (13, 9, 5), (13, 9, 40)];
         for (pool, (c, offset, topk)) in pools.iter().flat_map(|p| cases.map(|case| (p, case))) {
-            let (batch, nh, r, rope) = (2, 5, 8, 4);
+            let (batch, nh, r, rope) = (2, 6, 8, 4);
             let t = offset + c;
             let (q_abs, q_rope) = (values(batch * nh * c * r, 0.5), values(batch * nh * c * rope, 1.5));
             let (latents, k_rope) = (values(batch * t * r, 2.5), values(batch * t * rope, 3.5));
