@@ -357,30 +357,27 @@ mod tests {
     #[test]
     fn a_non_finite_key_at_a_dropped_position_gives_nan_in_every_form() {
         let r = 7;
-        for (s, offset, from) in [(70, 0, None), (4, 60, None), (70, 0, Some(0))] {
+        // (S, offset, absorbed from, poisoned): in place, gathered, absorbed; the rope key, or in
+        // the absorbed form (the only one that reads them) the latent.
+        let cases =
+            [(70, 0, None, "rope"), (4, 60, None, "rope"), (70, 0, Some(0), "rope"), (70, 0, Some(0), "latent")];
+        for (s, offset, from, poison) in cases {
             let d = Dims { batch: 1, seq: s, keys: offset + s, heads: 2, nope: 6, rope: 4, v: 5 };
             let t = d.keys;
-            let [latents, kv, w_uk, w_uv_t] = expanded_from_latents(1, t, d, r);
-            let (q, k_rope) = (values(s * d.heads * (d.nope + d.rope), 2.5), values(t * d.rope, 3.5));
+            let [mut latents, kv, w_uk, w_uv_t] = expanded_from_latents(1, t, d, r);
+            let (q, mut k_rope) = (values(s * d.heads * (d.nope + d.rope), 2.5), values(t * d.rope, 3.5));
             let sel = top_k_causal(&values(s * t, 4.5), 1, s, offset, 5);
             let last = s - 1; // the last query drops a key before it
             let dropped = (0..t).find(|j| !sel.row(0, last).contains(j)).unwrap();
-            for poison in 0..2 {
-                let (mut k_rope, mut latents) = (k_rope.clone(), latents.clone());
-                match poison {
-                    0 => k_rope[dropped * d.rope + 1] = f32::NAN,
-                    _ if from.is_some() => latents[dropped * r + 2] = f32::INFINITY,
-                    _ => continue, // the expanded form reads no latents
-                }
-                let first = first_positions(&kv, 1, t, offset + from.unwrap_or(s));
-                let a = from.map(|from| Absorbed { from, latents: &latents, w_uk: &w_uk, w_uv_t: &w_uv_t, rank: r });
-                let out = sparse_attention(&q, &first, &k_rope, a.as_ref(), &sel, d, 0.3);
-                let row = &out[last * d.heads * d.v..];
-                assert!(
-                    row.iter().all(|x| x.is_nan()),
-                    "S {s}, offset {offset}, from {from:?}, poison {poison}: {row:?}"
-                );
+            match poison {
+                "rope" => k_rope[dropped * d.rope + 1] = f32::NAN,
+                _ => latents[dropped * r + 2] = f32::INFINITY,
             }
+            let first = first_positions(&kv, 1, t, offset + from.unwrap_or(s));
+            let a = from.map(|from| Absorbed { from, latents: &latents, w_uk: &w_uk, w_uv_t: &w_uv_t, rank: r });
+            let out = sparse_attention(&q, &first, &k_rope, a.as_ref(), &sel, d, 0.3);
+            let row = &out[last * d.heads * d.v..];
+            assert!(row.iter().all(|x| x.is_nan()), "S {s}, offset {offset}, from {from:?}, {poison}: {row:?}");
         }
         // A replayed selection as wide as the keys that keeps only key 0 (no cut, so the
         // expanded form would look for nothing non-finite): absorbed queries still find key 1's.

@@ -157,11 +157,10 @@ pub(crate) fn sparse_attention(
     // whatever their rows hold.
     let poisoned = match sel.k < t || absorbed.is_some() {
         true => {
+            let mut every_position = vec![(k_rope, rope)];
+            every_position.extend(absorbed.map(|a| (a.latents, a.rank)));
             let mut p = non_finite_positions(&[(kv, nh * kvw)], batch, expanded, 0);
-            match absorbed {
-                Some(a) => p.extend(non_finite_positions(&[(k_rope, rope), (a.latents, a.rank)], batch, t, 0)),
-                None => p.extend(non_finite_positions(&[(k_rope, rope)], batch, t, 0)),
-            }
+            p.extend(non_finite_positions(&every_position, batch, t, 0));
             p.sort_unstable();
             p.dedup();
             p
