@@ -210,6 +210,15 @@ impl Flip {
     pub fn unexplained(&self) -> bool {
         self.rule_break.is_some()
     }
+
+    /// Whether the run's own noise explains it: its keys moved no more than the layer's 99th
+    /// percentile, and it is a swap of keys one rule could make. A row that kept fewer distinct
+    /// keys than the other side (a duplicate, padding or a later key where a causal key belongs)
+    /// is a selection bug however little its scores moved.
+    pub fn within_noise(&self) -> bool {
+        let swapped = !self.only_ours.is_empty() && !self.only_reference.is_empty();
+        swapped && !self.unexplained() && self.moved.is_some_and(|m| m.keys <= m.noise)
+    }
 }
 
 #[cfg(test)]
@@ -568,6 +577,20 @@ pub fn to_f32(v: &Values) -> Vec<f32> {
 mod tests {
     use super::*;
     use crate::flips::Class;
+
+    /// A swap of keys that moved no more than the layer's noise is the noise's; a row that kept
+    /// fewer distinct keys, or one a rule break explains, is not, however little it moved.
+    #[test]
+    fn only_a_swap_one_rule_could_make_is_within_the_noise() {
+        let still = Some(Movement { keys: 0.0, noise: 1e-3 });
+        let swap = Flip { moved: still, ..Flip::with_margins(Some(0.1), Some(0.1)) };
+        assert!(swap.within_noise());
+        assert!(!Flip { moved: Some(Movement { keys: 2e-3, noise: 1e-3 }), ..swap.clone() }.within_noise());
+        assert!(!Flip { moved: None, ..swap.clone() }.within_noise());
+        assert!(!Flip { only_ours: vec![], ..swap.clone() }.within_noise(), "a duplicate in ours");
+        assert!(!Flip { only_reference: vec![], ..swap.clone() }.within_noise(), "a duplicate in the reference");
+        assert!(!Flip { rule_break: Some(RuleBreak::TooLittle), ..swap }.within_noise());
+    }
 
     /// Only decisions flip: a differing `moe.bias_changed` (a consequence of the logits) is a
     /// mismatch, not a flip, while the same difference in `moe.topk_ids` is one.

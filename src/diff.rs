@@ -276,6 +276,7 @@ pub fn comparison_json(c: &Comparison, near_tie: f64) -> Value {
                 "margin_reference": opt_f(fl.margin_reference),
                 "keys_moved": opt_f(fl.moved.map(|m| m.keys)), "layer_score_noise_p99": opt_f(fl.moved.map(|m| m.noise)),
                 "moved_too_little": fl.moved.map(|_| fl.rule_break == Some(crate::compare::RuleBreak::TooLittle)),
+                "within_noise": fl.moved.map(|_| fl.within_noise()),
                 "rule_break": fl.rule_break.map(rule_break_json),
                 "class": Class::of(fl, near_tie).label(),
             })).collect::<Vec<_>>(),

@@ -415,9 +415,8 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
     let [near, real_count, unknown] = Class::counts(flips.iter().map(|(_, fl)| *fl), near_tie);
     // A real flip whose keys moved no more than most of the layer's scores did is one the run's
     // own noise explains (a quantised twin's), though its margins are past the threshold.
-    let in_noise = |fl: &Flip| fl.moved.is_some_and(|m| m.keys <= m.noise) && fl.rule_break.is_none();
     let real = |fl: &Flip| Class::of(fl, near_tie) == Class::Real;
-    let real_in_noise = flips.iter().filter(|(_, fl)| real(fl) && in_noise(fl)).count();
+    let real_in_noise = flips.iter().filter(|(_, fl)| real(fl) && fl.within_noise()).count();
     let unexplained = flips.iter().filter(|(_, fl)| fl.unexplained()).count();
     let mut out = format!(
         "{} flips: {} near-tie (both margins < {near_tie:e}), {} real{}, {} of unknown margin{}\n",
@@ -455,7 +454,7 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
             Some(m) => format!("; keys moved {:.3e}, layer p99 {:.3e}", m.keys, m.noise),
             None => String::new(),
         };
-        let why = match (fl.rule_break, fl.moved.is_some_and(|m| m.keys <= m.noise)) {
+        let why = match (fl.rule_break, fl.within_noise()) {
             (Some(RuleBreak::TooLittle), _) => " (too little to flip it: the rule differs)".to_string(),
             (Some(RuleBreak::OwnScores { side, kept, left_out, by }), _) => format!(
                 " ({} left out {left_out}, which its own scores rank {by:.3e} above {kept} it kept: its rule differs)",
