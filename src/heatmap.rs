@@ -134,8 +134,8 @@ mod tests {
     #[test]
     fn one_cell_per_layer_and_expert() {
         let mut a = Audit::new(3);
-        a.add(1, &[0, 1, 1], 1, None).unwrap();
-        a.add(2, &[2, 2, 2], 1, None).unwrap();
+        a.add(1, &[0, 1, 1], 1, 1, None).unwrap();
+        a.add(2, &[2, 2, 2], 1, 1, None).unwrap();
         let svg = svg(&a, "t<1>");
         assert_eq!(svg.matches("<title>layer").count(), 6);
         assert!(svg.contains("layer 2 expert 2: 3 tokens"));

@@ -327,20 +327,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let target = gpu.target(device)?;
             // Against a reference, both keep their expert sets token by token, to count what changed.
             let sets = !against.is_empty();
-            let audit =
-                glimpse::audit::collect(model.as_deref(), prompts.as_deref(), &dumps, None, max_memory, target, sets)?;
+            // Without a checkpoint, both sides count the experts their dumps record (or guess
+            // it from the ids of both).
+            let experts = match model {
+                Some(_) => None,
+                None => Some(glimpse::audit::expert_count(&[dumps.as_slice(), against.as_slice()].concat())?),
+            };
+            let audit = glimpse::audit::collect(
+                model.as_deref(),
+                prompts.as_deref(),
+                &dumps,
+                experts,
+                max_memory,
+                target,
+                sets,
+            )?;
             let reference = match against.is_empty() {
                 true => None,
                 false => {
                     // Counts only: the shift needs no routers, so the model is not loaded again.
-                    let experts = (!audit.experts_guessed).then_some(audit.experts);
-                    Some(glimpse::audit::collect(None, None, &against, experts, max_memory, target, sets)?)
+                    let experts = glimpse::audit::ExpertCount { n: audit.experts, guessed: audit.experts_guessed };
+                    Some(glimpse::audit::collect(None, None, &against, Some(experts), max_memory, target, sets)?)
                 }
             };
             if let Some(r) = &reference {
                 audit.check_comparable(r)?;
                 warn(audit.other_config(r).map(String::from));
             }
+            warn(experts.and_then(glimpse::audit::ExpertCount::warning));
             if json {
                 let mut v = audit.to_json();
                 if let (Some(r), Some(map)) = (&reference, v.as_object_mut()) {

@@ -403,6 +403,57 @@ fn a_replayed_verify_says_so_and_what_matches_without() {
     }
 }
 
+/// `audit` counts each batch row as a prompt (MaxVio/run is their mean), checks a dump's experts
+/// a token against the checkpoint and the reference, and warns once of a guessed expert count.
+#[test]
+fn audit_counts_batch_rows_as_prompts_and_checks_experts_a_token() {
+    use glimpse::dump::Values;
+    let tmp = tempfile::tempdir().unwrap();
+    let record = ["--record", "layers.*.moe.topk_ids"];
+    let batch =
+        common::run_dump("golden/flat", &[&["--tokens", "1,2,3;4,5,6"], &record[..]].concat(), tmp.path(), "b.st");
+    let rows: Vec<String> = ["1,2,3", "4,5,6"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            common::run_dump("golden/flat", &[&["--tokens", *t], &record[..]].concat(), tmp.path(), &format!("r{i}.st"))
+        })
+        .collect();
+    let per_run = |args: &[&str]| -> Vec<f64> {
+        let (json, _) = assert_ok(&glimpse(&[&["audit", "--model", "golden/flat", "--json"], args].concat()));
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["prompts"], 2, "{v}");
+        v["layers"].as_array().unwrap().iter().map(|l| l["max_vio_per_run_mean"].as_f64().unwrap()).collect()
+    };
+    // The batch of two rows and the two rows run apart: the same prompts, the same measure.
+    assert_eq!(per_run(&["--dump", &batch]), per_run(&["--dump", &rows[0], "--dump", &rows[1]]));
+    // Layer 2 cut to 3 experts a token: the checkpoint chooses 4, and so does the reference.
+    let cut = common::edit_dump(std::path::Path::new(&rows[0]), &tmp.path().join("k3.st"), |t| {
+        for (name, v, shape) in t.iter_mut() {
+            if let (true, Values::I64(ids)) = (name == "layers.2.moe.topk_ids", &mut *v) {
+                *ids = ids.chunks(shape[1]).flat_map(|row| row[..3].to_vec()).collect();
+                shape[1] = 3;
+            }
+        }
+    });
+    let cut = common::s(&cut);
+    assert_error(
+        &glimpse(&["audit", "--model", "golden/flat", "--dump", &cut]),
+        "chooses 3 experts a token, the checkpoint's num_experts_per_tok 4",
+    );
+    assert_error(
+        &glimpse(&["audit", "--dump", &cut, "--against", &rows[0]]),
+        "layer 2: 3 experts a token against the reference's 4",
+    );
+    assert_error(
+        &glimpse(&["audit", "--dump", &rows[0], "--dump", &cut]),
+        "chooses 3 experts a token where another run of layer 2 chose 4",
+    );
+    // No router logits on either side: the count is guessed once, from both.
+    let (_, err) = assert_ok(&glimpse(&["audit", "--dump", &rows[0], "--against", &rows[0]]));
+    assert_eq!(err.matches("experts counted from the largest id").count(), 1, "{err}");
+}
+
 /// `audit` takes one model's dumps, each once, and says when it can only guess the expert count.
 #[test]
 fn audit_refuses_twice_the_same_dump_and_other_models_dumps() {

@@ -20,12 +20,14 @@ use crate::model::{Model, Tokens};
 /// Collects routing counts during forward passes, without keeping any activation.
 pub struct AuditObserver<'a> {
     pub audit: &'a mut Audit,
+    /// The batch rows of the run: each is a prompt.
+    prompts: usize,
     ids: Option<(usize, Vec<i64>, usize)>,
 }
 
 impl<'a> AuditObserver<'a> {
-    pub fn new(audit: &'a mut Audit) -> Self {
-        AuditObserver { audit, ids: None }
+    pub fn new(audit: &'a mut Audit, prompts: usize) -> Self {
+        AuditObserver { audit, prompts, ids: None }
     }
 }
 
@@ -43,7 +45,7 @@ impl Observer for AuditObserver<'_> {
             HookPoint::Layer(i, LayerHook::BiasChanged) => {
                 let flags = value.flatten_all()?.to_vec1::<i64>()?;
                 if let Some((layer, ids, k)) = self.ids.take().filter(|(l, _, _)| *l == i) {
-                    self.audit.add(layer, &ids, k, Some(&flags)).context(|| format!("layer {layer}"))?;
+                    self.audit.add(layer, &ids, k, self.prompts, Some(&flags)).context(|| format!("layer {layer}"))?;
                 }
             }
             _ => {}
@@ -56,13 +58,14 @@ impl Observer for AuditObserver<'_> {
 /// recorded dumps. The checkpoint, when given, supplies the expert count, each expert's bias
 /// (the MTP layer's too) and lets dumps without `moe.bias_changed` flags have them recomputed
 /// from their router logits; the model itself is loaded only to run prompts.
-/// `experts` overrides the expert count (`audit --against` gives the audited side's), else it
-/// comes from the checkpoint, else from the dumps.
+/// `experts` overrides the expert count (`audit --against` gives the audited side's, and without
+/// a checkpoint both sides' [`expert_count`]), else it comes from the checkpoint, else from the
+/// dumps.
 pub fn collect(
     model_dir: Option<&Path>,
     prompts: Option<&Path>,
     dumps: &[PathBuf],
-    experts: Option<usize>,
+    experts: Option<ExpertCount>,
     max_memory: Option<u64>,
     target: crate::device::Target,
     keep_sets: bool,
@@ -84,29 +87,22 @@ pub fn collect(
         (Some(c), Some(_)) => Some(Model::load(c)?),
         _ => None,
     };
-    let mut guessed_experts = None;
     let experts = match (experts, &ckpt) {
-        (Some(n), _) => match router_width(dumps)? {
-            Some(width) if width != n => {
+        (Some(given), _) => match router_width(dumps)? {
+            Some(width) if width != given.n => {
                 return Err(Error::Usage(format!(
-                    "the dumps' routers have {width} experts, not {n}: one model's routing"
+                    "the dumps' routers have {width} experts, not {}: one model's routing",
+                    given.n
                 )))
             }
-            _ => n,
+            _ => given,
         },
-        (None, Some(c)) => c.config.n_routed_experts,
-        (None, None) => match router_width(dumps)? {
-            Some(width) => width,
-            None => {
-                let n = largest_id(dumps)?;
-                guessed_experts = Some(n);
-                n
-            }
-        },
+        (None, Some(c)) => ExpertCount { n: c.config.n_routed_experts, guessed: false },
+        (None, None) => expert_count(dumps)?,
     };
-    let mut audit = Audit::new(experts);
+    let mut audit = Audit::new(experts.n);
     audit.sets = keep_sets.then(std::collections::BTreeMap::new);
-    audit.experts_guessed = guessed_experts.is_some();
+    audit.experts_guessed = experts.guessed;
     audit.mtp_layer = ckpt.as_ref().map(|c| c.config.num_hidden_layers);
     if let (Some(m), Some(path)) = (&model, prompts) {
         run_prompts(&mut audit, m, prompt_tokens, path, target)?;
@@ -153,13 +149,39 @@ pub fn collect(
             }
         }
     }
-    if let Some(n) = guessed_experts {
-        eprintln!(
-            "glimpse: warning: the dumps hold no router logits: {n} experts counted from the largest id, \
-             so experts above it cannot show as dead (--model DIR gives the checkpoint's count)"
-        );
-    }
     Ok(audit)
+}
+
+/// How many routed experts an audit counts, and whether that is a guess.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertCount {
+    pub n: usize,
+    /// Counted from the largest id (no router logits recorded): experts above it cannot show as
+    /// dead.
+    pub guessed: bool,
+}
+
+impl ExpertCount {
+    /// The warning a guessed count deserves; None for a known one.
+    pub fn warning(self) -> Option<String> {
+        self.guessed.then(|| {
+            format!(
+                "the dumps hold no router logits: {} experts counted from the largest id, so experts above it cannot \
+                 show as dead (--model DIR gives the checkpoint's count)",
+                self.n
+            )
+        })
+    }
+}
+
+/// The expert count of dumps without a checkpoint: the width of the first router they record,
+/// else the largest expert id of any of them + 1 (a guess). `audit --against` asks it of both
+/// sides' dumps at once, so the two count the same experts.
+pub fn expert_count(dumps: &[PathBuf]) -> Result<ExpertCount> {
+    Ok(match router_width(dumps)? {
+        Some(n) => ExpertCount { n, guessed: false },
+        None => ExpertCount { n: largest_id(dumps)?, guessed: true },
+    })
 }
 
 /// Runs every prompt, counting its routing. Ctrl-C stops after the prompt in progress: the
@@ -178,7 +200,7 @@ fn run_prompts(
             if progress {
                 eprint!("\raudit: prompt {}/{total}", n + 1);
             }
-            p.prefill(&tokens, &mut AuditObserver::new(audit))
+            p.prefill(&tokens, &mut AuditObserver::new(audit, tokens.batch))
                 .map_err(|e| Error::Usage(format!("{} line {line}: {e}", path.display())))?;
             // Kept (ids only) for `--against`, which must have run the same prompts.
             audit.inputs.push(Some(tokens));
@@ -249,6 +271,11 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<()
             return Err(Error::dump(&d.path, format!("`{name}` must be an integer tensor")));
         };
         let k = shape.last().copied().unwrap_or(1).max(1);
+        if let Some((rc, _)) = routers.and_then(|r| r.layer(i)).filter(|(rc, _)| rc.top_k != k) {
+            let msg =
+                format!("`{name}` chooses {k} experts a token, the checkpoint's num_experts_per_tok {}", rc.top_k);
+            return Err(Error::dump(&d.path, msg));
+        }
         let rows = ids.len() / k;
         if let Some(t) = &tokens {
             let fits = |positions: usize| rows == t.batch * positions;
@@ -283,7 +310,8 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<()
             // logits: with the checkpoint's bias, decide what the bias changed.
             _ => bias_changed_from_logits(routers, d, i, rows, logits.as_ref())?,
         };
-        audit.add(i, &ids, k, flags.as_deref()).map_err(|e| Error::dump(&d.path, format!("`{name}` {e}")))?;
+        let prompts = tokens.as_ref().map_or(1, |t| t.batch);
+        audit.add(i, &ids, k, prompts, flags.as_deref()).map_err(|e| Error::dump(&d.path, format!("`{name}` {e}")))?;
     }
     audit.inputs.push(tokens);
     Ok(())

@@ -2,8 +2,8 @@
 //! recorded). Only counts and the prompts' token ids are kept, never activations.
 //!
 //! Per layer: tokens per expert, MaxVio (`max load / mean load - 1`, the DeepSeek-V3 measure)
-//! over all runs and the mean of each run's own (a load balanced over many prompts can be hot in
-//! each), coefficient of variation, normalised entropy of the load distribution, balancedness
+//! over all prompts and the mean of each prompt's own (a load balanced over many prompts can be
+//! hot in each), coefficient of variation, normalised entropy of the load distribution, balancedness
 //! (`mean / max`, in the JSON), dead experts, the share of tokens whose expert set the correction
 //! bias changed, and the Pearson correlation between each expert's bias and its load.
 
@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::model::Tokens;
 
 mod collect;
-pub use collect::{collect, AuditObserver};
+pub use collect::{collect, expert_count, AuditObserver, ExpertCount};
 
 /// How one layer's load moved against a reference's (`Audit::shift`).
 #[derive(Debug, Clone, PartialEq)]
@@ -57,10 +57,11 @@ pub struct LayerLoad {
     pub bias: Option<Vec<f32>>,
     /// Experts a token chooses (0 before the first run).
     pub k: usize,
-    /// The sum of each run's own MaxVio (a prompt's, a dump's) and the runs: a load balanced
-    /// over all runs may still be hot in each, which is what a server batch meets.
-    pub run_max_vio_sum: f64,
-    pub runs: usize,
+    /// The sum of each prompt's own MaxVio (a batch row's: a run or dump of `B` rows holds `B`)
+    /// and the prompts: a load balanced over all prompts may still be hot in each, which is what
+    /// a server batch meets.
+    pub prompt_max_vio_sum: f64,
+    pub prompts: usize,
 }
 
 /// The derived balance numbers of one layer.
@@ -73,7 +74,7 @@ pub struct Stats {
     pub dead: usize,
     pub bias_changed_share: Option<f64>,
     pub bias_load_corr: Option<f64>,
-    /// The mean of the runs' own MaxVio (the Loss-Free Balancing paper's MaxVio_batch).
+    /// The mean of the prompts' own MaxVio (the Loss-Free Balancing paper's MaxVio_batch).
     pub max_vio_per_run: Option<f64>,
 }
 
@@ -116,7 +117,7 @@ impl LayerLoad {
                 .filter(|_| self.bias_known > 0)
                 .map(|c| c as f64 / self.bias_known as f64),
             bias_load_corr: self.bias.as_ref().and_then(|b| pearson(b.iter().map(|&x| x as f64).collect(), &loads)),
-            max_vio_per_run: (self.runs > 0).then(|| self.run_max_vio_sum / self.runs as f64),
+            max_vio_per_run: (self.prompts > 0).then(|| self.prompt_max_vio_sum / self.prompts as f64),
         }
     }
 }
@@ -216,13 +217,24 @@ impl Audit {
         self.inputs.iter().map(|t| t.as_ref().map_or(1, |t| t.batch)).sum()
     }
 
-    /// Adds one layer's chosen ids (`[tokens, k]`, flattened) and optional bias-changed flags
-    /// (one a token). Adds nothing and says what is wrong when an id is outside the experts or
-    /// chosen twice by a token, the flags are not one a token, or another run of the layer chose
-    /// another number of experts a token.
-    pub fn add(&mut self, layer: usize, ids: &[i64], k: usize, bias_changed: Option<&[i64]>) -> Result<()> {
-        let (experts, k) = (self.experts, k.max(1));
+    /// Adds one layer's chosen ids (`[tokens, k]`, flattened: `prompts` batch rows of equal
+    /// length, one after another) and optional bias-changed flags (one a token). Adds nothing and
+    /// says what is wrong when an id is outside the experts or chosen twice by a token, the flags
+    /// are not one a token, the tokens do not split into the prompts, or another run of the layer
+    /// chose another number of experts a token.
+    pub fn add(
+        &mut self,
+        layer: usize,
+        ids: &[i64],
+        k: usize,
+        prompts: usize,
+        bias_changed: Option<&[i64]>,
+    ) -> Result<()> {
+        let (experts, k, prompts) = (self.experts, k.max(1), prompts.max(1));
         let rows = ids.len() / k;
+        if !rows.is_multiple_of(prompts) {
+            return Err(Error::Usage(format!("has {rows} tokens, which do not split into {prompts} prompts")));
+        }
         if let Some(problem) = crate::compare::invalid_expert_ids(ids, &[rows, k], Some(experts)) {
             return Err(Error::Usage(problem));
         }
@@ -234,14 +246,20 @@ impl Audit {
         }
         let l = self.layers.entry(layer).or_insert_with(|| LayerLoad::new(layer, experts));
         if l.k != 0 && l.k != k {
-            return Err(Error::Usage(format!("chooses {k} experts a token, another run of layer {layer} {}", l.k)));
+            return Err(Error::Usage(format!(
+                "chooses {k} experts a token where another run of layer {layer} chose {}",
+                l.k
+            )));
         }
         l.k = k;
-        let mut run = vec![0u64; experts];
-        for &id in ids {
-            run[id as usize] += 1;
+        for prompt in ids.chunks((rows / prompts * k).max(1)) {
+            let mut counts = vec![0u64; experts];
+            for &id in prompt {
+                counts[id as usize] += 1;
+                l.counts[id as usize] += 1;
+            }
+            (l.prompt_max_vio_sum, l.prompts) = (l.prompt_max_vio_sum + max_vio(&counts), l.prompts + 1);
         }
-        (l.run_max_vio_sum, l.runs) = (l.run_max_vio_sum + max_vio(&run), l.runs + 1);
         if let Some(sets) = self.sets.as_mut() {
             // Ids are checked to lie within the experts, at most `MAX_EXPERTS` = 2^16 of them
             // (`collect` refuses more).
@@ -251,9 +269,6 @@ impl Audit {
                 kept.extend(row.iter().map(|&id| id as u16));
                 kept[start..].sort_unstable();
             }
-        }
-        for (total, this) in l.counts.iter_mut().zip(run) {
-            *total += this;
         }
         l.tokens += rows as u64;
         if let Some(flags) = bias_changed {
@@ -363,6 +378,12 @@ impl Audit {
         for (i, l) in &self.layers {
             let Some(r) = reference.layers.get(i) else { continue };
             common += 1;
+            if l.k != r.k {
+                return Err(Error::Usage(format!(
+                    "layer {i}: {} experts a token against the reference's {}: one model's routing",
+                    l.k, r.k
+                )));
+            }
             if slots(l) != slots(r) {
                 return Err(Error::Usage(format!(
                     "layer {i}: {} routing slots against the reference's {}: --against must run the same tokens",
@@ -491,9 +512,9 @@ mod tests {
     fn shift_counts_the_slots_that_moved() {
         let (mut ours, mut reference) = (Audit::new(4), Audit::new(4));
         (ours.sets, reference.sets) = (Some(BTreeMap::new()), Some(BTreeMap::new()));
-        ours.add(1, &[1, 2, 3, 1, 0, 1, 1, 0], 2, None).unwrap();
-        reference.add(1, &[0, 1, 0, 1, 0, 1, 0, 1], 2, None).unwrap();
-        ours.add(2, &[0, 1], 2, None).unwrap();
+        ours.add(1, &[1, 2, 3, 1, 0, 1, 1, 0], 2, 1, None).unwrap();
+        reference.add(1, &[0, 1, 0, 1, 0, 1, 0, 1], 2, 1, None).unwrap();
+        ours.add(2, &[0, 1], 2, 1, None).unwrap();
         let shift = ours.shift(&reference);
         assert_eq!(shift.len(), 1);
         let l = &shift[0];
@@ -512,22 +533,22 @@ mod tests {
     #[test]
     fn balance_numbers_by_hand() {
         let mut a = Audit::new(4);
-        a.add(5, &[0, 1, 0, 2, 1, 0], 2, Some(&[1, 0, 0])).unwrap();
-        let out_of_range = a.add(5, &[0, 4], 2, None).unwrap_err().to_string();
+        a.add(5, &[0, 1, 0, 2, 1, 0], 2, 1, Some(&[1, 0, 0])).unwrap();
+        let out_of_range = a.add(5, &[0, 4], 2, 1, None).unwrap_err().to_string();
         assert!(out_of_range.contains("expert id 4 at [0, 1], outside the experts 0-3"), "{out_of_range}");
-        assert!(a.add(5, &[1, 1], 2, None).unwrap_err().to_string().contains("chooses expert 1 twice"));
+        assert!(a.add(5, &[1, 1], 2, 1, None).unwrap_err().to_string().contains("chooses expert 1 twice"));
         assert!(a
-            .add(5, &[1, 2], 2, Some(&[0, 0]))
+            .add(5, &[1, 2], 2, 1, Some(&[0, 0]))
             .unwrap_err()
             .to_string()
             .contains("1 tokens and 2 bias-changed flags"));
-        let flag = a.add(5, &[1, 2], 2, Some(&[5])).unwrap_err().to_string();
+        let flag = a.add(5, &[1, 2], 2, 1, Some(&[5])).unwrap_err().to_string();
         assert!(flag.contains("bias-changed flag 5 for token 0: a flag is 0 or 1"), "{flag}");
         assert!(a
-            .add(5, &[1], 1, None)
+            .add(5, &[1], 1, 1, None)
             .unwrap_err()
             .to_string()
-            .contains("chooses 1 experts a token, another run of layer 5 2"));
+            .contains("chooses 1 experts a token where another run of layer 5 chose 2"));
         a.set_bias(5, vec![0.3, 0.2, 0.1, 0.0]);
         let l = &a.layers[&5];
         assert_eq!(l.counts, vec![3, 2, 1, 0]);
@@ -549,12 +570,13 @@ mod tests {
     }
 
     /// Two prompts each sending all their tokens to one expert, a different one: balanced over
-    /// both (MaxVio 0), hot in each (MaxVio 1 a prompt, the mean of the runs' own).
+    /// both (MaxVio 0), hot in each (MaxVio 1 a prompt, the mean of the prompts' own), whether
+    /// they ran apart or as the rows of one batch.
     #[test]
     fn a_load_balanced_over_runs_can_be_hot_in_each() {
         let mut a = Audit::new(2);
-        a.add(0, &[0, 0], 1, None).unwrap();
-        a.add(0, &[1, 1], 1, None).unwrap();
+        a.add(0, &[0, 0], 1, 1, None).unwrap();
+        a.add(0, &[1, 1], 1, 1, None).unwrap();
         let s = a.layers[&0].stats();
         assert_eq!((s.max_vio, s.max_vio_per_run), (0.0, Some(1.0)));
         assert!(a.table().lines().nth(2).unwrap().contains("  0.000   ") && a.table().contains("1.000"));
@@ -562,12 +584,17 @@ mod tests {
         let table = a.table();
         let row: Vec<&str> = table.lines().nth(2).unwrap().split_whitespace().collect();
         assert_eq!(row[2..6], ["0.000", "0.000", "1.000", "1.000"], "{table}");
+        // The same two prompts as the rows of one batch: each row is a prompt.
+        let mut batch = Audit::new(2);
+        batch.add(0, &[0, 0, 1, 1], 1, 2, None).unwrap();
+        assert_eq!(batch.layers[&0].stats(), s);
+        assert!(batch.add(0, &[0, 0, 1], 1, 2, None).unwrap_err().to_string().contains("3 tokens, which do not split"));
     }
 
     #[test]
     fn uniform_load_is_perfectly_balanced() {
         let mut a = Audit::new(3);
-        a.add(0, &[0, 1, 2, 0, 1, 2], 1, None).unwrap();
+        a.add(0, &[0, 1, 2, 0, 1, 2], 1, 1, None).unwrap();
         let s = a.layers[&0].stats();
         assert_eq!((s.max_vio, s.cv, s.balancedness, s.dead), (0.0, 0.0, 1.0, 0));
         approx::assert_abs_diff_eq!(s.entropy, 1.0, epsilon = 1e-12);
@@ -580,8 +607,8 @@ mod tests {
     #[test]
     fn the_bias_changed_share_counts_only_tokens_whose_flags_are_known() {
         let mut a = Audit::new(3);
-        a.add(0, &[0, 1, 2, 0], 1, Some(&[0, 1, 0, 0])).unwrap();
-        a.add(0, &[1, 2], 1, None).unwrap();
+        a.add(0, &[0, 1, 2, 0], 1, 1, Some(&[0, 1, 0, 0])).unwrap();
+        a.add(0, &[1, 2], 1, 1, None).unwrap();
         assert_eq!(a.layers[&0].tokens, 6);
         approx::assert_abs_diff_eq!(a.layers[&0].stats().bias_changed_share.unwrap(), 0.25);
     }
