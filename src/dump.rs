@@ -83,6 +83,17 @@ impl Dump {
         })
     }
 
+    /// A warning when the dump's routers are not the `experts` of the checkpoint in `model_dir`:
+    /// that checkpoint's routers cannot recompute its routing margins, which stay unknown.
+    pub fn other_experts(&self, experts: usize, model_dir: &Path) -> Option<String> {
+        let width = self.experts().filter(|&w| w != experts)?;
+        Some(format!(
+            "{}'s routers have {width} experts, {}'s {experts}: its routing margins are not recomputed",
+            self.path.display(),
+            model_dir.display()
+        ))
+    }
+
     /// A warning when both dumps record a `config_sha256` and they differ: two models' runs,
     /// compared as one's (a port may rewrite the config, so it is not refused).
     pub fn other_config_than(&self, other: &Dump) -> Option<String> {

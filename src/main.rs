@@ -289,7 +289,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // Warned once the comparison stands (an error alone is one line).
             let mut warnings: Vec<String> = da.other_config_than(&db).into_iter().collect();
             if let (Some(c), Some(dir)) = (&ckpt, &model) {
-                for w in [&da, &db].into_iter().filter_map(|d| d.other_config(&c.config_bytes, dir)) {
+                let experts = c.config.n_routed_experts;
+                let misfits = |d: &Dump| [d.other_config(&c.config_bytes, dir), d.other_experts(experts, dir)];
+                for w in [&da, &db].into_iter().flat_map(misfits).flatten() {
                     // (Once for a dump given as both sides.)
                     if !warnings.contains(&w) {
                         warnings.push(w);

@@ -348,6 +348,10 @@ fn streaming_fits_where_resident_does_and_mismatched_configs_are_named() {
             text(&o)
         );
     }
+    // A checkpoint of another expert count cannot recompute the dumps' routing margins: said.
+    let mtp = "golden/mtp/reference.safetensors";
+    let (_, err) = text(&glimpse(&["diff", mtp, mtp, "--model", "golden/flat"]));
+    assert!(err.contains("routers have 8 experts, golden/flat's 16: its routing margins are not recomputed"), "{err}");
     let tmp = tempfile::tempdir().unwrap();
     let short = with_config(tmp.path(), "short", |v| v["max_position_embeddings"] = 4.into());
     let o = glimpse(&["generate", "--model", short.to_str().unwrap(), "--tokens", "1,2,3", "--max-new-tokens", "3"]);
