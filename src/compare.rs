@@ -391,6 +391,70 @@ pub fn matching_positions(ours: &[f32], reference: &[f32], shape: &[usize], tol:
     (p >= 1 && p < s && ok[p..].iter().all(|&x| !x)).then_some(p)
 }
 
+/// A float difference that looks like rounding's tail, not a bug's pattern (`Tail`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tail {
+    /// Elements outside the tolerance, of `total`.
+    pub bad: usize,
+    pub total: usize,
+    pub nmse: f64,
+    /// The NMSE the tolerance allows: `sum((atol + rtol |e|)^2) / sum(e^2)`.
+    pub allowed: f64,
+}
+
+impl Tail {
+    /// `ours` against `reference` (of `shape`, rows along its last dimension) when the elements
+    /// outside the tolerance are a tail: at most 1% of them, spread over at least three rows and
+    /// three columns (all different when fewer are outside), every non-finite value the same on
+    /// both sides, and the NMSE at most a quarter of what the tolerance allows (an rms error
+    /// under half of it). A bug moves whole rows (a position), columns (a channel) or the
+    /// tensor; a lower-precision run's rounding leaves a few scattered elements past an
+    /// elementwise tolerance. None otherwise, or when every element is inside it.
+    pub fn of(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tolerance) -> Option<Tail> {
+        let width = match shape {
+            [.., w] if shape.len() > 1 => (*w).max(1),
+            _ => 1,
+        };
+        if ours.len() != reference.len() {
+            return None;
+        }
+        let (mut rows, mut cols) = (Vec::new(), Vec::new());
+        let (mut err, mut norm, mut allowed) = (0f64, 0f64, 0f64);
+        for (i, (&a, &e)) in ours.iter().zip(reference).enumerate() {
+            if !a.is_finite() || !e.is_finite() {
+                if a.to_bits() != e.to_bits() {
+                    return None;
+                }
+                continue;
+            }
+            let (a64, e64) = (a as f64, e as f64);
+            (err, norm) = (err + (a64 - e64).powi(2), norm + e64 * e64);
+            allowed += (tol.atol + tol.rtol * e64.abs()).powi(2);
+            if !element_ok(a, e, tol) {
+                (rows.push(i / width), cols.push(i % width));
+            }
+        }
+        let bad = rows.len();
+        let spread = |mut v: Vec<usize>| {
+            v.sort_unstable();
+            v.dedup();
+            v.len() >= bad.min(3)
+        };
+        let (nmse, allowed) = (err / norm.max(f64::MIN_POSITIVE), allowed / norm.max(f64::MIN_POSITIVE));
+        let tail = bad > 0 && bad * 100 <= ours.len() && spread(rows) && spread(cols) && nmse <= allowed / 4.0;
+        tail.then_some(Tail { bad, total: ours.len(), nmse, allowed })
+    }
+
+    pub(crate) fn reading(self) -> String {
+        format!(
+            "{} of {} elements outside, scattered, and its rms error under half the tolerance (nmse {:.1e}, which \
+             it allows to {:.1e}): the tail of rounding noise, as a lower-precision run leaves; a bug moves whole \
+             rows, columns or the tensor",
+            self.bad, self.total, self.nmse, self.allowed
+        )
+    }
+}
+
 /// Row `r` of `k` ids as a set: the ids `keep(r, id)` admits, ascending, each once.
 pub(crate) fn row_set(ids: &[i64], k: usize, r: usize, keep: impl Fn(usize, i64) -> bool) -> Vec<i64> {
     let mut s: Vec<i64> = ids[r * k..(r + 1) * k].iter().copied().filter(|&x| keep(r, x)).collect();
@@ -577,6 +641,32 @@ pub fn to_f32(v: &Values) -> Vec<f32> {
 mod tests {
     use super::*;
     use crate::flips::Class;
+
+    /// A few scattered elements past a bf16 tolerance with a small rms error are rounding's
+    /// tail; the same count in one row (a position) or one column (a channel), or errors large
+    /// enough to weigh in the NMSE, or more than 1% of the elements, are not.
+    #[test]
+    fn a_tail_is_few_scattered_elements_and_a_small_rms_error() {
+        let tol = Tolerance { atol: 2e-2, rtol: 2e-2 };
+        let shape = [40, 50];
+        let reference: Vec<f32> = (0..2000).map(|i| (i as f32 * 0.37).sin()).collect();
+        let with = |bumps: &[(usize, usize)], by: f32| {
+            let mut ours: Vec<f32> = reference.iter().map(|e| e * (1.0 + 1e-3)).collect();
+            bumps.iter().for_each(|&(r, c)| ours[r * 50 + c] += by);
+            Tail::of(&ours, &reference, &shape, tol)
+        };
+        let scattered = [(0, 0), (10, 7), (20, 33), (30, 41)];
+        let tail = with(&scattered, 0.1).unwrap();
+        assert_eq!((tail.bad, tail.total), (4, 2000));
+        assert!(tail.nmse < tail.allowed / 4.0 && tail.reading().contains("4 of 2000 elements outside"));
+        assert_eq!(with(&[], 0.1), None, "nothing outside");
+        assert_eq!(with(&[(5, 0), (5, 1), (5, 2), (5, 3)], 0.1), None, "one row");
+        assert_eq!(with(&[(0, 7), (10, 7), (20, 7), (30, 7)], 0.1), None, "one column");
+        assert_eq!(with(&scattered, 30.0), None, "outliers that weigh in the nmse");
+        let many: Vec<(usize, usize)> = (0..21).map(|i| (i, (i * 7) % 50)).collect();
+        assert_eq!(with(&many, 0.1), None, "more than 1% of the elements");
+        assert!(with(&many[..20], 0.1).is_some(), "1% exactly");
+    }
 
     /// A swap of keys that moved no more than the layer's noise is the noise's; a row that kept
     /// fewer distinct keys, or one a rule break explains, is not, however little it moved.

@@ -4,7 +4,7 @@
 //! ours does not. `diff` prints them beside the numbers; they are hints, each said only where
 //! its pattern holds.
 
-use crate::compare::{Comparison, Detail, Flip, Tolerance};
+use crate::compare::{Comparison, Detail, Flip, Tail, Tolerance};
 use crate::config::Config;
 use crate::diff::{floats, ints, DiffOptions, DiffReport};
 use crate::dump::Dump;
@@ -124,6 +124,7 @@ impl DiffReport {
                     if 1.0 - cosine * cosine < 1e-4 { "a constant factor apart" } else { "mostly a factor apart" };
                 Some(format!("ours = {scale:.4} x reference, cosine {cosine:.6}: {how}"))
             }
+            Detail::Float { .. } => self.notes.tail.map(Tail::reading),
             Detail::Sets { flips, .. } if all(flips, Class::NearTie) => Some("every flip a near-tie".into()),
             // Real flips over scores that match: the rule differs, not its input. A flip under one
             // rule needs its scores to move by half its two margins, so at least half the larger:
@@ -177,6 +178,8 @@ pub struct Notes {
     /// For a shared-indexer layer's selection: the layer whose selection it reuses, where the
     /// reference's is that layer's and ours's is not (ours recomputed it, or reused another).
     pub not_reused: Option<usize>,
+    /// A float difference that looks like rounding's tail (`compare::Tail`).
+    pub tail: Option<Tail>,
 }
 
 impl Notes {
@@ -189,6 +192,7 @@ impl Notes {
         opts: &DiffOptions,
     ) -> Notes {
         let point = HookPoint::parse(name);
+        let tail = Tail::of(ours, reference, shape, opts.tol_for(name));
         // Router tensors are [B*S, ...]: by position as [B, S, ...], where `input_ids` says B and S.
         let shape = match point {
             Some(HookPoint::Layer(_, h)) if h.token_rows() => match (b.shape("input_ids"), shape.split_first()) {
@@ -216,7 +220,7 @@ impl Notes {
             WeightsRule::of(&logits, &ids, ours, rc, bias, opts.tol_for(name))
         };
         let weights_rule = weights_rule();
-        Notes { onset, weights_rule, not_reused: None }
+        Notes { onset, weights_rule, not_reused: None, tail }
     }
 
     /// For the selection `name` of a shared-indexer layer (with `--model`'s config): the layer

@@ -309,6 +309,24 @@ fn verify_lists_each_flip_with_its_margins_and_class() {
 
 /// `diff --tol` says when a pattern can change nothing: it names no shared tensor, or only
 /// selections and integer tensors (compared as sets or exactly, not at a tolerance).
+/// transformers run with bf16 products against its own f32 run, at bf16's tolerance: where the
+/// first divergence is a float tensor with a few scattered elements past it, diff reads it as
+/// rounding's tail; where it is a DSA selection, every flip is a near-tie.
+#[test]
+fn a_bf16_reference_against_the_f32_one_reads_as_rounding() {
+    let first = |case: &str| {
+        let (bf16, f32_) =
+            (format!("golden/{case}/reference-bf16.safetensors"), format!("golden/{case}/reference.safetensors"));
+        let args = ["diff", &bf16, &f32_, "--model", &format!("golden/{case}"), "--atol", "2e-2", "--rtol", "2e-2"];
+        let (out, _) = text(&glimpse(&args));
+        out.lines().nth(1).unwrap_or_default().to_string()
+    };
+    let fp8 = first("fp8-sharded");
+    assert!(fp8.starts_with("first divergence: layers.1.mlp.out (6 of 3840 elements outside, scattered"), "{fp8}");
+    assert!(fp8.contains("the tail of rounding noise"), "{fp8}");
+    assert_eq!(first("flat"), "first divergence: layers.1.dsa.topk (every flip a near-tie)");
+}
+
 #[test]
 fn diff_tol_patterns_that_change_nothing_are_said() {
     let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat/reference.safetensors");
