@@ -73,6 +73,10 @@ pub struct DiffReport {
     /// reference, when floats differ at a tolerance tighter than bf16's: a hint to compare at
     /// bf16's.
     pub bf16_only: [bool; 2],
+    /// The first float tensor outside the tolerance, where a side holds bf16 values only in it
+    /// at a tolerance tighter than bf16's (ours, the reference): a port that keeps its
+    /// activations in bf16 and its scores in f32 is bf16 where it first differs.
+    pub bf16_first: Option<(String, [bool; 2])>,
 }
 
 impl DiffReport {
@@ -150,6 +154,9 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     let mut notes = crate::reading::Notes::default();
     // Whether every float value of each dump is a bf16 (low 16 bits 0), and any float compared.
     let (mut bf16_only, mut floats_seen) = ([true; 2], false);
+    let mut bf16_first = None;
+    let bf16 = crate::device::Precision::Bf16.tolerance();
+    let is_bf16 = |v: &Values| matches!(v, Values::F32(v) if v.iter().all(|x| x.to_bits() & 0xFFFF == 0));
     // Each compared tensor is scanned for NaN/Inf while it is in memory, not read again for it.
     let (mut seen_a, mut seen_b) = (HashMap::new(), HashMap::new());
     for name in names_b.iter().filter(|n| names_a.contains(n)) {
@@ -189,6 +196,11 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
             }
         }
         let mut c = compare_tensor(name, (&va, &sa), (&vb, &sb), ids, opts.tol_for(name));
+        let tighter = opts.tol_for(name).atol < bf16.atol;
+        if let (None, false, true, Detail::Float { .. }) = (&bf16_first, c.ok, tighter, &c.detail) {
+            let sides = [is_bf16(&va), is_bf16(&vb)];
+            bf16_first = Some((name.clone(), sides)).filter(|_| sides.contains(&true));
+        }
         // What the first divergence's values say, while they are here.
         if let (false, true, Values::F32(x), Values::F32(y)) = (c.ok, results.iter().all(|r| r.ok), &va, &vb) {
             notes = crate::reading::Notes::of(a, b, name, (x, y, &sb), opts);
@@ -208,7 +220,6 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         }
         results.push(c);
     }
-    let bf16 = crate::device::Precision::Bf16.tolerance();
     // (Only a float tensor outside the tolerance is helped by bf16's.)
     let float_off = results.iter().any(|c| !c.ok && matches!(c.detail, Detail::Float { .. }));
     let loose = !floats_seen || opts.tol.atol >= bf16.atol || !float_off;
@@ -222,6 +233,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         with_model: opts.config.is_some(),
         notes,
         bf16_only: if loose { [false; 2] } else { bf16_only },
+        bf16_first,
     })
 }
 
@@ -320,6 +332,7 @@ impl DiffReport {
             "tensors": self.results.iter().map(|c| comparison_json(c, self.near_tie)).collect::<Vec<_>>(),
             "missing_spec_names_in_a": self.missing_spec_names(),
             "bf16_only": {"a": self.bf16_only[0], "b": self.bf16_only[1]},
+            "bf16_first_divergence": self.bf16_first.as_ref().map(|(name, [a, b])| json!({"name": name, "a": a, "b": b})),
             "only_in_a": self.only_a,
             "only_in_b": self.only_b,
         })
@@ -396,6 +409,17 @@ impl DiffReport {
                 );
             }
         }
+        if let Some((name, sides)) = &self.bf16_first {
+            for ((side, first), whole) in ["ours", "the reference"].iter().zip(sides).zip(self.bf16_only) {
+                if *first && !whole {
+                    out += &format!(
+                        "note: {side}'s {name}, the first float tensor outside the tolerance, holds bf16 values only: \
+                         compare at bf16's tolerance, --atol {:e} --rtol {:e}\n",
+                        bf16.atol, bf16.rtol
+                    );
+                }
+            }
+        }
         let bad = self.results.iter().filter(|c| !c.ok).count();
         let unmatched = match missing.len() {
             0 => String::new(),
@@ -442,6 +466,7 @@ mod tests {
             with_model: false,
             notes: Default::default(),
             bf16_only: [false; 2],
+            bf16_first: None,
         };
         let out = report.render(Path::new("a"), Path::new("b"));
         let first = "first divergence: layers.0.moe.topk_weights (ours = 0.4000 x reference, cosine 1.000000";
@@ -542,6 +567,7 @@ mod tests {
             with_model: false,
             notes: Default::default(),
             bf16_only: [false; 2],
+            bf16_first: None,
         };
         let render = |r: DiffReport| r.render(Path::new("a"), Path::new("b"));
         let theirs = ["layers.0.output", "layers.0.attn.out", "layers.1.output", "layers.0.dsa.scores"];

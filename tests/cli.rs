@@ -311,7 +311,8 @@ fn verify_lists_each_flip_with_its_margins_and_class() {
 /// selections and integer tensors (compared as sets or exactly, not at a tolerance).
 /// transformers run with bf16 products against its own f32 run, at bf16's tolerance: where the
 /// first divergence is a float tensor with a few scattered elements past it, diff reads it as
-/// rounding's tail; where it is a DSA selection, every flip is a near-tie.
+/// rounding's tail; where it is a DSA selection, every flip is a near-tie. At f32's tolerance a
+/// bf16 port is told to use bf16's.
 #[test]
 fn a_bf16_reference_against_the_f32_one_reads_as_rounding() {
     let first = |case: &str| {
@@ -325,6 +326,16 @@ fn a_bf16_reference_against_the_f32_one_reads_as_rounding() {
     assert!(fp8.starts_with("first divergence: layers.1.mlp.out (6 of 3840 elements outside, scattered"), "{fp8}");
     assert!(fp8.contains("the tail of rounding noise"), "{fp8}");
     assert_eq!(first("flat"), "first divergence: layers.1.dsa.topk (every flip a near-tie)");
+    // At f32's tolerance, a port whose activations are bf16 values (its gate logits are not) is
+    // told to compare at bf16's, from the first float tensor that differs.
+    let port = ["diff", "golden/flat/bf16-port.safetensors", "golden/flat/reference.safetensors"];
+    let (out, _) = text(&glimpse(&port));
+    let note = "note: ours's embeddings, the first float tensor outside the tolerance, holds bf16 values only: \
+                compare at bf16's tolerance, --atol 2e-2 --rtol 2e-2";
+    assert!(out.contains(note) && !out.contains("ours holds bf16 values only"), "{out}");
+    let (json, _) = text(&glimpse(&[&port[..], &["--json"]].concat()));
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["bf16_first_divergence"], serde_json::json!({"name": "embeddings", "a": true, "b": false}));
 }
 
 #[test]
