@@ -80,8 +80,18 @@ pub struct DiffReport {
 }
 
 impl DiffReport {
+    /// Whether every tensor both hold matches, and ours does not hold spec hook points under
+    /// other names ([`DiffReport::misnamed`]): a partial recording matches, a misnamed one not.
     pub fn all_match(&self) -> bool {
-        !self.results.is_empty() && self.results.iter().all(|c| c.ok)
+        !self.results.is_empty() && self.results.iter().all(|c| c.ok) && self.misnamed().is_none()
+    }
+
+    /// What ours's own names say of the spec hook points it lacks, where they say it holds
+    /// them under other names (a prefix, layers numbered from 1): the names are the spec's
+    /// contract, and most of the comparison did not happen.
+    pub fn misnamed(&self) -> Option<String> {
+        let missing = self.missing_spec_names();
+        (!missing.is_empty()).then(|| self.missing_names_hint(&missing)).flatten()
     }
     /// The first tensor, in forward order, that does not match.
     pub fn first_divergence(&self) -> Option<&Comparison> {
@@ -331,6 +341,7 @@ impl DiffReport {
             "by_layer": crate::layer_error::json(&crate::layer_error::by_layer(&self.results, self.near_tie)),
             "tensors": self.results.iter().map(|c| comparison_json(c, self.near_tie)).collect::<Vec<_>>(),
             "missing_spec_names_in_a": self.missing_spec_names(),
+            "misnamed_in_a": self.misnamed(),
             "bf16_only": {"a": self.bf16_only[0], "b": self.bf16_only[1]},
             "bf16_first_divergence": self.bf16_first.as_ref().map(|(name, [a, b])| json!({"name": name, "a": a, "b": b})),
             "only_in_a": self.only_a,
@@ -421,9 +432,12 @@ impl DiffReport {
             }
         }
         let bad = self.results.iter().filter(|c| !c.ok).count();
-        let unmatched = match missing.len() {
-            0 => String::new(),
-            n => format!(" ({n} spec hook points of the reference not in ours)"),
+        let unmatched = match (missing.len(), self.misnamed()) {
+            (0, _) => String::new(),
+            (n, None) => format!(" ({n} spec hook points of the reference not in ours)"),
+            (n, Some(hint)) => {
+                format!(" ({n} spec hook points of the reference not in ours: {hint}, so the dumps do not match)")
+            }
         };
         out += &format!("{} of {} common tensors match{unmatched}\n", self.results.len() - bad, self.results.len());
         out
@@ -577,9 +591,17 @@ mod tests {
             "not compared: ours lacks 3 of the reference's spec hook points (layers.0.output, layers.0.attn.out, \
                     layers.1.output): ours names them with a `model.` prefix\n";
         assert!(out.contains(note), "{out}");
-        assert!(out.contains("1 of 1 common tensors match (3 spec hook points of the reference not in ours)"), "{out}");
+        let summary = "1 of 1 common tensors match (3 spec hook points of the reference not in ours: ours names them \
+                       with a `model.` prefix, so the dumps do not match)";
+        assert!(out.contains(summary), "{out}");
+        assert!(!report(&["model.layers.0.output", "model.layers.1.output"], &theirs).all_match());
         let out = render(report(&["layers.2.output", "layers.1.attn.out"], &theirs));
         assert!(out.contains("ours numbers its layers from 1"), "{out}");
+        assert!(!report(&["layers.2.output", "layers.1.attn.out"], &theirs).all_match());
+        // A partial recording matches what it holds.
+        let out = render(report(&[], &theirs));
+        assert!(out.contains("(3 spec hook points of the reference not in ours)\n"), "{out}");
+        assert!(report(&[], &theirs).all_match());
         // Not a shift: a window run from layer 1 (its last layer is the reference's); not a
         // prefix: the MTP head's own names (`mtp.logits` ends with `logits`).
         let out =
