@@ -207,79 +207,84 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let near_tie = near_tie.unwrap_or(tol.near_tie());
             let ckpt = Checkpoint::open(&model_dir)?;
             let reference = Dump::open(&golden)?;
-            warn(reference.other_config(&ckpt.config_bytes, &model_dir));
-            let tokens = reference.tokens_for(ckpt.config.vocab_size)?;
-            if decode {
-                return verify_decode(&ckpt, &tokens, chunk as usize, tol, max_memory);
-            }
-            if device != Backend::Cpu {
-                memory::check_run(
-                    &ckpt,
-                    tokens.batch,
-                    tokens.seq,
-                    false,
-                    max_memory,
-                    "the CPU (--device cpu) with --stream or a --layers window",
-                )?;
-                let model = Model::load(&ckpt)?;
+            // Warned once the comparison stands, as diff does (an error alone is one line).
+            let config_warning = reference.other_config(&ckpt.config_bytes, &model_dir);
+            let code = (|| -> Result<ExitCode> {
+                let tokens = reference.tokens_for(ckpt.config.vocab_size)?;
+                if decode {
+                    return verify_decode(&ckpt, &tokens, chunk as usize, tol, max_memory);
+                }
+                if device != Backend::Cpu {
+                    memory::check_run(
+                        &ckpt,
+                        tokens.batch,
+                        tokens.seq,
+                        false,
+                        max_memory,
+                        "the CPU (--device cpu) with --stream or a --layers window",
+                    )?;
+                    let model = Model::load(&ckpt)?;
+                    let replay = verify::Replay { routing: force_routing, selection: force_selection };
+                    let opts = verify::VerifyOptions { tol, isolate, replay, layers: None, near_tie: Some(near_tie) };
+                    // With a replay, the same prefill once more without it, for what the flips explain.
+                    let (report, free) = glimpse::device::with_prefill(target, &model, |p| {
+                        let report = verify::verify_prefill(p, &model, &reference, &opts)?;
+                        let free = match replay == verify::Replay::default() {
+                            true => None,
+                            false => {
+                                let free = verify::VerifyOptions { replay: Default::default(), ..opts.clone() };
+                                Some(verify::verify_prefill(p, &model, &reference, &free)?)
+                            }
+                        };
+                        Ok((report, free))
+                    })?;
+                    println!("verify {} against {} on {}", model_dir.display(), golden.display(), target.describe());
+                    verify::print_report(&report, tol, near_tie);
+                    if let Some(free) = &free {
+                        verify::print_replay(free, &report);
+                    }
+                    return Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) });
+                }
+                let mut resident = None;
+                // A replay runs the forward pass a second time, which packs what the first read.
+                let passes = if force_routing || force_selection { memory::Passes::Many } else { memory::Passes::One };
+                let budget = Budget {
+                    tokens: &tokens,
+                    fixed: true,
+                    window: layers.as_ref(),
+                    stream,
+                    recording: false,
+                    passes,
+                    max: max_memory,
+                };
+                let weights = load_weights(&ckpt, &mut resident, &budget)?;
                 let replay = verify::Replay { routing: force_routing, selection: force_selection };
-                let opts = verify::VerifyOptions { tol, isolate, replay, layers: None, near_tie: Some(near_tie) };
-                // With a replay, the same prefill once more without it, for what the flips explain.
-                let (report, free) = glimpse::device::with_prefill(target, &model, |p| {
-                    let report = verify::verify_prefill(p, &model, &reference, &opts)?;
-                    let free = match replay == verify::Replay::default() {
-                        true => None,
-                        false => {
-                            let free = verify::VerifyOptions { replay: Default::default(), ..opts.clone() };
-                            Some(verify::verify_prefill(p, &model, &reference, &free)?)
-                        }
-                    };
-                    Ok((report, free))
-                })?;
-                println!("verify {} against {} on {}", model_dir.display(), golden.display(), target.describe());
+                let opts = verify::VerifyOptions { tol, isolate, replay, layers, near_tie: Some(near_tie) };
+                // The MTP head, when the reference checks it: resident whole-model runs only.
+                let mtp = match (weights, verify::has_mtp(&reference), &opts.layers) {
+                    (Weights::Resident(m), true, None) => Some((m, glimpse::model::mtp::Mtp::load(&ckpt)?)),
+                    _ => None,
+                };
+                let run = |opts: &verify::VerifyOptions| -> Result<verify::Report> {
+                    let mut report = verify::verify_with(weights, &reference, opts)?;
+                    if let Some((m, head)) = &mtp {
+                        verify::verify_mtp(m, head, &reference, opts, &mut report)?;
+                    }
+                    Ok(report)
+                };
+                let report = run(&opts)?;
+                // After the run, as the device path does: an error on the way is its one line alone.
+                println!("verify {} against {}", model_dir.display(), golden.display());
                 verify::print_report(&report, tol, near_tie);
-                if let Some(free) = &free {
-                    verify::print_replay(free, &report);
+                if replay != verify::Replay::default() {
+                    // The same tensors without the replay (the MTP head's too), so the counts compare.
+                    let free = run(&verify::VerifyOptions { replay: Default::default(), ..opts })?;
+                    verify::print_replay(&free, &report);
                 }
-                return Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) });
-            }
-            let mut resident = None;
-            // A replay runs the forward pass a second time, which packs what the first read.
-            let passes = if force_routing || force_selection { memory::Passes::Many } else { memory::Passes::One };
-            let budget = Budget {
-                tokens: &tokens,
-                fixed: true,
-                window: layers.as_ref(),
-                stream,
-                recording: false,
-                passes,
-                max: max_memory,
-            };
-            let weights = load_weights(&ckpt, &mut resident, &budget)?;
-            let replay = verify::Replay { routing: force_routing, selection: force_selection };
-            let opts = verify::VerifyOptions { tol, isolate, replay, layers, near_tie: Some(near_tie) };
-            // The MTP head, when the reference checks it: resident whole-model runs only.
-            let mtp = match (weights, verify::has_mtp(&reference), &opts.layers) {
-                (Weights::Resident(m), true, None) => Some((m, glimpse::model::mtp::Mtp::load(&ckpt)?)),
-                _ => None,
-            };
-            let run = |opts: &verify::VerifyOptions| -> Result<verify::Report> {
-                let mut report = verify::verify_with(weights, &reference, opts)?;
-                if let Some((m, head)) = &mtp {
-                    verify::verify_mtp(m, head, &reference, opts, &mut report)?;
-                }
-                Ok(report)
-            };
-            let report = run(&opts)?;
-            // After the run, as the device path does: an error on the way is its one line alone.
-            println!("verify {} against {}", model_dir.display(), golden.display());
-            verify::print_report(&report, tol, near_tie);
-            if replay != verify::Replay::default() {
-                // The same tensors without the replay (the MTP head's too), so the counts compare.
-                let free = run(&verify::VerifyOptions { replay: Default::default(), ..opts })?;
-                verify::print_replay(&free, &report);
-            }
-            Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+                Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            })()?;
+            warn(config_warning);
+            Ok(code)
         }
         Command::Diff { a, b, atol, rtol, tols, near_tie, json, model } => {
             let near_tie = near_tie.unwrap_or(Tolerance { atol, rtol }.near_tie());
