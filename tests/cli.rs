@@ -71,7 +71,7 @@ fn verify_of_its_own_dump_matches_and_of_another_model_does_not() {
     assert!(out.contains("first mismatch: embeddings"), "{out}");
     // Both models share one config: no warning about a different config.json here.
     assert!(err.is_empty(), "{err}");
-    // A reference made from another config is flagged, on one stderr line, before comparing.
+    // A reference made from another config is flagged, on one stderr line, once the comparison stands.
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden");
     let other = root.join("mtp/reference.safetensors");
     let o = glimpse(&["verify", "--model", root.join("flat").to_str().unwrap(), "--golden", other.to_str().unwrap()]);
