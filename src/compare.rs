@@ -431,7 +431,8 @@ impl Tail {
             (err, norm) = (err + (a64 - e64).powi(2), norm + e64 * e64);
             allowed += (tol.atol + tol.rtol * e64.abs()).powi(2);
             if !element_ok(a, e, tol) {
-                (rows.push(i / width), cols.push(i % width));
+                rows.push(i / width);
+                cols.push(i % width);
             }
         }
         let bad = rows.len();
