@@ -431,6 +431,9 @@ impl Tail {
             (err, norm) = (err + (a64 - e64).powi(2), norm + e64 * e64);
             allowed += (tol.atol + tol.rtol * e64.abs()).powi(2);
             if !element_ok(a, e, tol) {
+                if (rows.len() + 1) * 100 > ours.len() {
+                    return None;
+                }
                 rows.push(i / width);
                 cols.push(i % width);
             }
@@ -442,7 +445,7 @@ impl Tail {
             v.len() >= bad.min(3)
         };
         let (nmse, allowed) = (err / norm.max(f64::MIN_POSITIVE), allowed / norm.max(f64::MIN_POSITIVE));
-        let tail = bad > 0 && bad * 100 <= ours.len() && spread(rows) && spread(cols) && nmse <= allowed / 4.0;
+        let tail = bad > 0 && spread(rows) && spread(cols) && nmse <= allowed / 4.0;
         tail.then_some(Tail { bad, total: ours.len(), nmse, allowed })
     }
 
