@@ -394,7 +394,7 @@ pub fn matching_positions(ours: &[f32], reference: &[f32], shape: &[usize], tol:
 /// A float difference that looks like rounding's tail, not a bug's pattern (`Tail`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Tail {
-    /// Elements outside the tolerance, of `total`.
+    /// Elements outside the tolerance, of `total` finite ones.
     pub bad: usize,
     pub total: usize,
     pub nmse: f64,
@@ -404,12 +404,16 @@ pub struct Tail {
 
 impl Tail {
     /// `ours` against `reference` (of `shape`, rows along its last dimension) when the elements
-    /// outside the tolerance are a tail: at most 1% of them, spread over at least three rows and
-    /// three columns (all different when fewer are outside), every non-finite value the same on
-    /// both sides, and the NMSE at most a quarter of what the tolerance allows (an rms error
-    /// under half of it). A bug moves whole rows (a position), columns (a channel) or the
-    /// tensor; a lower-precision run's rounding leaves a few scattered elements past an
-    /// elementwise tolerance. None otherwise, or when every element is inside it.
+    /// outside the tolerance are a tail of noise that covers the whole tensor:
+    /// - noise everywhere: at least half the finite elements differ at all (a bug in a few rows
+    ///   or channels leaves the rest exact);
+    /// - at most 1% of the finite elements outside the tolerance, scattered: over at least half
+    ///   as many distinct rows, and columns, as that many elements dropped at random would
+    ///   cover (a bug's elements share rows, a position, or columns, a channel);
+    /// - every non-finite value the same on both sides;
+    /// - an NMSE at most a quarter of what the tolerance allows (an rms error under half of it).
+    ///
+    /// None otherwise, when every element is inside the tolerance, or when the reference is 0.
     pub fn of(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tolerance) -> Option<Tail> {
         let width = match shape {
             [.., w] if shape.len() > 1 => (*w).max(1),
@@ -419,6 +423,7 @@ impl Tail {
             return None;
         }
         let (mut rows, mut cols) = (Vec::new(), Vec::new());
+        let (mut finite, mut differ) = (0usize, 0usize);
         let (mut err, mut norm, mut allowed) = (0f64, 0f64, 0f64);
         for (i, (&a, &e)) in ours.iter().zip(reference).enumerate() {
             if !a.is_finite() || !e.is_finite() {
@@ -427,6 +432,7 @@ impl Tail {
                 }
                 continue;
             }
+            (finite, differ) = (finite + 1, differ + usize::from(a != e));
             let (a64, e64) = (a as f64, e as f64);
             (err, norm) = (err + (a64 - e64).powi(2), norm + e64 * e64);
             allowed += (tol.atol + tol.rtol * e64.abs()).powi(2);
@@ -439,19 +445,28 @@ impl Tail {
             }
         }
         let bad = rows.len();
-        let spread = |mut v: Vec<usize>| {
+        // Distinct values among `bad` drawn at random from `n`: n (1 - (1 - 1/n)^bad).
+        let scattered = |mut v: Vec<usize>, n: usize| {
             v.sort_unstable();
             v.dedup();
-            v.len() >= bad.min(3)
+            let n = n.max(1) as f64;
+            2.0 * v.len() as f64 >= n * (1.0 - (1.0 - 1.0 / n).powi(bad as i32))
         };
-        let (nmse, allowed) = (err / norm.max(f64::MIN_POSITIVE), allowed / norm.max(f64::MIN_POSITIVE));
-        let tail = bad > 0 && spread(rows) && spread(cols) && nmse <= allowed / 4.0;
-        tail.then_some(Tail { bad, total: ours.len(), nmse, allowed })
+        let (nmse, allowed) = (err / norm, allowed / norm);
+        let tail = bad > 0
+            && bad * 100 <= finite
+            && 2 * differ >= finite
+            && scattered(rows, ours.len() / width)
+            && scattered(cols, width)
+            && norm > 0.0
+            && nmse.is_finite()
+            && nmse <= allowed / 4.0;
+        tail.then_some(Tail { bad, total: finite, nmse, allowed })
     }
 
     pub(crate) fn reading(self) -> String {
         format!(
-            "{} of {} elements outside, scattered, and its rms error under half the tolerance (nmse {:.1e}, which \
+            "{} of {} elements outside, scattered over a difference everywhere, and its rms error under half the tolerance (nmse {:.1e}, which \
              it allows to {:.1e}): the tail of rounding noise, as a lower-precision run leaves; a bug moves whole \
              rows, columns or the tensor",
             self.bad, self.total, self.nmse, self.allowed
@@ -646,9 +661,10 @@ mod tests {
     use super::*;
     use crate::flips::Class;
 
-    /// A few scattered elements past a bf16 tolerance with a small rms error are rounding's
-    /// tail; the same count in one row (a position) or one column (a channel), or errors large
-    /// enough to weigh in the NMSE, or more than 1% of the elements, are not.
+    /// A few scattered elements past a bf16 tolerance with a small rms error, over a difference
+    /// everywhere, are rounding's tail; the same count in one row (a position), one column (a
+    /// channel) or a grid of both, over an otherwise exact tensor, errors large enough to weigh
+    /// in the NMSE, more than 1% of the elements, or a reference of zeros are not.
     #[test]
     fn a_tail_is_few_scattered_elements_and_a_small_rms_error() {
         let tol = Tolerance { atol: 2e-2, rtol: 2e-2 };
@@ -670,6 +686,17 @@ mod tests {
         let many: Vec<(usize, usize)> = (0..21).map(|i| (i, (i * 7) % 50)).collect();
         assert_eq!(with(&many, 0.1), None, "more than 1% of the elements");
         assert!(with(&many[..20], 0.1).is_some(), "1% exactly");
+        // Three positions of three channels: 9 elements on 3 rows and 3 columns, where 9 dropped
+        // at random would cover about 8 of each.
+        let grid: Vec<(usize, usize)> = [2, 15, 33].iter().flat_map(|&r| [4, 9, 40].map(|c| (r, c))).collect();
+        assert_eq!(with(&grid, 0.1), None, "a grid of positions and channels");
+        // The same scattered elements over a tensor otherwise exact: no noise to be a tail of.
+        let mut exact = reference.clone();
+        scattered.iter().for_each(|&(r, c)| exact[r * 50 + c] += 0.1);
+        assert_eq!(Tail::of(&exact, &reference, &shape, tol), None, "exact elsewhere");
+        let (zeros, mut one) = (vec![0f32; 2000], vec![1e-3f32; 2000]);
+        one[7] = 1000.0;
+        assert_eq!(Tail::of(&one, &zeros, &shape, tol), None, "a reference of zeros");
     }
 
     /// A swap of keys that moved no more than the layer's noise is the noise's; a row that kept
