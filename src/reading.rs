@@ -51,6 +51,11 @@ impl DiffReport {
     /// Why ours may lack them, where its own names say: the same names behind a prefix
     /// (`model.layers.0.input_norm`), or layers numbered one up (from 1).
     pub(crate) fn missing_names_hint(&self, missing: &[&str]) -> Option<String> {
+        // A layer's hook point both hold that matches says the names line up (two windows or
+        // partial recordings that overlap): what ours lacks it did not record.
+        if self.results.iter().any(|c| c.ok && HookPoint::parse(&c.name).is_some_and(|p| p.layer().is_some())) {
+            return None;
+        }
         // A prefix: ours's names outside the spec that end with most of the missing ones after
         // the same prefix (not `mtp.logits`, a name of its own ending with `logits`).
         let foreign: Vec<&str> =
