@@ -601,8 +601,7 @@ mod tests {
         assert!(!report(&["layers.2.output", "layers.1.attn.out"], &theirs).all_match());
         // Two windows that overlap (layers 1-2 against 0-1): layer 1 matches, so the names line
         // up and what ours lacks it did not record.
-        let mut windows =
-            report(&["layers.2.output", "layers.2.attn.out"], &["layers.0.output", "layers.0.attn.out"]);
+        let mut windows = report(&["layers.2.output", "layers.2.attn.out"], &["layers.0.output", "layers.0.attn.out"]);
         for name in ["layers.1.output", "layers.1.attn.out"] {
             windows.results.push(Comparison { name: name.into(), ok: true, detail: same.clone() });
         }

@@ -282,7 +282,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     verify::print_replay(&free, &report);
                 }
                 Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
-            })()?;
+            })()
+            .map_err(|e| match &config_warning {
+                // An error the other config may explain keeps it, on its one line.
+                Some(w) if !matches!(e, Error::Interrupted(_) | Error::Device(_)) => Error::Usage(format!("{e} ({w})")),
+                _ => e,
+            })?;
             warn(config_warning);
             Ok(code)
         }

@@ -78,6 +78,13 @@ fn verify_of_its_own_dump_matches_and_of_another_model_does_not() {
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(1));
     assert!(err.contains("was made from a different config.json than") && err.lines().count() == 1, "{err}");
+    // An error after it keeps it, on the error's one line: here the cause.
+    let o =
+        glimpse(&["verify", "--model", "golden/grouped-shared-yarn", "--golden", "golden/flat/reference.safetensors"]);
+    let (_, err) = text(&o);
+    let cause = "is out of range for vocab_size 128 (golden/flat/reference.safetensors was made from a different \
+                 config.json than golden/grouped-shared-yarn)";
+    assert!(o.status.code() == Some(2) && err.lines().count() == 1 && err.contains(cause), "{err}");
 }
 
 #[test]
@@ -307,8 +314,6 @@ fn verify_lists_each_flip_with_its_margins_and_class() {
     }
 }
 
-/// `diff --tol` says when a pattern can change nothing: it names no shared tensor, or only
-/// selections and integer tensors (compared as sets or exactly, not at a tolerance).
 /// transformers run with bf16 products against its own f32 run, at bf16's tolerance: where the
 /// first divergence is a float tensor with a few scattered elements past it, diff reads it as
 /// rounding's tail; where it is a DSA selection, every flip is a near-tie. At f32's tolerance a
@@ -356,6 +361,8 @@ fn a_bf16_reference_against_the_f32_one_reads_as_rounding() {
     assert!(out.lines().nth(1) == Some("first divergence: embeddings"), "{out}");
 }
 
+/// `diff --tol` says when a pattern can change nothing: it names no shared tensor, or only
+/// selections and integer tensors (compared as sets or exactly, not at a tolerance).
 #[test]
 fn diff_tol_patterns_that_change_nothing_are_said() {
     let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat/reference.safetensors");
