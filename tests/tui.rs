@@ -315,6 +315,31 @@ fn activations_view_lists_hook_points_with_stats() {
     );
 }
 
+/// In the routing and DSA views, which keep the selected token in sight, a page moves the
+/// selection with it: from the last token PgUp shows the earlier ones (the view could not leave
+/// the selection before), and PgDn brings the view back.
+#[test]
+fn paging_the_routing_and_dsa_views_moves_the_selected_token() {
+    let port = port_source();
+    let area = ui::body(glimpse_tui::ratatui::layout::Rect::new(0, 0, 80, 24));
+    for (view, label) in [(View::Routing, "│s"), (View::Dsa, "│q")] {
+        let mut app = App { view, token: port.tokens() - 1, ..at_layer(&port, 3) };
+        app.page = glimpse_tui::views::page(&app, &port, area);
+        let first_row = |app: &App| {
+            let s = screen(app, &port, 80, 24);
+            let row = s.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("{s}")).to_string();
+            row[label.len()..].split_whitespace().next().unwrap().to_string()
+        };
+        let bottom = first_row(&app);
+        app.scroll_up();
+        assert_eq!(app.token, port.tokens() - 1 - app.page, "{view:?}");
+        let up = first_row(&app);
+        assert!(up != bottom && up.trim_start_matches('#').parse::<usize>().is_ok_and(|t| t < 31), "{view:?}: {up}");
+        app.scroll_down(&port);
+        assert_eq!((app.token, first_row(&app)), (port.tokens() - 1, bottom), "{view:?}");
+    }
+}
+
 #[test]
 fn load_dsa_and_kv_views_draw_the_bundled_case() {
     let port = port_source();

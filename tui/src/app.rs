@@ -84,7 +84,7 @@ pub const KEYS: [(&str, &str); 9] = [
     ("j/k, down/up", "next, previous row: embeddings, each layer, head"),
     ("n", "next flip in the layer (routing, DSA), then next bad row"),
     ("h/l, left/right", "previous, next token"),
-    ("pgdn/pgup, J/K", "scroll the view"),
+    ("pgdn/pgup, J/K", "page the view (and its selected token or layer)"),
     ("/", "filter hook points (enter keeps it, esc clears it)"),
     ("esc", "close the help, or clear the filter"),
 ];
@@ -246,9 +246,16 @@ impl App {
         src.hooks(row.part).into_iter().filter(|h| h.name.to_lowercase().contains(&filter)).collect()
     }
 
-    /// Pages down the current view, stopping at its last full page.
+    /// Pages down the current view, stopping at its last full page. Where the view keeps a
+    /// selected row in sight (routing and DSA: the token; latent kv: the layer), the selection
+    /// moves by the page too, or the view could not leave it.
     pub fn scroll_down(&mut self, src: &dyn Source) {
         self.scroll = (self.scroll + self.page).min(self.rows(src).saturating_sub(self.page));
+        match self.view {
+            View::Routing | View::Dsa => self.token = (self.token + self.page).min(src.tokens().saturating_sub(1)),
+            View::KvNorms => self.layer = (self.layer + self.page).min(src.layers().len().saturating_sub(1)),
+            _ => {}
+        }
     }
 
     /// How many rows the current view lists (what `scroll` pages through).
@@ -265,6 +272,11 @@ impl App {
     }
     pub fn scroll_up(&mut self) {
         self.scroll = self.scroll.saturating_sub(self.page);
+        match self.view {
+            View::Routing | View::Dsa => self.token = self.token.saturating_sub(self.page),
+            View::KvNorms => self.layer = self.layer.saturating_sub(self.page),
+            _ => {}
+        }
     }
 
     /// `/` starts a new filter, as a search does.

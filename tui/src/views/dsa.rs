@@ -25,9 +25,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let room = (area.width as usize).saturating_sub(label_w + 2);
     let keys = if m.seq > room { room.saturating_sub(1) } else { m.seq };
     let rows = area.height.saturating_sub(2) as usize;
-    // Start at the scroll position, but keep the selected token's query in view.
+    // The selected token's query stays in view.
     let q_sel = app.token % m.seq.max(1);
-    let start = app.scroll.min(m.seq.saturating_sub(1)).max(q_sel.saturating_sub(rows.saturating_sub(1)));
+    let start = super::first_row(app.scroll, q_sel, rows, m.seq);
     let lines: Vec<Line> = (start..m.seq)
         .take(rows)
         .map(|q| {

@@ -25,10 +25,10 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let cols = (map_area.width as usize).saturating_sub(12).max(1);
     let start = app.token.saturating_sub(cols - 1);
     let selected = src.layers().get(app.layer).and_then(|l| l.part.layer());
-    // From the scroll position, but keeping the selected layer's row in view.
+    // The selected layer's row stays in view.
     let visible = (map_area.height as usize).saturating_sub(2).max(1);
     let row = selected.and_then(|l| g.layers.iter().position(|x| *x == l)).unwrap_or(0);
-    let first = app.scroll.min(g.layers.len().saturating_sub(1)).max((row + 1).saturating_sub(visible));
+    let first = super::first_row(app.scroll, row, visible, g.layers.len());
     let lines: Vec<Line> = g
         .layers
         .iter()

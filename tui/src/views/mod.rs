@@ -28,6 +28,13 @@ pub fn page(app: &App, src: &dyn Source, area: Rect) -> usize {
     rows.max(1)
 }
 
+/// The first row a view `visible` rows tall shows of its `len`: the scroll position, moved as
+/// little as keeps the `selected` row in view.
+pub fn first_row(scroll: usize, selected: usize, visible: usize, len: usize) -> usize {
+    let lowest = (selected + 1).saturating_sub(visible.max(1));
+    scroll.clamp(lowest, selected.max(lowest)).min(len.saturating_sub(1))
+}
+
 /// A colour ramp for heatmaps: 0 = idle (dark blue) .. 0.5 = typical (teal) .. 1 = hot (yellow).
 pub fn heat(t: f64) -> Color {
     const STOPS: [(u8, u8, u8); 5] = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)];

@@ -9,7 +9,7 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::widgets::{Block, Paragraph, Row, Table};
 use ratatui::Frame;
 
-use super::{fit_list, fitting, margin, shown};
+use super::{first_row, fit_list, fitting, margin, shown};
 use crate::app::App;
 use crate::data::{counts, FlipClass, Source};
 
@@ -25,10 +25,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     };
     let flips = routes.iter().filter(|r| r.is_flip()).count();
     let visible = area.height.saturating_sub(3) as usize;
-    // Keep the selected token's row in view (the MTP layer has fewer rows than tokens); `scroll`
-    // pages further.
+    // The selected token's row (the MTP layer has fewer rows than tokens) stays in view.
     let selected = routes.iter().position(|r| r.token >= app.token).unwrap_or(routes.len());
-    let start = selected.saturating_sub(visible.saturating_sub(1)).max(app.scroll.min(routes.len().saturating_sub(1)));
+    let start = first_row(app.scroll, selected, visible, routes.len());
     // At narrow widths columns go rather than numbers being cut. Against a reference the flips
     // are what the view is for: the experts go first (they shrink to `+N` before that), then the
     // margin. Without one the empty reference column goes first.
