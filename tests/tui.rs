@@ -315,6 +315,44 @@ fn activations_view_lists_hook_points_with_stats() {
     );
 }
 
+/// A flip of three experts each way is shown whole at 80 columns (the column widens), and by
+/// its lengths where even that does not fit: never a list cut short.
+#[test]
+fn a_flip_of_many_experts_is_never_cut() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = flat().join("reference.safetensors");
+    // Token 5 of layer 3 takes the 3 experts that follow its others instead of its last 3.
+    let ours = common::edit_dump(&reference, &tmp.path().join("ours.st"), |t| {
+        let (_, glimpse::dump::Values::I64(ids), shape) =
+            t.iter_mut().find(|(n, ..)| n == "layers.3.moe.topk_ids").unwrap()
+        else {
+            panic!("ids are integers")
+        };
+        let (k, e) = (shape[1], 16);
+        let row = &mut ids[5 * k..6 * k];
+        let kept = row.to_vec();
+        let mut free = (0..e as i64).filter(|x| !kept.contains(x));
+        for slot in &mut row[1..] {
+            *slot = free.next().unwrap();
+        }
+    });
+    let src = DumpSource::new(
+        "ours".into(),
+        Dump::open(&ours).unwrap(),
+        Some(Dump::open(&reference).unwrap()),
+        &port_options(),
+    )
+    .unwrap();
+    let app = App { view: View::Routing, token: 5, ..at_layer(&src, 3) };
+    let wide = screen(&app, &src, 80, 24);
+    let row = line_with(&wide, "│s5 ");
+    let lists = row.split("FLIP").nth(1).unwrap_or_else(|| panic!("{wide}"));
+    let counts = |side: char| lists.split(side).nth(1).unwrap().split(']').next().unwrap().split(',').count();
+    assert!(lists.contains(" -[") && lists.contains(" +[") && counts('-') == 3 && counts('+') == 3, "{row}");
+    let narrow = screen(&app, &src, 50, 24);
+    assert!(line_with(&narrow, "│s5 ").contains(" -3 +3"), "{narrow}");
+}
+
 /// In the routing and DSA views, which keep the selected token in sight, a page moves the
 /// selection with it: from the last token PgUp shows the earlier ones (the view could not leave
 /// the selection before), and PgDn brings the view back.

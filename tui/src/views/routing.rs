@@ -11,7 +11,7 @@ use ratatui::Frame;
 
 use super::{first_row, fit_list, fitting, margin, shown};
 use crate::app::App;
-use crate::data::{counts, FlipClass, Source};
+use crate::data::{counts, FlipClass, RouteRow, Source};
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let Some(layer) = src.layers().get(app.layer) else { return };
@@ -34,7 +34,14 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let compared = routes.iter().any(|r| r.reference_ids.is_some());
     // A flip's margin shows both sides, `ours (ref)`, where the reference's is known.
     let both = routes.iter().any(|r| r.flip.is_some() && r.reference_margin.is_some());
-    let widths: [u16; 4] = [12, 10, if both { 17 } else { 9 }, 24];
+    let margin_width = if both { 17 } else { 9 };
+    // What differs, never a list cut: the column widens past its 24 for the rows on screen into
+    // what the experts leave beyond their 10; a row that still does not fit drops its lists'
+    // spaces, else says only their lengths.
+    let on_screen = &routes[start.min(routes.len())..(start + visible).min(routes.len())];
+    let room = area.width.saturating_sub(2 + 13 + 11 + margin_width + 1).max(24) as usize;
+    let versus_width = on_screen.iter().map(|r| versus(r, 0).chars().count()).fold(24, usize::max).min(room);
+    let widths: [u16; 4] = [12, 10, margin_width, versus_width as u16];
     let show = fitting(area.width.saturating_sub(2), &widths, if compared { &[1, 2] } else { &[3, 1] });
     // The experts column takes what the others leave (each with its space): whole entries, and
     // `+N` for the rest.
@@ -42,15 +49,8 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let experts_width = area.width.saturating_sub(2).saturating_sub(others) as usize;
     let rows = routes.iter().skip(start).map(|r| {
         let experts: Vec<String> = r.ids.iter().zip(&r.weights).map(|(i, w)| format!("{i}:{w:.2}")).collect();
-        let reference = match &r.reference_ids {
-            Some(ids) if r.is_flip() => {
-                let only = |a: &[usize], b: &[usize]| a.iter().filter(|x| !b.contains(x)).copied().collect::<Vec<_>>();
-                let mark = r.flip.map_or(' ', FlipClass::mark);
-                format!("FLIP{mark} -{:?} +{:?}", only(ids, &r.ids), only(&r.ids, ids))
-            }
-            Some(_) => "=".into(),
-            None => "-".into(),
-        };
+        let reference = (0..3).map(|form| versus(r, form)).find(|v| v.chars().count() <= versus_width);
+        let reference = reference.unwrap_or_else(|| versus(r, 2));
         let mut style =
             if r.is_flip() { Style::new().fg(Color::Red).add_modifier(Modifier::BOLD) } else { Style::new() };
         if r.token == app.token {
@@ -76,4 +76,22 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         counts(routes.iter().filter_map(|r| r.flip))
     );
     f.render_widget(Table::new(rows, constraints).header(header).block(Block::bordered().title(title)), area);
+}
+
+/// A row against the reference: `=`, `-` (no reference), or a flip, its class and the experts
+/// only the reference chose (`-`) and only we chose (`+`): in `form` 0 as lists, 1 as lists
+/// without spaces, 2 as their lengths.
+fn versus(r: &RouteRow, form: usize) -> String {
+    let Some(ids) = r.reference_ids.as_ref() else { return "-".into() };
+    if !r.is_flip() {
+        return "=".into();
+    }
+    let only = |a: &[usize], b: &[usize]| a.iter().filter(|x| !b.contains(x)).copied().collect::<Vec<_>>();
+    let (theirs, ours) = (only(ids, &r.ids), only(&r.ids, ids));
+    let list = |v: &[usize]| match form {
+        0 => format!("{v:?}"),
+        1 => format!("{v:?}").replace(", ", ","),
+        _ => v.len().to_string(),
+    };
+    format!("FLIP{} -{} +{}", r.flip.map_or(' ', FlipClass::mark), list(&theirs), list(&ours))
 }
