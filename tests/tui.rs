@@ -315,6 +315,20 @@ fn activations_view_lists_hook_points_with_stats() {
     );
 }
 
+/// The worst routing weights pair by expert, as the comparison does: the worst element's error
+/// is the tensor's max_abs (slot by slot, token 24 of layer 3 paired expert 0 with expert 5).
+#[test]
+fn the_worst_routing_weights_pair_by_expert() {
+    let port = port_source();
+    for layer in 2..5 {
+        let hooks = port.hooks(Part::Layer(layer));
+        let h = hooks.iter().find(|h| h.name.ends_with("moe.topk_weights")).unwrap();
+        let r = h.reference.as_ref().unwrap();
+        let w = &r.worst[0];
+        approx::assert_abs_diff_eq!((w.ours - w.reference).abs() as f64, r.max_abs, epsilon = 1e-6);
+    }
+}
+
 /// A flip of three experts each way is shown whole at 80 columns (the column widens), and by
 /// its lengths where even that does not fit: never a list cut short.
 #[test]
