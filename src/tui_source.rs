@@ -111,6 +111,12 @@ impl DumpSource {
             None => crate::diff::first_non_finite_in(&ours)?,
         }
         .map(|nf| nf.to_string());
+        // A dump that holds the spec's hook points under other names compares almost nothing:
+        // said in the status line (`diff` says it on top and exits 1).
+        let misnamed = report.as_ref().and_then(|r| {
+            let hint = r.misnamed()?;
+            Some(format!("misnamed: {hint} ({} spec hook points not compared)", r.missing_spec_names().len()))
+        });
         let comparisons: BTreeMap<String, Comparison> =
             report.map(|r| r.results.into_iter().map(|c| (c.name.clone(), c)).collect()).unwrap_or_default();
         let layers = part_names(&ours)
@@ -197,7 +203,7 @@ impl DumpSource {
             experts: config.map(|c| c.n_routed_experts),
             hook_rows: RefCell::default(),
             last_dsa: RefCell::default(),
-            warning: None,
+            warning: misnamed,
         })
     }
 
@@ -593,7 +599,10 @@ pub fn open(o: &Open) -> Result<DumpSource> {
                 Some(format!("--model {}: not the config.json {which} ran", dir.display()))
             });
             let mut src = DumpSource::new(title, ours, reference, &opts)?;
-            src.warning = warning;
+            src.warning = match (warning, src.warning.take()) {
+                (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+                (a, b) => a.or(b),
+            };
             return Ok(src);
         }
         (None, Some(dir)) => dir,

@@ -315,6 +315,34 @@ fn activations_view_lists_hook_points_with_stats() {
     );
 }
 
+/// A dump that names the spec's hook points otherwise (here with a `model.` prefix) compares
+/// almost nothing: the status line says so, where every row would read `match`.
+#[test]
+fn a_misnamed_dump_is_said_in_the_status_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = flat().join("reference.safetensors");
+    let prefixed = common::edit_dump(&reference, &tmp.path().join("prefixed.st"), |t| {
+        for (name, ..) in t.iter_mut().filter(|(n, ..)| n.starts_with("layers.")) {
+            *name = format!("model.{name}");
+        }
+    });
+    let (ours, theirs) = (Dump::open(&prefixed).unwrap(), Dump::open(&reference).unwrap());
+    let src = DumpSource::new("prefixed".into(), ours, Some(theirs), &DiffOptions::default()).unwrap();
+    let warning = src.warning().unwrap_or_default();
+    assert!(warning.starts_with("misnamed: ours names them with a `model.` prefix ("), "{warning}");
+    let s = screen(&App::new(&src), &src, 120, 24);
+    assert!(s.contains("warning: misnamed: ours names them with a `model.` prefix"), "{s}");
+    // The reference against itself: nothing to say.
+    let same = DumpSource::new(
+        "same".into(),
+        Dump::open(&reference).unwrap(),
+        Some(Dump::open(&reference).unwrap()),
+        &DiffOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(same.warning(), None);
+}
+
 /// The worst routing weights pair by expert, as the comparison does: the worst element's error
 /// is the tensor's max_abs (slot by slot, token 24 of layer 3 paired expert 0 with expert 5).
 #[test]
