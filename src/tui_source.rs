@@ -331,7 +331,11 @@ impl DumpSource {
             Detail::Exact { differing, .. } => Some(differing.len()),
             _ => None,
         };
-        RefCheck { ok: c.ok, rows_differ, max_abs, max_rel, worst }
+        let reference_shape = match &c.detail {
+            Detail::Shape { reference, .. } => Some(reference.clone()),
+            _ => None,
+        };
+        RefCheck { ok: c.ok, rows_differ, reference_shape, max_abs, max_rel, worst }
     }
 
     /// For a layer of `rows` rows, the run's token (batch rows flattened) of its row `t`: the

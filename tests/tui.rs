@@ -343,6 +343,23 @@ fn a_misnamed_dump_is_said_in_the_status_line() {
     assert_eq!(same.warning(), None);
 }
 
+/// A tensor of another shape than the reference's was not compared: its verdict names the
+/// reference's shape, not an infinite error.
+#[test]
+fn a_tensor_of_another_shape_says_the_references() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = flat().join("reference.safetensors");
+    let reshaped = common::edit_dump(&reference, &tmp.path().join("reshaped.st"), |t| {
+        let (_, _, shape) = t.iter_mut().find(|(n, ..)| n == "layers.2.moe.router_logits").unwrap();
+        shape.insert(0, 1);
+    });
+    let (ours, theirs) = (Dump::open(&reshaped).unwrap(), Dump::open(&reference).unwrap());
+    let src = DumpSource::new("reshaped".into(), ours, Some(theirs), &DiffOptions::default()).unwrap();
+    let s = screen(&App { view: View::Activations, ..at_layer(&src, 2) }, &src, 160, 40);
+    let row = line_with(&s, "moe.router_logits");
+    assert!(row.contains("BAD ref shape [32, 16]") && !row.contains("inf"), "{row}");
+}
+
 /// The worst routing weights pair by expert, as the comparison does: the worst element's error
 /// is the tensor's max_abs (slot by slot, token 24 of layer 3 paired expert 0 with expert 5).
 #[test]

@@ -115,6 +115,8 @@ pub struct RefCheck {
     /// For a selection or an integer tensor: how many of its rows differ (its error is no
     /// float difference); None for floats.
     pub rows_differ: Option<usize>,
+    /// The reference's shape where it is not ours (nothing was compared; `max_abs` is infinite).
+    pub reference_shape: Option<Vec<usize>>,
     pub max_abs: f64,
     pub max_rel: f64,
     pub worst: Vec<Worst>,
