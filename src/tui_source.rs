@@ -653,7 +653,19 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     let tmp = std::env::temp_dir().join(format!("{LIVE_PREFIX}{}-{call}.safetensors", std::process::id()));
     let owned = crate::output::Removal::new(tmp.clone());
     let mut writer = DumpWriter::create(&tmp, Selector::default(), model.max_hook_points())?;
-    crate::device::with_prefill(target, &model, |p| p.prefill(&tokens, &mut writer))?;
+    // A reference that checks the MTP head (`golden/mtp`) gets it run too, from our final-norm
+    // hidden state, as `verify` and `run --mtp` do.
+    let head = match reference.as_ref().is_some_and(crate::verify::has_mtp) {
+        true => Some(crate::model::mtp::Mtp::load(&ckpt)?),
+        false => None,
+    };
+    let mut final_norm = crate::hooks::Recorder::new(Selector::new("final_norm", None));
+    crate::device::with_prefill(target, &model, |p| {
+        p.prefill(&tokens, &mut crate::hooks::Tee(&mut writer, &mut final_norm))
+    })?;
+    if let (Some(head), Some(h)) = (&head, final_norm.get(crate::hooks::HookPoint::FinalNorm)) {
+        head.forward(&model, &h.narrow(1, 0, tokens.seq.saturating_sub(1))?, &tokens, &mut writer)?;
+    }
     writer.finish(&dump::metadata("glimpse live run", Some(&ckpt.config_bytes), None))?;
     // Mapped, the dump outlives its name: removing the file now leaves none behind, however the
     // TUI ends (a kill included).

@@ -167,6 +167,31 @@ fn the_live_run_can_go_through_the_device_path() {
     }
 }
 
+/// The live run of `golden/mtp`, whose reference checks the MTP head, runs the head too: its
+/// layer is a row of its own, and every tensor of the reference is compared and matches.
+#[test]
+fn the_live_run_of_a_reference_with_the_mtp_head_runs_it() {
+    let _one_live_run_at_a_time = LIVE.lock();
+    let src = glimpse::tui_source::open(&glimpse::tui_source::Open {
+        model: Some(&flat().with_file_name("mtp")),
+        golden: None,
+        dump: None,
+        tokens: None,
+        prompt: None,
+        max_memory: None,
+        target: glimpse::device::Backend::Cpu.into(),
+        near_tie: None,
+        tol: Default::default(),
+    })
+    .unwrap();
+    let s = screen(&App::new(&src), &src, 100, 24);
+    assert!(line_with(&s, "│3 ").contains("mtp") && line_with(&s, "│3 ").contains("match"), "{s}");
+    let head: Vec<String> = src.hooks(glimpse_tui::Part::Head).into_iter().map(|h| h.name).collect();
+    assert!(head.iter().any(|n| n == "mtp.logits"), "{head:?}");
+    let rows = src.layers();
+    assert!(rows.iter().all(|l| l.status.label() == "match"), "{s}");
+}
+
 /// A live run of other tokens than the folder's reference ran goes without it, and the title
 /// says so; a reference named with --golden must have run the same tokens. The live run's
 /// temporary dump is gone as soon as it is open (a killed TUI leaves nothing in the temp folder).
