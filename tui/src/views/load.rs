@@ -49,6 +49,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             Line::from(spans)
         })
         .collect();
-    lines.push(Line::raw(format!("one cell = {per_cell} expert(s)")));
+    lines.push(Line::raw(match per_cell {
+        1 => "one cell = 1 expert(s)".to_string(),
+        n => format!("one cell = {n} expert(s), coloured by the busiest"),
+    }));
     f.render_widget(Paragraph::new(lines).block(block), area);
 }
