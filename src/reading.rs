@@ -1,10 +1,10 @@
 //! Readings of a comparison: what its first divergence looks like where a pattern names a
-//! likely cause (a factor, near-ties, flips a rule made on matching scores, where along the
-//! sequence it starts, routing weights another rule made), and what the reference holds that
+//! likely cause (a factor, near-ties, rounding's tail, flips a rule made on matching scores,
+//! where along the sequence it starts, routing weights another rule made), and what the reference holds that
 //! ours does not. `diff` prints them beside the numbers; they are hints, each said only where
 //! its pattern holds.
 
-use crate::compare::{Comparison, Detail, Flip, Tail, Tolerance};
+use crate::compare::{element_ok, Comparison, Detail, Flip, Tolerance};
 use crate::config::Config;
 use crate::diff::{floats, ints, DiffOptions, DiffReport};
 use crate::dump::Dump;
@@ -174,6 +174,89 @@ impl DiffReport {
     }
 }
 
+/// A float difference that looks like rounding's tail, not a bug's pattern (`Tail`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tail {
+    /// Elements outside the tolerance, of `total` finite ones.
+    pub bad: usize,
+    pub total: usize,
+    pub nmse: f64,
+    /// The NMSE the tolerance allows: `sum((atol + rtol |e|)^2) / sum(e^2)`.
+    pub allowed: f64,
+}
+
+impl Tail {
+    /// `ours` against `reference` (of `shape`, rows along its last dimension) when the elements
+    /// outside the tolerance are a tail of noise that covers the whole tensor:
+    /// - noise everywhere: at least half the finite elements differ at all (a bug in a few rows
+    ///   or channels leaves the rest exact);
+    /// - at most 1% of the finite elements outside the tolerance, scattered: over at least half
+    ///   as many distinct rows, and columns, as that many elements dropped at random would
+    ///   cover (a bug's elements share rows, a position, or columns, a channel);
+    /// - every non-finite value the same on both sides;
+    /// - an NMSE at most a quarter of what the tolerance allows (an rms error under half of it).
+    ///
+    /// None otherwise, when every element is inside the tolerance, or when the reference is 0.
+    pub fn of(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tolerance) -> Option<Tail> {
+        let width = match shape {
+            [.., w] if shape.len() > 1 => (*w).max(1),
+            _ => 1,
+        };
+        if ours.len() != reference.len() {
+            return None;
+        }
+        let (mut rows, mut cols) = (Vec::new(), Vec::new());
+        let (mut finite, mut differ) = (0usize, 0usize);
+        let (mut err, mut norm, mut allowed) = (0f64, 0f64, 0f64);
+        for (i, (&a, &e)) in ours.iter().zip(reference).enumerate() {
+            if !a.is_finite() || !e.is_finite() {
+                if a.to_bits() != e.to_bits() {
+                    return None;
+                }
+                continue;
+            }
+            (finite, differ) = (finite + 1, differ + usize::from(a != e));
+            let (a64, e64) = (a as f64, e as f64);
+            (err, norm) = (err + (a64 - e64).powi(2), norm + e64 * e64);
+            allowed += (tol.atol + tol.rtol * e64.abs()).powi(2);
+            if !element_ok(a, e, tol) {
+                if (rows.len() + 1) * 100 > ours.len() {
+                    return None;
+                }
+                rows.push(i / width);
+                cols.push(i % width);
+            }
+        }
+        let bad = rows.len();
+        // Distinct values among `bad` drawn at random from `n`: n (1 - (1 - 1/n)^bad).
+        let scattered = |mut v: Vec<usize>, n: usize| {
+            v.sort_unstable();
+            v.dedup();
+            let n = n.max(1) as f64;
+            2.0 * v.len() as f64 >= n * (1.0 - (1.0 - 1.0 / n).powi(bad as i32))
+        };
+        let (nmse, allowed) = (err / norm, allowed / norm);
+        let tail = bad > 0
+            && bad * 100 <= finite
+            && 2 * differ >= finite
+            && scattered(rows, ours.len() / width)
+            && scattered(cols, width)
+            && norm > 0.0
+            && nmse.is_finite()
+            && nmse <= allowed / 4.0;
+        tail.then_some(Tail { bad, total: finite, nmse, allowed })
+    }
+
+    pub(crate) fn reading(self) -> String {
+        format!(
+            "{} of {} elements outside, scattered over a difference everywhere, and its rms error under half the tolerance (nmse {:.1e}, which \
+             it allows to {:.1e}): the tail of rounding noise, as a lower-precision run leaves; a bug moves whole \
+             rows, columns or the tensor",
+            self.bad, self.total, self.nmse, self.allowed
+        )
+    }
+}
+
 /// What the first divergence's values say beyond its numbers, found while `diff` has them: where
 /// along the sequence it starts, and for routing weights, the rule that made ours.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -335,6 +418,44 @@ impl WeightsRule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A few scattered elements past a bf16 tolerance with a small rms error, over a difference
+    /// everywhere, are rounding's tail; the same count in one row (a position), one column (a
+    /// channel) or a grid of both, over an otherwise exact tensor, errors large enough to weigh
+    /// in the NMSE, more than 1% of the elements, or a reference of zeros are not.
+    #[test]
+    fn a_tail_is_few_scattered_elements_and_a_small_rms_error() {
+        let tol = Tolerance { atol: 2e-2, rtol: 2e-2 };
+        let shape = [40, 50];
+        let reference: Vec<f32> = (0..2000).map(|i| (i as f32 * 0.37).sin()).collect();
+        let with = |bumps: &[(usize, usize)], by: f32| {
+            let mut ours: Vec<f32> = reference.iter().map(|e| e * (1.0 + 1e-3)).collect();
+            bumps.iter().for_each(|&(r, c)| ours[r * 50 + c] += by);
+            Tail::of(&ours, &reference, &shape, tol)
+        };
+        let scattered = [(0, 0), (10, 7), (20, 33), (30, 41)];
+        let tail = with(&scattered, 0.1).unwrap();
+        assert_eq!((tail.bad, tail.total), (4, 2000));
+        assert!(tail.nmse < tail.allowed / 4.0 && tail.reading().contains("4 of 2000 elements outside"));
+        assert_eq!(with(&[], 0.1), None, "nothing outside");
+        assert_eq!(with(&[(5, 0), (5, 1), (5, 2), (5, 3)], 0.1), None, "one row");
+        assert_eq!(with(&[(0, 7), (10, 7), (20, 7), (30, 7)], 0.1), None, "one column");
+        assert_eq!(with(&scattered, 30.0), None, "outliers that weigh in the nmse");
+        let many: Vec<(usize, usize)> = (0..21).map(|i| (i, (i * 7) % 50)).collect();
+        assert_eq!(with(&many, 0.1), None, "more than 1% of the elements");
+        assert!(with(&many[..20], 0.1).is_some(), "1% exactly");
+        // Three positions of three channels: 9 elements on 3 rows and 3 columns, where 9 dropped
+        // at random would cover about 8 of each.
+        let grid: Vec<(usize, usize)> = [2, 15, 33].iter().flat_map(|&r| [4, 9, 40].map(|c| (r, c))).collect();
+        assert_eq!(with(&grid, 0.1), None, "a grid of positions and channels");
+        // The same scattered elements over a tensor otherwise exact: no noise to be a tail of.
+        let mut exact = reference.clone();
+        scattered.iter().for_each(|&(r, c)| exact[r * 50 + c] += 0.1);
+        assert_eq!(Tail::of(&exact, &reference, &shape, tol), None, "exact elsewhere");
+        let (zeros, mut one) = (vec![0f32; 2000], vec![1e-3f32; 2000]);
+        one[7] = 1000.0;
+        assert_eq!(Tail::of(&one, &zeros, &shape, tol), None, "a reference of zeros");
+    }
 
     /// Weights made on the same logits and experts by each variant are told apart (and the
     /// checkpoint's own rule says nothing).

@@ -4,43 +4,14 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{assert_error, assert_ok, glimpse, golden, s, text};
-
-const CONFIG: &str = r#"{
-  "model_type": "glm_moe_dsa", "vocab_size": 40, "hidden_size": 32, "intermediate_size": 40,
-  "moe_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-  "n_routed_experts": 4, "num_experts_per_tok": 2, "q_lora_rank": 24, "kv_lora_rank": 16,
-  "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "first_k_dense_replace": 1,
-  "index_topk": 3, "index_head_dim": 8, "index_n_heads": 4
-}"#;
-
-/// A tiny synthetic checkpoint written by the binary itself.
-fn synth(dir: &Path, seed: u64) -> PathBuf {
-    let cfg = dir.join("tiny.json");
-    std::fs::write(&cfg, CONFIG).unwrap();
-    let out = dir.join(format!("model-{seed}"));
-    let seed = seed.to_string();
-    let o = glimpse(&[
-        "synth",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--dtype",
-        "f32",
-        "--seed",
-        &seed,
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{:?}", text(&o));
-    out
-}
+use common::{assert_error, assert_ok, glimpse, golden, s, synth, text};
 
 fn with_config(dir: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
     let src = synth(dir, 1);
     let dst = dir.join(name);
     std::fs::create_dir_all(&dst).unwrap();
     std::fs::copy(src.join("model.safetensors"), dst.join("model.safetensors")).unwrap();
-    let mut v: serde_json::Value = serde_json::from_str(CONFIG).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(common::TINY_CONFIG).unwrap();
     edit(&mut v);
     std::fs::write(dst.join("config.json"), v.to_string()).unwrap();
     dst
@@ -170,89 +141,6 @@ fn prompts_go_through_the_checkpoints_tokenizer() {
     let rows = |out: &str| out.lines().filter(|l| l.starts_with("row ")).map(String::from).collect::<Vec<_>>();
     assert_eq!(rows(&by_text), rows(&by_ids));
     assert_error(&glimpse(&["run", "--model", m, "--prompt", ""]), "empty");
-}
-
-#[test]
-fn audit_reads_prompts_and_dumps() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = synth(tmp.path(), 4);
-    let m = model.to_str().unwrap();
-    let prompts = tmp.path().join("prompts.txt");
-    std::fs::write(&prompts, "1,2,3,4\n5,6,7,8,9\n").unwrap();
-    let (svg, csv) = (tmp.path().join("load.svg"), tmp.path().join("load.csv"));
-    let o = glimpse(&[
-        "audit",
-        "--model",
-        m,
-        "--prompts",
-        prompts.to_str().unwrap(),
-        "--heatmap",
-        svg.to_str().unwrap(),
-        "--csv",
-        csv.to_str().unwrap(),
-    ]);
-    let (out, err) = text(&o);
-    assert_eq!(o.status.code(), Some(0), "{out}{err}");
-    // One MoE layer (layer 1), 9 tokens.
-    assert!(out.contains("expert load over 2 prompt(s), 4 experts"), "{out}");
-    assert!(out.lines().any(|l| l.trim_start().starts_with("1        9")), "{out}");
-    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
-    let csv = std::fs::read_to_string(&csv).unwrap();
-    let total: u64 = csv.lines().skip(1).map(|l| l.split(',').nth(2).unwrap().parse::<u64>().unwrap()).sum();
-    assert_eq!(total, 9 * 2, "9 tokens x top-2");
-    // A prompt the model refuses is named by its line, as one that does not parse is.
-    std::fs::write(&prompts, "1,2,3\n# a comment\n\n1,99\n").unwrap();
-    assert_error(
-        &glimpse(&["audit", "--model", m, "--prompts", prompts.to_str().unwrap()]),
-        "prompts.txt line 4: token id 99",
-    );
-    // A slip in a line of ids is an error, not a text prompt.
-    std::fs::write(&prompts, "1,2,x\n").unwrap();
-    assert_error(
-        &glimpse(&["audit", "--model", m, "--prompts", prompts.to_str().unwrap()]),
-        "prompts.txt line 1: \"x\" is not a token id",
-    );
-
-    let dump = tmp.path().join("d.safetensors");
-    let o = glimpse(&["run", "--model", m, "--tokens", "1,2,3,4", "--dump", dump.to_str().unwrap()]);
-    assert!(o.status.success());
-    let (out, _) = text(&glimpse(&["audit", "--dump", dump.to_str().unwrap(), "--json"]));
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["layers"][0]["tokens"], 4);
-    assert_eq!(v["experts"], 4);
-    assert_error(&glimpse(&["audit", "--prompts", prompts.to_str().unwrap()]), "--prompts needs --model");
-}
-
-/// The MTP head's layer is marked in the audit and its bias counts: the bias-changed share
-/// recomputed from the transformers reference's gate logits with the checkpoint's routers is
-/// the one glimpse's own `run --mtp` records.
-#[test]
-fn audit_marks_the_mtp_layer_and_uses_its_bias() {
-    let tmp = tempfile::tempdir().unwrap();
-    let reference = "golden/mtp/reference.safetensors";
-    let own = common::run_dump("golden/mtp", &["--tokens-from", reference, "--mtp"], tmp.path(), "own.st");
-    let mtp_row = |dump: &str| {
-        let (out, _) = assert_ok(&glimpse(&["audit", "--model", "golden/mtp", "--dump", dump, "--json"]));
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        let layers = v["layers"].as_array().unwrap().clone();
-        let mtp: Vec<_> = layers.into_iter().filter(|l| l["mtp"] == true).collect();
-        assert_eq!(mtp.len(), 1, "{out}");
-        mtp[0].clone()
-    };
-    let (recomputed, recorded) = (mtp_row(reference), mtp_row(&own));
-    assert_eq!(recomputed["layer"], 3);
-    assert!(recorded["bias_changed_share"].is_number(), "{recorded}");
-    assert_eq!(recomputed["bias_changed_share"], recorded["bias_changed_share"]);
-    assert!(recomputed["bias_load_correlation"].is_number(), "{recomputed}");
-    let (table, _) = assert_ok(&glimpse(&["audit", "--model", "golden/mtp", "--dump", reference]));
-    assert!(table.lines().any(|l| l.trim_start().starts_with("3 mtp ")), "{table}");
-    // Without a checkpoint or the head's own tensors, the MTP layer is told by its rows (one
-    // position fewer), on both sides of --against.
-    let args = ["--tokens-from", reference, "--mtp", "--record", "layers.*.moe.*"];
-    let routing_only = common::run_dump("golden/mtp", &args, tmp.path(), "routing.st");
-    let (out, _) = assert_ok(&glimpse(&["audit", "--dump", &routing_only, "--against", reference]));
-    assert!(out.lines().any(|l| l.trim_start().starts_with("3 mtp ")), "{out}");
-    assert!(out.contains("load shift against the reference"), "{out}");
 }
 
 /// `selftest` verifies every bundled golden case on the CPU, normal and isolated; asking for the
@@ -459,148 +347,6 @@ fn a_replayed_verify_says_so_and_what_matches_without() {
         let first = without.split("first mismatch: ").nth(1).unwrap();
         assert!(first.ends_with(".dsa.topk") || first.ends_with(".moe.topk_ids"), "{device}: {out}");
     }
-}
-
-/// `audit` counts each batch row as a prompt (MaxVio/run is their mean), checks a dump's experts
-/// a token against the checkpoint and the reference, and warns once of a guessed expert count.
-#[test]
-fn audit_counts_batch_rows_as_prompts_and_checks_experts_a_token() {
-    use glimpse::dump::Values;
-    let tmp = tempfile::tempdir().unwrap();
-    let record = ["--record", "layers.*.moe.topk_ids"];
-    let batch =
-        common::run_dump("golden/flat", &[&["--tokens", "1,2,3;4,5,6"], &record[..]].concat(), tmp.path(), "b.st");
-    let rows: Vec<String> = ["1,2,3", "4,5,6"]
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            common::run_dump("golden/flat", &[&["--tokens", *t], &record[..]].concat(), tmp.path(), &format!("r{i}.st"))
-        })
-        .collect();
-    let per_run = |args: &[&str]| -> Vec<f64> {
-        let (json, _) = assert_ok(&glimpse(&[&["audit", "--model", "golden/flat", "--json"], args].concat()));
-        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-        assert_eq!(v["prompts"], 2, "{v}");
-        v["layers"].as_array().unwrap().iter().map(|l| l["max_vio_per_run_mean"].as_f64().unwrap()).collect()
-    };
-    // The batch of two rows and the two rows run apart: the same prompts, the same measure.
-    assert_eq!(per_run(&["--dump", &batch]), per_run(&["--dump", &rows[0], "--dump", &rows[1]]));
-    // Layer 2 cut to 3 experts a token: the checkpoint chooses 4, and so does the reference.
-    let cut = common::edit_dump(std::path::Path::new(&rows[0]), &tmp.path().join("k3.st"), |t| {
-        for (name, v, shape) in t.iter_mut() {
-            if let (true, Values::I64(ids)) = (name == "layers.2.moe.topk_ids", &mut *v) {
-                *ids = ids.chunks(shape[1]).flat_map(|row| row[..3].to_vec()).collect();
-                shape[1] = 3;
-            }
-        }
-    });
-    let cut = common::s(&cut);
-    assert_error(
-        &glimpse(&["audit", "--model", "golden/flat", "--dump", &cut]),
-        "chooses 3 experts a token, the checkpoint's num_experts_per_tok 4",
-    );
-    assert_error(
-        &glimpse(&["audit", "--dump", &cut, "--against", &rows[0]]),
-        "layer 2: 3 experts a token against the reference's 4",
-    );
-    assert_error(
-        &glimpse(&["audit", "--dump", &rows[0], "--dump", &cut]),
-        "chooses 3 experts a token where another run of layer 2 chose 4",
-    );
-    // No router logits on either side: the count is guessed once, from both.
-    let (_, err) = assert_ok(&glimpse(&["audit", "--dump", &rows[0], "--against", &rows[0]]));
-    assert_eq!(err.matches("experts counted from the largest id").count(), 1, "{err}");
-}
-
-/// `audit` takes one model's dumps, each once, and says when it can only guess the expert count.
-#[test]
-fn audit_refuses_twice_the_same_dump_and_other_models_dumps() {
-    let flat = "golden/flat/reference.safetensors";
-    assert_error(&glimpse(&["audit", "--dump", flat, "--dump", flat]), "is given twice");
-    let mixed = glimpse(&["audit", "--dump", flat, "--dump", "golden/mtp/reference.safetensors"]);
-    assert_error(&mixed, "was made from another config.json than golden/flat/reference.safetensors");
-    let tmp = tempfile::tempdir().unwrap();
-    let ids = common::run_dump(
-        "golden/flat",
-        &["--tokens", "1,2,3", "--record", "layers.*.moe.topk_ids"],
-        tmp.path(),
-        "ids.st",
-    );
-    let ids = ids.as_str();
-    let (_, err) = assert_ok(&glimpse(&["audit", "--dump", ids]));
-    assert!(err.contains("experts counted from the largest id"), "{err}");
-    let (out, err) = assert_ok(&glimpse(&["audit", "--dump", ids, "--model", "golden/flat"]));
-    assert!(out.contains("16 experts") && !err.contains("largest id"), "{out}{err}");
-    // --against compares one model's routing: the mtp case has 8 experts, not 16.
-    let other = glimpse(&["audit", "--dump", flat, "--against", "golden/mtp/reference.safetensors"]);
-    assert_error(&other, "the dumps' routers have 8 experts, not 16");
-    let twice = glimpse(&["audit", "--dump", flat, "--dump", "golden/flat/bf16-port.safetensors", "--against", flat]);
-    assert_error(&twice, "the audited runs hold 2 rows of tokens, --against 1");
-    let port = glimpse(&["audit", "--dump", "golden/flat/bf16-port.safetensors", "--against", flat]);
-    let (out, _) = assert_ok(&port);
-    assert!(out.contains("load shift against the reference"), "{out}");
-    // Gross, token by token: the tokens whose expert set changed are diff's routing flips (2, 4
-    // and 6 in layers 2-4), and the slots that changed their experts chosen on one side only.
-    let (json, _) =
-        assert_ok(&glimpse(&["audit", "--dump", "golden/flat/bf16-port.safetensors", "--against", flat, "--json"]));
-    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let (diff, _) = text(&glimpse(&["diff", "golden/flat/bf16-port.safetensors", flat, "--json"]));
-    let diff: serde_json::Value = serde_json::from_str(&diff).unwrap();
-    let shift = json["shift"].as_array().unwrap();
-    assert!(shift.iter().any(|l| l["tokens_changed"].as_u64() > Some(0)), "some tokens changed experts: {shift:?}");
-    // Counted here from the two dumps' expert ids, row by row.
-    let ids = |file: &str, name: &str| match glimpse::dump::Dump::open(Path::new(file)).unwrap().values(name).unwrap() {
-        (glimpse::dump::Values::I64(v), shape) => (v, shape[shape.len() - 1]),
-        _ => panic!("{name}: expert ids"),
-    };
-    for layer in shift {
-        let name = format!("layers.{}.moe.topk_ids", layer["layer"]);
-        let ((a, k), (b, _)) = (ids("golden/flat/bf16-port.safetensors", &name), ids(flat, &name));
-        let only_ours: Vec<usize> =
-            a.chunks(k).zip(b.chunks(k)).map(|(x, y)| x.iter().filter(|e| !y.contains(e)).count()).collect();
-        assert_eq!(layer["tokens_changed"], only_ours.iter().filter(|&&n| n > 0).count(), "{name}");
-        assert_eq!(layer["slots_changed"], only_ours.iter().sum::<usize>(), "{name}");
-        let name = format!("layers.{}.moe.topk_ids", layer["layer"]);
-        let t = diff["tensors"].as_array().unwrap().iter().find(|t| t["name"] == name.as_str()).unwrap();
-        let flips = t["flips"].as_array().unwrap();
-        let only_ours: u64 = flips.iter().map(|f| f["only_ours"].as_array().unwrap().len() as u64).sum();
-        assert_eq!(layer["tokens_changed"], flips.len(), "{name}");
-        assert_eq!(layer["slots_changed"], only_ours, "{name}");
-        assert_eq!(layer["tokens"], 32);
-    }
-    // The same count of tokens is not the same tokens; another config.json (a quantised twin's
-    // differs) is compared, and said.
-    let other_ids =
-        common::run_dump("golden/flat", &["--tokens", "1,2,4", "--record", "layers.*.moe.*"], tmp.path(), "other.st");
-    let same =
-        common::run_dump("golden/flat", &["--tokens", "1,2,3", "--record", "layers.*.moe.*"], tmp.path(), "same.st");
-    let moved = glimpse(&["audit", "--dump", &same, "--against", &other_ids]);
-    assert_error(&moved, "row 0 of the audited runs differs from --against's at position 2 (3 vs 4)");
-    let yarn = common::run_dump(
-        "golden/grouped-shared-yarn",
-        &["--tokens", "1,2,3", "--record", "*.moe.*"],
-        tmp.path(),
-        "y.st",
-    );
-    let (_, err) = assert_ok(&glimpse(&["audit", "--dump", &same, "--against", &yarn]));
-    assert!(err.contains("warning: --against was made from another config.json"), "{err}");
-}
-
-/// A layer no dump recorded is left out of the audit, not shown as a layer of dead experts, even
-/// when --model knows it is an MoE layer.
-#[test]
-fn audit_leaves_out_the_layers_no_dump_recorded() {
-    let tmp = tempfile::tempdir().unwrap();
-    let one =
-        common::run_dump("golden/flat", &["--tokens", "1,2,3", "--record", "layers.3.moe.*"], tmp.path(), "l3.st");
-    let (out, _) = assert_ok(&glimpse(&["audit", "--dump", &one, "--model", "golden/flat"]));
-    let layers: Vec<&str> = out
-        .lines()
-        .skip(2)
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|w| w.parse::<usize>().is_ok())
-        .collect();
-    assert_eq!(layers, ["3"], "{out}");
 }
 
 /// `generate` stops once every row has produced one of config.json's `eos_token_id`s (one id or

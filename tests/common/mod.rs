@@ -40,6 +40,36 @@ pub fn assert_ok(o: &Output) -> (String, String) {
     (out, err)
 }
 
+/// A GLM-5-shaped config small enough to synthesise in a test (2 layers, 4 experts).
+pub const TINY_CONFIG: &str = r#"{
+  "model_type": "glm_moe_dsa", "vocab_size": 40, "hidden_size": 32, "intermediate_size": 40,
+  "moe_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+  "n_routed_experts": 4, "num_experts_per_tok": 2, "q_lora_rank": 24, "kv_lora_rank": 16,
+  "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "first_k_dense_replace": 1,
+  "index_topk": 3, "index_head_dim": 8, "index_n_heads": 4
+}"#;
+
+/// A tiny synthetic checkpoint written by the binary itself.
+pub fn synth(dir: &std::path::Path, seed: u64) -> std::path::PathBuf {
+    let cfg = dir.join("tiny.json");
+    std::fs::write(&cfg, TINY_CONFIG).unwrap();
+    let out = dir.join(format!("model-{seed}"));
+    let seed = seed.to_string();
+    let o = glimpse(&[
+        "synth",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--dtype",
+        "f32",
+        "--seed",
+        &seed,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    out
+}
+
 /// `glimpse run --model MODEL ARGS... --dump DIR/NAME`, which must succeed; the dump's path.
 pub fn run_dump(model: &str, args: &[&str], dir: &std::path::Path, name: &str) -> String {
     let path = dir.join(name).to_str().unwrap().to_string();
