@@ -67,9 +67,10 @@ pub enum Detail {
         max_abs: f64,
         /// Coordinate of the worst element (largest excess over the tolerance, else largest error).
         worst_at: Vec<usize>,
-        /// Coordinate of the first element (row-major, so batch row 0 first) outside the
-        /// tolerance, empty when none is: for `[1, S, ...]` tensors the first position that broke
-        /// (a decode bug's first step), which the worst element, often downstream, does not give.
+        /// Coordinate of the first element outside the tolerance, empty when none is: for
+        /// `[B, S, ...]` tensors the earliest position that broke in any batch row (a decode
+        /// bug's first step), else the first in row-major order; the worst element, often
+        /// downstream, does not give it.
         first_at: Vec<usize>,
         ours: f32,
         reference: f32,
@@ -221,6 +222,12 @@ impl Flip {
     }
 }
 
+/// The flip at the earliest position (`at[1]` of a `[B, S]` selection, any batch row), else the
+/// first: where a decode bug first shows.
+pub fn earliest(flips: &[Flip]) -> Option<&Flip> {
+    flips.iter().min_by_key(|f| (f.at.get(1).copied(), f.row))
+}
+
 #[cfg(test)]
 impl Flip {
     /// Row 0 of a selection of two, one key swapped (1 ours, 2 the reference's), with `margins`.
@@ -297,7 +304,13 @@ pub(crate) fn element_ok(a: f32, e: f32, tol: Tolerance) -> bool {
 pub fn compare_floats(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tolerance) -> (bool, Detail) {
     let (mut max_abs, mut max_rel, mut bad, mut sum_abs) = (0f64, 0f64, 0usize, 0f64);
     let (mut err2, mut ref2, mut ours2, mut dot) = (0f64, 0f64, 0f64, 0f64);
-    let (mut worst, mut undefined, mut first) = ((f64::NEG_INFINITY, 0usize), false, None);
+    let (mut worst, mut undefined, mut first) = ((f64::NEG_INFINITY, 0usize), false, None::<usize>);
+    // An element's position along S in a `[B, S, ...]` tensor (0 otherwise), then its index: the
+    // first element outside is the earliest position's in any batch row, not row 0's first.
+    let position = |i: usize| match shape {
+        [_, s, rest @ ..] if !rest.is_empty() => ((i / rest.iter().product::<usize>().max(1)) % (*s).max(1), i),
+        _ => (0, i),
+    };
     for (i, (&a, &e)) in ours.iter().zip(reference).enumerate() {
         let ok = element_ok(a, e, tol);
         let err = if a == e { 0.0 } else { ((a - e) as f64).abs() };
@@ -326,7 +339,9 @@ pub fn compare_floats(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tol
         let excess = if excess.is_nan() { f64::INFINITY } else { excess };
         if !ok {
             bad += 1;
-            first = first.or(Some(i));
+            if first.is_none_or(|f| position(i) < position(f)) {
+                first = Some(i);
+            }
         }
         if excess > worst.0 {
             worst = (excess, i);
@@ -577,6 +592,27 @@ pub fn to_f32(v: &Values) -> Vec<f32> {
 mod tests {
     use super::*;
     use crate::flips::Class;
+
+    /// In a `[B, S, ...]` tensor the first element outside is the earliest position's in any
+    /// batch row (row 1 broke at position 1, row 0 at 3), and so is the first flip; elsewhere
+    /// the first in row-major order.
+    #[test]
+    fn the_first_outside_is_the_earliest_position_in_any_batch_row() {
+        let reference = vec![0f32; 16];
+        let mut ours = reference.clone();
+        (ours[7], ours[10]) = (1.0, 1.0); // [0, 3, 1] and [1, 1, 0] of [2, 4, 2]
+        let first = |shape: &[usize]| match compare_floats(&ours, &reference, shape, Tolerance::default()).1 {
+            Detail::Float { first_at, .. } => first_at,
+            _ => unreachable!(),
+        };
+        assert_eq!(first(&[2, 4, 2]), [1, 1, 0]);
+        assert_eq!(first(&[16]), [7]);
+        assert_eq!(first(&[8, 2]), [3, 1], "[N, k] rows are no positions");
+        let flip = |row: usize, at: Vec<usize>| Flip { row, at, ..Flip::with_margins(None, None) };
+        let flips = [flip(3, vec![0, 3]), flip(5, vec![1, 1])];
+        assert_eq!(earliest(&flips).map(|f| f.row), Some(5));
+        assert_eq!(earliest(&[flip(4, vec![4]), flip(2, vec![2])]).map(|f| f.row), Some(2));
+    }
 
     /// A swap of keys that moved no more than the layer's noise is the noise's; a row that kept
     /// fewer distinct keys, or one a rule break explains, is not, however little it moved.

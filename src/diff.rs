@@ -486,6 +486,11 @@ mod tests {
         let out = report.render(Path::new("a"), Path::new("b"));
         let first = "first divergence: layers.0.moe.topk_weights (ours = 0.4000 x reference, cosine 1.000000";
         assert!(out.contains(first), "{out}");
+        // The DSA row that kept padding for a key, first, is read so on top.
+        let padded = DiffReport { results: report.results[1..].to_vec(), ..report.clone() };
+        let first = "first divergence: layers.1.dsa.topk (1 of 1 flips are rows where ours keeps fewer distinct \
+                     causal keys (duplicates, padding or later keys where a causal key belongs";
+        assert!(padded.render(Path::new("a"), Path::new("b")).contains(first));
         // A factor with some spread around it (a per-token normalisation skipped) is "mostly" one.
         let (_, mostly) = compare_floats(&[0.8, -2.0, 1.1], &[2.0, -5.0, 2.5], &[3], Tolerance::default());
         let x = Comparison { name: "x".into(), ok: false, detail: mostly };

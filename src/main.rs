@@ -212,6 +212,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let code = (|| -> Result<ExitCode> {
                 let tokens = reference.tokens_for(ckpt.config.vocab_size)?;
                 if decode {
+                    println!(
+                        "verify --decode {}: glimpse's decode through the latent cache against its own prefill, on \
+                         the tokens of {} (whose tensors are not compared: `diff` compares a port's decode dump \
+                         with a reference)",
+                        model_dir.display(),
+                        golden.display()
+                    );
                     return verify_decode(&ckpt, &tokens, chunk as usize, tol, max_memory);
                 }
                 if device != Backend::Cpu {

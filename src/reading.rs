@@ -130,6 +130,19 @@ impl DiffReport {
                 Some(format!("ours = {scale:.4} x reference, cosine {cosine:.6}: {how}"))
             }
             Detail::Float { .. } => self.notes.tail.map(Tail::reading),
+            // Rows that kept fewer distinct causal keys than the other side: no rule's choice.
+            Detail::Sets { flips, .. } if flips.iter().any(fewer_keys) => {
+                let n = flips.iter().filter(|f| fewer_keys(f)).count();
+                let side = match flips.iter().filter(|f| fewer_keys(f)).all(|f| f.only_ours.is_empty()) {
+                    true => "ours keeps",
+                    false => "one side keeps",
+                };
+                Some(format!(
+                    "{n} of {} flips are rows where {side} fewer distinct causal keys (duplicates, padding or later \
+                     keys where a causal key belongs: a causality or selection bug)",
+                    flips.len()
+                ))
+            }
             Detail::Sets { flips, .. } if all(flips, Class::NearTie) => Some("every flip a near-tie".into()),
             // Real flips over scores that match: the rule differs, not its input. A flip under one
             // rule needs its scores to move by half its two margins, so at least half the larger:
@@ -255,6 +268,11 @@ impl Tail {
             self.bad, self.total, self.nmse, self.allowed
         )
     }
+}
+
+/// Whether a flip's row kept fewer distinct keys on one side (that side only lost keys).
+fn fewer_keys(f: &Flip) -> bool {
+    f.only_ours.is_empty() != f.only_reference.is_empty()
 }
 
 /// What the first divergence's values say beyond its numbers, found while `diff` has them: where

@@ -380,7 +380,7 @@ pub fn format_line(c: &Comparison) -> String {
         }
         Detail::Sets { rows, flips, min_recall, .. } => {
             let mut s = format!("{}/{rows} rows differ", flips.len());
-            if let Some(f) = flips.first() {
+            if let Some(f) = crate::compare::earliest(flips) {
                 s += &format!(
                     " (min recall {min_recall:.3}); first at {:?}: only ours {:?}, only ref {:?}",
                     f.at, f.only_ours, f.only_reference

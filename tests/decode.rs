@@ -117,6 +117,11 @@ fn verify_decode_reports_every_position() {
     assert!(text.contains(&last) && text.contains("decode matches prefill at every position"), "{text}");
     let cache = format!("cache: {per_token} bytes per token over {} layers", n("num_hidden_layers"));
     assert!(text.contains("layers.4.moe.topk_ids") && text.contains(&cache), "{text}");
+    // The reference gives the tokens only: said first, so a port's dump passed as --golden is not
+    // taken for checked.
+    assert!(
+        text.starts_with("verify --decode ") && text.lines().next().unwrap().contains("whose tensors are not compared")
+    );
     // A chunk as long as the tokens, or longer, is said as what ran: one call.
     for chunk in [tokens.seq, tokens.seq + 5] {
         let (code, text) = common::code_and_text(&["verify", "--decode", "--chunk", &chunk.to_string()]);
