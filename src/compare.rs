@@ -222,12 +222,6 @@ impl Flip {
     }
 }
 
-/// The flip at the earliest position (`at[1]` of a `[B, S]` selection, any batch row), else the
-/// first: where a decode bug first shows.
-pub fn earliest(flips: &[Flip]) -> Option<&Flip> {
-    flips.iter().min_by_key(|f| (f.at.get(1).copied(), f.row))
-}
-
 #[cfg(test)]
 impl Flip {
     /// Row 0 of a selection of two, one key swapped (1 ours, 2 the reference's), with `margins`.
@@ -301,16 +295,83 @@ pub(crate) fn element_ok(a: f32, e: f32, tol: Tolerance) -> bool {
     ((a - e).abs() as f64) <= tol.atol + tol.rtol * (e.abs() as f64)
 }
 
+/// Where a tensor's elements sit along the run's positions, so that the first element outside
+/// the tolerance, and the first flip, are the earliest position's in any batch row (a decode
+/// bug's first step), not batch row 0's first: its `lead` leading dimensions count the run's
+/// tokens (`[B, S, ...]`: 2; the routing's `[B*S, ...]`: 1), in `batch` rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Positions {
+    lead: usize,
+    batch: usize,
+}
+
+impl Positions {
+    /// For the tensor `name` of `shape` in a run of `batch` rows (None: unknown, and the
+    /// routing's `[B*S, ...]` rows then have no positions); a name that is no hook point, by its
+    /// shape. None where its elements have none.
+    pub fn of(name: &str, shape: &[usize], batch: Option<usize>) -> Option<Positions> {
+        use crate::hooks::HookPoint;
+        match HookPoint::parse(name) {
+            Some(HookPoint::Layer(_, h)) if h.token_rows() => Some(Positions { lead: 1, batch: batch? }),
+            // Every other hook point leads with [B, S] (`dsa.margin` is no more than that).
+            Some(_) => (shape.len() >= 2).then(|| Positions { lead: 2, batch: shape[0] }),
+            None => Positions::of_shape(shape),
+        }
+    }
+
+    /// A `[B, S, ...]` tensor's, by its shape alone (three dimensions or more).
+    pub fn of_shape(shape: &[usize]) -> Option<Positions> {
+        (shape.len() >= 3).then(|| Positions { lead: 2, batch: shape[0] })
+    }
+
+    /// The position of the token whose elements start at leading index `row` (counted over the
+    /// `lead` dimensions of `shape`).
+    fn of_row(self, shape: &[usize], row: usize) -> usize {
+        let tokens: usize = shape.iter().take(self.lead).product();
+        let seq = match self.batch {
+            b if b > 0 && tokens.is_multiple_of(b) => tokens / b,
+            _ => tokens,
+        };
+        row % seq.max(1)
+    }
+
+    /// Flat element `i` of `shape` ordered by position first, then by index.
+    fn key(this: Option<Positions>, shape: &[usize], i: usize) -> (usize, usize) {
+        match this {
+            Some(p) => (p.of_row(shape, i / shape.iter().skip(p.lead).product::<usize>().max(1)), i),
+            None => (0, i),
+        }
+    }
+}
+
+/// Floats element by element; the first element outside is the earliest position's in any
+/// batch row where `shape` is `[B, S, ...]` ([`compare_floats_at`] takes the positions).
 pub fn compare_floats(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tolerance) -> (bool, Detail) {
+    compare_floats_at(ours, reference, shape, tol, Positions::of_shape(shape))
+}
+
+/// [`compare_floats`] with the elements' positions given.
+pub fn compare_floats_at(
+    ours: &[f32],
+    reference: &[f32],
+    shape: &[usize],
+    tol: Tolerance,
+    positions: Option<Positions>,
+) -> (bool, Detail) {
+    compare_floats_keyed(ours, reference, shape, tol, |i| Positions::key(positions, shape, i))
+}
+
+/// The comparison of floats, the first element outside being the one of least `key(index)`.
+fn compare_floats_keyed(
+    ours: &[f32],
+    reference: &[f32],
+    shape: &[usize],
+    tol: Tolerance,
+    key: impl Fn(usize) -> (usize, usize),
+) -> (bool, Detail) {
     let (mut max_abs, mut max_rel, mut bad, mut sum_abs) = (0f64, 0f64, 0usize, 0f64);
     let (mut err2, mut ref2, mut ours2, mut dot) = (0f64, 0f64, 0f64, 0f64);
     let (mut worst, mut undefined, mut first) = ((f64::NEG_INFINITY, 0usize), false, None::<usize>);
-    // An element's position along S in a `[B, S, ...]` tensor (0 otherwise), then its index: the
-    // first element outside is the earliest position's in any batch row, not row 0's first.
-    let position = |i: usize| match shape {
-        [_, s, rest @ ..] if !rest.is_empty() => ((i / rest.iter().product::<usize>().max(1)) % (*s).max(1), i),
-        _ => (0, i),
-    };
     for (i, (&a, &e)) in ours.iter().zip(reference).enumerate() {
         let ok = element_ok(a, e, tol);
         let err = if a == e { 0.0 } else { ((a - e) as f64).abs() };
@@ -339,7 +400,7 @@ pub fn compare_floats(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tol
         let excess = if excess.is_nan() { f64::INFINITY } else { excess };
         if !ok {
             bad += 1;
-            if first.is_none_or(|f| position(i) < position(f)) {
+            if first.is_none_or(|f| key(i) < key(f)) {
                 first = Some(i);
             }
         }
@@ -414,8 +475,16 @@ pub(crate) fn row_set(ids: &[i64], k: usize, r: usize, keep: impl Fn(usize, i64)
     s
 }
 
-/// Compares rows as sets. `keep(row, value)` filters members (the causal rule for DSA).
-fn compare_sets(ours: &[i64], reference: &[i64], shape: &[usize], keep: impl Fn(usize, i64) -> bool) -> (bool, Detail) {
+/// Compares rows as sets. `keep(row, value)` filters members (the causal rule for DSA). Flips
+/// come in order of position (`positions` of the rows), then of row: the first is the earliest
+/// position's in any batch row.
+fn compare_sets(
+    ours: &[i64],
+    reference: &[i64],
+    shape: &[usize],
+    positions: Option<Positions>,
+    keep: impl Fn(usize, i64) -> bool,
+) -> (bool, Detail) {
     let k = shape.last().copied().unwrap_or(1).max(1);
     let rows = reference.len() / k;
     let row_shape = &shape[..shape.len().saturating_sub(1)];
@@ -442,13 +511,16 @@ fn compare_sets(ours: &[i64], reference: &[i64], shape: &[usize], keep: impl Fn(
         }
     }
     let mean_recall = if rows == 0 { 1.0 } else { recall_sum / rows as f64 };
+    let row_shape = &shape[..shape.len().saturating_sub(1)];
+    flips.sort_by_key(|f| Positions::key(positions, row_shape, f.row));
     (flips.is_empty(), Detail::Sets { rows, mean_recall, min_recall, flips })
 }
 
 /// DSA rows of `[B, S, K]`: only positions `j <= s` count.
 pub fn compare_dsa(ours: &[i64], reference: &[i64], shape: &[usize]) -> (bool, Detail) {
     let seq = if shape.len() >= 2 { shape[shape.len() - 2].max(1) } else { 1 };
-    compare_sets(ours, reference, shape, |row, j| j >= 0 && (j as usize) <= row % seq)
+    let positions = Positions::of_shape(shape);
+    compare_sets(ours, reference, shape, positions, |row, j| j >= 0 && (j as usize) <= row % seq)
 }
 
 /// What is wrong with a `moe.topk_ids` tensor `[N, k]`, if anything: an id outside
@@ -478,8 +550,9 @@ pub fn invalid_expert_ids(ids: &[i64], shape: &[usize], experts: Option<usize>) 
     None
 }
 
-pub fn compare_expert_sets(ours: &[i64], reference: &[i64], shape: &[usize]) -> (bool, Detail) {
-    compare_sets(ours, reference, shape, |_, _| true)
+/// Expert sets of `[B*S, k]` rows, in a run of `batch` rows where known.
+pub fn compare_expert_sets(ours: &[i64], reference: &[i64], shape: &[usize], batch: Option<usize>) -> (bool, Detail) {
+    compare_sets(ours, reference, shape, batch.map(|batch| Positions { lead: 1, batch }), |_, _| true)
 }
 
 /// Weights `[N, k]` aligned by expert id. Rows whose chosen sets differ are flips (reported by the
@@ -491,10 +564,13 @@ pub fn compare_expert_weights(
     reference: &[f32],
     shape: &[usize],
     tol: Tolerance,
+    batch: Option<usize>,
 ) -> (bool, Detail) {
     let k = shape.last().copied().unwrap_or(1).max(1);
     let (aligned_ours, aligned_ref, positions) = align_by_expert(our_ids, ours, ref_ids, reference, k);
-    let (ok, mut detail) = compare_floats(&aligned_ours, &aligned_ref, &[aligned_ref.len()], tol);
+    let at = batch.map(|batch| Positions { lead: 1, batch });
+    let key = |j: usize| Positions::key(at, shape, positions[j]);
+    let (ok, mut detail) = compare_floats_keyed(&aligned_ours, &aligned_ref, &[aligned_ref.len()], tol, key);
     // Report the worst and the first element outside at their coordinates in the reference tensor.
     if let Detail::Float { worst_at, first_at, .. } = &mut detail {
         for at in [worst_at, first_at] {
@@ -535,13 +611,15 @@ pub fn elements_outside<'a>(ours: &'a [f32], reference: &'a [f32], tol: Toleranc
 }
 
 /// Compares one tensor by the rule its name calls for. `ids` gives, for `moe.topk_weights`, the
-/// ids both sides chose (ours, reference) so weights align by expert.
+/// ids both sides chose (ours, reference) so weights align by expert; `batch`, the run's batch
+/// rows where known, places the routing's `[B*S, ...]` rows at their positions.
 pub fn compare_tensor(
     name: &str,
     ours: (&Values, &[usize]),
     reference: (&Values, &[usize]),
     ids: Option<(&[i64], &[i64])>,
     tol: Tolerance,
+    batch: Option<usize>,
 ) -> Comparison {
     let (ours, shape) = ours;
     let (reference, ref_shape) = reference;
@@ -552,19 +630,20 @@ pub fn compare_tensor(
             detail: Detail::Shape { ours: shape.to_vec(), reference: ref_shape.to_vec() },
         };
     }
+    let positions = Positions::of(name, shape, batch);
     let (ok, detail) = match (Rule::for_name(name, reference), ours, reference) {
         (Rule::DsaSelection, Values::I64(a), Values::I64(e)) => compare_dsa(a, e, shape),
-        (Rule::ExpertSet, Values::I64(a), Values::I64(e)) => compare_expert_sets(a, e, shape),
+        (Rule::ExpertSet, Values::I64(a), Values::I64(e)) => compare_expert_sets(a, e, shape, batch),
         (Rule::Exact, Values::I64(a), Values::I64(e)) => compare_exact(a, e, shape),
         (Rule::ExpertWeights, Values::F32(a), Values::F32(e)) => match ids {
             Some((ia, ie)) if ia.len() == a.len() && ie.len() == e.len() => {
-                compare_expert_weights(ia, a, ie, e, shape, tol)
+                compare_expert_weights(ia, a, ie, e, shape, tol, batch)
             }
             // Without ids on both sides, weights can only be compared position by position.
-            _ => compare_floats(a, e, shape, tol),
+            _ => compare_floats_at(a, e, shape, tol, positions),
         },
-        (_, Values::F32(a), Values::F32(e)) => compare_floats(a, e, shape, tol),
-        (_, a, e) => compare_floats(&to_f32(a), &to_f32(e), shape, tol),
+        (_, Values::F32(a), Values::F32(e)) => compare_floats_at(a, e, shape, tol, positions),
+        (_, a, e) => compare_floats_at(&to_f32(a), &to_f32(e), shape, tol, positions),
     };
     Comparison { name: name.into(), ok, detail }
 }
@@ -593,25 +672,42 @@ mod tests {
     use super::*;
     use crate::flips::Class;
 
-    /// In a `[B, S, ...]` tensor the first element outside is the earliest position's in any
-    /// batch row (row 1 broke at position 1, row 0 at 3), and so is the first flip; elsewhere
-    /// the first in row-major order.
+    /// The first element outside, and the first flip, are the earliest position's in any batch
+    /// row: here row 1 broke at position 1 and row 0 at position 3, in a `[B, S, ...]` tensor, in
+    /// the routing's `[B*S, k]` rows of a run of batch 2, in a `[B, S]` tensor (`dsa.margin`)
+    /// and in DSA and expert selections; with no positions, the first in row-major order.
     #[test]
     fn the_first_outside_is_the_earliest_position_in_any_batch_row() {
         let reference = vec![0f32; 16];
         let mut ours = reference.clone();
         (ours[7], ours[10]) = (1.0, 1.0); // [0, 3, 1] and [1, 1, 0] of [2, 4, 2]
-        let first = |shape: &[usize]| match compare_floats(&ours, &reference, shape, Tolerance::default()).1 {
-            Detail::Float { first_at, .. } => first_at,
-            _ => unreachable!(),
+        let tol = Tolerance::default();
+        let first = |name: &str, shape: &[usize], batch: Option<usize>| {
+            let (a, e) = (Values::F32(ours.clone()), Values::F32(reference.clone()));
+            match compare_tensor(name, (&a, shape), (&e, shape), None, tol, batch).detail {
+                Detail::Float { first_at, .. } => first_at,
+                d => panic!("{d:?}"),
+            }
         };
-        assert_eq!(first(&[2, 4, 2]), [1, 1, 0]);
-        assert_eq!(first(&[16]), [7]);
-        assert_eq!(first(&[8, 2]), [3, 1], "[N, k] rows are no positions");
-        let flip = |row: usize, at: Vec<usize>| Flip { row, at, ..Flip::with_margins(None, None) };
-        let flips = [flip(3, vec![0, 3]), flip(5, vec![1, 1])];
-        assert_eq!(earliest(&flips).map(|f| f.row), Some(5));
-        assert_eq!(earliest(&[flip(4, vec![4]), flip(2, vec![2])]).map(|f| f.row), Some(2));
+        assert_eq!(first("layers.0.output", &[2, 4, 2], None), [1, 1, 0]);
+        assert_eq!(first("layers.0.moe.router_logits", &[8, 2], Some(2)), [5, 0], "row 5 is [1, 1]");
+        assert_eq!(first("layers.0.moe.router_logits", &[8, 2], None), [3, 1], "batch unknown: row-major");
+        assert_eq!(first("x", &[16], None), [7]);
+        let (mut margin, zeros) = (vec![0f32; 8], vec![0f32; 8]);
+        (margin[3], margin[5]) = (1.0, 1.0); // [0, 3] and [1, 1] of [2, 4]
+        let (a, e) = (Values::F32(margin), Values::F32(zeros));
+        let c = compare_tensor("layers.0.dsa.margin", (&a, &[2, 4]), (&e, &[2, 4]), None, tol, Some(2));
+        assert!(matches!(c.detail, Detail::Float { first_at, .. } if first_at == [1, 1]));
+        // Selections: keys of [2, 4, 1] rows, and experts of [8, 1] rows of a batch of 2.
+        let (sel, mut moved) = (vec![0i64; 8], vec![0i64; 8]);
+        (moved[3], moved[5]) = (1, 1);
+        let flips = |d: Detail| match d {
+            Detail::Sets { flips, .. } => flips.iter().map(|f| f.row).collect::<Vec<_>>(),
+            d => panic!("{d:?}"),
+        };
+        assert_eq!(flips(compare_dsa(&moved, &sel, &[2, 4, 1]).1), [5, 3]);
+        assert_eq!(flips(compare_expert_sets(&moved, &sel, &[8, 1], Some(2)).1), [5, 3]);
+        assert_eq!(flips(compare_expert_sets(&moved, &sel, &[8, 1], None).1), [3, 5]);
     }
 
     /// A swap of keys that moved no more than the layer's noise is the noise's; a row that kept
@@ -639,6 +735,7 @@ mod tests {
                 (&Values::I64(vec![1, 1]), &[2, 1]),
                 None,
                 Tolerance::default(),
+                None,
             )
         };
         let results = [compared("layers.1.moe.bias_changed"), compared("layers.1.moe.topk_ids")];
@@ -714,7 +811,7 @@ mod tests {
         let tol = Tolerance { atol: 1e-4, rtol: 1e-4 };
         let (ids, ours_ids) = ([3, 5, 2, 7], [3, 5, 7, 2]);
         let (reference, ours) = ([0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.45, 0.3]);
-        let (ok, d) = compare_expert_weights(&ours_ids, &ours, &ids, &reference, &[2, 2], tol);
+        let (ok, d) = compare_expert_weights(&ours_ids, &ours, &ids, &reference, &[2, 2], tol, None);
         let Detail::Float { worst_at, first_at, bad, .. } = d else { panic!() };
         assert!(!ok);
         assert_eq!((worst_at, first_at, bad), (vec![1, 1], vec![1, 1], 1));
@@ -779,9 +876,11 @@ mod tests {
 
     #[test]
     fn expert_weights_align_by_id() {
-        let (ok, _) = compare_expert_weights(&[3, 1], &[0.5, 0.2], &[1, 3], &[0.2, 0.5], &[1, 2], Tolerance::default());
+        let (ok, _) =
+            compare_expert_weights(&[3, 1], &[0.5, 0.2], &[1, 3], &[0.2, 0.5], &[1, 2], Tolerance::default(), None);
         assert!(ok);
-        let (ok, _) = compare_expert_weights(&[3, 1], &[0.2, 0.5], &[1, 3], &[0.2, 0.5], &[1, 2], Tolerance::default());
+        let (ok, _) =
+            compare_expert_weights(&[3, 1], &[0.2, 0.5], &[1, 3], &[0.2, 0.5], &[1, 2], Tolerance::default(), None);
         assert!(!ok);
     }
 }

@@ -54,6 +54,7 @@ pub fn compare(
 ) -> Result<DecodeCheck> {
     let mut results = Vec::new();
     let mut first: Option<(usize, usize)> = None;
+    let batch = prefill.get(&HookPoint::InputIds).and_then(|t| t.dims().first().copied());
     for (&point, ours) in decode {
         let Some(reference) = prefill.get(&point) else { continue };
         let (a, e) = (Values::from_tensor(ours)?, Values::from_tensor(reference)?);
@@ -70,7 +71,8 @@ pub fn compare(
             _ => None,
         };
         let ids_ref = ids.as_ref().map(|(a, e)| (a.as_slice(), e.as_slice()));
-        let mut c = compare::compare_tensor(&point.name(), (&a, ours.dims()), (&e, reference.dims()), ids_ref, tol);
+        let mut c =
+            compare::compare_tensor(&point.name(), (&a, ours.dims()), (&e, reference.dims()), ids_ref, tol, batch);
         add_margins(&mut c, point, (decode, prefill), config)?;
         if !c.ok {
             let at = first_position(point, &c, (&a, &e), ours.dims(), seq, ids_ref, tol);

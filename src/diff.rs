@@ -162,6 +162,8 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     }
     let mut results: Vec<Comparison> = Vec::new();
     let mut notes = crate::reading::Notes::default();
+    // The run's batch rows: where the routing's `[B*S, ...]` rows sit along the positions.
+    let batch = b.shape("input_ids").or_else(|| a.shape("input_ids")).and_then(|s| s.first().copied());
     // Whether every float value of each dump is a bf16 (low 16 bits 0), and any float compared.
     let (mut bf16_only, mut floats_seen) = ([true; 2], false);
     let mut bf16_first = None;
@@ -205,7 +207,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
                 bf16_only[side] = bf16_only[side] && v.iter().all(|x| x.to_bits() & 0xFFFF == 0);
             }
         }
-        let mut c = compare_tensor(name, (&va, &sa), (&vb, &sb), ids, opts.tol_for(name));
+        let mut c = compare_tensor(name, (&va, &sa), (&vb, &sb), ids, opts.tol_for(name), batch);
         let tighter = opts.tol_for(name).atol < bf16.atol;
         if let (None, false, true, Detail::Float { .. }) = (&bf16_first, c.ok, tighter, &c.detail) {
             let sides = [is_bf16(&va), is_bf16(&vb)];
@@ -604,6 +606,12 @@ mod tests {
         let out = render(report(&["layers.2.output", "layers.1.attn.out"], &theirs));
         assert!(out.contains("ours numbers its layers from 1"), "{out}");
         assert!(!report(&["layers.2.output", "layers.1.attn.out"], &theirs).all_match());
+        // Selections that match across the shift (a prompt no longer than index_topk keeps every
+        // key in every layer) do not line the names up: only an activation that matches does.
+        let mut shifted = report(&["layers.2.output", "layers.1.attn.out"], &theirs);
+        let all_kept = Detail::Sets { rows: 4, mean_recall: 1.0, min_recall: 1.0, flips: vec![] };
+        shifted.results.push(Comparison { name: "layers.1.dsa.topk".into(), ok: true, detail: all_kept });
+        assert!(shifted.misnamed().is_some_and(|h| h.contains("from 1")));
         // Two windows that overlap (layers 1-2 against 0-1): layer 1 matches, so the names line
         // up and what ours lacks it did not record.
         let mut windows = report(&["layers.2.output", "layers.2.attn.out"], &["layers.0.output", "layers.0.attn.out"]);
@@ -637,7 +645,7 @@ mod tests {
     #[test]
     fn exact_integer_tensors_differ_by_element() {
         let (a, e) = (Values::I64(vec![1, 0, 0]), Values::I64(vec![0, 0, 0]));
-        let c = compare_tensor("layers.2.moe.bias_changed", (&a, &[3]), (&e, &[3]), None, Tolerance::default());
+        let c = compare_tensor("layers.2.moe.bias_changed", (&a, &[3]), (&e, &[3]), None, Tolerance::default(), None);
         assert_eq!(
             crate::verify::format_line(&c).split_whitespace().collect::<Vec<_>>()[1..5],
             ["MISMATCH", "1/3", "elements", "differ;"]

@@ -560,6 +560,7 @@ mod tests {
             (&crate::dump::Values::I64(vec![0, 0, 0]), &[3, 1]),
             None,
             crate::compare::Tolerance::default(),
+            None,
         );
         c.set_margins(Some(&[0.8, 0.05, 0.2]), Some(&[0.8, 0.05, 0.2]));
         let flat = Config::from_json(&serde_json::json!({})).unwrap();
@@ -655,6 +656,7 @@ mod tests {
             (&crate::dump::Values::I64(values(&reference)), &[1, 3, 1]),
             None,
             crate::compare::Tolerance::default(),
+            None,
         );
         add_movement(&mut c, &ours, &reference, None, None, 1e-3);
         let Detail::Sets { flips, .. } = &c.detail else { panic!() };

@@ -51,9 +51,14 @@ impl DiffReport {
     /// Why ours may lack them, where its own names say: the same names behind a prefix
     /// (`model.layers.0.input_norm`), or layers numbered one up (from 1).
     pub(crate) fn missing_names_hint(&self, missing: &[&str]) -> Option<String> {
-        // A layer's hook point both hold that matches says the names line up (two windows or
-        // partial recordings that overlap): what ours lacks it did not record.
-        if self.results.iter().any(|c| c.ok && HookPoint::parse(&c.name).is_some_and(|p| p.layer().is_some())) {
+        // A layer's activation both hold that matches says the names line up (two windows or
+        // partial recordings that overlap): what ours lacks it did not record. (Not a selection
+        // or margin: a prompt no longer than index_topk keeps every key, the same in every layer.)
+        let lines_up = |c: &Comparison| {
+            let activation = HookPoint::parse(&c.name).is_some_and(|p| p.layer().is_some() && p.in_spec());
+            c.ok && activation && matches!(c.detail, Detail::Float { .. })
+        };
+        if self.results.iter().any(lines_up) {
             return None;
         }
         // A prefix: ours's names outside the spec that end with most of the missing ones after

@@ -78,7 +78,8 @@ impl<'a> Verifier<'a> {
             (Some(a), Some(b)) => Some((a.as_slice(), b.as_slice())),
             _ => None,
         };
-        Ok(compare::compare_tensor(name, (&ours, &shape), (&reference, &ref_shape), ids, self.tol))
+        let batch = self.golden.shape("input_ids").and_then(|s| s.first().copied());
+        Ok(compare::compare_tensor(name, (&ours, &shape), (&reference, &ref_shape), ids, self.tol, batch))
     }
 }
 
@@ -380,7 +381,7 @@ pub fn format_line(c: &Comparison) -> String {
         }
         Detail::Sets { rows, flips, min_recall, .. } => {
             let mut s = format!("{}/{rows} rows differ", flips.len());
-            if let Some(f) = crate::compare::earliest(flips) {
+            if let Some(f) = flips.first() {
                 s += &format!(
                     " (min recall {min_recall:.3}); first at {:?}: only ours {:?}, only ref {:?}",
                     f.at, f.only_ours, f.only_reference
