@@ -653,9 +653,10 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     let tmp = std::env::temp_dir().join(format!("{LIVE_PREFIX}{}-{call}.safetensors", std::process::id()));
     let owned = crate::output::Removal::new(tmp.clone());
     let mut writer = DumpWriter::create(&tmp, Selector::default(), model.max_hook_points())?;
-    // A reference that checks the MTP head (`golden/mtp`) gets it run too, from our final-norm
-    // hidden state, as `verify` and `run --mtp` do.
-    let head = match reference.as_ref().is_some_and(crate::verify::has_mtp) {
+    // A reference that checks the MTP head (`golden/mtp`) gets it run too (on the CPU), from our
+    // final-norm hidden state, as `verify` and `run --mtp` do, where the checkpoint has the head
+    // (a quantised release may drop it: the main model is still compared).
+    let head = match reference.as_ref().is_some_and(crate::verify::has_mtp) && crate::model::mtp::Mtp::present(&ckpt) {
         true => Some(crate::model::mtp::Mtp::load(&ckpt)?),
         false => None,
     };
@@ -671,9 +672,10 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     // TUI ends (a kill included).
     let ours = Dump::open(&tmp)?;
     drop(owned);
-    let live = match target.backend {
-        crate::device::Backend::Cpu => format!("live{skipped}"),
-        _ => format!("live, {}{skipped}", target.describe()),
+    let live = match (target.backend, &head) {
+        (crate::device::Backend::Cpu, _) => format!("live{skipped}"),
+        (_, None) => format!("live, {}{skipped}", target.describe()),
+        (_, Some(_)) => format!("live, {}, the MTP head on the CPU{skipped}", target.describe()),
     };
     let title = match &golden {
         Some(g) => format!("{} ({live}) vs reference {}", dir.display(), g.display()),

@@ -21,14 +21,14 @@ use glimpse_tui::{ui, App, Part, Source, View};
 fn layers_view_of_the_default_case() {
     let tmp = tempfile::tempdir().unwrap();
     let src = default_source(tmp.path());
-    let s = screen(&App::new(&src), &src, 80, 24);
+    let s = screen(&App::default(), &src, 80, 24);
     assert!(s.contains("1 layers"), "{s}");
     let words = |l: &str| l.trim_matches('│').split_whitespace().map(String::from).collect::<Vec<_>>();
     assert_eq!(words(line_with(&s, "│0 "))[..6], ["0", "dense", "full", "match", "0", "0/0"]);
     assert_eq!(words(line_with(&s, "│3 "))[..6], ["3", "moe", "full", "match", "0", "0/0"]);
     assert!(s.contains("q quit | ? keys | tab view"), "the key help is on screen:\n{s}");
     // `?` lists every key over the view; any key closes it, and esc does not quit.
-    let mut app = App::new(&src);
+    let mut app = App::default();
     let esc = KeyEvent::new(KeyCode::Esc, KeyModifiers::NONE);
     app.handle_key(KeyEvent::new(KeyCode::Char('?'), KeyModifiers::NONE), &src);
     let keys = screen(&app, &src, 80, 24);
@@ -43,7 +43,7 @@ fn layers_view_of_the_default_case() {
     app.handle_key(esc, &src);
     assert!(app.filter.is_empty(), "{app:?}");
     // Nothing to jump to.
-    let mut app = App::new(&src);
+    let mut app = App::default();
     app.next_problem(&src);
     assert!(screen(&app, &src, 80, 24).contains("no mismatch or flip in any layer"));
 }
@@ -51,7 +51,7 @@ fn layers_view_of_the_default_case() {
 #[test]
 fn layers_view_flags_the_ports_flips() {
     let src = port_source();
-    let s = screen(&App::new(&src), &src, 80, 24);
+    let s = screen(&App::default(), &src, 80, 24);
     let row = line_with(&s, "│3 ");
     let (routing, dsa) = (flipped_rows(3, "moe.topk_ids"), flipped_rows(3, "dsa.topk"));
     assert!(routing > 0 && dsa > 0, "the port flips in layer 3");
@@ -83,7 +83,7 @@ fn outside(name: &str) -> bool {
 #[test]
 fn embeddings_and_head_are_rows_of_their_own() {
     let src = port_source();
-    let s = screen(&App::new(&src), &src, 80, 24);
+    let s = screen(&App::default(), &src, 80, 24);
     let words = |l: &str| l.trim_matches('│').split_whitespace().map(String::from).collect::<Vec<_>>();
     for (label, names) in [("emb", &["input_ids", "embeddings"][..]), ("head", &["final_norm", "logits"])] {
         let bad = names.iter().filter(|n| outside(n)).count();
@@ -93,7 +93,7 @@ fn embeddings_and_head_are_rows_of_their_own() {
         let first = names.iter().find(|n| outside(n)).unwrap();
         assert_eq!(row[6], *first, "{s}");
     }
-    let mut app = App::new(&src);
+    let mut app = App::default();
     app.next_problem(&src);
     assert_eq!((app.view, app.layer), (View::Activations, 0));
     assert!(screen(&app, &src, 80, 24).contains("embeddings activations"));
@@ -132,7 +132,7 @@ fn nan_and_inf_are_shown_as_such() {
         _ => {}
     });
     let src = DumpSource::new("nan".into(), ours, Some(port_dumps().1), &DiffOptions::default()).unwrap();
-    let s = screen(&App::new(&src), &src, 80, 24);
+    let s = screen(&App::default(), &src, 80, 24);
     assert!(s.contains("first NaN/Inf of this run: layers.2.attn.kv_latent at [0, 4, 0] = NaN"), "{s}");
     let mut app = at_layer(&src, 3);
     app.set_view(View::Activations);
@@ -307,7 +307,7 @@ fn activations_view_lists_hook_points_with_stats() {
         paged.scroll_down(&port);
     }
     assert_eq!(paged.scroll, hooks - page);
-    paged.scroll_up();
+    paged.scroll_up(&port);
     assert_eq!(paged.scroll, (hooks - page).saturating_sub(page));
     assert_eq!(
         glimpse_tui::views::page(&top, &port, ui::body(glimpse_tui::ratatui::layout::Rect::new(0, 0, 80, 24))),
@@ -330,7 +330,7 @@ fn a_misnamed_dump_is_said_in_the_status_line() {
     let src = DumpSource::new("prefixed".into(), ours, Some(theirs), &DiffOptions::default()).unwrap();
     let warning = src.warning().unwrap_or_default();
     assert!(warning.starts_with("misnamed: ours names them with a `model.` prefix ("), "{warning}");
-    let s = screen(&App::new(&src), &src, 120, 24);
+    let s = screen(&App::default(), &src, 120, 24);
     assert!(s.contains("warning: misnamed: ours names them with a `model.` prefix"), "{s}");
     // The reference against itself: nothing to say.
     let same = DumpSource::new(
@@ -372,6 +372,41 @@ fn the_worst_routing_weights_pair_by_expert() {
         let w = &r.worst[0];
         approx::assert_abs_diff_eq!((w.ours - w.reference).abs() as f64, r.max_abs, epsilon = 1e-6);
     }
+}
+
+/// Paging the latent-kv view stops at the last layer (not the head row, which it does not list),
+/// and the DSA view of a batch of two pages over one row's queries, its last page full.
+#[test]
+fn paging_stops_at_what_the_view_lists() {
+    let port = port_source();
+    let area = |h| ui::body(glimpse_tui::ratatui::layout::Rect::new(0, 0, 80, h));
+    let mut app = App { view: View::KvNorms, ..at_layer(&port, 0) };
+    app.page = glimpse_tui::views::page(&app, &port, area(14));
+    for _ in 0..6 {
+        app.scroll_down(&port);
+    }
+    assert_eq!(port.layers()[app.layer].part, Part::Layer(4));
+    for _ in 0..6 {
+        app.scroll_up(&port);
+    }
+    assert_eq!(port.layers()[app.layer].part, Part::Layer(0));
+    // golden/mtp's reference runs two rows of tokens.
+    let mtp = common::golden("mtp").join("reference.safetensors");
+    let two = DumpSource::new(
+        "b2".into(),
+        Dump::open(&mtp).unwrap(),
+        Some(Dump::open(&mtp).unwrap()),
+        &DiffOptions::default(),
+    )
+    .unwrap();
+    let seq = two.dsa(0, 0).unwrap().seq;
+    assert_eq!(two.tokens(), 2 * seq);
+    let mut app = App { view: View::Dsa, ..at_layer(&two, 0) };
+    app.page = glimpse_tui::views::page(&app, &two, area(14));
+    for _ in 0..10 {
+        app.scroll_down(&two);
+    }
+    assert!(app.page < seq && app.scroll == seq - app.page, "{} {}", app.scroll, app.page);
 }
 
 /// A flip of three experts each way is shown whole at 80 columns (the column widens), and by
@@ -428,7 +463,7 @@ fn paging_the_routing_and_dsa_views_moves_the_selected_token() {
             row[label.len()..].split_whitespace().next().unwrap().to_string()
         };
         let bottom = first_row(&app);
-        app.scroll_up();
+        app.scroll_up(&port);
         assert_eq!(app.token, port.tokens() - 1 - app.page, "{view:?}");
         let up = first_row(&app);
         assert!(up != bottom && up.trim_start_matches('#').parse::<usize>().is_ok_and(|t| t < 31), "{view:?}: {up}");
@@ -637,7 +672,7 @@ fn a_layer_whose_rule_differs_reads_rule() {
     let src = DumpSource::new("rule".into(), ours, Some(reference), &opts).unwrap();
     let status = |i: usize| src.layers()[row_of(&src, i)].status;
     assert_eq!((status(3), status(2)), (glimpse_tui::Status::Rule, glimpse_tui::Status::Match));
-    assert!(line_with(&screen(&App::new(&src), &src, 80, 24), "│3 ").contains("RULE"));
+    assert!(line_with(&screen(&App::default(), &src, 80, 24), "│3 ").contains("RULE"));
     // The routing view marks the flip R (whatever its margins) and counts it in its title.
     let routes = src.routing(3).unwrap();
     assert_eq!(

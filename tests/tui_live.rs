@@ -158,7 +158,7 @@ fn the_live_run_can_go_through_the_device_path() {
         tol: Default::default(),
     })
     .unwrap();
-    let mut app = App::new(&src);
+    let mut app = App::default();
     let s = screen(&app, &src, 100, 24);
     assert!(s.contains("(live, cpu-ops, float32) vs reference"), "{s}");
     for view in [View::Activations, View::Routing, View::Dsa, View::KvNorms] {
@@ -184,7 +184,7 @@ fn the_live_run_of_a_reference_with_the_mtp_head_runs_it() {
         tol: Default::default(),
     })
     .unwrap();
-    let s = screen(&App::new(&src), &src, 100, 24);
+    let s = screen(&App::default(), &src, 100, 24);
     assert!(line_with(&s, "│3 ").contains("mtp") && line_with(&s, "│3 ").contains("match"), "{s}");
     let head: Vec<String> = src.hooks(glimpse_tui::Part::Head).into_iter().map(|h| h.name).collect();
     assert!(head.iter().any(|n| n == "mtp.logits"), "{head:?}");
@@ -323,10 +323,21 @@ fn stale_live_dumps_of_dead_processes_are_swept() {
 #[test]
 fn another_models_checkpoint_is_said() {
     let other = open_port(Some(&flat().with_file_name("mtp")), Default::default());
-    let s = screen(&App::new(&other), &other, 120, 24);
+    let s = screen(&App::default(), &other, 120, 24);
     assert!(s.contains("golden/mtp: not the config.json the dumps ran"), "{s}");
     let right = open_port(Some(&flat()), Default::default());
-    assert!(App::new(&right).message.is_empty());
+    assert_eq!(right.warning(), None);
+    assert!(!screen(&App::default(), &right, 120, 24).contains("warning"));
+    // The warning stays in the status line while no key's message takes its place.
+    let mut app = App::default();
+    app.next_problem(&other);
+    let s = screen(&app, &other, 160, 24);
+    assert!(!s.contains("not the config.json") && !app.message.is_empty(), "{s}");
+    let j = glimpse_tui::ratatui::crossterm::event::KeyEvent::from(
+        glimpse_tui::ratatui::crossterm::event::KeyCode::Char('j'),
+    );
+    app.handle_key(j, &other);
+    assert!(screen(&app, &other, 160, 24).contains("not the config.json"));
 }
 
 /// `tui --dump` of the bundled bf16 port against its reference, as the binary opens it.

@@ -51,7 +51,7 @@ pub fn port_options() -> DiffOptions {
 
 /// The state a session opens in, moved to layer `i`'s row (the embeddings row is above layer 0).
 pub fn at_layer(src: &dyn Source, i: usize) -> App {
-    App { layer: row_of(src, i), ..App::new(src) }
+    App { layer: row_of(src, i), ..App::default() }
 }
 
 pub fn row_of(src: &dyn Source, i: usize) -> usize {

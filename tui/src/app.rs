@@ -90,13 +90,6 @@ pub const KEYS: [(&str, &str); 9] = [
 ];
 
 impl App {
-    /// The state a session starts in: the layers view on its first row (the embeddings), with
-    /// the source's warning, if any, in the status line.
-    pub fn new(src: &dyn Source) -> App {
-        let message = src.warning().map(|w| format!("warning: {w}")).unwrap_or_default();
-        App { message, ..App::default() }
-    }
-
     pub fn handle_key(&mut self, key: KeyEvent, src: &dyn Source) {
         if self.editing_filter {
             match key.code {
@@ -126,7 +119,7 @@ impl App {
             KeyCode::Char('l') | KeyCode::Right => self.next_token(src),
             KeyCode::Char('h') | KeyCode::Left => self.prev_token(),
             KeyCode::PageDown | KeyCode::Char('J') => self.scroll_down(src),
-            KeyCode::PageUp | KeyCode::Char('K') => self.scroll_up(),
+            KeyCode::PageUp | KeyCode::Char('K') => self.scroll_up(src),
             KeyCode::Char('/') => self.start_filter(),
             KeyCode::Esc => self.clear_filter(),
             _ => {}
@@ -253,7 +246,7 @@ impl App {
         self.scroll = (self.scroll + self.page).min(self.rows(src).saturating_sub(self.page));
         match self.view {
             View::Routing | View::Dsa => self.token = (self.token + self.page).min(src.tokens().saturating_sub(1)),
-            View::KvNorms => self.layer = (self.layer + self.page).min(src.layers().len().saturating_sub(1)),
+            View::KvNorms => self.layer = clamp_to_layers(src, self.layer + self.page),
             _ => {}
         }
     }
@@ -264,17 +257,18 @@ impl App {
         match self.view {
             View::Activations => self.hooks(src).len(),
             View::Routing => layer.and_then(|i| src.routing(i)).map_or(0, |r| r.len()),
-            View::Dsa => src.tokens(),
+            // The queries of the selected token's batch row.
+            View::Dsa => layer.and_then(|i| src.dsa(i, self.token)).map_or(0, |m| m.seq),
             View::Load => src.load().len(),
             View::KvNorms => src.kv_norms().map_or(0, |g| g.layers.len()),
             View::Layers => 0,
         }
     }
-    pub fn scroll_up(&mut self) {
+    pub fn scroll_up(&mut self, src: &dyn Source) {
         self.scroll = self.scroll.saturating_sub(self.page);
         match self.view {
             View::Routing | View::Dsa => self.token = self.token.saturating_sub(self.page),
-            View::KvNorms => self.layer = self.layer.saturating_sub(self.page),
+            View::KvNorms => self.layer = clamp_to_layers(src, self.layer.saturating_sub(self.page)),
             _ => {}
         }
     }
@@ -297,6 +291,17 @@ impl App {
     pub fn clear_filter(&mut self) {
         self.filter.clear();
         self.editing_filter = false;
+    }
+}
+
+/// `row` (an index into `Source::layers()`) held to the rows of layers, which the latent-kv view
+/// lists (not the embeddings or the head).
+fn clamp_to_layers(src: &dyn Source, row: usize) -> usize {
+    let layers = src.layers();
+    let is_layer = |i: &usize| layers[*i].part.layer().is_some();
+    match ((0..layers.len()).find(is_layer), (0..layers.len()).rev().find(is_layer)) {
+        (Some(first), Some(last)) => row.clamp(first, last),
+        _ => row,
     }
 }
 

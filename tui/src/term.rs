@@ -24,7 +24,7 @@ pub fn run(src: &dyn Source) -> io::Result<Option<i32>> {
 }
 
 fn event_loop(terminal: &mut ratatui::DefaultTerminal, src: &dyn Source) -> io::Result<()> {
-    let mut app = App::new(src);
+    let mut app = App::default();
     stop::install();
     draw(terminal, &mut app, src)?;
     while !app.quit && stop::signal().is_none() {

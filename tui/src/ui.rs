@@ -91,8 +91,11 @@ fn status_line(app: &App, src: &dyn Source) -> Line<'static> {
         let cursor = if app.editing_filter { "_" } else { "" };
         spans.push(Span::styled(format!("| filter: {}{cursor} ", app.filter), Style::new().fg(Color::Cyan)));
     }
-    if !app.message.is_empty() {
-        spans.push(Span::styled(format!("| {}", app.message), Style::new().fg(Color::Yellow)));
+    // A key's message, else the source's warning, which stays while nothing else is said.
+    match (app.message.is_empty(), src.warning()) {
+        (false, _) => spans.push(Span::styled(format!("| {}", app.message), Style::new().fg(Color::Yellow))),
+        (true, Some(w)) => spans.push(Span::styled(format!("| warning: {w}"), Style::new().fg(Color::Yellow))),
+        (true, None) => {}
     }
     Line::from(spans)
 }

@@ -40,7 +40,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     // spaces, else says only their lengths.
     let on_screen = &routes[start.min(routes.len())..(start + visible).min(routes.len())];
     let room = area.width.saturating_sub(2 + 13 + 11 + margin_width + 1).max(24) as usize;
-    let versus_width = on_screen.iter().map(|r| versus(r, 0).chars().count()).fold(24, usize::max).min(room);
+    let fit = |r: &RouteRow| (0..3).map(|form| versus(r, form)).find(|v| v.chars().count() <= room);
+    let fit = |r: &RouteRow| fit(r).unwrap_or_else(|| versus(r, 2));
+    let versus_width = on_screen.iter().map(|r| fit(r).chars().count()).fold(24, usize::max);
     let widths: [u16; 4] = [12, 10, margin_width, versus_width as u16];
     let show = fitting(area.width.saturating_sub(2), &widths, if compared { &[1, 2] } else { &[3, 1] });
     // The experts column takes what the others leave (each with its space): whole entries, and
@@ -49,8 +51,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let experts_width = area.width.saturating_sub(2).saturating_sub(others) as usize;
     let rows = routes.iter().skip(start).map(|r| {
         let experts: Vec<String> = r.ids.iter().zip(&r.weights).map(|(i, w)| format!("{i}:{w:.2}")).collect();
-        let reference = (0..3).map(|form| versus(r, form)).find(|v| v.chars().count() <= versus_width);
-        let reference = reference.unwrap_or_else(|| versus(r, 2));
+        let reference = fit(r);
         let mut style =
             if r.is_flip() { Style::new().fg(Color::Red).add_modifier(Modifier::BOLD) } else { Style::new() };
         if r.token == app.token {
