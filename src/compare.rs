@@ -584,13 +584,13 @@ pub fn compare_expert_weights(
 
 /// The weights of the experts both sides chose, in the reference's order: (ours, reference, flat
 /// index of each in the reference tensor). Rows hold `k` experts.
-pub fn align_by_expert(
+pub fn align_by_expert<T: Copy>(
     our_ids: &[i64],
-    ours: &[f32],
+    ours: &[T],
     ref_ids: &[i64],
-    reference: &[f32],
+    reference: &[T],
     k: usize,
-) -> (Vec<f32>, Vec<f32>, Vec<usize>) {
+) -> (Vec<T>, Vec<T>, Vec<usize>) {
     let mut aligned_ours = Vec::with_capacity(reference.len());
     let mut aligned_ref = Vec::with_capacity(reference.len());
     let mut positions = Vec::with_capacity(reference.len());

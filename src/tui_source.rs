@@ -282,16 +282,13 @@ impl DumpSource {
             (&c.detail, self.reference.as_ref().and_then(|r| Self::floats(r, name)))
         {
             // Routing weights pair by expert, as the comparison does: (ours, theirs, flat index
-            // in the reference tensor) of the experts both sides chose.
+            // in the reference tensor, whose slot the coordinate names) of the experts both
+            // sides chose.
             let ids = |d: &Dump| Self::ints(d, &name.replace(".moe.topk_weights", ".moe.topk_ids")).map(|(v, _)| v);
             let by_expert = match (name.ends_with(".moe.topk_weights"), self.reference.as_ref().and_then(ids)) {
                 (true, Some(ref_ids)) => ids(&self.ours).map(|our_ids| {
-                    let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
                     let k = shape.last().copied().unwrap_or(1).max(1);
-                    let (a, b, at) =
-                        crate::compare::align_by_expert(&our_ids, &f32s(ours), &ref_ids, &f32s(&theirs), k);
-                    let wide = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<_>>();
-                    (wide(a), wide(b), at)
+                    crate::compare::align_by_expert(&our_ids, ours, &ref_ids, &theirs, k)
                 }),
                 _ => None,
             };
