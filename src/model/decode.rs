@@ -440,15 +440,36 @@ impl Drafter<'_> {
 pub fn last_argmax(logits: &Tensor) -> Result<Vec<u32>> {
     let c = logits.dims()[1];
     let rows = logits.narrow(1, c - 1, 1)?.squeeze(1)?.to_vec2::<f32>()?; // [B, vocab]
-    Ok(rows
-        .iter()
-        .map(|r| r.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).map_or(0, |(i, _)| i as u32))
-        .collect())
+    Ok(rows.iter().map(|r| argmax(r) as u32).collect())
+}
+
+/// torch's `argmax`: the first index of the largest value, a NaN counting as the largest (the
+/// first NaN). Greedy decoding breaks a tie as transformers' does: the lower token id.
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &x) in row.iter().enumerate() {
+        match best {
+            Some((_, b)) if !(x > b || (x.is_nan() && !b.is_nan())) => {}
+            _ => best = Some((i, x)),
+        }
+    }
+    best.map_or(0, |(i, _)| i)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ties go to the lower id and a NaN wins, as torch's argmax has them (torch 2 gives 0, 1
+    /// and 1 for the first three rows).
+    #[test]
+    fn argmax_is_torchs() {
+        assert_eq!(argmax(&[0.0, 0.0, 0.0]), 0);
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+        assert_eq!(argmax(&[1.0, f32::NAN, 5.0, f32::NAN]), 1);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
+        assert_eq!(argmax(&[]), 0);
+    }
 
     /// Steps of batch-major rows land position-major, past the reserved room too, and a step of
     /// another batch or width is refused.
