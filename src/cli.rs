@@ -241,8 +241,8 @@ pub(crate) enum Command {
         dump: Option<PathBuf>,
         /// Hook points to record, as name patterns (`*` wildcard, comma-separated), e.g.
         /// `layers.*.moe.*,logits`. Default: everything but the S x S `dsa.scores`.
-        #[arg(long, default_value = "*", requires = "dump")]
-        record: String,
+        #[arg(long, requires = "dump")]
+        record: Option<String>,
         /// Run only layers A..B (inclusive), e.g. `3..5`; past layer 0 it starts from --from-dump.
         #[arg(long, value_parser = parse_range)]
         layers: Option<std::ops::RangeInclusive<usize>>,
@@ -288,9 +288,10 @@ pub(crate) enum Command {
         /// Write every step's hook points to this dump, laid end to end like a prefill's.
         #[arg(long)]
         dump: Option<PathBuf>,
-        /// Hook points to record with --dump (`*` wildcard, comma-separated).
-        #[arg(long, default_value = "*", requires = "dump")]
-        record: String,
+        /// Hook points to record with --dump (`*` wildcard, comma-separated). Default: everything
+        /// but the S x S `dsa.scores`.
+        #[arg(long, requires = "dump")]
+        record: Option<String>,
         /// Draft each next token with the MTP head and report how often it equals the greedy token.
         #[arg(long)]
         mtp: bool,

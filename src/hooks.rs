@@ -308,11 +308,11 @@ impl Selector {
         self.patterns.iter().any(|p| (!is_scores(point) || names_scores(p)) && glob(p, &name))
     }
 
-    /// A pattern other than the default `*` that reaches the S x S score matrices of a model of
-    /// `layers` layers by a wildcard alone, so records everything it names but them (only a
-    /// pattern naming them records them): the one to tell the user about.
+    /// A pattern that reaches the S x S score matrices of a model of `layers` layers by a
+    /// wildcard alone, so records everything it names but them (only a pattern naming them
+    /// records them): the one to tell a user who gave it about (the default `*` is not told).
     pub fn scores_left_out(&self, layers: usize) -> Option<&str> {
-        if self.patterns.iter().any(|p| names_scores(p)) || self.patterns == ["*"] {
+        if self.patterns.iter().any(|p| names_scores(p)) {
             return None;
         }
         let reaches = |p: &&String| HookPoint::all(layers).any(|point| is_scores(point) && glob(p, &point.name()));

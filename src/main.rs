@@ -451,7 +451,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let target = gpu.target(device)?;
             let ckpt = Checkpoint::open(&model)?;
             // Checked before any weight loads: a typo in --record is found at once.
-            let selector = recording(&record, &ckpt.config)?;
+            let selector = recording(record.as_deref().unwrap_or("*"), &ckpt.config)?;
             let mtp_head = if mtp { Some(glimpse::model::mtp::Mtp::load(&ckpt)?) } else { None };
             let mut final_norm = glimpse::hooks::Recorder::new(Selector::new("final_norm", None));
             let from = from_dump.as_deref().map(Dump::open).transpose()?;
@@ -565,7 +565,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(rss) = glimpse::bench::peak_rss() {
                 println!("peak RSS {:.1} MB", rss as f64 / 1e6);
             }
-            if let Some(note) = out.as_ref().and_then(|_| scores_left_out(&record, &ckpt.config)) {
+            if let Some(note) = out.as_ref().zip(record.as_deref()).and_then(|(_, r)| scores_left_out(r, &ckpt.config))
+            {
                 eprintln!("{note}");
             }
             Ok(ExitCode::SUCCESS)
@@ -585,12 +586,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let opts = glimpse::generate::GenerateOptions {
                 new_tokens: max_new_tokens,
                 chunk: chunk.unwrap_or(0) as usize,
-                dump: dump.map(|d| recording(&record, &ckpt.config).map(|s| (d, s))).transpose()?,
+                dump: dump
+                    .map(|d| recording(record.as_deref().unwrap_or("*"), &ckpt.config).map(|s| (d, s)))
+                    .transpose()?,
                 mtp,
                 eos: if ignore_eos { Vec::new() } else { ckpt.config.eos_token_ids.clone() },
             };
             glimpse::generate::run(&model, &ckpt, &Model::load(&ckpt)?, &tokens, &opts)?;
-            if let Some(note) = opts.dump.as_ref().and_then(|_| scores_left_out(&record, &ckpt.config)) {
+            if let Some(note) =
+                opts.dump.as_ref().zip(record.as_deref()).and_then(|(_, r)| scores_left_out(r, &ckpt.config))
+            {
                 eprintln!("{note}");
             }
             Ok(ExitCode::SUCCESS)

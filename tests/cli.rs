@@ -590,7 +590,9 @@ fn a_wildcard_that_leaves_out_the_scores_says_so() {
     let (_, err) = assert_ok(&run("layers.*.dsa.*,*.dsa.scores"));
     assert!(!err.contains("left out"), "{err}");
     assert!(glimpse::dump::Dump::open(Path::new(&out)).unwrap().contains("layers.0.dsa.scores"));
-    // The default (`*`) leaves them out as its help says, with no note.
+    // The default (`*`) leaves them out as its help says, with no note; `*` given is told.
     let (_, err) = assert_ok(&glimpse(&["run", "--model", "golden/flat", "--tokens", "1,2,3", "--dump", &out]));
     assert!(!err.contains("left out"), "{err}");
+    let (_, err) = assert_ok(&run("*"));
+    assert!(err.contains("--record * left out the S x S `dsa.scores`"), "{err}");
 }
