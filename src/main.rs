@@ -259,6 +259,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     tokens: &tokens,
                     fixed: true,
                     window: layers.as_ref(),
+                    mtp: verify::has_mtp(&reference) && !stream,
                     stream,
                     recording: false,
                     passes,
@@ -479,6 +480,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 tokens: &tokens,
                 fixed: false,
                 window: layers.as_ref(),
+                mtp: mtp_head.is_some(),
                 stream,
                 recording: out.is_some(),
                 passes: memory::Passes::One,
@@ -603,7 +605,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Selftest { device, gpu, kernels_only } => {
             let root = default_case().parent().map(Path::to_path_buf).unwrap_or_default();
             let scope = if kernels_only { glimpse::selftest::Scope::Kernels } else { glimpse::selftest::Scope::All };
-            let ok = glimpse::selftest::run(&root, gpu.target(device)?, scope)?;
+            let ok = glimpse::selftest::run(&root, gpu.target(device)?, scope, max_memory)?;
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Synth { config, preset, layers, experts, vocab, dtype, shards, mtp, seed, out } => {
@@ -643,6 +645,8 @@ struct Budget<'a> {
     fixed: bool,
     passes: memory::Passes,
     window: Option<&'a std::ops::RangeInclusive<usize>>,
+    /// A whole run also runs the MTP head, whose layer is loaded and run too.
+    mtp: bool,
     stream: bool,
     recording: bool,
     max: Option<u64>,
@@ -651,7 +655,7 @@ struct Budget<'a> {
 /// Checks the memory budget, then loads the weights into `resident`, or leaves them to be
 /// streamed from the checkpoint.
 fn load_weights<'a>(ckpt: &'a Checkpoint, resident: &'a mut Option<Model>, b: &Budget) -> Result<Weights<'a>> {
-    let window = b.window.cloned().unwrap_or(0..=ckpt.config.num_hidden_layers - 1);
+    let window = b.window.cloned().unwrap_or(0..=ckpt.config.num_hidden_layers - 1 + usize::from(b.mtp));
     let tokens = (b.tokens.batch, b.tokens.seq);
     let est = memory::estimate(ckpt, tokens, &window, b.stream, b.recording, b.passes);
     let hint = match (b.fixed, b.stream) {

@@ -26,23 +26,29 @@ pub enum Scope {
     Kernels,
 }
 
-/// Prints one line per check; returns whether all passed.
-pub fn run(golden_root: &Path, target: Target, scope: Scope) -> Result<bool> {
+/// Prints one line per check; returns whether all passed. Each golden case is refused before it
+/// loads when its run would hold more than `max` (`--max-memory`; default: available memory).
+pub fn run(golden_root: &Path, target: Target, scope: Scope, max: Option<u64>) -> Result<bool> {
+    let cases = |device: &mut dyn FnMut(&Path, &Model, &Dump) -> Result<bool>| cases(golden_root, max, device);
     match (target.backend, scope) {
         (Backend::Cpu | Backend::CpuOps, Scope::Kernels) => {
             Err(Error::Usage("--kernels-only needs --device cuda or cuda-emu".into()))
         }
-        (Backend::Cpu, Scope::All) => cases(golden_root, |_, _, _| Ok(true)),
-        (Backend::CpuOps, Scope::All) => cases(golden_root, |case, model, golden| {
+        (Backend::Cpu, Scope::All) => cases(&mut |_, _, _| Ok(true)),
+        (Backend::CpuOps, Scope::All) => cases(&mut |case, model, golden| {
             device_case(&CpuOps, "cpu-ops", (case, model, golden), &VerifyOptions::default())
         }),
-        (Backend::Cuda | Backend::CudaEmu, _) => cuda(golden_root, target, scope),
+        (Backend::Cuda | Backend::CudaEmu, _) => cuda(target, scope, &cases),
     }
 }
 
 /// Every golden case on the CPU (normal and isolated, with the MTP head), then `device`'s checks
 /// of the case.
-fn cases(golden_root: &Path, mut device: impl FnMut(&Path, &Model, &Dump) -> Result<bool>) -> Result<bool> {
+fn cases(
+    golden_root: &Path,
+    max: Option<u64>,
+    device: &mut dyn FnMut(&Path, &Model, &Dump) -> Result<bool>,
+) -> Result<bool> {
     let mut cases: Vec<_> = std::fs::read_dir(golden_root)
         .map_err(|e| Error::io(golden_root, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -59,8 +65,11 @@ fn cases(golden_root: &Path, mut device: impl FnMut(&Path, &Model, &Dump) -> Res
     let mut ok = true;
     for case in cases {
         let ckpt = Checkpoint::open(&case)?;
-        let model = Model::load(&ckpt)?;
         let golden = Dump::open(&case.join("reference.safetensors"))?;
+        let tokens = golden.tokens()?;
+        crate::memory::check_run(&ckpt, tokens.batch, tokens.seq, false, max, "a machine with more memory")
+            .map_err(|e| Error::Usage(format!("{}: {e}", case.display())))?;
+        let model = Model::load(&ckpt)?;
         let mtp = if verify::has_mtp(&golden) { Some(Mtp::load(&ckpt)?) } else { None };
         for isolate in [false, true] {
             let mut r = verify::verify(&model, &golden, Tolerance::default(), isolate)?;
@@ -114,8 +123,12 @@ fn report(case: &Path, how: &str, r: &verify::Report) -> bool {
 ///   which flips such a tie when fed on;
 /// - and, measured, not judged, bf16 against the f32 reference the same way: on these toy random
 ///   models bf16 rounding alone moves single-layer outputs by up to a few 1e-2.
+/// Every golden case with a device check of its own (`cases` above, `golden_root` and `max`
+/// given).
+type Cases<'a> = &'a dyn Fn(&mut dyn FnMut(&Path, &Model, &Dump) -> Result<bool>) -> Result<bool>;
+
 #[cfg(feature = "cuda")]
-fn cuda(golden_root: &Path, target: Target, scope: Scope) -> Result<bool> {
+fn cuda(target: Target, scope: Scope, cases: Cases) -> Result<bool> {
     use crate::device::Precision;
     use crate::verify::Replay;
     let in_precision = |precision| crate::device::cuda_ops(Target { precision, ..target });
@@ -164,7 +177,7 @@ fn cuda(golden_root: &Path, target: Target, scope: Scope) -> Result<bool> {
         layers: None,
         near_tie: None,
     };
-    let cases_ok = cases(golden_root, |case, model, golden| {
+    let cases_ok = cases(&mut |case, model, golden| {
         let f32_ok = device_case(&f32_ops, &f32_name, (case, model, golden), &VerifyOptions::default())?;
         let path = case.join(crate::device::BF16_REFERENCE);
         let bf16_ok = if !path.is_file() {
@@ -189,6 +202,6 @@ fn cuda(golden_root: &Path, target: Target, scope: Scope) -> Result<bool> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: &Path, _: Target, _: Scope) -> Result<bool> {
+fn cuda(_: Target, _: Scope, _: Cases) -> Result<bool> {
     Err(crate::device::no_cuda())
 }

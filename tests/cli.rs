@@ -154,6 +154,8 @@ fn selftest_checks_every_golden_case_and_refuses_a_missing_gpu() {
         assert!(out.contains(&format!("golden/{case} (cpu, --isolate): ")), "{case}: {out}");
     }
     assert!(!out.contains("FAILED"), "{out}");
+    // It loads models, so --max-memory holds for it as for every command that does.
+    assert_error(&glimpse(&["--max-memory", "1K", "selftest"]), "but --max-memory is 1.0 KB");
     // A folder whose golden/ holds no reference is an error, not a pass that checked nothing.
     let empty = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(empty.path().join("golden/flat")).unwrap();

@@ -26,7 +26,12 @@ use super::{isa, Isa};
 
 /// Whether this CPU and this weight's blocks take the kernel.
 pub fn available(w: &Fp8Weight) -> bool {
-    isa().is_some() && w.block()[1].is_multiple_of(16)
+    takes_blocks(w.block()[1])
+}
+
+/// Whether the kernel runs here and takes blocks of `cols` inputs.
+pub fn takes_blocks(cols: usize) -> bool {
+    isa().is_some() && cols.is_multiple_of(16)
 }
 
 /// `x W^T` for `x` [m, cols] (row-major, m <= MAX_ROWS) where [`available`]: returns [m, rows],
