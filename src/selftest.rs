@@ -123,6 +123,7 @@ fn report(case: &Path, how: &str, r: &verify::Report) -> bool {
 ///   which flips such a tie when fed on;
 /// - and, measured, not judged, bf16 against the f32 reference the same way: on these toy random
 ///   models bf16 rounding alone moves single-layer outputs by up to a few 1e-2.
+
 /// Every golden case with a device check of its own (`cases` above, `golden_root` and `max`
 /// given).
 type Cases<'a> = &'a dyn Fn(&mut dyn FnMut(&Path, &Model, &Dump) -> Result<bool>) -> Result<bool>;
