@@ -112,6 +112,10 @@ fn report(case: &Path, how: &str, r: &verify::Report) -> bool {
     pass
 }
 
+/// Every golden case with a device check of its own (`cases` above, `golden_root` and `max`
+/// given).
+type Cases<'a> = &'a dyn Fn(&mut dyn FnMut(&Path, &Model, &Dump) -> Result<bool>) -> Result<bool>;
+
 /// The kernels and products in both precisions, then every golden case through the device
 /// forward pass in both, whatever `--precision` says:
 /// - f32 against the transformers reference at the spec's tolerance;
@@ -123,11 +127,6 @@ fn report(case: &Path, how: &str, r: &verify::Report) -> bool {
 ///   which flips such a tie when fed on;
 /// - and, measured, not judged, bf16 against the f32 reference the same way: on these toy random
 ///   models bf16 rounding alone moves single-layer outputs by up to a few 1e-2.
-
-/// Every golden case with a device check of its own (`cases` above, `golden_root` and `max`
-/// given).
-type Cases<'a> = &'a dyn Fn(&mut dyn FnMut(&Path, &Model, &Dump) -> Result<bool>) -> Result<bool>;
-
 #[cfg(feature = "cuda")]
 fn cuda(target: Target, scope: Scope, cases: Cases) -> Result<bool> {
     use crate::device::Precision;
