@@ -10,7 +10,7 @@ use crate::config::{IndexerKind, MlpKind, Rope};
 use crate::error::Result;
 use crate::layout::block_of;
 
-fn human(n: usize) -> String {
+pub fn human(n: usize) -> String {
     match n {
         n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
         n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
@@ -133,6 +133,24 @@ pub fn describe(ckpt: &Checkpoint) -> Result<String> {
             1;
     }
     let _ = writeln!(w, "parameters: {} in total", human(total));
+    // A checkpoint that holds less of the main model than its config implies (a download in
+    // progress, a shard left out) is said here: `run` would list every missing tensor.
+    let mtp: std::collections::HashSet<&str> = ckpt.mtp_names().into_iter().collect();
+    let held: usize = ckpt
+        .names()
+        .filter(|n| !n.ends_with("_scale_inv") && !mtp.contains(n))
+        .map(|n| ckpt.shape(n).unwrap_or_default().iter().product::<usize>())
+        .sum();
+    let implied: usize =
+        crate::layout::released_layout(c, false).iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    if held < implied {
+        let _ = writeln!(
+            w,
+            "  incomplete: the files hold {} of the {} parameters the config implies for the main model",
+            human(held),
+            human(implied)
+        );
+    }
     for (block, n) in &blocks {
         let _ = writeln!(w, "  {block:<18} {:>10}", human(*n));
     }

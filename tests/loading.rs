@@ -186,6 +186,24 @@ fn missing_and_misshapen_tensors_are_all_listed() {
     assert!(err.contains("missing `model.layers.0.self_attn.o_proj.weight` (expected shape [32, 16])"), "{err}");
     assert!(err.contains("missing `model.norm.weight`"), "{err}");
     assert!(err.contains("`model.layers.2.mlp.gate.weight` has shape [32, 6], expected [6, 32]"), "{err}");
+    // `inspect`, which loads nothing, says the files hold less than the config implies; the
+    // whole checkpoint, and a fused-experts one of the same parameters, not.
+    let describe = |dir: &Path| glimpse::inspect::describe(&Checkpoint::open(dir).unwrap()).unwrap();
+    let human = glimpse::inspect::human;
+    assert_eq!(total(&src) - total(&dst), 32 * 16 + 32, "o_proj [32, 16] and the final norm [32]");
+    let line = format!("incomplete: the files hold {} of the {} parameters", human(total(&dst)), human(total(&src)));
+    assert!(describe(&dst).contains(&line), "{}", describe(&dst));
+    assert!(!describe(&src).contains("incomplete"));
+    let fused = tmp.path().join("fused");
+    fuse_experts(&src, &fused);
+    assert!(!describe(&fused).contains("incomplete"), "{}", describe(&fused));
+}
+
+/// The parameters of a checkpoint's files, the MTP layer's left out.
+fn total(dir: &Path) -> usize {
+    let ckpt = Checkpoint::open(dir).unwrap();
+    let mtp = format!("model.layers.{}.", ckpt.config.num_hidden_layers);
+    ckpt.names().filter(|n| !n.starts_with(&mtp)).map(|n| ckpt.shape(n).unwrap().iter().product::<usize>()).sum()
 }
 
 #[test]
