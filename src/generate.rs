@@ -98,7 +98,12 @@ pub fn run(
         let rate = if drafted > 0 { format!("{:.1}%", 100.0 * accepted as f64 / drafted as f64) } else { "-".into() };
         println!("mtp: {accepted} of {drafted} drafts equal the main model's greedy token ({rate})");
     }
-    eprintln!("{made} new tokens in {secs:.3} s including the {}-token prompt", prompt.seq);
+    match done.prompt_fed < prompt.seq {
+        true => {
+            eprintln!("{made} new tokens in {secs:.3} s, after {} of the {}-token prompt", done.prompt_fed, prompt.seq)
+        }
+        false => eprintln!("{made} new tokens in {secs:.3} s including the {}-token prompt", prompt.seq),
+    }
     if let Some(line) = speed_line(&stamps, prompt.batch) {
         println!("{line}");
     }

@@ -170,7 +170,8 @@ pub fn describe(ckpt: &Checkpoint) -> Result<String> {
     let (latent, expanded) = c.cache_values_per_token(false);
     let _ = writeln!(
         w,
-        "kv cache per token: {latent} values over {} layers ({:.1} KB in f32) latent, against {expanded} ({:.1} KB) expanded",
+        "kv cache per token: {latent} values over {} layers ({:.1} KB in f32: kv_latent + k_rope, + the index key in \
+         full-indexer layers) latent, against {expanded} ({:.1} KB) expanded",
         c.num_hidden_layers,
         (latent * 4) as f64 / 1024.0,
         (expanded * 4) as f64 / 1024.0

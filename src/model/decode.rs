@@ -316,6 +316,8 @@ pub struct Generation {
     /// With an MTP head, per row: whether its draft of each generated token after the first
     /// equalled the main model's greedy token (entry `j` for token `j + 1`).
     pub drafts: Option<Vec<Vec<bool>>>,
+    /// The prompt's positions fed (fewer than its length where a chunked prompt was stopped).
+    pub prompt_fed: usize,
 }
 
 impl Model {
@@ -353,12 +355,13 @@ impl Model {
             hidden.push(h);
             logits = Some(l);
         } else {
-            for part in prompt.chunks(chunk) {
+            for (i, part) in prompt.chunks(chunk).enumerate() {
                 let (h, l) = self.decode_hidden(&part?, &mut cache, obs)?;
                 hidden.push(h);
                 logits = Some(l);
                 if stop_in_prompt() {
-                    return Ok(Generation { tokens: vec![Vec::new(); b], drafts: mtp.map(|_| vec![Vec::new(); b]) });
+                    let (tokens, drafts) = (vec![Vec::new(); b], mtp.map(|_| vec![Vec::new(); b]));
+                    return Ok(Generation { tokens, drafts, prompt_fed: ((i + 1) * chunk).min(p) });
                 }
             }
         }
@@ -406,7 +409,7 @@ impl Model {
                 }
             }
         }
-        Ok(Generation { tokens: generated, drafts: drafter.map(|d| d.hits) })
+        Ok(Generation { tokens: generated, drafts: drafter.map(|d| d.hits), prompt_fed: p })
     }
 }
 
