@@ -130,7 +130,12 @@ pub fn estimate(
         let names = ckpt.names().filter(|n| n.starts_with(&prefix) && !n.ends_with("_scale_inv"));
         names.fold((0u64, 0u64), |(copies, file), n| (copies + held(n), file + 2 * numel(ckpt, n)))
     };
-    let table = 4 * numel(ckpt, "model.embed_tokens.weight");
+    // The embedding's f32 table, and the bf16 file pages it was read from, which stay mapped
+    // (a tied head's few-row products read them in place): 1.9 GB at GLM-5's vocab, measured
+    // resident beside the table.
+    let embed = "model.embed_tokens.weight";
+    let table =
+        4 * numel(ckpt, embed) + if ckpt.dtype(embed) == Some(Dtype::BF16) { 2 * numel(ckpt, embed) } else { 0 };
     // The head is held as panels only from bf16 (`Model::load` reads an FP8 one as f32).
     let head = match ckpt.tied_head() {
         true => 0,
@@ -249,13 +254,25 @@ pub fn check_run(
 #[allow(clippy::too_many_arguments)]
 pub fn check_generate(
     ckpt: &Checkpoint,
-    (batch, prompt): (usize, usize),
+    size: (usize, usize),
     chunk: usize,
     new: usize,
     mtp: bool,
     recording: bool,
     max: Option<u64>,
 ) -> Result<()> {
+    check(&generate_estimate(ckpt, size, chunk, new, mtp, recording), max, "fewer tokens")
+}
+
+/// [`check_generate`]'s estimate.
+fn generate_estimate(
+    ckpt: &Checkpoint,
+    (batch, prompt): (usize, usize),
+    chunk: usize,
+    new: usize,
+    mtp: bool,
+    recording: bool,
+) -> Estimate {
     let c = &ckpt.config;
     let layers = 0..=(c.num_hidden_layers + usize::from(mtp)).saturating_sub(1);
     let chunked = chunk > 0 && chunk < prompt;
@@ -274,7 +291,11 @@ pub fn check_generate(
         let ours = crate::layout::layer_of(n).is_some_and(|i| layers.contains(&i)) || *n == "lm_head.weight";
         ours && is_matrix(ckpt, n) && !n.ends_with(".gate.weight")
     };
-    let absorbed = batch * if chunked { chunk } else { 1 } > crate::model::gemv::MAX_ROWS;
+    // The absorbed form's f32 split of `kv_b_proj` (`Attention::absorbed`), made by the first
+    // decode call that does not read a bf16 one in place: one of more than `MAX_ROWS` rows, or
+    // any call where it is stored FP8 or f32.
+    let decode_rows = batch * if chunked { chunk } else { 1 };
+    let splits = |n: &str| ckpt.dtype(n) != Some(Dtype::BF16) || decode_rows > crate::model::gemv::MAX_ROWS;
     for name in ckpt.names().filter(projection) {
         // The decode steps read the weights in place: their pages, beside what the prompt's
         // products packed (what `estimate` counted, the pages themselves when none was packed).
@@ -284,14 +305,14 @@ pub fn check_generate(
                 _ => 0,
             };
         }
-        if absorbed && name.ends_with("kv_b_proj.weight") {
+        if name.ends_with("kv_b_proj.weight") && splits(name) {
             est.weights += 4 * numel(ckpt, name);
         }
     }
     if recording {
         est.recorded = est.recorded.max(4 * 2 * fed * (c.vocab_size.max(c.hidden_size) as u64));
     }
-    check(&est, max, "fewer tokens")
+    est
 }
 
 /// Refuses a run whose estimate exceeds `max` (default: available memory), suggesting `hint`
@@ -342,6 +363,26 @@ mod tests {
             // (Its bf16 projections, if any, are still read in place.)
             false => assert!(few <= many, "{few} against {many}"),
         }
+    }
+
+    /// A short generation on an FP8 checkpoint reads the codes in place (1 byte a weight) but
+    /// makes the absorbed form's f32 split of every `kv_b_proj` at its first step, which only a
+    /// bf16 one read in place avoids (the estimate once left it out: 1.38 GB for a 1.57 GB peak).
+    #[test]
+    fn a_short_fp8_generation_counts_its_codes_and_the_absorbed_splits() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/fp8-sharded");
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let fp8 = |n: &&str| ckpt.dtype(n) == Some(Dtype::F8_E4M3);
+        let codes: u64 = ckpt.names().filter(fp8).map(|n| numel(&ckpt, n)).sum();
+        let splits: u64 = ckpt.names().filter(|n| n.ends_with("kv_b_proj.weight")).map(|n| 4 * numel(&ckpt, n)).sum();
+        assert!(codes > 0 && splits > 0);
+        // Beyond the one pass of its 4 rows: the splits, and where the FP8 kernel cannot read
+        // the codes in place (the pass then packed them), the codes' pages the steps read.
+        let all = 0..=ckpt.config.num_hidden_layers - 1;
+        let pass = estimate(&ckpt, (1, 4), &all, false, false, Passes::Many).weights;
+        let generation = generate_estimate(&ckpt, (1, 4), 0, 4, false, false).weights;
+        let in_place = crate::model::fp8_gemv::takes_blocks(ckpt.config.fp8.as_ref().unwrap().block[1]);
+        assert_eq!(generation - pass, splits + if in_place { 0 } else { codes });
     }
 
     /// A generation holds the latent cache of the positions it fed, not a prefill's activations
