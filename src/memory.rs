@@ -113,7 +113,7 @@ pub fn estimate(
     let held = |n: &str| {
         let projection = is_matrix(ckpt, n) && !n.ends_with(".gate.weight");
         if projection && reads_mapped(ckpt, n, batch * seq) {
-            return mapped_bytes(ckpt, n);
+            return file_bytes(ckpt, n);
         }
         let (stored, bytes) = match ckpt.dtype(n) {
             Some(Dtype::BF16) => (true, 2),
@@ -121,7 +121,12 @@ pub fn estimate(
             Some(Dtype::F8_E4M3) => (fp8_panels, if in_place { 1 } else { 2 }),
             _ => (false, 4),
         };
-        numel(ckpt, n) * if stored && projection && crate::model::bf16_gemm::available() { bytes } else { 4 }
+        match stored && projection && crate::model::bf16_gemm::available() {
+            true => numel(ckpt, n) * bytes,
+            // An f32 copy, beside the file pages it was read from, which stay mapped (an f32
+            // checkpoint's run peaked at twice the copies alone).
+            false => 4 * numel(ckpt, n) + file_bytes(ckpt, n),
+        }
     };
     // A layer's bytes: (what the CPU holds of its weights, their file pages at up to 2 bytes a
     // weight: bf16 or FP8, when they are released at all).
@@ -130,12 +135,11 @@ pub fn estimate(
         let names = ckpt.names().filter(|n| n.starts_with(&prefix) && !n.ends_with("_scale_inv"));
         names.fold((0u64, 0u64), |(copies, file), n| (copies + held(n), file + 2 * numel(ckpt, n)))
     };
-    // The embedding's f32 table, and the bf16 file pages it was read from, which stay mapped
-    // (a tied head's few-row products read them in place): 1.9 GB at GLM-5's vocab, measured
-    // resident beside the table.
+    // The embedding's f32 table, and the file pages it was read from, which stay mapped (a tied
+    // head's few-row products read them in place): 1.9 GB at GLM-5's vocab, measured resident
+    // beside the table.
     let embed = "model.embed_tokens.weight";
-    let table =
-        4 * numel(ckpt, embed) + if ckpt.dtype(embed) == Some(Dtype::BF16) { 2 * numel(ckpt, embed) } else { 0 };
+    let table = 4 * numel(ckpt, embed) + file_bytes(ckpt, embed);
     // The head is held as panels only from bf16 (`Model::load` reads an FP8 one as f32).
     let head = match ckpt.tied_head() {
         true => 0,
@@ -213,9 +217,15 @@ fn reads_mapped(ckpt: &Checkpoint, name: &str, rows: usize) -> bool {
         }
 }
 
-/// The file pages of a bf16 or FP8 projection: 2 bytes a weight, 1 an FP8 code.
-fn mapped_bytes(ckpt: &Checkpoint, name: &str) -> u64 {
-    numel(ckpt, name) * if ckpt.dtype(name) == Some(Dtype::F8_E4M3) { 1 } else { 2 }
+/// The file pages of the tensor `name`: its stored bytes (2 a bf16 weight, 1 an FP8 code).
+fn file_bytes(ckpt: &Checkpoint, name: &str) -> u64 {
+    let size = match ckpt.dtype(name) {
+        Some(Dtype::F8_E4M3 | Dtype::I8 | Dtype::U8) => 1,
+        Some(Dtype::BF16 | Dtype::F16) => 2,
+        Some(Dtype::F64 | Dtype::I64) => 8,
+        _ => 4,
+    };
+    numel(ckpt, name) * size
 }
 
 /// Whether `name` is a matrix or more (a projection, not a norm or a bias).
@@ -301,7 +311,7 @@ fn generate_estimate(
         // products packed (what `estimate` counted, the pages themselves when none was packed).
         if !reads_mapped(ckpt, name, batch * rows) {
             est.weights += match ckpt.dtype(name) {
-                Some(Dtype::BF16 | Dtype::F8_E4M3) => mapped_bytes(ckpt, name),
+                Some(Dtype::BF16 | Dtype::F8_E4M3) => file_bytes(ckpt, name),
                 _ => 0,
             };
         }

@@ -275,7 +275,9 @@ fn diff_tol_patterns_that_change_nothing_are_said() {
 #[test]
 fn streaming_fits_where_resident_does_and_mismatched_configs_are_named() {
     for stream in [&[][..], &["--stream"]] {
-        let args: Vec<&str> = ["--max-memory", "3M", "verify"].iter().chain(stream).copied().collect();
+        // (golden/flat's resident estimate: 4.3 MB, its f32 copies and the file pages they were
+        // read from; streamed, 3.4 MB.)
+        let args: Vec<&str> = ["--max-memory", "5M", "verify"].iter().chain(stream).copied().collect();
         let (code, out) = common::code_and_text(&args);
         assert_eq!(code, 0, "{args:?}: {out}");
     }
