@@ -326,20 +326,13 @@ fn a_misnamed_dump_is_said_in_the_status_line() {
             *name = format!("model.{name}");
         }
     });
-    let (ours, theirs) = (Dump::open(&prefixed).unwrap(), Dump::open(&reference).unwrap());
-    let src = DumpSource::new("prefixed".into(), ours, Some(theirs), &DiffOptions::default()).unwrap();
+    let src = dumps_source(&prefixed, &reference, &DiffOptions::default());
     let warning = src.warning().unwrap_or_default();
     assert!(warning.starts_with("misnamed: ours names them with a `model.` prefix ("), "{warning}");
     let s = screen(&App::default(), &src, 120, 24);
     assert!(s.contains("warning: misnamed: ours names them with a `model.` prefix"), "{s}");
     // The reference against itself: nothing to say.
-    let same = DumpSource::new(
-        "same".into(),
-        Dump::open(&reference).unwrap(),
-        Some(Dump::open(&reference).unwrap()),
-        &DiffOptions::default(),
-    )
-    .unwrap();
+    let same = dumps_source(&reference, &reference, &DiffOptions::default());
     assert_eq!(same.warning(), None);
 }
 
@@ -353,8 +346,7 @@ fn a_tensor_of_another_shape_says_the_references() {
         let (_, _, shape) = t.iter_mut().find(|(n, ..)| n == "layers.2.moe.router_logits").unwrap();
         shape.insert(0, 1);
     });
-    let (ours, theirs) = (Dump::open(&reshaped).unwrap(), Dump::open(&reference).unwrap());
-    let src = DumpSource::new("reshaped".into(), ours, Some(theirs), &DiffOptions::default()).unwrap();
+    let src = dumps_source(&reshaped, &reference, &DiffOptions::default());
     let s = screen(&App { view: View::Activations, ..at_layer(&src, 2) }, &src, 160, 40);
     let row = line_with(&s, "moe.router_logits");
     assert!(row.contains("BAD ref shape [32, 16]") && !row.contains("inf"), "{row}");
@@ -392,13 +384,7 @@ fn paging_stops_at_what_the_view_lists() {
     assert_eq!(port.layers()[app.layer].part, Part::Layer(0));
     // golden/mtp's reference runs two rows of tokens.
     let mtp = common::golden("mtp").join("reference.safetensors");
-    let two = DumpSource::new(
-        "b2".into(),
-        Dump::open(&mtp).unwrap(),
-        Some(Dump::open(&mtp).unwrap()),
-        &DiffOptions::default(),
-    )
-    .unwrap();
+    let two = dumps_source(&mtp, &mtp, &DiffOptions::default());
     let seq = two.dsa(0, 0).unwrap().seq;
     assert_eq!(two.tokens(), 2 * seq);
     let mut app = App { view: View::Dsa, ..at_layer(&two, 0) };
@@ -430,13 +416,7 @@ fn a_flip_of_many_experts_is_never_cut() {
             *slot = free.next().unwrap();
         }
     });
-    let src = DumpSource::new(
-        "ours".into(),
-        Dump::open(&ours).unwrap(),
-        Some(Dump::open(&reference).unwrap()),
-        &port_options(),
-    )
-    .unwrap();
+    let src = dumps_source(&ours, &reference, &port_options());
     let app = App { view: View::Routing, token: 5, ..at_layer(&src, 3) };
     let wide = screen(&app, &src, 80, 24);
     let row = line_with(&wide, "│s5 ");

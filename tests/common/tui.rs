@@ -39,6 +39,12 @@ pub fn port_source() -> DumpSource {
     DumpSource::new("bf16 port".into(), ours, Some(reference), &port_options()).unwrap()
 }
 
+/// The dump `ours` against the dump `reference`, compared with `opts`.
+pub fn dumps_source(ours: &Path, reference: &Path, opts: &DiffOptions) -> DumpSource {
+    let open = |p: &Path| Dump::open(p).unwrap();
+    DumpSource::new("ours".into(), open(ours), Some(open(reference)), opts).unwrap()
+}
+
 pub fn port_dumps() -> (Dump, Dump) {
     let open = |f: &str| Dump::open(&flat().join(f)).unwrap();
     (open("bf16-port.safetensors"), open("reference.safetensors"))
