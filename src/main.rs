@@ -105,10 +105,10 @@ fn default_case() -> PathBuf {
     }
 }
 
-/// The hook points `--record` names; patterns that name none of this model's are refused, as
-/// the dump would silently hold nothing of them.
-fn recording(patterns: &str, config: &glimpse::config::Config) -> Result<Selector> {
-    let selector = Selector::new(patterns, None);
+/// The hook points `--record` names (without it, `*`: every one but the S x S scores); patterns
+/// that name none of this model's are refused, as the dump would silently hold nothing of them.
+fn recording(patterns: Option<&str>, config: &glimpse::config::Config) -> Result<Selector> {
+    let selector = Selector::new(patterns.unwrap_or("*"), None);
     if selector.patterns.is_empty() {
         return Err(Error::Usage("--record names no hook point (give e.g. 'layers.*.moe.*,logits')".into()));
     }
@@ -122,10 +122,11 @@ fn recording(patterns: &str, config: &glimpse::config::Config) -> Result<Selecto
     Ok(selector)
 }
 
-/// The note for a `--record` that left out the S x S score matrices
-/// (`Selector::scores_left_out`): said after the dump is written, so an error stays one line.
-fn scores_left_out(patterns: &str, config: &glimpse::config::Config) -> Option<String> {
-    let selector = Selector::new(patterns, None);
+/// The note for a `--record` given that left out the S x S score matrices
+/// (`Selector::scores_left_out`; the default says nothing): said after the dump is written, so
+/// an error stays one line.
+fn scores_left_out(patterns: Option<&str>, config: &glimpse::config::Config) -> Option<String> {
+    let selector = Selector::new(patterns?, None);
     selector.scores_left_out(config.num_hidden_layers).map(|p| {
         format!("glimpse: note: --record {p} left out the S x S `dsa.scores`, which only a pattern naming them records (e.g. '{p},*.dsa.scores')")
     })
@@ -452,7 +453,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let target = gpu.target(device)?;
             let ckpt = Checkpoint::open(&model)?;
             // Checked before any weight loads: a typo in --record is found at once.
-            let selector = recording(record.as_deref().unwrap_or("*"), &ckpt.config)?;
+            let selector = recording(record.as_deref(), &ckpt.config)?;
             let mtp_head = if mtp { Some(glimpse::model::mtp::Mtp::load(&ckpt)?) } else { None };
             let mut final_norm = glimpse::hooks::Recorder::new(Selector::new("final_norm", None));
             let from = from_dump.as_deref().map(Dump::open).transpose()?;
@@ -567,8 +568,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(rss) = glimpse::bench::peak_rss() {
                 println!("peak RSS {:.1} MB", rss as f64 / 1e6);
             }
-            if let Some(note) = out.as_ref().zip(record.as_deref()).and_then(|(_, r)| scores_left_out(r, &ckpt.config))
-            {
+            if let Some(note) = out.as_ref().and_then(|_| scores_left_out(record.as_deref(), &ckpt.config)) {
                 eprintln!("{note}");
             }
             Ok(ExitCode::SUCCESS)
@@ -588,16 +588,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let opts = glimpse::generate::GenerateOptions {
                 new_tokens: max_new_tokens,
                 chunk: chunk.unwrap_or(0) as usize,
-                dump: dump
-                    .map(|d| recording(record.as_deref().unwrap_or("*"), &ckpt.config).map(|s| (d, s)))
-                    .transpose()?,
+                dump: dump.map(|d| recording(record.as_deref(), &ckpt.config).map(|s| (d, s))).transpose()?,
                 mtp,
                 eos: if ignore_eos { Vec::new() } else { ckpt.config.eos_token_ids.clone() },
             };
             glimpse::generate::run(&model, &ckpt, &Model::load(&ckpt)?, &tokens, &opts)?;
-            if let Some(note) =
-                opts.dump.as_ref().zip(record.as_deref()).and_then(|(_, r)| scores_left_out(r, &ckpt.config))
-            {
+            if let Some(note) = opts.dump.as_ref().and_then(|_| scores_left_out(record.as_deref(), &ckpt.config)) {
                 eprintln!("{note}");
             }
             Ok(ExitCode::SUCCESS)
