@@ -159,7 +159,24 @@ pub fn estimate(
             .unwrap_or(0);
         biggest + 4 * 8192 * c.hidden_size as u64
     } else {
-        window.clone().map(|i| layer(i).0).sum::<u64>() + table + head
+        // While a weight is packed, its file pages and its panels are both held (the pages go
+        // once it is packed): the largest one's pages at the peak (lm_head's, 1.9 GB at GLM-5's
+        // vocab; a 9-token run of a 1-layer real-vocab checkpoint peaked 1.7 GB over without it).
+        let packs = |n: &&str| {
+            let ours = crate::layout::layer_of(n).is_some_and(|i| window.contains(&i))
+                || (*n == "lm_head.weight" && !ckpt.tied_head());
+            let stored = match ckpt.dtype(n) {
+                Some(Dtype::BF16) => true,
+                Some(Dtype::F8_E4M3) => fp8_panels,
+                _ => false,
+            };
+            ours && stored && is_matrix(ckpt, n) && !n.ends_with(".gate.weight") && !reads_mapped(ckpt, n, batch * seq)
+        };
+        let packing = match !in_place && crate::model::bf16_gemm::available() {
+            true => ckpt.names().filter(packs).map(|n| file_bytes(ckpt, n)).max().unwrap_or(0),
+            false => 0,
+        };
+        window.clone().map(|i| layer(i).0).sum::<u64>() + table + head + packing
     };
     // In u128, saturated at the end: sizes from a dump's `input_ids` are the user's, and a
     // wrapped product would pass any --max-memory.
