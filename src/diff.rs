@@ -201,10 +201,10 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         };
         let ids = ids.as_ref().map(|(x, y)| (x.as_slice(), y.as_slice()));
         for (side, v) in [&va, &vb].into_iter().enumerate() {
-            if let Values::F32(v) = v {
+            if let Values::F32(_) = v {
                 floats_seen = true;
                 // (Once a side holds a value that is no bf16, its tensors are not scanned again.)
-                bf16_only[side] = bf16_only[side] && v.iter().all(|x| x.to_bits() & 0xFFFF == 0);
+                bf16_only[side] = bf16_only[side] && is_bf16(v);
             }
         }
         let mut c = compare_tensor(name, (&va, &sa), (&vb, &sb), ids, opts.tol_for(name), batch);

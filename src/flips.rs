@@ -441,14 +441,14 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
     );
     for (name, fl) in flips.iter().take(50) {
         let m = |x: Option<f32>| x.map(|v| format!("{v:.3e}")).unwrap_or_else(|| "unknown".into());
-        // A row that misses keys and adds none held something else where the other side kept a
-        // causal key: a duplicate, padding or a key past the query (a causality or selection bug).
-        let padded = match (fl.only_ours.is_empty(), fl.only_reference.is_empty()) {
-            (true, false) => " (ours keeps fewer distinct causal keys: duplicates, padding or later keys instead)",
-            (false, true) => {
-                " (the reference keeps fewer distinct causal keys: duplicates, padding or later keys instead)"
+        let padded = match fl.fewer_keys() {
+            Some(side) => {
+                format!(
+                    " ({} keeps fewer distinct causal keys: duplicates, padding or later keys instead)",
+                    side.label()
+                )
             }
-            _ => "",
+            None => String::new(),
         };
         let moved = match fl.moved {
             Some(m) => format!("; keys moved {:.3e}, layer p99 {:.3e}", m.keys, m.noise),

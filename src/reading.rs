@@ -4,7 +4,7 @@
 //! ours does not. `diff` prints them beside the numbers; they are hints, each said only where
 //! its pattern holds.
 
-use crate::compare::{element_ok, Comparison, Detail, Flip, Tolerance};
+use crate::compare::{element_ok, Comparison, Detail, Flip, Side, Tolerance};
 use crate::config::Config;
 use crate::diff::{floats, ints, DiffOptions, DiffReport};
 use crate::dump::Dump;
@@ -136,9 +136,10 @@ impl DiffReport {
             }
             Detail::Float { .. } => self.notes.tail.map(Tail::reading),
             // Rows that kept fewer distinct causal keys than the other side: no rule's choice.
-            Detail::Sets { flips, .. } if flips.iter().any(fewer_keys) => {
-                let n = flips.iter().filter(|f| fewer_keys(f)).count();
-                let side = match flips.iter().filter(|f| fewer_keys(f)).all(|f| f.only_ours.is_empty()) {
+            Detail::Sets { flips, .. } if flips.iter().any(|f| f.fewer_keys().is_some()) => {
+                let sides: Vec<Side> = flips.iter().filter_map(Flip::fewer_keys).collect();
+                let n = sides.len();
+                let side = match sides.iter().all(|&s| s == Side::Ours) {
                     true => "ours keeps",
                     false => "one side keeps",
                 };
@@ -273,11 +274,6 @@ impl Tail {
             self.bad, self.total, self.nmse, self.allowed
         )
     }
-}
-
-/// Whether a flip's row kept fewer distinct keys on one side (that side only lost keys).
-fn fewer_keys(f: &Flip) -> bool {
-    f.only_ours.is_empty() != f.only_reference.is_empty()
 }
 
 /// What the first divergence's values say beyond its numbers, found while `diff` has them: where

@@ -217,8 +217,18 @@ impl Flip {
     /// keys than the other side (a duplicate, padding or a later key where a causal key belongs)
     /// is a selection bug however little its scores moved.
     pub fn within_noise(&self) -> bool {
-        let swapped = !self.only_ours.is_empty() && !self.only_reference.is_empty();
-        swapped && !self.unexplained() && self.moved.is_some_and(|m| m.keys <= m.noise)
+        self.fewer_keys().is_none() && !self.unexplained() && self.moved.is_some_and(|m| m.keys <= m.noise)
+    }
+
+    /// The side whose row kept fewer distinct keys than the other's: it lost keys and gained
+    /// none, so it held a duplicate, padding or a key past the query where the other kept a
+    /// causal key (a causality or selection bug). None for a swap of keys.
+    pub fn fewer_keys(&self) -> Option<Side> {
+        match (self.only_ours.is_empty(), self.only_reference.is_empty()) {
+            (true, false) => Some(Side::Ours),
+            (false, true) => Some(Side::Reference),
+            _ => None,
+        }
     }
 }
 
