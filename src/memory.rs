@@ -111,7 +111,7 @@ pub fn estimate(
     let in_place = passes == Passes::One && crate::model::nn::Packing::reads_in_place(batch * seq);
     let fp8_panels = c.fp8.as_ref().is_some_and(|q| crate::model::bf16_gemm::takes_fp8_rows(q.block[0]));
     let held = |n: &str| {
-        let projection = is_matrix(ckpt, n) && !n.ends_with(".gate.weight");
+        let projection = is_projection(ckpt, n);
         if projection && reads_mapped(ckpt, n, batch * seq) {
             return file_bytes(ckpt, n);
         }
@@ -170,7 +170,7 @@ pub fn estimate(
                 Some(Dtype::F8_E4M3) => fp8_panels,
                 _ => false,
             };
-            ours && stored && is_matrix(ckpt, n) && !n.ends_with(".gate.weight") && !reads_mapped(ckpt, n, batch * seq)
+            ours && stored && is_projection(ckpt, n) && !reads_mapped(ckpt, n, batch * seq)
         };
         let packing = match !in_place && crate::model::bf16_gemm::available() {
             true => ckpt.names().filter(packs).map(|n| file_bytes(ckpt, n)).max().unwrap_or(0),
@@ -245,9 +245,10 @@ fn file_bytes(ckpt: &Checkpoint, name: &str) -> u64 {
     numel(ckpt, name) * size
 }
 
-/// Whether `name` is a matrix or more (a projection, not a norm or a bias).
-fn is_matrix(ckpt: &Checkpoint, name: &str) -> bool {
-    ckpt.shape(name).is_some_and(|s| s.len() >= 2)
+/// Whether `name` is a projection the kernels multiply as stored: a matrix or more (not a norm
+/// or a bias), and not the router's gate, which is loaded as f32.
+fn is_projection(ckpt: &Checkpoint, name: &str) -> bool {
+    ckpt.shape(name).is_some_and(|s| s.len() >= 2) && !name.ends_with(".gate.weight")
 }
 
 fn numel(ckpt: &Checkpoint, name: &str) -> u64 {
@@ -316,7 +317,7 @@ fn generate_estimate(
     est.activations += cache + hidden + 4 * 2 * threads * crate::model::attention::BLOCK as u64 * fed;
     let projection = |n: &&str| {
         let ours = crate::layout::layer_of(n).is_some_and(|i| layers.contains(&i)) || *n == "lm_head.weight";
-        ours && is_matrix(ckpt, n) && !n.ends_with(".gate.weight")
+        ours && is_projection(ckpt, n)
     };
     // The absorbed form's f32 split of `kv_b_proj` (`Attention::absorbed`), made by the first
     // decode call that does not read a bf16 one in place: one of more than `MAX_ROWS` rows, or
