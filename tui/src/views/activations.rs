@@ -78,8 +78,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let scroll = app.scroll.min(hooks.len().saturating_sub(visible));
     let rows = hooks.iter().zip(verdicts).skip(scroll).map(|(h, (vs_ref, style))| {
         let style = if h.nonfinite > 0 { Style::new().fg(Color::Red) } else { style };
-        // The layer is in the title: show `attn.out`, not `layers.3.attn.out`.
-        let short = h.name.strip_prefix("layers.").and_then(|r| r.split_once('.')).map_or(h.name.as_str(), |(_, n)| n);
+        let short = short_name(&h.name);
         let (shape, l2) = (format!("{:?}", h.shape), num(h.l2));
         let (nan, hist) = (h.nonfinite.to_string(), sparkline(&h.histogram));
         let cells = [short.to_string(), shape, num(h.mean), num(h.std), num(h.min), num(h.max), l2, nan, hist, vs_ref];
@@ -87,8 +86,14 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     });
     let header = ["hook", "shape", "mean", "std", "min", "max", "l2", "nan", "histogram", "vs ref"];
     let header = Row::new(shown(header, &show)).style(Style::new().add_modifier(Modifier::UNDERLINED));
+    // The hook column takes the slack up to its longest name, and no further: on a wide terminal
+    // the numbers stay next to the names they belong to.
+    let inner = area.width.saturating_sub(2);
+    let others: u16 = shown(widths_wanted.iter().skip(1), &show[1..]).into_iter().map(|w| w + 1).sum();
+    let longest = hooks.iter().map(|h| short_name(&h.name).chars().count()).max().unwrap_or(0) as u16;
+    let hook_width = longest.max(widths_wanted[0]).min(inner.saturating_sub(others).max(widths_wanted[0]));
     let widths = shown(
-        widths_wanted.iter().enumerate().map(|(i, &w)| if i == 0 { Constraint::Min(w) } else { Constraint::Length(w) }),
+        widths_wanted.iter().enumerate().map(|(i, &w)| Constraint::Length(if i == 0 { hook_width } else { w })),
         &show,
     );
     let mut title = match part {
@@ -109,4 +114,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     if !worst_lines.is_empty() {
         f.render_widget(Paragraph::new(worst_lines).block(Block::bordered().title("worst elements")), worst_area);
     }
+}
+
+/// The layer is in the title: show `attn.out`, not `layers.3.attn.out`.
+fn short_name(name: &str) -> &str {
+    name.strip_prefix("layers.").and_then(|r| r.split_once('.')).map_or(name, |(_, n)| n)
 }
