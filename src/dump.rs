@@ -65,6 +65,18 @@ impl Dump {
                 ),
             ));
         }
+        // The spec's index tensors are integers: a float `dsa.topk` would be compared element by
+        // element, order and padding counting, where the spec compares sets.
+        let float_index = |n: &str| file.info(n).filter(|i| is_index_tensor(n) && st::FLOATS.contains(&i.dtype));
+        if let Some((name, info)) = file.names().find_map(|n| Some((n, float_index(n)?))) {
+            return Err(Error::dump(
+                path,
+                format!(
+                    "tensor `{name}` has dtype {:?}: the spec stores token ids and selections as integers (I64)",
+                    info.dtype
+                ),
+            ));
+        }
         Ok(Dump { path: path.to_path_buf(), file })
     }
 
@@ -222,6 +234,12 @@ impl Dump {
             .collect::<Result<Vec<_>>>()?;
         Tokens::new(b, s, ids).map_err(|e| Error::dump(&self.path, e.to_string()))
     }
+}
+
+/// The spec's index tensors: `input_ids` and the selections, `layers.{i}.dsa.topk` and
+/// `layers.{i}.moe.topk_ids`.
+pub fn is_index_tensor(name: &str) -> bool {
+    name == "input_ids" || name.ends_with(".dsa.topk") || name.ends_with(".moe.topk_ids")
 }
 
 /// Scores at or below this (half of f32's lowest; torch's `finfo.min` of f32 and bf16 is below it)

@@ -271,7 +271,15 @@ pub fn decode_f32(dtype: Dtype, bytes: &[u8]) -> std::result::Result<Vec<f32>, S
     match dtype {
         Dtype::F32 => out.extend(chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
         Dtype::F64 => {
-            out.extend(chunks(8).map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32))
+            // Narrowed to f32, the precision everything is computed and compared in; a finite
+            // value past its range would become an infinity (1e40 and 3e40 would then match).
+            for (i, c) in chunks(8).enumerate() {
+                let x = f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                if x.is_finite() && (x as f32).is_infinite() {
+                    return Err(format!("F64 value {x:e} (element {i}) is beyond f32's range"));
+                }
+                out.push(x as f32);
+            }
         }
         Dtype::BF16 => out.extend(chunks(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())),
         Dtype::F16 => out.extend(chunks(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())),

@@ -180,6 +180,20 @@ fn malformed_files_and_arguments_are_one_line_errors() {
     let needle = format!("dump {}: tensor `layers.2.moe.topk_ids` has dtype BOOL", s(&bool_dump));
     cases.push((vec!["audit".into(), "--dump".into(), s(&bool_dump)], needle));
 
+    // A selection stored as floats (it would compare element by element, not as a set), and an
+    // F64 value no f32 holds (1e40 and 3e40 would both read inf, and match).
+    let float_topk = t.join("float-topk.safetensors");
+    let h = r#"{"__metadata__":{"format":"glm5-dump/1"},"layers.0.dsa.topk":{"dtype":"F32","shape":[1,1],"data_offsets":[0,4]}}"#;
+    raw_safetensors(&float_topk, h.len() as u64, h, &0f32.to_le_bytes());
+    let needle = "tensor `layers.0.dsa.topk` has dtype F32: the spec stores token ids and selections as integers";
+    cases.push((vec!["diff".into(), s(&float_topk), s(&float_topk)], needle.into()));
+    let huge = t.join("f64-huge.safetensors");
+    let h =
+        r#"{"__metadata__":{"format":"glm5-dump/1"},"logits":{"dtype":"F64","shape":[1,1,2],"data_offsets":[0,16]}}"#;
+    let data: Vec<u8> = [1.0f64, 1e40].iter().flat_map(|v| v.to_le_bytes()).collect();
+    raw_safetensors(&huge, h.len() as u64, h, &data);
+    cases.push((vec!["diff".into(), s(&huge), s(&huge)], "F64 value 1e40 (element 1) is beyond f32's range".into()));
+
     // Routing another tool wrote wrong: rows that are not one a token, an expert chosen twice.
     let routing = |name: &str, rows: usize, ids: &[i64]| {
         let path = t.join(format!("{name}.safetensors"));
