@@ -139,6 +139,10 @@ pub(crate) enum Command {
         /// model's tokenizer.json); blank lines and lines starting with `#` are skipped.
         #[arg(long, group = "source")]
         prompts: Option<PathBuf>,
+        /// Read every --prompts line as text, even one whose comma-separated items are mostly
+        /// integers (`Count: 1, 2, 3`, which is otherwise read as token ids with a slip).
+        #[arg(long, requires = "prompts")]
+        text: bool,
         /// Dumps holding `layers.*.moe.topk_ids` (repeatable).
         #[arg(long = "dump", group = "source")]
         dumps: Vec<PathBuf>,
@@ -195,7 +199,7 @@ pub(crate) enum Command {
         /// Token ids for the live run (default: the reference's input_ids).
         #[arg(long, conflicts_with_all = ["prompt", "dump"], allow_hyphen_values = true)]
         tokens: Option<String>,
-        /// Text for the live run, encoded with the model's tokenizer.json.
+        /// Text for the live run, encoded with the model's tokenizer.json as it stands (no special tokens added).
         #[arg(long, conflicts_with = "dump")]
         prompt: Option<String>,
         /// Where the live run goes (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
@@ -230,7 +234,8 @@ pub(crate) enum Command {
         /// Comma-separated token ids; `;` separates batch rows of equal length.
         #[arg(long, group = "input", allow_hyphen_values = true)]
         tokens: Option<String>,
-        /// Text, encoded with the checkpoint's tokenizer.json.
+        /// Text, encoded with the checkpoint's tokenizer.json as it stands (no special tokens
+        /// added: write them into the text, or give ids).
         #[arg(long, group = "input")]
         prompt: Option<String>,
         /// The `input_ids` of a dump (e.g. a golden reference), to rerun exactly its tokens.
@@ -275,7 +280,8 @@ pub(crate) enum Command {
         /// Comma-separated prompt token ids (`;` separates batch rows of equal length).
         #[arg(long, conflicts_with = "prompt", required_unless_present = "prompt", allow_hyphen_values = true)]
         tokens: Option<String>,
-        /// Prompt text, encoded with the checkpoint's tokenizer.json.
+        /// Prompt text, encoded with the checkpoint's tokenizer.json as it stands (no special
+        /// tokens added: write them into the text, or give ids).
         #[arg(long)]
         prompt: Option<String>,
         /// Tokens to generate after the prompt (at most 10,000,000; past that the position count

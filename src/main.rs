@@ -340,7 +340,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::Audit { model, prompts, dumps, against, json, csv, heatmap, device, gpu } => {
+        Command::Audit { model, prompts, text, dumps, against, json, csv, heatmap, device, gpu } => {
             if let Some(p) = heatmap.as_ref().filter(|p| !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")))
             {
                 return Err(Error::Usage(format!("--heatmap {}: the heatmap is SVG; name a .svg file", p.display())));
@@ -354,9 +354,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(_) => None,
                 None => Some(glimpse::audit::expert_count(&[dumps.as_slice(), against.as_slice()].concat())?),
             };
+            let lines = if text { glimpse::audit::Lines::Text } else { glimpse::audit::Lines::Auto };
             let audit = glimpse::audit::collect(
                 model.as_deref(),
-                prompts.as_deref(),
+                prompts.as_deref().map(|p| (p, lines)),
                 &dumps,
                 experts,
                 max_memory,

@@ -230,3 +230,86 @@ fn audit_leaves_out_the_layers_no_dump_recorded() {
         .collect();
     assert_eq!(layers, ["3"], "{out}");
 }
+
+/// What the numbers are over, said when it is not every prompt: a batch dump without `input_ids`
+/// still counts its rows as prompts (from its other `[B, S, ...]` tensors), a bias-changed share
+/// over some runs only is marked, layers that different dumps cover are noted, and against a
+/// reference a layer one side lacks is named instead of dropped.
+#[test]
+fn audit_says_what_its_numbers_are_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let batch = common::run_dump("golden/flat", &["--tokens", "1,2,3;4,5,6"], tmp.path(), "b.st");
+    let json = |args: &[&str]| -> serde_json::Value {
+        let (out, _) = assert_ok(&glimpse(&[&["audit", "--json"], args].concat()));
+        serde_json::from_str(&out).unwrap()
+    };
+    let no_ids =
+        common::edit_dump(Path::new(&batch), &tmp.path().join("no-ids.st"), |t| t.retain(|(n, _, _)| n != "input_ids"));
+    let (with, without) = (json(&["--dump", &batch]), json(&["--dump", common::s(&no_ids).as_str()]));
+    assert_eq!(without["prompts"], 2, "{without}");
+    assert_eq!(with["layers"], without["layers"]);
+
+    // The second run's flags and gate logits left out: its tokens have no known flag.
+    let one = common::run_dump("golden/flat", &["--tokens", "7,8,9,10"], tmp.path(), "one.st");
+    let unflagged = common::edit_dump(Path::new(&one), &tmp.path().join("unflagged.st"), |t| {
+        t.retain(|(n, _, _)| !n.ends_with(".moe.bias_changed") && !n.ends_with(".moe.router_logits"))
+    });
+    let unflagged = common::s(&unflagged);
+    let (out, _) = assert_ok(&glimpse(&["audit", "--dump", &batch, "--dump", &unflagged]));
+    let row = out.lines().find(|l| l.trim_start().starts_with("2 ")).unwrap();
+    assert!(row.contains("%*"), "{out}");
+    assert!(out.contains("note: * bias-changed over the tokens with known flags only (layer 2: 6 of 10"), "{out}");
+    let v = json(&["--dump", &batch, "--dump", &unflagged]);
+    assert_eq!((v["layers"][0]["bias_known_tokens"].clone(), v["layers"][0]["tokens"].clone()), (6.into(), 10.into()));
+
+    // Layers 3-4 of the batch's tokens again, from its layer-2 output: layer 2 counts one run's
+    // prompts, layers 3 and 4 both runs'.
+    let window = common::run_dump("golden/flat", &["--layers", "3..4", "--from-dump", &batch], tmp.path(), "w.st");
+    let (out, _) = assert_ok(&glimpse(&["audit", "--dump", &one, "--dump", &window]));
+    assert!(
+        out.contains("note: the layers count different prompts (layer 2 over 1; layers 3, 4 over 3; of 3 in all)"),
+        "{out}"
+    );
+    let (out, _) = assert_ok(&glimpse(&["audit", "--dump", &batch, "--against", &window]));
+    assert!(out.contains("note: layer(s) 2 only in the audited runs: no shift there"), "{out}");
+}
+
+/// A checkpoint that is not the dumps' model, or has no routing, is refused; a prompt of text
+/// with numbers in it can be read as text.
+#[test]
+fn audit_refuses_another_models_checkpoint_and_reads_text_on_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    // golden/flat routes over 16 experts, golden/mtp over 8.
+    let flat = common::run_dump("golden/flat", &["--tokens", "1,2,3"], tmp.path(), "flat.st");
+    assert_error(
+        &glimpse(&["audit", "--model", "golden/mtp", "--dump", &flat]),
+        "the dumps' routers have 16 experts, --model's config 8",
+    );
+    let dense = tmp.path().join("dense");
+    std::fs::create_dir_all(&dense).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("golden/flat/config.json").unwrap()).unwrap();
+    config["first_k_dense_replace"] = 5.into();
+    std::fs::write(dense.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy("golden/flat/model.safetensors", dense.join("model.safetensors")).unwrap();
+    let prompts = tmp.path().join("p.txt");
+    std::fs::write(&prompts, "1,2,3\n").unwrap();
+    assert_error(
+        &glimpse(&["audit", "--model", common::s(&dense).as_str(), "--prompts", common::s(&prompts).as_str()]),
+        "the model has no MoE layer (every layer is dense)",
+    );
+
+    let model = synth(tmp.path(), 5);
+    let tokenizer = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "count": 7, "1": 3, ",": 5, "2": 4, "3": 6},
+        "unk_token": "[UNK]"}}"#;
+    std::fs::write(model.join("tokenizer.json"), tokenizer).unwrap();
+    std::fs::write(&prompts, "count 1, 2, 3\n").unwrap();
+    let args = ["audit", "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap()];
+    assert_error(&glimpse(&args), "\"count 1\" is not a token id (a line of text? --text reads every line as text)");
+    // As text: "count 1 , 2 , 3", 6 tokens.
+    let (out, _) = assert_ok(&glimpse(&[&args[..], &["--text", "--json"]].concat()));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["layers"][0]["tokens"], 6, "{v}");
+}

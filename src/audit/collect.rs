@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 
-use super::Audit;
+use super::{Audit, Run};
 use crate::checkpoint::Checkpoint;
 use crate::config::MAX_EXPERTS;
 use crate::dump::{Dump, Values};
@@ -63,7 +63,7 @@ impl Observer for AuditObserver<'_> {
 /// dumps.
 pub fn collect(
     model_dir: Option<&Path>,
-    prompts: Option<&Path>,
+    prompts: Option<(&Path, Lines)>,
     dumps: &[PathBuf],
     experts: Option<ExpertCount>,
     max_memory: Option<u64>,
@@ -75,12 +75,18 @@ pub fn collect(
     let ckpt = model_dir.map(Checkpoint::open).transpose()?;
     // Prompts are read and encoded before the model is loaded, so the memory check sees them.
     let prompt_tokens = match (prompts, model_dir) {
-        (Some(path), Some(dir)) => read_prompts(path, dir)?,
+        (Some((path, lines)), Some(dir)) => read_prompts(path, lines, dir)?,
         (Some(_), None) => return Err(Error::Usage("--prompts needs --model".into())),
         (None, _) => Vec::new(),
     };
     if let (Some(c), Some(longest)) = (&ckpt, prompt_tokens.iter().map(|(_, t)| t).max_by_key(|t| t.ids.len())) {
         crate::memory::check_run(c, longest.batch, longest.seq, false, max_memory, "shorter prompts")?;
+    }
+    // (Dumps without routing are refused one by one.)
+    if let (Some(c), Some(_)) = (&ckpt, prompts) {
+        if !c.config.has_moe() {
+            return Err(Error::Usage("the model has no MoE layer (every layer is dense): no routing to audit".into()));
+        }
     }
     let routers = ckpt.as_ref().map(Routers::read).transpose()?;
     let model = match (&ckpt, prompts) {
@@ -97,14 +103,24 @@ pub fn collect(
             }
             _ => given,
         },
-        (None, Some(c)) => ExpertCount { n: c.config.n_routed_experts, guessed: false },
+        (None, Some(c)) => match router_width(dumps)? {
+            // The checkpoint's bias and routers would be another model's, and its expert count
+            // would add dead experts (or refuse ids) that the dumps' routing never had.
+            Some(width) if width != c.config.n_routed_experts => {
+                return Err(Error::Usage(format!(
+                    "the dumps' routers have {width} experts, --model's config {}: one model's routing",
+                    c.config.n_routed_experts
+                )))
+            }
+            _ => ExpertCount { n: c.config.n_routed_experts, guessed: false },
+        },
         (None, None) => expert_count(dumps)?,
     };
     let mut audit = Audit::new(experts.n);
     audit.sets = keep_sets.then(std::collections::BTreeMap::new);
     audit.experts_guessed = experts.guessed;
     audit.mtp_layer = ckpt.as_ref().map(|c| c.config.num_hidden_layers);
-    if let (Some(m), Some(path)) = (&model, prompts) {
+    if let (Some(m), Some((path, _))) = (&model, prompts) {
         run_prompts(&mut audit, m, prompt_tokens, path, target)?;
     }
     let mut seen: Vec<(PathBuf, &Path, Option<String>)> = Vec::new();
@@ -203,7 +219,7 @@ fn run_prompts(
             p.prefill(&tokens, &mut AuditObserver::new(audit, tokens.batch))
                 .map_err(|e| Error::Usage(format!("{} line {line}: {e}", path.display())))?;
             // Kept (ids only) for `--against`, which must have run the same prompts.
-            audit.inputs.push(Some(tokens));
+            audit.runs.push(Run { batch: tokens.batch, tokens: Some(tokens) });
             if crate::interrupt::requested() && n + 1 < total {
                 audit.stopped = Some((n + 1, total));
                 break;
@@ -217,11 +233,20 @@ fn run_prompts(
     Ok(())
 }
 
+/// How the lines of a `--prompts` file are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lines {
+    /// Token ids where a line's comma-separated items are mostly integers, else text.
+    Auto,
+    /// Every line is text (`Count: 1, 2, 3` too).
+    Text,
+}
+
 /// The prompts of a `--prompts` file, with their line numbers: token ids (comma-separated, `;`
 /// between batch rows, as `--tokens` takes them), else text for the checkpoint's tokenizer.
-/// Blank lines and `#` comments are skipped. A line whose comma-separated items are mostly
-/// integers is read as ids, so a mistyped id (`1,2,x`) is an error, not text.
-fn read_prompts(path: &Path, dir: &Path) -> Result<Vec<(usize, Tokens)>> {
+/// Blank lines and `#` comments are skipped. With [`Lines::Auto`] a line whose comma-separated
+/// items are mostly integers is read as ids, so a mistyped id (`1,2,x`) is an error, not text.
+fn read_prompts(path: &Path, kind: Lines, dir: &Path) -> Result<Vec<(usize, Tokens)>> {
     let bytes = crate::st::read_input(path)?;
     let text = String::from_utf8(bytes).map_err(|_| Error::Usage(format!("{}: is not UTF-8 text", path.display())))?;
     let lines: Vec<(usize, &str)> =
@@ -232,7 +257,12 @@ fn read_prompts(path: &Path, dir: &Path) -> Result<Vec<(usize, Tokens)>> {
     lines
         .iter()
         .map(|&(n, line)| {
-            let tokens = if looks_like_ids(line) { Tokens::parse(line) } else { crate::tokenizer::encode(dir, line) };
+            let tokens = match kind == Lines::Auto && looks_like_ids(line) {
+                // A line of text with numbers in it reads as ids with a slip: say how to read it as text.
+                true => Tokens::parse(line)
+                    .map_err(|e| Error::Usage(format!("{e} (a line of text? --text reads every line as text)"))),
+                false => crate::tokenizer::encode(dir, line),
+            };
             Ok((n + 1, tokens.context(|| format!("{} line {}", path.display(), n + 1))?))
         })
         .collect()
@@ -265,6 +295,8 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<()
     // The MTP head's layer runs one position fewer a row: the config's layer, else the dump's
     // last, when its rows say so.
     let last = layers.iter().max().copied();
+    // The batch rows, each a prompt: the tokens', else found with the first layer's rows.
+    let mut prompts = None;
     for i in layers {
         let name = format!("layers.{i}.moe.topk_ids");
         let (Values::I64(ids), shape) = d.values(&name)? else {
@@ -310,11 +342,30 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<()
             // logits: with the checkpoint's bias, decide what the bias changed.
             _ => bias_changed_from_logits(routers, d, i, rows, logits.as_ref())?,
         };
-        let prompts = tokens.as_ref().map_or(1, |t| t.batch);
+        let prompts =
+            *prompts.get_or_insert_with(|| tokens.as_ref().map_or_else(|| batch_without_ids(d, rows), |t| t.batch));
         audit.add(i, &ids, k, prompts, flags.as_deref()).map_err(|e| Error::dump(&d.path, format!("`{name}` {e}")))?;
     }
-    audit.inputs.push(tokens);
+    audit.runs.push(Run { batch: prompts.unwrap_or(1), tokens });
     Ok(())
+}
+
+/// The batch rows of a dump without `input_ids`, from the spec's other `[B, S, ...]` tensors
+/// whose positions fit the routing's `rows` (the MTP layer's one fewer a row); one (and said)
+/// when none records them.
+fn batch_without_ids(d: &Dump, rows: usize) -> usize {
+    let spread = ["embeddings", ".input_norm", ".output", ".dsa.topk", ".attn.out", "final_norm", "logits"];
+    let batch = d.names().iter().filter(|n| spread.iter().any(|s| n.ends_with(s))).find_map(|n| {
+        let &[b, s, _] = &d.shape(n)?[..] else { return None };
+        (b > 0 && (rows == b * s || rows == b * s.saturating_sub(1))).then_some(b)
+    });
+    batch.unwrap_or_else(|| {
+        eprintln!(
+            "glimpse: warning: {}: no input_ids, nor a [B, S, ...] tensor: counted as one prompt",
+            d.path.display()
+        );
+        1
+    })
 }
 
 /// The width of the first router the dumps record (shapes only: nothing is read).

@@ -1,7 +1,7 @@
 //! `audit`: expert load balance per MoE layer, over one or many prompts (or over the routing a dump
 //! recorded). Only counts and the prompts' token ids are kept, never activations.
 //!
-//! Per layer: tokens per expert, MaxVio (`max load / mean load - 1`, the DeepSeek-V3 measure)
+//! Per layer: tokens per expert, MaxVio (`max load / mean load - 1`, the Loss-Free Balancing paper's measure)
 //! over all prompts and the mean of each prompt's own (a load balanced over many prompts can be
 //! hot in each), coefficient of variation, normalised entropy of the load distribution, balancedness
 //! (`mean / max`, in the JSON), dead experts, the share of tokens whose expert set the correction
@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::model::Tokens;
 
 mod collect;
-pub use collect::{collect, expert_count, AuditObserver, ExpertCount};
+pub use collect::{collect, expert_count, AuditObserver, ExpertCount, Lines};
 
 /// How one layer's load moved against a reference's (`Audit::shift`).
 #[derive(Debug, Clone, PartialEq)]
@@ -187,15 +187,23 @@ pub fn pearson(x: Vec<f64>, y: &[f64]) -> Option<f64> {
 }
 
 /// Accumulates routing over any number of runs.
+/// One run counted: a prompt line run live, or a dump.
+#[derive(Debug)]
+pub struct Run {
+    /// Its batch rows, each a prompt.
+    pub batch: usize,
+    /// Its token ids; None for a dump without `input_ids`.
+    pub tokens: Option<Tokens>,
+}
+
 #[derive(Debug, Default)]
 pub struct Audit {
     pub layers: BTreeMap<usize, LayerLoad>,
     pub experts: usize,
     /// The expert count is the dumps' largest id + 1, not a model's or a router's.
     pub experts_guessed: bool,
-    /// Each run's token ids, in order (None for a dump without `input_ids`): `--against` must
-    /// have run the same.
-    pub inputs: Vec<Option<Tokens>>,
+    /// Each run, in order: `--against` must have run the same.
+    pub runs: Vec<Run>,
     /// The model's `config_sha256`: the first dump's that records one, else the checkpoint's.
     pub config_sha256: Option<String>,
     /// The MTP head's decoder layer (`num_hidden_layers`), when known: marked in the table.
@@ -212,9 +220,9 @@ impl Audit {
         Audit { experts, ..Default::default() }
     }
 
-    /// The prompts counted: every run's batch rows (a dump without `input_ids` counts one).
+    /// The prompts counted: every run's batch rows.
     pub fn prompts(&self) -> usize {
-        self.inputs.iter().map(|t| t.as_ref().map_or(1, |t| t.batch)).sum()
+        self.runs.iter().map(|r| r.batch).sum()
     }
 
     /// Adds one layer's chosen ids (`[tokens, k]`, flattened: `prompts` batch rows of equal
@@ -292,7 +300,7 @@ impl Audit {
             "expert load over {} prompt(s){stopped}, {} experts\n{:>7} {:>8} {:>8} {:>7} {:>8} {:>10} {:>5} {:>12} {:>10}  {:<30}  rarest (expert:tokens)\n",
             self.prompts(), self.experts, "layer", "tokens", "MaxVio", "CV", "entropy", "MaxVio/run", "dead", "bias-changed", "corr(b,l)", "busiest (expert:tokens)"
         );
-        let mut sparse = Vec::new();
+        let (mut sparse, mut partial) = (Vec::new(), Vec::new());
         for l in self.layers.values() {
             let st = l.stats();
             let opt = |x: Option<f64>, pct: bool| match x {
@@ -314,6 +322,12 @@ impl Audit {
             if l.counts.iter().sum::<u64>() < 2 * l.counts.len() as u64 {
                 sparse.push(l.layer.to_string());
             }
+            // A share over some of the layer's tokens only (runs without flags or logits) is marked.
+            let mut bias_changed = opt(st.bias_changed_share, true);
+            if st.bias_changed_share.is_some() && l.bias_known < l.tokens {
+                bias_changed.push('*');
+                partial.push(format!("layer {}: {} of {}", l.layer, l.bias_known, l.tokens));
+            }
             let label = match self.mtp_layer == Some(l.layer) {
                 true => format!("{} mtp", l.layer),
                 false => l.layer.to_string(),
@@ -327,7 +341,7 @@ impl Audit {
                 st.entropy,
                 opt(st.max_vio_per_run, false),
                 st.dead,
-                opt(st.bias_changed_share, true),
+                bias_changed,
                 opt(st.bias_load_corr, false),
             );
         }
@@ -338,7 +352,37 @@ impl Audit {
                 sparse.join(", ")
             );
         }
+        if !partial.is_empty() {
+            let _ = writeln!(
+                s,
+                "note: * bias-changed over the tokens with known flags only ({}): the other runs recorded no flags, \
+                 and no router logits for --model's bias",
+                partial.join(", ")
+            );
+        }
+        if let Some(note) = self.uneven_prompts() {
+            let _ = writeln!(s, "note: {note}");
+        }
         s
+    }
+
+    /// When layers count different numbers of prompts (dumps of some layers only, a window of
+    /// `run --layers`), which do: their numbers are over different tokens.
+    pub fn uneven_prompts(&self) -> Option<String> {
+        let mut by_count: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+        for l in self.layers.values() {
+            by_count.entry(l.prompts).or_default().push(l.layer.to_string());
+        }
+        (by_count.len() > 1).then(|| {
+            let plural = |layers: &[String]| if layers.len() > 1 { "layers" } else { "layer" };
+            let groups: Vec<String> =
+                by_count.iter().map(|(n, l)| format!("{} {} over {n}", plural(l), l.join(", "))).collect();
+            format!(
+                "the layers count different prompts ({}; of {} in all): compare their numbers with care",
+                groups.join("; "),
+                self.prompts()
+            )
+        })
     }
 
     /// A reference made from another config.json: a quantised twin's differs (its dtype, its
@@ -354,7 +398,7 @@ impl Audit {
     /// Refuses a reference whose runs held other tokens (or, where ids are not recorded, another
     /// count of routing slots): their loads would differ by the inputs, not by the routing.
     pub fn check_comparable(&self, reference: &Audit) -> Result<()> {
-        if let (Some(ours), Some(theirs)) = (rows(&self.inputs), rows(&reference.inputs)) {
+        if let (Some(ours), Some(theirs)) = (rows(&self.runs), rows(&reference.runs)) {
             if ours.len() != theirs.len() {
                 let stopped = if self.stopped.is_some() { " (Ctrl-C stopped the prompts early)" } else { "" };
                 return Err(Error::Usage(format!(
@@ -458,6 +502,15 @@ impl Audit {
                 list(&l.lost)
             );
         }
+        // A layer one side lacks has no row: say which, rather than let it vanish.
+        fn only(a: &Audit, b: &Audit) -> Vec<String> {
+            a.layers.keys().filter(|i| !b.layers.contains_key(i)).map(usize::to_string).collect()
+        }
+        for (side, layers) in [("the audited runs", only(self, reference)), ("the reference", only(reference, self))] {
+            if !layers.is_empty() {
+                let _ = writeln!(s, "note: layer(s) {} only in {side}: no shift there", layers.join(", "));
+            }
+        }
         s
     }
 
@@ -470,7 +523,8 @@ impl Audit {
                 json!({
                     "layer": l.layer, "tokens": l.tokens, "counts": l.counts, "max_vio": st.max_vio, "cv": st.cv,
                     "entropy": st.entropy, "balancedness": st.balancedness, "dead_experts": st.dead,
-                    "bias_changed_share": st.bias_changed_share, "bias_load_correlation": st.bias_load_corr,
+                    "bias_changed_share": st.bias_changed_share, "bias_known_tokens": l.bias_known,
+                    "bias_load_correlation": st.bias_load_corr, "prompts": l.prompts,
                     "max_vio_per_run_mean": st.max_vio_per_run,
                     "mtp": self.mtp_layer == Some(l.layer),
                 })
@@ -479,6 +533,7 @@ impl Audit {
         json!({
             "prompts": self.prompts(), "experts": self.experts, "experts_guessed": self.experts_guessed,
             "stopped_after": self.stopped.map(|(run, _)| run), "layers": layers,
+            "uneven_prompts": self.uneven_prompts(),
         })
     }
 
@@ -497,8 +552,9 @@ impl Audit {
 }
 
 /// Every run's batch rows in order; None when a run's ids are unknown.
-fn rows(inputs: &[Option<Tokens>]) -> Option<Vec<&[u32]>> {
-    let runs = inputs.iter().map(|t| t.as_ref().map(|t| t.ids.chunks(t.seq.max(1)))).collect::<Option<Vec<_>>>()?;
+fn rows(runs: &[Run]) -> Option<Vec<&[u32]>> {
+    let runs =
+        runs.iter().map(|r| r.tokens.as_ref().map(|t| t.ids.chunks(t.seq.max(1)))).collect::<Option<Vec<_>>>()?;
     Some(runs.into_iter().flatten().collect())
 }
 
