@@ -225,7 +225,7 @@ pub fn run_on(target: crate::device::Target, model: &Model, tokens: usize, repea
 fn on_cuda(target: crate::device::Target, model: &Model, tokens: usize, repeat: usize) -> Result<String> {
     let ops = crate::device::cuda_ops(target)?;
     let gpu = &ops.gpu;
-    let head = format!("{}: {} ({}; memory: {})\n", target.describe(), gpu.name, gpu.arch, gpu.allocation);
+    let head = format!("{}: {}\n", target.describe(), gpu.summary());
     let report = run_device(&ops, model, tokens, repeat)?.render();
     Ok(match ops.gpu.memory()? {
         Some((free, total)) => {

@@ -136,7 +136,7 @@ fn cuda(target: Target, scope: Scope, cases: Cases) -> Result<bool> {
     let gpu = &f32_ops.gpu;
     match target.backend {
         Backend::CudaEmu => println!("{}: the kernels' source compiled for the host", gpu.name),
-        _ => println!("device {}: {} ({}); every kernel compiled with NVRTC", target.ordinal, gpu.name, gpu.arch),
+        _ => println!("device {}: {}; every kernel compiled with NVRTC", target.ordinal, gpu.summary()),
     }
     use crate::cuda::selftest as check;
     // Each group's verdicts as it ends: a group that fails to run (a launch or cuBLAS error) is

@@ -263,6 +263,14 @@ impl Gpu {
         Ok(Gpu { name, arch, shared_limit, allocation, engine })
     }
 
+    /// The device, its architecture, the shared memory a block may take and how memory is
+    /// allocated: what `selftest` and `bench` say first, since each changes paths or timings (a
+    /// device that refused the opt-in keeps 48 KB, and long rows' top-k take slower paths).
+    pub fn summary(&self) -> String {
+        let kb = (self.shared_limit + STATIC_SHARED) / 1024;
+        format!("{} ({}; {kb} KB of shared memory a block; memory: {})", self.name, self.arch, self.allocation)
+    }
+
     /// The host emulation (`cuda::emu`): needs no driver, NVRTC or GPU.
     pub fn emulated() -> Gpu {
         Gpu::emulated_in(Schedule::Lockstep)
@@ -300,7 +308,12 @@ impl Gpu {
     pub fn download<T: DeviceRepr + Default + Clone>(&self, v: &Buf<T>) -> Result<Vec<T>> {
         match (&self.engine, v) {
             (Engine::Cuda { stream, .. }, Buf::Device(s)) => {
-                stream.clone_dtoh(s).map_err(driver("copy from the device"))
+                // cudarc copies into a Vec with `cuMemcpyDtoHAsync` and does not wait: to pageable
+                // memory the driver returns once the copy is done, by its documentation's "may be
+                // synchronous"; the wait makes it certain (the values are read next).
+                let v = stream.clone_dtoh(s).map_err(driver("copy from the device"))?;
+                stream.synchronize().map_err(driver("copy from the device"))?;
+                Ok(v)
             }
             (Engine::Emulated(_), Buf::Host(h)) => Ok(h.clone()),
             (Engine::Cuda { .. }, Buf::Host(_)) => Err(host_buffer_on_gpu()),
