@@ -142,7 +142,7 @@ fn first_position(
             };
             bad.into_iter().map(position).min().unwrap_or(0)
         }
-        Detail::Shape { .. } => 0,
+        Detail::Shape { .. } | Detail::Invalid { .. } => 0,
     }
 }
 

@@ -175,16 +175,12 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         let (va, sa) = a.values(name)?;
         let (vb, sb) = b.values(name)?;
         if name.ends_with(".moe.topk_ids") {
-            for (d, v, shape) in [(a, &va, &sa), (b, &vb, &sb)] {
-                // The expert count: the width of the dump's own router logits, else the checkpoint's.
-                let experts = d.experts_of(name).or_else(|| opts.config.as_ref().map(|c| c.n_routed_experts));
-                let ids = match v {
-                    Values::I64(ids) => Some(ids),
-                    Values::F32(_) => None,
-                };
-                if let Some(msg) = ids.and_then(|ids| crate::compare::invalid_expert_ids(ids, shape, experts)) {
-                    return Err(Error::dump(&d.path, format!("`{name}` {msg}")));
-                }
+            // The expert count: the width of the dump's own router logits, else the checkpoint's.
+            let experts = |d: &Dump| d.experts_of(name).or_else(|| opts.config.as_ref().map(|c| c.n_routed_experts));
+            let sides = [(&va, sa.as_slice()), (&vb, sb.as_slice())];
+            if let Some(c) = crate::compare::invalid_selection(name, sides, [experts(a), experts(b)]) {
+                results.push(c);
+                continue;
             }
         }
         for (seen, v, shape) in [(&mut seen_a, &va, &sa), (&mut seen_b, &vb, &sb)] {
@@ -307,6 +303,7 @@ pub fn comparison_json(c: &Comparison, near_tie: f64) -> Value {
             })).collect::<Vec<_>>(),
         }),
         Detail::Shape { ours, reference } => json!({ "kind": "shape", "ours": ours, "reference": reference }),
+        Detail::Invalid { side, problem } => json!({ "kind": "invalid", "side": side.key(), "problem": problem }),
     };
     if let (Value::Object(m), Value::Object(d)) = (&mut v, detail) {
         m.extend(d);

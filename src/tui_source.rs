@@ -275,7 +275,7 @@ impl DumpSource {
             Detail::Float { max_abs, max_rel, .. } => (*max_abs, *max_rel),
             Detail::Sets { mean_recall, .. } => (1.0 - mean_recall, 0.0),
             Detail::Exact { elements, differing } => (differing.len() as f64 / (*elements).max(1) as f64, 0.0),
-            Detail::Shape { .. } => (f64::INFINITY, f64::INFINITY),
+            Detail::Shape { .. } | Detail::Invalid { .. } => (f64::INFINITY, f64::INFINITY),
         };
         let mut worst = Vec::new();
         if let (Detail::Float { .. }, Some((theirs, _))) =

@@ -66,6 +66,12 @@ impl<'a> Verifier<'a> {
             if let Values::I64(ids) = &ours {
                 self.last_ids = Some(ids.clone());
             }
+            // A reference that chose an expert twice (or one past its router) is named as such,
+            // as `diff` names it, not read as a set that kept fewer experts.
+            let sides = [(&ours, shape.as_slice()), (&reference, ref_shape.as_slice())];
+            if let Some(c) = compare::invalid_selection(name, sides, [None, self.golden.experts_of(name)]) {
+                return Ok(c);
+            }
         }
         let ref_ids = match name.strip_suffix(".moe.topk_weights") {
             Some(layer) => match self.golden.values(&format!("{layer}.moe.topk_ids")) {
@@ -393,9 +399,10 @@ pub fn format_line(c: &Comparison) -> String {
             let n = ours.iter().product::<usize>();
             let same = n > 0 && n == reference.iter().product::<usize>();
             let layout =
-                if same { " (the same elements in another layout: the spec's shapes are the contract)" } else { "" };
+                if same { " (as many elements, in another shape: the spec's shapes are the contract)" } else { "" };
             format!("shape {ours:?}, reference {reference:?}{layout}")
         }
+        Detail::Invalid { side, problem } => format!("{} {problem}", side.label()),
     };
     format!("{:<34} {:<8} {body}", c.name, verdict)
 }

@@ -172,6 +172,42 @@ fn ids_the_model_lacks_are_named_with_where_they_are() {
     assert_error(&o, "layer 2: the replayed routing (the reference's `moe.topk_ids`) holds expert 999 for token 2");
 }
 
+/// A `moe.topk_ids` that chooses an expert twice or one past the router (a port's top-k bug) is a
+/// difference that says so, on either side: exit 1 with the rest of the report, not an error
+/// that hides it (diff), nor a set that "kept fewer" (verify).
+#[test]
+fn a_selection_that_is_no_set_is_a_difference_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = golden("flat").join("reference.safetensors");
+    let with = |name: &str, slot: usize, id: i64| {
+        edit_dump(&reference, &tmp.path().join(name), |t| {
+            let Values::I64(ids) = &mut tensor(t, "layers.2.moe.topk_ids").1 else { panic!() };
+            ids[slot] = id;
+        })
+    };
+    // Token 0's first expert twice (top-4: slots 0-3), and an id past golden/flat's 16 experts.
+    let twice = with("twice.st", 1, {
+        let d = Dump::open(&reference).unwrap();
+        let Ok((Values::I64(ids), _)) = d.values("layers.2.moe.topk_ids") else { panic!() };
+        ids[0]
+    });
+    let past = with("past.st", 5, 16);
+    let (code, out) = code_and_text(&["diff", &s(&twice), &s(&reference)]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("first divergence: layers.2.moe.topk_ids"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("layers.2.moe.topk_ids") && l.contains("ours chooses expert")), "{out}");
+    assert!(out.contains("logits "), "the report goes on: {out}");
+    let (code, out) = code_and_text(&["diff", &s(&reference), &s(&past), "--json"]);
+    assert_eq!(code, 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ids = v["tensors"].as_array().unwrap().iter().find(|t| t["name"] == "layers.2.moe.topk_ids").unwrap();
+    assert_eq!((&ids["kind"], &ids["side"]), (&"invalid".into(), &"reference".into()), "{ids}");
+    assert_eq!(ids["problem"], "holds expert id 16 at [1, 1], outside the experts 0-15");
+    let (code, out) = code_and_text(&["verify", "--golden", &s(&twice)]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("MISMATCH the reference chooses expert"), "{out}");
+}
+
 /// Scores in another layout than the selection's rows (`dsa.scores` as `[S, B, T]`, or flat) are
 /// not read as its rows: no rule break from another row's scores (verify read ten), no panic
 /// (diff indexed a 1-D tensor's second-to-last dimension).

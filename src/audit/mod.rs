@@ -578,8 +578,9 @@ mod tests {
         assert_eq!((l.gained.as_slice(), l.lost.as_slice()), (&[(2, 1), (3, 1)][..], &[(0, -2)][..]));
         assert_eq!(l.changed, Some(Changed { tokens: 2, of_tokens: 4, slots: 2 }));
         let table = ours.shift_table(&reference);
-        let row: Vec<&str> = table.lines().last().unwrap().split_whitespace().collect();
+        let row: Vec<&str> = table.lines().nth(2).unwrap().split_whitespace().collect();
         assert_eq!(row, ["1", "8", "25.0%", "2", "50.0%", "25.0%", "2:+1", "3:+1", "0:-2"], "{table}");
+        assert_eq!(table.lines().last(), Some("note: layer(s) 2 only in the audited runs: no shift there"), "{table}");
         // Without the sets, the gross change is unknown.
         ours.sets = None;
         assert_eq!(ours.shift(&reference)[0].changed, None);

@@ -109,6 +109,12 @@ pub enum Detail {
         ours: Vec<usize>,
         reference: Vec<usize>,
     },
+    /// A `moe.topk_ids` that is no set of `k` experts on one side (an id outside the experts,
+    /// an expert chosen twice: a port's top-k bug): a difference, named, not compared as sets.
+    Invalid {
+        side: Side,
+        problem: String,
+    },
 }
 
 /// An element of an exact integer tensor that differs: its flat index and coordinate.
@@ -558,6 +564,21 @@ pub fn invalid_expert_ids(ids: &[i64], shape: &[usize], experts: Option<usize>) 
         }
     }
     None
+}
+
+/// The comparison of a `moe.topk_ids` whose rows are no sets of distinct experts in range on one
+/// side (ours first), `experts` being each side's expert count where known; None when both are.
+pub fn invalid_selection(
+    name: &str,
+    [ours, reference]: [(&Values, &[usize]); 2],
+    experts: [Option<usize>; 2],
+) -> Option<Comparison> {
+    let sides = [(Side::Ours, ours, experts[0]), (Side::Reference, reference, experts[1])];
+    sides.into_iter().find_map(|(side, (v, shape), experts)| {
+        let Values::I64(ids) = v else { return None };
+        let problem = invalid_expert_ids(ids, shape, experts)?;
+        Some(Comparison { name: name.into(), ok: false, detail: Detail::Invalid { side, problem } })
+    })
 }
 
 /// Expert sets of `[B*S, k]` rows, in a run of `batch` rows where known.
