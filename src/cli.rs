@@ -66,6 +66,9 @@ pub(crate) enum Command {
         /// Relative tolerance (default 1e-4; 2e-2 with --precision bf16).
         #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]
         rtol: Option<f64>,
+        /// Per-name tolerance, `PATTERN=ATOL,RTOL` (`*` wildcard); repeatable, last match wins.
+        #[arg(long = "tol", value_name = "PATTERN=ATOL,RTOL")]
+        tols: Vec<String>,
         /// Flips whose margins on both sides are below this are near-ties, which rounding alone can
         /// flip (default 1e-3, or twice --atol where larger: 4e-2 with --precision bf16).
         #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]

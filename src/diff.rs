@@ -39,14 +39,38 @@ impl Default for DiffOptions {
 
 impl DiffOptions {
     pub fn tol_for(&self, name: &str) -> Tolerance {
-        self.per_name.iter().rev().find(|(p, _)| glob(p, name)).map(|(_, t)| *t).unwrap_or(self.tol)
+        tol_for(self.tol, &self.per_name, name)
     }
+}
+
+/// The tolerance of `name`: the last `--tol` pattern that matches it, else `default`.
+pub fn tol_for(default: Tolerance, per_name: &[(String, Tolerance)], name: &str) -> Tolerance {
+    per_name.iter().rev().find(|(p, _)| glob(p, name)).map(|(_, t)| *t).unwrap_or(default)
+}
+
+/// What a `--tol` pattern that changed nothing deserves: one that matches no tensor compared, or
+/// only selections and integer tensors, which no tolerance applies to.
+pub fn tol_warnings(per_name: &[(String, Tolerance)], results: &[Comparison]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for (pattern, _) in per_name {
+        let matched: Vec<_> = results.iter().filter(|c| glob(pattern, &c.name)).collect();
+        if matched.is_empty() {
+            warnings.push(format!("--tol {pattern} matches no tensor compared"));
+        } else if matched.iter().all(|c| matches!(c.detail, Detail::Sets { .. } | Detail::Exact { .. })) {
+            warnings.push(format!(
+                "--tol {pattern} matches only selections and integer tensors, which compare as sets or exactly: a \
+                 tolerance does not apply to them"
+            ));
+        }
+    }
+    warnings
 }
 
 /// Parses `PATTERN=ATOL,RTOL`.
 pub fn parse_tol(s: &str) -> Result<(String, Tolerance)> {
     let bad = || Error::Usage(format!("--tol \"{s}\": expected PATTERN=ATOL,RTOL, e.g. 'layers.*.moe.*=1e-3,1e-3'"));
     let (pattern, nums) = s.split_once('=').ok_or_else(bad)?;
+    let pattern = pattern.trim();
     let (a, r) = nums.split_once(',').ok_or_else(bad)?;
     let atol: f64 = a.trim().parse().map_err(|_| bad())?;
     let rtol: f64 = r.trim().parse().map_err(|_| bad())?;
@@ -65,6 +89,9 @@ pub struct DiffReport {
     pub only_a: Vec<String>,
     pub only_b: Vec<String>,
     pub near_tie: f64,
+    /// The tolerance the floats were compared at, and the `--tol` overrides by name pattern.
+    pub tol: Tolerance,
+    pub per_name: Vec<(String, Tolerance)>,
     /// Whether a checkpoint's config and routers were given to recompute margins a dump lacks.
     pub with_model: bool,
     /// What the first divergence's values say beyond its numbers.
@@ -239,6 +266,8 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         only_a: names_a.iter().filter(|n| !names_b.contains(n)).cloned().collect(),
         only_b: names_b.iter().filter(|n| !names_a.contains(n)).cloned().collect(),
         near_tie: opts.near_tie,
+        tol: opts.tol,
+        per_name: opts.per_name.clone(),
         with_model: opts.config.is_some(),
         notes,
         bf16_only: if loose { [false; 2] } else { bf16_only },
@@ -338,6 +367,10 @@ impl DiffReport {
             "first_non_finite_a": self.non_finite_a.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
             "first_non_finite_b": self.non_finite_b.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
             "near_tie_threshold": self.near_tie,
+            "tolerance": {
+                "atol": self.tol.atol, "rtol": self.tol.rtol,
+                "per_name": self.per_name.iter().map(|(p, t)| json!({"pattern": p, "atol": t.atol, "rtol": t.rtol})).collect::<Vec<_>>(),
+            },
             "by_layer": crate::layer_error::json(&crate::layer_error::by_layer(&self.results, self.near_tie)),
             "tensors": self.results.iter().map(|c| comparison_json(c, self.near_tie)).collect::<Vec<_>>(),
             "missing_spec_names_in_a": self.missing_spec_names(),
@@ -477,6 +510,8 @@ mod tests {
             only_a: (0..12).map(|i| format!("layers.{i}.output")).collect(),
             only_b: vec![],
             near_tie: 1e-3,
+            tol: Tolerance::default(),
+            per_name: Vec::new(),
             with_model: false,
             notes: Default::default(),
             bf16_only: [false; 2],
@@ -583,6 +618,8 @@ mod tests {
             only_a: only_a.iter().map(|s| s.to_string()).collect(),
             only_b: only_b.iter().map(|s| s.to_string()).collect(),
             near_tie: 1e-3,
+            tol: Tolerance::default(),
+            per_name: Vec::new(),
             with_model: false,
             notes: Default::default(),
             bf16_only: [false; 2],

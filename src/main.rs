@@ -7,12 +7,12 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use glimpse::checkpoint::Checkpoint;
-use glimpse::compare::{Detail, Tolerance};
+use glimpse::compare::Tolerance;
 use glimpse::device::{Backend, Target};
 use glimpse::dump::DumpWriter;
 use glimpse::dump::{self, Dump};
 use glimpse::error::{Context, Error, Result};
-use glimpse::hooks::{glob, NonFiniteWatch, Selector, Tee};
+use glimpse::hooks::{NonFiniteWatch, Selector, Tee};
 use glimpse::model::stream::{self, Start, Weights};
 use glimpse::model::{Model, Tokens};
 use glimpse::synth::{self, SynthOptions};
@@ -190,6 +190,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             golden,
             atol,
             rtol,
+            tols,
             near_tie,
             isolate,
             force_routing,
@@ -205,6 +206,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let target = gpu.target(device)?;
             let golden = golden.unwrap_or_else(|| target.precision.reference_in(&model_dir));
             let tol = tolerance(target, atol, rtol);
+            let per_name = tols.iter().map(|t| diff::parse_tol(t)).collect::<Result<Vec<_>>>()?;
             let near_tie = near_tie.unwrap_or(tol.near_tie());
             let ckpt = Checkpoint::open(&model_dir)?;
             let reference = Dump::open(&golden)?;
@@ -233,7 +235,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     )?;
                     let model = Model::load(&ckpt)?;
                     let replay = verify::Replay { routing: force_routing, selection: force_selection };
-                    let opts = verify::VerifyOptions { tol, isolate, replay, layers: None, near_tie: Some(near_tie) };
+                    let opts = verify::VerifyOptions {
+                        tol,
+                        per_name: per_name.clone(),
+                        isolate,
+                        replay,
+                        layers: None,
+                        near_tie: Some(near_tie),
+                    };
                     // With a replay, the same prefill once more without it, for what the flips explain.
                     let (report, free) = glimpse::device::with_prefill(target, &model, |p| {
                         let report = verify::verify_prefill(p, &model, &reference, &opts)?;
@@ -248,6 +257,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     })?;
                     println!("verify {} against {} on {}", model_dir.display(), golden.display(), target.describe());
                     verify::print_report(&report, tol, near_tie);
+                    diff::tol_warnings(&per_name, &report.results).into_iter().for_each(|w| warn(Some(w)));
                     if let Some(free) = &free {
                         verify::print_replay(free, &report);
                     }
@@ -268,7 +278,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 };
                 let weights = load_weights(&ckpt, &mut resident, &budget)?;
                 let replay = verify::Replay { routing: force_routing, selection: force_selection };
-                let opts = verify::VerifyOptions { tol, isolate, replay, layers, near_tie: Some(near_tie) };
+                let opts = verify::VerifyOptions {
+                    tol,
+                    per_name: per_name.clone(),
+                    isolate,
+                    replay,
+                    layers,
+                    near_tie: Some(near_tie),
+                };
                 // The MTP head, when the reference checks it: resident whole-model runs only.
                 let mtp = match (weights, verify::has_mtp(&reference), &opts.layers) {
                     (Weights::Resident(m), true, None) => Some((m, glimpse::model::mtp::Mtp::load(&ckpt)?)),
@@ -285,6 +302,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 // After the run, as the device path does: an error on the way is its one line alone.
                 println!("verify {} against {}", model_dir.display(), golden.display());
                 verify::print_report(&report, tol, near_tie);
+                diff::tol_warnings(&per_name, &report.results).into_iter().for_each(|w| warn(Some(w)));
                 if replay != verify::Replay::default() {
                     // The same tensors without the replay (the MTP head's too), so the counts compare.
                     let free = run(&verify::VerifyOptions { replay: Default::default(), ..opts })?;
@@ -322,17 +340,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let opts = diff::DiffOptions { tol: Tolerance { atol, rtol }, per_name, near_tie, routers, config };
             let report = diff::diff(&da, &db, &opts)?;
             warnings.into_iter().for_each(|w| warn(Some(w)));
-            for (pattern, _) in &opts.per_name {
-                let matched: Vec<_> = report.results.iter().filter(|c| glob(pattern, &c.name)).collect();
-                if matched.is_empty() {
-                    eprintln!("glimpse: warning: --tol {pattern} matches no tensor the two dumps share");
-                } else if matched.iter().all(|c| matches!(c.detail, Detail::Sets { .. } | Detail::Exact { .. })) {
-                    eprintln!(
-                        "glimpse: warning: --tol {pattern} matches only selections and integer tensors, which compare \
-                         as sets or exactly: a tolerance does not apply to them"
-                    );
-                }
-            }
+            diff::tol_warnings(&opts.per_name, &report.results).into_iter().for_each(|w| warn(Some(w)));
             if json {
                 println!("{}", serde_json::to_string_pretty(&report.to_json(&a, &b)).unwrap_or_default());
             } else {

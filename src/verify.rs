@@ -25,6 +25,8 @@ use crate::model::Model;
 pub struct Verifier<'a> {
     golden: &'a Dump,
     tol: Tolerance,
+    /// `--tol` overrides by name pattern (`diff::tol_for`).
+    per_name: Vec<(String, Tolerance)>,
     replay: Replay,
     /// Answer `isolated_input` with the reference's hidden states (the device forward's
     /// isolation), which must have this shape ([B, S, hidden]).
@@ -47,6 +49,7 @@ impl<'a> Verifier<'a> {
         Verifier {
             golden,
             tol,
+            per_name: Vec::new(),
             replay: Replay::default(),
             isolate: None,
             results: Vec::new(),
@@ -56,6 +59,14 @@ impl<'a> Verifier<'a> {
             margins: HashMap::new(),
             near_tie: tol.near_tie(),
         }
+    }
+
+    /// A verifier at `opts`' tolerances (`--tol` overrides too) and near-tie threshold.
+    fn with_options(golden: &'a Dump, opts: &VerifyOptions) -> Self {
+        let mut v = Verifier::new(golden, opts.tol);
+        v.per_name = opts.per_name.clone();
+        v.near_tie = opts.near_tie.unwrap_or(v.near_tie);
+        v
     }
 
     fn compare(&mut self, name: &str, ours: &Tensor) -> Result<Comparison> {
@@ -85,7 +96,8 @@ impl<'a> Verifier<'a> {
             _ => None,
         };
         let batch = self.golden.shape("input_ids").and_then(|s| s.first().copied());
-        Ok(compare::compare_tensor(name, (&ours, &shape), (&reference, &ref_shape), ids, self.tol, batch))
+        let tol = crate::diff::tol_for(self.tol, &self.per_name, name);
+        Ok(compare::compare_tensor(name, (&ours, &shape), (&reference, &ref_shape), ids, tol, batch))
     }
 }
 
@@ -226,8 +238,27 @@ impl Report {
     pub fn first_mismatch(&self) -> Option<&Comparison> {
         self.results.iter().find(|c| !c.ok)
     }
+    /// Whether every tensor compared matches, something besides `input_ids` was compared, and the
+    /// reference does not hold this run's hook points under other names ([`Report::misnamed`]).
     pub fn all_match(&self) -> bool {
-        self.mismatches() == 0 && !self.results.is_empty()
+        self.mismatches() == 0 && self.results.iter().any(|c| c.name != "input_ids") && self.misnamed().is_none()
+    }
+
+    /// What the reference's names outside the spec say, where most of them are spec hook points
+    /// behind one prefix (`model.layers.0.input_norm`) and they outnumber the tensors compared:
+    /// the names are the spec's contract, and most of the reference went unverified.
+    pub fn misnamed(&self) -> Option<String> {
+        fn prefix(n: &str) -> Option<&str> {
+            let mut cuts = n.match_indices('.').map(|(i, _)| n.split_at(i + 1));
+            cuts.find(|(_, rest)| HookPoint::parse(rest).is_some_and(|p| p.in_spec())).map(|(p, _)| p)
+        }
+        let foreign = self.only_in_reference.iter().filter(|n| HookPoint::parse(n).is_none());
+        let mut prefixes: Vec<&str> = foreign.filter_map(|n| prefix(n)).collect();
+        prefixes.sort_unstable();
+        let most = prefixes.chunk_by(|x, y| x == y).max_by_key(|run| run.len())?;
+        (most.len() > self.results.len()).then(|| {
+            format!("the reference names {} spec hook points with a `{}` prefix: not compared", most.len(), most[0])
+        })
     }
 }
 
@@ -235,6 +266,8 @@ impl Report {
 #[derive(Debug, Clone, Default)]
 pub struct VerifyOptions {
     pub tol: Tolerance,
+    /// `--tol PATTERN=ATOL,RTOL` overrides, the last that matches a name winning.
+    pub per_name: Vec<(String, Tolerance)>,
     /// Feed every layer the reference's `layers.{i-1}.output` (`embeddings` for layer 0), and the
     /// final norm the reference's last output.
     pub isolate: bool,
@@ -253,8 +286,7 @@ pub fn verify(model: &Model, golden: &Dump, tol: Tolerance, isolate: bool) -> Re
 
 pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Report> {
     let tokens = golden.tokens()?;
-    let mut v = Verifier::new(golden, opts.tol);
-    v.near_tie = opts.near_tie.unwrap_or(v.near_tie);
+    let mut v = Verifier::with_options(golden, opts);
     v.replay = opts.replay;
     let n = w.config().num_hidden_layers;
     let window = opts.layers.clone().unwrap_or(0..=n - 1);
@@ -313,8 +345,7 @@ pub fn verify_prefill(
     opts: &VerifyOptions,
 ) -> Result<Report> {
     let layers = model.layers.len();
-    let mut v = Verifier::new(golden, opts.tol);
-    v.near_tie = opts.near_tie.unwrap_or(v.near_tie);
+    let mut v = Verifier::with_options(golden, opts);
     let tokens = golden.tokens()?;
     v.replay = opts.replay;
     v.isolate = opts.isolate.then_some([tokens.batch, tokens.seq, model.config.hidden_size]);
@@ -342,8 +373,7 @@ pub fn has_mtp(golden: &Dump) -> bool {
 /// `isolate` the reference's `mtp.input_hidden`, so its own error is measured alone.
 pub fn verify_mtp(model: &Model, mtp: &Mtp, golden: &Dump, opts: &VerifyOptions, report: &mut Report) -> Result<()> {
     let tokens = golden.tokens()?;
-    let mut v = Verifier::new(golden, opts.tol);
-    v.near_tie = opts.near_tie.unwrap_or(v.near_tie);
+    let mut v = Verifier::with_options(golden, opts);
     let hidden = if report.isolate {
         let shape = [tokens.batch, tokens.seq.saturating_sub(1), model.config.hidden_size];
         golden.hidden(&HookPoint::MtpInputHidden.name(), shape)?
@@ -417,6 +447,12 @@ pub fn print_report(r: &Report, tol: Tolerance, near_tie: f64) {
     print!("{}", flips::render(&compare::flips(&r.results), near_tie, ""));
     for n in &r.only_in_reference {
         println!("{n:<34} {:<8} only in the reference (not produced by this run)", "skipped");
+    }
+    if let Some(m) = r.misnamed() {
+        println!("{m} (the spec's names are the contract)");
+    }
+    if !r.results.iter().any(|c| c.name != "input_ids") {
+        println!("nothing verified: the reference holds none of this run's hook points but input_ids");
     }
     if let Some(nf) = &r.non_finite {
         println!("first NaN/Inf of this run: {nf}");

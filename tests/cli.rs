@@ -600,3 +600,44 @@ fn a_wildcard_that_leaves_out_the_scores_says_so() {
     let (_, err) = assert_ok(&run("*"));
     assert!(err.contains("--record * left out the S x S `dsa.scores`"), "{err}");
 }
+
+/// `verify` takes the spec's per-name tolerance overrides as `diff` does (and says a pattern that
+/// matched nothing), and does not pass a reference it could not compare: one holding only the
+/// tokens, or its hook points behind a prefix. `diff --json` says the tolerances it used.
+#[test]
+fn verify_takes_tol_overrides_and_does_not_pass_on_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = common::golden("flat").join("reference.safetensors");
+    let logits_line = |args: &[&str]| {
+        let (code, out) = common::code_and_text(&[&["verify", "--atol", "0", "--rtol", "0"], args].concat());
+        assert_eq!(code, 1, "{out}");
+        out.lines().find(|l| l.starts_with("logits ")).map(String::from).unwrap_or_else(|| panic!("{out}"))
+    };
+    assert!(logits_line(&[]).contains("MISMATCH"));
+    assert!(logits_line(&["--tol", "logits=1e-4,1e-4"]).contains(" ok "));
+    let (_, err) = text(&glimpse(&["verify", "--tol", "nothing*=1,1"]));
+    assert!(err.contains("warning: --tol nothing* matches no tensor compared"), "{err}");
+
+    let ids_only =
+        common::edit_dump(&reference, &tmp.path().join("ids.st"), |t| t.retain(|(n, _, _)| n == "input_ids"));
+    let (code, out) = common::code_and_text(&["verify", "--golden", &common::s(&ids_only)]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("nothing verified: the reference holds none of this run's hook points but input_ids"),
+        "{out}"
+    );
+    let prefixed = common::edit_dump(&reference, &tmp.path().join("prefixed.st"), |t| {
+        for (n, _, _) in t.iter_mut().filter(|(n, _, _)| n.starts_with("layers.")) {
+            *n = format!("model.{n}");
+        }
+    });
+    let (code, out) = common::code_and_text(&["verify", "--golden", &common::s(&prefixed)]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("spec hook points with a `model.` prefix: not compared"), "{out}");
+
+    let r = common::s(&reference);
+    let (json, _) = assert_ok(&glimpse(&["diff", &r, &r, "--json", "--tol", "logits=2e-2,0"]));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["tolerance"]["per_name"][0], serde_json::json!({"pattern": "logits", "atol": 2e-2, "rtol": 0.0}));
+    assert_eq!(v["tolerance"]["atol"], 1e-4);
+}
