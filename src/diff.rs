@@ -427,9 +427,24 @@ impl DiffReport {
         out += &crate::layer_error::render(&crate::layer_error::by_layer(&self.results, self.near_tie));
         let flips = self.flips();
         out += &flips::render(&flips, self.near_tie, " (see --json)");
-        if !self.with_model && flips.iter().any(|(_, fl)| Class::of(fl, self.near_tie) == Class::Unknown) {
-            out += "  (with --model DIR, routing margins a dump does not record are recomputed from its gate logits, \
-                    and shared-indexer layers take those of the layer they reuse)\n";
+        // What --model would add for the flips of unknown margin: routing margins from the gate
+        // logits; for DSA ones, only a shared-indexer layer's (the margins of the layer it reuses).
+        let unknown = |routing: bool| {
+            let of_kind = |name: &str| name.ends_with(".moe.topk_ids") == routing;
+            flips.iter().any(|(name, fl)| of_kind(name) && Class::of(fl, self.near_tie) == Class::Unknown)
+        };
+        let hint = match (self.with_model, unknown(true), unknown(false)) {
+            (false, true, _) => {
+                "routing margins a dump does not record are recomputed from its gate logits, and \
+                                 shared-indexer layers take those of the layer they reuse"
+            }
+            (false, false, true) => {
+                "a shared-indexer layer's DSA flips take the margins of the layer whose keys it reuses"
+            }
+            _ => "",
+        };
+        if !hint.is_empty() {
+            out += &format!("  (with --model DIR, {hint})\n");
         }
         for (side, names) in [(a, &self.only_a), (b, &self.only_b)] {
             for n in names.iter().take(ONLY_IN_LISTED) {
@@ -702,5 +717,34 @@ mod tests {
         for bad in ["logits", "logits=1", "=1,1", "x=a,1", "x=-1,0"] {
             assert!(parse_tol(bad).is_err(), "{bad}");
         }
+        assert_eq!(parse_tol(" logits = 2e-2, 0").unwrap(), ("logits".to_string(), t(2e-2, 0.0)));
+    }
+
+    /// The hint on what `--model` adds names only what it adds for the flips of unknown margin.
+    #[test]
+    fn the_model_hint_fits_the_unknown_flips() {
+        let flip = Flip::with_margins(None, None);
+        let sets = Detail::Sets { rows: 1, mean_recall: 0.5, min_recall: 0.5, flips: vec![flip] };
+        let report = |name: &str| DiffReport {
+            results: vec![Comparison { name: name.into(), ok: false, detail: sets.clone() }],
+            non_finite_a: None,
+            non_finite_b: None,
+            only_a: vec![],
+            only_b: vec![],
+            near_tie: 1e-3,
+            tol: Tolerance::default(),
+            per_name: Vec::new(),
+            with_model: false,
+            notes: Default::default(),
+            bf16_only: [false; 2],
+            bf16_first: None,
+        };
+        let hint = |name: &str| {
+            let out = report(name).render(Path::new("a"), Path::new("b"));
+            out.lines().find(|l| l.contains("with --model DIR")).map(String::from).unwrap_or_default()
+        };
+        assert!(hint("layers.2.moe.topk_ids").contains("routing margins"));
+        assert!(hint("layers.1.dsa.topk").contains("a shared-indexer layer's DSA flips"));
+        assert!(!hint("layers.1.dsa.topk").contains("routing"));
     }
 }

@@ -461,6 +461,9 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
                 side.label()
             ),
             (None, true) => " (within the noise)".to_string(),
+            (None, false) if fl.unmoved() && fl.fewer_keys().is_none() => {
+                " (the scores are the same on both sides: an exact tie broken otherwise, or another rule)".to_string()
+            }
             (None, false) => String::new(),
         };
         out += &format!(

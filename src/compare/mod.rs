@@ -221,9 +221,17 @@ impl Flip {
     /// Whether the run's own noise explains it: its keys moved no more than the layer's 99th
     /// percentile, and it is a swap of keys one rule could make. A row that kept fewer distinct
     /// keys than the other side (a duplicate, padding or a later key where a causal key belongs)
-    /// is a selection bug however little its scores moved.
+    /// is a selection bug however little its scores moved, and a run whose scores are the same
+    /// bits on both sides has no noise to explain a flip (an exact tie broken otherwise does).
     pub fn within_noise(&self) -> bool {
-        self.fewer_keys().is_none() && !self.unexplained() && self.moved.is_some_and(|m| m.keys <= m.noise)
+        let noisy = self.moved.is_some_and(|m| m.keys <= m.noise && m.noise > 0.0);
+        self.fewer_keys().is_none() && !self.unexplained() && noisy
+    }
+
+    /// Whether its keys' scores, and the layer's, are the same on both sides: a flip no noise
+    /// made (an exact tie broken otherwise, or another rule).
+    pub fn unmoved(&self) -> bool {
+        self.moved.is_some_and(|m| m.keys == 0.0 && m.noise == 0.0)
     }
 
     /// The side whose row kept fewer distinct keys than the other's: it lost keys and gained

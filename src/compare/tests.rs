@@ -52,7 +52,10 @@ fn only_a_swap_one_rule_could_make_is_within_the_noise() {
     assert!(!Flip { moved: None, ..swap.clone() }.within_noise());
     assert!(!Flip { only_ours: vec![], ..swap.clone() }.within_noise(), "a duplicate in ours");
     assert!(!Flip { only_reference: vec![], ..swap.clone() }.within_noise(), "a duplicate in the reference");
-    assert!(!Flip { rule_break: Some(RuleBreak::TooLittle), ..swap }.within_noise());
+    assert!(!Flip { rule_break: Some(RuleBreak::TooLittle), ..swap.clone() }.within_noise());
+    // Scores the same bits on both sides: there is no noise to explain it (a tie, or a rule).
+    let unmoved = Flip { moved: Some(Movement { keys: 0.0, noise: 0.0 }), ..swap };
+    assert!(!unmoved.within_noise() && unmoved.unmoved());
 }
 
 /// Only decisions flip: a differing `moe.bias_changed` (a consequence of the logits) is a
