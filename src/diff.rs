@@ -305,10 +305,13 @@ pub fn comparison_json(c: &Comparison, near_tie: f64) -> Value {
             cosine,
             scale,
         } => {
+            // An empty tensor has no worst element: null, not element 0's coordinate and NaN.
+            let value = |x: f32| if *total == 0 { Value::Null } else { json_number(x as f64) };
+            let worst_at = if *total == 0 { Value::Null } else { json!(worst_at) };
             json!({
                 "kind": "float", "max_abs": json_number(*max_abs), "worst_at": worst_at, "first_outside_at": first_at,
-                "ours": json_number(*ours as f64),
-                "reference": json_number(*reference as f64), "max_rel": json_number(*max_rel), "mean_abs": json_number(*mean_abs), "nmse": json_number(*nmse),
+                "ours": value(*ours),
+                "reference": value(*reference), "max_rel": json_number(*max_rel), "mean_abs": json_number(*mean_abs), "nmse": json_number(*nmse),
                 "cosine": json_number(*cosine), "scale": json_number(*scale), "outside_tolerance": bad, "elements": total,
             })
         }
@@ -422,6 +425,12 @@ impl DiffReport {
             if let Detail::Sets { mean_recall, .. } = &c.detail {
                 out += &format!("  mean recall {mean_recall:.4}");
             }
+            // Weights align by expert only where both sides hold the ids (then compared too).
+            if let Some(layer) = c.name.strip_suffix(".moe.topk_weights") {
+                if !self.results.iter().any(|r| r.name == format!("{layer}.moe.topk_ids")) {
+                    out += "  (slot by slot: the two dumps do not both hold moe.topk_ids to align them by expert)";
+                }
+            }
             out.push('\n');
         }
         out += &crate::layer_error::render(&crate::layer_error::by_layer(&self.results, self.near_tie));
@@ -433,14 +442,12 @@ impl DiffReport {
             let of_kind = |name: &str| name.ends_with(".moe.topk_ids") == routing;
             flips.iter().any(|(name, fl)| of_kind(name) && Class::of(fl, self.near_tie) == Class::Unknown)
         };
+        const ROUTING: &str = "routing margins a dump does not record are recomputed from its gate logits, and \
+                               shared-indexer layers take those of the layer they reuse";
+        const SHARED: &str = "a shared-indexer layer's DSA flips take the margins of the layer whose keys it reuses";
         let hint = match (self.with_model, unknown(true), unknown(false)) {
-            (false, true, _) => {
-                "routing margins a dump does not record are recomputed from its gate logits, and \
-                                 shared-indexer layers take those of the layer they reuse"
-            }
-            (false, false, true) => {
-                "a shared-indexer layer's DSA flips take the margins of the layer whose keys it reuses"
-            }
+            (false, true, _) => ROUTING,
+            (false, false, true) => SHARED,
             _ => "",
         };
         if !hint.is_empty() {
@@ -703,6 +710,11 @@ mod tests {
         assert_eq!((json["kind"].as_str(), json["differ"].as_u64()), (Some("exact"), Some(1)));
         assert_eq!(json["differing"][0]["ours"], 1);
         assert!(crate::compare::flips(&[c]).is_empty());
+        // An empty float tensor has no worst element to name.
+        let empty = Values::F32(vec![]);
+        let c = compare_tensor("logits", (&empty, &[1, 0, 8]), (&empty, &[1, 0, 8]), None, Tolerance::default(), None);
+        let json = comparison_json(&c, 1e-3);
+        assert_eq!((&json["worst_at"], &json["ours"], &json["elements"]), (&Value::Null, &Value::Null, &json!(0)));
     }
 
     #[test]
@@ -746,5 +758,11 @@ mod tests {
         assert!(hint("layers.2.moe.topk_ids").contains("routing margins"));
         assert!(hint("layers.1.dsa.topk").contains("a shared-indexer layer's DSA flips"));
         assert!(!hint("layers.1.dsa.topk").contains("routing"));
+        // Weights without both sides' ids are compared slot by slot, and the line says so.
+        let weights = report("layers.2.moe.topk_weights");
+        assert!(weights.render(Path::new("a"), Path::new("b")).contains("(slot by slot: the two dumps do not both"));
+        let ids = Comparison { name: "layers.2.moe.topk_ids".into(), ..weights.results[0].clone() };
+        let both = DiffReport { results: vec![ids, weights.results[0].clone()], ..weights };
+        assert!(!both.render(Path::new("a"), Path::new("b")).contains("slot by slot"));
     }
 }

@@ -80,6 +80,18 @@ impl Dump {
         Ok(Dump { path: path.to_path_buf(), file })
     }
 
+    /// The warning a dump without the `source` the spec asks of every dump deserves (what made
+    /// it is how a reader tells a bf16 port's dump from an f32 reference's).
+    pub fn no_source(&self) -> Option<String> {
+        (!self.metadata().contains_key("source")).then(|| {
+            format!(
+                "{}: no `source` in its metadata (the spec asks every dump for the tool, version, dtype and device \
+                 that made it)",
+                self.path.display()
+            )
+        })
+    }
+
     pub fn metadata(&self) -> &std::collections::HashMap<String, String> {
         self.file.metadata()
     }

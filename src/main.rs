@@ -210,6 +210,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let near_tie = near_tie.unwrap_or(tol.near_tie());
             let ckpt = Checkpoint::open(&model_dir)?;
             let reference = Dump::open(&golden)?;
+            warn(reference.no_source());
             // Warned once the comparison stands, as diff does (an error alone is one line).
             let config_warning = reference.other_config(&ckpt.config_bytes, &model_dir);
             let code = (|| -> Result<ExitCode> {
@@ -257,6 +258,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     })?;
                     println!("verify {} against {} on {}", model_dir.display(), golden.display(), target.describe());
                     verify::print_report(&report, tol, near_tie);
+                    if let Some(note) = verify::bf16_note(&reference, &report, tol) {
+                        println!("{note}");
+                    }
                     diff::tol_warnings(&per_name, &report.results).into_iter().for_each(|w| warn(Some(w)));
                     if let Some(free) = &free {
                         verify::print_replay(free, &report);
@@ -302,6 +306,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 // After the run, as the device path does: an error on the way is its one line alone.
                 println!("verify {} against {}", model_dir.display(), golden.display());
                 verify::print_report(&report, tol, near_tie);
+                if let Some(note) = verify::bf16_note(&reference, &report, tol) {
+                    println!("{note}");
+                }
                 diff::tol_warnings(&per_name, &report.results).into_iter().for_each(|w| warn(Some(w)));
                 if replay != verify::Replay::default() {
                     // The same tensors without the replay (the MTP head's too), so the counts compare.
@@ -325,6 +332,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let ckpt = model.as_ref().map(|dir| Checkpoint::open(dir)).transpose()?;
             // Warned once the comparison stands (an error alone is one line).
             let mut warnings: Vec<String> = da.other_config_than(&db).into_iter().collect();
+            warnings.extend([&da, &db].into_iter().filter_map(Dump::no_source));
+            warnings.dedup();
             if let (Some(c), Some(dir)) = (&ckpt, &model) {
                 let experts = c.config.n_routed_experts;
                 let misfits = |d: &Dump| [d.other_config(&c.config_bytes, dir), d.other_experts(experts, dir)];

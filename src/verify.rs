@@ -437,6 +437,23 @@ pub fn format_line(c: &Comparison) -> String {
     format!("{:<34} {:<8} {body}", c.name, verdict)
 }
 
+/// Where the reference's first float tensor outside a tolerance tighter than bf16's holds bf16
+/// values only (a reference run in bf16, where this run computes in f32): the note `diff` gives,
+/// to compare at bf16's tolerance. Reads that one tensor again.
+pub fn bf16_note(golden: &Dump, r: &Report, tol: Tolerance) -> Option<String> {
+    let bf16 = crate::device::Precision::Bf16.tolerance();
+    let first = r.results.iter().find(|c| !c.ok && matches!(c.detail, Detail::Float { .. }))?;
+    let (Values::F32(v), _) = golden.values(&first.name).ok()? else { return None };
+    let only_bf16 = !v.is_empty() && v.iter().all(|x| x.to_bits() & 0xFFFF == 0);
+    (tol.atol < bf16.atol && only_bf16).then(|| {
+        format!(
+            "note: the reference's {}, the first float tensor outside the tolerance, holds bf16 values only (a run \
+             in bf16?): compare at bf16's tolerance, --atol {:e} --rtol {:e}",
+            first.name, bf16.atol, bf16.rtol
+        )
+    })
+}
+
 /// One line per tensor, the errors by layer, then the flips with their margins (near-ties below
 /// `near_tie`), then a summary.
 pub fn print_report(r: &Report, tol: Tolerance, near_tie: f64) {

@@ -635,6 +635,25 @@ fn verify_takes_tol_overrides_and_does_not_pass_on_nothing() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("spec hook points with a `model.` prefix: not compared"), "{out}");
 
+    // A reference of bf16 values (truncated here) at f32's tolerance: the note diff gives.
+    let bf16 = tmp.path().join("bf16.st");
+    common::rewrite_st(&reference, &bf16, |_, v, _| {
+        v.iter_mut().for_each(|x| *x = f32::from_bits(x.to_bits() & !0xFFFF))
+    });
+    let (_, out) = common::code_and_text(&["verify", "--golden", &common::s(&bf16)]);
+    assert!(out.contains("holds bf16 values only (a run in bf16?): compare at bf16's tolerance"), "{out}");
+    let (_, out) =
+        common::code_and_text(&["verify", "--golden", &common::s(&bf16), "--atol", "2e-2", "--rtol", "2e-2"]);
+    assert!(!out.contains("holds bf16 values only"), "{out}");
+
+    // A dump without the `source` the spec asks for is compared, with a warning.
+    let no_source = tmp.path().join("no-source.st");
+    let meta = std::collections::BTreeMap::from([("format".to_string(), "glm5-dump/1".to_string())]);
+    let logits = glimpse::st::Entry::f32(vec![1, 1, 2], &[0.5, 1.5]);
+    glimpse::st::write(&no_source, &[("logits".to_string(), logits)], &meta).unwrap();
+    let (_, err) = assert_ok(&glimpse(&["diff", &common::s(&no_source), &common::s(&no_source)]));
+    assert!(err.contains("no-source.st: no `source` in its metadata"), "{err}");
+
     let r = common::s(&reference);
     let (json, _) = assert_ok(&glimpse(&["diff", &r, &r, "--json", "--tol", "logits=2e-2,0"]));
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
