@@ -157,7 +157,7 @@ pub(crate) enum Command {
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
-        /// Write per-(layer, expert) counts as CSV here.
+        /// Write per-(layer, expert) counts as CSV here (`-`: to standard output, in place of the table).
         #[arg(long)]
         csv: Option<PathBuf>,
         /// Write the layer x expert load heatmap here (SVG).
@@ -403,7 +403,9 @@ impl Command {
         match self {
             Command::Run { dump, .. } | Command::Generate { dump, .. } => named("--dump", dump).into_iter().collect(),
             Command::Audit { csv, heatmap, .. } => {
-                [named("--csv", csv), named("--heatmap", heatmap)].into_iter().flatten().collect()
+                // (`--csv -` is standard output, no file.)
+                let csv = named("--csv", csv).filter(|(_, p)| p.as_os_str() != "-");
+                [csv, named("--heatmap", heatmap)].into_iter().flatten().collect()
             }
             _ => Vec::new(),
         }

@@ -62,10 +62,11 @@ pub fn svg(audit: &Audit, title: &str) -> String {
         let mean = l.counts.iter().sum::<u64>() as f64 / experts as f64;
         let _ = writeln!(
             s,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="end" dominant-baseline="middle">layer {}</text>"#,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end" dominant-baseline="middle">layer {}{}</text>"#,
             left - 6.0,
             y + cell_h / 2.0,
-            l.layer
+            l.layer,
+            if audit.mtp_layer == Some(l.layer) { " mtp" } else { "" }
         );
         for (e, &c) in l.counts.iter().enumerate() {
             let _ = writeln!(

@@ -362,6 +362,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             {
                 return Err(Error::Usage(format!("--heatmap {}: the heatmap is SVG; name a .svg file", p.display())));
             }
+            // `--csv -`: the CSV on standard output, in place of the table.
+            let csv_out = csv.as_deref() == Some(Path::new("-"));
+            if csv_out && json {
+                return Err(Error::Usage("--csv - and --json both write to standard output: give --csv a file".into()));
+            }
             let target = gpu.target(device)?;
             // Against a reference, both keep their expert sets token by token, to count what changed.
             let sets = !against.is_empty();
@@ -400,13 +405,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     map.insert("shift".into(), glimpse::audit::shift_json(&audit.shift(r)));
                 }
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else if csv_out {
+                print!("{}", audit.to_csv());
             } else {
                 print!("{}", audit.table());
                 if let Some(r) = &reference {
                     print!("\n{}", audit.shift_table(r));
                 }
             }
-            if let Some(path) = csv {
+            if let Some(path) = csv.filter(|_| !csv_out) {
                 glimpse::output::write_atomic(&path, audit.to_csv().as_bytes())?;
                 eprintln!("wrote {}", path.display());
             }

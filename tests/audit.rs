@@ -80,6 +80,13 @@ fn audit_marks_the_mtp_layer_and_uses_its_bias() {
     assert!(recomputed["bias_load_correlation"].is_number(), "{recomputed}");
     let (table, _) = assert_ok(&glimpse(&["audit", "--model", "golden/mtp", "--dump", reference]));
     assert!(table.lines().any(|l| l.trim_start().starts_with("3 mtp ")), "{table}");
+    // The CSV (here on standard output) and the heatmap mark it too.
+    let (csv, _) = assert_ok(&glimpse(&["audit", "--model", "golden/mtp", "--dump", reference, "--csv", "-"]));
+    assert_eq!(csv.lines().next(), Some("layer,expert,count,share,bias,mtp"));
+    assert!(csv.lines().skip(1).all(|l| l.ends_with(if l.starts_with("3,") { ",1" } else { ",0" })), "{csv}");
+    let svg = tmp.path().join("load.svg");
+    assert_ok(&glimpse(&["audit", "--model", "golden/mtp", "--dump", reference, "--heatmap", &common::s(&svg)]));
+    assert!(std::fs::read_to_string(&svg).unwrap().contains(">layer 3 mtp</text>"));
     // Without a checkpoint or the head's own tensors, the MTP layer is told by its rows (one
     // position fewer), on both sides of --against.
     let args = ["--tokens-from", reference, "--mtp", "--record", "layers.*.moe.*"];

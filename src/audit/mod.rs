@@ -62,6 +62,19 @@ pub struct LayerLoad {
     /// a server batch meets.
     pub prompt_max_vio_sum: f64,
     pub prompts: usize,
+    /// The sum of each prompt's least possible MaxVio (`max_vio_floor`): short prompts cannot
+    /// route evenly, whatever the router does.
+    pub prompt_floor_sum: f64,
+}
+
+/// The least MaxVio `slots` routing slots can have over `experts` (as even as whole tokens go:
+/// `ceil(s/E) / (s/E) - 1`, which is `E/s - 1` for fewer slots than experts).
+pub fn max_vio_floor(slots: usize, experts: usize) -> f64 {
+    if slots == 0 || experts == 0 {
+        return 0.0;
+    }
+    let mean = slots as f64 / experts as f64;
+    mean.ceil() / mean - 1.0
 }
 
 /// The derived balance numbers of one layer.
@@ -76,6 +89,8 @@ pub struct Stats {
     pub bias_load_corr: Option<f64>,
     /// The mean of the prompts' own MaxVio (the Loss-Free Balancing paper's MaxVio_batch).
     pub max_vio_per_run: Option<f64>,
+    /// The mean of the least MaxVio each prompt's length allows (`max_vio_floor`).
+    pub max_vio_per_run_floor: Option<f64>,
 }
 
 /// `max load / mean load - 1` of per-expert counts (0 for no load).
@@ -92,6 +107,11 @@ fn max_vio(counts: &[u64]) -> f64 {
 impl LayerLoad {
     pub fn new(layer: usize, experts: usize) -> Self {
         LayerLoad { layer, counts: vec![0; experts], ..Default::default() }
+    }
+
+    /// Whether its bias-changed share is over some of its tokens only (runs without flags).
+    pub fn bias_partial(&self) -> bool {
+        self.bias_changed.is_some() && self.bias_known > 0 && self.bias_known < self.tokens
     }
 
     pub fn stats(&self) -> Stats {
@@ -118,6 +138,7 @@ impl LayerLoad {
                 .map(|c| c as f64 / self.bias_known as f64),
             bias_load_corr: self.bias.as_ref().and_then(|b| pearson(b.iter().map(|&x| x as f64).collect(), &loads)),
             max_vio_per_run: (self.prompts > 0).then(|| self.prompt_max_vio_sum / self.prompts as f64),
+            max_vio_per_run_floor: (self.prompts > 0).then(|| self.prompt_floor_sum / self.prompts as f64),
         }
     }
 }
@@ -267,6 +288,7 @@ impl Audit {
                 l.counts[id as usize] += 1;
             }
             (l.prompt_max_vio_sum, l.prompts) = (l.prompt_max_vio_sum + max_vio(&counts), l.prompts + 1);
+            l.prompt_floor_sum += max_vio_floor(prompt.len(), experts);
         }
         if let Some(sets) = self.sets.as_mut() {
             // Ids are checked to lie within the experts, at most `MAX_EXPERTS` = 2^16 of them
@@ -300,7 +322,6 @@ impl Audit {
             "expert load over {} prompt(s){stopped}, {} experts\n{:>7} {:>8} {:>8} {:>7} {:>8} {:>10} {:>5} {:>12} {:>10}  {:<30}  rarest (expert:tokens)\n",
             self.prompts(), self.experts, "layer", "tokens", "MaxVio", "CV", "entropy", "MaxVio/run", "dead", "bias-changed", "corr(b,l)", "busiest (expert:tokens)"
         );
-        let (mut sparse, mut partial) = (Vec::new(), Vec::new());
         for l in self.layers.values() {
             let st = l.stats();
             let opt = |x: Option<f64>, pct: bool| match x {
@@ -319,14 +340,10 @@ impl Audit {
                 experts.iter().take(3).map(|&e| format!("{e}:{}", l.counts[e])).collect::<Vec<_>>().join(" ")
             };
             let (busiest, rarest) = (list(&busiest), list(&rarest));
-            if l.counts.iter().sum::<u64>() < 2 * l.counts.len() as u64 {
-                sparse.push(l.layer.to_string());
-            }
             // A share over some of the layer's tokens only (runs without flags or logits) is marked.
             let mut bias_changed = opt(st.bias_changed_share, true);
-            if st.bias_changed_share.is_some() && l.bias_known < l.tokens {
+            if l.bias_partial() {
                 bias_changed.push('*');
-                partial.push(format!("layer {}: {} of {}", l.layer, l.bias_known, l.tokens));
             }
             let label = match self.mtp_layer == Some(l.layer) {
                 true => format!("{} mtp", l.layer),
@@ -345,25 +362,53 @@ impl Audit {
                 opt(st.bias_load_corr, false),
             );
         }
-        if !sparse.is_empty() {
-            let _ = writeln!(
-                s,
-                "note: layer(s) {} routed fewer tokens x k than twice the experts: their MaxVio and dead experts say little",
-                sparse.join(", ")
-            );
-        }
-        if !partial.is_empty() {
-            let _ = writeln!(
-                s,
-                "note: * bias-changed over the tokens with known flags only ({}): the other runs recorded no flags, \
-                 and no router logits for --model's bias",
-                partial.join(", ")
-            );
-        }
-        if let Some(note) = self.uneven_prompts() {
+        for note in self.notes() {
             let _ = writeln!(s, "note: {note}");
         }
         s
+    }
+
+    /// What the table's numbers are over, where that limits them: layers with too few routed
+    /// slots, prompts too short for their own MaxVio, a bias-changed share over some runs only,
+    /// layers that count different prompts.
+    pub fn notes(&self) -> Vec<String> {
+        let layers = |keep: &dyn Fn(&LayerLoad) -> bool| -> Vec<String> {
+            self.layers.values().filter(|l| keep(l)).map(|l| l.layer.to_string()).collect()
+        };
+        let slots = |l: &LayerLoad| l.counts.iter().sum::<u64>();
+        let mut notes = Vec::new();
+        let sparse = layers(&|l| slots(l) < 2 * l.counts.len() as u64);
+        if !sparse.is_empty() {
+            notes.push(format!(
+                "layer(s) {} routed fewer tokens x k than twice the experts: their MaxVio and dead experts say little",
+                sparse.join(", ")
+            ));
+        }
+        // Prompts too short to route evenly: MaxVio/run is much their lengths' doing.
+        let floors: Vec<String> = (self.layers.values())
+            .filter_map(|l| Some((l.layer, l.stats().max_vio_per_run_floor?)))
+            .filter(|&(_, floor)| floor >= 0.1)
+            .map(|(layer, floor)| format!("layer {layer}: {floor:.3}"))
+            .collect();
+        if !floors.is_empty() {
+            notes.push(format!(
+                "MaxVio/run of prompts this short cannot fall below the mean of their lengths' least MaxVio ({}): \
+                 compare it with that",
+                floors.join(", ")
+            ));
+        }
+        let partial: Vec<String> = (self.layers.values().filter(|l| l.bias_partial()))
+            .map(|l| format!("layer {}: {} of {}", l.layer, l.bias_known, l.tokens))
+            .collect();
+        if !partial.is_empty() {
+            notes.push(format!(
+                "* bias-changed over the tokens with known flags only ({}): the other runs recorded no flags, and no \
+                 router logits for --model's bias",
+                partial.join(", ")
+            ));
+        }
+        notes.extend(self.uneven_prompts());
+        notes
     }
 
     /// When layers count different numbers of prompts (dumps of some layers only, a window of
@@ -525,7 +570,7 @@ impl Audit {
                     "entropy": st.entropy, "balancedness": st.balancedness, "dead_experts": st.dead,
                     "bias_changed_share": st.bias_changed_share, "bias_known_tokens": l.bias_known,
                     "bias_load_correlation": st.bias_load_corr, "prompts": l.prompts,
-                    "max_vio_per_run_mean": st.max_vio_per_run,
+                    "max_vio_per_run_mean": st.max_vio_per_run, "max_vio_per_run_floor": st.max_vio_per_run_floor,
                     "mtp": self.mtp_layer == Some(l.layer),
                 })
             })
@@ -533,18 +578,20 @@ impl Audit {
         json!({
             "prompts": self.prompts(), "experts": self.experts, "experts_guessed": self.experts_guessed,
             "stopped_after": self.stopped.map(|(run, _)| run), "layers": layers,
-            "uneven_prompts": self.uneven_prompts(),
+            "uneven_prompts": self.uneven_prompts(), "notes": self.notes(),
         })
     }
 
-    /// One row per (layer, expert): `layer,expert,count,share,bias`.
+    /// One row per (layer, expert): `layer,expert,count,share,bias,mtp` (`mtp`: 1 on the MTP
+    /// head's layer).
     pub fn to_csv(&self) -> String {
-        let mut s = String::from("layer,expert,count,share,bias\n");
+        let mut s = String::from("layer,expert,count,share,bias,mtp\n");
         for l in self.layers.values() {
             let total = l.counts.iter().sum::<u64>().max(1) as f64;
+            let mtp = u8::from(self.mtp_layer == Some(l.layer));
             for (e, &c) in l.counts.iter().enumerate() {
                 let bias = l.bias.as_ref().and_then(|b| b.get(e)).map(|b| b.to_string()).unwrap_or_default();
-                let _ = writeln!(s, "{},{e},{c},{:.6},{bias}", l.layer, c as f64 / total);
+                let _ = writeln!(s, "{},{e},{c},{:.6},{bias},{mtp}", l.layer, c as f64 / total);
             }
         }
         s
@@ -584,6 +631,21 @@ mod tests {
         // Without the sets, the gross change is unknown.
         ours.sets = None;
         assert_eq!(ours.shift(&reference)[0].changed, None);
+    }
+
+    /// The least MaxVio a number of slots allows over the experts, by hand: 4 slots over 16
+    /// experts load 4 of them once (max 1, mean 1/4); 20 load 4 twice and 12 once (max 2, mean
+    /// 5/4); 32 can load each twice.
+    #[test]
+    fn the_least_max_vio_a_prompt_allows() {
+        assert_eq!(max_vio_floor(4, 16), 3.0);
+        assert!((max_vio_floor(20, 16) - 0.6).abs() < 1e-12);
+        assert_eq!((max_vio_floor(32, 16), max_vio_floor(0, 16)), (0.0, 0.0));
+        // Two prompts of one token (top-2 of 4 experts): each floor 1, so the mean is 1.
+        let mut a = Audit::new(4);
+        a.add(1, &[0, 1, 2, 3], 2, 2, None).unwrap();
+        assert_eq!(a.layers[&1].stats().max_vio_per_run_floor, Some(1.0));
+        assert!(a.notes().iter().any(|n| n.contains("least MaxVio (layer 1: 1.000)")), "{:?}", a.notes());
     }
 
     /// 4 experts, 3 tokens, top-2: loads [3, 2, 1, 0] by hand.
