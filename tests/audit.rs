@@ -320,3 +320,43 @@ fn audit_refuses_another_models_checkpoint_and_reads_text_on_request() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["layers"][0]["tokens"], 6, "{v}");
 }
+
+/// The load without the correction bias: each token's top-k of `sigmoid(router_logits)` alone,
+/// recounted here from the transformers reference's gate logits (golden/flat routes flat, top-4
+/// of 16), is the MaxVio audit reports beside the biased one, from the dump and from a live run.
+#[test]
+fn audit_reports_the_load_without_the_bias() {
+    use glimpse::dump::{Dump, Values};
+    let reference = "golden/flat/reference.safetensors";
+    let d = Dump::open(Path::new(reference)).unwrap();
+    let (json, _) = assert_ok(&glimpse(&["audit", "--model", "golden/flat", "--dump", reference, "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for l in v["layers"].as_array().unwrap() {
+        let layer = l["layer"].as_u64().unwrap();
+        let Ok((Values::F32(logits), shape)) = d.values(&format!("layers.{layer}.moe.router_logits")) else { panic!() };
+        let (e, k) = (shape[1], 4);
+        let mut counts = vec![0u64; e];
+        for row in logits.chunks(e) {
+            let mut order: Vec<usize> = (0..e).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b))); // sigmoid keeps the order
+            order[..k].iter().for_each(|&x| counts[x] += 1);
+        }
+        let mean = counts.iter().sum::<u64>() as f64 / e as f64;
+        let max_vio = *counts.iter().max().unwrap() as f64 / mean - 1.0;
+        assert!((l["max_vio_without_bias"].as_f64().unwrap() - max_vio).abs() < 1e-12, "layer {layer}: {l}");
+        assert_eq!(l["counts_without_bias"], serde_json::json!(counts));
+    }
+    // Live, from the same tokens: the same numbers; without --model's routers, none.
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("p.txt");
+    let Values::I64(ids) = d.values("input_ids").unwrap().0 else { panic!() };
+    std::fs::write(&prompts, ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")).unwrap();
+    let (live, _) =
+        assert_ok(&glimpse(&["audit", "--model", "golden/flat", "--prompts", &common::s(&prompts), "--json"]));
+    let live: serde_json::Value = serde_json::from_str(&live).unwrap();
+    for (a, b) in live["layers"].as_array().unwrap().iter().zip(v["layers"].as_array().unwrap()) {
+        assert_eq!(a["counts_without_bias"], b["counts_without_bias"]);
+    }
+    let (bare, _) = assert_ok(&glimpse(&["audit", "--dump", reference, "--json"]));
+    assert!(bare.contains("\"max_vio_without_bias\": null"), "{bare}");
+}

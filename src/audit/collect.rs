@@ -23,20 +23,33 @@ pub struct AuditObserver<'a> {
     /// The batch rows of the run: each is a prompt.
     prompts: usize,
     ids: Option<(usize, Vec<i64>, usize)>,
+    /// The model's routers: with the gate logits, the experts each token would choose without
+    /// the correction bias.
+    routers: Option<&'a Routers>,
 }
 
 impl<'a> AuditObserver<'a> {
-    pub fn new(audit: &'a mut Audit, prompts: usize) -> Self {
-        AuditObserver { audit, prompts, ids: None }
+    pub fn new(audit: &'a mut Audit, prompts: usize, routers: Option<&'a Routers>) -> Self {
+        AuditObserver { audit, prompts, ids: None, routers }
     }
 }
 
 impl Observer for AuditObserver<'_> {
     fn wants(&self, point: HookPoint) -> bool {
-        matches!(point, HookPoint::Layer(_, LayerHook::TopkIds | LayerHook::BiasChanged))
+        match point {
+            HookPoint::Layer(_, LayerHook::TopkIds | LayerHook::BiasChanged) => true,
+            HookPoint::Layer(i, LayerHook::RouterLogits) => self.routers.is_some_and(|r| r.layer(i).is_some()),
+            _ => false,
+        }
     }
     fn observe(&mut self, point: HookPoint, value: &Tensor) -> Result<()> {
         match point {
+            HookPoint::Layer(i, LayerHook::RouterLogits) => {
+                if let Some((rc, bias)) = self.routers.and_then(|r| r.layer(i)) {
+                    let logits = value.flatten_all()?.to_vec1::<f32>()?;
+                    self.audit.add_unbiased(i, &unbiased(rc, &logits, bias.len()), rc.top_k);
+                }
+            }
             // The forward pass reports ids, then the bias flags of the same layer.
             HookPoint::Layer(i, LayerHook::TopkIds) => {
                 let k = value.dims().last().copied().unwrap_or(1);
@@ -121,7 +134,7 @@ pub fn collect(
     audit.experts_guessed = experts.guessed;
     audit.mtp_layer = ckpt.as_ref().map(|c| c.config.num_hidden_layers);
     if let (Some(m), Some((path, _))) = (&model, prompts) {
-        run_prompts(&mut audit, m, prompt_tokens, path, target)?;
+        run_prompts(&mut audit, routers.as_ref(), m, prompt_tokens, path, target)?;
     }
     let mut seen: Vec<(PathBuf, &Path, Option<String>)> = Vec::new();
     for path in dumps {
@@ -204,6 +217,7 @@ pub fn expert_count(dumps: &[PathBuf]) -> Result<ExpertCount> {
 /// audit then covers the prompts run, and says so.
 fn run_prompts(
     audit: &mut Audit,
+    routers: Option<&Routers>,
     m: &Model,
     prompts: Vec<(usize, Tokens)>,
     path: &Path,
@@ -216,7 +230,7 @@ fn run_prompts(
             if progress {
                 eprint!("\raudit: prompt {}/{total}", n + 1);
             }
-            p.prefill(&tokens, &mut AuditObserver::new(audit, tokens.batch))
+            p.prefill(&tokens, &mut AuditObserver::new(audit, tokens.batch, routers))
                 .map_err(|e| Error::Usage(format!("{} line {line}: {e}", path.display())))?;
             // Kept (ids only) for `--against`, which must have run the same prompts.
             audit.runs.push(Run { batch: tokens.batch, tokens: Some(tokens) });
@@ -336,6 +350,12 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<()
                 );
             }
         }
+        // Without the bias: the checkpoint's rule on the dump's gate logits, where it has them.
+        if let (Some((rc, bias)), Some((v, shape))) = (routers.and_then(|r| r.layer(i)), &logits) {
+            if shape.last() == Some(&bias.len()) && v.len() == rows * bias.len() {
+                audit.add_unbiased(i, &unbiased(rc, v, bias.len()), rc.top_k);
+            }
+        }
         let flags = match d.values(&format!("layers.{i}.moe.bias_changed")) {
             Ok((Values::I64(f), _)) => Some(f),
             // A dump without the flags (e.g. a transformers reference) still has the router
@@ -366,6 +386,11 @@ fn batch_without_ids(d: &Dump, rows: usize) -> usize {
         );
         1
     })
+}
+
+/// Each token's experts without the correction bias, from `[tokens, experts]` gate logits.
+fn unbiased(rc: &crate::model::moe::RouterConfig, logits: &[f32], experts: usize) -> Vec<usize> {
+    logits.chunks(experts.max(1)).flat_map(|row| crate::model::moe::unbiased_ids(rc, row)).collect()
 }
 
 /// The width of the first router the dumps record (shapes only: nothing is read).

@@ -1,9 +1,9 @@
 //! `audit`: expert load balance per MoE layer, over one or many prompts (or over the routing a dump
 //! recorded). Only counts and the prompts' token ids are kept, never activations.
 //!
-//! Per layer: tokens per expert, MaxVio (`max load / mean load - 1`, the Loss-Free Balancing paper's measure)
-//! over all prompts and the mean of each prompt's own (a load balanced over many prompts can be
-//! hot in each), coefficient of variation, normalised entropy of the load distribution, balancedness
+//! Per layer: tokens per expert, MaxVio (`max load / mean load - 1`, the Loss-Free Balancing
+//! paper's measure) over all prompts, with and without the correction bias, and the mean of each
+//! prompt's own (a load balanced over many prompts can be hot in each), coefficient of variation, normalised entropy of the load distribution, balancedness
 //! (`mean / max`, in the JSON), dead experts, the share of tokens whose expert set the correction
 //! bias changed, and the Pearson correlation between each expert's bias and its load.
 
@@ -65,6 +65,11 @@ pub struct LayerLoad {
     /// The sum of each prompt's least possible MaxVio (`max_vio_floor`): short prompts cannot
     /// route evenly, whatever the router does.
     pub prompt_floor_sum: f64,
+    /// Selections per expert had the correction bias been zero (the same gate logits and rule),
+    /// over `unbiased_tokens` tokens whose gate logits are known (runs with router logits and
+    /// the checkpoint's routers).
+    pub unbiased_counts: Vec<u64>,
+    pub unbiased_tokens: u64,
 }
 
 /// The least MaxVio `slots` routing slots can have over `experts` (as even as whole tokens go:
@@ -91,6 +96,9 @@ pub struct Stats {
     pub max_vio_per_run: Option<f64>,
     /// The mean of the least MaxVio each prompt's length allows (`max_vio_floor`).
     pub max_vio_per_run_floor: Option<f64>,
+    /// MaxVio had the correction bias been zero, where every token's gate logits are known:
+    /// against `max_vio`, what the bias does for the balance.
+    pub max_vio_without_bias: Option<f64>,
 }
 
 /// `max load / mean load - 1` of per-expert counts (0 for no load).
@@ -139,6 +147,8 @@ impl LayerLoad {
             bias_load_corr: self.bias.as_ref().and_then(|b| pearson(b.iter().map(|&x| x as f64).collect(), &loads)),
             max_vio_per_run: (self.prompts > 0).then(|| self.prompt_max_vio_sum / self.prompts as f64),
             max_vio_per_run_floor: (self.prompts > 0).then(|| self.prompt_floor_sum / self.prompts as f64),
+            max_vio_without_bias: (self.unbiased_tokens > 0 && self.unbiased_tokens == self.tokens)
+                .then(|| max_vio(&self.unbiased_counts)),
         }
     }
 }
@@ -308,6 +318,18 @@ impl Audit {
         Ok(())
     }
 
+    /// Adds one layer's expert choices had the correction bias been zero (`[tokens, k]`,
+    /// flattened, the same tokens as an [`Audit::add`] of the layer), ids in range.
+    pub fn add_unbiased(&mut self, layer: usize, ids: &[usize], k: usize) {
+        let experts = self.experts;
+        let l = self.layers.entry(layer).or_insert_with(|| LayerLoad::new(layer, experts));
+        l.unbiased_counts.resize(experts, 0);
+        for &id in ids.iter().filter(|&&id| id < experts) {
+            l.unbiased_counts[id] += 1;
+        }
+        l.unbiased_tokens += (ids.len() / k.max(1)) as u64;
+    }
+
     pub fn set_bias(&mut self, layer: usize, bias: Vec<f32>) {
         let experts = self.experts;
         self.layers.entry(layer).or_insert_with(|| LayerLoad::new(layer, experts)).bias = Some(bias);
@@ -319,8 +341,8 @@ impl Audit {
             None => String::new(),
         };
         let mut s = format!(
-            "expert load over {} prompt(s){stopped}, {} experts\n{:>7} {:>8} {:>8} {:>7} {:>8} {:>10} {:>5} {:>12} {:>10}  {:<30}  rarest (expert:tokens)\n",
-            self.prompts(), self.experts, "layer", "tokens", "MaxVio", "CV", "entropy", "MaxVio/run", "dead", "bias-changed", "corr(b,l)", "busiest (expert:tokens)"
+            "expert load over {} prompt(s){stopped}, {} experts\n{:>7} {:>8} {:>8} {:>8} {:>7} {:>8} {:>10} {:>5} {:>12} {:>10}  {:<30}  rarest (expert:tokens)\n",
+            self.prompts(), self.experts, "layer", "tokens", "MaxVio", "w/o bias", "CV", "entropy", "MaxVio/run", "dead", "bias-changed", "corr(b,l)", "busiest (expert:tokens)"
         );
         for l in self.layers.values() {
             let st = l.stats();
@@ -351,9 +373,10 @@ impl Audit {
             };
             let _ = writeln!(
                 s,
-                "{label:>7} {:>8} {:>8.3} {:>7.3} {:>8.3} {:>10} {:>5} {:>12} {:>10}  {busiest:<30}  {rarest}",
+                "{label:>7} {:>8} {:>8.3} {:>8} {:>7.3} {:>8.3} {:>10} {:>5} {:>12} {:>10}  {busiest:<30}  {rarest}",
                 l.tokens,
                 st.max_vio,
+                opt(st.max_vio_without_bias, false),
                 st.cv,
                 st.entropy,
                 opt(st.max_vio_per_run, false),
@@ -571,6 +594,8 @@ impl Audit {
                     "bias_changed_share": st.bias_changed_share, "bias_known_tokens": l.bias_known,
                     "bias_load_correlation": st.bias_load_corr, "prompts": l.prompts,
                     "max_vio_per_run_mean": st.max_vio_per_run, "max_vio_per_run_floor": st.max_vio_per_run_floor,
+                    "max_vio_without_bias": st.max_vio_without_bias,
+                    "counts_without_bias": st.max_vio_without_bias.map(|_| &l.unbiased_counts),
                     "mtp": self.mtp_layer == Some(l.layer),
                 })
             })

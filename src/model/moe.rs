@@ -254,11 +254,17 @@ pub fn weights_for(rc: &RouterConfig, scores: &[f32], ids: &[usize]) -> Vec<f32>
 
 /// Whether the `chosen` set would differ with the correction bias removed.
 pub fn bias_changed(rc: &RouterConfig, logits: &[f32], chosen: &[usize]) -> bool {
-    let mut a = route_ids(rc, logits, &vec![0.0; logits.len()]);
+    let mut a = unbiased_ids(rc, logits);
     let mut b = chosen.to_vec();
     a.sort_unstable();
     b.sort_unstable();
     a != b
+}
+
+/// The experts one token's gate `logits` choose without the correction bias (the same rule,
+/// groups included): what the load would be had the bias never been learned.
+pub fn unbiased_ids(rc: &RouterConfig, logits: &[f32]) -> Vec<usize> {
+    route_ids(rc, logits, &vec![0.0; logits.len()])
 }
 
 fn route_ids(rc: &RouterConfig, logits: &[f32], bias: &[f32]) -> Vec<usize> {
