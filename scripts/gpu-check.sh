@@ -110,21 +110,21 @@ for precision in bf16 f32; do
     --tokens "$tokens" --repeat 3
   brc=$?
   [ $brc -eq 0 ] || { echo "bench ($precision) exit code $brc"; rc=1; }
-  # A fault in an asynchronous launch surfaces at whatever call synchronises next, under its
-  # name: once more with every launch waited for, so the error names the op that faulted (into
-  # the same log: the device tool brings back 8 files, all taken).
-  left=$(( deadline - $(date +%s) - 5 ))
-  if [ $brc -ne 0 ] && [ $brc -ne 124 ] && [ $brc -ne 137 ] && [ $left -gt 10 ]; then
-    echo "bench ($precision) again with CUDA_LAUNCH_BLOCKING=1, to name the failing op:" | tee -a "$logs/bench-$precision.log"
-    CUDA_LAUNCH_BLOCKING=1 timeout --kill-after=5 $(( left < 60 ? left : 60 )) "$glimpse" bench --device "$device" \
-      --precision "$precision" --model "$ckpt" --tokens "$tokens" --repeat 1 2>&1 | tail -n 5 | tee -a "$logs/bench-$precision.log"
-  fi
   bench=$(cat "$logs/bench-$precision.log")
   median[$precision]=$(echo "$bench" | sed -n 's/.*logits left on the device: median \([0-9.]*\) s (.*/\1/p')
   median_last[$precision]=$(echo "$bench" | sed -n "s/.*last position's logits only: median \([0-9.]*\) s (.*/\1/p")
   tflops[$precision]=$(echo "$bench" | sed -n 's/^matrix products.*= \([0-9.]*\) TFLOP\/s.*/\1/p')
   expert_tflops[$precision]=$(echo "$bench" | sed -n 's/^expert GEMMs.*= \([0-9.]*\) TFLOP\/s.*/\1/p')
   mem[$precision]=$(echo "$bench" | sed -n 's/^device memory in use: \(.*\)$/\1/p')
+  # A fault in an asynchronous launch surfaces at whatever call synchronises next, under its
+  # name: once more with every launch waited for, so the error names the op that faulted (into
+  # the same log, after its numbers are read: the device tool brings back 8 files, all taken).
+  left=$(( deadline - $(date +%s) - 5 ))
+  if [ $brc -ne 0 ] && [ $brc -ne 124 ] && [ $brc -ne 137 ] && [ $left -gt 10 ]; then
+    echo "bench ($precision) again with CUDA_LAUNCH_BLOCKING=1, to name the failing op:" | tee -a "$logs/bench-$precision.log"
+    CUDA_LAUNCH_BLOCKING=1 timeout --kill-after=5 $(( left < 60 ? left : 60 )) "$glimpse" bench --device "$device" \
+      --precision "$precision" --model "$ckpt" --tokens "$tokens" --repeat 1 2>&1 | tail -n 5 | tee -a "$logs/bench-$precision.log"
+  fi
 done
 pct() { python3 -c "import sys; print(f'{100 * float(sys.argv[1]) / float(sys.argv[2]):.1f}%')" "$1" "$peak" 2>/dev/null || echo "?"; }
 

@@ -90,7 +90,7 @@ pub(crate) enum Command {
         stream: bool,
         /// Instead: run the tokens through the latent KV cache (absorbed MLA) and compare every
         /// hook point, position by position, with the prefill of the same tokens.
-        #[arg(long, conflicts_with_all = ["isolate", "force_routing", "force_selection", "layers", "stream", "near_tie"])]
+        #[arg(long, conflicts_with_all = ["isolate", "force_routing", "force_selection", "layers", "stream", "near_tie", "tols"])]
         decode: bool,
         /// With --decode: positions per decode call (1: token by token; more: chunked prefill).
         #[arg(long, default_value_t = 1, requires = "decode", value_parser = clap::value_parser!(u64).range(1..))]

@@ -202,10 +202,13 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         let (va, sa) = a.values(name)?;
         let (vb, sb) = b.values(name)?;
         if name.ends_with(".moe.topk_ids") {
-            // The expert count: the width of the dump's own router logits, else the checkpoint's.
-            let experts = |d: &Dump| d.experts_of(name).or_else(|| opts.config.as_ref().map(|c| c.n_routed_experts));
+            // The expert count: the width of the dump's own router logits, else the other's
+            // (both ran one model), else the checkpoint's.
+            let (own_a, own_b) = (a.experts_of(name), b.experts_of(name));
+            let config = opts.config.as_ref().map(|c| c.n_routed_experts);
+            let experts = [own_a.or(own_b).or(config), own_b.or(own_a).or(config)];
             let sides = [(&va, sa.as_slice()), (&vb, sb.as_slice())];
-            if let Some(c) = crate::compare::invalid_selection(name, sides, [experts(a), experts(b)]) {
+            if let Some(c) = crate::compare::invalid_selection(name, sides, experts) {
                 results.push(c);
                 continue;
             }
@@ -330,6 +333,7 @@ pub fn comparison_json(c: &Comparison, near_tie: f64) -> Value {
                 "keys_moved": opt_f(fl.moved.map(|m| m.keys)), "layer_score_noise_p99": opt_f(fl.moved.map(|m| m.noise)),
                 "moved_too_little": fl.moved.map(|_| fl.rule_break == Some(crate::compare::RuleBreak::TooLittle)),
                 "within_noise": fl.moved.map(|_| fl.within_noise()),
+                "scores_unmoved": fl.moved.map(|_| fl.unmoved()),
                 "rule_break": fl.rule_break.map(rule_break_json),
                 "class": Class::of(fl, near_tie).label(),
             })).collect::<Vec<_>>(),

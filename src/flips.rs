@@ -243,7 +243,9 @@ pub fn add_movement(
             _ => false,
         };
         f.rule_break = own.or(too_little.then_some(RuleBreak::TooLittle));
-        f.moved = Some(Movement { keys: moved, noise });
+        // Only grouped routing (known from a config) lets other experts' moves flip a token.
+        let grouped = !dsa && config.is_some_and(|c| !RouterConfig::new(c).is_flat());
+        f.moved = Some(Movement { keys: moved, noise, alone: !grouped });
     }
 }
 
@@ -462,7 +464,8 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
             ),
             (None, true) => " (within the noise)".to_string(),
             (None, false) if fl.unmoved() && fl.fewer_keys().is_none() => {
-                " (the scores are the same on both sides: an exact tie broken otherwise, or another rule)".to_string()
+                " (its keys' scores are the same on both sides: an exact tie broken otherwise, or another rule)"
+                    .to_string()
             }
             (None, false) => String::new(),
         };

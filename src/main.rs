@@ -210,7 +210,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let near_tie = near_tie.unwrap_or(tol.near_tie());
             let ckpt = Checkpoint::open(&model_dir)?;
             let reference = Dump::open(&golden)?;
-            warn(reference.no_source());
             // Warned once the comparison stands, as diff does (an error alone is one line).
             let config_warning = reference.other_config(&ckpt.config_bytes, &model_dir);
             let code = (|| -> Result<ExitCode> {
@@ -258,7 +257,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     })?;
                     println!("verify {} against {} on {}", model_dir.display(), golden.display(), target.describe());
                     verify::print_report(&report, tol, near_tie);
-                    if let Some(note) = verify::bf16_note(&reference, &report, tol) {
+                    if let Some(note) = verify::bf16_note(&reference, &report, &opts) {
                         println!("{note}");
                     }
                     diff::tol_warnings(&per_name, &report.results).into_iter().for_each(|w| warn(Some(w)));
@@ -306,7 +305,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 // After the run, as the device path does: an error on the way is its one line alone.
                 println!("verify {} against {}", model_dir.display(), golden.display());
                 verify::print_report(&report, tol, near_tie);
-                if let Some(note) = verify::bf16_note(&reference, &report, tol) {
+                if let Some(note) = verify::bf16_note(&reference, &report, &opts) {
                     println!("{note}");
                 }
                 diff::tol_warnings(&per_name, &report.results).into_iter().for_each(|w| warn(Some(w)));
@@ -323,6 +322,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 _ => e,
             })?;
             warn(config_warning);
+            warn(reference.no_source());
             Ok(code)
         }
         Command::Diff { a, b, atol, rtol, tols, near_tie, json, model } => {
@@ -406,7 +406,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else if csv_out {
+                // The CSV alone on standard output; what the table would say of it, on stderr.
                 print!("{}", audit.to_csv());
+                if let Some((run, of)) = audit.stopped {
+                    eprintln!("glimpse: Ctrl-C stopped the prompts after {run} of {of}");
+                }
+                audit.notes().iter().for_each(|n| eprintln!("glimpse: note: {n}"));
             } else {
                 print!("{}", audit.table());
                 if let Some(r) = &reference {

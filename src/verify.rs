@@ -42,6 +42,8 @@ pub struct Verifier<'a> {
     margins: HashMap<String, Vec<f32>>,
     /// Below this a lead of a key left out over one kept is rounding's (`VerifyOptions`).
     near_tie: f64,
+    /// The model's routed experts: an expert id of the reference's past them is no selection.
+    experts: Option<usize>,
 }
 
 impl<'a> Verifier<'a> {
@@ -58,14 +60,17 @@ impl<'a> Verifier<'a> {
             final_norm: None,
             margins: HashMap::new(),
             near_tie: tol.near_tie(),
+            experts: None,
         }
     }
 
-    /// A verifier at `opts`' tolerances (`--tol` overrides too) and near-tie threshold.
-    fn with_options(golden: &'a Dump, opts: &VerifyOptions) -> Self {
+    /// A verifier at `opts`' tolerances (`--tol` overrides too) and near-tie threshold, for a
+    /// model of `config`.
+    fn with_options(golden: &'a Dump, opts: &VerifyOptions, config: &Config) -> Self {
         let mut v = Verifier::new(golden, opts.tol);
         v.per_name = opts.per_name.clone();
         v.near_tie = opts.near_tie.unwrap_or(v.near_tie);
+        v.experts = Some(config.n_routed_experts);
         v
     }
 
@@ -80,7 +85,8 @@ impl<'a> Verifier<'a> {
             // A reference that chose an expert twice (or one past its router) is named as such,
             // as `diff` names it, not read as a set that kept fewer experts.
             let sides = [(&ours, shape.as_slice()), (&reference, ref_shape.as_slice())];
-            if let Some(c) = compare::invalid_selection(name, sides, [None, self.golden.experts_of(name)]) {
+            let experts = self.golden.experts_of(name).or(self.experts);
+            if let Some(c) = compare::invalid_selection(name, sides, [None, experts]) {
                 return Ok(c);
             }
         }
@@ -286,7 +292,7 @@ pub fn verify(model: &Model, golden: &Dump, tol: Tolerance, isolate: bool) -> Re
 
 pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Report> {
     let tokens = golden.tokens()?;
-    let mut v = Verifier::with_options(golden, opts);
+    let mut v = Verifier::with_options(golden, opts, w.config());
     v.replay = opts.replay;
     let n = w.config().num_hidden_layers;
     let window = opts.layers.clone().unwrap_or(0..=n - 1);
@@ -345,7 +351,7 @@ pub fn verify_prefill(
     opts: &VerifyOptions,
 ) -> Result<Report> {
     let layers = model.layers.len();
-    let mut v = Verifier::with_options(golden, opts);
+    let mut v = Verifier::with_options(golden, opts, &model.config);
     let tokens = golden.tokens()?;
     v.replay = opts.replay;
     v.isolate = opts.isolate.then_some([tokens.batch, tokens.seq, model.config.hidden_size]);
@@ -373,7 +379,7 @@ pub fn has_mtp(golden: &Dump) -> bool {
 /// `isolate` the reference's `mtp.input_hidden`, so its own error is measured alone.
 pub fn verify_mtp(model: &Model, mtp: &Mtp, golden: &Dump, opts: &VerifyOptions, report: &mut Report) -> Result<()> {
     let tokens = golden.tokens()?;
-    let mut v = Verifier::with_options(golden, opts);
+    let mut v = Verifier::with_options(golden, opts, &model.config);
     let hidden = if report.isolate {
         let shape = [tokens.batch, tokens.seq.saturating_sub(1), model.config.hidden_size];
         golden.hidden(&HookPoint::MtpInputHidden.name(), shape)?
@@ -440,9 +446,10 @@ pub fn format_line(c: &Comparison) -> String {
 /// Where the reference's first float tensor outside a tolerance tighter than bf16's holds bf16
 /// values only (a reference run in bf16, where this run computes in f32): the note `diff` gives,
 /// to compare at bf16's tolerance. Reads that one tensor again.
-pub fn bf16_note(golden: &Dump, r: &Report, tol: Tolerance) -> Option<String> {
+pub fn bf16_note(golden: &Dump, r: &Report, opts: &VerifyOptions) -> Option<String> {
     let bf16 = crate::device::Precision::Bf16.tolerance();
     let first = r.results.iter().find(|c| !c.ok && matches!(c.detail, Detail::Float { .. }))?;
+    let tol = crate::diff::tol_for(opts.tol, &opts.per_name, &first.name);
     let (Values::F32(v), _) = golden.values(&first.name).ok()? else { return None };
     let only_bf16 = !v.is_empty() && v.iter().all(|x| x.to_bits() & 0xFFFF == 0);
     (tol.atol < bf16.atol && only_bf16).then(|| {
@@ -477,7 +484,11 @@ pub fn print_report(r: &Report, tol: Tolerance, near_tie: f64) {
     // A replayed run matches by taking the reference's decisions: the summary says so.
     let replayed = r.replay.describe().map(|what| format!(", the reference's {what} replayed")).unwrap_or_default();
     let mode = format!("{}{replayed}", if r.isolate { ", isolated layers" } else { "" });
-    let first = r.first_mismatch().map(|c| format!("; first mismatch: {}", c.name)).unwrap_or_default();
+    let first = match (r.first_mismatch(), r.mismatches() == 0 && !r.all_match()) {
+        (Some(c), _) => format!("; first mismatch: {}", c.name),
+        (None, true) => "; not passed: the reference could not be compared".into(),
+        (None, false) => String::new(),
+    };
     println!(
         "{} of {} tensors match (atol {:e}, rtol {:e}{mode}){first}",
         r.results.len() - r.mismatches(),

@@ -359,4 +359,19 @@ fn audit_reports_the_load_without_the_bias() {
     }
     let (bare, _) = assert_ok(&glimpse(&["audit", "--dump", reference, "--json"]));
     assert!(bare.contains("\"max_vio_without_bias\": null"), "{bare}");
+    // A second run without layer 2's gate logits: that layer's is unknown, and said; and with
+    // `--csv -` the notes go to stderr.
+    let no_logits = common::edit_dump(Path::new(reference), &tmp.path().join("no-logits.st"), |t| {
+        t.retain(|(n, _, _)| n != "layers.2.moe.router_logits")
+    });
+    let args = ["audit", "--model", "golden/flat", "--dump", reference, "--dump", &common::s(&no_logits)];
+    let (table, _) = assert_ok(&glimpse(&args));
+    let row = |layer: &str| table.lines().find(|l| l.trim_start().starts_with(layer)).unwrap().to_string();
+    assert_eq!(row("2 ").split_whitespace().nth(3), Some("-"), "{table}");
+    assert_ne!(row("3 ").split_whitespace().nth(3), Some("-"), "{table}");
+    let note = "w/o bias is left out where some runs recorded no gate logits (layer 2: 32 of 64 tokens known)";
+    assert!(table.contains(note), "{table}");
+    let (csv, err) = assert_ok(&glimpse(&[&args[..], &["--csv", "-"]].concat()));
+    assert!(csv.starts_with("layer,expert,") && !csv.contains("note"), "{csv}");
+    assert!(err.contains(&format!("glimpse: note: {note}")), "{err}");
 }

@@ -259,7 +259,7 @@ fn diff_tol_patterns_that_change_nothing_are_said() {
     let r = reference.to_str().unwrap();
     for (pattern, said) in [
         ("*.dsa.topk=1,1", "--tol *.dsa.topk matches only selections and integer tensors"),
-        ("nothing.*=1,1", "--tol nothing.* matches no tensor the two dumps share"),
+        ("nothing.*=1,1", "--tol nothing.* matches no tensor compared"),
     ] {
         let (_, err) = assert_ok(&glimpse(&["diff", r, r, "--tol", pattern]));
         assert!(err.contains(said), "{pattern}: {err}");
@@ -626,6 +626,10 @@ fn verify_takes_tol_overrides_and_does_not_pass_on_nothing() {
         out.contains("nothing verified: the reference holds none of this run's hook points but input_ids"),
         "{out}"
     );
+    assert!(
+        out.contains("1 of 1 tensors match (atol 1e-4, rtol 1e-4); not passed: the reference could not be"),
+        "{out}"
+    );
     let prefixed = common::edit_dump(&reference, &tmp.path().join("prefixed.st"), |t| {
         for (n, _, _) in t.iter_mut().filter(|(n, _, _)| n.starts_with("layers.")) {
             *n = format!("model.{n}");
@@ -644,6 +648,9 @@ fn verify_takes_tol_overrides_and_does_not_pass_on_nothing() {
     assert!(out.contains("holds bf16 values only (a run in bf16?): compare at bf16's tolerance"), "{out}");
     let (_, out) =
         common::code_and_text(&["verify", "--golden", &common::s(&bf16), "--atol", "2e-2", "--rtol", "2e-2"]);
+    assert!(!out.contains("holds bf16 values only"), "{out}");
+    // (The tolerance that tensor was compared at is what counts: a --tol override.)
+    let (_, out) = common::code_and_text(&["verify", "--golden", &common::s(&bf16), "--tol", "*=5e-2,5e-2"]);
     assert!(!out.contains("holds bf16 values only"), "{out}");
 
     // A dump without the `source` the spec asks for is compared, with a warning.

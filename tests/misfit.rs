@@ -206,6 +206,16 @@ fn a_selection_that_is_no_set_is_a_difference_named() {
     let (code, out) = code_and_text(&["verify", "--golden", &s(&twice)]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("MISMATCH the reference chooses expert"), "{out}");
+    // Without the reference's gate logits the expert count is the model's (verify), the other
+    // dump's (diff).
+    let past_no_logits = edit_dump(&past, &tmp.path().join("past-no-logits.st"), |t| {
+        t.retain(|(n, _, _)| !n.ends_with(".moe.router_logits"))
+    });
+    let needle = "MISMATCH the reference holds expert id 16 at [1, 1], outside the experts 0-15";
+    let (code, out) = code_and_text(&["verify", "--golden", &s(&past_no_logits)]);
+    assert!(code == 1 && out.contains(needle), "{out}");
+    let (code, out) = code_and_text(&["diff", &s(&reference), &s(&past_no_logits)]);
+    assert!(code == 1 && out.contains(needle), "{out}");
 }
 
 /// Scores in another layout than the selection's rows (`dsa.scores` as `[S, B, T]`, or flat) are

@@ -33,6 +33,9 @@ pub struct LayerShift {
     /// and the routing slots that did (an expert chosen on one side only, counted once), gross
     /// where `moved` is net.
     pub changed: Option<Changed>,
+    /// The layer's MaxVio on each side: whether the moves made it more or less balanced.
+    pub max_vio: f64,
+    pub reference_max_vio: f64,
 }
 
 /// Routing that changed token by token between two audits of the same tokens.
@@ -57,11 +60,10 @@ pub struct LayerLoad {
     pub bias: Option<Vec<f32>>,
     /// Experts a token chooses (0 before the first run).
     pub k: usize,
-    /// The sum of each prompt's own MaxVio (a batch row's: a run or dump of `B` rows holds `B`)
-    /// and the prompts: a load balanced over all prompts may still be hot in each, which is what
-    /// a server batch meets.
-    pub prompt_max_vio_sum: f64,
-    pub prompts: usize,
+    /// Each prompt's own MaxVio, in order (a batch row's: a run or dump of `B` rows holds `B`):
+    /// a load balanced over all prompts may still be hot in each, which is what a server batch
+    /// meets.
+    pub prompt_max_vio: Vec<f64>,
     /// The sum of each prompt's least possible MaxVio (`max_vio_floor`): short prompts cannot
     /// route evenly, whatever the router does.
     pub prompt_floor_sum: f64,
@@ -117,6 +119,11 @@ impl LayerLoad {
         LayerLoad { layer, counts: vec![0; experts], ..Default::default() }
     }
 
+    /// The prompts this layer counts.
+    pub fn prompts(&self) -> usize {
+        self.prompt_max_vio.len()
+    }
+
     /// Whether its bias-changed share is over some of its tokens only (runs without flags).
     pub fn bias_partial(&self) -> bool {
         self.bias_changed.is_some() && self.bias_known > 0 && self.bias_known < self.tokens
@@ -145,8 +152,9 @@ impl LayerLoad {
                 .filter(|_| self.bias_known > 0)
                 .map(|c| c as f64 / self.bias_known as f64),
             bias_load_corr: self.bias.as_ref().and_then(|b| pearson(b.iter().map(|&x| x as f64).collect(), &loads)),
-            max_vio_per_run: (self.prompts > 0).then(|| self.prompt_max_vio_sum / self.prompts as f64),
-            max_vio_per_run_floor: (self.prompts > 0).then(|| self.prompt_floor_sum / self.prompts as f64),
+            max_vio_per_run: (self.prompts() > 0)
+                .then(|| self.prompt_max_vio.iter().sum::<f64>() / self.prompts() as f64),
+            max_vio_per_run_floor: (self.prompts() > 0).then(|| self.prompt_floor_sum / self.prompts() as f64),
             max_vio_without_bias: (self.unbiased_tokens > 0 && self.unbiased_tokens == self.tokens)
                 .then(|| max_vio(&self.unbiased_counts)),
         }
@@ -164,6 +172,7 @@ pub fn shift_json(shift: &[LayerShift]) -> Value {
                     "layer": l.layer, "slots": l.slots, "moved": l.moved,
                     "gained": pairs(&l.gained), "lost": pairs(&l.lost),
                     "tokens_changed": l.changed.map(|c| c.tokens), "tokens": l.changed.map(|c| c.of_tokens),
+                    "max_vio": l.max_vio, "reference_max_vio": l.reference_max_vio,
                     "slots_changed": l.changed.map(|c| c.slots),
                 })
             })
@@ -217,7 +226,6 @@ pub fn pearson(x: Vec<f64>, y: &[f64]) -> Option<f64> {
     (sxx > 0.0 && syy > 0.0).then(|| sxy / (sxx.sqrt() * syy.sqrt()))
 }
 
-/// Accumulates routing over any number of runs.
 /// One run counted: a prompt line run live, or a dump.
 #[derive(Debug)]
 pub struct Run {
@@ -227,6 +235,7 @@ pub struct Run {
     pub tokens: Option<Tokens>,
 }
 
+/// Accumulates routing over any number of runs.
 #[derive(Debug, Default)]
 pub struct Audit {
     pub layers: BTreeMap<usize, LayerLoad>,
@@ -297,7 +306,7 @@ impl Audit {
                 counts[id as usize] += 1;
                 l.counts[id as usize] += 1;
             }
-            (l.prompt_max_vio_sum, l.prompts) = (l.prompt_max_vio_sum + max_vio(&counts), l.prompts + 1);
+            l.prompt_max_vio.push(max_vio(&counts));
             l.prompt_floor_sum += max_vio_floor(prompt.len(), experts);
         }
         if let Some(sets) = self.sets.as_mut() {
@@ -430,6 +439,16 @@ impl Audit {
                 partial.join(", ")
             ));
         }
+        let unknown: Vec<String> = (self.layers.values())
+            .filter(|l| l.unbiased_tokens > 0 && l.unbiased_tokens < l.tokens)
+            .map(|l| format!("layer {}: {} of {}", l.layer, l.unbiased_tokens, l.tokens))
+            .collect();
+        if !unknown.is_empty() {
+            notes.push(format!(
+                "w/o bias is left out where some runs recorded no gate logits ({} tokens known)",
+                unknown.join(", ")
+            ));
+        }
         notes.extend(self.uneven_prompts());
         notes
     }
@@ -439,7 +458,7 @@ impl Audit {
     pub fn uneven_prompts(&self) -> Option<String> {
         let mut by_count: BTreeMap<usize, Vec<String>> = BTreeMap::new();
         for l in self.layers.values() {
-            by_count.entry(l.prompts).or_default().push(l.layer.to_string());
+            by_count.entry(l.prompts()).or_default().push(l.layer.to_string());
         }
         (by_count.len() > 1).then(|| {
             let plural = |layers: &[String]| if layers.len() > 1 { "layers" } else { "layer" };
@@ -534,7 +553,8 @@ impl Audit {
                     .zip(theirs.and_then(|s| s.get(i)))
                     .filter(|(a, b)| a.len() == b.len() && l.k > 0)
                     .map(|(a, b)| changed(a, b, l.k));
-                Some(LayerShift { layer: *i, slots, moved, gained, lost, changed })
+                let (max_vio, reference_max_vio) = (max_vio(&l.counts), max_vio(&r.counts));
+                Some(LayerShift { layer: *i, slots, moved, gained, lost, changed, max_vio, reference_max_vio })
             })
             .collect()
     }
@@ -545,13 +565,15 @@ impl Audit {
             "load shift against the reference ({} prompt(s)): net load moved, sum |ours - reference| / 2 over the \
              reference's slots (tokens that swapped experts both ways cancel); and gross, token by token, the \
              tokens whose expert set changed and the slots that did\n\
-             {:>5} {:>8} {:>7} {:>15} {:>14}  {:<30}  lost most\n",
+             {:>5} {:>8} {:>7} {:>15} {:>14} {:>8} {:>8}  {:<30}  lost most\n",
             reference.prompts(),
             "layer",
             "slots",
             "moved",
             "tokens changed",
             "slots changed",
+            "MaxVio",
+            "ref's",
             "gained most"
         );
         let pct = |n: u64, of: u64| format!("{:.1}%", 100.0 * n as f64 / of.max(1) as f64);
@@ -563,9 +585,11 @@ impl Audit {
             };
             let _ = writeln!(
                 s,
-                "{:>5} {:>8} {moved:>7} {tokens:>15} {slots:>14}  {:<30}  {}",
+                "{:>5} {:>8} {moved:>7} {tokens:>15} {slots:>14} {:>8.3} {:>8.3}  {:<30}  {}",
                 l.layer,
                 l.slots,
+                l.max_vio,
+                l.reference_max_vio,
                 list(&l.gained),
                 list(&l.lost)
             );
@@ -592,7 +616,8 @@ impl Audit {
                     "layer": l.layer, "tokens": l.tokens, "counts": l.counts, "max_vio": st.max_vio, "cv": st.cv,
                     "entropy": st.entropy, "balancedness": st.balancedness, "dead_experts": st.dead,
                     "bias_changed_share": st.bias_changed_share, "bias_known_tokens": l.bias_known,
-                    "bias_load_correlation": st.bias_load_corr, "prompts": l.prompts,
+                    "bias_load_correlation": st.bias_load_corr, "prompts": l.prompts(),
+                    "max_vio_per_prompt": l.prompt_max_vio,
                     "max_vio_per_run_mean": st.max_vio_per_run, "max_vio_per_run_floor": st.max_vio_per_run_floor,
                     "max_vio_without_bias": st.max_vio_without_bias,
                     "counts_without_bias": st.max_vio_without_bias.map(|_| &l.unbiased_counts),
@@ -603,7 +628,7 @@ impl Audit {
         json!({
             "prompts": self.prompts(), "experts": self.experts, "experts_guessed": self.experts_guessed,
             "stopped_after": self.stopped.map(|(run, _)| run), "layers": layers,
-            "uneven_prompts": self.uneven_prompts(), "notes": self.notes(),
+            "notes": self.notes(),
         })
     }
 
@@ -651,7 +676,12 @@ mod tests {
         assert_eq!(l.changed, Some(Changed { tokens: 2, of_tokens: 4, slots: 2 }));
         let table = ours.shift_table(&reference);
         let row: Vec<&str> = table.lines().nth(2).unwrap().split_whitespace().collect();
-        assert_eq!(row, ["1", "8", "25.0%", "2", "50.0%", "25.0%", "2:+1", "3:+1", "0:-2"], "{table}");
+        // MaxVio: ours loads [2, 4, 1, 1] (mean 2), the reference's [4, 4, 0, 0]: 1 both.
+        assert_eq!(
+            row,
+            ["1", "8", "25.0%", "2", "50.0%", "25.0%", "1.000", "1.000", "2:+1", "3:+1", "0:-2"],
+            "{table}"
+        );
         assert_eq!(table.lines().last(), Some("note: layer(s) 2 only in the audited runs: no shift there"), "{table}");
         // Without the sets, the gross change is unknown.
         ours.sets = None;
@@ -724,10 +754,11 @@ mod tests {
         let s = a.layers[&0].stats();
         assert_eq!((s.max_vio, s.max_vio_per_run), (0.0, Some(1.0)));
         assert!(a.table().lines().nth(2).unwrap().contains("  0.000   ") && a.table().contains("1.000"));
-        // The row's MaxVio, CV, entropy and MaxVio/run, as printed.
+        // The row's MaxVio, without the bias (unknown: no gate logits), CV, entropy and
+        // MaxVio/run, as printed.
         let table = a.table();
         let row: Vec<&str> = table.lines().nth(2).unwrap().split_whitespace().collect();
-        assert_eq!(row[2..6], ["0.000", "0.000", "1.000", "1.000"], "{table}");
+        assert_eq!(row[2..7], ["0.000", "-", "0.000", "1.000", "1.000"], "{table}");
         // The same two prompts as the rows of one batch: each row is a prompt.
         let mut batch = Audit::new(2);
         batch.add(0, &[0, 0, 1, 1], 1, 2, None).unwrap();

@@ -163,6 +163,10 @@ pub struct Movement {
     pub keys: f32,
     /// The 99th percentile of `|ours - reference|` over every score of the layer.
     pub noise: f32,
+    /// Whether the flipped keys' own scores decide them (a plain top-k: DSA, flat routing, and
+    /// routing of unknown rule), so that keys that did not move cannot flip whatever the others
+    /// did; grouped routing's groups are decided by other experts' scores too.
+    pub alone: bool,
 }
 
 /// Why a flip is not one rule's choice on two sets of scores: the rule itself differs (a bias,
@@ -224,14 +228,15 @@ impl Flip {
     /// is a selection bug however little its scores moved, and a run whose scores are the same
     /// bits on both sides has no noise to explain a flip (an exact tie broken otherwise does).
     pub fn within_noise(&self) -> bool {
-        let noisy = self.moved.is_some_and(|m| m.keys <= m.noise && m.noise > 0.0);
-        self.fewer_keys().is_none() && !self.unexplained() && noisy
+        let noisy = self.moved.is_some_and(|m| m.keys <= m.noise);
+        self.fewer_keys().is_none() && !self.unexplained() && !self.unmoved() && noisy
     }
 
-    /// Whether its keys' scores, and the layer's, are the same on both sides: a flip no noise
-    /// made (an exact tie broken otherwise, or another rule).
+    /// Whether the scores that decided it are the same bits on both sides (its keys' own, where
+    /// they alone decide; else the whole layer's): a flip no noise made (an exact tie broken
+    /// otherwise, or another rule).
     pub fn unmoved(&self) -> bool {
-        self.moved.is_some_and(|m| m.keys == 0.0 && m.noise == 0.0)
+        self.moved.is_some_and(|m| m.keys == 0.0 && (m.alone || m.noise == 0.0))
     }
 
     /// The side whose row kept fewer distinct keys than the other's: it lost keys and gained

@@ -45,17 +45,24 @@ fn the_first_outside_is_the_earliest_position_in_any_batch_row() {
 /// fewer distinct keys, or one a rule break explains, is not, however little it moved.
 #[test]
 fn only_a_swap_one_rule_could_make_is_within_the_noise() {
-    let still = Some(Movement { keys: 0.0, noise: 1e-3 });
+    // (Grouped routing, or routing of unknown rule: other experts' moves can flip its groups.)
+    let still = Some(Movement { keys: 0.0, noise: 1e-3, alone: false });
     let swap = Flip { moved: still, ..Flip::with_margins(Some(0.1), Some(0.1)) };
     assert!(swap.within_noise());
-    assert!(!Flip { moved: Some(Movement { keys: 2e-3, noise: 1e-3 }), ..swap.clone() }.within_noise());
+    assert!(!Flip { moved: Some(Movement { keys: 2e-3, noise: 1e-3, alone: false }), ..swap.clone() }.within_noise());
     assert!(!Flip { moved: None, ..swap.clone() }.within_noise());
     assert!(!Flip { only_ours: vec![], ..swap.clone() }.within_noise(), "a duplicate in ours");
     assert!(!Flip { only_reference: vec![], ..swap.clone() }.within_noise(), "a duplicate in the reference");
     assert!(!Flip { rule_break: Some(RuleBreak::TooLittle), ..swap.clone() }.within_noise());
     // Scores the same bits on both sides: there is no noise to explain it (a tie, or a rule).
-    let unmoved = Flip { moved: Some(Movement { keys: 0.0, noise: 0.0 }), ..swap };
+    let unmoved = Flip { moved: Some(Movement { keys: 0.0, noise: 0.0, alone: false }), ..swap.clone() };
     assert!(!unmoved.within_noise() && unmoved.unmoved());
+    // Keys whose own scores decide them (DSA, flat routing) and did not move: whatever the rest
+    // of the layer did, no noise flipped them.
+    let alone = Flip { moved: Some(Movement { keys: 0.0, noise: 1e-3, alone: true }), ..swap.clone() };
+    assert!(!alone.within_noise() && alone.unmoved());
+    let moved_a_little = Flip { moved: Some(Movement { keys: 1e-4, noise: 1e-3, alone: true }), ..swap };
+    assert!(moved_a_little.within_noise() && !moved_a_little.unmoved());
 }
 
 /// Only decisions flip: a differing `moe.bias_changed` (a consequence of the logits) is a
