@@ -332,7 +332,12 @@ impl DumpSource {
             Detail::Shape { reference, .. } => Some(reference.clone()),
             _ => None,
         };
-        RefCheck { ok: c.ok, rows_differ, reference_shape, max_abs, max_rel, worst }
+        let invalid = match &c.detail {
+            Detail::Invalid { side: crate::compare::Side::Ours, .. } => Some("ours"),
+            Detail::Invalid { side: crate::compare::Side::Reference, .. } => Some("ref"),
+            _ => None,
+        };
+        RefCheck { ok: c.ok, rows_differ, reference_shape, invalid, max_abs, max_rel, worst }
     }
 
     /// For a layer of `rows` rows, the run's token (batch rows flattened) of its row `t`: the

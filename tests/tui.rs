@@ -258,6 +258,22 @@ fn routing_view_recomputes_margins_a_dump_does_not_record() {
     assert!(line_with(&s, "s0 #").contains(&format!("{:.2e}", routes[0].margin.unwrap())), "{s}");
 }
 
+/// A routing that chooses an expert twice is named so in the activations view, as diff names it.
+#[test]
+fn an_invalid_routing_is_named_in_the_activations_view() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = common::golden("flat").join("reference.safetensors");
+    let twice = common::edit_dump(&reference, &tmp.path().join("twice.st"), |t| {
+        let (_, v, _) = t.iter_mut().find(|(n, _, _)| n == "layers.2.moe.topk_ids").unwrap();
+        let dump::Values::I64(ids) = v else { panic!() };
+        ids[1] = ids[0];
+    });
+    let src = dumps_source(&twice, &reference, &DiffOptions::default());
+    let app = App { view: View::Activations, ..at_layer(&src, 2) };
+    let s = screen(&app, &src, 130, 40);
+    assert!(line_with(&s, "│moe.topk_ids").contains("BAD ours invalid"), "{s}");
+}
+
 #[test]
 fn activations_view_lists_hook_points_with_stats() {
     let port = port_source();

@@ -117,6 +117,9 @@ pub struct RefCheck {
     pub rows_differ: Option<usize>,
     /// The reference's shape where it is not ours (nothing was compared; `max_abs` is infinite).
     pub reference_shape: Option<Vec<usize>>,
+    /// The side ("ours", "ref") whose selection is no set of distinct experts in range (an
+    /// expert chosen twice, an id past the router): nothing was compared.
+    pub invalid: Option<&'static str>,
     pub max_abs: f64,
     pub max_rel: f64,
     pub worst: Vec<Worst>,

@@ -57,10 +57,11 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let nan_width = hooks.iter().map(|h| h.nonfinite.to_string().len()).max().unwrap_or(0).max(3) as u16;
     // Floats by their largest error; selections by the rows that differ. The column is as wide
     // as its widest entry, so `BAD 2048 rows` is whole and the usual ones leave room.
-    let error = |r: &crate::data::RefCheck| match (&r.reference_shape, r.rows_differ) {
-        (Some(shape), _) => format!("ref shape {shape:?}"),
-        (None, Some(n)) => format!("{n} rows"),
-        (None, None) => num(r.max_abs),
+    let error = |r: &crate::data::RefCheck| match (r.invalid, &r.reference_shape, r.rows_differ) {
+        (Some(side), _, _) => format!("{side} invalid"),
+        (None, Some(shape), _) => format!("ref shape {shape:?}"),
+        (None, None, Some(n)) => format!("{n} rows"),
+        (None, None, None) => num(r.max_abs),
     };
     let verdicts: Vec<(String, Style)> = hooks
         .iter()
