@@ -507,6 +507,24 @@ impl DiffReport {
 mod tests {
     use super::*;
 
+    /// A report of `results` with nothing else to say (no NaN, no names on one side only).
+    fn report_of(results: Vec<Comparison>) -> DiffReport {
+        DiffReport {
+            results,
+            non_finite_a: None,
+            non_finite_b: None,
+            only_a: vec![],
+            only_b: vec![],
+            near_tie: 1e-3,
+            tol: Tolerance::default(),
+            per_name: Vec::new(),
+            with_model: false,
+            notes: Default::default(),
+            bf16_only: [false; 2],
+            bf16_first: None,
+        }
+    }
+
     /// The first-divergence line reads a constant factor, a DSA row that kept padding for a key
     /// is marked, flips of unknown margin without a checkpoint point at --model, and long
     /// "only in" lists are cut.
@@ -531,17 +549,8 @@ mod tests {
                 Comparison { name: "layers.0.moe.topk_weights".into(), ok: false, detail: scaled },
                 Comparison { name: "layers.1.dsa.topk".into(), ok: false, detail: sets },
             ],
-            non_finite_a: None,
-            non_finite_b: None,
             only_a: (0..12).map(|i| format!("layers.{i}.output")).collect(),
-            only_b: vec![],
-            near_tie: 1e-3,
-            tol: Tolerance::default(),
-            per_name: Vec::new(),
-            with_model: false,
-            notes: Default::default(),
-            bf16_only: [false; 2],
-            bf16_first: None,
+            ..report_of(vec![])
         };
         let out = report.render(Path::new("a"), Path::new("b"));
         let first = "first divergence: layers.0.moe.topk_weights (ours = 0.4000 x reference, cosine 1.000000";
@@ -638,18 +647,9 @@ mod tests {
     fn spec_names_ours_lacks_are_said_with_a_hint() {
         let (_, same) = crate::compare::compare_floats(&[1.0], &[1.0], &[1], Tolerance::default());
         let report = |only_a: &[&str], only_b: &[&str]| DiffReport {
-            results: vec![Comparison { name: "logits".into(), ok: true, detail: same.clone() }],
-            non_finite_a: None,
-            non_finite_b: None,
             only_a: only_a.iter().map(|s| s.to_string()).collect(),
             only_b: only_b.iter().map(|s| s.to_string()).collect(),
-            near_tie: 1e-3,
-            tol: Tolerance::default(),
-            per_name: Vec::new(),
-            with_model: false,
-            notes: Default::default(),
-            bf16_only: [false; 2],
-            bf16_first: None,
+            ..report_of(vec![Comparison { name: "logits".into(), ok: true, detail: same.clone() }])
         };
         let render = |r: DiffReport| r.render(Path::new("a"), Path::new("b"));
         let theirs = ["layers.0.output", "layers.0.attn.out", "layers.1.output", "layers.0.dsa.scores"];
@@ -741,20 +741,7 @@ mod tests {
     fn the_model_hint_fits_the_unknown_flips() {
         let flip = Flip::with_margins(None, None);
         let sets = Detail::Sets { rows: 1, mean_recall: 0.5, min_recall: 0.5, flips: vec![flip] };
-        let report = |name: &str| DiffReport {
-            results: vec![Comparison { name: name.into(), ok: false, detail: sets.clone() }],
-            non_finite_a: None,
-            non_finite_b: None,
-            only_a: vec![],
-            only_b: vec![],
-            near_tie: 1e-3,
-            tol: Tolerance::default(),
-            per_name: Vec::new(),
-            with_model: false,
-            notes: Default::default(),
-            bf16_only: [false; 2],
-            bf16_first: None,
-        };
+        let report = |name: &str| report_of(vec![Comparison { name: name.into(), ok: false, detail: sets.clone() }]);
         let hint = |name: &str| {
             let out = report(name).render(Path::new("a"), Path::new("b"));
             out.lines().find(|l| l.contains("with --model DIR")).map(String::from).unwrap_or_default()
