@@ -174,8 +174,7 @@ fn cuda(target: Target, scope: Scope, cases: Cases) -> Result<bool> {
         tol: Precision::Bf16.tolerance(),
         isolate: true,
         replay: Replay { routing: true, selection: true },
-        layers: None,
-        near_tie: None,
+        ..Default::default()
     };
     let cases_ok = cases(&mut |case, model, golden| {
         let f32_ok = device_case(&f32_ops, &f32_name, (case, model, golden), &VerifyOptions::default())?;
