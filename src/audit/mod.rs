@@ -753,6 +753,7 @@ mod tests {
         a.add(0, &[1, 1], 1, 1, None).unwrap();
         let s = a.layers[&0].stats();
         assert_eq!((s.max_vio, s.max_vio_per_run), (0.0, Some(1.0)));
+        assert_eq!(a.to_json()["layers"][0]["max_vio_per_prompt"], json!([1.0, 1.0]));
         assert!(a.table().lines().nth(2).unwrap().contains("  0.000   ") && a.table().contains("1.000"));
         // The row's MaxVio, without the bias (unknown: no gate logits), CV, entropy and
         // MaxVio/run, as printed.
