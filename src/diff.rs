@@ -110,7 +110,17 @@ impl DiffReport {
     /// Whether every tensor both hold matches, and ours does not hold spec hook points under
     /// other names ([`DiffReport::misnamed`]): a partial recording matches, a misnamed one not.
     pub fn all_match(&self) -> bool {
-        !self.results.is_empty() && self.results.iter().all(|c| c.ok) && self.misnamed().is_none()
+        self.results.iter().all(|c| c.ok) && self.not_compared().is_none()
+    }
+
+    /// Why two dumps whose common tensors all match still do not: nothing compared but the
+    /// tokens (a writer that wrote nothing else), or ours's spec hook points under other names.
+    pub fn not_compared(&self) -> Option<String> {
+        if let Some(m) = self.misnamed() {
+            return Some(format!("the spec's hook points are not compared: {m}"));
+        }
+        let tokens_only = !self.results.iter().any(|c| c.name != "input_ids");
+        tokens_only.then(|| "nothing compared but input_ids: the dumps share no hook point".into())
     }
 
     /// What ours's own names say of the spec hook points it lacks, where they say it holds
@@ -364,10 +374,12 @@ const ONLY_IN_LISTED: usize = 10;
 impl DiffReport {
     pub fn to_json(&self, a: &Path, b: &Path) -> Value {
         json!({
+            "schema": "glimpse-diff/1",
             "a": a.display().to_string(),
             "b": b.display().to_string(),
             "match": self.all_match(),
             "first_divergence": self.first_divergence().map(|c| c.name.clone()),
+            "not_compared": if self.first_divergence().is_none() { self.not_compared() } else { None },
             "first_divergence_reading": self.first_divergence().and_then(|c| self.reading(c)),
             "first_divergence_onset": self.notes.onset.map(|o| json!({"matching_positions": o.matching, "reading": o.reading()})),
             "first_divergence_weights_rule": self.notes.weights_rule.map(|r| r.reading()),
@@ -402,6 +414,9 @@ impl DiffReport {
                 }
             }
             None if self.results.is_empty() => out += "no tensor names in common\n",
+            None if !self.results.iter().any(|c| c.name != "input_ids") => {
+                out += "nothing compared but input_ids: the dumps share no hook point\n"
+            }
             None if !missing.is_empty() => {
                 out += &format!("no divergence in the {} tensors both hold\n", self.results.len())
             }

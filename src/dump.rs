@@ -267,7 +267,10 @@ pub fn metadata(source: &str, config_bytes: Option<&[u8]>, model: Option<&str>) 
         m.insert("config_sha256".into(), sha256_hex(bytes));
     }
     if let Some(model) = model {
-        m.insert("model".into(), model.into());
+        // The folder as it resolves, not as it was typed (`./flat/`, `golden/flat`): one run's
+        // dump has the same bytes whatever the working directory.
+        let resolved = std::fs::canonicalize(model).map(|p| p.display().to_string());
+        m.insert("model".into(), resolved.unwrap_or_else(|_| model.into()));
     }
     m
 }
@@ -314,6 +317,41 @@ struct Resume {
     hidden_path: PathBuf,
     tokens: Tokens,
     config_sha256: String,
+    /// `OUT.resume.lock`, held (`flock`) while this run owns the names above: a second run to
+    /// the same dump would truncate the first's partial file under it.
+    lock: ResumeLock,
+}
+
+/// The lock on a dump's resume files: taken before any of them is touched, released by the
+/// kernel when the process ends however it ends (the file stays until the dump is finished).
+struct ResumeLock {
+    path: PathBuf,
+    _held: File,
+}
+
+impl ResumeLock {
+    fn take(path: &Path) -> Result<ResumeLock> {
+        let lock_path = crate::output::sibling(path, ".resume.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, e))?;
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock on a descriptor this File owns; LOCK_NB never blocks.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                return Err(Error::Usage(format!(
+                    "{}: another glimpse is writing this dump now (its {} is locked): wait for it, or write another",
+                    path.display(),
+                    lock_path.display()
+                )));
+            }
+        }
+        Ok(ResumeLock { path: lock_path, _held: file })
+    }
 }
 
 /// The metadata key of the hidden state's file that holds the state it belongs to.
@@ -444,10 +482,11 @@ impl DumpWriter {
         tokens: &Tokens,
         config_sha256: &str,
     ) -> Result<Self> {
+        let lock = ResumeLock::take(path)?;
         let (partial, state_path, hidden_path) = resume_paths(path);
         let mut w = DumpWriter::create_at(path, partial, selector, expected)?;
-        w.resume =
-            Some(Resume { state_path, hidden_path, tokens: tokens.clone(), config_sha256: config_sha256.into() });
+        let (tokens, config_sha256) = (tokens.clone(), config_sha256.into());
+        w.resume = Some(Resume { state_path, hidden_path, tokens, config_sha256, lock });
         Ok(w)
     }
 
@@ -459,6 +498,7 @@ impl DumpWriter {
         tokens: &Tokens,
         config_sha256: &str,
     ) -> Result<Option<(Self, crate::model::stream::Start, usize)>> {
+        let lock = ResumeLock::take(path)?;
         let (partial, state_path, hidden_path) = resume_paths(path);
         if !state_path.is_file() || !partial.is_file() {
             return Ok(None);
@@ -510,7 +550,8 @@ impl DumpWriter {
         file.seek(SeekFrom::End(0)).map_err(|e| Error::io(&partial, e))?;
         let start = read_hidden(&hidden_path)?;
         let spill = Spill::start(file, &partial, None);
-        let resume = Resume { state_path, hidden_path, tokens: tokens.clone(), config_sha256: config_sha256.into() };
+        let (tokens, config_sha256) = (tokens.clone(), config_sha256.into());
+        let resume = Resume { state_path, hidden_path, tokens, config_sha256, lock };
         let w = DumpWriter {
             path: path.to_path_buf(),
             tmp_path: partial,
@@ -628,6 +669,7 @@ impl DumpWriter {
         if let Some(r) = &self.resume {
             let _ = std::fs::remove_file(&r.state_path);
             let _ = std::fs::remove_file(&r.hidden_path);
+            let _ = std::fs::remove_file(&r.lock.path);
         }
         Ok(self.entries.len())
     }

@@ -1,8 +1,8 @@
-//! Ctrl-C during long work that can stop cleanly: the first SIGINT asks it to stop at its next
-//! checkpoint: a resumable `run --dump` after the layer being computed, made durable (the command
-//! says how to `--resume`); `generate` after the step in progress, keeping its tokens and dump. A
-//! second SIGINT ends the process at once, as the default action does. Elsewhere SIGINT keeps
-//! its default action.
+//! Ctrl-C during long work that can stop cleanly: the first SIGINT (or SIGTERM, which a CI's
+//! cancel and `timeout` send) asks it to stop at its next checkpoint: a resumable `run --dump`
+//! after the layer being computed, made durable (the command says how to `--resume`);
+//! `generate` after the step in progress, keeping its tokens and dump. A second signal ends the
+//! process at once, as the default action does. Elsewhere both keep their default action.
 
 #[cfg(unix)]
 mod imp {
@@ -13,19 +13,26 @@ mod imp {
     const NOTICE: &[u8] =
         b"\nglimpse: stopping after the work in progress, keeping what is done (Ctrl-C again to quit now)\n";
 
-    extern "C" fn on_sigint(_: libc::c_int) {
+    /// The signals that ask for a stop.
+    const SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
+
+    extern "C" fn on_signal(_: libc::c_int) {
         REQUESTED.store(true, Ordering::Relaxed);
         // SAFETY: write(2) and signal(2) are async-signal-safe; NOTICE is a static buffer.
         unsafe {
             libc::write(2, NOTICE.as_ptr().cast(), NOTICE.len());
-            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            for sig in SIGNALS {
+                libc::signal(sig, libc::SIG_DFL);
+            }
         }
     }
 
     pub fn stop_at_checkpoints() {
         REQUESTED.store(false, Ordering::Relaxed);
-        // SAFETY: the handler only stores to an atomic and makes async-signal-safe calls.
-        unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+        for sig in SIGNALS {
+            // SAFETY: the handler only stores to an atomic and makes async-signal-safe calls.
+            unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+        }
     }
 
     pub fn requested() -> bool {
@@ -33,8 +40,10 @@ mod imp {
     }
 
     pub fn default_again() {
-        // SAFETY: restoring the default disposition.
-        unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
+        for sig in SIGNALS {
+            // SAFETY: restoring the default disposition.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
     }
 }
 

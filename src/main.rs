@@ -97,11 +97,17 @@ fn stdout_failure(payload: &(dyn std::any::Any + Send)) -> Option<String> {
 
 /// The bundled case, found next to the binary's sources or under the current directory.
 fn default_case() -> PathBuf {
-    let here = PathBuf::from(DEFAULT_CASE);
-    if here.is_dir() {
-        here
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CASE)
+    // The checkout this binary was built from first: another project's `golden/flat` in the
+    // working directory is not the bundled case. A binary carried elsewhere (the GPU machine)
+    // finds the case in the copy of the repository it runs in.
+    // (Named as the README shows it when the working directory is that checkout.)
+    let (built, here) = (Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CASE), PathBuf::from(DEFAULT_CASE));
+    let same =
+        |a: &Path, b: &Path| std::fs::canonicalize(a).ok().is_some_and(|a| std::fs::canonicalize(b).ok() == Some(a));
+    match built.is_dir() {
+        true if same(&built, &here) => here,
+        true => built,
+        false => here,
     }
 }
 
@@ -403,6 +409,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let mut v = audit.to_json();
                 if let (Some(r), Some(map)) = (&reference, v.as_object_mut()) {
                     map.insert("shift".into(), glimpse::audit::shift_json(&audit.shift(r)));
+                    map.insert("shift_notes".into(), serde_json::json!(audit.shift_notes(r)));
                 }
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else if csv_out {

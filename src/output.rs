@@ -10,6 +10,10 @@ use crate::error::{Error, Result};
 /// exist, or one this process cannot create files in (found by creating and removing a probe
 /// file beside the target, named like the temporary files the writers use).
 pub fn check(flag: &str, path: &Path) -> Result<()> {
+    // (`audit --csv -` means standard output and is not checked; no other output can be.)
+    if path.as_os_str() == "-" {
+        return Err(Error::Usage(format!("{flag} -: this output is written as a file; give a file path")));
+    }
     if path.is_dir() {
         return Err(Error::Usage(format!("{flag} {}: is a folder; give a file path", path.display())));
     }

@@ -279,6 +279,9 @@ fn audit_says_what_its_numbers_are_over() {
     );
     let (out, _) = assert_ok(&glimpse(&["audit", "--dump", &batch, "--against", &window]));
     assert!(out.contains("note: layer(s) 2 only in the audited runs: no shift there"), "{out}");
+    let v = json(&["--dump", &batch, "--against", &window]);
+    assert_eq!(v["shift_notes"], serde_json::json!(["layer(s) 2 only in the audited runs: no shift there"]));
+    assert_eq!(v["schema"], "glimpse-audit/1");
 }
 
 /// A checkpoint that is not the dumps' model, or has no routing, is refused; a prompt of text

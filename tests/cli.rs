@@ -156,15 +156,22 @@ fn selftest_checks_every_golden_case_and_refuses_a_missing_gpu() {
     assert!(!out.contains("FAILED"), "{out}");
     // It loads models, so --max-memory holds for it as for every command that does.
     assert_error(&glimpse(&["--max-memory", "1K", "selftest"]), "but --max-memory is 1.0 KB");
-    // A folder whose golden/ holds no reference is an error, not a pass that checked nothing.
+    // A golden/ that holds no reference is an error, not a pass that checked nothing (the
+    // binary finds the checkout it was built from first, so the library is asked directly).
     let empty = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(empty.path().join("golden/flat")).unwrap();
+    let target = glimpse::device::Target::from(glimpse::device::Backend::Cpu);
+    let scope = glimpse::selftest::Scope::All;
+    let err = glimpse::selftest::run(&empty.path().join("golden"), target, scope, None).unwrap_err().to_string();
+    assert!(err.contains("no golden cases under"), "{err}");
+    // Nor does another golden/flat in the working directory stand in for the bundled case.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_glimpse"))
-        .arg("selftest")
+        .arg("verify")
         .current_dir(empty.path())
         .output()
         .unwrap();
-    assert_error(&o, "no golden cases under golden");
+    let (out, err) = text(&o);
+    assert!(o.status.success() && out.contains(&format!("verify {}", golden("flat").display())), "{out}{err}");
     // Without a GPU (or the `cuda` feature) a one-line error; with one, the kernel checks run.
     let o = glimpse(&["selftest", "--device", "cuda"]);
     if o.status.code() == Some(2) {
@@ -630,6 +637,14 @@ fn verify_takes_tol_overrides_and_does_not_pass_on_nothing() {
         out.contains("1 of 1 tensors match (atol 1e-4, rtol 1e-4); not passed: the reference could not be"),
         "{out}"
     );
+    // diff does not pass it either, whichever side holds only the tokens.
+    let (i, r) = (common::s(&ids_only), common::s(&reference));
+    for pair in [[&i, &r], [&r, &i]] {
+        let (code, out) = common::code_and_text(&["diff", pair[0], pair[1], "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!((code, &v["match"]), (1, &serde_json::json!(false)), "{out}");
+        assert_eq!(v["not_compared"], "nothing compared but input_ids: the dumps share no hook point");
+    }
     let prefixed = common::edit_dump(&reference, &tmp.path().join("prefixed.st"), |t| {
         for (n, _, _) in t.iter_mut().filter(|(n, _, _)| n.starts_with("layers.")) {
             *n = format!("model.{n}");
@@ -666,4 +681,21 @@ fn verify_takes_tol_overrides_and_does_not_pass_on_nothing() {
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["tolerance"]["per_name"][0], serde_json::json!({"pattern": "logits", "atol": 2e-2, "rtol": 0.0}));
     assert_eq!(v["tolerance"]["atol"], 1e-4);
+}
+
+/// A run's dump has the same bytes however its model folder was spelled (its `model` metadata is
+/// the folder as it resolves), so a pipeline can cache dumps by their hash.
+#[test]
+fn a_dump_does_not_depend_on_how_the_model_was_spelled() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dumps: Vec<Vec<u8>> = ["golden/flat", "./golden/flat/", &s(&golden("flat"))]
+        .iter()
+        .enumerate()
+        .map(|(i, model)| {
+            let path = tmp.path().join(format!("{i}.st"));
+            assert_ok(&glimpse(&["run", "--model", model, "--tokens", "1,2,3", "--dump", &s(&path)]));
+            std::fs::read(&path).unwrap()
+        })
+        .collect();
+    assert!(dumps.windows(2).all(|w| w[0] == w[1]));
 }

@@ -180,6 +180,10 @@ fn malformed_files_and_arguments_are_one_line_errors() {
     let needle = format!("dump {}: tensor `layers.2.moe.topk_ids` has dtype BOOL", s(&bool_dump));
     cases.push((vec!["audit".into(), "--dump".into(), s(&bool_dump)], needle));
 
+    // `-` is standard output only for `audit --csv`: a dump there would be a file named `-`.
+    let run_to_stdout = ["run", "--model", &s(&flat), "--tokens", "1,2", "--dump", "-"];
+    cases.push((run_to_stdout.map(String::from).to_vec(), "--dump -: this output is written as a file".into()));
+
     // A selection stored as floats (it would compare element by element, not as a set), and an
     // F64 value no f32 holds (1e40 and 3e40 would both read inf, and match).
     let float_topk = t.join("float-topk.safetensors");
@@ -483,7 +487,9 @@ fn spawn_catching_sigint(args: &[&str]) -> std::process::Child {
     let catches_sigint = || {
         let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
         let caught = status.lines().find_map(|l| l.strip_prefix("SigCgt:")).map(str::trim).unwrap_or("0");
-        u64::from_str_radix(caught, 16).is_ok_and(|mask| mask & (1 << (libc::SIGINT - 1)) != 0)
+        // (SIGTERM asks for the same stop, and its handler comes with SIGINT's.)
+        let both = (1 << (libc::SIGINT - 1)) | (1 << (libc::SIGTERM - 1));
+        u64::from_str_radix(caught, 16).is_ok_and(|mask| mask & both == both)
     };
     let start = std::time::Instant::now();
     while !catches_sigint() {
@@ -514,8 +520,39 @@ fn signal_when_present(args: &[&str], path: &Path, signal: i32) -> std::process:
     child.wait_with_output().unwrap()
 }
 
+/// Two runs writing one dump: the second is refused while the first owns its resume files (it
+/// would truncate the first's partial file under it), and runs once the first is gone, however
+/// it ended (the lock is the kernel's, released with the process).
+#[test]
+fn a_second_run_to_the_same_dump_waits_its_turn() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let cfg = t.join("config.json");
+    std::fs::write(&cfg, common::EIGHT_LAYERS).unwrap();
+    let model = t.join("model");
+    assert!(glimpse(&["synth", "--config", &s(&cfg), "--out", &s(&model)]).status.success());
+    let dump = t.join("run.safetensors");
+    let tokens: Vec<String> = (0..256).map(|i| (i * 7 % 1024).to_string()).collect();
+    let args = ["run", "--model", &s(&model), "--stream", "--tokens", &tokens.join(","), "--dump", &s(&dump)];
+    let mut first = Command::new(env!("CARGO_BIN_EXE_glimpse")).args(args).stdout(Stdio::null()).spawn().unwrap();
+    let partial = t.join("run.safetensors.partial");
+    let start = std::time::Instant::now();
+    while !partial.exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "no partial file");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(first.try_wait().unwrap().is_none(), "the first run finished before the second started");
+    assert_error(&glimpse(&args), "another glimpse is writing this dump now");
+    first.kill().unwrap();
+    first.wait().unwrap();
+    common::assert_ok(&glimpse(&args));
+    glimpse::dump::Dump::open(&dump).unwrap();
+    assert!(!t.join("run.safetensors.resume.lock").exists(), "a finished dump leaves no lock file");
+}
+
 /// Ctrl-C during `audit --prompts` stops after the prompt in progress and audits the prompts
-/// run, saying how many (exit 0: the numbers cover those prompts whole).
+/// run, saying how many (exit 0: the numbers cover those prompts whole). SIGTERM, which a CI's
+/// cancel sends, does the same: this test sends it.
 #[test]
 fn ctrl_c_stops_an_audit_after_the_prompt_in_progress() {
     let tmp = tempfile::tempdir().unwrap();
@@ -529,13 +566,14 @@ fn ctrl_c_stops_an_audit_after_the_prompt_in_progress() {
     let child = spawn_catching_sigint(&["audit", "--model", &s(&flat), "--prompts", &s(&prompts), "--json"]);
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: signalling a child this test started and has not reaped.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let run = v["stopped_after"].as_u64().unwrap_or_else(|| panic!("not stopped early: {v}"));
     assert!(run > 0 && run < 200_000, "{run}");
+    assert_eq!((v["complete"].as_bool(), v["prompts_total"].as_u64()), (Some(false), Some(200_000)));
     assert_eq!(v["prompts"].as_u64(), Some(run));
     for layer in v["layers"].as_array().unwrap() {
         assert_eq!(layer["tokens"].as_u64(), Some(16 * run), "{layer}");

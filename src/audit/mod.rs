@@ -594,16 +594,22 @@ impl Audit {
                 list(&l.lost)
             );
         }
-        // A layer one side lacks has no row: say which, rather than let it vanish.
+        for note in self.shift_notes(reference) {
+            let _ = writeln!(s, "note: {note}");
+        }
+        s
+    }
+
+    /// The layers one side lacks, which have no shift: said, rather than left to vanish.
+    pub fn shift_notes(&self, reference: &Audit) -> Vec<String> {
         fn only(a: &Audit, b: &Audit) -> Vec<String> {
             a.layers.keys().filter(|i| !b.layers.contains_key(i)).map(usize::to_string).collect()
         }
-        for (side, layers) in [("the audited runs", only(self, reference)), ("the reference", only(reference, self))] {
-            if !layers.is_empty() {
-                let _ = writeln!(s, "note: layer(s) {} only in {side}: no shift there", layers.join(", "));
-            }
-        }
-        s
+        [("the audited runs", only(self, reference)), ("the reference", only(reference, self))]
+            .into_iter()
+            .filter(|(_, layers)| !layers.is_empty())
+            .map(|(side, layers)| format!("layer(s) {} only in {side}: no shift there", layers.join(", ")))
+            .collect()
     }
 
     pub fn to_json(&self) -> Value {
@@ -626,8 +632,9 @@ impl Audit {
             })
             .collect();
         json!({
-            "prompts": self.prompts(), "experts": self.experts, "experts_guessed": self.experts_guessed,
-            "stopped_after": self.stopped.map(|(run, _)| run), "layers": layers,
+            "schema": "glimpse-audit/1", "prompts": self.prompts(), "experts": self.experts, "experts_guessed": self.experts_guessed,
+            "stopped_after": self.stopped.map(|(run, _)| run), "complete": self.stopped.is_none(),
+            "prompts_total": self.stopped.map(|(_, of)| of), "layers": layers,
             "notes": self.notes(),
         })
     }
