@@ -90,8 +90,11 @@ pub(crate) enum Command {
         stream: bool,
         /// Instead: run the tokens through the latent KV cache (absorbed MLA) and compare every
         /// hook point, position by position, with the prefill of the same tokens.
-        #[arg(long, conflicts_with_all = ["isolate", "force_routing", "force_selection", "layers", "stream", "near_tie", "tols"])]
+        #[arg(long, conflicts_with_all = ["isolate", "force_routing", "force_selection", "layers", "stream", "near_tie", "tols", "json"])]
         decode: bool,
+        /// Print one JSON document (`glimpse-verify/1`) instead of the lines: each tensor as `diff --json` gives it.
+        #[arg(long)]
+        json: bool,
         /// With --decode: positions per decode call (1: token by token; more: chunked prefill).
         #[arg(long, default_value_t = 1, requires = "decode", value_parser = clap::value_parser!(u64).range(1..))]
         chunk: u64,

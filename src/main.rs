@@ -96,6 +96,39 @@ fn stdout_failure(payload: &(dyn std::any::Any + Send)) -> Option<String> {
 }
 
 /// The bundled case, found next to the binary's sources or under the current directory.
+/// `verify`'s report: its lines under `header`, or one JSON document; the exit code it calls
+/// for. `free` is the run without the replay, where one was replayed.
+fn show_verify(
+    json: bool,
+    header: &str,
+    reference: &Dump,
+    (report, free): (&verify::Report, Option<&verify::Report>),
+    opts: &verify::VerifyOptions,
+) -> ExitCode {
+    let near_tie = opts.near_tie.unwrap_or(opts.tol.near_tie());
+    let note = verify::bf16_note(reference, report, opts);
+    if json {
+        let mut v = verify::report_json(report, opts, near_tie, free);
+        v["notes"] = serde_json::json!(note.into_iter().collect::<Vec<_>>());
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        println!("{header}");
+        verify::print_report(report, opts.tol, near_tie);
+        if let Some(note) = note {
+            println!("{note}");
+        }
+        if let Some(free) = free {
+            verify::print_replay(free, report);
+        }
+    }
+    diff::tol_warnings(&opts.per_name, &report.results).into_iter().for_each(|w| warn(Some(w)));
+    if report.all_match() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
 fn default_case() -> PathBuf {
     // The checkout this binary was built from first: another project's `golden/flat` in the
     // working directory is not the bundled case. A binary carried elsewhere (the GPU machine)
@@ -198,6 +231,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             rtol,
             tols,
             near_tie,
+            json,
             isolate,
             force_routing,
             force_selection,
@@ -261,16 +295,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         };
                         Ok((report, free))
                     })?;
-                    println!("verify {} against {} on {}", model_dir.display(), golden.display(), target.describe());
-                    verify::print_report(&report, tol, near_tie);
-                    if let Some(note) = verify::bf16_note(&reference, &report, &opts) {
-                        println!("{note}");
-                    }
-                    diff::tol_warnings(&per_name, &report.results).into_iter().for_each(|w| warn(Some(w)));
-                    if let Some(free) = &free {
-                        verify::print_replay(free, &report);
-                    }
-                    return Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) });
+                    let header =
+                        format!("verify {} against {} on {}", model_dir.display(), golden.display(), target.describe());
+                    return Ok(show_verify(json, &header, &reference, (&report, free.as_ref()), &opts));
                 }
                 let mut resident = None;
                 // A replay runs the forward pass a second time, which packs what the first read.
@@ -308,19 +335,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Ok(report)
                 };
                 let report = run(&opts)?;
-                // After the run, as the device path does: an error on the way is its one line alone.
-                println!("verify {} against {}", model_dir.display(), golden.display());
-                verify::print_report(&report, tol, near_tie);
-                if let Some(note) = verify::bf16_note(&reference, &report, &opts) {
-                    println!("{note}");
-                }
-                diff::tol_warnings(&per_name, &report.results).into_iter().for_each(|w| warn(Some(w)));
-                if replay != verify::Replay::default() {
-                    // The same tensors without the replay (the MTP head's too), so the counts compare.
-                    let free = run(&verify::VerifyOptions { replay: Default::default(), ..opts })?;
-                    verify::print_replay(&free, &report);
-                }
-                Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+                // The same tensors without the replay (the MTP head's too), so the counts compare.
+                let free = match replay == verify::Replay::default() {
+                    true => None,
+                    false => Some(run(&verify::VerifyOptions { replay: Default::default(), ..opts.clone() })?),
+                };
+                // After the runs, as the device path does: an error on the way is its one line alone.
+                let header = format!("verify {} against {}", model_dir.display(), golden.display());
+                Ok(show_verify(json, &header, &reference, (&report, free.as_ref()), &opts))
             })()
             .map_err(|e| match &config_warning {
                 // An error the other config may explain keeps it, on its one line.

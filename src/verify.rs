@@ -498,6 +498,44 @@ pub fn print_report(r: &Report, tol: Tolerance, near_tie: f64) {
     );
 }
 
+/// The report as one JSON document (`verify --json`): what `print_report` says, with each
+/// tensor as `diff --json` gives it; `replay`, with a replayed run, is what the same run without
+/// the replay matched and what the flips explain (`print_replay`'s lines).
+pub fn report_json(r: &Report, opts: &VerifyOptions, near_tie: f64, replay: Option<&Report>) -> serde_json::Value {
+    use crate::diff::{comparison_json, json_number};
+    let not_compared = match (r.misnamed(), r.results.iter().any(|c| c.name != "input_ids")) {
+        (Some(m), _) => Some(m),
+        (None, false) => {
+            Some("nothing verified: the reference holds none of this run's hook points but input_ids".into())
+        }
+        (None, true) => None,
+    };
+    serde_json::json!({
+        "schema": "glimpse-verify/1",
+        "match": r.all_match(),
+        "first_mismatch": r.first_mismatch().map(|c| c.name.clone()),
+        "not_compared": not_compared,
+        "tensors_matching": r.results.len() - r.mismatches(),
+        "tensors": r.results.iter().map(|c| comparison_json(c, near_tie)).collect::<Vec<_>>(),
+        "by_layer": crate::layer_error::json(&crate::layer_error::by_layer(&r.results, near_tie)),
+        "near_tie_threshold": json_number(near_tie),
+        "tolerance": {
+            "atol": opts.tol.atol, "rtol": opts.tol.rtol,
+            "per_name": opts.per_name.iter().map(|(p, t)| serde_json::json!({"pattern": p, "atol": t.atol, "rtol": t.rtol})).collect::<Vec<_>>(),
+        },
+        "isolated": r.isolate,
+        "replayed": r.replay.describe(),
+        "only_in_reference": r.only_in_reference,
+        "first_non_finite": r.non_finite.as_ref().map(|n| serde_json::json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
+        "without_replay": replay.map(|free| serde_json::json!({
+            "match": free.all_match(),
+            "tensors_matching": free.results.len() - free.mismatches(),
+            "first_mismatch": free.first_mismatch().map(|c| c.name.clone()),
+            "explained": attribution(free, r),
+        })),
+    })
+}
+
 /// After a replayed run's report: how much of each layer's error the flips explain (`free`: the
 /// same run without the replay, over the same tensors), and how many match without the replay
 /// (what it hid: a run that matches only with the reference's decisions).

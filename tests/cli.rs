@@ -676,6 +676,21 @@ fn verify_takes_tol_overrides_and_does_not_pass_on_nothing() {
     let (_, err) = assert_ok(&glimpse(&["diff", &common::s(&no_source), &common::s(&no_source)]));
     assert!(err.contains("no-source.st: no `source` in its metadata"), "{err}");
 
+    // --json: one document saying what the lines say.
+    let (code, text_out) = common::code_and_text(&["verify", "--atol", "0", "--rtol", "0"]);
+    let (json_code, json_out) = common::code_and_text(&["verify", "--atol", "0", "--rtol", "0", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json_out).unwrap();
+    assert_eq!(
+        (code, json_code, v["schema"].as_str(), v["match"].as_bool()),
+        (1, 1, Some("glimpse-verify/1"), Some(false))
+    );
+    let first = v["first_mismatch"].as_str().unwrap();
+    assert!(text_out.contains(&format!("first mismatch: {first}")), "{text_out}");
+    let summary = format!("{} of {} tensors match", v["tensors_matching"], v["tensors"].as_array().unwrap().len());
+    assert!(text_out.contains(&summary), "{summary}: {text_out}");
+    let (json_out, _) = assert_ok(&glimpse(&["verify", "--json"]));
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&json_out).unwrap()["match"], true);
+
     let r = common::s(&reference);
     let (json, _) = assert_ok(&glimpse(&["diff", &r, &r, "--json", "--tol", "logits=2e-2,0"]));
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
