@@ -96,33 +96,9 @@ fn stdout_failure(payload: &(dyn std::any::Any + Send)) -> Option<String> {
 }
 
 /// The bundled case, found next to the binary's sources or under the current directory.
-/// `verify`'s report: its lines under `header`, or one JSON document; the exit code it calls
-/// for. `free` is the run without the replay, where one was replayed.
-fn show_verify(
-    json: bool,
-    header: &str,
-    reference: &Dump,
-    (report, free): (&verify::Report, Option<&verify::Report>),
-    opts: &verify::VerifyOptions,
-) -> ExitCode {
-    let near_tie = opts.near_tie.unwrap_or(opts.tol.near_tie());
-    let note = verify::bf16_note(reference, report, opts);
-    if json {
-        let mut v = verify::report_json(report, opts, near_tie, free);
-        v["notes"] = serde_json::json!(note.into_iter().collect::<Vec<_>>());
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-    } else {
-        println!("{header}");
-        verify::print_report(report, opts.tol, near_tie);
-        if let Some(note) = note {
-            println!("{note}");
-        }
-        if let Some(free) = free {
-            verify::print_replay(free, report);
-        }
-    }
-    diff::tol_warnings(&opts.per_name, &report.results).into_iter().for_each(|w| warn(Some(w)));
-    if report.all_match() {
+/// 0 where everything matched, 1 where a comparison found a difference.
+fn exit(matched: bool) -> ExitCode {
+    if matched {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -297,7 +273,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     })?;
                     let header =
                         format!("verify {} against {} on {}", model_dir.display(), golden.display(), target.describe());
-                    return Ok(show_verify(json, &header, &reference, (&report, free.as_ref()), &opts));
+                    return Ok(exit(verify::show(json, &header, &reference, (&report, free.as_ref()), &opts)));
                 }
                 let mut resident = None;
                 // A replay runs the forward pass a second time, which packs what the first read.
@@ -342,7 +318,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 };
                 // After the runs, as the device path does: an error on the way is its one line alone.
                 let header = format!("verify {} against {}", model_dir.display(), golden.display());
-                Ok(show_verify(json, &header, &reference, (&report, free.as_ref()), &opts))
+                Ok(exit(verify::show(json, &header, &reference, (&report, free.as_ref()), &opts)))
             })()
             .map_err(|e| match &config_warning {
                 // An error the other config may explain keeps it, on its one line.
@@ -383,7 +359,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 print!("{}", report.render(&a, &b));
             }
-            Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(exit(report.all_match()))
         }
         Command::Audit { model, prompts, text, dumps, against, json, csv, heatmap, device, gpu } => {
             if let Some(p) = heatmap.as_ref().filter(|p| !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")))
@@ -661,7 +637,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let root = default_case().parent().map(Path::to_path_buf).unwrap_or_default();
             let scope = if kernels_only { glimpse::selftest::Scope::Kernels } else { glimpse::selftest::Scope::All };
             let ok = glimpse::selftest::run(&root, gpu.target(device)?, scope, max_memory)?;
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(exit(ok))
         }
         Command::Synth { config, preset, layers, experts, vocab, dtype, shards, mtp, seed, out } => {
             let config = match (config, preset) {
@@ -796,5 +772,5 @@ fn verify_decode(
     println!("{}", glimpse::generate::cache_report(model, tokens.batch, tokens.seq, false));
     let report = glimpse::decode_check::check(model, tokens, chunk, tol)?;
     glimpse::decode_check::print(&report, tol, chunk);
-    Ok(if report.all_match() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(exit(report.all_match()))
 }

@@ -498,6 +498,38 @@ pub fn print_report(r: &Report, tol: Tolerance, near_tie: f64) {
     );
 }
 
+/// `verify`'s report: its lines under `header`, or one JSON document (`json`), then warnings of
+/// `--tol` patterns that changed nothing; whether everything matched. `free` is the run without
+/// the replay, where one was replayed.
+pub fn show(
+    json: bool,
+    header: &str,
+    reference: &Dump,
+    (report, free): (&Report, Option<&Report>),
+    opts: &VerifyOptions,
+) -> bool {
+    let near_tie = opts.near_tie.unwrap_or(opts.tol.near_tie());
+    let note = bf16_note(reference, report, opts);
+    if json {
+        let mut v = report_json(report, opts, near_tie, free);
+        v["notes"] = serde_json::json!(note.into_iter().collect::<Vec<_>>());
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        println!("{header}");
+        print_report(report, opts.tol, near_tie);
+        if let Some(note) = note {
+            println!("{note}");
+        }
+        if let Some(free) = free {
+            print_replay(free, report);
+        }
+    }
+    for w in crate::diff::tol_warnings(&opts.per_name, &report.results) {
+        eprintln!("glimpse: warning: {w}");
+    }
+    report.all_match()
+}
+
 /// The report as one JSON document (`verify --json`): what `print_report` says, with each
 /// tensor as `diff --json` gives it; `replay`, with a replayed run, is what the same run without
 /// the replay matched and what the flips explain (`print_replay`'s lines).
