@@ -39,6 +39,10 @@ fn main() -> ExitCode {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprintln!("glimpse: error: no command given, e.g. glimpse verify (see glimpse --help)");
+            return ExitCode::from(2);
+        }
         Err(e) => {
             // One line, like every other error: clap's first line, then where to look.
             let text = e.render().to_string();

@@ -179,6 +179,8 @@ fn malformed_files_and_arguments_are_one_line_errors() {
     raw_safetensors(&bool_dump, h.len() as u64, h, &[1, 0]);
     let needle = format!("dump {}: tensor `layers.2.moe.topk_ids` has dtype BOOL", s(&bool_dump));
     cases.push((vec!["audit".into(), "--dump".into(), s(&bool_dump)], needle));
+    // No command at all: said, not clap's about text.
+    cases.push((vec![], "no command given, e.g. glimpse verify".into()));
 
     // `-` is standard output only for `audit --csv`: a dump there would be a file named `-`.
     let run_to_stdout = ["run", "--model", &s(&flat), "--tokens", "1,2", "--dump", "-"];
