@@ -332,25 +332,40 @@ struct ResumeLock {
 impl ResumeLock {
     fn take(path: &Path) -> Result<ResumeLock> {
         let lock_path = crate::output::sibling(path, ".resume.lock");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| Error::io(&lock_path, e))?;
-        #[cfg(unix)]
-        {
-            use std::os::fd::AsRawFd;
-            // SAFETY: flock on a descriptor this File owns; LOCK_NB never blocks.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                return Err(Error::Usage(format!(
-                    "{}: another glimpse is writing this dump now (its {} is locked): wait for it, or write another",
-                    path.display(),
-                    lock_path.display()
-                )));
+        // A run that finishes removes the file while it holds the lock: one opened just before
+        // is then no longer the file at the path, and is opened again.
+        for _ in 0..8 {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(|e| Error::io(&lock_path, e))?;
+            #[cfg(unix)]
+            {
+                use std::os::fd::AsRawFd;
+                use std::os::unix::fs::MetadataExt;
+                // SAFETY: flock on a descriptor this File owns; LOCK_NB never blocks.
+                if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                        return Err(Error::io(&lock_path, e));
+                    }
+                    return Err(Error::Usage(format!(
+                        "{}: another glimpse is writing this dump now (its {} is locked): wait for it, or write another",
+                        path.display(),
+                        lock_path.display()
+                    )));
+                }
+                let held = file.metadata().map_err(|e| Error::io(&lock_path, e))?;
+                let current = std::fs::metadata(&lock_path).ok();
+                if current.is_none_or(|m| (m.dev(), m.ino()) != (held.dev(), held.ino())) {
+                    continue;
+                }
             }
+            return Ok(ResumeLock { path: lock_path, _held: file });
         }
-        Ok(ResumeLock { path: lock_path, _held: file })
+        Err(Error::Usage(format!("{}: its lock file keeps being replaced", lock_path.display())))
     }
 }
 

@@ -9,15 +9,17 @@ mod imp {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     static REQUESTED: AtomicBool = AtomicBool::new(false);
+    static SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(libc::SIGINT);
 
     const NOTICE: &[u8] =
-        b"\nglimpse: stopping after the work in progress, keeping what is done (Ctrl-C again to quit now)\n";
+        b"\nglimpse: stopping after the work in progress, keeping what is done (the signal again quits now)\n";
 
     /// The signals that ask for a stop.
     const SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
 
-    extern "C" fn on_signal(_: libc::c_int) {
+    extern "C" fn on_signal(sig: libc::c_int) {
         REQUESTED.store(true, Ordering::Relaxed);
+        SIGNAL.store(sig, Ordering::Relaxed);
         // SAFETY: write(2) and signal(2) are async-signal-safe; NOTICE is a static buffer.
         unsafe {
             libc::write(2, NOTICE.as_ptr().cast(), NOTICE.len());
@@ -39,6 +41,10 @@ mod imp {
         REQUESTED.load(Ordering::Relaxed)
     }
 
+    pub fn exit_status() -> u8 {
+        128 + SIGNAL.load(Ordering::Relaxed) as u8
+    }
+
     pub fn default_again() {
         for sig in SIGNALS {
             // SAFETY: restoring the default disposition.
@@ -54,10 +60,17 @@ mod imp {
         false
     }
     pub fn default_again() {}
+    pub fn exit_status() -> u8 {
+        130
+    }
 }
 
 /// Whether a stop was asked for.
 pub use imp::requested;
+
+/// The exit status a stopped command ends with, as a shell reports a process the signal ended:
+/// 130 for SIGINT, 143 for SIGTERM.
+pub use imp::exit_status;
 
 /// While this lives, the first Ctrl-C asks for a stop at the next checkpoint (`requested`); when
 /// it is dropped, however the work ended, SIGINT's default action is back.

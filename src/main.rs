@@ -80,10 +80,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
-        // Ctrl-C's exit status, as a shell reports a process that SIGINT ended.
+        // The signal's exit status, as a shell reports a process it ended (130 for Ctrl-C).
         Err(Error::Interrupted(msg)) => {
             eprintln!("glimpse: {msg}");
-            ExitCode::from(130)
+            ExitCode::from(glimpse::interrupt::exit_status())
         }
         Err(e) => {
             eprintln!("glimpse: error: {e}");
@@ -99,7 +99,6 @@ fn stdout_failure(payload: &(dyn std::any::Any + Send)) -> Option<String> {
     Some(format!("cannot write to standard output: {why}"))
 }
 
-/// The bundled case, found next to the binary's sources or under the current directory.
 /// 0 where everything matched, 1 where a comparison found a difference.
 fn exit(matched: bool) -> ExitCode {
     if matched {
@@ -109,6 +108,7 @@ fn exit(matched: bool) -> ExitCode {
     }
 }
 
+/// The bundled case, found next to the binary's sources or under the current directory.
 fn default_case() -> PathBuf {
     // The checkout this binary was built from first: another project's `golden/flat` in the
     // working directory is not the bundled case. A binary carried elsewhere (the GPU machine)

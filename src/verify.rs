@@ -563,7 +563,12 @@ pub fn report_json(r: &Report, opts: &VerifyOptions, near_tie: f64, replay: Opti
             "match": free.all_match(),
             "tensors_matching": free.results.len() - free.mismatches(),
             "first_mismatch": free.first_mismatch().map(|c| c.name.clone()),
-            "explained": attribution(free, r),
+            "explained": explained(free, r).iter().map(|e| serde_json::json!({
+                "name": e.name,
+                "nmse_without": json_number(e.nmse[0]), "nmse_with": json_number(e.nmse[1]),
+                "max_abs_without": json_number(e.max_abs[0]), "max_abs_with": json_number(e.max_abs[1]),
+                "explained_share": e.share.map(json_number),
+            })).collect::<Vec<_>>(),
         })),
     })
 }
@@ -590,6 +595,31 @@ pub fn print_replay(free: &Report, replayed: &Report) {
 /// NMSE without and with replay, and the share of the error that replay removed. Only the final
 /// tensors (`final_norm`, `logits`) and each layer's `output` are listed.
 pub fn attribution(free: &Report, replayed: &Report) -> Vec<String> {
+    explained(free, replayed)
+        .iter()
+        .map(|e| {
+            let share = e.share.map_or("-".into(), |x| format!("{:.1}%", 100.0 * x));
+            format!(
+                "{:<22} nmse {:9.3e} -> {:9.3e}  max_abs {:9.3e} -> {:9.3e}  explained by flips: {share}",
+                e.name, e.nmse[0], e.nmse[1], e.max_abs[0], e.max_abs[1]
+            )
+        })
+        .collect()
+}
+
+/// One tensor's error without and with the replay: what the flips explain of it.
+pub struct Explained {
+    pub name: String,
+    /// [without the replay, with it].
+    pub nmse: [f64; 2],
+    pub max_abs: [f64; 2],
+    /// `1 - nmse with / nmse without` (at least 0); None where there was no error to explain.
+    pub share: Option<f64>,
+}
+
+/// [`attribution`]'s numbers: each layer output's, `final_norm`'s and `logits`' error without and
+/// with the replay.
+pub fn explained(free: &Report, replayed: &Report) -> Vec<Explained> {
     let nmse = |r: &Report, name: &str| {
         r.results.iter().find(|c| c.name == name).and_then(|c| match c.detail {
             Detail::Float { nmse, max_abs, .. } => Some((nmse, max_abs)),
@@ -601,11 +631,8 @@ pub fn attribution(free: &Report, replayed: &Report) -> Vec<String> {
         .filter(|c| c.name.ends_with(".output") || c.name == "final_norm" || c.name == "logits")
         .filter_map(|c| {
             let ((n0, a0), (n1, a1)) = (nmse(free, &c.name)?, nmse(replayed, &c.name)?);
-            let share = if n0 > 0.0 { format!("{:.1}%", 100.0 * (1.0 - n1 / n0).max(0.0)) } else { "-".into() };
-            Some(format!(
-                "{:<22} nmse {n0:9.3e} -> {n1:9.3e}  max_abs {a0:9.3e} -> {a1:9.3e}  explained by flips: {share}",
-                c.name
-            ))
+            let share = (n0 > 0.0).then(|| (1.0 - n1 / n0).max(0.0));
+            Some(Explained { name: c.name.clone(), nmse: [n0, n1], max_abs: [a0, a1], share })
         })
         .collect()
 }

@@ -644,6 +644,8 @@ fn verify_takes_tol_overrides_and_does_not_pass_on_nothing() {
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!((code, &v["match"]), (1, &serde_json::json!(false)), "{out}");
         assert_eq!(v["not_compared"], "nothing compared but input_ids: the dumps share no hook point");
+        let (_, text_out) = common::code_and_text(&["diff", pair[0], pair[1]]);
+        assert!(text_out.contains("; not passed: nothing compared but input_ids"), "{text_out}");
     }
     let prefixed = common::edit_dump(&reference, &tmp.path().join("prefixed.st"), |t| {
         for (n, _, _) in t.iter_mut().filter(|(n, _, _)| n.starts_with("layers.")) {
@@ -690,6 +692,18 @@ fn verify_takes_tol_overrides_and_does_not_pass_on_nothing() {
     assert!(text_out.contains(&summary), "{summary}: {text_out}");
     let (json_out, _) = assert_ok(&glimpse(&["verify", "--json"]));
     assert_eq!(serde_json::from_str::<serde_json::Value>(&json_out).unwrap()["match"], true);
+    let (_, json_out) = common::code_and_text(&["verify", "--json", "--golden", &common::s(&ids_only)]);
+    let v: serde_json::Value = serde_json::from_str(&json_out).unwrap();
+    assert!(v["not_compared"].as_str().is_some_and(|n| n.starts_with("nothing verified")), "{v}");
+    // A replay: the error without it and with it, tensor by tensor, as numbers.
+    let port = common::s(&common::golden("flat").join("bf16-port.safetensors"));
+    let (_, json_out) = common::code_and_text(&["verify", "--json", "--golden", &port, "--force-routing"]);
+    let v: serde_json::Value = serde_json::from_str(&json_out).unwrap();
+    let explained = v["without_replay"]["explained"].as_array().unwrap();
+    let logits = explained.iter().find(|e| e["name"] == "logits").unwrap();
+    let (without, with) = (logits["nmse_without"].as_f64().unwrap(), logits["nmse_with"].as_f64().unwrap());
+    assert!((logits["explained_share"].as_f64().unwrap() - (1.0 - with / without).max(0.0)).abs() < 1e-12);
+    assert_eq!(v["replayed"], "expert choices");
 
     let r = common::s(&reference);
     let (json, _) = assert_ok(&glimpse(&["diff", &r, &r, "--json", "--tol", "logits=2e-2,0"]));

@@ -406,6 +406,13 @@ fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
     // status), and --resume finishes it as if nothing happened.
     let stopped = t.join("stopped.safetensors");
     let sargs = ["run", "--model", &s(&model), "--stream", "--tokens", &tokens, "--dump", &s(&stopped)];
+    // (SIGTERM, a CI's cancel, stops it the same way, with its own status, 143.)
+    let sigterm = t.join("terminated.safetensors");
+    let targs = ["run", "--model", &s(&model), "--stream", "--tokens", &tokens, "--dump", &s(&sigterm)];
+    let out = signal_when_present(&targs, &t.join("terminated.safetensors.resume.json"), libc::SIGTERM);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{err}");
+    assert!(err.contains("--resume continues it"), "{err}");
     let out = signal_when_present(&sargs, &t.join("stopped.safetensors.resume.json"), libc::SIGINT);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
@@ -526,7 +533,7 @@ fn signal_when_present(args: &[&str], path: &Path, signal: i32) -> std::process:
 /// would truncate the first's partial file under it), and runs once the first is gone, however
 /// it ended (the lock is the kernel's, released with the process).
 #[test]
-fn a_second_run_to_the_same_dump_waits_its_turn() {
+fn a_second_run_to_the_same_dump_is_refused_while_the_first_lives() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let cfg = t.join("config.json");
@@ -543,6 +550,9 @@ fn a_second_run_to_the_same_dump_waits_its_turn() {
         assert!(start.elapsed() < Duration::from_secs(120), "no partial file");
         std::thread::sleep(Duration::from_millis(2));
     }
+    // Stopped (not ended) while the second tries, so it cannot finish in between.
+    // SAFETY: signalling a child this test started and has not reaped.
+    unsafe { libc::kill(first.id() as i32, libc::SIGSTOP) };
     assert!(first.try_wait().unwrap().is_none(), "the first run finished before the second started");
     assert_error(&glimpse(&args), "another glimpse is writing this dump now");
     first.kill().unwrap();
@@ -565,20 +575,22 @@ fn ctrl_c_stops_an_audit_after_the_prompt_in_progress() {
     let flat = golden("flat");
     // Once the audit catches SIGINT (its handler is installed before the prompts are read),
     // with a moment for prompts to run.
-    let child = spawn_catching_sigint(&["audit", "--model", &s(&flat), "--prompts", &s(&prompts), "--json"]);
-    std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: signalling a child this test started and has not reaped.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let run = v["stopped_after"].as_u64().unwrap_or_else(|| panic!("not stopped early: {v}"));
-    assert!(run > 0 && run < 200_000, "{run}");
-    assert_eq!((v["complete"].as_bool(), v["prompts_total"].as_u64()), (Some(false), Some(200_000)));
-    assert_eq!(v["prompts"].as_u64(), Some(run));
-    for layer in v["layers"].as_array().unwrap() {
-        assert_eq!(layer["tokens"].as_u64(), Some(16 * run), "{layer}");
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let child = spawn_catching_sigint(&["audit", "--model", &s(&flat), "--prompts", &s(&prompts), "--json"]);
+        std::thread::sleep(Duration::from_millis(500));
+        // SAFETY: signalling a child this test started and has not reaped.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let run = v["stopped_after"].as_u64().unwrap_or_else(|| panic!("not stopped early: {v}"));
+        assert!(run > 0 && run < 200_000, "{run}");
+        assert_eq!((v["complete"].as_bool(), v["prompts_total"].as_u64()), (Some(false), Some(200_000)));
+        assert_eq!(v["prompts"].as_u64(), Some(run));
+        for layer in v["layers"].as_array().unwrap() {
+            assert_eq!(layer["tokens"].as_u64(), Some(16 * run), "{layer}");
+        }
     }
 }
 

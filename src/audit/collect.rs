@@ -83,8 +83,6 @@ pub fn collect(
     target: crate::device::Target,
     keep_sets: bool,
 ) -> Result<Audit> {
-    // Ctrl-C from the start: one before the first prompt stops after it.
-    let _stopping = prompts.map(|_| crate::interrupt::stop_at_checkpoints());
     let ckpt = model_dir.map(Checkpoint::open).transpose()?;
     // Prompts are read and encoded before the model is loaded, so the memory check sees them.
     let prompt_tokens = match (prompts, model_dir) {
@@ -225,6 +223,10 @@ fn run_prompts(
 ) -> Result<()> {
     let progress = std::io::stderr().is_terminal();
     let total = prompts.len();
+    audit.prompts_total = Some(total);
+    // Ctrl-C (or SIGTERM) from here, once the model is loaded: a stop asked for before the first
+    // prompt stops after it.
+    let _stopping = crate::interrupt::stop_at_checkpoints();
     crate::device::with_prefill(target, m, |p| {
         for (n, (line, tokens)) in prompts.into_iter().enumerate() {
             if progress {

@@ -250,6 +250,8 @@ pub struct Audit {
     pub mtp_layer: Option<usize>,
     /// Ctrl-C stopped the prompts: (run, of).
     pub stopped: Option<(usize, usize)>,
+    /// The prompt lines given to run live (`--prompts`), run or not.
+    pub prompts_total: Option<usize>,
     /// Each layer's expert sets token by token (`[tokens, k]` flattened, each row ascending),
     /// kept when asked (`audit --against` compares them token by token: 2 bytes a slot).
     pub sets: Option<BTreeMap<usize, Vec<u16>>>,
@@ -634,7 +636,7 @@ impl Audit {
         json!({
             "schema": "glimpse-audit/1", "prompts": self.prompts(), "experts": self.experts, "experts_guessed": self.experts_guessed,
             "stopped_after": self.stopped.map(|(run, _)| run), "complete": self.stopped.is_none(),
-            "prompts_total": self.stopped.map(|(_, of)| of), "layers": layers,
+            "prompts_total": self.prompts_total, "layers": layers,
             "notes": self.notes(),
         })
     }
