@@ -247,7 +247,17 @@ impl Report {
     /// Whether every tensor compared matches, something besides `input_ids` was compared, and the
     /// reference does not hold this run's hook points under other names ([`Report::misnamed`]).
     pub fn all_match(&self) -> bool {
-        self.mismatches() == 0 && self.results.iter().any(|c| c.name != "input_ids") && self.misnamed().is_none()
+        self.mismatches() == 0 && self.not_compared().is_none()
+    }
+
+    /// Why a run whose compared tensors all match does not pass: the reference's hook points
+    /// under other names, or nothing compared but the tokens.
+    pub fn not_compared(&self) -> Option<String> {
+        if let Some(m) = self.misnamed() {
+            return Some(format!("{m} (the spec's names are the contract)"));
+        }
+        let tokens_only = !self.results.iter().any(|c| c.name != "input_ids");
+        tokens_only.then(|| "nothing verified: the reference holds none of this run's hook points but input_ids".into())
     }
 
     /// What the reference's names outside the spec say, where most of them are spec hook points
@@ -472,11 +482,8 @@ pub fn print_report(r: &Report, tol: Tolerance, near_tie: f64) {
     for n in &r.only_in_reference {
         println!("{n:<34} {:<8} only in the reference (not produced by this run)", "skipped");
     }
-    if let Some(m) = r.misnamed() {
-        println!("{m} (the spec's names are the contract)");
-    }
-    if !r.results.iter().any(|c| c.name != "input_ids") {
-        println!("nothing verified: the reference holds none of this run's hook points but input_ids");
+    if let Some(why) = r.not_compared() {
+        println!("{why}");
     }
     if let Some(nf) = &r.non_finite {
         println!("first NaN/Inf of this run: {nf}");
@@ -535,18 +542,11 @@ pub fn show(
 /// the replay matched and what the flips explain (`print_replay`'s lines).
 pub fn report_json(r: &Report, opts: &VerifyOptions, near_tie: f64, replay: Option<&Report>) -> serde_json::Value {
     use crate::diff::{comparison_json, json_number};
-    let not_compared = match (r.misnamed(), r.results.iter().any(|c| c.name != "input_ids")) {
-        (Some(m), _) => Some(m),
-        (None, false) => {
-            Some("nothing verified: the reference holds none of this run's hook points but input_ids".into())
-        }
-        (None, true) => None,
-    };
     serde_json::json!({
         "schema": "glimpse-verify/1",
         "match": r.all_match(),
         "first_mismatch": r.first_mismatch().map(|c| c.name.clone()),
-        "not_compared": not_compared,
+        "not_compared": r.not_compared(),
         "tensors_matching": r.results.len() - r.mismatches(),
         "tensors": r.results.iter().map(|c| comparison_json(c, near_tie)).collect::<Vec<_>>(),
         "by_layer": crate::layer_error::json(&crate::layer_error::by_layer(&r.results, near_tie)),
