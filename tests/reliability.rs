@@ -334,6 +334,17 @@ fn malformed_files_and_arguments_are_one_line_errors() {
     }
 }
 
+/// A model big enough that a run takes a while (8 layers of 16 experts), synthesised in `t`, and
+/// 256 tokens for it.
+fn slow_run(t: &Path) -> (PathBuf, String) {
+    let cfg = t.join("config.json");
+    std::fs::write(&cfg, common::EIGHT_LAYERS).unwrap();
+    let model = t.join("model");
+    assert!(glimpse(&["synth", "--config", &s(&cfg), "--out", &s(&model)]).status.success());
+    let tokens: Vec<String> = (0..256).map(|i| (i * 7 % 1024).to_string()).collect();
+    (model, tokens.join(","))
+}
+
 /// SIGKILL in the middle of writing a dump: the previous file under the target name survives
 /// whole, and no partial file takes its name; `--resume` finishes a killed run from its last
 /// completed layer, and refuses other tokens or other hook points to record.
@@ -341,14 +352,8 @@ fn malformed_files_and_arguments_are_one_line_errors() {
 fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    // A model big enough that a run takes a while (8 layers of 16 experts).
-    let cfg = t.join("config.json");
-    std::fs::write(&cfg, common::EIGHT_LAYERS).unwrap();
-    let model = t.join("model");
-    assert!(glimpse(&["synth", "--config", &s(&cfg), "--out", &s(&model)]).status.success());
+    let (model, tokens) = slow_run(t);
     let dump = t.join("run.safetensors");
-    let tokens: Vec<String> = (0..256).map(|i| (i * 7 % 1024).to_string()).collect();
-    let tokens = tokens.join(",");
     let args = ["run", "--model", &s(&model), "--stream", "--tokens", &tokens, "--dump", &s(&dump)];
     assert!(glimpse(&args).status.success());
     let previous = std::fs::read(&dump).unwrap();
@@ -536,13 +541,9 @@ fn signal_when_present(args: &[&str], path: &Path, signal: i32) -> std::process:
 fn a_second_run_to_the_same_dump_is_refused_while_the_first_lives() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let cfg = t.join("config.json");
-    std::fs::write(&cfg, common::EIGHT_LAYERS).unwrap();
-    let model = t.join("model");
-    assert!(glimpse(&["synth", "--config", &s(&cfg), "--out", &s(&model)]).status.success());
+    let (model, tokens) = slow_run(t);
     let dump = t.join("run.safetensors");
-    let tokens: Vec<String> = (0..256).map(|i| (i * 7 % 1024).to_string()).collect();
-    let args = ["run", "--model", &s(&model), "--stream", "--tokens", &tokens.join(","), "--dump", &s(&dump)];
+    let args = ["run", "--model", &s(&model), "--stream", "--tokens", &tokens, "--dump", &s(&dump)];
     let mut first = Command::new(env!("CARGO_BIN_EXE_glimpse")).args(args).stdout(Stdio::null()).spawn().unwrap();
     let partial = t.join("run.safetensors.partial");
     let start = std::time::Instant::now();
