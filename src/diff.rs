@@ -48,6 +48,13 @@ pub fn tol_for(default: Tolerance, per_name: &[(String, Tolerance)], name: &str)
     per_name.iter().rev().find(|(p, _)| glob(p, name)).map(|(_, t)| *t).unwrap_or(default)
 }
 
+/// The tolerances a comparison used, as `diff --json` and `verify --json` give them.
+pub fn tolerance_json(tol: Tolerance, per_name: &[(String, Tolerance)]) -> Value {
+    let overrides: Vec<Value> =
+        per_name.iter().map(|(p, t)| json!({"pattern": p, "atol": t.atol, "rtol": t.rtol})).collect();
+    json!({ "atol": tol.atol, "rtol": tol.rtol, "per_name": overrides })
+}
+
 /// What a `--tol` pattern that changed nothing deserves: one that matches no tensor compared, or
 /// only selections and integer tensors, which no tolerance applies to.
 pub fn tol_warnings(per_name: &[(String, Tolerance)], results: &[Comparison]) -> Vec<String> {
@@ -119,8 +126,8 @@ impl DiffReport {
         if let Some(m) = self.misnamed() {
             return Some(format!("the spec's hook points are not compared: {m}"));
         }
-        let tokens_only = !self.results.iter().any(|c| c.name != "input_ids");
-        tokens_only.then(|| "nothing compared but input_ids: the dumps share no hook point".into())
+        crate::compare::tokens_only(&self.results)
+            .then(|| "nothing compared but input_ids: the dumps share no hook point".into())
     }
 
     /// What ours's own names say of the spec hook points it lacks, where they say it holds
@@ -386,10 +393,7 @@ impl DiffReport {
             "first_non_finite_a": self.non_finite_a.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
             "first_non_finite_b": self.non_finite_b.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
             "near_tie_threshold": self.near_tie,
-            "tolerance": {
-                "atol": self.tol.atol, "rtol": self.tol.rtol,
-                "per_name": self.per_name.iter().map(|(p, t)| json!({"pattern": p, "atol": t.atol, "rtol": t.rtol})).collect::<Vec<_>>(),
-            },
+            "tolerance": tolerance_json(self.tol, &self.per_name),
             "by_layer": crate::layer_error::json(&crate::layer_error::by_layer(&self.results, self.near_tie)),
             "tensors": self.results.iter().map(|c| comparison_json(c, self.near_tie)).collect::<Vec<_>>(),
             "missing_spec_names_in_a": self.missing_spec_names(),
@@ -414,7 +418,7 @@ impl DiffReport {
                 }
             }
             None if self.results.is_empty() => out += "no tensor names in common\n",
-            None if !self.results.iter().any(|c| c.name != "input_ids") => {
+            None if crate::compare::tokens_only(&self.results) => {
                 out += "nothing compared but input_ids: the dumps share no hook point\n"
             }
             None if !missing.is_empty() => {
@@ -514,7 +518,7 @@ impl DiffReport {
             }
         };
         // (All that was compared may match and the dumps still not: say so where the count ends.)
-        let tokens_only = !self.results.iter().any(|c| c.name != "input_ids");
+        let tokens_only = crate::compare::tokens_only(&self.results);
         let not_passed = if bad == 0 && tokens_only { "; not passed: nothing compared but input_ids" } else { "" };
         out += &format!(
             "{} of {} common tensors match{unmatched}{not_passed}\n",

@@ -256,8 +256,8 @@ impl Report {
         if let Some(m) = self.misnamed() {
             return Some(format!("{m} (the spec's names are the contract)"));
         }
-        let tokens_only = !self.results.iter().any(|c| c.name != "input_ids");
-        tokens_only.then(|| "nothing verified: the reference holds none of this run's hook points but input_ids".into())
+        compare::tokens_only(&self.results)
+            .then(|| "nothing verified: the reference holds none of this run's hook points but input_ids".into())
     }
 
     /// What the reference's names outside the spec say, where most of them are spec hook points
@@ -551,10 +551,7 @@ pub fn report_json(r: &Report, opts: &VerifyOptions, near_tie: f64, replay: Opti
         "tensors": r.results.iter().map(|c| comparison_json(c, near_tie)).collect::<Vec<_>>(),
         "by_layer": crate::layer_error::json(&crate::layer_error::by_layer(&r.results, near_tie)),
         "near_tie_threshold": json_number(near_tie),
-        "tolerance": {
-            "atol": opts.tol.atol, "rtol": opts.tol.rtol,
-            "per_name": opts.per_name.iter().map(|(p, t)| serde_json::json!({"pattern": p, "atol": t.atol, "rtol": t.rtol})).collect::<Vec<_>>(),
-        },
+        "tolerance": crate::diff::tolerance_json(opts.tol, &opts.per_name),
         "isolated": r.isolate,
         "replayed": r.replay.describe(),
         "only_in_reference": r.only_in_reference,

@@ -649,6 +649,12 @@ pub fn align_by_expert<T: Copy>(
     (aligned_ours, aligned_ref, positions)
 }
 
+/// Whether a comparison compared nothing but the tokens (`input_ids`): two dumps, or a run and
+/// its reference, that share no hook point do not pass, whatever the tokens say.
+pub fn tokens_only(results: &[Comparison]) -> bool {
+    !results.iter().any(|c| c.name != "input_ids")
+}
+
 /// Flat indices of the elements outside the tolerance.
 pub fn elements_outside<'a>(ours: &'a [f32], reference: &'a [f32], tol: Tolerance) -> impl Iterator<Item = usize> + 'a {
     ours.iter().zip(reference).enumerate().filter(move |(_, (&a, &e))| !element_ok(a, e, tol)).map(|(i, _)| i)
