@@ -232,52 +232,7 @@ pub(crate) enum Command {
         model: PathBuf,
     },
     /// Run the model on token ids or a text prompt, optionally recording hook points to a dump.
-    #[command(group(clap::ArgGroup::new("input")))]
-    Run {
-        /// The checkpoint folder (config.json and safetensors weights).
-        #[arg(long)]
-        model: PathBuf,
-        /// Comma-separated token ids; `;` separates batch rows of equal length.
-        #[arg(long, group = "input", allow_hyphen_values = true)]
-        tokens: Option<String>,
-        /// Text, encoded with the checkpoint's tokenizer.json as it stands (no special tokens
-        /// added: write them into the text, or give ids).
-        #[arg(long, group = "input")]
-        prompt: Option<String>,
-        /// The `input_ids` of a dump (e.g. a golden reference), to rerun exactly its tokens.
-        #[arg(long, group = "input", value_name = "DUMP")]
-        tokens_from: Option<PathBuf>,
-        /// Write a glm5-dump/1 file here (atomically: temporary file, then rename).
-        #[arg(long)]
-        dump: Option<PathBuf>,
-        /// Hook points to record, as name patterns (`*` wildcard, comma-separated), e.g.
-        /// `layers.*.moe.*,logits`. Default: everything but the S x S `dsa.scores`.
-        #[arg(long, requires = "dump")]
-        record: Option<String>,
-        /// Run only layers A..B (inclusive), e.g. `3..5`; past layer 0 it starts from --from-dump.
-        #[arg(long, value_parser = parse_range)]
-        layers: Option<std::ops::RangeInclusive<usize>>,
-        /// Start from this dump's `layers.{A-1}.output` (and its tokens, unless others are given).
-        #[arg(long, value_name = "DUMP")]
-        from_dump: Option<PathBuf>,
-        /// Load each layer just before it runs and release it after: memory of about one layer.
-        #[arg(long)]
-        stream: bool,
-        /// Continue a killed run with the same --dump, tokens and model from its last completed
-        /// layer (runs with --dump checkpoint after every layer).
-        #[arg(long, requires = "dump", conflicts_with_all = ["layers", "from_dump"])]
-        resume: bool,
-        /// Also run the MTP head over the tokens (its `mtp.*` and `layers.{N}.*` hook points go to
-        /// the dump) and print its draft for the token after next.
-        #[arg(long, conflicts_with_all = ["stream", "layers", "from_dump", "resume"])]
-        mtp: bool,
-        /// Where the forward pass runs (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
-        #[arg(long, value_enum, default_value_t = Backend::Cpu,
-              conflicts_with_all = ["stream", "layers", "from_dump", "resume", "mtp"])]
-        device: Backend,
-        #[command(flatten)]
-        gpu: Gpu,
-    },
+    Run(RunArgs),
     /// Greedy generation through the latent KV cache, streaming tokens as they come.
     Generate {
         /// The checkpoint folder (config.json and safetensors weights).
@@ -387,9 +342,12 @@ impl Command {
         };
         let files = |flag: &'static str, ps: &[PathBuf]| ps.iter().map(|p| (flag, p.clone())).collect::<Vec<_>>();
         match self {
-            Command::Run { model: m, tokens_from, from_dump, .. } => {
-                [model(&Some(m.clone())), file("--tokens-from", tokens_from), file("--from-dump", from_dump)].concat()
-            }
+            Command::Run(r) => [
+                model(&Some(r.model.clone())),
+                file("--tokens-from", &r.tokens_from),
+                file("--from-dump", &r.from_dump),
+            ]
+            .concat(),
             Command::Generate { model: m, .. } => model(&Some(m.clone())),
             Command::Audit { model: m, prompts, dumps, against, .. } => {
                 [model(m), file("--prompts", prompts), files("--dump", dumps), files("--against", against)].concat()
@@ -404,7 +362,9 @@ impl Command {
             p.as_deref().map(|p| (flag, p))
         }
         match self {
-            Command::Run { dump, .. } | Command::Generate { dump, .. } => named("--dump", dump).into_iter().collect(),
+            Command::Run(RunArgs { dump, .. }) | Command::Generate { dump, .. } => {
+                named("--dump", dump).into_iter().collect()
+            }
             Command::Audit { csv, heatmap, .. } => {
                 // (`--csv -` is standard output, no file.)
                 let csv = named("--csv", csv).filter(|(_, p)| p.as_os_str() != "-");
@@ -441,3 +401,53 @@ fn non_negative(s: &str) -> std::result::Result<f64, String> {
 
 /// The most `--threads` accepted: far past any CPU's cores, far short of an OS's thread limit.
 pub(crate) const MAX_THREADS: usize = 1024;
+
+/// `run`'s flags.
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("input")))]
+pub(crate) struct RunArgs {
+    /// The checkpoint folder (config.json and safetensors weights).
+    #[arg(long)]
+    pub(crate) model: PathBuf,
+    /// Comma-separated token ids; `;` separates batch rows of equal length.
+    #[arg(long, group = "input", allow_hyphen_values = true)]
+    pub(crate) tokens: Option<String>,
+    /// Text, encoded with the checkpoint's tokenizer.json as it stands (no special tokens
+    /// added: write them into the text, or give ids).
+    #[arg(long, group = "input")]
+    pub(crate) prompt: Option<String>,
+    /// The `input_ids` of a dump (e.g. a golden reference), to rerun exactly its tokens.
+    #[arg(long, group = "input", value_name = "DUMP")]
+    pub(crate) tokens_from: Option<PathBuf>,
+    /// Write a glm5-dump/1 file here (atomically: temporary file, then rename).
+    #[arg(long)]
+    pub(crate) dump: Option<PathBuf>,
+    /// Hook points to record, as name patterns (`*` wildcard, comma-separated), e.g.
+    /// `layers.*.moe.*,logits`. Default: everything but the S x S `dsa.scores`.
+    #[arg(long, requires = "dump")]
+    pub(crate) record: Option<String>,
+    /// Run only layers A..B (inclusive), e.g. `3..5`; past layer 0 it starts from --from-dump.
+    #[arg(long, value_parser = parse_range)]
+    pub(crate) layers: Option<std::ops::RangeInclusive<usize>>,
+    /// Start from this dump's `layers.{A-1}.output`, with its tokens (others given are refused: the
+    /// state is its tokens').
+    #[arg(long, value_name = "DUMP")]
+    pub(crate) from_dump: Option<PathBuf>,
+    /// Load each layer just before it runs and release it after: memory of about one layer.
+    #[arg(long)]
+    pub(crate) stream: bool,
+    /// Continue a killed run with the same --dump, tokens and model from its last completed
+    /// layer (runs with --dump checkpoint after every layer).
+    #[arg(long, requires = "dump", conflicts_with_all = ["layers", "from_dump"])]
+    pub(crate) resume: bool,
+    /// Also run the MTP head over the tokens (its `mtp.*` and `layers.{N}.*` hook points go to
+    /// the dump) and print its draft for the token after next.
+    #[arg(long, conflicts_with_all = ["stream", "layers", "from_dump", "resume"])]
+    pub(crate) mtp: bool,
+    /// Where the forward pass runs (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
+    #[arg(long, value_enum, default_value_t = Backend::Cpu,
+          conflicts_with_all = ["stream", "layers", "from_dump", "resume", "mtp"])]
+    pub(crate) device: Backend,
+    #[command(flatten)]
+    pub(crate) gpu: Gpu,
+}

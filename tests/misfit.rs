@@ -50,6 +50,40 @@ fn a_start_from_another_run_is_refused_naming_the_tensor() {
     assert_error(&verify(&narrow), "`layers.0.output` is [2, 40, 24]");
 }
 
+/// A window started from a dump's hidden state runs that dump's tokens: other tokens given
+/// were written to the window's dump as its `input_ids` (and printed as the tokens whose next
+/// token it gave) though the state it ran was the other run's.
+#[test]
+fn a_window_from_a_dump_refuses_other_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = golden("flat");
+    let reference = s(&case.join("reference.safetensors"));
+    let ids = Dump::open(Path::new(&reference)).unwrap().tokens().unwrap().ids;
+    let other: Vec<String> = ids.iter().map(|&t| ((t + 1) % 64).to_string()).collect();
+    let window = s(&tmp.path().join("w.st"));
+    let run = |tokens: &str| {
+        let args = ["run", "--model", &s(&case), "--layers", "2..3", "--from-dump", &reference, "--dump", &window];
+        glimpse(&[&args[..], &["--tokens", tokens]].concat())
+    };
+    assert_error(&run(&other.join(",")), "ran other tokens than the ones given");
+    assert!(!Path::new(&window).exists());
+    let own: Vec<String> = ids.iter().map(u32::to_string).collect();
+    let (code, text) = code_and_text(&[
+        "run",
+        "--model",
+        &s(&case),
+        "--layers",
+        "2..3",
+        "--from-dump",
+        &reference,
+        "--dump",
+        &window,
+        "--tokens",
+        &own.join(","),
+    ]);
+    assert_eq!(code, 0, "{text}");
+}
+
 /// Expert ids or router widths past `MAX_EXPERTS` are refused before anything is allocated for
 /// them (an id of 2^40 made `audit` ask for 8 TB and abort); the TUI's load view caps its count.
 #[test]
