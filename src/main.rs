@@ -1,5 +1,6 @@
 //! The `glimpse` command line. Each subcommand is a thin layer over the library (`run`'s, the
-//! thickest, in `run_command.rs`); errors print as one line (`glimpse: error: ...`) and exit with code 2, comparisons exit 1 on a mismatch.
+//! thickest, in `run_command.rs`); errors print as one line (`glimpse: error: ...`) and exit with
+//! code 2, comparisons exit 1 on a mismatch.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
