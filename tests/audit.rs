@@ -324,6 +324,53 @@ fn audit_refuses_another_models_checkpoint_and_reads_text_on_request() {
     assert_eq!(v["layers"][0]["tokens"], 6, "{v}");
 }
 
+/// With --model, the bias-based numbers (bias-changed, corr(b,l), w/o bias) take its correction
+/// bias as the one that chose: a checkpoint of the same config but other weights (another
+/// training step) passed unseen with another model's numbers, and a model without the dump's
+/// layer checked nothing of it. Its router is now checked against the dump's own gate logits.
+#[test]
+fn audit_refuses_a_model_whose_router_did_not_choose_the_dumps_experts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (made, other) = (synth(tmp.path(), 5), synth(tmp.path(), 6));
+    let tokens: Vec<String> = (0..24).map(|t| (t * 7 % 40).to_string()).collect();
+    let dump = common::run_dump(made.to_str().unwrap(), &["--tokens", &tokens.join(",")], tmp.path(), "d.st");
+    assert_ok(&glimpse(&["audit", "--model", made.to_str().unwrap(), "--dump", &dump]));
+    // Another bias over the same gate logits changes 5 of these 24 tokens' choices: said.
+    let (_, err) = assert_ok(&glimpse(&["audit", "--model", other.to_str().unwrap(), "--dump", &dump]));
+    assert!(err.contains("warning") && err.contains("5 of 24 tokens' experts are not the ones --model's router picks"));
+    assert!(err.contains("its bias-based numbers are --model's, not the run's"), "{err}");
+    // golden/flat's reference against a checkpoint of its config drawn from another seed: 21 of
+    // its 32 tokens at layer 2, most of them, refuse the dump.
+    let reseeded = tmp.path().join("flat-5");
+    let flat_config = "golden/flat/config.json";
+    let out = reseeded.to_str().unwrap();
+    assert_ok(&glimpse(&["synth", "--config", flat_config, "--dtype", "f32", "--seed", "5", "--out", out]));
+    std::fs::copy(flat_config, reseeded.join("config.json")).unwrap(); // the same bytes: no config warning
+    assert_error(
+        &glimpse(&["audit", "--model", out, "--dump", "golden/flat/reference.safetensors"]),
+        "`layers.2.moe.topk_ids`: 21 of 32 tokens' experts are not the ones --model's router picks from the dump's \
+         gate logits (sigmoid + its correction bias): another model's routing",
+    );
+
+    // golden/flat's first three layers (its MTP slot reads layer 3's bias): layer 4 is not its.
+    let short = tmp.path().join("short");
+    std::fs::create_dir_all(&short).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("golden/flat/config.json").unwrap()).unwrap();
+    config["num_hidden_layers"] = 3.into();
+    std::fs::write(short.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy("golden/flat/model.safetensors", short.join("model.safetensors")).unwrap();
+    let (code, text) = common::code_and_text(&[
+        "audit",
+        "--model",
+        short.to_str().unwrap(),
+        "--dump",
+        "golden/flat/reference.safetensors",
+    ]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("`layers.4.moe.topk_ids`: --model has no MoE layer 4 (no correction bias)"), "{text}");
+}
+
 /// The load without the correction bias: each token's top-k of `sigmoid(router_logits)` alone,
 /// recounted here from the transformers reference's gate logits (golden/flat routes flat, top-4
 /// of 16), is the MaxVio audit reports beside the biased one, from the dump and from a live run.

@@ -14,7 +14,7 @@ use crate::config::MAX_EXPERTS;
 use crate::dump::{Dump, Values};
 use crate::error::{Context, Error, Result};
 use crate::hooks::{HookPoint, LayerHook, Observer};
-use crate::model::moe::Routers;
+use crate::model::moe::{RouterConfig, Routers};
 use crate::model::{Model, Tokens};
 
 /// Collects routing counts during forward passes, without keeping any activation.
@@ -319,7 +319,17 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<()
             return Err(Error::dump(&d.path, format!("`{name}` must be an integer tensor")));
         };
         let k = shape.last().copied().unwrap_or(1).max(1);
-        if let Some((rc, _)) = routers.and_then(|r| r.layer(i)).filter(|(rc, _)| rc.top_k != k) {
+        let router = match routers.map(|r| r.layer(i)) {
+            // The checkpoint's bias would be read as this layer's: another model's routing.
+            Some(None) => {
+                let msg =
+                    format!("`{name}`: --model has no MoE layer {i} (no correction bias): another model's routing");
+                return Err(Error::dump(&d.path, msg));
+            }
+            Some(Some(r)) => Some(r),
+            None => None,
+        };
+        if let Some((rc, _)) = router.filter(|(rc, _)| rc.top_k != k) {
             let msg =
                 format!("`{name}` chooses {k} experts a token, the checkpoint's num_experts_per_tok {}", rc.top_k);
             return Err(Error::dump(&d.path, msg));
@@ -352,9 +362,10 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<()
                 );
             }
         }
-        // Without the bias: the checkpoint's rule on the dump's gate logits, where it has them.
-        if let (Some((rc, bias)), Some((v, shape))) = (routers.and_then(|r| r.layer(i)), &logits) {
+        if let (Some((rc, bias)), Some((v, shape))) = (router, &logits) {
             if shape.last() == Some(&bias.len()) && v.len() == rows * bias.len() {
+                check_rule(d, &name, rc, bias, v, &ids)?;
+                // Without the bias: the checkpoint's rule on the dump's gate logits.
                 audit.add_unbiased(i, &unbiased(rc, v, bias.len()), rc.top_k);
             }
         }
@@ -369,6 +380,47 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<()
         audit.add(i, &ids, k, prompts, flags.as_deref()).map_err(|e| Error::dump(&d.path, format!("`{name}` {e}")))?;
     }
     audit.runs.push(Run { batch: prompts.unwrap_or(1), tokens });
+    Ok(())
+}
+
+/// Checks that `ids` (`[tokens, k]`) are what --model's router picks from the dump's own gate
+/// `logits` (`[tokens, experts]`): the bias-based numbers (bias-changed, corr(b,l), w/o bias)
+/// take the checkpoint's bias as the one that chose. Another checkpoint of the same config (an
+/// earlier training step) passed unseen, its numbers another model's. Tokens decided by less
+/// than the default near-tie margin are not counted (a rounding may flip those); a few others
+/// are warned of, and most tokens of a layer off the rule refuse the dump.
+fn check_rule(d: &Dump, name: &str, rc: &RouterConfig, bias: &[f32], logits: &[f32], ids: &[i64]) -> Result<()> {
+    let e = bias.len().max(1);
+    let k = rc.top_k.max(1);
+    let tokens = logits.len() / e;
+    let off = logits
+        .chunks(e)
+        .zip(ids.chunks(k))
+        .filter(|(row, recorded)| {
+            let route = crate::model::moe::route(rc, row, bias);
+            let mut picked: Vec<i64> = route.ids.iter().map(|&x| x as i64).collect();
+            let mut recorded = recorded.to_vec();
+            picked.sort_unstable();
+            recorded.sort_unstable();
+            picked != recorded && route.margin as f64 >= crate::compare::Tolerance::default().near_tie()
+        })
+        .count();
+    let what = format!(
+        "`{name}`: {off} of {tokens} tokens' experts are not the ones --model's router picks from the dump's gate \
+         logits (sigmoid + its correction bias)"
+    );
+    if 2 * off > tokens {
+        return Err(Error::dump(
+            &d.path,
+            format!("{what}: another model's routing (give the checkpoint that made it)"),
+        ));
+    }
+    if off > 0 {
+        eprintln!(
+            "glimpse: warning: {}: {what}: its bias-based numbers are --model's, not the run's",
+            d.path.display()
+        );
+    }
     Ok(())
 }
 
