@@ -416,6 +416,18 @@ impl Config {
     pub fn has_moe(&self) -> bool {
         self.mlp_layer_types.contains(&MlpKind::Moe)
     }
+
+    /// The warning a run of `positions` deserves past `max_position_embeddings` (RoPE runs on
+    /// past it, but the model was not trained there); None within it.
+    pub fn past_positions(&self, positions: usize) -> Option<String> {
+        let max = self.max_position_embeddings;
+        (positions > max).then(|| {
+            format!(
+                "{positions} positions, {} of them past max_position_embeddings ({max}) of this config",
+                positions - max
+            )
+        })
+    }
     /// Width of one row of `kv_a_proj_with_mqa`: the latent, then the shared rope key.
     pub fn kv_a_dim(&self) -> usize {
         self.kv_lora_rank + self.qk_rope_head_dim

@@ -169,11 +169,7 @@ fn warn(message: Option<String>) {
 /// Positions past the config's `max_position_embeddings` still run (RoPE extends, as in
 /// transformers), but the model was not trained there: say so once.
 fn warn_past_positions(config: &glimpse::config::Config, positions: usize) {
-    let max = config.max_position_embeddings;
-    if positions > max {
-        let past = positions - max;
-        eprintln!("glimpse: warning: {positions} positions, {past} of them past max_position_embeddings ({max}) of this config");
-    }
+    warn(config.past_positions(positions));
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {

@@ -371,6 +371,28 @@ fn audit_refuses_a_model_whose_router_did_not_choose_the_dumps_experts() {
     assert!(text.contains("`layers.4.moe.topk_ids`: --model has no MoE layer 4 (no correction bias)"), "{text}");
 }
 
+/// A prompt past the config's `max_position_embeddings` is said, as `run` says it (audit ran it
+/// silently).
+#[test]
+fn audit_says_a_prompt_runs_past_the_trained_positions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("short-context");
+    std::fs::create_dir_all(&model).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("golden/flat/config.json").unwrap()).unwrap();
+    config["max_position_embeddings"] = 8.into();
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy("golden/flat/model.safetensors", model.join("model.safetensors")).unwrap();
+    let prompts = tmp.path().join("p.txt");
+    std::fs::write(&prompts, "1,2,3\n# a comment\n1,2,3,4,5,6,7,8,9,10\n").unwrap();
+    let (_, err) =
+        assert_ok(&glimpse(&["audit", "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap()]));
+    assert!(
+        err.contains("p.txt line 3 (the longest prompt): 10 positions, 2 of them past max_position_embeddings (8)"),
+        "{err}"
+    );
+}
+
 /// The load without the correction bias: each token's top-k of `sigmoid(router_logits)` alone,
 /// recounted here from the transformers reference's gate logits (golden/flat routes flat, top-4
 /// of 16), is the MaxVio audit reports beside the biased one, from the dump and from a live run.

@@ -90,8 +90,11 @@ pub fn collect(
         (Some(_), None) => return Err(Error::Usage("--prompts needs --model".into())),
         (None, _) => Vec::new(),
     };
-    if let (Some(c), Some(longest)) = (&ckpt, prompt_tokens.iter().map(|(_, t)| t).max_by_key(|t| t.ids.len())) {
+    if let (Some(c), Some((line, longest))) = (&ckpt, prompt_tokens.iter().max_by_key(|(_, t)| t.seq)) {
         crate::memory::check_run(c, longest.batch, longest.seq, false, max_memory, "shorter prompts")?;
+        if let (Some(path), Some(past)) = (prompts.map(|p| p.0), c.config.past_positions(longest.seq)) {
+            eprintln!("glimpse: warning: {} line {line} (the longest prompt): {past}", path.display());
+        }
     }
     // (Dumps without routing are refused one by one.)
     if let (Some(c), Some(_)) = (&ckpt, prompts) {
