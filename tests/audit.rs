@@ -152,6 +152,15 @@ fn audit_counts_batch_rows_as_prompts_and_checks_experts_a_token() {
 fn audit_refuses_twice_the_same_dump_and_other_models_dumps() {
     let flat = "golden/flat/reference.safetensors";
     assert_error(&glimpse(&["audit", "--dump", flat, "--dump", flat]), "is given twice");
+    // A copy under another name is not the same path: counted, and said.
+    let copies = tempfile::tempdir().unwrap();
+    let copy = copies.path().join("copy.safetensors");
+    std::fs::copy(flat, &copy).unwrap();
+    let (out, err) = assert_ok(&glimpse(&["audit", "--dump", flat, "--dump", copy.to_str().unwrap()]));
+    assert!(out.contains("over 2 prompt(s)"), "{out}");
+    assert!(err.contains("copy.safetensors routes every token as golden/flat/reference.safetensors does"), "{err}");
+    let (_, err) = assert_ok(&glimpse(&["audit", "--dump", flat, "--dump", "golden/flat/bf16-port.safetensors"]));
+    assert!(!err.contains("routes every token as"), "{err}");
     let mixed = glimpse(&["audit", "--dump", flat, "--dump", "golden/mtp/reference.safetensors"]);
     assert_error(&mixed, "was made from another config.json than golden/flat/reference.safetensors");
     let tmp = tempfile::tempdir().unwrap();
@@ -315,6 +324,12 @@ fn audit_refuses_another_models_checkpoint_and_reads_text_on_request() {
         "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "count": 7, "1": 3, ",": 5, "2": 4, "3": 6},
         "unk_token": "[UNK]"}}"#;
     std::fs::write(model.join("tokenizer.json"), tokenizer).unwrap();
+    // A byte-order mark is not part of the first line; ids separated by spaces read as text, said.
+    std::fs::write(&prompts, "\u{feff}1,2,3\n1 2 3\n").unwrap();
+    let (out, err) =
+        assert_ok(&glimpse(&["audit", "--model", model.to_str().unwrap(), "--prompts", common::s(&prompts).as_str()]));
+    assert!(out.contains("over 2 prompt(s)"), "{out}");
+    assert!(err.contains("p.txt line 2: integers separated by spaces are read as text"), "{err}");
     std::fs::write(&prompts, "count 1, 2, 3\n").unwrap();
     let args = ["audit", "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap()];
     assert_error(&glimpse(&args), "\"count 1\" is not a token id (a line of text? --text reads every line as text)");

@@ -138,6 +138,7 @@ pub fn collect(
         run_prompts(&mut audit, routers.as_ref(), m, prompt_tokens, path, target)?;
     }
     let mut seen: Vec<(PathBuf, &Path, Option<String>)> = Vec::new();
+    let mut routed: Vec<(u64, &Path)> = Vec::new();
     for path in dumps {
         let d = Dump::open(path)?;
         // One model's load, each dump once: the same file twice would count its tokens twice,
@@ -165,7 +166,16 @@ pub fn collect(
                 eprintln!("glimpse: warning: {m}");
             }
         }
-        add_dump(&mut audit, &d, routers.as_ref())?;
+        // Another file of the same routing (a copy, the same prompts run twice) counts twice: said.
+        let routing = add_dump(&mut audit, &d, routers.as_ref())?;
+        if let Some((_, first)) = routed.iter().find(|(r, _)| *r == routing) {
+            eprintln!(
+                "glimpse: warning: {} routes every token as {} does (a copy? the same prompts again?): both are counted",
+                path.display(),
+                first.display()
+            );
+        }
+        routed.push((routing, path));
     }
     // The dumps' own record first: --model's config.json may be the same model in other bytes.
     if audit.config_sha256.is_none() {
@@ -268,6 +278,8 @@ pub enum Lines {
 fn read_prompts(path: &Path, kind: Lines, dir: &Path) -> Result<Vec<(usize, Tokens)>> {
     let bytes = crate::st::read_input(path)?;
     let text = String::from_utf8(bytes).map_err(|_| Error::Usage(format!("{}: is not UTF-8 text", path.display())))?;
+    // A byte-order mark (Windows editors write one) is not part of the first prompt.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let lines: Vec<(usize, &str)> =
         text.lines().map(str::trim).enumerate().filter(|(_, l)| !l.is_empty() && !l.starts_with('#')).collect();
     if lines.is_empty() {
@@ -280,7 +292,17 @@ fn read_prompts(path: &Path, kind: Lines, dir: &Path) -> Result<Vec<(usize, Toke
                 // A line of text with numbers in it reads as ids with a slip: say how to read it as text.
                 true => Tokens::parse(line)
                     .map_err(|e| Error::Usage(format!("{e} (a line of text? --text reads every line as text)"))),
-                false => crate::tokenizer::encode(dir, line),
+                false => {
+                    if kind == Lines::Auto && spaced_ids(line) {
+                        eprintln!(
+                            "glimpse: warning: {} line {}: integers separated by spaces are read as text (ids are \
+                             comma-separated)",
+                            path.display(),
+                            n + 1
+                        );
+                    }
+                    crate::tokenizer::encode(dir, line)
+                }
             };
             Ok((n + 1, tokens.context(|| format!("{} line {}", path.display(), n + 1))?))
         })
@@ -298,10 +320,18 @@ fn looks_like_ids(line: &str) -> bool {
     }
 }
 
+/// Integers separated by whitespace only (`1 2 3`): ids written the wrong way, or text of numbers.
+fn spaced_ids(line: &str) -> bool {
+    let items: Vec<&str> = line.split_whitespace().collect();
+    items.len() > 1 && items.iter().all(|i| i.parse::<i64>().is_ok())
+}
+
 /// One dump's routing: every `layers.{i}.moe.topk_ids`, checked against the dump's tokens (one
 /// row a token; the MTP layer's one fewer a row) and its flags (recorded, or recomputed from the
-/// router logits with the checkpoint's routers).
-fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<()> {
+/// router logits with the checkpoint's routers). Returns a hash of its tokens and routing.
+fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut routing = std::collections::hash_map::DefaultHasher::new();
     let tokens = d.contains("input_ids").then(|| d.tokens()).transpose()?;
     let layers: Vec<usize> = d
         .names()
@@ -322,6 +352,7 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<()
             return Err(Error::dump(&d.path, format!("`{name}` must be an integer tensor")));
         };
         let k = shape.last().copied().unwrap_or(1).max(1);
+        (i, &ids, &shape).hash(&mut routing);
         let router = match routers.map(|r| r.layer(i)) {
             // The checkpoint's bias would be read as this layer's: another model's routing.
             Some(None) => {
@@ -382,8 +413,9 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<()
             *prompts.get_or_insert_with(|| tokens.as_ref().map_or_else(|| batch_without_ids(d, rows), |t| t.batch));
         audit.add(i, &ids, k, prompts, flags.as_deref()).map_err(|e| Error::dump(&d.path, format!("`{name}` {e}")))?;
     }
+    tokens.as_ref().map(|t| &t.ids).hash(&mut routing);
     audit.runs.push(Run { batch: prompts.unwrap_or(1), tokens });
-    Ok(())
+    Ok(routing.finish())
 }
 
 /// Checks that `ids` (`[tokens, k]`) are what --model's router picks from the dump's own gate

@@ -649,7 +649,8 @@ impl Audit {
             let total = l.counts.iter().sum::<u64>().max(1) as f64;
             let mtp = u8::from(self.mtp_layer == Some(l.layer));
             for (e, &c) in l.counts.iter().enumerate() {
-                let bias = l.bias.as_ref().and_then(|b| b.get(e)).map(|b| b.to_string()).unwrap_or_default();
+                // `+ 0.0` writes a zero bias as 0, not -0.
+                let bias = l.bias.as_ref().and_then(|b| b.get(e)).map(|b| (b + 0.0).to_string()).unwrap_or_default();
                 let _ = writeln!(s, "{},{e},{c},{:.6},{bias},{mtp}", l.layer, c as f64 / total);
             }
         }
