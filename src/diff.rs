@@ -347,6 +347,7 @@ pub fn comparison_json(c: &Comparison, near_tie: f64) -> Value {
                 "row": fl.row, "at": fl.at, "only_ours": fl.only_ours, "only_reference": fl.only_reference,
                 "recall": json_number(fl.recall), "margin_ours": opt_f(fl.margin_ours),
                 "margin_reference": opt_f(fl.margin_reference),
+                "lead_ours": opt_f(fl.lead_ours), "lead_reference": opt_f(fl.lead_reference),
                 "keys_moved": opt_f(fl.moved.map(|m| m.keys)), "layer_score_noise_p99": opt_f(fl.moved.map(|m| m.noise)),
                 "moved_too_little": fl.moved.map(|_| fl.rule_break == Some(crate::compare::RuleBreak::TooLittle)),
                 "within_noise": fl.moved.map(|_| fl.within_noise()),
@@ -564,10 +565,7 @@ mod tests {
             only_ours: vec![],
             only_reference: vec![2],
             recall: 0.5,
-            margin_ours: None,
-            margin_reference: None,
-            moved: None,
-            rule_break: None,
+            ..Flip::with_margins(None, None)
         };
         let sets = Detail::Sets { rows: 4, mean_recall: 0.875, min_recall: 0.5, flips: vec![flip] };
         let report = DiffReport {
@@ -605,10 +603,9 @@ mod tests {
         let x = Comparison { name: "x".into(), ok: false, detail: rounded };
         let one = DiffReport { results: vec![x], only_a: vec![], ..report.clone() };
         assert!(one.render(Path::new("a"), Path::new("b")).contains("first divergence: x\n"));
-        assert!(
-            out.contains("only ours [], only ref [2], margin ours unknown ref unknown -> unknown (ours keeps fewer")
-        );
-        assert!(out.contains("with --model DIR"), "{out}");
+        assert!(out.contains("only ours [], only ref [2], margin ours unknown ref unknown -> real (ours keeps fewer"));
+        // A row that kept fewer keys is real whatever its margins: --model would add nothing to it.
+        assert!(!out.contains("with --model DIR"), "{out}");
         assert!(out.contains("only in a: layers.9.output\nonly in a: ... and 2 more (see --json)\n"), "{out}");
         assert!(!out.contains("layers.10.output"), "{out}");
 

@@ -30,9 +30,16 @@ impl Class {
     /// misclassed a bug's flips: a reference margin of 1e-2 with ours at 1e-4 read as a
     /// near-tie.) With grouped routing a margin is the smaller of the experts' gap and the
     /// groups' (`Route::margin`), so a flip of a near-tied group choice reads as a near-tie too.
+    ///
+    /// A side's margin is the larger of its row's and the flipped keys' own lead where its
+    /// scores are known ([`Flip::decided_by`]): a key far above the cut swapped with one at it is
+    /// no near-tie, whatever the row's k-th and (k+1)-th scores. And a row that kept fewer
+    /// distinct causal keys than the other (duplicates, padding, a later key) is no rule's
+    /// choice at all: real.
     pub fn of(fl: &Flip, near_tie: f64) -> Class {
         let clear = |m: Option<f32>| m.is_some_and(|m| m as f64 >= near_tie);
-        match (fl.margin_ours, fl.margin_reference) {
+        match (fl.decided_by(Side::Ours), fl.decided_by(Side::Reference)) {
+            _ if fl.fewer_keys().is_some() => Class::Real,
             // One clear margin is enough: the scores moved by at least that much.
             (a, b) if clear(a) || clear(b) => Class::Real,
             // Both known and small: rounding alone can flip it.
@@ -225,6 +232,8 @@ pub fn add_movement(
         let deltas: Vec<Option<f32>> = kept.iter().chain(&left).map(|&k| delta(f.row * width + k)).collect();
         let Some(moved) = deltas.iter().flatten().copied().reduce(f32::max) else { continue };
         let own = own_scores(f, &[(Side::Ours, ours.as_ref()), (Side::Reference, theirs.as_ref())], near_tie);
+        f.lead_ours = ours.as_ref().and_then(|r| keys_lead(f, Side::Ours, r));
+        f.lead_reference = theirs.as_ref().and_then(|r| keys_lead(f, Side::Reference, r));
         let too_little = match f.margin_ours.zip(f.margin_reference) {
             Some((mo, mr))
                 if flat
@@ -309,6 +318,21 @@ impl<'a> Ranked<'a> {
     }
 }
 
+/// The lead of `side`'s own choice in flip `f` on its ranked values: the lowest of the keys it
+/// alone kept minus the highest of the keys the other side alone kept; None where either set is
+/// empty (a row that kept fewer keys) or the lead is negative or NaN (a choice its own scores
+/// contradict: [`own_scores`] tells that).
+fn keys_lead(f: &Flip, side: Side, r: &Ranked) -> Option<f32> {
+    let [ours, theirs] = f.keys_in(r.width);
+    let (kept, other) = match side {
+        Side::Ours => (ours, theirs),
+        Side::Reference => (theirs, ours),
+    };
+    let low = kept.iter().map(|&k| r.at(f.row, k)).reduce(f32::min)?;
+    let high = other.iter().map(|&k| r.at(f.row, k)).reduce(f32::max)?;
+    Some(low - high).filter(|l| *l >= 0.0)
+}
+
 /// A side whose choice its own ranked values contradict: it left out a flipped key (or expert)
 /// that they rank above one it kept, by `near_tie` or more (below, the recomputation's rounding
 /// could do it); the largest such lead over the `sides` tested. Ours kept `only_ours` and left
@@ -360,6 +384,7 @@ pub fn reference_rule_breaks(
     let ranked = Ranked::new(&values, width, dsa, flat, router);
     for f in flips.iter_mut() {
         f.rule_break = own_scores(f, &[(Side::Reference, ranked.as_ref())], near_tie);
+        f.lead_reference = ranked.as_ref().and_then(|r| keys_lead(f, Side::Reference, r));
     }
 }
 
@@ -469,8 +494,14 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
             }
             (None, false) => String::new(),
         };
+        // The keys' own lead, where it says more than the row's margin.
+        let above = |lead: Option<f32>, margin: Option<f32>| lead.filter(|&l| margin.is_none_or(|m| l > m));
+        let lead = match (above(fl.lead_ours, fl.margin_ours), above(fl.lead_reference, fl.margin_reference)) {
+            (None, None) => String::new(),
+            _ => format!(", flipped keys' lead ours {} ref {}", m(fl.lead_ours), m(fl.lead_reference)),
+        };
         out += &format!(
-            "  {name} {:?}: only ours {:?}, only ref {:?}, margin ours {} ref {} -> {}{padded}{moved}{why}\n",
+            "  {name} {:?}: only ours {:?}, only ref {:?}, margin ours {} ref {}{lead} -> {}{padded}{moved}{why}\n",
             fl.at,
             fl.only_ours,
             fl.only_reference,

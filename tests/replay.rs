@@ -5,6 +5,7 @@
 //! recorded choice.
 
 mod common;
+use common::edit_dump;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -243,4 +244,73 @@ fn a_shared_layer_that_parted_from_its_source_has_no_borrowed_margin() {
     assert_eq!(flips[0].at, [0, 39]);
     assert!(flips[0].margin_ours.is_none(), "layer 0's margin does not describe our layer 1 there: {:?}", flips[0]);
     assert!(flips[0].margin_reference.is_some(), "{:?}", flips[0]);
+}
+
+/// A flip's class takes the flipped keys' own lead, not only the row's margin (the k-th minus
+/// the (k+1)-th score): a port that lowered a key far above the cut to just under it swaps that
+/// key for the best one left out, and both rows' margins are 1e-4 while the reference keeps the
+/// swapped key ahead by far. Read as a near-tie; real. A swap of the two keys at the cut stays a
+/// near-tie.
+#[test]
+fn a_flip_of_a_key_far_above_the_cut_is_real_whatever_the_rows_margins() {
+    use glimpse::dump::Values;
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = golden_flat().join("reference.safetensors");
+    let (layer, far_q, tie_q) = (0, 20, 24);
+    let scores = format!("layers.{layer}.dsa.scores");
+    let topk = format!("layers.{layer}.dsa.topk");
+    let d = Dump::open(&golden).unwrap();
+    let (Values::F32(s), _) = d.values(&scores).unwrap() else { panic!() };
+    let (Values::I64(kept), shape) = d.values(&topk).unwrap() else { panic!() };
+    let (seq, k) = (shape[1], shape[2]);
+    // Row q's kept keys by score, high to low, and its causal keys left out, high to low.
+    let ranked = |q: usize| {
+        let row = &s[q * seq..q * seq + seq];
+        let mut keys: Vec<usize> = (0..=q).collect();
+        keys.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        let ids: Vec<usize> = kept[q * k..q * k + k].iter().map(|&x| x as usize).collect();
+        assert!(keys[..k].iter().all(|x| ids.contains(x)), "the reference's row {q} is its scores' top-{k}");
+        keys
+    };
+    let (far, tie) = (ranked(far_q), ranked(tie_q));
+    let at = |q: usize, key: usize| q * seq + key;
+    // Both rows decided by 1e-4 in the reference: the best key left out moved up to the cut.
+    let reference = edit_dump(&golden, &tmp.path().join("ref.st"), |t| {
+        let (_, Values::F32(v), _) = t.iter_mut().find(|(n, _, _)| *n == scores).unwrap() else { panic!() };
+        for (q, keys) in [(far_q, &far), (tie_q, &tie)] {
+            v[at(q, keys[k])] = v[at(q, keys[k - 1])] - 1e-4;
+        }
+    });
+    let r = Dump::open(&reference).unwrap();
+    let (Values::F32(rs), _) = r.values(&scores).unwrap() else { panic!() };
+    // Ours: row far_q's best key lowered to just under that one (1e-4), row tie_q's last kept
+    // key; each row keeps the key left out in its place.
+    let ours = edit_dump(&reference, &tmp.path().join("ours.st"), |t| {
+        for (q, keys, dropped) in [(far_q, &far, far[0]), (tie_q, &tie, tie[k - 1])] {
+            let (_, Values::F32(v), _) = t.iter_mut().find(|(n, _, _)| *n == scores).unwrap() else { panic!() };
+            v[at(q, dropped)] = rs[at(q, keys[k])] - 1e-4;
+            let (_, Values::I64(ids), _) = t.iter_mut().find(|(n, _, _)| *n == topk).unwrap() else { panic!() };
+            let slot = ids[q * k..q * k + k].iter().position(|&x| x as usize == dropped).unwrap();
+            ids[q * k + slot] = keys[k] as i64;
+        }
+    });
+    let report = diff(&Dump::open(&ours).unwrap(), &r, &DiffOptions::default()).unwrap();
+    let flips = flips_of(&report.results, &topk);
+    assert_eq!(flips.len(), 2, "{flips:?}");
+    let near_tie = Tolerance::default().near_tie();
+    for f in &flips {
+        let (mo, mr) = (f.margin_ours.unwrap(), f.margin_reference.unwrap());
+        assert!(mo < 1.1e-4 && mr < 1.1e-4, "both rows' margins are small: {f:?}");
+    }
+    let (far_flip, tie_flip) = (flips[0], flips[1]);
+    assert_eq!((far_flip.at[1], tie_flip.at[1]), (far_q, tie_q));
+    // The reference keeps its best key ahead of the one ours took by their scores' gap.
+    let gap = rs[at(far_q, far[0])] - rs[at(far_q, far[k])];
+    assert!(gap as f64 > 10.0 * near_tie, "the test needs a far key: {gap}");
+    assert_eq!(far_flip.lead_reference, Some(gap));
+    assert_eq!(Class::of(far_flip, near_tie), Class::Real);
+    assert!(tie_flip.lead_reference.is_some_and(|l| l < 1.1e-4), "{tie_flip:?}");
+    assert_eq!(Class::of(tie_flip, near_tie), Class::NearTie);
+    let text = report.render(Path::new("ours"), Path::new("ref"));
+    assert!(text.contains("flipped keys' lead ours"), "{text}");
 }

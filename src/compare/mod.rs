@@ -148,6 +148,13 @@ pub struct Flip {
     /// The margin that decided the row on each side, where the dumps hold it.
     pub margin_ours: Option<f32>,
     pub margin_reference: Option<f32>,
+    /// Where a side's dump holds the scores its selection ranked: how far they put the keys it
+    /// alone kept over the ones the other side alone kept (the lowest of the first minus the
+    /// highest of the second), when that is not negative (`flips::add_movement`,
+    /// `flips::reference_rule_breaks`). A row's margin only bounds it from below: a swap of a key
+    /// far above the cut with one at it has a small margin and a large lead.
+    pub lead_ours: Option<f32>,
+    pub lead_reference: Option<f32>,
     /// Where both dumps hold the scores the selection ranked: how far the flipped keys' scores
     /// moved between the runs (`flips::add_movement`).
     pub moved: Option<Movement>,
@@ -217,6 +224,19 @@ impl Flip {
         [in_row(&self.only_ours), in_row(&self.only_reference)]
     }
 
+    /// How clearly `side` decided against the other's keys: the larger of its row's margin and
+    /// the flipped keys' own lead, where either is known.
+    pub fn decided_by(&self, side: Side) -> Option<f32> {
+        let (margin, lead) = match side {
+            Side::Ours => (self.margin_ours, self.lead_ours),
+            Side::Reference => (self.margin_reference, self.lead_reference),
+        };
+        match (margin, lead) {
+            (Some(m), Some(l)) => Some(m.max(l)),
+            (m, l) => m.or(l),
+        }
+    }
+
     /// Whether one rule cannot have made it ([`RuleBreak`]).
     pub fn unexplained(&self) -> bool {
         self.rule_break.is_some()
@@ -263,6 +283,8 @@ impl Flip {
             recall: 0.5,
             margin_ours: ours,
             margin_reference: reference,
+            lead_ours: None,
+            lead_reference: None,
             moved: None,
             rule_break: None,
         }
@@ -534,6 +556,8 @@ fn compare_sets(
                 recall,
                 margin_ours: None,
                 margin_reference: None,
+                lead_ours: None,
+                lead_reference: None,
                 moved: None,
                 rule_break: None,
             });
