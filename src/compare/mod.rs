@@ -530,7 +530,7 @@ pub(crate) fn row_set(ids: &[i64], k: usize, r: usize, keep: impl Fn(usize, i64)
 /// come in order of position (`positions` of the rows), then of row: the first is the earliest
 /// position's in any batch row.
 fn compare_sets(
-    ours: &[i64],
+    (ours, ours_k): (&[i64], usize),
     reference: &[i64],
     shape: &[usize],
     positions: Option<Positions>,
@@ -542,7 +542,7 @@ fn compare_sets(
     let (mut recall_sum, mut min_recall) = (0f64, 1f64);
     let mut flips = Vec::new();
     for r in 0..rows {
-        let (a, e) = (row_set(ours, k, r, &keep), row_set(reference, k, r, &keep));
+        let (a, e) = (row_set(ours, ours_k.max(1), r, &keep), row_set(reference, k, r, &keep));
         let common = a.iter().filter(|x| e.contains(x)).count();
         let recall = if e.is_empty() { 1.0 } else { common as f64 / e.len() as f64 };
         recall_sum += recall;
@@ -571,6 +571,14 @@ fn compare_sets(
 
 /// DSA rows of `[B, S, K]`: only positions `j <= s` count.
 pub fn compare_dsa(ours: &[i64], reference: &[i64], shape: &[usize]) -> (bool, Detail) {
+    compare_dsa_widths((ours, shape.last().copied().unwrap_or(1)), reference, shape)
+}
+
+/// [`compare_dsa`] of selections of different widths over the same `[B, S]` (`shape` the
+/// reference's): a row's causal set is the same whatever padding follows it, so a port that
+/// keeps `min(index_topk, S)` columns compares with one that pads to `index_topk`, and one that
+/// keeps a key too few shows as the rows that lost it.
+pub fn compare_dsa_widths(ours: (&[i64], usize), reference: &[i64], shape: &[usize]) -> (bool, Detail) {
     let seq = if shape.len() >= 2 { shape[shape.len() - 2].max(1) } else { 1 };
     let positions = Positions::of_shape(shape);
     compare_sets(ours, reference, shape, positions, |row, j| j >= 0 && (j as usize) <= row % seq)
@@ -620,7 +628,8 @@ pub fn invalid_selection(
 
 /// Expert sets of `[B*S, k]` rows, in a run of `batch` rows where known.
 pub fn compare_expert_sets(ours: &[i64], reference: &[i64], shape: &[usize], batch: Option<usize>) -> (bool, Detail) {
-    compare_sets(ours, reference, shape, batch.map(|batch| Positions { lead: 1, batch }), |_, _| true)
+    let k = shape.last().copied().unwrap_or(1);
+    compare_sets((ours, k), reference, shape, batch.map(|batch| Positions { lead: 1, batch }), |_, _| true)
 }
 
 /// Weights `[N, k]` aligned by expert id. Rows whose chosen sets differ are flips (reported by the
@@ -697,6 +706,13 @@ pub fn compare_tensor(
 ) -> Comparison {
     let (ours, shape) = ours;
     let (reference, ref_shape) = reference;
+    let rows_alike = |a: &[usize], b: &[usize]| a.len() == 3 && b.len() == 3 && a[..2] == b[..2] && a[2] > 0;
+    if let (Rule::DsaSelection, Values::I64(a), Values::I64(e)) = (Rule::for_name(name, reference), ours, reference) {
+        if shape != ref_shape && rows_alike(shape, ref_shape) {
+            let (ok, detail) = compare_dsa_widths((a, shape[2]), e, ref_shape);
+            return Comparison { name: name.into(), ok, detail };
+        }
+    }
     if shape != ref_shape {
         return Comparison {
             name: name.into(),
@@ -704,6 +720,14 @@ pub fn compare_tensor(
             detail: Detail::Shape { ours: shape.to_vec(), reference: ref_shape.to_vec() },
         };
     }
+    let masked;
+    let (ours, reference) = match causal_scores(name, shape, ours, reference) {
+        Some(m) => {
+            masked = m;
+            (&masked.0, &masked.1)
+        }
+        None => (ours, reference),
+    };
     let positions = Positions::of(name, shape, batch);
     let (ok, detail) = match (Rule::for_name(name, reference), ours, reference) {
         (Rule::DsaSelection, Values::I64(a), Values::I64(e)) => compare_dsa(a, e, shape),
@@ -720,6 +744,25 @@ pub fn compare_tensor(
         (_, a, e) => compare_floats_at(&to_f32(a), &to_f32(e), shape, tol, positions),
     };
     Comparison { name: name.into(), ok, detail }
+}
+
+/// `dsa.scores` (`[B, S, T]`) with every entry past its query's causal keys `-inf` on both sides,
+/// where one side holds something else there: those are no key's score (transformers masks them;
+/// a port may dump its scores before masking), as `dsa.topk` ignores keys past the query. A
+/// selection that used them shows in `dsa.topk`. None when nothing needs masking.
+fn causal_scores(name: &str, shape: &[usize], ours: &Values, reference: &Values) -> Option<(Values, Values)> {
+    let (Values::F32(a), Values::F32(e), &[_, s, t]) = (ours, reference, shape) else { return None };
+    if !name.ends_with(".dsa.scores") || s == 0 || t < s || a.len() != e.len() {
+        return None;
+    }
+    // Query q of S sees keys 0..=T-S+q.
+    let later = |i: usize| i % t > t - s + (i / t) % s;
+    let masked = |x: f32| x == f32::NEG_INFINITY;
+    if !(0..a.len()).any(|i| later(i) && !(masked(a[i]) && masked(e[i]))) {
+        return None;
+    }
+    let causal = |v: &[f32]| v.iter().enumerate().map(|(i, &x)| if later(i) { f32::NEG_INFINITY } else { x }).collect();
+    Some((Values::F32(causal(a)), Values::F32(causal(e))))
 }
 
 /// Exact integer tensors compare element by element.

@@ -224,3 +224,61 @@ fn expert_weights_align_by_id() {
         compare_expert_weights(&[3, 1], &[0.2, 0.5], &[1, 3], &[0.2, 0.5], &[1, 2], Tolerance::default(), None);
     assert!(!ok);
 }
+
+/// Selections of other widths over the same queries compare as causal sets: a port keeping
+/// `min(index_topk, S)` columns matches one padding to `index_topk`, and one keeping a key too
+/// few shows as the rows that lost it (a shape mismatch said only that the widths differ).
+#[test]
+fn dsa_rows_of_other_widths_compare_as_sets() {
+    let reference = Values::I64(vec![0, -1, -1, 1, 0, -1, 2, 0, 1]); // [1, 3, 3]: query 2 keeps 3 keys
+    let by = |ours: Vec<i64>| {
+        let ours = Values::I64(ours);
+        compare_tensor(
+            "layers.0.dsa.topk",
+            (&ours, &[1, 3, 2]),
+            (&reference, &[1, 3, 3]),
+            None,
+            Tolerance::default(),
+            None,
+        )
+    };
+    let short = by(vec![0, -1, 0, 1, 2, 1]);
+    assert!(!short.ok);
+    let Detail::Sets { rows, flips, .. } = short.detail else { panic!("{short:?}") };
+    assert_eq!((rows, flips.len(), flips[0].at.clone()), (3, 1, vec![0, 2]));
+    assert_eq!((flips[0].only_ours.clone(), flips[0].only_reference.clone()), (vec![], vec![0]));
+    assert_eq!(flips[0].fewer_keys(), Some(Side::Ours));
+    // Two of three queries, width 2 against 3: the same causal sets.
+    let two = Values::I64(vec![0, -1, -1, 1, 0, -1]);
+    let ours = Values::I64(vec![0, 5, 0, 1]);
+    let c =
+        compare_tensor("layers.0.dsa.topk", (&ours, &[1, 2, 2]), (&two, &[1, 2, 3]), None, Tolerance::default(), None);
+    assert!(c.ok, "{c:?}");
+    // Other queries are another run's: a shape mismatch still.
+    let c = compare_tensor(
+        "layers.0.dsa.topk",
+        (&ours, &[1, 2, 2]),
+        (&reference, &[1, 3, 3]),
+        None,
+        Tolerance::default(),
+        None,
+    );
+    assert!(matches!(c.detail, Detail::Shape { .. }), "{c:?}");
+}
+
+/// Indexer scores past each query's causal keys are no key's score: a port that dumps its scores
+/// before masking (finite there) matches where its causal scores do; a causal score that differs
+/// still differs.
+#[test]
+fn dsa_scores_compare_at_causal_keys_only() {
+    let inf = f32::NEG_INFINITY;
+    let reference = Values::F32(vec![0.5, inf, 0.25, 0.75]); // [1, 2, 2]: query 0 sees key 0
+    let cmp = |ours: Vec<f32>, name: &str| {
+        let ours = Values::F32(ours);
+        compare_tensor(name, (&ours, &[1, 2, 2]), (&reference, &[1, 2, 2]), None, Tolerance::default(), None)
+    };
+    assert!(cmp(vec![0.5, 3.0, 0.25, 0.75], "layers.0.dsa.scores").ok);
+    assert!(!cmp(vec![0.5, 3.0, 0.25, 0.5], "layers.0.dsa.scores").ok);
+    // A tensor of another name compares every element.
+    assert!(!cmp(vec![0.5, 3.0, 0.25, 0.75], "layers.0.other").ok);
+}
