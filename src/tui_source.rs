@@ -379,8 +379,8 @@ impl DumpSource {
                     .collect(),
             )
         };
-        let margin = self
-            .per_token(&HookPoint::Layer(layer, LayerHook::DsaMargin).name())
+        // Recorded, else recomputed from the indexer scores (a transformers dump), as `diff` does.
+        let margin = margins_in(&self.ours, HookPoint::Layer(layer, LayerHook::DsaTopk), None)
             .map(|m| m.get(b * p..(b + 1) * p).map(<[f32]>::to_vec).unwrap_or_default());
         let classes = self.flip_classes(&name);
         let flip = |q: usize| if q < p { classes.get(&(b * p + q)).copied() } else { None };

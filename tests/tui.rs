@@ -504,26 +504,31 @@ fn load_dsa_and_kv_views_draw_the_bundled_case() {
     assert_eq!(near + real, flipped_rows(3, "dsa.topk"));
     let title = format!("layer 3 dsa (full): 32 queries, {} differ ({near}~ {real}!)  # both +ours -ref", near + real);
     assert!(s.contains(&title), "{title}\n{s}");
-    // 40 columns: 13 for the label, 2 borders, 24 keys and the `>` column. A row ends in `>`
-    // exactly when it differs at a key past 23, counted here from the two dumps.
-    let narrow_app = App { token: 31, ..app.clone() };
-    let narrow = screen(&narrow_app, &port, 40, 24);
-    assert!(narrow.contains("keys 0-23 of 32"), "{narrow}");
+    // 40 columns: 13 for the label, 2 borders, the `<` column, 23 keys and the `>` column. The
+    // window follows the selected query's diagonal. A row starts with `<` exactly when it differs
+    // at a key before the window, and ends in `>` when it does past it, counted here from the
+    // two dumps.
     let sets = |d: &Dump| match d.values("layers.3.dsa.topk").unwrap() {
         (glimpse::dump::Values::I64(v), shape) => v.chunks(shape[2]).map(<[i64]>::to_vec).collect::<Vec<_>>(),
         _ => panic!("DSA selections are integers"),
     };
     let (ours, reference) = port_dumps();
     let (ours, reference) = (sets(&ours), sets(&reference));
-    let mut marked = 0;
-    for q in 0..32usize {
-        let Some(line) = narrow.lines().find(|l| l.contains(&format!("│q{q:<5} "))) else { continue };
-        let differs = |k: i64| ours[q].contains(&k) != reference[q].contains(&k);
-        let hidden = (24..=q as i64).any(differs);
-        assert_eq!(line.trim_end_matches('│').trim_end().ends_with('>'), hidden, "q{q}: {line}");
-        marked += usize::from(hidden);
+    for (token, first, last) in [(22, 0, 22), (31, 9, 31)] {
+        let narrow = screen(&App { token, scroll: 12, ..app.clone() }, &port, 40, 24);
+        assert!(narrow.contains(&format!("keys {first}-{last} of 32")), "{narrow}");
+        let mut marked = 0;
+        for q in 0..32usize {
+            let Some(line) = narrow.lines().find(|l| l.contains(&format!("│q{q:<5} "))) else { continue };
+            let differs = |k: i64| ours[q].contains(&k) != reference[q].contains(&k);
+            let (before, past) = ((0..first.min(q as i64 + 1)).any(differs), (last + 1..=q as i64).any(differs));
+            let keys = line.split('│').nth(1).unwrap();
+            assert_eq!(keys.chars().nth(13) == Some('<'), before, "q{q}: {line}");
+            assert_eq!(keys.trim_end().ends_with('>'), past, "q{q}: {line}");
+            marked += usize::from(before || past);
+        }
+        assert!(marked > 0, "some row differs outside the shown keys:\n{narrow}");
     }
-    assert!(marked > 0, "some row differs past the shown keys:\n{narrow}");
     // Each flipped query on screen is marked with its class after its recall (its label's last
     // character); the others are not.
     let label = |q: usize| -> Option<String> {
@@ -549,8 +554,16 @@ fn load_dsa_and_kv_views_draw_the_bundled_case() {
     let glimpse::compare::Detail::Sets { flips, .. } = &c.detail else { panic!("a selection") };
     let f = &flips[0];
     let q = App { token: f.row, ..app.clone() };
-    let both = format!("q{}: margin {:.2e} (ref {:.2e})", f.row, f.margin_ours.unwrap(), f.margin_reference.unwrap());
-    assert!(screen(&q, &port, 80, 24).contains(&both), "{both}");
+    let list = |keys: &[i64]| keys.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    let both = format!(
+        "q{}: margin {:.2e} (ref {:.2e}), only ours {}, only ref {}",
+        f.row,
+        f.margin_ours.unwrap(),
+        f.margin_reference.unwrap(),
+        list(&f.only_ours),
+        list(&f.only_reference)
+    );
+    assert!(screen(&q, &port, 100, 24).contains(&both), "{both}");
     // And those margins are each side's indexer scores' gap at the cut, computed here.
     let gap = |d: &Dump| format!("{:.2e}", common::dsa_margin_from_scores(d, 3, f.row));
     assert!(both.contains(&format!("margin {} (ref {})", gap(&ours), gap(&theirs))), "{both}");
@@ -682,4 +695,32 @@ fn a_layer_whose_rule_differs_reads_rule() {
     let mut app = at_layer(&src, 3);
     app.set_view(View::Routing);
     assert!(screen(&app, &src, 100, 24).contains("1R)"), "{}", screen(&app, &src, 100, 24));
+}
+
+/// A dump that records indexer scores but no `dsa.margin` (a transformers reference) shows each
+/// query's margin recomputed from its scores, as `diff` classes its flips: the k-th causal score
+/// minus the (k+1)-th, none where every causal key is kept ("margin -" before).
+#[test]
+fn dsa_view_recomputes_the_margin_of_a_dump_without_one() {
+    let path = Path::new("golden/flat/reference.safetensors");
+    let d = Dump::open(path).unwrap();
+    assert!(!d.contains("layers.0.dsa.margin") && d.contains("layers.0.dsa.scores"));
+    let (glimpse::dump::Values::F32(scores), shape) = d.values("layers.0.dsa.scores").unwrap() else { panic!() };
+    let (seq, k) = (shape[1], 8);
+    let src = DumpSource::new("reference".into(), Dump::open(path).unwrap(), None, &DiffOptions::default()).unwrap();
+    let m = src.dsa(0, 0).unwrap();
+    let margin = m.margin.as_ref().expect("recomputed from dsa.scores");
+    for q in [0, k - 1, k, seq - 1] {
+        let mut row: Vec<f32> = scores[q * seq..=q * seq + q].to_vec();
+        row.sort_by(|a, b| b.total_cmp(a));
+        let want = if q < k { f32::INFINITY } else { row[k - 1] - row[k] };
+        assert_eq!(margin[q], want, "query {q}");
+    }
+    let mut app = at_layer(&src, 0);
+    app.set_view(View::Dsa);
+    app.token = k;
+    let want = format!("q{k}: margin {:.2e}", margin[k]);
+    assert!(screen(&app, &src, 100, 30).contains(&want), "{want}");
+    app.token = 0;
+    assert!(screen(&app, &src, 100, 30).contains("q0: margin none (every causal key kept)"));
 }

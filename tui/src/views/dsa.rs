@@ -1,8 +1,10 @@
 //! The DSA selection of the selected layer as a query x key matrix for the batch row of the
 //! selected token: `#` kept by both sides, `+` kept only by us, `-` kept only by the reference,
 //! `.` a causal key nobody kept. Scrolls down the queries; recall per query on the left, marked
-//! `~` for a near-tie flip, `!` a real one, `?` one of unknown margin. Keys past the width are
-//! left out (the title says which are shown), and `>` ends a row that differs among them.
+//! `~` for a near-tie flip, `!` a real one, `?` one of unknown margin, `R` one no rule makes.
+//! Keys that do not fit are left out: a window of them follows the selected query's diagonal
+//! (the title says which are shown), `<` starts and `>` ends a row that differs outside it, and
+//! the bottom line lists a flipped query's keys kept on one side only.
 
 use ratatui::layout::Rect;
 use ratatui::style::{Color, Modifier, Style};
@@ -21,12 +23,16 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         return;
     };
     let label_w = 13;
-    // When the keys do not fit, the last column marks with `>` the rows that differ past it.
+    // When the keys do not fit, a window of them follows the selected query's diagonal (where
+    // its most recent keys, and a mask's bugs, are), and the columns either side mark with `<`
+    // and `>` the rows that differ before and past it.
     let room = (area.width as usize).saturating_sub(label_w + 2);
-    let keys = if m.seq > room { room.saturating_sub(1) } else { m.seq };
+    let cut = m.seq > room;
+    let keys = if cut { room.saturating_sub(2) } else { m.seq };
     let rows = area.height.saturating_sub(2) as usize;
     // The selected token's query stays in view.
     let q_sel = app.token % m.seq.max(1);
+    let first_key = if cut { (q_sel + 1).saturating_sub(keys) } else { 0 };
     let start = super::first_row(app.scroll, q_sel, rows, m.seq);
     let lines: Vec<Line> = (start..m.seq)
         .take(rows)
@@ -37,7 +43,14 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             let label_style = if q == q_sel { Style::new().add_modifier(Modifier::REVERSED) } else { Style::new() };
             let mark = m.flips.get(q).copied().flatten().map_or(' ', FlipClass::mark);
             let mut spans = vec![Span::styled(format!("q{q:<5} {recall}{mark} "), label_style)];
-            for k in 0..keys {
+            let marked =
+                |c: char| Span::styled(c.to_string(), Style::new().fg(Color::Red).add_modifier(Modifier::BOLD));
+            // The keys before the window that either side keeps: the same or not.
+            if cut {
+                let before = theirs.is_some_and(|t| until(t, first_key) != until(ours, first_key));
+                spans.push(if before { marked('<') } else { Span::raw(" ") });
+            }
+            for k in first_key..first_key + keys {
                 let (a, b) = (DsaMatrix::keeps(ours, k), theirs.is_none_or(|t| DsaMatrix::keeps(t, k)));
                 let (c, style) = match (k <= q, a, b) {
                     (false, _, _) => (' ', Style::new()),
@@ -51,9 +64,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
                 spans.push(Span::styled(c.to_string(), style));
             }
             // The keys past the width that either side keeps (both ascending): the same or not.
-            let hidden = theirs.is_some_and(|t| past(t, keys) != past(ours, keys));
-            if hidden {
-                spans.push(Span::styled(">", Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)));
+            let end = first_key + keys;
+            if theirs.is_some_and(|t| past(t, end) != past(ours, end)) {
+                spans.push(marked('>'));
             }
             Line::from(spans)
         })
@@ -64,7 +77,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     // Keys past the width are not drawn: say so.
     let cut = match keys {
         0 if m.seq > 0 => format!(" no room for its {} keys", m.seq),
-        k if k < m.seq => format!(" keys 0-{} of {}", k - 1, m.seq),
+        k if k < m.seq => format!(" keys {first_key}-{} of {}", first_key + k - 1, m.seq),
         _ => String::new(),
     };
     let title = format!(
@@ -75,15 +88,40 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         counts(m.flips.iter().flatten().copied())
     );
     // The selected query's margin at the cut, and for a flip the reference's beside it.
-    let ours = m.margin.as_ref().and_then(|v| v.get(q_sel).copied());
+    let ours = m.margin.as_ref().and_then(|v| v.get(q_sel).copied()).filter(|m| !m.is_nan());
     let margin = match (m.flips.get(q_sel).copied().flatten(), m.reference_margin.get(q_sel).copied().flatten()) {
-        (Some(_), Some(r)) => format!(" q{q_sel}: margin {} (ref {}) ", margin(ours), margin(Some(r))),
+        (Some(_), Some(r)) => {
+            format!(" q{q_sel}: margin {} (ref {}){} ", margin(ours), margin(Some(r)), differing(&m, q_sel))
+        }
+        (Some(_), None) => format!(" q{q_sel}: margin {}{} ", margin(ours), differing(&m, q_sel)),
         // A query that may see no more keys than it keeps has no cut.
         _ if ours.is_some_and(f32::is_infinite) => format!(" q{q_sel}: margin none (every causal key kept) "),
         _ => format!(" q{q_sel}: margin {} ", margin(ours)),
     };
     let block = Block::bordered().title(title).title_bottom(margin);
     f.render_widget(Paragraph::new(lines).block(block), area);
+}
+
+/// The keys query `q` of a flip kept on one side only, a few of each (the window may not show
+/// them); a side that kept none the other did not kept fewer causal keys.
+fn differing(m: &DsaMatrix, q: usize) -> String {
+    let (Some(ours), Some(theirs)) = (m.selected.get(q), m.reference.as_ref().and_then(|r| r.get(q))) else {
+        return String::new();
+    };
+    let only = |a: &[usize], b: &[usize]| -> String {
+        let keys: Vec<String> = a.iter().filter(|k| !b.contains(k)).map(usize::to_string).collect();
+        match keys.len() {
+            0 => "none".into(),
+            n if n > 6 => format!("{} +{}", keys[..6].join(","), n - 6),
+            _ => keys.join(","),
+        }
+    };
+    format!(", only ours {}, only ref {}", only(ours, theirs), only(theirs, ours))
+}
+
+/// The keys of a selection row (ascending) before `end`.
+fn until(row: &[usize], end: usize) -> &[usize] {
+    &row[..row.partition_point(|&k| k < end)]
 }
 
 /// The keys of a selection row (ascending) from `first` on.
