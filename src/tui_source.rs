@@ -491,7 +491,8 @@ impl Source for DumpSource {
                 .and_then(|r| Self::ints(r, name))
                 .map(|(theirs, _)| crate::audit::net_moved(&load.counts, &counts(&theirs).counts));
             let st = load.stats();
-            rows.push(LoadRow { layer: i, counts: load.counts, max_vio: st.max_vio, cv: st.cv, moved });
+            let mtp = self.layers.iter().any(|l| l.part == Part::Layer(i) && l.ffn == "mtp");
+            rows.push(LoadRow { layer: i, mtp, counts: load.counts, max_vio: st.max_vio, cv: st.cv, moved });
         }
         rows
     }

@@ -494,8 +494,19 @@ fn load_dsa_and_kv_views_draw_the_bundled_case() {
         let (a, b) = (counts(&ours), counts(&reference));
         let moved =
             a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<i64>() as f64 / 2.0 / b.iter().sum::<i64>() as f64;
-        assert!(line_with(&s, &format!("layer {layer} ")).contains(&format!("moved {:5.1}%", 100.0 * moved)), "{s}");
+        let line = line_with(&s, &format!("layer {layer} "));
+        assert!(line.contains(&format!("moved {:5.1}%", 100.0 * moved)), "{s}");
+        // One cell an expert: `×` where none of its tokens chose it, a shade (never blank) where
+        // any did, however few; and the dead count beside MaxVio.
+        let cells: Vec<char> = line.split('│').nth(1).unwrap().chars().skip(9).take(16).collect();
+        for (e, (&c, &n)) in cells.iter().zip(&a).enumerate() {
+            assert_eq!(c == '×', n == 0, "layer {layer} expert {e} ({n} tokens): {line}");
+            assert_ne!(c, ' ', "layer {layer} expert {e}: {line}");
+        }
+        let dead = a.iter().filter(|&&n| n == 0).count();
+        assert!(line.contains(&format!("dead {dead:>3}")), "{line}");
     }
+    assert!(s.contains("one cell = 1 expert; × = dead (no token)"), "{s}");
 
     app.set_view(View::Dsa);
     let s = screen(&app, &port, 80, 24);
@@ -616,6 +627,10 @@ fn every_view_draws_a_dump_with_the_mtp_layer() {
         app.layer = 0;
     }
     assert!(seen_mtp_layer, "the MTP layer (3) was reachable");
+    // The expert load names the MTP head's layer as audit does.
+    app.set_view(View::Load);
+    let load = screen(&app, &src, 80, 24);
+    assert!(load.contains("│layer 3 mtp ") && load.contains("│layer 2     "), "{load}");
     // Batch 2: the DSA view says which row it shows, and follows the token into the second.
     let mut app = at_layer(&src, 0);
     app.set_view(View::Dsa);

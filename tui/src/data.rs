@@ -201,6 +201,8 @@ impl RouteRow {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadRow {
     pub layer: usize,
+    /// The MTP head's layer (`num_hidden_layers`), not one of the main model's.
+    pub mtp: bool,
     pub counts: Vec<u64>,
     pub max_vio: f64,
     pub cv: f64,

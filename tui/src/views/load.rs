@@ -1,10 +1,11 @@
 //! Expert load: a layer x expert heatmap (cells coloured by load relative to the layer mean), with
 //! MaxVio and CV per layer, and against a reference the net load moved (`audit --against`'s
 //! measure). With more experts than columns, neighbouring experts share a cell (the busiest of
-//! them sets its colour).
+//! them sets its colour). A dead expert's cell is `×`, also in a shared cell, and a used one is
+//! never blank, however little it was used.
 
 use ratatui::layout::Rect;
-use ratatui::style::{Modifier, Style};
+use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Paragraph};
 use ratatui::Frame;
@@ -12,6 +13,9 @@ use ratatui::Frame;
 use super::heat_cell;
 use crate::app::App;
 use crate::data::Source;
+
+/// The cell of an expert no token chose (or of a group holding one).
+const DEAD: &str = "×";
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let load = src.load();
@@ -22,9 +26,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         f.render_widget(Paragraph::new("no MoE routing recorded").block(block), area);
         return;
     }
-    let label_w = 9;
+    let label_w = if load.iter().any(|l| l.mtp) { 13 } else { 9 };
     let compared = load.iter().any(|l| l.moved.is_some());
-    let stats_w = if compared { 35 } else { 22 };
+    let stats_w = if compared { 44 } else { 31 };
     let cells = (area.width as usize).saturating_sub(label_w + stats_w + 2).max(1);
     let per_cell = experts.div_ceil(cells).max(1);
     let selected = src.layers().get(app.layer).and_then(|l| l.part.layer());
@@ -33,16 +37,24 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         .skip(app.scroll)
         .map(|row| {
             let mean = row.counts.iter().sum::<u64>() as f64 / experts.max(1) as f64;
+            let label = format!("layer {}{}", row.layer, if row.mtp { " mtp" } else { "" });
             let mut spans = vec![Span::styled(
-                format!("layer {:<3}", row.layer),
+                format!("{label:<label_w$}"),
                 if Some(row.layer) == selected { Style::new().add_modifier(Modifier::REVERSED) } else { Style::new() },
             )];
             for chunk in row.counts.chunks(per_cell) {
+                // A dead expert is marked whatever its neighbours' load: the colour of the
+                // busiest would hide it.
+                if chunk.contains(&0) {
+                    spans.push(Span::styled(DEAD, Style::new().fg(Color::Gray).bg(Color::Black)));
+                    continue;
+                }
                 let busiest = chunk.iter().copied().max().unwrap_or(0) as f64;
                 let t = if mean > 0.0 { busiest / mean / 2.0 } else { 0.0 };
                 spans.push(heat_cell(t));
             }
-            spans.push(Span::raw(format!(" MaxVio {:5.2} CV {:4.2}", row.max_vio, row.cv)));
+            let dead = row.counts.iter().filter(|&&c| c == 0).count();
+            spans.push(Span::raw(format!(" MaxVio {:5.2} CV {:4.2} dead {dead:>3}", row.max_vio, row.cv)));
             if let Some(m) = row.moved {
                 spans.push(Span::raw(format!(" moved {:5.1}%", 100.0 * m)));
             }
@@ -50,8 +62,8 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         })
         .collect();
     lines.push(Line::raw(match per_cell {
-        1 => "one cell = 1 expert(s)".to_string(),
-        n => format!("one cell = {n} expert(s), coloured by the busiest"),
+        1 => format!("one cell = 1 expert; {DEAD} = dead (no token)"),
+        n => format!("one cell = {n} experts, coloured by the busiest; {DEAD} = one of them dead (no token)"),
     }));
     f.render_widget(Paragraph::new(lines).block(block), area);
 }

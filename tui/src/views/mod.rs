@@ -48,11 +48,13 @@ pub fn heat(t: f64) -> Color {
 }
 
 /// A heatmap cell: a shade character whose density and colour both follow `t` in 0..=1, so the
-/// map reads in colour, in monochrome and in a text capture alike.
+/// map reads in colour, in monochrome and in a text capture alike. Only 0 is blank: a little
+/// is the lightest shade.
 pub fn heat_cell(t: f64) -> ratatui::text::Span<'static> {
     const SHADES: [&str; 5] = [" ", "░", "▒", "▓", "█"];
     let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 };
-    let shade = SHADES[((t * 4.0).round() as usize).min(4)];
+    let level = ((t * 4.0).round() as usize).clamp(usize::from(t > 0.0), 4);
+    let shade = SHADES[level];
     ratatui::text::Span::styled(shade, ratatui::style::Style::new().fg(heat(t)).bg(Color::Black))
 }
 
