@@ -261,7 +261,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         near_tie: Some(near_tie),
                     };
                     // With a replay, the same prefill once more without it, for what the flips explain.
-                    let (report, free) = glimpse::device::with_prefill(target, &model, |p| {
+                    let (mut report, mut free) = glimpse::device::with_prefill(target, &model, |p| {
                         let report = verify::verify_prefill(p, &model, &reference, &opts)?;
                         let free = match replay == verify::Replay::default() {
                             true => None,
@@ -272,9 +272,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         };
                         Ok((report, free))
                     })?;
+                    // The MTP head the reference checks runs on the CPU, from the device's final norm.
+                    if verify::has_mtp(&reference) {
+                        let head = glimpse::model::mtp::Mtp::load(&ckpt)?;
+                        for report in std::iter::once(&mut report).chain(free.as_mut()) {
+                            verify::verify_mtp(&model, &head, &reference, &opts, report)?;
+                        }
+                    }
                     let header =
                         format!("verify {} against {} on {}", model_dir.display(), golden.display(), target.describe());
                     return Ok(exit(verify::show(json, &header, &reference, (&report, free.as_ref()), &opts)));
+                }
+                if stream && layers.is_none() && verify::has_mtp(&reference) {
+                    return Err(Error::Usage(format!(
+                        "the reference checks the MTP head, which --stream does not run (it needs the resident \
+                         model): drop --stream, or give --layers 0..{} for the main model alone",
+                        ckpt.config.num_hidden_layers - 1
+                    )));
                 }
                 let mut resident = None;
                 // A replay runs the forward pass a second time, which packs what the first read.
@@ -283,7 +297,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     tokens: &tokens,
                     fixed: true,
                     window: layers.as_ref(),
-                    mtp: verify::has_mtp(&reference) && !stream,
+                    mtp: verify::has_mtp(&reference),
                     stream,
                     recording: false,
                     passes,

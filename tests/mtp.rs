@@ -168,3 +168,20 @@ fn run_mtp_dump_diffs_clean_against_the_reference() {
     let only_ref = format!("only in {}", reference.display());
     assert!(!text.contains(&only_ref), "every reference tensor was produced: {text}");
 }
+
+/// `verify` checks the MTP head the reference holds on every path that runs the whole model:
+/// the device path runs it on the CPU from the device's final norm (its 16 tensors were left
+/// out, "37 of 37 match"), and `--stream`, which cannot run it, is refused with what to do (it
+/// listed them as skipped and passed).
+#[test]
+fn verify_checks_the_mtp_head_on_the_device_path_and_stream_refuses_it() {
+    let dir = case();
+    let model = dir.to_str().unwrap();
+    let (code, text) = common::code_and_text(&["verify", "--model", model, "--device", "cpu-ops"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("53 of 53 tensors match") && text.contains("mtp.logits"), "{text}");
+    let o = common::glimpse(&["verify", "--model", model, "--stream"]);
+    common::assert_error(&o, "the reference checks the MTP head, which --stream does not run");
+    let (code, text) = common::code_and_text(&["verify", "--model", model, "--stream", "--layers", "0..2"]);
+    assert_eq!(code, 0, "{text}");
+}
