@@ -229,6 +229,17 @@ impl Dump {
         Ok(tokens)
     }
 
+    /// The batch rows and positions of the run, from a dump without `input_ids`: the largest
+    /// `[B, S]` of its `[B, S, ...]` hook points (the MTP layer's hold one position fewer a row).
+    pub fn positions(&self) -> Option<(usize, usize)> {
+        let spread = ["embeddings", ".input_norm", ".output", ".attn.out", "final_norm", "logits"];
+        let of = |n: &String| match self.shape(n)?[..] {
+            [b, s, _] if b > 0 && s > 0 && spread.iter().any(|x| n.ends_with(x)) => Some((s, b)),
+            _ => None,
+        };
+        self.names().iter().filter_map(of).max().map(|(s, b)| (b, s))
+    }
+
     /// The tokens the dump was produced from (`input_ids`, [B, S]).
     pub fn tokens(&self) -> Result<Tokens> {
         let (v, shape) = match self.values("input_ids")? {

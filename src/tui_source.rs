@@ -34,6 +34,8 @@ pub struct DumpSource {
     ours: Dump,
     reference: Option<Dump>,
     tokens: Tokens,
+    /// Whether `tokens` holds the run's ids (a dump without `input_ids`: its positions only).
+    ids_known: bool,
     layers: Vec<LayerRow>,
     comparisons: BTreeMap<String, Comparison>,
     /// Flips whose margins on both sides are below this are near-ties.
@@ -100,7 +102,21 @@ impl DumpSource {
     /// the flips); its config, when it has one, also names each layer's blocks.
     pub fn new(title: String, ours: Dump, reference: Option<Dump>, opts: &DiffOptions) -> Result<Self> {
         let config = opts.config.as_ref();
-        let tokens = ours.tokens()?;
+        // Without `input_ids` (the spec requires no name), the positions of its hook points, and
+        // the reference's ids where they are as many; else the ids are unknown (`#?`).
+        let (tokens, ids_known) = match (ours.contains("input_ids"), ours.positions()) {
+            (true, _) => (ours.tokens()?, true),
+            (false, Some((b, s))) => match reference.as_ref().filter(|r| r.contains("input_ids")).map(Dump::tokens) {
+                Some(Ok(t)) if (t.batch, t.seq) == (b, s) => (t, true),
+                _ => (Tokens::new(b, s, vec![0; b * s])?, false),
+            },
+            (false, None) => {
+                return Err(Error::dump(
+                    &ours.path,
+                    "holds neither `input_ids` nor a [B, S, ...] hook point to lay its tokens out by",
+                ))
+            }
+        };
         let report = match &reference {
             Some(r) => Some(diff(&ours, r, opts)?),
             None => None,
@@ -195,6 +211,7 @@ impl DumpSource {
             ours,
             reference,
             tokens,
+            ids_known,
             layers,
             comparisons,
             near_tie,
@@ -414,7 +431,10 @@ impl Source for DumpSource {
     }
     fn token_label(&self, token: usize) -> String {
         let (b, s) = (token / self.tokens.seq.max(1), token % self.tokens.seq.max(1));
-        let id = self.tokens.ids.get(token).copied().unwrap_or(0);
+        let id = match self.ids_known {
+            true => self.tokens.ids.get(token).copied().unwrap_or(0).to_string(),
+            false => "?".to_string(),
+        };
         if self.tokens.batch > 1 {
             format!("b{b} s{s} #{id}")
         } else {

@@ -739,3 +739,27 @@ fn dsa_view_recomputes_the_margin_of_a_dump_without_one() {
     app.token = 0;
     assert!(screen(&app, &src, 100, 30).contains("q0: margin none (every causal key kept)"));
 }
+
+/// The spec requires no name, `input_ids` neither: a dump without it opens (it was refused with
+/// "no tensor `input_ids`"), its tokens laid out by its hook points' `[B, S, ...]`, their ids
+/// the reference's where it has them, else unknown (`#?`).
+#[test]
+fn a_dump_without_input_ids_opens_with_its_positions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = Path::new("golden/flat/reference.safetensors");
+    let no_ids = common::edit_dump(golden, &tmp.path().join("no-ids.st"), |t| t.retain(|(n, _, _)| n != "input_ids"));
+    let ids = Dump::open(golden).unwrap().tokens().unwrap();
+    let alone = DumpSource::new("x".into(), Dump::open(&no_ids).unwrap(), None, &DiffOptions::default()).unwrap();
+    assert_eq!(alone.tokens(), ids.seq);
+    assert_eq!(alone.token_label(3), "s3 #?");
+    let reference = Some(Dump::open(golden).unwrap());
+    let both = DumpSource::new("x".into(), Dump::open(&no_ids).unwrap(), reference, &DiffOptions::default()).unwrap();
+    assert_eq!(both.token_label(3), format!("s3 #{}", ids.ids[3]));
+    let app = at_layer(&both, 3);
+    assert!(screen(&app, &both, 80, 24).contains("q quit"));
+    // Nothing to lay tokens out by: said, naming the file.
+    let nothing =
+        common::edit_dump(golden, &tmp.path().join("none.st"), |t| t.retain(|(n, _, _)| n.ends_with(".moe.topk_ids")));
+    let err = DumpSource::new("x".into(), Dump::open(&nothing).unwrap(), None, &DiffOptions::default()).err().unwrap();
+    assert!(err.to_string().contains("none.st") && err.to_string().contains("holds neither `input_ids`"), "{err}");
+}
