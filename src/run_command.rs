@@ -48,6 +48,9 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
         (_, _, _, Some(d)) => d.tokens_for(ckpt.config.vocab_size)?,
         _ => return Err(Error::Usage("give --tokens, --prompt, --tokens-from or --from-dump".into())),
     };
+    if mtp_head.is_some() {
+        glimpse::model::mtp::check_positions(tokens.seq)?;
+    }
     // The hidden state it starts from is its own tokens': a dump naming others would lie.
     if let Some(d) = from.as_ref().filter(|d| d.contains("input_ids")) {
         if d.tokens()? != tokens {

@@ -185,3 +185,13 @@ fn verify_checks_the_mtp_head_on_the_device_path_and_stream_refuses_it() {
     let (code, text) = common::code_and_text(&["verify", "--model", model, "--stream", "--layers", "0..2"]);
     assert_eq!(code, 0, "{text}");
 }
+
+/// `run --mtp` of one token is refused before the model runs (it ran the whole model, printed
+/// its next token, then failed).
+#[test]
+fn run_mtp_of_one_token_is_refused_before_the_run() {
+    let dir = case();
+    let o = common::glimpse(&["run", "--model", dir.to_str().unwrap(), "--tokens", "5", "--mtp"]);
+    common::assert_error(&o, "the MTP head needs at least 2 tokens");
+    assert!(o.stdout.is_empty(), "{}", String::from_utf8_lossy(&o.stdout));
+}

@@ -70,11 +70,7 @@ impl Mtp {
     pub fn forward(&self, model: &Model, hidden: &Tensor, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
         let s = tokens.seq;
         let (b, pairs, _) = hidden.dims3()?;
-        if s < 2 {
-            return Err(Error::Usage(format!(
-                "the MTP head needs at least 2 tokens (it pairs each token with the hidden state before it), got {s}"
-            )));
-        }
+        check_positions(s)?;
         if (b, pairs) != (tokens.batch, s - 1) {
             return Err(Error::Usage(format!(
                 "the MTP head needs {} x {} hidden states for {} x {s} tokens, got {b} x {pairs}",
@@ -134,5 +130,16 @@ impl Mtp {
         let logits = logits.reshape((b, c, ()))?; // [B, C, vocab]
         emit(obs, HookPoint::MtpLogits, || Ok(logits.clone()))?;
         Ok(logits)
+    }
+}
+
+/// The MTP head pairs each token with the hidden state before it: a row of one token has no pair.
+/// (`run --mtp` asks before the main model runs.)
+pub fn check_positions(seq: usize) -> Result<()> {
+    match seq {
+        0 | 1 => Err(Error::Usage(format!(
+            "the MTP head needs at least 2 tokens (it pairs each token with the hidden state before it), got {seq}"
+        ))),
+        _ => Ok(()),
     }
 }
