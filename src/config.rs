@@ -365,6 +365,10 @@ impl Config {
     pub fn qk_head_dim(&self) -> usize {
         self.qk_nope_head_dim + self.qk_rope_head_dim
     }
+    /// Rows of `kv_b_proj`: each head's no-RoPE key, then its value, from the latent.
+    pub fn kv_b_dim(&self) -> usize {
+        self.num_attention_heads * (self.qk_nope_head_dim + self.v_head_dim)
+    }
     pub fn experts_per_group(&self) -> usize {
         self.n_routed_experts / self.n_group.max(1)
     }

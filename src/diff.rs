@@ -113,6 +113,9 @@ pub struct DiffReport {
     pub bf16_first: Option<(String, [bool; 2])>,
 }
 
+/// What `diff` says of two dumps that share nothing but their tokens.
+const TOKENS_ONLY: &str = "nothing compared but input_ids: the dumps share no hook point";
+
 impl DiffReport {
     /// Whether every tensor both hold matches, and ours does not hold spec hook points under
     /// other names ([`DiffReport::misnamed`]): a partial recording matches, a misnamed one not.
@@ -126,8 +129,7 @@ impl DiffReport {
         if let Some(m) = self.misnamed() {
             return Some(format!("the spec's hook points are not compared: {m}"));
         }
-        crate::compare::tokens_only(&self.results)
-            .then(|| "nothing compared but input_ids: the dumps share no hook point".into())
+        crate::compare::tokens_only(&self.results).then(|| TOKENS_ONLY.into())
     }
 
     /// What ours's own names say of the spec hook points it lacks, where they say it holds
@@ -418,10 +420,7 @@ impl DiffReport {
                     out += &format!("  {}\n", o.reading());
                 }
             }
-            None if self.results.is_empty() => out += "no tensor names in common\n",
-            None if crate::compare::tokens_only(&self.results) => {
-                out += "nothing compared but input_ids: the dumps share no hook point\n"
-            }
+            None if crate::compare::tokens_only(&self.results) => out += &format!("{TOKENS_ONLY}\n"),
             None if !missing.is_empty() => {
                 out += &format!("no divergence in the {} tensors both hold\n", self.results.len())
             }
@@ -519,8 +518,10 @@ impl DiffReport {
             }
         };
         // (All that was compared may match and the dumps still not: say so where the count ends.)
-        let tokens_only = crate::compare::tokens_only(&self.results);
-        let not_passed = if bad == 0 && tokens_only { "; not passed: nothing compared but input_ids" } else { "" };
+        let not_passed = match bad == 0 && crate::compare::tokens_only(&self.results) {
+            true => "; not passed: nothing compared but input_ids",
+            false => "",
+        };
         out += &format!(
             "{} of {} common tensors match{unmatched}{not_passed}\n",
             self.results.len() - bad,

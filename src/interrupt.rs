@@ -1,8 +1,9 @@
 //! Ctrl-C during long work that can stop cleanly: the first SIGINT (or SIGTERM, which a CI's
 //! cancel and `timeout` send) asks it to stop at its next checkpoint: a resumable `run --dump`
 //! after the layer being computed, made durable (the command says how to `--resume`);
-//! `generate` after the step in progress, keeping its tokens and dump. A second signal ends the
-//! process at once, as the default action does. Elsewhere both keep their default action.
+//! `generate` after the step in progress, keeping its tokens and dump; `audit --prompts` after
+//! the prompt in progress, auditing those run. A second signal ends the process at once, as the
+//! default action does. Elsewhere both keep their default action.
 
 #[cfg(unix)]
 mod imp {

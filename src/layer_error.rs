@@ -2,8 +2,9 @@
 //! how many of its tensors are outside the tolerance, and its routing and DSA flips by class.
 //! Where every layer is somewhat off (a quantised twin, a bf16 port) the first divergence is
 //! layer 0's rounding; the table marks where to look for a bug: a layer whose output error jumps
-//! against the one before, and (in `diff`, which measures flips against both dumps' scores:
-//! `flips::add_movement`) one with flips one rule cannot make.
+//! against the one before, and one with flips one rule cannot make (`diff` measures flips against
+//! both dumps' scores, `flips::add_movement`; `verify` the reference's against its own,
+//! `flips::reference_rule_breaks`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;

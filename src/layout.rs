@@ -82,7 +82,7 @@ pub fn released_layout(cfg: &Config, mtp: bool) -> Vec<WeightSpec> {
         linear(format!("{a}.q_a_proj"), cfg.q_lora_rank, h);
         linear(format!("{a}.q_b_proj"), nh * cfg.qk_head_dim(), cfg.q_lora_rank);
         linear(format!("{a}.kv_a_proj_with_mqa"), cfg.kv_a_dim(), h);
-        linear(format!("{a}.kv_b_proj"), nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank);
+        linear(format!("{a}.kv_b_proj"), cfg.kv_b_dim(), cfg.kv_lora_rank);
         linear(format!("{a}.o_proj"), h, nh * cfg.v_head_dim);
         push(format!("{a}.q_a_layernorm.weight"), vec![cfg.q_lora_rank], Kind::NormWeight);
         push(format!("{a}.kv_a_layernorm.weight"), vec![cfg.kv_lora_rank], Kind::NormWeight);

@@ -518,6 +518,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(exit(ok))
         }
         Command::Synth { config, preset, layers, experts, vocab, dtype, shards, mtp, seed, out } => {
+            let source = config.clone();
             let config = match (config, preset) {
                 (Some(path), _) => {
                     let bytes = glimpse::st::read_input(&path)?;
@@ -526,7 +527,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 _ => synth::preset_glm5(),
             };
             let opts = SynthOptions { config, layers, experts, vocab, dtype, shards, mtp, seed, out: out.clone() };
-            let cfg = synth::synth(&opts)?;
+            // A field the config file got wrong is named with the file.
+            let cfg = synth::synth(&opts).map_err(|e| match (e, &source) {
+                (e @ Error::Config { .. }, Some(path)) => {
+                    Error::Context { context: path.display().to_string(), source: Box::new(e) }
+                }
+                (e, _) => e,
+            })?;
             println!(
                 "wrote a {}-layer random checkpoint ({} experts, vocab {}, {}) to {}",
                 cfg.num_hidden_layers,

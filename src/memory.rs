@@ -55,7 +55,9 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         },
     };
     match num.parse::<f64>() {
-        Ok(x) if x > 0.0 && x.is_finite() => Ok((x * mul) as u64),
+        // Under one byte (`0.5`, a fraction without its unit) would refuse every run.
+        Ok(x) if x.is_finite() && x * mul >= 1.0 => Ok((x * mul) as u64),
+        Ok(x) if x > 0.0 && x.is_finite() => Err(format!("\"{s}\" is less than a byte (a unit missing? 16G)")),
         _ => Err(format!("\"{s}\" is not a size like 500M, 16G or 16GiB")),
     }
 }
@@ -448,5 +450,7 @@ mod tests {
         assert_eq!(parse_size("100B"), Ok(100));
         assert!(parse_size("-1G").is_err() && parse_size("lots").is_err() && parse_size("").is_err());
         assert!(parse_size("5X").is_err() && parse_size("5GiBB").is_err() && parse_size("G").is_err());
+        assert_eq!(parse_size("0.5"), Err("\"0.5\" is less than a byte (a unit missing? 16G)".into()));
+        assert!(parse_size("0").is_err() && parse_size("1.5") == Ok(1));
     }
 }

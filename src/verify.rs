@@ -1,5 +1,7 @@
 //! `verify`: run a reference dump's `input_ids` through the model and compare every tensor the dump
-//! holds, as it is produced (nothing is kept but the verdicts, so memory does not grow with depth).
+//! holds, as it is produced (what is kept is the verdicts, each layer's selection margins and the
+//! final norm the MTP head starts from: no layer's activations, so memory does not grow with
+//! depth).
 //! `isolate` feeds every layer the reference's own input, so an error in one layer is measured in
 //! that layer alone instead of spreading down the stack.
 

@@ -1,8 +1,8 @@
 //! Tokens x chosen experts of the selected MoE layer, with weights and margins; rows whose
 //! expert set differs from the reference are flips, shown in red with both sides' margins
-//! (`ours (ref)`), their class (`~` near-tie, `!` real, `?` unknown, by those margins) and what
-//! differs: `-` the experts only the reference chose, `+` those only we chose (as the DSA view
-//! marks keys).
+//! (`ours (ref)`), their class (`~` near-tie, `!` real, `?` unknown, by those margins; `R` one
+//! no rule makes) and what differs: `-` the experts only the reference chose, `+` those only we
+//! chose (as the DSA view marks keys).
 
 use ratatui::layout::{Constraint, Rect};
 use ratatui::style::{Color, Modifier, Style};
