@@ -310,11 +310,18 @@ pub fn dequantize_blocks(
     let [rows, cols] = shape else {
         return Err(format!("FP8 weight must be 2-D, got shape {shape:?}"));
     };
+    if br == 0 || bc == 0 {
+        return Err(format!("FP8 blocks must be positive, got {br}x{bc}"));
+    }
     let want = [rows.div_ceil(br), cols.div_ceil(bc)];
     if scale_shape != want {
         return Err(format!(
             "weight_scale_inv has shape {scale_shape:?}, expected {want:?} for {br}x{bc} blocks of {shape:?}"
         ));
+    }
+    // (A weight of no columns has nothing to scale: `chunks_exact_mut(0)` would panic.)
+    if *cols == 0 {
+        return Ok(());
     }
     for (i, row) in w.chunks_exact_mut(*cols).enumerate() {
         let srow = &scale[(i / br) * want[1]..(i / br + 1) * want[1]];
@@ -405,5 +412,8 @@ mod tests {
         assert_eq!((w[575 * 3], w[512 * 3], w[511 * 3]), (4.0, 4.0, 3.0));
         let err = dequantize_blocks(&mut w, &[576, 3], &scale, &[4, 1], [128, 128]).unwrap_err();
         assert!(err.contains("expected [5, 1]"), "{err}");
+        // No columns, or no block size: nothing to scale, or said; no panic.
+        dequantize_blocks(&mut [], &[4, 0], &[], &[1, 0], [128, 128]).unwrap();
+        assert!(dequantize_blocks(&mut w, &[576, 3], &scale, &[5, 1], [0, 128]).unwrap_err().contains("positive"));
     }
 }

@@ -322,7 +322,11 @@ impl Config {
                 format!("must be at least qk_rope_head_dim ({}), got {}", self.qk_rope_head_dim, self.index_head_dim),
             ));
         }
-        if self.has_moe() {
+        if self.mlp_layer_types.contains(&MlpKind::Dense) && self.intermediate_size == 0 {
+            return Err(Error::config("intermediate_size", "must be positive: the dense layers' MLP width"));
+        }
+        // The MTP layer is a MoE layer whatever the main layers are.
+        if self.has_moe() || self.num_nextn_predict_layers > 0 {
             let e = self.n_routed_experts;
             if e == 0 || self.num_experts_per_tok == 0 || self.moe_intermediate_size == 0 {
                 return Err(Error::config(
@@ -702,5 +706,17 @@ mod tests {
             let e = read(serde_json::json!({ field: null })).unwrap_err();
             assert!(e.contains(field) && e.contains("got null"), "{e}");
         }
+    }
+
+    /// Sizes a model's own layers would divide by or allocate from: dense layers need their MLP
+    /// width, and an MTP layer (always MoE) its experts even when every main layer is dense.
+    #[test]
+    fn widths_the_layers_use_are_checked() {
+        let e = read(serde_json::json!({ "first_k_dense_replace": 1, "intermediate_size": 0 })).unwrap_err();
+        assert!(e.contains("intermediate_size") && e.contains("dense layers"), "{e}");
+        assert!(read(serde_json::json!({ "first_k_dense_replace": 0, "intermediate_size": 0 })).is_ok());
+        let dense_with_mtp = |n: usize| serde_json::json!({ "num_hidden_layers": 2, "first_k_dense_replace": 2, "num_nextn_predict_layers": n, "n_routed_experts": 0 });
+        assert!(read(dense_with_mtp(0)).is_ok());
+        assert!(read(dense_with_mtp(1)).unwrap_err().contains("MoE layers need experts"));
     }
 }
