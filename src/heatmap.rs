@@ -7,21 +7,11 @@ use std::fmt::Write;
 
 use crate::audit::Audit;
 
-/// A perceptual ramp from dark blue (idle) through teal and green to yellow (overloaded).
+/// A perceptual ramp from dark blue (idle) through teal and green to yellow (overloaded): the
+/// terminal UI's.
 fn colour(t: f64) -> String {
-    const STOPS: [(f64, [f64; 3]); 5] = [
-        (0.0, [68.0, 1.0, 84.0]),
-        (0.25, [59.0, 82.0, 139.0]),
-        (0.5, [33.0, 145.0, 140.0]),
-        (0.75, [94.0, 201.0, 98.0]),
-        (1.0, [253.0, 231.0, 37.0]),
-    ];
-    let t = t.clamp(0.0, 1.0);
-    let i = STOPS.iter().position(|(s, _)| *s >= t).unwrap_or(4).max(1);
-    let ((s0, c0), (s1, c1)) = (STOPS[i - 1], STOPS[i]);
-    let f = (t - s0) / (s1 - s0);
-    let c: Vec<u8> = (0..3).map(|k| (c0[k] + f * (c1[k] - c0[k])).round() as u8).collect();
-    format!("#{:02x}{:02x}{:02x}", c[0], c[1], c[2])
+    let (r, g, b) = glimpse_tui::views::heat_rgb(t);
+    format!("#{r:02x}{g:02x}{b:02x}")
 }
 
 /// The colour of an expert no token chose.

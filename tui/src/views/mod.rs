@@ -37,6 +37,13 @@ pub fn first_row(scroll: usize, selected: usize, visible: usize, len: usize) -> 
 
 /// A colour ramp for heatmaps: 0 = idle (dark blue) .. 0.5 = typical (teal) .. 1 = hot (yellow).
 pub fn heat(t: f64) -> Color {
+    let (r, g, b) = heat_rgb(t);
+    Color::Rgb(r, g, b)
+}
+
+/// [`heat`]'s red, green and blue (viridis' five stops, linearly between them): the TUI's and
+/// `audit --heatmap`'s SVG ramp.
+pub fn heat_rgb(t: f64) -> (u8, u8, u8) {
     const STOPS: [(u8, u8, u8); 5] = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)];
     let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 };
     let x = t * 4.0;
@@ -44,7 +51,7 @@ pub fn heat(t: f64) -> Color {
     let f = x - i as f64;
     let (a, b) = (STOPS[i], STOPS[i + 1]);
     let mix = |p: u8, q: u8| (p as f64 + f * (q as f64 - p as f64)).round() as u8;
-    Color::Rgb(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+    (mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
 /// A heatmap cell: a shade character whose density and colour both follow `t` in 0..=1, so the
