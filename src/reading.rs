@@ -134,6 +134,7 @@ impl DiffReport {
                     if 1.0 - cosine * cosine < 1e-4 { "a constant factor apart" } else { "mostly a factor apart" };
                 Some(format!("ours = {scale:.4} x reference, cosine {cosine:.6}: {how}"))
             }
+            Detail::Float { .. } if self.notes.mask.is_some() => self.notes.mask.map(|m| m.reading()),
             Detail::Float { .. } => self.notes.tail.map(Tail::reading),
             // Rows that kept fewer distinct causal keys than the other side: no rule's choice.
             Detail::Sets { flips, .. } if flips.iter().any(|f| f.fewer_keys().is_some()) => {
@@ -287,6 +288,63 @@ pub struct Notes {
     pub not_reused: Option<usize>,
     /// A float difference that looks like rounding's tail (`compare::Tail`).
     pub tail: Option<Tail>,
+    /// For indexer scores: causal keys one side masked (`-inf`) and the other scored.
+    pub mask: Option<Mask>,
+}
+
+/// Causal keys of `dsa.scores` (`[B, S, T]`) that one side masked and the other scored: a causal
+/// mask off by one shows as ours masking each query's own key, which no position-wise reading
+/// (RoPE, YaRN) explains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mask {
+    /// Masked by ours only, and of those on the diagonal (a query's own key).
+    pub ours: usize,
+    pub diagonal: usize,
+    /// Masked by the reference only.
+    pub reference: usize,
+    /// The queries (`B x S`): an off-by-one mask masks the diagonal of most of them.
+    pub queries: usize,
+}
+
+impl Mask {
+    fn of(ours: &[f32], reference: &[f32], shape: &[usize]) -> Option<Mask> {
+        let &[b, s, t] = shape else { return None };
+        if s == 0 || t < s || ours.len() != reference.len() {
+            return None;
+        }
+        let mut m = Mask { ours: 0, diagonal: 0, reference: 0, queries: b * s };
+        for (i, (&a, &e)) in ours.iter().zip(reference).enumerate() {
+            let (q, k) = ((i / t) % s, i % t);
+            let own = t - s + q;
+            if k > own {
+                continue;
+            }
+            match (a == f32::NEG_INFINITY, e == f32::NEG_INFINITY) {
+                (true, false) if !e.is_nan() => {
+                    m.ours += 1;
+                    m.diagonal += usize::from(k == own);
+                }
+                (false, true) if !a.is_nan() => m.reference += 1,
+                _ => {}
+            }
+        }
+        (m.ours + m.reference > 0).then_some(m)
+    }
+
+    pub fn reading(&self) -> String {
+        let theirs = match self.reference {
+            0 => String::new(),
+            n => format!("; the reference masks {n} that ours scores"),
+        };
+        match (self.ours, self.diagonal) {
+            (0, _) => format!("the reference masks {} causal keys ours scores", self.reference),
+            (n, d) if n == d && 2 * d > self.queries => format!(
+                "ours masks {n} causal keys the reference scores, every one a query's own key (the diagonal): a \
+                 causal mask off by one (`<` for `<=`){theirs}"
+            ),
+            (n, d) => format!("ours masks {n} causal keys the reference scores ({d} on the diagonal){theirs}"),
+        }
+    }
 }
 
 impl Notes {
@@ -327,7 +385,13 @@ impl Notes {
             WeightsRule::of(&logits, &ids, ours, rc, bias, opts.tol_for(name))
         };
         let weights_rule = weights_rule();
-        Notes { onset, weights_rule, not_reused: None, tail }
+        let mask = match point {
+            Some(HookPoint::Layer(_, LayerHook::DsaScores)) => Mask::of(ours, reference, &shape),
+            _ => None,
+        };
+        // A mask's keys, not positions, part the two: the onset's reading (RoPE) would mislead.
+        let onset = onset.filter(|_| mask.is_none());
+        Notes { onset, weights_rule, not_reused: None, tail, mask }
     }
 
     /// For the selection `name` of a shared-indexer layer (with `--model`'s config): the layer
@@ -510,5 +574,30 @@ mod tests {
         }
         // Weights no variant makes: nothing said.
         assert_eq!(WeightsRule::of(&logits, &ids, &[1.0; 4], &rc, &bias, tol), None);
+    }
+
+    /// Indexer scores one side masked at causal keys: a mask that drops each query's own key is
+    /// read as one off by one; a single masked key is only counted.
+    #[test]
+    fn masked_causal_keys_are_read() {
+        let inf = f32::NEG_INFINITY;
+        // [1, 4, 4], lower triangle scored; ours masks the diagonal of queries 1-3.
+        let reference: Vec<f32> = (0..16).map(|i| if i % 4 <= i / 4 { i as f32 } else { inf }).collect();
+        let mut ours = reference.clone();
+        for q in 1..4 {
+            ours[q * 4 + q] = inf;
+        }
+        let m = Mask::of(&ours, &reference, &[1, 4, 4]).unwrap();
+        assert_eq!((m.ours, m.diagonal, m.reference), (3, 3, 0));
+        assert!(m.reading().contains("every one a query's own key (the diagonal): a causal mask off by one"));
+        let mut one = reference.clone();
+        one[2 * 4 + 1] = inf;
+        let m = Mask::of(&one, &reference, &[1, 4, 4]).unwrap();
+        assert_eq!(m.reading(), "ours masks 1 causal keys the reference scores (0 on the diagonal)");
+        assert_eq!(
+            Mask::of(&reference, &one, &[1, 4, 4]).unwrap().reading(),
+            "the reference masks 1 causal keys ours scores"
+        );
+        assert_eq!(Mask::of(&reference, &reference, &[1, 4, 4]), None);
     }
 }
