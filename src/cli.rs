@@ -166,6 +166,12 @@ pub(crate) enum Command {
         /// Write the layer x expert load heatmap here (SVG).
         #[arg(long)]
         heatmap: Option<PathBuf>,
+        /// Write every token's routing here as CSV, one line per token and MoE layer:
+        /// `run,row,position,token,layer,experts,weights,margin` (`run` the dump or prompt line in
+        /// order from 0; experts and weights space-separated in the order chosen; margin the k-th
+        /// minus the (k+1)-th biased score, empty where unknown): which tokens an expert takes.
+        #[arg(long)]
+        routes: Option<PathBuf>,
         /// Where the prompts run (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
         #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         device: Backend,
@@ -365,10 +371,10 @@ impl Command {
             Command::Run(RunArgs { dump, .. }) | Command::Generate { dump, .. } => {
                 named("--dump", dump).into_iter().collect()
             }
-            Command::Audit { csv, heatmap, .. } => {
+            Command::Audit { csv, heatmap, routes, .. } => {
                 // (`--csv -` is standard output, no file.)
                 let csv = named("--csv", csv).filter(|(_, p)| p.as_os_str() != "-");
-                [csv, named("--heatmap", heatmap)].into_iter().flatten().collect()
+                [csv, named("--heatmap", heatmap), named("--routes", routes)].into_iter().flatten().collect()
             }
             _ => Vec::new(),
         }

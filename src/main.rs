@@ -376,7 +376,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(exit(report.all_match()))
         }
-        Command::Audit { model, prompts, text, dumps, against, json, csv, heatmap, device, gpu } => {
+        Command::Audit { model, prompts, text, dumps, against, json, csv, heatmap, routes, device, gpu } => {
             if let Some(p) = heatmap.as_ref().filter(|p| !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")))
             {
                 return Err(Error::Usage(format!("--heatmap {}: the heatmap is SVG; name a .svg file", p.display())));
@@ -396,21 +396,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 None => Some(glimpse::audit::expert_count(&[dumps.as_slice(), against.as_slice()].concat())?),
             };
             let lines = if text { glimpse::audit::Lines::Text } else { glimpse::audit::Lines::Auto };
-            let audit = glimpse::audit::collect(
-                model.as_deref(),
-                prompts.as_deref().map(|p| (p, lines)),
-                &dumps,
+            let mut routes = routes.as_deref().map(glimpse::audit::Routes::create).transpose()?;
+            let opts = glimpse::audit::CollectOptions {
                 experts,
                 max_memory,
                 target,
-                sets,
-            )?;
+                keep_sets: sets,
+                routes: routes.as_mut(),
+            };
+            let audit =
+                glimpse::audit::collect(model.as_deref(), prompts.as_deref().map(|p| (p, lines)), &dumps, opts)?;
+            if let Some(r) = routes {
+                r.finish()?;
+            }
             let reference = match against.is_empty() {
                 true => None,
                 false => {
                     // Counts only: the shift needs no routers, so the model is not loaded again.
                     let experts = glimpse::audit::ExpertCount { n: audit.experts, guessed: audit.experts_guessed };
-                    Some(glimpse::audit::collect(None, None, &against, Some(experts), max_memory, target, sets)?)
+                    let opts = glimpse::audit::CollectOptions {
+                        experts: Some(experts),
+                        max_memory,
+                        target,
+                        keep_sets: sets,
+                        routes: None,
+                    };
+                    Some(glimpse::audit::collect(None, None, &against, opts)?)
                 }
             };
             if let Some(r) = &reference {

@@ -462,3 +462,70 @@ fn audit_reports_the_load_without_the_bias() {
     assert!(csv.starts_with("layer,expert,") && !csv.contains("note"), "{csv}");
     assert!(err.contains(&format!("glimpse: note: {note}")), "{err}");
 }
+
+/// `--routes`: every token's routing, one line per token and MoE layer, as the dump recorded it
+/// (ids and weights in the order chosen) with its margin recomputed from the gate logits and
+/// the checkpoint's bias (golden/flat routes flat, top-4 of 16: the 4th minus the 5th of
+/// `sigmoid(logit) + bias`, computed here); a live run of the same tokens writes the same lines.
+#[test]
+fn audit_writes_every_tokens_routing() {
+    use glimpse::dump::{Dump, Values};
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = "golden/flat/reference.safetensors";
+    let csv = tmp.path().join("routes.csv");
+    assert_ok(&glimpse(&["audit", "--dump", golden, "--model", "golden/flat", "--routes", csv.to_str().unwrap()]));
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "run,row,position,token,layer,experts,weights,margin");
+    let d = Dump::open(Path::new(golden)).unwrap();
+    let tokens = d.tokens().unwrap();
+    assert_eq!(lines.len(), 1 + 3 * tokens.seq, "three MoE layers of 32 tokens");
+    let ckpt = glimpse::checkpoint::Checkpoint::open(Path::new("golden/flat")).unwrap();
+    let floats = |name: &str| match d.values(name).unwrap() {
+        (Values::F32(v), _) => v,
+        _ => panic!("{name}"),
+    };
+    for (n, line) in lines[1..].iter().enumerate() {
+        let (layer, t) = (2 + n / tokens.seq, n % tokens.seq);
+        let f: Vec<&str> = line.split(',').collect();
+        assert_eq!(&f[..5], ["0", "0", &t.to_string(), &tokens.ids[t].to_string(), &layer.to_string()], "{line}");
+        let Values::I64(ids) = d.values(&format!("layers.{layer}.moe.topk_ids")).unwrap().0 else { panic!() };
+        let experts: Vec<String> = ids[t * 4..t * 4 + 4].iter().map(i64::to_string).collect();
+        assert_eq!(f[5], experts.join(" "), "{line}");
+        let weights: Vec<f32> = f[6].split(' ').map(|w| w.parse().unwrap()).collect();
+        assert_eq!(weights, floats(&format!("layers.{layer}.moe.topk_weights"))[t * 4..t * 4 + 4], "{line}");
+        let (bias, _) = ckpt.f32(&format!("model.layers.{layer}.mlp.gate.e_score_correction_bias")).unwrap();
+        let logits = floats(&format!("layers.{layer}.moe.router_logits"));
+        let mut biased: Vec<f32> =
+            logits[t * 16..t * 16 + 16].iter().zip(&bias).map(|(l, b)| 1.0 / (1.0 + (-l).exp()) + b).collect();
+        biased.sort_by(|a, b| b.total_cmp(a));
+        let margin: f32 = f[7].parse().unwrap();
+        approx::assert_abs_diff_eq!(margin, biased[3] - biased[4], epsilon = 1e-6);
+    }
+    // An audit that fails leaves neither the file nor its temporary one.
+    let failed = tmp.path().join("failed.csv");
+    let args = ["audit", "--dump", golden, "--dump", "golden/mtp/reference.safetensors", "--routes"];
+    assert_error(&glimpse(&[&args[..], &[failed.to_str().unwrap()]].concat()), "another config.json");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.iter().all(|n| !n.to_string_lossy().starts_with("failed")), "{left:?}");
+    // The same tokens live: the same experts (as sets: each run lists them in its own order).
+    let prompts = tmp.path().join("p.txt");
+    let ids: Vec<String> = tokens.ids.iter().map(u32::to_string).collect();
+    std::fs::write(&prompts, ids.join(",")).unwrap();
+    let live = tmp.path().join("live.csv");
+    let args =
+        ["audit", "--prompts", prompts.to_str().unwrap(), "--model", "golden/flat", "--routes", live.to_str().unwrap()];
+    assert_ok(&glimpse(&args));
+    let live = std::fs::read_to_string(&live).unwrap();
+    assert_eq!(live.lines().count(), lines.len());
+    for (a, b) in live.lines().zip(&lines).skip(1) {
+        let (a, b): (Vec<&str>, Vec<&str>) = (a.split(',').collect(), b.split(',').collect());
+        assert_eq!(a[..5], b[..5], "{a:?} {b:?}");
+        let set = |s: &str| {
+            let mut v: Vec<u32> = s.split(' ').map(|x| x.parse().unwrap()).collect();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(set(a[5]), set(b[5]), "{a:?} {b:?}");
+    }
+}

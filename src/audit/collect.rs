@@ -3,11 +3,13 @@
 //! of `moe.topk_ids` a token, `k` distinct experts in range, the same `k` in every run, one
 //! bias-changed flag a token.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 
+use super::routes::{LayerRoutes, Routes};
 use super::{Audit, Run};
 use crate::checkpoint::Checkpoint;
 use crate::config::MAX_EXPERTS;
@@ -26,11 +28,35 @@ pub struct AuditObserver<'a> {
     /// The model's routers: with the gate logits, the experts each token would choose without
     /// the correction bias.
     routers: Option<&'a Routers>,
+    /// With `--routes`: each layer's ids, weights and margins of this run, written once it ends.
+    routed: Option<BTreeMap<usize, Routed>>,
+}
+
+/// One layer's routing of a run, for `--routes`.
+#[derive(Default)]
+struct Routed {
+    ids: Vec<i64>,
+    k: usize,
+    weights: Option<Vec<f32>>,
+    margin: Option<Vec<f32>>,
 }
 
 impl<'a> AuditObserver<'a> {
-    pub fn new(audit: &'a mut Audit, prompts: usize, routers: Option<&'a Routers>) -> Self {
-        AuditObserver { audit, prompts, ids: None, routers }
+    /// `routes`: keep each token's routing for a `--routes` file ([`AuditObserver::write_routes`]).
+    pub fn new(audit: &'a mut Audit, prompts: usize, routers: Option<&'a Routers>, routes: bool) -> Self {
+        AuditObserver { audit, prompts, ids: None, routers, routed: routes.then(BTreeMap::new) }
+    }
+
+    /// Writes the run's routing kept for `--routes`, layer by layer.
+    pub fn write_routes(&self, routes: &mut Routes, tokens: &Tokens) -> Result<()> {
+        let run = routes.runs;
+        for (&layer, r) in self.routed.iter().flatten() {
+            let l =
+                LayerRoutes { layer, ids: &r.ids, k: r.k, weights: r.weights.as_deref(), margin: r.margin.as_deref() };
+            routes.layer(run, tokens.batch, Some(tokens), &l)?;
+        }
+        routes.runs += 1;
+        Ok(())
     }
 }
 
@@ -38,6 +64,7 @@ impl Observer for AuditObserver<'_> {
     fn wants(&self, point: HookPoint) -> bool {
         match point {
             HookPoint::Layer(_, LayerHook::TopkIds | LayerHook::BiasChanged) => true,
+            HookPoint::Layer(_, LayerHook::TopkWeights | LayerHook::RouterMargin) => self.routed.is_some(),
             HookPoint::Layer(i, LayerHook::RouterLogits) => self.routers.is_some_and(|r| r.layer(i).is_some()),
             _ => false,
         }
@@ -53,7 +80,22 @@ impl Observer for AuditObserver<'_> {
             // The forward pass reports ids, then the bias flags of the same layer.
             HookPoint::Layer(i, LayerHook::TopkIds) => {
                 let k = value.dims().last().copied().unwrap_or(1);
-                self.ids = Some((i, value.flatten_all()?.to_vec1::<i64>()?, k));
+                let ids = value.flatten_all()?.to_vec1::<i64>()?;
+                if let Some(routed) = &mut self.routed {
+                    let r = routed.entry(i).or_default();
+                    (r.ids, r.k) = (ids.clone(), k);
+                }
+                self.ids = Some((i, ids, k));
+            }
+            HookPoint::Layer(i, h @ (LayerHook::TopkWeights | LayerHook::RouterMargin)) => {
+                if let Some(routed) = &mut self.routed {
+                    let v = Some(value.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
+                    let r = routed.entry(i).or_default();
+                    match h {
+                        LayerHook::TopkWeights => r.weights = v,
+                        _ => r.margin = v,
+                    }
+                }
             }
             HookPoint::Layer(i, LayerHook::BiasChanged) => {
                 let flags = value.flatten_all()?.to_vec1::<i64>()?;
@@ -71,18 +113,13 @@ impl Observer for AuditObserver<'_> {
 /// recorded dumps. The checkpoint, when given, supplies the expert count, each expert's bias
 /// (the MTP layer's too) and lets dumps without `moe.bias_changed` flags have them recomputed
 /// from their router logits; the model itself is loaded only to run prompts.
-/// `experts` overrides the expert count (`audit --against` gives the audited side's, and without
-/// a checkpoint both sides' [`expert_count`]), else it comes from the checkpoint, else from the
-/// dumps.
 pub fn collect(
     model_dir: Option<&Path>,
     prompts: Option<(&Path, Lines)>,
     dumps: &[PathBuf],
-    experts: Option<ExpertCount>,
-    max_memory: Option<u64>,
-    target: crate::device::Target,
-    keep_sets: bool,
+    opts: CollectOptions,
 ) -> Result<Audit> {
+    let CollectOptions { experts, max_memory, target, keep_sets, mut routes } = opts;
     let ckpt = model_dir.map(Checkpoint::open).transpose()?;
     // Prompts are read and encoded before the model is loaded, so the memory check sees them.
     let prompt_tokens = match (prompts, model_dir) {
@@ -135,7 +172,7 @@ pub fn collect(
     audit.experts_guessed = experts.guessed;
     audit.mtp_layer = ckpt.as_ref().map(|c| c.config.num_hidden_layers);
     if let (Some(m), Some((path, _))) = (&model, prompts) {
-        run_prompts(&mut audit, routers.as_ref(), m, prompt_tokens, path, target)?;
+        run_prompts(&mut audit, routers.as_ref(), m, (prompt_tokens, path), target, routes.as_deref_mut())?;
     }
     let mut seen: Vec<(PathBuf, &Path, Option<String>)> = Vec::new();
     let mut routed: Vec<(u64, &Path)> = Vec::new();
@@ -167,7 +204,7 @@ pub fn collect(
             }
         }
         // Another file of the same routing (a copy, the same prompts run twice) counts twice: said.
-        let routing = add_dump(&mut audit, &d, routers.as_ref())?;
+        let routing = add_dump(&mut audit, &d, routers.as_ref(), routes.as_deref_mut())?;
         if let Some((_, first)) = routed.iter().find(|(r, _)| *r == routing) {
             eprintln!(
                 "glimpse: warning: {} routes every token as {} does (a copy? the same prompts again?): both are counted",
@@ -190,6 +227,21 @@ pub fn collect(
         }
     }
     Ok(audit)
+}
+
+/// How [`collect`] counts, runs and what else it writes.
+pub struct CollectOptions<'a> {
+    /// Overrides the expert count (`audit --against` gives the audited side's, and without a
+    /// checkpoint both sides' [`expert_count`]); else it comes from the checkpoint, else from the
+    /// dumps.
+    pub experts: Option<ExpertCount>,
+    pub max_memory: Option<u64>,
+    /// Where prompts run.
+    pub target: crate::device::Target,
+    /// Keep each token's expert set (`--against` counts the tokens that changed).
+    pub keep_sets: bool,
+    /// Every token's routing, to `audit --routes`'s file.
+    pub routes: Option<&'a mut Routes>,
 }
 
 /// How many routed experts an audit counts, and whether that is a guess.
@@ -230,9 +282,9 @@ fn run_prompts(
     audit: &mut Audit,
     routers: Option<&Routers>,
     m: &Model,
-    prompts: Vec<(usize, Tokens)>,
-    path: &Path,
+    (prompts, path): (Vec<(usize, Tokens)>, &Path),
     target: crate::device::Target,
+    mut routes: Option<&mut Routes>,
 ) -> Result<()> {
     let progress = std::io::stderr().is_terminal();
     let total = prompts.len();
@@ -245,8 +297,11 @@ fn run_prompts(
             if progress {
                 eprint!("\raudit: prompt {}/{total}", n + 1);
             }
-            p.prefill(&tokens, &mut AuditObserver::new(audit, tokens.batch, routers))
-                .map_err(|e| Error::Usage(format!("{} line {line}: {e}", path.display())))?;
+            let mut obs = AuditObserver::new(audit, tokens.batch, routers, routes.is_some());
+            p.prefill(&tokens, &mut obs).map_err(|e| Error::Usage(format!("{} line {line}: {e}", path.display())))?;
+            if let Some(r) = routes.as_deref_mut() {
+                obs.write_routes(r, &tokens)?;
+            }
             // Kept (ids only) for `--against`, which must have run the same prompts.
             audit.runs.push(Run { batch: tokens.batch, tokens: Some(tokens) });
             if crate::interrupt::requested() && n + 1 < total {
@@ -329,7 +384,7 @@ fn spaced_ids(line: &str) -> bool {
 /// One dump's routing: every `layers.{i}.moe.topk_ids`, checked against the dump's tokens (one
 /// row a token; the MTP layer's one fewer a row) and its flags (recorded, or recomputed from the
 /// router logits with the checkpoint's routers). Returns a hash of its tokens and routing.
-fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<u64> {
+fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>, mut routes: Option<&mut Routes>) -> Result<u64> {
     use std::hash::{Hash, Hasher};
     let mut routing = std::collections::hash_map::DefaultHasher::new();
     let tokens = d.contains("input_ids").then(|| d.tokens()).transpose()?;
@@ -412,6 +467,21 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>) -> Result<u6
         let prompts =
             *prompts.get_or_insert_with(|| tokens.as_ref().map_or_else(|| batch_without_ids(d, rows), |t| t.batch));
         audit.add(i, &ids, k, prompts, flags.as_deref()).map_err(|e| Error::dump(&d.path, format!("`{name}` {e}")))?;
+        if let Some(r) = routes.as_deref_mut() {
+            let weights = match d.values(&format!("layers.{i}.moe.topk_weights")) {
+                Ok((Values::F32(w), _)) if w.len() == ids.len() => Some(w),
+                _ => None,
+            };
+            // Recorded, or recomputed from the gate logits with --model's router.
+            let margin = crate::flips::margins_in(d, HookPoint::Layer(i, LayerHook::TopkIds), router)
+                .filter(|m| m.len() == rows);
+            let l = LayerRoutes { layer: i, ids: &ids, k, weights: weights.as_deref(), margin: margin.as_deref() };
+            let run = r.runs;
+            r.layer(run, prompts, tokens.as_ref(), &l)?;
+        }
+    }
+    if let Some(r) = routes {
+        r.runs += 1;
     }
     tokens.as_ref().map(|t| &t.ids).hash(&mut routing);
     audit.runs.push(Run { batch: prompts.unwrap_or(1), tokens });

@@ -16,7 +16,9 @@ use crate::error::{Error, Result};
 use crate::model::Tokens;
 
 mod collect;
-pub use collect::{collect, expert_count, AuditObserver, ExpertCount, Lines};
+mod routes;
+pub use collect::{collect, expert_count, AuditObserver, CollectOptions, ExpertCount, Lines};
+pub use routes::Routes;
 
 /// How one layer's load moved against a reference's (`Audit::shift`).
 #[derive(Debug, Clone, PartialEq)]

@@ -1,0 +1,93 @@
+//! `audit --routes`: every token's routing, one CSV line per token and MoE layer, for the
+//! questions the counts cannot answer (which tokens an expert takes, how confident each choice
+//! was), streamed to a temporary file as the prompts run and renamed into place when the audit
+//! is done, so a killed audit leaves no half file under the name.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::model::Tokens;
+
+/// The CSV's header: `run` is the dump or `--prompts` line in order (0-based), `row` its batch
+/// row, `experts` and `weights` space-separated in the order chosen, `margin` the k-th minus the
+/// (k+1)-th biased score (empty where unknown).
+pub const HEADER: &str = "run,row,position,token,layer,experts,weights,margin\n";
+
+/// One MoE layer of one run, as recorded: `ids` (`[tokens, k]`), its weights and margins where
+/// recorded (or recomputed).
+pub struct LayerRoutes<'a> {
+    pub layer: usize,
+    pub ids: &'a [i64],
+    pub k: usize,
+    pub weights: Option<&'a [f32]>,
+    pub margin: Option<&'a [f32]>,
+}
+
+/// The open `--routes` file.
+pub struct Routes {
+    out: BufWriter<File>,
+    tmp: PathBuf,
+    path: PathBuf,
+    /// The runs written so far: the next one's number.
+    pub runs: usize,
+}
+
+impl Routes {
+    pub fn create(path: &Path) -> Result<Routes> {
+        let tmp = crate::output::tmp_sibling(path);
+        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut routes =
+            Routes { out: BufWriter::with_capacity(1 << 20, file), tmp, path: path.to_path_buf(), runs: 0 };
+        routes.write(HEADER)?;
+        Ok(routes)
+    }
+
+    fn write(&mut self, s: &str) -> Result<()> {
+        self.out.write_all(s.as_bytes()).map_err(|e| Error::io(&self.tmp, e))
+    }
+
+    /// One layer of run `run` of `batch` rows: its tokens' lines, in order. The MTP layer holds
+    /// one position fewer a row, each the position it drafts from; `tokens` (when known) gives
+    /// each position's id.
+    pub fn layer(&mut self, run: usize, batch: usize, tokens: Option<&Tokens>, l: &LayerRoutes) -> Result<()> {
+        let k = l.k.max(1);
+        let rows = l.ids.len() / k;
+        let per_row = rows / batch.max(1);
+        let mut line = String::new();
+        for (r, ids) in l.ids.chunks(k).enumerate() {
+            let (row, position) = (r / per_row.max(1), r % per_row.max(1));
+            let token = tokens
+                .filter(|t| position < t.seq)
+                .and_then(|t| t.ids.get(row * t.seq + position))
+                .map_or(String::new(), u32::to_string);
+            let list = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>().join(" ");
+            let experts = list(&mut ids.iter().map(i64::to_string));
+            let weights = l
+                .weights
+                .and_then(|w| w.get(r * k..(r + 1) * k))
+                .map_or(String::new(), |w| list(&mut w.iter().map(|x| format!("{x}"))));
+            let margin =
+                l.margin.and_then(|m| m.get(r)).filter(|m| !m.is_nan()).map_or(String::new(), |m| format!("{m}"));
+            line.clear();
+            use std::fmt::Write as _;
+            let _ = writeln!(line, "{run},{row},{position},{token},{},{experts},{weights},{margin}", l.layer);
+            self.write(&line)?;
+        }
+        Ok(())
+    }
+
+    /// Flushes and renames the file into place.
+    pub fn finish(mut self) -> Result<()> {
+        self.out.flush().map_err(|e| Error::io(&self.tmp, e))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+impl Drop for Routes {
+    /// An audit that failed leaves no temporary file (after `finish` it is gone already).
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
