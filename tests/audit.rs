@@ -6,6 +6,18 @@ use std::path::Path;
 mod common;
 use common::{assert_error, assert_ok, glimpse, synth, text};
 
+/// golden/flat with its config.json edited by `edit`, written to `dir/name` (the weights copied).
+fn flat_with(dir: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> std::path::PathBuf {
+    let out = dir.join(name);
+    std::fs::create_dir_all(&out).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("golden/flat/config.json").unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(out.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy("golden/flat/model.safetensors", out.join("model.safetensors")).unwrap();
+    out
+}
+
 #[test]
 fn audit_reads_prompts_and_dumps() {
     let tmp = tempfile::tempdir().unwrap();
@@ -304,13 +316,7 @@ fn audit_refuses_another_models_checkpoint_and_reads_text_on_request() {
         &glimpse(&["audit", "--model", "golden/mtp", "--dump", &flat]),
         "the dumps' routers have 16 experts, --model's config 8",
     );
-    let dense = tmp.path().join("dense");
-    std::fs::create_dir_all(&dense).unwrap();
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string("golden/flat/config.json").unwrap()).unwrap();
-    config["first_k_dense_replace"] = 5.into();
-    std::fs::write(dense.join("config.json"), config.to_string()).unwrap();
-    std::fs::copy("golden/flat/model.safetensors", dense.join("model.safetensors")).unwrap();
+    let dense = flat_with(tmp.path(), "dense", |c| c["first_k_dense_replace"] = 5.into());
     let prompts = tmp.path().join("p.txt");
     std::fs::write(&prompts, "1,2,3\n").unwrap();
     assert_error(
@@ -368,13 +374,7 @@ fn audit_refuses_a_model_whose_router_did_not_choose_the_dumps_experts() {
     );
 
     // golden/flat's first three layers (its MTP slot reads layer 3's bias): layer 4 is not its.
-    let short = tmp.path().join("short");
-    std::fs::create_dir_all(&short).unwrap();
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string("golden/flat/config.json").unwrap()).unwrap();
-    config["num_hidden_layers"] = 3.into();
-    std::fs::write(short.join("config.json"), config.to_string()).unwrap();
-    std::fs::copy("golden/flat/model.safetensors", short.join("model.safetensors")).unwrap();
+    let short = flat_with(tmp.path(), "short", |c| c["num_hidden_layers"] = 3.into());
     let (code, text) = common::code_and_text(&[
         "audit",
         "--model",
@@ -391,13 +391,7 @@ fn audit_refuses_a_model_whose_router_did_not_choose_the_dumps_experts() {
 #[test]
 fn audit_says_a_prompt_runs_past_the_trained_positions() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("short-context");
-    std::fs::create_dir_all(&model).unwrap();
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string("golden/flat/config.json").unwrap()).unwrap();
-    config["max_position_embeddings"] = 8.into();
-    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
-    std::fs::copy("golden/flat/model.safetensors", model.join("model.safetensors")).unwrap();
+    let model = flat_with(tmp.path(), "short-context", |c| c["max_position_embeddings"] = 8.into());
     let prompts = tmp.path().join("p.txt");
     std::fs::write(&prompts, "1,2,3\n# a comment\n1,2,3,4,5,6,7,8,9,10\n").unwrap();
     let (_, err) =
