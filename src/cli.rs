@@ -168,8 +168,9 @@ pub(crate) enum Command {
         heatmap: Option<PathBuf>,
         /// Write every token's routing here as CSV, one line per token and MoE layer:
         /// `run,row,position,token,layer,experts,weights,margin` (`run` the dump or prompt line in
-        /// order from 0; experts and weights space-separated in the order chosen; margin the k-th
-        /// minus the (k+1)-th biased score, empty where unknown): which tokens an expert takes.
+        /// order from 0; experts and weights space-separated in the order chosen; margin the one
+        /// that decided the choice, as `diff` gives it, empty where unknown): which tokens an
+        /// expert takes.
         #[arg(long)]
         routes: Option<PathBuf>,
         /// Where the prompts run (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).

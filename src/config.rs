@@ -329,9 +329,10 @@ impl Config {
         if self.has_moe() || self.num_nextn_predict_layers > 0 {
             let e = self.n_routed_experts;
             if e == 0 || self.num_experts_per_tok == 0 || self.moe_intermediate_size == 0 {
+                let which = if self.has_moe() { "MoE layers need" } else { "The MTP layer (a MoE layer) needs" };
                 return Err(Error::config(
                     "n_routed_experts",
-                    "MoE layers need experts, top-k and an intermediate size",
+                    format!("{which} experts, top-k and an intermediate size"),
                 ));
             }
             if !e.is_multiple_of(self.n_group) {
@@ -717,6 +718,6 @@ mod tests {
         assert!(read(serde_json::json!({ "first_k_dense_replace": 0, "intermediate_size": 0 })).is_ok());
         let dense_with_mtp = |n: usize| serde_json::json!({ "num_hidden_layers": 2, "first_k_dense_replace": 2, "num_nextn_predict_layers": n, "n_routed_experts": 0 });
         assert!(read(dense_with_mtp(0)).is_ok());
-        assert!(read(dense_with_mtp(1)).unwrap_err().contains("MoE layers need experts"));
+        assert!(read(dense_with_mtp(1)).unwrap_err().contains("The MTP layer (a MoE layer) needs experts"));
     }
 }

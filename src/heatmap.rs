@@ -7,7 +7,7 @@ use std::fmt::Write;
 
 use crate::audit::Audit;
 
-/// A perceptual ramp from dark blue (idle) through teal and green to yellow (overloaded): the
+/// A perceptual ramp from dark purple (idle) through teal and green to yellow (overloaded): the
 /// terminal UI's.
 fn colour(t: f64) -> String {
     let (r, g, b) = glimpse_tui::views::heat_rgb(t);

@@ -251,6 +251,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         "the CPU (--device cpu) with --stream or a --layers window",
                     )?;
                     let model = Model::load(&ckpt)?;
+                    // The MTP head the reference checks runs on the CPU, from the device's final
+                    // norm: loaded first, so a checkpoint without it fails before the run.
+                    let head = match verify::has_mtp(&reference) {
+                        true => Some(glimpse::model::mtp::Mtp::load(&ckpt)?),
+                        false => None,
+                    };
                     let replay = verify::Replay { routing: force_routing, selection: force_selection };
                     let opts = verify::VerifyOptions {
                         tol,
@@ -272,11 +278,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         };
                         Ok((report, free))
                     })?;
-                    // The MTP head the reference checks runs on the CPU, from the device's final norm.
-                    if verify::has_mtp(&reference) {
-                        let head = glimpse::model::mtp::Mtp::load(&ckpt)?;
+                    if let Some(head) = &head {
                         for report in std::iter::once(&mut report).chain(free.as_mut()) {
-                            verify::verify_mtp(&model, &head, &reference, &opts, report)?;
+                            verify::verify_mtp(&model, head, &reference, &opts, report)?;
                         }
                     }
                     let header =
@@ -406,9 +410,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let audit =
                 glimpse::audit::collect(model.as_deref(), prompts.as_deref().map(|p| (p, lines)), &dumps, opts)?;
-            if let Some(r) = routes {
-                r.finish()?;
-            }
             let reference = match against.is_empty() {
                 true => None,
                 false => {
@@ -457,6 +458,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let title = model.as_ref().map(|m| m.display().to_string()).unwrap_or_else(|| "routing dumps".into());
                 glimpse::output::write_atomic(&path, glimpse::heatmap::svg(&audit, &title).as_bytes())?;
                 eprintln!("wrote {}", path.display());
+            }
+            // Last: an audit refused on the way (--against of other prompts) leaves no file.
+            if let Some(r) = routes {
+                eprintln!("wrote {}", r.finish()?.display());
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -38,7 +38,6 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
     let ckpt = Checkpoint::open(&model)?;
     // Checked before any weight loads: a typo in --record is found at once.
     let selector = recording(record.as_deref(), &ckpt.config)?;
-    let mtp_head = if mtp { Some(glimpse::model::mtp::Mtp::load(&ckpt)?) } else { None };
     let mut final_norm = glimpse::hooks::Recorder::new(Selector::new("final_norm", None));
     let from = from_dump.as_deref().map(Dump::open).transpose()?;
     let tokens = match (tokens, prompt, tokens_from, &from) {
@@ -48,9 +47,13 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
         (_, _, _, Some(d)) => d.tokens_for(ckpt.config.vocab_size)?,
         _ => return Err(Error::Usage("give --tokens, --prompt, --tokens-from or --from-dump".into())),
     };
-    if mtp_head.is_some() {
-        glimpse::model::mtp::check_positions(tokens.seq)?;
-    }
+    let mtp_head = match mtp {
+        true => {
+            glimpse::model::mtp::check_positions(tokens.seq)?;
+            Some(glimpse::model::mtp::Mtp::load(&ckpt)?)
+        }
+        false => None,
+    };
     // The hidden state it starts from is its own tokens': a dump naming others would lie.
     if let Some(d) = from.as_ref().filter(|d| d.contains("input_ids")) {
         if d.tokens()? != tokens {

@@ -355,11 +355,12 @@ fn audit_refuses_a_model_whose_router_did_not_choose_the_dumps_experts() {
     let (made, other) = (synth(tmp.path(), 5), synth(tmp.path(), 6));
     let tokens: Vec<String> = (0..24).map(|t| (t * 7 % 40).to_string()).collect();
     let dump = common::run_dump(made.to_str().unwrap(), &["--tokens", &tokens.join(",")], tmp.path(), "d.st");
-    assert_ok(&glimpse(&["audit", "--model", made.to_str().unwrap(), "--dump", &dump]));
+    let (_, err) = assert_ok(&glimpse(&["audit", "--model", made.to_str().unwrap(), "--dump", &dump]));
+    assert!(!err.contains("are not the ones"), "its own model picks every token's experts: {err}");
     // Another bias over the same gate logits changes 5 of these 24 tokens' choices: said.
     let (_, err) = assert_ok(&glimpse(&["audit", "--model", other.to_str().unwrap(), "--dump", &dump]));
     assert!(err.contains("warning") && err.contains("5 of 24 tokens' experts are not the ones --model's router picks"));
-    assert!(err.contains("its bias-based numbers are --model's, not the run's"), "{err}");
+    assert!(err.contains("the bias-based numbers take --model's bias as the one that chose"), "{err}");
     // golden/flat's reference against a checkpoint of its config drawn from another seed: 21 of
     // its 32 tokens at layer 2, most of them, refuse the dump.
     let reseeded = tmp.path().join("flat-5");
@@ -370,7 +371,8 @@ fn audit_refuses_a_model_whose_router_did_not_choose_the_dumps_experts() {
     assert_error(
         &glimpse(&["audit", "--model", out, "--dump", "golden/flat/reference.safetensors"]),
         "`layers.2.moe.topk_ids`: 21 of 32 tokens' experts are not the ones --model's router picks from the dump's \
-         gate logits (sigmoid + its correction bias): another model's routing",
+         gate logits (sigmoid + its correction bias) by a margin of 1e-3 or more: another model's routing, or another \
+         rule",
     );
 
     // golden/flat's first three layers (its MTP slot reads layer 3's bias): layer 4 is not its.
@@ -496,12 +498,27 @@ fn audit_writes_every_tokens_routing() {
         let margin: f32 = f[7].parse().unwrap();
         approx::assert_abs_diff_eq!(margin, biased[3] - biased[4], epsilon = 1e-6);
     }
-    // An audit that fails leaves neither the file nor its temporary one.
+    // An audit that fails leaves neither the file nor its temporary one: in its dumps, or after
+    // them (an --against of another expert count).
     let failed = tmp.path().join("failed.csv");
-    let args = ["audit", "--dump", golden, "--dump", "golden/mtp/reference.safetensors", "--routes"];
-    assert_error(&glimpse(&[&args[..], &[failed.to_str().unwrap()]].concat()), "another config.json");
+    let f = failed.to_str().unwrap();
+    let mtp = "golden/mtp/reference.safetensors";
+    assert_error(&glimpse(&["audit", "--dump", golden, "--dump", mtp, "--routes", f]), "another config.json");
+    assert_error(&glimpse(&["audit", "--dump", golden, "--against", mtp, "--routes", f]), "experts, not 16");
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(left.iter().all(|n| !n.to_string_lossy().starts_with("failed")), "{left:?}");
+    // Two batch rows and the MTP layer (golden/mtp: 2 x 16 tokens; layer 3, the MTP head's, runs
+    // 15 positions a row, each the position it drafts from).
+    let two = tmp.path().join("mtp.csv");
+    assert_ok(&glimpse(&["audit", "--dump", mtp, "--routes", two.to_str().unwrap()]));
+    let two = std::fs::read_to_string(&two).unwrap();
+    let m = Dump::open(Path::new(mtp)).unwrap().tokens().unwrap();
+    let of_layer = |l: &str| two.lines().filter(|x| x.split(',').nth(4) == Some(l)).count();
+    assert_eq!((of_layer("1"), of_layer("2"), of_layer("3")), (32, 32, 30), "{two}");
+    let line = format!("0,1,14,{},3,", m.ids[16 + 14]);
+    assert!(two.lines().any(|x| x.starts_with(&line)), "{line} in {two}");
+    assert!(!two.lines().any(|x| x.starts_with("0,1,15,") && x.split(',').nth(4) == Some("3")), "{two}");
+    assert!(two.lines().any(|x| x.starts_with(&format!("0,1,15,{},2,", m.ids[31]))), "{two}");
     // The same tokens live: the same experts (as sets: each run lists them in its own order).
     let prompts = tmp.path().join("p.txt");
     let ids: Vec<String> = tokens.ids.iter().map(u32::to_string).collect();
@@ -515,11 +532,18 @@ fn audit_writes_every_tokens_routing() {
     for (a, b) in live.lines().zip(&lines).skip(1) {
         let (a, b): (Vec<&str>, Vec<&str>) = (a.split(',').collect(), b.split(',').collect());
         assert_eq!(a[..5], b[..5], "{a:?} {b:?}");
-        let set = |s: &str| {
-            let mut v: Vec<u32> = s.split(' ').map(|x| x.parse().unwrap()).collect();
-            v.sort_unstable();
+        // Each expert's weight, paired by id, and the margin: the live run's to rounding.
+        let pairs = |e: &str, w: &str| {
+            let mut v: Vec<(u32, f32)> =
+                e.split(' ').map(|x| x.parse().unwrap()).zip(w.split(' ').map(|x| x.parse().unwrap())).collect();
+            v.sort_by_key(|p| p.0);
             v
         };
-        assert_eq!(set(a[5]), set(b[5]), "{a:?} {b:?}");
+        let (pa, pb) = (pairs(a[5], a[6]), pairs(b[5], b[6]));
+        assert_eq!(pa.iter().map(|p| p.0).collect::<Vec<_>>(), pb.iter().map(|p| p.0).collect::<Vec<_>>());
+        for ((_, x), (_, y)) in pa.iter().zip(&pb) {
+            approx::assert_abs_diff_eq!(x, y, epsilon = 1e-4);
+        }
+        approx::assert_abs_diff_eq!(a[7].parse::<f32>().unwrap(), b[7].parse::<f32>().unwrap(), epsilon = 1e-4);
     }
 }

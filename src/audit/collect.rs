@@ -3,7 +3,6 @@
 //! of `moe.topk_ids` a token, `k` distinct experts in range, the same `k` in every run, one
 //! bias-changed flag a token.
 
-use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
@@ -19,7 +18,8 @@ use crate::hooks::{HookPoint, LayerHook, Observer};
 use crate::model::moe::{RouterConfig, Routers};
 use crate::model::{Model, Tokens};
 
-/// Collects routing counts during forward passes, without keeping any activation.
+/// Collects routing counts during forward passes, without keeping any activation (with
+/// `--routes`, the layer in progress's weights and margins until its line are written).
 pub struct AuditObserver<'a> {
     pub audit: &'a mut Audit,
     /// The batch rows of the run: each is a prompt.
@@ -28,35 +28,22 @@ pub struct AuditObserver<'a> {
     /// The model's routers: with the gate logits, the experts each token would choose without
     /// the correction bias.
     routers: Option<&'a Routers>,
-    /// With `--routes`: each layer's ids, weights and margins of this run, written once it ends.
-    routed: Option<BTreeMap<usize, Routed>>,
-}
-
-/// One layer's routing of a run, for `--routes`.
-#[derive(Default)]
-struct Routed {
-    ids: Vec<i64>,
-    k: usize,
+    /// `--routes`: the file, and the run's tokens (run number `runs` of the file).
+    routes: Option<(&'a mut Routes, &'a Tokens)>,
+    /// The layer in progress's weights and margins, for `routes`.
     weights: Option<Vec<f32>>,
     margin: Option<Vec<f32>>,
 }
 
 impl<'a> AuditObserver<'a> {
-    /// `routes`: keep each token's routing for a `--routes` file ([`AuditObserver::write_routes`]).
-    pub fn new(audit: &'a mut Audit, prompts: usize, routers: Option<&'a Routers>, routes: bool) -> Self {
-        AuditObserver { audit, prompts, ids: None, routers, routed: routes.then(BTreeMap::new) }
-    }
-
-    /// Writes the run's routing kept for `--routes`, layer by layer.
-    pub fn write_routes(&self, routes: &mut Routes, tokens: &Tokens) -> Result<()> {
-        let run = routes.runs;
-        for (&layer, r) in self.routed.iter().flatten() {
-            let l =
-                LayerRoutes { layer, ids: &r.ids, k: r.k, weights: r.weights.as_deref(), margin: r.margin.as_deref() };
-            routes.layer(run, tokens.batch, Some(tokens), &l)?;
-        }
-        routes.runs += 1;
-        Ok(())
+    /// `routes`: write each layer's routing of the run of `tokens` there as it is decided.
+    pub fn new(
+        audit: &'a mut Audit,
+        prompts: usize,
+        routers: Option<&'a Routers>,
+        routes: Option<(&'a mut Routes, &'a Tokens)>,
+    ) -> Self {
+        AuditObserver { audit, prompts, ids: None, routers, routes, weights: None, margin: None }
     }
 }
 
@@ -64,7 +51,7 @@ impl Observer for AuditObserver<'_> {
     fn wants(&self, point: HookPoint) -> bool {
         match point {
             HookPoint::Layer(_, LayerHook::TopkIds | LayerHook::BiasChanged) => true,
-            HookPoint::Layer(_, LayerHook::TopkWeights | LayerHook::RouterMargin) => self.routed.is_some(),
+            HookPoint::Layer(_, LayerHook::TopkWeights | LayerHook::RouterMargin) => self.routes.is_some(),
             HookPoint::Layer(i, LayerHook::RouterLogits) => self.routers.is_some_and(|r| r.layer(i).is_some()),
             _ => false,
         }
@@ -77,30 +64,29 @@ impl Observer for AuditObserver<'_> {
                     self.audit.add_unbiased(i, &unbiased(rc, &logits, bias.len()), rc.top_k);
                 }
             }
-            // The forward pass reports ids, then the bias flags of the same layer.
+            // The forward pass reports a layer's ids, weights and margins, then its bias flags.
             HookPoint::Layer(i, LayerHook::TopkIds) => {
                 let k = value.dims().last().copied().unwrap_or(1);
-                let ids = value.flatten_all()?.to_vec1::<i64>()?;
-                if let Some(routed) = &mut self.routed {
-                    let r = routed.entry(i).or_default();
-                    (r.ids, r.k) = (ids.clone(), k);
-                }
-                self.ids = Some((i, ids, k));
+                self.ids = Some((i, value.flatten_all()?.to_vec1::<i64>()?, k));
             }
-            HookPoint::Layer(i, h @ (LayerHook::TopkWeights | LayerHook::RouterMargin)) => {
-                if let Some(routed) = &mut self.routed {
-                    let v = Some(value.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
-                    let r = routed.entry(i).or_default();
-                    match h {
-                        LayerHook::TopkWeights => r.weights = v,
-                        _ => r.margin = v,
-                    }
+            HookPoint::Layer(_, h @ (LayerHook::TopkWeights | LayerHook::RouterMargin)) => {
+                let v = Some(value.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
+                match h {
+                    LayerHook::TopkWeights => self.weights = v,
+                    _ => self.margin = v,
                 }
             }
             HookPoint::Layer(i, LayerHook::BiasChanged) => {
                 let flags = value.flatten_all()?.to_vec1::<i64>()?;
+                let (weights, margin) = (self.weights.take(), self.margin.take());
                 if let Some((layer, ids, k)) = self.ids.take().filter(|(l, _, _)| *l == i) {
                     self.audit.add(layer, &ids, k, self.prompts, Some(&flags)).context(|| format!("layer {layer}"))?;
+                    if let Some((routes, tokens)) = &mut self.routes {
+                        let l =
+                            LayerRoutes { layer, ids: &ids, k, weights: weights.as_deref(), margin: margin.as_deref() };
+                        let run = routes.runs;
+                        routes.layer(run, tokens.batch, Some(tokens), &l)?;
+                    }
                 }
             }
             _ => {}
@@ -127,10 +113,16 @@ pub fn collect(
         (Some(_), None) => return Err(Error::Usage("--prompts needs --model".into())),
         (None, _) => Vec::new(),
     };
-    if let (Some(c), Some((line, longest))) = (&ckpt, prompt_tokens.iter().max_by_key(|(_, t)| t.seq)) {
-        crate::memory::check_run(c, longest.batch, longest.seq, false, max_memory, "shorter prompts")?;
-        if let (Some(path), Some(past)) = (prompts.map(|p| p.0), c.config.past_positions(longest.seq)) {
-            eprintln!("glimpse: warning: {} line {line} (the longest prompt): {past}", path.display());
+    if let Some(c) = &ckpt {
+        // The largest batch x positions for memory; the longest row for the trained positions.
+        if let Some((_, largest)) = prompt_tokens.iter().max_by_key(|(_, t)| t.ids.len()) {
+            crate::memory::check_run(c, largest.batch, largest.seq, false, max_memory, "shorter prompts")?;
+        }
+        let longest = prompt_tokens.iter().max_by_key(|(_, t)| t.seq);
+        if let (Some(path), Some((line, t))) = (prompts.map(|p| p.0), longest) {
+            if let Some(past) = c.config.past_positions(t.seq) {
+                eprintln!("glimpse: warning: {} line {line} (the longest prompt): {past}", path.display());
+            }
         }
     }
     // (Dumps without routing are refused one by one.)
@@ -172,7 +164,7 @@ pub fn collect(
     audit.experts_guessed = experts.guessed;
     audit.mtp_layer = ckpt.as_ref().map(|c| c.config.num_hidden_layers);
     if let (Some(m), Some((path, _))) = (&model, prompts) {
-        run_prompts(&mut audit, routers.as_ref(), m, (prompt_tokens, path), target, routes.as_deref_mut())?;
+        run_prompts(&mut audit, routers.as_ref(), m, prompt_tokens, path, target, routes.as_deref_mut())?;
     }
     let mut seen: Vec<(PathBuf, &Path, Option<String>)> = Vec::new();
     let mut routed: Vec<(u64, &Path)> = Vec::new();
@@ -282,7 +274,8 @@ fn run_prompts(
     audit: &mut Audit,
     routers: Option<&Routers>,
     m: &Model,
-    (prompts, path): (Vec<(usize, Tokens)>, &Path),
+    prompts: Vec<(usize, Tokens)>,
+    path: &Path,
     target: crate::device::Target,
     mut routes: Option<&mut Routes>,
 ) -> Result<()> {
@@ -297,10 +290,10 @@ fn run_prompts(
             if progress {
                 eprint!("\raudit: prompt {}/{total}", n + 1);
             }
-            let mut obs = AuditObserver::new(audit, tokens.batch, routers, routes.is_some());
+            let mut obs = AuditObserver::new(audit, tokens.batch, routers, routes.as_deref_mut().map(|r| (r, &tokens)));
             p.prefill(&tokens, &mut obs).map_err(|e| Error::Usage(format!("{} line {line}: {e}", path.display())))?;
             if let Some(r) = routes.as_deref_mut() {
-                obs.write_routes(r, &tokens)?;
+                r.runs += 1;
             }
             // Kept (ids only) for `--against`, which must have run the same prompts.
             audit.runs.push(Run { batch: tokens.batch, tokens: Some(tokens) });
@@ -410,6 +403,12 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>, mut routes: 
         (i, &ids, &shape).hash(&mut routing);
         let router = match routers.map(|r| r.layer(i)) {
             // The checkpoint's bias would be read as this layer's: another model's routing.
+            // Released and quantised checkpoints often leave the MTP layer out: counted unbiased.
+            Some(None) if audit.mtp_layer == Some(i) => {
+                let path = d.path.display();
+                eprintln!("glimpse: warning: {path}: --model holds no MTP layer: layer {i} counted without its bias");
+                None
+            }
             Some(None) => {
                 let msg =
                     format!("`{name}`: --model has no MoE layer {i} (no correction bias): another model's routing");
@@ -453,7 +452,6 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>, mut routes: 
         }
         if let (Some((rc, bias)), Some((v, shape))) = (router, &logits) {
             if shape.last() == Some(&bias.len()) && v.len() == rows * bias.len() {
-                check_rule(d, &name, rc, bias, v, &ids)?;
                 // Without the bias: the checkpoint's rule on the dump's gate logits.
                 audit.add_unbiased(i, &unbiased(rc, v, bias.len()), rc.top_k);
             }
@@ -467,6 +465,12 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>, mut routes: 
         let prompts =
             *prompts.get_or_insert_with(|| tokens.as_ref().map_or_else(|| batch_without_ids(d, rows), |t| t.batch));
         audit.add(i, &ids, k, prompts, flags.as_deref()).map_err(|e| Error::dump(&d.path, format!("`{name}` {e}")))?;
+        // (After `add`, which names ids chosen twice or past the router as such.)
+        if let (Some((rc, bias)), Some((v, shape))) = (router, &logits) {
+            if shape.last() == Some(&bias.len()) && v.len() == rows * bias.len() {
+                check_rule(d, &name, rc, bias, v, &ids)?;
+            }
+        }
         if let Some(r) = routes.as_deref_mut() {
             let weights = match d.values(&format!("layers.{i}.moe.topk_weights")) {
                 Ok((Values::F32(w), _)) if w.len() == ids.len() => Some(w),
@@ -492,9 +496,13 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>, mut routes: 
 /// `logits` (`[tokens, experts]`): the bias-based numbers (bias-changed, corr(b,l), w/o bias)
 /// take the checkpoint's bias as the one that chose. Another checkpoint of the same config (an
 /// earlier training step) passed unseen, its numbers another model's. Tokens decided by less
-/// than the default near-tie margin are not counted (a rounding may flip those); a few others
-/// are warned of, and most tokens of a layer off the rule refuse the dump.
+/// than the near-tie margin are not counted (a rounding may flip those: 1e-3, or bf16's 4e-2
+/// where the logits hold bf16 values only); a few others are warned of, and most tokens of a
+/// layer off the rule refuse the dump.
 fn check_rule(d: &Dump, name: &str, rc: &RouterConfig, bias: &[f32], logits: &[f32], ids: &[i64]) -> Result<()> {
+    use crate::compare::Tolerance;
+    let bf16 = logits.iter().all(|x| x.to_bits() & 0xFFFF == 0);
+    let near_tie = if bf16 { Tolerance { atol: 2e-2, rtol: 2e-2 } } else { Tolerance::default() }.near_tie();
     let e = bias.len().max(1);
     let k = rc.top_k.max(1);
     let tokens = logits.len() / e;
@@ -507,22 +515,23 @@ fn check_rule(d: &Dump, name: &str, rc: &RouterConfig, bias: &[f32], logits: &[f
             let mut recorded = recorded.to_vec();
             picked.sort_unstable();
             recorded.sort_unstable();
-            picked != recorded && route.margin as f64 >= crate::compare::Tolerance::default().near_tie()
+            picked != recorded && route.margin as f64 >= near_tie
         })
         .count();
     let what = format!(
         "`{name}`: {off} of {tokens} tokens' experts are not the ones --model's router picks from the dump's gate \
-         logits (sigmoid + its correction bias)"
+         logits (sigmoid + its correction bias) by a margin of {near_tie:e} or more"
     );
     if 2 * off > tokens {
         return Err(Error::dump(
             &d.path,
-            format!("{what}: another model's routing (give the checkpoint that made it)"),
+            format!("{what}: another model's routing, or another rule (the bias left out? `diff --model` names it)"),
         ));
     }
     if off > 0 {
         eprintln!(
-            "glimpse: warning: {}: {what}: its bias-based numbers are --model's, not the run's",
+            "glimpse: warning: {}: {what} (another rule, or scores rounded coarser): the bias-based numbers take \
+             --model's bias as the one that chose",
             d.path.display()
         );
     }

@@ -11,8 +11,9 @@ use crate::error::{Error, Result};
 use crate::model::Tokens;
 
 /// The CSV's header: `run` is the dump or `--prompts` line in order (0-based), `row` its batch
-/// row, `experts` and `weights` space-separated in the order chosen, `margin` the k-th minus the
-/// (k+1)-th biased score (empty where unknown).
+/// row, `position` and `token` the position's (in the MTP layer, the position it drafts from),
+/// `experts` and `weights` space-separated in the order chosen, `margin` the one that decided the
+/// choice as `diff` gives it (`flips::margins_in`; empty where unknown).
 pub const HEADER: &str = "run,row,position,token,layer,experts,weights,margin\n";
 
 /// One MoE layer of one run, as recorded: `ids` (`[tokens, k]`), its weights and margins where
@@ -78,10 +79,11 @@ impl Routes {
         Ok(())
     }
 
-    /// Flushes and renames the file into place.
-    pub fn finish(mut self) -> Result<()> {
+    /// Flushes and renames the file into place; its path.
+    pub fn finish(mut self) -> Result<PathBuf> {
         self.out.flush().map_err(|e| Error::io(&self.tmp, e))?;
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
+        Ok(self.path.clone())
     }
 }
 
