@@ -260,7 +260,10 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
             bf16_first = Some((name.clone(), sides)).filter(|_| sides[0] != sides[1]);
         }
         // What the first divergence's values say, while they are here.
-        if let (false, true, Values::F32(x), Values::F32(y)) = (c.ok, results.iter().all(|r| r.ok), &va, &vb) {
+        // (Indexer scores as they were compared: at causal keys only.)
+        let causal = crate::compare::causal_scores(name, &sb, &va, &vb);
+        let (va, vb) = causal.as_ref().map_or((&va, &vb), |(x, y)| (x, y));
+        if let (false, true, Values::F32(x), Values::F32(y)) = (c.ok, results.iter().all(|r| r.ok), va, vb) {
             notes = crate::reading::Notes::of(a, b, name, (x, y, &sb), opts);
         }
         if let (false, true, Some(config)) = (c.ok, results.iter().all(|r| r.ok), &opts.config) {
@@ -273,6 +276,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
                 let margins = |d| flips::deciding_margins(d, point, opts.config.as_ref(), router);
                 let (ma, mb) = (margins(a), margins(b));
                 c.set_margins(ma.as_deref(), mb.as_deref());
+                flips::add_leads(&mut c, a, b, opts.config.as_ref(), router);
                 flips::add_movement(&mut c, a, b, opts.config.as_ref(), router, opts.near_tie);
             }
         }

@@ -234,7 +234,8 @@ impl Dump {
     pub fn positions(&self) -> Option<(usize, usize)> {
         let spread = ["embeddings", ".input_norm", ".output", ".attn.out", "final_norm", "logits"];
         let of = |n: &String| match self.shape(n)?[..] {
-            [b, s, _] if b > 0 && s > 0 && spread.iter().any(|x| n.ends_with(x)) => Some((s, b)),
+            // (A width of 0 holds no data: its [B, S] would be the header's word alone.)
+            [b, s, w] if b > 0 && s > 0 && w > 0 && spread.iter().any(|x| n.ends_with(x)) => Some((s, b)),
             _ => None,
         };
         self.names().iter().filter_map(of).max().map(|(s, b)| (b, s))

@@ -141,7 +141,7 @@ fn lead(values: &[f32], ids: &[i64], want: usize) -> f32 {
     if kept.iter().filter(|&&x| x).count() != want {
         return f32::NAN;
     }
-    let (mut low, mut high) = (f32::INFINITY, f32::NEG_INFINITY);
+    let (mut low, mut high, mut left_out) = (f32::INFINITY, f32::NEG_INFINITY, false);
     for (&v, &k) in values.iter().zip(&kept) {
         if v.is_nan() {
             return f32::NAN;
@@ -150,11 +150,15 @@ fn lead(values: &[f32], ids: &[i64], want: usize) -> f32 {
             low = low.min(v);
         } else {
             high = high.max(v);
+            left_out = true;
         }
     }
     match low - high {
+        // Nothing left out: no cut.
+        _ if !left_out => f32::INFINITY,
         m if m >= 0.0 => m,
-        m if m.is_nan() && high == f32::NEG_INFINITY => f32::INFINITY,
+        // A masked key kept over masked keys left out: an exact tie.
+        m if m.is_nan() && low == f32::NEG_INFINITY && high == f32::NEG_INFINITY => 0.0,
         _ => f32::NAN,
     }
 }
@@ -232,8 +236,6 @@ pub fn add_movement(
         let deltas: Vec<Option<f32>> = kept.iter().chain(&left).map(|&k| delta(f.row * width + k)).collect();
         let Some(moved) = deltas.iter().flatten().copied().reduce(f32::max) else { continue };
         let own = own_scores(f, &[(Side::Ours, ours.as_ref()), (Side::Reference, theirs.as_ref())], near_tie);
-        f.lead_ours = ours.as_ref().and_then(|r| keys_lead(f, Side::Ours, r));
-        f.lead_reference = theirs.as_ref().and_then(|r| keys_lead(f, Side::Reference, r));
         let too_little = match f.margin_ours.zip(f.margin_reference) {
             Some((mo, mr))
                 if flat
@@ -255,6 +257,40 @@ pub fn add_movement(
         // Only grouped routing (known from a config) lets other experts' moves flip a token.
         let grouped = !dsa && config.is_some_and(|c| !RouterConfig::new(c).is_flat());
         f.moved = Some(Movement { keys: moved, noise, alone: !grouped });
+    }
+}
+
+/// Each flip of `c` (a selection of `a` against `b`) with the flipped keys' lead on each side
+/// whose dump holds the scores its selection ranked ([`keys_lead`]), each side on its own: a
+/// glimpse dump records no S x S `dsa.scores` by default, and the reference's lead alone must
+/// class a flip as `verify` classes it.
+pub fn add_leads(
+    c: &mut Comparison,
+    a: &Dump,
+    b: &Dump,
+    config: Option<&Config>,
+    router: Option<(&RouterConfig, &[f32])>,
+) {
+    let Some(point) = HookPoint::parse(&c.name) else { return };
+    let Some((scores, dsa)) = ranked_scores(config.map_or(point, |cfg| deciding(point, cfg))) else { return };
+    let name = scores.name();
+    let widths = [a, b].map(|d| scores_shape(d, &name, &c.name, dsa).and_then(|s| s.last().copied()));
+    let flat = !dsa && config.is_some_and(|c| RouterConfig::new(c).is_flat());
+    let Detail::Sets { rows, flips, .. } = &mut c.detail else { return };
+    if flips.is_empty() {
+        return;
+    }
+    for ((side, d), width) in [(Side::Ours, a), (Side::Reference, b)].into_iter().zip(widths) {
+        let Some(width) = width.filter(|w| rows.saturating_mul(*w) <= MOVEMENT_MAX) else { continue };
+        let Some(values) = floats(d, &name).filter(|v| v.len() == *rows * width) else { continue };
+        let Some(ranked) = Ranked::new(&values, width, dsa, flat, router) else { continue };
+        for f in flips.iter_mut() {
+            let lead = keys_lead(f, side, &ranked);
+            match side {
+                Side::Ours => f.lead_ours = lead,
+                Side::Reference => f.lead_reference = lead,
+            }
+        }
     }
 }
 
@@ -328,9 +364,12 @@ fn keys_lead(f: &Flip, side: Side, r: &Ranked) -> Option<f32> {
         Side::Ours => (ours, theirs),
         Side::Reference => (theirs, ours),
     };
-    let low = kept.iter().map(|&k| r.at(f.row, k)).reduce(f32::min)?;
-    let high = other.iter().map(|&k| r.at(f.row, k)).reduce(f32::max)?;
-    Some(low - high).filter(|l| *l >= 0.0)
+    let (low, high) = (kept.iter().map(|&k| r.at(f.row, k)), other.iter().map(|&k| r.at(f.row, k)));
+    // (`f32::min` and `max` would pass over a NaN key.)
+    if low.clone().chain(high.clone()).any(f32::is_nan) {
+        return None;
+    }
+    Some(low.reduce(f32::min)? - high.reduce(f32::max)?).filter(|l| *l >= 0.0)
 }
 
 /// A side whose choice its own ranked values contradict: it left out a flipped key (or expert)
@@ -563,6 +602,10 @@ mod tests {
         assert!(lead(&v, &[0, 7], 2).is_nan(), "padding where a key should be");
         assert_eq!(lead(&v[..2], &[1, 0, 9], 2), f32::INFINITY, "every value kept (padding past them)");
         assert!(lead(&[f32::NAN, 1.0], &[1], 1).is_nan());
+        // A masked key kept over masked keys left out is a tie (it read +inf: clear, so real).
+        let masked = [1.0, f32::NEG_INFINITY, f32::NEG_INFINITY];
+        assert_eq!(lead(&masked, &[0, 1], 2), 0.0);
+        assert_eq!(lead(&masked, &[0], 1), f32::INFINITY, "everything left out masked: clear");
     }
 
     /// A routing flip's experts against the layer's noise: one whose experts moved past half its

@@ -134,7 +134,9 @@ impl DiffReport {
                     if 1.0 - cosine * cosine < 1e-4 { "a constant factor apart" } else { "mostly a factor apart" };
                 Some(format!("ours = {scale:.4} x reference, cosine {cosine:.6}: {how}"))
             }
-            Detail::Float { .. } if self.notes.mask.is_some() => self.notes.mask.map(|m| m.reading()),
+            Detail::Float { .. } if self.notes.mask.is_some_and(|m| m.off_by_one() || self.notes.onset.is_none()) => {
+                self.notes.mask.map(|m| m.reading())
+            }
             Detail::Float { .. } => self.notes.tail.map(Tail::reading),
             // Rows that kept fewer distinct causal keys than the other side: no rule's choice.
             Detail::Sets { flips, .. } if flips.iter().any(|f| f.fewer_keys().is_some()) => {
@@ -158,7 +160,10 @@ impl DiffReport {
             // little: at a loose tolerance scores move past the margins.)
             Detail::Sets { flips, .. } if all(flips, Class::Real) => {
                 let (name, moved) = input()?;
-                let larger = |f: &Flip| f.margin_ours.into_iter().chain(f.margin_reference).fold(0f32, f32::max) as f64;
+                let larger = |f: &Flip| {
+                    let sides = [Side::Ours, Side::Reference].map(|s| f.decided_by(s));
+                    sides.into_iter().flatten().fold(0f32, f32::max) as f64
+                };
                 let needed = flips.iter().map(larger).fold(f64::INFINITY, f64::min);
                 (2.0 * moved < needed).then(|| {
                     format!(
@@ -307,6 +312,13 @@ pub struct Mask {
 }
 
 impl Mask {
+    /// Ours masks each query's own key, for most queries, and nothing else.
+    pub fn off_by_one(&self) -> bool {
+        self.ours == self.diagonal && 2 * self.diagonal > self.queries
+    }
+}
+
+impl Mask {
     fn of(ours: &[f32], reference: &[f32], shape: &[usize]) -> Option<Mask> {
         let &[b, s, t] = shape else { return None };
         if s == 0 || t < s || ours.len() != reference.len() {
@@ -338,7 +350,7 @@ impl Mask {
         };
         match (self.ours, self.diagonal) {
             (0, _) => format!("the reference masks {} causal keys ours scores", self.reference),
-            (n, d) if n == d && 2 * d > self.queries => format!(
+            (n, _) if self.off_by_one() => format!(
                 "ours masks {n} causal keys the reference scores, every one a query's own key (the diagonal): a \
                  causal mask off by one (`<` for `<=`){theirs}"
             ),
@@ -389,8 +401,9 @@ impl Notes {
             Some(HookPoint::Layer(_, LayerHook::DsaScores)) => Mask::of(ours, reference, &shape),
             _ => None,
         };
-        // A mask's keys, not positions, part the two: the onset's reading (RoPE) would mislead.
-        let onset = onset.filter(|_| mask.is_none());
+        // A mask off by one parts the two by keys, not positions: the onset's reading (RoPE)
+        // would mislead. (A few masked keys leave it.)
+        let onset = onset.filter(|_| !mask.is_some_and(|m| m.off_by_one()));
         Notes { onset, weights_rule, not_reused: None, tail, mask }
     }
 

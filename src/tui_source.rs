@@ -226,7 +226,8 @@ impl DumpSource {
 
     /// The class of each flipped row (flat, as the comparison indexes them) of the selection
     /// `name`, and the margins that decided it on each side (ours, reference; where known): the
-    /// ones its class was made from, which the views show.
+    /// larger of its row's and the flipped keys' lead (`Flip::decided_by`), which its class was
+    /// made from and the views show.
     fn flip_classes(&self, name: &str) -> BTreeMap<usize, (FlipClass, Option<f32>, Option<f32>)> {
         let Some(Detail::Sets { flips, .. }) = self.comparisons.get(name).map(|c| &c.detail) else {
             return BTreeMap::new();
@@ -237,7 +238,9 @@ impl DumpSource {
             Class::Real => FlipClass::Real,
             Class::Unknown => FlipClass::Unknown,
         };
-        flips.iter().map(|f| (f.row, (class(f), f.margin_ours, f.margin_reference))).collect()
+        let side = |f: &crate::compare::Flip, s| f.decided_by(s);
+        use crate::compare::Side;
+        flips.iter().map(|f| (f.row, (class(f), side(f, Side::Ours), side(f, Side::Reference)))).collect()
     }
 
     fn floats(d: &Dump, name: &str) -> Option<(Vec<f64>, Vec<usize>)> {

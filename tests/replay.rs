@@ -313,4 +313,11 @@ fn a_flip_of_a_key_far_above_the_cut_is_real_whatever_the_rows_margins() {
     assert_eq!(Class::of(tie_flip, near_tie), Class::NearTie);
     let text = report.render(Path::new("ours"), Path::new("ref"));
     assert!(text.contains("flipped keys' lead ours"), "{text}");
+    // Ours without the S x S scores (glimpse's default recording): the reference's lead alone
+    // classes the flip, as `verify` does.
+    let no_scores = edit_dump(&ours, &tmp.path().join("ours-no-scores.st"), |t| t.retain(|(n, _, _)| *n != scores));
+    let report = diff(&Dump::open(&no_scores).unwrap(), &r, &DiffOptions::default()).unwrap();
+    let far_flip = flips_of(&report.results, &topk).into_iter().find(|f| f.at[1] == far_q).unwrap().clone();
+    assert_eq!((far_flip.lead_ours, far_flip.lead_reference), (None, Some(gap)));
+    assert_eq!(Class::of(&far_flip, near_tie), Class::Real);
 }

@@ -758,8 +758,11 @@ fn a_dump_without_input_ids_opens_with_its_positions() {
     let app = at_layer(&both, 3);
     assert!(screen(&app, &both, 80, 24).contains("q quit"));
     // Nothing to lay tokens out by: said, naming the file.
-    let nothing =
-        common::edit_dump(golden, &tmp.path().join("none.st"), |t| t.retain(|(n, _, _)| n.ends_with(".moe.topk_ids")));
+    // (A zero-width tensor's [B, S] is its header's word alone: 2^40 positions asked 4 TB.)
+    let nothing = common::edit_dump(golden, &tmp.path().join("none.st"), |t| {
+        t.retain(|(n, _, _)| n.ends_with(".moe.topk_ids"));
+        t.push(("embeddings".into(), glimpse::dump::Values::F32(vec![]), vec![1, 1 << 40, 0]));
+    });
     let err = DumpSource::new("x".into(), Dump::open(&nothing).unwrap(), None, &DiffOptions::default()).err().unwrap();
     assert!(err.to_string().contains("none.st") && err.to_string().contains("holds neither `input_ids`"), "{err}");
 }

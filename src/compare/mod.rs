@@ -706,9 +706,25 @@ pub fn compare_tensor(
 ) -> Comparison {
     let (ours, shape) = ours;
     let (reference, ref_shape) = reference;
-    let rows_alike = |a: &[usize], b: &[usize]| a.len() == 3 && b.len() == 3 && a[..2] == b[..2] && a[2] > 0;
+    let rows_alike =
+        |a: &[usize], b: &[usize]| a.len() == 3 && b.len() == 3 && a[..2] == b[..2] && a[2] > 0 && b[2] > 0;
     if let (Rule::DsaSelection, Values::I64(a), Values::I64(e)) = (Rule::for_name(name, reference), ours, reference) {
         if shape != ref_shape && rows_alike(shape, ref_shape) {
+            // Ours keeping more keys than the reference's width: its width is wrong (a dense
+            // port, another index_topk), not the reference's rows short.
+            let seq = shape[1].max(1);
+            let most = (0..a.len() / shape[2])
+                .map(|r| row_set(a, shape[2], r, |row, j| j >= 0 && j as usize <= row % seq).len())
+                .max();
+            if let Some(n) = most.filter(|&n| n > ref_shape[2]) {
+                let problem =
+                    format!("keeps up to {n} causal keys a query, past the reference's width {}", ref_shape[2]);
+                return Comparison {
+                    name: name.into(),
+                    ok: false,
+                    detail: Detail::Invalid { side: Side::Ours, problem },
+                };
+            }
             let (ok, detail) = compare_dsa_widths((a, shape[2]), e, ref_shape);
             return Comparison { name: name.into(), ok, detail };
         }
@@ -750,7 +766,12 @@ pub fn compare_tensor(
 /// where one side holds something else there: those are no key's score (transformers masks them;
 /// a port may dump its scores before masking), as `dsa.topk` ignores keys past the query. A
 /// selection that used them shows in `dsa.topk`. None when nothing needs masking.
-fn causal_scores(name: &str, shape: &[usize], ours: &Values, reference: &Values) -> Option<(Values, Values)> {
+pub(crate) fn causal_scores(
+    name: &str,
+    shape: &[usize],
+    ours: &Values,
+    reference: &Values,
+) -> Option<(Values, Values)> {
     let (Values::F32(a), Values::F32(e), &[_, s, t]) = (ours, reference, shape) else { return None };
     if !name.ends_with(".dsa.scores") || s == 0 || t < s || a.len() != e.len() {
         return None;

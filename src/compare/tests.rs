@@ -254,6 +254,26 @@ fn dsa_rows_of_other_widths_compare_as_sets() {
     let c =
         compare_tensor("layers.0.dsa.topk", (&ours, &[1, 2, 2]), (&two, &[1, 2, 3]), None, Tolerance::default(), None);
     assert!(c.ok, "{c:?}");
+    // Ours keeping more keys than the reference's width: ours's width is wrong, said as such.
+    let wide = Values::I64(vec![0, -1, -1, 0, 1, -1]);
+    let narrow = Values::I64(vec![0, 0]);
+    let c = compare_tensor(
+        "layers.0.dsa.topk",
+        (&wide, &[1, 2, 3]),
+        (&narrow, &[1, 2, 1]),
+        None,
+        Tolerance::default(),
+        None,
+    );
+    assert!(
+        matches!(&c.detail, Detail::Invalid { side: Side::Ours, problem } if problem.contains("up to 2 causal keys")),
+        "{c:?}"
+    );
+    // A reference of width 0 holds no row to compare.
+    let none = Values::I64(vec![]);
+    let c =
+        compare_tensor("layers.0.dsa.topk", (&ours, &[1, 2, 2]), (&none, &[1, 2, 0]), None, Tolerance::default(), None);
+    assert!(matches!(c.detail, Detail::Shape { .. }), "{c:?}");
     // Other queries are another run's: a shape mismatch still.
     let c = compare_tensor(
         "layers.0.dsa.topk",

@@ -26,7 +26,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         f.render_widget(Paragraph::new("no MoE routing recorded").block(block), area);
         return;
     }
-    let label_w = if load.iter().any(|l| l.mtp) { 13 } else { 9 };
+    let label_w = if load.iter().any(|l| l.mtp) { 14 } else { 9 };
     let compared = load.iter().any(|l| l.moved.is_some());
     let stats_w = if compared { 44 } else { 31 };
     let cells = (area.width as usize).saturating_sub(label_w + stats_w + 2).max(1);
