@@ -1,7 +1,8 @@
 //! Reading routing into an [`Audit`]: prompts run live through the model, and recorded dumps
 //! (glimpse's, or another tool's in the spec's format), each checked before it counts: one row
 //! of `moe.topk_ids` a token, `k` distinct experts in range, the same `k` in every run, one
-//! bias-changed flag a token.
+//! bias-changed flag a token, and with `--model` experts its router picks from the dump's own
+//! gate logits. Each token's routing also goes to `--routes`' file as it is read.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
