@@ -481,6 +481,7 @@ fn audit_writes_every_tokens_routing() {
         (Values::F32(v), _) => v,
         _ => panic!("{name}"),
     };
+    let mut margins: [Vec<f32>; 3] = Default::default();
     for (n, line) in lines[1..].iter().enumerate() {
         let (layer, t) = (2 + n / tokens.seq, n % tokens.seq);
         let f: Vec<&str> = line.split(',').collect();
@@ -497,7 +498,23 @@ fn audit_writes_every_tokens_routing() {
         biased.sort_by(|a, b| b.total_cmp(a));
         let margin: f32 = f[7].parse().unwrap();
         approx::assert_abs_diff_eq!(margin, biased[3] - biased[4], epsilon = 1e-6);
+        margins[layer - 2].push(biased[3] - biased[4]);
     }
+    // The table's and JSON's share of tokens decided by less than 1e-3, and the margin bins,
+    // counted here from the margins computed above.
+    let (json, _) = assert_ok(&glimpse(&["audit", "--dump", golden, "--model", "golden/flat", "--json"]));
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for (l, m) in margins.iter().enumerate() {
+        let layer = &json["layers"][l];
+        let edges = [1e-4f32, 1e-3, 1e-2, 1e-1];
+        let bins: Vec<u64> = (0..5)
+            .map(|b| m.iter().filter(|&&x| edges.iter().take_while(|&&e| x >= e).count() == b).count() as u64)
+            .collect();
+        assert_eq!(layer["margin_bins"]["counts"], serde_json::json!(bins), "layer {}", l + 2);
+        let share = m.iter().filter(|&&x| x < 1e-3).count() as f64 / m.len() as f64;
+        approx::assert_abs_diff_eq!(layer["near_tie_share"].as_f64().unwrap(), share);
+    }
+    assert!(margins.iter().flatten().any(|&x| x < 1e-2), "the case has close decisions: {margins:?}");
     // An audit that fails leaves neither the file nor its temporary one: in its dumps, or after
     // them (an --against of another expert count).
     let failed = tmp.path().join("failed.csv");

@@ -52,7 +52,8 @@ impl Observer for AuditObserver<'_> {
     fn wants(&self, point: HookPoint) -> bool {
         match point {
             HookPoint::Layer(_, LayerHook::TopkIds | LayerHook::BiasChanged) => true,
-            HookPoint::Layer(_, LayerHook::TopkWeights | LayerHook::RouterMargin) => self.routes.is_some(),
+            HookPoint::Layer(_, LayerHook::RouterMargin) => true,
+            HookPoint::Layer(_, LayerHook::TopkWeights) => self.routes.is_some(),
             HookPoint::Layer(i, LayerHook::RouterLogits) => self.routers.is_some_and(|r| r.layer(i).is_some()),
             _ => false,
         }
@@ -82,6 +83,9 @@ impl Observer for AuditObserver<'_> {
                 let (weights, margin) = (self.weights.take(), self.margin.take());
                 if let Some((layer, ids, k)) = self.ids.take().filter(|(l, _, _)| *l == i) {
                     self.audit.add(layer, &ids, k, self.prompts, Some(&flags)).context(|| format!("layer {layer}"))?;
+                    if let Some(m) = margin.as_deref().filter(|m| m.len() * k == ids.len()) {
+                        self.audit.add_margins(layer, m);
+                    }
                     if let Some((routes, tokens)) = &mut self.routes {
                         let l =
                             LayerRoutes { layer, ids: &ids, k, weights: weights.as_deref(), margin: margin.as_deref() };
@@ -472,14 +476,17 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>, mut routes: 
                 check_rule(d, &name, rc, bias, v, &ids)?;
             }
         }
+        // Recorded, or recomputed from the gate logits with --model's router.
+        let margin =
+            crate::flips::margins_in(d, HookPoint::Layer(i, LayerHook::TopkIds), router).filter(|m| m.len() == rows);
+        if let Some(m) = &margin {
+            audit.add_margins(i, m);
+        }
         if let Some(r) = routes.as_deref_mut() {
             let weights = match d.values(&format!("layers.{i}.moe.topk_weights")) {
                 Ok((Values::F32(w), _)) if w.len() == ids.len() => Some(w),
                 _ => None,
             };
-            // Recorded, or recomputed from the gate logits with --model's router.
-            let margin = crate::flips::margins_in(d, HookPoint::Layer(i, LayerHook::TopkIds), router)
-                .filter(|m| m.len() == rows);
             let l = LayerRoutes { layer: i, ids: &ids, k, weights: weights.as_deref(), margin: margin.as_deref() };
             let run = r.runs;
             r.layer(run, prompts, tokens.as_ref(), &l)?;

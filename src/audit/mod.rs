@@ -5,7 +5,8 @@
 //! paper's measure) over all prompts, with and without the correction bias, and the mean of each
 //! prompt's own (a load balanced over many prompts can be hot in each), coefficient of variation, normalised entropy of the load distribution, balancedness
 //! (`mean / max`, in the JSON), dead experts, the share of tokens whose expert set the correction
-//! bias changed, and the Pearson correlation between each expert's bias and its load.
+//! bias changed, the Pearson correlation between each expert's bias and its load, and how close
+//! its routing decisions were (tokens by the margin that decided them).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -74,7 +75,16 @@ pub struct LayerLoad {
     /// the checkpoint's routers).
     pub unbiased_counts: Vec<u64>,
     pub unbiased_tokens: u64,
+    /// Tokens by the margin that decided their experts (`moe.margin`: the k-th minus the
+    /// (k+1)-th biased score, or grouped routing's smaller gap), in [`MARGIN_EDGES`]' bins (the
+    /// last above the last edge), over `margins_known` tokens whose margin is known.
+    pub margin_bins: [u64; 5],
+    pub margins_known: u64,
 }
+
+/// The upper edges of [`LayerLoad::margin_bins`]' first four bins: how close routing decisions
+/// were. Below 1e-3 (the near-tie margin `diff` and `verify` use in f32) a rounding can flip one.
+pub const MARGIN_EDGES: [f32; 4] = [1e-4, 1e-3, 1e-2, 1e-1];
 
 /// The least MaxVio `slots` routing slots can have over `experts` (as even as whole tokens go:
 /// `ceil(s/E) / (s/E) - 1`, which is `E/s - 1` for fewer slots than experts).
@@ -103,6 +113,9 @@ pub struct Stats {
     /// MaxVio had the correction bias been zero, where every token's gate logits are known:
     /// against `max_vio`, what the bias does for the balance.
     pub max_vio_without_bias: Option<f64>,
+    /// The share of tokens decided by a margin below 1e-3, where every token's margin is known:
+    /// choices a rounding (a port, a quantisation) may flip.
+    pub near_tie_share: Option<f64>,
 }
 
 /// `max load / mean load - 1` of per-expert counts (0 for no load).
@@ -159,6 +172,8 @@ impl LayerLoad {
             max_vio_per_run_floor: (self.prompts() > 0).then(|| self.prompt_floor_sum / self.prompts() as f64),
             max_vio_without_bias: (self.unbiased_tokens > 0 && self.unbiased_tokens == self.tokens)
                 .then(|| max_vio(&self.unbiased_counts)),
+            near_tie_share: (self.margins_known > 0 && self.margins_known == self.tokens)
+                .then(|| (self.margin_bins[0] + self.margin_bins[1]) as f64 / self.margins_known as f64),
         }
     }
 }
@@ -343,6 +358,17 @@ impl Audit {
         l.unbiased_tokens += (ids.len() / k.max(1)) as u64;
     }
 
+    /// The margins that decided `layer`'s tokens (one a token, as [`Audit::add`] counted them;
+    /// NaN where unknown).
+    pub fn add_margins(&mut self, layer: usize, margins: &[f32]) {
+        let experts = self.experts;
+        let l = self.layers.entry(layer).or_insert_with(|| LayerLoad::new(layer, experts));
+        for &m in margins.iter().filter(|m| !m.is_nan()) {
+            l.margin_bins[MARGIN_EDGES.iter().take_while(|&&edge| m >= edge).count()] += 1;
+            l.margins_known += 1;
+        }
+    }
+
     pub fn set_bias(&mut self, layer: usize, bias: Vec<f32>) {
         let experts = self.experts;
         self.layers.entry(layer).or_insert_with(|| LayerLoad::new(layer, experts)).bias = Some(bias);
@@ -354,8 +380,8 @@ impl Audit {
             None => String::new(),
         };
         let mut s = format!(
-            "expert load over {} prompt(s){stopped}, {} experts\n{:>7} {:>8} {:>8} {:>8} {:>7} {:>8} {:>10} {:>5} {:>12} {:>10}  {:<30}  rarest (expert:tokens)\n",
-            self.prompts(), self.experts, "layer", "tokens", "MaxVio", "w/o bias", "CV", "entropy", "MaxVio/run", "dead", "bias-changed", "corr(b,l)", "busiest (expert:tokens)"
+            "expert load over {} prompt(s){stopped}, {} experts\n{:>7} {:>8} {:>8} {:>8} {:>7} {:>8} {:>10} {:>5} {:>12} {:>10} {:>11}  {:<30}  rarest (expert:tokens)\n",
+            self.prompts(), self.experts, "layer", "tokens", "MaxVio", "w/o bias", "CV", "entropy", "MaxVio/run", "dead", "bias-changed", "corr(b,l)", "margin<1e-3", "busiest (expert:tokens)"
         );
         for l in self.layers.values() {
             let st = l.stats();
@@ -386,7 +412,7 @@ impl Audit {
             };
             let _ = writeln!(
                 s,
-                "{label:>7} {:>8} {:>8.3} {:>8} {:>7.3} {:>8.3} {:>10} {:>5} {:>12} {:>10}  {busiest:<30}  {rarest}",
+                "{label:>7} {:>8} {:>8.3} {:>8} {:>7.3} {:>8.3} {:>10} {:>5} {:>12} {:>10} {:>11}  {busiest:<30}  {rarest}",
                 l.tokens,
                 st.max_vio,
                 opt(st.max_vio_without_bias, false),
@@ -396,6 +422,7 @@ impl Audit {
                 st.dead,
                 bias_changed,
                 opt(st.bias_load_corr, false),
+                opt(st.near_tie_share, true),
             );
         }
         for note in self.notes() {
@@ -631,6 +658,8 @@ impl Audit {
                     "max_vio_per_run_mean": st.max_vio_per_run, "max_vio_per_run_floor": st.max_vio_per_run_floor,
                     "max_vio_without_bias": st.max_vio_without_bias,
                     "counts_without_bias": st.max_vio_without_bias.map(|_| &l.unbiased_counts),
+                    "near_tie_share": st.near_tie_share,
+                    "margin_bins": { "edges": MARGIN_EDGES, "counts": l.margin_bins, "known_tokens": l.margins_known },
                     "mtp": self.mtp_layer == Some(l.layer),
                 })
             })

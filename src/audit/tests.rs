@@ -130,3 +130,17 @@ fn the_bias_changed_share_counts_only_tokens_whose_flags_are_known() {
     assert_eq!(a.layers[&0].tokens, 6);
     approx::assert_abs_diff_eq!(a.layers[&0].stats().bias_changed_share.unwrap(), 0.25);
 }
+
+/// Margins fall in the bins below 1e-4, 1e-3, 1e-2, 1e-1 and above (an edge opens the next
+/// bin); NaN is unknown, and the near-tie share is known only when every token's margin is.
+#[test]
+fn margins_are_binned_and_the_near_tie_share_needs_them_all() {
+    let mut a = Audit::new(4);
+    a.add(2, &[0, 1, 0, 1, 2, 3, 0, 2], 2, 1, None).unwrap();
+    a.add_margins(2, &[5e-5, 1e-3, f32::INFINITY, f32::NAN]);
+    let l = &a.layers[&2];
+    assert_eq!((l.margin_bins, l.margins_known), ([1, 0, 1, 0, 1], 3));
+    assert_eq!(l.stats().near_tie_share, None, "one token's margin unknown");
+    a.add_margins(2, &[0.0]);
+    approx::assert_abs_diff_eq!(a.layers[&2].stats().near_tie_share.unwrap(), 0.5);
+}
