@@ -264,8 +264,19 @@ impl Report {
 
     /// What the reference's names outside the spec say, where most of them are spec hook points
     /// behind one prefix (`model.layers.0.input_norm`) and they outnumber the tensors compared:
-    /// the names are the spec's contract, and most of the reference went unverified.
+    /// the names are the spec's contract, and most of the reference went unverified. Or its
+    /// layers numbered from 1: no `layers.0.*` anywhere, and layers past ours (its layer i was
+    /// compared with our layer i, one off, as `diff` says of such a port).
     pub fn misnamed(&self) -> Option<String> {
+        let layer_of = |n: &str| HookPoint::parse(n).and_then(|p| p.layer());
+        let named =
+            || self.results.iter().map(|c| c.name.as_str()).chain(self.only_in_reference.iter().map(String::as_str));
+        let past = self.only_in_reference.iter().filter(|n| !n.starts_with("mtp.") && layer_of(n).is_some()).count();
+        if past > 0 && named().any(|n| layer_of(n).is_some()) && !named().any(|n| layer_of(n) == Some(0)) {
+            return Some(format!(
+                "the reference numbers its layers from 1 (no `layers.0.*`; {past} tensors past this model's layers)"
+            ));
+        }
         fn prefix(n: &str) -> Option<&str> {
             let mut cuts = n.match_indices('.').map(|(i, _)| n.split_at(i + 1));
             cuts.find(|(_, rest)| HookPoint::parse(rest).is_some_and(|p| p.in_spec())).map(|(p, _)| p)

@@ -744,3 +744,24 @@ fn synth_names_its_config_file_and_max_memory_refuses_less_than_a_byte() {
     assert_error(&o, &format!("{}: config field `n_group`: must be positive", cfg.display()));
     assert_error(&glimpse(&["--max-memory", "0.5", "verify"]), "\"0.5\" is less than a byte (a unit missing? 16G)");
 }
+
+/// A reference whose layers are numbered from 1 (a port's off-by-one naming) fails `verify`
+/// with that said, as `diff` says it of ours: its layer i was compared with our layer i.
+#[test]
+fn verify_names_a_reference_whose_layers_start_at_1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shifted = common::edit_dump(Path::new("golden/flat/reference.safetensors"), &tmp.path().join("s.st"), |t| {
+        for (name, _, _) in t.iter_mut() {
+            if let Some(rest) = name.strip_prefix("layers.") {
+                let (i, tail) = rest.split_once('.').unwrap();
+                *name = format!("layers.{}.{tail}", i.parse::<usize>().unwrap() + 1);
+            }
+        }
+    });
+    let (code, out) = common::code_and_text(&["verify", "--model", "golden/flat", "--golden", &s(&shifted)]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("the reference numbers its layers from 1 (no `layers.0.*`; 12 tensors past"), "{out}");
+    // Its own reference, and a window of it, say nothing of the kind.
+    let (code, out) = common::code_and_text(&["verify", "--model", "golden/flat", "--layers", "2..3"]);
+    assert!(code == 0 && !out.contains("numbers its layers"), "{out}");
+}
