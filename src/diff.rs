@@ -480,6 +480,12 @@ impl DiffReport {
         if !hint.is_empty() {
             out += &format!("  (with --model DIR, {hint})\n");
         }
+        // DSA flips whose reference's scores ours lacks: our side's lead is unknown.
+        let scoreless = self.only_b.iter().any(|n| n.ends_with(".dsa.scores"));
+        if scoreless && flips.iter().any(|(name, fl)| name.ends_with(".dsa.topk") && fl.lead_ours.is_none()) {
+            out += "  (ours records no dsa.scores: its side of each DSA flip is its row margin alone, not the flipped \
+                    keys' lead; `run --record '*,*.dsa.scores'` records them)\n";
+        }
         for (side, names) in [(a, &self.only_a), (b, &self.only_b)] {
             for n in names.iter().take(ONLY_IN_LISTED) {
                 out += &format!("only in {}: {n}\n", side.display());

@@ -359,12 +359,24 @@ impl<'a> Ranked<'a> {
 /// empty (a row that kept fewer keys) or the lead is negative or NaN (a choice its own scores
 /// contradict: [`own_scores`] tells that).
 fn keys_lead(f: &Flip, side: Side, r: &Ranked) -> Option<f32> {
-    let [ours, theirs] = f.keys_in(r.width);
+    let row = r.values.get(f.row * r.width..(f.row + 1) * r.width)?;
+    row_lead(f, side, row, r.bias)
+}
+
+/// [`keys_lead`] from that side's values of the flip's own row: DSA's scores, or the gate's
+/// logits with `bias` (flat routing: ranked as `sigmoid + bias`). `verify` keeps only the rows
+/// of its flips, not whole S x S scores.
+pub fn row_lead(f: &Flip, side: Side, row: &[f32], bias: Option<&[f32]>) -> Option<f32> {
+    let [ours, theirs] = f.keys_in(row.len());
     let (kept, other) = match side {
         Side::Ours => (ours, theirs),
         Side::Reference => (theirs, ours),
     };
-    let (low, high) = (kept.iter().map(|&k| r.at(f.row, k)), other.iter().map(|&k| r.at(f.row, k)));
+    let at = |k: usize| match bias {
+        Some(b) => sigmoid(row[k]) + b.get(k).copied().unwrap_or(f32::NAN),
+        None => row[k],
+    };
+    let (low, high) = (kept.iter().map(|&k| at(k)), other.iter().map(|&k| at(k)));
     // (`f32::min` and `max` would pass over a NaN key.)
     if low.clone().chain(high.clone()).any(f32::is_nan) {
         return None;

@@ -46,6 +46,13 @@ pub struct Verifier<'a> {
     near_tie: f64,
     /// The model's routed experts: an expert id of the reference's past them is no selection.
     experts: Option<usize>,
+    /// The model's config: which selection decided a shared layer's (`flips::deciding`).
+    config: Option<Config>,
+    /// Our latest scores a selection ranks (`dsa.scores`, `router_logits`), with the selection
+    /// they decide and their row width: the rows of its flips are kept, for our side's lead.
+    last_scores: Option<(HookPoint, Vec<f32>, usize)>,
+    /// Our scores of each flipped row (flat index), by selection name.
+    flip_rows: HashMap<String, Vec<(usize, Vec<f32>)>>,
 }
 
 impl<'a> Verifier<'a> {
@@ -63,6 +70,9 @@ impl<'a> Verifier<'a> {
             margins: HashMap::new(),
             near_tie: tol.near_tie(),
             experts: None,
+            config: None,
+            last_scores: None,
+            flip_rows: HashMap::new(),
         }
     }
 
@@ -73,7 +83,18 @@ impl<'a> Verifier<'a> {
         v.per_name = opts.per_name.clone();
         v.near_tie = opts.near_tie.unwrap_or(v.near_tie);
         v.experts = Some(config.n_routed_experts);
+        v.config = Some(config.clone());
         v
+    }
+
+    /// Keeps our scores of each flipped row of the selection `c` decided, where they are the
+    /// latest this run reported (a shared layer's are its source's, the latest full layer's).
+    fn keep_flip_rows(&mut self, point: HookPoint, c: &Comparison) {
+        let Detail::Sets { flips, .. } = &c.detail else { return };
+        let deciding = self.config.as_ref().map_or(point, |cfg| flips::deciding(point, cfg));
+        let Some((_, values, width)) = self.last_scores.as_ref().filter(|(p, _, _)| *p == deciding) else { return };
+        let rows = flips.iter().filter_map(|f| Some((f.row, values.get(f.row * width..(f.row + 1) * width)?.to_vec())));
+        self.flip_rows.insert(c.name.clone(), rows.collect());
     }
 
     fn compare(&mut self, name: &str, ours: &Tensor) -> Result<Comparison> {
@@ -129,6 +150,22 @@ impl Verifier<'_> {
             let ours = self.margins.get(&flips::deciding(point, config).name());
             c.set_margins(ours.map(Vec::as_slice), reference.as_deref());
             flips::reference_rule_breaks(c, self.golden, config, router, self.near_tie);
+            // Our side's lead from our own scores of the flipped rows (routing: flat only, with
+            // the checkpoint's bias, as `diff` ranks them).
+            let dsa = matches!(point, HookPoint::Layer(_, LayerHook::DsaTopk));
+            let bias = match dsa {
+                true => Some(None),
+                false => router.filter(|(rc, _)| rc.is_flat()).map(|(_, b)| Some(b)),
+            };
+            if let (Some(bias), Some(rows), Detail::Sets { flips, .. }) =
+                (bias, self.flip_rows.get(&c.name), &mut c.detail)
+            {
+                for f in flips.iter_mut() {
+                    if let Some((_, row)) = rows.iter().find(|(r, _)| *r == f.row) {
+                        f.lead_ours = flips::row_lead(f, compare::Side::Ours, row, bias);
+                    }
+                }
+            }
         }
     }
 
@@ -163,7 +200,19 @@ impl Observer for Verifier<'_> {
         if point == HookPoint::FinalNorm {
             self.final_norm = Some(value.clone());
         }
+        let ranks = match point {
+            HookPoint::Layer(i, LayerHook::DsaScores) => Some(HookPoint::Layer(i, LayerHook::DsaTopk)),
+            HookPoint::Layer(i, LayerHook::RouterLogits) => Some(HookPoint::Layer(i, LayerHook::TopkIds)),
+            _ => None,
+        };
+        if let Some(selection) = ranks {
+            let width = value.dims().last().copied().unwrap_or(1).max(1);
+            self.last_scores = Some((selection, with_f32(value, <[f32]>::to_vec)?, width));
+        }
         let c = self.compare(&name, value)?;
+        if matches!(point, HookPoint::Layer(_, LayerHook::DsaTopk | LayerHook::TopkIds)) {
+            self.keep_flip_rows(point, &c);
+        }
         self.results.push(c);
         Ok(())
     }

@@ -765,3 +765,35 @@ fn verify_names_a_reference_whose_layers_start_at_1() {
     let (code, out) = common::code_and_text(&["verify", "--model", "golden/flat", "--layers", "2..3"]);
     assert!(code == 0 && !out.contains("numbers its layers"), "{out}");
 }
+
+/// `verify` of the bundled bf16 port and `diff` of glimpse's own dump against it class every
+/// flip alike, each side by its row margin or its flipped keys' lead (verify took no lead of its
+/// own side and read some real flips as near-ties); a dump without `dsa.scores` says what its
+/// DSA flips lack.
+#[test]
+fn verify_and_diff_class_the_same_flips_alike() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = "golden/flat/bf16-port.safetensors";
+    let classes = |json: &str| -> std::collections::BTreeMap<(String, u64), String> {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        let tensors = v["tensors"].as_array().unwrap();
+        let flips = tensors.iter().flat_map(|t| {
+            let name = t["name"].as_str().unwrap().to_string();
+            t["flips"].as_array().cloned().unwrap_or_default().into_iter().map(move |f| (name.clone(), f))
+        });
+        flips.map(|(n, f)| ((n, f["row"].as_u64().unwrap()), f["class"].as_str().unwrap().to_string())).collect()
+    };
+    let near = ["--near-tie", "0.05", "--json"];
+    let o = glimpse(&[&["verify", "--model", "golden/flat", "--golden", port][..], &near].concat());
+    assert_eq!(o.status.code(), Some(1));
+    let (verify, _) = text(&o);
+    let args = ["--tokens-from", "golden/flat/reference.safetensors", "--record", "*,*.dsa.scores"];
+    let ours = common::run_dump("golden/flat", &args, tmp.path(), "ours.st");
+    let (diff, _) = text(&glimpse(&[&["diff", &ours, port, "--model", "golden/flat"][..], &near].concat()));
+    let (v, d) = (classes(&verify), classes(&diff));
+    assert!(v.len() > 20 && v.values().any(|c| c == "real") && v.values().any(|c| c == "near-tie"), "{v:?}");
+    assert_eq!(v, d);
+    let plain = common::run_dump("golden/flat", &args[..2], tmp.path(), "plain.st");
+    let (out, _) = text(&glimpse(&["diff", &plain, port, "--model", "golden/flat", "--near-tie", "0.05"]));
+    assert!(out.contains("(ours records no dsa.scores: its side of each DSA flip is its row margin alone"), "{out}");
+}

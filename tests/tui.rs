@@ -631,6 +631,10 @@ fn every_view_draws_a_dump_with_the_mtp_layer() {
     app.set_view(View::Load);
     let load = screen(&app, &src, 80, 24);
     assert!(load.contains("│layer 3 mtp ") && load.contains("│layer 2     "), "{load}");
+    // Without the config, by its rows: one position short a batch row.
+    let bare = Dump::open(&dir.join("reference.safetensors")).unwrap();
+    let bare = DumpSource::new("mtp".into(), bare, None, &DiffOptions::default()).unwrap();
+    assert!(screen(&app, &bare, 80, 24).contains("│layer 3 mtp "));
     // Batch 2: the DSA view says which row it shows, and follows the token into the second.
     let mut app = at_layer(&src, 0);
     app.set_view(View::Dsa);

@@ -359,11 +359,12 @@ impl Audit {
     }
 
     /// The margins that decided `layer`'s tokens (one a token, as [`Audit::add`] counted them;
-    /// NaN where unknown).
+    /// NaN where unknown; a negative one is not counted).
     pub fn add_margins(&mut self, layer: usize, margins: &[f32]) {
         let experts = self.experts;
         let l = self.layers.entry(layer).or_insert_with(|| LayerLoad::new(layer, experts));
-        for &m in margins.iter().filter(|m| !m.is_nan()) {
+        // (A negative margin, which no top-k makes, is a writer's error: not counted as known.)
+        for &m in margins.iter().filter(|&&m| m >= 0.0) {
             l.margin_bins[MARGIN_EDGES.iter().take_while(|&&edge| m >= edge).count()] += 1;
             l.margins_known += 1;
         }

@@ -137,7 +137,7 @@ fn the_bias_changed_share_counts_only_tokens_whose_flags_are_known() {
 fn margins_are_binned_and_the_near_tie_share_needs_them_all() {
     let mut a = Audit::new(4);
     a.add(2, &[0, 1, 0, 1, 2, 3, 0, 2], 2, 1, None).unwrap();
-    a.add_margins(2, &[5e-5, 1e-3, f32::INFINITY, f32::NAN]);
+    a.add_margins(2, &[5e-5, 1e-3, f32::INFINITY, f32::NAN, -0.5]);
     let l = &a.layers[&2];
     assert_eq!((l.margin_bins, l.margins_known), ([1, 0, 1, 0, 1], 3));
     assert_eq!(l.stats().near_tie_share, None, "one token's margin unknown");
