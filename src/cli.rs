@@ -157,6 +157,11 @@ pub(crate) enum Command {
         /// port's against the original's).
         #[arg(long = "against")]
         against: Vec<PathBuf>,
+        /// Dumps of other prompts on the same model (repeatable): per layer, the total variation
+        /// distance between the two load distributions and the experts whose share grew and
+        /// shrank most (code against prose; nothing compared token by token, as --against does).
+        #[arg(long = "compare", conflicts_with = "against")]
+        compare: Vec<PathBuf>,
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
@@ -356,8 +361,9 @@ impl Command {
             ]
             .concat(),
             Command::Generate { model: m, .. } => model(&Some(m.clone())),
-            Command::Audit { model: m, prompts, dumps, against, .. } => {
-                [model(m), file("--prompts", prompts), files("--dump", dumps), files("--against", against)].concat()
+            Command::Audit { model: m, prompts, dumps, against, compare, .. } => {
+                let others = [files("--against", against), files("--compare", compare)].concat();
+                [model(m), file("--prompts", prompts), files("--dump", dumps), others].concat()
             }
             _ => Vec::new(),
         }

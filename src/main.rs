@@ -380,7 +380,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(exit(report.all_match()))
         }
-        Command::Audit { model, prompts, text, dumps, against, json, csv, heatmap, routes, device, gpu } => {
+        Command::Audit { model, prompts, text, dumps, against, compare, json, csv, heatmap, routes, device, gpu } => {
             if let Some(p) = heatmap.as_ref().filter(|p| !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")))
             {
                 return Err(Error::Usage(format!("--heatmap {}: the heatmap is SVG; name a .svg file", p.display())));
@@ -397,7 +397,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // it from the ids of both).
             let experts = match model {
                 Some(_) => None,
-                None => Some(glimpse::audit::expert_count(&[dumps.as_slice(), against.as_slice()].concat())?),
+                None => Some(glimpse::audit::expert_count(&[&dumps[..], &against, &compare].concat())?),
             };
             let lines = if text { glimpse::audit::Lines::Text } else { glimpse::audit::Lines::Auto };
             let mut routes = routes.as_deref().map(glimpse::audit::Routes::create).transpose()?;
@@ -410,7 +410,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let audit =
                 glimpse::audit::collect(model.as_deref(), prompts.as_deref().map(|p| (p, lines)), &dumps, opts)?;
-            let reference = match against.is_empty() {
+            // --against (the same prompts) or --compare (others): the second side's counts.
+            let others = if against.is_empty() { &compare } else { &against };
+            let reference = match others.is_empty() {
                 true => None,
                 false => {
                     // Counts only: the shift needs no routers, so the model is not loaded again.
@@ -422,19 +424,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         keep_sets: sets,
                         routes: None,
                     };
-                    Some(glimpse::audit::collect(None, None, &against, opts)?)
+                    Some(glimpse::audit::collect(None, None, others, opts)?)
                 }
             };
+            let contrast = !compare.is_empty();
             if let Some(r) = &reference {
-                audit.check_comparable(r)?;
+                match contrast {
+                    true => glimpse::audit::contrast::check(&audit, r)?,
+                    false => audit.check_comparable(r)?,
+                }
                 warn(audit.other_config(r).map(String::from));
             }
             warn(experts.and_then(glimpse::audit::ExpertCount::warning));
             if json {
                 let mut v = audit.to_json();
                 if let (Some(r), Some(map)) = (&reference, v.as_object_mut()) {
-                    map.insert("shift".into(), glimpse::audit::shift_json(&audit.shift(r)));
-                    map.insert("shift_notes".into(), serde_json::json!(audit.shift_notes(r)));
+                    if contrast {
+                        let c = glimpse::audit::contrast::contrast(&audit, r);
+                        map.insert("compare".into(), glimpse::audit::contrast::to_json(&c));
+                        map.insert("compare_prompts".into(), r.prompts().into());
+                    } else {
+                        map.insert("shift".into(), glimpse::audit::shift_json(&audit.shift(r)));
+                        map.insert("shift_notes".into(), serde_json::json!(audit.shift_notes(r)));
+                    }
                 }
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else if csv_out {
@@ -446,8 +458,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 audit.notes().iter().for_each(|n| eprintln!("glimpse: note: {n}"));
             } else {
                 print!("{}", audit.table());
-                if let Some(r) = &reference {
-                    print!("\n{}", audit.shift_table(r));
+                match &reference {
+                    Some(r) if contrast => {
+                        let c = glimpse::audit::contrast::contrast(&audit, r);
+                        print!("\n{}", glimpse::audit::contrast::table(&c, audit.prompts(), r.prompts()));
+                    }
+                    Some(r) => print!("\n{}", audit.shift_table(r)),
+                    None => {}
                 }
             }
             if let Some(path) = csv.filter(|_| !csv_out) {

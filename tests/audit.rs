@@ -564,3 +564,46 @@ fn audit_writes_every_tokens_routing() {
         approx::assert_abs_diff_eq!(a[7].parse::<f32>().unwrap(), b[7].parse::<f32>().unwrap(), epsilon = 1e-4);
     }
 }
+
+/// `--compare`: two sets of prompts on one model, per layer the total variation distance
+/// between their load shares and the experts whose share grew and shrank most, counted here from
+/// the two dumps' expert ids; another model's routing is refused.
+#[test]
+fn audit_compares_the_load_of_other_prompts() {
+    use glimpse::dump::{Dump, Values};
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = "golden/flat/reference.safetensors";
+    let tokens = "5,9,13,200,7,7,7,3,1,2,44,45,46,47,48,49";
+    let other = common::run_dump("golden/flat", &["--tokens", tokens], tmp.path(), "other.st");
+    let (json, _) = assert_ok(&glimpse(&["audit", "--dump", golden, "--compare", &other, "--json"]));
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let shares = |path: &str, layer: usize| {
+        let Values::I64(ids) =
+            Dump::open(Path::new(path)).unwrap().values(&format!("layers.{layer}.moe.topk_ids")).unwrap().0
+        else {
+            panic!()
+        };
+        let mut c = [0f64; 16];
+        ids.iter().for_each(|&e| c[e as usize] += 1.0);
+        c.map(|n| n / ids.len() as f64)
+    };
+    for (n, layer) in (2..5).enumerate() {
+        let (a, b) = (shares(golden, layer), shares(&other, layer));
+        let row = &json["compare"][n];
+        assert_eq!(row["layer"], layer);
+        let distance: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f64>() / 2.0;
+        approx::assert_abs_diff_eq!(row["distance"].as_f64().unwrap(), distance, epsilon = 1e-12);
+        let (most, least) = (0..16).fold((0, 0), |(hi, lo), e| {
+            let d = |e: usize| a[e] - b[e];
+            (if d(e) > d(hi) { e } else { hi }, if d(e) < d(lo) { e } else { lo })
+        });
+        assert_eq!(row["grew"][0]["expert"], most, "layer {layer}");
+        assert_eq!(row["shrank"][0]["expert"], least, "layer {layer}");
+        approx::assert_abs_diff_eq!(row["grew"][0]["share"].as_f64().unwrap(), a[most] - b[most], epsilon = 1e-12);
+    }
+    assert_eq!(json["compare_prompts"], 1);
+    let (table, _) = assert_ok(&glimpse(&["audit", "--dump", golden, "--compare", &other]));
+    assert!(table.contains("total variation distance between the two load distributions"), "{table}");
+    let mtp = "golden/mtp/reference.safetensors";
+    assert_error(&glimpse(&["audit", "--dump", golden, "--compare", mtp]), "experts, not 16");
+}

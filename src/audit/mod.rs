@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::model::Tokens;
 
 mod collect;
+pub mod contrast;
 mod routes;
 pub use collect::{collect, expert_count, AuditObserver, CollectOptions, ExpertCount, Lines};
 pub use routes::Routes;

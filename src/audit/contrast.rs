@@ -1,0 +1,123 @@
+//! `audit --compare`: the load of one set of prompts against another's on the same model (code
+//! against prose, one language against another). Their tokens differ, so nothing is compared
+//! token by token (that is `--against`, for a port's runs of the same prompts): per layer, the
+//! total variation distance between the two load distributions (half the summed difference of
+//! each expert's share of the routing slots: 0 the same, 1 disjoint experts), the experts whose
+//! share grew and shrank most, and both MaxVios.
+
+use std::fmt::Write;
+
+use serde_json::{json, Value};
+
+use super::{max_vio, Audit};
+use crate::error::{Error, Result};
+
+/// One layer of two prompt sets' loads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerContrast {
+    pub layer: usize,
+    /// Routing slots (tokens x k) of each side.
+    pub slots: u64,
+    pub other_slots: u64,
+    /// `sum |share - other share| / 2` over the experts.
+    pub distance: f64,
+    /// The three experts whose share grew most and shrank most (share - other share), ties by id.
+    pub gained: Vec<(usize, f64)>,
+    pub lost: Vec<(usize, f64)>,
+    pub max_vio: f64,
+    pub other_max_vio: f64,
+}
+
+/// Refuses a contrast of another model's routing: another expert count or `k`, or no MoE layer
+/// in common.
+pub fn check(ours: &Audit, other: &Audit) -> Result<()> {
+    if ours.experts != other.experts {
+        let msg = format!("--compare routes over {} experts, the audited runs over {}", other.experts, ours.experts);
+        return Err(Error::Usage(msg));
+    }
+    for (i, l) in &ours.layers {
+        if let Some(r) = other.layers.get(i).filter(|r| r.k != l.k) {
+            let msg = format!("layer {i}: {} experts a token against --compare's {}: one model's routing", l.k, r.k);
+            return Err(Error::Usage(msg));
+        }
+    }
+    if !ours.layers.keys().any(|i| other.layers.contains_key(i)) {
+        return Err(Error::Usage("--compare shares no MoE layer with the audited runs".into()));
+    }
+    Ok(())
+}
+
+/// Per layer both sides route, their loads' distance and the experts that moved most.
+pub fn contrast(ours: &Audit, other: &Audit) -> Vec<LayerContrast> {
+    let shares = |c: &[u64]| {
+        let total = c.iter().sum::<u64>().max(1) as f64;
+        c.iter().map(|&n| n as f64 / total).collect::<Vec<f64>>()
+    };
+    ours.layers
+        .iter()
+        .filter_map(|(&layer, l)| {
+            let r = other.layers.get(&layer)?;
+            let (a, b) = (shares(&l.counts), shares(&r.counts));
+            let delta: Vec<f64> = (0..a.len().max(b.len()))
+                .map(|e| a.get(e).copied().unwrap_or(0.0) - b.get(e).copied().unwrap_or(0.0))
+                .collect();
+            let pick = |sign: f64| {
+                let mut order: Vec<usize> = (0..delta.len()).filter(|&e| delta[e] * sign > 0.0).collect();
+                order.sort_by(|&x, &y| (delta[y] * sign).total_cmp(&(delta[x] * sign)).then(x.cmp(&y)));
+                order.into_iter().take(3).map(|e| (e, delta[e])).collect::<Vec<_>>()
+            };
+            Some(LayerContrast {
+                layer,
+                slots: l.counts.iter().sum(),
+                other_slots: r.counts.iter().sum(),
+                distance: delta.iter().map(|d| d.abs()).sum::<f64>() / 2.0,
+                gained: pick(1.0),
+                lost: pick(-1.0),
+                max_vio: max_vio(&l.counts),
+                other_max_vio: max_vio(&r.counts),
+            })
+        })
+        .collect()
+}
+
+/// The contrast as a table (share changes in percentage points).
+pub fn table(c: &[LayerContrast], prompts: usize, other_prompts: usize) -> String {
+    let list =
+        |v: &[(usize, f64)]| v.iter().map(|(e, d)| format!("{e}:{:+.1}", 100.0 * d)).collect::<Vec<_>>().join(" ");
+    let mut s = format!(
+        "load against --compare's prompts ({prompts} against {other_prompts} prompt(s)): total variation distance \
+         between the two load distributions (sum |share - its share| / 2: 0 the same, 1 disjoint), and the experts \
+         whose share (in points) grew and shrank most\n{:>5} {:>8} {:>8} {:>9} {:>8} {:>8}  {:<30}  shrank most\n",
+        "layer", "slots", "its", "distance", "MaxVio", "its", "grew most"
+    );
+    for l in c {
+        let _ = writeln!(
+            s,
+            "{:>5} {:>8} {:>8} {:>9.3} {:>8.3} {:>8.3}  {:<30}  {}",
+            l.layer,
+            l.slots,
+            l.other_slots,
+            l.distance,
+            l.max_vio,
+            l.other_max_vio,
+            list(&l.gained),
+            list(&l.lost)
+        );
+    }
+    s
+}
+
+/// The contrast as JSON: per layer, slots, distance, the experts that grew and shrank (share
+/// differences as fractions) and both MaxVios.
+pub fn to_json(c: &[LayerContrast]) -> Value {
+    let pairs = |v: &[(usize, f64)]| v.iter().map(|(e, d)| json!({"expert": e, "share": d})).collect::<Vec<_>>();
+    c.iter()
+        .map(|l| {
+            json!({
+                "layer": l.layer, "slots": l.slots, "compare_slots": l.other_slots, "distance": l.distance,
+                "grew": pairs(&l.gained), "shrank": pairs(&l.lost),
+                "max_vio": l.max_vio, "compare_max_vio": l.other_max_vio,
+            })
+        })
+        .collect()
+}
