@@ -514,7 +514,8 @@ impl Source for DumpSource {
                 .and_then(|r| Self::ints(r, name))
                 .map(|(theirs, _)| crate::audit::net_moved(&load.counts, &counts(&theirs).counts));
             let st = load.stats();
-            // The config's MTP layer, else (no config) a layer one position short a batch row.
+            // The config's MTP layer, or a layer one position short a batch row (what only the
+            // MTP layer is, and all there is to go by without a config).
             let k = self.ours.shape(name).and_then(|s| s.last().copied()).unwrap_or(1).max(1);
             let short = self.tokens.seq > 1 && ids.len() / k == self.tokens.batch * (self.tokens.seq - 1);
             let mtp = short || self.layers.iter().any(|l| l.part == Part::Layer(i) && l.ffn == "mtp");

@@ -48,11 +48,20 @@ pub struct Verifier<'a> {
     experts: Option<usize>,
     /// The model's config: which selection decided a shared layer's (`flips::deciding`).
     config: Option<Config>,
-    /// Our latest scores a selection ranks (`dsa.scores`, `router_logits`), with the selection
-    /// they decide and their row width: the rows of its flips are kept, for our side's lead.
-    last_scores: Option<(HookPoint, Vec<f32>, usize)>,
-    /// Our scores of each flipped row (flat index), by selection name.
-    flip_rows: HashMap<String, Vec<(usize, Vec<f32>)>>,
+    /// Our latest indexer scores and gate logits (`[DSA, routing]`), with the selection each
+    /// decides: a shared layer's selection is its source's, the latest full layer's, which the
+    /// routing between them must not displace.
+    last_scores: [Option<(HookPoint, Tensor)>; 2],
+    /// Our side of each flip (by selection name, in the flips' order): DSA's lead, taken at
+    /// once (a row is as wide as the sequence), or the gate logits of its row, ranked with the
+    /// checkpoint's bias once the routers are read.
+    ours: HashMap<String, Vec<OursOf>>,
+}
+
+/// Our side of one flip, kept by [`Verifier`] for its lead.
+enum OursOf {
+    Lead(Option<f32>),
+    Logits(Vec<f32>),
 }
 
 impl<'a> Verifier<'a> {
@@ -71,8 +80,8 @@ impl<'a> Verifier<'a> {
             near_tie: tol.near_tie(),
             experts: None,
             config: None,
-            last_scores: None,
-            flip_rows: HashMap::new(),
+            last_scores: [None, None],
+            ours: HashMap::new(),
         }
     }
 
@@ -87,14 +96,31 @@ impl<'a> Verifier<'a> {
         v
     }
 
-    /// Keeps our scores of each flipped row of the selection `c` decided, where they are the
-    /// latest this run reported (a shared layer's are its source's, the latest full layer's).
-    fn keep_flip_rows(&mut self, point: HookPoint, c: &Comparison) {
-        let Detail::Sets { flips, .. } = &c.detail else { return };
+    /// Keeps our side of each flip of the selection `c`, from our scores that decided it: none
+    /// past `flips::MOVEMENT_MAX` values, as `diff` takes none there.
+    fn keep_ours(&mut self, point: HookPoint, c: &Comparison) -> Result<()> {
+        let Detail::Sets { flips, .. } = &c.detail else { return Ok(()) };
         let deciding = self.config.as_ref().map_or(point, |cfg| flips::deciding(point, cfg));
-        let Some((_, values, width)) = self.last_scores.as_ref().filter(|(p, _, _)| *p == deciding) else { return };
-        let rows = flips.iter().filter_map(|f| Some((f.row, values.get(f.row * width..(f.row + 1) * width)?.to_vec())));
-        self.flip_rows.insert(c.name.clone(), rows.collect());
+        let dsa = matches!(point, HookPoint::Layer(_, LayerHook::DsaTopk));
+        let Some((_, scores)) = self.last_scores[usize::from(!dsa)].as_ref().filter(|(p, _)| *p == deciding) else {
+            return Ok(());
+        };
+        let width = scores.dims().last().copied().unwrap_or(1).max(1);
+        if flips.is_empty() || scores.elem_count() > flips::MOVEMENT_MAX {
+            return Ok(());
+        }
+        let kept = with_f32(scores, |v| {
+            let row = |f: &compare::Flip| v.get(f.row * width..(f.row + 1) * width);
+            flips
+                .iter()
+                .map(|f| match dsa {
+                    true => OursOf::Lead(row(f).and_then(|r| flips::row_lead(f, compare::Side::Ours, r, None))),
+                    false => row(f).map_or(OursOf::Lead(None), |r| OursOf::Logits(r.to_vec())),
+                })
+                .collect()
+        })?;
+        self.ours.insert(c.name.clone(), kept);
+        Ok(())
     }
 
     fn compare(&mut self, name: &str, ours: &Tensor) -> Result<Comparison> {
@@ -152,18 +178,13 @@ impl Verifier<'_> {
             flips::reference_rule_breaks(c, self.golden, config, router, self.near_tie);
             // Our side's lead from our own scores of the flipped rows (routing: flat only, with
             // the checkpoint's bias, as `diff` ranks them).
-            let dsa = matches!(point, HookPoint::Layer(_, LayerHook::DsaTopk));
-            let bias = match dsa {
-                true => Some(None),
-                false => router.filter(|(rc, _)| rc.is_flat()).map(|(_, b)| Some(b)),
-            };
-            if let (Some(bias), Some(rows), Detail::Sets { flips, .. }) =
-                (bias, self.flip_rows.get(&c.name), &mut c.detail)
-            {
-                for f in flips.iter_mut() {
-                    if let Some((_, row)) = rows.iter().find(|(r, _)| *r == f.row) {
-                        f.lead_ours = flips::row_lead(f, compare::Side::Ours, row, bias);
-                    }
+            let bias = router.filter(|(rc, _)| rc.is_flat()).map(|(_, b)| b);
+            if let (Some(ours), Detail::Sets { flips, .. }) = (self.ours.get(&c.name), &mut c.detail) {
+                for (f, o) in flips.iter_mut().zip(ours) {
+                    f.lead_ours = match o {
+                        OursOf::Lead(lead) => *lead,
+                        OursOf::Logits(row) => bias.and_then(|b| flips::row_lead(f, compare::Side::Ours, row, Some(b))),
+                    };
                 }
             }
         }
@@ -206,12 +227,12 @@ impl Observer for Verifier<'_> {
             _ => None,
         };
         if let Some(selection) = ranks {
-            let width = value.dims().last().copied().unwrap_or(1).max(1);
-            self.last_scores = Some((selection, with_f32(value, <[f32]>::to_vec)?, width));
+            let slot = usize::from(matches!(selection, HookPoint::Layer(_, LayerHook::TopkIds)));
+            self.last_scores[slot] = Some((selection, value.clone()));
         }
         let c = self.compare(&name, value)?;
         if matches!(point, HookPoint::Layer(_, LayerHook::DsaTopk | LayerHook::TopkIds)) {
-            self.keep_flip_rows(point, &c);
+            self.keep_ours(point, &c)?;
         }
         self.results.push(c);
         Ok(())
@@ -314,16 +335,23 @@ impl Report {
     /// What the reference's names outside the spec say, where most of them are spec hook points
     /// behind one prefix (`model.layers.0.input_norm`) and they outnumber the tensors compared:
     /// the names are the spec's contract, and most of the reference went unverified. Or its
-    /// layers numbered from 1: no `layers.0.*` anywhere, and layers past ours (its layer i was
-    /// compared with our layer i, one off, as `diff` says of such a port).
+    /// layers numbered from 1: no `layers.0.*` anywhere, layered names the run did not produce,
+    /// and no layer's activation that matched (which says the names line up, as `diff` takes
+    /// it): its layer i was compared with our layer i, one off.
     pub fn misnamed(&self) -> Option<String> {
         let layer_of = |n: &str| HookPoint::parse(n).and_then(|p| p.layer());
         let named =
             || self.results.iter().map(|c| c.name.as_str()).chain(self.only_in_reference.iter().map(String::as_str));
-        let past = self.only_in_reference.iter().filter(|n| !n.starts_with("mtp.") && layer_of(n).is_some()).count();
-        if past > 0 && named().any(|n| layer_of(n).is_some()) && !named().any(|n| layer_of(n) == Some(0)) {
+        let unproduced = self.only_in_reference.iter().filter(|n| layer_of(n).is_some()).count();
+        let lines_up = self
+            .results
+            .iter()
+            .any(|c| c.ok && layer_of(&c.name).is_some() && matches!(c.detail, Detail::Float { .. }));
+        let layered = named().any(|n| layer_of(n).is_some());
+        if unproduced > 0 && !lines_up && layered && !named().any(|n| layer_of(n) == Some(0)) {
             return Some(format!(
-                "the reference numbers its layers from 1 (no `layers.0.*`; {past} tensors past this model's layers)"
+                "the reference numbers its layers from 1 (no `layers.0.*`; {unproduced} of its layers' tensors not \
+                 produced by this run)"
             ));
         }
         fn prefix(n: &str) -> Option<&str> {

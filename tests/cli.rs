@@ -711,7 +711,16 @@ fn verify_names_a_reference_whose_layers_start_at_1() {
     });
     let (code, out) = common::code_and_text(&["verify", "--model", "golden/flat", "--golden", &s(&shifted)]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("the reference numbers its layers from 1 (no `layers.0.*`; 12 tensors past"), "{out}");
+    assert!(
+        out.contains("the reference numbers its layers from 1 (no `layers.0.*`; 12 of its layers' tensors not"),
+        "{out}"
+    );
+    // A routing-only dump of an MTP run (no `mtp.*`, so its layer 3 is not produced; layer 0 is
+    // dense, so no `layers.0.*`): its router logits match, the names line up.
+    let args = ["--tokens-from", "golden/mtp/reference.safetensors", "--mtp", "--record", "*.moe.*"];
+    let routing = common::run_dump("golden/mtp", &args, tmp.path(), "moe.st");
+    let (code, out) = common::code_and_text(&["verify", "--model", "golden/mtp", "--golden", &routing]);
+    assert!(code == 0 && !out.contains("numbers its layers"), "{out}");
     // Its own reference, and a window of it, say nothing of the kind.
     let (code, out) = common::code_and_text(&["verify", "--model", "golden/flat", "--layers", "2..3"]);
     assert!(code == 0 && !out.contains("numbers its layers"), "{out}");

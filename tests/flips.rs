@@ -63,27 +63,44 @@ fn verify_says_when_the_references_own_scores_contradict_its_choice() {
 #[test]
 fn verify_and_diff_class_the_same_flips_alike() {
     let tmp = tempfile::tempdir().unwrap();
-    let port = "golden/flat/bf16-port.safetensors";
-    let classes = |json: &str| -> std::collections::BTreeMap<(String, u64), String> {
+    let classes = |json: &str| -> std::collections::BTreeMap<(String, u64), (String, bool)> {
         let v: serde_json::Value = serde_json::from_str(json).unwrap();
         let tensors = v["tensors"].as_array().unwrap();
         let flips = tensors.iter().flat_map(|t| {
             let name = t["name"].as_str().unwrap().to_string();
             t["flips"].as_array().cloned().unwrap_or_default().into_iter().map(move |f| (name.clone(), f))
         });
-        flips.map(|(n, f)| ((n, f["row"].as_u64().unwrap()), f["class"].as_str().unwrap().to_string())).collect()
+        let class = |f: &serde_json::Value| (f["class"].as_str().unwrap().to_string(), f["lead_ours"].is_number());
+        flips.map(|(n, f)| ((n, f["row"].as_u64().unwrap()), class(&f))).collect()
     };
-    let near = ["--near-tie", "0.05", "--json"];
-    let o = glimpse(&[&["verify", "--model", "golden/flat", "--golden", port][..], &near].concat());
-    assert_eq!(o.status.code(), Some(1));
-    let (verify, _) = text(&o);
-    let args = ["--tokens-from", "golden/flat/reference.safetensors", "--record", "*,*.dsa.scores"];
-    let ours = common::run_dump("golden/flat", &args, tmp.path(), "ours.st");
-    let (diff, _) = text(&glimpse(&[&["diff", &ours, port, "--model", "golden/flat"][..], &near].concat()));
-    let (v, d) = (classes(&verify), classes(&diff));
-    assert!(v.len() > 20 && v.values().any(|c| c == "real") && v.values().any(|c| c == "near-tie"), "{v:?}");
-    assert_eq!(v, d);
-    let plain = common::run_dump("golden/flat", &args[..2], tmp.path(), "plain.st");
+    // The bf16 port at a near-tie margin that leaves both classes; a bf16 reference of the case
+    // whose layer 1 reuses layer 0's selection (its flips take layer 0's scores on both sides).
+    for (case, golden, near) in [("flat", "bf16-port", "0.05"), ("grouped-shared-yarn", "reference-bf16", "1e-3")] {
+        let (model, port) = (format!("golden/{case}"), format!("golden/{case}/{golden}.safetensors"));
+        let near = ["--near-tie", near, "--json"];
+        let o = glimpse(&[&["verify", "--model", &model, "--golden", &port][..], &near].concat());
+        assert_eq!(o.status.code(), Some(1));
+        let (verify, _) = text(&o);
+        let tokens_from = format!("{model}/reference.safetensors");
+        let args = ["--tokens-from", &tokens_from, "--record", "*,*.dsa.scores"];
+        let ours = common::run_dump(&model, &args, tmp.path(), &format!("{case}.st"));
+        let (diff, _) = text(&glimpse(&[&["diff", &ours, &port, "--model", &model][..], &near].concat()));
+        let (v, d) = (classes(&verify), classes(&diff));
+        assert!(v.values().any(|c| c.0 == "real"), "{case}: {v:?}");
+        match case {
+            "flat" => assert!(v.values().any(|c| c.0 == "near-tie"), "{v:?}"),
+            // Layer 1 is shared: our side's lead is layer 0's scores' (it had none).
+            _ => assert!(v[&("layers.1.dsa.topk".to_string(), 19)].1, "{v:?}"),
+        }
+        assert_eq!(v, d, "{case}");
+    }
+    let port = "golden/flat/bf16-port.safetensors";
+    let plain = common::run_dump(
+        "golden/flat",
+        &["--tokens-from", "golden/flat/reference.safetensors"],
+        tmp.path(),
+        "plain.st",
+    );
     let (out, _) = text(&glimpse(&["diff", &plain, port, "--model", "golden/flat", "--near-tie", "0.05"]));
     assert!(out.contains("(ours records no dsa.scores: its side of each DSA flip is its row margin alone"), "{out}");
 }

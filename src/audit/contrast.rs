@@ -110,7 +110,7 @@ pub fn table(c: &[LayerContrast], prompts: usize, other_prompts: usize) -> Strin
 /// The contrast as JSON: per layer, slots, distance, the experts that grew and shrank (share
 /// differences as fractions) and both MaxVios.
 pub fn to_json(c: &[LayerContrast]) -> Value {
-    let pairs = |v: &[(usize, f64)]| v.iter().map(|(e, d)| json!({"expert": e, "share": d})).collect::<Vec<_>>();
+    let pairs = |v: &[(usize, f64)]| v.iter().map(|(e, d)| json!({"expert": e, "share_change": d})).collect::<Vec<_>>();
     c.iter()
         .map(|l| {
             json!({
