@@ -599,7 +599,11 @@ fn audit_compares_the_load_of_other_prompts() {
         });
         assert_eq!(row["grew"][0]["expert"], most, "layer {layer}");
         assert_eq!(row["shrank"][0]["expert"], least, "layer {layer}");
-        approx::assert_abs_diff_eq!(row["grew"][0]["share_change"].as_f64().unwrap(), a[most] - b[most], epsilon = 1e-12);
+        approx::assert_abs_diff_eq!(
+            row["grew"][0]["share_change"].as_f64().unwrap(),
+            a[most] - b[most],
+            epsilon = 1e-12
+        );
     }
     assert_eq!(json["compare_prompts"], 1);
     let (table, _) = assert_ok(&glimpse(&["audit", "--dump", golden, "--compare", &other]));
