@@ -232,7 +232,7 @@ impl Dump {
     /// The batch rows and positions of the run, from a dump without `input_ids`: the largest
     /// `[B, S]` of its `[B, S, ...]` hook points (the MTP layer's hold one position fewer a row).
     pub fn positions(&self) -> Option<(usize, usize)> {
-        let spread = ["embeddings", ".input_norm", ".output", ".attn.out", "final_norm", "logits"];
+        let spread = ["embeddings", ".input_norm", ".output", ".dsa.topk", ".attn.out", "final_norm", "logits"];
         let of = |n: &String| match self.shape(n)?[..] {
             // (A width of 0 holds no data: its [B, S] would be the header's word alone.)
             [b, s, w] if b > 0 && s > 0 && w > 0 && spread.iter().any(|x| n.ends_with(x)) => Some((s, b)),

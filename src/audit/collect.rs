@@ -546,16 +546,12 @@ fn check_rule(d: &Dump, name: &str, rc: &RouterConfig, bias: &[f32], logits: &[f
     Ok(())
 }
 
-/// The batch rows of a dump without `input_ids`, from the spec's other `[B, S, ...]` tensors
-/// whose positions fit the routing's `rows` (the MTP layer's one fewer a row); one (and said)
-/// when none records them.
+/// The batch rows of a dump without `input_ids`, from its `[B, S, ...]` hook points
+/// (`Dump::positions`) where they fit the routing's `rows` (the MTP layer's one fewer a row); one
+/// (and said) when none records them.
 fn batch_without_ids(d: &Dump, rows: usize) -> usize {
-    let spread = ["embeddings", ".input_norm", ".output", ".dsa.topk", ".attn.out", "final_norm", "logits"];
-    let batch = d.names().iter().filter(|n| spread.iter().any(|s| n.ends_with(s))).find_map(|n| {
-        let &[b, s, _] = &d.shape(n)?[..] else { return None };
-        (b > 0 && (rows == b * s || rows == b * s.saturating_sub(1))).then_some(b)
-    });
-    batch.unwrap_or_else(|| {
+    let fits = |&(b, s): &(usize, usize)| rows == b * s || rows == b * s.saturating_sub(1) || rows == b * (s + 1);
+    d.positions().filter(fits).map(|(b, _)| b).unwrap_or_else(|| {
         eprintln!(
             "glimpse: warning: {}: no input_ids, nor a [B, S, ...] tensor: counted as one prompt",
             d.path.display()
