@@ -225,64 +225,39 @@ fn expert_weights_align_by_id() {
     assert!(!ok);
 }
 
+/// `layers.0.dsa.topk` of `ours` against `reference` (ids and shapes), at the default tolerance.
+fn dsa_selection(ours: &[i64], ours_shape: &[usize], reference: &[i64], ref_shape: &[usize]) -> Comparison {
+    let (a, e) = (Values::I64(ours.to_vec()), Values::I64(reference.to_vec()));
+    compare_tensor("layers.0.dsa.topk", (&a, ours_shape), (&e, ref_shape), None, Tolerance::default(), None)
+}
+
 /// Selections of other widths over the same queries compare as causal sets: a port keeping
 /// `min(index_topk, S)` columns matches one padding to `index_topk`, and one keeping a key too
 /// few shows as the rows that lost it (a shape mismatch said only that the widths differ).
 #[test]
 fn dsa_rows_of_other_widths_compare_as_sets() {
-    let reference = Values::I64(vec![0, -1, -1, 1, 0, -1, 2, 0, 1]); // [1, 3, 3]: query 2 keeps 3 keys
-    let by = |ours: Vec<i64>| {
-        let ours = Values::I64(ours);
-        compare_tensor(
-            "layers.0.dsa.topk",
-            (&ours, &[1, 3, 2]),
-            (&reference, &[1, 3, 3]),
-            None,
-            Tolerance::default(),
-            None,
-        )
-    };
-    let short = by(vec![0, -1, 0, 1, 2, 1]);
+    let reference = [0, -1, -1, 1, 0, -1, 2, 0, 1]; // [1, 3, 3]: query 2 keeps 3 keys
+    let short = dsa_selection(&[0, -1, 0, 1, 2, 1], &[1, 3, 2], &reference, &[1, 3, 3]);
     assert!(!short.ok);
     let Detail::Sets { rows, flips, .. } = short.detail else { panic!("{short:?}") };
     assert_eq!((rows, flips.len(), flips[0].at.clone()), (3, 1, vec![0, 2]));
     assert_eq!((flips[0].only_ours.clone(), flips[0].only_reference.clone()), (vec![], vec![0]));
     assert_eq!(flips[0].fewer_keys(), Some(Side::Ours));
     // Two of three queries, width 2 against 3: the same causal sets.
-    let two = Values::I64(vec![0, -1, -1, 1, 0, -1]);
-    let ours = Values::I64(vec![0, 5, 0, 1]);
-    let c =
-        compare_tensor("layers.0.dsa.topk", (&ours, &[1, 2, 2]), (&two, &[1, 2, 3]), None, Tolerance::default(), None);
+    let ours = [0, 5, 0, 1];
+    let c = dsa_selection(&ours, &[1, 2, 2], &[0, -1, -1, 1, 0, -1], &[1, 2, 3]);
     assert!(c.ok, "{c:?}");
     // Ours keeping more keys than the reference's width: ours's width is wrong, said as such.
-    let wide = Values::I64(vec![0, -1, -1, 0, 1, -1]);
-    let narrow = Values::I64(vec![0, 0]);
-    let c = compare_tensor(
-        "layers.0.dsa.topk",
-        (&wide, &[1, 2, 3]),
-        (&narrow, &[1, 2, 1]),
-        None,
-        Tolerance::default(),
-        None,
-    );
+    let c = dsa_selection(&[0, -1, -1, 0, 1, -1], &[1, 2, 3], &[0, 0], &[1, 2, 1]);
     assert!(
         matches!(&c.detail, Detail::Invalid { side: Side::Ours, problem } if problem.contains("up to 2 causal keys")),
         "{c:?}"
     );
     // A reference of width 0 holds no row to compare.
-    let none = Values::I64(vec![]);
-    let c =
-        compare_tensor("layers.0.dsa.topk", (&ours, &[1, 2, 2]), (&none, &[1, 2, 0]), None, Tolerance::default(), None);
+    let c = dsa_selection(&ours, &[1, 2, 2], &[], &[1, 2, 0]);
     assert!(matches!(c.detail, Detail::Shape { .. }), "{c:?}");
     // Other queries are another run's: a shape mismatch still.
-    let c = compare_tensor(
-        "layers.0.dsa.topk",
-        (&ours, &[1, 2, 2]),
-        (&reference, &[1, 3, 3]),
-        None,
-        Tolerance::default(),
-        None,
-    );
+    let c = dsa_selection(&ours, &[1, 2, 2], &reference, &[1, 3, 3]);
     assert!(matches!(c.detail, Detail::Shape { .. }), "{c:?}");
 }
 
