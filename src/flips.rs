@@ -164,7 +164,8 @@ fn lead(values: &[f32], ids: &[i64], want: usize) -> f32 {
 }
 
 /// Each flip of `c` (a `dsa.topk` or `moe.topk_ids` comparison of `a` against `b`, its margins
-/// set) with how far its keys' scores moved between the two dumps against the layer's noise
+/// set) with the flipped keys' lead on each side whose dump holds the scores ([`keys_lead`],
+/// each side on its own), and, where both do, with how far its keys' scores moved between the two dumps against the layer's noise
 /// ([`Movement`]): the scores the selection ranked, `dsa.scores` (of the layer that decided it,
 /// for a shared indexer) or the gate's `sigmoid(router_logits)` (the correction bias cancels
 /// where both sides apply the same one; where they do not, the keys move too little for the
@@ -195,17 +196,35 @@ pub fn add_movement(
     let Some(point) = HookPoint::parse(&c.name) else { return };
     let Some((scores, dsa)) = ranked_scores(config.map_or(point, |cfg| deciding(point, cfg))) else { return };
     let name = scores.name();
-    let Some(shape) =
-        scores_shape(a, &name, &c.name, dsa).filter(|s| Some(s) == scores_shape(b, &name, &c.name, dsa).as_ref())
-    else {
-        return;
+    let rows = match &c.detail {
+        Detail::Sets { rows, flips, .. } if !flips.is_empty() => *rows,
+        _ => return,
     };
-    let (Detail::Sets { rows, .. }, Some(&width)) = (&c.detail, shape.last()) else { return };
-    let n: usize = shape.iter().product();
-    if n != rows * width || n > MOVEMENT_MAX {
-        return;
+    // Each side's scores, read once, where they lay out the selection's rows.
+    let read = |d: &Dump| {
+        let shape = scores_shape(d, &name, &c.name, dsa)?;
+        let width = *shape.last()?;
+        if rows.saturating_mul(width) > MOVEMENT_MAX {
+            return None;
+        }
+        let values = floats(d, &name).filter(|v| v.len() == rows * width)?;
+        Some((shape, values))
+    };
+    let sides = [read(a), read(b)];
+    let flat = !dsa && config.is_some_and(|c| RouterConfig::new(c).is_flat());
+    let [ours, theirs] = [&sides[0], &sides[1]]
+        .map(|side| side.as_ref().and_then(|(shape, v)| Ranked::new(v, *shape.last()?, dsa, flat, router)));
+    let Detail::Sets { flips, .. } = &mut c.detail else { return };
+    // Each side's lead on its own: a glimpse dump records no S x S `dsa.scores` by default, and
+    // the reference's lead alone must class a flip as `verify` classes it.
+    for f in flips.iter_mut() {
+        f.lead_ours = ours.as_ref().and_then(|r| keys_lead(f, Side::Ours, r));
+        f.lead_reference = theirs.as_ref().and_then(|r| keys_lead(f, Side::Reference, r));
     }
-    let (Some(x), Some(y)) = (floats(a, &name), floats(b, &name)) else { return };
+    // The movement needs both, of one shape.
+    let (Some((shape, x)), Some((other, y))) = (&sides[0], &sides[1]) else { return };
+    let Some(&width) = shape.last().filter(|_| shape == other) else { return };
+    let n = rows * width;
     // DSA: query q of a row of S sees keys 0..=T-S+q.
     let seq = if dsa { shape[1].max(1) } else { 1 };
     let causal = |i: usize| !dsa || i % width <= width - seq.min(width) + (i / width) % seq;
@@ -227,10 +246,6 @@ pub fn add_movement(
     let at = ((all.len() - 1) as f64 * 0.99).round() as usize;
     let noise = *all.select_nth_unstable_by(at, f32::total_cmp).1;
     drop(all);
-    let flat = !dsa && config.is_some_and(|c| RouterConfig::new(c).is_flat());
-    let ranked = |values| Ranked::new(values, width, dsa, flat, router);
-    let (ours, theirs) = (ranked(&x), ranked(&y));
-    let Detail::Sets { flips, .. } = &mut c.detail else { return };
     for f in flips.iter_mut() {
         let [kept, left] = f.keys_in(width);
         let deltas: Vec<Option<f32>> = kept.iter().chain(&left).map(|&k| delta(f.row * width + k)).collect();
@@ -257,40 +272,6 @@ pub fn add_movement(
         // Only grouped routing (known from a config) lets other experts' moves flip a token.
         let grouped = !dsa && config.is_some_and(|c| !RouterConfig::new(c).is_flat());
         f.moved = Some(Movement { keys: moved, noise, alone: !grouped });
-    }
-}
-
-/// Each flip of `c` (a selection of `a` against `b`) with the flipped keys' lead on each side
-/// whose dump holds the scores its selection ranked ([`keys_lead`]), each side on its own: a
-/// glimpse dump records no S x S `dsa.scores` by default, and the reference's lead alone must
-/// class a flip as `verify` classes it.
-pub fn add_leads(
-    c: &mut Comparison,
-    a: &Dump,
-    b: &Dump,
-    config: Option<&Config>,
-    router: Option<(&RouterConfig, &[f32])>,
-) {
-    let Some(point) = HookPoint::parse(&c.name) else { return };
-    let Some((scores, dsa)) = ranked_scores(config.map_or(point, |cfg| deciding(point, cfg))) else { return };
-    let name = scores.name();
-    let widths = [a, b].map(|d| scores_shape(d, &name, &c.name, dsa).and_then(|s| s.last().copied()));
-    let flat = !dsa && config.is_some_and(|c| RouterConfig::new(c).is_flat());
-    let Detail::Sets { rows, flips, .. } = &mut c.detail else { return };
-    if flips.is_empty() {
-        return;
-    }
-    for ((side, d), width) in [(Side::Ours, a), (Side::Reference, b)].into_iter().zip(widths) {
-        let Some(width) = width.filter(|w| rows.saturating_mul(*w) <= MOVEMENT_MAX) else { continue };
-        let Some(values) = floats(d, &name).filter(|v| v.len() == *rows * width) else { continue };
-        let Some(ranked) = Ranked::new(&values, width, dsa, flat, router) else { continue };
-        for f in flips.iter_mut() {
-            let lead = keys_lead(f, side, &ranked);
-            match side {
-                Side::Ours => f.lead_ours = lead,
-                Side::Reference => f.lead_reference = lead,
-            }
-        }
     }
 }
 

@@ -276,7 +276,6 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
                 let margins = |d| flips::deciding_margins(d, point, opts.config.as_ref(), router);
                 let (ma, mb) = (margins(a), margins(b));
                 c.set_margins(ma.as_deref(), mb.as_deref());
-                flips::add_leads(&mut c, a, b, opts.config.as_ref(), router);
                 flips::add_movement(&mut c, a, b, opts.config.as_ref(), router, opts.near_tie);
             }
         }
