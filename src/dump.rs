@@ -173,14 +173,23 @@ impl Dump {
             Ok((Values::I64(v), s))
         } else {
             let (mut v, s) = self.file.f32(name).map_err(wrap)?;
-            // Indexer scores masked the way transformers masks attention (`finfo(dtype).min`, not
-            // `-inf`) read as our `-inf`: the same mask, which would otherwise compare as a
-            // difference of 1e38.
-            if name.ends_with(".dsa.scores") {
-                v.iter_mut().filter(|x| **x <= MASKED).for_each(|x| *x = f32::NEG_INFINITY);
-            }
+            unmask(name, &mut v);
             Ok((Values::F32(v), s))
         }
+    }
+
+    /// Rows `[start, start + count)` of the float tensor `name` (rows of its last dimension), as
+    /// [`Dump::values`] reads them: a slice of an S x S `dsa.scores` without reading the rest.
+    pub fn float_rows(&self, name: &str, start: usize, count: usize) -> Result<Vec<f32>> {
+        if self.file.info(name).is_some_and(|i| st::INTS.contains(&i.dtype)) {
+            return Err(Error::dump(&self.path, format!("`{name}` is an integer tensor")));
+        }
+        let mut v = self.file.f32_rows(name, start, count).map_err(|e| match e {
+            Error::Checkpoint { msg, .. } => Error::dump(&self.path, msg),
+            e => e,
+        })?;
+        unmask(name, &mut v);
+        Ok(v)
     }
 
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
@@ -269,6 +278,14 @@ pub fn is_index_tensor(name: &str) -> bool {
 /// Scores at or below this (half of f32's lowest; torch's `finfo.min` of f32 and bf16 is below it)
 /// are a mask.
 const MASKED: f32 = f32::MIN / 2.0;
+
+/// Indexer scores masked the way transformers masks attention (`finfo(dtype).min`, not `-inf`)
+/// read as our `-inf`: the same mask, which would otherwise compare as a difference of 1e38.
+fn unmask(name: &str, v: &mut [f32]) {
+    if name.ends_with(".dsa.scores") {
+        v.iter_mut().filter(|x| **x <= MASKED).for_each(|x| *x = f32::NEG_INFINITY);
+    }
+}
 
 /// The header metadata a glimpse dump carries.
 pub fn metadata(source: &str, config_bytes: Option<&[u8]>, model: Option<&str>) -> BTreeMap<String, String> {

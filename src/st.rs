@@ -106,17 +106,19 @@ impl StFile {
             .map(crate::model::fp8::Fp8Weight::in_file)
     }
 
-    /// Rows `[start, start + count)` of a 2-D float tensor, decoded to f32, without touching the
-    /// rest of it (embedding lookups and lm_head chunks of a model larger than memory).
+    /// Rows `[start, start + count)` of a float tensor (rows of its last dimension, the leading
+    /// ones flattened), decoded to f32, without touching the rest of it (embedding lookups and
+    /// lm_head chunks of a model larger than memory, a dump's S x S scores a slice at a time).
     pub fn f32_rows(&self, name: &str, start: usize, count: usize) -> Result<Vec<f32>> {
         let (info, bytes) = self.bytes(name)?;
-        let [rows, cols] = info.shape[..] else {
-            return Err(Error::checkpoint(&self.path, format!("tensor `{name}` is not 2-D")));
+        let Some((&cols, lead)) = info.shape.split_last() else {
+            return Err(Error::checkpoint(&self.path, format!("tensor `{name}` is a scalar")));
         };
-        if start + count > rows {
+        let rows = lead.iter().product::<usize>();
+        if start.checked_add(count).is_none_or(|end| end > rows) {
             return Err(Error::checkpoint(
                 &self.path,
-                format!("rows {start}..{} of `{name}` (it has {rows})", start + count),
+                format!("rows {start}..{} of `{name}` (it has {rows})", start.saturating_add(count)),
             ));
         }
         let row_bytes = cols * info.dtype.bitsize() / 8;

@@ -19,7 +19,7 @@ use crate::diff::{diff, DiffOptions};
 use crate::dump::{self, DumpWriter};
 use crate::dump::{Dump, Values};
 use crate::error::{Context, Error, Result};
-use crate::flips::{margins_in, Class};
+use crate::flips::{dsa_margins, margins_in, Class};
 use crate::hooks::Selector;
 use crate::hooks::{HookPoint, LayerHook};
 use crate::model::moe::Routers;
@@ -400,8 +400,8 @@ impl DumpSource {
             )
         };
         // Recorded, else recomputed from the indexer scores (a transformers dump), as `diff` does.
-        let margin = margins_in(&self.ours, HookPoint::Layer(layer, LayerHook::DsaTopk), None)
-            .map(|m| m.get(b * p..(b + 1) * p).map(<[f32]>::to_vec).unwrap_or_default());
+        // (This batch row's only: the scores are read a slice at a time.)
+        let margin = dsa_margins(&self.ours, layer, b * p..(b + 1) * p);
         let classes = self.flip_classes(&name);
         let flip = |q: usize| if q < p { classes.get(&(b * p + q)).copied() } else { None };
         let flips = (0..seq).map(|q| flip(q).map(|f| f.0)).collect();
