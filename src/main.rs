@@ -242,18 +242,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     return verify_decode(&ckpt, &tokens, chunk as usize, tol, max_memory);
                 }
                 if device != Backend::Cpu {
-                    memory::check_run(
-                        &ckpt,
-                        tokens.batch,
-                        tokens.seq,
-                        false,
-                        max_memory,
-                        "the CPU (--device cpu) with --stream or a --layers window",
-                    )?;
-                    let model = Model::load(&ckpt)?;
                     // The MTP head the reference checks runs on the CPU, from the device's final
-                    // norm: loaded first, so a checkpoint without it fails before the run.
-                    let head = match verify::has_mtp(&reference) {
+                    // norm: its layer is held beside the model's, and loaded first, so a
+                    // checkpoint without it fails before the run.
+                    let mtp = verify::has_mtp(&reference);
+                    let layers = 0..=ckpt.config.num_hidden_layers - 1 + usize::from(mtp);
+                    let est = memory::estimate(
+                        &ckpt,
+                        (tokens.batch, tokens.seq),
+                        &layers,
+                        false,
+                        false,
+                        memory::Passes::Many,
+                    );
+                    memory::check(&est, max_memory, "the CPU (--device cpu) with --stream or a --layers window")?;
+                    let model = Model::load(&ckpt)?;
+                    let head = match mtp {
                         true => Some(glimpse::model::mtp::Mtp::load(&ckpt)?),
                         false => None,
                     };

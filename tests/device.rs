@@ -176,3 +176,30 @@ fn both_forward_passes_take_an_isolated_input_from_the_observer() {
         }
     }
 }
+
+/// `verify --device` of a reference holding the MTP head holds the head's layer beside the
+/// model's (it runs on the CPU from the device's final norm), so its memory check counts it, as
+/// the CPU path's does: a budget between the two estimates refuses both paths alike.
+#[test]
+fn verify_on_a_device_counts_the_mtp_heads_layer_in_its_memory_check() {
+    use glimpse::memory::{estimate, Passes};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/mtp");
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let tokens = Dump::open(&dir.join("reference.safetensors")).unwrap().tokens().unwrap();
+    let n = ckpt.config.num_hidden_layers;
+    let size = (tokens.batch, tokens.seq);
+    let total = |last: usize| estimate(&ckpt, size, &(0..=last), false, false, Passes::Many).total();
+    let (main, with_head) = (total(n - 1), total(n));
+    assert!(with_head > main, "the head's layer weighs something: {main} vs {with_head}");
+    let between = ((main + with_head) / 2).to_string();
+    let m = dir.to_str().unwrap();
+    for device in ["cpu-ops", "cpu"] {
+        let (code, text) =
+            common::code_and_text(&["--max-memory", &between, "verify", "--model", m, "--device", device]);
+        assert_eq!(code, 2, "{device}: {text}");
+        assert!(text.contains("but --max-memory is"), "{device}: {text}");
+    }
+    let enough = (with_head + with_head / 4).to_string();
+    let (code, text) = common::code_and_text(&["--max-memory", &enough, "verify", "--model", m, "--device", "cpu-ops"]);
+    assert_eq!(code, 0, "{text}");
+}
