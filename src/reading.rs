@@ -18,26 +18,49 @@ use crate::model::moe::{sigmoid, weights_for, RouterConfig};
 pub struct Onset {
     /// How many leading positions match.
     pub matching: usize,
-    /// The reference's `index_topk` where its DSA selections cut (K < S): queries before it keep
-    /// every causal key.
+    /// The reference's `index_topk` where its DSA selections cut (K < S), for a tensor the
+    /// selection acts on (from `attn.out` on): queries before it keep every causal key.
     pub index_topk: Option<usize>,
+    /// The scale and cosine of the positions after them, where they are a factor apart
+    /// ([`factor`]): a bug of decode steps or later chunks only, such as a scaling they forget.
+    pub factor: Option<(f64, f64)>,
 }
 
 impl Onset {
     pub(crate) fn reading(self) -> String {
-        match self {
-            Onset { matching: 1, .. } => "position 0 matches and every later one differs: something that acts by \
-                                          position (RoPE, YaRN: they leave position 0 alone) or that its single key \
-                                          hides (the softmax scale, which keys a query may see)"
-                .into(),
-            Onset { matching: p, index_topk: Some(k) } if p == k => format!(
+        let factor =
+            self.factor.and_then(|(scale, cosine)| factor(scale, cosine, 2)).map(|f| format!("; past them {f}"));
+        let onset = match self {
+            Onset { matching: 1, factor: None, .. } => {
+                "position 0 matches and every later one differs: something that acts by position (RoPE, YaRN: they \
+                 leave position 0 alone) or that its single key hides (the softmax scale, which keys a query may see)"
+                    .into()
+            }
+            Onset { matching: p, index_topk: Some(k), factor: None } if p == k => format!(
                 "queries 0-{} (which keep every causal key) match and every later one differs: the DSA selection is \
                  applied otherwise (attention over all keys?)",
                 p - 1
             ),
+            Onset { matching: 1, .. } => "position 0 matches and every later one differs".into(),
             Onset { matching: p, .. } => format!("positions 0-{} match and every later one differs", p - 1),
-        }
+        };
+        onset + &factor.unwrap_or_default()
     }
+}
+
+/// Two tensors (of `total` elements) whose least-squares `scale` and `cosine` say they are a
+/// factor apart: what is left once the scale is taken out (1 - cos², of the squared norm) is
+/// small against it, and at most a tenth of the tensor (a factor of 120 fitted to a tensor a few
+/// rows of which went wrong explains nothing), and it is past rounding (bf16's half ulp is
+/// 2e-3). One element always has a cosine of 1.
+fn factor(scale: f64, cosine: f64, total: usize) -> Option<String> {
+    if total < 2 || (scale - 1.0).abs() <= 1e-2 || 1.0 - cosine * cosine >= (1e-2 * (scale - 1.0).powi(2)).min(0.1) {
+        return None;
+    }
+    // Exactly, up to rounding (a missing scaling: one bf16 rounding leaves 1 - cos² near 3e-6),
+    // or mostly (a per-token factor, like a skipped normalisation).
+    let how = if 1.0 - cosine * cosine < 1e-4 { "a constant factor apart" } else { "mostly a factor apart" };
+    Some(format!("ours = {scale:.4} x reference, cosine {cosine:.6}: {how}"))
 }
 
 impl DiffReport {
@@ -119,20 +142,9 @@ impl DiffReport {
             ));
         }
         match &c.detail {
-            // The scale explains the difference: what is left once it is taken out (1 - cos², of
-            // the squared norm) is small against it, and at most a tenth of the tensor (a factor
-            // of 120 fitted to a tensor a few rows of which went wrong explains nothing), and it
-            // is past rounding (bf16's half ulp is 2e-3). One element always has a cosine of 1.
-            Detail::Float { cosine, scale, total, .. }
-                if *total > 1
-                    && (scale - 1.0).abs() > 1e-2
-                    && 1.0 - cosine * cosine < (1e-2 * (scale - 1.0).powi(2)).min(0.1) =>
-            {
-                // Exactly, up to rounding (a missing scaling: one bf16 rounding leaves 1 - cos² near
-                // 3e-6), or mostly (a per-token factor, like a skipped normalisation).
-                let how =
-                    if 1.0 - cosine * cosine < 1e-4 { "a constant factor apart" } else { "mostly a factor apart" };
-                Some(format!("ours = {scale:.4} x reference, cosine {cosine:.6}: {how}"))
+            // The scale explains the difference.
+            Detail::Float { cosine, scale, total, .. } if factor(*scale, *cosine, *total).is_some() => {
+                factor(*scale, *cosine, *total)
             }
             Detail::Float { .. } if self.notes.mask.is_some_and(|m| m.off_by_one() || self.notes.onset.is_none()) => {
                 self.notes.mask.map(|m| m.reading())
@@ -387,14 +399,39 @@ impl Notes {
             .and_then(|n| b.shape(n))
             .and_then(|s| Some((*s.get(1)?, *s.last()?)))
             .and_then(|(seq, k)| (k < seq).then_some(k));
-        let onset = crate::compare::matching_positions(ours, reference, &shape, opts.tol_for(name))
-            .map(|matching| Onset { matching, index_topk });
+        // Scores, and what is made before them, are not the selection's doing.
+        let index_topk =
+            index_topk.filter(|_| !matches!(point, Some(HookPoint::Layer(_, h)) if h < LayerHook::AttnOut));
+        let matching = crate::compare::matching_positions(ours, reference, &shape, opts.tol_for(name));
+        // The elements past the onset, of positions `p..` in each batch row of `[B, S, width]`:
+        // what a bug of decode steps or later chunks alone made.
+        fn late<T: Copy>(v: &[T], seq: usize, p: usize, width: usize) -> Vec<T> {
+            v.chunks_exact((seq * width).max(1)).flat_map(|row| row.get(p * width..).unwrap_or(&[])).copied().collect()
+        }
+        let seq = shape.get(1).copied().unwrap_or(0);
+        let onset = matching.map(|matching| {
+            let width = ours.len() / shape.iter().take(2).product::<usize>().max(1);
+            let (x, y) = (late(ours, seq, matching, width), late(reference, seq, matching, width));
+            let factor = match crate::compare::compare_floats(&x, &y, &[x.len()], opts.tol_for(name)).1 {
+                Detail::Float { scale, cosine, total, .. } => factor(scale, cosine, total).map(|_| (scale, cosine)),
+                _ => None,
+            };
+            Onset { matching, index_topk, factor }
+        });
         let weights_rule = || {
             let Some(HookPoint::Layer(i, LayerHook::TopkWeights)) = point else { return None };
             let (rc, bias) = opts.routers.as_ref()?.layer(i)?;
             let logits = floats(a, &HookPoint::Layer(i, LayerHook::RouterLogits).name())?;
             let ids = ints(a, &HookPoint::Layer(i, LayerHook::TopkIds).name())?;
-            WeightsRule::of(&logits, &ids, ours, rc, bias, opts.tol_for(name))
+            let (e, k) = (bias.len(), rc.top_k);
+            let rule = WeightsRule::of(&logits, &ids, ours, rc, bias, opts.tol_for(name));
+            // Else, past an onset, the rule of the tokens there (a decode path's own rule).
+            let late_rule = || {
+                let p = matching?;
+                let (logits, ids, weights) = (late(&logits, seq, p, e), late(&ids, seq, p, k), late(ours, seq, p, k));
+                WeightsRule::of(&logits, &ids, &weights, rc, bias, opts.tol_for(name))
+            };
+            rule.or_else(late_rule)
         };
         let weights_rule = weights_rule();
         let mask = match point {

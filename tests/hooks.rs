@@ -198,6 +198,35 @@ fn diff_names_the_perturbed_tensor_and_ignores_set_order_and_padding() {
     );
     let (_, text) = code_and_text(&["diff", from(8).to_str().unwrap(), r]);
     assert!(text.contains("  queries 0-7 (which keep every causal key) match and every later one differs"), "{text}");
+    // Indexer scores are made before the selection: an onset at K there is no selection's (a
+    // RoPE bug of decode steps that start at K).
+    let scores = edited(tmp.path(), "scores8.safetensors", |t| {
+        let (_, v, shape) = t.iter_mut().find(|(n, _, _)| n == "layers.0.dsa.scores").unwrap();
+        let s = shape[1];
+        let Values::F32(x) = v else { panic!() };
+        (8..s).for_each(|q| x[q * s] += 0.5);
+    });
+    let (_, text) = code_and_text(&["diff", scores.to_str().unwrap(), r]);
+    assert!(
+        text.contains("first divergence: layers.0.dsa.scores\n  positions 0-7 match and every later one differs\n"),
+        "{text}"
+    );
+    // Routing weights a decode path forgot to scale, from position 5 on: the onset, the factor
+    // past it, and with the routers the rule that made the later tokens' weights.
+    let unscaled = edited(tmp.path(), "unscaled.safetensors", |t| {
+        let (_, v, shape) = t.iter_mut().find(|(n, _, _)| n == "layers.2.moe.topk_weights").unwrap();
+        let k = shape[1];
+        let Values::F32(x) = v else { panic!() };
+        x[5 * k..].iter_mut().for_each(|w| *w /= 2.5);
+    });
+    let (_, text) = code_and_text(&["diff", unscaled.to_str().unwrap(), r]);
+    let past =
+        "  positions 0-4 match and every later one differs; past them ours = 0.4000 x reference, cosine 1.000000";
+    assert!(text.contains(&format!("first divergence: layers.2.moe.topk_weights\n{past}")), "{text}");
+    let (_, text) =
+        code_and_text(&["diff", unscaled.to_str().unwrap(), r, "--model", golden("flat").to_str().unwrap()]);
+    let rule = "layers.2.moe.topk_weights (ours's weights are its gate's scores without routed_scaling_factor)";
+    assert!(text.contains(&format!("first divergence: {rule}\n{past}")), "{text}");
     // A router tensor is [B*S, E]: its columns are experts, not positions.
     let experts = edited(tmp.path(), "experts.safetensors", |t| {
         let (_, v, shape) = t.iter_mut().find(|(n, _, _)| n == "layers.2.moe.router_logits").unwrap();
