@@ -131,6 +131,10 @@ impl DiffReport {
         };
         let all =
             |flips: &[Flip], class| !flips.is_empty() && flips.iter().all(|fl| Class::of(fl, self.near_tie) == class);
+        let mostly_real = |flips: &[Flip]| {
+            let [near_ties, real, _] = Class::counts(flips, self.near_tie);
+            near_ties == 0 && 2 * real > flips.len()
+        };
         // (The notes are the first divergence's, which is what this reads.)
         if let Some(rule) = self.notes.weights_rule {
             return Some(rule.reading().into());
@@ -169,18 +173,25 @@ impl DiffReport {
             // rule needs its scores to move by half its two margins, so at least half the larger:
             // scores that moved less than that for every flip (measured on the input, gate logits
             // moving more than the sigmoid of them) leave the rule. ("Matches" alone says too
-            // little: at a loose tolerance scores move past the margins.)
-            Detail::Sets { flips, .. } if all(flips, Class::Real) => {
+            // little: at a loose tolerance scores move past the margins.) Most flips real and the
+            // rest unknown says so too: a side whose choice is no top-k of its own scores under the
+            // checkpoint's rule (a port's other bias) has an unknown margin.
+            Detail::Sets { flips, .. } if mostly_real(flips) => {
                 let (name, moved) = input()?;
                 let larger = |f: &Flip| {
                     let sides = [Side::Ours, Side::Reference].map(|s| f.decided_by(s));
                     sides.into_iter().flatten().fold(0f32, f32::max) as f64
                 };
-                let needed = flips.iter().map(larger).fold(f64::INFINITY, f64::min);
+                let real: Vec<&Flip> = flips.iter().filter(|f| Class::of(f, self.near_tie) == Class::Real).collect();
+                let needed = real.iter().map(|f| larger(f)).fold(f64::INFINITY, f64::min);
+                let which = match real.len() == flips.len() {
+                    true => "the flips are real".to_string(),
+                    false => format!("{} of {} flips are real (the rest unknown)", real.len(), flips.len()),
+                };
                 (2.0 * moved < needed).then(|| {
                     format!(
-                        "its input {name} matches (max_abs {moved:.1e}, under half of every flip's margin) and the \
-                         flips are real: {}",
+                        "its input {name} matches (max_abs {moved:.1e}, under half of every real flip's margin) and \
+                         {which}: {}",
                         rule(&name)
                     )
                 })

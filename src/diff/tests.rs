@@ -94,10 +94,31 @@ fn render_reads_the_first_divergence_and_bounds_its_lists() {
     };
     let out = report.render(Path::new("a"), Path::new("b"));
     let first = "first divergence: layers.2.moe.topk_ids (its input layers.2.moe.router_logits matches (max_abs \
-                 0.0e0, under half of every flip's margin) and the flips are real";
+                 0.0e0, under half of every real flip's margin) and the flips are real";
     assert!(out.contains(first), "{out}");
     let json = report.to_json(Path::new("a"), Path::new("b"));
     assert!(json["first_divergence_reading"].as_str().is_some_and(|r| r.starts_with("its input")), "{json}");
+    // Most flips real and the rest unknown (with --model, a port's other bias leaves its choices
+    // no top-k under the checkpoint's: unknown margins) says so too; a near-tie, or as many
+    // unknown as real, does not.
+    let with = |margins: &[Option<f32>]| {
+        let mut r = report.clone();
+        let base = report.flips()[0].1.clone();
+        let flips: Vec<Flip> = margins
+            .iter()
+            .enumerate()
+            .map(|(row, &m)| Flip { row, margin_ours: m, margin_reference: m, ..base.clone() })
+            .collect();
+        r.results[1].detail = Detail::Sets { rows: 4, mean_recall: 0.5, min_recall: 0.5, flips };
+        r.to_json(Path::new("a"), Path::new("b"))["first_divergence_reading"].clone()
+    };
+    let most = with(&[Some(0.05), None, Some(0.03)]);
+    assert!(
+        most.as_str().is_some_and(|r| r.contains("and 2 of 3 flips are real (the rest unknown): the routing")),
+        "{most}"
+    );
+    assert_eq!(with(&[Some(0.05), None]), Value::Null);
+    assert_eq!(with(&[Some(0.05), Some(1e-4), Some(0.03)]), Value::Null);
     // Logits that moved 0.03, past half the flip's larger margin (0.05): one rule can flip it.
     let (_, moved) = compare_floats(&[1.0, 2.03], &[1.0, 2.0], &[2], Tolerance { atol: 0.05, rtol: 0.0 });
     let mut loose = report.clone();
