@@ -10,7 +10,7 @@ use crate::diff::{floats, ints, DiffOptions, DiffReport};
 use crate::dump::Dump;
 use crate::flips::Class;
 use crate::hooks::{HookPoint, LayerHook};
-use crate::model::moe::{sigmoid, weights_for, RouterConfig};
+use crate::model::moe::{route, sigmoid, weights_for, RouterConfig};
 
 /// A first divergence whose leading positions match and whose every later one does not
 /// (`compare::matching_positions`).
@@ -154,6 +154,7 @@ impl DiffReport {
                 self.notes.mask.map(|m| m.reading())
             }
             Detail::Float { .. } => self.notes.tail.map(Tail::reading),
+            Detail::Exact { .. } => self.notes.unbiased_ties.map(UnbiasedTies::reading),
             // Rows that kept fewer distinct causal keys than the other side: no rule's choice.
             Detail::Sets { flips, .. } if flips.iter().any(|f| f.fewer_keys().is_some()) => {
                 let sides: Vec<Side> = flips.iter().filter_map(Flip::fewer_keys).collect();
@@ -318,6 +319,56 @@ pub struct Notes {
     pub tail: Option<Tail>,
     /// For indexer scores: causal keys one side masked (`-inf`) and the other scored.
     pub mask: Option<Mask>,
+    /// For `moe.bias_changed` (with `--model`'s routers): how many of its differences are
+    /// near-ties of the choice without the bias.
+    pub unbiased_ties: Option<UnbiasedTies>,
+}
+
+/// Differences of `moe.bias_changed` (whether the correction bias changed a token's experts) at
+/// tokens whose choice without the bias is a near-tie on both sides: the counterfactual flipped,
+/// not the routing (a long generation against its prefill meets one now and then).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UnbiasedTies {
+    pub differing: usize,
+    pub near_ties: usize,
+    /// The largest of their margins, either side's.
+    pub largest: f32,
+}
+
+impl UnbiasedTies {
+    /// From both dumps' gate logits at the tokens where the flag differs: the margin of
+    /// `route` without the bias, each side on its own. None where either lacks the logits.
+    pub(crate) fn of(a: &Dump, b: &Dump, c: &Comparison, opts: &DiffOptions) -> Option<UnbiasedTies> {
+        let Some(HookPoint::Layer(i, LayerHook::BiasChanged)) = HookPoint::parse(&c.name) else { return None };
+        let Detail::Exact { differing, .. } = &c.detail else { return None };
+        let (rc, bias) = opts.routers.as_ref()?.layer(i)?;
+        let name = HookPoint::Layer(i, LayerHook::RouterLogits).name();
+        let (ours, reference) = (floats(a, &name)?, floats(b, &name)?);
+        let (e, unbiased) = (bias.len(), vec![0.0; bias.len()]);
+        let margin =
+            |logits: &[f32], t: usize| logits.get(t * e..(t + 1) * e).map(|row| route(rc, row, &unbiased).margin);
+        let mut ties = UnbiasedTies { differing: differing.len(), near_ties: 0, largest: 0.0 };
+        for d in differing {
+            let (x, y) = (margin(&ours, d.index)?, margin(&reference, d.index)?);
+            if (x as f64) < opts.near_tie && (y as f64) < opts.near_tie {
+                ties.near_ties += 1;
+                ties.largest = ties.largest.max(x).max(y);
+            }
+        }
+        (ties.near_ties > 0).then_some(ties)
+    }
+
+    fn reading(self) -> String {
+        let which = match self.near_ties == self.differing {
+            true => "every difference".to_string(),
+            false => format!("{} of {} differences", self.near_ties, self.differing),
+        };
+        format!(
+            "{which} a near-tie of the choice without the bias (margins up to {:.1e} on both sides): the \
+             counterfactual flipped, not the experts",
+            self.largest
+        )
+    }
 }
 
 /// Causal keys of `dsa.scores` (`[B, S, T]`) that one side masked and the other scored: a causal
@@ -452,7 +503,7 @@ impl Notes {
         // A mask off by one parts the two by keys, not positions: the onset's reading (RoPE)
         // would mislead. (A few masked keys leave it.)
         let onset = onset.filter(|_| !mask.is_some_and(|m| m.off_by_one()));
-        Notes { onset, weights_rule, not_reused: None, tail, mask }
+        Notes { onset, weights_rule, not_reused: None, tail, mask, unbiased_ties: None }
     }
 
     /// For the selection `name` of a shared-indexer layer (with `--model`'s config): the layer

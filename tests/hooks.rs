@@ -323,6 +323,52 @@ fn diff_classifies_flips_by_margin() {
     assert!(!routing.is_empty() && routing.iter().all(|l| l.contains("ref unknown -> unknown")), "{out}");
 }
 
+/// A `moe.bias_changed` (the counterfactual: would the experts differ without the correction
+/// bias?) that differs where the choice without the bias is a near-tie is read as such with
+/// `--model` (a long generation against its prefill meets one): the margin is that choice's gap,
+/// recomputed here from the gate logits.
+#[test]
+fn a_bias_changed_difference_at_a_near_tie_of_the_unbiased_choice_is_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = golden("flat");
+    let m = model.to_str().unwrap();
+    let ours = tmp.path().join("ours.safetensors");
+    let reference = model.join("reference.safetensors");
+    let (code, out) = code_and_text(&[
+        "run",
+        "--model",
+        m,
+        "--tokens-from",
+        reference.to_str().unwrap(),
+        "--dump",
+        ours.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let (token, layer) = (5usize, 2usize);
+    let flipped = edit_dump(&ours, &tmp.path().join("flipped.safetensors"), |t| {
+        let (_, flags) = ints(t, &format!("layers.{layer}.moe.bias_changed"));
+        flags[token] = 1 - flags[token];
+    });
+    // The choice without the bias: flat routing, top 4 of sigmoid(logits).
+    let logits = Dump::open(&ours).unwrap().tensor(&format!("layers.{layer}.moe.router_logits")).unwrap();
+    let row: Vec<f32> = logits.get(token).unwrap().to_vec1().unwrap();
+    let mut scores: Vec<f32> = row.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
+    scores.sort_by(|a, b| b.total_cmp(a));
+    let margin = scores[3] - scores[4];
+    let diff = |near_tie: f32| {
+        let (f, o) = (flipped.to_str().unwrap(), ours.to_str().unwrap());
+        let (code, out) = code_and_text(&["diff", f, o, "--model", m, "--near-tie", &near_tie.to_string()]);
+        assert_eq!(code, 1, "{out}");
+        out.lines().nth(1).unwrap().to_string()
+    };
+    let read = format!(
+        "first divergence: layers.{layer}.moe.bias_changed (every difference a near-tie of the choice without the bias \
+         (margins up to {margin:.1e} on both sides): the counterfactual flipped, not the experts)"
+    );
+    assert_eq!(diff(margin * 2.0), read);
+    assert_eq!(diff(margin / 2.0), format!("first divergence: layers.{layer}.moe.bias_changed"));
+}
+
 /// A run that stops before `finish` (an error, a panic unwinding, a drop) leaves the target
 /// untouched and no temporary file behind.
 #[test]

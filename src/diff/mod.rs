@@ -269,6 +269,9 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         if let (false, true, Some(config)) = (c.ok, results.iter().all(|r| r.ok), &opts.config) {
             notes.not_reused = crate::reading::Notes::not_reused(a, b, name, config);
         }
+        if let (false, true) = (c.ok, results.iter().all(|r| r.ok)) {
+            notes.unbiased_ties = crate::reading::UnbiasedTies::of(a, b, &c, opts);
+        }
         // Margins for the flips: recomputing them can read the S x S scores, so only where needed.
         if let (Detail::Sets { flips, .. }, Some(point)) = (&c.detail, HookPoint::parse(name)) {
             if !flips.is_empty() {
