@@ -81,7 +81,8 @@ pub fn run(
     let secs = t0.elapsed().as_secs_f64();
     let made = done.tokens.first().map_or(0, Vec::len);
     if made < opts.new_tokens {
-        let why = if crate::interrupt::requested() { "Ctrl-C" } else { "eos_token_id in every row" };
+        let why =
+            if crate::interrupt::requested() { crate::interrupt::signal_name() } else { "eos_token_id in every row" };
         eprintln!("glimpse: stopped by {why} after {made} of {} new tokens", opts.new_tokens);
     }
     // A row that ended earlier than the others is shown up to its eos, and its drafts counted

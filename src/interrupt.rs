@@ -46,6 +46,13 @@ mod imp {
         128 + SIGNAL.load(Ordering::Relaxed) as u8
     }
 
+    pub fn signal_name() -> &'static str {
+        match SIGNAL.load(Ordering::Relaxed) {
+            libc::SIGTERM => "SIGTERM",
+            _ => "Ctrl-C",
+        }
+    }
+
     pub fn default_again() {
         for sig in SIGNALS {
             // SAFETY: restoring the default disposition.
@@ -64,6 +71,9 @@ mod imp {
     pub fn exit_status() -> u8 {
         130
     }
+    pub fn signal_name() -> &'static str {
+        "Ctrl-C"
+    }
 }
 
 /// Whether a stop was asked for.
@@ -72,6 +82,10 @@ pub use imp::requested;
 /// The exit status a stopped command ends with, as a shell reports a process the signal ended:
 /// 130 for SIGINT, 143 for SIGTERM.
 pub use imp::exit_status;
+
+/// What asked for the stop, for the message that says where the work stopped: "Ctrl-C" (SIGINT)
+/// or "SIGTERM".
+pub use imp::signal_name;
 
 /// While this lives, the first Ctrl-C asks for a stop at the next checkpoint (`requested`); when
 /// it is dropped, however the work ended, SIGINT's default action is back.

@@ -457,7 +457,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 // The CSV alone on standard output; what the table would say of it, on stderr.
                 print!("{}", audit.to_csv());
                 if let Some((run, of)) = audit.stopped {
-                    eprintln!("glimpse: Ctrl-C stopped the prompts after {run} of {of}");
+                    eprintln!("glimpse: {} stopped the prompts after {run} of {of}", glimpse::interrupt::signal_name());
                 }
                 audit.notes().iter().for_each(|n| eprintln!("glimpse: note: {n}"));
             } else {

@@ -470,23 +470,26 @@ fn ctrl_c_stops_generate_and_keeps_what_it_made() {
 
 /// Ctrl-C while a prompt goes through the cache in chunks stops after the chunk in progress,
 /// with no token made (a 10,000-token prompt fed a position at a time ran to its end before).
+/// SIGTERM does the same, and the message names it (it said Ctrl-C).
 #[test]
 fn ctrl_c_stops_generate_during_a_chunked_prompt() {
     let tokens = (0..10_000).map(|i| (i % 200 + 1).to_string()).collect::<Vec<_>>().join(",");
     let flat = golden("flat");
     let args = ["generate", "--model", &s(&flat), "--tokens", &tokens, "--chunk", "1", "--max-new-tokens", "5"];
-    let child = spawn_catching_sigint(&args);
-    // SAFETY: signalling a child this test started and has not reaped.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let out = child.wait_with_output().unwrap();
-    let (stdout, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{err}");
-    assert!(err.contains("stopped by Ctrl-C after 0 of 5 new tokens"), "{err}");
-    assert!(!stdout.contains("step 0:"), "no token was made: {stdout}");
-    // The time line says how much of the prompt went through, not that all of it did.
-    let fed = err.split("0 new tokens in ").nth(1).and_then(|l| l.split(", after ").nth(1)).unwrap_or_default();
-    let n: usize = fed.split(' ').next().unwrap_or_default().parse().unwrap_or(usize::MAX);
-    assert!(n < 10_000 && fed.contains("of the 10000-token prompt"), "{err}");
+    for (signal, name) in [(libc::SIGINT, "Ctrl-C"), (libc::SIGTERM, "SIGTERM")] {
+        let child = spawn_catching_sigint(&args);
+        // SAFETY: signalling a child this test started and has not reaped.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let out = child.wait_with_output().unwrap();
+        let (stdout, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{err}");
+        assert!(err.contains(&format!("stopped by {name} after 0 of 5 new tokens")), "{err}");
+        assert!(!stdout.contains("step 0:"), "no token was made: {stdout}");
+        // The time line says how much of the prompt went through, not that all of it did.
+        let fed = err.split("0 new tokens in ").nth(1).and_then(|l| l.split(", after ").nth(1)).unwrap_or_default();
+        let n: usize = fed.split(' ').next().unwrap_or_default().parse().unwrap_or(usize::MAX);
+        assert!(n < 10_000 && fed.contains("of the 10000-token prompt"), "{err}");
+    }
 }
 
 /// Starts glimpse with `args` (its output piped) and returns once it catches SIGINT (/proc's

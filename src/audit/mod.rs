@@ -378,7 +378,9 @@ impl Audit {
 
     pub fn table(&self) -> String {
         let stopped = match self.stopped {
-            Some((run, of)) => format!(" (Ctrl-C stopped the prompts after {run} of {of})"),
+            Some((run, of)) => {
+                format!(" ({} stopped the prompts after {run} of {of})", crate::interrupt::signal_name())
+            }
             None => String::new(),
         };
         let mut s = format!(
@@ -520,7 +522,10 @@ impl Audit {
     pub fn check_comparable(&self, reference: &Audit) -> Result<()> {
         if let (Some(ours), Some(theirs)) = (rows(&self.runs), rows(&reference.runs)) {
             if ours.len() != theirs.len() {
-                let stopped = if self.stopped.is_some() { " (Ctrl-C stopped the prompts early)" } else { "" };
+                let stopped = match self.stopped {
+                    Some(_) => format!(" ({} stopped the prompts early)", crate::interrupt::signal_name()),
+                    None => String::new(),
+                };
                 return Err(Error::Usage(format!(
                     "the audited runs hold {} rows of tokens{stopped}, --against {}: it must run the same prompts",
                     ours.len(),
