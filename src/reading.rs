@@ -21,6 +21,8 @@ pub struct Onset {
     /// The reference's `index_topk` where its DSA selections cut (K < S), for a tensor the
     /// selection acts on (from `attn.out` on): queries before it keep every causal key.
     pub index_topk: Option<usize>,
+    /// Batch rows: with more than one, a later position differs in one row at least.
+    pub batch: usize,
     /// The scale and cosine of the positions after them, where they are a factor apart
     /// ([`factor`]): a bug of decode steps or later chunks only, such as a scaling they forget.
     pub factor: Option<(f64, f64)>,
@@ -28,23 +30,27 @@ pub struct Onset {
 
 impl Onset {
     pub(crate) fn reading(self) -> String {
+        let (matched, why) = match self {
+            Onset { matching: 1, factor: None, .. } => (
+                "position 0 matches".into(),
+                ": something that acts by position (RoPE, YaRN: they leave position 0 alone) or that its single key \
+                 hides (the softmax scale, which keys a query may see)",
+            ),
+            Onset { matching: p, index_topk: Some(k), factor: None, .. } if p == k => (
+                format!("queries 0-{} (which keep every causal key) match", p - 1),
+                ": the DSA selection is applied otherwise (attention over all keys?)",
+            ),
+            Onset { matching: 1, .. } => ("position 0 matches".into(), ""),
+            Onset { matching: p, .. } => (format!("positions 0-{} match", p - 1), ""),
+        };
+        // Batch rows may part at different positions.
+        let later = match self.batch > 1 {
+            true => " in every batch row and every later one differs in one row at least",
+            false => " and every later one differs",
+        };
         let factor =
             self.factor.and_then(|(scale, cosine)| factor(scale, cosine, 2)).map(|f| format!("; past them {f}"));
-        let onset = match self {
-            Onset { matching: 1, factor: None, .. } => {
-                "position 0 matches and every later one differs: something that acts by position (RoPE, YaRN: they \
-                 leave position 0 alone) or that its single key hides (the softmax scale, which keys a query may see)"
-                    .into()
-            }
-            Onset { matching: p, index_topk: Some(k), factor: None } if p == k => format!(
-                "queries 0-{} (which keep every causal key) match and every later one differs: the DSA selection is \
-                 applied otherwise (attention over all keys?)",
-                p - 1
-            ),
-            Onset { matching: 1, .. } => "position 0 matches and every later one differs".into(),
-            Onset { matching: p, .. } => format!("positions 0-{} match and every later one differs", p - 1),
-        };
-        onset + &factor.unwrap_or_default()
+        format!("{matched}{later}{why}{}", factor.unwrap_or_default())
     }
 }
 
@@ -478,7 +484,7 @@ impl Notes {
                 Detail::Float { scale, cosine, total, .. } => factor(scale, cosine, total).map(|_| (scale, cosine)),
                 _ => None,
             };
-            Onset { matching, index_topk, factor }
+            Onset { matching, index_topk, batch: shape[0], factor }
         });
         let weights_rule = || {
             let Some(HookPoint::Layer(i, LayerHook::TopkWeights)) = point else { return None };

@@ -263,3 +263,14 @@ fn the_model_hint_fits_the_unknown_flips() {
     let both = DiffReport { results: vec![ids, weights.results[0].clone()], ..weights };
     assert!(!both.render(Path::new("a"), Path::new("b")).contains("slot by slot"));
 }
+
+/// An onset over batch rows says what holds of all of them: the positions before it match in
+/// every row, and each later one differs in one row at least (rows may part at different
+/// positions: a port's rows of other prompt lengths).
+#[test]
+fn an_onset_over_batch_rows_says_what_holds_of_every_row() {
+    use crate::reading::Onset;
+    let onset = |batch| Onset { matching: 3, index_topk: None, batch, factor: None }.reading();
+    assert_eq!(onset(1), "positions 0-2 match and every later one differs");
+    assert_eq!(onset(2), "positions 0-2 match in every batch row and every later one differs in one row at least");
+}
