@@ -75,7 +75,8 @@ pub enum Detail {
         ours: f32,
         reference: f32,
         max_rel: f64,
-        /// Elements outside the tolerance, of `total`.
+        /// Elements outside the tolerance, of `total`: the elements but the infinities both
+        /// sides hold (the masked keys of `dsa.scores`), which `mean_abs` leaves out too.
         bad: usize,
         total: usize,
         mean_abs: f64,
@@ -255,7 +256,11 @@ fn compare_floats_keyed(
     let (mut max_abs, mut max_rel, mut bad, mut sum_abs) = (0f64, 0f64, 0usize, 0f64);
     let (mut err2, mut ref2, mut ours2, mut dot) = (0f64, 0f64, 0f64, 0f64);
     let (mut worst, mut undefined, mut first) = ((f64::NEG_INFINITY, 0usize), false, None::<usize>);
+    // Infinities both sides hold (the `-inf` past each query in `dsa.scores`, the `+inf` margin
+    // of a query that keeps every key) are no data: the counts and the mean leave them out.
+    let mut shared_infinities = 0usize;
     for (i, (&a, &e)) in ours.iter().zip(reference).enumerate() {
+        shared_infinities += usize::from(a == e && a.is_infinite());
         let ok = element_ok(a, e, tol);
         let err = if a == e { 0.0 } else { ((a - e) as f64).abs() };
         let err = if err.is_nan() { f64::INFINITY } else { err };
@@ -291,7 +296,8 @@ fn compare_floats_keyed(
             worst = (excess, i);
         }
     }
-    let n = reference.len().max(1) as f64;
+    let total = reference.len() - shared_infinities;
+    let n = total.max(1) as f64;
     let i = worst.1;
     let detail = Detail::Float {
         max_abs,
@@ -301,7 +307,7 @@ fn compare_floats_keyed(
         reference: reference.get(i).copied().unwrap_or(f32::NAN),
         max_rel,
         bad,
-        total: reference.len(),
+        total,
         mean_abs: sum_abs / n,
         // Over the elements finite on both sides: an infinity both hold (the `-inf` past each
         // query in `dsa.scores`) is equal, not error; a NaN or an unshared infinity makes the

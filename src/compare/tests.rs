@@ -67,6 +67,23 @@ fn only_a_swap_one_rule_could_make_is_within_the_noise() {
 
 /// Only decisions flip: a differing `moe.bias_changed` (a consequence of the logits) is a
 /// mismatch, not a flip, while the same difference in `moe.topk_ids` is one.
+/// The infinities both sides hold (the masked keys of `dsa.scores`, a `+inf` margin) are no
+/// data: the elements counted and the mean error leave them out (the masked upper triangle halved
+/// a layer's mean and its share outside the tolerance); one side's alone is an error.
+#[test]
+fn infinities_both_sides_hold_are_not_counted() {
+    let ninf = f32::NEG_INFINITY;
+    let (ours, reference) = ([0.1, ninf, 0.3, 0.5], [0.2, ninf, 0.3, 0.7]);
+    let (ok, detail) = compare_floats(&ours, &reference, &[1, 2, 2], Tolerance::default());
+    let Detail::Float { bad, total, mean_abs, .. } = detail else { panic!("{detail:?}") };
+    assert!(!ok);
+    assert_eq!((bad, total), (2, 3));
+    approx::assert_abs_diff_eq!(mean_abs, (0.1 + 0.2) / 3.0, epsilon = 1e-7);
+    let (_, detail) = compare_floats(&[0.1, ninf], &[0.1, 0.2], &[2], Tolerance::default());
+    let Detail::Float { bad, total, mean_abs, .. } = detail else { panic!("{detail:?}") };
+    assert_eq!((bad, total, mean_abs), (1, 2, f64::INFINITY));
+}
+
 #[test]
 fn only_decisions_flip() {
     let compared = |name: &str| {
