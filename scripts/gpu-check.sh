@@ -131,7 +131,10 @@ pct() { python3 -c "import sys; print(f'{100 * float(sys.argv[1]) / float(sys.ar
 t_median="" t_median_last=""
 python=${PYTHON:-python3}
 torch_device=${TORCH_DEVICE:-cuda}
+# (A transformers without GLM-5's classes, older than 5.x, is not measured either: it would fail
+# after loading the checkpoint, its time spent.)
 if [ -e "$ckpt/config.json" ] && "$python" -c 'import sys, torch, transformers
+from transformers import GlmMoeDsaForCausalLM
 assert sys.argv[1] != "cuda" or torch.cuda.is_available()' "$torch_device" 2>/dev/null; then
   step transformers 120 "$python" "$(dirname "$0")/transformers-prefill.py" "$ckpt" "$tokens" 3 "$torch_device" bfloat16
   t_json=$(tail -n 1 "$logs/transformers.log")
@@ -140,7 +143,7 @@ assert sys.argv[1] != "cuda" or torch.cuda.is_available()' "$torch_device" 2>/de
   t_median=$(field median)
   t_median_last=$(field median_last)
 else
-  echo "transformers: not measured ($python lacks torch with $torch_device, or transformers)"
+  echo "transformers: not measured ($python lacks torch with $torch_device, or a transformers with GlmMoeDsaForCausalLM)"
 fi
 # ratio THEIRS OURS: how many times faster ours is.
 ratio() { [ -n "$1" ] && [ -n "$2" ] && python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}x')" "$1" "$2" 2>/dev/null || echo "not measured"; }

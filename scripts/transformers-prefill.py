@@ -23,7 +23,10 @@ dtype = getattr(torch, sys.argv[5] if len(sys.argv) > 5 else "bfloat16")
 t0 = time.perf_counter()
 m = GlmMoeDsaForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
 m.set_attn_implementation("eager")
-m.set_experts_implementation("eager")
+# (A transformers from before the experts' implementations were selectable loops over them, as
+# "eager" does; the GPU machine's image may hold an older one than 5.24.)
+if hasattr(m, "set_experts_implementation"):
+    m.set_experts_implementation("eager")
 m.eval()
 load = time.perf_counter() - t0
 vocab = m.config.vocab_size
