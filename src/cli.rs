@@ -162,6 +162,10 @@ pub(crate) enum Command {
         /// shrank most (code against prose; nothing compared token by token, as --against does).
         #[arg(long = "compare", conflicts_with = "against")]
         compare: Vec<PathBuf>,
+        /// Other prompts run live on the same model, one per line as --prompts takes them (and
+        /// as --text reads them), compared as --compare compares dumps.
+        #[arg(long = "compare-prompts", conflicts_with_all = ["against", "compare"], requires = "model")]
+        compare_prompts: Option<PathBuf>,
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
@@ -361,8 +365,9 @@ impl Command {
             ]
             .concat(),
             Command::Generate { model: m, .. } => model(&Some(m.clone())),
-            Command::Audit { model: m, prompts, dumps, against, compare, .. } => {
+            Command::Audit { model: m, prompts, dumps, against, compare, compare_prompts, .. } => {
                 let others = [files("--against", against), files("--compare", compare)].concat();
+                let others = [others, file("--compare-prompts", compare_prompts)].concat();
                 [model(m), file("--prompts", prompts), files("--dump", dumps), others].concat()
             }
             _ => Vec::new(),

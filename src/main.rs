@@ -384,7 +384,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(exit(report.all_match()))
         }
-        Command::Audit { model, prompts, text, dumps, against, compare, json, csv, heatmap, routes, device, gpu } => {
+        Command::Audit {
+            model,
+            prompts,
+            text,
+            dumps,
+            against,
+            compare,
+            compare_prompts,
+            json,
+            csv,
+            heatmap,
+            routes,
+            device,
+            gpu,
+        } => {
             if let Some(p) = heatmap.as_ref().filter(|p| !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")))
             {
                 return Err(Error::Usage(format!("--heatmap {}: the heatmap is SVG; name a .svg file", p.display())));
@@ -416,9 +430,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 glimpse::audit::collect(model.as_deref(), prompts.as_deref().map(|p| (p, lines)), &dumps, opts)?;
             // --against (the same prompts) or --compare (others): the second side's counts.
             let others = if against.is_empty() { &compare } else { &against };
-            let reference = match others.is_empty() {
-                true => None,
-                false => {
+            let reference = match (others.is_empty(), &compare_prompts) {
+                // A stop asked for during the audited prompts stops the command: they are
+                // audited, the others not run.
+                (_, Some(p)) if audit.stopped.is_some() => {
+                    eprintln!("glimpse: --compare-prompts {} not run: the audit was stopped", p.display());
+                    None
+                }
+                // Other prompts, live: the model is loaded again for them (its weights mapped).
+                (_, Some(p)) => {
+                    let opts = glimpse::audit::CollectOptions {
+                        experts: None,
+                        max_memory,
+                        target,
+                        keep_sets: false,
+                        routes: None,
+                    };
+                    Some(glimpse::audit::collect(model.as_deref(), Some((p, lines)), &[], opts)?)
+                }
+                (true, None) => None,
+                (false, None) => {
                     // Counts only: the shift needs no routers, so the model is not loaded again.
                     let experts = glimpse::audit::ExpertCount { n: audit.experts, guessed: audit.experts_guessed };
                     let opts = glimpse::audit::CollectOptions {
@@ -431,7 +462,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Some(glimpse::audit::collect(None, None, others, opts)?)
                 }
             };
-            let contrast = !compare.is_empty();
+            let contrast = !compare.is_empty() || compare_prompts.is_some();
             if let Some(r) = &reference {
                 match contrast {
                     true => glimpse::audit::contrast::check(&audit, r)?,

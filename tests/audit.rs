@@ -611,3 +611,33 @@ fn audit_compares_the_load_of_other_prompts() {
     let mtp = "golden/mtp/reference.safetensors";
     assert_error(&glimpse(&["audit", "--dump", golden, "--compare", mtp]), "experts, not 16");
 }
+
+/// `--compare-prompts`: the other prompts run live give the comparison their recorded dumps
+/// give (`--compare`), the audited side live too; `--model` is needed to run them.
+#[test]
+fn audit_compares_other_prompts_run_live_as_their_dumps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ours, theirs) = (["5,9,13,200,7,7", "1,2,3"], ["44,45,46,47,48,49,50", "7,7,7,7"]);
+    let write = |name: &str, lines: &[&str]| {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let (a, b) = (write("a.txt", &ours), write("b.txt", &theirs));
+    let dumps: Vec<String> = theirs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| common::run_dump("golden/flat", &["--tokens", t], tmp.path(), &format!("b{i}.st")))
+        .collect();
+    let audit = |extra: &[&str]| {
+        let args = [&["audit", "--model", "golden/flat", "--prompts", &a, "--json"][..], extra].concat();
+        let (json, _) = assert_ok(&glimpse(&args));
+        serde_json::from_str::<serde_json::Value>(&json).unwrap()
+    };
+    let live = audit(&["--compare-prompts", &b]);
+    let recorded = audit(&["--compare", &dumps[0], "--compare", &dumps[1]]);
+    assert_eq!(live["compare_prompts"], 2);
+    assert!(live["compare"].as_array().is_some_and(|rows| rows.len() == 3), "{live}");
+    assert_eq!(live["compare"], recorded["compare"]);
+    assert_error(&glimpse(&["audit", "--dump", &dumps[0], "--compare-prompts", &b]), "--model");
+}

@@ -85,7 +85,7 @@ pub fn table(c: &[LayerContrast], prompts: usize, other_prompts: usize) -> Strin
     let list =
         |v: &[(usize, f64)]| v.iter().map(|(e, d)| format!("{e}:{:+.1}", 100.0 * d)).collect::<Vec<_>>().join(" ");
     let mut s = format!(
-        "load against --compare's prompts ({prompts} against {other_prompts} prompt(s)): total variation distance \
+        "load against the other prompts ({prompts} against {other_prompts} prompt(s)): total variation distance \
          between the two load distributions (sum |share - its share| / 2: 0 the same, 1 disjoint), and the experts \
          whose share (in points) grew and shrank most\n{:>5} {:>8} {:>8} {:>9} {:>8} {:>8}  {:<30}  shrank most\n",
         "layer", "slots", "its", "distance", "MaxVio", "its", "grew most"
