@@ -514,8 +514,8 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
         real_count,
         match flips.iter().any(|(_, fl)| fl.moved.is_some()) {
             true => format!(
-                " ({real_in_noise} of them within the run's score noise: their keys moved no more than the layer's \
-                 99th percentile)"
+                " ({real_in_noise} of them within the layer's score changes: their keys moved no more than its \
+                 99th percentile, so the scores' difference explains them, whether rounding's or a bug's)"
             ),
             false => String::new(),
         },
@@ -549,7 +549,7 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
                 " ({} left out {left_out}, which its own scores rank {by:.3e} above {kept} it kept: its rule differs)",
                 side.label()
             ),
-            (None, true) => " (within the noise)".to_string(),
+            (None, true) => " (within the layer's score changes)".to_string(),
             (None, false) if fl.unmoved() && fl.fewer_keys().is_none() => {
                 " (its keys' scores are the same on both sides: an exact tie broken otherwise, or another rule)"
                     .to_string()

@@ -229,5 +229,5 @@ fn a_dsa_selection_its_own_scores_contradict_breaks_the_rule() {
     assert_eq!((two.keys, two.noise, flips[1].rule_break), (f32::INFINITY, 0.0, None));
     let out = render(&crate::compare::flips(std::slice::from_ref(&c)), 1e-3, "");
     assert!(out.contains("(ours left out 1, which its own scores rank 5.000e-1 above 0 it kept: its rule differs)"));
-    assert!(out.contains("(0 of them within the run's score noise"), "{out}");
+    assert!(out.contains("(0 of them within the layer's score changes"), "{out}");
 }
