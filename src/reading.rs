@@ -48,6 +48,7 @@ impl Onset {
             true => " in every batch row and every later one differs in one row at least",
             false => " and every later one differs",
         };
+        // (`factor` holds only a scale and cosine that read as one, of two elements or more.)
         let factor =
             self.factor.and_then(|(scale, cosine)| factor(scale, cosine, 2)).map(|f| format!("; past them {f}"));
         format!("{matched}{later}{why}{}", factor.unwrap_or_default())
