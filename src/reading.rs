@@ -61,7 +61,13 @@ impl Onset {
 /// rows of which went wrong explains nothing), and it is past rounding (bf16's half ulp is
 /// 2e-3). One element always has a cosine of 1.
 fn factor(scale: f64, cosine: f64, total: usize) -> Option<String> {
-    if total < 2 || (scale - 1.0).abs() <= 1e-2 || 1.0 - cosine * cosine >= (1e-2 * (scale - 1.0).powi(2)).min(0.1) {
+    // (A NaN or an unshared infinity leaves both undefined: no factor.)
+    if total < 2
+        || !scale.is_finite()
+        || !cosine.is_finite()
+        || (scale - 1.0).abs() <= 1e-2
+        || 1.0 - cosine * cosine >= (1e-2 * (scale - 1.0).powi(2)).min(0.1)
+    {
         return None;
     }
     // Exactly, up to rounding (a missing scaling: one bf16 rounding leaves 1 - cos² near 3e-6),

@@ -64,6 +64,14 @@ fn render_reads_the_first_divergence_and_bounds_its_lists() {
     let x = Comparison { name: "x".into(), ok: false, detail: few_rows };
     let one = DiffReport { results: vec![x], only_a: vec![], ..report.clone() };
     assert!(one.render(Path::new("a"), Path::new("b")).contains("first divergence: x\n"));
+    // A NaN (or an infinity one side alone holds) leaves the scale undefined: no factor (it read
+    // "ours = NaN x reference").
+    for odd in [f32::NAN, f32::INFINITY] {
+        let (_, undefined) = compare_floats(&[1.0, odd, 3.0], &[1.0, 2.0, 3.0], &[3], Tolerance::default());
+        let x = Comparison { name: "x".into(), ok: false, detail: undefined };
+        let one = DiffReport { results: vec![x], only_a: vec![], ..report.clone() };
+        assert!(one.render(Path::new("a"), Path::new("b")).contains("first divergence: x\n"), "{odd}");
+    }
     // Rounding is not a factor: 0.2% apart (bf16's half ulp) is not read as one.
     let (_, rounded) = compare_floats(&[1.002, -2.004], &[1.0, -2.0], &[2], Tolerance::default());
     let x = Comparison { name: "x".into(), ok: false, detail: rounded };
