@@ -3,14 +3,18 @@
 //! after the layer being computed, made durable (the command says how to `--resume`);
 //! `generate` after the step in progress, keeping its tokens and dump; `audit --prompts` after
 //! the prompt in progress, auditing those run. A second signal ends the process at once, as the
-//! default action does. Elsewhere both keep their default action.
+//! default action does (but for a repeat of the first from the same process within a second:
+//! `timeout` sends its one stop twice). Elsewhere both keep their default action.
 
 #[cfg(unix)]
 mod imp {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
     static REQUESTED: AtomicBool = AtomicBool::new(false);
-    static SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(libc::SIGINT);
+    static SIGNAL: AtomicI32 = AtomicI32::new(libc::SIGINT);
+    /// Who sent the first signal (0: the kernel, a terminal's Ctrl-C) and when (monotonic ns).
+    static SENDER: AtomicI32 = AtomicI32::new(0);
+    static AT: AtomicU64 = AtomicU64::new(0);
 
     const NOTICE: &[u8] =
         b"\nglimpse: stopping after the work in progress, keeping what is done (the signal again quits now)\n";
@@ -18,23 +22,58 @@ mod imp {
     /// The signals that ask for a stop.
     const SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
 
-    extern "C" fn on_signal(sig: libc::c_int) {
+    /// A repeat from the same process within this is the same request: GNU `timeout` signals
+    /// its child, then the child's process group, so one stop arrives twice at once (the second
+    /// quit the run before its checkpoint, one run in four).
+    const SAME_REQUEST_NS: u64 = 1_000_000_000;
+
+    fn now_ns() -> u64 {
+        let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime(2) is async-signal-safe and writes only `t`.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+        t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+    }
+
+    extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        // SAFETY: the kernel passes a valid siginfo_t with SA_SIGINFO; si_pid is set for signals
+        // sent by kill(2) and 0 for the terminal's.
+        let sender = if info.is_null() { 0 } else { unsafe { (*info).si_pid() } };
+        let now = now_ns();
+        if REQUESTED.load(Ordering::Relaxed) {
+            let repeat = sig == SIGNAL.load(Ordering::Relaxed)
+                && sender != 0
+                && sender == SENDER.load(Ordering::Relaxed)
+                && now.saturating_sub(AT.load(Ordering::Relaxed)) < SAME_REQUEST_NS;
+            if !repeat {
+                // The signal again: its default action, now (it is delivered once this returns).
+                // SAFETY: signal(2) and raise(3) are async-signal-safe.
+                unsafe {
+                    libc::signal(sig, libc::SIG_DFL);
+                    libc::raise(sig);
+                }
+            }
+            return;
+        }
         REQUESTED.store(true, Ordering::Relaxed);
         SIGNAL.store(sig, Ordering::Relaxed);
-        // SAFETY: write(2) and signal(2) are async-signal-safe; NOTICE is a static buffer.
-        unsafe {
-            libc::write(2, NOTICE.as_ptr().cast(), NOTICE.len());
-            for sig in SIGNALS {
-                libc::signal(sig, libc::SIG_DFL);
-            }
-        }
+        SENDER.store(sender, Ordering::Relaxed);
+        AT.store(now, Ordering::Relaxed);
+        // SAFETY: write(2) is async-signal-safe; NOTICE is a static buffer.
+        unsafe { libc::write(2, NOTICE.as_ptr().cast(), NOTICE.len()) };
     }
 
     pub fn stop_at_checkpoints() {
         REQUESTED.store(false, Ordering::Relaxed);
         for sig in SIGNALS {
-            // SAFETY: the handler only stores to an atomic and makes async-signal-safe calls.
-            unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+            // SAFETY: the handler only touches atomics and makes async-signal-safe calls; the
+            // sigaction is fully initialised before use.
+            unsafe {
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+                action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+                libc::sigemptyset(&mut action.sa_mask);
+                libc::sigaction(sig, &action, std::ptr::null_mut());
+            }
         }
     }
 

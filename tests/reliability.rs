@@ -414,10 +414,19 @@ fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
     // (SIGTERM, a CI's cancel, stops it the same way, with its own status, 143.)
     let sigterm = t.join("terminated.safetensors");
     let targs = ["run", "--model", &s(&model), "--stream", "--tokens", &tokens, "--dump", &s(&sigterm)];
-    let out = signal_when_present(&targs, &t.join("terminated.safetensors.resume.json"), libc::SIGTERM);
+    // GNU `timeout` sends its SIGTERM twice (to the child, then to its group): one request, not
+    // the second signal that quits at once (which lost the checkpoint one run in four).
+    let terminated = t.join("terminated.safetensors.resume.json");
+    let out = signals_when_present(&targs, &terminated, &[libc::SIGTERM, libc::SIGTERM]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(143), "{err}");
     assert!(err.contains("--resume continues it"), "{err}");
+    // Another signal after the first quits at once, as its default action does.
+    std::fs::remove_file(&terminated).unwrap();
+    let out = signals_when_present(&targs, &terminated, &[libc::SIGTERM, libc::SIGINT]);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGINT), "{:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_file(&terminated);
     let out = signal_when_present(&sargs, &t.join("stopped.safetensors.resume.json"), libc::SIGINT);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
@@ -519,6 +528,12 @@ fn spawn_catching_sigint(args: &[&str]) -> std::process::Child {
 /// Starts glimpse with `args`, waits until `path` exists, checks the run is still going, sends
 /// it `signal` (SIGKILL: killed; SIGINT: Ctrl-C) and returns what it printed and how it ended.
 fn signal_when_present(args: &[&str], path: &Path, signal: i32) -> std::process::Output {
+    signals_when_present(args, path, &[signal])
+}
+
+/// [`signal_when_present`], sending `signals` one after the other, 2 ms apart: each handled
+/// before the next arrives (a handler runs within microseconds), and all within a layer.
+fn signals_when_present(args: &[&str], path: &Path, signals: &[i32]) -> std::process::Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
         .args(args)
         .stdout(Stdio::null())
@@ -532,8 +547,13 @@ fn signal_when_present(args: &[&str], path: &Path, signal: i32) -> std::process:
         std::thread::sleep(Duration::from_millis(2));
     }
     assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be signalled");
-    // SAFETY: signalling a child this test started and has not reaped.
-    unsafe { libc::kill(child.id() as i32, signal) };
+    for (i, &signal) in signals.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // SAFETY: signalling a child this test started and has not reaped.
+        unsafe { libc::kill(child.id() as i32, signal) };
+    }
     child.wait_with_output().unwrap()
 }
 
