@@ -28,6 +28,11 @@ pub struct Checkpoint {
     pub files: Vec<StFile>,
     /// Tensor name -> index into `files`.
     names: BTreeMap<String, usize>,
+    /// Shards the index names that are not in the folder (a download in progress): their
+    /// tensors are missing, which `inspect` counts and loading lists, not an error to open.
+    pub absent_shards: Vec<String>,
+    /// The tensors the index maps to them.
+    absent_names: BTreeSet<String>,
 }
 
 impl Checkpoint {
@@ -40,18 +45,26 @@ impl Checkpoint {
         let config = Config::from_file(&config_path)?;
         let shard_names = shard_list(dir)?;
         let progress = std::io::stderr().is_terminal() && shard_names.len() > 1;
-        let mut files = Vec::with_capacity(shard_names.len());
+        let mut files: Vec<StFile> = Vec::with_capacity(shard_names.len());
+        let shard_of = |f: &StFile| f.path.file_name().map_or(String::new(), |n| n.to_string_lossy().into_owned());
         let mut names = BTreeMap::new();
+        let mut absent_shards = Vec::new();
         for (i, shard) in shard_names.iter().enumerate() {
             if progress {
                 eprint!("\ropening shard {}/{}: {shard}", i + 1, shard_names.len());
             }
-            let file = StFile::open(&dir.join(shard))?;
+            let path = dir.join(shard);
+            // (Not there at all, not even as a broken link: a shard still to come.)
+            if std::fs::symlink_metadata(&path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+                absent_shards.push(shard.clone());
+                continue;
+            }
+            let file = StFile::open(&path)?;
             for name in file.names() {
-                if let Some(prev) = names.insert(name.to_string(), i) {
+                if let Some(prev) = names.insert(name.to_string(), files.len()) {
                     return Err(Error::checkpoint(
                         dir,
-                        format!("tensor `{name}` appears in both {} and {shard}", shard_names[prev]),
+                        format!("tensor `{name}` appears in both {} and {shard}", shard_of(&files[prev])),
                     ));
                 }
             }
@@ -60,7 +73,17 @@ impl Checkpoint {
         if progress {
             eprintln!();
         }
-        let ckpt = Checkpoint { dir: dir.to_path_buf(), config, config_bytes, files, names };
+        let absent_names = match absent_shards.is_empty() {
+            true => BTreeSet::new(),
+            false => read_index(&dir.join(INDEX_FILE))?
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(_, shard)| absent_shards.contains(shard))
+                .map(|(name, _)| name)
+                .collect(),
+        };
+        let ckpt =
+            Checkpoint { dir: dir.to_path_buf(), config, config_bytes, files, names, absent_shards, absent_names };
         ckpt.check_index()?;
         ckpt.check_scales_pair()?;
         Ok(ckpt)
@@ -70,8 +93,9 @@ impl Checkpoint {
     /// scale: alone, an FP8 tensor's codes are not its weight (they ran as if scaled by 1), and a
     /// scale beside a bf16 or f32 weight would multiply values that are already the weight.
     fn check_scales_pair(&self) -> Result<()> {
+        // (A partner in a shard still to come is missing, which loading lists.)
         for name in self.names() {
-            if let Some(weight) = name.strip_suffix("_scale_inv") {
+            if let Some(weight) = name.strip_suffix("_scale_inv").filter(|w| !self.absent_names.contains(*w)) {
                 let dtype = self.dtype(weight);
                 if dtype != Some(Dtype::F8_E4M3) {
                     let what = dtype.map_or("missing".to_string(), |d| format!("{d:?}"));
@@ -80,7 +104,10 @@ impl Checkpoint {
                         format!("`{name}` scales `{weight}`, which is {what}: block scales go beside F8_E4M3 weights"),
                     ));
                 }
-            } else if self.dtype(name) == Some(Dtype::F8_E4M3) && self.scale_name(name).is_none() {
+            } else if self.dtype(name) == Some(Dtype::F8_E4M3)
+                && self.scale_name(name).is_none()
+                && !self.absent_names.contains(&format!("{name}_scale_inv"))
+            {
                 return Err(Error::checkpoint(
                     &self.dir,
                     format!(
@@ -111,7 +138,7 @@ impl Checkpoint {
         let Some(map) = read_index(&path)? else {
             return Ok(());
         };
-        for (name, shard) in map {
+        for (name, shard) in map.into_iter().filter(|(name, _)| !self.absent_names.contains(name)) {
             let file = self.names.get(&name).map(|&i| &self.files[i]);
             match file {
                 Some(f) if f.path.file_name().and_then(|n| n.to_str()) == Some(shard.as_str()) => {}
@@ -123,6 +150,13 @@ impl Checkpoint {
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.names.keys().map(String::as_str)
+    }
+
+    /// What the index names that the folder lacks, said where the tensors they hold are missing.
+    pub fn absent_shards(&self) -> Option<String> {
+        let (n, first) = (self.absent_shards.len(), self.absent_shards.first()?);
+        let more = if n > 1 { format!(" and {} more", n - 1) } else { String::new() };
+        Some(format!("{INDEX_FILE} names {n} shard(s) not in the folder, {first}{more}: a download in progress?"))
     }
     pub fn contains(&self, name: &str) -> bool {
         self.names.contains_key(name)
@@ -384,7 +418,15 @@ impl<'a> Loader<'a> {
         let n = self.problems.len();
         let shown: Vec<_> = self.problems.iter().take(12).cloned().collect();
         let more = if n > 12 { format!("; and {} more", n - 12) } else { String::new() };
-        Err(Error::Weights(format!("{}: {n} weight problem(s): {}{more}", self.ckpt.dir.display(), shown.join("; "))))
+        let absent = match self.ckpt.absent_shards() {
+            Some(a) => format!(" ({a})"),
+            None => String::new(),
+        };
+        Err(Error::Weights(format!(
+            "{}: {n} weight problem(s): {}{more}{absent}",
+            self.ckpt.dir.display(),
+            shown.join("; ")
+        )))
     }
 }
 

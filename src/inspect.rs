@@ -151,6 +151,9 @@ pub fn describe(ckpt: &Checkpoint) -> Result<String> {
             human(implied)
         );
     }
+    if let Some(absent) = ckpt.absent_shards() {
+        let _ = writeln!(w, "  {absent}");
+    }
     for (block, n) in &blocks {
         let _ = writeln!(w, "  {block:<18} {:>10}", human(*n));
     }

@@ -298,3 +298,29 @@ fn fp8_scales_must_pair_with_fp8_weights_and_be_finite() {
     });
     assert_eq!(e, "");
 }
+
+/// A sharded download in progress (the index names a shard not yet in the folder) opens: its
+/// tensors are missing, which `inspect` counts (naming the shard) and loading lists, where the
+/// missing file stopped both with "No such file" (an FP8 weight whose scale is in that shard is
+/// missing too, not refused).
+#[test]
+fn a_shard_still_to_come_is_missing_tensors_not_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/fp8-sharded");
+    let dir = tmp.path().join("partial");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors.index.json", "model-00001-of-00003.safetensors"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    assert_eq!(ckpt.absent_shards, ["model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]);
+    let described = glimpse::inspect::describe(&ckpt).unwrap();
+    assert!(described.contains("incomplete: the files hold"), "{described}");
+    let shards =
+        "names 2 shard(s) not in the folder, model-00002-of-00003.safetensors and 1 more: a download in progress?";
+    assert!(described.contains(shards), "{described}");
+    let err = Model::load(&ckpt).err().expect("load must fail").to_string();
+    assert!(err.contains("weight problem(s): missing `") && err.contains(shards), "{err}");
+    let whole = Checkpoint::open(&src).unwrap();
+    assert!(whole.absent_shards.is_empty() && whole.absent_shards().is_none());
+}
