@@ -342,7 +342,7 @@ impl Command {
     pub(crate) fn runs_model(&self) -> bool {
         match self {
             Command::Diff { .. } | Command::Inspect { .. } | Command::Synth { .. } => false,
-            Command::Audit { prompts, .. } => prompts.is_some(),
+            Command::Audit { prompts, compare_prompts, .. } => prompts.is_some() || compare_prompts.is_some(),
             Command::Tui { dump, .. } => dump.is_none(),
             _ => true,
         }

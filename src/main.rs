@@ -426,28 +426,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 keep_sets: sets,
                 routes: routes.as_mut(),
             };
-            let audit =
-                glimpse::audit::collect(model.as_deref(), prompts.as_deref().map(|p| (p, lines)), &dumps, opts)?;
+            // (--compare-prompts: other prompts, run on the same model after the audited ones.)
+            let prompts = prompts.as_deref().map(|p| (p, lines));
+            let (audit, live_other) = glimpse::audit::collect_with_other(
+                model.as_deref(),
+                prompts,
+                compare_prompts.as_deref(),
+                &dumps,
+                opts,
+            )?;
             // --against (the same prompts) or --compare (others): the second side's counts.
             let others = if against.is_empty() { &compare } else { &against };
-            let reference = match (others.is_empty(), &compare_prompts) {
-                // A stop asked for during the audited prompts stops the command: they are
-                // audited, the others not run.
-                (_, Some(p)) if audit.stopped.is_some() => {
-                    eprintln!("glimpse: --compare-prompts {} not run: the audit was stopped", p.display());
-                    None
-                }
-                // Other prompts, live: the model is loaded again for them (its weights mapped).
-                (_, Some(p)) => {
-                    let opts = glimpse::audit::CollectOptions {
-                        experts: None,
-                        max_memory,
-                        target,
-                        keep_sets: false,
-                        routes: None,
-                    };
-                    Some(glimpse::audit::collect(model.as_deref(), Some((p, lines)), &[], opts)?)
-                }
+            let reference = match (others.is_empty(), live_other) {
+                (_, Some(other)) => Some(other),
                 (true, None) => None,
                 (false, None) => {
                     // Counts only: the shift needs no routers, so the model is not loaded again.
@@ -462,7 +453,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Some(glimpse::audit::collect(None, None, others, opts)?)
                 }
             };
-            let contrast = !compare.is_empty() || compare_prompts.is_some();
+            let contrast = !compare.is_empty() || reference.is_some() && compare_prompts.is_some();
             if let Some(r) = &reference {
                 match contrast {
                     true => glimpse::audit::contrast::check(&audit, r)?,
@@ -478,6 +469,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         let c = glimpse::audit::contrast::contrast(&audit, r);
                         map.insert("compare".into(), glimpse::audit::contrast::to_json(&c));
                         map.insert("compare_prompts".into(), r.prompts().into());
+                        // (Prompts run live: a stop may have cut them short, as `complete` says
+                        // of the audited ones.)
+                        map.insert("compare_complete".into(), r.stopped.is_none().into());
                     } else {
                         map.insert("shift".into(), glimpse::audit::shift_json(&audit.shift(r)));
                         map.insert("shift_notes".into(), serde_json::json!(audit.shift_notes(r)));
@@ -497,6 +491,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Some(r) if contrast => {
                         let c = glimpse::audit::contrast::contrast(&audit, r);
                         print!("\n{}", glimpse::audit::contrast::table(&c, audit.prompts(), r.prompts()));
+                        if let Some((run, of)) = r.stopped {
+                            let by = glimpse::interrupt::signal_name();
+                            println!(
+                                "({by} stopped the other prompts after {run} of {of}: the comparison covers those)"
+                            );
+                        }
                     }
                     Some(r) => print!("\n{}", audit.shift_table(r)),
                     None => {}

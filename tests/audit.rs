@@ -640,4 +640,23 @@ fn audit_compares_other_prompts_run_live_as_their_dumps() {
     assert!(live["compare"].as_array().is_some_and(|rows| rows.len() == 3), "{live}");
     assert_eq!(live["compare"], recorded["compare"]);
     assert_error(&glimpse(&["audit", "--dump", &dumps[0], "--compare-prompts", &b]), "--model");
+    // Against recorded dumps of the audited side too; a bad line in the other file is refused
+    // (before anything runs: both files are read first).
+    let (json, _) = assert_ok(&glimpse(&[
+        "audit",
+        "--model",
+        "golden/flat",
+        "--dump",
+        &dumps[0],
+        "--compare-prompts",
+        &b,
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!((v["compare_prompts"].as_u64(), v["compare_complete"].as_bool()), (Some(2), Some(true)), "{v}");
+    let bad = write("bad.txt", &["1,2,x"]);
+    assert_error(
+        &glimpse(&["audit", "--model", "golden/flat", "--prompts", &a, "--compare-prompts", &bad]),
+        "bad.txt line 1",
+    );
 }

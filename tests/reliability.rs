@@ -616,6 +616,18 @@ fn ctrl_c_stops_an_audit_after_the_prompt_in_progress() {
             assert_eq!(layer["tokens"].as_u64(), Some(16 * run), "{layer}");
         }
     }
+    // With --compare-prompts, the stop stops both sets: the other prompts are not run, and said.
+    let args = ["audit", "--model", &s(&flat), "--prompts", &s(&prompts), "--compare-prompts", &s(&prompts), "--json"];
+    let child = spawn_catching_sigint(&args);
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: signalling a child this test started and has not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("--compare-prompts") && err.contains("not run, the audit was stopped"), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["stopped_after"].is_u64() && v.get("compare").is_none(), "{v}");
 }
 
 /// A run killed while writing (a second Ctrl-C during the dump's last write, SIGKILL) leaves its

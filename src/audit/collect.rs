@@ -110,35 +110,57 @@ pub fn collect(
     dumps: &[PathBuf],
     opts: CollectOptions,
 ) -> Result<Audit> {
+    collect_with_other(model_dir, prompts, None, dumps, opts).map(|(audit, _)| audit)
+}
+
+/// [`collect`], and the audit of `other` prompts (`audit --compare-prompts`, read as `prompts`
+/// are) run on the same model after them: both files are read, encoded and sized for memory
+/// before the model loads, and one Ctrl-C stops both (the other prompts are not run when the
+/// audited ones were stopped). None for `other` when it was not run.
+pub fn collect_with_other(
+    model_dir: Option<&Path>,
+    prompts: Option<(&Path, Lines)>,
+    other: Option<&Path>,
+    dumps: &[PathBuf],
+    opts: CollectOptions,
+) -> Result<(Audit, Option<Audit>)> {
     let CollectOptions { experts, max_memory, target, keep_sets, mut routes } = opts;
     let ckpt = model_dir.map(Checkpoint::open).transpose()?;
     // Prompts are read and encoded before the model is loaded, so the memory check sees them.
-    let prompt_tokens = match (prompts, model_dir) {
-        (Some((path, lines)), Some(dir)) => read_prompts(path, lines, dir)?,
-        (Some(_), None) => return Err(Error::Usage("--prompts needs --model".into())),
-        (None, _) => Vec::new(),
+    let read = |file: Option<(&Path, Lines)>, flag: &str| match (file, model_dir) {
+        (Some((path, lines)), Some(dir)) => read_prompts(path, lines, dir),
+        (Some(_), None) => Err(Error::Usage(format!("{flag} needs --model"))),
+        (None, _) => Ok(Vec::new()),
     };
+    let prompt_tokens = read(prompts, "--prompts")?;
+    let lines = prompts.map_or(Lines::Auto, |(_, lines)| lines);
+    let other_tokens = read(other.map(|p| (p, lines)), "--compare-prompts")?;
     if let Some(c) = &ckpt {
         // The largest batch x positions for memory; the longest row for the trained positions.
-        if let Some((_, largest)) = prompt_tokens.iter().max_by_key(|(_, t)| t.ids.len()) {
+        let all = prompt_tokens.iter().chain(&other_tokens);
+        if let Some((_, largest)) = all.max_by_key(|(_, t)| t.ids.len()) {
             crate::memory::check_run(c, largest.batch, largest.seq, false, max_memory, "shorter prompts")?;
         }
-        let longest = prompt_tokens.iter().max_by_key(|(_, t)| t.seq);
-        if let (Some(path), Some((line, t))) = (prompts.map(|p| p.0), longest) {
-            if let Some(past) = c.config.past_positions(t.seq) {
-                eprintln!("glimpse: warning: {} line {line} (the longest prompt): {past}", path.display());
+        for (path, tokens) in [(prompts.map(|p| p.0), &prompt_tokens), (other, &other_tokens)] {
+            let longest = tokens.iter().max_by_key(|(_, t)| t.seq);
+            if let (Some(path), Some((line, t))) = (path, longest) {
+                if let Some(past) = c.config.past_positions(t.seq) {
+                    eprintln!("glimpse: warning: {} line {line} (the longest prompt): {past}", path.display());
+                }
             }
         }
     }
     // (Dumps without routing are refused one by one.)
-    if let (Some(c), Some(_)) = (&ckpt, prompts) {
+    // Prompts to run, on either side: the model is loaded for them.
+    let live = prompts.is_some() || other.is_some();
+    if let (Some(c), true) = (&ckpt, live) {
         if !c.config.has_moe() {
             return Err(Error::Usage("the model has no MoE layer (every layer is dense): no routing to audit".into()));
         }
     }
     let routers = ckpt.as_ref().map(Routers::read).transpose()?;
-    let model = match (&ckpt, prompts) {
-        (Some(c), Some(_)) => Some(Model::load(c)?),
+    let model = match (&ckpt, live) {
+        (Some(c), true) => Some(Model::load(c)?),
         _ => None,
     };
     let experts = match (experts, &ckpt) {
@@ -164,12 +186,33 @@ pub fn collect(
         },
         (None, None) => expert_count(dumps)?,
     };
-    let mut audit = Audit::new(experts.n);
-    audit.sets = keep_sets.then(std::collections::BTreeMap::new);
-    audit.experts_guessed = experts.guessed;
-    audit.mtp_layer = ckpt.as_ref().map(|c| c.config.num_hidden_layers);
-    if let (Some(m), Some((path, _))) = (&model, prompts) {
-        run_prompts(&mut audit, routers.as_ref(), m, prompt_tokens, path, target, routes.as_deref_mut())?;
+    let new_audit = |keep_sets: bool| {
+        let mut audit = Audit::new(experts.n);
+        audit.sets = keep_sets.then(std::collections::BTreeMap::new);
+        audit.experts_guessed = experts.guessed;
+        audit.mtp_layer = ckpt.as_ref().map(|c| c.config.num_hidden_layers);
+        audit
+    };
+    let mut audit = new_audit(keep_sets);
+    let mut other_audit = None;
+    if let Some(m) = &model {
+        // Ctrl-C (or SIGTERM) from here, once the model is loaded: a stop asked for before the
+        // first prompt stops after it, and one asked for in either set stops both.
+        let _stopping = crate::interrupt::stop_at_checkpoints();
+        if let Some((path, _)) = prompts {
+            run_prompts(&mut audit, routers.as_ref(), m, prompt_tokens, path, target, routes.as_deref_mut())?;
+        }
+        match other {
+            Some(path) if crate::interrupt::requested() => {
+                eprintln!("glimpse: --compare-prompts {}: not run, the audit was stopped", path.display());
+            }
+            Some(path) => {
+                let mut o = new_audit(false);
+                run_prompts(&mut o, routers.as_ref(), m, other_tokens, path, target, None)?;
+                other_audit = Some(o);
+            }
+            None => {}
+        }
     }
     let mut seen: Vec<(PathBuf, &Path, Option<String>)> = Vec::new();
     let mut routed: Vec<(u64, &Path)> = Vec::new();
@@ -217,13 +260,18 @@ pub fn collect(
     }
     // The bias of the layers counted only: a layer no dump recorded is not a layer of dead experts.
     if let Some(r) = &routers {
-        for (&i, bias) in &r.bias {
-            if audit.layers.contains_key(&i) {
-                audit.set_bias(i, bias.clone());
+        for a in std::iter::once(&mut audit).chain(other_audit.as_mut()) {
+            for (&i, bias) in &r.bias {
+                if a.layers.contains_key(&i) {
+                    a.set_bias(i, bias.clone());
+                }
             }
         }
     }
-    Ok(audit)
+    if let Some(o) = other_audit.as_mut() {
+        o.config_sha256 = audit.config_sha256.clone();
+    }
+    Ok((audit, other_audit))
 }
 
 /// How [`collect`] counts, runs and what else it writes.
@@ -273,8 +321,8 @@ pub fn expert_count(dumps: &[PathBuf]) -> Result<ExpertCount> {
     })
 }
 
-/// Runs every prompt, counting its routing. Ctrl-C stops after the prompt in progress: the
-/// audit then covers the prompts run, and says so.
+/// Runs every prompt, counting its routing. Ctrl-C (while the caller's `Stopping` lives) stops
+/// after the prompt in progress: the audit then covers the prompts run, and says so.
 fn run_prompts(
     audit: &mut Audit,
     routers: Option<&Routers>,
@@ -287,9 +335,6 @@ fn run_prompts(
     let progress = std::io::stderr().is_terminal();
     let total = prompts.len();
     audit.prompts_total = Some(total);
-    // Ctrl-C (or SIGTERM) from here, once the model is loaded: a stop asked for before the first
-    // prompt stops after it.
-    let _stopping = crate::interrupt::stop_at_checkpoints();
     crate::device::with_prefill(target, m, |p| {
         for (n, (line, tokens)) in prompts.into_iter().enumerate() {
             if progress {

@@ -19,7 +19,7 @@ use crate::model::Tokens;
 mod collect;
 pub mod contrast;
 mod routes;
-pub use collect::{collect, expert_count, AuditObserver, CollectOptions, ExpertCount, Lines};
+pub use collect::{collect, collect_with_other, expert_count, AuditObserver, CollectOptions, ExpertCount, Lines};
 pub use routes::Routes;
 
 /// How one layer's load moved against a reference's (`Audit::shift`).
