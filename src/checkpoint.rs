@@ -152,8 +152,13 @@ impl Checkpoint {
         self.names.keys().map(String::as_str)
     }
 
+    /// Whether the index maps `name` to a shard not in the folder.
+    pub fn is_absent(&self, name: &str) -> bool {
+        self.absent_names.contains(name)
+    }
+
     /// What the index names that the folder lacks, said where the tensors they hold are missing.
-    pub fn absent_shards(&self) -> Option<String> {
+    pub fn absent_note(&self) -> Option<String> {
         let (n, first) = (self.absent_shards.len(), self.absent_shards.first()?);
         let more = if n > 1 { format!(" and {} more", n - 1) } else { String::new() };
         Some(format!("{INDEX_FILE} names {n} shard(s) not in the folder, {first}{more}: a download in progress?"))
@@ -418,7 +423,7 @@ impl<'a> Loader<'a> {
         let n = self.problems.len();
         let shown: Vec<_> = self.problems.iter().take(12).cloned().collect();
         let more = if n > 12 { format!("; and {} more", n - 12) } else { String::new() };
-        let absent = match self.ckpt.absent_shards() {
+        let absent = match self.ckpt.absent_note() {
             Some(a) => format!(" ({a})"),
             None => String::new(),
         };

@@ -151,7 +151,7 @@ pub fn describe(ckpt: &Checkpoint) -> Result<String> {
             human(implied)
         );
     }
-    if let Some(absent) = ckpt.absent_shards() {
+    if let Some(absent) = ckpt.absent_note() {
         let _ = writeln!(w, "  {absent}");
     }
     for (block, n) in &blocks {

@@ -79,6 +79,8 @@ pub enum Detail {
         /// sides hold (the masked keys of `dsa.scores`), which `mean_abs` leaves out too.
         bad: usize,
         total: usize,
+        /// The tensor's elements, those infinities included.
+        elements: usize,
         mean_abs: f64,
         /// `sum((a - e)^2) / sum(e^2)` over the elements finite on both sides; infinite with a NaN
         /// or an infinity only one side holds.
@@ -308,6 +310,7 @@ fn compare_floats_keyed(
         max_rel,
         bad,
         total,
+        elements: reference.len(),
         mean_abs: sum_abs / n,
         // Over the elements finite on both sides: an infinity both hold (the `-inf` past each
         // query in `dsa.scores`) is equal, not error; a NaN or an unshared infinity makes the

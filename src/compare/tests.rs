@@ -75,9 +75,9 @@ fn infinities_both_sides_hold_are_not_counted() {
     let ninf = f32::NEG_INFINITY;
     let (ours, reference) = ([0.1, ninf, 0.3, 0.5], [0.2, ninf, 0.3, 0.7]);
     let (ok, detail) = compare_floats(&ours, &reference, &[1, 2, 2], Tolerance::default());
-    let Detail::Float { bad, total, mean_abs, .. } = detail else { panic!("{detail:?}") };
+    let Detail::Float { bad, total, elements, mean_abs, .. } = detail else { panic!("{detail:?}") };
     assert!(!ok);
-    assert_eq!((bad, total), (2, 3));
+    assert_eq!((bad, total, elements), (2, 3, 4));
     approx::assert_abs_diff_eq!(mean_abs, (0.1 + 0.2) / 3.0, epsilon = 1e-7);
     let (_, detail) = compare_floats(&[0.1, ninf], &[0.1, 0.2], &[2], Tolerance::default());
     let Detail::Float { bad, total, mean_abs, .. } = detail else { panic!("{detail:?}") };

@@ -328,19 +328,21 @@ pub fn comparison_json(c: &Comparison, near_tie: f64) -> Value {
             max_rel,
             bad,
             total,
+            elements,
             mean_abs,
             nmse,
             cosine,
             scale,
         } => {
-            // An empty tensor has no worst element: null, not element 0's coordinate and NaN.
+            // A tensor with nothing counted (empty, or infinities both sides hold) has no worst
+            // element: null, not element 0's coordinate and values.
             let value = |x: f32| if *total == 0 { Value::Null } else { json_number(x as f64) };
             let worst_at = if *total == 0 { Value::Null } else { json!(worst_at) };
             json!({
                 "kind": "float", "max_abs": json_number(*max_abs), "worst_at": worst_at, "first_outside_at": first_at,
                 "ours": value(*ours),
                 "reference": value(*reference), "max_rel": json_number(*max_rel), "mean_abs": json_number(*mean_abs), "nmse": json_number(*nmse),
-                "cosine": json_number(*cosine), "scale": json_number(*scale), "outside_tolerance": bad, "elements": total,
+                "cosine": json_number(*cosine), "scale": json_number(*scale), "outside_tolerance": bad, "elements": elements, "counted": total,
             })
         }
         Detail::Exact { elements, differing } => json!({

@@ -82,6 +82,10 @@ impl Routers {
         let c = &ckpt.config;
         for i in 0..c.num_hidden_layers + c.num_nextn_predict_layers.max(1) {
             let name = format!("model.layers.{i}.mlp.gate.e_score_correction_bias");
+            // A router still to be downloaded is no dense layer.
+            if let Some(note) = ckpt.absent_note().filter(|_| ckpt.is_absent(&name)) {
+                return Err(Error::checkpoint(&ckpt.dir, format!("`{name}` is missing: {note}")));
+            }
             if ckpt.contains(&name) {
                 // Checked here too: `diff`, `audit` and the TUI read routers without the loader.
                 let (b, shape) = ckpt.f32(&name)?;
