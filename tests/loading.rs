@@ -323,7 +323,8 @@ fn a_shard_still_to_come_is_missing_tensors_not_an_error() {
     assert!(err.contains("weight problem(s): missing `") && err.contains(shards), "{err}");
     // The routers `diff`, `audit` and the TUI read without loading: a bias still to come is no
     // dense layer's absence.
-    let err = glimpse::model::moe::Routers::read(&ckpt).err().expect("its routers are missing").to_string();
+    let Err(err) = glimpse::model::moe::Routers::read(&ckpt) else { panic!("its routers are missing") };
+    let err = err.to_string();
     assert!(err.contains("e_score_correction_bias` is missing: ") && err.contains(shards), "{err}");
     let whole = Checkpoint::open(&src).unwrap();
     assert!(whole.absent_shards.is_empty() && whole.absent_note().is_none());
