@@ -372,15 +372,18 @@ impl UnbiasedTies {
     }
 
     fn reading(self) -> String {
-        let which = match self.near_ties == self.differing {
-            true => "every difference".to_string(),
-            false => format!("{} of {} differences", self.near_ties, self.differing),
-        };
-        format!(
-            "{which} a near-tie of the choice without the bias (margins up to {:.1e} on both sides): the \
-             counterfactual flipped, not the experts",
-            self.largest
-        )
+        match self.near_ties == self.differing {
+            true => format!(
+                "every difference a near-tie of the choice without the bias (margins up to {:.1e} on both sides): \
+                 the counterfactual flipped, not the experts",
+                self.largest
+            ),
+            false => format!(
+                "{} of {} differences near-ties of the choice without the bias (margins up to {:.1e} on both \
+                 sides); the rest are not",
+                self.near_ties, self.differing, self.largest
+            ),
+        }
     }
 }
 
