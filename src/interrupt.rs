@@ -35,11 +35,14 @@ mod imp {
     }
 
     extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        let errno = Errno::save();
         // SAFETY: the kernel passes a valid siginfo_t with SA_SIGINFO; si_pid is set for signals
         // sent by kill(2) and 0 for the terminal's.
         let sender = if info.is_null() { 0 } else { unsafe { (*info).si_pid() } };
         let now = now_ns();
-        if REQUESTED.load(Ordering::Relaxed) {
+        // (Another thread may be in this handler for the other copy of a signal: the first's
+        // details are published before its flag, so a thread that sees the flag sees them.)
+        if REQUESTED.load(Ordering::Acquire) {
             let repeat = sig == SIGNAL.load(Ordering::Relaxed)
                 && sender != 0
                 && sender == SENDER.load(Ordering::Relaxed)
@@ -52,14 +55,38 @@ mod imp {
                     libc::raise(sig);
                 }
             }
+            errno.restore();
             return;
         }
-        REQUESTED.store(true, Ordering::Relaxed);
         SIGNAL.store(sig, Ordering::Relaxed);
         SENDER.store(sender, Ordering::Relaxed);
         AT.store(now, Ordering::Relaxed);
+        REQUESTED.store(true, Ordering::Release);
         // SAFETY: write(2) is async-signal-safe; NOTICE is a static buffer.
         unsafe { libc::write(2, NOTICE.as_ptr().cast(), NOTICE.len()) };
+        errno.restore();
+    }
+
+    /// The interrupted code's errno, which the handler's calls may overwrite.
+    struct Errno(libc::c_int);
+
+    impl Errno {
+        #[cfg(target_os = "linux")]
+        fn save() -> Self {
+            // SAFETY: __errno_location returns this thread's errno slot.
+            Errno(unsafe { *libc::__errno_location() })
+        }
+        #[cfg(target_os = "linux")]
+        fn restore(self) {
+            // SAFETY: as in `save`.
+            unsafe { *libc::__errno_location() = self.0 };
+        }
+        #[cfg(not(target_os = "linux"))]
+        fn save() -> Self {
+            Errno(0)
+        }
+        #[cfg(not(target_os = "linux"))]
+        fn restore(self) {}
     }
 
     pub fn stop_at_checkpoints() {
@@ -71,14 +98,18 @@ mod imp {
                 let mut action: libc::sigaction = std::mem::zeroed();
                 action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
                 action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+                // Both blocked while either's handler runs (on this thread).
                 libc::sigemptyset(&mut action.sa_mask);
+                for blocked in SIGNALS {
+                    libc::sigaddset(&mut action.sa_mask, blocked);
+                }
                 libc::sigaction(sig, &action, std::ptr::null_mut());
             }
         }
     }
 
     pub fn requested() -> bool {
-        REQUESTED.load(Ordering::Relaxed)
+        REQUESTED.load(Ordering::Acquire)
     }
 
     pub fn exit_status() -> u8 {

@@ -425,7 +425,15 @@ fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
     std::fs::remove_file(&terminated).unwrap();
     let out = signals_when_present(&targs, &terminated, &[libc::SIGTERM, libc::SIGINT]);
     use std::os::unix::process::ExitStatusExt;
-    assert_eq!(out.status.signal(), Some(libc::SIGINT), "{:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    // (By the second's default action; or by the first's, where a busy machine delivered both
+    // at once: then SIGINT, the lower, was handled first.)
+    let by = out.status.signal();
+    assert!(
+        matches!(by, Some(libc::SIGINT | libc::SIGTERM)),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     let _ = std::fs::remove_file(&terminated);
     let out = signal_when_present(&sargs, &t.join("stopped.safetensors.resume.json"), libc::SIGINT);
     let err = String::from_utf8_lossy(&out.stderr);
