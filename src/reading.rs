@@ -149,8 +149,8 @@ impl DiffReport {
             near_ties == 0 && 2 * real > flips.len()
         };
         // (The notes are the first divergence's, which is what this reads.)
-        if let Some(rule) = self.notes.weights_rule {
-            return Some(rule.reading().into());
+        if let Some(rule) = self.notes.weights_reading() {
+            return Some(rule);
         }
         if let Some(source) = self.notes.not_reused {
             return Some(format!(
@@ -325,6 +325,9 @@ impl Tail {
 pub struct Notes {
     pub onset: Option<Onset>,
     pub weights_rule: Option<WeightsRule>,
+    /// The position from which the weights follow `weights_rule`, where the earlier ones follow
+    /// the checkpoint's (the tokens past an onset).
+    pub weights_rule_from: Option<usize>,
     /// For a shared-indexer layer's selection: the layer whose selection it reuses, where the
     /// reference's is that layer's and ours's is not (ours recomputed it, or reused another).
     pub not_reused: Option<usize>,
@@ -502,16 +505,16 @@ impl Notes {
             let logits = floats(a, &HookPoint::Layer(i, LayerHook::RouterLogits).name())?;
             let ids = ints(a, &HookPoint::Layer(i, LayerHook::TopkIds).name())?;
             let (e, k) = (bias.len(), rc.top_k);
-            let rule = WeightsRule::of(&logits, &ids, ours, rc, bias, opts.tol_for(name));
+            if let Some(rule) = WeightsRule::of(&logits, &ids, ours, rc, bias, opts.tol_for(name)) {
+                return Some((rule, None));
+            }
             // Else, past an onset, the rule of the tokens there (a decode path's own rule).
-            let late_rule = || {
-                let p = matching?;
-                let (logits, ids, weights) = (late(&logits, seq, p, e), late(&ids, seq, p, k), late(ours, seq, p, k));
-                WeightsRule::of(&logits, &ids, &weights, rc, bias, opts.tol_for(name))
-            };
-            rule.or_else(late_rule)
+            let p = matching?;
+            let (logits, ids, weights) = (late(&logits, seq, p, e), late(&ids, seq, p, k), late(ours, seq, p, k));
+            WeightsRule::of(&logits, &ids, &weights, rc, bias, opts.tol_for(name)).map(|rule| (rule, Some(p)))
         };
-        let weights_rule = weights_rule();
+        let (weights_rule, weights_rule_from) = weights_rule().unzip();
+        let weights_rule_from = weights_rule_from.flatten();
         let mask = match point {
             Some(HookPoint::Layer(_, LayerHook::DsaScores)) => Mask::of(ours, reference, &shape),
             _ => None,
@@ -519,7 +522,16 @@ impl Notes {
         // A mask off by one parts the two by keys, not positions: the onset's reading (RoPE)
         // would mislead. (A few masked keys leave it.)
         let onset = onset.filter(|_| !mask.is_some_and(|m| m.off_by_one()));
-        Notes { onset, weights_rule, not_reused: None, tail, mask, unbiased_ties: None }
+        Notes { onset, weights_rule, weights_rule_from, not_reused: None, tail, mask, unbiased_ties: None }
+    }
+
+    /// The routing weights' rule, said of the tokens it holds for.
+    pub fn weights_reading(&self) -> Option<String> {
+        let rule = self.weights_rule?.reading();
+        Some(match self.weights_rule_from {
+            Some(p) => format!("from position {p} on, {rule}"),
+            None => rule.into(),
+        })
     }
 
     /// For the selection `name` of a shared-indexer layer (with `--model`'s config): the layer

@@ -225,7 +225,8 @@ fn diff_names_the_perturbed_tensor_and_ignores_set_order_and_padding() {
     assert!(text.contains(&format!("first divergence: layers.2.moe.topk_weights\n{past}")), "{text}");
     let (_, text) =
         code_and_text(&["diff", unscaled.to_str().unwrap(), r, "--model", golden("flat").to_str().unwrap()]);
-    let rule = "layers.2.moe.topk_weights (ours's weights are its gate's scores without routed_scaling_factor)";
+    let rule = "layers.2.moe.topk_weights (from position 5 on, ours's weights are its gate's scores without \
+                routed_scaling_factor)";
     assert!(text.contains(&format!("first divergence: {rule}\n{past}")), "{text}");
     // A router tensor is [B*S, E]: its columns are experts, not positions.
     let experts = edited(tmp.path(), "experts.safetensors", |t| {

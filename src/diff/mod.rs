@@ -400,7 +400,7 @@ impl DiffReport {
             "not_compared": if self.first_divergence().is_none() { self.not_compared() } else { None },
             "first_divergence_reading": self.first_divergence().and_then(|c| self.reading(c)),
             "first_divergence_onset": self.notes.onset.map(|o| json!({"matching_positions": o.matching, "reading": o.reading()})),
-            "first_divergence_weights_rule": self.notes.weights_rule.map(|r| r.reading()),
+            "first_divergence_weights_rule": self.notes.weights_reading(),
             "first_non_finite_a": self.non_finite_a.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
             "first_non_finite_b": self.non_finite_b.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
             "near_tie_threshold": self.near_tie,
