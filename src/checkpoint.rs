@@ -229,7 +229,9 @@ impl Checkpoint {
     /// Rows `[start, start + count)` of a 2-D weight as f32 [count, cols], reading only those rows
     /// (FP8 weights are dequantised whole first: their embeddings and lm_head are never FP8).
     pub fn rows(&self, name: &str, start: usize, count: usize) -> Result<Tensor> {
-        let cols = self.shape(name).and_then(|s| s.get(1).copied()).unwrap_or(0);
+        let Some(&[_, cols]) = self.shape(name).as_deref() else {
+            return Err(Error::checkpoint(&self.dir, format!("tensor `{name}` is not a 2-D weight")));
+        };
         if self.scale_name(name).is_some() {
             return Ok(self.tensor(name)?.narrow(0, start, count)?);
         }

@@ -160,36 +160,40 @@ impl Dump {
     }
 
     pub fn values(&self, name: &str) -> Result<(Values, Vec<usize>)> {
+        let shape = self.file.info(name).map(|i| i.shape.clone()).unwrap_or_default();
+        Ok((self.read(name, None)?, shape))
+    }
+
+    /// Rows `[start, start + count)` of the tensor `name` (rows of its last dimension), as
+    /// [`Dump::values`] reads them: a slice of an S x S `dsa.scores`, or of a selection, without
+    /// reading the rest.
+    pub fn rows(&self, name: &str, start: usize, count: usize) -> Result<Values> {
+        self.read(name, Some((start, count)))
+    }
+
+    /// The tensor `name`, or its rows `(start, count)`.
+    fn read(&self, name: &str, rows: Option<(usize, usize)>) -> Result<Values> {
         let info = self.file.info(name).ok_or_else(|| Error::dump(&self.path, format!("no tensor `{name}`")))?;
-        // Else a float: `open` refused other dtypes.
-        let is_int = st::INTS.contains(&info.dtype);
         // The reader's errors name the file already.
         let wrap = |e: Error| match e {
             Error::Checkpoint { msg, .. } => Error::dump(&self.path, msg),
             e => Error::dump(&self.path, e.to_string()),
         };
-        if is_int {
-            let (v, s) = self.file.i64(name).map_err(wrap)?;
-            Ok((Values::I64(v), s))
-        } else {
-            let (mut v, s) = self.file.f32(name).map_err(wrap)?;
-            unmask(name, &mut v);
-            Ok((Values::F32(v), s))
+        // Else a float: `open` refused other dtypes.
+        if st::INTS.contains(&info.dtype) {
+            let v = match rows {
+                Some((start, count)) => self.file.i64_rows(name, start, count),
+                None => self.file.i64(name).map(|(v, _)| v),
+            };
+            return Ok(Values::I64(v.map_err(wrap)?));
         }
-    }
-
-    /// Rows `[start, start + count)` of the float tensor `name` (rows of its last dimension), as
-    /// [`Dump::values`] reads them: a slice of an S x S `dsa.scores` without reading the rest.
-    pub fn float_rows(&self, name: &str, start: usize, count: usize) -> Result<Vec<f32>> {
-        if self.file.info(name).is_some_and(|i| st::INTS.contains(&i.dtype)) {
-            return Err(Error::dump(&self.path, format!("`{name}` is an integer tensor")));
+        let mut v = match rows {
+            Some((start, count)) => self.file.f32_rows(name, start, count),
+            None => self.file.f32(name).map(|(v, _)| v),
         }
-        let mut v = self.file.f32_rows(name, start, count).map_err(|e| match e {
-            Error::Checkpoint { msg, .. } => Error::dump(&self.path, msg),
-            e => e,
-        })?;
+        .map_err(wrap)?;
         unmask(name, &mut v);
-        Ok(v)
+        Ok(Values::F32(v))
     }
 
     pub fn tensor(&self, name: &str) -> Result<Tensor> {

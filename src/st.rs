@@ -110,6 +110,18 @@ impl StFile {
     /// ones flattened), decoded to f32, without touching the rest of it (embedding lookups and
     /// lm_head chunks of a model larger than memory, a dump's S x S scores a slice at a time).
     pub fn f32_rows(&self, name: &str, start: usize, count: usize) -> Result<Vec<f32>> {
+        let (info, bytes) = self.row_bytes(name, start, count)?;
+        decode_f32(info.dtype, bytes).map_err(|msg| Error::checkpoint(&self.path, format!("tensor `{name}`: {msg}")))
+    }
+
+    /// Rows `[start, start + count)` of an integer tensor as i64, as [`StFile::f32_rows`] reads.
+    pub fn i64_rows(&self, name: &str, start: usize, count: usize) -> Result<Vec<i64>> {
+        let (info, bytes) = self.row_bytes(name, start, count)?;
+        self.decode_i64(name, info, bytes)
+    }
+
+    /// The bytes of rows `[start, start + count)` of `name` (rows of its last dimension).
+    fn row_bytes(&self, name: &str, start: usize, count: usize) -> Result<(&TensorInfo, &[u8])> {
         let (info, bytes) = self.bytes(name)?;
         let Some((&cols, lead)) = info.shape.split_last() else {
             return Err(Error::checkpoint(&self.path, format!("tensor `{name}` is a scalar")));
@@ -122,8 +134,7 @@ impl StFile {
             ));
         }
         let row_bytes = cols * info.dtype.bitsize() / 8;
-        decode_f32(info.dtype, &bytes[start * row_bytes..(start + count) * row_bytes])
-            .map_err(|msg| Error::checkpoint(&self.path, format!("tensor `{name}`: {msg}")))
+        Ok((info, &bytes[start * row_bytes..(start + count) * row_bytes]))
     }
 
     /// Lets the kernel drop the pages of `name` from this process (they are re-read from the file
@@ -144,6 +155,11 @@ impl StFile {
     /// An integer tensor (I64, I32, U32...) as i64, with its shape.
     pub fn i64(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>)> {
         let (info, bytes) = self.bytes(name)?;
+        Ok((self.decode_i64(name, info, bytes)?, info.shape.clone()))
+    }
+
+    /// `bytes` of the integer tensor `name` as i64.
+    fn decode_i64(&self, name: &str, info: &TensorInfo, bytes: &[u8]) -> Result<Vec<i64>> {
         let fail = |msg: String| Error::checkpoint(&self.path, format!("tensor `{name}`: {msg}"));
         let unsupported = || fail(format!("expected an integer dtype ({}), got {:?}", listed(&INTS), info.dtype));
         if !INTS.contains(&info.dtype) {
@@ -157,7 +173,7 @@ impl StFile {
             Dtype::U32 => data.extend(chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64)),
             _ => return Err(unsupported()),
         };
-        Ok((data, info.shape.clone()))
+        Ok(data)
     }
 }
 

@@ -8,7 +8,7 @@
 use crate::compare::{row_set, Comparison, Detail, Flip, Movement, RuleBreak, Side};
 use crate::config::Config;
 use crate::diff::{floats, ints};
-use crate::dump::Dump;
+use crate::dump::{Dump, Values};
 use crate::hooks::{HookPoint, LayerHook};
 use crate::model::moe::{choice_scores, route, sigmoid, RouterConfig};
 
@@ -121,9 +121,9 @@ pub fn margins_in(d: &Dump, selection: HookPoint, router: Option<(&RouterConfig,
 }
 
 /// The DSA margins of layer `i`'s query rows `rows` (batch rows flattened) in `d`, recorded or
-/// recomputed from its `dsa.scores` as [`margins_in`] does. The scores are read a slice of rows
-/// at a time, so a long context's `[B, S, S]` never sits in memory whole (at 32k positions one
-/// batch row's is 4 GB).
+/// recomputed from its `dsa.scores` as [`margins_in`] does. The scores and the selection are read
+/// a slice of rows at a time, so a long context's `[B, S, S]` never sits in memory whole (at 32k
+/// positions one batch row's is 4 GB, its `[B, S, 2048]` selection 512 MB).
 pub fn dsa_margins(d: &Dump, i: usize, rows: std::ops::Range<usize>) -> Option<Vec<f32>> {
     dsa_margins_by(d, i, rows, SLICE)
 }
@@ -142,16 +142,19 @@ fn dsa_margins_by(d: &Dump, i: usize, rows: std::ops::Range<usize>, slice: usize
     if d.shape(&scores)? != [b, s, s] || s == 0 || k == 0 || rows.end > b * s {
         return None;
     }
-    let chosen = ints(d, &selection.name())?;
     // Query q of a row chooses among its causal keys 0..=q (the rest is padding): it keeps
     // min(k, q + 1) of them.
     let chunk = (slice / s).max(1);
     let mut margins = Vec::with_capacity(rows.len());
     for start in rows.clone().step_by(chunk) {
         let count = chunk.min(rows.end - start);
-        let slice = d.float_rows(&scores, start, count).ok()?;
-        for (r, row) in (start..).zip(slice.chunks_exact(s)) {
-            margins.push(lead(&row[..=r % s], chosen.get(r * k..(r + 1) * k)?, k.min(r % s + 1)));
+        let (Values::F32(scores), Values::I64(chosen)) =
+            (d.rows(&scores, start, count).ok()?, d.rows(&selection.name(), start, count).ok()?)
+        else {
+            return None;
+        };
+        for ((r, row), ids) in (start..).zip(scores.chunks_exact(s)).zip(chosen.chunks_exact(k)) {
+            margins.push(lead(&row[..=r % s], ids, k.min(r % s + 1)));
         }
     }
     Some(margins)
