@@ -333,18 +333,9 @@ fn a_bias_changed_difference_at_a_near_tie_of_the_unbiased_choice_is_read() {
     let tmp = tempfile::tempdir().unwrap();
     let model = golden("flat");
     let m = model.to_str().unwrap();
-    let ours = tmp.path().join("ours.safetensors");
     let reference = model.join("reference.safetensors");
-    let (code, out) = code_and_text(&[
-        "run",
-        "--model",
-        m,
-        "--tokens-from",
-        reference.to_str().unwrap(),
-        "--dump",
-        ours.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{out}");
+    let ours = common::run_dump(m, &["--tokens-from", reference.to_str().unwrap()], tmp.path(), "ours.safetensors");
+    let ours = PathBuf::from(ours);
     let (tokens, layer) = ([5usize, 6], 2usize);
     let flipped = edit_dump(&ours, &tmp.path().join("flipped.safetensors"), |t| {
         let (_, flags) = ints(t, &format!("layers.{layer}.moe.bias_changed"));
