@@ -535,7 +535,7 @@ fn load_dsa_and_kv_views_draw_the_bundled_case() {
     let (ours, reference) = (sets(&ours), sets(&reference));
     for (token, first, last) in [(22, 0, 22), (31, 9, 31)] {
         let narrow = screen(&App { token, scroll: 12, ..app.clone() }, &port, 40, 24);
-        assert!(narrow.contains(&format!("keys {first}-{last} of 32")), "{narrow}");
+        assert!(narrow.contains(&format!("keys {first}-{last}:")), "{narrow}");
         let mut marked = 0;
         for q in 0..32usize {
             let Some(line) = narrow.lines().find(|l| l.contains(&format!("│q{q:<5} "))) else { continue };
@@ -583,6 +583,28 @@ fn load_dsa_and_kv_views_draw_the_bundled_case() {
         list(&f.only_reference)
     );
     assert!(screen(&q, &port, 100, 24).contains(&both), "{both}");
+    // On a narrow screen fewer keys are listed and the rest counted (`+n`): a key is never cut
+    // in half (at 80 columns "only ref 4" was the start of 40).
+    let mut listed_keys = 0;
+    for width in [40, 60, 66, 72] {
+        let narrow = screen(&q, &port, width, 24);
+        let bottom = narrow.lines().find(|l| l.contains(&format!("q{}: margin", f.row))).unwrap();
+        let segment =
+            |from: &str, to: &str| bottom.split(from).nth(1).map(|r| r.split(to).next().unwrap_or(r).to_string());
+        let (o, r) = (segment("only ours ", ", only ref"), segment("only ref ", " "));
+        // (The lists whole, or not at all.)
+        assert_eq!(o.is_some(), bottom.contains("only ref "), "{width} columns: {bottom}");
+        for (listed, keys) in [(o, &f.only_ours), (r, &f.only_reference)] {
+            let Some(listed) = listed else { continue };
+            listed_keys += 1;
+            for item in listed.split(',').filter(|i| !i.starts_with('+') && !i.contains(' ') && !i.is_empty()) {
+                let key: i64 =
+                    item.trim_end_matches(['─', '┘']).parse().unwrap_or_else(|_| panic!("{item:?}: {bottom}"));
+                assert!(keys.contains(&key), "{width} columns: {key} is not a one-sided key: {bottom}");
+            }
+        }
+    }
+    assert!(listed_keys > 0, "some width lists the one-sided keys");
     // And those margins are each side's indexer scores' gap at the cut, computed here.
     let gap = |d: &Dump| format!("{:.2e}", common::dsa_margin_from_scores(d, 3, f.row));
     assert!(both.contains(&format!("margin {} (ref {})", gap(&ours), gap(&theirs))), "{both}");

@@ -77,9 +77,11 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     // Keys past the width are not drawn: say so.
     let cut = match keys {
         0 if m.seq > 0 => format!(" no room for its {} keys", m.seq),
-        k if k < m.seq => format!(" keys {first_key}-{} of {}", first_key + k - 1, m.seq),
+        k if k < m.seq => format!(" keys {first_key}-{}", first_key + k - 1),
         _ => String::new(),
     };
+    // (Short, so the counts fit 80 columns at long context: the rule breaks' count matters most,
+    // and the legend at the end gives way first.)
     let title = format!(
         "layer {} dsa ({}){cut}: {} queries{row}, {flips} differ{}  # both +ours -ref",
         index,
@@ -87,13 +89,19 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         m.seq,
         counts(m.flips.iter().flatten().copied())
     );
-    // The selected query's margin at the cut, and for a flip the reference's beside it.
+    // The selected query's margin at the cut, and for a flip the reference's beside it, with as
+    // many of its one-sided keys as the line has room for.
+    let width = (area.width as usize).saturating_sub(2);
     let ours = m.margin.as_ref().and_then(|v| v.get(q_sel).copied()).filter(|m| !m.is_nan());
     let margin = match (m.flips.get(q_sel).copied().flatten(), m.reference_margin.get(q_sel).copied().flatten()) {
         (Some(_), Some(r)) => {
-            format!(" q{q_sel}: margin {} (ref {}){} ", margin(ours), margin(Some(r)), differing(&m, q_sel))
+            let head = format!(" q{q_sel}: margin {} (ref {})", margin(ours), margin(Some(r)));
+            format!("{head}{} ", differing(&m, q_sel, width.saturating_sub(head.len() + 1)))
         }
-        (Some(_), None) => format!(" q{q_sel}: margin {}{} ", margin(ours), differing(&m, q_sel)),
+        (Some(_), None) => {
+            let head = format!(" q{q_sel}: margin {}", margin(ours));
+            format!("{head}{} ", differing(&m, q_sel, width.saturating_sub(head.len() + 1)))
+        }
         // A query that may see no more keys than it keeps has no cut.
         _ if ours.is_some_and(f32::is_infinite) => format!(" q{q_sel}: margin none (every causal key kept) "),
         _ => format!(" q{q_sel}: margin {} ", margin(ours)),
@@ -102,21 +110,27 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     f.render_widget(Paragraph::new(lines).block(block), area);
 }
 
-/// The keys query `q` of a flip kept on one side only, a few of each (the window may not show
-/// them); a side that kept none the other did not kept fewer causal keys.
-fn differing(m: &DsaMatrix, q: usize) -> String {
+/// The keys query `q` of a flip kept on one side only, up to 6 of each (the window may not show
+/// them), as many as `room` characters hold (the rest counted, `+n`: a key is never cut in
+/// half; nothing where not even the counts fit); a side that kept none the other did not kept
+/// fewer causal keys.
+fn differing(m: &DsaMatrix, q: usize, room: usize) -> String {
     let (Some(ours), Some(theirs)) = (m.selected.get(q), m.reference.as_ref().and_then(|r| r.get(q))) else {
         return String::new();
     };
-    let only = |a: &[usize], b: &[usize]| -> String {
+    let only = |a: &[usize], b: &[usize], shown: usize| -> String {
         let keys: Vec<String> = a.iter().filter(|k| !b.contains(k)).map(usize::to_string).collect();
         match keys.len() {
             0 => "none".into(),
-            n if n > 6 => format!("{} +{}", keys[..6].join(","), n - 6),
+            n if shown == 0 => format!("{n} keys"),
+            n if n > shown => format!("{} +{}", keys[..shown].join(","), n - shown),
             _ => keys.join(","),
         }
     };
-    format!(", only ours {}, only ref {}", only(ours, theirs), only(theirs, ours))
+    let line =
+        |shown: usize| format!(", only ours {}, only ref {}", only(ours, theirs, shown), only(theirs, ours, shown));
+    // (Where not even the counts fit, the margins alone.)
+    (0..=6).rev().map(line).find(|l| l.len() <= room).unwrap_or_default()
 }
 
 /// The keys of a selection row (ascending) before `end`.
