@@ -533,6 +533,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Tui { model, golden, dump, tokens, prompt, device, gpu, atol, rtol, near_tie } => {
             let model = model.or_else(|| dump.is_none().then(default_case));
             let target = gpu.target(device)?;
+            // The run or the comparison comes before the first screen: said while it lasts.
+            let waiting = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            if waiting {
+                let what = if dump.is_some() { "reading and comparing the dumps" } else { "running the model" };
+                eprint!("glimpse: {what}...");
+            }
             let src = glimpse::tui_source::open(&glimpse::tui_source::Open {
                 model: model.as_deref(),
                 golden: golden.as_deref(),
@@ -543,7 +549,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 target,
                 near_tie,
                 tol: tolerance(target, atol, rtol),
-            })?;
+            });
+            if waiting {
+                eprint!("\r\x1b[2K");
+            }
+            let src = src?;
+            memory::release_freed_memory();
             let signal = glimpse_tui::term::run(&src).map_err(|e| Error::Usage(format!("terminal: {e}")))?;
             // Ended by SIGTERM or SIGINT from outside: the status a shell expects of it.
             Ok(signal.map_or(ExitCode::SUCCESS, |s| ExitCode::from((128 + s).clamp(0, 255) as u8)))

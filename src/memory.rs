@@ -86,6 +86,17 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// Gives the memory freed so far back to the OS ([`keep_freed_memory`] kept it for the next
+/// layer's buffers): for a long-lived process past its heavy work, as the TUI is once its
+/// comparison is done (938 MB kept at 8192 tokens, 30 MB in use).
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages, under the allocator's lock.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// How often a run multiplies each weight, which decides what it holds of the weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Passes {
