@@ -282,11 +282,11 @@ fn activations_view_lists_hook_points_with_stats() {
     let s = screen(&app, &port, 130, 30);
     assert!(s.contains("layer 0 activations"), "{s}");
     assert!(line_with(&s, "│attn.out").contains("BAD"), "{s}");
-    assert!(line_with(&s, "│input_norm").contains("[1, 32, 64]"), "wide terminals show shapes:\n{s}");
+    assert!(line_with(&s, "│input_norm").contains(" 1x32x64 "), "wide terminals show shapes:\n{s}");
     // However wide the terminal, the shape follows the longest name (14 wide here) and a space:
     // the slack goes to the right of the table, not between a name and its numbers.
     let very_wide = screen(&app, &port, 240, 30);
-    assert!(line_with(&very_wide, "│input_norm").starts_with("│input_norm     [1, 32, 64]"), "{very_wide}");
+    assert!(line_with(&very_wide, "│input_norm").starts_with("│input_norm     1x32x64"), "{very_wide}");
     assert!(s.contains("worst elements"), "{s}");
     // A selection's error is the rows that differ, counted here from the two dumps.
     let layer2 = App { layer: row_of(&port, 2), ..app.clone() };

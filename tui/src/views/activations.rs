@@ -80,7 +80,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let rows = hooks.iter().zip(verdicts).skip(scroll).map(|(h, (vs_ref, style))| {
         let style = if h.nonfinite > 0 { Style::new().fg(Color::Red) } else { style };
         let short = short_name(&h.name);
-        let (shape, l2) = (format!("{:?}", h.shape), num(h.l2));
+        // `1x2048x2048`: a long context's S x S scores fit the column (`[1, 2048, 2048]` did not).
+        let shape = h.shape.iter().map(usize::to_string).collect::<Vec<_>>().join("x");
+        let l2 = num(h.l2);
         let (nan, hist) = (h.nonfinite.to_string(), sparkline(&h.histogram));
         let cells = [short.to_string(), shape, num(h.mean), num(h.std), num(h.min), num(h.max), l2, nan, hist, vs_ref];
         Row::new(shown(cells, &show)).style(style)
