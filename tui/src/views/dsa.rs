@@ -94,12 +94,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let width = (area.width as usize).saturating_sub(2);
     let ours = m.margin.as_ref().and_then(|v| v.get(q_sel).copied()).filter(|m| !m.is_nan());
     let margin = match (m.flips.get(q_sel).copied().flatten(), m.reference_margin.get(q_sel).copied().flatten()) {
-        (Some(_), Some(r)) => {
-            let head = format!(" q{q_sel}: margin {} (ref {})", margin(ours), margin(Some(r)));
-            format!("{head}{} ", differing(&m, q_sel, width.saturating_sub(head.len() + 1)))
-        }
-        (Some(_), None) => {
-            let head = format!(" q{q_sel}: margin {}", margin(ours));
+        (Some(_), reference) => {
+            let theirs = reference.map(|r| format!(" (ref {})", margin(Some(r)))).unwrap_or_default();
+            let head = format!(" q{q_sel}: margin {}{theirs}", margin(ours));
             format!("{head}{} ", differing(&m, q_sel, width.saturating_sub(head.len() + 1)))
         }
         // A query that may see no more keys than it keeps has no cut.
