@@ -453,7 +453,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Some(glimpse::audit::collect(None, None, others, opts)?)
                 }
             };
-            let contrast = !compare.is_empty() || reference.is_some() && compare_prompts.is_some();
+            let contrast = !compare.is_empty() || compare_prompts.is_some();
             if let Some(r) = &reference {
                 match contrast {
                     true => glimpse::audit::contrast::check(&audit, r)?,

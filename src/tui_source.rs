@@ -316,14 +316,8 @@ impl DumpSource {
                 Some((a, b, at)) => (a, b, Some(at)),
                 None => (ours, &theirs, None),
             };
-            // An infinity both sides hold (the `-inf` past each query in `dsa.scores`, the `+inf`
-            // margin of a query that keeps every key) is equal, as the comparison takes it; a NaN
-            // or an unshared infinity is the worst.
-            let err = |i: usize| match (ours[i] - theirs[i]).abs() {
-                _ if ours[i] == theirs[i] => 0.0,
-                e if e.is_nan() => f64::INFINITY,
-                e => e,
-            };
+            // As the comparison measures it: an infinity both sides hold is no error.
+            let err = |i: usize| crate::compare::element_error(ours[i], theirs[i]);
             // The three largest errors in one pass (largest first; ties by position), of the
             // elements that differ at all.
             let mut top: Vec<usize> = Vec::with_capacity(4);

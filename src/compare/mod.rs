@@ -230,6 +230,16 @@ impl Positions {
     }
 }
 
+/// The absolute error of one element: 0 where the two are equal (an infinity both hold too, as
+/// the `-inf` past each query in `dsa.scores`), infinite with a NaN or an unshared infinity.
+pub fn element_error(a: f64, e: f64) -> f64 {
+    match (a - e).abs() {
+        _ if a == e => 0.0,
+        err if err.is_nan() => f64::INFINITY,
+        err => err,
+    }
+}
+
 /// Floats element by element; the first element outside is the earliest position's in any
 /// batch row where `shape` is `[B, S, ...]` ([`compare_floats_at`] takes the positions).
 pub fn compare_floats(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tolerance) -> (bool, Detail) {
@@ -264,8 +274,7 @@ fn compare_floats_keyed(
     for (i, (&a, &e)) in ours.iter().zip(reference).enumerate() {
         shared_infinities += usize::from(a == e && a.is_infinite());
         let ok = element_ok(a, e, tol);
-        let err = if a == e { 0.0 } else { ((a - e) as f64).abs() };
-        let err = if err.is_nan() { f64::INFINITY } else { err };
+        let err = element_error(a as f64, e as f64);
         max_abs = max_abs.max(err);
         sum_abs += err;
         let (a64, e64) = (a as f64, e as f64);
