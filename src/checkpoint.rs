@@ -43,7 +43,8 @@ impl Checkpoint {
         let config_path = dir.join("config.json");
         let config_bytes = crate::st::read_input(&config_path)?;
         let config = Config::from_file(&config_path)?;
-        let shard_names = shard_list(dir)?;
+        let index = read_index(&dir.join(INDEX_FILE))?;
+        let shard_names = shard_list(dir, index.as_ref())?;
         let progress = std::io::stderr().is_terminal() && shard_names.len() > 1;
         let mut files: Vec<StFile> = Vec::with_capacity(shard_names.len());
         let shard_of = |f: &StFile| f.path.file_name().map_or(String::new(), |n| n.to_string_lossy().into_owned());
@@ -73,18 +74,17 @@ impl Checkpoint {
         if progress {
             eprintln!();
         }
-        let absent_names = match absent_shards.is_empty() {
-            true => BTreeSet::new(),
-            false => read_index(&dir.join(INDEX_FILE))?
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|(_, shard)| absent_shards.contains(shard))
-                .map(|(name, _)| name)
-                .collect(),
-        };
+        let absent_names = index
+            .iter()
+            .flatten()
+            .filter(|(_, shard)| absent_shards.contains(shard))
+            .map(|(name, _)| name.clone())
+            .collect();
         let ckpt =
             Checkpoint { dir: dir.to_path_buf(), config, config_bytes, files, names, absent_shards, absent_names };
-        ckpt.check_index()?;
+        if let Some(map) = index {
+            ckpt.check_index(map)?;
+        }
         ckpt.check_scales_pair()?;
         Ok(ckpt)
     }
@@ -132,12 +132,9 @@ impl Checkpoint {
         Ok((scale, shape))
     }
 
-    /// Every name the index maps must be in the shard it names.
-    fn check_index(&self) -> Result<()> {
+    /// Every name the index (`map`, read once at open) maps must be in the shard it names.
+    fn check_index(&self, map: BTreeMap<String, String>) -> Result<()> {
         let path = self.dir.join(INDEX_FILE);
-        let Some(map) = read_index(&path)? else {
-            return Ok(());
-        };
         for (name, shard) in map.into_iter().filter(|(name, _)| !self.absent_names.contains(name)) {
             let file = self.names.get(&name).map(|&i| &self.files[i]);
             match file {
@@ -275,11 +272,12 @@ pub fn own_files(dir: &Path) -> Vec<PathBuf> {
     names.into_iter().map(|n| dir.join(n)).filter(|p| p.exists()).collect()
 }
 
-/// The shard files of a checkpoint, validated to stay inside its folder.
-fn shard_list(dir: &Path) -> Result<Vec<String>> {
+/// The shard files of a checkpoint (those its index `index_map` names, else the single file),
+/// validated to stay inside its folder.
+fn shard_list(dir: &Path, index_map: Option<&BTreeMap<String, String>>) -> Result<Vec<String>> {
     let index = dir.join(INDEX_FILE);
-    if let Some(map) = read_index(&index)? {
-        let shards: BTreeSet<String> = map.into_values().collect();
+    if let Some(map) = index_map {
+        let shards: BTreeSet<String> = map.values().cloned().collect();
         let root = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
         // The Hugging Face cache keeps a revision's files in `REPO/snapshots/REV/` as links to
         // `REPO/blobs/`: links there stay inside the download.
