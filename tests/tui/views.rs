@@ -1,0 +1,245 @@
+//! Render tests of the load, DSA and latent-KV views, and of every view over a dump with the MTP
+//! head's layer.
+
+use super::*;
+
+#[test]
+fn load_dsa_and_kv_views_draw_the_bundled_case() {
+    let port = port_source();
+    let mut app = at_layer(&port, 3);
+    app.set_view(View::Load);
+    let s = screen(&app, &port, 80, 24);
+    assert!(s.contains("expert load (16 experts") && s.contains("layer 4") && s.contains("MaxVio"), "{s}");
+    // Against the reference, each layer's net load moved: sum |ours - ref| / 2 over the slots,
+    // counted here from the two dumps' expert ids.
+    let (ours, reference) = port_dumps();
+    for layer in 2..5 {
+        let name = format!("layers.{layer}.moe.topk_ids");
+        let counts = |d: &Dump| match d.values(&name).unwrap() {
+            (glimpse::dump::Values::I64(v), _) => v.iter().fold(vec![0i64; 16], |mut c, &e| {
+                c[e as usize] += 1;
+                c
+            }),
+            _ => panic!("ids"),
+        };
+        let (a, b) = (counts(&ours), counts(&reference));
+        let moved =
+            a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<i64>() as f64 / 2.0 / b.iter().sum::<i64>() as f64;
+        let line = line_with(&s, &format!("layer {layer} "));
+        assert!(line.contains(&format!("moved {:5.1}%", 100.0 * moved)), "{s}");
+        // One cell an expert: `×` where none of its tokens chose it, a shade (never blank) where
+        // any did, however few; and the dead count beside MaxVio.
+        let cells: Vec<char> = line.split('│').nth(1).unwrap().chars().skip(9).take(16).collect();
+        for (e, (&c, &n)) in cells.iter().zip(&a).enumerate() {
+            assert_eq!(c == '×', n == 0, "layer {layer} expert {e} ({n} tokens): {line}");
+            assert_ne!(c, ' ', "layer {layer} expert {e}: {line}");
+        }
+        let dead = a.iter().filter(|&&n| n == 0).count();
+        assert!(line.contains(&format!("dead {dead:>3}")), "{line}");
+    }
+    assert!(s.contains("one cell = 1 expert; × = dead (no token)"), "{s}");
+
+    app.set_view(View::Dsa);
+    let s = screen(&app, &port, 80, 24);
+    let classes = port_classes("layers.3.dsa.topk");
+    let (near, real) = counts(&classes);
+    assert_eq!(near + real, flipped_rows(3, "dsa.topk"));
+    let title = format!("layer 3 dsa (full): 32 queries, {} differ ({near}~ {real}!)  # both +ours -ref", near + real);
+    assert!(s.contains(&title), "{title}\n{s}");
+    // 40 columns: 13 for the label, 2 borders, the `<` column, 23 keys and the `>` column. The
+    // window follows the selected query's diagonal. A row starts with `<` exactly when it differs
+    // at a key before the window, and ends in `>` when it does past it, counted here from the
+    // two dumps.
+    let sets = |d: &Dump| match d.values("layers.3.dsa.topk").unwrap() {
+        (glimpse::dump::Values::I64(v), shape) => v.chunks(shape[2]).map(<[i64]>::to_vec).collect::<Vec<_>>(),
+        _ => panic!("DSA selections are integers"),
+    };
+    let (ours, reference) = port_dumps();
+    let (ours, reference) = (sets(&ours), sets(&reference));
+    for (token, first, last) in [(22, 0, 22), (31, 9, 31)] {
+        let narrow = screen(&App { token, scroll: 12, ..app.clone() }, &port, 40, 24);
+        assert!(narrow.contains(&format!("keys {first}-{last}:")), "{narrow}");
+        let mut marked = 0;
+        for q in 0..32usize {
+            let Some(line) = narrow.lines().find(|l| l.contains(&format!("│q{q:<5} "))) else { continue };
+            let differs = |k: i64| ours[q].contains(&k) != reference[q].contains(&k);
+            let (before, past) = ((0..first.min(q as i64 + 1)).any(differs), (last + 1..=q as i64).any(differs));
+            let keys = line.split('│').nth(1).unwrap();
+            assert_eq!(keys.chars().nth(13) == Some('<'), before, "q{q}: {line}");
+            assert_eq!(keys.trim_end().ends_with('>'), past, "q{q}: {line}");
+            marked += usize::from(before || past);
+        }
+        assert!(marked > 0, "some row differs outside the shown keys:\n{narrow}");
+    }
+    // Each flipped query on screen is marked with its class after its recall (its label's last
+    // character); the others are not.
+    let label = |q: usize| -> Option<String> {
+        let line = s.lines().find(|l| l.contains(&format!("│q{q:<5} ")))?;
+        Some(line.split('│').nth(1)?.chars().take(12).collect())
+    };
+    let shown: Vec<usize> = (0..32).filter(|&q| label(q).is_some()).collect();
+    assert!(classes.iter().any(|c| shown.contains(&c.0)), "a flipped query is on screen:\n{s}");
+    for q in shown {
+        let mark = match classes.iter().find(|c| c.0 == q).map(|c| c.1) {
+            Some(Class::NearTie) => '~',
+            Some(Class::Real) => '!',
+            _ => ' ',
+        };
+        assert_eq!(label(q).and_then(|l| l.chars().last()), Some(mark), "q{q}:\n{s}");
+    }
+    // Query 0 keeps its only key, on both sides.
+    assert!(line_with(&s, "q0 ").contains("1.00  #"), "{s}");
+    // The selected query's margins at the bottom: a flip's both sides, as diff computes them.
+    let (ours, theirs) = port_dumps();
+    let report = glimpse::diff::diff(&ours, &theirs, &port_options()).unwrap();
+    let c = report.results.iter().find(|c| c.name == "layers.3.dsa.topk").unwrap();
+    let glimpse::compare::Detail::Sets { flips, .. } = &c.detail else { panic!("a selection") };
+    let f = &flips[0];
+    let q = App { token: f.row, ..app.clone() };
+    let list = |keys: &[i64]| keys.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    let both = format!(
+        "q{}: margin {:.2e} (ref {:.2e}), only ours {}, only ref {}",
+        f.row,
+        f.margin_ours.unwrap(),
+        f.margin_reference.unwrap(),
+        list(&f.only_ours),
+        list(&f.only_reference)
+    );
+    assert!(screen(&q, &port, 100, 24).contains(&both), "{both}");
+    // On a narrow screen fewer keys are listed and the rest counted (`+n`): a key is never cut
+    // in half (at 80 columns "only ref 4" was the start of 40).
+    let mut listed_keys = 0;
+    for width in [40, 60, 66, 72] {
+        let narrow = screen(&q, &port, width, 24);
+        let bottom = narrow.lines().find(|l| l.contains(&format!("q{}: margin", f.row))).unwrap();
+        let segment =
+            |from: &str, to: &str| bottom.split(from).nth(1).map(|r| r.split(to).next().unwrap_or(r).to_string());
+        let (o, r) = (segment("only ours ", ", only ref"), segment("only ref ", " "));
+        // (The lists whole, or not at all.)
+        assert_eq!(o.is_some(), bottom.contains("only ref "), "{width} columns: {bottom}");
+        for (listed, keys) in [(o, &f.only_ours), (r, &f.only_reference)] {
+            let Some(listed) = listed else { continue };
+            listed_keys += 1;
+            for item in listed.split(',').filter(|i| !i.starts_with('+') && !i.contains(' ') && !i.is_empty()) {
+                let key: i64 =
+                    item.trim_end_matches(['─', '┘']).parse().unwrap_or_else(|_| panic!("{item:?}: {bottom}"));
+                assert!(keys.contains(&key), "{width} columns: {key} is not a one-sided key: {bottom}");
+            }
+        }
+    }
+    assert!(listed_keys > 0, "some width lists the one-sided keys");
+    // And those margins are each side's indexer scores' gap at the cut, computed here.
+    let gap = |d: &Dump| format!("{:.2e}", common::dsa_margin_from_scores(d, 3, f.row));
+    assert!(both.contains(&format!("margin {} (ref {})", gap(&ours), gap(&theirs))), "{both}");
+
+    app.set_view(View::KvNorms);
+    app.token = 28;
+    let s = screen(&app, &port, 80, 24);
+    assert!(s.contains("latent kv norm") && s.contains("|kv_latent|"), "{s}");
+    // The selected token's norm on both sides, from the two dumps' kv_latent of layer 3.
+    let norm = |d: &Dump| match d.values("layers.3.attn.kv_latent").unwrap() {
+        (glimpse::dump::Values::F32(v), shape) => {
+            let r = shape[shape.len() - 1];
+            v[28 * r..][..r].iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt()
+        }
+        _ => panic!("floats"),
+    };
+    let (ours, reference) = port_dumps();
+    let both = format!("|kv_latent| {:.4} (ref {:.4})", norm(&ours), norm(&reference));
+    assert!(s.contains(&both), "{both} in {s}");
+    // Resize: the same state draws at another size, key help still on screen, and the selected
+    // layer's row stays in view.
+    let small = screen(&app, &port, 40, 12);
+    assert!(small.contains("latent kv") && small.contains("q quit"), "{small}");
+    assert!(small.contains("layer 3"), "{small}");
+}
+
+/// A dump whose last layer is the MTP head (S-1 positions, `layers.{N}.*` past the main layers)
+/// draws in every view, on every layer and token, without a panic.
+#[test]
+fn every_view_draws_a_dump_with_the_mtp_layer() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/mtp");
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let reference = Dump::open(&dir.join("reference.safetensors")).unwrap();
+    let again = Dump::open(&dir.join("reference.safetensors")).unwrap();
+    let opts = DiffOptions { config: Some(ckpt.config), ..Default::default() };
+    let src = DumpSource::new("mtp".into(), again, Some(reference), &opts).unwrap();
+    let mut app = App::default();
+    let mut seen_mtp_layer = false;
+    for view in [View::Layers, View::Activations, View::Routing, View::Load, View::Dsa, View::KvNorms] {
+        app.set_view(view);
+        for _ in 0..6 {
+            for _ in 0..20 {
+                let s = screen(&app, &src, 80, 24);
+                assert!(s.contains("q quit"), "{s}");
+                seen_mtp_layer |= src.layers()[app.layer].part == Part::Layer(3);
+                app.next_token(&src);
+            }
+            app.next_layer(&src);
+        }
+        app.layer = 0;
+    }
+    assert!(seen_mtp_layer, "the MTP layer (3) was reachable");
+    // The expert load names the MTP head's layer as audit does.
+    app.set_view(View::Load);
+    let load = screen(&app, &src, 80, 24);
+    assert!(load.contains("│layer 3 mtp ") && load.contains("│layer 2     "), "{load}");
+    // Without the config, by its rows: one position short a batch row.
+    let bare = Dump::open(&dir.join("reference.safetensors")).unwrap();
+    let bare = DumpSource::new("mtp".into(), bare, None, &DiffOptions::default()).unwrap();
+    assert!(screen(&app, &bare, 80, 24).contains("│layer 3 mtp "));
+    // Batch 2: the DSA view says which row it shows, and follows the token into the second.
+    let mut app = at_layer(&src, 0);
+    app.set_view(View::Dsa);
+    assert!(screen(&app, &src, 80, 24).contains("16 queries (batch row 0 of 2),"));
+
+    app.token = 16;
+    assert!(screen(&app, &src, 80, 24).contains("16 queries (batch row 1 of 2),"));
+    // The MTP layer runs one position fewer a batch row: its rows are the run's tokens but the
+    // last of each row (2 rows of 16 tokens here), and its DSA queries of batch row 1 are row 1's.
+    let seq = src.tokens() / 2;
+    let tokens: Vec<usize> = src.routing(3).unwrap().iter().map(|r| r.token).collect();
+    let want: Vec<usize> = (0..2).flat_map(|b| (0..seq - 1).map(move |q| b * seq + q)).collect();
+    assert_eq!(tokens, want);
+    let reference = Dump::open(&dir.join("reference.safetensors")).unwrap();
+    let (idx, shape) = match reference.values("layers.3.dsa.topk").unwrap() {
+        (glimpse::dump::Values::I64(v), s) => (v, s),
+        _ => panic!("selections are integers"),
+    };
+    assert_eq!(shape[1], seq - 1);
+    let m = src.dsa(3, seq).unwrap();
+    // Batch row 1's last MTP query: its causal keys, as the dump holds them for row 1 (read at
+    // the main run's row length, they would lie past the tensor's end).
+    let (k, q) = (shape[2], seq - 2);
+    let keys = |flat_row: usize| {
+        let mut r: Vec<usize> =
+            idx[flat_row * k..][..k].iter().filter_map(|&j| usize::try_from(j).ok()).filter(|&j| j <= q).collect();
+        r.sort_unstable();
+        r.dedup();
+        r
+    };
+    assert_eq!(keys(seq - 1 + q).len(), k, "a full selection");
+    assert_eq!(m.selected[q], keys(seq - 1 + q));
+    assert!(m.selected[seq - 1].is_empty(), "the MTP layer has no query at the last position");
+    // The latent-KV grid lays the MTP layer's rows out by the same tokens: batch row 1's norms
+    // are the dump's rows seq-1.., each batch row's last token has none.
+    let latent = match reference.values("layers.3.attn.kv_latent").unwrap() {
+        (glimpse::dump::Values::F32(v), s) => {
+            v.chunks(s[2]).map(|c| c.iter().map(|x| x * x).sum::<f32>().sqrt()).collect::<Vec<_>>()
+        }
+        _ => panic!("the latent is float"),
+    };
+    assert_eq!(latent.len(), 2 * (seq - 1));
+    let g = src.kv_norms().unwrap();
+    let row = &g.latent[g.layers.iter().position(|&l| l == 3).unwrap()];
+    assert_eq!(row.len(), 2 * seq);
+    for b in 0..2 {
+        for q in 0..seq - 1 {
+            let (ours, want) = (row[b * seq + q].unwrap(), latent[b * (seq - 1) + q]);
+            assert!((ours - want).abs() <= 1e-4 * want.max(1.0), "b{b} s{q}: {ours} against {want}");
+        }
+        assert_eq!(row[b * seq + seq - 1], None, "batch row {b}'s last token has no MTP row");
+    }
+    let main = &g.latent[g.layers.iter().position(|&l| l == 0).unwrap()];
+    assert!(main.iter().all(Option::is_some), "a main layer has every token");
+}
