@@ -56,6 +56,40 @@ fn verify_says_when_the_references_own_scores_contradict_its_choice() {
     assert!(!verify(&reference, 0).contains("rule"));
 }
 
+/// The same for a DSA selection at a late query: the reference keeps, in place of its best key,
+/// the causal key its own indexer scores rank lowest. `verify` reads that query's row of scores
+/// alone (a layer's whole `[B, S, S]` is gigabytes at long context), so the row must be its own.
+#[test]
+fn verify_reads_a_late_querys_own_row_of_indexer_scores() {
+    use glimpse::dump::Values;
+    let tmp = tempfile::tempdir().unwrap();
+    let flat = golden("flat");
+    let reference = flat.join("reference.safetensors");
+    let query = 29;
+    let mut by = 0.0;
+    let edited = common::edit_dump(&reference, &tmp.path().join("edited.st"), |t| {
+        let scores = match &t.iter().find(|(n, _, _)| n == "layers.2.dsa.scores").unwrap().1 {
+            Values::F32(v) => v[query * 32..(query + 1) * 32].to_vec(),
+            _ => panic!("scores are floats"),
+        };
+        let (_, v, _) = t.iter_mut().find(|(n, _, _)| n == "layers.2.dsa.topk").unwrap();
+        let Values::I64(ids) = v else { panic!("keys are integers") };
+        let kept = &mut ids[query * 8..(query + 1) * 8];
+        let worst =
+            (0..=query).filter(|k| !kept.contains(&(*k as i64))).min_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+        let best = (0..8).max_by(|&a, &b| scores[kept[a] as usize].total_cmp(&scores[kept[b] as usize])).unwrap();
+        by = scores[kept[best] as usize] - scores[worst.unwrap()];
+        kept[best] = worst.unwrap() as i64;
+    });
+    let o = glimpse(&["verify", "--model", flat.to_str().unwrap(), "--golden", edited.to_str().unwrap(), "--isolate"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    let flip =
+        out.lines().find(|l| l.contains(&format!("layers.2.dsa.topk [0, {query}]"))).unwrap_or_else(|| panic!("{out}"));
+    let own = format!("which its own scores rank {by:.3e} above");
+    assert!(flip.contains("(the reference left out ") && flip.contains(&own), "{own}: {flip}");
+}
+
 /// `verify` of the bundled bf16 port and `diff` of glimpse's own dump against it class every
 /// flip alike, each side by its row margin or its flipped keys' lead (verify took no lead of its
 /// own side and read some real flips as near-ties); a dump without `dsa.scores` says what its

@@ -334,6 +334,8 @@ fn scores_shape(d: &Dump, scores: &str, selection: &str, dsa: bool) -> Option<Ve
 /// routing's `sigmoid(router_logits) + bias` (with the checkpoint's bias); `width` a row.
 struct Ranked<'a> {
     values: &'a [f32],
+    /// The row `values` start at: 0 for a whole tensor, a flip's row where only it was read.
+    first: usize,
     width: usize,
     /// The correction bias, for routing.
     bias: Option<&'a [f32]>,
@@ -351,16 +353,28 @@ impl<'a> Ranked<'a> {
         router: Option<(&RouterConfig, &'a [f32])>,
     ) -> Option<Ranked<'a>> {
         match dsa {
-            true => Some(Ranked { values, width, bias: None }),
+            true => Some(Ranked { values, first: 0, width, bias: None }),
             false => {
                 let bias = router.map(|(_, bias)| bias).filter(|b| flat && b.len() == width)?;
-                Some(Ranked { values, width, bias: Some(bias) })
+                Some(Ranked { values, first: 0, width, bias: Some(bias) })
             }
         }
     }
 
+    /// The values of `row` alone, read apart from the rest (the row of one flip).
+    fn at_row(mut self, row: usize) -> Self {
+        self.first = row;
+        self
+    }
+
+    /// The values of `row`; None outside those held.
+    fn row(&self, row: usize) -> Option<&'a [f32]> {
+        let start = row.checked_sub(self.first)? * self.width;
+        self.values.get(start..start + self.width)
+    }
+
     fn at(&self, row: usize, key: usize) -> f32 {
-        let v = self.values[row * self.width + key];
+        let v = self.row(row).map_or(f32::NAN, |r| r[key]);
         match self.bias {
             Some(bias) => sigmoid(v) + bias[key],
             None => v,
@@ -373,8 +387,7 @@ impl<'a> Ranked<'a> {
 /// empty (a row that kept fewer keys) or the lead is negative or NaN (a choice its own scores
 /// contradict: [`own_scores`] tells that).
 fn keys_lead(f: &Flip, side: Side, r: &Ranked) -> Option<f32> {
-    let row = r.values.get(f.row * r.width..(f.row + 1) * r.width)?;
-    row_lead(f, side, row, r.bias)
+    row_lead(f, side, r.row(f.row)?, r.bias)
 }
 
 /// [`keys_lead`] from that side's values of the flip's own row: DSA's scores, or the gate's
@@ -440,14 +453,13 @@ pub fn reference_rule_breaks(
     let Some((scores, dsa)) = ranked_scores(deciding(point, config)) else { return };
     let name = scores.name();
     let width = scores_shape(golden, &name, &c.name, dsa).and_then(|s| s.last().copied());
-    let (Detail::Sets { rows, flips, .. }, Some(width)) = (&mut c.detail, width) else { return };
-    if flips.is_empty() || *rows * width > MOVEMENT_MAX {
-        return;
-    }
-    let Some(values) = floats(golden, &name).filter(|v| v.len() == *rows * width) else { return };
+    let (Detail::Sets { flips, .. }, Some(width)) = (&mut c.detail, width) else { return };
     let flat = RouterConfig::new(config).is_flat();
-    let ranked = Ranked::new(&values, width, dsa, flat, router);
+    // Each flip's own row of scores, read alone: a layer's whole `[B, S, S]` is 4 GB a batch
+    // row at 32k tokens.
     for f in flips.iter_mut() {
+        let Ok(Values::F32(row)) = golden.rows(&name, f.row, 1) else { return };
+        let ranked = Ranked::new(&row, width, dsa, flat, router).map(|r| r.at_row(f.row));
         f.rule_break = own_scores(f, &[(Side::Reference, ranked.as_ref())], near_tie);
         f.lead_reference = ranked.as_ref().and_then(|r| keys_lead(f, Side::Reference, r));
     }
