@@ -231,6 +231,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let config_warning = reference.other_config(&ckpt.config_bytes, &model_dir);
             let code = (|| -> Result<ExitCode> {
                 let tokens = reference.tokens_for(ckpt.config.vocab_size)?;
+                verify::Replay { routing: force_routing, selection: force_selection }.check(&reference)?;
                 if decode {
                     println!(
                         "verify --decode {}: glimpse's decode through the latent cache against its own prefill, on \

@@ -293,7 +293,8 @@ pub fn decode_f32(dtype: Dtype, bytes: &[u8]) -> std::result::Result<Vec<f32>, S
             // value past its range would become an infinity (1e40 and 3e40 would then match).
             for (i, c) in chunks(8).enumerate() {
                 let x = f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-                if x.is_finite() && (x as f32).is_infinite() {
+                // (f64's lowest is torch's mask in F64, `finfo(float64).min`: f32's is -inf.)
+                if x.is_finite() && (x as f32).is_infinite() && x != f64::MIN {
                     return Err(format!("F64 value {x:e} (element {i}) is beyond f32's range"));
                 }
                 out.push(x as f32);

@@ -11,7 +11,7 @@ use std::ops::RangeInclusive;
 use candle_core::Tensor;
 
 use crate::compare::{self, Comparison, Detail, Tolerance};
-use crate::config::Config;
+use crate::config::{Config, MlpKind};
 use crate::dump::{Dump, Values};
 use crate::error::{Error, Result};
 use crate::flips;
@@ -190,11 +190,14 @@ impl Verifier<'_> {
         }
     }
 
-    fn into_report(self, only_in_reference: Vec<String>, opts: &VerifyOptions) -> Report {
+    fn into_report(self, mut only_in_reference: Vec<String>, unchecked: Vec<String>, opts: &VerifyOptions) -> Report {
+        // (A tool's extra tensors of other dtypes, left unread, too.)
+        only_in_reference.extend(self.golden.unread().iter().map(|(name, _)| name.clone()));
         Report {
             results: self.results,
             non_finite: self.non_finite,
             only_in_reference,
+            unchecked,
             isolate: opts.isolate,
             replay: opts.replay,
             final_norm: self.final_norm,
@@ -293,6 +296,23 @@ impl Replay {
             (false, false) => None,
         }
     }
+
+    /// Refuses a replay of decisions `golden` does not hold (a run that replays nothing would
+    /// say it replayed them).
+    pub fn check(self, golden: &Dump) -> Result<()> {
+        let holds = |suffix: &str| golden.names().iter().any(|n| n.ends_with(suffix));
+        for (asked, flag, suffix) in
+            [(self.routing, "--force-routing", ".moe.topk_ids"), (self.selection, "--force-selection", ".dsa.topk")]
+        {
+            if asked && !holds(suffix) {
+                return Err(Error::Usage(format!(
+                    "{flag}: {} holds no `layers.*{suffix}` to replay",
+                    golden.path.display()
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 pub struct Report {
@@ -301,6 +321,9 @@ pub struct Report {
     pub non_finite: Option<NonFinite>,
     /// Names in the reference that this run did not produce.
     pub only_in_reference: Vec<String>,
+    /// The spec's hook points this run produces that the reference does not hold: a partial
+    /// reference checks the rest only.
+    pub unchecked: Vec<String>,
     pub isolate: bool,
     /// The reference's decisions this run took instead of its own.
     pub replay: Replay,
@@ -423,7 +446,7 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
             0 => None,
             first => Some(Start::from_dump(golden, first, [tokens.batch, tokens.seq, w.config().hidden_size])?),
         };
-        stream::run(w, &tokens, Some(window), start, &mut v)?;
+        stream::run(w, &tokens, Some(window.clone()), start, &mut v)?;
     }
     let produced: BTreeSet<&str> = v.results.iter().map(|c| c.name.as_str()).collect();
     let in_window = |name: &str| match HookPoint::parse(name).and_then(|p| p.layer()) {
@@ -432,12 +455,13 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
     };
     let only_in_reference =
         golden.names().into_iter().filter(|n| !produced.contains(n.as_str()) && in_window(n)).collect();
+    let unchecked = unchecked(golden, w.config(), window, opts.layers.is_none());
     v.attach_margins(w.config(), || match w {
         Weights::Resident(m) => Some(Routers::of_layers(&m.config, &m.layers)),
         // Margins are advice on a finished comparison: a bias that cannot be read leaves them unknown.
         Weights::Streamed(c) => Routers::read(c).ok(),
     });
-    Ok(v.into_report(only_in_reference, opts))
+    Ok(v.into_report(only_in_reference, unchecked, opts))
 }
 
 /// A prefill (the CPU model, or the device forward pass on some backend) against a reference
@@ -466,7 +490,20 @@ pub fn verify_prefill(
         })
         .collect();
     v.attach_margins(&model.config, || Some(Routers::of_layers(&model.config, &model.layers)));
-    Ok(v.into_report(only_in_reference, opts))
+    let unchecked = unchecked(golden, &model.config, 0..=layers - 1, true);
+    Ok(v.into_report(only_in_reference, unchecked, opts))
+}
+
+/// The spec's hook points a run of `config`'s `layers` produces (with `ends`, a whole run's
+/// tokens, embeddings, final norm and logits too) that `golden` does not hold.
+fn unchecked(golden: &Dump, config: &Config, layers: RangeInclusive<usize>, ends: bool) -> Vec<String> {
+    let moe_only = |h: LayerHook| matches!(h, LayerHook::RouterLogits | LayerHook::TopkIds | LayerHook::TopkWeights);
+    let produced = |p: &HookPoint| match *p {
+        HookPoint::Layer(i, h) => layers.contains(&i) && (!moe_only(h) || config.mlp_kind(i) == MlpKind::Moe),
+        _ => ends,
+    };
+    let points = HookPoint::all(config.num_hidden_layers).filter(|p| p.in_spec() && produced(p));
+    points.map(|p| p.name()).filter(|n| !golden.contains(n)).collect()
 }
 
 /// Whether a reference dump holds the MTP head's tensors.
@@ -565,12 +602,15 @@ pub fn bf16_note(golden: &Dump, r: &Report, opts: &VerifyOptions) -> Option<Stri
 /// `near_tie`), then a summary.
 pub fn print_report(r: &Report, tol: Tolerance, near_tie: f64) {
     for c in &r.results {
-        println!("{}", format_line(c));
+        println!("{}{}", format_line(c), compare::weights_note(c, &r.results).unwrap_or_default());
     }
     print!("{}", crate::layer_error::render(&crate::layer_error::by_layer(&r.results, near_tie)));
     print!("{}", flips::render(&compare::flips(&r.results), near_tie, ""));
     for n in &r.only_in_reference {
         println!("{n:<34} {:<8} only in the reference (not produced by this run)", "skipped");
+    }
+    if let Some(line) = unchecked_line(&r.unchecked) {
+        println!("{line}");
     }
     if let Some(why) = r.not_compared() {
         println!("{why}");
@@ -627,6 +667,20 @@ pub fn show(
     report.all_match()
 }
 
+/// The line saying which spec hook points the reference lacks (the first few named).
+fn unchecked_line(unchecked: &[String]) -> Option<String> {
+    const LISTED: usize = 6;
+    let (first, rest) = unchecked.split_at(unchecked.len().min(LISTED));
+    let more = if rest.is_empty() { String::new() } else { format!(", ... and {} more", rest.len()) };
+    (!first.is_empty()).then(|| {
+        format!(
+            "not checked: the reference lacks {} of the spec hook points this run produces ({}{more})",
+            unchecked.len(),
+            first.join(", ")
+        )
+    })
+}
+
 /// The report as one JSON document (`verify --json`): what `print_report` says, with each
 /// tensor as `diff --json` gives it; `replay`, with a replayed run, is what the same run without
 /// the replay matched and what the flips explain (`print_replay`'s lines).
@@ -645,6 +699,7 @@ pub fn report_json(r: &Report, opts: &VerifyOptions, near_tie: f64, replay: Opti
         "isolated": r.isolate,
         "replayed": r.replay.describe(),
         "only_in_reference": r.only_in_reference,
+        "unchecked": r.unchecked,
         "first_non_finite": r.non_finite.as_ref().map(|n| serde_json::json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
         "without_replay": replay.map(|free| serde_json::json!({
             "match": free.all_match(),

@@ -193,6 +193,13 @@ fn malformed_files_and_arguments_are_one_line_errors() {
     raw_safetensors(&float_topk, h.len() as u64, h, &0f32.to_le_bytes());
     let needle = "tensor `layers.0.dsa.topk` has dtype F32: the spec stores token ids and selections as integers";
     cases.push((vec!["diff".into(), s(&float_topk), s(&float_topk)], needle.into()));
+    // Logits stored as integers would be compared as if they were floats.
+    let int_logits = t.join("int-logits.safetensors");
+    let h =
+        r#"{"__metadata__":{"format":"glm5-dump/1"},"logits":{"dtype":"I64","shape":[1,1,1],"data_offsets":[0,8]}}"#;
+    raw_safetensors(&int_logits, h.len() as u64, h, &0i64.to_le_bytes());
+    let needle = "tensor `logits` has dtype I64: the spec stores activations, scores and weights as floats";
+    cases.push((vec!["diff".into(), s(&int_logits), s(&int_logits)], needle.into()));
     let huge = t.join("f64-huge.safetensors");
     let h =
         r#"{"__metadata__":{"format":"glm5-dump/1"},"logits":{"dtype":"F64","shape":[1,1,2],"data_offsets":[0,16]}}"#;
@@ -217,6 +224,12 @@ fn malformed_files_and_arguments_are_one_line_errors() {
         "holds 5 tokens' experts, its input_ids 1 x 3".into(),
     ));
     cases.push((routing("twice", 3, &[0, 1, 2, 2, 4, 5]), "chooses expert 2 twice for token [1]".into()));
+    // No expert a token: it read "holds 0 tokens' experts".
+    let none = t.join("k0.safetensors");
+    let h = r#"{"__metadata__":{"format":"glm5-dump/1"},"layers.2.moe.topk_ids":{"dtype":"I64","shape":[3,0],"data_offsets":[0,0]}}"#;
+    raw_safetensors(&none, h.len() as u64, h, &[]);
+    let needle = "`layers.2.moe.topk_ids` has shape [3, 0]: the spec's is [tokens, experts per token], k > 0";
+    cases.push((vec!["audit".into(), "--dump".into(), s(&none)], needle.into()));
 
     // Configs whose values are wrong or inconsistent.
     let config_case = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {

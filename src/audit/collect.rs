@@ -449,7 +449,13 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>, mut routes: 
         let (Values::I64(ids), shape) = d.values(&name)? else {
             return Err(Error::dump(&d.path, format!("`{name}` must be an integer tensor")));
         };
-        let k = shape.last().copied().unwrap_or(1).max(1);
+        let k = match shape[..] {
+            [_, k] if k > 0 => k,
+            _ => {
+                let msg = format!("`{name}` has shape {shape:?}: the spec's is [tokens, experts per token], k > 0");
+                return Err(Error::dump(&d.path, msg));
+            }
+        };
         (i, &ids, &shape).hash(&mut routing);
         let router = match routers.map(|r| r.layer(i)) {
             // The checkpoint's bias would be read as this layer's: another model's routing.

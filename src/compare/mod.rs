@@ -532,6 +532,25 @@ pub fn align_by_expert<T: Copy>(
     (aligned_ours, aligned_ref, positions)
 }
 
+/// Each row of `k` values sorted, largest first (NaN first: `total_cmp`).
+fn sorted_rows(v: &[f32], k: usize) -> Vec<f32> {
+    let mut v = v.to_vec();
+    for row in v.chunks_mut(k.max(1)) {
+        row.sort_by(|x, y| y.total_cmp(x));
+    }
+    v
+}
+
+/// What a `moe.topk_weights` line adds where `results` hold no `moe.topk_ids` of its layer (one
+/// side lacks them): its rows were compared sorted, not aligned by expert.
+pub fn weights_note(c: &Comparison, results: &[Comparison]) -> Option<&'static str> {
+    let layer = c.name.strip_suffix(".moe.topk_weights")?;
+    let ids = format!("{layer}.moe.topk_ids");
+    (!results.iter().any(|r| r.name == ids)).then_some(
+        "  (each row's weights sorted, largest first: the two do not both hold moe.topk_ids to align them by expert)",
+    )
+}
+
 /// Whether a comparison compared nothing but the tokens (`input_ids`): two dumps, or a run and
 /// its reference, that share no hook point do not pass, whatever the tokens say.
 pub fn tokens_only(results: &[Comparison]) -> bool {
@@ -603,8 +622,13 @@ pub fn compare_tensor(
             Some((ia, ie)) if ia.len() == a.len() && ie.len() == e.len() => {
                 compare_expert_weights(ia, a, ie, e, shape, tol, batch)
             }
-            // Without ids on both sides, weights can only be compared position by position.
-            _ => compare_floats_at(a, e, shape, tol, positions),
+            // Without ids on both sides, weights cannot be aligned by expert: each row's as a
+            // multiset (sorted, largest first), which two correct runs share whatever order their
+            // top-k lists the experts in.
+            _ => {
+                let k = shape.last().copied().unwrap_or(1);
+                compare_floats_at(&sorted_rows(a, k), &sorted_rows(e, k), shape, tol, positions)
+            }
         },
         (_, Values::F32(a), Values::F32(e)) => compare_floats_at(a, e, shape, tol, positions),
         (_, a, e) => compare_floats_at(&to_f32(a), &to_f32(e), shape, tol, positions),

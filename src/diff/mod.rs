@@ -95,6 +95,8 @@ pub struct DiffReport {
     pub non_finite_b: Option<NonFinite>,
     pub only_a: Vec<String>,
     pub only_b: Vec<String>,
+    /// Each dump's tensors left unread for their dtype, with it ([`Dump::unread`]).
+    pub unread: [Vec<(String, String)>; 2],
     pub near_tie: f64,
     /// The tolerance the floats were compared at, and the `--tol` overrides by name pattern.
     pub tol: Tolerance,
@@ -293,6 +295,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         non_finite_b: first_non_finite_with(b, &seen_b)?,
         only_a: names_a.iter().filter(|n| !names_b.contains(n)).cloned().collect(),
         only_b: names_b.iter().filter(|n| !names_a.contains(n)).cloned().collect(),
+        unread: [a.unread().to_vec(), b.unread().to_vec()],
         near_tie: opts.near_tie,
         tol: opts.tol,
         per_name: opts.per_name.clone(),
@@ -413,6 +416,8 @@ impl DiffReport {
             "bf16_first_divergence": self.bf16_first.as_ref().map(|(name, [a, b])| json!({"name": name, "a": a, "b": b})),
             "only_in_a": self.only_a,
             "only_in_b": self.only_b,
+            "unread_in_a": self.unread[0].iter().map(|(n, d)| json!({"name": n, "dtype": d})).collect::<Vec<_>>(),
+            "unread_in_b": self.unread[1].iter().map(|(n, d)| json!({"name": n, "dtype": d})).collect::<Vec<_>>(),
         })
     }
 
@@ -456,12 +461,7 @@ impl DiffReport {
             if let Detail::Sets { mean_recall, .. } = &c.detail {
                 out += &format!("  mean recall {mean_recall:.4}");
             }
-            // Weights align by expert only where both sides hold the ids (then compared too).
-            if let Some(layer) = c.name.strip_suffix(".moe.topk_weights") {
-                if !self.results.iter().any(|r| r.name == format!("{layer}.moe.topk_ids")) {
-                    out += "  (slot by slot: the two dumps do not both hold moe.topk_ids to align them by expert)";
-                }
-            }
+            out += crate::compare::weights_note(c, &self.results).unwrap_or_default();
             out.push('\n');
         }
         out += &crate::layer_error::render(&crate::layer_error::by_layer(&self.results, self.near_tie));
@@ -500,6 +500,12 @@ impl DiffReport {
                     side.display(),
                     names.len() - ONLY_IN_LISTED
                 );
+            }
+        }
+        for (side, unread) in [(a, &self.unread[0]), (b, &self.unread[1])] {
+            for (n, dtype) in unread {
+                out +=
+                    &format!("not read in {}: {n} ({dtype}, not a dtype of the spec's hook points)\n", side.display());
             }
         }
         let bf16 = crate::device::Precision::Bf16.tolerance();

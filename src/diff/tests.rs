@@ -8,6 +8,7 @@ fn report_of(results: Vec<Comparison>) -> DiffReport {
         non_finite_b: None,
         only_a: vec![],
         only_b: vec![],
+        unread: Default::default(),
         near_tie: 1e-3,
         tol: Tolerance::default(),
         per_name: Vec::new(),
@@ -264,12 +265,14 @@ fn the_model_hint_fits_the_unknown_flips() {
     assert!(hint("layers.2.moe.topk_ids").contains("routing margins"));
     assert!(hint("layers.1.dsa.topk").contains("a shared-indexer layer's DSA flips"));
     assert!(!hint("layers.1.dsa.topk").contains("routing"));
-    // Weights without both sides' ids are compared slot by slot, and the line says so.
+    // Weights without both sides' ids are compared sorted by row, and the line says so.
     let weights = report("layers.2.moe.topk_weights");
-    assert!(weights.render(Path::new("a"), Path::new("b")).contains("(slot by slot: the two dumps do not both"));
+    assert!(weights
+        .render(Path::new("a"), Path::new("b"))
+        .contains("(each row's weights sorted, largest first: the two do not both"));
     let ids = Comparison { name: "layers.2.moe.topk_ids".into(), ..weights.results[0].clone() };
     let both = DiffReport { results: vec![ids, weights.results[0].clone()], ..weights };
-    assert!(!both.render(Path::new("a"), Path::new("b")).contains("slot by slot"));
+    assert!(!both.render(Path::new("a"), Path::new("b")).contains("weights sorted"));
 }
 
 /// An onset over batch rows says what holds of all of them: the positions before it match in

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::hooks::HookPoint;
+use crate::hooks::{HookPoint, LayerHook};
 use crate::model::Tokens;
 use crate::st::{self, StFile};
 
@@ -21,6 +21,9 @@ pub const FORMAT: &str = "glm5-dump/1";
 pub struct Dump {
     pub path: PathBuf,
     file: StFile,
+    /// Tensors under names outside the spec's hook points whose dtype a dump's values do not
+    /// take (a bool mask a tool added): left unread, with their dtype, and out of [`Dump::names`].
+    unread: Vec<(String, String)>,
 }
 
 /// A tensor read from a dump: floats as f32, selections as i64.
@@ -53,32 +56,42 @@ impl Dump {
                 return Err(Error::dump(path, format!("no `format` in the header metadata (expected \"{FORMAT}\")")))
             }
         }
-        // Refused at open, not when a command reaches the tensor (after its header was printed).
-        let odd = |n: &str| file.info(n).filter(|i| !st::FLOATS.contains(&i.dtype) && !st::INTS.contains(&i.dtype));
-        if let Some((name, info)) = file.names().find_map(|n| Some((n, odd(n)?))) {
-            return Err(Error::dump(
-                path,
-                format!(
-                    "tensor `{name}` has dtype {:?}: a dump holds floats ({}) and integers ({})",
-                    info.dtype,
+        // Refused at open, not when a command reaches the tensor (after its header was printed);
+        // the first in name order, so the same file always names the same tensor.
+        let mut names: Vec<&str> = file.names().collect();
+        names.sort_unstable();
+        let mut unread = Vec::new();
+        for name in names {
+            let Some(info) = file.info(name) else { continue };
+            let (float, int) = (st::FLOATS.contains(&info.dtype), st::INTS.contains(&info.dtype));
+            let hook = HookPoint::parse(name);
+            let problem = match hook {
+                // Another tool's extra tensor (the spec allows them) is listed, not read.
+                None if !float && !int => {
+                    unread.push((name.to_string(), format!("{:?}", info.dtype)));
+                    continue;
+                }
+                _ if !float && !int => format!(
+                    "a dump holds floats ({}) and integers ({})",
                     st::listed(&st::FLOATS),
                     st::listed(&st::INTS)
                 ),
-            ));
+                // The spec's index tensors are integers: a float `dsa.topk` would be compared
+                // element by element, order and padding counting, where the spec compares sets.
+                _ if float && is_index_tensor(name) => {
+                    "the spec stores token ids and selections as integers (I64)".to_string()
+                }
+                // (glimpse's own flags, integers.)
+                Some(HookPoint::Layer(_, LayerHook::BiasChanged)) => continue,
+                // And its activations floats: integer logits would be compared as if they were.
+                Some(_) if int && !is_index_tensor(name) => {
+                    "the spec stores activations, scores and weights as floats (F32)".to_string()
+                }
+                _ => continue,
+            };
+            return Err(Error::dump(path, format!("tensor `{name}` has dtype {:?}: {problem}", info.dtype)));
         }
-        // The spec's index tensors are integers: a float `dsa.topk` would be compared element by
-        // element, order and padding counting, where the spec compares sets.
-        let float_index = |n: &str| file.info(n).filter(|i| is_index_tensor(n) && st::FLOATS.contains(&i.dtype));
-        if let Some((name, info)) = file.names().find_map(|n| Some((n, float_index(n)?))) {
-            return Err(Error::dump(
-                path,
-                format!(
-                    "tensor `{name}` has dtype {:?}: the spec stores token ids and selections as integers (I64)",
-                    info.dtype
-                ),
-            ));
-        }
-        Ok(Dump { path: path.to_path_buf(), file })
+        Ok(Dump { path: path.to_path_buf(), file, unread })
     }
 
     /// The warning a dump without the `source` the spec asks of every dump deserves (what made
@@ -103,7 +116,7 @@ impl Dump {
     /// config).
     pub fn other_config(&self, config_bytes: &[u8], model_dir: &Path) -> Option<String> {
         let sha = self.metadata().get("config_sha256")?;
-        (*sha != sha256_hex(config_bytes)).then(|| {
+        (!sha.eq_ignore_ascii_case(&sha256_hex(config_bytes))).then(|| {
             format!("{} was made from a different config.json than {}", self.path.display(), model_dir.display())
         })
     }
@@ -123,14 +136,21 @@ impl Dump {
     /// compared as one's (a port may rewrite the config, so it is not refused).
     pub fn other_config_than(&self, other: &Dump) -> Option<String> {
         let (a, b) = (self.metadata().get("config_sha256")?, other.metadata().get("config_sha256")?);
-        (a != b).then(|| {
+        (!a.eq_ignore_ascii_case(b)).then(|| {
             format!("{} and {} were made from different config.json files", self.path.display(), other.path.display())
         })
     }
 
-    /// Tensor names, in forward order for hook points, then the rest alphabetically.
+    /// Tensors left unread for their dtype, with it (a tool's extra bool mask): see `unread`.
+    pub fn unread(&self) -> &[(String, String)] {
+        &self.unread
+    }
+
+    /// Tensor names (but those [`Dump::unread`]), in forward order for hook points, then the
+    /// rest alphabetically.
     pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.file.names().map(String::from).collect();
+        let unread = |n: &&str| self.unread.iter().any(|(u, _)| u == n);
+        let mut names: Vec<String> = self.file.names().filter(|n| !unread(n)).map(String::from).collect();
         names.sort_by(|a, b| match (HookPoint::parse(a), HookPoint::parse(b)) {
             (Some(x), Some(y)) => x.cmp(&y),
             (Some(_), None) => std::cmp::Ordering::Less,

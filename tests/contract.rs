@@ -1,0 +1,158 @@
+//! Dumps another engine writes within the spec (`../shared/spec/dump-format.md`): extra tensors
+//! of its own dtypes, F64 scores masked with torch's `finfo.min`, a partial recording, routing
+//! weights without the expert ids that align them, an upper-case `config_sha256`. Each is read
+//! as the spec allows; what it could not check is said.
+
+mod common;
+use common::{code_and_text, edit_dump, golden, s};
+
+use std::path::{Path, PathBuf};
+
+use glimpse::dump::{Dump, Values};
+use glimpse::st::{self, Entry};
+
+fn reference() -> PathBuf {
+    golden("flat").join("reference.safetensors")
+}
+
+/// The dump `src`'s tensors as `map` turns them into entries (None: left out), plus `extra`,
+/// with `meta` edited, written to `dst`.
+fn rewrite(
+    src: &Path,
+    dst: &Path,
+    map: impl Fn(&str, Values, Vec<usize>) -> Option<Entry>,
+    extra: Vec<(String, Entry)>,
+    meta: impl Fn(&mut std::collections::BTreeMap<String, String>),
+) -> PathBuf {
+    let d = Dump::open(src).unwrap();
+    let mut entries: Vec<(String, Entry)> = d
+        .names()
+        .into_iter()
+        .filter_map(|n| {
+            let (v, shape) = d.values(&n).unwrap();
+            map(&n, v, shape).map(|e| (n, e))
+        })
+        .collect();
+    entries.extend(extra);
+    let mut m = d.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    meta(&mut m);
+    st::write(dst, &entries, &m).unwrap();
+    dst.to_path_buf()
+}
+
+fn as_is(_: &str, v: Values, shape: Vec<usize>) -> Option<Entry> {
+    Some(match v {
+        Values::F32(x) => Entry::f32(shape, &x),
+        Values::I64(x) => Entry::i64(shape, &x),
+    })
+}
+
+/// A tool's extra tensor of a dtype no hook point takes (a bool mask) is listed and left unread;
+/// the comparison goes on. Under a spec name it stays an error (`tests/reliability.rs`).
+#[test]
+fn an_extra_tensor_of_another_dtype_is_listed_not_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mask = Entry { dtype: safetensors::Dtype::BOOL, shape: vec![1, 32], data: vec![1; 32] };
+    let extra = vec![("engine.mask".into(), mask)];
+    let ours = rewrite(&reference(), &tmp.path().join("ours.st"), as_is, extra, |_| {});
+    let (code, out) = code_and_text(&["diff", &s(&ours), &s(&reference())]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("engine.mask (BOOL, not a dtype of the spec's hook points)"), "{out}");
+    let (code, out) = code_and_text(&["diff", &s(&ours), &s(&reference()), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
+    assert_eq!((code, &v["unread_in_a"][0]["dtype"]), (0, &serde_json::json!("BOOL")), "{out}");
+    // As the reference: verify lists it, audit and the comparison pass over it.
+    let (code, out) = code_and_text(&["verify", "--model", &s(&golden("flat")), "--golden", &s(&ours)]);
+    assert!(code == 0 && out.contains("engine.mask") && out.contains("only in the reference"), "{out}");
+    assert_eq!(code_and_text(&["audit", "--dump", &s(&ours)]).0, 0);
+}
+
+/// Routing weights of dumps that do not both hold the expert ids are compared row by row as
+/// sorted values: a correct port that lists a token's experts in another order matches (slot by
+/// slot it read "68/128 outside tol"), and a wrong weight still does not.
+#[test]
+fn weights_without_ids_are_compared_sorted_by_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let no_ids = |src: &Path, dst: &str| {
+        let keep = |n: &str, v, shape| (!n.ends_with(".moe.topk_ids")).then(|| as_is(n, v, shape)).flatten();
+        rewrite(src, &tmp.path().join(dst), keep, vec![], |_| {})
+    };
+    let reference = no_ids(&reference(), "reference.st");
+    // Each token's experts in reverse order, ids and weights alike (a correct port's other order).
+    let reversed = edit_dump(&self::reference(), &tmp.path().join("reversed-ids.st"), |t| {
+        for (n, v, shape) in t.iter_mut() {
+            let k = shape[1];
+            match v {
+                Values::F32(x) if n.ends_with(".moe.topk_weights") => x.chunks_mut(k).for_each(<[f32]>::reverse),
+                Values::I64(x) if n.ends_with(".moe.topk_ids") => x.chunks_mut(k).for_each(<[i64]>::reverse),
+                _ => {}
+            }
+        }
+    });
+    let ours = no_ids(&reversed, "ours.st");
+    let (code, out) = code_and_text(&["diff", &s(&ours), &s(&reference)]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("(each row's weights sorted, largest first: the two do not both hold moe.topk_ids"), "{out}");
+    // verify of the run against it says the same.
+    let (code, out) = code_and_text(&["verify", "--model", &s(&golden("flat")), "--golden", &s(&reference)]);
+    assert!(code == 0 && out.contains("layers.3.moe.topk_weights") && out.contains("each row's weights sorted"));
+    // One weight off by 0.1 is still a difference.
+    let wrong = edit_dump(&ours, &tmp.path().join("wrong.st"), |t| {
+        let (_, v, _) = t.iter_mut().find(|(n, _, _)| n == "layers.3.moe.topk_weights").unwrap();
+        let Values::F32(x) = v else { panic!("weights are floats") };
+        x[5] += 0.1;
+    });
+    let (code, out) = code_and_text(&["diff", &s(&wrong), &s(&reference)]);
+    assert!(code == 1 && out.contains("layers.3.moe.topk_weights          MISMATCH"), "{out}");
+}
+
+/// A reference that holds part of the run: `verify` passes on what it holds and says how much it
+/// did not check; `--force-routing` without expert ids to replay is refused, not claimed.
+#[test]
+fn a_partial_reference_says_what_it_did_not_check() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keep = |n: &str, v, shape| {
+        let kept = n == "input_ids" || n == "logits" || n.ends_with(".output");
+        kept.then(|| as_is(n, v, shape)).flatten()
+    };
+    let partial = rewrite(&reference(), &tmp.path().join("partial.st"), keep, vec![], |_| {});
+    let flat = s(&golden("flat"));
+    let (code, out) = code_and_text(&["verify", "--model", &flat, "--golden", &s(&partial)]);
+    // 58 spec-named tensors in the whole reference (dsa.scores are no spec name); 7 kept.
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("not checked: the reference lacks 46 of the spec hook points this run produces"), "{out}");
+    let (_, json) = code_and_text(&["verify", "--model", &flat, "--golden", &s(&partial), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["unchecked"].as_array().map(Vec::len), Some(46));
+    // The whole reference leaves nothing unchecked.
+    let (_, json) = code_and_text(&["verify", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["unchecked"].as_array().map(Vec::len), Some(0));
+    let (code, out) = code_and_text(&["verify", "--model", &flat, "--golden", &s(&partial), "--force-routing"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("--force-routing: ") && out.contains("holds no `layers.*.moe.topk_ids` to replay"), "{out}");
+}
+
+/// Indexer scores in F64 masked with float64's `finfo.min` read as `-inf`, as f32's do (it read
+/// "beyond f32's range"); a `config_sha256` in upper-case hex is the same hash.
+#[test]
+fn f64_masks_and_upper_case_hashes_are_read_as_the_spec_means() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f64_scores = |n: &str, v: Values, shape: Vec<usize>| match v {
+        Values::F32(x) if n.ends_with(".dsa.scores") => {
+            let wide = x.iter().map(|&v| if v == f32::NEG_INFINITY { f64::MIN } else { v as f64 });
+            Some(Entry { dtype: safetensors::Dtype::F64, shape, data: wide.flat_map(f64::to_le_bytes).collect() })
+        }
+        v => as_is(n, v, shape),
+    };
+    let upper = |m: &mut std::collections::BTreeMap<String, String>| {
+        let sha = m.get_mut("config_sha256").unwrap();
+        *sha = sha.to_uppercase();
+    };
+    let ours = rewrite(&reference(), &tmp.path().join("f64.st"), f64_scores, vec![], upper);
+    let (code, out) = code_and_text(&["diff", &s(&ours), &s(&reference())]);
+    assert!(code == 0 && out.contains("layers.2.dsa.scores"), "{out}");
+    assert!(!out.contains("warning"), "{out}");
+    let (code, out) = code_and_text(&["verify", "--model", &s(&golden("flat")), "--golden", &s(&ours)]);
+    assert!(code == 0 && !out.contains("warning"), "{out}");
+}
