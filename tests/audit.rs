@@ -660,3 +660,32 @@ fn audit_compares_other_prompts_run_live_as_their_dumps() {
         "bad.txt line 1",
     );
 }
+
+/// `moe.topk_weights` are checked expert by expert against --model's router over the experts the
+/// dump records: ids reordered without their weights (`--routes` would pair experts with other
+/// experts' weights) and weights of another rule are each said; the reference itself is not.
+#[test]
+fn audit_says_when_a_dumps_weights_are_not_its_experts() {
+    use glimpse::dump::Values;
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = Path::new("golden/flat/reference.safetensors");
+    let edit = |name: &str, f: &dyn Fn(&str, &mut Values)| {
+        common::edit_dump(reference, &tmp.path().join(name), |t| t.iter_mut().for_each(|(n, v, _)| f(n, v)))
+    };
+    let reordered = edit("reordered.st", &|n, v| {
+        if let (true, Values::I64(ids)) = (n == "layers.3.moe.topk_ids", v) {
+            ids.chunks_mut(4).for_each(<[i64]>::reverse);
+        }
+    });
+    let unscaled = edit("unscaled.st", &|n, v| {
+        if let (true, Values::F32(w)) = (n == "layers.3.moe.topk_weights", v) {
+            w.iter_mut().for_each(|x| *x /= 2.5);
+        }
+    });
+    let audit = |dump: &Path| text(&glimpse(&["audit", "--model", "golden/flat", "--dump", dump.to_str().unwrap()])).1;
+    let err = audit(&reordered);
+    assert!(err.contains("of 32 tokens' weights are the router's in other slots"), "{err}");
+    let err = audit(&unscaled);
+    assert!(err.contains("`layers.3.moe.topk_weights`: 32 of 32 tokens' weights are not --model's router's"), "{err}");
+    assert!(!audit(reference).contains("weights"));
+}

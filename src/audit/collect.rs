@@ -522,9 +522,16 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>, mut routes: 
             *prompts.get_or_insert_with(|| tokens.as_ref().map_or_else(|| batch_without_ids(d, rows), |t| t.batch));
         audit.add(i, &ids, k, prompts, flags.as_deref()).map_err(|e| Error::dump(&d.path, format!("`{name}` {e}")))?;
         // (After `add`, which names ids chosen twice or past the router as such.)
+        let weights = match d.values(&format!("layers.{i}.moe.topk_weights")) {
+            Ok((Values::F32(w), _)) if w.len() == ids.len() => Some(w),
+            _ => None,
+        };
         if let (Some((rc, bias)), Some((v, shape))) = (router, &logits) {
             if shape.last() == Some(&bias.len()) && v.len() == rows * bias.len() {
                 check_rule(d, &name, rc, bias, v, &ids)?;
+                if let Some(w) = &weights {
+                    check_weights(d, i, rc, bias, v, &ids, w);
+                }
             }
         }
         // Recorded, or recomputed from the gate logits with --model's router.
@@ -534,10 +541,6 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>, mut routes: 
             audit.add_margins(i, m);
         }
         if let Some(r) = routes.as_deref_mut() {
-            let weights = match d.values(&format!("layers.{i}.moe.topk_weights")) {
-                Ok((Values::F32(w), _)) if w.len() == ids.len() => Some(w),
-                _ => None,
-            };
             let l = LayerRoutes { layer: i, ids: &ids, k, weights: weights.as_deref(), margin: margin.as_deref() };
             let run = r.runs;
             r.layer(run, prompts, tokens.as_ref(), &l)?;
@@ -595,6 +598,49 @@ fn check_rule(d: &Dump, name: &str, rc: &RouterConfig, bias: &[f32], logits: &[f
         );
     }
     Ok(())
+}
+
+/// Warns where the dump's `topk_weights` are not, expert by expert, what --model's router gives
+/// the experts `ids` records (normalised sigmoid scores times `routed_scaling_factor`), over
+/// the tokens whose experts are the router's: `--routes` pairs each expert with the weight in its
+/// slot. Weights of the right values in other slots (ids sorted without their weights) are said
+/// as such; other values are another rule, which `diff --model` names.
+fn check_weights(d: &Dump, layer: usize, rc: &RouterConfig, bias: &[f32], logits: &[f32], ids: &[i64], w: &[f32]) {
+    let (e, k) = (bias.len().max(1), rc.top_k.max(1));
+    let close = |a: f32, b: f32| (a - b).abs() <= 2e-2 * b.abs().max(1e-2);
+    let (mut checked, mut misaligned, mut other) = (0, 0, 0);
+    for ((row, recorded), weights) in logits.chunks(e).zip(ids.chunks(k)).zip(w.chunks(k)) {
+        let route = crate::model::moe::route(rc, row, bias);
+        let rule = |id: i64| route.ids.iter().position(|&x| x as i64 == id).map(|j| route.weights[j]);
+        let Some(expected) = recorded.iter().map(|&id| rule(id)).collect::<Option<Vec<f32>>>() else { continue };
+        checked += 1;
+        if expected.iter().zip(weights).all(|(&x, &y)| close(y, x)) {
+            continue;
+        }
+        let (mut a, mut b) = (expected.clone(), weights.to_vec());
+        a.sort_by(f32::total_cmp);
+        b.sort_by(f32::total_cmp);
+        match a.iter().zip(&b).all(|(&x, &y)| close(y, x)) {
+            true => misaligned += 1,
+            false => other += 1,
+        }
+    }
+    let path = d.path.display();
+    let name = format!("layers.{layer}.moe.topk_weights");
+    if misaligned > 0 {
+        eprintln!(
+            "glimpse: warning: {path}: `{name}`: {misaligned} of {checked} tokens' weights are the router's in other \
+             slots than their experts in `moe.topk_ids` (ids reordered without their weights?): --routes pairs \
+             experts with the wrong weights"
+        );
+    }
+    if other > 0 {
+        eprintln!(
+            "glimpse: warning: {path}: `{name}`: {other} of {checked} tokens' weights are not --model's router's for \
+             their experts (normalised sigmoid scores x routed_scaling_factor): another rule, which `diff --model` \
+             names"
+        );
+    }
 }
 
 /// The batch rows of a dump without `input_ids`, from its `[B, S, ...]` hook points
