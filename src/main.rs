@@ -437,12 +437,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 opts,
             )?;
             // --against (the same prompts) or --compare (others): the second side's counts.
-            let others = if against.is_empty() { &compare } else { &against };
+            // A stop during the audited prompts keeps the runs done: --against's first as many.
+            let done = audit.runs.len().min(against.len());
+            let others = match (against.is_empty(), audit.stopped) {
+                (true, _) => &compare[..],
+                (false, Some(_)) => &against[..done],
+                (false, None) => &against[..],
+            };
+            let cut = (others.len() < against.len()).then(|| {
+                format!(
+                    "the prompts were stopped: the shift is against the first {done} of {} --against dumps, those of \
+                     the prompts run",
+                    against.len()
+                )
+            });
             let reference = match (others.is_empty(), live_other) {
                 (_, Some(other)) => Some(other),
                 (true, None) => None,
                 (false, None) => {
-                    // Counts only: the shift needs no routers, so the model is not loaded again.
+                    // Counts only (the model is not loaded again), but each dump's routing checked
+                    // against --model's router as the audited side's: another model's is refused.
                     let experts = glimpse::audit::ExpertCount { n: audit.experts, guessed: audit.experts_guessed };
                     let opts = glimpse::audit::CollectOptions {
                         experts: Some(experts),
@@ -451,7 +465,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         keep_sets: sets,
                         routes: None,
                     };
-                    Some(glimpse::audit::collect(None, None, others, opts)?)
+                    Some(glimpse::audit::collect(model.as_deref(), None, others, opts)?)
                 }
             };
             let contrast = !compare.is_empty() || compare_prompts.is_some();
@@ -460,7 +474,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     true => glimpse::audit::contrast::check(&audit, r)?,
                     false => audit.check_comparable(r)?,
                 }
-                warn(audit.other_config(r).map(String::from));
+                let flag = match (against.is_empty(), compare_prompts.is_some()) {
+                    (false, _) => "--against",
+                    (true, false) => "--compare",
+                    (true, true) => "--compare-prompts",
+                };
+                warn(audit.other_config(r, flag));
             }
             warn(experts.and_then(glimpse::audit::ExpertCount::warning));
             if json {
@@ -470,12 +489,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         let c = glimpse::audit::contrast::contrast(&audit, r);
                         map.insert("compare".into(), glimpse::audit::contrast::to_json(&c));
                         map.insert("compare_prompts".into(), r.prompts().into());
+                        map.insert("compare_notes".into(), glimpse::audit::contrast::notes(&audit, r).into());
                         // (Prompts run live: a stop may have cut them short, as `complete` says
                         // of the audited ones.)
                         map.insert("compare_complete".into(), r.stopped.is_none().into());
                     } else {
                         map.insert("shift".into(), glimpse::audit::shift_json(&audit.shift(r)));
-                        map.insert("shift_notes".into(), serde_json::json!(audit.shift_notes(r)));
+                        let notes = audit.shift_notes(r).into_iter().chain(cut.clone());
+                        map.insert("shift_notes".into(), serde_json::json!(notes.collect::<Vec<_>>()));
                     }
                 }
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -492,6 +513,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Some(r) if contrast => {
                         let c = glimpse::audit::contrast::contrast(&audit, r);
                         print!("\n{}", glimpse::audit::contrast::table(&c, audit.prompts(), r.prompts()));
+                        for note in glimpse::audit::contrast::notes(&audit, r) {
+                            println!("note: {note}");
+                        }
                         if let Some((run, of)) = r.stopped {
                             let by = glimpse::interrupt::signal_name();
                             println!(
@@ -499,7 +523,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             );
                         }
                     }
-                    Some(r) => print!("\n{}", audit.shift_table(r)),
+                    Some(r) => {
+                        print!("\n{}", audit.shift_table(r));
+                        if let Some(cut) = &cut {
+                            println!("({cut})");
+                        }
+                    }
                     None => {}
                 }
             }

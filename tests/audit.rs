@@ -689,3 +689,85 @@ fn audit_says_when_a_dumps_weights_are_not_its_experts() {
     assert!(err.contains("`layers.3.moe.topk_weights`: 32 of 32 tokens' weights are not --model's router's"), "{err}");
     assert!(!audit(reference).contains("weights"));
 }
+
+/// A stop during the audited prompts with `--against` keeps the prompts run and measures the
+/// shift against as many reference dumps, saying so (it refused: "the audited runs hold 1 rows
+/// of tokens (Ctrl-C stopped the prompts early), --against 3").
+#[test]
+fn a_stopped_audit_measures_the_shift_against_the_prompts_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Prompts of 3000 tokens (about 0.15 s each here): the stop comes within the first.
+    let lines: Vec<String> = (0..3)
+        .map(|p| (0..3000).map(|i| ((i * 7 + p * 13) % 199 + 1).to_string()).collect::<Vec<_>>().join(","))
+        .collect();
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(&prompts, lines.join("\n")).unwrap();
+    let against: Vec<String> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            let dump = tmp.path().join(format!("ref{i}.st")).to_str().unwrap().to_string();
+            let run = ["run", "--model", "golden/flat", "--tokens", line, "--record", "layers.*.moe.topk_ids"];
+            assert_ok(&glimpse(&[&run[..], &["--dump", &dump]].concat()));
+            dump
+        })
+        .collect();
+    let mut args = vec!["audit", "--model", "golden/flat", "--prompts", prompts.to_str().unwrap()];
+    for a in &against {
+        args.extend(["--against", a]);
+    }
+    let child = common::spawn_catching_sigint(&args);
+    // SAFETY: signalling a child this test started and has not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let (stdout, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(stdout.contains("the shift is against the first 1 of 3 --against dumps"), "{stdout}\n{err}");
+    // Against the same model's routing of the one prompt run: nothing moved, over its slots.
+    let rows: Vec<&str> = stdout.lines().skip_while(|l| !l.starts_with("layer    slots   moved")).skip(1).collect();
+    assert_eq!(rows.len(), 4, "{stdout}");
+    for row in &rows[..3] {
+        assert!(row.split_whitespace().collect::<Vec<_>>()[1..4] == ["12000", "0.0%", "0"], "{row}");
+    }
+}
+
+/// `--compare` and `--against` dumps are checked against --model's router as the audited ones
+/// are: another model's routing is refused, not compared as a prose-against-code effect.
+#[test]
+fn audit_checks_the_compared_dumps_against_the_model() {
+    use glimpse::dump::Values;
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = Path::new("golden/flat/reference.safetensors");
+    // Every token's experts one id up: not what this router picks.
+    let other = common::edit_dump(reference, &tmp.path().join("other.st"), |t| {
+        for (n, v, _) in t.iter_mut() {
+            if let (true, Values::I64(ids)) = (n.ends_with(".moe.topk_ids"), v) {
+                ids.iter_mut().for_each(|e| *e = (*e + 1) % 16);
+            }
+        }
+    });
+    let base = ["audit", "--model", "golden/flat", "--dump", reference.to_str().unwrap()];
+    for flag in ["--compare", "--against"] {
+        let o = glimpse(&[&base[..], &[flag, other.to_str().unwrap()]].concat());
+        assert_error(&o, "tokens' experts are not the ones --model's router picks");
+    }
+    // Without --model there is no router to check by: compared as given.
+    let o = glimpse(&["audit", "--dump", reference.to_str().unwrap(), "--compare", other.to_str().unwrap()]);
+    assert_ok(&o);
+}
+
+/// Layers only one side of `--compare` recorded are said, not dropped from the table unseen.
+#[test]
+fn audit_compare_says_the_layers_one_side_lacks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = Path::new("golden/flat/reference.safetensors");
+    let layer2 = common::edit_dump(reference, &tmp.path().join("layer2.st"), |t| {
+        t.retain(|(n, _, _)| !n.contains(".moe.") || n.starts_with("layers.2."))
+    });
+    let args = ["audit", "--dump", reference.to_str().unwrap(), "--compare", layer2.to_str().unwrap()];
+    let (out, _) = assert_ok(&glimpse(&args));
+    assert!(out.contains("note: layer(s) 3, 4 only in the audited runs: not compared there"), "{out}");
+    let (json, _) = assert_ok(&glimpse(&[&args[..], &["--json"]].concat()));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["compare_notes"], serde_json::json!(["layer(s) 3, 4 only in the audited runs: not compared there"]));
+}

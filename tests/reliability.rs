@@ -3,7 +3,7 @@
 //! a run killed mid-write leaves the previous dump intact.
 
 mod common;
-use common::{assert_error, glimpse, golden, s};
+use common::{assert_error, glimpse, golden, s, spawn_catching_sigint};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -520,30 +520,6 @@ fn ctrl_c_stops_generate_during_a_chunked_prompt() {
         let n: usize = fed.split(' ').next().unwrap_or_default().parse().unwrap_or(usize::MAX);
         assert!(n < 10_000 && fed.contains("of the 10000-token prompt"), "{err}");
     }
-}
-
-/// Starts glimpse with `args` (its output piped) and returns once it catches SIGINT (/proc's
-/// `SigCgt`), so a Ctrl-C sent then is handled, not fatal.
-fn spawn_catching_sigint(args: &[&str]) -> std::process::Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let catches_sigint = || {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
-        let caught = status.lines().find_map(|l| l.strip_prefix("SigCgt:")).map(str::trim).unwrap_or("0");
-        // (SIGTERM asks for the same stop, and its handler comes with SIGINT's.)
-        let both = (1 << (libc::SIGINT - 1)) | (1 << (libc::SIGTERM - 1));
-        u64::from_str_radix(caught, 16).is_ok_and(|mask| mask & both == both)
-    };
-    let start = std::time::Instant::now();
-    while !catches_sigint() {
-        assert!(start.elapsed() < Duration::from_secs(60), "{args:?} never caught SIGINT");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    child
 }
 
 /// Starts glimpse with `args`, waits until `path` exists, checks the run is still going, sends

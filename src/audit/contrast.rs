@@ -87,7 +87,8 @@ pub fn table(c: &[LayerContrast], prompts: usize, other_prompts: usize) -> Strin
     let mut s = format!(
         "load against the other prompts ({prompts} against {other_prompts} prompt(s)): total variation distance \
          between the two load distributions (sum |share - its share| / 2: 0 the same, 1 disjoint), and the experts \
-         whose share (in points) grew and shrank most\n{:>5} {:>8} {:>8} {:>9} {:>8} {:>8}  {:<30}  shrank most\n",
+         whose share (in points, the audited prompts' minus the other prompts') grew and shrank most\n\
+         {:>5} {:>8} {:>8} {:>9} {:>8} {:>8}  {:<30}  shrank most\n",
         "layer", "slots", "its", "distance", "MaxVio", "its", "grew most"
     );
     for l in c {
@@ -120,4 +121,10 @@ pub fn to_json(c: &[LayerContrast]) -> Value {
             })
         })
         .collect()
+}
+
+/// The layers only one side counted: not compared, said (both sides' dumps may record
+/// different layers).
+pub fn notes(ours: &Audit, other: &Audit) -> Vec<String> {
+    ours.one_sided(other, "the other prompts", "not compared there")
 }

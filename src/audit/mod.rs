@@ -509,12 +509,14 @@ impl Audit {
 
     /// A reference made from another config.json: a quantised twin's differs (its dtype, its
     /// `quantization_config`), so it is compared, with this said.
-    pub fn other_config(&self, reference: &Audit) -> Option<&'static str> {
+    pub fn other_config(&self, reference: &Audit, flag: &str) -> Option<String> {
         let (a, b) = (self.config_sha256.as_ref()?, reference.config_sha256.as_ref()?);
-        (a != b).then_some(
-            "--against was made from another config.json (a quantised twin's differs in its dtype and \
-             quantization_config): comparing their routing as one model's",
-        )
+        (!a.eq_ignore_ascii_case(b)).then(|| {
+            format!(
+                "{flag} was made from another config.json (a quantised twin's differs in its dtype and \
+                 quantization_config): comparing their routing as one model's"
+            )
+        })
     }
 
     /// Refuses a reference whose runs held other tokens (or, where ids are not recorded, another
@@ -640,13 +642,19 @@ impl Audit {
 
     /// The layers one side lacks, which have no shift: said, rather than left to vanish.
     pub fn shift_notes(&self, reference: &Audit) -> Vec<String> {
+        self.one_sided(reference, "the reference", "no shift there")
+    }
+
+    /// The layers only one side counted (`other`, named `other_name`), each side's in a line
+    /// ending with `what` (what is not measured there).
+    pub fn one_sided(&self, other: &Audit, other_name: &str, what: &str) -> Vec<String> {
         fn only(a: &Audit, b: &Audit) -> Vec<String> {
             a.layers.keys().filter(|i| !b.layers.contains_key(i)).map(usize::to_string).collect()
         }
-        [("the audited runs", only(self, reference)), ("the reference", only(reference, self))]
+        [("the audited runs", only(self, other)), (other_name, only(other, self))]
             .into_iter()
             .filter(|(_, layers)| !layers.is_empty())
-            .map(|(side, layers)| format!("layer(s) {} only in {side}: no shift there", layers.join(", ")))
+            .map(|(side, layers)| format!("layer(s) {} only in {side}: {what}", layers.join(", ")))
             .collect()
     }
 

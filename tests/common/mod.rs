@@ -232,3 +232,27 @@ pub fn contradicted_routing(
         ids[best] = worst as i64;
     })
 }
+
+/// Starts glimpse with `args` (its output piped) and returns once it catches SIGINT (/proc's
+/// `SigCgt`), so a Ctrl-C sent then is handled, not fatal.
+pub fn spawn_catching_sigint(args: &[&str]) -> std::process::Child {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let catches_sigint = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+        let caught = status.lines().find_map(|l| l.strip_prefix("SigCgt:")).map(str::trim).unwrap_or("0");
+        // (SIGTERM asks for the same stop, and its handler comes with SIGINT's.)
+        let both = (1 << (libc::SIGINT - 1)) | (1 << (libc::SIGTERM - 1));
+        u64::from_str_radix(caught, 16).is_ok_and(|mask| mask & both == both)
+    };
+    let start = std::time::Instant::now();
+    while !catches_sigint() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "{args:?} never caught SIGINT");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child
+}
