@@ -410,8 +410,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Err(Error::Usage("--csv - and --json both write to standard output: give --csv a file".into()));
             }
             let target = gpu.target(device)?;
-            // Against a reference, both keep their expert sets token by token, to count what changed.
+            // Against a reference, both keep their expert sets token by token, to count what changed;
+            // against other prompts, each prompt's load, to split them at random for chance.
             let sets = !against.is_empty();
+            let contrast = !compare.is_empty() || compare_prompts.is_some();
             // Without a checkpoint, both sides count the experts their dumps record (or guess
             // it from the ids of both).
             let experts = match model {
@@ -425,6 +427,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 max_memory,
                 target,
                 keep_sets: sets,
+                per_prompt: contrast,
                 routes: routes.as_mut(),
             };
             // (--compare-prompts: other prompts, run on the same model after the audited ones.)
@@ -463,12 +466,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         max_memory,
                         target,
                         keep_sets: sets,
+                        per_prompt: contrast,
                         routes: None,
                     };
                     Some(glimpse::audit::collect(model.as_deref(), None, others, opts)?)
                 }
             };
-            let contrast = !compare.is_empty() || compare_prompts.is_some();
             if let Some(r) = &reference {
                 match contrast {
                     true => glimpse::audit::contrast::check(&audit, r)?,

@@ -771,3 +771,52 @@ fn audit_compare_says_the_layers_one_side_lacks() {
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["compare_notes"], serde_json::json!(["layer(s) 3, 4 only in the audited runs: not compared there"]));
 }
+
+/// `--compare`'s chance level against an independent permutation test: numpy, over the same
+/// prompts' per-prompt expert counts (from `--routes`), 5000 random splits, gave the 95th
+/// percentiles and p below (here one sample of prompts drawn alike already parts in layer 2);
+/// prompts of another vocabulary are past chance in every layer. The table's uniform-routing
+/// chance level is in the JSON too.
+#[test]
+fn audit_compare_measures_the_distance_against_chance() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Token ids drawn at random (SplitMix64, seeded): a stand-in for prose (1-200) and for code
+    // (1-20).
+    let mut x = 12345u64;
+    let mut next = |range: u64| {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) % range + 1
+    };
+    let mut prompts = |name: &str, n: usize, range: u64| {
+        let lines: Vec<String> =
+            (0..n).map(|_| (0..64).map(|_| next(range).to_string()).collect::<Vec<_>>().join(",")).collect();
+        let path = tmp.path().join(name);
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let (a, b, code) = (prompts("a.txt", 12, 200), prompts("b.txt", 10, 200), prompts("code.txt", 10, 20));
+    let compare = |other: &str| {
+        let args = ["audit", "--model", "golden/flat", "--prompts", &a, "--compare-prompts", other, "--json"];
+        let (json, _) = assert_ok(&glimpse(&args));
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let p: Vec<f64> = v["compare"].as_array().unwrap().iter().map(|l| l["distance_p"].as_f64().unwrap()).collect();
+        (v, p)
+    };
+    let (v, p) = compare(&b);
+    let p95: Vec<f64> =
+        v["compare"].as_array().unwrap().iter().map(|l| l["distance_chance_p95"].as_f64().unwrap()).collect();
+    for (ours, numpy) in p95.iter().zip([0.1028, 0.0917, 0.1072]) {
+        assert!((ours - numpy).abs() < 0.01, "{p95:?}");
+    }
+    for (ours, numpy) in p.iter().zip([0.0008, 0.0176, 0.3481]) {
+        assert!((ours - numpy).abs() < 0.05, "{p:?}");
+    }
+    let (_, apart) = compare(&code);
+    assert!(apart.iter().all(|&p| p < 0.05), "{apart:?}");
+    // 12 prompts of 64 tokens, 4 of 16 experts: uniform routing is far from MaxVio 0.
+    let layer = &v["layers"][0];
+    assert!(layer["max_vio_per_run_uniform"].as_f64().unwrap() > 0.3, "{layer}");
+    assert!(layer["max_vio_uniform"].as_f64().unwrap() < layer["max_vio_per_run_uniform"].as_f64().unwrap());
+}

@@ -124,7 +124,7 @@ pub fn collect_with_other(
     dumps: &[PathBuf],
     opts: CollectOptions,
 ) -> Result<(Audit, Option<Audit>)> {
-    let CollectOptions { experts, max_memory, target, keep_sets, mut routes } = opts;
+    let CollectOptions { experts, max_memory, target, keep_sets, per_prompt, mut routes } = opts;
     let ckpt = model_dir.map(Checkpoint::open).transpose()?;
     // Prompts are read and encoded before the model is loaded, so the memory check sees them.
     let read = |file: Option<(&Path, Lines)>, flag: &str| match (file, model_dir) {
@@ -189,6 +189,7 @@ pub fn collect_with_other(
     let new_audit = |keep_sets: bool| {
         let mut audit = Audit::new(experts.n);
         audit.sets = keep_sets.then(std::collections::BTreeMap::new);
+        audit.per_prompt = per_prompt;
         audit.experts_guessed = experts.guessed;
         audit.mtp_layer = ckpt.as_ref().map(|c| c.config.num_hidden_layers);
         audit
@@ -285,6 +286,8 @@ pub struct CollectOptions<'a> {
     pub target: crate::device::Target,
     /// Keep each token's expert set (`--against` counts the tokens that changed).
     pub keep_sets: bool,
+    /// Keep each prompt's load per expert (`--compare`'s chance level; `Audit::per_prompt`).
+    pub per_prompt: bool,
     /// Every token's routing, to `audit --routes`'s file.
     pub routes: Option<&'a mut Routes>,
 }

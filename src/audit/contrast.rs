@@ -9,6 +9,7 @@ use std::fmt::Write;
 
 use serde_json::{json, Value};
 
+use super::chance::{split_distance, SplitChance};
 use super::{max_vio, Audit};
 use crate::error::{Error, Result};
 
@@ -26,6 +27,8 @@ pub struct LayerContrast {
     pub lost: Vec<(usize, f64)>,
     pub max_vio: f64,
     pub other_max_vio: f64,
+    /// How far apart random splits of the pooled prompts fall (None: under 2 prompts a side).
+    pub chance: Option<SplitChance>,
 }
 
 /// Refuses a contrast of another model's routing: another expert count or `k`, or no MoE layer
@@ -66,15 +69,21 @@ pub fn contrast(ours: &Audit, other: &Audit) -> Vec<LayerContrast> {
                 order.sort_by(|&x, &y| (delta[y] * sign).total_cmp(&(delta[x] * sign)).then(x.cmp(&y)));
                 order.into_iter().take(3).map(|e| (e, delta[e])).collect::<Vec<_>>()
             };
+            let distance = delta.iter().map(|d| d.abs()).sum::<f64>() / 2.0;
+            let chance = match (&l.prompt_counts, &r.prompt_counts) {
+                (Some(a), Some(b)) => split_distance(a, b, ours.experts, distance),
+                _ => None,
+            };
             Some(LayerContrast {
                 layer,
                 slots: l.counts.iter().sum(),
                 other_slots: r.counts.iter().sum(),
-                distance: delta.iter().map(|d| d.abs()).sum::<f64>() / 2.0,
+                distance,
                 gained: pick(1.0),
                 lost: pick(-1.0),
                 max_vio: max_vio(&l.counts),
                 other_max_vio: max_vio(&r.counts),
+                chance,
             })
         })
         .collect()
@@ -84,17 +93,30 @@ pub fn contrast(ours: &Audit, other: &Audit) -> Vec<LayerContrast> {
 pub fn table(c: &[LayerContrast], prompts: usize, other_prompts: usize) -> String {
     let list =
         |v: &[(usize, f64)]| v.iter().map(|(e, d)| format!("{e}:{:+.1}", 100.0 * d)).collect::<Vec<_>>().join(" ");
+    let splits = c.iter().filter_map(|l| l.chance.map(|ch| ch.splits)).min();
+    let chance = match splits {
+        Some(n) => format!(
+            "; chance, the 95th percentile of the distance between {n} random splits of the pooled prompts into \
+             sets of these sizes, and p, the share of splits at least as far apart (p above 0.05: the two sets' \
+             loads differ no more than prompts do)"
+        ),
+        None => "; chance and p need 2 prompts or more a side (prompts are split at random to measure chance)".into(),
+    };
     let mut s = format!(
         "load against the other prompts ({prompts} against {other_prompts} prompt(s)): total variation distance \
-         between the two load distributions (sum |share - its share| / 2: 0 the same, 1 disjoint), and the experts \
-         whose share (in points, the audited prompts' minus the other prompts') grew and shrank most\n\
-         {:>5} {:>8} {:>8} {:>9} {:>8} {:>8}  {:<30}  shrank most\n",
-        "layer", "slots", "its", "distance", "MaxVio", "its", "grew most"
+         between the two load distributions (sum |share - its share| / 2: 0 the same, 1 disjoint){chance}; and the \
+         experts whose share (in points, the audited prompts' minus the other prompts') grew and shrank most\n\
+         {:>5} {:>8} {:>8} {:>9} {:>7} {:>6} {:>8} {:>8}  {:<30}  shrank most\n",
+        "layer", "slots", "its", "distance", "chance", "p", "MaxVio", "its", "grew most"
     );
     for l in c {
+        let (chance, p) = match l.chance {
+            Some(ch) => (format!("{:.3}", ch.p95), format!("{:.3}", ch.p)),
+            None => ("-".into(), "-".into()),
+        };
         let _ = writeln!(
             s,
-            "{:>5} {:>8} {:>8} {:>9.3} {:>8.3} {:>8.3}  {:<30}  {}",
+            "{:>5} {:>8} {:>8} {:>9.3} {chance:>7} {p:>6} {:>8.3} {:>8.3}  {:<30}  {}",
             l.layer,
             l.slots,
             l.other_slots,
@@ -118,6 +140,8 @@ pub fn to_json(c: &[LayerContrast]) -> Value {
                 "layer": l.layer, "slots": l.slots, "compare_slots": l.other_slots, "distance": l.distance,
                 "grew": pairs(&l.gained), "shrank": pairs(&l.lost),
                 "max_vio": l.max_vio, "compare_max_vio": l.other_max_vio,
+                "distance_chance_p95": l.chance.map(|c| c.p95), "distance_p": l.chance.map(|c| c.p),
+                "chance_splits": l.chance.map(|c| c.splits),
             })
         })
         .collect()

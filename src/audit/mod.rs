@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 use crate::model::Tokens;
 
+pub mod chance;
 mod collect;
 pub mod contrast;
 mod routes;
@@ -81,6 +82,11 @@ pub struct LayerLoad {
     /// last above the last edge), over `margins_known` tokens whose margin is known.
     pub margin_bins: [u64; 5],
     pub margins_known: u64,
+    /// Each prompt's tokens, in order: what uniform routing's chance level is drawn over.
+    pub prompt_tokens: Vec<u32>,
+    /// Each prompt's load per expert (`[prompts, experts]` flattened), where the audit keeps
+    /// them (`Audit::per_prompt`: `--compare`'s chance level splits the prompts at random).
+    pub prompt_counts: Option<Vec<u32>>,
 }
 
 /// The upper edges of [`LayerLoad::margin_bins`]' first four bins: how close routing decisions
@@ -273,6 +279,9 @@ pub struct Audit {
     /// Each layer's expert sets token by token (`[tokens, k]` flattened, each row ascending),
     /// kept when asked (`audit --against` compares them token by token: 2 bytes a slot).
     pub sets: Option<BTreeMap<usize, Vec<u16>>>,
+    /// Keep each prompt's load per expert ([`LayerLoad::prompt_counts`]: 4 bytes an expert a
+    /// prompt a layer), for `--compare`'s chance level.
+    pub per_prompt: bool,
 }
 
 impl Audit {
@@ -328,6 +337,10 @@ impl Audit {
             }
             l.prompt_max_vio.push(max_vio(&counts));
             l.prompt_floor_sum += max_vio_floor(prompt.len(), experts);
+            l.prompt_tokens.push((prompt.len() / k) as u32);
+            if self.per_prompt {
+                l.prompt_counts.get_or_insert_with(Vec::new).extend(counts.iter().map(|&c| c as u32));
+            }
         }
         if let Some(sets) = self.sets.as_mut() {
             // Ids are checked to lie within the experts, at most `MAX_EXPERTS` = 2^16 of them
@@ -435,6 +448,48 @@ impl Audit {
         s
     }
 
+    /// Each layer's chance level: uniform routing of its prompts' tokens ([`chance::uniform`]),
+    /// drawn once for the layers that route the same prompts.
+    pub fn uniform(&self) -> BTreeMap<usize, chance::Uniform> {
+        let mut drawn: Vec<((&[u32], usize), chance::Uniform)> = Vec::new();
+        let mut out = BTreeMap::new();
+        for (&i, l) in &self.layers {
+            let key = (l.prompt_tokens.as_slice(), l.k);
+            let u = match drawn.iter().find(|(k, _)| *k == key) {
+                Some((_, u)) => Some(*u),
+                None => chance::uniform(key.0, self.experts, l.k).inspect(|u| drawn.push((key, *u))),
+            };
+            if let Some(u) = u {
+                out.insert(i, u);
+            }
+        }
+        out
+    }
+
+    /// The chance levels in one line, layers of the same levels together: what MaxVio and
+    /// MaxVio/run are when the router plays no part.
+    fn chance_note(&self) -> Option<String> {
+        let uniform = self.uniform();
+        let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+        for (i, u) in &uniform {
+            let level = format!("MaxVio {:.3}, MaxVio/run {:.3}", u.max_vio, u.max_vio_per_run);
+            match groups.iter_mut().find(|(l, _)| *l == level) {
+                Some((_, layers)) => layers.push(i.to_string()),
+                None => groups.push((level, vec![i.to_string()])),
+            }
+        }
+        let draws = uniform.values().map(|u| u.draws).min()?;
+        let levels: Vec<String> = match groups.len() {
+            1 => vec![format!("{} in every layer", groups[0].0)],
+            _ => groups.iter().map(|(level, layers)| format!("{level} (layer(s) {})", layers.join(", "))).collect(),
+        };
+        Some(format!(
+            "chance level, uniformly random routing of the same tokens (k distinct experts a token; the median of \
+             {draws} draws): {}",
+            levels.join("; ")
+        ))
+    }
+
     /// What the table's numbers are over, where that limits them: layers with too few routed
     /// slots, prompts too short for their own MaxVio, a bias-changed share over some runs only,
     /// layers that count different prompts.
@@ -459,10 +514,13 @@ impl Audit {
             .collect();
         if !floors.is_empty() {
             notes.push(format!(
-                "MaxVio/run of prompts this short cannot fall below the mean of their lengths' least MaxVio ({}): \
-                 compare it with that",
+                "MaxVio/run of prompts this short cannot fall below the mean of their lengths' least MaxVio ({}), \
+                 what perfectly even routing leaves",
                 floors.join(", ")
             ));
+        }
+        if let Some(chance) = self.chance_note() {
+            notes.push(chance);
         }
         let partial: Vec<String> = (self.layers.values().filter(|l| l.bias_partial()))
             .map(|l| format!("layer {}: {} of {}", l.layer, l.bias_known, l.tokens))
@@ -659,6 +717,7 @@ impl Audit {
     }
 
     pub fn to_json(&self) -> Value {
+        let uniform = self.uniform();
         let layers: Vec<Value> = self
             .layers
             .values()
@@ -671,6 +730,8 @@ impl Audit {
                     "bias_load_correlation": st.bias_load_corr, "prompts": l.prompts(),
                     "max_vio_per_prompt": l.prompt_max_vio,
                     "max_vio_per_run_mean": st.max_vio_per_run, "max_vio_per_run_floor": st.max_vio_per_run_floor,
+                    "max_vio_uniform": uniform.get(&l.layer).map(|u| u.max_vio),
+                    "max_vio_per_run_uniform": uniform.get(&l.layer).map(|u| u.max_vio_per_run),
                     "max_vio_without_bias": st.max_vio_without_bias,
                     "counts_without_bias": st.max_vio_without_bias.map(|_| &l.unbiased_counts),
                     "near_tie_share": st.near_tie_share,

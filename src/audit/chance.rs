@@ -1,0 +1,204 @@
+//! Chance levels for audit's numbers, so a reader can tell a router's doing from sampling's:
+//! what uniformly random routing of the same tokens gives (MaxVio, MaxVio/run: a few hundred
+//! tokens over 256 experts are far from even by chance alone), and how far apart two prompt
+//! sets' loads fall when their prompts are split at random (the `--compare` distance's
+//! permutation test: prose against code is a difference only where it is past that).
+
+use super::max_vio;
+
+/// Draws of uniform routing whose medians [`uniform`] gives, at most.
+pub const DRAWS: usize = 20;
+/// Random splits [`split_distance`] makes of a layer's pooled prompts, at most.
+pub const SPLITS: usize = 200;
+/// The most expert picks (tokens x k, over all draws) [`uniform`] makes for one layer: fewer
+/// draws where the tokens are many (their chance level varies less).
+const MAX_PICKS: u64 = 50_000_000;
+/// The most counts [`split_distance`] adds up for one layer (splits x prompts x experts).
+const MAX_ADDS: usize = 20_000_000;
+
+/// A small deterministic generator (SplitMix64): the same audit prints the same chance levels.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (Lemire's multiply-shift; its bias is below 2^-40 for these `n`).
+    fn below(&mut self, n: usize) -> usize {
+        ((self.next() as u128 * n as u128) >> 64) as usize
+    }
+}
+
+/// What uniformly random routing gives: MaxVio over all the tokens, and the mean of each
+/// prompt's own (MaxVio/run).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Uniform {
+    pub max_vio: f64,
+    pub max_vio_per_run: f64,
+    /// The draws whose medians these are.
+    pub draws: usize,
+}
+
+/// Uniform routing of prompts of `lengths` tokens, each token choosing `k` distinct of
+/// `experts` at random: the medians over up to [`DRAWS`] draws. None without tokens or with
+/// `k` past the experts.
+pub fn uniform(lengths: &[u32], experts: usize, k: usize) -> Option<Uniform> {
+    let tokens: u64 = lengths.iter().map(|&l| u64::from(l)).sum();
+    if tokens == 0 || k == 0 || k > experts {
+        return None;
+    }
+    let draws = (MAX_PICKS / (tokens * k as u64)).clamp(1, DRAWS as u64) as usize;
+    let mut rng = Rng(0x6A09_E667_F3BC_C908 ^ tokens ^ ((experts as u64) << 32) ^ k as u64);
+    // `seen[e] == stamp`: expert e already chosen by the token being drawn.
+    let (mut seen, mut stamp) = (vec![0u64; experts], 0u64);
+    let (mut whole, mut per_run) = (Vec::with_capacity(draws), Vec::with_capacity(draws));
+    let (mut total, mut counts) = (vec![0u64; experts], vec![0u64; experts]);
+    for _ in 0..draws {
+        total.fill(0);
+        let mut sum = 0.0;
+        for &len in lengths {
+            counts.fill(0);
+            for _ in 0..len {
+                stamp += 1;
+                let mut chosen = 0;
+                while chosen < k {
+                    let e = rng.below(experts);
+                    if seen[e] != stamp {
+                        seen[e] = stamp;
+                        counts[e] += 1;
+                        chosen += 1;
+                    }
+                }
+            }
+            sum += max_vio(&counts);
+            total.iter_mut().zip(&counts).for_each(|(t, c)| *t += c);
+        }
+        whole.push(max_vio(&total));
+        per_run.push(sum / lengths.len() as f64);
+    }
+    Some(Uniform { max_vio: median(&mut whole), max_vio_per_run: median(&mut per_run), draws })
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n % 2 {
+        1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The `--compare` distance's chance level for one layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SplitChance {
+    /// The 95th percentile of the distances between random splits of the pooled prompts into
+    /// sets of the two sides' sizes.
+    pub p95: f64,
+    /// The share of splits at least as far apart as the two sides, `(1 + n) / (1 + splits)`.
+    pub p: f64,
+    pub splits: usize,
+}
+
+/// Per-prompt counts of both sides (`[prompts, experts]` flattened, each row a prompt's expert
+/// loads) pooled and split at random into sets of the two sides' sizes, up to [`SPLITS`] times:
+/// how far apart the splits' load distributions fall (total variation distance of the shares)
+/// against the two sides' `observed` distance. Prompts are the unit: a prompt's tokens route
+/// alike, so splitting tokens would understate chance. None with fewer than 2 prompts a side.
+pub fn split_distance(ours: &[u32], other: &[u32], experts: usize, observed: f64) -> Option<SplitChance> {
+    let e = experts.max(1);
+    let (na, nb) = (ours.len() / e, other.len() / e);
+    if na < 2 || nb < 2 {
+        return None;
+    }
+    let pool: Vec<&[u32]> = ours.chunks_exact(e).chain(other.chunks_exact(e)).collect();
+    let all: Vec<u64> = (0..e).map(|x| pool.iter().map(|row| u64::from(row[x])).sum()).collect();
+    // The smaller side is summed; the other is the rest.
+    let small = na.min(nb);
+    let splits = (MAX_ADDS / (small * e)).clamp(20, SPLITS);
+    let mut rng = Rng(0xBB67_AE85_84CA_A73B ^ ((na as u64) << 32) ^ nb as u64);
+    let mut order: Vec<usize> = (0..pool.len()).collect();
+    let mut part = vec![0u64; e];
+    let mut distances = Vec::with_capacity(splits);
+    for _ in 0..splits {
+        // A uniformly random `small`-subset: the first `small` of a partial Fisher-Yates shuffle.
+        for i in 0..small {
+            let j = i + rng.below(order.len() - i);
+            order.swap(i, j);
+        }
+        part.fill(0);
+        for &p in &order[..small] {
+            part.iter_mut().zip(pool[p]).for_each(|(s, &c)| *s += u64::from(c));
+        }
+        distances.push(tvd(&part, &all));
+    }
+    let beyond = distances.iter().filter(|&&d| d >= observed - 1e-12).count();
+    distances.sort_by(f64::total_cmp);
+    let at = ((splits as f64 * 0.95).ceil() as usize).clamp(1, splits) - 1;
+    Some(SplitChance { p95: distances[at], p: (1 + beyond) as f64 / (1 + splits) as f64, splits })
+}
+
+/// The total variation distance between the shares of `part` and of the rest of `all`.
+fn tvd(part: &[u64], all: &[u64]) -> f64 {
+    let (a, b) = (part.iter().sum::<u64>().max(1) as f64, (all.iter().sum::<u64>() - part.iter().sum::<u64>()));
+    let b = b.max(1) as f64;
+    part.iter().zip(all).map(|(&p, &t)| (p as f64 / a - (t - p) as f64 / b).abs()).sum::<f64>() / 2.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Uniform routing's MaxVio against its closed form where there is one: one token a prompt
+    /// over E experts has MaxVio E/k - 1 exactly; and it falls as the tokens grow.
+    #[test]
+    fn uniform_routing_matches_what_can_be_computed() {
+        let u = uniform(&[1; 50], 16, 2).unwrap();
+        assert_eq!(u.max_vio_per_run, 16.0 / 2.0 - 1.0);
+        let (short, long) = (uniform(&[64; 10], 64, 8).unwrap(), uniform(&[4096; 10], 64, 8).unwrap());
+        assert!(short.max_vio_per_run > 3.0 * long.max_vio_per_run, "{short:?} {long:?}");
+        assert!(long.max_vio < long.max_vio_per_run);
+        // 20 prompts of 64 tokens, 8 of 64 experts: numpy's `rng.choice(64, 8, replace=False)`
+        // gave a median MaxVio/run of 0.8438 over 200 draws.
+        let u = uniform(&[64; 20], 64, 8).unwrap();
+        assert!((u.max_vio_per_run - 0.8438).abs() < 0.03, "{u:?}");
+        // k = E: every expert every token, perfectly even.
+        assert_eq!(uniform(&[7; 3], 4, 4).unwrap().max_vio, 0.0);
+        assert_eq!(uniform(&[7; 3], 4, 5), None);
+    }
+
+    /// Two sides drawn from one distribution sit within chance; two with disjoint experts are far
+    /// past it.
+    #[test]
+    fn split_distance_tells_a_difference_from_chance() {
+        let e = 8;
+        let mut rng = Rng(1);
+        let mut prompts = |experts: &[usize], n: usize| -> Vec<u32> {
+            let mut v = vec![0u32; n * e];
+            for row in v.chunks_mut(e) {
+                for _ in 0..40 {
+                    row[experts[rng.below(experts.len())]] += 1;
+                }
+            }
+            v
+        };
+        let (a, b) = (prompts(&[0, 1, 2, 3, 4, 5, 6, 7], 10), prompts(&[0, 1, 2, 3, 4, 5, 6, 7], 12));
+        let same = split_distance(&a, &b, e, tvd_of(&a, &b, e)).unwrap();
+        assert!(same.p > 0.05, "{same:?}");
+        let c = prompts(&[4, 5, 6, 7], 12);
+        let apart = split_distance(&prompts(&[0, 1, 2, 3], 10), &c, e, 1.0).unwrap();
+        assert!(apart.p < 0.01 && apart.p95 < 0.5, "{apart:?}");
+        assert_eq!(split_distance(&a[..e], &b, e, 0.1), None);
+    }
+
+    fn tvd_of(a: &[u32], b: &[u32], e: usize) -> f64 {
+        let sum = |v: &[u32]| (0..e).map(|x| v.chunks(e).map(|r| u64::from(r[x])).sum()).collect::<Vec<u64>>();
+        let (sa, sb) = (sum(a), sum(b));
+        let all: Vec<u64> = sa.iter().zip(&sb).map(|(x, y)| x + y).collect();
+        tvd(&sa, &all)
+    }
+}
