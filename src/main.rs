@@ -485,6 +485,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 warn(audit.other_config(r, flag));
             }
             warn(experts.and_then(glimpse::audit::ExpertCount::warning));
+            let other = reference.as_ref().map(|r| (r, if contrast { "compared" } else { "reference" }));
             if json {
                 let mut v = audit.to_json();
                 if let (Some(r), Some(map)) = (&reference, v.as_object_mut()) {
@@ -493,11 +494,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         map.insert("compare".into(), glimpse::audit::contrast::to_json(&c));
                         map.insert("compare_prompts".into(), r.prompts().into());
                         map.insert("compare_notes".into(), glimpse::audit::contrast::notes(&audit, r).into());
+                        map.insert("compare_counts".into(), r.counts_json());
                         // (Prompts run live: a stop may have cut them short, as `complete` says
                         // of the audited ones.)
                         map.insert("compare_complete".into(), r.stopped.is_none().into());
                     } else {
                         map.insert("shift".into(), glimpse::audit::shift_json(&audit.shift(r)));
+                        map.insert("reference_counts".into(), r.counts_json());
                         let notes = audit.shift_notes(r).into_iter().chain(cut.clone());
                         map.insert("shift_notes".into(), serde_json::json!(notes.collect::<Vec<_>>()));
                     }
@@ -505,7 +508,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else if csv_out {
                 // The CSV alone on standard output; what the table would say of it, on stderr.
-                print!("{}", audit.to_csv());
+                print!("{}", audit.to_csv(other));
                 if let Some((run, of)) = audit.stopped {
                     eprintln!("glimpse: {} stopped the prompts after {run} of {of}", glimpse::interrupt::signal_name());
                 }
@@ -536,7 +539,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
             if let Some(path) = csv.filter(|_| !csv_out) {
-                glimpse::output::write_atomic(&path, audit.to_csv().as_bytes())?;
+                glimpse::output::write_atomic(&path, audit.to_csv(other).as_bytes())?;
                 eprintln!("wrote {}", path.display());
             }
             if let Some(path) = heatmap {

@@ -770,6 +770,19 @@ fn audit_compare_says_the_layers_one_side_lacks() {
     let (json, _) = assert_ok(&glimpse(&[&args[..], &["--json"]].concat()));
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["compare_notes"], serde_json::json!(["layer(s) 3, 4 only in the audited runs: not compared there"]));
+    // Every expert's count on both sides: in the JSON, and in the CSV's last columns (empty
+    // where the other side does not route the layer).
+    let counts = &v["layers"][0]["counts"];
+    assert_eq!(v["compare_counts"], serde_json::json!([{"layer": 2, "counts": counts}]));
+    let (csv, _) = assert_ok(&glimpse(&[&args[..], &["--csv", "-"]].concat()));
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "layer,expert,count,share,bias,mtp,compared_count,compared_share");
+    let (mine, theirs) = (lines[1].split(',').nth(2).unwrap(), lines[1].split(',').nth(6).unwrap());
+    assert_eq!(
+        (lines[1].split(',').next(), mine, theirs),
+        (Some("2"), &*counts[0].to_string(), &*counts[0].to_string())
+    );
+    assert!(lines.iter().filter(|l| l.starts_with("3,")).all(|l| l.ends_with(",,")), "{csv}");
 }
 
 /// `--compare`'s chance level against an independent permutation test: numpy, over the same

@@ -750,15 +750,38 @@ impl Audit {
 
     /// One row per (layer, expert): `layer,expert,count,share,bias,mtp` (`mtp`: 1 on the MTP
     /// head's layer).
-    pub fn to_csv(&self) -> String {
-        let mut s = String::from("layer,expert,count,share,bias,mtp\n");
+    /// Each layer's count per expert, `[{"layer", "counts"}]`: the other side's numbers of an
+    /// `--against` or `--compare` in the JSON.
+    pub fn counts_json(&self) -> Value {
+        self.layers.values().map(|l| json!({"layer": l.layer, "counts": l.counts})).collect()
+    }
+
+    /// Per (layer, expert): count, share, bias, whether the layer is the MTP head's; with `other`
+    /// (`--against`'s reference or `--compare`'s prompts, and its name), its count and share too
+    /// (empty where it does not route the layer), for per-expert shifts past the top three.
+    pub fn to_csv(&self, other: Option<(&Audit, &str)>) -> String {
+        let mut s = String::from("layer,expert,count,share,bias,mtp");
+        if let Some((_, name)) = other {
+            let _ = write!(s, ",{name}_count,{name}_share");
+        }
+        s.push('\n');
+        let share = |c: u64, counts: &[u64]| c as f64 / counts.iter().sum::<u64>().max(1) as f64;
         for l in self.layers.values() {
-            let total = l.counts.iter().sum::<u64>().max(1) as f64;
             let mtp = u8::from(self.mtp_layer == Some(l.layer));
+            let theirs = other.map(|(o, _)| o.layers.get(&l.layer));
             for (e, &c) in l.counts.iter().enumerate() {
                 // `+ 0.0` writes a zero bias as 0, not -0.
                 let bias = l.bias.as_ref().and_then(|b| b.get(e)).map(|b| (b + 0.0).to_string()).unwrap_or_default();
-                let _ = writeln!(s, "{},{e},{c},{:.6},{bias},{mtp}", l.layer, c as f64 / total);
+                let _ = write!(s, "{},{e},{c},{:.6},{bias},{mtp}", l.layer, share(c, &l.counts));
+                match theirs {
+                    Some(Some(r)) => {
+                        let rc = r.counts.get(e).copied().unwrap_or(0);
+                        let _ = write!(s, ",{rc},{:.6}", share(rc, &r.counts));
+                    }
+                    Some(None) => s.push_str(",,"),
+                    None => {}
+                }
+                s.push('\n');
             }
         }
         s

@@ -80,9 +80,9 @@ fn balance_numbers_by_hand() {
     approx::assert_abs_diff_eq!(s.bias_changed_share.unwrap(), 1.0 / 3.0);
     // Bias and load fall together linearly: correlation 1.
     approx::assert_abs_diff_eq!(s.bias_load_corr.unwrap(), 1.0, epsilon = 1e-6);
-    assert!(a.to_csv().contains("5,0,3,0.500000,0.3"));
+    assert!(a.to_csv(None).contains("5,0,3,0.500000,0.3"));
     a.set_bias(5, vec![0.3, 0.2, 0.1, -0.0]);
-    assert!(a.to_csv().contains(",0,0\n") && !a.to_csv().contains("-0"), "{}", a.to_csv());
+    assert!(a.to_csv(None).contains(",0,0\n") && !a.to_csv(None).contains("-0"), "{}", a.to_csv(None));
 }
 
 /// Two prompts each sending all their tokens to one expert, a different one: balanced over
