@@ -138,7 +138,9 @@ pub(crate) enum Command {
     /// Expert load balance per MoE layer, over prompts (run live) or over the routing dumps recorded.
     #[command(group(clap::ArgGroup::new("source").required(true)))]
     Audit {
-        /// Checkpoint folder: needed with --prompts; with --dump it adds each expert's bias.
+        /// Checkpoint folder: needed with --prompts; with --dump its router checks every dump's
+        /// routing (another model's is refused), gives each expert's bias (bias-changed, corr(b,l),
+        /// w/o bias) and recomputes margins the dumps do not record.
         #[arg(long)]
         model: Option<PathBuf>,
         /// One prompt per line: comma-separated token ids (`;` between rows of a batch), or text (needs the
@@ -169,17 +171,18 @@ pub(crate) enum Command {
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
-        /// Write per-(layer, expert) counts as CSV here (`-`: to standard output, in place of the table).
+        /// Write per-(layer, expert) counts as CSV here, with --against's or --compare's beside them
+        /// (`-`: to standard output, in place of the tables).
         #[arg(long)]
         csv: Option<PathBuf>,
         /// Write the layer x expert load heatmap here (SVG).
         #[arg(long)]
         heatmap: Option<PathBuf>,
         /// Write every token's routing here as CSV, one line per token and MoE layer:
-        /// `run,row,position,token,layer,experts,weights,margin` (`run` the dump or prompt line in
-        /// order from 0; experts and weights space-separated in the order chosen; margin the one
-        /// that decided the choice, as `diff` gives it, empty where unknown): which tokens an
-        /// expert takes.
+        /// `run,row,position,token,layer,experts,weights,margin,text` (`run` the dump or prompt
+        /// line in order from 0; experts and weights space-separated in the order chosen; margin
+        /// the one that decided the choice, as `diff` gives it, empty where unknown; text the token
+        /// as --model's tokenizer decodes it): which tokens an expert takes.
         #[arg(long)]
         routes: Option<PathBuf>,
         /// Where the prompts run (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).

@@ -343,6 +343,18 @@ fn audit_refuses_another_models_checkpoint_and_reads_text_on_request() {
     let (out, _) = assert_ok(&glimpse(&[&args[..], &["--text", "--json"]].concat()));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["layers"][0]["tokens"], 6, "{v}");
+    // --routes gives each token's text (a comma quoted, as CSV quotes).
+    let routes = tmp.path().join("routes.csv");
+    assert_ok(&glimpse(&[&args[..], &["--text", "--routes", routes.to_str().unwrap()]].concat()));
+    // (The fields before the text hold no comma.)
+    let texts: Vec<String> = std::fs::read_to_string(&routes)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .take(6)
+        .map(|l| l.splitn(9, ',').nth(8).unwrap().to_string())
+        .collect();
+    assert_eq!(texts, ["count", "1", "\",\"", "2", "\",\"", "3"]);
 }
 
 /// With --model, the bias-based numbers (bias-changed, corr(b,l), w/o bias) take its correction
@@ -472,7 +484,7 @@ fn audit_writes_every_tokens_routing() {
     assert_ok(&glimpse(&["audit", "--dump", golden, "--model", "golden/flat", "--routes", csv.to_str().unwrap()]));
     let text = std::fs::read_to_string(&csv).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines[0], "run,row,position,token,layer,experts,weights,margin");
+    assert_eq!(lines[0], "run,row,position,token,layer,experts,weights,margin,text");
     let d = Dump::open(Path::new(golden)).unwrap();
     let tokens = d.tokens().unwrap();
     assert_eq!(lines.len(), 1 + 3 * tokens.seq, "three MoE layers of 32 tokens");

@@ -126,6 +126,14 @@ pub fn collect_with_other(
 ) -> Result<(Audit, Option<Audit>)> {
     let CollectOptions { experts, max_memory, target, keep_sets, per_prompt, mut routes } = opts;
     let ckpt = model_dir.map(Checkpoint::open).transpose()?;
+    // Each token's text in --routes, where the checkpoint has a tokenizer.
+    if let (Some(r), Some(dir)) = (routes.as_deref_mut(), model_dir) {
+        match crate::tokenizer::Decoder::load(dir) {
+            Ok(Some(decoder)) => r.decode_with(decoder),
+            Ok(None) => {}
+            Err(e) => eprintln!("glimpse: warning: {e}: --routes' text column is left empty"),
+        }
+    }
     // Prompts are read and encoded before the model is loaded, so the memory check sees them.
     let read = |file: Option<(&Path, Lines)>, flag: &str| match (file, model_dir) {
         (Some((path, lines)), Some(dir)) => read_prompts(path, lines, dir),

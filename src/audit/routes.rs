@@ -3,18 +3,21 @@
 //! was), streamed to a temporary file as the prompts run and renamed into place when the audit
 //! is done, so a killed audit leaves no half file under the name.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::model::Tokens;
+use crate::tokenizer::Decoder;
 
 /// The CSV's header: `run` is the dump or `--prompts` line in order (0-based), `row` its batch
 /// row, `position` and `token` the position's (in the MTP layer, the position it drafts from),
 /// `experts` and `weights` space-separated in the order chosen, `margin` the one that decided the
-/// choice as `diff` gives it (`flips::margins_in`; empty where unknown).
-pub const HEADER: &str = "run,row,position,token,layer,experts,weights,margin\n";
+/// choice as `diff` gives it (`flips::margins_in`; empty where unknown), `text` the token as the
+/// checkpoint's tokenizer decodes it alone (empty without one; quoted as CSV quotes).
+pub const HEADER: &str = "run,row,position,token,layer,experts,weights,margin,text\n";
 
 /// One MoE layer of one run, as recorded: `ids` (`[tokens, k]`), its weights and margins where
 /// recorded (or recomputed).
@@ -33,16 +36,43 @@ pub struct Routes {
     path: PathBuf,
     /// The runs written so far: the next one's number.
     pub runs: usize,
+    /// The checkpoint's tokenizer, for each token's text, and the texts decoded so far.
+    decoder: Option<Decoder>,
+    texts: HashMap<u32, String>,
 }
 
 impl Routes {
     pub fn create(path: &Path) -> Result<Routes> {
         let tmp = crate::output::tmp_sibling(path);
         let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let mut routes =
-            Routes { out: BufWriter::with_capacity(1 << 20, file), tmp, path: path.to_path_buf(), runs: 0 };
+        let mut routes = Routes {
+            out: BufWriter::with_capacity(1 << 20, file),
+            tmp,
+            path: path.to_path_buf(),
+            runs: 0,
+            decoder: None,
+            texts: HashMap::new(),
+        };
         routes.write(HEADER)?;
         Ok(routes)
+    }
+
+    /// Decode each token's text with `decoder` (the checkpoint's tokenizer).
+    pub fn decode_with(&mut self, decoder: Decoder) {
+        self.decoder = Some(decoder);
+    }
+
+    /// Token `id` as the tokenizer decodes it alone, as a CSV field (quoted where it holds a
+    /// comma, quote or line break); empty without a tokenizer or where it cannot decode it.
+    fn text(&mut self, id: u32) -> &str {
+        let decoder = &self.decoder;
+        self.texts.entry(id).or_insert_with(|| {
+            let text = decoder.as_ref().and_then(|d| d.decode(&[id]).ok()).unwrap_or_default();
+            match text.contains([',', '"', '\n', '\r']) {
+                true => format!("\"{}\"", text.replace('"', "\"\"")),
+                false => text,
+            }
+        })
     }
 
     fn write(&mut self, s: &str) -> Result<()> {
@@ -59,10 +89,8 @@ impl Routes {
         let mut line = String::new();
         for (r, ids) in l.ids.chunks(k).enumerate() {
             let (row, position) = (r / per_row.max(1), r % per_row.max(1));
-            let token = tokens
-                .filter(|t| position < t.seq)
-                .and_then(|t| t.ids.get(row * t.seq + position))
-                .map_or(String::new(), u32::to_string);
+            let id = tokens.filter(|t| position < t.seq).and_then(|t| t.ids.get(row * t.seq + position)).copied();
+            let token = id.map_or(String::new(), |id| id.to_string());
             let list = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>().join(" ");
             let experts = list(&mut ids.iter().map(i64::to_string));
             let weights = l
@@ -73,7 +101,8 @@ impl Routes {
                 l.margin.and_then(|m| m.get(r)).filter(|m| !m.is_nan()).map_or(String::new(), |m| format!("{m}"));
             line.clear();
             use std::fmt::Write as _;
-            let _ = writeln!(line, "{run},{row},{position},{token},{},{experts},{weights},{margin}", l.layer);
+            let text = id.map_or("", |id| self.text(id));
+            let _ = writeln!(line, "{run},{row},{position},{token},{},{experts},{weights},{margin},{text}", l.layer);
             self.write(&line)?;
         }
         Ok(())
