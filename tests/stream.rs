@@ -1,5 +1,6 @@
 //! Scale past RAM: `--stream` gives the same tensors as a resident run with a fraction of its
-//! memory, and `--layers A..B --from-dump` reproduces one window of the full run.
+//! memory, and `--layers A..B --from-dump` reproduces one window of the full run; a window whose
+//! dump the disk cannot hold leaves no partial file behind.
 
 mod common;
 use common::code_and_text;
@@ -92,4 +93,25 @@ fn a_streamed_head_gives_the_resident_logits_bit_for_bit() {
         assert_eq!(code, 0, "{tokens}: {text}");
         assert!(text.contains("no divergence"), "{tokens}: {text}");
     }
+}
+
+/// A window run whose dump outgrows the disk (here the file size limit, `ulimit -f`, with its
+/// signal ignored so writes fail as on a full disk) fails with one line and leaves no partial
+/// file: it kept `w.st.PID.partial`, filling the disk it had run out of.
+#[test]
+fn a_window_whose_dump_cannot_be_written_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = (0..3000).map(|i| (i % 199 + 1).to_string()).collect::<Vec<_>>().join(",");
+    let dump = tmp.path().join("w.st");
+    let glimpse = env!("CARGO_BIN_EXE_glimpse");
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 4000; exec {glimpse} run --model golden/flat --tokens {tokens} --layers 0..3 --dump {}",
+        dump.display()
+    );
+    let out = std::process::Command::new("sh").args(["-c", &script]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("File too large") && err.lines().count() == 1, "{err}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "{left:?}");
 }

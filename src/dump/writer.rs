@@ -377,12 +377,8 @@ impl DumpWriter {
     /// Writes the header, makes the file durable and renames it to the target. Returns the
     /// number of tensors written.
     pub fn finish(mut self, metadata: &BTreeMap<String, String>) -> Result<usize> {
-        let result = self.write_header_and_rename(metadata);
-        // A failed finish leaves no stray file, unless a resumable run can still be resumed.
-        if result.is_err() && self.resume.is_none() {
-            let _ = std::fs::remove_file(&self.tmp_path);
-        }
-        result
+        // (A failed finish leaves no stray file: `drop` removes it.)
+        self.write_header_and_rename(metadata)
     }
 
     fn write_header_and_rename(&mut self, metadata: &BTreeMap<String, String>) -> Result<usize> {
@@ -429,9 +425,11 @@ impl Drop for DumpWriter {
     fn drop(&mut self) {
         if self.spill.is_some() {
             let _ = self.join();
-            if self.resume.is_none() {
-                let _ = std::fs::remove_file(&self.tmp_path);
-            }
+        }
+        // Also after a write that failed (a full disk), which joined the writer already; after
+        // the rename there is nothing left under the (process-unique) temporary name.
+        if self.resume.is_none() {
+            let _ = std::fs::remove_file(&self.tmp_path);
         }
     }
 }
