@@ -453,6 +453,11 @@ fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("stopping after the work in progress") && err.contains("--resume continues it"), "{err}");
     assert!(!stopped.exists(), "no dump under the target name until the run is finished");
+    // The same run without --resume does not overwrite it (it truncated the layers kept).
+    let partial = t.join("stopped.safetensors.partial");
+    let kept = std::fs::read(&partial).unwrap();
+    assert_error(&glimpse(&sargs), "keeps an interrupted run of this dump: --resume finishes it");
+    assert_eq!(std::fs::read(&partial).unwrap(), kept);
     // A kill between the checkpoint's two renames leaves the JSON a layer behind the hidden
     // state; the state the hidden state's file carries wins. Here the JSON names another layer.
     let json_path = t.join("stopped.safetensors.resume.json");

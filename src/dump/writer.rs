@@ -233,6 +233,15 @@ impl DumpWriter {
     ) -> Result<Self> {
         let lock = ResumeLock::take(path)?;
         let (partial, state_path, hidden_path) = resume_paths(path);
+        // A run interrupted before is not overwritten unasked: it may hold hours of layers.
+        if state_path.is_file() && partial.is_file() {
+            return Err(Error::Usage(format!(
+                "{} keeps an interrupted run of this dump: --resume finishes it (same tokens, config and --record); \
+                 to start over, delete it and {}",
+                partial.display(),
+                state_path.display()
+            )));
+        }
         let mut w = DumpWriter::create_at(path, partial, selector, expected)?;
         let (tokens, config_sha256) = (tokens.clone(), config_sha256.into());
         w.resume = Some(Resume { state_path, hidden_path, tokens, config_sha256, lock });
