@@ -93,7 +93,9 @@ pub fn run(
     }
     let t0 = Instant::now();
     let ckpt = Checkpoint::open(model_dir)?;
-    crate::memory::check_run(&ckpt, 1, tokens, true, max_memory, "fewer --tokens")?;
+    // (The recorded passes record what a dump records by default.)
+    let recording = crate::memory::Recording::of(&Default::default(), ckpt.config.num_hidden_layers);
+    crate::memory::check_run(&ckpt, 1, tokens, recording, max_memory, "fewer --tokens")?;
     let model = Model::load(&ckpt)?;
     let load_s = t0.elapsed().as_secs_f64();
     let stored = match ckpt.dtype("model.layers.0.self_attn.q_a_proj.weight") {

@@ -253,7 +253,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         (tokens.batch, tokens.seq),
                         &layers,
                         false,
-                        false,
+                        memory::Recording::Nothing,
                         memory::Passes::Many,
                     );
                     memory::check(&est, max_memory, "the CPU (--device cpu) with --stream or a --layers window")?;
@@ -308,7 +308,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     window: layers.as_ref(),
                     mtp: verify::has_mtp(&reference),
                     stream,
-                    recording: false,
+                    recording: memory::Recording::Nothing,
                     passes,
                     max: max_memory,
                 };
@@ -557,7 +557,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let target = gpu.target(device)?;
             if device != Backend::Cpu {
                 let ckpt = Checkpoint::open(&model)?;
-                memory::check_run(&ckpt, 1, tokens, false, max_memory, "fewer --tokens")?;
+                memory::check_run(&ckpt, 1, tokens, memory::Recording::Nothing, max_memory, "fewer --tokens")?;
                 let model = Model::load(&ckpt)?;
                 print!("{}", glimpse::bench::run_on(target, &model, tokens, repeat)?);
                 return Ok(ExitCode::SUCCESS);
@@ -610,7 +610,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let max_new_tokens = max_new_tokens as usize;
             let (size, feed) = ((tokens.batch, tokens.seq), chunk.unwrap_or(0) as usize);
-            memory::check_generate(&ckpt, size, feed, max_new_tokens, mtp, dump.is_some(), max_memory)?;
+            let layers = ckpt.config.num_hidden_layers;
+            let recorded = memory::Recording::to(dump.as_deref(), &recording(record.as_deref(), &ckpt.config)?, layers);
+            memory::check_generate(&ckpt, size, feed, max_new_tokens, mtp, recorded, max_memory)?;
             // The last generated token is printed, never fed back: one position fewer runs.
             warn_past_positions(&ckpt.config, tokens.seq + max_new_tokens.saturating_sub(1));
             let opts = glimpse::generate::GenerateOptions {
@@ -679,7 +681,7 @@ struct Budget<'a> {
     /// A whole run also runs the MTP head, whose layer is loaded and run too.
     mtp: bool,
     stream: bool,
-    recording: bool,
+    recording: memory::Recording,
     max: Option<u64>,
 }
 
@@ -707,7 +709,7 @@ fn verify_decode(
     tol: Tolerance,
     max: Option<u64>,
 ) -> Result<ExitCode> {
-    memory::check_run(ckpt, tokens.batch, tokens.seq, true, max, "a reference of fewer tokens")?;
+    memory::check_run(ckpt, tokens.batch, tokens.seq, memory::Recording::ALL, max, "a reference of fewer tokens")?;
     let model = &Model::load(ckpt)?;
     println!("{}", glimpse::generate::cache_report(model, tokens.batch, tokens.seq, false));
     let report = glimpse::decode_check::check(model, tokens, chunk, tol)?;

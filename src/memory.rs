@@ -10,6 +10,7 @@ use safetensors::tensor::Dtype;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::hooks::{HookPoint, LayerHook, Selector};
 use crate::model::absorbed::absorbed_from;
 use crate::model::attention::{self, Dims};
 
@@ -107,13 +108,44 @@ pub enum Passes {
     Many,
 }
 
+/// What a run records into a dump, as far as its memory goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recording {
+    /// No dump.
+    Nothing,
+    /// A selector's hook points: how many a layer at most, and whether they take the `[B, S, S]`
+    /// indexer scores and the logits (the two widest).
+    Hooks { per_layer: usize, scores: bool, logits: bool },
+}
+
+impl Recording {
+    /// Everything, the scores too (a live TUI run, a reference's hook points).
+    pub const ALL: Recording = Recording::Hooks { per_layer: LayerHook::ALL.len(), scores: true, logits: true };
+
+    /// What `selector` records of a model of `layers` layers (and its MTP layer).
+    pub fn of(selector: &Selector, layers: usize) -> Recording {
+        let per_layer = (0..=layers)
+            .map(|i| LayerHook::ALL.iter().filter(|&&h| selector.wants(HookPoint::Layer(i, h))).count())
+            .max()
+            .unwrap_or(0);
+        let scores = (0..=layers).any(|i| selector.wants(HookPoint::Layer(i, LayerHook::DsaScores)));
+        let logits = selector.wants(HookPoint::Logits) || selector.wants(HookPoint::MtpLogits);
+        Recording::Hooks { per_layer, scores, logits }
+    }
+
+    /// [`Recording::of`] where a dump is written, else nothing.
+    pub fn to(out: Option<&std::path::Path>, selector: &Selector, layers: usize) -> Recording {
+        out.map_or(Recording::Nothing, |_| Recording::of(selector, layers))
+    }
+}
+
 /// What a run of `batch x seq` tokens over `window` will hold at its peak.
 pub fn estimate(
     ckpt: &Checkpoint,
     (batch, seq): (usize, usize),
     window: &RangeInclusive<usize>,
     stream: bool,
-    recording: bool,
+    recording: Recording,
     passes: Passes,
 ) -> Estimate {
     let c = &ckpt.config;
@@ -219,14 +251,23 @@ pub fn estimate(
     let blocks = 2 * threads * attention::BLOCK as u128 * s;
     // An absorbed task's folded queries and their mixes, and one query's gathered keys and scores.
     let absorbed = if e < s { threads * (2 * attention::BLOCK as u128 * nh * r + k * (r + rope) + nh * k) } else { 0 };
-    let whole_scores = if recording { 2 * b * s * s } else { 0 };
+    let (scores, logits_recorded, per_layer_recorded) = match recording {
+        Recording::Nothing => (false, false, 0),
+        Recording::Hooks { per_layer, scores, logits } => (scores, logits, per_layer as u128),
+    };
+    let whole_scores = if scores { 2 * b * s * s } else { 0 };
     let heads = 2 * b * nh * (s * (qk + v) + e * (nope + v)) + split;
     let per_layer = whole_scores + 2 * b * s * k + blocks + absorbed + heads + 8 * b * s * widest;
     let logits = 2 * b * s * c.vocab_size as u128;
     let activations = 4 * (per_layer.max(logits) + 4 * b * s * h);
-    // Tensors waiting for the dump writer: at most its queue, each at most the logits.
+    // Tensors waiting for the dump writer: at most its queue, or a layer's recorded hook points
+    // where fewer, each at most the layer's widest (the hidden size, the router's or the
+    // recorded S x S scores'), and the logits where they are recorded.
+    let widest_recorded = h.max(c.n_routed_experts as u128).max(if scores { s } else { 0 });
+    let waiting = per_layer_recorded.min(crate::dump::SPILL_QUEUE as u128);
+    let logits_waiting = if logits_recorded { c.vocab_size as u128 } else { 0 };
     let recorded =
-        if recording { 4 * crate::dump::SPILL_QUEUE as u128 * b * s * (c.vocab_size as u128).max(h) } else { 0 };
+        if recording == Recording::Nothing { 0 } else { 4 * b * s * (waiting * widest_recorded + logits_waiting) };
     let saturated = |x: u128| u64::try_from(x).unwrap_or(u64::MAX);
     Estimate { weights, activations: saturated(activations), recorded: saturated(recorded) }
 }
@@ -274,7 +315,7 @@ pub fn check_run(
     ckpt: &Checkpoint,
     batch: usize,
     seq: usize,
-    recording: bool,
+    recording: Recording,
     max: Option<u64>,
     hint: &str,
 ) -> Result<()> {
@@ -299,7 +340,7 @@ pub fn check_generate(
     chunk: usize,
     new: usize,
     mtp: bool,
-    recording: bool,
+    recording: Recording,
     max: Option<u64>,
 ) -> Result<()> {
     check(&generate_estimate(ckpt, size, chunk, new, mtp, recording), max, "fewer tokens")
@@ -312,7 +353,7 @@ fn generate_estimate(
     chunk: usize,
     new: usize,
     mtp: bool,
-    recording: bool,
+    recording: Recording,
 ) -> Estimate {
     let c = &ckpt.config;
     let layers = 0..=(c.num_hidden_layers + usize::from(mtp)).saturating_sub(1);
@@ -350,7 +391,7 @@ fn generate_estimate(
             est.weights += 4 * numel(ckpt, name);
         }
     }
-    if recording {
+    if recording != Recording::Nothing {
         est.recorded = est.recorded.max(4 * 2 * fed * (c.vocab_size.max(c.hidden_size) as u64));
     }
     est
@@ -389,7 +430,7 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/fp8-sharded");
         let ckpt = Checkpoint::open(&dir).unwrap();
         let all = 0..=ckpt.config.num_hidden_layers - 1;
-        let weights = |rows, passes| estimate(&ckpt, (1, rows), &all, false, false, passes).weights;
+        let weights = |rows, passes| estimate(&ckpt, (1, rows), &all, false, Recording::Nothing, passes).weights;
         let many = weights(16, Passes::Many);
         assert_eq!(weights(512, Passes::One), many, "512 rows pack at once");
         if crate::model::amx::available() && crate::model::bf16_gemm::available() {
@@ -420,8 +461,8 @@ mod tests {
         // Beyond the one pass of its 4 rows: the splits, and where the FP8 kernel cannot read
         // the codes in place (the pass then packed them), the codes' pages the steps read.
         let all = 0..=ckpt.config.num_hidden_layers - 1;
-        let pass = estimate(&ckpt, (1, 4), &all, false, false, Passes::Many).weights;
-        let generation = generate_estimate(&ckpt, (1, 4), 0, 4, false, false).weights;
+        let pass = estimate(&ckpt, (1, 4), &all, false, Recording::Nothing, Passes::Many).weights;
+        let generation = generate_estimate(&ckpt, (1, 4), 0, 4, false, Recording::Nothing).weights;
         let in_place = crate::model::fp8_gemv::takes_blocks(ckpt.config.fp8.as_ref().unwrap().block[1]);
         assert_eq!(generation - pass, splits + if in_place { 0 } else { codes });
     }
@@ -429,6 +470,28 @@ mod tests {
     /// A generation holds the latent cache of the positions it fed, not a prefill's activations
     /// for all of them: 5000 new tokens on golden/flat were estimated at 46 MB as a prefill of
     /// 5003 positions; about 13 MB now (peak RSS of a 20,000-token run: 36 MB, estimated 45 MB).
+    /// The recording counts what `--record` names: one hook point a layer holds one tensor
+    /// waiting, not the writer's whole queue of logits-sized ones, and the S x S indexer scores
+    /// only where they are recorded (a `--stream` run of one `layers.0.output` was refused at
+    /// 25.7 GB for a 5.9 GB peak).
+    #[test]
+    fn the_recording_is_estimated_by_what_it_records() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let (layers, all) = (ckpt.config.num_hidden_layers, 0..=ckpt.config.num_hidden_layers - 1);
+        let est = |r| estimate(&ckpt, (1, 4096), &all, true, r, Passes::One);
+        let of = |patterns: &str| Recording::of(&Selector::new(patterns, None), layers);
+        let (h, s, v) = (ckpt.config.hidden_size as u64, 4096u64, ckpt.config.vocab_size as u64);
+        assert_eq!(of("layers.0.output"), Recording::Hooks { per_layer: 1, scores: false, logits: false });
+        assert_eq!(est(of("layers.0.output")).recorded, 4 * s * h);
+        assert_eq!(est(of("layers.*.output,logits")).recorded, 4 * s * (h + v));
+        assert_eq!(est(Recording::Nothing).recorded, 0);
+        // The scores' [S, S] and its copy, only where recorded.
+        let scores = est(of("*,*.dsa.scores"));
+        assert_eq!(scores.activations - est(of("*")).activations, 4 * 2 * s * s);
+        assert_eq!(est(of("*")).activations, est(Recording::Nothing).activations);
+    }
+
     #[test]
     fn a_generation_is_estimated_by_its_cache_not_as_a_prefill() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
@@ -437,13 +500,13 @@ mod tests {
         // Each thread's blocks of scores count: the numbers below are for 2.
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         pool.install(|| {
-            assert!(check_run(&ckpt, 1, 5003, false, limit, "").is_err());
-            assert!(check_generate(&ckpt, (1, 3), 0, 5000, false, false, limit).is_ok());
+            assert!(check_run(&ckpt, 1, 5003, Recording::Nothing, limit, "").is_err());
+            assert!(check_generate(&ckpt, (1, 3), 0, 5000, false, Recording::Nothing, limit).is_ok());
             // The cache still grows with the positions.
-            assert!(check_generate(&ckpt, (1, 3), 0, 50_000, false, false, limit).is_err());
+            assert!(check_generate(&ckpt, (1, 3), 0, 50_000, false, Recording::Nothing, limit).is_err());
             // Sizes whose products pass u64 (a dump's `input_ids` of 2^40 positions) are refused,
             // not wrapped into a small estimate.
-            assert!(check_run(&ckpt, 1, 1 << 40, true, Some(u64::MAX - 1), "").is_err());
+            assert!(check_run(&ckpt, 1, 1 << 40, Recording::ALL, Some(u64::MAX - 1), "").is_err());
         });
         let (plain, mtp) = (ckpt.config.cache_values_per_token(false).0, ckpt.config.cache_values_per_token(true).0);
         let c = &ckpt.config;

@@ -82,7 +82,7 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
         window: layers.as_ref(),
         mtp: mtp_head.is_some(),
         stream,
-        recording: out.is_some(),
+        recording: memory::Recording::to(out.as_deref(), &selector, ckpt.config.num_hidden_layers),
         passes: memory::Passes::One,
         max: max_memory,
     };
@@ -182,7 +182,8 @@ fn run_on_device(
     device: Target,
     max: Option<u64>,
 ) -> Result<ExitCode> {
-    memory::check_run(ckpt, tokens.batch, tokens.seq, out.is_some(), max, "fewer tokens, or the CPU with --stream")?;
+    let recording = memory::Recording::to(out, &selector, ckpt.config.num_hidden_layers);
+    memory::check_run(ckpt, tokens.batch, tokens.seq, recording, max, "fewer tokens, or the CPU with --stream")?;
     let model = Model::load(ckpt)?;
     let mut watch = NonFiniteWatch::default();
     let logits = match out {

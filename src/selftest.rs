@@ -67,8 +67,15 @@ fn cases(
         let ckpt = Checkpoint::open(&case)?;
         let golden = Dump::open(&case.join("reference.safetensors"))?;
         let tokens = golden.tokens()?;
-        crate::memory::check_run(&ckpt, tokens.batch, tokens.seq, false, max, "a machine with more memory")
-            .map_err(|e| Error::Usage(format!("{}: {e}", case.display())))?;
+        crate::memory::check_run(
+            &ckpt,
+            tokens.batch,
+            tokens.seq,
+            crate::memory::Recording::Nothing,
+            max,
+            "a machine with more memory",
+        )
+        .map_err(|e| Error::Usage(format!("{}: {e}", case.display())))?;
         let model = Model::load(&ckpt)?;
         let mtp = if verify::has_mtp(&golden) { Some(Mtp::load(&ckpt)?) } else { None };
         for isolate in [false, true] {

@@ -667,7 +667,14 @@ pub fn open(o: &Open) -> Result<DumpSource> {
             (reference, golden, skipped) = (None, None, ", no reference: it ran other tokens");
         }
     }
-    crate::memory::check_run(&ckpt, tokens.batch, tokens.seq, true, max_memory, "fewer tokens")?;
+    crate::memory::check_run(
+        &ckpt,
+        tokens.batch,
+        tokens.seq,
+        crate::memory::Recording::ALL,
+        max_memory,
+        "fewer tokens",
+    )?;
     let model = Model::load(&ckpt)?;
     // Named by process and by call: two live runs of one process (tests in threads) must not
     // share the file.

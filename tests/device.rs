@@ -182,13 +182,13 @@ fn both_forward_passes_take_an_isolated_input_from_the_observer() {
 /// the CPU path's does: a budget between the two estimates refuses both paths alike.
 #[test]
 fn verify_on_a_device_counts_the_mtp_heads_layer_in_its_memory_check() {
-    use glimpse::memory::{estimate, Passes};
+    use glimpse::memory::{estimate, Passes, Recording};
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/mtp");
     let ckpt = Checkpoint::open(&dir).unwrap();
     let tokens = Dump::open(&dir.join("reference.safetensors")).unwrap().tokens().unwrap();
     let n = ckpt.config.num_hidden_layers;
     let size = (tokens.batch, tokens.seq);
-    let total = |last: usize| estimate(&ckpt, size, &(0..=last), false, false, Passes::Many).total();
+    let total = |last: usize| estimate(&ckpt, size, &(0..=last), false, Recording::Nothing, Passes::Many).total();
     let (main, with_head) = (total(n - 1), total(n));
     assert!(with_head > main, "the head's layer weighs something: {main} vs {with_head}");
     let between = ((main + with_head) / 2).to_string();

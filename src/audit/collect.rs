@@ -147,7 +147,14 @@ pub fn collect_with_other(
         // The largest batch x positions for memory; the longest row for the trained positions.
         let all = prompt_tokens.iter().chain(&other_tokens);
         if let Some((_, largest)) = all.max_by_key(|(_, t)| t.ids.len()) {
-            crate::memory::check_run(c, largest.batch, largest.seq, false, max_memory, "shorter prompts")?;
+            crate::memory::check_run(
+                c,
+                largest.batch,
+                largest.seq,
+                crate::memory::Recording::Nothing,
+                max_memory,
+                "shorter prompts",
+            )?;
         }
         for (path, tokens) in [(prompts.map(|p| p.0), &prompt_tokens), (other, &other_tokens)] {
             let longest = tokens.iter().max_by_key(|(_, t)| t.seq);
