@@ -698,6 +698,9 @@ fn load_weights<'a>(ckpt: &'a Checkpoint, resident: &'a mut Option<Model>, b: &B
         (true, false) => "--stream or a --layers window",
     };
     memory::check(&est, b.max, hint)?;
+    if b.stream {
+        glimpse::model::stream::check_streamed(ckpt, &window)?;
+    }
     Ok(if b.stream { Weights::Streamed(ckpt) } else { Weights::Resident(resident.insert(Model::load(ckpt)?)) })
 }
 

@@ -328,4 +328,48 @@ fn a_shard_still_to_come_is_missing_tensors_not_an_error() {
     assert!(err.contains("e_score_correction_bias` is missing: ") && err.contains(shards), "{err}");
     let whole = Checkpoint::open(&src).unwrap();
     assert!(whole.absent_shards.is_empty() && whole.absent_note().is_none());
+    // `--stream` reads each layer as it reaches it: the shard still to come is said before the
+    // first layer runs, for the window's tensors only (it ran the layers before, then failed).
+    let err = glimpse::model::stream::check_streamed(&ckpt, &(0..=ckpt.config.num_hidden_layers - 1))
+        .err()
+        .expect("the whole model needs the missing shards")
+        .to_string();
+    assert!(
+        err.contains("missing `") && err.contains("(its shard is not in the folder)") && err.contains(shards),
+        "{err}"
+    );
+    for i in 0..ckpt.config.num_hidden_layers {
+        let absent = ckpt.absent().any(|n| glimpse::layout::layer_of(n) == Some(i));
+        let window = glimpse::model::stream::check_streamed(&ckpt, &(i..=i));
+        assert_eq!(
+            window.is_err(),
+            absent || i + 1 == ckpt.config.num_hidden_layers && ckpt.absent().any(|n| n == "lm_head.weight"),
+            "layer {i}"
+        );
+    }
+}
+
+/// A config whose hidden size the weights do not have is said by name before a streamed run
+/// starts (it was a tensor op's "Shape mismatch, got buffer of size ...").
+#[test]
+fn a_streamed_run_names_a_config_the_embedding_does_not_fit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
+    let dir = tmp.path().join("wide");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let hidden = config["hidden_size"].as_u64().unwrap();
+    config["hidden_size"] = (2 * hidden).into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["run", "--model", dir.to_str().unwrap(), "--tokens", "1,2,3", "--stream"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let expected =
+        format!("`model.embed_tokens.weight` has shape [256, {hidden}], expected [256, {}] (config.json)", 2 * hidden);
+    assert!(err.contains(&expected) && err.lines().count() == 1, "{err}");
 }

@@ -127,6 +127,38 @@ pub fn check_window(cfg: &Config, window: &RangeInclusive<usize>) -> Result<()> 
     Ok(())
 }
 
+/// What a streamed run of `window` will read, checked before its first layer: it reads each
+/// layer's weights only as it reaches it, so a shard still downloading showed after minutes of
+/// layers, and a config whose hidden size the embedding does not have read as a tensor op's
+/// shape error. The embedding's (from layer 0) and the head's (to the last layer) shapes, and
+/// no tensor of the window, the embedding or the head in a shard the index names but the folder
+/// lacks; the layers' own shapes are checked as each loads (`Loader`).
+pub fn check_streamed(ckpt: &Checkpoint, window: &RangeInclusive<usize>) -> Result<()> {
+    let cfg = &ckpt.config;
+    let (first, last) = (*window.start() == 0, *window.end() + 1 >= cfg.num_hidden_layers);
+    let mut l = Loader::new(ckpt);
+    let mut want = |name: &str, shape: Vec<usize>| match ckpt.shape(name) {
+        Some(s) if s != shape => l.refuse(format!("`{name}` has shape {s:?}, expected {shape:?} (config.json)")),
+        _ => {}
+    };
+    if first {
+        want("model.embed_tokens.weight", vec![cfg.vocab_size, cfg.hidden_size]);
+    }
+    if last {
+        want(ckpt.head_name(), vec![cfg.vocab_size, cfg.hidden_size]);
+        want("model.norm.weight", vec![cfg.hidden_size]);
+    }
+    let needed = |name: &str| match crate::layout::layer_of(name) {
+        Some(i) => window.contains(&i),
+        None if name.starts_with("model.embed_tokens.") => first || (last && ckpt.tied_head()),
+        None => last,
+    };
+    for name in ckpt.absent().filter(|n| needed(n)) {
+        l.refuse(format!("missing `{name}` (its shard is not in the folder)"));
+    }
+    l.finish(())
+}
+
 /// Runs `range` of layers on the hidden state `h` ([B, S, hidden]), carrying the DSA selection
 /// between them; loads and releases each layer when streaming.
 pub fn layers(
