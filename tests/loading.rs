@@ -331,8 +331,7 @@ fn a_shard_still_to_come_is_missing_tensors_not_an_error() {
     // `--stream` reads each layer as it reaches it: the shard still to come is said before the
     // first layer runs, for the window's tensors only (it ran the layers before, then failed).
     let err = glimpse::model::stream::check_streamed(&ckpt, &(0..=ckpt.config.num_hidden_layers - 1))
-        .err()
-        .expect("the whole model needs the missing shards")
+        .expect_err("the whole model needs the missing shards")
         .to_string();
     assert!(
         err.contains("missing `") && err.contains("(its shard is not in the folder)") && err.contains(shards),
