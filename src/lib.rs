@@ -17,6 +17,7 @@ pub mod error;
 pub mod hooks;
 pub mod model;
 pub mod output;
+pub mod progress;
 pub mod selftest;
 pub mod st;
 pub mod stitch;

@@ -219,6 +219,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             device,
             gpu,
         } => {
+            glimpse::progress::enable();
             let model_dir = model.unwrap_or_else(default_case);
             let target = gpu.target(device)?;
             let golden = golden.unwrap_or_else(|| target.precision.reference_in(&model_dir));
@@ -600,7 +601,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", inspect::describe(&ckpt)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run(args) => run_command::run(args, max_memory),
+        Command::Run(args) => {
+            glimpse::progress::enable();
+            run_command::run(args, max_memory)
+        }
         Command::Generate { model, tokens, prompt, max_new_tokens, chunk, dump, record, mtp, ignore_eos } => {
             let ckpt = Checkpoint::open(&model)?;
             let tokens = match (tokens, prompt) {

@@ -169,17 +169,15 @@ pub fn layers(
     sel: &mut Option<Selection>,
     obs: &mut dyn Observer,
 ) -> Result<Tensor> {
-    let progress = matches!(w, Weights::Streamed(_)) && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut progress = crate::progress::Layers::new(*range.start(), *range.end());
     for i in range.clone() {
         if let Some(given) = obs.isolated_input(i)? {
             h = given;
         }
+        progress.layer(i);
         h = match w {
             Weights::Resident(m) => m.layers[i].forward(&h, rope, sel, obs)?,
             Weights::Streamed(ckpt) => {
-                if progress {
-                    eprint!("\rlayer {i} of {}..={}", range.start(), range.end());
-                }
                 let mut l = Loader::new(ckpt);
                 let layer = DecoderLayer::load(&mut l, &ckpt.config, i);
                 let layer = l.finish(layer)?;
@@ -190,9 +188,6 @@ pub fn layers(
             }
         };
         obs.layer_done(i, &h, sel.as_ref())?;
-    }
-    if progress {
-        eprintln!();
     }
     Ok(h)
 }
