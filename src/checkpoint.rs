@@ -19,6 +19,9 @@ use crate::st::StFile;
 
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub const SINGLE_FILE: &str = "model.safetensors";
+/// Written by `synth` before its first shard and removed after its last: a folder that holds it
+/// was left half written (synth killed), its shards possibly of two runs.
+pub const SYNTH_UNFINISHED: &str = ".glimpse-synth-unfinished";
 
 pub struct Checkpoint {
     pub dir: PathBuf,
@@ -39,6 +42,15 @@ impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::checkpoint(dir, "not a directory (expected a checkpoint folder with config.json)"));
+        }
+        if dir.join(SYNTH_UNFINISHED).exists() {
+            return Err(Error::checkpoint(
+                dir,
+                format!(
+                    "synth did not finish writing it (stopped?): its shards may be of two runs; run synth again \
+                     (or delete {SYNTH_UNFINISHED} if you know it whole)"
+                ),
+            ));
         }
         let config_path = dir.join("config.json");
         let config_bytes = crate::st::read_input(&config_path)?;

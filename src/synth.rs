@@ -293,6 +293,10 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
         )));
     }
     std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
+    // Until the last file is written the folder is no checkpoint (`Checkpoint::open` refuses it):
+    // shards replaced one by one would otherwise mix two runs' weights unseen.
+    let unfinished = o.out.join(crate::checkpoint::SYNTH_UNFINISHED);
+    std::fs::write(&unfinished, b"").map_err(|e| Error::io(&unfinished, e))?;
 
     // Balanced contiguous shards; a weight and its scale stay together.
     let mut shard_of = Vec::with_capacity(tensors.len());
@@ -376,6 +380,7 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
         );
     }
     write_json(&o.out.join("config.json"), &config_json)?;
+    std::fs::remove_file(&unfinished).map_err(|e| Error::io(&unfinished, e))?;
     Ok(cfg)
 }
 

@@ -415,7 +415,7 @@ fn outputs_never_replace_inputs() {
 
 /// `synth` does not write random weights over a checkpoint it did not write (it marks its own),
 /// nor over its `--config`; it refuses shards it cannot fill and checkpoints the disk cannot
-/// hold, before creating anything.
+/// hold, before creating anything; a folder it did not finish is refused as a checkpoint.
 #[test]
 fn synth_refuses_what_it_would_destroy() {
     let tmp = tempfile::tempdir().unwrap();
@@ -437,6 +437,12 @@ fn synth_refuses_what_it_would_destroy() {
         assert_ok(&glimpse(&["synth", "--config", cfg, "--dtype", "f32", "--shards", shards, "--out", &t("mine")]));
     }
     assert_ok(&glimpse(&["synth", "--config", &t("mine/config.json"), "--seed", "3", "--out", &t("mine")]));
+    // What a synth stopped mid-way leaves (its shards may be of two seeds) is no checkpoint until
+    // synth runs again.
+    std::fs::write(tmp.path().join("mine").join(glimpse::checkpoint::SYNTH_UNFINISHED), b"").unwrap();
+    assert_error(&glimpse(&["inspect", "--model", &t("mine")]), "synth did not finish writing it");
+    assert_ok(&glimpse(&["synth", "--config", cfg, "--out", &t("mine")]));
+    assert_ok(&glimpse(&["inspect", "--model", &t("mine")]));
     assert_error(
         &glimpse(&["synth", "--config", cfg, "--shards", "100000", "--out", &t("many")]),
         "more than the checkpoint's",
