@@ -36,6 +36,7 @@ pub mod layer_error;
 pub mod layout;
 pub mod memory;
 pub mod reading;
+mod rng;
 pub mod synth;
 pub mod tokenizer;
 pub mod tui_source;

@@ -14,6 +14,7 @@ use crate::checkpoint::{INDEX_FILE, SINGLE_FILE};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::layout::{released_layout, Kind, WeightSpec};
+use crate::rng::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SynthDtype {
@@ -114,24 +115,11 @@ fn shrink(mut v: Value, o: &SynthOptions) -> Result<Value> {
     Ok(v)
 }
 
-/// splitmix64: tiny, fast, and good enough for test weights.
-struct Rng(u64);
-
 impl Rng {
+    /// The generator of one tensor's values: the seed and the tensor's name (FNV-1a).
     fn for_tensor(seed: u64, name: &str) -> Self {
         let h = name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
         Rng(seed ^ h)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform on [-1, 1).
-    fn uniform(&mut self) -> f32 {
-        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 }
 

@@ -5,6 +5,7 @@
 //! permutation test: prose against code is a difference only where it is past that).
 
 use super::max_vio;
+use crate::rng::Rng;
 
 /// Draws of uniform routing whose medians [`uniform`] gives, at most.
 pub const DRAWS: usize = 20;
@@ -15,24 +16,6 @@ pub const SPLITS: usize = 200;
 const MAX_PICKS: u64 = 50_000_000;
 /// The most counts [`split_distance`] adds up for one layer (splits x prompts x experts).
 const MAX_ADDS: usize = 20_000_000;
-
-/// A small deterministic generator (SplitMix64): the same audit prints the same chance levels.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (Lemire's multiply-shift; its bias is below 2^-40 for these `n`).
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next() as u128 * n as u128) >> 64) as usize
-    }
-}
 
 /// What uniformly random routing gives: MaxVio over all the tokens, and the mean of each
 /// prompt's own (MaxVio/run).
