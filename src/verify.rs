@@ -427,10 +427,11 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
         }
         let mut last = None;
         let shape = [tokens.batch, tokens.seq, w.config().hidden_size];
+        let mut progress = crate::progress::Layers::new(*window.start(), *window.end());
         for i in window.clone() {
             let start = Start::from_dump(golden, i, shape)?;
             let mut sel = start.selection;
-            last = Some(stream::layers(w, &rope, i..=i, start.hidden, &mut sel, &mut v)?);
+            last = Some(stream::layers(w, &rope, i..=i, start.hidden, &mut sel, &mut v, &mut progress)?);
         }
         if *window.end() + 1 == n {
             let final_input = HookPoint::Layer(n - 1, LayerHook::Output).name();

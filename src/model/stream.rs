@@ -103,7 +103,8 @@ pub fn run(
             "layer {first} shares the previous layer's DSA selection, which the dump lacks"
         )));
     }
-    let mut h = layers(w, &rope, first..=last, h, &mut sel, obs)?;
+    let mut progress = crate::progress::Layers::new(first, last);
+    let mut h = layers(w, &rope, first..=last, h, &mut sel, obs, &mut progress)?;
     if last + 1 < n {
         return Ok(None);
     }
@@ -160,7 +161,8 @@ pub fn check_streamed(ckpt: &Checkpoint, window: &RangeInclusive<usize>) -> Resu
 }
 
 /// Runs `range` of layers on the hidden state `h` ([B, S, hidden]), carrying the DSA selection
-/// between them; loads and releases each layer when streaming.
+/// between them; loads and releases each layer when streaming. `progress` is the pass's (a pass
+/// may run its layers one call at a time, as `verify --isolate` does).
 pub fn layers(
     w: Weights,
     rope: &RopeTables,
@@ -168,8 +170,8 @@ pub fn layers(
     mut h: Tensor,
     sel: &mut Option<Selection>,
     obs: &mut dyn Observer,
+    progress: &mut crate::progress::Layers,
 ) -> Result<Tensor> {
-    let mut progress = crate::progress::Layers::new(*range.start(), *range.end());
     for i in range.clone() {
         if let Some(given) = obs.isolated_input(i)? {
             h = given;
