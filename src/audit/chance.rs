@@ -80,49 +80,94 @@ fn median(v: &mut [f64]) -> f64 {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SplitChance {
     /// The 95th percentile of the distances between random splits of the pooled prompts into
-    /// sets of the two sides' sizes.
+    /// sets like the two sides (their sizes, and their lengths: [`split_distance`]).
     pub p95: f64,
-    /// The share of splits at least as far apart as the two sides, `(1 + n) / (1 + splits)`.
+    /// `(1 + n) / (1 + splits)`, n the splits at least as far apart as the two sides.
     pub p: f64,
     pub splits: usize,
 }
 
+/// Why a layer's distance has no chance level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoChance {
+    /// A side has fewer than 2 prompts.
+    FewPrompts,
+    /// No band of similar lengths holds prompts of both sides: splits could only swap prompts
+    /// of different lengths, whose sampling noise differs.
+    LengthsApart,
+    /// So few distinct splits that p could not fall below 0.05.
+    FewSplits(u64),
+}
+
+/// Prompts whose routing slots are within this factor of each other share a length band.
+const LENGTH_BAND: f64 = 1.5;
+
 /// Per-prompt counts of both sides (`[prompts, experts]` flattened, each row a prompt's expert
-/// loads) pooled and split at random into sets of the two sides' sizes, up to [`SPLITS`] times:
-/// how far apart the splits' load distributions fall (total variation distance of the shares)
-/// against the two sides' `observed` distance. Prompts are the unit: a prompt's tokens route
-/// alike, so splitting tokens would understate chance. None with fewer than 2 prompts a side.
-pub fn split_distance(ours: &[u32], other: &[u32], experts: usize, observed: f64) -> Option<SplitChance> {
+/// loads) pooled and split at random into sets like the two sides, up to [`SPLITS`] times: how
+/// far apart the splits' load distributions fall (total variation distance of the shares)
+/// against the two sides' `observed` distance. Prompts are the unit (a prompt's tokens route
+/// alike: splitting tokens would understate chance), and they move only within bands of similar
+/// length, each band keeping its count of each side's prompts: a set of short prompts is further
+/// from any other set by its sampling noise alone, which splits that mix the lengths would not
+/// have (sets of 8-token prompts against 200-token ones of the same routing read p = 0.005).
+pub fn split_distance(ours: &[u32], other: &[u32], experts: usize, observed: f64) -> Result<SplitChance, NoChance> {
     let e = experts.max(1);
     let (na, nb) = (ours.len() / e, other.len() / e);
     if na < 2 || nb < 2 {
-        return None;
+        return Err(NoChance::FewPrompts);
     }
     let pool: Vec<&[u32]> = ours.chunks_exact(e).chain(other.chunks_exact(e)).collect();
+    let slots = |p: usize| pool[p].iter().map(|&c| u64::from(c)).sum::<u64>();
     let all: Vec<u64> = (0..e).map(|x| pool.iter().map(|row| u64::from(row[x])).sum()).collect();
-    // The smaller side is summed; the other is the rest.
-    let small = na.min(nb);
-    let splits = (MAX_ADDS / (small * e)).clamp(20, SPLITS);
-    let mut rng = Rng(0xBB67_AE85_84CA_A73B ^ ((na as u64) << 32) ^ nb as u64);
+    // Bands: prompts in order of length, a new band where one is past LENGTH_BAND times the
+    // band's shortest; each band with how many of ours it holds.
     let mut order: Vec<usize> = (0..pool.len()).collect();
+    order.sort_by_key(|&p| slots(p));
+    let mut bands: Vec<(Vec<usize>, usize)> = Vec::new();
+    for &p in &order {
+        match bands.last_mut() {
+            Some((band, ours_in)) if slots(p) as f64 <= LENGTH_BAND * slots(band[0]).max(1) as f64 => {
+                band.push(p);
+                *ours_in += usize::from(p < na);
+            }
+            _ => bands.push((vec![p], usize::from(p < na))),
+        }
+    }
+    // Distinct splits: the product of each band's ways to place its prompts of ours.
+    let distinct = bands.iter().fold(1f64, |n, (band, k)| n * choose(band.len(), *k));
+    if distinct <= 1.0 {
+        return Err(NoChance::LengthsApart);
+    }
+    if distinct < 20.0 {
+        return Err(NoChance::FewSplits(distinct as u64));
+    }
+    let splits = (MAX_ADDS / (na * e)).clamp(20, SPLITS);
+    let mut rng = Rng(0xBB67_AE85_84CA_A73B ^ ((na as u64) << 32) ^ nb as u64);
     let mut part = vec![0u64; e];
     let mut distances = Vec::with_capacity(splits);
     for _ in 0..splits {
-        // A uniformly random `small`-subset: the first `small` of a partial Fisher-Yates shuffle.
-        for i in 0..small {
-            let j = i + rng.below(order.len() - i);
-            order.swap(i, j);
-        }
         part.fill(0);
-        for &p in &order[..small] {
-            part.iter_mut().zip(pool[p]).for_each(|(s, &c)| *s += u64::from(c));
+        for (band, k) in bands.iter_mut() {
+            // A uniformly random `k`-subset of the band: a partial Fisher-Yates shuffle.
+            for i in 0..*k {
+                let j = i + rng.below(band.len() - i);
+                band.swap(i, j);
+            }
+            for &p in &band[..*k] {
+                part.iter_mut().zip(pool[p]).for_each(|(s, &c)| *s += u64::from(c));
+            }
         }
         distances.push(tvd(&part, &all));
     }
     let beyond = distances.iter().filter(|&&d| d >= observed - 1e-12).count();
     distances.sort_by(f64::total_cmp);
     let at = ((splits as f64 * 0.95).ceil() as usize).clamp(1, splits) - 1;
-    Some(SplitChance { p95: distances[at], p: (1 + beyond) as f64 / (1 + splits) as f64, splits })
+    Ok(SplitChance { p95: distances[at], p: (1 + beyond) as f64 / (1 + splits) as f64, splits })
+}
+
+/// `n` choose `k`, as a float (large counts only compare with 20).
+fn choose(n: usize, k: usize) -> f64 {
+    (0..k.min(n - k)).fold(1.0, |c, i| c * (n - i) as f64 / (i + 1) as f64)
 }
 
 /// The total variation distance between the shares of `part` and of the rest of `all`.
@@ -175,7 +220,34 @@ mod tests {
         let c = prompts(&[4, 5, 6, 7], 12);
         let apart = split_distance(&prompts(&[0, 1, 2, 3], 10), &c, e, 1.0).unwrap();
         assert!(apart.p < 0.01 && apart.p95 < 0.5, "{apart:?}");
-        assert_eq!(split_distance(&a[..e], &b, e, 0.1), None);
+        assert_eq!(split_distance(&a[..e], &b, e, 0.1), Err(NoChance::FewPrompts));
+        assert_eq!(split_distance(&a[..2 * e], &b[..2 * e], e, 0.1), Err(NoChance::FewSplits(6)));
+    }
+
+    /// Sets of one routing but other prompt lengths: long against short prompts alone cannot be
+    /// split by chance at all (their lengths do not overlap); mostly long against mostly short
+    /// sits within chance, as splits keep each band's count of each side (splits mixing the
+    /// lengths read p = 0.005 for both: here, and for 2 of 5 seeds of the second).
+    #[test]
+    fn split_distance_keeps_the_sides_lengths() {
+        let e = 16;
+        let mut rng = Rng(8);
+        let mut prompts = |lengths: &[u32]| -> Vec<u32> {
+            let mut v = vec![0u32; lengths.len() * e];
+            for (row, &n) in v.chunks_mut(e).zip(lengths) {
+                for _ in 0..n {
+                    row[rng.below(e)] += 1;
+                }
+            }
+            v
+        };
+        let (long, short) = (prompts(&[200; 10]), prompts(&[8; 10]));
+        assert_eq!(split_distance(&long, &short, e, 0.5), Err(NoChance::LengthsApart));
+        let mostly_long = prompts(&[[200; 10].as_slice(), &[8; 2]].concat());
+        let mostly_short = prompts(&[[200; 1].as_slice(), &[8; 11]].concat());
+        let observed = tvd_of(&mostly_long, &mostly_short, e);
+        let chance = split_distance(&mostly_long, &mostly_short, e, observed).unwrap();
+        assert!(chance.p > 0.05, "{observed} {chance:?}");
     }
 
     fn tvd_of(a: &[u32], b: &[u32], e: usize) -> f64 {

@@ -9,7 +9,7 @@ use std::fmt::Write;
 
 use serde_json::{json, Value};
 
-use super::chance::{split_distance, SplitChance};
+use super::chance::{split_distance, NoChance, SplitChance};
 use super::{max_vio, Audit};
 use crate::error::{Error, Result};
 
@@ -27,8 +27,9 @@ pub struct LayerContrast {
     pub lost: Vec<(usize, f64)>,
     pub max_vio: f64,
     pub other_max_vio: f64,
-    /// How far apart random splits of the pooled prompts fall (None: under 2 prompts a side).
-    pub chance: Option<SplitChance>,
+    /// How far apart random splits of the pooled prompts fall, or why that is not measured
+    /// (None: the prompts' loads were not kept).
+    pub chance: Option<Result<SplitChance, NoChance>>,
 }
 
 /// Refuses a contrast of another model's routing: another expert count or `k`, or no MoE layer
@@ -71,7 +72,7 @@ pub fn contrast(ours: &Audit, other: &Audit) -> Vec<LayerContrast> {
             };
             let distance = delta.iter().map(|d| d.abs()).sum::<f64>() / 2.0;
             let chance = match (&l.prompt_counts, &r.prompt_counts) {
-                (Some(a), Some(b)) => split_distance(a, b, ours.experts, distance),
+                (Some(a), Some(b)) => Some(split_distance(a, b, ours.experts, distance)),
                 _ => None,
             };
             Some(LayerContrast {
@@ -93,15 +94,28 @@ pub fn contrast(ours: &Audit, other: &Audit) -> Vec<LayerContrast> {
 pub fn table(c: &[LayerContrast], prompts: usize, other_prompts: usize) -> String {
     let list =
         |v: &[(usize, f64)]| v.iter().map(|(e, d)| format!("{e}:{:+.1}", 100.0 * d)).collect::<Vec<_>>().join(" ");
-    let splits = c.iter().filter_map(|l| l.chance.map(|ch| ch.splits)).min();
-    let chance = match splits {
+    let measured = |l: &LayerContrast| l.chance.and_then(Result::ok);
+    let chance = match c.iter().filter_map(|l| measured(l).map(|ch| ch.splits)).min() {
         Some(n) => format!(
             "; chance, the 95th percentile of the distance between {n} random splits of the pooled prompts into \
-             sets of these sizes, and p, the share of splits at least as far apart (p above 0.05: the two sets' \
-             loads differ no more than prompts do)"
+             sets like these (their sizes, and their prompts' lengths: prompts move only among prompts of similar \
+             length), and p, (1 + the splits at least as far apart) / (1 + {n}): a p below 0.05 says the two sets' \
+             loads differ more than splits of their prompts do (one test a layer: of many layers, some fall below \
+             0.05 by chance), a higher one gives no evidence of a difference"
         ),
-        None => "; chance and p need 2 prompts or more a side (prompts are split at random to measure chance)".into(),
+        None => String::new(),
     };
+    // Why a layer has no chance level (the prompts are the same in every layer: said once).
+    let why = c.iter().find_map(|l| l.chance.and_then(Result::err)).map(|reason| match reason {
+        NoChance::FewPrompts => "chance and p need 2 prompts or more a side".to_string(),
+        NoChance::LengthsApart => "chance and p: no two prompts of the two sets are of similar length (within \
+             1.5x), so no split keeps the sets' lengths, and short prompts are further from any set by their \
+             sampling noise alone: compare prompts of similar lengths"
+            .to_string(),
+        NoChance::FewSplits(n) => {
+            format!("chance and p: these prompts split only {n} ways, too few for p to fall below 0.05")
+        }
+    });
     let mut s = format!(
         "load against the other prompts ({prompts} against {other_prompts} prompt(s)): total variation distance \
          between the two load distributions (sum |share - its share| / 2: 0 the same, 1 disjoint){chance}; and the \
@@ -110,7 +124,7 @@ pub fn table(c: &[LayerContrast], prompts: usize, other_prompts: usize) -> Strin
         "layer", "slots", "its", "distance", "chance", "p", "MaxVio", "its", "grew most"
     );
     for l in c {
-        let (chance, p) = match l.chance {
+        let (chance, p) = match measured(l) {
             Some(ch) => (format!("{:.3}", ch.p95), format!("{:.3}", ch.p)),
             None => ("-".into(), "-".into()),
         };
@@ -127,6 +141,9 @@ pub fn table(c: &[LayerContrast], prompts: usize, other_prompts: usize) -> Strin
             list(&l.lost)
         );
     }
+    if let Some(why) = why {
+        let _ = writeln!(s, "note: {why}");
+    }
     s
 }
 
@@ -136,12 +153,18 @@ pub fn to_json(c: &[LayerContrast]) -> Value {
     let pairs = |v: &[(usize, f64)]| v.iter().map(|(e, d)| json!({"expert": e, "share_change": d})).collect::<Vec<_>>();
     c.iter()
         .map(|l| {
+            let measured = l.chance.and_then(Result::ok);
             json!({
                 "layer": l.layer, "slots": l.slots, "compare_slots": l.other_slots, "distance": l.distance,
                 "grew": pairs(&l.gained), "shrank": pairs(&l.lost),
                 "max_vio": l.max_vio, "compare_max_vio": l.other_max_vio,
-                "distance_chance_p95": l.chance.map(|c| c.p95), "distance_p": l.chance.map(|c| c.p),
-                "chance_splits": l.chance.map(|c| c.splits),
+                "distance_chance_p95": measured.map(|c| c.p95), "distance_p": measured.map(|c| c.p),
+                "chance_splits": measured.map(|c| c.splits),
+                "no_chance": l.chance.and_then(Result::err).map(|r| match r {
+                    NoChance::FewPrompts => "few_prompts",
+                    NoChance::LengthsApart => "lengths_apart",
+                    NoChance::FewSplits(_) => "few_splits",
+                }),
             })
         })
         .collect()
