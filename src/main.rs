@@ -232,7 +232,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let config_warning = reference.other_config(&ckpt.config_bytes, &model_dir);
             let code = (|| -> Result<ExitCode> {
                 let tokens = reference.tokens_for(ckpt.config.vocab_size)?;
-                verify::Replay { routing: force_routing, selection: force_selection }.check(&reference)?;
+                verify::Replay { routing: force_routing, selection: force_selection }
+                    .check(&reference, layers.as_ref())?;
                 if decode {
                     println!(
                         "verify --decode {}: glimpse's decode through the latent cache against its own prefill, on \
@@ -309,7 +310,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     window: layers.as_ref(),
                     mtp: verify::has_mtp(&reference),
                     stream,
-                    recording: memory::Recording::Nothing,
+                    recording: memory::Recording::compared(&reference),
                     passes,
                     max: max_memory,
                 };

@@ -75,6 +75,11 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
         Some(d) => Some(Start::from_dump(d, first, [tokens.batch, tokens.seq, ckpt.config.hidden_size])?),
         None => None,
     };
+    // Before the weights load (minutes, at GLM-5's size): a whole run would not start over an
+    // interrupted one's layers.
+    if let (Some(path), false, None, None) = (&out, resume, &layers, &mtp_head) {
+        DumpWriter::refuse_overwrite(path)?;
+    }
     let mut resident = None;
     let budget = Budget {
         tokens: &tokens,

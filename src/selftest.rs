@@ -108,7 +108,13 @@ fn device_case<O: Ops>(
 /// Prints a case's verdict; whether it passed (every tensor matched, none missing).
 fn report(case: &Path, how: &str, r: &verify::Report) -> bool {
     let pass = r.all_match() && r.only_in_reference.is_empty() && r.unchecked.is_empty();
-    let first = r.first_mismatch().map(|c| format!("; first mismatch {}", c.name)).unwrap_or_default();
+    let mut first = r.first_mismatch().map(|c| format!("; first mismatch {}", c.name)).unwrap_or_default();
+    // Why a case whose tensors all match fails: what was not compared.
+    for (n, what) in [(r.only_in_reference.len(), "not produced"), (r.unchecked.len(), "not in the reference")] {
+        if n > 0 {
+            first += &format!("; {n} hook point(s) {what}");
+        }
+    }
     println!(
         "verify {} ({how}): {} of {} tensors match{first}{}",
         case.display(),

@@ -671,7 +671,7 @@ pub fn open(o: &Open) -> Result<DumpSource> {
         &ckpt,
         tokens.batch,
         tokens.seq,
-        crate::memory::Recording::ALL,
+        crate::memory::Recording::of(&Selector::default(), ckpt.config.num_hidden_layers),
         max_memory,
         "fewer tokens",
     )?;

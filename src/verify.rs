@@ -190,10 +190,9 @@ impl Verifier<'_> {
         }
     }
 
-    fn into_report(self, mut only_in_reference: Vec<String>, unchecked: Vec<String>, opts: &VerifyOptions) -> Report {
-        // (A tool's extra tensors of other dtypes, left unread, too.)
-        only_in_reference.extend(self.golden.unread().iter().map(|(name, _)| name.clone()));
+    fn into_report(self, only_in_reference: Vec<String>, unchecked: Vec<String>, opts: &VerifyOptions) -> Report {
         Report {
+            unread: self.golden.unread().to_vec(),
             results: self.results,
             non_finite: self.non_finite,
             only_in_reference,
@@ -297,16 +296,21 @@ impl Replay {
         }
     }
 
-    /// Refuses a replay of decisions `golden` does not hold (a run that replays nothing would
-    /// say it replayed them).
-    pub fn check(self, golden: &Dump) -> Result<()> {
-        let holds = |suffix: &str| golden.names().iter().any(|n| n.ends_with(suffix));
+    /// Refuses a replay of decisions `golden` does not hold in the `--layers` window (a run that
+    /// replays nothing would say it replayed them).
+    pub fn check(self, golden: &Dump, window: Option<&RangeInclusive<usize>>) -> Result<()> {
+        let in_window = |n: &str| {
+            let layer = HookPoint::parse(n).and_then(|p| p.layer());
+            window.is_none_or(|w| layer.is_some_and(|i| w.contains(&i)))
+        };
+        let holds = |suffix: &str| golden.names().iter().any(|n| n.ends_with(suffix) && in_window(n));
         for (asked, flag, suffix) in
             [(self.routing, "--force-routing", ".moe.topk_ids"), (self.selection, "--force-selection", ".dsa.topk")]
         {
             if asked && !holds(suffix) {
+                let within = window.map(|w| format!(" in layers {}..{}", w.start(), w.end())).unwrap_or_default();
                 return Err(Error::Usage(format!(
-                    "{flag}: {} holds no `layers.*{suffix}` to replay",
+                    "{flag}: {} holds no `layers.*{suffix}`{within} to replay",
                     golden.path.display()
                 )));
             }
@@ -324,6 +328,8 @@ pub struct Report {
     /// The spec's hook points this run produces that the reference does not hold: a partial
     /// reference checks the rest only.
     pub unchecked: Vec<String>,
+    /// The reference's tensors left unread for their dtype (a tool's extras), with it.
+    pub unread: Vec<(String, String)>,
     pub isolate: bool,
     /// The reference's decisions this run took instead of its own.
     pub replay: Replay,
@@ -456,7 +462,7 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
     };
     let only_in_reference =
         golden.names().into_iter().filter(|n| !produced.contains(n.as_str()) && in_window(n)).collect();
-    let unchecked = unchecked(golden, w.config(), window, opts.layers.is_none());
+    let unchecked = unchecked(golden, w.config(), window);
     v.attach_margins(w.config(), || match w {
         Weights::Resident(m) => Some(Routers::of_layers(&m.config, &m.layers)),
         // Margins are advice on a finished comparison: a bias that cannot be read leaves them unknown.
@@ -491,17 +497,19 @@ pub fn verify_prefill(
         })
         .collect();
     v.attach_margins(&model.config, || Some(Routers::of_layers(&model.config, &model.layers)));
-    let unchecked = unchecked(golden, &model.config, 0..=layers - 1, true);
+    let unchecked = unchecked(golden, &model.config, 0..=layers - 1);
     Ok(v.into_report(only_in_reference, unchecked, opts))
 }
 
-/// The spec's hook points a run of `config`'s `layers` produces (with `ends`, a whole run's
-/// tokens, embeddings, final norm and logits too) that `golden` does not hold.
-fn unchecked(golden: &Dump, config: &Config, layers: RangeInclusive<usize>, ends: bool) -> Vec<String> {
+/// The spec's hook points a run of `config`'s `layers` produces (from layer 0, the tokens and
+/// embeddings; to the last, the final norm and logits) that `golden` does not hold.
+fn unchecked(golden: &Dump, config: &Config, layers: RangeInclusive<usize>) -> Vec<String> {
     let moe_only = |h: LayerHook| matches!(h, LayerHook::RouterLogits | LayerHook::TopkIds | LayerHook::TopkWeights);
+    let (first, last) = (*layers.start() == 0, *layers.end() + 1 == config.num_hidden_layers);
     let produced = |p: &HookPoint| match *p {
         HookPoint::Layer(i, h) => layers.contains(&i) && (!moe_only(h) || config.mlp_kind(i) == MlpKind::Moe),
-        _ => ends,
+        HookPoint::InputIds | HookPoint::Embeddings => first,
+        _ => last,
     };
     let points = HookPoint::all(config.num_hidden_layers).filter(|p| p.in_spec() && produced(p));
     points.map(|p| p.name()).filter(|n| !golden.contains(n)).collect()
@@ -610,6 +618,12 @@ pub fn print_report(r: &Report, tol: Tolerance, near_tie: f64) {
     for n in &r.only_in_reference {
         println!("{n:<34} {:<8} only in the reference (not produced by this run)", "skipped");
     }
+    for (n, dtype) in &r.unread {
+        println!(
+            "{n:<34} {:<8} only in the reference, not read ({dtype}, not a dtype of the spec's hook points)",
+            "skipped"
+        );
+    }
     if let Some(line) = unchecked_line(&r.unchecked) {
         println!("{line}");
     }
@@ -701,6 +715,7 @@ pub fn report_json(r: &Report, opts: &VerifyOptions, near_tie: f64, replay: Opti
         "replayed": r.replay.describe(),
         "only_in_reference": r.only_in_reference,
         "unchecked": r.unchecked,
+        "unread_in_reference": r.unread.iter().map(|(n, d)| serde_json::json!({"name": n, "dtype": d})).collect::<Vec<_>>(),
         "first_non_finite": r.non_finite.as_ref().map(|n| serde_json::json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
         "without_replay": replay.map(|free| serde_json::json!({
             "match": free.all_match(),

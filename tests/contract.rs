@@ -128,9 +128,20 @@ fn a_partial_reference_says_what_it_did_not_check() {
     let (_, json) = code_and_text(&["verify", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["unchecked"].as_array().map(Vec::len), Some(0));
+    // A window reaching the last layer runs the head: its final norm is unchecked; the
+    // embeddings, before the window, are not.
+    let (_, json) =
+        code_and_text(&["verify", "--model", &flat, "--golden", &s(&partial), "--layers", "3..4", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let unchecked: Vec<&str> = v["unchecked"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    assert!(unchecked.contains(&"final_norm") && !unchecked.contains(&"embeddings"), "{unchecked:?}");
+    assert!(unchecked.iter().all(|n| !n.starts_with("layers.2.")), "{unchecked:?}");
     let (code, out) = code_and_text(&["verify", "--model", &flat, "--golden", &s(&partial), "--force-routing"]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("--force-routing: ") && out.contains("holds no `layers.*.moe.topk_ids` to replay"), "{out}");
+    // Nor where the window holds none (golden/flat's first two layers are dense).
+    let (code, out) = code_and_text(&["verify", "--force-routing", "--layers", "0..1"]);
+    assert!(code == 2 && out.contains("holds no `layers.*.moe.topk_ids` in layers 0..1 to replay"), "{out}");
 }
 
 /// Indexer scores in F64 masked with float64's `finfo.min` read as `-inf`, as f32's do (it read

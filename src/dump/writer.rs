@@ -233,7 +233,17 @@ impl DumpWriter {
     ) -> Result<Self> {
         let lock = ResumeLock::take(path)?;
         let (partial, state_path, hidden_path) = resume_paths(path);
-        // A run interrupted before is not overwritten unasked: it may hold hours of layers.
+        Self::refuse_overwrite(path)?;
+        let mut w = DumpWriter::create_at(path, partial, selector, expected)?;
+        let (tokens, config_sha256) = (tokens.clone(), config_sha256.into());
+        w.resume = Some(Resume { state_path, hidden_path, tokens, config_sha256, lock });
+        Ok(w)
+    }
+
+    /// Refuses to start a resumable run to `path` over an interrupted one, which may hold hours of
+    /// layers: `--resume` finishes it, or the user deletes it (called before the model loads too).
+    pub fn refuse_overwrite(path: &Path) -> Result<()> {
+        let (partial, state_path, _) = resume_paths(path);
         if state_path.is_file() && partial.is_file() {
             return Err(Error::Usage(format!(
                 "{} keeps an interrupted run of this dump: --resume finishes it (same tokens, config and --record); \
@@ -242,10 +252,7 @@ impl DumpWriter {
                 state_path.display()
             )));
         }
-        let mut w = DumpWriter::create_at(path, partial, selector, expected)?;
-        let (tokens, config_sha256) = (tokens.clone(), config_sha256.into());
-        w.resume = Some(Resume { state_path, hidden_path, tokens, config_sha256, lock });
-        Ok(w)
+        Ok(())
     }
 
     /// Reopens what a killed resumable run left for the same tokens and config: the writer, the
