@@ -467,8 +467,9 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>, mut routes: 
         let (Values::I64(ids), shape) = d.values(&name)? else {
             return Err(Error::dump(&d.path, format!("`{name}` must be an integer tensor")));
         };
+        // (`[B, S, k]`, outside the spec, is read as its `[B*S, k]`.)
         let k = match shape[..] {
-            [_, k] if k > 0 => k,
+            [_, .., k] if k > 0 => k,
             _ => {
                 let msg = format!("`{name}` has shape {shape:?}: the spec's is [tokens, experts per token], k > 0");
                 return Err(Error::dump(&d.path, msg));
