@@ -16,7 +16,7 @@ use crate::config::MAX_EXPERTS;
 use crate::dump::{Dump, Values};
 use crate::error::{Context, Error, Result};
 use crate::hooks::{HookPoint, LayerHook, Observer};
-use crate::model::moe::{RouterConfig, Routers};
+use crate::model::moe::{Route, Routers};
 use crate::model::{Model, Tokens};
 
 /// Collects routing counts during forward passes, without keeping any activation (with
@@ -547,9 +547,12 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>, mut routes: 
         };
         if let (Some((rc, bias)), Some((v, shape))) = (router, &logits) {
             if shape.last() == Some(&bias.len()) && v.len() == rows * bias.len() {
-                check_rule(d, &name, rc, bias, v, &ids)?;
+                // Each token routed once, for both checks.
+                let routes: Vec<Route> =
+                    v.chunks(bias.len()).map(|row| crate::model::moe::route(rc, row, bias)).collect();
+                check_rule(d, &name, rc.top_k, &routes, v, &ids)?;
                 if let Some(w) = &weights {
-                    check_weights(d, i, rc, bias, v, &ids, w);
+                    check_weights(d, i, rc.top_k, &routes, &ids, w);
                 }
             }
         }
@@ -580,18 +583,15 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>, mut routes: 
 /// than the near-tie margin are not counted (a rounding may flip those: 1e-3, or bf16's 4e-2
 /// where the logits hold bf16 values only); a few others are warned of, and most tokens of a
 /// layer off the rule refuse the dump.
-fn check_rule(d: &Dump, name: &str, rc: &RouterConfig, bias: &[f32], logits: &[f32], ids: &[i64]) -> Result<()> {
+fn check_rule(d: &Dump, name: &str, k: usize, routes: &[Route], logits: &[f32], ids: &[i64]) -> Result<()> {
     use crate::compare::Tolerance;
     let bf16 = logits.iter().all(|x| x.to_bits() & 0xFFFF == 0);
     let near_tie = if bf16 { Tolerance { atol: 2e-2, rtol: 2e-2 } } else { Tolerance::default() }.near_tie();
-    let e = bias.len().max(1);
-    let k = rc.top_k.max(1);
-    let tokens = logits.len() / e;
-    let off = logits
-        .chunks(e)
-        .zip(ids.chunks(k))
-        .filter(|(row, recorded)| {
-            let route = crate::model::moe::route(rc, row, bias);
+    let tokens = routes.len();
+    let off = routes
+        .iter()
+        .zip(ids.chunks(k.max(1)))
+        .filter(|(route, recorded)| {
             let mut picked: Vec<i64> = route.ids.iter().map(|&x| x as i64).collect();
             let mut recorded = recorded.to_vec();
             picked.sort_unstable();
@@ -624,12 +624,11 @@ fn check_rule(d: &Dump, name: &str, rc: &RouterConfig, bias: &[f32], logits: &[f
 /// the tokens whose experts are the router's: `--routes` pairs each expert with the weight in its
 /// slot. Weights of the right values in other slots (ids sorted without their weights) are said
 /// as such; other values are another rule, which `diff --model` names.
-fn check_weights(d: &Dump, layer: usize, rc: &RouterConfig, bias: &[f32], logits: &[f32], ids: &[i64], w: &[f32]) {
-    let (e, k) = (bias.len().max(1), rc.top_k.max(1));
+fn check_weights(d: &Dump, layer: usize, k: usize, routes: &[Route], ids: &[i64], w: &[f32]) {
+    let k = k.max(1);
     let close = |a: f32, b: f32| (a - b).abs() <= 2e-2 * b.abs().max(1e-2);
     let (mut checked, mut misaligned, mut other) = (0, 0, 0);
-    for ((row, recorded), weights) in logits.chunks(e).zip(ids.chunks(k)).zip(w.chunks(k)) {
-        let route = crate::model::moe::route(rc, row, bias);
+    for ((route, recorded), weights) in routes.iter().zip(ids.chunks(k)).zip(w.chunks(k)) {
         let rule = |id: i64| route.ids.iter().position(|&x| x as i64 == id).map(|j| route.weights[j]);
         let Some(expected) = recorded.iter().map(|&id| rule(id)).collect::<Option<Vec<f32>>>() else { continue };
         checked += 1;
