@@ -113,21 +113,22 @@ pub enum Passes {
 pub enum Recording {
     /// No dump.
     Nothing,
-    /// A selector's hook points: how many in all, and whether they take the `[B, S, S]` indexer
-    /// scores and the logits (the two widest). Or a comparison's (`verify`): no tensor kept, but
-    /// the scores made whole where the reference holds them.
-    Hooks { tensors: usize, scores: bool, logits: bool },
+    /// A selector's hook points: how many in all, whether they take the `[B, S, S]` indexer
+    /// scores, and how many vocabulary-wide logits (the main model's, the MTP head's). Or a
+    /// comparison's (`verify`): no tensor kept, but the scores made whole where the reference
+    /// holds them.
+    Hooks { tensors: usize, scores: bool, logits: usize },
 }
 
 impl Recording {
     /// Everything, the scores too (what `verify --decode` keeps of its prefill).
-    pub const ALL: Recording = Recording::Hooks { tensors: usize::MAX, scores: true, logits: true };
+    pub const ALL: Recording = Recording::Hooks { tensors: usize::MAX, scores: true, logits: 2 };
 
     /// What `selector` records of a model of `layers` layers (and its MTP layer).
     pub fn of(selector: &Selector, layers: usize) -> Recording {
         let tensors = HookPoint::all(layers).filter(|&p| selector.wants(p)).count();
         let scores = (0..=layers).any(|i| selector.wants(HookPoint::Layer(i, LayerHook::DsaScores)));
-        let logits = selector.wants(HookPoint::Logits) || selector.wants(HookPoint::MtpLogits);
+        let logits = [HookPoint::Logits, HookPoint::MtpLogits].into_iter().filter(|&p| selector.wants(p)).count();
         Recording::Hooks { tensors, scores, logits }
     }
 
@@ -135,7 +136,7 @@ impl Recording {
     /// reference holds some to compare with.
     pub fn compared(reference: &crate::dump::Dump) -> Recording {
         match reference.names().iter().any(|n| n.ends_with(".dsa.scores")) {
-            true => Recording::Hooks { tensors: 0, scores: true, logits: false },
+            true => Recording::Hooks { tensors: 0, scores: true, logits: 0 },
             false => Recording::Nothing,
         }
     }
@@ -259,7 +260,7 @@ pub fn estimate(
     // An absorbed task's folded queries and their mixes, and one query's gathered keys and scores.
     let absorbed = if e < s { threads * (2 * attention::BLOCK as u128 * nh * r + k * (r + rope) + nh * k) } else { 0 };
     let (scores, logits_recorded, tensors_recorded) = match recording {
-        Recording::Nothing => (false, false, 0),
+        Recording::Nothing => (false, 0, 0),
         Recording::Hooks { tensors, scores, logits } => (scores, logits, tensors as u128),
     };
     let whole_scores = if scores { 2 * b * s * s } else { 0 };
@@ -267,12 +268,12 @@ pub fn estimate(
     let per_layer = whole_scores + 2 * b * s * k + blocks + absorbed + heads + 8 * b * s * widest;
     let logits = 2 * b * s * c.vocab_size as u128;
     let activations = 4 * (per_layer.max(logits) + 4 * b * s * h);
-    // Tensors waiting for the dump writer: at most its queue, or the run's recorded hook points
-    // where fewer, each at most a layer's widest (the hidden size, the router's or the recorded
-    // S x S scores'), and the logits where they are recorded.
+    // Tensors waiting for the dump writer: at most its queue and the one it writes, or the run's
+    // recorded hook points where fewer, each at most a layer's widest (the hidden size, the
+    // router's or the recorded S x S scores'), and the logits where they are recorded.
     let widest_recorded = h.max(c.n_routed_experts as u128).max(if scores { s } else { 0 });
-    let waiting = tensors_recorded.min(crate::dump::SPILL_QUEUE as u128);
-    let logits_waiting = if logits_recorded { c.vocab_size as u128 } else { 0 };
+    let waiting = tensors_recorded.min(crate::dump::SPILL_QUEUE as u128 + 1);
+    let logits_waiting = logits_recorded as u128 * c.vocab_size as u128;
     let recorded = 4 * b * s * (waiting * widest_recorded + logits_waiting);
     let saturated = |x: u128| u64::try_from(x).unwrap_or(u64::MAX);
     Estimate { weights, activations: saturated(activations), recorded: saturated(recorded) }
@@ -488,11 +489,11 @@ mod tests {
         let est = |r| estimate(&ckpt, (1, 4096), &all, true, r, Passes::One);
         let of = |patterns: &str| Recording::of(&Selector::new(patterns, None), layers);
         let (h, s, v) = (ckpt.config.hidden_size as u64, 4096u64, ckpt.config.vocab_size as u64);
-        assert_eq!(of("layers.0.output"), Recording::Hooks { tensors: 1, scores: false, logits: false });
+        assert_eq!(of("layers.0.output"), Recording::Hooks { tensors: 1, scores: false, logits: 0 });
         assert_eq!(est(of("layers.0.output")).recorded, 4 * s * h);
         // Every layer's output (the MTP layer's too) and the logits: as many wait as the run
         // records, at most the writer's queue, each at most a layer's widest; and the logits.
-        let queue = crate::dump::SPILL_QUEUE.min(layers + 2) as u64;
+        let queue = (crate::dump::SPILL_QUEUE + 1).min(layers + 2) as u64;
         assert_eq!(est(of("layers.*.output,logits")).recorded, 4 * s * (queue * h + v));
         assert_eq!(est(Recording::Nothing).recorded, 0);
         // The scores' [S, S] and its copy, only where recorded.

@@ -10,7 +10,7 @@ use crate::rng::Rng;
 /// Draws of uniform routing whose medians [`uniform`] gives, at most.
 pub const DRAWS: usize = 20;
 /// Random splits [`split_distance`] makes of a layer's pooled prompts, at most.
-pub const SPLITS: usize = 200;
+pub const SPLITS: usize = 1000;
 /// The most expert picks (tokens x k, over all draws) [`uniform`] makes for one layer: fewer
 /// draws where the tokens are many (their chance level varies less).
 const MAX_PICKS: u64 = 50_000_000;
@@ -95,11 +95,11 @@ pub enum NoChance {
     /// No band of similar lengths holds prompts of both sides: splits could only swap prompts
     /// of different lengths, whose sampling noise differs.
     LengthsApart,
-    /// So few distinct splits that p could not fall below 0.05.
+    /// So few distinct split distances that p could not fall below 0.05: how many.
     FewSplits(u64),
 }
 
-/// Prompts whose routing slots are within this factor of each other share a length band.
+/// A length band's longest prompt has at most this factor of its shortest's routing slots.
 const LENGTH_BAND: f64 = 1.5;
 
 /// Per-prompt counts of both sides (`[prompts, experts]` flattened, each row a prompt's expert
@@ -119,26 +119,32 @@ pub fn split_distance(ours: &[u32], other: &[u32], experts: usize, observed: f64
     let pool: Vec<&[u32]> = ours.chunks_exact(e).chain(other.chunks_exact(e)).collect();
     let slots = |p: usize| pool[p].iter().map(|&c| u64::from(c)).sum::<u64>();
     let all: Vec<u64> = (0..e).map(|x| pool.iter().map(|row| u64::from(row[x])).sum()).collect();
-    // Bands: prompts in order of length, a new band where one is past LENGTH_BAND times the
-    // band's shortest; each band with how many of ours it holds.
+    // Bands: prompts in order of length, cut at the widest gaps until no band's longest is past
+    // LENGTH_BAND times its shortest (so near lengths stay together); each band with how many
+    // of ours it holds.
     let mut order: Vec<usize> = (0..pool.len()).collect();
     order.sort_by_key(|&p| slots(p));
-    let mut bands: Vec<(Vec<usize>, usize)> = Vec::new();
-    for &p in &order {
-        match bands.last_mut() {
-            Some((band, ours_in)) if slots(p) as f64 <= LENGTH_BAND * slots(band[0]).max(1) as f64 => {
-                band.push(p);
-                *ours_in += usize::from(p < na);
-            }
-            _ => bands.push((vec![p], usize::from(p < na))),
-        }
-    }
-    // Distinct splits: the product of each band's ways to place its prompts of ours.
-    let distinct = bands.iter().fold(1f64, |n, (band, k)| n * choose(band.len(), *k));
+    let lengths: Vec<f64> = order.iter().map(|&p| slots(p).max(1) as f64).collect();
+    let bands: Vec<(Vec<usize>, usize)> = bands_of(&lengths)
+        .into_iter()
+        .map(|r| {
+            let band = order[r].to_vec();
+            let ours_in = band.iter().filter(|&&p| p < na).count();
+            (band, ours_in)
+        })
+        .collect();
+    let mut bands = bands;
+    // Distinct split distances: the product of each band's ways to place its prompts of ours,
+    // halved where every band holds as many of each side (a split and its mirror are as far
+    // apart).
+    let mirrored = bands.iter().all(|(band, k)| 2 * k == band.len());
+    let distinct =
+        bands.iter().fold(1f64, |n, (band, k)| n * choose(band.len(), *k)) / if mirrored { 2.0 } else { 1.0 };
     if distinct <= 1.0 {
         return Err(NoChance::LengthsApart);
     }
-    if distinct < 20.0 {
+    // (With 20, the least p is 1/20: not below 0.05.)
+    if distinct <= 20.0 {
         return Err(NoChance::FewSplits(distinct as u64));
     }
     let splits = (MAX_ADDS / (na * e)).clamp(20, SPLITS);
@@ -163,6 +169,27 @@ pub fn split_distance(ours: &[u32], other: &[u32], experts: usize, observed: f64
     distances.sort_by(f64::total_cmp);
     let at = ((splits as f64 * 0.95).ceil() as usize).clamp(1, splits) - 1;
     Ok(SplitChance { p95: distances[at], p: (1 + beyond) as f64 / (1 + splits) as f64, splits })
+}
+
+/// Ranges of `lengths` (ascending) cut at their widest gaps (the largest ratio of a length to
+/// the one before) until no range's last is past [`LENGTH_BAND`] times its first.
+fn bands_of(lengths: &[f64]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut todo = Vec::new();
+    todo.push(0..lengths.len());
+    while let Some(r) = todo.pop() {
+        if r.len() < 2 || lengths[r.end - 1] <= LENGTH_BAND * lengths[r.start] {
+            out.push(r);
+            continue;
+        }
+        // The cut goes before the widest gap's longer side (the first, where gaps tie).
+        let cut = (r.start + 1..r.end)
+            .max_by(|&a, &b| (lengths[a] / lengths[a - 1]).total_cmp(&(lengths[b] / lengths[b - 1])).then(b.cmp(&a)))
+            .unwrap_or(r.end);
+        todo.push(cut..r.end);
+        todo.push(r.start..cut);
+    }
+    out
 }
 
 /// `n` choose `k`, as a float (large counts only compare with 20).
@@ -221,7 +248,21 @@ mod tests {
         let apart = split_distance(&prompts(&[0, 1, 2, 3], 10), &c, e, 1.0).unwrap();
         assert!(apart.p < 0.01 && apart.p95 < 0.5, "{apart:?}");
         assert_eq!(split_distance(&a[..e], &b, e, 0.1), Err(NoChance::FewPrompts));
-        assert_eq!(split_distance(&a[..2 * e], &b[..2 * e], e, 0.1), Err(NoChance::FewSplits(6)));
+        // 2 against 2: 6 splits, 3 distances (a split and its mirror); 3 against 3 likewise 10.
+        assert_eq!(split_distance(&a[..2 * e], &b[..2 * e], e, 0.1), Err(NoChance::FewSplits(3)));
+        assert_eq!(split_distance(&a[..3 * e], &b[..3 * e], e, 0.1), Err(NoChance::FewSplits(10)));
+    }
+
+    /// Bands cut at the widest gaps: 15 against 16 tokens (60 and 64 slots) stay together when
+    /// a 10-token prompt (40) widens the range; the greedy cut from each band's shortest parted
+    /// them.
+    #[test]
+    fn length_bands_keep_near_lengths_together() {
+        assert_eq!(bands_of(&[40.0, 60.0, 60.0, 64.0, 64.0, 64.0]), [0..1, 1..6]);
+        assert_eq!(bands_of(&[8.0, 8.0, 200.0, 210.0]), [0..2, 2..4]);
+        assert_eq!(bands_of(&[10.0, 14.0, 14.5, 15.0]).len(), 1);
+        // A chain of gaps, none past 1.5, still cut where the range is: at the widest.
+        assert_eq!(bands_of(&[1.0, 1.4, 1.96, 2.74]), [0..2, 2..4]);
     }
 
     /// Sets of one routing but other prompt lengths: long against short prompts alone cannot be

@@ -105,17 +105,23 @@ pub fn table(c: &[LayerContrast], prompts: usize, other_prompts: usize) -> Strin
         ),
         None => String::new(),
     };
-    // Why a layer has no chance level (the prompts are the same in every layer: said once).
-    let why = c.iter().find_map(|l| l.chance.and_then(Result::err)).map(|reason| match reason {
-        NoChance::FewPrompts => "chance and p need 2 prompts or more a side".to_string(),
-        NoChance::LengthsApart => "chance and p: no two prompts of the two sets are of similar length (within \
-             1.5x), so no split keeps the sets' lengths, and short prompts are further from any set by their \
-             sampling noise alone: compare prompts of similar lengths"
-            .to_string(),
-        NoChance::FewSplits(n) => {
-            format!("chance and p: these prompts split only {n} ways, too few for p to fall below 0.05")
+    // Why layers have no chance level, each reason once (layers mostly share their prompts).
+    let mut why: Vec<String> = Vec::new();
+    for reason in c.iter().filter_map(|l| l.chance.and_then(Result::err)) {
+        let line = match reason {
+            NoChance::FewPrompts => "chance and p need 2 prompts or more a side".to_string(),
+            NoChance::LengthsApart => "chance and p: no band of prompts of similar length (within 1.5x) holds \
+                 prompts of both sets, so no split keeps the sets' lengths, and short prompts are further from any \
+                 set by their sampling noise alone: compare prompts of similar lengths"
+                .to_string(),
+            NoChance::FewSplits(n) => format!(
+                "chance and p: these prompts split into only {n} distinct distances, too few for p to fall below 0.05"
+            ),
+        };
+        if !why.contains(&line) {
+            why.push(line);
         }
-    });
+    }
     let mut s = format!(
         "load against the other prompts ({prompts} against {other_prompts} prompt(s)): total variation distance \
          between the two load distributions (sum |share - its share| / 2: 0 the same, 1 disjoint){chance}; and the \
@@ -141,8 +147,8 @@ pub fn table(c: &[LayerContrast], prompts: usize, other_prompts: usize) -> Strin
             list(&l.lost)
         );
     }
-    if let Some(why) = why {
-        let _ = writeln!(s, "note: {why}");
+    for line in why {
+        let _ = writeln!(s, "note: {line}");
     }
     s
 }
@@ -165,6 +171,10 @@ pub fn to_json(c: &[LayerContrast]) -> Value {
                     NoChance::LengthsApart => "lengths_apart",
                     NoChance::FewSplits(_) => "few_splits",
                 }),
+                "distinct_distances": match l.chance {
+                    Some(Err(NoChance::FewSplits(n))) => Some(n),
+                    _ => None,
+                },
             })
         })
         .collect()

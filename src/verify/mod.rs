@@ -196,8 +196,15 @@ impl Verifier<'_> {
     }
 
     fn into_report(self, only_in_reference: Vec<String>, unchecked: Vec<String>, opts: &VerifyOptions) -> Report {
+        // (In a --layers window, those of its layers, as `only_in_reference` is.)
+        let layer = |n: &str| n.strip_prefix("layers.")?.split('.').next()?.parse::<usize>().ok();
+        let in_window = |n: &str| match (&opts.layers, layer(n)) {
+            (None, _) => true,
+            (Some(w), Some(i)) => w.contains(&i),
+            (Some(_), None) => false,
+        };
         Report {
-            unread: self.golden.unread().to_vec(),
+            unread: self.golden.unread().iter().filter(|(n, _)| in_window(n)).cloned().collect(),
             results: self.results,
             non_finite: self.non_finite,
             only_in_reference,
