@@ -125,7 +125,7 @@ pub fn split_distance(ours: &[u32], other: &[u32], experts: usize, observed: f64
     let mut order: Vec<usize> = (0..pool.len()).collect();
     order.sort_by_key(|&p| slots(p));
     let lengths: Vec<f64> = order.iter().map(|&p| slots(p).max(1) as f64).collect();
-    let bands: Vec<(Vec<usize>, usize)> = bands_of(&lengths)
+    let mut bands: Vec<(Vec<usize>, usize)> = bands_of(&lengths)
         .into_iter()
         .map(|r| {
             let band = order[r].to_vec();
@@ -133,7 +133,6 @@ pub fn split_distance(ours: &[u32], other: &[u32], experts: usize, observed: f64
             (band, ours_in)
         })
         .collect();
-    let mut bands = bands;
     // Distinct split distances: the product of each band's ways to place its prompts of ours,
     // halved where every band holds as many of each side (a split and its mirror are as far
     // apart).
