@@ -161,12 +161,12 @@ impl Checkpoint {
         self.names.keys().map(String::as_str)
     }
 
-    /// Whether the index maps `name` to a shard not in the folder.
     /// The tensors the index places in shards the folder lacks.
     pub fn absent(&self) -> impl Iterator<Item = &str> {
         self.absent_names.iter().map(String::as_str)
     }
 
+    /// Whether the index maps `name` to a shard not in the folder.
     pub fn is_absent(&self, name: &str) -> bool {
         self.absent_names.contains(name)
     }
