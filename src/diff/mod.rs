@@ -416,8 +416,8 @@ impl DiffReport {
             "bf16_first_divergence": self.bf16_first.as_ref().map(|(name, [a, b])| json!({"name": name, "a": a, "b": b})),
             "only_in_a": self.only_a,
             "only_in_b": self.only_b,
-            "unread_in_a": self.unread[0].iter().map(|(n, d)| json!({"name": n, "dtype": d})).collect::<Vec<_>>(),
-            "unread_in_b": self.unread[1].iter().map(|(n, d)| json!({"name": n, "dtype": d})).collect::<Vec<_>>(),
+            "unread_in_a": Dump::unread_json(&self.unread[0]),
+            "unread_in_b": Dump::unread_json(&self.unread[1]),
         })
     }
 

@@ -146,6 +146,11 @@ impl Dump {
         &self.unread
     }
 
+    /// [`Dump::unread`]'s list (or a report's copy of it) as JSON: `[{"name", "dtype"}]`.
+    pub fn unread_json(unread: &[(String, String)]) -> serde_json::Value {
+        unread.iter().map(|(name, dtype)| serde_json::json!({"name": name, "dtype": dtype})).collect()
+    }
+
     /// Tensor names (but those [`Dump::unread`]), in forward order for hook points, then the
     /// rest alphabetically.
     pub fn names(&self) -> Vec<String> {

@@ -176,7 +176,7 @@ pub fn report_json(r: &Report, opts: &VerifyOptions, near_tie: f64, replay: Opti
         "replayed": r.replay.describe(),
         "only_in_reference": r.only_in_reference,
         "unchecked": r.unchecked,
-        "unread_in_reference": r.unread.iter().map(|(n, d)| serde_json::json!({"name": n, "dtype": d})).collect::<Vec<_>>(),
+        "unread_in_reference": Dump::unread_json(&r.unread),
         "first_non_finite": r.non_finite.as_ref().map(|n| serde_json::json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
         "without_replay": replay.map(|free| serde_json::json!({
             "match": free.all_match(),
