@@ -243,7 +243,7 @@ pub fn collect_with_other(
                 return Err(Error::Usage(format!("{} is given twice", path.display())));
             }
             if let (Some(a), Some(b)) = (&sha, other_sha) {
-                if a != b {
+                if !crate::dump::same_config(a, b) {
                     return Err(Error::Usage(format!(
                         "{} was made from another config.json than {}: audit one model at a time",
                         path.display(),

@@ -507,7 +507,7 @@ impl Audit {
     /// `quantization_config`), so it is compared, with this said.
     pub fn other_config(&self, reference: &Audit, flag: &str) -> Option<String> {
         let (a, b) = (self.config_sha256.as_ref()?, reference.config_sha256.as_ref()?);
-        (!a.eq_ignore_ascii_case(b)).then(|| {
+        (!crate::dump::same_config(a, b)).then(|| {
             format!(
                 "{flag} was made from another config.json (a quantised twin's differs in its dtype and \
                  quantization_config): comparing their routing as one model's"

@@ -116,7 +116,7 @@ impl Dump {
     /// config).
     pub fn other_config(&self, config_bytes: &[u8], model_dir: &Path) -> Option<String> {
         let sha = self.metadata().get("config_sha256")?;
-        (!sha.eq_ignore_ascii_case(&sha256_hex(config_bytes))).then(|| {
+        (!same_config(sha, &sha256_hex(config_bytes))).then(|| {
             format!("{} was made from a different config.json than {}", self.path.display(), model_dir.display())
         })
     }
@@ -136,7 +136,7 @@ impl Dump {
     /// compared as one's (a port may rewrite the config, so it is not refused).
     pub fn other_config_than(&self, other: &Dump) -> Option<String> {
         let (a, b) = (self.metadata().get("config_sha256")?, other.metadata().get("config_sha256")?);
-        (!a.eq_ignore_ascii_case(b)).then(|| {
+        (!same_config(a, b)).then(|| {
             format!("{} and {} were made from different config.json files", self.path.display(), other.path.display())
         })
     }
@@ -332,6 +332,11 @@ pub fn metadata(source: &str, config_bytes: Option<&[u8]>, model: Option<&str>) 
         m.insert("model".into(), resolved.unwrap_or_else(|_| model.into()));
     }
     m
+}
+
+/// Whether two `config_sha256` values name the same config.json (hex in either case).
+pub fn same_config(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
 }
 
 /// Lower-case hex sha256, as the spec's `config_sha256`.
