@@ -393,10 +393,9 @@ impl Audit {
 
     /// The chance levels in one line, layers of the same levels together: what MaxVio and
     /// MaxVio/run are when the router plays no part.
-    fn chance_note(&self) -> Option<String> {
-        let uniform = self.uniform();
+    fn chance_note(uniform: &BTreeMap<usize, chance::Uniform>) -> Option<String> {
         let mut groups: Vec<(String, Vec<String>)> = Vec::new();
-        for (i, u) in &uniform {
+        for (i, u) in uniform {
             let level = format!("MaxVio {:.3}, MaxVio/run {:.3}", u.max_vio, u.max_vio_per_run);
             match groups.iter_mut().find(|(l, _)| *l == level) {
                 Some((_, layers)) => layers.push(i.to_string()),
@@ -417,8 +416,14 @@ impl Audit {
 
     /// What the table's numbers are over, where that limits them: layers with too few routed
     /// slots, prompts too short for their own MaxVio, a bias-changed share over some runs only,
-    /// layers that count different prompts.
+    /// layers that count different prompts; and the chance levels.
     pub fn notes(&self) -> Vec<String> {
+        self.notes_with(&self.uniform())
+    }
+
+    /// [`Audit::notes`] with the chance levels drawn already (drawing them again costs up to
+    /// 50 million picks a layer).
+    fn notes_with(&self, uniform: &BTreeMap<usize, chance::Uniform>) -> Vec<String> {
         let layers = |keep: &dyn Fn(&LayerLoad) -> bool| -> Vec<String> {
             self.layers.values().filter(|l| keep(l)).map(|l| l.layer.to_string()).collect()
         };
@@ -444,7 +449,7 @@ impl Audit {
                 floors.join(", ")
             ));
         }
-        if let Some(chance) = self.chance_note() {
+        if let Some(chance) = Self::chance_note(uniform) {
             notes.push(chance);
         }
         let partial: Vec<String> = (self.layers.values().filter(|l| l.bias_partial()))
@@ -543,7 +548,7 @@ impl Audit {
             "schema": "glimpse-audit/1", "prompts": self.prompts(), "experts": self.experts, "experts_guessed": self.experts_guessed,
             "stopped_after": self.stopped.map(|(run, _)| run), "complete": self.stopped.is_none(),
             "prompts_total": self.prompts_total, "layers": layers,
-            "notes": self.notes(),
+            "notes": self.notes_with(&uniform),
         })
     }
 
