@@ -185,6 +185,10 @@ pub(crate) enum Command {
         /// as --model's tokenizer decodes it): which tokens an expert takes.
         #[arg(long)]
         routes: Option<PathBuf>,
+        /// Count only layers A..B (inclusive), e.g. `40..45`, on every side; prompts run live stop
+        /// after layer B (on the CPU).
+        #[arg(long, value_parser = parse_range)]
+        layers: Option<std::ops::RangeInclusive<usize>>,
         /// Where the prompts run (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
         #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         device: Backend,

@@ -399,6 +399,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             csv,
             heatmap,
             routes,
+            layers,
             device,
             gpu,
         } => {
@@ -431,6 +432,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 keep_sets: sets,
                 per_prompt: contrast,
                 routes: routes.as_mut(),
+                window: layers.clone(),
             };
             // (--compare-prompts: other prompts, run on the same model after the audited ones.)
             let prompts = prompts.as_deref().map(|p| (p, lines));
@@ -470,6 +472,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         keep_sets: sets,
                         per_prompt: contrast,
                         routes: None,
+                        window: layers.clone(),
                     };
                     Some(glimpse::audit::collect(model.as_deref(), None, others, opts)?)
                 }

@@ -263,6 +263,51 @@ fn audit_leaves_out_the_layers_no_dump_recorded() {
     assert_eq!(layers, ["3"], "{out}");
 }
 
+/// `--layers A..B` counts those layers alone, on both sides of `--against`, with the same counts
+/// as a whole audit's (prompts run live stop after B: the routing up to it is the same), and
+/// refuses a window that holds no MoE layer.
+#[test]
+fn audit_counts_only_the_layers_asked() {
+    let json = |args: &[&str]| -> serde_json::Value { serde_json::from_str(&assert_ok(&glimpse(args)).0).unwrap() };
+    let counts = |v: &serde_json::Value, layer: u64| {
+        let l = v["layers"].as_array().unwrap().iter().find(|l| l["layer"] == layer).unwrap();
+        l["counts"].clone()
+    };
+    let layers = |v: &serde_json::Value| -> Vec<u64> {
+        v["layers"].as_array().unwrap().iter().map(|l| l["layer"].as_u64().unwrap()).collect()
+    };
+    let reference = "golden/flat/reference.safetensors";
+    let base = ["audit", "--model", "golden/flat", "--json"];
+    let whole = json(&[&base[..], &["--dump", reference]].concat());
+    let window = json(&[&base[..], &["--dump", reference, "--against", reference, "--layers", "3..4"]].concat());
+    assert_eq!(layers(&whole), [2, 3, 4]);
+    assert_eq!(layers(&window), [3, 4]);
+    assert_eq!(window["layer_window"], serde_json::json!([3, 4]));
+    assert_eq!(whole["layer_window"], serde_json::Value::Null);
+    assert_eq!(counts(&window, 3), counts(&whole, 3));
+    let shifted: Vec<u64> = window["shift"].as_array().unwrap().iter().map(|l| l["layer"].as_u64().unwrap()).collect();
+    assert_eq!(shifted, [3, 4], "{}", window["shift"]);
+    // Live: the same routing of layer 3 whether the prompt runs on to the head or stops there.
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(&prompts, "1,2,3,4,5,6,7,8\n9,10,11\n").unwrap();
+    let live = [&base[..], &["--prompts", prompts.to_str().unwrap()]].concat();
+    let (all, three) = (json(&live), json(&[&live[..], &["--layers", "3"]].concat()));
+    assert_eq!(layers(&three), [3]);
+    assert_eq!(counts(&three, 3), counts(&all, 3));
+    let (table, _) = assert_ok(&glimpse(&["audit", "--model", "golden/flat", "--dump", reference, "--layers", "2..3"]));
+    assert!(table.starts_with("expert load over 1 prompt(s), 16 experts, layers 2..3\n"), "{table}");
+    // A window of dense layers counts nothing: refused, naming the MoE layers.
+    assert_error(
+        &glimpse(&["audit", "--model", "golden/flat", "--dump", reference, "--layers", "0..1"]),
+        "--layers 0..1 holds no MoE layer of --model: its MoE layers are 2..4, its MTP layer 5",
+    );
+    assert_error(
+        &glimpse(&["audit", "--dump", reference, "--layers", "7"]),
+        "routes no layer of --layers 7..7 (its MoE layers: 2..4)",
+    );
+}
+
 /// What the numbers are over, said when it is not every prompt: a batch dump without `input_ids`
 /// still counts its rows as prompts (from its other `[B, S, ...]` tensors), a bias-changed share
 /// over some runs only is marked, layers that different dumps cover are noted, and against a

@@ -5,6 +5,7 @@
 //! gate logits. Each token's routing also goes to `--routes`' file as it is read.
 
 use std::io::IsTerminal;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
@@ -36,6 +37,11 @@ pub struct AuditObserver<'a> {
     margin: Option<Vec<f32>>,
 }
 
+/// Whether `--layers`' window (None: every layer) counts layer `i`.
+fn counted(window: Option<&RangeInclusive<usize>>, i: usize) -> bool {
+    window.is_none_or(|w| w.contains(&i))
+}
+
 impl<'a> AuditObserver<'a> {
     /// `routes`: write each layer's routing of the run of `tokens` there as it is decided.
     pub fn new(
@@ -51,6 +57,7 @@ impl<'a> AuditObserver<'a> {
 impl Observer for AuditObserver<'_> {
     fn wants(&self, point: HookPoint) -> bool {
         match point {
+            HookPoint::Layer(i, _) if !counted(self.audit.window.as_ref(), i) => false,
             HookPoint::Layer(_, LayerHook::TopkIds | LayerHook::BiasChanged) => true,
             HookPoint::Layer(_, LayerHook::RouterMargin) => true,
             HookPoint::Layer(_, LayerHook::TopkWeights) => self.routes.is_some(),
@@ -124,8 +131,11 @@ pub fn collect_with_other(
     dumps: &[PathBuf],
     opts: CollectOptions,
 ) -> Result<(Audit, Option<Audit>)> {
-    let CollectOptions { experts, max_memory, target, keep_sets, per_prompt, mut routes } = opts;
+    let CollectOptions { experts, max_memory, target, keep_sets, per_prompt, mut routes, window } = opts;
     let ckpt = model_dir.map(Checkpoint::open).transpose()?;
+    if let (Some(c), Some(w)) = (&ckpt, &window) {
+        check_window(&c.config, w, prompts.is_some() || other.is_some())?;
+    }
     // Each token's text in --routes, where the checkpoint has a tokenizer.
     if let (Some(r), Some(dir)) = (routes.as_deref_mut(), model_dir) {
         match crate::tokenizer::Decoder::load(dir) {
@@ -207,6 +217,7 @@ pub fn collect_with_other(
         audit.per_prompt = per_prompt;
         audit.experts_guessed = experts.guessed;
         audit.mtp_layer = ckpt.as_ref().map(|c| c.config.num_hidden_layers);
+        audit.window = window.clone();
         audit
     };
     let mut audit = new_audit(keep_sets);
@@ -305,6 +316,41 @@ pub struct CollectOptions<'a> {
     pub per_prompt: bool,
     /// Every token's routing, to `audit --routes`'s file.
     pub routes: Option<&'a mut Routes>,
+    /// `--layers A..B`: count these layers only (live prompts run no further than B on the CPU).
+    pub window: Option<RangeInclusive<usize>>,
+}
+
+/// Layer numbers as runs: `2..4, 7`.
+fn list(layers: &[usize]) -> String {
+    let mut sorted = layers.to_vec();
+    sorted.sort_unstable();
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for i in sorted {
+        match runs.last_mut() {
+            Some((_, end)) if *end + 1 == i => *end = i,
+            _ => runs.push((i, i)),
+        }
+    }
+    let run = |&(a, b): &(usize, usize)| if a == b { a.to_string() } else { format!("{a}..{b}") };
+    runs.iter().map(run).collect::<Vec<_>>().join(", ")
+}
+
+/// A `--layers` window must hold a MoE layer of the checkpoint (or, for dumps, its MTP layer,
+/// `num_hidden_layers`): else the audit would count nothing.
+fn check_window(cfg: &crate::config::Config, w: &RangeInclusive<usize>, live: bool) -> Result<()> {
+    let n = cfg.num_hidden_layers;
+    let moe: Vec<usize> = (0..n).filter(|&i| cfg.mlp_kind(i) == crate::config::MlpKind::Moe).collect();
+    let mtp = !live && w.contains(&n);
+    if moe.iter().any(|i| w.contains(i)) || mtp {
+        return Ok(());
+    }
+    let theirs = match (moe.first(), moe.last()) {
+        (Some(a), Some(b)) if a == b => format!("its MoE layer is {a}"),
+        (Some(a), Some(b)) => format!("its MoE layers are {a}..{b}"),
+        _ => "it has no MoE layer".into(),
+    };
+    let mtp = if live { String::new() } else { format!(", its MTP layer {n}") };
+    Err(Error::Usage(format!("--layers {}..{} holds no MoE layer of --model: {theirs}{mtp}", w.start(), w.end())))
 }
 
 /// How many routed experts an audit counts, and whether that is a guess.
@@ -353,13 +399,18 @@ fn run_prompts(
     let progress = std::io::stderr().is_terminal();
     let total = prompts.len();
     audit.prompts_total = Some(total);
+    let window = audit.window.clone();
     crate::device::with_prefill(target, m, |p| {
         for (n, (line, tokens)) in prompts.into_iter().enumerate() {
             if progress {
                 eprint!("\raudit: prompt {}/{total}", n + 1);
             }
             let mut obs = AuditObserver::new(audit, tokens.batch, routers, routes.as_deref_mut().map(|r| (r, &tokens)));
-            p.prefill(&tokens, &mut obs).map_err(|e| Error::Usage(format!("{} line {line}: {e}", path.display())))?;
+            let run = match &window {
+                Some(w) => p.prefill_through(&tokens, *w.end(), &mut obs),
+                None => p.prefill(&tokens, &mut obs).map(|_| ()),
+            };
+            run.map_err(|e| Error::Usage(format!("{} line {line}: {e}", path.display())))?;
             if let Some(r) = routes.as_deref_mut() {
                 r.runs += 1;
             }
@@ -456,6 +507,12 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>, mut routes: 
         .collect();
     if layers.is_empty() {
         return Err(Error::dump(&d.path, "holds no `layers.*.moe.topk_ids` to audit"));
+    }
+    let all = layers.clone();
+    let layers: Vec<usize> = layers.into_iter().filter(|&i| counted(audit.window.as_ref(), i)).collect();
+    if let (true, Some(w)) = (layers.is_empty(), &audit.window) {
+        let msg = format!("routes no layer of --layers {}..{} (its MoE layers: {})", w.start(), w.end(), list(&all));
+        return Err(Error::dump(&d.path, msg));
     }
     // The MTP head's layer runs one position fewer a row: the config's layer, else the dump's
     // last, when its rows say so.

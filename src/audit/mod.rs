@@ -207,6 +207,8 @@ pub struct Audit {
     /// Keep each prompt's load per expert ([`LayerLoad::prompt_counts`]: 4 bytes an expert a
     /// prompt a layer), for `--compare`'s chance level.
     pub per_prompt: bool,
+    /// `--layers A..B`: only these layers were counted (said in the table's title and the JSON).
+    pub window: Option<std::ops::RangeInclusive<usize>>,
 }
 
 impl Audit {
@@ -321,8 +323,9 @@ impl Audit {
             }
             None => String::new(),
         };
+        let window = self.window.as_ref().map_or(String::new(), |w| format!(", layers {}..{}", w.start(), w.end()));
         let mut s = format!(
-            "expert load over {} prompt(s){stopped}, {} experts\n{:>7} {:>8} {:>8} {:>8} {:>7} {:>8} {:>10} {:>5} {:>12} {:>10} {:>11}  {:<30}  rarest (expert:tokens)\n",
+            "expert load over {} prompt(s){stopped}, {} experts{window}\n{:>7} {:>8} {:>8} {:>8} {:>7} {:>8} {:>10} {:>5} {:>12} {:>10} {:>11}  {:<30}  rarest (expert:tokens)\n",
             self.prompts(), self.experts, "layer", "tokens", "MaxVio", "w/o bias", "CV", "entropy", "MaxVio/run", "dead", "bias-changed", "corr(b,l)", "margin<1e-3", "busiest (expert:tokens)"
         );
         for l in self.layers.values() {
@@ -548,6 +551,7 @@ impl Audit {
             "schema": "glimpse-audit/1", "prompts": self.prompts(), "experts": self.experts, "experts_guessed": self.experts_guessed,
             "stopped_after": self.stopped.map(|(run, _)| run), "complete": self.stopped.is_none(),
             "prompts_total": self.prompts_total, "layers": layers,
+            "layer_window": self.window.as_ref().map(|w| [*w.start(), *w.end()]),
             "notes": self.notes_with(&uniform),
         })
     }

@@ -114,11 +114,21 @@ impl Target {
 /// Runs a prefill: the CPU model, or the device forward pass on some ops.
 pub trait Prefill {
     fn prefill(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor>;
+    /// The prefill's hook points up to those of layer `last` at least (`audit --layers`, which
+    /// needs nothing past it): the CPU model stops there; the device passes run to the logits.
+    fn prefill_through(&self, tokens: &Tokens, last: usize, obs: &mut dyn Observer) -> Result<()> {
+        let _ = last;
+        self.prefill(tokens, obs).map(|_| ())
+    }
 }
 
 impl Prefill for Model {
     fn prefill(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
         self.forward(tokens, obs)
+    }
+    fn prefill_through(&self, tokens: &Tokens, last: usize, obs: &mut dyn Observer) -> Result<()> {
+        let last = last.min(self.config.num_hidden_layers.saturating_sub(1));
+        crate::model::stream::run(crate::model::Weights::Resident(self), tokens, Some(0..=last), None, obs).map(|_| ())
     }
 }
 
