@@ -149,7 +149,7 @@ pub(crate) enum Command {
         prompts: Option<PathBuf>,
         /// Read every --prompts line as text, even one whose comma-separated items are mostly
         /// integers (`Count: 1, 2, 3`, which is otherwise read as token ids with a slip).
-        #[arg(long, requires = "prompts")]
+        #[arg(long)]
         text: bool,
         /// Dumps holding `layers.*.moe.topk_ids` (repeatable).
         #[arg(long = "dump", group = "source")]
@@ -189,6 +189,10 @@ pub(crate) enum Command {
         /// after layer B (on the CPU).
         #[arg(long, value_parser = parse_range)]
         layers: Option<std::ops::RangeInclusive<usize>>,
+        /// Also run the MTP head (`model.layers.{num_hidden_layers}`) over every prompt, on the
+        /// CPU, and count its layer (dumps hold it when `run --mtp --dump` wrote them).
+        #[arg(long)]
+        mtp: bool,
         /// Where the prompts run (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
         #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         device: Backend,

@@ -400,12 +400,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             heatmap,
             routes,
             layers,
+            mtp,
             device,
             gpu,
         } => {
             if let Some(p) = heatmap.as_ref().filter(|p| !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")))
             {
                 return Err(Error::Usage(format!("--heatmap {}: the heatmap is SVG; name a .svg file", p.display())));
+            }
+            // (Not clap's `requires`: it counts `--dump`, of the same group, as `--prompts`.)
+            for (given, flag) in [(text, "--text"), (mtp, "--mtp")] {
+                if given && prompts.is_none() && compare_prompts.is_none() {
+                    return Err(Error::Usage(format!("{flag} is for prompts run live: give --prompts FILE")));
+                }
             }
             // `--csv -`: the CSV on standard output, in place of the table.
             let csv_out = csv.as_deref() == Some(Path::new("-"));
@@ -433,6 +440,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 per_prompt: contrast,
                 routes: routes.as_mut(),
                 window: layers.clone(),
+                mtp,
             };
             // (--compare-prompts: other prompts, run on the same model after the audited ones.)
             let prompts = prompts.as_deref().map(|p| (p, lines));
@@ -473,6 +481,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         per_prompt: contrast,
                         routes: None,
                         window: layers.clone(),
+                        mtp: false,
                     };
                     Some(glimpse::audit::collect(model.as_deref(), None, others, opts)?)
                 }

@@ -112,6 +112,44 @@ fn audit_marks_the_mtp_layer_and_uses_its_bias() {
     assert!(out.contains("load shift against the reference"), "{out}");
 }
 
+/// `audit --prompts --mtp` runs the MTP head over every prompt live: the same table and routes
+/// as the dumps `run --mtp` writes of those prompts; a prompt of one token, a window without the
+/// MTP layer and `--mtp` without prompts run live are refused.
+#[test]
+fn audit_runs_the_mtp_head_over_live_prompts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rows = ["5,6,7,8,9,10,11,12", "3,1,4,1,5;9,2,6,5,3"];
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(&prompts, rows.join("\n")).unwrap();
+    let dumps: Vec<String> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, t)| common::run_dump("golden/mtp", &["--tokens", t, "--mtp"], tmp.path(), &format!("{i}.st")))
+        .collect();
+    let (routes_live, routes_dumps) = (tmp.path().join("live.csv"), tmp.path().join("dumps.csv"));
+    let base = ["audit", "--model", "golden/mtp"];
+    let (live, _) = assert_ok(&glimpse(
+        &[&base[..], &["--prompts", &common::s(&prompts), "--mtp", "--routes", &common::s(&routes_live)]].concat(),
+    ));
+    let (recorded, _) = assert_ok(&glimpse(
+        &[&base[..], &["--dump", &dumps[0], "--dump", &dumps[1], "--routes", &common::s(&routes_dumps)]].concat(),
+    ));
+    assert!(live.lines().any(|l| l.trim_start().starts_with("3 mtp ")), "{live}");
+    assert_eq!(live, recorded);
+    assert_eq!(std::fs::read_to_string(&routes_live).unwrap(), std::fs::read_to_string(&routes_dumps).unwrap());
+    // Without --mtp the prompts route the main model's layers only.
+    let (main_only, _) = assert_ok(&glimpse(&[&base[..], &["--prompts", &common::s(&prompts)]].concat()));
+    assert!(!main_only.contains(" mtp "), "{main_only}");
+    std::fs::write(&prompts, "5,6,7\n8\n").unwrap();
+    assert_error(&glimpse(&[&base[..], &["--prompts", &common::s(&prompts), "--mtp"]].concat()), "--mtp: ");
+    assert_error(
+        &glimpse(&[&base[..], &["--prompts", &common::s(&prompts), "--mtp", "--layers", "1..2"]].concat()),
+        "--mtp: --layers 1..2 leaves out the MTP layer, 3",
+    );
+    assert_error(&glimpse(&[&base[..], &["--dump", &dumps[0], "--mtp"]].concat()), "--mtp is for prompts run live");
+    assert_error(&glimpse(&[&base[..], &["--dump", &dumps[0], "--text"]].concat()), "--text is for prompts run live");
+}
+
 /// `audit` counts each batch row as a prompt (MaxVio/run is their mean), checks a dump's experts
 /// a token against the checkpoint and the reference, and warns once of a guessed expert count.
 #[test]

@@ -35,6 +35,8 @@ pub struct AuditObserver<'a> {
     /// The layer in progress's weights and margins, for `routes`.
     weights: Option<Vec<f32>>,
     margin: Option<Vec<f32>>,
+    /// `audit --mtp`: the run's final-norm hidden state, the MTP head's input.
+    final_norm: Option<Option<Tensor>>,
 }
 
 /// Whether `--layers`' window (None: every layer) counts layer `i`.
@@ -50,7 +52,13 @@ impl<'a> AuditObserver<'a> {
         routers: Option<&'a Routers>,
         routes: Option<(&'a mut Routes, &'a Tokens)>,
     ) -> Self {
-        AuditObserver { audit, prompts, ids: None, routers, routes, weights: None, margin: None }
+        AuditObserver { audit, prompts, ids: None, routers, routes, weights: None, margin: None, final_norm: None }
+    }
+
+    /// Keep the run's final-norm hidden state, for the MTP head.
+    fn keeping_final_norm(mut self) -> Self {
+        self.final_norm = Some(None);
+        self
     }
 }
 
@@ -58,6 +66,7 @@ impl Observer for AuditObserver<'_> {
     fn wants(&self, point: HookPoint) -> bool {
         match point {
             HookPoint::Layer(i, _) if !counted(self.audit.window.as_ref(), i) => false,
+            HookPoint::FinalNorm => self.final_norm.is_some(),
             HookPoint::Layer(_, LayerHook::TopkIds | LayerHook::BiasChanged) => true,
             HookPoint::Layer(_, LayerHook::RouterMargin) => true,
             HookPoint::Layer(_, LayerHook::TopkWeights) => self.routes.is_some(),
@@ -67,6 +76,7 @@ impl Observer for AuditObserver<'_> {
     }
     fn observe(&mut self, point: HookPoint, value: &Tensor) -> Result<()> {
         match point {
+            HookPoint::FinalNorm => self.final_norm = Some(Some(value.clone())),
             HookPoint::Layer(i, LayerHook::RouterLogits) => {
                 if let Some((rc, bias)) = self.routers.and_then(|r| r.layer(i)) {
                     let logits = value.flatten_all()?.to_vec1::<f32>()?;
@@ -131,10 +141,15 @@ pub fn collect_with_other(
     dumps: &[PathBuf],
     opts: CollectOptions,
 ) -> Result<(Audit, Option<Audit>)> {
-    let CollectOptions { experts, max_memory, target, keep_sets, per_prompt, mut routes, window } = opts;
+    let CollectOptions { experts, max_memory, target, keep_sets, per_prompt, mut routes, window, mtp } = opts;
     let ckpt = model_dir.map(Checkpoint::open).transpose()?;
+    let live = prompts.is_some() || other.is_some();
     if let (Some(c), Some(w)) = (&ckpt, &window) {
-        check_window(&c.config, w, prompts.is_some() || other.is_some())?;
+        check_window(&c.config, w, live && !mtp)?;
+        if mtp && !w.contains(&c.config.num_hidden_layers) {
+            let (a, b, n) = (w.start(), w.end(), c.config.num_hidden_layers);
+            return Err(Error::Usage(format!("--mtp: --layers {a}..{b} leaves out the MTP layer, {n}")));
+        }
     }
     // Each token's text in --routes, where the checkpoint has a tokenizer.
     if let (Some(r), Some(dir)) = (routes.as_deref_mut(), model_dir) {
@@ -175,9 +190,17 @@ pub fn collect_with_other(
             }
         }
     }
+    // The MTP head pairs each token with the hidden state before it: every prompt needs two.
+    if mtp {
+        for (path, tokens) in [(prompts.map(|p| p.0), &prompt_tokens), (other, &other_tokens)] {
+            if let (Some(path), Some((line, t))) = (path, tokens.iter().find(|(_, t)| t.seq < 2)) {
+                let e = crate::model::mtp::check_positions(t.seq).err().map(|e| e.to_string()).unwrap_or_default();
+                return Err(Error::Usage(format!("--mtp: {} line {line}: {e}", path.display())));
+            }
+        }
+    }
     // (Dumps without routing are refused one by one.)
     // Prompts to run, on either side: the model is loaded for them.
-    let live = prompts.is_some() || other.is_some();
     if let (Some(c), true) = (&ckpt, live) {
         if !c.config.has_moe() {
             return Err(Error::Usage("the model has no MoE layer (every layer is dense): no routing to audit".into()));
@@ -188,6 +211,11 @@ pub fn collect_with_other(
         (Some(c), true) => Some(Model::load(c)?),
         _ => None,
     };
+    let mtp_head = match (&ckpt, live && mtp) {
+        (Some(c), true) => Some(crate::model::mtp::Mtp::load(c)?),
+        _ => None,
+    };
+    let live_run = |m| Live { model: m, mtp: mtp_head.as_ref(), target };
     let experts = match (experts, &ckpt) {
         (Some(given), _) => match router_width(dumps)? {
             Some(width) if width != given.n => {
@@ -227,7 +255,7 @@ pub fn collect_with_other(
         // first prompt stops after it, and one asked for in either set stops both.
         let _stopping = crate::interrupt::stop_at_checkpoints();
         if let Some((path, _)) = prompts {
-            run_prompts(&mut audit, routers.as_ref(), m, prompt_tokens, path, target, routes.as_deref_mut())?;
+            run_prompts(&mut audit, routers.as_ref(), live_run(m), prompt_tokens, path, routes.as_deref_mut())?;
         }
         match other {
             Some(path) if crate::interrupt::requested() => {
@@ -235,7 +263,7 @@ pub fn collect_with_other(
             }
             Some(path) => {
                 let mut o = new_audit(false);
-                run_prompts(&mut o, routers.as_ref(), m, other_tokens, path, target, None)?;
+                run_prompts(&mut o, routers.as_ref(), live_run(m), other_tokens, path, None)?;
                 other_audit = Some(o);
             }
             None => {}
@@ -318,6 +346,16 @@ pub struct CollectOptions<'a> {
     pub routes: Option<&'a mut Routes>,
     /// `--layers A..B`: count these layers only (live prompts run no further than B on the CPU).
     pub window: Option<RangeInclusive<usize>>,
+    /// `--mtp`: prompts run live also run the MTP head (on the CPU), whose layer is counted too.
+    pub mtp: bool,
+}
+
+/// What prompts run live on: the model, the MTP head when asked, and where the prefill runs.
+#[derive(Clone, Copy)]
+struct Live<'a> {
+    model: &'a Model,
+    mtp: Option<&'a crate::model::mtp::Mtp>,
+    target: crate::device::Target,
 }
 
 /// Layer numbers as runs: `2..4, 7`.
@@ -390,12 +428,12 @@ pub fn expert_count(dumps: &[PathBuf]) -> Result<ExpertCount> {
 fn run_prompts(
     audit: &mut Audit,
     routers: Option<&Routers>,
-    m: &Model,
+    live: Live,
     prompts: Vec<(usize, Tokens)>,
     path: &Path,
-    target: crate::device::Target,
     mut routes: Option<&mut Routes>,
 ) -> Result<()> {
+    let Live { model: m, mtp, target } = live;
     let progress = std::io::stderr().is_terminal();
     let total = prompts.len();
     audit.prompts_total = Some(total);
@@ -406,10 +444,22 @@ fn run_prompts(
                 eprint!("\raudit: prompt {}/{total}", n + 1);
             }
             let mut obs = AuditObserver::new(audit, tokens.batch, routers, routes.as_deref_mut().map(|r| (r, &tokens)));
+            if mtp.is_some() {
+                obs = obs.keeping_final_norm();
+            }
             let run = match &window {
                 Some(w) => p.prefill_through(&tokens, *w.end(), &mut obs),
                 None => p.prefill(&tokens, &mut obs).map(|_| ()),
             };
+            // The MTP head (on the CPU) from the run's final norm, as `run --mtp` runs it.
+            let run = run.and_then(|()| match (mtp, obs.final_norm.take().flatten()) {
+                (Some(head), Some(h)) => {
+                    let h = h.narrow(1, 0, tokens.seq - 1)?; // [B, S-1, hidden]
+                    head.forward(m, &h, &tokens, &mut obs).map(|_| ())
+                }
+                (Some(_), None) => Err(Error::Usage("--mtp: the run reported no final_norm".into())),
+                (None, _) => Ok(()),
+            });
             run.map_err(|e| Error::Usage(format!("{} line {line}: {e}", path.display())))?;
             if let Some(r) = routes.as_deref_mut() {
                 r.runs += 1;
