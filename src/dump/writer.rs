@@ -103,6 +103,20 @@ impl ResumeLock {
     }
 }
 
+/// Refuses to start over an interrupted run of the dump `path` (its partial file and state).
+fn refuse_interrupted(path: &Path) -> Result<()> {
+    let (partial, state_path, _) = resume_paths(path);
+    if state_path.is_file() && partial.is_file() {
+        return Err(Error::Usage(format!(
+            "{} keeps an interrupted run of this dump: --resume finishes it (same tokens, config and --record); \
+             to start over, delete it and {}",
+            partial.display(),
+            state_path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// The metadata key of the hidden state's file that holds the state it belongs to.
 const PAIRED_STATE: &str = "resume_state";
 
@@ -233,7 +247,7 @@ impl DumpWriter {
     ) -> Result<Self> {
         let lock = ResumeLock::take(path)?;
         let (partial, state_path, hidden_path) = resume_paths(path);
-        Self::refuse_overwrite(path)?;
+        refuse_interrupted(path)?;
         let mut w = DumpWriter::create_at(path, partial, selector, expected)?;
         let (tokens, config_sha256) = (tokens.clone(), config_sha256.into());
         w.resume = Some(Resume { state_path, hidden_path, tokens, config_sha256, lock });
@@ -242,17 +256,14 @@ impl DumpWriter {
 
     /// Refuses to start a resumable run to `path` over an interrupted one, which may hold hours of
     /// layers: `--resume` finishes it, or the user deletes it (called before the model loads too).
+    /// A run writing it now is named as such, not as an interrupted one (whose files the message
+    /// says to delete).
     pub fn refuse_overwrite(path: &Path) -> Result<()> {
-        let (partial, state_path, _) = resume_paths(path);
-        if state_path.is_file() && partial.is_file() {
-            return Err(Error::Usage(format!(
-                "{} keeps an interrupted run of this dump: --resume finishes it (same tokens, config and --record); \
-                 to start over, delete it and {}",
-                partial.display(),
-                state_path.display()
-            )));
+        // A writer holds its lock file while it runs; without one, nobody is writing.
+        if crate::output::sibling(path, ".resume.lock").exists() {
+            drop(ResumeLock::take(path)?);
         }
-        Ok(())
+        refuse_interrupted(path)
     }
 
     /// Reopens what a killed resumable run left for the same tokens and config: the writer, the
