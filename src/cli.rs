@@ -261,12 +261,13 @@ pub(crate) enum Command {
     /// Run the model on token ids or a text prompt, optionally recording hook points to a dump.
     Run(RunArgs),
     /// Greedy generation through the latent KV cache, streaming tokens as they come.
+    #[command(group(clap::ArgGroup::new("prompt_input").required(true).args(["tokens", "prompt"])))]
     Generate {
         /// The checkpoint folder (config.json and safetensors weights).
         #[arg(long)]
         model: PathBuf,
         /// Comma-separated prompt token ids (`;` separates batch rows of equal length).
-        #[arg(long, conflicts_with = "prompt", required_unless_present = "prompt", allow_hyphen_values = true)]
+        #[arg(long, allow_hyphen_values = true)]
         tokens: Option<String>,
         /// Prompt text, encoded with the checkpoint's tokenizer.json as it stands (no special
         /// tokens added: write them into the text, or give ids).

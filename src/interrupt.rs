@@ -15,6 +15,9 @@ mod imp {
     /// Who sent the first signal (0: the kernel, a terminal's Ctrl-C) and when (monotonic ns).
     static SENDER: AtomicI32 = AtomicI32::new(0);
     static AT: AtomicU64 = AtomicU64::new(0);
+    /// Standard error is a terminal: the notice starts on a line of its own (after the `^C` the
+    /// terminal echoes, or a progress line); in a log it needs no empty line before it.
+    static TERMINAL: AtomicBool = AtomicBool::new(true);
 
     const NOTICE: &[u8] =
         b"\nglimpse: stopping after the work in progress, keeping what is done (the signal again quits now)\n";
@@ -62,8 +65,9 @@ mod imp {
         SENDER.store(sender, Ordering::Relaxed);
         AT.store(now, Ordering::Relaxed);
         REQUESTED.store(true, Ordering::Release);
-        // SAFETY: write(2) is async-signal-safe; NOTICE is a static buffer.
-        unsafe { libc::write(2, NOTICE.as_ptr().cast(), NOTICE.len()) };
+        let notice = if TERMINAL.load(Ordering::Relaxed) { NOTICE } else { &NOTICE[1..] };
+        // SAFETY: write(2) is async-signal-safe; the notice is a static buffer.
+        unsafe { libc::write(2, notice.as_ptr().cast(), notice.len()) };
         errno.restore();
     }
 
@@ -91,6 +95,7 @@ mod imp {
 
     pub fn stop_at_checkpoints() {
         REQUESTED.store(false, Ordering::Relaxed);
+        TERMINAL.store(std::io::IsTerminal::is_terminal(&std::io::stderr()), Ordering::Relaxed);
         for sig in SIGNALS {
             // SAFETY: the handler only touches atomics and makes async-signal-safe calls; the
             // sigaction is fully initialised before use.

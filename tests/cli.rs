@@ -211,6 +211,9 @@ fn a_bf16_reference_against_the_f32_one_reads_as_rounding() {
     let (json, _) = text(&glimpse(&[&port[..], &["--json"]].concat()));
     let json: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(json["bf16_first_divergence"], serde_json::json!({"name": "embeddings", "a": true, "b": false}));
+    // The text's note is in the JSON too, as the other commands' notes are.
+    let notes = json["notes"].as_array().unwrap();
+    assert!(notes.iter().any(|n| n.as_str().unwrap().contains("holds bf16 values only")), "{notes:?}");
     // A bf16 checkpoint's embeddings are bf16 values on both sides: a lookup bug there (position
     // 5 given position 6's row) is no hint to loosen the tolerance.
     let tmp = tempfile::tempdir().unwrap();

@@ -452,6 +452,8 @@ fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("stopping after the work in progress") && err.contains("--resume continues it"), "{err}");
+    // (Its standard error is no terminal here: the notice is a log's line, no empty one before it.)
+    assert!(err.starts_with("glimpse: stopping after the work in progress"), "{err}");
     assert!(!stopped.exists(), "no dump under the target name until the run is finished");
     // The same run without --resume does not overwrite it (it truncated the layers kept).
     let partial = t.join("stopped.safetensors.partial");

@@ -393,6 +393,29 @@ fn rule_break_json(r: crate::compare::RuleBreak) -> Value {
 const ONLY_IN_LISTED: usize = 10;
 
 impl DiffReport {
+    /// What the text's `note:` lines say: dumps of bf16 values compared at a tighter tolerance.
+    pub fn bf16_notes(&self) -> Vec<String> {
+        let bf16 = crate::device::Precision::Bf16.tolerance();
+        let at = format!("compare at bf16's tolerance, --atol {:e} --rtol {:e}", bf16.atol, bf16.rtol);
+        let sides = ["ours", "the reference"];
+        let mut notes: Vec<String> = sides
+            .iter()
+            .zip(self.bf16_only)
+            .filter(|(_, only)| *only)
+            .map(|(side, _)| format!("{side} holds bf16 values only (every float's low 16 bits are 0): {at}"))
+            .collect();
+        if let Some((name, first)) = &self.bf16_first {
+            for ((side, first), whole) in sides.iter().zip(first).zip(self.bf16_only) {
+                if *first && !whole {
+                    notes.push(format!(
+                        "{side}'s {name}, the first float tensor outside the tolerance, holds bf16 values only: {at}"
+                    ));
+                }
+            }
+        }
+        notes
+    }
+
     pub fn to_json(&self, a: &Path, b: &Path) -> Value {
         json!({
             "schema": "glimpse-diff/1",
@@ -404,6 +427,7 @@ impl DiffReport {
             "first_divergence_reading": self.first_divergence().and_then(|c| self.reading(c)),
             "first_divergence_onset": self.notes.onset.map(|o| json!({"matching_positions": o.matching, "reading": o.reading()})),
             "first_divergence_weights_rule": self.notes.weights_reading(),
+            "notes": self.bf16_notes(),
             "first_non_finite_a": self.non_finite_a.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
             "first_non_finite_b": self.non_finite_b.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
             "near_tie_threshold": self.near_tie,
@@ -508,26 +532,8 @@ impl DiffReport {
                     &format!("not read in {}: {n} ({dtype}, not a dtype of the spec's hook points)\n", side.display());
             }
         }
-        let bf16 = crate::device::Precision::Bf16.tolerance();
-        for (side, only) in ["ours", "the reference"].iter().zip(self.bf16_only) {
-            if only {
-                out += &format!(
-                    "note: {side} holds bf16 values only (every float's low 16 bits are 0): compare at bf16's tolerance, \
-                     --atol {:e} --rtol {:e}\n",
-                    bf16.atol, bf16.rtol
-                );
-            }
-        }
-        if let Some((name, sides)) = &self.bf16_first {
-            for ((side, first), whole) in ["ours", "the reference"].iter().zip(sides).zip(self.bf16_only) {
-                if *first && !whole {
-                    out += &format!(
-                        "note: {side}'s {name}, the first float tensor outside the tolerance, holds bf16 values only: \
-                         compare at bf16's tolerance, --atol {:e} --rtol {:e}\n",
-                        bf16.atol, bf16.rtol
-                    );
-                }
-            }
+        for note in self.bf16_notes() {
+            out += &format!("note: {note}\n");
         }
         let bad = self.results.iter().filter(|c| !c.ok).count();
         let unmatched = match (missing.len(), self.misnamed()) {
