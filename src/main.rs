@@ -441,6 +441,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 routes: routes.as_mut(),
                 window: layers.clone(),
                 mtp,
+                against: &against,
             };
             // (--compare-prompts: other prompts, run on the same model after the audited ones.)
             let prompts = prompts.as_deref().map(|p| (p, lines));
@@ -482,6 +483,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         routes: None,
                         window: layers.clone(),
                         mtp: false,
+                        against: &[],
                     };
                     Some(glimpse::audit::collect(model.as_deref(), None, others, opts)?)
                 }

@@ -233,7 +233,7 @@ fn audit_refuses_twice_the_same_dump_and_other_models_dumps() {
     let other = glimpse(&["audit", "--dump", flat, "--against", "golden/mtp/reference.safetensors"]);
     assert_error(&other, "the dumps' routers have 8 experts, not 16");
     let twice = glimpse(&["audit", "--dump", flat, "--dump", "golden/flat/bf16-port.safetensors", "--against", flat]);
-    assert_error(&twice, "the audited runs hold 2 rows of tokens, --against 1");
+    assert_error(&twice, "the audited runs hold 2 rows of tokens, --against's dumps 1");
     let port = glimpse(&["audit", "--dump", "golden/flat/bf16-port.safetensors", "--against", flat]);
     let (out, _) = assert_ok(&port);
     assert!(out.contains("load shift against the reference"), "{out}");
@@ -273,7 +273,13 @@ fn audit_refuses_twice_the_same_dump_and_other_models_dumps() {
     let same =
         common::run_dump("golden/flat", &["--tokens", "1,2,3", "--record", "layers.*.moe.*"], tmp.path(), "same.st");
     let moved = glimpse(&["audit", "--dump", &same, "--against", &other_ids]);
-    assert_error(&moved, "row 0 of the audited runs differs from --against's at position 2 (3 vs 4)");
+    assert_error(&moved, &format!("{same} differs from --against {other_ids} at position 2 (3 vs 4): --against takes"));
+    // Prompts run live are checked before they run, each line named, in the order given.
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(&prompts, "1,2,4\n1,2,3\n").unwrap();
+    let swapped = ["audit", "--model", "golden/flat", "--prompts", prompts.to_str().unwrap()];
+    let swapped = glimpse(&[&swapped[..], &["--against", &same, "--against", &other_ids]].concat());
+    assert_error(&swapped, &format!("prompts.txt line 1 differs from --against {same} at position 2 (4 vs 3)"));
     let yarn = common::run_dump(
         "golden/grouped-shared-yarn",
         &["--tokens", "1,2,3", "--record", "*.moe.*"],
@@ -385,6 +391,11 @@ fn audit_says_what_its_numbers_are_over() {
         out.contains("note: the layers count different prompts (layer 2 over 1; layers 3, 4 over 3; of 3 in all)"),
         "{out}"
     );
+    // Each layer over one prompt of two: as many prompts a layer, but not all of them.
+    let single = common::run_dump("golden/flat", &["--layers", "3..4", "--from-dump", &one], tmp.path(), "s.st");
+    let two = common::run_dump("golden/flat", &["--tokens", "7,8,9", "--record", "layers.2.*"], tmp.path(), "t.st");
+    let (out, _) = assert_ok(&glimpse(&["audit", "--dump", &two, "--dump", &single]));
+    assert!(out.contains("note: the layers count different prompts (layers 2, 3, 4 over 1; of 2 in all)"), "{out}");
     let (out, _) = assert_ok(&glimpse(&["audit", "--dump", &batch, "--against", &window]));
     assert!(out.contains("note: layer(s) 2 only in the audited runs: no shift there"), "{out}");
     let v = json(&["--dump", &batch, "--against", &window]);

@@ -141,7 +141,7 @@ pub fn collect_with_other(
     dumps: &[PathBuf],
     opts: CollectOptions,
 ) -> Result<(Audit, Option<Audit>)> {
-    let CollectOptions { experts, max_memory, target, keep_sets, per_prompt, mut routes, window, mtp } = opts;
+    let CollectOptions { experts, max_memory, target, keep_sets, per_prompt, mut routes, window, mtp, against } = opts;
     let ckpt = model_dir.map(Checkpoint::open).transpose()?;
     let live = prompts.is_some() || other.is_some();
     if let (Some(c), Some(w)) = (&ckpt, &window) {
@@ -168,6 +168,25 @@ pub fn collect_with_other(
     let prompt_tokens = read(prompts, "--prompts")?;
     let lines = prompts.map_or(Lines::Auto, |(_, lines)| lines);
     let other_tokens = read(other.map(|p| (p, lines)), "--compare-prompts")?;
+    if !against.is_empty() {
+        // Before anything runs: a mismatch found after the prompts ran cost their time.
+        let ours = match prompts {
+            Some((path, _)) => {
+                prompt_tokens.iter().map(|(line, t)| (format!("{} line {line}", path.display()), t.clone())).collect()
+            }
+            None => dump_tokens(dumps)?,
+        };
+        // (Another model's dumps are refused as such, by the expert counts, further on.)
+        let width = match (experts, &ckpt) {
+            (Some(given), _) => Some(given.n),
+            (None, Some(c)) => Some(c.config.n_routed_experts),
+            (None, None) => router_width(dumps)?,
+        };
+        let theirs = router_width(against)?;
+        if width.is_none() || theirs.is_none() || width == theirs {
+            check_against(ours, against)?;
+        }
+    }
     if let Some(c) = &ckpt {
         // The largest batch x positions for memory; the longest row for the trained positions.
         let all = prompt_tokens.iter().chain(&other_tokens);
@@ -348,6 +367,58 @@ pub struct CollectOptions<'a> {
     pub window: Option<RangeInclusive<usize>>,
     /// `--mtp`: prompts run live also run the MTP head (on the CPU), whose layer is counted too.
     pub mtp: bool,
+    /// `--against`'s dumps, whose tokens are checked against the audited ones' before any prompt
+    /// runs (their routing is read apart, by another [`collect`]).
+    pub against: &'a [PathBuf],
+}
+
+/// Each dump's tokens, named by its path; none where a dump has no `input_ids`.
+fn dump_tokens(dumps: &[PathBuf]) -> Result<Vec<(String, Tokens)>> {
+    let mut all = Vec::new();
+    for path in dumps {
+        let d = Dump::open(path)?;
+        if !d.contains("input_ids") {
+            return Ok(Vec::new());
+        }
+        all.push((path.display().to_string(), d.tokens()?));
+    }
+    Ok(all)
+}
+
+/// `--against` dumps hold the audited runs' tokens, row for row and in order (each a batch row
+/// of a prompt line or a dump). Not checked where a side's dumps lack `input_ids`: the counts'
+/// check after the audit is then the only one.
+fn check_against(ours: Vec<(String, Tokens)>, against: &[PathBuf]) -> Result<()> {
+    let theirs = dump_tokens(against)?;
+    if ours.is_empty() || theirs.is_empty() {
+        return Ok(());
+    }
+    let rows = |runs: &[(String, Tokens)]| -> Vec<(String, Vec<u32>)> {
+        let row = |(from, t): &(String, Tokens)| {
+            let each = t.ids.chunks(t.seq.max(1)).enumerate();
+            each.map(|(r, ids)| (if t.batch > 1 { format!("{from} row {r}") } else { from.clone() }, ids.to_vec()))
+                .collect::<Vec<_>>()
+        };
+        runs.iter().flat_map(row).collect()
+    };
+    let (ours, theirs) = (rows(&ours), rows(&theirs));
+    const ORDER: &str = "--against takes the dumps of the same prompts, in the same order";
+    if ours.len() != theirs.len() {
+        let msg =
+            format!("the audited runs hold {} rows of tokens, --against's dumps {}: {ORDER}", ours.len(), theirs.len());
+        return Err(Error::Usage(msg));
+    }
+    for ((a_from, a), (b_from, b)) in ours.iter().zip(&theirs) {
+        if let Some(p) = (0..a.len().max(b.len())).find(|&p| a.get(p) != b.get(p)) {
+            let id = |row: &[u32]| row.get(p).map_or("none".to_string(), u32::to_string);
+            return Err(Error::Usage(format!(
+                "{a_from} differs from --against {b_from} at position {p} ({} vs {}): {ORDER}",
+                id(a),
+                id(b)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// What prompts run live on: the model, the MTP head when asked, and where the prefill runs.

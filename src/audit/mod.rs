@@ -486,14 +486,16 @@ impl Audit {
         for l in self.layers.values() {
             by_count.entry(l.prompts()).or_default().push(l.layer.to_string());
         }
-        (by_count.len() > 1).then(|| {
+        // (Also where every layer counts as many, but fewer than all: dumps of other layers each.)
+        let all = self.prompts();
+        (by_count.len() > 1 || by_count.keys().any(|&n| n != all)).then(|| {
             let plural = |layers: &[String]| if layers.len() > 1 { "layers" } else { "layer" };
             let groups: Vec<String> =
                 by_count.iter().map(|(n, l)| format!("{} {} over {n}", plural(l), l.join(", "))).collect();
             format!(
                 "the layers count different prompts ({}; of {} in all): compare their numbers with care",
                 groups.join("; "),
-                self.prompts()
+                all
             )
         })
     }
