@@ -500,6 +500,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 };
                 warn(audit.other_config(r, flag));
             }
+            // The same file on both sides measures nothing (a copy is told by its routing, below).
+            let same = |a: &PathBuf, b: &PathBuf| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => false,
+            };
+            for (flag, files) in [("--against", &against), ("--compare", &compare)] {
+                if let Some(f) = files.iter().find(|f| dumps.iter().any(|d| same(d, f))) {
+                    warn(Some(format!("{} is both --dump and {flag}: it is measured against itself", f.display())));
+                }
+            }
             warn(experts.and_then(glimpse::audit::ExpertCount::warning));
             let other = reference.as_ref().map(|r| (r, if contrast { "compared" } else { "reference" }));
             if json {
@@ -520,6 +530,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         let notes = audit.shift_notes(r).into_iter().chain(cut.clone());
                         map.insert("shift_notes".into(), serde_json::json!(notes.collect::<Vec<_>>()));
                     }
+                }
+                // A stop before the other prompts ran: no comparison, and said so.
+                if let (Some(path), None, Some(map)) = (&compare_prompts, &reference, v.as_object_mut()) {
+                    map.insert("compare_complete".into(), false.into());
+                    let note = format!("--compare-prompts {}: not run, the audit was stopped", path.display());
+                    map.insert("compare_notes".into(), serde_json::json!([note]));
                 }
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else if csv_out {

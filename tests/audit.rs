@@ -346,6 +346,18 @@ fn audit_counts_only_the_layers_asked() {
         &glimpse(&["audit", "--model", "golden/flat", "--dump", reference, "--layers", "0..1"]),
         "--layers 0..1 holds no MoE layer of --model: its MoE layers are 2..4, its MTP layer 5",
     );
+    let prompts = prompts.to_str().unwrap();
+    assert_error(
+        &glimpse(&["audit", "--model", "golden/flat", "--prompts", prompts, "--layers", "4..9"]),
+        "--layers 4..9 runs past --model's last layer, 4",
+    );
+    assert_error(
+        &glimpse(&["audit", "--model", "golden/flat", "--dump", reference, "--layers", "4..9"]),
+        "--layers 4..9 runs past --model's last layer (its MTP layer), 5",
+    );
+    // The same file on both sides is measured against itself: said.
+    let (_, err) = assert_ok(&glimpse(&["audit", "--dump", reference, "--against", reference]));
+    assert!(err.contains("is both --dump and --against: it is measured against itself"), "{err}");
     assert_error(
         &glimpse(&["audit", "--dump", reference, "--layers", "7"]),
         "routes no layer of --layers 7..7 (its MoE layers: 2..4)",
@@ -437,6 +449,12 @@ fn audit_refuses_another_models_checkpoint_and_reads_text_on_request() {
     std::fs::write(&prompts, "count 1, 2, 3\n").unwrap();
     let args = ["audit", "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap()];
     assert_error(&glimpse(&args), "\"count 1\" is not a token id (a line of text? --text reads every line as text)");
+    // Rows of ids of unequal length are no text: no hint that they are.
+    let rows = prompts.with_file_name("rows.txt");
+    std::fs::write(&rows, "1,2,3;4,5\n").unwrap();
+    let e = glimpse(&["audit", "--model", model.to_str().unwrap(), "--prompts", rows.to_str().unwrap()]);
+    assert_error(&e, "line 1: every batch row must have the same length");
+    assert!(!common::text(&e).1.contains("a line of text?"), "{}", common::text(&e).1);
     // As text: "count 1 , 2 , 3", 6 tokens.
     let (out, _) = assert_ok(&glimpse(&[&args[..], &["--text", "--json"]].concat()));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -621,6 +639,7 @@ fn audit_writes_every_tokens_routing() {
             .map(|b| m.iter().filter(|&&x| edges.iter().take_while(|&&e| x >= e).count() == b).count() as u64)
             .collect();
         assert_eq!(layer["margin_bins"]["counts"], serde_json::json!(bins), "layer {}", l + 2);
+        assert_eq!(layer["margin_bins"]["edges"], serde_json::json!([1e-4, 1e-3, 1e-2, 1e-1]));
         let share = m.iter().filter(|&&x| x < 1e-3).count() as f64 / m.len() as f64;
         approx::assert_abs_diff_eq!(layer["near_tie_share"].as_f64().unwrap(), share);
     }

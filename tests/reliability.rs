@@ -638,6 +638,9 @@ fn ctrl_c_stops_an_audit_after_the_prompt_in_progress() {
     assert!(err.contains("--compare-prompts") && err.contains("not run, the audit was stopped"), "{err}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["stopped_after"].is_u64() && v.get("compare").is_none(), "{v}");
+    // The JSON says so too, as it says of prompts run in part.
+    assert_eq!(v["compare_complete"], false, "{v}");
+    assert!(v["compare_notes"][0].as_str().unwrap().contains("not run, the audit was stopped"), "{v}");
 }
 
 /// A run killed while writing (a second Ctrl-C during the dump's last write, SIGKILL) leaves its

@@ -448,6 +448,11 @@ fn list(layers: &[usize]) -> String {
 /// `num_hidden_layers`): else the audit would count nothing.
 fn check_window(cfg: &crate::config::Config, w: &RangeInclusive<usize>, live: bool) -> Result<()> {
     let n = cfg.num_hidden_layers;
+    let last = if live { n.saturating_sub(1) } else { n };
+    if *w.end() > last {
+        let what = if live { "last layer" } else { "last layer (its MTP layer)" };
+        return Err(Error::Usage(format!("--layers {}..{} runs past --model's {what}, {last}", w.start(), w.end())));
+    }
     let moe: Vec<usize> = (0..n).filter(|&i| cfg.mlp_kind(i) == crate::config::MlpKind::Moe).collect();
     let mtp = !live && w.contains(&n);
     if moe.iter().any(|i| w.contains(i)) || mtp {
@@ -578,8 +583,12 @@ fn read_prompts(path: &Path, kind: Lines, dir: &Path) -> Result<Vec<(usize, Toke
         .map(|&(n, line)| {
             let tokens = match kind == Lines::Auto && looks_like_ids(line) {
                 // A line of text with numbers in it reads as ids with a slip: say how to read it as text.
-                true => Tokens::parse(line)
-                    .map_err(|e| Error::Usage(format!("{e} (a line of text? --text reads every line as text)"))),
+                // (Only where an item is no id: rows of unequal length are ids all the same.)
+                true => Tokens::parse(line).map_err(|e| {
+                    let slip = line.split([',', ';']).any(|x| x.trim().parse::<u32>().is_err());
+                    let hint = if slip { " (a line of text? --text reads every line as text)" } else { "" };
+                    Error::Usage(format!("{e}{hint}"))
+                }),
                 false => {
                     if kind == Lines::Auto && spaced_ids(line) {
                         eprintln!(

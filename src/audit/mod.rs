@@ -527,6 +527,8 @@ impl Audit {
 
     pub fn to_json(&self) -> Value {
         let uniform = self.uniform();
+        // As written (1e-4), not as the f32 widens (9.999999747378752e-5).
+        let edges = MARGIN_EDGES.map(|e| e.to_string().parse::<f64>().unwrap_or(f64::from(e)));
         let layers: Vec<Value> = self
             .layers
             .values()
@@ -544,7 +546,7 @@ impl Audit {
                     "max_vio_without_bias": st.max_vio_without_bias,
                     "counts_without_bias": st.max_vio_without_bias.map(|_| &l.unbiased_counts),
                     "near_tie_share": st.near_tie_share,
-                    "margin_bins": { "edges": MARGIN_EDGES, "counts": l.margin_bins, "known_tokens": l.margins_known },
+                    "margin_bins": { "edges": edges, "counts": l.margin_bins, "known_tokens": l.margins_known },
                     "mtp": self.mtp_layer == Some(l.layer),
                 })
             })
