@@ -339,6 +339,9 @@ fn audit_counts_only_the_layers_asked() {
     let (all, three) = (json(&live), json(&[&live[..], &["--layers", "3"]].concat()));
     assert_eq!(layers(&three), [3]);
     assert_eq!(counts(&three, 3), counts(&all, 3));
+    // The device path (here its code on the host) stops there too, with the same routing.
+    let on_ops = json(&[&live[..], &["--layers", "3", "--device", "cpu-ops"]].concat());
+    assert_eq!((layers(&on_ops), counts(&on_ops, 3)), (vec![3], counts(&all, 3)));
     let (table, _) = assert_ok(&glimpse(&["audit", "--model", "golden/flat", "--dump", reference, "--layers", "2..3"]));
     assert!(table.starts_with("expert load over 1 prompt(s), 16 experts, layers 2..3\n"), "{table}");
     // A window of dense layers counts nothing: refused, naming the MoE layers.

@@ -363,7 +363,7 @@ pub struct CollectOptions<'a> {
     pub per_prompt: bool,
     /// Every token's routing, to `audit --routes`'s file.
     pub routes: Option<&'a mut Routes>,
-    /// `--layers A..B`: count these layers only (live prompts run no further than B on the CPU).
+    /// `--layers A..B`: count these layers only (live prompts run no further than B).
     pub window: Option<RangeInclusive<usize>>,
     /// `--mtp`: prompts run live also run the MTP head (on the CPU), whose layer is counted too.
     pub mtp: bool,

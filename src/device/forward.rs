@@ -300,6 +300,35 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
     /// (the benchmark's unit of work: at GLM-5's vocabulary, 2048 tokens of f32 logits are 1.3 GB
     /// to copy back); every hook point but `logits` is reported.
     pub fn forward_on_device(&self, tokens: &Tokens, rows: LogitRows, obs: &mut dyn Observer) -> Result<O::F> {
+        let (b, s, hd) = (tokens.batch, tokens.seq, self.model.config.hidden_size);
+        let t = b * s;
+        let mut h = self.layers_through(tokens, self.layers.len(), obs)?;
+        if let Some(given) = obs.isolated_input(self.layers.len())? {
+            h = self.feed(&given, t * hd)?;
+        }
+        let x = self.norm(&h, &self.norm, t, hd)?;
+        self.report(obs, HookPoint::FinalNorm, &x, &[b, s, hd])?;
+        match rows {
+            LogitRows::All => self.mm(&x, &self.lm_head, t, 1.0), // [T, V]
+            LogitRows::Last => {
+                let last: Vec<i32> = (1..=b).map(|r| (r * s - 1) as i32).collect(); // < T
+                let x = self.ops.gather_rows(&x, &self.ops.upload_i32(&last)?, b, hd)?; // [B, H]
+                self.mm(&x, &self.lm_head, b, 1.0) // [B, V]
+            }
+        }
+    }
+
+    /// The prefill's hook points up to layer `last`'s: past the last layer, the whole prefill's.
+    pub fn forward_through(&self, tokens: &Tokens, last: usize, obs: &mut dyn Observer) -> Result<()> {
+        match last + 1 >= self.layers.len() {
+            true => self.forward(tokens, obs).map(|_| ()),
+            false => self.layers_through(tokens, last + 1, obs).map(|_| ()),
+        }
+    }
+
+    /// The embeddings and the first `count` layers (each reporting its hook points): the hidden
+    /// state after them [T, H]. `audit --layers` needs none past its window.
+    pub fn layers_through(&self, tokens: &Tokens, count: usize, obs: &mut dyn Observer) -> Result<O::F> {
         let cfg = &self.model.config;
         let (b, s, hd) = (tokens.batch, tokens.seq, cfg.hidden_size);
         let t = b * s;
@@ -310,7 +339,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let tables = self.model.rope_tables(s);
         let (cos, sin) = (self.ops.upload(&tables.cos)?, self.ops.upload(&tables.sin)?);
         let mut selection: Option<(O::I, usize)> = None;
-        for (i, layer) in self.layers.iter().enumerate() {
+        for (i, layer) in self.layers.iter().enumerate().take(count) {
             let hook = |p| HookPoint::Layer(i, p);
             if let Some(given) = obs.isolated_input(i)? {
                 h = self.feed(&given, t * hd)?;
@@ -331,19 +360,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             h = self.ops.add(&h, &mlp, t * hd)?;
             self.report(obs, hook(LayerHook::Output), &h, &[b, s, hd])?;
         }
-        if let Some(given) = obs.isolated_input(self.layers.len())? {
-            h = self.feed(&given, t * hd)?;
-        }
-        let x = self.norm(&h, &self.norm, t, hd)?;
-        self.report(obs, HookPoint::FinalNorm, &x, &[b, s, hd])?;
-        match rows {
-            LogitRows::All => self.mm(&x, &self.lm_head, t, 1.0), // [T, V]
-            LogitRows::Last => {
-                let last: Vec<i32> = (1..=b).map(|r| (r * s - 1) as i32).collect(); // < T
-                let x = self.ops.gather_rows(&x, &self.ops.upload_i32(&last)?, b, hd)?; // [B, H]
-                self.mm(&x, &self.lm_head, b, 1.0) // [B, V]
-            }
-        }
+        Ok(h)
     }
 
     /// MLA with DSA over the selected keys, expanded form: [T, H] -> [T, H].

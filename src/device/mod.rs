@@ -114,12 +114,9 @@ impl Target {
 /// Runs a prefill: the CPU model, or the device forward pass on some ops.
 pub trait Prefill {
     fn prefill(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor>;
-    /// The prefill's hook points up to those of layer `last` at least (`audit --layers`, which
-    /// needs nothing past it): the CPU model stops there; the device passes run to the logits.
-    fn prefill_through(&self, tokens: &Tokens, last: usize, obs: &mut dyn Observer) -> Result<()> {
-        let _ = last;
-        self.prefill(tokens, obs).map(|_| ())
-    }
+    /// The prefill's hook points up to those of layer `last` (`audit --layers`, which needs
+    /// nothing past it); the whole prefill's where `last` is the last layer.
+    fn prefill_through(&self, tokens: &Tokens, last: usize, obs: &mut dyn Observer) -> Result<()>;
 }
 
 impl Prefill for Model {
@@ -135,6 +132,9 @@ impl Prefill for Model {
 impl<O: Ops> Prefill for forward::DeviceModel<'_, O> {
     fn prefill(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
         self.forward(tokens, obs)
+    }
+    fn prefill_through(&self, tokens: &Tokens, last: usize, obs: &mut dyn Observer) -> Result<()> {
+        self.forward_through(tokens, last, obs)
     }
 }
 
