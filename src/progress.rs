@@ -1,7 +1,8 @@
-//! Progress of a forward pass on stderr, for the commands that ask for it (`run`, `verify`): on
-//! a terminal, the layer in progress on one line once a run has taken two seconds; in a log (CI,
-//! `nohup`), a line at most every ten seconds. A GLM-5 prefill on a CPU spends minutes a layer,
-//! and said nothing between loading and its result. Quick runs (the golden cases) print nothing.
+//! Progress of long work on stderr: the layer of a forward pass in progress, for the commands
+//! that ask for it (`run`, `verify`), and the prompt of an `audit` in progress. On a terminal, one
+//! line once the work has taken two seconds; in a log (CI, `nohup`), a line at most every ten
+//! seconds. A GLM-5 prefill on a CPU spends minutes a layer, and said nothing between loading and
+//! its result. Quick runs (the golden cases) print nothing.
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,9 +21,18 @@ const TERMINAL_AFTER: Duration = Duration::from_secs(2);
 /// A log gets a line at most this often.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// One pass over a window of layers.
-pub struct Layers {
-    window: (usize, usize),
+/// What the steps are: a pass's layers, or an audit's prompts.
+#[derive(Debug, Clone, Copy)]
+enum Unit {
+    /// Layers `first..=last`.
+    Layer(usize, usize),
+    /// Prompts 1 to this.
+    Prompt(usize),
+}
+
+/// One pass over a window of layers, or one audit's prompts.
+pub struct Steps {
+    unit: Unit,
     start: Instant,
     last_line: Instant,
     terminal: bool,
@@ -30,21 +40,24 @@ pub struct Layers {
     shown: bool,
 }
 
-impl Layers {
-    pub fn new(first: usize, last: usize) -> Layers {
-        let now = Instant::now();
-        Layers {
-            window: (first, last),
-            start: now,
-            last_line: now,
-            terminal: std::io::stderr().is_terminal(),
-            enabled: ENABLED.load(Ordering::Relaxed),
-            shown: false,
-        }
+impl Steps {
+    /// A pass over layers `first..=last` (shown once [`enable`] was called).
+    pub fn layers(first: usize, last: usize) -> Steps {
+        Steps::of(Unit::Layer(first, last), ENABLED.load(Ordering::Relaxed))
     }
 
-    /// Layer `i` starts.
-    pub fn layer(&mut self, i: usize) {
+    /// `audit`'s prompts, 1 to `total` (shown whether or not [`enable`] was called).
+    pub fn prompts(total: usize) -> Steps {
+        Steps::of(Unit::Prompt(total), true)
+    }
+
+    fn of(unit: Unit, enabled: bool) -> Steps {
+        let now = Instant::now();
+        Steps { unit, start: now, last_line: now, terminal: std::io::stderr().is_terminal(), enabled, shown: false }
+    }
+
+    /// Layer (or prompt) `i` starts.
+    pub fn step(&mut self, i: usize) {
         if let Some(line) = self.enabled.then(|| self.line(i, Instant::now())).flatten() {
             eprint!("{line}");
         }
@@ -52,22 +65,25 @@ impl Layers {
 
     /// What layer `i`'s start at `now` prints, if anything.
     fn line(&mut self, i: usize, now: Instant) -> Option<String> {
-        let (first, last) = self.window;
+        let at = match self.unit {
+            Unit::Layer(first, last) => format!("layer {i} of {first}..={last}"),
+            Unit::Prompt(total) => format!("audit: prompt {i} of {total}"),
+        };
         let elapsed = now.duration_since(self.start);
         let secs = elapsed.as_secs_f64();
         if self.terminal && elapsed >= TERMINAL_AFTER {
             self.shown = true;
-            return Some(format!("\r\x1b[2Klayer {i} of {first}..={last} ({secs:.0} s)"));
+            return Some(format!("\r\x1b[2K{at} ({secs:.0} s)"));
         }
         if !self.terminal && now.duration_since(self.last_line) >= LOG_EVERY {
             self.last_line = now;
-            return Some(format!("glimpse: layer {i} of {first}..={last} ({secs:.0} s so far)\n"));
+            return Some(format!("glimpse: {at} ({secs:.0} s so far)\n"));
         }
         None
     }
 }
 
-impl Drop for Layers {
+impl Drop for Steps {
     /// Clears the terminal's progress line.
     fn drop(&mut self) {
         if self.shown {
@@ -84,7 +100,7 @@ mod tests {
     /// seconds on; a quick run nothing.
     #[test]
     fn progress_waits_then_paces_its_lines() {
-        let mut log = Layers::new(0, 77);
+        let mut log = Steps::layers(0, 77);
         log.terminal = false;
         let at = |s: u64| log.start + Duration::from_secs(s);
         let (t1, t12, t15, t23) = (at(1), at(12), at(15), at(23));
@@ -92,11 +108,15 @@ mod tests {
         assert_eq!(log.line(1, t12).as_deref(), Some("glimpse: layer 1 of 0..=77 (12 s so far)\n"));
         assert_eq!(log.line(2, t15), None);
         assert!(log.line(3, t23).is_some());
-        let mut tty = Layers::new(3, 4);
+        let mut tty = Steps::layers(3, 4);
         tty.terminal = true;
         let (t1, t3) = (tty.start + Duration::from_secs(1), tty.start + Duration::from_secs(3));
         assert_eq!((tty.line(3, t1), tty.shown), (None, false));
         assert_eq!(tty.line(4, t3).as_deref(), Some("\r\x1b[2Klayer 4 of 3..=4 (3 s)"));
         assert!(tty.shown);
+        let mut audit = Steps::prompts(5000);
+        audit.terminal = false;
+        let t12 = audit.start + Duration::from_secs(12);
+        assert_eq!(audit.line(40, t12).as_deref(), Some("glimpse: audit: prompt 40 of 5000 (12 s so far)\n"));
     }
 }

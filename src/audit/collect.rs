@@ -4,7 +4,6 @@
 //! bias-changed flag a token, and with `--model` experts its router picks from the dump's own
 //! gate logits. Each token's routing also goes to `--routes`' file as it is read.
 
-use std::io::IsTerminal;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
@@ -510,15 +509,13 @@ fn run_prompts(
     mut routes: Option<&mut Routes>,
 ) -> Result<()> {
     let Live { model: m, mtp, target } = live;
-    let progress = std::io::stderr().is_terminal();
     let total = prompts.len();
+    let mut progress = crate::progress::Steps::prompts(total);
     audit.prompts_total = Some(total);
     let window = audit.window.clone();
     crate::device::with_prefill(target, m, |p| {
         for (n, (line, tokens)) in prompts.into_iter().enumerate() {
-            if progress {
-                eprint!("\raudit: prompt {}/{total}", n + 1);
-            }
+            progress.step(n + 1);
             let mut obs = AuditObserver::new(audit, tokens.batch, routers, routes.as_deref_mut().map(|r| (r, &tokens)));
             if mtp.is_some() {
                 obs = obs.keeping_final_norm();
@@ -549,9 +546,6 @@ fn run_prompts(
         }
         Ok(())
     })?;
-    if progress {
-        eprint!("\r\x1b[2K");
-    }
     Ok(())
 }
 

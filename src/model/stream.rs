@@ -103,7 +103,7 @@ pub fn run(
             "layer {first} shares the previous layer's DSA selection, which the dump lacks"
         )));
     }
-    let mut progress = crate::progress::Layers::new(first, last);
+    let mut progress = crate::progress::Steps::layers(first, last);
     let mut h = layers(w, &rope, first..=last, h, &mut sel, obs, &mut progress)?;
     if last + 1 < n {
         return Ok(None);
@@ -170,13 +170,13 @@ pub fn layers(
     mut h: Tensor,
     sel: &mut Option<Selection>,
     obs: &mut dyn Observer,
-    progress: &mut crate::progress::Layers,
+    progress: &mut crate::progress::Steps,
 ) -> Result<Tensor> {
     for i in range.clone() {
         if let Some(given) = obs.isolated_input(i)? {
             h = given;
         }
-        progress.layer(i);
+        progress.step(i);
         h = match w {
             Weights::Resident(m) => m.layers[i].forward(&h, rope, sel, obs)?,
             Weights::Streamed(ckpt) => {

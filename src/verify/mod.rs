@@ -445,7 +445,7 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
         }
         let mut last = None;
         let shape = [tokens.batch, tokens.seq, w.config().hidden_size];
-        let mut progress = crate::progress::Layers::new(*window.start(), *window.end());
+        let mut progress = crate::progress::Steps::layers(*window.start(), *window.end());
         for i in window.clone() {
             let start = Start::from_dump(golden, i, shape)?;
             let mut sel = start.selection;
