@@ -320,6 +320,10 @@ pub(crate) enum Command {
         /// Decoder layers (default: the config's; the first `first_k_dense_replace` stay dense).
         #[arg(long)]
         layers: Option<usize>,
+        /// How many of the first layers are dense, the rest MoE (`first_k_dense_replace`;
+        /// default: the config's, GLM-5's 3, halved where it would leave no MoE layer).
+        #[arg(long)]
+        dense: Option<usize>,
         /// Routed experts (default: the config's).
         #[arg(long)]
         experts: Option<usize>,

@@ -669,7 +669,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let ok = glimpse::selftest::run(&root, gpu.target(device)?, scope, max_memory)?;
             Ok(exit(ok))
         }
-        Command::Synth { config, preset, layers, experts, vocab, dtype, shards, mtp, seed, out } => {
+        Command::Synth { config, preset, layers, dense, experts, vocab, dtype, shards, mtp, seed, out } => {
             let source = config.clone();
             let config = match (config, preset) {
                 (Some(path), _) => {
@@ -678,7 +678,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 _ => synth::preset_glm5(),
             };
-            let opts = SynthOptions { config, layers, experts, vocab, dtype, shards, mtp, seed, out: out.clone() };
+            let opts =
+                SynthOptions { config, layers, dense, experts, vocab, dtype, shards, mtp, seed, out: out.clone() };
             // A field the config file got wrong is named with the file.
             let cfg = synth::synth(&opts).map_err(|e| match (e, &source) {
                 (e @ Error::Config { .. }, Some(path)) => {
@@ -694,6 +695,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 dtype,
                 out.display()
             );
+            if !cfg.has_moe() {
+                eprintln!(
+                    "glimpse: warning: every layer ({}) is dense: no routing to audit{} (--dense N keeps N \
+                     dense layers, the rest MoE)",
+                    cfg.num_hidden_layers,
+                    if experts.is_some() { ", and --experts has no effect" } else { "" }
+                );
+            }
             if cfg.has_moe() && cfg.num_experts_per_tok >= cfg.n_routed_experts {
                 eprintln!(
                     "glimpse: warning: every token takes all {} experts (top-{}): its routing decides nothing \

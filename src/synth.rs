@@ -37,6 +37,8 @@ pub struct SynthOptions {
     /// The starting config.json (a preset's or a user's).
     pub config: Value,
     pub layers: Option<usize>,
+    /// How many of the first layers are dense (`first_k_dense_replace`; default: the config's).
+    pub dense: Option<usize>,
     pub experts: Option<usize>,
     pub vocab: Option<usize>,
     pub dtype: SynthDtype,
@@ -81,6 +83,18 @@ fn shrink(mut v: Value, o: &SynthOptions) -> Result<Value> {
             if k as usize >= n && n > 1 {
                 obj.insert("first_k_dense_replace".into(), json!(n / 2));
             }
+        }
+    }
+    if let Some(d) = o.dense {
+        let n = obj.get("num_hidden_layers").and_then(Value::as_u64).unwrap_or(0) as usize;
+        if d > n {
+            return Err(Error::Usage(format!("--dense {d}: the checkpoint has {n} layers")));
+        }
+        obj.insert("first_k_dense_replace".into(), json!(d));
+        // An explicit per-layer list would override the count: written to agree with it.
+        if obj.contains_key("mlp_layer_types") {
+            let kinds: Vec<&str> = (0..n).map(|i| if i < d { "dense" } else { "sparse" }).collect();
+            obj.insert("mlp_layer_types".into(), json!(kinds));
         }
     }
     if let Some(e) = o.experts {

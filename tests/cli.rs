@@ -705,6 +705,26 @@ fn synth_names_its_config_file_and_max_memory_refuses_less_than_a_byte() {
     assert_error(&glimpse(&["--max-memory", "0.5", "verify"]), "\"0.5\" is less than a byte (a unit missing? 16G)");
 }
 
+/// `synth --dense N` keeps N dense layers and makes the rest MoE (a shallow GLM-5-shaped model
+/// with routing to audit); a checkpoint with no MoE layer is warned of, with --experts unused.
+#[test]
+fn synth_sets_the_dense_layers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("d1");
+    let base = ["synth", "--config", "golden/flat/config.json", "--vocab", "64"];
+    common::assert_ok(&glimpse(&[&base[..], &["--dense", "1", "--out", &s(&out)]].concat()));
+    let (info, _) = common::assert_ok(&glimpse(&["inspect", "--model", &s(&out)]));
+    assert!(info.contains("layers: 0 dense, 1-4 moe"), "{info}");
+    let all = tmp.path().join("d5");
+    let (_, err) =
+        common::assert_ok(&glimpse(&[&base[..], &["--dense", "5", "--experts", "8", "--out", &s(&all)]].concat()));
+    assert!(err.contains("every layer (5) is dense: no routing to audit, and --experts has no effect"), "{err}");
+    assert_error(
+        &glimpse(&[&base[..], &["--dense", "6", "--out", &s(&all)]].concat()),
+        "--dense 6: the checkpoint has 5 layers",
+    );
+}
+
 /// A reference whose layers are numbered from 1 (a port's off-by-one naming) fails `verify`
 /// with that said, as `diff` says it of ours: its layer i was compared with our layer i.
 #[test]

@@ -27,6 +27,7 @@ fn write_synth(dir: &Path, dtype: SynthDtype, shards: usize) {
     let o = SynthOptions {
         config: tiny_config(),
         layers: None,
+        dense: None,
         experts: None,
         vocab: None,
         dtype,
