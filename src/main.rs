@@ -576,6 +576,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             if let Some(path) = heatmap {
                 let title = model.as_ref().map(|m| m.display().to_string()).unwrap_or_else(|| "routing dumps".into());
+                let title = match &layers {
+                    Some(w) => format!("{title}, layers {}..{}", w.start(), w.end()),
+                    None => title,
+                };
                 glimpse::output::write_atomic(&path, glimpse::heatmap::svg(&audit, &title).as_bytes())?;
                 eprintln!("wrote {}", path.display());
             }

@@ -287,7 +287,10 @@ fn audit_refuses_twice_the_same_dump_and_other_models_dumps() {
         "y.st",
     );
     let (_, err) = assert_ok(&glimpse(&["audit", "--dump", &same, "--against", &yarn]));
-    assert!(err.contains("warning: --against was made from another config.json"), "{err}");
+    assert!(
+        err.contains("warning: the audited runs and --against's were made from different config.json files"),
+        "{err}"
+    );
 }
 
 /// A layer no dump recorded is left out of the audit, not shown as a layer of dead experts, even
@@ -342,7 +345,10 @@ fn audit_counts_only_the_layers_asked() {
     // The device path (here its code on the host) stops there too, with the same routing.
     let on_ops = json(&[&live[..], &["--layers", "3", "--device", "cpu-ops"]].concat());
     assert_eq!((layers(&on_ops), counts(&on_ops, 3)), (vec![3], counts(&all, 3)));
-    let (table, _) = assert_ok(&glimpse(&["audit", "--model", "golden/flat", "--dump", reference, "--layers", "2..3"]));
+    let svg = tmp.path().join("w.svg");
+    let args = ["audit", "--model", "golden/flat", "--dump", reference, "--layers", "2..3"];
+    let (table, _) = assert_ok(&glimpse(&[&args[..], &["--heatmap", &common::s(&svg)]].concat()));
+    assert!(std::fs::read_to_string(&svg).unwrap().contains(">golden/flat, layers 2..3</text>"));
     assert!(table.starts_with("expert load over 1 prompt(s), 16 experts, layers 2..3\n"), "{table}");
     // A window of dense layers counts nothing: refused, naming the MoE layers.
     assert_error(

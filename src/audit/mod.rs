@@ -519,8 +519,8 @@ impl Audit {
         let (a, b) = (self.config_sha256.as_ref()?, reference.config_sha256.as_ref()?);
         (!crate::dump::same_config(a, b)).then(|| {
             format!(
-                "{flag} was made from another config.json (a quantised twin's differs in its dtype and \
-                 quantization_config): comparing their routing as one model's"
+                "the audited runs and {flag}'s were made from different config.json files (a quantised twin's \
+                 differs in its dtype and quantization_config): comparing their routing as one model's"
             )
         })
     }
