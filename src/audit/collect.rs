@@ -1,120 +1,24 @@
-//! Reading routing into an [`Audit`]: prompts run live through the model, and recorded dumps
-//! (glimpse's, or another tool's in the spec's format), each checked before it counts: one row
-//! of `moe.topk_ids` a token, `k` distinct experts in range, the same `k` in every run, one
-//! bias-changed flag a token, and with `--model` experts its router picks from the dump's own
-//! gate logits. Each token's routing also goes to `--routes`' file as it is read.
+//! Reading routing into an [`Audit`]: prompts run live through the model (`super::live`), and
+//! recorded dumps (glimpse's, or another tool's in the spec's format), each checked before it
+//! counts: one row of `moe.topk_ids` a token, `k` distinct experts in range, the same `k` in
+//! every run, one bias-changed flag a token, and with `--model` experts its router picks from the
+//! dump's own gate logits. Each token's routing also goes to `--routes`' file as it is read. The
+//! options' own checks (`--layers`' window, `--against`'s tokens) come first, before anything
+//! runs.
 
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
-
+use super::live::{counted, read_prompts, run_prompts, Lines, Live};
 use super::routes::{LayerRoutes, Routes};
 use super::{Audit, Run};
 use crate::checkpoint::Checkpoint;
 use crate::config::MAX_EXPERTS;
 use crate::dump::{Dump, Values};
-use crate::error::{Context, Error, Result};
-use crate::hooks::{HookPoint, LayerHook, Observer};
+use crate::error::{Error, Result};
+use crate::hooks::{HookPoint, LayerHook};
 use crate::model::moe::{Route, Routers};
 use crate::model::{Model, Tokens};
-
-/// Collects routing counts during forward passes, without keeping any activation (with
-/// `--routes`, the layer in progress's weights and margins until its line are written).
-pub struct AuditObserver<'a> {
-    pub audit: &'a mut Audit,
-    /// The batch rows of the run: each is a prompt.
-    prompts: usize,
-    ids: Option<(usize, Vec<i64>, usize)>,
-    /// The model's routers: with the gate logits, the experts each token would choose without
-    /// the correction bias.
-    routers: Option<&'a Routers>,
-    /// `--routes`: the file, and the run's tokens (run number `runs` of the file).
-    routes: Option<(&'a mut Routes, &'a Tokens)>,
-    /// The layer in progress's weights and margins, for `routes`.
-    weights: Option<Vec<f32>>,
-    margin: Option<Vec<f32>>,
-    /// `audit --mtp`: the run's final-norm hidden state, the MTP head's input.
-    final_norm: Option<Option<Tensor>>,
-}
-
-/// Whether `--layers`' window (None: every layer) counts layer `i`.
-fn counted(window: Option<&RangeInclusive<usize>>, i: usize) -> bool {
-    window.is_none_or(|w| w.contains(&i))
-}
-
-impl<'a> AuditObserver<'a> {
-    /// `routes`: write each layer's routing of the run of `tokens` there as it is decided.
-    pub fn new(
-        audit: &'a mut Audit,
-        prompts: usize,
-        routers: Option<&'a Routers>,
-        routes: Option<(&'a mut Routes, &'a Tokens)>,
-    ) -> Self {
-        AuditObserver { audit, prompts, ids: None, routers, routes, weights: None, margin: None, final_norm: None }
-    }
-
-    /// Keep the run's final-norm hidden state, for the MTP head.
-    fn keeping_final_norm(mut self) -> Self {
-        self.final_norm = Some(None);
-        self
-    }
-}
-
-impl Observer for AuditObserver<'_> {
-    fn wants(&self, point: HookPoint) -> bool {
-        match point {
-            HookPoint::Layer(i, _) if !counted(self.audit.window.as_ref(), i) => false,
-            HookPoint::FinalNorm => self.final_norm.is_some(),
-            HookPoint::Layer(_, LayerHook::TopkIds | LayerHook::BiasChanged) => true,
-            HookPoint::Layer(_, LayerHook::RouterMargin) => true,
-            HookPoint::Layer(_, LayerHook::TopkWeights) => self.routes.is_some(),
-            HookPoint::Layer(i, LayerHook::RouterLogits) => self.routers.is_some_and(|r| r.layer(i).is_some()),
-            _ => false,
-        }
-    }
-    fn observe(&mut self, point: HookPoint, value: &Tensor) -> Result<()> {
-        match point {
-            HookPoint::FinalNorm => self.final_norm = Some(Some(value.clone())),
-            HookPoint::Layer(i, LayerHook::RouterLogits) => {
-                if let Some((rc, bias)) = self.routers.and_then(|r| r.layer(i)) {
-                    let logits = value.flatten_all()?.to_vec1::<f32>()?;
-                    self.audit.add_unbiased(i, &unbiased(rc, &logits, bias.len()), rc.top_k);
-                }
-            }
-            // The forward pass reports a layer's ids, weights and margins, then its bias flags.
-            HookPoint::Layer(i, LayerHook::TopkIds) => {
-                let k = value.dims().last().copied().unwrap_or(1);
-                self.ids = Some((i, value.flatten_all()?.to_vec1::<i64>()?, k));
-            }
-            HookPoint::Layer(_, h @ (LayerHook::TopkWeights | LayerHook::RouterMargin)) => {
-                let v = Some(value.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
-                match h {
-                    LayerHook::TopkWeights => self.weights = v,
-                    _ => self.margin = v,
-                }
-            }
-            HookPoint::Layer(i, LayerHook::BiasChanged) => {
-                let flags = value.flatten_all()?.to_vec1::<i64>()?;
-                let (weights, margin) = (self.weights.take(), self.margin.take());
-                if let Some((layer, ids, k)) = self.ids.take().filter(|(l, _, _)| *l == i) {
-                    self.audit.add(layer, &ids, k, self.prompts, Some(&flags)).context(|| format!("layer {layer}"))?;
-                    if let Some(m) = margin.as_deref().filter(|m| m.len() * k == ids.len()) {
-                        self.audit.add_margins(layer, m);
-                    }
-                    if let Some((routes, tokens)) = &mut self.routes {
-                        let l =
-                            LayerRoutes { layer, ids: &ids, k, weights: weights.as_deref(), margin: margin.as_deref() };
-                        let run = routes.runs;
-                        routes.layer(run, tokens.batch, Some(tokens), &l)?;
-                    }
-                }
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-}
 
 /// Routing counts over prompts run live (`prompts`: one per line, token ids or text) and over
 /// recorded dumps. The checkpoint, when given, supplies the expert count, each expert's bias
@@ -420,14 +324,6 @@ fn check_against(ours: Vec<(String, Tokens)>, against: &[PathBuf]) -> Result<()>
     Ok(())
 }
 
-/// What prompts run live on: the model, the MTP head when asked, and where the prefill runs.
-#[derive(Clone, Copy)]
-struct Live<'a> {
-    model: &'a Model,
-    mtp: Option<&'a crate::model::mtp::Mtp>,
-    target: crate::device::Target,
-}
-
 /// Layer numbers as runs: `2..4, 7`.
 fn list(layers: &[usize]) -> String {
     let mut sorted = layers.to_vec();
@@ -496,125 +392,6 @@ pub fn expert_count(dumps: &[PathBuf]) -> Result<ExpertCount> {
         Some(n) => ExpertCount { n, guessed: false },
         None => ExpertCount { n: largest_id(dumps)?, guessed: true },
     })
-}
-
-/// Runs every prompt, counting its routing. Ctrl-C (while the caller's `Stopping` lives) stops
-/// after the prompt in progress: the audit then covers the prompts run, and says so.
-fn run_prompts(
-    audit: &mut Audit,
-    routers: Option<&Routers>,
-    live: Live,
-    prompts: Vec<(usize, Tokens)>,
-    path: &Path,
-    mut routes: Option<&mut Routes>,
-) -> Result<()> {
-    let Live { model: m, mtp, target } = live;
-    let total = prompts.len();
-    let mut progress = crate::progress::Steps::prompts(total);
-    audit.prompts_total = Some(total);
-    let window = audit.window.clone();
-    crate::device::with_prefill(target, m, |p| {
-        for (n, (line, tokens)) in prompts.into_iter().enumerate() {
-            progress.step(n + 1);
-            let mut obs = AuditObserver::new(audit, tokens.batch, routers, routes.as_deref_mut().map(|r| (r, &tokens)));
-            if mtp.is_some() {
-                obs = obs.keeping_final_norm();
-            }
-            let run = match &window {
-                Some(w) => p.prefill_through(&tokens, *w.end(), &mut obs),
-                None => p.prefill(&tokens, &mut obs).map(|_| ()),
-            };
-            // The MTP head (on the CPU) from the run's final norm, as `run --mtp` runs it.
-            let run = run.and_then(|()| match (mtp, obs.final_norm.take().flatten()) {
-                (Some(head), Some(h)) => {
-                    let h = h.narrow(1, 0, tokens.seq - 1)?; // [B, S-1, hidden]
-                    head.forward(m, &h, &tokens, &mut obs).map(|_| ())
-                }
-                (Some(_), None) => Err(Error::Usage("--mtp: the run reported no final_norm".into())),
-                (None, _) => Ok(()),
-            });
-            run.map_err(|e| Error::Usage(format!("{} line {line}: {e}", path.display())))?;
-            if let Some(r) = routes.as_deref_mut() {
-                r.runs += 1;
-            }
-            // Kept (ids only) for `--against`, which must have run the same prompts.
-            audit.runs.push(Run { batch: tokens.batch, tokens: Some(tokens) });
-            if crate::interrupt::requested() && n + 1 < total {
-                audit.stopped = Some((n + 1, total));
-                break;
-            }
-        }
-        Ok(())
-    })?;
-    Ok(())
-}
-
-/// How the lines of a `--prompts` file are read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lines {
-    /// Token ids where a line's comma-separated items are mostly integers, else text.
-    Auto,
-    /// Every line is text (`Count: 1, 2, 3` too).
-    Text,
-}
-
-/// The prompts of a `--prompts` file, with their line numbers: token ids (comma-separated, `;`
-/// between batch rows, as `--tokens` takes them), else text for the checkpoint's tokenizer.
-/// Blank lines and `#` comments are skipped. With [`Lines::Auto`] a line whose comma-separated
-/// items are mostly integers is read as ids, so a mistyped id (`1,2,x`) is an error, not text.
-fn read_prompts(path: &Path, kind: Lines, dir: &Path) -> Result<Vec<(usize, Tokens)>> {
-    let bytes = crate::st::read_input(path)?;
-    let text = String::from_utf8(bytes).map_err(|_| Error::Usage(format!("{}: is not UTF-8 text", path.display())))?;
-    // A byte-order mark (Windows editors write one) is not part of the first prompt.
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-    let lines: Vec<(usize, &str)> =
-        text.lines().map(str::trim).enumerate().filter(|(_, l)| !l.is_empty() && !l.starts_with('#')).collect();
-    if lines.is_empty() {
-        return Err(Error::Usage(format!("{}: no prompts (one per line)", path.display())));
-    }
-    lines
-        .iter()
-        .map(|&(n, line)| {
-            let tokens = match kind == Lines::Auto && looks_like_ids(line) {
-                // A line of text with numbers in it reads as ids with a slip: say how to read it as text.
-                // (Only where an item is no id: rows of unequal length are ids all the same.)
-                true => Tokens::parse(line).map_err(|e| {
-                    let slip = line.split([',', ';']).any(|x| x.trim().parse::<u32>().is_err());
-                    let hint = if slip { " (a line of text? --text reads every line as text)" } else { "" };
-                    Error::Usage(format!("{e}{hint}"))
-                }),
-                false => {
-                    if kind == Lines::Auto && spaced_ids(line) {
-                        eprintln!(
-                            "glimpse: warning: {} line {}: integers separated by spaces are read as text (ids are \
-                             comma-separated)",
-                            path.display(),
-                            n + 1
-                        );
-                    }
-                    crate::tokenizer::encode(dir, line)
-                }
-            };
-            Ok((n + 1, tokens.context(|| format!("{} line {}", path.display(), n + 1))?))
-        })
-        .collect()
-}
-
-/// Ids, not text: a single number, or items separated by `,`/`;` of which more than half are
-/// integers ("1,2,x" is a slip in ids; "Hello, world" and "In 1990, 2000 people" are text).
-fn looks_like_ids(line: &str) -> bool {
-    let items: Vec<&str> = line.split([',', ';']).map(str::trim).collect();
-    let numbers = items.iter().filter(|i| i.parse::<i64>().is_ok()).count();
-    match items.len() {
-        1 => numbers == 1,
-        n => 2 * numbers > n,
-    }
-}
-
-/// Integers separated by whitespace only (`1 2 3`): ids written the wrong way, or text of numbers.
-fn spaced_ids(line: &str) -> bool {
-    let items: Vec<&str> = line.split_whitespace().collect();
-    items.len() > 1 && items.iter().all(|i| i.parse::<i64>().is_ok())
 }
 
 /// One dump's routing: every `layers.{i}.moe.topk_ids`, checked against the dump's tokens (one
@@ -857,7 +634,7 @@ fn batch_without_ids(d: &Dump, rows: usize) -> usize {
 }
 
 /// Each token's experts without the correction bias, from `[tokens, experts]` gate logits.
-fn unbiased(rc: &crate::model::moe::RouterConfig, logits: &[f32], experts: usize) -> Vec<usize> {
+pub(super) fn unbiased(rc: &crate::model::moe::RouterConfig, logits: &[f32], experts: usize) -> Vec<usize> {
     logits.chunks(experts.max(1)).flat_map(|row| crate::model::moe::unbiased_ids(rc, row)).collect()
 }
 
@@ -915,19 +692,4 @@ fn bias_changed_from_logits(
     }
     use crate::model::moe::{bias_changed, route};
     Ok(Some(logits.chunks(e).map(|row| bias_changed(rc, row, &route(rc, row, bias).ids) as i64).collect()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::looks_like_ids;
-
-    #[test]
-    fn lines_of_mostly_integers_are_ids() {
-        for ids in ["17", "1,2,3", "1, 2, 3", "1,2;3,4", "1,2,x", "1,-2,3", "1,2,3 # a note"] {
-            assert!(looks_like_ids(ids), "{ids}");
-        }
-        for text in ["Hello, world", "In 1990, 2000 people", "1 2 3", "x", "one, 2, three"] {
-            assert!(!looks_like_ids(text), "{text}");
-        }
-    }
 }

@@ -19,9 +19,11 @@ use crate::model::Tokens;
 pub mod chance;
 mod collect;
 pub mod contrast;
+mod live;
 mod routes;
 mod shift;
-pub use collect::{collect, collect_with_other, expert_count, AuditObserver, CollectOptions, ExpertCount, Lines};
+pub use collect::{collect, collect_with_other, expert_count, CollectOptions, ExpertCount};
+pub use live::{AuditObserver, Lines};
 pub use routes::Routes;
 pub use shift::{net_moved, shift_json, Changed, LayerShift};
 
