@@ -118,7 +118,12 @@ pub fn run(
         );
         let meta = dump::metadata(&source, Some(&ckpt.config_bytes), Some(&dir.display().to_string()));
         let n = writer.finish(&meta)?;
-        println!("wrote {n} tensors to {}", path.display());
+        // (Its tokens are those the model ran: the last one made was never fed back.)
+        println!(
+            "wrote {n} tensors to {} (the positions run: the prompt and the tokens made but the last, which no step \
+             fed; `run --tokens-from` it runs the same tokens)",
+            path.display()
+        );
     }
     Ok(())
 }

@@ -235,6 +235,18 @@ fn generate_dump_equals_a_prefill_dump_of_the_same_tokens() {
     let (code, text) =
         common::code_and_text(&["run", "--model", dir.to_str().unwrap(), "--tokens-from", gen.to_str().unwrap()]);
     assert_eq!(code, 0, "{text}");
+    // A prefill of every token generate printed (its last too) is a run of more positions: said.
+    let mut printed: Vec<String> = recorded.tokens().unwrap().ids.iter().map(|t| t.to_string()).collect();
+    printed.push("1".into());
+    let longer =
+        ["run", "--model", dir.to_str().unwrap(), "--tokens", &printed.join(","), "--dump", run.to_str().unwrap()];
+    assert_eq!(common::code_and_text(&longer).0, 0);
+    let (code, text) = common::code_and_text(&["diff", gen.to_str().unwrap(), run.to_str().unwrap()]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("ours's 5 positions begin the other's: a `generate --dump` holds the positions it ran"),
+        "{text}"
+    );
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::flips::{self, Class};
 use crate::hooks::{finite_expected, first_non_finite, glob, HookPoint, NonFinite};
 use crate::model::moe::Routers;
+use crate::model::Tokens;
 
 #[derive(Debug, Clone)]
 pub struct DiffOptions {
@@ -187,15 +188,34 @@ pub(crate) fn ints(d: &Dump, name: &str) -> Option<Vec<i64>> {
     }
 }
 
+/// Where one run's rows begin the other's (one side ran more positions of the same tokens), what
+/// to run instead: a `generate --dump` holds the positions it ran, which leave out its last token.
+fn prefix_hint(a: &Tokens, b: &Tokens) -> String {
+    let (short, long, which) = if a.seq < b.seq { (a, b, "ours") } else { (b, a, "the reference") };
+    let begins = short.batch == long.batch
+        && short.seq < long.seq
+        && short.ids.chunks(short.seq.max(1)).zip(long.ids.chunks(long.seq)).all(|(s, l)| l.starts_with(s));
+    match begins {
+        true => format!(
+            "; {which}'s {} positions begin the other's: a `generate --dump` holds the positions it ran, not its \
+             last token, and `run --tokens-from` that dump runs the same",
+            short.seq
+        ),
+        false => String::new(),
+    }
+}
+
 /// Compares `a` (ours) against `b` (the reference) on the names both hold.
 pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     // Runs of different inputs cannot be compared tensor by tensor.
     if a.contains("input_ids") && b.contains("input_ids") {
-        if let Some(d) = a.tokens()?.difference(&b.tokens()?) {
+        let (ta, tb) = (a.tokens()?, b.tokens()?);
+        if let Some(d) = ta.difference(&tb) {
             return Err(Error::Usage(format!(
-                "{} and {} are runs of different inputs ({d})",
+                "{} and {} are runs of different inputs ({d}{})",
                 a.path.display(),
-                b.path.display()
+                b.path.display(),
+                prefix_hint(&ta, &tb)
             )));
         }
     }
