@@ -163,7 +163,8 @@ impl DiffReport {
             Detail::Float { cosine, scale, total, .. } if factor(*scale, *cosine, *total).is_some() => {
                 factor(*scale, *cosine, *total)
             }
-            Detail::Float { .. } if self.notes.mask.is_some_and(|m| m.off_by_one() || self.notes.onset.is_none()) => {
+            // (Masking a causal key the reference scores is no position-wise effect: said beside an onset.)
+            Detail::Float { .. } if self.notes.mask.is_some_and(|m| m.ours > 0 || self.notes.onset.is_none()) => {
                 self.notes.mask.map(|m| m.reading())
             }
             Detail::Float { .. } => self.notes.tail.map(Tail::reading),
@@ -402,12 +403,18 @@ pub struct Mask {
     pub reference: usize,
     /// The queries (`B x S`): an off-by-one mask masks the diagonal of most of them.
     pub queries: usize,
+    pub positions: usize,
+    /// The first query position where ours masks a causal key: a decode path's mask may break
+    /// from the first decoded position only.
+    pub from: Option<usize>,
 }
 
 impl Mask {
-    /// Ours masks each query's own key, for most queries, and nothing else.
+    /// Ours masks each query's own key, for most queries from the first it masks one (two at
+    /// least), and nothing else.
     pub fn off_by_one(&self) -> bool {
-        self.ours == self.diagonal && 2 * self.diagonal > self.queries
+        let after = self.from.map_or(self.queries, |f| self.queries / self.positions.max(1) * (self.positions - f));
+        self.ours == self.diagonal && self.diagonal >= 2 && 2 * self.diagonal > after
     }
 }
 
@@ -417,7 +424,7 @@ impl Mask {
         if s == 0 || t < s || ours.len() != reference.len() {
             return None;
         }
-        let mut m = Mask { ours: 0, diagonal: 0, reference: 0, queries: b * s };
+        let mut m = Mask { ours: 0, diagonal: 0, reference: 0, queries: b * s, positions: s, from: None };
         for (i, (&a, &e)) in ours.iter().zip(reference).enumerate() {
             let (q, k) = ((i / t) % s, i % t);
             let own = t - s + q;
@@ -428,6 +435,7 @@ impl Mask {
                 (true, false) if !e.is_nan() => {
                     m.ours += 1;
                     m.diagonal += usize::from(k == own);
+                    m.from = Some(m.from.map_or(q, |f| f.min(q)));
                 }
                 (false, true) if !a.is_nan() => m.reference += 1,
                 _ => {}
@@ -441,13 +449,22 @@ impl Mask {
             0 => String::new(),
             n => format!("; the reference masks {n} that ours scores"),
         };
+        // (From a later position: a decode path's mask, where the prefill's is right. An off-by-one
+        // mask leaves position 0 alone where it keeps a query's only key.)
+        let later = |after: usize| match self.from {
+            Some(f) if f > after && self.ours > 1 => format!(", from position {f} on"),
+            _ => String::new(),
+        };
         match (self.ours, self.diagonal) {
             (0, _) => format!("the reference masks {} causal keys ours scores", self.reference),
             (n, _) if self.off_by_one() => format!(
-                "ours masks {n} causal keys the reference scores, every one a query's own key (the diagonal): a \
-                 causal mask off by one (`<` for `<=`){theirs}"
+                "ours masks {n} causal keys the reference scores, every one a query's own key (the diagonal){}: a \
+                 causal mask off by one (`<` for `<=`){theirs}",
+                later(1)
             ),
-            (n, d) => format!("ours masks {n} causal keys the reference scores ({d} on the diagonal){theirs}"),
+            (n, d) => {
+                format!("ours masks {n} causal keys the reference scores ({d} on the diagonal){}{theirs}", later(0))
+            }
         }
     }
 }
@@ -739,5 +756,21 @@ mod tests {
             "the reference masks 1 causal keys ours scores"
         );
         assert_eq!(Mask::of(&reference, &reference, &[1, 4, 4]), None);
+        // A decode path's: its own key masked from position 2 on only, and key 0 from position 1.
+        let mut late = reference.clone();
+        for q in 2..4 {
+            late[q * 4 + q] = inf;
+        }
+        let m = Mask::of(&late, &reference, &[1, 4, 4]).unwrap();
+        assert!(m.reading().contains("the diagonal), from position 2 on: a causal mask off by one"), "{}", m.reading());
+        let mut first = reference.clone();
+        for q in 1..4 {
+            first[q * 4] = inf;
+        }
+        let m = Mask::of(&first, &reference, &[1, 4, 4]).unwrap();
+        assert_eq!(
+            m.reading(),
+            "ours masks 3 causal keys the reference scores (0 on the diagonal), from position 1 on"
+        );
     }
 }
