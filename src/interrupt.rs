@@ -128,6 +128,22 @@ mod imp {
         }
     }
 
+    const BUS_ERROR: &[u8] = b"glimpse: error: a file being read changed on disk (cut short or rewritten in place \
+while mapped): run again once it is written\n";
+
+    extern "C" fn on_bus(_: libc::c_int) {
+        // SAFETY: write(2) and _exit(2) are async-signal-safe.
+        unsafe {
+            libc::write(2, BUS_ERROR.as_ptr().cast(), BUS_ERROR.len());
+            libc::_exit(2);
+        }
+    }
+
+    pub fn report_bus_errors() {
+        // SAFETY: the handler makes async-signal-safe calls only.
+        unsafe { libc::signal(libc::SIGBUS, on_bus as *const () as libc::sighandler_t) };
+    }
+
     pub fn default_again() {
         for sig in SIGNALS {
             // SAFETY: restoring the default disposition.
@@ -138,6 +154,7 @@ mod imp {
 
 #[cfg(not(unix))]
 mod imp {
+    pub fn report_bus_errors() {}
     pub fn stop_at_checkpoints() {}
     pub fn requested() -> bool {
         false
@@ -150,6 +167,12 @@ mod imp {
         "Ctrl-C"
     }
 }
+
+/// Dumps and weights are memory-mapped: a file cut short on disk while a command reads it (a
+/// writer that empties it first) faults with SIGBUS on the next page, which ended the process
+/// with "Bus error" (status 135). This makes it a one-line error, exit 2. (The terminal UI sets a
+/// handler of its own that also restores the terminal.)
+pub use imp::report_bus_errors;
 
 /// Whether a stop was asked for.
 pub use imp::requested;

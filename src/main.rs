@@ -33,6 +33,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    glimpse::interrupt::report_bus_errors();
     memory::keep_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

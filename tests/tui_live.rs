@@ -135,6 +135,30 @@ fn the_binary_in_tmux() {
         !tmux(&["capture-pane", "-p", "-t", &session]).contains("1 layers")
     });
     assert!(restored, "the terminal is restored: {}", tmux(&["capture-pane", "-p", "-t", &session]));
+
+    // A dump cut short on disk while the UI has it open (a port's writer that empties the file
+    // first): the page fault's SIGBUS ends it with a one-line error and the terminal restored.
+    let copy = dir.path().join("port.safetensors");
+    std::fs::copy("golden/flat/bf16-port.safetensors", &copy).unwrap();
+    let _ = std::fs::remove_file(&rc_file);
+    let golden = "golden/flat/reference.safetensors";
+    run(format!(
+        "sh -c '{bin} tui --dump {} --golden {golden}; echo $? > {}; sleep 30'",
+        copy.display(),
+        rc_file.display()
+    ));
+    wait_for("1 layers");
+    std::fs::OpenOptions::new().write(true).open(&copy).unwrap().set_len(2000).unwrap();
+    tmux(&["send-keys", "-t", &session, "j", "j", "2"]);
+    let s = wait_for("a dump the terminal UI reads changed on disk");
+    assert!(!s.contains("1 layers"), "the terminal is restored: {s}");
+    let rc = (0..100)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            std::fs::read_to_string(&rc_file).ok().filter(|s| s.ends_with('\n'))
+        })
+        .unwrap_or_default();
+    assert_eq!(rc.trim(), "2");
     tmux(&["kill-session", "-t", &session]);
 }
 

@@ -1,6 +1,6 @@
-//! The terminal loop: raw mode and the alternate screen (restored on exit, on panic, and on
-//! SIGTERM or SIGINT), draw, wait for a key, update the state, until quit. Resizes just
-//! redraw.
+//! The terminal loop: raw mode and the alternate screen (restored on exit, on panic, on
+//! SIGTERM or SIGINT, and on the SIGBUS of a mapped dump cut short under it), draw, wait for a
+//! key, update the state, until quit. Resizes just redraw.
 
 use std::io::{self, IsTerminal};
 use std::time::Duration;
@@ -17,7 +17,9 @@ pub fn run(src: &dyn Source) -> io::Result<Option<i32>> {
     if !io::stdout().is_terminal() {
         return Err(io::Error::other("needs an interactive terminal (stdout is not one)"));
     }
+    bus::save_terminal();
     let mut terminal = ratatui::try_init()?;
+    bus::install();
     let result = event_loop(&mut terminal, src);
     ratatui::restore();
     result.map(|()| stop::signal())
@@ -73,6 +75,54 @@ mod stop {
     pub fn signal() -> Option<i32> {
         Some(SIGNAL.load(Ordering::Relaxed)).filter(|&s| s != 0)
     }
+}
+
+/// The dumps are memory-mapped: one truncated or rewritten in place while the UI reads it (a
+/// port's writer that empties the file first) faults with SIGBUS on the next page read, whose
+/// default action left the terminal raw, on the alternate screen, without a cursor. The handler
+/// restores the terminal as it was before the UI and exits with a one-line error.
+#[cfg(unix)]
+mod bus {
+    use std::sync::OnceLock;
+
+    /// The terminal's settings before raw mode (standard input's, where it is the terminal).
+    static SAVED: OnceLock<libc::termios> = OnceLock::new();
+
+    const LEAVE: &[u8] = b"\x1b[?1049l\x1b[?25h\r\n";
+    const MESSAGE: &[u8] = b"glimpse: error: a dump the terminal UI reads changed on disk (cut short or rewritten in \
+place): open it again once it is written\n";
+
+    pub fn save_terminal() {
+        // SAFETY: tcgetattr writes the termios it is given; zeroed is a valid termios to fill.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        if unsafe { libc::tcgetattr(0, &mut t) } == 0 {
+            let _ = SAVED.set(t);
+        }
+    }
+
+    extern "C" fn on_bus(_: libc::c_int) {
+        // SAFETY: write(2), tcsetattr(3) and _exit(2) are async-signal-safe; SAVED was set before
+        // the handler was installed and is only read here.
+        unsafe {
+            libc::write(1, LEAVE.as_ptr().cast(), LEAVE.len());
+            if let Some(t) = SAVED.get() {
+                libc::tcsetattr(0, libc::TCSANOW, t);
+            }
+            libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
+            libc::_exit(2);
+        }
+    }
+
+    pub fn install() {
+        // SAFETY: the handler makes async-signal-safe calls only.
+        unsafe { libc::signal(libc::SIGBUS, on_bus as *const () as libc::sighandler_t) };
+    }
+}
+
+#[cfg(not(unix))]
+mod bus {
+    pub fn save_terminal() {}
+    pub fn install() {}
 }
 
 #[cfg(not(unix))]
