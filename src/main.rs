@@ -612,6 +612,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let what = if dump.is_some() { "reading and comparing the dumps" } else { "running the model" };
                 eprint!("glimpse: {what}...");
             }
+            // A live run of a large checkpoint takes minutes: its layer in progress shows (the
+            // terminal is the UI's only once the run is done).
+            if dump.is_none() {
+                glimpse::progress::enable();
+            }
             let src = glimpse::tui_source::open(&glimpse::tui_source::Open {
                 model: model.as_deref(),
                 golden: golden.as_deref(),

@@ -605,7 +605,8 @@ pub fn open(o: &Open) -> Result<DumpSource> {
             let reference = golden.map(Dump::open).transpose()?;
             let title = match golden {
                 Some(g) => format!("{} vs reference {}", path.display(), g.display()),
-                None => path.display().to_string(),
+                // (Alone, nothing is compared: no flip or mismatch can show, and the title says why.)
+                None => format!("{} (no reference: nothing compared)", path.display()),
             };
             // The checkpoint the dump ran, when given: its routers and config class the flips.
             let ckpt = model.map(Checkpoint::open).transpose()?;
@@ -710,6 +711,7 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     };
     let title = match &golden {
         Some(g) => format!("{} ({live}) vs reference {}", dir.display(), g.display()),
+        None if skipped.is_empty() => format!("{} ({live}, no reference: nothing compared)", dir.display()),
         None => format!("{} ({live})", dir.display()),
     };
     // The routers recompute the reference's routing margins from its gate logits.

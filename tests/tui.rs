@@ -305,6 +305,11 @@ fn activations_view_lists_hook_points_with_stats() {
     app.finish_filter();
     let s = screen(&app, &port, 80, 24);
     assert!(s.contains("│attn.q_latent") && !s.contains("│attn.out "), "{s}");
+    assert!(s.contains("| filter: Q_Latent"), "{s}");
+    // The other views show every hook point: the status line says whose filter it is.
+    let mut routing = app.clone();
+    routing.set_view(View::Routing);
+    assert!(screen(&routing, &port, 100, 24).contains("| activations filter: Q_Latent"));
     // `/` starts a new filter; one that matches nothing says so.
     app.start_filter();
     "zzz".chars().for_each(|c| app.filter_push(c));

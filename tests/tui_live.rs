@@ -242,6 +242,12 @@ fn a_live_run_of_other_tokens_runs_without_the_folders_reference() {
     // Without a reference there is nothing to count: the counts read `-`.
     let words: Vec<&str> = line_with(&s, "│0 ").trim_matches('│').split_whitespace().collect();
     assert_eq!(words[3..6], ["-", "-", "-"], "{s}");
+    // Three tokens, all kept by the indexer (top-8): every DSA margin is +inf, no statistics.
+    let mut app = at_layer(&src, 0);
+    app.set_view(View::Activations);
+    let s = screen(&app, &src, 120, 24);
+    let margin: Vec<&str> = line_with(&s, "dsa.margin").trim_matches('│').split_whitespace().collect();
+    assert_eq!(margin[2..9], ["-", "-", "-", "-", "-", "0", "no"], "{s}");
     let prefix = format!("glimpse-tui-{}-", std::process::id());
     let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
         .unwrap()
@@ -251,6 +257,20 @@ fn a_live_run_of_other_tokens_runs_without_the_folders_reference() {
     assert!(left.is_empty(), "left while the TUI runs: {left:?}");
     let err = open(Some(&reference)).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("ran other tokens than --tokens/--prompt give"), "{err}");
+    // A dump alone, with nothing to compare it with, says so in its title.
+    let alone = glimpse::tui_source::open(&glimpse::tui_source::Open {
+        model: None,
+        golden: None,
+        dump: Some(&flat().join("bf16-port.safetensors")),
+        tokens: None,
+        prompt: None,
+        max_memory: None,
+        target: glimpse::device::Backend::Cpu.into(),
+        near_tie: None,
+        tol: Default::default(),
+    })
+    .unwrap();
+    assert!(alone.title().ends_with("bf16-port.safetensors (no reference: nothing compared)"), "{}", alone.title());
 }
 
 /// At 40 columns the tables drop columns rather than squeeze them: every number shown is whole

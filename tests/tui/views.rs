@@ -191,10 +191,10 @@ fn every_view_draws_a_dump_with_the_mtp_layer() {
     // Batch 2: the DSA view says which row it shows, and follows the token into the second.
     let mut app = at_layer(&src, 0);
     app.set_view(View::Dsa);
-    assert!(screen(&app, &src, 80, 24).contains("16 queries (batch row 0 of 2),"));
+    assert!(screen(&app, &src, 80, 24).contains("16 queries (batch row b0 of b0-b1),"));
 
     app.token = 16;
-    assert!(screen(&app, &src, 80, 24).contains("16 queries (batch row 1 of 2),"));
+    assert!(screen(&app, &src, 80, 24).contains("16 queries (batch row b1 of b0-b1),"));
     // The MTP layer runs one position fewer a batch row: its rows are the run's tokens but the
     // last of each row (2 rows of 16 tokens here), and its DSA queries of batch row 1 are row 1's.
     let seq = src.tokens() / 2;

@@ -85,7 +85,7 @@ pub const KEYS: [(&str, &str); 9] = [
     ("n", "next flip in the layer (routing, DSA), then next bad row"),
     ("h/l, left/right", "previous, next token"),
     ("pgdn/pgup, J/K", "page the view (and its selected token or layer)"),
-    ("/", "filter hook points (enter keeps it, esc clears it)"),
+    ("/", "filter the activations view's hook points (enter keeps it, esc clears it)"),
     ("esc", "close the help, or clear the filter"),
 ];
 

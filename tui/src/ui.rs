@@ -89,7 +89,9 @@ fn status_line(app: &App, src: &dyn Source) -> Line<'static> {
     }
     if app.editing_filter || !app.filter.is_empty() {
         let cursor = if app.editing_filter { "_" } else { "" };
-        spans.push(Span::styled(format!("| filter: {}{cursor} ", app.filter), Style::new().fg(Color::Cyan)));
+        // (It filters the activations view's hook points: said, as the other views show all.)
+        let label = if app.view == crate::app::View::Activations { "filter" } else { "activations filter" };
+        spans.push(Span::styled(format!("| {label}: {}{cursor} ", app.filter), Style::new().fg(Color::Cyan)));
     }
     // A key's message, else the source's warning, which stays while nothing else is said.
     match (app.message.is_empty(), src.warning()) {

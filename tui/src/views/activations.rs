@@ -82,9 +82,15 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         let short = short_name(&h.name);
         // `1x2048x2048`: a long context's S x S scores fit the column (`[1, 2048, 2048]` did not).
         let shape = h.shape.iter().map(usize::to_string).collect::<Vec<_>>().join("x");
-        let l2 = num(h.l2);
-        let (nan, hist) = (h.nonfinite.to_string(), sparkline(&h.histogram));
-        let cells = [short.to_string(), shape, num(h.mean), num(h.std), num(h.min), num(h.max), l2, nan, hist, vs_ref];
+        let nan = h.nonfinite.to_string();
+        // No finite value, and none of them NaN (every margin +inf where the indexer keeps every
+        // key, infinities by design): no statistics, not NaNs that read as a corrupt tensor. (A
+        // tensor of NaNs keeps them, in its red row.)
+        let [mean, std, min, max, l2, hist] = match h.mean.is_nan() && h.l2 == 0.0 && h.nonfinite == 0 {
+            true => ["-", "-", "-", "-", "-", "no finite"].map(String::from),
+            false => [num(h.mean), num(h.std), num(h.min), num(h.max), num(h.l2), sparkline(&h.histogram)],
+        };
+        let cells = [short.to_string(), shape, mean, std, min, max, l2, nan, hist, vs_ref];
         Row::new(shown(cells, &show)).style(style)
     });
     let header = ["hook", "shape", "mean", "std", "min", "max", "l2", "nan", "histogram", "vs ref"];

@@ -73,7 +73,11 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         .collect();
     let flips = (0..m.seq).filter(|&q| m.recall(q).is_some_and(|r| r < 1.0)).count();
     let batch = src.tokens() / m.seq.max(1);
-    let row = if batch > 1 { format!(" (batch row {} of {batch})", app.token / m.seq.max(1)) } else { String::new() };
+    // (Rows named as the tokens' labels name them: b0 first.)
+    let row = match batch {
+        1 => String::new(),
+        _ => format!(" (batch row b{} of b0-b{})", app.token / m.seq.max(1), batch - 1),
+    };
     // Keys past the width are not drawn: say so.
     let cut = match keys {
         0 if m.seq > 0 => format!(" no room for its {} keys", m.seq),
