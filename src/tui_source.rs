@@ -162,7 +162,12 @@ impl DumpSource {
                     part,
                     ffn: ffn.into(),
                     indexer: indexer.into(),
-                    status: if reference.is_some() { Status::Match } else { Status::Unchecked },
+                    // (A layer the reference holds nothing of is unchecked, not a match; the tokens
+                    // alone do not check the embeddings.)
+                    status: match names.iter().any(|n| n.as_str() != "input_ids" && comparisons.contains_key(n)) {
+                        true => Status::Match,
+                        false => Status::Unchecked,
+                    },
                     mismatches: 0,
                     routing_flips: 0,
                     dsa_flips: 0,

@@ -568,3 +568,18 @@ fn a_dump_without_input_ids_opens_with_its_positions() {
     let err = DumpSource::new("x".into(), Dump::open(&nothing).unwrap(), None, &DiffOptions::default()).err().unwrap();
     assert!(err.to_string().contains("none.st") && err.to_string().contains("holds neither `input_ids`"), "{err}");
 }
+
+/// A reference that holds some layers only (a routing-only dump): the layers it holds nothing of
+/// read as unchecked (`-`), not as a match.
+#[test]
+fn layers_the_reference_lacks_are_unchecked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = ["--tokens-from", "golden/flat/reference.safetensors", "--record", "layers.*.moe.*,logits"];
+    let partial = common::run_dump("golden/flat", &args, tmp.path(), "moe.st");
+    let src = dumps_source(Path::new("golden/flat/bf16-port.safetensors"), Path::new(&partial), &port_options());
+    let s = screen(&App::default(), &src, 100, 24);
+    let status = |row: &str| line_with(&s, row).trim_matches('│').split_whitespace().nth(3).unwrap_or("").to_string();
+    // Layers 0 and 1 are dense (no `moe.*`) and the embeddings are not recorded; layer 2 routes.
+    assert_eq!([status("│emb "), status("│0 "), status("│1 ")], ["-", "-", "-"], "{s}");
+    assert_ne!(status("│2 "), "-", "{s}");
+}
