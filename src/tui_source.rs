@@ -463,7 +463,7 @@ impl Source for DumpSource {
         let margin = margins_in(&self.ours, HookPoint::Layer(layer, LayerHook::TopkIds), router);
         let reference = self.reference.as_ref().and_then(|r| Self::ints(r, &name(LayerHook::TopkIds))).map(|(v, _)| v);
         let flips = self.flip_classes(&name(LayerHook::TopkIds));
-        let to_ids = |v: &[i64]| v.iter().map(|&x| x.max(0) as usize).collect::<Vec<_>>();
+        let to_ids = <[i64]>::to_vec;
         // Row t of the layer is its position's token; the MTP layer has one position fewer a
         // batch row, so its rows are mapped to the main run's tokens.
         let token = self.token_of(ids.len() / k.max(1));
@@ -495,7 +495,11 @@ impl Source for DumpSource {
             // never fewer than the ids need (a dump of a larger model than the config given).
             // (At most `MAX_EXPERTS`, whatever a dump says: ids past it are not counted.)
             let largest = ids.iter().filter_map(|&x| usize::try_from(x).ok()).max().map_or(0, |m| m + 1);
-            let experts = self.ours.experts_of(name).or(self.experts).unwrap_or(largest).max(largest);
+            // (The dump's own router's width bounds it: ids past it are a port's bug, not experts.)
+            let experts = match self.ours.experts_of(name) {
+                Some(width) => width,
+                None => self.experts.unwrap_or(largest).max(largest),
+            };
             let experts = experts.min(crate::config::MAX_EXPERTS);
             let counts = |ids: &[i64]| {
                 let mut load = LayerLoad::new(i, experts);

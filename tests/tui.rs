@@ -583,3 +583,28 @@ fn layers_the_reference_lacks_are_unchecked() {
     assert_eq!([status("│emb "), status("│0 "), status("│1 ")], ["-", "-", "-"], "{s}");
     assert_ne!(status("│2 "), "-", "{s}");
 }
+
+/// Expert ids outside the router (a port's top-k bug: an id past it, a negative one) show as
+/// they are in the routing view, not clamped to expert 0; the load view keeps the router's
+/// width, not one column per id up to the largest.
+#[test]
+fn invalid_expert_ids_show_as_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = Path::new("golden/flat/bf16-port.safetensors");
+    let bad = common::edit_dump(port, &tmp.path().join("bad.st"), |t| {
+        for (name, v, _) in t.iter_mut() {
+            if let (true, glimpse::dump::Values::I64(ids)) = (name == "layers.3.moe.topk_ids", v) {
+                (ids[0], ids[5]) = (999, -3);
+            }
+        }
+    });
+    let src = dumps_source(&bad, Path::new("golden/flat/reference.safetensors"), &port_options());
+    let mut app = at_layer(&src, 3);
+    app.set_view(View::Routing);
+    let s = screen(&app, &src, 120, 30);
+    assert!(s.contains("999:") && s.contains("-3:"), "{s}");
+    app.set_view(View::Load);
+    let s = screen(&app, &src, 120, 30);
+    let row = line_with(&s, "layer 3 ");
+    assert!(row.contains("MaxVio"), "the row keeps its numbers on screen: {s}");
+}

@@ -173,12 +173,13 @@ pub fn counts(flips: impl Iterator<Item = FlipClass>) -> String {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteRow {
     pub token: usize,
-    pub ids: Vec<usize>,
+    /// As recorded: an id outside the experts (a port's top-k bug) shows as it is.
+    pub ids: Vec<i64>,
     pub weights: Vec<f32>,
     /// The margin that decided the row (k-th minus (k+1)-th biased score): recorded, or
     /// recomputed from the gate logits, where known.
     pub margin: Option<f32>,
-    pub reference_ids: Option<Vec<usize>>,
+    pub reference_ids: Option<Vec<i64>>,
     /// For a flip, its class, and the reference's margin that decided it (where known): the
     /// class weighs both margins, and a porter reads which side was close.
     pub flip: Option<FlipClass>,

@@ -87,9 +87,14 @@ fn versus(r: &RouteRow, form: usize) -> String {
     if !r.is_flip() {
         return "=".into();
     }
-    let only = |a: &[usize], b: &[usize]| a.iter().filter(|x| !b.contains(x)).copied().collect::<Vec<_>>();
+    // (Ascending, as `diff` lists them.)
+    let only = |a: &[i64], b: &[i64]| {
+        let mut v: Vec<i64> = a.iter().filter(|x| !b.contains(x)).copied().collect();
+        v.sort_unstable();
+        v
+    };
     let (theirs, ours) = (only(ids, &r.ids), only(&r.ids, ids));
-    let list = |v: &[usize]| match form {
+    let list = |v: &[i64]| match form {
         0 => format!("{v:?}"),
         1 => format!("{v:?}").replace(", ", ","),
         _ => v.len().to_string(),
