@@ -133,6 +133,10 @@ impl DumpSource {
             let hint = r.misnamed()?;
             Some(format!("misnamed: {hint} ({} spec hook points not compared)", r.missing_spec_names().len()))
         });
+        // Each layer's output error and where it jumps, as `diff` and `verify` mark them.
+        let by_layer = report.as_ref().map(|r| crate::layer_error::by_layer(&r.results, opts.near_tie));
+        let by_layer = by_layer.unwrap_or_default();
+        let jumps = crate::layer_error::jumps(&by_layer);
         let comparisons: BTreeMap<String, Comparison> =
             report.map(|r| r.results.into_iter().map(|c| (c.name.clone(), c)).collect()).unwrap_or_default();
         let layers = part_names(&ours)
@@ -173,6 +177,8 @@ impl DumpSource {
                     dsa_flips: 0,
                     worst: None,
                     first_bad: None,
+                    nmse: part.layer().and_then(|i| by_layer.iter().find(|l| l.layer == i)).and_then(|l| l.nmse),
+                    jump: part.layer().and_then(|i| jumps.iter().find(|j| j.layer == i)).map(|j| j.factor),
                 };
                 // `attn.out` for `layers.3.attn.out`: the row names the layer.
                 let short = |name: &str| match part {

@@ -608,3 +608,30 @@ fn invalid_expert_ids_show_as_recorded() {
     let row = line_with(&s, "layer 3 ");
     assert!(row.contains("MaxVio"), "the row keeps its numbers on screen: {s}");
 }
+
+/// The layers view marks the layer whose output error jumps, as `diff` does (`^` on its status,
+/// the NMSE and the factor in the title when it is selected): the place to look when every layer
+/// is a little off.
+#[test]
+fn the_layer_whose_error_jumps_is_marked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = Path::new("golden/flat/reference.safetensors");
+    // Layers 0-1 exact, layer 2's output 1% off and what follows it as well.
+    let ours = common::edit_dump(golden, &tmp.path().join("jump.st"), |t| {
+        for (name, v, _) in t.iter_mut() {
+            let later = ["layers.2.output", "layers.3.output", "layers.4.output"].contains(&name.as_str());
+            if let (true, glimpse::dump::Values::F32(x)) = (later, v) {
+                x.iter_mut().for_each(|x| *x *= 1.01);
+            }
+        }
+    });
+    let src = dumps_source(&ours, golden, &DiffOptions::default());
+    let marked: Vec<usize> = src.layers().iter().filter(|l| l.jump.is_some()).filter_map(|l| l.part.layer()).collect();
+    assert_eq!(marked, [2]);
+    let app = at_layer(&src, 2);
+    let s = screen(&app, &src, 100, 24);
+    assert!(line_with(&s, "│2 ").contains("MISMATCH^"), "{s}");
+    assert!(s.contains("| output nmse 1.0e-4, ^ jumps x"), "{s}");
+    let s = screen(&at_layer(&src, 3), &src, 100, 24);
+    assert!(s.contains("| output nmse 1.0e-4┐") || s.contains("| output nmse 1.0e-4─"), "{s}");
+}

@@ -83,6 +83,10 @@ pub struct LayerRow {
     /// The layer's first hook point in forward order that does not match: where to look first
     /// (the largest error is usually downstream of it, in `output`).
     pub first_bad: Option<String>,
+    /// `output`'s NMSE against the reference, and where it jumps over the layer before's (10x
+    /// or more, as `diff` marks it), the factor: where to look when every layer is a little off.
+    pub nmse: Option<f64>,
+    pub jump: Option<f64>,
 }
 
 /// The worst element of a tensor against its reference.

@@ -54,7 +54,8 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
                 l.part.label(),
                 l.ffn.clone(),
                 l.indexer.clone(),
-                l.status.label().to_string(),
+                // `^`: the output's error jumps here (the line below says by how much).
+                format!("{}{}", l.status.label(), if l.jump.is_some() { "^" } else { "" }),
                 // Without a reference there is nothing to count.
                 if l.status == Status::Unchecked { "-".into() } else { l.mismatches.to_string() },
                 if l.status == Status::Unchecked { "-".into() } else { format!("{}/{}", l.routing_flips, l.dsa_flips) },
@@ -72,12 +73,19 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             .iter()
             .enumerate()
             .map(|(i, &w)| if i == last { Constraint::Min(w) } else { Constraint::Length(w) });
+    // The selected layer's output error, and its jump where the status is marked `^`.
+    let error = match src.layers().get(app.layer).map(|l| (l.nmse, l.jump)) {
+        Some((Some(n), Some(j))) => format!(" | output nmse {n:.1e}, ^ jumps x{j:.0}"),
+        Some((Some(n), None)) => format!(" | output nmse {n:.1e}"),
+        _ => String::new(),
+    };
+    let title = format!("layers (flips: routing/dsa){error}");
     let header = ["layer", "ffn", "indexer", "status", "bad", "flips", "first bad", "max err", "worst hook"];
     let header = Row::new(shown(header, &show)).style(Style::new().add_modifier(Modifier::UNDERLINED));
     let widths = shown(widths, &show);
     let table = Table::new(rows, widths)
         .header(header)
-        .block(Block::bordered().title("layers (flips: routing/dsa)"))
+        .block(Block::bordered().title(title))
         .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED));
     let mut state = TableState::default().with_selected(Some(app.layer));
     f.render_stateful_widget(table, area, &mut state);
