@@ -612,6 +612,23 @@ pub struct Open<'a> {
 
 /// Opens the TUI's data: a recorded dump as it is, or a live run of a model recorded into a
 /// temporary dump; with the reference when there is one.
+/// How a dump's shapes say it is not a run of the model `cfg` describes: its hidden size, its
+/// routers' expert count, a layer past the model's (its MTP layer included). None where they fit.
+fn misfit(d: &Dump, cfg: &crate::config::Config) -> Option<String> {
+    let hidden = HookPoint::Embeddings.name();
+    if let Some(width) = d.shape(&hidden).and_then(|s| s.last().copied()) {
+        if width != cfg.hidden_size {
+            return Some(format!("its {hidden} are {width} wide, the config's hidden_size {}", cfg.hidden_size));
+        }
+    }
+    if let Some(width) = d.experts().filter(|&w| w != cfg.n_routed_experts) {
+        return Some(format!("its routers have {width} experts, the config's {}", cfg.n_routed_experts));
+    }
+    let last = d.names().iter().filter_map(|n| HookPoint::parse(n).and_then(|p| p.layer())).max()?;
+    (last > cfg.num_hidden_layers)
+        .then(|| format!("it holds layer {last}, the config {} and an MTP layer", cfg.num_hidden_layers))
+}
+
 pub fn open(o: &Open) -> Result<DumpSource> {
     let Open { model, golden, dump, tokens, prompt, max_memory, target, near_tie, tol } = *o;
     let mut opts = DiffOptions { tol, near_tie: near_tie.unwrap_or(tol.near_tie()), ..DiffOptions::default() };
@@ -629,6 +646,19 @@ pub fn open(o: &Open) -> Result<DumpSource> {
                 (opts.routers, opts.config) = (Some(Routers::read(c)?), Some(c.config.clone()));
             }
             let ours = Dump::open(path)?;
+            // Another model's shapes would label its layers and class its flips with that model's
+            // config and routers: refused here, where a warning fits the status line only cut.
+            if let (Some(c), Some(dir)) = (&ckpt, model) {
+                for d in std::iter::once(&ours).chain(reference.as_ref()) {
+                    if let Some(why) = misfit(d, &c.config) {
+                        return Err(Error::Usage(format!(
+                            "--model {} is not the model {} ran ({why}): give the checkpoint it ran, or no --model",
+                            dir.display(),
+                            d.path.display()
+                        )));
+                    }
+                }
+            }
             // A checkpoint other than the one the dumps ran would label layers and recompute
             // margins with another model's routers: said in the status line, where a warning on
             // stderr would be hidden behind the terminal UI.

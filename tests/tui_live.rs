@@ -363,12 +363,35 @@ fn stale_live_dumps_of_dead_processes_are_swept() {
 }
 
 /// `tui --model` naming another checkpoint than the dumps ran is said in the status line (a
-/// warning on stderr would be hidden behind the UI); the right one says nothing.
+/// warning on stderr would be hidden behind the UI); the right one says nothing; one of another
+/// shape (another model's routers) is refused before the UI opens.
 #[test]
 fn another_models_checkpoint_is_said() {
-    let other = open_port(Some(&flat().with_file_name("mtp")), Default::default());
+    let err = glimpse::tui_source::open(&glimpse::tui_source::Open {
+        model: Some(&flat().with_file_name("mtp")),
+        golden: Some(&flat().join("reference.safetensors")),
+        dump: Some(&flat().join("bf16-port.safetensors")),
+        tokens: None,
+        prompt: None,
+        max_memory: None,
+        target: glimpse::device::Backend::Cpu.into(),
+        near_tie: None,
+        tol: Default::default(),
+    })
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(err.contains("is not the model") && err.contains("its routers have 16 experts, the config's 8"), "{err}");
+    // The same shapes in another config.json (a twin's, another step's): opened, and said.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(flat().join("config.json")).unwrap()).unwrap();
+    config["rms_norm_eps"] = serde_json::json!(1e-6);
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(flat().join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+    let other = open_port(Some(dir.path()), Default::default());
     let s = screen(&App::default(), &other, 120, 24);
-    assert!(s.contains("golden/mtp: not the config.json the dumps ran"), "{s}");
+    assert!(s.contains(": not the config.json the dumps ran"), "{s}");
     let right = open_port(Some(&flat()), Default::default());
     assert_eq!(right.warning(), None);
     assert!(!screen(&App::default(), &right, 120, 24).contains("warning"));
