@@ -635,3 +635,16 @@ fn the_layer_whose_error_jumps_is_marked() {
     let s = screen(&at_layer(&src, 3), &src, 100, 24);
     assert!(s.contains("| output nmse 1.0e-4┐") || s.contains("| output nmse 1.0e-4─"), "{s}");
 }
+
+/// The worst elements panel lists the hook points outside the tolerance largest error first:
+/// its top line is the layer's worst (the bf16 port's layer 3: `output`, 3.2854), not the first
+/// hook point's in forward order.
+#[test]
+fn the_worst_elements_are_the_layers_worst_first() {
+    let src = port_source();
+    let mut app = at_layer(&src, 3);
+    app.set_view(View::Activations);
+    let s = screen(&app, &src, 100, 30);
+    let first = s.lines().skip_while(|l| !l.contains("worst elements")).nth(1).unwrap_or("");
+    assert!(first.contains("layers.3.output at"), "{s}");
+}

@@ -33,9 +33,12 @@ pub fn page(area: Rect, app: &App, src: &dyn Source) -> usize {
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let part = src.layers().get(app.layer).map(|l| l.part);
     let hooks = app.hooks(src);
-    let worst_lines: Vec<Line> = hooks
-        .iter()
-        .filter_map(|h| h.reference.as_ref().filter(|r| !r.ok).map(|r| (h, r)))
+    // The hook points outside the tolerance, the largest error first: the panel's top lines are
+    // the layer's worst (in forward order it showed the first two hooks', often the smallest).
+    let mut bad: Vec<_> = hooks.iter().filter_map(|h| h.reference.as_ref().filter(|r| !r.ok).map(|r| (h, r))).collect();
+    bad.sort_by(|(_, a), (_, b)| b.max_abs.total_cmp(&a.max_abs));
+    let worst_lines: Vec<Line> = bad
+        .into_iter()
         .flat_map(|(h, r)| {
             r.worst.iter().map(move |w| {
                 Line::from(format!(
@@ -121,7 +124,8 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let table = Table::new(rows, widths).header(header).column_spacing(1).block(Block::bordered().title(title));
     f.render_widget(table, table_area);
     if !worst_lines.is_empty() {
-        f.render_widget(Paragraph::new(worst_lines).block(Block::bordered().title("worst elements")), worst_area);
+        let block = Block::bordered().title("worst elements (largest error first)");
+        f.render_widget(Paragraph::new(worst_lines).block(block), worst_area);
     }
 }
 
