@@ -149,7 +149,8 @@ fn first_position(
 /// The report: each hook point's verdict, then each position's logits error, then the verdict.
 pub fn print(r: &DecodeCheck, tol: Tolerance, chunk: usize) {
     for c in &r.results {
-        println!("{}", crate::verify::format_line(c));
+        // (The reference here is glimpse's own prefill, not the dump named on the first line.)
+        println!("{}", crate::verify::format_line_as(c, ["decode", "prefill"]));
     }
     // A line a position, up to LISTED of them; past that the largest error, and five positions
     // from the first that differs (a 512-token check printed 512 lines of "ok").

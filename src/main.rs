@@ -771,5 +771,14 @@ fn verify_decode(
     println!("{}", glimpse::generate::cache_report(model, tokens.batch, tokens.seq, false));
     let report = glimpse::decode_check::check(model, tokens, chunk, tol)?;
     glimpse::decode_check::print(&report, tol, chunk);
+    // The main model's decode only: a checkpoint's MTP head is not checked here, which its
+    // `verify` (without --decode) would check against a reference that holds `mtp.*`.
+    if glimpse::model::mtp::Mtp::present(ckpt) {
+        println!(
+            "(the MTP head, model.layers.{}, is not decoded here: `generate --mtp --dump` against `run --mtp --dump` \
+             of its tokens checks it)",
+            ckpt.config.num_hidden_layers
+        );
+    }
     Ok(exit(report.all_match()))
 }

@@ -122,6 +122,13 @@ fn verify_decode_reports_every_position() {
     assert!(
         text.starts_with("verify --decode ") && text.lines().next().unwrap().contains("whose tensors are not compared")
     );
+    // The checkpoint's MTP head is not decoded: said.
+    assert!(text.contains("(the MTP head, model.layers.5, is not decoded here"), "{text}");
+    // Where decode and prefill differ (at no tolerance: the last ulps), the two are named so, not
+    // `ours` and `ref` (the reference dump is not compared).
+    let (code, text) = common::code_and_text(&["verify", "--decode", "--atol", "0", "--rtol", "0"]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains(": decode ") && text.contains(" prefill ") && !text.contains(" ref "), "{text}");
     // A chunk as long as the tokens, or longer, is said as what ran: one call.
     for chunk in [tokens.seq, tokens.seq + 5] {
         let (code, text) = common::code_and_text(&["verify", "--decode", "--chunk", &chunk.to_string()]);

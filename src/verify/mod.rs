@@ -25,7 +25,8 @@ use crate::model::Model;
 
 mod print;
 pub use print::{
-    attribution, bf16_note, explained, format_line, print_replay, print_report, report_json, show, Explained,
+    attribution, bf16_note, explained, format_line, format_line_as, print_replay, print_report, report_json, show,
+    Explained,
 };
 
 /// Compares each reported tensor against the reference dump on arrival.

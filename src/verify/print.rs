@@ -9,12 +9,17 @@ use crate::flips;
 
 /// One line per compared tensor.
 pub fn format_line(c: &Comparison) -> String {
+    format_line_as(c, ["ours", "ref"])
+}
+
+/// [`format_line`] with the two sides named otherwise (`verify --decode`: decode, prefill).
+pub fn format_line_as(c: &Comparison, [a, b]: [&str; 2]) -> String {
     let verdict = if c.ok { "ok" } else { "MISMATCH" };
     let body = match &c.detail {
         Detail::Float { max_abs, worst_at, first_at, ours, reference, max_rel, bad, total, .. } => {
             let mut s = format!("max_abs {max_abs:9.3e}  max_rel {max_rel:9.3e}");
             if *bad > 0 {
-                s += &format!("  {bad}/{total} outside tol; worst at {worst_at:?}: ours {ours:e} ref {reference:e}");
+                s += &format!("  {bad}/{total} outside tol; worst at {worst_at:?}: {a} {ours:e} {b} {reference:e}");
             }
             if *bad > 1 && first_at != worst_at {
                 s += &format!("; first at {first_at:?}");
@@ -24,7 +29,7 @@ pub fn format_line(c: &Comparison) -> String {
         Detail::Exact { elements, differing } => {
             let mut s = format!("{}/{elements} elements differ", differing.len());
             if let Some(d) = differing.first() {
-                s += &format!("; first at {:?}: ours [{}] ref [{}]", d.at, d.ours, d.reference);
+                s += &format!("; first at {:?}: {a} [{}] {b} [{}]", d.at, d.ours, d.reference);
             }
             s
         }
@@ -32,7 +37,7 @@ pub fn format_line(c: &Comparison) -> String {
             let mut s = format!("{}/{rows} rows differ", flips.len());
             if let Some(f) = flips.first() {
                 s += &format!(
-                    " (min recall {min_recall:.3}); first at {:?}: only ours {:?}, only ref {:?}",
+                    " (min recall {min_recall:.3}); first at {:?}: only {a} {:?}, only {b} {:?}",
                     f.at, f.only_ours, f.only_reference
                 );
             }
