@@ -486,7 +486,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         mtp: false,
                         against: &[],
                     };
-                    Some(glimpse::audit::collect(model.as_deref(), None, others, opts)?)
+                    // (An error names the side: the dump alone reads as an audited one.)
+                    let side = if against.is_empty() { "--compare" } else { "--against" };
+                    let other = glimpse::audit::collect(model.as_deref(), None, others, opts);
+                    Some(other.map_err(|e| Error::Context { context: side.into(), source: Box::new(e) })?)
                 }
             };
             if let Some(r) = &reference {

@@ -231,7 +231,7 @@ fn audit_refuses_twice_the_same_dump_and_other_models_dumps() {
     assert!(out.contains("16 experts") && !err.contains("largest id"), "{out}{err}");
     // --against compares one model's routing: the mtp case has 8 experts, not 16.
     let other = glimpse(&["audit", "--dump", flat, "--against", "golden/mtp/reference.safetensors"]);
-    assert_error(&other, "the dumps' routers have 8 experts, not 16");
+    assert_error(&other, "--against: the dumps' routers have 8 experts, not 16");
     let twice = glimpse(&["audit", "--dump", flat, "--dump", "golden/flat/bf16-port.safetensors", "--against", flat]);
     assert_error(&twice, "the audited runs hold 2 rows of tokens, --against's dumps 1");
     let port = glimpse(&["audit", "--dump", "golden/flat/bf16-port.safetensors", "--against", flat]);
