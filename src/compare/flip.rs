@@ -12,6 +12,9 @@ pub struct Flip {
     pub at: Vec<usize>,
     pub only_ours: Vec<i64>,
     pub only_reference: Vec<i64>,
+    /// DSA: the keys past the query each side's row holds (ours, the reference's), which the
+    /// causal sets leave out: a causality bug's later keys, named where a row kept fewer.
+    pub past: [Vec<i64>; 2],
     pub recall: f64,
     /// The margin that decided the row on each side, where the dumps hold it.
     pub margin_ours: Option<f32>,
@@ -148,6 +151,7 @@ impl Flip {
             at: vec![0],
             only_ours: vec![1],
             only_reference: vec![2],
+            past: [vec![], vec![]],
             recall: 0.5,
             margin_ours: ours,
             margin_reference: reference,

@@ -398,11 +398,13 @@ fn compare_sets(
         recall_sum += recall;
         min_recall = min_recall.min(recall);
         if a != e {
+            let past = |ids: &[i64], k: usize| row_set(ids, k, r, |row, x| x >= 0 && !keep(row, x));
             flips.push(Flip {
                 row: r,
                 at: coord(row_shape, r),
                 only_ours: a.iter().copied().filter(|x| !e.contains(x)).collect(),
                 only_reference: e.iter().copied().filter(|x| !a.contains(x)).collect(),
+                past: [past(ours, ours_k.max(1)), past(reference, k)],
                 recall,
                 margin_ours: None,
                 margin_reference: None,

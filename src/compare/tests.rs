@@ -230,6 +230,16 @@ fn dsa_rows_are_causal_sets() {
     assert_eq!((rows, flips.len(), flips[0].at.clone()), (2, 1, vec![0, 1]));
     assert_eq!((flips[0].only_ours.clone(), flips[0].only_reference.clone()), (vec![], vec![0]));
     assert_eq!((min_recall, mean_recall), (0.5, 0.75));
+    // Query 0 keeps a later key (2) where key 0 belongs: named as the past key it holds.
+    let (ok, d) = compare_dsa(&[2, -1, -1, 1, 0, 9], &reference, &[1, 2, 3]);
+    let Detail::Sets { flips, .. } = d else { panic!() };
+    assert!(!ok);
+    assert_eq!((flips[0].only_ours.clone(), flips[0].past.clone()), (vec![], [vec![2], vec![1, 2]]));
+    let text = crate::flips::render(&[("layers.0.dsa.topk", &flips[0])], 1e-3, "");
+    assert!(
+        text.contains("(ours keeps fewer distinct causal keys: it holds [2], past the query, where one belongs)"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -546,11 +546,17 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
     for (name, fl) in flips.iter().take(50) {
         let m = |x: Option<f32>| x.map(|v| format!("{v:.3e}")).unwrap_or_else(|| "unknown".into());
         let padded = match fl.fewer_keys() {
+            // Its keys past the query, where it holds any: the causality bug itself.
             Some(side) => {
-                format!(
-                    " ({} keeps fewer distinct causal keys: duplicates, padding or later keys instead)",
-                    side.label()
-                )
+                match &fl.past[usize::from(side == crate::compare::Side::Reference)] {
+                    past if !past.is_empty() => {
+                        format!(" ({} keeps fewer distinct causal keys: it holds {past:?}, past the query, where one belongs)", side.label())
+                    }
+                    _ => format!(
+                        " ({} keeps fewer distinct causal keys: duplicates, padding or later keys instead)",
+                        side.label()
+                    ),
+                }
             }
             None => String::new(),
         };
