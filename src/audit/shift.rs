@@ -21,6 +21,9 @@ pub struct LayerShift {
     /// Up to three experts that gained most, and lost most: (expert, tokens gained or lost).
     pub gained: Vec<(usize, i64)>,
     pub lost: Vec<(usize, i64)>,
+    /// Experts past the three listed whose change equals the third's (gained, lost): a cut
+    /// through a tie, said rather than left to read as the three alone.
+    pub tied: [usize; 2],
     /// Token by token, where both audits kept their sets: the tokens whose expert set changed,
     /// and the routing slots that did (an expert chosen on one side only, counted once), gross
     /// where `moved` is net.
@@ -48,6 +51,7 @@ pub fn shift_json(shift: &[LayerShift]) -> Value {
                 json!({
                     "layer": l.layer, "slots": l.slots, "moved": l.moved,
                     "gained": pairs(&l.gained), "lost": pairs(&l.lost),
+                    "gained_tied": l.tied[0], "lost_tied": l.tied[1],
                     "tokens_changed": l.changed.map(|c| c.tokens), "tokens": l.changed.map(|c| c.of_tokens),
                     "max_vio": l.max_vio, "reference_max_vio": l.reference_max_vio,
                     "slots_changed": l.changed.map(|c| c.slots),
@@ -154,22 +158,31 @@ impl Audit {
                 let pick = |sign: i64| {
                     let mut order: Vec<usize> = (0..delta.len()).filter(|&e| delta[e] * sign > 0).collect();
                     order.sort_by(|&a, &b| (delta[b] * sign).cmp(&(delta[a] * sign)).then(a.cmp(&b)));
-                    order.into_iter().take(3).map(|e| (e, delta[e])).collect::<Vec<_>>()
+                    let third = order.get(2).map(|&e| delta[e]);
+                    let tied = order.iter().skip(3).filter(|&&e| Some(delta[e]) == third).count();
+                    (order.into_iter().take(3).map(|e| (e, delta[e])).collect::<Vec<_>>(), tied)
                 };
-                let (gained, lost) = (pick(1), pick(-1));
+                let ((gained, gained_tied), (lost, lost_tied)) = (pick(1), pick(-1));
+                let tied = [gained_tied, lost_tied];
                 let (ours, theirs) = (self.sets.as_ref(), reference.sets.as_ref());
                 let changed = (ours.and_then(|s| s.get(i)))
                     .zip(theirs.and_then(|s| s.get(i)))
                     .filter(|(a, b)| a.len() == b.len() && l.k > 0)
                     .map(|(a, b)| changed(a, b, l.k));
                 let (max_vio, reference_max_vio) = (max_vio(&l.counts), max_vio(&r.counts));
-                Some(LayerShift { layer: *i, slots, moved, gained, lost, changed, max_vio, reference_max_vio })
+                Some(LayerShift { layer: *i, slots, moved, gained, lost, tied, changed, max_vio, reference_max_vio })
             })
             .collect()
     }
 
     pub fn shift_table(&self, reference: &Audit) -> String {
-        let list = |v: &[(usize, i64)]| v.iter().map(|(e, d)| format!("{e}:{d:+}")).collect::<Vec<_>>().join(" ");
+        let list = |v: &[(usize, i64)], tied: usize| {
+            let mut s = v.iter().map(|(e, d)| format!("{e}:{d:+}")).collect::<Vec<_>>().join(" ");
+            if tied > 0 {
+                s += &format!(" +{tied} tied");
+            }
+            s
+        };
         let mut s = format!(
             "load shift against the reference ({} prompt(s)): net load moved, sum |ours - reference| / 2 over the \
              reference's slots (tokens that swapped experts both ways cancel); and gross, token by token, the \
@@ -199,8 +212,8 @@ impl Audit {
                 l.slots,
                 l.max_vio,
                 l.reference_max_vio,
-                list(&l.gained),
-                list(&l.lost)
+                list(&l.gained, l.tied[0]),
+                list(&l.lost, l.tied[1])
             );
         }
         for note in self.shift_notes(reference) {

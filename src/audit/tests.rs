@@ -26,6 +26,14 @@ fn shift_counts_the_slots_that_moved() {
     // Without the sets, the gross change is unknown.
     ours.sets = None;
     assert_eq!(ours.shift(&reference)[0].changed, None);
+    // Five experts gain one each (top-1 of 8, 5 tokens moved from expert 0): the three listed
+    // cut a tie, said.
+    let (mut a, mut b) = (Audit::new(8), Audit::new(8));
+    a.add(1, &[1, 2, 3, 4, 5], 1, 1, None).unwrap();
+    b.add(1, &[0, 0, 0, 0, 0], 1, 1, None).unwrap();
+    let l = &a.shift(&b)[0];
+    assert_eq!((l.gained.len(), l.tied), (3, [2, 0]));
+    assert!(a.shift_table(&b).contains("1:+1 2:+1 3:+1 +2 tied"), "{}", a.shift_table(&b));
 }
 
 /// The least MaxVio a number of slots allows over the experts, by hand: 4 slots over 16
