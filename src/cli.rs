@@ -182,7 +182,8 @@ pub(crate) enum Command {
         /// `run,row,position,token,layer,experts,weights,margin,text` (`run` the dump or prompt
         /// line in order from 0; experts and weights space-separated in the order chosen; margin
         /// the one that decided the choice, as `diff` gives it, empty where unknown; text the token
-        /// as --model's tokenizer decodes it): which tokens an expert takes.
+        /// as --model's tokenizer decodes it): which tokens an expert takes (`-`: to standard output
+        /// as decided, in place of the tables).
         #[arg(long)]
         routes: Option<PathBuf>,
         /// Count only layers A..B (inclusive), e.g. `40..45`, on every side; prompts run live stop
@@ -400,9 +401,12 @@ impl Command {
                 named("--dump", dump).into_iter().collect()
             }
             Command::Audit { csv, heatmap, routes, .. } => {
-                // (`--csv -` is standard output, no file.)
-                let csv = named("--csv", csv).filter(|(_, p)| p.as_os_str() != "-");
-                [csv, named("--heatmap", heatmap), named("--routes", routes)].into_iter().flatten().collect()
+                // (`--csv -` and `--routes -` are standard output, no file.)
+                let file = |flag, p| named(flag, p).filter(|(_, p)| p.as_os_str() != "-");
+                [file("--csv", csv), named("--heatmap", heatmap), file("--routes", routes)]
+                    .into_iter()
+                    .flatten()
+                    .collect()
             }
             _ => Vec::new(),
         }

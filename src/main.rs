@@ -417,8 +417,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             // `--csv -`: the CSV on standard output, in place of the table.
             let csv_out = csv.as_deref() == Some(Path::new("-"));
-            if csv_out && json {
-                return Err(Error::Usage("--csv - and --json both write to standard output: give --csv a file".into()));
+            // `--routes -`: the routes on standard output as they are decided, in place of the table.
+            let routes_out = routes.as_deref().is_some_and(glimpse::audit::Routes::to_stdout);
+            let stdout: Vec<&str> = [(json, "--json"), (csv_out, "--csv -"), (routes_out, "--routes -")]
+                .into_iter()
+                .filter_map(|(given, flag)| given.then_some(flag))
+                .collect();
+            if let [a, b, ..] = stdout[..] {
+                return Err(Error::Usage(format!("{a} and {b} both write to standard output: give one a file")));
             }
             let target = gpu.target(device)?;
             // Against a reference, both keep their expert sets token by token, to count what changed;
@@ -542,9 +548,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     map.insert("compare_notes".into(), serde_json::json!([note]));
                 }
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            } else if csv_out {
+            } else if csv_out || routes_out {
                 // The CSV alone on standard output; what the table would say of it, on stderr.
-                print!("{}", audit.to_csv(other));
+                if csv_out {
+                    print!("{}", audit.to_csv(other));
+                }
                 if let Some((run, of)) = audit.stopped {
                     eprintln!("glimpse: {} stopped the prompts after {run} of {of}", glimpse::interrupt::signal_name());
                 }
@@ -588,8 +596,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 eprintln!("wrote {}", path.display());
             }
             // Last: an audit refused on the way (--against of other prompts) leaves no file.
-            if let Some(r) = routes {
-                eprintln!("wrote {}", r.finish()?.display());
+            if let Some(path) = routes.map(glimpse::audit::Routes::finish).transpose()?.flatten() {
+                eprintln!("wrote {}", path.display());
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -608,6 +608,10 @@ fn audit_writes_every_tokens_routing() {
     let csv = tmp.path().join("routes.csv");
     assert_ok(&glimpse(&["audit", "--dump", golden, "--model", "golden/flat", "--routes", csv.to_str().unwrap()]));
     let text = std::fs::read_to_string(&csv).unwrap();
+    // `--routes -`: the same lines on standard output, in place of the table.
+    let (piped, _) = assert_ok(&glimpse(&["audit", "--dump", golden, "--model", "golden/flat", "--routes", "-"]));
+    assert_eq!(piped, text);
+    assert_error(&glimpse(&["audit", "--dump", golden, "--routes", "-", "--json"]), "--json and --routes - both write");
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], "run,row,position,token,layer,experts,weights,margin,text");
     let d = Dump::open(Path::new(golden)).unwrap();

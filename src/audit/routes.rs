@@ -1,10 +1,10 @@
 //! `audit --routes`: every token's routing, one CSV line per token and MoE layer, for the
 //! questions the counts cannot answer (which tokens an expert takes, how confident each choice
 //! was), streamed to a temporary file as the prompts run and renamed into place when the audit
-//! is done, so a killed audit leaves no half file under the name.
+//! is done, so a killed audit leaves no half file under the name; or (`--routes -`) to standard
+//! output as it is decided, for a pipe.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -31,7 +31,8 @@ pub struct LayerRoutes<'a> {
 
 /// The open `--routes` file.
 pub struct Routes {
-    out: BufWriter<File>,
+    out: BufWriter<Box<dyn Write>>,
+    /// The temporary file written, renamed to `path` when done; `-` for standard output.
     tmp: PathBuf,
     path: PathBuf,
     /// The runs written so far: the next one's number.
@@ -42,11 +43,18 @@ pub struct Routes {
 }
 
 impl Routes {
+    /// The file at `path`, or standard output for `-`.
     pub fn create(path: &Path) -> Result<Routes> {
-        let tmp = crate::output::tmp_sibling(path);
-        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let (tmp, out): (PathBuf, Box<dyn Write>) = match Self::to_stdout(path) {
+            true => (path.to_path_buf(), Box::new(std::io::stdout())),
+            false => {
+                let tmp = crate::output::tmp_sibling(path);
+                let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+                (tmp, Box::new(file))
+            }
+        };
         let mut routes = Routes {
-            out: BufWriter::with_capacity(1 << 20, file),
+            out: BufWriter::with_capacity(1 << 20, out),
             tmp,
             path: path.to_path_buf(),
             runs: 0,
@@ -108,17 +116,27 @@ impl Routes {
         Ok(())
     }
 
-    /// Flushes and renames the file into place; its path.
-    pub fn finish(mut self) -> Result<PathBuf> {
+    /// `--routes -`: standard output.
+    pub fn to_stdout(path: &Path) -> bool {
+        path == Path::new("-")
+    }
+
+    /// Flushes and renames the file into place; its path (None for standard output).
+    pub fn finish(mut self) -> Result<Option<PathBuf>> {
         self.out.flush().map_err(|e| Error::io(&self.tmp, e))?;
+        if Self::to_stdout(&self.path) {
+            return Ok(None);
+        }
         std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
-        Ok(self.path.clone())
+        Ok(Some(self.path.clone()))
     }
 }
 
 impl Drop for Routes {
     /// An audit that failed leaves no temporary file (after `finish` it is gone already).
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.tmp);
+        if !Self::to_stdout(&self.path) {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
