@@ -140,8 +140,15 @@ while mapped): run again once it is written\n";
     }
 
     pub fn report_bus_errors() {
-        // SAFETY: the handler makes async-signal-safe calls only.
-        unsafe { libc::signal(libc::SIGBUS, on_bus as *const () as libc::sighandler_t) };
+        // SAFETY: the handler makes async-signal-safe calls only; the sigaction is fully
+        // initialised. On the alternate stack Rust's runtime sets up, as its own handler runs.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_bus as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_ONSTACK;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
+        }
     }
 
     pub fn default_again() {

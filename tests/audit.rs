@@ -146,6 +146,10 @@ fn audit_runs_the_mtp_head_over_live_prompts() {
         &glimpse(&[&base[..], &["--prompts", &common::s(&prompts), "--mtp", "--layers", "1..2"]].concat()),
         "--mtp: --layers 1..2 leaves out the MTP layer, 3",
     );
+    // A checkpoint without the head: said before anything loads.
+    let headless = synth(tmp.path(), 3);
+    let args = ["audit", "--model", headless.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--mtp"];
+    assert_error(&glimpse(&args), "--mtp: the checkpoint has no MTP layer");
     assert_error(&glimpse(&[&base[..], &["--dump", &dumps[0], "--mtp"]].concat()), "--mtp is for prompts run live");
     assert_error(&glimpse(&[&base[..], &["--dump", &dumps[0], "--text"]].concat()), "--text is for prompts run live");
 }

@@ -254,6 +254,13 @@ fn generate_dump_equals_a_prefill_dump_of_the_same_tokens() {
         text.contains("ours's 5 positions begin the other's: a `generate --dump` holds the positions it ran"),
         "{text}"
     );
+    // Further apart, the same tokens run further: no generate to blame.
+    printed.push("2".into());
+    let longer =
+        ["run", "--model", dir.to_str().unwrap(), "--tokens", &printed.join(","), "--dump", run.to_str().unwrap()];
+    assert_eq!(common::code_and_text(&longer).0, 0);
+    let (_, text) = common::code_and_text(&["diff", gen.to_str().unwrap(), run.to_str().unwrap()]);
+    assert!(text.contains("ours's 5 positions begin the other's 7: the same tokens, run further"), "{text}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 

@@ -47,6 +47,13 @@ pub fn collect_with_other(
     let CollectOptions { experts, max_memory, target, keep_sets, per_prompt, mut routes, window, mtp, against } = opts;
     let ckpt = model_dir.map(Checkpoint::open).transpose()?;
     let live = prompts.is_some() || other.is_some();
+    // Before the prompts are read, the model loaded: a checkpoint without the head is told at once.
+    if let (Some(c), true) = (&ckpt, live && mtp) {
+        if !crate::model::mtp::Mtp::present(c) {
+            let n = c.config.num_hidden_layers;
+            return Err(Error::Usage(format!("--mtp: the checkpoint has no MTP layer (model.layers.{n}.*)")));
+        }
+    }
     if let (Some(c), Some(w)) = (&ckpt, &window) {
         check_window(&c.config, w, live && !mtp)?;
         if mtp && !w.contains(&c.config.num_hidden_layers) {
@@ -94,14 +101,11 @@ pub fn collect_with_other(
         // The largest batch x positions for memory; the longest row for the trained positions.
         let all = prompt_tokens.iter().chain(&other_tokens);
         if let Some((_, largest)) = all.max_by_key(|(_, t)| t.ids.len()) {
-            crate::memory::check_run(
-                c,
-                largest.batch,
-                largest.seq,
-                crate::memory::Recording::Nothing,
-                max_memory,
-                "shorter prompts",
-            )?;
+            // (With --mtp, the head's layer too, as `run --mtp` counts it.)
+            let layers = 0..=c.config.num_hidden_layers - 1 + usize::from(live && mtp);
+            use crate::memory::{estimate, Passes, Recording};
+            let est = estimate(c, (largest.batch, largest.seq), &layers, false, Recording::Nothing, Passes::Many);
+            crate::memory::check(&est, max_memory, "shorter prompts")?;
         }
         for (path, tokens) in [(prompts.map(|p| p.0), &prompt_tokens), (other, &other_tokens)] {
             let longest = tokens.iter().max_by_key(|(_, t)| t.seq);

@@ -195,13 +195,16 @@ fn prefix_hint(a: &Tokens, b: &Tokens) -> String {
     let begins = short.batch == long.batch
         && short.seq < long.seq
         && short.ids.chunks(short.seq.max(1)).zip(long.ids.chunks(long.seq)).all(|(s, l)| l.starts_with(s));
-    match begins {
-        true => format!(
+    match (begins, long.seq - short.seq.min(long.seq)) {
+        (true, 1) => format!(
             "; {which}'s {} positions begin the other's: a `generate --dump` holds the positions it ran, not its \
              last token, and `run --tokens-from` that dump runs the same",
             short.seq
         ),
-        false => String::new(),
+        (true, _) => {
+            format!("; {which}'s {} positions begin the other's {}: the same tokens, run further", short.seq, long.seq)
+        }
+        (false, _) => String::new(),
     }
 }
 

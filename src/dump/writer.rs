@@ -64,6 +64,33 @@ struct ResumeLock {
 }
 
 impl ResumeLock {
+    /// Refuses when another process holds the lock on `path`'s resume files (it writes the dump
+    /// now). Creates nothing: a writer holds its lock file while it runs, so without one nobody
+    /// is writing, and a probe that created it would leave it behind.
+    fn probe(path: &Path) -> Result<()> {
+        let lock_path = crate::output::sibling(path, ".resume.lock");
+        let file = match std::fs::OpenOptions::new().write(true).open(&lock_path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(&lock_path, e)),
+        };
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock on a descriptor this File owns; LOCK_NB never blocks. The lock (when
+            // taken) goes with the File, closed on return.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                    return Err(Error::io(&lock_path, e));
+                }
+                return Err(busy(path, &lock_path));
+            }
+        }
+        drop(file);
+        Ok(())
+    }
+
     fn take(path: &Path) -> Result<ResumeLock> {
         let lock_path = crate::output::sibling(path, ".resume.lock");
         // A run that finishes removes the file while it holds the lock: one opened just before
@@ -85,11 +112,7 @@ impl ResumeLock {
                     if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
                         return Err(Error::io(&lock_path, e));
                     }
-                    return Err(Error::Usage(format!(
-                        "{}: another glimpse is writing this dump now (its {} is locked): wait for it, or write another",
-                        path.display(),
-                        lock_path.display()
-                    )));
+                    return Err(busy(path, &lock_path));
                 }
                 let held = file.metadata().map_err(|e| Error::io(&lock_path, e))?;
                 let current = std::fs::metadata(&lock_path).ok();
@@ -115,6 +138,15 @@ fn refuse_interrupted(path: &Path) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The refusal of a second writer of the dump `path` while another holds its lock.
+fn busy(path: &Path, lock_path: &Path) -> Error {
+    Error::Usage(format!(
+        "{}: another glimpse is writing this dump now (its {} is locked): wait for it, or write another",
+        path.display(),
+        lock_path.display()
+    ))
 }
 
 /// The metadata key of the hidden state's file that holds the state it belongs to.
@@ -259,10 +291,7 @@ impl DumpWriter {
     /// A run writing it now is named as such, not as an interrupted one (whose files the message
     /// says to delete).
     pub fn refuse_overwrite(path: &Path) -> Result<()> {
-        // A writer holds its lock file while it runs; without one, nobody is writing.
-        if crate::output::sibling(path, ".resume.lock").exists() {
-            drop(ResumeLock::take(path)?);
-        }
+        ResumeLock::probe(path)?;
         refuse_interrupted(path)
     }
 

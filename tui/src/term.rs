@@ -83,30 +83,39 @@ mod stop {
 /// restores the terminal as it was before the UI and exits with a one-line error.
 #[cfg(unix)]
 mod bus {
+    use std::sync::atomic::{AtomicI32, Ordering};
     use std::sync::OnceLock;
 
-    /// The terminal's settings before raw mode (standard input's, where it is the terminal).
+    /// The terminal's settings before raw mode, and a descriptor of it: `/dev/tty`, the terminal
+    /// crossterm puts in raw mode whether or not standard input is it.
     static SAVED: OnceLock<libc::termios> = OnceLock::new();
+    static TTY: AtomicI32 = AtomicI32::new(-1);
 
     const LEAVE: &[u8] = b"\x1b[?1049l\x1b[?25h\r\n";
     const MESSAGE: &[u8] = b"glimpse: error: a dump the terminal UI reads changed on disk (cut short or rewritten in \
 place): open it again once it is written\n";
 
     pub fn save_terminal() {
-        // SAFETY: tcgetattr writes the termios it is given; zeroed is a valid termios to fill.
-        let mut t: libc::termios = unsafe { std::mem::zeroed() };
-        if unsafe { libc::tcgetattr(0, &mut t) } == 0 {
-            let _ = SAVED.set(t);
+        // SAFETY: open(2) of a NUL-terminated path; tcgetattr writes the termios it is given, and
+        // zeroed is a valid termios to fill. The descriptor stays open for the handler.
+        unsafe {
+            let fd = libc::open(c"/dev/tty".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+            let mut t: libc::termios = std::mem::zeroed();
+            if fd >= 0 && libc::tcgetattr(fd, &mut t) == 0 && SAVED.set(t).is_ok() {
+                TTY.store(fd, Ordering::Relaxed);
+            } else if fd >= 0 {
+                libc::close(fd);
+            }
         }
     }
 
     extern "C" fn on_bus(_: libc::c_int) {
-        // SAFETY: write(2), tcsetattr(3) and _exit(2) are async-signal-safe; SAVED was set before
-        // the handler was installed and is only read here.
+        // SAFETY: write(2), tcsetattr(3) and _exit(2) are async-signal-safe; SAVED and TTY were
+        // set before the handler was installed and are only read here.
         unsafe {
             libc::write(1, LEAVE.as_ptr().cast(), LEAVE.len());
-            if let Some(t) = SAVED.get() {
-                libc::tcsetattr(0, libc::TCSANOW, t);
+            if let (Some(t), fd @ 0..) = (SAVED.get(), TTY.load(Ordering::Relaxed)) {
+                libc::tcsetattr(fd, libc::TCSANOW, t);
             }
             libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
             libc::_exit(2);
@@ -114,8 +123,15 @@ place): open it again once it is written\n";
     }
 
     pub fn install() {
-        // SAFETY: the handler makes async-signal-safe calls only.
-        unsafe { libc::signal(libc::SIGBUS, on_bus as *const () as libc::sighandler_t) };
+        // SAFETY: the handler makes async-signal-safe calls only; the sigaction is fully
+        // initialised. On the alternate stack Rust's runtime sets up, as its own handler runs.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_bus as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_ONSTACK;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
+        }
     }
 }
 
