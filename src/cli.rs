@@ -187,7 +187,7 @@ pub(crate) enum Command {
         #[arg(long)]
         routes: Option<PathBuf>,
         /// Count only layers A..B (inclusive), e.g. `40..45`, on every side; prompts run live stop
-        /// after layer B.
+        /// after layer B (with --mtp, whose layer the window must hold, the whole pass runs).
         #[arg(long, value_parser = parse_range)]
         layers: Option<std::ops::RangeInclusive<usize>>,
         /// Also run the MTP head (`model.layers.{num_hidden_layers}`) over every prompt, on the

@@ -497,8 +497,8 @@ impl Source for DumpSource {
         for (i, names) in layer_names(&self.ours) {
             let Some(name) = names.iter().find(|n| n.ends_with(".moe.topk_ids")) else { continue };
             let Some((ids, _)) = Self::ints(&self.ours, name) else { continue };
-            // The router's width, the checkpoint's count, else (neither known) the largest id + 1;
-            // never fewer than the ids need (a dump of a larger model than the config given).
+            // The router's width, else the checkpoint's count (never fewer than the ids need: a
+            // dump of a larger model than the config given), else the largest id + 1.
             // (At most `MAX_EXPERTS`, whatever a dump says: ids past it are not counted.)
             let largest = ids.iter().filter_map(|&x| usize::try_from(x).ok()).max().map_or(0, |m| m + 1);
             // (The dump's own router's width bounds it: ids past it are a port's bug, not experts.)
@@ -610,8 +610,6 @@ pub struct Open<'a> {
     pub tol: crate::compare::Tolerance,
 }
 
-/// Opens the TUI's data: a recorded dump as it is, or a live run of a model recorded into a
-/// temporary dump; with the reference when there is one.
 /// How a dump's shapes say it is not a run of the model `cfg` describes: its hidden size, its
 /// routers' expert count, a layer past the model's (its MTP layer included). None where they fit.
 fn misfit(d: &Dump, cfg: &crate::config::Config) -> Option<String> {
@@ -626,9 +624,11 @@ fn misfit(d: &Dump, cfg: &crate::config::Config) -> Option<String> {
     }
     let last = d.names().iter().filter_map(|n| HookPoint::parse(n).and_then(|p| p.layer())).max()?;
     (last > cfg.num_hidden_layers)
-        .then(|| format!("it holds layer {last}, the config {} and an MTP layer", cfg.num_hidden_layers))
+        .then(|| format!("it holds layer {last}, the config has {} and an MTP layer", cfg.num_hidden_layers))
 }
 
+/// Opens the TUI's data: a recorded dump as it is, or a live run of a model recorded into a
+/// temporary dump; with the reference when there is one.
 pub fn open(o: &Open) -> Result<DumpSource> {
     let Open { model, golden, dump, tokens, prompt, max_memory, target, near_tie, tol } = *o;
     let mut opts = DiffOptions { tol, near_tie: near_tie.unwrap_or(tol.near_tie()), ..DiffOptions::default() };

@@ -350,7 +350,10 @@ fn check_window(cfg: &crate::config::Config, w: &RangeInclusive<usize>, live: bo
     let last = if live { n.saturating_sub(1) } else { n };
     if *w.end() > last {
         let what = if live { "last layer" } else { "last layer (its MTP layer)" };
-        return Err(Error::Usage(format!("--layers {}..{} runs past --model's {what}, {last}", w.start(), w.end())));
+        // (Prompts run live reach the MTP layer with --mtp.)
+        let mtp = if live && *w.end() == n { " (its MTP layer runs with --mtp)" } else { "" };
+        let (a, b) = (w.start(), w.end());
+        return Err(Error::Usage(format!("--layers {a}..{b} runs past --model's {what}, {last}{mtp}")));
     }
     let moe: Vec<usize> = (0..n).filter(|&i| cfg.mlp_kind(i) == crate::config::MlpKind::Moe).collect();
     let mtp = !live && w.contains(&n);
