@@ -203,3 +203,42 @@ fn verify_on_a_device_counts_the_mtp_heads_layer_in_its_memory_check() {
     let (code, text) = common::code_and_text(&["--max-memory", &enough, "verify", "--model", m, "--device", "cpu-ops"]);
     assert_eq!(code, 0, "{text}");
 }
+
+/// Records the hook points a pass reports.
+#[derive(Default)]
+struct Seen(Vec<glimpse::hooks::HookPoint>);
+
+impl glimpse::hooks::Observer for Seen {
+    fn wants(&self, _: glimpse::hooks::HookPoint) -> bool {
+        true
+    }
+    fn observe(&mut self, point: glimpse::hooks::HookPoint, _: &candle_core::Tensor) -> glimpse::Result<()> {
+        self.0.push(point);
+        Ok(())
+    }
+}
+
+/// `audit --layers A..B`'s prefill runs no further than layer B on both paths (the CPU model and
+/// the device pass): nothing of a later layer, the final norm or the logits is reported; past
+/// the last layer it is the whole prefill.
+#[test]
+fn a_prefill_through_a_layer_stops_there() {
+    use glimpse::device::Prefill;
+    use glimpse::hooks::HookPoint;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
+    let model = Model::load(&Checkpoint::open(&dir).unwrap()).unwrap();
+    let tokens = Dump::open(&dir.join("reference.safetensors")).unwrap().tokens().unwrap();
+    let device = DeviceModel::new(&CpuOps, &model).unwrap();
+    let passes: [&dyn Prefill; 2] = [&model, &device];
+    for (path, p) in ["cpu", "cpu-ops"].iter().zip(passes) {
+        let mut seen = Seen::default();
+        p.prefill_through(&tokens, 2, &mut seen).unwrap();
+        let last = seen.0.iter().filter_map(|h| h.layer()).max();
+        assert_eq!(last, Some(2), "{path}");
+        assert!(seen.0.contains(&HookPoint::Layer(2, glimpse::hooks::LayerHook::Output)), "{path}");
+        assert!(!seen.0.iter().any(|h| matches!(h, HookPoint::FinalNorm | HookPoint::Logits)), "{path}");
+        let mut whole = Seen::default();
+        p.prefill_through(&tokens, model.config.num_hidden_layers - 1, &mut whole).unwrap();
+        assert!(whole.0.contains(&HookPoint::FinalNorm), "{path}");
+    }
+}
