@@ -258,18 +258,7 @@ fn a_live_run_of_other_tokens_runs_without_the_folders_reference() {
     let err = open(Some(&reference)).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("ran other tokens than --tokens/--prompt give"), "{err}");
     // A dump alone, with nothing to compare it with, says so in its title.
-    let alone = glimpse::tui_source::open(&glimpse::tui_source::Open {
-        model: None,
-        golden: None,
-        dump: Some(&flat().join("bf16-port.safetensors")),
-        tokens: None,
-        prompt: None,
-        max_memory: None,
-        target: glimpse::device::Backend::Cpu.into(),
-        near_tie: None,
-        tol: Default::default(),
-    })
-    .unwrap();
+    let alone = open_dump(None, None, &flat().join("bf16-port.safetensors")).unwrap();
     assert!(alone.title().ends_with("bf16-port.safetensors (no reference: nothing compared)"), "{}", alone.title());
 }
 
@@ -367,20 +356,9 @@ fn stale_live_dumps_of_dead_processes_are_swept() {
 /// shape (another model's routers) is refused before the UI opens.
 #[test]
 fn another_models_checkpoint_is_said() {
-    let err = glimpse::tui_source::open(&glimpse::tui_source::Open {
-        model: Some(&flat().with_file_name("mtp")),
-        golden: Some(&flat().join("reference.safetensors")),
-        dump: Some(&flat().join("bf16-port.safetensors")),
-        tokens: None,
-        prompt: None,
-        max_memory: None,
-        target: glimpse::device::Backend::Cpu.into(),
-        near_tie: None,
-        tol: Default::default(),
-    })
-    .err()
-    .map(|e| e.to_string())
-    .unwrap_or_default();
+    let (mtp, reference) = (flat().with_file_name("mtp"), flat().join("reference.safetensors"));
+    let err = open_dump(Some(&mtp), Some(&reference), &flat().join("bf16-port.safetensors"));
+    let err = err.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("is not the model") && err.contains("its routers have 16 experts, the config's 8"), "{err}");
     // The same shapes in another config.json (a twin's, another step's): opened, and said.
     let dir = tempfile::tempdir().unwrap();
@@ -405,6 +383,21 @@ fn another_models_checkpoint_is_said() {
     );
     app.handle_key(j, &other);
     assert!(screen(&app, &other, 160, 24).contains("not the config.json"));
+}
+
+/// `tui --dump DUMP [--golden REF] [--model DIR]` as the binary opens it, at the default tolerance.
+fn open_dump(model: Option<&Path>, golden: Option<&Path>, dump: &Path) -> glimpse::Result<DumpSource> {
+    glimpse::tui_source::open(&glimpse::tui_source::Open {
+        model,
+        golden,
+        dump: Some(dump),
+        tokens: None,
+        prompt: None,
+        max_memory: None,
+        target: glimpse::device::Backend::Cpu.into(),
+        near_tie: None,
+        tol: Default::default(),
+    })
 }
 
 /// `tui --dump` of the bundled bf16 port against its reference, as the binary opens it.

@@ -74,21 +74,8 @@ impl ResumeLock {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(Error::io(&lock_path, e)),
         };
-        #[cfg(unix)]
-        {
-            use std::os::fd::AsRawFd;
-            // SAFETY: flock on a descriptor this File owns; LOCK_NB never blocks. The lock (when
-            // taken) goes with the File, closed on return.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                    return Err(Error::io(&lock_path, e));
-                }
-                return Err(busy(path, &lock_path));
-            }
-        }
-        drop(file);
-        Ok(())
+        // (The lock, when taken, goes with the File, closed on return.)
+        lock(&file, path, &lock_path)
     }
 
     fn take(path: &Path) -> Result<ResumeLock> {
@@ -102,18 +89,10 @@ impl ResumeLock {
                 .write(true)
                 .open(&lock_path)
                 .map_err(|e| Error::io(&lock_path, e))?;
+            lock(&file, path, &lock_path)?;
             #[cfg(unix)]
             {
-                use std::os::fd::AsRawFd;
                 use std::os::unix::fs::MetadataExt;
-                // SAFETY: flock on a descriptor this File owns; LOCK_NB never blocks.
-                if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                    let e = std::io::Error::last_os_error();
-                    if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                        return Err(Error::io(&lock_path, e));
-                    }
-                    return Err(busy(path, &lock_path));
-                }
                 let held = file.metadata().map_err(|e| Error::io(&lock_path, e))?;
                 let current = std::fs::metadata(&lock_path).ok();
                 if current.is_none_or(|m| (m.dev(), m.ino()) != (held.dev(), held.ino())) {
@@ -140,13 +119,28 @@ fn refuse_interrupted(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The refusal of a second writer of the dump `path` while another holds its lock.
-fn busy(path: &Path, lock_path: &Path) -> Error {
-    Error::Usage(format!(
-        "{}: another glimpse is writing this dump now (its {} is locked): wait for it, or write another",
-        path.display(),
-        lock_path.display()
-    ))
+/// Takes the exclusive lock on `file` (the dump `path`'s `lock_path`) without waiting: refused
+/// while another writer of the dump holds it. (Elsewhere than Unix, nothing to take.)
+fn lock(file: &File, path: &Path, lock_path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor the File owns; LOCK_NB never blocks.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(Error::io(lock_path, e));
+            }
+            return Err(Error::Usage(format!(
+                "{}: another glimpse is writing this dump now (its {} is locked): wait for it, or write another",
+                path.display(),
+                lock_path.display()
+            )));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (file, path, lock_path);
+    Ok(())
 }
 
 /// The metadata key of the hidden state's file that holds the state it belongs to.
