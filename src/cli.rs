@@ -136,70 +136,7 @@ pub(crate) enum Command {
         model: Option<PathBuf>,
     },
     /// Expert load balance per MoE layer, over prompts (run live) or over the routing dumps recorded.
-    #[command(group(clap::ArgGroup::new("source").required(true)))]
-    Audit {
-        /// Checkpoint folder: needed with --prompts; with --dump its router checks every dump's
-        /// routing (another model's is refused), gives each expert's bias (bias-changed, corr(b,l),
-        /// w/o bias) and recomputes margins the dumps do not record.
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// One prompt per line: comma-separated token ids (`;` between rows of a batch), or text (needs the
-        /// model's tokenizer.json); blank lines and lines starting with `#` are skipped.
-        #[arg(long, group = "source")]
-        prompts: Option<PathBuf>,
-        /// Read every --prompts line as text, even one whose comma-separated items are mostly
-        /// integers (`Count: 1, 2, 3`, which is otherwise read as token ids with a slip).
-        #[arg(long)]
-        text: bool,
-        /// Dumps holding `layers.*.moe.topk_ids` (repeatable).
-        #[arg(long = "dump", group = "source")]
-        dumps: Vec<PathBuf>,
-        /// Reference dumps of the same model (repeatable): per layer, how much of the load moved
-        /// to other experts against them, and which experts gained and lost most (a quantised
-        /// port's against the original's).
-        #[arg(long = "against")]
-        against: Vec<PathBuf>,
-        /// Dumps of other prompts on the same model (repeatable): per layer, the total variation
-        /// distance between the two load distributions and the experts whose share grew and
-        /// shrank most (code against prose; nothing compared token by token, as --against does).
-        #[arg(long = "compare", conflicts_with = "against")]
-        compare: Vec<PathBuf>,
-        /// Other prompts run live on the same model, one per line as --prompts takes them (and
-        /// as --text reads them), compared as --compare compares dumps.
-        #[arg(long = "compare-prompts", conflicts_with_all = ["against", "compare"], requires = "model")]
-        compare_prompts: Option<PathBuf>,
-        /// Print JSON instead of the table.
-        #[arg(long)]
-        json: bool,
-        /// Write per-(layer, expert) counts as CSV here, with --against's or --compare's beside them
-        /// (`-`: to standard output, in place of the tables).
-        #[arg(long)]
-        csv: Option<PathBuf>,
-        /// Write the layer x expert load heatmap here (SVG).
-        #[arg(long)]
-        heatmap: Option<PathBuf>,
-        /// Write every token's routing here as CSV, one line per token and MoE layer:
-        /// `run,row,position,token,layer,experts,weights,margin,text` (`run` the dump or prompt
-        /// line in order from 0; experts and weights space-separated in the order chosen; margin
-        /// the one that decided the choice, as `diff` gives it, empty where unknown; text the token
-        /// as --model's tokenizer decodes it): which tokens an expert takes (`-`: to standard output
-        /// as decided, in place of the tables).
-        #[arg(long)]
-        routes: Option<PathBuf>,
-        /// Count only layers A..B (inclusive), e.g. `40..45`, on every side; prompts run live stop
-        /// after layer B (with --mtp, whose layer the window must hold, the whole pass runs).
-        #[arg(long, value_parser = parse_range)]
-        layers: Option<std::ops::RangeInclusive<usize>>,
-        /// Also run the MTP head (`model.layers.{num_hidden_layers}`) over every prompt, on the
-        /// CPU, and count its layer (dumps hold it when `run --mtp --dump` wrote them).
-        #[arg(long)]
-        mtp: bool,
-        /// Where the prompts run (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
-        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
-        device: Backend,
-        #[command(flatten)]
-        gpu: Gpu,
-    },
+    Audit(AuditArgs),
     /// Time prefill recording nothing vs recording every hook point (medians of alternating runs).
     Bench {
         /// The checkpoint folder (config.json and safetensors weights).
@@ -359,7 +296,9 @@ impl Command {
     pub(crate) fn runs_model(&self) -> bool {
         match self {
             Command::Diff { .. } | Command::Inspect { .. } | Command::Synth { .. } => false,
-            Command::Audit { prompts, compare_prompts, .. } => prompts.is_some() || compare_prompts.is_some(),
+            Command::Audit(AuditArgs { prompts, compare_prompts, .. }) => {
+                prompts.is_some() || compare_prompts.is_some()
+            }
             Command::Tui { dump, .. } => dump.is_none(),
             _ => true,
         }
@@ -382,7 +321,7 @@ impl Command {
             ]
             .concat(),
             Command::Generate { model: m, .. } => model(&Some(m.clone())),
-            Command::Audit { model: m, prompts, dumps, against, compare, compare_prompts, .. } => {
+            Command::Audit(AuditArgs { model: m, prompts, dumps, against, compare, compare_prompts, .. }) => {
                 let others = [files("--against", against), files("--compare", compare)].concat();
                 let others = [others, file("--compare-prompts", compare_prompts)].concat();
                 [model(m), file("--prompts", prompts), files("--dump", dumps), others].concat()
@@ -400,7 +339,7 @@ impl Command {
             Command::Run(RunArgs { dump, .. }) | Command::Generate { dump, .. } => {
                 named("--dump", dump).into_iter().collect()
             }
-            Command::Audit { csv, heatmap, routes, .. } => {
+            Command::Audit(AuditArgs { csv, heatmap, routes, .. }) => {
                 // (`--csv -` and `--routes -` are standard output, no file.)
                 let file = |flag, p| named(flag, p).filter(|(_, p)| p.as_os_str() != "-");
                 [file("--csv", csv), named("--heatmap", heatmap), file("--routes", routes)]
@@ -439,6 +378,73 @@ fn non_negative(s: &str) -> std::result::Result<f64, String> {
 
 /// The most `--threads` accepted: far past any CPU's cores, far short of an OS's thread limit.
 pub(crate) const MAX_THREADS: usize = 1024;
+
+/// `audit`'s flags.
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true)))]
+pub(crate) struct AuditArgs {
+    /// Checkpoint folder: needed with --prompts; with --dump its router checks every dump's
+    /// routing (another model's is refused), gives each expert's bias (bias-changed, corr(b,l),
+    /// w/o bias) and recomputes margins the dumps do not record.
+    #[arg(long)]
+    pub(crate) model: Option<PathBuf>,
+    /// One prompt per line: comma-separated token ids (`;` between rows of a batch), or text (needs the
+    /// model's tokenizer.json); blank lines and lines starting with `#` are skipped.
+    #[arg(long, group = "source")]
+    pub(crate) prompts: Option<PathBuf>,
+    /// Read every --prompts line as text, even one whose comma-separated items are mostly
+    /// integers (`Count: 1, 2, 3`, which is otherwise read as token ids with a slip).
+    #[arg(long)]
+    pub(crate) text: bool,
+    /// Dumps holding `layers.*.moe.topk_ids` (repeatable).
+    #[arg(long = "dump", group = "source")]
+    pub(crate) dumps: Vec<PathBuf>,
+    /// Reference dumps of the same model (repeatable): per layer, how much of the load moved
+    /// to other experts against them, and which experts gained and lost most (a quantised
+    /// port's against the original's).
+    #[arg(long = "against")]
+    pub(crate) against: Vec<PathBuf>,
+    /// Dumps of other prompts on the same model (repeatable): per layer, the total variation
+    /// distance between the two load distributions and the experts whose share grew and
+    /// shrank most (code against prose; nothing compared token by token, as --against does).
+    #[arg(long = "compare", conflicts_with = "against")]
+    pub(crate) compare: Vec<PathBuf>,
+    /// Other prompts run live on the same model, one per line as --prompts takes them (and
+    /// as --text reads them), compared as --compare compares dumps.
+    #[arg(long = "compare-prompts", conflicts_with_all = ["against", "compare"], requires = "model")]
+    pub(crate) compare_prompts: Option<PathBuf>,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Write per-(layer, expert) counts as CSV here, with --against's or --compare's beside them
+    /// (`-`: to standard output, in place of the tables).
+    #[arg(long)]
+    pub(crate) csv: Option<PathBuf>,
+    /// Write the layer x expert load heatmap here (SVG).
+    #[arg(long)]
+    pub(crate) heatmap: Option<PathBuf>,
+    /// Write every token's routing here as CSV, one line per token and MoE layer:
+    /// `run,row,position,token,layer,experts,weights,margin,text` (`run` the dump or prompt
+    /// line in order from 0; experts and weights space-separated in the order chosen; margin
+    /// the one that decided the choice, as `diff` gives it, empty where unknown; text the token
+    /// as --model's tokenizer decodes it): which tokens an expert takes (`-`: to standard output
+    /// as decided, in place of the tables).
+    #[arg(long)]
+    pub(crate) routes: Option<PathBuf>,
+    /// Count only layers A..B (inclusive), e.g. `40..45`, on every side; prompts run live stop
+    /// after layer B (with --mtp, whose layer the window must hold, the whole pass runs).
+    #[arg(long, value_parser = parse_range)]
+    pub(crate) layers: Option<std::ops::RangeInclusive<usize>>,
+    /// Also run the MTP head (`model.layers.{num_hidden_layers}`) over every prompt, on the
+    /// CPU, and count its layer (dumps hold it when `run --mtp --dump` wrote them).
+    #[arg(long)]
+    pub(crate) mtp: bool,
+    /// Where the prompts run (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    pub(crate) device: Backend,
+    #[command(flatten)]
+    pub(crate) gpu: Gpu,
+}
 
 /// `run`'s flags.
 #[derive(clap::Args)]
