@@ -380,7 +380,9 @@ impl DumpSource {
         // Queries a batch row: the run's positions, one fewer in the MTP layer (its last
         // position's row is left empty, so the rows stay the run's tokens).
         let p = self.ours.shape(&name).and_then(|s| s.len().checked_sub(2).map(|i| s[i])).unwrap_or(seq).min(seq);
-        let rows = |d: &Dump| -> Option<Vec<Vec<usize>>> {
+        // Each query's keys, ascending, each once: the causal ones (`later` false), or those past
+        // the query (a causality bug's, or padding).
+        let rows = |d: &Dump, later: bool| -> Option<Vec<Vec<usize>>> {
             let (idx, shape) = Self::ints(d, &name)?;
             let k = *shape.last()?;
             Some(
@@ -395,7 +397,7 @@ impl DumpSource {
                             .unwrap_or(&[])
                             .iter()
                             .filter_map(|&j| usize::try_from(j).ok())
-                            .filter(|&j| j <= q)
+                            .filter(|&j| (j > q) == later)
                             .collect();
                         r.sort_unstable();
                         r.dedup();
@@ -415,8 +417,9 @@ impl DumpSource {
         // whose keys it reuses), else the recorded one.
         let margin = margin
             .map(|m: Vec<f32>| (0..m.len()).map(|q| flip(q).and_then(|f| f.1).unwrap_or(m[q])).collect::<Vec<f32>>());
-        let (selected, reference) = (rows(&self.ours)?, self.reference.as_ref().and_then(rows));
-        Some(DsaMatrix { seq, selected, reference, margin, flips, reference_margin })
+        let (selected, reference) = (rows(&self.ours, false)?, self.reference.as_ref().and_then(|r| rows(r, false)));
+        let past = rows(&self.ours, true).unwrap_or_default();
+        Some(DsaMatrix { seq, selected, reference, margin, flips, reference_margin, past })
     }
 
     fn per_token(&self, name: &str) -> Option<Vec<f32>> {

@@ -648,3 +648,24 @@ fn the_worst_elements_are_the_layers_worst_first() {
     let first = s.lines().skip_while(|l| !l.contains("worst elements")).nth(1).unwrap_or("");
     assert!(first.contains("layers.3.output at"), "{s}");
 }
+
+/// A DSA row that keeps a key past its query where a causal key belongs (a causality bug): the
+/// footer names the later key it holds, not only the causal key it lost.
+#[test]
+fn the_dsa_view_names_a_key_past_the_query() {
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = Path::new("golden/flat/reference.safetensors");
+    let ours = common::edit_dump(golden, &tmp.path().join("future.st"), |t| {
+        for (name, v, shape) in t.iter_mut() {
+            if let (true, glimpse::dump::Values::I64(ids)) = (name == "layers.3.dsa.topk", v) {
+                ids[20 * shape[2]] = 30;
+            }
+        }
+    });
+    let src = dumps_source(&ours, golden, &DiffOptions::default());
+    let mut app = at_layer(&src, 3);
+    app.set_view(View::Dsa);
+    app.token = 20;
+    let s = screen(&app, &src, 120, 30);
+    assert!(s.contains("only ours none (holds 30 past q20), only ref"), "{s}");
+}

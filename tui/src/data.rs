@@ -228,6 +228,9 @@ pub struct DsaMatrix {
     /// decided it (where known).
     pub flips: Vec<Option<FlipClass>>,
     pub reference_margin: Vec<Option<f32>>,
+    /// Ours's keys past each query (ascending): where a flipped row kept fewer causal keys, the
+    /// later keys it holds instead (a causality bug) are named.
+    pub past: Vec<Vec<usize>>,
 }
 
 impl DsaMatrix {

@@ -128,8 +128,14 @@ fn differing(m: &DsaMatrix, q: usize, room: usize) -> String {
             _ => keys.join(","),
         }
     };
-    let line =
-        |shown: usize| format!(", only ours {}, only ref {}", only(ours, theirs, shown), only(theirs, ours, shown));
+    // Ours kept fewer causal keys: the keys past the query it holds instead, where it holds any.
+    let past = match (only(ours, theirs, 1).as_str(), m.past.get(q).filter(|p| !p.is_empty())) {
+        ("none", Some(p)) => format!(" (holds {} past q{q})", only(p, &[], 3)),
+        _ => String::new(),
+    };
+    let line = |shown: usize| {
+        format!(", only ours {}{past}, only ref {}", only(ours, theirs, shown), only(theirs, ours, shown))
+    };
     // (Where not even the counts fit, the margins alone.)
     (0..=6).rev().map(line).find(|l| l.len() <= room).unwrap_or_default()
 }
