@@ -123,13 +123,14 @@ fn the_binary_in_tmux() {
     // SAFETY: signalling the TUI this test started (the only child of its shell).
     unsafe { libc::kill(pid, libc::SIGTERM) };
     // The shell creates the file before it writes the status: a whole line is the status.
-    let rc = (0..100)
-        .find_map(|_| {
+    let status = || {
+        let rc = (0..100).find_map(|_| {
             std::thread::sleep(Duration::from_millis(100));
             std::fs::read_to_string(&rc_file).ok().filter(|s| s.ends_with('\n'))
-        })
-        .unwrap_or_default();
-    assert_eq!(rc.trim(), "143");
+        });
+        rc.unwrap_or_default().trim().to_string()
+    };
+    assert_eq!(status(), "143");
     let restored = (0..100).any(|_| {
         std::thread::sleep(Duration::from_millis(50));
         !tmux(&["capture-pane", "-p", "-t", &session]).contains("1 layers")
@@ -152,13 +153,7 @@ fn the_binary_in_tmux() {
     tmux(&["send-keys", "-t", &session, "j", "j", "2"]);
     let s = wait_for("a dump the terminal UI reads changed on disk");
     assert!(!s.contains("1 layers"), "the terminal is restored: {s}");
-    let rc = (0..100)
-        .find_map(|_| {
-            std::thread::sleep(Duration::from_millis(100));
-            std::fs::read_to_string(&rc_file).ok().filter(|s| s.ends_with('\n'))
-        })
-        .unwrap_or_default();
-    assert_eq!(rc.trim(), "2");
+    assert_eq!(status(), "2");
     tmux(&["kill-session", "-t", &session]);
 }
 
