@@ -315,17 +315,16 @@ fn check_against(ours: Vec<(String, Tokens)>, against: &[PathBuf]) -> Result<()>
             format!("the audited runs hold {} rows of tokens, --against's dumps {}: {ORDER}", ours.len(), theirs.len());
         return Err(Error::Usage(msg));
     }
-    for ((a_from, a), (b_from, b)) in ours.iter().zip(&theirs) {
-        if let Some(p) = (0..a.len().max(b.len())).find(|&p| a.get(p) != b.get(p)) {
-            let id = |row: &[u32]| row.get(p).map_or("none".to_string(), u32::to_string);
-            return Err(Error::Usage(format!(
-                "{a_from} differs from --against {b_from} at position {p} ({} vs {}): {ORDER}",
-                id(a),
-                id(b)
-            )));
-        }
+    fn ids(rows: &[(String, Vec<u32>)]) -> Vec<&[u32]> {
+        rows.iter().map(|(_, ids)| ids.as_slice()).collect()
     }
-    Ok(())
+    match super::shift::first_difference(&ids(&ours), &ids(&theirs)) {
+        Some(d) => Err(Error::Usage(format!(
+            "{} differs from --against {} at position {} ({} vs {}): {ORDER}",
+            ours[d.row].0, theirs[d.row].0, d.position, d.ours, d.theirs
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Layer numbers as runs: `2..4, 7`.

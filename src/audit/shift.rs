@@ -86,6 +86,26 @@ fn changed(ours: &[u16], reference: &[u16], k: usize) -> Changed {
     c
 }
 
+/// Where two runs' rows of tokens first part: the row, the position, and each side's id there
+/// (`none` past a shorter row).
+pub(super) struct TokenDifference {
+    pub row: usize,
+    pub position: usize,
+    pub ours: String,
+    pub theirs: String,
+}
+
+/// The first row (in order) where `ours` and `theirs` hold other tokens; None where every row of
+/// the shorter list matches.
+pub(super) fn first_difference<A: AsRef<[u32]>, B: AsRef<[u32]>>(ours: &[A], theirs: &[B]) -> Option<TokenDifference> {
+    ours.iter().zip(theirs).enumerate().find_map(|(row, (a, b))| {
+        let (a, b) = (a.as_ref(), b.as_ref());
+        let position = (0..a.len().max(b.len())).find(|&p| a.get(p) != b.get(p))?;
+        let id = |r: &[u32]| r.get(position).map_or("none".to_string(), u32::to_string);
+        Some(TokenDifference { row, position, ours: id(a), theirs: id(b) })
+    })
+}
+
 /// Half the summed change over the reference's `slots`.
 fn moved(delta: &[i64], slots: u64) -> f64 {
     delta.iter().map(|d| d.unsigned_abs()).sum::<u64>() as f64 / 2.0 / slots.max(1) as f64
@@ -107,13 +127,10 @@ impl Audit {
                     theirs.len()
                 )));
             }
-            if let Some((r, (a, b))) = ours.iter().zip(&theirs).enumerate().find(|(_, (a, b))| a != b) {
-                let p = a.iter().zip(b.iter()).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
-                let id = |row: &[u32]| row.get(p).map_or("none".to_string(), u32::to_string);
+            if let Some(TokenDifference { row: r, position: p, ours: a, theirs: b }) = first_difference(&ours, &theirs)
+            {
                 return Err(Error::Usage(format!(
-                    "row {r} of the audited runs differs from --against's at position {p} ({} vs {}): it must run the same prompts",
-                    id(a),
-                    id(b)
+                    "row {r} of the audited runs differs from --against's at position {p} ({a} vs {b}): it must run the same prompts"
                 )));
             }
         }
