@@ -669,3 +669,26 @@ fn the_dsa_view_names_a_key_past_the_query() {
     let s = screen(&app, &src, 120, 30);
     assert!(s.contains("only ours none (holds 30 past q20), only ref"), "{s}");
 }
+
+/// Where the weights of the rows on screen do not fit, the routing view shows every chosen
+/// expert's id rather than two `id:weight` pairs and `+N`; with room, the weights come back.
+#[test]
+fn a_narrow_routing_view_keeps_every_expert_id() {
+    let port = port_source();
+    let app = App { view: View::Routing, ..at_layer(&port, 2) };
+    let routes = port.routing(2).unwrap();
+    for (width, weighted) in [(80, false), (120, true)] {
+        let s = screen(&app, &port, width, 16);
+        assert_eq!(s.contains("experts:weight"), weighted, "{s}");
+        for r in &routes[..8] {
+            let row = line_with(&s, &format!("│s{} #", r.token));
+            let entries: Vec<String> = r
+                .ids
+                .iter()
+                .zip(&r.weights)
+                .map(|(i, w)| if weighted { format!("{i}:{w:.2}") } else { i.to_string() })
+                .collect();
+            assert!(row.contains(&format!(" {} ", entries.join(" "))), "{} in\n{s}", entries.join(" "));
+        }
+    }
+}

@@ -35,22 +35,25 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     // A flip's margin shows both sides, `ours (ref)`, where the reference's is known.
     let both = routes.iter().any(|r| r.flip.is_some() && r.reference_margin.is_some());
     let margin_width = if both { 17 } else { 9 };
-    // What differs, never a list cut: the column widens past its 24 for the rows on screen into
+    // What differs, never a list cut: the column widens past its header for the rows on screen into
     // what the experts leave beyond their 10; a row that still does not fit drops its lists'
     // spaces, else says only their lengths.
     let on_screen = &routes[start.min(routes.len())..(start + visible).min(routes.len())];
     let room = area.width.saturating_sub(2 + 13 + 11 + margin_width + 1).max(24) as usize;
     let fit = |r: &RouteRow| (0..3).map(|form| versus(r, form)).find(|v| v.chars().count() <= room);
     let fit = |r: &RouteRow| fit(r).unwrap_or_else(|| versus(r, 2));
-    let versus_width = on_screen.iter().map(|r| fit(r).chars().count()).fold(24, usize::max);
+    let versus_width = on_screen.iter().map(|r| fit(r).chars().count()).fold(VERSUS.len(), usize::max);
     let widths: [u16; 4] = [12, 10, margin_width, versus_width as u16];
     let show = fitting(area.width.saturating_sub(2), &widths, if compared { &[1, 2] } else { &[3, 1] });
     // The experts column takes what the others leave (each with its space): whole entries, and
     // `+N` for the rest.
     let others: u16 = (0..4).filter(|&i| i != 1 && show[i]).map(|i| widths[i] + 1).sum();
     let experts_width = area.width.saturating_sub(2).saturating_sub(others) as usize;
+    // Which experts matter more than their weights: where the rows on screen cannot show every
+    // weight, the column shows the ids alone, and `+N` only where even those do not fit.
+    let weighted = on_screen.iter().all(|r| joined_len(&experts(r, true)) <= experts_width);
     let rows = routes.iter().skip(start).map(|r| {
-        let experts: Vec<String> = r.ids.iter().zip(&r.weights).map(|(i, w)| format!("{i}:{w:.2}")).collect();
+        let experts = experts(r, weighted);
         let reference = fit(r);
         let mut style =
             if r.is_flip() { Style::new().fg(Color::Red).add_modifier(Modifier::BOLD) } else { Style::new() };
@@ -66,9 +69,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     });
     let constraints = widths.map(Constraint::Length);
     let constraints = shown([constraints[0], Constraint::Min(widths[1]), constraints[2], constraints[3]], &show);
-    let experts_header = if experts_width >= 14 { "experts:weight" } else { "experts" };
+    let experts_header = if weighted && experts_width >= 14 { "experts:weight" } else { "experts" };
     let margin_header = if both { "margin (ref)" } else { "margin" };
-    let header = Row::new(shown(["token", experts_header, margin_header, "vs ref (-ref +ours)"], &show))
+    let header = Row::new(shown(["token", experts_header, margin_header, VERSUS], &show))
         .style(Style::new().add_modifier(Modifier::UNDERLINED));
     let title = format!(
         "layer {} routing: {} tokens, {flips} flips{}",
@@ -77,6 +80,20 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         counts(routes.iter().filter_map(|r| r.flip))
     );
     f.render_widget(Table::new(rows, constraints).header(header).block(Block::bordered().title(title)), area);
+}
+
+/// The header of the column of what differs, and its narrowest width.
+const VERSUS: &str = "vs ref (-ref +ours)";
+
+/// A row's experts, `id:weight` or the ids alone.
+fn experts(r: &RouteRow, weighted: bool) -> Vec<String> {
+    let entry = |(i, w): (&i64, &f32)| if weighted { format!("{i}:{w:.2}") } else { i.to_string() };
+    r.ids.iter().zip(&r.weights).map(entry).collect()
+}
+
+/// The width of `items` joined by spaces.
+fn joined_len(items: &[String]) -> usize {
+    items.iter().map(|s| s.chars().count()).sum::<usize>() + items.len().saturating_sub(1)
 }
 
 /// A row against the reference: `=`, `-` (no reference), or a flip, its class and the experts
