@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::checkpoint::Checkpoint;
 use crate::device::forward::LogitRows;
+use crate::device::Backend;
 use crate::dump::{self, DumpWriter};
 use crate::error::{Error, Result};
 use crate::hooks::{emit, HookPoint, LayerHook, NoObserver, Observer, Selector};
@@ -95,7 +96,7 @@ pub fn run(
     let ckpt = Checkpoint::open(model_dir)?;
     // (The recorded passes record what a dump records by default.)
     let recording = crate::memory::Recording::of(&Default::default(), ckpt.config.num_hidden_layers);
-    crate::memory::check_run(&ckpt, 1, tokens, recording, max_memory, "fewer --tokens")?;
+    crate::memory::check_run(&ckpt, (1, tokens), recording, Backend::Cpu.into(), max_memory, "fewer --tokens")?;
     let model = Model::load(&ckpt)?;
     let load_s = t0.elapsed().as_secs_f64();
     let stored = match ckpt.dtype("model.layers.0.self_attn.q_a_proj.weight") {

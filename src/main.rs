@@ -252,14 +252,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     // checkpoint without it fails before the run.
                     let mtp = verify::has_mtp(&reference);
                     let layers = 0..=ckpt.config.num_hidden_layers - 1 + usize::from(mtp);
-                    let est = memory::estimate(
-                        &ckpt,
-                        (tokens.batch, tokens.seq),
-                        &layers,
-                        false,
-                        memory::Recording::Nothing,
-                        memory::Passes::Many,
-                    );
+                    let dims = (tokens.batch, tokens.seq);
+                    let est = memory::estimate_on(target, &ckpt, dims, &layers, memory::Recording::Nothing);
                     memory::check(&est, max_memory, "the CPU (--device cpu) with --stream or a --layers window")?;
                     let model = Model::load(&ckpt)?;
                     let head = match mtp {
@@ -394,7 +388,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let target = gpu.target(device)?;
             if device != Backend::Cpu {
                 let ckpt = Checkpoint::open(&model)?;
-                memory::check_run(&ckpt, 1, tokens, memory::Recording::Nothing, max_memory, "fewer --tokens")?;
+                memory::check_run(
+                    &ckpt,
+                    (1, tokens),
+                    memory::Recording::Nothing,
+                    target,
+                    max_memory,
+                    "fewer --tokens",
+                )?;
                 let model = Model::load(&ckpt)?;
                 print!("{}", glimpse::bench::run_on(target, &model, tokens, repeat)?);
                 return Ok(ExitCode::SUCCESS);
@@ -566,7 +567,8 @@ fn verify_decode(
     tol: Tolerance,
     max: Option<u64>,
 ) -> Result<ExitCode> {
-    memory::check_run(ckpt, tokens.batch, tokens.seq, memory::Recording::ALL, max, "a reference of fewer tokens")?;
+    let (dims, cpu) = ((tokens.batch, tokens.seq), Backend::Cpu.into());
+    memory::check_run(ckpt, dims, memory::Recording::ALL, cpu, max, "a reference of fewer tokens")?;
     let model = &Model::load(ckpt)?;
     println!("{}", glimpse::generate::cache_report(model, tokens.batch, tokens.seq, false));
     let report = glimpse::decode_check::check(model, tokens, chunk, tol)?;

@@ -9,6 +9,7 @@ use std::ops::RangeInclusive;
 use safetensors::tensor::Dtype;
 
 use crate::checkpoint::Checkpoint;
+use crate::device::{Backend, Target};
 use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, LayerHook, Selector};
 use crate::model::absorbed::absorbed_from;
@@ -25,6 +26,43 @@ impl Estimate {
     pub fn total(&self) -> u64 {
         self.weights.saturating_add(self.activations).saturating_add(self.recorded)
     }
+}
+
+/// What a whole pass (the hook points `recording` names) of `batch x seq` tokens over `window`
+/// holds on `target`: on the CPU, [`estimate`] of a model packing its weights; on a device, the
+/// CPU model's weights as loaded, beside the copies the device holds in host memory
+/// ([`device_copies`]). The activations are counted as the CPU's (the host's for `cpu-ops` and
+/// `cuda-emu`; more than `cuda` keeps on the host).
+pub fn estimate_on(
+    target: Target,
+    ckpt: &Checkpoint,
+    dims: (usize, usize),
+    window: &RangeInclusive<usize>,
+    recording: Recording,
+) -> Estimate {
+    let passes = if target.backend == Backend::Cpu { Passes::Many } else { Passes::Elsewhere };
+    let mut est = estimate(ckpt, dims, window, false, recording, passes);
+    est.weights = est.weights.saturating_add(device_copies(ckpt, target));
+    est
+}
+
+/// The copies of the main model's weights a device pass uploads (`DeviceModel::new`) that live
+/// in host memory: `cpu-ops` widens every one to f32; `cuda-emu` holds them as the GPU would (bf16
+/// and FP8 codes as stored, the rest, the router's gate and the embeddings among them, as f32);
+/// `cuda`'s are in the GPU's memory and the CPU's none. The MTP layer is not uploaded (it runs on
+/// the CPU model).
+pub fn device_copies(ckpt: &Checkpoint, target: Target) -> u64 {
+    let main = |n: &&str| crate::layout::layer_of(n).is_none_or(|i| i < ckpt.config.num_hidden_layers);
+    let bytes = |n: &str| match (target.backend, ckpt.dtype(n)) {
+        (Backend::Cpu | Backend::Cuda, _) => 0,
+        (Backend::CpuOps, _) if n.ends_with("_scale_inv") => 0,
+        (Backend::CpuOps, _) => 4 * numel(ckpt, n),
+        (Backend::CudaEmu, Some(Dtype::BF16 | Dtype::F8_E4M3)) if is_projection(ckpt, n) => file_bytes(ckpt, n),
+        (Backend::CudaEmu, _) => 4 * numel(ckpt, n),
+    };
+    // A tied head is uploaded as a projection of its own, beside the embeddings.
+    let head = if ckpt.tied_head() { bytes(ckpt.head_name()) } else { 0 };
+    ckpt.names().filter(main).map(bytes).sum::<u64>() + head
 }
 
 pub(crate) fn gb(b: u64) -> String {
@@ -106,6 +144,9 @@ pub enum Passes {
     One,
     /// Repeated passes, or a weight used twice: each weight ends up packed.
     Many,
+    /// None: a device runs the pass (`--device`), and the CPU model it was built from keeps its
+    /// weights as loaded (bf16 and FP8 projections where they are mapped, the rest as f32).
+    Elsewhere,
 }
 
 /// What a run records into a dump, as far as its memory goes.
@@ -165,7 +206,8 @@ pub fn estimate(
     let fp8_panels = c.fp8.as_ref().is_some_and(|q| crate::model::bf16_gemm::takes_fp8_rows(q.block[0]));
     let held = |n: &str| {
         let projection = is_projection(ckpt, n);
-        if projection && reads_mapped(ckpt, n, batch * seq) {
+        let mapped = matches!(ckpt.dtype(n), Some(Dtype::BF16 | Dtype::F8_E4M3));
+        if projection && (reads_mapped(ckpt, n, batch * seq) || (mapped && passes == Passes::Elsewhere)) {
             return file_bytes(ckpt, n);
         }
         let (stored, bytes) = match ckpt.dtype(n) {
@@ -225,7 +267,7 @@ pub fn estimate(
             };
             ours && stored && is_projection(ckpt, n) && !reads_mapped(ckpt, n, batch * seq)
         };
-        let packing = match !in_place && crate::model::bf16_gemm::available() {
+        let packing = match !in_place && passes != Passes::Elsewhere && crate::model::bf16_gemm::available() {
             true => ckpt.names().filter(packs).map(|n| file_bytes(ckpt, n)).max().unwrap_or(0),
             false => 0,
         };
@@ -316,18 +358,18 @@ fn numel(ckpt: &Checkpoint, name: &str) -> u64 {
     ckpt.shape(name).map_or(0, |s| s.iter().product::<usize>() as u64)
 }
 
-/// Estimates a whole-model resident run of `batch x seq` tokens and refuses it past `max`;
-/// `hint` says what the command can do instead (e.g. "fewer tokens").
+/// Estimates a whole-model resident run of `batch x seq` tokens on `target` and refuses it past
+/// `max`; `hint` says what the command can do instead (e.g. "fewer tokens").
 pub fn check_run(
     ckpt: &Checkpoint,
-    batch: usize,
-    seq: usize,
+    (batch, seq): (usize, usize),
     recording: Recording,
+    target: Target,
     max: Option<u64>,
     hint: &str,
 ) -> Result<()> {
     let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
-    check(&estimate(ckpt, (batch, seq), &all, false, recording, Passes::Many), max, hint)
+    check(&estimate_on(target, ckpt, (batch, seq), &all, recording), max, hint)
 }
 
 /// What `generate` of `new` tokens after a `batch x prompt` prompt holds (`chunk` prompt
@@ -510,13 +552,15 @@ mod tests {
         // Each thread's blocks of scores count: the numbers below are for 2.
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         pool.install(|| {
-            assert!(check_run(&ckpt, 1, 5003, Recording::Nothing, limit, "").is_err());
+            assert!(check_run(&ckpt, (1, 5003), Recording::Nothing, Backend::Cpu.into(), limit, "").is_err());
             assert!(check_generate(&ckpt, (1, 3), 0, 5000, false, Recording::Nothing, limit).is_ok());
             // The cache still grows with the positions.
             assert!(check_generate(&ckpt, (1, 3), 0, 50_000, false, Recording::Nothing, limit).is_err());
             // Sizes whose products pass u64 (a dump's `input_ids` of 2^40 positions) are refused,
             // not wrapped into a small estimate.
-            assert!(check_run(&ckpt, 1, 1 << 40, Recording::ALL, Some(u64::MAX - 1), "").is_err());
+            assert!(
+                check_run(&ckpt, (1, 1 << 40), Recording::ALL, Backend::Cpu.into(), Some(u64::MAX - 1), "").is_err()
+            );
         });
         let (plain, mtp) = (ckpt.config.cache_values_per_token(false).0, ckpt.config.cache_values_per_token(true).0);
         let c = &ckpt.config;

@@ -188,7 +188,8 @@ fn run_on_device(
     max: Option<u64>,
 ) -> Result<ExitCode> {
     let recording = memory::Recording::to(out, &selector, ckpt.config.num_hidden_layers);
-    memory::check_run(ckpt, tokens.batch, tokens.seq, recording, max, "fewer tokens, or the CPU with --stream")?;
+    let hint = "fewer tokens, or the CPU with --stream";
+    memory::check_run(ckpt, (tokens.batch, tokens.seq), recording, device, max, hint)?;
     let model = Model::load(ckpt)?;
     let mut watch = NonFiniteWatch::default();
     let logits = match out {

@@ -29,7 +29,7 @@ pub enum Scope {
 /// Prints one line per check; returns whether all passed. Each golden case is refused before it
 /// loads when its run would hold more than `max` (`--max-memory`; default: available memory).
 pub fn run(golden_root: &Path, target: Target, scope: Scope, max: Option<u64>) -> Result<bool> {
-    let cases = |device: &mut dyn FnMut(&Path, &Model, &Dump) -> Result<bool>| cases(golden_root, max, device);
+    let cases = |device: &mut dyn FnMut(&Path, &Model, &Dump) -> Result<bool>| cases(golden_root, target, max, device);
     match (target.backend, scope) {
         (Backend::Cpu | Backend::CpuOps, Scope::Kernels) => {
             Err(Error::Usage("--kernels-only needs --device cuda or cuda-emu".into()))
@@ -43,9 +43,10 @@ pub fn run(golden_root: &Path, target: Target, scope: Scope, max: Option<u64>) -
 }
 
 /// Every golden case on the CPU (normal and isolated, with the MTP head), then `device`'s checks
-/// of the case.
+/// of the case (on `target`, whose host copies the memory check counts).
 fn cases(
     golden_root: &Path,
+    target: Target,
     max: Option<u64>,
     device: &mut dyn FnMut(&Path, &Model, &Dump) -> Result<bool>,
 ) -> Result<bool> {
@@ -69,9 +70,9 @@ fn cases(
         let tokens = golden.tokens()?;
         crate::memory::check_run(
             &ckpt,
-            tokens.batch,
-            tokens.seq,
+            (tokens.batch, tokens.seq),
             crate::memory::Recording::Nothing,
+            target,
             max,
             "a machine with more memory",
         )

@@ -718,9 +718,9 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     }
     crate::memory::check_run(
         &ckpt,
-        tokens.batch,
-        tokens.seq,
+        (tokens.batch, tokens.seq),
         crate::memory::Recording::of(&Selector::default(), ckpt.config.num_hidden_layers),
+        target,
         max_memory,
         "fewer tokens",
     )?;

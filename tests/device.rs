@@ -8,6 +8,7 @@ use std::path::Path;
 use glimpse::checkpoint::Checkpoint;
 use glimpse::device::cpu::CpuOps;
 use glimpse::device::forward::DeviceModel;
+use glimpse::device::Backend;
 use glimpse::dump::Dump;
 use glimpse::model::Model;
 
@@ -182,26 +183,69 @@ fn both_forward_passes_take_an_isolated_input_from_the_observer() {
 /// the CPU path's does: a budget between the two estimates refuses both paths alike.
 #[test]
 fn verify_on_a_device_counts_the_mtp_heads_layer_in_its_memory_check() {
-    use glimpse::memory::{estimate, Passes, Recording};
+    use glimpse::memory::{estimate_on, Recording};
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/mtp");
     let ckpt = Checkpoint::open(&dir).unwrap();
     let tokens = Dump::open(&dir.join("reference.safetensors")).unwrap().tokens().unwrap();
     let n = ckpt.config.num_hidden_layers;
     let size = (tokens.batch, tokens.seq);
-    let total = |last: usize| estimate(&ckpt, size, &(0..=last), false, Recording::Nothing, Passes::Many).total();
-    let (main, with_head) = (total(n - 1), total(n));
-    assert!(with_head > main, "the head's layer weighs something: {main} vs {with_head}");
-    let between = ((main + with_head) / 2).to_string();
     let m = dir.to_str().unwrap();
-    for device in ["cpu-ops", "cpu"] {
+    for (device, backend) in [("cpu-ops", Backend::CpuOps), ("cpu", Backend::Cpu)] {
+        let total = |last: usize| estimate_on(backend.into(), &ckpt, size, &(0..=last), Recording::Nothing).total();
+        let (main, with_head) = (total(n - 1), total(n));
+        assert!(with_head > main, "the head's layer weighs something: {main} vs {with_head}");
+        let between = ((main + with_head) / 2).to_string();
         let (code, text) =
             common::code_and_text(&["--max-memory", &between, "verify", "--model", m, "--device", device]);
         assert_eq!(code, 2, "{device}: {text}");
         assert!(text.contains("but --max-memory is"), "{device}: {text}");
+        let enough = (with_head + with_head / 4).to_string();
+        let (code, text) =
+            common::code_and_text(&["--max-memory", &enough, "verify", "--model", m, "--device", device]);
+        assert_eq!(code, 0, "{device}: {text}");
     }
-    let enough = (with_head + with_head / 4).to_string();
-    let (code, text) = common::code_and_text(&["--max-memory", &enough, "verify", "--model", m, "--device", "cpu-ops"]);
-    assert_eq!(code, 0, "{text}");
+}
+
+/// `cpu-ops` widens every weight of the main model to f32 beside the CPU model's (which keeps
+/// them as loaded): its memory check counts those copies, 4 bytes a weight by the checkpoint's
+/// own shapes, so a budget the CPU's run fits in can refuse it (measured: 7.85 GB estimated
+/// against a 7.82 GB peak for 128 tokens of a 2-layer GLM-5-shaped bf16 checkpoint, where the
+/// CPU's 2.98 GB was all it counted before).
+#[test]
+fn cpu_ops_counts_its_f32_copies_of_the_weights() {
+    use glimpse::memory::{estimate_on, Recording};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let n = ckpt.config.num_hidden_layers;
+    // Every weight of the main model, from the safetensors header.
+    let weights: u64 = ckpt
+        .names()
+        .filter(|name| glimpse::layout::layer_of(name).is_none_or(|i| i < n) && !name.ends_with("_scale_inv"))
+        .map(|name| ckpt.shape(name).unwrap().iter().product::<usize>() as u64)
+        .sum();
+    let estimate = |backend: Backend| estimate_on(backend.into(), &ckpt, (1, 8), &(0..=n - 1), Recording::Nothing);
+    let (cpu, ops) = (estimate(Backend::Cpu), estimate(Backend::CpuOps));
+    assert!(ops.weights >= 4 * weights, "{} bytes for {weights} weights", ops.weights);
+    assert!(ops.total() > cpu.total() + 2 * weights, "cpu {cpu:?}, cpu-ops {ops:?}");
+    let between = (cpu.total() + 2 * weights).to_string();
+    let m = dir.to_str().unwrap();
+    let run = |device| {
+        common::code_and_text(&[
+            "--max-memory",
+            &between,
+            "run",
+            "--model",
+            m,
+            "--tokens",
+            "1,2,3,4,5,6,7,8",
+            "--device",
+            device,
+        ])
+    };
+    assert_eq!(run("cpu").0, 0, "{:?}", run("cpu"));
+    let (code, text) = run("cpu-ops");
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("but --max-memory is"), "{text}");
 }
 
 /// Records the hook points a pass reports.

@@ -103,8 +103,8 @@ pub fn collect_with_other(
         if let Some((_, largest)) = all.max_by_key(|(_, t)| t.ids.len()) {
             // (With --mtp, the head's layer too, as `run --mtp` counts it.)
             let layers = 0..=c.config.num_hidden_layers - 1 + usize::from(live && mtp);
-            use crate::memory::{estimate, Passes, Recording};
-            let est = estimate(c, (largest.batch, largest.seq), &layers, false, Recording::Nothing, Passes::Many);
+            let dims = (largest.batch, largest.seq);
+            let est = crate::memory::estimate_on(target, c, dims, &layers, crate::memory::Recording::Nothing);
             crate::memory::check(&est, max_memory, "shorter prompts")?;
         }
         for (path, tokens) in [(prompts.map(|p| p.0), &prompt_tokens), (other, &other_tokens)] {
