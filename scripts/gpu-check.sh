@@ -5,7 +5,7 @@
 #
 #   scripts/gpu-check.sh [GLIMPSE=gpu-bin/glimpse, else target/release/glimpse]
 #
-# Environment: DEVICE (cuda), TOKENS (2048), EXPERTS (32), VOCAB (the preset's), PEAK_TFLOPS
+# Environment: DEVICE (cuda), MAX_MEMORY (100G: the VM's memory may grow after start), TOKENS (2048), EXPERTS (32), VOCAB (the preset's), PEAK_TFLOPS
 # (989), BUDGET_S (350: the issue asks for under 6 minutes; every step's limit fits inside it),
 # SYNTH (the benchmark checkpoint's synth arguments, `--preset glm5 --layers 2 --experts
 # $EXPERTS`), PYTHON (python3) and TORCH_DEVICE (cuda) for the transformers side. Logs go to $OUT
@@ -36,19 +36,32 @@ if [ ! -x "$glimpse" ]; then
   echo "no glimpse binary at $glimpse (build it with scripts/gpu-prepare.sh)" >&2
   exit 2
 fi
+# The binary was linked here: a system library it needs that this machine lacks is named now.
+missing=$(ldd "$glimpse" 2>/dev/null | grep 'not found')
+[ -n "$missing" ] && echo "$glimpse needs libraries this machine lacks: $missing"
 # NVRTC and cuBLAS are loaded at run time: put the first folder holding each on the loader's path
-# (CUDA's own folders first, then the wheels of the python here, e.g. torch's nvidia-* packages).
+# (CUDA's own folders first, then the wheels of the python here, e.g. torch's nvidia-* packages,
+# user site included), CUDA 13's libraries first, else 12's (every symbol used is in both; the
+# selftest's first line names the versions loaded).
 lib_dirs="/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu \
-  $("${PYTHON:-python3}" -c 'import site; print(" ".join(p + "/nvidia/cu13/lib " + p + "/nvidia/cublas/lib " + p + "/nvidia/cuda_nvrtc/lib" for p in site.getsitepackages()))' 2>/dev/null)"
+  $("${PYTHON:-python3}" -c 'import site; print(" ".join(p + "/nvidia/cu13/lib " + p + "/nvidia/cublas/lib " + p + "/nvidia/cuda_nvrtc/lib" for p in site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null)"
 for lib in libnvrtc.so libcublas.so; do
-  for d in $lib_dirs; do
-    if ls "$d/$lib".13* >/dev/null 2>&1; then
-      case ":${LD_LIBRARY_PATH:-}:" in *":$d:"*) ;; *) export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;; esac
-      echo "$lib: $(cd "$d" && ls "$lib".13* | tr '\n' ' ')in $d"
-      break
-    fi
+  found=""
+  for major in 13 12; do
+    for d in $lib_dirs; do
+      if ls "$d/$lib.$major"* >/dev/null 2>&1; then
+        case ":${LD_LIBRARY_PATH:-}:" in *":$d:"*) ;; *) export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;; esac
+        echo "$lib: $(cd "$d" && ls "$lib.$major"* | tr '\n' ' ')in $d"
+        found=1
+        break 2
+      fi
+    done
   done
+  [ -n "$found" ] || echo "$lib: no CUDA 13 or 12 copy in $lib_dirs (the loader's own search decides)"
 done
+# The memory check before a run counts what the host holds; this VM's memory may grow after it
+# starts (available memory reads low at first), so the steps give it the machine's size instead.
+max_memory=${MAX_MEMORY:-100G}
 # The source the binary was built from (gpu-prepare.sh writes it beside the binary).
 built_from=$(cat "$(dirname "$glimpse")/COMMIT" 2>/dev/null || echo "unknown source (no COMMIT beside the binary)")
 echo "$glimpse: $built_from"
@@ -82,7 +95,7 @@ step() {
 
 # CUDA_LAUNCH_BLOCKING: a kernel that faults is reported by its own launch, not by whatever
 # synchronises next (the selftest times nothing, so serialising costs it little).
-CUDA_LAUNCH_BLOCKING=1 step selftest 150 "$glimpse" selftest --device "$device"
+CUDA_LAUNCH_BLOCKING=1 step selftest 150 "$glimpse" --max-memory "$max_memory" selftest --device "$device"
 rc=$?
 out=$(cat "$logs/selftest.log")
 echo
@@ -99,14 +112,15 @@ ckpt=${TMPDIR:-/tmp}/glimpse-gpu-$(echo "$synth_args${VOCAB:+ v$VOCAB}" | tr -cs
 t0=$(date +%s)
 if [ ! -e "$ckpt/config.json" ]; then
   # shellcheck disable=SC2086 # the synth arguments are words
-  step synth 60 "$glimpse" synth $synth_args ${VOCAB:+--vocab "$VOCAB"} --dtype bf16 --out "$ckpt" || rc=1
+  step synth 120 "$glimpse" synth $synth_args ${VOCAB:+--vocab "$VOCAB"} --dtype bf16 --out "$ckpt" ||
+    { rc=1; rm -rf "$ckpt"; }
 fi
 echo "synth: $(( $(date +%s) - t0 )) s"
 peak=${PEAK_TFLOPS:-989}
 declare -A median median_last tflops expert_tflops mem
 for precision in bf16 f32; do
   [ -e "$ckpt/config.json" ] || break
-  step "bench-$precision" 90 "$glimpse" bench --device "$device" --precision "$precision" --model "$ckpt" \
+  step "bench-$precision" 90 "$glimpse" --max-memory "$max_memory" bench --device "$device" --precision "$precision" --model "$ckpt" \
     --tokens "$tokens" --repeat 3
   brc=$?
   [ $brc -eq 0 ] || { echo "bench ($precision) exit code $brc"; rc=1; }
@@ -122,7 +136,7 @@ for precision in bf16 f32; do
   left=$(( deadline - $(date +%s) - 5 ))
   if [ $brc -ne 0 ] && [ $brc -ne 124 ] && [ $brc -ne 137 ] && [ $left -gt 10 ]; then
     echo "bench ($precision) again with CUDA_LAUNCH_BLOCKING=1, to name the failing op:" | tee -a "$logs/bench-$precision.log"
-    CUDA_LAUNCH_BLOCKING=1 timeout --kill-after=5 $(( left < 60 ? left : 60 )) "$glimpse" bench --device "$device" \
+    CUDA_LAUNCH_BLOCKING=1 timeout --kill-after=5 $(( left < 60 ? left : 60 )) "$glimpse" --max-memory "$max_memory" bench --device "$device" \
       --precision "$precision" --model "$ckpt" --tokens "$tokens" --repeat 1 2>&1 | tail -n 5 | tee -a "$logs/bench-$precision.log"
   fi
 done

@@ -26,6 +26,9 @@ pub struct Gpu {
     /// How buffers are allocated, as `bench` reports it: a free that synchronises the device
     /// would serialise the forward pass, so a run's timing depends on it.
     pub allocation: String,
+    /// The CUDA versions of the driver and of the NVRTC the loader found (cudarc tries several
+    /// library names): machine code from an NVRTC newer than the driver does not load.
+    pub versions: String,
     engine: Engine,
 }
 
@@ -241,11 +244,12 @@ impl Gpu {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(driver("read the shared memory limit"))?;
         let mut shared_limit = usize::try_from(optin).unwrap_or(0).saturating_sub(STATIC_SHARED);
+        let versions = versions();
         let mut functions = HashMap::new();
         for (file, compiled) in compile_all(&arch)? {
-            let module = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin))
-                .map_err(|e| Error::Device(format!("{file}.cu: cannot load its machine code for {arch}: {e:?}")))?;
+            let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin)).map_err(|e| {
+                Error::Device(format!("{file}.cu: cannot load its machine code for {arch} ({versions}): {e:?}"))
+            })?;
             let names = KERNELS.iter().find(|(f, _, _)| *f == file).map(|(_, _, n)| *n).unwrap_or(&[]);
             for &kernel in names {
                 let f =
@@ -260,7 +264,7 @@ impl Gpu {
             }
         }
         let engine = Engine::Cuda { stream: ctx.default_stream(), ctx, functions };
-        Ok(Gpu { name, arch, shared_limit, allocation, engine })
+        Ok(Gpu { name, arch, shared_limit, allocation, versions, engine })
     }
 
     /// The device, its architecture, the shared memory a block may take and how memory is
@@ -268,7 +272,10 @@ impl Gpu {
     /// device that refused the opt-in keeps 48 KB, and long rows' top-k take slower paths).
     pub fn summary(&self) -> String {
         let kb = (self.shared_limit + STATIC_SHARED) / 1024;
-        format!("{} ({}; {kb} KB of shared memory a block; memory: {})", self.name, self.arch, self.allocation)
+        format!(
+            "{} ({}; {kb} KB of shared memory a block; memory: {}; {})",
+            self.name, self.arch, self.allocation, self.versions
+        )
     }
 
     /// The host emulation (`cuda::emu`): needs no driver, NVRTC or GPU.
@@ -286,6 +293,7 @@ impl Gpu {
             arch: "host".into(),
             shared_limit: EMULATED_SHARED,
             allocation: "host vectors".into(),
+            versions: "no driver or NVRTC".into(),
             engine: Engine::Emulated(schedule),
         }
     }
@@ -727,4 +735,18 @@ impl Gpu {
             Engine::Emulated(_) => Ok(()),
         }
     }
+}
+
+/// `driver CUDA 12.8, NVRTC 13.0`: what the loaded libraries say of themselves.
+fn versions() -> String {
+    let (mut driver, mut major, mut minor) = (0, 0, 0);
+    // SAFETY: each call writes only the integers it is given, which outlive it; `probe` found
+    // both libraries before this runs.
+    let driver_ok =
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) } == cudarc::driver::sys::CUresult::CUDA_SUCCESS;
+    let nvrtc_ok = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+        == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS;
+    let driver = if driver_ok { format!("{}.{}", driver / 1000, driver % 1000 / 10) } else { "?".into() };
+    let nvrtc = if nvrtc_ok { format!("{major}.{minor}") } else { "?".into() };
+    format!("driver CUDA {driver}, NVRTC {nvrtc}")
 }
