@@ -220,13 +220,39 @@ pub fn parse(
         return Err(format!("the header names tensor `{dup}` twice"));
     }
     let (n, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
+        use safetensors::SafeTensorError as E;
         // The crate's message does not say which tensor: name it where we can.
         let which = header.and_then(mismatched_tensor).map(|m| format!(" ({m})")).unwrap_or_default();
-        format!("not a valid safetensors file: {e}{which}")
+        // And some of its words need the format's rule beside them.
+        let rule = match &e {
+            E::MetadataIncompleteBuffer => match header.and_then(|h| data_end(h).map(|end| (h.len(), end))) {
+                Some((len, end)) => {
+                    let held = bytes.len().saturating_sub(8 + len);
+                    let why = if held < end { "cut short" } else { "bytes past the last tensor" };
+                    format!(": its tensors' data is {end} bytes, the file holds {held} after the header ({why})")
+                }
+                None => String::new(),
+            },
+            E::InvalidHeaderDeserialization(_) => {
+                " (the header must be JSON: tensors, and `__metadata__` of strings)".to_string()
+            }
+            E::InvalidOffset(_) if which.is_empty() => ": its data does not start where the tensor before it ends \
+                 (a safetensors file's tensors lie back to back from offset 0, with no gap or overlap)"
+                .to_string(),
+            _ => String::new(),
+        };
+        format!("not a valid safetensors file: {e}{rule}{which}")
     })?;
     let tensors = meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
     let metadata = meta.metadata().clone().unwrap_or_default();
     Ok((8 + n, tensors, metadata))
+}
+
+/// Where a header's tensors' data ends (the largest end offset), when the header is JSON.
+fn data_end(header: &[u8]) -> Option<usize> {
+    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
+    let ends = v.iter().filter(|(k, _)| *k != "__metadata__");
+    Some(ends.filter_map(|(_, t)| t.get("data_offsets")?.get(1)?.as_u64()).max().unwrap_or(0) as usize)
 }
 
 /// The first tensor of a header whose byte range does not hold its dtype and shape, described.
@@ -433,6 +459,10 @@ pub fn header_bytes(
     let mut sizes = Vec::with_capacity(layout.len());
     for (name, dtype, shape) in layout {
         let bytes = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+        // (A map keeps one entry of a name, whose offsets would not cover the data written.)
+        if header.contains_key(name) {
+            return Err(Error::checkpoint(path, format!("tensor `{name}` is written twice")));
+        }
         header.insert(
             name.clone(),
             serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes] }),

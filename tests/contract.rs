@@ -67,6 +67,50 @@ fn an_extra_tensor_of_another_dtype_is_listed_not_refused() {
     assert_eq!(code_and_text(&["audit", "--dump", &s(&ours)]).0, 0);
 }
 
+/// glimpse's extra names are not the spec's: another tool's tensor under one of them, in a dtype
+/// or rank glimpse never writes it in (its own `moe.margin` of [B, S], a bool flag, integer
+/// norms), is listed and left unread, not refused, compared as glimpse's, or taken for its
+/// margins.
+#[test]
+fn another_tools_tensor_under_one_of_glimpses_names_is_not_read_as_glimpses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = |dtype, shape: Vec<usize>, size| {
+        let n: usize = shape.iter().product();
+        Entry { dtype, shape, data: vec![0; n * size] }
+    };
+    use safetensors::Dtype::{BOOL, F32, I32, I64};
+    let extra: Vec<(String, Entry)> = vec![
+        ("layers.2.moe.bias_changed".into(), bytes(BOOL, vec![32], 1)),
+        ("layers.3.moe.bias_changed".into(), bytes(F32, vec![32], 4)),
+        ("layers.2.moe.margin".into(), Entry::f32(vec![1, 32], &[0.3; 32])),
+        ("layers.0.attn.kv_norm".into(), bytes(I32, vec![1, 32], 4)),
+        ("layers.0.dsa.scores".into(), bytes(I64, vec![1, 32, 32], 8)),
+        ("layers.0.dsa.margin".into(), Entry::f32(vec![32], &[0.3; 32])),
+        ("mtp.logits".into(), Entry::f32(vec![1, 31], &[0.0; 31])),
+    ];
+    let names: Vec<String> = extra.iter().map(|(n, _)| n.clone()).collect();
+    // (In place of the reference's own, where it has them: its `dsa.scores`.)
+    let others = |n: &str, v, shape| (!names.iter().any(|x| x == n)).then(|| as_is(n, v, shape)).flatten();
+    let ours = rewrite(&reference(), &tmp.path().join("ours.st"), others, extra, |_| {});
+    let d = Dump::open(&ours).unwrap();
+    for n in &names {
+        assert!(!d.contains(n) && !d.names().contains(n), "{n} is read");
+    }
+    let (code, out) = code_and_text(&["diff", &s(&ours), &s(&reference())]);
+    assert_eq!(code, 0, "{out}");
+    for n in &names {
+        let line = out.lines().find(|l| l.starts_with("not read in") && l.contains(&format!(": {n} ")));
+        assert!(line.is_some_and(|l| l.contains("another tool's tensor under its name")), "{n} in\n{out}");
+    }
+    let (code, out) = code_and_text(&["diff", &s(&ours), &s(&reference()), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
+    assert_eq!((code, v["unread_in_a"].as_array().map(Vec::len)), (0, Some(names.len())), "{out}");
+    // As the reference, and as what the TUI and the audit read.
+    let (code, out) = code_and_text(&["verify", "--model", &s(&golden("flat")), "--golden", &s(&ours)]);
+    assert!(code == 0 && out.contains("layers.2.moe.margin") && out.contains("not read"), "{out}");
+    assert_eq!(code_and_text(&["audit", "--dump", &s(&ours)]).0, 0);
+}
+
 /// Routing weights of dumps that do not both hold the expert ids are compared row by row as
 /// sorted values: a correct port that lists a token's experts in another order matches (slot by
 /// slot it read "68/128 outside tol"), and a wrong weight still does not.

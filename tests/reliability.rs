@@ -127,6 +127,38 @@ fn malformed_files_and_arguments_are_one_line_errors() {
             }),
             "names tensor `x` twice",
         ),
+        (
+            "data-cut-short",
+            Box::new(|p| {
+                let h = r#"{"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#;
+                raw_safetensors(p, h.len() as u64, h, &[0; 8])
+            }),
+            "its tensors' data is 16 bytes, the file holds 8 after the header (cut short)",
+        ),
+        (
+            "bytes-past-the-data",
+            Box::new(|p| {
+                let h = r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+                raw_safetensors(p, h.len() as u64, h, &[0; 16])
+            }),
+            "the file holds 16 after the header (bytes past the last tensor)",
+        ),
+        (
+            "gap-between-tensors",
+            Box::new(|p| {
+                let h = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[16,24]}}"#;
+                raw_safetensors(p, h.len() as u64, h, &[0; 24])
+            }),
+            "tensor `b`: its data does not start where the tensor before it ends",
+        ),
+        (
+            "metadata-not-strings",
+            Box::new(|p| {
+                let h = r#"{"__metadata__":{"n":3},"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+                raw_safetensors(p, h.len() as u64, h, &[0; 8])
+            }),
+            "`__metadata__` of strings",
+        ),
         ("empty-file", Box::new(|p| std::fs::write(p, b"").unwrap()), "not a valid safetensors"),
     ];
     let mut cases: Vec<(Vec<String>, String)> = Vec::new();

@@ -96,8 +96,8 @@ pub struct DiffReport {
     pub non_finite_b: Option<NonFinite>,
     pub only_a: Vec<String>,
     pub only_b: Vec<String>,
-    /// Each dump's tensors left unread for their dtype, with it ([`Dump::unread`]).
-    pub unread: [Vec<(String, String)>; 2],
+    /// Each dump's tensors left unread, and why ([`Dump::unread`]).
+    pub unread: [Vec<crate::dump::Unread>; 2],
     pub near_tie: f64,
     /// The tolerance the floats were compared at, and the `--tol` overrides by name pattern.
     pub tol: Tolerance,
@@ -550,9 +550,8 @@ impl DiffReport {
             }
         }
         for (side, unread) in [(a, &self.unread[0]), (b, &self.unread[1])] {
-            for (n, dtype) in unread {
-                out +=
-                    &format!("not read in {}: {n} ({dtype}, not a dtype of the spec's hook points)\n", side.display());
+            for u in unread {
+                out += &format!("not read in {}: {} ({}, {})\n", side.display(), u.name, u.dtype, u.why);
             }
         }
         for note in self.bf16_notes() {

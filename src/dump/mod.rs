@@ -21,9 +21,19 @@ pub const FORMAT: &str = "glm5-dump/1";
 pub struct Dump {
     pub path: PathBuf,
     file: StFile,
-    /// Tensors under names outside the spec's hook points whose dtype a dump's values do not
-    /// take (a bool mask a tool added): left unread, with their dtype, and out of [`Dump::names`].
-    unread: Vec<(String, String)>,
+    /// Tensors another tool added that glimpse does not read: under names outside the spec's hook
+    /// points, of a dtype a dump's values do not take (a bool mask), or under one of glimpse's
+    /// own extra names in a dtype or rank glimpse never writes it in (another tool's `moe.margin`
+    /// of its own making). Out of [`Dump::names`].
+    unread: Vec<Unread>,
+}
+
+/// A tensor [`Dump::open`] left unread, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unread {
+    pub name: String,
+    pub dtype: String,
+    pub why: String,
 }
 
 /// A tensor read from a dump: floats as f32, selections as i64.
@@ -65,10 +75,18 @@ impl Dump {
             let Some(info) = file.info(name) else { continue };
             let (float, int) = (st::FLOATS.contains(&info.dtype), st::INTS.contains(&info.dtype));
             let hook = HookPoint::parse(name);
+            let dtype = format!("{:?}", info.dtype);
+            // glimpse's extra names are not the spec's: another tool may use one for a tensor of
+            // its own (the spec allows any extra), which is listed, not read as glimpse's.
+            if let Some(why) = hook.filter(|h| !h.in_spec()).and_then(|h| foreign(h, (float, int), info.shape.len())) {
+                unread.push(Unread { name: name.to_string(), dtype, why });
+                continue;
+            }
             let problem = match hook {
                 // Another tool's extra tensor (the spec allows them) is listed, not read.
                 None if !float && !int => {
-                    unread.push((name.to_string(), format!("{:?}", info.dtype)));
+                    let why = "not a dtype of the spec's hook points".to_string();
+                    unread.push(Unread { name: name.to_string(), dtype, why });
                     continue;
                 }
                 _ if !float && !int => format!(
@@ -141,20 +159,21 @@ impl Dump {
         })
     }
 
-    /// Tensors left unread for their dtype, with it (a tool's extra bool mask): see `unread`.
-    pub fn unread(&self) -> &[(String, String)] {
+    /// Tensors left unread (a tool's extra bool mask, or its tensor under a name glimpse uses for
+    /// another): see `unread`.
+    pub fn unread(&self) -> &[Unread] {
         &self.unread
     }
 
-    /// [`Dump::unread`]'s list (or a report's copy of it) as JSON: `[{"name", "dtype"}]`.
-    pub fn unread_json(unread: &[(String, String)]) -> serde_json::Value {
-        unread.iter().map(|(name, dtype)| serde_json::json!({"name": name, "dtype": dtype})).collect()
+    /// [`Dump::unread`]'s list (or a report's copy of it) as JSON: `[{"name", "dtype", "why"}]`.
+    pub fn unread_json(unread: &[Unread]) -> serde_json::Value {
+        unread.iter().map(|u| serde_json::json!({"name": u.name, "dtype": u.dtype, "why": u.why})).collect()
     }
 
     /// Tensor names (but those [`Dump::unread`]), in forward order for hook points, then the
     /// rest alphabetically.
     pub fn names(&self) -> Vec<String> {
-        let unread = |n: &&str| self.unread.iter().any(|(u, _)| u == n);
+        let unread = |n: &&str| self.unread.iter().any(|u| u.name == *n);
         let mut names: Vec<String> = self.file.names().filter(|n| !unread(n)).map(String::from).collect();
         names.sort_by(|a, b| match (HookPoint::parse(a), HookPoint::parse(b)) {
             (Some(x), Some(y)) => x.cmp(&y),
@@ -166,11 +185,16 @@ impl Dump {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.file.info(name).is_some()
+        self.info(name).is_some()
+    }
+
+    /// A tensor's header entry, None for one [`Dump::unread`] lists (as if it were not there).
+    fn info(&self, name: &str) -> Option<&safetensors::tensor::TensorInfo> {
+        self.file.info(name).filter(|_| !self.unread.iter().any(|u| u.name == name))
     }
 
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.file.info(name).map(|i| i.shape.clone())
+        self.info(name).map(|i| i.shape.clone())
     }
 
     /// The routed-expert count this dump records for the routing `selection` (a
@@ -186,7 +210,7 @@ impl Dump {
     }
 
     pub fn values(&self, name: &str) -> Result<(Values, Vec<usize>)> {
-        let shape = self.file.info(name).map(|i| i.shape.clone()).unwrap_or_default();
+        let shape = self.info(name).map(|i| i.shape.clone()).unwrap_or_default();
         Ok((self.read(name, None)?, shape))
     }
 
@@ -199,7 +223,7 @@ impl Dump {
 
     /// The tensor `name`, or its rows `(start, count)`.
     fn read(&self, name: &str, rows: Option<(usize, usize)>) -> Result<Values> {
-        let info = self.file.info(name).ok_or_else(|| Error::dump(&self.path, format!("no tensor `{name}`")))?;
+        let info = self.info(name).ok_or_else(|| Error::dump(&self.path, format!("no tensor `{name}`")))?;
         // The reader's errors name the file already.
         let wrap = |e: Error| match e {
             Error::Checkpoint { msg, .. } => Error::dump(&self.path, msg),
@@ -301,6 +325,27 @@ impl Dump {
 
 /// The spec's index tensors: `input_ids` and the selections, `layers.{i}.dsa.topk` and
 /// `layers.{i}.moe.topk_ids`.
+/// Why a tensor under glimpse's extra hook point `h` (one outside the spec), of floats or
+/// integers or neither, of `rank` dimensions, is not glimpse's: None where it is as glimpse
+/// writes it.
+fn foreign(h: HookPoint, (float, int): (bool, bool), rank: usize) -> Option<String> {
+    use LayerHook::*;
+    let (wants_float, wants_rank) = match h {
+        HookPoint::Layer(_, BiasChanged) => (false, 1),
+        HookPoint::Layer(_, RouterMargin) => (true, 1),
+        HookPoint::Layer(_, RouterScores | RouterBiasedScores) => (true, 2),
+        HookPoint::Layer(_, KvNormPre | KvNorm | KRopeNorm | DsaMargin) => (true, 2),
+        _ => (true, 3),
+    };
+    let kind = if wants_float { "floats" } else { "integers" };
+    (!(float || int) || float != wants_float || rank != wants_rank).then(|| {
+        format!(
+            "glimpse's own {} holds {kind} of {wants_rank} dimensions: another tool's tensor under its name",
+            h.name()
+        )
+    })
+}
+
 pub fn is_index_tensor(name: &str) -> bool {
     name == "input_ids" || name.ends_with(".dsa.topk") || name.ends_with(".moe.topk_ids")
 }

@@ -205,7 +205,7 @@ impl Verifier<'_> {
             (Some(_), None) => false,
         };
         Report {
-            unread: self.golden.unread().iter().filter(|(n, _)| in_window(n)).cloned().collect(),
+            unread: self.golden.unread().iter().filter(|u| in_window(&u.name)).cloned().collect(),
             results: self.results,
             non_finite: self.non_finite,
             only_in_reference,
@@ -341,8 +341,8 @@ pub struct Report {
     /// The spec's hook points this run produces that the reference does not hold: a partial
     /// reference checks the rest only.
     pub unchecked: Vec<String>,
-    /// The reference's tensors left unread for their dtype (a tool's extras), with it.
-    pub unread: Vec<(String, String)>,
+    /// The reference's tensors left unread (a tool's extras), and why.
+    pub unread: Vec<crate::dump::Unread>,
     pub isolate: bool,
     /// The reference's decisions this run took instead of its own.
     pub replay: Replay,

@@ -84,11 +84,8 @@ pub fn print_report(r: &Report, tol: Tolerance, near_tie: f64) {
     for n in &r.only_in_reference {
         println!("{n:<34} {:<8} only in the reference (not produced by this run)", "skipped");
     }
-    for (n, dtype) in &r.unread {
-        println!(
-            "{n:<34} {:<8} only in the reference, not read ({dtype}, not a dtype of the spec's hook points)",
-            "skipped"
-        );
+    for u in &r.unread {
+        println!("{:<34} {:<8} only in the reference, not read ({}, {})", u.name, "skipped", u.dtype, u.why);
     }
     if let Some(line) = unchecked_line(&r.unchecked) {
         println!("{line}");
