@@ -111,6 +111,39 @@ fn another_tools_tensor_under_one_of_glimpses_names_is_not_read_as_glimpses() {
     assert_eq!(code_and_text(&["audit", "--dump", &s(&ours)]).0, 0);
 }
 
+/// A dump stored in F16 (the spec lets a producer store its floats in lower precision) compared
+/// at the default rtol gets a note that f16's rounding alone exceeds it, computed here from the
+/// format (half of 2^-10); at an rtol past it, or for the f32 reference, none.
+#[test]
+fn a_dump_of_f16_values_gets_a_note_on_f16_rounding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let to_f16 = |_: &str, v: Values, shape: Vec<usize>| {
+        Some(match v {
+            Values::F32(x) => Entry {
+                dtype: safetensors::Dtype::F16,
+                shape,
+                data: x.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+            },
+            Values::I64(x) => Entry::i64(shape, &x),
+        })
+    };
+    let ours = rewrite(&reference(), &tmp.path().join("f16.st"), to_f16, vec![], |_| {});
+    let rounding = 0.5 * 2f64.powi(-10);
+    let (code, out) = code_and_text(&["diff", &s(&ours), &s(&reference())]);
+    assert_eq!(code, 1, "f16 rounding is past the default tolerance:\n{out}");
+    let note = format!("note: ours holds f16 values only (every float is an f16): rounding to f16 alone moves a value by up to {rounding:.1e} of it, more than --rtol 1e-4 allows");
+    assert!(out.contains(&note), "{note}\nin\n{out}");
+    assert!(!out.contains("the reference holds f16"), "{out}");
+    let (_, out) = code_and_text(&["diff", &s(&ours), &s(&reference()), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
+    assert_eq!(v["f16_only"], serde_json::json!({"a": true, "b": false}), "{out}");
+    let (_, out) = code_and_text(&["diff", &s(&ours), &s(&reference()), "--rtol", "1e-3"]);
+    assert!(!out.contains("f16 values only"), "{out}");
+    // As a reference, verify says it of the first float tensor outside the tolerance.
+    let (code, out) = code_and_text(&["verify", "--model", &s(&golden("flat")), "--golden", &s(&ours)]);
+    assert!(code == 1 && out.contains("holds f16 values only: rounding to f16 alone"), "{out}");
+}
+
 /// Routing weights of dumps that do not both hold the expert ids are compared row by row as
 /// sorted values: a correct port that lists a token's experts in another order matches (slot by
 /// slot it read "68/128 outside tol"), and a wrong weight still does not.

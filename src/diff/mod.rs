@@ -114,7 +114,13 @@ pub struct DiffReport {
     /// and the other does not, at a tolerance tighter than bf16's (ours, the reference): a port
     /// that keeps its activations in bf16 and its scores in f32 is bf16 where it first differs.
     pub bf16_first: Option<(String, [bool; 2])>,
+    /// Which dumps hold only f16 values (each float an f16's: the spec lets a producer store F16)
+    /// and not only bf16's, when floats differ at an rtol below f16's rounding ([`F16_ROUNDING`]).
+    pub f16_only: [bool; 2],
 }
+
+/// The most rounding a value to f16 moves it by, relative to it: half of f16's 2^-10 ulp.
+pub const F16_ROUNDING: f64 = 1.0 / 2048.0;
 
 /// What `diff` says of two dumps that share nothing but their tokens.
 const TOKENS_ONLY: &str = "nothing compared but input_ids: the dumps share no hook point";
@@ -240,6 +246,8 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     let mut bf16_first = None;
     let bf16 = crate::device::Precision::Bf16.tolerance();
     let is_bf16 = |v: &Values| matches!(v, Values::F32(v) if v.iter().all(|x| x.to_bits() & 0xFFFF == 0));
+    let mut f16_only = [true; 2];
+    let f16 = |x: &f32| x.is_nan() || half::f16::from_f32(*x).to_f32().to_bits() == x.to_bits();
     // Each compared tensor is scanned for NaN/Inf while it is in memory, not read again for it.
     let (mut seen_a, mut seen_b) = (HashMap::new(), HashMap::new());
     for name in names_b.iter().filter(|n| names_a.contains(n)) {
@@ -275,6 +283,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
                 floats_seen = true;
                 // (Once a side holds a value that is no bf16, its tensors are not scanned again.)
                 bf16_only[side] = bf16_only[side] && is_bf16(v);
+                f16_only[side] = f16_only[side] && matches!(v, Values::F32(v) if v.iter().all(f16));
             }
         }
         let mut c = compare_tensor(name, (&va, &sa), (&vb, &sb), ids, opts.tol_for(name), batch);
@@ -326,6 +335,10 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         notes,
         bf16_only: if loose { [false; 2] } else { bf16_only },
         bf16_first,
+        f16_only: match !floats_seen || !float_off || opts.tol.rtol >= F16_ROUNDING {
+            true => [false; 2],
+            false => [0, 1].map(|side| f16_only[side] && !bf16_only[side]),
+        },
     })
 }
 
@@ -416,8 +429,9 @@ fn rule_break_json(r: crate::compare::RuleBreak) -> Value {
 const ONLY_IN_LISTED: usize = 10;
 
 impl DiffReport {
-    /// What the text's `note:` lines say: dumps of bf16 values compared at a tighter tolerance.
-    pub fn bf16_notes(&self) -> Vec<String> {
+    /// What the text's `note:` lines say: dumps of bf16 values compared at a tighter tolerance,
+    /// and of f16 values at an rtol below f16's rounding.
+    pub fn precision_notes(&self) -> Vec<String> {
         let bf16 = crate::device::Precision::Bf16.tolerance();
         let at = format!("compare at bf16's tolerance, --atol {:e} --rtol {:e}", bf16.atol, bf16.rtol);
         let sides = ["ours", "the reference"];
@@ -427,6 +441,13 @@ impl DiffReport {
             .filter(|(_, only)| *only)
             .map(|(side, _)| format!("{side} holds bf16 values only (every float's low 16 bits are 0): {at}"))
             .collect();
+        for (side, _) in sides.iter().zip(self.f16_only).filter(|(_, only)| *only) {
+            notes.push(format!(
+                "{side} holds f16 values only (every float is an f16): rounding to f16 alone moves a value by up to \
+                 {F16_ROUNDING:.1e} of it, more than --rtol {:e} allows",
+                self.tol.rtol
+            ));
+        }
         if let Some((name, first)) = &self.bf16_first {
             for ((side, first), whole) in sides.iter().zip(first).zip(self.bf16_only) {
                 if *first && !whole {
@@ -450,7 +471,7 @@ impl DiffReport {
             "first_divergence_reading": self.first_divergence().and_then(|c| self.reading(c)),
             "first_divergence_onset": self.notes.onset.map(|o| json!({"matching_positions": o.matching, "reading": o.reading()})),
             "first_divergence_weights_rule": self.notes.weights_reading(),
-            "notes": self.bf16_notes(),
+            "notes": self.precision_notes(),
             "first_non_finite_a": self.non_finite_a.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
             "first_non_finite_b": self.non_finite_b.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
             "near_tie_threshold": self.near_tie,
@@ -460,6 +481,7 @@ impl DiffReport {
             "missing_spec_names_in_a": self.missing_spec_names(),
             "misnamed_in_a": self.misnamed(),
             "bf16_only": {"a": self.bf16_only[0], "b": self.bf16_only[1]},
+            "f16_only": {"a": self.f16_only[0], "b": self.f16_only[1]},
             "bf16_first_divergence": self.bf16_first.as_ref().map(|(name, [a, b])| json!({"name": name, "a": a, "b": b})),
             "only_in_a": self.only_a,
             "only_in_b": self.only_b,
@@ -554,7 +576,7 @@ impl DiffReport {
                 out += &format!("not read in {}: {} ({}, {})\n", side.display(), u.name, u.dtype, u.why);
             }
         }
-        for note in self.bf16_notes() {
+        for note in self.precision_notes() {
             out += &format!("note: {note}\n");
         }
         let bad = self.results.iter().filter(|c| !c.ok).count();

@@ -16,6 +16,7 @@ fn report_of(results: Vec<Comparison>) -> DiffReport {
         notes: Default::default(),
         bf16_only: [false; 2],
         bf16_first: None,
+        f16_only: [false; 2],
     }
 }
 

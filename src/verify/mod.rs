@@ -25,8 +25,7 @@ use crate::model::Model;
 
 mod print;
 pub use print::{
-    attribution, bf16_note, explained, format_line, format_line_as, print_replay, print_report, report_json, show,
-    Explained,
+    attribution, explained, format_line, format_line_as, print_replay, print_report, report_json, show, Explained,
 };
 
 /// Compares each reported tensor against the reference dump on arrival.

@@ -57,13 +57,24 @@ pub fn format_line_as(c: &Comparison, [a, b]: [&str; 2]) -> String {
 
 /// Where the reference's first float tensor outside a tolerance tighter than bf16's holds bf16
 /// values only (a reference run in bf16, where this run computes in f32): the note `diff` gives,
-/// to compare at bf16's tolerance. Reads that one tensor again.
-pub fn bf16_note(golden: &Dump, r: &Report, opts: &VerifyOptions) -> Option<String> {
+/// to compare at bf16's tolerance; or f16 values only, at an rtol below f16's rounding: `diff`'s
+/// note on that. Reads that one tensor again.
+pub fn precision_note(golden: &Dump, r: &Report, opts: &VerifyOptions) -> Option<String> {
     let bf16 = crate::device::Precision::Bf16.tolerance();
     let first = r.results.iter().find(|c| !c.ok && matches!(c.detail, Detail::Float { .. }))?;
     let tol = crate::diff::tol_for(opts.tol, &opts.per_name, &first.name);
     let (Values::F32(v), _) = golden.values(&first.name).ok()? else { return None };
     let only_bf16 = !v.is_empty() && v.iter().all(|x| x.to_bits() & 0xFFFF == 0);
+    let f16 = |x: &f32| x.is_nan() || half::f16::from_f32(*x).to_f32().to_bits() == x.to_bits();
+    let only_f16 = !v.is_empty() && !only_bf16 && v.iter().all(f16);
+    let rounding = crate::diff::F16_ROUNDING;
+    if only_f16 && tol.rtol < rounding {
+        return Some(format!(
+            "note: the reference's {}, the first float tensor outside the tolerance, holds f16 values only: rounding \
+             to f16 alone moves a value by up to {rounding:.1e} of it, more than --rtol {:e} allows",
+            first.name, tol.rtol
+        ));
+    }
     (tol.atol < bf16.atol && only_bf16).then(|| {
         format!(
             "note: the reference's {}, the first float tensor outside the tolerance, holds bf16 values only (a run \
@@ -124,7 +135,7 @@ pub fn show(
     opts: &VerifyOptions,
 ) -> bool {
     let near_tie = opts.near_tie.unwrap_or(opts.tol.near_tie());
-    let note = bf16_note(reference, report, opts);
+    let note = precision_note(reference, report, opts);
     if json {
         let mut v = report_json(report, opts, near_tie, free);
         v["notes"] = serde_json::json!(note.into_iter().collect::<Vec<_>>());
