@@ -139,12 +139,19 @@ impl DumpSource {
         let jumps = crate::layer_error::jumps(&by_layer);
         let comparisons: BTreeMap<String, Comparison> =
             report.map(|r| r.results.into_iter().map(|c| (c.name.clone(), c)).collect()).unwrap_or_default();
+        // Without a config, what a layer is reads from the names either dump holds of it (a dump
+        // of the layers' outputs alone is compared with a reference that holds their routing).
+        let theirs = reference.as_ref().map(Dump::names).unwrap_or_default();
         let layers = part_names(&ours)
             .into_iter()
             .map(|(part, names)| {
-                let has = |suffix: &str| names.iter().any(|n| n.ends_with(suffix));
+                let ours_has = |suffix: &str| names.iter().any(|n| n.ends_with(suffix));
                 let (ffn, indexer) = match part {
                     Part::Layer(i) => {
+                        let prefix = format!("layers.{i}.");
+                        let has = |suffix: &str| {
+                            ours_has(suffix) || theirs.iter().any(|n| n.starts_with(&prefix) && n.ends_with(suffix))
+                        };
                         let ffn = match config.map(|c| (c.mlp_layer_types.get(i), i >= c.num_hidden_layers)) {
                             Some((_, true)) => "mtp",
                             Some((Some(MlpKind::Moe), _)) => "moe",

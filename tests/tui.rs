@@ -692,3 +692,30 @@ fn a_narrow_routing_view_keeps_every_expert_id() {
         }
     }
 }
+
+/// Without a config, a layer's feed-forward and indexer read from the names either dump holds of
+/// it: a dump of the layers' outputs alone, against a reference that holds their routing and
+/// scores, shows the reference's kinds (every layer read `dense ?` from the outputs alone).
+#[test]
+fn a_dump_of_outputs_alone_takes_the_layer_kinds_from_its_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = flat().join("reference.safetensors");
+    let outputs = common::edit_dump(&reference, &tmp.path().join("outputs.st"), |t| {
+        t.retain(|(n, ..)| n == "input_ids" || n == "logits" || n.ends_with(".output"))
+    });
+    let src = dumps_source(&outputs, &reference, &DiffOptions::default());
+    let s = screen(&App::default(), &src, 80, 24);
+    let names = Dump::open(&reference).unwrap().names();
+    let holds = |i: usize, suffix: &str| names.contains(&format!("layers.{i}.{suffix}"));
+    let routed = (0..5).filter(|&i| holds(i, "moe.topk_ids")).count();
+    assert!(routed > 0 && routed < 5, "the flat case has dense and MoE layers");
+    for i in 0..5 {
+        let words: Vec<String> =
+            line_with(&s, &format!("│{i} ")).trim_matches('│').split_whitespace().map(String::from).collect();
+        let ffn = if holds(i, "moe.topk_ids") { "moe" } else { "dense" };
+        assert_eq!(words[1], ffn, "layer {i}:\n{s}");
+        if holds(i, "dsa.scores") {
+            assert_eq!(words[2], "full", "layer {i}:\n{s}");
+        }
+    }
+}
