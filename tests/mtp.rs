@@ -90,6 +90,45 @@ fn mtp_fed_the_pre_norm_state_is_caught() {
     assert_eq!(verdict("mtp.logits"), Some(false));
 }
 
+/// A port's dump whose head was fed its last layer's output (the state before the final norm):
+/// `diff` names `mtp.input_hidden` first (the MTP layer's hook points, which run after it, sorted
+/// before it) and reads what was fed, from the dump's own tensors; `verify --isolate` against it
+/// fails there (it fed the head the reference's input and compared nothing else of it: 81 of 81
+/// matched).
+#[test]
+fn a_port_feeding_its_head_the_pre_norm_state_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = case().join("reference.safetensors");
+    let d = Dump::open(&reference).unwrap();
+    let n = Checkpoint::open(&case()).unwrap().config.num_hidden_layers;
+    // Forward order: the head's input, then its decoder layer (`layers.{n}`), then its norm.
+    let names = d.names();
+    let at = |name: &str| names.iter().position(|x| x == name).unwrap_or_else(|| panic!("{name}"));
+    let mtp_layer = HookPoint::Layer(n, LayerHook::InputNorm).name();
+    assert!(at("mtp.input_hidden") < at("mtp.eh_proj") && at("mtp.eh_proj") < at(&mtp_layer));
+    assert!(at(&mtp_layer) < at("mtp.final_norm"));
+    // The port: its head's input is layers.{n-1}.output's first S-1 positions.
+    let last = HookPoint::Layer(n - 1, LayerHook::Output).name();
+    let (pre_norm, shape) = match d.values(&last).unwrap() {
+        (glimpse::dump::Values::F32(v), s) => (v, s),
+        _ => panic!("floats"),
+    };
+    let (s, h) = (shape[1], shape[2]);
+    let fed: Vec<f32> = pre_norm.chunks_exact(s * h).flat_map(|row| row[..(s - 1) * h].to_vec()).collect();
+    let port = common::edit_dump(&reference, &tmp.path().join("port.st"), |t| {
+        let (_, v, _) = t.iter_mut().find(|(name, ..)| name == "mtp.input_hidden").unwrap();
+        *v = glimpse::dump::Values::F32(fed.clone());
+    });
+    let (model, port) = (case().to_str().unwrap().to_string(), port.to_str().unwrap().to_string());
+    let (code, out) = common::code_and_text(&["diff", &port, reference.to_str().unwrap(), "--model", &model]);
+    let first = format!(
+        "first divergence: mtp.input_hidden (ours feeds the MTP head {last}, the hidden state before the final norm"
+    );
+    assert!(code == 1 && out.contains(&first), "{first}\nin\n{out}");
+    let (code, out) = common::code_and_text(&["verify", "--model", &model, "--golden", &port, "--isolate"]);
+    assert!(code == 1 && out.contains("first mismatch: mtp.input_hidden"), "{out}");
+}
+
 #[test]
 fn generate_mtp_reports_acceptance_and_refuses_a_checkpoint_without_mtp() {
     let dir = case();

@@ -393,7 +393,8 @@ impl Products {
     /// SGEMM in f32 mode; in bf16 mode TF32 tensor cores (inputs rounded to 10 mantissa bits, f32
     /// accumulation: finer than bf16's 7). Each operand is a buffer and the offset of its first
     /// matrix; every matrix of the batch must lie inside its buffer (cuBLAS would not check).
-    /// The emulation computes both modes in f32.
+    /// The emulation rounds the inputs to TF32 in bf16 mode too (to nearest), so the tolerances
+    /// the parity checks hold it to are tried against TF32's errors before a GPU runs them.
     pub fn batched(
         &self,
         cfg: StridedBatchedConfig<f32>,
@@ -449,6 +450,10 @@ impl Products {
                     )
                 }
                 .map_err(|e| Error::Device(format!("cuBLAS GemmStridedBatchedEx (TF32): {e:?}")))
+            }
+            (None, Buf::Host(a), Buf::Host(b), Buf::Host(c)) if self.precision == Precision::Bf16 => {
+                let tf32 = |v: &[f32]| v.iter().map(|&x| super::emu::tf32(x)).collect::<Vec<f32>>();
+                super::emu::gemm_batched(&cfg, &tf32(&a[a0..]), &tf32(&b[b0..]), &mut c[c0..])
             }
             (None, Buf::Host(a), Buf::Host(b), Buf::Host(c)) => {
                 super::emu::gemm_batched(&cfg, &a[a0..], &b[b0..], &mut c[c0..])

@@ -421,8 +421,8 @@ pub fn dispatch(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
 /// whole and in chunks of 2 queries (so chunks start past the first query and reach fewer keys).
 /// Batch 2, 5 new queries after 38 cached keys.
 ///
-/// In bf16 mode the products are TF32 (10 mantissa bits) on a GPU, so the tolerance is 5e-3
-/// there; f32 mode and the emulation compute in f32.
+/// In bf16 mode the products are TF32 (10 mantissa bits), on a GPU and in the emulation, so the
+/// tolerance is 5e-3 there; f32 mode computes in f32.
 pub fn attention(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
     use super::attention::{AttentionPath, AttentionPlan};
     let mut rng = Rng(0x6a09e667f3bcc909);

@@ -170,18 +170,35 @@ impl Dump {
         unread.iter().map(|u| serde_json::json!({"name": u.name, "dtype": u.dtype, "why": u.why})).collect()
     }
 
-    /// Tensor names (but those [`Dump::unread`]), in forward order for hook points, then the
-    /// rest alphabetically.
+    /// Tensor names (but those [`Dump::unread`]), in forward order for hook points (the MTP
+    /// layer's after `mtp.eh_proj`, which feeds it), then the rest alphabetically.
     pub fn names(&self) -> Vec<String> {
         let unread = |n: &&str| self.unread.iter().any(|u| u.name == *n);
         let mut names: Vec<String> = self.file.names().filter(|n| !unread(n)).map(String::from).collect();
+        let mtp = self.mtp_layer();
+        // (Every other hook point sorts as the enum orders them, which is the forward order.)
+        let rank = |p: HookPoint| match p {
+            HookPoint::Layer(i, h) if Some(i) == mtp => (HookPoint::MtpEhProj, Some(h)),
+            p => (p, None),
+        };
         names.sort_by(|a, b| match (HookPoint::parse(a), HookPoint::parse(b)) {
-            (Some(x), Some(y)) => x.cmp(&y),
+            (Some(x), Some(y)) => rank(x).cmp(&rank(y)),
             (Some(_), None) => std::cmp::Ordering::Less,
             (None, Some(_)) => std::cmp::Ordering::Greater,
             (None, None) => a.cmp(b),
         });
         names
+    }
+
+    /// The MTP decoder layer's index, where the dump records the head: its last layer, when that
+    /// layer's positions are the head's (one fewer than the main model's).
+    fn mtp_layer(&self) -> Option<usize> {
+        let seq = |n: &str| self.info(n).and_then(|i| i.shape.get(1).copied());
+        let head = seq(&HookPoint::MtpEhProj.name()).or_else(|| seq(&HookPoint::MtpInputHidden.name()))?;
+        let last = self.file.names().filter_map(|n| HookPoint::parse(n)?.layer()).max()?;
+        let hidden = [LayerHook::Output, LayerHook::InputNorm, LayerHook::AttnOut, LayerHook::MlpOut];
+        let positions = |i: usize| hidden.iter().find_map(|&h| seq(&HookPoint::Layer(i, h).name()));
+        (positions(last) == Some(head) && (last == 0 || positions(last - 1) != Some(head))).then_some(last)
     }
 
     pub fn contains(&self, name: &str) -> bool {

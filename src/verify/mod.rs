@@ -45,6 +45,9 @@ pub struct Verifier<'a> {
     pub non_finite: Option<NonFinite>,
     /// Our `final_norm`, which the MTP head consumes.
     final_norm: Option<Tensor>,
+    /// A hook point already compared, whose second report is not ours (the MTP head fed the
+    /// reference's input when isolated: ours was compared before).
+    compared: Option<HookPoint>,
     /// Our margins (`dsa.margin`, `moe.margin`) by the selection they decided, for its flips.
     margins: HashMap<String, Vec<f32>>,
     /// Below this a lead of a key left out over one kept is rounding's (`VerifyOptions`).
@@ -81,6 +84,7 @@ impl<'a> Verifier<'a> {
             last_ids: None,
             non_finite: None,
             final_norm: None,
+            compared: None,
             margins: HashMap::new(),
             near_tie: tol.near_tie(),
             experts: None,
@@ -219,7 +223,8 @@ impl Verifier<'_> {
 impl Observer for Verifier<'_> {
     /// What the reference holds, and the margins deciding the selections it holds.
     fn wants(&self, point: HookPoint) -> bool {
-        self.golden.contains(&point.name()) || point.decides().is_some_and(|s| self.golden.contains(&s.name()))
+        let held = |p: HookPoint| self.golden.contains(&p.name());
+        self.compared != Some(point) && (held(point) || point.decides().is_some_and(held))
     }
     fn observe(&mut self, point: HookPoint, value: &Tensor) -> Result<()> {
         let name = point.name();
@@ -534,18 +539,23 @@ pub fn has_mtp(golden: &Dump) -> bool {
 
 /// Adds the MTP head's comparisons to `report`: the reference's `mtp.*` and
 /// `layers.{num_hidden_layers}.*`. The head is fed our own final-norm hidden state, or with
-/// `isolate` the reference's `mtp.input_hidden`, so its own error is measured alone.
+/// `isolate` the reference's `mtp.input_hidden`, so its own error is measured alone; ours, our
+/// final norm's, is compared with it all the same (a port that feeds its head another state, the
+/// one before the final norm, differs there and nowhere else).
 pub fn verify_mtp(model: &Model, mtp: &Mtp, golden: &Dump, opts: &VerifyOptions, report: &mut Report) -> Result<()> {
     let tokens = golden.tokens()?;
     let mut v = Verifier::with_options(golden, opts, &model.config);
+    let ours = report.final_norm.as_ref().map(|h| h.narrow(1, 0, tokens.seq.saturating_sub(1))).transpose()?;
     let hidden = if report.isolate {
+        if let Some(ours) = ours.filter(|_| v.wants(HookPoint::MtpInputHidden)) {
+            v.observe(HookPoint::MtpInputHidden, &ours)?;
+            v.compared = Some(HookPoint::MtpInputHidden);
+        }
         let shape = [tokens.batch, tokens.seq.saturating_sub(1), model.config.hidden_size];
         golden.hidden(&HookPoint::MtpInputHidden.name(), shape)?
     } else {
-        let h = report.final_norm.as_ref().ok_or_else(|| {
-            Error::dump(&golden.path, "has MTP tensors but no `final_norm` to check the main model's hidden state by")
-        })?;
-        h.narrow(1, 0, tokens.seq.saturating_sub(1))?
+        let missing = "has MTP tensors but no `final_norm` to check the main model's hidden state by";
+        ours.ok_or_else(|| Error::dump(&golden.path, missing))?
     };
     mtp.forward(model, &hidden, &tokens, &mut v)?;
     v.attach_margins(&model.config, || Some(Routers::of_layers(&model.config, [&mtp.layer])));

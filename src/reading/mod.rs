@@ -4,6 +4,8 @@
 //! ours does not. `diff` prints them beside the numbers; they are hints, each said only where
 //! its pattern holds.
 
+mod mtp;
+
 use crate::compare::{element_ok, Comparison, Detail, Flip, Side, Tolerance};
 use crate::config::Config;
 use crate::diff::{floats, ints, DiffOptions, DiffReport};
@@ -151,6 +153,9 @@ impl DiffReport {
         // (The notes are the first divergence's, which is what this reads.)
         if let Some(rule) = self.notes.weights_reading() {
             return Some(rule);
+        }
+        if let Some(fed) = self.notes.mtp_input {
+            return Some(fed.reading());
         }
         if let Some(source) = self.notes.not_reused {
             return Some(format!(
@@ -339,6 +344,8 @@ pub struct Notes {
     /// For `moe.bias_changed` (with `--model`'s routers): how many of its differences are
     /// near-ties of the choice without the bias.
     pub unbiased_ties: Option<UnbiasedTies>,
+    /// For `mtp.input_hidden`: what a side fed its MTP head instead of its final norm ([`mtp`]).
+    pub mtp_input: Option<mtp::MtpInput>,
 }
 
 /// Differences of `moe.bias_changed` (whether the correction bias changed a token's experts) at
@@ -539,7 +546,10 @@ impl Notes {
         // A mask off by one parts the two by keys, not positions: the onset's reading (RoPE)
         // would mislead. (A few masked keys leave it.)
         let onset = onset.filter(|_| !mask.is_some_and(|m| m.off_by_one()));
-        Notes { onset, weights_rule, weights_rule_from, not_reused: None, tail, mask, unbiased_ties: None }
+        let mtp_input = (point == Some(HookPoint::MtpInputHidden))
+            .then(|| mtp::MtpInput::of(a, Side::Ours).or_else(|| mtp::MtpInput::of(b, Side::Reference)))
+            .flatten();
+        Notes { onset, weights_rule, weights_rule_from, not_reused: None, tail, mask, unbiased_ties: None, mtp_input }
     }
 
     /// The routing weights' rule, said of the tokens it holds for.
