@@ -198,6 +198,24 @@ fn diff_names_the_perturbed_tensor_and_ignores_set_order_and_padding() {
     );
     let (_, text) = code_and_text(&["diff", from(8).to_str().unwrap(), r]);
     assert!(text.contains("  queries 0-7 (which keep every causal key) match and every later one differs"), "{text}");
+    // Its mirror: the queries whose selections are padded past the query (0 to K - 2) differ, and
+    // every later one matches (attention reading a padded key); any other leading run is said
+    // plainly.
+    let until = |p: usize| {
+        edited(tmp.path(), &format!("until{p}.safetensors"), |t| {
+            let (_, v, shape) = t.iter_mut().find(|(n, _, _)| n == "layers.0.attn.out").unwrap();
+            let h = shape[2];
+            let Values::F32(x) = v else { panic!() };
+            (0..p).for_each(|q| x[q * h] += 0.5);
+        })
+    };
+    let (_, text) = code_and_text(&["diff", until(7).to_str().unwrap(), r]);
+    let padded =
+        "  queries 0-6 (whose selections hold fewer than index_topk causal keys, padded past the query) differ \
+                  and every later one matches: attention reads the padding";
+    assert!(text.contains(padded), "{text}");
+    let (_, text) = code_and_text(&["diff", until(3).to_str().unwrap(), r]);
+    assert!(text.contains("  positions 0-2 differ and every later one matches\n"), "{text}");
     // Indexer scores are made before the selection: an onset at K there is no selection's (a
     // RoPE bug of decode steps that start at K).
     let scores = edited(tmp.path(), "scores8.safetensors", |t| {

@@ -352,6 +352,23 @@ fn compare_floats_keyed(
 /// RoPE leaves position 0 alone; a DSA bug spares the queries that keep every causal key).
 /// None otherwise, and for tensors without two positions.
 pub fn matching_positions(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tolerance) -> Option<usize> {
+    let ok = positions_ok(ours, reference, shape, tol)?;
+    let p = ok.iter().take_while(|&&x| x).count();
+    (p >= 1 && p < ok.len() && ok[p..].iter().all(|&x| !x)).then_some(p)
+}
+
+/// The mirror of [`matching_positions`]: how many leading positions differ (in a batch row at
+/// least), when every position after them matches on every row (a bug of the queries whose
+/// selections are padded past the query).
+pub fn differing_positions(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tolerance) -> Option<usize> {
+    let ok = positions_ok(ours, reference, shape, tol)?;
+    let p = ok.iter().take_while(|&&x| !x).count();
+    (p >= 1 && p < ok.len() && ok[p..].iter().all(|&x| x)).then_some(p)
+}
+
+/// Whether each position of a float tensor `[B, S, ...]` matches on every batch row; None for
+/// tensors without two positions or of other sizes.
+fn positions_ok(ours: &[f32], reference: &[f32], shape: &[usize], tol: Tolerance) -> Option<Vec<bool>> {
     let [b, s, ..] = shape[..] else { return None };
     if s < 2 || b == 0 || ours.len() != reference.len() || !reference.len().is_multiple_of(b * s) {
         return None;
@@ -363,9 +380,7 @@ pub fn matching_positions(ours: &[f32], reference: &[f32], shape: &[usize], tol:
             (start..start + width).all(|i| element_ok(ours[i], reference[i], tol))
         })
     };
-    let ok: Vec<bool> = (0..s).map(ok_at).collect();
-    let p = ok.iter().take_while(|&&x| x).count();
-    (p >= 1 && p < s && ok[p..].iter().all(|&x| !x)).then_some(p)
+    Some((0..s).map(ok_at).collect())
 }
 
 /// Row `r` of `k` ids as a set: the ids `keep(r, id)` admits, ascending, each once.

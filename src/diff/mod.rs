@@ -470,6 +470,7 @@ impl DiffReport {
             "not_compared": if self.first_divergence().is_none() { self.not_compared() } else { None },
             "first_divergence_reading": self.first_divergence().and_then(|c| self.reading(c)),
             "first_divergence_onset": self.notes.onset.map(|o| json!({"matching_positions": o.matching, "reading": o.reading()})),
+            "first_divergence_leading": self.notes.leading.map(|l| json!({"differing_positions": l.differing, "reading": l.reading()})),
             "first_divergence_weights_rule": self.notes.weights_reading(),
             "notes": self.precision_notes(),
             "first_non_finite_a": self.non_finite_a.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),
@@ -500,6 +501,9 @@ impl DiffReport {
                 out += &format!("first divergence: {}{reading}\n", c.name);
                 if let Some(o) = self.notes.onset {
                     out += &format!("  {}\n", o.reading());
+                }
+                if let Some(l) = self.notes.leading {
+                    out += &format!("  {}\n", l.reading());
                 }
             }
             None if crate::compare::tokens_only(&self.results) => out += &format!("{TOKENS_ONLY}\n"),

@@ -5,6 +5,9 @@
 //! its pattern holds.
 
 mod mtp;
+mod onset;
+
+pub use onset::{Leading, Onset};
 
 use crate::compare::{element_ok, Comparison, Detail, Flip, Side, Tolerance};
 use crate::config::Config;
@@ -13,49 +16,6 @@ use crate::dump::Dump;
 use crate::flips::Class;
 use crate::hooks::{HookPoint, LayerHook};
 use crate::model::moe::{route, sigmoid, weights_for, RouterConfig};
-
-/// A first divergence whose leading positions match and whose every later one does not
-/// (`compare::matching_positions`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Onset {
-    /// How many leading positions match.
-    pub matching: usize,
-    /// The reference's `index_topk` where its DSA selections cut (K < S), for a tensor the
-    /// selection acts on (from `attn.out` on): queries before it keep every causal key.
-    pub index_topk: Option<usize>,
-    /// Batch rows: with more than one, a later position differs in one row at least.
-    pub batch: usize,
-    /// The scale and cosine of the positions after them, where they are a factor apart
-    /// ([`factor`]): a bug of decode steps or later chunks only, such as a scaling they forget.
-    pub factor: Option<(f64, f64)>,
-}
-
-impl Onset {
-    pub(crate) fn reading(self) -> String {
-        let (matched, why) = match self {
-            Onset { matching: 1, factor: None, .. } => (
-                "position 0 matches".into(),
-                ": something that acts by position (RoPE, YaRN: they leave position 0 alone) or that its single key \
-                 hides (the softmax scale, which keys a query may see)",
-            ),
-            Onset { matching: p, index_topk: Some(k), factor: None, .. } if p == k => (
-                format!("queries 0-{} (which keep every causal key) match", p - 1),
-                ": the DSA selection is applied otherwise (attention over all keys?)",
-            ),
-            Onset { matching: 1, .. } => ("position 0 matches".into(), ""),
-            Onset { matching: p, .. } => (format!("positions 0-{} match", p - 1), ""),
-        };
-        // Batch rows may part at different positions.
-        let later = match self.batch > 1 {
-            true => " in every batch row and every later one differs in one row at least",
-            false => " and every later one differs",
-        };
-        // (`factor` holds only a scale and cosine that read as one, of two elements or more.)
-        let factor =
-            self.factor.and_then(|(scale, cosine)| factor(scale, cosine, 2)).map(|f| format!("; past them {f}"));
-        format!("{matched}{later}{why}{}", factor.unwrap_or_default())
-    }
-}
 
 /// Two tensors (of `total` elements) whose least-squares `scale` and `cosine` say they are a
 /// factor apart: what is left once the scale is taken out (1 - cos², of the squared norm) is
@@ -330,6 +290,7 @@ impl Tail {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Notes {
     pub onset: Option<Onset>,
+    pub leading: Option<Leading>,
     pub weights_rule: Option<WeightsRule>,
     /// The position from which the weights follow `weights_rule`, where the earlier ones follow
     /// the checkpoint's (the tokens past an onset).
@@ -546,10 +507,22 @@ impl Notes {
         // A mask off by one parts the two by keys, not positions: the onset's reading (RoPE)
         // would mislead. (A few masked keys leave it.)
         let onset = onset.filter(|_| !mask.is_some_and(|m| m.off_by_one()));
+        let leading = crate::compare::differing_positions(ours, reference, &shape, opts.tol_for(name))
+            .map(|differing| Leading { differing, index_topk });
         let mtp_input = (point == Some(HookPoint::MtpInputHidden))
             .then(|| mtp::MtpInput::of(a, Side::Ours).or_else(|| mtp::MtpInput::of(b, Side::Reference)))
             .flatten();
-        Notes { onset, weights_rule, weights_rule_from, not_reused: None, tail, mask, unbiased_ties: None, mtp_input }
+        Notes {
+            onset,
+            leading,
+            weights_rule,
+            weights_rule_from,
+            not_reused: None,
+            tail,
+            mask,
+            unbiased_ties: None,
+            mtp_input,
+        }
     }
 
     /// The routing weights' rule, said of the tokens it holds for.
