@@ -12,10 +12,10 @@
 //! does `t / K` times the gathered kernel's arithmetic; but on cuBLAS instead of one thread
 //! block per (query, head). While every causal key is selected (prefills up to `index_topk`
 //! tokens, 2048 on GLM-5) the two do the same work; [`AttentionPath::choose`] keeps the masked
-//! form up to [`MASKED_MAX_RATIO`] times that. The products take f32 operands in both
-//! precisions: SGEMM in f32 mode, TF32 tensor cores in bf16 mode (`Products::batched`): the
-//! scores over thousands of keys are where bf16 inputs would cost the most accuracy, and at
-//! GLM-5's widths these products are about a tenth of a 2048-token prefill's arithmetic.
+//! form up to [`MASKED_MAX_RATIO`] times that. The products are SGEMM in both precisions
+//! (`Products::batched`): the scores over thousands of keys are where narrower inputs cost the
+//! most accuracy (TF32's put a golden case past bf16's tolerance), the bf16 reference computes
+//! them in f32, and at GLM-5's widths they are about a tenth of a 2048-token prefill's arithmetic.
 //!
 //! Chunks bound the scratch: a chunk's products hold at most [`CHUNK_VALUES`] floats, and a
 //! chunk only reaches the keys its last query can see.

@@ -138,17 +138,6 @@ pub fn gemm(cfg: &GemmConfig<f32>, a: &[f32], b: &[f32], c: &mut [f32]) -> Resul
 }
 
 /// cuBLAS's strided-batched SGEMM on host slices: [`gemm`] on each matrix of the batch.
-/// `x` rounded to TF32 (10 mantissa bits), to nearest, ties to even: what tensor cores multiply
-/// in cuBLAS's `FAST_TF32` mode. Infinities and NaN pass through.
-pub fn tf32(x: f32) -> f32 {
-    if !x.is_finite() {
-        return x;
-    }
-    let bits = x.to_bits();
-    let lsb = (bits >> 13) & 1;
-    f32::from_bits(bits.wrapping_add(0x0FFF + lsb) & !0x1FFF)
-}
-
 pub fn gemm_batched(cfg: &StridedBatchedConfig<f32>, a: &[f32], b: &[f32], c: &mut [f32]) -> Result<()> {
     let stride = |s: i64| usize::try_from(s).map_err(|_| Error::Device("batched GEMM: a negative stride".into()));
     let (sa, sb, sc) = (stride(cfg.stride_a)?, stride(cfg.stride_b)?, stride(cfg.stride_c)?);
@@ -167,21 +156,6 @@ mod tests {
     fn cfg(transa: bool, m: i32, n: i32, k: i32, [lda, ldb, ldc]: [i32; 3]) -> GemmConfig<f32> {
         let op = |t| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
         GemmConfig { transa: op(transa), transb: op(false), m, n, k, alpha: 1.0, lda, ldb, beta: 0.0, ldc }
-    }
-
-    /// TF32 keeps 10 mantissa bits: 1 + 2^-10 stays, 1 + 2^-11 ties to even (1), 1 + 3 * 2^-11
-    /// ties up to 1 + 2^-9, and a value rounds within half of TF32's ulp.
-    #[test]
-    fn tf32_rounds_to_ten_mantissa_bits() {
-        let ulp = 2f32.powi(-10);
-        assert_eq!(tf32(1.0 + ulp), 1.0 + ulp);
-        assert_eq!(tf32(1.0 + ulp / 2.0), 1.0);
-        assert_eq!(tf32(1.0 + 3.0 * ulp / 2.0), 1.0 + 2.0 * ulp);
-        assert_eq!(tf32(-(1.0 + ulp / 4.0)), -1.0);
-        assert!(tf32(f32::NAN).is_nan() && tf32(f32::INFINITY) == f32::INFINITY);
-        for x in [0.1f32, 3.7, -1234.567, 6.1e-5] {
-            assert!(((tf32(x) - x) / x).abs() <= ulp / 2.0, "{x} -> {}", tf32(x));
-        }
     }
 
     /// y = x W^T as the device products configure it: op(A) = W^T read at lda = k.

@@ -389,12 +389,12 @@ impl Products {
     }
 
     /// `C_i = alpha op(A_i) op(B_i) + beta C_i` for each matrix i of a strided batch of f32
-    /// operands (the attention's products, `cuda::attention`), on cuBLAS's column-major contract:
-    /// SGEMM in f32 mode; in bf16 mode TF32 tensor cores (inputs rounded to 10 mantissa bits, f32
-    /// accumulation: finer than bf16's 7). Each operand is a buffer and the offset of its first
-    /// matrix; every matrix of the batch must lie inside its buffer (cuBLAS would not check).
-    /// The emulation rounds the inputs to TF32 in bf16 mode too (to nearest), so the tolerances
-    /// the parity checks hold it to are tried against TF32's errors before a GPU runs them.
+    /// operands (the attention's and the indexer's products, `cuda::attention`), on cuBLAS's
+    /// column-major contract: SGEMM in both precisions. (TF32 tensor cores in bf16 mode, inputs
+    /// rounded to 10 mantissa bits, put golden/mtp's bf16 check one element past 2e-2 once the
+    /// emulation rounded as TF32 does: the bf16 reference computes these products in f32.) Each
+    /// operand is a buffer and the offset of its first matrix; every matrix of the batch must lie
+    /// inside its buffer (cuBLAS would not check).
     pub fn batched(
         &self,
         cfg: StridedBatchedConfig<f32>,
@@ -408,52 +408,11 @@ impl Products {
             return Ok(());
         }
         match (&self.blas, a, b, c) {
-            (Some((blas, _)), Buf::Device(a), Buf::Device(b), Buf::Device(c)) if self.precision == Precision::F32 => {
+            (Some((blas, _)), Buf::Device(a), Buf::Device(b), Buf::Device(c)) => {
                 let (av, bv, mut cv) = (a.slice(a0..), b.slice(b0..), c.slice_mut(c0..));
                 // SAFETY: every matrix of the batch lies inside its view (checked above).
                 unsafe { blas.gemm_strided_batched(cfg, &av, &bv, &mut cv) }
                     .map_err(|e| Error::Device(format!("cuBLAS SGEMM (strided batched): {e:?}")))
-            }
-            (Some((blas, stream)), Buf::Device(a), Buf::Device(b), Buf::Device(c)) => {
-                let (av, bv, mut cv) = (a.slice(a0..), b.slice(b0..), c.slice_mut(c0..));
-                let (ap, _ra) = av.device_ptr(stream);
-                let (bp, _rb) = bv.device_ptr(stream);
-                let (cp, _rc) = cv.device_ptr_mut(stream);
-                let f32_ = cudaDataType::CUDA_R_32F;
-                // SAFETY: as above; f32 operands, alpha and beta f32 as CUBLAS_COMPUTE_32F_FAST_TF32
-                // takes them.
-                unsafe {
-                    cudarc::cublas::result::gemm_strided_batched_ex(
-                        *blas.handle(),
-                        g.transa,
-                        g.transb,
-                        g.m,
-                        g.n,
-                        g.k,
-                        (&g.alpha as *const f32).cast(),
-                        ap as *const c_void,
-                        f32_,
-                        g.lda,
-                        cfg.stride_a,
-                        bp as *const c_void,
-                        f32_,
-                        g.ldb,
-                        cfg.stride_b,
-                        (&g.beta as *const f32).cast(),
-                        cp as *mut c_void,
-                        f32_,
-                        g.ldc,
-                        cfg.stride_c,
-                        cfg.batch_size,
-                        cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
-                        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                    )
-                }
-                .map_err(|e| Error::Device(format!("cuBLAS GemmStridedBatchedEx (TF32): {e:?}")))
-            }
-            (None, Buf::Host(a), Buf::Host(b), Buf::Host(c)) if self.precision == Precision::Bf16 => {
-                let tf32 = |v: &[f32]| v.iter().map(|&x| super::emu::tf32(x)).collect::<Vec<f32>>();
-                super::emu::gemm_batched(&cfg, &tf32(&a[a0..]), &tf32(&b[b0..]), &mut c[c0..])
             }
             (None, Buf::Host(a), Buf::Host(b), Buf::Host(c)) => {
                 super::emu::gemm_batched(&cfg, &a[a0..], &b[b0..], &mut c[c0..])
