@@ -246,6 +246,35 @@ fn diff_names_the_perturbed_tensor_and_ignores_set_order_and_padding() {
     let rule = "layers.2.moe.topk_weights (from position 5 on, ours's weights are its gate's scores without \
                 routed_scaling_factor)";
     assert!(text.contains(&format!("first divergence: {rule}\n{past}")), "{text}");
+    // Experts chosen without the correction bias: every token's are the top-k of the sigmoid of
+    // its gate logits (computed here: flat routing, k largest), and with the routers that is read.
+    let unbiased = edited(tmp.path(), "unbiased.safetensors", |t| {
+        let (_, v, shape) = t.iter().find(|(n, _, _)| n == "layers.2.moe.router_logits").unwrap();
+        let (e, Values::F32(logits)) = (shape[1], v.clone()) else { panic!() };
+        let (shape, ids) = ints(t, "layers.2.moe.topk_ids");
+        let k = shape[1];
+        for (row, chosen) in logits.chunks(e).zip(ids.chunks_mut(k)) {
+            let mut order: Vec<usize> = (0..e).collect();
+            order.sort_by(|&x, &y| row[y].total_cmp(&row[x])); // sigmoid is increasing
+            chosen.iter_mut().zip(&order).for_each(|(c, &o)| *c = o as i64);
+        }
+    });
+    let m = golden("flat");
+    let (_, text) = code_and_text(&["diff", unbiased.to_str().unwrap(), r, "--model", m.to_str().unwrap()]);
+    let left_out = "first divergence: layers.2.moe.topk_ids (ours chooses every token's experts by the unbiased \
+                    scores (sigmoid of the gate logits;";
+    assert!(text.contains(left_out) && text.contains("e_score_correction_bias is left out of selection"), "{text}");
+    // Weights scaled twice: the factor is the config's routed_scaling_factor, which is said.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
+    let rsf = config["routed_scaling_factor"].as_f64().unwrap();
+    let twice = edited(tmp.path(), "twice.safetensors", |t| {
+        let (_, v, _) = t.iter_mut().find(|(n, _, _)| n == "layers.2.moe.topk_weights").unwrap();
+        let Values::F32(x) = v else { panic!() };
+        x.iter_mut().for_each(|w| *w *= rsf as f32);
+    });
+    let (_, text) = code_and_text(&["diff", twice.to_str().unwrap(), r, "--model", m.to_str().unwrap()]);
+    assert!(text.contains(&format!("(routed_scaling_factor {rsf}: applied twice?)")), "{text}");
     // A router tensor is [B*S, E]: its columns are experts, not positions.
     let experts = edited(tmp.path(), "experts.safetensors", |t| {
         let (_, v, shape) = t.iter_mut().find(|(n, _, _)| n == "layers.2.moe.router_logits").unwrap();

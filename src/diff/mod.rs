@@ -305,6 +305,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         }
         if let (false, true) = (c.ok, results.iter().all(|r| r.ok)) {
             notes.unbiased_ties = crate::reading::UnbiasedTies::of(a, b, &c, opts);
+            notes.bias_left_out = crate::reading::BiasLeftOut::of(a, b, name, opts);
         }
         // Margins for the flips: recomputing them can read the S x S scores, so only where needed.
         if let (Detail::Sets { flips, .. }, Some(point)) = (&c.detail, HookPoint::parse(name)) {

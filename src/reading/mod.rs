@@ -6,8 +6,10 @@
 
 mod mtp;
 mod onset;
+mod routing;
 
 pub use onset::{Leading, Onset};
+pub use routing::{BiasLeftOut, UnbiasedTies, WeightsRule};
 
 use crate::compare::{element_ok, Comparison, Detail, Flip, Side, Tolerance};
 use crate::config::Config;
@@ -15,7 +17,6 @@ use crate::diff::{floats, ints, DiffOptions, DiffReport};
 use crate::dump::Dump;
 use crate::flips::Class;
 use crate::hooks::{HookPoint, LayerHook};
-use crate::model::moe::{route, sigmoid, weights_for, RouterConfig};
 
 /// Two tensors (of `total` elements) whose least-squares `scale` and `cosine` say they are a
 /// factor apart: what is left once the scale is taken out (1 - cos², of the squared norm) is
@@ -117,6 +118,9 @@ impl DiffReport {
         if let Some(fed) = self.notes.mtp_input {
             return Some(fed.reading());
         }
+        if let Some(left_out) = self.notes.bias_left_out {
+            return Some(left_out.reading());
+        }
         if let Some(source) = self.notes.not_reused {
             return Some(format!(
                 "a shared-indexer layer: the reference's selection is layer {source}'s, ours's is not (it must reuse \
@@ -126,7 +130,16 @@ impl DiffReport {
         match &c.detail {
             // The scale explains the difference.
             Detail::Float { cosine, scale, total, .. } if factor(*scale, *cosine, *total).is_some() => {
-                factor(*scale, *cosine, *total)
+                // A factor of the routed experts' scaling: a port that applies it twice, or not.
+                let named = self.notes.routed_scaling.and_then(|rsf| {
+                    let near = |x: f64| (scale / x - 1.0).abs() < 1e-3;
+                    match () {
+                        _ if near(rsf) => Some(format!(" (routed_scaling_factor {rsf}: applied twice?)")),
+                        _ if near(1.0 / rsf) => Some(format!(" (1 / routed_scaling_factor {rsf}: left out?)")),
+                        _ => None,
+                    }
+                });
+                factor(*scale, *cosine, *total).map(|f| f + &named.unwrap_or_default())
             }
             // (Masking a causal key the reference scores is no position-wise effect: said beside an onset.)
             Detail::Float { .. } if self.notes.mask.is_some_and(|m| m.ours > 0 || self.notes.onset.is_none()) => {
@@ -305,58 +318,13 @@ pub struct Notes {
     /// For `moe.bias_changed` (with `--model`'s routers): how many of its differences are
     /// near-ties of the choice without the bias.
     pub unbiased_ties: Option<UnbiasedTies>,
+    /// For routing weights and a MoE layer's output, with `--model`: its `routed_scaling_factor`
+    /// (not 1), which a factor between the two may be.
+    pub routed_scaling: Option<f64>,
+    /// For routing, with `--model`: a side that chose without the correction bias.
+    pub bias_left_out: Option<BiasLeftOut>,
     /// For `mtp.input_hidden`: what a side fed its MTP head instead of its final norm ([`mtp`]).
     pub mtp_input: Option<mtp::MtpInput>,
-}
-
-/// Differences of `moe.bias_changed` (whether the correction bias changed a token's experts) at
-/// tokens whose choice without the bias is a near-tie on both sides: the counterfactual flipped,
-/// not the routing (a long generation against its prefill meets one now and then).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct UnbiasedTies {
-    pub differing: usize,
-    pub near_ties: usize,
-    /// The largest of their margins, either side's.
-    pub largest: f32,
-}
-
-impl UnbiasedTies {
-    /// From both dumps' gate logits at the tokens where the flag differs: the margin of
-    /// `route` without the bias, each side on its own. None where either lacks the logits.
-    pub(crate) fn of(a: &Dump, b: &Dump, c: &Comparison, opts: &DiffOptions) -> Option<UnbiasedTies> {
-        let Some(HookPoint::Layer(i, LayerHook::BiasChanged)) = HookPoint::parse(&c.name) else { return None };
-        let Detail::Exact { differing, .. } = &c.detail else { return None };
-        let (rc, bias) = opts.routers.as_ref()?.layer(i)?;
-        let name = HookPoint::Layer(i, LayerHook::RouterLogits).name();
-        let (ours, reference) = (floats(a, &name)?, floats(b, &name)?);
-        let (e, unbiased) = (bias.len(), vec![0.0; bias.len()]);
-        let margin =
-            |logits: &[f32], t: usize| logits.get(t * e..(t + 1) * e).map(|row| route(rc, row, &unbiased).margin);
-        let mut ties = UnbiasedTies { differing: differing.len(), near_ties: 0, largest: 0.0 };
-        for d in differing {
-            let (x, y) = (margin(&ours, d.index)?, margin(&reference, d.index)?);
-            if (x as f64) < opts.near_tie && (y as f64) < opts.near_tie {
-                ties.near_ties += 1;
-                ties.largest = ties.largest.max(x).max(y);
-            }
-        }
-        (ties.near_ties > 0).then_some(ties)
-    }
-
-    fn reading(self) -> String {
-        match self.near_ties == self.differing {
-            true => format!(
-                "every difference a near-tie of the choice without the bias (margins up to {:.1e} on both sides): \
-                 the counterfactual flipped, not the experts",
-                self.largest
-            ),
-            false => format!(
-                "{} of {} differences near-ties of the choice without the bias (margins up to {:.1e} on both \
-                 sides); the rest are not",
-                self.near_ties, self.differing, self.largest
-            ),
-        }
-    }
 }
 
 /// Causal keys of `dsa.scores` (`[B, S, T]`) that one side masked and the other scored: a causal
@@ -507,6 +475,15 @@ impl Notes {
         // A mask off by one parts the two by keys, not positions: the onset's reading (RoPE)
         // would mislead. (A few masked keys leave it.)
         let onset = onset.filter(|_| !mask.is_some_and(|m| m.off_by_one()));
+        let routed_scaling = match point {
+            Some(HookPoint::Layer(i, LayerHook::TopkWeights | LayerHook::MlpOut)) => {
+                opts.config.as_ref().and_then(|c| {
+                    let moe = c.mlp_layer_types.get(i) == Some(&crate::config::MlpKind::Moe);
+                    (moe && c.routed_scaling_factor != 1.0).then_some(c.routed_scaling_factor)
+                })
+            }
+            _ => None,
+        };
         let leading = crate::compare::differing_positions(ours, reference, &shape, opts.tol_for(name))
             .map(|differing| Leading { differing, index_topk });
         let mtp_input = (point == Some(HookPoint::MtpInputHidden))
@@ -521,6 +498,8 @@ impl Notes {
             tail,
             mask,
             unbiased_ties: None,
+            bias_left_out: None,
+            routed_scaling,
             mtp_input,
         }
     }
@@ -549,92 +528,6 @@ impl Notes {
             Some(crate::compare::compare_dsa(&ints(d, name)?, &ints(d, &src)?, &shape).0)
         };
         (reused(b)? && !reused(a)?).then_some(source)
-    }
-}
-
-/// Routing weights made by another rule than the checkpoint's, tried on ours's own gate logits
-/// and chosen experts: the variants real ports have shipped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WeightsRule {
-    /// From `sigmoid + bias`, the scores selection ranks, not the unbiased sigmoid.
-    Biased,
-    /// Not divided by their sum (`norm_topk_prob`).
-    Unnormalised,
-    /// Not multiplied by `routed_scaling_factor`.
-    Unscaled,
-    /// From a softmax of the gate logits (DeepSeek-V2's router), not a sigmoid.
-    Softmax,
-}
-
-impl WeightsRule {
-    pub fn reading(self) -> &'static str {
-        match self {
-            WeightsRule::Biased => {
-                "ours's weights are its gate's biased scores (sigmoid + e_score_correction_bias): \
-                                    the bias is for selection only"
-            }
-            WeightsRule::Unnormalised => {
-                "ours's weights are its gate's scores not divided by their sum (norm_topk_prob)"
-            }
-            WeightsRule::Unscaled => "ours's weights are its gate's scores without routed_scaling_factor",
-            WeightsRule::Softmax => "ours's weights are a softmax of its gate logits, not their sigmoid",
-        }
-    }
-
-    /// The rule `weights` (`[T, k]`, aligned with `ids`) follow on `logits` (`[T, E]`), where the
-    /// checkpoint's rule (`rc`, `bias`) does not reproduce them within `tol` and exactly one
-    /// variant does; None otherwise (also for shapes that do not fit).
-    pub fn of(
-        logits: &[f32],
-        ids: &[i64],
-        weights: &[f32],
-        rc: &RouterConfig,
-        bias: &[f32],
-        tol: Tolerance,
-    ) -> Option<WeightsRule> {
-        let (e, k) = (bias.len(), rc.top_k);
-        if e == 0
-            || k == 0
-            || !logits.len().is_multiple_of(e)
-            || ids.len() != logits.len() / e * k
-            || weights.len() != ids.len()
-        {
-            return None;
-        }
-        let ids: Vec<usize> = ids.iter().map(|&i| usize::try_from(i).ok().filter(|&i| i < e)).collect::<Option<_>>()?;
-        let made_by = |rule: Option<WeightsRule>| {
-            logits.chunks_exact(e).zip(ids.chunks_exact(k)).zip(weights.chunks_exact(k)).all(|((l, ids), w)| {
-                let scores: Vec<f32> = match rule {
-                    Some(WeightsRule::Biased) => l.iter().zip(bias).map(|(&l, b)| sigmoid(l) + b).collect(),
-                    Some(WeightsRule::Softmax) => {
-                        let max = l.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                        let exp: Vec<f32> = l.iter().map(|&x| (x - max).exp()).collect();
-                        let sum: f32 = exp.iter().sum();
-                        exp.iter().map(|x| x / sum).collect()
-                    }
-                    _ => l.iter().map(|&l| sigmoid(l)).collect(),
-                };
-                let variant = RouterConfig {
-                    norm_topk_prob: rc.norm_topk_prob && rule != Some(WeightsRule::Unnormalised),
-                    routed_scaling_factor: match rule {
-                        Some(WeightsRule::Unscaled) => 1.0,
-                        _ => rc.routed_scaling_factor,
-                    },
-                    ..rc.clone()
-                };
-                let expected = weights_for(&variant, &scores, ids);
-                w.iter().zip(&expected).all(|(&a, &x)| ((a - x).abs() as f64) <= tol.atol + tol.rtol * x.abs() as f64)
-            })
-        };
-        if made_by(None) {
-            return None;
-        }
-        let rules = [WeightsRule::Biased, WeightsRule::Unnormalised, WeightsRule::Unscaled, WeightsRule::Softmax];
-        let mut matching = rules.into_iter().filter(|&r| made_by(Some(r)));
-        match (matching.next(), matching.next()) {
-            (Some(rule), None) => Some(rule),
-            _ => None,
-        }
     }
 }
 
