@@ -196,3 +196,44 @@ impl BiasLeftOut {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Weights made on the same logits and experts by each variant are told apart (and the
+    /// checkpoint's own rule says nothing).
+    #[test]
+    fn the_rule_that_made_routing_weights_is_found() {
+        let rc = RouterConfig { top_k: 2, n_group: 1, topk_group: 1, norm_topk_prob: true, routed_scaling_factor: 2.5 };
+        let bias = [0.3f32, -0.2, 0.1, 0.0];
+        let logits = [0.5f32, -1.0, 2.0, 0.1, -0.3, 1.2, 0.7, -2.0];
+        let ids = [2i64, 0, 1, 2];
+        let tol = Tolerance::default();
+        let made = |rule: Option<WeightsRule>| -> Vec<f32> {
+            let mut out = Vec::new();
+            for (l, ids) in logits.chunks(4).zip(ids.chunks(2)) {
+                let s: Vec<f32> = match rule {
+                    Some(WeightsRule::Biased) => l.iter().zip(&bias).map(|(&l, b)| sigmoid(l) + b).collect(),
+                    Some(WeightsRule::Softmax) => {
+                        let sum: f32 = l.iter().map(|x| x.exp()).sum();
+                        l.iter().map(|x| x.exp() / sum).collect()
+                    }
+                    _ => l.iter().map(|&l| sigmoid(l)).collect(),
+                };
+                let picked: Vec<f32> = ids.iter().map(|&i| s[i as usize]).collect();
+                let sum: f32 = picked.iter().sum();
+                let norm = if rule == Some(WeightsRule::Unnormalised) { 1.0 } else { sum };
+                let scale = if rule == Some(WeightsRule::Unscaled) { 1.0 } else { 2.5 };
+                out.extend(picked.iter().map(|p| p / norm * scale));
+            }
+            out
+        };
+        assert_eq!(WeightsRule::of(&logits, &ids, &made(None), &rc, &bias, tol), None);
+        for rule in [WeightsRule::Biased, WeightsRule::Unnormalised, WeightsRule::Unscaled, WeightsRule::Softmax] {
+            assert_eq!(WeightsRule::of(&logits, &ids, &made(Some(rule)), &rc, &bias, tol), Some(rule), "{rule:?}");
+        }
+        // Weights no variant makes: nothing said.
+        assert_eq!(WeightsRule::of(&logits, &ids, &[1.0; 4], &rc, &bias, tol), None);
+    }
+}
