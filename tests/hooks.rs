@@ -264,6 +264,18 @@ fn diff_names_the_perturbed_tensor_and_ignores_set_order_and_padding() {
     let left_out = "first divergence: layers.2.moe.topk_ids (ours chooses every token's experts by the unbiased \
                     scores (sigmoid of the gate logits;";
     assert!(text.contains(left_out) && text.contains("e_score_correction_bias is left out of selection"), "{text}");
+    // Every row of the KV latent scaled by a factor of its own (a norm's eps, or its mean over
+    // the rope part too): read as such, with the factors' range.
+    let rows = edited(tmp.path(), "rows.safetensors", |t| {
+        let (_, v, shape) = t.iter_mut().find(|(n, _, _)| n == "layers.0.attn.kv_latent").unwrap();
+        let w = shape[2];
+        let Values::F32(x) = v else { panic!() };
+        x.chunks_mut(w).enumerate().for_each(|(r, row)| row.iter_mut().for_each(|v| *v *= 0.9 + 0.01 * r as f32));
+    });
+    let (_, text) = code_and_text(&["diff", rows.to_str().unwrap(), r]);
+    let scaled = "first divergence: layers.0.attn.kv_latent (each of its 32 rows is a scaled copy of the reference's, \
+                  by factors 0.9000 to 1.2100: a normalisation whose statistic differs";
+    assert!(text.contains(scaled), "{text}");
     // Weights scaled twice: the factor is the config's routed_scaling_factor, which is said.
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();

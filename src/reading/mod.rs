@@ -7,9 +7,11 @@
 mod mtp;
 mod onset;
 mod routing;
+mod rows;
 
 pub use onset::{Leading, Onset};
 pub use routing::{BiasLeftOut, UnbiasedTies, WeightsRule};
+pub use rows::RowScale;
 
 use crate::compare::{element_ok, Comparison, Detail, Flip, Side, Tolerance};
 use crate::config::Config;
@@ -133,14 +135,17 @@ impl DiffReport {
                 // A factor of the routed experts' scaling: a port that applies it twice, or not.
                 let named = self.notes.routed_scaling.and_then(|rsf| {
                     let near = |x: f64| (scale / x - 1.0).abs() < 1e-3;
-                    match () {
-                        _ if near(rsf) => Some(format!(" (routed_scaling_factor {rsf}: applied twice?)")),
-                        _ if near(1.0 / rsf) => Some(format!(" (1 / routed_scaling_factor {rsf}: left out?)")),
-                        _ => None,
+                    if near(rsf) {
+                        Some(format!(" (routed_scaling_factor {rsf}: applied twice?)"))
+                    } else if near(1.0 / rsf) {
+                        Some(format!(" (1 / routed_scaling_factor {rsf}: left out?)"))
+                    } else {
+                        None
                     }
                 });
                 factor(*scale, *cosine, *total).map(|f| f + &named.unwrap_or_default())
             }
+            Detail::Float { .. } if self.notes.row_scale.is_some() => self.notes.row_scale.map(RowScale::reading),
             // (Masking a causal key the reference scores is no position-wise effect: said beside an onset.)
             Detail::Float { .. } if self.notes.mask.is_some_and(|m| m.ours > 0 || self.notes.onset.is_none()) => {
                 self.notes.mask.map(|m| m.reading())
@@ -321,6 +326,8 @@ pub struct Notes {
     /// For routing weights and a MoE layer's output, with `--model`: its `routed_scaling_factor`
     /// (not 1), which a factor between the two may be.
     pub routed_scaling: Option<f64>,
+    /// Every row a scaled copy of the reference's, by factors of its own.
+    pub row_scale: Option<RowScale>,
     /// For routing, with `--model`: a side that chose without the correction bias.
     pub bias_left_out: Option<BiasLeftOut>,
     /// For `mtp.input_hidden`: what a side fed its MTP head instead of its final norm ([`mtp`]).
@@ -484,6 +491,8 @@ impl Notes {
             }
             _ => None,
         };
+        // (Rows that part at an onset, the earlier ones exact, are read by where it starts.)
+        let row_scale = shape.last().filter(|_| onset.is_none()).and_then(|&w| RowScale::of(ours, reference, w));
         let leading = crate::compare::differing_positions(ours, reference, &shape, opts.tol_for(name))
             .map(|differing| Leading { differing, index_topk });
         let mtp_input = (point == Some(HookPoint::MtpInputHidden))
@@ -500,6 +509,7 @@ impl Notes {
             unbiased_ties: None,
             bias_left_out: None,
             routed_scaling,
+            row_scale,
             mtp_input,
         }
     }
