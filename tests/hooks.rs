@@ -264,6 +264,22 @@ fn diff_names_the_perturbed_tensor_and_ignores_set_order_and_padding() {
     let left_out = "first divergence: layers.2.moe.topk_ids (ours chooses every token's experts by the unbiased \
                     scores (sigmoid of the gate logits;";
     assert!(text.contains(left_out) && text.contains("e_score_correction_bias is left out of selection"), "{text}");
+    // A selection that leaves out each query's own key (where another causal key can take its
+    // place), as a mask `j < s` for `j <= s` makes it, from the selections alone.
+    let diagonal = edited(tmp.path(), "diagonal.safetensors", |t| {
+        let (shape, ids) = ints(t, "layers.0.dsa.topk");
+        let (s, k) = (shape[1], shape[2]);
+        for (q, row) in ids.chunks_mut(k).enumerate().map(|(r, row)| (r % s, row)) {
+            let free = (0..q as i64).find(|j| !row.contains(j));
+            if let (Some(own), Some(free)) = (row.iter().position(|&j| j == q as i64), free) {
+                row[own] = free;
+            }
+        }
+    });
+    let (_, text) = code_and_text(&["diff", diagonal.to_str().unwrap(), r]);
+    let read = "first divergence: layers.0.dsa.topk (in every flip the reference keeps the query's own key and ours \
+                leaves it out: a causal mask off by one";
+    assert!(text.contains(read), "{text}");
     // Every row of the KV latent scaled by a factor of its own (a norm's eps, or its mean over
     // the rope part too): read as such, with the factors' range.
     let rows = edited(tmp.path(), "rows.safetensors", |t| {

@@ -84,6 +84,13 @@ impl Side {
             Side::Reference => "the reference",
         }
     }
+
+    pub fn other(self) -> Side {
+        match self {
+            Side::Ours => Side::Reference,
+            Side::Reference => Side::Ours,
+        }
+    }
 }
 
 impl Flip {

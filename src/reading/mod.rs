@@ -20,6 +20,20 @@ use crate::dump::Dump;
 use crate::flips::Class;
 use crate::hooks::{HookPoint, LayerHook};
 
+/// The side that leaves out the query's own key in every DSA flip (`at` = [b, s]) where the other
+/// keeps it; None where some flip is otherwise, or there is none.
+fn own_key_left_out(flips: &[Flip]) -> Option<Side> {
+    let own = |f: &Flip| f.at.get(1).map(|&s| s as i64);
+    let left_out = |f: &Flip, side: Side| {
+        let (kept, missing) = match side {
+            Side::Ours => (&f.only_reference, &f.only_ours),
+            Side::Reference => (&f.only_ours, &f.only_reference),
+        };
+        own(f).is_some_and(|s| kept.contains(&s) && !missing.contains(&s))
+    };
+    [Side::Ours, Side::Reference].into_iter().find(|&side| !flips.is_empty() && flips.iter().all(|f| left_out(f, side)))
+}
+
 /// Two tensors (of `total` elements) whose least-squares `scale` and `cosine` say they are a
 /// factor apart: what is left once the scale is taken out (1 - cos², of the squared norm) is
 /// small against it, and at most a tenth of the tensor (a factor of 120 fitted to a tensor a few
@@ -152,6 +166,18 @@ impl DiffReport {
             }
             Detail::Float { .. } => self.notes.tail.map(Tail::reading),
             Detail::Exact { .. } => self.notes.unbiased_ties.map(UnbiasedTies::reading),
+            // DSA rows where one side always leaves out the query's own key: its causal mask
+            // leaves out the diagonal (the scores would say it too, where recorded).
+            Detail::Sets { flips, .. } if c.name.ends_with(".dsa.topk") && own_key_left_out(flips).is_some() => {
+                own_key_left_out(flips).map(|side| {
+                    format!(
+                        "in every flip {} keeps the query's own key and {} leaves it out: a causal mask off by one \
+                         (`<` for `<=`)",
+                        side.other().label(),
+                        side.label()
+                    )
+                })
+            }
             // Rows that kept fewer distinct causal keys than the other side: no rule's choice.
             Detail::Sets { flips, .. } if flips.iter().any(|f| f.fewer_keys().is_some()) => {
                 let sides: Vec<Side> = flips.iter().filter_map(Flip::fewer_keys).collect();
