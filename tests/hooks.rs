@@ -292,6 +292,30 @@ fn diff_names_the_perturbed_tensor_and_ignores_set_order_and_padding() {
     let scaled = "first divergence: layers.0.attn.kv_latent (each of its 32 rows is a scaled copy of the reference's, \
                   by factors 0.9000 to 1.2100: a normalisation whose statistic differs";
     assert!(text.contains(scaled), "{text}");
+    // A MoE output without its shared expert: the reference's less the shared expert, computed
+    // here from the checkpoint's weights on the reference's post_attn_norm (silu(x Wg) * x Wu, then
+    // Wd), is read with --model.
+    let ckpt = glimpse::checkpoint::Checkpoint::open(&m).unwrap();
+    let weight = |p: &str| ckpt.f32(&format!("model.layers.2.mlp.shared_experts.{p}.weight")).unwrap();
+    let ((wg, gs), (wu, _), (wd, _)) = (weight("gate_proj"), weight("up_proj"), weight("down_proj"));
+    let (inter, hidden) = (gs[0], gs[1]);
+    let routed_only = edited(tmp.path(), "no-shared.safetensors", |t| {
+        let x = match &t.iter().find(|(n, _, _)| n == "layers.2.post_attn_norm").unwrap().1 {
+            Values::F32(x) => x.clone(),
+            _ => panic!(),
+        };
+        let (_, v, _) = t.iter_mut().find(|(n, _, _)| n == "layers.2.mlp.out").unwrap();
+        let Values::F32(out) = v else { panic!() };
+        for (x, out) in x.chunks(hidden).zip(out.chunks_mut(hidden)) {
+            let dot = |w: &[f32], j: usize| (0..hidden).map(|c| w[j * hidden + c] * x[c]).sum::<f32>();
+            let h: Vec<f32> = (0..inter).map(|j| dot(&wg, j) / (1.0 + (-dot(&wg, j)).exp()) * dot(&wu, j)).collect();
+            for (c, o) in out.iter_mut().enumerate() {
+                *o -= (0..inter).map(|j| wd[c * inter + j] * h[j]).sum::<f32>();
+            }
+        }
+    });
+    let (_, text) = code_and_text(&["diff", routed_only.to_str().unwrap(), r, "--model", m.to_str().unwrap()]);
+    assert!(text.contains("the shared expert is not added to the routed experts' sum"), "{text}");
     // Weights scaled twice: the factor is the config's routed_scaling_factor, which is said.
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();

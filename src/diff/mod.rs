@@ -29,12 +29,21 @@ pub struct DiffOptions {
     /// Its config (`diff --model`): a shared-indexer layer's DSA flips take the margins of the
     /// full layer whose keys it reuses.
     pub config: Option<Config>,
+    /// Its folder (`diff --model`), for readings that run one of its blocks (the shared expert).
+    pub model: Option<std::path::PathBuf>,
 }
 
 impl Default for DiffOptions {
     fn default() -> Self {
         let near_tie = Tolerance::default().near_tie();
-        DiffOptions { tol: Tolerance::default(), per_name: Vec::new(), near_tie, routers: None, config: None }
+        DiffOptions {
+            tol: Tolerance::default(),
+            per_name: Vec::new(),
+            near_tie,
+            routers: None,
+            config: None,
+            model: None,
+        }
     }
 }
 

@@ -8,10 +8,12 @@ mod mtp;
 mod onset;
 mod routing;
 mod rows;
+mod shared;
 
 pub use onset::{Leading, Onset};
 pub use routing::{BiasLeftOut, UnbiasedTies, WeightsRule};
 pub use rows::RowScale;
+pub use shared::SharedExpert;
 
 use crate::compare::{element_ok, Comparison, Detail, Flip, Side, Tolerance};
 use crate::config::Config;
@@ -133,6 +135,9 @@ impl DiffReport {
         }
         if let Some(fed) = self.notes.mtp_input {
             return Some(fed.reading());
+        }
+        if let Some(shared) = self.notes.shared_expert {
+            return Some(shared.reading().into());
         }
         if let Some(left_out) = self.notes.bias_left_out {
             return Some(left_out.reading());
@@ -352,6 +357,8 @@ pub struct Notes {
     /// For routing weights and a MoE layer's output, with `--model`: its `routed_scaling_factor`
     /// (not 1), which a factor between the two may be.
     pub routed_scaling: Option<f64>,
+    /// For a MoE layer's output, with `--model`: the shared expert missing from ours, or twice.
+    pub shared_expert: Option<SharedExpert>,
     /// Every row a scaled copy of the reference's, by factors of its own.
     pub row_scale: Option<RowScale>,
     /// For routing, with `--model`: a side that chose without the correction bias.
@@ -519,6 +526,7 @@ impl Notes {
         };
         // (Rows that part at an onset, the earlier ones exact, are read by where it starts.)
         let row_scale = shape.last().filter(|_| onset.is_none()).and_then(|&w| RowScale::of(ours, reference, w));
+        let shared_expert = opts.model.as_deref().and_then(|m| SharedExpert::of(a, b, name, m, opts.tol_for(name)));
         let leading = crate::compare::differing_positions(ours, reference, &shape, opts.tol_for(name))
             .map(|differing| Leading { differing, index_topk });
         let mtp_input = (point == Some(HookPoint::MtpInputHidden))
@@ -536,6 +544,7 @@ impl Notes {
             bias_left_out: None,
             routed_scaling,
             row_scale,
+            shared_expert,
             mtp_input,
         }
     }
