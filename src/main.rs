@@ -288,7 +288,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     }
                     let header =
                         format!("verify {} against {} on {}", model_dir.display(), golden.display(), target.describe());
-                    return Ok(exit(verify::show(json, &header, &reference, (&report, free.as_ref()), &opts)));
+                    let paths = (model_dir.as_path(), golden.as_path());
+                    return Ok(show_verify(json, &header, &reference, (&report, free.as_ref()), &opts, paths));
                 }
                 if stream && layers.is_none() && verify::has_mtp(&reference) {
                     return Err(Error::Usage(format!(
@@ -340,7 +341,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 };
                 // After the runs, as the device path does: an error on the way is its one line alone.
                 let header = format!("verify {} against {}", model_dir.display(), golden.display());
-                Ok(exit(verify::show(json, &header, &reference, (&report, free.as_ref()), &opts)))
+                let paths = (model_dir.as_path(), golden.as_path());
+                Ok(show_verify(json, &header, &reference, (&report, free.as_ref()), &opts, paths))
             })()
             .map_err(|e| match &config_warning {
                 // An error the other config may explain keeps it, on its one line.
@@ -524,6 +526,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `verify::show`, then, where a tensor did not match, how to have its first mismatch read: the
+/// readings are `diff`'s, of two dumps (verify keeps no tensor of its run).
+fn show_verify(
+    json: bool,
+    header: &str,
+    reference: &Dump,
+    reports: (&verify::Report, Option<&verify::Report>),
+    opts: &verify::VerifyOptions,
+    (model, golden): (&Path, &Path),
+) -> ExitCode {
+    let passed = verify::show(json, header, reference, reports, opts);
+    if !passed && !json && reports.0.first_mismatch().is_some() {
+        println!(
+            "(a reading of the first mismatch: glimpse run --model {m} --tokens-from {g} --dump OURS.safetensors, \
+             then glimpse diff OURS.safetensors {g} --model {m})",
+            m = model.display(),
+            g = golden.display()
+        );
+    }
+    exit(passed)
 }
 
 /// What a run will hold, for the memory check before its weights load.

@@ -142,6 +142,19 @@ fn a_dump_of_f16_values_gets_a_note_on_f16_rounding() {
     // As a reference, verify says it of the first float tensor outside the tolerance.
     let (code, out) = code_and_text(&["verify", "--model", &s(&golden("flat")), "--golden", &s(&ours)]);
     assert!(code == 1 && out.contains("holds f16 values only: rounding to f16 alone"), "{out}");
+    // It says how to have the first mismatch read, in commands that run as written.
+    let hint = out
+        .lines()
+        .find_map(|l| l.strip_prefix("(a reading of the first mismatch: "))
+        .unwrap_or_else(|| panic!("{out}"));
+    let ours = s(&tmp.path().join("ours.safetensors"));
+    for command in hint.trim_end_matches(')').split(", then ") {
+        let args: Vec<String> =
+            command.replace("OURS.safetensors", &ours).split(' ').skip(1).map(String::from).collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, out) = code_and_text(&args);
+        assert!(code == 0 || (code == 1 && args[0] == "diff"), "{command}: {out}");
+    }
 }
 
 /// Routing weights of dumps that do not both hold the expert ids are compared row by row as
