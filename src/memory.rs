@@ -31,8 +31,9 @@ impl Estimate {
 /// What a whole pass (the hook points `recording` names) of `batch x seq` tokens over `window`
 /// holds on `target`: on the CPU, [`estimate`] of a model packing its weights; on a device, the
 /// CPU model's weights as loaded, beside the copies the device holds in host memory
-/// ([`device_copies`]). The activations are counted as the CPU's (the host's for `cpu-ops` and
-/// `cuda-emu`; more than `cuda` keeps on the host).
+/// ([`device_copies`]), but for the MTP layer where the window holds it, which runs on the CPU
+/// and packs its weights there. The activations are counted as the CPU's (the host's for
+/// `cpu-ops` and `cuda-emu`; more than `cuda` keeps on the host).
 pub fn estimate_on(
     target: Target,
     ckpt: &Checkpoint,
@@ -40,8 +41,17 @@ pub fn estimate_on(
     window: &RangeInclusive<usize>,
     recording: Recording,
 ) -> Estimate {
-    let passes = if target.backend == Backend::Cpu { Passes::Many } else { Passes::Elsewhere };
-    let mut est = estimate(ckpt, dims, window, false, recording, passes);
+    if target.backend == Backend::Cpu {
+        return estimate(ckpt, dims, window, false, recording, Passes::Many);
+    }
+    let mut est = estimate(ckpt, dims, window, false, recording, Passes::Elsewhere);
+    let mtp = ckpt.config.num_hidden_layers;
+    if window.contains(&mtp) {
+        // What packing the MTP layer adds to it as loaded (the embeddings and head count alike
+        // in both, and cancel).
+        let layer = |passes| estimate(ckpt, dims, &(mtp..=mtp), false, Recording::Nothing, passes).weights;
+        est.weights = est.weights.saturating_add(layer(Passes::Many).saturating_sub(layer(Passes::Elsewhere)));
+    }
     est.weights = est.weights.saturating_add(device_copies(ckpt, target));
     est
 }

@@ -157,6 +157,28 @@ fn a_dump_of_f16_values_gets_a_note_on_f16_rounding() {
     }
 }
 
+/// Zero-width hidden states (a header's word alone) in the MTP head's tensors: compared and read
+/// without a panic (reading the head's input divided by the width).
+#[test]
+fn zero_width_mtp_tensors_are_no_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let meta: std::collections::BTreeMap<String, String> =
+        [("format".to_string(), "glm5-dump/1".to_string()), ("source".to_string(), "test".to_string())].into();
+    let write = |name: &str, input: usize| {
+        let path = tmp.path().join(name);
+        let entries = vec![
+            ("input_ids".to_string(), Entry::i64(vec![1, 4], &[1, 2, 3, 4])),
+            ("final_norm".to_string(), Entry::f32(vec![1, 4, 0], &[])),
+            ("mtp.input_hidden".to_string(), Entry::f32(vec![1, input, 0], &[])),
+        ];
+        st::write(&path, &entries, &meta).unwrap();
+        path
+    };
+    let (ours, theirs) = (write("ours.st", 3), write("ref.st", 2));
+    let (code, out) = code_and_text(&["diff", &s(&ours), &s(&theirs)]);
+    assert!((code == 1 || code == 2) && !out.contains("panicked"), "{code}: {out}");
+}
+
 /// Routing weights of dumps that do not both hold the expert ids are compared row by row as
 /// sorted values: a correct port that lists a token's experts in another order matches (slot by
 /// slot it read "68/128 outside tol"), and a wrong weight still does not.

@@ -127,6 +127,15 @@ fn a_port_feeding_its_head_the_pre_norm_state_is_named() {
     assert!(code == 1 && out.contains(&first), "{first}\nin\n{out}");
     let (code, out) = common::code_and_text(&["verify", "--model", &model, "--golden", &port, "--isolate"]);
     assert!(code == 1 && out.contains("first mismatch: mtp.input_hidden"), "{out}");
+    // A head fed a bf16 copy of its final norm was fed the final norm: not read as another state.
+    let rounded = common::edit_dump(&reference, &tmp.path().join("rounded.st"), |t| {
+        let (_, v, _) = t.iter_mut().find(|(name, ..)| name == "mtp.input_hidden").unwrap();
+        let glimpse::dump::Values::F32(x) = v else { panic!("floats") };
+        x.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+    });
+    let (_, out) = common::code_and_text(&["diff", rounded.to_str().unwrap(), reference.to_str().unwrap()]);
+    assert!(out.contains("first divergence: mtp.input_hidden") && !out.contains("MTP head takes"), "{out}");
+    assert!(!out.contains("feeds the MTP head"), "{out}");
 }
 
 #[test]

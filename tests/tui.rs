@@ -719,3 +719,20 @@ fn a_dump_of_outputs_alone_takes_the_layer_kinds_from_its_reference() {
         }
     }
 }
+
+/// A dump without routing weights shows each token's expert ids (the list was empty, under an
+/// `experts:weight` header). (`fit_list`'s own test covers a list too long for its column.)
+#[test]
+fn a_routing_view_without_weights_shows_the_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = flat().join("bf16-port.safetensors");
+    let no_weights = common::edit_dump(&port, &tmp.path().join("no-weights.st"), |t| {
+        t.retain(|(n, ..)| !n.ends_with(".moe.topk_weights"))
+    });
+    let src = dumps_source(&no_weights, &flat().join("reference.safetensors"), &port_options());
+    let app = App { view: View::Routing, ..at_layer(&src, 2) };
+    let r0 = &src.routing(2).unwrap()[0];
+    let ids: Vec<String> = r0.ids.iter().map(|i| i.to_string()).collect();
+    let s = screen(&app, &src, 120, 16);
+    assert!(!s.contains("experts:weight") && line_with(&s, "│s0 ").contains(&format!(" {} ", ids.join(" "))), "{s}");
+}

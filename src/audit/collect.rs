@@ -549,7 +549,7 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>, mut routes: 
 /// layer off the rule refuse the dump.
 fn check_rule(d: &Dump, name: &str, k: usize, routes: &[Route], logits: &[f32], ids: &[i64]) -> Result<()> {
     use crate::compare::Tolerance;
-    let bf16 = logits.iter().all(|x| x.to_bits() & 0xFFFF == 0);
+    let bf16 = logits.iter().all(|&x| crate::compare::is_bf16(x));
     let near_tie = if bf16 { Tolerance { atol: 2e-2, rtol: 2e-2 } } else { Tolerance::default() }.near_tie();
     let tokens = routes.len();
     let off = routes

@@ -171,6 +171,21 @@ pub fn coord(shape: &[usize], mut i: usize) -> Vec<usize> {
     c
 }
 
+/// Whether `x` is a bf16 value (its low 16 bits 0): a run in bf16, stored in f32.
+pub(crate) fn is_bf16(x: f32) -> bool {
+    x.to_bits() & 0xFFFF == 0
+}
+
+/// Whether `x` is an f16 value (it survives the round trip; NaN counts).
+pub(crate) fn is_f16(x: f32) -> bool {
+    x.is_nan() || half::f16::from_f32(x).to_f32().to_bits() == x.to_bits()
+}
+
+/// Whether `ours` and `reference` are as long and every element matches within `tol`.
+pub(crate) fn all_close(ours: &[f32], reference: &[f32], tol: Tolerance) -> bool {
+    ours.len() == reference.len() && ours.iter().zip(reference).all(|(&a, &e)| element_ok(a, e, tol))
+}
+
 pub(crate) fn element_ok(a: f32, e: f32, tol: Tolerance) -> bool {
     if e.is_nan() || a.is_nan() {
         return false;

@@ -254,9 +254,8 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     let (mut bf16_only, mut floats_seen) = ([true; 2], false);
     let mut bf16_first = None;
     let bf16 = crate::device::Precision::Bf16.tolerance();
-    let is_bf16 = |v: &Values| matches!(v, Values::F32(v) if v.iter().all(|x| x.to_bits() & 0xFFFF == 0));
+    let is_bf16 = |v: &Values| matches!(v, Values::F32(v) if v.iter().all(|&x| crate::compare::is_bf16(x)));
     let mut f16_only = [true; 2];
-    let f16 = |x: &f32| x.is_nan() || half::f16::from_f32(*x).to_f32().to_bits() == x.to_bits();
     // Each compared tensor is scanned for NaN/Inf while it is in memory, not read again for it.
     let (mut seen_a, mut seen_b) = (HashMap::new(), HashMap::new());
     for name in names_b.iter().filter(|n| names_a.contains(n)) {
@@ -292,7 +291,8 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
                 floats_seen = true;
                 // (Once a side holds a value that is no bf16, its tensors are not scanned again.)
                 bf16_only[side] = bf16_only[side] && is_bf16(v);
-                f16_only[side] = f16_only[side] && matches!(v, Values::F32(v) if v.iter().all(f16));
+                f16_only[side] =
+                    f16_only[side] && matches!(v, Values::F32(v) if v.iter().all(|&x| crate::compare::is_f16(x)));
             }
         }
         let mut c = compare_tensor(name, (&va, &sa), (&vb, &sb), ids, opts.tol_for(name), batch);

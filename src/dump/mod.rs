@@ -340,8 +340,6 @@ impl Dump {
     }
 }
 
-/// The spec's index tensors: `input_ids` and the selections, `layers.{i}.dsa.topk` and
-/// `layers.{i}.moe.topk_ids`.
 /// Why a tensor under glimpse's extra hook point `h` (one outside the spec), of floats or
 /// integers or neither, of `rank` dimensions, is not glimpse's: None where it is as glimpse
 /// writes it.
@@ -363,6 +361,8 @@ fn foreign(h: HookPoint, (float, int): (bool, bool), rank: usize) -> Option<Stri
     })
 }
 
+/// The spec's index tensors: `input_ids` and the selections, `layers.{i}.dsa.topk` and
+/// `layers.{i}.moe.topk_ids`.
 pub fn is_index_tensor(name: &str) -> bool {
     name == "input_ids" || name.ends_with(".dsa.topk") || name.ends_with(".moe.topk_ids")
 }

@@ -1,8 +1,10 @@
 //! Readings of a comparison: what its first divergence looks like where a pattern names a
 //! likely cause (a factor, near-ties, rounding's tail, flips a rule made on matching scores,
-//! where along the sequence it starts, routing weights another rule made), and what the reference holds that
-//! ours does not. `diff` prints them beside the numbers; they are hints, each said only where
-//! its pattern holds.
+//! where along the sequence it starts or ends, rows each rescaled, routing weights another rule
+//! made, experts chosen without the bias, a shared expert left out, a head fed the state before
+//! the final norm, a mask that leaves out the diagonal), and what the reference holds that ours
+//! does not. `diff` prints them beside the numbers; they are hints, each said only where its
+//! pattern holds.
 
 mod mtp;
 mod onset;
@@ -21,20 +23,6 @@ use crate::diff::{floats, ints, DiffOptions, DiffReport};
 use crate::dump::Dump;
 use crate::flips::Class;
 use crate::hooks::{HookPoint, LayerHook};
-
-/// The side that leaves out the query's own key in every DSA flip (`at` = [b, s]) where the other
-/// keeps it; None where some flip is otherwise, or there is none.
-fn own_key_left_out(flips: &[Flip]) -> Option<Side> {
-    let own = |f: &Flip| f.at.get(1).map(|&s| s as i64);
-    let left_out = |f: &Flip, side: Side| {
-        let (kept, missing) = match side {
-            Side::Ours => (&f.only_reference, &f.only_ours),
-            Side::Reference => (&f.only_ours, &f.only_reference),
-        };
-        own(f).is_some_and(|s| kept.contains(&s) && !missing.contains(&s))
-    };
-    [Side::Ours, Side::Reference].into_iter().find(|&side| !flips.is_empty() && flips.iter().all(|f| left_out(f, side)))
-}
 
 /// Two tensors (of `total` elements) whose least-squares `scale` and `cosine` say they are a
 /// factor apart: what is left once the scale is taken out (1 - cos², of the squared norm) is
@@ -109,6 +97,36 @@ impl DiffReport {
         (found * 2 > shifted.len() && ours_last > theirs_last).then(|| "ours numbers its layers from 1".into())
     }
 
+    /// The side that leaves out the query's own key in every DSA flip (`at` = [b, s]) where the
+    /// other keeps it, over two flips or more none of which is a near-tie (a bf16 run's one
+    /// near-tie can be a query's own key); None otherwise.
+    fn own_key_left_out(&self, flips: &[Flip]) -> Option<Side> {
+        let own = |f: &Flip| f.at.get(1).map(|&s| s as i64);
+        let left_out = |f: &Flip, side: Side| {
+            let (kept, missing) = match side {
+                Side::Ours => (&f.only_reference, &f.only_ours),
+                Side::Reference => (&f.only_ours, &f.only_reference),
+            };
+            own(f).is_some_and(|s| kept.contains(&s) && !missing.contains(&s))
+        };
+        if flips.len() < 2 || flips.iter().any(|f| Class::of(f, self.near_tie) == Class::NearTie) {
+            return None;
+        }
+        [Side::Ours, Side::Reference].into_iter().find(|&side| flips.iter().all(|f| left_out(f, side)))
+    }
+
+    /// Which dump lacks the tensor `name` (`ours holds`, `the reference holds`, `neither dump
+    /// holds`), where they do not both hold it.
+    fn lacking(&self, name: &str) -> Option<&'static str> {
+        let named = |n: &String| n == name;
+        match (self.only_a.iter().any(named), self.only_b.iter().any(named)) {
+            _ if self.results.iter().any(|c| c.name == name) => None,
+            (true, _) => Some("the reference holds"),
+            (_, true) => Some("ours holds"),
+            _ => Some("neither dump holds"),
+        }
+    }
+
     /// What the first divergence looks like, where a pattern names a likely cause: two tensors a
     /// factor apart (exactly, or mostly: a per-token factor), selections that differ only by
     /// near-ties, or selections made from scores that match (the rule differs, not its input).
@@ -164,25 +182,13 @@ impl DiffReport {
                 });
                 factor(*scale, *cosine, *total).map(|f| f + &named.unwrap_or_default())
             }
-            Detail::Float { .. } if self.notes.row_scale.is_some() => self.notes.row_scale.map(RowScale::reading),
+            Detail::Float { .. } if self.notes.row_scale.is_some() => self.notes.row_scale.map(|r| r.reading(&c.name)),
             // (Masking a causal key the reference scores is no position-wise effect: said beside an onset.)
             Detail::Float { .. } if self.notes.mask.is_some_and(|m| m.ours > 0 || self.notes.onset.is_none()) => {
                 self.notes.mask.map(|m| m.reading())
             }
             Detail::Float { .. } => self.notes.tail.map(Tail::reading),
             Detail::Exact { .. } => self.notes.unbiased_ties.map(UnbiasedTies::reading),
-            // DSA rows where one side always leaves out the query's own key: its causal mask
-            // leaves out the diagonal (the scores would say it too, where recorded).
-            Detail::Sets { flips, .. } if c.name.ends_with(".dsa.topk") && own_key_left_out(flips).is_some() => {
-                own_key_left_out(flips).map(|side| {
-                    format!(
-                        "in every flip {} keeps the query's own key and {} leaves it out: a causal mask off by one \
-                         (`<` for `<=`)",
-                        side.other().label(),
-                        side.label()
-                    )
-                })
-            }
             // Rows that kept fewer distinct causal keys than the other side: no rule's choice.
             Detail::Sets { flips, .. } if flips.iter().any(|f| f.fewer_keys().is_some()) => {
                 let sides: Vec<Side> = flips.iter().filter_map(Flip::fewer_keys).collect();
@@ -198,6 +204,29 @@ impl DiffReport {
                 ))
             }
             Detail::Sets { flips, .. } if all(flips, Class::NearTie) => Some("every flip a near-tie".into()),
+            // DSA rows where one side always leaves out the query's own key, in two flips or more
+            // and no near-tie: its causal mask leaves out the diagonal (the scores would say it
+            // too, where recorded).
+            Detail::Sets { flips, .. } if c.name.ends_with(".dsa.topk") && self.own_key_left_out(flips).is_some() => {
+                self.own_key_left_out(flips).map(|side| {
+                    format!(
+                        "in every flip {} keeps the query's own key and {} leaves it out: a causal mask off by one \
+                         (`<` for `<=`)",
+                        side.other().label(),
+                        side.label()
+                    )
+                })
+            }
+            // DSA flips whose indexer scores the two do not both hold: what would have them read (a
+            // `run --dump` leaves the S x S scores out unless asked).
+            Detail::Sets { .. }
+                if c.name.ends_with(".dsa.topk") && self.lacking(&c.name.replace("topk", "scores")).is_some() =>
+            {
+                let scores = c.name.replace("topk", "scores");
+                self.lacking(&scores).map(|side| {
+                    format!("{side} no {scores}: record it (`--record '*,*.dsa.scores'`) to have these flips read")
+                })
+            }
             // Real flips over scores that match: the rule differs, not its input. A flip under one
             // rule needs its scores to move by half its two margins, so at least half the larger:
             // scores that moved less than that for every flip (measured on the input, gate logits

@@ -164,9 +164,9 @@ impl BiasLeftOut {
         let (rc, bias) = opts.routers.as_ref()?.layer(i)?;
         let logits_name = HookPoint::Layer(i, LayerHook::RouterLogits).name();
         let (e, k, unbiased) = (bias.len(), rc.top_k, vec![0.0; bias.len()]);
-        let set = |ids: &mut Vec<i64>| {
+        let set = |mut ids: Vec<i64>| {
             ids.sort_unstable();
-            ids.clone()
+            ids
         };
         let of = |d: &Dump, side: Side| {
             let (logits, ids) = (floats(d, &logits_name)?, ints(d, name)?);
@@ -175,8 +175,8 @@ impl BiasLeftOut {
             }
             let mut changed = 0;
             for (row, chosen) in logits.chunks_exact(e).zip(ids.chunks_exact(k)) {
-                let chosen = set(&mut chosen.to_vec());
-                let pick = |b: &[f32]| set(&mut route(rc, row, b).ids.iter().map(|&j| j as i64).collect());
+                let chosen = set(chosen.to_vec());
+                let pick = |b: &[f32]| set(route(rc, row, b).ids.iter().map(|&j| j as i64).collect());
                 if pick(&unbiased) != chosen {
                     return None;
                 }

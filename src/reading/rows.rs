@@ -39,10 +39,14 @@ impl RowScale {
         (rows >= 2 && varies && off).then_some(RowScale { rows, min, max })
     }
 
-    pub fn reading(self) -> String {
+    /// Said of the tensor `name`: routing weights rescaled per token are normalised otherwise.
+    pub fn reading(self, name: &str) -> String {
+        let cause = match name.ends_with(".moe.topk_weights") {
+            true => "the weights normalised otherwise (norm_topk_prob, or a sum over other experts)",
+            false => "a normalisation whose statistic differs (its eps, or a mean over other elements)",
+        };
         format!(
-            "each of its {} rows is a scaled copy of the reference's, by factors {:.4} to {:.4}: a normalisation \
-             whose statistic differs (its eps, or a mean over other elements)",
+            "each of its {} rows is a scaled copy of the reference's, by factors {:.4} to {:.4}: {cause}",
             self.rows, self.min, self.max
         )
     }

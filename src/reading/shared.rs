@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 
 use crate::checkpoint::{Checkpoint, Loader};
-use crate::compare::{element_ok, Tolerance};
+use crate::compare::{all_close, Tolerance};
 use crate::config::MlpKind;
 use crate::diff::floats;
 use crate::dump::Dump;
@@ -45,15 +45,11 @@ impl SharedExpert {
         };
         let (ours, reference) = (floats(a, name)?, floats(b, name)?);
         let (shared_ours, shared_reference) = (of(a)?, of(b)?);
-        let close = |other: &mut dyn Iterator<Item = f32>| {
-            let other: Vec<f32> = other.collect();
-            other.len() == ours.len() && ours.iter().zip(&other).all(|(&x, &e)| element_ok(x, e, tol))
-        };
-        let routed = reference.iter().zip(&shared_reference).map(|(r, s)| r - s);
-        let twice = reference.iter().zip(&shared_ours).map(|(r, s)| r + s);
-        if close(&mut routed.into_iter()) {
+        let routed: Vec<f32> = reference.iter().zip(&shared_reference).map(|(r, s)| r - s).collect();
+        let twice: Vec<f32> = reference.iter().zip(&shared_ours).map(|(r, s)| r + s).collect();
+        if all_close(&ours, &routed, tol) {
             Some(SharedExpert::Missing)
-        } else if close(&mut twice.into_iter()) {
+        } else if all_close(&ours, &twice, tol) {
             Some(SharedExpert::Twice)
         } else {
             None

@@ -64,9 +64,8 @@ pub fn precision_note(golden: &Dump, r: &Report, opts: &VerifyOptions) -> Option
     let first = r.results.iter().find(|c| !c.ok && matches!(c.detail, Detail::Float { .. }))?;
     let tol = crate::diff::tol_for(opts.tol, &opts.per_name, &first.name);
     let (Values::F32(v), _) = golden.values(&first.name).ok()? else { return None };
-    let only_bf16 = !v.is_empty() && v.iter().all(|x| x.to_bits() & 0xFFFF == 0);
-    let f16 = |x: &f32| x.is_nan() || half::f16::from_f32(*x).to_f32().to_bits() == x.to_bits();
-    let only_f16 = !v.is_empty() && !only_bf16 && v.iter().all(f16);
+    let only_bf16 = !v.is_empty() && v.iter().all(|&x| compare::is_bf16(x));
+    let only_f16 = !v.is_empty() && !only_bf16 && v.iter().all(|&x| compare::is_f16(x));
     let rounding = crate::diff::F16_ROUNDING;
     if only_f16 && tol.rtol < rounding {
         return Some(format!(

@@ -51,7 +51,8 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let experts_width = area.width.saturating_sub(2).saturating_sub(others) as usize;
     // Which experts matter more than their weights: where the rows on screen cannot show every
     // weight, the column shows the ids alone, and `+N` only where even those do not fit.
-    let weighted = on_screen.iter().all(|r| joined_len(&experts(r, true)) <= experts_width);
+    let weighted =
+        on_screen.iter().all(|r| r.weights.len() == r.ids.len() && joined_len(&experts(r, true)) <= experts_width);
     let rows = routes.iter().skip(start).map(|r| {
         let experts = experts(r, weighted);
         let reference = fit(r);
@@ -85,10 +86,13 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
 /// The header of the column of what differs, and its narrowest width.
 const VERSUS: &str = "vs ref (-ref +ours)";
 
-/// A row's experts, `id:weight` or the ids alone.
+/// A row's experts, `id:weight` or the ids alone (also where the dump holds no weights).
 fn experts(r: &RouteRow, weighted: bool) -> Vec<String> {
-    let entry = |(i, w): (&i64, &f32)| if weighted { format!("{i}:{w:.2}") } else { i.to_string() };
-    r.ids.iter().zip(&r.weights).map(entry).collect()
+    let entry = |(j, i): (usize, &i64)| match r.weights.get(j).filter(|_| weighted) {
+        Some(w) => format!("{i}:{w:.2}"),
+        None => i.to_string(),
+    };
+    r.ids.iter().enumerate().map(entry).collect()
 }
 
 /// The width of `items` joined by spaces.
