@@ -67,6 +67,11 @@ fn layers_view_flags_the_ports_flips() {
     let first = ours.names().into_iter().filter(|n| n.starts_with("layers.3.")).find(|n| outside(n)).unwrap();
     let first = first.trim_start_matches("layers.3.");
     assert!(row.contains(&format!(" {first} ")), "{first}: {row}");
+    // Above the table, the first divergence and its reading as `diff` says them on top.
+    let (ours, reference) = port_dumps();
+    let lines = glimpse::diff::diff(&ours, &reference, &port_options()).unwrap().first_divergence_lines().unwrap();
+    let top = lines.lines().next().unwrap();
+    assert!(top.starts_with("first divergence: ") && s.lines().any(|l| l.trim_end() == top), "{top}\n{s}");
 }
 
 /// Whether the port's float tensor `name` has an element outside |a - e| <= 1e-4 + 1e-4 |e| of

@@ -501,21 +501,23 @@ impl DiffReport {
         })
     }
 
+    /// The first divergence with its reading, and where along the sequence it starts or ends
+    /// (each on a line of its own, indented), as the report says it on top.
+    pub fn first_divergence_lines(&self) -> Option<String> {
+        let c = self.first_divergence()?;
+        let reading = self.reading(c).map(|r| format!(" ({r})")).unwrap_or_default();
+        let mut out = format!("first divergence: {}{reading}", c.name);
+        let positions = [self.notes.onset.map(|o| o.reading()), self.notes.leading.map(|l| l.reading())];
+        positions.into_iter().flatten().for_each(|p| out += &format!("\n  {p}"));
+        Some(out)
+    }
+
     /// The report for a terminal: first divergence on top, one line per tensor, then the flips.
     pub fn render(&self, a: &Path, b: &Path) -> String {
         let mut out = format!("diff {} (ours) against {} (reference)\n", a.display(), b.display());
         let missing = self.missing_spec_names();
-        match self.first_divergence() {
-            Some(c) => {
-                let reading = self.reading(c).map(|r| format!(" ({r})")).unwrap_or_default();
-                out += &format!("first divergence: {}{reading}\n", c.name);
-                if let Some(o) = self.notes.onset {
-                    out += &format!("  {}\n", o.reading());
-                }
-                if let Some(l) = self.notes.leading {
-                    out += &format!("  {}\n", l.reading());
-                }
-            }
+        match self.first_divergence_lines() {
+            Some(lines) => out += &format!("{lines}\n"),
             None if crate::compare::tokens_only(&self.results) => out += &format!("{TOKENS_ONLY}\n"),
             None if !missing.is_empty() => {
                 out += &format!("no divergence in the {} tensors both hold\n", self.results.len())

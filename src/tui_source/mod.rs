@@ -43,6 +43,8 @@ pub struct DumpSource {
     /// records gate logits but no `moe.margin` (a transformers dump).
     routers: Option<Routers>,
     non_finite: Option<String>,
+    /// `diff`'s first divergence and its reading, as it says them on top.
+    divergence: Option<String>,
     /// The checkpoint's routed-expert count, when its config is given.
     experts: Option<usize>,
     /// Each hook point's statistics and worst elements, computed when first drawn: every key
@@ -132,6 +134,7 @@ impl DumpSource {
             let hint = r.misnamed()?;
             Some(format!("misnamed: {hint} ({} spec hook points not compared)", r.missing_spec_names().len()))
         });
+        let divergence = report.as_ref().and_then(|r| r.first_divergence_lines());
         // Each layer's output error and where it jumps, as `diff` and `verify` mark them.
         let by_layer = report.as_ref().map(|r| crate::layer_error::by_layer(&r.results, opts.near_tie));
         let by_layer = by_layer.unwrap_or_default();
@@ -234,6 +237,7 @@ impl DumpSource {
             near_tie,
             routers: opts.routers.clone(),
             non_finite,
+            divergence,
             experts: config.map(|c| c.n_routed_experts),
             hook_rows: RefCell::default(),
             last_dsa: RefCell::default(),
@@ -557,6 +561,9 @@ impl Source for DumpSource {
 
     fn first_non_finite(&self) -> Option<String> {
         self.non_finite.clone()
+    }
+    fn first_divergence(&self) -> Option<String> {
+        self.divergence.clone()
     }
     fn warning(&self) -> Option<String> {
         self.warning.clone()

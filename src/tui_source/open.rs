@@ -64,6 +64,7 @@ pub fn open(o: &Open) -> Result<DumpSource> {
             let ckpt = model.map(Checkpoint::open).transpose()?;
             if let Some(c) = &ckpt {
                 (opts.routers, opts.config) = (Some(Routers::read(c)?), Some(c.config.clone()));
+                opts.model = model.map(Path::to_path_buf);
             }
             let ours = Dump::open(path)?;
             // Another model's shapes would label its layers and class its flips with that model's
@@ -182,5 +183,6 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     // The routers recompute the reference's routing margins from its gate logits.
     opts.routers = Some(Routers::of_layers(&model.config, &model.layers));
     opts.config = Some(ckpt.config.clone());
+    opts.model = Some(dir.to_path_buf());
     DumpSource::new(title, ours, reference, &opts)
 }

@@ -286,6 +286,11 @@ pub trait Source {
     fn first_non_finite(&self) -> Option<String> {
         None
     }
+    /// The first hook point that differs from the reference, with what it reads as (`diff`'s
+    /// first lines; shown above the layers).
+    fn first_divergence(&self) -> Option<String> {
+        None
+    }
     /// What the session should know from the start (shown in the status line until a key):
     /// e.g. that the checkpoint given is not the one the dump ran.
     fn warning(&self) -> Option<String> {

@@ -21,18 +21,22 @@ pub fn status_style(s: Status) -> Style {
 }
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
-    // The first NaN/Inf of the run, whole, above the table (a title would cut its coordinate).
-    let area = match src.first_non_finite() {
-        Some(nf) => {
-            let text = format!("first NaN/Inf of this run: {nf}");
-            let lines = (text.chars().count().div_ceil(area.width.max(1) as usize) as u16).clamp(1, 3);
-            let [note, rest] = Layout::vertical([Constraint::Length(lines), Constraint::Min(3)]).areas(area);
-            let style = Style::new().fg(Color::Red).add_modifier(Modifier::BOLD);
-            f.render_widget(Paragraph::new(text).style(style).wrap(Wrap { trim: false }), note);
-            rest
-        }
-        None => area,
-    };
+    // The first NaN/Inf of the run and the first divergence with its reading, whole, above the
+    // table (a title would cut them).
+    let notes = [
+        src.first_non_finite().map(|nf| (format!("first NaN/Inf of this run: {nf}"), Color::Red)),
+        src.first_divergence().map(|d| (d, Color::Yellow)),
+    ];
+    let mut area = area;
+    for (text, colour) in notes.into_iter().flatten() {
+        let width = area.width.max(1) as usize;
+        let lines: usize = text.lines().map(|l| l.chars().count().div_ceil(width).max(1)).sum();
+        let [note, rest] =
+            Layout::vertical([Constraint::Length((lines as u16).clamp(1, 4)), Constraint::Min(3)]).areas(area);
+        let style = Style::new().fg(colour).add_modifier(Modifier::BOLD);
+        f.render_widget(Paragraph::new(text).style(style).wrap(Wrap { trim: false }), note);
+        area = rest;
+    }
     // At narrow widths the type columns go first, then the worst hook, the mismatch count and the
     // first bad hook.
     // The count columns are as wide as their largest entries.
