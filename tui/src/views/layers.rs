@@ -32,7 +32,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         let width = area.width.max(1) as usize;
         let lines: usize = text.lines().map(|l| l.chars().count().div_ceil(width).max(1)).sum();
         let [note, rest] =
-            Layout::vertical([Constraint::Length((lines as u16).clamp(1, 4)), Constraint::Min(3)]).areas(area);
+            Layout::vertical([Constraint::Length((lines as u16).clamp(1, 6)), Constraint::Min(3)]).areas(area);
         let style = Style::new().fg(colour).add_modifier(Modifier::BOLD);
         f.render_widget(Paragraph::new(text).style(style).wrap(Wrap { trim: false }), note);
         area = rest;
