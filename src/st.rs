@@ -233,7 +233,7 @@ pub fn parse(
                 }
                 None => String::new(),
             },
-            E::InvalidHeaderDeserialization(_) => {
+            E::InvalidHeaderDeserialization(_) if which.is_empty() => {
                 " (the header must be JSON: tensors, and `__metadata__` of strings)".to_string()
             }
             E::InvalidOffset(_) if which.is_empty() => ": its data does not start where the tensor before it ends \

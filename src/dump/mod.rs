@@ -353,12 +353,9 @@ fn foreign(h: HookPoint, (float, int): (bool, bool), rank: usize) -> Option<Stri
         _ => (true, 3),
     };
     let kind = if wants_float { "floats" } else { "integers" };
-    (!(float || int) || float != wants_float || rank != wants_rank).then(|| {
-        format!(
-            "glimpse's own {} holds {kind} of {wants_rank} dimensions: another tool's tensor under its name",
-            h.name()
-        )
-    })
+    let dims = if wants_rank == 1 { "1 dimension".to_string() } else { format!("{wants_rank} dimensions") };
+    (!(float || int) || float != wants_float || rank != wants_rank)
+        .then(|| format!("glimpse's own {} holds {kind} of {dims}: another tool's tensor under its name", h.name()))
 }
 
 /// The spec's index tensors: `input_ids` and the selections, `layers.{i}.dsa.topk` and
