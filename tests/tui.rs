@@ -69,9 +69,13 @@ fn layers_view_flags_the_ports_flips() {
     assert!(row.contains(&format!(" {first} ")), "{first}: {row}");
     // Above the table, the first divergence and its reading as `diff` says them on top.
     let (ours, reference) = port_dumps();
-    let lines = glimpse::diff::diff(&ours, &reference, &port_options()).unwrap().first_divergence_lines().unwrap();
+    let report = glimpse::diff::diff(&ours, &reference, &port_options()).unwrap();
+    let lines = report.first_divergence_lines().unwrap();
     let top = lines.lines().next().unwrap();
     assert!(top.starts_with("first divergence: ") && s.lines().any(|l| l.trim_end() == top), "{top}\n{s}");
+    // And diff's note that the port's values are bf16's (its first words: the line wraps).
+    let note = &report.precision_notes()[0];
+    assert!(s.contains(&format!("note: {}", &note[..40])), "{note}\n{s}");
 }
 
 /// Whether the port's float tensor `name` has an element outside |a - e| <= 1e-4 + 1e-4 |e| of

@@ -43,7 +43,8 @@ pub struct DumpSource {
     /// records gate logits but no `moe.margin` (a transformers dump).
     routers: Option<Routers>,
     non_finite: Option<String>,
-    /// `diff`'s first divergence and its reading, as it says them on top.
+    /// `diff`'s first divergence and its reading, as it says them on top, and its notes on the
+    /// precisions compared.
     divergence: Option<String>,
     /// The checkpoint's routed-expert count, when its config is given.
     experts: Option<usize>,
@@ -134,7 +135,11 @@ impl DumpSource {
             let hint = r.misnamed()?;
             Some(format!("misnamed: {hint} ({} spec hook points not compared)", r.missing_spec_names().len()))
         });
-        let divergence = report.as_ref().and_then(|r| r.first_divergence_lines());
+        // With the notes on the precisions compared (a bf16 run at f32's tolerance), as `diff`'s.
+        let divergence = report.as_ref().and_then(|r| {
+            let notes = r.precision_notes().into_iter().map(|n| format!("\nnote: {n}"));
+            Some(r.first_divergence_lines()? + &notes.collect::<String>())
+        });
         // Each layer's output error and where it jumps, as `diff` and `verify` mark them.
         let by_layer = report.as_ref().map(|r| crate::layer_error::by_layer(&r.results, opts.near_tie));
         let by_layer = by_layer.unwrap_or_default();
