@@ -563,6 +563,11 @@ pub fn products(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
         };
         let (cpu_joined, cpu_parts) = (stacked_cpu(&joined), stacked_cpu(&parts));
         let size = if n == 29 { "" } else { ", large" };
+        // Two f32 products of 7000 terms summed in other orders (cuBLAS's blocking, the CPU's)
+        // part by about eps x sqrt(k) x the partial sums (~30 here): the emulation's exact sums
+        // are already 2.5e-5 from the CPU's, and a GPU's own order could take an output near 0
+        // to the small shape's whole 1e-4. A layout bug is off by the outputs' size.
+        let tol = if n == 29 { 1e-4 } else { 5e-4 };
         let mode = if bf16 { "gemm_rows bf16 mode" } else { "gemm_rows" };
         for (kind, weight, cpu_weight) in [
             ("f32", HostWeight::F32(&w), HostWeight::F32(&cpu_w)),
@@ -586,7 +591,7 @@ pub fn products(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
             let gpu_y = ops.download(&dy)?;
             // Rows outside the range must be left alone (NaN on both sides).
             let untouched = gpu_y[..y_row0 * n].iter().all(|v| v.is_nan());
-            let c = check(format!("{mode} ({kind} weight{size})"), &gpu_y[y_row0 * n..], &cpu_y[y_row0 * n..], 1e-4);
+            let c = check(format!("{mode} ({kind} weight{size})"), &gpu_y[y_row0 * n..], &cpu_y[y_row0 * n..], tol);
             out.push(Check { ok: c.ok && untouched, ..c });
         }
         if n == 29 {
