@@ -101,18 +101,34 @@ impl DiffReport {
     /// other keeps it, over two flips or more none of which is a near-tie (a bf16 run's one
     /// near-tie can be a query's own key); None otherwise.
     fn own_key_left_out(&self, flips: &[Flip]) -> Option<Side> {
-        let own = |f: &Flip| f.at.get(1).map(|&s| s as i64);
+        // (A key only the other side keeps is one this side left out.)
         let left_out = |f: &Flip, side: Side| {
-            let (kept, missing) = match side {
-                Side::Ours => (&f.only_reference, &f.only_ours),
-                Side::Reference => (&f.only_ours, &f.only_reference),
-            };
-            own(f).is_some_and(|s| kept.contains(&s) && !missing.contains(&s))
+            let kept_by_other = if side == Side::Ours { &f.only_reference } else { &f.only_ours };
+            f.at.get(1).is_some_and(|&s| kept_by_other.contains(&(s as i64)))
         };
         if flips.len() < 2 || flips.iter().any(|f| Class::of(f, self.near_tie) == Class::NearTie) {
             return None;
         }
         [Side::Ours, Side::Reference].into_iter().find(|&side| flips.iter().all(|f| left_out(f, side)))
+    }
+
+    /// What DSA flips say from the selections themselves: one side always leaving out the query's
+    /// own key, in two flips or more and no near-tie (its causal mask leaves out the diagonal; the
+    /// scores would say it too, where recorded); else, where the two do not both hold the indexer
+    /// scores, how to have the flips read (a `run --dump` leaves the S x S scores out unless
+    /// asked).
+    fn dsa_sets(&self, name: &str, flips: &[Flip]) -> Option<String> {
+        if let Some(side) = self.own_key_left_out(flips) {
+            return Some(format!(
+                "in every flip {} keeps the query's own key and {} leaves it out: a causal mask off by one (`<` for \
+                 `<=`)",
+                side.other().label(),
+                side.label()
+            ));
+        }
+        let scores = name.replace("topk", "scores");
+        self.lacking(&scores)
+            .map(|side| format!("{side} no {scores}: record it (`--record '*,*.dsa.scores'`) to have these flips read"))
     }
 
     /// Which dump lacks the tensor `name` (`ours holds`, `the reference holds`, `neither dump
@@ -166,6 +182,10 @@ impl DiffReport {
                  layer {source}'s, not choose its own)"
             ));
         }
+        let dsa_sets = match &c.detail {
+            Detail::Sets { flips, .. } if c.name.ends_with(".dsa.topk") => self.dsa_sets(&c.name, flips),
+            _ => None,
+        };
         match &c.detail {
             // The scale explains the difference.
             Detail::Float { cosine, scale, total, .. } if factor(*scale, *cosine, *total).is_some() => {
@@ -204,29 +224,8 @@ impl DiffReport {
                 ))
             }
             Detail::Sets { flips, .. } if all(flips, Class::NearTie) => Some("every flip a near-tie".into()),
-            // DSA rows where one side always leaves out the query's own key, in two flips or more
-            // and no near-tie: its causal mask leaves out the diagonal (the scores would say it
-            // too, where recorded).
-            Detail::Sets { flips, .. } if c.name.ends_with(".dsa.topk") && self.own_key_left_out(flips).is_some() => {
-                self.own_key_left_out(flips).map(|side| {
-                    format!(
-                        "in every flip {} keeps the query's own key and {} leaves it out: a causal mask off by one \
-                         (`<` for `<=`)",
-                        side.other().label(),
-                        side.label()
-                    )
-                })
-            }
-            // DSA flips whose indexer scores the two do not both hold: what would have them read (a
-            // `run --dump` leaves the S x S scores out unless asked).
-            Detail::Sets { .. }
-                if c.name.ends_with(".dsa.topk") && self.lacking(&c.name.replace("topk", "scores")).is_some() =>
-            {
-                let scores = c.name.replace("topk", "scores");
-                self.lacking(&scores).map(|side| {
-                    format!("{side} no {scores}: record it (`--record '*,*.dsa.scores'`) to have these flips read")
-                })
-            }
+            // (Said of DSA selections from the selections alone: `dsa_sets`.)
+            Detail::Sets { .. } if dsa_sets.is_some() => dsa_sets,
             // Real flips over scores that match: the rule differs, not its input. A flip under one
             // rule needs its scores to move by half its two margins, so at least half the larger:
             // scores that moved less than that for every flip (measured on the input, gate logits
