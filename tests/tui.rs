@@ -76,6 +76,12 @@ fn layers_view_flags_the_ports_flips() {
     // And diff's note that the port's values are bf16's (its first words: the line wraps).
     let note = &report.precision_notes()[0];
     assert!(s.contains(&format!("note: {}", &note[..40])), "{note}\n{s}");
+    // A short terminal cuts the notes, not the table: its header and three rows stay.
+    let short = screen(&App::default(), &src, 80, 12);
+    assert!(short.contains("first divergence: "), "{short}");
+    for row in ["│emb ", "│0 ", "│1 "] {
+        line_with(&short, row);
+    }
 }
 
 /// Whether the port's float tensor `name` has an element outside |a - e| <= 1e-4 + 1e-4 |e| of

@@ -27,12 +27,17 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         src.first_non_finite().map(|nf| (format!("first NaN/Inf of this run: {nf}"), Color::Red)),
         src.first_divergence().map(|d| (d, Color::Yellow)),
     ];
+    // Each note takes up to 6 lines of what the table leaves: its borders, header and 3 rows.
+    const TABLE: u16 = 6;
     let mut area = area;
     for (text, colour) in notes.into_iter().flatten() {
         let width = area.width.max(1) as usize;
         let lines: usize = text.lines().map(|l| l.chars().count().div_ceil(width).max(1)).sum();
-        let [note, rest] =
-            Layout::vertical([Constraint::Length((lines as u16).clamp(1, 6)), Constraint::Min(3)]).areas(area);
+        let height = (lines as u16).clamp(1, 6).min(area.height.saturating_sub(TABLE));
+        if height == 0 {
+            break;
+        }
+        let [note, rest] = Layout::vertical([Constraint::Length(height), Constraint::Min(TABLE)]).areas(area);
         let style = Style::new().fg(colour).add_modifier(Modifier::BOLD);
         f.render_widget(Paragraph::new(text).style(style).wrap(Wrap { trim: false }), note);
         area = rest;
