@@ -445,18 +445,20 @@ impl Config {
     pub fn index_k(&self, seq: usize) -> usize {
         self.index_topk.min(seq)
     }
-    /// Softmax scale of MLA: `qk_head_dim^-0.5`, times `mscale(factor, mscale_all_dim)^2` under YaRN.
+    /// Softmax scale of MLA: `qk_head_dim^-0.5`, times [`Self::softmax_mscale`] squared.
     pub fn softmax_scale(&self) -> f64 {
-        let base = (self.qk_head_dim() as f64).powf(-0.5);
+        let m = self.softmax_mscale();
+        (self.qk_head_dim() as f64).powf(-0.5) * m * m
+    }
+    /// YaRN's `mscale(factor, mscale_all_dim)`, which the softmax scale takes squared; 1 without
+    /// YaRN or `mscale_all_dim`.
+    pub fn softmax_mscale(&self) -> f64 {
         match &self.rope {
-            Rope::Default { .. } => base,
             Rope::Yarn(y) => match y.mscale_all_dim {
-                Some(m) if m != 0.0 => {
-                    let s = yarn_mscale(y.factor, m);
-                    base * s * s
-                }
-                _ => base,
+                Some(m) if m != 0.0 => yarn_mscale(y.factor, m),
+                _ => 1.0,
             },
+            Rope::Default { .. } => 1.0,
         }
     }
 }

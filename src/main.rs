@@ -354,6 +354,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(code)
         }
         Command::Diff { a, b, atol, rtol, tols, near_tie, json, model } => {
+            glimpse::progress::enable();
             let near_tie = near_tie.unwrap_or(Tolerance { atol, rtol }.near_tie());
             let per_name = tols.iter().map(|t| diff::parse_tol(t)).collect::<Result<Vec<_>>>()?;
             let (da, db) = (Dump::open(&a)?, Dump::open(&b)?);

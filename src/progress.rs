@@ -1,5 +1,6 @@
 //! Progress of long work on stderr: the layer of a forward pass in progress, for the commands
-//! that ask for it (`run`, `verify`), and the prompt of an `audit` in progress. On a terminal, one
+//! that ask for it (`run`, `verify`), the prompt of an `audit` in progress, and `diff`'s reruns of
+//! an attention (`reading::rerun`). On a terminal, one
 //! line once the work has taken two seconds; in a log (CI, `nohup`), a line at most every ten
 //! seconds. A GLM-5 prefill on a CPU spends minutes a layer, and said nothing between loading and
 //! its result. Quick runs (the golden cases) print nothing.
@@ -28,6 +29,8 @@ enum Unit {
     Layer(usize, usize),
     /// Prompts 1 to this.
     Prompt(usize),
+    /// Reruns 1 to `.1` of layer `.0`'s attention.
+    Rerun(usize, usize),
 }
 
 /// One pass over a window of layers, or one audit's prompts.
@@ -51,6 +54,12 @@ impl Steps {
         Steps::of(Unit::Prompt(total), true)
     }
 
+    /// `diff`'s reruns of layer `layer`'s attention, 1 to `total` (shown once [`enable`] was
+    /// called: a GLM-5 layer at 2048 tokens takes seconds a rerun).
+    pub fn reruns(layer: usize, total: usize) -> Steps {
+        Steps::of(Unit::Rerun(layer, total), ENABLED.load(Ordering::Relaxed))
+    }
+
     fn of(unit: Unit, enabled: bool) -> Steps {
         let now = Instant::now();
         Steps { unit, start: now, last_line: now, terminal: std::io::stderr().is_terminal(), enabled, shown: false }
@@ -68,6 +77,7 @@ impl Steps {
         let at = match self.unit {
             Unit::Layer(first, last) => format!("layer {i} of {first}..={last}"),
             Unit::Prompt(total) => format!("audit: prompt {i} of {total}"),
+            Unit::Rerun(layer, total) => format!("diff: rerun {i} of {total} of layer {layer}'s attention"),
         };
         let elapsed = now.duration_since(self.start);
         let secs = elapsed.as_secs_f64();

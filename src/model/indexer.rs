@@ -328,7 +328,7 @@ mod tests {
 
     #[test]
     fn shared_indexer_reuses_the_previous_selection() {
-        let rope = RopeTables { half: 0, cos: vec![], sin: vec![] };
+        let rope = RopeTables { half: 0, cos: vec![], sin: vec![], pairs: crate::model::rope::Pairs::Interleaved };
         let x = Tensor::zeros((1, 2, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
         let prev = Selection { batch: 1, seq: 2, k: 1, idx: vec![0, 1], margin: vec![f32::INFINITY, 0.5] };
         let mut sel = Some(prev.clone());

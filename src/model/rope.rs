@@ -17,6 +17,17 @@ pub struct RopeTables {
     pub half: usize,
     pub cos: Vec<f32>, // [S, half]
     pub sin: Vec<f32>, // [S, half]
+    pub pairs: Pairs,
+}
+
+/// Which elements of a head's rope slice rotate together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pairs {
+    /// `(x[2j], x[2j+1])`: GLM-5's layout, as DeepSeek-V3's.
+    Interleaved,
+    /// `(x[j], x[j + half])`: Llama's `rotate_half`, a port bug on GLM-5. The model never uses it;
+    /// `diff`'s readings rerun attention with it to name that bug (`reading::rerun`).
+    Halves,
 }
 
 impl RotaryEmbedding {
@@ -76,7 +87,7 @@ impl RotaryEmbedding {
                 sin.push(angle.sin() * self.attention_scaling);
             }
         }
-        RopeTables { half, cos, sin }
+        RopeTables { half, cos, sin, pairs: Pairs::Interleaved }
     }
 }
 
@@ -84,7 +95,10 @@ impl RopeTables {
     /// Rotates `x[start .. start + 2*half]` of every row in place. `x` is row-major
     /// `[B, S, heads, width]`; rows of position `s` use table row `s`.
     pub fn apply(&self, x: &mut [f32], seq: usize, heads: usize, width: usize, start: usize) {
-        rotate(&self.cos, &self.sin, self.half, x, [seq, heads, width, start]);
+        match self.pairs {
+            Pairs::Interleaved => rotate(&self.cos, &self.sin, self.half, x, [seq, heads, width, start]),
+            Pairs::Halves => rotate_halves(&self.cos, &self.sin, self.half, x, [seq, heads, width, start]),
+        }
     }
 }
 
@@ -104,6 +118,20 @@ pub fn rotate(cos_t: &[f32], sin_t: &[f32], half: usize, x: &mut [f32], [seq, he
     }
 }
 
+/// [`rotate`] with the pairs `(x[j], x[j + half])`, written in place (`Pairs::Halves`).
+fn rotate_halves(cos_t: &[f32], sin_t: &[f32], half: usize, x: &mut [f32], [seq, heads, width, start]: [usize; 4]) {
+    for (r, row) in x.chunks_exact_mut(width).enumerate() {
+        let s = (r / heads) % seq;
+        let (cos, sin) = (&cos_t[s * half..(s + 1) * half], &sin_t[s * half..(s + 1) * half]);
+        let (first, second) = row[start..start + 2 * half].split_at_mut(half);
+        for j in 0..half {
+            let (a, b) = (first[j], second[j]);
+            first[j] = a * cos[j] - b * sin[j];
+            second[j] = b * cos[j] + a * sin[j];
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +139,21 @@ mod tests {
     fn tables(theta: f32, dim: usize, positions: &[usize]) -> RopeTables {
         let inv_freq = (0..dim).step_by(2).map(|i| 1.0 / theta.powf(i as f32 / dim as f32)).collect();
         RotaryEmbedding { inv_freq, attention_scaling: 1.0 }.tables(positions)
+    }
+
+    /// `rotate_half` by hand: position 3, dim 4, theta 100 -> the pair (x0, x2) rotates by 3 rad
+    /// and (x1, x3) by 0.3 rad, in place.
+    #[test]
+    fn halves_rope_matches_hand_computation() {
+        let mut t = tables(100.0, 4, &[3]);
+        t.pairs = Pairs::Halves;
+        let mut x = vec![1.0, 2.0, 3.0, 4.0];
+        t.apply(&mut x, 1, 1, 4, 0);
+        let (c1, s1, c2, s2) = (3f32.cos(), 3f32.sin(), 0.3f32.cos(), 0.3f32.sin());
+        let want = [1.0 * c1 - 3.0 * s1, 2.0 * c2 - 4.0 * s2, 3.0 * c1 + 1.0 * s1, 4.0 * c2 + 2.0 * s2];
+        for (g, w) in x.iter().zip(want) {
+            approx::assert_abs_diff_eq!(*g, w, epsilon = 1e-5);
+        }
     }
 
     /// Interleaved RoPE by hand: position 3, dim 4, theta 100 -> frequencies 1 and 0.1; the pair

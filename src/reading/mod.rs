@@ -8,11 +8,13 @@
 
 mod mtp;
 mod onset;
+mod rerun;
 mod routing;
 mod rows;
 mod shared;
 
 pub use onset::{Leading, Onset};
+pub use rerun::{AttentionRerun, ScaleDim, Variant};
 pub use routing::{BiasLeftOut, UnbiasedTies, WeightsRule};
 pub use rows::RowScale;
 pub use shared::SharedExpert;
@@ -172,6 +174,9 @@ impl DiffReport {
         }
         if let Some(shared) = self.notes.shared_expert {
             return Some(shared.reading().into());
+        }
+        if let Some(rerun) = self.notes.attention_rerun {
+            return Some(rerun.reading());
         }
         if let Some(left_out) = self.notes.bias_left_out {
             return Some(left_out.reading());
@@ -387,6 +392,8 @@ pub struct Notes {
     pub routed_scaling: Option<f64>,
     /// For a MoE layer's output, with `--model`: the shared expert missing from ours, or twice.
     pub shared_expert: Option<SharedExpert>,
+    /// For an attention output, with `--model`: the softmax scale or RoPE whose rerun gives ours's.
+    pub attention_rerun: Option<AttentionRerun>,
     /// Every row a scaled copy of the reference's, by factors of its own.
     pub row_scale: Option<RowScale>,
     /// For routing, with `--model`: a side that chose without the correction bias.
@@ -555,6 +562,7 @@ impl Notes {
         // (Rows that part at an onset, the earlier ones exact, are read by where it starts.)
         let row_scale = shape.last().filter(|_| onset.is_none()).and_then(|&w| RowScale::of(ours, reference, w));
         let shared_expert = opts.model.as_deref().and_then(|m| SharedExpert::of(a, b, name, m, opts.tol_for(name)));
+        let attention_rerun = opts.model.as_deref().and_then(|m| AttentionRerun::of(a, b, name, m, opts.tol_for(name)));
         let leading = crate::compare::differing_positions(ours, reference, &shape, opts.tol_for(name))
             .map(|differing| Leading { differing, index_topk });
         let mtp_input = (point == Some(HookPoint::MtpInputHidden))
@@ -573,6 +581,7 @@ impl Notes {
             routed_scaling,
             row_scale,
             shared_expert,
+            attention_rerun,
             mtp_input,
         }
     }

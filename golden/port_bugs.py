@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Ports with a bug, as transformers would run them: the transformers reference of a golden case
+with one attention bug that real GLM-5 / DeepSeek-V3 ports have shipped, planted in transformers'
+own modules, dumped in format glm5-dump/1. `glimpse diff --model` must name each bug from these
+dumps and the case's reference.safetensors (tests/readings.rs). They are produced by
+transformers, not by glimpse.
+
+    golden/grouped-shared-yarn/port-no-mscale.safetensors
+        the softmax scale qk_head_dim^-0.5, without YaRN's mscale(factor, mscale_all_dim)^2
+        (`yarn_apply_mscale` skipped)
+    golden/grouped-shared-yarn/port-rotate-half.safetensors
+        MLA's RoPE rotating halves (`rotate_half`: x[j] with x[j + d/2]) where GLM-5 rotates
+        neighbours; the indexer's RoPE left right
+    golden/flat/port-absorbed-scale.safetensors
+        the softmax scale (kv_lora_rank + qk_rope_head_dim)^-0.5, the absorbed query's width
+    golden/flat/port-dense.safetensors
+        attention over every causal key: an attention backend that ignores the DSA indices
+        transformers passes it (`indices=`), as the eager one would without the index mask
+
+    venv/bin/python golden/port_bugs.py
+"""
+
+import contextlib
+import hashlib
+import os
+import sys
+
+import torch
+import transformers
+from safetensors import safe_open
+from transformers import AttentionInterface, GlmMoeDsaForCausalLM
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.models.glm_moe_dsa import modeling_glm_moe_dsa as glm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import generate  # noqa: E402  (the golden generator: its hooks and writer)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def rotate_half_in_attention(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+    """transformers' `apply_rotary_pos_emb` (Llama's rotate_half) where MLA calls the interleaved
+    one. The indexer calls the same function with `unsqueeze_dim=2`: it keeps the right one."""
+    if unsqueeze_dim != 1:
+        return INTERLEAVED(q, k, cos, sin, position_ids, unsqueeze_dim)
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+
+    def rotate_half(x):
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+        return torch.cat((-x2, x1), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+INTERLEAVED = glm.apply_rotary_pos_emb_interleave
+
+
+@contextlib.contextmanager
+def rope_in_halves(model):
+    glm.apply_rotary_pos_emb_interleave = rotate_half_in_attention
+    try:
+        yield
+    finally:
+        glm.apply_rotary_pos_emb_interleave = INTERLEAVED
+
+
+@contextlib.contextmanager
+def no_mscale(model):
+    """Every layer's `scaling` as `GlmMoeDsaAttention.__init__` sets it without `yarn_apply_mscale`."""
+    for layer in model.model.layers:
+        layer.self_attn.scaling = layer.self_attn.qk_head_dim**-0.5
+    yield
+
+
+@contextlib.contextmanager
+def absorbed_scale(model):
+    c = model.config
+    for layer in model.model.layers:
+        layer.self_attn.scaling = (c.kv_lora_rank + c.qk_rope_head_dim) ** -0.5
+    yield
+
+
+def eager_without_indices(module, query, key, value, attention_mask, indices=None, **kwargs):
+    """transformers' eager attention, for a backend of another name: `GlmMoeDsaAttention` applies
+    its DSA index mask only for "eager" and "sdpa" and hands any other backend the indices."""
+    return glm.eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register("eager_without_indices", eager_without_indices)
+AttentionMaskInterface.register("eager_without_indices", eager_mask)  # eager's causal mask
+
+
+@contextlib.contextmanager
+def dense(model):
+    model.set_attn_implementation("eager_without_indices")
+    yield
+
+
+# (case, output file, what it plants, the context that plants it in a loaded model)
+PORTS = [
+    (
+        "grouped-shared-yarn",
+        "port-no-mscale.safetensors",
+        "the softmax scale qk_head_dim^-0.5 without YaRN's mscale^2",
+        no_mscale,
+    ),
+    (
+        "grouped-shared-yarn",
+        "port-rotate-half.safetensors",
+        "MLA's RoPE by rotate_half (pairs x[j], x[j + d/2]); the indexer's interleaved, as it should be",
+        rope_in_halves,
+    ),
+    ("flat", "port-absorbed-scale.safetensors", "the softmax scale (kv_lora_rank + qk_rope_head_dim)^-0.5", absorbed_scale),
+    ("flat", "port-dense.safetensors", "attention over every causal key (a backend ignoring the DSA indices)", dense),
+]
+
+
+@torch.no_grad()
+def main() -> int:
+    for case, file, what, plant in PORTS:
+        case_dir = os.path.join(HERE, case)
+        with safe_open(os.path.join(case_dir, "reference.safetensors"), "pt") as f:
+            input_ids = f.get_tensor("input_ids")
+        model = GlmMoeDsaForCausalLM.from_pretrained(case_dir, dtype=torch.float32)
+        model.set_attn_implementation("eager")
+        model.set_experts_implementation("eager")
+        model.eval()
+        with plant(model):
+            tensors, scores = generate.run_reference(model, input_ids)
+        out = generate.dump_tensors({}, tensors, scores)
+        with open(os.path.join(case_dir, "config.json"), "rb") as f:
+            sha = hashlib.sha256(f.read()).hexdigest()
+        meta = {
+            "format": generate.DUMP_FORMAT,
+            "source": f"transformers {transformers.__version__} / torch {torch.__version__}, eager, float32, with a "
+            f"port bug planted: {what}",
+            "config_sha256": sha,
+            "model": case,
+            "generator": "golden/port_bugs.py",
+        }
+        path = os.path.join(case_dir, file)
+        generate.save_safetensors(out, path, meta)
+        print(f"wrote {path}: {len(out)} tensors ({what})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
