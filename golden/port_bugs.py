@@ -38,30 +38,107 @@ import generate  # noqa: E402  (the golden generator: its hooks and writer)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def rotate_half_in_attention(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
-    """transformers' `apply_rotary_pos_emb` (Llama's rotate_half) where MLA calls the interleaved
-    one. The indexer calls the same function with `unsqueeze_dim=2`: it keeps the right one."""
-    if unsqueeze_dim != 1:
-        return INTERLEAVED(q, k, cos, sin, position_ids, unsqueeze_dim)
-    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-
-    def rotate_half(x):
-        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-        return torch.cat((-x2, x1), dim=-1)
-
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
 INTERLEAVED = glm.apply_rotary_pos_emb_interleave
+
+
+def rotate_half_where(unsqueeze: int):
+    """transformers' `apply_rotary_pos_emb` (Llama's rotate_half) where the interleaved one is
+    called with `unsqueeze_dim=unsqueeze`: 1 is MLA's call, 2 the indexer's."""
+
+    def rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        if unsqueeze_dim != unsqueeze:
+            return INTERLEAVED(q, k, cos, sin, position_ids, unsqueeze_dim)
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+
+        def rotate_half(x):
+            x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+            return torch.cat((-x2, x1), dim=-1)
+
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    return rope
 
 
 @contextlib.contextmanager
 def rope_in_halves(model):
-    glm.apply_rotary_pos_emb_interleave = rotate_half_in_attention
+    glm.apply_rotary_pos_emb_interleave = rotate_half_where(1)
     try:
         yield
     finally:
         glm.apply_rotary_pos_emb_interleave = INTERLEAVED
+
+
+@contextlib.contextmanager
+def indexer_rope_in_halves(model):
+    """DeepSeek-V3.2's indexer RoPE (half-split), which GLM-5's is not."""
+    glm.apply_rotary_pos_emb_interleave = rotate_half_where(2)
+    try:
+        yield
+    finally:
+        glm.apply_rotary_pos_emb_interleave = INTERLEAVED
+
+
+@contextlib.contextmanager
+def indexer_masks_own_key(model):
+    """The indexer's causal mask `j < s` for `j <= s`: each query's own key masked too."""
+    forward = glm.GlmMoeDsaIndexer.forward
+
+    def masked(self, hidden_states, q_resid, position_embeddings, attention_mask, *args, **kwargs):
+        s = attention_mask.shape[-1]
+        diagonal = torch.eye(s, dtype=torch.bool)
+        attention_mask = attention_mask.masked_fill(diagonal, torch.finfo(attention_mask.dtype).min)
+        return forward(self, hidden_states, q_resid, position_embeddings, attention_mask, *args, **kwargs)
+
+    glm.GlmMoeDsaIndexer.forward = masked
+    try:
+        yield
+    finally:
+        glm.GlmMoeDsaIndexer.forward = forward
+
+
+def routers(model):
+    return [layer.mlp.gate for layer in model.model.layers if isinstance(layer.mlp, glm.GlmMoeDsaMoE)]
+
+
+@contextlib.contextmanager
+def no_bias_in_selection(model):
+    """Experts chosen by the sigmoid scores alone: `e_score_correction_bias` left out."""
+    for gate in routers(model):
+        gate.e_score_correction_bias.zero_()
+    yield
+
+
+@contextlib.contextmanager
+def weights_from_biased_scores(model):
+    """The chosen experts' weights gathered from the biased scores (`scores + bias`)."""
+    for gate in routers(model):
+        forward = gate.forward
+
+        def biased(hidden_states, gate=gate, forward=forward):
+            logits, _, ids = forward(hidden_states)
+            w = (logits.sigmoid() + gate.e_score_correction_bias).gather(1, ids)
+            if gate.norm_topk_prob:
+                w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+            return logits, w * gate.routed_scaling_factor, ids
+
+        gate.forward = biased
+    yield
+
+
+@contextlib.contextmanager
+def no_routed_scaling(model):
+    for gate in routers(model):
+        gate.routed_scaling_factor = 1.0
+    yield
+
+
+@contextlib.contextmanager
+def no_shared_expert(model):
+    """A MoE layer's output without its shared expert: the routed experts' sum alone."""
+    for layer in model.model.layers:
+        if isinstance(layer.mlp, glm.GlmMoeDsaMoE):
+            layer.mlp.shared_experts.forward = torch.zeros_like
+    yield
 
 
 @contextlib.contextmanager
@@ -112,6 +189,12 @@ PORTS = [
     ),
     ("flat", "port-absorbed-scale.safetensors", "the softmax scale (kv_lora_rank + qk_rope_head_dim)^-0.5", absorbed_scale),
     ("flat", "port-dense.safetensors", "attention over every causal key (a backend ignoring the DSA indices)", dense),
+    ("flat", "port-indexer-rotate-half.safetensors", "the indexer's RoPE by rotate_half", indexer_rope_in_halves),
+    ("flat", "port-indexer-own-key.safetensors", "the indexer's causal mask j < s (own key masked)", indexer_masks_own_key),
+    ("flat", "port-no-bias.safetensors", "experts chosen without e_score_correction_bias", no_bias_in_selection),
+    ("flat", "port-biased-weights.safetensors", "routing weights from the biased scores", weights_from_biased_scores),
+    ("flat", "port-no-scaling.safetensors", "routing weights without routed_scaling_factor", no_routed_scaling),
+    ("flat", "port-no-shared-expert.safetensors", "MoE output without the shared expert", no_shared_expert),
 ]
 
 

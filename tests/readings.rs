@@ -1,7 +1,8 @@
-//! `diff --model`'s attention reruns on ports with a bug: each port dump is transformers' forward
-//! of a golden case with one bug real ports have shipped planted in its own modules
-//! (`golden/port_bugs.py`), and `diff` must name that bug. An attention output off by a factor of
-//! no such bug, and the runs without `--model`, get no such reading.
+//! `diff --model`'s readings of ports with a bug: each port dump is transformers' forward of a
+//! golden case with one bug real ports have shipped planted in its own modules
+//! (`golden/port_bugs.py`), and `diff` must name that bug: by rerunning the attention or the
+//! indexer with the port's scale, RoPE or keys, or by the pattern the bug leaves. An attention
+//! output off by a factor of no such bug, and the runs without `--model`, get no rerun reading.
 
 mod common;
 use common::{code_and_text, edit_dump, golden, s, Named};
@@ -37,34 +38,93 @@ fn reruns_name_the_ports_softmax_scale_rope_and_dense_attention() {
     let mscale = 0.1 * config(yarn, &["rope_parameters", "mscale_all_dim"]) * factor.ln() + 1.0;
     let (plain, checkpoint) = (qk(yarn).powf(-0.5), qk(yarn).powf(-0.5) * mscale * mscale);
     let absorbed = (config("flat", &["kv_lora_rank"]) + config("flat", &["qk_rope_head_dim"])).powf(-0.5);
-    let rerun = "(ours is this layer's attention rerun on its input with";
+    let attention = "layers.0.attn.out (ours is this layer's attention rerun on its input with";
+    let halves = "RoPE rotating halves (`rotate_half`: x[j] with x[j + d/2]), where";
     for (case, port, reading) in [
         (
             yarn,
             "port-no-mscale",
             format!(
-                "the softmax scale qk_head_dim^-0.5 = {plain:.6} (YaRN's mscale² left out), where the checkpoint's is \
-                 {checkpoint:.6})"
+                "{attention} the softmax scale qk_head_dim^-0.5 = {plain:.6} (YaRN's mscale² left out), where the \
+                 checkpoint's is {checkpoint:.6})"
             ),
         ),
-        (yarn, "port-rotate-half", "RoPE rotating halves (`rotate_half`: x[j] with x[j + d/2])".into()),
+        (yarn, "port-rotate-half", format!("{attention} {halves} GLM-5 rotates neighbours")),
         (
             "flat",
             "port-absorbed-scale",
             format!(
-                "the softmax scale (kv_lora_rank + qk_rope_head_dim)^-0.5 = {absorbed:.6}, where the checkpoint's is \
-                 {:.6})",
+                "{attention} the softmax scale (kv_lora_rank + qk_rope_head_dim)^-0.5 = {absorbed:.6}, where the \
+                 checkpoint's is {:.6})",
                 qk("flat").powf(-0.5)
             ),
         ),
-        ("flat", "port-dense", "every causal key: the DSA selection is not applied)".into()),
+        ("flat", "port-dense", format!("{attention} every causal key: the DSA selection is not applied)")),
+        (
+            "flat",
+            "port-indexer-rotate-half",
+            format!(
+                "layers.0.dsa.scores (ours is this layer's indexer rerun on its input with {halves} GLM-5's indexer \
+                 (not DeepSeek-V3.2's) rotates neighbours"
+            ),
+        ),
     ] {
         let text = diff_port(case, port, true);
-        let first = format!("first divergence: layers.0.attn.out {rerun} {reading}");
+        let first = format!("first divergence: {reading}");
         assert!(text.lines().nth(1).is_some_and(|l| l.starts_with(&first)), "{port}: want {first}\n{text}");
         // Without the checkpoint there is nothing to rerun: where the divergence starts, alone.
         let text = diff_port(case, port, false);
-        assert!(text.contains("first divergence: layers.0.attn.out\n  ") && !text.contains(rerun), "{port}\n{text}");
+        assert!(text.contains("and every later one differs") && !text.contains("rerun"), "{port}\n{text}");
+    }
+}
+
+/// The indexer's RoPE bug in a dump without the indexer's scores: its selections are rerun.
+#[test]
+fn an_indexer_rerun_reads_selections_where_the_scores_are_not_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = golden("flat");
+    let port = dir.join("port-indexer-rotate-half.safetensors");
+    let ours = edit_dump(&port, &tmp.path().join("no-scores.safetensors"), |t: &mut Vec<Named>| {
+        t.retain(|(n, _, _)| !n.ends_with(".dsa.scores"))
+    });
+    let reference = s(&dir.join("reference.safetensors"));
+    let (code, text) = code_and_text(&["diff", &s(&ours), &reference, "--model", &s(&dir)]);
+    let first = "first divergence: layers.0.dsa.topk (ours is this layer's indexer rerun on its input with RoPE \
+                 rotating halves";
+    assert!(code == 1 && text.contains(first), "{text}");
+}
+
+/// The other bugs `port_bugs.py` plants, each read by the pattern it leaves.
+#[test]
+fn the_ports_routing_and_mask_bugs_are_read() {
+    for (port, reading) in [
+        (
+            "port-indexer-own-key",
+            "layers.0.dsa.scores (ours masks 32 causal keys the reference scores, every one a query's own key (the \
+             diagonal): a causal mask off by one",
+        ),
+        (
+            "port-no-bias",
+            "layers.2.moe.topk_ids (ours chooses every token's experts by the unbiased scores (sigmoid of the gate \
+             logits;",
+        ),
+        (
+            "port-biased-weights",
+            "layers.2.moe.topk_weights (ours's weights are its gate's biased scores (sigmoid + \
+             e_score_correction_bias): the bias is for selection only)",
+        ),
+        (
+            "port-no-scaling",
+            "layers.2.moe.topk_weights (ours's weights are its gate's scores without routed_scaling_factor)",
+        ),
+        (
+            "port-no-shared-expert",
+            "layers.2.mlp.out (ours is the reference's less its shared expert (run on post_attn_norm)",
+        ),
+    ] {
+        let text = diff_port("flat", port, true);
+        let first = format!("first divergence: {reading}");
+        assert!(text.lines().nth(1).is_some_and(|l| l.starts_with(&first)), "{port}: want {first}\n{text}");
     }
 }
 

@@ -315,6 +315,8 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         if let (false, true) = (c.ok, results.iter().all(|r| r.ok)) {
             notes.unbiased_ties = crate::reading::UnbiasedTies::of(a, b, &c, opts);
             notes.bias_left_out = crate::reading::BiasLeftOut::of(a, b, name, opts);
+            notes.rerun =
+                opts.model.as_deref().and_then(|m| crate::reading::Rerun::of(a, b, name, m, opts.tol_for(name)));
         }
         // Margins for the flips: recomputing them can read the S x S scores, so only where needed.
         if let (Detail::Sets { flips, .. }, Some(point)) = (&c.detail, HookPoint::parse(name)) {

@@ -2,8 +2,8 @@
 //! likely cause (a factor, near-ties, rounding's tail, flips a rule made on matching scores,
 //! where along the sequence it starts or ends, rows each rescaled, routing weights another rule
 //! made, experts chosen without the bias, a shared expert left out, a head fed the state before
-//! the final norm, a mask that leaves out the diagonal), and what the reference holds that ours
-//! does not. `diff` prints them beside the numbers; they are hints, each said only where its
+//! the final norm, a mask that leaves out the diagonal, an attention or indexer that a rerun with
+//! a port's scale, RoPE or keys reproduces), and what the reference holds that ours does not. `diff` prints them beside the numbers; they are hints, each said only where its
 //! pattern holds.
 
 mod mtp;
@@ -14,7 +14,7 @@ mod rows;
 mod shared;
 
 pub use onset::{Leading, Onset};
-pub use rerun::{AttentionRerun, ScaleDim, Variant};
+pub use rerun::{Part, Rerun, ScaleDim, Variant};
 pub use routing::{BiasLeftOut, UnbiasedTies, WeightsRule};
 pub use rows::RowScale;
 pub use shared::SharedExpert;
@@ -175,7 +175,7 @@ impl DiffReport {
         if let Some(shared) = self.notes.shared_expert {
             return Some(shared.reading().into());
         }
-        if let Some(rerun) = self.notes.attention_rerun {
+        if let Some(rerun) = self.notes.rerun {
             return Some(rerun.reading());
         }
         if let Some(left_out) = self.notes.bias_left_out {
@@ -392,8 +392,9 @@ pub struct Notes {
     pub routed_scaling: Option<f64>,
     /// For a MoE layer's output, with `--model`: the shared expert missing from ours, or twice.
     pub shared_expert: Option<SharedExpert>,
-    /// For an attention output, with `--model`: the softmax scale or RoPE whose rerun gives ours's.
-    pub attention_rerun: Option<AttentionRerun>,
+    /// For an attention output or the indexer's scores, with `--model`: the softmax scale, RoPE or
+    /// keys whose rerun gives ours's.
+    pub rerun: Option<Rerun>,
     /// Every row a scaled copy of the reference's, by factors of its own.
     pub row_scale: Option<RowScale>,
     /// For routing, with `--model`: a side that chose without the correction bias.
@@ -562,7 +563,6 @@ impl Notes {
         // (Rows that part at an onset, the earlier ones exact, are read by where it starts.)
         let row_scale = shape.last().filter(|_| onset.is_none()).and_then(|&w| RowScale::of(ours, reference, w));
         let shared_expert = opts.model.as_deref().and_then(|m| SharedExpert::of(a, b, name, m, opts.tol_for(name)));
-        let attention_rerun = opts.model.as_deref().and_then(|m| AttentionRerun::of(a, b, name, m, opts.tol_for(name)));
         let leading = crate::compare::differing_positions(ours, reference, &shape, opts.tol_for(name))
             .map(|differing| Leading { differing, index_topk });
         let mtp_input = (point == Some(HookPoint::MtpInputHidden))
@@ -581,7 +581,7 @@ impl Notes {
             routed_scaling,
             row_scale,
             shared_expert,
-            attention_rerun,
+            rerun: None,
             mtp_input,
         }
     }

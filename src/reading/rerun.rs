@@ -1,12 +1,12 @@
-//! An attention output that parts from the reference's while its inputs match: with `--model`,
-//! the layer's attention is rerun on ours's `input_norm`, over ours's DSA selection, with each
-//! softmax scale and RoPE a port commonly gets wrong, and the one that gives ours's `attn.out` is
-//! named, and so is dense attention over every causal key. The first two kinds of bug leave
-//! position 0 alone (its one key takes the whole softmax at any scale, and it does not rotate),
-//! so where the divergence starts cannot tell them apart.
+//! An attention output, or a full indexer layer's scores, that parts from the reference's while
+//! its inputs match: with `--model`, that part of the layer is rerun on ours's `input_norm` (the
+//! attention over ours's DSA selection) with each softmax scale and RoPE a port commonly gets
+//! wrong, the attention also over every causal key, and the variant that gives ours's tensor is
+//! named. A wrong scale or RoPE leaves position 0 alone (its one key takes the whole softmax at
+//! any scale, and it does not rotate), so where the divergence starts cannot tell them apart.
 //!
-//! The rerun is the checkpoint's own attention (`model::mla`, checked against transformers), and
-//! it is trusted only where, as the checkpoint says, it gives the reference's `attn.out` from the
+//! The rerun is the checkpoint's own layer (`model::mla`, checked against transformers), and it
+//! is trusted only where, as the checkpoint says, it gives the reference's tensor from the
 //! reference's `input_norm`: a dump of other positions (a decode step, a later chunk) or of
 //! another checkpoint gets no reading.
 
@@ -101,6 +101,16 @@ impl Variant {
         out
     }
 
+    /// The variants of the indexer's scores: its RoPE (its scale is no YaRN's, and a scale
+    /// would move every score by one factor, which `diff` reads already).
+    fn candidates_of_indexer(c: &Config) -> Vec<(Variant, f64)> {
+        let mut out = vec![(Variant::RopeHalves, c.softmax_scale())];
+        if matches!(c.rope, Rope::Yarn(_)) {
+            out.push((Variant::YarnFrequencies, c.softmax_scale()));
+        }
+        out
+    }
+
     /// The selection this variant attends over, where `sel` is the one the run made.
     fn selection(self, sel: &Selection) -> Selection {
         match self {
@@ -129,25 +139,59 @@ impl Variant {
     }
 }
 
-/// Ours's `attn.out` is the checkpoint's attention rerun with `variant` (softmax scale `scale`,
-/// where the checkpoint's is `checkpoint_scale`).
+/// Which part of a layer was rerun.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The attention, for `attn.out`.
+    Attention,
+    /// The DSA indexer, for `dsa.scores` (or `dsa.topk` where the scores are not recorded).
+    Indexer,
+}
+
+/// Ours's tensor is the checkpoint's `part` rerun with `variant` (softmax scale `scale`, where
+/// the checkpoint's is `checkpoint_scale`; YaRN's `mscale`, 1 without).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AttentionRerun {
+pub struct Rerun {
+    pub part: Part,
     pub variant: Variant,
     pub scale: f64,
     pub checkpoint_scale: f64,
     pub mscale: f64,
 }
 
-impl AttentionRerun {
-    /// For `name` = `layers.{i}.attn.out`, the first divergence, with the checkpoint in `model`:
-    /// the variant whose rerun on ours's input gives ours's within `tol`. None where none does,
-    /// where the dumps lack `input_norm`, or where the checkpoint's own rerun does not give the
-    /// reference's.
-    pub(crate) fn of(a: &Dump, b: &Dump, name: &str, model: &Path, tol: Tolerance) -> Option<AttentionRerun> {
-        let Some(HookPoint::Layer(i, LayerHook::AttnOut)) = HookPoint::parse(name) else { return None };
+/// What a rerun is compared on: a float tensor, or the selections' causal keys as sets.
+enum Output {
+    Floats(Vec<f32>),
+    Sets(Selection),
+}
+
+impl Output {
+    /// Whether the dump `d`'s `name` is this output: floats within `tol`, every row's causal keys
+    /// the same set.
+    fn matches(&self, d: &Dump, name: &str, tol: Tolerance) -> bool {
+        match self {
+            Output::Floats(v) => floats(d, name).is_some_and(|x| all_close(&x, v, tol)),
+            Output::Sets(sel) => d.selection(name, sel.batch, sel.seq).is_ok_and(|x| same_sets(&x, sel)),
+        }
+    }
+}
+
+impl Rerun {
+    /// For `name`, the first divergence, with the checkpoint in `model`: `layers.{i}.attn.out`,
+    /// `dsa.scores` or `dsa.topk` (where it is computed, a full indexer layer's); the variant
+    /// whose rerun on ours's input gives ours's within `tol`. None where none does, where the
+    /// dumps lack `input_norm`, or where the checkpoint's own rerun does not give the reference's.
+    pub(crate) fn of(a: &Dump, b: &Dump, name: &str, model: &Path, tol: Tolerance) -> Option<Rerun> {
+        let (i, part) = match HookPoint::parse(name)? {
+            HookPoint::Layer(i, LayerHook::AttnOut) => (i, Part::Attention),
+            HookPoint::Layer(i, LayerHook::DsaScores | LayerHook::DsaTopk) => (i, Part::Indexer),
+            _ => return None,
+        };
         let ckpt = Checkpoint::open(model).ok()?;
         let c = &ckpt.config;
+        if part == Part::Indexer && c.indexer_source(i) != i {
+            return None; // a shared layer's selection is another layer's (`Notes::not_reused`)
+        }
         let mut loader = Loader::new(&ckpt);
         let attention = Attention::load(&mut loader, c, i);
         let mut attention = loader.finish(attention).ok()?;
@@ -156,25 +200,35 @@ impl AttentionRerun {
         let (x_ours, x_reference) = (x(a)?, x(b)?);
         let seq = x_ours.dims3().ok()?.1;
         let rope = RotaryEmbedding::new(c).tables(&(0..seq).collect::<Vec<_>>());
-        let sel_ours = selection(&attention, a, i, &x_ours, &rope)?;
-        let sel_reference = selection(&attention, b, i, &x_reference, &rope)?;
-
-        let checked = rerun(&attention, i, &x_reference, &rope, &sel_reference)?;
-        if !all_close(&checked, &floats(b, name)?, tol) {
+        let scores = name.ends_with(".dsa.scores");
+        let run = |attention: &Attention, x: &Tensor, rope: &RopeTables, sel: Option<&Selection>| match sel {
+            Some(sel) => rerun(attention, i, x, rope, sel).map(Output::Floats),
+            None => index(attention, i, x, rope, scores),
+        };
+        let sels = match part {
+            Part::Attention => {
+                Some((selection(&attention, a, i, &x_ours, &rope)?, selection(&attention, b, i, &x_reference, &rope)?))
+            }
+            Part::Indexer => None,
+        };
+        let (sel_ours, sel_reference) = sels.unzip();
+        if !run(&attention, &x_reference, &rope, sel_reference.as_ref())?.matches(b, name, tol) {
             return None;
         }
-        let ours = floats(a, name)?;
         let checkpoint_scale = attention.scale;
-        let candidates = Variant::candidates(c, sel_ours.k, seq);
+        let candidates = match &sel_ours {
+            Some(sel) => Variant::candidates(c, sel.k, seq),
+            None => Variant::candidates_of_indexer(c),
+        };
         let mut progress = crate::progress::Steps::reruns(i, candidates.len());
-        let found = candidates.into_iter().enumerate().find_map(|(n, (variant, scale))| {
+        let (variant, scale) = candidates.into_iter().enumerate().find_map(|(n, (variant, scale))| {
             progress.step(n + 1);
             attention.scale = scale;
-            let out = rerun(&attention, i, &x_ours, &variant.rope(c, seq), &variant.selection(&sel_ours));
-            out.is_some_and(|out| all_close(&ours, &out, tol)).then_some((variant, scale))
-        });
-        let (variant, scale) = found?;
-        Some(AttentionRerun { variant, scale, checkpoint_scale, mscale: c.softmax_mscale() })
+            let sel = sel_ours.as_ref().map(|s| variant.selection(s));
+            let out = run(&attention, &x_ours, &variant.rope(c, seq), sel.as_ref());
+            out.is_some_and(|out| out.matches(a, name, tol)).then_some((variant, scale))
+        })?;
+        Some(Rerun { part, variant, scale, checkpoint_scale, mscale: c.softmax_mscale() })
     }
 
     pub(crate) fn reading(self) -> String {
@@ -198,9 +252,11 @@ impl AttentionRerun {
                 )
             }
             Variant::RopeHalves => {
-                "RoPE rotating halves (`rotate_half`: x[j] with x[j + d/2]), where GLM-5 rotates neighbours \
-                 (x[2j] with x[2j+1])"
-                    .into()
+                let whose = match self.part {
+                    Part::Attention => "GLM-5",
+                    Part::Indexer => "GLM-5's indexer (not DeepSeek-V3.2's)",
+                };
+                format!("RoPE rotating halves (`rotate_half`: x[j] with x[j + d/2]), where {whose} rotates neighbours (x[2j] with x[2j+1])")
             }
             Variant::YarnFrequencies => "RoPE at rope_theta's frequencies: YaRN's interpolation left out".into(),
             Variant::NoYarn => format!(
@@ -210,7 +266,11 @@ impl AttentionRerun {
             ),
             Variant::AllKeys => "every causal key: the DSA selection is not applied".into(),
         };
-        format!("ours is this layer's attention rerun on its input with {what}")
+        let part = match self.part {
+            Part::Attention => "attention",
+            Part::Indexer => "indexer",
+        };
+        format!("ours is this layer's {part} rerun on its input with {what}")
     }
 }
 
@@ -230,6 +290,44 @@ fn selection(attention: &Attention, d: &Dump, i: usize, x: &Tensor, rope: &RopeT
 fn rerun(attention: &Attention, i: usize, x: &Tensor, rope: &RopeTables, sel: &Selection) -> Option<Vec<f32>> {
     let out = attention.forward(i, x, rope, &mut Some(sel.clone()), &mut Replay(sel)).ok()?;
     out.flatten_all().ok()?.to_vec1().ok()
+}
+
+/// Layer `i`'s indexer on `x`: its scores (`scores`), or its selection.
+fn index(attention: &Attention, i: usize, x: &Tensor, rope: &RopeTables, scores: bool) -> Option<Output> {
+    let q_latent = attention.project(i, x, rope, &mut NoObserver).ok()?.q_latent;
+    let (mut sel, mut obs) = (None, Scores(None));
+    attention.indexer.select(i, x, &q_latent, rope, None, &mut sel, &mut obs).ok()?;
+    match scores {
+        true => Some(Output::Floats(obs.0?.flatten_all().ok()?.to_vec1().ok()?)),
+        false => sel.map(Output::Sets),
+    }
+}
+
+/// Whether every row of `x` and `y` keeps the same causal keys (padding past the query, and
+/// order, aside).
+fn same_sets(x: &Selection, y: &Selection) -> bool {
+    let causal = |sel: &Selection, b: usize, q: usize| {
+        let mut keys: Vec<usize> = sel.row(b, q).iter().copied().filter(|&k| k <= q).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    };
+    (x.batch, x.seq) == (y.batch, y.seq) && (0..x.batch).all(|b| (0..x.seq).all(|q| causal(x, b, q) == causal(y, b, q)))
+}
+
+/// The observer that keeps the indexer's scores.
+struct Scores(Option<Tensor>);
+
+impl Observer for Scores {
+    fn wants(&self, point: HookPoint) -> bool {
+        matches!(point, HookPoint::Layer(_, LayerHook::DsaScores))
+    }
+    fn observe(&mut self, point: HookPoint, value: &Tensor) -> Result<()> {
+        if self.wants(point) {
+            self.0 = Some(value.clone());
+        }
+        Ok(())
+    }
 }
 
 /// The observer that wants nothing and replays one selection (the indexer's own is dropped).
