@@ -140,6 +140,40 @@ pub fn render(layers: &[LayerError]) -> String {
     out
 }
 
+/// For a run whose layers each had the reference's input (`verify --isolate`): where two layers
+/// or more are off and each parts from the reference first at the same hook point, the line that
+/// says so. Each layer's error is then its own, and of the same origin in each: code they share
+/// (RoPE, a softmax scale, a norm; or its precision, a bf16 or FP8 twin's), which marks no jump,
+/// since no layer's error grows over the one before's.
+pub fn shared_first_mismatch(results: &[Comparison]) -> Option<String> {
+    let mut first: BTreeMap<usize, Option<LayerHook>> = BTreeMap::new();
+    for c in results {
+        if let Some(HookPoint::Layer(i, hook)) = HookPoint::parse(&c.name) {
+            let slot = first.entry(i).or_insert(None);
+            if slot.is_none() && !c.ok {
+                *slot = Some(hook);
+            }
+        }
+    }
+    let off: Vec<(usize, LayerHook)> = first.iter().filter_map(|(&i, h)| Some((i, (*h)?))).collect();
+    let hook = off.first()?.1;
+    if off.len() < 2 || off.iter().any(|&(_, h)| h != hook) {
+        return None;
+    }
+    let which = match off.len() == first.len() {
+        true => "every layer".to_string(),
+        false => format!("layers {}", off.iter().map(|(i, _)| i.to_string()).collect::<Vec<_>>().join(", ")),
+    };
+    let name = HookPoint::Layer(0, hook).name();
+    let name = name.trim_start_matches("layers.0.");
+    Some(format!(
+        "{which} ({} of {}), each on the reference's input, first parts from it at its {name}: what they all run \
+         there differs (a bug or a precision of code they share), not one layer",
+        off.len(),
+        first.len()
+    ))
+}
+
 pub fn json(layers: &[LayerError]) -> Value {
     let classes = |c: [usize; 3]| json!({"near_tie": c[0], "real": c[1], "unknown": c[2]});
     let jumps = jumps(layers);

@@ -144,3 +144,37 @@ fn a_difference_no_variant_makes_is_not_read_as_one() {
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("first divergence: layers.0.attn.out") && !text.contains("rerun"), "{text}");
 }
+
+/// `verify --isolate` of a port whose bug every layer (or every MoE layer) runs says that each
+/// layer, on the reference's input, first parts at the same hook point; one layer off alone gets
+/// no such line.
+#[test]
+fn isolated_layers_that_part_at_the_same_hook_are_said_to_share_it() {
+    let verify = |case: &str, port: &str| {
+        let dir = golden(case);
+        let dump = dir.join(format!("{port}.safetensors"));
+        code_and_text(&["verify", "--model", &s(&dir), "--golden", &s(&dump), "--isolate"])
+    };
+    let shared = "each on the reference's input, first parts from it at its";
+    for (case, port, which) in [
+        ("grouped-shared-yarn", "port-no-mscale", "every layer (4 of 4), each on the reference's input, first parts from it at its attn.out: what they all run there differs"),
+        ("flat", "port-no-shared-expert", "layers 2, 3, 4 (3 of 5), each on the reference's input, first parts from it at its mlp.out"),
+    ] {
+        let (code, text) = verify(case, port);
+        assert!(code == 1 && text.contains(which), "{port}: {text}");
+        let (_, json) = code_and_text(&["verify", "--model", &s(&golden(case)), "--golden", &s(&golden(case).join(format!("{port}.safetensors"))), "--isolate", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert!(v["shared_first_mismatch"].as_str().is_some_and(|l| l.starts_with(&which[..20])), "{json}");
+    }
+    // A difference in one layer alone (the reference's layer 3 MLP output, scaled) gets no line.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = golden("flat");
+    let reference = dir.join("reference.safetensors");
+    let one = edit_dump(&reference, &tmp.path().join("one.safetensors"), |t: &mut Vec<Named>| {
+        let (_, v, _) = t.iter_mut().find(|(n, _, _)| n == "layers.3.mlp.out").unwrap();
+        let Values::F32(x) = v else { panic!("mlp.out is F32") };
+        x.iter_mut().for_each(|e| *e *= 1.5);
+    });
+    let (code, text) = code_and_text(&["verify", "--model", &s(&dir), "--golden", &s(&one), "--isolate"]);
+    assert!(code == 1 && !text.contains(shared), "{text}");
+}

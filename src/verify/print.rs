@@ -90,6 +90,9 @@ pub fn print_report(r: &Report, tol: Tolerance, near_tie: f64) {
         println!("{}{}", format_line(c), compare::weights_note(c, &r.results).unwrap_or_default());
     }
     print!("{}", crate::layer_error::render(&crate::layer_error::by_layer(&r.results, near_tie)));
+    if let Some(line) = crate::layer_error::shared_first_mismatch(&r.results).filter(|_| r.isolate) {
+        println!("{line}");
+    }
     print!("{}", flips::render(&compare::flips(&r.results), near_tie, ""));
     for n in &r.only_in_reference {
         println!("{n:<34} {:<8} only in the reference (not produced by this run)", "skipped");
@@ -185,6 +188,7 @@ pub fn report_json(r: &Report, opts: &VerifyOptions, near_tie: f64, replay: Opti
         "near_tie_threshold": json_number(near_tie),
         "tolerance": crate::diff::tolerance_json(opts.tol, &opts.per_name),
         "isolated": r.isolate,
+        "shared_first_mismatch": crate::layer_error::shared_first_mismatch(&r.results).filter(|_| r.isolate),
         "replayed": r.replay.describe(),
         "only_in_reference": r.only_in_reference,
         "unchecked": r.unchecked,
