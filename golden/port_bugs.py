@@ -13,6 +13,8 @@ transformers, not by glimpse.
         neighbours; the indexer's RoPE left right
     golden/flat/port-absorbed-scale.safetensors
         the softmax scale (kv_lora_rank + qk_rope_head_dim)^-0.5, the absorbed query's width
+    golden/mtp/port-mtp-prenorm.safetensors
+        the MTP head fed the last layer's output, not the final norm's
     golden/flat/port-dense.safetensors
         attention over every causal key: an attention backend that ignores the DSA indices
         transformers passes it (`indices=`), as the eager one would without the index mask
@@ -60,7 +62,7 @@ def rotate_half_where(unsqueeze: int):
 
 
 @contextlib.contextmanager
-def rope_in_halves(model):
+def rope_in_halves(model, mtp):
     glm.apply_rotary_pos_emb_interleave = rotate_half_where(1)
     try:
         yield
@@ -69,7 +71,7 @@ def rope_in_halves(model):
 
 
 @contextlib.contextmanager
-def indexer_rope_in_halves(model):
+def indexer_rope_in_halves(model, mtp):
     """DeepSeek-V3.2's indexer RoPE (half-split), which GLM-5's is not."""
     glm.apply_rotary_pos_emb_interleave = rotate_half_where(2)
     try:
@@ -79,7 +81,7 @@ def indexer_rope_in_halves(model):
 
 
 @contextlib.contextmanager
-def indexer_masks_own_key(model):
+def indexer_masks_own_key(model, mtp):
     """The indexer's causal mask `j < s` for `j <= s`: each query's own key masked too."""
     forward = glm.GlmMoeDsaIndexer.forward
 
@@ -101,7 +103,7 @@ def routers(model):
 
 
 @contextlib.contextmanager
-def no_bias_in_selection(model):
+def no_bias_in_selection(model, mtp):
     """Experts chosen by the sigmoid scores alone: `e_score_correction_bias` left out."""
     for gate in routers(model):
         gate.e_score_correction_bias.zero_()
@@ -109,7 +111,7 @@ def no_bias_in_selection(model):
 
 
 @contextlib.contextmanager
-def weights_from_biased_scores(model):
+def weights_from_biased_scores(model, mtp):
     """The chosen experts' weights gathered from the biased scores (`scores + bias`)."""
     for gate in routers(model):
         forward = gate.forward
@@ -126,14 +128,14 @@ def weights_from_biased_scores(model):
 
 
 @contextlib.contextmanager
-def no_routed_scaling(model):
+def no_routed_scaling(model, mtp):
     for gate in routers(model):
         gate.routed_scaling_factor = 1.0
     yield
 
 
 @contextlib.contextmanager
-def no_shared_expert(model):
+def no_shared_expert(model, mtp):
     """A MoE layer's output without its shared expert: the routed experts' sum alone."""
     for layer in model.model.layers:
         if isinstance(layer.mlp, glm.GlmMoeDsaMoE):
@@ -142,7 +144,7 @@ def no_shared_expert(model):
 
 
 @contextlib.contextmanager
-def no_mscale(model):
+def no_mscale(model, mtp):
     """Every layer's `scaling` as `GlmMoeDsaAttention.__init__` sets it without `yarn_apply_mscale`."""
     for layer in model.model.layers:
         layer.self_attn.scaling = layer.self_attn.qk_head_dim**-0.5
@@ -150,7 +152,7 @@ def no_mscale(model):
 
 
 @contextlib.contextmanager
-def absorbed_scale(model):
+def absorbed_scale(model, mtp):
     c = model.config
     for layer in model.model.layers:
         layer.self_attn.scaling = (c.kv_lora_rank + c.qk_rope_head_dim) ** -0.5
@@ -168,12 +170,37 @@ AttentionMaskInterface.register("eager_without_indices", eager_mask)  # eager's 
 
 
 @contextlib.contextmanager
-def dense(model):
+def dense(model, mtp):
     model.set_attn_implementation("eager_without_indices")
     yield
 
 
-# (case, output file, what it plants, the context that plants it in a loaded model)
+@contextlib.contextmanager
+def mtp_fed_before_final_norm(model, mtp):
+    """The MTP head fed the last layer's output (the input of the final norm), not the final norm's
+    output: the hidden state a port's decoder loop has at hand."""
+    stash = {}
+    hook = model.model.norm.register_forward_pre_hook(lambda module, args: stash.update(h=args[0]))
+    forward = mtp.forward
+    mtp.forward = lambda input_ids, h, rotary_emb: forward(input_ids, stash["h"], rotary_emb)
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def mtp_block(model, case_dir: str):
+    """The case's MTP block (generate.build_mtp) from the MTP layer's tensors in its files."""
+    p = f"model.layers.{model.config.num_hidden_layers}."
+    weights = {}
+    for name in sorted(os.listdir(case_dir)):
+        if name.startswith("model") and name.endswith(".safetensors"):
+            with safe_open(os.path.join(case_dir, name), "pt") as f:
+                weights.update({k: f.get_tensor(k).to(torch.float32) for k in f.keys() if k.startswith(p)})
+    return generate.build_mtp(model, weights)
+
+
+# (case, output file, what it plants, the context that plants it in a loaded model and MTP block)
 PORTS = [
     (
         "grouped-shared-yarn",
@@ -195,6 +222,7 @@ PORTS = [
     ("flat", "port-biased-weights.safetensors", "routing weights from the biased scores", weights_from_biased_scores),
     ("flat", "port-no-scaling.safetensors", "routing weights without routed_scaling_factor", no_routed_scaling),
     ("flat", "port-no-shared-expert.safetensors", "MoE output without the shared expert", no_shared_expert),
+    ("mtp", "port-mtp-prenorm.safetensors", "the MTP head fed the state before the final norm", mtp_fed_before_final_norm),
 ]
 
 
@@ -208,8 +236,9 @@ def main() -> int:
         model.set_attn_implementation("eager")
         model.set_experts_implementation("eager")
         model.eval()
-        with plant(model):
-            tensors, scores = generate.run_reference(model, input_ids)
+        mtp = mtp_block(model, case_dir) if model.config.num_nextn_predict_layers and case == "mtp" else None
+        with plant(model, mtp):
+            tensors, scores = generate.run_reference(model, input_ids, mtp)
         out = generate.dump_tensors({}, tensors, scores)
         with open(os.path.join(case_dir, "config.json"), "rb") as f:
             sha = hashlib.sha256(f.read()).hexdigest()

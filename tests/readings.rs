@@ -121,8 +121,13 @@ fn the_ports_routing_and_mask_bugs_are_read() {
             "port-no-shared-expert",
             "layers.2.mlp.out (ours is the reference's less its shared expert (run on post_attn_norm)",
         ),
+        (
+            "port-mtp-prenorm",
+            "mtp.input_hidden (ours feeds the MTP head layers.2.output, the hidden state before the final norm",
+        ),
     ] {
-        let text = diff_port("flat", port, true);
+        let case = if port.starts_with("port-mtp") { "mtp" } else { "flat" };
+        let text = diff_port(case, port, true);
         let first = format!("first divergence: {reading}");
         assert!(text.lines().nth(1).is_some_and(|l| l.starts_with(&first)), "{port}: want {first}\n{text}");
     }
