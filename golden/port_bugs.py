@@ -13,6 +13,8 @@ transformers, not by glimpse.
         neighbours; the indexer's RoPE left right
     golden/flat/port-absorbed-scale.safetensors
         the softmax scale (kv_lora_rank + qk_rope_head_dim)^-0.5, the absorbed query's width
+    golden/flat/port-kv-norm-over-rope.safetensors
+        kv_a_layernorm's mean square over the rope part of kv_a_proj_with_mqa's output too
     golden/mtp/port-mtp-prenorm.safetensors
         the MTP head fed the last layer's output, not the final norm's
     golden/flat/port-dense.safetensors
@@ -176,6 +178,22 @@ def dense(model, mtp):
 
 
 @contextlib.contextmanager
+def kv_norm_over_rope(model, mtp):
+    """`kv_a_layernorm`'s mean square taken over the whole `kv_a_proj_with_mqa` output, the rope
+    part included, as a port that norms before it splits does."""
+    for layer in model.model.layers:
+        attn, stash = layer.self_attn, {}
+        attn.kv_a_proj_with_mqa.register_forward_hook(lambda module, args, out, stash=stash: stash.update(full=out))
+
+        def forward(x, norm=attn.kv_a_layernorm, stash=stash):
+            variance = stash["full"].to(torch.float32).pow(2).mean(-1, keepdim=True)
+            return norm.weight * (x.to(torch.float32) * torch.rsqrt(variance + norm.variance_epsilon)).to(x.dtype)
+
+        attn.kv_a_layernorm.forward = forward
+    yield
+
+
+@contextlib.contextmanager
 def mtp_fed_before_final_norm(model, mtp):
     """The MTP head fed the last layer's output (the input of the final norm), not the final norm's
     output: the hidden state a port's decoder loop has at hand."""
@@ -222,6 +240,7 @@ PORTS = [
     ("flat", "port-biased-weights.safetensors", "routing weights from the biased scores", weights_from_biased_scores),
     ("flat", "port-no-scaling.safetensors", "routing weights without routed_scaling_factor", no_routed_scaling),
     ("flat", "port-no-shared-expert.safetensors", "MoE output without the shared expert", no_shared_expert),
+    ("flat", "port-kv-norm-over-rope.safetensors", "kv_a_layernorm's statistic over the rope part too", kv_norm_over_rope),
     ("mtp", "port-mtp-prenorm.safetensors", "the MTP head fed the state before the final norm", mtp_fed_before_final_norm),
 ]
 

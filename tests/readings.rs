@@ -122,6 +122,10 @@ fn the_ports_routing_and_mask_bugs_are_read() {
             "layers.2.mlp.out (ours is the reference's less its shared expert (run on post_attn_norm)",
         ),
         (
+            "port-kv-norm-over-rope",
+            "layers.0.attn.kv_latent (each of its 32 rows is a scaled copy of the reference's, by factors",
+        ),
+        (
             "port-mtp-prenorm",
             "mtp.input_hidden (ours feeds the MTP head layers.2.output, the hidden state before the final norm",
         ),
