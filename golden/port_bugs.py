@@ -45,9 +45,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 INTERLEAVED = glm.apply_rotary_pos_emb_interleave
 
 
-def rotate_half_where(unsqueeze: int):
-    """transformers' `apply_rotary_pos_emb` (Llama's rotate_half) where the interleaved one is
-    called with `unsqueeze_dim=unsqueeze`: 1 is MLA's call, 2 the indexer's."""
+def rope_in_halves(unsqueeze: int):
+    """A plant: transformers' `apply_rotary_pos_emb` (Llama's rotate_half) where the interleaved
+    one is called with `unsqueeze_dim=unsqueeze`: 1 is MLA's call, 2 the indexer's (DeepSeek-V3.2's
+    indexer RoPE is half-split; GLM-5's is not)."""
 
     def rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
         if unsqueeze_dim != unsqueeze:
@@ -60,26 +61,15 @@ def rotate_half_where(unsqueeze: int):
 
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
-    return rope
+    @contextlib.contextmanager
+    def plant(model, mtp):
+        glm.apply_rotary_pos_emb_interleave = rope
+        try:
+            yield
+        finally:
+            glm.apply_rotary_pos_emb_interleave = INTERLEAVED
 
-
-@contextlib.contextmanager
-def rope_in_halves(model, mtp):
-    glm.apply_rotary_pos_emb_interleave = rotate_half_where(1)
-    try:
-        yield
-    finally:
-        glm.apply_rotary_pos_emb_interleave = INTERLEAVED
-
-
-@contextlib.contextmanager
-def indexer_rope_in_halves(model, mtp):
-    """DeepSeek-V3.2's indexer RoPE (half-split), which GLM-5's is not."""
-    glm.apply_rotary_pos_emb_interleave = rotate_half_where(2)
-    try:
-        yield
-    finally:
-        glm.apply_rotary_pos_emb_interleave = INTERLEAVED
+    return plant
 
 
 @contextlib.contextmanager
@@ -230,11 +220,11 @@ PORTS = [
         "grouped-shared-yarn",
         "port-rotate-half.safetensors",
         "MLA's RoPE by rotate_half (pairs x[j], x[j + d/2]); the indexer's interleaved, as it should be",
-        rope_in_halves,
+        rope_in_halves(1),
     ),
     ("flat", "port-absorbed-scale.safetensors", "the softmax scale (kv_lora_rank + qk_rope_head_dim)^-0.5", absorbed_scale),
     ("flat", "port-dense.safetensors", "attention over every causal key (a backend ignoring the DSA indices)", dense),
-    ("flat", "port-indexer-rotate-half.safetensors", "the indexer's RoPE by rotate_half", indexer_rope_in_halves),
+    ("flat", "port-indexer-rotate-half.safetensors", "the indexer's RoPE by rotate_half", rope_in_halves(2)),
     ("flat", "port-indexer-own-key.safetensors", "the indexer's causal mask j < s (own key masked)", indexer_masks_own_key),
     ("flat", "port-no-bias.safetensors", "experts chosen without e_score_correction_bias", no_bias_in_selection),
     ("flat", "port-biased-weights.safetensors", "routing weights from the biased scores", weights_from_biased_scores),
