@@ -1,25 +1,13 @@
 #!/usr/bin/env python3
-"""Ports with a bug, as transformers would run them: the transformers reference of a golden case
-with one attention bug that real GLM-5 / DeepSeek-V3 ports have shipped, planted in transformers'
-own modules, dumped in format glm5-dump/1. `glimpse diff --model` must name each bug from these
-dumps and the case's reference.safetensors (tests/readings.rs). They are produced by
-transformers, not by glimpse.
-
-    golden/grouped-shared-yarn/port-no-mscale.safetensors
-        the softmax scale qk_head_dim^-0.5, without YaRN's mscale(factor, mscale_all_dim)^2
-        (`yarn_apply_mscale` skipped)
-    golden/grouped-shared-yarn/port-rotate-half.safetensors
-        MLA's RoPE rotating halves (`rotate_half`: x[j] with x[j + d/2]) where GLM-5 rotates
-        neighbours; the indexer's RoPE left right
-    golden/flat/port-absorbed-scale.safetensors
-        the softmax scale (kv_lora_rank + qk_rope_head_dim)^-0.5, the absorbed query's width
-    golden/flat/port-kv-norm-over-rope.safetensors
-        kv_a_layernorm's mean square over the rope part of kv_a_proj_with_mqa's output too
-    golden/mtp/port-mtp-prenorm.safetensors
-        the MTP head fed the last layer's output, not the final norm's
-    golden/flat/port-dense.safetensors
-        attention over every causal key: an attention backend that ignores the DSA indices
-        transformers passes it (`indices=`), as the eager one would without the index mask
+"""Ports with a bug, as transformers would run them: the transformers reference (eager, f32) of a
+golden case's own tokens with one bug that real GLM-5 / DeepSeek-V3 ports have shipped planted in
+transformers' own modules, dumped in format glm5-dump/1 as golden/<case>/port-*.safetensors
+(`PORTS` below: attention, indexer, routing, shared-expert, latent-norm and MTP bugs). `glimpse
+diff --model` must read each from its dump and the case's reference.safetensors
+(tests/readings.rs). `CONTROLS` are dumps of no port's bug that it must not read as one
+(golden/flat/control-scale-x1.2.safetensors: the softmax scale times 1.2, 2% off the scale of
+qk_nope_head_dim). They are produced by transformers, not by glimpse; the table of them is in
+golden/README.md.
 
     venv/bin/python golden/port_bugs.py
 """
@@ -236,8 +224,23 @@ PORTS = [
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def scale_times_1_2(model, mtp):
+    """No port's bug: every layer's `scaling` times 1.2, near (2% off) the scale of
+    `qk_nope_head_dim`. A control: `diff` must name no variant for it."""
+    for layer in model.model.layers:
+        layer.self_attn.scaling *= 1.2
+    yield
+
+
+# Dumps of no port's bug: `diff` must name nothing for them.
+CONTROLS = [
+    ("flat", "control-scale-x1.2.safetensors", "the softmax scale times 1.2 (a control, no port's bug)", scale_times_1_2),
+]
+
+
 def main() -> int:
-    for case, file, what, plant in PORTS:
+    for case, file, what, plant in PORTS + CONTROLS:
         case_dir = os.path.join(HERE, case)
         with safe_open(os.path.join(case_dir, "reference.safetensors"), "pt") as f:
             input_ids = f.get_tensor("input_ids")

@@ -29,8 +29,8 @@ enum Unit {
     Layer(usize, usize),
     /// Prompts 1 to this.
     Prompt(usize),
-    /// Reruns 1 to `.1` of layer `.0`'s attention.
-    Rerun(usize, usize),
+    /// Reruns 1 to `.1` of layer `.0`'s attention or indexer (`.2`).
+    Rerun(usize, usize, &'static str),
 }
 
 /// One pass over a window of layers, or one audit's prompts.
@@ -54,10 +54,10 @@ impl Steps {
         Steps::of(Unit::Prompt(total), true)
     }
 
-    /// `diff`'s reruns of layer `layer`'s attention, 1 to `total` (shown once [`enable`] was
-    /// called: a GLM-5 layer at 2048 tokens takes seconds a rerun).
-    pub fn reruns(layer: usize, total: usize) -> Steps {
-        Steps::of(Unit::Rerun(layer, total), ENABLED.load(Ordering::Relaxed))
+    /// `diff`'s reruns of layer `layer`'s attention or indexer, 1 to `total` (shown once
+    /// [`enable`] was called: a GLM-5 layer at 2048 tokens takes seconds a rerun).
+    pub fn reruns(layer: usize, part: crate::reading::Part, total: usize) -> Steps {
+        Steps::of(Unit::Rerun(layer, total, part.label()), ENABLED.load(Ordering::Relaxed))
     }
 
     fn of(unit: Unit, enabled: bool) -> Steps {
@@ -77,7 +77,7 @@ impl Steps {
         let at = match self.unit {
             Unit::Layer(first, last) => format!("layer {i} of {first}..={last}"),
             Unit::Prompt(total) => format!("audit: prompt {i} of {total}"),
-            Unit::Rerun(layer, total) => format!("diff: rerun {i} of {total} of layer {layer}'s attention"),
+            Unit::Rerun(layer, total, part) => format!("diff: rerun {i} of {total} of layer {layer}'s {part}"),
         };
         let elapsed = now.duration_since(self.start);
         let secs = elapsed.as_secs_f64();

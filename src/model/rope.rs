@@ -26,7 +26,9 @@ pub enum Pairs {
     /// `(x[2j], x[2j+1])`: GLM-5's layout, as DeepSeek-V3's.
     Interleaved,
     /// `(x[j], x[j + half])`: Llama's `rotate_half`, a port bug on GLM-5. The model never uses it;
-    /// `diff`'s readings rerun attention with it to name that bug (`reading::rerun`).
+    /// `diff`'s readings rerun attention with it to name that bug (`reading::rerun`), through
+    /// [`RopeTables::apply`] only: the device paths (`device/`, `cuda/`) take `cos` and `sin` and
+    /// rotate neighbours.
     Halves,
 }
 
