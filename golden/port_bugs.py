@@ -196,6 +196,27 @@ def mtp_block(model, case_dir: str):
     return generate.build_mtp(model, weights)
 
 
+def in_bf16(plant):
+    """`plant` in a port that runs in bfloat16, weights and activations (as bf16_port.py runs)."""
+
+    @contextlib.contextmanager
+    def bf16(model, mtp):
+        model.to(torch.bfloat16)
+        with plant(model, mtp):
+            yield
+
+    return bf16
+
+
+@contextlib.contextmanager
+def scale_times_1_2(model, mtp):
+    """No port's bug: every layer's `scaling` times 1.2, near (2% off) the scale of
+    `qk_nope_head_dim`. A control: `diff` must name no variant for it."""
+    for layer in model.model.layers:
+        layer.self_attn.scaling *= 1.2
+    yield
+
+
 # (case, output file, what it plants, the context that plants it in a loaded model and MTP block)
 PORTS = [
     (
@@ -220,18 +241,13 @@ PORTS = [
     ("flat", "port-no-shared-expert.safetensors", "MoE output without the shared expert", no_shared_expert),
     ("flat", "port-kv-norm-over-rope.safetensors", "kv_a_layernorm's statistic over the rope part too", kv_norm_over_rope),
     ("mtp", "port-mtp-prenorm.safetensors", "the MTP head fed the state before the final norm", mtp_fed_before_final_norm),
+    (
+        "grouped-shared-yarn",
+        "port-no-mscale-bf16.safetensors",
+        "the softmax scale qk_head_dim^-0.5 without YaRN's mscale^2, in a port that runs in bfloat16",
+        in_bf16(no_mscale),
+    ),
 ]
-
-
-@torch.no_grad()
-@contextlib.contextmanager
-def scale_times_1_2(model, mtp):
-    """No port's bug: every layer's `scaling` times 1.2, near (2% off) the scale of
-    `qk_nope_head_dim`. A control: `diff` must name no variant for it."""
-    for layer in model.model.layers:
-        layer.self_attn.scaling *= 1.2
-    yield
-
 
 # Dumps of no port's bug: `diff` must name nothing for them.
 CONTROLS = [
@@ -239,6 +255,8 @@ CONTROLS = [
 ]
 
 
+
+@torch.no_grad()
 def main() -> int:
     for case, file, what, plant in PORTS + CONTROLS:
         case_dir = os.path.join(HERE, case)
@@ -251,12 +269,15 @@ def main() -> int:
         mtp = mtp_block(model, case_dir) if model.config.num_nextn_predict_layers and case == "mtp" else None
         with plant(model, mtp):
             tensors, scores = generate.run_reference(model, input_ids, mtp)
-        out = generate.dump_tensors({}, tensors, scores)
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        # (A bf16 port's values, stored as F32 as the spec's names are.)
+        tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+        out = generate.dump_tensors({}, tensors, {i: v.float() for i, v in scores.items()})
         with open(os.path.join(case_dir, "config.json"), "rb") as f:
             sha = hashlib.sha256(f.read()).hexdigest()
         meta = {
             "format": generate.DUMP_FORMAT,
-            "source": f"transformers {transformers.__version__} / torch {torch.__version__}, eager, float32, with a "
+            "source": f"transformers {transformers.__version__} / torch {torch.__version__}, eager, {dtype}, with a "
             f"port bug planted: {what}",
             "config_sha256": sha,
             "model": case,

@@ -115,6 +115,10 @@ pub struct DiffReport {
     pub with_model: bool,
     /// What the first divergence's values say beyond its numbers.
     pub notes: crate::reading::Notes,
+    /// Where rounding explains the first divergence (a selection whose every flip is a near-tie,
+    /// or floats read as rounding's tail): the first divergence it does not explain, and what
+    /// its values say.
+    pub past_rounding: Option<(String, crate::reading::Notes)>,
     /// Which dumps hold only bf16 values (every float's low 16 bits 0), ours then the
     /// reference, when floats differ at a tolerance tighter than bf16's: a hint to compare at
     /// bf16's.
@@ -302,21 +306,8 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
             // (Both sides bf16 there is the checkpoint's doing, a bf16 embedding table: no hint.)
             bf16_first = Some((name.clone(), sides)).filter(|_| sides[0] != sides[1]);
         }
-        // What the first divergence's values say, while they are here.
-        // (Indexer scores as they were compared: at causal keys only.)
-        let causal = crate::compare::causal_scores(name, &sb, &va, &vb);
-        let (va, vb) = causal.as_ref().map_or((&va, &vb), |(x, y)| (x, y));
-        if let (false, true, Values::F32(x), Values::F32(y)) = (c.ok, results.iter().all(|r| r.ok), va, vb) {
-            notes = crate::reading::Notes::of(a, b, name, (x, y, &sb), opts);
-        }
-        if let (false, true, Some(config)) = (c.ok, results.iter().all(|r| r.ok), &opts.config) {
-            notes.not_reused = crate::reading::Notes::not_reused(a, b, name, config);
-        }
         if let (false, true) = (c.ok, results.iter().all(|r| r.ok)) {
-            notes.unbiased_ties = crate::reading::UnbiasedTies::of(a, b, &c, opts);
-            notes.bias_left_out = crate::reading::BiasLeftOut::of(a, b, name, opts);
-            notes.rerun =
-                opts.model.as_deref().and_then(|m| crate::reading::Rerun::of(a, b, name, m, opts.tol_for(name)));
+            notes = notes_of(a, b, &c, opts)?;
         }
         // Margins for the flips: recomputing them can read the S x S scores, so only where needed.
         if let (Detail::Sets { flips, .. }, Some(point)) = (&c.detail, HookPoint::parse(name)) {
@@ -329,6 +320,15 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
             }
         }
         results.push(c);
+    }
+    // Past a first divergence that rounding explains (a bf16 run's near-tie flips, or its tail of
+    // rounding noise), the first that it does not, where that reads as something.
+    let mut past_rounding = None;
+    if results.iter().find(|c| !c.ok).is_some_and(|c| rounding(a, b, c, opts)) {
+        let first_other = results.iter().filter(|c| !c.ok).find(|c| !rounding(a, b, c, opts));
+        if let Some(c) = first_other {
+            past_rounding = Some((c.name.clone(), notes_of(a, b, c, opts)?));
+        }
     }
     // (Only a float tensor outside the tolerance is helped by bf16's.)
     let float_off = results.iter().any(|c| !c.ok && matches!(c.detail, Detail::Float { .. }));
@@ -345,6 +345,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         per_name: opts.per_name.clone(),
         with_model: opts.config.is_some(),
         notes,
+        past_rounding,
         bf16_only: if loose { [false; 2] } else { bf16_only },
         bf16_first,
         f16_only: match !floats_seen || !float_off || opts.tol.rtol >= F16_ROUNDING {
@@ -352,6 +353,44 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
             false => [0, 1].map(|side| f16_only[side] && !bf16_only[side]),
         },
     })
+}
+
+/// Whether rounding explains the divergence `c`: a selection whose every flip is a near-tie, or
+/// floats whose difference is rounding's tail (`reading::Tail`, read from the two dumps).
+fn rounding(a: &Dump, b: &Dump, c: &Comparison, opts: &DiffOptions) -> bool {
+    match &c.detail {
+        Detail::Sets { flips, .. } => flips.iter().all(|f| Class::of(f, opts.near_tie) == Class::NearTie),
+        Detail::Float { .. } => {
+            let (Ok((va, _)), Ok((vb, sb))) = (a.values(&c.name), b.values(&c.name)) else { return false };
+            let causal = crate::compare::causal_scores(&c.name, &sb, &va, &vb);
+            match causal.as_ref().map_or((&va, &vb), |(x, y)| (x, y)) {
+                (Values::F32(x), Values::F32(y)) => {
+                    crate::reading::Tail::of(x, y, &sb, opts.tol_for(&c.name)).is_some()
+                }
+                _ => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+/// What the values of the divergence `c` say beyond its numbers, read from the two dumps.
+fn notes_of(a: &Dump, b: &Dump, c: &Comparison, opts: &DiffOptions) -> Result<crate::reading::Notes> {
+    use crate::reading::{BiasLeftOut, Notes, Rerun, UnbiasedTies};
+    let name = c.name.as_str();
+    let ((va, _), (vb, sb)) = (a.values(name)?, b.values(name)?);
+    // (Indexer scores as they were compared: at causal keys only.)
+    let causal = crate::compare::causal_scores(name, &sb, &va, &vb);
+    let (va, vb) = causal.as_ref().map_or((&va, &vb), |(x, y)| (x, y));
+    let mut notes = match (va, vb) {
+        (Values::F32(x), Values::F32(y)) => Notes::of(a, b, name, (x, y, &sb), opts),
+        _ => Notes::default(),
+    };
+    notes.not_reused = opts.config.as_ref().and_then(|config| Notes::not_reused(a, b, name, config));
+    notes.unbiased_ties = UnbiasedTies::of(a, b, c, opts);
+    notes.bias_left_out = BiasLeftOut::of(a, b, name, opts);
+    notes.rerun = opts.model.as_deref().and_then(|m| Rerun::of(a, b, name, m, opts.tol_for(name)));
+    Ok(notes)
 }
 
 /// A number for JSON, which has no Inf or NaN: those spelled as strings.
@@ -481,6 +520,7 @@ impl DiffReport {
             "first_divergence": self.first_divergence().map(|c| c.name.clone()),
             "not_compared": if self.first_divergence().is_none() { self.not_compared() } else { None },
             "first_divergence_reading": self.first_divergence().and_then(|c| self.reading(c)),
+            "past_rounding": self.past_rounding_reading().map(|(c, reading, _)| json!({"name": c.name, "reading": reading})),
             "first_divergence_onset": self.notes.onset.map(|o| json!({"matching_positions": o.matching, "reading": o.reading()})),
             "first_divergence_leading": self.notes.leading.map(|l| json!({"differing_positions": l.differing, "reading": l.reading()})),
             "first_divergence_weights_rule": self.notes.weights_reading(),
@@ -509,9 +549,21 @@ impl DiffReport {
         let c = self.first_divergence()?;
         let reading = self.reading(c).map(|r| format!(" ({r})")).unwrap_or_default();
         let mut out = format!("first divergence: {}{reading}", c.name);
-        let positions = [self.notes.onset.map(|o| o.reading()), self.notes.leading.map(|l| l.reading())];
-        positions.into_iter().flatten().for_each(|p| out += &format!("\n  {p}"));
+        let positions = |n: &crate::reading::Notes| [n.onset.map(|o| o.reading()), n.leading.map(|l| l.reading())];
+        positions(&self.notes).into_iter().flatten().for_each(|p| out += &format!("\n  {p}"));
+        if let Some((next, reading, notes)) = self.past_rounding_reading() {
+            out += &format!("\n  past what rounding explains, the first divergence: {} ({reading})", next.name);
+            positions(notes).into_iter().flatten().for_each(|p| out += &format!("\n    {p}"));
+        }
         Some(out)
+    }
+
+    /// The first divergence past what rounding explains ([`Self::past_rounding`]), its reading
+    /// and notes, where it has a reading (one the near-tie flips made alone says nothing more).
+    pub fn past_rounding_reading(&self) -> Option<(&Comparison, String, &crate::reading::Notes)> {
+        let (name, notes) = self.past_rounding.as_ref()?;
+        let next = self.results.iter().find(|c| &c.name == name)?;
+        Some((next, self.reading_with(next, notes)?, notes))
     }
 
     /// The report for a terminal: first divergence on top, one line per tensor, then the flips.

@@ -14,6 +14,7 @@ fn report_of(results: Vec<Comparison>) -> DiffReport {
         per_name: Vec::new(),
         with_model: false,
         notes: Default::default(),
+        past_rounding: None,
         bf16_only: [false; 2],
         bf16_first: None,
         f16_only: [false; 2],

@@ -149,6 +149,12 @@ impl DiffReport {
     /// factor apart (exactly, or mostly: a per-token factor), selections that differ only by
     /// near-ties, or selections made from scores that match (the rule differs, not its input).
     pub(crate) fn reading(&self, c: &Comparison) -> Option<String> {
+        self.reading_with(c, &self.notes)
+    }
+
+    /// [`Self::reading`] of a divergence `c` whose values say `notes` (the first divergence past
+    /// near-ties: [`DiffReport::past_near_ties`]).
+    pub(crate) fn reading_with(&self, c: &Comparison, notes: &Notes) -> Option<String> {
         // The scores the selection ranked, where they match, and how far they moved.
         let input = || {
             let name = HookPoint::parse(&c.name).and_then(crate::flips::ranked_scores)?.0.name();
@@ -165,23 +171,23 @@ impl DiffReport {
             let [near_ties, real, _] = Class::counts(flips, self.near_tie);
             near_ties == 0 && 2 * real > flips.len()
         };
-        // (The notes are the first divergence's, which is what this reads.)
-        if let Some(rule) = self.notes.weights_reading() {
+        // (The notes are `c`'s, which is what this reads.)
+        if let Some(rule) = notes.weights_reading() {
             return Some(rule);
         }
-        if let Some(fed) = self.notes.mtp_input {
+        if let Some(fed) = notes.mtp_input {
             return Some(fed.reading());
         }
-        if let Some(shared) = self.notes.shared_expert {
+        if let Some(shared) = notes.shared_expert {
             return Some(shared.reading().into());
         }
-        if let Some(rerun) = self.notes.rerun {
+        if let Some(rerun) = notes.rerun {
             return Some(rerun.reading());
         }
-        if let Some(left_out) = self.notes.bias_left_out {
+        if let Some(left_out) = notes.bias_left_out {
             return Some(left_out.reading());
         }
-        if let Some(source) = self.notes.not_reused {
+        if let Some(source) = notes.not_reused {
             return Some(format!(
                 "a shared-indexer layer: the reference's selection is layer {source}'s, ours's is not (it must reuse \
                  layer {source}'s, not choose its own)"
@@ -195,7 +201,7 @@ impl DiffReport {
             // The scale explains the difference.
             Detail::Float { cosine, scale, total, .. } if factor(*scale, *cosine, *total).is_some() => {
                 // A factor of the routed experts' scaling: a port that applies it twice, or not.
-                let named = self.notes.routed_scaling.and_then(|rsf| {
+                let named = notes.routed_scaling.and_then(|rsf| {
                     let near = |x: f64| (scale / x - 1.0).abs() < 1e-3;
                     if near(rsf) {
                         Some(format!(" (routed_scaling_factor {rsf}: applied twice?)"))
@@ -207,13 +213,13 @@ impl DiffReport {
                 });
                 factor(*scale, *cosine, *total).map(|f| f + &named.unwrap_or_default())
             }
-            Detail::Float { .. } if self.notes.row_scale.is_some() => self.notes.row_scale.map(|r| r.reading(&c.name)),
+            Detail::Float { .. } if notes.row_scale.is_some() => notes.row_scale.map(|r| r.reading(&c.name)),
             // (Masking a causal key the reference scores is no position-wise effect: said beside an onset.)
-            Detail::Float { .. } if self.notes.mask.is_some_and(|m| m.ours > 0 || self.notes.onset.is_none()) => {
-                self.notes.mask.map(|m| m.reading())
+            Detail::Float { .. } if notes.mask.is_some_and(|m| m.ours > 0 || notes.onset.is_none()) => {
+                notes.mask.map(|m| m.reading())
             }
-            Detail::Float { .. } => self.notes.tail.map(Tail::reading),
-            Detail::Exact { .. } => self.notes.unbiased_ties.map(UnbiasedTies::reading),
+            Detail::Float { .. } => notes.tail.map(Tail::reading),
+            Detail::Exact { .. } => notes.unbiased_ties.map(UnbiasedTies::reading),
             // Rows that kept fewer distinct causal keys than the other side: no rule's choice.
             Detail::Sets { flips, .. } if flips.iter().any(|f| f.fewer_keys().is_some()) => {
                 let sides: Vec<Side> = flips.iter().filter_map(Flip::fewer_keys).collect();

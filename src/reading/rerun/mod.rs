@@ -11,7 +11,9 @@
 //! reference's `input_norm`: a dump of other positions (a decode step, a later chunk) or of
 //! another checkpoint gets no reading. A variant is named only where it explains ours's
 //! difference, not merely lands inside a loose tolerance: its own error against ours is under
-//! 1/400 of the checkpoint's (a twentieth in rms), and the next best variant's is three times its.
+//! 1/400 of the checkpoint's (a twentieth in rms), and the next best that does so too has three
+//! times its error; where one other is that close (two scales 1.4% apart, under a bf16 port's
+//! noise), both are named.
 //! Attention is causal, so the first positions of a long dump are rerun alone: 512 for the scales
 //! and RoPE (they show from position 1), and, where none of those explains ours, enough past
 //! `index_topk` for dense attention to show.
@@ -65,12 +67,14 @@ impl Part {
 }
 
 /// Ours's tensor is the checkpoint's `part` rerun with `variant` (softmax scale `scale`, where
-/// the checkpoint's is `checkpoint_scale`; YaRN's `mscale`, 1 without).
+/// the checkpoint's is `checkpoint_scale`; YaRN's `mscale`, 1 without), or, nearly as close, with
+/// `or`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rerun {
     pub part: Part,
     pub variant: Variant,
     pub scale: f64,
+    pub or: Option<(Variant, f64)>,
     pub checkpoint_scale: f64,
     pub mscale: f64,
 }
@@ -169,10 +173,13 @@ impl Rerun {
             }),
             Part::Indexer => layer.search(seq.min(PREFIX), Variant::candidates_of_indexer(c)),
         };
-        let (variant, scale) = found?;
-        Some(Rerun { part, variant, scale, checkpoint_scale, mscale: c.softmax_mscale() })
+        let ((variant, scale), or) = found?;
+        Some(Rerun { part, variant, scale, or, checkpoint_scale, mscale: c.softmax_mscale() })
     }
 }
+
+/// The variant (and its softmax scale) that explains ours, and another as close, if one is.
+type Found = ((Variant, f64), Option<(Variant, f64)>);
 
 /// One layer's attention (and indexer) as the checkpoint has it, and the two dumps' inputs to it.
 struct Layer<'d> {
@@ -193,7 +200,7 @@ struct Layer<'d> {
 impl Layer<'_> {
     /// Of `candidates`, the variant that explains ours over the first `p` positions; None where
     /// none does, or where the checkpoint's own rerun is not the reference's there.
-    fn search(&mut self, p: usize, candidates: Vec<(Variant, f64)>) -> Option<(Variant, f64)> {
+    fn search(&mut self, p: usize, candidates: Vec<(Variant, f64)>) -> Option<Found> {
         let (c, i, seq, tol) = (self.config, self.i, self.seq, self.tol);
         let x =
             [self.x[0].narrow(1, 0, p).ok()?.contiguous().ok()?, self.x[1].narrow(1, 0, p).ok()?.contiguous().ok()?];
@@ -241,10 +248,17 @@ impl Layer<'_> {
                 _ => {}
             }
         }
+        // The best, where it explains ours, and the next best where it explains ours too and is
+        // as close (under ALONE times the best's error): two the input tells apart too little.
         found.sort_by(|x, y| x.2.total_cmp(&y.2));
+        found.retain(|f| f.2 <= EXPLAINS * unexplained);
         let &(variant, scale, error) = found.first()?;
-        let alone = found.get(1).is_none_or(|next| next.2 >= ALONE * error && next.2 > 0.0);
-        (error <= EXPLAINS * unexplained && alone).then_some((variant, scale))
+        let mut near = found.iter().skip(1).filter(|f| f.2 < ALONE * error || f.2 == 0.0);
+        match (near.next(), near.next()) {
+            (None, _) => Some(((variant, scale), None)),
+            (Some(&(v, s, _)), None) => Some(((variant, scale), Some((v, s)))),
+            _ => None,
+        }
     }
 }
 

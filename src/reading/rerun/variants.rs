@@ -130,7 +130,20 @@ impl Variant {
 
 impl Rerun {
     pub(crate) fn reading(self) -> String {
-        let what = match self.variant {
+        let checkpoint = match self.variant {
+            Variant::Scale { .. } | Variant::NoYarn => {
+                format!(", where the checkpoint's is {:.6}", self.checkpoint_scale)
+            }
+            _ => String::new(),
+        };
+        let or = self.or.map(|(v, s)| format!(" (or, nearly as close, {})", self.words(v, s))).unwrap_or_default();
+        let what = self.words(self.variant, self.scale);
+        format!("ours is this layer's {} rerun on its input with {what}{checkpoint}{or}", self.part.label())
+    }
+
+    /// What `variant` (of softmax scale `scale`) computes, in words.
+    fn words(self, variant: Variant, scale: f64) -> String {
+        match variant {
             Variant::Scale { dim, mscale_power, also } => {
                 let mscale = match (self.mscale == 1.0, mscale_power) {
                     (true, _) | (false, 0) => String::new(),
@@ -146,26 +159,23 @@ impl Rerun {
                     Some(other) => format!("{} (= {})", dim.label(), other.label()),
                     None => dim.label().to_string(),
                 };
-                format!(
-                    "the softmax scale {label}^-0.5{mscale} = {:.6}{without}, where the checkpoint's is {:.6}",
-                    self.scale, self.checkpoint_scale
-                )
+                format!("the softmax scale {label}^-0.5{mscale} = {scale:.6}{without}")
             }
             Variant::RopeHalves => {
                 let whose = match self.part {
                     Part::Attention => "GLM-5",
                     Part::Indexer => "GLM-5's indexer (not DeepSeek-V3.2's)",
                 };
-                format!("RoPE rotating halves (`rotate_half`: x[j] with x[j + d/2]), where {whose} rotates neighbours (x[2j] with x[2j+1])")
+                format!(
+                    "RoPE rotating halves (`rotate_half`: x[j] with x[j + d/2]), where {whose} rotates neighbours (x[2j] \
+                     with x[2j+1])"
+                )
             }
             Variant::YarnFrequencies => "RoPE at rope_theta's frequencies: YaRN's interpolation left out".into(),
-            Variant::NoYarn => format!(
-                "YaRN left out: RoPE at rope_theta's frequencies and the softmax scale {:.6} without its mscale² (the \
-                 checkpoint's is {:.6})",
-                self.scale, self.checkpoint_scale
-            ),
+            Variant::NoYarn => {
+                format!("YaRN left out: RoPE at rope_theta's frequencies and the softmax scale {scale:.6} without its mscale²")
+            }
             Variant::AllKeys => "every causal key: the DSA selection is not applied".into(),
-        };
-        format!("ours is this layer's {} rerun on its input with {what}", self.part.label())
+        }
     }
 }
