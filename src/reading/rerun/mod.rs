@@ -248,17 +248,24 @@ impl Layer<'_> {
                 _ => {}
             }
         }
-        // The best, where it explains ours, and the next best where it explains ours too and is
-        // as close (under ALONE times the best's error): two the input tells apart too little.
-        found.sort_by(|x, y| x.2.total_cmp(&y.2));
-        found.retain(|f| f.2 <= EXPLAINS * unexplained);
-        let &(variant, scale, error) = found.first()?;
-        let mut near = found.iter().skip(1).filter(|f| f.2 < ALONE * error || f.2 == 0.0);
-        match (near.next(), near.next()) {
-            (None, _) => Some(((variant, scale), None)),
-            (Some(&(v, s, _)), None) => Some(((variant, scale), Some((v, s)))),
-            _ => None,
-        }
+        pick(found, unexplained)
+    }
+}
+
+/// Of the variants `found` (each with its scale and its error against ours), the one that
+/// explains ours, where the checkpoint's error is `unexplained`: the best, where its error is
+/// under [`EXPLAINS`] of it, and the next best where it does so too and is as close (under
+/// [`ALONE`] times the best's error): two the input tells apart too little. None where a third is
+/// as close too.
+fn pick(mut found: Vec<(Variant, f64, f64)>, unexplained: f64) -> Option<Found> {
+    found.sort_by(|x, y| x.2.total_cmp(&y.2));
+    found.retain(|f| f.2 <= EXPLAINS * unexplained);
+    let &(variant, scale, error) = found.first()?;
+    let mut near = found.iter().skip(1).filter(|f| f.2 < ALONE * error || f.2 == 0.0);
+    match (near.next(), near.next()) {
+        (None, _) => Some(((variant, scale), None)),
+        (Some(&(v, s, _)), None) => Some(((variant, scale), Some((v, s)))),
+        _ => None,
     }
 }
 
@@ -348,5 +355,46 @@ impl Observer for Replay<'_> {
     }
     fn forced_selection(&mut self, _: usize) -> Result<Option<Selection>> {
         Ok(Some(self.0.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The best variant is named alone when the next is three times as far, beside it when
+    /// closer, and not at all when it explains too little or a third is as close.
+    #[test]
+    fn a_variant_is_named_where_it_explains_ours_and_stands_apart() {
+        let (a, b, c) = (Variant::RopeHalves, Variant::YarnFrequencies, Variant::AllKeys);
+        let unexplained = 4e-2; // explained: an error under 1e-4
+        assert_eq!(pick(vec![(b, 0.2, 5e-5), (a, 0.1, 1e-6)], unexplained), Some(((a, 0.1), None)));
+        assert_eq!(pick(vec![(a, 0.1, 2e-5), (b, 0.2, 5e-5)], unexplained), Some(((a, 0.1), Some((b, 0.2)))));
+        // (The next best, as close but explaining too little, leaves the best alone.)
+        assert_eq!(pick(vec![(a, 0.1, 9e-5), (b, 0.2, 2e-4)], unexplained), Some(((a, 0.1), None)));
+        assert_eq!(pick(vec![(a, 0.1, 2e-4)], unexplained), None);
+        assert_eq!(pick(vec![(a, 0.1, 2e-5), (b, 0.2, 3e-5), (c, 0.3, 4e-5)], unexplained), None);
+        assert_eq!(pick(vec![(a, 0.1, 0.0), (b, 0.2, 0.0)], unexplained), Some(((a, 0.1), Some((b, 0.2)))));
+        assert_eq!(pick(Vec::new(), unexplained), None);
+    }
+
+    /// Two variants as close are both said, the second after the checkpoint's scale.
+    #[test]
+    fn a_close_second_is_named_after_the_first() {
+        let scale = |dim, mscale_power| Variant::Scale { dim, mscale_power, also: None };
+        let r = Rerun {
+            part: Part::Attention,
+            variant: scale(ScaleDim::QkHead, 0),
+            scale: 0.2041,
+            or: Some((scale(ScaleDim::Absorbed, 1), 0.2013)),
+            checkpoint_scale: 0.2646,
+            mscale: 1.1386,
+        };
+        assert_eq!(
+            r.reading(),
+            "ours is this layer's attention rerun on its input with the softmax scale qk_head_dim^-0.5 = 0.204100 \
+             (YaRN's mscale² left out), where the checkpoint's is 0.264600 (or, nearly as close, the softmax scale \
+             (kv_lora_rank + qk_rope_head_dim)^-0.5 x mscale (once, not squared) = 0.201300)"
+        );
     }
 }
