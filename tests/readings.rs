@@ -72,6 +72,12 @@ fn reruns_name_the_ports_softmax_scale_rope_and_dense_attention() {
         let text = diff_port(case, port, true);
         let first = format!("first divergence: {reading}");
         assert!(text.lines().nth(1).is_some_and(|l| l.starts_with(&first)), "{port}: want {first}\n{text}");
+        let dir = golden(case);
+        let args = [&s(&dir.join(format!("{port}.safetensors"))), &s(&dir.join("reference.safetensors"))];
+        let (_, json) = code_and_text(&["diff", args[0], args[1], "--model", &s(&dir), "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let part = if port.contains("indexer") { "indexer" } else { "attention" };
+        assert_eq!(v["first_divergence_rerun"]["part"], part, "{json}");
         // Without the checkpoint there is nothing to rerun: where the divergence starts, alone.
         let text = diff_port(case, port, false);
         assert!(text.contains("and every later one differs") && !text.contains("rerun"), "{port}\n{text}");

@@ -520,7 +520,10 @@ impl DiffReport {
             "first_divergence": self.first_divergence().map(|c| c.name.clone()),
             "not_compared": if self.first_divergence().is_none() { self.not_compared() } else { None },
             "first_divergence_reading": self.first_divergence().and_then(|c| self.reading(c)),
-            "past_rounding": self.past_rounding_reading().map(|(c, reading, _)| json!({"name": c.name, "reading": reading})),
+            "first_divergence_rerun": self.notes.rerun.map(|r| r.json()),
+            "past_rounding": self.past_rounding_reading().map(|(c, reading, notes)| {
+                json!({"name": c.name, "reading": reading, "rerun": notes.rerun.map(|r| r.json())})
+            }),
             "first_divergence_onset": self.notes.onset.map(|o| json!({"matching_positions": o.matching, "reading": o.reading()})),
             "first_divergence_leading": self.notes.leading.map(|l| json!({"differing_positions": l.differing, "reading": l.reading()})),
             "first_divergence_weights_rule": self.notes.weights_reading(),

@@ -141,6 +141,27 @@ impl Rerun {
         format!("ours is this layer's {} rerun on its input with {what}{checkpoint}{or}", self.part.label())
     }
 
+    /// The rerun for `diff --json`: the part, each variant's kind (and width and mscale power, for
+    /// a scale) and softmax scale, the checkpoint's scale.
+    pub(crate) fn json(self) -> serde_json::Value {
+        let variant = |v: Variant, scale: f64| {
+            let (kind, dim, power) = match v {
+                Variant::Scale { dim, mscale_power, .. } => ("softmax_scale", Some(dim.label()), Some(mscale_power)),
+                Variant::RopeHalves => ("rope_rotate_half", None, None),
+                Variant::YarnFrequencies => ("yarn_frequencies_left_out", None, None),
+                Variant::NoYarn => ("yarn_left_out", None, None),
+                Variant::AllKeys => ("every_causal_key", None, None),
+            };
+            serde_json::json!({"kind": kind, "scale_width": dim, "mscale_power": power, "softmax_scale": scale})
+        };
+        serde_json::json!({
+            "part": self.part.label(),
+            "variant": variant(self.variant, self.scale),
+            "or": self.or.map(|(v, s)| variant(v, s)),
+            "checkpoint_softmax_scale": self.checkpoint_scale,
+        })
+    }
+
     /// What `variant` (of softmax scale `scale`) computes, in words.
     fn words(self, variant: Variant, scale: f64) -> String {
         match variant {
