@@ -224,17 +224,35 @@ fn past_what_rounding_explains_a_bf16_ports_bug_is_read() {
         let (_, json) = code_and_text(&[&args[..], &["--json"]].concat());
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(v["past_rounding"]["name"], "layers.0.attn.out", "{json}");
+        assert_eq!(v["past_rounding"]["rerun"]["variant"]["mscale_power"], 0, "{json}");
+    }
+    // A first divergence read as a bug (the f32 port's attention, at a loose tolerance) is not
+    // rounding's: nothing is read past it.
+    let port = s(&golden("flat").join("port-absorbed-scale.safetensors"));
+    let reference = s(&golden("flat").join("reference.safetensors"));
+    for tol in ["1e-4", "5e-2", "1e-1"] {
+        let args = ["diff", &port, &reference, "--model", &s(&golden("flat")), "--atol", tol, "--rtol", tol];
+        let (_, text) = code_and_text(&args);
+        assert!(text.contains("rerun") && !text.contains("past what rounding explains"), "{tol}: {text}");
     }
     let mut correct: Vec<(String, String)> = ["flat", "grouped-shared-yarn", "mtp", "bf16-fused", "fp8-sharded"]
         .iter()
         .map(|c| (c.to_string(), "reference-bf16".to_string()))
         .collect();
     correct.push(("flat".into(), "bf16-port".into()));
+    // (Without --model too: a shared-indexer layer reusing a near-tie flip records no scores, and
+    // its flip's margin is unknown, which is no bug's.)
     for (case, dump) in correct {
         let dir = golden(&case);
         let (ours, reference) = (s(&dir.join(format!("{dump}.safetensors"))), s(&dir.join("reference.safetensors")));
-        let args = ["diff", &ours, &reference, "--model", &s(&dir), "--atol", "2e-2", "--rtol", "2e-2"];
-        let (_, text) = code_and_text(&args);
-        assert!(!text.contains("past what rounding explains"), "{case}/{dump}: {text}");
+        for (tol, model) in [("2e-2", true), ("5e-2", true), ("1e-1", true), ("2e-2", false), ("1e-1", false)] {
+            let mut args = vec!["diff", &ours, &reference, "--atol", tol, "--rtol", tol];
+            let dir = s(&dir);
+            if model {
+                args.extend(["--model", &dir]);
+            }
+            let (_, text) = code_and_text(&args);
+            assert!(!text.contains("past what rounding explains"), "{case}/{dump} {tol} {model}: {text}");
+        }
     }
 }

@@ -115,9 +115,9 @@ pub struct DiffReport {
     pub with_model: bool,
     /// What the first divergence's values say beyond its numbers.
     pub notes: crate::reading::Notes,
-    /// Where rounding explains the first divergence (a selection whose every flip is a near-tie,
-    /// or floats read as rounding's tail): the first divergence it does not explain, and what
-    /// its values say.
+    /// Where the first divergence reads as rounding (a selection whose every flip is a near-tie,
+    /// or floats read as rounding's tail): the first divergence it does not explain, and what its
+    /// values say.
     pub past_rounding: Option<(String, crate::reading::Notes)>,
     /// Which dumps hold only bf16 values (every float's low 16 bits 0), ours then the
     /// reference, when floats differ at a tolerance tighter than bf16's: a hint to compare at
@@ -321,19 +321,10 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         }
         results.push(c);
     }
-    // Past a first divergence that rounding explains (a bf16 run's near-tie flips, or its tail of
-    // rounding noise), the first that it does not, where that reads as something.
-    let mut past_rounding = None;
-    if results.iter().find(|c| !c.ok).is_some_and(|c| rounding(a, b, c, opts)) {
-        let first_other = results.iter().filter(|c| !c.ok).find(|c| !rounding(a, b, c, opts));
-        if let Some(c) = first_other {
-            past_rounding = Some((c.name.clone(), notes_of(a, b, c, opts)?));
-        }
-    }
     // (Only a float tensor outside the tolerance is helped by bf16's.)
     let float_off = results.iter().any(|c| !c.ok && matches!(c.detail, Detail::Float { .. }));
     let loose = !floats_seen || opts.tol.atol >= bf16.atol || !float_off;
-    Ok(DiffReport {
+    let mut report = DiffReport {
         results,
         non_finite_a: first_non_finite_with(a, &seen_a)?,
         non_finite_b: first_non_finite_with(b, &seen_b)?,
@@ -345,21 +336,43 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         per_name: opts.per_name.clone(),
         with_model: opts.config.is_some(),
         notes,
-        past_rounding,
+        past_rounding: None,
         bf16_only: if loose { [false; 2] } else { bf16_only },
         bf16_first,
         f16_only: match !floats_seen || !float_off || opts.tol.rtol >= F16_ROUNDING {
             true => [false; 2],
             false => [0, 1].map(|side| f16_only[side] && !bf16_only[side]),
         },
-    })
+    };
+    report.past_rounding = past_rounding(&report, a, b, opts)?;
+    Ok(report)
 }
 
-/// Whether rounding explains the divergence `c`: a selection whose every flip is a near-tie, or
-/// floats whose difference is rounding's tail (`reading::Tail`, read from the two dumps).
+/// Where rounding is what the first divergence reads as (every flip a near-tie, or rounding's
+/// tail), the first divergence past it that rounding does not explain ([`rounding`]), and what
+/// its values say.
+fn past_rounding(
+    r: &DiffReport,
+    a: &Dump,
+    b: &Dump,
+    opts: &DiffOptions,
+) -> Result<Option<(String, crate::reading::Notes)>> {
+    if !r.first_reads_as_rounding() {
+        return Ok(None);
+    }
+    match r.results.iter().filter(|c| !c.ok).find(|c| !rounding(a, b, c, opts)) {
+        Some(c) => Ok(Some((c.name.clone(), notes_of(a, b, c, opts)?))),
+        None => Ok(None),
+    }
+}
+
+/// Whether rounding may explain the divergence `c`, past a first one it explains: a selection
+/// none of whose flips is real (near-ties, and flips of unknown margin: a shared-indexer layer
+/// that reuses a near-tie records no scores of its own), or floats whose difference is
+/// rounding's tail (`reading::Tail`, read from the two dumps).
 fn rounding(a: &Dump, b: &Dump, c: &Comparison, opts: &DiffOptions) -> bool {
     match &c.detail {
-        Detail::Sets { flips, .. } => flips.iter().all(|f| Class::of(f, opts.near_tie) == Class::NearTie),
+        Detail::Sets { flips, .. } => flips.iter().all(|f| Class::of(f, opts.near_tie) != Class::Real),
         Detail::Float { .. } => {
             let (Ok((va, _)), Ok((vb, sb))) = (a.values(&c.name), b.values(&c.name)) else { return false };
             let causal = crate::compare::causal_scores(&c.name, &sb, &va, &vb);
@@ -559,6 +572,18 @@ impl DiffReport {
             positions(notes).into_iter().flatten().for_each(|p| out += &format!("\n    {p}"));
         }
         Some(out)
+    }
+
+    /// Whether the first divergence's reading is rounding's: every flip a near-tie, or rounding's
+    /// tail (and no reading of a bug before it, such as a rerun's).
+    pub(crate) fn first_reads_as_rounding(&self) -> bool {
+        let Some(first) = self.first_divergence() else { return false };
+        match &first.detail {
+            Detail::Sets { flips, .. } => {
+                !flips.is_empty() && flips.iter().all(|f| Class::of(f, self.near_tie) == Class::NearTie)
+            }
+            _ => self.notes.tail.is_some() && self.reading(first) == self.notes.tail.map(crate::reading::Tail::reading),
+        }
     }
 
     /// The first divergence past what rounding explains ([`Self::past_rounding`]), its reading

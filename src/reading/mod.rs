@@ -130,17 +130,17 @@ impl DiffReport {
         }
         let scores = name.replace("topk", "scores");
         self.lacking(&scores)
-            .map(|side| format!("{side} no {scores}: record it (`--record '*,*.dsa.scores'`) to have these flips read"))
+            .map(|side| format!("{side} {scores}: record it (`--record '*,*.dsa.scores'`) to have these flips read"))
     }
 
-    /// Which dump lacks the tensor `name` (`ours holds`, `the reference holds`, `neither dump
-    /// holds`), where they do not both hold it.
+    /// Which dump lacks the tensor `name` (`ours holds no`, `the reference holds no`, `neither
+    /// dump holds`), where they do not both hold it.
     fn lacking(&self, name: &str) -> Option<&'static str> {
         let named = |n: &String| n == name;
         match (self.only_a.iter().any(named), self.only_b.iter().any(named)) {
             _ if self.results.iter().any(|c| c.name == name) => None,
-            (true, _) => Some("the reference holds"),
-            (_, true) => Some("ours holds"),
+            (true, _) => Some("the reference holds no"),
+            (_, true) => Some("ours holds no"),
             _ => Some("neither dump holds"),
         }
     }
@@ -153,7 +153,7 @@ impl DiffReport {
     }
 
     /// [`Self::reading`] of a divergence `c` whose values say `notes` (the first divergence past
-    /// near-ties: [`DiffReport::past_near_ties`]).
+    /// near-ties or rounding's tail: [`DiffReport::past_rounding`]).
     pub(crate) fn reading_with(&self, c: &Comparison, notes: &Notes) -> Option<String> {
         // The scores the selection ranked, where they match, and how far they moved.
         let input = || {

@@ -31,6 +31,16 @@ impl ScaleDim {
         }
     }
 
+    /// The config keys of the width, for JSON.
+    fn key(self) -> &'static str {
+        match self {
+            ScaleDim::QkHead => "qk_nope_head_dim+qk_rope_head_dim",
+            ScaleDim::Nope => "qk_nope_head_dim",
+            ScaleDim::V => "v_head_dim",
+            ScaleDim::Absorbed => "kv_lora_rank+qk_rope_head_dim",
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             ScaleDim::QkHead => "qk_head_dim",
@@ -145,14 +155,17 @@ impl Rerun {
     /// a scale) and softmax scale, the checkpoint's scale.
     pub(crate) fn json(self) -> serde_json::Value {
         let variant = |v: Variant, scale: f64| {
-            let (kind, dim, power) = match v {
-                Variant::Scale { dim, mscale_power, .. } => ("softmax_scale", Some(dim.label()), Some(mscale_power)),
+            let (kind, dims, power) = match v {
+                Variant::Scale { dim, mscale_power, also } => {
+                    let dims: Vec<&str> = [Some(dim), also].into_iter().flatten().map(ScaleDim::key).collect();
+                    ("softmax_scale", Some(dims), Some(mscale_power))
+                }
                 Variant::RopeHalves => ("rope_rotate_half", None, None),
                 Variant::YarnFrequencies => ("yarn_frequencies_left_out", None, None),
                 Variant::NoYarn => ("yarn_left_out", None, None),
                 Variant::AllKeys => ("every_causal_key", None, None),
             };
-            serde_json::json!({"kind": kind, "scale_width": dim, "mscale_power": power, "softmax_scale": scale})
+            serde_json::json!({"kind": kind, "scale_widths": dims, "mscale_power": power, "softmax_scale": scale})
         };
         serde_json::json!({
             "part": self.part.label(),
