@@ -565,7 +565,10 @@ impl DiffReport {
         let c = self.first_divergence()?;
         let reading = self.reading(c).map(|r| format!(" ({r})")).unwrap_or_default();
         let mut out = format!("first divergence: {}{reading}", c.name);
-        let positions = |n: &crate::reading::Notes| [n.onset.map(|o| o.reading()), n.leading.map(|l| l.reading())];
+        // (Where a rerun names the cause, the onset's list of the kinds it may be is left out.)
+        let positions = |n: &crate::reading::Notes| {
+            [n.onset.map(|o| o.reading_with(n.rerun.is_none())), n.leading.map(|l| l.reading())]
+        };
         positions(&self.notes).into_iter().flatten().for_each(|p| out += &format!("\n  {p}"));
         if let Some((next, reading, notes)) = self.past_rounding_reading() {
             out += &format!("\n  past what rounding explains, the first divergence: {} ({reading})", next.name);

@@ -23,6 +23,12 @@ pub struct Onset {
 
 impl Onset {
     pub(crate) fn reading(self) -> String {
+        self.reading_with(true)
+    }
+
+    /// The reading, with the kinds of cause its pattern allows (`causes`), or without them where
+    /// another reading names the cause (a rerun's variant).
+    pub(crate) fn reading_with(self, causes: bool) -> String {
         let (matched, why) = match self {
             Onset { matching: 1, factor: None, .. } => (
                 "position 0 matches".into(),
@@ -44,6 +50,7 @@ impl Onset {
         // (`factor` holds only a scale and cosine that read as one, of two elements or more.)
         let factor =
             self.factor.and_then(|(scale, cosine)| factor(scale, cosine, 2)).map(|f| format!("; past them {f}"));
+        let why = if causes { why } else { "" };
         format!("{matched}{later}{why}{}", factor.unwrap_or_default())
     }
 }
