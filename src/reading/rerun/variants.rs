@@ -95,7 +95,10 @@ impl Variant {
         out.push((Variant::RopeHalves, c.softmax_scale()));
         if matches!(c.rope, Rope::Yarn(_)) {
             out.push((Variant::YarnFrequencies, c.softmax_scale()));
-            out.push((Variant::NoYarn, (c.qk_head_dim() as f64).powf(-0.5)));
+            // (Without an mscale, YaRN left out altogether is its frequencies left out.)
+            if m != 1.0 {
+                out.push((Variant::NoYarn, (c.qk_head_dim() as f64).powf(-0.5)));
+            }
         }
         out
     }
@@ -211,5 +214,33 @@ impl Rerun {
             }
             Variant::AllKeys => "every causal key: the DSA selection is not applied".into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(case: &str) -> Config {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case).join("config.json");
+        let text = std::fs::read_to_string(path).expect("a golden config");
+        Config::from_json(&serde_json::from_str(&text).expect("JSON")).expect("a config")
+    }
+
+    /// Without YaRN every mscale power is one scale, and widths equal to another's are one
+    /// variant named by both (flat: qk_nope_head_dim = v_head_dim = 16); with YaRN each power of
+    /// each width is a variant of its own, and YaRN's two omissions are there.
+    #[test]
+    fn candidates_are_the_distinct_computations() {
+        let flat = config("flat");
+        let kinds: Vec<Variant> = Variant::candidates(&flat).into_iter().map(|(v, _)| v).collect();
+        let nope_v = Variant::Scale { dim: ScaleDim::Nope, mscale_power: 2, also: Some(ScaleDim::V) };
+        let absorbed = Variant::Scale { dim: ScaleDim::Absorbed, mscale_power: 2, also: None };
+        assert_eq!(kinds, [nope_v, absorbed, Variant::RopeHalves]);
+        let yarn = config("grouped-shared-yarn");
+        let kinds: Vec<Variant> = Variant::candidates(&yarn).into_iter().map(|(v, _)| v).collect();
+        let scales = kinds.iter().filter(|v| matches!(v, Variant::Scale { .. })).count();
+        assert_eq!(scales, 2 + 3 + 3, "{kinds:?}"); // qk_head_dim's powers 0 and 1; nope (= v) and absorbed's 3
+        assert!(kinds.ends_with(&[Variant::RopeHalves, Variant::YarnFrequencies, Variant::NoYarn]), "{kinds:?}");
     }
 }
