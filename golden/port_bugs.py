@@ -247,6 +247,12 @@ PORTS = [
         "the softmax scale qk_head_dim^-0.5 without YaRN's mscale^2, in a port that runs in bfloat16",
         in_bf16(no_mscale),
     ),
+    (
+        "grouped-shared-yarn",
+        "port-no-scaling-bf16.safetensors",
+        "routing weights without routed_scaling_factor, in a port that runs in bfloat16",
+        in_bf16(no_routed_scaling),
+    ),
 ]
 
 # Dumps of no port's bug: `diff` must name nothing for them.

@@ -211,7 +211,8 @@ fn isolated_layers_that_part_at_the_same_hook_are_said_to_share_it() {
 
 /// A port that runs in bf16 first parts from the reference where rounding explains it (the
 /// indexer scores' tail of noise, a near-tie flip of a selection): `diff` reads past that to the
-/// first divergence rounding does not explain, its attention with YaRN's mscale² left out. The
+/// first divergence rounding does not explain: its attention with YaRN's mscale² left out, or,
+/// behind the positions a near-tie flip reaches, its routing weights without the scaling. The
 /// reference's own bf16 runs and the bundled bf16 port, which have no bug, get no such line.
 #[test]
 fn past_what_rounding_explains_a_bf16_ports_bug_is_read() {
@@ -229,6 +230,18 @@ fn past_what_rounding_explains_a_bf16_ports_bug_is_read() {
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(v["past_rounding"]["name"], "layers.0.attn.out", "{json}");
         assert_eq!(v["past_rounding"]["rerun"]["variant"]["mscale_power"], 0, "{json}");
+    }
+    // A bug of every token further on (the routing weights without routed_scaling_factor): its
+    // difference reaches the positions before the first near-tie, where no flip reaches.
+    let port = s(&yarn.join("port-no-scaling-bf16.safetensors"));
+    for tol in ["5e-2", "1e-1"] {
+        let reference = s(&yarn.join("reference.safetensors"));
+        let args = ["diff", &port, &reference, "--model", &s(&yarn), "--atol", tol, "--rtol", tol];
+        let (_, text) = code_and_text(&args);
+        let past =
+            "\n  past what rounding explains, the first divergence: layers.1.moe.topk_weights (ours's weights are \
+                    its gate's scores without routed_scaling_factor)";
+        assert!(text.contains(past), "{tol}: {text}");
     }
     // A first divergence read as a bug (the f32 port's attention, at a loose tolerance) is not
     // rounding's: nothing is read past it.

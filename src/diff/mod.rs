@@ -2,6 +2,8 @@
 //! point (in forward order) where they part ways, and list every routing and DSA flip with the
 //! margins that decided it, so a near-tie (rounding can flip it) is told apart from a real bug.
 
+mod past;
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -344,47 +346,8 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
             false => [0, 1].map(|side| f16_only[side] && !bf16_only[side]),
         },
     };
-    report.past_rounding = past_rounding(&report, a, b, opts)?;
+    report.past_rounding = past::past_rounding(&report, a, b, opts)?;
     Ok(report)
-}
-
-/// Where rounding is what the first divergence reads as (every flip a near-tie, or rounding's
-/// tail), the first divergence past it that rounding does not explain ([`rounding`]), and what
-/// its values say.
-fn past_rounding(
-    r: &DiffReport,
-    a: &Dump,
-    b: &Dump,
-    opts: &DiffOptions,
-) -> Result<Option<(String, crate::reading::Notes)>> {
-    if !r.first_reads_as_rounding() {
-        return Ok(None);
-    }
-    match r.results.iter().filter(|c| !c.ok).find(|c| !rounding(a, b, c, opts)) {
-        Some(c) => Ok(Some((c.name.clone(), notes_of(a, b, c, opts)?))),
-        None => Ok(None),
-    }
-}
-
-/// Whether rounding may explain the divergence `c`, past a first one it explains: a selection
-/// none of whose flips is real (near-ties, and flips of unknown margin: a shared-indexer layer
-/// that reuses a near-tie records no scores of its own), or floats whose difference is
-/// rounding's tail (`reading::Tail`, read from the two dumps).
-fn rounding(a: &Dump, b: &Dump, c: &Comparison, opts: &DiffOptions) -> bool {
-    match &c.detail {
-        Detail::Sets { flips, .. } => flips.iter().all(|f| Class::of(f, opts.near_tie) != Class::Real),
-        Detail::Float { .. } => {
-            let (Ok((va, _)), Ok((vb, sb))) = (a.values(&c.name), b.values(&c.name)) else { return false };
-            let causal = crate::compare::causal_scores(&c.name, &sb, &va, &vb);
-            match causal.as_ref().map_or((&va, &vb), |(x, y)| (x, y)) {
-                (Values::F32(x), Values::F32(y)) => {
-                    crate::reading::Tail::of(x, y, &sb, opts.tol_for(&c.name)).is_some()
-                }
-                _ => false,
-            }
-        }
-        _ => false,
-    }
 }
 
 /// What the values of the divergence `c` say beyond its numbers, read from the two dumps.

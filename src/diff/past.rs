@@ -1,0 +1,122 @@
+//! Past what rounding explains: where the first divergence reads as rounding (a bf16 run's
+//! near-tie flips, or its tail of noise), the first divergence rounding does not explain, whose
+//! reading may name a bug. A near-tie flip changes its row for good, and attention carries the
+//! change to every later position of its batch row (causally, never to an earlier one): a
+//! difference confined to the positions at or past a batch row's first near-tie is the flips',
+//! not a bug's. A bug of every token shows at the positions before.
+
+use super::{notes_of, DiffOptions, DiffReport};
+use crate::compare::{element_ok, Comparison, Detail};
+use crate::dump::{Dump, Values};
+use crate::error::Result;
+use crate::flips::Class;
+use crate::hooks::HookPoint;
+use crate::reading::{Notes, Tail};
+
+/// A (batch row, position) of the run.
+type Row = (usize, usize);
+
+/// Per batch row, the first position a near-tie flipped: it and every later one may carry the
+/// flip's difference.
+#[derive(Default)]
+struct Flipped(std::collections::HashMap<usize, usize>);
+
+impl Flipped {
+    fn add(&mut self, (b, s): Row) {
+        let first = self.0.entry(b).or_insert(s);
+        *first = (*first).min(s);
+    }
+    fn covers(&self, (b, s): Row) -> bool {
+        self.0.get(&b).is_some_and(|&first| s >= first)
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The first divergence past what rounding explains in `r`, and what its values say; None where
+/// the first divergence does not read as rounding ([`DiffReport::first_reads_as_rounding`]) or
+/// rounding explains every one.
+pub(super) fn past_rounding(r: &DiffReport, a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<Option<(String, Notes)>> {
+    if !r.first_reads_as_rounding() {
+        return Ok(None);
+    }
+    // (The run's positions per batch row: where routing's token rows sit.)
+    let seq = b.shape("input_ids").or_else(|| a.shape("input_ids")).and_then(|s| s.get(1).copied());
+    let mut flipped = Flipped::default();
+    for c in r.results.iter().filter(|c| !c.ok) {
+        if let Detail::Sets { flips, .. } = &c.detail {
+            let rows: Vec<Row> = flips.iter().filter_map(|f| flip_row(&f.at, seq)).collect();
+            let near_ties_only = flips.iter().all(|f| Class::of(f, opts.near_tie) != Class::Real);
+            // Real flips where earlier near-ties reach are theirs too.
+            if near_ties_only || (rows.len() == flips.len() && rows.iter().all(|&r| flipped.covers(r))) {
+                rows.into_iter().for_each(|r| flipped.add(r));
+                continue;
+            }
+        }
+        if !matches!(c.detail, Detail::Sets { .. }) && (tail(a, b, c, opts) || within(a, b, c, opts, &flipped, seq)) {
+            continue;
+        }
+        return Ok(Some((c.name.clone(), notes_of(a, b, c, opts)?)));
+    }
+    Ok(None)
+}
+
+/// The (batch row, position) of a flip at `at`: DSA's `[b, s]`, routing's token `[t]` (of `seq`
+/// positions a row).
+fn flip_row(at: &[usize], seq: Option<usize>) -> Option<Row> {
+    match *at {
+        [b, s] => Some((b, s)),
+        [t] => seq.filter(|&s| s > 0).map(|s| (t / s, t % s)),
+        _ => None,
+    }
+}
+
+/// Whether floats' difference is rounding's tail (`reading::Tail`, read from the two dumps).
+fn tail(a: &Dump, b: &Dump, c: &Comparison, opts: &DiffOptions) -> bool {
+    let (Ok((va, _)), Ok((vb, sb))) = (a.values(&c.name), b.values(&c.name)) else { return false };
+    let causal = crate::compare::causal_scores(&c.name, &sb, &va, &vb);
+    match causal.as_ref().map_or((&va, &vb), |(x, y)| (x, y)) {
+        (Values::F32(x), Values::F32(y)) => Tail::of(x, y, &sb, opts.tol_for(&c.name)).is_some(),
+        _ => false,
+    }
+}
+
+/// Whether every element of floats `c` outside the tolerance lies where near-tie flips reach
+/// (none: false): tensors `[B, S, ...]`, or `[B*S, ...]` token rows of `seq` positions a row.
+fn within(a: &Dump, b: &Dump, c: &Comparison, opts: &DiffOptions, flipped: &Flipped, seq: Option<usize>) -> bool {
+    let (Ok((Values::F32(x), _)), Ok((Values::F32(y), shape))) = (a.values(&c.name), b.values(&c.name)) else {
+        return false;
+    };
+    let token_rows = HookPoint::parse(&c.name).is_some_and(|p| matches!(p, HookPoint::Layer(_, h) if h.token_rows()));
+    let (positions, width) = match (token_rows, &shape[..], seq) {
+        (true, [_, w, ..], Some(s)) => (s, *w),
+        (false, [_, s, rest @ ..], _) => (*s, rest.iter().product()),
+        _ => return false,
+    };
+    if flipped.is_empty() || positions == 0 || width == 0 || x.len() != y.len() {
+        return false;
+    }
+    let tol = opts.tol_for(&c.name);
+    let row = |i: usize| ((i / width) / positions, (i / width) % positions);
+    x.iter().zip(&y).enumerate().all(|(i, (&u, &v))| element_ok(u, v, tol) || flipped.covers(row(i)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flip reaches its position and the later ones of its batch row, not the earlier ones nor
+    /// another row; routing's token rows map to (batch row, position).
+    #[test]
+    fn a_flip_reaches_its_position_and_the_later_ones_of_its_row() {
+        let mut f = Flipped::default();
+        assert!(f.is_empty() && !f.covers((0, 5)));
+        f.add((0, 7));
+        f.add((0, 3));
+        assert!(f.covers((0, 3)) && f.covers((0, 30)) && !f.covers((0, 2)) && !f.covers((1, 30)));
+        assert_eq!(flip_row(&[1, 4], None), Some((1, 4)));
+        assert_eq!(flip_row(&[45], Some(40)), Some((1, 5)));
+        assert_eq!(flip_row(&[45], None), None);
+    }
+}
