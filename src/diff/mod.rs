@@ -350,16 +350,22 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     Ok(report)
 }
 
+/// The two dumps' values of `name` as they were compared (indexer scores at causal keys only),
+/// and the reference's shape.
+fn compared_values(a: &Dump, b: &Dump, name: &str) -> Result<(Values, Values, Vec<usize>)> {
+    let ((va, _), (vb, sb)) = (a.values(name)?, b.values(name)?);
+    Ok(match crate::compare::causal_scores(name, &sb, &va, &vb) {
+        Some((x, y)) => (x, y, sb),
+        None => (va, vb, sb),
+    })
+}
+
 /// What the values of the divergence `c` say beyond its numbers, read from the two dumps.
 fn notes_of(a: &Dump, b: &Dump, c: &Comparison, opts: &DiffOptions) -> Result<crate::reading::Notes> {
     use crate::reading::{BiasLeftOut, Notes, Rerun, UnbiasedTies};
     let name = c.name.as_str();
-    let ((va, _), (vb, sb)) = (a.values(name)?, b.values(name)?);
-    // (Indexer scores as they were compared: at causal keys only.)
-    let causal = crate::compare::causal_scores(name, &sb, &va, &vb);
-    let (va, vb) = causal.as_ref().map_or((&va, &vb), |(x, y)| (x, y));
-    let mut notes = match (va, vb) {
-        (Values::F32(x), Values::F32(y)) => Notes::of(a, b, name, (x, y, &sb), opts),
+    let mut notes = match compared_values(a, b, name)? {
+        (Values::F32(x), Values::F32(y), shape) => Notes::of(a, b, name, (&x, &y, &shape), opts),
         _ => Notes::default(),
     };
     notes.not_reused = opts.config.as_ref().and_then(|config| Notes::not_reused(a, b, name, config));
