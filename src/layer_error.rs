@@ -164,8 +164,7 @@ pub fn shared_first_mismatch(results: &[Comparison]) -> Option<String> {
         true => "every layer".to_string(),
         false => format!("layers {}", off.iter().map(|(i, _)| i.to_string()).collect::<Vec<_>>().join(", ")),
     };
-    let name = HookPoint::Layer(0, hook).name();
-    let name = name.trim_start_matches("layers.0.");
+    let name = hook.suffix();
     Some(format!(
         "{which} ({} of {}), each on the reference's input, first parts from it at its {name}: what they all run \
          there differs (a bug or a precision of code they share), not one layer",

@@ -309,7 +309,8 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
             bf16_first = Some((name.clone(), sides)).filter(|_| sides[0] != sides[1]);
         }
         if let (false, true) = (c.ok, results.iter().all(|r| r.ok)) {
-            notes = notes_of(a, b, &c, opts)?;
+            // (Its values, while they are here.)
+            notes = notes_from(a, b, &c, (&va, &vb, &sb), opts);
         }
         // Margins for the flips: recomputing them can read the S x S scores, so only where needed.
         if let (Detail::Sets { flips, .. }, Some(point)) = (&c.detail, HookPoint::parse(name)) {
@@ -350,29 +351,44 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     Ok(report)
 }
 
-/// The two dumps' values of `name` as they were compared (indexer scores at causal keys only),
-/// and the reference's shape.
-fn compared_values(a: &Dump, b: &Dump, name: &str) -> Result<(Values, Values, Vec<usize>)> {
-    let ((va, _), (vb, sb)) = (a.values(name)?, b.values(name)?);
-    Ok(match crate::compare::causal_scores(name, &sb, &va, &vb) {
-        Some((x, y)) => (x, y, sb),
-        None => (va, vb, sb),
-    })
+/// `f` of the two dumps' values of `name` (of the reference's `shape`) as they were compared:
+/// indexer scores at causal keys only.
+fn with_compared<T>(
+    name: &str,
+    (ours, reference, shape): (&Values, &Values, &[usize]),
+    f: impl FnOnce(&Values, &Values) -> T,
+) -> T {
+    let causal = crate::compare::causal_scores(name, shape, ours, reference);
+    let (x, y) = causal.as_ref().map_or((ours, reference), |(x, y)| (x, y));
+    f(x, y)
 }
 
 /// What the values of the divergence `c` say beyond its numbers, read from the two dumps.
 fn notes_of(a: &Dump, b: &Dump, c: &Comparison, opts: &DiffOptions) -> Result<crate::reading::Notes> {
+    let ((va, _), (vb, sb)) = (a.values(&c.name)?, b.values(&c.name)?);
+    Ok(notes_from(a, b, c, (&va, &vb, &sb), opts))
+}
+
+/// What the values of the divergence `c` (ours, the reference's, its shape) say beyond its
+/// numbers.
+fn notes_from(
+    a: &Dump,
+    b: &Dump,
+    c: &Comparison,
+    values: (&Values, &Values, &[usize]),
+    opts: &DiffOptions,
+) -> crate::reading::Notes {
     use crate::reading::{BiasLeftOut, Notes, Rerun, UnbiasedTies};
     let name = c.name.as_str();
-    let mut notes = match compared_values(a, b, name)? {
-        (Values::F32(x), Values::F32(y), shape) => Notes::of(a, b, name, (&x, &y, &shape), opts),
+    let mut notes = with_compared(name, values, |x, y| match (x, y) {
+        (Values::F32(x), Values::F32(y)) => Notes::of(a, b, name, (x, y, values.2), opts),
         _ => Notes::default(),
-    };
+    });
     notes.not_reused = opts.config.as_ref().and_then(|config| Notes::not_reused(a, b, name, config));
     notes.unbiased_ties = UnbiasedTies::of(a, b, c, opts);
     notes.bias_left_out = BiasLeftOut::of(a, b, name, opts);
     notes.rerun = opts.model.as_deref().and_then(|m| Rerun::of(a, b, name, m, opts.tol_for(name)));
-    Ok(notes)
+    notes
 }
 
 /// A number for JSON, which has no Inf or NaN: those spelled as strings.

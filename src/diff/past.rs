@@ -5,7 +5,7 @@
 //! difference confined to the positions at or past a batch row's first near-tie is the flips',
 //! not a bug's. A bug of every token shows at the positions before.
 
-use super::{compared_values, notes_of, DiffOptions, DiffReport};
+use super::{notes_of, with_compared, DiffOptions, DiffReport};
 use crate::compare::{element_ok, Comparison, Detail};
 use crate::dump::{Dump, Values};
 use crate::error::Result;
@@ -74,10 +74,11 @@ fn flip_row(at: &[usize], seq: Option<usize>) -> Option<Row> {
 
 /// Whether floats' difference is rounding's tail (`reading::Tail`, read from the two dumps).
 fn tail(a: &Dump, b: &Dump, c: &Comparison, opts: &DiffOptions) -> bool {
-    match compared_values(a, b, &c.name) {
-        Ok((Values::F32(x), Values::F32(y), shape)) => Tail::of(&x, &y, &shape, opts.tol_for(&c.name)).is_some(),
+    let (Ok((va, _)), Ok((vb, sb))) = (a.values(&c.name), b.values(&c.name)) else { return false };
+    with_compared(&c.name, (&va, &vb, &sb), |x, y| match (x, y) {
+        (Values::F32(x), Values::F32(y)) => Tail::of(x, y, &sb, opts.tol_for(&c.name)).is_some(),
         _ => false,
-    }
+    })
 }
 
 /// Whether every element of floats `c` outside the tolerance lies where near-tie flips reach
