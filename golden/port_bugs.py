@@ -253,6 +253,18 @@ PORTS = [
         "routing weights without routed_scaling_factor, in a port that runs in bfloat16",
         in_bf16(no_routed_scaling),
     ),
+    (
+        "flat",
+        "port-no-shared-expert-bf16.safetensors",
+        "MoE output without the shared expert, in a port that runs in bfloat16",
+        in_bf16(no_shared_expert),
+    ),
+    (
+        "flat",
+        "port-no-bias-bf16.safetensors",
+        "experts chosen without e_score_correction_bias, in a port that runs in bfloat16",
+        in_bf16(no_bias_in_selection),
+    ),
 ]
 
 # Dumps of no port's bug: `diff` must name nothing for them.

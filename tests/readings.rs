@@ -129,7 +129,8 @@ fn the_ports_routing_and_mask_bugs_are_read() {
         ),
         (
             "port-no-shared-expert",
-            "layers.2.mlp.out (ours is the reference's less its shared expert (run on post_attn_norm)",
+            "layers.2.mlp.out (ours is this layer's MoE rerun on its input (with ours's experts and weights) without \
+             the shared expert",
         ),
         (
             "port-kv-norm-over-rope",
@@ -242,6 +243,36 @@ fn past_what_rounding_explains_a_bf16_ports_bug_is_read() {
             "\n  past what rounding explains, the first divergence: layers.1.moe.topk_weights (ours's weights are \
                     its gate's scores without routed_scaling_factor)";
         assert!(text.contains(past), "{tol}: {text}");
+    }
+    // Bugs of the MoE in a bf16 port whose noise has grown past the tolerance by then: the first
+    // divergence rounding does not explain (a residual stream's noise) has no reading, and past
+    // it the MoE is read on ours's own inputs (its gate logits; its input and routing, rerun).
+    let flat = golden("flat");
+    for (port, read) in [
+        (
+            "port-no-shared-expert-bf16",
+            "layers.2.mlp.out (ours is this layer's MoE rerun on its input (with ours's experts and weights) without \
+             the shared expert",
+        ),
+        ("port-no-bias-bf16", "layers.2.moe.topk_ids (ours chooses every token's experts by the unbiased scores"),
+    ] {
+        let (port, reference) = (s(&flat.join(format!("{port}.safetensors"))), s(&flat.join("reference.safetensors")));
+        for (tol, unread) in [("2e-2", Some("layers.0.output")), ("5e-2", None)] {
+            let args = ["diff", &port, &reference, "--model", &s(&flat), "--atol", tol, "--rtol", tol];
+            let (code, text) = code_and_text(&args);
+            let past = match unread {
+                Some(first) => format!(
+                    "\n  past what rounding explains, the first divergence: {first} (no reading); ours's MoE on its own \
+                     inputs, the first read: {read}"
+                ),
+                None => format!("\n  past what rounding explains, the first divergence: {read}"),
+            };
+            assert!(code == 1 && text.contains(&past), "{port} {tol}: want {past}\n{text}");
+            let (_, json) = code_and_text(&[&args[..], &["--json"]].concat());
+            let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+            assert_eq!(v["past_rounding"]["unread_before"].as_str(), unread, "{json}");
+            assert!(read.starts_with(v["past_rounding"]["name"].as_str().unwrap_or("-")), "{json}");
+        }
     }
     // A first divergence read as a bug (the f32 port's attention, at a loose tolerance) is not
     // rounding's: nothing is read past it.

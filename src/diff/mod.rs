@@ -119,8 +119,8 @@ pub struct DiffReport {
     pub notes: crate::reading::Notes,
     /// Where the first divergence reads as rounding (a selection whose every flip is a near-tie,
     /// or floats read as rounding's tail): the first divergence it does not explain, and what its
-    /// values say.
-    pub past_rounding: Option<(String, crate::reading::Notes)>,
+    /// values say (or, where they say nothing, a MoE tensor's after it).
+    pub past_rounding: Option<past::Past>,
     /// Which dumps hold only bf16 values (every float's low 16 bits 0), ours then the
     /// reference, when floats differ at a tolerance tighter than bf16's: a hint to compare at
     /// bf16's.
@@ -139,6 +139,16 @@ pub const F16_ROUNDING: f64 = 1.0 / 2048.0;
 
 /// What `diff` says of two dumps that share nothing but their tokens.
 const TOKENS_ONLY: &str = "nothing compared but input_ids: the dumps share no hook point";
+
+/// A divergence past what rounding explains, read ([`DiffReport::past_rounding_reading`]).
+pub struct PastReading<'r> {
+    pub divergence: &'r Comparison,
+    pub reading: String,
+    pub notes: &'r crate::reading::Notes,
+    /// The first divergence rounding does not explain, where it has no reading and this one (a
+    /// MoE tensor read on ours's own inputs) comes after it.
+    pub unread: Option<&'r str>,
+}
 
 impl DiffReport {
     /// Whether every tensor both hold matches, and ours does not hold spec hook points under
@@ -519,8 +529,11 @@ impl DiffReport {
             "not_compared": if self.first_divergence().is_none() { self.not_compared() } else { None },
             "first_divergence_reading": self.first_divergence().and_then(|c| self.reading(c)),
             "first_divergence_rerun": self.notes.rerun.map(|r| r.json()),
-            "past_rounding": self.past_rounding_reading().map(|(c, reading, notes)| {
-                json!({"name": c.name, "reading": reading, "rerun": notes.rerun.map(|r| r.json())})
+            "past_rounding": self.past_rounding_reading().map(|p| {
+                json!({
+                    "name": p.divergence.name, "reading": p.reading, "rerun": p.notes.rerun.map(|r| r.json()),
+                    "unread_before": p.unread,
+                })
             }),
             "first_divergence_onset": self.notes.onset.map(|o| json!({"matching_positions": o.matching, "reading": o.reading()})),
             "first_divergence_leading": self.notes.leading.map(|l| json!({"differing_positions": l.differing, "reading": l.reading()})),
@@ -555,9 +568,16 @@ impl DiffReport {
             [n.onset.map(|o| o.reading_with(n.rerun.is_none())), n.leading.map(|l| l.reading())]
         };
         positions(&self.notes).into_iter().flatten().for_each(|p| out += &format!("\n  {p}"));
-        if let Some((next, reading, notes)) = self.past_rounding_reading() {
-            out += &format!("\n  past what rounding explains, the first divergence: {} ({reading})", next.name);
-            positions(notes).into_iter().flatten().for_each(|p| out += &format!("\n    {p}"));
+        if let Some(p) = self.past_rounding_reading() {
+            let (name, reading) = (&p.divergence.name, &p.reading);
+            out += &match p.unread {
+                None => format!("\n  past what rounding explains, the first divergence: {name} ({reading})"),
+                Some(first) => format!(
+                    "\n  past what rounding explains, the first divergence: {first} (no reading); ours's MoE on its \
+                     own inputs, the first read: {name} ({reading})"
+                ),
+            };
+            positions(p.notes).into_iter().flatten().for_each(|p| out += &format!("\n    {p}"));
         }
         Some(out)
     }
@@ -574,12 +594,20 @@ impl DiffReport {
         }
     }
 
-    /// The first divergence past what rounding explains ([`Self::past_rounding`]), its reading
-    /// and notes, where it has a reading (one the near-tie flips made alone says nothing more).
-    pub fn past_rounding_reading(&self) -> Option<(&Comparison, String, &crate::reading::Notes)> {
-        let (name, notes) = self.past_rounding.as_ref()?;
-        let next = self.results.iter().find(|c| &c.name == name)?;
-        Some((next, self.reading_with(next, notes)?, notes))
+    /// The divergence past what rounding explains that has a reading ([`Self::past_rounding`]):
+    /// the first rounding does not explain, or, where that one has none, the MoE tensor read on
+    /// ours's own inputs after it.
+    pub fn past_rounding_reading(&self) -> Option<PastReading<'_>> {
+        let past = self.past_rounding.as_ref()?;
+        let find = |name: &str| self.results.iter().find(|c| c.name == name);
+        let first = find(&past.name)?;
+        if let Some(reading) = self.reading_with(first, &past.notes) {
+            return Some(PastReading { divergence: first, reading, notes: &past.notes, unread: None });
+        }
+        let (name, notes) = past.moe.as_ref()?;
+        let divergence = find(name)?;
+        let reading = self.reading_with(divergence, notes)?;
+        Some(PastReading { divergence, reading, notes, unread: Some(&past.name) })
     }
 
     /// The report for a terminal: first divergence on top, one line per tensor, then the flips.

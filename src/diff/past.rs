@@ -4,13 +4,19 @@
 //! change to every later position of its batch row (causally, never to an earlier one): a
 //! difference confined to the positions at or past a batch row's first near-tie is the flips',
 //! not a bug's. A bug of every token shows at the positions before.
+//!
+//! In a port whose noise grows past the tolerance over a few layers, the first divergence
+//! rounding does not explain may have no reading (its noise, grown). Past it, the MoE is read on
+//! ours's own inputs, where that noise does not enter: its routing against the checkpoint's rule
+//! on ours's own gate logits (every MoE layer; cheap) and its output rerun on ours's own input
+//! and routing (the first MoE layer's `mlp.out` that differs; one layer's experts).
 
 use super::{notes_of, with_compared, DiffOptions, DiffReport};
-use crate::compare::{element_ok, Comparison, Detail};
+use crate::compare::{element_ok, Comparison, Detail, Flip};
 use crate::dump::{Dump, Values};
 use crate::error::Result;
 use crate::flips::Class;
-use crate::hooks::HookPoint;
+use crate::hooks::{HookPoint, LayerHook};
 use crate::reading::{Notes, Tail};
 
 /// A (batch row, position) of the run.
@@ -34,30 +40,84 @@ impl Flipped {
     }
 }
 
-/// The first divergence past what rounding explains in `r`, and what its values say; None where
-/// the first divergence does not read as rounding ([`DiffReport::first_reads_as_rounding`]) or
+/// Past what rounding explains ([`past_rounding`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Past {
+    /// The first divergence rounding does not explain, and what its values say.
+    pub name: String,
+    pub notes: Notes,
+    /// Where that one has no reading: the first MoE tensor after it whose values, on ours's own
+    /// inputs, read as a bug (ours's routing rule, its shared expert), and what they say.
+    pub moe: Option<(String, Notes)>,
+}
+
+/// The first divergence past what rounding explains in `r`, and what its values say (and, where
+/// they say nothing, the first MoE tensor after it read on ours's own inputs); None where the
+/// first divergence does not read as rounding ([`DiffReport::first_reads_as_rounding`]) or
 /// rounding explains every one.
-pub(super) fn past_rounding(r: &DiffReport, a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<Option<(String, Notes)>> {
+pub(super) fn past_rounding(r: &DiffReport, a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<Option<Past>> {
     if !r.first_reads_as_rounding() {
         return Ok(None);
     }
     // (The run's positions per batch row: where routing's token rows sit.)
     let seq = b.shape("input_ids").or_else(|| a.shape("input_ids")).and_then(|s| s.get(1).copied());
     let mut flipped = Flipped::default();
-    for c in r.results.iter().filter(|c| !c.ok) {
+    let diverging: Vec<&Comparison> = r.results.iter().filter(|c| !c.ok).collect();
+    for (n, c) in diverging.iter().enumerate() {
         if let Detail::Sets { flips, .. } = &c.detail {
-            let rows: Vec<Row> = flips.iter().filter_map(|f| flip_row(&f.at, seq)).collect();
-            let near_ties_only = flips.iter().all(|f| Class::of(f, opts.near_tie) != Class::Real);
-            // Real flips where earlier near-ties reach are theirs too.
-            if near_ties_only || (rows.len() == flips.len() && rows.iter().all(|&r| flipped.covers(r))) {
-                rows.into_iter().for_each(|r| flipped.add(r));
+            let rows: Vec<Option<Row>> = flips.iter().map(|f| flip_row(&f.at, seq)).collect();
+            // A flip rounding makes: a near-tie (or one of unknown margin) that its own side's
+            // scores do not contradict, or a real one where an earlier near-tie reaches.
+            let rounding = |(f, row): (&Flip, &Option<Row>)| {
+                !f.unexplained()
+                    && (Class::of(f, opts.near_tie) != Class::Real || row.is_some_and(|r| flipped.covers(r)))
+            };
+            if flips.iter().zip(&rows).all(rounding) {
+                rows.into_iter().flatten().for_each(|r| flipped.add(r));
                 continue;
             }
         }
         if !matches!(c.detail, Detail::Sets { .. }) && (tail(a, b, c, opts) || within(a, b, c, opts, &flipped, seq)) {
             continue;
         }
-        return Ok(Some((c.name.clone(), notes_of(a, b, c, opts)?)));
+        let notes = notes_of(a, b, c, opts)?;
+        let moe = match r.reading_with(c, &notes) {
+            Some(_) => None,
+            None => moe_read(r, a, b, &diverging[n + 1..], opts)?,
+        };
+        return Ok(Some(Past { name: c.name.clone(), notes, moe }));
+    }
+    Ok(None)
+}
+
+/// Of the divergences `after` the first rounding does not explain, the first MoE tensor whose
+/// values read as a bug on ours's own inputs: routing weights of another rule or experts chosen
+/// without the bias (ours's gate logits), a shared expert missing or twice (a rerun of the first
+/// MoE layer's `mlp.out` that differs, on ours's `post_attn_norm` and routing).
+fn moe_read(
+    r: &DiffReport,
+    a: &Dump,
+    b: &Dump,
+    after: &[&Comparison],
+    opts: &DiffOptions,
+) -> Result<Option<(String, Notes)>> {
+    let moe_layer =
+        |i: usize| opts.config.as_ref().is_some_and(|c| c.mlp_layer_types.get(i) == Some(&crate::config::MlpKind::Moe));
+    let mut rerun = true;
+    for c in after {
+        let read = match HookPoint::parse(&c.name) {
+            Some(HookPoint::Layer(_, LayerHook::TopkIds | LayerHook::TopkWeights)) => true,
+            Some(HookPoint::Layer(i, LayerHook::MlpOut)) if moe_layer(i) => std::mem::replace(&mut rerun, false),
+            _ => false,
+        };
+        if !read {
+            continue;
+        }
+        let notes = notes_of(a, b, c, opts)?;
+        let own = notes.weights_rule.is_some() || notes.bias_left_out.is_some() || notes.shared_expert.is_some();
+        if own && r.reading_with(c, &notes).is_some() {
+            return Ok(Some((c.name.clone(), notes)));
+        }
     }
     Ok(None)
 }

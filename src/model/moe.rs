@@ -363,14 +363,26 @@ impl Moe {
             Ok(Tensor::from_vec(changed, n, &Device::Cpu)?)
         })?;
 
-        // Dispatch: every expert runs once on the tokens routed to it, in expert order (the
-        // reference's summation order), and adds its weighted output back.
+        let out = self.routed(&flat, &routes)?; // [N, hidden]
+        let out = (out.reshape(dims)? + self.shared_experts.forward(x)?)?;
+        Ok(out)
+    }
+
+    /// The routed experts' part of the output, `flat` ([N, hidden]) routed as `routes` say (one a
+    /// token): each token's experts' outputs times its weights, summed. Every expert runs once on
+    /// the tokens routed to it, in expert order (the reference's summation order), and adds its
+    /// weighted output back. -> [N, hidden]
+    pub fn routed(&self, flat: &Tensor, routes: &[Route]) -> Result<Tensor> {
+        let (n, hidden) = flat.dims2()?;
         let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); self.experts.len()];
         let mut token_w: Vec<Vec<f32>> = vec![Vec::new(); self.experts.len()];
         for (t, r) in routes.iter().enumerate() {
             for (&id, &w) in r.ids.iter().zip(&r.weights) {
-                tokens[id].push(t as u32);
-                token_w[id].push(w);
+                let (Some(rows), Some(ws)) = (tokens.get_mut(id), token_w.get_mut(id)) else {
+                    return Err(Error::Usage(format!("token {t} routed to expert {id} of {}", self.experts.len())));
+                };
+                rows.push(t as u32);
+                ws.push(w);
             }
         }
         // Added in place, in expert order (a tensor `index_add` would copy [N, hidden] per expert).
@@ -391,9 +403,7 @@ impl Moe {
                 }
             }
         }
-        let out = Tensor::from_vec(out, (n, hidden), &Device::Cpu)?;
-        let out = (out.reshape(dims)? + self.shared_experts.forward(x)?)?;
-        Ok(out)
+        Ok(Tensor::from_vec(out, (n, hidden), &Device::Cpu)?)
     }
 }
 

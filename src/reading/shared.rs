@@ -1,32 +1,99 @@
 //! A MoE layer's output that lacks its shared expert, or holds it twice: with `--model`, the
-//! shared expert (the model's own `Mlp`, checked against transformers) is run on each side's
-//! `post_attn_norm`, and ours's `mlp.out` compared with the reference's less it, or plus it.
+//! layer's experts (the model's own `Moe`, checked against transformers) are rerun on ours's
+//! `post_attn_norm` with ours's own routing (its `moe.topk_ids` and `moe.topk_weights`, where it
+//! recorded them), and ours's `mlp.out` is compared with the routed experts' sum alone and with
+//! the shared expert added twice. On ours's own input and routing, neither the routing's bugs nor
+//! the noise a bf16 port carries in from earlier layers enters the comparison.
+//!
+//! As the attention's reruns ([`super::rerun`]): the checkpoint's rerun must give the reference's
+//! `mlp.out` from the reference's input and routing (another checkpoint's dump gets no reading),
+//! and a variant is named only where it explains ours: within the tolerance, and its error against
+//! ours under 1/200 of the checkpoint's rerun's.
 
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
+use super::rerun::{pick, Output};
 use crate::checkpoint::{Checkpoint, Loader};
-use crate::compare::{all_close, Tolerance};
+use crate::compare::Tolerance;
 use crate::config::MlpKind;
-use crate::diff::floats;
+use crate::diff::{floats, ints};
 use crate::dump::Dump;
 use crate::hooks::{HookPoint, LayerHook};
-use crate::model::mlp::Mlp;
+use crate::model::moe::{route, Moe, Route};
+use crate::model::nn::matmul_nt;
 
-/// What ours's MoE output did with the shared expert, where it is not the reference's.
+/// Tokens rerun at most: the MoE works token by token, and a bug of the shared expert shows in
+/// every one.
+const TOKENS: usize = 256;
+
+/// What ours's MoE output did with the shared expert, where it is not the checkpoint's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SharedExpert {
-    /// Ours is the reference's less the shared expert: the routed experts' sum alone.
+    /// Ours is the routed experts' sum alone.
     Missing,
-    /// Ours is the reference's plus the shared expert: added twice.
+    /// Ours adds the shared expert twice.
     Twice,
+}
+
+/// One dump's MoE layer over its first tokens: input, routing and output.
+struct Side {
+    x: Tensor, // [N, hidden]
+    routes: Vec<Route>,
+    out: Vec<f32>, // [N * hidden]
+}
+
+impl Side {
+    /// `d`'s layer `i` over its first [`TOKENS`] tokens: its recorded routing where it holds
+    /// `moe.topk_ids` and `moe.topk_weights` of the layer's k, else the checkpoint's of the input.
+    fn read(d: &Dump, i: usize, moe: &Moe) -> Option<Side> {
+        let name = |h| HookPoint::Layer(i, h).name();
+        let (x, out) = (floats(d, &name(LayerHook::PostAttnNorm))?, floats(d, &name(LayerHook::MlpOut))?);
+        let hidden = moe.gate.dims2().ok()?.1;
+        if hidden == 0 || x.len() != out.len() || !x.len().is_multiple_of(hidden) {
+            return None;
+        }
+        let n = (x.len() / hidden).min(TOKENS);
+        let (x, out) = (x[..n * hidden].to_vec(), out[..n * hidden].to_vec());
+        let x = Tensor::from_vec(x, (n, hidden), &Device::Cpu).ok()?;
+        let (k, experts) = (moe.router.top_k, moe.experts.len());
+        let recorded = ints(d, &name(LayerHook::TopkIds)).zip(floats(d, &name(LayerHook::TopkWeights)));
+        let routes = match recorded {
+            Some((ids, weights)) if k > 0 && ids.len() >= n * k && weights.len() == ids.len() => {
+                let ids: Vec<usize> = ids[..n * k]
+                    .iter()
+                    .map(|&j| usize::try_from(j).ok().filter(|&j| j < experts))
+                    .collect::<Option<_>>()?;
+                let rows = ids.chunks_exact(k).zip(weights.chunks_exact(k));
+                rows.map(|(ids, w)| Route { ids: ids.to_vec(), weights: w.to_vec(), margin: f32::NAN }).collect()
+            }
+            _ => {
+                let logits = matmul_nt(&x, &moe.gate).ok()?.to_vec2::<f32>().ok()?; // [N, E]
+                logits.iter().map(|row| route(&moe.router, row, &moe.e_score_correction_bias)).collect()
+            }
+        };
+        Some(Side { x, routes, out })
+    }
+
+    /// The routed experts' part and the shared expert's, each `[N * hidden]`.
+    fn rerun(&self, moe: &Moe) -> Option<[Vec<f32>; 2]> {
+        let routed = moe.routed(&self.x, &self.routes).ok()?;
+        let shared = moe.shared_experts.forward(&self.x).ok()?;
+        let flat = |t: Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ok();
+        Some([flat(routed)?, flat(shared)?])
+    }
+}
+
+/// `routed + times * shared`, element by element.
+fn plus(routed: &[f32], shared: &[f32], times: f32) -> Output {
+    Output::Floats(routed.iter().zip(shared).map(|(r, s)| r + times * s).collect())
 }
 
 impl SharedExpert {
     /// For `name` = `layers.{i}.mlp.out` of a MoE layer of the checkpoint in `model`: what ours
-    /// (`a`) did with the shared expert, within `tol`. None where it is neither, or the dumps lack
-    /// `post_attn_norm`, or the checkpoint its shared expert.
+    /// (`a`) did with the shared expert, within `tol`. None where it is neither, where the dumps
+    /// lack `post_attn_norm`, or where the checkpoint's rerun is not the reference's (`b`).
     pub(crate) fn of(a: &Dump, b: &Dump, name: &str, model: &Path, tol: Tolerance) -> Option<SharedExpert> {
         let Some(HookPoint::Layer(i, LayerHook::MlpOut)) = HookPoint::parse(name) else { return None };
         let ckpt = Checkpoint::open(model).ok()?;
@@ -35,34 +102,39 @@ impl SharedExpert {
             return None;
         }
         let mut loader = Loader::new(&ckpt);
-        let prefix = format!("model.layers.{i}.mlp.shared_experts");
-        let shared = Mlp::load(&mut loader, &prefix, c.hidden_size, c.shared_intermediate_size());
-        let shared = loader.finish(shared).ok()?;
-        let input = HookPoint::Layer(i, LayerHook::PostAttnNorm).name();
-        let of = |d: &Dump| -> Option<Vec<f32>> {
-            let x = Tensor::from_vec(floats(d, &input)?, d.shape(&input)?, &Device::Cpu).ok()?;
-            shared.forward(&x).ok()?.flatten_all().ok()?.to_vec1::<f32>().ok()
-        };
-        let (ours, reference) = (floats(a, name)?, floats(b, name)?);
-        let (shared_ours, shared_reference) = (of(a)?, of(b)?);
-        let routed: Vec<f32> = reference.iter().zip(&shared_reference).map(|(r, s)| r - s).collect();
-        let twice: Vec<f32> = reference.iter().zip(&shared_ours).map(|(r, s)| r + s).collect();
-        if all_close(&ours, &routed, tol) {
-            Some(SharedExpert::Missing)
-        } else if all_close(&ours, &twice, tol) {
-            Some(SharedExpert::Twice)
-        } else {
-            None
+        let moe = Moe::load(&mut loader, c, i);
+        let moe = loader.finish(moe).ok()?;
+        let (ours, reference) = (Side::read(a, i, &moe)?, Side::read(b, i, &moe)?);
+        let [routed, shared] = reference.rerun(&moe)?;
+        if !plus(&routed, &shared, 1.0).close(&Output::Floats(reference.out), tol) {
+            return None;
+        }
+        let [routed, shared] = ours.rerun(&moe)?;
+        let (ours, checkpoint) = (Output::Floats(ours.out), plus(&routed, &shared, 1.0));
+        let unexplained = ours.distance(&checkpoint);
+        if unexplained == 0.0 {
+            return None;
+        }
+        let found = [(SharedExpert::Missing, 0.0), (SharedExpert::Twice, 2.0)].into_iter().filter_map(|(v, times)| {
+            let out = plus(&routed, &shared, times);
+            (out.close(&ours, tol) && !out.close(&checkpoint, tol)).then(|| (v, ours.distance(&out)))
+        });
+        match pick(found.collect(), unexplained)? {
+            (variant, None) => Some(variant),
+            (_, Some(_)) => None,
         }
     }
 
     pub(crate) fn reading(self) -> &'static str {
         match self {
             SharedExpert::Missing => {
-                "ours is the reference's less its shared expert (run on post_attn_norm): the shared expert is not \
-                 added to the routed experts' sum"
+                "ours is this layer's MoE rerun on its input (with ours's experts and weights) without the shared \
+                 expert: the shared expert is not added to the routed experts' sum"
             }
-            SharedExpert::Twice => "ours is the reference's plus its shared expert: the shared expert is added twice",
+            SharedExpert::Twice => {
+                "ours is this layer's MoE rerun on its input (with ours's experts and weights) with the shared \
+                 expert added twice"
+            }
         }
     }
 }

@@ -81,7 +81,7 @@ pub struct Rerun {
 
 /// What a rerun is compared on, over the first positions: a float tensor (`[B, P, W]`, or the
 /// indexer's `[B, P, P]` scores), or the selections' causal keys as sets.
-enum Output {
+pub(crate) enum Output {
     Floats(Vec<f32>),
     Sets(Selection),
 }
@@ -105,7 +105,7 @@ impl Output {
 
     /// How far `other` is from this: the NMSE of floats, over this one's energy (infinite where a
     /// non-finite value is not the other's), the number of rows whose causal keys differ.
-    fn distance(&self, other: &Output) -> f64 {
+    pub(crate) fn distance(&self, other: &Output) -> f64 {
         match (self, other) {
             (Output::Floats(x), Output::Floats(y)) if x.len() == y.len() => {
                 let (mut err, mut norm) = (0f64, 0f64);
@@ -127,7 +127,7 @@ impl Output {
     }
 
     /// Whether `other` is this within `tol` (sets: every row's causal keys the same).
-    fn close(&self, other: &Output, tol: Tolerance) -> bool {
+    pub(crate) fn close(&self, other: &Output, tol: Tolerance) -> bool {
         match (self, other) {
             (Output::Floats(x), Output::Floats(y)) => all_close(x, y, tol),
             _ => self.distance(other) == 0.0,
@@ -234,7 +234,7 @@ impl Layer<'_> {
         }
         // Each variant that gives ours within `tol` and is no rerun of the checkpoint's, with its
         // error against ours.
-        let mut found: Vec<(Variant, f64, f64)> = Vec::new();
+        let mut found: Vec<((Variant, f64), f64)> = Vec::new();
         for (n, (variant, scale)) in candidates.into_iter().enumerate() {
             progress.step(n + 3);
             self.attention.scale = scale;
@@ -243,7 +243,7 @@ impl Layer<'_> {
             self.attention.scale = checkpoint_scale;
             match out {
                 Some(out) if out.close(&ours, tol) && !out.close(&checkpoint, tol) => {
-                    found.push((variant, scale, ours.distance(&out)))
+                    found.push(((variant, scale), ours.distance(&out)))
                 }
                 _ => {}
             }
@@ -252,19 +252,18 @@ impl Layer<'_> {
     }
 }
 
-/// Of the variants `found` (each with its scale and its error against ours), the one that
-/// explains ours, where the checkpoint's error is `unexplained`: the best, where its error is
-/// under [`EXPLAINS`] of it, and the next best where it does so too and is as close (under
-/// [`ALONE`] times the best's error): two the input tells apart too little. None where a third is
-/// as close too.
-fn pick(mut found: Vec<(Variant, f64, f64)>, unexplained: f64) -> Option<Found> {
-    found.sort_by(|x, y| x.2.total_cmp(&y.2));
-    found.retain(|f| f.2 <= EXPLAINS * unexplained);
-    let &(variant, scale, error) = found.first()?;
-    let mut near = found.iter().skip(1).filter(|f| f.2 < ALONE * error || f.2 == 0.0);
+/// Of the variants `found` (each with its error against ours), the one that explains ours, where
+/// the checkpoint's error is `unexplained`: the best, where its error is under [`EXPLAINS`] of it,
+/// and the next best where it does so too and is as close (under [`ALONE`] times the best's
+/// error): two the input tells apart too little. None where a third is as close too.
+pub(crate) fn pick<T: Copy>(mut found: Vec<(T, f64)>, unexplained: f64) -> Option<(T, Option<T>)> {
+    found.sort_by(|x, y| x.1.total_cmp(&y.1));
+    found.retain(|f| f.1 <= EXPLAINS * unexplained);
+    let &(variant, error) = found.first()?;
+    let mut near = found.iter().skip(1).filter(|f| f.1 < ALONE * error || f.1 == 0.0);
     match (near.next(), near.next()) {
-        (None, _) => Some(((variant, scale), None)),
-        (Some(&(v, s, _)), None) => Some(((variant, scale), Some((v, s)))),
+        (None, _) => Some((variant, None)),
+        (Some(&(v, _)), None) => Some((variant, Some(v))),
         _ => None,
     }
 }
@@ -368,14 +367,14 @@ mod tests {
     fn a_variant_is_named_where_it_explains_ours_and_stands_apart() {
         let (a, b, c) = (Variant::RopeHalves, Variant::YarnFrequencies, Variant::AllKeys);
         let unexplained = 2e-2; // explained: an error under 1e-4
-        assert_eq!(pick(vec![(b, 0.2, 5e-5), (a, 0.1, 1e-6)], unexplained), Some(((a, 0.1), None)));
-        assert_eq!(pick(vec![(a, 0.1, 2e-5), (b, 0.2, 5e-5)], unexplained), Some(((a, 0.1), Some((b, 0.2)))));
+        assert_eq!(pick(vec![((b, 0.2), 5e-5), ((a, 0.1), 1e-6)], unexplained), Some(((a, 0.1), None)));
+        assert_eq!(pick(vec![((a, 0.1), 2e-5), ((b, 0.2), 5e-5)], unexplained), Some(((a, 0.1), Some((b, 0.2)))));
         // (The next best, as close but explaining too little, leaves the best alone.)
-        assert_eq!(pick(vec![(a, 0.1, 9e-5), (b, 0.2, 2e-4)], unexplained), Some(((a, 0.1), None)));
-        assert_eq!(pick(vec![(a, 0.1, 2e-4)], unexplained), None);
-        assert_eq!(pick(vec![(a, 0.1, 2e-5), (b, 0.2, 3e-5), (c, 0.3, 4e-5)], unexplained), None);
-        assert_eq!(pick(vec![(a, 0.1, 0.0), (b, 0.2, 0.0)], unexplained), Some(((a, 0.1), Some((b, 0.2)))));
-        assert_eq!(pick(Vec::new(), unexplained), None);
+        assert_eq!(pick(vec![((a, 0.1), 9e-5), ((b, 0.2), 2e-4)], unexplained), Some(((a, 0.1), None)));
+        assert_eq!(pick(vec![((a, 0.1), 2e-4)], unexplained), None);
+        assert_eq!(pick(vec![((a, 0.1), 2e-5), ((b, 0.2), 3e-5), ((c, 0.3), 4e-5)], unexplained), None);
+        assert_eq!(pick(vec![((a, 0.1), 0.0), ((b, 0.2), 0.0)], unexplained), Some(((a, 0.1), Some((b, 0.2)))));
+        assert_eq!(pick(Vec::<((Variant, f64), f64)>::new(), unexplained), None);
     }
 
     /// Two variants as close are both said, the second after the checkpoint's scale.
