@@ -172,6 +172,15 @@ def kv_norm_over_rope(model, mtp):
 
 
 @contextlib.contextmanager
+def kv_norm_weight_not_loaded(model, mtp):
+    """`kv_a_layernorm.weight` left at its initial ones: a checkpoint key the port's loader does
+    not map (transformers itself only warns of one)."""
+    for layer in model.model.layers:
+        layer.self_attn.kv_a_layernorm.weight.data.fill_(1.0)
+    yield
+
+
+@contextlib.contextmanager
 def mtp_fed_before_final_norm(model, mtp):
     """The MTP head fed the last layer's output (the input of the final norm), not the final norm's
     output: the hidden state a port's decoder loop has at hand."""
@@ -240,6 +249,7 @@ PORTS = [
     ("flat", "port-no-scaling.safetensors", "routing weights without routed_scaling_factor", no_routed_scaling),
     ("flat", "port-no-shared-expert.safetensors", "MoE output without the shared expert", no_shared_expert),
     ("flat", "port-kv-norm-over-rope.safetensors", "kv_a_layernorm's statistic over the rope part too", kv_norm_over_rope),
+    ("flat", "port-kv-norm-unloaded.safetensors", "kv_a_layernorm's weight not loaded (ones)", kv_norm_weight_not_loaded),
     ("mtp", "port-mtp-prenorm.safetensors", "the MTP head fed the state before the final norm", mtp_fed_before_final_norm),
     (
         "grouped-shared-yarn",
@@ -264,6 +274,12 @@ PORTS = [
         "port-no-bias-bf16.safetensors",
         "experts chosen without e_score_correction_bias, in a port that runs in bfloat16",
         in_bf16(no_bias_in_selection),
+    ),
+    (
+        "flat",
+        "port-kv-norm-over-rope-bf16.safetensors",
+        "kv_a_layernorm's statistic over the rope part too, in a port that runs in bfloat16",
+        in_bf16(kv_norm_over_rope),
     ),
 ]
 

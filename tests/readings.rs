@@ -134,7 +134,12 @@ fn the_ports_routing_and_mask_bugs_are_read() {
         ),
         (
             "port-kv-norm-over-rope",
-            "layers.0.attn.kv_latent (each of its 32 rows is a scaled copy of the reference's, by factors",
+            "layers.0.attn.kv_latent (ours is this layer's kv_a_layernorm rerun on its input with its mean square \
+             over all of kv_a_proj_with_mqa's output, the rope columns (qk_rope_head_dim) too",
+        ),
+        (
+            "port-kv-norm-unloaded",
+            "layers.0.attn.kv_latent (ours is this layer's kv_a_layernorm rerun on its input without its weight",
         ),
         (
             "port-mtp-prenorm",
@@ -145,6 +150,31 @@ fn the_ports_routing_and_mask_bugs_are_read() {
         let text = diff_port(case, port, true);
         let first = format!("first divergence: {reading}");
         assert!(text.lines().nth(1).is_some_and(|l| l.starts_with(&first)), "{port}: want {first}\n{text}");
+    }
+}
+
+/// A latent normalised otherwise is read by a rerun of its norm on ours's own input: in f32 (where
+/// the rows' own factors say so too, and alone without `--model`) and in a bf16 port, whose noise
+/// hides those factors.
+#[test]
+fn a_latent_norms_bug_is_read_on_ours_own_input_in_f32_and_bf16() {
+    let over_rope = "first divergence: layers.0.attn.kv_latent (ours is this layer's kv_a_layernorm rerun on its \
+                     input with its mean square over all of kv_a_proj_with_mqa's output";
+    let text = diff_port("flat", "port-kv-norm-over-rope", false);
+    assert!(
+        text.contains("each of its 32 rows is a scaled copy of the reference's") && !text.contains("rerun"),
+        "{text}"
+    );
+    let flat = golden("flat");
+    let (port, reference) =
+        (s(&flat.join("port-kv-norm-over-rope-bf16.safetensors")), s(&flat.join("reference.safetensors")));
+    for tol in ["2e-2", "5e-2"] {
+        let args = ["diff", &port, &reference, "--model", &s(&flat), "--atol", tol, "--rtol", tol];
+        let (code, text) = code_and_text(&args);
+        assert!(code == 1 && text.lines().nth(1).is_some_and(|l| l.starts_with(over_rope)), "{tol}: {text}");
+        // (Without --model, nothing reads it: the rows' factors are lost in the port's noise.)
+        let (_, text) = code_and_text(&["diff", &port, &reference, "--atol", tol, "--rtol", tol]);
+        assert!(text.lines().nth(1) == Some("first divergence: layers.0.attn.kv_latent"), "{tol}: {text}");
     }
 }
 

@@ -6,6 +6,7 @@
 //! a port's scale, RoPE or keys reproduces), and what the reference holds that ours does not. `diff` prints them beside the numbers; they are hints, each said only where its
 //! pattern holds.
 
+mod latent;
 mod mtp;
 mod onset;
 mod rerun;
@@ -13,6 +14,7 @@ mod routing;
 mod rows;
 mod shared;
 
+pub use latent::{Latent, LatentNorm};
 pub use onset::{Leading, Onset};
 pub use rerun::{Part, Rerun, ScaleDim, Variant};
 pub use routing::{BiasLeftOut, UnbiasedTies, WeightsRule};
@@ -180,6 +182,9 @@ impl DiffReport {
         }
         if let Some(shared) = notes.shared_expert {
             return Some(shared.reading().into());
+        }
+        if let Some((norm, latent)) = notes.latent_norm {
+            return Some(norm.reading(latent));
         }
         if let Some(rerun) = notes.rerun {
             return Some(rerun.reading());
@@ -398,6 +403,8 @@ pub struct Notes {
     pub routed_scaling: Option<f64>,
     /// For a MoE layer's output, with `--model`: the shared expert missing from ours, or twice.
     pub shared_expert: Option<SharedExpert>,
+    /// For a latent, with `--model`: the norm whose rerun gives ours's.
+    pub latent_norm: Option<(LatentNorm, Latent)>,
     /// For an attention output or the indexer's scores, with `--model`: the softmax scale, RoPE or
     /// keys whose rerun gives ours's.
     pub rerun: Option<Rerun>,
@@ -569,6 +576,7 @@ impl Notes {
         // (Rows that part at an onset, the earlier ones exact, are read by where it starts.)
         let row_scale = shape.last().filter(|_| onset.is_none()).and_then(|&w| RowScale::of(ours, reference, w));
         let shared_expert = opts.model.as_deref().and_then(|m| SharedExpert::of(a, b, name, m, opts.tol_for(name)));
+        let latent_norm = opts.model.as_deref().and_then(|m| LatentNorm::of(a, b, name, m, opts.tol_for(name)));
         let leading = crate::compare::differing_positions(ours, reference, &shape, opts.tol_for(name))
             .map(|differing| Leading { differing, index_topk });
         let mtp_input = (point == Some(HookPoint::MtpInputHidden))
@@ -587,6 +595,7 @@ impl Notes {
             routed_scaling,
             row_scale,
             shared_expert,
+            latent_norm,
             rerun: None,
             mtp_input,
         }
