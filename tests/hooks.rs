@@ -315,7 +315,7 @@ fn diff_names_the_perturbed_tensor_and_ignores_set_order_and_padding() {
     assert!(text.contains(scaled), "{text}");
     // A MoE output without its shared expert: the reference's less the shared expert, computed
     // here from the checkpoint's weights on the reference's post_attn_norm (silu(x Wg) * x Wu, then
-    // Wd), is read with --model.
+    // Wd), in mlp.out and the layer's output, is read with --model.
     let ckpt = glimpse::checkpoint::Checkpoint::open(&m).unwrap();
     let weight = |p: &str| ckpt.f32(&format!("model.layers.2.mlp.shared_experts.{p}.weight")).unwrap();
     let ((wg, gs), (wu, _), (wd, _)) = (weight("gate_proj"), weight("up_proj"), weight("down_proj"));
@@ -325,14 +325,21 @@ fn diff_names_the_perturbed_tensor_and_ignores_set_order_and_padding() {
             Values::F32(x) => x.clone(),
             _ => panic!(),
         };
-        let (_, v, _) = t.iter_mut().find(|(n, _, _)| n == "layers.2.mlp.out").unwrap();
-        let Values::F32(out) = v else { panic!() };
-        for (x, out) in x.chunks(hidden).zip(out.chunks_mut(hidden)) {
-            let dot = |w: &[f32], j: usize| (0..hidden).map(|c| w[j * hidden + c] * x[c]).sum::<f32>();
-            let h: Vec<f32> = (0..inter).map(|j| dot(&wg, j) / (1.0 + (-dot(&wg, j)).exp()) * dot(&wu, j)).collect();
-            for (c, o) in out.iter_mut().enumerate() {
-                *o -= (0..inter).map(|j| wd[c * inter + j] * h[j]).sum::<f32>();
-            }
+        let shared: Vec<f32> = x
+            .chunks(hidden)
+            .flat_map(|x| {
+                let dot = |w: &[f32], j: usize| (0..hidden).map(|c| w[j * hidden + c] * x[c]).sum::<f32>();
+                let h: Vec<f32> =
+                    (0..inter).map(|j| dot(&wg, j) / (1.0 + (-dot(&wg, j)).exp()) * dot(&wu, j)).collect();
+                (0..hidden).map(|c| (0..inter).map(|j| wd[c * inter + j] * h[j]).sum::<f32>()).collect::<Vec<_>>()
+            })
+            .collect();
+        // (The layer's output too: a port whose mlp.out lacks the shared expert while its output
+        // holds it only records mlp.out before adding it.)
+        for name in ["layers.2.mlp.out", "layers.2.output"] {
+            let (_, v, _) = t.iter_mut().find(|(n, _, _)| n == name).unwrap();
+            let Values::F32(out) = v else { panic!() };
+            out.iter_mut().zip(&shared).for_each(|(o, s)| *o -= s);
         }
     });
     let (_, text) = code_and_text(&["diff", routed_only.to_str().unwrap(), r, "--model", m.to_str().unwrap()]);

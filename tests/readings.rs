@@ -129,7 +129,7 @@ fn the_ports_routing_and_mask_bugs_are_read() {
         ),
         (
             "port-no-shared-expert",
-            "layers.2.mlp.out (ours is this layer's MoE rerun on its input (with ours's experts and weights) without \
+            "layers.2.mlp.out (ours is this layer's MoE rerun on its input (with ours's recorded experts and weights) without \
              the shared expert",
         ),
         (
@@ -204,6 +204,26 @@ fn a_difference_no_variant_makes_is_not_read_as_one() {
             "{tol}: {text}"
         );
     }
+}
+
+/// A port that records `mlp.out` before adding the shared expert (the routed experts' sum of the
+/// port without it, in the reference's dump otherwise: the layer's output holds the shared
+/// expert) is read as where its hook sits, not as a missing shared expert.
+#[test]
+fn a_mlp_out_recorded_before_the_shared_expert_is_read_as_the_hooks_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = golden("flat");
+    let reference = dir.join("reference.safetensors");
+    let routed = glimpse::dump::Dump::open(&dir.join("port-no-shared-expert.safetensors")).unwrap();
+    let ours = edit_dump(&reference, &tmp.path().join("hook.safetensors"), |t: &mut Vec<Named>| {
+        let (_, v, _) = t.iter_mut().find(|(n, _, _)| n == "layers.2.mlp.out").unwrap();
+        *v = routed.values("layers.2.mlp.out").unwrap().0;
+    });
+    let (code, text) = code_and_text(&["diff", &s(&ours), &s(&reference), "--model", &s(&dir)]);
+    let read = "first divergence: layers.2.mlp.out (ours is this layer's MoE rerun on its input (with ours's recorded \
+                experts and weights) without the shared expert, yet its layer output matches the reference's: ours \
+                records mlp.out before the shared expert is added";
+    assert!(code == 1 && text.contains(read), "{text}");
 }
 
 /// `verify --isolate` of a port whose bug every layer (or every MoE layer) runs says that each
@@ -281,7 +301,7 @@ fn past_what_rounding_explains_a_bf16_ports_bug_is_read() {
     for (port, read) in [
         (
             "port-no-shared-expert-bf16",
-            "layers.2.mlp.out (ours is this layer's MoE rerun on its input (with ours's experts and weights) without \
+            "layers.2.mlp.out (ours is this layer's MoE rerun on its input (with ours's recorded experts and weights) without \
              the shared expert",
         ),
         ("port-no-bias-bf16", "layers.2.moe.topk_ids (ours chooses every token's experts by the unbiased scores"),
@@ -292,8 +312,9 @@ fn past_what_rounding_explains_a_bf16_ports_bug_is_read() {
             let (code, text) = code_and_text(&args);
             let past = match unread {
                 Some(first) => format!(
-                    "\n  past what rounding explains, the first divergence: {first} (no reading); ours's MoE on its own \
-                     inputs, the first read: {read}"
+                    "\n  past what rounding explains, the first divergence: {first} (no reading: the port's own noise, \
+                     grown past the tolerance, may be all it is); on ours's own inputs, the first that reads as a bug: \
+                     {read}"
                 ),
                 None => format!("\n  past what rounding explains, the first divergence: {read}"),
             };

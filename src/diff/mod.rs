@@ -119,7 +119,8 @@ pub struct DiffReport {
     pub notes: crate::reading::Notes,
     /// Where the first divergence reads as rounding (a selection whose every flip is a near-tie,
     /// or floats read as rounding's tail): the first divergence it does not explain, and what its
-    /// values say (or, where they say nothing, a MoE tensor's after it).
+    /// values say (or, where they say nothing, those of the first after it read on ours's own
+    /// inputs).
     pub past_rounding: Option<past::Past>,
     /// Which dumps hold only bf16 values (every float's low 16 bits 0), ours then the
     /// reference, when floats differ at a tolerance tighter than bf16's: a hint to compare at
@@ -145,8 +146,8 @@ pub struct PastReading<'r> {
     pub divergence: &'r Comparison,
     pub reading: String,
     pub notes: &'r crate::reading::Notes,
-    /// The first divergence rounding does not explain, where it has no reading and this one (a
-    /// MoE tensor read on ours's own inputs) comes after it.
+    /// The first divergence rounding does not explain, where it has no reading and this one (read
+    /// on ours's own inputs) comes after it.
     pub unread: Option<&'r str>,
 }
 
@@ -573,8 +574,9 @@ impl DiffReport {
             out += &match p.unread {
                 None => format!("\n  past what rounding explains, the first divergence: {name} ({reading})"),
                 Some(first) => format!(
-                    "\n  past what rounding explains, the first divergence: {first} (no reading); ours's MoE on its \
-                     own inputs, the first read: {name} ({reading})"
+                    "\n  past what rounding explains, the first divergence: {first} (no reading: the port's own \
+                     noise, grown past the tolerance, may be all it is); on ours's own inputs, the first that reads \
+                     as a bug: {name} ({reading})"
                 ),
             };
             positions(p.notes).into_iter().flatten().for_each(|p| out += &format!("\n    {p}"));
@@ -595,8 +597,8 @@ impl DiffReport {
     }
 
     /// The divergence past what rounding explains that has a reading ([`Self::past_rounding`]):
-    /// the first rounding does not explain, or, where that one has none, the MoE tensor read on
-    /// ours's own inputs after it.
+    /// the first rounding does not explain, or, where that one has none, the first after it read
+    /// on ours's own inputs.
     pub fn past_rounding_reading(&self) -> Option<PastReading<'_>> {
         let past = self.past_rounding.as_ref()?;
         let find = |name: &str| self.results.iter().find(|c| c.name == name);
@@ -604,7 +606,7 @@ impl DiffReport {
         if let Some(reading) = self.reading_with(first, &past.notes) {
             return Some(PastReading { divergence: first, reading, notes: &past.notes, unread: None });
         }
-        let (name, notes) = past.moe.as_ref()?;
+        let (name, notes) = past.own.as_ref()?;
         let divergence = find(name)?;
         let reading = self.reading_with(divergence, notes)?;
         Some(PastReading { divergence, reading, notes, unread: Some(&past.name) })

@@ -6,13 +6,14 @@
 //! not a bug's. A bug of every token shows at the positions before.
 //!
 //! In a port whose noise grows past the tolerance over a few layers, the first divergence
-//! rounding does not explain may have no reading (its noise, grown). Past it, the MoE is read on
-//! ours's own inputs, where that noise does not enter: its routing against the checkpoint's rule
-//! on ours's own gate logits (every MoE layer; cheap) and its output rerun on ours's own input
-//! and routing (the first MoE layer's `mlp.out` that differs; one layer's experts).
+//! rounding does not explain may have no reading (its noise, grown). Past it, what can be read on
+//! ours's own inputs, where that noise does not enter, is read ([`Own`]): its routing against the
+//! checkpoint's rule on its own gate logits, its latents' norms and its first MoE output rerun on
+//! its own input.
 
 use super::{notes_of, with_compared, DiffOptions, DiffReport};
 use crate::compare::{element_ok, Comparison, Detail, Flip};
+use crate::config::MlpKind;
 use crate::dump::{Dump, Values};
 use crate::error::Result;
 use crate::flips::Class;
@@ -46,13 +47,46 @@ pub struct Past {
     /// The first divergence rounding does not explain, and what its values say.
     pub name: String,
     pub notes: Notes,
-    /// Where that one has no reading: the first MoE tensor after it whose values, on ours's own
-    /// inputs, read as a bug (ours's routing rule, its shared expert), and what they say.
-    pub moe: Option<(String, Notes)>,
+    /// Where that one has no reading: the first divergence after it whose values, on ours's own
+    /// inputs, read as a bug ([`Own`]), and what they say.
+    pub own: Option<(String, Notes)>,
+}
+
+/// Readings made on ours's own inputs, which hold whatever noise ours carries in from earlier
+/// layers: its routing against the checkpoint's rule on its own gate logits (read from the dump),
+/// a latent's norm and a MoE layer's output rerun on its own input (one block of the checkpoint
+/// each; the MoE's, all of a layer's experts, for the first MoE output only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Own {
+    Routing,
+    Latent,
+    MoeOut,
+}
+
+impl Own {
+    fn of(c: &Comparison, opts: &DiffOptions) -> Option<Own> {
+        let moe = |i: usize| opts.config.as_ref().is_some_and(|c| c.mlp_layer_types.get(i) == Some(&MlpKind::Moe));
+        match HookPoint::parse(&c.name)? {
+            HookPoint::Layer(_, LayerHook::TopkIds | LayerHook::TopkWeights) => Some(Own::Routing),
+            HookPoint::Layer(_, LayerHook::QLatent | LayerHook::KvLatent) => Some(Own::Latent),
+            HookPoint::Layer(i, LayerHook::MlpOut) if moe(i) => Some(Own::MoeOut),
+            _ => None,
+        }
+    }
+
+    /// `c`'s notes where they read as a bug on ours's own inputs.
+    fn read(r: &DiffReport, a: &Dump, b: &Dump, c: &Comparison, opts: &DiffOptions) -> Result<Option<Notes>> {
+        let notes = notes_of(a, b, c, opts)?;
+        let own = notes.weights_rule.is_some()
+            || notes.bias_left_out.is_some()
+            || notes.shared_expert.is_some()
+            || notes.latent_norm.is_some();
+        Ok((own && r.reading_with(c, &notes).is_some()).then_some(notes))
+    }
 }
 
 /// The first divergence past what rounding explains in `r`, and what its values say (and, where
-/// they say nothing, the first MoE tensor after it read on ours's own inputs); None where the
+/// they say nothing, the first divergence after it read on ours's own inputs); None where the
 /// first divergence does not read as rounding ([`DiffReport::first_reads_as_rounding`]) or
 /// rounding explains every one.
 pub(super) fn past_rounding(r: &DiffReport, a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<Option<Past>> {
@@ -64,6 +98,14 @@ pub(super) fn past_rounding(r: &DiffReport, a: &Dump, b: &Dump, opts: &DiffOptio
     let mut flipped = Flipped::default();
     let diverging: Vec<&Comparison> = r.results.iter().filter(|c| !c.ok).collect();
     for (n, c) in diverging.iter().enumerate() {
+        // Routing that reads as another rule on ours's own gate logits is no rounding's, however
+        // its flips' margins class them (a loose tolerance's near-tie threshold takes in a
+        // bias's whole effect).
+        if Own::of(c, opts) == Some(Own::Routing) {
+            if let Some(notes) = Own::read(r, a, b, c, opts)? {
+                return Ok(Some(Past { name: c.name.clone(), notes, own: None }));
+            }
+        }
         if let Detail::Sets { flips, .. } = &c.detail {
             let rows: Vec<Option<Row>> = flips.iter().map(|f| flip_row(&f.at, seq)).collect();
             // A flip rounding makes: a near-tie (or one of unknown margin) that its own side's
@@ -81,42 +123,35 @@ pub(super) fn past_rounding(r: &DiffReport, a: &Dump, b: &Dump, opts: &DiffOptio
             continue;
         }
         let notes = notes_of(a, b, c, opts)?;
-        let moe = match r.reading_with(c, &notes) {
+        let own = match r.reading_with(c, &notes) {
             Some(_) => None,
-            None => moe_read(r, a, b, &diverging[n + 1..], opts)?,
+            None => own_read(r, a, b, &diverging[n + 1..], opts)?,
         };
-        return Ok(Some(Past { name: c.name.clone(), notes, moe }));
+        return Ok(Some(Past { name: c.name.clone(), notes, own }));
     }
     Ok(None)
 }
 
-/// Of the divergences `after` the first rounding does not explain, the first MoE tensor whose
-/// values read as a bug on ours's own inputs: routing weights of another rule or experts chosen
-/// without the bias (ours's gate logits), a shared expert missing or twice (a rerun of the first
-/// MoE layer's `mlp.out` that differs, on ours's `post_attn_norm` and routing).
-fn moe_read(
+/// Of the divergences `after` the first rounding does not explain, the first that reads as a bug
+/// on ours's own inputs ([`Own`]).
+fn own_read(
     r: &DiffReport,
     a: &Dump,
     b: &Dump,
     after: &[&Comparison],
     opts: &DiffOptions,
 ) -> Result<Option<(String, Notes)>> {
-    let moe_layer =
-        |i: usize| opts.config.as_ref().is_some_and(|c| c.mlp_layer_types.get(i) == Some(&crate::config::MlpKind::Moe));
-    let mut rerun = true;
+    let mut moe_rerun = true;
     for c in after {
-        let read = match HookPoint::parse(&c.name) {
-            Some(HookPoint::Layer(_, LayerHook::TopkIds | LayerHook::TopkWeights)) => true,
-            Some(HookPoint::Layer(i, LayerHook::MlpOut)) if moe_layer(i) => std::mem::replace(&mut rerun, false),
-            _ => false,
+        let read = match Own::of(c, opts) {
+            Some(Own::Routing | Own::Latent) => true,
+            Some(Own::MoeOut) => std::mem::replace(&mut moe_rerun, false),
+            None => false,
         };
-        if !read {
-            continue;
-        }
-        let notes = notes_of(a, b, c, opts)?;
-        let own = notes.weights_rule.is_some() || notes.bias_left_out.is_some() || notes.shared_expert.is_some();
-        if own && r.reading_with(c, &notes).is_some() {
-            return Ok(Some((c.name.clone(), notes)));
+        if read {
+            if let Some(notes) = Own::read(r, a, b, c, opts)? {
+                return Ok(Some((c.name.clone(), notes)));
+            }
         }
     }
     Ok(None)

@@ -151,7 +151,7 @@ impl LatentNorm {
         };
         let found = variants.iter().filter_map(|&v| {
             let out = block.latent(&p_ours, Some(v))?;
-            (out.close(&ours, tol) && !out.close(&checkpoint, tol)).then(|| (v, ours.distance(&out)))
+            (ours.matches(&out, tol, width) && !out.close(&checkpoint, tol)).then(|| (v, ours.distance(&out)))
         });
         match pick(found.collect(), unexplained)? {
             (variant, None) => Some((variant, latent)),

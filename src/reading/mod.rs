@@ -19,7 +19,7 @@ pub use onset::{Leading, Onset};
 pub use rerun::{Part, Rerun, ScaleDim, Variant};
 pub use routing::{BiasLeftOut, UnbiasedTies, WeightsRule};
 pub use rows::RowScale;
-pub use shared::SharedExpert;
+pub use shared::{SharedExpert, SharedKind};
 
 use crate::compare::{element_ok, Comparison, Detail, Flip, Side, Tolerance};
 use crate::config::Config;
@@ -181,7 +181,7 @@ impl DiffReport {
             return Some(fed.reading());
         }
         if let Some(shared) = notes.shared_expert {
-            return Some(shared.reading().into());
+            return Some(shared.reading());
         }
         if let Some((norm, latent)) = notes.latent_norm {
             return Some(norm.reading(latent));

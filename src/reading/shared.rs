@@ -28,13 +28,26 @@ use crate::model::nn::matmul_nt;
 /// every one.
 const TOKENS: usize = 256;
 
-/// What ours's MoE output did with the shared expert, where it is not the checkpoint's.
+/// What ours's MoE output did with the shared expert, where it is not the checkpoint's, and
+/// which routing the rerun replayed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SharedExpert {
+pub struct SharedExpert {
+    pub kind: SharedKind,
+    /// Ours's own recorded routing (`moe.topk_ids`, `moe.topk_weights`), or, where its dump holds
+    /// none, the checkpoint's routing of ours's input.
+    pub recorded_routing: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedKind {
     /// Ours is the routed experts' sum alone.
     Missing,
     /// Ours adds the shared expert twice.
     Twice,
+    /// Ours's `mlp.out` is the routed experts' sum alone, but its layer output is the
+    /// reference's: it records `mlp.out` before adding the shared expert (a split of the routed
+    /// and shared outputs, as some engines keep them).
+    RecordedBefore,
 }
 
 /// One dump's MoE layer over its first tokens: input, routing and output.
@@ -46,8 +59,9 @@ struct Side {
 
 impl Side {
     /// `d`'s layer `i` over its first [`TOKENS`] tokens: its recorded routing where it holds
-    /// `moe.topk_ids` and `moe.topk_weights` of the layer's k, else the checkpoint's of the input.
-    fn read(d: &Dump, i: usize, moe: &Moe) -> Option<Side> {
+    /// `moe.topk_ids` and `moe.topk_weights` of the layer's k, else the checkpoint's of the input
+    /// (and whether it was recorded).
+    fn read(d: &Dump, i: usize, moe: &Moe) -> Option<(Side, bool)> {
         let name = |h| HookPoint::Layer(i, h).name();
         let (x, out) = (floats(d, &name(LayerHook::PostAttnNorm))?, floats(d, &name(LayerHook::MlpOut))?);
         let hidden = moe.gate.dims2().ok()?.1;
@@ -59,21 +73,25 @@ impl Side {
         let x = Tensor::from_vec(x, (n, hidden), &Device::Cpu).ok()?;
         let (k, experts) = (moe.router.top_k, moe.experts.len());
         let recorded = ints(d, &name(LayerHook::TopkIds)).zip(floats(d, &name(LayerHook::TopkWeights)));
-        let routes = match recorded {
+        let (routes, recorded) = match recorded {
             Some((ids, weights)) if k > 0 && ids.len() >= n * k && weights.len() == ids.len() => {
                 let ids: Vec<usize> = ids[..n * k]
                     .iter()
                     .map(|&j| usize::try_from(j).ok().filter(|&j| j < experts))
                     .collect::<Option<_>>()?;
                 let rows = ids.chunks_exact(k).zip(weights.chunks_exact(k));
-                rows.map(|(ids, w)| Route { ids: ids.to_vec(), weights: w.to_vec(), margin: f32::NAN }).collect()
+                (
+                    rows.map(|(ids, w)| Route { ids: ids.to_vec(), weights: w.to_vec(), margin: f32::NAN }).collect(),
+                    true,
+                )
             }
             _ => {
                 let logits = matmul_nt(&x, &moe.gate).ok()?.to_vec2::<f32>().ok()?; // [N, E]
-                logits.iter().map(|row| route(&moe.router, row, &moe.e_score_correction_bias)).collect()
+                let routes = logits.iter().map(|row| route(&moe.router, row, &moe.e_score_correction_bias)).collect();
+                (routes, false)
             }
         };
-        Some(Side { x, routes, out })
+        Some((Side { x, routes, out }, recorded))
     }
 
     /// The routed experts' part and the shared expert's, each `[N * hidden]`.
@@ -92,8 +110,9 @@ fn plus(routed: &[f32], shared: &[f32], times: f32) -> Output {
 
 impl SharedExpert {
     /// For `name` = `layers.{i}.mlp.out` of a MoE layer of the checkpoint in `model`: what ours
-    /// (`a`) did with the shared expert, within `tol`. None where it is neither, where the dumps
-    /// lack `post_attn_norm`, or where the checkpoint's rerun is not the reference's (`b`).
+    /// (`a`) did with the shared expert, within `tol` (or off it by rounding's tail alone). None
+    /// where it is neither, where the dumps lack `post_attn_norm`, or where the checkpoint's rerun
+    /// is not the reference's (`b`).
     pub(crate) fn of(a: &Dump, b: &Dump, name: &str, model: &Path, tol: Tolerance) -> Option<SharedExpert> {
         let Some(HookPoint::Layer(i, LayerHook::MlpOut)) = HookPoint::parse(name) else { return None };
         let ckpt = Checkpoint::open(model).ok()?;
@@ -104,7 +123,7 @@ impl SharedExpert {
         let mut loader = Loader::new(&ckpt);
         let moe = Moe::load(&mut loader, c, i);
         let moe = loader.finish(moe).ok()?;
-        let (ours, reference) = (Side::read(a, i, &moe)?, Side::read(b, i, &moe)?);
+        let ((ours, recorded_routing), (reference, _)) = (Side::read(a, i, &moe)?, Side::read(b, i, &moe)?);
         let [routed, shared] = reference.rerun(&moe)?;
         if !plus(&routed, &shared, 1.0).close(&Output::Floats(reference.out), tol) {
             return None;
@@ -115,26 +134,42 @@ impl SharedExpert {
         if unexplained == 0.0 {
             return None;
         }
-        let found = [(SharedExpert::Missing, 0.0), (SharedExpert::Twice, 2.0)].into_iter().filter_map(|(v, times)| {
+        let hidden = c.hidden_size;
+        let found = [(SharedKind::Missing, 0.0), (SharedKind::Twice, 2.0)].into_iter().filter_map(|(kind, times)| {
             let out = plus(&routed, &shared, times);
-            (out.close(&ours, tol) && !out.close(&checkpoint, tol)).then(|| (v, ours.distance(&out)))
+            (ours.matches(&out, tol, hidden) && !out.close(&checkpoint, tol)).then(|| (kind, ours.distance(&out)))
         });
-        match pick(found.collect(), unexplained)? {
-            (variant, None) => Some(variant),
-            (_, Some(_)) => None,
-        }
+        let kind = match pick(found.collect(), unexplained)? {
+            (kind, None) => kind,
+            (_, Some(_)) => return None,
+        };
+        // The layer's output holds what its mlp.out lacks: where the hook was placed.
+        let output = HookPoint::Layer(i, LayerHook::Output).name();
+        let layer_matches = floats(a, &output)
+            .zip(floats(b, &output))
+            .is_some_and(|(x, y)| Output::Floats(x).matches(&Output::Floats(y), tol, hidden));
+        let kind = match (kind, layer_matches) {
+            (SharedKind::Missing, true) => SharedKind::RecordedBefore,
+            (kind, _) => kind,
+        };
+        Some(SharedExpert { kind, recorded_routing })
     }
 
-    pub(crate) fn reading(self) -> &'static str {
-        match self {
-            SharedExpert::Missing => {
-                "ours is this layer's MoE rerun on its input (with ours's experts and weights) without the shared \
-                 expert: the shared expert is not added to the routed experts' sum"
-            }
-            SharedExpert::Twice => {
-                "ours is this layer's MoE rerun on its input (with ours's experts and weights) with the shared \
-                 expert added twice"
-            }
+    pub(crate) fn reading(self) -> String {
+        let routing = match self.recorded_routing {
+            true => "ours's recorded experts and weights",
+            false => "the checkpoint's routing of that input, ours recording none",
+        };
+        let rerun = format!("this layer's MoE rerun on its input (with {routing})");
+        match self.kind {
+            SharedKind::Missing => format!(
+                "ours is {rerun} without the shared expert: the shared expert is not added to the routed experts' sum"
+            ),
+            SharedKind::Twice => format!("ours is {rerun} with the shared expert added twice"),
+            SharedKind::RecordedBefore => format!(
+                "ours is {rerun} without the shared expert, yet its layer output matches the reference's: ours records \
+                 mlp.out before the shared expert is added (where its hook sits, not a bug of the output)"
+            ),
         }
     }
 }
