@@ -57,22 +57,85 @@ pub fn estimate_on(
 }
 
 /// The copies of the main model's weights a device pass uploads (`DeviceModel::new`) that live
-/// in host memory: `cpu-ops` widens every one to f32; `cuda-emu` holds them as the GPU would (bf16
-/// and FP8 codes as stored, the rest, the router's gate and the embeddings among them, as f32);
-/// `cuda`'s are in the GPU's memory and the CPU's none. The MTP layer is not uploaded (it runs on
-/// the CPU model).
+/// in host memory: `cpu-ops` widens every one to f32; `cuda-emu` holds them as the GPU would
+/// ([`device_weights`]); `cuda`'s are in the GPU's memory and the CPU's none.
 pub fn device_copies(ckpt: &Checkpoint, target: Target) -> u64 {
-    let main = |n: &&str| crate::layout::layer_of(n).is_none_or(|i| i < ckpt.config.num_hidden_layers);
-    let bytes = |n: &str| match (target.backend, ckpt.dtype(n)) {
-        (Backend::Cpu | Backend::Cuda, _) => 0,
-        (Backend::CpuOps, _) if n.ends_with("_scale_inv") => 0,
-        (Backend::CpuOps, _) => 4 * numel(ckpt, n),
-        (Backend::CudaEmu, Some(Dtype::BF16 | Dtype::F8_E4M3)) if is_projection(ckpt, n) => file_bytes(ckpt, n),
-        (Backend::CudaEmu, _) => 4 * numel(ckpt, n),
+    match target.backend {
+        Backend::Cpu | Backend::Cuda => 0,
+        Backend::CudaEmu => device_weights(ckpt, target.precision),
+        Backend::CpuOps => {
+            let bytes = |n: &str| if n.ends_with("_scale_inv") { 0 } else { 4 * numel(ckpt, n) };
+            main_weights(ckpt, bytes) + if ckpt.tied_head() { bytes(ckpt.head_name()) } else { 0 }
+        }
+    }
+}
+
+/// What a device pass uploads of the main model's weights (`DeviceModel::new`): every matrix but
+/// the embeddings through `upload_weight` (bf16 and FP8 codes as stored, with FP8's scales as
+/// f32; an f32 one as f32, or rounded to bf16 for bf16 products; the router's gate, which the CPU
+/// model loads as f32, as an f32 one), and the rest (the embeddings, norms, the correction bias)
+/// as f32. The MTP layer is not uploaded (it runs on the CPU model).
+pub fn device_weights(ckpt: &Checkpoint, precision: crate::device::Precision) -> u64 {
+    let embed = "model.embed_tokens.weight";
+    let matrix = |n: &str| ckpt.shape(n).is_some_and(|s| s.len() >= 2) && n != embed && !n.ends_with("_scale_inv");
+    let stored = |n: &str| matches!(ckpt.dtype(n), Some(Dtype::BF16 | Dtype::F8_E4M3)) && !n.ends_with(".gate.weight");
+    // `kv_a_proj_with_mqa` is uploaded as its latent rows and its rope rows apart: FP8's scale row
+    // they share, where `kv_lora_rank` is no multiple of the block's rows, goes up twice.
+    let c = &ckpt.config;
+    let shared_scales = |n: &str| match (&c.fp8, ckpt.dtype(n)) {
+        (Some(q), Some(Dtype::F8_E4M3)) if n.ends_with("kv_a_proj_with_mqa.weight") => {
+            let split = q.block[0] > 0 && !c.kv_lora_rank.is_multiple_of(q.block[0]);
+            if split {
+                4 * c.hidden_size.div_ceil(q.block[1].max(1)) as u64
+            } else {
+                0
+            }
+        }
+        _ => 0,
     };
-    // A tied head is uploaded as a projection of its own, beside the embeddings.
-    let head = if ckpt.tied_head() { bytes(ckpt.head_name()) } else { 0 };
-    ckpt.names().filter(main).map(bytes).sum::<u64>() + head
+    let as_matrix = |n: &str| match precision {
+        _ if stored(n) => file_bytes(ckpt, n) + shared_scales(n),
+        crate::device::Precision::Bf16 => 2 * numel(ckpt, n),
+        crate::device::Precision::F32 => 4 * numel(ckpt, n),
+    };
+    // A tied head is uploaded as a matrix of its own (the embeddings as stored), beside the
+    // embeddings' f32 table.
+    let head = if ckpt.tied_head() { as_matrix(embed) } else { 0 };
+    main_weights(ckpt, |n| if matrix(n) { as_matrix(n) } else { 4 * numel(ckpt, n) }) + head
+}
+
+/// `bytes` summed over the main model's tensors (the MTP layer's left out).
+fn main_weights(ckpt: &Checkpoint, bytes: impl Fn(&str) -> u64) -> u64 {
+    let main = |n: &&str| crate::layout::layer_of(n).is_none_or(|i| i < ckpt.config.num_hidden_layers);
+    ckpt.names().filter(main).map(bytes).sum()
+}
+
+/// Refuses a `cuda` pass of `batch x seq` tokens whose weights ([`device_weights`]) and logits
+/// alone need more than GPU `free` bytes (of `total`): before minutes of uploads end in an
+/// allocation failure. The rest of the activations are not counted: a run that passes may still
+/// run out, and then the driver's error says so.
+pub fn check_device(
+    ckpt: &Checkpoint,
+    (batch, seq): (usize, usize),
+    target: Target,
+    (free, total): (u64, u64),
+) -> Result<()> {
+    let weights = device_weights(ckpt, target.precision);
+    // (Saturated: the token counts are the user's.)
+    let logits = [batch, seq, ckpt.config.vocab_size].iter().fold(4u64, |n, &d| n.saturating_mul(d as u64));
+    let need = weights.saturating_add(logits);
+    if need <= free {
+        return Ok(());
+    }
+    Err(Error::Device(format!(
+        "GPU {} has {} free of {}, and this run needs more: its weights alone take {} there and its logits {}; \
+         try a checkpoint of fewer layers, fewer tokens, or a GPU with more memory",
+        target.ordinal,
+        gb(free),
+        gb(total),
+        gb(weights),
+        gb(logits)
+    )))
 }
 
 pub(crate) fn gb(b: u64) -> String {
@@ -379,7 +442,11 @@ pub fn check_run(
     hint: &str,
 ) -> Result<()> {
     let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
-    check(&estimate_on(target, ckpt, (batch, seq), &all, recording), max, hint)
+    check(&estimate_on(target, ckpt, (batch, seq), &all, recording), max, hint)?;
+    match crate::device::gpu_memory(target)? {
+        Some(memory) => check_device(ckpt, (batch, seq), target, memory),
+        None => Ok(()),
+    }
 }
 
 /// What `generate` of `new` tokens after a `batch x prompt` prompt holds (`chunk` prompt
@@ -575,6 +642,24 @@ mod tests {
         let (plain, mtp) = (ckpt.config.cache_values_per_token(false).0, ckpt.config.cache_values_per_token(true).0);
         let c = &ckpt.config;
         assert_eq!(mtp - plain, c.kv_lora_rank + c.qk_rope_head_dim + c.index_head_dim);
+    }
+
+    /// A `cuda` run whose weights do not fit the GPU's free memory is refused with the numbers,
+    /// before anything is uploaded; one that fits passes. (The GPU's memory is given, not read:
+    /// the rule, checked without a GPU.)
+    #[test]
+    fn a_cuda_run_whose_weights_do_not_fit_the_gpu_is_refused() {
+        let ckpt = Checkpoint::open(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat")).unwrap();
+        let target = Target { backend: Backend::Cuda, ordinal: 1, precision: crate::device::Precision::F32 };
+        let (weights, logits) = (device_weights(&ckpt, target.precision), 4 * 32 * ckpt.config.vocab_size as u64);
+        assert!(check_device(&ckpt, (1, 32), target, (weights + logits, 1 << 40)).is_ok());
+        let err = check_device(&ckpt, (1, 32), target, (weights, 1 << 40)).unwrap_err().to_string();
+        assert!(
+            err.starts_with("cuda: GPU 1 has ") && err.contains(&format!("its weights alone take {}", gb(weights))),
+            "{err}"
+        );
+        // bf16 products round the f32 matrices to bf16 at upload: fewer bytes.
+        assert!(device_weights(&ckpt, crate::device::Precision::Bf16) < weights);
     }
 
     #[test]

@@ -88,6 +88,25 @@ fn the_device_forward_on_the_emulated_kernels_matches_every_golden_case_on_both_
     }
 }
 
+/// The weights the check before a `cuda` run counts (`memory::device_weights`) are the bytes the
+/// device model uploads, for every golden case (f32, bf16, fused experts, block-FP8, a tied or
+/// untied head, an MTP layer left on the CPU) in both precisions.
+#[test]
+fn the_device_weights_estimate_is_what_the_device_model_uploads() {
+    for case in common::GOLDEN_CASES {
+        let ckpt = glimpse::checkpoint::Checkpoint::open(&common::golden(case)).unwrap();
+        let model = glimpse::model::Model::load(&ckpt).unwrap();
+        for precision in [Precision::F32, Precision::Bf16] {
+            let ops = CudaOps::new(Gpu::emulated(), precision).unwrap();
+            let before = ops.gpu.uploaded();
+            let _device = glimpse::device::forward::DeviceModel::new(&ops, &model).unwrap();
+            let (uploaded, estimate) = (ops.gpu.uploaded() - before, glimpse::memory::device_weights(&ckpt, precision));
+            println!("{case} {precision:?}: uploaded {uploaded}, estimated {estimate}");
+            assert_eq!(uploaded, estimate, "{case} {precision:?}");
+        }
+    }
+}
+
 /// Launchers refuse what a kernel would read out of bounds, before anything runs.
 #[test]
 fn a_launch_with_a_short_buffer_is_refused() {

@@ -30,6 +30,9 @@ pub struct Gpu {
     /// library names): machine code from an NVRTC newer than the driver does not load.
     pub versions: String,
     engine: Engine,
+    /// Bytes copied to the device by [`Gpu::upload`] so far: a device model's weights are all
+    /// uploaded so (`memory::device_weights` estimates them before a run).
+    uploaded: std::sync::atomic::AtomicU64,
 }
 
 /// The kernels given the device's whole opt-in shared memory.
@@ -264,7 +267,7 @@ impl Gpu {
             }
         }
         let engine = Engine::Cuda { stream: ctx.default_stream(), ctx, functions };
-        Ok(Gpu { name, arch, shared_limit, allocation, versions, engine })
+        Ok(Gpu { name, arch, shared_limit, allocation, versions, engine, uploaded: Default::default() })
     }
 
     /// The device, its architecture, the shared memory a block may take and how memory is
@@ -283,6 +286,14 @@ impl Gpu {
         Gpu::emulated_in(Schedule::Lockstep)
     }
 
+    /// (free, total) bytes of GPU `ordinal`'s memory, without compiling the kernels (the check
+    /// before a run uploads its weights).
+    pub fn free_memory(ordinal: usize) -> Result<(usize, usize)> {
+        probe(&[Lib::Driver])?;
+        let ctx = CudaContext::new(ordinal).map_err(driver("open the device"))?;
+        ctx.mem_get_info().map_err(driver("read the memory use"))
+    }
+
     /// The host emulation, running blocks and threads in `schedule`'s order.
     pub fn emulated_in(schedule: Schedule) -> Gpu {
         Gpu {
@@ -295,6 +306,7 @@ impl Gpu {
             allocation: "host vectors".into(),
             versions: "no driver or NVRTC".into(),
             engine: Engine::Emulated(schedule),
+            uploaded: Default::default(),
         }
     }
 
@@ -307,6 +319,8 @@ impl Gpu {
     }
 
     pub fn upload<T: DeviceRepr + Clone>(&self, v: &[T]) -> Result<Buf<T>> {
+        let bytes = std::mem::size_of_val(v) as u64;
+        self.uploaded.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         match &self.engine {
             Engine::Cuda { stream, .. } => Ok(Buf::Device(stream.clone_htod(v).map_err(driver("copy to the device"))?)),
             Engine::Emulated(_) => Ok(Buf::Host(v.to_vec())),
@@ -719,6 +733,11 @@ impl Gpu {
         fits("bf16_round", &[(x.len(), start + n), (out.len(), n)])?;
         let (start64, n64) = (start as i64, n as i64);
         launch!(self, "bf16_round", cfg(n, 256, 0), [x, &start64, out, &n64])
+    }
+
+    /// Bytes copied to the device by [`Gpu::upload`] so far.
+    pub fn uploaded(&self) -> u64 {
+        self.uploaded.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// (free, total) bytes of device memory; None for the emulation.

@@ -169,6 +169,18 @@ pub(crate) fn cuda_ops(target: Target) -> Result<crate::cuda::ops::CudaOps> {
     crate::cuda::ops::CudaOps::new(gpu, target.precision)
 }
 
+/// (free, total) bytes of the GPU a `cuda` target runs on; None for every other target, and in a
+/// build without the `cuda` feature (whose run then says so).
+pub fn gpu_memory(target: Target) -> Result<Option<(u64, u64)>> {
+    #[cfg(feature = "cuda")]
+    if target.backend == Backend::Cuda {
+        let (free, total) = crate::cuda::gpu::Gpu::free_memory(target.ordinal)?;
+        return Ok(Some((free as u64, total as u64)));
+    }
+    let _ = target;
+    Ok(None)
+}
+
 /// What asking for the GPU says in a build without the `cuda` feature.
 #[cfg(not(feature = "cuda"))]
 pub(crate) fn no_cuda() -> crate::error::Error {
