@@ -1,6 +1,6 @@
 //! Progress of long work on stderr: the layer of a forward pass in progress, for the commands
 //! that ask for it (`run`, `verify`), the prompt of an `audit` in progress, and `diff`'s reruns of
-//! an attention (`reading::rerun`). On a terminal, one
+//! an attention (`reading::rerun`) and its reads past rounding (`diff::past`). On a terminal, one
 //! line once the work has taken two seconds; in a log (CI, `nohup`), a line at most every ten
 //! seconds. A GLM-5 prefill on a CPU spends minutes a layer, and said nothing between loading and
 //! its result. Quick runs (the golden cases) print nothing.
@@ -31,6 +31,8 @@ enum Unit {
     Prompt(usize),
     /// Reruns 1 to `.1` of layer `.0`'s attention or indexer (`.2`).
     Rerun(usize, usize, &'static str),
+    /// Divergences 1 to this, read on ours's own inputs past rounding (`diff::past`).
+    OwnRead(usize),
 }
 
 /// One pass over a window of layers, or one audit's prompts.
@@ -60,6 +62,12 @@ impl Steps {
         Steps::of(Unit::Rerun(layer, total, part.label()), ENABLED.load(Ordering::Relaxed))
     }
 
+    /// `diff`'s divergences 1 to `total`, read on ours's own inputs past what rounding explains
+    /// (shown once [`enable`] was called: a GLM-5 port's every layer may be read).
+    pub fn own_reads(total: usize) -> Steps {
+        Steps::of(Unit::OwnRead(total), ENABLED.load(Ordering::Relaxed))
+    }
+
     fn of(unit: Unit, enabled: bool) -> Steps {
         let now = Instant::now();
         Steps { unit, start: now, last_line: now, terminal: std::io::stderr().is_terminal(), enabled, shown: false }
@@ -78,6 +86,7 @@ impl Steps {
             Unit::Layer(first, last) => format!("layer {i} of {first}..={last}"),
             Unit::Prompt(total) => format!("audit: prompt {i} of {total}"),
             Unit::Rerun(layer, total, part) => format!("diff: rerun {i} of {total} of layer {layer}'s {part}"),
+            Unit::OwnRead(total) => format!("diff: past rounding, reading divergence {i} of {total} on ours's inputs"),
         };
         let elapsed = now.duration_since(self.start);
         let secs = elapsed.as_secs_f64();

@@ -142,7 +142,9 @@ fn own_read(
     opts: &DiffOptions,
 ) -> Result<Option<(String, Notes)>> {
     let mut moe_rerun = true;
-    for c in after {
+    let mut progress = crate::progress::Steps::own_reads(after.len());
+    for (n, c) in after.iter().enumerate() {
+        progress.step(n + 1);
         let read = match Own::of(c, opts) {
             Some(Own::Routing | Own::Latent) => true,
             Some(Own::MoeOut) => std::mem::replace(&mut moe_rerun, false),

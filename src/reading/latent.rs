@@ -24,7 +24,7 @@ use crate::hooks::{HookPoint, LayerHook};
 use crate::model::nn::{Linear, RmsNorm};
 
 /// Tokens rerun at most: the latent is made token by token.
-const TOKENS: usize = 256;
+const TOKENS: usize = 64;
 
 /// How ours's latent was normalised, where not as the checkpoint's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
