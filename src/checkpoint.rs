@@ -23,6 +23,7 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 /// was left half written (synth killed), its shards possibly of two runs.
 pub const SYNTH_UNFINISHED: &str = ".glimpse-synth-unfinished";
 
+/// (Debug: its folder and how many tensors it holds, not their headers.)
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub config: Config,
@@ -36,6 +37,12 @@ pub struct Checkpoint {
     pub absent_shards: Vec<String>,
     /// The tensors the index maps to them.
     absent_names: BTreeSet<String>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Checkpoint({}, {} tensors)", self.dir.display(), self.names.len())
+    }
 }
 
 impl Checkpoint {

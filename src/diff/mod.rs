@@ -31,8 +31,9 @@ pub struct DiffOptions {
     /// Its config (`diff --model`): a shared-indexer layer's DSA flips take the margins of the
     /// full layer whose keys it reuses.
     pub config: Option<Config>,
-    /// Its folder (`diff --model`), for readings that run one of its blocks (the shared expert).
-    pub model: Option<std::path::PathBuf>,
+    /// The checkpoint itself (`diff --model`), opened once for the readings that rerun one of its
+    /// blocks (an attention, a latent's norm, a MoE layer).
+    pub checkpoint: Option<std::sync::Arc<crate::checkpoint::Checkpoint>>,
 }
 
 impl Default for DiffOptions {
@@ -44,7 +45,7 @@ impl Default for DiffOptions {
             near_tie,
             routers: None,
             config: None,
-            model: None,
+            checkpoint: None,
         }
     }
 }
@@ -398,7 +399,7 @@ fn notes_from(
     notes.not_reused = opts.config.as_ref().and_then(|config| Notes::not_reused(a, b, name, config));
     notes.unbiased_ties = UnbiasedTies::of(a, b, c, opts);
     notes.bias_left_out = BiasLeftOut::of(a, b, name, opts);
-    notes.rerun = opts.model.as_deref().and_then(|m| Rerun::of(a, b, name, m, opts.tol_for(name)));
+    notes.rerun = opts.checkpoint.as_deref().and_then(|m| Rerun::of(a, b, name, m, opts.tol_for(name)));
     notes
 }
 

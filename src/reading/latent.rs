@@ -11,8 +11,6 @@
 //! explains ours (within the tolerance, its error against ours under 1/200 of the checkpoint's
 //! rerun's, and no other nearly as close).
 
-use std::path::Path;
-
 use candle_core::{Device, Tensor, D};
 
 use super::rerun::{pick, Output};
@@ -119,9 +117,8 @@ impl LatentNorm {
     /// `model`: the norm whose rerun on ours's `input_norm` explains ours's latent within `tol`.
     /// None where none does, where the dumps lack `input_norm`, or where the checkpoint's own
     /// rerun does not give the reference's.
-    pub(crate) fn of(a: &Dump, b: &Dump, name: &str, model: &Path, tol: Tolerance) -> Option<(LatentNorm, Latent)> {
+    pub(crate) fn of(a: &Dump, b: &Dump, name: &str, ckpt: &Checkpoint, tol: Tolerance) -> Option<(LatentNorm, Latent)> {
         let (i, latent) = Latent::of(name)?;
-        let ckpt = Checkpoint::open(model).ok()?;
         let c = &ckpt.config;
         let (proj, norm) = latent.keys();
         let p = format!("model.layers.{i}.self_attn");
@@ -129,7 +126,7 @@ impl LatentNorm {
             Latent::Q => (c.q_lora_rank, c.q_lora_rank),
             Latent::Kv => (c.kv_a_dim(), c.kv_lora_rank),
         };
-        let mut loader = Loader::new(&ckpt);
+        let mut loader = Loader::new(ckpt);
         let proj = Linear::load(&mut loader, &format!("{p}.{proj}"), out, c.hidden_size, c.attention_bias);
         // (The reference builds both latent norms with the RMSNorm default eps, as `mla` does.)
         let norm = RmsNorm::load(&mut loader, &format!("{p}.{norm}"), width, 1e-6);

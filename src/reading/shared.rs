@@ -10,8 +10,6 @@
 //! and a variant is named only where it explains ours: within the tolerance, and its error against
 //! ours under 1/200 of the checkpoint's rerun's.
 
-use std::path::Path;
-
 use candle_core::{Device, Tensor};
 
 use super::rerun::{pick, Output};
@@ -113,14 +111,13 @@ impl SharedExpert {
     /// (`a`) did with the shared expert, within `tol` (or off it by rounding's tail alone). None
     /// where it is neither, where the dumps lack `post_attn_norm`, or where the checkpoint's rerun
     /// is not the reference's (`b`).
-    pub(crate) fn of(a: &Dump, b: &Dump, name: &str, model: &Path, tol: Tolerance) -> Option<SharedExpert> {
+    pub(crate) fn of(a: &Dump, b: &Dump, name: &str, ckpt: &Checkpoint, tol: Tolerance) -> Option<SharedExpert> {
         let Some(HookPoint::Layer(i, LayerHook::MlpOut)) = HookPoint::parse(name) else { return None };
-        let ckpt = Checkpoint::open(model).ok()?;
         let c = &ckpt.config;
         if c.mlp_layer_types.get(i) != Some(&MlpKind::Moe) {
             return None;
         }
-        let mut loader = Loader::new(&ckpt);
+        let mut loader = Loader::new(ckpt);
         let moe = Moe::load(&mut loader, c, i);
         let moe = loader.finish(moe).ok()?;
         let ((ours, recorded_routing), (reference, _)) = (Side::read(a, i, &moe)?, Side::read(b, i, &moe)?);

@@ -61,10 +61,10 @@ pub fn open(o: &Open) -> Result<DumpSource> {
                 None => format!("{} (no reference: nothing compared)", path.display()),
             };
             // The checkpoint the dump ran, when given: its routers and config class the flips.
-            let ckpt = model.map(Checkpoint::open).transpose()?;
+            let ckpt = model.map(Checkpoint::open).transpose()?.map(std::sync::Arc::new);
             if let Some(c) = &ckpt {
                 (opts.routers, opts.config) = (Some(Routers::read(c)?), Some(c.config.clone()));
-                opts.model = model.map(Path::to_path_buf);
+                opts.checkpoint = Some(c.clone());
             }
             let ours = Dump::open(path)?;
             // Another model's shapes would label its layers and class its flips with that model's
@@ -108,7 +108,7 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     let mut golden =
         golden.map(Path::to_path_buf).or_else(|| Some(target.precision.reference_in(dir)).filter(|p| p.is_file()));
     let mut reference = golden.as_deref().map(Dump::open).transpose()?;
-    let ckpt = Checkpoint::open(dir)?;
+    let ckpt = std::sync::Arc::new(Checkpoint::open(dir)?);
     let tokens = match (tokens, prompt, &reference) {
         (Some(t), _, _) => Tokens::parse(t).context(|| "--tokens".into())?,
         (_, Some(p), _) => crate::tokenizer::encode(dir, p)?,
@@ -183,6 +183,6 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     // The routers recompute the reference's routing margins from its gate logits.
     opts.routers = Some(Routers::of_layers(&model.config, &model.layers));
     opts.config = Some(ckpt.config.clone());
-    opts.model = Some(dir.to_path_buf());
+    opts.checkpoint = Some(ckpt.clone());
     DumpSource::new(title, ours, reference, &opts)
 }

@@ -22,8 +22,6 @@ mod variants;
 
 pub use variants::{ScaleDim, Variant};
 
-use std::path::Path;
-
 use candle_core::{Device, Tensor};
 
 use crate::checkpoint::{Checkpoint, Loader};
@@ -153,13 +151,12 @@ impl Rerun {
     /// `dsa.scores` or `dsa.topk` (where it is computed, a full indexer layer's); the variant
     /// whose rerun on ours's input explains ours's within `tol`. None where none does, where the
     /// dumps lack `input_norm`, or where the checkpoint's own rerun does not give the reference's.
-    pub(crate) fn of(a: &Dump, b: &Dump, name: &str, model: &Path, tol: Tolerance) -> Option<Rerun> {
+    pub(crate) fn of(a: &Dump, b: &Dump, name: &str, ckpt: &Checkpoint, tol: Tolerance) -> Option<Rerun> {
         let (i, part) = match HookPoint::parse(name)? {
             HookPoint::Layer(i, LayerHook::AttnOut) => (i, Part::Attention),
             HookPoint::Layer(i, LayerHook::DsaScores | LayerHook::DsaTopk) => (i, Part::Indexer),
             _ => return None,
         };
-        let ckpt = Checkpoint::open(model).ok()?;
         let c = &ckpt.config;
         if part == Part::Indexer && c.indexer_source(i) != i {
             return None; // a shared layer's selection is another layer's (`Notes::not_reused`)
@@ -171,7 +168,7 @@ impl Rerun {
         if x[1].dims3().ok()?.1 != seq {
             return None;
         }
-        let mut loader = Loader::new(&ckpt);
+        let mut loader = Loader::new(ckpt);
         let attention = Attention::load(&mut loader, c, i);
         let attention = loader.finish(attention).ok()?;
         let checkpoint_scale = attention.scale;
