@@ -376,7 +376,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let routers = ckpt.as_ref().map(glimpse::model::moe::Routers::read).transpose()?;
             let config = ckpt.as_ref().map(|c| c.config.clone());
             let checkpoint = ckpt.map(std::sync::Arc::new);
-            let opts = diff::DiffOptions { tol: Tolerance { atol, rtol }, per_name, near_tie, routers, config, checkpoint };
+            let opts =
+                diff::DiffOptions { tol: Tolerance { atol, rtol }, per_name, near_tie, routers, config, checkpoint };
             let report = diff::diff(&da, &db, &opts)?;
             warnings.into_iter().for_each(|w| warn(Some(w)));
             diff::tol_warnings(&opts.per_name, &report.results).into_iter().for_each(|w| warn(Some(w)));

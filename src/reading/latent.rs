@@ -113,11 +113,17 @@ impl Block {
 }
 
 impl LatentNorm {
-    /// For `name`, a `layers.{i}.attn.q_latent` or `attn.kv_latent`, with the checkpoint in
-    /// `model`: the norm whose rerun on ours's `input_norm` explains ours's latent within `tol`.
+    /// For `name`, a `layers.{i}.attn.q_latent` or `attn.kv_latent`, with the checkpoint
+    /// `ckpt`: the norm whose rerun on ours's `input_norm` explains ours's latent within `tol`.
     /// None where none does, where the dumps lack `input_norm`, or where the checkpoint's own
     /// rerun does not give the reference's.
-    pub(crate) fn of(a: &Dump, b: &Dump, name: &str, ckpt: &Checkpoint, tol: Tolerance) -> Option<(LatentNorm, Latent)> {
+    pub(crate) fn of(
+        a: &Dump,
+        b: &Dump,
+        name: &str,
+        ckpt: &Checkpoint,
+        tol: Tolerance,
+    ) -> Option<(LatentNorm, Latent)> {
         let (i, latent) = Latent::of(name)?;
         let c = &ckpt.config;
         let (proj, norm) = latent.keys();

@@ -107,7 +107,7 @@ fn plus(routed: &[f32], shared: &[f32], times: f32) -> Output {
 }
 
 impl SharedExpert {
-    /// For `name` = `layers.{i}.mlp.out` of a MoE layer of the checkpoint in `model`: what ours
+    /// For `name` = `layers.{i}.mlp.out` of a MoE layer of the checkpoint `ckpt`: what ours
     /// (`a`) did with the shared expert, within `tol` (or off it by rounding's tail alone). None
     /// where it is neither, where the dumps lack `post_attn_norm`, or where the checkpoint's rerun
     /// is not the reference's (`b`).

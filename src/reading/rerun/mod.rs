@@ -147,7 +147,7 @@ impl Output {
 }
 
 impl Rerun {
-    /// For `name`, the first divergence, with the checkpoint in `model`: `layers.{i}.attn.out`,
+    /// For `name`, the first divergence, with the checkpoint `ckpt`: `layers.{i}.attn.out`,
     /// `dsa.scores` or `dsa.topk` (where it is computed, a full indexer layer's); the variant
     /// whose rerun on ours's input explains ours's within `tol`. None where none does, where the
     /// dumps lack `input_norm`, or where the checkpoint's own rerun does not give the reference's.
