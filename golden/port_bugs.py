@@ -283,9 +283,26 @@ PORTS = [
     ),
 ]
 
+@contextlib.contextmanager
+def shared_expert_times_1_95(model, mtp):
+    """No port's bug: every MoE layer's shared expert output times 1.95, near (not) twice. A
+    control: `diff` must not name the shared expert added twice."""
+    for layer in model.model.layers:
+        if isinstance(layer.mlp, glm.GlmMoeDsaMoE):
+            shared = layer.mlp.shared_experts
+            shared.forward = lambda x, forward=shared.forward: 1.95 * forward(x)
+    yield
+
+
 # Dumps of no port's bug: `diff` must name nothing for them.
 CONTROLS = [
     ("flat", "control-scale-x1.2.safetensors", "the softmax scale times 1.2 (a control, no port's bug)", scale_times_1_2),
+    (
+        "flat",
+        "control-shared-x1.95.safetensors",
+        "the shared expert's output times 1.95 (a control, no port's bug)",
+        shared_expert_times_1_95,
+    ),
 ]
 
 

@@ -226,6 +226,33 @@ fn a_mlp_out_recorded_before_the_shared_expert_is_read_as_the_hooks_place() {
     assert!(code == 1 && text.contains(read), "{text}");
 }
 
+/// transformers with every shared expert's output times 1.95 (no port's bug, near twice): its MoE
+/// output gets no shared-expert reading at any tolerance, where the port that adds it twice
+/// would (the best-fitting share of the shared expert is 1.95, not 2).
+#[test]
+fn a_shared_expert_near_twice_is_not_read_as_twice() {
+    let dir = golden("flat");
+    let control = s(&dir.join("control-shared-x1.95.safetensors"));
+    for tol in ["1e-4", "2e-2", "5e-2", "1e-1"] {
+        let args = [
+            "diff",
+            &control,
+            &s(&dir.join("reference.safetensors")),
+            "--model",
+            &s(&dir),
+            "--atol",
+            tol,
+            "--rtol",
+            tol,
+        ];
+        let (code, text) = code_and_text(&args);
+        assert!(
+            code == 1 && text.contains("first divergence: layers.2.mlp.out\n") && !text.contains("shared expert"),
+            "{tol}: {text}"
+        );
+    }
+}
+
 /// `verify --isolate` of a port whose bug every layer (or every MoE layer) runs says that each
 /// layer, on the reference's input, first parts at the same hook point; one layer off alone gets
 /// no such line.
