@@ -532,7 +532,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// `verify::show`, then, where a tensor did not match, how to have its first mismatch read: the
-/// readings are `diff`'s, of two dumps (verify keeps no tensor of its run).
+/// readings are `diff`'s, of two dumps (verify keeps no tensor of its run). The reference is
+/// `diff`'s "ours" there, and glimpse's run its reference: `diff --model` reads what a dump does
+/// otherwise than the checkpoint, and glimpse's run is the checkpoint's (a port's dump given as
+/// the reference gets its bug named; the other way round, the readings' check that the reference
+/// is the checkpoint's would refuse it).
 fn show_verify(
     json: bool,
     header: &str,
@@ -544,8 +548,8 @@ fn show_verify(
     let passed = verify::show(json, header, reference, reports, opts);
     if !passed && !json && reports.0.first_mismatch().is_some() {
         println!(
-            "(a reading of the first mismatch: glimpse run --model {m} --tokens-from {g} --dump OURS.safetensors, \
-             then glimpse diff OURS.safetensors {g} --model {m})",
+            "(a reading of the first mismatch: glimpse run --model {m} --tokens-from {g} --dump GLIMPSE.safetensors, \
+             then glimpse diff {g} GLIMPSE.safetensors --model {m})",
             m = model.display(),
             g = golden.display()
         );

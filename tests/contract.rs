@@ -150,7 +150,7 @@ fn a_dump_of_f16_values_gets_a_note_on_f16_rounding() {
     let ours = s(&tmp.path().join("ours.safetensors"));
     for command in hint.trim_end_matches(')').split(", then ") {
         let args: Vec<String> =
-            command.replace("OURS.safetensors", &ours).split(' ').skip(1).map(String::from).collect();
+            command.replace("GLIMPSE.safetensors", &ours).split(' ').skip(1).map(String::from).collect();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (code, out) = code_and_text(&args);
         assert!(code == 0 || (code == 1 && args[0] == "diff"), "{command}: {out}");

@@ -253,6 +253,28 @@ fn a_shared_expert_near_twice_is_not_read_as_twice() {
     }
 }
 
+/// `verify --golden PORT` says how to have its first mismatch read, and those commands, run as
+/// written, name the port's bug: the port's dump is `diff`'s ours, glimpse's run its reference.
+#[test]
+fn verifys_hint_has_a_ports_bug_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = golden("flat");
+    let port = s(&dir.join("port-no-scaling.safetensors"));
+    let (code, out) = code_and_text(&["verify", "--model", &s(&dir), "--golden", &port]);
+    let hint = out.lines().find_map(|l| l.strip_prefix("(a reading of the first mismatch: "));
+    let hint = hint.unwrap_or_else(|| panic!("{code}: {out}")).trim_end_matches(')');
+    let glimpse = s(&tmp.path().join("glimpse.safetensors"));
+    let mut last = String::new();
+    for command in hint.split(", then ") {
+        let args: Vec<String> =
+            command.replace("GLIMPSE.safetensors", &glimpse).split(' ').skip(1).map(String::from).collect();
+        last = code_and_text(&args.iter().map(String::as_str).collect::<Vec<_>>()).1;
+    }
+    let read = "first divergence: layers.2.moe.topk_weights (ours's weights are its gate's scores without \
+                routed_scaling_factor)";
+    assert!(last.contains(read), "{hint}\n{last}");
+}
+
 /// `verify --isolate` of a port whose bug every layer (or every MoE layer) runs says that each
 /// layer, on the reference's input, first parts at the same hook point; one layer off alone gets
 /// no such line.
