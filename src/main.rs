@@ -536,7 +536,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
 /// `diff`'s "ours" there, and glimpse's run its reference: `diff --model` reads what a dump does
 /// otherwise than the checkpoint, and glimpse's run is the checkpoint's (a port's dump given as
 /// the reference gets its bug named; the other way round, the readings' check that the reference
-/// is the checkpoint's would refuse it).
+/// is the checkpoint's would refuse it). The run records the MTP head where the reference holds
+/// it, and the diff compares at verify's tolerances.
 fn show_verify(
     json: bool,
     header: &str,
@@ -547,9 +548,20 @@ fn show_verify(
 ) -> ExitCode {
     let passed = verify::show(json, header, reference, reports, opts);
     if !passed && !json && reports.0.first_mismatch().is_some() {
+        let mtp = if verify::has_mtp(reference) { " --mtp" } else { "" };
+        let mut tolerances = String::new();
+        if opts.tol != Tolerance::default() {
+            tolerances += &format!(" --atol {:e} --rtol {:e}", opts.tol.atol, opts.tol.rtol);
+        }
+        if let Some(m) = opts.near_tie {
+            tolerances += &format!(" --near-tie {m:e}");
+        }
+        for (pattern, t) in &opts.per_name {
+            tolerances += &format!(" --tol '{pattern}={:e},{:e}'", t.atol, t.rtol);
+        }
         println!(
-            "(a reading of the first mismatch: glimpse run --model {m} --tokens-from {g} --dump GLIMPSE.safetensors, \
-             then glimpse diff {g} GLIMPSE.safetensors --model {m})",
+            "(a reading of the first mismatch: glimpse run --model {m} --tokens-from {g}{mtp} --dump GLIMPSE.safetensors, \
+             then glimpse diff {g} GLIMPSE.safetensors --model {m}{tolerances})",
             m = model.display(),
             g = golden.display()
         );

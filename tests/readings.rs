@@ -254,25 +254,40 @@ fn a_shared_expert_near_twice_is_not_read_as_twice() {
 }
 
 /// `verify --golden PORT` says how to have its first mismatch read, and those commands, run as
-/// written, name the port's bug: the port's dump is `diff`'s ours, glimpse's run its reference.
+/// written, name the port's bug: the port's dump is `diff`'s ours, glimpse's run its reference,
+/// at verify's tolerance (a bf16 port's), with the MTP head where the port's dump holds it.
 #[test]
 fn verifys_hint_has_a_ports_bug_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = golden("flat");
-    let port = s(&dir.join("port-no-scaling.safetensors"));
-    let (code, out) = code_and_text(&["verify", "--model", &s(&dir), "--golden", &port]);
-    let hint = out.lines().find_map(|l| l.strip_prefix("(a reading of the first mismatch: "));
-    let hint = hint.unwrap_or_else(|| panic!("{code}: {out}")).trim_end_matches(')');
-    let glimpse = s(&tmp.path().join("glimpse.safetensors"));
-    let mut last = String::new();
-    for command in hint.split(", then ") {
-        let args: Vec<String> =
-            command.replace("GLIMPSE.safetensors", &glimpse).split(' ').skip(1).map(String::from).collect();
-        last = code_and_text(&args.iter().map(String::as_str).collect::<Vec<_>>()).1;
+    for (case, port, tol, read) in [
+        (
+            "flat",
+            "port-no-scaling",
+            &[][..],
+            "layers.2.moe.topk_weights (ours's weights are its gate's scores without routed_scaling_factor)",
+        ),
+        (
+            "flat",
+            "port-no-bias-bf16",
+            &["--atol", "2e-2", "--rtol", "2e-2"][..],
+            "layers.2.moe.topk_ids (ours chooses every token's experts by the unbiased scores",
+        ),
+        ("mtp", "port-mtp-prenorm", &[][..], "mtp.input_hidden (ours feeds the MTP head layers.2.output"),
+    ] {
+        let (dir, port) = (s(&golden(case)), s(&golden(case).join(format!("{port}.safetensors"))));
+        let args = [&["verify", "--model", &dir, "--golden", &port][..], tol].concat();
+        let (code, out) = code_and_text(&args);
+        let hint = out.lines().find_map(|l| l.strip_prefix("(a reading of the first mismatch: "));
+        let hint = hint.unwrap_or_else(|| panic!("{port} {code}: {out}")).trim_end_matches(')');
+        let glimpse = s(&tmp.path().join("glimpse.safetensors"));
+        let mut last = String::new();
+        for command in hint.split(", then ") {
+            let command = command.replace("GLIMPSE.safetensors", &glimpse);
+            let args: Vec<&str> = command.split(' ').skip(1).collect();
+            last = code_and_text(&args).1;
+        }
+        assert!(last.contains(read), "{port}: want {read}\n{hint}\n{last}");
     }
-    let read = "first divergence: layers.2.moe.topk_weights (ours's weights are its gate's scores without \
-                routed_scaling_factor)";
-    assert!(last.contains(read), "{hint}\n{last}");
 }
 
 /// `verify --isolate` of a port whose bug every layer (or every MoE layer) runs says that each
