@@ -90,19 +90,46 @@ fn the_device_forward_on_the_emulated_kernels_matches_every_golden_case_on_both_
 
 /// The weights the check before a `cuda` run counts (`memory::device_weights`) are the bytes the
 /// device model uploads, for every golden case (f32, bf16, fused experts, block-FP8, a tied or
-/// untied head, an MTP layer left on the CPU) in both precisions.
+/// untied head, an MTP layer left on the CPU) and for synthesised FP8 checkpoints whose
+/// `kv_lora_rank` is and is not a multiple of the block (the split of `kv_a_proj_with_mqa`), in
+/// both precisions.
 #[test]
 fn the_device_weights_estimate_is_what_the_device_model_uploads() {
-    for case in common::GOLDEN_CASES {
-        let ckpt = glimpse::checkpoint::Checkpoint::open(&common::golden(case)).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut dirs: Vec<std::path::PathBuf> = common::GOLDEN_CASES.iter().map(|c| common::golden(c)).collect();
+    for kv_lora_rank in [256, 200] {
+        let mut config = glimpse::synth::preset_glm5();
+        let small =
+            [("hidden_size", 256), ("q_lora_rank", 128), ("num_attention_heads", 2), ("moe_intermediate_size", 64)];
+        for (key, value) in small.into_iter().chain([("kv_lora_rank", kv_lora_rank), ("intermediate_size", 192)]) {
+            config[key] = value.into();
+        }
+        let out = tmp.path().join(format!("kv{kv_lora_rank}"));
+        let opts = glimpse::synth::SynthOptions {
+            config,
+            layers: Some(2),
+            dense: Some(1),
+            experts: Some(4),
+            vocab: Some(64),
+            dtype: glimpse::synth::SynthDtype::Fp8,
+            shards: 1,
+            mtp: false,
+            seed: 1,
+            out: out.clone(),
+        };
+        glimpse::synth::synth(&opts).unwrap();
+        dirs.push(out);
+    }
+    for dir in dirs {
+        let ckpt = glimpse::checkpoint::Checkpoint::open(&dir).unwrap();
         let model = glimpse::model::Model::load(&ckpt).unwrap();
         for precision in [Precision::F32, Precision::Bf16] {
             let ops = CudaOps::new(Gpu::emulated(), precision).unwrap();
             let before = ops.gpu.uploaded();
             let _device = glimpse::device::forward::DeviceModel::new(&ops, &model).unwrap();
             let (uploaded, estimate) = (ops.gpu.uploaded() - before, glimpse::memory::device_weights(&ckpt, precision));
-            println!("{case} {precision:?}: uploaded {uploaded}, estimated {estimate}");
-            assert_eq!(uploaded, estimate, "{case} {precision:?}");
+            println!("{} {precision:?}: uploaded {uploaded}, estimated {estimate}", dir.display());
+            assert_eq!(uploaded, estimate, "{} {precision:?}", dir.display());
         }
     }
 }

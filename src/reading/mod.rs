@@ -576,7 +576,7 @@ impl Notes {
         // (Rows that part at an onset, the earlier ones exact, are read by where it starts.)
         let row_scale = shape.last().filter(|_| onset.is_none()).and_then(|&w| RowScale::of(ours, reference, w));
         let ckpt = opts.checkpoint.as_deref();
-        let shared_expert = ckpt.and_then(|m| SharedExpert::of(a, b, name, m, opts.tol_for(name)));
+        let shared_expert = ckpt.and_then(|m| SharedExpert::of(a, b, name, m, |n| opts.tol_for(n)));
         let latent_norm = ckpt.and_then(|m| LatentNorm::of(a, b, name, m, opts.tol_for(name)));
         let leading = crate::compare::differing_positions(ours, reference, &shape, opts.tol_for(name))
             .map(|differing| Leading { differing, index_topk });

@@ -114,11 +114,18 @@ fn plus(routed: &[f32], shared: &[f32], times: f32) -> Output {
 
 impl SharedExpert {
     /// For `name` = `layers.{i}.mlp.out` of a MoE layer of the checkpoint `ckpt`: what ours
-    /// (`a`) did with the shared expert, within `tol` (or off it by rounding's tail alone). None
-    /// where it is neither, where the dumps lack `post_attn_norm`, or where the checkpoint's rerun
-    /// is not the reference's (`b`).
-    pub(crate) fn of(a: &Dump, b: &Dump, name: &str, ckpt: &Checkpoint, tol: Tolerance) -> Option<SharedExpert> {
+    /// (`a`) did with the shared expert, within its tolerance (`tol_for` a name; or off it by
+    /// rounding's tail alone). None where it is neither, where the dumps lack `post_attn_norm`,
+    /// or where the checkpoint's rerun is not the reference's (`b`).
+    pub(crate) fn of(
+        a: &Dump,
+        b: &Dump,
+        name: &str,
+        ckpt: &Checkpoint,
+        tol_for: impl Fn(&str) -> Tolerance,
+    ) -> Option<SharedExpert> {
         let Some(HookPoint::Layer(i, LayerHook::MlpOut)) = HookPoint::parse(name) else { return None };
+        let tol = tol_for(name);
         let c = &ckpt.config;
         if c.mlp_layer_types.get(i) != Some(&MlpKind::Moe) {
             return None;
@@ -132,22 +139,18 @@ impl SharedExpert {
             return None;
         }
         let [routed, shared] = ours.rerun(&moe)?;
+        // The shared expert's share of ours that fits best (least squares): a variant is its own
+        // count of shared experts, 0 or 2, not a scale near it (a shared expert times 1.95 is no
+        // port's bug, and is close enough to twice to pass the error's test).
+        let (dot, norm) = (ours.out.iter().zip(&routed).zip(&shared))
+            .fold((0f64, 0f64), |(d, n), ((&o, &r), &s)| (d + (o - r) as f64 * s as f64, n + s as f64 * s as f64));
+        let fitted = dot / norm.max(f64::MIN_POSITIVE);
         let (ours, checkpoint) = (Output::Floats(ours.out), plus(&routed, &shared, 1.0));
         let unexplained = ours.distance(&checkpoint);
         if unexplained == 0.0 {
             return None;
         }
         let hidden = c.hidden_size;
-        // The shared expert's share of ours that fits best (least squares): a variant is its own
-        // count of shared experts, 0 or 2, not a scale near it (a shared expert times 1.95 is no
-        // port's bug, and is close enough to twice to pass the error's test).
-        let Output::Floats(o) = &ours else { return None };
-        let (dot, norm) = o
-            .iter()
-            .zip(&routed)
-            .zip(&shared)
-            .fold((0f64, 0f64), |(d, n), ((&o, &r), &s)| (d + (o - r) as f64 * s as f64, n + s as f64 * s as f64));
-        let fitted = dot / norm.max(f64::MIN_POSITIVE);
         let found = [(SharedKind::Missing, 0.0), (SharedKind::Twice, 2.0)].into_iter().filter_map(|(kind, times)| {
             let out = plus(&routed, &shared, times);
             let fits = (fitted - times as f64).abs() <= FITTED;
@@ -162,7 +165,7 @@ impl SharedExpert {
         let output = HookPoint::Layer(i, LayerHook::Output).name();
         let layer_matches = floats(a, &output)
             .zip(floats(b, &output))
-            .is_some_and(|(x, y)| Output::Floats(x).matches(&Output::Floats(y), tol, hidden));
+            .is_some_and(|(x, y)| Output::Floats(x).matches(&Output::Floats(y), tol_for(&output), hidden));
         let kind = match (kind, layer_matches) {
             (SharedKind::Missing, true) => SharedKind::RecordedBefore,
             (kind, _) => kind,
@@ -173,7 +176,7 @@ impl SharedExpert {
     pub(crate) fn reading(self) -> String {
         let routing = match self.recorded_routing {
             true => "ours's recorded experts and weights",
-            false => "the checkpoint's routing of that input, ours recording none",
+            false => "the checkpoint's routing of that input: ours's own routing is not recorded whole",
         };
         let rerun = format!("this layer's MoE rerun on its input (with {routing})");
         match self.kind {
