@@ -207,23 +207,35 @@ fn a_difference_no_variant_makes_is_not_read_as_one() {
 }
 
 /// A port that records `mlp.out` before adding the shared expert (the routed experts' sum of the
-/// port without it, in the reference's dump otherwise: the layer's output holds the shared
-/// expert) is read as where its hook sits, not as a missing shared expert.
+/// port without it, in every MoE layer of the reference's dump otherwise: the layers' outputs
+/// hold the shared expert) is read as where its hook sits, not as a missing shared expert, and a
+/// bug after it is read past those hooks (layer 4's routing weights scaled twice).
 #[test]
 fn a_mlp_out_recorded_before_the_shared_expert_is_read_as_the_hooks_place() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = golden("flat");
     let reference = dir.join("reference.safetensors");
     let routed = glimpse::dump::Dump::open(&dir.join("port-no-shared-expert.safetensors")).unwrap();
+    let rsf = config("flat", &["routed_scaling_factor"]) as f32;
     let ours = edit_dump(&reference, &tmp.path().join("hook.safetensors"), |t: &mut Vec<Named>| {
-        let (_, v, _) = t.iter_mut().find(|(n, _, _)| n == "layers.2.mlp.out").unwrap();
-        *v = routed.values("layers.2.mlp.out").unwrap().0;
+        for (name, v, _) in t.iter_mut() {
+            match name.as_str() {
+                "layers.2.mlp.out" | "layers.3.mlp.out" | "layers.4.mlp.out" => *v = routed.values(name).unwrap().0,
+                "layers.4.moe.topk_weights" => {
+                    let Values::F32(w) = v else { panic!("topk_weights is F32") };
+                    w.iter_mut().for_each(|x| *x *= rsf);
+                }
+                _ => {}
+            }
+        }
     });
     let (code, text) = code_and_text(&["diff", &s(&ours), &s(&reference), "--model", &s(&dir)]);
     let read = "first divergence: layers.2.mlp.out (ours is this layer's MoE rerun on its input (with ours's recorded \
                 experts and weights) without the shared expert, yet its layer output matches the reference's: ours \
                 records mlp.out before the shared expert is added";
-    assert!(code == 1 && text.contains(read), "{text}");
+    let past = "\n  past the mlp.out hooks placed before the shared expert, the first divergence: \
+                layers.4.moe.topk_weights (ours = 2.5000 x reference";
+    assert!(code == 1 && text.contains(read) && text.contains(past), "{text}");
 }
 
 /// transformers with every shared expert's output times 1.95 (no port's bug, near twice): its MoE

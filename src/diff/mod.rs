@@ -573,6 +573,9 @@ impl DiffReport {
         if let Some(p) = self.past_rounding_reading() {
             let (name, reading) = (&p.divergence.name, &p.reading);
             out += &match p.unread {
+                None if self.first_is_the_hooks_place() => {
+                    format!("\n  past the mlp.out hooks placed before the shared expert, the first divergence: {name} ({reading})")
+                }
                 None => format!("\n  past what rounding explains, the first divergence: {name} ({reading})"),
                 Some(first) => format!(
                     "\n  past what rounding explains, the first divergence: {first} (no reading: the port's own \
@@ -587,6 +590,14 @@ impl DiffReport {
 
     /// Whether the first divergence's reading is rounding's: every flip a near-tie, or rounding's
     /// tail (and no reading of a bug before it, such as a rerun's).
+    /// Whether the first divergence is a `mlp.out` recorded before the shared expert is added
+    /// (its layer's output matching): where the hook sits, not a bug, so what comes after it is
+    /// read as past rounding is.
+    pub(crate) fn first_is_the_hooks_place(&self) -> bool {
+        let recorded_before = |s: crate::reading::SharedExpert| s.kind == crate::reading::SharedKind::RecordedBefore;
+        self.first_divergence().is_some() && self.notes.shared_expert.is_some_and(recorded_before)
+    }
+
     pub(crate) fn first_reads_as_rounding(&self) -> bool {
         let Some(first) = self.first_divergence() else { return false };
         match &first.detail {

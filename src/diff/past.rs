@@ -87,17 +87,30 @@ impl Own {
 
 /// The first divergence past what rounding explains in `r`, and what its values say (and, where
 /// they say nothing, the first divergence after it read on ours's own inputs); None where the
-/// first divergence does not read as rounding ([`DiffReport::first_reads_as_rounding`]) or
-/// rounding explains every one.
+/// first divergence does not read as rounding ([`DiffReport::first_reads_as_rounding`]) or as
+/// where a hook sits ([`DiffReport::first_is_the_hooks_place`]), or they explain every one.
 pub(super) fn past_rounding(r: &DiffReport, a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<Option<Past>> {
-    if !r.first_reads_as_rounding() {
+    if !r.first_reads_as_rounding() && !r.first_is_the_hooks_place() {
         return Ok(None);
     }
+    // A MoE layer's mlp.out that differs while its layer's output matches: recorded before the
+    // shared expert is added (a port that keeps the routed and shared outputs apart), in every
+    // MoE layer where the first one was.
+    let output_matches = |c: &Comparison| match HookPoint::parse(&c.name) {
+        Some(HookPoint::Layer(i, LayerHook::MlpOut)) => {
+            let output = HookPoint::Layer(i, LayerHook::Output).name();
+            r.first_is_the_hooks_place() && r.results.iter().any(|o| o.name == output && o.ok)
+        }
+        _ => false,
+    };
     // (The run's positions per batch row: where routing's token rows sit.)
     let seq = b.shape("input_ids").or_else(|| a.shape("input_ids")).and_then(|s| s.get(1).copied());
     let mut flipped = Flipped::default();
     let diverging: Vec<&Comparison> = r.results.iter().filter(|c| !c.ok).collect();
     for (n, c) in diverging.iter().enumerate() {
+        if output_matches(c) {
+            continue;
+        }
         // Routing that reads as another rule on ours's own gate logits is no rounding's, however
         // its flips' margins class them (a loose tolerance's near-tie threshold takes in a
         // bias's whole effect).
