@@ -302,6 +302,27 @@ fn verifys_hint_has_a_ports_bug_named() {
     }
 }
 
+/// A first divergence with no reading (layer 0's attention output off by 3% from position 1, a
+/// factor no bug of the list makes, in the transformers port without the shared expert): the
+/// first divergence after it that reads as a bug on ours's own inputs is read.
+#[test]
+fn past_an_unread_first_divergence_a_bug_on_ours_own_inputs_is_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = golden("flat");
+    let port = dir.join("port-no-shared-expert.safetensors");
+    let ours = edit_dump(&port, &tmp.path().join("two.safetensors"), |t: &mut Vec<Named>| {
+        let (_, v, shape) = t.iter_mut().find(|(n, _, _)| n == "layers.0.attn.out").unwrap();
+        let Values::F32(x) = v else { panic!("attn.out is F32") };
+        x[shape[2]..].iter_mut().for_each(|e| *e *= 1.03);
+    });
+    let reference = s(&dir.join("reference.safetensors"));
+    let (code, text) = code_and_text(&["diff", &s(&ours), &reference, "--model", &s(&dir)]);
+    let read = "first divergence: layers.0.attn.out\n  position 0 matches and every later one differs";
+    let own = "\n  on ours's own inputs, the first divergence that reads as a bug: layers.2.mlp.out (ours is this \
+               layer's MoE rerun on its input (with ours's recorded experts and weights) without the shared expert";
+    assert!(code == 1 && text.contains(read) && text.contains(own), "{text}");
+}
+
 /// `verify --isolate` of a port whose bug every layer (or every MoE layer) runs says that each
 /// layer, on the reference's input, first parts at the same hook point; one layer off alone gets
 /// no such line.

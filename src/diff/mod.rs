@@ -359,7 +359,10 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
             false => [0, 1].map(|side| f16_only[side] && !bf16_only[side]),
         },
     };
-    report.past_rounding = past::past_rounding(&report, a, b, opts)?;
+    report.past_rounding = match past::past_rounding(&report, a, b, opts)? {
+        Some(past) => Some(past),
+        None => past::past_unread_first(&report, a, b, opts)?,
+    };
     Ok(report)
 }
 
@@ -573,6 +576,9 @@ impl DiffReport {
         if let Some(p) = self.past_rounding_reading() {
             let (name, reading) = (&p.divergence.name, &p.reading);
             out += &match p.unread {
+                Some(first) if first == c.name => {
+                    format!("\n  on ours's own inputs, the first divergence that reads as a bug: {name} ({reading})")
+                }
                 None if self.first_is_the_hooks_place() => {
                     format!("\n  past the mlp.out hooks placed before the shared expert, the first divergence: {name} ({reading})")
                 }

@@ -77,10 +77,10 @@ impl Own {
     /// `c`'s notes where they read as a bug on ours's own inputs.
     fn read(r: &DiffReport, a: &Dump, b: &Dump, c: &Comparison, opts: &DiffOptions) -> Result<Option<Notes>> {
         let notes = notes_of(a, b, c, opts)?;
-        let own = notes.weights_rule.is_some()
-            || notes.bias_left_out.is_some()
-            || notes.shared_expert.is_some()
-            || notes.latent_norm.is_some();
+        // (A mlp.out recorded before the shared expert is added is where a hook sits, no bug.)
+        let shared = notes.shared_expert.is_some_and(|s| s.kind != crate::reading::SharedKind::RecordedBefore);
+        let own =
+            notes.weights_rule.is_some() || notes.bias_left_out.is_some() || shared || notes.latent_norm.is_some();
         Ok((own && r.reading_with(c, &notes).is_some()).then_some(notes))
     }
 }
@@ -143,6 +143,19 @@ pub(super) fn past_rounding(r: &DiffReport, a: &Dump, b: &Dump, opts: &DiffOptio
         return Ok(Some(Past { name: c.name.clone(), notes, own }));
     }
     Ok(None)
+}
+
+/// Where the first divergence has no reading and reads as neither rounding nor a hook's place
+/// (which [`past_rounding`] reads past): the first divergence after it that reads as a bug on
+/// ours's own inputs ([`Own`]), with the first's name and notes.
+pub(super) fn past_unread_first(r: &DiffReport, a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<Option<Past>> {
+    let Some(first) = r.first_divergence() else { return Ok(None) };
+    if r.reading(first).is_some() || r.first_reads_as_rounding() || r.first_is_the_hooks_place() {
+        return Ok(None);
+    }
+    let after: Vec<&Comparison> = r.results.iter().filter(|c| !c.ok && c.name != first.name).collect();
+    let own = own_read(r, a, b, &after, opts)?;
+    Ok(own.map(|own| Past { name: first.name.clone(), notes: r.notes, own: Some(own) }))
 }
 
 /// Of the divergences `after` the first rounding does not explain, the first that reads as a bug
