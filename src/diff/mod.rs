@@ -119,9 +119,10 @@ pub struct DiffReport {
     /// What the first divergence's values say beyond its numbers.
     pub notes: crate::reading::Notes,
     /// Where the first divergence reads as rounding (a selection whose every flip is a near-tie,
-    /// or floats read as rounding's tail): the first divergence it does not explain, and what its
-    /// values say (or, where they say nothing, those of the first after it read on ours's own
-    /// inputs).
+    /// or floats read as rounding's tail) or as where a hook sits: the first divergence they do
+    /// not explain, and what its values say (or, where they say nothing, those of the first after
+    /// it read on ours's own inputs). Where the first divergence has no reading and is neither,
+    /// it, and the first after it read on ours's own inputs.
     pub past_rounding: Option<past::Past>,
     /// Which dumps hold only bf16 values (every float's low 16 bits 0), ours then the
     /// reference, when floats differ at a tolerance tighter than bf16's: a hint to compare at
@@ -594,8 +595,6 @@ impl DiffReport {
         Some(out)
     }
 
-    /// Whether the first divergence's reading is rounding's: every flip a near-tie, or rounding's
-    /// tail (and no reading of a bug before it, such as a rerun's).
     /// Whether the first divergence is a `mlp.out` recorded before the shared expert is added
     /// (its layer's output matching): where the hook sits, not a bug, so what comes after it is
     /// read as past rounding is.
@@ -604,6 +603,8 @@ impl DiffReport {
         self.first_divergence().is_some() && self.notes.shared_expert.is_some_and(recorded_before)
     }
 
+    /// Whether the first divergence's reading is rounding's: every flip a near-tie, or rounding's
+    /// tail (and no reading of a bug before it, such as a rerun's).
     pub(crate) fn first_reads_as_rounding(&self) -> bool {
         let Some(first) = self.first_divergence() else { return false };
         match &first.detail {

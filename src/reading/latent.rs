@@ -8,8 +8,8 @@
 //!
 //! As the attention's reruns ([`super::rerun`]): trusted only where the checkpoint's rerun gives
 //! the reference's latent from the reference's input, and a variant is named only where it
-//! explains ours (within the tolerance, its error against ours under 1/200 of the checkpoint's
-//! rerun's, and no other nearly as close).
+//! explains ours (within the tolerance or off it by rounding's tail alone, its error against ours
+//! under 1/200 of the checkpoint's rerun's, and no other nearly as close).
 
 use candle_core::{Device, Tensor, D};
 
