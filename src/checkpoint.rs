@@ -23,7 +23,6 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 /// was left half written (synth killed), its shards possibly of two runs.
 pub const SYNTH_UNFINISHED: &str = ".glimpse-synth-unfinished";
 
-/// (Debug: its folder and how many tensors it holds, not their headers.)
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub config: Config,
@@ -39,6 +38,7 @@ pub struct Checkpoint {
     absent_names: BTreeSet<String>,
 }
 
+/// Its folder and how many tensors it holds, not every header.
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Checkpoint({}, {} tensors)", self.dir.display(), self.names.len())

@@ -31,7 +31,7 @@ enum Unit {
     Prompt(usize),
     /// Reruns 1 to `.1` of layer `.0`'s attention or indexer (`.2`).
     Rerun(usize, usize, &'static str),
-    /// Divergences 1 to this, read on ours's own inputs past rounding (`diff::past`).
+    /// Divergences 1 to this, read on ours's own inputs (`diff::past`).
     OwnRead(usize),
 }
 
@@ -62,8 +62,8 @@ impl Steps {
         Steps::of(Unit::Rerun(layer, total, part.label()), ENABLED.load(Ordering::Relaxed))
     }
 
-    /// `diff`'s divergences 1 to `total`, read on ours's own inputs past what rounding explains
-    /// (shown once [`enable`] was called: a GLM-5 port's every layer may be read).
+    /// `diff`'s divergences 1 to `total`, read on ours's own inputs past an unread one (shown
+    /// once [`enable`] was called: a GLM-5 port's every layer may be read).
     pub fn own_reads(total: usize) -> Steps {
         Steps::of(Unit::OwnRead(total), ENABLED.load(Ordering::Relaxed))
     }
@@ -86,7 +86,7 @@ impl Steps {
             Unit::Layer(first, last) => format!("layer {i} of {first}..={last}"),
             Unit::Prompt(total) => format!("audit: prompt {i} of {total}"),
             Unit::Rerun(layer, total, part) => format!("diff: rerun {i} of {total} of layer {layer}'s {part}"),
-            Unit::OwnRead(total) => format!("diff: past rounding, reading divergence {i} of {total} on ours's inputs"),
+            Unit::OwnRead(total) => format!("diff: reading divergence {i} of {total} on ours's own inputs"),
         };
         let elapsed = now.duration_since(self.start);
         let secs = elapsed.as_secs_f64();
