@@ -124,6 +124,18 @@ def no_shared_expert(model, mtp):
 
 
 @contextlib.contextmanager
+def experts_gate_up_swapped(model, mtp):
+    """The routed experts' fused `gate_up_proj` split the wrong way round: the up rows taken
+    for the gate, the gate rows for up (`silu(x W_up) * x W_gate`)."""
+    for layer in model.model.layers:
+        if isinstance(layer.mlp, glm.GlmMoeDsaMoE):
+            w = layer.mlp.experts.gate_up_proj
+            half = w.shape[1] // 2
+            w.data = torch.cat([w.data[:, half:], w.data[:, :half]], dim=1)
+    yield
+
+
+@contextlib.contextmanager
 def no_mscale(model, mtp):
     """Every layer's `scaling` as `GlmMoeDsaAttention.__init__` sets it without `yarn_apply_mscale`."""
     for layer in model.model.layers:
@@ -248,6 +260,12 @@ PORTS = [
     ("flat", "port-biased-weights.safetensors", "routing weights from the biased scores", weights_from_biased_scores),
     ("flat", "port-no-scaling.safetensors", "routing weights without routed_scaling_factor", no_routed_scaling),
     ("flat", "port-no-shared-expert.safetensors", "MoE output without the shared expert", no_shared_expert),
+    (
+        "flat",
+        "port-experts-gate-up-swapped.safetensors",
+        "the routed experts' gate_up_proj split the wrong way round",
+        experts_gate_up_swapped,
+    ),
     ("flat", "port-kv-norm-over-rope.safetensors", "kv_a_layernorm's statistic over the rope part too", kv_norm_over_rope),
     ("flat", "port-kv-norm-unloaded.safetensors", "kv_a_layernorm's weight not loaded (ones)", kv_norm_weight_not_loaded),
     ("mtp", "port-mtp-prenorm.safetensors", "the MTP head fed the state before the final norm", mtp_fed_before_final_norm),

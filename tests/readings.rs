@@ -133,6 +133,11 @@ fn the_ports_routing_and_mask_bugs_are_read() {
              the shared expert",
         ),
         (
+            "port-experts-gate-up-swapped",
+            "layers.2.mlp.out (ours is this layer's MoE rerun on its input (with ours's recorded experts and weights) \
+             with the routed experts' gate and up projections swapped",
+        ),
+        (
             "port-kv-norm-over-rope",
             "layers.0.attn.kv_latent (ours is this layer's kv_a_layernorm rerun on its input with its mean square \
              over all of kv_a_proj_with_mqa's output, the rope columns (qk_rope_head_dim) too",

@@ -599,8 +599,8 @@ impl DiffReport {
     /// (its layer's output matching): where the hook sits, not a bug, so what comes after it is
     /// read as past rounding is.
     pub(crate) fn first_is_the_hooks_place(&self) -> bool {
-        let recorded_before = |s: crate::reading::SharedExpert| s.kind == crate::reading::SharedKind::RecordedBefore;
-        self.first_divergence().is_some() && self.notes.shared_expert.is_some_and(recorded_before)
+        let recorded_before = |m: crate::reading::MoeRerun| m.variant == crate::reading::MoeVariant::RecordedBefore;
+        self.first_divergence().is_some() && self.notes.moe_rerun.is_some_and(recorded_before)
     }
 
     /// Whether the first divergence's reading is rounding's: every flip a near-tie, or rounding's

@@ -78,9 +78,8 @@ impl Own {
     fn read(r: &DiffReport, a: &Dump, b: &Dump, c: &Comparison, opts: &DiffOptions) -> Result<Option<Notes>> {
         let notes = notes_of(a, b, c, opts)?;
         // (A mlp.out recorded before the shared expert is added is where a hook sits, no bug.)
-        let shared = notes.shared_expert.is_some_and(|s| s.kind != crate::reading::SharedKind::RecordedBefore);
-        let own =
-            notes.weights_rule.is_some() || notes.bias_left_out.is_some() || shared || notes.latent_norm.is_some();
+        let moe = notes.moe_rerun.is_some_and(|m| m.variant != crate::reading::MoeVariant::RecordedBefore);
+        let own = notes.weights_rule.is_some() || notes.bias_left_out.is_some() || moe || notes.latent_norm.is_some();
         Ok((own && r.reading_with(c, &notes).is_some()).then_some(notes))
     }
 }

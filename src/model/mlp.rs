@@ -28,4 +28,13 @@ impl Mlp {
         let up = self.up_proj.forward(x)?; // [..., inter]
         self.down_proj.forward(&(gate * up)?)
     }
+
+    /// `down(silu(up(x)) * gate(x))`: the block with its gate and up projections swapped, as a
+    /// port that splits a fused `gate_up_proj` the wrong way round runs it (`diff`'s readings).
+    /// x: [..., hidden] -> [..., hidden]
+    pub fn forward_swapped(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.up_proj.forward(x)?.silu()?; // [..., inter]
+        let up = self.gate_proj.forward(x)?; // [..., inter]
+        self.down_proj.forward(&(gate * up)?)
+    }
 }

@@ -363,16 +363,21 @@ impl Moe {
             Ok(Tensor::from_vec(changed, n, &Device::Cpu)?)
         })?;
 
-        let out = self.routed(&flat, &routes)?; // [N, hidden]
+        let out = self.routed(&flat, &routes, Mlp::forward)?; // [N, hidden]
         let out = (out.reshape(dims)? + self.shared_experts.forward(x)?)?;
         Ok(out)
     }
 
     /// The routed experts' part of the output, `flat` ([N, hidden]) routed as `routes` say (one a
-    /// token): each token's experts' outputs times its weights, summed. Every expert runs once on
-    /// the tokens routed to it, in expert order (the reference's summation order), and adds its
-    /// weighted output back. -> [N, hidden]
-    pub fn routed(&self, flat: &Tensor, routes: &[Route]) -> Result<Tensor> {
+    /// token): each token's experts' outputs (`run`: `Mlp::forward`, or a variant of it) times
+    /// its weights, summed. Every expert runs once on the tokens routed to it, in expert order
+    /// (the reference's summation order), and adds its weighted output back. -> [N, hidden]
+    pub fn routed(
+        &self,
+        flat: &Tensor,
+        routes: &[Route],
+        run: impl Fn(&Mlp, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let (n, hidden) = flat.dims2()?;
         let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); self.experts.len()];
         let mut token_w: Vec<Vec<f32>> = vec![Vec::new(); self.experts.len()];
@@ -387,7 +392,7 @@ impl Moe {
         }
         // Added in place, in expert order (a tensor `index_add` would copy [N, hidden] per expert).
         let mut out = vec![0f32; n * hidden]; // [N, hidden]
-        for (j, expert) in self.experts.iter().enumerate() {
+        for (j, mlp) in self.experts.iter().enumerate() {
             if tokens[j].is_empty() {
                 continue;
             }
@@ -395,7 +400,7 @@ impl Moe {
             let m = rows.len();
             let idx = Tensor::from_vec(rows.clone(), m, &Device::Cpu)?;
             let w = Tensor::from_vec(w, (m, 1), &Device::Cpu)?;
-            let y = expert.forward(&flat.index_select(&idx, 0)?)?.broadcast_mul(&w)?; // [m, hidden]
+            let y = run(mlp, &flat.index_select(&idx, 0)?)?.broadcast_mul(&w)?; // [m, hidden]
             let y = y.flatten_all()?.to_vec1::<f32>()?;
             for (&t, yr) in rows.iter().zip(y.chunks_exact(hidden)) {
                 for (o, v) in out[t as usize * hidden..(t as usize + 1) * hidden].iter_mut().zip(yr) {

@@ -7,19 +7,19 @@
 //! pattern holds.
 
 mod latent;
+mod moe_rerun;
 mod mtp;
 mod onset;
 mod rerun;
 mod routing;
 mod rows;
-mod shared;
 
 pub use latent::{Latent, LatentNorm};
+pub use moe_rerun::{MoeRerun, MoeVariant};
 pub use onset::{Leading, Onset};
 pub use rerun::{Part, Rerun, ScaleDim, Variant};
 pub use routing::{BiasLeftOut, UnbiasedTies, WeightsRule};
 pub use rows::RowScale;
-pub use shared::{SharedExpert, SharedKind};
 
 use crate::compare::{element_ok, Comparison, Detail, Flip, Side, Tolerance};
 use crate::config::Config;
@@ -180,8 +180,8 @@ impl DiffReport {
         if let Some(fed) = notes.mtp_input {
             return Some(fed.reading());
         }
-        if let Some(shared) = notes.shared_expert {
-            return Some(shared.reading());
+        if let Some(moe) = notes.moe_rerun {
+            return Some(moe.reading());
         }
         if let Some((norm, latent)) = notes.latent_norm {
             return Some(norm.reading(latent));
@@ -401,8 +401,9 @@ pub struct Notes {
     /// For routing weights and a MoE layer's output, with `--model`: its `routed_scaling_factor`
     /// (not 1), which a factor between the two may be.
     pub routed_scaling: Option<f64>,
-    /// For a MoE layer's output, with `--model`: the shared expert missing from ours, or twice.
-    pub shared_expert: Option<SharedExpert>,
+    /// For a MoE layer's output, with `--model`: the variant of the MoE whose rerun gives ours's
+    /// (the shared expert missing or twice, the experts' gate and up swapped).
+    pub moe_rerun: Option<MoeRerun>,
     /// For a latent, with `--model`: the norm whose rerun gives ours's.
     pub latent_norm: Option<(LatentNorm, Latent)>,
     /// For an attention output or the indexer's scores, with `--model`: the softmax scale, RoPE or
@@ -576,7 +577,7 @@ impl Notes {
         // (Rows that part at an onset, the earlier ones exact, are read by where it starts.)
         let row_scale = shape.last().filter(|_| onset.is_none()).and_then(|&w| RowScale::of(ours, reference, w));
         let ckpt = opts.checkpoint.as_deref();
-        let shared_expert = ckpt.and_then(|m| SharedExpert::of(a, b, name, m, |n| opts.tol_for(n)));
+        let moe_rerun = ckpt.and_then(|m| MoeRerun::of(a, b, name, m, |n| opts.tol_for(n)));
         let latent_norm = ckpt.and_then(|m| LatentNorm::of(a, b, name, m, opts.tol_for(name)));
         let leading = crate::compare::differing_positions(ours, reference, &shape, opts.tol_for(name))
             .map(|differing| Leading { differing, index_topk });
@@ -595,7 +596,7 @@ impl Notes {
             bias_left_out: None,
             routed_scaling,
             row_scale,
-            shared_expert,
+            moe_rerun,
             latent_norm,
             rerun: None,
             mtp_input,

@@ -1,15 +1,18 @@
-//! A MoE layer's output that lacks its shared expert, or holds it twice: with `--model`, the
+//! A MoE layer's output that is the checkpoint's MoE computed another way: with `--model`, the
 //! layer's experts (the model's own `Moe`, checked against transformers) are rerun on ours's
 //! `post_attn_norm` with ours's own routing (its `moe.topk_ids` and `moe.topk_weights`, where it
-//! recorded them), and ours's `mlp.out` is compared with the routed experts' sum alone and with
-//! the shared expert added twice. On ours's own input and routing, neither the routing's bugs nor
-//! the noise a bf16 port carries in from earlier layers enters the comparison.
+//! recorded them whole), and ours's `mlp.out` is compared with the variants ports have shipped:
+//! the routed experts' sum alone (no shared expert), the shared expert added twice, and the
+//! routed experts' gate and up projections swapped (a fused `gate_up_proj` split the wrong way
+//! round). On ours's own input and routing, neither the routing's bugs nor the noise a bf16 port
+//! carries in from earlier layers enters the comparison.
 //!
 //! As the attention's reruns ([`super::rerun`]): the checkpoint's rerun must give the reference's
 //! `mlp.out` from the reference's input and routing (another checkpoint's dump gets no reading),
 //! and a variant is named only where it explains ours: within the tolerance or off it by
 //! rounding's tail alone (a bf16 port's own rounding), its error against ours under 1/200 of the
-//! checkpoint's rerun's, and the shared expert's best-fitting share of ours the variant's count.
+//! checkpoint's rerun's, and for the shared expert's variants, its best-fitting share of ours the
+//! variant's count.
 
 use candle_core::{Device, Tensor};
 
@@ -20,6 +23,7 @@ use crate::config::MlpKind;
 use crate::diff::{floats, ints};
 use crate::dump::Dump;
 use crate::hooks::{HookPoint, LayerHook};
+use crate::model::mlp::Mlp;
 use crate::model::moe::{route, Moe, Route};
 use crate::model::nn::matmul_nt;
 
@@ -32,26 +36,29 @@ const TOKENS: usize = 256;
 /// batches and 300 tokens).
 const FITTED: f64 = 0.01;
 
-/// What ours's MoE output did with the shared expert, where it is not the checkpoint's, and
-/// which routing the rerun replayed.
+/// How ours's MoE output was computed, where not as the checkpoint's, and which routing the
+/// rerun replayed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SharedExpert {
-    pub kind: SharedKind,
+pub struct MoeRerun {
+    pub variant: MoeVariant,
     /// Ours's own recorded routing (`moe.topk_ids`, `moe.topk_weights`), or, where its dump holds
-    /// none, the checkpoint's routing of ours's input.
+    /// none whole, the checkpoint's routing of ours's input.
     pub recorded_routing: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SharedKind {
+pub enum MoeVariant {
     /// Ours is the routed experts' sum alone.
-    Missing,
+    SharedMissing,
     /// Ours adds the shared expert twice.
-    Twice,
+    SharedTwice,
     /// Ours's `mlp.out` is the routed experts' sum alone, but its layer output is the
     /// reference's: it records `mlp.out` before adding the shared expert (a split of the routed
     /// and shared outputs, as some engines keep them).
     RecordedBefore,
+    /// Ours's routed experts run `down(silu(up x) * gate x)`: their gate and up projections
+    /// swapped.
+    GateUpSwapped,
 }
 
 /// One dump's MoE layer over its first tokens: input, routing and output.
@@ -98,9 +105,10 @@ impl Side {
         Some((Side { x, routes, out }, recorded))
     }
 
-    /// The routed experts' part and the shared expert's, each `[N * hidden]`.
-    fn rerun(&self, moe: &Moe) -> Option<[Vec<f32>; 2]> {
-        let routed = moe.routed(&self.x, &self.routes).ok()?;
+    /// The routed experts' part and the shared expert's, each `[N * hidden]`, the experts run by
+    /// `run` (`Mlp::forward`, or a variant of it).
+    fn rerun(&self, moe: &Moe, run: fn(&Mlp, &Tensor) -> crate::error::Result<Tensor>) -> Option<[Vec<f32>; 2]> {
+        let routed = moe.routed(&self.x, &self.routes, run).ok()?;
         let shared = moe.shared_experts.forward(&self.x).ok()?;
         let flat = |t: Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ok();
         Some([flat(routed)?, flat(shared)?])
@@ -112,18 +120,18 @@ fn plus(routed: &[f32], shared: &[f32], times: f32) -> Output {
     Output::Floats(routed.iter().zip(shared).map(|(r, s)| r + times * s).collect())
 }
 
-impl SharedExpert {
-    /// For `name` = `layers.{i}.mlp.out` of a MoE layer of the checkpoint `ckpt`: what ours
-    /// (`a`) did with the shared expert, within its tolerance (`tol_for` a name; or off it by
-    /// rounding's tail alone). None where it is neither, where the dumps lack `post_attn_norm`,
-    /// or where the checkpoint's rerun is not the reference's (`b`).
+impl MoeRerun {
+    /// For `name` = `layers.{i}.mlp.out` of a MoE layer of the checkpoint `ckpt`: the variant of
+    /// the MoE that gives ours (`a`) within its tolerance (`tol_for` a name; or off it by
+    /// rounding's tail alone). None where none does, where the dumps lack `post_attn_norm`, or
+    /// where the checkpoint's rerun is not the reference's (`b`).
     pub(crate) fn of(
         a: &Dump,
         b: &Dump,
         name: &str,
         ckpt: &Checkpoint,
         tol_for: impl Fn(&str) -> Tolerance,
-    ) -> Option<SharedExpert> {
+    ) -> Option<MoeRerun> {
         let Some(HookPoint::Layer(i, LayerHook::MlpOut)) = HookPoint::parse(name) else { return None };
         let tol = tol_for(name);
         let c = &ckpt.config;
@@ -134,14 +142,16 @@ impl SharedExpert {
         let moe = Moe::load(&mut loader, c, i);
         let moe = loader.finish(moe).ok()?;
         let ((ours, recorded_routing), (reference, _)) = (Side::read(a, i, &moe)?, Side::read(b, i, &moe)?);
-        let [routed, shared] = reference.rerun(&moe)?;
+        let [routed, shared] = reference.rerun(&moe, Mlp::forward)?;
         if !plus(&routed, &shared, 1.0).close(&Output::Floats(reference.out), tol) {
             return None;
         }
-        let [routed, shared] = ours.rerun(&moe)?;
-        // The shared expert's share of ours that fits best (least squares): a variant is its own
-        // count of shared experts, 0 or 2, not a scale near it (a shared expert times 1.95 is no
-        // port's bug, and is close enough to twice to pass the error's test).
+        let [routed, shared] = ours.rerun(&moe, Mlp::forward)?;
+        let [swapped, _] = ours.rerun(&moe, Mlp::forward_swapped)?;
+        // The shared expert's share of ours that fits best (least squares): a shared-expert
+        // variant is its own count of shared experts, 0 or 2, not a scale near it (a shared
+        // expert times 1.95 is no port's bug, and is close enough to twice to pass the error's
+        // test).
         let (dot, norm) = (ours.out.iter().zip(&routed).zip(&shared))
             .fold((0f64, 0f64), |(d, n), ((&o, &r), &s)| (d + (o - r) as f64 * s as f64, n + s as f64 * s as f64));
         let fitted = dot / norm.max(f64::MIN_POSITIVE);
@@ -151,14 +161,18 @@ impl SharedExpert {
             return None;
         }
         let hidden = c.hidden_size;
-        let found = [(SharedKind::Missing, 0.0), (SharedKind::Twice, 2.0)].into_iter().filter_map(|(kind, times)| {
-            let out = plus(&routed, &shared, times);
-            let fits = (fitted - times as f64).abs() <= FITTED;
+        let candidates = [
+            (MoeVariant::SharedMissing, plus(&routed, &shared, 0.0), Some(0.0)),
+            (MoeVariant::SharedTwice, plus(&routed, &shared, 2.0), Some(2.0)),
+            (MoeVariant::GateUpSwapped, plus(&swapped, &shared, 1.0), None),
+        ];
+        let found = candidates.into_iter().filter_map(|(variant, out, count)| {
+            let fits = count.is_none_or(|count: f64| (fitted - count).abs() <= FITTED);
             (fits && ours.matches(&out, tol, hidden) && !out.close(&checkpoint, tol))
-                .then(|| (kind, ours.distance(&out)))
+                .then(|| (variant, ours.distance(&out)))
         });
-        let kind = match pick(found.collect(), unexplained)? {
-            (kind, None) => kind,
+        let variant = match pick(found.collect(), unexplained)? {
+            (variant, None) => variant,
             (_, Some(_)) => return None,
         };
         // The layer's output holds what its mlp.out lacks: where the hook was placed.
@@ -166,11 +180,11 @@ impl SharedExpert {
         let layer_matches = floats(a, &output)
             .zip(floats(b, &output))
             .is_some_and(|(x, y)| Output::Floats(x).matches(&Output::Floats(y), tol_for(&output), hidden));
-        let kind = match (kind, layer_matches) {
-            (SharedKind::Missing, true) => SharedKind::RecordedBefore,
-            (kind, _) => kind,
+        let variant = match (variant, layer_matches) {
+            (MoeVariant::SharedMissing, true) => MoeVariant::RecordedBefore,
+            (variant, _) => variant,
         };
-        Some(SharedExpert { kind, recorded_routing })
+        Some(MoeRerun { variant, recorded_routing })
     }
 
     pub(crate) fn reading(self) -> String {
@@ -179,14 +193,18 @@ impl SharedExpert {
             false => "the checkpoint's routing of that input: ours's own routing is not recorded whole",
         };
         let rerun = format!("this layer's MoE rerun on its input (with {routing})");
-        match self.kind {
-            SharedKind::Missing => format!(
+        match self.variant {
+            MoeVariant::SharedMissing => format!(
                 "ours is {rerun} without the shared expert: the shared expert is not added to the routed experts' sum"
             ),
-            SharedKind::Twice => format!("ours is {rerun} with the shared expert added twice"),
-            SharedKind::RecordedBefore => format!(
+            MoeVariant::SharedTwice => format!("ours is {rerun} with the shared expert added twice"),
+            MoeVariant::RecordedBefore => format!(
                 "ours is {rerun} without the shared expert, yet its layer output matches the reference's: ours records \
                  mlp.out before the shared expert is added (where its hook sits, not a bug of the output)"
+            ),
+            MoeVariant::GateUpSwapped => format!(
+                "ours is {rerun} with the routed experts' gate and up projections swapped (silu of up_proj times \
+                 gate_proj: a fused gate_up_proj split the wrong way round)"
             ),
         }
     }
