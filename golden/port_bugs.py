@@ -294,6 +294,12 @@ PORTS = [
         in_bf16(no_bias_in_selection),
     ),
     (
+        "grouped-shared-yarn",
+        "port-no-bias-bf16.safetensors",
+        "experts chosen without e_score_correction_bias, in a port that runs in bfloat16",
+        in_bf16(no_bias_in_selection),
+    ),
+    (
         "flat",
         "port-kv-norm-over-rope-bf16.safetensors",
         "kv_a_layernorm's statistic over the rope part too, in a port that runs in bfloat16",
