@@ -22,6 +22,23 @@ fn diff_port(case: &str, port: &str, model: bool) -> String {
     text
 }
 
+/// `glimpse diff OURS` against the case's reference with `--model` at `--atol TOL --rtol TOL`.
+fn diff_at(case: &str, ours: &str, tol: &str) -> (i32, String) {
+    let dir = golden(case);
+    let reference = s(&dir.join("reference.safetensors"));
+    code_and_text(&["diff", ours, &reference, "--model", &s(&dir), "--atol", tol, "--rtol", tol])
+}
+
+/// `src` with layer 0's attention output times 1.03 from position 1 on: a factor no bug of the
+/// readings' list makes, written to `dst`.
+fn attention_off_by_3_percent(src: &std::path::Path, dst: &std::path::Path) -> std::path::PathBuf {
+    edit_dump(src, dst, |t: &mut Vec<Named>| {
+        let (_, v, shape) = t.iter_mut().find(|(n, _, _)| n == "layers.0.attn.out").unwrap();
+        let Values::F32(x) = v else { panic!("attn.out is F32") };
+        x[shape[2]..].iter_mut().for_each(|e| *e *= 1.03);
+    })
+}
+
 /// A number of the case's config.json.
 fn config(case: &str, path: &[&str]) -> f64 {
     let text = std::fs::read_to_string(golden(case).join("config.json")).unwrap();
@@ -174,8 +191,7 @@ fn a_latent_norms_bug_is_read_on_ours_own_input_in_f32_and_bf16() {
     let (port, reference) =
         (s(&flat.join("port-kv-norm-over-rope-bf16.safetensors")), s(&flat.join("reference.safetensors")));
     for tol in ["2e-2", "5e-2"] {
-        let args = ["diff", &port, &reference, "--model", &s(&flat), "--atol", tol, "--rtol", tol];
-        let (code, text) = code_and_text(&args);
+        let (code, text) = diff_at("flat", &port, tol);
         assert!(code == 1 && text.lines().nth(1).is_some_and(|l| l.starts_with(over_rope)), "{tol}: {text}");
         // (Without --model, nothing reads it: the rows' factors are lost in the port's noise.)
         let (_, text) = code_and_text(&["diff", &port, &reference, "--atol", tol, "--rtol", tol]);
@@ -184,30 +200,31 @@ fn a_latent_norms_bug_is_read_on_ours_own_input_in_f32_and_bf16() {
 }
 
 /// An attention output that parts from position 1 on by a factor no bug of the list makes gets
-/// no rerun reading: the rerun names only a variant that explains ours's values.
+/// no rerun reading, nor do transformers' controls (no port's bug) at any tolerance: a rerun
+/// names only a variant that explains ours's values.
 #[test]
 fn a_difference_no_variant_makes_is_not_read_as_one() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = golden("flat");
     let reference = dir.join("reference.safetensors");
-    let ours = edit_dump(&reference, &tmp.path().join("off.safetensors"), |t: &mut Vec<Named>| {
-        let (_, v, shape) = t.iter_mut().find(|(n, _, _)| n == "layers.0.attn.out").unwrap();
-        let Values::F32(x) = v else { panic!("attn.out is F32") };
-        x[shape[2]..].iter_mut().for_each(|e| *e *= 1.03);
-    });
+    let ours = attention_off_by_3_percent(&reference, &tmp.path().join("off.safetensors"));
     let (code, text) = code_and_text(&["diff", &s(&ours), &s(&reference), "--model", &s(&dir)]);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("first divergence: layers.0.attn.out") && !text.contains("rerun"), "{text}");
     // transformers with its softmax scale times 1.2, 2% off the scale of qk_nope_head_dim: inside
     // a loose tolerance of that variant, which explains too little of the difference to be named.
-    for tol in ["1e-4", "2e-2", "5e-2"] {
-        let control = s(&dir.join("control-scale-x1.2.safetensors"));
-        let args = ["diff", &control, &s(&reference), "--model", &s(&dir), "--atol", tol, "--rtol", tol];
-        let (code, text) = code_and_text(&args);
-        assert!(
-            code == 1 && text.contains("first divergence: layers.0.attn.out\n") && !text.contains("rerun"),
-            "{tol}: {text}"
-        );
+    // And with every shared expert's output times 1.95, near twice: the best-fitting share of the
+    // shared expert is 1.95, not 2.
+    for (control, first, named, tols) in [
+        ("control-scale-x1.2", "layers.0.attn.out", "rerun", &["1e-4", "2e-2", "5e-2"][..]),
+        ("control-shared-x1.95", "layers.2.mlp.out", "shared expert", &["1e-4", "2e-2", "5e-2", "1e-1"][..]),
+    ] {
+        let control = s(&dir.join(format!("{control}.safetensors")));
+        for tol in tols {
+            let (code, text) = diff_at("flat", &control, tol);
+            let first = format!("first divergence: {first}\n");
+            assert!(code == 1 && text.contains(&first) && !text.contains(named), "{control} {tol}: {text}");
+        }
     }
 }
 
@@ -241,33 +258,6 @@ fn a_mlp_out_recorded_before_the_shared_expert_is_read_as_the_hooks_place() {
     let past = "\n  past the mlp.out hooks placed before the shared expert, the first divergence: \
                 layers.4.moe.topk_weights (ours = 2.5000 x reference";
     assert!(code == 1 && text.contains(read) && text.contains(past), "{text}");
-}
-
-/// transformers with every shared expert's output times 1.95 (no port's bug, near twice): its MoE
-/// output gets no shared-expert reading at any tolerance, where the port that adds it twice
-/// would (the best-fitting share of the shared expert is 1.95, not 2).
-#[test]
-fn a_shared_expert_near_twice_is_not_read_as_twice() {
-    let dir = golden("flat");
-    let control = s(&dir.join("control-shared-x1.95.safetensors"));
-    for tol in ["1e-4", "2e-2", "5e-2", "1e-1"] {
-        let args = [
-            "diff",
-            &control,
-            &s(&dir.join("reference.safetensors")),
-            "--model",
-            &s(&dir),
-            "--atol",
-            tol,
-            "--rtol",
-            tol,
-        ];
-        let (code, text) = code_and_text(&args);
-        assert!(
-            code == 1 && text.contains("first divergence: layers.2.mlp.out\n") && !text.contains("shared expert"),
-            "{tol}: {text}"
-        );
-    }
 }
 
 /// `verify --golden PORT` says how to have its first mismatch read, and those commands, run as
@@ -315,11 +305,7 @@ fn past_an_unread_first_divergence_a_bug_on_ours_own_inputs_is_read() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = golden("flat");
     let port = dir.join("port-no-shared-expert.safetensors");
-    let ours = edit_dump(&port, &tmp.path().join("two.safetensors"), |t: &mut Vec<Named>| {
-        let (_, v, shape) = t.iter_mut().find(|(n, _, _)| n == "layers.0.attn.out").unwrap();
-        let Values::F32(x) = v else { panic!("attn.out is F32") };
-        x[shape[2]..].iter_mut().for_each(|e| *e *= 1.03);
-    });
+    let ours = attention_off_by_3_percent(&port, &tmp.path().join("two.safetensors"));
     let reference = s(&dir.join("reference.safetensors"));
     let (code, text) = code_and_text(&["diff", &s(&ours), &reference, "--model", &s(&dir)]);
     let read = "first divergence: layers.0.attn.out\n  position 0 matches and every later one differs";
@@ -388,9 +374,7 @@ fn past_what_rounding_explains_a_bf16_ports_bug_is_read() {
     // difference reaches the positions before the first near-tie, where no flip reaches.
     let port = s(&yarn.join("port-no-scaling-bf16.safetensors"));
     for tol in ["5e-2", "1e-1"] {
-        let reference = s(&yarn.join("reference.safetensors"));
-        let args = ["diff", &port, &reference, "--model", &s(&yarn), "--atol", tol, "--rtol", tol];
-        let (_, text) = code_and_text(&args);
+        let (_, text) = diff_at("grouped-shared-yarn", &port, tol);
         let past =
             "\n  past what rounding explains, the first divergence: layers.1.moe.topk_weights (ours's weights are \
                     its gate's scores without routed_scaling_factor)";
@@ -430,11 +414,9 @@ fn past_what_rounding_explains_a_bf16_ports_bug_is_read() {
     // Routing that reads as another rule on ours's own gate logits is no rounding's at a loose
     // tolerance either, where its flips' margins all fall under the near-tie threshold (grouped
     // routing: no flip is tested against its own scores).
-    let yarn_dir = s(&yarn);
-    let (port, reference) = (s(&yarn.join("port-no-bias-bf16.safetensors")), s(&yarn.join("reference.safetensors")));
+    let port = s(&yarn.join("port-no-bias-bf16.safetensors"));
     for tol in ["5e-2", "1e-1"] {
-        let args = ["diff", &port, &reference, "--model", &yarn_dir, "--atol", tol, "--rtol", tol];
-        let (_, text) = code_and_text(&args);
+        let (_, text) = diff_at("grouped-shared-yarn", &port, tol);
         let past = "\n  past what rounding explains, the first divergence: layers.1.moe.topk_ids (ours chooses every \
                     token's experts by the unbiased scores";
         assert!(text.contains(past), "{tol}: {text}");
@@ -442,10 +424,8 @@ fn past_what_rounding_explains_a_bf16_ports_bug_is_read() {
     // A first divergence read as a bug (the f32 port's attention, at a loose tolerance) is not
     // rounding's: nothing is read past it.
     let port = s(&golden("flat").join("port-absorbed-scale.safetensors"));
-    let reference = s(&golden("flat").join("reference.safetensors"));
     for tol in ["1e-4", "5e-2", "1e-1"] {
-        let args = ["diff", &port, &reference, "--model", &s(&golden("flat")), "--atol", tol, "--rtol", tol];
-        let (_, text) = code_and_text(&args);
+        let (_, text) = diff_at("flat", &port, tol);
         assert!(text.contains("rerun") && !text.contains("past what rounding explains"), "{tol}: {text}");
     }
     let mut correct: Vec<(String, String)> = ["flat", "grouped-shared-yarn", "mtp", "bf16-fused", "fp8-sharded"]
