@@ -77,10 +77,15 @@ impl Own {
     /// `c`'s notes where they read as a bug on ours's own inputs.
     fn read(r: &DiffReport, a: &Dump, b: &Dump, c: &Comparison, opts: &DiffOptions) -> Result<Option<Notes>> {
         let notes = notes_of(a, b, c, opts)?;
+        Ok(Own::reads_as_bug(r, c, &notes).then_some(notes))
+    }
+
+    /// Whether `c`'s `notes` read as a bug on ours's own inputs.
+    fn reads_as_bug(r: &DiffReport, c: &Comparison, notes: &Notes) -> bool {
         // (A mlp.out recorded before the shared expert is added is where a hook sits, no bug.)
         let moe = notes.moe_rerun.is_some_and(|m| m.variant != crate::reading::MoeVariant::RecordedBefore);
         let own = notes.weights_rule.is_some() || notes.bias_left_out.is_some() || moe || notes.latent_norm.is_some();
-        Ok((own && r.reading_with(c, &notes).is_some()).then_some(notes))
+        own && r.reading_with(c, notes).is_some()
     }
 }
 
@@ -95,10 +100,11 @@ pub(super) fn past_rounding(r: &DiffReport, a: &Dump, b: &Dump, opts: &DiffOptio
     // A MoE layer's mlp.out that differs while its layer's output matches: recorded before the
     // shared expert is added (a port that keeps the routed and shared outputs apart), in every
     // MoE layer where the first one was.
+    let hooks = r.first_is_the_hooks_place();
     let output_matches = |c: &Comparison| match HookPoint::parse(&c.name) {
-        Some(HookPoint::Layer(i, LayerHook::MlpOut)) => {
+        Some(HookPoint::Layer(i, LayerHook::MlpOut)) if hooks => {
             let output = HookPoint::Layer(i, LayerHook::Output).name();
-            r.first_is_the_hooks_place() && r.results.iter().any(|o| o.name == output && o.ok)
+            r.results.iter().any(|o| o.name == output && o.ok)
         }
         _ => false,
     };
@@ -112,11 +118,13 @@ pub(super) fn past_rounding(r: &DiffReport, a: &Dump, b: &Dump, opts: &DiffOptio
         }
         // Routing that reads as another rule on ours's own gate logits is no rounding's, however
         // its flips' margins class them (a loose tolerance's near-tie threshold takes in a
-        // bias's whole effect).
-        if Own::of(c, opts) == Some(Own::Routing) {
-            if let Some(notes) = Own::read(r, a, b, c, opts)? {
-                return Ok(Some(Past { name: c.name.clone(), notes, own: None }));
-            }
+        // bias's whole effect). (Its notes are kept for where rounding ends at it anyway.)
+        let routing = match Own::of(c, opts) == Some(Own::Routing) {
+            true => Some(notes_of(a, b, c, opts)?),
+            false => None,
+        };
+        if let Some(notes) = routing.filter(|n| Own::reads_as_bug(r, c, n)) {
+            return Ok(Some(Past { name: c.name.clone(), notes, own: None }));
         }
         if let Detail::Sets { flips, .. } = &c.detail {
             let rows: Vec<Option<Row>> = flips.iter().map(|f| flip_row(&f.at, seq)).collect();
@@ -134,7 +142,10 @@ pub(super) fn past_rounding(r: &DiffReport, a: &Dump, b: &Dump, opts: &DiffOptio
         if !matches!(c.detail, Detail::Sets { .. }) && (tail(a, b, c, opts) || within(a, b, c, opts, &flipped, seq)) {
             continue;
         }
-        let notes = notes_of(a, b, c, opts)?;
+        let notes = match routing {
+            Some(notes) => notes,
+            None => notes_of(a, b, c, opts)?,
+        };
         let own = match r.reading_with(c, &notes) {
             Some(_) => None,
             None => own_read(r, a, b, &diverging[n + 1..], opts)?,
