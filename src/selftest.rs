@@ -150,7 +150,10 @@ fn cuda(target: Target, scope: Scope, cases: Cases) -> Result<bool> {
     let gpu = &f32_ops.gpu;
     match target.backend {
         Backend::CudaEmu => println!("{}: the kernels' source compiled for the host", gpu.name),
-        _ => println!("device {}: {}; every kernel compiled with NVRTC", target.ordinal, gpu.summary()),
+        _ => {
+            println!("device {}: {}; every kernel compiled with NVRTC", target.ordinal, gpu.summary());
+            println!("kernels: {}", crate::cuda::resources::describe(&gpu.kernels));
+        }
     }
     use crate::cuda::selftest as check;
     // Each group's verdicts as it ends: a group that fails to run (a launch or cuBLAS error) is

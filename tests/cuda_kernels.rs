@@ -5,6 +5,7 @@
 //! through `glimpse selftest --device cuda`, run by `scripts/gpu-check.sh`.
 #![cfg(feature = "cuda")]
 
+use glimpse::cuda::resources::{check_block, largest_block, read_cubin, threads_allowed};
 use glimpse::cuda::{compile, probe, source, Lib, KERNELS};
 
 /// NVRTC present, or a printed reason to skip (a failure when CI requires it).
@@ -46,6 +47,21 @@ fn every_kernel_compiles_for_hopper_and_ampere() {
                 compiled.ptx.len(),
                 compiled.cubin.len()
             );
+            // What each kernel takes of an SM, from the machine code: its largest launch fits.
+            let usages = read_cubin(&compiled.cubin).unwrap_or_else(|e| panic!("{file}.cu for {arch}: {e}"));
+            for k in *kernels {
+                let usage = usages.get(*k).unwrap_or_else(|| panic!("{file}.cu for {arch}: no resources for `{k}`"));
+                assert!((1..=255).contains(&usage.registers), "{file}.cu for {arch}: {k}: {usage:?}");
+                let block = largest_block(k).unwrap_or_else(|| panic!("{k} has no largest block"));
+                check_block(k, *usage, block).unwrap_or_else(|e| panic!("{file}.cu for {arch}: {e}"));
+                println!(
+                    "  {k}: {} registers, {} B static shared, {} B stack; blocks of up to {block} threads fit ({} allowed)",
+                    usage.registers,
+                    usage.static_shared,
+                    usage.stack,
+                    threads_allowed(usage.registers)
+                );
+            }
         }
     }
 }
@@ -60,6 +76,35 @@ fn a_broken_kernel_fails_to_compile_with_its_error() {
     let err = compile("broken", broken, "sm_90").unwrap_err().to_string();
     assert!(err.contains("broken.cu does not compile for sm_90") && err.contains("undefined_name"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+/// The resource check can fail on real machine code: a kernel holding 160 live values takes
+/// every register a thread may have (255), so a block of 512 threads of it would not launch.
+#[test]
+fn a_register_hungry_kernel_is_refused_past_the_block_its_registers_allow() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let hungry = r#"extern "C" __global__ void hungry(const float* x, float* y, int n) {
+        float a[160];
+        #pragma unroll
+        for (int i = 0; i < 160; i++) a[i] = x[threadIdx.x + i * n];
+        float s = 0.0f;
+        #pragma unroll
+        for (int r = 0; r < 4; r++) {
+            #pragma unroll
+            for (int i = 0; i < 160; i++) { a[i] = a[i] * a[(i + 1) % 160] + s; s += a[i]; }
+        }
+        #pragma unroll
+        for (int i = 0; i < 160; i++) y[threadIdx.x + i * n] = a[i];
+    }"#;
+    let compiled = compile("hungry", hungry, "sm_90").unwrap_or_else(|e| panic!("{e}"));
+    let usage = read_cubin(&compiled.cubin).unwrap()["hungry"];
+    println!("hungry: {usage:?}");
+    assert!(usage.registers > 128 && usage.stack > 0, "{usage:?}");
+    let err = check_block("hungry", usage, 512).unwrap_err();
+    assert!(err.contains("hungry: its largest block of 512 threads needs"), "{err}");
+    check_block("hungry", usage, 128).unwrap();
 }
 
 /// Without the driver (no GPU here), opening a device is a one-line error, not a panic.

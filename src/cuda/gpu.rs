@@ -13,6 +13,7 @@ use cudarc::driver::{
 };
 
 use super::emu::{self, Param, Schedule};
+use super::resources::{self, Usage};
 use super::{compile_all, probe, Lib, KERNELS};
 use crate::error::{Error, Result};
 
@@ -21,8 +22,11 @@ pub struct Gpu {
     pub name: String,
     pub arch: String,
     /// The dynamic shared memory a block of the kernels that use much of it may take, in bytes:
-    /// the device's opt-in maximum less room for their static reductions.
+    /// the device's opt-in maximum less the largest of their static shares.
     pub shared_limit: usize,
+    /// Each kernel's registers, static shared memory and stack, as the driver states them (none
+    /// in the emulation).
+    pub kernels: Vec<(&'static str, Usage)>,
     /// How buffers are allocated, as `bench` reports it: a free that synchronises the device
     /// would serialise the forward pass, so a run's timing depends on it.
     pub allocation: String,
@@ -38,8 +42,9 @@ pub struct Gpu {
 /// The kernels given the device's whole opt-in shared memory.
 const LARGE_SHARED: [&str; 4] = ["topk_sorted", "topk_chunks_of_scores", "topk_chunks_of_pairs", "sparse_attention"];
 
-/// Room left for a kernel's static shared memory (the block reductions' 2 x 128 bytes).
-const STATIC_SHARED: usize = 1024;
+/// The largest static shared memory of the [`LARGE_SHARED`] kernels on Hopper (`sparse_attention`:
+/// its reductions' 256 bytes and the 1 KB `sm_90` reserves), for the emulation's limit.
+const HOPPER_STATIC_SHARED: usize = 1280;
 
 /// cudarc allocates from the device's default memory pool (`cuMemAllocAsync`) where the device
 /// has pools. Its release threshold is 0 by default: every synchronisation hands the freed memory
@@ -69,7 +74,7 @@ fn keep_pool(ctx: &CudaContext) -> String {
 }
 
 /// What the emulation allows: Hopper's 227 KB opt-in, so the same sizes take the same paths.
-const EMULATED_SHARED: usize = 227 * 1024 - STATIC_SHARED;
+const EMULATED_SHARED: usize = 227 * 1024 - HOPPER_STATIC_SHARED;
 
 enum Engine {
     Cuda {
@@ -207,6 +212,7 @@ fn fits(kernel: &str, bufs: &[(usize, usize)]) -> Result<()> {
 macro_rules! launch {
     ($gpu:expr, $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
         let Some(cfg) = $cfg? else { return Ok(()) };
+        $crate::cuda::resources::check_launch($name, cfg.block_dim.0).map_err(Error::Device)?;
         match &$gpu.engine {
             Engine::Cuda { stream, functions, .. } => {
                 let f = functions.get($name).ok_or_else(|| Error::Device(format!("kernel `{}` is not loaded", $name)))?;
@@ -246,37 +252,59 @@ impl Gpu {
         let optin = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(driver("read the shared memory limit"))?;
-        let mut shared_limit = usize::try_from(optin).unwrap_or(0).saturating_sub(STATIC_SHARED);
+        let optin = usize::try_from(optin).unwrap_or(0);
         let versions = versions();
-        let mut functions = HashMap::new();
+        let (mut functions, mut kernels, mut shared_limit) = (HashMap::new(), Vec::new(), optin);
         for (file, compiled) in compile_all(&arch)? {
             let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin)).map_err(|e| {
                 Error::Device(format!("{file}.cu: cannot load its machine code for {arch} ({versions}): {e:?}"))
             })?;
             let names = KERNELS.iter().find(|(f, _, _)| *f == file).map(|(_, _, n)| *n).unwrap_or(&[]);
             for &kernel in names {
-                let f =
-                    module.load_function(kernel).map_err(|e| Error::Device(format!("{file}.cu: {kernel}: {e:?}")))?;
-                let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-                let limit = i32::try_from(shared_limit).unwrap_or(i32::MAX);
-                if LARGE_SHARED.contains(&kernel) && f.set_attribute(attr, limit).is_err() {
-                    // Not raised: every block keeps the default 48 KB, and the launchers know.
-                    shared_limit = shared_limit.min(48 * 1024 - STATIC_SHARED);
+                let what = |e| Error::Device(format!("{file}.cu: {kernel}: {e:?}"));
+                let f = module.load_function(kernel).map_err(what)?;
+                let usage = Usage {
+                    registers: f.num_regs().map_err(what)? as u32,
+                    static_shared: f.shared_size_bytes().map_err(what)? as u32,
+                    stack: f.local_size_bytes().map_err(what)? as u32,
+                };
+                // The driver's own count of the threads a block may have (registers decide it):
+                // a launch past it would fail with "too many resources requested".
+                let allowed = f.max_threads_per_block().map_err(what)?;
+                let largest = resources::largest_block(kernel).unwrap_or(u32::MAX);
+                if i64::from(allowed) < i64::from(largest) {
+                    return Err(Error::Device(format!(
+                        "{file}.cu: {kernel}: this device runs at most {allowed} threads a block of it ({} registers a \
+                         thread), and its launches take {largest}",
+                        usage.registers
+                    )));
                 }
+                if LARGE_SHARED.contains(&kernel) {
+                    // The driver refuses an opt-in that, with the kernel's static share, passes
+                    // the device's maximum; refused, the block keeps the default 48 KB.
+                    let attr =
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                    let room = optin.saturating_sub(usage.static_shared as usize);
+                    let raised = f.set_attribute(attr, i32::try_from(room).unwrap_or(i32::MAX)).is_ok();
+                    let room =
+                        if raised { room } else { (48 * 1024usize).saturating_sub(usage.static_shared as usize) };
+                    shared_limit = shared_limit.min(room);
+                }
+                kernels.push((kernel, usage));
                 functions.insert(kernel, f);
             }
         }
         let engine = Engine::Cuda { stream: ctx.default_stream(), ctx, functions };
-        Ok(Gpu { name, arch, shared_limit, allocation, versions, engine, uploaded: Default::default() })
+        Ok(Gpu { name, arch, shared_limit, kernels, allocation, versions, engine, uploaded: Default::default() })
     }
 
     /// The device, its architecture, the shared memory a block may take and how memory is
     /// allocated: what `selftest` and `bench` say first, since each changes paths or timings (a
     /// device that refused the opt-in keeps 48 KB, and long rows' top-k take slower paths).
     pub fn summary(&self) -> String {
-        let kb = (self.shared_limit + STATIC_SHARED) / 1024;
+        let kb = self.shared_limit / 1024;
         format!(
-            "{} ({}; {kb} KB of shared memory a block; memory: {}; {})",
+            "{} ({}; {kb} KB of dynamic shared memory a block; memory: {}; {})",
             self.name, self.arch, self.allocation, self.versions
         )
     }
@@ -303,6 +331,7 @@ impl Gpu {
             },
             arch: "host".into(),
             shared_limit: EMULATED_SHARED,
+            kernels: Vec::new(),
             allocation: "host vectors".into(),
             versions: "no driver or NVRTC".into(),
             engine: Engine::Emulated(schedule),

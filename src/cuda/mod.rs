@@ -22,6 +22,7 @@ pub mod emu;
 pub mod gemm;
 pub mod gpu;
 pub mod ops;
+pub mod resources;
 pub mod selftest;
 
 use crate::error::{Error, Result};
