@@ -202,6 +202,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         glimpse::output::check(flag, path)?;
     }
     glimpse::output::check_distinct(&cli.command.outputs(), &cli.command.inputs())?;
+    for (flag, path) in cli.command.outputs() {
+        glimpse::output::check_replaceable(flag, path)?;
+    }
     match cli.command {
         Command::Verify {
             model,

@@ -39,6 +39,44 @@ pub fn check(flag: &str, path: &Path) -> Result<()> {
     }
 }
 
+/// Refuses an output whose path holds a non-empty file it must not replace: a `--dump` replaces
+/// only a dump glimpse wrote (not a reference another tool wrote, which a later `verify` would
+/// then read as glimpse checked against itself, nor any other file); a report (`--csv`,
+/// `--routes`, `--heatmap`, all text) replaces text, never a safetensors file.
+pub fn check_replaceable(flag: &str, path: &Path) -> Result<()> {
+    if !std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() > 0) {
+        return Ok(());
+    }
+    match not_to_replace(flag, path) {
+        Some(what) => Err(Error::Usage(format!(
+            "{flag} {}: {what} is there, which glimpse does not replace: give another path or remove it",
+            path.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// What the file at `path` holds, where output `flag` must not replace it.
+fn not_to_replace(flag: &str, path: &Path) -> Option<String> {
+    let st = crate::st::StFile::open(path);
+    if flag != "--dump" {
+        return st.is_ok().then(|| "a safetensors file".to_string());
+    }
+    let Ok(st) = st else { return Some("a file that is not a safetensors dump".into()) };
+    let meta = st.metadata();
+    let source = meta.get("source").map(String::as_str).unwrap_or("no source");
+    match meta.get("format").map(String::as_str) {
+        Some(crate::dump::FORMAT) if source.starts_with("glimpse ") => None,
+        Some(crate::dump::FORMAT) => {
+            // The source's first clause names the tool ("transformers 5.24.0 / torch 2.15.0, ...").
+            let tool = source.split(',').next().unwrap_or(source);
+            Some(format!("a dump another tool wrote ({tool})"))
+        }
+        Some(other) => Some(format!("a safetensors file that is not a dump (format \"{other}\")")),
+        None => Some("a safetensors file that is not a dump (no format in its metadata)".into()),
+    }
+}
+
 /// Refuses outputs that would replace one of the command's `inputs` (a dump written over the
 /// reference it was run from, a CSV over a dump, a dump over the weights) or each other (two
 /// reports to one path: one would be lost). Paths are compared as they resolve (links

@@ -391,9 +391,12 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
 const MARK: (&str, &str) = ("glimpse", "synth");
 
 /// Refuses an `out` folder that holds weight files synth did not write (a real checkpoint,
-/// perhaps with its reference dumps beside it).
+/// perhaps with its reference dumps beside it), or a config or index without synth's weights
+/// beside it (another folder's files, which synth would replace).
 fn refuse_foreign_weights(out: &Path) -> Result<()> {
-    for path in crate::checkpoint::own_files(out).iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")) {
+    let files = crate::checkpoint::own_files(out);
+    let mut marked = false;
+    for path in files.iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")) {
         let ours =
             crate::st::StFile::open(path).is_ok_and(|f| f.metadata().get(MARK.0).map(String::as_str) == Some(MARK.1));
         if !ours {
@@ -404,8 +407,18 @@ fn refuse_foreign_weights(out: &Path) -> Result<()> {
                 path.display()
             )));
         }
+        marked = true;
     }
-    Ok(())
+    let unfinished = out.join(crate::checkpoint::SYNTH_UNFINISHED).exists();
+    let replaced = files.iter().find(|p| p.file_name().is_some_and(|n| n == "config.json" || n == INDEX_FILE));
+    match replaced {
+        Some(path) if !marked && !unfinished => Err(Error::Usage(format!(
+            "--out {}: holds {} but no weights synth wrote; give an empty folder or one synth wrote",
+            out.display(),
+            path.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Bytes free to this user on the file system that holds (or will hold) `dir`; None where that

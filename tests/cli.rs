@@ -410,10 +410,31 @@ fn outputs_never_replace_inputs() {
     }
     assert!(before(&weights) == weights_before && before(&reference) == reference_before);
     assert!(!model.join("x").exists());
-    // A dump beside the weights is fine, and so is writing it again.
+    // A dump beside the weights is fine, and so is writing it again, and into an empty file.
     for _ in 0..2 {
         assert_ok(&glimpse(&["run", "--model", m, "--tokens", "1,2", "--dump", &format!("{m}/ours.st")]));
     }
+    let empty = model.join("empty.st");
+    std::fs::write(&empty, b"").unwrap();
+    assert_ok(&glimpse(&["run", "--model", m, "--tokens", "1,2", "--dump", empty.to_str().unwrap()]));
+    // What glimpse did not write it does not replace, even where the command does not read it: a
+    // reference another tool wrote (`verify` would then check glimpse against itself), a file
+    // that is no dump, or a dump under a report.
+    let notes = model.join("notes.txt");
+    std::fs::write(&notes, b"keep me").unwrap();
+    let n = notes.to_str().unwrap();
+    let refused: [(&[&str], &str); 4] = [
+        (&["run", "--model", m, "--tokens", "1,2", "--dump", r], "a dump another tool wrote (transformers 5.24.0"),
+        (&["generate", "--model", m, "--tokens", "1", "--dump", n], "a file that is not a safetensors dump is there"),
+        (&["run", "--model", m, "--tokens", "1,2", "--dump", &format!("{m}/model.safetensors")], "is --model's"),
+        (&["audit", "--dump", &format!("{m}/ours.st"), "--csv", r], "a safetensors file is there"),
+    ];
+    for (args, needle) in refused {
+        assert_error(&glimpse(args), needle);
+    }
+    assert!(before(&reference) == reference_before && before(&notes) == b"keep me");
+    // A report replaces text.
+    assert_ok(&glimpse(&["audit", "--dump", &format!("{m}/ours.st"), "--csv", n]));
 }
 
 /// `synth` does not write random weights over a checkpoint it did not write (it marks its own),
@@ -431,6 +452,13 @@ fn synth_refuses_what_it_would_destroy() {
     let cfg = cfg.to_str().unwrap();
     let o = glimpse(&["synth", "--config", cfg, "--out", &t("real")]);
     assert_error(&o, "holds weights without synth's mark");
+    // Nor over a config with no weights of its own beside it.
+    let notes = tmp.path().join("notes");
+    std::fs::create_dir(&notes).unwrap();
+    std::fs::write(notes.join("config.json"), b"{}").unwrap();
+    assert_error(&glimpse(&["synth", "--config", cfg, "--out", &t("notes")]), "but no weights synth wrote");
+    assert_eq!(std::fs::read(notes.join("config.json")).unwrap(), b"{}");
+    assert!(!notes.join("model.safetensors").exists());
     assert_eq!(
         std::fs::read(real.join("model.safetensors")).unwrap(),
         std::fs::read(golden("flat").join("model.safetensors")).unwrap()
