@@ -15,7 +15,7 @@ use glimpse::model::stream::{self, Start, Weights};
 use glimpse::model::{Model, Tokens};
 
 use crate::cli::RunArgs;
-use crate::{load_weights, recording, scores_left_out, warn_past_positions, Budget};
+use crate::{load_weights, recording, scores_left_out, warn, warn_past_positions, Budget};
 
 /// `run`: see the module's description.
 pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
@@ -40,6 +40,8 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
     let selector = recording(record.as_deref(), &ckpt.config)?;
     let mut final_norm = glimpse::hooks::Recorder::new(Selector::new("final_norm", None));
     let from = from_dump.as_deref().map(Dump::open).transpose()?;
+    // Another model's hidden state runs through this one's layers without an error: said.
+    warn(from.as_ref().and_then(|d| d.other_config(&ckpt.config_bytes, &model)).map(|w| format!("--from-dump: {w}")));
     let tokens = match (tokens, prompt, tokens_from, &from) {
         (Some(t), _, _, _) => Tokens::parse(&t).context(|| "--tokens".into())?,
         (_, Some(p), _, _) => glimpse::tokenizer::encode(&model, &p)?,

@@ -319,3 +319,33 @@ fn tensors_larger_than_memory_are_refused() {
     let ids = huge("layers.3.moe.topk_ids", "I64", [1, 1 << 34, 8], 8);
     assert_error(&glimpse(&["audit", "--dump", &ids]), "its 137438953472 values (1099.51 GB) do not fit in memory");
 }
+
+/// A dump another model ran: `diff` says the dumps ran different configs, not that ours numbers
+/// its layers from 1 (the flat case's five layers against the MTP case's reference had read so),
+/// and `run --from-dump` of another model's hidden state warns.
+#[test]
+fn another_models_dump_is_said_to_have_run_another_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (flat, mtp) = (golden("flat"), golden("mtp"));
+    let reference = mtp.join("reference.safetensors");
+    let ours = tmp.path().join("flat-on-mtp.st");
+    let (code, _) = code_and_text(&["run", "--model", &s(&flat), "--tokens-from", &s(&reference), "--dump", &s(&ours)]);
+    assert_eq!(code, 0);
+    let (code, out) = code_and_text(&["diff", &s(&ours), &s(&reference)]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("were made from different config.json files"), "{out}");
+    assert!(out.contains("spec hook points of the reference not in ours: the dumps ran different config.json files"));
+    assert!(!out.contains("numbers its layers from 1"), "{out}");
+    let start = [
+        "run",
+        "--model",
+        &s(&mtp),
+        "--layers",
+        "1..2",
+        "--from-dump",
+        &s(&golden("flat").join("reference.safetensors")),
+    ];
+    let (code, out) = code_and_text(&[&start[..], &["--dump", &s(&tmp.path().join("w.st"))]].concat());
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("warning: --from-dump: ") && out.contains("was made from a different config.json than"));
+}

@@ -135,10 +135,16 @@ pub struct DiffReport {
     /// Which dumps hold only f16 values (each float an f16's: the spec lets a producer store F16)
     /// and not only bf16's, when floats differ at an rtol below f16's rounding ([`F16_ROUNDING`]).
     pub f16_only: [bool; 2],
+    /// Whether the dumps record different `config_sha256`s: two models, whose layers and hook
+    /// points need not line up, so what one lacks says nothing of how it names them.
+    pub configs_differ: bool,
 }
 
 /// The most rounding a value to f16 moves it by, relative to it: half of f16's 2^-10 ulp.
 pub const F16_ROUNDING: f64 = 1.0 / 2048.0;
+
+/// Why two dumps' hook points need not line up, where they record different configs.
+const OTHER_CONFIGS: &str = "the dumps ran different config.json files";
 
 /// What `diff` says of two dumps that share nothing but their tokens.
 const TOKENS_ONLY: &str = "nothing compared but input_ids: the dumps share no hook point";
@@ -174,7 +180,7 @@ impl DiffReport {
     /// contract, and most of the comparison did not happen.
     pub fn misnamed(&self) -> Option<String> {
         let missing = self.missing_spec_names();
-        (!missing.is_empty()).then(|| self.missing_names_hint(&missing)).flatten()
+        (!missing.is_empty() && !self.configs_differ).then(|| self.missing_names_hint(&missing)).flatten()
     }
     /// The first tensor, in forward order, that does not match.
     pub fn first_divergence(&self) -> Option<&Comparison> {
@@ -359,6 +365,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
             true => [false; 2],
             false => [0, 1].map(|side| f16_only[side] && !bf16_only[side]),
         },
+        configs_differ: a.other_config_than(b).is_some(),
     };
     report.past_rounding = match past::past_rounding(&report, a, b, opts)? {
         Some(past) => Some(past),
@@ -553,6 +560,7 @@ impl DiffReport {
             "tensors": self.results.iter().map(|c| comparison_json(c, self.near_tie)).collect::<Vec<_>>(),
             "missing_spec_names_in_a": self.missing_spec_names(),
             "misnamed_in_a": self.misnamed(),
+            "configs_differ": self.configs_differ,
             "bf16_only": {"a": self.bf16_only[0], "b": self.bf16_only[1]},
             "f16_only": {"a": self.f16_only[0], "b": self.f16_only[1]},
             "bf16_first_divergence": self.bf16_first.as_ref().map(|(name, [a, b])| json!({"name": name, "a": a, "b": b})),
@@ -646,7 +654,11 @@ impl DiffReport {
         if !missing.is_empty() {
             let listed = missing.iter().take(3).copied().collect::<Vec<_>>().join(", ");
             let more = if missing.len() > 3 { ", ..." } else { "" };
-            let hint = self.missing_names_hint(&missing).map(|h| format!(": {h}")).unwrap_or_default();
+            let hint = match self.misnamed() {
+                Some(h) => format!(": {h}"),
+                None if self.configs_differ => format!(": {OTHER_CONFIGS}"),
+                None => String::new(),
+            };
             out += &format!(
                 "not compared: ours lacks {} of the reference's spec hook points ({listed}{more}){hint}\n",
                 missing.len()
@@ -717,6 +729,9 @@ impl DiffReport {
         let bad = self.results.iter().filter(|c| !c.ok).count();
         let unmatched = match (missing.len(), self.misnamed()) {
             (0, _) => String::new(),
+            (n, None) if self.configs_differ => {
+                format!(" ({n} spec hook points of the reference not in ours: {OTHER_CONFIGS})")
+            }
             (n, None) => format!(" ({n} spec hook points of the reference not in ours)"),
             (n, Some(hint)) => {
                 format!(" ({n} spec hook points of the reference not in ours: {hint}, so the dumps do not match)")

@@ -18,6 +18,7 @@ fn report_of(results: Vec<Comparison>) -> DiffReport {
         bf16_only: [false; 2],
         bf16_first: None,
         f16_only: [false; 2],
+        configs_differ: false,
     }
 }
 

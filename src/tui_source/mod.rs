@@ -250,6 +250,15 @@ impl DumpSource {
         })
     }
 
+    /// This source with `warning` put first in its status-line warning.
+    pub(crate) fn warned(mut self, warning: Option<String>) -> Self {
+        self.warning = match (warning, self.warning.take()) {
+            (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+            (a, b) => a.or(b),
+        };
+        self
+    }
+
     /// The class of each flipped row (flat, as the comparison indexes them) of the selection
     /// `name`, and the margins that decided it on each side (ours, reference; where known): the
     /// larger of its row's and the flipped keys' lead (`Flip::decided_by`), which its class was

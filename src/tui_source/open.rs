@@ -93,12 +93,7 @@ pub fn open(o: &Open) -> Result<DumpSource> {
                 };
                 Some(format!("--model {}: not the config.json {which} ran", dir.display()))
             });
-            let mut src = DumpSource::new(title, ours, reference, &opts)?;
-            src.warning = match (warning, src.warning.take()) {
-                (Some(a), Some(b)) => Some(format!("{a}; {b}")),
-                (a, b) => a.or(b),
-            };
-            return Ok(src);
+            return Ok(DumpSource::new(title, ours, reference, &opts)?.warned(warning));
         }
         (None, Some(dir)) => dir,
         (None, None) => return Err(Error::Usage("give a model or a dump".into())),
@@ -184,5 +179,10 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     opts.routers = Some(Routers::of_layers(&model.config, &model.layers));
     opts.config = Some(ckpt.config.clone());
     opts.checkpoint = Some(ckpt.clone());
-    DumpSource::new(title, ours, reference, &opts)
+    // A reference another model ran compares nothing that lines up: said in the status line.
+    let warning = reference
+        .as_ref()
+        .and_then(|r| r.other_config(&ckpt.config_bytes, dir))
+        .map(|_| format!("--model {}: not the config.json the reference ran", dir.display()));
+    Ok(DumpSource::new(title, ours, reference, &opts)?.warned(warning))
 }
