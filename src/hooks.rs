@@ -1,5 +1,5 @@
 //! Hook points of the forward pass and the observer that receives them. A hook point is a typed
-//! value (no string matching in the hot path); its dump name (`../shared/spec/dump-format.md`) is
+//! value (no string matching in the hot path); its dump name (`docs/spec/dump-format.md`) is
 //! derived only when something is recorded. The forward pass asks `wants` before building any
 //! tensor that exists only to be observed, so a run with no observer does no extra work.
 

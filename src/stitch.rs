@@ -1,6 +1,6 @@
 //! Laying decode steps end to end. Each decode call reports its hooks for the few positions it
 //! ran; [`Stitcher`] keeps them and joins them along the sequence, so a decode run's record has
-//! the names and shapes of a prefill's (`../shared/spec/dump-format.md`) and can be compared with
+//! the names and shapes of a prefill's (`docs/spec/dump-format.md`) and can be compared with
 //! one, written as a dump, or diffed against a reference. A long generation's parts go to a file
 //! beside the dump as they come ([`Stitcher::spilling`]) and are joined one hook point at a time,
 //! so its memory does not grow with the generation; its disk use peaks at about twice the dump's

@@ -1,4 +1,4 @@
-//! Activation dumps in the `glm5-dump/1` format (`../shared/spec/dump-format.md`): one safetensors
+//! Activation dumps in the `glm5-dump/1` format (`docs/spec/dump-format.md`): one safetensors
 //! file of named F32 activations and I64 selections. Reading goes through a memory map, so a large
 //! reference dump is paged in tensor by tensor; writing (`writer.rs`) is atomic (temporary file, then rename).
 
