@@ -107,11 +107,28 @@ impl Tokens {
         }
     }
 
-    /// Where two runs' inputs part: their shapes (`1 x 32 vs 1 x 16 tokens`) or the first id
-    /// that differs (`token [0, 5]: 17 vs 4`); None when they are the same.
+    /// Where two runs' inputs part: their shapes (`1 x 32 vs 1 x 16 tokens`, with the first id
+    /// their common positions disagree on), or the first id that differs (`token [0, 5]: 17 vs 4`);
+    /// None when they are the same.
     pub fn difference(&self, other: &Tokens) -> Option<String> {
         if (self.batch, self.seq) != (other.batch, other.seq) {
-            return Some(format!("{} x {} vs {} x {} tokens", self.batch, self.seq, other.batch, other.seq));
+            let shapes = format!("{} x {} vs {} x {} tokens", self.batch, self.seq, other.batch, other.seq);
+            // Rows of different lengths: the first token their common positions disagree on.
+            let common = self.seq.min(other.seq);
+            let at = |t: &Tokens, b: usize, s: usize| t.ids.get(b * t.seq + s).copied();
+            let first = (self.batch == other.batch)
+                .then(|| (0..self.batch).flat_map(|b| (0..common).map(move |s| (b, s))))
+                .into_iter()
+                .flatten()
+                .find(|&(b, s)| at(self, b, s) != at(other, b, s));
+            return Some(match first {
+                Some((b, s)) => format!(
+                    "{shapes}; token [{b}, {s}]: {} vs {}",
+                    at(self, b, s).unwrap_or_default(),
+                    at(other, b, s).unwrap_or_default()
+                ),
+                None => shapes,
+            });
         }
         let i = self.ids.iter().zip(&other.ids).position(|(a, b)| a != b)?;
         Some(format!("token [{}, {}]: {} vs {}", i / self.seq, i % self.seq, self.ids[i], other.ids[i]))
@@ -253,4 +270,20 @@ pub fn avx2() -> bool {
         let has = false;
         has && std::env::var_os("GLIMPSE_NO_AVX2").is_none()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tokens;
+
+    #[test]
+    fn token_runs_of_different_lengths_name_the_first_token_they_disagree_on() {
+        let tokens = |seq, ids: &[u32]| Tokens { ids: ids.to_vec(), batch: 1, seq };
+        let (short, long) = (tokens(3, &[5, 6, 7]), tokens(4, &[5, 9, 7, 8]));
+        assert_eq!(short.difference(&long).as_deref(), Some("1 x 3 vs 1 x 4 tokens; token [0, 1]: 6 vs 9"));
+        // One run's tokens begin the other's: only the shapes (`diff` adds that they are a prefix).
+        let prefix = tokens(2, &[5, 9]);
+        assert_eq!(prefix.difference(&long).as_deref(), Some("1 x 2 vs 1 x 4 tokens"));
+        assert_eq!(long.difference(&long), None);
+    }
 }
