@@ -106,6 +106,7 @@ echo "|---|---|---|"
 echo "$out" | sed -n 's/^kernel \(.*[^ ]\) *max_abs *\([^ ]*\) *\([A-Za-z]*\)$/| \1 | \2 | \3 |/p'
 echo "$out" | sed -n 's/^verify \([^ ]*\) (\(.*\)): \(.*\)$/| verify \1 (\2) | | \3 |/p'
 echo "$out" | sed -n 's/^measure \([^ ]*\) (\(.*\)): \(.*\)$/| measured: \1 (\2) | | \3 |/p'
+echo "$out" | sed -n 's/^kernels: \(.*\)$/| kernel resources (driver) | | \1 |/p'
 echo "selftest exit code $rc, $(( $(date +%s) - start )) s"
 
 experts=${EXPERTS:-32}

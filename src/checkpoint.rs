@@ -48,7 +48,11 @@ impl std::fmt::Debug for Checkpoint {
 impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::checkpoint(dir, "not a directory (expected a checkpoint folder with config.json)"));
+            let what = match dir.exists() {
+                true => "is a file, not a folder",
+                false => "does not exist",
+            };
+            return Err(Error::checkpoint(dir, format!("{what} (expected a checkpoint folder with config.json)")));
         }
         if dir.join(SYNTH_UNFINISHED).exists() {
             return Err(Error::checkpoint(
@@ -80,6 +84,12 @@ impl Checkpoint {
                 continue;
             }
             let file = StFile::open(&path)?;
+            if file.metadata().get("format").is_some_and(|f| f == crate::dump::FORMAT) {
+                return Err(Error::checkpoint(
+                    &path,
+                    "is an activation dump (format glm5-dump/1), not the checkpoint's weights",
+                ));
+            }
             for name in file.names() {
                 if let Some(prev) = names.insert(name.to_string(), files.len()) {
                     return Err(Error::checkpoint(

@@ -96,7 +96,7 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
         /// With --decode: positions per decode call (1: token by token; more: chunked prefill).
-        #[arg(long, default_value_t = 1, requires = "decode", value_parser = clap::value_parser!(u64).range(1..))]
+        #[arg(long, default_value_t = 1, requires = "decode", value_parser = positive)]
         chunk: u64,
         /// Where the forward pass runs: `cpu-ops` is the GPU path's code on the host; `cuda` needs a
         /// build with `--features cuda` and a GPU, `cuda-emu` that build. Each compares the main
@@ -216,7 +216,7 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
         max_new_tokens: u64,
         /// Prompt positions per decode call (default: the whole prompt in one call).
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        #[arg(long, value_parser = positive)]
         chunk: Option<u64>,
         /// Write every step's hook points to this dump, laid end to end like a prefill's.
         #[arg(long)]
@@ -494,4 +494,13 @@ pub(crate) struct RunArgs {
     pub(crate) device: Backend,
     #[command(flatten)]
     pub(crate) gpu: Gpu,
+}
+
+/// A count of 1 or more (`--chunk` of verify and generate).
+fn positive(s: &str) -> std::result::Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(0) => Err("must be 1 or more".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("\"{s}\" is not a whole number")),
+    }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 /// Everything that can go wrong in glimpse.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    #[error("{path}: {}", io_words(source))]
     Io {
         path: PathBuf,
         #[source]
@@ -52,6 +52,19 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An I/O error in words a user acts on ("does not exist", not "os error 2").
+fn io_words(e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::NotFound => "does not exist".into(),
+        ErrorKind::IsADirectory => "is a folder, not a file".into(),
+        ErrorKind::NotADirectory => "a part of the path is a file, not a folder".into(),
+        ErrorKind::AlreadyExists => "already exists".into(),
+        ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
+    }
+}
 
 impl Error {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {

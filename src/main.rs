@@ -54,9 +54,12 @@ fn main() -> ExitCode {
             // --precision and --ordinal were global flags once (`glimpse --precision bf16 verify`).
             let moved = e.kind() == clap::error::ErrorKind::UnknownArgument
                 && ["'--precision'", "'--ordinal'"].iter().any(|f| first.contains(f));
-            let hint = match moved {
-                true => "--precision and --ordinal go after a command that takes --device, e.g. glimpse verify --device cuda --precision bf16",
-                false => "see glimpse --help",
+            // clap's own tip, where it has one (a similar argument's name), is kept.
+            let tip = text.lines().map(str::trim).find_map(|l| l.strip_prefix("tip: "));
+            let hint = match (moved, tip) {
+                (true, _) => "--precision and --ordinal go after a command that takes --device, e.g. glimpse verify --device cuda --precision bf16".to_string(),
+                (false, Some(tip)) => format!("{tip}; see glimpse --help"),
+                (false, None) => "see glimpse --help".to_string(),
             };
             eprintln!("glimpse: error: {} ({hint})", first.trim_start_matches("error: "));
             return ExitCode::from(2);
@@ -394,6 +397,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Audit(args) => audit_command::audit(args, max_memory),
         Command::Bench { model, tokens, repeat, device, gpu } => {
             let target = gpu.target(device)?;
+            warn_past_positions(&Checkpoint::open(&model)?.config, tokens);
             if device != Backend::Cpu {
                 let ckpt = Checkpoint::open(&model)?;
                 memory::check_run(
@@ -486,6 +490,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let root = default_case().parent().map(Path::to_path_buf).unwrap_or_default();
             let scope = if kernels_only { glimpse::selftest::Scope::Kernels } else { glimpse::selftest::Scope::All };
             let ok = glimpse::selftest::run(&root, gpu.target(device)?, scope, max_memory)?;
+            println!("selftest: {}", if ok { "every check passed" } else { "a check FAILED (marked above)" });
             Ok(exit(ok))
         }
         Command::Synth { config, preset, layers, dense, experts, vocab, dtype, shards, mtp, seed, out } => {

@@ -96,6 +96,7 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
     let weights = load_weights(&ckpt, &mut resident, &budget)?;
     let expected = glimpse::hooks::max_points(ckpt.config.num_hidden_layers);
     let mut watch = NonFiniteWatch::default();
+    let window = layers.clone();
     let logits = match &out {
         Some(path) => {
             let selector = selector.clone();
@@ -164,11 +165,18 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
     if let Some(nf) = &watch.first {
         eprintln!("glimpse: warning: first NaN/Inf of the run: {nf}");
     }
-    if let Some(logits) = logits {
-        let s = logits.dims()[1];
-        for (bi, next) in glimpse::model::decode::last_argmax(&logits)?.iter().enumerate() {
-            println!("row {bi}: {s} tokens, next token (greedy) {next}");
+    match (logits, &window, &out) {
+        (Some(logits), _, _) => {
+            let s = logits.dims()[1];
+            for (bi, next) in glimpse::model::decode::last_argmax(&logits)?.iter().enumerate() {
+                println!("row {bi}: {s} tokens, next token (greedy) {next}");
+            }
         }
+        // A window short of the head, recording nothing: say what ran, and that nothing stays.
+        (None, Some(window), None) => {
+            println!("layers {}..{} ran; nothing kept (give --dump FILE to record them)", window.start(), window.end())
+        }
+        (None, _, _) => {}
     }
     if let Some(rss) = glimpse::bench::peak_rss() {
         println!("peak RSS {:.1} MB", rss as f64 / 1e6);

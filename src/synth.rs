@@ -71,6 +71,12 @@ pub fn preset_glm5() -> Value {
 /// top-k and groups within the expert count).
 fn shrink(mut v: Value, o: &SynthOptions) -> Result<Value> {
     let obj = v.as_object_mut().ok_or_else(|| Error::config("<root>", "config must be a JSON object"))?;
+    // A zero here would be blamed on the config field it sets.
+    for (flag, value) in [("--layers", o.layers), ("--experts", o.experts), ("--vocab", o.vocab)] {
+        if value == Some(0) {
+            return Err(Error::Usage(format!("{flag} 0: give 1 or more")));
+        }
+    }
     if let Some(n) = o.layers {
         obj.insert("num_hidden_layers".into(), json!(n));
         for key in ["mlp_layer_types", "indexer_types"] {
@@ -260,6 +266,9 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
     let cfg = Config::from_json(&config_json)?;
     if o.shards == 0 {
         return Err(Error::Usage("--shards must be at least 1".into()));
+    }
+    if o.out.exists() && !o.out.is_dir() {
+        return Err(Error::Usage(format!("--out {}: is a file; give a folder for the checkpoint", o.out.display())));
     }
     refuse_foreign_weights(&o.out)?;
     let specs = released_layout(&cfg, o.mtp);

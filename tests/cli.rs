@@ -65,7 +65,10 @@ fn bad_input_is_a_one_line_error_with_exit_code_2() {
     let good = synth(t, 1);
     let good_s = good.to_str().unwrap();
 
-    assert_error(&glimpse(&["verify", "--model", "/no/such/dir"]), "not a directory");
+    assert_error(
+        &glimpse(&["verify", "--model", "/no/such/dir"]),
+        "/no/such/dir: does not exist (expected a checkpoint folder",
+    );
     assert_error(&glimpse(&["selftest", "--kernels-only"]), "--kernels-only needs --device cuda or cuda-emu");
     assert_error(&glimpse(&["inspect", "--model", t.to_str().unwrap()]), "config.json");
 
@@ -154,6 +157,7 @@ fn selftest_checks_every_golden_case_and_refuses_a_missing_gpu() {
         assert!(out.contains(&format!("golden/{case} (cpu, --isolate): ")), "{case}: {out}");
     }
     assert!(!out.contains("FAILED"), "{out}");
+    assert!(out.trim_end().ends_with("selftest: every check passed"), "{out}");
     // It loads models, so --max-memory holds for it as for every command that does.
     assert_error(&glimpse(&["--max-memory", "1K", "selftest"]), "but --max-memory is 1.0 KB");
     // A golden/ that holds no reference is an error, not a pass that checked nothing (the
@@ -781,4 +785,15 @@ fn verify_names_a_reference_whose_layers_start_at_1() {
     // Its own reference, and a window of it, say nothing of the kind.
     let (code, out) = common::code_and_text(&["verify", "--model", "golden/flat", "--layers", "2..3"]);
     assert!(code == 0 && !out.contains("numbers its layers"), "{out}");
+}
+
+/// A window short of the head that records nothing says so (it printed only its memory), and
+/// `bench` past the config's positions warns as `run` does.
+#[test]
+fn a_window_without_a_dump_and_a_long_bench_say_so() {
+    let flat = s(&golden("flat"));
+    let (out, _) = assert_ok(&glimpse(&["run", "--model", &flat, "--layers", "0..1", "--tokens", "1,2"]));
+    assert!(out.contains("layers 0..1 ran; nothing kept (give --dump FILE to record them)"), "{out}");
+    let (_, err) = assert_ok(&glimpse(&["bench", "--model", &flat, "--tokens", "4100", "--repeat", "1"]));
+    assert!(err.contains("4100 positions, 4 of them past max_position_embeddings (4096)"), "{err}");
 }

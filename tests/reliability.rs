@@ -263,6 +263,16 @@ fn malformed_files_and_arguments_are_one_line_errors() {
     let needle = "`layers.2.moe.topk_ids` has shape [3, 0]: the spec's is [tokens, experts per token], k > 0";
     cases.push((vec!["audit".into(), "--dump".into(), s(&none)], needle.into()));
 
+    // A checkpoint's weights given as a dump, and a dump given as a checkpoint's weights.
+    let weights_as_dump = vec!["audit".to_string(), "--dump".into(), s(&flat.join("model.safetensors"))];
+    cases.push((weights_as_dump, "it holds a checkpoint's weights, not a dump".into()));
+    let dump_as_weights = t.join("dump-as-weights");
+    std::fs::create_dir_all(&dump_as_weights).unwrap();
+    std::fs::copy(flat.join("config.json"), dump_as_weights.join("config.json")).unwrap();
+    std::fs::copy(flat.join("reference.safetensors"), dump_as_weights.join("model.safetensors")).unwrap();
+    let run = vec!["run".to_string(), "--model".into(), s(&dump_as_weights), "--tokens".into(), "1".into()];
+    cases.push((run, "is an activation dump (format glm5-dump/1), not the checkpoint's weights".into()));
+
     // Configs whose values are wrong or inconsistent.
     let config_case = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
         let dir = t.join(format!("cfg-{name}"));
@@ -325,7 +335,10 @@ fn malformed_files_and_arguments_are_one_line_errors() {
         (vec!["tui", "--dump", &reference], "needs an interactive terminal"),
         (vec!["audit", "--model", &model, "--prompts", "/no/such/prompts.txt"], "/no/such/prompts.txt"),
         (vec!["generate", "--model", &model, "--tokens", "1,999"], "out of range for vocab_size"),
-        (vec!["generate", "--model", &model, "--tokens", "1", "--chunk", "0"], "0 is not in 1.."),
+        (
+            vec!["generate", "--model", &model, "--tokens", "1", "--chunk", "0"],
+            "invalid value '0' for '--chunk <CHUNK>': must be 1 or more",
+        ),
         // 3 + 2^64 - 1 positions wrapped around and panicked at a capacity overflow.
         (
             vec!["generate", "--model", &model, "--tokens", "1,2,3", "--max-new-tokens", "18446744073709551615"],
@@ -336,7 +349,17 @@ fn malformed_files_and_arguments_are_one_line_errors() {
             vec!["generate", "--model", &model, "--tokens", "1", "--dump", "/no/such/dir/gen.safetensors"],
             "/no/such/dir/",
         ),
-        (vec!["verify", "--decode", "--chunk", "0"], "0 is not in 1.."),
+        (vec!["verify", "--decode", "--chunk", "0"], "must be 1 or more"),
+        // clap's tip survives the one-line error; I/O errors in words; a flag's zero blamed on it.
+        (vec!["run", "--model", &model, "--token", "1,2"], "a similar argument exists: '--tokens'; see glimpse --help"),
+        (vec!["diff", "--tol", "logits=-1,0", &reference, &reference], "tolerances must be finite numbers, 0 or more"),
+        (
+            vec!["verify", "--golden", "/no/such/reference.safetensors"],
+            "/no/such/reference.safetensors: does not exist",
+        ),
+        (vec!["audit", "--model", &model, "--prompts", &model], "is a folder, not a file"),
+        (vec!["synth", "--config", &not_a_dump, "--out", &reference], "is a file; give a folder for the checkpoint"),
+        (vec!["synth", "--config", &not_a_dump, "--layers", "0", "--out", &model], "--layers 0: give 1 or more"),
         // Output paths that cannot become files are refused before any work, leaving nothing.
         (vec!["run", "--model", &model, "--tokens", "1,2", "--dump", &model], "is a folder; give a file path"),
         (vec!["audit", "--dump", &reference, "--csv", &model], "is a folder; give a file path"),

@@ -94,8 +94,11 @@ pub fn parse_tol(s: &str) -> Result<(String, Tolerance)> {
     let (a, r) = nums.split_once(',').ok_or_else(bad)?;
     let atol: f64 = a.trim().parse().map_err(|_| bad())?;
     let rtol: f64 = r.trim().parse().map_err(|_| bad())?;
-    if pattern.is_empty() || !(atol >= 0.0 && rtol >= 0.0 && atol.is_finite() && rtol.is_finite()) {
+    if pattern.is_empty() {
         return Err(bad());
+    }
+    if !(atol >= 0.0 && rtol >= 0.0 && atol.is_finite() && rtol.is_finite()) {
+        return Err(Error::Usage(format!("--tol \"{s}\": tolerances must be finite numbers, 0 or more")));
     }
     Ok((pattern.to_string(), Tolerance { atol, rtol }))
 }

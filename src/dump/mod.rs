@@ -61,9 +61,16 @@ impl Dump {
         })?;
         match file.metadata().get("format").map(String::as_str) {
             Some(FORMAT) => {}
-            Some(other) => return Err(Error::dump(path, format!("format is \"{other}\", expected \"{FORMAT}\""))),
+            Some(other) => {
+                let hint = weights_hint(&file);
+                return Err(Error::dump(path, format!("format is \"{other}\", expected \"{FORMAT}\"{hint}")));
+            }
             None => {
-                return Err(Error::dump(path, format!("no `format` in the header metadata (expected \"{FORMAT}\")")))
+                let hint = weights_hint(&file);
+                return Err(Error::dump(
+                    path,
+                    format!("no `format` in the header metadata (expected \"{FORMAT}\"){hint}"),
+                ));
             }
         }
         // Refused at open, not when a command reaches the tensor (after its header was printed);
@@ -373,6 +380,16 @@ const MASKED: f32 = f32::MIN / 2.0;
 fn unmask(name: &str, v: &mut [f32]) {
     if name.ends_with(".dsa.scores") {
         v.iter_mut().filter(|x| **x <= MASKED).for_each(|x| *x = f32::NEG_INFINITY);
+    }
+}
+
+/// Where a file given as a dump holds a checkpoint's weights (`model.*` tensors), says so.
+fn weights_hint(file: &StFile) -> &'static str {
+    match file.names().any(|n| n.starts_with("model.") || n == "lm_head.weight") {
+        true => {
+            ": it holds a checkpoint's weights, not a dump (one `glimpse run --dump` or a reference generator writes)"
+        }
+        false => "",
     }
 }
 
