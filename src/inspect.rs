@@ -193,3 +193,23 @@ pub fn describe(ckpt: &Checkpoint) -> Result<String> {
     }
     Ok(s)
 }
+
+/// The tensors the checkpoint holds in another shape than its config implies (in the released
+/// layout's names; a layout of other names, transformers' fused experts, is not judged here):
+/// the first, and how many. Such a checkpoint never loads with this config (`run` lists them).
+pub fn misshapen(ckpt: &Checkpoint) -> Option<String> {
+    let layout = crate::layout::released_layout(&ckpt.config, crate::model::mtp::Mtp::present(ckpt));
+    let off: Vec<String> = layout
+        .iter()
+        .filter_map(|t| {
+            let held = ckpt.shape(&t.name)?;
+            (held != t.shape).then(|| format!("`{}` is {held:?}, the config implies {:?}", t.name, t.shape))
+        })
+        .collect();
+    let first = off.first()?;
+    Some(format!(
+        "{}: {} tensor(s) of another shape than config.json implies (first: {first}): not this config's checkpoint",
+        ckpt.dir.display(),
+        off.len()
+    ))
+}

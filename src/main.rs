@@ -453,7 +453,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Inspect { model } => {
             let ckpt = Checkpoint::open(&model)?;
             print!("{}", inspect::describe(&ckpt)?);
-            Ok(ExitCode::SUCCESS)
+            // The report first (what the files hold), then why they cannot run.
+            match inspect::misshapen(&ckpt) {
+                Some(why) => Err(Error::Weights(why)),
+                None => Ok(ExitCode::SUCCESS),
+            }
         }
         Command::Run(args) => {
             glimpse::progress::enable();

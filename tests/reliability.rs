@@ -273,6 +273,15 @@ fn malformed_files_and_arguments_are_one_line_errors() {
     let run = vec!["run".to_string(), "--model".into(), s(&dump_as_weights), "--tokens".into(), "1".into()];
     cases.push((run, "is an activation dump (format glm5-dump/1), not the checkpoint's weights".into()));
 
+    // Weights of another config's shapes: `inspect` shows them, then refuses them.
+    let other_weights = t.join("other-weights");
+    std::fs::create_dir_all(&other_weights).unwrap();
+    std::fs::copy(flat.join("config.json"), other_weights.join("config.json")).unwrap();
+    std::fs::copy(golden("mtp").join("model.safetensors"), other_weights.join("model.safetensors")).unwrap();
+    let needle = "4 tensor(s) of another shape than config.json implies (first: `model.layers.2.mlp.gate.weight` is [8, \
+                  64], the config implies [16, 64])";
+    cases.push((vec!["inspect".into(), "--model".into(), s(&other_weights)], needle.into()));
+
     // Configs whose values are wrong or inconsistent.
     let config_case = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
         let dir = t.join(format!("cfg-{name}"));
