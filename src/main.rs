@@ -397,9 +397,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Audit(args) => audit_command::audit(args, max_memory),
         Command::Bench { model, tokens, repeat, device, gpu } => {
             let target = gpu.target(device)?;
-            warn_past_positions(&Checkpoint::open(&model)?.config, tokens);
+            let ckpt = Checkpoint::open(&model)?;
+            warn_past_positions(&ckpt.config, tokens);
             if device != Backend::Cpu {
-                let ckpt = Checkpoint::open(&model)?;
                 memory::check_run(
                     &ckpt,
                     (1, tokens),

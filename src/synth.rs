@@ -270,7 +270,7 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
     if o.out.exists() && !o.out.is_dir() {
         return Err(Error::Usage(format!("--out {}: is a file; give a folder for the checkpoint", o.out.display())));
     }
-    refuse_foreign_weights(&o.out)?;
+    refuse_foreign_files(&o.out)?;
     let specs = released_layout(&cfg, o.mtp);
     // A shard holds at least one weight (and its scale): no empty shards.
     if o.shards > specs.len() {
@@ -402,7 +402,7 @@ const MARK: (&str, &str) = ("glimpse", "synth");
 /// Refuses an `out` folder that holds weight files synth did not write (a real checkpoint,
 /// perhaps with its reference dumps beside it), or a config or index without synth's weights
 /// beside it (another folder's files, which synth would replace).
-fn refuse_foreign_weights(out: &Path) -> Result<()> {
+fn refuse_foreign_files(out: &Path) -> Result<()> {
     let files = crate::checkpoint::own_files(out);
     let mut marked = false;
     for path in files.iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")) {
