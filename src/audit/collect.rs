@@ -591,6 +591,10 @@ fn check_rule(d: &Dump, name: &str, k: usize, routes: &[Route], logits: &[f32], 
 fn check_weights(d: &Dump, layer: usize, k: usize, routes: &[Route], ids: &[i64], w: &[f32]) {
     let k = k.max(1);
     let close = |a: f32, b: f32| (a - b).abs() <= 2e-2 * b.abs().max(1e-2);
+    // Weights moved to other slots are the router's own values: they match once sorted to
+    // within rounding (a bf16 copy's 2^-9), where another rule's match only roughly, and a
+    // rough match could pair them by chance (a port that weighs with the bias matched 2 of 32).
+    let same = |a: f32, b: f32| (a - b).abs() <= 5e-3 * b.abs().max(1e-2);
     let (mut checked, mut misaligned, mut other) = (0, 0, 0);
     for ((route, recorded), weights) in routes.iter().zip(ids.chunks(k)).zip(w.chunks(k)) {
         let rule = |id: i64| route.ids.iter().position(|&x| x as i64 == id).map(|j| route.weights[j]);
@@ -602,7 +606,7 @@ fn check_weights(d: &Dump, layer: usize, k: usize, routes: &[Route], ids: &[i64]
         let (mut a, mut b) = (expected.clone(), weights.to_vec());
         a.sort_by(f32::total_cmp);
         b.sort_by(f32::total_cmp);
-        match a.iter().zip(&b).all(|(&x, &y)| close(y, x)) {
+        match a.iter().zip(&b).all(|(&x, &y)| same(y, x)) {
             true => misaligned += 1,
             false => other += 1,
         }

@@ -128,6 +128,10 @@ fn audit_says_when_a_dumps_weights_are_not_its_experts() {
     let err = audit(&unscaled);
     assert!(err.contains("`layers.3.moe.topk_weights`: 32 of 32 tokens' weights are not --model's router's"), "{err}");
     assert!(!audit(reference).contains("weights"));
+    // A port that weighs its experts with the bias (transformers, a planted bug): another rule,
+    // never weights in other slots (a 2% match once sorted had paired 2 of 32 tokens' by chance).
+    let err = audit(Path::new("golden/flat/port-biased-weights.safetensors"));
+    assert!(err.contains("tokens' weights are not --model's router's") && !err.contains("other slots"), "{err}");
 }
 
 /// A stop during the audited prompts with `--against` keeps the prompts run and measures the
