@@ -98,7 +98,7 @@ fn audit_marks_the_mtp_layer_and_uses_its_bias() {
     assert!(table.lines().any(|l| l.trim_start().starts_with("3 mtp ")), "{table}");
     // The CSV (here on standard output) and the heatmap mark it too.
     let (csv, _) = assert_ok(&glimpse(&["audit", "--model", "golden/mtp", "--dump", reference, "--csv", "-"]));
-    assert_eq!(csv.lines().next(), Some("layer,expert,count,share,bias,mtp"));
+    assert_eq!(csv.lines().next(), Some("layer,expert,count,share,weight,weight_share,bias,mtp"));
     assert!(csv.lines().skip(1).all(|l| l.ends_with(if l.starts_with("3,") { ",1" } else { ",0" })), "{csv}");
     let svg = tmp.path().join("load.svg");
     assert_ok(&glimpse(&["audit", "--model", "golden/mtp", "--dump", reference, "--heatmap", &common::s(&svg)]));
@@ -709,4 +709,51 @@ fn audit_writes_every_tokens_routing() {
         }
         approx::assert_abs_diff_eq!(a[7].parse::<f32>().unwrap(), b[7].parse::<f32>().unwrap(), epsilon = 1e-4);
     }
+}
+
+/// The routing weight each expert received: the JSON's `weight_mass` is the dump's
+/// `moe.topk_weights` summed by expert (read here straight from the file), its MaxVio is
+/// `max/mean - 1` of those sums, and the CSV's `weight_share` their shares; a run that recorded
+/// no weights leaves them unknown, as the table's `-` and a note say.
+#[test]
+fn audit_sums_the_routing_weight_each_expert_received() {
+    use glimpse::dump::{Dump, Values};
+    let reference = "golden/flat/reference.safetensors";
+    let (json, _) = assert_ok(&glimpse(&["audit", "--dump", reference, "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let d = Dump::open(Path::new(reference)).unwrap();
+    for layer in v["layers"].as_array().unwrap() {
+        let i = layer["layer"].as_u64().unwrap();
+        let (Values::I64(ids), _) = d.values(&format!("layers.{i}.moe.topk_ids")).unwrap() else { panic!() };
+        let (Values::F32(w), _) = d.values(&format!("layers.{i}.moe.topk_weights")).unwrap() else { panic!() };
+        let mut mass = vec![0.0f64; 16];
+        for (&e, &x) in ids.iter().zip(&w) {
+            mass[e as usize] += f64::from(x);
+        }
+        let got: Vec<f64> = layer["weight_mass"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        assert!(got.iter().zip(&mass).all(|(a, b)| (a - b).abs() < 1e-9), "layer {i}: {got:?} vs {mass:?}");
+        let mean = mass.iter().sum::<f64>() / 16.0;
+        let max_vio = mass.iter().copied().fold(0.0, f64::max) / mean - 1.0;
+        assert!((layer["max_vio_by_weight"].as_f64().unwrap() - max_vio).abs() < 1e-9, "layer {i}");
+    }
+    let (csv, _) = assert_ok(&glimpse(&["audit", "--dump", reference, "--csv", "-"]));
+    let share: f64 =
+        csv.lines().filter(|l| l.starts_with("3,")).map(|l| l.split(',').nth(5).unwrap().parse::<f64>().unwrap()).sum();
+    assert!((share - 1.0).abs() < 1e-4, "{share}");
+    // Without the weights: unknown, not zero.
+    let tmp = tempfile::tempdir().unwrap();
+    let ids_only = common::run_dump(
+        "golden/flat",
+        &["--tokens-from", reference, "--record", "layers.*.moe.topk_ids"],
+        tmp.path(),
+        "ids.st",
+    );
+    let (json, _) = assert_ok(&glimpse(&["audit", "--dump", &ids_only, "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(v["layers"][0]["weight_mass"].is_null() && v["layers"][0]["max_vio_by_weight"].is_null(), "{v}");
+    let (table, _) = assert_ok(&glimpse(&["audit", "--dump", &ids_only, "--dump", reference]));
+    assert!(
+        table.contains("by weight is left out where some runs recorded no routing weights (layer 2: 32 of 64"),
+        "{table}"
+    );
 }

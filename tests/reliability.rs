@@ -278,7 +278,8 @@ fn malformed_files_and_arguments_are_one_line_errors() {
     std::fs::create_dir_all(&other_weights).unwrap();
     std::fs::copy(flat.join("config.json"), other_weights.join("config.json")).unwrap();
     std::fs::copy(golden("mtp").join("model.safetensors"), other_weights.join("model.safetensors")).unwrap();
-    let needle = "4 tensor(s) of another shape than config.json implies (first: `model.layers.2.mlp.gate.weight` is [8, \
+    let needle =
+        "4 tensor(s) of another shape than config.json implies (first: `model.layers.2.mlp.gate.weight` is [8, \
                   64], the config implies [16, 64])";
     cases.push((vec!["inspect".into(), "--model".into(), s(&other_weights)], needle.into()));
 

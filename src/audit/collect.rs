@@ -509,6 +509,9 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>, mut routes: 
             Ok((Values::F32(w), _)) if w.len() == ids.len() => Some(w),
             _ => None,
         };
+        if let Some(w) = &weights {
+            audit.add_mass(i, &ids, w, k);
+        }
         if let (Some((rc, bias)), Some((v, shape))) = (router, &logits) {
             if shape.last() == Some(&bias.len()) && v.len() == rows * bias.len() {
                 // Each token routed once, for both checks.

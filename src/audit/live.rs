@@ -65,7 +65,7 @@ impl Observer for AuditObserver<'_> {
             HookPoint::FinalNorm => self.final_norm.is_some(),
             HookPoint::Layer(_, LayerHook::TopkIds | LayerHook::BiasChanged) => true,
             HookPoint::Layer(_, LayerHook::RouterMargin) => true,
-            HookPoint::Layer(_, LayerHook::TopkWeights) => self.routes.is_some(),
+            HookPoint::Layer(_, LayerHook::TopkWeights) => true,
             HookPoint::Layer(i, LayerHook::RouterLogits) => self.routers.is_some_and(|r| r.layer(i).is_some()),
             _ => false,
         }
@@ -96,6 +96,9 @@ impl Observer for AuditObserver<'_> {
                 let (weights, margin) = (self.weights.take(), self.margin.take());
                 if let Some((layer, ids, k)) = self.ids.take().filter(|(l, _, _)| *l == i) {
                     self.audit.add(layer, &ids, k, self.prompts, Some(&flags)).context(|| format!("layer {layer}"))?;
+                    if let Some(w) = weights.as_deref().filter(|w| w.len() == ids.len()) {
+                        self.audit.add_mass(layer, &ids, w, k);
+                    }
                     if let Some(m) = margin.as_deref().filter(|m| m.len() * k == ids.len()) {
                         self.audit.add_margins(layer, m);
                     }

@@ -63,6 +63,11 @@ pub struct LayerLoad {
     /// Each prompt's load per expert (`[prompts, experts]` flattened), where the audit keeps
     /// them (`Audit::per_prompt`: `--compare`'s chance level splits the prompts at random).
     pub prompt_counts: Option<Vec<u32>>,
+    /// The routing weight (`moe.topk_weights`) each expert received, summed over `mass_tokens`
+    /// tokens whose weights are known: what each expert contributes to the layer's output, which
+    /// may rank the experts otherwise than their counts.
+    pub mass: Vec<f64>,
+    pub mass_tokens: u64,
 }
 
 /// The upper edges of [`LayerLoad::margin_bins`]' first four bins: how close routing decisions
@@ -99,12 +104,19 @@ pub struct Stats {
     /// The share of tokens decided by a margin below 1e-3, where every token's margin is known:
     /// choices a rounding (a port, a quantisation) may flip.
     pub near_tie_share: Option<f64>,
+    /// MaxVio of the routing weight each expert received, where every token's weights are known.
+    pub max_vio_by_weight: Option<f64>,
 }
 
 /// `max load / mean load - 1` of per-expert counts (0 for no load).
 fn max_vio(counts: &[u64]) -> f64 {
-    let mean = counts.iter().sum::<u64>() as f64 / counts.len().max(1) as f64;
-    let max = counts.iter().copied().max().unwrap_or(0) as f64;
+    max_vio_of(&counts.iter().map(|&c| c as f64).collect::<Vec<_>>())
+}
+
+/// `max load / mean load - 1` of per-expert loads (0 for no load).
+fn max_vio_of(loads: &[f64]) -> f64 {
+    let mean = loads.iter().sum::<f64>() / loads.len().max(1) as f64;
+    let max = loads.iter().copied().fold(0.0, f64::max);
     if mean > 0.0 {
         max / mean - 1.0
     } else {
@@ -120,6 +132,11 @@ impl LayerLoad {
     /// The prompts this layer counts.
     pub fn prompts(&self) -> usize {
         self.prompt_max_vio.len()
+    }
+
+    /// Whether every token's routing weights were recorded (the weight mass covers the layer).
+    pub fn mass_known(&self) -> bool {
+        self.mass_tokens > 0 && self.mass_tokens == self.tokens
     }
 
     /// Whether its bias-changed share is over some of its tokens only (runs without flags).
@@ -157,6 +174,7 @@ impl LayerLoad {
                 .then(|| max_vio(&self.unbiased_counts)),
             near_tie_share: (self.margins_known > 0 && self.margins_known == self.tokens)
                 .then(|| (self.margin_bins[0] + self.margin_bins[1]) as f64 / self.margins_known as f64),
+            max_vio_by_weight: self.mass_known().then(|| max_vio_of(&self.mass)),
         }
     }
 }
@@ -301,6 +319,20 @@ impl Audit {
         l.unbiased_tokens += (ids.len() / k.max(1)) as u64;
     }
 
+    /// Adds one layer's routing weights (`[tokens, k]`, aligned with the ids an [`Audit::add`] of
+    /// the layer counted) to each chosen expert's weight mass; ids outside the experts are left out.
+    pub fn add_mass(&mut self, layer: usize, ids: &[i64], weights: &[f32], k: usize) {
+        let experts = self.experts;
+        let l = self.layers.entry(layer).or_insert_with(|| LayerLoad::new(layer, experts));
+        l.mass.resize(experts, 0.0);
+        for (&id, &w) in ids.iter().zip(weights) {
+            if let Some(m) = usize::try_from(id).ok().and_then(|e| l.mass.get_mut(e)) {
+                *m += f64::from(w);
+            }
+        }
+        l.mass_tokens += (ids.len().min(weights.len()) / k.max(1)) as u64;
+    }
+
     /// The margins that decided `layer`'s tokens (one a token, as [`Audit::add`] counted them;
     /// NaN where unknown; a negative one is not counted).
     pub fn add_margins(&mut self, layer: usize, margins: &[f32]) {
@@ -327,8 +359,8 @@ impl Audit {
         };
         let window = self.window.as_ref().map_or(String::new(), |w| format!(", layers {}..{}", w.start(), w.end()));
         let mut s = format!(
-            "expert load over {} prompt(s){stopped}, {} experts{window}\n{:>7} {:>8} {:>8} {:>8} {:>7} {:>8} {:>10} {:>5} {:>12} {:>10} {:>11}  {:<30}  rarest (expert:tokens)\n",
-            self.prompts(), self.experts, "layer", "tokens", "MaxVio", "w/o bias", "CV", "entropy", "MaxVio/run", "dead", "bias-changed", "corr(b,l)", "margin<1e-3", "busiest (expert:tokens)"
+            "expert load over {} prompt(s){stopped}, {} experts{window}\n{:>7} {:>8} {:>8} {:>8} {:>9} {:>7} {:>8} {:>10} {:>5} {:>12} {:>10} {:>11}  {:<30}  rarest (expert:tokens)\n",
+            self.prompts(), self.experts, "layer", "tokens", "MaxVio", "w/o bias", "by weight", "CV", "entropy", "MaxVio/run", "dead", "bias-changed", "corr(b,l)", "margin<1e-3", "busiest (expert:tokens)"
         );
         for l in self.layers.values() {
             let st = l.stats();
@@ -359,10 +391,11 @@ impl Audit {
             };
             let _ = writeln!(
                 s,
-                "{label:>7} {:>8} {:>8.3} {:>8} {:>7.3} {:>8.3} {:>10} {:>5} {:>12} {:>10} {:>11}  {busiest:<30}  {rarest}",
+                "{label:>7} {:>8} {:>8.3} {:>8} {:>9} {:>7.3} {:>8.3} {:>10} {:>5} {:>12} {:>10} {:>11}  {busiest:<30}  {rarest}",
                 l.tokens,
                 st.max_vio,
                 opt(st.max_vio_without_bias, false),
+                opt(st.max_vio_by_weight, false),
                 st.cv,
                 st.entropy,
                 opt(st.max_vio_per_run, false),
@@ -477,6 +510,16 @@ impl Audit {
                 unknown.join(", ")
             ));
         }
+        let weightless: Vec<String> = (self.layers.values())
+            .filter(|l| l.mass_tokens > 0 && l.mass_tokens < l.tokens)
+            .map(|l| format!("layer {}: {} of {}", l.layer, l.mass_tokens, l.tokens))
+            .collect();
+        if !weightless.is_empty() {
+            notes.push(format!(
+                "by weight is left out where some runs recorded no routing weights ({} tokens known)",
+                weightless.join(", ")
+            ));
+        }
         notes.extend(self.uneven_prompts());
         notes
     }
@@ -548,6 +591,8 @@ impl Audit {
                     "max_vio_without_bias": st.max_vio_without_bias,
                     "counts_without_bias": st.max_vio_without_bias.map(|_| &l.unbiased_counts),
                     "near_tie_share": st.near_tie_share,
+                    "max_vio_by_weight": st.max_vio_by_weight,
+                    "weight_mass": l.mass_known().then_some(&l.mass),
                     "margin_bins": { "edges": edges, "counts": l.margin_bins, "known_tokens": l.margins_known },
                     "mtp": self.mtp_layer == Some(l.layer),
                 })
@@ -562,19 +607,19 @@ impl Audit {
         })
     }
 
-    /// One row per (layer, expert): `layer,expert,count,share,bias,mtp` (`mtp`: 1 on the MTP
-    /// head's layer).
     /// Each layer's count per expert, `[{"layer", "counts"}]`: the other side's numbers of an
     /// `--against` or `--compare` in the JSON.
     pub fn counts_json(&self) -> Value {
         self.layers.values().map(|l| json!({"layer": l.layer, "counts": l.counts})).collect()
     }
 
-    /// Per (layer, expert): count, share, bias, whether the layer is the MTP head's; with `other`
-    /// (`--against`'s reference or `--compare`'s prompts, and its name), its count and share too
+    /// One row per (layer, expert), `layer,expert,count,share,weight,weight_share,bias,mtp`: count,
+    /// share, the routing weight the expert received and its share of the layer's (empty where some
+    /// token's weights are unknown), bias, whether the layer is the MTP head's (1 on it); with
+    /// `other` (`--against`'s reference or `--compare`'s prompts, and its name), its count and share too
     /// (empty where it does not route the layer), for per-expert shifts past the top three.
     pub fn to_csv(&self, other: Option<(&Audit, &str)>) -> String {
-        let mut s = String::from("layer,expert,count,share,bias,mtp");
+        let mut s = String::from("layer,expert,count,share,weight,weight_share,bias,mtp");
         if let Some((_, name)) = other {
             let _ = write!(s, ",{name}_count,{name}_share");
         }
@@ -586,7 +631,12 @@ impl Audit {
             for (e, &c) in l.counts.iter().enumerate() {
                 // `+ 0.0` writes a zero bias as 0, not -0.
                 let bias = l.bias.as_ref().and_then(|b| b.get(e)).map(|b| (b + 0.0).to_string()).unwrap_or_default();
-                let _ = write!(s, "{},{e},{c},{:.6},{bias},{mtp}", l.layer, share(c, &l.counts));
+                // The routing weight it received, where every token's is known (else empty).
+                let weight = match l.mass.get(e).filter(|_| l.mass_known()) {
+                    Some(m) => format!("{m:.6},{:.6}", m / l.mass.iter().sum::<f64>().max(f64::MIN_POSITIVE)),
+                    None => ",".into(),
+                };
+                let _ = write!(s, "{},{e},{c},{:.6},{weight},{bias},{mtp}", l.layer, share(c, &l.counts));
                 match theirs {
                     Some(Some(r)) => {
                         let rc = r.counts.get(e).copied().unwrap_or(0);

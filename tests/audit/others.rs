@@ -220,8 +220,8 @@ fn audit_compare_says_the_layers_one_side_lacks() {
     assert_eq!(v["compare_counts"], serde_json::json!([{"layer": 2, "counts": counts}]));
     let (csv, _) = assert_ok(&glimpse(&[&args[..], &["--csv", "-"]].concat()));
     let lines: Vec<&str> = csv.lines().collect();
-    assert_eq!(lines[0], "layer,expert,count,share,bias,mtp,compared_count,compared_share");
-    let (mine, theirs) = (lines[1].split(',').nth(2).unwrap(), lines[1].split(',').nth(6).unwrap());
+    assert_eq!(lines[0], "layer,expert,count,share,weight,weight_share,bias,mtp,compared_count,compared_share");
+    let (mine, theirs) = (lines[1].split(',').nth(2).unwrap(), lines[1].split(',').nth(8).unwrap());
     assert_eq!(
         (lines[1].split(',').next(), mine, theirs),
         (Some("2"), &*counts[0].to_string(), &*counts[0].to_string())
