@@ -241,6 +241,7 @@ fn audit_refuses_twice_the_same_dump_and_other_models_dumps() {
     let port = glimpse(&["audit", "--dump", "golden/flat/bf16-port.safetensors", "--against", flat]);
     let (out, _) = assert_ok(&port);
     assert!(out.contains("load shift against the reference"), "{out}");
+    assert!(out.contains("near-ties a rounding flips included: `glimpse diff OURS REFERENCE --model DIR`"), "{out}");
     // Gross, token by token: the tokens whose expert set changed are diff's routing flips (2, 4
     // and 6 in layers 2-4), and the slots that changed their experts chosen on one side only.
     let (json, _) =

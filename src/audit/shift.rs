@@ -239,9 +239,18 @@ impl Audit {
         s
     }
 
-    /// The layers one side lacks, which have no shift: said, rather than left to vanish.
+    /// The layers one side lacks, which have no shift: said, rather than left to vanish; and,
+    /// where tokens changed experts, that some of them may be rounding's.
     pub fn shift_notes(&self, reference: &Audit) -> Vec<String> {
-        self.one_sided(reference, "the reference", "no shift there")
+        let mut notes = self.one_sided(reference, "the reference", "no shift there");
+        if self.shift(reference).iter().any(|l| l.changed.is_some_and(|c| c.tokens > 0)) {
+            notes.push(
+                "tokens changed counts every token whose expert set differs, near-ties a rounding flips included: \
+                 `glimpse diff OURS REFERENCE --model DIR` says which flips rounding explains"
+                    .into(),
+            );
+        }
+        notes
     }
 }
 
