@@ -434,7 +434,10 @@ impl Audit {
     fn chance_note(uniform: &BTreeMap<usize, chance::Uniform>) -> Option<String> {
         let mut groups: Vec<(String, Vec<String>)> = Vec::new();
         for (i, u) in uniform {
-            let level = format!("MaxVio {:.3}, MaxVio/run {:.3}", u.max_vio, u.max_vio_per_run);
+            let level = format!(
+                "MaxVio {:.3} (95%: {:.3}), MaxVio/run {:.3}, dead {}",
+                u.max_vio, u.max_vio_p95, u.max_vio_per_run, u.dead
+            );
             match groups.iter_mut().find(|(l, _)| *l == level) {
                 Some((_, layers)) => layers.push(i.to_string()),
                 None => groups.push((level, vec![i.to_string()])),
@@ -447,7 +450,7 @@ impl Audit {
         };
         Some(format!(
             "chance level, uniformly random routing of the same tokens (k distinct experts a token; the median of \
-             {draws} draws): {}",
+             {draws} draws, and MaxVio's 95th percentile: past it, the load is uneven beyond chance): {}",
             levels.join("; ")
         ))
     }
@@ -588,6 +591,8 @@ impl Audit {
                     "max_vio_per_run_mean": st.max_vio_per_run, "max_vio_per_run_floor": st.max_vio_per_run_floor,
                     "max_vio_uniform": uniform.get(&l.layer).map(|u| u.max_vio),
                     "max_vio_per_run_uniform": uniform.get(&l.layer).map(|u| u.max_vio_per_run),
+                    "max_vio_uniform_p95": uniform.get(&l.layer).map(|u| u.max_vio_p95),
+                    "dead_experts_uniform": uniform.get(&l.layer).map(|u| u.dead),
                     "max_vio_without_bias": st.max_vio_without_bias,
                     "counts_without_bias": st.max_vio_without_bias.map(|_| &l.unbiased_counts),
                     "near_tie_share": st.near_tie_share,

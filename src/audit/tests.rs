@@ -22,7 +22,7 @@ fn shift_counts_the_slots_that_moved() {
     let row: Vec<&str> = table.lines().nth(2).unwrap().split_whitespace().collect();
     // MaxVio: ours loads [2, 4, 1, 1] (mean 2), the reference's [4, 4, 0, 0]: 1 both.
     assert_eq!(row, ["1", "8", "25.0%", "2", "50.0%", "25.0%", "1.000", "1.000", "2:+1", "3:+1", "0:-2"], "{table}");
-    assert_eq!(table.lines().last(), Some("note: layer(s) 2 only in the audited runs: no shift there"), "{table}");
+    assert!(table.contains("\nnote: layer(s) 2 only in the audited runs: no shift there\n"), "{table}");
     // Without the sets, the gross change is unknown.
     ours.sets = None;
     assert_eq!(ours.shift(&reference)[0].changed, None);
@@ -88,7 +88,8 @@ fn balance_numbers_by_hand() {
     approx::assert_abs_diff_eq!(s.bias_changed_share.unwrap(), 1.0 / 3.0);
     // Bias and load fall together linearly: correlation 1.
     approx::assert_abs_diff_eq!(s.bias_load_corr.unwrap(), 1.0, epsilon = 1e-6);
-    assert!(a.to_csv(None).contains("5,0,3,0.500000,0.3"));
+    // (No routing weights added: the weight columns are empty.)
+    assert!(a.to_csv(None).contains("5,0,3,0.500000,,,0.3"), "{}", a.to_csv(None));
     a.set_bias(5, vec![0.3, 0.2, 0.1, -0.0]);
     assert!(a.to_csv(None).contains(",0,0\n") && !a.to_csv(None).contains("-0"), "{}", a.to_csv(None));
 }
@@ -105,11 +106,11 @@ fn a_load_balanced_over_runs_can_be_hot_in_each() {
     assert_eq!((s.max_vio, s.max_vio_per_run), (0.0, Some(1.0)));
     assert_eq!(a.to_json()["layers"][0]["max_vio_per_prompt"], json!([1.0, 1.0]));
     assert!(a.table().lines().nth(2).unwrap().contains("  0.000   ") && a.table().contains("1.000"));
-    // The row's MaxVio, without the bias (unknown: no gate logits), CV, entropy and
-    // MaxVio/run, as printed.
+    // The row's MaxVio, without the bias (unknown: no gate logits), by weight (unknown: no
+    // weights), CV, entropy and MaxVio/run, as printed.
     let table = a.table();
     let row: Vec<&str> = table.lines().nth(2).unwrap().split_whitespace().collect();
-    assert_eq!(row[2..7], ["0.000", "-", "0.000", "1.000", "1.000"], "{table}");
+    assert_eq!(row[2..8], ["0.000", "-", "-", "0.000", "1.000", "1.000"], "{table}");
     // The same two prompts as the rows of one batch: each row is a prompt.
     let mut batch = Audit::new(2);
     batch.add(0, &[0, 0, 1, 1], 1, 2, None).unwrap();
