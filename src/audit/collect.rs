@@ -490,8 +490,9 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>, mut routes: 
             }
         }
         if let (Some((rc, bias)), Some((v, shape))) = (router, &logits) {
-            if shape.last() == Some(&bias.len()) && v.len() == rows * bias.len() {
-                // Without the bias: the checkpoint's rule on the dump's gate logits.
+            // Without the bias: the checkpoint's rule on the dump's gate logits (not on NaNs,
+            // which rank first and would count as choices: the run's w/o bias stays unknown).
+            if shape.last() == Some(&bias.len()) && v.len() == rows * bias.len() && !v.iter().any(|x| x.is_nan()) {
                 audit.add_unbiased(i, &unbiased(rc, v, bias.len()), rc.top_k);
             }
         }

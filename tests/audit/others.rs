@@ -277,3 +277,26 @@ fn audit_compare_measures_the_distance_against_chance() {
     assert!(layer["max_vio_per_run_uniform"].as_f64().unwrap() > 0.3, "{layer}");
     assert!(layer["max_vio_uniform"].as_f64().unwrap() < layer["max_vio_per_run_uniform"].as_f64().unwrap());
 }
+
+/// Gate logits holding a NaN: the routing is counted as recorded (and said), but the rule without
+/// the bias is not run on them (a NaN ranks first: it had counted as a choice), so that layer's
+/// MaxVio without the bias stays unknown.
+#[test]
+fn nan_gate_logits_leave_the_load_without_the_bias_unknown() {
+    use glimpse::dump::Values;
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = Path::new("golden/flat/reference.safetensors");
+    let nan = common::edit_dump(reference, &tmp.path().join("nan.st"), |t| {
+        for (n, v, _) in t.iter_mut() {
+            if let (true, Values::F32(x)) = (n == "layers.2.moe.router_logits", v) {
+                x[3 * 16 + 2] = f32::NAN;
+            }
+        }
+    });
+    let o = glimpse(&["audit", "--model", "golden/flat", "--dump", nan.to_str().unwrap(), "--json"]);
+    let (json, err) = text(&o);
+    assert!(err.contains("`layers.2.moe.router_logits` holds NaN at [3, 2]"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(v["layers"][0]["max_vio_without_bias"].is_null(), "{}", v["layers"][0]);
+    assert!(v["layers"][1]["max_vio_without_bias"].is_number(), "{}", v["layers"][1]);
+}
