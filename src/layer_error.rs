@@ -84,6 +84,25 @@ pub struct Jump {
     pub from_rounding: Option<f64>,
 }
 
+impl Jump {
+    /// By how much, over what: `x40 over the layer before`, or where the layer before was at
+    /// rounding's level, `x396526775 over rounding's level 1e-10 (the layer before: 0.0e0)`.
+    pub fn label(&self) -> String {
+        match self.from_rounding {
+            Some(before) => format!("{} (the layer before: {before:.1e})", self.short_label()),
+            None => self.short_label(),
+        }
+    }
+
+    /// [`Jump::label`] without the layer before's NMSE (a title's room).
+    pub fn short_label(&self) -> String {
+        match self.from_rounding {
+            None => format!("x{:.0} over the layer before", self.factor),
+            Some(_) => format!("x{:.0} over rounding's level {NMSE_FLOOR:.0e}", self.factor),
+        }
+    }
+}
+
 /// Every layer that jumps: two bugs make two jumps.
 pub fn jumps(layers: &[LayerError]) -> Vec<Jump> {
     layers
@@ -120,17 +139,8 @@ pub fn render(layers: &[LayerError]) -> String {
             flips(l.routing),
             flips(l.dsa)
         );
-        match jumps.iter().find(|j| j.layer == l.layer) {
-            Some(Jump { factor, from_rounding: None, .. }) => {
-                let _ = write!(out, "   <- nmse x{factor:.0} over the layer before");
-            }
-            Some(Jump { factor, from_rounding: Some(before), .. }) => {
-                let _ = write!(
-                    out,
-                    "   <- nmse x{factor:.0} over rounding's level {NMSE_FLOOR:.0e} (the layer before: {before:.1e})"
-                );
-            }
-            None => {}
+        if let Some(j) = jumps.iter().find(|j| j.layer == l.layer) {
+            let _ = write!(out, "   <- nmse {}", j.label());
         }
         if l.unexplained > 0 {
             let _ = write!(out, "   <- {} flips one rule cannot make: the rule differs", l.unexplained);

@@ -192,7 +192,7 @@ impl DumpSource {
                     worst: None,
                     first_bad: None,
                     nmse: part.layer().and_then(|i| by_layer.iter().find(|l| l.layer == i)).and_then(|l| l.nmse),
-                    jump: part.layer().and_then(|i| jumps.iter().find(|j| j.layer == i)).map(|j| j.factor),
+                    jump: part.layer().and_then(|i| jumps.iter().find(|j| j.layer == i)).map(|j| j.short_label()),
                 };
                 // `attn.out` for `layers.3.attn.out`: the row names the layer.
                 let short = |name: &str| match part {

@@ -91,6 +91,10 @@ pub const KEYS: [(&str, &str); 9] = [
 
 impl App {
     pub fn handle_key(&mut self, key: KeyEvent, src: &dyn Source) {
+        // ctrl-c quits from anywhere: while typing a filter, and with the help open.
+        if key.code == KeyCode::Char('c') && key.modifiers.contains(KeyModifiers::CONTROL) {
+            return self.quit();
+        }
         if self.editing_filter {
             match key.code {
                 KeyCode::Enter => self.finish_filter(),
@@ -106,7 +110,6 @@ impl App {
             return self.close_help();
         }
         match key.code {
-            KeyCode::Char('c') if key.modifiers.contains(KeyModifiers::CONTROL) => self.quit(),
             // Not esc: it clears a filter, and a slip of it used to end the session.
             KeyCode::Char('q') => self.quit(),
             KeyCode::Char('?') => self.open_help(),
@@ -217,6 +220,10 @@ impl App {
                     self.token = t;
                 }
                 self.message = format!("{}: {}", row.part.name(), row.status.label());
+            }
+            // (Every row unchecked: there was nothing to find.)
+            None if layers.iter().all(|l| l.status == crate::data::Status::Unchecked) => {
+                self.message = "no reference: nothing compared".into()
             }
             None => self.message = "no mismatch or flip in any layer".into(),
         }

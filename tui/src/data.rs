@@ -84,9 +84,11 @@ pub struct LayerRow {
     /// (the largest error is usually downstream of it, in `output`).
     pub first_bad: Option<String>,
     /// `output`'s NMSE against the reference, and where it jumps over the layer before's (10x
-    /// or more, as `diff` marks it), the factor: where to look when every layer is a little off.
+    /// or more, as `diff` marks it), by how much and over what (`x40 over the layer before's`, or
+    /// over rounding's level where the layer before was at it): where to look when every layer
+    /// is a little off.
     pub nmse: Option<f64>,
-    pub jump: Option<f64>,
+    pub jump: Option<String>,
 }
 
 /// The worst element of a tensor against its reference.

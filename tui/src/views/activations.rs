@@ -57,7 +57,8 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     // Columns as wide as they fit: the shape and the L2 norm go first, then the histogram, the
     // NaN count and the spread, so no number is cut short. The NaN column is as wide as its
     // largest count.
-    let nan_width = hooks.iter().map(|h| h.nonfinite.to_string().len()).max().unwrap_or(0).max(3) as u16;
+    // `!fin`: NaNs and infinities both, the values that are not finite.
+    let nan_width = hooks.iter().map(|h| h.nonfinite.to_string().len()).max().unwrap_or(0).max(4) as u16;
     // Floats by their largest error; selections by the rows that differ. The column is as wide
     // as its widest entry, so `BAD 2048 rows` is whole and the usual ones leave room.
     let error = |r: &crate::data::RefCheck| match (r.invalid, &r.reference_shape, r.rows_differ) {
@@ -96,7 +97,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         let cells = [short.to_string(), shape, mean, std, min, max, l2, nan, hist, vs_ref];
         Row::new(shown(cells, &show)).style(style)
     });
-    let header = ["hook", "shape", "mean", "std", "min", "max", "l2", "nan", "histogram", "vs ref"];
+    let header = ["hook", "shape", "mean", "std", "min", "max", "l2", "!fin", "histogram", "vs ref"];
     let header = Row::new(shown(header, &show)).style(Style::new().add_modifier(Modifier::UNDERLINED));
     // The hook column takes the slack up to its longest name, and no further: on a wide terminal
     // the numbers stay next to the names they belong to.

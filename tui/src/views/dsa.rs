@@ -86,13 +86,17 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     };
     // (Short, so the counts fit 80 columns at long context: the rule breaks' count matters most,
     // and the legend at the end gives way first.)
-    let title = format!(
-        "layer {} dsa ({}){cut}: {} queries{row}, {flips} differ{}  # both +ours -ref",
-        index,
-        layer.indexer,
-        m.seq,
-        counts(m.flips.iter().flatten().copied())
-    );
+    let title = match m.reference.is_some() {
+        true => format!(
+            "layer {} dsa ({}){cut}: {} queries{row}, {flips} differ{}  # both +ours -ref",
+            index,
+            layer.indexer,
+            m.seq,
+            counts(m.flips.iter().flatten().copied())
+        ),
+        // Nothing compared: no count of rows that differ.
+        false => format!("layer {index} dsa ({}){cut}: {} queries{row} (no reference)  # kept", layer.indexer, m.seq),
+    };
     // The selected query's margin at the cut, and for a flip the reference's beside it, with as
     // many of its one-sided keys as the line has room for.
     let width = (area.width as usize).saturating_sub(2);

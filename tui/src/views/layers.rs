@@ -83,8 +83,8 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             .enumerate()
             .map(|(i, &w)| if i == last { Constraint::Min(w) } else { Constraint::Length(w) });
     // The selected layer's output error, and its jump where the status is marked `^`.
-    let error = match src.layers().get(app.layer).map(|l| (l.nmse, l.jump)) {
-        Some((Some(n), Some(j))) => format!(" | output nmse {n:.1e}, ^ jumps x{j:.0}"),
+    let error = match src.layers().get(app.layer).map(|l| (l.nmse, l.jump.as_deref())) {
+        Some((Some(n), Some(j))) => format!(" | output nmse {n:.1e}, ^ {j}"),
         Some((Some(n), None)) => format!(" | output nmse {n:.1e}"),
         _ => String::new(),
     };

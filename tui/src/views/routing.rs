@@ -74,12 +74,16 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let margin_header = if both { "margin (ref)" } else { "margin" };
     let header = Row::new(shown(["token", experts_header, margin_header, VERSUS], &show))
         .style(Style::new().add_modifier(Modifier::UNDERLINED));
-    let title = format!(
-        "layer {} routing: {} tokens, {flips} flips{}",
-        index,
-        routes.len(),
-        counts(routes.iter().filter_map(|r| r.flip))
-    );
+    let title = match compared {
+        true => format!(
+            "layer {} routing: {} tokens, {flips} flips{}",
+            index,
+            routes.len(),
+            counts(routes.iter().filter_map(|r| r.flip))
+        ),
+        // Nothing to flip against: no count that would read as a comparison made.
+        false => format!("layer {index} routing: {} tokens (no reference)", routes.len()),
+    };
     f.render_widget(Table::new(rows, constraints).header(header).block(Block::bordered().title(title)), area);
 }
 
