@@ -770,3 +770,27 @@ fn a_routing_view_without_weights_shows_the_ids() {
     let s = screen(&app, &src, 120, 16);
     assert!(!s.contains("experts:weight") && line_with(&s, "│s0 ").contains(&format!(" {} ", ids.join(" "))), "{s}");
 }
+
+/// The latent KV map: each layer's lowest norm is drawn `░` (blank is only a token without a
+/// row), and a port whose `kv_a_layernorm` weight was never loaded (transformers, a planted bug:
+/// every norm sqrt(kv_lora_rank) up to f32 noise) is drawn flat and said to be, where stretching
+/// its 3e-6 spread had made it look as varied as the reference's.
+#[test]
+fn the_latent_kv_map_shows_flat_layers_flat_and_no_blank_minimum() {
+    let reference = Path::new("golden/flat/reference.safetensors");
+    let row = |s: &str, layer: usize| {
+        let line = line_with(s, &format!("│layer {layer} "));
+        line.trim_end_matches('│').trim_end().chars().skip(11).collect::<String>()
+    };
+    let src = dumps_source(reference, reference, &DiffOptions::default());
+    let mut app = at_layer(&src, 0);
+    app.set_view(View::KvNorms);
+    let s = screen(&app, &src, 80, 24);
+    assert!((0..5).all(|l| !row(&s, l).contains(' ') && row(&s, l).chars().count() == 32), "{s}");
+    assert!(s.contains("layer 0: |kv_latent| 5.6019 to 6.1627"), "{s}");
+    let port = Path::new("golden/flat/port-kv-norm-unloaded.safetensors");
+    let src = dumps_source(port, reference, &DiffOptions::default());
+    let s = screen(&app, &src, 80, 24);
+    assert!((0..5).all(|l| row(&s, l) == "▒".repeat(32)), "{s}");
+    assert!(s.contains("layer 0: |kv_latent| 5.6568 to 5.6569 (flat: rounding)"), "{s}");
+}

@@ -1,6 +1,8 @@
 //! Latent KV norms per layer and token: a heatmap of the normed latent's L2 norm (each layer
-//! scaled to its own range of finite norms; `!` marks a NaN or an infinite one, a blank a token
-//! the layer has no row for), and for the selected layer the three norms of the selected token.
+//! scaled to its own range of finite norms, its lowest drawn `░`, never blank; a layer whose
+//! norms vary by rounding alone is drawn flat, not stretched into false contrast; `!` marks a NaN
+//! or an infinite norm, a blank a token the layer has no row for), and for the selected layer its
+//! range and the three norms of the selected token.
 
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
@@ -35,9 +37,10 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         .zip(&g.latent)
         .skip(first)
         .map(|(layer, row)| {
-            // The scale of the finite norms: one Inf would flatten the rest of the layer to one shade.
-            let finite = row.iter().flatten().filter(|x| x.is_finite());
-            let (lo, hi) = finite.fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+            let (lo, hi) = range(row);
+            // A spread of rounding's size (every norm the same up to f32 noise, as where the norm's
+            // weight was not loaded) stays flat: stretched, it looked as varied as a real layer.
+            let varies = hi - lo > FLAT * hi.abs().max(lo.abs());
             let label_style =
                 if Some(*layer) == selected { Style::new().add_modifier(Modifier::REVERSED) } else { Style::new() };
             let mut spans = vec![Span::styled(format!("layer {layer:<4}"), label_style)];
@@ -49,7 +52,8 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
                     Some(x) if !x.is_finite() => {
                         Span::styled("!", Style::new().fg(Color::Red).add_modifier(Modifier::BOLD))
                     }
-                    Some(x) if hi > lo => heat_cell(((x - lo) / (hi - lo)) as f64),
+                    // (The lowest is `░`: blank is a token without a row.)
+                    Some(x) if varies => heat_cell((((x - lo) / (hi - lo)) as f64).max(f64::MIN_POSITIVE)),
                     Some(_) => heat_cell(0.5),
                 };
                 spans.push(if t == app.token {
@@ -74,8 +78,19 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         let at = |v: &Vec<Vec<Option<f32>>>| {
             v.get(i).and_then(|r| r.get(app.token).copied().flatten()).map_or("-".into(), |x| num(x as f64))
         };
+        let (lo, hi) = g.latent.get(i).map_or((f32::NAN, f32::NAN), |r| range(r));
+        let spread = match hi - lo > FLAT * hi.abs().max(lo.abs()) {
+            true => String::new(),
+            false => " (flat: rounding)".into(),
+        };
         vec![
-            Line::raw(format!("token {}", src.token_label(app.token))),
+            Line::raw(format!(
+                "token {}   layer {}: |kv_latent| {} to {}{spread}",
+                src.token_label(app.token),
+                g.layers[i],
+                num(lo as f64),
+                num(hi as f64)
+            )),
             Line::raw(format!(
                 "|c_kv| before norm {}   |kv_latent| {}{}   |k_rope| {}",
                 at(&g.pre_norm),
@@ -92,4 +107,14 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         Paragraph::new(detail.unwrap_or_default()).block(Block::bordered().title("selected layer and token")),
         detail_area,
     );
+}
+
+/// A layer's spread of norms under this fraction of their size is rounding's, drawn flat.
+const FLAT: f32 = 1e-4;
+
+/// The lowest and highest finite norm of a layer's row (one Inf would flatten the rest of the
+/// layer to one shade).
+fn range(row: &[Option<f32>]) -> (f32, f32) {
+    let finite = row.iter().flatten().filter(|x| x.is_finite());
+    finite.fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)))
 }
