@@ -794,3 +794,30 @@ fn the_latent_kv_map_shows_flat_layers_flat_and_no_blank_minimum() {
     assert!((0..5).all(|l| row(&s, l) == "▒".repeat(32)), "{s}");
     assert!(s.contains("layer 0: |kv_latent| 5.6568 to 5.6569 (flat: rounding)"), "{s}");
 }
+
+/// The DSA view's bottom line for a flipped query, on ports with planted bugs (transformers):
+/// at 80 columns the keys a query kept on one side still show beside what it holds past itself
+/// (that part never shortened, and pushed every key off the line); a flip decided by a masked
+/// key's lead reads `inf`, a side that kept every causal key `none`; and a shared-indexer layer
+/// shows ours's margin beside the reference's (it showed `-`: its dump has no scores of its own).
+#[test]
+fn the_dsa_bottom_line_keeps_the_keys_and_reads_its_margins() {
+    let own_key = Path::new("golden/flat/port-indexer-own-key.safetensors");
+    let src = dumps_source(own_key, Path::new("golden/flat/reference.safetensors"), &DiffOptions::default());
+    let mut app = at_layer(&src, 0);
+    app.set_view(View::Dsa);
+    let s = screen(&app, &src, 80, 24);
+    assert!(s.contains("q0: margin - (ref none), only ours none (holds 17,18 +6 past q0), only ref 0"), "{s}");
+    app.token = 9;
+    assert!(screen(&app, &src, 80, 24).contains("q9: margin inf (ref 1.60e0), only ours 7, only ref 9"));
+    let case = Path::new("golden/grouped-shared-yarn");
+    // As `tui --model` gives them: the config says layer 3 reuses layer 2's selection.
+    let ckpt = glimpse::checkpoint::Checkpoint::open(case).unwrap();
+    let routers = glimpse::model::moe::Routers::read(&ckpt).unwrap();
+    let opts = DiffOptions { routers: Some(routers), config: Some(ckpt.config.clone()), ..Default::default() };
+    let src = dumps_source(&case.join("port-no-mscale.safetensors"), &case.join("reference.safetensors"), &opts);
+    let mut app = at_layer(&src, 3);
+    (app.view, app.token) = (View::Dsa, 13);
+    let s = screen(&app, &src, 100, 30);
+    assert!(s.contains("q13: margin 3.05e-1 (ref 5.53e-3)"), "{s}");
+}

@@ -438,9 +438,14 @@ impl DumpSource {
         let flips = (0..seq).map(|q| flip(q).map(|f| f.0)).collect();
         let reference_margin = (0..seq).map(|q| flip(q).and_then(|f| f.2)).collect();
         // A flip's own margin where the comparison knows it (a shared layer's is the layer's
-        // whose keys it reuses), else the recorded one.
-        let margin = margin
-            .map(|m: Vec<f32>| (0..m.len()).map(|q| flip(q).and_then(|f| f.1).unwrap_or(m[q])).collect::<Vec<f32>>());
+        // whose keys it reuses: its dump holds no scores of its own, so the flips' are all there
+        // is, NaN, unknown, elsewhere), else the recorded one.
+        let own = |q: usize| flip(q).and_then(|f| f.1);
+        let margin = match margin {
+            Some(m) => Some((0..m.len()).map(|q| own(q).unwrap_or(m[q])).collect::<Vec<f32>>()),
+            None if (0..p).any(|q| own(q).is_some()) => Some((0..p).map(|q| own(q).unwrap_or(f32::NAN)).collect()),
+            None => None,
+        };
         let (selected, reference) = (rows(&self.ours, false)?, self.reference.as_ref().and_then(|r| rows(r, false)));
         let past = rows(&self.ours, true).unwrap_or_default();
         Some(DsaMatrix { seq, selected, reference, margin, flips, reference_margin, past })

@@ -12,7 +12,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Paragraph};
 use ratatui::Frame;
 
-use super::margin;
+use super::{lead, margin};
 use crate::app::App;
 use crate::data::{counts, DsaMatrix, FlipClass, Source};
 
@@ -102,9 +102,14 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let width = (area.width as usize).saturating_sub(2);
     let ours = m.margin.as_ref().and_then(|v| v.get(q_sel).copied()).filter(|m| !m.is_nan());
     let margin = match (m.flips.get(q_sel).copied().flatten(), m.reference_margin.get(q_sel).copied().flatten()) {
+        // (A flip's margins are what decided it, the flipped keys' lead among them: an infinite
+        // one is a masked key's, `inf`, unless the side kept every causal key, `none`.)
         (Some(_), reference) => {
-            let theirs = reference.map(|r| format!(" (ref {})", margin(Some(r)))).unwrap_or_default();
-            let head = format!(" q{q_sel}: margin {}{theirs}", margin(ours));
+            let every = |row: Option<&Vec<usize>>| row.is_some_and(|r| r.len() > q_sel);
+            let side = |v: Option<f32>, kept_all: bool| if kept_all { margin(v) } else { lead(v) };
+            let theirs_row = m.reference.as_ref().and_then(|r| r.get(q_sel));
+            let theirs = reference.map(|r| format!(" (ref {})", side(Some(r), every(theirs_row)))).unwrap_or_default();
+            let head = format!(" q{q_sel}: margin {}{theirs}", side(ours, every(m.selected.get(q_sel))));
             format!("{head}{} ", differing(&m, q_sel, width.saturating_sub(head.len() + 1)))
         }
         // A query that may see no more keys than it keeps has no cut.
@@ -132,12 +137,11 @@ fn differing(m: &DsaMatrix, q: usize, room: usize) -> String {
             _ => keys.join(","),
         }
     };
-    // Ours kept fewer causal keys: the keys past the query it holds instead, where it holds any.
-    let past = match (only(ours, theirs, 1).as_str(), m.past.get(q).filter(|p| !p.is_empty())) {
-        ("none", Some(p)) => format!(" (holds {} past q{q})", only(p, &[], 3)),
-        _ => String::new(),
-    };
+    // Ours kept fewer causal keys: the keys past the query it holds instead, where it holds any
+    // (shortened with the rest: at 80 columns it had pushed every key off the line).
+    let held_past = m.past.get(q).filter(|p| !p.is_empty() && only(ours, theirs, 1) == "none");
     let line = |shown: usize| {
+        let past = held_past.map(|p| format!(" (holds {} past q{q})", only(p, &[], shown.min(3)))).unwrap_or_default();
         format!(", only ours {}{past}, only ref {}", only(ours, theirs, shown), only(theirs, ours, shown))
     };
     // (Where not even the counts fit, the margins alone.)

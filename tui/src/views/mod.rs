@@ -126,6 +126,15 @@ pub fn margin(m: Option<f32>) -> String {
     }
 }
 
+/// A flip's margin (what decided it): as [`margin`], but an infinite one reads `inf` (a masked
+/// key's lead), where a query's own margin reads `none` (nothing left out).
+pub fn lead(m: Option<f32>) -> String {
+    match m {
+        Some(m) if m.is_infinite() => "inf".into(),
+        m => margin(m),
+    }
+}
+
 /// Numbers in at most 8 characters, with 4 significant digits where they fit.
 pub fn num(x: f64) -> String {
     let a = x.abs();

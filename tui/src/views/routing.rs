@@ -9,7 +9,7 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::widgets::{Block, Paragraph, Row, Table};
 use ratatui::Frame;
 
-use super::{first_row, fit_list, fitting, margin, shown};
+use super::{first_row, fit_list, fitting, lead, margin, shown};
 use crate::app::App;
 use crate::data::{counts, FlipClass, RouteRow, Source};
 
@@ -62,7 +62,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             style = style.add_modifier(Modifier::REVERSED);
         }
         let margin = match (r.flip, r.reference_margin) {
-            (Some(_), Some(m)) => format!("{} ({})", margin(r.margin), margin(Some(m))),
+            (Some(_), Some(m)) => format!("{} ({})", lead(r.margin), lead(Some(m))),
             _ => margin(r.margin),
         };
         Row::new(shown([src.token_label(r.token), fit_list(&experts, experts_width), margin, reference], &show))
