@@ -821,3 +821,18 @@ fn the_dsa_bottom_line_keeps_the_keys_and_reads_its_margins() {
     let s = screen(&app, &src, 100, 30);
     assert!(s.contains("q13: margin 3.05e-1 (ref 5.53e-3)"), "{s}");
 }
+
+/// The expert load view gives the selected layer's busiest and rarest experts with their token
+/// counts under the heatmap (two loads of one shade were not told apart): the bf16 port's layer
+/// 3, as `audit --dump` of the same dump lists them (`5:17 7:15 0:13`, `6:0 2:1 13:1`).
+#[test]
+fn the_load_view_lists_the_selected_layers_busiest_and_rarest() {
+    let src = port_source();
+    let mut app = at_layer(&src, 3);
+    app.set_view(View::Load);
+    let s = screen(&app, &src, 80, 24);
+    assert!(s.contains("layer 3 busiest 5:17 7:15 0:13, rarest 6:0 2:1 13:1 (expert:tokens)"), "{s}");
+    let (audit, _) = common::text(&common::glimpse(&["audit", "--dump", "golden/flat/bf16-port.safetensors"]));
+    let row = audit.lines().find(|l| l.trim_start().starts_with("3 ")).unwrap();
+    assert!(row.contains("5:17 7:15 0:13") && row.contains("6:0 2:1 13:1"), "{row}");
+}

@@ -2,7 +2,8 @@
 //! MaxVio and CV per layer, and against a reference the net load moved (`audit --against`'s
 //! measure). With more experts than columns, neighbouring experts share a cell (the busiest of
 //! them sets its colour). A dead expert's cell is `×`, also in a shared cell, and a used one is
-//! never blank, however little it was used.
+//! never blank, however little it was used. Below, the selected layer's busiest and rarest
+//! experts with their token counts, the numbers behind the colours.
 
 use ratatui::layout::Rect;
 use ratatui::style::{Color, Modifier, Style};
@@ -65,5 +66,21 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         1 => format!("one cell = 1 expert; {DEAD} = dead (no token)"),
         n => format!("one cell = {n} experts, coloured by the busiest; {DEAD} = one of them dead (no token)"),
     }));
+    // The selected layer's numbers behind the colours, as `audit` lists them.
+    if let Some(row) = load.iter().find(|l| Some(l.layer) == selected) {
+        lines.push(Line::raw(extremes(row.layer, &row.counts)));
+    }
     f.render_widget(Paragraph::new(lines).block(block), area);
+}
+
+/// `layer L busiest 5:19 3:15 15:15, rarest 0:0 6:2 12:4` (expert:tokens; ties by id, lowest
+/// first; with few experts the rarest are those the busiest leave).
+fn extremes(layer: usize, counts: &[u64]) -> String {
+    let mut busiest: Vec<usize> = (0..counts.len()).collect();
+    busiest.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
+    let mut rarest = busiest.clone();
+    rarest.sort_by(|&a, &b| counts[a].cmp(&counts[b]).then(a.cmp(&b)));
+    rarest.retain(|e| !busiest[..3.min(busiest.len())].contains(e));
+    let list = |experts: &[usize]| experts.iter().take(3).map(|&e| format!("{e}:{}", counts[e])).collect::<Vec<_>>();
+    format!("layer {layer} busiest {}, rarest {} (expert:tokens)", list(&busiest).join(" "), list(&rarest).join(" "))
 }
