@@ -220,7 +220,7 @@ fn routing_view_shows_experts_margins_and_a_flagged_flip() {
     // Token 0's experts and weights, as the model chose them.
     let routes = src.routing(2).unwrap();
     let r0 = &routes[0];
-    let first = format!("{}:{:.2}", r0.ids[0], r0.weights[0]);
+    let first = format!("{}:{}", r0.ids[0], two_decimals(r0.weights[0]));
     assert!(line_with(&s, "s0 #").contains(&first), "{s}");
 
     let port = port_source();
@@ -711,7 +711,7 @@ fn a_narrow_routing_view_keeps_every_expert_id() {
     let port = port_source();
     let app = App { view: View::Routing, ..at_layer(&port, 2) };
     let routes = port.routing(2).unwrap();
-    for (width, weighted) in [(80, false), (120, true)] {
+    for (width, weighted) in [(70, false), (120, true)] {
         let s = screen(&app, &port, width, 16);
         assert_eq!(s.contains("experts:weight"), weighted, "{s}");
         for r in &routes[..8] {
@@ -720,7 +720,7 @@ fn a_narrow_routing_view_keeps_every_expert_id() {
                 .ids
                 .iter()
                 .zip(&r.weights)
-                .map(|(i, w)| if weighted { format!("{i}:{w:.2}") } else { i.to_string() })
+                .map(|(i, w)| if weighted { format!("{i}:{}", two_decimals(*w)) } else { i.to_string() })
                 .collect();
             assert!(row.contains(&format!(" {} ", entries.join(" "))), "{} in\n{s}", entries.join(" "));
         }
@@ -835,4 +835,10 @@ fn the_load_view_lists_the_selected_layers_busiest_and_rarest() {
     let (audit, _) = common::text(&common::glimpse(&["audit", "--dump", "golden/flat/bf16-port.safetensors"]));
     let row = audit.lines().find(|l| l.trim_start().starts_with("3 ")).unwrap();
     assert!(row.contains("5:17 7:15 0:13") && row.contains("6:0 2:1 13:1"), "{row}");
+}
+
+/// A routing weight as the routing view writes it: two decimals, no leading zero (`.31`).
+fn two_decimals(w: f32) -> String {
+    let s = format!("{w:.2}");
+    s.strip_prefix("0.").map_or(s.clone(), |rest| format!(".{rest}"))
 }

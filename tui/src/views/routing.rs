@@ -44,7 +44,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let fit = |r: &RouteRow| fit(r).unwrap_or_else(|| versus(r, 2));
     let versus_width = on_screen.iter().map(|r| fit(r).chars().count()).fold(VERSUS.len(), usize::max);
     let widths: [u16; 4] = [12, 10, margin_width, versus_width as u16];
-    let show = fitting(area.width.saturating_sub(2), &widths, if compared { &[1, 2] } else { &[3, 1] });
+    let mut show = fitting(area.width.saturating_sub(2), &widths, if compared { &[1, 2] } else { &[3, 1] });
+    // Without a reference its column would only say `-`: the experts' weights take the room.
+    show[3] &= compared;
     // The experts column takes what the others leave (each with its space): whole entries, and
     // `+N` for the rest.
     let others: u16 = (0..4).filter(|&i| i != 1 && show[i]).map(|i| widths[i] + 1).sum();
@@ -93,10 +95,21 @@ const VERSUS: &str = "vs ref (-ref +ours)";
 /// A row's experts, `id:weight` or the ids alone (also where the dump holds no weights).
 fn experts(r: &RouteRow, weighted: bool) -> Vec<String> {
     let entry = |(j, i): (usize, &i64)| match r.weights.get(j).filter(|_| weighted) {
-        Some(w) => format!("{i}:{w:.2}"),
+        Some(w) => format!("{i}:{}", weight(*w)),
         None => i.to_string(),
     };
     r.ids.iter().enumerate().map(entry).collect()
+}
+
+/// A weight in two decimals without a leading zero (`.31`, `1.23`): a token's eight experts and
+/// their weights then fit 80 columns.
+fn weight(w: f32) -> String {
+    let s = format!("{w:.2}");
+    match (s.strip_prefix("0."), s.strip_prefix("-0.")) {
+        (Some(rest), _) => format!(".{rest}"),
+        (_, Some(rest)) => format!("-.{rest}"),
+        _ => s,
+    }
 }
 
 /// The width of `items` joined by spaces.
