@@ -842,3 +842,18 @@ fn two_decimals(w: f32) -> String {
     let s = format!("{w:.2}");
     s.strip_prefix("0.").map_or(s.clone(), |rest| format!(".{rest}"))
 }
+
+/// The DSA and latent KV views on the embeddings' or the head's row say there is nothing of the
+/// kind there and how to get to a layer (an empty box, or "no DSA selection recorded", before).
+#[test]
+fn the_rows_that_are_not_layers_say_so_in_the_layer_views() {
+    let src = port_source();
+    for (view, what) in [
+        (View::Dsa, "no DSA selection in the embeddings: pick a layer (j/k)"),
+        (View::KvNorms, "no latent KV in the embeddings: pick a layer (j/k)"),
+    ] {
+        let app = App { view, ..App::default() };
+        let s = screen(&app, &src, 80, 24);
+        assert!(s.contains(what), "{s}");
+    }
+}

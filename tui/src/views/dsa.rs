@@ -19,7 +19,12 @@ use crate::data::{counts, DsaMatrix, FlipClass, Source};
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let Some(layer) = src.layers().get(app.layer) else { return };
     let Some((index, m)) = layer.part.layer().and_then(|i| Some((i, src.dsa(i, app.token)?))) else {
-        f.render_widget(Paragraph::new("no DSA selection recorded").block(Block::bordered().title("dsa")), area);
+        let msg = match layer.part.layer() {
+            Some(i) => format!("no DSA selection recorded for layer {i}"),
+            // The embeddings' and the head's rows select nothing.
+            None => format!("no DSA selection in the {}: pick a layer (j/k)", layer.part.name()),
+        };
+        f.render_widget(Paragraph::new(msg).block(Block::bordered().title("dsa")), area);
         return;
     };
     let label_w = 13;

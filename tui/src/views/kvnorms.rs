@@ -103,10 +103,15 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             )),
         ]
     });
-    f.render_widget(
-        Paragraph::new(detail.unwrap_or_default()).block(Block::bordered().title("selected layer and token")),
-        detail_area,
-    );
+    // The embeddings' and the head's rows have no latent: said, not an empty box.
+    let detail = detail.unwrap_or_else(|| {
+        let part = src.layers().get(app.layer).map(|l| l.part);
+        vec![Line::raw(match part.and_then(|p| p.layer()) {
+            Some(i) => format!("no latent KV recorded for layer {i}"),
+            None => format!("no latent KV in the {}: pick a layer (j/k)", part.map_or("row".into(), |p| p.name())),
+        })]
+    });
+    f.render_widget(Paragraph::new(detail).block(Block::bordered().title("selected layer and token")), detail_area);
 }
 
 /// A layer's spread of norms under this fraction of their size is rounding's, drawn flat.
