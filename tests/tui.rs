@@ -857,3 +857,23 @@ fn the_rows_that_are_not_layers_say_so_in_the_layer_views() {
         assert!(s.contains(what), "{s}");
     }
 }
+
+/// A first-divergence note longer than the lines above the table ends with where to read it
+/// whole (it stopped mid-sentence): a bf16 port without its shared expert, at bf16's tolerance.
+#[test]
+fn a_cut_first_divergence_note_says_where_to_read_it_whole() {
+    let ckpt = glimpse::checkpoint::Checkpoint::open(Path::new("golden/flat")).unwrap();
+    let opts = DiffOptions {
+        tol: glimpse::compare::Tolerance { atol: 2e-2, rtol: 2e-2 },
+        near_tie: 4e-2,
+        routers: Some(glimpse::model::moe::Routers::read(&ckpt).unwrap()),
+        config: Some(ckpt.config.clone()),
+        checkpoint: Some(std::sync::Arc::new(ckpt)),
+        ..Default::default()
+    };
+    let port = Path::new("golden/flat/port-no-shared-expert-bf16.safetensors");
+    let src = dumps_source(port, Path::new("golden/flat/reference.safetensors"), &opts);
+    let s = screen(&App::default(), &src, 80, 24);
+    assert!(s.contains("... (cut here: `glimpse diff` prints it whole)"), "{s}");
+    assert!(!screen(&App::default(), &src, 200, 40).contains("cut here"));
+}
