@@ -29,7 +29,8 @@ pub fn body(screen: Rect) -> Rect {
 
 pub fn draw(f: &mut Frame, app: &App, src: &dyn Source) {
     let [title, tabs, body, status, help] = areas(f.area());
-    f.render_widget(Paragraph::new(src.title()).style(Style::new().add_modifier(Modifier::BOLD)), title);
+    let text = fit_paths(&src.title(), title.width as usize);
+    f.render_widget(Paragraph::new(text).style(Style::new().add_modifier(Modifier::BOLD)), title);
     let titles: Vec<String> = View::ALL.iter().enumerate().map(|(i, v)| format!("{} {}", i + 1, v.title())).collect();
     let selected = View::ALL.iter().position(|v| *v == app.view).unwrap_or(0);
     f.render_widget(
@@ -100,4 +101,37 @@ fn status_line(app: &App, src: &dyn Source) -> Line<'static> {
         (true, None) => {}
     }
     Line::from(spans)
+}
+
+/// `text` made to fit `width` by writing its paths (words holding a `/`) as their file names,
+/// the first first, until it fits: cut at the end, the reference's path went first.
+fn fit_paths(text: &str, width: usize) -> String {
+    let mut words: Vec<String> = text.split(' ').map(String::from).collect();
+    let fits = |w: &[String]| w.join(" ").chars().count() <= width;
+    for i in 0..words.len() {
+        if fits(&words) {
+            break;
+        }
+        if let Some((_, name)) = words[i].rsplit_once('/').filter(|(_, name)| !name.is_empty()) {
+            words[i] = name.to_string();
+        }
+    }
+    words.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn paths_shorten_to_their_names_until_the_title_fits() {
+        let title = "golden/flat/port-no-shared-expert-bf16.safetensors vs reference golden/flat/reference.safetensors";
+        assert_eq!(super::fit_paths(title, 200), title);
+        assert_eq!(
+            super::fit_paths(title, 90),
+            "port-no-shared-expert-bf16.safetensors vs reference golden/flat/reference.safetensors"
+        );
+        assert_eq!(
+            super::fit_paths(title, 60),
+            "port-no-shared-expert-bf16.safetensors vs reference reference.safetensors"
+        );
+    }
 }
