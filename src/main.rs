@@ -412,6 +412,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", glimpse::bench::run_on(target, &model, tokens, repeat)?);
                 return Ok(ExitCode::SUCCESS);
             }
+            // (It opens the checkpoint again: opening is part of the load it times.)
             let report = glimpse::bench::run(&model, tokens, repeat, &std::env::temp_dir(), max_memory)?;
             print!("{}", report.render());
             Ok(ExitCode::SUCCESS)

@@ -42,12 +42,14 @@ pub fn check(flag: &str, path: &Path) -> Result<()> {
 /// Refuses an output whose path holds a non-empty file it must not replace: a `--dump` replaces
 /// only a dump glimpse wrote (not a reference another tool wrote, which a later `verify` would
 /// then read as glimpse checked against itself, nor any other file); a report (`--csv`,
-/// `--routes`, `--heatmap`, all text) replaces text, never a safetensors file.
+/// `--routes`, `--heatmap`, all text) replaces only text, never a safetensors file. Only the
+/// file's head is read: a dump cut short is still known by its header.
 pub fn check_replaceable(flag: &str, path: &Path) -> Result<()> {
     if !std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() > 0) {
         return Ok(());
     }
-    match not_to_replace(flag, path) {
+    let head = read_head(path).map_err(|e| Error::io(path, e))?;
+    match not_to_replace(flag, &head) {
         Some(what) => Err(Error::Usage(format!(
             "{flag} {}: {what} is there, which glimpse does not replace: give another path or remove it",
             path.display()
@@ -56,16 +58,32 @@ pub fn check_replaceable(flag: &str, path: &Path) -> Result<()> {
     }
 }
 
-/// What the file at `path` holds, where output `flag` must not replace it.
-fn not_to_replace(flag: &str, path: &Path) -> Option<String> {
-    let st = crate::st::StFile::open(path);
+/// The first bytes of a file, enough for a safetensors header of any dump glimpse writes.
+fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    std::fs::File::open(path)?.take(HEAD).read_to_end(&mut head)?;
+    Ok(head)
+}
+
+/// How much of a file [`check_replaceable`] reads.
+const HEAD: u64 = 4 << 20;
+
+/// What a file starting with `head` holds, where output `flag` must not replace it.
+fn not_to_replace(flag: &str, head: &[u8]) -> Option<String> {
+    let metadata = safetensors_metadata(head);
     if flag != "--dump" {
-        return st.is_ok().then(|| "a safetensors file".to_string());
+        return match metadata {
+            Some(_) => Some("a safetensors file".into()),
+            // (A head cut inside a character is still text.)
+            None if std::str::from_utf8(head).is_err_and(|e| e.error_len().is_some()) => Some("a binary file".into()),
+            None => None,
+        };
     }
-    let Ok(st) = st else { return Some("a file that is not a safetensors dump".into()) };
-    let meta = st.metadata();
-    let source = meta.get("source").map(String::as_str).unwrap_or("no source");
-    match meta.get("format").map(String::as_str) {
+    let Some(meta) = metadata else { return Some("a file that is not a safetensors dump".into()) };
+    let field = |k: &str| meta.get(k).and_then(|v| v.as_str());
+    let source = field("source").unwrap_or("no source");
+    match field("format") {
         Some(crate::dump::FORMAT) if source.starts_with("glimpse ") => None,
         Some(crate::dump::FORMAT) => {
             // The source's first clause names the tool ("transformers 5.24.0 / torch 2.15.0, ...").
@@ -75,6 +93,15 @@ fn not_to_replace(flag: &str, path: &Path) -> Option<String> {
         Some(other) => Some(format!("a safetensors file that is not a dump (format \"{other}\")")),
         None => Some("a safetensors file that is not a dump (no format in its metadata)".into()),
     }
+}
+
+/// The `__metadata__` of a safetensors header at the start of `head` (an empty map where it has
+/// none); None where `head` does not start with one.
+fn safetensors_metadata(head: &[u8]) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let len = usize::try_from(u64::from_le_bytes(head.get(..8)?.try_into().ok()?)).ok()?;
+    let header: serde_json::Value = serde_json::from_slice(head.get(8..8usize.checked_add(len)?)?).ok()?;
+    let header = header.as_object()?;
+    Some(header.get("__metadata__").and_then(|m| m.as_object()).cloned().unwrap_or_default())
 }
 
 /// Refuses outputs that would replace one of the command's `inputs` (a dump written over the

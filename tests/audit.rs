@@ -594,7 +594,8 @@ fn audit_reports_the_load_without_the_bias() {
     let row = |layer: &str| table.lines().find(|l| l.trim_start().starts_with(layer)).unwrap().to_string();
     assert_eq!(row("2 ").split_whitespace().nth(3), Some("-"), "{table}");
     assert_ne!(row("3 ").split_whitespace().nth(3), Some("-"), "{table}");
-    let note = "w/o bias is left out where some runs recorded no gate logits (layer 2: 32 of 64 tokens known)";
+    let note =
+        "w/o bias is left out where some runs recorded no gate logits, or NaN ones (layer 2: 32 of 64 tokens known)";
     assert!(table.contains(note), "{table}");
     let (csv, err) = assert_ok(&glimpse(&[&args[..], &["--csv", "-"]].concat()));
     assert!(csv.starts_with("layer,expert,") && !csv.contains("note"), "{csv}");
@@ -754,7 +755,7 @@ fn audit_sums_the_routing_weight_each_expert_received() {
     assert!(v["layers"][0]["weight_mass"].is_null() && v["layers"][0]["max_vio_by_weight"].is_null(), "{v}");
     let (table, _) = assert_ok(&glimpse(&["audit", "--dump", &ids_only, "--dump", reference]));
     assert!(
-        table.contains("by weight is left out where some runs recorded no routing weights (layer 2: 32 of 64"),
+        table.contains("by weight is left out where some runs recorded no routing weights, or weights not finite (layer 2: 32 of 64"),
         "{table}"
     );
 }

@@ -437,8 +437,18 @@ fn outputs_never_replace_inputs() {
         assert_error(&glimpse(args), needle);
     }
     assert!(before(&reference) == reference_before && before(&notes) == b"keep me");
-    // A report replaces text.
-    assert_ok(&glimpse(&["audit", "--dump", &format!("{m}/ours.st"), "--csv", n]));
+    // A report replaces text, never a dump cut short (known by its header) or a binary file;
+    // a dump of glimpse's own cut short is replaced by a --dump.
+    let ours = std::fs::read(model.join("ours.st")).unwrap();
+    let cut = model.join("cut.st");
+    std::fs::write(&cut, &ours[..ours.len() - 64]).unwrap();
+    let binary = model.join("data.bin");
+    std::fs::write(&binary, [0u8, 159, 146, 150, 255]).unwrap();
+    let dump = format!("{m}/ours.st");
+    assert_error(&glimpse(&["audit", "--dump", &dump, "--csv", cut.to_str().unwrap()]), "a safetensors file is there");
+    assert_error(&glimpse(&["audit", "--dump", &dump, "--csv", binary.to_str().unwrap()]), "a binary file is there");
+    assert_ok(&glimpse(&["run", "--model", m, "--tokens", "1,2", "--dump", cut.to_str().unwrap()]));
+    assert_ok(&glimpse(&["audit", "--dump", &dump, "--csv", n]));
 }
 
 /// `synth` does not write random weights over a checkpoint it did not write (it marks its own),

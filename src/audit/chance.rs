@@ -80,7 +80,7 @@ pub fn uniform(lengths: &[u32], experts: usize, k: usize) -> Option<Uniform> {
     })
 }
 
-/// The smallest value at or above which a fraction `q` of `v` lies (nearest rank).
+/// The smallest value at or below which a fraction `q` of `v` lies (nearest rank).
 fn percentile(v: &mut [f64], q: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1));

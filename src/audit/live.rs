@@ -76,7 +76,10 @@ impl Observer for AuditObserver<'_> {
             HookPoint::Layer(i, LayerHook::RouterLogits) => {
                 if let Some((rc, bias)) = self.routers.and_then(|r| r.layer(i)) {
                     let logits = value.flatten_all()?.to_vec1::<f32>()?;
-                    self.audit.add_unbiased(i, &unbiased(rc, &logits, bias.len()), rc.top_k);
+                    // (Not on NaNs, which rank first: as for a recorded dump.)
+                    if !logits.iter().any(|x| x.is_nan()) {
+                        self.audit.add_unbiased(i, &unbiased(rc, &logits, bias.len()), rc.top_k);
+                    }
                 }
             }
             // The forward pass reports a layer's ids, weights and margins, then its bias flags.

@@ -322,6 +322,11 @@ impl Audit {
     /// Adds one layer's routing weights (`[tokens, k]`, aligned with the ids an [`Audit::add`] of
     /// the layer counted) to each chosen expert's weight mass; ids outside the experts are left out.
     pub fn add_mass(&mut self, layer: usize, ids: &[i64], weights: &[f32], k: usize) {
+        // A weight that is not finite (a NaN router's) leaves this run's mass unknown: summed,
+        // it made the layer read perfectly even.
+        if weights.iter().any(|w| !w.is_finite()) {
+            return;
+        }
         let experts = self.experts;
         let l = self.layers.entry(layer).or_insert_with(|| LayerLoad::new(layer, experts));
         l.mass.resize(experts, 0.0);
@@ -509,7 +514,7 @@ impl Audit {
             .collect();
         if !unknown.is_empty() {
             notes.push(format!(
-                "w/o bias is left out where some runs recorded no gate logits ({} tokens known)",
+                "w/o bias is left out where some runs recorded no gate logits, or NaN ones ({} tokens known)",
                 unknown.join(", ")
             ));
         }
@@ -519,7 +524,7 @@ impl Audit {
             .collect();
         if !weightless.is_empty() {
             notes.push(format!(
-                "by weight is left out where some runs recorded no routing weights ({} tokens known)",
+                "by weight is left out where some runs recorded no routing weights, or weights not finite ({} tokens known)",
                 weightless.join(", ")
             ));
         }

@@ -72,16 +72,22 @@ pub fn check_launch(kernel: &str, block: u32) -> Result<(), String> {
 
 /// Registers a block may hold (and an SM has), on every architecture since Maxwell.
 const REGISTERS_PER_BLOCK: u32 = 64 * 1024;
+/// An SM's register file is split among this many sub-partitions (Volta on), each holding its
+/// share of a block's warps: `cuda_occupancy.h` rounds a block's warps up to a multiple of it.
+const SUB_PARTITIONS: u32 = 4;
 /// Registers are given to a warp in units of this many.
 const REGISTER_UNIT: u32 = 256;
-/// Threads a block may have.
+/// Threads a block may have, and registers a thread.
 const MAX_THREADS: u32 = 1024;
+const MAX_REGISTERS: u32 = 255;
 
 /// The most threads a block of a kernel taking `registers` a thread may have (what the driver
-/// reports as the function's `MAX_THREADS_PER_BLOCK`).
+/// reports as the function's `MAX_THREADS_PER_BLOCK`): whole warps, as many in each
+/// sub-partition as its share of the registers holds.
 pub fn threads_allowed(registers: u32) -> u32 {
-    let per_warp = (registers.max(1) * 32).div_ceil(REGISTER_UNIT) * REGISTER_UNIT;
-    ((REGISTERS_PER_BLOCK / per_warp) * 32).min(MAX_THREADS)
+    let per_warp = (registers.clamp(1, MAX_REGISTERS) * 32).div_ceil(REGISTER_UNIT) * REGISTER_UNIT;
+    let warps_per_partition = REGISTERS_PER_BLOCK / SUB_PARTITIONS / per_warp;
+    (warps_per_partition * SUB_PARTITIONS * 32).min(MAX_THREADS)
 }
 
 /// Checks that a block of `block` threads of `kernel` fits an SM's registers.
@@ -120,7 +126,8 @@ pub fn read_cubin(cubin: &[u8]) -> Result<HashMap<String, Usage>, String> {
     let mut usages: HashMap<String, Usage> = HashMap::new();
     for (name, size) in elf.sections.iter().filter_map(|s| Some((s.name.strip_prefix(".nv.shared.")?, s.size))) {
         if name != "reserved.0" {
-            usages.entry(name.to_string()).or_default().static_shared = size as u32;
+            let size = u32::try_from(size).map_err(|_| format!("`.nv.shared.{name}` of {size} bytes"))?;
+            usages.entry(name.to_string()).or_default().static_shared = size;
         }
     }
     let info = elf.sections.iter().find(|s| s.name == ".nv.info").ok_or("no .nv.info section")?;
@@ -132,6 +139,9 @@ pub fn read_cubin(cubin: &[u8]) -> Result<HashMap<String, Usage>, String> {
         let Some(name) = symbols.get(&symbol) else { continue };
         let usage = usages.entry(name.clone()).or_default();
         match attribute {
+            REGISTER_COUNT if value > MAX_REGISTERS => {
+                return Err(format!("`{name}` takes {value} registers a thread"))
+            }
             REGISTER_COUNT => usage.registers = value,
             _ => usage.stack = value,
         }
@@ -259,15 +269,17 @@ mod tests {
 
     #[test]
     fn registers_bound_the_block_by_warps_of_256_register_units() {
-        // 128 registers: 16 warps of 4096 fill 64 K exactly; one more rounds a warp to 4352.
+        // 128 registers: 16 warps of 4096 fill 64 K exactly; one more rounds a warp to 4352, of
+        // which each sub-partition's 16 K holds 3: 12 warps (cuda_occupancy.h's rule).
         assert_eq!(threads_allowed(128), 512);
-        assert_eq!(threads_allowed(129), 480);
+        assert_eq!(threads_allowed(129), 384);
+        assert_eq!(threads_allowed(u32::MAX), 256, "past 255 is no count a kernel has: no overflow");
         assert_eq!(threads_allowed(255), 256);
         assert_eq!(threads_allowed(32), 1024);
         let usage = |registers| Usage { registers, ..Usage::default() };
         assert!(check_block("k", usage(128), 512).is_ok());
         let err = check_block("k", usage(129), 512).unwrap_err();
-        assert!(err.contains("k: its largest block of 512 threads") && err.contains("480 threads at most"), "{err}");
+        assert!(err.contains("k: its largest block of 512 threads") && err.contains("384 threads at most"), "{err}");
     }
 
     #[test]

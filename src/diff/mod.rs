@@ -138,8 +138,8 @@ pub struct DiffReport {
     /// Which dumps hold only f16 values (each float an f16's: the spec lets a producer store F16)
     /// and not only bf16's, when floats differ at an rtol below f16's rounding ([`F16_ROUNDING`]).
     pub f16_only: [bool; 2],
-    /// Whether the dumps record different `config_sha256`s: two models, whose layers and hook
-    /// points need not line up, so what one lacks says nothing of how it names them.
+    /// Whether the dumps record different `config_sha256`s: two models, whose layers need not
+    /// line up, so a layer ours lacks is not read as layers numbered from 1.
     pub configs_differ: bool,
 }
 
@@ -183,7 +183,7 @@ impl DiffReport {
     /// contract, and most of the comparison did not happen.
     pub fn misnamed(&self) -> Option<String> {
         let missing = self.missing_spec_names();
-        (!missing.is_empty() && !self.configs_differ).then(|| self.missing_names_hint(&missing)).flatten()
+        (!missing.is_empty()).then(|| self.missing_names_hint(&missing)).flatten()
     }
     /// The first tensor, in forward order, that does not match.
     pub fn first_divergence(&self) -> Option<&Comparison> {

@@ -186,6 +186,13 @@ fn spec_names_ours_lacks_are_said_with_a_hint() {
     let out = render(report(&["layers.2.output", "layers.1.attn.out"], &theirs));
     assert!(out.contains("ours numbers its layers from 1"), "{out}");
     assert!(!report(&["layers.2.output", "layers.1.attn.out"], &theirs).all_match());
+    // Dumps of two configs: a layer ours lacks is not read as numbered from 1 (two models' layers
+    // need not line up), but a prefix is still a prefix.
+    let other = |only_a: &[&str]| DiffReport { configs_differ: true, ..report(only_a, &theirs) };
+    let out = render(other(&["layers.2.output", "layers.1.attn.out"]));
+    assert!(!out.contains("from 1") && out.contains(": the dumps ran different config.json files\n"), "{out}");
+    let out = render(other(&["model.layers.0.output", "model.layers.1.output"]));
+    assert!(out.contains("ours names them with a `model.` prefix"), "{out}");
     // Selections that match across the shift (a prompt no longer than index_topk keeps every
     // key in every layer) do not line the names up: only an activation that matches does.
     let mut shifted = report(&["layers.2.output", "layers.1.attn.out"], &theirs);

@@ -84,6 +84,10 @@ impl DiffReport {
         }
         // Layers numbered from 1: most missing `layers.{i}.X` are ours's `layers.{i+1}.X`, and
         // ours holds a layer past the reference's last (a window that starts at 1 does not).
+        // Not where the dumps ran different configs: two models' layers need not line up.
+        if self.configs_differ {
+            return None;
+        }
         let ours: std::collections::HashSet<&str> =
             self.results.iter().map(|c| c.name.as_str()).chain(self.only_a.iter().map(String::as_str)).collect();
         let last = |names: &mut dyn Iterator<Item = &str>| names.filter_map(|n| HookPoint::parse(n)?.layer()).max();

@@ -299,4 +299,16 @@ fn nan_gate_logits_leave_the_load_without_the_bias_unknown() {
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert!(v["layers"][0]["max_vio_without_bias"].is_null(), "{}", v["layers"][0]);
     assert!(v["layers"][1]["max_vio_without_bias"].is_number(), "{}", v["layers"][1]);
+    // A NaN routing weight leaves the layer's weight mass unknown (summed, it read 0.000: even).
+    let nan_weight = common::edit_dump(reference, &tmp.path().join("nan-weight.st"), |t| {
+        for (n, v, _) in t.iter_mut() {
+            if let (true, Values::F32(x)) = (n == "layers.2.moe.topk_weights", v) {
+                x[5] = f32::NAN;
+            }
+        }
+    });
+    let (json, _) = text(&glimpse(&["audit", "--dump", nan_weight.to_str().unwrap(), "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(v["layers"][0]["max_vio_by_weight"].is_null() && v["layers"][0]["weight_mass"].is_null(), "{v}");
+    assert!(v["layers"][1]["max_vio_by_weight"].is_number(), "{v}");
 }

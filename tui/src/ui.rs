@@ -103,20 +103,25 @@ fn status_line(app: &App, src: &dyn Source) -> Line<'static> {
     Line::from(spans)
 }
 
-/// `text` made to fit `width` by writing its paths (words holding a `/`) as their file names,
-/// the first first, until it fits: cut at the end, the reference's path went first.
+/// `text` made to fit `width` by writing its paths as their file names, the first first, until
+/// it fits (cut at the end, the reference's path went first). A title's paths are its parts
+/// either side of ` vs reference `, each up to a ` (` note: whole, spaces and all.
 fn fit_paths(text: &str, width: usize) -> String {
-    let mut words: Vec<String> = text.split(' ').map(String::from).collect();
-    let fits = |w: &[String]| w.join(" ").chars().count() <= width;
-    for i in 0..words.len() {
-        if fits(&words) {
+    const SEP: &str = " vs reference ";
+    let mut parts: Vec<String> = text.split(SEP).map(String::from).collect();
+    for i in 0..parts.len() {
+        if parts.join(SEP).chars().count() <= width {
             break;
         }
-        if let Some((_, name)) = words[i].rsplit_once('/').filter(|(_, name)| !name.is_empty()) {
-            words[i] = name.to_string();
+        let (path, note) = parts[i].split_once(" (").map_or((parts[i].as_str(), None), |(p, n)| (p, Some(n)));
+        if let Some((_, name)) = path.rsplit_once('/').filter(|(_, name)| !name.is_empty()) {
+            parts[i] = match note {
+                Some(note) => format!("{name} ({note}"),
+                None => name.to_string(),
+            };
         }
     }
-    words.join(" ")
+    parts.join(SEP)
 }
 
 #[cfg(test)]
@@ -129,6 +134,11 @@ mod tests {
             super::fit_paths(title, 90),
             "port-no-shared-expert-bf16.safetensors vs reference golden/flat/reference.safetensors"
         );
+        // Paths with spaces shorten whole; a live run's note stays.
+        let spaced = "/tmp/my runs/port.st vs reference /tmp/my runs/ref.st";
+        assert_eq!(super::fit_paths(spaced, 30), "port.st vs reference ref.st");
+        let live = "/data/glm5 (live, cuda) vs reference /data/glm5/reference.safetensors";
+        assert_eq!(super::fit_paths(live, 50), "glm5 (live, cuda) vs reference reference.safetensors");
         assert_eq!(
             super::fit_paths(title, 60),
             "port-no-shared-expert-bf16.safetensors vs reference reference.safetensors"

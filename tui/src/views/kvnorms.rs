@@ -78,18 +78,22 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         let at = |v: &Vec<Vec<Option<f32>>>| {
             v.get(i).and_then(|r| r.get(app.token).copied().flatten()).map_or("-".into(), |x| num(x as f64))
         };
-        let (lo, hi) = g.latent.get(i).map_or((f32::NAN, f32::NAN), |r| range(r));
-        let spread = match hi - lo > FLAT * hi.abs().max(lo.abs()) {
-            true => String::new(),
-            false => " (flat: rounding)".into(),
+        let row = g.latent.get(i).map_or(&[][..], Vec::as_slice);
+        let (lo, hi) = range(row);
+        // Flat only where two norms or more are there to differ.
+        let finite = row.iter().flatten().filter(|x| x.is_finite()).count();
+        let spread = match finite >= 2 && hi - lo <= FLAT * hi.abs().max(lo.abs()) {
+            true => " (flat: rounding)".into(),
+            false => String::new(),
         };
+        let (lo, hi) = if finite > 0 { (num(lo as f64), num(hi as f64)) } else { ("-".into(), "-".into()) };
         vec![
             Line::raw(format!(
                 "token {}   layer {}: |kv_latent| {} to {}{spread}",
                 src.token_label(app.token),
                 g.layers[i],
-                num(lo as f64),
-                num(hi as f64)
+                lo,
+                hi
             )),
             Line::raw(format!(
                 "|c_kv| before norm {}   |kv_latent| {}{}   |k_rope| {}",

@@ -40,7 +40,8 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         let [note, rest] = Layout::vertical([Constraint::Length(height), Constraint::Min(TABLE)]).areas(area);
         let style = Style::new().fg(colour).add_modifier(Modifier::BOLD);
         // A note longer than its lines ends with where to read it whole, not mid-sentence.
-        let cut = lines > height as usize && height > 1;
+        // (A note left one line shows the marker alone: the table needs the rest.)
+        let cut = lines > height as usize;
         let [text_area, more] =
             Layout::vertical([Constraint::Length(height - u16::from(cut)), Constraint::Length(u16::from(cut))])
                 .areas(note);
