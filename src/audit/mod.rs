@@ -508,24 +508,23 @@ impl Audit {
                 partial.join(", ")
             ));
         }
-        let unknown: Vec<String> = (self.layers.values())
-            .filter(|l| l.unbiased_tokens > 0 && l.unbiased_tokens < l.tokens)
-            .map(|l| format!("layer {}: {} of {}", l.layer, l.unbiased_tokens, l.tokens))
-            .collect();
-        if !unknown.is_empty() {
+        // The layers whose number is over some of their tokens only: left out, and said.
+        let partly = |known: fn(&LayerLoad) -> u64| {
+            let layers: Vec<String> = (self.layers.values())
+                .filter(|l| known(l) > 0 && known(l) < l.tokens)
+                .map(|l| format!("layer {}: {} of {}", l.layer, known(l), l.tokens))
+                .collect();
+            (!layers.is_empty()).then(|| layers.join(", "))
+        };
+        if let Some(layers) = partly(|l| l.unbiased_tokens) {
             notes.push(format!(
-                "w/o bias is left out where some runs recorded no gate logits, or NaN ones ({} tokens known)",
-                unknown.join(", ")
+                "w/o bias is left out where some runs recorded no gate logits, or NaN ones ({layers} tokens known)"
             ));
         }
-        let weightless: Vec<String> = (self.layers.values())
-            .filter(|l| l.mass_tokens > 0 && l.mass_tokens < l.tokens)
-            .map(|l| format!("layer {}: {} of {}", l.layer, l.mass_tokens, l.tokens))
-            .collect();
-        if !weightless.is_empty() {
+        if let Some(layers) = partly(|l| l.mass_tokens) {
             notes.push(format!(
-                "by weight is left out where some runs recorded no routing weights, or weights not finite ({} tokens known)",
-                weightless.join(", ")
+                "by weight is left out where some runs recorded no routing weights, or weights not finite ({layers} \
+                 tokens known)"
             ));
         }
         notes.extend(self.uneven_prompts());
