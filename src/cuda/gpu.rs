@@ -261,35 +261,11 @@ impl Gpu {
             })?;
             let names = KERNELS.iter().find(|(f, _, _)| *f == file).map(|(_, _, n)| *n).unwrap_or(&[]);
             for &kernel in names {
-                let what = |e| Error::Device(format!("{file}.cu: {kernel}: {e:?}"));
-                let f = module.load_function(kernel).map_err(what)?;
-                let usage = Usage {
-                    registers: f.num_regs().map_err(what)? as u32,
-                    static_shared: f.shared_size_bytes().map_err(what)? as u32,
-                    stack: f.local_size_bytes().map_err(what)? as u32,
-                };
-                // The driver's own count of the threads a block may have (registers decide it):
-                // a launch past it would fail with "too many resources requested".
-                let allowed = f.max_threads_per_block().map_err(what)?;
-                let largest = resources::largest_block(kernel).unwrap_or(u32::MAX);
-                if i64::from(allowed) < i64::from(largest) {
-                    return Err(Error::Device(format!(
-                        "{file}.cu: {kernel}: this device runs at most {allowed} threads a block of it ({} registers a \
-                         thread), and its launches take {largest}",
-                        usage.registers
-                    )));
-                }
-                if LARGE_SHARED.contains(&kernel) {
-                    // The driver refuses an opt-in that, with the kernel's static share, passes
-                    // the device's maximum; refused, the block keeps the default 48 KB.
-                    let attr =
-                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-                    let room = optin.saturating_sub(usage.static_shared as usize);
-                    let raised = f.set_attribute(attr, i32::try_from(room).unwrap_or(i32::MAX)).is_ok();
-                    let room =
-                        if raised { room } else { (48 * 1024usize).saturating_sub(usage.static_shared as usize) };
-                    shared_limit = shared_limit.min(room);
-                }
+                let f =
+                    module.load_function(kernel).map_err(|e| Error::Device(format!("{file}.cu: {kernel}: {e:?}")))?;
+                let (usage, room) = resources::configure(&f, kernel, LARGE_SHARED.contains(&kernel), optin)
+                    .map_err(|e| Error::Device(format!("{file}.cu: {e}")))?;
+                shared_limit = shared_limit.min(room.unwrap_or(usize::MAX));
                 kernels.push((kernel, usage));
                 functions.insert(kernel, f);
             }

@@ -103,6 +103,43 @@ pub fn check_block(kernel: &str, usage: Usage, block: u32) -> Result<(), String>
     Ok(())
 }
 
+/// A loaded kernel's [`Usage`] as the driver states it, refused where the driver allows fewer
+/// threads a block than its largest launch takes (a launch past them fails with "too many
+/// resources requested"). Given `large_shared`, its dynamic shared memory is opted in up to
+/// `optin` less its own static share (the driver refuses more), else left at the default 48 KB
+/// less it: the room, returned.
+pub fn configure(
+    f: &cudarc::driver::CudaFunction,
+    kernel: &str,
+    large_shared: bool,
+    optin: usize,
+) -> Result<(Usage, Option<usize>), String> {
+    let what = |e: cudarc::driver::DriverError| format!("{kernel}: {e:?}");
+    let count = |v: i32| u32::try_from(v).unwrap_or(0);
+    let usage = Usage {
+        registers: count(f.num_regs().map_err(what)?),
+        static_shared: count(f.shared_size_bytes().map_err(what)?),
+        stack: count(f.local_size_bytes().map_err(what)?),
+    };
+    let allowed = f.max_threads_per_block().map_err(what)?;
+    let largest = largest_block(kernel).unwrap_or(u32::MAX);
+    if i64::from(allowed) < i64::from(largest) {
+        return Err(format!(
+            "{kernel}: this device runs at most {allowed} threads a block of it ({} registers a thread), and its \
+             launches take {largest}",
+            usage.registers
+        ));
+    }
+    if !large_shared {
+        return Ok((usage, None));
+    }
+    let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+    let room = optin.saturating_sub(usage.static_shared as usize);
+    let raised = f.set_attribute(attr, i32::try_from(room).unwrap_or(i32::MAX)).is_ok();
+    let room = if raised { room } else { (48 * 1024usize).saturating_sub(usage.static_shared as usize) };
+    Ok((usage, Some(room)))
+}
+
 /// One line on the kernels' resources: the register range with the hungriest kernel, and the
 /// kernels that use stack (local memory, slow), for a report's head.
 pub fn describe(usages: &[(&str, Usage)]) -> String {
