@@ -283,15 +283,10 @@ fn audit_compare_measures_the_distance_against_chance() {
 /// MaxVio without the bias stays unknown.
 #[test]
 fn nan_gate_logits_leave_the_load_without_the_bias_unknown() {
-    use glimpse::dump::Values;
     let tmp = tempfile::tempdir().unwrap();
     let reference = Path::new("golden/flat/reference.safetensors");
-    let nan = common::edit_dump(reference, &tmp.path().join("nan.st"), |t| {
-        for (n, v, _) in t.iter_mut() {
-            if let (true, Values::F32(x)) = (n == "layers.2.moe.router_logits", v) {
-                x[3 * 16 + 2] = f32::NAN;
-            }
-        }
+    let nan = common::edit_floats(reference, &tmp.path().join("nan.st"), "layers.2.moe.router_logits", |x| {
+        x[3 * 16 + 2] = f32::NAN
     });
     let o = glimpse(&["audit", "--model", "golden/flat", "--dump", nan.to_str().unwrap(), "--json"]);
     let (json, err) = text(&o);
@@ -300,13 +295,10 @@ fn nan_gate_logits_leave_the_load_without_the_bias_unknown() {
     assert!(v["layers"][0]["max_vio_without_bias"].is_null(), "{}", v["layers"][0]);
     assert!(v["layers"][1]["max_vio_without_bias"].is_number(), "{}", v["layers"][1]);
     // A NaN routing weight leaves the layer's weight mass unknown (summed, it read 0.000: even).
-    let nan_weight = common::edit_dump(reference, &tmp.path().join("nan-weight.st"), |t| {
-        for (n, v, _) in t.iter_mut() {
-            if let (true, Values::F32(x)) = (n == "layers.2.moe.topk_weights", v) {
-                x[5] = f32::NAN;
-            }
-        }
-    });
+    let nan_weight =
+        common::edit_floats(reference, &tmp.path().join("nan-weight.st"), "layers.2.moe.topk_weights", |x| {
+            x[5] = f32::NAN
+        });
     let (json, _) = text(&glimpse(&["audit", "--dump", nan_weight.to_str().unwrap(), "--json"]));
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert!(v["layers"][0]["max_vio_by_weight"].is_null() && v["layers"][0]["weight_mass"].is_null(), "{v}");

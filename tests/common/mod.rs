@@ -150,6 +150,20 @@ pub fn dsa_margin_from_scores(d: &glimpse::dump::Dump, layer: usize, row: usize)
 pub type Named = (String, glimpse::dump::Values, Vec<usize>);
 
 /// Every tensor of the dump `src`, edited by `edit`, written to `dst` (the metadata kept).
+/// A copy of dump `src` at `dst` with the float tensor `name`'s values edited by `edit`.
+pub fn edit_floats(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    name: &str,
+    edit: impl FnOnce(&mut Vec<f32>),
+) -> std::path::PathBuf {
+    edit_dump(src, dst, |t| {
+        let (_, values, _) = t.iter_mut().find(|(n, _, _)| n == name).unwrap_or_else(|| panic!("no {name}"));
+        let glimpse::dump::Values::F32(v) = values else { panic!("{name} is not F32") };
+        edit(v);
+    })
+}
+
 pub fn edit_dump(
     src: &std::path::Path,
     dst: &std::path::Path,
