@@ -149,7 +149,6 @@ pub fn dsa_margin_from_scores(d: &glimpse::dump::Dump, layer: usize, row: usize)
 /// A dump tensor: name, values, shape.
 pub type Named = (String, glimpse::dump::Values, Vec<usize>);
 
-/// Every tensor of the dump `src`, edited by `edit`, written to `dst` (the metadata kept).
 /// A copy of dump `src` at `dst` with the float tensor `name`'s values edited by `edit`.
 pub fn edit_floats(
     src: &std::path::Path,
@@ -164,6 +163,7 @@ pub fn edit_floats(
     })
 }
 
+/// Every tensor of the dump `src`, edited by `edit`, written to `dst` (the metadata kept).
 pub fn edit_dump(
     src: &std::path::Path,
     dst: &std::path::Path,
