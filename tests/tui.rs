@@ -162,19 +162,16 @@ fn nan_and_inf_are_shown_as_such() {
     let src = DumpSource::new("nan".into(), ours, Some(port_dumps().1), &DiffOptions::default()).unwrap();
     let s = screen(&App::default(), &src, 80, 24);
     assert!(s.contains("first NaN/Inf of this run: layers.2.attn.kv_latent at [0, 4, 0] = NaN"), "{s}");
-    let mut app = at_layer(&src, 3);
-    app.set_view(View::Activations);
+    let app = at_view(&src, 3, View::Activations);
     let s = screen(&app, &src, 100, 30);
     let row = line_with(&s, "│input_norm");
     assert_eq!(row.matches("NaN").count(), 4, "mean, std, min, max: {row}");
-    let mut app = at_layer(&src, 1);
-    app.set_view(View::Activations);
+    let app = at_view(&src, 1, View::Activations);
     let s = screen(&app, &src, 100, 30);
     let worst: Vec<&str> = s.lines().filter(|l| l.contains("layers.1.attn.out at")).collect();
     assert_eq!(worst.len(), 1, "one element differs: {s}");
     assert!(worst[0].contains("at [0, 0, 7]"), "{s}");
-    let mut app = at_layer(&src, 2);
-    app.set_view(View::KvNorms);
+    let app = at_view(&src, 2, View::KvNorms);
     let s = screen(&app, &src, 80, 24);
     let cells: String = line_with(&s, "│layer 2 ").chars().skip(11).take(32).collect();
     assert_eq!((cells.chars().nth(4), cells.chars().nth(5)), (Some('!'), Some('!')), "{s}");
@@ -186,8 +183,7 @@ fn nan_and_inf_are_shown_as_such() {
 #[test]
 fn next_flip_steps_through_a_layers_flips() {
     let src = port_source();
-    let mut app = at_layer(&src, 2);
-    app.set_view(View::Routing);
+    let mut app = at_view(&src, 2, View::Routing);
     let (mut routing, mut dsa) = (Vec::new(), Vec::new());
     let mut left = false;
     for _ in 0..64 {
@@ -213,8 +209,7 @@ fn next_flip_steps_through_a_layers_flips() {
 fn routing_view_shows_experts_margins_and_a_flagged_flip() {
     let tmp = tempfile::tempdir().unwrap();
     let src = default_source(tmp.path());
-    let mut app = at_layer(&src, 2);
-    app.set_view(View::Routing);
+    let app = at_view(&src, 2, View::Routing);
     let s = screen(&app, &src, 100, 30);
     assert!(s.contains("layer 2 routing: 32 tokens, 0 flips"), "{s}");
     // Token 0's experts and weights, as the model chose them.
@@ -280,8 +275,7 @@ fn routing_view_recomputes_margins_a_dump_does_not_record() {
         let margin = route.margin.unwrap_or_else(|| panic!("token {t} has a margin"));
         assert!((margin - (scores[k - 1] - scores[k])).abs() < 1e-6, "token {t}: {margin}");
     }
-    let mut app = at_layer(&src, 2);
-    app.set_view(View::Routing);
+    let app = at_view(&src, 2, View::Routing);
     let s = screen(&app, &src, 100, 30);
     assert!(line_with(&s, "s0 #").contains(&format!("{:.2e}", routes[0].margin.unwrap())), "{s}");
 }
@@ -297,7 +291,7 @@ fn an_invalid_routing_is_named_in_the_activations_view() {
         ids[1] = ids[0];
     });
     let src = dumps_source(&twice, &reference, &DiffOptions::default());
-    let app = App { view: View::Activations, ..at_layer(&src, 2) };
+    let app = at_view(&src, 2, View::Activations);
     let s = screen(&app, &src, 130, 40);
     assert!(line_with(&s, "│moe.topk_ids").contains("BAD ours invalid"), "{s}");
 }
@@ -305,8 +299,7 @@ fn an_invalid_routing_is_named_in_the_activations_view() {
 #[test]
 fn activations_view_lists_hook_points_with_stats() {
     let port = port_source();
-    let mut app = at_layer(&port, 0);
-    app.set_view(View::Activations);
+    let mut app = at_view(&port, 0, View::Activations);
     let s = screen(&app, &port, 130, 30);
     assert!(s.contains("layer 0 activations"), "{s}");
     assert!(line_with(&s, "│attn.out").contains("BAD"), "{s}");
@@ -400,7 +393,7 @@ fn a_tensor_of_another_shape_says_the_references() {
         shape.insert(0, 1);
     });
     let src = dumps_source(&reshaped, &reference, &DiffOptions::default());
-    let s = screen(&App { view: View::Activations, ..at_layer(&src, 2) }, &src, 160, 40);
+    let s = screen(&at_view(&src, 2, View::Activations), &src, 160, 40);
     let row = line_with(&s, "moe.router_logits");
     assert!(row.contains("BAD ref shape [32, 16]") && !row.contains("inf"), "{row}");
 }
@@ -433,7 +426,7 @@ fn the_worst_elements_are_the_comparisons_worst() {
 fn paging_stops_at_what_the_view_lists() {
     let port = port_source();
     let area = |h| ui::body(glimpse_tui::ratatui::layout::Rect::new(0, 0, 80, h));
-    let mut app = App { view: View::KvNorms, ..at_layer(&port, 0) };
+    let mut app = at_view(&port, 0, View::KvNorms);
     app.page = glimpse_tui::views::page(&app, &port, area(14));
     for _ in 0..6 {
         app.scroll_down(&port);
@@ -448,7 +441,7 @@ fn paging_stops_at_what_the_view_lists() {
     let two = dumps_source(&mtp, &mtp, &DiffOptions::default());
     let seq = two.dsa(0, 0).unwrap().seq;
     assert_eq!(two.tokens(), 2 * seq);
-    let mut app = App { view: View::Dsa, ..at_layer(&two, 0) };
+    let mut app = at_view(&two, 0, View::Dsa);
     app.page = glimpse_tui::views::page(&app, &two, area(14));
     for _ in 0..10 {
         app.scroll_down(&two);
@@ -533,8 +526,7 @@ fn a_layer_whose_rule_differs_reads_rule() {
         routes.iter().filter(|r| r.flip.is_some()).map(|r| (r.token, r.flip)).collect::<Vec<_>>(),
         [(0, Some(glimpse_tui::FlipClass::Rule))]
     );
-    let mut app = at_layer(&src, 3);
-    app.set_view(View::Routing);
+    let app = at_view(&src, 3, View::Routing);
     assert!(screen(&app, &src, 100, 24).contains("1R)"), "{}", screen(&app, &src, 100, 24));
 }
 
@@ -557,8 +549,7 @@ fn dsa_view_recomputes_the_margin_of_a_dump_without_one() {
         let want = if q < k { f32::INFINITY } else { row[k - 1] - row[k] };
         assert_eq!(margin[q], want, "query {q}");
     }
-    let mut app = at_layer(&src, 0);
-    app.set_view(View::Dsa);
+    let mut app = at_view(&src, 0, View::Dsa);
     app.token = k;
     let want = format!("q{k}: margin {:.2e}", margin[k]);
     assert!(screen(&app, &src, 100, 30).contains(&want), "{want}");
@@ -632,8 +623,7 @@ fn invalid_expert_ids_show_as_recorded() {
         }
     });
     let src = dumps_source(&bad, Path::new("golden/flat/reference.safetensors"), &port_options());
-    let mut app = at_layer(&src, 3);
-    app.set_view(View::Routing);
+    let mut app = at_view(&src, 3, View::Routing);
     let s = screen(&app, &src, 120, 30);
     assert!(s.contains("999:") && s.contains("-3:"), "{s}");
     app.set_view(View::Load);
@@ -676,8 +666,7 @@ fn the_layer_whose_error_jumps_is_marked() {
 #[test]
 fn the_worst_elements_are_the_layers_worst_first() {
     let src = port_source();
-    let mut app = at_layer(&src, 3);
-    app.set_view(View::Activations);
+    let app = at_view(&src, 3, View::Activations);
     let s = screen(&app, &src, 100, 30);
     let first = s.lines().skip_while(|l| !l.contains("worst elements")).nth(1).unwrap_or("");
     assert!(first.contains("layers.3.output at"), "{s}");
@@ -697,8 +686,7 @@ fn the_dsa_view_names_a_key_past_the_query() {
         }
     });
     let src = dumps_source(&ours, golden, &DiffOptions::default());
-    let mut app = at_layer(&src, 3);
-    app.set_view(View::Dsa);
+    let mut app = at_view(&src, 3, View::Dsa);
     app.token = 20;
     let s = screen(&app, &src, 120, 30);
     assert!(s.contains("only ours none (holds 30 past q20), only ref"), "{s}");
@@ -709,7 +697,7 @@ fn the_dsa_view_names_a_key_past_the_query() {
 #[test]
 fn a_narrow_routing_view_keeps_every_expert_id() {
     let port = port_source();
-    let app = App { view: View::Routing, ..at_layer(&port, 2) };
+    let app = at_view(&port, 2, View::Routing);
     let routes = port.routing(2).unwrap();
     for (width, weighted) in [(70, false), (120, true)] {
         let s = screen(&app, &port, width, 16);
@@ -764,7 +752,7 @@ fn a_routing_view_without_weights_shows_the_ids() {
         t.retain(|(n, ..)| !n.ends_with(".moe.topk_weights"))
     });
     let src = dumps_source(&no_weights, &flat().join("reference.safetensors"), &port_options());
-    let app = App { view: View::Routing, ..at_layer(&src, 2) };
+    let app = at_view(&src, 2, View::Routing);
     let r0 = &src.routing(2).unwrap()[0];
     let ids: Vec<String> = r0.ids.iter().map(|i| i.to_string()).collect();
     let s = screen(&app, &src, 120, 16);
@@ -783,8 +771,7 @@ fn the_latent_kv_map_shows_flat_layers_flat_and_no_blank_minimum() {
         line.trim_end_matches('│').trim_end().chars().skip(11).collect::<String>()
     };
     let src = dumps_source(reference, reference, &DiffOptions::default());
-    let mut app = at_layer(&src, 0);
-    app.set_view(View::KvNorms);
+    let app = at_view(&src, 0, View::KvNorms);
     let s = screen(&app, &src, 80, 24);
     assert!((0..5).all(|l| !row(&s, l).contains(' ') && row(&s, l).chars().count() == 32), "{s}");
     assert!(s.contains("layer 0: |kv_latent| 5.6019 to 6.1627"), "{s}");
@@ -804,8 +791,7 @@ fn the_latent_kv_map_shows_flat_layers_flat_and_no_blank_minimum() {
 fn the_dsa_bottom_line_keeps_the_keys_and_reads_its_margins() {
     let own_key = Path::new("golden/flat/port-indexer-own-key.safetensors");
     let src = dumps_source(own_key, Path::new("golden/flat/reference.safetensors"), &DiffOptions::default());
-    let mut app = at_layer(&src, 0);
-    app.set_view(View::Dsa);
+    let mut app = at_view(&src, 0, View::Dsa);
     let s = screen(&app, &src, 80, 24);
     assert!(s.contains("q0: margin - (ref none), only ours none (holds 17,18 +6 past q0), only ref 0"), "{s}");
     app.token = 9;
@@ -828,8 +814,7 @@ fn the_dsa_bottom_line_keeps_the_keys_and_reads_its_margins() {
 #[test]
 fn the_load_view_lists_the_selected_layers_busiest_and_rarest() {
     let src = port_source();
-    let mut app = at_layer(&src, 3);
-    app.set_view(View::Load);
+    let app = at_view(&src, 3, View::Load);
     let s = screen(&app, &src, 80, 24);
     assert!(s.contains("layer 3 busiest 5:17 7:15 0:13, rarest 6:0 2:1 13:1 (expert:tokens)"), "{s}");
     let (audit, _) = common::text(&common::glimpse(&["audit", "--dump", "golden/flat/bf16-port.safetensors"]));

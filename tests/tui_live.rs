@@ -238,8 +238,7 @@ fn a_live_run_of_other_tokens_runs_without_the_folders_reference() {
     let words: Vec<&str> = line_with(&s, "│0 ").trim_matches('│').split_whitespace().collect();
     assert_eq!(words[3..6], ["-", "-", "-"], "{s}");
     // Three tokens, all kept by the indexer (top-8): every DSA margin is +inf, no statistics.
-    let mut app = at_layer(&src, 0);
-    app.set_view(View::Activations);
+    let app = at_view(&src, 0, View::Activations);
     let s = screen(&app, &src, 120, 24);
     let margin: Vec<&str> = line_with(&s, "dsa.margin").trim_matches('│').split_whitespace().collect();
     assert_eq!(margin[2..9], ["-", "-", "-", "-", "-", "0", "no"], "{s}");

@@ -13,7 +13,7 @@ use glimpse::model::Model;
 use glimpse::tui_source::DumpSource;
 use glimpse_tui::ratatui::backend::TestBackend;
 use glimpse_tui::ratatui::Terminal;
-use glimpse_tui::{ui, App, Part, Source};
+use glimpse_tui::{ui, App, Part, Source, View};
 
 pub fn flat() -> PathBuf {
     super::golden("flat")
@@ -58,6 +58,11 @@ pub fn port_options() -> DiffOptions {
 /// The state a session opens in, moved to layer `i`'s row (the embeddings row is above layer 0).
 pub fn at_layer(src: &dyn Source, i: usize) -> App {
     App { layer: row_of(src, i), ..App::default() }
+}
+
+/// At layer `i`'s row, in `view`.
+pub fn at_view(src: &dyn Source, i: usize, view: View) -> App {
+    App { view, ..at_layer(src, i) }
 }
 
 pub fn row_of(src: &dyn Source, i: usize) -> usize {

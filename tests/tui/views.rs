@@ -6,8 +6,7 @@ use super::*;
 #[test]
 fn load_dsa_and_kv_views_draw_the_bundled_case() {
     let port = port_source();
-    let mut app = at_layer(&port, 3);
-    app.set_view(View::Load);
+    let mut app = at_view(&port, 3, View::Load);
     let s = screen(&app, &port, 80, 24);
     assert!(s.contains("expert load (16 experts") && s.contains("layer 4") && s.contains("MaxVio"), "{s}");
     // Against the reference, each layer's net load moved: sum |ours - ref| / 2 over the slots,
@@ -189,8 +188,7 @@ fn every_view_draws_a_dump_with_the_mtp_layer() {
     let bare = DumpSource::new("mtp".into(), bare, None, &DiffOptions::default()).unwrap();
     assert!(screen(&app, &bare, 80, 24).contains("│layer 3 mtp "));
     // Batch 2: the DSA view says which row it shows, and follows the token into the second.
-    let mut app = at_layer(&src, 0);
-    app.set_view(View::Dsa);
+    let mut app = at_view(&src, 0, View::Dsa);
     assert!(screen(&app, &src, 80, 24).contains("16 queries (batch row b0 of b0-b1),"));
 
     app.token = 16;
