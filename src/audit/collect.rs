@@ -490,10 +490,10 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>, mut routes: 
             }
         }
         if let (Some((rc, bias)), Some((v, shape))) = (router, &logits) {
-            // Without the bias: the checkpoint's rule on the dump's gate logits (not on NaNs,
-            // which rank first and would count as choices: the run's w/o bias stays unknown).
-            if shape.last() == Some(&bias.len()) && v.len() == rows * bias.len() && !v.iter().any(|x| x.is_nan()) {
-                audit.add_unbiased(i, &unbiased(rc, v, bias.len()), rc.top_k);
+            // Without the bias: the checkpoint's rule on the dump's gate logits.
+            let fits = shape.last() == Some(&bias.len()) && v.len() == rows * bias.len();
+            if let Some(ids) = fits.then(|| unbiased(rc, v, bias.len())).flatten() {
+                audit.add_unbiased(i, &ids, rc.top_k);
             }
         }
         let flags = match d.values(&format!("layers.{i}.moe.bias_changed")) {
@@ -647,9 +647,14 @@ fn batch_without_ids(d: &Dump, rows: usize) -> usize {
     })
 }
 
-/// Each token's experts without the correction bias, from `[tokens, experts]` gate logits.
-pub(super) fn unbiased(rc: &crate::model::moe::RouterConfig, logits: &[f32], experts: usize) -> Vec<usize> {
-    logits.chunks(experts.max(1)).flat_map(|row| crate::model::moe::unbiased_ids(rc, row)).collect()
+/// Each token's experts without the correction bias, from `[tokens, experts]` gate logits; None
+/// where a logit is NaN (it ranks first and would count as a choice: the run's w/o bias stays
+/// unknown, recorded or live).
+pub(super) fn unbiased(rc: &crate::model::moe::RouterConfig, logits: &[f32], experts: usize) -> Option<Vec<usize>> {
+    if logits.iter().any(|x| x.is_nan()) {
+        return None;
+    }
+    Some(logits.chunks(experts.max(1)).flat_map(|row| crate::model::moe::unbiased_ids(rc, row)).collect())
 }
 
 /// The width of the first router the dumps record (shapes only: nothing is read).

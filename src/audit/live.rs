@@ -76,9 +76,8 @@ impl Observer for AuditObserver<'_> {
             HookPoint::Layer(i, LayerHook::RouterLogits) => {
                 if let Some((rc, bias)) = self.routers.and_then(|r| r.layer(i)) {
                     let logits = value.flatten_all()?.to_vec1::<f32>()?;
-                    // (Not on NaNs, which rank first: as for a recorded dump.)
-                    if !logits.iter().any(|x| x.is_nan()) {
-                        self.audit.add_unbiased(i, &unbiased(rc, &logits, bias.len()), rc.top_k);
+                    if let Some(ids) = unbiased(rc, &logits, bias.len()) {
+                        self.audit.add_unbiased(i, &ids, rc.top_k);
                     }
                 }
             }
