@@ -27,9 +27,11 @@ pub(crate) fn audit(args: AuditArgs, max_memory: Option<u64>) -> Result<ExitCode
         routes,
         layers,
         mtp,
+        pairs,
         device,
         gpu,
     } = args;
+    let pairs = pairs.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
     if let Some(p) = heatmap.as_ref().filter(|p| !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg"))) {
         return Err(Error::Usage(format!("--heatmap {}: the heatmap is SVG; name a .svg file", p.display())));
     }
@@ -49,6 +51,9 @@ pub(crate) fn audit(args: AuditArgs, max_memory: Option<u64>) -> Result<ExitCode
         .collect();
     if let [a, b, ..] = stdout[..] {
         return Err(Error::Usage(format!("{a} and {b} both write to standard output: give one a file")));
+    }
+    if let (Some(_), Some(flag)) = (pairs, stdout.first().filter(|_| !json)) {
+        return Err(Error::Usage(format!("--pairs prints a table, which {flag} replaces: leave one out")));
     }
     let target = gpu.target(device)?;
     // Against a reference, both keep their expert sets token by token, to count what changed;
@@ -76,8 +81,9 @@ pub(crate) fn audit(args: AuditArgs, max_memory: Option<u64>) -> Result<ExitCode
     };
     // (--compare-prompts: other prompts, run on the same model after the audited ones.)
     let prompts = prompts.as_deref().map(|p| (p, lines));
-    let (audit, live_other) =
+    let (mut audit, live_other) =
         glimpse::audit::collect_with_other(model.as_deref(), prompts, compare_prompts.as_deref(), &dumps, opts)?;
+    audit.pairs_listed = pairs;
     // --against (the same prompts) or --compare (others): the second side's counts.
     // A stop during the audited prompts keeps the runs done: --against's first as many.
     let done = audit.runs.len().min(against.len());
@@ -178,6 +184,9 @@ pub(crate) fn audit(args: AuditArgs, max_memory: Option<u64>) -> Result<ExitCode
         audit.notes().iter().for_each(|n| eprintln!("glimpse: note: {n}"));
     } else {
         print!("{}", audit.table());
+        if let Some(n) = pairs {
+            print!("\n{}", audit.pairs_table(n));
+        }
         match &reference {
             Some(r) if contrast => {
                 let c = glimpse::audit::contrast::contrast(&audit, r);

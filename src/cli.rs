@@ -435,6 +435,11 @@ pub(crate) struct AuditArgs {
     /// after layer B (with --mtp, whose layer the window must hold, the whole pass runs).
     #[arg(long, value_parser = parse_range)]
     pub(crate) layers: Option<std::ops::RangeInclusive<usize>>,
+    /// Also print co-activation: per layer, the N expert pairs (default 3) one token chose
+    /// together furthest past what independent choice at their loads gives, against uniform
+    /// routing's chance level (the JSON always lists each layer's strongest, N or 10).
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "3", value_parser = positive)]
+    pub(crate) pairs: Option<u64>,
     /// Also run the MTP head (`model.layers.{num_hidden_layers}`) over every prompt, on the
     /// CPU, and count its layer (dumps hold it when `run --mtp --dump` wrote them).
     #[arg(long)]
@@ -496,7 +501,7 @@ pub(crate) struct RunArgs {
     pub(crate) gpu: Gpu,
 }
 
-/// A count of 1 or more (`--chunk` of verify and generate).
+/// A count of 1 or more (`--chunk` of verify and generate, audit's `--pairs`).
 fn positive(s: &str) -> std::result::Result<u64, String> {
     match s.trim().parse::<u64>() {
         Ok(0) => Err("must be 1 or more".into()),

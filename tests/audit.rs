@@ -759,3 +759,64 @@ fn audit_sums_the_routing_weight_each_expert_received() {
         "{table}"
     );
 }
+
+/// `--pairs`: the expert pairs one token chose together, counted here from the transformers
+/// reference's expert ids, with the expected count of independent choice at the experts' loads
+/// (`p_a p_b` scaled to the pairs observed) and z computed from them.
+#[test]
+fn audit_counts_the_experts_chosen_together() {
+    use glimpse::dump::{Dump, Values};
+    let reference = "golden/flat/reference.safetensors";
+    let (json, _) = assert_ok(&glimpse(&["audit", "--dump", reference, "--json", "--pairs", "5"]));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let d = Dump::open(Path::new(reference)).unwrap();
+    for layer in v["layers"].as_array().unwrap() {
+        let i = layer["layer"].as_u64().unwrap();
+        let (Values::I64(ids), _) = d.values(&format!("layers.{i}.moe.topk_ids")).unwrap() else { panic!() };
+        let (k, e) = (4usize, 16usize);
+        let n = (ids.len() / k) as f64;
+        let (mut loads, mut together) = (vec![0f64; e], vec![vec![0u64; e]; e]);
+        for set in ids.chunks(k) {
+            for (x, &a) in set.iter().enumerate() {
+                loads[a as usize] += 1.0;
+                for &b in &set[x + 1..] {
+                    together[a.min(b) as usize][a.max(b) as usize] += 1;
+                }
+            }
+        }
+        let squares: f64 = loads.iter().map(|l| l * l).sum();
+        let scale = (k * (k - 1)) as f64 * n / ((k * k) as f64 * n * n - squares);
+        let mut pairs: Vec<(f64, [usize; 2], u64)> = Vec::new();
+        for a in 0..e {
+            for b in a + 1..e {
+                let expected = scale * loads[a] * loads[b];
+                let t = together[a][b];
+                if expected > 0.0 && t as f64 > expected {
+                    pairs.push(((t as f64 - expected) / expected.sqrt(), [a, b], t));
+                }
+            }
+        }
+        pairs.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+        let co = &layer["co_activation"];
+        let seen = together.iter().flatten().filter(|&&t| t > 0).count();
+        assert_eq!((co["pairs"].as_u64(), co["pairs_seen"].as_u64()), (Some(120), Some(seen as u64)), "layer {i}");
+        let got = co["strongest"].as_array().unwrap();
+        assert_eq!(got.len(), 5, "layer {i}: {co}");
+        for (g, (z, experts, t)) in got.iter().zip(&pairs) {
+            assert_eq!(g["experts"], serde_json::json!(experts), "layer {i}: {co}");
+            assert_eq!(g["tokens"].as_u64(), Some(*t));
+            assert!((g["z"].as_f64().unwrap() - z).abs() < 1e-9, "layer {i}: {g} vs {z}");
+        }
+        assert!(co["top_z_uniform"].as_f64().unwrap() < co["top_z_uniform_p95"].as_f64().unwrap(), "{co}");
+    }
+    // The table: a row a layer, its strongest pair first.
+    let (table, _) = assert_ok(&glimpse(&["audit", "--dump", reference, "--pairs"]));
+    let first = &v["layers"][0]["co_activation"]["strongest"][0];
+    let pair = format!("{}+{} {}/", first["experts"][0], first["experts"][1], first["tokens"]);
+    let (_, co) = table.split_once("co-activation: expert pairs one token chose together").expect(&table);
+    let row = co.lines().find(|l| l.trim_start().starts_with("2 ")).expect(co);
+    assert!(row.contains(&pair), "{table}");
+    // Not with a CSV in the table's place, and a count of at least 1.
+    common::assert_error(&glimpse(&["audit", "--dump", reference, "--pairs", "--csv", "-"]), "--pairs prints a table");
+    common::assert_error(&glimpse(&["audit", "--dump", reference, "--pairs", "0"]), "must be 1 or more");
+}

@@ -3,10 +3,12 @@
 //!
 //! Per layer: tokens per expert, MaxVio (`max load / mean load - 1`, the Loss-Free Balancing
 //! paper's measure) over all prompts, with and without the correction bias, and the mean of each
-//! prompt's own (a load balanced over many prompts can be hot in each), coefficient of variation, normalised entropy of the load distribution, balancedness
-//! (`mean / max`, in the JSON), dead experts, the share of tokens whose expert set the correction
-//! bias changed, the Pearson correlation between each expert's bias and its load, and how close
-//! its routing decisions were (tokens by the margin that decided them).
+//! prompt's own (a load balanced over many prompts can be hot in each), coefficient of
+//! variation, normalised entropy of the load distribution, balancedness (`mean / max`, in the
+//! JSON), dead experts, the share of tokens whose expert set the correction bias changed, the
+//! Pearson correlation between each expert's bias and its load, how close its routing decisions
+//! were (tokens by the margin that decided them), and which experts tokens choose together
+//! (`pairs`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -20,10 +22,12 @@ pub mod chance;
 mod collect;
 pub mod contrast;
 mod live;
+pub mod pairs;
 mod routes;
 mod shift;
 pub use collect::{collect, collect_with_other, expert_count, CollectOptions, ExpertCount};
 pub use live::{AuditObserver, Lines};
+pub use pairs::{Pair, Pairs};
 pub use routes::Routes;
 pub use shift::{net_moved, shift_json, Changed, LayerShift};
 
@@ -68,6 +72,8 @@ pub struct LayerLoad {
     /// may rank the experts otherwise than their counts.
     pub mass: Vec<f64>,
     pub mass_tokens: u64,
+    /// The expert pairs its tokens chose together (None past [`pairs::MAX_EXPERTS`] experts).
+    pub pairs: Option<Pairs>,
 }
 
 /// The upper edges of [`LayerLoad::margin_bins`]' first four bins: how close routing decisions
@@ -126,7 +132,7 @@ fn max_vio_of(loads: &[f64]) -> f64 {
 
 impl LayerLoad {
     pub fn new(layer: usize, experts: usize) -> Self {
-        LayerLoad { layer, counts: vec![0; experts], ..Default::default() }
+        LayerLoad { layer, counts: vec![0; experts], pairs: Pairs::new(experts), ..Default::default() }
     }
 
     /// The prompts this layer counts.
@@ -142,6 +148,11 @@ impl LayerLoad {
     /// Whether its bias-changed share is over some of its tokens only (runs without flags).
     pub fn bias_partial(&self) -> bool {
         self.bias_changed.is_some() && self.bias_known > 0 && self.bias_known < self.tokens
+    }
+
+    /// Its `n` expert pairs furthest past independent choice ([`pairs`]).
+    pub fn strongest_pairs(&self, n: usize) -> Vec<Pair> {
+        self.pairs.as_ref().map_or_else(Vec::new, |p| p.strongest(&self.counts, self.tokens, self.k, n))
     }
 
     pub fn stats(&self) -> Stats {
@@ -229,6 +240,8 @@ pub struct Audit {
     pub per_prompt: bool,
     /// `--layers A..B`: only these layers were counted (said in the table's title and the JSON).
     pub window: Option<std::ops::RangeInclusive<usize>>,
+    /// `--pairs N`: the strongest co-activated pairs listed a layer (the JSON's 10 by default).
+    pub pairs_listed: Option<usize>,
 }
 
 impl Audit {
@@ -281,6 +294,14 @@ impl Audit {
             for &id in prompt {
                 counts[id as usize] += 1;
                 l.counts[id as usize] += 1;
+            }
+            if let Some(pairs) = l.pairs.as_mut().filter(|_| k >= 2) {
+                let mut set = Vec::with_capacity(k);
+                for row in prompt.chunks(k) {
+                    set.clear();
+                    set.extend(row.iter().map(|&id| id as usize));
+                    pairs.add(&set);
+                }
             }
             l.prompt_max_vio.push(max_vio(&counts));
             l.prompt_floor_sum += max_vio_floor(prompt.len(), experts);
@@ -604,6 +625,7 @@ impl Audit {
                     "weight_mass": l.mass_known().then_some(&l.mass),
                     "margin_bins": { "edges": edges, "counts": l.margin_bins, "known_tokens": l.margins_known },
                     "mtp": self.mtp_layer == Some(l.layer),
+                    "co_activation": self.pairs_json(l, uniform.get(&l.layer)),
                 })
             })
             .collect();
