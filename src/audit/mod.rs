@@ -72,7 +72,8 @@ pub struct LayerLoad {
     /// may rank the experts otherwise than their counts.
     pub mass: Vec<f64>,
     pub mass_tokens: u64,
-    /// The expert pairs its tokens chose together (None past [`pairs::MAX_EXPERTS`] experts).
+    /// The expert pairs its tokens chose together (None before its first tokens, with one expert a
+    /// token, or past [`pairs::MAX_EXPERTS`] experts).
     pub pairs: Option<Pairs>,
 }
 
@@ -132,7 +133,7 @@ fn max_vio_of(loads: &[f64]) -> f64 {
 
 impl LayerLoad {
     pub fn new(layer: usize, experts: usize) -> Self {
-        LayerLoad { layer, counts: vec![0; experts], pairs: Pairs::new(experts), ..Default::default() }
+        LayerLoad { layer, counts: vec![0; experts], ..Default::default() }
     }
 
     /// The prompts this layer counts.
@@ -295,7 +296,11 @@ impl Audit {
                 counts[id as usize] += 1;
                 l.counts[id as usize] += 1;
             }
-            if let Some(pairs) = l.pairs.as_mut().filter(|_| k >= 2) {
+            // (Made on the first tokens, not in `LayerLoad::new`: the TUI's loads count ids only.)
+            if l.pairs.is_none() && k >= 2 {
+                l.pairs = Pairs::new(experts);
+            }
+            if let Some(pairs) = l.pairs.as_mut() {
                 let mut set = Vec::with_capacity(k);
                 for row in prompt.chunks(k) {
                     set.clear();

@@ -147,7 +147,7 @@ impl Audit {
         let mut past = Vec::new();
         let mut uncounted = Vec::new();
         for l in self.layers.values() {
-            let Some(pairs) = l.pairs.as_ref().filter(|_| l.k >= 2) else {
+            let Some(pairs) = l.pairs.as_ref() else {
                 uncounted.push(l.layer.to_string());
                 continue;
             };
@@ -200,7 +200,7 @@ impl Audit {
     /// A layer's co-activation in the JSON: pairs counted and seen, the strongest
     /// (`--pairs N`, else 10) and uniform routing's top z; null where not counted.
     pub(super) fn pairs_json(&self, l: &LayerLoad, uniform: Option<&chance::Uniform>) -> Value {
-        let Some(pairs) = l.pairs.as_ref().filter(|_| l.k >= 2) else {
+        let Some(pairs) = l.pairs.as_ref() else {
             return Value::Null;
         };
         let (all, seen) = pairs.seen();
@@ -251,5 +251,20 @@ mod tests {
             (0..4).flat_map(|a| (a + 1..4).map(move |b| (a, b))).map(|(a, b)| scale * loads[a] * loads[b]).sum();
         assert!((total - 4.0).abs() < 1e-12);
         assert!(p.strongest(&[3, 3, 1, 1], 4, 1, 5).is_empty());
+    }
+
+    /// A layer of one expert a token has no pairs: null in the JSON, said in the table.
+    #[test]
+    fn one_expert_a_token_has_no_pairs() {
+        let mut a = Audit::new(4);
+        a.add(1, &[0, 1, 2, 3], 1, 1, None).unwrap();
+        a.add(2, &[0, 1, 2, 3], 2, 1, None).unwrap();
+        assert_eq!((a.layers[&1].pairs.as_ref(), a.layers[&2].pairs.as_ref().map(Pairs::seen)), (None, Some((6, 2))));
+        assert!(
+            a.pairs_table(3).contains("note: layer(s) 1 not counted: a token chooses one expert"),
+            "{}",
+            a.pairs_table(3)
+        );
+        assert!(a.to_json()["layers"][0]["co_activation"].is_null());
     }
 }
