@@ -70,6 +70,19 @@ fn audit_reads_prompts_and_dumps() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["layers"][0]["tokens"], 4);
     assert_eq!(v["experts"], 4);
+    // Each prompt's run named by its line (comments and blank lines skipped), its rows indexed.
+    std::fs::write(&prompts, "# two prompts\n1,2,3\n\n4,5;6,7\n").unwrap();
+    let (out, _) = assert_ok(&glimpse(&["audit", "--model", m, "--prompts", prompts.to_str().unwrap(), "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let p = prompts.display();
+    assert_eq!(
+        v["runs"],
+        serde_json::json!([
+            {"source": format!("{p} line 2"), "rows": 1, "tokens": 3},
+            {"source": format!("{p} line 4"), "rows": 2, "tokens": 2},
+        ])
+    );
+    assert_eq!(v["layers"][0]["prompt_runs"], serde_json::json!([0, 1, 1]));
     assert_error(&glimpse(&["audit", "--prompts", prompts.to_str().unwrap()]), "--prompts needs --model");
 }
 
@@ -313,6 +326,21 @@ fn audit_leaves_out_the_layers_no_dump_recorded() {
         .filter(|w| w.parse::<usize>().is_ok())
         .collect();
     assert_eq!(layers, ["3"], "{out}");
+    // With a dump of every layer after it: layer 2's prompts are the second run's alone, which
+    // `prompt_runs` says, and `runs` names each run's source.
+    let all = common::run_dump("golden/flat", &["--tokens", "4,5"], tmp.path(), "all.st");
+    let (out, _) = assert_ok(&glimpse(&["audit", "--dump", &one, "--dump", &all, "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let runs: Vec<(&str, u64, u64)> = (v["runs"].as_array().unwrap().iter())
+        .map(|r| (r["source"].as_str().unwrap(), r["rows"].as_u64().unwrap(), r["tokens"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(runs, [(one.as_str(), 1, 3), (all.as_str(), 1, 2)]);
+    let prompt_runs = |layer: u64| {
+        let l = v["layers"].as_array().unwrap().iter().find(|l| l["layer"] == layer).unwrap();
+        assert_eq!(l["max_vio_per_prompt"].as_array().unwrap().len(), l["prompt_runs"].as_array().unwrap().len());
+        l["prompt_runs"].clone()
+    };
+    assert_eq!((prompt_runs(2), prompt_runs(3)), (serde_json::json!([1]), serde_json::json!([0, 1])));
 }
 
 /// `--layers A..B` counts those layers alone, on both sides of `--against`, with the same counts

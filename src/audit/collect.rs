@@ -540,7 +540,7 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>, mut routes: 
         r.runs += 1;
     }
     tokens.as_ref().map(|t| &t.ids).hash(&mut routing);
-    audit.runs.push(Run { batch: prompts.unwrap_or(1), tokens });
+    audit.runs.push(Run { batch: prompts.unwrap_or(1), tokens, source: d.path.display().to_string() });
     Ok(routing.finish())
 }
 

@@ -166,7 +166,8 @@ pub(super) fn run_prompts(
                 r.runs += 1;
             }
             // Kept (ids only) for `--against`, which must have run the same prompts.
-            audit.runs.push(Run { batch: tokens.batch, tokens: Some(tokens) });
+            let source = format!("{} line {line}", path.display());
+            audit.runs.push(Run { batch: tokens.batch, tokens: Some(tokens), source });
             if crate::interrupt::requested() && n + 1 < total {
                 audit.stopped = Some((n + 1, total));
                 break;

@@ -49,6 +49,9 @@ pub struct LayerLoad {
     /// a load balanced over all prompts may still be hot in each, which is what a server batch
     /// meets.
     pub prompt_max_vio: Vec<f64>,
+    /// The run (`Audit::runs`' index) of each of `prompt_max_vio`'s prompts: a layer that some
+    /// runs do not route skips them.
+    pub prompt_runs: Vec<u32>,
     /// The sum of each prompt's least possible MaxVio (`max_vio_floor`): short prompts cannot
     /// route evenly, whatever the router does.
     pub prompt_floor_sum: f64,
@@ -214,6 +217,8 @@ pub struct Run {
     pub batch: usize,
     /// Its token ids; None for a dump without `input_ids`.
     pub tokens: Option<Tokens>,
+    /// Where it came from: `FILE line N` for a prompt line, a dump's path.
+    pub source: String,
 }
 
 /// Accumulates routing over any number of runs.
@@ -309,6 +314,8 @@ impl Audit {
                 }
             }
             l.prompt_max_vio.push(max_vio(&counts));
+            // (Runs are pushed once their layers are added: this one is next.)
+            l.prompt_runs.push(u32::try_from(self.runs.len()).unwrap_or(u32::MAX));
             l.prompt_floor_sum += max_vio_floor(prompt.len(), experts);
             l.prompt_tokens.push((prompt.len() / k) as u32);
             if self.per_prompt {
@@ -617,7 +624,7 @@ impl Audit {
                     "entropy": st.entropy, "balancedness": st.balancedness, "dead_experts": st.dead,
                     "bias_changed_share": st.bias_changed_share, "bias_known_tokens": l.bias_known,
                     "bias_load_correlation": st.bias_load_corr, "prompts": l.prompts(),
-                    "max_vio_per_prompt": l.prompt_max_vio,
+                    "max_vio_per_prompt": l.prompt_max_vio, "prompt_runs": l.prompt_runs,
                     "max_vio_per_run_mean": st.max_vio_per_run, "max_vio_per_run_floor": st.max_vio_per_run_floor,
                     "max_vio_uniform": uniform.get(&l.layer).map(|u| u.max_vio),
                     "max_vio_per_run_uniform": uniform.get(&l.layer).map(|u| u.max_vio_per_run),
@@ -637,10 +644,18 @@ impl Audit {
         json!({
             "schema": "glimpse-audit/1", "prompts": self.prompts(), "experts": self.experts, "experts_guessed": self.experts_guessed,
             "stopped_after": self.stopped.map(|(run, _)| run), "complete": self.stopped.is_none(),
-            "prompts_total": self.prompts_total, "layers": layers,
+            "prompts_total": self.prompts_total, "runs": self.runs_json(), "layers": layers,
             "layer_window": self.window.as_ref().map(|w| [*w.start(), *w.end()]),
             "notes": self.notes_with(&uniform),
         })
+    }
+
+    /// Each run counted, in order: `[{"source", "rows", "tokens"}]` (`tokens` a row's, null for a
+    /// dump without `input_ids`). A layer's `prompt_runs` index it.
+    fn runs_json(&self) -> Value {
+        (self.runs.iter())
+            .map(|r| json!({"source": r.source, "rows": r.batch, "tokens": r.tokens.as_ref().map(|t| t.seq)}))
+            .collect()
     }
 
     /// Each layer's count per expert, `[{"layer", "counts"}]`: the other side's numbers of an
