@@ -254,7 +254,9 @@ fn audit_refuses_twice_the_same_dump_and_other_models_dumps() {
     let port = glimpse(&["audit", "--dump", "golden/flat/bf16-port.safetensors", "--against", flat]);
     let (out, _) = assert_ok(&port);
     assert!(out.contains("load shift against the reference"), "{out}");
-    assert!(out.contains("near-ties a rounding flips included: `glimpse diff OURS REFERENCE --model DIR`"), "{out}");
+    // Every changed token's margin on the port's side is past 1e-3: no near-tie, none unknown.
+    assert!(out.lines().any(|l| l.starts_with("    2      128") && l.contains(" 0/2 ")), "{out}");
+    assert!(!out.contains("neither near-tie nor past one"), "{out}");
     // Gross, token by token: the tokens whose expert set changed are diff's routing flips (2, 4
     // and 6 in layers 2-4), and the slots that changed their experts chosen on one side only.
     let (json, _) =
@@ -281,6 +283,9 @@ fn audit_refuses_twice_the_same_dump_and_other_models_dumps() {
         let flips = t["flips"].as_array().unwrap();
         let only_ours: u64 = flips.iter().map(|f| f["only_ours"].as_array().unwrap().len() as u64).sum();
         assert_eq!(layer["tokens_changed"], flips.len(), "{name}");
+        // diff classes the same flips real (a side's margin past 1e-3: so do its leads).
+        let real = flips.iter().filter(|f| f["class"] == "real").count();
+        assert_eq!(layer["tokens_changed_past_tie"], real, "{name}");
         assert_eq!(layer["slots_changed"], only_ours, "{name}");
         assert_eq!(layer["tokens"], 32);
     }
@@ -847,4 +852,63 @@ fn audit_counts_the_experts_chosen_together() {
     // Not with a CSV in the table's place, and a count of at least 1.
     common::assert_error(&glimpse(&["audit", "--dump", reference, "--pairs", "--csv", "-"]), "--pairs prints a table");
     common::assert_error(&glimpse(&["audit", "--dump", reference, "--pairs", "0"]), "must be 1 or more");
+}
+
+/// `--against` classes each changed token by the margins that decided it on both sides: a
+/// near-tie where both are below 1e-3, past a tie where either is at least that, unknown
+/// otherwise. Here the bf16 port's recorded margins (2e-4 where the token is not a multiple of
+/// 3) against a reference copy given margins of 5e-4 on even tokens and none (NaN) on odd ones,
+/// counted token by token from the dumps.
+#[test]
+fn audit_against_tells_near_ties_from_changes_past_them() {
+    use glimpse::dump::{Dump, Values};
+    let tmp = tempfile::tempdir().unwrap();
+    let flat = "golden/flat/reference.safetensors";
+    let port = common::edit_dump(Path::new("golden/flat/bf16-port.safetensors"), &tmp.path().join("port.st"), |t| {
+        for (name, values, _) in t.iter_mut().filter(|(n, _, _)| n.ends_with(".moe.margin")) {
+            let Values::F32(v) = values else { panic!("{name}") };
+            v.iter_mut().enumerate().filter(|(t, _)| t % 3 != 0).for_each(|(_, m)| *m = 2e-4);
+        }
+    });
+    let port = port.to_str().unwrap();
+    let given = |t: usize| if t.is_multiple_of(2) { 5e-4 } else { f32::NAN };
+    let reference = common::edit_dump(Path::new(flat), &tmp.path().join("ref.st"), |tensors| {
+        for layer in 2..5 {
+            let margins = (0..32).map(given).collect();
+            tensors.push((format!("layers.{layer}.moe.margin"), Values::F32(margins), vec![32]));
+        }
+    });
+    let args = ["audit", "--dump", port, "--against", reference.to_str().unwrap(), "--json"];
+    let v: serde_json::Value = serde_json::from_str(&assert_ok(&glimpse(&args)).0).unwrap();
+    let (ours, theirs) = (Dump::open(Path::new(port)).unwrap(), Dump::open(Path::new(flat)).unwrap());
+    let mut seen = [0; 3];
+    for layer in v["shift"].as_array().unwrap() {
+        let i = layer["layer"].as_u64().unwrap();
+        let ids = |d: &Dump| match d.values(&format!("layers.{i}.moe.topk_ids")).unwrap().0 {
+            Values::I64(v) => v,
+            _ => panic!(),
+        };
+        let Values::F32(margin) = ours.values(&format!("layers.{i}.moe.margin")).unwrap().0 else { panic!() };
+        let (a, b) = (ids(&ours), ids(&theirs));
+        let mut counts = [0u64; 3]; // near, past, unknown
+        for (t, (x, y)) in a.chunks(4).zip(b.chunks(4)).enumerate() {
+            if x.iter().all(|e| y.contains(e)) {
+                continue;
+            }
+            let class = match (margin[t], given(t)) {
+                (m, r) if m >= 1e-3 || r >= 1e-3 => 1,
+                (m, r) if m < 1e-3 && r < 1e-3 => 0,
+                _ => 2,
+            };
+            counts[class] += 1;
+            seen[class] += 1;
+        }
+        let got = [&layer["tokens_changed_near_tie"], &layer["tokens_changed_past_tie"]].map(|x| x.as_u64().unwrap());
+        assert_eq!(got, [counts[0], counts[1]], "layer {i}: {layer}");
+        assert_eq!(layer["tokens_changed"].as_u64(), Some(counts.iter().sum()), "layer {i}");
+    }
+    // The case holds changes of every class.
+    assert!(seen.iter().all(|&n| n > 0), "{seen:?}");
+    let (table, _) = assert_ok(&glimpse(&args[..args.len() - 1]));
+    assert!(table.contains("some changed tokens are neither near-tie nor past one (layer"), "{table}");
 }

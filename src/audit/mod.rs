@@ -241,6 +241,9 @@ pub struct Audit {
     /// Each layer's expert sets token by token (`[tokens, k]` flattened, each row ascending),
     /// kept when asked (`audit --against` compares them token by token: 2 bytes a slot).
     pub sets: Option<BTreeMap<usize, Vec<u16>>>,
+    /// With the sets, the margin that decided each token (NaN where unknown), for `--against`
+    /// to tell near-ties from choices a rounding cannot flip.
+    pub set_margins: BTreeMap<usize, Vec<f32>>,
     /// Keep each prompt's load per expert ([`LayerLoad::prompt_counts`]: 4 bytes an expert a
     /// prompt a layer), for `--compare`'s chance level.
     pub per_prompt: bool,
@@ -331,6 +334,8 @@ impl Audit {
                 kept.extend(row.iter().map(|&id| id as u16));
                 kept[start..].sort_unstable();
             }
+            // Unknown until `add_margins` gives them.
+            self.set_margins.entry(layer).or_default().extend(std::iter::repeat_n(f32::NAN, rows));
         }
         l.tokens += rows as u64;
         if let Some(flags) = bias_changed {
@@ -371,9 +376,15 @@ impl Audit {
         l.mass_tokens += (ids.len().min(weights.len()) / k.max(1)) as u64;
     }
 
-    /// The margins that decided `layer`'s tokens (one a token, as [`Audit::add`] counted them;
-    /// NaN where unknown; a negative one is not counted).
+    /// The margins that decided `layer`'s tokens (one a token, those of the layer's last
+    /// [`Audit::add`]; NaN where unknown; a negative one is not counted).
     pub fn add_margins(&mut self, layer: usize, margins: &[f32]) {
+        if let Some(kept) = self.set_margins.get_mut(&layer).filter(|k| k.len() >= margins.len()) {
+            let start = kept.len() - margins.len();
+            for (k, &m) in kept[start..].iter_mut().zip(margins) {
+                *k = if m >= 0.0 { m } else { f32::NAN };
+            }
+        }
         let experts = self.experts;
         let l = self.layers.entry(layer).or_insert_with(|| LayerLoad::new(layer, experts));
         // (A negative margin, which no top-k makes, is a writer's error: not counted as known.)

@@ -39,7 +39,18 @@ pub struct Changed {
     pub tokens: u64,
     pub of_tokens: u64,
     pub slots: u64,
+    /// Of the tokens changed: those both sides decided by a margin below [`NEAR_TIE`] (a rounding
+    /// may flip them), and those one side decided by at least that (no rounding flips them; a
+    /// token's margin is a lower bound of its flipped experts' lead). The rest are unknown (a
+    /// side's margin was not recorded, or one is small and the other unknown), as `diff` classes
+    /// flips.
+    pub near_ties: u64,
+    pub past_ties: u64,
 }
+
+/// The margin below which a routing choice is a near-tie: `diff`'s in f32 (its bf16 one is
+/// 4e-2: a bf16 port's changes read as past ties here may be rounding's).
+pub const NEAR_TIE: f32 = 1e-3;
 
 /// `Audit::shift` as JSON: per layer, slots, moved share, and the gained / lost experts.
 pub fn shift_json(shift: &[LayerShift]) -> Value {
@@ -55,6 +66,8 @@ pub fn shift_json(shift: &[LayerShift]) -> Value {
                     "tokens_changed": l.changed.map(|c| c.tokens), "tokens": l.changed.map(|c| c.of_tokens),
                     "max_vio": l.max_vio, "reference_max_vio": l.reference_max_vio,
                     "slots_changed": l.changed.map(|c| c.slots),
+                    "tokens_changed_near_tie": l.changed.map(|c| c.near_ties),
+                    "tokens_changed_past_tie": l.changed.map(|c| c.past_ties),
                 })
             })
             .collect(),
@@ -75,13 +88,24 @@ fn delta(ours: &[u64], reference: &[u64]) -> Vec<i64> {
     (0..ours.len().max(reference.len())).map(|e| count(ours, e) - count(reference, e)).collect()
 }
 
-/// Token by token (rows of `k` ascending ids), what changed from `reference` to `ours`.
-fn changed(ours: &[u16], reference: &[u16], k: usize) -> Changed {
-    let mut c = Changed { tokens: 0, of_tokens: (ours.len() / k) as u64, slots: 0 };
-    for (a, b) in ours.chunks_exact(k).zip(reference.chunks_exact(k)) {
+/// Token by token (rows of `k` ascending ids), what changed from `reference` to `ours`, each
+/// changed token classed by the margins that decided it on each side (one a token, NaN where
+/// unknown; empty where none was kept).
+fn changed(ours: (&[u16], &[f32]), reference: (&[u16], &[f32]), k: usize) -> Changed {
+    let mut c = Changed { tokens: 0, of_tokens: (ours.0.len() / k) as u64, slots: 0, near_ties: 0, past_ties: 0 };
+    for (t, (a, b)) in ours.0.chunks_exact(k).zip(reference.0.chunks_exact(k)).enumerate() {
         let only_ours = a.iter().filter(|x| b.binary_search(x).is_err()).count() as u64;
         c.slots += only_ours;
-        c.tokens += u64::from(only_ours > 0);
+        if only_ours == 0 {
+            continue;
+        }
+        c.tokens += 1;
+        let (m, n) = (ours.1.get(t).copied().unwrap_or(f32::NAN), reference.1.get(t).copied().unwrap_or(f32::NAN));
+        if m >= NEAR_TIE || n >= NEAR_TIE {
+            c.past_ties += 1;
+        } else if m < NEAR_TIE && n < NEAR_TIE {
+            c.near_ties += 1;
+        }
     }
     c
 }
@@ -163,7 +187,7 @@ impl Audit {
     /// the share of routing slots that went to other experts (`sum |ours - reference| / 2` over
     /// the reference's slots) and the experts that gained and lost most. A net measure of load:
     /// tokens that swapped experts both ways cancel out (`diff` counts the flips themselves).
-    pub fn shift(&self, reference: &Audit) -> Vec<LayerShift> {
+    pub fn shift<'a>(&'a self, reference: &'a Audit) -> Vec<LayerShift> {
         self.layers
             .iter()
             .filter_map(|(i, l)| {
@@ -182,10 +206,11 @@ impl Audit {
                 let ((gained, gained_tied), (lost, lost_tied)) = (pick(1), pick(-1));
                 let tied = [gained_tied, lost_tied];
                 let (ours, theirs) = (self.sets.as_ref(), reference.sets.as_ref());
+                let margins = |a: &'a Audit| a.set_margins.get(i).map_or(&[][..], Vec::as_slice);
                 let changed = (ours.and_then(|s| s.get(i)))
                     .zip(theirs.and_then(|s| s.get(i)))
                     .filter(|(a, b)| a.len() == b.len() && l.k > 0)
-                    .map(|(a, b)| changed(a, b, l.k));
+                    .map(|(a, b)| changed((a, margins(self)), (b, margins(reference)), l.k));
                 let (max_vio, reference_max_vio) = (max_vio(&l.counts), max_vio(&r.counts));
                 Some(LayerShift { layer: *i, slots, moved, gained, lost, tied, changed, max_vio, reference_max_vio })
             })
@@ -203,13 +228,15 @@ impl Audit {
         let mut s = format!(
             "load shift against the reference ({} prompt(s)): net load moved, sum |ours - reference| / 2 over the \
              reference's slots (tokens that swapped experts both ways cancel); and gross, token by token, the \
-             tokens whose expert set changed and the slots that did\n\
-             {:>5} {:>8} {:>7} {:>15} {:>14} {:>8} {:>8}  {:<30}  lost most\n",
+             tokens whose expert set changed (of them, near-ties both sides decided by a margin below 1e-3, which a \
+             rounding may flip, and past ties, which none flips) and the slots that did\n\
+             {:>5} {:>8} {:>7} {:>15} {:>14} {:>14} {:>8} {:>8}  {:<30}  lost most\n",
             reference.prompts(),
             "layer",
             "slots",
             "moved",
             "tokens changed",
+            "near/past tie",
             "slots changed",
             "MaxVio",
             "ref's",
@@ -218,13 +245,17 @@ impl Audit {
         let pct = |n: u64, of: u64| format!("{:.1}%", 100.0 * n as f64 / of.max(1) as f64);
         for l in self.shift(reference) {
             let moved = format!("{:.1}%", 100.0 * l.moved);
-            let (tokens, slots) = match l.changed {
-                Some(c) => (format!("{} {}", c.tokens, pct(c.tokens, c.of_tokens)), pct(c.slots, l.slots)),
-                None => ("-".into(), "-".into()),
+            let (tokens, ties, slots) = match l.changed {
+                Some(c) => (
+                    format!("{} {}", c.tokens, pct(c.tokens, c.of_tokens)),
+                    format!("{}/{}", c.near_ties, c.past_ties),
+                    pct(c.slots, l.slots),
+                ),
+                None => ("-".into(), "-".into(), "-".into()),
             };
             let _ = writeln!(
                 s,
-                "{:>5} {:>8} {moved:>7} {tokens:>15} {slots:>14} {:>8.3} {:>8.3}  {:<30}  {}",
+                "{:>5} {:>8} {moved:>7} {tokens:>15} {ties:>14} {slots:>14} {:>8.3} {:>8.3}  {:<30}  {}",
                 l.layer,
                 l.slots,
                 l.max_vio,
@@ -243,12 +274,18 @@ impl Audit {
     /// where tokens changed experts, that some of them may be rounding's.
     pub fn shift_notes(&self, reference: &Audit) -> Vec<String> {
         let mut notes = self.one_sided(reference, "the reference", "no shift there");
-        if self.shift(reference).iter().any(|l| l.changed.is_some_and(|c| c.tokens > 0)) {
-            notes.push(
-                "tokens changed counts every token whose expert set differs, near-ties a rounding flips included: \
-                 `glimpse diff OURS REFERENCE --model DIR` says which flips rounding explains"
-                    .into(),
-            );
+        // Changed tokens neither near-tie nor past one: a side's margin is unknown.
+        let unknown: Vec<String> = (self.shift(reference).iter())
+            .filter_map(|l| Some((l.layer, l.changed?)))
+            .filter(|(_, c)| c.near_ties + c.past_ties < c.tokens)
+            .map(|(layer, c)| format!("layer {layer}: {} of {}", c.tokens - c.near_ties - c.past_ties, c.tokens))
+            .collect();
+        if !unknown.is_empty() {
+            notes.push(format!(
+                "some changed tokens are neither near-tie nor past one ({}): a side recorded no margin for them \
+                 (`glimpse diff OURS REFERENCE --model DIR` recomputes margins from gate logits)",
+                unknown.join(", ")
+            ));
         }
         notes
     }

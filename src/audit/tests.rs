@@ -17,12 +17,30 @@ fn shift_counts_the_slots_that_moved() {
     let l = &shift[0];
     assert_eq!((l.layer, l.slots, l.moved), (1, 8, 0.25));
     assert_eq!((l.gained.as_slice(), l.lost.as_slice()), (&[(2, 1), (3, 1)][..], &[(0, -2)][..]));
-    assert_eq!(l.changed, Some(Changed { tokens: 2, of_tokens: 4, slots: 2 }));
+    assert_eq!(l.changed, Some(Changed { tokens: 2, of_tokens: 4, slots: 2, near_ties: 0, past_ties: 0 }));
+    // With the margins that decided them: token 0 a near-tie on both sides, token 1 decided by
+    // 2e-3 on the reference's (the margins of the layer's last add, its tokens in order).
+    ours.add_margins(1, &[5e-4, 5e-4, 0.5, 0.5]);
+    reference.add_margins(1, &[5e-4, 2e-3, 0.5, 0.5]);
+    let c = ours.shift(&reference)[0].changed.unwrap();
+    assert_eq!((c.near_ties, c.past_ties), (1, 1));
+    // A side's margin unknown (negative: a writer's error) leaves a small one undecided.
+    reference.add_margins(1, &[-1.0, 2e-3, 0.5, 0.5]);
+    let c = ours.shift(&reference)[0].changed.unwrap();
+    assert_eq!((c.near_ties, c.past_ties), (0, 1));
     let table = ours.shift_table(&reference);
     let row: Vec<&str> = table.lines().nth(2).unwrap().split_whitespace().collect();
     // MaxVio: ours loads [2, 4, 1, 1] (mean 2), the reference's [4, 4, 0, 0]: 1 both.
-    assert_eq!(row, ["1", "8", "25.0%", "2", "50.0%", "25.0%", "1.000", "1.000", "2:+1", "3:+1", "0:-2"], "{table}");
+    assert_eq!(
+        row,
+        ["1", "8", "25.0%", "2", "50.0%", "0/1", "25.0%", "1.000", "1.000", "2:+1", "3:+1", "0:-2"],
+        "{table}"
+    );
     assert!(table.contains("\nnote: layer(s) 2 only in the audited runs: no shift there\n"), "{table}");
+    assert!(
+        table.contains("\nnote: some changed tokens are neither near-tie nor past one (layer 1: 1 of 2)"),
+        "{table}"
+    );
     // Without the sets, the gross change is unknown.
     ours.sets = None;
     assert_eq!(ours.shift(&reference)[0].changed, None);
