@@ -98,9 +98,11 @@ fn reruns_name_the_ports_softmax_scale_rope_and_dense_attention() {
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         let part = if port.contains("indexer") { "indexer" } else { "attention" };
         assert_eq!(v["first_divergence_rerun"]["part"], part, "{json}");
-        // Without the checkpoint there is nothing to rerun: where the divergence starts, alone.
+        // Without the checkpoint there is nothing to rerun: where the divergence starts, and where
+        // it is made, with a pointer to --model.
         let text = diff_port(case, port, false);
-        assert!(text.contains("and every later one differs") && !text.contains("rerun"), "{port}\n{text}");
+        assert!(text.contains("and every later one differs") && !text.contains("rerun on its input"), "{port}\n{text}");
+        assert!(text.contains("--model DIR reruns it on ours's inputs"), "{port}\n{text}");
         assert!(causes.iter().any(|c| text.contains(c)), "{port}\n{text}");
     }
 }
@@ -448,4 +450,68 @@ fn past_what_rounding_explains_a_bf16_ports_bug_is_read() {
             assert!(!text.contains("past what rounding explains"), "{case}/{dump} {tol} {model}: {text}");
         }
     }
+}
+
+/// A divergence no reading names is localised by its inputs: the controls' (transformers with
+/// an error of no port's kind planted) are made whole in the attention and the MoE, whose inputs
+/// are the reference's exactly; inputs that differ within the tolerance carry a share of it,
+/// which is weighed; an input neither dump holds is named.
+#[test]
+fn a_divergence_no_reading_names_is_localised_by_its_inputs() {
+    let dir = golden("flat");
+    let reference = dir.join("reference.safetensors");
+    let line = |text: &str| text.lines().find(|l| l.starts_with("  no reading names the cause")).map(str::to_string);
+    let control = s(&dir.join("control-scale-x1.2.safetensors"));
+    let (_, text) = code_and_text(&["diff", &control, &s(&reference)]);
+    let expected = "  no reading names the cause; its inputs layers.0.input_norm, layers.0.attn.q_latent, \
+                    layers.0.attn.kv_latent, layers.0.dsa.topk are the reference's exactly: all of it is made in the \
+                    attention (q_b_proj, kv_b_proj, RoPE, the softmax over the kept keys, o_proj); --model DIR reruns \
+                    it on ours's inputs against the bugs ports have shipped";
+    assert_eq!(line(&text).as_deref(), Some(expected), "{text}");
+    // With --model, which reran it and named nothing: no hint.
+    let (_, text) = diff_at("flat", &control, "1e-4");
+    assert!(line(&text).is_some_and(|l| l.ends_with("o_proj)")), "{text}");
+    let control = s(&dir.join("control-shared-x1.95.safetensors"));
+    let (_, text) = code_and_text(&["diff", &control, &s(&reference), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let between = &v["first_divergence_between"];
+    assert_eq!(between["op"], "the MLP or experts", "{between}");
+    let inputs: Vec<&str> = between["inputs"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
+    assert_eq!(inputs, ["layers.2.post_attn_norm", "layers.2.moe.topk_ids", "layers.2.moe.topk_weights"]);
+    // A bug's reading leaves no such line.
+    let (_, text) = code_and_text(&["diff", &s(&dir.join("port-no-scaling.safetensors")), &s(&reference)]);
+    assert_eq!(line(&text), None, "{text}");
+
+    // The reference's layer 3 with its query latent moved by 1e-6 (inside the tolerance) and its
+    // attention output by 3%, and without its DSA selection.
+    let tmp = tempfile::tempdir().unwrap();
+    let plant = |q: f32, out: f32, name: &str| {
+        edit_dump(&reference, &tmp.path().join(name), |t: &mut Vec<Named>| {
+            for (n, v, _) in t.iter_mut() {
+                let Values::F32(x) = v else { continue };
+                let by = match n.as_str() {
+                    "layers.3.attn.q_latent" => q,
+                    "layers.3.attn.out" => out,
+                    _ => continue,
+                };
+                x.iter_mut().enumerate().for_each(|(i, e)| *e *= 1.0 + by * if i % 2 == 0 { 1.0 } else { -1.0 });
+            }
+            t.retain(|(n, _, _)| n != "layers.3.dsa.topk");
+        })
+    };
+    let ours = plant(1e-6, 3e-2, "grown.st");
+    let (_, text) = code_and_text(&["diff", &s(&ours), &s(&reference), "--model", &s(&dir)]);
+    let l = line(&text).unwrap_or_else(|| panic!("{text}"));
+    // nmse of a +-x relative change is x^2: 1e-12 in the latent, 9e-4 out.
+    let (_, nmse) = l.split_once("(layers.3.dsa.topk not recorded on both sides) match (nmse at most ").expect(&l);
+    let input: f64 = nmse.split(',').next().unwrap().parse().unwrap();
+    assert!((5e-13..2e-12).contains(&input) && nmse.contains("against its 9.0e-4"), "{l}");
+    assert!(l.contains("so most of it is made in the attention"), "{l}");
+    // Inputs that carry most of it: 3e-5 in the latent, 4e-5 out (past the tolerance of 1e-4 in
+    // places).
+    let ours = plant(3e-5, 4e-5, "carried.st");
+    let (_, text) =
+        code_and_text(&["diff", &s(&ours), &s(&reference), "--model", &s(&dir), "--atol", "1e-6", "--rtol", "3e-5"]);
+    let l = line(&text).unwrap_or_else(|| panic!("{text}"));
+    assert!(l.contains("match but carry much of it already (nmse up to 9.0e-10, against its 1.6e-9)"), "{l}");
 }

@@ -545,6 +545,7 @@ impl DiffReport {
             "not_compared": if self.first_divergence().is_none() { self.not_compared() } else { None },
             "first_divergence_reading": self.first_divergence().and_then(|c| self.reading(c)),
             "first_divergence_rerun": self.notes.rerun.map(|r| r.json()),
+            "first_divergence_between": self.between().map(|b| b.json()),
             "past_rounding": self.past_rounding_reading().map(|p| {
                 json!({
                     "name": p.divergence.name, "reading": p.reading, "rerun": p.notes.rerun.map(|r| r.json()),
@@ -602,6 +603,9 @@ impl DiffReport {
                 ),
             };
             positions(p.notes).into_iter().flatten().for_each(|p| out += &format!("\n    {p}"));
+        }
+        if let Some(b) = self.between() {
+            out += &format!("\n  {}", b.line());
         }
         Some(out)
     }

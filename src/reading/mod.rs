@@ -6,6 +6,7 @@
 //! a port's scale, RoPE or keys reproduces), and what the reference holds that ours does not. `diff` prints them beside the numbers; they are hints, each said only where its
 //! pattern holds.
 
+mod between;
 mod latent;
 mod moe_rerun;
 mod mtp;
@@ -14,6 +15,7 @@ mod rerun;
 mod routing;
 mod rows;
 
+pub use between::Between;
 pub use latent::{Latent, LatentNorm};
 pub use moe_rerun::{MoeRerun, MoeVariant};
 pub use onset::{Leading, Onset};
