@@ -308,7 +308,7 @@ fn activations_view_lists_hook_points_with_stats() {
     // the slack goes to the right of the table, not between a name and its numbers.
     let very_wide = screen(&app, &port, 240, 30);
     assert!(line_with(&very_wide, "│input_norm").starts_with("│input_norm     1x32x64"), "{very_wide}");
-    assert!(s.contains("worst elements"), "{s}");
+    assert!(s.contains("out of tolerance (largest error first)"), "{s}");
     // A selection's error is the rows that differ, counted here from the two dumps.
     let layer2 = App { layer: row_of(&port, 2), ..app.clone() };
     let s2 = screen(&layer2, &port, 130, 40);
@@ -660,15 +660,30 @@ fn the_layer_whose_error_jumps_is_marked() {
     assert!(s.contains("| output nmse 1.0e-4┐") || s.contains("| output nmse 1.0e-4─"), "{s}");
 }
 
-/// The worst elements panel lists the hook points outside the tolerance largest error first:
-/// its top line is the layer's worst (the bf16 port's layer 3: `output`, 3.2854), not the first
-/// hook point's in forward order.
+/// The panel below the activations lists the hook points outside the tolerance largest error
+/// first: its top lines are the layer's worst (the bf16 port's layer 3: `output`, 3.2854), not
+/// the first hook point's in forward order, as a whole (its NMSE and cosine, computed here from
+/// the two dumps) and then its worst elements.
 #[test]
 fn the_worst_elements_are_the_layers_worst_first() {
     let src = port_source();
     let app = at_view(&src, 3, View::Activations);
     let s = screen(&app, &src, 100, 30);
-    let first = s.lines().skip_while(|l| !l.contains("worst elements")).nth(1).unwrap_or("");
+    let mut panel = s.lines().skip_while(|l| !l.contains("out of tolerance (largest error first)")).skip(1);
+    let (whole, first) = (panel.next().unwrap_or(""), panel.next().unwrap_or(""));
+    let (ours, reference) = port_dumps();
+    let values = |d: &glimpse::dump::Dump| match d.values("layers.3.output").unwrap().0 {
+        glimpse::dump::Values::F32(v) => v,
+        _ => panic!(),
+    };
+    let (a, e) = (values(&ours), values(&reference));
+    let err: f64 = a.iter().zip(&e).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum();
+    let energy: f64 = e.iter().map(|&y| f64::from(y).powi(2)).sum();
+    let dot: f64 = a.iter().zip(&e).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
+    let norm = |v: &[f32]| v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+    let cos = dot / (norm(&a) * norm(&e));
+    let expected = format!("│layers.3.output: nmse {:.2e}, cos {cos:.6}, ", err / energy);
+    assert!(whole.starts_with(&expected), "want {expected}\n{s}");
     assert!(first.contains("layers.3.output at"), "{s}");
 }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::rc::Rc;
 
 use glimpse_tui::{
-    DsaMatrix, FlipClass, HookRow, KvNormGrid, LayerRow, LoadRow, Part, RefCheck, RouteRow, Source, Status, Worst,
+    DsaMatrix, Fit, FlipClass, HookRow, KvNormGrid, LayerRow, LoadRow, Part, RefCheck, RouteRow, Source, Status, Worst,
 };
 
 use crate::audit::LayerLoad;
@@ -386,7 +386,11 @@ impl DumpSource {
             Detail::Invalid { side: crate::compare::Side::Reference, .. } => Some("ref"),
             _ => None,
         };
-        RefCheck { ok: c.ok, rows_differ, reference_shape, invalid, max_abs, max_rel, worst }
+        let fit = match c.detail {
+            Detail::Float { nmse, cosine, bad, total, .. } => Some(Fit { nmse, cosine, bad, total }),
+            _ => None,
+        };
+        RefCheck { ok: c.ok, rows_differ, reference_shape, invalid, max_abs, max_rel, fit, worst }
     }
 
     /// For a layer of `rows` rows, the run's token (batch rows flattened) of its row `t`: the

@@ -128,7 +128,19 @@ pub struct RefCheck {
     pub invalid: Option<&'static str>,
     pub max_abs: f64,
     pub max_rel: f64,
+    /// For floats, the whole tensor's fit: what tells a rounding's spread from a bug's.
+    pub fit: Option<Fit>,
     pub worst: Vec<Worst>,
+}
+
+/// A float tensor against the reference as a whole, as `diff` measures it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fit {
+    pub nmse: f64,
+    pub cosine: f64,
+    /// Elements outside the tolerance, of `total`.
+    pub bad: usize,
+    pub total: usize,
 }
 
 /// How close the decision a flip overturned was, by the margins that decided it on each side:

@@ -1,5 +1,5 @@
-//! The hook points of the selected layer: statistics, a histogram, and the worst elements
-//! against the reference.
+//! The hook points of the selected layer: statistics, a histogram, and against the reference,
+//! each hook point outside the tolerance as a whole (NMSE, cosine) and its worst elements.
 
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
@@ -11,8 +11,8 @@ use super::{fitting, num, shown, sparkline};
 use crate::app::App;
 use crate::data::Source;
 
-/// The table's area and the worst elements' below it. The table keeps room for its header and
-/// three rows: on a small screen the worst elements give way (to nothing below 6 lines of their
+/// The table's area and the out-of-tolerance panel's below it. The table keeps room for its
+/// header and three rows: on a small screen the panel gives way (to nothing below 6 lines of its
 /// own), not the rows.
 fn split(area: Rect, worst_lines: usize) -> [Rect; 2] {
     let room = area.height.saturating_sub(6);
@@ -25,33 +25,41 @@ fn split(area: Rect, worst_lines: usize) -> [Rect; 2] {
 
 /// The table rows that fit `area` (what a page is).
 pub fn page(area: Rect, app: &App, src: &dyn Source) -> usize {
-    let worst =
-        app.hooks(src).iter().filter_map(|h| h.reference.as_ref().filter(|r| !r.ok)).map(|r| r.worst.len()).sum();
-    (split(area, worst)[0].height as usize).saturating_sub(3)
+    let hooks = app.hooks(src);
+    (split(area, worst_lines(&hooks).len())[0].height as usize).saturating_sub(3)
+}
+
+/// The panel below the table: each hook point outside the tolerance, the largest error first
+/// (in forward order it showed the first two hooks', often the smallest), as a whole (NMSE,
+/// cosine, how many elements are out: what tells rounding's spread from a bug's, which the
+/// table's largest error alone does not) and its worst elements.
+fn worst_lines(hooks: &[crate::data::HookRow]) -> Vec<Line<'static>> {
+    let mut bad: Vec<_> = hooks.iter().filter_map(|h| h.reference.as_ref().filter(|r| !r.ok).map(|r| (h, r))).collect();
+    bad.sort_by(|(_, a), (_, b)| b.max_abs.total_cmp(&a.max_abs));
+    let red = Style::new().fg(Color::Red);
+    let mut lines = Vec::new();
+    for (h, r) in bad {
+        if let Some(fit) = r.fit {
+            lines.push(
+                Line::from(format!(
+                    "{}: nmse {:.2e}, cos {:.6}, {}/{} out of tolerance",
+                    h.name, fit.nmse, fit.cosine, fit.bad, fit.total
+                ))
+                .style(red.add_modifier(Modifier::BOLD)),
+            );
+        }
+        for w in &r.worst {
+            let line = format!("{} at {:?}: ours {} ref {}", h.name, w.at, num(w.ours as f64), num(w.reference as f64));
+            lines.push(Line::from(line).style(red));
+        }
+    }
+    lines
 }
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let part = src.layers().get(app.layer).map(|l| l.part);
     let hooks = app.hooks(src);
-    // The hook points outside the tolerance, the largest error first: the panel's top lines are
-    // the layer's worst (in forward order it showed the first two hooks', often the smallest).
-    let mut bad: Vec<_> = hooks.iter().filter_map(|h| h.reference.as_ref().filter(|r| !r.ok).map(|r| (h, r))).collect();
-    bad.sort_by(|(_, a), (_, b)| b.max_abs.total_cmp(&a.max_abs));
-    let worst_lines: Vec<Line> = bad
-        .into_iter()
-        .flat_map(|(h, r)| {
-            r.worst.iter().map(move |w| {
-                Line::from(format!(
-                    "{} at {:?}: ours {} ref {}",
-                    h.name,
-                    w.at,
-                    num(w.ours as f64),
-                    num(w.reference as f64)
-                ))
-                .style(Style::new().fg(Color::Red))
-            })
-        })
-        .collect();
+    let worst_lines = worst_lines(&hooks);
     let [table_area, worst_area] = split(area, worst_lines.len());
 
     // Columns as wide as they fit: the shape and the L2 norm go first, then the histogram, the
@@ -125,7 +133,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let table = Table::new(rows, widths).header(header).column_spacing(1).block(Block::bordered().title(title));
     f.render_widget(table, table_area);
     if !worst_lines.is_empty() {
-        let block = Block::bordered().title("worst elements (largest error first)");
+        let block = Block::bordered().title("out of tolerance (largest error first)");
         f.render_widget(Paragraph::new(worst_lines).block(block), worst_area);
     }
 }
