@@ -8,10 +8,10 @@ use std::path::Path;
 use std::rc::Rc;
 
 use glimpse_tui::{
-    DsaMatrix, Fit, FlipClass, HookRow, KvNormGrid, LayerRow, LoadRow, Part, RefCheck, RouteRow, Source, Status, Worst,
+    DsaMatrix, Fit, FlipClass, HookRow, KvNormGrid, LayerRow, LoadRow, PairsRow, Part, RefCheck, RouteRow, Source,
+    Status, Worst,
 };
 
-use crate::audit::LayerLoad;
 use crate::compare::{Comparison, Detail};
 use crate::config::{IndexerKind, MlpKind};
 use crate::diff::{diff, DiffOptions};
@@ -22,6 +22,7 @@ use crate::hooks::{HookPoint, LayerHook};
 use crate::model::moe::Routers;
 use crate::model::Tokens;
 
+mod load;
 mod open;
 pub use open::{open, Open};
 
@@ -54,6 +55,11 @@ pub struct DumpSource {
     /// The last DSA selection asked for, by (layer, batch row): moving along a batch row's tokens
     /// redraws the same one (at 4096 tokens reading it took 0.15 s).
     last_dsa: RefCell<Option<(LayerAndRow, Rc<DsaMatrix>)>>,
+    /// Each MoE layer's co-activated pairs, computed when first drawn, and uniform routing's
+    /// chance level by (prompts, tokens a prompt, experts, k): drawn once (0.5 s at GLM-5's 256
+    /// experts and 2048 tokens), not at every key.
+    pairs: RefCell<HashMap<usize, Option<PairsRow>>>,
+    pair_chance: RefCell<HashMap<[usize; 4], Option<f64>>>,
     warning: Option<String>,
 }
 
@@ -246,6 +252,8 @@ impl DumpSource {
             experts: config.map(|c| c.n_routed_experts),
             hook_rows: RefCell::default(),
             last_dsa: RefCell::default(),
+            pairs: RefCell::default(),
+            pair_chance: RefCell::default(),
             warning: misnamed,
         })
     }
@@ -529,44 +537,11 @@ impl Source for DumpSource {
     }
 
     fn load(&self) -> Vec<LoadRow> {
-        let mut rows = Vec::new();
-        for (i, names) in layer_names(&self.ours) {
-            let Some(name) = names.iter().find(|n| n.ends_with(".moe.topk_ids")) else { continue };
-            let Some((ids, _)) = Self::ints(&self.ours, name) else { continue };
-            // The router's width, else the checkpoint's count (never fewer than the ids need: a
-            // dump of a larger model than the config given), else the largest id + 1.
-            // (At most `MAX_EXPERTS`, whatever a dump says: ids past it are not counted.)
-            let largest = ids.iter().filter_map(|&x| usize::try_from(x).ok()).max().map_or(0, |m| m + 1);
-            // (The dump's own router's width bounds it: ids past it are a port's bug, not experts.)
-            let experts = match self.ours.experts_of(name) {
-                Some(width) => width,
-                None => self.experts.unwrap_or(largest).max(largest),
-            };
-            let experts = experts.min(crate::config::MAX_EXPERTS);
-            let counts = |ids: &[i64]| {
-                let mut load = LayerLoad::new(i, experts);
-                for id in ids.iter().filter_map(|&x| usize::try_from(x).ok()) {
-                    if let Some(c) = load.counts.get_mut(id) {
-                        *c += 1;
-                    }
-                }
-                load
-            };
-            let load = counts(&ids);
-            let moved = self
-                .reference
-                .as_ref()
-                .and_then(|r| Self::ints(r, name))
-                .map(|(theirs, _)| crate::audit::net_moved(&load.counts, &counts(&theirs).counts));
-            let st = load.stats();
-            // The config's MTP layer, or a layer one position short a batch row (what only the
-            // MTP layer is, and all there is to go by without a config).
-            let k = self.ours.shape(name).and_then(|s| s.last().copied()).unwrap_or(1).max(1);
-            let short = self.tokens.seq > 1 && ids.len() / k == self.tokens.batch * (self.tokens.seq - 1);
-            let mtp = short || self.layers.iter().any(|l| l.part == Part::Layer(i) && l.ffn == "mtp");
-            rows.push(LoadRow { layer: i, mtp, counts: load.counts, max_vio: st.max_vio, cv: st.cv, moved });
-        }
-        rows
+        self.load_rows()
+    }
+
+    fn pairs(&self, layer: usize) -> Option<PairsRow> {
+        self.pairs_of(layer)
     }
 
     fn dsa(&self, layer: usize, token: usize) -> Option<Rc<DsaMatrix>> {

@@ -229,6 +229,24 @@ pub struct LoadRow {
     pub moved: Option<f64>,
 }
 
+/// The expert pairs one MoE layer's tokens chose together furthest past independent choice at
+/// the experts' loads (`audit --pairs`' measure), the strongest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PairsRow {
+    pub pairs: Vec<ExpertPair>,
+    /// Uniform routing's 95th percentile of the strongest pair's z over the same tokens: a z
+    /// past it is past chance.
+    pub chance_p95: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExpertPair {
+    pub experts: [usize; 2],
+    pub tokens: u64,
+    pub expected: f64,
+    pub z: f64,
+}
+
 /// The keys each query of one batch row attended to in one layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DsaMatrix {
@@ -292,6 +310,10 @@ pub trait Source {
     fn hooks(&self, part: Part) -> Vec<HookRow>;
     fn routing(&self, layer: usize) -> Option<Vec<RouteRow>>;
     fn load(&self) -> Vec<LoadRow>;
+    /// The expert pairs `layer`'s tokens chose together most (the load view's selected layer).
+    fn pairs(&self, _layer: usize) -> Option<PairsRow> {
+        None
+    }
     /// The DSA selection of `layer` for the batch row holding `token` (shared: a long prompt's
     /// is large, and every key press redraws it).
     fn dsa(&self, layer: usize, token: usize) -> Option<std::rc::Rc<DsaMatrix>>;

@@ -3,7 +3,8 @@
 //! measure). With more experts than columns, neighbouring experts share a cell (the busiest of
 //! them sets its colour). A dead expert's cell is `×`, also in a shared cell, and a used one is
 //! never blank, however little it was used. Below, the selected layer's busiest and rarest
-//! experts with their token counts, the numbers behind the colours.
+//! experts with their token counts, the numbers behind the colours, and the expert pairs its
+//! tokens chose together most past their loads, against chance (`audit --pairs`).
 
 use ratatui::layout::Rect;
 use ratatui::style::{Color, Modifier, Style};
@@ -11,9 +12,9 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Paragraph};
 use ratatui::Frame;
 
-use super::heat_cell;
+use super::{fit_list, heat_cell};
 use crate::app::App;
-use crate::data::Source;
+use crate::data::{PairsRow, Source};
 
 /// The cell of an expert no token chose (or of a group holding one).
 const DEAD: &str = "×";
@@ -69,6 +70,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     // The selected layer's numbers behind the colours, as `audit` lists them.
     if let Some(row) = load.iter().find(|l| Some(l.layer) == selected) {
         lines.push(Line::raw(extremes(row.layer, &row.counts)));
+        if let Some(p) = src.pairs(row.layer) {
+            lines.push(Line::raw(pairs_line(&p, area.width.saturating_sub(2) as usize)));
+        }
     }
     f.render_widget(Paragraph::new(lines).block(block), area);
 }
@@ -83,4 +87,43 @@ fn extremes(layer: usize, counts: &[u64]) -> String {
     rarest.retain(|e| !busiest[..3.min(busiest.len())].contains(e));
     let list = |experts: &[usize]| experts.iter().take(3).map(|&e| format!("{e}:{}", counts[e])).collect::<Vec<_>>();
     format!("layer {layer} busiest {}, rarest {} (expert:tokens)", list(&busiest).join(" "), list(&rarest).join(" "))
+}
+
+/// `together 12+40 9/1.2 3+7 6/0.8 (z 6.10; chance 95% 5.01)`: the strongest pairs as
+/// tokens/expected, and the top z against uniform routing's, in `width` columns (whole pairs).
+fn pairs_line(p: &PairsRow, width: usize) -> String {
+    let Some(top) = p.pairs.first() else {
+        return "together: no pair chosen more often than their loads give".into();
+    };
+    let verdict = match p.chance_p95 {
+        Some(c) if top.z > c => format!("z {:.2}, past chance's 95% {c:.2}", top.z),
+        Some(c) => format!("z {:.2}, within chance's 95% {c:.2}", top.z),
+        None => format!("z {:.2}", top.z),
+    };
+    let tail = format!(" ({verdict})");
+    let items: Vec<String> =
+        p.pairs.iter().map(|q| format!("{}+{} {}/{:.1}", q.experts[0], q.experts[1], q.tokens, q.expected)).collect();
+    let room = width.saturating_sub("together ".len() + tail.len());
+    format!("together {}{tail}", fit_list(&items, room))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::ExpertPair;
+
+    /// Past chance said as such; pairs that do not fit are counted, not cut.
+    #[test]
+    fn the_pairs_line_fits_and_weighs_the_top_z() {
+        let pair = |a, b, z| ExpertPair { experts: [a, b], tokens: 9, expected: 1.25, z };
+        let p =
+            PairsRow { pairs: vec![pair(12, 40, 6.1), pair(3, 7, 5.0), pair(100, 200, 4.0)], chance_p95: Some(5.01) };
+        assert_eq!(
+            pairs_line(&p, 120),
+            "together 12+40 9/1.2 3+7 9/1.2 100+200 9/1.2 (z 6.10, past chance's 95% 5.01)"
+        );
+        assert_eq!(pairs_line(&p, 60), "together 12+40 9/1.2 +2 (z 6.10, past chance's 95% 5.01)");
+        let none = PairsRow { pairs: vec![], chance_p95: None };
+        assert!(pairs_line(&none, 80).starts_with("together: no pair"));
+    }
 }

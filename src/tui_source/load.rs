@@ -1,0 +1,102 @@
+//! The expert load view's data: each MoE layer's tokens per expert (against the reference's, the
+//! net load moved), and the selected layer's co-activated expert pairs with their chance level,
+//! counted as `audit` counts them.
+
+use glimpse_tui::{ExpertPair, LoadRow, PairsRow, Part};
+
+use super::{layer_names, DumpSource};
+use crate::audit::{chance, Audit, LayerLoad};
+
+/// The pairs listed under the heatmap.
+const PAIRS_SHOWN: usize = 3;
+
+impl DumpSource {
+    /// `layer`'s expert ids (`[tokens, k]` flattened), its expert count and k; None where it
+    /// routes nothing.
+    fn layer_ids(&self, layer: usize) -> Option<(Vec<i64>, usize, usize)> {
+        let name = format!("layers.{layer}.moe.topk_ids");
+        let (ids, _) = Self::ints(&self.ours, &name)?;
+        // The router's width, else the checkpoint's count (never fewer than the ids need: a
+        // dump of a larger model than the config given), else the largest id + 1.
+        // (At most `MAX_EXPERTS`, whatever a dump says: ids past it are not counted.)
+        let largest = ids.iter().filter_map(|&x| usize::try_from(x).ok()).max().map_or(0, |m| m + 1);
+        // (The dump's own router's width bounds it: ids past it are a port's bug, not experts.)
+        let experts = match self.ours.experts_of(&name) {
+            Some(width) => width,
+            None => self.experts.unwrap_or(largest).max(largest),
+        };
+        let k = self.ours.shape(&name).and_then(|s| s.last().copied()).unwrap_or(1).max(1);
+        Some((ids, experts.min(crate::config::MAX_EXPERTS), k))
+    }
+
+    pub(super) fn load_rows(&self) -> Vec<LoadRow> {
+        let mut rows = Vec::new();
+        for (i, _) in layer_names(&self.ours) {
+            let Some((ids, experts, k)) = self.layer_ids(i) else { continue };
+            let counts = |ids: &[i64]| {
+                let mut load = LayerLoad::new(i, experts);
+                for id in ids.iter().filter_map(|&x| usize::try_from(x).ok()) {
+                    if let Some(c) = load.counts.get_mut(id) {
+                        *c += 1;
+                    }
+                }
+                load
+            };
+            let load = counts(&ids);
+            let name = format!("layers.{i}.moe.topk_ids");
+            let moved = self
+                .reference
+                .as_ref()
+                .and_then(|r| Self::ints(r, &name))
+                .map(|(theirs, _)| crate::audit::net_moved(&load.counts, &counts(&theirs).counts));
+            let st = load.stats();
+            let mtp = self.is_mtp(i, ids.len() / k);
+            rows.push(LoadRow { layer: i, mtp, counts: load.counts, max_vio: st.max_vio, cv: st.cv, moved });
+        }
+        rows
+    }
+
+    /// The config's MTP layer, or a layer of `rows` tokens, one position short a batch row
+    /// (what only the MTP layer is, and all there is to go by without a config).
+    fn is_mtp(&self, layer: usize, rows: usize) -> bool {
+        let short = self.tokens.seq > 1 && rows == self.tokens.batch * (self.tokens.seq - 1);
+        short || self.layers.iter().any(|l| l.part == Part::Layer(layer) && l.ffn == "mtp")
+    }
+
+    /// `layer`'s strongest co-activated pairs, each batch row a prompt as `audit` counts a
+    /// dump's; None where it routes nothing, chooses one expert a token, or holds ids no router
+    /// makes (a port's bug: the routing view names them).
+    pub(super) fn pairs_of(&self, layer: usize) -> Option<PairsRow> {
+        if let Some(row) = self.pairs.borrow().get(&layer) {
+            return row.clone();
+        }
+        let row = self.count_pairs(layer);
+        self.pairs.borrow_mut().insert(layer, row.clone());
+        row
+    }
+
+    fn count_pairs(&self, layer: usize) -> Option<PairsRow> {
+        let (ids, experts, k) = self.layer_ids(layer)?;
+        let prompts = self.tokens.batch.max(1);
+        let mut audit = Audit::new(experts);
+        audit.add(layer, &ids, k, prompts, None).ok()?;
+        let l = audit.layers.get(&layer)?;
+        l.pairs.as_ref()?;
+        let pairs: Vec<ExpertPair> = (l.strongest_pairs(PAIRS_SHOWN).iter())
+            .map(|p| ExpertPair { experts: p.experts, tokens: p.tokens, expected: p.expected, z: p.z() })
+            .collect();
+        let per_prompt = ids.len() / k / prompts;
+        let key = [prompts, per_prompt, experts, k];
+        let cached = self.pair_chance.borrow().get(&key).copied();
+        let chance_p95 = match cached {
+            Some(c) => c,
+            None => {
+                let lengths = vec![u32::try_from(per_prompt).unwrap_or(u32::MAX); prompts];
+                let c = chance::uniform(&lengths, experts, k).and_then(|u| u.pair_z_p95);
+                self.pair_chance.borrow_mut().insert(key, c);
+                c
+            }
+        };
+        Some(PairsRow { pairs, chance_p95 })
+    }
+}
