@@ -119,6 +119,10 @@ pub struct DiffReport {
     pub per_name: Vec<(String, Tolerance)>,
     /// Whether a checkpoint's config and routers were given to recompute margins a dump lacks.
     pub with_model: bool,
+    /// With `--model`: each layer's MLP kind (the MTP layer's last, where there is one) and the
+    /// MTP layer, which say what a layer's hook points are computed from.
+    pub mlp_kinds: Option<Vec<crate::config::MlpKind>>,
+    pub mtp_layer: Option<usize>,
     /// What the first divergence's values say beyond its numbers.
     pub notes: crate::reading::Notes,
     /// Where the first divergence reads as rounding (a selection whose every flip is a near-tie,
@@ -360,6 +364,11 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         tol: opts.tol,
         per_name: opts.per_name.clone(),
         with_model: opts.config.is_some(),
+        mlp_kinds: opts.config.as_ref().map(|c| {
+            let layers = c.num_hidden_layers + usize::from(c.num_nextn_predict_layers > 0);
+            (0..layers).map(|i| c.mlp_kind(i)).collect()
+        }),
+        mtp_layer: opts.config.as_ref().filter(|c| c.num_nextn_predict_layers > 0).map(|c| c.num_hidden_layers),
         notes,
         past_rounding: None,
         bf16_only: if loose { [false; 2] } else { bf16_only },

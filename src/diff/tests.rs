@@ -13,6 +13,8 @@ fn report_of(results: Vec<Comparison>) -> DiffReport {
         tol: Tolerance::default(),
         per_name: Vec::new(),
         with_model: false,
+        mlp_kinds: None,
+        mtp_layer: None,
         notes: Default::default(),
         past_rounding: None,
         bf16_only: [false; 2],
