@@ -39,9 +39,10 @@ pub struct Changed {
     pub tokens: u64,
     pub of_tokens: u64,
     pub slots: u64,
-    /// Of the tokens changed: those both sides decided by a margin below [`NEAR_TIE`] (a rounding
-    /// may flip them), and those one side decided by at least that (no rounding flips them; a
-    /// token's margin is a lower bound of its flipped experts' lead). The rest are unknown (a
+    /// Of the tokens changed: those both sides decided by a margin below [`NEAR_TIE`] (f32
+    /// rounding may flip them), and those one side decided by at least that (f32 rounding does
+    /// not; bf16's may: its near-tie margin is 4e-2; a token's margin is a lower bound of its
+    /// flipped experts' lead). The rest are unknown (a
     /// side's margin was not recorded, or one is small and the other unknown), as `diff` classes
     /// flips.
     pub near_ties: u64,
@@ -228,8 +229,9 @@ impl Audit {
         let mut s = format!(
             "load shift against the reference ({} prompt(s)): net load moved, sum |ours - reference| / 2 over the \
              reference's slots (tokens that swapped experts both ways cancel); and gross, token by token, the \
-             tokens whose expert set changed (of them, near-ties both sides decided by a margin below 1e-3, which a \
-             rounding may flip, and past ties, which none flips) and the slots that did\n\
+             tokens whose expert set changed (of them, near-ties, both sides decided by a margin below 1e-3, which \
+             f32 rounding may flip, and past ties, a side decided by 1e-3 or more, which it does not: bf16's rounding \
+             reaches 4e-2, which `diff` weighs) and the slots that did\n\
              {:>5} {:>8} {:>7} {:>15} {:>14} {:>14} {:>8} {:>8}  {:<30}  lost most\n",
             reference.prompts(),
             "layer",
