@@ -436,8 +436,8 @@ pub(crate) struct AuditArgs {
     #[arg(long, value_parser = parse_range)]
     pub(crate) layers: Option<std::ops::RangeInclusive<usize>>,
     /// Also print co-activation: per layer, the N expert pairs (default 3) one token chose
-    /// together furthest past what independent choice at their loads gives, against uniform
-    /// routing's chance level (the JSON always lists each layer's strongest, N or 10).
+    /// together most surprisingly often at their loads, against chance at the layer's loads
+    /// (with --json: each layer's `co_activation`).
     #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "3", value_parser = positive)]
     pub(crate) pairs: Option<u64>,
     /// Also run the MTP head (`model.layers.{num_hidden_layers}`) over every prompt, on the
@@ -506,6 +506,7 @@ fn positive(s: &str) -> std::result::Result<u64, String> {
     match s.trim().parse::<u64>() {
         Ok(0) => Err("must be 1 or more".into()),
         Ok(n) => Ok(n),
+        Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => Err(format!("\"{s}\" is too large")),
         Err(_) => Err(format!("\"{s}\" is not a whole number")),
     }
 }

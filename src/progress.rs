@@ -33,6 +33,8 @@ enum Unit {
     Rerun(usize, usize, &'static str),
     /// Divergences 1 to this, read on ours's own inputs (`diff::past`).
     OwnRead(usize),
+    /// Layers 1 to this, whose co-activation chance level is drawn (`audit --pairs`).
+    PairChance(usize),
 }
 
 /// One pass over a window of layers, or one audit's prompts.
@@ -68,6 +70,12 @@ impl Steps {
         Steps::of(Unit::OwnRead(total), ENABLED.load(Ordering::Relaxed))
     }
 
+    /// `audit --pairs`' chance levels, layers 1 to `total` (shown whether or not [`enable`] was
+    /// called: at GLM-5's 256 experts a layer's draws take a fraction of a second).
+    pub fn pair_chances(total: usize) -> Steps {
+        Steps::of(Unit::PairChance(total), true)
+    }
+
     fn of(unit: Unit, enabled: bool) -> Steps {
         let now = Instant::now();
         Steps { unit, start: now, last_line: now, terminal: std::io::stderr().is_terminal(), enabled, shown: false }
@@ -87,6 +95,7 @@ impl Steps {
             Unit::Prompt(total) => format!("audit: prompt {i} of {total}"),
             Unit::Rerun(layer, total, part) => format!("diff: rerun {i} of {total} of layer {layer}'s {part}"),
             Unit::OwnRead(total) => format!("diff: reading divergence {i} of {total} on ours's own inputs"),
+            Unit::PairChance(total) => format!("audit: co-activation chance level, layer {i} of {total}"),
         };
         let elapsed = now.duration_since(self.start);
         let secs = elapsed.as_secs_f64();

@@ -837,27 +837,26 @@ fn the_load_view_lists_the_selected_layers_busiest_and_rarest() {
     assert!(row.contains("5:17 7:15 0:13") && row.contains("6:0 2:1 13:1"), "{row}");
 }
 
-/// Under them, the pairs its tokens chose together most past their loads, as `audit --pairs`
-/// lists them for the same dump, and the top z against uniform routing's 95th percentile (of 32
-/// tokens, 4 of 16 experts: numpy's 4000 draws give 3.079).
+/// Under them, the pairs its tokens chose together most surprisingly often at their loads, as
+/// `audit --pairs` lists them for the same dump, and the top one's surprise against chance's
+/// 95th percentile at the layer's loads.
 #[test]
 fn the_load_view_lists_the_experts_chosen_together() {
     let src = port_source();
     let app = at_view(&src, 3, View::Load);
-    let s = screen(&app, &src, 80, 24);
+    let s = screen(&app, &src, 100, 24);
     let args = ["audit", "--dump", "golden/flat/bf16-port.safetensors", "--json", "--pairs", "3"];
     let (json, _) = common::text(&common::glimpse(&args));
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let layer = v["layers"].as_array().unwrap().iter().find(|l| l["layer"] == 3).unwrap();
-    let pairs: Vec<String> = (layer["co_activation"]["strongest"].as_array().unwrap().iter())
+    let co = &v["layers"].as_array().unwrap().iter().find(|l| l["layer"] == 3).unwrap()["co_activation"];
+    let pairs: Vec<String> = (co["strongest"].as_array().unwrap().iter())
         .map(|p| {
             format!("{}+{} {}/{:.1}", p["experts"][0], p["experts"][1], p["tokens"], p["expected"].as_f64().unwrap())
         })
         .collect();
-    let z = layer["co_activation"]["strongest"][0]["z"].as_f64().unwrap();
-    let p95 = layer["co_activation"]["top_z_uniform_p95"].as_f64().unwrap();
-    assert!((p95 - 3.079).abs() < 0.15, "{p95}");
-    let line = format!("together {} (z {z:.2}, within chance's 95% {p95:.2})", pairs.join(" "));
+    let (top, p95) = (co["top_surprise"].as_f64().unwrap(), co["chance"]["p95"].as_f64().unwrap());
+    let verdict = if top > p95 { "past" } else { "within" };
+    let line = format!("together {} (surprise {top:.2}, {verdict} chance's 95% {p95:.2})", pairs.join(" "));
     assert!(s.contains(&line), "want {line}\n{s}");
 }
 

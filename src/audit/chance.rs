@@ -9,8 +9,8 @@ use crate::rng::Rng;
 
 /// Draws of uniform routing whose medians [`uniform`] gives, at most: MaxVio is a ratio of whole
 /// counts, so few tokens' values are coarse steps, and a median of 20 draws fell on the lower
-/// step about a quarter of the time; the 95th percentiles want more (of 200, the top pair's z
-/// ranged 2.83-3.05 where 4000 gave 2.95).
+/// step about a quarter of the time; the 95th percentile wants more (of 200 draws, a 95th
+/// percentile rests on its ten largest).
 pub const DRAWS: usize = 1000;
 /// Random splits [`split_distance`] makes of a layer's pooled prompts, at most.
 pub const SPLITS: usize = 1000;
@@ -29,11 +29,6 @@ pub struct Uniform {
     pub max_vio_p95: f64,
     pub max_vio_per_run: f64,
     pub dead: f64,
-    /// The largest co-activation z of any pair ([`super::pairs`]): the median and the 95th
-    /// percentile; None where pairs are not counted (k < 2, experts past
-    /// [`super::pairs::MAX_EXPERTS`]).
-    pub pair_z: Option<f64>,
-    pub pair_z_p95: Option<f64>,
     /// The draws whose medians these are.
     pub draws: usize,
 }
@@ -53,29 +48,21 @@ pub fn uniform(lengths: &[u32], experts: usize, k: usize) -> Option<Uniform> {
     let (mut whole, mut per_run, mut dead) =
         (Vec::with_capacity(draws), Vec::with_capacity(draws), Vec::with_capacity(draws));
     let (mut total, mut counts) = (vec![0u64; experts], vec![0u64; experts]);
-    let mut pairs = super::pairs::Pairs::new(experts).filter(|_| k >= 2);
-    let (mut set, mut top_z) = (Vec::with_capacity(k), Vec::with_capacity(draws));
     for _ in 0..draws {
         total.fill(0);
-        if let Some(p) = pairs.as_mut() {
-            p.clear();
-        }
         let mut sum = 0.0;
         for &len in lengths {
             counts.fill(0);
             for _ in 0..len {
                 stamp += 1;
-                set.clear();
-                while set.len() < k {
+                let mut chosen = 0;
+                while chosen < k {
                     let e = rng.below(experts);
                     if seen[e] != stamp {
                         seen[e] = stamp;
                         counts[e] += 1;
-                        set.push(e);
+                        chosen += 1;
                     }
-                }
-                if let Some(p) = pairs.as_mut() {
-                    p.add(&set);
                 }
             }
             sum += max_vio(&counts);
@@ -84,30 +71,24 @@ pub fn uniform(lengths: &[u32], experts: usize, k: usize) -> Option<Uniform> {
         whole.push(max_vio(&total));
         per_run.push(sum / lengths.len() as f64);
         dead.push(total.iter().filter(|&&c| c == 0).count() as f64);
-        if let Some(p) = &pairs {
-            top_z.push(p.strongest(&total, tokens, k, 1).first().map_or(0.0, super::pairs::Pair::z));
-        }
     }
-    let pair_z = pairs.is_some().then(|| (median(&mut top_z), percentile(&mut top_z, 0.95)));
     Some(Uniform {
         max_vio: median(&mut whole),
         max_vio_p95: percentile(&mut whole, 0.95),
         max_vio_per_run: median(&mut per_run),
         dead: median(&mut dead),
-        pair_z: pair_z.map(|z| z.0),
-        pair_z_p95: pair_z.map(|z| z.1),
         draws,
     })
 }
 
 /// The smallest value at or below which a fraction `q` of `v` lies (nearest rank).
-fn percentile(v: &mut [f64], q: f64) -> f64 {
+pub(super) fn percentile(v: &mut [f64], q: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1));
     v.get(rank - 1).copied().unwrap_or(0.0)
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(super) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     match n % 2 {
@@ -266,19 +247,6 @@ mod tests {
         assert_eq!((u.max_vio, u.max_vio_p95, u.dead, u.draws), (0.625, 0.875, 0.0, DRAWS), "{u:?}");
         let u = uniform(&[32], 64, 4).unwrap();
         assert_eq!((u.max_vio, u.max_vio_p95, u.dead), (2.0, 2.5, 8.0), "{u:?}");
-        // The strongest co-activated pair's z (`pairs`): numpy's 4000 draws of the same routing,
-        // z computed as `pairs::Pair::z` defines it, gave median 2.229 and 95th percentile 3.079
-        // for 32 tokens of 4 of 16 experts, 2.204 and 2.948 for prompts of 20 and 26 tokens, and
-        // 3.540 and 4.345 for 200 tokens of 8 of 64 (4000 draws here: 2.246 / 3.083, 2.202 /
-        // 2.981, 3.544 / 4.356).
-        for (lengths, experts, k, median, p95) in
-            [(&[32][..], 16, 4, 2.229, 3.079), (&[20, 26], 16, 4, 2.204, 2.948), (&[200], 64, 8, 3.540, 4.345)]
-        {
-            let u = uniform(lengths, experts, k).unwrap();
-            let (z, z95) = (u.pair_z.unwrap(), u.pair_z_p95.unwrap());
-            assert!((z - median).abs() < 0.06 && (z95 - p95).abs() < 0.15, "{lengths:?}: {u:?}");
-        }
-        assert_eq!((uniform(&[32], 16, 1).unwrap().pair_z, uniform(&[32], 600, 4).unwrap().pair_z), (None, None));
         // k = E: every expert every token, perfectly even.
         assert_eq!(uniform(&[7; 3], 4, 4).unwrap().max_vio, 0.0);
         assert_eq!(uniform(&[7; 3], 4, 5), None);

@@ -154,7 +154,7 @@ impl LayerLoad {
         self.bias_changed.is_some() && self.bias_known > 0 && self.bias_known < self.tokens
     }
 
-    /// Its `n` expert pairs furthest past independent choice ([`pairs`]).
+    /// Its `n` most surprising expert pairs ([`pairs`]).
     pub fn strongest_pairs(&self, n: usize) -> Vec<Pair> {
         self.pairs.as_ref().map_or_else(Vec::new, |p| p.strongest(&self.counts, self.tokens, self.k, n))
     }
@@ -249,7 +249,8 @@ pub struct Audit {
     pub per_prompt: bool,
     /// `--layers A..B`: only these layers were counted (said in the table's title and the JSON).
     pub window: Option<std::ops::RangeInclusive<usize>>,
-    /// `--pairs N`: the strongest co-activated pairs listed a layer (the JSON's 10 by default).
+    /// `--pairs N`: the strongest co-activated pairs listed a layer, in the table or the JSON
+    /// (which has no co-activation without it: its chance levels take a while).
     pub pairs_listed: Option<usize>,
 }
 
@@ -623,6 +624,7 @@ impl Audit {
 
     pub fn to_json(&self) -> Value {
         let uniform = self.uniform();
+        let pairs = self.pairs_json();
         // As written (1e-4), not as the f32 widens (9.999999747378752e-5).
         let edges = MARGIN_EDGES.map(|e| e.to_string().parse::<f64>().unwrap_or(f64::from(e)));
         let layers: Vec<Value> = self
@@ -648,7 +650,7 @@ impl Audit {
                     "weight_mass": l.mass_known().then_some(&l.mass),
                     "margin_bins": { "edges": edges, "counts": l.margin_bins, "known_tokens": l.margins_known },
                     "mtp": self.mtp_layer == Some(l.layer),
-                    "co_activation": self.pairs_json(l, uniform.get(&l.layer)),
+                    "co_activation": pairs.get(&l.layer),
                 })
             })
             .collect();

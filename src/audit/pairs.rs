@@ -1,20 +1,24 @@
 //! Co-activation: which experts one token chooses together. A router whose experts specialise
 //! sends some pairs far more tokens than their loads alone would (two halves of one skill, a
-//! merge or pruning candidate); `audit` counts every pair a token chose and ranks them by how
-//! far their count is past what independent choice at the experts' loads gives.
+//! merge or pruning candidate); `audit --pairs` counts every pair a token chose and ranks them by
+//! how surprising their count is at what independent choice at the experts' loads gives.
 //!
-//! The null model: a token's pair (a, b) is chosen with probability proportional to `p_a p_b`
-//! (`p` each expert's share of tokens), scaled so that the expected pairs add up to the pairs
-//! observed (`k (k - 1) / 2` a token). For uniform loads that is exactly uniform routing of k
-//! distinct experts: `tokens k (k - 1) / (E (E - 1))` a pair. Pairs are ranked by
-//! `z = (tokens - expected) / sqrt(expected)`; a few hundred tokens over 32640 pairs make large
-//! z by chance alone, so the table gives uniform routing's top z beside ours (`chance`).
+//! The expected count: a token's pair (a, b) is chosen with probability proportional to
+//! `p_a p_b` (`p` each expert's share of tokens), scaled so that the expected pairs add up to the
+//! pairs observed (`k (k - 1) / 2` a token); for even loads that is exactly uniform routing of k
+//! distinct experts, `tokens k (k - 1) / (E (E - 1))` a pair. A pair's surprise is
+//! `-log10 P(X >= tokens)` for a Poisson X of that mean: unlike `(tokens - expected) /
+//! sqrt(expected)`, it does not make one token shared by two rarely used experts (expected 0.004)
+//! the strongest pair of a layer. Thousands of pairs make a large top surprise by chance alone,
+//! and more so at uneven loads, so the chance level is drawn at the layer's own loads ([`chance`]).
 
 use std::fmt::Write;
 
 use serde_json::{json, Value};
 
-use super::{chance, Audit, LayerLoad};
+use super::chance::{median, percentile, DRAWS};
+use super::{Audit, LayerLoad};
+use crate::rng::Rng;
 
 /// The most experts whose pairs are counted: 4 bytes a pair, 0.5 MB a layer at 512 experts
 /// (GLM-5's 256: 130 KB).
@@ -48,6 +52,35 @@ impl Pair {
     pub fn z(&self) -> f64 {
         (self.tokens as f64 - self.expected) / self.expected.sqrt()
     }
+
+    /// Its surprise: `-log10 P(X >= tokens)`, X Poisson of mean `expected`.
+    pub fn surprise(&self) -> f64 {
+        surprise(self.tokens, self.expected)
+    }
+}
+
+/// `-log10 P(X >= n)` for X ~ Poisson(`mean`), where `n > mean > 0`: the first term of the
+/// tail, `e^-mean mean^n / n!`, times the sum of the ratios of the rest to it (each next one
+/// `mean / (i + 1)` of the one before, under 1 past the mean).
+fn surprise(n: u64, mean: f64) -> f64 {
+    let log_first = -mean + n as f64 * mean.ln() - ln_factorial(n);
+    let (mut term, mut sum, mut i) = (1.0f64, 1.0f64, n as f64);
+    while term > 1e-17 * sum && i < n as f64 + 1e6 {
+        i += 1.0;
+        term *= mean / i;
+        sum += term;
+    }
+    -(log_first + sum.ln()) / std::f64::consts::LN_10
+}
+
+/// `ln n!`: summed up to 64, Stirling's series past it (its error under 1e-15 there).
+fn ln_factorial(n: u64) -> f64 {
+    if n < 64 {
+        return (2..=n).map(|i| (i as f64).ln()).sum();
+    }
+    let x = n as f64 + 1.0;
+    (x - 0.5) * x.ln() - x + 0.5 * (2.0 * std::f64::consts::PI).ln() + 1.0 / (12.0 * x) - 1.0 / (360.0 * x.powi(3))
+        + 1.0 / (1260.0 * x.powi(5))
 }
 
 impl Pairs {
@@ -88,9 +121,9 @@ impl Pairs {
         (self.counts.len(), self.counts.iter().filter(|&&c| c > 0).count())
     }
 
-    /// The `n` pairs furthest past independence (largest z, then the lower ids), of `tokens`
-    /// tokens choosing `k` experts each with `loads` tokens per expert; only pairs chosen more
-    /// often than expected. Empty for `k < 2` or no tokens.
+    /// The `n` most surprising pairs (largest surprise, then the lower ids), of `tokens` tokens
+    /// choosing `k` experts each with `loads` tokens per expert; only pairs chosen more often
+    /// than expected. Empty for `k < 2` or no tokens.
     pub fn strongest(&self, loads: &[u64], tokens: u64, k: usize, n: usize) -> Vec<Pair> {
         let Some(scale) = expectation_scale(loads, tokens, k) else {
             return Vec::new();
@@ -106,10 +139,10 @@ impl Pairs {
                     continue;
                 }
                 let pair = Pair { experts: [a, b], tokens: observed, expected };
-                // Kept sorted by z, strongest first; the pairs come in id order, so a tie keeps
-                // the lower ids ahead.
-                let z = pair.z();
-                let pos = out.partition_point(|p| p.z() >= z);
+                // Kept sorted by surprise, strongest first; the pairs come in id order, so a tie
+                // keeps the lower ids ahead.
+                let z = pair.surprise();
+                let pos = out.partition_point(|p| p.surprise() >= z);
                 if pos < n {
                     out.insert(pos, pair);
                     out.truncate(n);
@@ -118,6 +151,87 @@ impl Pairs {
         }
         out
     }
+
+    /// The strongest pair's surprise ([`Pairs::strongest`]'s first, 0 without one), found without
+    /// computing every pair's: of the pairs chosen by as many tokens, the one that expects fewest
+    /// is the most surprising, so one tail a count is enough (the chance level's draws compute
+    /// this hundreds of times a layer).
+    pub fn top_surprise(&self, loads: &[u64], tokens: u64, k: usize) -> f64 {
+        let Some(scale) = expectation_scale(loads, tokens, k) else { return 0.0 };
+        // The least expected count of a pair chosen by `n` tokens, by n.
+        let mut least: Vec<f64> = Vec::new();
+        let mut at = 0;
+        for a in 0..self.experts {
+            for b in a + 1..self.experts {
+                let n = self.counts[at] as usize;
+                at += 1;
+                if n == 0 {
+                    continue;
+                }
+                let expected = scale * loads[a] as f64 * loads[b] as f64;
+                if least.len() <= n {
+                    least.resize(n + 1, f64::INFINITY);
+                }
+                least[n] = least[n].min(expected);
+            }
+        }
+        (least.iter().enumerate())
+            .filter(|&(n, &e)| e > 0.0 && (n as f64) > e)
+            .map(|(n, &e)| surprise(n as u64, e))
+            .fold(0.0, f64::max)
+    }
+}
+
+/// The strongest pair's surprise when each token's experts are drawn independently at a layer's
+/// loads: the median and 95th percentile over `draws` draws. Past the 95th percentile, a layer's
+/// top pair is past chance (and one layer in twenty is, by chance alone).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairChance {
+    pub median: f64,
+    pub p95: f64,
+    pub draws: usize,
+}
+
+/// Pairs counted and examined a layer, at most, over all of [`chance`]'s draws.
+const MAX_WORK: u64 = 50_000_000;
+
+/// [`PairChance`] of `tokens` tokens each choosing `k` distinct experts, one by one in
+/// proportion to `loads` (without repeats: about independent choice at those loads), the
+/// surprise computed at each draw's own loads as the layer's is at its. None for `k < 2`, no
+/// tokens, fewer than k experts loaded, or experts past [`MAX_EXPERTS`].
+pub fn chance(loads: &[u64], tokens: u64, k: usize) -> Option<PairChance> {
+    let experts = loads.len();
+    if k < 2 || tokens == 0 || loads.iter().filter(|&&l| l > 0).count() < k {
+        return None;
+    }
+    let mut pairs = Pairs::new(experts)?;
+    let work = (experts * (experts - 1) / 2) as u64 + tokens * (k * (k - 1) / 2) as u64;
+    let draws = (MAX_WORK / work.max(1)).clamp(20, DRAWS as u64) as usize;
+    let cumulative: Vec<u64> = loads.iter().scan(0u64, |sum, &l| Some(*sum + l).inspect(|s| *sum = *s)).collect();
+    let total = *cumulative.last()?;
+    let mut rng = Rng(0x3C6E_F372_FE94_F82B ^ tokens ^ ((experts as u64) << 32) ^ k as u64);
+    let (mut drawn, mut seen, mut stamp, mut set) = (vec![0u64; experts], vec![0u64; experts], 0u64, Vec::new());
+    let mut tops = Vec::with_capacity(draws);
+    for _ in 0..draws {
+        pairs.clear();
+        drawn.fill(0);
+        for _ in 0..tokens {
+            stamp += 1;
+            set.clear();
+            while set.len() < k {
+                let r = rng.below(total as usize) as u64;
+                let e = cumulative.partition_point(|&c| c <= r);
+                if seen[e] != stamp {
+                    seen[e] = stamp;
+                    drawn[e] += 1;
+                    set.push(e);
+                }
+            }
+            pairs.add(&set);
+        }
+        tops.push(pairs.top_surprise(&drawn, tokens, k));
+    }
+    Some(PairChance { median: median(&mut tops), p95: percentile(&mut tops, 0.95), draws })
 }
 
 /// `s` such that pair (a, b) expects `s * load_a * load_b` tokens: `p_a p_b` scaled so the pairs
@@ -130,22 +244,50 @@ fn expectation_scale(loads: &[u64], tokens: u64, k: usize) -> Option<f64> {
     (k >= 2.0 && n > 0.0 && denominator > 0.0).then(|| k * (k - 1.0) * n / denominator)
 }
 
-/// The pairs the JSON lists a layer, unless `--pairs N` says.
-const LISTED_IN_JSON: usize = 10;
-
 impl Audit {
-    /// The co-activation table: per layer, the pairs counted and seen, the strongest pair's z
-    /// against uniform routing's (median and 95th percentile), and the `n` strongest pairs.
+    /// Each counted layer's chance level ([`chance`] at its loads), the layers shared among the
+    /// CPU's cores, with progress on stderr (a fifth of a second a layer at GLM-5's size).
+    fn pair_chances(&self) -> std::collections::BTreeMap<usize, PairChance> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Mutex;
+        let layers: Vec<&LayerLoad> = self.layers.values().filter(|l| l.pairs.is_some()).collect();
+        let (next, out) = (AtomicUsize::new(0), Mutex::new(std::collections::BTreeMap::new()));
+        // Each worker takes the next layer until none is left; this thread, one of them, shows
+        // the layer it takes.
+        let work = |mut progress: Option<&mut crate::progress::Steps>| loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(l) = layers.get(i) else { break };
+            if let Some(p) = progress.as_deref_mut() {
+                p.step(i + 1);
+            }
+            if let (Some(c), Ok(mut out)) = (chance(&l.counts, l.tokens, l.k), out.lock()) {
+                out.insert(l.layer, c);
+            }
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(layers.len());
+        let mut progress = crate::progress::Steps::pair_chances(layers.len());
+        std::thread::scope(|s| {
+            for _ in 1..threads {
+                s.spawn(|| work(None));
+            }
+            work(Some(&mut progress));
+        });
+        out.into_inner().unwrap_or_default()
+    }
+
+    /// The co-activation table: per layer, the pairs counted and seen, the strongest pair's
+    /// surprise against chance's (median and 95th percentile), and the `n` strongest pairs.
     pub fn pairs_table(&self, n: usize) -> String {
-        let uniform = self.uniform();
+        let chances = self.pair_chances();
+        let draws = chances.values().map(|c| c.draws).min().unwrap_or(0);
         let mut s = format!(
-            "co-activation: expert pairs one token chose together, by how far past independent choice at their loads \
-             (z = (tokens - expected) / sqrt(expected); chance: uniform routing's top z, median and 95%)\n{:>7} {:>13} \
-             {:>7} {:>14}  strongest (a+b tokens/expected)\n",
-            "layer", "pairs seen", "top z", "chance"
+            "co-activation: expert pairs one token chose together more often than independent choice at the experts' \
+             loads gives, by surprise (-log10 of the Poisson tail P(X >= tokens) at the expected count); chance: the \
+             strongest pair's surprise where each token's experts are drawn independently at the layer's loads (the \
+             median and 95th percentile of {draws} draws)\n{:>7} {:>17} {:>9} {:>14}  strongest (a+b tokens/expected)\n",
+            "layer", "pairs seen", "surprise", "chance"
         );
-        let mut past = Vec::new();
-        let mut uncounted = Vec::new();
+        let (mut past, mut uncounted, mut weighed) = (Vec::new(), Vec::new(), 0);
         for l in self.layers.values() {
             let Some(pairs) = l.pairs.as_ref() else {
                 uncounted.push(l.layer.to_string());
@@ -153,26 +295,27 @@ impl Audit {
             };
             let (all, seen) = pairs.seen();
             let strongest = l.strongest_pairs(n.max(1));
-            let top = strongest.first().map(Pair::z);
-            let u = uniform.get(&l.layer);
-            let chance = match u.and_then(|u| Some((u.pair_z?, u.pair_z_p95?))) {
-                Some((median, p95)) => format!("{median:.2} ({p95:.2})"),
-                None => "-".into(),
-            };
-            if let (Some(z), Some(p95)) = (top, u.and_then(|u| u.pair_z_p95)) {
-                if z > p95 {
+            let top = strongest.first().map(Pair::surprise);
+            let c = chances.get(&l.layer);
+            if let (Some(top), Some(c)) = (top, c) {
+                weighed += 1;
+                if top > c.p95 {
                     past.push(l.layer.to_string());
                 }
             }
             let list: Vec<String> = (strongest.iter().take(n))
                 .map(|p| format!("{}+{} {}/{:.1}", p.experts[0], p.experts[1], p.tokens, p.expected))
                 .collect();
+            let label = match self.mtp_layer == Some(l.layer) {
+                true => format!("{} mtp", l.layer),
+                false => l.layer.to_string(),
+            };
             let _ = writeln!(
                 s,
-                "{:>7} {:>13} {:>7} {chance:>14}  {}",
-                l.layer,
+                "{label:>7} {:>17} {:>9} {:>14}  {}",
                 format!("{seen} of {all}"),
                 top.map_or("-".into(), |z| format!("{z:.2}")),
+                c.map_or("-".into(), |c| format!("{:.2} ({:.2})", c.median, c.p95)),
                 list.join("  ")
             );
         }
@@ -183,34 +326,44 @@ impl Audit {
                 uncounted.join(", ")
             );
         }
-        let _ = match past.is_empty() {
-            true => writeln!(
+        let _ = match (weighed, past.is_empty()) {
+            (0, _) => Ok(()),
+            (_, true) => writeln!(s, "note: no layer's strongest pair is past chance's 95th percentile"),
+            (_, false) => writeln!(
                 s,
-                "note: no layer's strongest pair is past uniform routing's 95th percentile: as chance gives"
-            ),
-            false => writeln!(
-                s,
-                "note: layer(s) {}: the strongest pair is past uniform routing's 95th percentile of top z",
-                past.join(", ")
+                "note: layer(s) {}: the strongest pair is past chance's 95th percentile (where chance alone puts one \
+                 layer in twenty: {:.1} of these {weighed})",
+                past.join(", "),
+                weighed as f64 / 20.0
             ),
         };
         s
     }
 
-    /// A layer's co-activation in the JSON: pairs counted and seen, the strongest
-    /// (`--pairs N`, else 10) and uniform routing's top z; null where not counted.
-    pub(super) fn pairs_json(&self, l: &LayerLoad, uniform: Option<&chance::Uniform>) -> Value {
-        let Some(pairs) = l.pairs.as_ref() else {
-            return Value::Null;
+    /// Each layer's co-activation for the JSON, with `--pairs N` (null without): pairs counted
+    /// and seen, the N strongest, and the chance level.
+    pub(super) fn pairs_json(&self) -> std::collections::BTreeMap<usize, Value> {
+        let Some(n) = self.pairs_listed else { return Default::default() };
+        let chances = self.pair_chances();
+        let pair = |p: &Pair| {
+            json!({
+                "experts": p.experts, "tokens": p.tokens, "expected": p.expected, "lift": p.lift(), "z": p.z(),
+                "surprise": p.surprise(),
+            })
         };
-        let (all, seen) = pairs.seen();
-        let strongest: Vec<Value> = (l.strongest_pairs(self.pairs_listed.unwrap_or(LISTED_IN_JSON)).iter())
-            .map(|p| json!({"experts": p.experts, "tokens": p.tokens, "expected": p.expected, "lift": p.lift(), "z": p.z()}))
-            .collect();
-        json!({
-            "pairs": all, "pairs_seen": seen, "strongest": strongest,
-            "top_z_uniform": uniform.and_then(|u| u.pair_z), "top_z_uniform_p95": uniform.and_then(|u| u.pair_z_p95),
-        })
+        (self.layers.values())
+            .filter_map(|l| {
+                let (all, seen) = l.pairs.as_ref()?.seen();
+                let strongest = l.strongest_pairs(n);
+                let c = chances.get(&l.layer);
+                let v = json!({
+                    "pairs": all, "pairs_seen": seen, "strongest": strongest.iter().map(pair).collect::<Vec<_>>(),
+                    "top_surprise": strongest.first().map(Pair::surprise),
+                    "chance": c.map(|c| json!({"median": c.median, "p95": c.p95, "draws": c.draws})),
+                });
+                Some((l.layer, v))
+            })
+            .collect()
     }
 }
 
@@ -266,5 +419,37 @@ mod tests {
             a.pairs_table(3)
         );
         assert!(a.to_json()["layers"][0]["co_activation"].is_null());
+    }
+
+    /// The Poisson tail by hand: P(X >= 3) at mean 0.5 is 1 - e^-0.5 (1 + 0.5 + 0.125) =
+    /// 0.0143877; at mean 900 against 1000, the normal approximation's z of 3.33 (p about 4e-4)
+    /// bounds it loosely (the Poisson's right tail is heavier).
+    #[test]
+    fn surprise_is_the_poisson_tail() {
+        let p = 1.0 - (-0.5f64).exp() * 1.625;
+        assert!((surprise(3, 0.5) - -p.log10()).abs() < 1e-9, "{}", surprise(3, 0.5));
+        // One token's pair of two experts that expect 0.004: 2.4, not a z of 15.7.
+        assert!((surprise(1, 0.004) - -(1.0 - (-0.004f64).exp()).log10()).abs() < 1e-9);
+        let far = surprise(1000, 900.0);
+        assert!((3.0..4.5).contains(&far), "{far}");
+        // ln n! past the summed range: within 1e-12 of the sum.
+        let summed: f64 = (2..=200u64).map(|i| (i as f64).ln()).sum();
+        assert!((ln_factorial(200) - summed).abs() < 1e-9, "{}", ln_factorial(200) - summed);
+    }
+
+    /// The chance level against numpy's: 3000 draws of `rng.choice(E, k, replace=False, p=loads /
+    /// sum)` (the same one-by-one draw in proportion to the loads), each draw's top surprise
+    /// computed as [`Pairs::top_surprise`] defines it: 32 tokens of 4 of 16 experts at even loads
+    /// gave median 1.271 and 95th percentile 1.776; 200 tokens of 8 of 64 at loads of 100 (8
+    /// experts), 25 (16) and 10 (40) gave 2.351 and 3.116.
+    #[test]
+    fn the_chance_level_is_numpys() {
+        let skewed: Vec<u64> = [vec![100; 8], vec![25; 16], vec![10; 40]].concat();
+        for (loads, tokens, k, median, p95) in [(vec![8; 16], 32, 4, 1.271, 1.776), (skewed, 200, 8, 2.351, 3.116)] {
+            let c = chance(&loads, tokens, k).unwrap();
+            assert!((c.median - median).abs() < 0.05 && (c.p95 - p95).abs() < 0.12, "{c:?}");
+        }
+        assert_eq!(chance(&[8; 16], 32, 1), None);
+        assert_eq!(chance(&[32, 32, 0, 0], 32, 3), None, "fewer experts loaded than k");
     }
 }

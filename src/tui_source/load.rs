@@ -1,11 +1,12 @@
 //! The expert load view's data: each MoE layer's tokens per expert (against the reference's, the
 //! net load moved), and the selected layer's co-activated expert pairs with their chance level,
-//! counted as `audit` counts them.
+//! counted as `audit --pairs` counts them (each layer's once: its chance level's draws take a
+//! fraction of a second at GLM-5's 256 experts).
 
 use glimpse_tui::{ExpertPair, LoadRow, PairsRow, Part};
 
 use super::{layer_names, DumpSource};
-use crate::audit::{chance, Audit, LayerLoad};
+use crate::audit::{pairs, Audit, LayerLoad};
 
 /// The pairs listed under the heatmap.
 const PAIRS_SHOWN: usize = 3;
@@ -77,26 +78,14 @@ impl DumpSource {
 
     fn count_pairs(&self, layer: usize) -> Option<PairsRow> {
         let (ids, experts, k) = self.layer_ids(layer)?;
-        let prompts = self.tokens.batch.max(1);
         let mut audit = Audit::new(experts);
-        audit.add(layer, &ids, k, prompts, None).ok()?;
+        audit.add(layer, &ids, k, self.tokens.batch.max(1), None).ok()?;
         let l = audit.layers.get(&layer)?;
         l.pairs.as_ref()?;
         let pairs: Vec<ExpertPair> = (l.strongest_pairs(PAIRS_SHOWN).iter())
-            .map(|p| ExpertPair { experts: p.experts, tokens: p.tokens, expected: p.expected, z: p.z() })
+            .map(|p| ExpertPair { experts: p.experts, tokens: p.tokens, expected: p.expected, surprise: p.surprise() })
             .collect();
-        let per_prompt = ids.len() / k / prompts;
-        let key = [prompts, per_prompt, experts, k];
-        let cached = self.pair_chance.borrow().get(&key).copied();
-        let chance_p95 = match cached {
-            Some(c) => c,
-            None => {
-                let lengths = vec![u32::try_from(per_prompt).unwrap_or(u32::MAX); prompts];
-                let c = chance::uniform(&lengths, experts, k).and_then(|u| u.pair_z_p95);
-                self.pair_chance.borrow_mut().insert(key, c);
-                c
-            }
-        };
+        let chance_p95 = pairs::chance(&l.counts, l.tokens, l.k).map(|c| c.p95);
         Some(PairsRow { pairs, chance_p95 })
     }
 }

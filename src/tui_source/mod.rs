@@ -55,11 +55,9 @@ pub struct DumpSource {
     /// The last DSA selection asked for, by (layer, batch row): moving along a batch row's tokens
     /// redraws the same one (at 4096 tokens reading it took 0.15 s).
     last_dsa: RefCell<Option<(LayerAndRow, Rc<DsaMatrix>)>>,
-    /// Each MoE layer's co-activated pairs, computed when first drawn, and uniform routing's
-    /// chance level by (prompts, tokens a prompt, experts, k): drawn once (0.5 s at GLM-5's 256
-    /// experts and 2048 tokens), not at every key.
+    /// Each MoE layer's co-activated pairs and their chance level, computed when first drawn,
+    /// not at every key.
     pairs: RefCell<HashMap<usize, Option<PairsRow>>>,
-    pair_chance: RefCell<HashMap<[usize; 4], Option<f64>>>,
     warning: Option<String>,
 }
 
@@ -253,7 +251,6 @@ impl DumpSource {
             hook_rows: RefCell::default(),
             last_dsa: RefCell::default(),
             pairs: RefCell::default(),
-            pair_chance: RefCell::default(),
             warning: misnamed,
         })
     }

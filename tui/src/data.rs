@@ -229,13 +229,14 @@ pub struct LoadRow {
     pub moved: Option<f64>,
 }
 
-/// The expert pairs one MoE layer's tokens chose together furthest past independent choice at
-/// the experts' loads (`audit --pairs`' measure), the strongest first.
+/// The expert pairs one MoE layer's tokens chose together most surprisingly often at what
+/// independent choice at the experts' loads gives (`audit --pairs`' measure), the strongest
+/// first.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PairsRow {
     pub pairs: Vec<ExpertPair>,
-    /// Uniform routing's 95th percentile of the strongest pair's z over the same tokens: a z
-    /// past it is past chance.
+    /// The 95th percentile of the strongest pair's surprise where each token's experts are drawn
+    /// independently at the layer's loads: past it is past chance.
     pub chance_p95: Option<f64>,
 }
 
@@ -244,7 +245,8 @@ pub struct ExpertPair {
     pub experts: [usize; 2],
     pub tokens: u64,
     pub expected: f64,
-    pub z: f64,
+    /// `-log10 P(X >= tokens)`, X Poisson of mean `expected`.
+    pub surprise: f64,
 }
 
 /// The keys each query of one batch row attended to in one layer.

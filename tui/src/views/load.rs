@@ -89,16 +89,17 @@ fn extremes(layer: usize, counts: &[u64]) -> String {
     format!("layer {layer} busiest {}, rarest {} (expert:tokens)", list(&busiest).join(" "), list(&rarest).join(" "))
 }
 
-/// `together 12+40 9/1.2 3+7 6/0.8 (z 6.10; chance 95% 5.01)`: the strongest pairs as
-/// tokens/expected, and the top z against uniform routing's, in `width` columns (whole pairs).
+/// `together 12+40 9/1.2 3+7 6/0.8 (surprise 6.10, past chance's 95% 5.01)`: the strongest
+/// pairs as tokens/expected, and the top one's surprise against chance's, in `width` columns
+/// (whole pairs).
 fn pairs_line(p: &PairsRow, width: usize) -> String {
     let Some(top) = p.pairs.first() else {
         return "together: no pair chosen more often than their loads give".into();
     };
     let verdict = match p.chance_p95 {
-        Some(c) if top.z > c => format!("z {:.2}, past chance's 95% {c:.2}", top.z),
-        Some(c) => format!("z {:.2}, within chance's 95% {c:.2}", top.z),
-        None => format!("z {:.2}", top.z),
+        Some(c) if top.surprise > c => format!("surprise {:.2}, past chance's 95% {c:.2}", top.surprise),
+        Some(c) => format!("surprise {:.2}, within chance's 95% {c:.2}", top.surprise),
+        None => format!("surprise {:.2}", top.surprise),
     };
     let tail = format!(" ({verdict})");
     let items: Vec<String> =
@@ -115,14 +116,14 @@ mod tests {
     /// Past chance said as such; pairs that do not fit are counted, not cut.
     #[test]
     fn the_pairs_line_fits_and_weighs_the_top_z() {
-        let pair = |a, b, z| ExpertPair { experts: [a, b], tokens: 9, expected: 1.25, z };
+        let pair = |a, b, surprise| ExpertPair { experts: [a, b], tokens: 9, expected: 1.25, surprise };
         let p =
             PairsRow { pairs: vec![pair(12, 40, 6.1), pair(3, 7, 5.0), pair(100, 200, 4.0)], chance_p95: Some(5.01) };
         assert_eq!(
             pairs_line(&p, 120),
-            "together 12+40 9/1.2 3+7 9/1.2 100+200 9/1.2 (z 6.10, past chance's 95% 5.01)"
+            "together 12+40 9/1.2 3+7 9/1.2 100+200 9/1.2 (surprise 6.10, past chance's 95% 5.01)"
         );
-        assert_eq!(pairs_line(&p, 60), "together 12+40 9/1.2 +2 (z 6.10, past chance's 95% 5.01)");
+        assert_eq!(pairs_line(&p, 66), "together 12+40 9/1.2 +2 (surprise 6.10, past chance's 95% 5.01)");
         let none = PairsRow { pairs: vec![], chance_p95: None };
         assert!(pairs_line(&none, 80).starts_with("together: no pair"));
     }
