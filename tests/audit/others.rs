@@ -1,7 +1,7 @@
 //! `audit` against a second side: `--compare` and `--compare-prompts` (other prompts: distances
-//! and their chance level), `--against` (the same prompts: a stop keeps the runs done), the
-//! second side's routing checked against `--model`; and a dump's routing weights checked
-//! expert by expert.
+//! and their chance level), `--against` (the same prompts: a stop keeps the runs done; the
+//! changed tokens' near-ties told from changes past a tie), the second side's routing checked
+//! against `--model`; and a dump's routing weights checked expert by expert.
 
 use super::*;
 
@@ -303,4 +303,63 @@ fn nan_gate_logits_leave_the_load_without_the_bias_unknown() {
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert!(v["layers"][0]["max_vio_by_weight"].is_null() && v["layers"][0]["weight_mass"].is_null(), "{v}");
     assert!(v["layers"][1]["max_vio_by_weight"].is_number(), "{v}");
+}
+
+/// `--against` classes each changed token by the margins that decided it on both sides: a
+/// near-tie where both are below 1e-3, past a tie where either is at least that, unknown
+/// otherwise. Here the bf16 port's recorded margins (2e-4 where the token is not a multiple of
+/// 3) against a reference copy given margins of 5e-4 on even tokens and none (NaN) on odd ones,
+/// counted token by token from the dumps.
+#[test]
+fn audit_against_tells_near_ties_from_changes_past_them() {
+    use glimpse::dump::{Dump, Values};
+    let tmp = tempfile::tempdir().unwrap();
+    let flat = "golden/flat/reference.safetensors";
+    let port = common::edit_dump(Path::new("golden/flat/bf16-port.safetensors"), &tmp.path().join("port.st"), |t| {
+        for (name, values, _) in t.iter_mut().filter(|(n, _, _)| n.ends_with(".moe.margin")) {
+            let Values::F32(v) = values else { panic!("{name}") };
+            v.iter_mut().enumerate().filter(|(t, _)| t % 3 != 0).for_each(|(_, m)| *m = 2e-4);
+        }
+    });
+    let port = port.to_str().unwrap();
+    let given = |t: usize| if t.is_multiple_of(2) { 5e-4 } else { f32::NAN };
+    let reference = common::edit_dump(Path::new(flat), &tmp.path().join("ref.st"), |tensors| {
+        for layer in 2..5 {
+            let margins = (0..32).map(given).collect();
+            tensors.push((format!("layers.{layer}.moe.margin"), Values::F32(margins), vec![32]));
+        }
+    });
+    let args = ["audit", "--dump", port, "--against", reference.to_str().unwrap(), "--json"];
+    let v: serde_json::Value = serde_json::from_str(&assert_ok(&glimpse(&args)).0).unwrap();
+    let (ours, theirs) = (Dump::open(Path::new(port)).unwrap(), Dump::open(Path::new(flat)).unwrap());
+    let mut seen = [0; 3];
+    for layer in v["shift"].as_array().unwrap() {
+        let i = layer["layer"].as_u64().unwrap();
+        let ids = |d: &Dump| match d.values(&format!("layers.{i}.moe.topk_ids")).unwrap().0 {
+            Values::I64(v) => v,
+            _ => panic!(),
+        };
+        let Values::F32(margin) = ours.values(&format!("layers.{i}.moe.margin")).unwrap().0 else { panic!() };
+        let (a, b) = (ids(&ours), ids(&theirs));
+        let mut counts = [0u64; 3]; // near, past, unknown
+        for (t, (x, y)) in a.chunks(4).zip(b.chunks(4)).enumerate() {
+            if x.iter().all(|e| y.contains(e)) {
+                continue;
+            }
+            let class = match (margin[t], given(t)) {
+                (m, r) if m >= 1e-3 || r >= 1e-3 => 1,
+                (m, r) if m < 1e-3 && r < 1e-3 => 0,
+                _ => 2,
+            };
+            counts[class] += 1;
+            seen[class] += 1;
+        }
+        let got = [&layer["tokens_changed_near_tie"], &layer["tokens_changed_past_tie"]].map(|x| x.as_u64().unwrap());
+        assert_eq!(got, [counts[0], counts[1]], "layer {i}: {layer}");
+        assert_eq!(layer["tokens_changed"].as_u64(), Some(counts.iter().sum()), "layer {i}");
+    }
+    // The case holds changes of every class.
+    assert!(seen.iter().all(|&n| n > 0), "{seen:?}");
+    let (table, _) = assert_ok(&glimpse(&args[..args.len() - 1]));
+    assert!(table.contains("some changed tokens are neither near-tie nor past one (layer"), "{table}");
 }

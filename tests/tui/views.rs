@@ -241,3 +241,109 @@ fn every_view_draws_a_dump_with_the_mtp_layer() {
     let main = &g.latent[g.layers.iter().position(|&l| l == 0).unwrap()];
     assert!(main.iter().all(Option::is_some), "a main layer has every token");
 }
+
+/// A DSA row that keeps a key past its query where a causal key belongs (a causality bug): the
+/// footer names the later key it holds, not only the causal key it lost.
+#[test]
+fn the_dsa_view_names_a_key_past_the_query() {
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = Path::new("golden/flat/reference.safetensors");
+    let ours = common::edit_dump(golden, &tmp.path().join("future.st"), |t| {
+        for (name, v, shape) in t.iter_mut() {
+            if let (true, glimpse::dump::Values::I64(ids)) = (name == "layers.3.dsa.topk", v) {
+                ids[20 * shape[2]] = 30;
+            }
+        }
+    });
+    let src = dumps_source(&ours, golden, &DiffOptions::default());
+    let mut app = at_view(&src, 3, View::Dsa);
+    app.token = 20;
+    let s = screen(&app, &src, 120, 30);
+    assert!(s.contains("only ours none (holds 30 past q20), only ref"), "{s}");
+}
+
+/// The latent KV map: each layer's lowest norm is drawn `░` (blank is only a token without a
+/// row), and a port whose `kv_a_layernorm` weight was never loaded (transformers, a planted bug:
+/// every norm sqrt(kv_lora_rank) up to f32 noise) is drawn flat and said to be, where stretching
+/// its 3e-6 spread had made it look as varied as the reference's.
+#[test]
+fn the_latent_kv_map_shows_flat_layers_flat_and_no_blank_minimum() {
+    let reference = Path::new("golden/flat/reference.safetensors");
+    let row = |s: &str, layer: usize| {
+        let line = line_with(s, &format!("│layer {layer} "));
+        line.trim_end_matches('│').trim_end().chars().skip(11).collect::<String>()
+    };
+    let src = dumps_source(reference, reference, &DiffOptions::default());
+    let app = at_view(&src, 0, View::KvNorms);
+    let s = screen(&app, &src, 80, 24);
+    assert!((0..5).all(|l| !row(&s, l).contains(' ') && row(&s, l).chars().count() == 32), "{s}");
+    assert!(s.contains("layer 0: |kv_latent| 5.6019 to 6.1627"), "{s}");
+    let port = Path::new("golden/flat/port-kv-norm-unloaded.safetensors");
+    let src = dumps_source(port, reference, &DiffOptions::default());
+    let s = screen(&app, &src, 80, 24);
+    assert!((0..5).all(|l| row(&s, l) == "▒".repeat(32)), "{s}");
+    assert!(s.contains("layer 0: |kv_latent| 5.6568 to 5.6569 (flat: rounding)"), "{s}");
+}
+
+/// The DSA view's bottom line for a flipped query, on ports with planted bugs (transformers):
+/// at 80 columns the keys a query kept on one side still show beside what it holds past itself
+/// (that part never shortened, and pushed every key off the line); a flip decided by a masked
+/// key's lead reads `inf`, a side that kept every causal key `none`; and a shared-indexer layer
+/// shows ours's margin beside the reference's (it showed `-`: its dump has no scores of its own).
+#[test]
+fn the_dsa_bottom_line_keeps_the_keys_and_reads_its_margins() {
+    let own_key = Path::new("golden/flat/port-indexer-own-key.safetensors");
+    let src = dumps_source(own_key, Path::new("golden/flat/reference.safetensors"), &DiffOptions::default());
+    let mut app = at_view(&src, 0, View::Dsa);
+    let s = screen(&app, &src, 80, 24);
+    assert!(s.contains("q0: margin - (ref none), only ours none (holds 17,18 +6 past q0), only ref 0"), "{s}");
+    app.token = 9;
+    assert!(screen(&app, &src, 80, 24).contains("q9: margin inf (ref 1.60e0), only ours 7, only ref 9"));
+    let case = Path::new("golden/grouped-shared-yarn");
+    // As `tui --model` gives them: the config says layer 3 reuses layer 2's selection.
+    let ckpt = glimpse::checkpoint::Checkpoint::open(case).unwrap();
+    let routers = glimpse::model::moe::Routers::read(&ckpt).unwrap();
+    let opts = DiffOptions { routers: Some(routers), config: Some(ckpt.config.clone()), ..Default::default() };
+    let src = dumps_source(&case.join("port-no-mscale.safetensors"), &case.join("reference.safetensors"), &opts);
+    let mut app = at_layer(&src, 3);
+    (app.view, app.token) = (View::Dsa, 13);
+    let s = screen(&app, &src, 100, 30);
+    assert!(s.contains("q13: margin 3.05e-1 (ref 5.53e-3)"), "{s}");
+}
+
+/// The expert load view gives the selected layer's busiest and rarest experts with their token
+/// counts under the heatmap (two loads of one shade were not told apart): the bf16 port's layer
+/// 3, as `audit --dump` of the same dump lists them (`5:17 7:15 0:13`, `6:0 2:1 13:1`).
+#[test]
+fn the_load_view_lists_the_selected_layers_busiest_and_rarest() {
+    let src = port_source();
+    let app = at_view(&src, 3, View::Load);
+    let s = screen(&app, &src, 80, 24);
+    assert!(s.contains("layer 3 busiest 5:17 7:15 0:13, rarest 6:0 2:1 13:1 (expert:tokens)"), "{s}");
+    let (audit, _) = common::text(&common::glimpse(&["audit", "--dump", "golden/flat/bf16-port.safetensors"]));
+    let row = audit.lines().find(|l| l.trim_start().starts_with("3 ")).unwrap();
+    assert!(row.contains("5:17 7:15 0:13") && row.contains("6:0 2:1 13:1"), "{row}");
+}
+
+/// Under them, the pairs its tokens chose together most surprisingly often at their loads, as
+/// `audit --pairs` lists them for the same dump, and the top one's surprise against chance's
+/// 95th percentile at the layer's loads.
+#[test]
+fn the_load_view_lists_the_experts_chosen_together() {
+    let src = port_source();
+    let app = at_view(&src, 3, View::Load);
+    let s = screen(&app, &src, 100, 24);
+    let args = ["audit", "--dump", "golden/flat/bf16-port.safetensors", "--json", "--pairs", "3"];
+    let (json, _) = common::text(&common::glimpse(&args));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let co = &v["layers"].as_array().unwrap().iter().find(|l| l["layer"] == 3).unwrap()["co_activation"];
+    let pairs: Vec<String> = (co["strongest"].as_array().unwrap().iter())
+        .map(|p| {
+            format!("{}+{} {}/{:.1}", p["experts"][0], p["experts"][1], p["tokens"], p["expected"].as_f64().unwrap())
+        })
+        .collect();
+    let (top, p95) = (co["top_surprise"].as_f64().unwrap(), co["chance"]["p95"].as_f64().unwrap());
+    let verdict = if top > p95 { "past" } else { "within" };
+    let line = format!("together {} (surprise {top:.2}, {verdict} chance's 95% {p95:.2})", pairs.join(" "));
+    assert!(s.contains(&line), "want {line}\n{s}");
+}
