@@ -687,8 +687,9 @@ fn the_worst_elements_are_the_layers_worst_first() {
     assert!(first.contains("layers.3.output at"), "{s}");
 }
 
-/// Where the weights of the rows on screen do not fit, the routing view shows every chosen
-/// expert's id rather than two `id:weight` pairs and `+N`; with room, the weights come back.
+/// Where the weights of the layer's rows do not fit, the routing view shows every chosen
+/// expert's id rather than two `id:weight` pairs and `+N`; with room, the weights come back. The
+/// columns are the layer's, not the rows on screen's: they stay put as the rows scroll.
 #[test]
 fn a_narrow_routing_view_keeps_every_expert_id() {
     let port = port_source();
@@ -708,6 +709,24 @@ fn a_narrow_routing_view_keeps_every_expert_id() {
             assert!(row.contains(&format!(" {} ", entries.join(" "))), "{} in\n{s}", entries.join(" "));
         }
     }
+    // The reference's layer 2 with its last token's experts all changed: a flip whose lists widen
+    // the column against the reference, on every page.
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = flat().join("reference.safetensors");
+    let ours = common::edit_dump(&golden, &tmp.path().join("far.st"), |t| {
+        let (_, v, _) = t.iter_mut().find(|(n, _, _)| n == "layers.2.moe.topk_ids").unwrap();
+        let glimpse::dump::Values::I64(ids) = v else { panic!() };
+        let n = ids.len();
+        let taken: Vec<i64> = ids[n - 4..].to_vec();
+        let others: Vec<i64> = (0..16).filter(|e| !taken.contains(e)).take(4).collect();
+        ids[n - 4..].copy_from_slice(&others);
+    });
+    let src = dumps_source(&ours, &golden, &DiffOptions::default());
+    let app = at_view(&src, 2, View::Routing);
+    let last = App { token: src.routing(2).unwrap().last().unwrap().token, ..app.clone() };
+    let (top, bottom) = (screen(&app, &src, 100, 16), screen(&last, &src, 100, 16));
+    assert!(bottom.contains("FLIP") && !top.contains("FLIP"), "{top}\n{bottom}");
+    assert_eq!(line_with(&top, "│token"), line_with(&bottom, "│token"), "{top}\n{bottom}");
 }
 
 /// Without a config, a layer's feed-forward and indexer read from the names either dump holds of

@@ -35,14 +35,15 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     // A flip's margin shows both sides, `ours (ref)`, where the reference's is known.
     let both = routes.iter().any(|r| r.flip.is_some() && r.reference_margin.is_some());
     let margin_width = if both { 17 } else { 9 };
-    // What differs, never a list cut: the column widens past its header for the rows on screen into
+    // What differs, never a list cut: the column widens past its header for the layer's rows into
     // what the experts leave beyond their 10; a row that still does not fit drops its lists'
-    // spaces, else says only their lengths.
-    let on_screen = &routes[start.min(routes.len())..(start + visible).min(routes.len())];
+    // spaces, else says only their lengths. (Over every row of the layer, not those on screen:
+    // the columns then stay put as the rows scroll.)
     let room = area.width.saturating_sub(2 + 13 + 11 + margin_width + 1).max(24) as usize;
     let fit = |r: &RouteRow| (0..3).map(|form| versus(r, form)).find(|v| v.chars().count() <= room);
     let fit = |r: &RouteRow| fit(r).unwrap_or_else(|| versus(r, 2));
-    let versus_width = on_screen.iter().map(|r| fit(r).chars().count()).fold(VERSUS.len(), usize::max);
+    let versus_width =
+        routes.iter().filter(|r| r.is_flip()).map(|r| fit(r).chars().count()).fold(VERSUS.len(), usize::max);
     let widths: [u16; 4] = [12, 10, margin_width, versus_width as u16];
     let mut show = fitting(area.width.saturating_sub(2), &widths, if compared { &[1, 2] } else { &[3, 1] });
     // Without a reference its column would only say `-`: the experts' weights take the room.
@@ -51,10 +52,10 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     // `+N` for the rest.
     let others: u16 = (0..4).filter(|&i| i != 1 && show[i]).map(|i| widths[i] + 1).sum();
     let experts_width = area.width.saturating_sub(2).saturating_sub(others) as usize;
-    // Which experts matter more than their weights: where the rows on screen cannot show every
+    // Which experts matter more than their weights: where the layer's rows cannot show every
     // weight, the column shows the ids alone, and `+N` only where even those do not fit.
     let weighted =
-        on_screen.iter().all(|r| r.weights.len() == r.ids.len() && joined_len(&experts(r, true)) <= experts_width);
+        routes.iter().all(|r| r.weights.len() == r.ids.len() && joined_len(&experts(r, true)) <= experts_width);
     let rows = routes.iter().skip(start).map(|r| {
         let experts = experts(r, weighted);
         let reference = fit(r);
