@@ -548,3 +548,24 @@ fn a_divergence_no_reading_names_is_localised_by_its_inputs() {
         "{text}"
     );
 }
+
+/// Past a first divergence nothing reads, the first attention output is rerun on ours's own
+/// input: the bf16 port without YaRN's mscale², its recorded query latent moved by 5% (a
+/// divergence of no port's kind, before the attention), still has its softmax scale named.
+#[test]
+fn an_attention_past_an_unread_divergence_is_rerun_on_ours_own_input() {
+    let dir = golden("grouped-shared-yarn");
+    let tmp = tempfile::tempdir().unwrap();
+    let ours =
+        edit_dump(&dir.join("port-no-mscale-bf16.safetensors"), &tmp.path().join("q.st"), |t: &mut Vec<Named>| {
+            let (_, v, _) = t.iter_mut().find(|(n, _, _)| n == "layers.0.attn.q_latent").unwrap();
+            let Values::F32(x) = v else { panic!() };
+            x.iter_mut().enumerate().for_each(|(i, e)| *e *= if i % 2 == 0 { 1.05 } else { 0.95 });
+        });
+    let (code, text) = diff_at("grouped-shared-yarn", &s(&ours), "2e-2");
+    assert_eq!(code, 1, "{text}");
+    assert!(text.lines().nth(1).is_some_and(|l| l == "first divergence: layers.0.attn.q_latent"), "{text}");
+    let own = "  on ours's own inputs, the first divergence that reads as a bug: layers.0.attn.out (ours is this layer's \
+               attention rerun on its input with the softmax scale qk_head_dim^-0.5 = 0.204124 (YaRN's mscale² left out)";
+    assert!(text.contains(own), "{text}");
+}

@@ -8,8 +8,8 @@
 //! In a port whose noise grows past the tolerance over a few layers, the first divergence
 //! rounding does not explain may have no reading (its noise, grown). Past it, what can be read on
 //! ours's own inputs, where that noise does not enter, is read ([`Own`]): its routing against the
-//! checkpoint's rule on its own gate logits, its latents' norms and its first MoE output rerun on
-//! its own input.
+//! checkpoint's rule on its own gate logits, its latents' norms, and its first MoE output and
+//! first attention output (or indexer scores) rerun on its own input.
 
 use super::{notes_of, with_compared, DiffOptions, DiffReport};
 use crate::compare::{element_ok, Comparison, Detail, Flip};
@@ -61,6 +61,10 @@ enum Own {
     Routing,
     Latent,
     MoeOut,
+    /// An attention output or indexer scores, rerun on ours's own `input_norm` with the softmax
+    /// scales, RoPEs and keys ports get wrong (`reading::rerun`).
+    Attention,
+    Indexer,
 }
 
 impl Own {
@@ -70,6 +74,8 @@ impl Own {
             HookPoint::Layer(_, LayerHook::TopkIds | LayerHook::TopkWeights) => Some(Own::Routing),
             HookPoint::Layer(_, LayerHook::QLatent | LayerHook::KvLatent) => Some(Own::Latent),
             HookPoint::Layer(i, LayerHook::MlpOut) if moe(i) => Some(Own::MoeOut),
+            HookPoint::Layer(_, LayerHook::AttnOut) => Some(Own::Attention),
+            HookPoint::Layer(_, LayerHook::DsaScores) => Some(Own::Indexer),
             _ => None,
         }
     }
@@ -84,7 +90,11 @@ impl Own {
     fn reads_as_bug(r: &DiffReport, c: &Comparison, notes: &Notes) -> bool {
         // (A mlp.out recorded before the shared expert is added is where a hook sits, no bug.)
         let moe = notes.moe_rerun.is_some_and(|m| m.variant != crate::reading::MoeVariant::RecordedBefore);
-        let own = notes.weights_rule.is_some() || notes.bias_left_out.is_some() || moe || notes.latent_norm.is_some();
+        let own = notes.weights_rule.is_some()
+            || notes.bias_left_out.is_some()
+            || moe
+            || notes.latent_norm.is_some()
+            || notes.rerun.is_some();
         own && r.reading_with(c, notes).is_some()
     }
 }
@@ -177,13 +187,17 @@ fn own_read(
     after: &[&Comparison],
     opts: &DiffOptions,
 ) -> Result<Option<(String, Notes)>> {
-    let mut moe_rerun = true;
+    // (The MoE rerun, all of a layer's experts, and the attention's and the indexer's, seconds a
+    // variant at GLM-5's size, are tried at their first divergence only.)
+    let (mut moe_rerun, mut attention, mut indexer) = (true, true, true);
     let mut progress = crate::progress::Steps::own_reads(after.len());
     for (n, c) in after.iter().enumerate() {
         progress.step(n + 1);
         let read = match Own::of(c, opts) {
             Some(Own::Routing | Own::Latent) => true,
             Some(Own::MoeOut) => std::mem::replace(&mut moe_rerun, false),
+            Some(Own::Attention) => std::mem::replace(&mut attention, false),
+            Some(Own::Indexer) => std::mem::replace(&mut indexer, false),
             None => false,
         };
         if read {
