@@ -85,7 +85,7 @@ impl DumpSource {
         let pairs: Vec<ExpertPair> = (l.strongest_pairs(PAIRS_SHOWN).iter())
             .map(|p| ExpertPair { experts: p.experts, tokens: p.tokens, expected: p.expected, surprise: p.surprise() })
             .collect();
-        let chance_p95 = pairs::chance(&l.counts, l.tokens, l.k).map(|c| c.p95);
+        let chance_p95 = pairs::chance(&l.counts, l.tokens, l.k, layer as u64).map(|c| c.p95);
         Some(PairsRow { pairs, chance_p95 })
     }
 }

@@ -5,8 +5,8 @@ use super::*;
 
 /// `--pairs`: the expert pairs one token chose together, counted here from the transformers
 /// reference's expert ids, with the expected count of independent choice at the experts' loads
-/// (`p_a p_b` scaled to the pairs observed), ranked by the Poisson tail at that count (summed
-/// here as `1 - P(X < n)`).
+/// (Hájek's joint inclusion, scaled to the pairs observed), ranked by the Poisson tail at that
+/// count (summed here as `1 - P(X < n)`).
 #[test]
 fn audit_counts_the_experts_chosen_together() {
     use glimpse::dump::{Dump, Values};
@@ -32,13 +32,16 @@ fn audit_counts_the_experts_chosen_together() {
                 }
             }
         }
-        let squares: f64 = loads.iter().map(|l| l * l).sum();
-        let scale = (k * (k - 1)) as f64 * n / ((k * k) as f64 * n * n - squares);
+        // Hájek's joint inclusion at the shares, scaled to the pairs chosen.
+        let pi: Vec<f64> = loads.iter().map(|l| l / n).collect();
+        let d: f64 = pi.iter().map(|p| p * (1.0 - p)).sum();
+        let joint = |a: usize, b: usize| pi[a] * pi[b] * (1.0 - (1.0 - pi[a]) * (1.0 - pi[b]) / d);
+        let total: f64 = (0..e).flat_map(|a| (a + 1..e).map(move |b| (a, b))).map(|(a, b)| joint(a, b)).sum();
+        let scale = n * (k * (k - 1)) as f64 / 2.0 / total;
         let mut pairs: Vec<(f64, [usize; 2], u64, f64)> = Vec::new();
-        for a in 0..e {
-            for b in a + 1..e {
-                let expected = scale * loads[a] * loads[b];
-                let t = together[a][b];
+        for (a, row) in together.iter().enumerate() {
+            for (b, &t) in row.iter().enumerate().skip(a + 1) {
+                let expected = scale * joint(a, b);
                 if expected > 0.0 && t as f64 > expected {
                     pairs.push((tail(t, expected), [a, b], t, expected));
                 }
