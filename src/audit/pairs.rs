@@ -3,10 +3,9 @@
 //! merge or pruning candidate); `audit --pairs` counts every pair a token chose and ranks them by
 //! how surprising their count is at what independent choice at the experts' loads gives.
 //!
-//! The expected count: a token's pair (a, b) is chosen with probability proportional to
-//! `p_a p_b` (`p` each expert's share of tokens), scaled so that the expected pairs add up to the
-//! pairs observed (`k (k - 1) / 2` a token); for even loads that is exactly uniform routing of k
-//! distinct experts, `tokens k (k - 1) / (E (E - 1))` a pair. A pair's surprise is
+//! The expected count is independent choice at the experts' loads, conditioned on k experts a
+//! token ([`Expectation`]); for even loads that is exactly uniform routing of k distinct
+//! experts, `tokens k (k - 1) / (E (E - 1))` a pair. A pair's surprise is
 //! `-log10 P(X >= tokens)` for a Poisson X of that mean: unlike `(tokens - expected) /
 //! sqrt(expected)`, it does not make one token shared by two rarely used experts (expected 0.004)
 //! the strongest pair of a layer. Thousands of pairs make a large top surprise by chance alone,
@@ -141,8 +140,8 @@ impl Pairs {
                 let pair = Pair { experts: [a, b], tokens: observed, expected };
                 // Kept sorted by surprise, strongest first; the pairs come in id order, so a tie
                 // keeps the lower ids ahead.
-                let z = pair.surprise();
-                let pos = out.partition_point(|p| p.surprise() >= z);
+                let surprise = pair.surprise();
+                let pos = out.partition_point(|p| p.surprise() >= surprise);
                 if pos < n {
                     out.insert(pos, pair);
                     out.truncate(n);
@@ -233,12 +232,12 @@ pub fn chance(loads: &[u64], tokens: u64, k: usize, seed: u64) -> Option<PairCha
     // of the tokens drew 0.49): the weights are corrected on a sample until the draws' shares
     // are the loads'.
     let (rounds, sample) = CALIBRATION;
+    let shares: Vec<f64> = loads.iter().map(|&l| l as f64 / tokens as f64).collect();
     for _ in 0..rounds {
         let mut got = vec![0u64; experts];
         for _ in 0..sample {
             draw.token(&mut rng).iter().for_each(|&e| got[e] += 1);
         }
-        let shares: Vec<f64> = loads.iter().map(|&l| l as f64 / tokens as f64).collect();
         draw.correct(&shares, &got, sample);
     }
     let mut drawn = vec![0u64; experts];

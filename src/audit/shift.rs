@@ -41,10 +41,9 @@ pub struct Changed {
     pub slots: u64,
     /// Of the tokens changed: those both sides decided by a margin below [`NEAR_TIE`] (f32
     /// rounding may flip them), and those one side decided by at least that (f32 rounding does
-    /// not; bf16's may: its near-tie margin is 4e-2; a token's margin is a lower bound of its
-    /// flipped experts' lead). The rest are unknown (a
-    /// side's margin was not recorded, or one is small and the other unknown), as `diff` classes
-    /// flips.
+    /// not; bf16's may, its near-tie margin being 4e-2; a token's margin is a lower bound of its
+    /// flipped experts' lead). The rest are unknown (a side's margin was not recorded, or one is
+    /// small and the other unknown), as `diff` classes flips.
     pub near_ties: u64,
     pub past_ties: u64,
 }
