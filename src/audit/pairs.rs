@@ -62,14 +62,19 @@ impl Pair {
 /// tail, `e^-mean mean^n / n!`, times the sum of the ratios of the rest to it (each next one
 /// `mean / (i + 1)` of the one before, under 1 past the mean).
 fn surprise(n: u64, mean: f64) -> f64 {
-    let log_first = -mean + n as f64 * mean.ln() - ln_factorial(n);
     let (mut term, mut sum, mut i) = (1.0f64, 1.0f64, n as f64);
     while term > 1e-17 * sum && i < n as f64 + 1e6 {
         i += 1.0;
         term *= mean / i;
         sum += term;
     }
-    -(log_first + sum.ln()) / std::f64::consts::LN_10
+    -(ln_first_term(n, mean, ln_factorial(n)) + sum.ln()) / std::f64::consts::LN_10
+}
+
+/// `ln` of the tail's first term, `e^-mean mean^n / n!` (`ln_n_factorial` its `ln n!`): its
+/// `-log10` bounds the surprise from above, the tail being at least its first term.
+fn ln_first_term(n: u64, mean: f64, ln_n_factorial: f64) -> f64 {
+    -mean + n as f64 * mean.ln() - ln_n_factorial
 }
 
 /// `ln n!`: summed up to 64, Stirling's series past it (its error under 1e-15 there).
@@ -120,34 +125,43 @@ impl Pairs {
         (self.counts.len(), self.counts.iter().filter(|&&c| c > 0).count())
     }
 
-    /// The `n` most surprising pairs (largest surprise, then the lower ids), of `tokens` tokens
-    /// choosing `k` experts each with `loads` tokens per expert; only pairs chosen more often
-    /// than expected. Empty for `k < 2` or no tokens.
-    pub fn strongest(&self, loads: &[u64], tokens: u64, k: usize, n: usize) -> Vec<Pair> {
-        let Some(expect) = Expectation::of(loads, tokens, k) else {
-            return Vec::new();
-        };
-        let mut out: Vec<Pair> = Vec::new();
+    /// Calls `f` with each pair some token chose and what independent choice at `loads` expects
+    /// of it (of `tokens` tokens choosing `k` experts each), in id order; with none for `k < 2`
+    /// or no tokens. (Plain loops, and no test of the pair: the chance level's draws run this
+    /// hundreds of times a layer, and a branch on each pair's count against its expectation,
+    /// taken half the time, cost them a fifth.)
+    fn chosen(&self, loads: &[u64], tokens: u64, k: usize, mut f: impl FnMut(Pair)) {
+        let Some(expect) = Expectation::of(loads, tokens, k) else { return };
         let mut at = 0;
         for a in 0..self.experts {
             for b in a + 1..self.experts {
-                let observed = u64::from(self.counts[at]);
+                let count = u64::from(self.counts[at]);
                 at += 1;
-                let expected = expect.pair(a, b);
-                if expected <= 0.0 || observed as f64 <= expected {
-                    continue;
-                }
-                let pair = Pair { experts: [a, b], tokens: observed, expected };
-                // Kept sorted by surprise, strongest first; the pairs come in id order, so a tie
-                // keeps the lower ids ahead.
-                let surprise = pair.surprise();
-                let pos = out.partition_point(|p| p.surprise() >= surprise);
-                if pos < n {
-                    out.insert(pos, pair);
-                    out.truncate(n);
+                if count > 0 {
+                    f(Pair { experts: [a, b], tokens: count, expected: expect.pair(a, b) });
                 }
             }
         }
+    }
+
+    /// The `n` most surprising pairs (largest surprise, then the lower ids), of `tokens` tokens
+    /// choosing `k` experts each with `loads` tokens per expert; only pairs chosen more often
+    /// than expected.
+    pub fn strongest(&self, loads: &[u64], tokens: u64, k: usize, n: usize) -> Vec<Pair> {
+        let mut out: Vec<Pair> = Vec::new();
+        self.chosen(loads, tokens, k, |pair| {
+            if pair.expected <= 0.0 || pair.tokens as f64 <= pair.expected {
+                return;
+            }
+            // Kept sorted by surprise, strongest first; the pairs come in id order, so a tie keeps
+            // the lower ids ahead.
+            let surprise = pair.surprise();
+            let pos = out.partition_point(|p| p.surprise() >= surprise);
+            if pos < n {
+                out.insert(pos, pair);
+                out.truncate(n);
+            }
+        });
         out
     }
 
@@ -156,38 +170,24 @@ impl Pairs {
     /// is the most surprising, so one tail a count is enough (the chance level's draws compute
     /// this hundreds of times a layer).
     pub fn top_surprise(&self, loads: &[u64], tokens: u64, k: usize) -> f64 {
-        let Some(expect) = Expectation::of(loads, tokens, k) else { return 0.0 };
         // The least expected count of a pair chosen by `n` tokens, by n.
         let mut least: Vec<f64> = Vec::new();
-        let mut at = 0;
-        for a in 0..self.experts {
-            for b in a + 1..self.experts {
-                let n = self.counts[at] as usize;
-                at += 1;
-                if n == 0 {
-                    continue;
-                }
-                let expected = expect.pair(a, b);
-                if least.len() <= n {
-                    least.resize(n + 1, f64::INFINITY);
-                }
-                least[n] = least[n].min(expected);
+        self.chosen(loads, tokens, k, |p| {
+            let n = p.tokens as usize;
+            if least.len() <= n {
+                least.resize(n + 1, f64::INFINITY);
             }
-        }
-        // A tail is at least its first term, so `-log10` of that bounds the surprise from above:
-        // counts that cannot beat the best so far skip the sum (the pairs of an expert every
-        // token takes have counts of thousands, each tail a long sum).
-        let mut best = 0.0f64;
-        let mut ln_fact = 0.0;
+            least[n] = least[n].min(p.expected);
+        });
+        // The first term's bound lets counts that cannot beat the best so far skip the sum (the
+        // pairs of an expert every token takes have counts of thousands, each tail a long sum).
+        // (`ln n!` kept as n counts up: summing it afresh for each count cost a fifth of a draw.)
+        let (mut best, mut ln_fact) = (0.0f64, 0.0);
         for (n, &e) in least.iter().enumerate() {
             if n > 1 {
                 ln_fact += (n as f64).ln();
             }
-            if e <= 0.0 || (n as f64) <= e {
-                continue;
-            }
-            let bound = -(-e + n as f64 * e.ln() - ln_fact) / std::f64::consts::LN_10;
-            if bound > best {
+            if e > 0.0 && (n as f64) > e && -ln_first_term(n as u64, e, ln_fact) / std::f64::consts::LN_10 > best {
                 best = best.max(surprise(n as u64, e));
             }
         }
