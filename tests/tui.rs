@@ -615,12 +615,8 @@ fn layers_the_reference_lacks_are_unchecked() {
 fn invalid_expert_ids_show_as_recorded() {
     let tmp = tempfile::tempdir().unwrap();
     let port = Path::new("golden/flat/bf16-port.safetensors");
-    let bad = common::edit_dump(port, &tmp.path().join("bad.st"), |t| {
-        for (name, v, _) in t.iter_mut() {
-            if let (true, glimpse::dump::Values::I64(ids)) = (name == "layers.3.moe.topk_ids", v) {
-                (ids[0], ids[5]) = (999, -3);
-            }
-        }
+    let bad = common::edit_ints(port, &tmp.path().join("bad.st"), "layers.3.moe.topk_ids", |ids, _| {
+        (ids[0], ids[5]) = (999, -3);
     });
     let src = dumps_source(&bad, Path::new("golden/flat/reference.safetensors"), &port_options());
     let mut app = at_view(&src, 3, View::Routing);
@@ -713,9 +709,7 @@ fn a_narrow_routing_view_keeps_every_expert_id() {
     // the column against the reference, on every page.
     let tmp = tempfile::tempdir().unwrap();
     let golden = flat().join("reference.safetensors");
-    let ours = common::edit_dump(&golden, &tmp.path().join("far.st"), |t| {
-        let (_, v, _) = t.iter_mut().find(|(n, _, _)| n == "layers.2.moe.topk_ids").unwrap();
-        let glimpse::dump::Values::I64(ids) = v else { panic!() };
+    let ours = common::edit_ints(&golden, &tmp.path().join("far.st"), "layers.2.moe.topk_ids", |ids, _| {
         let n = ids.len();
         let taken: Vec<i64> = ids[n - 4..].to_vec();
         let others: Vec<i64> = (0..16).filter(|e| !taken.contains(e)).take(4).collect();

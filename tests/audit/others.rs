@@ -285,7 +285,7 @@ fn audit_compare_measures_the_distance_against_chance() {
 fn nan_gate_logits_leave_the_load_without_the_bias_unknown() {
     let tmp = tempfile::tempdir().unwrap();
     let reference = Path::new("golden/flat/reference.safetensors");
-    let nan = common::edit_floats(reference, &tmp.path().join("nan.st"), "layers.2.moe.router_logits", |x| {
+    let nan = common::edit_floats(reference, &tmp.path().join("nan.st"), "layers.2.moe.router_logits", |x, _| {
         x[3 * 16 + 2] = f32::NAN
     });
     let o = glimpse(&["audit", "--model", "golden/flat", "--dump", nan.to_str().unwrap(), "--json"]);
@@ -296,7 +296,7 @@ fn nan_gate_logits_leave_the_load_without_the_bias_unknown() {
     assert!(v["layers"][1]["max_vio_without_bias"].is_number(), "{}", v["layers"][1]);
     // A NaN routing weight leaves the layer's weight mass unknown (summed, it read 0.000: even).
     let nan_weight =
-        common::edit_floats(reference, &tmp.path().join("nan-weight.st"), "layers.2.moe.topk_weights", |x| {
+        common::edit_floats(reference, &tmp.path().join("nan-weight.st"), "layers.2.moe.topk_weights", |x, _| {
             x[5] = f32::NAN
         });
     let (json, _) = text(&glimpse(&["audit", "--dump", nan_weight.to_str().unwrap(), "--json"]));

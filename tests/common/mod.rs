@@ -149,17 +149,43 @@ pub fn dsa_margin_from_scores(d: &glimpse::dump::Dump, layer: usize, row: usize)
 /// A dump tensor: name, values, shape.
 pub type Named = (String, glimpse::dump::Values, Vec<usize>);
 
-/// A copy of dump `src` at `dst` with the float tensor `name`'s values edited by `edit`.
+/// A copy of dump `src` at `dst` with the float tensor `name`'s values edited by `edit` (given
+/// them and the tensor's shape).
 pub fn edit_floats(
     src: &std::path::Path,
     dst: &std::path::Path,
     name: &str,
-    edit: impl FnOnce(&mut Vec<f32>),
+    edit: impl FnOnce(&mut Vec<f32>, &[usize]),
+) -> std::path::PathBuf {
+    edit_tensor(src, dst, name, |values, shape| match values {
+        glimpse::dump::Values::F32(v) => edit(v, shape),
+        _ => panic!("{name} is not F32"),
+    })
+}
+
+/// [`edit_floats`] for an integer tensor (a selection, expert ids).
+pub fn edit_ints(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    name: &str,
+    edit: impl FnOnce(&mut Vec<i64>, &[usize]),
+) -> std::path::PathBuf {
+    edit_tensor(src, dst, name, |values, shape| match values {
+        glimpse::dump::Values::I64(v) => edit(v, shape),
+        _ => panic!("{name} is not I64"),
+    })
+}
+
+/// A copy of dump `src` at `dst` with the tensor `name` edited by `edit`.
+fn edit_tensor(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    name: &str,
+    edit: impl FnOnce(&mut glimpse::dump::Values, &[usize]),
 ) -> std::path::PathBuf {
     edit_dump(src, dst, |t| {
-        let (_, values, _) = t.iter_mut().find(|(n, _, _)| n == name).unwrap_or_else(|| panic!("no {name}"));
-        let glimpse::dump::Values::F32(v) = values else { panic!("{name} is not F32") };
-        edit(v);
+        let (_, values, shape) = t.iter_mut().find(|(n, _, _)| n == name).unwrap_or_else(|| panic!("no {name}"));
+        edit(values, shape);
     })
 }
 

@@ -248,12 +248,8 @@ fn every_view_draws_a_dump_with_the_mtp_layer() {
 fn the_dsa_view_names_a_key_past_the_query() {
     let tmp = tempfile::tempdir().unwrap();
     let golden = Path::new("golden/flat/reference.safetensors");
-    let ours = common::edit_dump(golden, &tmp.path().join("future.st"), |t| {
-        for (name, v, shape) in t.iter_mut() {
-            if let (true, glimpse::dump::Values::I64(ids)) = (name == "layers.3.dsa.topk", v) {
-                ids[20 * shape[2]] = 30;
-            }
-        }
+    let ours = common::edit_ints(golden, &tmp.path().join("future.st"), "layers.3.dsa.topk", |ids, shape| {
+        ids[20 * shape[2]] = 30;
     });
     let src = dumps_source(&ours, golden, &DiffOptions::default());
     let mut app = at_view(&src, 3, View::Dsa);
