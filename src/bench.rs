@@ -170,9 +170,9 @@ pub struct DeviceBench {
     /// Matrix-product FLOPs of one prefill, with every position's logits and with the last's.
     pub flops: u64,
     pub flops_last: u64,
-    /// Seconds and FLOPs of the routed experts' GEMMs in one more prefill, profiled (None
-    /// without MoE layers).
-    pub experts: Option<(f64, u64)>,
+    /// One more prefill (every position's logits), profiled: each section timed between
+    /// synchronisations.
+    pub profile: crate::device::profile::Profile,
 }
 
 /// Times `repeat` prefills of `tokens` tokens (the same ids as [`run`]) through the device
@@ -208,10 +208,11 @@ pub fn run_device<O: crate::device::Ops>(ops: &O, model: &Model, tokens: usize, 
         runs.push(prefill(LogitRows::All)?.0);
         runs_last.push(prefill(LogitRows::Last)?.0);
     }
-    device.profile_experts(true);
-    device.forward(&tokens_t, &mut NoObserver)?;
-    let experts = device.expert_profile().filter(|&(_, f)| f > 0);
-    Ok(DeviceBench { upload_s, first_s, download_s, tokens, runs, runs_last, flops, flops_last, experts })
+    device.set_profiling(true);
+    device.forward_on_device(&tokens_t, LogitRows::All, &mut NoObserver)?;
+    let profile = device.profile().unwrap_or_default();
+    device.set_profiling(false);
+    Ok(DeviceBench { upload_s, first_s, download_s, tokens, runs, runs_last, flops, flops_last, profile })
 }
 
 /// `bench --device cpu-ops|cuda`: [`run_device`] on that backend, rendered (for `cuda` with the
@@ -269,15 +270,24 @@ impl DeviceBench {
             self.tokens as f64 / last,
             self.flops_last as f64 / 1e9,
             self.flops_last as f64 / last / 1e12
-        ) + &match self.experts {
-            Some((secs, flops)) => format!(
-                "expert GEMMs (one more prefill, synchronised around them): {:.1} GFLOP in {:.4} s = {:.2} TFLOP/s\n",
-                flops as f64 / 1e9,
-                secs,
-                flops as f64 / secs / 1e12
-            ),
-            None => String::new(),
+        ) + &self.experts_line()
+            + "one more prefill, each section timed between synchronisations (which slow it: read the shares):\n"
+            + &self.profile.render()
+    }
+
+    /// The routed experts' GEMMs in the profiled prefill (nothing without MoE layers).
+    fn experts_line(&self) -> String {
+        let [gate_up, down] = crate::device::forward::EXPERT_GEMMS.map(|name| self.profile.total(name));
+        let (secs, flops) = (gate_up.0 + down.0, gate_up.1 + down.1);
+        if flops == 0 {
+            return String::new();
         }
+        format!(
+            "expert GEMMs (one more prefill, synchronised around them): {:.1} GFLOP in {:.4} s = {:.2} TFLOP/s\n",
+            flops as f64 / 1e9,
+            secs,
+            flops as f64 / secs / 1e12
+        )
     }
 }
 

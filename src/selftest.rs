@@ -176,7 +176,7 @@ fn cuda(target: Target, scope: Scope, cases: Cases) -> Result<bool> {
         show("MoE dispatch", check::dispatch(&f32_ops)),
         show("attention (f32)", check::attention(&f32_ops)),
         show("attention (bf16)", check::attention(&bf16_ops)),
-        show("GLM-5 sizes", check::at_glm5_sizes(&f32_ops)),
+        show("GLM-5 sizes", check::at_glm5_sizes(&f32_ops, &bf16_ops)),
         show("products (f32)", check::products(&f32_ops)),
         show("products (bf16)", check::products(&bf16_ops)),
     ]

@@ -26,7 +26,8 @@ use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::{GemmConfig, StridedBatchedConfig};
 
 use super::gemm::{scratch, Products};
-use super::gpu::{Buf, Gpu};
+use super::gpu::{Buf, Gpu, Split};
+use crate::device::Precision;
 use crate::error::{Error, Result};
 
 /// The most f32 values one chunk's products hold (256 MB).
@@ -80,6 +81,11 @@ pub struct Workspace {
     scores: RefCell<Option<Buf<f32>>>,
     chunk_idx: RefCell<Option<Buf<i32>>>,
     chunk_margin: RefCell<Option<Buf<f32>>>,
+    /// bf16 mode: the split operands (queries, keys, values, a chunk's probabilities).
+    split_q: RefCell<Option<Buf<u16>>>,
+    split_k: RefCell<Option<Buf<u16>>>,
+    split_v: RefCell<Option<Buf<u16>>>,
+    split_p: RefCell<Option<Buf<u16>>>,
 }
 
 /// A chunk of queries: batch row `b`, queries `q0 .. q0 + qc` at positions `first ..`, which
@@ -147,22 +153,66 @@ fn batch(
     })
 }
 
+/// The indexer's q and k as its products take them: f32 (f32 mode) or split bf16, each row
+/// `[hi | lo | hi]` for the keys and `[hi | hi | lo]` for the queries (bf16 mode).
+enum IndexOperands<'a> {
+    F32(&'a Buf<f32>, &'a Buf<f32>),
+    Split(&'a Buf<u16>, &'a Buf<u16>),
+}
+
+/// Split bf16 copies of `rows` rows of `w` values for a product of three terms along k: the
+/// keys' rows `[hi | lo | hi]`, the queries' `[hi | hi | lo]` (`Gpu::split_bf16`).
+const KEYS: (usize, u32) = (3, 0b010);
+const QUERIES: (usize, u32) = (3, 0b100);
+/// The values' rows `[hi | lo]`: two operands, at offsets 0 and w.
+const VALUES: (usize, u32) = (2, 0b10);
+
 /// One chunk's indexer scores: `g = q k^T * scale` for its queries over the keys they see, then
 /// `index_combine` into rows `out_row0 ..` of `out` (rows of `cols` keys, -inf past a query's).
 fn chunk_scores(
     (gpu, products, g): (&Gpu, &Products, &mut Option<Buf<f32>>),
-    (q, k, w): (&Buf<f32>, &Buf<f32>, &Buf<f32>),
+    (qk, w): (&IndexOperands, &Buf<f32>),
     c: &Chunk,
     [s, t, n, d]: [usize; 4],
     scale: f32,
     (out, out_row0, cols): (&mut Buf<f32>, usize, usize),
 ) -> Result<()> {
     let g = scratch(gpu, g, c.qc * n * c.t_eff)?;
-    // g^T [t_eff, qc * n] = k[b, :t_eff] (d x t_eff, transposed) x q rows (d x qc * n).
-    let cfg = batch((true, false), [c.t_eff, c.qc * n, d], [d, d, c.t_eff], [0, 0, 0], 1, scale, 0.0)?;
     let row0 = c.b * s + c.q0;
-    products.batched(cfg, (k, c.b * t * d), (q, row0 * n * d), (g, 0))?;
+    // g^T [t_eff, qc * n] = k[b, :t_eff] (d x t_eff, transposed) x q rows (d x qc * n); split, the
+    // same over 3d.
+    match qk {
+        IndexOperands::F32(q, k) => {
+            let cfg = batch((true, false), [c.t_eff, c.qc * n, d], [d, d, c.t_eff], [0, 0, 0], 1, scale, 0.0)?;
+            products.batched(cfg, (k, c.b * t * d), (q, row0 * n * d), (g, 0))?;
+        }
+        IndexOperands::Split(q, k) => {
+            let d3 = 3 * d;
+            let cfg = batch((true, false), [c.t_eff, c.qc * n, d3], [d3, d3, c.t_eff], [0, 0, 0], 1, scale, 0.0)?;
+            products.batched_bf16(cfg, (k, c.b * t * d3), (q, row0 * n * d3), (g, 0))?;
+        }
+    }
     gpu.index_combine(g, w, out, [c.qc, n, c.t_eff, cols], (row0, out_row0), c.first)
+}
+
+/// Calls `f` with the indexer's q [B, S, n, d] and k [B, T, d] as this precision's products
+/// take them (bf16 mode splits them into the workspace first).
+fn index_operands<R>(
+    (gpu, products, ws): (&Gpu, &Products, &Workspace),
+    (q, k): (&Buf<f32>, &Buf<f32>),
+    [batch_n, s, t, n, d]: [usize; 5],
+    f: impl FnOnce(&IndexOperands) -> Result<R>,
+) -> Result<R> {
+    if products.precision == Precision::F32 {
+        return f(&IndexOperands::F32(q, k));
+    }
+    let (mut qs, mut ks) = (ws.split_q.borrow_mut(), ws.split_k.borrow_mut());
+    let one = |rows| Split { rows, heads: 1, a: [0, d, 0, d], b: [0; 4] };
+    let qs = scratch(gpu, &mut qs, batch_n * s * n * 3 * d)?;
+    gpu.split_bf16((q, q), &one(batch_n * s * n), qs, QUERIES)?;
+    let ks = scratch(gpu, &mut ks, batch_n * t * 3 * d)?;
+    gpu.split_bf16((k, k), &one(batch_n * t), ks, KEYS)?;
+    f(&IndexOperands::Split(qs, ks))
 }
 
 /// The indexer's scores: q [B, S, n, d], k [B, T, d], w [B, S, n] -> [B, S, T] (the
@@ -170,16 +220,19 @@ fn chunk_scores(
 pub fn index_scores(
     (gpu, products, ws): (&Gpu, &Products, &Workspace),
     chunk_values: usize,
-    qkw: (&Buf<f32>, &Buf<f32>, &Buf<f32>),
+    (q, k, w): (&Buf<f32>, &Buf<f32>, &Buf<f32>),
     [batch_n, s, t, n, d, offset]: [usize; 6],
     scale: f32,
 ) -> Result<Buf<f32>> {
     let mut scores = gpu.output(batch_n * s * t)?;
-    let mut g = ws.products.borrow_mut();
-    for c in chunks(batch_n, [s, t, offset], chunk_values, n * t) {
-        let row0 = c.b * s + c.q0;
-        chunk_scores((gpu, products, &mut g), qkw, &c, [s, t, n, d], scale, (&mut scores, row0, t))?;
-    }
+    index_operands((gpu, products, ws), (q, k), [batch_n, s, t, n, d], |qk| {
+        let mut g = ws.products.borrow_mut();
+        for c in chunks(batch_n, [s, t, offset], chunk_values, n * t) {
+            let row0 = c.b * s + c.q0;
+            chunk_scores((gpu, products, &mut g), (qk, w), &c, [s, t, n, d], scale, (&mut scores, row0, t))?;
+        }
+        Ok(())
+    })?;
     Ok(scores)
 }
 
@@ -189,26 +242,29 @@ pub fn index_scores(
 pub fn index_topk(
     (gpu, products, ws): (&Gpu, &Products, &Workspace),
     chunk_values: usize,
-    qkw: (&Buf<f32>, &Buf<f32>, &Buf<f32>),
+    (q, k, w): (&Buf<f32>, &Buf<f32>, &Buf<f32>),
     [batch_n, s, t, n, d, offset]: [usize; 6],
     scale: f32,
     kk: usize,
 ) -> Result<(Buf<i32>, Buf<f32>)> {
     let (mut idx, mut margin) = (gpu.zeros(batch_n * s * kk)?, gpu.output(batch_n * s)?);
-    let (mut g, mut scores) = (ws.products.borrow_mut(), ws.scores.borrow_mut());
-    let (mut chunk_idx, mut chunk_margin) = (ws.chunk_idx.borrow_mut(), ws.chunk_margin.borrow_mut());
-    for c in chunks(batch_n, [s, t, offset], chunk_values, n * t) {
-        // Rows as wide as the keys the chunk sees (at least K, which the top-k requires).
-        let cols = c.t_eff.max(kk).min(t);
-        let scores = scratch(gpu, &mut scores, c.qc * cols)?;
-        chunk_scores((gpu, products, &mut g), qkw, &c, [s, t, n, d], scale, (&mut *scores, 0, cols))?;
-        // Row i of the chunk is the query at position first + i.
-        let (ci, cm) = (scratch(gpu, &mut chunk_idx, c.qc * kk)?, scratch(gpu, &mut chunk_margin, c.qc)?);
-        gpu.topk_causal_by(gpu.topk_path(cols, kk), scores, [c.qc, c.qc, cols, c.first, kk], ci, cm)?;
-        let row0 = c.b * s + c.q0;
-        gpu.copy_into(ci, c.qc * kk, &mut idx, row0 * kk)?;
-        gpu.copy_into(cm, c.qc, &mut margin, row0)?;
-    }
+    index_operands((gpu, products, ws), (q, k), [batch_n, s, t, n, d], |qk| {
+        let (mut g, mut scores) = (ws.products.borrow_mut(), ws.scores.borrow_mut());
+        let (mut chunk_idx, mut chunk_margin) = (ws.chunk_idx.borrow_mut(), ws.chunk_margin.borrow_mut());
+        for c in chunks(batch_n, [s, t, offset], chunk_values, n * t) {
+            // Rows as wide as the keys the chunk sees (at least K, which the top-k requires).
+            let cols = c.t_eff.max(kk).min(t);
+            let scores = scratch(gpu, &mut scores, c.qc * cols)?;
+            chunk_scores((gpu, products, &mut g), (qk, w), &c, [s, t, n, d], scale, (&mut *scores, 0, cols))?;
+            // Row i of the chunk is the query at position first + i.
+            let (ci, cm) = (scratch(gpu, &mut chunk_idx, c.qc * kk)?, scratch(gpu, &mut chunk_margin, c.qc)?);
+            gpu.topk_causal_by(gpu.topk_path(cols, kk), scores, [c.qc, c.qc, cols, c.first, kk], ci, cm)?;
+            let row0 = c.b * s + c.q0;
+            gpu.copy_into(ci, c.qc * kk, &mut idx, row0 * kk)?;
+            gpu.copy_into(cm, c.qc, &mut margin, row0)?;
+        }
+        Ok(())
+    })?;
     Ok((idx, margin))
 }
 
@@ -219,38 +275,123 @@ pub fn masked(
     (gpu, products, ws): (&Gpu, &Products, &Workspace),
     chunk_values: usize,
     (q, kv, k_rope, idx): (&Buf<f32>, &Buf<f32>, &Buf<f32>, &Buf<i32>),
-    [batch_n, s, t, nh, nope, rd, vd, kk, offset]: [usize; 9],
+    dims: [usize; 9],
     scale: f32,
 ) -> Result<Buf<f32>> {
+    let [batch_n, s, t, nh, _, _, vd, _, offset] = dims;
     let mut out = gpu.output(batch_n * s * nh * vd)?;
-    let (qw, kvw) = (nh * (nope + rd), nh * (nope + vd)); // row widths of q and kv
     let (mut p, mut mask) = (ws.products.borrow_mut(), ws.mask.borrow_mut());
-    for Chunk { b, q0, qc, first, t_eff } in chunks(batch_n, [s, t, offset], chunk_values, nh * t) {
-        let (p, mask) = (scratch(gpu, &mut p, nh * qc * t_eff)?, scratch(gpu, &mut mask, qc * t_eff)?);
-        let (row0, key0) = (b * s + q0, b * t);
-        // Per head h: scores_h^T [t_eff, qc] = k_nope_h (nope x t_eff, transposed) x q_nope_h.
-        let nope_cfg = batch(
-            (true, false),
-            [t_eff, qc, nope],
-            [kvw, qw, t_eff],
-            [nope + vd, nope + rd, qc * t_eff],
-            nh,
-            scale,
-            0.0,
-        )?;
-        products.batched(nope_cfg, (kv, key0 * kvw), (q, row0 * qw), (p, 0))?;
-        // ... + k_rope (rd x t_eff, shared by the heads: stride 0) x q_rope_h.
-        if rd > 0 {
-            let rope_cfg =
-                batch((true, false), [t_eff, qc, rd], [rd, qw, t_eff], [0, nope + rd, qc * t_eff], nh, scale, 1.0)?;
-            products.batched(rope_cfg, (k_rope, key0 * rd), (q, row0 * qw + nope), (p, 0))?;
+    let mut split = match products.precision {
+        Precision::F32 => None,
+        Precision::Bf16 => Some(SplitQkv::new((gpu, ws), (q, kv, k_rope), dims)?),
+    };
+    for c in chunks(batch_n, [s, t, offset], chunk_values, nh * t) {
+        let (p, mask) = (scratch(gpu, &mut p, nh * c.qc * c.t_eff)?, scratch(gpu, &mut mask, c.qc * c.t_eff)?);
+        match split.as_mut() {
+            None => masked_chunk_f32((gpu, products), (q, kv, k_rope, idx), (p, mask), &c, dims, scale, &mut out)?,
+            Some(sp) => sp.chunk((gpu, products, ws), idx, (p, mask), &c, dims, scale, &mut out)?,
         }
-        gpu.selection_mask(idx, row0 * kk, mask, [qc, kk, t_eff], first)?;
-        gpu.masked_softmax(p, mask, nh * qc, qc, t_eff)?;
-        // out_h^T [vd, qc] = v_h (vd x t_eff) x P_h^T (t_eff x qc), into out's rows at head h.
-        let pv_cfg =
-            batch((false, false), [vd, qc, t_eff], [kvw, t_eff, nh * vd], [nope + vd, qc * t_eff, vd], nh, 1.0, 0.0)?;
-        products.batched(pv_cfg, (kv, key0 * kvw + nope), (p, 0), (&mut out, row0 * nh * vd))?;
     }
     Ok(out)
+}
+
+/// One chunk of [`masked`] in f32: SGEMMs around `masked_softmax`.
+#[allow(clippy::too_many_arguments)]
+fn masked_chunk_f32(
+    (gpu, products): (&Gpu, &Products),
+    (q, kv, k_rope, idx): (&Buf<f32>, &Buf<f32>, &Buf<f32>, &Buf<i32>),
+    (p, mask): (&mut Buf<f32>, &mut Buf<f32>),
+    &Chunk { b, q0, qc, first, t_eff }: &Chunk,
+    [_, s, t, nh, nope, rd, vd, kk, _]: [usize; 9],
+    scale: f32,
+    out: &mut Buf<f32>,
+) -> Result<()> {
+    let (qw, kvw) = (nh * (nope + rd), nh * (nope + vd)); // row widths of q and kv
+    let (row0, key0) = (b * s + q0, b * t);
+    // Per head h: scores_h^T [t_eff, qc] = k_nope_h (nope x t_eff, transposed) x q_nope_h.
+    let nope_cfg =
+        batch((true, false), [t_eff, qc, nope], [kvw, qw, t_eff], [nope + vd, nope + rd, qc * t_eff], nh, scale, 0.0)?;
+    products.batched(nope_cfg, (kv, key0 * kvw), (q, row0 * qw), (p, 0))?;
+    // ... + k_rope (rd x t_eff, shared by the heads: stride 0) x q_rope_h.
+    if rd > 0 {
+        let rope_cfg =
+            batch((true, false), [t_eff, qc, rd], [rd, qw, t_eff], [0, nope + rd, qc * t_eff], nh, scale, 1.0)?;
+        products.batched(rope_cfg, (k_rope, key0 * rd), (q, row0 * qw + nope), (p, 0))?;
+    }
+    gpu.selection_mask(idx, row0 * kk, mask, [qc, kk, t_eff], first)?;
+    gpu.masked_softmax(p, mask, nh * qc, qc, t_eff)?;
+    // out_h^T [vd, qc] = v_h (vd x t_eff) x P_h^T (t_eff x qc), into out's rows at head h.
+    let pv_cfg =
+        batch((false, false), [vd, qc, t_eff], [kvw, t_eff, nh * vd], [nope + vd, qc * t_eff, vd], nh, 1.0, 0.0)?;
+    products.batched(pv_cfg, (kv, key0 * kvw + nope), (p, 0), (out, row0 * nh * vd))
+}
+
+/// The masked form's operands in bf16 mode, split once for every chunk (`Gpu::split_bf16`):
+/// per head, the keys' rows `[k_nope_h k_rope]` as `[hi | lo | hi]`, the queries' as
+/// `[hi | hi | lo]` (one product of three terms along k gives the scores), the values' as
+/// `[hi | lo]`; each chunk's probabilities are split the same way by `masked_softmax_split`,
+/// and `P v` is three products (`hi hi + hi lo + lo hi`) accumulated in f32.
+struct SplitQkv<'w> {
+    keys: std::cell::RefMut<'w, Option<Buf<u16>>>,
+    queries: std::cell::RefMut<'w, Option<Buf<u16>>>,
+    values: std::cell::RefMut<'w, Option<Buf<u16>>>,
+}
+
+impl<'w> SplitQkv<'w> {
+    fn new(
+        (gpu, ws): (&Gpu, &'w Workspace),
+        (q, kv, k_rope): (&Buf<f32>, &Buf<f32>, &Buf<f32>),
+        [batch_n, s, t, nh, nope, rd, vd, _, _]: [usize; 9],
+    ) -> Result<Self> {
+        let (qk, kvw) = (nope + rd, nh * (nope + vd)); // a head's score width; kv's row width
+        let (mut keys, mut queries, mut values) =
+            (ws.split_k.borrow_mut(), ws.split_q.borrow_mut(), ws.split_v.borrow_mut());
+        let split = |rows, a, b| Split { rows, heads: nh, a, b };
+        let ks = scratch(gpu, &mut keys, nh * batch_n * t * 3 * qk)?;
+        gpu.split_bf16((kv, k_rope), &split(batch_n * t, [0, kvw, nope + vd, nope], [0, rd, 0, rd]), ks, KEYS)?;
+        let qs = scratch(gpu, &mut queries, nh * batch_n * s * 3 * qk)?;
+        gpu.split_bf16((q, q), &split(batch_n * s, [0, nh * qk, qk, qk], [0; 4]), qs, QUERIES)?;
+        let vs = scratch(gpu, &mut values, nh * batch_n * t * 2 * vd)?;
+        gpu.split_bf16((kv, kv), &split(batch_n * t, [nope, kvw, nope + vd, vd], [0; 4]), vs, VALUES)?;
+        Ok(SplitQkv { keys, queries, values })
+    }
+
+    /// One chunk of [`masked`]: its scores in one bf16 product, the mask, the split softmax,
+    /// then `P v` in three.
+    #[allow(clippy::too_many_arguments)]
+    fn chunk(
+        &mut self,
+        (gpu, products, ws): (&Gpu, &Products, &Workspace),
+        idx: &Buf<i32>,
+        (p, mask): (&mut Buf<f32>, &mut Buf<f32>),
+        &Chunk { b, q0, qc, first, t_eff }: &Chunk,
+        [batch_n, s, t, nh, nope, rd, vd, kk, _]: [usize; 9],
+        scale: f32,
+        out: &mut Buf<f32>,
+    ) -> Result<()> {
+        let none = || Error::Device("split operands missing".into());
+        let (ks, qs, vs) = (
+            self.keys.as_ref().ok_or_else(none)?,
+            self.queries.as_ref().ok_or_else(none)?,
+            self.values.as_ref().ok_or_else(none)?,
+        );
+        let (w3, bt, bs) = (3 * (nope + rd), batch_n * t, batch_n * s);
+        let (row0, key0) = (b * s + q0, b * t);
+        // Per head h: scores_h^T [t_eff, qc] = keys_h (3w x t_eff, transposed) x queries_h.
+        let cfg =
+            batch((true, false), [t_eff, qc, w3], [w3, w3, t_eff], [bt * w3, bs * w3, qc * t_eff], nh, scale, 0.0)?;
+        products.batched_bf16(cfg, (ks, key0 * w3), (qs, row0 * w3), (p, 0))?;
+        gpu.selection_mask(idx, row0 * kk, mask, [qc, kk, t_eff], first)?;
+        let mut ps = ws.split_p.borrow_mut();
+        let ps = scratch(gpu, &mut ps, nh * qc * 2 * t_eff)?;
+        gpu.masked_softmax_split(p, mask, ps, nh * qc, [qc, t_eff])?;
+        // out_h^T [vd, qc] = v_h (vd x t_eff) x P_h^T (t_eff x qc), into out's rows at head h:
+        // v_hi P_hi + v_lo P_hi + v_hi P_lo.
+        let (v2, p2) = (2 * vd, 2 * t_eff);
+        for (v_half, p_half, beta) in [(0, 0, 0.0), (vd, 0, 1.0), (0, t_eff, 1.0)] {
+            let cfg = batch((false, false), [vd, qc, t_eff], [v2, p2, nh * vd], [bt * v2, qc * p2, vd], nh, 1.0, beta)?;
+            products.batched_bf16(cfg, (vs, key0 * v2 + v_half), (ps, p_half), (&mut *out, row0 * nh * vd))?;
+        }
+        Ok(())
+    }
 }

@@ -25,9 +25,30 @@ extern "C" __global__ void bf16_widen(const bf16_t* x, long long start, float* o
 // out[i] = bf16(x[start + i]) for i < n: activation rows rounded for a bf16 product.
 extern "C" __global__ void bf16_round(const float* x, long long start, bf16_t* out, long long n) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    unsigned int u = __float_as_uint(x[start + i]);
-    if ((u & 0x7fffffffu) > 0x7f800000u) { out[i] = (bf16_t)((u >> 16) | 0x40u); return; }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    out[i] = (bf16_t)(u >> 16);
+    if (i < n) out[i] = f32_to_bf16(x[start + i]);
+}
+
+// Split bf16 (the attention's products in bf16 mode, cuda::attention): x = hi + lo with
+// hi = bf16(x), lo = bf16(x - hi), so hi.hi' + hi.lo' + lo.hi' multiplies with about 16 mantissa
+// bits on bf16 tensor cores (CPU reference: the f32 product). Each row of `heads` segments of
+// w = a_w + b_w values, x[c] = a[a0 + r * a_rs + h * a_hs + c] for c < a_w, then
+// b[b0 + r * b_rs + h * b_hs + c - a_w] (b_hs 0: one segment shared by every head, as the RoPE key),
+// is written to out[h, r] as `parts` copies of w values, copy p holding lo where bit p of
+// lo_parts is set and hi elsewhere: [hi | lo | hi] and [hi | hi | lo] make one product of three
+// terms along k, [hi | lo] two operands at offsets 0 and w.
+extern "C" __global__ void split_bf16(const float* a, long long a0, long long a_rs, long long a_hs, int a_w,
+                                      const float* b, long long b0, long long b_rs, long long b_hs, int b_w,
+                                      bf16_t* out, long long rows, int heads, int parts, int lo_parts) {
+    int w = a_w + b_w;
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)heads * rows * w) return;
+    int c = (int)(i % w);
+    long long hr = i / w; // h * rows + r
+    long long r = hr % rows;
+    int h = (int)(hr / rows);
+    float x = c < a_w ? a[a0 + r * a_rs + h * a_hs + c] : b[b0 + r * b_rs + h * b_hs + (c - a_w)];
+    bf16_t hi = f32_to_bf16(x);
+    bf16_t lo = f32_to_bf16(x - bf16_to_f32(hi));
+    bf16_t* row = out + hr * parts * w;
+    for (int p = 0; p < parts; p++) row[p * w + c] = (lo_parts >> p) & 1 ? lo : hi;
 }

@@ -421,6 +421,65 @@ impl Products {
         }
     }
 
+    /// As [`Products::batched`] with bf16 A and B (f32 C, f32 accumulation, on tensor cores):
+    /// the split-bf16 products of the attention in bf16 mode (`cuda::attention`).
+    pub fn batched_bf16(
+        &self,
+        cfg: StridedBatchedConfig<f32>,
+        (a, a0): (&Buf<u16>, usize),
+        (b, b0): (&Buf<u16>, usize),
+        (c, c0): (&mut Buf<f32>, usize),
+    ) -> Result<()> {
+        check_batched(&cfg, [(a.len(), a0), (b.len(), b0), (c.len(), c0)])?;
+        let g = &cfg.gemm;
+        if cfg.batch_size == 0 || g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        match (&self.blas, a, b, c) {
+            (Some((blas, stream)), Buf::Device(a), Buf::Device(b), Buf::Device(c)) => {
+                let (av, bv, mut cv) = (a.slice(a0..), b.slice(b0..), c.slice_mut(c0..));
+                let (ap, _ra) = av.device_ptr(stream);
+                let (bp, _rb) = bv.device_ptr(stream);
+                let (cp, _rc) = cv.device_ptr_mut(stream);
+                // SAFETY: every matrix of the batch lies inside its view (checked above); A and B
+                // are bf16, C f32, and alpha and beta f32, as CUBLAS_COMPUTE_32F takes them.
+                unsafe {
+                    cudarc::cublas::result::gemm_strided_batched_ex(
+                        *blas.handle(),
+                        g.transa,
+                        g.transb,
+                        g.m,
+                        g.n,
+                        g.k,
+                        (&g.alpha as *const f32).cast(),
+                        ap as *const c_void,
+                        cudaDataType::CUDA_R_16BF,
+                        g.lda,
+                        cfg.stride_a,
+                        bp as *const c_void,
+                        cudaDataType::CUDA_R_16BF,
+                        g.ldb,
+                        cfg.stride_b,
+                        (&g.beta as *const f32).cast(),
+                        cp as *mut c_void,
+                        cudaDataType::CUDA_R_32F,
+                        g.ldc,
+                        cfg.stride_c,
+                        cfg.batch_size,
+                        cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
+                .map_err(|e| Error::Device(format!("cuBLAS GemmStridedBatchedEx (bf16): {e:?}")))
+            }
+            (None, Buf::Host(a), Buf::Host(b), Buf::Host(c)) => {
+                let widen = |v: &[u16]| -> Vec<f32> { v.iter().map(|&x| half::bf16::from_bits(x).to_f32()).collect() };
+                super::emu::gemm_batched(&cfg, &widen(&a[a0..]), &widen(&b[b0..]), &mut c[c0..])
+            }
+            _ => Err(Error::Device("batched bf16 GEMM: buffers from another device".into())),
+        }
+    }
+
     /// The column-major configuration of a row-major block product (see the module doc).
     fn config(nt: usize, [m, n, k]: [usize; 3], alpha: f32) -> Result<GemmConfig<f32>> {
         Ok(GemmConfig {

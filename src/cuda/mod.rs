@@ -41,9 +41,13 @@ pub const KERNELS: &[(&str, &str, &[&str])] = &[
         include_str!("indexer.cu"),
         &["index_combine", "topk_causal", "topk_sorted", "topk_chunks_of_scores", "topk_chunks_of_pairs", "topk_emit"],
     ),
-    ("attention", include_str!("attention.cu"), &["sparse_attention", "selection_mask", "masked_softmax"]),
+    (
+        "attention",
+        include_str!("attention.cu"),
+        &["sparse_attention", "selection_mask", "masked_softmax", "masked_softmax_split"],
+    ),
     ("moe", include_str!("moe.cu"), &["gather_rows", "combine", "moe_dispatch"]),
-    ("convert", include_str!("convert.cu"), &["fp8_dequant", "bf16_widen", "bf16_round"]),
+    ("convert", include_str!("convert.cu"), &["fp8_dequant", "bf16_widen", "bf16_round", "split_bf16"]),
 ];
 
 /// A CUDA library cudarc would load.

@@ -12,6 +12,14 @@ typedef unsigned char fp8_t;
 
 __device__ __forceinline__ float bf16_to_f32(bf16_t b) { return __uint_as_float(((unsigned int)b) << 16); }
 
+// f32 to bf16, round to nearest even, NaN kept NaN (CPU reference: half::bf16::from_f32).
+__device__ __forceinline__ bf16_t f32_to_bf16(float x) {
+    unsigned int u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_t)(u >> 16);
+}
+
 // OCP E4M3 (the "fn" variant GLM-5-FP8 stores): 1 sign, 4 exponent (bias 7), 3 mantissa bits;
 // no infinities, S.1111.111 is NaN.
 __device__ __forceinline__ float e4m3_to_f32(fp8_t v) {

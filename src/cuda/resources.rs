@@ -45,12 +45,14 @@ pub const LARGEST_BLOCK: &[(&str, u32)] = &[
     ("sparse_attention", 64),
     ("selection_mask", 128),
     ("masked_softmax", 256),
+    ("masked_softmax_split", 256),
     ("gather_rows", 256),
     ("combine", 256),
     ("moe_dispatch", 256),
     ("fp8_dequant", 256),
     ("bf16_widen", 256),
     ("bf16_round", 256),
+    ("split_bf16", 256),
 ];
 
 /// The largest block `kernel`'s launcher takes; None for a kernel not in [`LARGEST_BLOCK`].

@@ -388,6 +388,8 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     (got[7], cpu[7]) = (0.0, 0.0); // NaN == NaN fails the check; compared as "both NaN" above
     let c = check("bf16_round", &got, &cpu, 0.0);
     out.push(Check { ok: c.ok && nan_kept, ..c });
+    out.push(split_bf16(gpu, &mut rng)?);
+    out.push(masked_softmax_split(gpu, &mut rng)?);
 
     gpu.synchronize()?;
     Ok(out)
@@ -416,11 +418,63 @@ pub fn dispatch(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
     Ok(out)
 }
 
+/// `split_bf16` over 7 rows of 3 heads, each segment 5 values of a per-head source from an
+/// offset then 3 of a source shared by the heads, as `[hi | lo | hi]`: exactly the rounding of
+/// x and of x - hi.
+fn split_bf16(gpu: &Gpu, rng: &mut Rng) -> Result<Check> {
+    let (rows, heads, parts, lo_parts) = (7, 3, 3, 0b010);
+    let (a_at, b_at) = ([2, 16, 5, 5], [1, 4, 0, 3]); // [first, row stride, head stride, width]
+    let (a, b) = (rng.vec(2 + 6 * 16 + 2 * 5 + 5), rng.vec(1 + 6 * 4 + 3));
+    let w = a_at[3] + b_at[3];
+    let mut got = gpu.filled(heads * rows * parts * w, u16::MAX)?;
+    let split = super::gpu::Split { rows, heads, a: a_at, b: b_at };
+    gpu.split_bf16((&gpu.upload(&a)?, &gpu.upload(&b)?), &split, &mut got, (parts, lo_parts))?;
+    let round = |x: f32| half::bf16::from_f32(x);
+    let mut cpu = Vec::with_capacity(heads * rows * parts * w);
+    for h in 0..heads {
+        for r in 0..rows {
+            let x = |c: usize| match c < a_at[3] {
+                true => a[a_at[0] + r * a_at[1] + h * a_at[2] + c],
+                false => b[b_at[0] + r * b_at[1] + h * b_at[2] + c - a_at[3]],
+            };
+            for p in 0..parts {
+                cpu.extend((0..w).map(|c| match (lo_parts >> p) & 1 {
+                    1 => round(x(c) - round(x(c)).to_f32()).to_f32(),
+                    _ => round(x(c)).to_f32(),
+                }));
+            }
+        }
+    }
+    let got: Vec<f32> = gpu.download(&got)?.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect();
+    Ok(check("split_bf16", &got, &cpu, 0.0))
+}
+
+/// `masked_softmax_split` against `masked_softmax`: 2 heads of 3 queries over 37 keys, some
+/// masked out; hi + lo within 2^-16 of the f32 probabilities.
+fn masked_softmax_split(gpu: &Gpu, rng: &mut Rng) -> Result<Check> {
+    let (heads, qc, t_eff) = (2, 3, 37);
+    let scores = rng.vec(heads * qc * t_eff).iter().map(|v| 8.0 * v).collect::<Vec<_>>();
+    let mask: Vec<f32> = (0..qc * t_eff).map(|i| if i % 5 == 2 { 0.0 } else { 1.0 }).collect();
+    let (d_scores, d_mask) = (gpu.upload(&scores)?, gpu.upload(&mask)?);
+    let mut split = gpu.filled(heads * qc * 2 * t_eff, u16::MAX)?;
+    gpu.masked_softmax_split(&d_scores, &d_mask, &mut split, heads * qc, [qc, t_eff])?;
+    let mut want = gpu.upload(&scores)?;
+    gpu.masked_softmax(&mut want, &d_mask, heads * qc, qc, t_eff)?;
+    let split = gpu.download(&split)?;
+    let widen = |b: u16| half::bf16::from_bits(b).to_f32();
+    let got: Vec<f32> = split
+        .chunks_exact(2 * t_eff)
+        .flat_map(|row| (0..t_eff).map(move |j| widen(row[j]) + widen(row[t_eff + j])))
+        .collect();
+    Ok(check("masked_softmax_split", &got, &gpu.download(&want)?, 1.0 / 65536.0))
+}
+
 /// The attention's quadratic steps (`cuda::attention`) against `CpuOps`: the indexer's scores
 /// (cuBLAS products and `index_combine`) and attention over a top-k selection on both paths,
 /// whole and in chunks of 2 queries (so chunks start past the first query and reach fewer keys).
 /// Batch 2, 5 new queries after 38 cached keys.
-/// The products are SGEMM in both precisions (`Products::batched`): one tolerance, run in both.
+/// The products are SGEMM in f32 mode and split bf16 in bf16 mode (about 16 mantissa bits:
+/// held to 1e-4).
 pub fn attention(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
     use super::attention::{AttentionPath, AttentionPlan};
     let mut rng = Rng(0x6a09e667f3bcc909);
@@ -428,7 +482,7 @@ pub fn attention(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
     let gpu = &ops.gpu;
     let (mode, tol) = match ops.precision() {
         crate::device::Precision::F32 => ("", 1e-5f64),
-        crate::device::Precision::Bf16 => (", bf16 mode", 1e-5),
+        crate::device::Precision::Bf16 => (", bf16 mode", 1e-4),
     };
     let (batch, s, offset, nh, d, topk) = (2, 5, 38, 4, 16, 24);
     let t = offset + s;
@@ -478,9 +532,10 @@ pub fn attention(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
 /// launch gets without the opt-in `Gpu::open` asks for), and of 20 000 keys, in chunks of the
 /// largest the shared memory holds (two rounds); then attention over those 2048 keys of 2100 at
 /// GLM-5's head sizes (64 heads, nope 192, rope 64, v 256; 2 heads on the emulation) on both
-/// paths. Two queries each, at the ends of their rows. The path each top-k took is in its check's name: a device that
-/// refused the opt-in takes smaller chunks.
-pub fn at_glm5_sizes(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
+/// paths, and on the masked path in bf16 mode (`bf16_ops`: split bf16 products, held to 1e-4).
+/// Two queries each, at the ends of their rows. The path each top-k took is in its check's name:
+/// a device that refused the opt-in takes smaller chunks.
+pub fn at_glm5_sizes(ops: &super::ops::CudaOps, bf16_ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
     use super::attention::{AttentionPath, AttentionPlan};
     let mut rng = Rng(0xbb67ae8584caa73b);
     let mut out = Vec::new();
@@ -510,12 +565,17 @@ pub fn at_glm5_sizes(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
     let dims = [1, s, t, heads, nope, rd, vd, k, t - s];
     let scale = ((nope + rd) as f32).powf(-0.5);
     let cpu = CpuOps.sparse_attention(&q, &kv, &kr, &idx, dims, scale)?;
-    let bufs = (gpu.upload(&q)?, gpu.upload(&kv)?, gpu.upload(&kr)?, gpu.upload(&idx)?);
-    let tol = 1e-5;
-    for path in [AttentionPath::Gathered, AttentionPath::Masked] {
+    for (path, ops, mode, tol) in [
+        (AttentionPath::Gathered, ops, "", 1e-5),
+        (AttentionPath::Masked, ops, "", 1e-5),
+        (AttentionPath::Masked, bf16_ops, ", bf16 mode", 1e-4),
+    ] {
         let plan = AttentionPlan { path: Some(path), ..Default::default() };
+        // Each ops' own buffers: the two precisions' ops may be on different streams.
+        let g = &ops.gpu;
+        let bufs = (g.upload(&q)?, g.upload(&kv)?, g.upload(&kr)?, g.upload(&idx)?);
         let got = ops.sparse_attention_with(plan, (&bufs.0, &bufs.1, &bufs.2, &bufs.3), dims, scale)?;
-        let name = format!("sparse_attention ({path:?}, {heads} heads of {nope}+{rd}/{vd}, {k} of {t} keys)");
+        let name = format!("sparse_attention ({path:?}, {heads} heads of {nope}+{rd}/{vd}, {k} of {t} keys){mode}");
         out.push(check(name, &ops.download(&got)?, &cpu, tol));
     }
     Ok(out)

@@ -15,6 +15,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::profile::Profile;
 use super::{HostWeight, Ops};
 use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, LayerHook, Observer};
@@ -74,6 +75,15 @@ struct DLayer<O: Ops> {
     ffn: DFfn<O>,
 }
 
+/// The profile's sections of the routed experts' GEMMs (the benchmark's "expert GEMMs").
+pub const EXPERT_GEMMS: [&str; 2] = ["expert GEMMs: gate_up", "expert GEMMs: down"];
+
+/// The start of a profiled section: when, and the FLOPs counted by then.
+struct Mark {
+    at: std::time::Instant,
+    flops: u64,
+}
+
 /// Which positions' logits a prefill computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogitRows {
@@ -94,9 +104,9 @@ pub struct DeviceModel<'m, O: Ops> {
     embed: O::F,
     /// Matrix-product FLOPs (2 m n k each) since the model was built.
     flops: std::cell::Cell<u64>,
-    /// When profiling: seconds and FLOPs of the routed experts' GEMMs, timed between device
-    /// synchronisations (which cost time of their own, so a profiled prefill is not a timed one).
-    experts: std::cell::Cell<Option<(f64, u64)>>,
+    /// When profiling: each section's time between device synchronisations (which cost time of
+    /// their own, so a profiled prefill is not a timed one).
+    profile: std::cell::RefCell<Option<Profile>>,
 }
 
 fn values(t: &Tensor) -> Result<Vec<f32>> {
@@ -215,7 +225,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             lm_head,
             embed,
             flops: std::cell::Cell::new(0),
-            experts: std::cell::Cell::new(None),
+            profile: std::cell::RefCell::new(None),
         })
     }
 
@@ -238,24 +248,34 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         self.flops.get()
     }
 
-    /// Starts (or stops) timing the routed experts' GEMMs; the totals restart from zero.
-    pub fn profile_experts(&self, on: bool) {
-        self.experts.set(on.then_some((0.0, 0)));
+    /// Starts (or stops) timing the prefill's sections; the totals restart from zero.
+    pub fn set_profiling(&self, on: bool) {
+        *self.profile.borrow_mut() = on.then(Profile::default);
     }
 
-    /// Seconds and FLOPs of the routed experts' GEMMs since profiling started.
-    pub fn expert_profile(&self) -> Option<(f64, u64)> {
-        self.experts.get()
+    /// The sections timed since profiling started.
+    pub fn profile(&self) -> Option<Profile> {
+        self.profile.borrow().clone()
     }
 
-    /// Runs `f` (expert GEMMs worth `flops`), timed between synchronisations when profiling.
-    fn expert_gemms(&self, flops: u64, f: impl FnOnce() -> Result<()>) -> Result<()> {
-        let Some((s, n)) = self.experts.get() else { return f() };
+    /// When profiling: waits for the work queued so far and marks the start of a section.
+    fn mark(&self) -> Result<Option<Mark>> {
+        if self.profile.borrow().is_none() {
+            return Ok(None);
+        }
         self.ops.synchronize()?;
-        let t = std::time::Instant::now();
-        f()?;
+        Ok(Some(Mark { at: std::time::Instant::now(), flops: self.flops.get() }))
+    }
+
+    /// Ends the section `mark` started: its time once its work is done, the matrix products `mm`
+    /// counted since, and `extra` FLOPs (products `mm` does not count).
+    fn done(&self, mark: Option<Mark>, name: &'static str, extra: u64) -> Result<()> {
+        let Some(mark) = mark else { return Ok(()) };
         self.ops.synchronize()?;
-        self.experts.set(Some((s + t.elapsed().as_secs_f64(), n + flops)));
+        let secs = mark.at.elapsed().as_secs_f64();
+        if let Some(p) = self.profile.borrow_mut().as_mut() {
+            p.add(name, secs, self.flops.get() - mark.flops + extra);
+        }
         Ok(())
     }
 
@@ -306,16 +326,19 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         if let Some(given) = obs.isolated_input(self.layers.len())? {
             h = self.feed(&given, t * hd)?;
         }
+        let mark = self.mark()?;
         let x = self.norm(&h, &self.norm, t, hd)?;
         self.report(obs, HookPoint::FinalNorm, &x, &[b, s, hd])?;
-        match rows {
-            LogitRows::All => self.mm(&x, &self.lm_head, t, 1.0), // [T, V]
+        let logits = match rows {
+            LogitRows::All => self.mm(&x, &self.lm_head, t, 1.0)?, // [T, V]
             LogitRows::Last => {
                 let last: Vec<i32> = (1..=b).map(|r| (r * s - 1) as i32).collect(); // < T
                 let x = self.ops.gather_rows(&x, &self.ops.upload_i32(&last)?, b, hd)?; // [B, H]
-                self.mm(&x, &self.lm_head, b, 1.0) // [B, V]
+                self.mm(&x, &self.lm_head, b, 1.0)? // [B, V]
             }
-        }
+        };
+        self.done(mark, "final norm, lm_head", 0)?;
+        Ok(logits)
     }
 
     /// The prefill's hook points up to layer `last`'s: past the last layer, the whole prefill's.
@@ -333,31 +356,44 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let (b, s, hd) = (tokens.batch, tokens.seq, cfg.hidden_size);
         let t = b * s;
         crate::model::stream::input_ids(tokens, cfg.vocab_size, obs)?;
+        let mark = self.mark()?;
         let ids: Vec<i32> = tokens.ids.iter().map(|&i| i as i32).collect(); // < vocab (checked)
         let mut h = self.ops.gather_rows(&self.embed, &self.ops.upload_i32(&ids)?, t, hd)?; // [T, H]
         self.report(obs, HookPoint::Embeddings, &h, &[b, s, hd])?;
         let tables = self.model.rope_tables(s);
         let (cos, sin) = (self.ops.upload(&tables.cos)?, self.ops.upload(&tables.sin)?);
+        self.done(mark, "embedding, RoPE tables", 0)?;
         let mut selection: Option<(O::I, usize)> = None;
         for (i, layer) in self.layers.iter().enumerate().take(count) {
             let hook = |p| HookPoint::Layer(i, p);
             if let Some(given) = obs.isolated_input(i)? {
                 h = self.feed(&given, t * hd)?;
             }
+            let mark = self.mark()?;
             let x = self.norm(&h, &layer.input_layernorm, t, hd)?; // [T, H]
             self.report(obs, hook(LayerHook::InputNorm), &x, &[b, s, hd])?;
+            self.done(mark, "norms, residual adds", 0)?;
             let attn = self.attention(i, &layer.attn, &x, (&cos, &sin, tables.half), (b, s), &mut selection, obs)?;
+            let mark = self.mark()?;
             h = self.ops.add(&h, &attn, t * hd)?;
             let x = self.norm(&h, &layer.post_attention_layernorm, t, hd)?;
             self.report(obs, hook(LayerHook::PostAttnNorm), &x, &[b, s, hd])?;
+            self.done(mark, "norms, residual adds", 0)?;
             let mlp = match &layer.ffn {
-                DFfn::Dense(m) => self.mlp(m, &x, t)?,
+                DFfn::Dense(m) => {
+                    let mark = self.mark()?;
+                    let mlp = self.mlp(m, &x, t)?;
+                    self.done(mark, "dense MLP", 0)?;
+                    mlp
+                }
                 DFfn::Moe { gate, bias, experts, shared, router } => {
                     self.moe(i, (gate, bias, experts, shared, router), &x, t, obs)?
                 }
             };
             self.report(obs, hook(LayerHook::MlpOut), &mlp, &[b, s, hd])?;
+            let mark = self.mark()?;
             h = self.ops.add(&h, &mlp, t * hd)?;
+            self.done(mark, "norms, residual adds", 0)?;
             self.report(obs, hook(LayerHook::Output), &h, &[b, s, hd])?;
         }
         Ok(h)
@@ -381,6 +417,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let (nh, nope, rd, vd, r) =
             (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
         let qr = cfg.q_lora_rank;
+        let mark = self.mark()?;
         let q_latent = self.norm(&self.mm(x, &a.q_a_proj, t, 1.0)?, &a.q_a_layernorm, t, qr)?;
         self.report(obs, hook(LayerHook::QLatent), &q_latent, &[b, s, qr])?;
         let mut q = self.mm(&q_latent, &a.q_b_proj, t, 1.0)?; // [T, nh, nope + rd]
@@ -400,9 +437,11 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             self.report(obs, hook(LayerHook::KRopeNorm), &self.ops.row_l2_norm(&k_rope, t, rd)?, &[b, s])?;
         }
         let kv = self.mm(&kv_latent, &a.kv_b_proj, t, 1.0)?; // [T, nh, nope + vd]
+        self.done(mark, "attention: projections, norms, RoPE", 0)?;
 
         if let Some(ix) = &a.indexer {
             let (n, d) = (ix.heads, ix.dim);
+            let mark = self.mark()?;
             let mut qi = self.mm(&q_latent, &ix.wq_b, t, 1.0)?; // [T, n, d]
             self.ops.rope(&mut qi, cos, sin, [t, s, n, d, 0, half])?;
             let ki = self.mm(x, &ix.wk, t, 1.0)?;
@@ -410,6 +449,8 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             self.ops.rope(&mut ki, cos, sin, [t, s, 1, d, 0, half])?;
             let w = self.mm(x, &ix.weights_proj, t, (n as f32).powf(-0.5))?; // [T, n]
             let (dims, scale, k) = ([b, s, s, n, d, 0], (d as f32).powf(-0.5), ix.topk.min(s));
+            self.done(mark, "indexer: projections, norm, RoPE", 0)?;
+            let mark = self.mark()?;
             // The whole [B, S, S] scores only when they are recorded: otherwise the backend may
             // select a chunk of queries at a time (16 GB of scores at 64k tokens).
             let (idx, margin) = if obs.wants(hook(LayerHook::DsaScores)) {
@@ -419,6 +460,8 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             } else {
                 self.ops.index_topk(&qi, &ki, &w, dims, scale, k)?
             };
+            // q k^T for every head over the causal keys (half of S x S).
+            self.done(mark, "indexer: scores, top-k", (b * s * (s + 1) * n * d) as u64)?;
             self.report(obs, hook(LayerHook::DsaMargin), &margin, &[b, s])?;
             *selection = Some((idx, k));
         }
@@ -437,8 +480,15 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             .ok_or_else(|| Error::Usage("a shared indexer layer has no earlier full layer".into()))?;
         self.report_ids(obs, hook(LayerHook::DsaTopk), idx, &[b, s, *k])?;
         let scale = cfg.softmax_scale() as f32;
+        let mark = self.mark()?;
         let att = self.ops.sparse_attention(&q, &kv, &k_rope, idx, [b, s, s, nh, nope, rd, vd, *k, 0], scale)?;
+        // Scores and values over each query's selected keys (those it can see: k of them, or
+        // fewer at the start).
+        let pairs: usize = (0..s).map(|p| (p + 1).min(*k)).sum();
+        self.done(mark, "attention: scores, softmax, values", (2 * b * pairs * nh * (nope + rd + vd)) as u64)?;
+        let mark = self.mark()?;
         let out = self.mm(&att, &a.o_proj, t, 1.0)?;
+        self.done(mark, "attention: o_proj", 0)?;
         self.report(obs, hook(LayerHook::AttnOut), &out, &[b, s, cfg.hidden_size])?;
         Ok(out)
     }
@@ -501,10 +551,12 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
     ) -> Result<O::F> {
         let hook = |p| HookPoint::Layer(i, p);
         let (hd, e, k) = (gate.inp, gate.out, router.top_k);
+        let mark = self.mark()?;
         let logits = self.mm(x, gate, t, 1.0)?; // [T, E]
         self.report(obs, hook(LayerHook::RouterLogits), &logits, &[t, e])?;
         // A replayed route keeps our own decision's margin, as a replayed DSA selection does.
         let (mut ids, mut w, margin) = self.ops.route(&logits, bias, t, e, router)?;
+        self.done(mark, "router", 0)?;
         if let Some(forced) = obs.forced_routing(i)? {
             crate::model::moe::check_replayed(i, &forced, t, Some(k), e)?;
             let scores: Vec<f32> = self.ops.download(&logits)?.iter().map(|&l| crate::model::moe::sigmoid(l)).collect();
@@ -523,6 +575,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         self.router_extras(i, (&logits, &ids), (t, e, k), router, obs)?;
         // The (token, choice) pairs grouped by expert: experts[j] multiplies rows start .. start
         // + count of the packed rows.
+        let mark = self.mark()?;
         let (counts, slot, rows) = self.ops.dispatch(&ids, t, k, e)?;
         if counts.len() != experts.len() {
             let (groups, have) = (counts.len(), experts.len());
@@ -530,6 +583,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         }
         let a = t * k;
         let xs = self.ops.gather_rows(x, &rows, a, hd)?; // [A, H]
+        self.done(mark, "experts: dispatch, gather", 0)?;
         let inter = experts.first().map_or(0, |m| m.down.inp);
         let (mut gate_up, mut y) = (self.ops.output(a * 2 * inter)?, self.ops.output(a * hd)?);
         let (mut spans, mut start) = (Vec::new(), 0); // (expert, first packed row, rows)
@@ -539,19 +593,26 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             }
             start += count;
         }
-        // 2 x (gate, up, down) products of a rows each.
-        let flops = 6 * (a * inter * hd) as u64;
         let groups = |w: fn(&DMlp<O>) -> &O::W| -> Vec<(&O::W, usize, usize)> {
             spans.iter().map(|&(j, start, count)| (w(&experts[j]), start, count)).collect()
         };
+        let mark = self.mark()?;
         self.count([a, 2 * inter, hd]);
-        self.count([a, hd, inter]);
-        self.expert_gemms(flops, || {
-            self.ops.gemm_groups(&xs, &groups(|m| &m.gate_up.w), &mut gate_up, [2 * inter, hd])
-        })?;
+        self.ops.gemm_groups(&xs, &groups(|m| &m.gate_up.w), &mut gate_up, [2 * inter, hd])?;
+        self.done(mark, EXPERT_GEMMS[0], 0)?;
+        let mark = self.mark()?;
         let act = self.ops.swiglu(&gate_up, a, inter)?; // [A, inter]
-        self.expert_gemms(0, || self.ops.gemm_groups(&act, &groups(|m| &m.down.w), &mut y, [hd, inter]))?;
+        self.done(mark, "experts: SwiGLU", 0)?;
+        let mark = self.mark()?;
+        self.count([a, hd, inter]);
+        self.ops.gemm_groups(&act, &groups(|m| &m.down.w), &mut y, [hd, inter])?;
+        self.done(mark, EXPERT_GEMMS[1], 0)?;
+        let mark = self.mark()?;
         let shared_out = self.mlp(shared, x, t)?;
-        self.ops.combine(&y, &ids, &slot, &w, &shared_out, [t, k, hd])
+        self.done(mark, "shared expert", 0)?;
+        let mark = self.mark()?;
+        let out = self.ops.combine(&y, &ids, &slot, &w, &shared_out, [t, k, hd])?;
+        self.done(mark, "experts: combine", 0)?;
+        Ok(out)
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod cpu;
 pub mod forward;
+pub mod profile;
 
 use candle_core::Tensor;
 
