@@ -731,7 +731,7 @@ impl Gpu {
             ],
         )?;
         let [n32, k32, c32] = ints("combine", [n, k, cols])?;
-        launch!(self, "combine", cfg(n * cols, 256, 0), [y, ids, slot, w, shared, out, &n32, &k32, &c32])
+        launch!(self, "combine", per_item(n, row_block(cols, 256), 0), [y, ids, slot, w, shared, out, &n32, &k32, &c32])
     }
 
     /// Rows `start .. start + n` of the block-FP8 codes q [*, cols] (a view starting at stored

@@ -16,24 +16,32 @@ extern "C" __global__ void gather_rows(const float* x, const int* rows, float* o
     out[i] = x[(long long)rows[r] * cols + i % cols];
 }
 
+// One block per token: its first thread orders the token's choices by expert id (k <= 16) into
+// shared memory, then the block sums the rows, each thread a column at a time (coalesced).
 extern "C" __global__ void combine(const float* y, const int* ids, const int* slot, const float* w,
                                    const float* shared, float* out, int n, int k, int cols) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)n * cols || k > 16) return;
-    long long t = i / cols;
-    int c = (int)(i % cols);
-    int order[16];
-    for (int j = 0; j < k; j++) order[j] = j;
-    for (int a = 1; a < k; a++) // insertion sort of the token's choices by expert id
-        for (int b = a; b > 0 && ids[t * k + order[b]] < ids[t * k + order[b - 1]]; b--) {
-            int tmp = order[b]; order[b] = order[b - 1]; order[b - 1] = tmp;
+    __shared__ long long row[16];
+    __shared__ float weight[16];
+    long long t = blockIdx.x;
+    if (t >= n || k > 16) return;
+    if (threadIdx.x == 0) {
+        int order[16];
+        for (int j = 0; j < k; j++) order[j] = j;
+        for (int a = 1; a < k; a++) // insertion sort of the token's choices by expert id
+            for (int b = a; b > 0 && ids[t * k + order[b]] < ids[t * k + order[b - 1]]; b--) {
+                int tmp = order[b]; order[b] = order[b - 1]; order[b - 1] = tmp;
+            }
+        for (int j = 0; j < k; j++) {
+            row[j] = (long long)slot[t * k + order[j]] * cols;
+            weight[j] = w[t * k + order[j]];
         }
-    float acc = 0.0f;
-    for (int j = 0; j < k; j++) {
-        int o = order[j];
-        acc += w[t * k + o] * y[(long long)slot[t * k + o] * cols + c];
     }
-    out[i] = acc + shared[i];
+    __syncthreads();
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < k; j++) acc += weight[j] * y[row[j] + c];
+        out[t * cols + c] = acc + shared[t * cols + c];
+    }
 }
 
 // One block per expert scans the pairs' ids [n] in order, a chunk of blockDim at a time, and

@@ -78,6 +78,14 @@ struct DLayer<O: Ops> {
 /// The profile's sections of the routed experts' GEMMs (the benchmark's "expert GEMMs").
 pub const EXPERT_GEMMS: [&str; 2] = ["expert GEMMs: gate_up", "expert GEMMs: down"];
 
+/// RoPE's cos and sin tables [seq, half] on the device.
+struct Rope<O: Ops> {
+    seq: usize,
+    cos: O::F,
+    sin: O::F,
+    half: usize,
+}
+
 /// The start of a profiled section: when, and the FLOPs counted by then.
 struct Mark {
     at: std::time::Instant,
@@ -104,6 +112,8 @@ pub struct DeviceModel<'m, O: Ops> {
     embed: O::F,
     /// Matrix-product FLOPs (2 m n k each) since the model was built.
     flops: std::cell::Cell<u64>,
+    /// The last prefill's RoPE tables on the device.
+    rope: std::cell::RefCell<Option<Rope<O>>>,
     /// When profiling: each section's time between device synchronisations (which cost time of
     /// their own, so a profiled prefill is not a timed one).
     profile: std::cell::RefCell<Option<Profile>>,
@@ -225,8 +235,21 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             lm_head,
             embed,
             flops: std::cell::Cell::new(0),
+            rope: std::cell::RefCell::new(None),
             profile: std::cell::RefCell::new(None),
         })
+    }
+
+    /// The RoPE tables of `seq` positions on the device, kept for the next prefill of that length
+    /// (the host's sines and cosines of 2048 positions cost most of a millisecond).
+    fn rope_tables(&self, seq: usize) -> Result<std::cell::Ref<'_, Rope<O>>> {
+        if self.rope.borrow().as_ref().is_none_or(|r| r.seq != seq) {
+            let tables = self.model.rope_tables(seq);
+            let (cos, sin) = (self.ops.upload(&tables.cos)?, self.ops.upload(&tables.sin)?);
+            *self.rope.borrow_mut() = Some(Rope { seq, cos, sin, half: tables.half });
+        }
+        std::cell::Ref::filter_map(self.rope.borrow(), Option::as_ref)
+            .map_err(|_| Error::Device("the RoPE tables are missing".into()))
     }
 
     /// RMSNorm with the loaded weight and eps.
@@ -360,8 +383,8 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let ids: Vec<i32> = tokens.ids.iter().map(|&i| i as i32).collect(); // < vocab (checked)
         let mut h = self.ops.gather_rows(&self.embed, &self.ops.upload_i32(&ids)?, t, hd)?; // [T, H]
         self.report(obs, HookPoint::Embeddings, &h, &[b, s, hd])?;
-        let tables = self.model.rope_tables(s);
-        let (cos, sin) = (self.ops.upload(&tables.cos)?, self.ops.upload(&tables.sin)?);
+        let rope = self.rope_tables(s)?;
+        let Rope { cos, sin, half, .. } = &*rope;
         self.done(mark, "embedding, RoPE tables", 0)?;
         let mut selection: Option<(O::I, usize)> = None;
         for (i, layer) in self.layers.iter().enumerate().take(count) {
@@ -373,7 +396,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             let x = self.norm(&h, &layer.input_layernorm, t, hd)?; // [T, H]
             self.report(obs, hook(LayerHook::InputNorm), &x, &[b, s, hd])?;
             self.done(mark, "norms, residual adds", 0)?;
-            let attn = self.attention(i, &layer.attn, &x, (&cos, &sin, tables.half), (b, s), &mut selection, obs)?;
+            let attn = self.attention(i, &layer.attn, &x, (cos, sin, *half), (b, s), &mut selection, obs)?;
             let mark = self.mark()?;
             h = self.ops.add(&h, &attn, t * hd)?;
             let x = self.norm(&h, &layer.post_attention_layernorm, t, hd)?;
