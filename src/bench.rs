@@ -173,6 +173,9 @@ pub struct DeviceBench {
     /// One more prefill (every position's logits), profiled: each section timed between
     /// synchronisations.
     pub profile: crate::device::profile::Profile,
+    /// The backend's own steps inside its ops in that prefill (the CUDA attention's and
+    /// indexer's), where it times them.
+    pub steps: Option<crate::device::profile::Profile>,
 }
 
 /// Times `repeat` prefills of `tokens` tokens (the same ids as [`run`]) through the device
@@ -209,10 +212,12 @@ pub fn run_device<O: crate::device::Ops>(ops: &O, model: &Model, tokens: usize, 
         runs_last.push(prefill(LogitRows::Last)?.0);
     }
     device.set_profiling(true);
+    ops.set_step_profiling(true);
     device.forward_on_device(&tokens_t, LogitRows::All, &mut NoObserver)?;
-    let profile = device.profile().unwrap_or_default();
+    let (profile, steps) = (device.profile().unwrap_or_default(), ops.step_profile());
     device.set_profiling(false);
-    Ok(DeviceBench { upload_s, first_s, download_s, tokens, runs, runs_last, flops, flops_last, profile })
+    ops.set_step_profiling(false);
+    Ok(DeviceBench { upload_s, first_s, download_s, tokens, runs, runs_last, flops, flops_last, profile, steps })
 }
 
 /// `bench --device cpu-ops|cuda`: [`run_device`] on that backend, rendered (for `cuda` with the
@@ -273,6 +278,12 @@ impl DeviceBench {
         ) + &self.experts_line()
             + "one more prefill, each section timed between synchronisations (which slow it: read the shares):\n"
             + &self.profile.render()
+            + &match &self.steps {
+                Some(steps) => {
+                    format!("inside the attention's and the indexer's sections, the steps:\n{}", steps.render())
+                }
+                None => String::new(),
+            }
     }
 
     /// The routed experts' GEMMs in the profiled prefill (nothing without MoE layers).

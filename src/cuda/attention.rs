@@ -27,6 +27,7 @@ use cudarc::cublas::{GemmConfig, StridedBatchedConfig};
 
 use super::gemm::{scratch, Products};
 use super::gpu::{Buf, Gpu, Split};
+use crate::device::profile::Profile;
 use crate::device::Precision;
 use crate::error::{Error, Result};
 
@@ -86,6 +87,36 @@ pub struct Workspace {
     split_k: RefCell<Option<Buf<u16>>>,
     split_v: RefCell<Option<Buf<u16>>>,
     split_p: RefCell<Option<Buf<u16>>>,
+    /// When profiling: each step's time between synchronisations.
+    steps: RefCell<Option<Profile>>,
+}
+
+impl Workspace {
+    /// Starts (or stops) timing the steps; the totals restart from zero.
+    pub fn set_profiling(&self, on: bool) {
+        *self.steps.borrow_mut() = on.then(Profile::default);
+    }
+
+    /// The steps timed since profiling started.
+    pub fn profile(&self) -> Option<Profile> {
+        self.steps.borrow().clone()
+    }
+
+    /// Runs step `name` (worth `flops` in products), timed between synchronisations when
+    /// profiling.
+    fn step<R>(&self, gpu: &Gpu, (name, flops): (&'static str, usize), f: impl FnOnce() -> Result<R>) -> Result<R> {
+        if self.steps.borrow().is_none() {
+            return f();
+        }
+        gpu.synchronize()?;
+        let t = std::time::Instant::now();
+        let r = f()?;
+        gpu.synchronize()?;
+        if let Some(p) = self.steps.borrow_mut().as_mut() {
+            p.add(name, t.elapsed().as_secs_f64(), flops as u64);
+        }
+        Ok(r)
+    }
 }
 
 /// A chunk of queries: batch row `b`, queries `q0 .. q0 + qc` at positions `first ..`, which
@@ -170,7 +201,7 @@ const VALUES: (usize, u32) = (2, 0b10);
 /// One chunk's indexer scores: `g = q k^T * scale` for its queries over the keys they see, then
 /// `index_combine` into rows `out_row0 ..` of `out` (rows of `cols` keys, -inf past a query's).
 fn chunk_scores(
-    (gpu, products, g): (&Gpu, &Products, &mut Option<Buf<f32>>),
+    (gpu, products, ws, g): (&Gpu, &Products, &Workspace, &mut Option<Buf<f32>>),
     (qk, w): (&IndexOperands, &Buf<f32>),
     c: &Chunk,
     [s, t, n, d]: [usize; 4],
@@ -181,18 +212,21 @@ fn chunk_scores(
     let row0 = c.b * s + c.q0;
     // g^T [t_eff, qc * n] = k[b, :t_eff] (d x t_eff, transposed) x q rows (d x qc * n); split, the
     // same over 3d.
-    match qk {
+    let flops = 2 * c.t_eff * c.qc * n * d;
+    ws.step(gpu, ("indexer: q k products", flops), || match qk {
         IndexOperands::F32(q, k) => {
             let cfg = batch((true, false), [c.t_eff, c.qc * n, d], [d, d, c.t_eff], [0, 0, 0], 1, scale, 0.0)?;
-            products.batched(cfg, (k, c.b * t * d), (q, row0 * n * d), (g, 0))?;
+            products.batched(cfg, (k, c.b * t * d), (q, row0 * n * d), (&mut *g, 0))
         }
         IndexOperands::Split(q, k) => {
             let d3 = 3 * d;
             let cfg = batch((true, false), [c.t_eff, c.qc * n, d3], [d3, d3, c.t_eff], [0, 0, 0], 1, scale, 0.0)?;
-            products.batched_bf16(cfg, (k, c.b * t * d3), (q, row0 * n * d3), (g, 0))?;
+            products.batched_bf16(cfg, (k, c.b * t * d3), (q, row0 * n * d3), (&mut *g, 0))
         }
-    }
-    gpu.index_combine(g, w, out, [c.qc, n, c.t_eff, cols], (row0, out_row0), c.first)
+    })?;
+    ws.step(gpu, ("indexer: index_combine", 0), || {
+        gpu.index_combine(g, w, out, [c.qc, n, c.t_eff, cols], (row0, out_row0), c.first)
+    })
 }
 
 /// Calls `f` with the indexer's q [B, S, n, d] and k [B, T, d] as this precision's products
@@ -209,9 +243,11 @@ fn index_operands<R>(
     let (mut qs, mut ks) = (ws.split_q.borrow_mut(), ws.split_k.borrow_mut());
     let one = |rows| Split { rows, heads: 1, a: [0, d, 0, d], b: [0; 4] };
     let qs = scratch(gpu, &mut qs, batch_n * s * n * 3 * d)?;
-    gpu.split_bf16((q, q), &one(batch_n * s * n), qs, QUERIES)?;
     let ks = scratch(gpu, &mut ks, batch_n * t * 3 * d)?;
-    gpu.split_bf16((k, k), &one(batch_n * t), ks, KEYS)?;
+    ws.step(gpu, ("indexer: split bf16", 0), || {
+        gpu.split_bf16((q, q), &one(batch_n * s * n), &mut *qs, QUERIES)?;
+        gpu.split_bf16((k, k), &one(batch_n * t), &mut *ks, KEYS)
+    })?;
     f(&IndexOperands::Split(qs, ks))
 }
 
@@ -229,7 +265,7 @@ pub fn index_scores(
         let mut g = ws.products.borrow_mut();
         for c in chunks(batch_n, [s, t, offset], chunk_values, n * t) {
             let row0 = c.b * s + c.q0;
-            chunk_scores((gpu, products, &mut g), (qk, w), &c, [s, t, n, d], scale, (&mut scores, row0, t))?;
+            chunk_scores((gpu, products, ws, &mut g), (qk, w), &c, [s, t, n, d], scale, (&mut scores, row0, t))?;
         }
         Ok(())
     })?;
@@ -255,13 +291,21 @@ pub fn index_topk(
             // Rows as wide as the keys the chunk sees (at least K, which the top-k requires).
             let cols = c.t_eff.max(kk).min(t);
             let scores = scratch(gpu, &mut scores, c.qc * cols)?;
-            chunk_scores((gpu, products, &mut g), (qk, w), &c, [s, t, n, d], scale, (&mut *scores, 0, cols))?;
+            chunk_scores((gpu, products, ws, &mut g), (qk, w), &c, [s, t, n, d], scale, (&mut *scores, 0, cols))?;
             // Row i of the chunk is the query at position first + i.
             let (ci, cm) = (scratch(gpu, &mut chunk_idx, c.qc * kk)?, scratch(gpu, &mut chunk_margin, c.qc)?);
-            gpu.topk_causal_by(gpu.topk_path(cols, kk), scores, [c.qc, c.qc, cols, c.first, kk], ci, cm)?;
-            let row0 = c.b * s + c.q0;
-            gpu.copy_into(ci, c.qc * kk, &mut idx, row0 * kk)?;
-            gpu.copy_into(cm, c.qc, &mut margin, row0)?;
+            ws.step(gpu, ("indexer: top-k", 0), || {
+                gpu.topk_causal_by(
+                    gpu.topk_path(cols, kk),
+                    scores,
+                    [c.qc, c.qc, cols, c.first, kk],
+                    &mut *ci,
+                    &mut *cm,
+                )?;
+                let row0 = c.b * s + c.q0;
+                gpu.copy_into(ci, c.qc * kk, &mut idx, row0 * kk)?;
+                gpu.copy_into(cm, c.qc, &mut margin, row0)
+            })?;
         }
         Ok(())
     })?;
@@ -283,12 +327,16 @@ pub fn masked(
     let (mut p, mut mask) = (ws.products.borrow_mut(), ws.mask.borrow_mut());
     let mut split = match products.precision {
         Precision::F32 => None,
-        Precision::Bf16 => Some(SplitQkv::new((gpu, ws), (q, kv, k_rope), dims)?),
+        Precision::Bf16 => {
+            Some(ws.step(gpu, ("attention: split bf16", 0), || SplitQkv::new((gpu, ws), (q, kv, k_rope), dims))?)
+        }
     };
     for c in chunks(batch_n, [s, t, offset], chunk_values, nh * t) {
         let (p, mask) = (scratch(gpu, &mut p, nh * c.qc * c.t_eff)?, scratch(gpu, &mut mask, c.qc * c.t_eff)?);
         match split.as_mut() {
-            None => masked_chunk_f32((gpu, products), (q, kv, k_rope, idx), (p, mask), &c, dims, scale, &mut out)?,
+            None => ws.step(gpu, ("attention: a chunk in f32", 0), || {
+                masked_chunk_f32((gpu, products), (q, kv, k_rope, idx), (p, mask), &c, dims, scale, &mut out)
+            })?,
             Some(sp) => sp.chunk((gpu, products, ws), idx, (p, mask), &c, dims, scale, &mut out)?,
         }
     }
@@ -380,18 +428,25 @@ impl<'w> SplitQkv<'w> {
         // Per head h: scores_h^T [t_eff, qc] = keys_h (3w x t_eff, transposed) x queries_h.
         let cfg =
             batch((true, false), [t_eff, qc, w3], [w3, w3, t_eff], [bt * w3, bs * w3, qc * t_eff], nh, scale, 0.0)?;
-        products.batched_bf16(cfg, (ks, key0 * w3), (qs, row0 * w3), (p, 0))?;
-        gpu.selection_mask(idx, row0 * kk, mask, [qc, kk, t_eff], first)?;
+        ws.step(gpu, ("attention: scores (one bf16 product)", 2 * nh * t_eff * qc * w3), || {
+            products.batched_bf16(cfg, (ks, key0 * w3), (qs, row0 * w3), (&mut *p, 0))
+        })?;
         let mut ps = ws.split_p.borrow_mut();
         let ps = scratch(gpu, &mut ps, nh * qc * 2 * t_eff)?;
-        gpu.masked_softmax_split(p, mask, ps, nh * qc, [qc, t_eff])?;
+        ws.step(gpu, ("attention: selection mask, softmax", 0), || {
+            gpu.selection_mask(idx, row0 * kk, &mut *mask, [qc, kk, t_eff], first)?;
+            gpu.masked_softmax_split(p, mask, &mut *ps, nh * qc, [qc, t_eff])
+        })?;
         // out_h^T [vd, qc] = v_h (vd x t_eff) x P_h^T (t_eff x qc), into out's rows at head h:
         // v_hi P_hi + v_lo P_hi + v_hi P_lo.
         let (v2, p2) = (2 * vd, 2 * t_eff);
-        for (v_half, p_half, beta) in [(0, 0, 0.0), (vd, 0, 1.0), (0, t_eff, 1.0)] {
-            let cfg = batch((false, false), [vd, qc, t_eff], [v2, p2, nh * vd], [bt * v2, qc * p2, vd], nh, 1.0, beta)?;
-            products.batched_bf16(cfg, (vs, key0 * v2 + v_half), (ps, p_half), (&mut *out, row0 * nh * vd))?;
-        }
-        Ok(())
+        ws.step(gpu, ("attention: values (three bf16 products)", 6 * nh * vd * qc * t_eff), || {
+            for (v_half, p_half, beta) in [(0, 0, 0.0), (vd, 0, 1.0), (0, t_eff, 1.0)] {
+                let cfg =
+                    batch((false, false), [vd, qc, t_eff], [v2, p2, nh * vd], [bt * v2, qc * p2, vd], nh, 1.0, beta)?;
+                products.batched_bf16(cfg, (vs, key0 * v2 + v_half), (ps, p_half), (&mut *out, row0 * nh * vd))?;
+            }
+            Ok(())
+        })
     }
 }

@@ -138,6 +138,14 @@ impl Ops for CudaOps {
         self.gpu.synchronize()
     }
 
+    fn set_step_profiling(&self, on: bool) {
+        self.workspace.set_profiling(on);
+    }
+
+    fn step_profile(&self) -> Option<crate::device::profile::Profile> {
+        self.workspace.profile()
+    }
+
     fn rms_norm(&self, x: &Self::F, w: &Self::F, rows: usize, cols: usize, eps: f32) -> Result<Self::F> {
         let mut y = self.gpu.output(rows * cols)?;
         self.gpu.rms_norm(x, w, &mut y, rows, cols, eps)?;

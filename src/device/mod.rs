@@ -277,6 +277,15 @@ pub trait Ops {
         Ok(())
     }
 
+    /// Starts (or stops) timing the backend's own steps inside its ops (the CUDA backend's
+    /// attention and indexer: splits, products, masks, top-k); nothing to time by default.
+    fn set_step_profiling(&self, _on: bool) {}
+
+    /// The steps timed since [`Ops::set_step_profiling`] started them (None where not timed).
+    fn step_profile(&self) -> Option<profile::Profile> {
+        None
+    }
+
     /// The expert GEMMs: for each group `(w, start, count)`, rows `start .. start + count` of
     /// `x` [*, k] times `w` [n, k]^T into the same rows of `y` [*, n]. One op, so a device can
     /// prepare the activations once for all of them (bf16 mode rounds them once).
