@@ -264,3 +264,28 @@ fn the_tui_in_bf16_takes_the_bf16_reference_and_tolerance() {
     let reference = dir.join("reference-bf16.safetensors");
     assert!(src.title().ends_with(&format!("vs reference {}", reference.display())), "{}", src.title());
 }
+
+/// The benchmark on the emulation in bf16 mode times the attention's and the indexer's own
+/// steps: the split operands, the products (their FLOPs counted with all three split terms) and
+/// the softmax, inside the profiled prefill.
+#[test]
+fn the_benchmark_times_the_split_attentions_steps() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
+    let model = glimpse::model::Model::load(&glimpse::checkpoint::Checkpoint::open(&dir).unwrap()).unwrap();
+    let ops = CudaOps::new(Gpu::emulated(), Precision::Bf16).unwrap();
+    let r = glimpse::bench::run_device(&ops, &model, 6, 1).unwrap();
+    let steps = r.steps.as_ref().expect("the CUDA ops time their steps");
+    let names: Vec<&str> = steps.sections.iter().map(|s| s.name).collect();
+    for name in ["indexer: split bf16", "indexer: top-k", "attention: split bf16", "attention: selection mask, softmax"]
+    {
+        assert!(names.contains(&name), "{name} in {names:?}");
+    }
+    let c = &model.config;
+    let (_, scores) = steps.total("attention: scores");
+    let heads = c.num_attention_heads * c.num_hidden_layers;
+    // One chunk of 6 queries over 6 keys a layer, three terms of the q k width.
+    assert_eq!(scores, (2 * heads * 6 * 6 * 3 * (c.qk_nope_head_dim + c.qk_rope_head_dim)) as u64);
+    assert!(r.render().contains("inside the attention's and the indexer's sections, the steps:"));
+    // Profiling stops with the profiled prefill.
+    assert!(ops.step_profile().is_none());
+}

@@ -50,6 +50,27 @@ fn the_device_benchmark_counts_the_matmul_flops_of_a_prefill() {
     assert_eq!(r.flops_last, r.flops - 2 * (t - 1) * (c.vocab_size * h) as u64);
     assert_eq!((r.runs.len(), r.runs_last.len()), (2, 2));
     assert!(r.render().contains("prefill 16 tokens, logits left on the device: median"), "{}", r.render());
+    // The profiled prefill's sections hold every counted product once, each attention section
+    // ran once a layer, and the expert GEMMs are the routed experts' 3 products of top-k rows.
+    let p = &r.profile;
+    let counted: u64 =
+        p.sections.iter().filter(|s| !s.name.ends_with("top-k") && !s.name.contains("softmax")).map(|s| s.flops).sum();
+    assert_eq!(counted, r.flops, "{}", p.render());
+    let layers = c.num_hidden_layers;
+    for name in ["attention: projections, norms, RoPE", "attention: scores, softmax, values", "attention: o_proj"] {
+        assert_eq!(p.sections.iter().find(|s| s.name == name).map(|s| s.calls), Some(layers), "{name}");
+    }
+    let moe = (0..layers).filter(|&i| c.mlp_kind(i) == glimpse::config::MlpKind::Moe).count() as u64;
+    let (_, expert_flops) = p.total("expert GEMMs");
+    let per_layer = 2 * t * (c.num_experts_per_tok * 3 * c.moe_intermediate_size * h) as u64;
+    assert_eq!(expert_flops, moe * per_layer);
+    // The attention's products: 2 x (nope + rope + v) x heads for each (query, selected key) pair.
+    let (_, attn) = p.total("attention: scores, softmax, values");
+    let k = (c.index_topk as u64).min(t); // each query's selected keys, fewer at the start
+    let pairs: u64 = (1..=t).map(|p| p.min(k)).sum();
+    let widths = (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * c.num_attention_heads;
+    assert_eq!(attn, layers as u64 * 2 * pairs * widths as u64);
+    assert!(r.steps.is_none(), "the host ops time no steps of their own");
 }
 
 /// `LogitRows::Last` computes the last row of each sequence's logits (batch 2 here).

@@ -1,21 +1,28 @@
 //! The attention's two quadratic steps as cuBLAS products plus small kernels, a chunk of
 //! queries at a time:
-//! - the indexer's scores: `g = q k^T * scale` for every index head in one SGEMM
+//! - the indexer's scores: `g = q k^T * scale` for every index head in one product
 //!   (`[qc * n, d] x [d, t]`), then `index_combine` (relu, weighted sum over heads, causal -inf);
 //!   [`index_topk`] takes each chunk's top-k right after, so no more than a chunk's scores exist;
 //! - attention over DSA's selection in the masked form: per-head scores
-//!   `q_nope k_nope^T + q_rope k_rope^T` (two strided-batched SGEMMs over the heads, the second
-//!   with the shared RoPE key at stride 0), `selection_mask` + `masked_softmax`, then `P v` (a
-//!   third), written straight into `[S, nh, vd]`.
+//!   `q_nope k_nope^T + q_rope k_rope^T` (strided-batched products over the heads, the RoPE key
+//!   shared by them), `selection_mask` + a masked softmax, then `P v`, written straight into
+//!   `[S, nh, vd]`.
 //!
 //! The masked form computes every causal key's score and throws away the unselected ones, so it
 //! does `t / K` times the gathered kernel's arithmetic; but on cuBLAS instead of one thread
 //! block per (query, head). While every causal key is selected (prefills up to `index_topk`
 //! tokens, 2048 on GLM-5) the two do the same work; [`AttentionPath::choose`] keeps the masked
-//! form up to [`MASKED_MAX_RATIO`] times that. The products are SGEMM in both precisions
-//! (`Products::batched`): the scores over thousands of keys are where narrower inputs cost the
-//! most accuracy (TF32's put a golden case past bf16's tolerance), the bf16 reference computes
-//! them in f32, and at GLM-5's widths they are about a tenth of a 2048-token prefill's arithmetic.
+//! form up to [`MASKED_MAX_RATIO`] times that.
+//!
+//! The products keep about f32's accuracy in both precisions: the scores over thousands of keys
+//! are where narrower inputs cost the most (TF32's 10 mantissa bits put a golden case past bf16's
+//! tolerance), and the bf16 reference computes them in f32. f32 mode runs them as SGEMM
+//! (`Products::batched`). bf16 mode splits each operand into bf16 halves, `x = hi + lo`
+//! (`split_bf16`, `masked_softmax_split`), and multiplies `hi hi + hi lo + lo hi` on tensor cores
+//! (`Products::batched_bf16`): about 16 mantissa bits, three times the products, and on an H200
+//! 5.7 ms instead of 10.2 for a 2048-token prefill's two layers (docs/gpu-results.md). The scores
+//! take the three terms as one product along k (rows `[hi | lo | hi]` against `[hi | hi | lo]`,
+//! so the large output is written once); `P v` as three accumulated into the small output.
 //!
 //! Chunks bound the scratch: a chunk's products hold at most [`CHUNK_VALUES`] floats, and a
 //! chunk only reaches the keys its last query can see.

@@ -14,8 +14,9 @@
 //! source on the host (build.rs compiles it as C++), so `--device cuda-emu` checks the kernels'
 //! logic without a GPU. Status: every kernel compiles with NVRTC (tested, in CI too), passes its
 //! parity check in the emulation, and the forward pass through them matches every golden case
-//! there in both precisions (bf16 against transformers run with bf16 products); nothing has run
-//! on a GPU yet.
+//! there in both precisions (bf16 against transformers run with bf16 products). On an H200
+//! (2026-12-01) every kernel passed its parity check, every golden case passed in both precisions,
+//! and memcheck found nothing: docs/gpu-results.md.
 
 pub mod attention;
 pub mod emu;

@@ -40,7 +40,8 @@ pub enum Precision {
     F32,
     /// bf16 in (weights as stored or rounded once at upload, activations rounded before each
     /// product), f32 accumulate, on tensor cores; the indexer's and the attention's score and
-    /// value products in f32 (SGEMM): held to atol = rtol = 2e-2.
+    /// value products as split bf16 (each operand `hi + lo`, three bf16 products: about 16
+    /// mantissa bits): held to atol = rtol = 2e-2.
     Bf16,
 }
 
