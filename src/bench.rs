@@ -173,8 +173,8 @@ pub struct DeviceBench {
     /// One more prefill (every position's logits), profiled: each section timed between
     /// synchronisations.
     pub profile: crate::device::profile::Profile,
-    /// The backend's own steps inside its ops in that prefill (the CUDA attention's and
-    /// indexer's), where it times them.
+    /// The backend's own steps inside its ops (the CUDA attention's and indexer's) in one more
+    /// prefill, where it times them.
     pub steps: Option<crate::device::profile::Profile>,
 }
 
@@ -211,12 +211,16 @@ pub fn run_device<O: crate::device::Ops>(ops: &O, model: &Model, tokens: usize, 
         runs.push(prefill(LogitRows::All)?.0);
         runs_last.push(prefill(LogitRows::Last)?.0);
     }
+    // Two more prefills, one profiled by sections and one by the backend's steps, so neither
+    // profile's synchronisations slow the other's; profiling stops whether or not they ran.
     device.set_profiling(true);
-    ops.set_step_profiling(true);
-    device.forward_on_device(&tokens_t, LogitRows::All, &mut NoObserver)?;
-    let (profile, steps) = (device.profile().unwrap_or_default(), ops.step_profile());
+    let profile = device.forward_on_device(&tokens_t, LogitRows::All, &mut NoObserver).map(|_| device.profile());
     device.set_profiling(false);
+    let profile = profile?.unwrap_or_default();
+    ops.set_step_profiling(true);
+    let steps = device.forward_on_device(&tokens_t, LogitRows::All, &mut NoObserver).map(|_| ops.step_profile());
     ops.set_step_profiling(false);
+    let steps = steps?;
     Ok(DeviceBench { upload_s, first_s, download_s, tokens, runs, runs_last, flops, flops_last, profile, steps })
 }
 
@@ -280,7 +284,10 @@ impl DeviceBench {
             + &self.profile.render()
             + &match &self.steps {
                 Some(steps) => {
-                    format!("inside the attention's and the indexer's sections, the steps:\n{}", steps.render())
+                    format!(
+                        "one more prefill, the steps inside the attention's and the indexer's sections:\n{}",
+                        steps.render()
+                    )
                 }
                 None => String::new(),
             }

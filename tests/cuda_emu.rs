@@ -285,7 +285,11 @@ fn the_benchmark_times_the_split_attentions_steps() {
     let heads = c.num_attention_heads * c.num_hidden_layers;
     // One chunk of 6 queries over 6 keys a layer, three terms of the q k width.
     assert_eq!(scores, (2 * heads * 6 * 6 * 3 * (c.qk_nope_head_dim + c.qk_rope_head_dim)) as u64);
-    assert!(r.render().contains("inside the attention's and the indexer's sections, the steps:"));
+    assert!(r.render().contains("the steps inside the attention's and the indexer's sections:"));
+    let (_, qk) = steps.total("indexer: q k products");
+    let (n, d) = (c.index_n_heads, c.index_head_dim);
+    let full = (0..c.num_hidden_layers).filter(|&i| c.indexer_kind(i) == glimpse::config::IndexerKind::Full).count();
+    assert_eq!(qk, (full * 2 * 6 * 6 * n * d * 3) as u64, "three terms of the indexer's products too");
     // Profiling stops with the profiled prefill.
     assert!(ops.step_profile().is_none());
 }

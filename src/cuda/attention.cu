@@ -66,7 +66,9 @@ extern "C" __global__ void sparse_attention(const float* q, const float* kv, con
 //     masked-in keys, 0 elsewhere (a row with no key is NaN, as in the gathered form). One block
 //     per row.
 //   masked_softmax_split: the same softmax, written as split bf16 (convert.cu's split_bf16) rows
-//     [hi | lo] of out [heads, qc, 2 t_eff] for the bf16 mode's value products; scores untouched.
+//     of out [heads, qc, 2 half], the high halves at 0 and the low ones at half (>= t_eff: rows
+//     padded so each half starts 16-byte aligned for cuBLAS), for the bf16 mode's value products;
+//     scores untouched.
 
 extern "C" __global__ void selection_mask(const int* idx, long long idx0, float* mask, int kk, int t_eff, int first) {
     int i = blockIdx.x, p = first + i;
@@ -99,12 +101,12 @@ extern "C" __global__ void masked_softmax(float* scores, const float* mask, int 
 }
 
 extern "C" __global__ void masked_softmax_split(const float* scores, const float* mask, bf16_t* out, int qc,
-                                                int t_eff) {
+                                                int t_eff, int half) {
     long long r = blockIdx.x;
     const float* row = scores + r * t_eff;
     const float* m = mask + (r % qc) * t_eff;
-    bf16_t* hi = out + r * 2 * t_eff;
-    bf16_t* lo = hi + t_eff;
+    bf16_t* hi = out + r * 2 * half;
+    bf16_t* lo = hi + half;
     float local_max = -INFINITY;
     for (int j = threadIdx.x; j < t_eff; j += blockDim.x)
         if (m[j] != 0.0f) local_max = fmaxf(local_max, row[j]);
@@ -113,7 +115,8 @@ extern "C" __global__ void masked_softmax_split(const float* scores, const float
     for (int j = threadIdx.x; j < t_eff; j += blockDim.x) local_sum += m[j] != 0.0f ? expf(row[j] - mx) : 0.0f;
     float inv = 1.0f / block_sum(local_sum);
     for (int j = threadIdx.x; j < t_eff; j += blockDim.x) {
-        float p = m[j] != 0.0f ? expf(row[j] - mx) * inv : 0.0f;
+        // As masked_softmax: 0 * inv, so a row with no key (inv infinite) is NaN.
+        float p = (m[j] != 0.0f ? expf(row[j] - mx) : 0.0f) * inv;
         bf16_t h = f32_to_bf16(p);
         hi[j] = h;
         lo[j] = f32_to_bf16(p - bf16_to_f32(h));

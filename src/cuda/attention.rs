@@ -25,7 +25,9 @@
 //! so the large output is written once); `P v` as three accumulated into the small output.
 //!
 //! Chunks bound the scratch: a chunk's products hold at most [`CHUNK_VALUES`] floats, and a
-//! chunk only reaches the keys its last query can see.
+//! chunk only reaches the keys its last query can see. bf16 mode also holds the split keys and
+//! values whole (`SplitQkv`: 2.5 KB a key and head at GLM-5's widths), and the indexer's split
+//! queries and keys (0.8 KB a query, as many bytes a key).
 
 use std::cell::RefCell;
 
@@ -89,7 +91,8 @@ pub struct Workspace {
     scores: RefCell<Option<Buf<f32>>>,
     chunk_idx: RefCell<Option<Buf<i32>>>,
     chunk_margin: RefCell<Option<Buf<f32>>>,
-    /// bf16 mode: the split operands (queries, keys, values, a chunk's probabilities).
+    /// bf16 mode: the split operands (a chunk's queries, or the indexer's whole; the keys; the
+    /// values; a chunk's probabilities).
     split_q: RefCell<Option<Buf<u16>>>,
     split_k: RefCell<Option<Buf<u16>>>,
     split_v: RefCell<Option<Buf<u16>>>,
@@ -219,8 +222,9 @@ fn chunk_scores(
     let row0 = c.b * s + c.q0;
     // g^T [t_eff, qc * n] = k[b, :t_eff] (d x t_eff, transposed) x q rows (d x qc * n); split, the
     // same over 3d.
-    let flops = 2 * c.t_eff * c.qc * n * d;
-    ws.step(gpu, ("indexer: q k products", flops), || match qk {
+    // FLOPs as issued: the split products do three terms.
+    let terms = if matches!(qk, IndexOperands::Split(..)) { 3 } else { 1 };
+    ws.step(gpu, ("indexer: q k products", 2 * c.t_eff * c.qc * n * d * terms), || match qk {
         IndexOperands::F32(q, k) => {
             let cfg = batch((true, false), [c.t_eff, c.qc * n, d], [d, d, c.t_eff], [0, 0, 0], 1, scale, 0.0)?;
             products.batched(cfg, (k, c.b * t * d), (q, row0 * n * d), (&mut *g, 0))
@@ -335,7 +339,7 @@ pub fn masked(
     let mut split = match products.precision {
         Precision::F32 => None,
         Precision::Bf16 => {
-            Some(ws.step(gpu, ("attention: split bf16", 0), || SplitQkv::new((gpu, ws), (q, kv, k_rope), dims))?)
+            Some(ws.step(gpu, ("attention: split bf16", 0), || SplitQkv::new((gpu, ws), (kv, k_rope), dims))?)
         }
     };
     for c in chunks(batch_n, [s, t, offset], chunk_values, nh * t) {
@@ -344,7 +348,7 @@ pub fn masked(
             None => ws.step(gpu, ("attention: a chunk in f32", 0), || {
                 masked_chunk_f32((gpu, products), (q, kv, k_rope, idx), (p, mask), &c, dims, scale, &mut out)
             })?,
-            Some(sp) => sp.chunk((gpu, products, ws), idx, (p, mask), &c, dims, scale, &mut out)?,
+            Some(sp) => sp.chunk((gpu, products, ws), (q, idx), (p, mask), &c, dims, scale, &mut out)?,
         }
     }
     Ok(out)
@@ -381,43 +385,41 @@ fn masked_chunk_f32(
     products.batched(pv_cfg, (kv, key0 * kvw + nope), (p, 0), (out, row0 * nh * vd))
 }
 
-/// The masked form's operands in bf16 mode, split once for every chunk (`Gpu::split_bf16`):
-/// per head, the keys' rows `[k_nope_h k_rope]` as `[hi | lo | hi]`, the queries' as
-/// `[hi | hi | lo]` (one product of three terms along k gives the scores), the values' as
-/// `[hi | lo]`; each chunk's probabilities are split the same way by `masked_softmax_split`,
-/// and `P v` is three products (`hi hi + hi lo + lo hi`) accumulated in f32.
+/// The masked form's operands in bf16 mode (`Gpu::split_bf16`): per head, the keys' rows
+/// `[k_nope_h k_rope]` as `[hi | lo | hi]` and the values' as `[hi | lo]`, split once for every
+/// chunk; each chunk's queries as `[hi | hi | lo]` (one product of three terms along k gives the
+/// scores) and its probabilities as `[hi | lo]` (`masked_softmax_split`), so `P v` is three
+/// products (`hi hi + hi lo + lo hi`) accumulated in f32. The keys and values are held whole:
+/// 2.5 KB a key and head at GLM-5's widths (0.3 GB for 2048 tokens, 2.7 GB at the masked
+/// form's limit of 16k keys); the queries a chunk at a time.
 struct SplitQkv<'w> {
     keys: std::cell::RefMut<'w, Option<Buf<u16>>>,
-    queries: std::cell::RefMut<'w, Option<Buf<u16>>>,
     values: std::cell::RefMut<'w, Option<Buf<u16>>>,
 }
 
 impl<'w> SplitQkv<'w> {
     fn new(
         (gpu, ws): (&Gpu, &'w Workspace),
-        (q, kv, k_rope): (&Buf<f32>, &Buf<f32>, &Buf<f32>),
-        [batch_n, s, t, nh, nope, rd, vd, _, _]: [usize; 9],
+        (kv, k_rope): (&Buf<f32>, &Buf<f32>),
+        [batch_n, _, t, nh, nope, rd, vd, _, _]: [usize; 9],
     ) -> Result<Self> {
         let (qk, kvw) = (nope + rd, nh * (nope + vd)); // a head's score width; kv's row width
-        let (mut keys, mut queries, mut values) =
-            (ws.split_k.borrow_mut(), ws.split_q.borrow_mut(), ws.split_v.borrow_mut());
+        let (mut keys, mut values) = (ws.split_k.borrow_mut(), ws.split_v.borrow_mut());
         let split = |rows, a, b| Split { rows, heads: nh, a, b };
         let ks = scratch(gpu, &mut keys, nh * batch_n * t * 3 * qk)?;
         gpu.split_bf16((kv, k_rope), &split(batch_n * t, [0, kvw, nope + vd, nope], [0, rd, 0, rd]), ks, KEYS)?;
-        let qs = scratch(gpu, &mut queries, nh * batch_n * s * 3 * qk)?;
-        gpu.split_bf16((q, q), &split(batch_n * s, [0, nh * qk, qk, qk], [0; 4]), qs, QUERIES)?;
         let vs = scratch(gpu, &mut values, nh * batch_n * t * 2 * vd)?;
         gpu.split_bf16((kv, kv), &split(batch_n * t, [nope, kvw, nope + vd, vd], [0; 4]), vs, VALUES)?;
-        Ok(SplitQkv { keys, queries, values })
+        Ok(SplitQkv { keys, values })
     }
 
-    /// One chunk of [`masked`]: its scores in one bf16 product, the mask, the split softmax,
-    /// then `P v` in three.
+    /// One chunk of [`masked`]: its queries split, its scores in one bf16 product, the mask, the
+    /// split softmax, then `P v` in three.
     #[allow(clippy::too_many_arguments)]
     fn chunk(
         &mut self,
         (gpu, products, ws): (&Gpu, &Products, &Workspace),
-        idx: &Buf<i32>,
+        (q, idx): (&Buf<f32>, &Buf<i32>),
         (p, mask): (&mut Buf<f32>, &mut Buf<f32>),
         &Chunk { b, q0, qc, first, t_eff }: &Chunk,
         [batch_n, s, t, nh, nope, rd, vd, kk, _]: [usize; 9],
@@ -425,30 +427,33 @@ impl<'w> SplitQkv<'w> {
         out: &mut Buf<f32>,
     ) -> Result<()> {
         let none = || Error::Device("split operands missing".into());
-        let (ks, qs, vs) = (
-            self.keys.as_ref().ok_or_else(none)?,
-            self.queries.as_ref().ok_or_else(none)?,
-            self.values.as_ref().ok_or_else(none)?,
-        );
-        let (w3, bt, bs) = (3 * (nope + rd), batch_n * t, batch_n * s);
-        let (row0, key0) = (b * s + q0, b * t);
+        let (ks, vs) = (self.keys.as_ref().ok_or_else(none)?, self.values.as_ref().ok_or_else(none)?);
+        let (qk, bt) = (nope + rd, batch_n * t);
+        let (w3, row0, key0) = (3 * qk, b * s + q0, b * t);
+        let mut qs = ws.split_q.borrow_mut();
+        let qs = scratch(gpu, &mut qs, nh * qc * w3)?;
+        let queries = Split { rows: qc, heads: nh, a: [row0 * nh * qk, nh * qk, qk, qk], b: [0; 4] };
+        ws.step(gpu, ("attention: split bf16", 0), || gpu.split_bf16((q, q), &queries, &mut *qs, QUERIES))?;
         // Per head h: scores_h^T [t_eff, qc] = keys_h (3w x t_eff, transposed) x queries_h.
         let cfg =
-            batch((true, false), [t_eff, qc, w3], [w3, w3, t_eff], [bt * w3, bs * w3, qc * t_eff], nh, scale, 0.0)?;
+            batch((true, false), [t_eff, qc, w3], [w3, w3, t_eff], [bt * w3, qc * w3, qc * t_eff], nh, scale, 0.0)?;
         ws.step(gpu, ("attention: scores (one bf16 product)", 2 * nh * t_eff * qc * w3), || {
-            products.batched_bf16(cfg, (ks, key0 * w3), (qs, row0 * w3), (&mut *p, 0))
+            products.batched_bf16(cfg, (ks, key0 * w3), (qs, 0), (&mut *p, 0))
         })?;
+        // Each half of a probabilities' row starts 16 bytes aligned (8 bf16), as cuBLAS's fastest
+        // tensor-core kernels want their operands.
+        let half = t_eff.next_multiple_of(8);
         let mut ps = ws.split_p.borrow_mut();
-        let ps = scratch(gpu, &mut ps, nh * qc * 2 * t_eff)?;
+        let ps = scratch(gpu, &mut ps, nh * qc * 2 * half)?;
         ws.step(gpu, ("attention: selection mask, softmax", 0), || {
             gpu.selection_mask(idx, row0 * kk, &mut *mask, [qc, kk, t_eff], first)?;
-            gpu.masked_softmax_split(p, mask, &mut *ps, nh * qc, [qc, t_eff])
+            gpu.masked_softmax_split(p, mask, &mut *ps, nh * qc, [qc, t_eff, half])
         })?;
         // out_h^T [vd, qc] = v_h (vd x t_eff) x P_h^T (t_eff x qc), into out's rows at head h:
         // v_hi P_hi + v_lo P_hi + v_hi P_lo.
-        let (v2, p2) = (2 * vd, 2 * t_eff);
+        let (v2, p2) = (2 * vd, 2 * half);
         ws.step(gpu, ("attention: values (three bf16 products)", 6 * nh * vd * qc * t_eff), || {
-            for (v_half, p_half, beta) in [(0, 0, 0.0), (vd, 0, 1.0), (0, t_eff, 1.0)] {
+            for (v_half, p_half, beta) in [(0, 0, 0.0), (vd, 0, 1.0), (0, half, 1.0)] {
                 let cfg =
                     batch((false, false), [vd, qc, t_eff], [v2, p2, nh * vd], [bt * v2, qc * p2, vd], nh, 1.0, beta)?;
                 products.batched_bf16(cfg, (vs, key0 * v2 + v_half), (ps, p_half), (&mut *out, row0 * nh * vd))?;

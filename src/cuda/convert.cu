@@ -39,16 +39,21 @@ extern "C" __global__ void bf16_round(const float* x, long long start, bf16_t* o
 extern "C" __global__ void split_bf16(const float* a, long long a0, long long a_rs, long long a_hs, int a_w,
                                       const float* b, long long b0, long long b_rs, long long b_hs, int b_w,
                                       bf16_t* out, long long rows, int heads, int parts, int lo_parts) {
-    int w = a_w + b_w;
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)heads * rows * w) return;
-    int c = (int)(i % w);
-    long long hr = i / w; // h * rows + r
-    long long r = hr % rows;
+    // One block per (head, row), so the row's index is divided out once: with a thread per
+    // element and four 64-bit divisions each, the split took 0.72 ms a layer on an H200 for
+    // about 0.25 ms of memory traffic (docs/gpu-results.md; this form is not yet timed there).
+    long long hr = blockIdx.x; // h * rows + r
+    if (hr >= (long long)heads * rows) return;
     int h = (int)(hr / rows);
-    float x = c < a_w ? a[a0 + r * a_rs + h * a_hs + c] : b[b0 + r * b_rs + h * b_hs + (c - a_w)];
-    bf16_t hi = f32_to_bf16(x);
-    bf16_t lo = f32_to_bf16(x - bf16_to_f32(hi));
+    long long r = hr - (long long)h * rows;
+    const float* ar = a + a0 + r * a_rs + h * a_hs;
+    const float* br = b + b0 + r * b_rs + h * b_hs;
+    int w = a_w + b_w;
     bf16_t* row = out + hr * parts * w;
-    for (int p = 0; p < parts; p++) row[p * w + c] = (lo_parts >> p) & 1 ? lo : hi;
+    for (int c = threadIdx.x; c < w; c += blockDim.x) {
+        float x = c < a_w ? ar[c] : br[c - a_w];
+        bf16_t hi = f32_to_bf16(x);
+        bf16_t lo = f32_to_bf16(x - bf16_to_f32(hi));
+        for (int p = 0; p < parts; p++) row[p * w + c] = (lo_parts >> p) & 1 ? lo : hi;
+    }
 }

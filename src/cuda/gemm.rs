@@ -391,9 +391,8 @@ impl Products {
     /// `C_i = alpha op(A_i) op(B_i) + beta C_i` for each matrix i of a strided batch of f32
     /// operands (the attention's and the indexer's products, `cuda::attention`), on cuBLAS's
     /// column-major contract: SGEMM (f32 mode; bf16 mode splits the operands and takes
-    /// [`Products::batched_bf16`]). Each
-    /// operand is a buffer and the offset of its first matrix; every matrix of the batch must lie
-    /// inside its buffer (cuBLAS would not check).
+    /// [`Products::batched_bf16`]). Each operand is a buffer and the offset of its first matrix;
+    /// every matrix of the batch must lie inside its buffer (cuBLAS would not check).
     pub fn batched(
         &self,
         cfg: StridedBatchedConfig<f32>,

@@ -208,17 +208,6 @@ fn fits(kernel: &str, bufs: &[(usize, usize)]) -> Result<()> {
     }
 }
 
-/// Where [`Gpu::split_bf16`] reads: `rows` rows of `heads` segments, each segment `a`'s values
-/// then `b`'s, each source as [first value, row stride, head stride, width] (a head stride of 0
-/// shares one segment among the heads; a width of 0 reads nothing).
-#[derive(Debug, Clone, Copy)]
-pub struct Split {
-    pub rows: usize,
-    pub heads: usize,
-    pub a: [usize; 4],
-    pub b: [usize; 4],
-}
-
 /// Launches kernel `$name` with `$cfg` and the arguments in order (each one a reference).
 macro_rules! launch {
     ($gpu:expr, $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
@@ -243,7 +232,9 @@ macro_rules! launch {
     }};
 }
 
+mod split;
 mod topk;
+pub use split::Split;
 pub use topk::TopK;
 
 impl Gpu {
@@ -657,25 +648,6 @@ impl Gpu {
         launch!(self, "masked_softmax", per_item(rows, row_block(t_eff, 256), 0), [scores, mask, &q32, &te32])
     }
 
-    /// [`Gpu::masked_softmax`] written as split bf16 rows `[hi | lo]` into out [rows, 2 t_eff]
-    /// (`split_bf16`'s halves), the scores left as they are.
-    pub fn masked_softmax_split(
-        &self,
-        scores: &Buf<f32>,
-        mask: &Buf<f32>,
-        out: &mut Buf<u16>,
-        rows: usize,
-        [qc, t_eff]: [usize; 2],
-    ) -> Result<()> {
-        let kernel = "masked_softmax_split";
-        fits(kernel, &[(scores.len(), rows * t_eff), (mask.len(), qc * t_eff), (out.len(), rows * 2 * t_eff)])?;
-        if qc == 0 || !rows.is_multiple_of(qc) {
-            return Err(Error::Device(format!("{kernel}: {rows} rows are not heads of {qc} queries")));
-        }
-        let [q32, te32] = ints(kernel, [qc, t_eff])?;
-        launch!(self, kernel, per_item(rows, row_block(t_eff, 256), 0), [scores, mask, out, &q32, &te32])
-    }
-
     /// The pairs' expert ids [n] (pair p = token p / k's choice p % k) grouped by expert, from
     /// the groups' offsets [e] (prefix sums of `expert_counts`) -> slot [n] (each pair's packed
     /// row), rows [n] (each packed row's token).
@@ -768,39 +740,6 @@ impl Gpu {
         fits("bf16_round", &[(x.len(), start + n), (out.len(), n)])?;
         let (start64, n64) = (start as i64, n as i64);
         launch!(self, "bf16_round", cfg(n, 256, 0), [x, &start64, out, &n64])
-    }
-
-    /// Split bf16 copies (`split_bf16`) of `rows` rows of `heads` segments, each segment `a`'s
-    /// values then `b`'s ([`Split`] says where), into out [heads, rows, parts * w] with w the
-    /// segment's width, copy p holding the low halves where bit p of `lo_parts` is set.
-    pub fn split_bf16(
-        &self,
-        (a, b): (&Buf<f32>, &Buf<f32>),
-        split: &Split,
-        out: &mut Buf<u16>,
-        (parts, lo_parts): (usize, u32),
-    ) -> Result<()> {
-        let Split { rows, heads, a: [a0, a_rs, a_hs, a_w], b: [b0, b_rs, b_hs, b_w] } = *split;
-        let w = a_w + b_w;
-        // One past the last value a source is read at, for the last row and head.
-        let end = |[start, rs, hs, width]: [usize; 4]| match rows > 0 && heads > 0 && width > 0 {
-            true => start + (rows - 1) * rs + (heads - 1) * hs + width,
-            false => 0,
-        };
-        let need_out = heads * rows * parts * w;
-        fits("split_bf16", &[(a.len(), end(split.a)), (b.len(), end(split.b)), (out.len(), need_out)])?;
-        if parts == 0 || parts > 31 || lo_parts >> parts != 0 {
-            return Err(Error::Device(format!("split_bf16: low halves {lo_parts:#b} outside {parts} copies")));
-        }
-        let [a_w, b_w, h32, p32] = ints("split_bf16", [a_w, b_w, heads, parts])?;
-        let [a0, a_rs, a_hs, b0, b_rs, b_hs, rows64] = [a0, a_rs, a_hs, b0, b_rs, b_hs, rows].map(|v| v as i64);
-        let lo = lo_parts as i32;
-        launch!(
-            self,
-            "split_bf16",
-            cfg(heads * rows * w, 256, 0),
-            [a, &a0, &a_rs, &a_hs, &a_w, b, &b0, &b_rs, &b_hs, &b_w, out, &rows64, &h32, &p32, &lo]
-        )
     }
 
     /// Bytes copied to the device by [`Gpu::upload`] so far.

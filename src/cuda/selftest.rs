@@ -450,23 +450,30 @@ fn split_bf16(gpu: &Gpu, rng: &mut Rng) -> Result<Check> {
 }
 
 /// `masked_softmax_split` against `masked_softmax`: 2 heads of 3 queries over 37 keys, some
-/// masked out; hi + lo within 2^-16 of the f32 probabilities.
+/// masked out, the last query's all (its rows NaN in both), each half of a row padded to 40;
+/// hi + lo within 2^-16 of the f32 probabilities.
 fn masked_softmax_split(gpu: &Gpu, rng: &mut Rng) -> Result<Check> {
-    let (heads, qc, t_eff) = (2, 3, 37);
+    let (heads, qc, t_eff, width) = (2, 3, 37, 40); // width: each half of a row
     let scores = rng.vec(heads * qc * t_eff).iter().map(|v| 8.0 * v).collect::<Vec<_>>();
-    let mask: Vec<f32> = (0..qc * t_eff).map(|i| if i % 5 == 2 { 0.0 } else { 1.0 }).collect();
+    let none = (qc - 1) * t_eff; // the last query's keys, all masked out
+    let mask: Vec<f32> = (0..qc * t_eff).map(|i| if i % 5 == 2 || i >= none { 0.0 } else { 1.0 }).collect();
     let (d_scores, d_mask) = (gpu.upload(&scores)?, gpu.upload(&mask)?);
-    let mut split = gpu.filled(heads * qc * 2 * t_eff, u16::MAX)?;
-    gpu.masked_softmax_split(&d_scores, &d_mask, &mut split, heads * qc, [qc, t_eff])?;
+    let mut split = gpu.filled(heads * qc * 2 * width, u16::MAX)?;
+    gpu.masked_softmax_split(&d_scores, &d_mask, &mut split, heads * qc, [qc, t_eff, width])?;
     let mut want = gpu.upload(&scores)?;
     gpu.masked_softmax(&mut want, &d_mask, heads * qc, qc, t_eff)?;
     let split = gpu.download(&split)?;
     let widen = |b: u16| half::bf16::from_bits(b).to_f32();
     let got: Vec<f32> = split
-        .chunks_exact(2 * t_eff)
-        .flat_map(|row| (0..t_eff).map(move |j| widen(row[j]) + widen(row[t_eff + j])))
+        .chunks_exact(2 * width)
+        .flat_map(|row| (0..t_eff).map(move |j| widen(row[j]) + widen(row[width + j])))
         .collect();
-    Ok(check("masked_softmax_split", &got, &gpu.download(&want)?, 1.0 / 65536.0))
+    let want = gpu.download(&want)?;
+    // NaN is compared as such: the rows of the query with no key, NaN in both.
+    let nan_alike = got.iter().zip(&want).all(|(g, w)| g.is_nan() == w.is_nan()) && want.iter().any(|w| w.is_nan());
+    let finite = |v: &[f32]| -> Vec<f32> { v.iter().map(|x| if x.is_nan() { 0.0 } else { *x }).collect() };
+    let c = check("masked_softmax_split", &finite(&got), &finite(&want), 1.0 / 65536.0);
+    Ok(Check { ok: c.ok && nan_alike, ..c })
 }
 
 /// The attention's quadratic steps (`cuda::attention`) against `CpuOps`: the indexer's scores
