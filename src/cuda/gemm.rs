@@ -121,6 +121,13 @@ fn extent(rows: i32, cols: i32, ld: i32, stride: i64, batch: i32) -> Option<usiz
     usize::try_from((batch as i64 - 1) * stride + one).ok()
 }
 
+/// Checks a strided batch's operands ([`check_batched`]) and says whether it has any work.
+fn has_work(cfg: &StridedBatchedConfig<f32>, operands: [(usize, usize); 3]) -> Result<bool> {
+    check_batched(cfg, operands)?;
+    let g = &cfg.gemm;
+    Ok(cfg.batch_size > 0 && g.m > 0 && g.n > 0)
+}
+
 /// Refuses a strided batch whose operands do not lie inside their buffers (`(length, offset)`
 /// of A, B, C) or whose outputs overlap: cuBLAS checks neither, and the emulation, which runs the
 /// batch in order, would not notice an overlap. The outputs may interleave (the attention writes
@@ -400,9 +407,7 @@ impl Products {
         (b, b0): (&Buf<f32>, usize),
         (c, c0): (&mut Buf<f32>, usize),
     ) -> Result<()> {
-        check_batched(&cfg, [(a.len(), a0), (b.len(), b0), (c.len(), c0)])?;
-        let g = &cfg.gemm;
-        if cfg.batch_size == 0 || g.m == 0 || g.n == 0 {
+        if !has_work(&cfg, [(a.len(), a0), (b.len(), b0), (c.len(), c0)])? {
             return Ok(());
         }
         match (&self.blas, a, b, c) {
@@ -428,13 +433,12 @@ impl Products {
         (b, b0): (&Buf<u16>, usize),
         (c, c0): (&mut Buf<f32>, usize),
     ) -> Result<()> {
-        check_batched(&cfg, [(a.len(), a0), (b.len(), b0), (c.len(), c0)])?;
-        let g = &cfg.gemm;
-        if cfg.batch_size == 0 || g.m == 0 || g.n == 0 {
+        if !has_work(&cfg, [(a.len(), a0), (b.len(), b0), (c.len(), c0)])? {
             return Ok(());
         }
         match (&self.blas, a, b, c) {
             (Some((blas, stream)), Buf::Device(a), Buf::Device(b), Buf::Device(c)) => {
+                let g = &cfg.gemm;
                 let (av, bv, mut cv) = (a.slice(a0..), b.slice(b0..), c.slice_mut(c0..));
                 let (ap, _ra) = av.device_ptr(stream);
                 let (bp, _rb) = bv.device_ptr(stream);
