@@ -5,7 +5,8 @@
 #
 #   scripts/gpu-check.sh [GLIMPSE=gpu-bin/glimpse, else target/release/glimpse]
 #
-# Environment: DEVICE (cuda), MAX_MEMORY (9/10 of MemTotal: the VM's memory may grow after start), TOKENS (2048), EXPERTS (32), VOCAB (the preset's), PEAK_TFLOPS
+# Environment: DEVICE (cuda), MAX_MEMORY (9/10 of MemTotal: the VM's memory may grow after start), TOKENS (2048), EXPERTS (32), VOCAB (the preset's),
+# SANITIZE (1; 0 skips step 4, the sanitizer runs, for runs that only time a change), PEAK_TFLOPS
 # (989), BUDGET_S (350: the issue asks for under 6 minutes; every step's limit fits inside it),
 # SYNTH (the benchmark checkpoint's synth arguments, `--preset glm5 --layers 2 --experts
 # $EXPERTS`), PYTHON (python3) and TORCH_DEVICE (cuda) for the transformers side. Logs go to $OUT
@@ -178,7 +179,9 @@ declare -A sanitized=([memcheck]="not run" [racecheck]="not run")
 # Our kernels' names (src/cuda/mod.rs's KERNELS lists them; this runs in the repository).
 ours=$(sed -n '/pub const KERNELS/,/^];/p' "$(dirname "$0")/../src/cuda/mod.rs" 2>/dev/null |
   sed -n 's/.*&\[\(.*\)\].*/\1/p' | grep -o '"[a-z_0-9]*"' | tr -d '"' | paste -sd'|' -)
-if [ "$device" = cuda ] && [ -n "$sanitizer" ]; then
+if [ "${SANITIZE:-1}" = 0 ]; then
+  sanitized=([memcheck]="skipped (SANITIZE=0)" [racecheck]="skipped (SANITIZE=0)")
+elif [ "$device" = cuda ] && [ -n "$sanitizer" ]; then
   for tool in memcheck racecheck; do
     step "$tool" 90 "$sanitizer" --tool "$tool" --print-limit 20 --error-exitcode 3 "$glimpse" selftest \
       --device cuda --kernels-only
