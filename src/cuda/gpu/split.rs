@@ -68,7 +68,8 @@ impl Gpu {
                 "{kernel}: {rows} rows are not heads of {qc} queries, or halves of {half} hold fewer than {t_eff}"
             )));
         }
-        let [q32, te32, h32] = ints(kernel, [qc, t_eff, half])?;
-        launch!(self, kernel, per_item(rows, row_block(t_eff, 256), 0), [scores, mask, out, &q32, &te32, &h32])
+        let [r32, q32, te32, h32] = ints(kernel, [rows, qc, t_eff, half])?;
+        // A warp a row, 8 rows a block.
+        launch!(self, kernel, per_item(rows.div_ceil(8), 256, 0), [scores, mask, out, &r32, &q32, &te32, &h32])
     }
 }
