@@ -418,13 +418,16 @@ pub fn dispatch(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
     Ok(out)
 }
 
-/// `split_bf16` over 7 rows of 3 heads, each segment 5 values of a per-head source from an
-/// offset then 3 of a source shared by the heads, as `[hi | lo | hi]`: exactly the rounding of
+/// `split_bf16` over 7 rows of 3 heads, each segment 200 values of a per-head source from an
+/// offset then 100 of a source shared by the heads, as `[hi | lo | hi]`: exactly the rounding of
 /// x and of x - hi.
 fn split_bf16(gpu: &Gpu, rng: &mut Rng) -> Result<Check> {
     let (rows, heads, parts, lo_parts) = (7, 3, 3, 0b010);
-    let (a_at, b_at) = ([2, 16, 5, 5], [1, 4, 0, 3]); // [first, row stride, head stride, width]
-    let (a, b) = (rng.vec(2 + 6 * 16 + 2 * 5 + 5), rng.vec(1 + 6 * 4 + 3));
+    // [first, row stride, head stride, width]: a block of 256 threads goes round a row of 300
+    // values twice.
+    let (a_at, b_at) = ([2, 601, 200, 200], [1, 103, 0, 100]);
+    let end = |[first, rs, hs, w]: [usize; 4]| first + (rows - 1) * rs + (heads - 1) * hs + w;
+    let (a, b) = (rng.vec(end(a_at)), rng.vec(end(b_at)));
     let w = a_at[3] + b_at[3];
     let mut got = gpu.filled(heads * rows * parts * w, u16::MAX)?;
     let split = super::gpu::Split { rows, heads, a: a_at, b: b_at };
