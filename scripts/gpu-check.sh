@@ -29,7 +29,7 @@
 #    prefill of the same checkpoint and tokens in bf16, in both forms
 #    (scripts/transformers-prefill.py), and the speed ratios. Otherwise the table says so.
 # 4. With the time left: `selftest --kernels-only` under compute-sanitizer's memcheck and racecheck.
-# 5. Prints summary tables for docs/gpu-results.md. The logs are 8 files, the most the device tool
+# 5. Prints summary tables for docs/gpu-results.md, and the bf16 prefill's profiles. The logs are 8 files, the most the device tool
 #    brings back: a ninth would not come back.
 set -uo pipefail
 glimpse=${1:-$( [ -x gpu-bin/glimpse ] && echo gpu-bin/glimpse || echo target/release/glimpse )}
@@ -215,5 +215,12 @@ echo "| the same, logits_to_keep=1: ${t_median_last:-not measured} s | $(ratio "
 echo "| compute-sanitizer memcheck, kernels and products | ${sanitized[memcheck]} | |"
 echo "| compute-sanitizer racecheck, kernels and products | ${sanitized[racecheck]} | |"
 echo "total $(( $(date +%s) - start )) s"
+# The bf16 prefill's profiles (bench's sections, and the attention's steps), as bench printed them.
+if [ -s "$logs/bench-bf16.log" ] && grep -q '^one more prefill' "$logs/bench-bf16.log"; then
+  echo
+  echo '```'
+  sed -n '/^one more prefill/,$p' "$logs/bench-bf16.log" | grep -v '^device memory'
+  echo '```'
+fi
 } | tee "$logs/table.md"
 [ $rc -eq 0 ]
