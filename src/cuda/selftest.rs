@@ -452,9 +452,9 @@ fn split_bf16(gpu: &Gpu, rng: &mut Rng) -> Result<Check> {
     Ok(check("split_bf16", &got, &cpu, 0.0))
 }
 
-/// `masked_softmax_split` against `masked_softmax`: 2 heads of 3 queries over 37 keys, some
-/// masked out, the last query's all (its rows NaN in both), each half of a row padded to 40;
-/// hi + lo within 2^-16 of the f32 probabilities.
+/// `masked_softmax_split` against the softmax computed here in f64: 2 heads of 3 queries over 37
+/// keys, some masked out, the last query's all (its rows NaN, as `masked_softmax` makes them),
+/// each half of a row padded to 40; hi + lo within 2^-16 of the probabilities.
 fn masked_softmax_split(gpu: &Gpu, rng: &mut Rng) -> Result<Check> {
     let (heads, qc, t_eff, width) = (2, 3, 37, 40); // width: each half of a row
     let scores = rng.vec(heads * qc * t_eff).iter().map(|v| 8.0 * v).collect::<Vec<_>>();
@@ -463,15 +463,23 @@ fn masked_softmax_split(gpu: &Gpu, rng: &mut Rng) -> Result<Check> {
     let (d_scores, d_mask) = (gpu.upload(&scores)?, gpu.upload(&mask)?);
     let mut split = gpu.filled(heads * qc * 2 * width, u16::MAX)?;
     gpu.masked_softmax_split(&d_scores, &d_mask, &mut split, heads * qc, [qc, t_eff, width])?;
-    let mut want = gpu.upload(&scores)?;
-    gpu.masked_softmax(&mut want, &d_mask, heads * qc, qc, t_eff)?;
+    let want: Vec<f32> = scores
+        .chunks_exact(t_eff)
+        .enumerate()
+        .flat_map(|(r, row)| {
+            let kept = |j: usize| mask[(r % qc) * t_eff + j] != 0.0;
+            let max = (0..t_eff).filter(|&j| kept(j)).map(|j| row[j] as f64).fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = (0..t_eff).map(|j| if kept(j) { (row[j] as f64 - max).exp() } else { 0.0 }).collect();
+            let sum: f64 = e.iter().sum();
+            e.into_iter().map(move |x| (x / sum) as f32) // 0 / 0: NaN for a row with no key
+        })
+        .collect();
     let split = gpu.download(&split)?;
     let widen = |b: u16| half::bf16::from_bits(b).to_f32();
     let got: Vec<f32> = split
         .chunks_exact(2 * width)
         .flat_map(|row| (0..t_eff).map(move |j| widen(row[j]) + widen(row[width + j])))
         .collect();
-    let want = gpu.download(&want)?;
     // NaN is compared as such: the rows of the query with no key, NaN in both.
     let nan_alike = got.iter().zip(&want).all(|(g, w)| g.is_nan() == w.is_nan()) && want.iter().any(|w| w.is_nan());
     let finite = |v: &[f32]| -> Vec<f32> { v.iter().map(|x| if x.is_nan() { 0.0 } else { *x }).collect() };
