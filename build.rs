@@ -55,7 +55,14 @@ mod emu {
         src.push_str("    return -1;\n}\n");
         let path = out.join("glimpse_emu.cpp");
         std::fs::write(&path, src).expect("OUT_DIR is writable");
-        cc::Build::new().cpp(true).std("c++17").opt_level(2).file(&path).compile("glimpse_emu");
+        // `#pragma unroll` is for NVRTC; the host compiler may ignore it.
+        cc::Build::new()
+            .cpp(true)
+            .std("c++17")
+            .opt_level(2)
+            .flag_if_supported("-Wno-unknown-pragmas")
+            .file(&path)
+            .compile("glimpse_emu");
     }
 
     /// Appends one kernel file, rewritten where C++ differs from CUDA, and notes its kernels.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Writes golden/<case>/reference-bf16.safetensors for every committed case: transformers'
-# forward of the case's own tokens with bf16 products (every F.linear's input and weight rounded
-# to bf16, f32 accumulation; see golden/reference.py --products bf16), the reference glimpse's
+# forward of the case's own tokens with bf16 products (every F.linear's input and weight, and the
+# attention's q, k, probabilities and v, rounded to bf16, f32 accumulation; see
+# golden/reference.py --products bf16), the reference glimpse's
 # `--precision bf16` is verified against.
 #
 #   golden/bf16-references.sh [PYTHON=venv/bin/python]

@@ -18,9 +18,13 @@ Loading:
 `--products bf16` writes the reference for glimpse's bf16 mode (`--precision bf16`): the same f32
 run, except that every `torch.nn.functional.linear` (every projection, the router, each expert and
 the lm_head) gets its input and its weight rounded to bf16 (round to nearest even) and
-accumulates and returns f32; attention, the indexer's scores, norms, RoPE and routing stay f32.
-That is the arithmetic bf16 tensor cores do with f32 accumulation, computed by transformers' own
-modules, so glimpse's bf16 path is checked against the reference rather than against itself.
+accumulates and returns f32, and so do the attention's two products: the scores take q and k
+rounded to bf16, and `P v` the softmax's probabilities and v (the scores and the softmax stay
+f32, as in a bf16 flash attention; transformers' own bf16 run also rounds the scores). The
+indexer's scores (which transformers computes in f32 in a bf16 run too), norms, RoPE and routing
+stay f32. That is the arithmetic bf16 tensor cores do with f32 accumulation, computed by
+transformers' own modules, so glimpse's bf16 path is checked against the reference rather than
+against itself.
 The float64 rerun stays unrounded: where the bf16 run selects differently, that is reported.
 
 The hook code, the margin checks (plus a float64 rerun whose selections are compared) and the
@@ -41,6 +45,7 @@ import torch
 import transformers
 from safetensors import safe_open
 from transformers import GlmMoeDsaForCausalLM
+from transformers.models.glm_moe_dsa import modeling_glm_moe_dsa as M
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import generate as G  # noqa: E402  (golden/generate.py)
@@ -161,20 +166,47 @@ def source_text(kind: str, loader: str) -> str:
 
 
 class Bf16Products:
-    """Within it, `F.linear(x, w, b)` computes `bf16(x) @ bf16(w).T + b` in f32 (see the doc)."""
+    """Within it, `F.linear(x, w, b)` computes `bf16(x) @ bf16(w).T + b` in f32, and the attention's
+    two products take bf16 operands with f32 accumulation (see the doc)."""
 
     def __enter__(self):
         self.linear = torch.nn.functional.linear
+        self.attention = M.eager_attention_forward
         plain = self.linear
 
         def rounded(x, w, b=None):
             return plain(x.to(torch.bfloat16).to(x.dtype), w.to(torch.bfloat16).to(w.dtype), b)
 
         torch.nn.functional.linear = rounded
+        M.eager_attention_forward = bf16_attention
         return self
 
     def __exit__(self, *exc):
         torch.nn.functional.linear = self.linear
+        M.eager_attention_forward = self.attention
+
+
+def to_bf16(t: torch.Tensor) -> torch.Tensor:
+    """`t` rounded to bf16 (nearest even), kept in its own dtype."""
+    return t.to(torch.bfloat16).to(t.dtype)
+
+
+def bf16_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """transformers 5.24's `eager_attention_forward` with the operands of its two products rounded
+    to bf16: the scores `bf16(q) bf16(k)^T` and `bf16(P) bf16(v)` accumulate and stay f32, and the
+    softmax is f32 between them (what a bf16 flash attention computes)."""
+    Bf16Products.attention_calls += 1
+    key_states = M.repeat_kv(key, module.num_key_value_groups)
+    value_states = M.repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(to_bf16(query), to_bf16(key_states).transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = torch.nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_output = torch.matmul(to_bf16(attn_weights), to_bf16(value_states))
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
+
+
+Bf16Products.attention_calls = 0
 
 
 def storage_kind(stored: dict[str, torch.Tensor]) -> str:
@@ -197,7 +229,7 @@ def main(argv=None) -> int:
         "--products",
         choices=["f32", "bf16"],
         default="f32",
-        help="f32 (default), or bf16: every linear's input and weight rounded to bf16, f32 accumulation",
+        help="f32 (default), or bf16: every linear's and the attention's operands rounded to bf16, f32 accumulation",
     )
     args = ap.parse_args(argv)
 
@@ -233,6 +265,11 @@ def main(argv=None) -> int:
     if args.products == "bf16":
         with Bf16Products():
             tensors, scores = G.run_reference(model, input_ids)
+        # The patch must have reached every layer's attention (transformers looks the eager
+        # function up by name at each call; a version that bound it earlier would bypass it).
+        layers = cfg["num_hidden_layers"]
+        if Bf16Products.attention_calls < layers:
+            raise SystemExit(f"bf16 attention ran {Bf16Products.attention_calls} times for {layers} layers")
     else:
         tensors, scores = G.run_reference(model, input_ids)
     checks = G.check_selections(cfg, sd, tensors, scores, model)
@@ -243,7 +280,8 @@ def main(argv=None) -> int:
         "format": G.DUMP_FORMAT,
         "source": source_text(kind, loader)
         + (
-            "; bf16 products: every F.linear's input and weight rounded to bf16 (nearest even), f32 accumulation"
+            "; bf16 products: every F.linear's input and weight, and the attention's q, k, probabilities and v, "
+            "rounded to bf16 (nearest even), f32 accumulation"
             if args.products == "bf16"
             else ""
         ),

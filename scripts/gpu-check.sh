@@ -22,7 +22,8 @@
 #    CPU and through the prefill on the GPU in both precisions.
 # 2. A benchmark at GLM-5 layer shapes: `synth --preset glm5 --layers 2 --experts 32` (made here by
 #    the binary: one dense and one MoE layer), then `bench --device cuda` of a 2048-token prefill
-#    with bf16 and with f32 products, with every position's logits and with the last one's:
+#    with bf16 products (the default attention, then `--attention fused`) and with f32 products,
+#    with every position's logits and with the last one's:
 #    time, matrix-product TFLOP/s and the routed experts' GEMMs (one profiled prefill) against
 #    the card's dense bf16 peak (PEAK_TFLOPS, default 989: H100/H200 SXM), and device memory.
 # 3. When this machine's python has torch (with CUDA) and transformers: transformers' eager
@@ -80,19 +81,22 @@ tokens=${TOKENS:-2048}
 logs=${OUT:-${TMPDIR:-/tmp}/glimpse-gpu-check}
 mkdir -p "$logs"
 deadline=$(( start + ${BUDGET_S:-350} ))
-# step NAME CAP_SECONDS COMMAND...: runs COMMAND, its output teed to $logs/NAME.log.
+# step NAME CAP_SECONDS COMMAND...: runs COMMAND, its output teed to $logs/NAME.log (or, with
+# LOG=OTHER set, appended to $logs/OTHER.log: the device tool brings back 8 files, all taken).
 step() {
   local name=$1 cap=$2
   shift 2
+  local log="$logs/${LOG:-$name}.log"
+  [ -n "${LOG:-}" ] || : > "$log"
   local left=$(( deadline - $(date +%s) - 5 ))
   [ "$left" -lt "$cap" ] && cap=$left
   if [ "$cap" -le 0 ]; then
-    echo "$name: skipped, the check's time budget is spent" | tee "$logs/$name.log"
+    echo "$name: skipped, the check's time budget is spent" | tee -a "$log"
     return 124
   fi
-  timeout --kill-after=5 "$cap" "$@" 2>&1 | tee "$logs/$name.log"
+  timeout --kill-after=5 "$cap" "$@" 2>&1 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
-  case $rc in 124 | 137) echo "$name: stopped after its limit of $cap s" | tee -a "$logs/$name.log" ;; esac
+  case $rc in 124 | 137) echo "$name: stopped after its limit of $cap s" | tee -a "$log" ;; esac
   return "$rc"
 }
 
@@ -116,32 +120,39 @@ ckpt=${TMPDIR:-/tmp}/glimpse-gpu-$(echo "$synth_args${VOCAB:+ v$VOCAB}" | tr -cs
 t0=$(date +%s)
 if [ ! -e "$ckpt/config.json" ]; then
   # shellcheck disable=SC2086 # the synth arguments are words
-  step synth 120 "$glimpse" synth $synth_args ${VOCAB:+--vocab "$VOCAB"} --dtype bf16 --out "$ckpt" ||
+  LOG=selftest step synth 120 "$glimpse" synth $synth_args ${VOCAB:+--vocab "$VOCAB"} --dtype bf16 --out "$ckpt" ||
     { rc=1; rm -rf "$ckpt"; }
 fi
 echo "synth: $(( $(date +%s) - t0 )) s"
 peak=${PEAK_TFLOPS:-989}
 declare -A median median_last tflops expert_tflops mem
-for precision in bf16 f32; do
+# bf16 with the default attention (masked at these sizes), bf16 with the fused one (its output
+# after the first's, in the same log), then f32.
+for run in bf16 fused f32; do
   [ -e "$ckpt/config.json" ] || break
-  step "bench-$precision" 90 "$glimpse" --max-memory "$max_memory" bench --device "$device" --precision "$precision" --model "$ckpt" \
-    --tokens "$tokens" --repeat 3
-  brc=$?
-  [ $brc -eq 0 ] || { echo "bench ($precision) exit code $brc"; rc=1; }
-  bench=$(cat "$logs/bench-$precision.log")
-  median[$precision]=$(echo "$bench" | sed -n 's/.*logits left on the device: median \([0-9.]*\) s (.*/\1/p')
-  median_last[$precision]=$(echo "$bench" | sed -n "s/.*last position's logits only: median \([0-9.]*\) s (.*/\1/p")
-  tflops[$precision]=$(echo "$bench" | sed -n 's/^matrix products.*= \([0-9.]*\) TFLOP\/s.*/\1/p')
-  expert_tflops[$precision]=$(echo "$bench" | sed -n 's/^expert GEMMs.*= \([0-9.]*\) TFLOP\/s.*/\1/p')
-  mem[$precision]=$(echo "$bench" | sed -n 's/^device memory in use: \(.*\)$/\1/p')
+  precision=${run/fused/bf16}
+  attention=${run/bf16/auto}; attention=${attention/f32/auto}
+  one=$(mktemp)
+  LOG=bench-$precision step "bench-$run" 90 "$glimpse" --max-memory "$max_memory" bench --device "$device" \
+    --precision "$precision" --attention "$attention" --model "$ckpt" --tokens "$tokens" --repeat 3 | tee "$one"
+  brc=${PIPESTATUS[0]}
+  [ $brc -eq 0 ] || { echo "bench ($run) exit code $brc"; rc=1; }
+  bench=$(cat "$one")
+  rm -f "$one"
+  median[$run]=$(echo "$bench" | sed -n 's/.*logits left on the device: median \([0-9.]*\) s (.*/\1/p')
+  median_last[$run]=$(echo "$bench" | sed -n "s/.*last position's logits only: median \([0-9.]*\) s (.*/\1/p")
+  tflops[$run]=$(echo "$bench" | sed -n 's/^matrix products.*= \([0-9.]*\) TFLOP\/s.*/\1/p')
+  expert_tflops[$run]=$(echo "$bench" | sed -n 's/^expert GEMMs.*= \([0-9.]*\) TFLOP\/s.*/\1/p')
+  mem[$run]=$(echo "$bench" | sed -n 's/^device memory in use: \(.*\)$/\1/p')
   # A fault in an asynchronous launch surfaces at whatever call synchronises next, under its
   # name: once more with every launch waited for, so the error names the op that faulted (into
   # the same log, after its numbers are read: the device tool brings back 8 files, all taken).
   left=$(( deadline - $(date +%s) - 5 ))
   if [ $brc -ne 0 ] && [ $brc -ne 124 ] && [ $brc -ne 137 ] && [ $left -gt 10 ]; then
-    echo "bench ($precision) again with CUDA_LAUNCH_BLOCKING=1, to name the failing op:" | tee -a "$logs/bench-$precision.log"
+    log="$logs/bench-${run/fused/bf16}.log"
+    echo "bench ($run) again with CUDA_LAUNCH_BLOCKING=1, to name the failing op:" | tee -a "$log"
     CUDA_LAUNCH_BLOCKING=1 timeout --kill-after=5 $(( left < 60 ? left : 60 )) "$glimpse" --max-memory "$max_memory" bench --device "$device" \
-      --precision "$precision" --model "$ckpt" --tokens "$tokens" --repeat 1 2>&1 | tail -n 5 | tee -a "$logs/bench-$precision.log"
+      --precision "${run/fused/bf16}" --attention "$attention" --model "$ckpt" --tokens "$tokens" --repeat 1 2>&1 | tail -n 5 | tee -a "$log"
   fi
 done
 pct() { python3 -c "import sys; print(f'{100 * float(sys.argv[1]) / float(sys.argv[2]):.1f}%')" "$1" "$peak" 2>/dev/null || echo "?"; }
@@ -203,23 +214,25 @@ fi
 {
 echo
 echo "$(date -u '+%F %H:%M UTC'), $("$glimpse" --version 2>/dev/null) ($built_from), scripts/gpu-check.sh with TOKENS=$tokens EXPERTS=$experts VOCAB=${VOCAB:-preset} DEVICE=$device PEAK_TFLOPS=$peak"
-echo "| prefill $tokens tokens, synth $synth_args, $device | f32 products | bf16 products |"
-echo "|---|---|---|"
-echo "| median time, every position's logits | ${median[f32]:-?} s | ${median[bf16]:-?} s |"
-echo "| median time, last position's logits only | ${median_last[f32]:-?} s | ${median_last[bf16]:-?} s |"
-echo "| matrix products | ${tflops[f32]:-?} TFLOP/s ($(pct "${tflops[f32]:-0}") of bf16 peak $peak) | ${tflops[bf16]:-?} TFLOP/s ($(pct "${tflops[bf16]:-0}")) |"
-echo "| routed experts' GEMMs | ${expert_tflops[f32]:-?} TFLOP/s ($(pct "${expert_tflops[f32]:-0}")) | ${expert_tflops[bf16]:-?} TFLOP/s ($(pct "${expert_tflops[bf16]:-0}")) |"
-echo "| device memory | ${mem[f32]:-?} | ${mem[bf16]:-?} |"
-echo "| transformers ${t_version:-} eager bf16 on $torch_device, every position's logits: ${t_median:-not measured} s | $(ratio "${t_median:-}" "${median[f32]:-}") | $(ratio "${t_median:-}" "${median[bf16]:-}") |"
-echo "| the same, logits_to_keep=1: ${t_median_last:-not measured} s | $(ratio "${t_median_last:-}" "${median_last[f32]:-}") | $(ratio "${t_median_last:-}" "${median_last[bf16]:-}") |"
-echo "| compute-sanitizer memcheck, kernels and products | ${sanitized[memcheck]} | |"
-echo "| compute-sanitizer racecheck, kernels and products | ${sanitized[racecheck]} | |"
+echo "| prefill $tokens tokens, synth $synth_args, $device | f32 products | bf16 products | bf16, --attention fused |"
+echo "|---|---|---|---|"
+echo "| median time, every position's logits | ${median[f32]:-?} s | ${median[bf16]:-?} s | ${median[fused]:-?} s |"
+echo "| median time, last position's logits only | ${median_last[f32]:-?} s | ${median_last[bf16]:-?} s | ${median_last[fused]:-?} s |"
+echo "| matrix products | ${tflops[f32]:-?} TFLOP/s ($(pct "${tflops[f32]:-0}") of bf16 peak $peak) | ${tflops[bf16]:-?} TFLOP/s ($(pct "${tflops[bf16]:-0}")) | ${tflops[fused]:-?} TFLOP/s ($(pct "${tflops[fused]:-0}")) |"
+echo "| routed experts' GEMMs | ${expert_tflops[f32]:-?} TFLOP/s ($(pct "${expert_tflops[f32]:-0}")) | ${expert_tflops[bf16]:-?} TFLOP/s ($(pct "${expert_tflops[bf16]:-0}")) | ${expert_tflops[fused]:-?} TFLOP/s ($(pct "${expert_tflops[fused]:-0}")) |"
+echo "| device memory | ${mem[f32]:-?} | ${mem[bf16]:-?} | ${mem[fused]:-?} |"
+echo "| transformers ${t_version:-} eager bf16 on $torch_device, every position's logits: ${t_median:-not measured} s | $(ratio "${t_median:-}" "${median[f32]:-}") | $(ratio "${t_median:-}" "${median[bf16]:-}") | $(ratio "${t_median:-}" "${median[fused]:-}") |"
+echo "| the same, logits_to_keep=1: ${t_median_last:-not measured} s | $(ratio "${t_median_last:-}" "${median_last[f32]:-}") | $(ratio "${t_median_last:-}" "${median_last[bf16]:-}") | $(ratio "${t_median_last:-}" "${median_last[fused]:-}") |"
+echo "| compute-sanitizer memcheck, kernels and products | ${sanitized[memcheck]} | | |"
+echo "| compute-sanitizer racecheck, kernels and products | ${sanitized[racecheck]} | | |"
 echo "total $(( $(date +%s) - start )) s"
-# The bf16 prefill's profiles (bench's sections, and the attention's steps), as bench printed them.
+# The bf16 prefills' profiles (bench's sections, and the attention's steps), as bench printed
+# them: from each run's profile to the end of its output (the masked run's, then the fused one's).
 if [ -s "$logs/bench-bf16.log" ] && grep -q '^one more prefill' "$logs/bench-bf16.log"; then
   echo
   echo '```'
-  sed -n '/^one more prefill/,$p' "$logs/bench-bf16.log" | grep -v '^device memory'
+  awk '/^one more prefill/ { on = 1 } /products with float32 accumulation/ { on = 0 } on' "$logs/bench-bf16.log" |
+    grep -v '^device memory'
   echo '```'
 fi
 } | tee "$logs/table.md"

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
-use glimpse::device::{Backend, Precision, Target};
+use glimpse::device::{Attention, Backend, Precision, Target};
 use glimpse::synth::SynthDtype;
 
 #[derive(Parser)]
@@ -38,6 +38,9 @@ pub(crate) struct Gpu {
     /// the spec's default tolerance; bf16 (tensor cores, f32 accumulation) at atol = rtol = 2e-2.
     #[arg(long, value_enum, default_value_t = Precision::F32, help_heading = GPU)]
     pub(crate) precision: Precision,
+    /// With --device cuda|cuda-emu: how attention over DSA's selection is computed.
+    #[arg(long, value_enum, default_value_t = Attention::Auto, help_heading = GPU)]
+    pub(crate) attention: Attention,
 }
 
 const GPU: &str = "GPU (with --device cuda|cuda-emu)";
@@ -45,7 +48,7 @@ const GPU: &str = "GPU (with --device cuda|cuda-emu)";
 impl Gpu {
     /// Where and how a prefill runs, refused where the backend cannot do it.
     pub(crate) fn target(self, backend: Backend) -> glimpse::Result<Target> {
-        Target { backend, ordinal: self.ordinal, precision: self.precision }.check()
+        Target { backend, ordinal: self.ordinal, precision: self.precision, attention: self.attention }.check()
     }
 }
 

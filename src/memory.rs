@@ -642,7 +642,7 @@ mod tests {
     #[test]
     fn a_cuda_run_whose_weights_do_not_fit_the_gpu_is_refused() {
         let ckpt = Checkpoint::open(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat")).unwrap();
-        let target = Target { backend: Backend::Cuda, ordinal: 1, precision: crate::device::Precision::F32 };
+        let target = Target { ordinal: 1, ..Target::from(Backend::Cuda) };
         let (weights, logits) = (device_weights(&ckpt, target.precision), 4 * 32 * ckpt.config.vocab_size as u64);
         assert!(check_device(&ckpt, (1, 32), target, (weights + logits, 1 << 40)).is_ok());
         let err = check_device(&ckpt, (1, 32), target, (weights, 1 << 40)).unwrap_err().to_string();

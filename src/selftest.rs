@@ -143,9 +143,11 @@ type Cases<'a> = &'a dyn Fn(&mut dyn FnMut(&Path, &Model, &Dump) -> Result<bool>
 ///   models bf16 rounding alone moves single-layer outputs by up to a few 1e-2.
 #[cfg(feature = "cuda")]
 fn cuda(target: Target, scope: Scope, cases: Cases) -> Result<bool> {
-    use crate::device::Precision;
+    use crate::cuda::attention::{AttentionPath, AttentionPlan};
+    use crate::device::{Attention, Precision};
     use crate::verify::Replay;
-    let in_precision = |precision| crate::device::cuda_ops(Target { precision, ..target });
+    // Every attention path is checked here, whatever --attention says.
+    let in_precision = |precision| crate::device::cuda_ops(Target { precision, attention: Attention::Auto, ..target });
     let (f32_ops, bf16_ops) = (in_precision(Precision::F32)?, in_precision(Precision::Bf16)?);
     let gpu = &f32_ops.gpu;
     match target.backend {
@@ -185,8 +187,10 @@ fn cuda(target: Target, scope: Scope, cases: Cases) -> Result<bool> {
     if scope == Scope::Kernels {
         return Ok(kernels_ok);
     }
-    let f32_name = Target { precision: Precision::F32, ..target }.describe();
-    let bf16_name = Target { precision: Precision::Bf16, ..target }.describe();
+    let named = |precision, attention| Target { precision, attention, ..target }.describe();
+    let (f32_name, bf16_name) = (named(Precision::F32, Attention::Auto), named(Precision::Bf16, Attention::Auto));
+    let fused_name = named(Precision::Bf16, Attention::Fused);
+    let fused = AttentionPlan { path: Some(AttentionPath::Fused), ..Default::default() };
     let isolated = VerifyOptions {
         tol: Precision::Bf16.tolerance(),
         isolate: true,
@@ -200,8 +204,16 @@ fn cuda(target: Target, scope: Scope, cases: Cases) -> Result<bool> {
             println!("verify {} ({bf16_name}): no {}  FAILED", case.display(), crate::device::BF16_REFERENCE);
             false
         } else {
-            let name = format!("{bf16_name} vs transformers with bf16 products, isolated, decisions replayed");
-            device_case(&bf16_ops, &name, (case, model, &Dump::open(&path)?), &isolated)?
+            // On the default path (masked at these sizes), then on the fused one.
+            let reference = Dump::open(&path)?;
+            let mut ok = true;
+            for (name, plan) in [(&bf16_name, AttentionPlan::default()), (&fused_name, fused)] {
+                bf16_ops.set_attention(plan);
+                let name = format!("{name} vs transformers with bf16 products, isolated, decisions replayed");
+                ok &= device_case(&bf16_ops, &name, (case, model, &reference), &isolated)?;
+            }
+            bf16_ops.set_attention(AttentionPlan::default());
+            ok
         };
         let r = device_run(&bf16_ops, model, golden, &isolated)?;
         let worst = r.results.iter().filter_map(|c| c.detail.max_abs()).fold(0f64, f64::max);

@@ -194,17 +194,19 @@ fn selftest_checks_every_golden_case_and_refuses_a_missing_gpu() {
 /// bf16 port is told to use bf16's.
 #[test]
 fn a_bf16_reference_against_the_f32_one_reads_as_rounding() {
-    let first = |case: &str| {
+    let first = |case: &str, tol: &str| {
         let (bf16, f32_) =
             (format!("golden/{case}/reference-bf16.safetensors"), format!("golden/{case}/reference.safetensors"));
-        let args = ["diff", &bf16, &f32_, "--model", &format!("golden/{case}"), "--atol", "2e-2", "--rtol", "2e-2"];
+        let args = ["diff", &bf16, &f32_, "--model", &format!("golden/{case}"), "--atol", tol, "--rtol", tol];
         let (out, _) = text(&glimpse(&args));
         out.lines().nth(1).unwrap_or_default().to_string()
     };
-    let fp8 = first("fp8-sharded");
-    assert!(fp8.starts_with("first divergence: layers.1.mlp.out (6 of 3840 elements outside, scattered"), "{fp8}");
+    // At 2e-2 every case's first divergence is a selection flipped by the rounding of the
+    // attention before it; at 1e-2 fp8-sharded's is that attention's output, a few elements past.
+    let fp8 = first("fp8-sharded", "1e-2");
+    assert!(fp8.starts_with("first divergence: layers.0.attn.out (2 of 3840 elements outside, scattered"), "{fp8}");
     assert!(fp8.contains("the tail of rounding noise"), "{fp8}");
-    assert_eq!(first("flat"), "first divergence: layers.1.dsa.topk (every flip a near-tie)");
+    assert_eq!(first("flat", "2e-2"), "first divergence: layers.1.dsa.topk (every flip a near-tie)");
     // At f32's tolerance, a port whose activations are bf16 values (its gate logits are not) is
     // told to compare at bf16's, from the first float tensor that differs.
     let port = ["diff", "golden/flat/bf16-port.safetensors", "golden/flat/reference.safetensors"];
@@ -382,7 +384,7 @@ fn the_gpu_section_of_the_help_holds_the_gpu_flags_only() {
             .take_while(|l| !l.trim().is_empty())
             .filter_map(|l| l.split_whitespace().next())
             .collect();
-        assert_eq!(section, ["--ordinal", "--precision"], "{cmd}: {out}");
+        assert_eq!(section, ["--ordinal", "--precision", "--attention"], "{cmd}: {out}");
     }
 }
 

@@ -7,9 +7,10 @@ use std::path::Path;
 mod common;
 use common::{glimpse, golden, text};
 
-/// f32 products against the bf16-products reference of bf16-fused flip one DSA key (query 11 of
-/// layer 2): `verify` lists the flip with the margin that decided it on each side (ours as the run
-/// reported it, the reference's from its own indexer scores) and classes it by `--near-tie`.
+/// f32 products against the bf16-products reference of bf16-fused flip nine choices, among them
+/// a DSA key of query 11 of layer 2: `verify` lists that flip with the margin that decided it on
+/// each side (ours as the run reported it, the reference's from its own indexer scores) and
+/// classes it by `--near-tie`.
 #[test]
 fn verify_lists_each_flip_with_its_margins_and_class() {
     let case = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/bf16-fused");
@@ -18,8 +19,8 @@ fn verify_lists_each_flip_with_its_margins_and_class() {
     let reference = common::dsa_margin_from_scores(&glimpse::dump::Dump::open(&golden).unwrap(), 2, 11);
     let reference = format!("ref {reference:.3e}");
     for (near_tie, summary, class) in [
-        ("1e-3", "1 flips: 0 near-tie (both margins < 1e-3), 1 real", "-> real"),
-        ("1e-2", "1 flips: 1 near-tie", "-> near-tie"),
+        ("1e-3", "9 flips: 0 near-tie (both margins < 1e-3), 9 real", "-> real"),
+        ("1e-2", "9 flips: 3 near-tie", "-> near-tie"),
     ] {
         let args = ["verify", "--model", model, "--golden", golden.to_str().unwrap(), "--near-tie", near_tie];
         let (code, out) = common::code_and_text(&args);

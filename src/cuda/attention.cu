@@ -65,10 +65,9 @@ extern "C" __global__ void sparse_attention(const float* q, const float* kv, con
 //   masked_softmax: each row (h, i) of scores [heads, qc, t_eff] becomes the softmax over its
 //     masked-in keys, 0 elsewhere (a row with no key is NaN, as in the gathered form). One block
 //     per row.
-//   masked_softmax_split: the same softmax, written as split bf16 (convert.cu's split_bf16) rows
-//     of out [heads, qc, 2 half], the high halves at 0 and the low ones at half (>= t_eff: rows
-//     padded so each half starts 16-byte aligned for cuBLAS), for the bf16 mode's value products;
-//     scores untouched.
+//   masked_softmax_bf16: the same softmax, rounded to bf16 into rows of out [heads, qc, width]
+//     (width >= t_eff: rows padded so each starts 16-byte aligned for cuBLAS), for the bf16
+//     mode's value product; scores untouched.
 
 extern "C" __global__ void selection_mask(const int* idx, long long idx0, float* mask, int kk, int t_eff, int first) {
     int i = blockIdx.x, p = first + i;
@@ -104,15 +103,14 @@ extern "C" __global__ void masked_softmax(float* scores, const float* mask, int 
 // with no block barrier (the block-per-row masked_softmax, reducing about 5 values a thread at
 // GLM-5's 2048 tokens, spent most of its time at its barriers: 1.1 ms a layer on an H200, three
 // times the memory's pace; this form is not yet timed there).
-extern "C" __global__ void masked_softmax_split(const float* scores, const float* mask, bf16_t* out, int rows,
-                                                int qc, int t_eff, int half) {
+extern "C" __global__ void masked_softmax_bf16(const float* scores, const float* mask, bf16_t* out, int rows, int qc,
+                                               int t_eff, int width) {
     long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows) return; // the same for the whole warp
     int lane = threadIdx.x & 31;
     const float* row = scores + r * t_eff;
     const float* m = mask + (r % qc) * t_eff;
-    bf16_t* hi = out + r * 2 * half;
-    bf16_t* lo = hi + half;
+    bf16_t* p = out + r * width;
     float mx = -INFINITY;
     for (int j = lane; j < t_eff; j += 32)
         if (m[j] != 0.0f) mx = fmaxf(mx, row[j]);
@@ -121,11 +119,140 @@ extern "C" __global__ void masked_softmax_split(const float* scores, const float
     for (int j = lane; j < t_eff; j += 32) sum += m[j] != 0.0f ? expf(row[j] - mx) : 0.0f;
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
     float inv = 1.0f / sum;
-    for (int j = lane; j < t_eff; j += 32) {
-        // As masked_softmax: 0 * inv, so a row with no key (inv infinite) is NaN.
-        float p = (m[j] != 0.0f ? expf(row[j] - mx) : 0.0f) * inv;
-        bf16_t h = f32_to_bf16(p);
-        hi[j] = h;
-        lo[j] = f32_to_bf16(p - bf16_to_f32(h));
+    // As masked_softmax: 0 * inv, so a row with no key (inv infinite) is NaN.
+    for (int j = lane; j < t_eff; j += 32) p[j] = f32_to_bf16((m[j] != 0.0f ? expf(row[j] - mx) : 0.0f) * inv);
+}
+
+// flash_attention_bf16: bf16 mode's masked form in one pass (cuda::attention, AttentionPath::Fused),
+// with no scores in memory. For query i of a chunk (position first + i, row row0 + i of q and out)
+// and head h:
+//   out[i, h] = sum_j p_j v_h(key0 + j) / sum_j p_j,  p_j = exp(s_j - max),
+//   s_j = scale * bf16(q_i) . k_h(key0 + j)  over the keys j < t_eff with mask[i, j] != 0,
+// the products on tensor cores (mma_bf16_16816) with f32 accumulation. As a flash attention does,
+// each p_j is rounded to bf16 before its product, not p_j / sum (the masked form's
+// masked_softmax_bf16): a different rounding of the same values, not a different result. A row with
+// no key is NaN (0 / 0), as in the other forms.
+// q [.., nh, qk] f32 (rounded here); keys [nh, bt, qk] and values [nh, bt, vd] bf16 (split_bf16's
+// rounded copies); mask [qc, t_eff]; out [.., nh, vd]. vd <= 8 * FA_VT.
+// One block of 4 warps per (head, 64 queries), each warp 16 queries; a step loads 32 keys and
+// their values (transposed) into shared memory. Dynamic shared memory: (96 * sq + vdp * 40) bf16,
+// sq = qk rounded up to 16, plus 8 (the padding puts a fragment's 8 rows in different banks).
+#define FA_M 64
+#define FA_N 32
+#define FA_VT 32
+
+extern "C" __global__ void flash_attention_bf16(const float* q, const bf16_t* keys, const bf16_t* values,
+                                                const float* mask, float* out, long long row0, long long key0,
+                                                long long bt, int qc, int t_eff, int first, int nh, int qk, int vd,
+                                                float scale) {
+    extern __shared__ unsigned fa_smem[];
+    int qkp = (qk + 15) & ~15, vdp = (vd + 7) & ~7, sq = qkp + 8, sv = FA_N + 8;
+    bf16_t* qs = (bf16_t*)fa_smem;
+    bf16_t* ks = qs + FA_M * sq;
+    bf16_t* vt = ks + FA_N * sq; // vt[c * sv + j]: value c of key j
+    int qtiles = (qc + FA_M - 1) / FA_M;
+    // The longest tiles (the last queries see the most keys) first.
+    int h = blockIdx.x / qtiles, i0 = (qtiles - 1 - (int)(blockIdx.x % qtiles)) * FA_M;
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+    for (int e = tid; e < FA_M * qkp; e += blockDim.x) {
+        int r = e / qkp, c = e % qkp;
+        float x = (i0 + r < qc && c < qk) ? q[((row0 + i0 + r) * nh + h) * qk + c] : 0.0f;
+        qs[r * sq + c] = f32_to_bf16(x);
     }
+    // Keys past the block's last query's position are masked out for every query of it.
+    int kend = min(t_eff, first + min(i0 + FA_M, qc));
+    const bf16_t* kh = keys + ((long long)h * bt + key0) * qk;
+    const bf16_t* vh = values + ((long long)h * bt + key0) * vd;
+    int r0 = warp * 16 + g; // this thread's rows: r0 and r0 + 8 of the block's
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    float o[FA_VT][4];
+#pragma unroll
+    for (int nv = 0; nv < FA_VT; nv++)
+        for (int e = 0; e < 4; e++) o[nv][e] = 0.0f;
+
+    for (int j0 = 0; j0 < kend; j0 += FA_N) {
+        __syncthreads(); // every warp is done with the last step's keys and values (and q is in)
+        for (int e = tid; e < FA_N * qkp; e += blockDim.x) {
+            int r = e / qkp, c = e % qkp;
+            ks[r * sq + c] = (j0 + r < kend && c < qk) ? kh[(long long)(j0 + r) * qk + c] : (bf16_t)0;
+        }
+        for (int e = tid; e < FA_N * vdp; e += blockDim.x) {
+            int r = e / vdp, c = e % vdp;
+            vt[c * sv + r] = (j0 + r < kend && c < vd) ? vh[(long long)(j0 + r) * vd + c] : (bf16_t)0;
+        }
+        __syncthreads();
+
+        // s = q k^T for the warp's 16 queries and the step's 32 keys: 4 tiles of 8 keys.
+        float s[4][4];
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++)
+            for (int e = 0; e < 4; e++) s[nt][e] = 0.0f;
+        for (int k = 0; k < qkp; k += 16) {
+            const bf16_t* qa = qs + r0 * sq + k + 2 * tq;
+            unsigned a[4] = {ld_bf16x2(qa), ld_bf16x2(qa + 8 * sq), ld_bf16x2(qa + 8), ld_bf16x2(qa + 8 * sq + 8)};
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                const bf16_t* kb = ks + (nt * 8 + g) * sq + k + 2 * tq;
+                unsigned b[2] = {ld_bf16x2(kb), ld_bf16x2(kb + 8)};
+                mma_bf16_16816(s[nt], a, b);
+            }
+        }
+
+        // Scaled and masked; element e of tile nt is row r0 + 8 (e / 2), key j0 + 8 nt + 2 tq + e % 2.
+        float mx[2] = {m[0], m[1]};
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++)
+            for (int e = 0; e < 4; e++) {
+                int i = i0 + r0 + (e >> 1) * 8, j = j0 + nt * 8 + 2 * tq + (e & 1);
+                bool in = i < qc && j < kend && mask[(long long)i * t_eff + j] != 0.0f;
+                s[nt][e] = in ? s[nt][e] * scale : -INFINITY;
+                mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+            }
+        // A row's values are spread over the 4 lanes of a quad.
+        float alpha[2];
+        for (int rr = 0; rr < 2; rr++) {
+            mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 1));
+            mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 2));
+            alpha[rr] = mx[rr] == -INFINITY ? 1.0f : expf(m[rr] - mx[rr]); // no key yet: nothing to rescale
+            m[rr] = mx[rr];
+            l[rr] *= alpha[rr];
+        }
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++)
+            for (int e = 0; e < 4; e++) {
+                float p = s[nt][e] == -INFINITY ? 0.0f : expf(s[nt][e] - m[e >> 1]);
+                s[nt][e] = p;
+                l[e >> 1] += p; // this lane's share; the quad's are summed at the end
+            }
+#pragma unroll
+        for (int nv = 0; nv < FA_VT; nv++)
+            for (int e = 0; e < 4; e++) o[nv][e] *= alpha[e >> 1];
+
+        // o += p v: p's accumulator tiles are the A operand's layout already (two tiles of 8 keys
+        // make one of 16), so p never leaves the registers.
+#pragma unroll
+        for (int kt = 0; kt < 2; kt++) {
+            unsigned a[4] = {pack_bf16x2(s[2 * kt][0], s[2 * kt][1]), pack_bf16x2(s[2 * kt][2], s[2 * kt][3]),
+                             pack_bf16x2(s[2 * kt + 1][0], s[2 * kt + 1][1]),
+                             pack_bf16x2(s[2 * kt + 1][2], s[2 * kt + 1][3])};
+#pragma unroll
+            for (int nv = 0; nv < FA_VT; nv++) {
+                if (nv * 8 >= vdp) break;
+                const bf16_t* vb = vt + (nv * 8 + g) * sv + kt * 16 + 2 * tq;
+                unsigned b[2] = {ld_bf16x2(vb), ld_bf16x2(vb + 8)};
+                mma_bf16_16816(o[nv], a, b);
+            }
+        }
+    }
+
+    for (int rr = 0; rr < 2; rr++) {
+        l[rr] += __shfl_xor_sync(0xffffffff, l[rr], 1);
+        l[rr] += __shfl_xor_sync(0xffffffff, l[rr], 2);
+    }
+#pragma unroll
+    for (int nv = 0; nv < FA_VT; nv++)
+        for (int e = 0; e < 4; e++) {
+            int i = i0 + r0 + (e >> 1) * 8, c = nv * 8 + 2 * tq + (e & 1);
+            if (i < qc && c < vd) out[((row0 + i) * nh + h) * vd + c] = o[nv][e] / l[e >> 1];
+        }
 }

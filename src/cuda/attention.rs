@@ -14,19 +14,24 @@
 //! tokens, 2048 on GLM-5) the two do the same work; [`AttentionPath::choose`] keeps the masked
 //! form up to [`MASKED_MAX_RATIO`] times that.
 //!
-//! The products keep about f32's accuracy in both precisions: the scores over thousands of keys
-//! are where narrower inputs cost the most (TF32's 10 mantissa bits put a golden case past bf16's
-//! tolerance), and the bf16 reference computes them in f32. f32 mode runs them as SGEMM
-//! (`Products::batched`). bf16 mode splits each operand into bf16 halves, `x = hi + lo`
-//! (`split_bf16`, `masked_softmax_split`), and multiplies `hi hi + hi lo + lo hi` on tensor cores
-//! (`Products::batched_bf16`): about 16 mantissa bits, three times the products, and on an H200
-//! 5.7 ms instead of 10.2 for a 2048-token prefill's two layers (docs/gpu-results.md). The scores
-//! take the three terms as one product along k (rows `[hi | lo | hi]` against `[hi | hi | lo]`,
-//! so the large output is written once); `P v` as three accumulated into the small output.
+//! The two precisions compute the products differently:
+//! - f32 mode runs them as SGEMM (`Products::batched`), as the f32 reference does.
+//! - bf16 mode runs the attention's products as a bf16 flash attention does: q, k, the
+//!   softmax's probabilities and v rounded to bf16 (`split_bf16` with one rounded copy,
+//!   `masked_softmax_bf16`), f32 accumulation and f32 scores and softmax
+//!   (`Products::batched_bf16`). `golden/reference.py --products bf16` rounds the same operands.
+//! - The indexer's products keep about f32's accuracy in both precisions, because transformers
+//!   computes the indexer's scores in f32 even in a bf16 run and its top-k is a decision. bf16
+//!   mode splits each operand into bf16 halves, `x = hi + lo` (`split_bf16`), and multiplies
+//!   `hi hi + hi lo + lo hi` on tensor cores as one product along k (rows `[hi | lo | hi]` against
+//!   `[hi | hi | lo]`): about 16 mantissa bits, for three times the products.
+//!
+//! On an H200 the attention's split bf16 products (before bf16 mode rounded them instead) took
+//! 5.7 ms of a 2048-token prefill's two layers, against 10.2 with SGEMM (docs/gpu-results.md).
 //!
 //! Chunks bound the scratch: a chunk's products hold at most [`CHUNK_VALUES`] floats, and a
-//! chunk only reaches the keys its last query can see. bf16 mode also holds the split keys and
-//! values whole (`SplitQkv`: 2.5 KB a key and head at GLM-5's widths), and the indexer's split
+//! chunk only reaches the keys its last query can see. bf16 mode also holds the rounded keys and
+//! values whole (`Bf16Qkv`: 1 KB a key and head at GLM-5's widths), and the indexer's split
 //! queries and keys (0.8 KB a query, as many bytes a key).
 
 use std::cell::RefCell;
@@ -35,7 +40,7 @@ use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::{GemmConfig, StridedBatchedConfig};
 
 use super::gemm::{scratch, Products};
-use super::gpu::{Buf, Gpu, Split};
+use super::gpu::{Buf, FlashChunk, Gpu, Split};
 use crate::device::profile::Profile;
 use crate::device::Precision;
 use crate::error::{Error, Result};
@@ -57,6 +62,9 @@ pub enum AttentionPath {
     Gathered,
     /// Scores for every causal key by cuBLAS, masked to the selection (this module).
     Masked,
+    /// The masked form in one kernel a chunk, bf16 mode only (`flash_attention_bf16`, [`fused`]):
+    /// the scores stay in registers, and each block of queries stops at its last query's keys.
+    Fused,
 }
 
 impl AttentionPath {
@@ -93,12 +101,12 @@ pub struct Workspace {
     scores: RefCell<Option<Buf<f32>>>,
     chunk_idx: RefCell<Option<Buf<i32>>>,
     chunk_margin: RefCell<Option<Buf<f32>>>,
-    /// bf16 mode: the split operands (a chunk's queries, or the indexer's whole; the keys; the
-    /// values; a chunk's probabilities).
-    split_q: RefCell<Option<Buf<u16>>>,
-    split_k: RefCell<Option<Buf<u16>>>,
-    split_v: RefCell<Option<Buf<u16>>>,
-    split_p: RefCell<Option<Buf<u16>>>,
+    /// bf16 mode: the products' bf16 operands (a chunk's queries, or the indexer's whole; the
+    /// keys; the values; a chunk's probabilities).
+    bf16_q: RefCell<Option<Buf<u16>>>,
+    bf16_k: RefCell<Option<Buf<u16>>>,
+    bf16_v: RefCell<Option<Buf<u16>>>,
+    bf16_p: RefCell<Option<Buf<u16>>>,
     /// When profiling: each step's time between synchronisations.
     steps: RefCell<Option<Profile>>,
 }
@@ -203,12 +211,12 @@ enum IndexOperands<'a> {
     Split(&'a Buf<u16>, &'a Buf<u16>),
 }
 
-/// Split bf16 copies of `rows` rows of `w` values for a product of three terms along k: the
-/// keys' rows `[hi | lo | hi]`, the queries' `[hi | hi | lo]` (`Gpu::split_bf16`).
-const KEYS: (usize, u32) = (3, 0b010);
-const QUERIES: (usize, u32) = (3, 0b100);
-/// The values' rows `[hi | lo]`: two operands, at offsets 0 and w.
-const VALUES: (usize, u32) = (2, 0b10);
+/// Split bf16 copies of the indexer's rows for a product of three terms along k
+/// (`Gpu::split_bf16`): the keys' rows `[hi | lo | hi]`, the queries' `[hi | hi | lo]`.
+const SPLIT_KEYS: (usize, u32) = (3, 0b010);
+const SPLIT_QUERIES: (usize, u32) = (3, 0b100);
+/// One copy rounded to bf16: the attention's operands in bf16 mode.
+const ROUNDED: (usize, u32) = (1, 0);
 
 /// One chunk's indexer scores: `g = q k^T * scale` for its queries over the keys they see, then
 /// `index_combine` into rows `out_row0 ..` of `out` (rows of `cols` keys, -inf past a query's).
@@ -253,13 +261,13 @@ fn index_operands<R>(
     if products.precision == Precision::F32 {
         return f(&IndexOperands::F32(q, k));
     }
-    let (mut qs, mut ks) = (ws.split_q.borrow_mut(), ws.split_k.borrow_mut());
+    let (mut qs, mut ks) = (ws.bf16_q.borrow_mut(), ws.bf16_k.borrow_mut());
     let one = |rows| Split { rows, heads: 1, a: [0, d, 0, d], b: [0; 4] };
     let qs = scratch(gpu, &mut qs, batch_n * s * n * 3 * d)?;
     let ks = scratch(gpu, &mut ks, batch_n * t * 3 * d)?;
     ws.step(gpu, ("indexer: split bf16", 0), || {
-        gpu.split_bf16((q, q), &one(batch_n * s * n), &mut *qs, QUERIES)?;
-        gpu.split_bf16((k, k), &one(batch_n * t), &mut *ks, KEYS)
+        gpu.split_bf16((q, q), &one(batch_n * s * n), &mut *qs, SPLIT_QUERIES)?;
+        gpu.split_bf16((k, k), &one(batch_n * t), &mut *ks, SPLIT_KEYS)
     })?;
     f(&IndexOperands::Split(qs, ks))
 }
@@ -338,15 +346,15 @@ pub fn masked(
     let [batch_n, s, t, nh, _, _, vd, _, offset] = dims;
     let mut out = gpu.output(batch_n * s * nh * vd)?;
     let (mut p, mut mask) = (ws.products.borrow_mut(), ws.mask.borrow_mut());
-    let mut split = match products.precision {
+    let mut rounded = match products.precision {
         Precision::F32 => None,
         Precision::Bf16 => {
-            Some(ws.step(gpu, ("attention: split bf16", 0), || SplitQkv::new((gpu, ws), (kv, k_rope), dims))?)
+            Some(ws.step(gpu, ("attention: round to bf16", 0), || Bf16Qkv::new((gpu, ws), (kv, k_rope), dims))?)
         }
     };
     for c in chunks(batch_n, [s, t, offset], chunk_values, nh * t) {
         let (p, mask) = (scratch(gpu, &mut p, nh * c.qc * c.t_eff)?, scratch(gpu, &mut mask, c.qc * c.t_eff)?);
-        match split.as_mut() {
+        match rounded.as_mut() {
             None => ws.step(gpu, ("attention: a chunk in f32", 0), || {
                 masked_chunk_f32((gpu, products), (q, kv, k_rope, idx), (p, mask), &c, dims, scale, &mut out)
             })?,
@@ -387,36 +395,77 @@ fn masked_chunk_f32(
     products.batched(pv_cfg, (kv, key0 * kvw + nope), (p, 0), (out, row0 * nh * vd))
 }
 
-/// The masked form's operands in bf16 mode (`Gpu::split_bf16`): per head, the keys' rows
-/// `[k_nope_h k_rope]` as `[hi | lo | hi]` and the values' as `[hi | lo]`, split once for every
-/// chunk; each chunk's queries as `[hi | hi | lo]` (one product of three terms along k gives the
-/// scores) and its probabilities as `[hi | lo]` (`masked_softmax_split`), so `P v` is three
-/// products (`hi hi + hi lo + lo hi`) accumulated in f32. The keys and values are held whole:
-/// 2.5 KB a key and head at GLM-5's widths (0.3 GB for 2048 tokens, 2.7 GB at the masked
+/// Attention over the selection in the fused form (bf16 mode only; dims as [`masked`]): the keys
+/// and values rounded once (`Bf16Qkv`), then each chunk's selection mask and one
+/// `flash_attention_bf16`, which keeps the scores in registers. Its scratch is the mask alone, so
+/// a chunk may hold `chunk_values` queries x keys.
+pub fn fused(
+    (gpu, products, ws): (&Gpu, &Products, &Workspace),
+    chunk_values: usize,
+    (q, kv, k_rope, idx): (&Buf<f32>, &Buf<f32>, &Buf<f32>, &Buf<i32>),
+    dims: [usize; 9],
+    scale: f32,
+) -> Result<Buf<f32>> {
+    let [batch_n, s, t, nh, nope, rd, vd, kk, offset] = dims;
+    if products.precision != Precision::Bf16 {
+        return Err(Error::Device("the fused attention computes in bf16 only (--precision bf16)".into()));
+    }
+    if let Some(why) = gpu.flash_refusal(nope + rd, vd) {
+        return Err(Error::Device(why));
+    }
+    let mut out = gpu.output(batch_n * s * nh * vd)?;
+    let qkv = ws.step(gpu, ("attention: round to bf16", 0), || Bf16Qkv::new((gpu, ws), (kv, k_rope), dims))?;
+    let (ks, vs) = qkv.operands()?;
+    let mut mask = ws.mask.borrow_mut();
+    for c in chunks(batch_n, [s, t, offset], chunk_values, t) {
+        let mask = scratch(gpu, &mut mask, c.qc * c.t_eff)?;
+        let row0 = c.b * s + c.q0;
+        let (key0, bt, qk) = (c.b * t, batch_n * t, nope + rd);
+        let fc = FlashChunk { row0, qc: c.qc, first: c.first, key0, t_eff: c.t_eff, bt, nh, qk, vd };
+        ws.step(gpu, ("attention: selection mask", 0), || {
+            gpu.selection_mask(idx, row0 * kk, &mut *mask, [c.qc, kk, c.t_eff], c.first)
+        })?;
+        ws.step(gpu, ("attention: fused scores, softmax, values", fc.flops()), || {
+            gpu.flash_attention_bf16((q, ks, vs), mask, &mut out, &fc, scale)
+        })?;
+    }
+    Ok(out)
+}
+
+/// The masked form's operands in bf16 mode, rounded to bf16 (`Gpu::split_bf16`, one copy): per
+/// head, the keys' rows `[k_nope_h k_rope]` and the values' rows, once for every chunk; each
+/// chunk's queries and its probabilities (`masked_softmax_bf16`). The keys and values are held
+/// whole: 1 KB a key and head at GLM-5's widths (0.13 GB for 2048 tokens, 1.1 GB at the masked
 /// form's limit of 16k keys); the queries a chunk at a time.
-struct SplitQkv<'w> {
+struct Bf16Qkv<'w> {
     keys: std::cell::RefMut<'w, Option<Buf<u16>>>,
     values: std::cell::RefMut<'w, Option<Buf<u16>>>,
 }
 
-impl<'w> SplitQkv<'w> {
+impl<'w> Bf16Qkv<'w> {
     fn new(
         (gpu, ws): (&Gpu, &'w Workspace),
         (kv, k_rope): (&Buf<f32>, &Buf<f32>),
         [batch_n, _, t, nh, nope, rd, vd, _, _]: [usize; 9],
     ) -> Result<Self> {
         let (qk, kvw) = (nope + rd, nh * (nope + vd)); // a head's score width; kv's row width
-        let (mut keys, mut values) = (ws.split_k.borrow_mut(), ws.split_v.borrow_mut());
+        let (mut keys, mut values) = (ws.bf16_k.borrow_mut(), ws.bf16_v.borrow_mut());
         let split = |rows, a, b| Split { rows, heads: nh, a, b };
-        let ks = scratch(gpu, &mut keys, nh * batch_n * t * 3 * qk)?;
-        gpu.split_bf16((kv, k_rope), &split(batch_n * t, [0, kvw, nope + vd, nope], [0, rd, 0, rd]), ks, KEYS)?;
-        let vs = scratch(gpu, &mut values, nh * batch_n * t * 2 * vd)?;
-        gpu.split_bf16((kv, kv), &split(batch_n * t, [nope, kvw, nope + vd, vd], [0; 4]), vs, VALUES)?;
-        Ok(SplitQkv { keys, values })
+        let ks = scratch(gpu, &mut keys, nh * batch_n * t * qk)?;
+        gpu.split_bf16((kv, k_rope), &split(batch_n * t, [0, kvw, nope + vd, nope], [0, rd, 0, rd]), ks, ROUNDED)?;
+        let vs = scratch(gpu, &mut values, nh * batch_n * t * vd)?;
+        gpu.split_bf16((kv, kv), &split(batch_n * t, [nope, kvw, nope + vd, vd], [0; 4]), vs, ROUNDED)?;
+        Ok(Bf16Qkv { keys, values })
     }
 
-    /// One chunk of [`masked`]: its queries split, its scores in one bf16 product, the mask, the
-    /// split softmax, then `P v` in three.
+    /// The rounded keys and values.
+    fn operands(&self) -> Result<(&Buf<u16>, &Buf<u16>)> {
+        let none = || Error::Device("bf16 operands missing".into());
+        Ok((self.keys.as_ref().ok_or_else(none)?, self.values.as_ref().ok_or_else(none)?))
+    }
+
+    /// One chunk of [`masked`]: its queries rounded, its scores in one bf16 product, the mask, the
+    /// softmax rounded to bf16, then `P v` in one more.
     #[allow(clippy::too_many_arguments)]
     fn chunk(
         &mut self,
@@ -428,39 +477,33 @@ impl<'w> SplitQkv<'w> {
         scale: f32,
         out: &mut Buf<f32>,
     ) -> Result<()> {
-        let none = || Error::Device("split operands missing".into());
-        let (ks, vs) = (self.keys.as_ref().ok_or_else(none)?, self.values.as_ref().ok_or_else(none)?);
+        let (ks, vs) = self.operands()?;
         let (qk, bt) = (nope + rd, batch_n * t);
-        let (w3, row0, key0) = (3 * qk, b * s + q0, b * t);
-        let mut qs = ws.split_q.borrow_mut();
-        let qs = scratch(gpu, &mut qs, nh * qc * w3)?;
+        let (row0, key0) = (b * s + q0, b * t);
+        let mut qs = ws.bf16_q.borrow_mut();
+        let qs = scratch(gpu, &mut qs, nh * qc * qk)?;
         let queries = Split { rows: qc, heads: nh, a: [row0 * nh * qk, nh * qk, qk, qk], b: [0; 4] };
-        ws.step(gpu, ("attention: split bf16", 0), || gpu.split_bf16((q, q), &queries, &mut *qs, QUERIES))?;
-        // Per head h: scores_h^T [t_eff, qc] = keys_h (3w x t_eff, transposed) x queries_h.
+        ws.step(gpu, ("attention: round to bf16", 0), || gpu.split_bf16((q, q), &queries, &mut *qs, ROUNDED))?;
+        // Per head h: scores_h^T [t_eff, qc] = keys_h (qk x t_eff, transposed) x queries_h.
         let cfg =
-            batch((true, false), [t_eff, qc, w3], [w3, w3, t_eff], [bt * w3, qc * w3, qc * t_eff], nh, scale, 0.0)?;
-        ws.step(gpu, ("attention: scores (one bf16 product)", 2 * nh * t_eff * qc * w3), || {
-            products.batched_bf16(cfg, (ks, key0 * w3), (qs, 0), (&mut *p, 0))
+            batch((true, false), [t_eff, qc, qk], [qk, qk, t_eff], [bt * qk, qc * qk, qc * t_eff], nh, scale, 0.0)?;
+        ws.step(gpu, ("attention: scores", 2 * nh * t_eff * qc * qk), || {
+            products.batched_bf16(cfg, (ks, key0 * qk), (qs, 0), (&mut *p, 0))
         })?;
-        // Each half of a probabilities' row starts 16 bytes aligned (8 bf16), as cuBLAS's fastest
+        // Each row of probabilities starts 16 bytes aligned (8 bf16), as cuBLAS's fastest
         // tensor-core kernels want their operands.
-        let half = t_eff.next_multiple_of(8);
-        let mut ps = ws.split_p.borrow_mut();
-        let ps = scratch(gpu, &mut ps, nh * qc * 2 * half)?;
+        let width = t_eff.next_multiple_of(8);
+        let mut ps = ws.bf16_p.borrow_mut();
+        let ps = scratch(gpu, &mut ps, nh * qc * width)?;
         ws.step(gpu, ("attention: selection mask, softmax", 0), || {
             gpu.selection_mask(idx, row0 * kk, &mut *mask, [qc, kk, t_eff], first)?;
-            gpu.masked_softmax_split(p, mask, &mut *ps, nh * qc, [qc, t_eff, half])
+            gpu.masked_softmax_bf16(p, mask, &mut *ps, nh * qc, [qc, t_eff, width])
         })?;
-        // out_h^T [vd, qc] = v_h (vd x t_eff) x P_h^T (t_eff x qc), into out's rows at head h:
-        // v_hi P_hi + v_lo P_hi + v_hi P_lo.
-        let (v2, p2) = (2 * vd, 2 * half);
-        ws.step(gpu, ("attention: values (three bf16 products)", 6 * nh * vd * qc * t_eff), || {
-            for (v_half, p_half, beta) in [(0, 0, 0.0), (vd, 0, 1.0), (0, half, 1.0)] {
-                let cfg =
-                    batch((false, false), [vd, qc, t_eff], [v2, p2, nh * vd], [bt * v2, qc * p2, vd], nh, 1.0, beta)?;
-                products.batched_bf16(cfg, (vs, key0 * v2 + v_half), (ps, p_half), (&mut *out, row0 * nh * vd))?;
-            }
-            Ok(())
+        // out_h^T [vd, qc] = v_h (vd x t_eff) x P_h^T (t_eff x qc), into out's rows at head h.
+        let cfg =
+            batch((false, false), [vd, qc, t_eff], [vd, width, nh * vd], [bt * vd, qc * width, vd], nh, 1.0, 0.0)?;
+        ws.step(gpu, ("attention: values", 2 * nh * vd * qc * t_eff), || {
+            products.batched_bf16(cfg, (vs, key0 * vd), (ps, 0), (&mut *out, row0 * nh * vd))
         })
     }
 }

@@ -28,14 +28,15 @@ extern "C" __global__ void bf16_round(const float* x, long long start, bf16_t* o
     if (i < n) out[i] = f32_to_bf16(x[start + i]);
 }
 
-// Split bf16 (the attention's products in bf16 mode, cuda::attention): x = hi + lo with
+// The bf16 operands of the attention's and the indexer's products in bf16 mode (cuda::attention):
+// copies of x rounded to bf16 (the attention's), or split bf16 (the indexer's): x = hi + lo with
 // hi = bf16(x), lo = bf16(x - hi), so hi.hi' + hi.lo' + lo.hi' multiplies with about 16 mantissa
 // bits on bf16 tensor cores (CPU reference: the f32 product). Each row of `heads` segments of
 // w = a_w + b_w values, x[c] = a[a0 + r * a_rs + h * a_hs + c] for c < a_w, then
 // b[b0 + r * b_rs + h * b_hs + c - a_w] (b_hs 0: one segment shared by every head, as the RoPE key),
 // is written to out[h, r] as `parts` copies of w values, copy p holding lo where bit p of
 // lo_parts is set and hi elsewhere: [hi | lo | hi] and [hi | hi | lo] make one product of three
-// terms along k, [hi | lo] two operands at offsets 0 and w.
+// terms along k; one copy with no lo is x rounded.
 extern "C" __global__ void split_bf16(const float* a, long long a0, long long a_rs, long long a_hs, int a_w,
                                       const float* b, long long b0, long long b_rs, long long b_hs, int b_w,
                                       bf16_t* out, long long rows, int heads, int parts, int lo_parts) {

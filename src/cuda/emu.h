@@ -31,6 +31,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -93,6 +94,7 @@ struct Launch {
     Barrier sync;
     std::vector<Barrier> warps;
     std::vector<uint64_t> lanes;  // the shuffle exchange: one slot per thread
+    std::vector<std::array<unsigned, 6>> mma;  // the mma exchange: each thread's a and b registers
     ucontext_t scheduler;
     std::vector<ucontext_t> fibers;
     std::vector<char> done;
@@ -149,6 +151,44 @@ inline float uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return
 inline unsigned float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
 inline void* dynamic_shared() { return L->dynamic_shared.data(); }
 
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 with d as c, over the warp (prelude.cuh's
+// mma_bf16_16816): every lane posts its a[4] and b[2], then reads the whole A (16 x 16) and B
+// (16 x 8) back from the PTX ISA's fragment layouts (g = lane / 4, q = lane % 4; the lower
+// element of a register in its low 16 bits):
+//   a[0] = A[g][2q, 2q+1]   a[1] = A[g+8][2q, 2q+1]   a[2] = A[g][2q+8, 2q+9]   a[3] = A[g+8][2q+8, 2q+9]
+//   b[0] = B[2q, 2q+1][g]   b[1] = B[2q+8, 2q+9][g]
+//   d[0..1] = D[g][2q, 2q+1]   d[2..3] = D[g+8][2q, 2q+1]
+// and adds its own four products in f32, k in order. The layouts are the kernels' assumption as
+// much as this file's: only a GPU run checks them against the hardware.
+inline float bf16_bits(unsigned r, int high) { return uint_as_float((high ? r >> 16 : r & 0xffffu) << 16); }
+
+inline void mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
+    unsigned t = L->thread_idx.x, warp = t >> 5, lane = t & 31;
+    L->mma[t] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    L->warps[warp].wait();
+    float A[16][16], B[16][8];
+    for (unsigned l = 0; l < 32; l++) {
+        const std::array<unsigned, 6>& r = L->mma[(warp << 5) | l];
+        unsigned g = l >> 2, q = l & 3;
+        for (int e = 0; e < 2; e++) {
+            A[g][2 * q + e] = bf16_bits(r[0], e);
+            A[g + 8][2 * q + e] = bf16_bits(r[1], e);
+            A[g][2 * q + 8 + e] = bf16_bits(r[2], e);
+            A[g + 8][2 * q + 8 + e] = bf16_bits(r[3], e);
+            B[2 * q + e][g] = bf16_bits(r[4], e);
+            B[2 * q + 8 + e][g] = bf16_bits(r[5], e);
+        }
+    }
+    unsigned g = lane >> 2, q = lane & 3;
+    for (int i = 0; i < 4; i++) {
+        unsigned row = g + (i >= 2 ? 8 : 0), col = 2 * q + (i & 1);
+        float acc = d[i];
+        for (int k = 0; k < 16; k++) acc += A[row][k] * B[k][col];
+        d[i] = acc;
+    }
+    L->warps[warp].wait();  // nobody posts the next registers before every lane has read these
+}
+
 inline void fiber_entry() {
     L->body(L->args);
     unsigned t = L->current;
@@ -183,6 +223,7 @@ inline int launch(dim3 grid, dim3 block, unsigned shared, Schedule schedule, voi
     l->grid = grid;
     l->block = block;
     l->lanes.assign(n, 0);
+    l->mma.assign(n, {});
     l->warps.resize((n + 31) / 32);
     l->fibers.resize(n);
     l->done.assign(n, 0);
@@ -261,7 +302,8 @@ int run(void (*k)(A...), unsigned grid, unsigned block, unsigned shared, Schedul
 
 }  // namespace glimpse_emu
 
-// The CUDA names the kernels use.
+// The CUDA names the kernels use; GLIMPSE_EMU tells prelude.cuh to take this file's mma.
+#define GLIMPSE_EMU 1
 #define __global__
 #define __device__
 #define __forceinline__ inline

@@ -40,7 +40,8 @@ pub struct Gpu {
 }
 
 /// The kernels given the device's whole opt-in shared memory.
-const LARGE_SHARED: [&str; 4] = ["topk_sorted", "topk_chunks_of_scores", "topk_chunks_of_pairs", "sparse_attention"];
+const LARGE_SHARED: [&str; 5] =
+    ["topk_sorted", "topk_chunks_of_scores", "topk_chunks_of_pairs", "sparse_attention", "flash_attention_bf16"];
 
 /// The largest static shared memory of the [`LARGE_SHARED`] kernels on Hopper (`sparse_attention`:
 /// its reductions' 256 bytes and the 1 KB `sm_90` reserves), for the emulation's limit.
@@ -232,8 +233,10 @@ macro_rules! launch {
     }};
 }
 
+mod flash;
 mod split;
 mod topk;
+pub use flash::{FlashChunk, FLASH_MAX_VD, FLASH_STEP_KEYS};
 pub use split::Split;
 pub use topk::TopK;
 

@@ -14,18 +14,25 @@ pub struct CudaOps {
     pub gpu: Gpu,
     products: Products,
     workspace: Workspace,
-    attention: AttentionPlan,
+    /// How [`Ops::sparse_attention`] runs (a Cell: selftest moves one ops between paths).
+    attention: std::cell::Cell<AttentionPlan>,
 }
 
 impl CudaOps {
     pub fn new(gpu: Gpu, precision: Precision) -> Result<Self> {
         let products = Products::new(&gpu, precision)?;
-        Ok(CudaOps { gpu, products, workspace: Workspace::default(), attention: AttentionPlan::default() })
+        Ok(CudaOps { gpu, products, workspace: Workspace::default(), attention: Default::default() })
     }
 
     /// These ops with the attention run as `plan` says (the tests check every path).
     pub fn with_attention(self, plan: AttentionPlan) -> Self {
-        CudaOps { attention: plan, ..self }
+        self.attention.set(plan);
+        self
+    }
+
+    /// From now on, the attention runs as `plan` says.
+    pub fn set_attention(&self, plan: AttentionPlan) {
+        self.attention.set(plan);
     }
 
     /// [`Ops::index_scores`] as `plan` chunks it.
@@ -71,6 +78,10 @@ impl CudaOps {
             AttentionPath::Masked => {
                 let on = (&self.gpu, &self.products, &self.workspace);
                 attention::masked(on, plan.chunk_values, (q, kv, k_rope, idx), dims, scale)
+            }
+            AttentionPath::Fused => {
+                let on = (&self.gpu, &self.products, &self.workspace);
+                attention::fused(on, plan.chunk_values, (q, kv, k_rope, idx), dims, scale)
             }
         }
     }
@@ -207,7 +218,7 @@ impl Ops for CudaOps {
     }
 
     fn index_scores(&self, q: &Self::F, k: &Self::F, w: &Self::F, dims: [usize; 6], scale: f32) -> Result<Self::F> {
-        self.index_scores_with(self.attention, (q, k, w), dims, scale)
+        self.index_scores_with(self.attention.get(), (q, k, w), dims, scale)
     }
 
     fn index_topk(
@@ -219,7 +230,7 @@ impl Ops for CudaOps {
         scale: f32,
         k: usize,
     ) -> Result<(Self::I, Self::F)> {
-        self.index_topk_with(self.attention, (q, keys, w), dims, scale, k)
+        self.index_topk_with(self.attention.get(), (q, keys, w), dims, scale, k)
     }
 
     fn topk_causal(
@@ -246,7 +257,7 @@ impl Ops for CudaOps {
         dims: [usize; 9],
         scale: f32,
     ) -> Result<Self::F> {
-        self.sparse_attention_with(self.attention, (q, kv, k_rope, idx), dims, scale)
+        self.sparse_attention_with(self.attention.get(), (q, kv, k_rope, idx), dims, scale)
     }
 
     /// On the device: the groups' sizes (`expert_counts`) are all that is copied back.

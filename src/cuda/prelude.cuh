@@ -20,6 +20,41 @@ __device__ __forceinline__ bf16_t f32_to_bf16(float x) {
     return (bf16_t)(u >> 16);
 }
 
+// Two bf16 values as one 32-bit register, the first in the low half (the layout of a pair of
+// neighbouring elements in an mma fragment).
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+    return (unsigned)f32_to_bf16(lo) | ((unsigned)f32_to_bf16(hi) << 16);
+}
+
+// Two neighbouring bf16 values (4-byte aligned) as one register.
+__device__ __forceinline__ unsigned ld_bf16x2(const bf16_t* p) {
+#ifdef GLIMPSE_EMU
+    unsigned r;
+    memcpy(&r, p, 4); // no type punning in host C++
+    return r;
+#else
+    return *(const unsigned*)p;
+#endif
+}
+
+// D += A B for one warp on bf16 tensor cores with f32 accumulation (mma.sync m16n8k16): A 16 x 16
+// row-major in a[4], B 16 x 8 column-major in b[2], D 16 x 8 in d[4], each thread holding the
+// elements the PTX ISA's fragment layouts give it (spelled out in emu.h, which emulates it).
+// sm_80 and later: the launchers refuse older devices.
+#ifndef GLIMPSE_EMU
+__device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    __trap();
+#endif
+}
+#endif
+
 // OCP E4M3 (the "fn" variant GLM-5-FP8 stores): 1 sign, 4 exponent (bias 7), 3 mantissa bits;
 // no infinities, S.1111.111 is NaN.
 __device__ __forceinline__ float e4m3_to_f32(fp8_t v) {

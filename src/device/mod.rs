@@ -39,9 +39,10 @@ pub enum Precision {
     #[default]
     F32,
     /// bf16 in (weights as stored or rounded once at upload, activations rounded before each
-    /// product), f32 accumulate, on tensor cores; the indexer's and the attention's score and
-    /// value products as split bf16 (each operand `hi + lo`, three bf16 products: about 16
-    /// mantissa bits): held to atol = rtol = 2e-2.
+    /// product), f32 accumulate, on tensor cores. The attention's products take q, k, the
+    /// probabilities and v rounded to bf16, as a bf16 flash attention does; the indexer's are
+    /// split bf16 (each operand `hi + lo`, three bf16 products: about 16 mantissa bits), since
+    /// transformers computes them in f32 in a bf16 run too. Held to atol = rtol = 2e-2.
     Bf16,
 }
 
@@ -69,18 +70,35 @@ impl Precision {
 /// A case folder's reference for bf16 products (`golden/reference.py --products bf16`).
 pub const BF16_REFERENCE: &str = "reference-bf16.safetensors";
 
-/// Where and how a prefill runs: `--device`, `--ordinal`, `--precision`.
+/// How the CUDA backends compute attention over DSA's selection (`--attention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Attention {
+    /// `masked` while the causal keys are at most 8 times the selected ones (every prefill up to
+    /// 16k tokens on GLM-5), `gathered` past that.
+    #[default]
+    Auto,
+    /// Every causal key's score by cuBLAS, masked to the selection, then a softmax and `P v`.
+    Masked,
+    /// bf16 only: the masked form in one flash-attention kernel on tensor cores, the scores
+    /// never in memory. Not yet timed on a GPU.
+    Fused,
+    /// One thread block per (query, head) over its selected keys only.
+    Gathered,
+}
+
+/// Where and how a prefill runs: `--device`, `--ordinal`, `--precision`, `--attention`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Target {
     pub backend: Backend,
     /// Which GPU (CUDA device ordinal).
     pub ordinal: usize,
     pub precision: Precision,
+    pub attention: Attention,
 }
 
 impl From<Backend> for Target {
     fn from(backend: Backend) -> Target {
-        Target { backend, ordinal: 0, precision: Precision::F32 }
+        Target { backend, ordinal: 0, precision: Precision::F32, attention: Attention::Auto }
     }
 }
 
@@ -93,9 +111,15 @@ impl Target {
             Backend::Cuda => format!("cuda (GPU {})", self.ordinal),
             Backend::CudaEmu => "cuda-emu".to_string(),
         };
+        let attention = match self.attention {
+            Attention::Auto => "",
+            Attention::Masked => ", masked attention",
+            Attention::Fused => ", fused attention",
+            Attention::Gathered => ", gathered attention",
+        };
         match self.precision {
-            Precision::F32 => format!("{name}, float32"),
-            Precision::Bf16 => format!("{name}, bf16 products with float32 accumulation"),
+            Precision::F32 => format!("{name}, float32{attention}"),
+            Precision::Bf16 => format!("{name}, bf16 products with float32 accumulation{attention}"),
         }
     }
 
@@ -107,6 +131,14 @@ impl Target {
             )),
             (Backend::Cpu | Backend::CpuOps | Backend::CudaEmu, _) if self.ordinal != 0 => {
                 Err(crate::error::Error::Usage(format!("--ordinal {} needs --device cuda", self.ordinal)))
+            }
+            (Backend::Cpu | Backend::CpuOps, _) if self.attention != Attention::Auto => {
+                Err(crate::error::Error::Usage(
+                    "--attention needs --device cuda or cuda-emu (the CPU paths have only their own)".into(),
+                ))
+            }
+            (_, Precision::F32) if self.attention == Attention::Fused => {
+                Err(crate::error::Error::Usage("--attention fused computes in bf16 only: add --precision bf16".into()))
             }
             _ => Ok(self),
         }
@@ -168,7 +200,15 @@ pub(crate) fn cuda_ops(target: Target) -> Result<crate::cuda::ops::CudaOps> {
         Backend::CudaEmu => crate::cuda::gpu::Gpu::emulated(),
         _ => crate::cuda::gpu::Gpu::open(target.ordinal)?,
     };
-    crate::cuda::ops::CudaOps::new(gpu, target.precision)
+    use crate::cuda::attention::{AttentionPath, AttentionPlan};
+    let path = match target.attention {
+        Attention::Auto => None,
+        Attention::Masked => Some(AttentionPath::Masked),
+        Attention::Fused => Some(AttentionPath::Fused),
+        Attention::Gathered => Some(AttentionPath::Gathered),
+    };
+    Ok(crate::cuda::ops::CudaOps::new(gpu, target.precision)?
+        .with_attention(AttentionPlan { path, ..Default::default() }))
 }
 
 /// (free, total) bytes of the GPU a `cuda` target runs on; None for every other target, and in a

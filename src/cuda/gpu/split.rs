@@ -1,6 +1,7 @@
-//! The launchers of the split-bf16 kernels (`split_bf16` in `convert.cu`, `masked_softmax_split`
-//! in `attention.cu`): the operands of the attention's and the indexer's products in bf16 mode,
-//! each value `x = hi + lo` as two bf16 halves (`cuda::attention`).
+//! The launchers of the kernels that make the bf16 operands of the attention's and the indexer's
+//! products in bf16 mode (`cuda::attention`): `split_bf16` (`convert.cu`) copies values rounded
+//! to bf16, or split as `x = hi + lo` into two bf16 halves; `masked_softmax_bf16`
+//! (`attention.cu`) writes the probabilities rounded to bf16.
 
 use super::{emu, fits, ints, per_item, row_block, Buf, Engine, Gpu, KernelArg};
 use crate::error::{Error, Result};
@@ -50,26 +51,26 @@ impl Gpu {
         )
     }
 
-    /// [`Gpu::masked_softmax`] written as split bf16 into out [rows, 2 * half]: each row's high
-    /// halves at 0 .. t_eff, its low halves at half .. half + t_eff (`half` >= t_eff, so the
-    /// value products can take rows aligned as they like); the scores are left as they are.
-    pub fn masked_softmax_split(
+    /// [`Gpu::masked_softmax`] rounded to bf16 into out [rows, width]: each row's
+    /// probabilities at 0 .. t_eff (`width` >= t_eff, so the value product can take rows aligned
+    /// as it likes); the scores are left as they are.
+    pub fn masked_softmax_bf16(
         &self,
         scores: &Buf<f32>,
         mask: &Buf<f32>,
         out: &mut Buf<u16>,
         rows: usize,
-        [qc, t_eff, half]: [usize; 3],
+        [qc, t_eff, width]: [usize; 3],
     ) -> Result<()> {
-        let kernel = "masked_softmax_split";
-        fits(kernel, &[(scores.len(), rows * t_eff), (mask.len(), qc * t_eff), (out.len(), rows * 2 * half)])?;
-        if qc == 0 || !rows.is_multiple_of(qc) || half < t_eff {
+        let kernel = "masked_softmax_bf16";
+        fits(kernel, &[(scores.len(), rows * t_eff), (mask.len(), qc * t_eff), (out.len(), rows * width)])?;
+        if qc == 0 || !rows.is_multiple_of(qc) || width < t_eff {
             return Err(Error::Device(format!(
-                "{kernel}: {rows} rows are not heads of {qc} queries, or halves of {half} hold fewer than {t_eff}"
+                "{kernel}: {rows} rows are not heads of {qc} queries, or rows of {width} hold fewer than {t_eff}"
             )));
         }
-        let [r32, q32, te32, h32] = ints(kernel, [rows, qc, t_eff, half])?;
+        let [r32, q32, te32, w32] = ints(kernel, [rows, qc, t_eff, width])?;
         // A warp a row, 8 rows a block.
-        launch!(self, kernel, per_item(rows.div_ceil(8), 256, 0), [scores, mask, out, &r32, &q32, &te32, &h32])
+        launch!(self, kernel, per_item(rows.div_ceil(8), 256, 0), [scores, mask, out, &r32, &q32, &te32, &w32])
     }
 }
