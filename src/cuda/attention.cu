@@ -163,6 +163,8 @@ extern "C" __global__ void flash_attention_bf16(const float* q, const bf16_t* ke
     int kend = min(t_eff, first + min(i0 + FA_M, qc));
     const bf16_t* kh = keys + ((long long)h * bt + key0) * qk;
     const bf16_t* vh = values + ((long long)h * bt + key0) * vd;
+    // Whole 16-byte vectors: every row of keys and values starts 16-byte aligned (the buffers are).
+    bool vec = (qk & 7) == 0 && (vd & 7) == 0;
     int r0 = warp * 16 + g; // this thread's rows: r0 and r0 + 8 of the block's
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     float o[FA_VT][4];
@@ -172,13 +174,30 @@ extern "C" __global__ void flash_attention_bf16(const float* q, const bf16_t* ke
 
     for (int j0 = 0; j0 < kend; j0 += FA_N) {
         __syncthreads(); // every warp is done with the last step's keys and values (and q is in)
-        for (int e = tid; e < FA_N * qkp; e += blockDim.x) {
-            int r = e / qkp, c = e % qkp;
-            ks[r * sq + c] = (j0 + r < kend && c < qk) ? kh[(long long)(j0 + r) * qk + c] : (bf16_t)0;
-        }
-        for (int e = tid; e < FA_N * vdp; e += blockDim.x) {
-            int r = e / vdp, c = e % vdp;
-            vt[c * sv + r] = (j0 + r < kend && c < vd) ? vh[(long long)(j0 + r) * vd + c] : (bf16_t)0;
+        if (vec) {
+            // 16 bytes a load: rows of keys and values are whole vectors of 8 (and so is the
+            // padding up to qkp and vdp, zeros).
+            const bf16x8 zero = {{0u, 0u, 0u, 0u}};
+            for (int e = tid; e < FA_N * (qkp >> 3); e += blockDim.x) {
+                int r = e / (qkp >> 3), c = (e % (qkp >> 3)) << 3;
+                bool in = j0 + r < kend && c < qk;
+                st_bf16x8(ks + r * sq + c, in ? ld_bf16x8(kh + (long long)(j0 + r) * qk + c) : zero);
+            }
+            for (int e = tid; e < FA_N * (vdp >> 3); e += blockDim.x) {
+                int r = e / (vdp >> 3), c = (e % (vdp >> 3)) << 3;
+                bool in = j0 + r < kend && c < vd;
+                bf16x8 v = in ? ld_bf16x8(vh + (long long)(j0 + r) * vd + c) : zero;
+                for (int i = 0; i < 8; i++) vt[(c + i) * sv + r] = (bf16_t)(v.w[i >> 1] >> ((i & 1) * 16));
+            }
+        } else {
+            for (int e = tid; e < FA_N * qkp; e += blockDim.x) {
+                int r = e / qkp, c = e % qkp;
+                ks[r * sq + c] = (j0 + r < kend && c < qk) ? kh[(long long)(j0 + r) * qk + c] : (bf16_t)0;
+            }
+            for (int e = tid; e < FA_N * vdp; e += blockDim.x) {
+                int r = e / vdp, c = e % vdp;
+                vt[c * sv + r] = (j0 + r < kend && c < vd) ? vh[(long long)(j0 + r) * vd + c] : (bf16_t)0;
+            }
         }
         __syncthreads();
 

@@ -37,6 +37,29 @@ __device__ __forceinline__ unsigned ld_bf16x2(const bf16_t* p) {
 #endif
 }
 
+// Eight bf16 values (16 bytes, 16-byte aligned) as one load or store.
+struct __align__(16) bf16x8 {
+    unsigned w[4];
+};
+
+__device__ __forceinline__ bf16x8 ld_bf16x8(const bf16_t* p) {
+#ifdef GLIMPSE_EMU
+    bf16x8 r;
+    memcpy(&r, p, 16);
+    return r;
+#else
+    return *(const bf16x8*)p;
+#endif
+}
+
+__device__ __forceinline__ void st_bf16x8(bf16_t* p, bf16x8 v) {
+#ifdef GLIMPSE_EMU
+    memcpy(p, &v, 16);
+#else
+    *(bf16x8*)p = v;
+#endif
+}
+
 // D += A B for one warp on bf16 tensor cores with f32 accumulation (mma.sync m16n8k16): A 16 x 16
 // row-major in a[4], B 16 x 8 column-major in b[2], D 16 x 8 in d[4], each thread holding the
 // elements the PTX ISA's fragment layouts give it (spelled out in emu.h, which emulates it).
