@@ -73,6 +73,11 @@ mod emu {
             let t = line.trim();
             if let Some(rest) = t.strip_prefix("extern \"C\" __global__ void ") {
                 // C++ linkage inside the namespace: the emulated `add` must not clash with a C symbol.
+                // (A `__launch_bounds__(N)` before the name is the GPU's business.)
+                let rest = match rest.strip_prefix("__launch_bounds__(") {
+                    Some(bounded) => bounded.split_once(") ").map_or(bounded, |(_, name)| name),
+                    None => rest,
+                };
                 kernels.push(rest.split('(').next().unwrap_or_default().trim().to_string());
                 let _ = writeln!(src, "{}", line.replacen("extern \"C\" ", "", 1));
             } else if let Some(decl) = t.strip_prefix("extern __shared__ ").and_then(|d| d.strip_suffix("[];")) {

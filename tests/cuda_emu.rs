@@ -59,10 +59,11 @@ fn in_both_precisions(checks: fn(&CudaOps) -> glimpse::error::Result<Vec<Check>>
     }
 }
 
-/// Both paths in both precisions, and the fused one in bf16 (two checks more).
+/// Both paths in both precisions, the selection as bits, and in bf16 the fused path and both
+/// bf16 paths over two tiles of queries.
 #[test]
 fn the_attention_products_and_kernels_match_the_cpu_on_every_path_in_the_emulation() {
-    in_both_precisions(attention, [7, 9]);
+    in_both_precisions(attention, [8, 14]);
 }
 
 /// The MoE dispatch on the device against the host's grouping (and both refusing a bad id).

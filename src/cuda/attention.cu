@@ -81,6 +81,22 @@ extern "C" __global__ void selection_mask(const int* idx, long long idx0, float*
     }
 }
 
+// selection_bits: the selection_mask as bits, for the fused form: bits[i, w] bit b is 1 when key
+// 32 w + b is selected for query i (position first + i), is causal and < t_eff; words = ceil(t_eff
+// / 32) a row. One block per query.
+extern "C" __global__ void selection_bits(const int* idx, long long idx0, unsigned* bits, int kk, int t_eff,
+                                          int first) {
+    int i = blockIdx.x, p = first + i, words = (t_eff + 31) >> 5;
+    unsigned* row = bits + (long long)i * words;
+    for (int w = threadIdx.x; w < words; w += blockDim.x) row[w] = 0u;
+    __syncthreads();
+    const int* sel = idx + idx0 + (long long)i * kk;
+    for (int j = threadIdx.x; j < kk; j += blockDim.x) {
+        int key = sel[j];
+        if (key >= 0 && key <= p && key < t_eff) atomicOr(&row[key >> 5], 1u << (key & 31));
+    }
+}
+
 extern "C" __global__ void masked_softmax(float* scores, const float* mask, int qc, int t_eff) {
     long long r = blockIdx.x;
     float* row = scores + r * t_eff;
@@ -127,13 +143,14 @@ extern "C" __global__ void masked_softmax_bf16(const float* scores, const float*
 // with no scores in memory. For query i of a chunk (position first + i, row row0 + i of q and out)
 // and head h:
 //   out[i, h] = sum_j p_j v_h(key0 + j) / sum_j p_j,  p_j = exp(s_j - max),
-//   s_j = scale * bf16(q_i) . k_h(key0 + j)  over the keys j < t_eff with mask[i, j] != 0,
+//   s_j = scale * bf16(q_i) . k_h(key0 + j)  over the keys j < t_eff whose bit is set in bits[i],
 // the products on tensor cores (mma_bf16_16816) with f32 accumulation. As a flash attention does,
 // each p_j is rounded to bf16 before its product, not p_j / sum (the masked form's
 // masked_softmax_bf16): a different rounding of the same values, not a different result. A row with
 // no key is NaN (0 / 0), as in the other forms.
 // q [.., nh, qk] f32 (rounded here); keys [nh, bt, qk] and values [nh, bt, vd] bf16 (split_bf16's
-// rounded copies); mask [qc, t_eff]; out [.., nh, vd]. vd <= 8 * FA_VT.
+// rounded copies); bits [qc, ceil(t_eff / 32)] (selection_bits: a step's 32 keys are one word);
+// out [.., nh, vd]. vd <= 8 * FA_VT.
 // One block of 4 warps per (head, 64 queries), each warp 16 queries; a step loads 32 keys and
 // their values (transposed) into shared memory. Dynamic shared memory: (96 * sq + vdp * 40) bf16,
 // sq = qk rounded up to 16, plus 8 (the padding puts a fragment's 8 rows in different banks).
@@ -141,11 +158,13 @@ extern "C" __global__ void masked_softmax_bf16(const float* scores, const float*
 #define FA_N 32
 #define FA_VT 32
 
-extern "C" __global__ void flash_attention_bf16(const float* q, const bf16_t* keys, const bf16_t* values,
-                                                const float* mask, float* out, long long row0, long long key0,
-                                                long long bt, int qc, int t_eff, int first, int nh, int qk, int vd,
-                                                float scale) {
-    extern __shared__ unsigned fa_smem[];
+extern "C" __global__ void __launch_bounds__(128) flash_attention_bf16(const float* q, const bf16_t* keys,
+                                                                         const bf16_t* values, const unsigned* bits,
+                                                                         float* out, long long row0, long long key0,
+                                                                         long long bt, int qc, int t_eff, int first,
+                                                                         int nh, int qk, int vd, float scale) {
+    // 16-byte aligned: the tiles are stored 16 bytes at a time.
+    extern __shared__ bf16x8 fa_smem[];
     int qkp = (qk + 15) & ~15, vdp = (vd + 7) & ~7, sq = qkp + 8, sv = FA_N + 8;
     bf16_t* qs = (bf16_t*)fa_smem;
     bf16_t* ks = qs + FA_M * sq;
@@ -183,8 +202,11 @@ extern "C" __global__ void flash_attention_bf16(const float* q, const bf16_t* ke
                 bool in = j0 + r < kend && c < qk;
                 st_bf16x8(ks + r * sq + c, in ? ld_bf16x8(kh + (long long)(j0 + r) * qk + c) : zero);
             }
+            // A warp's lanes take 32 keys of one vector of values: their transposed stores are
+            // neighbouring bf16 of one row of vt (with lanes along a key's vectors instead, the
+            // stores of a warp would all fall in one bank).
             for (int e = tid; e < FA_N * (vdp >> 3); e += blockDim.x) {
-                int r = e / (vdp >> 3), c = (e % (vdp >> 3)) << 3;
+                int r = e % FA_N, c = (e / FA_N) << 3;
                 bool in = j0 + r < kend && c < vd;
                 bf16x8 v = in ? ld_bf16x8(vh + (long long)(j0 + r) * vd + c) : zero;
                 for (int i = 0; i < 8; i++) vt[(c + i) * sv + r] = (bf16_t)(v.w[i >> 1] >> ((i & 1) * 16));
@@ -217,13 +239,19 @@ extern "C" __global__ void flash_attention_bf16(const float* q, const bf16_t* ke
             }
         }
 
-        // Scaled and masked; element e of tile nt is row r0 + 8 (e / 2), key j0 + 8 nt + 2 tq + e % 2.
+        // Scaled and masked; element e of tile nt is row r0 + 8 (e / 2), key j0 + 8 nt + 2 tq + e % 2,
+        // whose bit in the row's word for this step is 8 nt + 2 tq + e % 2.
+        unsigned word[2];
+        for (int rr = 0; rr < 2; rr++) {
+            int i = i0 + r0 + rr * 8;
+            word[rr] = i < qc ? bits[(long long)i * ((t_eff + 31) >> 5) + (j0 >> 5)] : 0u;
+        }
         float mx[2] = {m[0], m[1]};
 #pragma unroll
         for (int nt = 0; nt < 4; nt++)
             for (int e = 0; e < 4; e++) {
-                int i = i0 + r0 + (e >> 1) * 8, j = j0 + nt * 8 + 2 * tq + (e & 1);
-                bool in = i < qc && j < kend && mask[(long long)i * t_eff + j] != 0.0f;
+                int b = nt * 8 + 2 * tq + (e & 1);
+                bool in = j0 + b < kend && ((word[e >> 1] >> b) & 1u);
                 s[nt][e] = in ? s[nt][e] * scale : -INFINITY;
                 mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
             }

@@ -98,6 +98,8 @@ impl Default for AttentionPlan {
 pub struct Workspace {
     products: RefCell<Option<Buf<f32>>>,
     mask: RefCell<Option<Buf<f32>>>,
+    /// The fused form's selection, a bit a key.
+    bits: RefCell<Option<Buf<u32>>>,
     scores: RefCell<Option<Buf<f32>>>,
     chunk_idx: RefCell<Option<Buf<i32>>>,
     chunk_margin: RefCell<Option<Buf<f32>>>,
@@ -396,9 +398,9 @@ fn masked_chunk_f32(
 }
 
 /// Attention over the selection in the fused form (bf16 mode only; dims as [`masked`]): the keys
-/// and values rounded once (`Bf16Qkv`), then each chunk's selection mask and one
-/// `flash_attention_bf16`, which keeps the scores in registers. Its scratch is the mask alone, so
-/// a chunk may hold `chunk_values` queries x keys.
+/// and values rounded once (`Bf16Qkv`), then each chunk's selection as bits and one
+/// `flash_attention_bf16`, which keeps the scores in registers. Its scratch is the bits alone, so
+/// a chunk may hold `chunk_values` queries x keys (a bit each, in words of 32).
 pub fn fused(
     (gpu, products, ws): (&Gpu, &Products, &Workspace),
     chunk_values: usize,
@@ -416,17 +418,17 @@ pub fn fused(
     let mut out = gpu.output(batch_n * s * nh * vd)?;
     let qkv = ws.step(gpu, ("attention: round to bf16", 0), || Bf16Qkv::new((gpu, ws), (kv, k_rope), dims))?;
     let (ks, vs) = qkv.operands()?;
-    let mut mask = ws.mask.borrow_mut();
+    let mut bits = ws.bits.borrow_mut();
     for c in chunks(batch_n, [s, t, offset], chunk_values, t) {
-        let mask = scratch(gpu, &mut mask, c.qc * c.t_eff)?;
+        let bits = scratch(gpu, &mut bits, c.qc * c.t_eff.div_ceil(32))?;
         let row0 = c.b * s + c.q0;
         let (key0, bt, qk) = (c.b * t, batch_n * t, nope + rd);
         let fc = FlashChunk { row0, qc: c.qc, first: c.first, key0, t_eff: c.t_eff, bt, nh, qk, vd };
-        ws.step(gpu, ("attention: selection mask", 0), || {
-            gpu.selection_mask(idx, row0 * kk, &mut *mask, [c.qc, kk, c.t_eff], c.first)
+        ws.step(gpu, ("attention: selection bits", 0), || {
+            gpu.selection_bits(idx, row0 * kk, &mut *bits, [c.qc, kk, c.t_eff], c.first)
         })?;
         ws.step(gpu, ("attention: fused scores, softmax, values", fc.flops()), || {
-            gpu.flash_attention_bf16((q, ks, vs), mask, &mut out, &fc, scale)
+            gpu.flash_attention_bf16((q, ks, vs), bits, &mut out, &fc, scale)
         })?;
     }
     Ok(out)

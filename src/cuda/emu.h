@@ -321,3 +321,5 @@ int run(void (*k)(A...), unsigned grid, unsigned block, unsigned shared, Schedul
 #define __float_as_uint(f) ::glimpse_emu::float_as_uint(f)
 #define rsqrtf(x) (1.0f / std::sqrt((float)(x)))
 #define atomicAdd(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
+#define atomicOr(p, v) __atomic_fetch_or((p), (v), __ATOMIC_RELAXED)
+#define __launch_bounds__(...)

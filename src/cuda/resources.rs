@@ -46,6 +46,7 @@ pub const LARGEST_BLOCK: &[(&str, u32)] = &[
     ("selection_mask", 128),
     ("masked_softmax", 256),
     ("masked_softmax_bf16", 256),
+    ("selection_bits", 128),
     ("flash_attention_bf16", 128),
     ("gather_rows", 256),
     ("combine", 256),

@@ -5,11 +5,14 @@
 //! causal top-k, FP8 dequantisation), else the op of [`CpuOps`], which the device forward pass
 //! is tested with.
 
-use super::gpu::{Gpu, TopK, FLASH_STEP_KEYS};
+use super::gpu::{Gpu, TopK};
 use crate::device::cpu::CpuOps;
 use crate::device::{HostWeight, Ops};
 use crate::error::Result;
 use crate::model::moe::{route, RouterConfig};
+
+mod attention;
+pub use attention::{at_glm5_sizes, attention};
 
 /// One kernel's verdict.
 pub struct Check {
@@ -389,7 +392,7 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     let c = check("bf16_round", &got, &cpu, 0.0);
     out.push(Check { ok: c.ok && nan_kept, ..c });
     out.push(split_bf16(gpu, &mut rng)?);
-    out.push(masked_softmax_bf16(gpu, &mut rng)?);
+    out.push(attention::masked_softmax_bf16(gpu, &mut rng)?);
 
     gpu.synchronize()?;
     Ok(out)
@@ -450,245 +453,6 @@ fn split_bf16(gpu: &Gpu, rng: &mut Rng) -> Result<Check> {
     }
     let got: Vec<f32> = gpu.download(&got)?.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect();
     Ok(check("split_bf16", &got, &cpu, 0.0))
-}
-
-/// `masked_softmax_bf16` against the softmax computed here in f64: 2 heads of 3 queries over 37
-/// keys, some masked out, the last query's all (its rows NaN, as `masked_softmax` makes them),
-/// rows padded to 40; within a bf16 rounding (2^-9 of a probability at most 1) of the f64 one.
-fn masked_softmax_bf16(gpu: &Gpu, rng: &mut Rng) -> Result<Check> {
-    let (heads, qc, t_eff, width) = (2, 3, 37, 40); // width: a row's, padded
-    let scores = rng.vec(heads * qc * t_eff).iter().map(|v| 8.0 * v).collect::<Vec<_>>();
-    let none = (qc - 1) * t_eff; // the last query's keys, all masked out
-    let mask: Vec<f32> = (0..qc * t_eff).map(|i| if i % 5 == 2 || i >= none { 0.0 } else { 1.0 }).collect();
-    let (d_scores, d_mask) = (gpu.upload(&scores)?, gpu.upload(&mask)?);
-    let mut probs = gpu.filled(heads * qc * width, u16::MAX)?;
-    gpu.masked_softmax_bf16(&d_scores, &d_mask, &mut probs, heads * qc, [qc, t_eff, width])?;
-    let want: Vec<f32> = scores
-        .chunks_exact(t_eff)
-        .enumerate()
-        .flat_map(|(r, row)| {
-            let kept = |j: usize| mask[(r % qc) * t_eff + j] != 0.0;
-            let max = (0..t_eff).filter(|&j| kept(j)).map(|j| row[j] as f64).fold(f64::NEG_INFINITY, f64::max);
-            let e: Vec<f64> = (0..t_eff).map(|j| if kept(j) { (row[j] as f64 - max).exp() } else { 0.0 }).collect();
-            let sum: f64 = e.iter().sum();
-            e.into_iter().map(move |x| (x / sum) as f32) // 0 / 0: NaN for a row with no key
-        })
-        .collect();
-    let probs = gpu.download(&probs)?;
-    let widen = |b: u16| half::bf16::from_bits(b).to_f32();
-    let got: Vec<f32> = probs.chunks_exact(width).flat_map(|row| row[..t_eff].iter().map(|&b| widen(b))).collect();
-    // NaN is compared as such: the rows of the query with no key, NaN in both.
-    let nan_alike = got.iter().zip(&want).all(|(g, w)| g.is_nan() == w.is_nan()) && want.iter().any(|w| w.is_nan());
-    let finite = |v: &[f32]| -> Vec<f32> { v.iter().map(|x| if x.is_nan() { 0.0 } else { *x }).collect() };
-    let c = check("masked_softmax_bf16", &finite(&got), &finite(&want), 1.0 / 512.0);
-    Ok(Check { ok: c.ok && nan_alike, ..c })
-}
-
-/// The attention's quadratic steps (`cuda::attention`) against `CpuOps`: the indexer's scores
-/// (cuBLAS products and `index_combine`) and attention over a top-k selection on both paths,
-/// whole and in chunks of 2 queries (so chunks start past the first query and reach fewer keys).
-/// Batch 2, 5 new queries after 38 cached keys.
-/// The products are SGEMM in f32 mode. In bf16 mode the indexer's are split bf16 (about 16
-/// mantissa bits: held to 1e-4) and the masked attention's take bf16 operands (against
-/// [`bf16_attention`]); the gathered attention computes in f32 in either mode.
-pub fn attention(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
-    use super::attention::{AttentionPath, AttentionPlan};
-    let mut rng = Rng(0x6a09e667f3bcc909);
-    let mut out = Vec::new();
-    let gpu = &ops.gpu;
-    let bf16 = ops.precision() == crate::device::Precision::Bf16;
-    // The indexer's products are split bf16 in bf16 mode: about 16 mantissa bits.
-    let (mode, tol) = if bf16 { (", bf16 mode", 1e-4) } else { ("", 1e-5f64) };
-    let (batch, s, offset, nh, d, topk) = (2, 5, 38, 4, 16, 24);
-    let t = offset + s;
-    let (q, k, w) = (rng.vec(batch * s * nh * d), rng.vec(batch * t * d), rng.vec(batch * s * nh));
-    let (dq, dk, dw) = (gpu.upload(&q)?, gpu.upload(&k)?, gpu.upload(&w)?);
-    let (dims, scale) = ([batch, s, t, nh, d, offset], (d as f32).powf(-0.5));
-    let cpu_scores = CpuOps.index_scores(&q, &k, &w, dims, scale)?;
-    let whole = AttentionPlan::default();
-    let chunks_of_2 = |path, heads| AttentionPlan { path, chunk_values: 2 * heads * t };
-    for (name, plan) in [("index_scores", whole), ("index_scores (chunks of 2 queries)", chunks_of_2(None, nh))] {
-        let scores = ops.index_scores_with(plan, (&dq, &dk, &dw), dims, scale)?;
-        out.push(check(format!("{name}{mode}"), &ops.download(&scores)?, &cpu_scores, tol.max(1e-4)));
-        // The selection taken chunk by chunk, without the whole scores, is the selection of the
-        // whole scores (the same products): the same keys in the same order, the same margins.
-        let (idx, margin) = ops.topk_causal(&scores, batch * s, s, t, offset, topk.min(t))?;
-        let (fused_idx, fused_margin) = ops.index_topk_with(plan, (&dq, &dk, &dw), dims, scale, topk.min(t))?;
-        let ids = check_ints("", &ops.gpu.download(&fused_idx)?, &ops.gpu.download(&idx)?);
-        let m = check("", &ops.download(&fused_margin)?, &ops.download(&margin)?, 0.0);
-        let name = name.replace("index_scores", "index_topk");
-        out.push(Check { name: format!("{name}{mode}"), max_abs: m.max_abs.max(ids.max_abs), ok: m.ok && ids.ok });
-    }
-
-    // Attention over the CPU's top-k of those scores: 3 heads, nope 12, rope 4, v 10.
-    let sel = crate::model::indexer::top_k_causal(&cpu_scores, batch, s, offset, topk);
-    let idx = selected_ids(&sel);
-    let (heads, nope, rd, vd, kk) = (3, 12, 4, 10, topk.min(t));
-    let (q, kv, kr) =
-        (rng.vec(batch * s * heads * (nope + rd)), rng.vec(batch * t * heads * (nope + vd)), rng.vec(batch * t * rd));
-    let dims = [batch, s, t, heads, nope, rd, vd, kk, offset];
-    let scale = ((nope + rd) as f32).powf(-0.5);
-    let cpu = CpuOps.sparse_attention(&q, &kv, &kr, &idx, dims, scale)?;
-    // The masked path in bf16 mode against its own arithmetic (`bf16_attention`); a probability
-    // on the other side of a bf16 rounding tie here and on the device moves an output by up to
-    // 2^-8 of that probability (a third, at 24 keys), hence 2e-3.
-    let (masked_cpu, masked_tol) = match bf16 {
-        true => (bf16_attention(&q, &kv, &kr, &idx, dims, scale, ProbRounding::Divided), 2e-3),
-        false => (cpu.clone(), tol),
-    };
-    let bufs = (gpu.upload(&q)?, gpu.upload(&kv)?, gpu.upload(&kr)?, gpu.upload(&idx)?);
-    let masked = Some(AttentionPath::Masked);
-    let mut plans = vec![
-        ("sparse_attention (gathered)", AttentionPlan { path: Some(AttentionPath::Gathered), ..whole }, &cpu, tol),
-        ("sparse_attention (masked)", AttentionPlan { path: masked, ..whole }, &masked_cpu, masked_tol),
-        ("sparse_attention (masked, chunks of 2 queries)", chunks_of_2(masked, heads), &masked_cpu, masked_tol),
-    ];
-    let flash_cpu = bf16_attention(&q, &kv, &kr, &idx, dims, scale, ProbRounding::Flash(FLASH_STEP_KEYS));
-    if bf16 {
-        let fused = Some(AttentionPath::Fused);
-        plans.push(("sparse_attention (fused)", AttentionPlan { path: fused, ..whole }, &flash_cpu, masked_tol));
-        let of_2 = AttentionPlan { path: fused, chunk_values: 2 * t }; // its scratch: a query's t mask values
-        plans.push(("sparse_attention (fused, chunks of 2 queries)", of_2, &flash_cpu, masked_tol));
-    }
-    for (name, plan, want, tol) in plans {
-        let got = ops.sparse_attention_with(plan, (&bufs.0, &bufs.1, &bufs.2, &bufs.3), dims, scale)?;
-        out.push(check(format!("{name}{mode}"), &ops.download(&got)?, want, tol));
-    }
-    Ok(out)
-}
-
-/// Where bf16 mode rounds the probabilities (see [`bf16_attention`]).
-#[derive(Clone, Copy)]
-enum ProbRounding {
-    /// The masked path: each probability, after the division by the sum.
-    Divided,
-    /// The fused path: each `exp(s - m)` before the division, `m` the running maximum over the
-    /// tiles of this many keys seen so far (a flash attention's online softmax).
-    Flash(usize),
-}
-
-/// Attention over the selection as bf16 mode computes it (the `Ops::sparse_attention`
-/// contract): q, k and v rounded to bf16, scores and softmax in f64 here, the probabilities
-/// rounded to bf16 as `rounding` says, the values' sum in f64.
-fn bf16_attention(
-    q: &[f32],
-    kv: &[f32],
-    k_rope: &[f32],
-    idx: &[i32],
-    [batch, s, t, nh, nope, rd, vd, kk, offset]: [usize; 9],
-    scale: f32,
-    rounding: ProbRounding,
-) -> Vec<f32> {
-    let r = |x: f32| half::bf16::from_f32(x).to_f64();
-    let mut out = vec![0f32; batch * s * nh * vd];
-    for row in 0..batch * s {
-        let (b, p) = (row / s, offset + row % s);
-        let mut keys: Vec<usize> = idx[row * kk..(row + 1) * kk]
-            .iter()
-            .filter_map(|&j| usize::try_from(j).ok())
-            .filter(|&j| j <= p && j < t)
-            .collect();
-        keys.sort_unstable();
-        keys.dedup(); // the masked form counts a key once
-        for h in 0..nh {
-            let qv = &q[(row * nh + h) * (nope + rd)..][..nope + rd];
-            let kv_at = |j: usize, c: usize| kv[((b * t + j) * nh + h) * (nope + vd) + c];
-            let scores: Vec<f64> = keys
-                .iter()
-                .map(|&j| {
-                    let kr = &k_rope[(b * t + j) * rd..][..rd];
-                    let dot: f64 = (0..nope).map(|i| r(qv[i]) * r(kv_at(j, i))).sum::<f64>()
-                        + (0..rd).map(|i| r(qv[nope + i]) * r(kr[i])).sum::<f64>();
-                    dot * scale as f64
-                })
-                .collect();
-            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let e: Vec<f64> = scores.iter().map(|v| (v - max).exp()).collect();
-            let z: f64 = e.iter().sum();
-            let probs: Vec<f64> = match rounding {
-                ProbRounding::Divided => e.iter().map(|x| r((x / z) as f32)).collect(),
-                ProbRounding::Flash(n) => {
-                    // The running maximum each key's tile saw (keys ascending), and its weight
-                    // bf16(exp(s - running)) rescaled to the final maximum.
-                    let mut running = vec![f64::NEG_INFINITY; keys.len()];
-                    let mut m = f64::NEG_INFINITY;
-                    for (i, &j) in keys.iter().enumerate() {
-                        if i == 0 || keys[i - 1] / n != j / n {
-                            let end = i + keys[i..].iter().take_while(|&&x| x / n == j / n).count();
-                            m = scores[i..end].iter().cloned().fold(m, f64::max);
-                        }
-                        running[i] = m;
-                    }
-                    let w = |(s, m): (&f64, &f64)| r((s - m).exp() as f32) * (m - max).exp() / z;
-                    scores.iter().zip(&running).map(w).collect()
-                }
-            };
-            for c in 0..vd {
-                let acc: f64 = keys.iter().zip(&probs).map(|(&j, p)| p * r(kv_at(j, nope + c))).sum();
-                out[(row * nh + h) * vd + c] = acc as f32;
-            }
-        }
-    }
-    out
-}
-
-/// The top-k and the attention at GLM-5's sizes, which the small checks do not reach: K = 2048
-/// (`index_topk`) over rows of 10 000 keys, sorted in 128 KB of shared memory (past the 48 KB a
-/// launch gets without the opt-in `Gpu::open` asks for), and of 20 000 keys, in chunks of the
-/// largest the shared memory holds (two rounds); then attention over those 2048 keys of 2100 at
-/// GLM-5's head sizes (64 heads, nope 192, rope 64, v 256; 2 heads on the emulation) on both
-/// paths, and on the masked and fused paths in bf16 mode (`bf16_ops`: bf16 operands, against
-/// [`bf16_attention`]).
-/// Two queries each, at the ends of their rows. The path each top-k took is in its check's name:
-/// a device that refused the opt-in takes smaller chunks.
-pub fn at_glm5_sizes(ops: &super::ops::CudaOps, bf16_ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
-    use super::attention::{AttentionPath, AttentionPlan};
-    let mut rng = Rng(0xbb67ae8584caa73b);
-    let mut out = Vec::new();
-    let gpu = &ops.gpu;
-    let (s, k) = (2, 2048);
-    for (t, step) in [(10_000, 1.0 / 64.0), (20_000, 0.0)] {
-        // Scores on a grid of 1/64 tie at the cut, and the positions must break the ties.
-        let scores: Vec<f32> =
-            rng.vec(s * t).iter().map(|&v| if step > 0.0 { (v / step).round() * step } else { v }).collect();
-        let path = gpu.topk_path(t, k);
-        let (mut idx, mut margin) = (gpu.filled(s * k, -1i32)?, gpu.filled(s, f32::NAN)?);
-        gpu.topk_causal_by(path, &gpu.upload(&scores)?, [s, s, t, t - s, k], &mut idx, &mut margin)?;
-        let sel = crate::model::indexer::top_k_causal(&scores, 1, s, t - s, k);
-        let same = check_ints("", &as_sets(&gpu.download(&idx)?, k), &as_sets(&selected_ids(&sel), k));
-        let m = check("", &gpu.download(&margin)?, &sel.margin, 0.0);
-        let name = format!("topk_causal ({path:?}, {t} keys, K {k})");
-        out.push(Check { name, max_abs: m.max_abs.max(same.max_abs), ok: m.ok && same.ok });
-    }
-
-    // The emulation runs a block's threads one at a time, and each key of the gathered path is a
-    // block reduction: 2 heads there (the same loops over each row), 64 on a GPU.
-    let heads = if gpu.stream().is_none() { 2 } else { 64 };
-    let (t, nope, rd, vd) = (2100, 192, 64, 256);
-    let scores = rng.vec(s * t);
-    let idx = selected_ids(&crate::model::indexer::top_k_causal(&scores, 1, s, t - s, k));
-    let (q, kv, kr) = (rng.vec(s * heads * (nope + rd)), rng.vec(t * heads * (nope + vd)), rng.vec(t * rd));
-    let dims = [1, s, t, heads, nope, rd, vd, k, t - s];
-    let scale = ((nope + rd) as f32).powf(-0.5);
-    let cpu = CpuOps.sparse_attention(&q, &kv, &kr, &idx, dims, scale)?;
-    // Over 2048 keys each probability is small, and so is a rounding tie's 2^-8 of one.
-    let bf16_cpu = bf16_attention(&q, &kv, &kr, &idx, dims, scale, ProbRounding::Divided);
-    let flash_cpu = bf16_attention(&q, &kv, &kr, &idx, dims, scale, ProbRounding::Flash(FLASH_STEP_KEYS));
-    for (path, ops, mode, want, tol) in [
-        (AttentionPath::Gathered, ops, "", &cpu, 1e-5),
-        (AttentionPath::Masked, ops, "", &cpu, 1e-5),
-        (AttentionPath::Masked, bf16_ops, ", bf16 mode", &bf16_cpu, 1e-4),
-        (AttentionPath::Fused, bf16_ops, ", bf16 mode", &flash_cpu, 1e-4),
-    ] {
-        let plan = AttentionPlan { path: Some(path), ..Default::default() };
-        // Each ops' own buffers: the two precisions' ops may be on different streams.
-        let g = &ops.gpu;
-        let bufs = (g.upload(&q)?, g.upload(&kv)?, g.upload(&kr)?, g.upload(&idx)?);
-        let got = ops.sparse_attention_with(plan, (&bufs.0, &bufs.1, &bufs.2, &bufs.3), dims, scale)?;
-        let name = format!("sparse_attention ({path:?}, {heads} heads of {nope}+{rd}/{vd}, {k} of {t} keys){mode}");
-        out.push(check(name, &ops.download(&got)?, want, tol));
-    }
-    Ok(out)
 }
 
 /// The products through cuBLAS (row-major on a column-major library) against the CPU's, with an

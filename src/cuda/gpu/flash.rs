@@ -1,8 +1,9 @@
-//! The launcher of `flash_attention_bf16` (`attention.cu`): bf16 mode's attention over the
+//! The launchers of the fused attention's kernels (`attention.cu`): `selection_bits`, the
+//! selection as one bit a key, and `flash_attention_bf16`, bf16 mode's attention over the
 //! selection in one pass on tensor cores, with no scores in memory (`cuda::attention`,
 //! `AttentionPath::Fused`).
 
-use super::{emu, fits, ints, per_item, Buf, Engine, Gpu, KernelArg};
+use super::{emu, fits, ints, per_item, row_block, Buf, Engine, Gpu, KernelArg};
 use crate::error::{Error, Result};
 
 /// Queries a block (16 a warp, 4 warps), keys a step, and the most values a head
@@ -73,13 +74,30 @@ impl Gpu {
         }
     }
 
+    /// bits [qc, ceil(t_eff / 32)]: [`Gpu::selection_mask`] as bits (`selection_bits`), bit `j %
+    /// 32` of word `j / 32` for key j; what [`Gpu::flash_attention_bf16`] reads.
+    pub fn selection_bits(
+        &self,
+        idx: &Buf<i32>,
+        idx0: usize,
+        bits: &mut Buf<u32>,
+        [qc, kk, t_eff]: [usize; 3],
+        first: usize,
+    ) -> Result<()> {
+        let kernel = "selection_bits";
+        fits(kernel, &[(idx.len(), idx0 + qc * kk), (bits.len(), qc * t_eff.div_ceil(32))])?;
+        let [k32, te32, f32_] = ints(kernel, [kk, t_eff, first])?;
+        let idx0 = idx0 as i64;
+        launch!(self, kernel, per_item(qc, row_block(kk, 128), 0), [idx, &idx0, bits, &k32, &te32, &f32_])
+    }
+
     /// `flash_attention_bf16` over one chunk: q [.., nh, qk] (f32), keys [nh, bt, qk] and values
-    /// [nh, bt, vd] (bf16), mask [qc, t_eff] (the selection, `Gpu::selection_mask`) -> out [..,
-    /// nh, vd] at the chunk's rows.
+    /// [nh, bt, vd] (bf16), bits [qc, ceil(t_eff / 32)] (the selection,
+    /// [`Gpu::selection_bits`]) -> out [.., nh, vd] at the chunk's rows.
     pub fn flash_attention_bf16(
         &self,
         (q, keys, values): (&Buf<f32>, &Buf<u16>, &Buf<u16>),
-        mask: &Buf<f32>,
+        bits: &Buf<u32>,
         out: &mut Buf<f32>,
         c: &FlashChunk,
         scale: f32,
@@ -96,7 +114,7 @@ impl Gpu {
                 (q.len(), rows * c.nh * c.qk),
                 (keys.len(), key_rows * c.qk),
                 (values.len(), key_rows * c.vd),
-                (mask.len(), c.qc * c.t_eff),
+                (bits.len(), c.qc * c.t_eff.div_ceil(32)),
                 (out.len(), rows * c.nh * c.vd),
             ],
         )?;
@@ -116,7 +134,23 @@ impl Gpu {
             self,
             kernel,
             per_item(blocks, 128, shared),
-            [q, keys, values, mask, out, &row0, &key0, &bt, &qc, &t_eff, &first, &nh, &qk, &vd, &scale]
+            [q, keys, values, bits, out, &row0, &key0, &bt, &qc, &t_eff, &first, &nh, &qk, &vd, &scale]
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The launcher's tile sizes are the kernel's.
+    #[test]
+    fn the_tiles_are_the_kernels() {
+        let src = include_str!("../attention.cu");
+        let define = |name: &str| -> usize {
+            let line = src.lines().find(|l| l.starts_with(&format!("#define {name} "))).unwrap_or_default();
+            line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0)
+        };
+        assert_eq!(define("FA_M"), super::BLOCK_QUERIES);
+        assert_eq!(define("FA_N"), super::FLASH_STEP_KEYS);
+        assert_eq!(8 * define("FA_VT"), super::FLASH_MAX_VD);
     }
 }
