@@ -12,7 +12,9 @@
 //! does `t / K` times the gathered kernel's arithmetic; but on cuBLAS instead of one thread
 //! block per (query, head). While every causal key is selected (prefills up to `index_topk`
 //! tokens, 2048 on GLM-5) the two do the same work; [`AttentionPath::choose`] keeps the masked
-//! form up to [`MASKED_MAX_RATIO`] times that.
+//! form up to [`MASKED_MAX_RATIO`] times that. In bf16 mode the fused form ([`fused`], asked for
+//! by `--attention fused`) does the masked form's work in one flash-attention kernel a chunk
+//! (`flash_attention_bf16`), the scores never in memory.
 //!
 //! The two precisions compute the products differently:
 //! - f32 mode runs them as SGEMM (`Products::batched`), as the f32 reference does.
