@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import sys
@@ -170,6 +171,15 @@ class Bf16Products:
     two products take bf16 operands with f32 accumulation (see the doc)."""
 
     def __enter__(self):
+        # `bf16_attention` is a copy of 5.24's eager attention: a transformers whose copy differs
+        # would be silently replaced by it.
+        source = hashlib.sha256(inspect.getsource(M.eager_attention_forward).encode()).hexdigest()
+        if source != EAGER_ATTENTION_5_24:
+            raise SystemExit(
+                f"transformers {transformers.__version__}'s eager_attention_forward is not 5.24's: "
+                "update bf16_attention in golden/reference.py from it"
+            )
+        Bf16Products.attention_calls = 0
         self.linear = torch.nn.functional.linear
         self.attention = M.eager_attention_forward
         plain = self.linear
@@ -202,11 +212,14 @@ def bf16_attention(module, query, key, value, attention_mask, scaling, dropout=0
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
     attn_weights = torch.nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = torch.nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(to_bf16(attn_weights), to_bf16(value_states))
     return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
 Bf16Products.attention_calls = 0
+# sha256 of `inspect.getsource` of transformers 5.24.0's glm_moe_dsa `eager_attention_forward`.
+EAGER_ATTENTION_5_24 = "cb34ccea28710ae8d5d94a241b704ea3d974048f85372f0b1b3c2a8a2ef1ee20"
 
 
 def storage_kind(stored: dict[str, torch.Tensor]) -> str:
@@ -265,10 +278,10 @@ def main(argv=None) -> int:
     if args.products == "bf16":
         with Bf16Products():
             tensors, scores = G.run_reference(model, input_ids)
-        # The patch must have reached every layer's attention (transformers looks the eager
-        # function up by name at each call; a version that bound it earlier would bypass it).
+        # The patch must have reached every layer's attention, once each (transformers looks the
+        # eager function up by name at each call; a version that bound it earlier would bypass it).
         layers = cfg["num_hidden_layers"]
-        if Bf16Products.attention_calls < layers:
+        if Bf16Products.attention_calls != layers:
             raise SystemExit(f"bf16 attention ran {Bf16Products.attention_calls} times for {layers} layers")
     else:
         tensors, scores = G.run_reference(model, input_ids)

@@ -492,6 +492,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Selftest { device, gpu, kernels_only } => {
+            if gpu.attention != glimpse::device::Attention::Auto {
+                return Err(Error::Usage("selftest checks every attention path: --attention does not apply".into()));
+            }
             let root = default_case().parent().map(Path::to_path_buf).unwrap_or_default();
             let scope = if kernels_only { glimpse::selftest::Scope::Kernels } else { glimpse::selftest::Scope::All };
             let ok = glimpse::selftest::run(&root, gpu.target(device)?, scope, max_memory)?;

@@ -134,9 +134,10 @@ type Cases<'a> = &'a dyn Fn(&mut dyn FnMut(&Path, &Model, &Dump) -> Result<bool>
 /// forward pass in both, whatever `--precision` says:
 /// - f32 against the transformers reference at the spec's tolerance;
 /// - bf16 against transformers' run with bf16 products (`reference-bf16.safetensors`: every
-///   linear's input and weight rounded to bf16, f32 accumulation) at atol = rtol = 2e-2, every
-///   layer isolated and its decisions replayed: that run has near-ties below bf16's resolution
-///   (its own margins, recorded in the dump, go down to 1e-4), and the same roundings summed in
+///   linear's input and weight, and the attention's q, k, probabilities and v, rounded to bf16,
+///   f32 accumulation) at atol = rtol = 2e-2, on the default attention and on the fused one,
+///   every layer isolated and its decisions replayed: that run has near-ties below bf16's
+///   resolution (its own margins, recorded in the dump, go down to 2e-5), and the same roundings summed in
 ///   another order can round an activation to the neighbouring bf16 value (one ulp is 2^-8),
 ///   which flips such a tie when fed on;
 /// - and, measured, not judged, bf16 against the f32 reference the same way: on these toy random

@@ -28,13 +28,16 @@
 //!   `hi hi + hi lo + lo hi` on tensor cores as one product along k (rows `[hi | lo | hi]` against
 //!   `[hi | hi | lo]`): about 16 mantissa bits, for three times the products.
 //!
-//! On an H200 the attention's split bf16 products (before bf16 mode rounded them instead) took
-//! 5.7 ms of a 2048-token prefill's two layers, against 10.2 with SGEMM (docs/gpu-results.md).
+//! - The gathered kernel computes in f32 in either precision.
+//!
+//! On an H200 the attention's section took 5.7 ms of a 2048-token prefill's two layers with split
+//! bf16 products (before bf16 mode rounded the operands instead), against 10.2 with SGEMM
+//! (docs/gpu-results.md).
 //!
 //! Chunks bound the scratch: a chunk's products hold at most [`CHUNK_VALUES`] floats, and a
 //! chunk only reaches the keys its last query can see. bf16 mode also holds the rounded keys and
 //! values whole (`Bf16Qkv`: 1 KB a key and head at GLM-5's widths), and the indexer's split
-//! queries and keys (0.8 KB a query, as many bytes a key).
+//! queries and keys (24 KB a query at GLM-5's 32 index heads of 128, 768 bytes a key).
 
 use std::cell::RefCell;
 

@@ -40,7 +40,8 @@ pub enum Precision {
     F32,
     /// bf16 in (weights as stored or rounded once at upload, activations rounded before each
     /// product), f32 accumulate, on tensor cores. The attention's products take q, k, the
-    /// probabilities and v rounded to bf16, as a bf16 flash attention does; the indexer's are
+    /// probabilities and v rounded to bf16, as a bf16 flash attention does (the gathered kernel,
+    /// past 16k tokens, computes in f32); the indexer's are
     /// split bf16 (each operand `hi + lo`, three bf16 products: about 16 mantissa bits), since
     /// transformers computes them in f32 in a bf16 run too. Held to atol = rtol = 2e-2.
     Bf16,
@@ -80,7 +81,9 @@ pub enum Attention {
     /// Every causal key's score by cuBLAS, masked to the selection, then a softmax and `P v`.
     Masked,
     /// bf16 only: the masked form in one flash-attention kernel on tensor cores, the scores
-    /// never in memory. Not yet timed on a GPU.
+    /// never in memory. Not yet timed on a GPU. Like `masked`, it holds every key and value
+    /// rounded to bf16 (1 KB a key and head at GLM-5's widths) and computes every causal key:
+    /// past 16k tokens, where `auto` takes `gathered`, that grows with the context.
     Fused,
     /// One thread block per (query, head) over its selected keys only.
     Gathered,
