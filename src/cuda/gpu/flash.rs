@@ -35,9 +35,7 @@ impl FlashChunk {
         let sq = self.qk.next_multiple_of(16) + 8;
         2 * ((BLOCK_QUERIES + FLASH_STEP_KEYS) * sq + self.vd.next_multiple_of(8) * (FLASH_STEP_KEYS + 8))
     }
-}
 
-impl FlashChunk {
     /// The products' FLOPs over the keys each block of queries reaches (its last query's causal
     /// keys): what the kernel computes, padding aside.
     pub fn flops(&self) -> usize {
