@@ -248,6 +248,21 @@ fn bf16_precision_needs_a_cuda_backend() {
     common::assert_error(&o, "--precision bf16 needs --device cuda or cuda-emu");
 }
 
+/// `--attention` is refused where it cannot apply: on the CPU paths, `fused` in f32, and on
+/// `selftest` (which checks every path); `--attention fused` in bf16 runs and records its path.
+#[test]
+fn the_attention_flag_is_refused_where_it_cannot_apply() {
+    let refused = |args: &[&str], needle: &str| common::assert_error(&common::glimpse(args), needle);
+    refused(&["verify", "--attention", "masked", "--device", "cpu-ops"], "--attention needs --device cuda or cuda-emu");
+    refused(&["verify", "--attention", "fused", "--device", "cuda-emu"], "--attention fused computes in bf16 only");
+    let selftest = ["selftest", "--device", "cuda-emu", "--precision", "bf16", "--attention", "fused"];
+    refused(&selftest, "selftest checks every attention path");
+    let args = ["verify", "--device", "cuda-emu", "--precision", "bf16", "--attention", "fused", "--isolate"];
+    let (code, text) = common::code_and_text(&[&args[..], &["--force-routing", "--force-selection"]].concat());
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("bf16 products with float32 accumulation, fused attention"), "{text}");
+}
+
 /// The TUI's live run in bf16 products is compared, as verify's is, with the case's reference of
 /// bf16 products.
 #[test]
