@@ -298,7 +298,7 @@ fn the_benchmark_times_the_attentions_steps() {
     let steps = r.steps.as_ref().expect("the CUDA ops time their steps");
     let names: Vec<&str> = steps.sections.iter().map(|s| s.name).collect();
     for name in
-        ["indexer: split bf16", "indexer: top-k", "attention: round to bf16", "attention: selection mask, softmax"]
+        ["indexer: split bf16", "indexer: top-k", "attention: round to bf16", "attention: selection bits, softmax"]
     {
         assert!(names.contains(&name), "{name} in {names:?}");
     }

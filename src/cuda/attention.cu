@@ -65,9 +65,9 @@ extern "C" __global__ void sparse_attention(const float* q, const float* kv, con
 //   masked_softmax: each row (h, i) of scores [heads, qc, t_eff] becomes the softmax over its
 //     masked-in keys, 0 elsewhere (a row with no key is NaN, as in the gathered form). One block
 //     per row.
-//   masked_softmax_bf16: the same softmax, rounded to bf16 into rows of out [heads, qc, width]
-//     (width >= t_eff: rows padded so each starts 16-byte aligned for cuBLAS), for the bf16
-//     mode's value product; scores untouched.
+//   masked_softmax_bf16: the same softmax over the keys selection_bits keeps (below), rounded to
+//     bf16 into rows of out [heads, qc, width] (width >= t_eff: rows padded so each starts
+//     16-byte aligned for cuBLAS), for the bf16 mode's value product; scores untouched.
 
 extern "C" __global__ void selection_mask(const int* idx, long long idx0, float* mask, int kk, int t_eff, int first) {
     int i = blockIdx.x, p = first + i;
@@ -81,7 +81,8 @@ extern "C" __global__ void selection_mask(const int* idx, long long idx0, float*
     }
 }
 
-// selection_bits: the selection_mask as bits, for the fused form: bits[i, w] bit b is 1 when key
+// selection_bits: the selection_mask as bits (bf16 mode's forms read them: a thirty-second of the
+// mask's bytes, read by every head): bits[i, w] bit b is 1 when key
 // 32 w + b is selected for query i (position first + i), is causal and < t_eff; words = ceil(t_eff
 // / 32) a row. One block per query.
 extern "C" __global__ void selection_bits(const int* idx, long long idx0, unsigned* bits, int kk, int t_eff,
@@ -119,24 +120,27 @@ extern "C" __global__ void masked_softmax(float* scores, const float* mask, int 
 // with no block barrier (the block-per-row masked_softmax, reducing about 5 values a thread at
 // GLM-5's 2048 tokens, spent most of its time at its barriers: 1.1 ms a layer on an H200, three
 // times the memory's pace; this form is not yet timed there).
-extern "C" __global__ void masked_softmax_bf16(const float* scores, const float* mask, bf16_t* out, int rows, int qc,
-                                               int t_eff, int width) {
+extern "C" __global__ void masked_softmax_bf16(const float* scores, const unsigned* bits, bf16_t* out, int rows,
+                                               int qc, int t_eff, int width) {
     long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows) return; // the same for the whole warp
     int lane = threadIdx.x & 31;
     const float* row = scores + r * t_eff;
-    const float* m = mask + (r % qc) * t_eff;
-    bf16_t* p = out + r * width;
+    // Key j's bit: the warp's 32 lanes read one word together (j / 32 is the same for all).
+    const unsigned* b = bits + (r % qc) * ((t_eff + 31) >> 5);
+#define KEPT(j) ((b[(j) >> 5] >> ((j) & 31)) & 1u)
     float mx = -INFINITY;
     for (int j = lane; j < t_eff; j += 32)
-        if (m[j] != 0.0f) mx = fmaxf(mx, row[j]);
+        if (KEPT(j)) mx = fmaxf(mx, row[j]);
     for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
     float sum = 0.0f;
-    for (int j = lane; j < t_eff; j += 32) sum += m[j] != 0.0f ? expf(row[j] - mx) : 0.0f;
+    for (int j = lane; j < t_eff; j += 32) sum += KEPT(j) ? expf(row[j] - mx) : 0.0f;
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
     float inv = 1.0f / sum;
     // As masked_softmax: 0 * inv, so a row with no key (inv infinite) is NaN.
-    for (int j = lane; j < t_eff; j += 32) p[j] = f32_to_bf16((m[j] != 0.0f ? expf(row[j] - mx) : 0.0f) * inv);
+    bf16_t* p = out + r * width;
+    for (int j = lane; j < t_eff; j += 32) p[j] = f32_to_bf16((KEPT(j) ? expf(row[j] - mx) : 0.0f) * inv);
+#undef KEPT
 }
 
 // flash_attention_bf16: bf16 mode's masked form in one pass (cuda::attention, AttentionPath::Fused),

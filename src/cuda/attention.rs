@@ -103,7 +103,7 @@ impl Default for AttentionPlan {
 pub struct Workspace {
     products: RefCell<Option<Buf<f32>>>,
     mask: RefCell<Option<Buf<f32>>>,
-    /// The fused form's selection, a bit a key.
+    /// bf16 mode's selection, a bit a key (`selection_bits`).
     bits: RefCell<Option<Buf<u32>>>,
     scores: RefCell<Option<Buf<f32>>>,
     chunk_idx: RefCell<Option<Buf<i32>>>,
@@ -352,7 +352,7 @@ pub fn masked(
 ) -> Result<Buf<f32>> {
     let [batch_n, s, t, nh, _, _, vd, _, offset] = dims;
     let mut out = gpu.output(batch_n * s * nh * vd)?;
-    let (mut p, mut mask) = (ws.products.borrow_mut(), ws.mask.borrow_mut());
+    let (mut p, mut mask, mut bits) = (ws.products.borrow_mut(), ws.mask.borrow_mut(), ws.bits.borrow_mut());
     let mut rounded = match products.precision {
         Precision::F32 => None,
         Precision::Bf16 => {
@@ -360,12 +360,18 @@ pub fn masked(
         }
     };
     for c in chunks(batch_n, [s, t, offset], chunk_values, nh * t) {
-        let (p, mask) = (scratch(gpu, &mut p, nh * c.qc * c.t_eff)?, scratch(gpu, &mut mask, c.qc * c.t_eff)?);
+        let p = scratch(gpu, &mut p, nh * c.qc * c.t_eff)?;
         match rounded.as_mut() {
-            None => ws.step(gpu, ("attention: a chunk in f32", 0), || {
-                masked_chunk_f32((gpu, products), (q, kv, k_rope, idx), (p, mask), &c, dims, scale, &mut out)
-            })?,
-            Some(sp) => sp.chunk((gpu, products, ws), (q, idx), (p, mask), &c, dims, scale, &mut out)?,
+            None => {
+                let mask = scratch(gpu, &mut mask, c.qc * c.t_eff)?;
+                ws.step(gpu, ("attention: a chunk in f32", 0), || {
+                    masked_chunk_f32((gpu, products), (q, kv, k_rope, idx), (p, mask), &c, dims, scale, &mut out)
+                })?
+            }
+            Some(sp) => {
+                let bits = scratch(gpu, &mut bits, c.qc * c.t_eff.div_ceil(32))?;
+                sp.chunk((gpu, products, ws), (q, idx), (p, bits), &c, dims, scale, &mut out)?
+            }
         }
     }
     Ok(out)
@@ -471,14 +477,14 @@ impl<'w> Bf16Qkv<'w> {
         Ok((self.keys.as_ref().ok_or_else(none)?, self.values.as_ref().ok_or_else(none)?))
     }
 
-    /// One chunk of [`masked`]: its queries rounded, its scores in one bf16 product, the mask, the
-    /// softmax rounded to bf16, then `P v` in one more.
+    /// One chunk of [`masked`]: its queries rounded, its scores in one bf16 product, the
+    /// selection as bits, the softmax rounded to bf16, then `P v` in one more.
     #[allow(clippy::too_many_arguments)]
     fn chunk(
         &mut self,
         (gpu, products, ws): (&Gpu, &Products, &Workspace),
         (q, idx): (&Buf<f32>, &Buf<i32>),
-        (p, mask): (&mut Buf<f32>, &mut Buf<f32>),
+        (p, bits): (&mut Buf<f32>, &mut Buf<u32>),
         &Chunk { b, q0, qc, first, t_eff }: &Chunk,
         [batch_n, s, t, nh, nope, rd, vd, kk, _]: [usize; 9],
         scale: f32,
@@ -502,9 +508,9 @@ impl<'w> Bf16Qkv<'w> {
         let width = t_eff.next_multiple_of(8);
         let mut ps = ws.bf16_p.borrow_mut();
         let ps = scratch(gpu, &mut ps, nh * qc * width)?;
-        ws.step(gpu, ("attention: selection mask, softmax", 0), || {
-            gpu.selection_mask(idx, row0 * kk, &mut *mask, [qc, kk, t_eff], first)?;
-            gpu.masked_softmax_bf16(p, mask, &mut *ps, nh * qc, [qc, t_eff, width])
+        ws.step(gpu, ("attention: selection bits, softmax", 0), || {
+            gpu.selection_bits(idx, row0 * kk, &mut *bits, [qc, kk, t_eff], first)?;
+            gpu.masked_softmax_bf16(p, bits, &mut *ps, nh * qc, [qc, t_eff, width])
         })?;
         // out_h^T [vd, qc] = v_h (vd x t_eff) x P_h^T (t_eff x qc), into out's rows at head h.
         let cfg =

@@ -51,19 +51,21 @@ impl Gpu {
         )
     }
 
-    /// [`Gpu::masked_softmax`] rounded to bf16 into out [rows, width]: each row's
+    /// [`Gpu::masked_softmax`] over the keys bits [qc, ceil(t_eff / 32)] keep
+    /// ([`Gpu::selection_bits`]), rounded to bf16 into out [rows, width]: each row's
     /// probabilities at 0 .. t_eff (`width` >= t_eff, so the value product can take rows aligned
     /// as it likes); the scores are left as they are.
     pub fn masked_softmax_bf16(
         &self,
         scores: &Buf<f32>,
-        mask: &Buf<f32>,
+        bits: &Buf<u32>,
         out: &mut Buf<u16>,
         rows: usize,
         [qc, t_eff, width]: [usize; 3],
     ) -> Result<()> {
         let kernel = "masked_softmax_bf16";
-        fits(kernel, &[(scores.len(), rows * t_eff), (mask.len(), qc * t_eff), (out.len(), rows * width)])?;
+        let words = qc * t_eff.div_ceil(32);
+        fits(kernel, &[(scores.len(), rows * t_eff), (bits.len(), words), (out.len(), rows * width)])?;
         if qc == 0 || !rows.is_multiple_of(qc) || width < t_eff {
             return Err(Error::Device(format!(
                 "{kernel}: {rows} rows are not heads of {qc} queries, or rows of {width} hold fewer than {t_eff}"
@@ -71,6 +73,6 @@ impl Gpu {
         }
         let [r32, q32, te32, w32] = ints(kernel, [rows, qc, t_eff, width])?;
         // A warp a row, 8 rows a block.
-        launch!(self, kernel, per_item(rows.div_ceil(8), 256, 0), [scores, mask, out, &r32, &q32, &te32, &w32])
+        launch!(self, kernel, per_item(rows.div_ceil(8), 256, 0), [scores, bits, out, &r32, &q32, &te32, &w32])
     }
 }

@@ -17,9 +17,16 @@ pub(super) fn masked_softmax_bf16(gpu: &Gpu, rng: &mut Rng) -> Result<Check> {
     let scores = rng.vec(heads * qc * t_eff).iter().map(|v| 8.0 * v).collect::<Vec<_>>();
     let none = (qc - 1) * t_eff; // the last query's keys, all masked out
     let mask: Vec<f32> = (0..qc * t_eff).map(|i| if i % 5 == 2 || i >= none { 0.0 } else { 1.0 }).collect();
-    let (d_scores, d_mask) = (gpu.upload(&scores)?, gpu.upload(&mask)?);
+    // The mask as selection_bits gives it: bit j % 32 of word j / 32.
+    let words = t_eff.div_ceil(32);
+    let mut bits = vec![0u32; qc * words];
+    for (i, _) in mask.iter().enumerate().filter(|(_, &m)| m != 0.0) {
+        let (q, j) = (i / t_eff, i % t_eff);
+        bits[q * words + j / 32] |= 1 << (j % 32);
+    }
+    let (d_scores, d_bits) = (gpu.upload(&scores)?, gpu.upload(&bits)?);
     let mut probs = gpu.filled(heads * qc * width, u16::MAX)?;
-    gpu.masked_softmax_bf16(&d_scores, &d_mask, &mut probs, heads * qc, [qc, t_eff, width])?;
+    gpu.masked_softmax_bf16(&d_scores, &d_bits, &mut probs, heads * qc, [qc, t_eff, width])?;
     let want: Vec<f32> = scores
         .chunks_exact(t_eff)
         .enumerate()
