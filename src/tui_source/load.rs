@@ -1,7 +1,12 @@
 //! The expert load view's data: each MoE layer's tokens per expert (against the reference's, the
 //! net load moved), and the selected layer's co-activated expert pairs with their chance level,
-//! counted as `audit --pairs` counts them (each layer's once: its chance level's draws take a
-//! fraction of a second at GLM-5's 256 experts).
+//! counted as `audit --pairs` counts them. Each layer's pairs are counted once; its chance level's
+//! draws (about 0.2 s at GLM-5's 256 experts, which froze the screen at each new layer on the UI
+//! thread) run on a thread of their own ([`Chances`]), the view saying so meanwhile.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 
 use glimpse_tui::{ExpertPair, LoadRow, PairsRow, Part};
 
@@ -68,15 +73,23 @@ impl DumpSource {
     /// dump's; None where it routes nothing, chooses one expert a token, or holds ids no router
     /// makes (a port's bug: the routing view names them).
     pub(super) fn pairs_of(&self, layer: usize) -> Option<PairsRow> {
-        if let Some(row) = self.pairs.borrow().get(&layer) {
-            return row.clone();
-        }
-        let row = self.count_pairs(layer);
-        self.pairs.borrow_mut().insert(layer, row.clone());
-        row
+        let counted = self.pairs.borrow().get(&layer).cloned();
+        let (pairs, job) = match counted {
+            Some(counted) => counted?,
+            None => {
+                let counted = self.count_pairs(layer);
+                self.pairs.borrow_mut().insert(layer, counted.clone());
+                counted?
+            }
+        };
+        Some(match self.chances.level(job) {
+            Some(chance_p95) => PairsRow { pairs, chance_p95, chance_pending: false },
+            None => PairsRow { pairs, chance_p95: None, chance_pending: true },
+        })
     }
 
-    fn count_pairs(&self, layer: usize) -> Option<PairsRow> {
+    /// `layer`'s strongest pairs, and what its chance level is drawn from.
+    fn count_pairs(&self, layer: usize) -> Option<Counted> {
         let (ids, experts, k) = self.layer_ids(layer)?;
         let mut audit = Audit::new(experts);
         audit.add(layer, &ids, k, self.tokens.batch.max(1), None).ok()?;
@@ -85,7 +98,83 @@ impl DumpSource {
         let pairs: Vec<ExpertPair> = (l.strongest_pairs(PAIRS_SHOWN).iter())
             .map(|p| ExpertPair { experts: p.experts, tokens: p.tokens, expected: p.expected, surprise: p.surprise() })
             .collect();
-        let chance_p95 = pairs::chance(&l.counts, l.tokens, l.k, layer as u64).map(|c| c.p95);
-        Some(PairsRow { pairs, chance_p95 })
+        Some((pairs, Job { layer, loads: l.counts.clone(), tokens: l.tokens, k: l.k }))
+    }
+}
+
+/// A layer's strongest pairs, and what its chance level is drawn from.
+pub(super) type Counted = (Vec<ExpertPair>, Job);
+
+/// What one layer's chance level is drawn from (`pairs::chance`).
+#[derive(Clone)]
+pub(super) struct Job {
+    layer: usize,
+    loads: Vec<u64>,
+    tokens: u64,
+    k: usize,
+}
+
+impl Job {
+    /// The 95th percentile of the layer's top surprise by chance; None where it has none.
+    fn run(&self) -> Option<f64> {
+        pairs::chance(&self.loads, self.tokens, self.k, self.layer as u64).map(|c| c.p95)
+    }
+}
+
+/// The layers' chance levels, drawn on one thread of their own in the order they were asked for.
+#[derive(Default)]
+pub(super) struct Chances {
+    jobs: RefCell<Option<mpsc::Sender<Job>>>,
+    asked: RefCell<HashSet<usize>>,
+    done: Arc<Mutex<HashMap<usize, Option<f64>>>>,
+}
+
+impl Chances {
+    /// The job's layer's chance level (Some(None): it has none) once drawn; None while it is
+    /// being drawn, asked for on the first call.
+    fn level(&self, job: Job) -> Option<Option<f64>> {
+        if let Some(level) = self.done().get(&job.layer) {
+            return Some(*level);
+        }
+        if self.asked.borrow_mut().insert(job.layer) {
+            let mut jobs = self.jobs.borrow_mut();
+            if jobs.is_none() {
+                *jobs = self.spawn();
+            }
+            let sent = match jobs.as_ref() {
+                Some(tx) => tx.send(job),
+                None => Err(mpsc::SendError(job)),
+            };
+            // Without a thread (none could start, or it stopped), drawn here after all.
+            if let Err(mpsc::SendError(job)) = sent {
+                let level = job.run();
+                self.done().insert(job.layer, level);
+                return Some(level);
+            }
+        }
+        None
+    }
+
+    /// Whether a level asked for is still being drawn.
+    pub(super) fn busy(&self) -> bool {
+        let done = self.done();
+        self.asked.borrow().iter().any(|layer| !done.contains_key(layer))
+    }
+
+    fn done(&self) -> MutexGuard<'_, HashMap<usize, Option<f64>>> {
+        // (Poisoned only by a panic in the drawing thread, which leaves the map as it was.)
+        self.done.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn spawn(&self) -> Option<mpsc::Sender<Job>> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let done = Arc::clone(&self.done);
+        let drawing = move || {
+            for job in rx {
+                let level = job.run();
+                done.lock().unwrap_or_else(PoisonError::into_inner).insert(job.layer, level);
+            }
+        };
+        std::thread::Builder::new().name("pair-chance".into()).spawn(drawing).ok().map(|_| tx)
     }
 }

@@ -55,9 +55,10 @@ pub struct DumpSource {
     /// The last DSA selection asked for, by (layer, batch row): moving along a batch row's tokens
     /// redraws the same one (at 4096 tokens reading it took 0.15 s).
     last_dsa: RefCell<Option<(LayerAndRow, Rc<DsaMatrix>)>>,
-    /// Each MoE layer's co-activated pairs and their chance level, computed when first drawn,
-    /// not at every key.
-    pairs: RefCell<HashMap<usize, Option<PairsRow>>>,
+    /// Each MoE layer's co-activated pairs, counted when first drawn, not at every key, and
+    /// their chance levels, drawn on a thread of their own.
+    pairs: RefCell<HashMap<usize, Option<load::Counted>>>,
+    chances: load::Chances,
     warning: Option<String>,
 }
 
@@ -251,6 +252,7 @@ impl DumpSource {
             hook_rows: RefCell::default(),
             last_dsa: RefCell::default(),
             pairs: RefCell::default(),
+            chances: load::Chances::default(),
             warning: misnamed,
         })
     }
@@ -539,6 +541,10 @@ impl Source for DumpSource {
 
     fn pairs(&self, layer: usize) -> Option<PairsRow> {
         self.pairs_of(layer)
+    }
+
+    fn busy(&self) -> bool {
+        self.chances.busy()
     }
 
     fn dsa(&self, layer: usize, token: usize) -> Option<Rc<DsaMatrix>> {

@@ -328,6 +328,14 @@ fn the_load_view_lists_the_selected_layers_busiest_and_rarest() {
 fn the_load_view_lists_the_experts_chosen_together() {
     let src = port_source();
     let app = at_view(&src, 3, View::Load);
+    // The first screen asks for the layer's chance level, drawn in the background; the terminal
+    // redraws until it is in.
+    let _ = screen(&app, &src, 100, 24);
+    let asked = std::time::Instant::now();
+    while src.busy() && asked.elapsed() < std::time::Duration::from_secs(120) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(!src.busy(), "the chance level is still being drawn");
     let s = screen(&app, &src, 100, 24);
     let args = ["audit", "--dump", "golden/flat/bf16-port.safetensors", "--json", "--pairs", "3"];
     let (json, _) = common::text(&common::glimpse(&args));

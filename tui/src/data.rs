@@ -238,6 +238,8 @@ pub struct PairsRow {
     /// The 95th percentile of the strongest pair's surprise where each token's experts are drawn
     /// independently at the layer's loads: past it is past chance.
     pub chance_p95: Option<f64>,
+    /// The chance level is still being drawn (in the background; [`Source::busy`]).
+    pub chance_pending: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -315,6 +317,11 @@ pub trait Source {
     /// The expert pairs `layer`'s tokens chose together most (the load view's selected layer).
     fn pairs(&self, _layer: usize) -> Option<PairsRow> {
         None
+    }
+    /// Whether something the screen shows is still being computed in the background: the
+    /// terminal redraws while it is, so the result appears without a key.
+    fn busy(&self) -> bool {
+        false
     }
     /// The DSA selection of `layer` for the batch row holding `token` (shared: a long prompt's
     /// is large, and every key press redraws it).

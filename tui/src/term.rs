@@ -30,8 +30,12 @@ fn event_loop(terminal: &mut ratatui::DefaultTerminal, src: &dyn Source) -> io::
     stop::install();
     draw(terminal, &mut app, src)?;
     while !app.quit && stop::signal().is_none() {
-        // Waits in slices, so a signal ends the loop within one.
+        // Waits in slices, so a signal ends the loop within one; while the source computes in
+        // the background, each slice redraws, so its results appear without a key.
         if !event::poll(Duration::from_millis(200))? {
+            if src.busy() {
+                draw(terminal, &mut app, src)?;
+            }
             continue;
         }
         if let Event::Key(key) = event::read()? {

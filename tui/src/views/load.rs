@@ -97,6 +97,7 @@ fn pairs_line(p: &PairsRow, width: usize) -> String {
         return "together: no pair chosen more often than their loads give".into();
     };
     let verdict = match p.chance_p95 {
+        _ if p.chance_pending => format!("surprise {:.2}, chance's 95% being drawn", top.surprise),
         Some(c) if top.surprise > c => format!("surprise {:.2}, past chance's 95% {c:.2}", top.surprise),
         Some(c) => format!("surprise {:.2}, within chance's 95% {c:.2}", top.surprise),
         None => format!("surprise {:.2}", top.surprise),
@@ -117,14 +118,16 @@ mod tests {
     #[test]
     fn the_pairs_line_fits_and_weighs_the_top_z() {
         let pair = |a, b, surprise| ExpertPair { experts: [a, b], tokens: 9, expected: 1.25, surprise };
-        let p =
-            PairsRow { pairs: vec![pair(12, 40, 6.1), pair(3, 7, 5.0), pair(100, 200, 4.0)], chance_p95: Some(5.01) };
+        let pairs = vec![pair(12, 40, 6.1), pair(3, 7, 5.0), pair(100, 200, 4.0)];
+        let p = PairsRow { pairs: pairs.clone(), chance_p95: Some(5.01), chance_pending: false };
         assert_eq!(
             pairs_line(&p, 120),
             "together 12+40 9/1.2 3+7 9/1.2 100+200 9/1.2 (surprise 6.10, past chance's 95% 5.01)"
         );
         assert_eq!(pairs_line(&p, 66), "together 12+40 9/1.2 +2 (surprise 6.10, past chance's 95% 5.01)");
-        let none = PairsRow { pairs: vec![], chance_p95: None };
+        let none = PairsRow { pairs: vec![], chance_p95: None, chance_pending: false };
         assert!(pairs_line(&none, 80).starts_with("together: no pair"));
+        let pending = PairsRow { pairs, chance_p95: None, chance_pending: true };
+        assert!(pairs_line(&pending, 120).ends_with("(surprise 6.10, chance's 95% being drawn)"));
     }
 }
