@@ -128,7 +128,9 @@ fn bf16_paths_over_two_tiles(ops: &crate::cuda::ops::CudaOps, rng: &mut Rng) -> 
 /// Batch 2, 5 new queries after 38 cached keys.
 /// The products are SGEMM in f32 mode. In bf16 mode the indexer's are split bf16 (about 16
 /// mantissa bits: held to 1e-4) and the masked attention's take bf16 operands (against
-/// [`bf16_attention`]); the gathered attention computes in f32 in either mode.
+/// [`bf16_attention`]); the gathered attention computes in f32 in either mode. bf16 mode adds
+/// the fused path, and both bf16 paths over two tiles of queries
+/// ([`bf16_paths_over_two_tiles`]); both modes, `selection_bits`.
 pub fn attention(ops: &crate::cuda::ops::CudaOps) -> Result<Vec<Check>> {
     use crate::cuda::attention::{AttentionPath, AttentionPlan};
     let mut rng = Rng(0x6a09e667f3bcc909);
@@ -181,8 +183,10 @@ pub fn attention(ops: &crate::cuda::ops::CudaOps) -> Result<Vec<Check>> {
         ("sparse_attention (masked)", AttentionPlan { path: masked, ..whole }, &masked_cpu, masked_tol),
         ("sparse_attention (masked, chunks of 2 queries)", chunks_of_2(masked, heads), &masked_cpu, masked_tol),
     ];
-    let flash = || bf16_attention(&q, &kv, &kr, &idx, dims, scale, ProbRounding::Flash(FLASH_STEP_KEYS));
-    let flash_cpu = if bf16 { flash() } else { Vec::new() };
+    let flash_cpu = match bf16 {
+        true => bf16_attention(&q, &kv, &kr, &idx, dims, scale, ProbRounding::Flash(FLASH_STEP_KEYS)),
+        false => Vec::new(),
+    };
     if bf16 {
         let fused = Some(AttentionPath::Fused);
         plans.push(("sparse_attention (fused)", AttentionPlan { path: fused, ..whole }, &flash_cpu, masked_tol));
