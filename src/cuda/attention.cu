@@ -57,34 +57,24 @@ extern "C" __global__ void sparse_attention(const float* q, const float* kv, con
 }
 
 // The masked form (cuda::attention, for contexts not much longer than K): the scores of a chunk
-// of queries against every causal key come from cuBLAS, and these two kernels restrict them to
-// the selection. A key selected twice counts once here (transformers applies DSA as a mask too);
-// the top-k never selects one twice.
-//   selection_mask: mask[i, j] = 1 if key j is selected for query i of the chunk (position
-//     first + i), is causal and j < t_eff; else 0. One block per query.
-//   masked_softmax: each row (h, i) of scores [heads, qc, t_eff] becomes the softmax over its
-//     masked-in keys, 0 elsewhere (a row with no key is NaN, as in the gathered form). One block
-//     per row.
-//   masked_softmax_bf16: the same softmax over the keys selection_bits keeps (below), rounded to
-//     bf16 into rows of out [heads, qc, width] (width >= t_eff: rows padded so each starts
-//     16-byte aligned for cuBLAS), for the bf16 mode's value product; scores untouched.
+// of queries against every causal key come from cuBLAS, and these kernels restrict them to the
+// selection. A key selected twice counts once here (transformers applies DSA as a mask too); the
+// top-k never selects one twice.
+//   selection_bits: bits[i, w] bit b is 1 when key 32 w + b is selected for query i of the chunk
+//     (position first + i), is causal and < t_eff; words = ceil(t_eff / 32) a row (a
+//     thirty-second of an f32 mask's bytes, which every head's rows read again). One block per
+//     query.
+//   masked_softmax: each row (h, i) of scores [heads, qc, t_eff] becomes the softmax over the
+//     keys bits[i] keeps, 0 elsewhere (a row with no key is NaN, as in the gathered form), in
+//     place.
+//   masked_softmax_bf16: the same softmax, rounded to bf16 into rows of out [heads, qc, width]
+//     (width >= t_eff: rows padded so each starts 16-byte aligned for cuBLAS), for the bf16
+//     mode's value product; scores untouched.
+// Both softmaxes run one warp per row, 8 rows a block of 256: the row's max and sum go round the
+// warp by shuffles, with no block barrier (a block per row, reducing about 5 values a thread at
+// GLM-5's 2048 tokens, spent most of its time at its barriers: 1.1 ms a layer on an H200, three
+// times the memory's pace; this form is not yet timed there).
 
-extern "C" __global__ void selection_mask(const int* idx, long long idx0, float* mask, int kk, int t_eff, int first) {
-    int i = blockIdx.x, p = first + i;
-    float* row = mask + (long long)i * t_eff;
-    for (int j = threadIdx.x; j < t_eff; j += blockDim.x) row[j] = 0.0f;
-    __syncthreads();
-    const int* sel = idx + idx0 + (long long)i * kk;
-    for (int j = threadIdx.x; j < kk; j += blockDim.x) {
-        int key = sel[j];
-        if (key >= 0 && key <= p && key < t_eff) row[key] = 1.0f;
-    }
-}
-
-// selection_bits: the selection_mask as bits (bf16 mode's forms read them: a thirty-second of the
-// mask's bytes, read by every head): bits[i, w] bit b is 1 when key
-// 32 w + b is selected for query i (position first + i), is causal and < t_eff; words = ceil(t_eff
-// / 32) a row. One block per query.
 extern "C" __global__ void selection_bits(const int* idx, long long idx0, unsigned* bits, int kk, int t_eff,
                                           int first) {
     int i = blockIdx.x, p = first + i, words = (t_eff + 31) >> 5;
@@ -98,49 +88,46 @@ extern "C" __global__ void selection_bits(const int* idx, long long idx0, unsign
     }
 }
 
-extern "C" __global__ void masked_softmax(float* scores, const float* mask, int qc, int t_eff) {
-    long long r = blockIdx.x;
-    float* row = scores + r * t_eff;
-    const float* m = mask + (r % qc) * t_eff;
-    float local_max = -INFINITY;
-    for (int j = threadIdx.x; j < t_eff; j += blockDim.x)
-        if (m[j] != 0.0f) local_max = fmaxf(local_max, row[j]);
-    float mx = block_max(local_max);
-    float local_sum = 0.0f;
-    for (int j = threadIdx.x; j < t_eff; j += blockDim.x) {
-        float e = m[j] != 0.0f ? expf(row[j] - mx) : 0.0f;
-        row[j] = e;
-        local_sum += e;
-    }
-    float inv = 1.0f / block_sum(local_sum);
-    for (int j = threadIdx.x; j < t_eff; j += blockDim.x) row[j] *= inv;
+// Whether word row b keeps key j (a warp's 32 lanes, at j = lane + 32 n, read one word together).
+__device__ __forceinline__ bool kept(const unsigned* b, int j) { return (b[j >> 5] >> (j & 31)) & 1u; }
+
+// Row `row`'s maximum and 1 / sum of exp over the keys b keeps, for every lane of its warp.
+__device__ __forceinline__ void masked_row(const float* row, const unsigned* b, int t_eff, int lane, float* mx,
+                                           float* inv) {
+    float m = -INFINITY;
+    for (int j = lane; j < t_eff; j += 32)
+        if (kept(b, j)) m = fmaxf(m, row[j]);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+    float sum = 0.0f;
+    for (int j = lane; j < t_eff; j += 32) sum += kept(b, j) ? expf(row[j] - m) : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+    *mx = m;
+    *inv = 1.0f / sum; // infinite for a row with no key: 0 * inv is then NaN
 }
 
-// One warp per row, 8 rows a block of 256: the row's max and sum go round the warp by shuffles,
-// with no block barrier (the block-per-row masked_softmax, reducing about 5 values a thread at
-// GLM-5's 2048 tokens, spent most of its time at its barriers: 1.1 ms a layer on an H200, three
-// times the memory's pace; this form is not yet timed there).
+extern "C" __global__ void masked_softmax(float* scores, const unsigned* bits, int rows, int qc, int t_eff) {
+    long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return; // the same for the whole warp
+    int lane = threadIdx.x & 31;
+    float* row = scores + r * t_eff;
+    const unsigned* b = bits + (r % qc) * ((t_eff + 31) >> 5);
+    float mx, inv;
+    masked_row(row, b, t_eff, lane, &mx, &inv);
+    // (Each lane writes only the keys it read.)
+    for (int j = lane; j < t_eff; j += 32) row[j] = (kept(b, j) ? expf(row[j] - mx) : 0.0f) * inv;
+}
+
 extern "C" __global__ void masked_softmax_bf16(const float* scores, const unsigned* bits, bf16_t* out, int rows,
                                                int qc, int t_eff, int width) {
     long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows) return; // the same for the whole warp
     int lane = threadIdx.x & 31;
     const float* row = scores + r * t_eff;
-    // Key j's bit: the warp's 32 lanes read one word together (j / 32 is the same for all).
     const unsigned* b = bits + (r % qc) * ((t_eff + 31) >> 5);
-#define KEPT(j) ((b[(j) >> 5] >> ((j) & 31)) & 1u)
-    float mx = -INFINITY;
-    for (int j = lane; j < t_eff; j += 32)
-        if (KEPT(j)) mx = fmaxf(mx, row[j]);
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
-    float sum = 0.0f;
-    for (int j = lane; j < t_eff; j += 32) sum += KEPT(j) ? expf(row[j] - mx) : 0.0f;
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
-    float inv = 1.0f / sum;
-    // As masked_softmax: 0 * inv, so a row with no key (inv infinite) is NaN.
+    float mx, inv;
+    masked_row(row, b, t_eff, lane, &mx, &inv);
     bf16_t* p = out + r * width;
-    for (int j = lane; j < t_eff; j += 32) p[j] = f32_to_bf16((KEPT(j) ? expf(row[j] - mx) : 0.0f) * inv);
-#undef KEPT
+    for (int j = lane; j < t_eff; j += 32) p[j] = f32_to_bf16((kept(b, j) ? expf(row[j] - mx) : 0.0f) * inv);
 }
 
 // flash_attention_bf16: bf16 mode's masked form in one pass (cuda::attention, AttentionPath::Fused),

@@ -612,43 +612,41 @@ impl Gpu {
         )
     }
 
-    /// mask [qc, t_eff]: which keys the selection rows `idx0 / kk ..` of idx [*, kk] keep for
-    /// queries at positions `first ..` (1 kept, 0 not).
-    pub fn selection_mask(
+    /// bits [qc, ceil(t_eff / 32)]: which keys the selection rows `idx0 / kk ..` of idx [*, kk]
+    /// keep for queries at positions `first ..` (`selection_bits`: bit `j % 32` of word `j / 32`
+    /// for key j, set where kept); what the masked softmaxes and the fused kernel read.
+    pub fn selection_bits(
         &self,
         idx: &Buf<i32>,
         idx0: usize,
-        mask: &mut Buf<f32>,
+        bits: &mut Buf<u32>,
         [qc, kk, t_eff]: [usize; 3],
         first: usize,
     ) -> Result<()> {
-        fits("selection_mask", &[(idx.len(), idx0 + qc * kk), (mask.len(), qc * t_eff)])?;
-        let [k32, te32, f32_] = ints("selection_mask", [kk, t_eff, first])?;
+        let kernel = "selection_bits";
+        fits(kernel, &[(idx.len(), idx0 + qc * kk), (bits.len(), qc * t_eff.div_ceil(32))])?;
+        let [k32, te32, f32_] = ints(kernel, [kk, t_eff, first])?;
         let idx0 = idx0 as i64;
-        launch!(
-            self,
-            "selection_mask",
-            per_item(qc, row_block(t_eff.max(kk), 128), 0),
-            [idx, &idx0, mask, &k32, &te32, &f32_]
-        )
+        launch!(self, kernel, per_item(qc, row_block(kk, 128), 0), [idx, &idx0, bits, &k32, &te32, &f32_])
     }
 
     /// scores [rows, t_eff] (rows = heads * qc) -> the softmax of each row over the keys
-    /// mask [qc, t_eff] keeps, in place.
+    /// bits [qc, ceil(t_eff / 32)] keep ([`Gpu::selection_bits`]), in place.
     pub fn masked_softmax(
         &self,
         scores: &mut Buf<f32>,
-        mask: &Buf<f32>,
+        bits: &Buf<u32>,
         rows: usize,
         qc: usize,
         t_eff: usize,
     ) -> Result<()> {
-        fits("masked_softmax", &[(scores.len(), rows * t_eff), (mask.len(), qc * t_eff)])?;
+        fits("masked_softmax", &[(scores.len(), rows * t_eff), (bits.len(), qc * t_eff.div_ceil(32))])?;
         if qc == 0 || !rows.is_multiple_of(qc) {
             return Err(Error::Device(format!("masked_softmax: {rows} rows are not heads of {qc} queries")));
         }
-        let [q32, te32] = ints("masked_softmax", [qc, t_eff])?;
-        launch!(self, "masked_softmax", per_item(rows, row_block(t_eff, 256), 0), [scores, mask, &q32, &te32])
+        let [r32, q32, te32] = ints("masked_softmax", [rows, qc, t_eff])?;
+        // A warp a row, 8 rows a block.
+        launch!(self, "masked_softmax", per_item(rows.div_ceil(8), 256, 0), [scores, bits, &r32, &q32, &te32])
     }
 
     /// The pairs' expert ids [n] (pair p = token p / k's choice p % k) grouped by expert, from

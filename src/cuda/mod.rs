@@ -45,14 +45,7 @@ pub const KERNELS: &[(&str, &str, &[&str])] = &[
     (
         "attention",
         include_str!("attention.cu"),
-        &[
-            "sparse_attention",
-            "selection_mask",
-            "masked_softmax",
-            "masked_softmax_bf16",
-            "selection_bits",
-            "flash_attention_bf16",
-        ],
+        &["sparse_attention", "masked_softmax", "masked_softmax_bf16", "selection_bits", "flash_attention_bf16"],
     ),
     ("moe", include_str!("moe.cu"), &["gather_rows", "combine", "moe_dispatch"]),
     ("convert", include_str!("convert.cu"), &["fp8_dequant", "bf16_widen", "bf16_round", "split_bf16"]),

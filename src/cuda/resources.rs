@@ -43,7 +43,6 @@ pub const LARGEST_BLOCK: &[(&str, u32)] = &[
     ("topk_chunks_of_pairs", 512),
     ("topk_emit", 256),
     ("sparse_attention", 64),
-    ("selection_mask", 128),
     ("masked_softmax", 256),
     ("masked_softmax_bf16", 256),
     ("selection_bits", 128),

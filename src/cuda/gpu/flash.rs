@@ -1,9 +1,8 @@
-//! The launchers of the fused attention's kernels (`attention.cu`): `selection_bits`, the
-//! selection as one bit a key, and `flash_attention_bf16`, bf16 mode's attention over the
+//! The launcher of `flash_attention_bf16` (`attention.cu`): bf16 mode's attention over the
 //! selection in one pass on tensor cores, with no scores in memory (`cuda::attention`,
 //! `AttentionPath::Fused`).
 
-use super::{emu, fits, ints, per_item, row_block, Buf, Engine, Gpu, KernelArg};
+use super::{emu, fits, ints, per_item, Buf, Engine, Gpu, KernelArg};
 use crate::error::{Error, Result};
 
 /// Queries a block (16 a warp, 4 warps), keys a step, and the most values a head
@@ -70,23 +69,6 @@ impl Gpu {
         } else {
             None
         }
-    }
-
-    /// bits [qc, ceil(t_eff / 32)]: [`Gpu::selection_mask`] as bits (`selection_bits`), bit `j %
-    /// 32` of word `j / 32` for key j; what [`Gpu::flash_attention_bf16`] reads.
-    pub fn selection_bits(
-        &self,
-        idx: &Buf<i32>,
-        idx0: usize,
-        bits: &mut Buf<u32>,
-        [qc, kk, t_eff]: [usize; 3],
-        first: usize,
-    ) -> Result<()> {
-        let kernel = "selection_bits";
-        fits(kernel, &[(idx.len(), idx0 + qc * kk), (bits.len(), qc * t_eff.div_ceil(32))])?;
-        let [k32, te32, f32_] = ints(kernel, [kk, t_eff, first])?;
-        let idx0 = idx0 as i64;
-        launch!(self, kernel, per_item(qc, row_block(kk, 128), 0), [idx, &idx0, bits, &k32, &te32, &f32_])
     }
 
     /// `flash_attention_bf16` over one chunk: q [.., nh, qk] (f32), keys [nh, bt, qk] and values
