@@ -170,6 +170,8 @@ class Bf16Products:
     """Within it, `F.linear(x, w, b)` computes `bf16(x) @ bf16(w).T + b` in f32, and the attention's
     two products take bf16 operands with f32 accumulation (see the doc)."""
 
+    attention_calls = 0  # the patched attention's calls in this run (`bf16_attention`)
+
     def __enter__(self):
         # `bf16_attention` is a copy of 5.24's eager attention: a transformers whose copy differs
         # would be silently replaced by it.
@@ -217,7 +219,6 @@ def bf16_attention(module, query, key, value, attention_mask, scaling, dropout=0
     return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
-Bf16Products.attention_calls = 0
 # sha256 of `inspect.getsource` of transformers 5.24.0's glm_moe_dsa `eager_attention_forward`.
 EAGER_ATTENTION_5_24 = "cb34ccea28710ae8d5d94a241b704ea3d974048f85372f0b1b3c2a8a2ef1ee20"
 
