@@ -190,8 +190,9 @@ bench_run fused bf16 fused
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 declare -A sanitized=([memcheck]="not run" [racecheck]="not run")
 # Our kernels' names (src/cuda/mod.rs's KERNELS lists them; this runs in the repository).
-ours=$(sed -n '/pub const KERNELS/,/^];/p' "$(dirname "$0")/../src/cuda/mod.rs" 2>/dev/null |
-  sed -n 's/.*&\[\(.*\)\].*/\1/p' | grep -o '"[a-z_0-9]*"' | tr -d '"' | paste -sd'|' -)
+# A family's list may span lines, as rustfmt breaks it.
+ours=$(sed -n '/pub const KERNELS/,/^];/p' "$(dirname "$0")/../src/cuda/mod.rs" 2>/dev/null | tail -n +2 | tr -d ' \n' |
+  grep -o '&\[[^]]*\]' | grep -o '"[a-z_0-9]*"' | tr -d '"' | paste -sd'|' -)
 if [ "${SANITIZE:-1}" = 0 ]; then
   sanitized=([memcheck]="skipped (SANITIZE=0)" [racecheck]="skipped (SANITIZE=0)")
 elif [ "$device" = cuda ] && [ -n "$sanitizer" ]; then

@@ -63,7 +63,7 @@ fn in_both_precisions(checks: fn(&CudaOps) -> glimpse::error::Result<Vec<Check>>
 /// bf16 paths over two tiles of queries.
 #[test]
 fn the_attention_products_and_kernels_match_the_cpu_on_every_path_in_the_emulation() {
-    in_both_precisions(attention, [8, 14]);
+    in_both_precisions(attention, [9, 15]);
 }
 
 /// The MoE dispatch on the device against the host's grouping (and both refusing a bad id).
@@ -74,7 +74,7 @@ fn the_moe_dispatch_matches_the_hosts_in_the_emulation() {
 
 #[test]
 fn the_products_in_cublas_layout_match_the_cpu_in_the_emulation_in_both_precisions() {
-    in_both_precisions(products, [8, 8]);
+    in_both_precisions(products, [9, 9]);
 }
 
 /// Once per attention path, whichever the sizes would choose; the masked one in chunks of one
@@ -294,7 +294,9 @@ fn the_benchmark_times_the_attentions_steps() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
     let model = glimpse::model::Model::load(&glimpse::checkpoint::Checkpoint::open(&dir).unwrap()).unwrap();
     let ops = CudaOps::new(Gpu::emulated(), Precision::Bf16).unwrap();
-    let r = glimpse::bench::run_device(&ops, &model, 6, 1).unwrap();
+    // More tokens than index_topk, so the indexer scores them.
+    let t = model.config.index_topk + 4;
+    let r = glimpse::bench::run_device(&ops, &model, t, 1).unwrap();
     let steps = r.steps.as_ref().expect("the CUDA ops time their steps");
     let names: Vec<&str> = steps.sections.iter().map(|s| s.name).collect();
     for name in
@@ -304,16 +306,16 @@ fn the_benchmark_times_the_attentions_steps() {
     }
     let c = &model.config;
     let heads = c.num_attention_heads * c.num_hidden_layers;
-    // One chunk of 6 queries over 6 keys a layer: the q k width, then the values'.
+    // One chunk of t queries over t keys a layer: the q k width, then the values'.
     let (_, scores) = steps.total("attention: scores");
-    assert_eq!(scores, (2 * heads * 6 * 6 * (c.qk_nope_head_dim + c.qk_rope_head_dim)) as u64);
+    assert_eq!(scores, (2 * heads * t * t * (c.qk_nope_head_dim + c.qk_rope_head_dim)) as u64);
     let (_, values) = steps.total("attention: values");
-    assert_eq!(values, (2 * heads * 6 * 6 * c.v_head_dim) as u64);
+    assert_eq!(values, (2 * heads * t * t * c.v_head_dim) as u64);
     assert!(r.render().contains("the steps inside the attention's and the indexer's sections:"));
     let (_, qk) = steps.total("indexer: q k products");
     let (n, d) = (c.index_n_heads, c.index_head_dim);
     let full = (0..c.num_hidden_layers).filter(|&i| c.indexer_kind(i) == glimpse::config::IndexerKind::Full).count();
-    assert_eq!(qk, (full * 2 * 6 * 6 * n * d * 3) as u64, "three terms of the indexer's products");
+    assert_eq!(qk, (full * 2 * t * t * n * d * 3) as u64, "three terms of the indexer's products");
     // Profiling stops with the profiled prefill.
     assert!(ops.step_profile().is_none());
 }

@@ -25,25 +25,8 @@ fn the_device_benchmark_counts_the_matmul_flops_of_a_prefill() {
     let model = Model::load(&Checkpoint::open(&dir).unwrap()).unwrap();
     let c = &model.config;
     let (h, t) = (c.hidden_size, 16u64);
-    let mut per_token = 0usize;
-    for i in 0..c.num_hidden_layers {
-        let (nh, qk, r, rd) = (c.num_attention_heads, c.qk_head_dim(), c.kv_lora_rank, c.qk_rope_head_dim);
-        per_token += c.q_lora_rank * h + nh * qk * c.q_lora_rank + (r + rd) * h;
-        per_token += nh * (c.qk_nope_head_dim + c.v_head_dim) * r + h * nh * c.v_head_dim;
-        if c.indexer_kind(i) == glimpse::config::IndexerKind::Full {
-            let (n, d) = (c.index_n_heads, c.index_head_dim);
-            per_token += n * d * c.q_lora_rank + d * h + n * h;
-        }
-        per_token += match c.mlp_kind(i) {
-            glimpse::config::MlpKind::Dense => 3 * c.intermediate_size * h,
-            glimpse::config::MlpKind::Moe => {
-                c.n_routed_experts * h
-                    + c.num_experts_per_tok * 3 * c.moe_intermediate_size * h
-                    + 3 * c.shared_intermediate_size() * h
-            }
-        };
-    }
-    per_token += c.vocab_size * h;
+    assert!(t as usize > c.index_topk, "a prompt the indexer scores");
+    let per_token = matmul_weights_per_token(c, true);
     let r = glimpse::bench::run_device(&CpuOps, &model, t as usize, 2).unwrap();
     assert_eq!(r.flops, 2 * t * per_token as u64);
     // With the last position's logits only, the lm_head meets one token, not t.
@@ -71,6 +54,31 @@ fn the_device_benchmark_counts_the_matmul_flops_of_a_prefill() {
     let widths = (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * c.num_attention_heads;
     assert_eq!(attn, layers as u64 * 2 * pairs * widths as u64);
     assert!(r.steps.is_none(), "the host ops time no steps of their own");
+}
+
+/// The weights of the products a token meets in a prefill (experts: top-k of them; the
+/// indexer's when it scores the prompt), from the config alone.
+fn matmul_weights_per_token(c: &glimpse::config::Config, indexer: bool) -> usize {
+    let h = c.hidden_size;
+    let mut per_token = 0usize;
+    for i in 0..c.num_hidden_layers {
+        let (nh, qk, r, rd) = (c.num_attention_heads, c.qk_head_dim(), c.kv_lora_rank, c.qk_rope_head_dim);
+        per_token += c.q_lora_rank * h + nh * qk * c.q_lora_rank + (r + rd) * h;
+        per_token += nh * (c.qk_nope_head_dim + c.v_head_dim) * r + h * nh * c.v_head_dim;
+        if indexer && c.indexer_kind(i) == glimpse::config::IndexerKind::Full {
+            let (n, d) = (c.index_n_heads, c.index_head_dim);
+            per_token += n * d * c.q_lora_rank + d * h + n * h;
+        }
+        per_token += match c.mlp_kind(i) {
+            glimpse::config::MlpKind::Dense => 3 * c.intermediate_size * h,
+            glimpse::config::MlpKind::Moe => {
+                c.n_routed_experts * h
+                    + c.num_experts_per_tok * 3 * c.moe_intermediate_size * h
+                    + 3 * c.shared_intermediate_size() * h
+            }
+        };
+    }
+    per_token + c.vocab_size * h
 }
 
 /// `LogitRows::Last` computes the last row of each sequence's logits (batch 2 here).
@@ -306,4 +314,56 @@ fn a_prefill_through_a_layer_stops_there() {
         p.prefill_through(&tokens, model.config.num_hidden_layers - 1, &mut whole).unwrap();
         assert!(whole.0.contains(&HookPoint::FinalNorm), "{path}");
     }
+}
+
+/// A prompt no longer than `index_topk` keeps every causal key whatever the indexer's scores, so
+/// both forward passes (the CPU model's and the device forward on the host ops) skip scoring it
+/// unless the scores are recorded. Skipped or not, every other hook point is the same bit for bit
+/// (the selection's positions and +inf margins included), in batch 2 and in every indexer layer;
+/// and the skipping device forward counts no indexer products.
+#[test]
+fn a_prompt_within_index_topk_is_not_scored_and_records_the_same() {
+    use glimpse::hooks::{HookPoint, LayerHook, Recorder, Selector};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
+    let model = Model::load(&Checkpoint::open(&dir).unwrap()).unwrap();
+    let c = &model.config;
+    let s = c.index_topk;
+    let ids = Dump::open(&dir.join("reference.safetensors")).unwrap().tokens().unwrap().ids;
+    let tokens = glimpse::model::Tokens { batch: 2, seq: s, ids: [&ids[..s], &ids[s..2 * s]].concat() };
+    let full = (0..c.num_hidden_layers).filter(|&i| c.indexer_kind(i) == glimpse::config::IndexerKind::Full).count();
+    let device = DeviceModel::new(&CpuOps, &model).unwrap();
+    let record = |scores: bool, on_device: bool| {
+        let mut r = Recorder::new(Selector::new(if scores { "*,*dsa.scores" } else { "*" }, None));
+        match on_device {
+            true => device.forward(&tokens, &mut r).unwrap(),
+            false => model.forward(&tokens, &mut r).unwrap(),
+        };
+        r.tensors.retain(|(p, _)| !matches!(p, HookPoint::Layer(_, LayerHook::DsaScores)));
+        r.tensors
+    };
+    for on_device in [false, true] {
+        let (scored, skipped) = (record(true, on_device), record(false, on_device));
+        assert_eq!(scored.len(), skipped.len());
+        let mut margins = 0;
+        for ((p, a), (q, b)) in scored.iter().zip(&skipped) {
+            assert_eq!(p, q);
+            if let HookPoint::Layer(_, LayerHook::DsaMargin) = p {
+                let m = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert!(m.iter().all(|&v| v == f32::INFINITY), "{p:?}: {m:?}");
+                margins += 1;
+            }
+            let (a, b) = (a.flatten_all().unwrap(), b.flatten_all().unwrap());
+            let (a, b) = (a.to_dtype(candle_core::DType::F64).unwrap(), b.to_dtype(candle_core::DType::F64).unwrap());
+            let (a, b) = (a.to_vec1::<f64>().unwrap(), b.to_vec1::<f64>().unwrap());
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{} (device {on_device})", p.name());
+        }
+        assert_eq!(margins, full, "device {on_device}");
+    }
+    // The indexer's products (wq_b, wk, weights_proj) are not run, so not counted.
+    let r = glimpse::bench::run_device(&CpuOps, &model, s, 1).unwrap();
+    assert_eq!(r.flops, 2 * (s * matmul_weights_per_token(c, false)) as u64);
+    let p = &r.profile;
+    assert!(p.sections.iter().all(|x| !x.name.starts_with("indexer: projections")), "{}", p.render());
+    let skipped = p.sections.iter().find(|x| x.name.starts_with("indexer: every causal key kept"));
+    assert_eq!(skipped.map(|x| x.calls), Some(full), "{}", p.render());
 }

@@ -300,7 +300,8 @@ pub fn index_scores(
 
 /// The indexer's selection without the whole [B, S, T] scores: each chunk's scores, then their
 /// causal top-`kk` (`Ops::index_topk`; dims as [`index_scores`]) -> (idx [B, S, kk], margin
-/// [B, S]). Memory: a chunk's products and scores, not S x T floats (64 GB at 128k tokens).
+/// [B, S]). Memory: a chunk's products and scores, not S x T floats (64 GB at 128k tokens). A
+/// chunk whose queries see no more than `kk` keys keeps them all, unscored (`every_key`).
 pub fn index_topk(
     (gpu, products, ws): (&Gpu, &Products, &Workspace),
     chunk_values: usize,
@@ -314,6 +315,12 @@ pub fn index_topk(
         let (mut g, mut scores) = (ws.products.borrow_mut(), ws.scores.borrow_mut());
         let (mut chunk_idx, mut chunk_margin) = (ws.chunk_idx.borrow_mut(), ws.chunk_margin.borrow_mut());
         for c in chunks(batch_n, [s, t, offset], chunk_values, n * t) {
+            let row0 = c.b * s + c.q0;
+            if c.t_eff <= kk {
+                // No query of the chunk sees more than K keys: each keeps every one, unscored.
+                ws.step(gpu, ("indexer: top-k", 0), || gpu.every_key(&mut idx, &mut margin, row0, c.qc, kk))?;
+                continue;
+            }
             // Rows as wide as the keys the chunk sees (at least K, which the top-k requires).
             let cols = c.t_eff.max(kk).min(t);
             let scores = scratch(gpu, &mut scores, c.qc * cols)?;
@@ -328,7 +335,6 @@ pub fn index_topk(
                     &mut *ci,
                     &mut *cm,
                 )?;
-                let row0 = c.b * s + c.q0;
                 gpu.copy_into(ci, c.qc * kk, &mut idx, row0 * kk)?;
                 gpu.copy_into(cm, c.qc, &mut margin, row0)
             })?;

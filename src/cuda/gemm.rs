@@ -275,14 +275,15 @@ impl Products {
         }
     }
 
-    /// The expert GEMMs (`Ops::gemm_groups`): each group's rows of `x` times its weight into the
-    /// same rows of `y`. In bf16 mode the rows the groups span are rounded once, not per group,
-    /// into a scratch that grows to them (tokens x top-k x hidden bf16: 200 MB for 2048 tokens
-    /// of GLM-5) and is kept.
+    /// The expert GEMMs (`Ops::gemm_groups`): each group's rows of `x` (packed row `i` being
+    /// `x[gather[i]]` when `gather` is given) times its weight into the same rows of `y`. In bf16
+    /// mode the rows the groups span are gathered and rounded once, not per group, into a scratch
+    /// that grows to them (tokens x top-k x hidden bf16: 200 MB for 2048 tokens of GLM-5) and is
+    /// kept; f32 mode packs gathered rows into a buffer of their own first.
     pub fn gemm_groups(
         &self,
         gpu: &Gpu,
-        x: &Buf<f32>,
+        (x, gather): (&Buf<f32>, Option<&Buf<i32>>),
         groups: &[(&DeviceWeight, usize, usize)],
         y: &mut Buf<f32>,
         [n, k]: [usize; 2],
@@ -295,17 +296,29 @@ impl Products {
             return Ok(());
         }
         if self.precision == Precision::F32 {
+            let packed = match gather {
+                Some(rows) => {
+                    let mut p = gpu.output(r1 * k)?;
+                    gpu.gather_rows(x, rows, &mut p, r1, k)?;
+                    Some(p)
+                }
+                None => None,
+            };
+            let x = packed.as_ref().unwrap_or(x);
             for &(w, start, count) in groups {
                 self.gemm_rows(gpu, x, start, w, y, start, [count, n, k], 1.0)?;
             }
             return Ok(());
         }
-        if x.len() < r1 * k || y.len() < r1 * n {
+        if (gather.is_none() && x.len() < r1 * k) || y.len() < r1 * n {
             return Err(Error::Device(format!("grouped GEMM: buffers too small for rows {r0}..{r1} x {k} -> {n}")));
         }
         let mut narrow = self.narrow.borrow_mut();
         let xb = scratch(gpu, &mut narrow, (r1 - r0) * k)?;
-        gpu.bf16_round(x, r0 * k, xb, (r1 - r0) * k)?;
+        match gather {
+            Some(rows) => gpu.gather_rows_bf16(x, rows, r0, xb, [r1 - r0, k])?,
+            None => gpu.bf16_round(x, r0 * k, xb, (r1 - r0) * k)?,
+        }
         for (w, start, count) in spans {
             check_rows(w, n, k)?;
             self.part(gpu, Rows::Bf16(xb, start - r0), w, (&mut *y, *start), (0, n, n), [*count, k], 1.0)?;

@@ -448,7 +448,7 @@ impl Gpu {
     pub fn swiglu(&self, gate_up: &Buf<f32>, out: &mut Buf<f32>, rows: usize, inter: usize) -> Result<()> {
         fits("swiglu", &[(gate_up.len(), rows * 2 * inter), (out.len(), rows * inter)])?;
         let (rows64, [i32_]) = (rows as i64, ints("swiglu", [inter])?);
-        launch!(self, "swiglu", cfg(rows * inter, 256, 0), [gate_up, out, &rows64, &i32_])
+        launch!(self, "swiglu", per_item(rows, 256, 0), [gate_up, out, &rows64, &i32_])
     }
 
     pub fn add(&self, a: &Buf<f32>, b: &Buf<f32>, out: &mut Buf<f32>, n: usize) -> Result<()> {
@@ -673,7 +673,21 @@ impl Gpu {
     pub fn gather_rows(&self, x: &Buf<f32>, rows: &Buf<i32>, out: &mut Buf<f32>, n: usize, cols: usize) -> Result<()> {
         fits("gather_rows", &[(rows.len(), n), (out.len(), n * cols)])?;
         let [n32, c32] = ints("gather_rows", [n, cols])?;
-        launch!(self, "gather_rows", cfg(n * cols, 256, 0), [x, rows, out, &n32, &c32])
+        launch!(self, "gather_rows", per_item(n, 256, 0), [x, rows, out, &n32, &c32])
+    }
+
+    /// Packed rows `row0 .. row0 + n` of [`Gpu::gather_rows`], rounded to bf16: out [n, cols].
+    pub fn gather_rows_bf16(
+        &self,
+        x: &Buf<f32>,
+        rows: &Buf<i32>,
+        row0: usize,
+        out: &mut Buf<u16>,
+        [n, cols]: [usize; 2],
+    ) -> Result<()> {
+        fits("gather_rows_bf16", &[(rows.len(), row0 + n), (out.len(), n * cols)])?;
+        let ([n32, c32], row0) = (ints("gather_rows_bf16", [n, cols])?, row0 as i64);
+        launch!(self, "gather_rows_bf16", per_item(n, 256, 0), [x, rows, &row0, out, &n32, &c32])
     }
 
     /// y: packed expert outputs [*, cols]; ids, slot, w: [n, k]; shared, out: [n, cols].

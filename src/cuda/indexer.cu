@@ -5,8 +5,9 @@
 //     device::Ops::index_scores (CpuOps), which takes k as [B, T, d] too (model::attention's own
 //     reads the decode cache's [T, B, d]).
 //   topk_causal: the K = min(index_topk, T) best causal keys per query, best first, ties to the
-//     lower position, padded with the positions after the query when it has fewer than K keys;
-//     margin = K-th minus (K+1)-th causal score (+inf when nothing is cut). One block per query row;
+//     lower position; margin = K-th minus (K+1)-th causal score. A query with no more than K
+//     causal keys keeps them all, listed by position and padded with the positions after it
+//     (0 .. K-1), margin +inf, without ranking (every_key_row). One block per query row;
 //     a key's rank is the number of keys that beat it, so no sort is needed. NaN ranks last, as
 //     in the CPU sort. That is O(T) work per key, O(T^3) per prefill: fine for a few thousand
 //     tokens, not for long contexts.
@@ -16,6 +17,8 @@
 //   topk_chunks_of_scores, topk_chunks_of_pairs, topk_emit: the same result for longer rows,
 //     sorting chunks that fit and keeping each one's best K + 1, round after round.
 //     CPU reference: model::indexer::top_k_causal.
+//   every_key: the rows of queries that see no more than K keys, written without scores.
+//     CPU reference: model::indexer::Selection::every_key.
 
 // index_combine: the chunk's scores from g = q . k * scale (a cuBLAS product, cuda::attention):
 //   scores[out_row0 + i, j] = sum_h w[w_row0 + i, h] * relu(g[i * n + h, j]) for the causal keys
@@ -44,6 +47,25 @@ __device__ bool ranks_before(float x, int u, float v, int j) {
     return x > v || (x == v && u < j);
 }
 
+// A row that keeps every causal key (no more than kk of them), by the block's threads: keys
+// 0..kk-1 by position (those past the query are padding, which attention ignores), margin +inf.
+// The CPU lists such a row the same way (model::indexer::Selection::every_key).
+__device__ void every_key_row(int* out, int kk, float* margin) {
+    for (int r = threadIdx.x; r < kk; r += blockDim.x) out[r] = r;
+    if (threadIdx.x == 0) *margin = INFINITY;
+}
+
+// every_key: rows row0 .. row0 + rows of idx [*, kk] and margin [*] as every_key_row writes them,
+// for queries that see no more than kk keys, whose scores need not be computed at all. One
+// thread per (row, slot).
+extern "C" __global__ void every_key(int* idx, float* margin, long long row0, long long rows, int kk) {
+    long long id = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (id >= rows * kk) return;
+    int r = (int)(id % kk);
+    idx[row0 * kk + id] = r;
+    if (r == 0) margin[row0 + id / kk] = INFINITY;
+}
+
 extern "C" __global__ void topk_causal(const float* scores, int s, int t, int offset, int kk, int* idx, float* margin) {
     long long row = blockIdx.x;
     int p = offset + (int)(row % s); // the query's position: keys 0..=p are causal
@@ -53,6 +75,10 @@ extern "C" __global__ void topk_causal(const float* scores, int s, int t, int of
     if (threadIdx.x == 0) { cut[0] = INFINITY; cut[1] = -INFINITY; }
     __syncthreads();
     int causal = min(p + 1, t);
+    if (causal <= kk) { // every causal key kept: listed by position, as the CPU lists them
+        every_key_row(out, kk, margin + row);
+        return;
+    }
     for (int j = threadIdx.x; j < causal; j += blockDim.x) {
         float v = sc[j];
         int rank = 0;
@@ -65,8 +91,7 @@ extern "C" __global__ void topk_causal(const float* scores, int s, int t, int of
         if (rank == kk) cut[1] = v;
     }
     __syncthreads();
-    for (int r = causal + threadIdx.x; r < kk; r += blockDim.x) out[r] = r; // padding past the query
-    if (threadIdx.x == 0) margin[row] = causal > kk ? cut[0] - cut[1] : INFINITY;
+    if (threadIdx.x == 0) margin[row] = cut[0] - cut[1];
 }
 
 // Sorts len (a power of two) (score, position) pairs in shared memory, best first (ranks_before),
@@ -101,6 +126,10 @@ extern "C" __global__ void topk_sorted(const float* scores, int s, int t, int of
     long long row = blockIdx.x;
     int p = offset + (int)(row % s);
     int causal = min(p + 1, t);
+    if (causal <= kk) { // the whole block agrees: no barrier is skipped by some threads only
+        every_key_row(idx + row * kk, kk, margin + row);
+        return;
+    }
     int len = 1;
     while (len < causal) len <<= 1;
     float* key = sorted_keys;
@@ -113,8 +142,8 @@ extern "C" __global__ void topk_sorted(const float* scores, int s, int t, int of
     __syncthreads();
     bitonic_sort(key, pos, len);
     int* out = idx + row * kk;
-    for (int r = threadIdx.x; r < kk; r += blockDim.x) out[r] = r < causal ? pos[r] : r; // padding past the query
-    if (threadIdx.x == 0) margin[row] = causal > kk ? key[kk - 1] - key[kk] : INFINITY;
+    for (int r = threadIdx.x; r < kk; r += blockDim.x) out[r] = pos[r];
+    if (threadIdx.x == 0) margin[row] = key[kk - 1] - key[kk];
 }
 
 // The chunked top-k, for rows longer than a block's shared memory holds (cuda::gpu::TopK::Chunked):
@@ -177,7 +206,7 @@ extern "C" __global__ void topk_emit(const float* score, const int* at, long lon
     if (id >= rows * kk) return;
     long long row = id / kk;
     int r = (int)(id % kk);
-    int causal = min(offset + (int)(row % s) + 1, t);
-    idx[id] = r < causal ? at[row * n + r] : r; // padding past the query
-    if (r == 0) margin[row] = causal > kk ? score[row * n + kk - 1] - score[row * n + kk] : INFINITY;
+    bool cut = min(offset + (int)(row % s) + 1, t) > kk; // else every causal key is kept
+    idx[id] = cut ? at[row * n + r] : r;
+    if (r == 0) margin[row] = cut ? score[row * n + kk - 1] - score[row * n + kk] : INFINITY;
 }

@@ -40,14 +40,22 @@ pub const KERNELS: &[(&str, &str, &[&str])] = &[
     (
         "indexer",
         include_str!("indexer.cu"),
-        &["index_combine", "topk_causal", "topk_sorted", "topk_chunks_of_scores", "topk_chunks_of_pairs", "topk_emit"],
+        &[
+            "index_combine",
+            "every_key",
+            "topk_causal",
+            "topk_sorted",
+            "topk_chunks_of_scores",
+            "topk_chunks_of_pairs",
+            "topk_emit",
+        ],
     ),
     (
         "attention",
         include_str!("attention.cu"),
         &["sparse_attention", "masked_softmax", "masked_softmax_bf16", "selection_bits", "flash_attention_bf16"],
     ),
-    ("moe", include_str!("moe.cu"), &["gather_rows", "combine", "moe_dispatch"]),
+    ("moe", include_str!("moe.cu"), &["gather_rows", "gather_rows_bf16", "combine", "moe_dispatch"]),
     ("convert", include_str!("convert.cu"), &["fp8_dequant", "bf16_widen", "bf16_round", "split_bf16"]),
 ];
 

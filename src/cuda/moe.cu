@@ -2,18 +2,32 @@
 //   moe_dispatch: the (token, choice) pairs grouped by expert (with router.cu's expert_counts,
 //     whose prefix sums are the groups' offsets): slot[p] is pair p's row among the packed rows,
 //     rows[slot[p]] its token.
-//   gather_rows: the rows of x routed to one expert, packed: out[i] = x[rows[i]] (also the
-//     embeddings' lookup, from the table's rows).
+//   gather_rows: the rows of x routed to the experts, packed: out[i] = x[rows[i]] (also the
+//     embeddings' lookup, from the table's rows); gather_rows_bf16, the same rounded to bf16 for
+//     the expert GEMMs in bf16 mode (CPU reference: gather_rows, then half::bf16::from_f32). One
+//     block per row, so no thread divides a 64-bit index (split_bf16's lesson on the H200,
+//     convert.cu).
 //   combine: each token's expert outputs weighted and summed in ascending expert id (the CPU
 //     reference's order, model::moe::Moe::forward, so the sum is deterministic), then the shared
 //     expert added: out[t] = sum_j w[t, j] * y[slot[t, j]] + shared[t].
 // slot[t, j] is the row of the packed expert outputs y holding token t's j-th choice.
 
 extern "C" __global__ void gather_rows(const float* x, const int* rows, float* out, int n, int cols) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)n * cols) return;
-    long long r = i / cols;
-    out[i] = x[(long long)rows[r] * cols + i % cols];
+    long long r = blockIdx.x;
+    if (r >= n) return;
+    const float* src = x + (long long)rows[r] * cols;
+    float* dst = out + r * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
+}
+
+// Packed rows row0 .. row0 + n (those a group of expert GEMMs spans) into out [n, cols].
+extern "C" __global__ void gather_rows_bf16(const float* x, const int* rows, long long row0, bf16_t* out, int n,
+                                            int cols) {
+    long long r = blockIdx.x;
+    if (r >= n) return;
+    const float* src = x + (long long)rows[row0 + r] * cols;
+    bf16_t* dst = out + r * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = f32_to_bf16(src[c]);
 }
 
 // One block per token: its first thread orders the token's choices by expert id (k <= 16) into

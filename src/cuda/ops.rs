@@ -137,7 +137,7 @@ impl Ops for CudaOps {
 
     fn gemm_groups(
         &self,
-        x: &Self::F,
+        x: (&Self::F, Option<&Self::I>),
         groups: &[(&DeviceWeight, usize, usize)],
         y: &mut Self::F,
         nk: [usize; 2],
@@ -231,6 +231,12 @@ impl Ops for CudaOps {
         k: usize,
     ) -> Result<(Self::I, Self::F)> {
         self.index_topk_with(self.attention.get(), (q, keys, w), dims, scale, k)
+    }
+
+    fn every_key(&self, rows: usize, k: usize) -> Result<(Self::I, Self::F)> {
+        let (mut idx, mut margin) = (self.gpu.zeros(rows * k)?, self.gpu.output(rows)?);
+        self.gpu.every_key(&mut idx, &mut margin, 0, rows, k)?;
+        Ok((idx, margin))
     }
 
     fn topk_causal(

@@ -282,9 +282,8 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     // (ranks last); then 9 queries from position 0 with K = 6, so early rows keep every causal
     // key and are padded; then 3 queries after 200 keys with K = 6, coarsened, with a NaN, which
     // the chunked path (chunks of 16) cuts in five rounds; then 40 queries from position 0 with
-    // K = 3, whose early rows end chunks before the row does. Rows compare as sets (the spec's
-    // contract: the kernels list keys best first, the CPU lists a row it keeps whole by
-    // position), margins exactly.
+    // K = 3, whose early rows end chunks before the row does. Rows compare in order (best first,
+    // ties to the lower position; a row kept whole by position), margins exactly.
     let (batch, s, offset, nh, d, topk) = (2, 5, 38, 4, 16, 24);
     let t = offset + s;
     let (q, k, w) = (rng.vec(batch * s * nh * d), rng.vec(batch * t * d), rng.vec(batch * s * nh));
@@ -294,8 +293,6 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     let prefix: Vec<f32> = rng.vec(9 * 9);
     let mut long: Vec<f32> = rng.vec(3 * 203).iter().map(|v| (v * 4.0).round() / 4.0).collect();
     long[203 + 150] = f32::NAN;
-    // Every path lists keys best first, ties to the lower position: their rows must agree in order.
-    let mut listed: Vec<Vec<i32>> = Vec::new();
     // 40 queries from position 0 with K = 3: chunks of 8 that lie wholly past a row's query.
     let early: Vec<f32> = rng.vec(40 * 40).iter().map(|v| (v * 4.0).round() / 4.0).collect();
     let datasets =
@@ -306,7 +303,6 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
             _ => format!("topk_causal ({path:?})"),
         };
         let mut worst = Check { name, max_abs: 0.0, ok: true };
-        let mut all = Vec::new();
         for (scores, batch, s, offset, topk) in datasets {
             let (t, rows) = (offset + s, batch * s);
             let kk = topk.min(t);
@@ -317,19 +313,25 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
             let (mut idx, mut margin) = (gpu.filled(rows * kk, -1i32)?, gpu.filled(rows, nan)?);
             gpu.topk_causal_by(path, &gpu.upload(scores)?, [rows, s, t, offset, kk], &mut idx, &mut margin)?;
             let sel = crate::model::indexer::top_k_causal(scores, batch, s, offset, topk);
-            let cpu_ids = as_sets(&selected_ids(&sel), kk);
-            let gpu_ids = gpu.download(&idx)?;
-            all.extend_from_slice(&gpu_ids);
-            let ids = check_ints("", &as_sets(&gpu_ids, kk), &cpu_ids);
+            let ids = check_ints("", &gpu.download(&idx)?, &selected_ids(&sel));
             let m = check("", &gpu.download(&margin)?, &sel.margin, 0.0);
             worst.max_abs = worst.max_abs.max(m.max_abs).max(ids.max_abs);
             worst.ok &= m.ok && ids.ok;
         }
         out.push(worst);
-        listed.push(all);
     }
-    out.push(check_ints("topk_causal (Ranked and Sorted, in order)", &listed[0], &listed[1]));
-    out.push(check_ints("topk_causal (Ranked and Chunked, in order)", &listed[0], &listed[2]));
+    // Rows 3 .. 8 of a selection of 9 rows of K = 6, the others left as they were.
+    let (row0, rows, kk) = (3, 5, 6);
+    let (mut idx, mut margin) = (gpu.filled(9 * kk, -1i32)?, gpu.filled(9, -1f32)?);
+    gpu.every_key(&mut idx, &mut margin, row0, rows, kk)?;
+    let sel = crate::model::indexer::Selection::every_key(1, rows, kk);
+    let mut want_idx = vec![-1i32; 9 * kk];
+    want_idx[row0 * kk..(row0 + rows) * kk].copy_from_slice(&selected_ids(&sel));
+    let mut want_margin = vec![-1f32; 9];
+    want_margin[row0..row0 + rows].copy_from_slice(&sel.margin);
+    let ids = check_ints("every_key", &gpu.download(&idx)?, &want_idx);
+    let m = check("", &gpu.download(&margin)?, &want_margin, 0.0);
+    out.push(Check { max_abs: ids.max_abs.max(m.max_abs), ok: ids.ok && m.ok, ..ids });
 
     // MoE dispatch: gather 9 of 13 rows; combine 13 tokens x 3 choices from 39 packed rows.
     let (tokens, kx, hidden) = (13, 3, 67);
@@ -539,18 +541,30 @@ pub fn products(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
             let device: Vec<_> = weights.iter().map(|w| ops.upload_weight(*w, n, k)).collect::<Result<_>>()?;
             let host: Vec<_> = cpu_weights.iter().map(|w| CpuOps.upload_weight(*w, n, k)).collect::<Result<_>>()?;
             let groups: Vec<_> = spans.iter().map(|&(w, start, count)| (&device[w], start, count)).collect();
-            let mut dy = ops.gpu.filled(rows * n, f32::NAN)?;
-            ops.gemm_groups(&ops.upload(&x)?, &groups, &mut dy, [n, k])?;
-            let cpu_x = if bf16 { round(&x) } else { x.clone() };
-            let mut cpu_y = vec![f32::NAN; rows * n];
-            for &(w, start, count) in &spans {
-                CpuOps.gemm_rows(&cpu_x, start, &host[w], &mut cpu_y, start, [count, n, k], 1.0)?;
+            // Then the same rows gathered from 7 tokens, as the routed experts' first product
+            // takes them (packed row i = token gather[i], tokens repeated and out of order).
+            let tokens = rng.vec(7 * k);
+            let gather: Vec<i32> = (0..rows).map(|i| ((i * 5 + 3) % 7) as i32).collect();
+            let gathered = CpuOps.gather_rows(&tokens, &gather, rows, k)?;
+            let (dtokens, dgather) = (ops.upload(&tokens)?, ops.gpu.upload(&gather)?);
+            let sources = [
+                ("grouped, 3 weights", &x, (ops.upload(&x)?, None)),
+                ("grouped, 3 weights, rows gathered", &gathered, (dtokens, Some(&dgather))),
+            ];
+            for (name, x, (dx, dgather)) in sources {
+                let mut dy = ops.gpu.filled(rows * n, f32::NAN)?;
+                ops.gemm_groups((&dx, dgather), &groups, &mut dy, [n, k])?;
+                let cpu_x = if bf16 { round(x) } else { x.clone() };
+                let mut cpu_y = vec![f32::NAN; rows * n];
+                for &(w, start, count) in &spans {
+                    CpuOps.gemm_rows(&cpu_x, start, &host[w], &mut cpu_y, start, [count, n, k], 1.0)?;
+                }
+                let gpu_y = ops.download(&dy)?;
+                let same_nan = gpu_y.iter().zip(&cpu_y).all(|(a, b)| a.is_nan() == b.is_nan());
+                let covered = |v: &[f32]| -> Vec<f32> { v.iter().copied().filter(|x| !x.is_nan()).collect() };
+                let c = check(format!("{mode} ({name})"), &covered(&gpu_y), &covered(&cpu_y), 1e-4);
+                out.push(Check { ok: c.ok && same_nan, ..c });
             }
-            let gpu_y = ops.download(&dy)?;
-            let same_nan = gpu_y.iter().zip(&cpu_y).all(|(a, b)| a.is_nan() == b.is_nan());
-            let covered = |v: &[f32]| -> Vec<f32> { v.iter().copied().filter(|x| !x.is_nan()).collect() };
-            let c = check(format!("{mode} (grouped, 3 weights)"), &covered(&gpu_y), &covered(&cpu_y), 1e-4);
-            out.push(Check { ok: c.ok && same_nan, ..c });
         }
     }
     Ok(out)

@@ -463,30 +463,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         self.done(mark, "attention: projections, norms, RoPE", 0)?;
 
         if let Some(ix) = &a.indexer {
-            let (n, d) = (ix.heads, ix.dim);
-            let mark = self.mark()?;
-            let mut qi = self.mm(&q_latent, &ix.wq_b, t, 1.0)?; // [T, n, d]
-            self.ops.rope(&mut qi, cos, sin, [t, s, n, d, 0, half])?;
-            let ki = self.mm(x, &ix.wk, t, 1.0)?;
-            let mut ki = self.ops.layer_norm(&ki, &ix.k_norm.0, &ix.k_norm.1, t, d, ix.k_norm.2)?; // [T, d]
-            self.ops.rope(&mut ki, cos, sin, [t, s, 1, d, 0, half])?;
-            let w = self.mm(x, &ix.weights_proj, t, (n as f32).powf(-0.5))?; // [T, n]
-            let (dims, scale, k) = ([b, s, s, n, d, 0], (d as f32).powf(-0.5), ix.topk.min(s));
-            self.done(mark, "indexer: projections, norm, RoPE", 0)?;
-            let mark = self.mark()?;
-            // The whole [B, S, S] scores only when they are recorded: otherwise the backend may
-            // select a chunk of queries at a time (16 GB of scores at 64k tokens).
-            let (idx, margin) = if obs.wants(hook(LayerHook::DsaScores)) {
-                let scores = self.ops.index_scores(&qi, &ki, &w, dims, scale)?;
-                self.report(obs, hook(LayerHook::DsaScores), &scores, &[b, s, s])?;
-                self.ops.topk_causal(&scores, t, s, s, 0, k)?
-            } else {
-                self.ops.index_topk(&qi, &ki, &w, dims, scale, k)?
-            };
-            // q k^T for every head over the causal keys (half of S x S).
-            self.done(mark, "indexer: scores, top-k", (b * s * (s + 1) * n * d) as u64)?;
-            self.report(obs, hook(LayerHook::DsaMargin), &margin, &[b, s])?;
-            *selection = Some((idx, k));
+            *selection = Some(self.select(i, ix, (x, &q_latent), (cos, sin, half), (b, s), obs)?);
         }
         if let Some(forced) = obs.forced_selection(i)? {
             if (forced.batch, forced.seq) != (b, s) || forced.idx.len() != b * s * forced.k {
@@ -514,6 +491,55 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         self.done(mark, "attention: o_proj", 0)?;
         self.report(obs, hook(LayerHook::AttnOut), &out, &[b, s, cfg.hidden_size])?;
         Ok(out)
+    }
+
+    /// A full indexer layer's selection -> (idx [T, k], k). A prompt no longer than `index_topk`
+    /// keeps every causal key whatever the scores, so unless the scores are recorded it is not
+    /// scored at all (`Ops::every_key`, as the CPU model does): no indexer projections, products
+    /// or top-k.
+    #[allow(clippy::too_many_arguments)]
+    fn select(
+        &self,
+        i: usize,
+        ix: &DIndexer<O>,
+        (x, q_latent): (&O::F, &O::F),
+        (cos, sin, half): (&O::F, &O::F, usize),
+        (b, s): (usize, usize),
+        obs: &mut dyn Observer,
+    ) -> Result<(O::I, usize)> {
+        let hook = |p| HookPoint::Layer(i, p);
+        let (t, n, d, k) = (b * s, ix.heads, ix.dim, ix.topk.min(s));
+        let (idx, margin) = if s <= ix.topk && !obs.wants(hook(LayerHook::DsaScores)) {
+            let mark = self.mark()?;
+            let every = self.ops.every_key(t, k)?;
+            self.done(mark, "indexer: every causal key kept, not scored", 0)?;
+            every
+        } else {
+            let mark = self.mark()?;
+            let mut qi = self.mm(q_latent, &ix.wq_b, t, 1.0)?; // [T, n, d]
+            self.ops.rope(&mut qi, cos, sin, [t, s, n, d, 0, half])?;
+            let ki = self.mm(x, &ix.wk, t, 1.0)?;
+            let mut ki = self.ops.layer_norm(&ki, &ix.k_norm.0, &ix.k_norm.1, t, d, ix.k_norm.2)?; // [T, d]
+            self.ops.rope(&mut ki, cos, sin, [t, s, 1, d, 0, half])?;
+            let w = self.mm(x, &ix.weights_proj, t, (n as f32).powf(-0.5))?; // [T, n]
+            let (dims, scale) = ([b, s, s, n, d, 0], (d as f32).powf(-0.5));
+            self.done(mark, "indexer: projections, norm, RoPE", 0)?;
+            let mark = self.mark()?;
+            // The whole [B, S, S] scores only when they are recorded: otherwise the backend may
+            // select a chunk of queries at a time (16 GB of scores at 64k tokens).
+            let selected = if obs.wants(hook(LayerHook::DsaScores)) {
+                let scores = self.ops.index_scores(&qi, &ki, &w, dims, scale)?;
+                self.report(obs, hook(LayerHook::DsaScores), &scores, &[b, s, s])?;
+                self.ops.topk_causal(&scores, t, s, s, 0, k)?
+            } else {
+                self.ops.index_topk(&qi, &ki, &w, dims, scale, k)?
+            };
+            // q k^T for every head over the causal keys (half of S x S).
+            self.done(mark, "indexer: scores, top-k", (b * s * (s + 1) * n * d) as u64)?;
+            selected
+        };
+        self.report(obs, hook(LayerHook::DsaMargin), &margin, &[b, s])?;
+        Ok((idx, k))
     }
 
     /// The router's observe-only hook points, only when wanted: `moe.scores` and
@@ -605,8 +631,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             return Err(Error::Device(format!("layer {i}: {groups} expert groups for {have} experts")));
         }
         let a = t * k;
-        let xs = self.ops.gather_rows(x, &rows, a, hd)?; // [A, H]
-        self.done(mark, "experts: dispatch, gather", 0)?;
+        self.done(mark, "experts: dispatch", 0)?;
         let inter = experts.first().map_or(0, |m| m.down.inp);
         let (mut gate_up, mut y) = (self.ops.output(a * 2 * inter)?, self.ops.output(a * hd)?);
         let (mut spans, mut start) = (Vec::new(), 0); // (expert, first packed row, rows)
@@ -621,14 +646,15 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         };
         let mark = self.mark()?;
         self.count([a, 2 * inter, hd]);
-        self.ops.gemm_groups(&xs, &groups(|m| &m.gate_up.w), &mut gate_up, [2 * inter, hd])?;
+        // The packed rows [A, H] are gathered from x by the product's own preparation.
+        self.ops.gemm_groups((x, Some(&rows)), &groups(|m| &m.gate_up.w), &mut gate_up, [2 * inter, hd])?;
         self.done(mark, EXPERT_GEMMS[0], 0)?;
         let mark = self.mark()?;
         let act = self.ops.swiglu(&gate_up, a, inter)?; // [A, inter]
         self.done(mark, "experts: SwiGLU", 0)?;
         let mark = self.mark()?;
         self.count([a, hd, inter]);
-        self.ops.gemm_groups(&act, &groups(|m| &m.down.w), &mut y, [hd, inter])?;
+        self.ops.gemm_groups((&act, None), &groups(|m| &m.down.w), &mut y, [hd, inter])?;
         self.done(mark, EXPERT_GEMMS[1], 0)?;
         let mark = self.mark()?;
         let shared_out = self.mlp(shared, x, t)?;

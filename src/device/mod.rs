@@ -330,18 +330,25 @@ pub trait Ops {
         None
     }
 
-    /// The expert GEMMs: for each group `(w, start, count)`, rows `start .. start + count` of
-    /// `x` [*, k] times `w` [n, k]^T into the same rows of `y` [*, n]. One op, so a device can
-    /// prepare the activations once for all of them (bf16 mode rounds them once).
+    /// The expert GEMMs: for each group `(w, start, count)`, packed rows `start .. start +
+    /// count` [*, k] times `w` [n, k]^T into the same rows of `y` [*, n]. The packed rows are
+    /// `x`'s own, or with `gather` (the dispatch's `rows`) packed row `i` is `x[gather[i]]`. One
+    /// op, so a device can prepare the activations once for all of them (bf16 mode gathers and
+    /// rounds them in one pass).
     fn gemm_groups(
         &self,
-        x: &Self::F,
+        (x, gather): (&Self::F, Option<&Self::I>),
         groups: &[(&Self::W, usize, usize)],
         y: &mut Self::F,
-        nk: [usize; 2],
+        [n, k]: [usize; 2],
     ) -> Result<()> {
+        let packed = match gather {
+            Some(rows) => Some(self.gather_rows(x, rows, groups.iter().map(|g| g.1 + g.2).max().unwrap_or(0), k)?),
+            None => None,
+        };
+        let x = packed.as_ref().unwrap_or(x);
         for &(w, start, count) in groups {
-            self.gemm_rows(x, start, w, y, start, [count, nk[0], nk[1]], 1.0)?;
+            self.gemm_rows(x, start, w, y, start, [count, n, k], 1.0)?;
         }
         Ok(())
     }
@@ -403,6 +410,14 @@ pub trait Ops {
         let [b, s, t, _, _, offset] = dims;
         let scores = self.index_scores(q, keys, w, dims, scale)?;
         self.topk_causal(&scores, b * s, s, t, offset, k)
+    }
+    /// The selection of `rows` queries that see no more than `k` keys, each keeping every causal
+    /// one whatever the scores -> (idx [rows, k], each row `0 .. k`, margin [rows] of +inf): what
+    /// `index_topk` returns for them, without scoring (`Selection::every_key`).
+    fn every_key(&self, rows: usize, k: usize) -> Result<(Self::I, Self::F)> {
+        let sel = crate::model::indexer::Selection::every_key(1, rows, k);
+        let idx: Vec<i32> = sel.idx.iter().map(|&j| j as i32).collect();
+        Ok((self.upload_i32(&idx)?, self.upload(&sel.margin)?))
     }
     /// dims = [B, S, T, nh, nope, rd, vd, K, offset] -> out [B, S, nh, vd].
     #[allow(clippy::too_many_arguments)]

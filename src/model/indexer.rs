@@ -60,6 +60,14 @@ impl Selection {
         Some(Selection { batch, seq, k, idx, margin: vec![f32::NAN; batch * seq] })
     }
 
+    /// Every causal key of every query, as a top-k of `k = T` keys keeps them whatever the
+    /// scores: row `p` is `0..k`, keys `0..=p` then padding past the query, margins +inf. The same
+    /// rows [`top_k_causal`] gives when no query has more than `k` causal keys.
+    pub fn every_key(batch: usize, seq: usize, k: usize) -> Selection {
+        let idx = (0..batch * seq).flat_map(|_| 0..k).collect();
+        Selection { batch, seq, k, idx, margin: vec![f32::INFINITY; batch * seq] }
+    }
+
     pub fn row(&self, b: usize, s: usize) -> &[usize] {
         let r = (b * self.seq + s) * self.k;
         &self.idx[r..r + self.k]
@@ -107,7 +115,8 @@ impl Indexer {
         match self {
             Indexer::Full(w) => {
                 let (b, s, _) = x.dims3()?;
-                let IndexInputs { q, k: new_keys, w: hw } = w.inputs(x, q_latent, rope)?;
+                let point = HookPoint::Layer(layer, LayerHook::DsaScores);
+                let new_keys = w.keys(x, rope)?;
                 // Without a cache the queries score their own keys, laid out as a cache holds them.
                 let own;
                 let keys = match keys {
@@ -121,15 +130,12 @@ impl Indexer {
                     }
                 };
                 let (k, t) = (keys.data(), keys.len()); // [T, B, d]
-                let (dims, scale) = ([b, s, t, w.n_heads, w.head_dim], (w.head_dim as f64).powf(-0.5) as f32);
-                // The [B, S, T] scores are held whole only when they are recorded.
-                let point = HookPoint::Layer(layer, LayerHook::DsaScores);
-                let selection = if obs.wants(point) {
-                    let scores = index_scores(&q, k, &hw, dims, scale); // [B, S, T], -inf past each query
-                    emit(obs, point, || Ok(Tensor::from_vec(scores.clone(), (b, s, t), &Device::Cpu)?))?;
-                    top_k_causal(&scores, b, s, t - s, w.topk)
+                let selection = if w.keeps_every_key(t) && !obs.wants(point) {
+                    // No query sees more keys than it may keep: whatever the scores, each keeps
+                    // every causal key (the keys are still cached for the steps after).
+                    Selection::every_key(b, s, t)
                 } else {
-                    index_topk(&q, k, &hw, dims, scale, w.topk)
+                    w.score_and_select((x, q_latent, rope), (k, t), point, obs)?
                 };
                 emit(obs, HookPoint::Layer(layer, LayerHook::DsaMargin), || {
                     Ok(Tensor::from_vec(selection.margin.clone(), (b, s), &Device::Cpu)?)
@@ -143,24 +149,50 @@ impl Indexer {
     }
 }
 
-/// What the indexer's scores are computed from, flat (`IndexerWeights::inputs`).
-pub struct IndexInputs {
-    pub q: Vec<f32>, // [B, S, n, d], roped
-    pub k: Vec<f32>, // [B, S, d], roped: the queries' own keys
-    pub w: Vec<f32>, // [B, S, n]: weights_proj(x) / sqrt(n)
-}
-
 impl IndexerWeights {
-    /// The inputs of the scores for the tokens in `x`.
-    pub fn inputs(&self, x: &Tensor, q_latent: &Tensor, rope: &RopeTables) -> Result<IndexInputs> {
+    /// Whether a query over `t` keys keeps every causal one whatever its scores (`t <= topk`),
+    /// as every query of a prompt no longer than `index_topk` does.
+    pub fn keeps_every_key(&self, t: usize) -> bool {
+        t <= self.topk
+    }
+
+    /// The queries' scores over the `t` cached keys `k` ([T, B, d]) and their top-k; the scores
+    /// are held whole only when `point` (`dsa.scores`) is recorded.
+    fn score_and_select(
+        &self,
+        (x, q_latent, rope): (&Tensor, &Tensor, &RopeTables),
+        (k, t): (&[f32], usize),
+        point: HookPoint,
+        obs: &mut dyn Observer,
+    ) -> Result<Selection> {
+        let (b, s, _) = x.dims3()?;
+        let (q, hw) = self.queries(x, q_latent, rope)?;
+        let (dims, scale) = ([b, s, t, self.n_heads, self.head_dim], (self.head_dim as f64).powf(-0.5) as f32);
+        if !obs.wants(point) {
+            return Ok(index_topk(&q, k, &hw, dims, scale, self.topk));
+        }
+        let scores = index_scores(&q, k, &hw, dims, scale); // [B, S, T], -inf past each query
+        emit(obs, point, || Ok(Tensor::from_vec(scores.clone(), (b, s, t), &Device::Cpu)?))?;
+        Ok(top_k_causal(&scores, b, s, t - s, self.topk))
+    }
+
+    /// The index keys of the tokens in `x`: `k_norm(wk(x))`, roped -> [B, S, d].
+    pub fn keys(&self, x: &Tensor, rope: &RopeTables) -> Result<Vec<f32>> {
+        let s = x.dims3()?.1;
+        let mut k = self.k_norm.forward(&self.wk.forward(x)?)?.flatten_all()?.to_vec1::<f32>()?; // [B, S, d]
+        rope.apply(&mut k, s, 1, self.head_dim, 0);
+        Ok(k)
+    }
+
+    /// The index queries of the tokens in `x` and their heads' weights: `wq_b(q_latent)`, roped
+    /// -> [B, S, n, d], and `weights_proj(x) / sqrt(n)` -> [B, S, n].
+    pub fn queries(&self, x: &Tensor, q_latent: &Tensor, rope: &RopeTables) -> Result<(Vec<f32>, Vec<f32>)> {
         let s = x.dims3()?.1;
         let (n, d) = (self.n_heads, self.head_dim);
         let mut q = self.wq_b.forward(q_latent)?.flatten_all()?.to_vec1::<f32>()?; // [B, S, n, d]
         rope.apply(&mut q, s, n, d, 0);
-        let mut k = self.k_norm.forward(&self.wk.forward(x)?)?.flatten_all()?.to_vec1::<f32>()?; // [B, S, d]
-        rope.apply(&mut k, s, 1, d, 0);
         let w = (self.weights_proj.forward(x)? * (n as f64).powf(-0.5))?; // [B, S, n]
-        Ok(IndexInputs { q, k, w: w.flatten_all()?.to_vec1::<f32>()? })
+        Ok((q, w.flatten_all()?.to_vec1::<f32>()?))
     }
 }
 
@@ -324,6 +356,27 @@ mod tests {
         assert_eq!(sel.margin[..3], [f32::INFINITY; 3]);
         approx::assert_abs_diff_eq!(sel.margin[3], 0.2 - 0.1);
         approx::assert_abs_diff_eq!(sel.margin[4], 0.3 - 0.2);
+    }
+
+    /// While no query sees more than K keys, the top-k of any scores (NaN and ties among them)
+    /// is the selection of every key, positions and margins alike: what the indexer returns then
+    /// without scoring.
+    #[test]
+    fn every_key_is_what_any_scores_select_up_to_k_keys() {
+        for (batch, s, offset) in [(1, 1, 0), (2, 7, 0), (2, 3, 4)] {
+            let t = offset + s;
+            let mut scores = values(batch * s * t, 0.5);
+            let n = scores.len();
+            scores[0] = f32::NAN;
+            scores[n - 1] = scores[n.saturating_sub(2)];
+            for topk in [t, t + 3] {
+                assert_eq!(
+                    top_k_causal(&scores, batch, s, offset, topk),
+                    Selection::every_key(batch, s, t),
+                    "{s} {topk}"
+                );
+            }
+        }
     }
 
     #[test]

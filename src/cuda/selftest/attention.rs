@@ -125,7 +125,8 @@ fn bf16_paths_over_two_tiles(ops: &crate::cuda::ops::CudaOps, rng: &mut Rng) -> 
 /// The attention's quadratic steps (`cuda::attention`) against `CpuOps`: the indexer's scores
 /// (cuBLAS products and `index_combine`) and attention over a top-k selection on both paths,
 /// whole and in chunks of 2 queries (so chunks start past the first query and reach fewer keys).
-/// Batch 2, 5 new queries after 38 cached keys.
+/// Batch 2, 5 new queries after 38 cached keys; then 9 from position 0, whose first chunks see
+/// no more than K keys and are not scored.
 /// The products are SGEMM in f32 mode. In bf16 mode the indexer's are split bf16 (about 16
 /// mantissa bits: held to 1e-4) and the masked attention's take bf16 operands (against
 /// [`bf16_attention`]); the gathered attention computes in f32 in either mode. bf16 mode adds
@@ -159,6 +160,23 @@ pub fn attention(ops: &crate::cuda::ops::CudaOps) -> Result<Vec<Check>> {
         let name = name.replace("index_scores", "index_topk");
         out.push(Check { name: format!("{name}{mode}"), max_abs: m.max_abs.max(ids.max_abs), ok: m.ok && ids.ok });
     }
+
+    // 9 queries from position 0 with K = 6, in chunks of 2: the first three chunks see no more
+    // than K keys, so index_topk writes them unscored (`every_key`), as the top-k of the whole
+    // scores lists them (by position, margin +inf); the later chunks are scored.
+    let (s0, k0) = (9, 6);
+    let mut rng0 = Rng(0xbb67ae8584caa73b);
+    let (q0, key0, w0) = (rng0.vec(batch * s0 * nh * d), rng0.vec(batch * s0 * d), rng0.vec(batch * s0 * nh));
+    let operands = (&gpu.upload(&q0)?, &gpu.upload(&key0)?, &gpu.upload(&w0)?);
+    let dims0 = [batch, s0, s0, nh, d, 0];
+    let (idx, margin) =
+        ops.topk_causal(&ops.index_scores_with(whole, operands, dims0, scale)?, batch * s0, s0, s0, 0, k0)?;
+    let plan = AttentionPlan { path: None, chunk_values: 2 * nh * s0 };
+    let (chunked_idx, chunked_margin) = ops.index_topk_with(plan, operands, dims0, scale, k0)?;
+    let ids = check_ints("", &ops.gpu.download(&chunked_idx)?, &ops.gpu.download(&idx)?);
+    let m = check("", &ops.download(&chunked_margin)?, &ops.download(&margin)?, 0.0);
+    let name = format!("index_topk (chunks of 2 queries from position 0, the first 3 unscored){mode}");
+    out.push(Check { name, max_abs: m.max_abs.max(ids.max_abs), ok: m.ok && ids.ok });
 
     // Attention over the CPU's top-k of those scores: 3 heads, nope 12, rope 4, v 10.
     let sel = crate::model::indexer::top_k_causal(&cpu_scores, batch, s, offset, topk);
