@@ -286,6 +286,21 @@ fn the_tui_in_bf16_takes_the_bf16_reference_and_tolerance() {
     assert!(src.title().ends_with(&format!("vs reference {}", reference.display())), "{}", src.title());
 }
 
+/// A prompt within `index_topk` is not scored on the emulated GPU either (`Ops::every_key` and its
+/// kernel), and records the same as a scored one, bit for bit, in both precisions.
+#[test]
+fn a_prompt_within_index_topk_is_not_scored_on_the_emulation_and_records_the_same() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
+    let model = glimpse::model::Model::load(&glimpse::checkpoint::Checkpoint::open(&dir).unwrap()).unwrap();
+    for precision in [Precision::F32, Precision::Bf16] {
+        let ops = CudaOps::new(Gpu::emulated(), precision).unwrap();
+        let device = glimpse::device::forward::DeviceModel::new(&ops, &model).unwrap();
+        common::assert_an_unscored_prompt_records_the_same(&model, |tokens, r| {
+            device.forward(tokens, r).unwrap();
+        });
+    }
+}
+
 /// The benchmark on the emulation in bf16 mode times the attention's and the indexer's own
 /// steps: the bf16 operands, the products (the indexer's FLOPs counted with all three split
 /// terms) and the softmax, inside the profiled prefill.

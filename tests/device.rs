@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use glimpse::checkpoint::Checkpoint;
+use glimpse::config::IndexerKind;
 use glimpse::device::cpu::CpuOps;
 use glimpse::device::forward::DeviceModel;
 use glimpse::device::Backend;
@@ -318,47 +319,23 @@ fn a_prefill_through_a_layer_stops_there() {
 
 /// A prompt no longer than `index_topk` keeps every causal key whatever the indexer's scores, so
 /// both forward passes (the CPU model's and the device forward on the host ops) skip scoring it
-/// unless the scores are recorded. Skipped or not, every other hook point is the same bit for bit
-/// (the selection's positions and +inf margins included), in batch 2 and in every indexer layer;
-/// and the skipping device forward counts no indexer products.
+/// unless the scores are recorded: every other hook point is the same bit for bit
+/// (`common::assert_an_unscored_prompt_records_the_same`); and the skipping device forward counts
+/// no indexer products.
 #[test]
 fn a_prompt_within_index_topk_is_not_scored_and_records_the_same() {
-    use glimpse::hooks::{HookPoint, LayerHook, Recorder, Selector};
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
     let model = Model::load(&Checkpoint::open(&dir).unwrap()).unwrap();
     let c = &model.config;
-    let s = c.index_topk;
-    let ids = Dump::open(&dir.join("reference.safetensors")).unwrap().tokens().unwrap().ids;
-    let tokens = glimpse::model::Tokens { batch: 2, seq: s, ids: [&ids[..s], &ids[s..2 * s]].concat() };
-    let full = (0..c.num_hidden_layers).filter(|&i| c.indexer_kind(i) == glimpse::config::IndexerKind::Full).count();
     let device = DeviceModel::new(&CpuOps, &model).unwrap();
-    let record = |scores: bool, on_device: bool| {
-        let mut r = Recorder::new(Selector::new(if scores { "*,*dsa.scores" } else { "*" }, None));
-        match on_device {
-            true => device.forward(&tokens, &mut r).unwrap(),
-            false => model.forward(&tokens, &mut r).unwrap(),
-        };
-        r.tensors.retain(|(p, _)| !matches!(p, HookPoint::Layer(_, LayerHook::DsaScores)));
-        r.tensors
-    };
-    for on_device in [false, true] {
-        let (scored, skipped) = (record(true, on_device), record(false, on_device));
-        assert_eq!(scored.len(), skipped.len());
-        let mut margins = 0;
-        for ((p, a), (q, b)) in scored.iter().zip(&skipped) {
-            assert_eq!(p, q);
-            if let HookPoint::Layer(_, LayerHook::DsaMargin) = p {
-                let m = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                assert!(m.iter().all(|&v| v == f32::INFINITY), "{p:?}: {m:?}");
-                margins += 1;
-            }
-            let (a, b) = (a.flatten_all().unwrap(), b.flatten_all().unwrap());
-            let (a, b) = (a.to_dtype(candle_core::DType::F64).unwrap(), b.to_dtype(candle_core::DType::F64).unwrap());
-            let (a, b) = (a.to_vec1::<f64>().unwrap(), b.to_vec1::<f64>().unwrap());
-            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{} (device {on_device})", p.name());
-        }
-        assert_eq!(margins, full, "device {on_device}");
-    }
+    common::assert_an_unscored_prompt_records_the_same(&model, |tokens, r| {
+        model.forward(tokens, r).unwrap();
+    });
+    common::assert_an_unscored_prompt_records_the_same(&model, |tokens, r| {
+        device.forward(tokens, r).unwrap();
+    });
+    let (s, full) =
+        (c.index_topk, (0..c.num_hidden_layers).filter(|&i| c.indexer_kind(i) == IndexerKind::Full).count());
     // The indexer's products (wq_b, wk, weights_proj) are not run, so not counted.
     let r = glimpse::bench::run_device(&CpuOps, &model, s, 1).unwrap();
     assert_eq!(r.flops, 2 * (s * matmul_weights_per_token(c, false)) as u64);

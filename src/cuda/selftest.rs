@@ -125,8 +125,9 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     tables.apply(&mut x, seq, heads, width, start);
     out.push(check("rope_interleaved", &gpu.download(&dx)?, &x, 1e-5));
 
-    // SwiGLU over 97 rows of fused gate and up products (2 x 103 wide), then adds of 10_007 values.
-    let (sw_rows, inter) = (97, 103);
+    // SwiGLU over 37 rows of fused gate and up products (2 x 300 wide: a block of 256 threads
+    // takes a row twice over), then adds of 10_007 values.
+    let (sw_rows, inter) = (37, 300);
     let gate_up = rng.vec(sw_rows * 2 * inter);
     let mut y = gpu.filled(sw_rows * inter, nan)?;
     gpu.swiglu(&gpu.upload(&gate_up)?, &mut y, sw_rows, inter)?;
@@ -333,8 +334,9 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     let m = check("", &gpu.download(&margin)?, &want_margin, 0.0);
     out.push(Check { max_abs: ids.max_abs.max(m.max_abs), ok: ids.ok && m.ok, ..ids });
 
-    // MoE dispatch: gather 9 of 13 rows; combine 13 tokens x 3 choices from 39 packed rows.
-    let (tokens, kx, hidden) = (13, 3, 67);
+    // MoE dispatch: gather 9 of 13 rows; combine 13 tokens x 3 choices from 39 packed rows
+    // (267 wide: past a block of 256 threads).
+    let (tokens, kx, hidden) = (13, 3, 267);
     let x = rng.vec(tokens * hidden);
     let rows: Vec<i32> = vec![12, 0, 5, 5, 7, 3, 11, 1, 9];
     let mut g = gpu.filled(rows.len() * hidden, nan)?;

@@ -116,26 +116,29 @@ impl Indexer {
             Indexer::Full(w) => {
                 let (b, s, _) = x.dims3()?;
                 let point = HookPoint::Layer(layer, LayerHook::DsaScores);
-                let new_keys = w.keys(x, rope)?;
-                // Without a cache the queries score their own keys, laid out as a cache holds them.
-                let own;
-                let keys = match keys {
-                    Some(cache) => {
-                        cache.append(&new_keys, b, s)?;
-                        cache
-                    }
-                    None => {
-                        own = Positions::of(new_keys, b, s)?;
-                        &own
-                    }
-                };
-                let (k, t) = (keys.data(), keys.len()); // [T, B, d]
+                let t = keys.as_ref().map_or(0, |cache| cache.len()) + s; // the keys the last query sees
                 let selection = if w.keeps_every_key(t) && !obs.wants(point) {
                     // No query sees more keys than it may keep: whatever the scores, each keeps
-                    // every causal key (the keys are still cached for the steps after).
+                    // every causal key. Only a cache needs the new keys, for the steps after.
+                    if let Some(cache) = keys {
+                        cache.append(&w.keys(x, rope)?, b, s)?;
+                    }
                     Selection::every_key(b, s, t)
                 } else {
-                    w.score_and_select((x, q_latent, rope), (k, t), point, obs)?
+                    let new_keys = w.keys(x, rope)?;
+                    // Without a cache the queries score their own keys, laid out as a cache holds them.
+                    let own;
+                    let keys = match keys {
+                        Some(cache) => {
+                            cache.append(&new_keys, b, s)?;
+                            cache
+                        }
+                        None => {
+                            own = Positions::of(new_keys, b, s)?;
+                            &own
+                        }
+                    };
+                    w.score_and_select((x, q_latent, rope), (keys.data(), keys.len()), point, obs)?
                 };
                 emit(obs, HookPoint::Layer(layer, LayerHook::DsaMargin), || {
                     Ok(Tensor::from_vec(selection.margin.clone(), (b, s), &Device::Cpu)?)

@@ -119,6 +119,49 @@ pub fn assert_device_matches_every_golden_case<O: glimpse::device::Ops>(ops: &O)
     }
 }
 
+/// A prompt no longer than `index_topk` keeps every causal key, so a forward pass need not score
+/// it: for prompts of `index_topk - 3` and `index_topk` tokens of the flat case in batch 2,
+/// `forward` (a forward pass of `model` with an observer) records every hook point but
+/// `dsa.scores` the same bit for bit whether the scores are recorded (so computed) or not, and
+/// each full indexer layer's margins are +inf.
+#[allow(dead_code)]
+pub fn assert_an_unscored_prompt_records_the_same(
+    model: &glimpse::model::Model,
+    forward: impl Fn(&glimpse::model::Tokens, &mut glimpse::hooks::Recorder),
+) {
+    use glimpse::hooks::{HookPoint, LayerHook, Recorder, Selector};
+    let c = &model.config;
+    let full = (0..c.num_hidden_layers).filter(|&i| c.indexer_kind(i) == glimpse::config::IndexerKind::Full).count();
+    let ids = glimpse::dump::Dump::open(&golden("flat").join("reference.safetensors")).unwrap().tokens().unwrap().ids;
+    for s in [c.index_topk - 3, c.index_topk] {
+        let tokens = glimpse::model::Tokens { batch: 2, seq: s, ids: [&ids[..s], &ids[s..2 * s]].concat() };
+        let record = |scores: bool| {
+            let mut r = Recorder::new(Selector::new(if scores { "*,*dsa.scores" } else { "*" }, None));
+            forward(&tokens, &mut r);
+            let scored = r.tensors.iter().filter(|(p, _)| matches!(p, HookPoint::Layer(_, LayerHook::DsaScores)));
+            assert_eq!(scored.count(), if scores { full } else { 0 });
+            r.tensors.retain(|(p, _)| !matches!(p, HookPoint::Layer(_, LayerHook::DsaScores)));
+            r.tensors
+        };
+        let (scored, unscored) = (record(true), record(false));
+        assert_eq!(scored.len(), unscored.len());
+        let mut margins = 0;
+        for ((p, a), (q, b)) in scored.iter().zip(&unscored) {
+            assert_eq!(p, q);
+            let bits = |t: &candle_core::Tensor| -> Vec<u64> {
+                let v = t.flatten_all().unwrap().to_dtype(candle_core::DType::F64).unwrap().to_vec1::<f64>().unwrap();
+                v.iter().map(|x| x.to_bits()).collect()
+            };
+            assert!(bits(a) == bits(b), "{} ({s} tokens)", p.name());
+            if let HookPoint::Layer(_, LayerHook::DsaMargin) = p {
+                assert!(bits(b).iter().all(|&x| x == f64::INFINITY.to_bits()), "{}", p.name());
+                margins += 1;
+            }
+        }
+        assert_eq!(margins, full);
+    }
+}
+
 /// Prints every CUDA parity check and fails naming those that failed.
 #[cfg(feature = "cuda")]
 pub fn all_pass(checks: &[glimpse::cuda::selftest::Check]) {
