@@ -25,7 +25,8 @@
 #    with bf16 and with f32 products (and, after step 3, bf16 with `--attention fused`), with
 #    every position's logits and with the last one's:
 #    time, matrix-product TFLOP/s and the routed experts' GEMMs (one profiled prefill) against
-#    the card's dense bf16 peak (PEAK_TFLOPS, default 989: H100/H200 SXM), and device memory.
+#    the card's dense bf16 peak (PEAK_TFLOPS, default 989: H100/H200 SXM), and device memory
+#    (in use after the runs, as the GPU counts it, and as estimated before them).
 # 3. When this machine's python has torch (with CUDA) and transformers: transformers' eager
 #    prefill of the same checkpoint and tokens in bf16, in both forms
 #    (scripts/transformers-prefill.py), and the speed ratios. Otherwise the table says so.
@@ -125,7 +126,7 @@ if [ ! -e "$ckpt/config.json" ]; then
 fi
 echo "synth: $(( $(date +%s) - t0 )) s"
 peak=${PEAK_TFLOPS:-989}
-declare -A median median_last tflops expert_tflops mem
+declare -A median median_last tflops expert_tflops mem mem_est
 # bench_run RUN PRECISION ATTENTION: a 2048-token bench, its log bench-RUN.log, its numbers under RUN.
 bench_run() {
   local run=$1 precision=$2 attention=$3
@@ -141,6 +142,7 @@ bench_run() {
   tflops[$run]=$(echo "$bench" | sed -n 's/^matrix products.*= \([0-9.]*\) TFLOP\/s.*/\1/p')
   expert_tflops[$run]=$(echo "$bench" | sed -n 's/^expert GEMMs.*= \([0-9.]*\) TFLOP\/s.*/\1/p')
   mem[$run]=$(echo "$bench" | sed -n 's/^device memory in use: \(.*\)$/\1/p')
+  mem_est[$run]=$(echo "$bench" | sed -n 's/^device memory estimated before the runs: \(.*\)$/\1/p')
   # A fault in an asynchronous launch surfaces at whatever call synchronises next, under its
   # name: once more with every launch waited for, so the error names the op that faulted (into
   # the same log, after its numbers are read: the device tool brings back 8 files, all taken).
@@ -224,6 +226,7 @@ echo "| median time, last position's logits only | ${median_last[f32]:-?} s | ${
 echo "| matrix products | ${tflops[f32]:-?} TFLOP/s ($(pct "${tflops[f32]:-0}") of bf16 peak $peak) | ${tflops[bf16]:-?} TFLOP/s ($(pct "${tflops[bf16]:-0}")) | ${tflops[fused]:-?} TFLOP/s ($(pct "${tflops[fused]:-0}")) |"
 echo "| routed experts' GEMMs | ${expert_tflops[f32]:-?} TFLOP/s ($(pct "${expert_tflops[f32]:-0}")) | ${expert_tflops[bf16]:-?} TFLOP/s ($(pct "${expert_tflops[bf16]:-0}")) | ${expert_tflops[fused]:-?} TFLOP/s ($(pct "${expert_tflops[fused]:-0}")) |"
 echo "| device memory | ${mem[f32]:-?} | ${mem[bf16]:-?} | ${mem[fused]:-?} |"
+echo "| device memory estimated before the runs | ${mem_est[f32]:-?} | ${mem_est[bf16]:-?} | ${mem_est[fused]:-?} |"
 echo "| transformers ${t_version:-} eager bf16 on $torch_device, every position's logits: ${t_median:-not measured} s | $(ratio "${t_median:-}" "${median[f32]:-}") | $(ratio "${t_median:-}" "${median[bf16]:-}") | $(ratio "${t_median:-}" "${median[fused]:-}") |"
 echo "| the same, logits_to_keep=1: ${t_median_last:-not measured} s | $(ratio "${t_median_last:-}" "${median_last[f32]:-}") | $(ratio "${t_median_last:-}" "${median_last[bf16]:-}") | $(ratio "${t_median_last:-}" "${median_last[fused]:-}") |"
 echo "| compute-sanitizer memcheck, kernels and products | ${sanitized[memcheck]} | | |"

@@ -410,6 +410,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 )?;
                 let model = Model::load(&ckpt)?;
                 print!("{}", glimpse::bench::run_on(target, &model, tokens, repeat)?);
+                if target.backend == Backend::Cuda {
+                    // Beside the memory in use the GPU reports, which adds the CUDA context.
+                    let need = memory::device_need(&ckpt, (1, tokens), (target, false));
+                    println!("device memory estimated before the runs: {need}");
+                }
                 return Ok(ExitCode::SUCCESS);
             }
             // (It opens the checkpoint again: opening is part of the load it times.)

@@ -102,32 +102,72 @@ fn main_weights(ckpt: &Checkpoint, bytes: impl Fn(&str) -> u64) -> u64 {
     ckpt.names().filter(main).map(bytes).sum()
 }
 
-/// Refuses a `cuda` pass of `batch x seq` tokens whose weights ([`device_weights`]) and logits
-/// alone need more than GPU `free` bytes (of `total`): before minutes of uploads end in an
-/// allocation failure. The rest of the activations are not counted: a run that passes may still
-/// run out, and then the driver's error says so.
+/// Refuses a `cuda` pass of `batch x seq` tokens whose weights ([`device_weights`]) and working
+/// set (`cuda::working_set`: the activations alive at once, the ops' scratch, the logits, and
+/// with `scores` recorded a layer's whole indexer scores) need more than GPU `free` bytes (of
+/// `total`): before minutes of uploads end in an allocation failure.
 pub fn check_device(
     ckpt: &Checkpoint,
     (batch, seq): (usize, usize),
-    target: Target,
+    (target, scores): (Target, bool),
     (free, total): (u64, u64),
 ) -> Result<()> {
-    let weights = device_weights(ckpt, target.precision);
-    // (Saturated: the token counts are the user's.)
-    let logits = [batch, seq, ckpt.config.vocab_size].iter().fold(4u64, |n, &d| n.saturating_mul(d as u64));
-    let need = weights.saturating_add(logits);
+    let DeviceNeed { weights, working, logits } = device_need(ckpt, (batch, seq), (target, scores));
+    let need = weights.saturating_add(working);
     if need <= free {
         return Ok(());
     }
     Err(Error::Device(format!(
-        "GPU {} has {} free of {}, and this run needs more: its weights alone take {} there and its logits {}; \
-         try a checkpoint of fewer layers, fewer tokens, or a GPU with more memory",
+        "GPU {} has {} free of {}, and this run needs {}: its weights take {} there and its prefill's working set {} \
+         (of which logits {}); try a checkpoint of fewer layers, fewer tokens, or a GPU with more memory",
         target.ordinal,
         gb(free),
         gb(total),
+        gb(need),
         gb(weights),
+        gb(working),
         gb(logits)
     )))
+}
+
+/// What a prefill on a GPU needs there, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceNeed {
+    /// [`device_weights`].
+    pub weights: u64,
+    /// The prefill's working set, the logits included (`cuda::working_set`).
+    pub working: u64,
+    pub logits: u64,
+}
+
+impl std::fmt::Display for DeviceNeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (weights, working, logits) = (gb(self.weights), gb(self.working), gb(self.logits));
+        write!(f, "weights {weights} + working set {working} (of which logits {logits})")
+    }
+}
+
+/// What a `cuda` prefill of `batch x seq` tokens needs on the GPU ([`check_device`]'s numbers).
+pub fn device_need(ckpt: &Checkpoint, (batch, seq): (usize, usize), (target, scores): (Target, bool)) -> DeviceNeed {
+    let (working, logits) = working_set(ckpt, (batch, seq), target, scores);
+    DeviceNeed { weights: device_weights(ckpt, target.precision), working, logits }
+}
+
+/// A prefill's working set on a GPU and its logits' share, in bytes (`cuda::working_set`; a
+/// build without the `cuda` feature has no GPU to run on, and counts the logits alone).
+fn working_set(ckpt: &Checkpoint, (batch, seq): (usize, usize), target: Target, scores: bool) -> (u64, u64) {
+    #[cfg(feature = "cuda")]
+    {
+        let w = crate::cuda::working_set::estimate(ckpt, (batch, seq), target, scores);
+        (w.total, w.logits)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (target, scores);
+        // (Saturated: the token counts are the user's.)
+        let logits = [batch, seq, ckpt.config.vocab_size].iter().fold(4u64, |n, &d| n.saturating_mul(d as u64));
+        (logits, logits)
+    }
 }
 
 pub(crate) fn gb(b: u64) -> String {
@@ -435,8 +475,9 @@ pub fn check_run(
 ) -> Result<()> {
     let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
     check(&estimate_on(target, ckpt, (batch, seq), &all, recording), max, hint)?;
+    let scores = matches!(recording, Recording::Hooks { scores: true, .. });
     match crate::device::gpu_memory(target)? {
-        Some(memory) => check_device(ckpt, (batch, seq), target, memory),
+        Some(memory) => check_device(ckpt, (batch, seq), (target, scores), memory),
         None => Ok(()),
     }
 }
@@ -643,13 +684,15 @@ mod tests {
     fn a_cuda_run_whose_weights_do_not_fit_the_gpu_is_refused() {
         let ckpt = Checkpoint::open(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat")).unwrap();
         let target = Target { ordinal: 1, ..Target::from(Backend::Cuda) };
-        let (weights, logits) = (device_weights(&ckpt, target.precision), 4 * 32 * ckpt.config.vocab_size as u64);
-        assert!(check_device(&ckpt, (1, 32), target, (weights + logits, 1 << 40)).is_ok());
-        let err = check_device(&ckpt, (1, 32), target, (weights, 1 << 40)).unwrap_err().to_string();
-        assert!(
-            err.starts_with("cuda: GPU 1 has ") && err.contains(&format!("its weights alone take {}", gb(weights))),
-            "{err}"
-        );
+        let weights = device_weights(&ckpt, target.precision);
+        let (working, logits) = working_set(&ckpt, (1, 32), target, false);
+        assert_eq!(logits, 4 * 32 * ckpt.config.vocab_size as u64);
+        assert!(working >= logits && working_set(&ckpt, (1, 32), target, true).0 >= working);
+        let fits = |free| check_device(&ckpt, (1, 32), (target, false), (free, 1 << 40));
+        assert!(fits(weights + working).is_ok());
+        let err = fits(weights + working - 1).unwrap_err().to_string();
+        let numbers = format!("its weights take {} there and its prefill's working set {}", gb(weights), gb(working));
+        assert!(err.starts_with("cuda: GPU 1 has ") && err.contains(&numbers), "{err}");
         // bf16 products round the f32 matrices to bf16 at upload: fewer bytes.
         assert!(device_weights(&ckpt, crate::device::Precision::Bf16) < weights);
     }

@@ -9,7 +9,7 @@ mod common;
 
 use common::all_pass;
 use cudarc::driver::LaunchConfig;
-use glimpse::cuda::attention::{AttentionPath, AttentionPlan};
+use glimpse::cuda::attention::{AttentionPath, AttentionPlan, CHUNK_VALUES};
 use glimpse::cuda::emu::{Param, Schedule};
 use glimpse::cuda::gpu::Gpu;
 use glimpse::cuda::ops::CudaOps;
@@ -284,6 +284,68 @@ fn the_tui_in_bf16_takes_the_bf16_reference_and_tolerance() {
     .unwrap();
     let reference = dir.join("reference-bf16.safetensors");
     assert!(src.title().ends_with(&format!("vs reference {}", reference.display())), "{}", src.title());
+}
+
+/// The working set `memory::check_device` counts before a `cuda` run (`cuda::working_set`) is
+/// what a prefill holds: on the emulation, whose buffers are counted as a GPU holds them, the
+/// estimate is at least the most bytes alive at once beside the weights during a prefill, and
+/// not far above it, on every golden case in both precisions and on each attention path, whole
+/// and in chunks of a few queries, for a prompt longer than `index_topk` (the indexer scores it)
+/// and one no longer.
+#[test]
+fn the_working_set_estimate_bounds_what_a_prefill_holds() {
+    use glimpse::device::{forward::LogitRows, Attention, Backend, Target};
+    let paths = [
+        (Attention::Auto, None),
+        (Attention::Gathered, Some(AttentionPath::Gathered)),
+        (Attention::Fused, Some(AttentionPath::Fused)),
+    ];
+    for case in common::GOLDEN_CASES {
+        let dir = common::golden(case);
+        let ckpt = glimpse::checkpoint::Checkpoint::open(&dir).unwrap();
+        let model = glimpse::model::Model::load(&ckpt).unwrap();
+        let all = glimpse::dump::Dump::open(&dir.join("reference.safetensors")).unwrap().tokens().unwrap();
+        let short = model.config.index_topk.min(all.seq);
+        let first: Vec<u32> = all.ids.chunks(all.seq).flat_map(|row| row[..short].to_vec()).collect();
+        let short = glimpse::model::Tokens { batch: all.batch, seq: short, ids: first };
+        for precision in [Precision::F32, Precision::Bf16] {
+            for (attention, path) in paths {
+                if attention == Attention::Fused && precision == Precision::F32 {
+                    continue;
+                }
+                let runs = [(&all, CHUNK_VALUES, false), (&short, CHUNK_VALUES, false), (&all, 1000, false)];
+                for (tokens, chunk_values, scores) in runs.into_iter().chain([(&short, CHUNK_VALUES, true)]) {
+                    let ops = CudaOps::new(Gpu::emulated(), precision)
+                        .unwrap()
+                        .with_attention(AttentionPlan { path, chunk_values });
+                    let device = glimpse::device::forward::DeviceModel::new(&ops, &model).unwrap();
+                    ops.gpu.reset_peak();
+                    let (before, _) = ops.gpu.emulated_bytes().unwrap();
+                    // Recording the scores makes each layer's whole; the rest is downloaded.
+                    let mut scored = glimpse::hooks::Recorder::new(glimpse::hooks::Selector::new("*.dsa.scores", None));
+                    let observer: &mut dyn glimpse::hooks::Observer =
+                        if scores { &mut scored } else { &mut glimpse::hooks::NoObserver };
+                    let logits = device.forward_on_device(tokens, LogitRows::All, observer);
+                    let (_, peak) = ops.gpu.emulated_bytes().unwrap();
+                    drop(logits.unwrap());
+                    let target = Target { backend: Backend::CudaEmu, ordinal: 0, precision, attention };
+                    let (size, chunked) = ((tokens.batch, tokens.seq), chunk_values);
+                    let estimate = glimpse::cuda::working_set::estimate_chunked(&ckpt, size, target, scores, chunked);
+                    let held = peak - before;
+                    println!(
+                        "{case} {precision:?} {attention:?} {} x {}, chunks of {chunked} values, scores {scores}: held {held}, \
+                         estimated {} ({:+.1}%)",
+                        tokens.batch,
+                        tokens.seq,
+                        estimate.total,
+                        100.0 * (estimate.total as f64 / held as f64 - 1.0)
+                    );
+                    assert!(estimate.total >= held, "{case}: {} < {held}", estimate.total);
+                    assert!(estimate.total as f64 <= 1.05 * held as f64, "{case}: {} against {held}", estimate.total);
+                }
+            }
+        }
+    }
 }
 
 /// A prompt within `index_topk` is not scored on the emulated GPU either (`Ops::every_key` and its

@@ -26,7 +26,7 @@ use crate::device::{HostWeight, Precision};
 use crate::error::{Error, Result};
 
 /// The widening scratch's size in f32 values (64 MB).
-const SCRATCH_VALUES: usize = 16 << 20;
+pub(crate) const SCRATCH_VALUES: usize = 16 << 20;
 
 /// A `[n, k]` weight in device memory.
 pub enum DeviceWeight {
@@ -103,6 +103,7 @@ pub(super) fn scratch<'a, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidA
     n: usize,
 ) -> Result<&'a mut Buf<T>> {
     if slot.as_ref().is_none_or(|s| s.len() < n) {
+        *slot = None; // freed before its larger successor is made: the two are never held at once
         *slot = Some(gpu.zeros(n)?);
     }
     slot.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))

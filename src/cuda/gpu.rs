@@ -37,6 +37,8 @@ pub struct Gpu {
     /// Bytes copied to the device by [`Gpu::upload`] so far: a device model's weights are all
     /// uploaded so (`memory::device_weights` estimates them before a run).
     uploaded: std::sync::atomic::AtomicU64,
+    /// The emulation's buffers (none are counted on a GPU).
+    tally: Arc<Tally>,
 }
 
 /// The kernels given the device's whole opt-in shared memory.
@@ -91,7 +93,51 @@ enum Engine {
 /// A buffer of `T` where the engine keeps its data.
 pub enum Buf<T> {
     Device(CudaSlice<T>),
-    Host(Vec<T>),
+    Host(HostVec<T>),
+}
+
+/// The emulation's buffers' bytes: alive now, and the most alive at once since
+/// [`Gpu::reset_peak`]. What the emulation holds where a GPU would hold device memory, so the
+/// working set `memory::check_device` estimates is checked against it (tests/cuda_emu.rs).
+#[derive(Default)]
+pub struct Tally {
+    live: std::sync::atomic::AtomicU64,
+    peak: std::sync::atomic::AtomicU64,
+}
+
+/// An emulated buffer: host memory, counted in its engine's [`Tally`] while it lives.
+pub struct HostVec<T> {
+    v: Vec<T>,
+    tally: Arc<Tally>,
+}
+
+impl<T> HostVec<T> {
+    fn new(v: Vec<T>, tally: &Arc<Tally>) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        let live =
+            tally.live.fetch_add(std::mem::size_of_val(&v[..]) as u64, Relaxed) + std::mem::size_of_val(&v[..]) as u64;
+        tally.peak.fetch_max(live, Relaxed);
+        HostVec { v, tally: tally.clone() }
+    }
+}
+
+impl<T> Drop for HostVec<T> {
+    fn drop(&mut self) {
+        self.tally.live.fetch_sub(std::mem::size_of_val(&self.v[..]) as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl<T> std::ops::Deref for HostVec<T> {
+    type Target = Vec<T>;
+    fn deref(&self) -> &Vec<T> {
+        &self.v
+    }
+}
+
+impl<T> std::ops::DerefMut for HostVec<T> {
+    fn deref_mut(&mut self) -> &mut Vec<T> {
+        &mut self.v
+    }
 }
 
 impl<T> Buf<T> {
@@ -276,7 +322,8 @@ impl Gpu {
             }
         }
         let engine = Engine::Cuda { stream: ctx.default_stream(), ctx, functions };
-        Ok(Gpu { name, arch, shared_limit, kernels, allocation, versions, engine, uploaded: Default::default() })
+        let (uploaded, tally) = Default::default();
+        Ok(Gpu { name, arch, shared_limit, kernels, allocation, versions, engine, uploaded, tally })
     }
 
     /// The device, its architecture, the shared memory a block may take and how memory is
@@ -317,6 +364,7 @@ impl Gpu {
             versions: "no driver or NVRTC".into(),
             engine: Engine::Emulated(schedule),
             uploaded: Default::default(),
+            tally: Default::default(),
         }
     }
 
@@ -333,7 +381,7 @@ impl Gpu {
         self.uploaded.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         match &self.engine {
             Engine::Cuda { stream, .. } => Ok(Buf::Device(stream.clone_htod(v).map_err(driver("copy to the device"))?)),
-            Engine::Emulated(_) => Ok(Buf::Host(v.to_vec())),
+            Engine::Emulated(_) => Ok(Buf::Host(HostVec::new(v.to_vec(), &self.tally))),
         }
     }
 
@@ -347,7 +395,7 @@ impl Gpu {
                 stream.synchronize().map_err(driver("copy from the device"))?;
                 Ok(v)
             }
-            (Engine::Emulated(_), Buf::Host(h)) => Ok(h.clone()),
+            (Engine::Emulated(_), Buf::Host(h)) => Ok(h.to_vec()),
             (Engine::Cuda { .. }, Buf::Host(_)) => Err(host_buffer_on_gpu()),
             (Engine::Emulated(_), Buf::Device(_)) => Err(device_buffer_on_host()),
         }
@@ -368,7 +416,7 @@ impl Gpu {
             Engine::Cuda { stream, .. } => unsafe { stream.alloc::<f32>(n.max(1)) }
                 .map(Buf::Device)
                 .map_err(|e| Error::Device(format!("allocate {n} values: {e:?}"))),
-            Engine::Emulated(_) => Ok(Buf::Host(vec![f32::NAN; n.max(1)])),
+            Engine::Emulated(_) => Ok(Buf::Host(HostVec::new(vec![f32::NAN; n.max(1)], &self.tally))),
         }
     }
 
@@ -379,7 +427,7 @@ impl Gpu {
                 .alloc_zeros(n.max(1))
                 .map(Buf::Device)
                 .map_err(|e| Error::Device(format!("allocate {n} values: {e:?}"))),
-            Engine::Emulated(_) => Ok(Buf::Host(vec![T::default(); n.max(1)])),
+            Engine::Emulated(_) => Ok(Buf::Host(HostVec::new(vec![T::default(); n.max(1)], &self.tally))),
         }
     }
 
@@ -755,6 +803,22 @@ impl Gpu {
         fits("bf16_round", &[(x.len(), start + n), (out.len(), n)])?;
         let (start64, n64) = (start as i64, n as i64);
         launch!(self, "bf16_round", cfg(n, 256, 0), [x, &start64, out, &n64])
+    }
+
+    /// The emulation's buffers: (bytes alive now, the most alive at once since
+    /// [`Gpu::reset_peak`]); None on a GPU.
+    pub fn emulated_bytes(&self) -> Option<(u64, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self.engine {
+            Engine::Emulated(_) => Some((self.tally.live.load(Relaxed), self.tally.peak.load(Relaxed))),
+            Engine::Cuda { .. } => None,
+        }
+    }
+
+    /// Restarts the emulation's peak from what is alive now.
+    pub fn reset_peak(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.tally.peak.store(self.tally.live.load(Relaxed), Relaxed);
     }
 
     /// Bytes copied to the device by [`Gpu::upload`] so far.

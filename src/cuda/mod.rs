@@ -25,6 +25,7 @@ pub mod gpu;
 pub mod ops;
 pub mod resources;
 pub mod selftest;
+pub mod working_set;
 
 use crate::error::{Error, Result};
 

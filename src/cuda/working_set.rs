@@ -1,0 +1,207 @@
+//! What a prefill on the GPU holds in device memory beside its weights (`memory::check_device`
+//! refuses a run whose weights and working set do not fit, before anything is uploaded): the
+//! activations alive at once, as `device::forward` keeps them (a local lives to the end of its
+//! function, a temporary to the end of its statement), the ops' scratch at its largest (it is
+//! grown on demand and kept), the DSA selection and the logits. The emulation counts its
+//! buffers' bytes the same way a GPU holds them (`Gpu::emulated_bytes`), so the count is checked
+//! against the code on every golden case (tests/cuda_emu.rs). Not counted: the CUDA context (the
+//! free memory is read once it exists), cuBLAS's workspace and the loaded kernels (tens of MB).
+
+use super::attention::{AttentionPath, CHUNK_VALUES};
+use super::gemm::SCRATCH_VALUES;
+use crate::checkpoint::Checkpoint;
+use crate::config::{Config, IndexerKind, MlpKind};
+use crate::device::{Attention, Precision, Target};
+use safetensors::Dtype;
+
+/// A prefill's working set, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkingSet {
+    /// Everything, the logits included.
+    pub total: u64,
+    /// The logits alone ([B * S, vocab] f32).
+    pub logits: u64,
+}
+
+/// The working set of a prefill of `batch x seq` tokens of `ckpt` on `target` (every position's
+/// logits: what `run`, `verify` and `bench` ask for); `scores`: the run records the indexer's
+/// scores, so holds a layer's whole [B, S, S] of them.
+pub fn estimate(ckpt: &Checkpoint, (batch, seq): (usize, usize), target: Target, scores: bool) -> WorkingSet {
+    estimate_chunked(ckpt, (batch, seq), target, scores, CHUNK_VALUES)
+}
+
+/// [`estimate`] with the attention's chunks bounded by `chunk_values` (`AttentionPlan`).
+pub fn estimate_chunked(
+    ckpt: &Checkpoint,
+    (batch, seq): (usize, usize),
+    target: Target,
+    scores: bool,
+    chunk_values: usize,
+) -> WorkingSet {
+    let c = &ckpt.config;
+    let f = |values: usize| (values as u64).saturating_mul(4); // f32 and i32 buffers
+    let t = batch.saturating_mul(seq);
+    let (h, v) = (c.hidden_size, c.vocab_size);
+    let logits = f(t).saturating_mul(v as u64);
+    if t > 1 << 32 {
+        // Past any GPU (and past what the products below may count in a usize).
+        return WorkingSet { total: u64::MAX, logits };
+    }
+    let k = c.index_topk.min(seq);
+    let moe = (0..c.num_hidden_layers).any(|i| c.mlp_kind(i) == MlpKind::Moe);
+    // The routed (token, choice) rows.
+    let a = if moe { t * c.num_experts_per_tok } else { 0 };
+    // Kept from the first layer to the last: the residual stream, the RoPE tables, the selection.
+    let kept = f(t * h) + f(2 * seq * c.qk_rope_head_dim.max(c.index_head_dim) / 2) + f(t * k + t);
+    let phases = [
+        attention_phase(c, t, k),
+        moe_phase(c, t, a, target.precision),
+        dense_phase(c, t),
+        // h and the final norm, then the logits.
+        f(t * h) + logits,
+    ];
+    let indexer = (0..c.num_hidden_layers).any(|i| c.indexer_kind(i) == IndexerKind::Full);
+    // Recorded scores are computed whole, a prompt within index_topk too.
+    let whole = if scores && indexer { f(t).saturating_mul(seq as u64) } else { 0 };
+    let scored = indexer && (scores || seq > c.index_topk);
+    let attention = attention_scratch(c, (batch, seq), (k, scored), target, chunk_values);
+    let scratch = products_scratch(ckpt, t, a, target.precision) + attention;
+    let total =
+        kept.saturating_add(phases.into_iter().max().unwrap_or(0)).saturating_add(scratch).saturating_add(whole);
+    WorkingSet { total, logits }
+}
+
+/// Inside a layer's `attention`: its input norm and the MLA projections alive to the end, then
+/// the larger of the indexer's step (its projections, the new selection beside the old) and the
+/// attention's (its output and `o_proj`'s).
+fn attention_phase(c: &Config, t: usize, k: usize) -> u64 {
+    let (nh, qk, vd, r, rd) =
+        (c.num_attention_heads, c.qk_head_dim(), c.v_head_dim, c.kv_lora_rank, c.qk_rope_head_dim);
+    let (n, d) = (c.index_n_heads, c.index_head_dim);
+    let mla = c.hidden_size + c.q_lora_rank + nh * qk + 2 * r + rd + nh * (c.qk_nope_head_dim + vd);
+    let indexer = n * d + 2 * d + n + k + 1;
+    let attention = nh * vd + c.hidden_size;
+    4 * (t * (mla + indexer.max(attention))) as u64
+}
+
+/// A MoE layer's peak: the layer's input norm, the attention's output and the post-attention
+/// norm, the route, then the routed experts' buffers (gate_up and the outputs, allocated
+/// together; then SwiGLU's, or in f32 mode the gathered rows the first product packs) and the
+/// shared expert's, then the combined output.
+fn moe_phase(c: &Config, t: usize, a: usize, precision: Precision) -> u64 {
+    if a == 0 {
+        return 0;
+    }
+    let (h, e, kx, inter, shared) = (
+        c.hidden_size,
+        c.n_routed_experts,
+        c.num_experts_per_tok,
+        c.moe_intermediate_size,
+        c.shared_intermediate_size(),
+    );
+    let layer = 3 * t * h; // input norm, attention output, post-attention norm
+    let route = t * e + 3 * t * kx + t + a; // logits, ids, weights, slots, margin, rows
+    let experts = a * 2 * inter + a * h;
+    let packed = if precision == Precision::F32 { a * h } else { 0 };
+    let after = a * inter + (t * (2 * shared + shared + h)).max(2 * t * h);
+    4 * (layer + route + experts + packed.max(after)) as u64
+}
+
+/// A dense layer's peak: the layer's input norm, the attention's output, the post-attention norm,
+/// then the MLP's gate_up, SwiGLU and output; or the residual add after it (six [T, H] buffers).
+fn dense_phase(c: &Config, t: usize) -> u64 {
+    let h = c.hidden_size;
+    4 * (t * (3 * h + 3 * c.intermediate_size + h)).max(t * 6 * h) as u64
+}
+
+/// The products' scratch (`gemm::Products`): in bf16 mode the activation rows rounded for the
+/// largest product (the routed experts' rows, or the widest input); where weights are decoded by
+/// blocks (bf16 and FP8 ones in f32 mode, FP8 ones in bf16 mode), the largest block, and in bf16
+/// mode that block rounded.
+fn products_scratch(ckpt: &Checkpoint, t: usize, a: usize, precision: Precision) -> u64 {
+    let c = &ckpt.config;
+    let (nh, vd) = (c.num_attention_heads, c.v_head_dim);
+    let widest =
+        [c.hidden_size, c.q_lora_rank, c.kv_lora_rank, nh * vd, c.intermediate_size, c.shared_intermediate_size()];
+    let rows = (t * widest.into_iter().max().unwrap_or(0)).max(a * c.hidden_size.max(c.moe_intermediate_size));
+    let narrow = if precision == Precision::Bf16 { 2 * rows as u64 } else { 0 };
+    let decoded = |n: &&str| match ckpt.dtype(n) {
+        Some(Dtype::BF16) => precision == Precision::F32 && !n.ends_with(".gate.weight"),
+        Some(Dtype::F8_E4M3) => true,
+        _ => false,
+    };
+    let matrix = |n: &&str| ckpt.shape(n).is_some_and(|s| s.len() == 2) && !n.ends_with("_scale_inv");
+    // A bf16 MLP's gate and up are joined at upload: twice the rows (FP8 ones stay apart).
+    let joined = |n: &str| {
+        ckpt.dtype(n) == Some(Dtype::BF16) && (n.ends_with("gate_proj.weight") || n.ends_with("up_proj.weight"))
+    };
+    let values = |n: &str| if joined(n) { 2 } else { 1 } * numel(ckpt, n);
+    let largest = ckpt.names().filter(matrix).filter(decoded).map(values).max().unwrap_or(0);
+    let block = largest.min(SCRATCH_VALUES);
+    let wide = 4 * block as u64;
+    let fp8 = ckpt.names().any(|n| ckpt.dtype(n) == Some(Dtype::F8_E4M3));
+    let rounded_block = if precision == Precision::Bf16 && fp8 { 2 * block as u64 } else { 0 };
+    narrow + wide + rounded_block
+}
+
+/// The attention module's scratch (`attention::Workspace`), grown to its largest use: the
+/// indexer's chunk products, scores and top-k (where it scores the prompt), the
+/// masked form's chunk scores and probabilities, the selection's bits, and in bf16 mode the
+/// products' bf16 operands (the indexer's split queries and keys, the attention's rounded keys
+/// and values held whole).
+fn attention_scratch(
+    c: &Config,
+    (batch, seq): (usize, usize),
+    (k, scored): (usize, bool),
+    target: Target,
+    chunk_values: usize,
+) -> u64 {
+    let t = seq; // a prefill's queries see its own keys
+    let (nh, qk, vd) = (c.num_attention_heads, c.qk_head_dim(), c.v_head_dim);
+    let (n, d) = (c.index_n_heads, c.index_head_dim);
+    let bf16 = target.precision == Precision::Bf16;
+    let chunk = |per_query: usize| (chunk_values / per_query.max(1)).clamp(1, seq.max(1));
+    let (mut values, mut words, mut halves) = (0usize, 0usize, 0usize); // f32/i32, u32, bf16
+    let (mut q_halves, mut k_halves) = (0usize, 0usize);
+    if scored {
+        let qc = chunk(n * t);
+        values = values.max(qc * n * t) + qc * t + qc * k + qc; // products, scores, top-k
+        if bf16 {
+            (q_halves, k_halves) = (batch * seq * n * 3 * d, batch * t * 3 * d);
+        }
+        if t > 16384 {
+            // Rows past the shared memory are cut by chunks of 16k keys: the lists of two rounds.
+            values += 2 * 2 * qc * t.div_ceil(16384) * (k + 1);
+        }
+    }
+    let path = match target.attention {
+        Attention::Auto => AttentionPath::choose(t, k),
+        Attention::Masked => AttentionPath::Masked,
+        Attention::Fused => AttentionPath::Fused,
+        Attention::Gathered => AttentionPath::Gathered,
+    };
+    match path {
+        AttentionPath::Gathered => {}
+        AttentionPath::Masked => {
+            let qc = chunk(nh * t);
+            values = values.max(nh * qc * t);
+            words = qc * t.div_ceil(32);
+            if bf16 {
+                q_halves = q_halves.max(nh * qc * qk);
+                k_halves = k_halves.max(nh * batch * t * qk);
+                halves = nh * batch * t * vd + nh * qc * t.next_multiple_of(8);
+            }
+        }
+        AttentionPath::Fused => {
+            let qc = chunk(t);
+            words = qc * t.div_ceil(32);
+            k_halves = k_halves.max(nh * batch * t * qk);
+            halves = nh * batch * t * vd;
+        }
+    }
+    4 * (values + words) as u64 + 2 * (halves + q_halves + k_halves) as u64
+}
+
+fn numel(ckpt: &Checkpoint, name: &str) -> usize {
+    ckpt.shape(name).map_or(0, |s| s.iter().product())
+}
