@@ -172,6 +172,18 @@ fn chunks(
     })
 }
 
+/// Grows `slot` at once to what the largest of `chunks` needs (`size` values for a chunk): grown
+/// chunk by chunk, as each reaches more keys, a GPU's kept memory pool could end up holding every
+/// size the scratch passed through.
+fn reserve<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone>(
+    gpu: &Gpu,
+    slot: &RefCell<Option<Buf<T>>>,
+    chunks: impl Iterator<Item = Chunk>,
+    size: impl Fn(&Chunk) -> usize,
+) -> Result<()> {
+    scratch(gpu, &mut slot.borrow_mut(), chunks.map(|c| size(&c)).max().unwrap_or(0)).map(|_| ())
+}
+
 fn int(v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Device(format!("attention: size {v} exceeds cuBLAS's int")))
 }
@@ -287,6 +299,7 @@ pub fn index_scores(
     scale: f32,
 ) -> Result<Buf<f32>> {
     let mut scores = gpu.output(batch_n * s * t)?;
+    reserve(gpu, &ws.products, chunks(batch_n, [s, t, offset], chunk_values, n * t), |c| c.qc * n * c.t_eff)?;
     index_operands((gpu, products, ws), (q, k), [batch_n, s, t, n, d], |qk| {
         let mut g = ws.products.borrow_mut();
         for c in chunks(batch_n, [s, t, offset], chunk_values, n * t) {
@@ -311,6 +324,11 @@ pub fn index_topk(
     kk: usize,
 ) -> Result<(Buf<i32>, Buf<f32>)> {
     let (mut idx, mut margin) = (gpu.zeros(batch_n * s * kk)?, gpu.output(batch_n * s)?);
+    // A chunk whose queries see no more than kk keys needs no scratch (below).
+    let all = || chunks(batch_n, [s, t, offset], chunk_values, n * t).filter(|c| c.t_eff > kk);
+    let cols = |c: &Chunk| c.t_eff.max(kk).min(t);
+    reserve(gpu, &ws.products, all(), |c| c.qc * n * c.t_eff)?;
+    reserve(gpu, &ws.scores, all(), |c| c.qc * cols(c))?;
     index_operands((gpu, products, ws), (q, k), [batch_n, s, t, n, d], |qk| {
         let (mut g, mut scores) = (ws.products.borrow_mut(), ws.scores.borrow_mut());
         let (mut chunk_idx, mut chunk_margin) = (ws.chunk_idx.borrow_mut(), ws.chunk_margin.borrow_mut());
@@ -322,7 +340,7 @@ pub fn index_topk(
                 continue;
             }
             // Rows as wide as the keys the chunk sees (at least K, which the top-k requires).
-            let cols = c.t_eff.max(kk).min(t);
+            let cols = cols(&c);
             let scores = scratch(gpu, &mut scores, c.qc * cols)?;
             chunk_scores((gpu, products, ws, &mut g), (qk, w), &c, [s, t, n, d], scale, (&mut *scores, 0, cols))?;
             // Row i of the chunk is the query at position first + i.
@@ -356,6 +374,12 @@ pub fn masked(
 ) -> Result<Buf<f32>> {
     let [batch_n, s, t, nh, _, _, vd, _, offset] = dims;
     let mut out = gpu.output(batch_n * s * nh * vd)?;
+    let all = || chunks(batch_n, [s, t, offset], chunk_values, nh * t);
+    reserve(gpu, &ws.products, all(), |c| nh * c.qc * c.t_eff)?;
+    reserve(gpu, &ws.bits, all(), |c| c.qc * c.t_eff.div_ceil(32))?;
+    if products.precision == Precision::Bf16 {
+        reserve(gpu, &ws.bf16_p, all(), |c| nh * c.qc * c.t_eff.next_multiple_of(8))?;
+    }
     let (mut p, mut bits) = (ws.products.borrow_mut(), ws.bits.borrow_mut());
     let mut rounded = match products.precision {
         Precision::F32 => None,
@@ -428,6 +452,7 @@ pub fn fused(
     let mut out = gpu.output(batch_n * s * nh * vd)?;
     let qkv = ws.step(gpu, ("attention: round to bf16", 0), || Bf16Qkv::new((gpu, ws), (kv, k_rope), dims))?;
     let (ks, vs) = qkv.operands()?;
+    reserve(gpu, &ws.bits, chunks(batch_n, [s, t, offset], chunk_values, t), |c| c.qc * c.t_eff.div_ceil(32))?;
     let mut bits = ws.bits.borrow_mut();
     for c in chunks(batch_n, [s, t, offset], chunk_values, t) {
         let bits = scratch(gpu, &mut bits, c.qc * c.t_eff.div_ceil(32))?;

@@ -105,37 +105,39 @@ pub struct Tally {
     peak: std::sync::atomic::AtomicU64,
 }
 
-/// An emulated buffer: host memory, counted in its engine's [`Tally`] while it lives.
+/// An emulated buffer: host memory of a fixed length (a slice to its users, as device memory
+/// is), counted in its engine's [`Tally`] while it lives.
 pub struct HostVec<T> {
     v: Vec<T>,
+    bytes: u64,
     tally: Arc<Tally>,
 }
 
 impl<T> HostVec<T> {
     fn new(v: Vec<T>, tally: &Arc<Tally>) -> Self {
         use std::sync::atomic::Ordering::Relaxed;
-        let live =
-            tally.live.fetch_add(std::mem::size_of_val(&v[..]) as u64, Relaxed) + std::mem::size_of_val(&v[..]) as u64;
+        let bytes = std::mem::size_of_val(&v[..]) as u64;
+        let live = tally.live.fetch_add(bytes, Relaxed) + bytes;
         tally.peak.fetch_max(live, Relaxed);
-        HostVec { v, tally: tally.clone() }
+        HostVec { v, bytes, tally: tally.clone() }
     }
 }
 
 impl<T> Drop for HostVec<T> {
     fn drop(&mut self) {
-        self.tally.live.fetch_sub(std::mem::size_of_val(&self.v[..]) as u64, std::sync::atomic::Ordering::Relaxed);
+        self.tally.live.fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
 impl<T> std::ops::Deref for HostVec<T> {
-    type Target = Vec<T>;
-    fn deref(&self) -> &Vec<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
         &self.v
     }
 }
 
 impl<T> std::ops::DerefMut for HostVec<T> {
-    fn deref_mut(&mut self) -> &mut Vec<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
         &mut self.v
     }
 }

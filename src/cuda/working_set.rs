@@ -43,7 +43,7 @@ pub fn estimate_chunked(
     let t = batch.saturating_mul(seq);
     let (h, v) = (c.hidden_size, c.vocab_size);
     let logits = f(t).saturating_mul(v as u64);
-    if t > 1 << 32 {
+    if t > 1 << 32 || seq > 1 << 32 {
         // Past any GPU (and past what the products below may count in a usize).
         return WorkingSet { total: u64::MAX, logits };
     }
@@ -53,21 +53,29 @@ pub fn estimate_chunked(
     let a = if moe { t * c.num_experts_per_tok } else { 0 };
     // Kept from the first layer to the last: the residual stream, the RoPE tables, the selection.
     let kept = f(t * h) + f(2 * seq * c.qk_rope_head_dim.max(c.index_head_dim) / 2) + f(t * k + t);
+    let indexer = (0..c.num_hidden_layers).any(|i| c.indexer_kind(i) == IndexerKind::Full);
+    // Recorded scores are computed whole (a prompt within index_topk too) and their top-k runs
+    // over every row at once; unrecorded, a prompt longer than index_topk is scored and cut a
+    // chunk of queries at a time. (A run that records some layers' scores only holds the chunks'
+    // top-k scratch too in the others: a chunk's rows of scores, a few MB, left to the allowance.)
+    let whole = if scores && indexer { f(t).saturating_mul(seq as u64) + topk_lists(t, seq, k) } else { 0 };
+    let scoring = match (indexer, scores) {
+        (false, _) => Scoring::None,
+        (true, true) => Scoring::Whole,
+        (true, false) if seq > c.index_topk => Scoring::Chunks,
+        (true, false) => Scoring::None,
+    };
+    let attention = attention_scratch(c, (batch, seq), (k, scoring), target, chunk_values);
     let phases = [
-        attention_phase(c, t, k),
+        // The whole scores live in the attention phase, beside its projections.
+        attention_phase(c, t, k).saturating_add(whole),
         moe_phase(c, t, a, target.precision),
         dense_phase(c, t),
         // h and the final norm, then the logits.
         f(t * h) + logits,
     ];
-    let indexer = (0..c.num_hidden_layers).any(|i| c.indexer_kind(i) == IndexerKind::Full);
-    // Recorded scores are computed whole, a prompt within index_topk too.
-    let whole = if scores && indexer { f(t).saturating_mul(seq as u64) } else { 0 };
-    let scored = indexer && (scores || seq > c.index_topk);
-    let attention = attention_scratch(c, (batch, seq), (k, scored), target, chunk_values);
     let scratch = products_scratch(ckpt, t, a, target.precision) + attention;
-    let total =
-        kept.saturating_add(phases.into_iter().max().unwrap_or(0)).saturating_add(scratch).saturating_add(whole);
+    let total = kept.saturating_add(phases.into_iter().max().unwrap_or(0)).saturating_add(scratch);
     WorkingSet { total, logits }
 }
 
@@ -152,7 +160,7 @@ fn products_scratch(ckpt: &Checkpoint, t: usize, a: usize, precision: Precision)
 fn attention_scratch(
     c: &Config,
     (batch, seq): (usize, usize),
-    (k, scored): (usize, bool),
+    (k, scoring): (usize, Scoring),
     target: Target,
     chunk_values: usize,
 ) -> u64 {
@@ -161,17 +169,18 @@ fn attention_scratch(
     let (n, d) = (c.index_n_heads, c.index_head_dim);
     let bf16 = target.precision == Precision::Bf16;
     let chunk = |per_query: usize| (chunk_values / per_query.max(1)).clamp(1, seq.max(1));
-    let (mut values, mut words, mut halves) = (0usize, 0usize, 0usize); // f32/i32, u32, bf16
-    let (mut q_halves, mut k_halves) = (0usize, 0usize);
-    if scored {
+    // The workspace's slots: `products` serves the indexer's and the masked attention's chunks.
+    let (mut products, mut topk, mut lists, mut bits) = (0usize, 0usize, 0u64, 0usize);
+    let (mut q_halves, mut k_halves, mut halves) = (0usize, 0usize, 0usize); // bf16 slots
+    if scoring != Scoring::None {
         let qc = chunk(n * t);
-        values = values.max(qc * n * t) + qc * t + qc * k + qc; // products, scores, top-k
+        products = qc * n * t;
+        if scoring == Scoring::Chunks {
+            topk = qc * t + qc * k + qc; // a chunk's scores, its top-k and margins
+            lists = topk_lists(qc, t, k);
+        }
         if bf16 {
             (q_halves, k_halves) = (batch * seq * n * 3 * d, batch * t * 3 * d);
-        }
-        if t > 16384 {
-            // Rows past the shared memory are cut by chunks of 16k keys: the lists of two rounds.
-            values += 2 * 2 * qc * t.div_ceil(16384) * (k + 1);
         }
     }
     let path = match target.attention {
@@ -184,8 +193,8 @@ fn attention_scratch(
         AttentionPath::Gathered => {}
         AttentionPath::Masked => {
             let qc = chunk(nh * t);
-            values = values.max(nh * qc * t);
-            words = qc * t.div_ceil(32);
+            products = products.max(nh * qc * t);
+            bits = qc * t.div_ceil(32);
             if bf16 {
                 q_halves = q_halves.max(nh * qc * qk);
                 k_halves = k_halves.max(nh * batch * t * qk);
@@ -193,13 +202,39 @@ fn attention_scratch(
             }
         }
         AttentionPath::Fused => {
-            let qc = chunk(t);
-            words = qc * t.div_ceil(32);
+            bits = chunk(t) * t.div_ceil(32);
             k_halves = k_halves.max(nh * batch * t * qk);
             halves = nh * batch * t * vd;
         }
     }
-    4 * (values + words) as u64 + 2 * (halves + q_halves + k_halves) as u64
+    4 * (products + topk + bits) as u64 + lists + 2 * (halves + q_halves + k_halves) as u64
+}
+
+/// How the indexer scores a prefill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scoring {
+    /// Not at all: no full indexer layer, or every query keeps every key.
+    None,
+    /// Whole, its scores recorded (`attention::index_scores`, then the top-k of all rows).
+    Whole,
+    /// A chunk of queries at a time, each chunk's top-k taken at once (`attention::index_topk`).
+    Chunks,
+}
+
+/// The chunked top-k's lists (`Gpu::topk_chunked`) for `rows` rows of `t` keys keeping `k`:
+/// rows longer than a block's shared memory holds are cut by chunks, and each round's lists (8
+/// bytes a kept key) are alive beside the next round's. Counted with the chunks of a card with
+/// 99 KB of shared memory (8192 keys); Hopper's 227 KB hold 16k, so this counts more than Hopper
+/// holds.
+fn topk_lists(rows: usize, t: usize, k: usize) -> u64 {
+    const CHUNK: usize = 8192;
+    if t <= CHUNK {
+        return 0;
+    }
+    let keep = k + 1;
+    let first = t.div_ceil(CHUNK);
+    let second = (first * keep).div_ceil(CHUNK);
+    8 * (rows * keep * (first + second)) as u64
 }
 
 fn numel(ckpt: &Checkpoint, name: &str) -> usize {
