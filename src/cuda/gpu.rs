@@ -96,52 +96,6 @@ pub enum Buf<T> {
     Host(HostVec<T>),
 }
 
-/// The emulation's buffers' bytes: alive now, and the most alive at once since
-/// [`Gpu::reset_peak`]. What the emulation holds where a GPU would hold device memory, so the
-/// working set `memory::check_device` estimates is checked against it (tests/cuda_emu.rs).
-#[derive(Default)]
-pub struct Tally {
-    live: std::sync::atomic::AtomicU64,
-    peak: std::sync::atomic::AtomicU64,
-}
-
-/// An emulated buffer: host memory of a fixed length (a slice to its users, as device memory
-/// is), counted in its engine's [`Tally`] while it lives.
-pub struct HostVec<T> {
-    v: Vec<T>,
-    bytes: u64,
-    tally: Arc<Tally>,
-}
-
-impl<T> HostVec<T> {
-    fn new(v: Vec<T>, tally: &Arc<Tally>) -> Self {
-        use std::sync::atomic::Ordering::Relaxed;
-        let bytes = std::mem::size_of_val(&v[..]) as u64;
-        let live = tally.live.fetch_add(bytes, Relaxed) + bytes;
-        tally.peak.fetch_max(live, Relaxed);
-        HostVec { v, bytes, tally: tally.clone() }
-    }
-}
-
-impl<T> Drop for HostVec<T> {
-    fn drop(&mut self) {
-        self.tally.live.fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-impl<T> std::ops::Deref for HostVec<T> {
-    type Target = [T];
-    fn deref(&self) -> &[T] {
-        &self.v
-    }
-}
-
-impl<T> std::ops::DerefMut for HostVec<T> {
-    fn deref_mut(&mut self) -> &mut [T] {
-        &mut self.v
-    }
-}
-
 impl<T> Buf<T> {
     pub fn len(&self) -> usize {
         match self {
@@ -282,9 +236,11 @@ macro_rules! launch {
 }
 
 mod flash;
+mod host;
 mod split;
 mod topk;
 pub use flash::{FlashChunk, FLASH_MAX_VD, FLASH_STEP_KEYS};
+pub use host::{HostVec, Tally};
 pub use split::Split;
 pub use topk::TopK;
 
@@ -805,22 +761,6 @@ impl Gpu {
         fits("bf16_round", &[(x.len(), start + n), (out.len(), n)])?;
         let (start64, n64) = (start as i64, n as i64);
         launch!(self, "bf16_round", cfg(n, 256, 0), [x, &start64, out, &n64])
-    }
-
-    /// The emulation's buffers: (bytes alive now, the most alive at once since
-    /// [`Gpu::reset_peak`]); None on a GPU.
-    pub fn emulated_bytes(&self) -> Option<(u64, u64)> {
-        use std::sync::atomic::Ordering::Relaxed;
-        match self.engine {
-            Engine::Emulated(_) => Some((self.tally.live.load(Relaxed), self.tally.peak.load(Relaxed))),
-            Engine::Cuda { .. } => None,
-        }
-    }
-
-    /// Restarts the emulation's peak from what is alive now.
-    pub fn reset_peak(&self) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.tally.peak.store(self.tally.live.load(Relaxed), Relaxed);
     }
 
     /// Bytes copied to the device by [`Gpu::upload`] so far.
