@@ -497,7 +497,6 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
     /// keeps every causal key whatever the scores, so unless the scores are recorded it is not
     /// scored at all (`Ops::every_key`, as the CPU model does): no indexer projections, products
     /// or top-k.
-    #[allow(clippy::too_many_arguments)]
     fn select(
         &self,
         i: usize,
