@@ -466,7 +466,7 @@ fn is_projection(ckpt: &Checkpoint, name: &str) -> bool {
     ckpt.shape(name).is_some_and(|s| s.len() >= 2) && !name.ends_with(".gate.weight")
 }
 
-fn numel(ckpt: &Checkpoint, name: &str) -> u64 {
+pub(crate) fn numel(ckpt: &Checkpoint, name: &str) -> u64 {
     ckpt.shape(name).map_or(0, |s| s.iter().product::<usize>() as u64)
 }
 

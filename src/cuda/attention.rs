@@ -72,6 +72,17 @@ pub enum AttentionPath {
 }
 
 impl AttentionPath {
+    /// The path `--attention` asks for; None for `auto` ([`AttentionPath::choose`] decides).
+    pub fn asked(attention: crate::device::Attention) -> Option<AttentionPath> {
+        use crate::device::Attention;
+        match attention {
+            Attention::Auto => None,
+            Attention::Masked => Some(AttentionPath::Masked),
+            Attention::Fused => Some(AttentionPath::Fused),
+            Attention::Gathered => Some(AttentionPath::Gathered),
+        }
+    }
+
     /// The path for a prefill over `t` keys of which `k` are selected per query.
     pub fn choose(t: usize, k: usize) -> AttentionPath {
         if t <= MASKED_MAX_RATIO.saturating_mul(k) {

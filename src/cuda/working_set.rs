@@ -11,7 +11,7 @@ use super::attention::{AttentionPath, CHUNK_VALUES};
 use super::gemm::SCRATCH_VALUES;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Config, IndexerKind, MlpKind};
-use crate::device::{Attention, Precision, Target};
+use crate::device::{Precision, Target};
 use safetensors::Dtype;
 
 /// A prefill's working set, in bytes.
@@ -143,7 +143,7 @@ fn products_scratch(ckpt: &Checkpoint, t: usize, a: usize, precision: Precision)
     let joined = |n: &str| {
         ckpt.dtype(n) == Some(Dtype::BF16) && (n.ends_with("gate_proj.weight") || n.ends_with("up_proj.weight"))
     };
-    let values = |n: &str| if joined(n) { 2 } else { 1 } * numel(ckpt, n);
+    let values = |n: &str| if joined(n) { 2 } else { 1 } * crate::memory::numel(ckpt, n) as usize;
     let largest = ckpt.names().filter(matrix).filter(decoded).map(values).max().unwrap_or(0);
     let block = largest.min(SCRATCH_VALUES);
     let wide = 4 * block as u64;
@@ -183,12 +183,7 @@ fn attention_scratch(
             (q_halves, k_halves) = (batch * seq * n * 3 * d, batch * t * 3 * d);
         }
     }
-    let path = match target.attention {
-        Attention::Auto => AttentionPath::choose(t, k),
-        Attention::Masked => AttentionPath::Masked,
-        Attention::Fused => AttentionPath::Fused,
-        Attention::Gathered => AttentionPath::Gathered,
-    };
+    let path = AttentionPath::asked(target.attention).unwrap_or_else(|| AttentionPath::choose(t, k));
     match path {
         AttentionPath::Gathered => {}
         AttentionPath::Masked => {
@@ -235,8 +230,4 @@ fn topk_lists(rows: usize, t: usize, k: usize) -> u64 {
     let first = t.div_ceil(CHUNK);
     let second = (first * keep).div_ceil(CHUNK);
     8 * (rows * keep * (first + second)) as u64
-}
-
-fn numel(ckpt: &Checkpoint, name: &str) -> usize {
-    ckpt.shape(name).map_or(0, |s| s.iter().product())
 }

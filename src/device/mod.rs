@@ -204,12 +204,7 @@ pub(crate) fn cuda_ops(target: Target) -> Result<crate::cuda::ops::CudaOps> {
         _ => crate::cuda::gpu::Gpu::open(target.ordinal)?,
     };
     use crate::cuda::attention::{AttentionPath, AttentionPlan};
-    let path = match target.attention {
-        Attention::Auto => None,
-        Attention::Masked => Some(AttentionPath::Masked),
-        Attention::Fused => Some(AttentionPath::Fused),
-        Attention::Gathered => Some(AttentionPath::Gathered),
-    };
+    let path = AttentionPath::asked(target.attention);
     Ok(crate::cuda::ops::CudaOps::new(gpu, target.precision)?
         .with_attention(AttentionPlan { path, ..Default::default() }))
 }
