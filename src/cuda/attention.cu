@@ -73,7 +73,8 @@ extern "C" __global__ void sparse_attention(const float* q, const float* kv, con
 // Both softmaxes run one warp per row, 8 rows a block of 256: the row's max and sum go round the
 // warp by shuffles, with no block barrier (a block per row, reducing about 5 values a thread at
 // GLM-5's 2048 tokens, spent most of its time at its barriers: 1.1 ms a layer on an H200, three
-// times the memory's pace; this form is not yet timed there).
+// times the memory's pace), and a row of up to 2048 keys stays in the warp's registers, so it is
+// read once, not three times (masked_row_softmax). Neither form is timed on a GPU yet.
 
 extern "C" __global__ void selection_bits(const int* idx, long long idx0, unsigned* bits, int kk, int t_eff,
                                           int first) {
@@ -91,43 +92,63 @@ extern "C" __global__ void selection_bits(const int* idx, long long idx0, unsign
 // Whether word row b keeps key j (a warp's 32 lanes, at j = lane + 32 n, read one word together).
 __device__ __forceinline__ bool kept(const unsigned* b, int j) { return (b[j >> 5] >> (j & 31)) & 1u; }
 
-// Row `row`'s maximum and 1 / sum of exp over the keys b keeps, for every lane of its warp.
-__device__ __forceinline__ void masked_row(const float* row, const unsigned* b, int t_eff, int lane, float* mx,
-                                           float* inv) {
-    float m = -INFINITY;
+// The values a lane holds in registers: a row of up to 32 * SOFTMAX_HELD keys (GLM-5's 2048 at
+// index_topk's reach) is read from memory once, each exp computed once; a longer row is read three
+// times (max, sum, write). Both give the same values: each lane sums its keys in the same order.
+#define SOFTMAX_HELD 64
+
+// The softmax of row `row` over the keys b keeps (0 elsewhere; a row with no key is NaN: 0 times
+// an infinite 1 / sum), handed to put(j, p) for each key j < t_eff of this lane (j = lane + 32 n),
+// after every read of the row: put may overwrite it.
+template <typename Put>
+__device__ __forceinline__ void masked_row_softmax(const float* row, const unsigned* b, int t_eff, int lane, Put put) {
+    float m = -INFINITY, sum = 0.0f;
+    if (t_eff <= 32 * SOFTMAX_HELD) {
+        float v[SOFTMAX_HELD]; // the kept scores, then their exps; -inf for a key not kept
+#pragma unroll
+        for (int n = 0; n < SOFTMAX_HELD; n++) {
+            int j = lane + 32 * n;
+            v[n] = (j < t_eff && kept(b, j)) ? row[j] : -INFINITY;
+            m = fmaxf(m, v[n]);
+        }
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+#pragma unroll
+        for (int n = 0; n < SOFTMAX_HELD; n++) {
+            v[n] = v[n] == -INFINITY ? 0.0f : expf(v[n] - m);
+            sum += v[n];
+        }
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+        float inv = 1.0f / sum;
+#pragma unroll
+        for (int n = 0; n < SOFTMAX_HELD; n++)
+            if (lane + 32 * n < t_eff) put(lane + 32 * n, v[n] * inv);
+        return;
+    }
     for (int j = lane; j < t_eff; j += 32)
         if (kept(b, j)) m = fmaxf(m, row[j]);
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
-    float sum = 0.0f;
     for (int j = lane; j < t_eff; j += 32) sum += kept(b, j) ? expf(row[j] - m) : 0.0f;
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
-    *mx = m;
-    *inv = 1.0f / sum; // infinite for a row with no key: 0 * inv is then NaN
+    float inv = 1.0f / sum;
+    for (int j = lane; j < t_eff; j += 32) put(j, (kept(b, j) ? expf(row[j] - m) : 0.0f) * inv);
 }
 
 extern "C" __global__ void masked_softmax(float* scores, const unsigned* bits, int rows, int qc, int t_eff) {
     long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows) return; // the same for the whole warp
-    int lane = threadIdx.x & 31;
     float* row = scores + r * t_eff;
     const unsigned* b = bits + (r % qc) * ((t_eff + 31) >> 5);
-    float mx, inv;
-    masked_row(row, b, t_eff, lane, &mx, &inv);
-    // (Each lane writes only the keys it read.)
-    for (int j = lane; j < t_eff; j += 32) row[j] = (kept(b, j) ? expf(row[j] - mx) : 0.0f) * inv;
+    masked_row_softmax(row, b, t_eff, threadIdx.x & 31, [&](int j, float p) { row[j] = p; });
 }
 
 extern "C" __global__ void masked_softmax_bf16(const float* scores, const unsigned* bits, bf16_t* out, int rows,
                                                int qc, int t_eff, int width) {
     long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows) return; // the same for the whole warp
-    int lane = threadIdx.x & 31;
-    const float* row = scores + r * t_eff;
     const unsigned* b = bits + (r % qc) * ((t_eff + 31) >> 5);
-    float mx, inv;
-    masked_row(row, b, t_eff, lane, &mx, &inv);
     bf16_t* p = out + r * width;
-    for (int j = lane; j < t_eff; j += 32) p[j] = f32_to_bf16((kept(b, j) ? expf(row[j] - mx) : 0.0f) * inv);
+    masked_row_softmax(scores + r * t_eff, b, t_eff, threadIdx.x & 31,
+                       [&](int j, float v) { p[j] = f32_to_bf16(v); });
 }
 
 // flash_attention_bf16: bf16 mode's masked form in one pass (cuda::attention, AttentionPath::Fused),

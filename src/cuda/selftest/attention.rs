@@ -9,11 +9,31 @@ use crate::device::cpu::CpuOps;
 use crate::device::Ops;
 use crate::error::Result;
 
-/// `masked_softmax_bf16` against the softmax computed here in f64: 2 heads of 3 queries over 37
-/// keys, some masked out, the last query's all (its rows NaN, as `masked_softmax` makes them),
-/// rows padded to 40; each probability the f64 one rounded to the nearest bf16.
+/// `masked_softmax_bf16` against the softmax computed here in f64: 2 heads of 3 queries over 37,
+/// 2048 and 2100 keys (rows a lane holds in registers, the longest such, and rows read three
+/// times), some masked out, the last query's all (its rows NaN, as `masked_softmax` makes them),
+/// rows padded to a multiple of 8; each probability the f64 one rounded to the nearest bf16.
 pub(super) fn masked_softmax_bf16(gpu: &Gpu, rng: &mut Rng) -> Result<Check> {
-    let (heads, qc, t_eff, width) = (2, 3, 37, 40); // width: a row's, padded
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for t_eff in [37, 2048, 2100] {
+        let (g, w) = masked_softmax_bf16_rows(gpu, rng, t_eff)?;
+        got.extend(g);
+        want.extend(w);
+    }
+    let c = check_with_nans("masked_softmax_bf16", &got, &want, 1.0 / 512.0);
+    // Each probability is the f64 one rounded to the nearest bf16, or, where that lies within
+    // 1e-6 of halfway to its neighbour (the device's expf and the host's exp may fall either
+    // side), that neighbour: no flush to zero, no truncation.
+    let nearest = got.iter().zip(&want).filter(|(_, w)| !w.is_nan()).all(|(&g, &w)| {
+        let r = half::bf16::from_f32(w).to_f32();
+        g == r || ((w as f64 - (g as f64 + r as f64) / 2.0).abs() <= 1e-6 * (w as f64).abs())
+    });
+    Ok(Check { ok: c.ok && nearest, ..c })
+}
+
+/// One shape of [`masked_softmax_bf16`]: (the kernel's probabilities, the f64 ones).
+fn masked_softmax_bf16_rows(gpu: &Gpu, rng: &mut Rng, t_eff: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (heads, qc, width) = (2, 3, t_eff.next_multiple_of(8)); // width: a row's, padded
     let scores = rng.vec(heads * qc * t_eff).iter().map(|v| 8.0 * v).collect::<Vec<_>>();
     let none = (qc - 1) * t_eff; // the last query's keys, all masked out
     let mask: Vec<f32> = (0..qc * t_eff).map(|i| if i % 5 == 2 || i >= none { 0.0 } else { 1.0 }).collect();
@@ -40,16 +60,8 @@ pub(super) fn masked_softmax_bf16(gpu: &Gpu, rng: &mut Rng) -> Result<Check> {
         .collect();
     let probs = gpu.download(&probs)?;
     let widen = |b: u16| half::bf16::from_bits(b).to_f32();
-    let got: Vec<f32> = probs.chunks_exact(width).flat_map(|row| row[..t_eff].iter().map(|&b| widen(b))).collect();
-    let c = check_with_nans("masked_softmax_bf16", &got, &want, 1.0 / 512.0);
-    // Each probability is the f64 one rounded to the nearest bf16, or, where that lies within
-    // 1e-6 of halfway to its neighbour (the device's expf and the host's exp may fall either
-    // side), that neighbour: no flush to zero, no truncation.
-    let nearest = got.iter().zip(&want).filter(|(_, w)| !w.is_nan()).all(|(&g, &w)| {
-        let r = half::bf16::from_f32(w).to_f32();
-        g == r || ((w as f64 - (g as f64 + r as f64) / 2.0).abs() <= 1e-6 * (w as f64).abs())
-    });
-    Ok(Check { ok: c.ok && nearest, ..c })
+    let got = probs.chunks_exact(width).flat_map(|row| row[..t_eff].iter().map(|&b| widen(b))).collect();
+    Ok((got, want))
 }
 
 /// [`check`] where `want` has NaNs (the rows of a query with no key): `got` must be NaN exactly
