@@ -79,14 +79,8 @@ pub fn device_weights(ckpt: &Checkpoint, precision: crate::device::Precision) ->
     let embed = "model.embed_tokens.weight";
     let matrix = |n: &str| ckpt.shape(n).is_some_and(|s| s.len() >= 2) && n != embed && !n.ends_with("_scale_inv");
     let stored = |n: &str| matches!(ckpt.dtype(n), Some(Dtype::BF16 | Dtype::F8_E4M3)) && !n.ends_with(".gate.weight");
-    // `kv_a_proj_with_mqa` is uploaded as its latent rows and its rope rows apart, and an FP8
-    // weight's rows carry its whole scale grid: the grid goes up twice.
-    let twice_scaled = |n: &str| match ckpt.dtype(n) {
-        Some(Dtype::F8_E4M3) if n.ends_with("kv_a_proj_with_mqa.weight") => 4 * numel(ckpt, &format!("{n}_scale_inv")),
-        _ => 0,
-    };
     let as_matrix = |n: &str| match precision {
-        _ if stored(n) => file_bytes(ckpt, n) + twice_scaled(n),
+        _ if stored(n) => file_bytes(ckpt, n),
         crate::device::Precision::Bf16 => 2 * numel(ckpt, n),
         crate::device::Precision::F32 => 4 * numel(ckpt, n),
     };

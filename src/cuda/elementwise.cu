@@ -4,6 +4,8 @@
 //     CPU reference: model::mlp::Mlp::forward). One block per row, so no thread divides a 64-bit
 //     index (split_bf16's lesson on the H200, convert.cu).
 //   add: the residual additions, out = a + b, one thread per element.
+//   columns: out [rows, cols] = columns col0 .. col0 + cols of x [rows, width] (the MLA's
+//     stacked input product, cut into q_a, the latent and the rope key). One block per row.
 
 extern "C" __global__ void swiglu(const float* gate_up, float* out, long long rows, int inter) {
     long long r = blockIdx.x;
@@ -19,4 +21,10 @@ extern "C" __global__ void swiglu(const float* gate_up, float* out, long long ro
 extern "C" __global__ void add(const float* a, const float* b, float* out, long long n) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = a[i] + b[i];
+}
+
+extern "C" __global__ void columns(const float* x, float* out, int width, int col0, int cols) {
+    const float* src = x + (long long)blockIdx.x * width + col0;
+    float* dst = out + (long long)blockIdx.x * cols;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) dst[j] = src[j];
 }

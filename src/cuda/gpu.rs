@@ -235,6 +235,7 @@ macro_rules! launch {
     }};
 }
 
+mod elementwise;
 mod flash;
 mod host;
 mod split;
@@ -448,19 +449,6 @@ impl Gpu {
         fits("rope", &[(x.len(), rows * heads * width), (cos.len(), seq * half), (sin.len(), seq * half)])?;
         let [r, s, h, w, st, hf] = ints("rope", [rows, seq, heads, width, start, half])?;
         launch!(self, "rope_interleaved", cfg(rows * heads, 128, 0), [x, cos, sin, &r, &s, &h, &w, &st, &hf])
-    }
-
-    /// gate_up: [rows, 2 * inter] (gate half, then up half) -> out: [rows, inter].
-    pub fn swiglu(&self, gate_up: &Buf<f32>, out: &mut Buf<f32>, rows: usize, inter: usize) -> Result<()> {
-        fits("swiglu", &[(gate_up.len(), rows * 2 * inter), (out.len(), rows * inter)])?;
-        let (rows64, [i32_]) = (rows as i64, ints("swiglu", [inter])?);
-        launch!(self, "swiglu", per_item(rows, 256, 0), [gate_up, out, &rows64, &i32_])
-    }
-
-    pub fn add(&self, a: &Buf<f32>, b: &Buf<f32>, out: &mut Buf<f32>, n: usize) -> Result<()> {
-        fits("add", &[(a.len(), n), (b.len(), n), (out.len(), n)])?;
-        let n64 = n as i64;
-        launch!(self, "add", cfg(n, 256, 0), [a, b, out, &n64])
     }
 
     /// logits: [n, e]; bias: [e] -> ids, weights: [n, k]; margin: [n].

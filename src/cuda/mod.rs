@@ -36,7 +36,7 @@ pub const PRELUDE: &str = include_str!("prelude.cuh");
 pub const KERNELS: &[(&str, &str, &[&str])] = &[
     ("norm", include_str!("norm.cu"), &["rms_norm", "layer_norm", "row_l2_norm"]),
     ("rope", include_str!("rope.cu"), &["rope_interleaved"]),
-    ("elementwise", include_str!("elementwise.cu"), &["swiglu", "add"]),
+    ("elementwise", include_str!("elementwise.cu"), &["swiglu", "add", "columns"]),
     ("router", include_str!("router.cu"), &["route", "expert_counts", "bias_changed"]),
     (
         "indexer",

@@ -197,6 +197,12 @@ impl Ops for CudaOps {
         Ok(y)
     }
 
+    fn columns(&self, x: &Self::F, shape: [usize; 2], col0: usize, cols: usize) -> Result<Self::F> {
+        let mut y = self.gpu.output(shape[0] * cols)?;
+        self.gpu.columns(x, &mut y, shape, col0, cols)?;
+        Ok(y)
+    }
+
     fn route(
         &self,
         logits: &Self::F,

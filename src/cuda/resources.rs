@@ -33,6 +33,7 @@ pub const LARGEST_BLOCK: &[(&str, u32)] = &[
     ("rope_interleaved", 128),
     ("swiglu", 256),
     ("add", 256),
+    ("columns", 256),
     ("route", 128),
     ("expert_counts", 256),
     ("bias_changed", 128),

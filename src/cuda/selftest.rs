@@ -126,7 +126,7 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     out.push(check("rope_interleaved", &gpu.download(&dx)?, &x, 1e-5));
 
     // SwiGLU over 37 rows of fused gate and up products (2 x 300 wide: a block of 256 threads
-    // takes a row twice over), then adds of 10_007 values.
+    // takes a row twice over), then adds of 10_007 values, then a cut of columns.
     let (sw_rows, inter) = (37, 300);
     let gate_up = rng.vec(sw_rows * 2 * inter);
     let mut y = gpu.filled(sw_rows * inter, nan)?;
@@ -137,6 +137,12 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut y = gpu.filled(n_sw, nan)?;
     gpu.add(&gpu.upload(&g)?, &gpu.upload(&u)?, &mut y, n_sw)?;
     out.push(check("add", &gpu.download(&y)?, &CpuOps.add(&g, &u, n_sw)?, 0.0));
+    // Columns 300 .. 577 of 37 rows of 640 (wider than a block, from an odd offset).
+    let (c_rows, c_width, col0, cols) = (37, 640, 300, 277);
+    let x = rng.vec(c_rows * c_width);
+    let mut y = gpu.filled(c_rows * cols, nan)?;
+    gpu.columns(&gpu.upload(&x)?, &mut y, [c_rows, c_width], col0, cols)?;
+    out.push(check("columns", &gpu.download(&y)?, &CpuOps.columns(&x, [c_rows, c_width], col0, cols)?, 0.0));
 
     // The router, flat and grouped: 77 tokens over 64 experts, top-6; and GLM-5's 256, top-8. The
     // biases shrink as the experts grow in number (and the gaps between their scores with them),

@@ -7,7 +7,7 @@
 use candle_core::{Device, Tensor};
 
 use super::{HostWeight, Ops};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::indexer::top_k_causal;
 use crate::model::moe::{route, RouterConfig};
 
@@ -118,6 +118,13 @@ impl Ops for CpuOps {
 
     fn add(&self, a: &Vec<f32>, b: &Vec<f32>, n: usize) -> Result<Vec<f32>> {
         Ok(a[..n].iter().zip(b).map(|(x, y)| x + y).collect())
+    }
+
+    fn columns(&self, x: &Vec<f32>, [rows, width]: [usize; 2], col0: usize, cols: usize) -> Result<Vec<f32>> {
+        if col0 + cols > width || x.len() < rows * width {
+            return Err(Error::Device(format!("columns {col0}..{} of {rows} rows of {width}", col0 + cols)));
+        }
+        Ok(x.chunks_exact(width.max(1)).take(rows).flat_map(|r| r[col0..col0 + cols].iter().copied()).collect())
     }
 
     fn route(

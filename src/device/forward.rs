@@ -51,12 +51,13 @@ struct DIndexer<O: Ops> {
 }
 
 struct DAttention<O: Ops> {
-    q_a_proj: DLinear<O>,
+    /// `q_a_proj` and `kv_a_proj_with_mqa` stacked into one `[q_lora_rank + kv_lora_rank +
+    /// qk_rope_head_dim, hidden]` weight: one product from the layer's input (read, and in bf16
+    /// mode rounded, once) instead of three, the narrow ones (the latent's 512 and the rope key's
+    /// 64 columns) too few tiles to fill a GPU alone.
+    q_kv_a_proj: DLinear<O>,
     q_a_layernorm: (O::F, f32),
     q_b_proj: DLinear<O>,
-    /// `kv_a_proj_with_mqa` split by rows: the latent part and the rope-key part.
-    kv_a_latent: DLinear<O>,
-    kv_a_rope: DLinear<O>,
     kv_a_layernorm: (O::F, f32),
     kv_b_proj: DLinear<O>,
     o_proj: DLinear<O>,
@@ -162,15 +163,19 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             Ok(DLinear { w: ops.upload_weight(w.weight(), count, inp)?, out: count, inp })
         };
         let linear = |l: &Linear| rows(l, 0, l.shape()[0]);
+        // Two weights of one input stacked by rows, so one product computes both.
+        let stacked = |[a, b]: [&Linear; 2]| -> Result<DLinear<O>> {
+            let ((wa, inp), (wb, inp_b)) = (host_rows(a, 0, a.shape()[0])?, host_rows(b, 0, b.shape()[0])?);
+            if inp != inp_b {
+                return Err(Error::Device(format!("stacked weights of inputs {inp} and {inp_b}")));
+            }
+            let out = a.shape()[0] + b.shape()[0];
+            Ok(DLinear { w: ops.upload_weight(HostWeight::Stacked(&[wa.weight(), wb.weight()]), out, inp)?, out, inp })
+        };
         let norm = |n: &RmsNorm| -> Result<(O::F, f32)> { Ok((ops.upload(&values(&n.weight)?)?, n.eps as f32)) };
         let mlp = |m: &Mlp| -> Result<DMlp<O>> {
-            let inter = m.gate_proj.shape()[0];
-            let ((gate, inp), (up, _)) = (host_rows(&m.gate_proj, 0, inter)?, host_rows(&m.up_proj, 0, inter)?);
-            let parts = [gate.weight(), up.weight()];
-            let w = ops.upload_weight(HostWeight::Stacked(&parts), 2 * inter, inp)?;
-            Ok(DMlp { gate_up: DLinear { w, out: 2 * inter, inp }, down: linear(&m.down_proj)? })
+            Ok(DMlp { gate_up: stacked([&m.gate_proj, &m.up_proj])?, down: linear(&m.down_proj)? })
         };
-        let cfg = &model.config;
         let mut layers = Vec::with_capacity(model.layers.len());
         for layer in &model.layers {
             let a = &layer.self_attn;
@@ -191,11 +196,9 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
                 Indexer::Shared => None,
             };
             let attn = DAttention {
-                q_a_proj: linear(&a.q_a_proj)?,
+                q_kv_a_proj: stacked([&a.q_a_proj, &a.kv_a_proj_with_mqa])?,
                 q_a_layernorm: norm(&a.q_a_layernorm)?,
                 q_b_proj: linear(&a.q_b_proj)?,
-                kv_a_latent: rows(&a.kv_a_proj_with_mqa, 0, cfg.kv_lora_rank)?,
-                kv_a_rope: rows(&a.kv_a_proj_with_mqa, cfg.kv_lora_rank, cfg.qk_rope_head_dim)?,
                 kv_a_layernorm: norm(&a.kv_a_layernorm)?,
                 kv_b_proj: linear(&a.kv_b_proj)?,
                 o_proj: linear(&a.o_proj)?,
@@ -441,11 +444,17 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
         let qr = cfg.q_lora_rank;
         let mark = self.mark()?;
-        let q_latent = self.norm(&self.mm(x, &a.q_a_proj, t, 1.0)?, &a.q_a_layernorm, t, qr)?;
+        let q_kv_a = self.mm(x, &a.q_kv_a_proj, t, 1.0)?; // [T, qr + r + rd]
+        let width = [t, qr + r + rd];
+        let q_a = self.ops.columns(&q_kv_a, width, 0, qr)?; // [T, qr]
+        let c_kv = self.ops.columns(&q_kv_a, width, qr, r)?; // [T, r]
+        let mut k_rope = self.ops.columns(&q_kv_a, width, qr + r, rd)?; // [T, rd]
+        drop(q_kv_a);
+        let q_latent = self.norm(&q_a, &a.q_a_layernorm, t, qr)?;
+        drop(q_a);
         self.report(obs, hook(LayerHook::QLatent), &q_latent, &[b, s, qr])?;
         let mut q = self.mm(&q_latent, &a.q_b_proj, t, 1.0)?; // [T, nh, nope + rd]
         self.ops.rope(&mut q, cos, sin, [t, s, nh, nope + rd, nope, half])?;
-        let c_kv = self.mm(x, &a.kv_a_latent, t, 1.0)?; // [T, r]
         if obs.wants(hook(LayerHook::KvNormPre)) {
             self.report(obs, hook(LayerHook::KvNormPre), &self.ops.row_l2_norm(&c_kv, t, r)?, &[b, s])?;
         }
@@ -454,7 +463,6 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         if obs.wants(hook(LayerHook::KvNorm)) {
             self.report(obs, hook(LayerHook::KvNorm), &self.ops.row_l2_norm(&kv_latent, t, r)?, &[b, s])?;
         }
-        let mut k_rope = self.mm(x, &a.kv_a_rope, t, 1.0)?; // [T, rd]
         self.ops.rope(&mut k_rope, cos, sin, [t, s, 1, rd, 0, half])?;
         if obs.wants(hook(LayerHook::KRopeNorm)) {
             self.report(obs, hook(LayerHook::KRopeNorm), &self.ops.row_l2_norm(&k_rope, t, rd)?, &[b, s])?;

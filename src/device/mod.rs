@@ -365,6 +365,8 @@ pub trait Ops {
     /// -> silu(gate) * up, [rows, inter].
     fn swiglu(&self, gate_up: &Self::F, rows: usize, inter: usize) -> Result<Self::F>;
     fn add(&self, a: &Self::F, b: &Self::F, n: usize) -> Result<Self::F>;
+    /// Columns `col0 .. col0 + cols` of x (`shape` [rows, width]), as a buffer [rows, cols] of their own.
+    fn columns(&self, x: &Self::F, shape: [usize; 2], col0: usize, cols: usize) -> Result<Self::F>;
     /// The fused router: logits [n, e] -> (ids [n, k], weights [n, k], margin [n]).
     fn route(
         &self,
