@@ -94,8 +94,8 @@ fn the_device_forward_on_the_emulated_kernels_matches_every_golden_case_on_both_
 /// The weights the check before a `cuda` run counts (`memory::device_weights`) are the bytes the
 /// device model uploads, for every golden case (f32, bf16, fused experts, block-FP8, a tied or
 /// untied head, an MTP layer left on the CPU) and for synthesised FP8 checkpoints whose
-/// `kv_lora_rank` is and is not a multiple of the block (the split of `kv_a_proj_with_mqa`), in
-/// both precisions.
+/// `kv_lora_rank` is and is not a multiple of the block (`kv_a_proj_with_mqa`, stacked after
+/// `q_a_proj` on the device, keeps its own scale grid), in both precisions.
 #[test]
 fn the_device_weights_estimate_is_what_the_device_model_uploads() {
     let tmp = tempfile::tempdir().unwrap();

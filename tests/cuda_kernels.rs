@@ -54,6 +54,14 @@ fn every_kernel_compiles_for_hopper_and_ampere() {
                 assert!((1..=255).contains(&usage.registers), "{file}.cu for {arch}: {k}: {usage:?}");
                 let block = largest_block(k).unwrap_or_else(|| panic!("{k} has no largest block"));
                 check_block(k, *usage, block).unwrap_or_else(|e| panic!("{file}.cu for {arch}: {e}"));
+                // Their arrays are meant to live in registers: a spill to the stack would put
+                // them in local memory, silently undoing the design.
+                let in_registers = ["masked_softmax", "masked_softmax_bf16", "flash_attention_bf16"];
+                assert!(
+                    !in_registers.contains(k) || usage.stack == 0,
+                    "{file}.cu for {arch}: {k} spills to a {} B stack",
+                    usage.stack
+                );
                 println!(
                     "  {k}: {} registers, {} B static shared, {} B stack; blocks of up to {block} threads fit ({} allowed)",
                     usage.registers,

@@ -99,11 +99,13 @@ __device__ __forceinline__ bool kept(const unsigned* b, int j) { return (b[j >> 
 
 // The softmax of row `row` over the keys b keeps (0 elsewhere; a row with no key is NaN: 0 times
 // an infinite 1 / sum), handed to put(j, p) for each key j < t_eff of this lane (j = lane + 32 n),
-// after every read of the row: put may overwrite it.
+// after this lane's last read of row[j]: put may overwrite row[j], and no other key.
 template <typename Put>
 __device__ __forceinline__ void masked_row_softmax(const float* row, const unsigned* b, int t_eff, int lane, Put put) {
     float m = -INFINITY, sum = 0.0f;
     if (t_eff <= 32 * SOFTMAX_HELD) {
+        // The loops run whole past a shorter row's end: stopping them there (`break`) took NVRTC
+        // from 80 registers a thread to 167, one block an SM.
         float v[SOFTMAX_HELD]; // the kept scores, then their exps; -inf for a key not kept
 #pragma unroll
         for (int n = 0; n < SOFTMAX_HELD; n++) {

@@ -79,9 +79,10 @@ pub fn estimate_chunked(
     WorkingSet { total, logits }
 }
 
-/// Inside a layer's `attention`: its input norm and the MLA projections alive to the end, then
-/// the larger of the indexer's step (its projections, the new selection beside the old) and the
-/// attention's (its output and `o_proj`'s).
+/// Inside a layer's `attention`: its input norm and the MLA projections alive to the end (the
+/// stacked q_a / kv_a product and its cut, freed early, are fewer values), then the larger of the
+/// indexer's step (its projections, the new selection beside the old) and the attention's (its
+/// output and `o_proj`'s).
 fn attention_phase(c: &Config, t: usize, k: usize) -> u64 {
     let (nh, qk, vd, r, rd) =
         (c.num_attention_heads, c.qk_head_dim(), c.v_head_dim, c.kv_lora_rank, c.qk_rope_head_dim);
@@ -139,11 +140,15 @@ fn products_scratch(ckpt: &Checkpoint, t: usize, a: usize, precision: Precision)
         _ => false,
     };
     let matrix = |n: &&str| ckpt.shape(n).is_some_and(|s| s.len() == 2) && !n.ends_with("_scale_inv");
-    // A bf16 MLP's gate and up are joined at upload: twice the rows (FP8 ones stay apart).
-    let joined = |n: &str| {
-        ckpt.dtype(n) == Some(Dtype::BF16) && (n.ends_with("gate_proj.weight") || n.ends_with("up_proj.weight"))
+    // bf16 weights stacked at upload are joined (FP8 ones stay apart): an MLP's gate and up,
+    // twice the rows; an attention's q_a_proj and kv_a_proj_with_mqa, both of them.
+    let bf16 = |n: &str| ckpt.dtype(n) == Some(Dtype::BF16);
+    let numel = |n: &str| crate::memory::numel(ckpt, n) as usize;
+    let values = |n: &str| match n.strip_suffix("q_a_proj.weight").map(|p| format!("{p}kv_a_proj_with_mqa.weight")) {
+        _ if bf16(n) && (n.ends_with("gate_proj.weight") || n.ends_with("up_proj.weight")) => 2 * numel(n),
+        Some(kv_a) if bf16(n) && bf16(&kv_a) => numel(n) + numel(&kv_a),
+        _ => numel(n),
     };
-    let values = |n: &str| if joined(n) { 2 } else { 1 } * crate::memory::numel(ckpt, n) as usize;
     let largest = ckpt.names().filter(matrix).filter(decoded).map(values).max().unwrap_or(0);
     let block = largest.min(SCRATCH_VALUES);
     let wide = 4 * block as u64;

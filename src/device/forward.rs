@@ -54,7 +54,8 @@ struct DAttention<O: Ops> {
     /// `q_a_proj` and `kv_a_proj_with_mqa` stacked into one `[q_lora_rank + kv_lora_rank +
     /// qk_rope_head_dim, hidden]` weight: one product from the layer's input (read, and in bf16
     /// mode rounded, once) instead of three, the narrow ones (the latent's 512 and the rope key's
-    /// 64 columns) too few tiles to fill a GPU alone.
+    /// 64 columns) too few tiles to fill a GPU alone. (FP8 parts keep their own scale grids: a
+    /// product each, into their columns.)
     q_kv_a_proj: DLinear<O>,
     q_a_layernorm: (O::F, f32),
     q_b_proj: DLinear<O>,
@@ -445,10 +446,11 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let qr = cfg.q_lora_rank;
         let mark = self.mark()?;
         let q_kv_a = self.mm(x, &a.q_kv_a_proj, t, 1.0)?; // [T, qr + r + rd]
-        let width = [t, qr + r + rd];
-        let q_a = self.ops.columns(&q_kv_a, width, 0, qr)?; // [T, qr]
-        let c_kv = self.ops.columns(&q_kv_a, width, qr, r)?; // [T, r]
-        let mut k_rope = self.ops.columns(&q_kv_a, width, qr + r, rd)?; // [T, rd]
+        let shape = [t, qr + r + rd];
+        let q_a = self.ops.columns(&q_kv_a, shape, 0, qr)?; // [T, qr]
+        let c_kv = self.ops.columns(&q_kv_a, shape, qr, r)?; // [T, r]
+        let mut k_rope = self.ops.columns(&q_kv_a, shape, qr + r, rd)?; // [T, rd]
+                                                                        // Freed now, not at the end of the function: the attention's peak holds neither.
         drop(q_kv_a);
         let q_latent = self.norm(&q_a, &a.q_a_layernorm, t, qr)?;
         drop(q_a);

@@ -1,7 +1,7 @@
 //! The launchers of `elementwise.cu`: SwiGLU over a stacked gate and up product, the residual
 //! additions, and the cut of a stacked product's output into buffers of their own (`columns`).
 
-use super::{cfg, emu, fits, ints, per_item, Buf, Engine, Gpu, KernelArg};
+use super::{cfg, emu, fits, ints, per_item, row_block, Buf, Engine, Gpu, KernelArg};
 use crate::error::{Error, Result};
 
 impl Gpu {
@@ -32,6 +32,6 @@ impl Gpu {
             return Err(Error::Device(format!("columns: {col0}..{} past a row of {width}", col0 + cols)));
         }
         let [w32, c0, c32] = ints("columns", [width, col0, cols])?;
-        launch!(self, "columns", per_item(rows, 256, 0), [x, out, &w32, &c0, &c32])
+        launch!(self, "columns", per_item(rows, row_block(cols, 256), 0), [x, out, &w32, &c0, &c32])
     }
 }
