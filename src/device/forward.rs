@@ -143,30 +143,30 @@ impl HostRows {
     }
 }
 
-/// Rows `start .. start + count` of a linear layer's weight, and its input width.
-fn host_rows(l: &Linear, start: usize, count: usize) -> Result<(HostRows, usize)> {
+/// A linear layer's weight as stored, and its input width.
+fn host_weight(l: &Linear) -> Result<(HostRows, usize)> {
     if l.bias.is_some() {
         return Err(Error::Device("attention_bias is not supported on the device path yet".into()));
     }
-    let out_of_range = || Error::Device(format!("weight rows {start}..{} out of range", start + count));
+    let n = l.shape()[0];
+    let out_of_range = || Error::Device(format!("weight rows 0..{n} out of range"));
     Ok(match &l.weight {
-        Weight::F32(t) => (HostRows::F32(values(&t.narrow(0, start, count)?)?), t.dims()[1]),
-        Weight::Bf16(w, _) => (HostRows::Bf16(w.rows(start, count).ok_or_else(out_of_range)?), w.cols),
-        Weight::Fp8(w, _) => (HostRows::Fp8(w.rows(start, count).ok_or_else(out_of_range)?), w.shape()[1]),
+        Weight::F32(t) => (HostRows::F32(values(t)?), t.dims()[1]),
+        Weight::Bf16(w, _) => (HostRows::Bf16(w.rows(0, n).ok_or_else(out_of_range)?), w.cols),
+        Weight::Fp8(w, _) => (HostRows::Fp8(w.rows(0, n).ok_or_else(out_of_range)?), w.shape()[1]),
     })
 }
 
 impl<'m, O: Ops> DeviceModel<'m, O> {
     /// Uploads every weight of `model` the main forward pass uses.
     pub fn new(ops: &'m O, model: &'m Model) -> Result<Self> {
-        let rows = |l: &Linear, start: usize, count: usize| -> Result<DLinear<O>> {
-            let (w, inp) = host_rows(l, start, count)?;
-            Ok(DLinear { w: ops.upload_weight(w.weight(), count, inp)?, out: count, inp })
+        let linear = |l: &Linear| -> Result<DLinear<O>> {
+            let ((w, inp), out) = (host_weight(l)?, l.shape()[0]);
+            Ok(DLinear { w: ops.upload_weight(w.weight(), out, inp)?, out, inp })
         };
-        let linear = |l: &Linear| rows(l, 0, l.shape()[0]);
         // Two weights of one input stacked by rows, so one product computes both.
         let stacked = |[a, b]: [&Linear; 2]| -> Result<DLinear<O>> {
-            let ((wa, inp), (wb, inp_b)) = (host_rows(a, 0, a.shape()[0])?, host_rows(b, 0, b.shape()[0])?);
+            let ((wa, inp), (wb, inp_b)) = (host_weight(a)?, host_weight(b)?);
             if inp != inp_b {
                 return Err(Error::Device(format!("stacked weights of inputs {inp} and {inp_b}")));
             }
@@ -450,8 +450,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let q_a = self.ops.columns(&q_kv_a, shape, 0, qr)?; // [T, qr]
         let c_kv = self.ops.columns(&q_kv_a, shape, qr, r)?; // [T, r]
         let mut k_rope = self.ops.columns(&q_kv_a, shape, qr + r, rd)?; // [T, rd]
-                                                                        // Freed now, not at the end of the function: the attention's peak holds neither.
-        drop(q_kv_a);
+        drop(q_kv_a); // freed now, not at the function's end: the attention's peak holds neither
         let q_latent = self.norm(&q_a, &a.q_a_layernorm, t, qr)?;
         drop(q_a);
         self.report(obs, hook(LayerHook::QLatent), &q_latent, &[b, s, qr])?;
