@@ -185,6 +185,16 @@ fn cuda(target: Target, scope: Scope, cases: Cases) -> Result<bool> {
     ]
     .iter()
     .all(|&ok| ok);
+    // A kernel no check launched is not checked at all (the golden cases below launch more).
+    let launched: std::collections::BTreeSet<String> =
+        f32_ops.gpu.launched().into_iter().chain(bf16_ops.gpu.launched()).collect();
+    let (missed, all) = (check::unlaunched(&launched), check::kernel_names().count());
+    let name = format!("every kernel launched by a check ({} of {all})", all - missed.len());
+    println!("kernel {name:<60} max_abs {:>9}  {}", "-", if missed.is_empty() { "ok" } else { "FAILED" });
+    if !missed.is_empty() {
+        println!("  not launched: {}", missed.join(", "));
+    }
+    let kernels_ok = kernels_ok && missed.is_empty();
     if scope == Scope::Kernels {
         return Ok(kernels_ok);
     }

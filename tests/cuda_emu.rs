@@ -178,6 +178,10 @@ fn selftest_on_the_emulation_passes_in_both_precisions() {
     assert_eq!(verdicts(fused), 5);
     assert_eq!(text.lines().filter(|l| l.starts_with("measure ")).count(), 5);
     assert!(!text.contains("FAILED"));
+    // Every kernel was launched by some parity check, not only by the golden cases after them.
+    let all = glimpse::cuda::selftest::kernel_names().count();
+    let line = format!("kernel every kernel launched by a check ({all} of {all})");
+    assert!(text.lines().any(|l| l.starts_with(&line) && l.ends_with("ok")), "{text}");
 }
 
 /// `verify --precision bf16` defaults to the case's reference with bf16 products, and matches it

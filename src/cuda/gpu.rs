@@ -39,6 +39,8 @@ pub struct Gpu {
     uploaded: std::sync::atomic::AtomicU64,
     /// The emulation's buffers (none are counted on a GPU).
     tally: Arc<Tally>,
+    /// The kernels launched so far, by name (`selftest` checks that its checks ran every one).
+    launched: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// The kernels given the device's whole opt-in shared memory.
@@ -216,6 +218,7 @@ macro_rules! launch {
     ($gpu:expr, $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
         let Some(cfg) = $cfg? else { return Ok(()) };
         $crate::cuda::resources::check_launch($name, cfg.block_dim.0).map_err(Error::Device)?;
+        $gpu.note_launch($name);
         match &$gpu.engine {
             Engine::Cuda { stream, functions, .. } => {
                 let f = functions.get($name).ok_or_else(|| Error::Device(format!("kernel `{}` is not loaded", $name)))?;
@@ -281,8 +284,8 @@ impl Gpu {
             }
         }
         let engine = Engine::Cuda { stream: ctx.default_stream(), ctx, functions };
-        let (uploaded, tally) = Default::default();
-        Ok(Gpu { name, arch, shared_limit, kernels, allocation, versions, engine, uploaded, tally })
+        let (uploaded, tally, launched) = Default::default();
+        Ok(Gpu { name, arch, shared_limit, kernels, allocation, versions, engine, uploaded, tally, launched })
     }
 
     /// The device, its architecture, the shared memory a block may take and how memory is
@@ -324,6 +327,7 @@ impl Gpu {
             engine: Engine::Emulated(schedule),
             uploaded: Default::default(),
             tally: Default::default(),
+            launched: Default::default(),
         }
     }
 

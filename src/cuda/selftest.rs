@@ -87,6 +87,16 @@ fn check_ints(name: &str, gpu: &[i32], cpu: &[i32]) -> Check {
     Check { name: name.into(), max_abs: if bad { f64::INFINITY } else { 0.0 }, ok: !bad }
 }
 
+/// Every kernel's name, as `KERNELS` lists them.
+pub fn kernel_names() -> impl Iterator<Item = &'static str> {
+    super::KERNELS.iter().flat_map(|(_, _, names)| names.iter().copied())
+}
+
+/// The kernels not in `launched` (`Gpu::launched`): ones no check ran, so none checked.
+pub fn unlaunched(launched: &std::collections::BTreeSet<String>) -> Vec<&'static str> {
+    kernel_names().filter(|k| !launched.contains(*k)).collect()
+}
+
 /// Runs every kernel check on `gpu`.
 pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut rng = Rng(0x9e3779b97f4a7c15);
@@ -582,6 +592,15 @@ pub fn products(ops: &super::ops::CudaOps) -> Result<Vec<Check>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kernel missing from the launched set is named; with every kernel launched, none is.
+    #[test]
+    fn a_kernel_no_check_launched_is_named() {
+        let mut launched: std::collections::BTreeSet<String> = kernel_names().map(String::from).collect();
+        assert!(unlaunched(&launched).is_empty());
+        launched.remove("columns");
+        assert_eq!(unlaunched(&launched), ["columns"]);
+    }
 
     /// A route that hangs on two scores 1e-7 apart is near-tied; one whose cut is clear is not.
     #[test]

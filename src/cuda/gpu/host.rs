@@ -1,6 +1,7 @@
 //! The emulation's buffers: host memory standing where a GPU holds device memory, each counted
 //! in its engine's [`Tally`] while it lives, so what a prefill holds at once can be checked
-//! against `cuda::working_set` without a GPU.
+//! against `cuda::working_set` without a GPU. And on either engine, the names of the kernels
+//! launched, so `selftest` can tell a kernel no check ran.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -65,5 +66,18 @@ impl Gpu {
     /// Restarts the emulation's peak from what is alive now.
     pub fn reset_peak(&self) {
         self.tally.peak.store(self.tally.live.load(Relaxed), Relaxed);
+    }
+
+    /// The names of the kernels launched on this GPU so far.
+    pub fn launched(&self) -> std::collections::BTreeSet<String> {
+        self.launched.lock().map(|set| set.clone()).unwrap_or_default()
+    }
+
+    pub(super) fn note_launch(&self, name: &str) {
+        if let Ok(mut set) = self.launched.lock() {
+            if !set.contains(name) {
+                set.insert(name.to_owned());
+            }
+        }
     }
 }
