@@ -186,7 +186,7 @@ fn cuda(target: Target, scope: Scope, cases: Cases) -> Result<bool> {
     .iter()
     .all(|&ok| ok);
     // A kernel no check launched is not checked at all (the golden cases below launch more).
-    let launched: std::collections::BTreeSet<String> =
+    let launched: std::collections::BTreeSet<&str> =
         f32_ops.gpu.launched().into_iter().chain(bf16_ops.gpu.launched()).collect();
     let (missed, all) = (check::unlaunched(&launched), check::kernel_names().count());
     let name = format!("every kernel launched by a check ({} of {all})", all - missed.len());

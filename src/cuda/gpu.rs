@@ -39,8 +39,10 @@ pub struct Gpu {
     uploaded: std::sync::atomic::AtomicU64,
     /// The emulation's buffers (none are counted on a GPU).
     tally: Arc<Tally>,
-    /// The kernels launched so far, by name (`selftest` checks that its checks ran every one).
-    launched: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The kernels launched so far, bit i for entry i of `resources::LARGEST_BLOCK` (`selftest`
+    /// checks that its checks ran every one): an atomic OR a launch, beside the lookup of the
+    /// block's bound it makes anyway.
+    launched: std::sync::atomic::AtomicU64,
 }
 
 /// The kernels given the device's whole opt-in shared memory.
@@ -217,8 +219,8 @@ fn fits(kernel: &str, bufs: &[(usize, usize)]) -> Result<()> {
 macro_rules! launch {
     ($gpu:expr, $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
         let Some(cfg) = $cfg? else { return Ok(()) };
-        $crate::cuda::resources::check_launch($name, cfg.block_dim.0).map_err(Error::Device)?;
-        $gpu.note_launch($name);
+        let entry = $crate::cuda::resources::check_launch($name, cfg.block_dim.0).map_err(Error::Device)?;
+        $gpu.launched.fetch_or(1 << entry, std::sync::atomic::Ordering::Relaxed);
         match &$gpu.engine {
             Engine::Cuda { stream, functions, .. } => {
                 let f = functions.get($name).ok_or_else(|| Error::Device(format!("kernel `{}` is not loaded", $name)))?;

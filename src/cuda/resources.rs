@@ -60,15 +60,20 @@ pub const LARGEST_BLOCK: &[(&str, u32)] = &[
 ];
 
 /// The largest block `kernel`'s launcher takes; None for a kernel not in [`LARGEST_BLOCK`].
+// One bit a kernel in `Gpu`'s record of the kernels launched.
+const _: () = assert!(LARGEST_BLOCK.len() <= 64);
+
 pub fn largest_block(kernel: &str) -> Option<u32> {
     LARGEST_BLOCK.iter().find(|(k, _)| *k == kernel).map(|&(_, b)| b)
 }
 
-/// Refuses a launch whose block is larger than its kernel's entry in [`LARGEST_BLOCK`].
-pub fn check_launch(kernel: &str, block: u32) -> Result<(), String> {
-    match largest_block(kernel) {
-        Some(largest) if block <= largest => Ok(()),
-        Some(largest) => Err(format!(
+/// Refuses a launch whose block is larger than its kernel's entry in [`LARGEST_BLOCK`]; else the
+/// entry's index (`Gpu` records each launched kernel by it, one bit each).
+pub fn check_launch(kernel: &str, block: u32) -> Result<usize, String> {
+    let entry = LARGEST_BLOCK.iter().position(|(k, _)| *k == kernel);
+    match entry.map(|i| (i, LARGEST_BLOCK[i].1)) {
+        Some((i, largest)) if block <= largest => Ok(i),
+        Some((_, largest)) => Err(format!(
             "{kernel}: a block of {block} threads is larger than the {largest} its resources were checked for \
              (cuda::resources::LARGEST_BLOCK)"
         )),

@@ -69,15 +69,9 @@ impl Gpu {
     }
 
     /// The names of the kernels launched on this GPU so far.
-    pub fn launched(&self) -> std::collections::BTreeSet<String> {
-        self.launched.lock().map(|set| set.clone()).unwrap_or_default()
-    }
-
-    pub(super) fn note_launch(&self, name: &str) {
-        if let Ok(mut set) = self.launched.lock() {
-            if !set.contains(name) {
-                set.insert(name.to_owned());
-            }
-        }
+    pub fn launched(&self) -> std::collections::BTreeSet<&'static str> {
+        let bits = self.launched.load(Relaxed);
+        let entries = crate::cuda::resources::LARGEST_BLOCK.iter().enumerate();
+        entries.filter(|(i, _)| bits >> i & 1 == 1).map(|(_, &(name, _))| name).collect()
     }
 }
