@@ -103,9 +103,8 @@ pub(crate) enum Command {
         chunk: u64,
         /// Where the forward pass runs: `cpu-ops` is the GPU path's code on the host; `cuda` needs a
         /// build with `--features cuda` and a GPU, `cuda-emu` that build. Each compares the main
-        /// forward (no MTP head), with --isolate and --force-*.
-        #[arg(long, value_enum, default_value_t = Backend::Cpu,
-              conflicts_with_all = ["layers", "stream", "decode"])]
+        /// forward (the MTP head on the CPU), with --isolate, --force-* and --stream.
+        #[arg(long, value_enum, default_value_t = Backend::Cpu, conflicts_with_all = ["layers", "decode"])]
         device: Backend,
         #[command(flatten)]
         gpu: Gpu,
@@ -485,7 +484,8 @@ pub(crate) struct RunArgs {
     /// state is its tokens').
     #[arg(long, value_name = "DUMP")]
     pub(crate) from_dump: Option<PathBuf>,
-    /// Load each layer just before it runs and release it after: memory of about one layer.
+    /// Load each layer just before it runs and release it after: memory of about one layer
+    /// (with --device, on the device too: how a checkpoint larger than the GPU runs on it).
     #[arg(long)]
     pub(crate) stream: bool,
     /// Continue a killed run with the same --dump, tokens and model from its last completed
@@ -498,7 +498,7 @@ pub(crate) struct RunArgs {
     pub(crate) mtp: bool,
     /// Where the forward pass runs (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
     #[arg(long, value_enum, default_value_t = Backend::Cpu,
-          conflicts_with_all = ["stream", "layers", "from_dump", "resume", "mtp"])]
+          conflicts_with_all = ["layers", "from_dump", "resume", "mtp"])]
     pub(crate) device: Backend,
     #[command(flatten)]
     pub(crate) gpu: Gpu,

@@ -257,11 +257,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     // norm: its layer is held beside the model's, and loaded first, so a
                     // checkpoint without it fails before the run.
                     let mtp = verify::has_mtp(&reference);
-                    let layers = 0..=ckpt.config.num_hidden_layers - 1 + usize::from(mtp);
+                    if stream && mtp {
+                        return Err(Error::Usage(
+                            "the reference checks the MTP head, which --stream does not run (it needs the resident \
+                             model): drop --stream, or verify on the CPU with --stream --layers"
+                                .into(),
+                        ));
+                    }
+                    let n = ckpt.config.num_hidden_layers;
                     let dims = (tokens.batch, tokens.seq);
-                    let est = memory::estimate_on(target, &ckpt, dims, &layers, memory::Recording::Nothing);
-                    memory::check(&est, max_memory, "the CPU (--device cpu) with --stream or a --layers window")?;
-                    let model = Model::load(&ckpt)?;
+                    let mut resident = None;
+                    let weights = match stream {
+                        true => {
+                            let (rec, hint) = (memory::Recording::compared(&reference), "a --layers window on the CPU");
+                            memory::check_streamed_run(&ckpt, dims, rec, target, max_memory, hint)?;
+                            glimpse::model::stream::check_streamed(&ckpt, &(0..=n - 1))?;
+                            Weights::Streamed(&ckpt)
+                        }
+                        false => {
+                            let layers = 0..=n - 1 + usize::from(mtp);
+                            let est = memory::estimate_on(target, &ckpt, dims, &layers, memory::Recording::Nothing);
+                            memory::check(&est, max_memory, "--stream, or a --layers window on the CPU")?;
+                            Weights::Resident(resident.insert(Model::load(&ckpt)?))
+                        }
+                    };
                     let head = match mtp {
                         true => Some(glimpse::model::mtp::Mtp::load(&ckpt)?),
                         false => None,
@@ -276,20 +295,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         near_tie: Some(near_tie),
                     };
                     // With a replay, the same prefill once more without it, for what the flips explain.
-                    let (mut report, mut free) = glimpse::device::with_prefill(target, &model, |p| {
-                        let report = verify::verify_prefill(p, &model, &reference, &opts)?;
+                    let (mut report, mut free) = glimpse::device::with_prefill(target, weights, |p| {
+                        let report = verify::verify_prefill(p, weights, &reference, &opts)?;
                         let free = match replay == verify::Replay::default() {
                             true => None,
                             false => {
                                 let free = verify::VerifyOptions { replay: Default::default(), ..opts.clone() };
-                                Some(verify::verify_prefill(p, &model, &reference, &free)?)
+                                Some(verify::verify_prefill(p, weights, &reference, &free)?)
                             }
                         };
                         Ok((report, free))
                     })?;
-                    if let Some(head) = &head {
+                    if let (Some(head), Weights::Resident(model)) = (&head, weights) {
                         for report in std::iter::once(&mut report).chain(free.as_mut()) {
-                            verify::verify_mtp(&model, head, &reference, &opts, report)?;
+                            verify::verify_mtp(model, head, &reference, &opts, report)?;
                         }
                     }
                     let header =
@@ -412,7 +431,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", glimpse::bench::run_on(target, &model, tokens, repeat)?);
                 if target.backend == Backend::Cuda {
                     // Beside the memory in use the GPU reports, which adds the CUDA context.
-                    let need = memory::device_need(&ckpt, (1, tokens), (target, false));
+                    let need = memory::device_need(&ckpt, (1, tokens), (target, false), memory::Residency::Whole);
                     println!("device memory estimated before the runs: {need}");
                 }
                 return Ok(ExitCode::SUCCESS);

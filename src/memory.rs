@@ -28,6 +28,16 @@ impl Estimate {
     }
 }
 
+/// Which of a model's decoder layers a device holds at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Residency {
+    /// Every layer, uploaded once (and the embeddings' table).
+    Whole,
+    /// One layer at a time, uploaded as the run reaches it (`--stream`), beside the final norm and
+    /// lm_head; the prompt's embedding rows are read on the host.
+    Streamed,
+}
+
 /// What a whole pass (the hook points `recording` names) of `batch x seq` tokens over `window`
 /// holds on `target`: on the CPU, [`estimate`] of a model packing its weights; on a device, the
 /// CPU model's weights as loaded, beside the copies the device holds in host memory
@@ -52,30 +62,43 @@ pub fn estimate_on(
         let layer = |passes| estimate(ckpt, dims, &(mtp..=mtp), false, Recording::Nothing, passes).weights;
         est.weights = est.weights.saturating_add(layer(Passes::Many).saturating_sub(layer(Passes::Elsewhere)));
     }
-    est.weights = est.weights.saturating_add(device_copies(ckpt, target));
+    est.weights = est.weights.saturating_add(device_copies(ckpt, target, Residency::Whole));
     est
 }
 
-/// The copies of the main model's weights a device pass uploads (`DeviceModel::new`) that live
-/// in host memory: `cpu-ops` widens every one to f32; `cuda-emu` holds them as the GPU would
-/// ([`device_weights`]); `cuda`'s are in the GPU's memory and the CPU's none.
-pub fn device_copies(ckpt: &Checkpoint, target: Target) -> u64 {
+/// What a streamed pass of `batch x seq` tokens on a device (`run --device ... --stream`) holds
+/// in host memory: the largest layer as loaded (at most its file pages), the final norm and
+/// lm_head as loaded, the activations as the CPU's, and the device's copies that live in host
+/// memory ([`device_copies`] of one layer at a time).
+pub fn estimate_streamed_on(target: Target, ckpt: &Checkpoint, dims: (usize, usize), recording: Recording) -> Estimate {
+    let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
+    let mut est = estimate(ckpt, dims, &all, true, recording, Passes::Elsewhere);
+    est.weights = est.weights.saturating_add(device_copies(ckpt, target, Residency::Streamed));
+    est
+}
+
+/// The copies of the main model's weights a device pass uploads (`DeviceModel::new`, or
+/// `::streamed` one layer at a time) that live in host memory: `cpu-ops` widens every one to
+/// f32; `cuda-emu` holds them as the GPU would ([`device_weights`]); `cuda`'s are in the GPU's
+/// memory and the CPU's none.
+pub fn device_copies(ckpt: &Checkpoint, target: Target, residency: Residency) -> u64 {
     match target.backend {
         Backend::Cpu | Backend::Cuda => 0,
-        Backend::CudaEmu => device_weights(ckpt, target.precision),
+        Backend::CudaEmu => device_weights(ckpt, target.precision, residency),
         Backend::CpuOps => {
             let bytes = |n: &str| if n.ends_with("_scale_inv") { 0 } else { 4 * numel(ckpt, n) };
-            main_weights(ckpt, bytes) + if ckpt.tied_head() { bytes(ckpt.head_name()) } else { 0 }
+            held_at_once(ckpt, residency, bytes) + if ckpt.tied_head() { bytes(ckpt.head_name()) } else { 0 }
         }
     }
 }
 
-/// What a device pass uploads of the main model's weights (`DeviceModel::new`): every matrix but
-/// the embeddings through `upload_weight` (bf16 and FP8 codes as stored, with FP8's scales as
-/// f32; an f32 one as f32, or rounded to bf16 for bf16 products; the router's gate, which the CPU
-/// model loads as f32, as an f32 one), and the rest (the embeddings, norms, the correction bias)
-/// as f32. The MTP layer is not uploaded (it runs on the CPU model).
-pub fn device_weights(ckpt: &Checkpoint, precision: crate::device::Precision) -> u64 {
+/// What a device pass holds at once of the main model's weights (`DeviceModel::new`, or
+/// `::streamed` with one layer at a time): every matrix but the embeddings through
+/// `upload_weight` (bf16 and FP8 codes as stored, with FP8's scales as f32; an f32 one as f32,
+/// or rounded to bf16 for bf16 products; the router's gate, which the CPU model loads as f32, as
+/// an f32 one), and the rest (the embeddings when resident, norms, the correction bias) as f32.
+/// The MTP layer is not uploaded (it runs on the CPU model).
+pub fn device_weights(ckpt: &Checkpoint, precision: crate::device::Precision, residency: Residency) -> u64 {
     let embed = "model.embed_tokens.weight";
     let matrix = |n: &str| ckpt.shape(n).is_some_and(|s| s.len() >= 2) && n != embed && !n.ends_with("_scale_inv");
     let stored = |n: &str| matches!(ckpt.dtype(n), Some(Dtype::BF16 | Dtype::F8_E4M3)) && !n.ends_with(".gate.weight");
@@ -85,15 +108,29 @@ pub fn device_weights(ckpt: &Checkpoint, precision: crate::device::Precision) ->
         crate::device::Precision::F32 => 4 * numel(ckpt, n),
     };
     // A tied head is uploaded as a matrix of its own (the embeddings as stored), beside the
-    // embeddings' f32 table.
+    // embeddings' f32 table where that is resident.
     let head = if ckpt.tied_head() { as_matrix(embed) } else { 0 };
-    main_weights(ckpt, |n| if matrix(n) { as_matrix(n) } else { 4 * numel(ckpt, n) }) + head
+    held_at_once(ckpt, residency, |n| if matrix(n) { as_matrix(n) } else { 4 * numel(ckpt, n) }) + head
 }
 
-/// `bytes` summed over the main model's tensors (the MTP layer's left out).
-fn main_weights(ckpt: &Checkpoint, bytes: impl Fn(&str) -> u64) -> u64 {
-    let main = |n: &&str| crate::layout::layer_of(n).is_none_or(|i| i < ckpt.config.num_hidden_layers);
-    ckpt.names().filter(main).map(bytes).sum()
+/// `bytes` summed over the main model's tensors (the MTP layer's left out) a device holds at once:
+/// all of them, or streamed, those outside the decoder layers but the embeddings (whose rows
+/// are read on the host), and the largest layer's.
+fn held_at_once(ckpt: &Checkpoint, residency: Residency, bytes: impl Fn(&str) -> u64) -> u64 {
+    let n = ckpt.config.num_hidden_layers;
+    let (mut layers, mut rest) = (vec![0u64; n], 0u64);
+    for name in ckpt.names() {
+        match crate::layout::layer_of(name) {
+            Some(i) if i < n => layers[i] += bytes(name),
+            Some(_) => {} // the MTP layer's
+            None if residency == Residency::Streamed && name == "model.embed_tokens.weight" => {}
+            None => rest += bytes(name),
+        }
+    }
+    rest + match residency {
+        Residency::Whole => layers.iter().sum(),
+        Residency::Streamed => layers.into_iter().max().unwrap_or(0),
+    }
 }
 
 /// Refuses a `cuda` pass of `batch x seq` tokens whose weights ([`device_weights`]) and working
@@ -104,10 +141,10 @@ fn main_weights(ckpt: &Checkpoint, bytes: impl Fn(&str) -> u64) -> u64 {
 pub fn check_device(
     ckpt: &Checkpoint,
     (batch, seq): (usize, usize),
-    (target, scores): (Target, bool),
+    (target, scores, residency): (Target, bool, Residency),
     (free, total): (u64, u64),
 ) -> Result<()> {
-    let DeviceNeed { weights, working, logits } = device_need(ckpt, (batch, seq), (target, scores));
+    let DeviceNeed { weights, working, logits } = device_need(ckpt, (batch, seq), (target, scores), residency);
     let need = weights.saturating_add(working).saturating_add(DEVICE_UNCOUNTED);
     if need <= free {
         return Ok(());
@@ -149,9 +186,14 @@ impl std::fmt::Display for DeviceNeed {
 }
 
 /// What a `cuda` prefill of `batch x seq` tokens needs on the GPU ([`check_device`]'s numbers).
-pub fn device_need(ckpt: &Checkpoint, (batch, seq): (usize, usize), (target, scores): (Target, bool)) -> DeviceNeed {
+pub fn device_need(
+    ckpt: &Checkpoint,
+    (batch, seq): (usize, usize),
+    (target, scores): (Target, bool),
+    residency: Residency,
+) -> DeviceNeed {
     let (working, logits) = working_set(ckpt, (batch, seq), target, scores);
-    DeviceNeed { weights: device_weights(ckpt, target.precision), working, logits }
+    DeviceNeed { weights: device_weights(ckpt, target.precision, residency), working, logits }
 }
 
 /// A prefill's working set on a GPU and its logits' share, in bytes (`cuda::working_set`; a
@@ -349,7 +391,9 @@ pub fn estimate(
     };
     let weights = if stream {
         // One layer's copies or its file pages (a product reads the pages in place or packs
-        // them, and the pages of a packed weight are not read again), and an lm_head chunk.
+        // them, and the pages of a packed weight are not read again), and an lm_head chunk: the
+        // CPU multiplies a chunk of its rows at a time, where a device pass holds it as loaded
+        // until it is uploaded (a tied one, as the embeddings' table).
         let biggest = window
             .clone()
             .map(|i| {
@@ -358,7 +402,12 @@ pub fn estimate(
             })
             .max()
             .unwrap_or(0);
-        biggest + 4 * 8192 * c.hidden_size as u64
+        biggest
+            + match passes {
+                Passes::Elsewhere if ckpt.tied_head() => table,
+                Passes::Elsewhere => head,
+                Passes::One | Passes::Many => 4 * 8192 * c.hidden_size as u64,
+            }
     } else {
         // While a weight is packed, its file pages and its panels are both held (the pages go
         // once it is packed): the largest one's pages at the peak (lm_head's, 1.9 GB at GLM-5's
@@ -476,9 +525,28 @@ pub fn check_run(
 ) -> Result<()> {
     let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
     check(&estimate_on(target, ckpt, (batch, seq), &all, recording), max, hint)?;
-    let scores = matches!(recording, Recording::Hooks { scores: true, .. });
+    check_gpu(ckpt, (batch, seq), recording, target, Residency::Whole)
+}
+
+/// [`check_run`] for a streamed pass on a device (`run --device ... --stream`): the host's
+/// [`estimate_streamed_on`], and the GPU's memory against one layer's weights at a time.
+pub fn check_streamed_run(
+    ckpt: &Checkpoint,
+    (batch, seq): (usize, usize),
+    recording: Recording,
+    target: Target,
+    max: Option<u64>,
+    hint: &str,
+) -> Result<()> {
+    check(&estimate_streamed_on(target, ckpt, (batch, seq), recording), max, hint)?;
+    check_gpu(ckpt, (batch, seq), recording, target, Residency::Streamed)
+}
+
+/// [`check_device`] where `target` is a GPU.
+fn check_gpu(ckpt: &Checkpoint, dims: (usize, usize), rec: Recording, target: Target, res: Residency) -> Result<()> {
+    let scores = matches!(rec, Recording::Hooks { scores: true, .. });
     match crate::device::gpu_memory(target)? {
-        Some(memory) => check_device(ckpt, (batch, seq), (target, scores), memory),
+        Some(memory) => check_device(ckpt, dims, (target, scores, res), memory),
         None => Ok(()),
     }
 }
@@ -685,17 +753,22 @@ mod tests {
     fn a_cuda_run_whose_weights_do_not_fit_the_gpu_is_refused() {
         let ckpt = Checkpoint::open(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat")).unwrap();
         let target = Target { ordinal: 1, ..Target::from(Backend::Cuda) };
-        let weights = device_weights(&ckpt, target.precision);
+        let weights = device_weights(&ckpt, target.precision, Residency::Whole);
         let (working, logits) = working_set(&ckpt, (1, 32), target, false);
         assert_eq!(logits, 4 * 32 * ckpt.config.vocab_size as u64);
         assert!(working >= logits);
-        let fits = |free| check_device(&ckpt, (1, 32), (target, false), (free, 1 << 40));
-        assert!(fits(weights + working + DEVICE_UNCOUNTED).is_ok());
-        let err = fits(weights + working + DEVICE_UNCOUNTED - 1).unwrap_err().to_string();
+        let fits = |free, res| check_device(&ckpt, (1, 32), (target, false, res), (free, 1 << 40));
+        assert!(fits(weights + working + DEVICE_UNCOUNTED, Residency::Whole).is_ok());
+        let err = fits(weights + working + DEVICE_UNCOUNTED - 1, Residency::Whole).unwrap_err().to_string();
         let numbers = format!("its weights take {} there and its prefill's working set {}", gb(weights), gb(working));
         assert!(err.starts_with("cuda: GPU 1 has ") && err.contains(&numbers), "{err}");
         // bf16 products round the f32 matrices to bf16 at upload: fewer bytes.
-        assert!(device_weights(&ckpt, crate::device::Precision::Bf16) < weights);
+        assert!(device_weights(&ckpt, crate::device::Precision::Bf16, Residency::Whole) < weights);
+        // Streamed, one layer at a time (of 5) and no embedding table: what did not fit does.
+        let streamed = device_weights(&ckpt, target.precision, Residency::Streamed);
+        assert!(streamed < weights / 2, "{streamed} of {weights}");
+        assert!(fits(weights + working + DEVICE_UNCOUNTED - 1, Residency::Streamed).is_ok());
+        assert!(fits(streamed + working + DEVICE_UNCOUNTED - 1, Residency::Streamed).is_err());
     }
 
     #[test]

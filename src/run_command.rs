@@ -67,7 +67,7 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
     }
     warn_past_positions(&ckpt.config, tokens.seq);
     if device != Backend::Cpu {
-        return run_on_device(&ckpt, &model, &tokens, out.as_deref(), selector, target, max_memory);
+        return run_on_device(&ckpt, &model, (&tokens, stream), out.as_deref(), selector, target, max_memory);
     }
     if let Some(window) = &layers {
         stream::check_window(&ckpt.config, window)?;
@@ -187,25 +187,37 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `run --device cpu-ops|cuda`: the prefill on that backend, its hook points to `--dump`.
+/// `run --device cpu-ops|cuda [--stream]`: the prefill on that backend (with `--stream`, one
+/// layer's weights on the device at a time), its hook points to `--dump`.
 fn run_on_device(
     ckpt: &Checkpoint,
     dir: &Path,
-    tokens: &Tokens,
+    (tokens, stream): (&Tokens, bool),
     out: Option<&Path>,
     selector: Selector,
     device: Target,
     max: Option<u64>,
 ) -> Result<ExitCode> {
-    let recording = memory::Recording::to(out, &selector, ckpt.config.num_hidden_layers);
-    let hint = "fewer tokens, or the CPU with --stream";
-    memory::check_run(ckpt, (tokens.batch, tokens.seq), recording, device, max, hint)?;
-    let model = Model::load(ckpt)?;
+    let n = ckpt.config.num_hidden_layers;
+    let (recording, dims) = (memory::Recording::to(out, &selector, n), (tokens.batch, tokens.seq));
+    let mut resident = None;
+    let weights = match stream {
+        true => {
+            memory::check_streamed_run(ckpt, dims, recording, device, max, "fewer tokens")?;
+            // Each layer is read as the run reaches it: a missing shard is named before the first.
+            stream::check_streamed(ckpt, &(0..=n - 1))?;
+            Weights::Streamed(ckpt)
+        }
+        false => {
+            memory::check_run(ckpt, dims, recording, device, max, "fewer tokens, or --stream")?;
+            Weights::Resident(resident.insert(Model::load(ckpt)?))
+        }
+    };
     let mut watch = NonFiniteWatch::default();
     let logits = match out {
         Some(path) => {
-            let mut writer = DumpWriter::create(path, selector, model.max_hook_points())?;
-            let logits = glimpse::device::with_prefill(device, &model, |p| {
+            let mut writer = DumpWriter::create(path, selector, glimpse::hooks::max_points(n))?;
+            let logits = glimpse::device::with_prefill(device, weights, |p| {
                 p.prefill(tokens, &mut Tee(&mut writer, &mut watch))
             })?;
             let source =
@@ -215,7 +227,7 @@ fn run_on_device(
             println!("wrote {n} tensors to {}", path.display());
             logits
         }
-        None => glimpse::device::with_prefill(device, &model, |p| p.prefill(tokens, &mut watch))?,
+        None => glimpse::device::with_prefill(device, weights, |p| p.prefill(tokens, &mut watch))?,
     };
     if let Some(nf) = &watch.first {
         eprintln!("glimpse: warning: first NaN/Inf of the run: {nf}");

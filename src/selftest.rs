@@ -1,7 +1,7 @@
 //! `glimpse selftest`: what a user runs to trust this machine. It verifies every bundled golden
 //! case on the CPU (normal and isolated layers, the MTP head where the case has one), and with
 //! `--device cpu-ops` or `--device cuda` also through the device forward pass (`crate::device`)
-//! on that backend. For `cuda` it first opens the GPU, compiles every kernel for it with NVRTC
+//! on that backend, whole and with its layers streamed (`--stream`). For `cuda` it first opens the GPU, compiles every kernel for it with NVRTC
 //! and checks each one, and the cuBLAS products, against their CPU references (`cuda::selftest`);
 //! `cuda-emu` does the same with the kernels' source run on the host (`cuda::emu`).
 
@@ -14,7 +14,7 @@ use crate::device::{cpu::CpuOps, Backend, Ops, Target};
 use crate::dump::Dump;
 use crate::error::{Error, Result};
 use crate::model::mtp::Mtp;
-use crate::model::Model;
+use crate::model::{Model, Weights};
 use crate::verify::{self, VerifyOptions};
 
 /// What a selftest covers.
@@ -36,7 +36,8 @@ pub fn run(golden_root: &Path, target: Target, scope: Scope, max: Option<u64>) -
         }
         (Backend::Cpu, Scope::All) => cases(&mut |_, _, _| Ok(true)),
         (Backend::CpuOps, Scope::All) => cases(&mut |case, model, golden| {
-            device_case(&CpuOps, "cpu-ops", (case, model, golden), &VerifyOptions::default())
+            let whole = device_case(&CpuOps, "cpu-ops", (case, model, golden), &VerifyOptions::default())?;
+            Ok(whole & streamed_case(&CpuOps, "cpu-ops", (case, golden))?) // (`&`: both run)
         }),
         (Backend::Cuda | Backend::CudaEmu, _) => cuda(target, scope, &cases),
     }
@@ -93,7 +94,7 @@ fn cases(
 
 /// One case through the device forward pass on `ops`, compared with `reference`.
 fn device_run<O: Ops>(ops: &O, model: &Model, reference: &Dump, opts: &VerifyOptions) -> Result<verify::Report> {
-    verify::verify_prefill(&DeviceModel::new(ops, model)?, model, reference, opts)
+    verify::verify_prefill(&DeviceModel::new(ops, model)?, Weights::Resident(model), reference, opts)
 }
 
 /// [`device_run`], its verdict printed as `name`'s; whether it passed.
@@ -104,6 +105,16 @@ fn device_case<O: Ops>(
     opts: &VerifyOptions,
 ) -> Result<bool> {
     Ok(report(case, name, &device_run(ops, model, reference, opts)?))
+}
+
+/// A case through the device forward pass on `ops` with its layers streamed from the checkpoint
+/// (`--stream`: one layer on the device at a time), compared with `reference` at the spec's
+/// tolerance, its verdict printed as `name`'s with `--stream`; whether it passed.
+fn streamed_case<O: Ops>(ops: &O, name: &str, (case, reference): (&Path, &Dump)) -> Result<bool> {
+    let ckpt = Checkpoint::open(case)?;
+    let device = DeviceModel::streamed(ops, &ckpt)?;
+    let r = verify::verify_prefill(&device, Weights::Streamed(&ckpt), reference, &VerifyOptions::default())?;
+    Ok(report(case, &format!("{name}, --stream"), &r))
 }
 
 /// Prints a case's verdict; whether it passed (every tensor matched, none missing).
@@ -209,7 +220,8 @@ fn cuda(target: Target, scope: Scope, cases: Cases) -> Result<bool> {
         ..Default::default()
     };
     let cases_ok = cases(&mut |case, model, golden| {
-        let f32_ok = device_case(&f32_ops, &f32_name, (case, model, golden), &VerifyOptions::default())?;
+        let f32_ok = device_case(&f32_ops, &f32_name, (case, model, golden), &VerifyOptions::default())?
+            & streamed_case(&f32_ops, &f32_name, (case, golden))?;
         let path = case.join(crate::device::BF16_REFERENCE);
         let bf16_ok = if !path.is_file() {
             println!("verify {} ({bf16_name}): no {}  FAILED", case.display(), crate::device::BF16_REFERENCE);

@@ -130,9 +130,54 @@ fn the_device_weights_estimate_is_what_the_device_model_uploads() {
             let ops = CudaOps::new(Gpu::emulated(), precision).unwrap();
             let before = ops.gpu.uploaded();
             let _device = glimpse::device::forward::DeviceModel::new(&ops, &model).unwrap();
-            let (uploaded, estimate) = (ops.gpu.uploaded() - before, glimpse::memory::device_weights(&ckpt, precision));
+            let (uploaded, estimate) = (
+                ops.gpu.uploaded() - before,
+                glimpse::memory::device_weights(&ckpt, precision, glimpse::memory::Residency::Whole),
+            );
             println!("{} {precision:?}: uploaded {uploaded}, estimated {estimate}", dir.display());
             assert_eq!(uploaded, estimate, "{} {precision:?}", dir.display());
+        }
+    }
+}
+
+/// `--stream` on the emulated GPU: what a streamed model records is the resident model's, bit
+/// for bit, in both precisions (block-FP8 in shards; bf16 with a tied head); and it holds one
+/// layer's weights at a time beside the final norm and lm_head. The most it holds at once during
+/// a prefill is at least the weights the check before a streamed run counts
+/// (`memory::device_weights` streamed: the head and the largest layer, alive together while that
+/// layer runs), at most those and the working set (`cuda::working_set`), and below what the
+/// model uploaded whole holds.
+#[test]
+fn a_streamed_model_holds_one_layer_at_a_time_on_the_emulated_gpu() {
+    use glimpse::device::forward::{DeviceModel, LogitRows};
+    use glimpse::device::{Backend, Target};
+    use glimpse::memory::{device_weights, Residency};
+    for case in ["fp8-sharded", "bf16-fused"] {
+        for precision in [Precision::F32, Precision::Bf16] {
+            let ops = || CudaOps::new(Gpu::emulated(), precision).unwrap();
+            common::assert_streamed_records_as_resident(case, &ops(), &ops());
+            let ckpt = glimpse::checkpoint::Checkpoint::open(&common::golden(case)).unwrap();
+            let model = glimpse::model::Model::load(&ckpt).unwrap();
+            let tokens = glimpse::dump::Dump::open(&common::golden(case).join("reference.safetensors"))
+                .unwrap()
+                .tokens()
+                .unwrap();
+            let peak = |streamed: bool| {
+                let ops = ops();
+                let device =
+                    if streamed { DeviceModel::streamed(&ops, &ckpt) } else { DeviceModel::new(&ops, &model) }.unwrap();
+                drop(device.forward_on_device(&tokens, LogitRows::All, &mut glimpse::hooks::NoObserver).unwrap());
+                ops.gpu.emulated_bytes().unwrap().1
+            };
+            let (whole, streamed) = (peak(false), peak(true));
+            let target = Target { precision, ..Target::from(Backend::CudaEmu) };
+            let weights = device_weights(&ckpt, precision, Residency::Streamed);
+            let working = glimpse::cuda::working_set::estimate(&ckpt, (tokens.batch, tokens.seq), target, false).total;
+            println!(
+                "{case} {precision:?}: whole {whole}, streamed {streamed}, of weights {weights} + working {working}"
+            );
+            assert!(weights <= streamed && streamed <= weights + working, "{case} {precision:?}");
+            assert!(streamed < whole, "{case} {precision:?}");
         }
     }
 }
@@ -164,7 +209,7 @@ fn a_launch_with_a_short_buffer_is_refused() {
 }
 
 /// `glimpse selftest --device cuda-emu`: the kernels and products in both precisions, every
-/// golden case through the f32 path against transformers, and the bf16 path (masked, then fused
+/// golden case through the f32 path against transformers (whole and streamed), and the bf16 path (masked, then fused
 /// attention) against transformers with bf16 products; exit 0 only when all pass.
 #[test]
 fn selftest_on_the_emulation_passes_in_both_precisions() {
@@ -173,6 +218,7 @@ fn selftest_on_the_emulation_passes_in_both_precisions() {
     assert_eq!(code, 0);
     let verdicts = |what: &str| text.lines().filter(|l| l.starts_with("verify ") && l.contains(what)).count();
     assert_eq!(verdicts("(cuda-emu, float32)"), 5);
+    assert_eq!(verdicts("(cuda-emu, float32, --stream)"), 5);
     assert_eq!(verdicts("bf16 products with float32 accumulation vs transformers with bf16 products"), 5);
     let fused = "bf16 products with float32 accumulation, fused attention vs transformers with bf16 products";
     assert_eq!(verdicts(fused), 5);

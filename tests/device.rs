@@ -344,3 +344,58 @@ fn a_prompt_within_index_topk_is_not_scored_and_records_the_same() {
     let skipped = p.sections.iter().find(|x| x.name.starts_with("indexer: every causal key kept"));
     assert_eq!(skipped.map(|x| x.calls), Some(full), "{}", p.render());
 }
+
+/// `--stream` on a device: each layer is uploaded as the run reaches it and freed after, and
+/// records every hook point the same, bit for bit, as the model uploaded whole, on every golden
+/// case (f32, bf16 with a tied head, block-FP8 in shards, grouped routing with a shared indexer,
+/// an MTP layer left out).
+#[test]
+fn a_streamed_device_model_records_as_the_resident_one() {
+    for case in common::GOLDEN_CASES {
+        common::assert_streamed_records_as_resident(case, &CpuOps, &CpuOps);
+    }
+}
+
+/// `run --device cpu-ops --stream` writes the dump the run without `--stream` writes, and its
+/// memory check counts one layer's copies, not the model's; `verify --device cpu-ops --stream`
+/// matches a golden case, isolated and replayed too, and refuses a reference that checks the MTP
+/// head, which needs the resident model.
+#[test]
+fn run_and_verify_stream_on_a_device() {
+    use glimpse::memory::{estimate_on, estimate_streamed_on, Recording};
+    let m = common::golden("fp8-sharded");
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = m.join("reference.safetensors");
+    let dump = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let args = ["run", "--model", m.to_str().unwrap(), "--tokens-from", tokens.to_str().unwrap(), "--device"];
+        let args = [&args[..], &["cpu-ops", "--dump", out.to_str().unwrap()], extra].concat();
+        let (code, text) = common::code_and_text(&args);
+        assert_eq!(code, 0, "{text}");
+        out
+    };
+    let (whole, streamed) = (dump("whole.safetensors", &[]), dump("streamed.safetensors", &["--stream"]));
+    let args = ["diff", whole.to_str().unwrap(), streamed.to_str().unwrap(), "--atol", "0", "--rtol", "0"];
+    let (code, text) = common::code_and_text(&args);
+    assert_eq!(code, 0, "{text}");
+    assert!(!text.contains("only in"), "{text}");
+
+    let ckpt = Checkpoint::open(&m).unwrap();
+    let n = ckpt.config.num_hidden_layers;
+    let (target, size) = (Backend::CpuOps.into(), (1, 8));
+    let resident = estimate_on(target, &ckpt, size, &(0..=n - 1), Recording::Nothing);
+    let streamed = estimate_streamed_on(target, &ckpt, size, Recording::Nothing);
+    assert!(streamed.weights < resident.weights / 2, "{streamed:?} against {resident:?}");
+
+    let m = common::golden("grouped-shared-yarn");
+    let names = Dump::open(&m.join("reference.safetensors")).unwrap().names().len();
+    let verify = ["verify", "--model", m.to_str().unwrap(), "--device", "cpu-ops", "--stream"];
+    for extra in [&[][..], &["--isolate", "--force-routing", "--force-selection"]] {
+        let (code, text) = common::code_and_text(&[&verify[..], extra].concat());
+        assert_eq!(code, 0, "{text}");
+        assert!(text.contains(&format!("{names} of {names} tensors match")), "{text}");
+    }
+    let mtp = common::golden("mtp");
+    let o = common::glimpse(&["verify", "--model", mtp.to_str().unwrap(), "--device", "cpu-ops", "--stream"]);
+    common::assert_error(&o, "the reference checks the MTP head, which --stream does not run");
+}

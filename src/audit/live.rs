@@ -141,7 +141,7 @@ pub(super) fn run_prompts(
     let mut progress = crate::progress::Steps::prompts(total);
     audit.prompts_total = Some(total);
     let window = audit.window.clone();
-    crate::device::with_prefill(target, m, |p| {
+    crate::device::with_prefill(target, crate::model::Weights::Resident(m), |p| {
         for (n, (line, tokens)) in prompts.into_iter().enumerate() {
             progress.step(n + 1);
             let mut obs = AuditObserver::new(audit, tokens.batch, routers, routes.as_deref_mut().map(|r| (r, &tokens)));

@@ -1,9 +1,12 @@
 //! The prefill on a device: weights uploaded from a loaded [`Model`] as the checkpoint stores them
-//! (f32, bf16 or block-FP8, decoded for each product), the embedding table as f32 so the prompt's
-//! rows are gathered on the device, then every layer through [`Ops`] in the order the CPU model
-//! computes it (`model::mla`, `model::indexer`, `model::moe`). Hook points are downloaded only
-//! when the observer wants them (a run that records nothing copies back the logits, and per MoE
-//! layer how many (token, choice) pairs each expert got, which sizes its GEMM).
+//! (`device::weights`: f32, bf16 or block-FP8, decoded for each product), the embedding table as
+//! f32 so the prompt's rows are gathered on the device, then every layer through [`Ops`] in the
+//! order the CPU model computes it (`model::mla`, `model::indexer`, `model::moe`). Or streamed
+//! ([`DeviceModel::streamed`], `--stream`): each layer read from the checkpoint and uploaded as
+//! the run reaches it, then freed, so a model larger than the device's memory runs on it. Hook
+//! points are downloaded only when the observer wants them (a run that records nothing copies
+//! back the logits, and per MoE layer how many (token, choice) pairs each expert got, which sizes
+//! its GEMM).
 //!
 //! Isolation (`verify --isolate`: each layer fed the reference's hidden state) and replayed
 //! decisions (`verify --force-routing --force-selection`) are taken from the observer as
@@ -13,69 +16,22 @@
 //!
 //! Not here yet: the MTP head, decode and `attention_bias`.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::profile::Profile;
-use super::{HostWeight, Ops};
+use super::weights::{
+    upload_layer, upload_linear, upload_norm, values, DAttention, DFfn, DIndexer, DLayer, DLinear, DMlp, LayerOnDevice,
+};
+use super::Ops;
+use crate::checkpoint::{Checkpoint, Loader};
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, LayerHook, Observer};
-use crate::model::indexer::Indexer;
-use crate::model::layer::Ffn;
-use crate::model::mlp::Mlp;
+use crate::model::layer::DecoderLayer;
 use crate::model::moe::RouterConfig;
-use crate::model::nn::{Linear, RmsNorm, Weight};
+use crate::model::rope::RotaryEmbedding;
+use crate::model::stream::{self, Weights};
 use crate::model::{Model, Tokens};
-
-/// A `[out, in]` weight on the device.
-struct DLinear<O: Ops> {
-    w: O::W,
-    out: usize,
-    inp: usize,
-}
-
-/// An MLP with `gate_proj` and `up_proj` stacked into one `[2 * inter, in]` weight, so one
-/// product computes both (`Ops::swiglu` takes its two halves).
-struct DMlp<O: Ops> {
-    gate_up: DLinear<O>,
-    down: DLinear<O>,
-}
-
-struct DIndexer<O: Ops> {
-    wq_b: DLinear<O>,
-    wk: DLinear<O>,
-    k_norm: (O::F, O::F, f32),
-    weights_proj: DLinear<O>,
-    heads: usize,
-    dim: usize,
-    topk: usize,
-}
-
-struct DAttention<O: Ops> {
-    /// `q_a_proj` and `kv_a_proj_with_mqa` stacked into one `[q_lora_rank + kv_lora_rank +
-    /// qk_rope_head_dim, hidden]` weight: one product from the layer's input (read, and in bf16
-    /// mode rounded, once) instead of three, the narrow ones (the latent's 512 and the rope key's
-    /// 64 columns) too few tiles to fill a GPU alone. (FP8 parts keep their own scale grids: a
-    /// product each, into their columns.)
-    q_kv_a_proj: DLinear<O>,
-    q_a_layernorm: (O::F, f32),
-    q_b_proj: DLinear<O>,
-    kv_a_layernorm: (O::F, f32),
-    kv_b_proj: DLinear<O>,
-    o_proj: DLinear<O>,
-    indexer: Option<DIndexer<O>>,
-}
-
-enum DFfn<O: Ops> {
-    Dense(DMlp<O>),
-    Moe { gate: DLinear<O>, bias: O::F, experts: Vec<DMlp<O>>, shared: DMlp<O>, router: RouterConfig },
-}
-
-struct DLayer<O: Ops> {
-    input_layernorm: (O::F, f32),
-    attn: DAttention<O>,
-    post_attention_layernorm: (O::F, f32),
-    ffn: DFfn<O>,
-}
 
 /// The profile's sections of the routed experts' GEMMs (the benchmark's "expert GEMMs").
 pub const EXPERT_GEMMS: [&str; 2] = ["expert GEMMs: gate_up", "expert GEMMs: down"];
@@ -106,12 +62,10 @@ pub enum LogitRows {
 
 pub struct DeviceModel<'m, O: Ops> {
     ops: &'m O,
-    model: &'m Model,
-    layers: Vec<DLayer<O>>,
+    config: &'m Config,
+    weights: DWeights<'m, O>,
     norm: (O::F, f32),
     lm_head: DLinear<O>,
-    /// `embed_tokens` [vocab, hidden] in f32 (exact in both precisions: a lookup, not a product).
-    embed: O::F,
     /// Matrix-product FLOPs (2 m n k each) since the model was built.
     flops: std::cell::Cell<u64>,
     /// The last prefill's RoPE tables on the device.
@@ -121,134 +75,83 @@ pub struct DeviceModel<'m, O: Ops> {
     profile: std::cell::RefCell<Option<Profile>>,
 }
 
-fn values(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-}
-
-/// A weight's rows on the host as stored, to upload: f32 values are copied, bf16 and FP8 ones
-/// are views of the memory-mapped checkpoint.
-enum HostRows {
-    F32(Vec<f32>),
-    Bf16(crate::model::gemv::Bf16Weight),
-    Fp8(crate::model::fp8::Fp8Weight),
-}
-
-impl HostRows {
-    fn weight(&self) -> HostWeight<'_> {
-        match self {
-            HostRows::F32(v) => HostWeight::F32(v),
-            HostRows::Bf16(w) => HostWeight::Bf16(w.bits()),
-            HostRows::Fp8(w) => HostWeight::Fp8(w),
-        }
-    }
-}
-
-/// A linear layer's weight as stored, and its input width.
-fn host_weight(l: &Linear) -> Result<(HostRows, usize)> {
-    if l.bias.is_some() {
-        return Err(Error::Device("attention_bias is not supported on the device path yet".into()));
-    }
-    let n = l.shape()[0];
-    let out_of_range = || Error::Device(format!("weight rows 0..{n} out of range"));
-    Ok(match &l.weight {
-        Weight::F32(t) => (HostRows::F32(values(t)?), t.dims()[1]),
-        Weight::Bf16(w, _) => (HostRows::Bf16(w.rows(0, n).ok_or_else(out_of_range)?), w.cols),
-        Weight::Fp8(w, _) => (HostRows::Fp8(w.rows(0, n).ok_or_else(out_of_range)?), w.shape()[1]),
-    })
+/// Where the decoder layers' and the embeddings' weights are.
+enum DWeights<'m, O: Ops> {
+    /// On the device, uploaded once: every layer, and `embed_tokens` [vocab, hidden] in f32
+    /// (exact in both precisions: a lookup, not a product), from which the prompt's rows are
+    /// gathered there.
+    Resident { layers: Vec<DLayer<O>>, embed: O::F },
+    /// In the checkpoint (`--stream`): each layer is read and uploaded just before it runs and
+    /// freed after it, so the device holds one layer's weights at a time (with the final norm and
+    /// lm_head, uploaded once), and the prompt's embedding rows are read on the host. How a
+    /// checkpoint larger than the GPU's memory (GLM-5's 744B parameters, on one card) runs on it.
+    Streamed(&'m Checkpoint),
 }
 
 impl<'m, O: Ops> DeviceModel<'m, O> {
     /// Uploads every weight of `model` the main forward pass uses.
     pub fn new(ops: &'m O, model: &'m Model) -> Result<Self> {
-        let linear = |l: &Linear| -> Result<DLinear<O>> {
-            let ((w, inp), out) = (host_weight(l)?, l.shape()[0]);
-            Ok(DLinear { w: ops.upload_weight(w.weight(), out, inp)?, out, inp })
-        };
-        // Two weights of one input stacked by rows, so one product computes both.
-        let stacked = |[a, b]: [&Linear; 2]| -> Result<DLinear<O>> {
-            let ((wa, inp), (wb, inp_b)) = (host_weight(a)?, host_weight(b)?);
-            if inp != inp_b {
-                return Err(Error::Device(format!("stacked weights of inputs {inp} and {inp_b}")));
-            }
-            let out = a.shape()[0] + b.shape()[0];
-            Ok(DLinear { w: ops.upload_weight(HostWeight::Stacked(&[wa.weight(), wb.weight()]), out, inp)?, out, inp })
-        };
-        let norm = |n: &RmsNorm| -> Result<(O::F, f32)> { Ok((ops.upload(&values(&n.weight)?)?, n.eps as f32)) };
-        let mlp = |m: &Mlp| -> Result<DMlp<O>> {
-            Ok(DMlp { gate_up: stacked([&m.gate_proj, &m.up_proj])?, down: linear(&m.down_proj)? })
-        };
-        let mut layers = Vec::with_capacity(model.layers.len());
-        for layer in &model.layers {
-            let a = &layer.self_attn;
-            let indexer = match &a.indexer {
-                Indexer::Full(w) => Some(DIndexer {
-                    wq_b: linear(&w.wq_b)?,
-                    wk: linear(&w.wk)?,
-                    k_norm: (
-                        ops.upload(&values(&w.k_norm.weight)?)?,
-                        ops.upload(&values(&w.k_norm.bias)?)?,
-                        w.k_norm.eps as f32,
-                    ),
-                    weights_proj: linear(&w.weights_proj)?,
-                    heads: w.n_heads,
-                    dim: w.head_dim,
-                    topk: w.topk,
-                }),
-                Indexer::Shared => None,
-            };
-            let attn = DAttention {
-                q_kv_a_proj: stacked([&a.q_a_proj, &a.kv_a_proj_with_mqa])?,
-                q_a_layernorm: norm(&a.q_a_layernorm)?,
-                q_b_proj: linear(&a.q_b_proj)?,
-                kv_a_layernorm: norm(&a.kv_a_layernorm)?,
-                kv_b_proj: linear(&a.kv_b_proj)?,
-                o_proj: linear(&a.o_proj)?,
-                indexer,
-            };
-            let ffn = match &layer.mlp {
-                Ffn::Dense(m) => DFfn::Dense(mlp(m)?),
-                Ffn::Moe(m) => {
-                    let (e, h) = m.gate.dims2()?;
-                    DFfn::Moe {
-                        gate: DLinear {
-                            w: ops.upload_weight(HostWeight::F32(&values(&m.gate)?), e, h)?,
-                            out: e,
-                            inp: h,
-                        },
-                        bias: ops.upload(&m.e_score_correction_bias)?,
-                        experts: m.experts.iter().map(mlp).collect::<Result<_>>()?,
-                        shared: mlp(&m.shared_experts)?,
-                        router: m.router.clone(),
-                    }
-                }
-            };
-            layers.push(DLayer {
-                input_layernorm: norm(&layer.input_layernorm)?,
-                attn,
-                post_attention_layernorm: norm(&layer.post_attention_layernorm)?,
-                ffn,
-            });
-        }
-        let (norm, lm_head) = (norm(&model.norm)?, linear(&model.lm_head)?);
+        let layers = model.layers.iter().map(|layer| upload_layer(ops, layer)).collect::<Result<_>>()?;
+        let (norm, lm_head) = (upload_norm(ops, &model.norm)?, upload_linear(ops, &model.lm_head)?);
         let embed = ops.upload(&values(&model.embed_tokens)?)?;
-        Ok(DeviceModel {
+        Ok(Self::with(ops, &model.config, DWeights::Resident { layers, embed }, (norm, lm_head)))
+    }
+
+    /// A model that uploads the final norm and lm_head now, and each decoder layer from `ckpt`
+    /// when it runs ([`DWeights::Streamed`]). The layers' weights are read as a run reaches them:
+    /// [`crate::model::stream::check_streamed`] checks the checkpoint holds them first.
+    pub fn streamed(ops: &'m O, ckpt: &'m Checkpoint) -> Result<Self> {
+        let mut l = Loader::new(ckpt);
+        let head = Model::load_head(&mut l, None)?;
+        let (norm, lm_head) = l.finish(head)?;
+        let head = (upload_norm(ops, &norm)?, upload_linear(ops, &lm_head)?);
+        drop(lm_head);
+        ckpt.release(ckpt.head_name());
+        Ok(Self::with(ops, &ckpt.config, DWeights::Streamed(ckpt), head))
+    }
+
+    fn with(
+        ops: &'m O,
+        config: &'m Config,
+        weights: DWeights<'m, O>,
+        (norm, lm_head): ((O::F, f32), DLinear<O>),
+    ) -> Self {
+        DeviceModel {
             ops,
-            model,
-            layers,
+            config,
+            weights,
             norm,
             lm_head,
-            embed,
             flops: std::cell::Cell::new(0),
             rope: std::cell::RefCell::new(None),
             profile: std::cell::RefCell::new(None),
-        })
+        }
+    }
+
+    /// Decoder layer `i` on the device: a resident model's, or read from the checkpoint and
+    /// uploaded now (its file pages released once uploaded).
+    fn layer(&self, i: usize) -> Result<LayerOnDevice<'_, O>> {
+        match &self.weights {
+            DWeights::Resident { layers, .. } => {
+                layers.get(i).map(LayerOnDevice::Resident).ok_or_else(|| Error::Device(format!("no layer {i}")))
+            }
+            DWeights::Streamed(ckpt) => {
+                let mut l = Loader::new(ckpt);
+                let layer = DecoderLayer::load(&mut l, self.config, i);
+                let layer = l.finish(layer)?;
+                let uploaded = upload_layer(self.ops, &layer)?;
+                drop(layer);
+                ckpt.release(&format!("model.layers.{i}."));
+                Ok(LayerOnDevice::Streamed(Box::new(uploaded)))
+            }
+        }
     }
 
     /// The RoPE tables of `seq` positions on the device, kept for the next prefill of that length
     /// (the host's sines and cosines of 2048 positions cost most of a millisecond).
     fn rope_tables(&self, seq: usize) -> Result<std::cell::Ref<'_, Rope<O>>> {
         if self.rope.borrow().as_ref().is_none_or(|r| r.seq != seq) {
-            let tables = self.model.rope_tables(seq);
+            let tables = RotaryEmbedding::new(self.config).tables(&(0..seq).collect::<Vec<_>>());
             let (cos, sin) = (self.ops.upload(&tables.cos)?, self.ops.upload(&tables.sin)?);
             *self.rope.borrow_mut() = Some(Rope { seq, cos, sin, half: tables.half });
         }
@@ -335,7 +238,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
     /// The whole prefill: ids -> logits [B, S, vocab], copied to the host (and reported).
     pub fn forward(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
         let logits = self.forward_on_device(tokens, LogitRows::All, obs)?;
-        let shape = (tokens.batch, tokens.seq, self.model.config.vocab_size);
+        let shape = (tokens.batch, tokens.seq, self.config.vocab_size);
         let logits = Tensor::from_vec(self.ops.download(&logits)?, shape, &Device::Cpu)?;
         if obs.wants(HookPoint::Logits) {
             obs.observe(HookPoint::Logits, &logits)?;
@@ -347,10 +250,11 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
     /// (the benchmark's unit of work: at GLM-5's vocabulary, 2048 tokens of f32 logits are 1.3 GB
     /// to copy back); every hook point but `logits` is reported.
     pub fn forward_on_device(&self, tokens: &Tokens, rows: LogitRows, obs: &mut dyn Observer) -> Result<O::F> {
-        let (b, s, hd) = (tokens.batch, tokens.seq, self.model.config.hidden_size);
+        let (b, s, hd) = (tokens.batch, tokens.seq, self.config.hidden_size);
         let t = b * s;
-        let mut h = self.layers_through(tokens, self.layers.len(), obs)?;
-        if let Some(given) = obs.isolated_input(self.layers.len())? {
+        let n = self.config.num_hidden_layers;
+        let mut h = self.layers_through(tokens, n, obs)?;
+        if let Some(given) = obs.isolated_input(n)? {
             h = self.feed(&given, t * hd)?;
         }
         let mark = self.mark()?;
@@ -370,7 +274,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
 
     /// The prefill's hook points up to layer `last`'s: past the last layer, the whole prefill's.
     pub fn forward_through(&self, tokens: &Tokens, last: usize, obs: &mut dyn Observer) -> Result<()> {
-        match last + 1 >= self.layers.len() {
+        match last + 1 >= self.config.num_hidden_layers {
             true => self.forward(tokens, obs).map(|_| ()),
             false => self.layers_through(tokens, last + 1, obs).map(|_| ()),
         }
@@ -379,19 +283,30 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
     /// The embeddings and the first `count` layers (each reporting its hook points): the hidden
     /// state after them [T, H]. `audit --layers` needs none past its window.
     pub fn layers_through(&self, tokens: &Tokens, count: usize, obs: &mut dyn Observer) -> Result<O::F> {
-        let cfg = &self.model.config;
+        let cfg = self.config;
         let (b, s, hd) = (tokens.batch, tokens.seq, cfg.hidden_size);
         let t = b * s;
-        crate::model::stream::input_ids(tokens, cfg.vocab_size, obs)?;
         let mark = self.mark()?;
-        let ids: Vec<i32> = tokens.ids.iter().map(|&i| i as i32).collect(); // < vocab (checked)
-        let mut h = self.ops.gather_rows(&self.embed, &self.ops.upload_i32(&ids)?, t, hd)?; // [T, H]
-        self.report(obs, HookPoint::Embeddings, &h, &[b, s, hd])?;
+        let mut h = match &self.weights {
+            DWeights::Resident { embed, .. } => {
+                crate::model::stream::input_ids(tokens, cfg.vocab_size, obs)?;
+                let ids: Vec<i32> = tokens.ids.iter().map(|&i| i as i32).collect(); // < vocab (checked)
+                let h = self.ops.gather_rows(embed, &self.ops.upload_i32(&ids)?, t, hd)?; // [T, H]
+                self.report(obs, HookPoint::Embeddings, &h, &[b, s, hd])?;
+                h
+            }
+            // The prompt's rows only, as the CPU's streamed run reads them (reporting both hook points).
+            DWeights::Streamed(ckpt) => self.feed(&stream::embed(Weights::Streamed(ckpt), tokens, obs)?, t * hd)?,
+        };
         let rope = self.rope_tables(s)?;
         let Rope { cos, sin, half, .. } = &*rope;
         self.done(mark, "embedding, RoPE tables", 0)?;
         let mut selection: Option<(O::I, usize)> = None;
-        for (i, layer) in self.layers.iter().enumerate().take(count) {
+        let count = count.min(cfg.num_hidden_layers);
+        let mut progress = crate::progress::Steps::layers(0, count.saturating_sub(1));
+        for i in 0..count {
+            progress.step(i);
+            let layer = self.layer(i)?;
             let hook = |p| HookPoint::Layer(i, p);
             if let Some(given) = obs.isolated_input(i)? {
                 h = self.feed(&given, t * hd)?;
@@ -438,7 +353,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         selection: &mut Option<(O::I, usize)>,
         obs: &mut dyn Observer,
     ) -> Result<O::F> {
-        let cfg = &self.model.config;
+        let cfg = self.config;
         let hook = |p| HookPoint::Layer(i, p);
         let t = b * s;
         let (nh, nope, rd, vd, r) =
@@ -558,19 +473,14 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
     fn router_extras(
         &self,
         i: usize,
-        (logits, ids): (&O::F, &O::I),
+        (logits, ids, bias): (&O::F, &O::I, &O::F),
         (t, e, k): (usize, usize, usize),
         router: &RouterConfig,
         obs: &mut dyn Observer,
     ) -> Result<()> {
         let hook = |p| HookPoint::Layer(i, p);
         if obs.wants(hook(LayerHook::RouterScores)) || obs.wants(hook(LayerHook::RouterBiasedScores)) {
-            let logits = self.ops.download(logits)?;
-            // The host's copy of the bias: the model's own.
-            let bias = match &self.model.layers[i].mlp {
-                crate::model::layer::Ffn::Moe(m) => &m.e_score_correction_bias,
-                crate::model::layer::Ffn::Dense(_) => return Err(Error::Device(format!("layer {i} has no router"))),
-            };
+            let (logits, bias) = (self.ops.download(logits)?, self.ops.download(bias)?);
             let scores: Vec<f32> = logits.iter().map(|&l| crate::model::moe::sigmoid(l)).collect();
             if obs.wants(hook(LayerHook::RouterScores)) {
                 obs.observe(hook(LayerHook::RouterScores), &Tensor::from_vec(scores.clone(), (t, e), &Device::Cpu)?)?;
@@ -629,7 +539,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         self.report(obs, hook(LayerHook::TopkWeights), &w, &[t, k])?;
         self.report(obs, hook(LayerHook::RouterMargin), &margin, &[t])?;
 
-        self.router_extras(i, (&logits, &ids), (t, e, k), router, obs)?;
+        self.router_extras(i, (&logits, &ids, bias), (t, e, k), router, obs)?;
         // The (token, choice) pairs grouped by expert: experts[j] multiplies rows start .. start
         // + count of the packed rows.
         let mark = self.mark()?;

@@ -8,13 +8,14 @@
 pub mod cpu;
 pub mod forward;
 pub mod profile;
+mod weights;
 
 use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::hooks::Observer;
 use crate::model::moe::RouterConfig;
-use crate::model::{Model, Tokens};
+use crate::model::{Model, Tokens, Weights};
 
 /// Where the forward pass runs (`--device`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -161,8 +162,19 @@ impl Prefill for Model {
         self.forward(tokens, obs)
     }
     fn prefill_through(&self, tokens: &Tokens, last: usize, obs: &mut dyn Observer) -> Result<()> {
-        let last = last.min(self.config.num_hidden_layers.saturating_sub(1));
-        crate::model::stream::run(crate::model::Weights::Resident(self), tokens, Some(0..=last), None, obs).map(|_| ())
+        Weights::Resident(self).prefill_through(tokens, last, obs)
+    }
+}
+
+/// The CPU model over resident or streamed weights.
+impl Prefill for Weights<'_> {
+    fn prefill(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
+        crate::model::stream::run(*self, tokens, None, None, obs)?
+            .ok_or_else(|| crate::error::Error::Usage("the forward pass stopped before the head".into()))
+    }
+    fn prefill_through(&self, tokens: &Tokens, last: usize, obs: &mut dyn Observer) -> Result<()> {
+        let last = last.min(self.config().num_hidden_layers.saturating_sub(1));
+        crate::model::stream::run(*self, tokens, Some(0..=last), None, obs).map(|_| ())
     }
 }
 
@@ -175,24 +187,32 @@ impl<O: Ops> Prefill for forward::DeviceModel<'_, O> {
     }
 }
 
-/// Calls `f` with the prefill `target` describes over `model` (a device model is built, and its
-/// weights uploaded, once for all of `f`'s calls).
-pub fn with_prefill<R>(target: Target, model: &Model, f: impl FnOnce(&dyn Prefill) -> Result<R>) -> Result<R> {
+/// Calls `f` with the prefill `target` describes over `weights` (a device model is built, and its
+/// weights uploaded, once for all of `f`'s calls; streamed weights upload each layer as it runs).
+pub fn with_prefill<R>(target: Target, weights: Weights, f: impl FnOnce(&dyn Prefill) -> Result<R>) -> Result<R> {
     match target.check()?.backend {
-        Backend::Cpu => f(model),
-        Backend::CpuOps => f(&forward::DeviceModel::new(&cpu::CpuOps, model)?),
-        Backend::Cuda | Backend::CudaEmu => on_cuda(target, model, f),
+        Backend::Cpu => f(&weights),
+        Backend::CpuOps => f(&device_model(&cpu::CpuOps, weights)?),
+        Backend::Cuda | Backend::CudaEmu => on_cuda(target, weights, f),
+    }
+}
+
+/// The device model of `weights` on `ops`: resident, or streamed layer by layer.
+fn device_model<'m, O: Ops>(ops: &'m O, weights: Weights<'m>) -> Result<forward::DeviceModel<'m, O>> {
+    match weights {
+        Weights::Resident(model) => forward::DeviceModel::new(ops, model),
+        Weights::Streamed(ckpt) => forward::DeviceModel::streamed(ops, ckpt),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn on_cuda<R>(target: Target, model: &Model, f: impl FnOnce(&dyn Prefill) -> Result<R>) -> Result<R> {
+fn on_cuda<R>(target: Target, weights: Weights, f: impl FnOnce(&dyn Prefill) -> Result<R>) -> Result<R> {
     let ops = cuda_ops(target)?;
-    f(&forward::DeviceModel::new(&ops, model)?)
+    f(&device_model(&ops, weights)?)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn on_cuda<R>(_: Target, _: &Model, _: impl FnOnce(&dyn Prefill) -> Result<R>) -> Result<R> {
+fn on_cuda<R>(_: Target, _: Weights, _: impl FnOnce(&dyn Prefill) -> Result<R>) -> Result<R> {
     Err(no_cuda())
 }
 

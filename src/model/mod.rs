@@ -156,14 +156,27 @@ impl Model {
             // The progress line is erased, as cargo's is: nothing of it stays in the shell.
             eprint!("\r\x1b[2K");
         }
-        let norm = RmsNorm::load(&mut l, "model.norm", h, cfg.rms_norm_eps);
-        let (head_name, tied) = (ckpt.head_name(), ckpt.tied_head());
-        let bf16 = l.bf16(head_name).filter(|w| (w.rows, w.cols) == (v, h));
-        let weight =
-            Weight::head(bf16, tied, || Ok(if tied { embed_tokens.clone() } else { l.get(head_name, &[v, h]) }))?;
-        let lm_head = Linear { weight, bias: None };
+        let (norm, lm_head) = Model::load_head(&mut l, Some(&embed_tokens))?;
         let model = Model { rotary: RotaryEmbedding::new(&cfg), config: cfg, embed_tokens, layers, norm, lm_head };
         l.finish(model)
+    }
+
+    /// The final norm and lm_head, as [`Model::load`] holds them (a bf16 head read in place); a
+    /// tied head is `embed_tokens`, read from the checkpoint where it is not given.
+    pub fn load_head(l: &mut Loader, embed_tokens: Option<&Tensor>) -> Result<(RmsNorm, Linear)> {
+        let ckpt: &Checkpoint = l.ckpt;
+        let cfg = &ckpt.config;
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let norm = RmsNorm::load(l, "model.norm", h, cfg.rms_norm_eps);
+        let (head_name, tied) = (ckpt.head_name(), ckpt.tied_head());
+        let bf16 = l.bf16(head_name).filter(|w| (w.rows, w.cols) == (v, h));
+        let weight = Weight::head(bf16, tied, || {
+            Ok(match embed_tokens.filter(|_| tied) {
+                Some(e) => e.clone(),
+                None => l.get(head_name, &[v, h]),
+            })
+        })?;
+        Ok((norm, Linear { weight, bias: None }))
     }
 
     /// How many hook points a forward pass can report (sizes dump headers).

@@ -154,7 +154,7 @@ pub fn open(o: &Open) -> Result<DumpSource> {
         false => None,
     };
     let mut final_norm = crate::hooks::Recorder::new(Selector::new("final_norm", None));
-    crate::device::with_prefill(target, &model, |p| {
+    crate::device::with_prefill(target, crate::model::Weights::Resident(&model), |p| {
         p.prefill(&tokens, &mut crate::hooks::Tee(&mut writer, &mut final_norm))
     })?;
     if let (Some(head), Some(h)) = (&head, final_norm.get(HookPoint::FinalNorm)) {

@@ -480,29 +480,35 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
     let only_in_reference =
         golden.names().into_iter().filter(|n| !produced.contains(n.as_str()) && in_window(n)).collect();
     let unchecked = unchecked(golden, w.config(), window);
-    v.attach_margins(w.config(), || match w {
+    v.attach_margins(w.config(), || routers(w));
+    Ok(v.into_report(only_in_reference, unchecked, opts))
+}
+
+/// The routers of the main model `w` (for the reference's margins).
+fn routers(w: Weights) -> Option<Routers> {
+    match w {
         Weights::Resident(m) => Some(Routers::of_layers(&m.config, &m.layers)),
         // Margins are advice on a finished comparison: a bias that cannot be read leaves them unknown.
         Weights::Streamed(c) => Routers::read(c).ok(),
-    });
-    Ok(v.into_report(only_in_reference, unchecked, opts))
+    }
 }
 
 /// A prefill (the CPU model, or the device forward pass on some backend) against a reference
 /// dump: every main-model tensor the dump holds, with `opts`' replay and isolation (no layer
-/// window, no MTP head). `model` is the one `p` runs: its depth leaves the MTP layer's
+/// window, no MTP head). `w` is the model `p` runs: its depth leaves the MTP layer's
 /// `layers.{N}.*` out of what must be produced, and its routers give the reference's margins.
 pub fn verify_prefill(
     p: &dyn crate::device::Prefill,
-    model: &Model,
+    w: Weights,
     golden: &Dump,
     opts: &VerifyOptions,
 ) -> Result<Report> {
-    let layers = model.layers.len();
-    let mut v = Verifier::with_options(golden, opts, &model.config);
+    let config = w.config();
+    let layers = config.num_hidden_layers;
+    let mut v = Verifier::with_options(golden, opts, config);
     let tokens = golden.tokens()?;
     v.replay = opts.replay;
-    v.isolate = opts.isolate.then_some([tokens.batch, tokens.seq, model.config.hidden_size]);
+    v.isolate = opts.isolate.then_some([tokens.batch, tokens.seq, config.hidden_size]);
     p.prefill(&tokens, &mut v)?;
     let produced: BTreeSet<&str> = v.results.iter().map(|c| c.name.as_str()).collect();
     let only_in_reference = golden
@@ -513,8 +519,8 @@ pub fn verify_prefill(
             !name.starts_with("mtp.") && HookPoint::parse(name).and_then(|p| p.layer()).is_none_or(|i| i < layers)
         })
         .collect();
-    v.attach_margins(&model.config, || Some(Routers::of_layers(&model.config, &model.layers)));
-    let unchecked = unchecked(golden, &model.config, 0..=layers - 1);
+    v.attach_margins(config, || routers(w));
+    let unchecked = unchecked(golden, config, 0..=layers - 1);
     Ok(v.into_report(only_in_reference, unchecked, opts))
 }
 

@@ -108,7 +108,8 @@ pub fn assert_device_matches_every_golden_case<O: glimpse::device::Ops>(ops: &O)
         let model = glimpse::model::Model::load(&glimpse::checkpoint::Checkpoint::open(&dir).unwrap()).unwrap();
         let golden = glimpse::dump::Dump::open(&dir.join("reference.safetensors")).unwrap();
         let device = glimpse::device::forward::DeviceModel::new(ops, &model).unwrap();
-        let r = verify_prefill(&device, &model, &golden, &Default::default()).unwrap();
+        let r =
+            verify_prefill(&device, glimpse::model::Weights::Resident(&model), &golden, &Default::default()).unwrap();
         let bad: Vec<String> = r.results.iter().filter(|c| !c.ok).map(format_line).collect();
         assert!(bad.is_empty(), "{case}:\n{}", bad.join("\n"));
         assert!(r.only_in_reference.is_empty(), "{case}: not produced: {:?}", r.only_in_reference);
@@ -117,6 +118,43 @@ pub fn assert_device_matches_every_golden_case<O: glimpse::device::Ops>(ops: &O)
         );
         println!("{case}: {} tensors match", r.results.len());
     }
+}
+
+/// A streamed device model (`DeviceModel::streamed`: each layer uploaded as the run reaches it,
+/// the prompt's embedding rows read on the host) records every hook point of `case`'s reference
+/// tokens, the indexer's scores and the router's extras included, bit for bit as `resident` (the
+/// same ops with every weight uploaded at once) does: the same hook points, from `input_ids` and
+/// `embeddings` through every layer's output to the logits.
+#[allow(dead_code)]
+pub fn assert_streamed_records_as_resident<O: glimpse::device::Ops>(case: &str, resident: &O, streamed: &O) {
+    use glimpse::device::forward::DeviceModel;
+    use glimpse::hooks::{HookPoint, LayerHook, Recorder, Selector};
+    let dir = golden(case);
+    let ckpt = glimpse::checkpoint::Checkpoint::open(&dir).unwrap();
+    let model = glimpse::model::Model::load(&ckpt).unwrap();
+    let tokens = glimpse::dump::Dump::open(&dir.join("reference.safetensors")).unwrap().tokens().unwrap();
+    let record = |p: &dyn glimpse::device::Prefill| {
+        let mut r = Recorder::new(Selector::new("*,*.dsa.scores", None));
+        p.prefill(&tokens, &mut r).unwrap();
+        r.tensors
+    };
+    let whole = record(&DeviceModel::new(resident, &model).unwrap());
+    let layer_by_layer = record(&DeviceModel::streamed(streamed, &ckpt).unwrap());
+    let points: Vec<HookPoint> = whole.iter().map(|(p, _)| *p).collect();
+    assert_eq!(points, layer_by_layer.iter().map(|(p, _)| *p).collect::<Vec<_>>(), "{case}");
+    let n = ckpt.config.num_hidden_layers;
+    let ends = [HookPoint::InputIds, HookPoint::Embeddings, HookPoint::Logits];
+    let outputs = (0..n).map(|i| HookPoint::Layer(i, LayerHook::Output));
+    assert!(ends.into_iter().chain(outputs).all(|p| points.contains(&p)), "{case}: {points:?}");
+    let bits = |t: &candle_core::Tensor| -> Vec<u64> {
+        let v = t.flatten_all().unwrap().to_dtype(candle_core::DType::F64).unwrap().to_vec1::<f64>().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    };
+    for ((p, a), (_, b)) in whole.iter().zip(&layer_by_layer) {
+        assert_eq!(a.dims(), b.dims(), "{case}: {}", p.name());
+        assert!(bits(a) == bits(b), "{case}: {} differs", p.name());
+    }
+    println!("{case}: {} hook points the same", whole.len());
 }
 
 /// A prompt no longer than `index_topk` keeps every causal key, so a forward pass need not score
