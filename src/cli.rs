@@ -103,7 +103,8 @@ pub(crate) enum Command {
         chunk: u64,
         /// Where the forward pass runs: `cpu-ops` is the GPU path's code on the host; `cuda` needs a
         /// build with `--features cuda` and a GPU, `cuda-emu` that build. Each compares the main
-        /// forward (the MTP head on the CPU), with --isolate, --force-* and --stream.
+        /// forward (the MTP head on the CPU, not with --stream), with --isolate, --force-* and
+        /// --stream.
         #[arg(long, value_enum, default_value_t = Backend::Cpu, conflicts_with_all = ["layers", "decode"])]
         device: Backend,
         #[command(flatten)]

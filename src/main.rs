@@ -258,11 +258,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     // checkpoint without it fails before the run.
                     let mtp = verify::has_mtp(&reference);
                     if stream && mtp {
-                        return Err(Error::Usage(
+                        return Err(Error::Usage(format!(
                             "the reference checks the MTP head, which --stream does not run (it needs the resident \
-                             model): drop --stream, or verify on the CPU with --stream --layers"
-                                .into(),
-                        ));
+                             model): drop --stream, or drop --device and give --stream --layers 0..{}",
+                            ckpt.config.num_hidden_layers - 1
+                        )));
                     }
                     let n = ckpt.config.num_hidden_layers;
                     let dims = (tokens.batch, tokens.seq);

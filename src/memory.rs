@@ -67,8 +67,8 @@ pub fn estimate_on(
 }
 
 /// What a streamed pass of `batch x seq` tokens on a device (`run --device ... --stream`) holds
-/// in host memory: the largest layer as loaded (at most its file pages), the final norm and
-/// lm_head as loaded, the activations as the CPU's, and the device's copies that live in host
+/// in host memory: the largest layer as loaded (its copies or its file pages, the larger), the
+/// final norm and lm_head as loaded, the activations as the CPU's, and the device's copies that live in host
 /// memory ([`device_copies`] of one layer at a time).
 pub fn estimate_streamed_on(target: Target, ckpt: &Checkpoint, dims: (usize, usize), recording: Recording) -> Estimate {
     let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
@@ -149,10 +149,13 @@ pub fn check_device(
     if need <= free {
         return Ok(());
     }
+    let (held, try_instead) = match residency {
+        Residency::Whole => ("its weights take", "--stream, a checkpoint of fewer layers, fewer tokens"),
+        Residency::Streamed => ("the head and its largest layer take", "fewer tokens"),
+    };
     Err(Error::Device(format!(
-        "GPU {} has {} free of {}, and this run needs {}: its weights take {} there and its prefill's working set {} \
-         (of which logits {}), and cuBLAS and the kernels about {}; try a checkpoint of fewer layers, fewer tokens, \
-         or a GPU with more memory",
+        "GPU {} has {} free of {}, and this run needs {}: {held} {} there and its prefill's working set {} \
+         (of which logits {}), and cuBLAS and the kernels about {}; try {try_instead}, or a GPU with more memory",
         target.ordinal,
         gb(free),
         gb(total),
@@ -393,7 +396,8 @@ pub fn estimate(
         // One layer's copies or its file pages (a product reads the pages in place or packs
         // them, and the pages of a packed weight are not read again), and an lm_head chunk: the
         // CPU multiplies a chunk of its rows at a time, where a device pass holds it as loaded
-        // until it is uploaded (a tied one, as the embeddings' table).
+        // until it is uploaded (a tied one read in place when bf16, else as the embeddings' f32
+        // table).
         let biggest = window
             .clone()
             .map(|i| {
@@ -404,6 +408,9 @@ pub fn estimate(
             .unwrap_or(0);
         biggest
             + match passes {
+                Passes::Elsewhere if ckpt.tied_head() && ckpt.dtype(embed) == Some(Dtype::BF16) => {
+                    file_bytes(ckpt, embed)
+                }
                 Passes::Elsewhere if ckpt.tied_head() => table,
                 Passes::Elsewhere => head,
                 Passes::One | Passes::Many => 4 * 8192 * c.hidden_size as u64,

@@ -54,6 +54,9 @@ fn selftest_on_the_gpu_passes_every_golden_case_in_both_precisions() {
     assert_eq!(code, 0);
     let verdicts = |what: &str| text.lines().filter(|l| l.starts_with("verify ") && l.contains(what)).count();
     assert_eq!(verdicts("(cuda (GPU 0), float32)"), common::GOLDEN_CASES.len());
-    assert_eq!(verdicts("vs transformers with bf16 products"), common::GOLDEN_CASES.len());
+    assert_eq!(verdicts("(cuda (GPU 0), float32, --stream)"), common::GOLDEN_CASES.len());
+    // The masked attention's and the fused one's.
+    assert_eq!(verdicts("vs transformers with bf16 products"), 2 * common::GOLDEN_CASES.len());
+    assert_eq!(verdicts("fused attention vs transformers with bf16 products"), common::GOLDEN_CASES.len());
     assert!(!text.contains("FAILED"));
 }

@@ -163,6 +163,9 @@ fn the_device_flag_runs_the_device_path_in_every_command() {
         .filter(|n| !n.starts_with("mtp.") && !n.starts_with(&format!("layers.{layers}.")))
         .count();
     assert!(text.contains(&format!("golden/mtp (cpu-ops): {main} of {main} tensors match")), "{text}");
+    assert!(text.contains(&format!("golden/mtp (cpu-ops, --stream): {main} of {main} tensors match")), "{text}");
+    let streamed = text.lines().filter(|l| l.starts_with("verify ") && l.contains("(cpu-ops, --stream)")).count();
+    assert_eq!(streamed, common::GOLDEN_CASES.len(), "{text}");
     assert!(!text.contains("FAILED"), "{text}");
 }
 

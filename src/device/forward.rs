@@ -27,7 +27,6 @@ use crate::checkpoint::{Checkpoint, Loader};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, LayerHook, Observer};
-use crate::model::layer::DecoderLayer;
 use crate::model::moe::RouterConfig;
 use crate::model::rope::RotaryEmbedding;
 use crate::model::stream::{self, Weights};
@@ -136,9 +135,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
                 layers.get(i).map(LayerOnDevice::Resident).ok_or_else(|| Error::Device(format!("no layer {i}")))
             }
             DWeights::Streamed(ckpt) => {
-                let mut l = Loader::new(ckpt);
-                let layer = DecoderLayer::load(&mut l, self.config, i);
-                let layer = l.finish(layer)?;
+                let layer = stream::load_layer(ckpt, i)?;
                 let uploaded = upload_layer(self.ops, &layer)?;
                 drop(layer);
                 ckpt.release(&format!("model.layers.{i}."));
@@ -296,7 +293,9 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
                 h
             }
             // The prompt's rows only, as the CPU's streamed run reads them (reporting both hook points).
-            DWeights::Streamed(ckpt) => self.feed(&stream::embed(Weights::Streamed(ckpt), tokens, obs)?, t * hd)?,
+            DWeights::Streamed(ckpt) => {
+                self.ops.upload(&values(&stream::embed(Weights::Streamed(ckpt), tokens, obs)?)?)?
+            }
         };
         let rope = self.rope_tables(s)?;
         let Rope { cos, sin, half, .. } = &*rope;

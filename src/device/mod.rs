@@ -159,7 +159,7 @@ pub trait Prefill {
 
 impl Prefill for Model {
     fn prefill(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
-        self.forward(tokens, obs)
+        Weights::Resident(self).prefill(tokens, obs)
     }
     fn prefill_through(&self, tokens: &Tokens, last: usize, obs: &mut dyn Observer) -> Result<()> {
         Weights::Resident(self).prefill_through(tokens, last, obs)

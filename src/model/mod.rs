@@ -162,7 +162,10 @@ impl Model {
     }
 
     /// The final norm and lm_head, as [`Model::load`] holds them (a bf16 head read in place); a
-    /// tied head is `embed_tokens`, read from the checkpoint where it is not given.
+    /// tied head is `embed_tokens`, which is also kept as f32 for the CPU's products where it is
+    /// given. Without it (a device's streamed model, which uploads the head as stored) a tied bf16
+    /// head is read in place as an untied one is, and only a tied head of another dtype is read
+    /// as f32.
     pub fn load_head(l: &mut Loader, embed_tokens: Option<&Tensor>) -> Result<(RmsNorm, Linear)> {
         let ckpt: &Checkpoint = l.ckpt;
         let cfg = &ckpt.config;
@@ -170,7 +173,7 @@ impl Model {
         let norm = RmsNorm::load(l, "model.norm", h, cfg.rms_norm_eps);
         let (head_name, tied) = (ckpt.head_name(), ckpt.tied_head());
         let bf16 = l.bf16(head_name).filter(|w| (w.rows, w.cols) == (v, h));
-        let weight = Weight::head(bf16, tied, || {
+        let weight = Weight::head(bf16, tied && embed_tokens.is_some(), || {
             Ok(match embed_tokens.filter(|_| tied) {
                 Some(e) => e.clone(),
                 None => l.get(head_name, &[v, h]),
