@@ -278,6 +278,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             let layers = 0..=n - 1 + usize::from(mtp);
                             let est = memory::estimate_on(target, &ckpt, dims, &layers, memory::Recording::Nothing);
                             memory::check(&est, max_memory, "--stream, or a --layers window on the CPU")?;
+                            let rec = memory::Recording::compared(&reference);
+                            memory::check_gpu(&ckpt, dims, rec, target, memory::Residency::Whole)?;
                             Weights::Resident(resident.insert(Model::load(&ckpt)?))
                         }
                     };

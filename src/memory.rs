@@ -549,8 +549,8 @@ pub fn check_streamed_run(
     check_gpu(ckpt, (batch, seq), recording, target, Residency::Streamed)
 }
 
-/// [`check_device`] where `target` is a GPU.
-fn check_gpu(ckpt: &Checkpoint, dims: (usize, usize), rec: Recording, target: Target, res: Residency) -> Result<()> {
+/// [`check_device`] where `target` is a GPU (its free memory read now).
+pub fn check_gpu(ckpt: &Checkpoint, dims: (usize, usize), rec: Recording, target: Target, res: Residency) -> Result<()> {
     let scores = matches!(rec, Recording::Hooks { scores: true, .. });
     match crate::device::gpu_memory(target)? {
         Some(memory) => check_device(ckpt, dims, (target, scores, res), memory),
