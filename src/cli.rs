@@ -176,6 +176,10 @@ pub(crate) enum Command {
         /// Text for the live run, encoded with the model's tokenizer.json as it stands (no special tokens added).
         #[arg(long, conflicts_with = "dump")]
         prompt: Option<String>,
+        /// The live run loads each layer just before it runs and releases it after: memory of
+        /// about one layer (with --device, on the device too). Not the MTP head.
+        #[arg(long, conflicts_with = "dump")]
+        stream: bool,
         /// Where the live run goes (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
         #[arg(long, value_enum, default_value_t = Backend::Cpu, conflicts_with = "dump")]
         device: Backend,

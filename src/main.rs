@@ -443,7 +443,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", report.render());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Tui { model, golden, dump, tokens, prompt, device, gpu, atol, rtol, near_tie } => {
+        Command::Tui { model, golden, dump, tokens, prompt, stream, device, gpu, atol, rtol, near_tie } => {
             let model = model.or_else(|| dump.is_none().then(default_case));
             let target = gpu.target(device)?;
             // The run or the comparison comes before the first screen: said while it lasts.
@@ -465,6 +465,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 prompt: prompt.as_deref(),
                 max_memory,
                 target,
+                stream,
                 near_tie,
                 tol: tolerance(target, atol, rtol),
             });

@@ -535,8 +535,9 @@ pub fn check_run(
     check_gpu(ckpt, (batch, seq), recording, target, Residency::Whole)
 }
 
-/// [`check_run`] for a streamed pass on a device (`run --device ... --stream`): the host's
-/// [`estimate_streamed_on`], and the GPU's memory against one layer's weights at a time.
+/// [`check_run`] for a streamed pass (`--stream`): on the CPU its streamed [`estimate`] of one
+/// pass; on a device the host's [`estimate_streamed_on`], and the GPU's memory against one
+/// layer's weights at a time.
 pub fn check_streamed_run(
     ckpt: &Checkpoint,
     (batch, seq): (usize, usize),
@@ -545,12 +546,25 @@ pub fn check_streamed_run(
     max: Option<u64>,
     hint: &str,
 ) -> Result<()> {
-    check(&estimate_streamed_on(target, ckpt, (batch, seq), recording), max, hint)?;
+    let est = match target.backend {
+        Backend::Cpu => {
+            let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
+            estimate(ckpt, (batch, seq), &all, true, recording, Passes::One)
+        }
+        _ => estimate_streamed_on(target, ckpt, (batch, seq), recording),
+    };
+    check(&est, max, hint)?;
     check_gpu(ckpt, (batch, seq), recording, target, Residency::Streamed)
 }
 
 /// [`check_device`] where `target` is a GPU (its free memory read now).
-pub fn check_gpu(ckpt: &Checkpoint, dims: (usize, usize), rec: Recording, target: Target, res: Residency) -> Result<()> {
+pub fn check_gpu(
+    ckpt: &Checkpoint,
+    dims: (usize, usize),
+    rec: Recording,
+    target: Target,
+    res: Residency,
+) -> Result<()> {
     let scores = matches!(rec, Recording::Hooks { scores: true, .. });
     match crate::device::gpu_memory(target)? {
         Some(memory) => check_device(ckpt, dims, (target, scores, res), memory),

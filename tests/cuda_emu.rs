@@ -328,6 +328,7 @@ fn the_tui_in_bf16_takes_the_bf16_reference_and_tolerance() {
         prompt: None,
         max_memory: None,
         target,
+        stream: false,
         near_tie: None,
         tol: Precision::Bf16.tolerance(),
     })

@@ -173,6 +173,7 @@ fn the_live_run_can_go_through_the_device_path() {
         prompt: None,
         max_memory: None,
         target: glimpse::device::Backend::CpuOps.into(),
+        stream: false,
         near_tie: None,
         tol: Default::default(),
     })
@@ -184,6 +185,53 @@ fn the_live_run_can_go_through_the_device_path() {
         app.set_view(view);
         assert!(screen(&app, &src, 80, 24).contains("q quit"));
     }
+}
+
+/// `tui --stream`: the live run reads each layer as it reaches it (on the CPU, and on the device
+/// path one layer there at a time), draws every view as the run without it draws them, and says
+/// so in its title; of a reference that checks the MTP head, which a streamed run does not run,
+/// the title says that too.
+#[test]
+fn a_streamed_live_run_shows_what_the_resident_one_shows() {
+    let _one_live_run_at_a_time = LIVE.lock();
+    let open = |model: &Path, backend: glimpse::device::Backend, stream: bool| {
+        glimpse::tui_source::open(&glimpse::tui_source::Open {
+            model: Some(model),
+            golden: None,
+            dump: None,
+            tokens: None,
+            prompt: None,
+            max_memory: None,
+            target: backend.into(),
+            stream,
+            near_tie: None,
+            tol: Default::default(),
+        })
+        .unwrap()
+    };
+    let screens = |src: &DumpSource| -> Vec<String> {
+        let mut app = App::default();
+        View::ALL
+            .iter()
+            .map(|&v| {
+                app.set_view(v);
+                // (The first line is the title.)
+                screen(&app, src, 100, 24).lines().skip(1).collect::<Vec<_>>().join("\n")
+            })
+            .collect()
+    };
+    for (backend, label) in
+        [(glimpse::device::Backend::Cpu, "live"), (glimpse::device::Backend::CpuOps, "live, cpu-ops, float32")]
+    {
+        let (whole, streamed) = (open(&flat(), backend, false), open(&flat(), backend, true));
+        assert_eq!(screens(&whole), screens(&streamed), "{label}");
+        let s = screen(&App::default(), &streamed, 100, 24);
+        assert!(s.contains(&format!("({label}, streamed) vs reference")), "{s}");
+        assert!(streamed.layers().iter().all(|l| l.status.label() == "match"), "{s}");
+    }
+    let mtp = open(&flat().with_file_name("mtp"), glimpse::device::Backend::Cpu, true);
+    let s = screen(&App::default(), &mtp, 120, 24);
+    assert!(s.contains("(live, streamed: the MTP head not run) vs reference"), "{s}");
 }
 
 /// The live run of `golden/mtp`, whose reference checks the MTP head, runs the head too: its
@@ -199,6 +247,7 @@ fn the_live_run_of_a_reference_with_the_mtp_head_runs_it() {
         prompt: None,
         max_memory: None,
         target: glimpse::device::Backend::Cpu.into(),
+        stream: false,
         near_tie: None,
         tol: Default::default(),
     })
@@ -227,6 +276,7 @@ fn a_live_run_of_other_tokens_runs_without_the_folders_reference() {
             prompt: None,
             max_memory: None,
             target: glimpse::device::Backend::Cpu.into(),
+            stream: false,
             near_tie: None,
             tol: Default::default(),
         })
@@ -394,6 +444,7 @@ fn open_dump(model: Option<&Path>, golden: Option<&Path>, dump: &Path) -> glimps
         prompt: None,
         max_memory: None,
         target: glimpse::device::Backend::Cpu.into(),
+        stream: false,
         near_tie: None,
         tol: Default::default(),
     })
@@ -410,6 +461,7 @@ fn open_port(model: Option<&Path>, tol: glimpse::compare::Tolerance) -> DumpSour
         prompt: None,
         max_memory: None,
         target: glimpse::device::Backend::Cpu.into(),
+        stream: false,
         near_tie: None,
         tol,
     })

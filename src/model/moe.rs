@@ -75,6 +75,15 @@ impl Routers {
         Routers { config: RouterConfig::new(cfg), bias }
     }
 
+    /// The routers of the model `w` runs: a loaded model's layers', or read from the checkpoint
+    /// a streamed run reads ([`Routers::read`]).
+    pub fn of_weights(w: super::Weights) -> Result<Self> {
+        match w {
+            super::Weights::Resident(m) => Ok(Routers::of_layers(&m.config, &m.layers)),
+            super::Weights::Streamed(c) => Routers::read(c),
+        }
+    }
+
     /// Read from a checkpoint without loading it: every layer that has a correction bias (the
     /// MTP layers' too).
     pub fn read(ckpt: &Checkpoint) -> Result<Self> {

@@ -11,7 +11,7 @@ use crate::dump::{self, Dump, DumpWriter};
 use crate::error::{Context, Error, Result};
 use crate::hooks::{HookPoint, Selector};
 use crate::model::moe::Routers;
-use crate::model::{Model, Tokens};
+use crate::model::{Model, Tokens, Weights};
 
 /// What the TUI opens (`glimpse tui`'s arguments).
 pub struct Open<'a> {
@@ -24,6 +24,9 @@ pub struct Open<'a> {
     pub prompt: Option<&'a str>,
     pub max_memory: Option<u64>,
     pub target: crate::device::Target,
+    /// The live run reads each layer just before it runs and releases it after (`--stream`: on
+    /// a device, one layer's weights there at a time).
+    pub stream: bool,
     /// Flips whose margins on both sides are below this are near-ties (default: `diff`'s).
     pub near_tie: Option<f64>,
     /// The comparison's tolerance.
@@ -50,7 +53,7 @@ fn misfit(d: &Dump, cfg: &crate::config::Config) -> Option<String> {
 /// Opens the TUI's data: a recorded dump as it is, or a live run of a model recorded into a
 /// temporary dump; with the reference when there is one.
 pub fn open(o: &Open) -> Result<DumpSource> {
-    let Open { model, golden, dump, tokens, prompt, max_memory, target, near_tie, tol } = *o;
+    let Open { model, golden, dump, tokens, prompt, max_memory, target, stream, near_tie, tol } = *o;
     let mut opts = DiffOptions { tol, near_tie: near_tie.unwrap_or(tol.near_tie()), ..DiffOptions::default() };
     let dir = match (dump, model) {
         (Some(path), model) => {
@@ -129,15 +132,20 @@ pub fn open(o: &Open) -> Result<DumpSource> {
             (reference, golden, skipped) = (None, None, ", no reference: it ran other tokens");
         }
     }
-    crate::memory::check_run(
-        &ckpt,
-        (tokens.batch, tokens.seq),
-        crate::memory::Recording::of(&Selector::default(), ckpt.config.num_hidden_layers),
-        target,
-        max_memory,
-        "fewer tokens",
-    )?;
-    let model = Model::load(&ckpt)?;
+    let n = ckpt.config.num_hidden_layers;
+    let (dims, recording) = ((tokens.batch, tokens.seq), crate::memory::Recording::of(&Selector::default(), n));
+    let mut resident = None;
+    let weights = match stream {
+        true => {
+            crate::memory::check_streamed_run(&ckpt, dims, recording, target, max_memory, "fewer tokens")?;
+            crate::model::stream::check_streamed(&ckpt, &(0..=n - 1))?;
+            Weights::Streamed(&ckpt)
+        }
+        false => {
+            crate::memory::check_run(&ckpt, dims, recording, target, max_memory, "fewer tokens, or --stream")?;
+            Weights::Resident(resident.insert(Model::load(&ckpt)?))
+        }
+    };
     // Named by process and by call: two live runs of one process (tests in threads) must not
     // share the file.
     static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -145,29 +153,36 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     sweep_live_dumps(&std::env::temp_dir());
     let tmp = std::env::temp_dir().join(format!("{LIVE_PREFIX}{}-{call}.safetensors", std::process::id()));
     let owned = crate::output::Removal::new(tmp.clone());
-    let mut writer = DumpWriter::create(&tmp, Selector::default(), model.max_hook_points())?;
+    let mut writer = DumpWriter::create(&tmp, Selector::default(), crate::hooks::max_points(n))?;
     // A reference that checks the MTP head (`golden/mtp`) gets it run too (on the CPU), from our
     // final-norm hidden state, as `verify` and `run --mtp` do, where the checkpoint has the head
-    // (a quantised release may drop it: the main model is still compared).
-    let head = match reference.as_ref().is_some_and(crate::verify::has_mtp) && crate::model::mtp::Mtp::present(&ckpt) {
-        true => Some(crate::model::mtp::Mtp::load(&ckpt)?),
-        false => None,
+    // (a quantised release may drop it: the main model is still compared). Not streamed: the
+    // head needs the resident model, and the title says it did not run.
+    let checks_mtp = reference.as_ref().is_some_and(crate::verify::has_mtp) && crate::model::mtp::Mtp::present(&ckpt);
+    let head = match (checks_mtp, weights) {
+        (true, Weights::Resident(model)) => Some((model, crate::model::mtp::Mtp::load(&ckpt)?)),
+        _ => None,
     };
     let mut final_norm = crate::hooks::Recorder::new(Selector::new("final_norm", None));
-    crate::device::with_prefill(target, crate::model::Weights::Resident(&model), |p| {
+    crate::device::with_prefill(target, weights, |p| {
         p.prefill(&tokens, &mut crate::hooks::Tee(&mut writer, &mut final_norm))
     })?;
-    if let (Some(head), Some(h)) = (&head, final_norm.get(HookPoint::FinalNorm)) {
-        head.forward(&model, &h.narrow(1, 0, tokens.seq.saturating_sub(1))?, &tokens, &mut writer)?;
+    if let (Some((model, head)), Some(h)) = (&head, final_norm.get(HookPoint::FinalNorm)) {
+        head.forward(model, &h.narrow(1, 0, tokens.seq.saturating_sub(1))?, &tokens, &mut writer)?;
     }
     writer.finish(&dump::metadata("glimpse live run", Some(&ckpt.config_bytes), None))?;
     // Mapped, the dump outlives its name: removing the file now leaves none behind, however the
     // TUI ends (a kill included).
     let ours = Dump::open(&tmp)?;
     drop(owned);
+    let streamed = match (stream, checks_mtp) {
+        (false, _) => "",
+        (true, false) => ", streamed",
+        (true, true) => ", streamed: the MTP head not run",
+    };
     let live = match (target.backend, &head) {
-        (crate::device::Backend::Cpu, _) => format!("live{skipped}"),
-        (_, None) => format!("live, {}{skipped}", target.describe()),
+        (crate::device::Backend::Cpu, _) => format!("live{streamed}{skipped}"),
+        (_, None) => format!("live, {}{streamed}{skipped}", target.describe()),
         (_, Some(_)) => format!("live, {}, the MTP head on the CPU{skipped}", target.describe()),
     };
     let title = match &golden {
@@ -176,7 +191,7 @@ pub fn open(o: &Open) -> Result<DumpSource> {
         None => format!("{} ({live})", dir.display()),
     };
     // The routers recompute the reference's routing margins from its gate logits.
-    opts.routers = Some(Routers::of_layers(&model.config, &model.layers));
+    opts.routers = Some(Routers::of_weights(weights)?);
     opts.config = Some(ckpt.config.clone());
     opts.checkpoint = Some(ckpt.clone());
     // A reference another model ran compares nothing that lines up: said in the status line.

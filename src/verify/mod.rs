@@ -484,13 +484,10 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
     Ok(v.into_report(only_in_reference, unchecked, opts))
 }
 
-/// The routers of the main model `w` (for the reference's margins).
+/// The routers of the main model `w` (for the reference's margins). Margins are advice on a
+/// finished comparison: a bias that cannot be read leaves them unknown.
 fn routers(w: Weights) -> Option<Routers> {
-    match w {
-        Weights::Resident(m) => Some(Routers::of_layers(&m.config, &m.layers)),
-        // Margins are advice on a finished comparison: a bias that cannot be read leaves them unknown.
-        Weights::Streamed(c) => Routers::read(c).ok(),
-    }
+    Routers::of_weights(w).ok()
 }
 
 /// A prefill (the CPU model, or the device forward pass on some backend) against a reference
