@@ -96,7 +96,8 @@ pub fn run(
     let ckpt = Checkpoint::open(model_dir)?;
     // (The recorded passes record what a dump records by default.)
     let recording = crate::memory::Recording::of(&Default::default(), ckpt.config.num_hidden_layers);
-    crate::memory::check_run(&ckpt, (1, tokens), recording, Backend::Cpu.into(), max_memory, "fewer --tokens")?;
+    let cpu = (Backend::Cpu.into(), crate::memory::Residency::Whole);
+    crate::memory::check_run(&ckpt, (1, tokens), recording, cpu, max_memory, "fewer --tokens")?;
     let model = Model::load(&ckpt)?;
     let load_s = t0.elapsed().as_secs_f64();
     let stored = match ckpt.dtype("model.layers.0.self_attn.q_a_proj.weight") {

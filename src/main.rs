@@ -270,7 +270,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     let weights = match stream {
                         true => {
                             let (rec, hint) = (memory::Recording::compared(&reference), "a --layers window on the CPU");
-                            memory::check_streamed_run(&ckpt, dims, rec, target, max_memory, hint)?;
+                            memory::check_run(
+                                &ckpt,
+                                dims,
+                                rec,
+                                (target, memory::Residency::Streamed),
+                                max_memory,
+                                hint,
+                            )?;
                             glimpse::model::stream::check_streamed(&ckpt, &(0..=n - 1))?;
                             Weights::Streamed(&ckpt)
                         }
@@ -425,7 +432,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     &ckpt,
                     (1, tokens),
                     memory::Recording::Nothing,
-                    target,
+                    (target, memory::Residency::Whole),
                     max_memory,
                     "fewer --tokens",
                 )?;
@@ -654,7 +661,8 @@ fn verify_decode(
     max: Option<u64>,
 ) -> Result<ExitCode> {
     let (dims, cpu) = ((tokens.batch, tokens.seq), Backend::Cpu.into());
-    memory::check_run(ckpt, dims, memory::Recording::ALL, cpu, max, "a reference of fewer tokens")?;
+    let whole = memory::Residency::Whole;
+    memory::check_run(ckpt, dims, memory::Recording::ALL, (cpu, whole), max, "a reference of fewer tokens")?;
     let model = &Model::load(ckpt)?;
     println!("{}", glimpse::generate::cache_report(model, tokens.batch, tokens.seq, false));
     let report = glimpse::decode_check::check(model, tokens, chunk, tol)?;

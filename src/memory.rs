@@ -520,41 +520,51 @@ pub(crate) fn numel(ckpt: &Checkpoint, name: &str) -> u64 {
     ckpt.shape(name).map_or(0, |s| s.iter().product::<usize>() as u64)
 }
 
-/// Estimates a whole-model resident run of `batch x seq` tokens on `target` and refuses it past
-/// `max`; `hint` says what the command can do instead (e.g. "fewer tokens").
+/// Estimates a whole-model run of `batch x seq` tokens on `target`, its layers loaded once or
+/// streamed (`--stream`: on the CPU its streamed [`estimate`]; on a device the host's
+/// [`estimate_streamed_on`], and the GPU's memory against one layer's weights at a time), and
+/// refuses it past `max`; `hint` says what the command can do instead (e.g. "fewer tokens").
 pub fn check_run(
     ckpt: &Checkpoint,
     (batch, seq): (usize, usize),
     recording: Recording,
-    target: Target,
+    (target, residency): (Target, Residency),
     max: Option<u64>,
     hint: &str,
 ) -> Result<()> {
-    let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
-    check(&estimate_on(target, ckpt, (batch, seq), &all, recording), max, hint)?;
-    check_gpu(ckpt, (batch, seq), recording, target, Residency::Whole)
-}
-
-/// [`check_run`] for a streamed pass (`--stream`): on the CPU its streamed [`estimate`] of one
-/// pass; on a device the host's [`estimate_streamed_on`], and the GPU's memory against one
-/// layer's weights at a time.
-pub fn check_streamed_run(
-    ckpt: &Checkpoint,
-    (batch, seq): (usize, usize),
-    recording: Recording,
-    target: Target,
-    max: Option<u64>,
-    hint: &str,
-) -> Result<()> {
-    let est = match target.backend {
-        Backend::Cpu => {
-            let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
-            estimate(ckpt, (batch, seq), &all, true, recording, Passes::One)
-        }
-        _ => estimate_streamed_on(target, ckpt, (batch, seq), recording),
+    let (dims, all) = ((batch, seq), 0..=ckpt.config.num_hidden_layers.saturating_sub(1));
+    let est = match (residency, target.backend) {
+        (Residency::Whole, _) => estimate_on(target, ckpt, dims, &all, recording),
+        (Residency::Streamed, Backend::Cpu) => estimate(ckpt, dims, &all, true, recording, Passes::One),
+        (Residency::Streamed, _) => estimate_streamed_on(target, ckpt, dims, recording),
     };
     check(&est, max, hint)?;
-    check_gpu(ckpt, (batch, seq), recording, target, Residency::Streamed)
+    check_gpu(ckpt, dims, recording, target, residency)
+}
+
+/// The weights a whole-model run of `dims` tokens recording `recording` runs on `target`, once
+/// [`check_run`] passes: streamed from `ckpt` a layer at a time (whose tensors are checked to be
+/// there first: a missing shard is named before the first layer), or loaded whole into
+/// `resident`.
+pub fn load_for_run<'a>(
+    ckpt: &'a Checkpoint,
+    resident: &'a mut Option<crate::model::Model>,
+    (dims, recording): ((usize, usize), Recording),
+    (target, residency): (Target, Residency),
+    max: Option<u64>,
+) -> Result<crate::model::Weights<'a>> {
+    let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
+    Ok(match residency {
+        Residency::Streamed => {
+            check_run(ckpt, dims, recording, (target, residency), max, "fewer tokens")?;
+            crate::model::stream::check_streamed(ckpt, &all)?;
+            crate::model::Weights::Streamed(ckpt)
+        }
+        Residency::Whole => {
+            check_run(ckpt, dims, recording, (target, residency), max, "fewer tokens, or --stream")?;
+            crate::model::Weights::Resident(resident.insert(crate::model::Model::load(ckpt)?))
+        }
+    })
 }
 
 /// [`check_device`] where `target` is a GPU (its free memory read now).
@@ -752,15 +762,29 @@ mod tests {
         // Each thread's blocks of scores count: the numbers below are for 2.
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         pool.install(|| {
-            assert!(check_run(&ckpt, (1, 5003), Recording::Nothing, Backend::Cpu.into(), limit, "").is_err());
+            assert!(check_run(
+                &ckpt,
+                (1, 5003),
+                Recording::Nothing,
+                (Backend::Cpu.into(), Residency::Whole),
+                limit,
+                ""
+            )
+            .is_err());
             assert!(check_generate(&ckpt, (1, 3), 0, 5000, false, Recording::Nothing, limit).is_ok());
             // The cache still grows with the positions.
             assert!(check_generate(&ckpt, (1, 3), 0, 50_000, false, Recording::Nothing, limit).is_err());
             // Sizes whose products pass u64 (a dump's `input_ids` of 2^40 positions) are refused,
             // not wrapped into a small estimate.
-            assert!(
-                check_run(&ckpt, (1, 1 << 40), Recording::ALL, Backend::Cpu.into(), Some(u64::MAX - 1), "").is_err()
-            );
+            assert!(check_run(
+                &ckpt,
+                (1, 1 << 40),
+                Recording::ALL,
+                (Backend::Cpu.into(), Residency::Whole),
+                Some(u64::MAX - 1),
+                ""
+            )
+            .is_err());
         });
         let (plain, mtp) = (ckpt.config.cache_values_per_token(false).0, ckpt.config.cache_values_per_token(true).0);
         let c = &ckpt.config;

@@ -12,7 +12,7 @@ use glimpse::error::{Context, Error, Result};
 use glimpse::hooks::{NonFiniteWatch, Selector, Tee};
 use glimpse::memory;
 use glimpse::model::stream::{self, Start, Weights};
-use glimpse::model::{Model, Tokens};
+use glimpse::model::Tokens;
 
 use crate::cli::RunArgs;
 use crate::{load_weights, recording, scores_left_out, warn, warn_past_positions, Budget};
@@ -201,18 +201,8 @@ fn run_on_device(
     let n = ckpt.config.num_hidden_layers;
     let (recording, dims) = (memory::Recording::to(out, &selector, n), (tokens.batch, tokens.seq));
     let mut resident = None;
-    let weights = match stream {
-        true => {
-            memory::check_streamed_run(ckpt, dims, recording, device, max, "fewer tokens")?;
-            // Each layer is read as the run reaches it: a missing shard is named before the first.
-            stream::check_streamed(ckpt, &(0..=n - 1))?;
-            Weights::Streamed(ckpt)
-        }
-        false => {
-            memory::check_run(ckpt, dims, recording, device, max, "fewer tokens, or --stream")?;
-            Weights::Resident(resident.insert(Model::load(ckpt)?))
-        }
-    };
+    let residency = if stream { memory::Residency::Streamed } else { memory::Residency::Whole };
+    let weights = memory::load_for_run(ckpt, &mut resident, (dims, recording), (device, residency), max)?;
     let mut watch = NonFiniteWatch::default();
     let logits = match out {
         Some(path) => {

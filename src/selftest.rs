@@ -73,7 +73,7 @@ fn cases(
             &ckpt,
             (tokens.batch, tokens.seq),
             crate::memory::Recording::Nothing,
-            target,
+            (target, crate::memory::Residency::Whole),
             max,
             "a machine with more memory",
         )

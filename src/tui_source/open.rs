@@ -10,8 +10,9 @@ use crate::diff::DiffOptions;
 use crate::dump::{self, Dump, DumpWriter};
 use crate::error::{Context, Error, Result};
 use crate::hooks::{HookPoint, Selector};
+use crate::memory::Residency;
 use crate::model::moe::Routers;
-use crate::model::{Model, Tokens, Weights};
+use crate::model::{Tokens, Weights};
 
 /// What the TUI opens (`glimpse tui`'s arguments).
 pub struct Open<'a> {
@@ -135,17 +136,9 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     let n = ckpt.config.num_hidden_layers;
     let (dims, recording) = ((tokens.batch, tokens.seq), crate::memory::Recording::of(&Selector::default(), n));
     let mut resident = None;
-    let weights = match stream {
-        true => {
-            crate::memory::check_streamed_run(&ckpt, dims, recording, target, max_memory, "fewer tokens")?;
-            crate::model::stream::check_streamed(&ckpt, &(0..=n - 1))?;
-            Weights::Streamed(&ckpt)
-        }
-        false => {
-            crate::memory::check_run(&ckpt, dims, recording, target, max_memory, "fewer tokens, or --stream")?;
-            Weights::Resident(resident.insert(Model::load(&ckpt)?))
-        }
-    };
+    let residency = if stream { Residency::Streamed } else { Residency::Whole };
+    let weights =
+        crate::memory::load_for_run(&ckpt, &mut resident, (dims, recording), (target, residency), max_memory)?;
     // Named by process and by call: two live runs of one process (tests in threads) must not
     // share the file.
     static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
