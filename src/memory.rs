@@ -68,8 +68,8 @@ pub fn estimate_on(
 
 /// What a streamed pass of `batch x seq` tokens on a device (`run --device ... --stream`) holds
 /// in host memory: the largest layer as loaded (its copies or its file pages, the larger), the
-/// final norm and lm_head as loaded, the activations as the CPU's, and the device's copies that live in host
-/// memory ([`device_copies`] of one layer at a time).
+/// final norm and lm_head as loaded, the activations as the CPU's, and the device's copies that
+/// live in host memory ([`device_copies`] of one layer at a time).
 pub fn estimate_streamed_on(target: Target, ckpt: &Checkpoint, dims: (usize, usize), recording: Recording) -> Estimate {
     let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
     let mut est = estimate(ckpt, dims, &all, true, recording, Passes::Elsewhere);
