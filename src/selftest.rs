@@ -1,9 +1,10 @@
 //! `glimpse selftest`: what a user runs to trust this machine. It verifies every bundled golden
 //! case on the CPU (normal and isolated layers, the MTP head where the case has one), and with
 //! `--device cpu-ops` or `--device cuda` also through the device forward pass (`crate::device`)
-//! on that backend, whole and with its layers streamed (`--stream`). For `cuda` it first opens the GPU, compiles every kernel for it with NVRTC
-//! and checks each one, and the cuBLAS products, against their CPU references (`cuda::selftest`);
-//! `cuda-emu` does the same with the kernels' source run on the host (`cuda::emu`).
+//! on that backend, whole and with its layers streamed (`--stream`). For `cuda` it first opens
+//! the GPU, compiles every kernel for it with NVRTC and checks each one, and the cuBLAS products,
+//! against their CPU references (`cuda::selftest`); `cuda-emu` does the same with the kernels'
+//! source run on the host (`cuda::emu`).
 
 use std::path::Path;
 
