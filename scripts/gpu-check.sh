@@ -30,7 +30,8 @@
 # 3. When this machine's python has torch (with CUDA) and transformers: transformers' eager
 #    prefill of the same checkpoint and tokens in bf16, in both forms
 #    (scripts/transformers-prefill.py), and the speed ratios. Otherwise the table says so.
-# 4. With the time left: `selftest --kernels-only` under compute-sanitizer's memcheck and racecheck.
+# 4. With the time left: `selftest --kernels-only` under compute-sanitizer's memcheck and racecheck,
+#    then one-off `run`s of the benchmark's checkpoint in bf16, whole and with `--stream`, timed.
 # 5. Prints summary tables for docs/gpu-results.md, and the bf16 prefills' profiles. The logs are 8 files, the most the device tool
 #    brings back: a ninth would not come back.
 set -uo pipefail
@@ -216,6 +217,33 @@ elif [ "$device" = cuda ] && [ -n "$sanitizer" ]; then
     fi
   done
 fi
+# Last, with what time is left: one-off runs of the benchmark's checkpoint in bf16 (open, uploads,
+# prefill), whole and with --stream (one layer's weights on the GPU at a time, each uploaded as
+# the run reaches it): the pace of a checkpoint larger than the card, and the same next token.
+declare -A one_off next_token
+if [ -e "$ckpt/config.json" ]; then
+  ids=$(seq -s, 1 "$tokens")
+  for how in whole stream; do
+    flag=""; [ "$how" = stream ] && flag="--stream"
+    t0=$(date +%s.%N)
+    # shellcheck disable=SC2086 # the flag is a word or none
+    LOG=bench-bf16 step "run-$how" 60 "$glimpse" --max-memory "$max_memory" run --device "$device" --precision bf16 \
+      --model "$ckpt" --tokens "$ids" $flag
+    src=$?
+    secs=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$t0" "$(date +%s.%N)" 2>/dev/null)
+    token=$(sed -n 's/.*next token (greedy) \([0-9]*\).*/\1/p' "$logs/bench-bf16.log" | tail -n 1)
+    if [ $src -eq 0 ] && [ -n "$token" ]; then
+      one_off[$how]="$secs s, next token $token"
+      next_token[$how]=$token
+    else
+      one_off[$how]="FAILED (exit code $src, see bench-bf16.log)"; rc=1
+    fi
+  done
+  # The same arithmetic either way: a streamed run that picks another token is a failure.
+  if [ -n "${next_token[whole]:-}" ] && [ -n "${next_token[stream]:-}" ] && [ "${next_token[whole]}" != "${next_token[stream]}" ]; then
+    one_off[stream]+=" (NOT the whole run's)"; rc=1
+  fi
+fi
 {
 echo
 echo "$(date -u '+%F %H:%M UTC'), $("$glimpse" --version 2>/dev/null) ($built_from), scripts/gpu-check.sh with TOKENS=$tokens EXPERTS=$experts VOCAB=${VOCAB:-preset} DEVICE=$device PEAK_TFLOPS=$peak"
@@ -229,6 +257,7 @@ echo "| device memory | ${mem[f32]:-?} | ${mem[bf16]:-?} | ${mem[fused]:-?} |"
 echo "| device memory estimated before the runs | ${mem_est[f32]:-?} | ${mem_est[bf16]:-?} | ${mem_est[fused]:-?} |"
 echo "| transformers ${t_version:-} eager bf16 on $torch_device, every position's logits: ${t_median:-not measured} s | $(ratio "${t_median:-}" "${median[f32]:-}") | $(ratio "${t_median:-}" "${median[bf16]:-}") | $(ratio "${t_median:-}" "${median[fused]:-}") |"
 echo "| the same, logits_to_keep=1: ${t_median_last:-not measured} s | $(ratio "${t_median_last:-}" "${median_last[f32]:-}") | $(ratio "${t_median_last:-}" "${median_last[bf16]:-}") | $(ratio "${t_median_last:-}" "${median_last[fused]:-}") |"
+echo "| one-off run in bf16 (open, uploads, prefill): whole; --stream | | ${one_off[whole]:-not run}; ${one_off[stream]:-not run} | |"
 echo "| compute-sanitizer memcheck, kernels and products | ${sanitized[memcheck]} | | |"
 echo "| compute-sanitizer racecheck, kernels and products | ${sanitized[racecheck]} | | |"
 echo "total $(( $(date +%s) - start )) s"
