@@ -222,7 +222,7 @@ fn cuda(target: Target, scope: Scope, cases: Cases) -> Result<bool> {
     };
     let cases_ok = cases(&mut |case, model, golden| {
         let f32_ok = device_case(&f32_ops, &f32_name, (case, model, golden), &VerifyOptions::default())?
-            & streamed_case(&f32_ops, &f32_name, (case, golden))?;
+            & streamed_case(&f32_ops, &f32_name, (case, golden))?; // (`&`: both run)
         let path = case.join(crate::device::BF16_REFERENCE);
         let bf16_ok = if !path.is_file() {
             println!("verify {} ({bf16_name}): no {}  FAILED", case.display(), crate::device::BF16_REFERENCE);

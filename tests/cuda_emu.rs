@@ -155,7 +155,7 @@ fn a_streamed_model_holds_one_layer_at_a_time_on_the_emulated_gpu() {
     for case in ["fp8-sharded", "bf16-fused"] {
         for precision in [Precision::F32, Precision::Bf16] {
             let ops = || CudaOps::new(Gpu::emulated(), precision).unwrap();
-            common::assert_streamed_records_as_resident(case, &ops(), &ops());
+            common::assert_streamed_records_as_resident(case, &ops());
             let ckpt = glimpse::checkpoint::Checkpoint::open(&common::golden(case)).unwrap();
             let model = glimpse::model::Model::load(&ckpt).unwrap();
             let tokens = glimpse::dump::Dump::open(&common::golden(case).join("reference.safetensors"))
@@ -209,8 +209,9 @@ fn a_launch_with_a_short_buffer_is_refused() {
 }
 
 /// `glimpse selftest --device cuda-emu`: the kernels and products in both precisions, every
-/// golden case through the f32 path against transformers (whole and streamed), and the bf16 path (masked, then fused
-/// attention) against transformers with bf16 products; exit 0 only when all pass.
+/// golden case through the f32 path against transformers (whole and streamed), and the bf16 path
+/// (masked, then fused attention) against transformers with bf16 products; exit 0 only when all
+/// pass.
 #[test]
 fn selftest_on_the_emulation_passes_in_both_precisions() {
     let (code, text) = common::code_and_text(&["selftest", "--device", "cuda-emu"]);

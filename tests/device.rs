@@ -355,7 +355,7 @@ fn a_prompt_within_index_topk_is_not_scored_and_records_the_same() {
 #[test]
 fn a_streamed_device_model_records_as_the_resident_one() {
     for case in common::GOLDEN_CASES {
-        common::assert_streamed_records_as_resident(case, &CpuOps, &CpuOps);
+        common::assert_streamed_records_as_resident(case, &CpuOps);
     }
 }
 

@@ -20,7 +20,7 @@ use candle_core::{Device, Tensor};
 
 use super::profile::Profile;
 use super::weights::{
-    upload_layer, upload_linear, upload_norm, values, DAttention, DFfn, DIndexer, DLayer, DLinear, DMlp, LayerOnDevice,
+    upload_layer, upload_linear, upload_norm, values, DAttention, DFfn, DIndexer, DLayer, DLinear, DMlp,
 };
 use super::Ops;
 use crate::checkpoint::{Checkpoint, Loader};
@@ -127,21 +127,14 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         }
     }
 
-    /// Decoder layer `i` on the device: a resident model's, or read from the checkpoint and
-    /// uploaded now (its file pages released once uploaded).
-    fn layer(&self, i: usize) -> Result<LayerOnDevice<'_, O>> {
-        match &self.weights {
-            DWeights::Resident { layers, .. } => {
-                layers.get(i).map(LayerOnDevice::Resident).ok_or_else(|| Error::Device(format!("no layer {i}")))
-            }
-            DWeights::Streamed(ckpt) => {
-                let layer = stream::load_layer(ckpt, i)?;
-                let uploaded = upload_layer(self.ops, &layer)?;
-                drop(layer);
-                ckpt.release(&format!("model.layers.{i}."));
-                Ok(LayerOnDevice::Streamed(Box::new(uploaded)))
-            }
-        }
+    /// Decoder layer `i` of a streamed model, read from `ckpt` and uploaded now (its file pages
+    /// released once uploaded).
+    fn upload_streamed(&self, ckpt: &Checkpoint, i: usize) -> Result<DLayer<O>> {
+        let layer = stream::load_layer(ckpt, i)?;
+        let uploaded = upload_layer(self.ops, &layer)?;
+        drop(layer);
+        ckpt.release(&format!("model.layers.{i}."));
+        Ok(uploaded)
     }
 
     /// The RoPE tables of `seq` positions on the device, kept for the next prefill of that length
@@ -305,7 +298,16 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let mut progress = crate::progress::Steps::layers(0, count.saturating_sub(1));
         for i in 0..count {
             progress.step(i);
-            let layer = self.layer(i)?;
+            let streamed; // a streamed layer's weights, freed at the end of its turn
+            let layer = match &self.weights {
+                DWeights::Resident { layers, .. } => {
+                    layers.get(i).ok_or_else(|| Error::Device(format!("no layer {i}")))?
+                }
+                DWeights::Streamed(ckpt) => {
+                    streamed = self.upload_streamed(ckpt, i)?;
+                    &streamed
+                }
+            };
             let hook = |p| HookPoint::Layer(i, p);
             if let Some(given) = obs.isolated_input(i)? {
                 h = self.feed(&given, t * hd)?;

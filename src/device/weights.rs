@@ -174,20 +174,3 @@ pub(super) fn upload_layer<O: Ops>(ops: &O, layer: &DecoderLayer) -> Result<DLay
         ffn,
     })
 }
-
-/// A decoder layer on the device: one of the resident model's, or one a streamed model uploaded
-/// for its turn (freed when this is dropped).
-pub(super) enum LayerOnDevice<'a, O: Ops> {
-    Resident(&'a DLayer<O>),
-    Streamed(Box<DLayer<O>>),
-}
-
-impl<O: Ops> std::ops::Deref for LayerOnDevice<'_, O> {
-    type Target = DLayer<O>;
-    fn deref(&self) -> &DLayer<O> {
-        match self {
-            LayerOnDevice::Resident(l) => l,
-            LayerOnDevice::Streamed(l) => l,
-        }
-    }
-}

@@ -480,14 +480,9 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
     let only_in_reference =
         golden.names().into_iter().filter(|n| !produced.contains(n.as_str()) && in_window(n)).collect();
     let unchecked = unchecked(golden, w.config(), window);
-    v.attach_margins(w.config(), || routers(w));
+    // Margins are advice on a finished comparison: a bias that cannot be read leaves them unknown.
+    v.attach_margins(w.config(), || Routers::of_weights(w).ok());
     Ok(v.into_report(only_in_reference, unchecked, opts))
-}
-
-/// The routers of the main model `w` (for the reference's margins). Margins are advice on a
-/// finished comparison: a bias that cannot be read leaves them unknown.
-fn routers(w: Weights) -> Option<Routers> {
-    Routers::of_weights(w).ok()
 }
 
 /// A prefill (the CPU model, or the device forward pass on some backend) against a reference
@@ -516,7 +511,7 @@ pub fn verify_prefill(
             !name.starts_with("mtp.") && HookPoint::parse(name).and_then(|p| p.layer()).is_none_or(|i| i < layers)
         })
         .collect();
-    v.attach_margins(config, || routers(w));
+    v.attach_margins(config, || Routers::of_weights(w).ok()); // (as verify_with's)
     let unchecked = unchecked(golden, config, 0..=layers - 1);
     Ok(v.into_report(only_in_reference, unchecked, opts))
 }

@@ -122,11 +122,11 @@ pub fn assert_device_matches_every_golden_case<O: glimpse::device::Ops>(ops: &O)
 
 /// A streamed device model (`DeviceModel::streamed`: each layer uploaded as the run reaches it,
 /// the prompt's embedding rows read on the host) records every hook point of `case`'s reference
-/// tokens, the indexer's scores and the router's extras included, bit for bit as `resident` (the
-/// same ops with every weight uploaded at once) does: the same hook points, from `input_ids` and
-/// `embeddings` through every layer's output to the logits.
+/// tokens, the indexer's scores and the router's extras included, bit for bit as the model with
+/// every weight uploaded at once does, on the same `ops`: the same hook points, from `input_ids`
+/// and `embeddings` through every layer's output to the logits.
 #[allow(dead_code)]
-pub fn assert_streamed_records_as_resident<O: glimpse::device::Ops>(case: &str, resident: &O, streamed: &O) {
+pub fn assert_streamed_records_as_resident<O: glimpse::device::Ops>(case: &str, ops: &O) {
     use glimpse::device::forward::DeviceModel;
     use glimpse::hooks::{HookPoint, LayerHook, Recorder, Selector};
     let dir = golden(case);
@@ -138,8 +138,8 @@ pub fn assert_streamed_records_as_resident<O: glimpse::device::Ops>(case: &str, 
         p.prefill(&tokens, &mut r).unwrap();
         r.tensors
     };
-    let whole = record(&DeviceModel::new(resident, &model).unwrap());
-    let layer_by_layer = record(&DeviceModel::streamed(streamed, &ckpt).unwrap());
+    let whole = record(&DeviceModel::new(ops, &model).unwrap());
+    let layer_by_layer = record(&DeviceModel::streamed(ops, &ckpt).unwrap());
     let points: Vec<HookPoint> = whole.iter().map(|(p, _)| *p).collect();
     assert_eq!(points, layer_by_layer.iter().map(|(p, _)| *p).collect::<Vec<_>>(), "{case}");
     let n = ckpt.config.num_hidden_layers;
