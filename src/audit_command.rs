@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use glimpse::error::{Error, Result};
+use glimpse::memory::Residency;
 
 use crate::cli::AuditArgs;
 use crate::warn;
@@ -29,6 +30,7 @@ pub(crate) fn audit(args: AuditArgs, max_memory: Option<u64>) -> Result<ExitCode
         mtp,
         pairs,
         device,
+        stream,
         gpu,
     } = args;
     let pairs = pairs.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
@@ -36,7 +38,7 @@ pub(crate) fn audit(args: AuditArgs, max_memory: Option<u64>) -> Result<ExitCode
         return Err(Error::Usage(format!("--heatmap {}: the heatmap is SVG; name a .svg file", p.display())));
     }
     // (Not clap's `requires`: it counts `--dump`, of the same group, as `--prompts`.)
-    for (given, flag) in [(text, "--text"), (mtp, "--mtp")] {
+    for (given, flag) in [(text, "--text"), (mtp, "--mtp"), (stream, "--stream")] {
         if given && prompts.is_none() && compare_prompts.is_none() {
             return Err(Error::Usage(format!("{flag} is for prompts run live: give --prompts FILE")));
         }
@@ -72,6 +74,7 @@ pub(crate) fn audit(args: AuditArgs, max_memory: Option<u64>) -> Result<ExitCode
         experts,
         max_memory,
         target,
+        residency: if stream { Residency::Streamed } else { Residency::Whole },
         keep_sets: sets,
         per_prompt: contrast,
         routes: routes.as_mut(),
@@ -110,10 +113,12 @@ pub(crate) fn audit(args: AuditArgs, max_memory: Option<u64>) -> Result<ExitCode
                 experts: Some(experts),
                 max_memory,
                 target,
+                residency: Residency::Whole, // (no prompts run)
                 keep_sets: sets,
                 per_prompt: contrast,
                 routes: None,
-                window: layers.clone(),
+                // (A stopped sweep's: the layers the audited side counted.)
+                window: audit.window.clone(),
                 mtp: false,
                 against: &[],
             };
@@ -158,7 +163,7 @@ pub(crate) fn audit(args: AuditArgs, max_memory: Option<u64>) -> Result<ExitCode
                 map.insert("compare_counts".into(), r.counts_json());
                 // (Prompts run live: a stop may have cut them short, as `complete` says
                 // of the audited ones.)
-                map.insert("compare_complete".into(), r.stopped.is_none().into());
+                map.insert("compare_complete".into(), r.complete().into());
             } else {
                 map.insert("shift".into(), glimpse::audit::shift_json(&audit.shift(r)));
                 map.insert("reference_counts".into(), r.counts_json());
@@ -178,8 +183,12 @@ pub(crate) fn audit(args: AuditArgs, max_memory: Option<u64>) -> Result<ExitCode
         if csv_out {
             print!("{}", audit.to_csv(other));
         }
+        let by = glimpse::interrupt::signal_name();
         if let Some((run, of)) = audit.stopped {
-            eprintln!("glimpse: {} stopped the prompts after {run} of {of}", glimpse::interrupt::signal_name());
+            eprintln!("glimpse: {by} stopped the prompts after {run} of {of}");
+        }
+        if let Some(layer) = audit.stopped_after_layer {
+            eprintln!("glimpse: {by} stopped the layers after layer {layer}");
         }
         audit.notes().iter().for_each(|n| eprintln!("glimpse: note: {n}"));
     } else {

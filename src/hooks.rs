@@ -251,6 +251,16 @@ pub trait Observer {
     }
 }
 
+/// Receives the hook points of several prompts run layer by layer (`audit --stream`: each
+/// layer's weights are read once for every prompt, not once a prompt).
+pub trait SweepObserver {
+    /// The observer of prompt `p`'s hook points, until the next call.
+    fn prompt(&mut self, p: usize) -> &mut dyn Observer;
+    /// Every prompt has run layer `layer`: whether to go on to the next (false stops the sweep
+    /// there, as Ctrl-C asks).
+    fn layer_done(&mut self, layer: usize) -> bool;
+}
+
 /// The observer that wants nothing.
 pub struct NoObserver;
 

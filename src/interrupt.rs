@@ -2,7 +2,8 @@
 //! cancel and `timeout` send) asks it to stop at its next checkpoint: a resumable `run --dump`
 //! after the layer being computed, made durable (the command says how to `--resume`);
 //! `generate` after the step in progress, keeping its tokens and dump; `audit --prompts` after
-//! the prompt in progress, auditing those run. A second signal ends the process at once, as the
+//! the prompt in progress, auditing those run (`audit --stream` after the layer in progress,
+//! every prompt counted up to it). A second signal ends the process at once, as the
 //! default action does (but for a repeat of the first from the same process within a second:
 //! `timeout` sends its one stop twice). Elsewhere both keep their default action.
 

@@ -526,20 +526,48 @@ pub(crate) fn numel(ckpt: &Checkpoint, name: &str) -> u64 {
 /// refuses it past `max`; `hint` says what the command can do instead (e.g. "fewer tokens").
 pub fn check_run(
     ckpt: &Checkpoint,
-    (batch, seq): (usize, usize),
+    dims: (usize, usize),
     recording: Recording,
     (target, residency): (Target, Residency),
     max: Option<u64>,
     hint: &str,
 ) -> Result<()> {
-    let (dims, all) = ((batch, seq), 0..=ckpt.config.num_hidden_layers.saturating_sub(1));
-    let est = match (residency, target.backend) {
+    check(&estimate_run(ckpt, dims, recording, (target, residency)), max, hint)?;
+    check_gpu(ckpt, dims, recording, target, residency)
+}
+
+/// [`check_run`]'s estimate.
+fn estimate_run(
+    ckpt: &Checkpoint,
+    dims: (usize, usize),
+    recording: Recording,
+    (target, residency): (Target, Residency),
+) -> Estimate {
+    let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
+    match (residency, target.backend) {
         (Residency::Whole, _) => estimate_on(target, ckpt, dims, &all, recording),
         (Residency::Streamed, Backend::Cpu) => estimate(ckpt, dims, &all, true, recording, Passes::One),
         (Residency::Streamed, _) => estimate_streamed_on(target, ckpt, dims, recording),
-    };
-    check(&est, max, hint)?;
-    check_gpu(ckpt, dims, recording, target, residency)
+    }
+}
+
+/// What a sweep (`audit --stream`: prompts run layer by layer) holds between layers beside a
+/// streamed pass of its largest prompt: each prompt's hidden state (f32) and DSA selection (the
+/// CPU's [`crate::model::indexer::Selection`], an 8-byte index a kept key and a 4-byte margin a
+/// row; a device's waits on the host as 4-byte indices).
+pub fn sweep_held(ckpt: &Checkpoint, prompts: impl IntoIterator<Item = (usize, usize)>) -> u64 {
+    let cfg = &ckpt.config;
+    let row = |seq: usize| (4 * cfg.hidden_size + 8 * cfg.index_k(seq) + 4) as u64;
+    prompts.into_iter().map(|(batch, seq)| (batch * seq) as u64 * row(seq)).fold(0, u64::saturating_add)
+}
+
+/// Refuses a sweep (`audit --stream`, recording nothing) of prompts whose largest is `dims` and
+/// whose held states take `held` bytes ([`sweep_held`]) past `max` (host) or the GPU's memory.
+pub fn check_sweep(ckpt: &Checkpoint, dims: (usize, usize), held: u64, target: Target, max: Option<u64>) -> Result<()> {
+    let mut est = estimate_run(ckpt, dims, Recording::Nothing, (target, Residency::Streamed));
+    est.activations = est.activations.saturating_add(held);
+    check(&est, max, "fewer or shorter prompts")?;
+    check_gpu(ckpt, dims, Recording::Nothing, target, Residency::Streamed)
 }
 
 /// The weights a whole-model run of `dims` tokens recording `recording` runs on `target`, once

@@ -182,6 +182,46 @@ fn a_streamed_model_holds_one_layer_at_a_time_on_the_emulated_gpu() {
     }
 }
 
+/// A sweep (`audit --stream`) on the emulated GPU records each prompt as its prefill does, bit
+/// for bit, in both precisions (a shared indexer layer's selection waits on the host between
+/// layers), and holds on the device no more than a streamed prefill of its longest prompt: the
+/// head and a layer's weights, and that prompt's working set.
+#[test]
+fn a_sweep_on_the_emulated_gpu_records_each_prompt_as_its_prefill() {
+    use glimpse::device::forward::DeviceModel;
+    use glimpse::device::{Backend, Target};
+    use glimpse::hooks::{NoObserver, Observer, SweepObserver};
+    use glimpse::memory::{device_weights, Residency};
+    struct Quiet(NoObserver);
+    impl SweepObserver for Quiet {
+        fn prompt(&mut self, _: usize) -> &mut dyn Observer {
+            &mut self.0
+        }
+        fn layer_done(&mut self, _: usize) -> bool {
+            true
+        }
+    }
+    for case in ["grouped-shared-yarn", "bf16-fused"] {
+        for precision in [Precision::F32, Precision::Bf16] {
+            let ckpt = glimpse::checkpoint::Checkpoint::open(&common::golden(case)).unwrap();
+            let ops = CudaOps::new(Gpu::emulated(), precision).unwrap();
+            common::assert_a_sweep_records_as_prefills(case, &DeviceModel::streamed(&ops, &ckpt).unwrap());
+            let ops = CudaOps::new(Gpu::emulated(), precision).unwrap();
+            let prompts = common::sweep_prompts(case);
+            let refs: Vec<_> = prompts.iter().collect();
+            let n = ckpt.config.num_hidden_layers;
+            DeviceModel::streamed(&ops, &ckpt).unwrap().sweep(&refs, n - 1, &mut Quiet(NoObserver)).unwrap();
+            let target = Target { precision, ..Target::from(Backend::CudaEmu) };
+            let weights = device_weights(&ckpt, precision, Residency::Streamed);
+            let longest = prompts.iter().map(|t| (t.batch, t.seq)).max_by_key(|(b, s)| b * s).unwrap();
+            let working = glimpse::cuda::working_set::estimate(&ckpt, longest, target, false).total;
+            let peak = ops.gpu.emulated_bytes().unwrap().1;
+            println!("{case} {precision:?}: peak {peak}, of weights {weights} + working {working}");
+            assert!(weights <= peak && peak <= weights + working, "{case} {precision:?}: {peak}");
+        }
+    }
+}
+
 /// Launchers refuse what a kernel would read out of bounds, before anything runs.
 #[test]
 fn a_launch_with_a_short_buffer_is_refused() {

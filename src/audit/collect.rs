@@ -9,7 +9,7 @@
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
-use super::live::{counted, read_prompts, run_prompts, Lines, Live};
+use super::live::{counted, read_prompts, run_prompts, sweep_prompts, Lines, Live, Side};
 use super::routes::{LayerRoutes, Routes};
 use super::{Audit, Run};
 use crate::checkpoint::Checkpoint;
@@ -17,6 +17,7 @@ use crate::config::MAX_EXPERTS;
 use crate::dump::{Dump, Values};
 use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, LayerHook};
+use crate::memory::Residency;
 use crate::model::moe::{Route, Routers};
 use crate::model::{Model, Tokens};
 
@@ -44,9 +45,26 @@ pub fn collect_with_other(
     dumps: &[PathBuf],
     opts: CollectOptions,
 ) -> Result<(Audit, Option<Audit>)> {
-    let CollectOptions { experts, max_memory, target, keep_sets, per_prompt, mut routes, window, mtp, against } = opts;
+    let CollectOptions {
+        experts,
+        max_memory,
+        target,
+        residency,
+        keep_sets,
+        per_prompt,
+        mut routes,
+        window,
+        mtp,
+        against,
+    } = opts;
+    let streamed = residency == Residency::Streamed;
     let ckpt = model_dir.map(Checkpoint::open).transpose()?;
     let live = prompts.is_some() || other.is_some();
+    if streamed && mtp {
+        return Err(Error::Usage(
+            "--mtp needs the whole model (its head reads the embeddings and lm_head): drop --stream".into(),
+        ));
+    }
     // Before the prompts are read, the model loaded: a checkpoint without the head is told at once.
     if let (Some(c), true) = (&ckpt, live && mtp) {
         if !crate::model::mtp::Mtp::present(c) {
@@ -99,13 +117,18 @@ pub fn collect_with_other(
     }
     if let Some(c) = &ckpt {
         // The largest batch x positions for memory; the longest row for the trained positions.
-        let all = prompt_tokens.iter().chain(&other_tokens);
-        if let Some((_, largest)) = all.max_by_key(|(_, t)| t.ids.len()) {
-            // (With --mtp, the head's layer too, as `run --mtp` counts it.)
-            let layers = 0..=c.config.num_hidden_layers - 1 + usize::from(live && mtp);
+        let all = || prompt_tokens.iter().chain(&other_tokens).map(|(_, t)| t);
+        if let Some(largest) = all().max_by_key(|t| t.ids.len()) {
             let dims = (largest.batch, largest.seq);
-            let est = crate::memory::estimate_on(target, c, dims, &layers, crate::memory::Recording::Nothing);
-            crate::memory::check(&est, max_memory, "shorter prompts")?;
+            if streamed {
+                let held = crate::memory::sweep_held(c, all().map(|t| (t.batch, t.seq)));
+                crate::memory::check_sweep(c, dims, held, target, max_memory)?;
+            } else {
+                // (With --mtp, the head's layer too, as `run --mtp` counts it.)
+                let layers = 0..=c.config.num_hidden_layers - 1 + usize::from(live && mtp);
+                let est = crate::memory::estimate_on(target, c, dims, &layers, crate::memory::Recording::Nothing);
+                crate::memory::check(&est, max_memory, "shorter prompts, or --stream")?;
+            }
         }
         for (path, tokens) in [(prompts.map(|p| p.0), &prompt_tokens), (other, &other_tokens)] {
             let longest = tokens.iter().max_by_key(|(_, t)| t.seq);
@@ -133,7 +156,7 @@ pub fn collect_with_other(
         }
     }
     let routers = ckpt.as_ref().map(Routers::read).transpose()?;
-    let model = match (&ckpt, live) {
+    let model = match (&ckpt, live && !streamed) {
         (Some(c), true) => Some(Model::load(c)?),
         _ => None,
     };
@@ -176,7 +199,20 @@ pub fn collect_with_other(
     };
     let mut audit = new_audit(keep_sets);
     let mut other_audit = None;
-    if let Some(m) = &model {
+    if let (Some(c), true) = (&ckpt, live && streamed) {
+        // Ctrl-C (or SIGTERM) from here: the sweep stops after the layer in progress.
+        let _stopping = crate::interrupt::stop_at_checkpoints();
+        let mut o = other.map(|_| new_audit(false));
+        let mut sides = Vec::new();
+        if let Some((path, _)) = prompts {
+            sides.push(Side { audit: &mut audit, path, prompts: prompt_tokens, routes: routes.as_deref_mut() });
+        }
+        if let (Some(path), Some(o)) = (other, o.as_mut()) {
+            sides.push(Side { audit: o, path, prompts: other_tokens, routes: None });
+        }
+        sweep_prompts(sides, routers.as_ref(), c, target)?;
+        other_audit = o;
+    } else if let Some(m) = &model {
         // Ctrl-C (or SIGTERM) from here, once the model is loaded: a stop asked for before the
         // first prompt stops after it, and one asked for in either set stops both.
         let _stopping = crate::interrupt::stop_at_checkpoints();
@@ -264,6 +300,9 @@ pub struct CollectOptions<'a> {
     pub max_memory: Option<u64>,
     /// Where prompts run.
     pub target: crate::device::Target,
+    /// How prompts run: each through the whole model, loaded once; or (`--stream`) all of them
+    /// layer by layer, each layer read from the checkpoint once for all of them.
+    pub residency: Residency,
     /// Keep each token's expert set (`--against` counts the tokens that changed).
     pub keep_sets: bool,
     /// Keep each prompt's load per expert (`--compare`'s chance level; `Audit::per_prompt`).

@@ -12,7 +12,7 @@ use super::collect::unbiased;
 use super::routes::{LayerRoutes, Routes};
 use super::{Audit, Run};
 use crate::error::{Context, Error, Result};
-use crate::hooks::{HookPoint, LayerHook, Observer};
+use crate::hooks::{HookPoint, LayerHook, Observer, SweepObserver};
 use crate::model::moe::Routers;
 use crate::model::{Model, Tokens};
 
@@ -26,8 +26,10 @@ pub struct AuditObserver<'a> {
     /// The model's routers: with the gate logits, the experts each token would choose without
     /// the correction bias.
     routers: Option<&'a Routers>,
-    /// `--routes`: the file, and the run's tokens (run number `runs` of the file).
-    routes: Option<(&'a mut Routes, &'a Tokens)>,
+    /// The run's number (its index in [`Audit::runs`] and in `--routes`' file) and tokens.
+    run: (usize, Option<&'a Tokens>),
+    /// `--routes`: the file.
+    routes: Option<&'a mut Routes>,
     /// The layer in progress's weights and margins, for `routes`.
     weights: Option<Vec<f32>>,
     margin: Option<Vec<f32>>,
@@ -41,14 +43,26 @@ pub(super) fn counted(window: Option<&RangeInclusive<usize>>, i: usize) -> bool 
 }
 
 impl<'a> AuditObserver<'a> {
-    /// `routes`: write each layer's routing of the run of `tokens` there as it is decided.
-    pub fn new(
-        audit: &'a mut Audit,
-        prompts: usize,
-        routers: Option<&'a Routers>,
-        routes: Option<(&'a mut Routes, &'a Tokens)>,
-    ) -> Self {
-        AuditObserver { audit, prompts, ids: None, routers, routes, weights: None, margin: None, final_norm: None }
+    /// `routes`: write each layer's routing there as it is decided. [`AuditObserver::start_run`]
+    /// says which run the hook points are of.
+    pub fn new(audit: &'a mut Audit, routers: Option<&'a Routers>, routes: Option<&'a mut Routes>) -> Self {
+        let run = (audit.runs.len(), None);
+        AuditObserver {
+            audit,
+            prompts: 1,
+            ids: None,
+            routers,
+            run,
+            routes,
+            weights: None,
+            margin: None,
+            final_norm: None,
+        }
+    }
+
+    /// The hook points that follow are run number `run`'s, of `tokens`.
+    pub fn start_run(&mut self, run: usize, tokens: &'a Tokens) {
+        (self.prompts, self.run) = (tokens.batch, (run, Some(tokens)));
     }
 
     /// Keep the run's final-norm hidden state, for the MTP head.
@@ -97,18 +111,19 @@ impl Observer for AuditObserver<'_> {
                 let flags = value.flatten_all()?.to_vec1::<i64>()?;
                 let (weights, margin) = (self.weights.take(), self.margin.take());
                 if let Some((layer, ids, k)) = self.ids.take().filter(|(l, _, _)| *l == i) {
-                    self.audit.add(layer, &ids, k, self.prompts, Some(&flags)).context(|| format!("layer {layer}"))?;
+                    let (run, tokens) = self.run;
+                    (self.audit.add_run(run, layer, &ids, k, self.prompts, Some(&flags)))
+                        .context(|| format!("layer {layer}"))?;
                     if let Some(w) = weights.as_deref().filter(|w| w.len() == ids.len()) {
                         self.audit.add_mass(layer, &ids, w, k);
                     }
                     if let Some(m) = margin.as_deref().filter(|m| m.len() * k == ids.len()) {
                         self.audit.add_margins(layer, m);
                     }
-                    if let Some((routes, tokens)) = &mut self.routes {
+                    if let Some(routes) = &mut self.routes {
                         let l =
                             LayerRoutes { layer, ids: &ids, k, weights: weights.as_deref(), margin: margin.as_deref() };
-                        let run = routes.runs;
-                        routes.layer(run, tokens.batch, Some(tokens), &l)?;
+                        routes.layer(run, self.prompts, tokens, &l)?;
                     }
                 }
             }
@@ -144,7 +159,8 @@ pub(super) fn run_prompts(
     crate::device::with_prefill(target, crate::model::Weights::Resident(m), |p| {
         for (n, (line, tokens)) in prompts.into_iter().enumerate() {
             progress.step(n + 1);
-            let mut obs = AuditObserver::new(audit, tokens.batch, routers, routes.as_deref_mut().map(|r| (r, &tokens)));
+            let mut obs = AuditObserver::new(audit, routers, routes.as_deref_mut());
+            obs.start_run(obs.audit.runs.len(), &tokens);
             if mtp.is_some() {
                 obs = obs.keeping_final_norm();
             }
@@ -176,6 +192,100 @@ pub(super) fn run_prompts(
         Ok(())
     })?;
     Ok(())
+}
+
+/// One set of prompts of a sweep: the audit that counts them, the file they came from, its
+/// prompts (with their line numbers) and, for the audited prompts, `--routes`' file.
+pub(super) struct Side<'a> {
+    pub(super) audit: &'a mut Audit,
+    pub(super) path: &'a Path,
+    pub(super) prompts: Vec<(usize, Tokens)>,
+    pub(super) routes: Option<&'a mut Routes>,
+}
+
+/// `audit --stream`: every side's prompts (the audited ones, and `--compare-prompts`' others)
+/// run together layer by layer, each layer's weights read once for all of them, not once a
+/// prompt: a checkpoint too large for memory is read once an audit. The counts are those of
+/// [`run_prompts`] (`--routes`' lines come a layer at a time, each layer's runs in order). Ctrl-C
+/// (while the caller's `Stopping` lives) stops the sweep after the layer in progress, once a
+/// counted layer has run: both audits then cover every prompt up to that layer, and say so.
+pub(super) fn sweep_prompts(
+    sides: Vec<Side>,
+    routers: Option<&Routers>,
+    ckpt: &crate::checkpoint::Checkpoint,
+    target: crate::device::Target,
+) -> Result<()> {
+    let n = ckpt.config.num_hidden_layers;
+    // Every side's audit has the same window.
+    let window = sides.first().and_then(|s| s.audit.window.clone()).unwrap_or(0..=n - 1);
+    let (first, last) = (*window.start(), *window.end());
+    crate::model::stream::check_streamed(ckpt, &(0..=last))?;
+    // Every id checked before the first layer: a bad one is named by its line, not hours in.
+    for side in &sides {
+        for (line, tokens) in &side.prompts {
+            let bad = tokens.check_vocab(ckpt.config.vocab_size);
+            bad.map_err(|e| Error::Usage(format!("{} line {line}: {e}", side.path.display())))?;
+        }
+    }
+    let (mut observers, mut sets) = (Vec::new(), Vec::new());
+    for side in sides {
+        observers.push(AuditObserver::new(side.audit, routers, side.routes));
+        sets.push((side.path, side.prompts));
+    }
+    let mut runs = Vec::new(); // each prompt of the sweep: (side, run number, tokens)
+    for (side, (obs, (_, prompts))) in observers.iter().zip(&sets).enumerate() {
+        runs.extend(prompts.iter().enumerate().map(|(q, (_, t))| (side, obs.run.0 + q, t)));
+    }
+    let tokens: Vec<&Tokens> = runs.iter().map(|&(_, _, t)| t).collect();
+    let mut sweep = Sweep { observers, runs, first, last, stopped: None };
+    crate::device::with_prefill(target, crate::model::Weights::Streamed(ckpt), |p| p.sweep(&tokens, last, &mut sweep))?;
+    for (obs, (path, prompts)) in sweep.observers.into_iter().zip(&sets) {
+        let AuditObserver { audit, routes, .. } = obs;
+        audit.prompts_total = Some(prompts.len());
+        if let Some(r) = routes {
+            r.runs += prompts.len();
+        }
+        for (line, tokens) in prompts {
+            let source = format!("{} line {line}", path.display());
+            audit.runs.push(Run { batch: tokens.batch, tokens: Some(tokens.clone()), source });
+        }
+        if let Some(layer) = sweep.stopped {
+            audit.stopped_after_layer = Some(layer);
+            audit.window = Some(first..=layer);
+        }
+    }
+    Ok(())
+}
+
+/// A sweep's observer: each prompt's hook points go to its side's [`AuditObserver`], as that
+/// prompt's run.
+struct Sweep<'a> {
+    observers: Vec<AuditObserver<'a>>,
+    /// Each prompt of the sweep: (its side, its run number there, its tokens).
+    runs: Vec<(usize, usize, &'a Tokens)>,
+    /// The first counted layer, and the last to run.
+    first: usize,
+    last: usize,
+    /// Where a stop ended the sweep: the last layer every prompt ran.
+    stopped: Option<usize>,
+}
+
+impl SweepObserver for Sweep<'_> {
+    fn prompt(&mut self, p: usize) -> &mut dyn Observer {
+        let (side, run, tokens) = self.runs[p];
+        let obs = &mut self.observers[side];
+        obs.start_run(run, tokens);
+        obs
+    }
+    fn layer_done(&mut self, layer: usize) -> bool {
+        // (As a stop before the first prompt stops after it, one before the first counted layer
+        // stops after that.)
+        let stop = layer >= self.first && layer < self.last && crate::interrupt::requested();
+        if stop {
+            self.stopped = Some(layer);
+        }
+        !stop
+    }
 }
 
 /// How the lines of a `--prompts` file are read.

@@ -236,6 +236,9 @@ pub struct Audit {
     pub mtp_layer: Option<usize>,
     /// Ctrl-C stopped the prompts: (run, of).
     pub stopped: Option<(usize, usize)>,
+    /// Ctrl-C stopped a sweep (`audit --stream`) after this layer: every prompt ran the layers up
+    /// to it, and [`Audit::window`] ends there.
+    pub stopped_after_layer: Option<usize>,
     /// The prompt lines given to run live (`--prompts`), run or not.
     pub prompts_total: Option<usize>,
     /// Each layer's expert sets token by token (`[tokens, k]` flattened, each row ascending),
@@ -259,6 +262,11 @@ impl Audit {
         Audit { experts, ..Default::default() }
     }
 
+    /// Whether every prompt given ran every layer asked for (no stop cut them short).
+    pub fn complete(&self) -> bool {
+        self.stopped.is_none() && self.stopped_after_layer.is_none()
+    }
+
     /// The prompts counted: every run's batch rows.
     pub fn prompts(&self) -> usize {
         self.runs.iter().map(|r| r.batch).sum()
@@ -271,6 +279,21 @@ impl Audit {
     /// chose another number of experts a token.
     pub fn add(
         &mut self,
+        layer: usize,
+        ids: &[i64],
+        k: usize,
+        prompts: usize,
+        bias_changed: Option<&[i64]>,
+    ) -> Result<()> {
+        // (Runs are pushed once their layers are added: this one is next.)
+        self.add_run(self.runs.len(), layer, ids, k, prompts, bias_changed)
+    }
+
+    /// [`Audit::add`] for run number `run` (a sweep adds each layer of every run before the
+    /// runs are pushed).
+    pub fn add_run(
+        &mut self,
+        run: usize,
         layer: usize,
         ids: &[i64],
         k: usize,
@@ -318,8 +341,7 @@ impl Audit {
                 }
             }
             l.prompt_max_vio.push(max_vio(&counts));
-            // (Runs are pushed once their layers are added: this one is next.)
-            l.prompt_runs.push(u32::try_from(self.runs.len()).unwrap_or(u32::MAX));
+            l.prompt_runs.push(u32::try_from(run).unwrap_or(u32::MAX));
             l.prompt_floor_sum += max_vio_floor(prompt.len(), experts);
             l.prompt_tokens.push((prompt.len() / k) as u32);
             if self.per_prompt {
@@ -401,11 +423,11 @@ impl Audit {
     }
 
     pub fn table(&self) -> String {
-        let stopped = match self.stopped {
-            Some((run, of)) => {
-                format!(" ({} stopped the prompts after {run} of {of})", crate::interrupt::signal_name())
-            }
-            None => String::new(),
+        let by = crate::interrupt::signal_name();
+        let stopped = match (self.stopped, self.stopped_after_layer) {
+            (Some((run, of)), _) => format!(" ({by} stopped the prompts after {run} of {of})"),
+            (None, Some(layer)) => format!(" ({by} stopped the layers after layer {layer})"),
+            (None, None) => String::new(),
         };
         let window = self.window.as_ref().map_or(String::new(), |w| format!(", layers {}..{}", w.start(), w.end()));
         let mut s = format!(
@@ -656,7 +678,8 @@ impl Audit {
             .collect();
         json!({
             "schema": "glimpse-audit/1", "prompts": self.prompts(), "experts": self.experts, "experts_guessed": self.experts_guessed,
-            "stopped_after": self.stopped.map(|(run, _)| run), "complete": self.stopped.is_none(),
+            "stopped_after": self.stopped.map(|(run, _)| run), "stopped_after_layer": self.stopped_after_layer,
+            "complete": self.complete(),
             "prompts_total": self.prompts_total, "runs": self.runs_json(), "layers": layers,
             "layer_window": self.window.as_ref().map(|w| [*w.start(), *w.end()]),
             "notes": self.notes_with(&uniform),

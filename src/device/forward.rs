@@ -26,7 +26,7 @@ use super::Ops;
 use crate::checkpoint::{Checkpoint, Loader};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::hooks::{HookPoint, LayerHook, Observer};
+use crate::hooks::{HookPoint, LayerHook, Observer, SweepObserver};
 use crate::model::moe::RouterConfig;
 use crate::model::rope::RotaryEmbedding;
 use crate::model::stream::{self, Weights};
@@ -42,6 +42,9 @@ struct Rope<O: Ops> {
     sin: O::F,
     half: usize,
 }
+
+/// A DSA selection waiting on the host between a sweep's layers: idx [T, k], and k.
+type HostSelection = (Vec<i32>, usize);
 
 /// The start of a profiled section: when, and the FLOPs counted by then.
 struct Mark {
@@ -67,7 +70,7 @@ pub struct DeviceModel<'m, O: Ops> {
     lm_head: DLinear<O>,
     /// Matrix-product FLOPs (2 m n k each) since the model was built.
     flops: std::cell::Cell<u64>,
-    /// The last prefill's RoPE tables on the device.
+    /// The RoPE tables of the longest prefill so far, on the device.
     rope: std::cell::RefCell<Option<Rope<O>>>,
     /// When profiling: each section's time between device synchronisations (which cost time of
     /// their own, so a profiled prefill is not a timed one).
@@ -137,10 +140,12 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         Ok(uploaded)
     }
 
-    /// The RoPE tables of `seq` positions on the device, kept for the next prefill of that length
-    /// (the host's sines and cosines of 2048 positions cost most of a millisecond).
+    /// RoPE tables of at least `seq` positions on the device, kept for later prefills no longer
+    /// (the host's sines and cosines of 2048 positions cost most of a millisecond; a position's
+    /// row does not depend on the positions after it, so longer tables serve a shorter prompt, as
+    /// the prompts of a sweep take turns).
     fn rope_tables(&self, seq: usize) -> Result<std::cell::Ref<'_, Rope<O>>> {
-        if self.rope.borrow().as_ref().is_none_or(|r| r.seq != seq) {
+        if self.rope.borrow().as_ref().is_none_or(|r| r.seq < seq) {
             let tables = RotaryEmbedding::new(self.config).tables(&(0..seq).collect::<Vec<_>>());
             let (cos, sin) = (self.ops.upload(&tables.cos)?, self.ops.upload(&tables.sin)?);
             *self.rope.borrow_mut() = Some(Rope { seq, cos, sin, half: tables.half });
@@ -273,15 +278,80 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
     /// The embeddings and the first `count` layers (each reporting its hook points): the hidden
     /// state after them [T, H]. `audit --layers` needs none past its window.
     pub fn layers_through(&self, tokens: &Tokens, count: usize, obs: &mut dyn Observer) -> Result<O::F> {
+        let mut h = self.embed(tokens, obs)?;
+        let mut selection = None;
+        let count = count.min(self.config.num_hidden_layers);
+        let mut progress = crate::progress::Steps::layers(0, count.saturating_sub(1));
+        for i in 0..count {
+            progress.step(i);
+            h = self.with_layer(i, |layer| self.layer(i, layer, h, tokens, &mut selection, obs))?;
+        }
+        Ok(h)
+    }
+
+    /// [`super::Prefill::sweep`]: `prompts` layer by layer, each layer made ready once for all of
+    /// them. Between layers each prompt's hidden state and DSA selection wait on the host, so the
+    /// device holds one prompt's at a time, as a streamed run of the longest prompt does (the
+    /// memory check's; a copy each way a prompt and layer costs little beside a layer's upload).
+    pub fn sweep(&self, prompts: &[&Tokens], last: usize, obs: &mut dyn SweepObserver) -> Result<usize> {
+        let (hd, n) = (self.config.hidden_size, self.config.num_hidden_layers);
+        stream::check_window(self.config, &(0..=last))?;
+        let mut held: Vec<(Vec<f32>, Option<HostSelection>)> = Vec::with_capacity(prompts.len()); // [T, H] each
+        for (p, tokens) in prompts.iter().enumerate() {
+            let mut h = self.ops.download(&self.embed(tokens, obs.prompt(p))?)?;
+            h.truncate(tokens.ids.len() * hd);
+            held.push((h, None));
+        }
+        let mut progress = crate::progress::Steps::layers(0, last.min(n - 1));
+        for i in 0..=last {
+            progress.step(i);
+            self.with_layer(i, |layer| {
+                for (p, ((h, sel), tokens)) in held.iter_mut().zip(prompts).enumerate() {
+                    let t = tokens.ids.len();
+                    let mut selection = match sel.take() {
+                        Some((idx, k)) => Some((self.ops.upload_i32(&idx)?, k)),
+                        None => None,
+                    };
+                    let out = self.layer(i, layer, self.ops.upload(h)?, tokens, &mut selection, obs.prompt(p))?;
+                    *h = self.ops.download(&out)?;
+                    h.truncate(t * hd);
+                    if let Some((idx, k)) = selection {
+                        let mut idx = self.ops.download_i32(&idx)?;
+                        idx.truncate(t * k);
+                        *sel = Some((idx, k));
+                    }
+                }
+                Ok(())
+            })?;
+            if !obs.layer_done(i) {
+                return Ok(i);
+            }
+        }
+        Ok(last)
+    }
+
+    /// Runs `f` on decoder layer `i`: resident, or streamed (read and uploaded for `f` alone,
+    /// freed after it).
+    fn with_layer<R>(&self, i: usize, f: impl FnOnce(&DLayer<O>) -> Result<R>) -> Result<R> {
+        match &self.weights {
+            DWeights::Resident { layers, .. } => {
+                f(layers.get(i).ok_or_else(|| Error::Device(format!("no layer {i}")))?)
+            }
+            DWeights::Streamed(ckpt) => f(&self.upload_streamed(ckpt, i)?),
+        }
+    }
+
+    /// The prompt's embeddings [T, H] (reporting `input_ids` and `embeddings`), and its RoPE
+    /// tables made ready.
+    fn embed(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<O::F> {
         let cfg = self.config;
         let (b, s, hd) = (tokens.batch, tokens.seq, cfg.hidden_size);
-        let t = b * s;
         let mark = self.mark()?;
-        let mut h = match &self.weights {
+        let h = match &self.weights {
             DWeights::Resident { embed, .. } => {
                 crate::model::stream::input_ids(tokens, cfg.vocab_size, obs)?;
                 let ids: Vec<i32> = tokens.ids.iter().map(|&i| i as i32).collect(); // < vocab (checked)
-                let h = self.ops.gather_rows(embed, &self.ops.upload_i32(&ids)?, t, hd)?; // [T, H]
+                let h = self.ops.gather_rows(embed, &self.ops.upload_i32(&ids)?, b * s, hd)?; // [T, H]
                 self.report(obs, HookPoint::Embeddings, &h, &[b, s, hd])?;
                 h
             }
@@ -290,55 +360,59 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
                 self.ops.upload(&values(&stream::embed(Weights::Streamed(ckpt), tokens, obs)?)?)?
             }
         };
+        drop(self.rope_tables(s)?);
+        self.done(mark, "embedding, RoPE tables", 0)?;
+        Ok(h)
+    }
+
+    /// Decoder layer `i` on the hidden state `h` [T, H] (or the one the observer isolates it
+    /// with), reporting its hook points; `selection` is the DSA selection carried between layers.
+    /// (`h` is taken, so it is freed once the attention's residual is added.)
+    fn layer(
+        &self,
+        i: usize,
+        layer: &DLayer<O>,
+        h: O::F,
+        tokens: &Tokens,
+        selection: &mut Option<(O::I, usize)>,
+        obs: &mut dyn Observer,
+    ) -> Result<O::F> {
+        let (b, s, hd) = (tokens.batch, tokens.seq, self.config.hidden_size);
+        let t = b * s;
+        let hook = |p| HookPoint::Layer(i, p);
+        // (Reassigned, not shadowed, below: each old hidden state is freed as the next is made.)
+        let mut h = match obs.isolated_input(i)? {
+            Some(given) => self.feed(&given, t * hd)?,
+            None => h,
+        };
         let rope = self.rope_tables(s)?;
         let Rope { cos, sin, half, .. } = &*rope;
-        self.done(mark, "embedding, RoPE tables", 0)?;
-        let mut selection: Option<(O::I, usize)> = None;
-        let count = count.min(cfg.num_hidden_layers);
-        let mut progress = crate::progress::Steps::layers(0, count.saturating_sub(1));
-        for i in 0..count {
-            progress.step(i);
-            let streamed; // a streamed layer's weights, freed at the end of its turn
-            let layer = match &self.weights {
-                DWeights::Resident { layers, .. } => {
-                    layers.get(i).ok_or_else(|| Error::Device(format!("no layer {i}")))?
-                }
-                DWeights::Streamed(ckpt) => {
-                    streamed = self.upload_streamed(ckpt, i)?;
-                    &streamed
-                }
-            };
-            let hook = |p| HookPoint::Layer(i, p);
-            if let Some(given) = obs.isolated_input(i)? {
-                h = self.feed(&given, t * hd)?;
+        let mark = self.mark()?;
+        let x = self.norm(&h, &layer.input_layernorm, t, hd)?; // [T, H]
+        self.report(obs, hook(LayerHook::InputNorm), &x, &[b, s, hd])?;
+        self.done(mark, "norms, residual adds", 0)?;
+        let attn = self.attention(i, &layer.attn, &x, (cos, sin, *half), (b, s), selection, obs)?;
+        let mark = self.mark()?;
+        h = self.ops.add(&h, &attn, t * hd)?;
+        let x = self.norm(&h, &layer.post_attention_layernorm, t, hd)?;
+        self.report(obs, hook(LayerHook::PostAttnNorm), &x, &[b, s, hd])?;
+        self.done(mark, "norms, residual adds", 0)?;
+        let mlp = match &layer.ffn {
+            DFfn::Dense(m) => {
+                let mark = self.mark()?;
+                let mlp = self.mlp(m, &x, t)?;
+                self.done(mark, "dense MLP", 0)?;
+                mlp
             }
-            let mark = self.mark()?;
-            let x = self.norm(&h, &layer.input_layernorm, t, hd)?; // [T, H]
-            self.report(obs, hook(LayerHook::InputNorm), &x, &[b, s, hd])?;
-            self.done(mark, "norms, residual adds", 0)?;
-            let attn = self.attention(i, &layer.attn, &x, (cos, sin, *half), (b, s), &mut selection, obs)?;
-            let mark = self.mark()?;
-            h = self.ops.add(&h, &attn, t * hd)?;
-            let x = self.norm(&h, &layer.post_attention_layernorm, t, hd)?;
-            self.report(obs, hook(LayerHook::PostAttnNorm), &x, &[b, s, hd])?;
-            self.done(mark, "norms, residual adds", 0)?;
-            let mlp = match &layer.ffn {
-                DFfn::Dense(m) => {
-                    let mark = self.mark()?;
-                    let mlp = self.mlp(m, &x, t)?;
-                    self.done(mark, "dense MLP", 0)?;
-                    mlp
-                }
-                DFfn::Moe { gate, bias, experts, shared, router } => {
-                    self.moe(i, (gate, bias, experts, shared, router), &x, t, obs)?
-                }
-            };
-            self.report(obs, hook(LayerHook::MlpOut), &mlp, &[b, s, hd])?;
-            let mark = self.mark()?;
-            h = self.ops.add(&h, &mlp, t * hd)?;
-            self.done(mark, "norms, residual adds", 0)?;
-            self.report(obs, hook(LayerHook::Output), &h, &[b, s, hd])?;
-        }
+            DFfn::Moe { gate, bias, experts, shared, router } => {
+                self.moe(i, (gate, bias, experts, shared, router), &x, t, obs)?
+            }
+        };
+        self.report(obs, hook(LayerHook::MlpOut), &mlp, &[b, s, hd])?;
+        let mark = self.mark()?;
+        h = self.ops.add(&h, &mlp, t * hd)?;
+        self.done(mark, "norms, residual adds", 0)?;
+        self.report(obs, hook(LayerHook::Output), &h, &[b, s, hd])?;
         Ok(h)
     }
 

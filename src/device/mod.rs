@@ -13,7 +13,7 @@ mod weights;
 use candle_core::Tensor;
 
 use crate::error::Result;
-use crate::hooks::Observer;
+use crate::hooks::{Observer, SweepObserver};
 use crate::model::moe::RouterConfig;
 use crate::model::{Model, Tokens, Weights};
 
@@ -155,6 +155,11 @@ pub trait Prefill {
     /// The prefill's hook points up to those of layer `last` (`audit --layers`, which needs
     /// nothing past it); the whole prefill's where `last` is the last layer.
     fn prefill_through(&self, tokens: &Tokens, last: usize, obs: &mut dyn Observer) -> Result<()>;
+    /// `prompts` through their embeddings and layers 0..=`last`, layer by layer (`audit
+    /// --stream`): each layer's weights are made ready (streamed: read, and uploaded) once for
+    /// every prompt, and each prompt's hidden state is kept between layers. Returns the last
+    /// layer run (before `last` where `obs` stopped the sweep).
+    fn sweep(&self, prompts: &[&Tokens], last: usize, obs: &mut dyn SweepObserver) -> Result<usize>;
 }
 
 impl Prefill for Model {
@@ -163,6 +168,9 @@ impl Prefill for Model {
     }
     fn prefill_through(&self, tokens: &Tokens, last: usize, obs: &mut dyn Observer) -> Result<()> {
         Weights::Resident(self).prefill_through(tokens, last, obs)
+    }
+    fn sweep(&self, prompts: &[&Tokens], last: usize, obs: &mut dyn SweepObserver) -> Result<usize> {
+        Weights::Resident(self).sweep(prompts, last, obs)
     }
 }
 
@@ -176,6 +184,9 @@ impl Prefill for Weights<'_> {
         let last = last.min(self.config().num_hidden_layers.saturating_sub(1));
         crate::model::stream::run(*self, tokens, Some(0..=last), None, obs).map(|_| ())
     }
+    fn sweep(&self, prompts: &[&Tokens], last: usize, obs: &mut dyn SweepObserver) -> Result<usize> {
+        crate::model::stream::sweep(*self, prompts, last, obs)
+    }
 }
 
 impl<O: Ops> Prefill for forward::DeviceModel<'_, O> {
@@ -184,6 +195,9 @@ impl<O: Ops> Prefill for forward::DeviceModel<'_, O> {
     }
     fn prefill_through(&self, tokens: &Tokens, last: usize, obs: &mut dyn Observer) -> Result<()> {
         self.forward_through(tokens, last, obs)
+    }
+    fn sweep(&self, prompts: &[&Tokens], last: usize, obs: &mut dyn SweepObserver) -> Result<usize> {
+        forward::DeviceModel::sweep(self, prompts, last, obs)
     }
 }
 

@@ -17,7 +17,7 @@ use crate::checkpoint::{Checkpoint, Loader};
 use crate::config::{Config, IndexerKind};
 use crate::dump::Dump;
 use crate::error::{Error, Result};
-use crate::hooks::{emit, HookPoint, LayerHook, Observer};
+use crate::hooks::{emit, HookPoint, LayerHook, Observer, SweepObserver};
 
 /// Where the weights come from.
 #[derive(Clone, Copy)]
@@ -172,24 +172,69 @@ pub fn layers(
     obs: &mut dyn Observer,
     progress: &mut crate::progress::Steps,
 ) -> Result<Tensor> {
-    for i in range.clone() {
-        if let Some(given) = obs.isolated_input(i)? {
-            h = given;
-        }
+    for i in range {
         progress.step(i);
-        h = match w {
-            Weights::Resident(m) => m.layers[i].forward(&h, rope, sel, obs)?,
-            Weights::Streamed(ckpt) => {
-                let layer = load_layer(ckpt, i)?;
-                let out = layer.forward(&h, rope, sel, obs)?;
-                drop(layer);
-                ckpt.release(&format!("model.layers.{i}."));
-                out
-            }
-        };
-        obs.layer_done(i, &h, sel.as_ref())?;
+        h = with_layer(w, i, |layer| step(layer, i, &h, rope, sel, obs))?;
     }
     Ok(h)
+}
+
+/// Runs `prompts` through their embeddings and layers 0..=`last` layer by layer
+/// ([`crate::device::Prefill::sweep`]): a streamed layer is loaded once for every prompt, and
+/// each prompt's hidden state, DSA selection and RoPE tables are kept between layers. Returns the
+/// last layer run (before `last` where `obs` stopped the sweep).
+pub fn sweep(w: Weights, prompts: &[&Tokens], last: usize, obs: &mut dyn SweepObserver) -> Result<usize> {
+    let cfg = w.config();
+    check_window(cfg, &(0..=last))?;
+    let mut held = Vec::with_capacity(prompts.len());
+    for (p, tokens) in prompts.iter().enumerate() {
+        let rope = RotaryEmbedding::new(cfg).tables(&(0..tokens.seq).collect::<Vec<_>>());
+        held.push((embed(w, tokens, obs.prompt(p))?, None, rope)); // [B, S, hidden]
+    }
+    let mut progress = crate::progress::Steps::layers(0, last);
+    for i in 0..=last {
+        progress.step(i);
+        with_layer(w, i, |layer| {
+            for (p, (h, sel, rope)) in held.iter_mut().enumerate() {
+                *h = step(layer, i, h, rope, sel, obs.prompt(p))?;
+            }
+            Ok(())
+        })?;
+        if !obs.layer_done(i) {
+            return Ok(i);
+        }
+    }
+    Ok(last)
+}
+
+/// Runs `f` on decoder layer `i`: the resident model's, or read from the checkpoint for `f`
+/// alone, its pages released after.
+fn with_layer<R>(w: Weights, i: usize, f: impl FnOnce(&DecoderLayer) -> Result<R>) -> Result<R> {
+    match w {
+        Weights::Resident(m) => {
+            f(m.layers.get(i).ok_or_else(|| Error::Usage(format!("the model has no layer {i}")))?)
+        }
+        Weights::Streamed(ckpt) => {
+            let out = f(&load_layer(ckpt, i)?);
+            ckpt.release(&format!("model.layers.{i}."));
+            out
+        }
+    }
+}
+
+/// Layer `i` on the hidden state `h` (or the one the observer isolates it with), reported done.
+fn step(
+    layer: &DecoderLayer,
+    i: usize,
+    h: &Tensor,
+    rope: &RopeTables,
+    sel: &mut Option<Selection>,
+    obs: &mut dyn Observer,
+) -> Result<Tensor> {
+    let given = obs.isolated_input(i)?;
+    let out = layer.forward(given.as_ref().unwrap_or(h), rope, sel, obs)?;
+    obs.layer_done(i, &out, sel.as_ref())?;
+    Ok(out)
 }
 
 /// Layer `i` of a streamed pass, read from the checkpoint (its shapes checked; bf16 and FP8

@@ -377,3 +377,86 @@ pub fn spawn_catching_sigint(args: &[&str]) -> std::process::Child {
     }
     child
 }
+
+/// The prompts [`assert_a_sweep_records_as_prefills`] sweeps through the golden case `case`: its
+/// reference's tokens in one row (the longest, past `index_topk`, so its indexer selects), a
+/// shorter prompt and a batch of two.
+pub fn sweep_prompts(case: &str) -> Vec<glimpse::model::Tokens> {
+    use glimpse::model::Tokens;
+    let dir = golden(case);
+    let ids = glimpse::dump::Dump::open(&dir.join("reference.safetensors")).unwrap().tokens().unwrap().ids;
+    let cfg = glimpse::config::Config::from_file(&dir.join("config.json")).unwrap();
+    assert!(ids.len() > cfg.index_topk + 1, "{case}: a prompt the indexer selects from");
+    vec![
+        Tokens::new(1, ids.len(), ids.clone()).unwrap(),
+        Tokens::new(1, 5, ids[3..8].to_vec()).unwrap(),
+        Tokens::new(2, 6, ids[..12].to_vec()).unwrap(),
+    ]
+}
+
+/// A sweep (`Prefill::sweep`, `audit --stream`'s layer-by-layer run) of the golden case
+/// `case`'s [`sweep_prompts`] runs every prompt through a layer before the next layer, and records for each prompt what `prefill` records of it, bit for bit: every hook
+/// point from `input_ids` to the last layer's output, the indexer's scores included.
+pub fn assert_a_sweep_records_as_prefills(case: &str, p: &dyn glimpse::device::Prefill) {
+    use glimpse::hooks::{HookPoint, LayerHook, Observer, Recorder, Selector, SweepObserver};
+    use glimpse::model::Tokens;
+    struct Log {
+        prompt: usize,
+        recorders: Vec<Recorder>,
+        /// (layer, prompt) of each layer output, in the order reported.
+        order: Vec<(usize, usize)>,
+        layers_done: Vec<usize>,
+    }
+    impl Observer for Log {
+        fn wants(&self, point: HookPoint) -> bool {
+            self.recorders[self.prompt].wants(point)
+        }
+        fn observe(&mut self, point: HookPoint, value: &candle_core::Tensor) -> glimpse::error::Result<()> {
+            if let HookPoint::Layer(i, LayerHook::Output) = point {
+                self.order.push((i, self.prompt));
+            }
+            self.recorders[self.prompt].observe(point, value)
+        }
+    }
+    impl SweepObserver for Log {
+        fn prompt(&mut self, p: usize) -> &mut dyn Observer {
+            self.prompt = p;
+            self
+        }
+        fn layer_done(&mut self, layer: usize) -> bool {
+            self.layers_done.push(layer);
+            true
+        }
+    }
+    let prompts = sweep_prompts(case);
+    let n = glimpse::config::Config::from_file(&golden(case).join("config.json")).unwrap().num_hidden_layers;
+    let selector = || Selector::new("*,*.dsa.scores", None);
+    let mut log = Log {
+        prompt: 0,
+        recorders: prompts.iter().map(|_| Recorder::new(selector())).collect(),
+        order: Vec::new(),
+        layers_done: Vec::new(),
+    };
+    let refs: Vec<&Tokens> = prompts.iter().collect();
+    assert_eq!(p.sweep(&refs, n - 1, &mut log).unwrap(), n - 1, "{case}");
+    let layer_major: Vec<(usize, usize)> = (0..n).flat_map(|i| (0..prompts.len()).map(move |q| (i, q))).collect();
+    assert_eq!(log.order, layer_major, "{case}");
+    assert_eq!(log.layers_done, (0..n).collect::<Vec<_>>(), "{case}");
+    let bits = |t: &candle_core::Tensor| -> Vec<u64> {
+        let v = t.flatten_all().unwrap().to_dtype(candle_core::DType::F64).unwrap().to_vec1::<f64>().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    };
+    for (q, (tokens, swept)) in prompts.iter().zip(&log.recorders).enumerate() {
+        let mut alone = Recorder::new(selector());
+        p.prefill(tokens, &mut alone).unwrap();
+        // The sweep stops at the last layer's output: no final norm, no logits.
+        let head = [HookPoint::FinalNorm, HookPoint::Logits];
+        let alone: Vec<_> = alone.tensors.into_iter().filter(|(point, _)| !head.contains(point)).collect();
+        let points = |r: &[(HookPoint, candle_core::Tensor)]| r.iter().map(|(p, _)| p.name()).collect::<Vec<_>>();
+        assert_eq!(points(&swept.tensors), points(&alone), "{case} prompt {q}");
+        for ((point, a), (_, b)) in swept.tensors.iter().zip(&alone) {
+            assert_eq!(a.dims(), b.dims(), "{case} prompt {q}: {}", point.name());
+            assert!(bits(a) == bits(b), "{case} prompt {q}: {} differs", point.name());
+        }
+    }
+}
