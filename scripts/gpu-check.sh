@@ -31,7 +31,8 @@
 #    prefill of the same checkpoint and tokens in bf16, in both forms
 #    (scripts/transformers-prefill.py), and the speed ratios. Otherwise the table says so.
 # 4. With the time left: `selftest --kernels-only` under compute-sanitizer's memcheck and racecheck,
-#    then one-off `run`s of the benchmark's checkpoint in bf16, whole and with `--stream`, timed.
+#    then one-off `run`s of the benchmark's checkpoint in bf16, whole and with `--stream`, timed,
+#    and `audit`s of 8 prompts of it, whole and `--stream`, timed, which must count alike.
 # 5. Prints summary tables for docs/gpu-results.md, and the bf16 prefills' profiles. The logs are 8 files, the most the device tool
 #    brings back: a ninth would not come back.
 set -uo pipefail
@@ -83,6 +84,10 @@ tokens=${TOKENS:-2048}
 logs=${OUT:-${TMPDIR:-/tmp}/glimpse-gpu-check}
 mkdir -p "$logs"
 deadline=$(( start + ${BUDGET_S:-350} ))
+# since T0: the seconds from T0 (`date +%s.%N`) to now, to a tenth.
+since() {
+  python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(date +%s.%N)" 2>/dev/null
+}
 # step NAME CAP_SECONDS COMMAND...: runs COMMAND, its output teed to $logs/NAME.log (or, with
 # LOG=OTHER set, appended to $logs/OTHER.log: the device tool brings back 8 files, all taken).
 step() {
@@ -230,7 +235,7 @@ if [ -e "$ckpt/config.json" ]; then
     LOG=bench-bf16 step "run-$how" 60 "$glimpse" --max-memory "$max_memory" run --device "$device" --precision bf16 \
       --model "$ckpt" --tokens "$ids" $flag
     src=$?
-    secs=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$t0" "$(date +%s.%N)" 2>/dev/null)
+    secs=$(since "$t0")
     token=$(sed -n 's/.*next token (greedy) \([0-9]*\).*/\1/p' "$logs/bench-bf16.log" | tail -n 1)
     if [ $src -eq 0 ] && [ -n "$token" ]; then
       one_off[$how]="$secs s, next token $token"
@@ -242,6 +247,39 @@ if [ -e "$ckpt/config.json" ]; then
   # The same arithmetic either way: a streamed run that picks another token is a failure.
   if [ -n "${next_token[whole]:-}" ] && [ -n "${next_token[stream]:-}" ] && [ "${next_token[whole]}" != "${next_token[stream]}" ]; then
     one_off[stream]+=" (NOT the whole run's)"; rc=1
+  fi
+fi
+# Then: `audit` of 8 prompts of 256 tokens (at most TOKENS) of the same checkpoint in bf16, whole and with
+# --stream (every prompt through a layer before the next, each layer uploaded once for all of
+# them): the same counts (their CSVs byte for byte), and the time of each.
+declare -A audited csv=([whole]=${TMPDIR:-/tmp}/glimpse-gpu-audit-whole.csv [stream]=${TMPDIR:-/tmp}/glimpse-gpu-audit-stream.csv)
+if [ -e "$ckpt/config.json" ]; then
+  prompts=${TMPDIR:-/tmp}/glimpse-gpu-prompts.txt
+  length=$(( tokens < 256 ? tokens : 256 ))
+  # (Ids under 100: within any vocabulary synth makes.)
+  for p in $(seq 1 8); do
+    awk -v p="$p" -v n="$length" 'BEGIN { for (i = 0; i < n; i++) printf "%s%d", (i ? "," : ""), (p * 7 + i * 13) % 100 + 1; print "" }'
+  done > "$prompts"
+  for how in whole stream; do
+    flag=""; [ "$how" = stream ] && flag="--stream"
+    rm -f "${csv[$how]}"
+    t0=$(date +%s.%N)
+    # shellcheck disable=SC2086 # the flag is a word or none
+    LOG=bench-bf16 step "audit-$how" 60 "$glimpse" --max-memory "$max_memory" audit --device "$device" \
+      --precision bf16 --model "$ckpt" --prompts "$prompts" --csv "${csv[$how]}" $flag
+    src=$?
+    if [ $src -eq 0 ] && [ -s "${csv[$how]}" ]; then
+      audited[$how]="$(since "$t0") s"
+    else
+      audited[$how]="FAILED (exit code $src, see bench-bf16.log)"; rc=1
+    fi
+  done
+  if [ -s "${csv[whole]}" ] && [ -s "${csv[stream]}" ]; then
+    if cmp -s "${csv[whole]}" "${csv[stream]}"; then
+      audited[stream]+=", the same counts"
+    else
+      audited[stream]+=", counts NOT the whole audit's"; rc=1
+    fi
   fi
 fi
 {
@@ -258,6 +296,7 @@ echo "| device memory estimated before the runs | ${mem_est[f32]:-?} | ${mem_est
 echo "| transformers ${t_version:-} eager bf16 on $torch_device, every position's logits: ${t_median:-not measured} s | $(ratio "${t_median:-}" "${median[f32]:-}") | $(ratio "${t_median:-}" "${median[bf16]:-}") | $(ratio "${t_median:-}" "${median[fused]:-}") |"
 echo "| the same, logits_to_keep=1: ${t_median_last:-not measured} s | $(ratio "${t_median_last:-}" "${median_last[f32]:-}") | $(ratio "${t_median_last:-}" "${median_last[bf16]:-}") | $(ratio "${t_median_last:-}" "${median_last[fused]:-}") |"
 echo "| one-off run in bf16 (open, uploads, prefill): whole; --stream | | ${one_off[whole]:-not run}; ${one_off[stream]:-not run} | |"
+echo "| audit of 8 prompts of ${length:-256} tokens in bf16: whole; --stream | | ${audited[whole]:-not run}; ${audited[stream]:-not run} | |"
 echo "| compute-sanitizer memcheck, kernels and products | ${sanitized[memcheck]} | | |"
 echo "| compute-sanitizer racecheck, kernels and products | ${sanitized[racecheck]} | | |"
 echo "total $(( $(date +%s) - start )) s"
