@@ -122,7 +122,7 @@ pub fn collect_with_other(
             let dims = (largest.batch, largest.seq);
             if streamed {
                 let held = crate::memory::sweep_held(c, all().map(|t| (t.batch, t.seq)));
-                crate::memory::check_sweep(c, dims, held, target, max_memory)?;
+                crate::memory::check_sweep(c, dims, (all().count(), held), target, max_memory)?;
             } else {
                 // (With --mtp, the head's layer too, as `run --mtp` counts it.)
                 let layers = 0..=c.config.num_hidden_layers - 1 + usize::from(live && mtp);

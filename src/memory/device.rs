@@ -1,0 +1,194 @@
+//! What a device pass holds: the copies of the weights it uploads (in host memory for the
+//! host backends, in the GPU's for `cuda`) and, on a GPU, its weights and working set against the
+//! card's free memory, checked before anything is uploaded.
+
+use safetensors::tensor::Dtype;
+
+use super::{file_bytes, gb, numel, Recording, Residency};
+use crate::checkpoint::Checkpoint;
+use crate::device::{Backend, Target};
+use crate::error::{Error, Result};
+
+/// The copies of the main model's weights a device pass uploads (`DeviceModel::new`, or
+/// `::streamed` one layer at a time) that live in host memory: `cpu-ops` widens every one to
+/// f32; `cuda-emu` holds them as the GPU would ([`device_weights`]); `cuda`'s are in the GPU's
+/// memory and the CPU's none.
+pub fn device_copies(ckpt: &Checkpoint, target: Target, residency: Residency) -> u64 {
+    match target.backend {
+        Backend::Cpu | Backend::Cuda => 0,
+        Backend::CudaEmu => device_weights(ckpt, target.precision, residency),
+        Backend::CpuOps => {
+            let bytes = |n: &str| if n.ends_with("_scale_inv") { 0 } else { 4 * numel(ckpt, n) };
+            held_at_once(ckpt, residency, bytes) + if ckpt.tied_head() { bytes(ckpt.head_name()) } else { 0 }
+        }
+    }
+}
+
+/// What a device pass holds at once of the main model's weights (`DeviceModel::new`, or
+/// `::streamed` with one layer at a time): every matrix but the embeddings through
+/// `upload_weight` (bf16 and FP8 codes as stored, with FP8's scales as f32; an f32 one as f32,
+/// or rounded to bf16 for bf16 products; the router's gate, which the CPU model loads as f32, as
+/// an f32 one), and the rest (the embeddings when resident, norms, the correction bias) as f32.
+/// The MTP layer is not uploaded (it runs on the CPU model).
+pub fn device_weights(ckpt: &Checkpoint, precision: crate::device::Precision, residency: Residency) -> u64 {
+    let embed = "model.embed_tokens.weight";
+    let matrix = |n: &str| ckpt.shape(n).is_some_and(|s| s.len() >= 2) && n != embed && !n.ends_with("_scale_inv");
+    let stored = |n: &str| matches!(ckpt.dtype(n), Some(Dtype::BF16 | Dtype::F8_E4M3)) && !n.ends_with(".gate.weight");
+    let as_matrix = |n: &str| match precision {
+        _ if stored(n) => file_bytes(ckpt, n),
+        crate::device::Precision::Bf16 => 2 * numel(ckpt, n),
+        crate::device::Precision::F32 => 4 * numel(ckpt, n),
+    };
+    // A tied head is uploaded as a matrix of its own (the embeddings as stored), beside the
+    // embeddings' f32 table where that is resident.
+    let head = if ckpt.tied_head() { as_matrix(embed) } else { 0 };
+    held_at_once(ckpt, residency, |n| if matrix(n) { as_matrix(n) } else { 4 * numel(ckpt, n) }) + head
+}
+
+/// `bytes` summed over the main model's tensors (the MTP layer's left out) a device holds at once:
+/// all of them, or streamed, those outside the decoder layers but the embeddings (whose rows
+/// are read on the host), and the largest layer's.
+fn held_at_once(ckpt: &Checkpoint, residency: Residency, bytes: impl Fn(&str) -> u64) -> u64 {
+    let n = ckpt.config.num_hidden_layers;
+    let (mut layers, mut rest) = (vec![0u64; n], 0u64);
+    for name in ckpt.names() {
+        match crate::layout::layer_of(name) {
+            Some(i) if i < n => layers[i] += bytes(name),
+            Some(_) => {} // the MTP layer's
+            None if residency == Residency::Streamed && name == "model.embed_tokens.weight" => {}
+            None => rest += bytes(name),
+        }
+    }
+    rest + match residency {
+        Residency::Whole => layers.iter().sum(),
+        Residency::Streamed => layers.into_iter().max().unwrap_or(0),
+    }
+}
+
+/// Refuses a `cuda` pass of `batch x seq` tokens whose weights ([`device_weights`]) and working
+/// set (`cuda::working_set`: the activations alive at once, the ops' scratch, the logits, and
+/// with `scores` recorded a layer's whole indexer scores) need more than GPU `free` bytes (of
+/// `total`), with [`DEVICE_UNCOUNTED`] to spare: before minutes of uploads end in an allocation
+/// failure.
+pub fn check_device(
+    ckpt: &Checkpoint,
+    (batch, seq): (usize, usize),
+    (target, scores, residency): (Target, bool, Residency),
+    (free, total): (u64, u64),
+) -> Result<()> {
+    let DeviceNeed { weights, working, logits } = device_need(ckpt, (batch, seq), (target, scores), residency);
+    let need = weights.saturating_add(working).saturating_add(DEVICE_UNCOUNTED);
+    if need <= free {
+        return Ok(());
+    }
+    let (held, try_instead) = match residency {
+        Residency::Whole => ("its weights take", "--stream, a checkpoint of fewer layers, fewer tokens"),
+        Residency::Streamed => ("the head and its largest layer take", "fewer tokens"),
+    };
+    Err(Error::Device(format!(
+        "GPU {} has {} free of {}, and this run needs {}: {held} {} there and its prefill's working set {} \
+         (of which logits {}), and cuBLAS and the kernels about {}; try {try_instead}, or a GPU with more memory",
+        target.ordinal,
+        gb(free),
+        gb(total),
+        gb(need),
+        gb(weights),
+        gb(working),
+        gb(logits),
+        gb(DEVICE_UNCOUNTED)
+    )))
+}
+
+/// What a `cuda` run holds beyond its weights and working set, allowed for by [`check_device`]:
+/// cuBLAS's workspace (32 MiB a handle on Hopper) and the kernels' loaded modules (a few MB).
+pub const DEVICE_UNCOUNTED: u64 = 64 << 20;
+
+/// What a prefill on a GPU needs there, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceNeed {
+    /// [`device_weights`].
+    pub weights: u64,
+    /// The prefill's working set, the logits included (`cuda::working_set`).
+    pub working: u64,
+    pub logits: u64,
+}
+
+impl std::fmt::Display for DeviceNeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (weights, working, logits) = (gb(self.weights), gb(self.working), gb(self.logits));
+        write!(f, "weights {weights} + working set {working} (of which logits {logits})")
+    }
+}
+
+/// What a `cuda` prefill of `batch x seq` tokens needs on the GPU ([`check_device`]'s numbers).
+pub fn device_need(
+    ckpt: &Checkpoint,
+    (batch, seq): (usize, usize),
+    (target, scores): (Target, bool),
+    residency: Residency,
+) -> DeviceNeed {
+    let (working, logits) = working_set(ckpt, (batch, seq), target, scores);
+    DeviceNeed { weights: device_weights(ckpt, target.precision, residency), working, logits }
+}
+
+/// A prefill's working set on a GPU and its logits' share, in bytes (`cuda::working_set`; a
+/// build without the `cuda` feature has no GPU to run on, and counts the logits alone).
+fn working_set(ckpt: &Checkpoint, (batch, seq): (usize, usize), target: Target, scores: bool) -> (u64, u64) {
+    #[cfg(feature = "cuda")]
+    {
+        let w = crate::cuda::working_set::estimate(ckpt, (batch, seq), target, scores);
+        (w.total, w.logits)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (target, scores);
+        // (Saturated: the token counts are the user's.)
+        let logits = [batch, seq, ckpt.config.vocab_size].iter().fold(4u64, |n, &d| n.saturating_mul(d as u64));
+        (logits, logits)
+    }
+}
+
+/// [`check_device`] where `target` is a GPU (its free memory read now).
+pub fn check_gpu(
+    ckpt: &Checkpoint,
+    dims: (usize, usize),
+    rec: Recording,
+    target: Target,
+    res: Residency,
+) -> Result<()> {
+    let scores = matches!(rec, Recording::Hooks { scores: true, .. });
+    match crate::device::gpu_memory(target)? {
+        Some(memory) => check_device(ckpt, dims, (target, scores, res), memory),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `cuda` run whose weights do not fit the GPU's free memory is refused with the numbers,
+    /// before anything is uploaded; one that fits passes. (The GPU's memory is given, not read:
+    /// the rule, checked without a GPU.)
+    #[test]
+    fn a_cuda_run_whose_weights_do_not_fit_the_gpu_is_refused() {
+        let ckpt = Checkpoint::open(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat")).unwrap();
+        let target = Target { ordinal: 1, ..Target::from(Backend::Cuda) };
+        let weights = device_weights(&ckpt, target.precision, Residency::Whole);
+        let (working, logits) = working_set(&ckpt, (1, 32), target, false);
+        assert_eq!(logits, 4 * 32 * ckpt.config.vocab_size as u64);
+        assert!(working >= logits);
+        let fits = |free, res| check_device(&ckpt, (1, 32), (target, false, res), (free, 1 << 40));
+        assert!(fits(weights + working + DEVICE_UNCOUNTED, Residency::Whole).is_ok());
+        let err = fits(weights + working + DEVICE_UNCOUNTED - 1, Residency::Whole).unwrap_err().to_string();
+        let numbers = format!("its weights take {} there and its prefill's working set {}", gb(weights), gb(working));
+        assert!(err.starts_with("cuda: GPU 1 has ") && err.contains(&numbers), "{err}");
+        // bf16 products round the f32 matrices to bf16 at upload: fewer bytes.
+        assert!(device_weights(&ckpt, crate::device::Precision::Bf16, Residency::Whole) < weights);
+        // Streamed, one layer at a time (of 5) and no embedding table: what did not fit does.
+        let streamed = device_weights(&ckpt, target.precision, Residency::Streamed);
+        assert!(streamed < weights / 2, "{streamed} of {weights}");
+        assert!(fits(weights + working + DEVICE_UNCOUNTED - 1, Residency::Streamed).is_ok());
+        assert!(fits(streamed + working + DEVICE_UNCOUNTED - 1, Residency::Streamed).is_err());
+    }
+}
