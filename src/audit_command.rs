@@ -78,7 +78,7 @@ pub(crate) fn audit(args: AuditArgs, max_memory: Option<u64>) -> Result<ExitCode
         keep_sets: sets,
         per_prompt: contrast,
         routes: routes.as_mut(),
-        window: layers.clone(),
+        window: layers,
         mtp,
         against: &against,
     };
@@ -223,7 +223,8 @@ pub(crate) fn audit(args: AuditArgs, max_memory: Option<u64>) -> Result<ExitCode
     }
     if let Some(path) = heatmap {
         let title = model.as_ref().map(|m| m.display().to_string()).unwrap_or_else(|| "routing dumps".into());
-        let title = match &layers {
+        // (A stopped sweep's window: the layers counted.)
+        let title = match &audit.window {
             Some(w) => format!("{title}, layers {}..{}", w.start(), w.end()),
             None => title,
         };

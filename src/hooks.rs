@@ -259,6 +259,15 @@ pub trait SweepObserver {
     /// Every prompt has run layer `layer`: whether to go on to the next (false stops the sweep
     /// there, as Ctrl-C asks).
     fn layer_done(&mut self, layer: usize) -> bool;
+    /// Prompt `p` as an error names it (e.g. its file and line).
+    fn name(&self, p: usize) -> String {
+        format!("prompt {p}")
+    }
+}
+
+/// The `result` of prompt `p`'s work in a sweep, an error named as `obs` names the prompt.
+pub fn in_prompt<T>(obs: &dyn SweepObserver, p: usize, result: Result<T>) -> Result<T> {
+    result.map_err(|e| crate::error::Error::Context { context: obs.name(p), source: Box::new(e) })
 }
 
 /// The observer that wants nothing.

@@ -335,8 +335,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let mut resident = None;
                 // A replay runs the forward pass a second time, which packs what the first read
                 // (streamed, each pass loads each layer anew, and reads it once).
-                let replay = (force_routing || force_selection) && !stream;
-                let passes = if replay { memory::Passes::Many } else { memory::Passes::One };
+                let replays = (force_routing || force_selection) && !stream;
+                let passes = if replays { memory::Passes::Many } else { memory::Passes::One };
                 let budget = Budget {
                     tokens: &tokens,
                     fixed: true,

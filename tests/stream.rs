@@ -245,7 +245,26 @@ fn ctrl_c_stops_a_streamed_audit_after_the_layer_in_progress() {
     assert_eq!(layers.len(), 1, "{v}");
     assert_eq!((layers[0]["layer"].as_u64(), layers[0]["tokens"].as_u64()), (Some(2), Some(16 * 5000)));
     assert_eq!(v["compare_complete"], false, "{v}");
-    assert!(v["compare"].is_array() || v["compare"].is_object(), "the other prompts were compared: {v}");
+    // The other prompts were counted over the same layer, and compared.
+    let layer_2 = serde_json::json!([2]);
+    let compared: Vec<_> = v["compare_counts"].as_array().unwrap().iter().map(|l| l["layer"].clone()).collect();
+    assert_eq!(serde_json::Value::from(compared), layer_2, "{v}");
+    assert!(!v["compare"].is_null(), "{v}");
     let table = stopped(&[]);
     assert!(table.contains("stopped the layers after layer 2") && table.contains("layers 2..2"), "{table}");
+
+    // Audited dumps beside other prompts swept: a stop cuts the dumps' layers alike.
+    let dump = flat.join("reference.safetensors");
+    let args = ["audit", "--model", flat.to_str().unwrap(), "--dump", dump.to_str().unwrap(), "--stream"];
+    let child = common::spawn_catching_sigint(
+        &[&args[..], &["--compare-prompts", prompts.to_str().unwrap(), "--layers", "2..4", "--json"]].concat(),
+    );
+    // SAFETY: signalling a child this test started and has not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["stopped_after_layer"].as_u64(), v["layer_window"].clone()), (Some(2), serde_json::json!([2, 2])));
+    let audited: Vec<_> = v["layers"].as_array().unwrap().iter().map(|l| l["layer"].clone()).collect();
+    assert_eq!(serde_json::Value::from(audited), layer_2, "{v}");
 }

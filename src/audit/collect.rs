@@ -211,6 +211,11 @@ pub fn collect_with_other(
             sides.push(Side { audit: o, path, prompts: other_tokens, routes: None });
         }
         sweep_prompts(sides, routers.as_ref(), c, target)?;
+        // A stop that cut the other prompts' layers cuts the audited dumps' (read below) alike.
+        if let Some(stop) = o.as_ref().filter(|_| prompts.is_none()).and_then(|o| o.stopped_after_layer) {
+            audit.stopped_after_layer = Some(stop);
+            audit.window = o.as_ref().and_then(|o| o.window.clone());
+        }
         other_audit = o;
     } else if let Some(m) = &model {
         // Ctrl-C (or SIGTERM) from here, once the model is loaded: a stop asked for before the

@@ -1,7 +1,8 @@
 //! Prompts run live for an audit: the `--prompts` file read (token ids or text), each prompt
 //! run through the model (on the `--device` asked, no further than `--layers`' window, and with
-//! `--mtp` through the MTP head too), and an observer that counts each layer's routing as the
-//! pass reports it, without keeping any activation.
+//! `--mtp` through the MTP head too), or with `--stream` every prompt swept through the layers
+//! together, a layer at a time; and an observer that counts each layer's routing as the pass
+//! reports it, without keeping any activation.
 
 use std::ops::RangeInclusive;
 use std::path::Path;
@@ -20,14 +21,13 @@ use crate::model::{Model, Tokens};
 /// `--routes`, the layer in progress's weights and margins until its line are written).
 pub struct AuditObserver<'a> {
     pub audit: &'a mut Audit,
-    /// The batch rows of the run: each is a prompt.
-    prompts: usize,
     ids: Option<(usize, Vec<i64>, usize)>,
     /// The model's routers: with the gate logits, the experts each token would choose without
     /// the correction bias.
     routers: Option<&'a Routers>,
-    /// The run's number (its index in [`Audit::runs`] and in `--routes`' file) and tokens.
-    run: (usize, Option<&'a Tokens>),
+    /// The run's number (its index in [`Audit::runs`] and in `--routes`' file) and tokens (each
+    /// batch row a prompt), once started.
+    run: Option<(usize, &'a Tokens)>,
     /// `--routes`: the file.
     routes: Option<&'a mut Routes>,
     /// The layer in progress's weights and margins, for `routes`.
@@ -46,23 +46,12 @@ impl<'a> AuditObserver<'a> {
     /// `routes`: write each layer's routing there as it is decided. [`AuditObserver::start_run`]
     /// says which run the hook points are of.
     pub fn new(audit: &'a mut Audit, routers: Option<&'a Routers>, routes: Option<&'a mut Routes>) -> Self {
-        let run = (audit.runs.len(), None);
-        AuditObserver {
-            audit,
-            prompts: 1,
-            ids: None,
-            routers,
-            run,
-            routes,
-            weights: None,
-            margin: None,
-            final_norm: None,
-        }
+        AuditObserver { audit, ids: None, routers, run: None, routes, weights: None, margin: None, final_norm: None }
     }
 
     /// The hook points that follow are run number `run`'s, of `tokens`.
     pub fn start_run(&mut self, run: usize, tokens: &'a Tokens) {
-        (self.prompts, self.run) = (tokens.batch, (run, Some(tokens)));
+        self.run = Some((run, tokens));
     }
 
     /// Keep the run's final-norm hidden state, for the MTP head.
@@ -111,8 +100,9 @@ impl Observer for AuditObserver<'_> {
                 let flags = value.flatten_all()?.to_vec1::<i64>()?;
                 let (weights, margin) = (self.weights.take(), self.margin.take());
                 if let Some((layer, ids, k)) = self.ids.take().filter(|(l, _, _)| *l == i) {
-                    let (run, tokens) = self.run;
-                    (self.audit.add_run(run, layer, &ids, k, self.prompts, Some(&flags)))
+                    let (run, tokens) =
+                        self.run.ok_or_else(|| Error::Usage(format!("layer {layer}: routing outside a run")))?;
+                    (self.audit.add_run(run, layer, &ids, k, tokens.batch, Some(&flags)))
                         .context(|| format!("layer {layer}"))?;
                     if let Some(w) = weights.as_deref().filter(|w| w.len() == ids.len()) {
                         self.audit.add_mass(layer, &ids, w, k);
@@ -123,7 +113,7 @@ impl Observer for AuditObserver<'_> {
                     if let Some(routes) = &mut self.routes {
                         let l =
                             LayerRoutes { layer, ids: &ids, k, weights: weights.as_deref(), margin: margin.as_deref() };
-                        routes.layer(run, self.prompts, tokens, &l)?;
+                        routes.layer(run, tokens.batch, Some(tokens), &l)?;
                     }
                 }
             }
@@ -178,12 +168,7 @@ pub(super) fn run_prompts(
                 (None, _) => Ok(()),
             });
             run.map_err(|e| Error::Usage(format!("{} line {line}: {e}", path.display())))?;
-            if let Some(r) = routes.as_deref_mut() {
-                r.runs += 1;
-            }
-            // Kept (ids only) for `--against`, which must have run the same prompts.
-            let source = format!("{} line {line}", path.display());
-            audit.runs.push(Run { batch: tokens.batch, tokens: Some(tokens), source });
+            push_run(audit, routes.as_deref_mut(), path, (line, tokens));
             if crate::interrupt::requested() && n + 1 < total {
                 audit.stopped = Some((n + 1, total));
                 break;
@@ -232,22 +217,21 @@ pub(super) fn sweep_prompts(
         observers.push(AuditObserver::new(side.audit, routers, side.routes));
         sets.push((side.path, side.prompts));
     }
-    let mut runs = Vec::new(); // each prompt of the sweep: (side, run number, tokens)
-    for (side, (obs, (_, prompts))) in observers.iter().zip(&sets).enumerate() {
-        runs.extend(prompts.iter().enumerate().map(|(q, (_, t))| (side, obs.run.0 + q, t)));
+    let mut runs = Vec::new();
+    for (side, (obs, (path, prompts))) in observers.iter().zip(&sets).enumerate() {
+        let base = obs.audit.runs.len();
+        for (q, (line, tokens)) in prompts.iter().enumerate() {
+            runs.push(SweptPrompt { side, run: base + q, tokens, path, line: *line });
+        }
     }
-    let tokens: Vec<&Tokens> = runs.iter().map(|&(_, _, t)| t).collect();
+    let tokens: Vec<&Tokens> = runs.iter().map(|r| r.tokens).collect();
     let mut sweep = Sweep { observers, runs, first, last, stopped: None };
     crate::device::with_prefill(target, crate::model::Weights::Streamed(ckpt), |p| p.sweep(&tokens, last, &mut sweep))?;
     for (obs, (path, prompts)) in sweep.observers.into_iter().zip(&sets) {
-        let AuditObserver { audit, routes, .. } = obs;
+        let AuditObserver { audit, mut routes, .. } = obs;
         audit.prompts_total = Some(prompts.len());
-        if let Some(r) = routes {
-            r.runs += prompts.len();
-        }
         for (line, tokens) in prompts {
-            let source = format!("{} line {line}", path.display());
-            audit.runs.push(Run { batch: tokens.batch, tokens: Some(tokens.clone()), source });
+            push_run(audit, routes.as_deref_mut(), path, (*line, tokens.clone()));
         }
         if let Some(layer) = sweep.stopped {
             audit.stopped_after_layer = Some(layer);
@@ -257,12 +241,30 @@ pub(super) fn sweep_prompts(
     Ok(())
 }
 
+/// Counts the run of `tokens`, line `line` of `path`, as done: its ids kept (`--against` must
+/// have run the same prompts), its number taken in `--routes`' file.
+fn push_run(audit: &mut Audit, routes: Option<&mut Routes>, path: &Path, (line, tokens): (usize, Tokens)) {
+    if let Some(r) = routes {
+        r.runs += 1;
+    }
+    let source = format!("{} line {line}", path.display());
+    audit.runs.push(Run { batch: tokens.batch, tokens: Some(tokens), source });
+}
+
+/// A prompt of a sweep: its side, its run number there, its tokens and where it came from.
+struct SweptPrompt<'a> {
+    side: usize,
+    run: usize,
+    tokens: &'a Tokens,
+    path: &'a Path,
+    line: usize,
+}
+
 /// A sweep's observer: each prompt's hook points go to its side's [`AuditObserver`], as that
 /// prompt's run.
 struct Sweep<'a> {
     observers: Vec<AuditObserver<'a>>,
-    /// Each prompt of the sweep: (its side, its run number there, its tokens).
-    runs: Vec<(usize, usize, &'a Tokens)>,
+    runs: Vec<SweptPrompt<'a>>,
     /// The first counted layer, and the last to run.
     first: usize,
     last: usize,
@@ -272,10 +274,14 @@ struct Sweep<'a> {
 
 impl SweepObserver for Sweep<'_> {
     fn prompt(&mut self, p: usize) -> &mut dyn Observer {
-        let (side, run, tokens) = self.runs[p];
+        let SweptPrompt { side, run, tokens, .. } = self.runs[p];
         let obs = &mut self.observers[side];
         obs.start_run(run, tokens);
         obs
+    }
+    fn name(&self, p: usize) -> String {
+        let SweptPrompt { path, line, .. } = self.runs[p];
+        format!("{} line {line}", path.display())
     }
     fn layer_done(&mut self, layer: usize) -> bool {
         // (As a stop before the first prompt stops after it, one before the first counted layer

@@ -24,9 +24,9 @@ use super::weights::{
 };
 use super::Ops;
 use crate::checkpoint::{Checkpoint, Loader};
-use crate::config::Config;
+use crate::config::{Config, IndexerKind};
 use crate::error::{Error, Result};
-use crate::hooks::{HookPoint, LayerHook, Observer, SweepObserver};
+use crate::hooks::{in_prompt, HookPoint, LayerHook, Observer, SweepObserver};
 use crate::model::moe::RouterConfig;
 use crate::model::rope::RotaryEmbedding;
 use crate::model::stream::{self, Weights};
@@ -290,15 +290,18 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
     }
 
     /// [`super::Prefill::sweep`]: `prompts` layer by layer, each layer made ready once for all of
-    /// them. Between layers each prompt's hidden state and DSA selection wait on the host, so the
-    /// device holds one prompt's at a time, as a streamed run of the longest prompt does (the
-    /// memory check's; a copy each way a prompt and layer costs little beside a layer's upload).
+    /// them. Between layers each prompt's hidden state waits on the host, and its DSA selection
+    /// too where the next layer shares it, so the device holds one prompt's at a time, as a
+    /// streamed run of the longest prompt does (the memory check's; a copy each way a prompt and
+    /// layer costs little beside a layer's upload).
     pub fn sweep(&self, prompts: &[&Tokens], last: usize, obs: &mut dyn SweepObserver) -> Result<usize> {
         let (hd, n) = (self.config.hidden_size, self.config.num_hidden_layers);
         stream::check_window(self.config, &(0..=last))?;
+        let shared = |i: usize| i <= last && self.config.indexer_kind(i) == IndexerKind::Shared;
         let mut held: Vec<(Vec<f32>, Option<HostSelection>)> = Vec::with_capacity(prompts.len()); // [T, H] each
         for (p, tokens) in prompts.iter().enumerate() {
-            let mut h = self.ops.download(&self.embed(tokens, obs.prompt(p))?)?;
+            let h = self.embed(tokens, obs.prompt(p)).and_then(|h| self.ops.download(&h));
+            let mut h = in_prompt(obs, p, h)?;
             h.truncate(tokens.ids.len() * hd);
             held.push((h, None));
         }
@@ -306,20 +309,9 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         for i in 0..=last {
             progress.step(i);
             self.with_layer(i, |layer| {
-                for (p, ((h, sel), tokens)) in held.iter_mut().zip(prompts).enumerate() {
-                    let t = tokens.ids.len();
-                    let mut selection = match sel.take() {
-                        Some((idx, k)) => Some((self.ops.upload_i32(&idx)?, k)),
-                        None => None,
-                    };
-                    let out = self.layer(i, layer, self.ops.upload(h)?, tokens, &mut selection, obs.prompt(p))?;
-                    *h = self.ops.download(&out)?;
-                    h.truncate(t * hd);
-                    if let Some((idx, k)) = selection {
-                        let mut idx = self.ops.download_i32(&idx)?;
-                        idx.truncate(t * k);
-                        *sel = Some((idx, k));
-                    }
+                for (p, (held, tokens)) in held.iter_mut().zip(prompts).enumerate() {
+                    let done = self.sweep_step(i, layer, held, tokens, shared(i + 1), obs.prompt(p));
+                    in_prompt(obs, p, done)?;
                 }
                 Ok(())
             })?;
@@ -328,6 +320,35 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             }
         }
         Ok(last)
+    }
+
+    /// One prompt of a sweep through layer `i`: its held hidden state and DSA selection uploaded
+    /// (the selection where the layer shares it), the layer run, and both downloaded again (the
+    /// selection where `next_shares`: the next layer reuses it).
+    fn sweep_step(
+        &self,
+        i: usize,
+        layer: &DLayer<O>,
+        (h, sel): &mut (Vec<f32>, Option<HostSelection>),
+        tokens: &Tokens,
+        next_shares: bool,
+        obs: &mut dyn Observer,
+    ) -> Result<()> {
+        let t = tokens.ids.len();
+        let shares = self.config.indexer_kind(i) == IndexerKind::Shared;
+        let mut selection = match sel.take().filter(|_| shares) {
+            Some((idx, k)) => Some((self.ops.upload_i32(&idx)?, k)),
+            None => None,
+        };
+        let out = self.layer(i, layer, self.ops.upload(h)?, tokens, &mut selection, obs)?;
+        *h = self.ops.download(&out)?;
+        h.truncate(t * self.config.hidden_size);
+        if let Some((idx, k)) = selection.filter(|_| next_shares) {
+            let mut idx = self.ops.download_i32(&idx)?;
+            idx.truncate(t * k);
+            *sel = Some((idx, k));
+        }
+        Ok(())
     }
 
     /// Runs `f` on decoder layer `i`: resident, or streamed (read and uploaded for `f` alone,

@@ -238,12 +238,25 @@ pub fn estimate(
             false => 4 * numel(ckpt, n) + file_bytes(ckpt, n),
         }
     };
+    // A bf16 or FP8 projection the CPU packs (its values reordered for the panels or tiles)
+    // rather than reads where it is mapped.
+    let packs = |n: &str| {
+        let stored = match ckpt.dtype(n) {
+            Some(Dtype::BF16) => true,
+            Some(Dtype::F8_E4M3) => fp8_panels,
+            _ => false,
+        };
+        stored && is_projection(ckpt, n) && !reads_mapped(ckpt, n, batch * seq)
+    };
     // A layer's bytes: (what the CPU holds of its weights, their file pages at up to 2 bytes a
-    // weight: bf16 or FP8, when they are released at all).
+    // weight: bf16 or FP8, when they are released at all, the file pages of those it packs).
     let layer = |i: usize| {
         let prefix = format!("model.layers.{i}.");
         let names = ckpt.names().filter(|n| n.starts_with(&prefix) && !n.ends_with("_scale_inv"));
-        names.fold((0u64, 0u64), |(copies, file), n| (copies + held(n), file + 2 * numel(ckpt, n)))
+        names.fold((0u64, 0u64, 0u64), |(copies, file, packed), n| {
+            let pages = if packs(n) { file_bytes(ckpt, n) } else { 0 };
+            (copies + held(n), file + 2 * numel(ckpt, n), packed + pages)
+        })
     };
     // The embedding's f32 table, and the file pages it was read from, which stay mapped (a tied
     // head's few-row products read them in place): 1.9 GB at GLM-5's vocab, measured resident
@@ -258,18 +271,19 @@ pub fn estimate(
     };
     let weights = if stream {
         // One layer's copies or its file pages (a product reads the pages in place or packs
-        // them, and the pages of a packed weight are not read again); both where the loaded
-        // layer serves several passes (a sweep's prompts: the second packs what the first read in
-        // place, its pages still mapped: 2 prompts of 128 tokens of an 8-layer GLM-5-shaped
-        // checkpoint peaked at 2.63 GB, 1 at 1.34 GB). And an lm_head chunk: the
+        // them, and the pages of a packed weight are not read again). Where the loaded layer
+        // serves several passes (a sweep's prompts), the copies and the pages of what it packs:
+        // the second pass packs what the first read in place, its pages still mapped (2 prompts
+        // of 128 tokens of an 8-layer GLM-5-shaped checkpoint peaked at 2.63 GB, 1 at 1.34 GB).
+        // And an lm_head chunk: the
         // CPU multiplies a chunk of its rows at a time, where a device pass holds it as loaded
         // until it is uploaded (a tied one read in place when bf16, else as the embeddings' f32
         // table).
         let biggest = window
             .clone()
             .map(|i| match (layer(i), passes) {
-                ((copies, file), Passes::Many) => copies + file,
-                ((copies, file), _) => copies.max(file),
+                ((copies, _, packed), Passes::Many) => copies + packed,
+                ((copies, file, _), _) => copies.max(file),
             })
             .max()
             .unwrap_or(0);
@@ -286,18 +300,12 @@ pub fn estimate(
         // While a weight is packed, its file pages and its panels are both held (the pages go
         // once it is packed): the largest one's pages at the peak (lm_head's, 1.9 GB at GLM-5's
         // vocab; a 9-token run of a 1-layer real-vocab checkpoint peaked 1.7 GB over without it).
-        let packs = |n: &&str| {
-            let ours = crate::layout::layer_of(n).is_some_and(|i| window.contains(&i))
-                || (*n == "lm_head.weight" && !ckpt.tied_head());
-            let stored = match ckpt.dtype(n) {
-                Some(Dtype::BF16) => true,
-                Some(Dtype::F8_E4M3) => fp8_panels,
-                _ => false,
-            };
-            ours && stored && is_projection(ckpt, n) && !reads_mapped(ckpt, n, batch * seq)
+        let ours = |n: &&str| {
+            crate::layout::layer_of(n).is_some_and(|i| window.contains(&i))
+                || (*n == "lm_head.weight" && !ckpt.tied_head())
         };
         let packing = match !in_place && passes != Passes::Elsewhere && crate::model::bf16_gemm::available() {
-            true => ckpt.names().filter(packs).map(|n| file_bytes(ckpt, n)).max().unwrap_or(0),
+            true => ckpt.names().filter(ours).filter(|n| packs(n)).map(|n| file_bytes(ckpt, n)).max().unwrap_or(0),
             false => 0,
         };
         window.clone().map(|i| layer(i).0).sum::<u64>() + table + head + packing

@@ -17,7 +17,7 @@ use crate::checkpoint::{Checkpoint, Loader};
 use crate::config::{Config, IndexerKind};
 use crate::dump::Dump;
 use crate::error::{Error, Result};
-use crate::hooks::{emit, HookPoint, LayerHook, Observer, SweepObserver};
+use crate::hooks::{emit, in_prompt, HookPoint, LayerHook, Observer, SweepObserver};
 
 /// Where the weights come from.
 #[derive(Clone, Copy)]
@@ -189,14 +189,16 @@ pub fn sweep(w: Weights, prompts: &[&Tokens], last: usize, obs: &mut dyn SweepOb
     let mut held = Vec::with_capacity(prompts.len());
     for (p, tokens) in prompts.iter().enumerate() {
         let rope = RotaryEmbedding::new(cfg).tables(&(0..tokens.seq).collect::<Vec<_>>());
-        held.push((embed(w, tokens, obs.prompt(p))?, None, rope)); // [B, S, hidden]
+        let h = embed(w, tokens, obs.prompt(p));
+        held.push((in_prompt(obs, p, h)?, None, rope)); // [B, S, hidden]
     }
     let mut progress = crate::progress::Steps::layers(0, last);
     for i in 0..=last {
         progress.step(i);
         with_layer(w, i, |layer| {
             for (p, (h, sel, rope)) in held.iter_mut().enumerate() {
-                *h = step(layer, i, h, rope, sel, obs.prompt(p))?;
+                let out = step(layer, i, h, rope, sel, obs.prompt(p));
+                *h = in_prompt(obs, p, out)?;
             }
             Ok(())
         })?;
