@@ -1,5 +1,6 @@
 //! Progress of long work on stderr: the layer of a forward pass in progress, for the commands
-//! that ask for it (`run`, `verify`), the prompt of an `audit` in progress, and `diff`'s reruns of
+//! that ask for it (`run`, `verify`), the prompt of an `audit` in progress (with `--stream`, the
+//! layer and prompt of its sweep), and `diff`'s reruns of
 //! an attention (`reading::rerun`) and its reads past rounding (`diff::past`). On a terminal, one
 //! line once the work has taken two seconds; in a log (CI, `nohup`), a line at most every ten
 //! seconds. A GLM-5 prefill on a CPU spends minutes a layer, and said nothing between loading and
@@ -35,6 +36,9 @@ enum Unit {
     OwnRead(usize),
     /// Layers 1 to this, whose co-activation chance level is drawn (`audit --pairs`).
     PairChance(usize),
+    /// A sweep (`audit --stream`) through layers 0 to `.0` of `.1` prompts: step `layer * .1 +
+    /// prompt`.
+    Sweep(usize, usize),
 }
 
 /// One pass over a window of layers, or one audit's prompts.
@@ -56,6 +60,13 @@ impl Steps {
     /// `audit`'s prompts, 1 to `total` (shown whether or not [`enable`] was called).
     pub fn prompts(total: usize) -> Steps {
         Steps::of(Unit::Prompt(total), true)
+    }
+
+    /// A sweep of `prompts` prompts through layers 0 to `last`, a layer at a time: step
+    /// `layer * prompts + prompt` (shown whether or not [`enable`] was called: at GLM-5's size a
+    /// layer of many prompts takes minutes).
+    pub fn sweep(last: usize, prompts: usize) -> Steps {
+        Steps::of(Unit::Sweep(last, prompts.max(1)), true)
     }
 
     /// `diff`'s reruns of layer `layer`'s attention or indexer, 1 to `total` (shown once
@@ -96,6 +107,7 @@ impl Steps {
             Unit::Rerun(layer, total, part) => format!("diff: rerun {i} of {total} of layer {layer}'s {part}"),
             Unit::OwnRead(total) => format!("diff: reading divergence {i} of {total} on ours's own inputs"),
             Unit::PairChance(total) => format!("audit: co-activation chance level, layer {i} of {total}"),
+            Unit::Sweep(last, n) => format!("layer {} of 0..={last}, prompt {} of {n}", i / n, i % n + 1),
         };
         let elapsed = now.duration_since(self.start);
         let secs = elapsed.as_secs_f64();
@@ -146,5 +158,12 @@ mod tests {
         audit.terminal = false;
         let t12 = audit.start + Duration::from_secs(12);
         assert_eq!(audit.line(40, t12).as_deref(), Some("glimpse: audit: prompt 40 of 5000 (12 s so far)\n"));
+        let mut sweep = Steps::sweep(77, 100);
+        sweep.terminal = false;
+        let t12 = sweep.start + Duration::from_secs(12);
+        assert_eq!(
+            sweep.line(3 * 100 + 39, t12).as_deref(),
+            Some("glimpse: layer 3 of 0..=77, prompt 40 of 100 (12 s so far)\n")
+        );
     }
 }

@@ -295,7 +295,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
     /// streamed run of the longest prompt does (the memory check's; a copy each way a prompt and
     /// layer costs little beside a layer's upload).
     pub fn sweep(&self, prompts: &[&Tokens], last: usize, obs: &mut dyn SweepObserver) -> Result<usize> {
-        let (hd, n) = (self.config.hidden_size, self.config.num_hidden_layers);
+        let hd = self.config.hidden_size;
         stream::check_window(self.config, &(0..=last))?;
         let shared = |i: usize| i <= last && self.config.indexer_kind(i) == IndexerKind::Shared;
         let mut held: Vec<(Vec<f32>, Option<HostSelection>)> = Vec::with_capacity(prompts.len()); // [T, H] each
@@ -305,11 +305,11 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             h.truncate(tokens.ids.len() * hd);
             held.push((h, None));
         }
-        let mut progress = crate::progress::Steps::layers(0, last.min(n - 1));
+        let mut progress = crate::progress::Steps::sweep(last, prompts.len());
         for i in 0..=last {
-            progress.step(i);
             self.with_layer(i, |layer| {
                 for (p, (held, tokens)) in held.iter_mut().zip(prompts).enumerate() {
+                    progress.step(i * prompts.len() + p);
                     let done = self.sweep_step(i, layer, held, tokens, shared(i + 1), obs.prompt(p));
                     in_prompt(obs, p, done)?;
                 }

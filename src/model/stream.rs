@@ -192,11 +192,11 @@ pub fn sweep(w: Weights, prompts: &[&Tokens], last: usize, obs: &mut dyn SweepOb
         let h = embed(w, tokens, obs.prompt(p));
         held.push((in_prompt(obs, p, h)?, None, rope)); // [B, S, hidden]
     }
-    let mut progress = crate::progress::Steps::layers(0, last);
+    let mut progress = crate::progress::Steps::sweep(last, prompts.len());
     for i in 0..=last {
-        progress.step(i);
         with_layer(w, i, |layer| {
             for (p, (h, sel, rope)) in held.iter_mut().enumerate() {
+                progress.step(i * prompts.len() + p);
                 let out = step(layer, i, h, rope, sel, obs.prompt(p));
                 *h = in_prompt(obs, p, out)?;
             }
