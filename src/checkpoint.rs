@@ -410,11 +410,21 @@ pub fn dequantize_blocks(
 pub struct Loader<'a> {
     pub ckpt: &'a Checkpoint,
     problems: Vec<String>,
+    /// The bf16 and FP8 weights loaded are read in place by every product of fewer rows, not
+    /// the first only ([`crate::model::nn::Packing`]).
+    pub(crate) in_place: bool,
 }
 
 impl<'a> Loader<'a> {
     pub fn new(ckpt: &'a Checkpoint) -> Self {
-        Loader { ckpt, problems: Vec::new() }
+        Loader { ckpt, problems: Vec::new(), in_place: false }
+    }
+
+    /// A loader whose bf16 and FP8 weights are read in place by every product of fewer rows
+    /// (a streamed layer, which one pass, or a sweep's prompts, use and then release).
+    pub fn reading_in_place(mut self) -> Self {
+        self.in_place = true;
+        self
     }
 
     /// The tensor `name` of shape `shape`; on a problem, records it and returns an empty

@@ -455,9 +455,8 @@ pub(crate) struct AuditArgs {
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     pub(crate) device: Backend,
     /// Run every prompt (and --compare-prompts') layer by layer, each layer read from the
-    /// checkpoint once for all of them and released after: memory of about a layer (on the CPU
-    /// up to twice: its pages and its packed copy) plus each prompt's hidden state, whatever the
-    /// depth (a model larger than memory, or a GPU's).
+    /// checkpoint once for all of them and released after: memory of about a layer plus each
+    /// prompt's hidden state, whatever the depth (a model larger than memory, or a GPU's).
     #[arg(long, conflicts_with = "mtp")]
     pub(crate) stream: bool,
     #[command(flatten)]

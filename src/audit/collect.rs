@@ -118,17 +118,15 @@ pub fn collect_with_other(
     if let Some(c) = &ckpt {
         // The largest batch x positions for memory; the longest row for the trained positions.
         let all = || prompt_tokens.iter().chain(&other_tokens).map(|(_, t)| t);
-        if let Some(largest) = all().max_by_key(|t| t.ids.len()) {
+        if streamed {
+            let prompts: Vec<(usize, usize)> = all().map(|t| (t.batch, t.seq)).collect();
+            crate::memory::check_sweep(c, &prompts, target, max_memory)?;
+        } else if let Some(largest) = all().max_by_key(|t| t.ids.len()) {
+            // (With --mtp, the head's layer too, as `run --mtp` counts it.)
+            let layers = 0..=c.config.num_hidden_layers - 1 + usize::from(live && mtp);
             let dims = (largest.batch, largest.seq);
-            if streamed {
-                let held = crate::memory::sweep_held(c, all().map(|t| (t.batch, t.seq)));
-                crate::memory::check_sweep(c, dims, (all().count(), held), target, max_memory)?;
-            } else {
-                // (With --mtp, the head's layer too, as `run --mtp` counts it.)
-                let layers = 0..=c.config.num_hidden_layers - 1 + usize::from(live && mtp);
-                let est = crate::memory::estimate_on(target, c, dims, &layers, crate::memory::Recording::Nothing);
-                crate::memory::check(&est, max_memory, "shorter prompts, or --stream")?;
-            }
+            let est = crate::memory::estimate_on(target, c, dims, &layers, crate::memory::Recording::Nothing);
+            crate::memory::check(&est, max_memory, "shorter prompts, or --stream")?;
         }
         for (path, tokens) in [(prompts.map(|p| p.0), &prompt_tokens), (other, &other_tokens)] {
             let longest = tokens.iter().max_by_key(|(_, t)| t.seq);

@@ -272,10 +272,10 @@ pub fn estimate(
     let weights = if stream {
         // One layer's copies or its file pages (a product reads the pages in place or packs
         // them, and the pages of a packed weight are not read again). Where the loaded layer
-        // serves several passes (a sweep's prompts), the copies and the pages of what it packs:
-        // the second pass packs what the first read in place, its pages still mapped (2 prompts
-        // of 128 tokens of an 8-layer GLM-5-shaped checkpoint peaked at 2.63 GB, 1 at 1.34 GB).
-        // And an lm_head chunk: the
+        // serves several passes (a sweep's prompts), some reading it in place and a later one
+        // packing it, the copies and the pages of what it packs, both held (when every pass
+        // packed, 2 prompts of 128 tokens of an 8-layer GLM-5-shaped checkpoint peaked at
+        // 2.63 GB, 1 at 1.34 GB). And an lm_head chunk: the
         // CPU multiplies a chunk of its rows at a time, where a device pass holds it as loaded
         // until it is uploaded (a tied one read in place when bf16, else as the embeddings' f32
         // table).
@@ -430,32 +430,30 @@ fn estimate_run(
 /// streamed pass of its largest prompt: each prompt's hidden state (f32) and DSA selection (the
 /// CPU's [`crate::model::indexer::Selection`], an 8-byte index a kept key and a 4-byte margin a
 /// row; a device's waits on the host as 4-byte indices).
-pub fn sweep_held(ckpt: &Checkpoint, prompts: impl IntoIterator<Item = (usize, usize)>) -> u64 {
+fn sweep_held(ckpt: &Checkpoint, prompts: &[(usize, usize)]) -> u64 {
     let cfg = &ckpt.config;
     let row = |seq: usize| (4 * cfg.hidden_size + 8 * cfg.index_k(seq) + 4) as u64;
-    prompts.into_iter().map(|(batch, seq)| (batch * seq) as u64 * row(seq)).fold(0, u64::saturating_add)
+    prompts.iter().map(|&(batch, seq)| (batch * seq) as u64 * row(seq)).fold(0, u64::saturating_add)
 }
 
-/// Refuses a sweep (`audit --stream`, recording nothing) of `prompts` prompts whose largest is
-/// `dims` and whose held states take `held` bytes ([`sweep_held`]) past `max` (host) or the GPU's
-/// memory.
-pub fn check_sweep(
-    ckpt: &Checkpoint,
-    dims: (usize, usize),
-    (prompts, held): (usize, u64),
-    target: Target,
-    max: Option<u64>,
-) -> Result<()> {
+/// Refuses a sweep (`audit --stream`, recording nothing) of `prompts` (batch x seq each) that
+/// needs more than `max` (host) or the GPU's memory: a streamed pass of the largest prompt, and
+/// every prompt's held state ([`sweep_held`]).
+pub fn check_sweep(ckpt: &Checkpoint, prompts: &[(usize, usize)], target: Target, max: Option<u64>) -> Result<()> {
+    let Some(&dims) = prompts.iter().max_by_key(|(batch, seq)| batch * seq) else { return Ok(()) };
     let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
     let mut est = match target.backend {
-        // On the CPU a layer that serves more than one prompt ends up packed beside its pages.
+        // A streamed layer is read in place by every prompt of fewer than 512 rows (on AMX);
+        // a longer one packs it, beside the pages a shorter one read before it.
         Backend::Cpu => {
-            let passes = if prompts > 1 { Passes::Many } else { Passes::One };
+            let in_place = |&(batch, seq): &(usize, usize)| crate::model::nn::Packing::reads_in_place(batch * seq);
+            let mixed = prompts.iter().any(in_place) && !prompts.iter().all(in_place);
+            let passes = if mixed { Passes::Many } else { Passes::One };
             estimate(ckpt, dims, &all, true, Recording::Nothing, passes)
         }
         _ => estimate_run(ckpt, dims, Recording::Nothing, (target, Residency::Streamed)),
     };
-    est.activations = est.activations.saturating_add(held);
+    est.activations = est.activations.saturating_add(sweep_held(ckpt, prompts));
     check(&est, max, "fewer or shorter prompts")?;
     check_gpu(ckpt, dims, Recording::Nothing, target, Residency::Streamed)
 }

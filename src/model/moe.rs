@@ -429,7 +429,7 @@ fn load_fused_experts(l: &mut Loader, p: &str, e: usize, h: usize, inter: usize)
     let views = (l.bf16(&gate_up).filter(|_| shaped(&gate_up, [e, 2 * inter, h])))
         .zip(l.bf16(&down).filter(|_| shaped(&down, [e, h, inter])));
     if let Some((gu, dn)) = views {
-        let linear = |w: Option<Bf16Weight>| w.map(|w| Linear { weight: Weight::bf16(w), bias: None });
+        let linear = |w: Option<Bf16Weight>| w.map(|w| Linear { weight: Weight::bf16_as(l, w), bias: None });
         let expert = |j: usize| -> Option<Mlp> {
             Some(Mlp {
                 gate_proj: linear(gu.rows(2 * inter * j, inter))?,

@@ -248,7 +248,7 @@ fn step(
 /// bench checkpoint took 3.34-3.67 s with it against 3.02-3.36 s without (next layer only:
 /// 3.36-3.95 s against 3.32-3.65 s), on this project's VM (2026-12-01).
 pub fn load_layer(ckpt: &Checkpoint, i: usize) -> Result<DecoderLayer> {
-    let mut l = Loader::new(ckpt);
+    let mut l = Loader::new(ckpt).reading_in_place();
     let layer = DecoderLayer::load(&mut l, &ckpt.config, i);
     l.finish(layer)
 }
