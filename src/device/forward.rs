@@ -308,9 +308,9 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let mut progress = crate::progress::Steps::sweep(last, prompts.len());
         for i in 0..=last {
             self.with_layer(i, |layer| {
-                for (p, (held, tokens)) in held.iter_mut().zip(prompts).enumerate() {
+                for (p, (state, tokens)) in held.iter_mut().zip(prompts).enumerate() {
                     progress.step(i * prompts.len() + p);
-                    let done = self.sweep_step(i, layer, held, tokens, shared(i + 1), obs.prompt(p));
+                    let done = self.sweep_step(i, layer, state, tokens, shared(i + 1), obs.prompt(p));
                     in_prompt(obs, p, done)?;
                 }
                 Ok(())
