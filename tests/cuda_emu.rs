@@ -184,8 +184,8 @@ fn a_streamed_model_holds_one_layer_at_a_time_on_the_emulated_gpu() {
 
 /// A sweep (`audit --stream`) on the emulated GPU records each prompt as its prefill does, bit
 /// for bit, in both precisions (a shared indexer layer's selection waits on the host between
-/// layers), and holds on the device no more than a streamed prefill of its longest prompt: the
-/// head and a layer's weights, and that prompt's working set.
+/// layers), and holds on the device no more than a layer's weights and its longest prompt's
+/// working set through the layers: never the head, nor logits.
 #[test]
 fn a_sweep_on_the_emulated_gpu_records_each_prompt_as_its_prefill() {
     use glimpse::device::forward::DeviceModel;
@@ -212,9 +212,9 @@ fn a_sweep_on_the_emulated_gpu_records_each_prompt_as_its_prefill() {
             let n = ckpt.config.num_hidden_layers;
             DeviceModel::streamed(&ops, &ckpt).unwrap().sweep(&refs, n - 1, &mut Quiet(NoObserver)).unwrap();
             let target = Target { precision, ..Target::from(Backend::CudaEmu) };
-            let weights = device_weights(&ckpt, precision, Residency::Streamed);
+            let weights = device_weights(&ckpt, precision, Residency::Swept);
             let longest = prompts.iter().map(|t| (t.batch, t.seq)).max_by_key(|(b, s)| b * s).unwrap();
-            let working = glimpse::cuda::working_set::estimate(&ckpt, longest, target, false).total;
+            let working = glimpse::cuda::working_set::estimate(&ckpt, longest, target, false).layers;
             let peak = ops.gpu.emulated_bytes().unwrap().1;
             println!("{case} {precision:?}: peak {peak}, of weights {weights} + working {working}");
             assert!(weights <= peak && peak <= weights + working, "{case} {precision:?}: {peak}");

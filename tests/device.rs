@@ -365,7 +365,7 @@ fn a_streamed_device_model_records_as_the_resident_one() {
 /// head, which needs the resident model.
 #[test]
 fn run_and_verify_stream_on_a_device() {
-    use glimpse::memory::{estimate_on, estimate_streamed_on, Recording};
+    use glimpse::memory::{estimate_on, estimate_streamed_on, Recording, Residency};
     let m = common::golden("fp8-sharded");
     let tmp = tempfile::tempdir().unwrap();
     let tokens = m.join("reference.safetensors");
@@ -387,7 +387,7 @@ fn run_and_verify_stream_on_a_device() {
     let n = ckpt.config.num_hidden_layers;
     let (target, size) = (Backend::CpuOps.into(), (1, 8));
     let resident = estimate_on(target, &ckpt, size, &(0..=n - 1), Recording::Nothing);
-    let streamed = estimate_streamed_on(target, &ckpt, size, Recording::Nothing);
+    let streamed = estimate_streamed_on(target, &ckpt, size, Recording::Nothing, Residency::Streamed);
     assert!(streamed.weights < resident.weights / 2, "{streamed:?} against {resident:?}");
 
     let m = common::golden("grouped-shared-yarn");

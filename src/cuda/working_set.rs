@@ -21,6 +21,9 @@ pub struct WorkingSet {
     pub total: u64,
     /// The logits alone ([B * S, vocab] f32).
     pub logits: u64,
+    /// Everything but the head's phase (the final norm and the logits): what a sweep (`audit
+    /// --stream`), which stops after the layers, holds.
+    pub layers: u64,
 }
 
 /// The working set of a prefill of `batch x seq` tokens of `ckpt` on `target` (every position's
@@ -45,7 +48,7 @@ pub fn estimate_chunked(
     let logits = f(t).saturating_mul(v as u64);
     if t > 1 << 32 || seq > 1 << 32 {
         // Past any GPU (and past what the products below may count in a usize).
-        return WorkingSet { total: u64::MAX, logits };
+        return WorkingSet { total: u64::MAX, logits, layers: u64::MAX };
     }
     let k = c.index_topk.min(seq);
     let moe = (0..c.num_hidden_layers).any(|i| c.mlp_kind(i) == MlpKind::Moe);
@@ -66,17 +69,18 @@ pub fn estimate_chunked(
         (true, false) => Scoring::None,
     };
     let attention = attention_scratch(c, (batch, seq), (k, scoring), target, chunk_values);
-    let phases = [
+    let layer_phases = [
         // The whole scores live in the attention phase, beside its projections.
         attention_phase(c, t, k).saturating_add(whole),
         moe_phase(c, t, a, target.precision),
         dense_phase(c, t),
-        // h and the final norm, then the logits.
-        f(t * h) + logits,
     ];
+    // h and the final norm, then the logits.
+    let head_phase = f(t * h) + logits;
+    let layer_phase = layer_phases.into_iter().max().unwrap_or(0);
     let scratch = products_scratch(ckpt, t, a, target.precision) + attention;
-    let total = kept.saturating_add(phases.into_iter().max().unwrap_or(0)).saturating_add(scratch);
-    WorkingSet { total, logits }
+    let with = |phase: u64| kept.saturating_add(phase).saturating_add(scratch);
+    WorkingSet { total: with(layer_phase.max(head_phase)), logits, layers: with(layer_phase) }
 }
 
 /// Inside a layer's `attention`: its input norm and the MLA projections alive to the end (the

@@ -66,8 +66,6 @@ pub struct DeviceModel<'m, O: Ops> {
     ops: &'m O,
     config: &'m Config,
     weights: DWeights<'m, O>,
-    norm: (O::F, f32),
-    lm_head: DLinear<O>,
     /// Matrix-product FLOPs (2 m n k each) since the model was built.
     flops: std::cell::Cell<u64>,
     /// The RoPE tables of the longest prefill so far, on the device.
@@ -77,16 +75,24 @@ pub struct DeviceModel<'m, O: Ops> {
     profile: std::cell::RefCell<Option<Profile>>,
 }
 
-/// Where the decoder layers' and the embeddings' weights are.
+/// The final norm and lm_head on the device.
+struct DHead<O: Ops> {
+    norm: (O::F, f32),
+    lm_head: DLinear<O>,
+}
+
+/// Where the model's weights are.
 enum DWeights<'m, O: Ops> {
-    /// On the device, uploaded once: every layer, and `embed_tokens` [vocab, hidden] in f32
-    /// (exact in both precisions: a lookup, not a product), from which the prompt's rows are
-    /// gathered there.
-    Resident { layers: Vec<DLayer<O>>, embed: O::F },
-    /// In the checkpoint (`--stream`): each layer is read and uploaded just before it runs and
-    /// freed after it, so the device holds one layer's weights at a time (with the final norm and
-    /// lm_head, uploaded once), and the prompt's embedding rows are read on the host. How a
+    /// On the device, uploaded once: every layer, the head, and `embed_tokens` [vocab, hidden]
+    /// in f32 (exact in both precisions: a lookup, not a product), from which the prompt's rows
+    /// are gathered there.
+    Resident { layers: Vec<DLayer<O>>, head: DHead<O>, embed: O::F },
+    /// In the checkpoint (`--stream`): each layer, and the head after the last, is read and
+    /// uploaded just before it runs and freed after it, so the device holds one layer's weights
+    /// or the head's at a time, and the prompt's embedding rows are read on the host. How a
     /// checkpoint larger than the GPU's memory (GLM-5's 744B parameters, on one card) runs on it.
+    /// A sweep (`audit --stream`) never reaches the head, so never uploads it (1.9 GB at
+    /// GLM-5's vocabulary).
     Streamed(&'m Checkpoint),
 }
 
@@ -94,36 +100,23 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
     /// Uploads every weight of `model` the main forward pass uses.
     pub fn new(ops: &'m O, model: &'m Model) -> Result<Self> {
         let layers = model.layers.iter().map(|layer| upload_layer(ops, layer)).collect::<Result<_>>()?;
-        let (norm, lm_head) = (upload_norm(ops, &model.norm)?, upload_linear(ops, &model.lm_head)?);
+        let head = DHead { norm: upload_norm(ops, &model.norm)?, lm_head: upload_linear(ops, &model.lm_head)? };
         let embed = ops.upload(&values(&model.embed_tokens)?)?;
-        Ok(Self::with(ops, &model.config, DWeights::Resident { layers, embed }, (norm, lm_head)))
+        Ok(Self::with(ops, &model.config, DWeights::Resident { layers, head, embed }))
     }
 
-    /// A model that uploads the final norm and lm_head now, and each decoder layer from `ckpt`
-    /// when it runs ([`DWeights::Streamed`]). The layers' weights are read as a run reaches them:
-    /// [`crate::model::stream::check_streamed`] checks the checkpoint holds them first.
+    /// A model that uploads each decoder layer, and then the final norm and lm_head, from `ckpt`
+    /// when the run reaches it ([`DWeights::Streamed`]). The weights are read as a run reaches
+    /// them: [`crate::model::stream::check_streamed`] checks the checkpoint holds them first.
     pub fn streamed(ops: &'m O, ckpt: &'m Checkpoint) -> Result<Self> {
-        let mut l = Loader::new(ckpt);
-        let head = Model::load_head(&mut l, None)?;
-        let (norm, lm_head) = l.finish(head)?;
-        let head = (upload_norm(ops, &norm)?, upload_linear(ops, &lm_head)?);
-        drop(lm_head);
-        ckpt.release(ckpt.head_name());
-        Ok(Self::with(ops, &ckpt.config, DWeights::Streamed(ckpt), head))
+        Ok(Self::with(ops, &ckpt.config, DWeights::Streamed(ckpt)))
     }
 
-    fn with(
-        ops: &'m O,
-        config: &'m Config,
-        weights: DWeights<'m, O>,
-        (norm, lm_head): ((O::F, f32), DLinear<O>),
-    ) -> Self {
+    fn with(ops: &'m O, config: &'m Config, weights: DWeights<'m, O>) -> Self {
         DeviceModel {
             ops,
             config,
             weights,
-            norm,
-            lm_head,
             flops: std::cell::Cell::new(0),
             rope: std::cell::RefCell::new(None),
             profile: std::cell::RefCell::new(None),
@@ -138,6 +131,18 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         drop(layer);
         ckpt.release(&format!("model.layers.{i}."));
         Ok(uploaded)
+    }
+
+    /// The final norm and lm_head of a streamed model, read from `ckpt` and uploaded now (the
+    /// head's file pages released once uploaded).
+    fn upload_streamed_head(&self, ckpt: &Checkpoint) -> Result<DHead<O>> {
+        let mut l = Loader::new(ckpt);
+        let head = Model::load_head(&mut l, None)?;
+        let (norm, lm_head) = l.finish(head)?;
+        let head = DHead { norm: upload_norm(self.ops, &norm)?, lm_head: upload_linear(self.ops, &lm_head)? };
+        drop(lm_head);
+        ckpt.release(ckpt.head_name());
+        Ok(head)
     }
 
     /// RoPE tables of at least `seq` positions on the device, kept for later prefills no longer
@@ -252,19 +257,21 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         if let Some(given) = obs.isolated_input(n)? {
             h = self.feed(&given, t * hd)?;
         }
-        let mark = self.mark()?;
-        let x = self.norm(&h, &self.norm, t, hd)?;
-        self.report(obs, HookPoint::FinalNorm, &x, &[b, s, hd])?;
-        let logits = match rows {
-            LogitRows::All => self.mm(&x, &self.lm_head, t, 1.0)?, // [T, V]
-            LogitRows::Last => {
-                let last: Vec<i32> = (1..=b).map(|r| (r * s - 1) as i32).collect(); // < T
-                let x = self.ops.gather_rows(&x, &self.ops.upload_i32(&last)?, b, hd)?; // [B, H]
-                self.mm(&x, &self.lm_head, b, 1.0)? // [B, V]
-            }
-        };
-        self.done(mark, "final norm, lm_head", 0)?;
-        Ok(logits)
+        self.with_head(|head| {
+            let mark = self.mark()?;
+            let x = self.norm(&h, &head.norm, t, hd)?;
+            self.report(obs, HookPoint::FinalNorm, &x, &[b, s, hd])?;
+            let logits = match rows {
+                LogitRows::All => self.mm(&x, &head.lm_head, t, 1.0)?, // [T, V]
+                LogitRows::Last => {
+                    let last: Vec<i32> = (1..=b).map(|r| (r * s - 1) as i32).collect(); // < T
+                    let x = self.ops.gather_rows(&x, &self.ops.upload_i32(&last)?, b, hd)?; // [B, H]
+                    self.mm(&x, &head.lm_head, b, 1.0)? // [B, V]
+                }
+            };
+            self.done(mark, "final norm, lm_head", 0)?;
+            Ok(logits)
+        })
     }
 
     /// The prefill's hook points up to layer `last`'s: past the last layer, the whole prefill's.
@@ -359,6 +366,15 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
                 f(layers.get(i).ok_or_else(|| Error::Device(format!("no layer {i}")))?)
             }
             DWeights::Streamed(ckpt) => f(&self.upload_streamed(ckpt, i)?),
+        }
+    }
+
+    /// Runs `f` on the final norm and lm_head: resident, or streamed (read and uploaded for `f`
+    /// alone, freed after it, as a layer is).
+    fn with_head<R>(&self, f: impl FnOnce(&DHead<O>) -> Result<R>) -> Result<R> {
+        match &self.weights {
+            DWeights::Resident { head, .. } => f(head),
+            DWeights::Streamed(ckpt) => f(&self.upload_streamed_head(ckpt)?),
         }
     }
 

@@ -19,7 +19,8 @@ pub fn device_copies(ckpt: &Checkpoint, target: Target, residency: Residency) ->
         Backend::CudaEmu => device_weights(ckpt, target.precision, residency),
         Backend::CpuOps => {
             let bytes = |n: &str| if n.ends_with("_scale_inv") { 0 } else { 4 * numel(ckpt, n) };
-            held_at_once(ckpt, residency, bytes) + if ckpt.tied_head() { bytes(ckpt.head_name()) } else { 0 }
+            let tied = if ckpt.tied_head() { bytes(ckpt.head_name()) } else { 0 };
+            held_at_once(ckpt, residency, bytes, tied)
         }
     }
 }
@@ -41,27 +42,31 @@ pub fn device_weights(ckpt: &Checkpoint, precision: crate::device::Precision, re
     };
     // A tied head is uploaded as a matrix of its own (the embeddings as stored), beside the
     // embeddings' f32 table where that is resident.
-    let head = if ckpt.tied_head() { as_matrix(embed) } else { 0 };
-    held_at_once(ckpt, residency, |n| if matrix(n) { as_matrix(n) } else { 4 * numel(ckpt, n) }) + head
+    let tied = if ckpt.tied_head() { as_matrix(embed) } else { 0 };
+    held_at_once(ckpt, residency, |n| if matrix(n) { as_matrix(n) } else { 4 * numel(ckpt, n) }, tied)
 }
 
-/// `bytes` summed over the main model's tensors (the MTP layer's left out) a device holds at once:
-/// all of them, or streamed, those outside the decoder layers but the embeddings (whose rows
-/// are read on the host), and the largest layer's.
-fn held_at_once(ckpt: &Checkpoint, residency: Residency, bytes: impl Fn(&str) -> u64) -> u64 {
+/// `bytes` summed over the main model's tensors (the MTP layer's left out) a device holds at once,
+/// with `tied_head` (a tied head's own copy) among those outside the decoder layers: all of
+/// them; or streamed, the largest layer's or those outside the layers but the embeddings (whose
+/// rows are read on the host), whichever is more, since the head is uploaded once the last
+/// layer is freed; or swept, the largest layer's alone.
+fn held_at_once(ckpt: &Checkpoint, residency: Residency, bytes: impl Fn(&str) -> u64, tied_head: u64) -> u64 {
     let n = ckpt.config.num_hidden_layers;
-    let (mut layers, mut rest) = (vec![0u64; n], 0u64);
+    let (mut layers, mut rest) = (vec![0u64; n], tied_head);
     for name in ckpt.names() {
         match crate::layout::layer_of(name) {
             Some(i) if i < n => layers[i] += bytes(name),
             Some(_) => {} // the MTP layer's
-            None if residency == Residency::Streamed && name == "model.embed_tokens.weight" => {}
+            None if residency != Residency::Whole && name == "model.embed_tokens.weight" => {}
             None => rest += bytes(name),
         }
     }
-    rest + match residency {
-        Residency::Whole => layers.iter().sum(),
-        Residency::Streamed => layers.into_iter().max().unwrap_or(0),
+    let largest = layers.iter().copied().max().unwrap_or(0);
+    match residency {
+        Residency::Whole => rest + layers.iter().sum::<u64>(),
+        Residency::Streamed => rest.max(largest),
+        Residency::Swept => largest,
     }
 }
 
@@ -81,20 +86,24 @@ pub fn check_device(
     if need <= free {
         return Ok(());
     }
-    let (held, try_instead) = match residency {
-        Residency::Whole => ("its weights take", "--stream, a checkpoint of fewer layers, fewer tokens"),
-        Residency::Streamed => ("the head and its largest layer take", "fewer tokens"),
+    let prefill = format!("its prefill's working set {} (of which logits {})", gb(working), gb(logits));
+    let (held, working, try_instead) = match residency {
+        Residency::Whole => ("its weights take", prefill, "--stream, a checkpoint of fewer layers, fewer tokens"),
+        Residency::Streamed => ("its largest layer or its head takes", prefill, "fewer tokens"),
+        Residency::Swept => (
+            "its largest layer takes",
+            format!("its longest prompt's working set {}", gb(working)),
+            "fewer or shorter prompts",
+        ),
     };
     Err(Error::Device(format!(
-        "GPU {} has {} free of {}, and this run needs {}: {held} {} there and its prefill's working set {} \
-         (of which logits {}), and cuBLAS and the kernels about {}; try {try_instead}, or a GPU with more memory",
+        "GPU {} has {} free of {}, and this run needs {}: {held} {} there and {working}, and cuBLAS and the \
+         kernels about {}; try {try_instead}, or a GPU with more memory",
         target.ordinal,
         gb(free),
         gb(total),
         gb(need),
         gb(weights),
-        gb(working),
-        gb(logits),
         gb(DEVICE_UNCOUNTED)
     )))
 }
@@ -127,24 +136,35 @@ pub fn device_need(
     (target, scores): (Target, bool),
     residency: Residency,
 ) -> DeviceNeed {
-    let (working, logits) = working_set(ckpt, (batch, seq), target, scores);
+    let (working, logits) = working_set(ckpt, (batch, seq), target, scores, residency);
     DeviceNeed { weights: device_weights(ckpt, target.precision, residency), working, logits }
 }
 
 /// A prefill's working set on a GPU and its logits' share, in bytes (`cuda::working_set`; a
-/// build without the `cuda` feature has no GPU to run on, and counts the logits alone).
-fn working_set(ckpt: &Checkpoint, (batch, seq): (usize, usize), target: Target, scores: bool) -> (u64, u64) {
+/// build without the `cuda` feature has no GPU to run on, and counts the logits alone). A sweep
+/// ([`Residency::Swept`]) computes no logits, and holds the layers' share alone.
+fn working_set(
+    ckpt: &Checkpoint,
+    (batch, seq): (usize, usize),
+    target: Target,
+    scores: bool,
+    residency: Residency,
+) -> (u64, u64) {
     #[cfg(feature = "cuda")]
-    {
+    let (total, layers, logits) = {
         let w = crate::cuda::working_set::estimate(ckpt, (batch, seq), target, scores);
-        (w.total, w.logits)
-    }
+        (w.total, w.layers, w.logits)
+    };
     #[cfg(not(feature = "cuda"))]
-    {
+    let (total, layers, logits) = {
         let _ = (target, scores);
         // (Saturated: the token counts are the user's.)
         let logits = [batch, seq, ckpt.config.vocab_size].iter().fold(4u64, |n, &d| n.saturating_mul(d as u64));
-        (logits, logits)
+        (logits, 0, logits)
+    };
+    match residency {
+        Residency::Swept => (layers, 0),
+        Residency::Whole | Residency::Streamed => (total, logits),
     }
 }
 
@@ -175,7 +195,7 @@ mod tests {
         let ckpt = Checkpoint::open(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat")).unwrap();
         let target = Target { ordinal: 1, ..Target::from(Backend::Cuda) };
         let weights = device_weights(&ckpt, target.precision, Residency::Whole);
-        let (working, logits) = working_set(&ckpt, (1, 32), target, false);
+        let (working, logits) = working_set(&ckpt, (1, 32), target, false, Residency::Whole);
         assert_eq!(logits, 4 * 32 * ckpt.config.vocab_size as u64);
         assert!(working >= logits);
         let fits = |free, res| check_device(&ckpt, (1, 32), (target, false, res), (free, 1 << 40));
@@ -190,5 +210,17 @@ mod tests {
         assert!(streamed < weights / 2, "{streamed} of {weights}");
         assert!(fits(weights + working + DEVICE_UNCOUNTED - 1, Residency::Streamed).is_ok());
         assert!(fits(streamed + working + DEVICE_UNCOUNTED - 1, Residency::Streamed).is_err());
+        // Swept (`audit --stream`): a layer at a time and no head, through the layers' working set.
+        let swept = device_weights(&ckpt, target.precision, Residency::Swept);
+        let (layers, logits) = working_set(&ckpt, (1, 32), target, false, Residency::Swept);
+        assert!(swept <= streamed && layers <= working && logits == 0, "{swept} {layers}");
+        assert!(fits(swept + layers + DEVICE_UNCOUNTED, Residency::Swept).is_ok());
+        let err = fits(swept + layers + DEVICE_UNCOUNTED - 1, Residency::Swept).unwrap_err().to_string();
+        let numbers =
+            format!("its largest layer takes {} there and its longest prompt's working set {}", gb(swept), gb(layers));
+        assert!(
+            err.contains(&numbers) && err.contains("try fewer or shorter prompts") && !err.contains("logits"),
+            "{err}"
+        );
     }
 }

@@ -36,9 +36,12 @@ impl Estimate {
 pub enum Residency {
     /// Every layer, uploaded once (and the embeddings' table).
     Whole,
-    /// One layer at a time, uploaded as the run reaches it (`--stream`), beside the final norm and
+    /// One layer at a time, uploaded as the run reaches it (`--stream`), then the final norm and
     /// lm_head; the prompt's embedding rows are read on the host.
     Streamed,
+    /// One layer at a time and never the head: a sweep (`audit --stream`), which computes no
+    /// logits.
+    Swept,
 }
 
 /// What a whole pass (the hook points `recording` names) of `batch x seq` tokens over `window`
@@ -73,10 +76,16 @@ pub fn estimate_on(
 /// in host memory: the largest layer as loaded (its copies or its file pages, the larger), the
 /// final norm and lm_head as loaded, the activations as the CPU's, and the device's copies that
 /// live in host memory ([`device_copies`] of one layer at a time).
-pub fn estimate_streamed_on(target: Target, ckpt: &Checkpoint, dims: (usize, usize), recording: Recording) -> Estimate {
+pub fn estimate_streamed_on(
+    target: Target,
+    ckpt: &Checkpoint,
+    dims: (usize, usize),
+    recording: Recording,
+    residency: Residency,
+) -> Estimate {
     let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
     let mut est = estimate(ckpt, dims, &all, true, recording, Passes::Elsewhere);
-    est.weights = est.weights.saturating_add(device_copies(ckpt, target, Residency::Streamed));
+    est.weights = est.weights.saturating_add(device_copies(ckpt, target, residency));
     est
 }
 
@@ -421,8 +430,10 @@ fn estimate_run(
     let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
     match (residency, target.backend) {
         (Residency::Whole, _) => estimate_on(target, ckpt, dims, &all, recording),
-        (Residency::Streamed, Backend::Cpu) => estimate(ckpt, dims, &all, true, recording, Passes::One),
-        (Residency::Streamed, _) => estimate_streamed_on(target, ckpt, dims, recording),
+        (Residency::Streamed | Residency::Swept, Backend::Cpu) => {
+            estimate(ckpt, dims, &all, true, recording, Passes::One)
+        }
+        (residency, _) => estimate_streamed_on(target, ckpt, dims, recording, residency),
     }
 }
 
@@ -451,11 +462,11 @@ pub fn check_sweep(ckpt: &Checkpoint, prompts: &[(usize, usize)], target: Target
             let passes = if mixed { Passes::Many } else { Passes::One };
             estimate(ckpt, dims, &all, true, Recording::Nothing, passes)
         }
-        _ => estimate_run(ckpt, dims, Recording::Nothing, (target, Residency::Streamed)),
+        _ => estimate_run(ckpt, dims, Recording::Nothing, (target, Residency::Swept)),
     };
     est.activations = est.activations.saturating_add(sweep_held(ckpt, prompts));
     check(&est, max, "fewer or shorter prompts")?;
-    check_gpu(ckpt, dims, Recording::Nothing, target, Residency::Streamed)
+    check_gpu(ckpt, dims, Recording::Nothing, target, Residency::Swept)
 }
 
 /// The weights a whole-model run of `dims` tokens recording `recording` runs on `target`, once
@@ -471,7 +482,7 @@ pub fn load_for_run<'a>(
 ) -> Result<crate::model::Weights<'a>> {
     let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
     Ok(match residency {
-        Residency::Streamed => {
+        Residency::Streamed | Residency::Swept => {
             check_run(ckpt, dims, recording, (target, residency), max, "fewer tokens")?;
             crate::model::stream::check_streamed(ckpt, &all)?;
             crate::model::Weights::Streamed(ckpt)
