@@ -317,7 +317,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             self.with_layer(i, |layer| {
                 for (p, (state, tokens)) in held.iter_mut().zip(prompts).enumerate() {
                     progress.step(i * prompts.len() + p);
-                    let done = self.sweep_step(i, layer, state, tokens, shared(i + 1), obs.prompt(p));
+                    let done = self.sweep_step(i, layer, state, tokens, [shared(i), shared(i + 1)], obs.prompt(p));
                     in_prompt(obs, p, done)?;
                 }
                 Ok(())
@@ -330,7 +330,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
     }
 
     /// One prompt of a sweep through layer `i`: its held hidden state and DSA selection uploaded
-    /// (the selection where the layer shares it), the layer run, and both downloaded again (the
+    /// (the selection where the layer `shares` it), the layer run, and both downloaded again (the
     /// selection where `next_shares`: the next layer reuses it).
     fn sweep_step(
         &self,
@@ -338,11 +338,10 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         layer: &DLayer<O>,
         (h, sel): &mut (Vec<f32>, Option<HostSelection>),
         tokens: &Tokens,
-        next_shares: bool,
+        [shares, next_shares]: [bool; 2],
         obs: &mut dyn Observer,
     ) -> Result<()> {
         let t = tokens.ids.len();
-        let shares = self.config.indexer_kind(i) == IndexerKind::Shared;
         let mut selection = match sel.take().filter(|_| shares) {
             Some((idx, k)) => Some((self.ops.upload_i32(&idx)?, k)),
             None => None,
