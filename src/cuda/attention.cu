@@ -170,6 +170,8 @@ extern "C" __global__ void masked_softmax_bf16(const float* scores, const unsign
 // sq = qk rounded up to 16, plus 8 (the padding puts a fragment's 8 rows in different banks).
 #define FA_M 64
 #define FA_N 32
+// The selection is read as one 32-bit word of bits a step of keys (below).
+static_assert(FA_N == 32, "a step of keys is one word of selection bits");
 #define FA_VT 32
 
 extern "C" __global__ void __launch_bounds__(128) flash_attention_bf16(const float* q, const bf16_t* keys,

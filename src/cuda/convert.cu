@@ -1,19 +1,39 @@
 // Number formats on the device: block-FP8 (GLM-5-FP8: e4m3 values times a per-128x128-block
-// scale_inv, edge blocks partial) and bf16 decoded to f32 (CPU reference:
+// scale_inv, edge blocks partial) decoded to f32 or straight to bf16, and bf16 decoded to f32 (CPU reference:
 // checkpoint::dequantize_blocks and st::decode_f32), and f32 rounded to bf16 for the bf16
 // products (round to nearest even, NaN kept NaN; CPU reference: half::bf16::from_f32).
 
-// Rows start .. start + n of a view of a block-FP8 weight [*, cols] into out [n, cols]. The view
-// begins at stored row row0 and scale_inv is the whole weight's grid, so a view that does not
-// start on a block boundary still finds its scales.
+// Rows start .. start + n of a view of a block-FP8 weight [*, cols] into out [n, cols], one
+// block per row, so no thread divides a 64-bit index (split_bf16's lesson on the H200, below).
+// The view begins at stored row row0 and scale_inv is the whole weight's grid, so a view that
+// does not start on a block boundary still finds its scales.
+__device__ inline const float* fp8_row_scales(const float* scale_inv, long long r, int cols, int row0, int block_rows,
+                                              int block_cols) {
+    int scale_cols = (cols + block_cols - 1) / block_cols;
+    return scale_inv + ((row0 + r) / block_rows) * scale_cols;
+}
+
 extern "C" __global__ void fp8_dequant(const fp8_t* q, const float* scale_inv, float* out, long long start, int n,
                                        int cols, int row0, int block_rows, int block_cols) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)n * cols) return;
-    long long r = start + i / cols;
-    int c = (int)(i % cols);
-    int scale_cols = (cols + block_cols - 1) / block_cols;
-    out[i] = e4m3_to_f32(q[r * cols + c]) * scale_inv[((row0 + r) / block_rows) * scale_cols + c / block_cols];
+    long long i = blockIdx.x;
+    if (i >= n) return;
+    const fp8_t* codes = q + (start + i) * cols;
+    const float* scales = fp8_row_scales(scale_inv, start + i, cols, row0, block_rows, block_cols);
+    float* row = out + i * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) row[c] = e4m3_to_f32(codes[c]) * scales[c / block_cols];
+}
+
+// The same rounded to bf16, for a bf16 product (CPU reference: fp8_dequant, then
+// half::bf16::from_f32): one pass, where dequantising to f32 and then rounding moved 13 bytes a
+// weight through memory (1 + 4 read and written, 4 + 2 again), this moves 3.
+extern "C" __global__ void fp8_dequant_bf16(const fp8_t* q, const float* scale_inv, bf16_t* out, long long start,
+                                            int n, int cols, int row0, int block_rows, int block_cols) {
+    long long i = blockIdx.x;
+    if (i >= n) return;
+    const fp8_t* codes = q + (start + i) * cols;
+    const float* scales = fp8_row_scales(scale_inv, start + i, cols, row0, block_rows, block_cols);
+    bf16_t* row = out + i * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) row[c] = f32_to_bf16(e4m3_to_f32(codes[c]) * scales[c / block_cols]);
 }
 
 // out[i] = x[start + i] for i < n: a block of a weight's rows, widened for its product.

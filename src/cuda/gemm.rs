@@ -6,7 +6,8 @@
 //!   64 MB scratch a block of rows at a time (`bf16_widen`) before each product: 6 more bytes of
 //!   traffic per weight, and no tensor cores, so this mode is for verification.
 //! - bf16: GemmEx with bf16 A and B, f32 C, f32 compute (tensor cores). Weights stay bf16 as
-//!   stored (f32 ones are rounded once at upload); the activation rows are rounded to bf16
+//!   stored (f32 ones are rounded once at upload), FP8 ones dequantised straight to bf16 a block
+//!   of rows at a time (`fp8_dequant_bf16`); the activation rows are rounded to bf16
 //!   (`bf16_round`) into a scratch before each product.
 //!
 //! On the host emulation the same configuration goes to `emu::gemm`, so the layout arithmetic is
@@ -88,11 +89,11 @@ pub struct Products {
     pub precision: Precision,
     /// cuBLAS and its stream; None on the emulation.
     blas: Option<(Blas, Arc<CudaStream>)>,
-    /// f32 mode: where a bf16 weight is widened, a block of rows at a time.
+    /// f32 mode: where a bf16 or FP8 weight is decoded, a block of rows at a time.
     wide: RefCell<Option<Buf<f32>>>,
     /// bf16 mode: the activation rows, rounded.
     narrow: RefCell<Option<Buf<u16>>>,
-    /// bf16 mode: an FP8 weight's block of rows, dequantised (in `wide`) then rounded, here.
+    /// bf16 mode: an FP8 weight's block of rows, dequantised to bf16.
     narrow_weight: RefCell<Option<Buf<u16>>>,
 }
 
@@ -177,6 +178,18 @@ fn block_ranges(
 }
 
 /// Refuses a weight whose rows are not the `n` a product says.
+/// How many rows of an `[n, k]` weight are decoded for a product at a time (into a scratch of
+/// at most [`SCRATCH_VALUES`]): a multiple of 128 where the scratch allows, so every block starts
+/// its output columns 512-byte aligned (cuBLAS's fast kernels want 16) and on an FP8 scale
+/// block's boundary.
+fn block_rows(n: usize, k: usize) -> usize {
+    match (SCRATCH_VALUES / k.max(1)).max(1) {
+        r if r >= n => n,
+        r if r >= 128 => r / 128 * 128,
+        r => r,
+    }
+}
+
 fn check_rows(w: &DeviceWeight, n: usize, k: usize) -> Result<()> {
     if w.rows(k) != n {
         return Err(Error::Device(format!("GEMM: a weight of {} rows of {k} used as {n}", w.rows(k))));
@@ -361,21 +374,24 @@ impl Products {
             (Rows::Bf16(..), DeviceWeight::F32(_)) => {
                 Err(Error::Device("an f32 weight in a bf16 product (weights are rounded at upload)".into()))
             }
-            (Rows::Bf16(xb, x_row0), w) => {
-                // An FP8 weight: a block of rows dequantised, rounded, multiplied.
+            (Rows::Bf16(xb, x_row0), DeviceWeight::Fp8 { codes, scale, row0, block }) => {
+                // A block of rows dequantised straight to bf16, multiplied.
+                let rows = block_rows(nw, k);
                 let mut wb = self.narrow_weight.borrow_mut();
-                self.by_blocks(gpu, w, [nw, k], |wide, n0, nt| {
-                    let wb = scratch(gpu, &mut wb, nt * k)?;
-                    gpu.bf16_round(wide, 0, wb, nt * k)?;
-                    self.gemm_bf16((xb, x_row0), wb, y, y_row0, (c0 + n0, nt, n), [m, k], alpha)
-                })
+                let wb = scratch(gpu, &mut wb, rows * k)?;
+                for n0 in (0..nw).step_by(rows) {
+                    let nt = rows.min(nw - n0);
+                    gpu.fp8_dequant_bf16((codes, scale), wb, [n0, nt, k], *row0, *block)?;
+                    self.gemm_bf16((xb, x_row0), wb, y, y_row0, (c0 + n0, nt, n), [m, k], alpha)?;
+                }
+                Ok(())
             }
         }
     }
 
     /// Calls `f(wide, n0, nt)` with rows `n0 .. n0 + nt` of a bf16 or FP8 weight decoded to f32
-    /// in the scratch, a block of rows at a time, so the scratch stays small whatever the weight
-    /// (GLM-5's lm_head alone would be 3.8 GB in f32).
+    /// in the scratch, a block of rows at a time ([`block_rows`]), so the scratch stays small
+    /// whatever the weight (GLM-5's lm_head alone would be 3.8 GB in f32).
     fn by_blocks(
         &self,
         gpu: &Gpu,
@@ -383,14 +399,7 @@ impl Products {
         [n, k]: [usize; 2],
         mut f: impl FnMut(&Buf<f32>, usize, usize) -> Result<()>,
     ) -> Result<()> {
-        // Blocks of a multiple of 128 rows where the scratch allows: every block then starts
-        // its output columns 512-byte aligned (cuBLAS's fast kernels want 16) and on an FP8
-        // scale block's boundary.
-        let rows = match (SCRATCH_VALUES / k.max(1)).max(1) {
-            r if r >= n => n,
-            r if r >= 128 => r / 128 * 128,
-            r => r,
-        };
+        let rows = block_rows(n, k);
         let mut wide = self.wide.borrow_mut();
         let wide = scratch(gpu, &mut wide, rows * k)?;
         for n0 in (0..n).step_by(rows) {
@@ -398,7 +407,7 @@ impl Products {
             match w {
                 DeviceWeight::Bf16(bits) => gpu.bf16_widen(bits, n0 * k, wide, nt * k)?,
                 DeviceWeight::Fp8 { codes, scale, row0, block } => {
-                    gpu.fp8_dequant(codes, scale, wide, [n0, nt, k], *row0, *block)?
+                    gpu.fp8_dequant((codes, scale), wide, [n0, nt, k], *row0, *block)?
                 }
                 DeviceWeight::F32(_) | DeviceWeight::Stacked(_) => {
                     return Err(Error::Device("only a bf16 or FP8 weight is decoded by blocks".into()))

@@ -240,6 +240,7 @@ macro_rules! launch {
     }};
 }
 
+mod convert;
 mod elementwise;
 mod flash;
 mod host;
@@ -719,42 +720,6 @@ impl Gpu {
         )?;
         let [n32, k32, c32] = ints("combine", [n, k, cols])?;
         launch!(self, "combine", per_item(n, row_block(cols, 256), 0), [y, ids, slot, w, shared, out, &n32, &k32, &c32])
-    }
-
-    /// Rows `start .. start + n` of the block-FP8 codes q [*, cols] (a view starting at stored
-    /// row `row0`; scale_inv is the weight's whole grid) dequantised into out [n, cols].
-    #[allow(clippy::too_many_arguments)]
-    pub fn fp8_dequant(
-        &self,
-        q: &Buf<u8>,
-        scale_inv: &Buf<f32>,
-        out: &mut Buf<f32>,
-        [start, n, cols]: [usize; 3],
-        row0: usize,
-        block: [usize; 2],
-    ) -> Result<()> {
-        let scales = (row0 + start + n).div_ceil(block[0].max(1)) * cols.div_ceil(block[1].max(1));
-        fits("fp8_dequant", &[(q.len(), (start + n) * cols), (scale_inv.len(), scales), (out.len(), n * cols)])?;
-        let [n32, c32, r32, br, bc] = ints("fp8_dequant", [n, cols, row0, block[0], block[1]])?;
-        if block.contains(&0) {
-            return Err(Error::Device("fp8_dequant: a quantisation block of zero".into()));
-        }
-        let start = start as i64;
-        launch!(self, "fp8_dequant", cfg(n * cols, 256, 0), [q, scale_inv, out, &start, &n32, &c32, &r32, &br, &bc])
-    }
-
-    /// Values `start .. start + n` of `x` widened into the first n of `out`.
-    pub fn bf16_widen(&self, x: &Buf<u16>, start: usize, out: &mut Buf<f32>, n: usize) -> Result<()> {
-        fits("bf16_widen", &[(x.len(), start + n), (out.len(), n)])?;
-        let (start64, n64) = (start as i64, n as i64);
-        launch!(self, "bf16_widen", cfg(n, 256, 0), [x, &start64, out, &n64])
-    }
-
-    /// Values `start .. start + n` of `x` rounded to bf16 into the first n of `out`.
-    pub fn bf16_round(&self, x: &Buf<f32>, start: usize, out: &mut Buf<u16>, n: usize) -> Result<()> {
-        fits("bf16_round", &[(x.len(), start + n), (out.len(), n)])?;
-        let (start64, n64) = (start as i64, n as i64);
-        launch!(self, "bf16_round", cfg(n, 256, 0), [x, &start64, out, &n64])
     }
 
     /// Bytes copied to the device by [`Gpu::upload`] so far.

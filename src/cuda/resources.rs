@@ -54,6 +54,7 @@ pub const LARGEST_BLOCK: &[(&str, u32)] = &[
     ("combine", 256),
     ("moe_dispatch", 256),
     ("fp8_dequant", 256),
+    ("fp8_dequant_bf16", 256),
     ("bf16_widen", 256),
     ("bf16_round", 256),
     ("split_bf16", 256),

@@ -378,13 +378,19 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     let q: Vec<u8> = q.into_iter().map(|b| if b & 0x7f == 0x7f { b & 0xf0 } else { b }).collect(); // no NaN codes
     let scale: Vec<f32> = (0..3 * 2).map(|i| 0.5 + i as f32 * 0.25).collect();
     let mut f = gpu.filled(n * fc, nan)?;
-    let view = gpu.upload(&q[row0 * fc..])?;
-    gpu.fp8_dequant(&view, &gpu.upload(&scale)?, &mut f, [start, n, fc], row0, [128, 128])?;
+    let (view, scale_inv) = (gpu.upload(&q[row0 * fc..])?, gpu.upload(&scale)?);
+    gpu.fp8_dequant((&view, &scale_inv), &mut f, [start, n, fc], row0, [128, 128])?;
     let mut cpu: Vec<f32> = q.iter().map(|&b| crate::st::e4m3_to_f32(b)).collect();
     crate::checkpoint::dequantize_blocks(&mut cpu, &[fr, fc], &scale, &[3, 2], [128, 128])
         .map_err(crate::error::Error::Weights)?;
-    let rows = (row0 + start) * fc..(row0 + start + n) * fc;
-    out.push(check("fp8_dequant (a view's rows)", &gpu.download(&f)?, &cpu[rows], 0.0));
+    let cpu = &cpu[(row0 + start) * fc..(row0 + start + n) * fc];
+    out.push(check("fp8_dequant (a view's rows)", &gpu.download(&f)?, cpu, 0.0));
+    // The same rows straight to bf16: the f32 values rounded, bit for bit.
+    let mut b = gpu.filled(n * fc, u16::MAX)?;
+    gpu.fp8_dequant_bf16((&view, &scale_inv), &mut b, [start, n, fc], row0, [128, 128])?;
+    let got: Vec<f32> = gpu.download(&b)?.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect();
+    let cpu: Vec<f32> = cpu.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+    out.push(check("fp8_dequant_bf16 (a view's rows)", &got, &cpu, 0.0));
     let bits: Vec<u16> = rng.vec(1001).iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
     let mut f = gpu.filled(bits.len(), nan)?;
     gpu.bf16_widen(&gpu.upload(&bits)?, 0, &mut f, bits.len())?;

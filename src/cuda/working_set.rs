@@ -129,8 +129,8 @@ fn dense_phase(c: &Config, t: usize) -> u64 {
 
 /// The products' scratch (`gemm::Products`): in bf16 mode the activation rows rounded for the
 /// largest product (the routed experts' rows, or the widest input); where weights are decoded by
-/// blocks (bf16 and FP8 ones in f32 mode, FP8 ones in bf16 mode), the largest block, and in bf16
-/// mode that block rounded.
+/// blocks, the largest block: bf16 and FP8 ones to f32 in f32 mode, FP8 ones to bf16 in bf16
+/// mode.
 fn products_scratch(ckpt: &Checkpoint, t: usize, a: usize, precision: Precision) -> u64 {
     let c = &ckpt.config;
     let (nh, vd) = (c.num_attention_heads, c.v_head_dim);
@@ -138,11 +138,13 @@ fn products_scratch(ckpt: &Checkpoint, t: usize, a: usize, precision: Precision)
         [c.hidden_size, c.q_lora_rank, c.kv_lora_rank, nh * vd, c.intermediate_size, c.shared_intermediate_size()];
     let rows = (t * widest.into_iter().max().unwrap_or(0)).max(a * c.hidden_size.max(c.moe_intermediate_size));
     let narrow = if precision == Precision::Bf16 { 2 * rows as u64 } else { 0 };
-    let decoded = |n: &&str| match ckpt.dtype(n) {
+    // f32 mode decodes bf16 and FP8 weights to f32 (`wide`); bf16 mode FP8 ones to bf16.
+    let widened = |n: &&str| match ckpt.dtype(n) {
         Some(Dtype::BF16) => precision == Precision::F32 && !n.ends_with(".gate.weight"),
-        Some(Dtype::F8_E4M3) => true,
+        Some(Dtype::F8_E4M3) => precision == Precision::F32,
         _ => false,
     };
+    let narrowed = |n: &&str| precision == Precision::Bf16 && ckpt.dtype(n) == Some(Dtype::F8_E4M3);
     let matrix = |n: &&str| ckpt.shape(n).is_some_and(|s| s.len() == 2) && !n.ends_with("_scale_inv");
     // bf16 weights stacked at upload are joined (FP8 ones stay apart): an MLP's gate and up,
     // twice the rows; an attention's q_a_proj and kv_a_proj_with_mqa, both of them.
@@ -153,12 +155,11 @@ fn products_scratch(ckpt: &Checkpoint, t: usize, a: usize, precision: Precision)
         Some(kv_a) if bf16(n) && bf16(&kv_a) => numel(n) + numel(&kv_a),
         _ => numel(n),
     };
-    let largest = ckpt.names().filter(matrix).filter(decoded).map(values).max().unwrap_or(0);
-    let block = largest.min(SCRATCH_VALUES);
-    let wide = 4 * block as u64;
-    let fp8 = ckpt.names().any(|n| ckpt.dtype(n) == Some(Dtype::F8_E4M3));
-    let rounded_block = if precision == Precision::Bf16 && fp8 { 2 * block as u64 } else { 0 };
-    narrow + wide + rounded_block
+    let block = |decoded: &dyn Fn(&&str) -> bool| {
+        let largest = ckpt.names().filter(matrix).filter(decoded).map(values).max().unwrap_or(0);
+        largest.min(SCRATCH_VALUES) as u64
+    };
+    narrow + 4 * block(&widened) + 2 * block(&narrowed)
 }
 
 /// The attention module's scratch (`attention::Workspace`), grown to its largest use: the
