@@ -142,10 +142,10 @@ fn the_device_weights_estimate_is_what_the_device_model_uploads() {
 
 /// `--stream` on the emulated GPU: what a streamed model records is the resident model's, bit
 /// for bit, in both precisions (block-FP8 in shards; bf16 with a tied head); and it holds one
-/// layer's weights at a time beside the final norm and lm_head. The most it holds at once during
+/// layer's weights at a time, then the final norm and lm_head. The most it holds at once during
 /// a prefill is at least the weights the check before a streamed run counts
-/// (`memory::device_weights` streamed: the head and the largest layer, alive together while that
-/// layer runs), at most those and the working set (`cuda::working_set`), and below what the
+/// (`memory::device_weights` streamed: the larger of the largest layer and the head, held at
+/// different times), at most those and the working set (`cuda::working_set`), and below what the
 /// model uploaded whole holds.
 #[test]
 fn a_streamed_model_holds_one_layer_at_a_time_on_the_emulated_gpu() {

@@ -373,3 +373,23 @@ fn a_streamed_run_names_a_config_the_embedding_does_not_fit() {
         format!("`model.embed_tokens.weight` has shape [256, {hidden}], expected [256, {}] (config.json)", 2 * hidden);
     assert!(err.contains(&expected) && err.lines().count() == 1, "{err}");
 }
+
+/// A final norm missing from the files is said before a streamed run's first layer (it read as
+/// the head's upload failing after every layer had run), for a window that reaches the head only.
+#[test]
+fn a_streamed_run_names_a_missing_final_norm_before_its_layers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
+    let dir = tmp.path().join("headless");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    rewrite_weights(&dir, |t| t.retain(|(n, _)| n != "model.norm.weight"));
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let n = ckpt.config.num_hidden_layers;
+    let err = glimpse::model::stream::check_streamed(&ckpt, &(0..=n - 1)).expect_err("no final norm").to_string();
+    let expected = format!("missing `model.norm.weight` (expected shape [{}])", ckpt.config.hidden_size);
+    assert!(err.contains(&expected), "{err}");
+    assert!(glimpse::model::stream::check_streamed(&ckpt, &(0..=n - 2)).is_ok(), "a window short of the head");
+}

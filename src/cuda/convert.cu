@@ -3,37 +3,36 @@
 // checkpoint::dequantize_blocks and st::decode_f32), and f32 rounded to bf16 for the bf16
 // products (round to nearest even, NaN kept NaN; CPU reference: half::bf16::from_f32).
 
-// Rows start .. start + n of a view of a block-FP8 weight [*, cols] into out [n, cols], one
-// block per row, so no thread divides a 64-bit index (split_bf16's lesson on the H200, below).
-// The view begins at stored row row0 and scale_inv is the whole weight's grid, so a view that
-// does not start on a block boundary still finds its scales.
-__device__ inline const float* fp8_row_scales(const float* scale_inv, long long r, int cols, int row0, int block_rows,
-                                              int block_cols) {
-    int scale_cols = (cols + block_cols - 1) / block_cols;
-    return scale_inv + ((row0 + r) / block_rows) * scale_cols;
-}
+// Rows start .. start + n of a view of a block-FP8 weight [*, cols] into out [n, cols], as f32
+// (fp8_dequant) or rounded to bf16 for a bf16 product (fp8_dequant_bf16; CPU reference:
+// fp8_dequant, then half::bf16::from_f32): one pass, where dequantising to f32 and then rounding
+// moved 11 bytes a weight through memory (1 + 4 read and written, 4 + 2 again), this moves 3.
+// One block per row, so no thread divides a 64-bit index (split_bf16's lesson on the H200,
+// below). The view begins at stored row row0 and scale_inv is the whole weight's grid, so a view
+// that does not start on a block boundary still finds its scales.
+__device__ inline void store_value(float* p, float v) { *p = v; }
+__device__ inline void store_value(bf16_t* p, float v) { *p = f32_to_bf16(v); }
 
-extern "C" __global__ void fp8_dequant(const fp8_t* q, const float* scale_inv, float* out, long long start, int n,
+template <typename T>
+__device__ inline void fp8_dequant_row(const fp8_t* q, const float* scale_inv, T* out, long long start, int n,
                                        int cols, int row0, int block_rows, int block_cols) {
     long long i = blockIdx.x;
     if (i >= n) return;
     const fp8_t* codes = q + (start + i) * cols;
-    const float* scales = fp8_row_scales(scale_inv, start + i, cols, row0, block_rows, block_cols);
-    float* row = out + i * cols;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) row[c] = e4m3_to_f32(codes[c]) * scales[c / block_cols];
+    int scale_cols = (cols + block_cols - 1) / block_cols;
+    const float* scales = scale_inv + ((row0 + start + i) / block_rows) * scale_cols;
+    T* row = out + i * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) store_value(row + c, e4m3_to_f32(codes[c]) * scales[c / block_cols]);
 }
 
-// The same rounded to bf16, for a bf16 product (CPU reference: fp8_dequant, then
-// half::bf16::from_f32): one pass, where dequantising to f32 and then rounding moved 11 bytes a
-// weight through memory (1 + 4 read and written, 4 + 2 again), this moves 3.
+extern "C" __global__ void fp8_dequant(const fp8_t* q, const float* scale_inv, float* out, long long start, int n,
+                                       int cols, int row0, int block_rows, int block_cols) {
+    fp8_dequant_row(q, scale_inv, out, start, n, cols, row0, block_rows, block_cols);
+}
+
 extern "C" __global__ void fp8_dequant_bf16(const fp8_t* q, const float* scale_inv, bf16_t* out, long long start,
                                             int n, int cols, int row0, int block_rows, int block_cols) {
-    long long i = blockIdx.x;
-    if (i >= n) return;
-    const fp8_t* codes = q + (start + i) * cols;
-    const float* scales = fp8_row_scales(scale_inv, start + i, cols, row0, block_rows, block_cols);
-    bf16_t* row = out + i * cols;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) row[c] = f32_to_bf16(e4m3_to_f32(codes[c]) * scales[c / block_cols]);
+    fp8_dequant_row(q, scale_inv, out, start, n, cols, row0, block_rows, block_cols);
 }
 
 // out[i] = x[start + i] for i < n: a block of a weight's rows, widened for its product.

@@ -26,7 +26,8 @@ use super::{probe, Lib};
 use crate::device::{HostWeight, Precision};
 use crate::error::{Error, Result};
 
-/// The widening scratch's size in f32 values (64 MB).
+/// The decoding scratch's size in values (64 MB of f32 in f32 mode, 32 MB of bf16 for an FP8
+/// weight in bf16 mode).
 pub(crate) const SCRATCH_VALUES: usize = 16 << 20;
 
 /// A `[n, k]` weight in device memory.
@@ -177,19 +178,19 @@ fn block_ranges(
     Ok((x_row0 * k..(x_row0 + m) * k, y_row0 * n + n0..y_row0 * n + n0 + c_len))
 }
 
-/// Refuses a weight whose rows are not the `n` a product says.
 /// How many rows of an `[n, k]` weight are decoded for a product at a time (into a scratch of
 /// at most [`SCRATCH_VALUES`]): a multiple of 128 where the scratch allows, so every block starts
 /// its output columns 512-byte aligned (cuBLAS's fast kernels want 16) and on an FP8 scale
 /// block's boundary.
 fn block_rows(n: usize, k: usize) -> usize {
     match (SCRATCH_VALUES / k.max(1)).max(1) {
-        r if r >= n => n,
+        r if r >= n => n.max(1),
         r if r >= 128 => r / 128 * 128,
         r => r,
     }
 }
 
+/// Refuses a weight whose rows are not the `n` a product says.
 fn check_rows(w: &DeviceWeight, n: usize, k: usize) -> Result<()> {
     if w.rows(k) != n {
         return Err(Error::Device(format!("GEMM: a weight of {} rows of {k} used as {n}", w.rows(k))));

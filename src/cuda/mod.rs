@@ -57,7 +57,11 @@ pub const KERNELS: &[(&str, &str, &[&str])] = &[
         &["sparse_attention", "masked_softmax", "masked_softmax_bf16", "selection_bits", "flash_attention_bf16"],
     ),
     ("moe", include_str!("moe.cu"), &["gather_rows", "gather_rows_bf16", "combine", "moe_dispatch"]),
-    ("convert", include_str!("convert.cu"), &["fp8_dequant", "fp8_dequant_bf16", "bf16_widen", "bf16_round", "split_bf16"]),
+    (
+        "convert",
+        include_str!("convert.cu"),
+        &["fp8_dequant", "fp8_dequant_bf16", "bf16_widen", "bf16_round", "split_bf16"],
+    ),
 ];
 
 /// A CUDA library cudarc would load.

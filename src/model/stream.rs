@@ -131,15 +131,17 @@ pub fn check_window(cfg: &Config, window: &RangeInclusive<usize>) -> Result<()> 
 /// What a streamed run of `window` will read, checked before its first layer: it reads each
 /// layer's weights only as it reaches it, so a shard still downloading showed after minutes of
 /// layers, and a config whose hidden size the embedding does not have read as a tensor op's
-/// shape error. The embedding's (from layer 0) and the head's (to the last layer) shapes, and
-/// no tensor of the window, the embedding or the head in a shard the index names but the folder
-/// lacks; the layers' own shapes are checked as each loads (`Loader`).
+/// shape error. The embedding (from layer 0) and the head (to the last layer) there, in their
+/// shapes, and no tensor of the window, the embedding or the head in a shard the index names but
+/// the folder lacks; the layers' own shapes are checked as each loads (`Loader`).
 pub fn check_streamed(ckpt: &Checkpoint, window: &RangeInclusive<usize>) -> Result<()> {
     let cfg = &ckpt.config;
     let (first, last) = (*window.start() == 0, *window.end() + 1 >= cfg.num_hidden_layers);
     let mut l = Loader::new(ckpt);
     let mut want = |name: &str, shape: Vec<usize>| match ckpt.shape(name) {
         Some(s) if s != shape => l.refuse(format!("`{name}` has shape {s:?}, expected {shape:?} (config.json)")),
+        // (One in a shard the folder lacks is named below.)
+        None if !ckpt.is_absent(name) => l.refuse(format!("missing `{name}` (expected shape {shape:?})")),
         _ => {}
     };
     if first {

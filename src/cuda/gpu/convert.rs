@@ -19,8 +19,11 @@ fn fp8_rows(
     if block.contains(&0) {
         return Err(Error::Device(format!("{kernel}: a quantisation block of zero")));
     }
-    let scales = (row0 + start + n).div_ceil(block[0]) * cols.div_ceil(block[1]);
-    fits(kernel, &[(q, (start + n) * cols), (scale_inv, scales), (out, n * cols)])?;
+    // (Saturated: a wrapped product would pass `fits`.)
+    let end = row0.saturating_add(start).saturating_add(n);
+    let scales = end.div_ceil(block[0]).saturating_mul(cols.div_ceil(block[1]));
+    let (view, values) = (start.saturating_add(n).saturating_mul(cols), n.saturating_mul(cols));
+    fits(kernel, &[(q, view), (scale_inv, scales), (out, values)])?;
     Ok((start as i64, ints(kernel, [n, cols, row0, block[0], block[1]])?))
 }
 
