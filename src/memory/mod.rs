@@ -74,8 +74,9 @@ pub fn estimate_on(
 
 /// What a streamed pass of `batch x seq` tokens on a device (`run --device ... --stream`) holds
 /// in host memory: the largest layer as loaded (its copies or its file pages, the larger), the
-/// final norm and lm_head as loaded, the activations as the CPU's, and the device's copies that
-/// live in host memory ([`device_copies`] of one layer at a time).
+/// final norm and lm_head as loaded (not for a sweep, [`Residency::Swept`], which never loads
+/// them), the activations as the CPU's, and the device's copies that live in host memory
+/// ([`device_copies`] of one layer at a time).
 pub fn estimate_streamed_on(
     target: Target,
     ckpt: &Checkpoint,
@@ -85,6 +86,10 @@ pub fn estimate_streamed_on(
 ) -> Estimate {
     let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
     let mut est = estimate(ckpt, dims, &all, true, recording, Passes::Elsewhere);
+    if residency == Residency::Swept {
+        // A sweep never loads the head.
+        est.weights = est.weights.saturating_sub(head_as_loaded(ckpt));
+    }
     est.weights = est.weights.saturating_add(device_copies(ckpt, target, residency));
     est
 }
@@ -298,11 +303,7 @@ pub fn estimate(
             .unwrap_or(0);
         biggest
             + match passes {
-                Passes::Elsewhere if ckpt.tied_head() && ckpt.dtype(embed) == Some(Dtype::BF16) => {
-                    file_bytes(ckpt, embed)
-                }
-                Passes::Elsewhere if ckpt.tied_head() => table,
-                Passes::Elsewhere => head,
+                Passes::Elsewhere => head_as_loaded(ckpt),
                 Passes::One | Passes::Many => 4 * 8192 * c.hidden_size as u64,
             }
     } else {
@@ -396,6 +397,19 @@ fn file_bytes(ckpt: &Checkpoint, name: &str) -> u64 {
 
 /// Whether `name` is a projection the kernels multiply as stored: a matrix or more (not a norm
 /// or a bias), and not the router's gate, which is loaded as f32.
+/// The head as a streamed device pass holds it on the host until it is uploaded: a tied one read
+/// in place when bf16, else as the embeddings' f32 table beside its file pages; a bf16 one as
+/// its mapped pages; an FP8 or f32 one as f32 (`Model::load_head`).
+fn head_as_loaded(ckpt: &Checkpoint) -> u64 {
+    let (embed, head) = ("model.embed_tokens.weight", "lm_head.weight");
+    match (ckpt.tied_head(), ckpt.dtype(ckpt.head_name())) {
+        (true, Some(Dtype::BF16)) => file_bytes(ckpt, embed),
+        (true, _) => 4 * numel(ckpt, embed) + file_bytes(ckpt, embed),
+        (false, Some(Dtype::BF16)) => file_bytes(ckpt, head),
+        (false, _) => 4 * numel(ckpt, head),
+    }
+}
+
 fn is_projection(ckpt: &Checkpoint, name: &str) -> bool {
     ckpt.shape(name).is_some_and(|s| s.len() >= 2) && !name.ends_with(".gate.weight")
 }
@@ -645,6 +659,21 @@ mod tests {
     /// waiting, not the writer's whole queue of logits-sized ones, and the S x S indexer scores
     /// only where they are recorded (a `--stream` run of one `layers.0.output` was refused at
     /// 25.7 GB for a 5.9 GB peak).
+    #[test]
+    fn a_device_sweep_counts_no_head() {
+        for case in ["flat", "bf16-fused"] {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case);
+            let ckpt = Checkpoint::open(&dir).unwrap();
+            let target = Target::from(Backend::CpuOps);
+            let est = |r| estimate_streamed_on(target, &ckpt, (1, 8), Recording::Nothing, r).weights;
+            let copies = |r| device_copies(&ckpt, target, r);
+            let head = head_as_loaded(&ckpt);
+            assert!(head > 0, "{case}");
+            let (streamed, swept) = (est(Residency::Streamed), est(Residency::Swept));
+            assert_eq!(streamed - copies(Residency::Streamed), swept - copies(Residency::Swept) + head, "{case}");
+        }
+    }
+
     #[test]
     fn the_recording_is_estimated_by_what_it_records() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
