@@ -375,7 +375,8 @@ fn a_streamed_run_names_a_config_the_embedding_does_not_fit() {
 }
 
 /// A final norm missing from the files is said before a streamed run's first layer (it read as
-/// the head's upload failing after every layer had run), for a window that reaches the head only.
+/// the head's upload failing after every layer had run), for a window that reaches the head only,
+/// and not for a sweep, which never runs the head.
 #[test]
 fn a_streamed_run_names_a_missing_final_norm_before_its_layers() {
     let tmp = tempfile::tempdir().unwrap();
@@ -392,4 +393,6 @@ fn a_streamed_run_names_a_missing_final_norm_before_its_layers() {
     let expected = format!("missing `model.norm.weight` (expected shape [{}])", ckpt.config.hidden_size);
     assert!(err.contains(&expected), "{err}");
     assert!(glimpse::model::stream::check_streamed(&ckpt, &(0..=n - 2)).is_ok(), "a window short of the head");
+    // A sweep (`audit --stream`) never runs the head.
+    assert!(glimpse::model::stream::check_swept(&ckpt, &(0..=n - 1)).is_ok());
 }

@@ -204,7 +204,7 @@ pub(super) fn sweep_prompts(
     // Every side's audit has the same window.
     let window = sides.first().and_then(|s| s.audit.window.clone()).unwrap_or(0..=n - 1);
     let (first, last) = (*window.start(), *window.end());
-    crate::model::stream::check_streamed(ckpt, &(0..=last))?;
+    crate::model::stream::check_swept(ckpt, &(0..=last))?;
     // Every id checked before the first layer: a bad one is named by its line, not hours in.
     for side in &sides {
         for (line, tokens) in &side.prompts {

@@ -135,8 +135,19 @@ pub fn check_window(cfg: &Config, window: &RangeInclusive<usize>) -> Result<()> 
 /// shapes, and no tensor of the window, the embedding or the head in a shard the index names but
 /// the folder lacks; the layers' own shapes are checked as each loads (`Loader`).
 pub fn check_streamed(ckpt: &Checkpoint, window: &RangeInclusive<usize>) -> Result<()> {
+    check_reads(ckpt, window, *window.end() + 1 >= ckpt.config.num_hidden_layers)
+}
+
+/// [`check_streamed`] for a sweep (`audit --stream`), which runs the window's layers and never
+/// the head: a checkpoint whose head is still downloading can be audited.
+pub fn check_swept(ckpt: &Checkpoint, window: &RangeInclusive<usize>) -> Result<()> {
+    check_reads(ckpt, window, false)
+}
+
+/// [`check_streamed`]'s checks, of the head's tensors where `last`: the run reaches the head.
+fn check_reads(ckpt: &Checkpoint, window: &RangeInclusive<usize>, last: bool) -> Result<()> {
     let cfg = &ckpt.config;
-    let (first, last) = (*window.start() == 0, *window.end() + 1 >= cfg.num_hidden_layers);
+    let first = *window.start() == 0;
     let mut l = Loader::new(ckpt);
     let mut want = |name: &str, shape: Vec<usize>| match ckpt.shape(name) {
         Some(s) if s != shape => l.refuse(format!("`{name}` has shape {s:?}, expected {shape:?} (config.json)")),
