@@ -382,7 +382,7 @@ impl Products {
                 let wb = scratch(gpu, &mut wb, rows * k)?;
                 for n0 in (0..nw).step_by(rows) {
                     let nt = rows.min(nw - n0);
-                    gpu.fp8_dequant_bf16((codes, scale), wb, [n0, nt, k], *row0, *block)?;
+                    gpu.fp8_dequant((codes, scale), wb, [n0, nt, k], *row0, *block)?;
                     self.gemm_bf16((xb, x_row0), wb, y, y_row0, (c0 + n0, nt, n), [m, k], alpha)?;
                 }
                 Ok(())

@@ -27,36 +27,36 @@ fn fp8_rows(
     Ok((start as i64, ints(kernel, [n, cols, row0, block[0], block[1]])?))
 }
 
+/// What an FP8 weight is decoded to, and the kernel that does it: f32 (`fp8_dequant`), or bf16
+/// bits for a bf16 product (`fp8_dequant_bf16`).
+pub trait Fp8Out {
+    const KERNEL: &'static str;
+}
+
+impl Fp8Out for f32 {
+    const KERNEL: &'static str = "fp8_dequant";
+}
+
+impl Fp8Out for u16 {
+    const KERNEL: &'static str = "fp8_dequant_bf16";
+}
+
 impl Gpu {
     /// Rows `start .. start + n` of the block-FP8 codes q [*, cols] (a view starting at stored
-    /// row `row0`; scale_inv is the weight's whole grid) dequantised into out [n, cols].
-    pub fn fp8_dequant(
+    /// row `row0`; scale_inv is the weight's whole grid) dequantised into out [n, cols]: as f32,
+    /// or rounded to bf16 where `out` holds bf16 bits.
+    pub fn fp8_dequant<T: Fp8Out>(
         &self,
         (q, scale_inv): (&Buf<u8>, &Buf<f32>),
-        out: &mut Buf<f32>,
+        out: &mut Buf<T>,
         rows: [usize; 3],
         row0: usize,
         block: [usize; 2],
     ) -> Result<()> {
         let lens = (q.len(), scale_inv.len(), out.len());
-        let (start, [n, c, r0, br, bc]) = fp8_rows("fp8_dequant", lens, rows, row0, block)?;
+        let (start, [n, c, r0, br, bc]) = fp8_rows(T::KERNEL, lens, rows, row0, block)?;
         let launch = per_item(rows[1], row_block(rows[2], 256), 0);
-        launch!(self, "fp8_dequant", launch, [q, scale_inv, out, &start, &n, &c, &r0, &br, &bc])
-    }
-
-    /// [`Gpu::fp8_dequant`] rounded to bf16: out [n, cols] of bf16 bits, for a bf16 product.
-    pub fn fp8_dequant_bf16(
-        &self,
-        (q, scale_inv): (&Buf<u8>, &Buf<f32>),
-        out: &mut Buf<u16>,
-        rows: [usize; 3],
-        row0: usize,
-        block: [usize; 2],
-    ) -> Result<()> {
-        let lens = (q.len(), scale_inv.len(), out.len());
-        let (start, [n, c, r0, br, bc]) = fp8_rows("fp8_dequant_bf16", lens, rows, row0, block)?;
-        let launch = per_item(rows[1], row_block(rows[2], 256), 0);
-        launch!(self, "fp8_dequant_bf16", launch, [q, scale_inv, out, &start, &n, &c, &r0, &br, &bc])
+        launch!(self, T::KERNEL, launch, [q, scale_inv, out, &start, &n, &c, &r0, &br, &bc])
     }
 
     /// Values `start .. start + n` of `x` widened into the first n of `out`.
