@@ -246,6 +246,16 @@ fn a_stored_lm_head_is_the_head_even_when_tied() {
     assert_ne!(logits(&dir), untied);
 }
 
+/// `files` of the golden case `case` copied into `dir` (made); returns the case's folder.
+fn copy_golden(case: &str, dir: &Path, files: &[&str]) -> std::path::PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case);
+    std::fs::create_dir_all(dir).unwrap();
+    for f in files {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    src
+}
+
 /// A weight file's tensors as stored, by name.
 type Tensors = Vec<(String, Entry)>;
 
@@ -307,12 +317,9 @@ fn fp8_scales_must_pair_with_fp8_weights_and_be_finite() {
 #[test]
 fn a_shard_still_to_come_is_missing_tensors_not_an_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/fp8-sharded");
     let dir = tmp.path().join("partial");
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in ["config.json", "model.safetensors.index.json", "model-00001-of-00003.safetensors"] {
-        std::fs::copy(src.join(f), dir.join(f)).unwrap();
-    }
+    let files = ["config.json", "model.safetensors.index.json", "model-00001-of-00003.safetensors"];
+    let src = copy_golden("fp8-sharded", &dir, &files);
     let ckpt = Checkpoint::open(&dir).unwrap();
     assert_eq!(ckpt.absent_shards, ["model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]);
     let described = glimpse::inspect::describe(&ckpt).unwrap();
@@ -354,10 +361,8 @@ fn a_shard_still_to_come_is_missing_tensors_not_an_error() {
 #[test]
 fn a_streamed_run_names_a_config_the_embedding_does_not_fit() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
     let dir = tmp.path().join("wide");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let src = copy_golden("flat", &dir, &["model.safetensors"]);
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     let hidden = config["hidden_size"].as_u64().unwrap();
@@ -380,12 +385,8 @@ fn a_streamed_run_names_a_config_the_embedding_does_not_fit() {
 #[test]
 fn a_streamed_run_names_a_missing_final_norm_before_its_layers() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
     let dir = tmp.path().join("headless");
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(src.join(f), dir.join(f)).unwrap();
-    }
+    copy_golden("flat", &dir, &["config.json", "model.safetensors"]);
     rewrite_weights(&dir, |t| t.retain(|(n, _)| n != "model.norm.weight"));
     let ckpt = Checkpoint::open(&dir).unwrap();
     let n = ckpt.config.num_hidden_layers;

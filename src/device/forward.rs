@@ -28,6 +28,7 @@ use crate::config::{Config, IndexerKind};
 use crate::error::{Error, Result};
 use crate::hooks::{in_prompt, HookPoint, LayerHook, Observer, SweepObserver};
 use crate::model::moe::RouterConfig;
+use crate::model::nn::{Linear, RmsNorm};
 use crate::model::rope::RotaryEmbedding;
 use crate::model::stream::{self, Weights};
 use crate::model::{Model, Tokens};
@@ -81,6 +82,12 @@ struct DHead<O: Ops> {
     lm_head: DLinear<O>,
 }
 
+impl<O: Ops> DHead<O> {
+    fn upload(ops: &O, norm: &RmsNorm, lm_head: &Linear) -> Result<Self> {
+        Ok(DHead { norm: upload_norm(ops, norm)?, lm_head: upload_linear(ops, lm_head)? })
+    }
+}
+
 /// Where the model's weights are.
 enum DWeights<'m, O: Ops> {
     /// On the device, uploaded once: every layer, the head, and `embed_tokens` [vocab, hidden]
@@ -100,7 +107,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
     /// Uploads every weight of `model` the main forward pass uses.
     pub fn new(ops: &'m O, model: &'m Model) -> Result<Self> {
         let layers = model.layers.iter().map(|layer| upload_layer(ops, layer)).collect::<Result<_>>()?;
-        let head = DHead { norm: upload_norm(ops, &model.norm)?, lm_head: upload_linear(ops, &model.lm_head)? };
+        let head = DHead::upload(ops, &model.norm, &model.lm_head)?;
         let embed = ops.upload(&values(&model.embed_tokens)?)?;
         Ok(Self::with(ops, &model.config, DWeights::Resident { layers, head, embed }))
     }
@@ -139,7 +146,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let mut l = Loader::new(ckpt);
         let head = Model::load_head(&mut l, None)?;
         let (norm, lm_head) = l.finish(head)?;
-        let head = DHead { norm: upload_norm(self.ops, &norm)?, lm_head: upload_linear(self.ops, &lm_head)? };
+        let head = DHead::upload(self.ops, &norm, &lm_head)?;
         drop(lm_head);
         ckpt.release(ckpt.head_name());
         Ok(head)

@@ -395,8 +395,6 @@ fn file_bytes(ckpt: &Checkpoint, name: &str) -> u64 {
     numel(ckpt, name) * size
 }
 
-/// Whether `name` is a projection the kernels multiply as stored: a matrix or more (not a norm
-/// or a bias), and not the router's gate, which is loaded as f32.
 /// The head as a streamed device pass holds it on the host until it is uploaded: a tied one read
 /// in place when bf16, else as the embeddings' f32 table beside its file pages; a bf16 one as
 /// its mapped pages; an FP8 or f32 one as f32 (`Model::load_head`).
@@ -410,6 +408,8 @@ fn head_as_loaded(ckpt: &Checkpoint) -> u64 {
     }
 }
 
+/// Whether `name` is a projection the kernels multiply as stored: a matrix or more (not a norm
+/// or a bias), and not the router's gate, which is loaded as f32.
 fn is_projection(ckpt: &Checkpoint, name: &str) -> bool {
     ckpt.shape(name).is_some_and(|s| s.len() >= 2) && !name.ends_with(".gate.weight")
 }
@@ -496,8 +496,9 @@ pub fn load_for_run<'a>(
 ) -> Result<crate::model::Weights<'a>> {
     let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
     Ok(match residency {
+        // (A run reaches the head: whatever it is given, it is counted as streamed.)
         Residency::Streamed | Residency::Swept => {
-            check_run(ckpt, dims, recording, (target, residency), max, "fewer tokens")?;
+            check_run(ckpt, dims, recording, (target, Residency::Streamed), max, "fewer tokens")?;
             crate::model::stream::check_streamed(ckpt, &all)?;
             crate::model::Weights::Streamed(ckpt)
         }
@@ -652,13 +653,8 @@ mod tests {
         assert_eq!(generation - pass, splits + if in_place { 0 } else { codes });
     }
 
-    /// A generation holds the latent cache of the positions it fed, not a prefill's activations
-    /// for all of them: 5000 new tokens on golden/flat were estimated at 46 MB as a prefill of
-    /// 5003 positions; about 13 MB now (peak RSS of a 20,000-token run: 36 MB, estimated 45 MB).
-    /// The recording counts what `--record` names: one hook point a layer holds one tensor
-    /// waiting, not the writer's whole queue of logits-sized ones, and the S x S indexer scores
-    /// only where they are recorded (a `--stream` run of one `layers.0.output` was refused at
-    /// 25.7 GB for a 5.9 GB peak).
+    /// A device sweep's host estimate is a streamed pass's without the head, which a sweep never
+    /// loads.
     #[test]
     fn a_device_sweep_counts_no_head() {
         for case in ["flat", "bf16-fused"] {
@@ -674,6 +670,10 @@ mod tests {
         }
     }
 
+    /// The recording counts what `--record` names: one hook point a layer holds one tensor
+    /// waiting, not the writer's whole queue of logits-sized ones, and the S x S indexer scores
+    /// only where they are recorded (a `--stream` run of one `layers.0.output` was refused at
+    /// 25.7 GB for a 5.9 GB peak).
     #[test]
     fn the_recording_is_estimated_by_what_it_records() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
@@ -695,6 +695,9 @@ mod tests {
         assert_eq!(est(of("*")).activations, est(Recording::Nothing).activations);
     }
 
+    /// A generation holds the latent cache of the positions it fed, not a prefill's activations
+    /// for all of them: 5000 new tokens on golden/flat were estimated at 46 MB as a prefill of
+    /// 5003 positions; about 13 MB now (peak RSS of a 20,000-token run: 36 MB, estimated 45 MB).
     #[test]
     fn a_generation_is_estimated_by_its_cache_not_as_a_prefill() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
