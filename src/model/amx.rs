@@ -222,6 +222,28 @@ pub fn matmul(x: &[f32], m: usize, w: &Tiles) -> Vec<f32> {
     })
 }
 
+/// GFLOP/s of bf16 work this thread's tile unit does on registers alone: `rounds` x 4 tile
+/// products (16 x 16 x 32 each) of whatever the tiles hold, no memory touched. A ceiling for
+/// [`matmul`]'s rate, and a probe of how steady a machine's tiles are (`examples/amx_peak.rs`).
+/// None where [`available`] is not.
+pub fn tile_unit_rate(rounds: usize) -> Option<f64> {
+    if !available() {
+        return None;
+    }
+    let t = std::time::Instant::now();
+    // SAFETY: `available` says the CPU has the tiles and the OS granted them; configured first,
+    // released after, on this thread.
+    unsafe {
+        tiles::configure();
+        for _ in 0..rounds {
+            tiles::dot();
+        }
+        tiles::release();
+    }
+    let flops = rounds as f64 * 4.0 * (TM * TN * TK * 2) as f64;
+    Some(flops / t.elapsed().as_secs_f64().max(1e-9) / 1e9)
+}
+
 /// One pass of a product: token rows `m0 .. m0 + rows` (`mp` with the padding to 32) and inputs
 /// `k0 .. k0 + kc`.
 #[derive(Clone, Copy)]
@@ -605,7 +627,7 @@ mod tiles {
 
     /// tmm0-3 += the four products of tmm4-5 by tmm6-7.
     #[inline(always)]
-    unsafe fn dot() {
+    pub unsafe fn dot() {
         asm!(
             "tdpbf16ps tmm0, tmm4, tmm6",
             "tdpbf16ps tmm1, tmm4, tmm7",
@@ -643,6 +665,7 @@ mod tiles {
 mod tiles {
     pub unsafe fn configure() {}
     pub unsafe fn release() {}
+    pub unsafe fn dot() {}
     pub unsafe fn block<const PA: usize, const PB: usize>(
         _: ([&[u16]; PA], usize),
         _: ([[&[u16]; 2]; PB], usize),
