@@ -222,26 +222,45 @@ pub fn matmul(x: &[f32], m: usize, w: &Tiles) -> Vec<f32> {
     })
 }
 
-/// GFLOP/s of bf16 work this thread's tile unit does on registers alone: `rounds` x 4 tile
-/// products (16 x 16 x 32 each) of whatever the tiles hold, no memory touched. A ceiling for
-/// [`matmul`]'s rate, and a probe of how steady a machine's tiles are (`examples/amx_peak.rs`).
-/// None where [`available`] is not.
-pub fn tile_unit_rate(rounds: usize) -> Option<f64> {
+/// What this thread's tile unit does alone ([`tile_rates`]).
+#[derive(Debug, Clone, Copy)]
+pub struct TileRates {
+    /// GFLOP/s of bf16 tile products on registers alone (no memory touched): a ceiling for
+    /// [`matmul`]'s rate.
+    pub products_gflops: f64,
+    /// Nanoseconds a tile load (16 rows of 64 bytes) takes from a 4 KB buffer in L1, loads only:
+    /// [`matmul`] loads 8 tiles for each 12 products.
+    pub load_ns: f64,
+}
+
+/// Times `rounds` x 4 tile products (16 x 16 x 32 each) of whatever the tiles hold, then
+/// `rounds` x 4 tile loads, on this thread: a probe of how fast and how steady a machine's tiles
+/// are (`examples/amx_peak.rs`). None where [`available`] is not.
+pub fn tile_rates(rounds: usize) -> Option<TileRates> {
     if !available() {
         return None;
     }
-    let t = std::time::Instant::now();
+    let buf = vec![1u16; 4 * TM * TK];
+    let elapsed = |f: &dyn Fn()| {
+        let t = std::time::Instant::now();
+        f();
+        t.elapsed().as_secs_f64().max(1e-12)
+    };
     // SAFETY: `available` says the CPU has the tiles and the OS granted them; configured first,
-    // released after, on this thread.
+    // released after, on this thread; `buf` holds the four tiles `load_a` and `load_b` read.
     unsafe {
         tiles::configure();
-        for _ in 0..rounds {
-            tiles::dot();
-        }
+        let products = elapsed(&|| (0..rounds).for_each(|_| tiles::dot()));
+        let loads = elapsed(&|| {
+            (0..rounds).for_each(|_| {
+                tiles::load_a(buf.as_ptr(), TK);
+                tiles::load_b(buf.as_ptr().add(2 * TM * TK), buf.as_ptr().add(3 * TM * TK), TK);
+            })
+        });
         tiles::release();
+        let flops = rounds as f64 * 4.0 * (TM * TN * TK * 2) as f64;
+        Some(TileRates { products_gflops: flops / products / 1e9, load_ns: loads * 1e9 / (rounds as f64 * 4.0) })
     }
-    let flops = rounds as f64 * 4.0 * (TM * TN * TK * 2) as f64;
-    Some(flops / t.elapsed().as_secs_f64().max(1e-9) / 1e9)
 }
 
 /// One pass of a product: token rows `m0 .. m0 + rows` (`mp` with the padding to 32) and inputs
@@ -605,7 +624,7 @@ mod tiles {
 
     /// tmm4-5 = rows 0-15 and 16-31 from `a0`, rows `sa` bf16 apart.
     #[inline(always)]
-    unsafe fn load_a(a0: *const u16, sa: usize) {
+    pub unsafe fn load_a(a0: *const u16, sa: usize) {
         asm!(
             "tileloadd tmm4, [{a0} + {sa}*1]",
             "tileloadd tmm5, [{a1} + {sa}*1]",
@@ -616,7 +635,7 @@ mod tiles {
 
     /// tmm6-7 = the tiles at `b0` and `b1`, rows `sb` bf16 apart.
     #[inline(always)]
-    unsafe fn load_b(b0: *const u16, b1: *const u16, sb: usize) {
+    pub unsafe fn load_b(b0: *const u16, b1: *const u16, sb: usize) {
         asm!(
             "tileloadd tmm6, [{b0} + {sb}*1]",
             "tileloadd tmm7, [{b1} + {sb}*1]",
@@ -666,6 +685,8 @@ mod tiles {
     pub unsafe fn configure() {}
     pub unsafe fn release() {}
     pub unsafe fn dot() {}
+    pub unsafe fn load_a(_: *const u16, _: usize) {}
+    pub unsafe fn load_b(_: *const u16, _: *const u16, _: usize) {}
     pub unsafe fn block<const PA: usize, const PB: usize>(
         _: ([&[u16]; PA], usize),
         _: ([[&[u16]; 2]; PB], usize),
