@@ -113,7 +113,7 @@ fn device_case<O: Ops>(
 /// tolerance, its verdict printed as `name`'s with `--stream`; whether it passed.
 fn streamed_case<O: Ops>(ops: &O, name: &str, (case, reference): (&Path, &Dump)) -> Result<bool> {
     let ckpt = Checkpoint::open(case)?;
-    let device = DeviceModel::streamed(ops, &ckpt)?;
+    let device = DeviceModel::streamed(ops, &ckpt);
     let r = verify::verify_prefill(&device, Weights::Streamed(&ckpt), reference, &VerifyOptions::default())?;
     Ok(report(case, &format!("{name}, --stream"), &r))
 }

@@ -165,7 +165,7 @@ fn a_streamed_model_holds_one_layer_at_a_time_on_the_emulated_gpu() {
             let peak = |streamed: bool| {
                 let ops = ops();
                 let device =
-                    if streamed { DeviceModel::streamed(&ops, &ckpt) } else { DeviceModel::new(&ops, &model) }.unwrap();
+                    if streamed { DeviceModel::streamed(&ops, &ckpt) } else { DeviceModel::new(&ops, &model).unwrap() };
                 drop(device.forward_on_device(&tokens, LogitRows::All, &mut glimpse::hooks::NoObserver).unwrap());
                 ops.gpu.emulated_bytes().unwrap().1
             };
@@ -205,12 +205,12 @@ fn a_sweep_on_the_emulated_gpu_records_each_prompt_as_its_prefill() {
         for precision in [Precision::F32, Precision::Bf16] {
             let ckpt = glimpse::checkpoint::Checkpoint::open(&common::golden(case)).unwrap();
             let ops = CudaOps::new(Gpu::emulated(), precision).unwrap();
-            common::assert_a_sweep_records_as_prefills(case, &DeviceModel::streamed(&ops, &ckpt).unwrap());
+            common::assert_a_sweep_records_as_prefills(case, &DeviceModel::streamed(&ops, &ckpt));
             let ops = CudaOps::new(Gpu::emulated(), precision).unwrap();
             let prompts = common::sweep_prompts(case);
             let refs: Vec<_> = prompts.iter().collect();
             let n = ckpt.config.num_hidden_layers;
-            DeviceModel::streamed(&ops, &ckpt).unwrap().sweep(&refs, n - 1, &mut Quiet(NoObserver)).unwrap();
+            DeviceModel::streamed(&ops, &ckpt).sweep(&refs, n - 1, &mut Quiet(NoObserver)).unwrap();
             let target = Target { precision, ..Target::from(Backend::CudaEmu) };
             let weights = device_weights(&ckpt, precision, Residency::Swept);
             let longest = prompts.iter().map(|t| (t.batch, t.seq)).max_by_key(|(b, s)| b * s).unwrap();

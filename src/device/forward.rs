@@ -115,8 +115,8 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
     /// A model that uploads each decoder layer, and then the final norm and lm_head, from `ckpt`
     /// when the run reaches it ([`DWeights::Streamed`]). The weights are read as a run reaches
     /// them: [`crate::model::stream::check_streamed`] checks the checkpoint holds them first.
-    pub fn streamed(ops: &'m O, ckpt: &'m Checkpoint) -> Result<Self> {
-        Ok(Self::with(ops, &ckpt.config, DWeights::Streamed(ckpt)))
+    pub fn streamed(ops: &'m O, ckpt: &'m Checkpoint) -> Self {
+        Self::with(ops, &ckpt.config, DWeights::Streamed(ckpt))
     }
 
     fn with(ops: &'m O, config: &'m Config, weights: DWeights<'m, O>) -> Self {

@@ -215,7 +215,7 @@ pub fn with_prefill<R>(target: Target, weights: Weights, f: impl FnOnce(&dyn Pre
 fn device_model<'m, O: Ops>(ops: &'m O, weights: Weights<'m>) -> Result<forward::DeviceModel<'m, O>> {
     match weights {
         Weights::Resident(model) => forward::DeviceModel::new(ops, model),
-        Weights::Streamed(ckpt) => forward::DeviceModel::streamed(ops, ckpt),
+        Weights::Streamed(ckpt) => Ok(forward::DeviceModel::streamed(ops, ckpt)),
     }
 }
 

@@ -88,7 +88,7 @@ pub fn estimate_streamed_on(
     let mut est = estimate(ckpt, dims, &all, true, recording, Passes::Elsewhere);
     if residency == Residency::Swept {
         // A sweep never loads the head.
-        est.weights = est.weights.saturating_sub(head_as_loaded(ckpt));
+        est.weights = est.weights.saturating_sub(streamed_head(ckpt, Passes::Elsewhere));
     }
     est.weights = est.weights.saturating_add(device_copies(ckpt, target, residency));
     est
@@ -301,11 +301,7 @@ pub fn estimate(
             })
             .max()
             .unwrap_or(0);
-        biggest
-            + match passes {
-                Passes::Elsewhere => head_as_loaded(ckpt),
-                Passes::One | Passes::Many => 4 * 8192 * c.hidden_size as u64,
-            }
+        biggest + streamed_head(ckpt, passes)
     } else {
         // While a weight is packed, its file pages and its panels are both held (the pages go
         // once it is packed): the largest one's pages at the peak (lm_head's, 1.9 GB at GLM-5's
@@ -395,6 +391,15 @@ fn file_bytes(ckpt: &Checkpoint, name: &str) -> u64 {
     numel(ckpt, name) * size
 }
 
+/// The head as a streamed pass holds it: a device pass as loaded until it is uploaded
+/// ([`head_as_loaded`]); the CPU a chunk of its rows at a time, in f32.
+fn streamed_head(ckpt: &Checkpoint, passes: Passes) -> u64 {
+    match passes {
+        Passes::Elsewhere => head_as_loaded(ckpt),
+        Passes::One | Passes::Many => 4 * (crate::model::stream::HEAD_CHUNK * ckpt.config.hidden_size) as u64,
+    }
+}
+
 /// The head as a streamed device pass holds it on the host until it is uploaded: a tied one read
 /// in place when bf16, else as the embeddings' f32 table beside its file pages; a bf16 one as
 /// its mapped pages; an FP8 or f32 one as f32 (`Model::load_head`).
@@ -474,7 +479,10 @@ pub fn check_sweep(ckpt: &Checkpoint, prompts: &[(usize, usize)], target: Target
             let in_place = |&(batch, seq): &(usize, usize)| crate::model::nn::Packing::reads_in_place(batch * seq);
             let mixed = prompts.iter().any(in_place) && !prompts.iter().all(in_place);
             let passes = if mixed { Passes::Many } else { Passes::One };
-            estimate(ckpt, dims, &all, true, Recording::Nothing, passes)
+            let mut est = estimate(ckpt, dims, &all, true, Recording::Nothing, passes);
+            // Nor does it multiply by the head.
+            est.weights = est.weights.saturating_sub(streamed_head(ckpt, passes));
+            est
         }
         _ => estimate_run(ckpt, dims, Recording::Nothing, (target, Residency::Swept)),
     };
@@ -668,6 +676,25 @@ mod tests {
             let (streamed, swept) = (est(Residency::Streamed), est(Residency::Swept));
             assert_eq!(streamed - copies(Residency::Streamed), swept - copies(Residency::Swept) + head, "{case}");
         }
+    }
+
+    /// Nor does a CPU sweep count the chunk of lm_head a streamed CPU pass multiplies by: it
+    /// holds a streamed pass of its longest prompt without it, and every prompt's held state,
+    /// refused a byte over.
+    #[test]
+    fn a_cpu_sweep_counts_no_head() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let all = 0..=ckpt.config.num_hidden_layers - 1;
+        let prompts = [(1, 8), (2, 6)];
+        let pass = estimate(&ckpt, (2, 6), &all, true, Recording::Nothing, Passes::One);
+        let chunk = streamed_head(&ckpt, Passes::One);
+        assert_eq!(chunk, 4 * (crate::model::stream::HEAD_CHUNK * ckpt.config.hidden_size) as u64);
+        let needs = pass.total() - chunk + sweep_held(&ckpt, &prompts);
+        let target = Target::from(Backend::Cpu);
+        check_sweep(&ckpt, &prompts, target, Some(needs)).unwrap();
+        let refused = check_sweep(&ckpt, &prompts, target, Some(needs - 1)).unwrap_err().to_string();
+        assert!(refused.contains("fewer or shorter prompts"), "{refused}");
     }
 
     /// The recording counts what `--record` names: one hook point a layer holds one tensor

@@ -299,7 +299,7 @@ pub fn embed(w: Weights, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tens
 }
 
 /// Vocabulary rows of lm_head converted at a time when streaming.
-const HEAD_CHUNK: usize = 8192;
+pub(crate) const HEAD_CHUNK: usize = 8192;
 
 /// [B, S, hidden] -> logits [B, S, vocab], reporting `final_norm` and `logits`.
 pub fn head(w: Weights, h: &Tensor, obs: &mut dyn Observer) -> Result<Tensor> {

@@ -139,7 +139,7 @@ pub fn assert_streamed_records_as_resident<O: glimpse::device::Ops>(case: &str, 
         r.tensors
     };
     let whole = record(&DeviceModel::new(ops, &model).unwrap());
-    let layer_by_layer = record(&DeviceModel::streamed(ops, &ckpt).unwrap());
+    let layer_by_layer = record(&DeviceModel::streamed(ops, &ckpt));
     let points: Vec<HookPoint> = whole.iter().map(|(p, _)| *p).collect();
     assert_eq!(points, layer_by_layer.iter().map(|(p, _)| *p).collect::<Vec<_>>(), "{case}");
     let n = ckpt.config.num_hidden_layers;
