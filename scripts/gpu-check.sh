@@ -32,7 +32,8 @@
 #    (scripts/transformers-prefill.py), and the speed ratios. Otherwise the table says so.
 # 4. With the time left: `selftest --kernels-only` under compute-sanitizer's memcheck and racecheck,
 #    then one-off `run`s of the benchmark's checkpoint in bf16, whole and with `--stream`, timed,
-#    and `audit`s of 8 prompts of it, whole and `--stream`, timed, which must count alike.
+#    and `audit`s of 8 prompts of it, whole and `--stream`, timed, which must count alike; then
+#    the same checkpoint in block FP8 (`synth --dtype fp8`) benched in bf16 mode.
 # 5. Prints summary tables for docs/gpu-results.md, and the bf16 prefills' profiles. The logs are 8 files, the most the device tool
 #    brings back: a ninth would not come back.
 set -uo pipefail
@@ -133,16 +134,19 @@ fi
 echo "synth: $(( $(date +%s) - t0 )) s"
 peak=${PEAK_TFLOPS:-989}
 declare -A median median_last tflops expert_tflops mem mem_est
-# bench_run RUN PRECISION ATTENTION: a 2048-token bench, its log bench-RUN.log, its numbers under RUN.
+# bench_run RUN PRECISION ATTENTION [CHECKPOINT]: a 2048-token bench of CHECKPOINT (the
+# benchmark's), its log bench-RUN.log (with LOG=OTHER, appended to OTHER.log), its numbers under RUN.
 bench_run() {
-  local run=$1 precision=$2 attention=$3
-  [ -e "$ckpt/config.json" ] || return 0
+  local run=$1 precision=$2 attention=$3 model=${4:-$ckpt}
+  [ -e "$model/config.json" ] || return 0
+  local log="$logs/${LOG:-bench-$run}.log" before=0
+  [ -n "${LOG:-}" ] && [ -e "$log" ] && before=$(wc -l < "$log")
   step "bench-$run" 90 "$glimpse" --max-memory "$max_memory" bench --device "$device" --precision "$precision" \
-    --attention "$attention" --model "$ckpt" --tokens "$tokens" --repeat 3
+    --attention "$attention" --model "$model" --tokens "$tokens" --repeat 3
   local brc=$?
   [ $brc -eq 0 ] || { echo "bench ($run) exit code $brc"; rc=1; }
   local bench
-  bench=$(cat "$logs/bench-$run.log")
+  bench=$(tail -n +$(( before + 1 )) "$log")
   median[$run]=$(echo "$bench" | sed -n 's/.*logits left on the device: median \([0-9.]*\) s (.*/\1/p')
   median_last[$run]=$(echo "$bench" | sed -n "s/.*last position's logits only: median \([0-9.]*\) s (.*/\1/p")
   tflops[$run]=$(echo "$bench" | sed -n 's/^matrix products.*= \([0-9.]*\) TFLOP\/s.*/\1/p')
@@ -154,9 +158,9 @@ bench_run() {
   # the same log, after its numbers are read: the device tool brings back 8 files, all taken).
   local left=$(( deadline - $(date +%s) - 5 ))
   if [ $brc -ne 0 ] && [ $brc -ne 124 ] && [ $brc -ne 137 ] && [ $left -gt 10 ]; then
-    echo "bench ($run) again with CUDA_LAUNCH_BLOCKING=1, to name the failing op:" | tee -a "$logs/bench-$run.log"
+    echo "bench ($run) again with CUDA_LAUNCH_BLOCKING=1, to name the failing op:" | tee -a "$log"
     CUDA_LAUNCH_BLOCKING=1 timeout --kill-after=5 $(( left < 60 ? left : 60 )) "$glimpse" --max-memory "$max_memory" bench --device "$device" \
-      --precision "$precision" --attention "$attention" --model "$ckpt" --tokens "$tokens" --repeat 1 2>&1 | tail -n 5 | tee -a "$logs/bench-$run.log"
+      --precision "$precision" --attention "$attention" --model "$model" --tokens "$tokens" --repeat 1 2>&1 | tail -n 5 | tee -a "$log"
   fi
 }
 bench_run bf16 bf16 auto
@@ -282,6 +286,23 @@ if [ -e "$ckpt/config.json" ]; then
     fi
   fi
 fi
+# Last, with what time is left: the same checkpoint in block FP8 (`synth --dtype fp8`, GLM-5-FP8's
+# format: 128 x 128 blocks of e4m3 codes and a scale each), benched in bf16 mode, where every
+# product decodes its weight's codes straight to bf16 (`fp8_dequant_bf16`) before the tensor
+# cores take it. Its log is appended to bench-f32.log (the device tool brings back 8 files, all
+# taken), its profile printed after the bf16 ones.
+ckpt_fp8=$ckpt-fp8
+fp8_from=""
+if [ -e "$ckpt/config.json" ] && [ $(( deadline - $(date +%s) )) -gt 60 ]; then
+  if [ ! -e "$ckpt_fp8/config.json" ]; then
+    # shellcheck disable=SC2086 # the synth arguments are words
+    LOG=bench-f32 step synth-fp8 90 "$glimpse" synth $synth_args ${VOCAB:+--vocab "$VOCAB"} --dtype fp8 --out "$ckpt_fp8"
+    src=$?
+    [ $src -eq 0 ] || { [ $src -eq 124 ] || [ $src -eq 137 ] || rc=1; rm -rf "$ckpt_fp8"; }
+  fi
+  [ -e "$logs/bench-f32.log" ] && fp8_from=$(( $(wc -l < "$logs/bench-f32.log") + 1 ))
+  LOG=bench-f32 bench_run fp8 bf16 auto "$ckpt_fp8"
+fi
 {
 echo
 echo "$(date -u '+%F %H:%M UTC'), $("$glimpse" --version 2>/dev/null) ($built_from), scripts/gpu-check.sh with TOKENS=$tokens EXPERTS=$experts VOCAB=${VOCAB:-preset} DEVICE=$device PEAK_TFLOPS=$peak"
@@ -297,6 +318,7 @@ echo "| transformers ${t_version:-} eager bf16 on $torch_device, every position'
 echo "| the same, logits_to_keep=1: ${t_median_last:-not measured} s | $(ratio "${t_median_last:-}" "${median_last[f32]:-}") | $(ratio "${t_median_last:-}" "${median_last[bf16]:-}") | $(ratio "${t_median_last:-}" "${median_last[fused]:-}") |"
 echo "| one-off run in bf16 (open, uploads, prefill): whole; --stream | | ${one_off[whole]:-not run}; ${one_off[stream]:-not run} | |"
 echo "| audit of 8 prompts of ${length:-256} tokens in bf16: whole; --stream | | ${audited[whole]:-not run}; ${audited[stream]:-not run} | |"
+echo "| the same checkpoint in block FP8 (synth --dtype fp8), bf16 products: every position's logits; last only; routed experts' GEMMs | | ${median[fp8]:-not run} s; ${median_last[fp8]:-not run} s; ${expert_tflops[fp8]:-?} TFLOP/s | |"
 echo "| compute-sanitizer memcheck, kernels and products | ${sanitized[memcheck]} | | |"
 echo "| compute-sanitizer racecheck, kernels and products | ${sanitized[racecheck]} | | |"
 echo "total $(( $(date +%s) - start )) s"
@@ -311,5 +333,12 @@ for run in bf16 fused; do
     echo '```'
   fi
 done
+if [ -n "$fp8_from" ] && tail -n +"$fp8_from" "$logs/bench-f32.log" | grep -q '^one more prefill'; then
+  echo
+  echo "bench fp8 (the block-FP8 checkpoint, bf16 products):"
+  echo '```'
+  tail -n +"$fp8_from" "$logs/bench-f32.log" | sed -n '/^one more prefill/,$p' | grep -v '^device memory'
+  echo '```'
+fi
 } | tee "$logs/table.md"
 [ $rc -eq 0 ]
