@@ -57,7 +57,7 @@ pub(crate) fn audit(args: AuditArgs, max_memory: Option<u64>) -> Result<ExitCode
     if let (Some(_), Some(flag)) = (pairs, stdout.first().filter(|_| !json)) {
         return Err(Error::Usage(format!("--pairs prints a table, which {flag} replaces: leave one out")));
     }
-    let target = gpu.target(device)?;
+    let target = gpu.target(device, &[])?;
     // Against a reference, both keep their expert sets token by token, to count what changed;
     // against other prompts, each prompt's load, to split them at random for chance.
     let sets = !against.is_empty();

@@ -46,8 +46,17 @@ pub(crate) struct Gpu {
 const GPU: &str = "GPU (with --device cuda|cuda-emu)";
 
 impl Gpu {
-    /// Where and how a prefill runs, refused where the backend cannot do it.
-    pub(crate) fn target(self, backend: Backend) -> glimpse::Result<Target> {
+    /// Where and how a prefill runs, refused where the backend cannot do it, or beside any of
+    /// `cpu_only`'s flags given (those only the CPU model takes) where it is not the CPU. (Not
+    /// clap's `conflicts_with`, which would refuse `--device cpu`, the default, written out.)
+    pub(crate) fn target(self, backend: Backend, cpu_only: &[(&str, bool)]) -> glimpse::Result<Target> {
+        if let Some((flag, _)) = cpu_only.iter().find(|(_, given)| *given).filter(|_| backend != Backend::Cpu) {
+            let name =
+                clap::ValueEnum::to_possible_value(&backend).map(|v| v.get_name().to_string()).unwrap_or_default();
+            return Err(glimpse::Error::Usage(format!(
+                "--device {name} cannot be used with {flag}: only the CPU model takes it"
+            )));
+        }
         Target { backend, ordinal: self.ordinal, precision: self.precision, attention: self.attention }.check()
     }
 }
@@ -105,7 +114,7 @@ pub(crate) enum Command {
         /// build with `--features cuda` and a GPU, `cuda-emu` that build. Each compares the main
         /// forward (the MTP head on the CPU, not with --stream), with --isolate, --force-* and
         /// --stream.
-        #[arg(long, value_enum, default_value_t = Backend::Cpu, conflicts_with_all = ["layers", "decode"])]
+        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         device: Backend,
         #[command(flatten)]
         gpu: Gpu,
@@ -181,7 +190,7 @@ pub(crate) enum Command {
         #[arg(long, conflicts_with = "dump")]
         stream: bool,
         /// Where the live run goes (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
-        #[arg(long, value_enum, default_value_t = Backend::Cpu, conflicts_with = "dump")]
+        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         device: Backend,
         #[command(flatten)]
         gpu: Gpu,
@@ -507,8 +516,7 @@ pub(crate) struct RunArgs {
     #[arg(long, conflicts_with_all = ["stream", "layers", "from_dump", "resume"])]
     pub(crate) mtp: bool,
     /// Where the forward pass runs (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).
-    #[arg(long, value_enum, default_value_t = Backend::Cpu,
-          conflicts_with_all = ["layers", "from_dump", "resume", "mtp"])]
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     pub(crate) device: Backend,
     #[command(flatten)]
     pub(crate) gpu: Gpu,

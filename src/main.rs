@@ -229,7 +229,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             glimpse::progress::enable();
             let model_dir = model.unwrap_or_else(default_case);
-            let target = gpu.target(device)?;
+            let target = gpu.target(device, &[("--layers", layers.is_some()), ("--decode", decode)])?;
             let golden = golden.unwrap_or_else(|| target.precision.reference_in(&model_dir));
             let tol = tolerance(target, atol, rtol);
             let per_name = tols.iter().map(|t| diff::parse_tol(t)).collect::<Result<Vec<_>>>()?;
@@ -426,7 +426,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Audit(args) => audit_command::audit(args, max_memory),
         Command::Bench { model, tokens, repeat, device, gpu } => {
-            let target = gpu.target(device)?;
+            let target = gpu.target(device, &[])?;
             let ckpt = Checkpoint::open(&model)?;
             warn_past_positions(&ckpt.config, tokens);
             if device != Backend::Cpu {
@@ -454,7 +454,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Tui { model, golden, dump, tokens, prompt, stream, device, gpu, atol, rtol, near_tie } => {
             let model = model.or_else(|| dump.is_none().then(default_case));
-            let target = gpu.target(device)?;
+            let target = gpu.target(device, &[("--dump", dump.is_some())])?;
             // The run or the comparison comes before the first screen: said while it lasts.
             let waiting = std::io::IsTerminal::is_terminal(&std::io::stderr());
             if waiting {
@@ -533,7 +533,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let root = default_case().parent().map(Path::to_path_buf).unwrap_or_default();
             let scope = if kernels_only { glimpse::selftest::Scope::Kernels } else { glimpse::selftest::Scope::All };
-            let ok = glimpse::selftest::run(&root, gpu.target(device)?, scope, max_memory)?;
+            let ok = glimpse::selftest::run(&root, gpu.target(device, &[])?, scope, max_memory)?;
             println!("selftest: {}", if ok { "every check passed" } else { "a check FAILED (marked above)" });
             Ok(exit(ok))
         }

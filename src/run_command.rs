@@ -34,7 +34,9 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
         device,
         gpu,
     } = args;
-    let target = gpu.target(device)?;
+    let cpu_only =
+        [("--layers", layers.is_some()), ("--from-dump", from_dump.is_some()), ("--resume", resume), ("--mtp", mtp)];
+    let target = gpu.target(device, &cpu_only)?;
     let ckpt = Checkpoint::open(&model)?;
     // Checked before any weight loads: a typo in --record is found at once.
     let selector = recording(record.as_deref(), &ckpt.config)?;

@@ -169,6 +169,39 @@ fn the_device_flag_runs_the_device_path_in_every_command() {
     assert!(!text.contains("FAILED"), "{text}");
 }
 
+/// `--device cpu`, the default, goes with the flags only the CPU model takes, written out or not;
+/// another device is refused beside each, naming the flag, before anything is written. (The
+/// TUI's is only refused here: accepted, it would open the terminal.)
+#[test]
+fn the_flags_only_the_cpu_model_takes_refuse_another_device_and_not_the_cpu() {
+    let m = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
+    let m = m.to_str().unwrap();
+    let reference = format!("{m}/reference.safetensors");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("w.safetensors");
+    let out = out.to_str().unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (&["verify", "--model", m, "--layers", "1..2"], "--layers"),
+        (&["verify", "--model", m, "--decode"], "--decode"),
+        (&["run", "--model", m, "--from-dump", &reference, "--layers", "2..3", "--dump", out], "--layers"),
+        (&["run", "--model", m, "--from-dump", &reference, "--dump", out], "--from-dump"),
+        (&["tui", "--dump", &reference, "--golden", &reference], "--dump"),
+    ];
+    for (args, flag) in cases {
+        if args[0] != "tui" {
+            let _ = std::fs::remove_file(out);
+            let (code, text) = common::code_and_text(&[args, &["--device", "cpu"]].concat());
+            assert_eq!(code, 0, "{args:?} --device cpu: {text}");
+        }
+        let _ = std::fs::remove_file(out);
+        let (code, text) = common::code_and_text(&[args, &["--device", "cpu-ops"]].concat());
+        assert_eq!(code, 2, "{args:?}: {text}");
+        let said = format!("--device cpu-ops cannot be used with {flag}: only the CPU model takes it");
+        assert!(text.contains(&said) && text.trim().lines().count() == 1, "{args:?}: {text}");
+        assert!(!Path::new(out).exists(), "{args:?}");
+    }
+}
+
 /// Feeds zeros as layer 1's input and as the final norm's: RMSNorm of zeros is zeros, so the
 /// recorded `layers.1.input_norm` and `final_norm` show whether each forward pass took the
 /// observer's hidden state (`isolated_input`) or kept its own.
