@@ -111,6 +111,26 @@ pub(super) fn scratch<'a, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidA
     slot.as_mut().ok_or_else(|| Error::Device("no scratch buffer".into()))
 }
 
+/// For each block of `block_rows(n, k)` rows of an `[n, k]` weight, `decode(buf, n0, nt)` puts
+/// rows `n0 .. n0 + nt` in `slot`'s scratch, then `f(buf, n0, nt)` multiplies them.
+fn blocks<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone>(
+    gpu: &Gpu,
+    slot: &RefCell<Option<Buf<T>>>,
+    [n, k]: [usize; 2],
+    mut decode: impl FnMut(&mut Buf<T>, usize, usize) -> Result<()>,
+    mut f: impl FnMut(&Buf<T>, usize, usize) -> Result<()>,
+) -> Result<()> {
+    let rows = block_rows(n, k);
+    let mut buf = slot.borrow_mut();
+    let buf = scratch(gpu, &mut buf, rows * k)?;
+    for n0 in (0..n).step_by(rows) {
+        let nt = rows.min(n - n0);
+        decode(buf, n0, nt)?;
+        f(buf, n0, nt)?;
+    }
+    Ok(())
+}
+
 /// How many values a strided batch of `rows x cols` column-major matrices (leading dimension
 /// `ld`) spans; None for a layout cuBLAS refuses (`ld < max(1, rows)`, a negative size or stride).
 fn extent(rows: i32, cols: i32, ld: i32, stride: i64, batch: i32) -> Option<usize> {
@@ -375,18 +395,14 @@ impl Products {
             (Rows::Bf16(..), DeviceWeight::F32(_)) => {
                 Err(Error::Device("an f32 weight in a bf16 product (weights are rounded at upload)".into()))
             }
-            (Rows::Bf16(xb, x_row0), DeviceWeight::Fp8 { codes, scale, row0, block }) => {
-                // A block of rows dequantised straight to bf16, multiplied.
-                let rows = block_rows(nw, k);
-                let mut wb = self.narrow_weight.borrow_mut();
-                let wb = scratch(gpu, &mut wb, rows * k)?;
-                for n0 in (0..nw).step_by(rows) {
-                    let nt = rows.min(nw - n0);
-                    gpu.fp8_dequant((codes, scale), wb, [n0, nt, k], *row0, *block)?;
-                    self.gemm_bf16((xb, x_row0), wb, y, y_row0, (c0 + n0, nt, n), [m, k], alpha)?;
-                }
-                Ok(())
-            }
+            // A block of rows dequantised straight to bf16, multiplied.
+            (Rows::Bf16(xb, x_row0), DeviceWeight::Fp8 { codes, scale, row0, block }) => blocks(
+                gpu,
+                &self.narrow_weight,
+                [nw, k],
+                |wb, n0, nt| gpu.fp8_dequant((codes, scale), wb, [n0, nt, k], *row0, *block),
+                |wb, n0, nt| self.gemm_bf16((xb, x_row0), wb, y, y_row0, (c0 + n0, nt, n), [m, k], alpha),
+            ),
         }
     }
 
@@ -398,25 +414,18 @@ impl Products {
         gpu: &Gpu,
         w: &DeviceWeight,
         [n, k]: [usize; 2],
-        mut f: impl FnMut(&Buf<f32>, usize, usize) -> Result<()>,
+        f: impl FnMut(&Buf<f32>, usize, usize) -> Result<()>,
     ) -> Result<()> {
-        let rows = block_rows(n, k);
-        let mut wide = self.wide.borrow_mut();
-        let wide = scratch(gpu, &mut wide, rows * k)?;
-        for n0 in (0..n).step_by(rows) {
-            let nt = rows.min(n - n0);
-            match w {
-                DeviceWeight::Bf16(bits) => gpu.bf16_widen(bits, n0 * k, wide, nt * k)?,
-                DeviceWeight::Fp8 { codes, scale, row0, block } => {
-                    gpu.fp8_dequant((codes, scale), wide, [n0, nt, k], *row0, *block)?
-                }
-                DeviceWeight::F32(_) | DeviceWeight::Stacked(_) => {
-                    return Err(Error::Device("only a bf16 or FP8 weight is decoded by blocks".into()))
-                }
+        let decode = |wide: &mut Buf<f32>, n0: usize, nt: usize| match w {
+            DeviceWeight::Bf16(bits) => gpu.bf16_widen(bits, n0 * k, wide, nt * k),
+            DeviceWeight::Fp8 { codes, scale, row0, block } => {
+                gpu.fp8_dequant((codes, scale), wide, [n0, nt, k], *row0, *block)
             }
-            f(wide, n0, nt)?;
-        }
-        Ok(())
+            DeviceWeight::F32(_) | DeviceWeight::Stacked(_) => {
+                Err(Error::Device("only a bf16 or FP8 weight is decoded by blocks".into()))
+            }
+        };
+        blocks(gpu, &self.wide, [n, k], decode, f)
     }
 
     /// `C_i = alpha op(A_i) op(B_i) + beta C_i` for each matrix i of a strided batch of f32
