@@ -91,7 +91,7 @@ pub fn compare(
     Ok(DecodeCheck { positions: seq, results, logits_max_abs, first })
 }
 
-/// Each flip's margins on both sides: `dsa.margin` is [B, S] and `moe.margin` [B*S], indexed by
+/// Each flip's margins on both sides: `dsa.margin` is `[B, S]` and `moe.margin` `[B*S]`, indexed by
 /// the same flat row as the selection they decided (`flips::deciding`: a shared-indexer layer's
 /// DSA rows take those of the full layer whose keys it reuses).
 fn add_margins(

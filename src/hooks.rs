@@ -35,9 +35,9 @@ pub enum LayerHook {
     TopkIds,
     TopkWeights,
     /// k-th minus (k+1)-th biased score among the experts routing may choose, or with grouped
-    /// routing the groups' gap where smaller and it matters (`moe::Route::margin`) [B*S].
+    /// routing the groups' gap where smaller and it matters (`moe::Route::margin`) `[B*S]`.
     RouterMargin,
-    /// 1 where the chosen set would differ without the correction bias [B*S], I64.
+    /// 1 where the chosen set would differ without the correction bias `[B*S]`, I64.
     BiasChanged,
     MlpOut,
     Output,
@@ -202,7 +202,7 @@ impl HookPoint {
     }
 
     /// For a selection (`dsa.topk`, `moe.topk_ids`), the hook point holding the margin that
-    /// decided each of its rows (`dsa.margin` [B, S], `moe.margin` [B*S]: the same flat rows).
+    /// decided each of its rows (`dsa.margin` `[B, S]`, `moe.margin` `[B*S]`: the same flat rows).
     pub fn margin(&self) -> Option<HookPoint> {
         match self {
             HookPoint::Layer(i, LayerHook::DsaTopk) => Some(HookPoint::Layer(*i, LayerHook::DsaMargin)),

@@ -1,7 +1,7 @@
 //! The CUDA backend without a GPU (`--device cuda-emu`): the kernels' own `.cu` source,
 //! compiled for the host by build.rs over the runtime in `emu.h` (thread blocks as fibers,
 //! barriers, warp shuffles), launched here with the argument lists the GPU launches take; and
-//! cuBLAS's SGEMM replaced by [`gemm`], the column-major BLAS contract computed plainly, so the
+//! cuBLAS's SGEMM replaced by [`gemm`](fn@gemm), the column-major BLAS contract computed plainly, so the
 //! row-major-on-column-major configuration `CudaOps` hands cuBLAS is checked too.
 //!
 //! This is how the kernels' logic (indexing, reductions, bounds, barriers) is tested in CI. It
@@ -137,7 +137,7 @@ pub fn gemm(cfg: &GemmConfig<f32>, a: &[f32], b: &[f32], c: &mut [f32]) -> Resul
     Ok(())
 }
 
-/// cuBLAS's strided-batched SGEMM on host slices: [`gemm`] on each matrix of the batch.
+/// cuBLAS's strided-batched SGEMM on host slices: [`gemm`](fn@gemm) on each matrix of the batch.
 pub fn gemm_batched(cfg: &StridedBatchedConfig<f32>, a: &[f32], b: &[f32], c: &mut [f32]) -> Result<()> {
     let stride = |s: i64| usize::try_from(s).map_err(|_| Error::Device("batched GEMM: a negative stride".into()));
     let (sa, sb, sc) = (stride(cfg.stride_a)?, stride(cfg.stride_b)?, stride(cfg.stride_c)?);

@@ -397,7 +397,7 @@ impl Gpu {
         }
     }
 
-    /// x, y: [rows, cols]; w: [cols].
+    /// x, y: `[rows, cols]`; w: `[cols]`.
     pub fn rms_norm(
         &self,
         x: &Buf<f32>,
@@ -412,7 +412,7 @@ impl Gpu {
         launch!(self, "rms_norm", per_item(rows, row_block(cols, 256), 0), [x, w, y, &c, &eps])
     }
 
-    /// x, y: [rows, cols]; w, bias: [cols].
+    /// x, y: `[rows, cols]`; w, bias: `[cols]`.
     #[allow(clippy::too_many_arguments)]
     pub fn layer_norm(
         &self,
@@ -429,7 +429,7 @@ impl Gpu {
         launch!(self, "layer_norm", per_item(rows, row_block(cols, 256), 0), [x, w, bias, y, &c, &eps])
     }
 
-    /// x: [rows, cols] -> out: [rows].
+    /// x: `[rows, cols]` -> out: `[rows]`.
     pub fn row_l2_norm(&self, x: &Buf<f32>, out: &mut Buf<f32>, rows: usize, cols: usize) -> Result<()> {
         fits("row_l2_norm", &[(x.len(), rows * cols), (out.len(), rows)])?;
         let [c] = ints("row_l2_norm", [cols])?;
@@ -458,7 +458,7 @@ impl Gpu {
         launch!(self, "rope_interleaved", cfg(rows * heads, 128, 0), [x, cos, sin, &r, &s, &h, &w, &st, &hf])
     }
 
-    /// logits: [n, e]; bias: [e] -> ids, weights: [n, k]; margin: [n].
+    /// logits: `[n, e]`; bias: `[e]` -> ids, weights: `[n, k]`; margin: `[n]`.
     #[allow(clippy::too_many_arguments)]
     pub fn route(
         &self,
@@ -502,7 +502,7 @@ impl Gpu {
         )
     }
 
-    /// ids, plain: [n, k] expert ids -> changed: [n], 1 where the two rows differ as sets.
+    /// ids, plain: `[n, k]` expert ids -> changed: `[n]`, 1 where the two rows differ as sets.
     pub fn bias_changed(
         &self,
         ids: &Buf<i32>,
@@ -516,7 +516,7 @@ impl Gpu {
         launch!(self, "bias_changed", cfg(n, 128, 0), [ids, plain, &n32, &k32, changed])
     }
 
-    /// ids: [n] expert ids -> counts: [e] (added to).
+    /// ids: `[n]` expert ids -> counts: `[e]` (added to).
     pub fn expert_counts(&self, ids: &Buf<i32>, n: usize, e: usize, counts: &mut Buf<i32>) -> Result<()> {
         fits("expert_counts", &[(ids.len(), n), (counts.len(), e)])?;
         let (n64, [e32]) = (n as i64, ints("expert_counts", [e])?);
@@ -650,9 +650,9 @@ impl Gpu {
         launch!(self, "masked_softmax", per_item(rows.div_ceil(8), 256, 0), [scores, bits, &r32, &q32, &te32])
     }
 
-    /// The pairs' expert ids [n] (pair p = token p / k's choice p % k) grouped by expert, from
-    /// the groups' offsets [e] (prefix sums of `expert_counts`) -> slot [n] (each pair's packed
-    /// row), rows [n] (each packed row's token).
+    /// The pairs' expert ids `[n]` (pair p = token p / k's choice p % k) grouped by expert, from
+    /// the groups' offsets `[e]` (prefix sums of `expert_counts`) -> slot `[n]` (each pair's packed
+    /// row), rows `[n]` (each packed row's token).
     #[allow(clippy::too_many_arguments)]
     pub fn moe_dispatch(
         &self,
@@ -670,7 +670,7 @@ impl Gpu {
         launch!(self, "moe_dispatch", per_item(e, THREADS, THREADS * 4), [ids, &n32, &k32, offsets, slot, rows])
     }
 
-    /// x: [*, cols]; rows: [n] -> out: [n, cols].
+    /// x: `[*, cols]`; rows: `[n]` -> out: `[n, cols]`.
     pub fn gather_rows(&self, x: &Buf<f32>, rows: &Buf<i32>, out: &mut Buf<f32>, n: usize, cols: usize) -> Result<()> {
         fits("gather_rows", &[(rows.len(), n), (out.len(), n * cols)])?;
         let [n32, c32] = ints("gather_rows", [n, cols])?;

@@ -401,7 +401,7 @@ pub trait Ops {
     fn add(&self, a: &Self::F, b: &Self::F, n: usize) -> Result<Self::F>;
     /// Columns `col0 .. col0 + cols` of x (`shape` [rows, width]), as a buffer [rows, cols] of their own.
     fn columns(&self, x: &Self::F, shape: [usize; 2], col0: usize, cols: usize) -> Result<Self::F>;
-    /// The fused router: logits [n, e] -> (ids [n, k], weights [n, k], margin [n]).
+    /// The fused router: logits `[n, e]` -> (ids `[n, k]`, weights `[n, k]`, margin `[n]`).
     fn route(
         &self,
         logits: &Self::F,
@@ -411,11 +411,11 @@ pub trait Ops {
         rc: &RouterConfig,
     ) -> Result<(Self::I, Self::F, Self::F)>;
     /// Whether each token's chosen experts (ids [n, k]) differ, as a set, from `plain` (the
-    /// route without the correction bias): [n] of 1 or 0.
+    /// route without the correction bias): `[n]` of 1 or 0.
     fn bias_changed(&self, ids: &Self::I, plain: &Self::I, n: usize, k: usize) -> Result<Self::I>;
     /// dims = [B, S, T, n_heads, head_dim, offset] -> scores [B, S, T].
     fn index_scores(&self, q: &Self::F, k: &Self::F, w: &Self::F, dims: [usize; 6], scale: f32) -> Result<Self::F>;
-    /// scores [rows, T] -> (idx [rows, k], margin [rows]) for queries at `offset + row % s`.
+    /// scores `[rows, T]` -> (idx `[rows, k]`, margin `[rows]`) for queries at `offset + row % s`.
     #[allow(clippy::too_many_arguments)]
     fn topk_causal(
         &self,
@@ -443,7 +443,7 @@ pub trait Ops {
         self.topk_causal(&scores, b * s, s, t, offset, k)
     }
     /// The selection of `rows` queries that see no more than `k` keys, each keeping every causal
-    /// one whatever the scores -> (idx [rows, k], each row `0 .. k`, margin [rows] of +inf): what
+    /// one whatever the scores -> (idx `[rows, k]`, each row `0 .. k`, margin `[rows]` of +inf): what
     /// `index_topk` returns for them, without scoring (`Selection::every_key`).
     fn every_key(&self, rows: usize, k: usize) -> Result<(Self::I, Self::F)> {
         let sel = crate::model::indexer::Selection::every_key(1, rows, k);
@@ -462,7 +462,7 @@ pub trait Ops {
         scale: f32,
     ) -> Result<Self::F>;
     /// The MoE dispatch: the expert ids [n, k] of n tokens' choices grouped by expert ->
-    /// (the group sizes [e], slot [n * k]: each (token, choice) pair's row among the packed rows,
+    /// (the group sizes `[e]`, slot `[n * k]`: each (token, choice) pair's row among the packed rows,
     /// rows [n * k]: each packed row's token). By default on the host ([`dispatch_on_host`]).
     fn dispatch(&self, ids: &Self::I, n: usize, k: usize, e: usize) -> Result<(Vec<usize>, Self::I, Self::I)> {
         let ids = self.download_i32(ids)?;
@@ -471,7 +471,7 @@ pub trait Ops {
         Ok((counts, self.upload_i32(&slot)?, self.upload_i32(&rows)?))
     }
     fn gather_rows(&self, x: &Self::F, rows: &Self::I, n: usize, cols: usize) -> Result<Self::F>;
-    /// out[t] = sum over t's k choices in ascending expert id of w * y[slot] + shared[t].
+    /// `out[t]` = sum over t's k choices in ascending expert id of `w * y[slot] + shared[t]`.
     #[allow(clippy::too_many_arguments)]
     fn combine(
         &self,

@@ -192,7 +192,7 @@ pub(crate) fn sparse_attention(
 }
 
 /// One block of rows against keys `0..tb`, the step both forms share: `p` (`[rows, tb]` scratch)
-/// = scale · (q[0] · k[0]ᵀ + q[1] · k[1]ᵀ) (the latent or nope part, then the rope part), the
+/// = `scale · (q[0] · k[0]ᵀ + q[1] · k[1]ᵀ)` (the latent or nope part, then the rope part), the
 /// softmax over the `keep` keys, and `out` (rows `stride` apart) = p · v.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attend(

@@ -330,7 +330,7 @@ impl Model {
     ///
     /// With `mtp`, the MTP head drafts each next token from the previous step's hidden state and
     /// token (through its own one-layer cache), and the drafts are scored against the main
-    /// model's greedy choices. It sees the pairs (h[s], t[s+1]) of every position but the last,
+    /// model's greedy choices. It sees the pairs (`h[s]`, `t[s+1]`) of every position but the last,
     /// as it would in a prefill of the tokens the main model ran.
     #[allow(clippy::too_many_arguments)]
     pub fn generate(

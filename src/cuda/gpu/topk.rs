@@ -32,7 +32,7 @@ impl Gpu {
         }
     }
 
-    /// Rows `row0 .. row0 + rows` of idx [*, K] and margin [*] for queries that see no more
+    /// Rows `row0 .. row0 + rows` of idx `[*, K]` and margin `[*]` for queries that see no more
     /// than K keys: each keeps every causal key whatever its scores, listed `0 .. K` (padding
     /// past the query), margin +inf (`Selection::every_key`).
     pub fn every_key(
@@ -48,7 +48,7 @@ impl Gpu {
         launch!(self, "every_key", cfg(rows * k, 256, 0), [idx, margin, &row0, &rows64, &k32])
     }
 
-    /// scores: [rows, T] (rows = B*S) -> idx: [rows, K]; margin: [rows], ranked on `path`
+    /// scores: `[rows, T]` (rows = B*S) -> idx: `[rows, K]`; margin: `[rows]`, ranked on `path`
     /// ([`Gpu::topk_path`] picks one); dims = [rows, S, T, offset, K].
     pub fn topk_causal_by(
         &self,

@@ -1,4 +1,4 @@
-//! One file per view. Each `draw` reads the [`App`](crate::App) and the source and never
+//! One file per view. Each `draw` reads the [`App`] and the source and never
 //! changes either.
 
 pub mod activations;
