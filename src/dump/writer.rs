@@ -107,13 +107,17 @@ impl ResumeLock {
 
 /// Refuses to start over an interrupted run of the dump `path` (its partial file and state).
 fn refuse_interrupted(path: &Path) -> Result<()> {
-    let (partial, state_path, _) = resume_paths(path);
+    let (partial, state_path, hidden) = resume_paths(path);
     if state_path.is_file() && partial.is_file() {
+        // Its hidden state too, once a layer wrote one: it is the interrupted run's.
+        let rest = match hidden.is_file() {
+            true => format!(", {} and {}", state_path.display(), hidden.display()),
+            false => format!(" and {}", state_path.display()),
+        };
         return Err(Error::Usage(format!(
             "{} keeps an interrupted run of this dump: --resume finishes it (same tokens, config and --record); \
-             to start over, delete it and {}",
+             to start over, delete it{rest}",
             partial.display(),
-            state_path.display()
         )));
     }
     Ok(())
