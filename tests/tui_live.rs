@@ -101,6 +101,15 @@ fn the_binary_in_tmux() {
     let s = wait_for("layer 3: FLIPS");
     assert!(s.contains(&format!("layer 3 routing: 32 tokens, {} flips", flipped_rows(3, "moe.topk_ids"))), "{s}");
     assert!(s.contains("FLIP! -["), "{s}");
+    // The expert load view draws the pairs' chance level in the background: it appears without
+    // a key once drawn (a screen drawn while it was being drawn is drawn again).
+    tmux(&["send-keys", "-t", &session, "4"]);
+    let drawn = (0..100).find_map(|_| {
+        let s = tmux(&["capture-pane", "-p", "-t", &session]);
+        std::thread::sleep(Duration::from_millis(100));
+        (s.contains("within chance's 95% ") || s.contains("past chance's 95% ")).then_some(s)
+    });
+    assert!(drawn.is_some(), "{}", tmux(&["capture-pane", "-p", "-t", &session]));
     tmux(&["send-keys", "-t", &session, "q"]);
 
     // SIGTERM from outside ends it with the status a shell gives a process that signal ends

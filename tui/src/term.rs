@@ -28,13 +28,13 @@ pub fn run(src: &dyn Source) -> io::Result<Option<i32>> {
 fn event_loop(terminal: &mut ratatui::DefaultTerminal, src: &dyn Source) -> io::Result<()> {
     let mut app = App::default();
     stop::install();
-    draw(terminal, &mut app, src)?;
+    let mut unfinished = draw(terminal, &mut app, src)?;
     while !app.quit && stop::signal().is_none() {
         // Waits in slices, so a signal ends the loop within one; while the source computes in
         // the background, each slice redraws, so its results appear without a key.
         if !event::poll(Duration::from_millis(200))? {
-            if src.busy() {
-                draw(terminal, &mut app, src)?;
+            if unfinished {
+                unfinished = draw(terminal, &mut app, src)?;
             }
             continue;
         }
@@ -43,16 +43,20 @@ fn event_loop(terminal: &mut ratatui::DefaultTerminal, src: &dyn Source) -> io::
                 app.handle_key(key, src);
             }
         }
-        draw(terminal, &mut app, src)?;
+        unfinished = draw(terminal, &mut app, src)?;
     }
     Ok(())
 }
 
-/// Draws the screen, then notes how many rows of the view it holds (for paging).
-fn draw(terminal: &mut ratatui::DefaultTerminal, app: &mut App, src: &dyn Source) -> io::Result<()> {
+/// Draws the screen, then notes how many rows of the view it holds (for paging). Says whether
+/// the source was computing in the background before the draw or after it (work the draw
+/// started, as the load view's chance level, or that ended while it drew): then the screen may
+/// show that work unfinished, and the loop draws it again.
+fn draw(terminal: &mut ratatui::DefaultTerminal, app: &mut App, src: &dyn Source) -> io::Result<bool> {
+    let before = src.busy();
     let screen = terminal.draw(|f| ui::draw(f, app, src))?.area;
     app.page = crate::views::page(app, src, ui::body(screen));
-    Ok(())
+    Ok(before || src.busy())
 }
 
 /// `kill` (SIGTERM) or SIGINT from outside end the loop like `q`, so the terminal is restored;
