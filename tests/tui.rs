@@ -534,6 +534,15 @@ fn the_worst_elements_are_the_layers_worst_first() {
     let expected = format!("│layers.3.output: nmse {:.2e}, cos {cos:.6}, ", err / energy);
     assert!(whole.starts_with(&expected), "want {expected}\n{s}");
     assert!(first.contains("layers.3.output at"), "{s}");
+    // Its title says how many of the layer's 12 hook points outside the tolerance it has room
+    // for; a tall screen gives it what the table's 14 rows leave (it stopped at 8 lines).
+    let bad = src.hooks(Part::Layer(3)).iter().filter(|h| h.reference.as_ref().is_some_and(|r| !r.ok)).count();
+    assert_eq!(bad, 12);
+    let s = screen(&app, &src, 80, 24);
+    assert!(s.contains("out of tolerance (largest error first): 1 of 12 shown"), "{s}");
+    let s = screen(&app, &src, 160, 60);
+    let panel = s.lines().skip_while(|l| !l.contains("out of tolerance")).take_while(|l| !l.starts_with('└'));
+    assert!(panel.count() > 30, "{s}");
 }
 
 /// Without a config, a layer's feed-forward and indexer read from the names either dump holds of

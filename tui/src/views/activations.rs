@@ -13,10 +13,12 @@ use crate::data::Source;
 
 /// The table's area and the out-of-tolerance panel's below it. The table keeps room for its
 /// header and three rows: on a small screen the panel gives way (to nothing below 6 lines of its
-/// own), not the rows.
-fn split(area: Rect, worst_lines: usize) -> [Rect; 2] {
+/// own), not the rows. The panel takes up to 8 lines, or what the table (`rows` of it) leaves
+/// where that is more.
+fn split(area: Rect, worst_lines: usize, rows: usize) -> [Rect; 2] {
     let room = area.height.saturating_sub(6);
-    let worst_height = match (worst_lines as u16 + 2).min(8).min(room) {
+    let spare = area.height.saturating_sub(rows.saturating_add(3).min(u16::MAX as usize) as u16);
+    let worst_height = match (worst_lines.min(u16::MAX as usize - 2) as u16 + 2).min(spare.max(8)).min(room) {
         h if worst_lines == 0 || h < 3 => 0,
         h => h,
     };
@@ -26,19 +28,21 @@ fn split(area: Rect, worst_lines: usize) -> [Rect; 2] {
 /// The table rows that fit `area` (what a page is).
 pub fn page(area: Rect, app: &App, src: &dyn Source) -> usize {
     let hooks = app.hooks(src);
-    (split(area, worst_lines(&hooks).len())[0].height as usize).saturating_sub(3)
+    let lines = worst_lines(&hooks).iter().map(Vec::len).sum();
+    (split(area, lines, hooks.len())[0].height as usize).saturating_sub(3)
 }
 
 /// The panel below the table: each hook point outside the tolerance, the largest error first
 /// (in forward order it showed the first two hooks', often the smallest), as a whole (NMSE,
 /// cosine, how many elements are out: what tells rounding's spread from a bug's, which the
-/// table's largest error alone does not) and its worst elements.
-fn worst_lines(hooks: &[crate::data::HookRow]) -> Vec<Line<'static>> {
+/// table's largest error alone does not) and its worst elements: a group of lines a hook point.
+fn worst_lines(hooks: &[crate::data::HookRow]) -> Vec<Vec<Line<'static>>> {
     let mut bad: Vec<_> = hooks.iter().filter_map(|h| h.reference.as_ref().filter(|r| !r.ok).map(|r| (h, r))).collect();
     bad.sort_by(|(_, a), (_, b)| b.max_abs.total_cmp(&a.max_abs));
     let red = Style::new().fg(Color::Red);
-    let mut lines = Vec::new();
+    let mut groups = Vec::new();
     for (h, r) in bad {
+        let mut lines = Vec::new();
         if let Some(fit) = r.fit {
             lines.push(
                 Line::from(format!(
@@ -52,15 +56,17 @@ fn worst_lines(hooks: &[crate::data::HookRow]) -> Vec<Line<'static>> {
             let line = format!("{} at {:?}: ours {} ref {}", h.name, w.at, num(w.ours as f64), num(w.reference as f64));
             lines.push(Line::from(line).style(red));
         }
+        groups.push(lines);
     }
-    lines
+    groups
 }
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let part = src.layers().get(app.layer).map(|l| l.part);
     let hooks = app.hooks(src);
-    let worst_lines = worst_lines(&hooks);
-    let [table_area, worst_area] = split(area, worst_lines.len());
+    let worst_groups = worst_lines(&hooks);
+    let worst_lines: Vec<Line> = worst_groups.iter().flatten().cloned().collect();
+    let [table_area, worst_area] = split(area, worst_lines.len(), hooks.len());
 
     // Columns as wide as they fit: the shape and the L2 norm go first, then the histogram, the
     // NaN count and the spread, so no number is cut short. The NaN column is as wide as its
@@ -133,8 +139,18 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let table = Table::new(rows, widths).header(header).column_spacing(1).block(Block::bordered().title(title));
     f.render_widget(table, table_area);
     if !worst_lines.is_empty() {
-        let block = Block::bordered().title("out of tolerance (largest error first)");
-        f.render_widget(Paragraph::new(worst_lines).block(block), worst_area);
+        // Say how many hook points the panel has room for, where not all.
+        let room = worst_area.height.saturating_sub(2) as usize;
+        let whole = worst_groups.iter().scan(0, |used, g| {
+            *used += g.len();
+            Some(*used <= room)
+        });
+        let fit = whole.take_while(|&w| w).count();
+        let title = match fit < worst_groups.len() {
+            true => format!("out of tolerance (largest error first): {fit} of {} shown", worst_groups.len()),
+            false => "out of tolerance (largest error first)".into(),
+        };
+        f.render_widget(Paragraph::new(worst_lines).block(Block::bordered().title(title)), worst_area);
     }
 }
 
