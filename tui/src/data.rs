@@ -109,6 +109,7 @@ pub struct HookRow {
     pub min: f64,
     pub max: f64,
     pub l2: f64,
+    /// NaNs and infinities; NaNs alone where infinities are by design (`hooks::finite_expected`).
     pub nonfinite: usize,
     /// Counts over equal-width bins between min and max.
     pub histogram: Vec<u64>,
