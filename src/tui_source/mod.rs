@@ -154,7 +154,13 @@ impl DumpSource {
         // Without a config, what a layer is reads from the names either dump holds of it (a dump
         // of the layers' outputs alone is compared with a reference that holds their routing).
         let theirs = reference.as_ref().map(Dump::names).unwrap_or_default();
-        let layers = part_names(&ours)
+        let parts = part_names(&ours);
+        // And the MTP head's layer: the last one, where either dump holds the head's `mtp.*`
+        // (as the load view tells it, by its rows).
+        let mtp_names = ours.names().iter().chain(&theirs).any(|n| n.starts_with("mtp."));
+        let last = parts.iter().filter_map(|(part, _)| part.layer()).max();
+        let mtp_layer = last.filter(|_| mtp_names && config.is_none());
+        let layers = parts
             .into_iter()
             .map(|(part, names)| {
                 let ours_has = |suffix: &str| names.iter().any(|n| n.ends_with(suffix));
@@ -168,6 +174,7 @@ impl DumpSource {
                             Some((_, true)) => "mtp",
                             Some((Some(MlpKind::Moe), _)) => "moe",
                             Some((Some(MlpKind::Dense), _)) => "dense",
+                            _ if mtp_layer == Some(i) => "mtp",
                             _ if has(".moe.topk_ids") => "moe",
                             _ => "dense",
                         };

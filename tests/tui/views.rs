@@ -187,6 +187,10 @@ fn every_view_draws_a_dump_with_the_mtp_layer() {
     let bare = Dump::open(&dir.join("reference.safetensors")).unwrap();
     let bare = DumpSource::new("mtp".into(), bare, None, &DiffOptions::default()).unwrap();
     assert!(screen(&app, &bare, 80, 24).contains("│layer 3 mtp "));
+    // And the layers view and the status line name it alike, from the dump's `mtp.*` (they read
+    // `moe` from its routing).
+    let s = screen(&at_layer(&bare, 3), &bare, 80, 24);
+    assert!(s.contains("layer 3 (mtp, ") && line_with(&s, "│3 ").contains(" mtp "), "{s}");
     // Batch 2: the DSA view says which row it shows, and follows the token into the second.
     let mut app = at_view(&src, 0, View::Dsa);
     assert!(screen(&app, &src, 80, 24).contains("16 queries (batch row b0 of b0-b1),"));
