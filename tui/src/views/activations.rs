@@ -28,7 +28,7 @@ fn split(area: Rect, worst_lines: usize, rows: usize) -> [Rect; 2] {
 /// The table rows that fit `area` (what a page is).
 pub fn page(area: Rect, app: &App, src: &dyn Source) -> usize {
     let hooks = app.hooks(src);
-    let lines = worst_lines(&hooks).iter().map(Vec::len).sum();
+    let lines = worst_groups(&hooks).iter().map(Vec::len).sum();
     (split(area, lines, hooks.len())[0].height as usize).saturating_sub(3)
 }
 
@@ -36,7 +36,7 @@ pub fn page(area: Rect, app: &App, src: &dyn Source) -> usize {
 /// (in forward order it showed the first two hooks', often the smallest), as a whole (NMSE,
 /// cosine, how many elements are out: what tells rounding's spread from a bug's, which the
 /// table's largest error alone does not) and its worst elements: a group of lines a hook point.
-fn worst_lines(hooks: &[crate::data::HookRow]) -> Vec<Vec<Line<'static>>> {
+fn worst_groups(hooks: &[crate::data::HookRow]) -> Vec<Vec<Line<'static>>> {
     let mut bad: Vec<_> = hooks.iter().filter_map(|h| h.reference.as_ref().filter(|r| !r.ok).map(|r| (h, r))).collect();
     bad.sort_by(|(_, a), (_, b)| b.max_abs.total_cmp(&a.max_abs));
     let red = Style::new().fg(Color::Red);
@@ -64,8 +64,8 @@ fn worst_lines(hooks: &[crate::data::HookRow]) -> Vec<Vec<Line<'static>>> {
 pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let part = src.layers().get(app.layer).map(|l| l.part);
     let hooks = app.hooks(src);
-    let worst_groups = worst_lines(&hooks);
-    let worst_lines: Vec<Line> = worst_groups.iter().flatten().cloned().collect();
+    let groups = worst_groups(&hooks);
+    let worst_lines: Vec<Line> = groups.iter().flatten().cloned().collect();
     let [table_area, worst_area] = split(area, worst_lines.len(), hooks.len());
 
     // Columns as wide as they fit: the shape and the L2 norm go first, then the histogram, the
@@ -141,13 +141,13 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     if !worst_lines.is_empty() {
         // Say how many hook points the panel has room for, where not all.
         let room = worst_area.height.saturating_sub(2) as usize;
-        let whole = worst_groups.iter().scan(0, |used, g| {
+        let whole = groups.iter().scan(0, |used, g| {
             *used += g.len();
             Some(*used <= room)
         });
         let fit = whole.take_while(|&w| w).count();
-        let title = match fit < worst_groups.len() {
-            true => format!("out of tolerance (largest error first): {fit} of {} shown", worst_groups.len()),
+        let title = match fit < groups.len() {
+            true => format!("out of tolerance (largest error first): {fit} of {} shown", groups.len()),
             false => "out of tolerance (largest error first)".into(),
         };
         f.render_widget(Paragraph::new(worst_lines).block(Block::bordered().title(title)), worst_area);
