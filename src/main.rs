@@ -640,7 +640,8 @@ struct Budget<'a> {
 fn load_weights<'a>(ckpt: &'a Checkpoint, resident: &'a mut Option<Model>, b: &Budget) -> Result<Weights<'a>> {
     let window = b.window.cloned().unwrap_or(0..=ckpt.config.num_hidden_layers - 1 + usize::from(b.mtp));
     let tokens = (b.tokens.batch, b.tokens.seq);
-    let est = memory::estimate(ckpt, tokens, &window, b.stream, b.recording, b.passes);
+    let residency = if b.stream { memory::Residency::Streamed } else { memory::Residency::Whole };
+    let est = memory::estimate(ckpt, tokens, &window, residency, b.recording, b.passes);
     let hint = match (b.fixed, b.stream) {
         (false, true) => "fewer tokens or a --layers window",
         (false, false) => "fewer tokens, --stream or a --layers window",

@@ -58,14 +58,14 @@ pub fn estimate_on(
     recording: Recording,
 ) -> Estimate {
     if target.backend == Backend::Cpu {
-        return estimate(ckpt, dims, window, false, recording, Passes::Many);
+        return estimate(ckpt, dims, window, Residency::Whole, recording, Passes::Many);
     }
-    let mut est = estimate(ckpt, dims, window, false, recording, Passes::Elsewhere);
+    let mut est = estimate(ckpt, dims, window, Residency::Whole, recording, Passes::Elsewhere);
     let mtp = ckpt.config.num_hidden_layers;
     if window.contains(&mtp) {
         // What packing the MTP layer adds to it as loaded (the embeddings and head count alike
         // in both, and cancel).
-        let layer = |passes| estimate(ckpt, dims, &(mtp..=mtp), false, Recording::Nothing, passes).weights;
+        let layer = |passes| estimate(ckpt, dims, &(mtp..=mtp), Residency::Whole, Recording::Nothing, passes).weights;
         est.weights = est.weights.saturating_add(layer(Passes::Many).saturating_sub(layer(Passes::Elsewhere)));
     }
     est.weights = est.weights.saturating_add(device_copies(ckpt, target, Residency::Whole));
@@ -85,11 +85,7 @@ pub fn estimate_streamed_on(
     residency: Residency,
 ) -> Estimate {
     let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
-    let mut est = estimate(ckpt, dims, &all, true, recording, Passes::Elsewhere);
-    if residency == Residency::Swept {
-        // A sweep never loads the head.
-        est.weights = est.weights.saturating_sub(streamed_head(ckpt, Passes::Elsewhere));
-    }
+    let mut est = estimate(ckpt, dims, &all, residency, recording, Passes::Elsewhere);
     est.weights = est.weights.saturating_add(device_copies(ckpt, target, residency));
     est
 }
@@ -217,12 +213,14 @@ impl Recording {
     }
 }
 
-/// What a run of `batch x seq` tokens over `window` will hold at its peak.
+/// What a run of `batch x seq` tokens over `window` will hold at its peak: every layer's weights
+/// (`Whole`), or the largest layer's and the head as a streamed pass holds it (`Streamed`), or
+/// the largest layer's alone (`Swept`: a sweep never reaches the head).
 pub fn estimate(
     ckpt: &Checkpoint,
     (batch, seq): (usize, usize),
     window: &RangeInclusive<usize>,
-    stream: bool,
+    residency: Residency,
     recording: Recording,
     passes: Passes,
 ) -> Estimate {
@@ -283,7 +281,7 @@ pub fn estimate(
         false if ckpt.dtype("lm_head.weight") == Some(Dtype::BF16) => held("lm_head.weight"),
         false => 4 * numel(ckpt, "lm_head.weight"),
     };
-    let weights = if stream {
+    let weights = if residency != Residency::Whole {
         // One layer's copies or its file pages (a product reads the pages in place or packs
         // them, and the pages of a packed weight are not read again). Where the loaded layer
         // serves several passes (a sweep's prompts), some reading it in place and a later one
@@ -301,7 +299,8 @@ pub fn estimate(
             })
             .max()
             .unwrap_or(0);
-        biggest + streamed_head(ckpt, passes)
+        // (A sweep never reaches the head.)
+        biggest + if residency == Residency::Streamed { streamed_head(ckpt, passes) } else { 0 }
     } else {
         // While a weight is packed, its file pages and its panels are both held (the pages go
         // once it is packed): the largest one's pages at the peak (lm_head's, 1.9 GB at GLM-5's
@@ -450,7 +449,7 @@ fn estimate_run(
     match (residency, target.backend) {
         (Residency::Whole, _) => estimate_on(target, ckpt, dims, &all, recording),
         (Residency::Streamed | Residency::Swept, Backend::Cpu) => {
-            estimate(ckpt, dims, &all, true, recording, Passes::One)
+            estimate(ckpt, dims, &all, residency, recording, Passes::One)
         }
         (residency, _) => estimate_streamed_on(target, ckpt, dims, recording, residency),
     }
@@ -479,10 +478,7 @@ pub fn check_sweep(ckpt: &Checkpoint, prompts: &[(usize, usize)], target: Target
             let in_place = |&(batch, seq): &(usize, usize)| crate::model::nn::Packing::reads_in_place(batch * seq);
             let mixed = prompts.iter().any(in_place) && !prompts.iter().all(in_place);
             let passes = if mixed { Passes::Many } else { Passes::One };
-            let mut est = estimate(ckpt, dims, &all, true, Recording::Nothing, passes);
-            // Nor does it multiply by the head.
-            est.weights = est.weights.saturating_sub(streamed_head(ckpt, passes));
-            est
+            estimate(ckpt, dims, &all, Residency::Swept, Recording::Nothing, passes)
         }
         _ => estimate_run(ckpt, dims, Recording::Nothing, (target, Residency::Swept)),
     };
@@ -557,7 +553,7 @@ fn generate_estimate(
         (true, false) => chunk,
         (true, true) => chunk.max(prompt.saturating_sub(1)),
     };
-    let mut est = estimate(ckpt, (batch, rows), &layers, false, recording, Passes::Many);
+    let mut est = estimate(ckpt, (batch, rows), &layers, Residency::Whole, recording, Passes::Many);
     let (b, fed) = (batch as u64, (batch * (prompt + new.saturating_sub(1))) as u64);
     let threads = rayon::current_num_threads() as u64;
     let cache = 4 * c.cache_values_per_token(mtp).0 as u64 * fed;
@@ -624,7 +620,8 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/fp8-sharded");
         let ckpt = Checkpoint::open(&dir).unwrap();
         let all = 0..=ckpt.config.num_hidden_layers - 1;
-        let weights = |rows, passes| estimate(&ckpt, (1, rows), &all, false, Recording::Nothing, passes).weights;
+        let weights =
+            |rows, passes| estimate(&ckpt, (1, rows), &all, Residency::Whole, Recording::Nothing, passes).weights;
         let many = weights(16, Passes::Many);
         assert_eq!(weights(512, Passes::One), many, "512 rows pack at once");
         if crate::model::amx::available() && crate::model::bf16_gemm::available() {
@@ -655,7 +652,7 @@ mod tests {
         // Beyond the one pass of its 4 rows: the splits, and where the FP8 kernel cannot read
         // the codes in place (the pass then packed them), the codes' pages the steps read.
         let all = 0..=ckpt.config.num_hidden_layers - 1;
-        let pass = estimate(&ckpt, (1, 4), &all, false, Recording::Nothing, Passes::Many).weights;
+        let pass = estimate(&ckpt, (1, 4), &all, Residency::Whole, Recording::Nothing, Passes::Many).weights;
         let generation = generate_estimate(&ckpt, (1, 4), 0, 4, false, Recording::Nothing).weights;
         let in_place = crate::model::fp8_gemv::takes_blocks(ckpt.config.fp8.as_ref().unwrap().block[1]);
         assert_eq!(generation - pass, splits + if in_place { 0 } else { codes });
@@ -687,7 +684,7 @@ mod tests {
         let ckpt = Checkpoint::open(&dir).unwrap();
         let all = 0..=ckpt.config.num_hidden_layers - 1;
         let prompts = [(1, 8), (2, 6)];
-        let pass = estimate(&ckpt, (2, 6), &all, true, Recording::Nothing, Passes::One);
+        let pass = estimate(&ckpt, (2, 6), &all, Residency::Streamed, Recording::Nothing, Passes::One);
         let chunk = streamed_head(&ckpt, Passes::One);
         assert_eq!(chunk, 4 * (crate::model::stream::HEAD_CHUNK * ckpt.config.hidden_size) as u64);
         let needs = pass.total() - chunk + sweep_held(&ckpt, &prompts);
@@ -706,7 +703,7 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
         let ckpt = Checkpoint::open(&dir).unwrap();
         let (layers, all) = (ckpt.config.num_hidden_layers, 0..=ckpt.config.num_hidden_layers - 1);
-        let est = |r| estimate(&ckpt, (1, 4096), &all, true, r, Passes::One);
+        let est = |r| estimate(&ckpt, (1, 4096), &all, Residency::Streamed, r, Passes::One);
         let of = |patterns: &str| Recording::of(&Selector::new(patterns, None), layers);
         let (h, s, v) = (ckpt.config.hidden_size as u64, 4096u64, ckpt.config.vocab_size as u64);
         assert_eq!(of("layers.0.output"), Recording::Hooks { tensors: 1, scores: false, logits: 0 });
