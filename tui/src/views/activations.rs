@@ -65,8 +65,8 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let part = src.layers().get(app.layer).map(|l| l.part);
     let hooks = app.hooks(src);
     let groups = worst_groups(&hooks);
-    let worst_lines: Vec<Line> = groups.iter().flatten().cloned().collect();
-    let [table_area, worst_area] = split(area, worst_lines.len(), hooks.len());
+    let lines: usize = groups.iter().map(Vec::len).sum();
+    let [table_area, worst_area] = split(area, lines, hooks.len());
 
     // Columns as wide as they fit: the shape and the L2 norm go first, then the histogram, the
     // NaN count and the spread, so no number is cut short. The NaN column is as wide as its
@@ -138,7 +138,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     }
     let table = Table::new(rows, widths).header(header).column_spacing(1).block(Block::bordered().title(title));
     f.render_widget(table, table_area);
-    if !worst_lines.is_empty() {
+    if lines > 0 {
         // Say how many hook points the panel has room for, where not all.
         let room = worst_area.height.saturating_sub(2) as usize;
         let whole = groups.iter().scan(0, |used, g| {
@@ -150,7 +150,8 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             true => format!("out of tolerance (largest error first): {fit} of {} shown", groups.len()),
             false => "out of tolerance (largest error first)".into(),
         };
-        f.render_widget(Paragraph::new(worst_lines).block(Block::bordered().title(title)), worst_area);
+        let worst: Vec<Line> = groups.into_iter().flatten().collect();
+        f.render_widget(Paragraph::new(worst).block(Block::bordered().title(title)), worst_area);
     }
 }
 
