@@ -133,20 +133,22 @@ if [ ! -e "$ckpt/config.json" ]; then
 fi
 echo "synth: $(( $(date +%s) - t0 )) s"
 peak=${PEAK_TFLOPS:-989}
-declare -A median median_last tflops expert_tflops mem mem_est
+declare -A median median_last tflops expert_tflops mem mem_est from
 # bench_run RUN PRECISION ATTENTION [CHECKPOINT]: a 2048-token bench of CHECKPOINT (the
-# benchmark's), its log bench-RUN.log (with LOG=OTHER, appended to OTHER.log), its numbers under RUN.
+# benchmark's), its log bench-RUN.log (with LOG=OTHER, appended to OTHER.log from its line
+# from[RUN]), its numbers under RUN.
 bench_run() {
   local run=$1 precision=$2 attention=$3 model=${4:-$ckpt}
   [ -e "$model/config.json" ] || return 0
   local log="$logs/${LOG:-bench-$run}.log" before=0
   [ -n "${LOG:-}" ] && [ -e "$log" ] && before=$(wc -l < "$log")
+  from[$run]=$(( before + 1 ))
   step "bench-$run" 90 "$glimpse" --max-memory "$max_memory" bench --device "$device" --precision "$precision" \
     --attention "$attention" --model "$model" --tokens "$tokens" --repeat 3
   local brc=$?
   [ $brc -eq 0 ] || { echo "bench ($run) exit code $brc"; rc=1; }
   local bench
-  bench=$(tail -n +$(( before + 1 )) "$log")
+  bench=$(tail -n +"${from[$run]}" "$log")
   median[$run]=$(echo "$bench" | sed -n 's/.*logits left on the device: median \([0-9.]*\) s (.*/\1/p')
   median_last[$run]=$(echo "$bench" | sed -n "s/.*last position's logits only: median \([0-9.]*\) s (.*/\1/p")
   tflops[$run]=$(echo "$bench" | sed -n 's/^matrix products.*= \([0-9.]*\) TFLOP\/s.*/\1/p')
@@ -292,7 +294,6 @@ fi
 # cores take it. Its log is appended to bench-f32.log (the device tool brings back 8 files, all
 # taken), its profile printed after the bf16 ones.
 ckpt_fp8=$ckpt-fp8
-fp8_from=""
 if [ -e "$ckpt/config.json" ] && [ $(( deadline - $(date +%s) )) -gt 60 ]; then
   if [ ! -e "$ckpt_fp8/config.json" ]; then
     # shellcheck disable=SC2086 # the synth arguments are words
@@ -300,7 +301,6 @@ if [ -e "$ckpt/config.json" ] && [ $(( deadline - $(date +%s) )) -gt 60 ]; then
     src=$?
     [ $src -eq 0 ] || { [ $src -eq 124 ] || [ $src -eq 137 ] || rc=1; rm -rf "$ckpt_fp8"; }
   fi
-  [ -e "$logs/bench-f32.log" ] && fp8_from=$(( $(wc -l < "$logs/bench-f32.log") + 1 ))
   LOG=bench-f32 bench_run fp8 bf16 auto "$ckpt_fp8"
 fi
 {
@@ -333,11 +333,11 @@ for run in bf16 fused; do
     echo '```'
   fi
 done
-if [ -n "$fp8_from" ] && tail -n +"$fp8_from" "$logs/bench-f32.log" | grep -q '^one more prefill'; then
+if [ -n "${from[fp8]:-}" ] && tail -n +"${from[fp8]}" "$logs/bench-f32.log" | grep -q '^one more prefill'; then
   echo
   echo "bench fp8 (the block-FP8 checkpoint, bf16 products):"
   echo '```'
-  tail -n +"$fp8_from" "$logs/bench-f32.log" | sed -n '/^one more prefill/,$p' | grep -v '^device memory'
+  tail -n +"${from[fp8]}" "$logs/bench-f32.log" | sed -n '/^one more prefill/,$p' | grep -v '^device memory'
   echo '```'
 fi
 } | tee "$logs/table.md"
