@@ -25,6 +25,10 @@ mod views;
 #[path = "tui/routing.rs"]
 mod routing;
 
+/// Small terminals, and paging.
+#[path = "tui/small.rs"]
+mod small;
+
 #[test]
 fn layers_view_of_the_default_case() {
     let tmp = tempfile::tempdir().unwrap();

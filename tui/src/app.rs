@@ -247,13 +247,18 @@ impl App {
     }
 
     /// Pages down the current view, stopping at its last full page. Where the view keeps a
-    /// selected row in sight (routing and DSA: the token; latent kv: the layer), the selection
-    /// moves by the page too, or the view could not leave it.
+    /// selected row in sight (routing and DSA: the token; latent kv and layers: the layer), the
+    /// selection moves by the page too, or the view could not leave it.
     pub fn scroll_down(&mut self, src: &dyn Source) {
-        self.scroll = (self.scroll + self.page).min(self.rows(src).saturating_sub(self.page));
+        let rows = self.rows(src);
+        self.scroll = (self.scroll + self.page).min(rows.saturating_sub(self.page));
         match self.view {
-            View::Routing | View::Dsa => self.token = (self.token + self.page).min(src.tokens().saturating_sub(1)),
+            // (A view that lists nothing, as a dense layer's routing, shows no token to move.)
+            View::Routing | View::Dsa if rows > 0 => {
+                self.token = (self.token + self.page).min(src.tokens().saturating_sub(1))
+            }
             View::KvNorms => self.layer = clamp_to_layers(src, self.layer + self.page),
+            View::Layers => self.layer = (self.layer + self.page).min(src.layers().len().saturating_sub(1)),
             _ => {}
         }
     }
@@ -274,8 +279,9 @@ impl App {
     pub fn scroll_up(&mut self, src: &dyn Source) {
         self.scroll = self.scroll.saturating_sub(self.page);
         match self.view {
-            View::Routing | View::Dsa => self.token = self.token.saturating_sub(self.page),
+            View::Routing | View::Dsa if self.rows(src) > 0 => self.token = self.token.saturating_sub(self.page),
             View::KvNorms => self.layer = clamp_to_layers(src, self.layer.saturating_sub(self.page)),
+            View::Layers => self.layer = self.layer.saturating_sub(self.page),
             _ => {}
         }
     }

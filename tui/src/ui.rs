@@ -8,7 +8,7 @@ use ratatui::Frame;
 
 use crate::app::{App, View, HELP, KEYS};
 use crate::data::Source;
-use crate::views;
+use crate::views::{self, wrapped_lines};
 
 /// The screen's lines: title, view tabs, the view, status, key help.
 fn areas(screen: Rect) -> [Rect; 5] {
@@ -31,40 +31,83 @@ pub fn draw(f: &mut Frame, app: &App, src: &dyn Source) {
     let [title, tabs, body, status, help] = areas(f.area());
     let text = fit_paths(&src.title(), title.width as usize);
     f.render_widget(Paragraph::new(text).style(Style::new().add_modifier(Modifier::BOLD)), title);
-    let titles: Vec<String> = View::ALL.iter().enumerate().map(|(i, v)| format!("{} {}", i + 1, v.title())).collect();
     let selected = View::ALL.iter().position(|v| *v == app.view).unwrap_or(0);
     f.render_widget(
-        Tabs::new(titles).select(selected).highlight_style(Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD)),
+        Tabs::new(tab_titles(selected, tabs.width as usize))
+            .select(selected)
+            .highlight_style(Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD)),
         tabs,
     );
     draw_view(f, body, app, src);
     f.render_widget(Paragraph::new(status_line(app, src)), status);
-    f.render_widget(Paragraph::new(HELP).style(Style::new().fg(Color::DarkGray)), help);
+    f.render_widget(Paragraph::new(fit_help(help.width as usize)).style(Style::new().fg(Color::DarkGray)), help);
     if app.help {
-        draw_keys(f, body);
+        draw_keys(f, body, f.area());
     }
 }
 
-/// Every key and what it does, over the view (`?`).
-fn draw_keys(f: &mut Frame, area: Rect) {
+/// The views' tabs, `1 layers` to `6 latent kv`; where they do not all fit `width`, the numbers
+/// alone but the selected view's, so every view's key stays on screen.
+fn tab_titles(selected: usize, width: usize) -> Vec<String> {
+    // ratatui's tabs pad each title by a space either side and put a divider between them.
+    let width_of = |titles: &[String]| titles.iter().map(|t| t.chars().count() + 3).sum::<usize>() - 1;
+    let titles: Vec<String> = View::ALL.iter().enumerate().map(|(i, v)| format!("{} {}", i + 1, v.title())).collect();
+    if width_of(&titles) <= width {
+        return titles;
+    }
+    (0..View::ALL.len()).map(|i| if i == selected { titles[i].clone() } else { (i + 1).to_string() }).collect()
+}
+
+/// The key help line's entries that fit `width`, whole (`? keys` is among the first).
+fn fit_help(width: usize) -> String {
+    let mut line = String::new();
+    for entry in HELP.split(" | ") {
+        let next = if line.is_empty() { entry.to_string() } else { format!("{line} | {entry}") };
+        if next.chars().count() > width {
+            break;
+        }
+        line = next;
+    }
+    line
+}
+
+/// Every key and what it does, over the view (`?`), or over the whole `screen` where the view's
+/// `body` is too short for them. Entries are shown whole; where not all fit, the title says how
+/// many are.
+fn draw_keys(f: &mut Frame, body: Rect, screen: Rect) {
     let key_width = KEYS.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    // Aligned in two columns where the descriptions keep 30 columns, else each key before its
+    // description (a narrow column would wrap every description over many lines).
+    let aligned = (body.width as usize).saturating_sub(2) >= key_width + 2 + 30;
+    let entry = |k: &str| if aligned { format!("{k:<key_width$}  ") } else { format!("{k}  ") };
+    let lines_in = |area: Rect| -> Vec<usize> {
+        let inner = area.width.saturating_sub(2) as usize;
+        KEYS.iter().map(|(k, what)| wrapped_lines(&format!("{}{what}", entry(k)), inner)).collect()
+    };
+    let needed = |area: Rect| lines_in(area).iter().sum::<usize>() + 2;
+    let area = if needed(body) > body.height as usize { screen } else { body };
+    // The entries that fit, whole.
+    let room = (area.height as usize).saturating_sub(2);
+    let (mut shown, mut used) = (0, 0);
+    for n in lines_in(area) {
+        if used + n > room {
+            break;
+        }
+        (shown, used) = (shown + 1, used + n);
+    }
     let lines: Vec<Line> = KEYS
         .iter()
-        .map(|(k, what)| {
-            Line::from(vec![
-                Span::styled(format!("{k:<key_width$}  "), Style::new().fg(Color::Yellow)),
-                Span::raw(*what),
-            ])
-        })
+        .take(shown)
+        .map(|(k, what)| Line::from(vec![Span::styled(entry(k), Style::new().fg(Color::Yellow)), Span::raw(*what)]))
         .collect();
-    // Each entry's lines once wrapped to the popup's inner width.
-    let inner = area.width.saturating_sub(2).max(1) as usize;
-    let wrapped: usize = KEYS.iter().map(|(_, what)| (key_width + 2 + what.len()).div_ceil(inner)).sum();
-    let height = (wrapped as u16 + 2).min(area.height);
+    let height = (used as u16 + 2).min(area.height);
     let popup = Rect { y: area.y + (area.height - height) / 2, height, ..area };
     f.render_widget(Clear, popup);
-    let block = Block::bordered().title("keys (any key closes)");
-    f.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }).block(block), popup);
+    let title = match shown == KEYS.len() {
+        true => "keys (any key closes)".to_string(),
+        false => format!("keys: {shown} of {} fit (any key closes)", KEYS.len()),
+    };
+    f.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }).block(Block::bordered().title(title)), popup);
 }
 
 fn draw_view(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {

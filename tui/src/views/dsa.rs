@@ -9,7 +9,7 @@
 use ratatui::layout::Rect;
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Paragraph};
+use ratatui::widgets::{Block, Paragraph, Wrap};
 use ratatui::Frame;
 
 use super::{lead, margin};
@@ -24,7 +24,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             // The embeddings' and the head's rows select nothing.
             None => format!("no DSA selection in the {}: pick a layer (j/k)", layer.part.name()),
         };
-        f.render_widget(Paragraph::new(msg).block(Block::bordered().title("dsa")), area);
+        f.render_widget(Paragraph::new(msg).wrap(Wrap { trim: false }).block(Block::bordered().title("dsa")), area);
         return;
     };
     let label_w = 13;

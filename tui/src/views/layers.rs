@@ -6,7 +6,7 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::widgets::{Block, Paragraph, Row, Table, TableState, Wrap};
 use ratatui::Frame;
 
-use super::{fitting, num, shown};
+use super::{fitting, num, shown, wrapped_lines};
 use crate::app::App;
 use crate::data::{Source, Status};
 
@@ -20,17 +20,25 @@ pub fn status_style(s: Status) -> Style {
     }
 }
 
-pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
-    // The first NaN/Inf of the run and the first divergence with its reading, whole, above the
-    // table (a title would cut them).
-    let notes = [
+/// A note above the table: its text, colour, where it is drawn and whether it is cut.
+struct Note {
+    text: String,
+    colour: Color,
+    area: Rect,
+    cut: bool,
+}
+
+/// The first NaN/Inf of the run and the first divergence with its reading, whole, above the
+/// table (a title would cut them), and what they leave the table of `area`.
+fn layout(area: Rect, src: &dyn Source) -> (Vec<Note>, Rect) {
+    let texts = [
         src.first_non_finite().map(|nf| (format!("first NaN/Inf of this run: {nf}"), Color::Red)),
         src.first_divergence().map(|d| (d, Color::Yellow)),
     ];
     // Each note takes up to 6 lines of what the table leaves: its borders, header and 3 rows.
     const TABLE: u16 = 6;
-    let mut area = area;
-    for (text, colour) in notes.into_iter().flatten() {
+    let (mut notes, mut area) = (Vec::new(), area);
+    for (text, colour) in texts.into_iter().flatten() {
         let width = area.width.max(1) as usize;
         let lines: usize = text.lines().map(|l| wrapped_lines(l, width)).sum();
         let height = (lines as u16).clamp(1, 6).min(area.height.saturating_sub(TABLE));
@@ -38,18 +46,30 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             break;
         }
         let [note, rest] = Layout::vertical([Constraint::Length(height), Constraint::Min(TABLE)]).areas(area);
-        let style = Style::new().fg(colour).add_modifier(Modifier::BOLD);
+        notes.push(Note { text, colour, area: note, cut: lines > height as usize });
+        area = rest;
+    }
+    (notes, area)
+}
+
+/// The table's rows that fit `area` (what a page is): its borders and header take 3 lines.
+pub fn page(area: Rect, src: &dyn Source) -> usize {
+    (layout(area, src).1.height as usize).saturating_sub(3)
+}
+
+pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
+    let (notes, area) = layout(area, src);
+    for note in notes {
+        let style = Style::new().fg(note.colour).add_modifier(Modifier::BOLD);
         // A note longer than its lines ends with where to read it whole, not mid-sentence.
         // (A note left one line shows the marker alone: the table needs the rest.)
-        let cut = lines > height as usize;
+        let cut = u16::from(note.cut);
         let [text_area, more] =
-            Layout::vertical([Constraint::Length(height - u16::from(cut)), Constraint::Length(u16::from(cut))])
-                .areas(note);
-        f.render_widget(Paragraph::new(text).style(style).wrap(Wrap { trim: false }), text_area);
-        if cut {
+            Layout::vertical([Constraint::Length(note.area.height - cut), Constraint::Length(cut)]).areas(note.area);
+        f.render_widget(Paragraph::new(note.text).style(style).wrap(Wrap { trim: false }), text_area);
+        if note.cut {
             f.render_widget(Paragraph::new("... (cut here: `glimpse diff` prints it whole)").style(style), more);
         }
-        area = rest;
     }
     // At narrow widths the type columns go first, then the worst hook, the mismatch count and the
     // first bad hook.
@@ -107,54 +127,4 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED));
     let mut state = TableState::default().with_selected(Some(app.layer));
     f.render_stateful_widget(table, area, &mut state);
-}
-
-/// The lines `line` takes wrapped at words into `width` columns (a word longer than the width
-/// split across lines; leading spaces kept), as the note's paragraph wraps it.
-fn wrapped_lines(line: &str, width: usize) -> usize {
-    let width = width.max(1);
-    let body = line.trim_start_matches(' ');
-    let (mut lines, mut used) = (1, line.len() - body.len());
-    for (i, word) in body.split(' ').enumerate() {
-        let len = word.chars().count();
-        let need = used + usize::from(i > 0) + len;
-        if need <= width {
-            used = need;
-        } else {
-            // A new line unless this one is still empty, and as many more as the word spills.
-            let spill = len.saturating_sub(1) / width;
-            lines += usize::from(used > 0) + spill;
-            used = len - spill * width;
-        }
-    }
-    lines
-}
-
-#[cfg(test)]
-mod tests {
-    use ratatui::backend::TestBackend;
-    use ratatui::widgets::{Paragraph, Wrap};
-    use ratatui::Terminal;
-
-    /// The count agrees with the lines ratatui's own wrapping fills, on a note's kinds of text:
-    /// an indented long line, a word longer than the width, runs of spaces.
-    #[test]
-    fn wrapped_lines_counts_what_the_paragraph_fills() {
-        let long = "  past what rounding explains, the first divergence: layers.0.output (no reading: the port's \
-                    own noise, grown past the tolerance, may be all it is); on ours's own inputs, the first that \
-                    reads as a bug: layers.2.mlp.out";
-        let texts = [long, "short", "a_word_longer_than_twenty_columns_here and more", "two  spaces   here and there"];
-        for text in texts {
-            for width in [20u16, 33, 80] {
-                let mut t = Terminal::new(TestBackend::new(width, 40)).unwrap();
-                t.draw(|f| f.render_widget(Paragraph::new(text).wrap(Wrap { trim: false }), f.area())).unwrap();
-                let buf = t.backend().buffer().clone();
-                let filled = (0..40u16)
-                    .filter(|&y| (0..width).any(|x| buf[(x, y)].symbol() != " "))
-                    .max()
-                    .map_or(0, |y| y as usize + 1);
-                assert_eq!(super::wrapped_lines(text, width as usize), filled, "{text:?} at {width}");
-            }
-        }
-    }
 }

@@ -23,7 +23,7 @@ pub fn page(app: &App, src: &dyn Source, area: Rect) -> usize {
         View::Dsa => (area.height as usize).saturating_sub(2),
         // The map above the 5 lines of the selected token's norms.
         View::KvNorms => (area.height as usize).saturating_sub(7),
-        View::Layers => 0,
+        View::Layers => layers::page(area, src),
     };
     rows.max(1)
 }
@@ -155,9 +155,33 @@ pub fn num(x: f64) -> String {
     }
 }
 
+/// The lines `line` takes wrapped at words into `width` columns (a word longer than the width
+/// split across lines; leading spaces kept), as a wrapping paragraph fills them.
+pub fn wrapped_lines(line: &str, width: usize) -> usize {
+    let width = width.max(1);
+    let body = line.trim_start_matches(' ');
+    let (mut lines, mut used) = (1, line.len() - body.len());
+    for (i, word) in body.split(' ').enumerate() {
+        let len = word.chars().count();
+        let need = used + usize::from(i > 0) + len;
+        if need <= width {
+            used = need;
+        } else {
+            // A new line unless this one is still empty, and as many more as the word spills.
+            let spill = len.saturating_sub(1) / width;
+            lines += usize::from(used > 0) + spill;
+            used = len - spill * width;
+        }
+    }
+    lines
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ratatui::backend::TestBackend;
+    use ratatui::widgets::{Paragraph, Wrap};
+    use ratatui::Terminal;
 
     #[test]
     fn numbers_fit_eight_columns() {
@@ -176,5 +200,27 @@ mod tests {
         assert_eq!(fit_list(&items, 10), "1:0.50 +2");
         assert_eq!(fit_list(&items, 3), "+3");
         assert_eq!(sparkline(&[0, 1, 7]), " ▂█");
+    }
+
+    /// The count agrees with the lines ratatui's own wrapping fills, on a note's kinds of text:
+    /// an indented long line, a word longer than the width, runs of spaces.
+    #[test]
+    fn wrapped_lines_counts_what_the_paragraph_fills() {
+        let long = "  past what rounding explains, the first divergence: layers.0.output (no reading: the port's \
+                    own noise, grown past the tolerance, may be all it is); on ours's own inputs, the first that \
+                    reads as a bug: layers.2.mlp.out";
+        let texts = [long, "short", "a_word_longer_than_twenty_columns_here and more", "two  spaces   here and there"];
+        for text in texts {
+            for width in [20u16, 33, 80] {
+                let mut t = Terminal::new(TestBackend::new(width, 40)).unwrap();
+                t.draw(|f| f.render_widget(Paragraph::new(text).wrap(Wrap { trim: false }), f.area())).unwrap();
+                let buf = t.backend().buffer().clone();
+                let filled = (0..40u16)
+                    .filter(|&y| (0..width).any(|x| buf[(x, y)].symbol() != " "))
+                    .max()
+                    .map_or(0, |y| y as usize + 1);
+                assert_eq!(wrapped_lines(text, width as usize), filled, "{text:?} at {width}");
+            }
+        }
     }
 }

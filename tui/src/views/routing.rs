@@ -6,7 +6,7 @@
 
 use ratatui::layout::{Constraint, Rect};
 use ratatui::style::{Color, Modifier, Style};
-use ratatui::widgets::{Block, Paragraph, Row, Table};
+use ratatui::widgets::{Block, Paragraph, Row, Table, Wrap};
 use ratatui::Frame;
 
 use super::{first_row, fit_list, fitting, lead, margin, shown};
@@ -20,7 +20,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             Some(i) => format!("layer {i} has no router ({} feed-forward)", layer.ffn),
             None => format!("no router in the {}", layer.part.name()),
         };
-        f.render_widget(Paragraph::new(msg).block(Block::bordered().title("routing")), area);
+        f.render_widget(Paragraph::new(msg).wrap(Wrap { trim: false }).block(Block::bordered().title("routing")), area);
         return;
     };
     let flips = routes.iter().filter(|r| r.is_flip()).count();
@@ -77,15 +77,21 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let margin_header = if both { "margin (ref)" } else { "margin" };
     let header = Row::new(shown(["token", experts_header, margin_header, VERSUS], &show))
         .style(Style::new().add_modifier(Modifier::UNDERLINED));
+    // A token the layer has no row for (the MTP layer's last position of each batch row): said,
+    // as nothing is highlighted.
+    let missing = match routes.iter().any(|r| r.token == app.token) {
+        true => String::new(),
+        false => format!("; {} has no row", src.token_label(app.token)),
+    };
     let title = match compared {
         true => format!(
-            "layer {} routing: {} tokens, {flips} flips{}",
+            "layer {} routing: {} tokens, {flips} flips{}{missing}",
             index,
             routes.len(),
             counts(routes.iter().filter_map(|r| r.flip))
         ),
         // Nothing to flip against: no count that would read as a comparison made.
-        false => format!("layer {index} routing: {} tokens (no reference)", routes.len()),
+        false => format!("layer {index} routing: {} tokens (no reference){missing}", routes.len()),
     };
     f.render_widget(Table::new(rows, constraints).header(header).block(Block::bordered().title(title)), area);
 }
