@@ -112,8 +112,7 @@ pub(crate) enum Command {
         chunk: u64,
         /// Where the forward pass runs: `cpu-ops` is the GPU path's code on the host; `cuda` needs a
         /// build with `--features cuda` and a GPU, `cuda-emu` that build. Each compares the main
-        /// forward (the MTP head on the CPU, not with --stream), with --isolate, --force-* and
-        /// --stream.
+        /// forward and the MTP head (not with --stream), with --isolate, --force-* and --stream.
         #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         device: Backend,
         #[command(flatten)]
@@ -456,8 +455,8 @@ pub(crate) struct AuditArgs {
     /// (with --json: each layer's `co_activation`).
     #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "3", value_parser = positive)]
     pub(crate) pairs: Option<u64>,
-    /// Also run the MTP head (`model.layers.{num_hidden_layers}`) over every prompt, on the
-    /// CPU, and count its layer (dumps hold it when `run --mtp --dump` wrote them).
+    /// Also run the MTP head (`model.layers.{num_hidden_layers}`) over every prompt, where the
+    /// prompts run, and count its layer (dumps hold it when `run --mtp --dump` wrote them).
     #[arg(long)]
     pub(crate) mtp: bool,
     /// Where the prompts run (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).

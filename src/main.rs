@@ -253,8 +253,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     return verify_decode(&ckpt, &tokens, chunk as usize, tol, max_memory);
                 }
                 if device != Backend::Cpu {
-                    // The MTP head the reference checks runs on the CPU, from the device's final
-                    // norm: its layer is held beside the model's, and loaded first, so a
+                    // The MTP head the reference checks runs on the device too, from the device's
+                    // final norm: its layer is held beside the model's, and loaded first, so a
                     // checkpoint without it fails before the run.
                     let mtp = verify::has_mtp(&reference);
                     if stream && mtp {
@@ -286,7 +286,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             let est = memory::estimate_on(target, &ckpt, dims, &layers, memory::Recording::Nothing);
                             memory::check(&est, max_memory, "--stream, or a --layers window on the CPU")?;
                             let rec = memory::Recording::compared(&reference);
-                            memory::check_gpu(&ckpt, dims, rec, target, memory::Residency::Whole)?;
+                            memory::check_gpu(&ckpt, dims, rec, target, (memory::Residency::Whole, mtp))?;
                             Weights::Resident(resident.insert(Model::load(&ckpt)?))
                         }
                     };
@@ -303,23 +303,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         layers: None,
                         near_tie: Some(near_tie),
                     };
-                    // With a replay, the same prefill once more without it, for what the flips explain.
-                    let (mut report, mut free) = glimpse::device::with_prefill(target, weights, |p| {
-                        let report = verify::verify_prefill(p, weights, &reference, &opts)?;
+                    // With a replay, the same prefill once more without it, for what the flips
+                    // explain; each with the MTP head on the device.
+                    let (report, free) = glimpse::device::with_prefill(target, weights, |p| {
+                        let run = |opts: &verify::VerifyOptions| -> Result<verify::Report> {
+                            let mut report = verify::verify_prefill(p, weights, &reference, opts)?;
+                            if let Some(head) = &head {
+                                verify::verify_mtp(p, (&ckpt.config, head), &reference, opts, &mut report)?;
+                            }
+                            Ok(report)
+                        };
+                        let report = run(&opts)?;
                         let free = match replay == verify::Replay::default() {
                             true => None,
-                            false => {
-                                let free = verify::VerifyOptions { replay: Default::default(), ..opts.clone() };
-                                Some(verify::verify_prefill(p, weights, &reference, &free)?)
-                            }
+                            false => Some(run(&verify::VerifyOptions { replay: Default::default(), ..opts.clone() })?),
                         };
                         Ok((report, free))
                     })?;
-                    if let (Some(head), Weights::Resident(model)) = (&head, weights) {
-                        for report in std::iter::once(&mut report).chain(free.as_mut()) {
-                            verify::verify_mtp(model, head, &reference, &opts, report)?;
-                        }
-                    }
                     let header =
                         format!("verify {} against {} on {}", model_dir.display(), golden.display(), target.describe());
                     let paths = (model_dir.as_path(), golden.as_path());
@@ -365,7 +365,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let run = |opts: &verify::VerifyOptions| -> Result<verify::Report> {
                     let mut report = verify::verify_with(weights, &reference, opts)?;
                     if let Some((m, head)) = &mtp {
-                        verify::verify_mtp(m, head, &reference, opts, &mut report)?;
+                        verify::verify_mtp(*m, (&m.config, head), &reference, opts, &mut report)?;
                     }
                     Ok(report)
                 };

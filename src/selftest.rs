@@ -30,15 +30,16 @@ pub enum Scope {
 /// Prints one line per check; returns whether all passed. Each golden case is refused before it
 /// loads when its run would hold more than `max` (`--max-memory`; default: available memory).
 pub fn run(golden_root: &Path, target: Target, scope: Scope, max: Option<u64>) -> Result<bool> {
-    let cases = |device: &mut dyn FnMut(&Path, &Model, &Dump) -> Result<bool>| cases(golden_root, target, max, device);
+    let cases = |device: &mut dyn FnMut(Case) -> Result<bool>| cases(golden_root, target, max, device);
     match (target.backend, scope) {
         (Backend::Cpu | Backend::CpuOps, Scope::Kernels) => {
             Err(Error::Usage("--kernels-only needs --device cuda or cuda-emu".into()))
         }
-        (Backend::Cpu, Scope::All) => cases(&mut |_, _, _| Ok(true)),
-        (Backend::CpuOps, Scope::All) => cases(&mut |case, model, golden| {
-            let whole = device_case(&CpuOps, "cpu-ops", (case, model, golden), &VerifyOptions::default())?;
-            Ok(whole & streamed_case(&CpuOps, "cpu-ops", (case, golden))?) // (`&`: both run)
+        (Backend::Cpu, Scope::All) => cases(&mut |_| Ok(true)),
+        (Backend::CpuOps, Scope::All) => cases(&mut |case| {
+            let whole = device_case(&CpuOps, "cpu-ops", case, case.golden, &VerifyOptions::default())?;
+            // (`&`, not `&&`: both run.)
+            Ok(whole & streamed_case(&CpuOps, "cpu-ops", (case.dir, case.golden))?)
         }),
         (Backend::Cuda | Backend::CudaEmu, _) => cuda(target, scope, &cases),
     }
@@ -50,7 +51,7 @@ fn cases(
     golden_root: &Path,
     target: Target,
     max: Option<u64>,
-    device: &mut dyn FnMut(&Path, &Model, &Dump) -> Result<bool>,
+    device: &mut dyn FnMut(Case) -> Result<bool>,
 ) -> Result<bool> {
     let mut cases: Vec<_> = std::fs::read_dir(golden_root)
         .map_err(|e| Error::io(golden_root, e))?
@@ -84,28 +85,39 @@ fn cases(
         for isolate in [false, true] {
             let mut r = verify::verify(&model, &golden, Tolerance::default(), isolate)?;
             if let Some(mtp) = &mtp {
-                verify::verify_mtp(&model, mtp, &golden, &VerifyOptions::default(), &mut r)?;
+                verify::verify_mtp(&model, (&model.config, mtp), &golden, &VerifyOptions::default(), &mut r)?;
             }
             ok &= report(&case, if isolate { "cpu, --isolate" } else { "cpu" }, &r);
         }
-        ok &= device(&case, &model, &golden)?;
+        ok &= device(Case { dir: &case, model: &model, mtp: mtp.as_ref(), golden: &golden })?;
     }
     Ok(ok)
 }
 
-/// One case through the device forward pass on `ops`, compared with `reference`.
-fn device_run<O: Ops>(ops: &O, model: &Model, reference: &Dump, opts: &VerifyOptions) -> Result<verify::Report> {
-    verify::verify_prefill(&DeviceModel::new(ops, model)?, Weights::Resident(model), reference, opts)
+/// A golden case, loaded: its folder, model, MTP head (where its reference checks one) and
+/// reference.
+#[derive(Clone, Copy)]
+struct Case<'a> {
+    dir: &'a Path,
+    model: &'a Model,
+    mtp: Option<&'a Mtp>,
+    golden: &'a Dump,
+}
+
+/// One case through the device forward pass on `ops` (its MTP head too, where `reference`
+/// checks it), compared with `reference`.
+fn device_run<O: Ops>(ops: &O, case: Case, reference: &Dump, opts: &VerifyOptions) -> Result<verify::Report> {
+    let device = DeviceModel::new(ops, case.model)?;
+    let mut r = verify::verify_prefill(&device, Weights::Resident(case.model), reference, opts)?;
+    if let Some(mtp) = case.mtp.filter(|_| verify::has_mtp(reference)) {
+        verify::verify_mtp(&device, (&case.model.config, mtp), reference, opts, &mut r)?;
+    }
+    Ok(r)
 }
 
 /// [`device_run`], its verdict printed as `name`'s; whether it passed.
-fn device_case<O: Ops>(
-    ops: &O,
-    name: &str,
-    (case, model, reference): (&Path, &Model, &Dump),
-    opts: &VerifyOptions,
-) -> Result<bool> {
-    Ok(report(case, name, &device_run(ops, model, reference, opts)?))
+fn device_case<O: Ops>(ops: &O, name: &str, case: Case, reference: &Dump, opts: &VerifyOptions) -> Result<bool> {
+    Ok(report(case.dir, name, &device_run(ops, case, reference, opts)?))
 }
 
 /// A case through the device forward pass on `ops` with its layers streamed from the checkpoint
@@ -140,7 +152,7 @@ fn report(case: &Path, how: &str, r: &verify::Report) -> bool {
 
 /// Every golden case with a device check of its own (`cases` above, `golden_root` and `max`
 /// given).
-type Cases<'a> = &'a dyn Fn(&mut dyn FnMut(&Path, &Model, &Dump) -> Result<bool>) -> Result<bool>;
+type Cases<'a> = &'a dyn Fn(&mut dyn FnMut(Case) -> Result<bool>) -> Result<bool>;
 
 /// The kernels and products in both precisions, then every golden case through the device
 /// forward pass in both, whatever `--precision` says:
@@ -220,12 +232,12 @@ fn cuda(target: Target, scope: Scope, cases: Cases) -> Result<bool> {
         replay: Replay { routing: true, selection: true },
         ..Default::default()
     };
-    let cases_ok = cases(&mut |case, model, golden| {
-        let f32_ok = device_case(&f32_ops, &f32_name, (case, model, golden), &VerifyOptions::default())?
-            & streamed_case(&f32_ops, &f32_name, (case, golden))?; // (`&`: both run)
-        let path = case.join(crate::device::BF16_REFERENCE);
+    let cases_ok = cases(&mut |case| {
+        let f32_ok = device_case(&f32_ops, &f32_name, case, case.golden, &VerifyOptions::default())?
+            & streamed_case(&f32_ops, &f32_name, (case.dir, case.golden))?; // (`&`: both run)
+        let path = case.dir.join(crate::device::BF16_REFERENCE);
         let bf16_ok = if !path.is_file() {
-            println!("verify {} ({bf16_name}): no {}  FAILED", case.display(), crate::device::BF16_REFERENCE);
+            println!("verify {} ({bf16_name}): no {}  FAILED", case.dir.display(), crate::device::BF16_REFERENCE);
             false
         } else {
             // On the default path (masked at these sizes), then on the fused one.
@@ -234,17 +246,17 @@ fn cuda(target: Target, scope: Scope, cases: Cases) -> Result<bool> {
             for (name, plan) in [(&bf16_name, AttentionPlan::default()), (&fused_name, fused)] {
                 bf16_ops.set_attention(plan);
                 let name = format!("{name} vs transformers with bf16 products, isolated, decisions replayed");
-                ok &= device_case(&bf16_ops, &name, (case, model, &reference), &isolated)?;
+                ok &= device_case(&bf16_ops, &name, case, &reference, &isolated)?;
             }
             bf16_ops.set_attention(AttentionPlan::default());
             ok
         };
-        let r = device_run(&bf16_ops, model, golden, &isolated)?;
+        let r = device_run(&bf16_ops, case, case.golden, &isolated)?;
         let worst = r.results.iter().filter_map(|c| c.detail.max_abs()).fold(0f64, f64::max);
         println!(
             "measure {} ({bf16_name} vs transformers in f32, isolated, decisions replayed): max abs diff {worst:.2e}, \
              {} of {} tensors within 2e-2",
-            case.display(),
+            case.dir.display(),
             r.results.len() - r.mismatches(),
             r.results.len()
         );

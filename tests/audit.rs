@@ -151,6 +151,9 @@ fn audit_runs_the_mtp_head_over_live_prompts() {
     ));
     assert!(live.lines().any(|l| l.trim_start().starts_with("3 mtp ")), "{live}");
     assert_eq!(live, recorded);
+    // The head runs where the prompts run: on the device path too, counting the same.
+    let on_device = ["--prompts", &common::s(&prompts), "--mtp", "--device", "cpu-ops"];
+    assert_eq!(assert_ok(&glimpse(&[&base[..], &on_device].concat())).0, live);
     assert_eq!(std::fs::read_to_string(&routes_live).unwrap(), std::fs::read_to_string(&routes_dumps).unwrap());
     // Without --mtp the prompts route the main model's layers only.
     let (main_only, _) = assert_ok(&glimpse(&[&base[..], &["--prompts", &common::s(&prompts)]].concat()));

@@ -140,6 +140,44 @@ fn the_device_weights_estimate_is_what_the_device_model_uploads() {
     }
 }
 
+/// The MTP head on the emulated GPU, after the prefill, uploads its layer at its first run, as
+/// many bytes as the check before a run counts for it (`memory::mtp_device_weights`), and keeps
+/// it: a second run uploads only its inputs, and records the same, bit for bit. In both
+/// precisions.
+#[test]
+fn the_mtp_head_uploads_its_layer_once_as_estimated() {
+    use glimpse::device::Prefill;
+    let dir = common::golden("mtp");
+    let ckpt = glimpse::checkpoint::Checkpoint::open(&dir).unwrap();
+    let (model, head) = (glimpse::model::Model::load(&ckpt).unwrap(), glimpse::model::mtp::Mtp::load(&ckpt).unwrap());
+    let golden = glimpse::dump::Dump::open(&dir.join("reference.safetensors")).unwrap();
+    let tokens = golden.tokens().unwrap();
+    let hidden = golden.tensor("mtp.input_hidden").unwrap();
+    for precision in [Precision::F32, Precision::Bf16] {
+        let ops = CudaOps::new(Gpu::emulated(), precision).unwrap();
+        let device = glimpse::device::forward::DeviceModel::new(&ops, &model).unwrap();
+        // The prefill first, as every caller runs it (its RoPE tables serve the head's shorter rows).
+        device.prefill(&tokens, &mut glimpse::hooks::NoObserver).unwrap();
+        let run = || {
+            let before = ops.gpu.uploaded();
+            let mut r = glimpse::hooks::Recorder::new(glimpse::hooks::Selector::new("*", None));
+            device.mtp(&head, &hidden, &tokens, &mut r).unwrap();
+            (ops.gpu.uploaded() - before, r.tensors)
+        };
+        let ((first, recorded), (again, recorded_again)) = (run(), run());
+        let estimate = glimpse::memory::mtp_device_weights(&ckpt, precision);
+        assert!(again > 0 && estimate > 0);
+        assert_eq!(first - again, estimate, "{precision:?}");
+        assert!(recorded.iter().any(|(p, _)| p.name() == "mtp.logits"));
+        assert_eq!(recorded.len(), recorded_again.len());
+        for ((p, a), (_, b)) in recorded.iter().zip(&recorded_again) {
+            let (a, b) = (a.flatten_all().unwrap(), b.flatten_all().unwrap());
+            let eq = a.eq(&b).unwrap().min(0).unwrap().to_scalar::<u8>().unwrap();
+            assert_eq!(eq, 1, "{} {precision:?}", p.name());
+        }
+    }
+}
+
 /// `--stream` on the emulated GPU: what a streamed model records is the resident model's, bit
 /// for bit, in both precisions (block-FP8 in shards; bf16 with a tied head); and it holds one
 /// layer's weights at a time, then the final norm and lm_head. The most it holds at once during

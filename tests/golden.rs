@@ -32,7 +32,8 @@ fn check(case: &Path, isolate: bool) {
     // Only the `mtp` case carries the MTP head's tensors, and it must.
     assert_eq!(has_mtp(&golden), case.ends_with("mtp"), "{}", case.display());
     if has_mtp(&golden) {
-        verify_mtp(&model, &Mtp::load(&ckpt).unwrap(), &golden, &Default::default(), &mut report).unwrap();
+        let head = Mtp::load(&ckpt).unwrap();
+        verify_mtp(&model, (&model.config, &head), &golden, &Default::default(), &mut report).unwrap();
     }
     println!("== {} (isolate: {isolate})", case.display());
     for c in &report.results {

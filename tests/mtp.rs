@@ -83,7 +83,7 @@ fn mtp_fed_the_pre_norm_state_is_caught() {
     let mut report = verify(&model, &golden, Tolerance::default(), false).unwrap();
     let last = HookPoint::Layer(model.layers.len() - 1, LayerHook::Output).name();
     report.final_norm = Some(golden.tensor(&last).unwrap());
-    verify_mtp(&model, &mtp, &golden, &Default::default(), &mut report).unwrap();
+    verify_mtp(&model, (&model.config, &mtp), &golden, &Default::default(), &mut report).unwrap();
     let verdict = |name: &str| report.results.iter().find(|c| c.name == name).map(|c| c.ok);
     assert_eq!(verdict("final_norm"), Some(true));
     assert_eq!(verdict("mtp.input_hidden"), Some(false));
@@ -218,9 +218,9 @@ fn run_mtp_dump_diffs_clean_against_the_reference() {
 }
 
 /// `verify` checks the MTP head the reference holds on every path that runs the whole model:
-/// the device path runs it on the CPU from the device's final norm (its 16 tensors were left
-/// out, "37 of 37 match"), and `--stream`, which cannot run it, is refused with what to do (it
-/// listed them as skipped and passed).
+/// the device path runs it on the device from the device's final norm (its 16 tensors were once
+/// left out, "37 of 37 match"), and `--stream`, which cannot run it, is refused with what to do
+/// (it listed them as skipped and passed).
 #[test]
 fn verify_checks_the_mtp_head_on_the_device_path_and_stream_refuses_it() {
     let dir = case();

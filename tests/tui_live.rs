@@ -243,30 +243,33 @@ fn a_streamed_live_run_shows_what_the_resident_one_shows() {
     assert!(s.contains("(live, streamed: the MTP head not run) vs reference"), "{s}");
 }
 
-/// The live run of `golden/mtp`, whose reference checks the MTP head, runs the head too: its
-/// layer is a row of its own, and every tensor of the reference is compared and matches.
+/// The live run of `golden/mtp`, whose reference checks the MTP head, runs the head too, where
+/// the run goes (the CPU, or the device path): its layer is a row of its own, and every tensor of
+/// the reference is compared and matches.
 #[test]
 fn the_live_run_of_a_reference_with_the_mtp_head_runs_it() {
     let _one_live_run_at_a_time = LIVE.lock();
-    let src = glimpse::tui_source::open(&glimpse::tui_source::Open {
-        model: Some(&flat().with_file_name("mtp")),
-        golden: None,
-        dump: None,
-        tokens: None,
-        prompt: None,
-        max_memory: None,
-        target: glimpse::device::Backend::Cpu.into(),
-        stream: false,
-        near_tie: None,
-        tol: Default::default(),
-    })
-    .unwrap();
-    let s = screen(&App::default(), &src, 100, 24);
-    assert!(line_with(&s, "│3 ").contains("mtp") && line_with(&s, "│3 ").contains("match"), "{s}");
-    let head: Vec<String> = src.hooks(glimpse_tui::Part::Head).into_iter().map(|h| h.name).collect();
-    assert!(head.iter().any(|n| n == "mtp.logits"), "{head:?}");
-    let rows = src.layers();
-    assert!(rows.iter().all(|l| l.status.label() == "match"), "{s}");
+    for backend in [glimpse::device::Backend::Cpu, glimpse::device::Backend::CpuOps] {
+        let src = glimpse::tui_source::open(&glimpse::tui_source::Open {
+            model: Some(&flat().with_file_name("mtp")),
+            golden: None,
+            dump: None,
+            tokens: None,
+            prompt: None,
+            max_memory: None,
+            target: backend.into(),
+            stream: false,
+            near_tie: None,
+            tol: Default::default(),
+        })
+        .unwrap();
+        let s = screen(&App::default(), &src, 100, 24);
+        assert!(line_with(&s, "│3 ").contains("mtp") && line_with(&s, "│3 ").contains("match"), "{s}");
+        let head: Vec<String> = src.hooks(glimpse_tui::Part::Head).into_iter().map(|h| h.name).collect();
+        assert!(head.iter().any(|n| n == "mtp.logits"), "{head:?}");
+        let rows = src.layers();
+        assert!(rows.iter().all(|l| l.status.label() == "match"), "{backend:?}: {s}");
+    }
 }
 
 /// A live run of other tokens than the folder's reference ran goes without it, and the title

@@ -314,7 +314,7 @@ pub struct CollectOptions<'a> {
     pub routes: Option<&'a mut Routes>,
     /// `--layers A..B`: count these layers only (live prompts run no further than B).
     pub window: Option<RangeInclusive<usize>>,
-    /// `--mtp`: prompts run live also run the MTP head (on the CPU), whose layer is counted too.
+    /// `--mtp`: prompts run live also run the MTP head (where they run), whose layer is counted too.
     pub mtp: bool,
     /// `--against`'s dumps, whose tokens are checked against the audited ones' before any prompt
     /// runs (their routing is read apart, by another [`collect`]).

@@ -158,11 +158,12 @@ pub(super) fn run_prompts(
                 Some(w) => p.prefill_through(&tokens, *w.end(), &mut obs),
                 None => p.prefill(&tokens, &mut obs).map(|_| ()),
             };
-            // The MTP head (on the CPU) from the run's final norm, as `run --mtp` runs it.
+            // The MTP head (where the prefill runs) from the run's final norm, as `run --mtp`
+            // runs it.
             let run = run.and_then(|()| match (mtp, obs.final_norm.take().flatten()) {
                 (Some(head), Some(h)) => {
                     let h = h.narrow(1, 0, tokens.seq - 1)?; // [B, S-1, hidden]
-                    head.forward(m, &h, &tokens, &mut obs).map(|_| ())
+                    p.mtp(head, &h, &tokens, &mut obs).map(|_| ())
                 }
                 (Some(_), None) => Err(Error::Usage("--mtp: the run reported no final_norm".into())),
                 (None, _) => Ok(()),

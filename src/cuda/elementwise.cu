@@ -4,8 +4,10 @@
 //     CPU reference: model::mlp::Mlp::forward). One block per row, so no thread divides a 64-bit
 //     index (split_bf16's lesson on the H200, convert.cu).
 //   add: the residual additions, out = a + b, one thread per element.
-//   columns: out [rows, cols] = columns col0 .. col0 + cols of x [rows, width] (the MLA's
-//     stacked input product, cut into q_a, the latent and the rope key). One block per row.
+//   columns: columns in_col0 .. in_col0 + cols of x [rows, in_width] copied to columns out_col0 ..
+//     of out [rows, out_width]: a stacked product's output cut into its parts (the MLA's q_a,
+//     latent and rope key), or parts put side by side (the MTP head's two normed inputs, which
+//     eh_proj takes as one row). One block per row.
 
 extern "C" __global__ void swiglu(const float* gate_up, float* out, long long rows, int inter) {
     long long r = blockIdx.x;
@@ -23,8 +25,9 @@ extern "C" __global__ void add(const float* a, const float* b, float* out, long 
     if (i < n) out[i] = a[i] + b[i];
 }
 
-extern "C" __global__ void columns(const float* x, float* out, int width, int col0, int cols) {
-    const float* src = x + (long long)blockIdx.x * width + col0;
-    float* dst = out + (long long)blockIdx.x * cols;
+extern "C" __global__ void columns(const float* x, float* out, int in_width, int in_col0, int out_width,
+                                   int out_col0, int cols) {
+    const float* src = x + (long long)blockIdx.x * in_width + in_col0;
+    float* dst = out + (long long)blockIdx.x * out_width + out_col0;
     for (int j = threadIdx.x; j < cols; j += blockDim.x) dst[j] = src[j];
 }

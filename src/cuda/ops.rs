@@ -199,7 +199,17 @@ impl Ops for CudaOps {
 
     fn columns(&self, x: &Self::F, shape: [usize; 2], col0: usize, cols: usize) -> Result<Self::F> {
         let mut y = self.gpu.output(shape[0] * cols)?;
-        self.gpu.columns(x, &mut y, shape, col0, cols)?;
+        self.gpu.columns((x, shape, col0), (&mut y, cols, 0), cols)?;
+        Ok(y)
+    }
+
+    fn concat_columns(&self, parts: &[(&Self::F, usize)], rows: usize) -> Result<Self::F> {
+        let width = parts.iter().map(|p| p.1).sum();
+        let (mut y, mut col0) = (self.gpu.output(rows * width)?, 0);
+        for &(x, cols) in parts {
+            self.gpu.columns((x, [rows, cols], 0), (&mut y, width, col0), cols)?;
+            col0 += cols;
+        }
         Ok(y)
     }
 

@@ -151,9 +151,18 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     // generator of their own, so the checks after them draw what they drew before.
     let (c_rows, c_width, col0, cols) = (37, 640, 301, 277);
     let x = Rng(0x6a09e667f3bcc909).vec(c_rows * c_width);
-    let mut y = gpu.filled(c_rows * cols, nan)?;
-    gpu.columns(&gpu.upload(&x)?, &mut y, [c_rows, c_width], col0, cols)?;
+    let (dx, mut y) = (gpu.upload(&x)?, gpu.filled(c_rows * cols, nan)?);
+    gpu.columns((&dx, [c_rows, c_width], col0), (&mut y, cols, 0), cols)?;
     out.push(check("columns", &gpu.download(&y)?, &CpuOps.columns(&x, [c_rows, c_width], col0, cols)?, 0.0));
+    // And put side by side (the MTP head's input): columns 0 .. 13 of x, then the same cut, into
+    // rows of 290 (the second copied from column 301 into column 13).
+    let mut side = gpu.filled(c_rows * (13 + cols), nan)?;
+    gpu.columns((&dx, [c_rows, c_width], 0), (&mut side, 13 + cols, 0), 13)?;
+    gpu.columns((&dx, [c_rows, c_width], col0), (&mut side, 13 + cols, 13), cols)?;
+    let first = CpuOps.columns(&x, [c_rows, c_width], 0, 13)?;
+    let cut = CpuOps.columns(&x, [c_rows, c_width], col0, cols)?;
+    let want = CpuOps.concat_columns(&[(&first, 13), (&cut, cols)], c_rows)?;
+    out.push(check("columns side by side", &gpu.download(&side)?, &want, 0.0));
 
     // The router, flat and grouped: 77 tokens over 64 experts, top-6; and GLM-5's 256, top-8. The
     // biases shrink as the experts grow in number (and the gaps between their scores with them),

@@ -127,6 +127,14 @@ impl Ops for CpuOps {
         Ok(x.chunks_exact(width.max(1)).take(rows).flat_map(|r| r[col0..col0 + cols].iter().copied()).collect())
     }
 
+    fn concat_columns(&self, parts: &[(&Vec<f32>, usize)], rows: usize) -> Result<Vec<f32>> {
+        if let Some((x, cols)) = parts.iter().find(|(x, cols)| x.len() < rows * cols) {
+            return Err(Error::Device(format!("concat_columns: {} values for {rows} rows of {cols}", x.len())));
+        }
+        let row = |r: usize| parts.iter().flat_map(move |(x, cols)| x[r * cols..(r + 1) * cols].iter().copied());
+        Ok((0..rows).flat_map(row).collect())
+    }
+
     fn route(
         &self,
         logits: &Vec<f32>,

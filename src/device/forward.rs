@@ -14,7 +14,7 @@
 //! our own (own scores and margins still reported, the margins of the decisions our own scores
 //! make; a replayed route's weights come from our router scores).
 //!
-//! Not here yet: the MTP head, decode and `attention_bias`.
+//! The MTP head runs here too (`mtp`). Not here yet: decode and `attention_bias`.
 
 use candle_core::{Device, Tensor};
 
@@ -32,6 +32,8 @@ use crate::model::nn::{Linear, RmsNorm};
 use crate::model::rope::RotaryEmbedding;
 use crate::model::stream::{self, Weights};
 use crate::model::{Model, Tokens};
+
+mod mtp;
 
 /// The profile's sections of the routed experts' GEMMs (the benchmark's "expert GEMMs").
 pub const EXPERT_GEMMS: [&str; 2] = ["expert GEMMs: gate_up", "expert GEMMs: down"];
@@ -74,6 +76,9 @@ pub struct DeviceModel<'m, O: Ops> {
     /// When profiling: each section's time between device synchronisations (which cost time of
     /// their own, so a profiled prefill is not a timed one).
     profile: std::cell::RefCell<Option<Profile>>,
+    /// The MTP head's weights once it has run ([`DeviceModel::mtp`]), with the address of the
+    /// host's head they were uploaded from.
+    mtp: std::cell::RefCell<Option<(usize, mtp::DMtp<O>)>>,
 }
 
 /// The final norm and lm_head on the device.
@@ -127,6 +132,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             flops: std::cell::Cell::new(0),
             rope: std::cell::RefCell::new(None),
             profile: std::cell::RefCell::new(None),
+            mtp: std::cell::RefCell::new(None),
         }
     }
 
@@ -260,10 +266,8 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let (b, s, hd) = (tokens.batch, tokens.seq, self.config.hidden_size);
         let t = b * s;
         let n = self.config.num_hidden_layers;
-        let mut h = self.layers_through(tokens, n, obs)?;
-        if let Some(given) = obs.isolated_input(n)? {
-            h = self.feed(&given, t * hd)?;
-        }
+        let h = self.layers_through(tokens, n, obs)?;
+        let h = self.isolated(n, h, t, obs)?;
         self.with_head(|head| {
             let mark = self.mark()?;
             let x = self.norm(&h, &head.norm, t, hd)?;
@@ -296,9 +300,11 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let mut selection = None;
         let count = count.min(self.config.num_hidden_layers);
         let mut progress = crate::progress::Steps::layers(0, count.saturating_sub(1));
+        let bs = (tokens.batch, tokens.seq);
         for i in 0..count {
             progress.step(i);
-            h = self.with_layer(i, |layer| self.layer(i, layer, h, tokens, &mut selection, obs))?;
+            h = self.isolated(i, h, tokens.ids.len(), obs)?;
+            h = self.with_layer(i, |layer| self.layer(i, layer, h, bs, &mut selection, obs))?;
         }
         Ok(h)
     }
@@ -353,7 +359,8 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             Some((idx, k)) => Some((self.ops.upload_i32(&idx)?, k)),
             None => None,
         };
-        let out = self.layer(i, layer, self.ops.upload(h)?, tokens, &mut selection, obs)?;
+        let h_in = self.isolated(i, self.ops.upload(h)?, t, obs)?;
+        let out = self.layer(i, layer, h_in, (tokens.batch, tokens.seq), &mut selection, obs)?;
         *h = self.ops.download(&out)?;
         h.truncate(t * self.config.hidden_size);
         if let Some((idx, k)) = selection.filter(|_| next_shares) {
@@ -408,26 +415,32 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         Ok(h)
     }
 
-    /// Decoder layer `i` on the hidden state `h` [T, H] (or the one the observer isolates it
-    /// with), reporting its hook points; `selection` is the DSA selection carried between layers.
-    /// (`h` is taken, so it is freed once the attention's residual is added.)
+    /// The hidden state `h` [T, H] layer `i` (or the head, at `num_hidden_layers`) takes: `h`, or
+    /// the one the observer isolates it with.
+    fn isolated(&self, i: usize, h: O::F, t: usize, obs: &mut dyn Observer) -> Result<O::F> {
+        match obs.isolated_input(i)? {
+            Some(given) => self.feed(&given, t * self.config.hidden_size),
+            None => Ok(h),
+        }
+    }
+
+    /// Decoder layer `i` on the hidden state `h` [T, H] of `b` rows of `s` positions, reporting
+    /// its hook points; `selection` is the DSA selection carried between layers. (`h` is taken,
+    /// so it is freed once the attention's residual is added.)
     fn layer(
         &self,
         i: usize,
         layer: &DLayer<O>,
-        h: O::F,
-        tokens: &Tokens,
+        mut h: O::F,
+        (b, s): (usize, usize),
         selection: &mut Option<(O::I, usize)>,
         obs: &mut dyn Observer,
     ) -> Result<O::F> {
-        let (b, s, hd) = (tokens.batch, tokens.seq, self.config.hidden_size);
+        let hd = self.config.hidden_size;
         let t = b * s;
         let hook = |p| HookPoint::Layer(i, p);
-        // (Reassigned, not shadowed, below: each old hidden state is freed as the next is made.)
-        let mut h = match obs.isolated_input(i)? {
-            Some(given) => self.feed(&given, t * hd)?,
-            None => h,
-        };
+        // (`h` is reassigned, not shadowed, below: each old hidden state is freed as the next is
+        // made.)
         let rope = self.rope_tables(s)?;
         let Rope { cos, sin, half, .. } = &*rope;
         let mark = self.mark()?;

@@ -15,6 +15,7 @@ use candle_core::Tensor;
 use crate::error::Result;
 use crate::hooks::{Observer, SweepObserver};
 use crate::model::moe::RouterConfig;
+use crate::model::mtp::Mtp;
 use crate::model::{Model, Tokens, Weights};
 
 /// Where the forward pass runs (`--device`).
@@ -160,6 +161,10 @@ pub trait Prefill {
     /// every prompt, and each prompt's hidden state is kept between layers. Returns the last
     /// layer run (before `last` where `obs` stopped the sweep).
     fn sweep(&self, prompts: &[&Tokens], last: usize, obs: &mut dyn SweepObserver) -> Result<usize>;
+    /// The MTP head `head` over `hidden` [B, S-1, hidden] (the prefill's final norm at positions
+    /// 0..S-2) and `tokens` [B, S] -> draft logits [B, S-1, vocab], where the prefill runs (it
+    /// needs the resident model).
+    fn mtp(&self, head: &Mtp, hidden: &Tensor, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor>;
 }
 
 impl Prefill for Model {
@@ -171,6 +176,9 @@ impl Prefill for Model {
     }
     fn sweep(&self, prompts: &[&Tokens], last: usize, obs: &mut dyn SweepObserver) -> Result<usize> {
         Weights::Resident(self).sweep(prompts, last, obs)
+    }
+    fn mtp(&self, head: &Mtp, hidden: &Tensor, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
+        head.forward(self, hidden, tokens, obs)
     }
 }
 
@@ -187,6 +195,12 @@ impl Prefill for Weights<'_> {
     fn sweep(&self, prompts: &[&Tokens], last: usize, obs: &mut dyn SweepObserver) -> Result<usize> {
         crate::model::stream::sweep(*self, prompts, last, obs)
     }
+    fn mtp(&self, head: &Mtp, hidden: &Tensor, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
+        match self {
+            Weights::Resident(model) => head.forward(model, hidden, tokens, obs),
+            Weights::Streamed(_) => Err(crate::model::mtp::needs_resident()),
+        }
+    }
 }
 
 impl<O: Ops> Prefill for forward::DeviceModel<'_, O> {
@@ -198,6 +212,9 @@ impl<O: Ops> Prefill for forward::DeviceModel<'_, O> {
     }
     fn sweep(&self, prompts: &[&Tokens], last: usize, obs: &mut dyn SweepObserver) -> Result<usize> {
         forward::DeviceModel::sweep(self, prompts, last, obs)
+    }
+    fn mtp(&self, head: &Mtp, hidden: &Tensor, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
+        forward::DeviceModel::mtp(self, head, hidden, tokens, obs)
     }
 }
 
@@ -401,6 +418,8 @@ pub trait Ops {
     fn add(&self, a: &Self::F, b: &Self::F, n: usize) -> Result<Self::F>;
     /// Columns `col0 .. col0 + cols` of x (`shape` [rows, width]), as a buffer [rows, cols] of their own.
     fn columns(&self, x: &Self::F, shape: [usize; 2], col0: usize, cols: usize) -> Result<Self::F>;
+    /// `parts` ([rows, cols] each) side by side: [rows, sum of cols].
+    fn concat_columns(&self, parts: &[(&Self::F, usize)], rows: usize) -> Result<Self::F>;
     /// The fused router: logits `[n, e]` -> (ids `[n, k]`, weights `[n, k]`, margin `[n]`).
     fn route(
         &self,

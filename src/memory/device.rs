@@ -18,32 +18,73 @@ pub fn device_copies(ckpt: &Checkpoint, target: Target, residency: Residency) ->
         Backend::Cpu | Backend::Cuda => 0,
         Backend::CudaEmu => device_weights(ckpt, target.precision, residency),
         Backend::CpuOps => {
-            let bytes = |n: &str| if n.ends_with("_scale_inv") { 0 } else { 4 * numel(ckpt, n) };
-            let tied = if ckpt.tied_head() { bytes(ckpt.head_name()) } else { 0 };
-            held_at_once(ckpt, residency, bytes, tied)
+            let tied = if ckpt.tied_head() { widened(ckpt, ckpt.head_name()) } else { 0 };
+            held_at_once(ckpt, residency, |n| widened(ckpt, n), tied)
         }
     }
 }
 
+/// [`device_copies`] of the MTP layer, once its head runs on the device.
+pub fn mtp_device_copies(ckpt: &Checkpoint, target: Target) -> u64 {
+    match target.backend {
+        Backend::Cpu | Backend::Cuda => 0,
+        Backend::CudaEmu => mtp_device_weights(ckpt, target.precision),
+        Backend::CpuOps => mtp_layer(ckpt, |n| widened(ckpt, n)),
+    }
+}
+
+/// Tensor `n` widened to f32 (`cpu-ops`' copy; FP8's scales are folded into its values).
+fn widened(ckpt: &Checkpoint, n: &str) -> u64 {
+    if n.ends_with("_scale_inv") {
+        0
+    } else {
+        4 * numel(ckpt, n)
+    }
+}
+
 /// What a device pass holds at once of the main model's weights (`DeviceModel::new`, or
-/// `::streamed` with one layer at a time): every matrix but the embeddings through
-/// `upload_weight` (bf16 and FP8 codes as stored, with FP8's scales as f32; an f32 one as f32,
-/// or rounded to bf16 for bf16 products; the router's gate, which the CPU model loads as f32, as
-/// an f32 one), and the rest (the embeddings when resident, norms, the correction bias) as f32.
-/// The MTP layer is not uploaded (it runs on the CPU model).
+/// `::streamed` with one layer at a time): each tensor as [`uploaded`] counts it. The MTP
+/// layer's are apart ([`mtp_device_weights`]), uploaded when the head first runs.
 pub fn device_weights(ckpt: &Checkpoint, precision: crate::device::Precision, residency: Residency) -> u64 {
-    let embed = "model.embed_tokens.weight";
-    let matrix = |n: &str| ckpt.shape(n).is_some_and(|s| s.len() >= 2) && n != embed && !n.ends_with("_scale_inv");
-    let stored = |n: &str| matches!(ckpt.dtype(n), Some(Dtype::BF16 | Dtype::F8_E4M3)) && !n.ends_with(".gate.weight");
-    let as_matrix = |n: &str| match precision {
-        _ if stored(n) => file_bytes(ckpt, n),
-        crate::device::Precision::Bf16 => 2 * numel(ckpt, n),
-        crate::device::Precision::F32 => 4 * numel(ckpt, n),
-    };
     // A tied head is uploaded as a matrix of its own (the embeddings as stored), beside the
     // embeddings' f32 table where that is resident.
-    let tied = if ckpt.tied_head() { as_matrix(embed) } else { 0 };
-    held_at_once(ckpt, residency, |n| if matrix(n) { as_matrix(n) } else { 4 * numel(ckpt, n) }, tied)
+    let tied = if ckpt.tied_head() { as_matrix(ckpt, precision, "model.embed_tokens.weight") } else { 0 };
+    held_at_once(ckpt, residency, |n| uploaded(ckpt, precision, n), tied)
+}
+
+/// The MTP layer's weights (`model.layers.{num_hidden_layers}.*`) on the device once its head
+/// runs there (`DeviceModel::mtp`, beside the resident model), as [`uploaded`] counts them.
+pub fn mtp_device_weights(ckpt: &Checkpoint, precision: crate::device::Precision) -> u64 {
+    mtp_layer(ckpt, |n| uploaded(ckpt, precision, n))
+}
+
+/// The bytes `bytes` gives the MTP layer's tensors.
+fn mtp_layer(ckpt: &Checkpoint, bytes: impl Fn(&str) -> u64) -> u64 {
+    let n = ckpt.config.num_hidden_layers;
+    ckpt.names().filter(|name| crate::layout::layer_of(name) == Some(n)).map(bytes).sum()
+}
+
+/// Tensor `n` as a device holds it: every matrix but the embeddings as [`as_matrix`]; the rest
+/// (the embeddings when resident, norms, the correction bias, FP8's scale grids, which count
+/// with their codes there) as f32.
+fn uploaded(ckpt: &Checkpoint, precision: crate::device::Precision, n: &str) -> u64 {
+    let matrix = ckpt.shape(n).is_some_and(|s| s.len() >= 2);
+    match matrix && n != "model.embed_tokens.weight" && !n.ends_with("_scale_inv") {
+        true => as_matrix(ckpt, precision, n),
+        false => 4 * numel(ckpt, n),
+    }
+}
+
+/// Matrix `n` through `upload_weight`: bf16 and FP8 codes as stored (with FP8's scales as f32,
+/// counted apart); an f32 one as f32, or rounded to bf16 for bf16 products; the router's gate,
+/// which the CPU model loads as f32, as an f32 one.
+fn as_matrix(ckpt: &Checkpoint, precision: crate::device::Precision, n: &str) -> u64 {
+    let stored = matches!(ckpt.dtype(n), Some(Dtype::BF16 | Dtype::F8_E4M3)) && !n.ends_with(".gate.weight");
+    match precision {
+        _ if stored => file_bytes(ckpt, n),
+        crate::device::Precision::Bf16 => 2 * numel(ckpt, n),
+        crate::device::Precision::F32 => 4 * numel(ckpt, n),
+    }
 }
 
 /// `bytes` summed over the main model's tensors (the MTP layer's left out) a device holds at once,
@@ -70,18 +111,22 @@ fn held_at_once(ckpt: &Checkpoint, residency: Residency, bytes: impl Fn(&str) ->
     }
 }
 
-/// Refuses a `cuda` pass of `batch x seq` tokens whose weights ([`device_weights`]) and working
-/// set (`cuda::working_set`: the activations alive at once, the ops' scratch, the logits, and
-/// with `scores` recorded a layer's whole indexer scores) need more than GPU `free` bytes (of
-/// `total`), with [`DEVICE_UNCOUNTED`] to spare: before minutes of uploads end in an allocation
-/// failure.
+/// Refuses a `cuda` pass of `batch x seq` tokens whose weights ([`device_weights`], and with
+/// `mtp` the MTP layer's, [`mtp_device_weights`]) and working set (`cuda::working_set`: the
+/// activations alive at once, the ops' scratch, the logits, and with `scores` recorded a layer's
+/// whole indexer scores; the MTP head's, over one position fewer, is no larger) need more than
+/// GPU `free` bytes (of `total`), with [`DEVICE_UNCOUNTED`] to spare: before minutes of uploads
+/// end in an allocation failure.
 pub fn check_device(
     ckpt: &Checkpoint,
     (batch, seq): (usize, usize),
-    (target, scores, residency): (Target, bool, Residency),
+    (target, scores, residency, mtp): (Target, bool, Residency, bool),
     (free, total): (u64, u64),
 ) -> Result<()> {
-    let DeviceNeed { weights, working, logits } = device_need(ckpt, (batch, seq), (target, scores), residency);
+    let DeviceNeed { mut weights, working, logits } = device_need(ckpt, (batch, seq), (target, scores), residency);
+    if mtp {
+        weights = weights.saturating_add(mtp_device_weights(ckpt, target.precision));
+    }
     let need = weights.saturating_add(working).saturating_add(DEVICE_UNCOUNTED);
     if need <= free {
         return Ok(());
@@ -174,11 +219,11 @@ pub fn check_gpu(
     dims: (usize, usize),
     rec: Recording,
     target: Target,
-    res: Residency,
+    (res, mtp): (Residency, bool),
 ) -> Result<()> {
     let scores = matches!(rec, Recording::Hooks { scores: true, .. });
     match crate::device::gpu_memory(target)? {
-        Some(memory) => check_device(ckpt, dims, (target, scores, res), memory),
+        Some(memory) => check_device(ckpt, dims, (target, scores, res, mtp), memory),
         None => Ok(()),
     }
 }
@@ -186,6 +231,24 @@ pub fn check_gpu(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `cuda` verify whose reference checks the MTP head counts the head's layer beside the
+    /// model's: what fits without it is refused with it.
+    #[test]
+    fn a_cuda_run_with_the_mtp_head_counts_its_layer() {
+        let ckpt = Checkpoint::open(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/mtp")).unwrap();
+        let target = Target::from(Backend::Cuda);
+        let (weights, head) =
+            (device_weights(&ckpt, target.precision, Residency::Whole), mtp_device_weights(&ckpt, target.precision));
+        assert!(head > 0);
+        let (working, _) = working_set(&ckpt, (1, 16), target, false, Residency::Whole);
+        let free = weights + working + DEVICE_UNCOUNTED;
+        let fits = |mtp| check_device(&ckpt, (1, 16), (target, false, Residency::Whole, mtp), (free, 1 << 40));
+        assert!(fits(false).is_ok());
+        assert!(fits(true).is_err());
+        let more = |mtp| check_device(&ckpt, (1, 16), (target, false, Residency::Whole, mtp), (free + head, 1 << 40));
+        assert!(more(true).is_ok());
+    }
 
     /// A `cuda` run whose weights do not fit the GPU's free memory is refused with the numbers,
     /// before anything is uploaded; one that fits passes. (The GPU's memory is given, not read:
@@ -198,7 +261,7 @@ mod tests {
         let (working, logits) = working_set(&ckpt, (1, 32), target, false, Residency::Whole);
         assert_eq!(logits, 4 * 32 * ckpt.config.vocab_size as u64);
         assert!(working >= logits);
-        let fits = |free, res| check_device(&ckpt, (1, 32), (target, false, res), (free, 1 << 40));
+        let fits = |free, res| check_device(&ckpt, (1, 32), (target, false, res, false), (free, 1 << 40));
         assert!(fits(weights + working + DEVICE_UNCOUNTED, Residency::Whole).is_ok());
         let err = fits(weights + working + DEVICE_UNCOUNTED - 1, Residency::Whole).unwrap_err().to_string();
         let numbers = format!("its weights take {} there and its prefill's working set {}", gb(weights), gb(working));

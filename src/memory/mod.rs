@@ -16,7 +16,10 @@ use crate::model::absorbed::absorbed_from;
 use crate::model::attention::{self, Dims};
 
 mod device;
-pub use device::{check_device, check_gpu, device_copies, device_need, device_weights, DeviceNeed, DEVICE_UNCOUNTED};
+pub use device::{
+    check_device, check_gpu, device_copies, device_need, device_weights, mtp_device_copies, mtp_device_weights,
+    DeviceNeed, DEVICE_UNCOUNTED,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Estimate {
@@ -47,9 +50,9 @@ pub enum Residency {
 /// What a whole pass (the hook points `recording` names) of `batch x seq` tokens over `window`
 /// holds on `target`: on the CPU, [`estimate`] of a model packing its weights; on a device, the
 /// CPU model's weights as loaded, beside the copies the device holds in host memory
-/// ([`device_copies`]), but for the MTP layer where the window holds it, which runs on the CPU
-/// and packs its weights there. The activations are counted as the CPU's (the host's for
-/// `cpu-ops` and `cuda-emu`; more than `cuda` keeps on the host).
+/// ([`device_copies`]), the MTP layer's too where the window holds it (its head runs on the
+/// device). The activations are counted as the CPU's (the host's for `cpu-ops` and `cuda-emu`;
+/// more than `cuda` keeps on the host).
 pub fn estimate_on(
     target: Target,
     ckpt: &Checkpoint,
@@ -61,12 +64,8 @@ pub fn estimate_on(
         return estimate(ckpt, dims, window, Residency::Whole, recording, Passes::Many);
     }
     let mut est = estimate(ckpt, dims, window, Residency::Whole, recording, Passes::Elsewhere);
-    let mtp = ckpt.config.num_hidden_layers;
-    if window.contains(&mtp) {
-        // What packing the MTP layer adds to it as loaded (the embeddings and head count alike
-        // in both, and cancel).
-        let layer = |passes| estimate(ckpt, dims, &(mtp..=mtp), Residency::Whole, Recording::Nothing, passes).weights;
-        est.weights = est.weights.saturating_add(layer(Passes::Many).saturating_sub(layer(Passes::Elsewhere)));
+    if window.contains(&ckpt.config.num_hidden_layers) {
+        est.weights = est.weights.saturating_add(mtp_device_copies(ckpt, target));
     }
     est.weights = est.weights.saturating_add(device_copies(ckpt, target, Residency::Whole));
     est
@@ -435,7 +434,7 @@ pub fn check_run(
     hint: &str,
 ) -> Result<()> {
     check(&estimate_run(ckpt, dims, recording, (target, residency)), max, hint)?;
-    check_gpu(ckpt, dims, recording, target, residency)
+    check_gpu(ckpt, dims, recording, target, (residency, false))
 }
 
 /// [`check_run`]'s estimate.
@@ -484,7 +483,7 @@ pub fn check_sweep(ckpt: &Checkpoint, prompts: &[(usize, usize)], target: Target
     };
     est.activations = est.activations.saturating_add(sweep_held(ckpt, prompts));
     check(&est, max, "fewer or shorter prompts")?;
-    check_gpu(ckpt, dims, Recording::Nothing, target, Residency::Swept)
+    check_gpu(ckpt, dims, Recording::Nothing, target, (Residency::Swept, false))
 }
 
 /// The weights a whole-model run of `dims` tokens recording `recording` runs on `target`, once

@@ -143,3 +143,9 @@ pub fn check_positions(seq: usize) -> Result<()> {
         _ => Ok(()),
     }
 }
+
+/// What asking a streamed model (`--stream`) for the MTP head says: the head reuses the main
+/// model's embeddings and lm_head, which a streamed run does not keep.
+pub fn needs_resident() -> Error {
+    Error::Usage("the MTP head needs the resident model: it does not run with --stream".into())
+}

@@ -147,22 +147,24 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     let tmp = std::env::temp_dir().join(format!("{LIVE_PREFIX}{}-{call}.safetensors", std::process::id()));
     let owned = crate::output::Removal::new(tmp.clone());
     let mut writer = DumpWriter::create(&tmp, Selector::default(), crate::hooks::max_points(n))?;
-    // A reference that checks the MTP head (`golden/mtp`) gets it run too (on the CPU), from our
-    // final-norm hidden state, as `verify` and `run --mtp` do, where the checkpoint has the head
-    // (a quantised release may drop it: the main model is still compared). Not streamed: the
-    // head needs the resident model, and the title says it did not run.
+    // A reference that checks the MTP head (`golden/mtp`) gets it run too (where the prefill
+    // runs), from our final-norm hidden state, as `verify` and `run --mtp` do, where the
+    // checkpoint has the head (a quantised release may drop it: the main model is still
+    // compared). Not streamed: the head needs the resident model, and the title says it did not
+    // run.
     let checks_mtp = reference.as_ref().is_some_and(crate::verify::has_mtp) && crate::model::mtp::Mtp::present(&ckpt);
     let head = match (checks_mtp, weights) {
-        (true, Weights::Resident(model)) => Some((model, crate::model::mtp::Mtp::load(&ckpt)?)),
+        (true, Weights::Resident(_)) => Some(crate::model::mtp::Mtp::load(&ckpt)?),
         _ => None,
     };
     let mut final_norm = crate::hooks::Recorder::new(Selector::new("final_norm", None));
     crate::device::with_prefill(target, weights, |p| {
-        p.prefill(&tokens, &mut crate::hooks::Tee(&mut writer, &mut final_norm))
+        p.prefill(&tokens, &mut crate::hooks::Tee(&mut writer, &mut final_norm))?;
+        if let (Some(head), Some(h)) = (&head, final_norm.get(HookPoint::FinalNorm)) {
+            p.mtp(head, &h.narrow(1, 0, tokens.seq.saturating_sub(1))?, &tokens, &mut writer)?;
+        }
+        Ok(())
     })?;
-    if let (Some((model, head)), Some(h)) = (&head, final_norm.get(HookPoint::FinalNorm)) {
-        head.forward(model, &h.narrow(1, 0, tokens.seq.saturating_sub(1))?, &tokens, &mut writer)?;
-    }
     writer.finish(&dump::metadata("glimpse live run", Some(&ckpt.config_bytes), None))?;
     // Mapped, the dump outlives its name: removing the file now leaves none behind, however the
     // TUI ends (a kill included).
@@ -173,10 +175,9 @@ pub fn open(o: &Open) -> Result<DumpSource> {
         (true, false) => ", streamed",
         (true, true) => ", streamed: the MTP head not run",
     };
-    let live = match (target.backend, &head) {
-        (crate::device::Backend::Cpu, _) => format!("live{streamed}{skipped}"),
-        (_, None) => format!("live, {}{streamed}{skipped}", target.describe()),
-        (_, Some(_)) => format!("live, {}, the MTP head on the CPU{skipped}", target.describe()),
+    let live = match target.backend {
+        crate::device::Backend::Cpu => format!("live{streamed}{skipped}"),
+        _ => format!("live, {}{streamed}{skipped}", target.describe()),
     };
     let title = match &golden {
         Some(g) => format!("{} ({live}) vs reference {}", dir.display(), g.display()),

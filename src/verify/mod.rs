@@ -12,6 +12,7 @@ use candle_core::Tensor;
 
 use crate::compare::{self, Comparison, Detail, Tolerance};
 use crate::config::{Config, MlpKind};
+use crate::device::Prefill;
 use crate::dump::{Dump, Values};
 use crate::error::{Error, Result};
 use crate::flips;
@@ -489,12 +490,7 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
 /// dump: every main-model tensor the dump holds, with `opts`' replay and isolation (no layer
 /// window, no MTP head). `w` is the model `p` runs: its depth leaves the MTP layer's
 /// `layers.{N}.*` out of what must be produced, and its routers give the reference's margins.
-pub fn verify_prefill(
-    p: &dyn crate::device::Prefill,
-    w: Weights,
-    golden: &Dump,
-    opts: &VerifyOptions,
-) -> Result<Report> {
+pub fn verify_prefill(p: &dyn Prefill, w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Report> {
     let config = w.config();
     let layers = config.num_hidden_layers;
     let mut v = Verifier::with_options(golden, opts, config);
@@ -536,27 +532,33 @@ pub fn has_mtp(golden: &Dump) -> bool {
 }
 
 /// Adds the MTP head's comparisons to `report`: the reference's `mtp.*` and
-/// `layers.{num_hidden_layers}.*`. The head is fed our own final-norm hidden state, or with
+/// `layers.{num_hidden_layers}.*`, the head run where `p` runs the prefill. The head is fed our own final-norm hidden state, or with
 /// `isolate` the reference's `mtp.input_hidden`, so its own error is measured alone; ours, our
 /// final norm's, is compared with it all the same (a port that feeds its head another state, the
 /// one before the final norm, differs there and nowhere else).
-pub fn verify_mtp(model: &Model, mtp: &Mtp, golden: &Dump, opts: &VerifyOptions, report: &mut Report) -> Result<()> {
+pub fn verify_mtp(
+    p: &dyn Prefill,
+    (config, mtp): (&Config, &Mtp),
+    golden: &Dump,
+    opts: &VerifyOptions,
+    report: &mut Report,
+) -> Result<()> {
     let tokens = golden.tokens()?;
-    let mut v = Verifier::with_options(golden, opts, &model.config);
+    let mut v = Verifier::with_options(golden, opts, config);
     let ours = report.final_norm.as_ref().map(|h| h.narrow(1, 0, tokens.seq.saturating_sub(1))).transpose()?;
     let hidden = if report.isolate {
         if let Some(ours) = ours.filter(|_| v.wants(HookPoint::MtpInputHidden)) {
             v.observe(HookPoint::MtpInputHidden, &ours)?;
             v.compared = Some(HookPoint::MtpInputHidden);
         }
-        let shape = [tokens.batch, tokens.seq.saturating_sub(1), model.config.hidden_size];
+        let shape = [tokens.batch, tokens.seq.saturating_sub(1), config.hidden_size];
         golden.hidden(&HookPoint::MtpInputHidden.name(), shape)?
     } else {
         let missing = "has MTP tensors but no `final_norm` to check the main model's hidden state by";
         ours.ok_or_else(|| Error::dump(&golden.path, missing))?
     };
-    mtp.forward(model, &hidden, &tokens, &mut v)?;
-    v.attach_margins(&model.config, || Some(Routers::of_layers(&model.config, [&mtp.layer])));
+    p.mtp(mtp, &hidden, &tokens, &mut v)?;
+    v.attach_margins(config, || Some(Routers::of_layers(config, [&mtp.layer])));
     let produced: BTreeSet<String> = v.results.iter().map(|c| c.name.clone()).collect();
     report.only_in_reference.retain(|n| !produced.contains(n));
     report.results.extend(v.results);

@@ -105,17 +105,25 @@ pub fn assert_device_matches_every_golden_case<O: glimpse::device::Ops>(ops: &O)
     use glimpse::verify::{format_line, verify_prefill};
     for case in GOLDEN_CASES {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case);
-        let model = glimpse::model::Model::load(&glimpse::checkpoint::Checkpoint::open(&dir).unwrap()).unwrap();
+        let ckpt = glimpse::checkpoint::Checkpoint::open(&dir).unwrap();
+        let model = glimpse::model::Model::load(&ckpt).unwrap();
         let golden = glimpse::dump::Dump::open(&dir.join("reference.safetensors")).unwrap();
         let device = glimpse::device::forward::DeviceModel::new(ops, &model).unwrap();
-        let r =
+        let mut r =
             verify_prefill(&device, glimpse::model::Weights::Resident(&model), &golden, &Default::default()).unwrap();
+        // And the MTP head, on the device, where the reference checks it.
+        let mtp = glimpse::verify::has_mtp(&golden);
+        if mtp {
+            let head = glimpse::model::mtp::Mtp::load(&ckpt).unwrap();
+            glimpse::verify::verify_mtp(&device, (&model.config, &head), &golden, &Default::default(), &mut r).unwrap();
+        }
         let bad: Vec<String> = r.results.iter().filter(|c| !c.ok).map(format_line).collect();
         assert!(bad.is_empty(), "{case}:\n{}", bad.join("\n"));
         assert!(r.only_in_reference.is_empty(), "{case}: not produced: {:?}", r.only_in_reference);
-        assert!(
-            r.results.iter().any(|c| c.name == "layers.1.dsa.topk") && r.results.iter().any(|c| c.name == "logits")
-        );
+        assert_eq!(r.results.len(), golden.names().len(), "{case}: every tensor of the reference compared");
+        let compared = |name: &str| r.results.iter().any(|c| c.name == name);
+        assert!(compared("layers.1.dsa.topk") && compared("logits"));
+        assert_eq!(compared("mtp.logits"), mtp, "{case}");
         println!("{case}: {} tensors match", r.results.len());
     }
 }

@@ -1,5 +1,6 @@
 //! The launchers of `elementwise.cu`: SwiGLU over a stacked gate and up product, the residual
-//! additions, and the cut of a stacked product's output into buffers of their own (`columns`).
+//! additions, and copies of columns between buffers (`columns`): a stacked product's output cut
+//! into buffers of their own, or buffers put side by side.
 
 use super::{cfg, emu, fits, ints, per_item, row_block, Buf, Engine, Gpu, KernelArg};
 use crate::error::{Error, Result};
@@ -18,20 +19,22 @@ impl Gpu {
         launch!(self, "add", cfg(n, 256, 0), [a, b, out, &n64])
     }
 
-    /// out [rows, cols] = columns `col0 .. col0 + cols` of x [rows, width].
+    /// Columns `in_col0 .. in_col0 + cols` of x [rows, in_width] into columns `out_col0 ..` of
+    /// out [rows, out_width] (its other columns left as they are).
     pub fn columns(
         &self,
-        x: &Buf<f32>,
-        out: &mut Buf<f32>,
-        [rows, width]: [usize; 2],
-        col0: usize,
+        (x, [rows, in_width], in_col0): (&Buf<f32>, [usize; 2], usize),
+        (out, out_width, out_col0): (&mut Buf<f32>, usize, usize),
         cols: usize,
     ) -> Result<()> {
-        fits("columns", &[(x.len(), rows * width), (out.len(), rows * cols)])?;
-        if col0 + cols > width {
-            return Err(Error::Device(format!("columns: {col0}..{} past a row of {width}", col0 + cols)));
+        fits("columns", &[(x.len(), rows * in_width), (out.len(), rows * out_width)])?;
+        for (col0, width) in [(in_col0, in_width), (out_col0, out_width)] {
+            if col0 + cols > width {
+                return Err(Error::Device(format!("columns: {col0}..{} past a row of {width}", col0 + cols)));
+            }
         }
-        let [w32, c0, c32] = ints("columns", [width, col0, cols])?;
-        launch!(self, "columns", per_item(rows, row_block(cols, 256), 0), [x, out, &w32, &c0, &c32])
+        let args = ints("columns", [in_width, in_col0, out_width, out_col0, cols])?;
+        let [iw, ic, ow, oc, c] = &args;
+        launch!(self, "columns", per_item(rows, row_block(cols, 256), 0), [x, out, iw, ic, ow, oc, c])
     }
 }
