@@ -5,6 +5,7 @@ for example one written by `glimpse synth`.
     venv/bin/python golden/reference.py --model DIR --tokens "1,2,3;4,5,6" --out FILE.safetensors
     venv/bin/python golden/reference.py --model DIR --random-tokens B,S [--seed N] --out FILE.safetensors
     venv/bin/python golden/reference.py --model DIR --tokens-from DUMP --products bf16 --out FILE.safetensors
+    venv/bin/python golden/reference.py --model DIR --tokens-from DUMP --mtp --out FILE.safetensors
 
 Loading:
   * no FP8 weights: `GlmMoeDsaForCausalLM.from_pretrained(DIR, dtype=float32, eager attention,
@@ -14,6 +15,11 @@ Loading:
     (see golden/README.md), so the weights are dequantised here with fixed 128x128 blocks on a ceil
     grid (`q.float() * scale_inv`, last block partial) and loaded as a state dict, like
     golden/generate.py does for its FP8 case.
+
+`--mtp` also writes the MTP layer's forward (`mtp.*` and `layers.{N}.*`, N = num_hidden_layers),
+which transformers never runs, with golden/generate.py's `MtpBlock` (transformers' own decoder
+layer, and the glue the design notes define) on this run's `final_norm`, as generate.py writes
+golden/mtp's; with `--products bf16` its products are rounded too.
 
 `--products bf16` writes the reference for glimpse's bf16 mode (`--precision bf16`): the same f32
 run, except that every `torch.nn.functional.linear` (every projection, the router, each expert and
@@ -114,6 +120,19 @@ def to_transformers_names(cfg: dict, eff: dict[str, torch.Tensor]) -> dict[str, 
     n = G.hf_config(cfg).num_hidden_layers
     sd.update({k: v for k, v in fused.items() if int(k.split(".")[2]) < n})
     return sd
+
+
+def mtp_block(cfg: dict, model: GlmMoeDsaForCausalLM, effective: dict[str, torch.Tensor]):
+    """The MTP layer (model.layers.{N}), which transformers never runs, as golden/generate.py runs
+    golden/mtp's (`MtpBlock`, around transformers' own decoder layer), from the per-expert layout
+    that block loads."""
+    p = f"model.layers.{cfg['num_hidden_layers']}."
+    own = {k: v for k, v in effective.items() if k.startswith(p)}
+    if not own:
+        raise SystemExit(f"--mtp: the checkpoint holds no MTP layer ({p}*)")
+    if any(".mlp.experts.gate_up_proj" in k or ".mlp.experts.down_proj" in k for k in own):
+        raise SystemExit(f"--mtp: the MTP layer ({p}*) holds its experts fused; MtpBlock loads them per expert")
+    return G.build_mtp(model, own)
 
 
 def load_from_pretrained(model_dir: str, cfg: dict, sd: dict[str, torch.Tensor]) -> tuple[GlmMoeDsaForCausalLM, str]:
@@ -245,6 +264,11 @@ def main(argv=None) -> int:
         default="f32",
         help="f32 (default), or bf16: every linear's and the attention's operands rounded to bf16, f32 accumulation",
     )
+    ap.add_argument(
+        "--mtp",
+        action="store_true",
+        help="also the MTP layer's forward (mtp.*, layers.{N}.*), as golden/generate.py writes golden/mtp's",
+    )
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)  # model construction draws from the global RNG; its values are overwritten anyway
@@ -268,27 +292,31 @@ def main(argv=None) -> int:
 
     stored = read_checkpoint(args.model)
     kind = storage_kind(stored)
-    sd = to_transformers_names(cfg, effective_weights(stored))
+    effective = effective_weights(stored)
+    sd = to_transformers_names(cfg, effective)
     if kind == "fp8":
         model = G.build_model(cfg, sd)
         loader = "FP8 dequantised here, state dict loaded into GlmMoeDsaForCausalLM(config)"
     else:
         model, loader = load_from_pretrained(args.model, cfg, sd)
     del stored
+    mtp = mtp_block(cfg, model, effective) if args.mtp else None
+    own_head = f"model.layers.{cfg['num_hidden_layers']}.shared_head.head.weight" in effective
+    del effective
 
     if args.products == "bf16":
         with Bf16Products():
-            tensors, scores = G.run_reference(model, input_ids)
+            tensors, scores = G.run_reference(model, input_ids, mtp)
         # The patch must have reached every layer's attention, once each (transformers looks the
         # eager function up by name at each call; a version that bound it earlier would bypass it).
-        layers = cfg["num_hidden_layers"]
+        layers = cfg["num_hidden_layers"] + (mtp is not None)
         if Bf16Products.attention_calls != layers:
             raise SystemExit(f"bf16 attention ran {Bf16Products.attention_calls} times for {layers} layers")
     else:
-        tensors, scores = G.run_reference(model, input_ids)
-    checks = G.check_selections(cfg, sd, tensors, scores, model)
+        tensors, scores = G.run_reference(model, input_ids, mtp)
+    checks = G.check_selections(cfg, sd, tensors, scores, model, mtp)
     dump = G.dump_tensors(cfg, tensors, scores)
-    G.check_dump_shapes(cfg, dump, B, S)
+    G.check_dump_shapes(cfg, dump, B, S, mtp is not None)
 
     metadata = {
         "format": G.DUMP_FORMAT,
@@ -319,6 +347,8 @@ def main(argv=None) -> int:
         "f64_selection_agreement": f"{checks['f64_agree']}/{checks['f64_total']}",
         "extra_tensors": "layers.{i}.dsa.scores (full indexer layers): indexer scores [B,S,S], -inf where j > s",
     }
+    if mtp is not None:
+        metadata["mtp_reference"] = G.mtp_reference_text(cfg, own_head)
     if args.random_tokens is not None:
         metadata["seed"] = str(args.seed)
     out_dir = os.path.dirname(os.path.abspath(args.out))

@@ -310,7 +310,8 @@ fn selftest_on_the_emulation_passes_in_both_precisions() {
 }
 
 /// `verify --precision bf16` defaults to the case's reference with bf16 products, and matches it
-/// at 2e-2 with decisions replayed, where the f32 reference is out of reach of bf16 rounding.
+/// at 2e-2 with decisions replayed (golden/mtp's MTP head included), where the f32 reference is
+/// out of reach of bf16 rounding.
 #[test]
 fn bf16_verify_defaults_to_the_bf16_products_reference() {
     let args = ["verify", "--precision", "bf16", "--device", "cuda-emu", "--isolate", "--force-routing"];
@@ -318,6 +319,13 @@ fn bf16_verify_defaults_to_the_bf16_products_reference() {
     println!("{text}");
     assert_eq!(code, 0);
     assert!(text.contains("against golden/flat/reference-bf16.safetensors"), "{text}");
+    // golden/mtp's bf16 reference holds the MTP head, which runs on the device too: every tensor.
+    let reference = glimpse::dump::Dump::open(&common::golden("mtp").join("reference-bf16.safetensors")).unwrap();
+    let n = reference.names().len();
+    assert!(reference.contains("mtp.logits"));
+    let (code, text) = common::code_and_text(&[&args[..], &["--force-selection", "--model", "golden/mtp"]].concat());
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains(&format!("{n} of {n} tensors match")), "{text}");
     // bf16-fused's bf16 run lands 4.8e-2 from its f32 reference (flat's only 2.1e-2, within
     // atol + rtol |x|).
     let golden = ["--model", "golden/bf16-fused", "--golden", "golden/bf16-fused/reference.safetensors"];
