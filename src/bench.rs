@@ -96,7 +96,7 @@ pub fn run(
     let ckpt = Checkpoint::open(model_dir)?;
     // (The recorded passes record what a dump records by default.)
     let recording = crate::memory::Recording::of(&Default::default(), ckpt.config.num_hidden_layers);
-    let cpu = (Backend::Cpu.into(), crate::memory::Residency::Whole);
+    let cpu = (Backend::Cpu.into(), crate::memory::Residency::Whole, false);
     crate::memory::check_run(&ckpt, (1, tokens), recording, cpu, max_memory, "fewer --tokens")?;
     let model = Model::load(&ckpt)?;
     let load_s = t0.elapsed().as_secs_f64();

@@ -274,7 +274,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                                 &ckpt,
                                 dims,
                                 rec,
-                                (target, memory::Residency::Streamed),
+                                (target, memory::Residency::Streamed, false),
                                 max_memory,
                                 hint,
                             )?;
@@ -434,7 +434,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     &ckpt,
                     (1, tokens),
                     memory::Recording::Nothing,
-                    (target, memory::Residency::Whole),
+                    (target, memory::Residency::Whole, false),
                     max_memory,
                     "fewer --tokens",
                 )?;
@@ -665,7 +665,7 @@ fn verify_decode(
 ) -> Result<ExitCode> {
     let (dims, cpu) = ((tokens.batch, tokens.seq), Backend::Cpu.into());
     let whole = memory::Residency::Whole;
-    memory::check_run(ckpt, dims, memory::Recording::ALL, (cpu, whole), max, "a reference of fewer tokens")?;
+    memory::check_run(ckpt, dims, memory::Recording::ALL, (cpu, whole, false), max, "a reference of fewer tokens")?;
     let model = &Model::load(ckpt)?;
     println!("{}", glimpse::generate::cache_report(model, tokens.batch, tokens.seq, false));
     let report = glimpse::decode_check::check(model, tokens, chunk, tol)?;

@@ -11,7 +11,7 @@ use glimpse::dump::{self, Dump, DumpWriter};
 use glimpse::error::{Context, Error, Result};
 use glimpse::hooks::{NonFiniteWatch, Selector, Tee};
 use glimpse::memory;
-use glimpse::model::stream::{self, Start, Weights};
+use glimpse::model::stream::{self, Start};
 use glimpse::model::Tokens;
 
 use crate::cli::RunArgs;
@@ -34,8 +34,7 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
         device,
         gpu,
     } = args;
-    let cpu_only =
-        [("--layers", layers.is_some()), ("--from-dump", from_dump.is_some()), ("--resume", resume), ("--mtp", mtp)];
+    let cpu_only = [("--layers", layers.is_some()), ("--from-dump", from_dump.is_some()), ("--resume", resume)];
     let target = gpu.target(device, &cpu_only)?;
     let ckpt = Checkpoint::open(&model)?;
     // Checked before any weight loads: a typo in --record is found at once.
@@ -69,7 +68,8 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
     }
     warn_past_positions(&ckpt.config, tokens.seq);
     if device != Backend::Cpu {
-        return run_on_device(&ckpt, &model, (&tokens, stream), out.as_deref(), selector, target, max_memory);
+        let run = (&tokens, stream, mtp_head.as_ref());
+        return run_on_device(&ckpt, &model, run, out.as_deref(), selector, target, max_memory);
     }
     if let Some(window) = &layers {
         stream::check_window(&ckpt.config, window)?;
@@ -145,7 +145,7 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
                 }
             }
             if let Some(head) = &mtp_head {
-                run_mtp(weights, head, &final_norm, &tokens, &mut Tee(&mut writer, &mut watch))?;
+                run_mtp(&weights, head, &final_norm, &tokens, &mut Tee(&mut writer, &mut watch))?;
             }
             let meta = dump::metadata(
                 &format!("glimpse {} / candle, float32, cpu", env!("CARGO_PKG_VERSION")),
@@ -159,7 +159,7 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
         None => {
             let logits = stream::run(weights, &tokens, layers, start, &mut Tee(&mut watch, &mut final_norm))?;
             if let Some(head) = &mtp_head {
-                run_mtp(weights, head, &final_norm, &tokens, &mut watch)?;
+                run_mtp(&weights, head, &final_norm, &tokens, &mut watch)?;
             }
             logits
         }
@@ -194,7 +194,7 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
 fn run_on_device(
     ckpt: &Checkpoint,
     dir: &Path,
-    (tokens, stream): (&Tokens, bool),
+    (tokens, stream, mtp): (&Tokens, bool, Option<&glimpse::model::mtp::Mtp>),
     out: Option<&Path>,
     selector: Selector,
     device: Target,
@@ -204,14 +204,22 @@ fn run_on_device(
     let (recording, dims) = (memory::Recording::to(out, &selector, n), (tokens.batch, tokens.seq));
     let mut resident = None;
     let residency = if stream { memory::Residency::Streamed } else { memory::Residency::Whole };
-    let weights = memory::load_for_run(ckpt, &mut resident, (dims, recording), (device, residency), max)?;
+    let held = (device, residency, mtp.is_some());
+    let weights = memory::load_for_run(ckpt, &mut resident, (dims, recording), held, max)?;
     let mut watch = NonFiniteWatch::default();
+    let mut final_norm = glimpse::hooks::Recorder::new(Selector::new("final_norm", None));
+    // The prefill, then with --mtp the head (where the prefill ran) from its final norm.
+    let mut run = |p: &dyn glimpse::device::Prefill, obs: &mut dyn glimpse::hooks::Observer| {
+        let logits = p.prefill(tokens, &mut Tee(obs, &mut final_norm))?;
+        if let Some(head) = mtp {
+            run_mtp(p, head, &final_norm, tokens, obs)?;
+        }
+        Ok(logits)
+    };
     let logits = match out {
         Some(path) => {
             let mut writer = DumpWriter::create(path, selector, glimpse::hooks::max_points(n))?;
-            let logits = glimpse::device::with_prefill(device, weights, |p| {
-                p.prefill(tokens, &mut Tee(&mut writer, &mut watch))
-            })?;
+            let logits = glimpse::device::with_prefill(device, weights, |p| run(p, &mut Tee(&mut writer, &mut watch)))?;
             let source =
                 format!("glimpse {} / device forward pass on {}", env!("CARGO_PKG_VERSION"), device.describe());
             let meta = dump::metadata(&source, Some(&ckpt.config_bytes), Some(&dir.display().to_string()));
@@ -219,7 +227,7 @@ fn run_on_device(
             println!("wrote {n} tensors to {}", path.display());
             logits
         }
-        None => glimpse::device::with_prefill(device, weights, |p| p.prefill(tokens, &mut watch))?,
+        None => glimpse::device::with_prefill(device, weights, |p| run(p, &mut watch))?,
     };
     if let Some(nf) = &watch.first {
         eprintln!("glimpse: warning: first NaN/Inf of the run: {nf}");
@@ -230,23 +238,20 @@ fn run_on_device(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `run --mtp`: the MTP head over the run's tokens from the final-norm hidden state the run
-/// recorded; prints each row's draft for the token after the last.
+/// `run --mtp`: the MTP head over the run's tokens, where `p` ran them, from the final-norm
+/// hidden state the run recorded; prints each row's draft for the token after the last.
 fn run_mtp(
-    weights: Weights,
+    p: &dyn glimpse::device::Prefill,
     head: &glimpse::model::mtp::Mtp,
     final_norm: &glimpse::hooks::Recorder,
     tokens: &Tokens,
     obs: &mut dyn glimpse::hooks::Observer,
 ) -> Result<()> {
-    let Weights::Resident(model) = weights else {
-        return Err(Error::Usage("--mtp needs resident weights (not --stream)".into()));
-    };
     let h = final_norm
         .get(glimpse::hooks::HookPoint::FinalNorm)
         .ok_or_else(|| Error::Usage("--mtp: the run produced no final_norm".into()))?;
     let h = h.narrow(1, 0, tokens.seq.saturating_sub(1))?;
-    let drafts = glimpse::model::decode::last_argmax(&head.forward(model, &h, tokens, obs)?)?;
+    let drafts = glimpse::model::decode::last_argmax(&p.mtp(head, &h, tokens, obs)?)?;
     for (row, d) in drafts.iter().enumerate() {
         println!("row {row}: mtp draft for the token after next {d}");
     }

@@ -75,7 +75,7 @@ fn cases(
             &ckpt,
             (tokens.batch, tokens.seq),
             crate::memory::Recording::Nothing,
-            (target, crate::memory::Residency::Whole),
+            (target, crate::memory::Residency::Whole, verify::has_mtp(&golden)),
             max,
             "a machine with more memory",
         )

@@ -188,33 +188,43 @@ fn drafts_after_a_rows_eos_are_not_counted() {
 }
 
 /// `run --mtp --dump` writes the MTP head's tensors beside the main model's: `diff` against the
-/// `golden/mtp` reference compares all of them (mtp.input_hidden included) and they match.
+/// `golden/mtp` reference compares all of them (mtp.input_hidden included) and they match. On
+/// the device path too, whose drafts are the CPU's.
 #[test]
 fn run_mtp_dump_diffs_clean_against_the_reference() {
     let dir = case();
     let reference = dir.join("reference.safetensors");
     let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("mtp.safetensors");
-    let (code, text) = common::code_and_text(&[
-        "run",
-        "--model",
-        dir.to_str().unwrap(),
-        "--tokens-from",
-        reference.to_str().unwrap(),
-        "--mtp",
-        "--record",
-        "*,*.dsa.scores",
-        "--dump",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{text}");
-    assert!(text.contains("row 1: mtp draft for the token after next"), "{text}");
-    let (code, text) = common::code_and_text(&["diff", out.to_str().unwrap(), reference.to_str().unwrap()]);
-    assert_eq!(code, 0, "{text}");
-    let names = Dump::open(&reference).unwrap().names().len();
-    assert!(text.contains(&format!("{names} of {names} common tensors match")), "{text}");
-    let only_ref = format!("only in {}", reference.display());
-    assert!(!text.contains(&only_ref), "every reference tensor was produced: {text}");
+    let mut drafts = Vec::new();
+    for device in ["cpu", "cpu-ops"] {
+        let out = tmp.path().join(format!("mtp-{device}.safetensors"));
+        let (code, text) = common::code_and_text(&[
+            "run",
+            "--model",
+            dir.to_str().unwrap(),
+            "--tokens-from",
+            reference.to_str().unwrap(),
+            "--mtp",
+            "--record",
+            "*,*.dsa.scores",
+            "--dump",
+            out.to_str().unwrap(),
+            "--device",
+            device,
+        ]);
+        assert_eq!(code, 0, "{device}: {text}");
+        let drafted: Vec<String> =
+            text.lines().filter(|l| l.contains(": mtp draft for the token after next")).map(String::from).collect();
+        assert_eq!(drafted.len(), 2, "{device}: {text}");
+        drafts.push(drafted);
+        let (code, text) = common::code_and_text(&["diff", out.to_str().unwrap(), reference.to_str().unwrap()]);
+        assert_eq!(code, 0, "{device}: {text}");
+        let names = Dump::open(&reference).unwrap().names().len();
+        assert!(text.contains(&format!("{names} of {names} common tensors match")), "{device}: {text}");
+        let only_ref = format!("only in {}", reference.display());
+        assert!(!text.contains(&only_ref), "{device}: every reference tensor was produced: {text}");
+    }
+    assert_eq!(drafts[0], drafts[1]);
 }
 
 /// `verify` checks the MTP head the reference holds on every path that runs the whole model:

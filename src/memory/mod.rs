@@ -429,24 +429,27 @@ pub fn check_run(
     ckpt: &Checkpoint,
     dims: (usize, usize),
     recording: Recording,
-    (target, residency): (Target, Residency),
+    (target, residency, mtp): (Target, Residency, bool),
     max: Option<u64>,
     hint: &str,
 ) -> Result<()> {
-    check(&estimate_run(ckpt, dims, recording, (target, residency)), max, hint)?;
-    check_gpu(ckpt, dims, recording, target, (residency, false))
+    check(&estimate_run(ckpt, dims, recording, (target, residency, mtp)), max, hint)?;
+    check_gpu(ckpt, dims, recording, target, (residency, mtp))
 }
 
-/// [`check_run`]'s estimate.
+/// [`check_run`]'s estimate; with `mtp` (a resident run), the MTP head's layer too.
 fn estimate_run(
     ckpt: &Checkpoint,
     dims: (usize, usize),
     recording: Recording,
-    (target, residency): (Target, Residency),
+    (target, residency, mtp): (Target, Residency, bool),
 ) -> Estimate {
     let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
     match (residency, target.backend) {
-        (Residency::Whole, _) => estimate_on(target, ckpt, dims, &all, recording),
+        (Residency::Whole, _) => {
+            let window = 0..=*all.end() + usize::from(mtp);
+            estimate_on(target, ckpt, dims, &window, recording)
+        }
         (Residency::Streamed | Residency::Swept, Backend::Cpu) => {
             estimate(ckpt, dims, &all, residency, recording, Passes::One)
         }
@@ -479,7 +482,7 @@ pub fn check_sweep(ckpt: &Checkpoint, prompts: &[(usize, usize)], target: Target
             let passes = if mixed { Passes::Many } else { Passes::One };
             estimate(ckpt, dims, &all, Residency::Swept, Recording::Nothing, passes)
         }
-        _ => estimate_run(ckpt, dims, Recording::Nothing, (target, Residency::Swept)),
+        _ => estimate_run(ckpt, dims, Recording::Nothing, (target, Residency::Swept, false)),
     };
     est.activations = est.activations.saturating_add(sweep_held(ckpt, prompts));
     check(&est, max, "fewer or shorter prompts")?;
@@ -494,19 +497,20 @@ pub fn load_for_run<'a>(
     ckpt: &'a Checkpoint,
     resident: &'a mut Option<crate::model::Model>,
     (dims, recording): ((usize, usize), Recording),
-    (target, residency): (Target, Residency),
+    (target, residency, mtp): (Target, Residency, bool),
     max: Option<u64>,
 ) -> Result<crate::model::Weights<'a>> {
     let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
     Ok(match residency {
-        // (A run reaches the head: whatever it is given, it is counted as streamed.)
+        // (A run reaches the head: whatever it is given, it is counted as streamed. It runs no
+        // MTP head.)
         Residency::Streamed | Residency::Swept => {
-            check_run(ckpt, dims, recording, (target, Residency::Streamed), max, "fewer tokens")?;
+            check_run(ckpt, dims, recording, (target, Residency::Streamed, false), max, "fewer tokens")?;
             crate::model::stream::check_streamed(ckpt, &all)?;
             crate::model::Weights::Streamed(ckpt)
         }
         Residency::Whole => {
-            check_run(ckpt, dims, recording, (target, residency), max, "fewer tokens, or --stream")?;
+            check_run(ckpt, dims, recording, (target, residency, mtp), max, "fewer tokens, or --stream")?;
             crate::model::Weights::Resident(resident.insert(crate::model::Model::load(ckpt)?))
         }
     })
@@ -733,7 +737,7 @@ mod tests {
                 &ckpt,
                 (1, 5003),
                 Recording::Nothing,
-                (Backend::Cpu.into(), Residency::Whole),
+                (Backend::Cpu.into(), Residency::Whole, false),
                 limit,
                 ""
             )
@@ -747,7 +751,7 @@ mod tests {
                 &ckpt,
                 (1, 1 << 40),
                 Recording::ALL,
-                (Backend::Cpu.into(), Residency::Whole),
+                (Backend::Cpu.into(), Residency::Whole, false),
                 Some(u64::MAX - 1),
                 ""
             )

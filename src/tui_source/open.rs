@@ -12,7 +12,7 @@ use crate::error::{Context, Error, Result};
 use crate::hooks::{HookPoint, Selector};
 use crate::memory::Residency;
 use crate::model::moe::Routers;
-use crate::model::{Tokens, Weights};
+use crate::model::Tokens;
 
 /// What the TUI opens (`glimpse tui`'s arguments).
 pub struct Open<'a> {
@@ -137,8 +137,20 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     let (dims, recording) = ((tokens.batch, tokens.seq), crate::memory::Recording::of(&Selector::default(), n));
     let mut resident = None;
     let residency = if stream { Residency::Streamed } else { Residency::Whole };
-    let weights =
-        crate::memory::load_for_run(&ckpt, &mut resident, (dims, recording), (target, residency), max_memory)?;
+    // A reference that checks the MTP head (`golden/mtp`) gets it run too (where the prefill
+    // runs), from our final-norm hidden state, as `verify` and `run --mtp` do, where the
+    // checkpoint has the head (a quantised release may drop it: the main model is still
+    // compared). Not streamed: the head needs the resident model, and the title says it did not
+    // run.
+    let checks_mtp = reference.as_ref().is_some_and(crate::verify::has_mtp) && crate::model::mtp::Mtp::present(&ckpt);
+    let runs_mtp = checks_mtp && !stream;
+    let weights = crate::memory::load_for_run(
+        &ckpt,
+        &mut resident,
+        (dims, recording),
+        (target, residency, runs_mtp),
+        max_memory,
+    )?;
     // Named by process and by call: two live runs of one process (tests in threads) must not
     // share the file.
     static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -147,15 +159,9 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     let tmp = std::env::temp_dir().join(format!("{LIVE_PREFIX}{}-{call}.safetensors", std::process::id()));
     let owned = crate::output::Removal::new(tmp.clone());
     let mut writer = DumpWriter::create(&tmp, Selector::default(), crate::hooks::max_points(n))?;
-    // A reference that checks the MTP head (`golden/mtp`) gets it run too (where the prefill
-    // runs), from our final-norm hidden state, as `verify` and `run --mtp` do, where the
-    // checkpoint has the head (a quantised release may drop it: the main model is still
-    // compared). Not streamed: the head needs the resident model, and the title says it did not
-    // run.
-    let checks_mtp = reference.as_ref().is_some_and(crate::verify::has_mtp) && crate::model::mtp::Mtp::present(&ckpt);
-    let head = match (checks_mtp, weights) {
-        (true, Weights::Resident(_)) => Some(crate::model::mtp::Mtp::load(&ckpt)?),
-        _ => None,
+    let head = match runs_mtp {
+        true => Some(crate::model::mtp::Mtp::load(&ckpt)?),
+        false => None,
     };
     let mut final_norm = crate::hooks::Recorder::new(Selector::new("final_norm", None));
     crate::device::with_prefill(target, weights, |p| {
