@@ -174,19 +174,7 @@ static LIVE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 #[test]
 fn the_live_run_can_go_through_the_device_path() {
     let _one_live_run_at_a_time = LIVE.lock();
-    let src = glimpse::tui_source::open(&glimpse::tui_source::Open {
-        model: Some(&flat()),
-        golden: None,
-        dump: None,
-        tokens: None,
-        prompt: None,
-        max_memory: None,
-        target: glimpse::device::Backend::CpuOps.into(),
-        stream: false,
-        near_tie: None,
-        tol: Default::default(),
-    })
-    .unwrap();
+    let src = open_live(&flat(), glimpse::device::Backend::CpuOps, false);
     let mut app = App::default();
     let s = screen(&app, &src, 100, 24);
     assert!(s.contains("(live, cpu-ops, float32) vs reference"), "{s}");
@@ -203,21 +191,6 @@ fn the_live_run_can_go_through_the_device_path() {
 #[test]
 fn a_streamed_live_run_shows_what_the_resident_one_shows() {
     let _one_live_run_at_a_time = LIVE.lock();
-    let open = |model: &Path, backend: glimpse::device::Backend, stream: bool| {
-        glimpse::tui_source::open(&glimpse::tui_source::Open {
-            model: Some(model),
-            golden: None,
-            dump: None,
-            tokens: None,
-            prompt: None,
-            max_memory: None,
-            target: backend.into(),
-            stream,
-            near_tie: None,
-            tol: Default::default(),
-        })
-        .unwrap()
-    };
     let screens = |src: &DumpSource| -> Vec<String> {
         let mut app = App::default();
         View::ALL
@@ -232,13 +205,13 @@ fn a_streamed_live_run_shows_what_the_resident_one_shows() {
     for (backend, label) in
         [(glimpse::device::Backend::Cpu, "live"), (glimpse::device::Backend::CpuOps, "live, cpu-ops, float32")]
     {
-        let (whole, streamed) = (open(&flat(), backend, false), open(&flat(), backend, true));
+        let (whole, streamed) = (open_live(&flat(), backend, false), open_live(&flat(), backend, true));
         assert_eq!(screens(&whole), screens(&streamed), "{label}");
         let s = screen(&App::default(), &streamed, 100, 24);
         assert!(s.contains(&format!("({label}, streamed) vs reference")), "{s}");
         assert!(streamed.layers().iter().all(|l| l.status.label() == "match"), "{s}");
     }
-    let mtp = open(&flat().with_file_name("mtp"), glimpse::device::Backend::Cpu, true);
+    let mtp = open_live(&flat().with_file_name("mtp"), glimpse::device::Backend::Cpu, true);
     let s = screen(&App::default(), &mtp, 120, 24);
     assert!(s.contains("(live, streamed: the MTP head not run) vs reference"), "{s}");
 }
@@ -250,19 +223,7 @@ fn a_streamed_live_run_shows_what_the_resident_one_shows() {
 fn the_live_run_of_a_reference_with_the_mtp_head_runs_it() {
     let _one_live_run_at_a_time = LIVE.lock();
     for backend in [glimpse::device::Backend::Cpu, glimpse::device::Backend::CpuOps] {
-        let src = glimpse::tui_source::open(&glimpse::tui_source::Open {
-            model: Some(&flat().with_file_name("mtp")),
-            golden: None,
-            dump: None,
-            tokens: None,
-            prompt: None,
-            max_memory: None,
-            target: backend.into(),
-            stream: false,
-            near_tie: None,
-            tol: Default::default(),
-        })
-        .unwrap();
+        let src = open_live(&flat().with_file_name("mtp"), backend, false);
         let s = screen(&App::default(), &src, 100, 24);
         assert!(line_with(&s, "│3 ").contains("mtp") && line_with(&s, "│3 ").contains("match"), "{s}");
         let head: Vec<String> = src.hooks(glimpse_tui::Part::Head).into_iter().map(|h| h.name).collect();
@@ -444,6 +405,24 @@ fn another_models_checkpoint_is_said() {
     );
     app.handle_key(j, &other);
     assert!(screen(&app, &other, 160, 24).contains("not the config.json"));
+}
+
+/// `tui --model DIR [--device ...] [--stream]`: a live run of the folder's reference tokens, as the
+/// binary opens it.
+fn open_live(model: &Path, backend: glimpse::device::Backend, stream: bool) -> DumpSource {
+    glimpse::tui_source::open(&glimpse::tui_source::Open {
+        model: Some(model),
+        golden: None,
+        dump: None,
+        tokens: None,
+        prompt: None,
+        max_memory: None,
+        target: backend.into(),
+        stream,
+        near_tie: None,
+        tol: Default::default(),
+    })
+    .unwrap()
 }
 
 /// `tui --dump DUMP [--golden REF] [--model DIR]` as the binary opens it, at the default tolerance.
