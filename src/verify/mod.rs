@@ -532,10 +532,10 @@ pub fn has_mtp(golden: &Dump) -> bool {
 }
 
 /// Adds the MTP head's comparisons to `report`: the reference's `mtp.*` and
-/// `layers.{num_hidden_layers}.*`, the head run where `p` runs the prefill. The head is fed our own final-norm hidden state, or with
-/// `isolate` the reference's `mtp.input_hidden`, so its own error is measured alone; ours, our
-/// final norm's, is compared with it all the same (a port that feeds its head another state, the
-/// one before the final norm, differs there and nowhere else).
+/// `layers.{num_hidden_layers}.*`, the head run where `p` runs the prefill. The head is fed our
+/// own final-norm hidden state, or with `isolate` the reference's `mtp.input_hidden`, so its own
+/// error is measured alone; ours, our final norm's, is compared with it all the same (a port that
+/// feeds its head another state, the one before the final norm, differs there and nowhere else).
 pub fn verify_mtp(
     p: &dyn Prefill,
     (config, mtp): (&Config, &Mtp),
