@@ -209,12 +209,14 @@ fn run_on_device(
     let mut watch = NonFiniteWatch::default();
     let mut final_norm = glimpse::hooks::Recorder::new(Selector::new("final_norm", None));
     // The prefill, then with --mtp the head (where the prefill ran) from its final norm.
-    let mut run = |p: &dyn glimpse::device::Prefill, obs: &mut dyn glimpse::hooks::Observer| {
-        let logits = p.prefill(tokens, &mut Tee(obs, &mut final_norm))?;
-        if let Some(head) = mtp {
+    // (The final norm is copied back only for the head.)
+    let mut run = |p: &dyn glimpse::device::Prefill, obs: &mut dyn glimpse::hooks::Observer| match mtp {
+        Some(head) => {
+            let logits = p.prefill(tokens, &mut Tee(obs, &mut final_norm))?;
             run_mtp(p, head, &final_norm, tokens, obs)?;
+            Ok(logits)
         }
-        Ok(logits)
+        None => p.prefill(tokens, obs),
     };
     let logits = match out {
         Some(path) => {

@@ -253,3 +253,33 @@ fn run_mtp_of_one_token_is_refused_before_the_run() {
     common::assert_error(&o, "the MTP head needs at least 2 tokens");
     assert!(o.stdout.is_empty(), "{}", String::from_utf8_lossy(&o.stdout));
 }
+
+/// `verify --force-routing` replays the reference's expert choices in the MTP head's layer too,
+/// on the CPU and on the device path: a reference whose layer-3 (the head's) routing of one
+/// token names other experts is matched there with the replay (ours then takes them), and
+/// flagged without it. (The head took no replay before: its layer chose its own.)
+#[test]
+fn verify_replays_the_mtp_layers_routing() {
+    let dir = case();
+    let tmp = tempfile::tempdir().unwrap();
+    let edited = tmp.path().join("other-route.safetensors");
+    common::edit_ints(&dir.join("reference.safetensors"), &edited, "layers.3.moe.topk_ids", |ids, shape| {
+        // Token 0's choices, each moved to the next expert not chosen (a set of the same size).
+        let (k, experts) = (shape[1], 8);
+        let row: Vec<i64> = ids[..k].to_vec();
+        let mut free = (0..experts).filter(|e| !row.contains(e));
+        for id in ids[..k].iter_mut() {
+            *id = free.next().unwrap();
+        }
+    });
+    let m = dir.to_str().unwrap();
+    for device in ["cpu", "cpu-ops"] {
+        let verify = ["verify", "--model", m, "--golden", edited.to_str().unwrap(), "--device", device];
+        let (_, text) = common::code_and_text(&[&verify[..], &["--force-routing"]].concat());
+        let line = |name: &str| text.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_string();
+        assert!(line("layers.3.moe.topk_ids ").contains(" ok "), "{device}: {text}");
+        let (_, text) = common::code_and_text(&verify);
+        let line = |name: &str| text.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_string();
+        assert!(line("layers.3.moe.topk_ids ").contains("1/30 rows differ"), "{device}: {text}");
+    }
+}

@@ -127,6 +127,9 @@ pub fn collect_with_other(
             let dims = (largest.batch, largest.seq);
             let est = crate::memory::estimate_on(target, c, dims, &layers, crate::memory::Recording::Nothing);
             crate::memory::check(&est, max_memory, "shorter prompts, or --stream")?;
+            // And on a GPU its memory, the head's layer included where it runs there.
+            let held = (Residency::Whole, live && mtp);
+            crate::memory::check_gpu(c, dims, crate::memory::Recording::Nothing, target, held)?;
         }
         for (path, tokens) in [(prompts.map(|p| p.0), &prompt_tokens), (other, &other_tokens)] {
             let longest = tokens.iter().max_by_key(|(_, t)| t.seq);

@@ -65,11 +65,11 @@ fn mtp_layer(ckpt: &Checkpoint, bytes: impl Fn(&str) -> u64) -> u64 {
 }
 
 /// Tensor `n` as a device holds it: every matrix but the embeddings as [`as_matrix`]; the rest
-/// (the embeddings when resident, norms, the correction bias, FP8's scale grids, which count
-/// with their codes there) as f32.
+/// (the embeddings when resident, the MTP head's own where it has them, norms, the correction
+/// bias, FP8's scale grids) as f32.
 fn uploaded(ckpt: &Checkpoint, precision: crate::device::Precision, n: &str) -> u64 {
     let matrix = ckpt.shape(n).is_some_and(|s| s.len() >= 2);
-    match matrix && n != "model.embed_tokens.weight" && !n.ends_with("_scale_inv") {
+    match matrix && !n.ends_with("embed_tokens.weight") && !n.ends_with("_scale_inv") {
         true => as_matrix(ckpt, precision, n),
         false => 4 * numel(ckpt, n),
     }
@@ -133,6 +133,10 @@ pub fn check_device(
     }
     let prefill = format!("its prefill's working set {} (of which logits {})", gb(working), gb(logits));
     let (held, working, try_instead) = match residency {
+        // (The MTP head needs the resident model: no --stream to suggest.)
+        Residency::Whole if mtp => {
+            ("its weights, the MTP head's layer included, take", prefill, "a checkpoint of fewer layers, fewer tokens")
+        }
         Residency::Whole => ("its weights take", prefill, "--stream, a checkpoint of fewer layers, fewer tokens"),
         Residency::Streamed => ("its largest layer or its head takes", prefill, "fewer tokens"),
         Residency::Swept => (
@@ -245,7 +249,8 @@ mod tests {
         let free = weights + working + DEVICE_UNCOUNTED;
         let fits = |mtp| check_device(&ckpt, (1, 16), (target, false, Residency::Whole, mtp), (free, 1 << 40));
         assert!(fits(false).is_ok());
-        assert!(fits(true).is_err());
+        let err = fits(true).unwrap_err().to_string();
+        assert!(err.contains("the MTP head's layer included") && !err.contains("--stream"), "{err}");
         let more = |mtp| check_device(&ckpt, (1, 16), (target, false, Residency::Whole, mtp), (free + head, 1 << 40));
         assert!(more(true).is_ok());
     }

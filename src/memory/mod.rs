@@ -510,7 +510,9 @@ pub fn load_for_run<'a>(
             crate::model::Weights::Streamed(ckpt)
         }
         Residency::Whole => {
-            check_run(ckpt, dims, recording, (target, residency, mtp), max, "fewer tokens, or --stream")?;
+            // (The MTP head needs the resident model: no --stream to suggest with it.)
+            let hint = if mtp { "fewer tokens" } else { "fewer tokens, or --stream" };
+            check_run(ckpt, dims, recording, (target, residency, mtp), max, hint)?;
             crate::model::Weights::Resident(resident.insert(crate::model::Model::load(ckpt)?))
         }
     })

@@ -264,7 +264,12 @@ impl Observer for Verifier<'_> {
             return Ok(None);
         }
         let tokens = self.golden.tokens()?;
-        Ok(Some(self.golden.selection(&name, tokens.batch, tokens.seq)?))
+        // The layer's own positions: the MTP layer's rows are one position shorter.
+        let seq = match layer == self.config.as_ref().map_or(usize::MAX, |c| c.num_hidden_layers) {
+            true => tokens.seq.saturating_sub(1),
+            false => tokens.seq,
+        };
+        Ok(Some(self.golden.selection(&name, tokens.batch, seq)?))
     }
 
     fn isolated_input(&mut self, layer: usize) -> Result<Option<Tensor>> {
@@ -545,6 +550,8 @@ pub fn verify_mtp(
 ) -> Result<()> {
     let tokens = golden.tokens()?;
     let mut v = Verifier::with_options(golden, opts, config);
+    // The head's layer takes the reference's decisions too, as the main layers did.
+    v.replay = opts.replay;
     let ours = report.final_norm.as_ref().map(|h| h.narrow(1, 0, tokens.seq.saturating_sub(1))).transpose()?;
     let hidden = if report.isolate {
         if let Some(ours) = ours.filter(|_| v.wants(HookPoint::MtpInputHidden)) {
