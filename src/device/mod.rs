@@ -197,7 +197,7 @@ impl Prefill for Weights<'_> {
     }
     fn mtp(&self, head: &Mtp, hidden: &Tensor, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
         match self {
-            Weights::Resident(model) => head.forward(model, hidden, tokens, obs),
+            Weights::Resident(model) => model.mtp(head, hidden, tokens, obs),
             Weights::Streamed(_) => Err(crate::model::mtp::needs_resident()),
         }
     }
