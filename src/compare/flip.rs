@@ -1,6 +1,6 @@
 //! A flip (a row whose selected set differs between two runs: routing or DSA), the margins and
 //! leads that decided it on each side, how far its keys moved, and why one rule cannot have made
-//! it. `flips.rs` measures these; this is what a comparison records of them.
+//! it. `crate::flips` measures these; this is what a comparison records of them.
 
 use super::{Comparison, Detail};
 

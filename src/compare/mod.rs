@@ -282,7 +282,8 @@ fn compare_floats_keyed(
 ) -> (bool, Detail) {
     let (mut max_abs, mut max_rel, mut bad, mut sum_abs) = (0f64, 0f64, 0usize, 0f64);
     let (mut err2, mut ref2, mut ours2, mut dot) = (0f64, 0f64, 0f64, 0f64);
-    let (mut worst, mut undefined, mut first) = ((f64::NEG_INFINITY, 0usize), false, None::<usize>);
+    let (mut worst, mut worst_ok) = ((f64::NEG_INFINITY, None::<usize>), (f64::NEG_INFINITY, 0usize));
+    let (mut undefined, mut first) = (false, None::<usize>);
     // Infinities both sides hold (the `-inf` past each query in `dsa.scores`, the `+inf` margin
     // of a query that keeps every key) are no data: the counts and the mean leave them out.
     let mut shared_infinities = 0usize;
@@ -309,22 +310,27 @@ fn compare_floats_keyed(
             _ => f64::INFINITY,
         };
         max_rel = max_rel.max(rel);
-        // Rank by how far past the tolerance an element is, so the worst *offender* is shown.
-        let excess = if ok { err - 1e300 } else { err - (tol.atol + tol.rtol * e64.abs()) };
-        let excess = if excess.is_nan() { f64::INFINITY } else { excess };
-        if !ok {
+        // The worst *offender* is the one furthest past the tolerance; with none, the largest
+        // error is shown.
+        if ok {
+            if err > worst_ok.0 {
+                worst_ok = (err, i);
+            }
+        } else {
             bad += 1;
             if first.is_none_or(|f| key(i) < key(f)) {
                 first = Some(i);
             }
-        }
-        if excess > worst.0 {
-            worst = (excess, i);
+            let excess = err - (tol.atol + tol.rtol * e64.abs());
+            let excess = if excess.is_nan() { f64::INFINITY } else { excess };
+            if excess > worst.0 {
+                worst = (excess, Some(i));
+            }
         }
     }
     let total = reference.len() - shared_infinities;
     let n = total.max(1) as f64;
-    let i = worst.1;
+    let i = worst.1.unwrap_or(worst_ok.1);
     let detail = Detail::Float {
         max_abs,
         worst_at: coord(shape, i),

@@ -196,6 +196,11 @@ fn float_rule_follows_the_spec() {
     assert_eq!((worst_at.as_slice(), first_at.as_slice()), (&[2][..], &[1][..]));
     let c = Comparison { name: "x".into(), ok: false, detail: d };
     assert!(crate::verify::format_line(&c).ends_with("; first at [1]"), "{}", crate::verify::format_line(&c));
+    // With every element inside the tolerance the worst is the largest error, not element 0.
+    let (ok, d) = compare_floats(&[1.0, 2.00001, 3.00005], &[1.0, 2.0, 3.0], &[3], tol);
+    let Detail::Float { worst_at, first_at, .. } = &d else { panic!() };
+    assert!(ok);
+    assert_eq!((worst_at.as_slice(), first_at.as_slice()), (&[2][..], &[][..]));
     // Shared -inf (the scores past each query) is equal and left out of nmse and cosine; one
     // side's alone makes them undefined.
     let stats = |a: &[f32], e: &[f32]| match compare_floats(a, e, &[a.len()], tol).1 {

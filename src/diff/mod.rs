@@ -132,19 +132,28 @@ pub struct DiffReport {
     /// it, and the first after it read on ours's own inputs.
     pub past_rounding: Option<past::Past>,
     /// Which dumps hold only bf16 values (every float's low 16 bits 0), ours then the
-    /// reference, when floats differ at a tolerance tighter than bf16's: a hint to compare at
-    /// bf16's.
+    /// reference, when a float tensor differs at a tolerance tighter than bf16's (its own, with
+    /// `--tol`: [`tighter_than_bf16`]): a hint to compare at bf16's.
     pub bf16_only: [bool; 2],
-    /// The first float tensor outside the tolerance, where one side holds bf16 values only in it
-    /// and the other does not, at a tolerance tighter than bf16's (ours, the reference): a port
-    /// that keeps its activations in bf16 and its scores in f32 is bf16 where it first differs.
+    /// The first float tensor outside its tolerance, where that tolerance is tighter than bf16's
+    /// and one side holds bf16 values only in it and the other does not (ours, the reference): a
+    /// port that keeps its activations in bf16 and its scores in f32 is bf16 where it first
+    /// differs.
     pub bf16_first: Option<(String, [bool; 2])>,
     /// Which dumps hold only f16 values (each float an f16's: the spec lets a producer store F16)
-    /// and not only bf16's, when floats differ at an rtol below f16's rounding ([`F16_ROUNDING`]).
+    /// and not only bf16's, when a float tensor differs at an rtol below f16's rounding
+    /// ([`F16_ROUNDING`]).
     pub f16_only: [bool; 2],
     /// Whether the dumps record different `config_sha256`s: two models, whose layers need not
     /// line up, so a layer ours lacks is not read as layers numbered from 1.
     pub configs_differ: bool,
+}
+
+/// Whether a tolerance is tighter than bf16 arithmetic's (`Precision::Bf16`'s), in either
+/// bound: a difference bf16 rounding makes can fall outside it.
+pub(crate) fn tighter_than_bf16(tol: Tolerance) -> bool {
+    let bf16 = crate::device::Precision::Bf16.tolerance();
+    tol.atol < bf16.atol || tol.rtol < bf16.rtol
 }
 
 /// The most rounding a value to f16 moves it by, relative to it: half of f16's 2^-10 ulp.
@@ -282,12 +291,13 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     let mut notes = crate::reading::Notes::default();
     // The run's batch rows: where the routing's `[B*S, ...]` rows sit along the positions.
     let batch = b.shape("input_ids").or_else(|| a.shape("input_ids")).and_then(|s| s.first().copied());
-    // Whether every float value of each dump is a bf16 (low 16 bits 0), and any float compared.
-    let (mut bf16_only, mut floats_seen) = ([true; 2], false);
+    // Whether every float value of each dump is a bf16 (low 16 bits 0), or an f16; whether a float
+    // tensor outside its tolerance was compared at one tighter than bf16's, or at an rtol below
+    // f16's rounding (what the precision notes hint at); and the first such tensor's bf16-ness.
+    let (mut bf16_only, mut f16_only) = ([true; 2], [true; 2]);
+    let (mut off_tighter_than_bf16, mut off_tighter_than_f16, mut float_off) = (false, false, false);
     let mut bf16_first = None;
-    let bf16 = crate::device::Precision::Bf16.tolerance();
     let is_bf16 = |v: &Values| matches!(v, Values::F32(v) if v.iter().all(|&x| crate::compare::is_bf16(x)));
-    let mut f16_only = [true; 2];
     // Each compared tensor is scanned for NaN/Inf while it is in memory, not read again for it.
     let (mut seen_a, mut seen_b) = (HashMap::new(), HashMap::new());
     for name in names_b.iter().filter(|n| names_a.contains(n)) {
@@ -320,19 +330,24 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         let ids = ids.as_ref().map(|(x, y)| (x.as_slice(), y.as_slice()));
         for (side, v) in [&va, &vb].into_iter().enumerate() {
             if let Values::F32(_) = v {
-                floats_seen = true;
                 // (Once a side holds a value that is no bf16, its tensors are not scanned again.)
                 bf16_only[side] = bf16_only[side] && is_bf16(v);
                 f16_only[side] =
                     f16_only[side] && matches!(v, Values::F32(v) if v.iter().all(|&x| crate::compare::is_f16(x)));
             }
         }
-        let mut c = compare_tensor(name, (&va, &sa), (&vb, &sb), ids, opts.tol_for(name), batch);
-        let tighter = opts.tol_for(name).atol < bf16.atol;
-        if let (None, false, true, Detail::Float { .. }) = (&bf16_first, c.ok, tighter, &c.detail) {
-            let sides = [is_bf16(&va), is_bf16(&vb)];
-            // (Both sides bf16 there is the checkpoint's doing, a bf16 embedding table: no hint.)
-            bf16_first = Some((name.clone(), sides)).filter(|_| sides[0] != sides[1]);
+        let tol = opts.tol_for(name);
+        let mut c = compare_tensor(name, (&va, &sa), (&vb, &sb), ids, tol, batch);
+        if let (false, Detail::Float { .. }) = (c.ok, &c.detail) {
+            let tight = tighter_than_bf16(tol);
+            if !float_off {
+                let sides = [is_bf16(&va), is_bf16(&vb)];
+                // (Both sides bf16 there is the checkpoint's doing, a bf16 embedding table: no hint.)
+                bf16_first = Some((name.clone(), sides)).filter(|_| tight && sides[0] != sides[1]);
+            }
+            float_off = true;
+            off_tighter_than_bf16 |= tight;
+            off_tighter_than_f16 |= tol.rtol < F16_ROUNDING;
         }
         if let (false, true) = (c.ok, results.iter().all(|r| r.ok)) {
             // (Its values, while they are here.)
@@ -350,9 +365,6 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         }
         results.push(c);
     }
-    // (Only a float tensor outside the tolerance is helped by bf16's.)
-    let float_off = results.iter().any(|c| !c.ok && matches!(c.detail, Detail::Float { .. }));
-    let loose = !floats_seen || opts.tol.atol >= bf16.atol || !float_off;
     let mut report = DiffReport {
         results,
         non_finite_a: first_non_finite_with(a, &seen_a)?,
@@ -371,12 +383,10 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         mtp_layer: opts.config.as_ref().filter(|c| c.num_nextn_predict_layers > 0).map(|c| c.num_hidden_layers),
         notes,
         past_rounding: None,
-        bf16_only: if loose { [false; 2] } else { bf16_only },
+        // (Only a float tensor outside a tighter tolerance is helped by bf16's, or f16's.)
+        bf16_only: bf16_only.map(|only| only && off_tighter_than_bf16),
         bf16_first,
-        f16_only: match !floats_seen || !float_off || opts.tol.rtol >= F16_ROUNDING {
-            true => [false; 2],
-            false => [0, 1].map(|side| f16_only[side] && !bf16_only[side]),
-        },
+        f16_only: [0, 1].map(|side| f16_only[side] && !bf16_only[side] && off_tighter_than_f16),
         configs_differ: a.other_config_than(b).is_some(),
     };
     report.past_rounding = match past::past_rounding(&report, a, b, opts)? {
@@ -632,9 +642,7 @@ impl DiffReport {
     pub(crate) fn first_reads_as_rounding(&self) -> bool {
         let Some(first) = self.first_divergence() else { return false };
         match &first.detail {
-            Detail::Sets { flips, .. } => {
-                !flips.is_empty() && flips.iter().all(|f| Class::of(f, self.near_tie) == Class::NearTie)
-            }
+            Detail::Sets { flips, .. } => Class::all_rounding(flips, self.near_tie),
             _ => self.notes.tail.is_some() && self.reading(first) == self.notes.tail.map(crate::reading::Tail::reading),
         }
     }

@@ -12,7 +12,7 @@
 //! first attention output (or indexer scores) rerun on its own input.
 
 use super::{notes_of, with_compared, DiffOptions, DiffReport};
-use crate::compare::{element_ok, Comparison, Detail, Flip};
+use crate::compare::{element_ok, Comparison, Detail, Flip, Tolerance};
 use crate::config::MlpKind;
 use crate::dump::{Dump, Values};
 use crate::error::Result;
@@ -23,8 +23,9 @@ use crate::reading::{Notes, Tail};
 /// A (batch row, position) of the run.
 type Row = (usize, usize);
 
-/// Per batch row, the first position a near-tie flipped: it and every later one may carry the
-/// flip's difference.
+/// Per batch row, the first position a flip rounding can make flipped (a near-tie, one of
+/// unknown margin, or a real one where an earlier such flip reaches): it and every later one may
+/// carry the flip's difference.
 #[derive(Default)]
 struct Flipped(std::collections::HashMap<usize, usize>);
 
@@ -149,7 +150,7 @@ pub(super) fn past_rounding(r: &DiffReport, a: &Dump, b: &Dump, opts: &DiffOptio
                 continue;
             }
         }
-        if !matches!(c.detail, Detail::Sets { .. }) && (tail(a, b, c, opts) || within(a, b, c, opts, &flipped, seq)) {
+        if !matches!(c.detail, Detail::Sets { .. }) && rounding_explains(a, b, c, opts, &flipped, seq) {
             continue;
         }
         let notes = match routing {
@@ -219,23 +220,39 @@ fn flip_row(at: &[usize], seq: Option<usize>) -> Option<Row> {
     }
 }
 
-/// Whether floats' difference is rounding's tail (`reading::Tail`, read from the two dumps).
-fn tail(a: &Dump, b: &Dump, c: &Comparison, opts: &DiffOptions) -> bool {
+/// Whether floats `c`'s difference is rounding's: its tail (`reading::Tail`), or every element
+/// outside the tolerance where near-tie flips reach ([`within`]). Read from the two dumps as
+/// compared (scores past each query masked, as `compare_tensor` masks them).
+fn rounding_explains(
+    a: &Dump,
+    b: &Dump,
+    c: &Comparison,
+    opts: &DiffOptions,
+    flipped: &Flipped,
+    seq: Option<usize>,
+) -> bool {
     let (Ok((va, _)), Ok((vb, sb))) = (a.values(&c.name), b.values(&c.name)) else { return false };
+    let tol = opts.tol_for(&c.name);
     with_compared(&c.name, (&va, &vb, &sb), |x, y| match (x, y) {
-        (Values::F32(x), Values::F32(y)) => Tail::of(x, y, &sb, opts.tol_for(&c.name)).is_some(),
+        (Values::F32(x), Values::F32(y)) => {
+            Tail::of(x, y, &sb, tol).is_some() || within((x, y, &sb), &c.name, tol, flipped, seq)
+        }
         _ => false,
     })
 }
 
-/// Whether every element of floats `c` outside the tolerance lies where near-tie flips reach
-/// (none: false): tensors `[B, S, ...]`, or `[B*S, ...]` token rows of `seq` positions a row.
-fn within(a: &Dump, b: &Dump, c: &Comparison, opts: &DiffOptions, flipped: &Flipped, seq: Option<usize>) -> bool {
-    let (Ok((Values::F32(x), _)), Ok((Values::F32(y), shape))) = (a.values(&c.name), b.values(&c.name)) else {
-        return false;
-    };
-    let token_rows = HookPoint::parse(&c.name).is_some_and(|p| matches!(p, HookPoint::Layer(_, h) if h.token_rows()));
-    let (positions, width) = match (token_rows, &shape[..], seq) {
+/// Whether every element of floats `x` against `y` (of `shape`) outside the tolerance lies where
+/// near-tie flips reach (none: false): tensors `[B, S, ...]`, or `[B*S, ...]` token rows of
+/// `seq` positions a row.
+fn within(
+    (x, y, shape): (&[f32], &[f32], &[usize]),
+    name: &str,
+    tol: Tolerance,
+    flipped: &Flipped,
+    seq: Option<usize>,
+) -> bool {
+    let token_rows = HookPoint::parse(name).is_some_and(|p| matches!(p, HookPoint::Layer(_, h) if h.token_rows()));
+    let (positions, width) = match (token_rows, shape, seq) {
         (true, [_, w, ..], Some(s)) => (s, *w),
         (false, [_, s, rest @ ..], _) => (*s, rest.iter().product()),
         _ => return false,
@@ -243,9 +260,8 @@ fn within(a: &Dump, b: &Dump, c: &Comparison, opts: &DiffOptions, flipped: &Flip
     if flipped.is_empty() || positions == 0 || width == 0 || x.len() != y.len() {
         return false;
     }
-    let tol = opts.tol_for(&c.name);
     let row = |i: usize| ((i / width) / positions, (i / width) % positions);
-    x.iter().zip(&y).enumerate().all(|(i, (&u, &v))| element_ok(u, v, tol) || flipped.covers(row(i)))
+    x.iter().zip(y).enumerate().all(|(i, (&u, &v))| element_ok(u, v, tol) || flipped.covers(row(i)))
 }
 
 #[cfg(test)]

@@ -328,3 +328,27 @@ fn only_a_first_divergence_read_as_rounding_is_looked_past() {
     r.notes.tail = Some(Tail { bad: 1, total: 2, nmse: 1e-9, allowed: 1e-8 });
     assert!(!r.first_reads_as_rounding());
 }
+
+/// Near-tie flips are rounding's only where neither side's own scores contradict its choice: a
+/// side that left out a key its own scores rank above one it kept follows another rule, however
+/// close the cut (its line says "its rule differs"; the reading must not call it a near-tie's).
+#[test]
+fn a_near_tie_its_own_scores_contradict_is_not_rounding() {
+    use crate::compare::{RuleBreak, Side};
+    let flip = Flip {
+        row: 0,
+        at: vec![0, 9],
+        only_ours: vec![3],
+        only_reference: vec![5],
+        ..Flip::with_margins(Some(1e-4), Some(2e-4))
+    };
+    let sets = |flip: Flip| Detail::Sets { rows: 10, mean_recall: 0.9, min_recall: 0.9, flips: vec![flip] };
+    let r = report_of(vec![Comparison { name: "layers.0.dsa.topk".into(), ok: false, detail: sets(flip.clone()) }]);
+    assert!(r.first_reads_as_rounding());
+    assert_eq!(r.reading(&r.results[0]).as_deref(), Some("every flip a near-tie"));
+    let broken = RuleBreak::OwnScores { side: Side::Ours, kept: 3, left_out: 5, by: 0.7 };
+    let flip = Flip { rule_break: Some(broken), ..flip };
+    let r = report_of(vec![Comparison { name: "layers.0.dsa.topk".into(), ok: false, detail: sets(flip) }]);
+    assert!(!r.first_reads_as_rounding());
+    assert_ne!(r.reading(&r.results[0]).as_deref(), Some("every flip a near-tie"));
+}

@@ -58,6 +58,13 @@ impl Class {
         c
     }
 
+    /// Whether `flips` are rounding's alone: at least one, and every one a near-tie that its own
+    /// side's scores do not contradict ([`Flip::unexplained`]: a choice that is no top-k of its
+    /// own side's scores is a rule's difference however close the cut).
+    pub fn all_rounding(flips: &[Flip], near_tie: f64) -> bool {
+        !flips.is_empty() && flips.iter().all(|f| !f.unexplained() && Class::of(f, near_tie) == Class::NearTie)
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Class::NearTie => "near-tie",

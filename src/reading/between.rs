@@ -24,7 +24,6 @@ const BF16_SIZED: f64 = 1e-4;
 /// The first divergence's inputs, each matching the reference, and the operations between.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Between {
-    pub name: String,
     /// What computes it from its inputs.
     pub op: &'static str,
     /// Its inputs both dumps hold, each with its NMSE against the reference (0 for a selection
@@ -105,9 +104,8 @@ impl DiffReport {
     pub fn between(&self) -> Option<Between> {
         let first = self.first_divergence()?;
         let Detail::Float { nmse, bad, total, .. } = first.detail else { return None };
-        let bf16 = crate::device::Precision::Bf16.tolerance();
-        let tighter = self.tol.atol < bf16.atol || self.tol.rtol < bf16.rtol;
-        let bf16_sized = nmse < BF16_SIZED && 2 * bad >= total && tighter;
+        let tol = crate::diff::tol_for(self.tol, &self.per_name, &first.name);
+        let bf16_sized = nmse < BF16_SIZED && 2 * bad >= total && crate::diff::tighter_than_bf16(tol);
         if self.reading(first).is_some() || self.past_rounding_reading().is_some() || self.first_reads_as_rounding() {
             return None;
         }
@@ -154,7 +152,6 @@ impl DiffReport {
             _ => false,
         };
         let mut between = Between {
-            name: first.name.clone(),
             op,
             inputs: Vec::new(),
             unrecorded: Vec::new(),
@@ -201,11 +198,12 @@ impl Between {
                 self.nmse
             ),
         };
+        let bf16 = crate::device::Precision::Bf16.tolerance();
         let verdict = match (self.bf16_sized, self.rerun_with_model) {
             (true, _) => format!(
                 "; at nmse {:.1e} (an rms of {rms:.2}%) it is the size of bf16 arithmetic's rounding: a side that \
-                 computes in bf16, compared at f32's tolerance (--atol 2e-2 --rtol 2e-2 for bf16)?",
-                self.nmse
+                 computes in bf16, compared at f32's tolerance (--atol {:e} --rtol {:e} for bf16)?",
+                self.nmse, bf16.atol, bf16.rtol
             ),
             (false, true) => "; --model DIR reruns it on ours's inputs against the bugs ports have shipped".into(),
             (false, false) => String::new(),

@@ -126,7 +126,8 @@ impl DiffReport {
     /// own key, in two flips or more and no near-tie (its causal mask leaves out the diagonal; the
     /// scores would say it too, where recorded); else, where the two do not both hold the indexer
     /// scores, how to have the flips read (a `run --dump` leaves the S x S scores out unless
-    /// asked).
+    /// asked), or, where both hold other layers' and neither this one's, that it is a
+    /// shared-indexer layer's selection, which no scores of its own decide.
     fn dsa_sets(&self, name: &str, flips: &[Flip]) -> Option<String> {
         if let Some(side) = self.own_key_left_out(flips) {
             return Some(format!(
@@ -137,25 +138,29 @@ impl DiffReport {
             ));
         }
         let scores = name.replace("topk", "scores");
-        self.lacking(&scores)
-            .map(|side| format!("{side} {scores}: record it (`--record '*,*.dsa.scores'`) to have these flips read"))
+        let named = |n: &String| *n == scores;
+        let side = match (self.only_a.iter().any(named), self.only_b.iter().any(named)) {
+            _ if self.results.iter().any(|c| c.name == scores) => return None,
+            (true, _) => "the reference holds no",
+            (_, true) => "ours holds no",
+            // Both record other layers' scores and neither this one's: a shared-indexer layer,
+            // which scores nothing (it reuses an earlier full layer's selection).
+            _ if self.results.iter().any(|c| c.name.ends_with(".dsa.scores")) => {
+                return Some(format!(
+                    "neither dump holds {scores}, and both hold other layers': a shared-indexer layer, whose \
+                     selection is an earlier full layer's{}",
+                    if self.with_model { "" } else { " (--model DIR checks that ours reuses it)" }
+                ));
+            }
+            _ => "neither dump holds",
+        };
+        Some(format!("{side} {scores}: record it (`--record '*,*.dsa.scores'`) to have these flips read"))
     }
 
-    /// Which dump lacks the tensor `name` (`ours holds no`, `the reference holds no`, `neither
-    /// dump holds`), where they do not both hold it.
-    fn lacking(&self, name: &str) -> Option<&'static str> {
-        let named = |n: &String| n == name;
-        match (self.only_a.iter().any(named), self.only_b.iter().any(named)) {
-            _ if self.results.iter().any(|c| c.name == name) => None,
-            (true, _) => Some("the reference holds no"),
-            (_, true) => Some("ours holds no"),
-            _ => Some("neither dump holds"),
-        }
-    }
-
-    /// What the first divergence looks like, where a pattern names a likely cause: two tensors a
-    /// factor apart (exactly, or mostly: a per-token factor), selections that differ only by
-    /// near-ties, or selections made from scores that match (the rule differs, not its input).
+    /// What the first divergence looks like, where a pattern names a likely cause: among them two
+    /// tensors a factor apart (exactly, or mostly: a per-token factor), selections that differ
+    /// only by near-ties, selections made from scores that match (the rule differs, not its
+    /// input), and the reruns of its operations on ours's inputs ([`Self::reading_with`]).
     pub(crate) fn reading(&self, c: &Comparison) -> Option<String> {
         self.reading_with(c, &self.notes)
     }
@@ -173,8 +178,6 @@ impl DiffReport {
             true => "the routing rule or the correction bias differs",
             false => "the top-k rule differs",
         };
-        let all =
-            |flips: &[Flip], class| !flips.is_empty() && flips.iter().all(|fl| Class::of(fl, self.near_tie) == class);
         let mostly_real = |flips: &[Flip]| {
             let [near_ties, real, _] = Class::counts(flips, self.near_tie);
             near_ties == 0 && 2 * real > flips.len()
@@ -245,7 +248,9 @@ impl DiffReport {
                     flips.len()
                 ))
             }
-            Detail::Sets { flips, .. } if all(flips, Class::NearTie) => Some("every flip a near-tie".into()),
+            Detail::Sets { flips, .. } if Class::all_rounding(flips, self.near_tie) => {
+                Some("every flip a near-tie".into())
+            }
             // (Said of DSA selections from the selections alone: `dsa_sets`.)
             Detail::Sets { .. } if dsa_sets.is_some() => dsa_sets,
             // Real flips over scores that match: the rule differs, not its input. A flip under one
@@ -384,8 +389,9 @@ impl Tail {
     }
 }
 
-/// What the first divergence's values say beyond its numbers, found while `diff` has them: where
-/// along the sequence it starts, and for routing weights, the rule that made ours.
+/// What the first divergence's values say beyond its numbers, found while `diff` has them (where
+/// along the sequence it starts, the rule that made ours's routing weights, the reruns of its
+/// operations on ours's inputs, and the rest below): the readings' evidence.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Notes {
     pub onset: Option<Onset>,
@@ -397,7 +403,7 @@ pub struct Notes {
     /// For a shared-indexer layer's selection: the layer whose selection it reuses, where the
     /// reference's is that layer's and ours's is not (ours recomputed it, or reused another).
     pub not_reused: Option<usize>,
-    /// A float difference that looks like rounding's tail (`compare::Tail`).
+    /// A float difference that looks like rounding's tail ([`Tail`]).
     pub tail: Option<Tail>,
     /// For indexer scores: causal keys one side masked (`-inf`) and the other scored.
     pub mask: Option<Mask>,
@@ -529,9 +535,14 @@ impl Notes {
             .and_then(|n| b.shape(n))
             .and_then(|s| Some((*s.get(1)?, *s.last()?)))
             .and_then(|(seq, k)| (k < seq).then_some(k));
-        // Scores, and what is made before them, are not the selection's doing.
-        let index_topk =
-            index_topk.filter(|_| !matches!(point, Some(HookPoint::Layer(_, h)) if h < LayerHook::AttnOut));
+        // Scores, and what is made before them (the embeddings, before any attention), are not
+        // the selection's doing.
+        let before_attention = match point {
+            Some(HookPoint::Layer(_, h)) => h < LayerHook::AttnOut,
+            Some(p) => p == HookPoint::Embeddings,
+            None => false,
+        };
+        let index_topk = index_topk.filter(|_| !before_attention);
         let matching = crate::compare::matching_positions(ours, reference, &shape, opts.tol_for(name));
         // The elements past the onset, of positions `p..` in each batch row of `[B, S, width]`:
         // what a bug of decode steps or later chunks alone made.

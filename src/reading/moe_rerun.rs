@@ -79,13 +79,15 @@ impl Side {
         if hidden == 0 || x.len() != out.len() || !x.len().is_multiple_of(hidden) {
             return None;
         }
-        let n = (x.len() / hidden).min(TOKENS);
+        let tokens = x.len() / hidden;
+        let n = tokens.min(TOKENS);
         let (x, out) = (x[..n * hidden].to_vec(), out[..n * hidden].to_vec());
         let x = Tensor::from_vec(x, (n, hidden), &Device::Cpu).ok()?;
         let (k, experts) = (moe.router.top_k, moe.experts.len());
         let recorded = ints(d, &name(LayerHook::TopkIds)).zip(floats(d, &name(LayerHook::TopkWeights)));
         let (routes, recorded) = match recorded {
-            Some((ids, weights)) if k > 0 && ids.len() >= n * k && weights.len() == ids.len() => {
+            // (Of the layer's k for every token: ids of another k would be cut into misaligned rows.)
+            Some((ids, weights)) if k > 0 && ids.len() == tokens * k && weights.len() == ids.len() => {
                 let ids: Vec<usize> = ids[..n * k]
                     .iter()
                     .map(|&j| usize::try_from(j).ok().filter(|&j| j < experts))

@@ -1,0 +1,178 @@
+//! What `diff` says beside its table, on dumps edited to sit at the edges of its rules: the bf16
+//! notes follow the tolerance each tensor was compared at, a reading of the DSA selection is
+//! said only of what the selection acts on, a shared-indexer layer is not asked for scores it
+//! cannot have, and indexer scores dumped before the causal mask are read as the masked ones.
+
+mod common;
+
+use common::{code_and_text, edit_floats, edit_ints, golden, rewrite_st, s};
+
+/// `x` rounded to the nearest bf16 (ties to even), as f32.
+fn bf16(x: f32) -> f32 {
+    let b = x.to_bits();
+    f32::from_bits((b + 0x7fff + ((b >> 16) & 1)) & 0xffff_0000)
+}
+
+/// Every other value times `1 + by`, the rest times `1 - by`.
+fn wobble(x: &mut [f32], by: f32) {
+    x.iter_mut().enumerate().for_each(|(i, e)| *e *= if i % 2 == 0 { 1.0 + by } else { 1.0 - by });
+}
+
+/// `glimpse diff OURS` against golden/flat's reference with the extra arguments.
+fn diff_flat(ours: &std::path::Path, extra: &[&str]) -> String {
+    let reference = s(&golden("flat").join("reference.safetensors"));
+    let (code, text) = code_and_text(&[&["diff", &s(ours), &reference][..], extra].concat());
+    assert_eq!(code, 1, "{text}");
+    text
+}
+
+/// The bf16 hint is for a float tensor compared at a tolerance tighter than bf16's in either
+/// bound, its own where `--tol` gives one: not for dumps every tensor of which was compared at
+/// bf16's through `--tol`, and for `--atol 2e-2 --rtol 0`.
+#[test]
+fn the_bf16_notes_follow_the_tolerance_each_tensor_was_compared_at() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ours = tmp.path().join("bf16.safetensors");
+    // golden/flat's reference rounded to bf16, with one tensor 10% off: outside bf16's tolerance.
+    rewrite_st(&golden("flat").join("reference.safetensors"), &ours, |name, v, _| {
+        if name == "layers.3.output" {
+            wobble(v, 0.1);
+        }
+        v.iter_mut().for_each(|x| *x = bf16(*x));
+    });
+    let note = "ours holds bf16 values only";
+    let text = diff_flat(&ours, &["--tol", "*=2e-2,2e-2"]);
+    assert!(!text.contains(note), "every tensor was compared at bf16's tolerance:\n{text}");
+    let text = diff_flat(&ours, &["--atol", "2e-2", "--rtol", "2e-2"]);
+    assert!(!text.contains(note), "{text}");
+    let text = diff_flat(&ours, &["--atol", "2e-2", "--rtol", "0"]);
+    assert!(text.contains(note), "an rtol of 0 is tighter than bf16's:\n{text}");
+    let text = diff_flat(&ours, &[]);
+    assert!(text.contains(note), "{text}");
+}
+
+/// The note on the first float tensor outside the tolerance is of that tensor: where both sides
+/// hold f32 values there, a later tensor that ours holds in bf16 is not called the first.
+#[test]
+fn the_bf16_note_on_the_first_divergence_names_that_one_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ours = tmp.path().join("ours.safetensors");
+    rewrite_st(&golden("flat").join("reference.safetensors"), &ours, |name, v, _| match name {
+        "layers.0.input_norm" => wobble(v, 0.01),
+        "layers.0.attn.q_latent" => {
+            wobble(v, 0.01);
+            v.iter_mut().for_each(|x| *x = bf16(*x));
+        }
+        _ => {}
+    });
+    let text = diff_flat(&ours, &[]);
+    assert!(text.contains("first divergence: layers.0.input_norm"), "{text}");
+    assert!(!text.contains("the first float tensor outside the tolerance"), "{text}");
+    // Where the first one is ours's bf16 values, it is said.
+    let ours = tmp.path().join("first.safetensors");
+    rewrite_st(&golden("flat").join("reference.safetensors"), &ours, |name, v, _| {
+        if name == "layers.0.input_norm" {
+            wobble(v, 0.01);
+            v.iter_mut().for_each(|x| *x = bf16(*x));
+        }
+    });
+    let text = diff_flat(&ours, &[]);
+    let note = "ours's layers.0.input_norm, the first float tensor outside the tolerance, holds bf16 values only";
+    assert!(text.contains(note), "{text}");
+}
+
+/// Embeddings that differ from position `index_topk` on are not read as attention that ignores
+/// the DSA selection: they are made before any attention.
+#[test]
+fn an_embeddings_difference_is_not_read_as_the_dsa_selections() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = golden("flat").join("reference.safetensors");
+    // golden/flat keeps 8 keys a query (index_topk): positions 0-7 keep every causal key.
+    let ours = edit_floats(&reference, &tmp.path().join("emb.safetensors"), "embeddings", |v, shape| {
+        let width = shape[2];
+        wobble(&mut v[8 * width..], 0.3);
+    });
+    let text = diff_flat(&ours, &["--model", &s(&golden("flat"))]);
+    assert!(text.contains("first divergence: embeddings"), "{text}");
+    assert!(!text.contains("DSA selection"), "{text}");
+}
+
+/// A flip in a shared-indexer layer's selection, where both dumps hold the full layers' scores:
+/// the layer scores nothing of its own, so recording its scores is no advice.
+#[test]
+fn a_shared_indexer_layers_flip_is_not_answered_with_record_its_scores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = golden("grouped-shared-yarn");
+    let reference = dir.join("reference.safetensors");
+    // Layer 1 reuses layer 0's selection (`inspect`: 0 full, 1 shared). At the last position of
+    // the first batch row, one kept key becomes a causal key the row left out.
+    let ours = edit_ints(&reference, &tmp.path().join("shared.safetensors"), "layers.1.dsa.topk", |v, shape| {
+        let (seq, k) = (shape[1], shape[2]);
+        let row = &mut v[(seq - 1) * k..seq * k];
+        let left_out = (0..seq as i64).find(|j| !row.contains(j)).unwrap();
+        row[0] = left_out;
+    });
+    let (code, text) = code_and_text(&["diff", &s(&ours), &s(&reference)]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("first divergence: layers.1.dsa.topk"), "{text}");
+    assert!(!text.contains("record it"), "{text}");
+    assert!(text.contains("a shared-indexer layer, whose selection is an earlier full layer's"), "{text}");
+}
+
+/// Tiny dumps of one batch row of 4 positions: layer 0's selection flips at a near-tie at
+/// position 2 (margin 0 both sides), layer 1's indexer scores differ from there on (where the
+/// flip reaches), and ours's layer 1 output is half the reference's everywhere (a bug). Ours's
+/// layer 1 scores are dumped before the causal mask (finite past each query) or after it.
+fn near_tie_then_a_factor(dir: &std::path::Path, premask: bool) -> [std::path::PathBuf; 2] {
+    use glimpse::st::{write, Entry};
+    let inf = f32::NEG_INFINITY;
+    let scores0 = [0.9, inf, inf, inf, 0.4, 0.6, inf, inf, 0.5, 0.3, 0.3, inf, 0.9, 0.8, 0.1, 0.0];
+    let reference1 = [0.9, inf, inf, inf, 0.7, 0.5, inf, inf, 0.2, 0.21, 0.16, inf, -0.1, -0.2, 0.4, 1.0];
+    let mut ours1 = [0.9, 0.1, 0.2, 0.3, 0.7, 0.5, 0.4, 0.5, 0.6, 0.25, 0.1, 0.6, -0.6, -0.7, 0.4, 0.8];
+    if !premask {
+        for (o, r) in ours1.iter_mut().zip(&reference1) {
+            if r.is_infinite() {
+                *o = *r;
+            }
+        }
+    }
+    let output: Vec<f32> = (0..32).map(|i| (i as f32 * 0.7).sin()).collect();
+    let half: Vec<f32> = output.iter().map(|x| x * 0.5).collect();
+    let meta = [("format".to_string(), "glm5-dump/1".to_string())].into_iter().collect();
+    let dump = |name: &str, topk: &[i64], scores1: &[f32], output: &[f32]| {
+        let entries = [
+            ("input_ids", Entry::i64(vec![1, 4], &[5, 6, 7, 8])),
+            ("layers.0.dsa.scores", Entry::f32(vec![1, 4, 4], &scores0)),
+            ("layers.0.dsa.margin", Entry::f32(vec![1, 4], &[f32::INFINITY, f32::INFINITY, 0.0, 0.7])),
+            ("layers.0.dsa.topk", Entry::i64(vec![1, 4, 2], topk)),
+            ("layers.1.dsa.scores", Entry::f32(vec![1, 4, 4], scores1)),
+            ("layers.1.output", Entry::f32(vec![1, 4, 8], output)),
+        ]
+        .map(|(n, e)| (n.to_string(), e));
+        let path = dir.join(name);
+        write(&path, &entries, &meta).unwrap();
+        path
+    };
+    [
+        dump("ours.safetensors", &[0, 1, 0, 1, 0, 2, 0, 1], &ours1, &half),
+        dump("reference.safetensors", &[0, 1, 0, 1, 0, 1, 0, 1], &reference1, &output),
+    ]
+}
+
+/// Past a near-tie flip, the first divergence rounding does not explain is found whether ours
+/// dumped its indexer scores before the causal mask or after it: they are compared at the causal
+/// keys only, and where the flip reaches they are rounding's.
+#[test]
+fn scores_dumped_before_the_causal_mask_are_read_past_rounding_as_masked_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    for premask in [false, true] {
+        let dir = tmp.path().join(premask.to_string());
+        std::fs::create_dir(&dir).unwrap();
+        let [ours, reference] = near_tie_then_a_factor(&dir, premask);
+        let (code, text) = code_and_text(&["diff", &s(&ours), &s(&reference)]);
+        assert_eq!(code, 1, "{text}");
+        assert!(text.contains("first divergence: layers.0.dsa.topk (every flip a near-tie)"), "{premask}: {text}");
+        let past = "past what rounding explains, the first divergence: layers.1.output (ours = 0.5000 x reference";
+        assert!(text.contains(past), "premask {premask}: {text}");
+    }
+}
