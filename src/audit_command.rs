@@ -83,9 +83,8 @@ pub(crate) fn audit(args: AuditArgs, max_memory: Option<u64>) -> Result<ExitCode
         against: &against,
     };
     // (--compare-prompts: other prompts, run on the same model after the audited ones.)
-    let prompts = prompts.as_deref().map(|p| (p, lines));
-    let (mut audit, live_other) =
-        glimpse::audit::collect_with_other(model.as_deref(), prompts, compare_prompts.as_deref(), &dumps, opts)?;
+    let (prompts, other) = (prompts.as_deref().map(|p| (p, lines)), compare_prompts.as_deref().map(|p| (p, lines)));
+    let (mut audit, live_other) = glimpse::audit::collect_with_other(model.as_deref(), prompts, other, &dumps, opts)?;
     audit.pairs_listed = pairs;
     // --against (the same prompts) or --compare (others): the second side's counts.
     // A stop during the audited prompts keeps the runs done: --against's first as many.
@@ -129,15 +128,15 @@ pub(crate) fn audit(args: AuditArgs, max_memory: Option<u64>) -> Result<ExitCode
         }
     };
     if let Some(r) = &reference {
-        match contrast {
-            true => glimpse::audit::contrast::check(&audit, r)?,
-            false => audit.check_comparable(r)?,
-        }
         let flag = match (against.is_empty(), compare_prompts.is_some()) {
             (false, _) => "--against",
             (true, false) => "--compare",
             (true, true) => "--compare-prompts",
         };
+        match contrast {
+            true => glimpse::audit::contrast::check(&audit, r, flag)?,
+            false => audit.check_comparable(r)?,
+        }
         warn(audit.other_config(r, flag));
     }
     // The same file on both sides measures nothing (a copy is told by its routing, below).
@@ -185,7 +184,7 @@ pub(crate) fn audit(args: AuditArgs, max_memory: Option<u64>) -> Result<ExitCode
         }
         let by = glimpse::interrupt::signal_name();
         if let Some((run, of)) = audit.stopped {
-            eprintln!("glimpse: {by} stopped the prompts after {run} of {of}");
+            eprintln!("glimpse: {by} stopped the prompts after line {run} of {of}");
         }
         if let Some(layer) = audit.stopped_after_layer {
             eprintln!("glimpse: {by} stopped the layers after layer {layer}");

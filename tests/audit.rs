@@ -170,6 +170,13 @@ fn audit_runs_the_mtp_head_over_live_prompts() {
     assert_error(&glimpse(&args), "--mtp: the checkpoint has no MTP layer");
     assert_error(&glimpse(&[&base[..], &["--dump", &dumps[0], "--mtp"]].concat()), "--mtp is for prompts run live");
     assert_error(&glimpse(&[&base[..], &["--dump", &dumps[0], "--text"]].concat()), "--text is for prompts run live");
+    // With --compare-prompts alone --text reads its lines as text (it read them as ids): here
+    // that needs the checkpoint's tokenizer, which golden/flat has none of.
+    let flat = common::golden("flat");
+    let (flat, reference) = (common::s(&flat), common::s(&flat.join("reference.safetensors")));
+    let other = ["--compare-prompts", prompts.to_str().unwrap(), "--text"];
+    let args = [&["audit", "--model", &flat, "--dump", &reference][..], &other].concat();
+    assert_error(&glimpse(&args), "tokenizer.json");
 }
 
 /// `audit` counts each batch row as a prompt (MaxVio/run is their mean), checks a dump's experts

@@ -216,7 +216,8 @@ fn a_streamed_audit_is_refused_where_it_cannot_run() {
 /// Ctrl-C (here SIGTERM, which does the same) during `audit --stream` stops the sweep after the
 /// layer in progress, once a counted layer has run: every prompt is counted up to that layer, and
 /// the JSON says where it stopped (`stopped_after_layer`, `complete` false, the window cut
-/// there), on both sides of `--compare-prompts`; the table's title says it too.
+/// there), on both sides of `--compare-prompts`; the table's title says it too. A window that
+/// starts at dense layers runs on to its first MoE layer.
 #[test]
 fn ctrl_c_stops_a_streamed_audit_after_the_layer_in_progress() {
     let tmp = tempfile::tempdir().unwrap();
@@ -252,6 +253,16 @@ fn ctrl_c_stops_a_streamed_audit_after_the_layer_in_progress() {
     assert!(!v["compare"].is_null(), "{v}");
     let table = stopped(&[]);
     assert!(table.contains("stopped the layers after layer 2") && table.contains("layers 2..2"), "{table}");
+    // With no --layers the window starts at the dense layers 0 and 1, which count nothing: the
+    // sweep runs on to layer 2 before it stops (it stopped after layer 0, an audit of nothing).
+    let child = common::spawn_catching_sigint(&[&base[..], &["--json"]].concat());
+    // SAFETY: signalling a child this test started and has not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["stopped_after_layer"].as_u64(), v["layer_window"].clone()), (Some(2), serde_json::json!([0, 2])));
+    assert_eq!(v["layers"].as_array().map(Vec::len), Some(1), "{v}");
 
     // Audited dumps beside other prompts swept: a stop cuts the dumps' layers alike.
     let dump = flat.join("reference.safetensors");

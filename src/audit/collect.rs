@@ -34,17 +34,18 @@ pub fn collect(
     collect_with_other(model_dir, prompts, None, dumps, opts).map(|(audit, _)| audit)
 }
 
-/// [`collect`], and the audit of `other` prompts (`audit --compare-prompts`, read as `prompts`
-/// are) run on the same model after them: both files are read, encoded and sized for memory
+/// [`collect`], and the audit of `other` prompts (`audit --compare-prompts`, its lines read as
+/// the `Lines` given with it) run on the same model after them: both files are read, encoded and sized for memory
 /// before the model loads, and one Ctrl-C stops both (the other prompts are not run when the
 /// audited ones were stopped). None for `other` when it was not run.
 pub fn collect_with_other(
     model_dir: Option<&Path>,
     prompts: Option<(&Path, Lines)>,
-    other: Option<&Path>,
+    other: Option<(&Path, Lines)>,
     dumps: &[PathBuf],
     opts: CollectOptions,
 ) -> Result<(Audit, Option<Audit>)> {
+    let (other, other_lines) = (other.map(|(path, _)| path), other.map(|(_, lines)| lines));
     let CollectOptions {
         experts,
         max_memory,
@@ -94,8 +95,7 @@ pub fn collect_with_other(
         (None, _) => Ok(Vec::new()),
     };
     let prompt_tokens = read(prompts, "--prompts")?;
-    let lines = prompts.map_or(Lines::Auto, |(_, lines)| lines);
-    let other_tokens = read(other.map(|p| (p, lines)), "--compare-prompts")?;
+    let other_tokens = read(other.zip(other_lines), "--compare-prompts")?;
     if !against.is_empty() {
         // Before anything runs: a mismatch found after the prompts ran cost their time.
         let ours = match prompts {
@@ -404,10 +404,10 @@ fn check_window(cfg: &crate::config::Config, w: &RangeInclusive<usize>, live: bo
     if moe.iter().any(|i| w.contains(i)) || mtp {
         return Ok(());
     }
-    let theirs = match (moe.first(), moe.last()) {
-        (Some(a), Some(b)) if a == b => format!("its MoE layer is {a}"),
-        (Some(a), Some(b)) => format!("its MoE layers are {a}..{b}"),
-        _ => "it has no MoE layer".into(),
+    let theirs = match moe.len() {
+        0 => "it has no MoE layer".into(),
+        1 => format!("its MoE layer is {}", list(&moe)),
+        _ => format!("its MoE layers are {}", list(&moe)),
     };
     let mtp = if live { String::new() } else { format!(", its MTP layer {n}") };
     Err(Error::Usage(format!("--layers {}..{} holds no MoE layer of --model: {theirs}{mtp}", w.start(), w.end())))

@@ -33,20 +33,20 @@ pub struct LayerContrast {
 }
 
 /// Refuses a contrast of another model's routing: another expert count or `k`, or no MoE layer
-/// in common.
-pub fn check(ours: &Audit, other: &Audit) -> Result<()> {
+/// in common. `flag` names the other side (`--compare`, `--compare-prompts`).
+pub fn check(ours: &Audit, other: &Audit, flag: &str) -> Result<()> {
     if ours.experts != other.experts {
-        let msg = format!("--compare routes over {} experts, the audited runs over {}", other.experts, ours.experts);
+        let msg = format!("{flag} routes over {} experts, the audited runs over {}", other.experts, ours.experts);
         return Err(Error::Usage(msg));
     }
     for (i, l) in &ours.layers {
         if let Some(r) = other.layers.get(i).filter(|r| r.k != l.k) {
-            let msg = format!("layer {i}: {} experts a token against --compare's {}: one model's routing", l.k, r.k);
+            let msg = format!("layer {i}: {} experts a token against {flag}'s {}: one model's routing", l.k, r.k);
             return Err(Error::Usage(msg));
         }
     }
     if !ours.layers.keys().any(|i| other.layers.contains_key(i)) {
-        return Err(Error::Usage("--compare shares no MoE layer with the audited runs".into()));
+        return Err(Error::Usage(format!("{flag} shares no MoE layer with the audited runs")));
     }
     Ok(())
 }

@@ -17,8 +17,9 @@ use crate::hooks::{HookPoint, LayerHook, Observer, SweepObserver};
 use crate::model::moe::Routers;
 use crate::model::{Model, Tokens};
 
-/// Collects routing counts during forward passes, without keeping any activation (with
-/// `--routes`, the layer in progress's weights and margins until its line are written).
+/// Collects routing counts during forward passes, without keeping any activation but the layer
+/// in progress's routing weights and margins (the load by weight, the near-tie counts, and
+/// `--routes`' lines).
 pub struct AuditObserver<'a> {
     pub audit: &'a mut Audit,
     ids: Option<(usize, Vec<i64>, usize)>,
@@ -30,7 +31,8 @@ pub struct AuditObserver<'a> {
     run: Option<(usize, &'a Tokens)>,
     /// `--routes`: the file.
     routes: Option<&'a mut Routes>,
-    /// The layer in progress's weights and margins, for `routes`.
+    /// The layer in progress's weights and margins: counted by weight and by margin, and
+    /// written to `routes`.
     weights: Option<Vec<f32>>,
     margin: Option<Vec<f32>>,
     /// `audit --mtp`: the run's final-norm hidden state, the MTP head's input.
@@ -205,6 +207,9 @@ pub(super) fn sweep_prompts(
     // Every side's audit has the same window.
     let window = sides.first().and_then(|s| s.audit.window.clone()).unwrap_or(0..=n - 1);
     let (first, last) = (*window.start(), *window.end());
+    // The first layer an audit counts: a stop before it (GLM-5's three dense layers) would leave
+    // an audit of nothing.
+    let counted = window.clone().find(|&i| ckpt.config.mlp_kind(i) == crate::config::MlpKind::Moe).unwrap_or(first);
     crate::model::stream::check_swept(ckpt, &(0..=last))?;
     // Every id checked before the first layer: a bad one is named by its line, not hours in.
     for side in &sides {
@@ -226,7 +231,7 @@ pub(super) fn sweep_prompts(
         }
     }
     let tokens: Vec<&Tokens> = runs.iter().map(|r| r.tokens).collect();
-    let mut sweep = Sweep { observers, runs, first, last, stopped: None };
+    let mut sweep = Sweep { observers, runs, counted, last, stopped: None };
     crate::device::with_prefill(target, crate::model::Weights::Streamed(ckpt), |p| p.sweep(&tokens, last, &mut sweep))?;
     for (obs, (path, prompts)) in sweep.observers.into_iter().zip(&sets) {
         let AuditObserver { audit, mut routes, .. } = obs;
@@ -266,8 +271,8 @@ struct SweptPrompt<'a> {
 struct Sweep<'a> {
     observers: Vec<AuditObserver<'a>>,
     runs: Vec<SweptPrompt<'a>>,
-    /// The first counted layer, and the last to run.
-    first: usize,
+    /// The first counted layer (the window's first MoE layer), and the last to run.
+    counted: usize,
     last: usize,
     /// Where a stop ended the sweep: the last layer every prompt ran.
     stopped: Option<usize>,
@@ -287,7 +292,7 @@ impl SweepObserver for Sweep<'_> {
     fn layer_done(&mut self, layer: usize) -> bool {
         // (As a stop before the first prompt stops after it, one before the first counted layer
         // stops after that.)
-        let stop = layer >= self.first && layer < self.last && crate::interrupt::requested();
+        let stop = layer >= self.counted && layer < self.last && crate::interrupt::requested();
         if stop {
             self.stopped = Some(layer);
         }
@@ -306,8 +311,9 @@ pub enum Lines {
 
 /// The prompts of a `--prompts` file, with their line numbers: token ids (comma-separated, `;`
 /// between batch rows, as `--tokens` takes them), else text for the checkpoint's tokenizer.
-/// Blank lines and `#` comments are skipped. With [`Lines::Auto`] a line whose comma-separated
-/// items are mostly integers is read as ids, so a mistyped id (`1,2,x`) is an error, not text.
+/// Blank lines and lines starting with `#` are skipped, and an ids line may end in a `# note`.
+/// With [`Lines::Auto`] a line whose comma-separated items are mostly integers is read as ids, so
+/// a mistyped id (`1,2,x`) is an error, not text.
 pub(super) fn read_prompts(path: &Path, kind: Lines, dir: &Path) -> Result<Vec<(usize, Tokens)>> {
     let bytes = crate::st::read_input(path)?;
     let text = String::from_utf8(bytes).map_err(|_| Error::Usage(format!("{}: is not UTF-8 text", path.display())))?;
@@ -321,11 +327,13 @@ pub(super) fn read_prompts(path: &Path, kind: Lines, dir: &Path) -> Result<Vec<(
     lines
         .iter()
         .map(|&(n, line)| {
-            let tokens = match kind == Lines::Auto && looks_like_ids(line) {
+            // An ids line may end in a `# note`; text keeps its `#` (C#, #tags).
+            let ids = line.split_once('#').map_or(line, |(ids, _)| ids).trim();
+            let tokens = match kind == Lines::Auto && looks_like_ids(ids) {
                 // A line of text with numbers in it reads as ids with a slip: say how to read it as text.
                 // (Only where an item is no id: rows of unequal length are ids all the same.)
-                true => Tokens::parse(line).map_err(|e| {
-                    let slip = line.split([',', ';']).any(|x| x.trim().parse::<u32>().is_err());
+                true => Tokens::parse(ids).map_err(|e| {
+                    let slip = ids.split([',', ';']).any(|x| x.trim().parse::<u32>().is_err());
                     let hint = if slip { " (a line of text? --text reads every line as text)" } else { "" };
                     Error::Usage(format!("{e}{hint}"))
                 }),
@@ -365,7 +373,18 @@ fn spaced_ids(line: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::looks_like_ids;
+    use super::{looks_like_ids, read_prompts, Lines};
+
+    /// An ids line's trailing `# note` is no part of its ids (it was an error naming `3 # a note`).
+    #[test]
+    fn an_ids_line_may_end_in_a_note() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prompts.txt");
+        std::fs::write(&path, "# a whole-line comment\n1,2,3 # a note\n4,5;6,7#another\n").unwrap();
+        let prompts = read_prompts(&path, Lines::Auto, dir.path()).unwrap();
+        let lines: Vec<(usize, Vec<u32>, usize)> = prompts.iter().map(|(n, t)| (*n, t.ids.clone(), t.batch)).collect();
+        assert_eq!(lines, vec![(2, vec![1, 2, 3], 1), (3, vec![4, 5, 6, 7], 2)]);
+    }
 
     #[test]
     fn lines_of_mostly_integers_are_ids() {

@@ -194,10 +194,11 @@ impl LayerLoad {
     }
 }
 
-/// Pearson correlation; None when either side is constant.
+/// Pearson correlation of pairs `(x[i], y[i])`; None when either side is constant, there are
+/// fewer than two pairs, or the two lengths differ.
 pub fn pearson(x: Vec<f64>, y: &[f64]) -> Option<f64> {
-    let n = x.len().min(y.len());
-    if n < 2 {
+    let n = x.len();
+    if n < 2 || n != y.len() {
         return None;
     }
     let (mx, my) = (x.iter().sum::<f64>() / n as f64, y.iter().sum::<f64>() / n as f64);
@@ -234,7 +235,7 @@ pub struct Audit {
     pub config_sha256: Option<String>,
     /// The MTP head's decoder layer (`num_hidden_layers`), when known: marked in the table.
     pub mtp_layer: Option<usize>,
-    /// Ctrl-C stopped the prompts: (run, of).
+    /// Ctrl-C stopped the prompts: (lines run, lines given; a line may hold several batch rows).
     pub stopped: Option<(usize, usize)>,
     /// Ctrl-C stopped a sweep (`audit --stream`) after this layer: every prompt ran the layers up
     /// to it, and [`Audit::window`] ends there.
@@ -322,15 +323,15 @@ impl Audit {
             )));
         }
         l.k = k;
+        // (Made on the first tokens, not in `LayerLoad::new`: the TUI's loads count ids only.)
+        if l.pairs.is_none() && k >= 2 {
+            l.pairs = Pairs::new(experts);
+        }
         for prompt in ids.chunks((rows / prompts * k).max(1)) {
             let mut counts = vec![0u64; experts];
             for &id in prompt {
                 counts[id as usize] += 1;
                 l.counts[id as usize] += 1;
-            }
-            // (Made on the first tokens, not in `LayerLoad::new`: the TUI's loads count ids only.)
-            if l.pairs.is_none() && k >= 2 {
-                l.pairs = Pairs::new(experts);
             }
             if let Some(pairs) = l.pairs.as_mut() {
                 let mut set = Vec::with_capacity(k);
@@ -425,7 +426,7 @@ impl Audit {
     pub fn table(&self) -> String {
         let by = crate::interrupt::signal_name();
         let stopped = match (self.stopped, self.stopped_after_layer) {
-            (Some((run, of)), _) => format!(" ({by} stopped the prompts after {run} of {of})"),
+            (Some((run, of)), _) => format!(" ({by} stopped the prompts after line {run} of {of})"),
             (None, Some(layer)) => format!(" ({by} stopped the layers after layer {layer})"),
             (None, None) => String::new(),
         };

@@ -394,7 +394,8 @@ impl Audit {
                 out.insert(l.layer, c);
             }
         };
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(layers.len());
+        // (As many as the products use: `--threads` sets rayon's pool.)
+        let threads = rayon::current_num_threads().min(layers.len());
         let mut progress = crate::progress::Steps::pair_chances(layers.len());
         std::thread::scope(|s| {
             for _ in 1..threads {
