@@ -130,7 +130,7 @@ impl WeightsRule {
                     ..rc.clone()
                 };
                 let expected = weights_for(&variant, &scores, ids);
-                w.iter().zip(&expected).all(|(&a, &x)| ((a - x).abs() as f64) <= tol.atol + tol.rtol * x.abs() as f64)
+                w.iter().zip(&expected).all(|(&a, &x)| crate::compare::element_ok(a, x, tol))
             })
         };
         if made_by(None) {
