@@ -80,7 +80,9 @@ pub struct Config {
 /// The most layers a config may declare.
 const MAX_LAYERS: usize = 1 << 12;
 
-/// Keys of config.json that do not change the forward pass; accepted and ignored.
+/// Keys of config.json that `unread_keys` does not report: those that do not change the forward
+/// pass (accepted and ignored), and, from `index_topk_freq` on, those read apart from the main
+/// fields (the indexer's pattern, the expert count's aliases, RoPE's, the FP8 format's, `generate`'s).
 const IGNORED_KEYS: &[&str] = &[
     "architectures",
     "model_type",
@@ -213,13 +215,18 @@ impl Config {
             ));
         }
         let num_attention_heads = f.usize_or("num_attention_heads", 64)?;
-        let n_routed_experts = match f.obj.get("n_routed_experts") {
-            Some(v) => as_usize("n_routed_experts", v)?,
-            None => match f.get("num_experts").or_else(|| f.get("num_local_experts")) {
-                Some(v) => as_usize("num_experts", v)?,
-                None => 256,
-            },
-        };
+        // Where several are given, transformers' config takes `num_local_experts` (its alias of
+        // `n_routed_experts`, set last), then `num_experts` (re-routed after init, where not
+        // null), then `n_routed_experts`. (A null alias or `n_routed_experts` is refused.)
+        let given = |key| f.obj.get(key).map(|v| (key, v));
+        let n_routed_experts =
+            match given("num_local_experts").or_else(|| f.get("num_experts").map(|v| ("num_experts", v))) {
+                Some((key, v)) => as_usize(key, v)?,
+                None => match given("n_routed_experts") {
+                    Some((key, v)) => as_usize(key, v)?,
+                    None => 256,
+                },
+            };
         let num_kv_heads = f.usize_or("num_key_value_heads", num_attention_heads)?;
         if num_kv_heads != num_attention_heads {
             return Err(Error::config(
@@ -513,16 +520,17 @@ fn indexer_types(f: &Fields, n: usize) -> Result<Vec<IndexerKind>> {
             _ => return Err(Error::config("index_topk_pattern", "expected a string like \"FSS\" or a list")),
         }
     } else {
-        let freq = f.usize_or("index_topk_freq", 1)?.max(1);
-        let offset = f.usize_or("index_skip_topk_offset", 2)? as i64;
-        (0..n as i64)
-            .map(|i| {
-                if ((i - offset + 1).max(0) as usize).is_multiple_of(freq) {
-                    IndexerKind::Full
-                } else {
-                    IndexerKind::Shared
-                }
-            })
+        let freq = f.usize_or("index_topk_freq", 1)?.max(1) as i128;
+        // Any integer, as transformers takes it (a negative one too), in arithmetic that cannot
+        // wrap.
+        let offset = match f.get("index_skip_topk_offset") {
+            Some(v) => v
+                .as_i64()
+                .ok_or_else(|| Error::config("index_skip_topk_offset", format!("{v}: expected an integer")))?,
+            None => 2,
+        } as i128;
+        (0..n as i128)
+            .map(|i| if (i - offset + 1).max(0) % freq == 0 { IndexerKind::Full } else { IndexerKind::Shared })
             .collect()
     };
     let kinds = per_layer("indexer_types", kinds, n)?;
@@ -660,6 +668,33 @@ mod tests {
 
     fn read(json: Value) -> std::result::Result<Config, String> {
         Config::from_json(&json).map_err(|e| e.to_string())
+    }
+
+    /// The expert count where several of its names are given, as transformers' config reads them
+    /// (`GlmMoeDsaConfig.from_dict`, 5.24): `num_local_experts`, then `num_experts`, then
+    /// `n_routed_experts`. And `index_skip_topk_offset` of any size, or negative, as it takes it.
+    #[test]
+    fn the_expert_count_and_the_indexer_offset_are_read_as_transformers_reads_them() {
+        let experts = |mut json: Value| {
+            json["num_experts_per_tok"] = serde_json::json!(2);
+            read(json).map(|c| c.n_routed_experts).unwrap()
+        };
+        assert_eq!(experts(serde_json::json!({ "n_routed_experts": 8, "num_local_experts": 4 })), 4);
+        assert_eq!(experts(serde_json::json!({ "n_routed_experts": 8, "num_experts": 4 })), 4);
+        assert_eq!(experts(serde_json::json!({ "num_experts": 4, "num_local_experts": 6 })), 6);
+        assert_eq!(experts(serde_json::json!({ "n_routed_experts": 8, "num_experts": null })), 8);
+        assert!(read(serde_json::json!({ "n_routed_experts": null, "num_experts_per_tok": 2 })).is_err());
+        use IndexerKind::{Full, Shared};
+        let kinds = |offset: Value| {
+            let json =
+                serde_json::json!({ "num_hidden_layers": 4, "index_topk_freq": 2, "index_skip_topk_offset": offset });
+            read(json).map(|c| c.indexer_types)
+        };
+        // transformers: "full" if max(i - offset + 1, 0) % freq == 0.
+        assert_eq!(kinds(serde_json::json!(2)).unwrap(), [Full, Full, Shared, Full]);
+        assert_eq!(kinds(serde_json::json!(-1)).unwrap(), [Full, Shared, Full, Shared]);
+        assert_eq!(kinds(serde_json::json!(i64::MAX)).unwrap(), [Full; 4]);
+        assert!(kinds(serde_json::json!(u64::MAX)).unwrap_err().contains("index_skip_topk_offset"));
     }
 
     /// Where transformers' reading of a config is not the obvious one, it is followed or the

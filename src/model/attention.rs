@@ -293,14 +293,18 @@ pub(crate) fn non_finite_positions(
 
 /// Each row of `p` (rows `tb` wide) becomes the softmax of its kept scores, 0 elsewhere. A row
 /// that keeps nothing gives NaN, as the reference's softmax of an all `-inf` row does, and so
-/// does a row with a NaN or infinite score at a key it drops (the reference adds its `-inf` mask
-/// to that score: NaN).
+/// does a row with a NaN or `+inf` score at a key it drops (the reference adds its `-inf` mask to
+/// that score: NaN; to a `-inf` one: `-inf`, which weighs 0).
 fn softmax_kept(p: &mut [f32], keep: &[bool], tb: usize) {
     for (row, keep) in p.chunks_exact_mut(tb).zip(keep.chunks_exact(tb)) {
         let max = row.iter().zip(keep).filter(|(_, &k)| k).fold(f32::NEG_INFINITY, |m, (&x, _)| m.max(x));
         let mut sum = 0f32;
         for (x, &k) in row.iter_mut().zip(keep) {
-            *x = if k { (*x - max).exp() } else { *x * 0.0 }; // 0, or NaN from a non-finite score
+            *x = match (k, *x == f32::NEG_INFINITY) {
+                (true, _) => (*x - max).exp(),
+                (false, true) => 0.0,
+                (false, false) => *x * 0.0, // 0, or NaN from a NaN or +inf score
+            };
             sum += *x;
         }
         let sum = if sum > 0.0 { sum } else { f32::NAN };
@@ -485,5 +489,20 @@ pub(crate) mod tests {
         }
         abt(&mut dst, 9, View::at(&a, 0, [m, 0, 4]), View::at(&b, 0, [n, 0, 6]), 1.0, false);
         assert!((0..m).all(|i| dst[i * 9..i * 9 + n].iter().all(|&x| x == 0.0)));
+    }
+
+    /// A dropped key's score weighs 0 when it is finite or `-inf` (the reference's `-inf` mask
+    /// keeps it `-inf`), and makes the row NaN when it is NaN or `+inf`, as the reference's does.
+    #[test]
+    fn a_dropped_keys_score_weighs_nothing_unless_the_reference_makes_it_nan() {
+        let keep = [true, true, false];
+        for (dropped, nan) in [(5.0, false), (f32::NEG_INFINITY, false), (f32::INFINITY, true), (f32::NAN, true)] {
+            let mut p = [0.0, 0.0, dropped];
+            super::softmax_kept(&mut p, &keep, 3);
+            match nan {
+                true => assert!(p.iter().all(|x| x.is_nan()), "{dropped}: {p:?}"),
+                false => assert_eq!(p, [0.5, 0.5, 0.0], "{dropped}"),
+            }
+        }
     }
 }

@@ -37,8 +37,9 @@ pub struct IndexerWeights {
 }
 
 /// The keys each query may attend to: `k` positions per (batch, query) row. Rows of queries with
-/// fewer than `k` causal keys are padded with positions `> s` (ignored by attention), as the
-/// reference's top-k over a causally masked row is.
+/// fewer than `k` causal keys are padded with positions after the query's own (ignored by
+/// attention), where the reference's top-k over a causally masked row takes masked positions of
+/// its own choosing: the same attention, and the padding is no key either way.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Selection {
     pub batch: usize,
@@ -199,7 +200,8 @@ impl IndexerWeights {
     }
 }
 
-/// Top `min(topk, T)` keys per query among causal keys, highest score first (ties by position),
+/// Top `min(topk, T)` keys per query among causal keys, highest score first (ties by position;
+/// a row that keeps every causal key lists them by position),
 /// for queries at positions `offset..offset + seq` over `T = offset + seq` keys (`scores` is
 /// [batch, seq, T]). Queries with fewer causal keys are padded with the positions after them.
 pub fn top_k_causal(scores: &[f32], batch: usize, seq: usize, offset: usize, topk: usize) -> Selection {
@@ -224,8 +226,8 @@ pub fn select_row(row: &[f32], p: usize, k: usize, order: &mut Vec<usize>, idx: 
     margin
 }
 
-/// The `k` best of `scores` (one query's causal keys), best first (ties by position), into
-/// `order`; returns the margin at the cut, K-th minus (K+1)-th, or +inf when all are kept.
+/// The `k` best of `scores` (one query's causal keys), best first (ties by position; all of them,
+/// by position, where there are no more than `k`), into `order`; returns the margin at the cut, K-th minus (K+1)-th, or +inf when all are kept.
 pub fn top_k_keys(scores: &[f32], k: usize, order: &mut Vec<usize>) -> f32 {
     order.clear();
     order.extend(0..scores.len());

@@ -1,5 +1,6 @@
 //! Small building blocks shared by the blocks of the model: linear layers, RMSNorm, LayerNorm and
-//! softmax, computed in f32 exactly as the transformers reference orders the arithmetic.
+//! softmax, computed in f32 in the order the transformers reference computes them (up to the
+//! last bit: `x * (1 / sqrt(v))` where torch takes `rsqrt`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
