@@ -506,9 +506,9 @@ pub(crate) struct RunArgs {
     /// (with --device, on the device too: how a checkpoint larger than the GPU runs on it).
     #[arg(long)]
     pub(crate) stream: bool,
-    /// Continue a killed run with the same --dump, tokens and model from its last completed
-    /// layer (runs with --dump checkpoint after every layer).
-    #[arg(long, requires = "dump", conflicts_with_all = ["layers", "from_dump"])]
+    /// Continue a killed run with the same --dump, tokens (or --from-dump) and model from its last
+    /// completed layer (runs with --dump and no --layers checkpoint after every layer).
+    #[arg(long, requires = "dump", conflicts_with = "layers")]
     pub(crate) resume: bool,
     /// Also run the MTP head over the tokens (its `mtp.*` and `layers.{N}.*` hook points go to
     /// the dump) and print its draft for the token after next.

@@ -181,6 +181,12 @@ pub(crate) fn is_f16(x: f32) -> bool {
     x.is_nan() || half::f16::from_f32(x).to_f32().to_bits() == x.to_bits()
 }
 
+/// Whether `v` holds a value that tells a format: one finite and not 0 (zeros and NaN are every
+/// format's values, so a tensor of them says nothing of bf16 or f16).
+pub(crate) fn tells_a_format(v: &[f32]) -> bool {
+    v.iter().any(|x| x.is_finite() && *x != 0.0)
+}
+
 /// Whether `ours` and `reference` are as long and every element matches within `tol`.
 pub(crate) fn all_close(ours: &[f32], reference: &[f32], tol: Tolerance) -> bool {
     ours.len() == reference.len() && ours.iter().zip(reference).all(|(&a, &e)| element_ok(a, e, tol))

@@ -294,10 +294,11 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     // Whether every float value of each dump is a bf16 (low 16 bits 0), or an f16; whether a float
     // tensor outside its tolerance was compared at one tighter than bf16's, or at an rtol below
     // f16's rounding (what the precision notes hint at); and the first such tensor's bf16-ness.
-    let (mut bf16_only, mut f16_only) = ([true; 2], [true; 2]);
+    let (mut bf16_only, mut f16_only, mut telling) = ([true; 2], [true; 2], [false; 2]);
     let (mut off_tighter_than_bf16, mut off_tighter_than_f16, mut float_off) = (false, false, false);
     let mut bf16_first = None;
     let is_bf16 = |v: &Values| matches!(v, Values::F32(v) if v.iter().all(|&x| crate::compare::is_bf16(x)));
+    let tells = |v: &Values| matches!(v, Values::F32(v) if crate::compare::tells_a_format(v));
     // Each compared tensor is scanned for NaN/Inf while it is in memory, not read again for it.
     let (mut seen_a, mut seen_b) = (HashMap::new(), HashMap::new());
     for name in names_b.iter().filter(|n| names_a.contains(n)) {
@@ -331,6 +332,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         for (side, v) in [&va, &vb].into_iter().enumerate() {
             if let Values::F32(_) = v {
                 // (Once a side holds a value that is no bf16, its tensors are not scanned again.)
+                telling[side] = telling[side] || tells(v);
                 bf16_only[side] = bf16_only[side] && is_bf16(v);
                 f16_only[side] =
                     f16_only[side] && matches!(v, Values::F32(v) if v.iter().all(|&x| crate::compare::is_f16(x)));
@@ -341,7 +343,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         if let (false, Detail::Float { .. }) = (c.ok, &c.detail) {
             let tight = tighter_than_bf16(tol);
             if !float_off {
-                let sides = [is_bf16(&va), is_bf16(&vb)];
+                let sides = [is_bf16(&va) && tells(&va), is_bf16(&vb) && tells(&vb)];
                 // (Both sides bf16 there is the checkpoint's doing, a bf16 embedding table: no hint.)
                 bf16_first = Some((name.clone(), sides)).filter(|_| tight && sides[0] != sides[1]);
             }
@@ -384,9 +386,9 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         notes,
         past_rounding: None,
         // (Only a float tensor outside a tighter tolerance is helped by bf16's, or f16's.)
-        bf16_only: bf16_only.map(|only| only && off_tighter_than_bf16),
+        bf16_only: [0, 1].map(|side| bf16_only[side] && telling[side] && off_tighter_than_bf16),
         bf16_first,
-        f16_only: [0, 1].map(|side| f16_only[side] && !bf16_only[side] && off_tighter_than_f16),
+        f16_only: [0, 1].map(|side| f16_only[side] && telling[side] && !bf16_only[side] && off_tighter_than_f16),
         configs_differ: a.other_config_than(b).is_some(),
     };
     report.past_rounding = match past::past_rounding(&report, a, b, opts)? {

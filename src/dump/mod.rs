@@ -103,7 +103,8 @@ impl Dump {
                 ),
                 // The spec's index tensors are integers: a float `dsa.topk` would be compared
                 // element by element, order and padding counting, where the spec compares sets.
-                _ if float && is_index_tensor(name) => {
+                // (Another tool's `my_tool.dsa.topk`, no hook point, is its own business.)
+                Some(_) if float && is_index_tensor(name) => {
                     "the spec stores token ids and selections as integers (I64)".to_string()
                 }
                 // (glimpse's own flags, integers.)
@@ -294,14 +295,27 @@ impl Dump {
     }
 
     /// A recorded DSA selection (`layers.{i}.dsa.topk`), to replay or start a window from, for a
-    /// run of `batch` x `seq` tokens.
+    /// run of `batch` x `seq` tokens. Entries past each query are padding (the spec's); a negative
+    /// one, or a row with no causal key (no top-k keeps none), is refused with its query.
     pub fn selection(&self, name: &str, batch: usize, seq: usize) -> Result<crate::model::indexer::Selection> {
         let (Values::I64(idx), shape) = self.values(name)? else {
             return Err(Error::dump(&self.path, format!("`{name}` must be an integer tensor")));
         };
         match shape[..] {
-            [b, s, _] if (b, s) == (batch, seq) => Ok(crate::model::indexer::Selection::from_i64(&idx, &shape)
-                .ok_or_else(|| Error::dump(&self.path, format!("`{name}` must be [B, S, K], got {shape:?}")))?),
+            [b, s, k] if (b, s) == (batch, seq) => {
+                for (row, keys) in idx.chunks_exact(k.max(1)).enumerate() {
+                    let (b, s) = (row / seq, row % seq);
+                    if let Some(j) = keys.iter().find(|&&j| j < 0) {
+                        return Err(Error::dump(&self.path, format!("`{name}` holds key {j} for query [{b}, {s}]")));
+                    }
+                    if !keys.iter().any(|&j| j <= s as i64) {
+                        let msg = format!("`{name}` keeps no causal key for query [{b}, {s}] (no top-k keeps none)");
+                        return Err(Error::dump(&self.path, msg));
+                    }
+                }
+                crate::model::indexer::Selection::from_i64(&idx, &shape)
+                    .ok_or_else(|| Error::dump(&self.path, format!("`{name}` must be [B, S, K], got {shape:?}")))
+            }
             _ => Err(Error::dump(
                 &self.path,
                 format!("`{name}` is {shape:?}; the run needs [batch, seq, K] with batch {batch}, seq {seq}"),

@@ -217,6 +217,7 @@ impl Verifier<'_> {
             isolate: opts.isolate,
             replay: opts.replay,
             final_norm: self.final_norm,
+            first_layer: opts.layers.as_ref().map_or(0, |w| *w.start()),
         }
     }
 }
@@ -358,6 +359,8 @@ pub struct Report {
     pub replay: Replay,
     /// Our `final_norm` (when the reference has one to compare): what the MTP head starts from.
     pub final_norm: Option<Tensor>,
+    /// The first layer compared: `--layers`' start, else 0.
+    pub first_layer: usize,
 }
 
 impl Report {
@@ -387,7 +390,8 @@ impl Report {
     /// What the reference's names outside the spec say, where most of them are spec hook points
     /// behind one prefix (`model.layers.0.input_norm`) and they outnumber the tensors compared:
     /// the names are the spec's contract, and most of the reference went unverified. Or its
-    /// layers numbered from 1: no `layers.0.*` anywhere, layered names the run did not produce,
+    /// layers numbered from 1: no `layers.0.*` anywhere (in a `--layers` window, none of its
+    /// first layer, as the names are the window's), layered names the run did not produce,
     /// and no layer's activation that matched (which says the names line up, as `diff` takes
     /// it): its layer i was compared with our layer i, one off.
     pub fn misnamed(&self) -> Option<String> {
@@ -400,10 +404,11 @@ impl Report {
             .iter()
             .any(|c| c.ok && layer_of(&c.name).is_some() && matches!(c.detail, Detail::Float { .. }));
         let layered = named().any(|n| layer_of(n).is_some());
-        if unproduced > 0 && !lines_up && layered && !named().any(|n| layer_of(n) == Some(0)) {
+        if unproduced > 0 && !lines_up && layered && !named().any(|n| layer_of(n) == Some(self.first_layer)) {
             return Some(format!(
-                "the reference numbers its layers from 1 (no `layers.0.*`; {unproduced} of its layers' tensors not \
-                 produced by this run)"
+                "the reference numbers its layers from 1 (no `layers.{}.*`; {unproduced} of its layers' tensors not \
+                 produced by this run)",
+                self.first_layer
             ));
         }
         fn prefix(n: &str) -> Option<&str> {

@@ -64,8 +64,8 @@ pub fn precision_note(golden: &Dump, r: &Report, opts: &VerifyOptions) -> Option
     let first = r.results.iter().find(|c| !c.ok && matches!(c.detail, Detail::Float { .. }))?;
     let tol = crate::diff::tol_for(opts.tol, &opts.per_name, &first.name);
     let (Values::F32(v), _) = golden.values(&first.name).ok()? else { return None };
-    let only_bf16 = !v.is_empty() && v.iter().all(|&x| compare::is_bf16(x));
-    let only_f16 = !v.is_empty() && !only_bf16 && v.iter().all(|&x| compare::is_f16(x));
+    let only_bf16 = compare::tells_a_format(&v) && v.iter().all(|&x| compare::is_bf16(x));
+    let only_f16 = compare::tells_a_format(&v) && !only_bf16 && v.iter().all(|&x| compare::is_f16(x));
     let rounding = crate::diff::F16_ROUNDING;
     if only_f16 && tol.rtol < rounding {
         return Some(format!(
@@ -74,7 +74,7 @@ pub fn precision_note(golden: &Dump, r: &Report, opts: &VerifyOptions) -> Option
             first.name, tol.rtol
         ));
     }
-    (tol.atol < bf16.atol && only_bf16).then(|| {
+    (crate::diff::tighter_than_bf16(tol) && only_bf16).then(|| {
         format!(
             "note: the reference's {}, the first float tensor outside the tolerance, holds bf16 values only (a run \
              in bf16?): compare at bf16's tolerance, --atol {:e} --rtol {:e}",

@@ -307,3 +307,74 @@ fn verify_names_a_reference_whose_layers_start_at_1() {
     let (code, out) = common::code_and_text(&["verify", "--model", "golden/flat", "--layers", "2..3"]);
     assert!(code == 0 && !out.contains("numbers its layers"), "{out}");
 }
+
+/// A replayed DSA selection is checked as a replayed routing is: a negative key, or a row that
+/// keeps no causal key (what no top-k does), is refused with its query, where it ran as padding
+/// and left the query attending to nothing (NaN in every tensor after it).
+#[test]
+fn a_replayed_selection_of_no_causal_key_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = common::golden("flat").join("reference.safetensors");
+    for (name, bad, said) in [
+        ("negative.st", vec![-5], "holds key -5 for query [0, 3]"),
+        ("none.st", vec![1_000_000; 8], "keeps no causal key for query [0, 3]"),
+    ] {
+        let path = common::edit_ints(&reference, &tmp.path().join(name), "layers.0.dsa.topk", |v, shape| {
+            let k = shape[2];
+            v[3 * k..3 * k + bad.len()].copy_from_slice(&bad);
+        });
+        let args = ["verify", "--model", "golden/flat", "--golden", &s(&path), "--force-selection"];
+        common::assert_error(&glimpse(&args), said);
+    }
+}
+
+/// A reference tensor of NaN or zeros alone says nothing of bf16: no note calls it a bf16 run's
+/// (all-NaN logits did).
+#[test]
+fn a_tensor_of_nan_or_zeros_is_no_bf16_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = common::golden("flat").join("reference.safetensors");
+    for fill in [f32::NAN, 0.0] {
+        let path = common::edit_floats(&reference, &tmp.path().join("x.st"), "logits", |v, _| v.fill(fill));
+        let (code, out) = common::code_and_text(&["verify", "--model", "golden/flat", "--golden", &s(&path)]);
+        assert_eq!(code, 1, "{out}");
+        assert!(!out.contains("bf16 values only"), "{fill}: {out}");
+    }
+}
+
+/// In a `--layers` window that leaves out layer 0, the names are the window's: a reference
+/// whose window differs everywhere and holds a tensor the run does not make (router logits of a
+/// dense layer) is not said to number its layers from 1 (no `layers.0.*` was all it took).
+#[test]
+fn a_window_past_layer_0_is_not_read_as_layers_numbered_from_1() {
+    use glimpse::dump::Values;
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = common::golden("flat").join("reference.safetensors");
+    let edited = common::edit_dump(&reference, &tmp.path().join("w.st"), |tensors| {
+        for (name, values, _) in tensors.iter_mut() {
+            if let (true, Values::F32(v)) = (name.starts_with("layers.") && !name.starts_with("layers.0."), values) {
+                v.iter_mut().enumerate().for_each(|(i, x)| *x += 1.0 + (i % 7) as f32);
+            }
+        }
+        // golden/flat's layers 0 and 1 are dense: no run makes layer 1's router logits.
+        tensors.push(("layers.1.moe.router_logits".into(), Values::F32(vec![0.5; 32 * 16]), vec![32, 16]));
+    });
+    let args = ["verify", "--model", "golden/flat", "--golden", &s(&edited), "--layers", "1..4"];
+    let (code, out) = common::code_and_text(&args);
+    assert_eq!(code, 1, "{out}");
+    assert!(!out.contains("numbers its layers"), "{out}");
+}
+
+/// Another tool's extra tensor (the spec allows them) named like an index tensor is no hook
+/// point: it does not make the reference refused for its dtype.
+#[test]
+fn an_extra_tensor_named_like_a_selection_is_not_refused() {
+    use glimpse::dump::Values;
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = common::golden("flat").join("reference.safetensors");
+    let extra = common::edit_dump(&reference, &tmp.path().join("x.st"), |tensors| {
+        tensors.push(("my_tool.dsa.topk".into(), Values::F32(vec![1.0; 4]), vec![4]));
+    });
+    let (code, out) = common::code_and_text(&["verify", "--model", "golden/flat", "--golden", &s(&extra)]);
+    assert_eq!(code, 0, "{out}");
+}

@@ -76,6 +76,16 @@ fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
     let o = glimpse(&["diff", "--atol", "0", "--rtol", "0", &s(&resumed), &s(&dump)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
     assert!(!state.exists(), "the resume state is removed once the dump is finished");
+    // A whole run from a dump's state (`--from-dump`, no --layers) checkpoints too, and its
+    // --resume is taken (the CLI refused it, so the run's own advice could not be followed).
+    let from = t.join("from.safetensors");
+    let fargs = ["run", "--model", &s(&model), "--stream", "--from-dump", &s(&dump), "--dump", &s(&from)];
+    signal_when_present(&fargs, &t.join("from.safetensors.resume.json"), libc::SIGKILL);
+    let o = glimpse(&[&fargs[..], &["--resume"]].concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("resuming"), "{err}");
+    let o = glimpse(&["diff", "--atol", "0", "--rtol", "0", &s(&from), &s(&dump)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
 
     // Ctrl-C: the run stops after the layer it is in, says how to go on (exit 130, Ctrl-C's
     // status), and --resume finishes it as if nothing happened.
