@@ -278,8 +278,15 @@ impl Observer for Verifier<'_> {
             0 => return Ok(None), // the embedding is exact
             i => HookPoint::Layer(i - 1, LayerHook::Output).name(),
         };
+        // The head (layer `num_hidden_layers`: the final norm's input) runs on our own state
+        // where the reference lacks it, as the CPU path's does; a decoder layer cannot be
+        // isolated without its input, and is refused as the CPU path refuses it.
+        let head = self.config.as_ref().is_some_and(|c| layer >= c.num_hidden_layers);
         match self.isolate {
             Some(shape) if self.golden.contains(&name) => Ok(Some(self.golden.hidden(&name, shape)?)),
+            Some(_) if !head => {
+                Err(Error::dump(&self.golden.path, format!("has no `{name}` to start layer {layer} from")))
+            }
             _ => Ok(None),
         }
     }
@@ -456,14 +463,21 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
     stream::check_window(w.config(), &window)?;
     if opts.isolate {
         let rope = RotaryEmbedding::new(w.config()).tables(&(0..tokens.seq).collect::<Vec<_>>());
-        if *window.start() == 0 {
-            stream::embed(w, &tokens, &mut v)?;
-        }
+        let embedded = match *window.start() {
+            0 => Some(stream::embed(w, &tokens, &mut v)?),
+            _ => None,
+        };
         let mut last = None;
         let shape = [tokens.batch, tokens.seq, w.config().hidden_size];
         let mut progress = crate::progress::Steps::layers(*window.start(), *window.end());
         for i in window.clone() {
-            let start = Start::from_dump(golden, i, shape)?;
+            // Layer 0 starts from the reference's embeddings where it holds them, else from ours
+            // (a table lookup: exact), as the device path's isolation does; any later layer's
+            // input the reference lacks is refused, on both paths.
+            let start = match (i, &embedded) {
+                (0, Some(h)) if !golden.contains("embeddings") => Start { hidden: h.clone(), selection: None },
+                _ => Start::from_dump(golden, i, shape)?,
+            };
             let mut sel = start.selection;
             last = Some(stream::layers(w, &rope, i..=i, start.hidden, &mut sel, &mut v, &mut progress)?);
         }

@@ -378,3 +378,26 @@ fn an_extra_tensor_named_like_a_selection_is_not_refused() {
     let (code, out) = common::code_and_text(&["verify", "--model", "golden/flat", "--golden", &s(&extra)]);
     assert_eq!(code, 0, "{out}");
 }
+
+/// `--isolate` on a reference that lacks a layer's input, the same on the CPU and the device
+/// path: without `embeddings` layer 0 starts from ours (a table lookup, exact; the CPU refused
+/// it), and without `layers.2.output` layer 3 cannot be isolated and is refused (the device path
+/// ran it on its own state and called it isolated).
+#[test]
+fn isolating_layers_on_a_partial_reference_is_the_same_on_every_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = common::golden("flat").join("reference.safetensors");
+    let without = |name: &str| {
+        common::edit_dump(&reference, &tmp.path().join(format!("{name}.st")), |t| t.retain(|(n, _, _)| n != name))
+    };
+    let (no_embeddings, no_output) = (without("embeddings"), without("layers.2.output"));
+    for device in ["cpu", "cpu-ops"] {
+        let base = ["verify", "--model", "golden/flat", "--isolate", "--device", device, "--golden"];
+        let (code, out) = common::code_and_text(&[&base[..], &[&s(&no_embeddings)]].concat());
+        assert_eq!(code, 0, "{device}: {out}");
+        common::assert_error(
+            &glimpse(&[&base[..], &[&s(&no_output)]].concat()),
+            "has no `layers.2.output` to start layer 3 from",
+        );
+    }
+}
