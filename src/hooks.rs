@@ -105,7 +105,8 @@ impl LayerHook {
 }
 
 /// How many hook points a forward pass over `layers` layers can report, the MTP head included
-/// (sizes dump headers).
+/// (sizes dump headers): the 8 outside the layers, one to spare, and every layer's, the MTP
+/// layer's too.
 pub fn max_points(layers: usize) -> usize {
     9 + (layers + 1) * LayerHook::ALL.len()
 }

@@ -8,9 +8,9 @@ use crate::error::{Error, Result};
 
 /// Refuses an output path that cannot become a file: an existing folder, a folder that does not
 /// exist, or one this process cannot create files in (found by creating and removing a probe
-/// file beside the target, named like the temporary files the writers use).
+/// file beside the target, named with this process's id).
 pub fn check(flag: &str, path: &Path) -> Result<()> {
-    // (`audit --csv -` means standard output and is not checked; no other output can be.)
+    // (`audit --csv -` and `--routes -` mean standard output and are not checked here.)
     if path.as_os_str() == "-" {
         return Err(Error::Usage(format!("{flag} -: this output is written as a file; give a file path")));
     }
@@ -29,8 +29,9 @@ pub fn check(flag: &str, path: &Path) -> Result<()> {
     if !folder.is_dir() {
         return Err(Error::Usage(format!("{flag} {}: folder {} does not exist", path.display(), folder.display())));
     }
+    // (Not `create_new`: a probe a killed process of the same id left would refuse the folder.)
     let probe = sibling(path, &format!(".{}.probe", std::process::id()));
-    match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
+    match std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&probe) {
         Ok(_) => {
             let _ = std::fs::remove_file(&probe);
             Ok(())

@@ -408,8 +408,8 @@ pub fn le_bytes_i64(v: &[i64]) -> Vec<u8> {
 
 /// Writes a safetensors file whose tensors are produced one at a time, so a multi-GB file never
 /// sits in memory: the header is computed from shapes first, then `fill` is asked for each
-/// tensor's bytes in order. Written to `PATH.tmp` and renamed, so the target name only ever holds a
-/// complete file.
+/// tensor's bytes in order. Written to a temporary sibling (`output::tmp_sibling`) and renamed, so
+/// the target name only ever holds a complete file.
 pub fn write_streaming(
     path: &Path,
     layout: &[(String, Dtype, Vec<usize>)],

@@ -431,7 +431,8 @@ impl DumpWriter {
     /// Writes the header, makes the file durable and renames it to the target. Returns the
     /// number of tensors written.
     pub fn finish(mut self, metadata: &BTreeMap<String, String>) -> Result<usize> {
-        // (A failed finish leaves no stray file: `drop` removes it.)
+        // (A failed finish leaves no stray file: `drop` removes it, but a resumable run's
+        // `.partial`, which keeps the run.)
         self.write_header_and_rename(metadata)
     }
 
