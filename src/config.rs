@@ -82,7 +82,8 @@ const MAX_LAYERS: usize = 1 << 12;
 
 /// Keys of config.json that `unread_keys` does not report: those that do not change the forward
 /// pass (accepted and ignored), and, from `index_topk_freq` on, those read apart from the main
-/// fields (the indexer's pattern, the expert count's aliases, RoPE's, the FP8 format's, `generate`'s).
+/// fields (the indexer's pattern, the expert count's aliases, RoPE's, the FP8 format's and
+/// `generate`'s).
 const IGNORED_KEYS: &[&str] = &[
     "architectures",
     "model_type",

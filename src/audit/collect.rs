@@ -35,9 +35,9 @@ pub fn collect(
 }
 
 /// [`collect`], and the audit of `other` prompts (`audit --compare-prompts`, its lines read as
-/// the `Lines` given with it) run on the same model after them: both files are read, encoded and sized for memory
-/// before the model loads, and one Ctrl-C stops both (the other prompts are not run when the
-/// audited ones were stopped). None for `other` when it was not run.
+/// the `Lines` given with it) run on the same model after them: both files are read, encoded
+/// and sized for memory before the model loads, and one Ctrl-C stops both (the other prompts
+/// are not run when the audited ones were stopped). None for `other` when it was not run.
 pub fn collect_with_other(
     model_dir: Option<&Path>,
     prompts: Option<(&Path, Lines)>,

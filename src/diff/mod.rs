@@ -331,8 +331,8 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         let ids = ids.as_ref().map(|(x, y)| (x.as_slice(), y.as_slice()));
         for (side, v) in [&va, &vb].into_iter().enumerate() {
             if let Values::F32(_) = v {
-                // (Once a side holds a value that is no bf16, its tensors are not scanned again.)
                 telling[side] = telling[side] || tells(v);
+                // (Once a side holds a value that is no bf16, its tensors are not scanned again.)
                 bf16_only[side] = bf16_only[side] && is_bf16(v);
                 f16_only[side] =
                     f16_only[side] && matches!(v, Values::F32(v) if v.iter().all(|&x| crate::compare::is_f16(x)));

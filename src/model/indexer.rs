@@ -227,7 +227,8 @@ pub fn select_row(row: &[f32], p: usize, k: usize, order: &mut Vec<usize>, idx: 
 }
 
 /// The `k` best of `scores` (one query's causal keys), best first (ties by position; all of them,
-/// by position, where there are no more than `k`), into `order`; returns the margin at the cut, K-th minus (K+1)-th, or +inf when all are kept.
+/// by position, where there are no more than `k`), into `order`; returns the margin at the cut,
+/// K-th minus (K+1)-th, or +inf when all are kept.
 pub fn top_k_keys(scores: &[f32], k: usize, order: &mut Vec<usize>) -> f32 {
     order.clear();
     order.extend(0..scores.len());
