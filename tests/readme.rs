@@ -62,7 +62,8 @@ fn every_readme_command_runs_as_written() {
         if args.starts_with("synth --preset glm5") {
             continue;
         }
-        let shell = line.replacen(CARGO_RUN, bin, 1).replace("/tmp/", &format!("{}/", tmp.path().display()));
+        // (`/tmp/` first: the binary itself may sit under /tmp, a CARGO_TARGET_DIR there.)
+        let shell = line.replace("/tmp/", &format!("{}/", tmp.path().display())).replacen(CARGO_RUN, bin, 1);
         let out = Command::new("sh").arg("-c").arg(&shell).current_dir(root).stdin(Stdio::null()).output().unwrap();
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         let code = out.status.code();
