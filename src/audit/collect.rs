@@ -34,18 +34,18 @@ pub fn collect(
     collect_with_other(model_dir, prompts, None, dumps, opts).map(|(audit, _)| audit)
 }
 
-/// [`collect`], and the audit of `other` prompts (`audit --compare-prompts`, its lines read as
+/// [`collect`], and the audit of `other_prompts` (`audit --compare-prompts`, its lines read as
 /// the `Lines` given with it) run on the same model after them: both files are read, encoded
 /// and sized for memory before the model loads, and one Ctrl-C stops both (the other prompts
-/// are not run when the audited ones were stopped). None for `other` when it was not run.
+/// are not run when the audited ones were stopped). None for the other audit when it was not run.
 pub fn collect_with_other(
     model_dir: Option<&Path>,
     prompts: Option<(&Path, Lines)>,
-    other: Option<(&Path, Lines)>,
+    other_prompts: Option<(&Path, Lines)>,
     dumps: &[PathBuf],
     opts: CollectOptions,
 ) -> Result<(Audit, Option<Audit>)> {
-    let (other, other_lines) = (other.map(|(path, _)| path), other.map(|(_, lines)| lines));
+    let other = other_prompts.map(|(path, _)| path);
     let CollectOptions {
         experts,
         max_memory,
@@ -95,7 +95,7 @@ pub fn collect_with_other(
         (None, _) => Ok(Vec::new()),
     };
     let prompt_tokens = read(prompts, "--prompts")?;
-    let other_tokens = read(other.zip(other_lines), "--compare-prompts")?;
+    let other_tokens = read(other_prompts, "--compare-prompts")?;
     if !against.is_empty() {
         // Before anything runs: a mismatch found after the prompts ran cost their time.
         let ours = match prompts {

@@ -300,10 +300,12 @@ fn softmax_kept(p: &mut [f32], keep: &[bool], tb: usize) {
         let max = row.iter().zip(keep).filter(|(_, &k)| k).fold(f32::NEG_INFINITY, |m, (&x, _)| m.max(x));
         let mut sum = 0f32;
         for (x, &k) in row.iter_mut().zip(keep) {
-            *x = match (k, *x == f32::NEG_INFINITY) {
-                (true, _) => (*x - max).exp(),
-                (false, true) => 0.0,
-                (false, false) => *x * 0.0, // 0, or NaN from a NaN or +inf score
+            *x = if k {
+                (*x - max).exp()
+            } else if *x == f32::NEG_INFINITY {
+                0.0
+            } else {
+                *x * 0.0 // 0, or NaN from a NaN or +inf score
             };
             sum += *x;
         }
