@@ -192,10 +192,26 @@ fn block_ranges(
     [m, k]: [usize; 2],
 ) -> Result<(std::ops::Range<usize>, std::ops::Range<usize>)> {
     let c_len = m.saturating_sub(1) * n + nt;
+    if c_len >= CUBLAS_SPAN || m * k >= CUBLAS_SPAN {
+        return Err(Error::Device(format!("GEMM: {m} rows x {k} -> {nt} of {n} span 2^31 values in one call")));
+    }
     if n0 + nt > n || w < nt * k || x < (x_row0 + m) * k || y < y_row0 * n + n0 + c_len {
         return Err(Error::Device(format!("GEMM: buffers too small for rows {x_row0}+{m} x {k} -> {n0}+{nt} of {n}")));
     }
     Ok((x_row0 * k..(x_row0 + m) * k, y_row0 * n + n0..y_row0 * n + n0 + c_len))
+}
+
+/// The values one product's operand may span. cuBLAS takes `int` sizes, and every dimension here
+/// fits one, but a call whose output spans 2^31 values or more (the lm_head's [T, 154 880] from
+/// about 13 900 tokens) has failed in a cuBLASLt 13 algorithm elsewhere (NVIDIA/raft#3097) and
+/// was never run here: such products are made a block of token rows at a time.
+const CUBLAS_SPAN: usize = 1 << 31;
+
+/// The token rows of an `m`-row product into `[n, k]`, in runs whose input and output each span
+/// fewer than [`CUBLAS_SPAN`] values.
+fn row_runs(m: usize, n: usize, k: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let step = ((CUBLAS_SPAN - 1) / n.max(k).max(1)).max(1);
+    (0..m).step_by(step).map(move |r| r..(r + step).min(m))
 }
 
 /// How many rows of an `[n, k]` weight are decoded for a product at a time (into a scratch of
@@ -299,15 +315,19 @@ impl Products {
             return Err(Error::Device(format!("GEMM: buffers too small for rows {x_row0}+{m} x {k} -> {n}")));
         }
         check_rows(w, n, k)?;
-        match self.precision {
-            Precision::F32 => self.part(gpu, Rows::F32(x, x_row0), w, (y, y_row0), (0, n, n), [m, k], alpha),
-            Precision::Bf16 => {
-                let mut narrow = self.narrow.borrow_mut();
-                let xb = scratch(gpu, &mut narrow, m * k)?;
-                gpu.bf16_round(x, x_row0 * k, xb, m * k)?;
-                self.part(gpu, Rows::Bf16(xb, 0), w, (y, y_row0), (0, n, n), [m, k], alpha)
+        for rows in row_runs(m, n, k) {
+            let (x_row0, y_row0, m) = (x_row0 + rows.start, y_row0 + rows.start, rows.len());
+            match self.precision {
+                Precision::F32 => self.part(gpu, Rows::F32(x, x_row0), w, (y, y_row0), (0, n, n), [m, k], alpha)?,
+                Precision::Bf16 => {
+                    let mut narrow = self.narrow.borrow_mut();
+                    let xb = scratch(gpu, &mut narrow, m * k)?;
+                    gpu.bf16_round(x, x_row0 * k, xb, m * k)?;
+                    self.part(gpu, Rows::Bf16(xb, 0), w, (y, y_row0), (0, n, n), [m, k], alpha)?
+                }
             }
         }
+        Ok(())
     }
 
     /// The expert GEMMs (`Ops::gemm_groups`): each group's rows of `x` (packed row `i` being
@@ -640,6 +660,24 @@ mod tests {
             stride_b: strides[1],
             stride_c: strides[2],
         }
+    }
+
+    /// The lm_head's product at 16 384 tokens spans 2.5 G output values: two runs, each under
+    /// 2^31, covering every row once; a block that would span 2^31 is refused.
+    #[test]
+    fn long_products_run_in_blocks_of_rows_under_two_to_the_31() {
+        let (m, n, k) = (16_384, 154_880, 6144);
+        let runs: Vec<_> = row_runs(m, n, k).collect();
+        assert_eq!(runs.len(), 2);
+        assert_eq!((runs[0].start, runs.last().map(|r| r.end)), (0, Some(m)));
+        assert!(runs.windows(2).all(|w| w[0].end == w[1].start));
+        assert!(runs.iter().all(|r| r.len() * n < CUBLAS_SPAN));
+        assert_eq!(row_runs(2048, n, k).count(), 1, "a 2048-token prompt is one call");
+        let lens = [m * k, n * k, m * n];
+        let whole = block_ranges(lens, (0, 0), (0, n, n), [m, k]).unwrap_err().to_string();
+        assert!(whole.contains("span 2^31"), "{whole}");
+        let r = &runs[0];
+        assert!(block_ranges(lens, (r.start, r.start), (0, n, n), [r.len(), k]).is_ok());
     }
 
     /// The attention's P.V layout: 3 heads' [4 x 5] outputs interleaved column by column.
