@@ -174,6 +174,9 @@ fn cuda(target: Target, scope: Scope, cases: Cases) -> Result<bool> {
     // Every attention path is checked here, whatever --attention says.
     let in_precision = |precision| crate::device::cuda_ops(Target { precision, attention: Attention::Auto, ..target });
     let (f32_ops, bf16_ops) = (in_precision(Precision::F32)?, in_precision(Precision::Bf16)?);
+    for ops in [&f32_ops, &bf16_ops] {
+        ops.gpu.poison_outputs(Some(f32::NAN));
+    }
     let gpu = &f32_ops.gpu;
     match target.backend {
         Backend::CudaEmu => println!("{}: the kernels' source compiled for the host", gpu.name),
@@ -232,9 +235,18 @@ fn cuda(target: Target, scope: Scope, cases: Cases) -> Result<bool> {
         replay: Replay { routing: true, selection: true },
         ..Default::default()
     };
+    // A run that fails with an error (a launch refused, cuBLAS) is a FAILED line, and the runs
+    // after it still go: one error must not leave the later cases unchecked on a GPU session.
+    let verdict = |case: Case, how: &str, run: Result<bool>| {
+        run.unwrap_or_else(|e| {
+            println!("verify {} ({how}): error: {e}  FAILED", case.dir.display());
+            false
+        })
+    };
     let cases_ok = cases(&mut |case| {
-        let f32_ok = device_case(&f32_ops, &f32_name, case, case.golden, &VerifyOptions::default())?
-            & streamed_case(&f32_ops, &f32_name, (case.dir, case.golden))?; // (`&`: both run)
+        let f32_ok =
+            verdict(case, &f32_name, device_case(&f32_ops, &f32_name, case, case.golden, &VerifyOptions::default()))
+                & verdict(case, &f32_name, streamed_case(&f32_ops, &f32_name, (case.dir, case.golden))); // (`&`: both run)
         let path = case.dir.join(crate::device::BF16_REFERENCE);
         let bf16_ok = if !path.is_file() {
             println!("verify {} ({bf16_name}): no {}  FAILED", case.dir.display(), crate::device::BF16_REFERENCE);
@@ -246,20 +258,24 @@ fn cuda(target: Target, scope: Scope, cases: Cases) -> Result<bool> {
             for (name, plan) in [(&bf16_name, AttentionPlan::default()), (&fused_name, fused)] {
                 bf16_ops.set_attention(plan);
                 let name = format!("{name} vs transformers with bf16 products, isolated, decisions replayed");
-                ok &= device_case(&bf16_ops, &name, case, &reference, &isolated)?;
+                ok &= verdict(case, &name, device_case(&bf16_ops, &name, case, &reference, &isolated));
             }
             bf16_ops.set_attention(AttentionPlan::default());
             ok
         };
-        let r = device_run(&bf16_ops, case, case.golden, &isolated)?;
-        let worst = r.results.iter().filter_map(|c| c.detail.max_abs()).fold(0f64, f64::max);
-        println!(
-            "measure {} ({bf16_name} vs transformers in f32, isolated, decisions replayed): max abs diff {worst:.2e}, \
-             {} of {} tensors within 2e-2",
-            case.dir.display(),
-            r.results.len() - r.mismatches(),
-            r.results.len()
-        );
+        let measured = format!("{bf16_name} vs transformers in f32, isolated, decisions replayed");
+        match device_run(&bf16_ops, case, case.golden, &isolated) {
+            Ok(r) => {
+                let worst = r.results.iter().filter_map(|c| c.detail.max_abs()).fold(0f64, f64::max);
+                println!(
+                    "measure {} ({measured}): max abs diff {worst:.2e}, {} of {} tensors within 2e-2",
+                    case.dir.display(),
+                    r.results.len() - r.mismatches(),
+                    r.results.len()
+                );
+            }
+            Err(e) => println!("measure {} ({measured}): error: {e}", case.dir.display()),
+        }
         Ok(f32_ok && bf16_ok)
     })?;
     Ok(cases_ok && kernels_ok)

@@ -66,6 +66,21 @@ fn the_attention_products_and_kernels_match_the_cpu_on_every_path_in_the_emulati
     in_both_precisions(attention, [9, 15]);
 }
 
+/// `selftest` poisons every op's output on a GPU, as the emulation always does (with NaN): a
+/// poison set is what a new output holds, and a finite one lets a check see an op write NaN.
+/// The attention's checks still pass with outputs poisoned finite, and leave the poison as it was.
+#[test]
+fn outputs_hold_the_poison_set_and_the_attention_checks_pass_under_a_finite_one() {
+    let ops = CudaOps::new(Gpu::emulated(), Precision::Bf16).unwrap();
+    assert!(ops.gpu.download(&ops.gpu.output(5).unwrap()).unwrap().iter().all(|v| v.is_nan()));
+    ops.gpu.poison_outputs(Some(-7.5));
+    assert_eq!(ops.gpu.download(&ops.gpu.output(5).unwrap()).unwrap(), vec![-7.5; 5]);
+    all_pass(&attention(&ops).unwrap());
+    assert_eq!(ops.gpu.poisoned(), Some(-7.5));
+    ops.gpu.poison_outputs(None);
+    assert!(ops.gpu.download(&ops.gpu.output(5).unwrap()).unwrap().iter().all(|v| v.is_nan()));
+}
+
 /// The MoE dispatch on the device against the host's grouping (and both refusing a bad id).
 #[test]
 fn the_moe_dispatch_matches_the_hosts_in_the_emulation() {

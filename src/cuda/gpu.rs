@@ -43,7 +43,12 @@ pub struct Gpu {
     /// checks that its checks ran every one): an atomic OR a launch, beside the lookup of the
     /// block's bound it makes anyway.
     launched: std::sync::atomic::AtomicU64,
+    /// The bits [`Gpu::output`] fills a new buffer with, where set ([`Gpu::poison_outputs`]).
+    poison: std::sync::atomic::AtomicU64,
 }
+
+/// [`Gpu::poison`]'s value when no poison is set: each engine's default.
+const ENGINE_DEFAULT: u64 = u64::MAX;
 
 /// The kernels given the device's whole opt-in shared memory.
 const LARGE_SHARED: [&str; 5] =
@@ -288,7 +293,8 @@ impl Gpu {
         }
         let engine = Engine::Cuda { stream: ctx.default_stream(), ctx, functions };
         let (uploaded, tally, launched) = Default::default();
-        Ok(Gpu { name, arch, shared_limit, kernels, allocation, versions, engine, uploaded, tally, launched })
+        let poison = ENGINE_DEFAULT.into();
+        Ok(Gpu { name, arch, shared_limit, kernels, allocation, versions, engine, uploaded, tally, launched, poison })
     }
 
     /// The device, its architecture, the shared memory a block may take and how memory is
@@ -331,6 +337,7 @@ impl Gpu {
             uploaded: Default::default(),
             tally: Default::default(),
             launched: Default::default(),
+            poison: ENGINE_DEFAULT.into(),
         }
     }
 
@@ -374,16 +381,48 @@ impl Gpu {
 
     /// A buffer of `n` floats that the op it is made for writes whole: left uninitialised on the
     /// GPU (zeroing it first would be one more write of every output), NaN in the emulation so
-    /// that an element an op leaves unwritten shows in every parity check and golden case.
+    /// that an element an op leaves unwritten shows in every parity check and golden case; or
+    /// filled with the value [`Gpu::poison_outputs`] set, on either engine.
     pub fn output(&self, n: usize) -> Result<Buf<f32>> {
+        let poison = self.poisoned();
+        let failed = |e| Error::Device(format!("allocate {n} values: {e:?}"));
         match &self.engine {
-            // SAFETY: every caller hands the buffer to an op that writes each of its values
-            // before anything reads it (checked on the emulation, where it starts as NaN).
-            Engine::Cuda { stream, .. } => unsafe { stream.alloc::<f32>(n.max(1)) }
-                .map(Buf::Device)
-                .map_err(|e| Error::Device(format!("allocate {n} values: {e:?}"))),
-            Engine::Emulated(_) => Ok(Buf::Host(HostVec::new(vec![f32::NAN; n.max(1)], &self.tally))),
+            Engine::Cuda { stream, .. } => {
+                // SAFETY: every caller hands the buffer to an op that writes each of its values
+                // before anything reads it (checked on the emulation, where it starts as NaN, and
+                // by `selftest` on a GPU, which poisons it).
+                let mut buf = unsafe { stream.alloc::<f32>(n.max(1)) }.map_err(failed)?;
+                if let Some(value) = poison {
+                    use cudarc::driver::DevicePtrMut;
+                    let (ptr, _record) = buf.device_ptr_mut(stream);
+                    // SAFETY: `ptr` holds n.max(1) 32-bit values, on this stream.
+                    unsafe {
+                        cudarc::driver::sys::cuMemsetD32Async(ptr, value.to_bits(), n.max(1), stream.cu_stream())
+                    }
+                    .result()
+                    .map_err(failed)?;
+                }
+                Ok(Buf::Device(buf))
+            }
+            Engine::Emulated(_) => Ok(Buf::Host(HostVec::new(vec![poison.unwrap_or(f32::NAN); n.max(1)], &self.tally))),
         }
+    }
+
+    /// Makes [`Gpu::output`] fill each new buffer with `value` (`None`: the engine's default,
+    /// nothing on a GPU). `selftest` poisons outputs with NaN on a GPU too: freed buffers return
+    /// to a kept pool, so an op that left part of its output unwritten could otherwise pass a
+    /// check on the values a previous path wrote into the same memory.
+    /// What [`Gpu::poison_outputs`] set last.
+    pub fn poisoned(&self) -> Option<f32> {
+        match self.poison.load(std::sync::atomic::Ordering::Relaxed) {
+            ENGINE_DEFAULT => None,
+            bits => Some(f32::from_bits(bits as u32)),
+        }
+    }
+
+    pub fn poison_outputs(&self, value: Option<f32>) {
+        let bits = value.map_or(ENGINE_DEFAULT, |v| v.to_bits() as u64);
+        self.poison.store(bits, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A zeroed buffer of `n` values (at least one: the driver refuses empty allocations).

@@ -3,7 +3,7 @@
 //! `CpuOps` in f32, and in bf16 against the arithmetic each bf16 path does, computed here), at
 //! small sizes and at GLM-5's.
 
-use super::{as_sets, check, check_ints, selected_ids, Check, Rng};
+use super::{as_sets, check, check_ints, selected_ids, Check, Rng, BF16_POISON};
 use crate::cuda::gpu::{Gpu, FLASH_STEP_KEYS};
 use crate::device::cpu::CpuOps;
 use crate::device::Ops;
@@ -45,7 +45,8 @@ fn masked_softmax_bf16_rows(gpu: &Gpu, rng: &mut Rng, t_eff: usize) -> Result<(V
         bits[q * words + j / 32] |= 1 << (j % 32);
     }
     let (d_scores, d_bits) = (gpu.upload(&scores)?, gpu.upload(&bits)?);
-    let mut probs = gpu.filled(heads * qc * width, u16::MAX)?;
+    // Poisoned with the largest finite bf16, not NaN: a row with no key must come out NaN.
+    let mut probs = gpu.filled(heads * qc * width, BF16_POISON)?;
     gpu.masked_softmax_bf16(&d_scores, &d_bits, &mut probs, heads * qc, [qc, t_eff, width])?;
     let want: Vec<f32> = scores
         .chunks_exact(t_eff)
@@ -103,24 +104,40 @@ fn selection_bits(gpu: &Gpu) -> Result<Check> {
 /// not whole vectors of 8 (the kernel's scalar loads) and whole ones (its 16-byte loads), and one
 /// query whose selection is all padding (its output NaN on both paths, as in the reference).
 fn bf16_paths_over_two_tiles(ops: &crate::cuda::ops::CudaOps, rng: &mut Rng) -> Result<Vec<Check>> {
-    use crate::cuda::attention::{AttentionPath, AttentionPlan};
     let gpu = &ops.gpu;
     let (s, offset, heads, kk) = (70, 10, 2, 16);
     let t = offset + s;
     let scores = rng.vec(s * t);
     let mut idx = selected_ids(&crate::model::indexer::top_k_causal(&scores, 1, s, offset, kk));
     idx[33 * kk..34 * kk].fill(-1);
+    // Outputs poisoned with a finite value, not NaN: the query with no key must come out NaN.
+    let before = gpu.poisoned();
+    gpu.poison_outputs(Some(f32::MAX));
+    let checks = bf16_tiles(ops, rng, (s, offset, heads, kk), &idx);
+    gpu.poison_outputs(before);
+    checks
+}
+
+/// [`bf16_paths_over_two_tiles`]'s checks, over `s` queries after `offset` keys.
+fn bf16_tiles(
+    ops: &crate::cuda::ops::CudaOps,
+    rng: &mut Rng,
+    (s, offset, heads, kk): (usize, usize, usize, usize),
+    idx: &[i32],
+) -> Result<Vec<Check>> {
+    use crate::cuda::attention::{AttentionPath, AttentionPlan};
+    let (gpu, t) = (&ops.gpu, offset + s);
     let mut out = Vec::new();
     for (nope, rd, vd, loads) in [(14, 6, 12, "scalar"), (16, 8, 16, "16-byte")] {
         let (q, kv, kr) = (rng.vec(s * heads * (nope + rd)), rng.vec(t * heads * (nope + vd)), rng.vec(t * rd));
         let dims = [1, s, t, heads, nope, rd, vd, kk, offset];
         let scale = ((nope + rd) as f32).powf(-0.5);
-        let bufs = (gpu.upload(&q)?, gpu.upload(&kv)?, gpu.upload(&kr)?, gpu.upload(&idx)?);
+        let bufs = (gpu.upload(&q)?, gpu.upload(&kv)?, gpu.upload(&kr)?, gpu.upload(idx)?);
         for (path, rounding) in [
             (AttentionPath::Masked, ProbRounding::Divided),
             (AttentionPath::Fused, ProbRounding::Flash(FLASH_STEP_KEYS)),
         ] {
-            let want = bf16_attention(&q, &kv, &kr, &idx, dims, scale, rounding);
+            let want = bf16_attention(&q, &kv, &kr, idx, dims, scale, rounding);
             let plan = AttentionPlan { path: Some(path), ..Default::default() };
             let got =
                 ops.download(&ops.sparse_attention_with(plan, (&bufs.0, &bufs.1, &bufs.2, &bufs.3), dims, scale)?)?;
@@ -223,9 +240,13 @@ pub fn attention(ops: &crate::cuda::ops::CudaOps) -> Result<Vec<Check>> {
         let of_2 = AttentionPlan { path: fused, chunk_values: 2 * t }; // chunks of queries x keys: 2 queries
         plans.push(("sparse_attention (fused, chunks of 2 queries)", of_2, &flash_cpu, masked_tol));
     }
+    // A path that fails with an error is a failed check, and the paths after it still run.
     for (name, plan, want, tol) in plans {
-        let got = ops.sparse_attention_with(plan, (&bufs.0, &bufs.1, &bufs.2, &bufs.3), dims, scale)?;
-        out.push(check(format!("{name}{mode}"), &ops.download(&got)?, want, tol));
+        let run = ops.sparse_attention_with(plan, (&bufs.0, &bufs.1, &bufs.2, &bufs.3), dims, scale);
+        out.push(match run.and_then(|got| ops.download(&got)) {
+            Ok(got) => check(format!("{name}{mode}"), &got, want, tol),
+            Err(e) => Check { name: format!("{name}{mode}: {e}"), max_abs: f64::INFINITY, ok: false },
+        });
     }
     out.push(selection_bits(gpu)?);
     if bf16 {
