@@ -73,7 +73,8 @@ max_memory=${max_memory:-100G}
 # The source the binary was built from (gpu-prepare.sh writes it beside the binary).
 built_from=$(cat "$(dirname "$glimpse")/COMMIT" 2>/dev/null || echo "unknown source (no COMMIT beside the binary)")
 echo "$glimpse: $built_from"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not found"
+timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null ||
+  echo "nvidia-smi: not found or no answer in 20 s"
 start=$(date +%s)
 device=${DEVICE:-cuda}
 tokens=${TOKENS:-2048}
@@ -91,6 +92,11 @@ since() {
 }
 # step NAME CAP_SECONDS COMMAND...: runs COMMAND, its output teed to $logs/NAME.log (or, with
 # LOG=OTHER set, appended to $logs/OTHER.log: the device tool brings back 8 files, all taken).
+# What became of it goes into step_note[NAME] (its seconds and exit code, "stopped at its limit",
+# or "skipped: the budget is spent"), and NAME into step_order, for the table's timing row: the
+# next GPU session can see which step took the time.
+declare -A step_note
+step_order=()
 step() {
   local name=$1 cap=$2
   shift 2
@@ -98,14 +104,30 @@ step() {
   [ -n "${LOG:-}" ] || : > "$log"
   local left=$(( deadline - $(date +%s) - 5 ))
   [ "$left" -lt "$cap" ] && cap=$left
+  step_order+=("$name")
   if [ "$cap" -le 0 ]; then
     echo "$name: skipped, the check's time budget is spent" | tee -a "$log"
+    step_note[$name]="skipped: the budget is spent"
     return 124
   fi
+  local t0
+  t0=$(date +%s.%N)
   timeout --kill-after=5 "$cap" "$@" 2>&1 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
-  case $rc in 124 | 137) echo "$name: stopped after its limit of $cap s" | tee -a "$log" ;; esac
+  step_note[$name]="$(since "$t0") s, exit code $rc"
+  case $rc in 124 | 137)
+    echo "$name: stopped after its limit of $cap s" | tee -a "$log"
+    step_note[$name]="stopped at its limit of $cap s"
+    ;;
+  esac
   return "$rc"
+}
+# failed NAME RC LOG: a table cell for a step that did not give its result.
+failed() {
+  case "${step_note[$1]:-}" in
+    skipped*) echo "not run (the budget was spent)" ;;
+    *) echo "FAILED (exit code $2, see $3)" ;;
+  esac
 }
 
 # CUDA_LAUNCH_BLOCKING: a kernel that faults is reported by its own launch, not by whatever
@@ -121,6 +143,7 @@ echo "$out" | sed -n 's/^verify \([^ ]*\) (\(.*\)): \(.*\)$/| verify \1 (\2) | |
 echo "$out" | sed -n 's/^measure \([^ ]*\) (\(.*\)): \(.*\)$/| measured: \1 (\2) | | \3 |/p'
 echo "$out" | sed -n 's/^kernels: \(.*\)$/| kernel resources (driver) | | \1 |/p'
 echo "selftest exit code $rc, $(( $(date +%s) - start )) s"
+selftest_verdict="exit code $rc; $(echo "$out" | grep -cE '^(kernel|verify) .* ok$|^verify .*tensors match$') checks ok, $(echo "$out" | grep -c 'FAILED') FAILED"
 
 experts=${EXPERTS:-32}
 synth_args=${SYNTH:-"--preset glm5 --layers 2 --experts $experts"}
@@ -133,7 +156,8 @@ if [ ! -e "$ckpt/config.json" ]; then
 fi
 echo "synth: $(( $(date +%s) - t0 )) s"
 peak=${PEAK_TFLOPS:-989}
-declare -A median median_last tflops expert_tflops mem mem_est from
+declare -A median median_last tflops expert_tflops mem mem_est from to logfile
+unscored=""
 # bench_run RUN PRECISION ATTENTION [CHECKPOINT]: a 2048-token bench of CHECKPOINT (the
 # benchmark's), its log bench-RUN.log (with LOG=OTHER, appended to OTHER.log from its line
 # from[RUN]), its numbers under RUN.
@@ -147,14 +171,17 @@ bench_run() {
     --attention "$attention" --model "$model" --tokens "$tokens" --repeat 3
   local brc=$?
   [ $brc -eq 0 ] || { echo "bench ($run) exit code $brc"; rc=1; }
+  logfile[$run]=$log
+  to[$run]=$(wc -l < "$log")
   local bench
-  bench=$(tail -n +"${from[$run]}" "$log")
+  bench=$(sed -n "${from[$run]},${to[$run]}p" "$log")
   median[$run]=$(echo "$bench" | sed -n 's/.*logits left on the device: median \([0-9.]*\) s (.*/\1/p')
   median_last[$run]=$(echo "$bench" | sed -n "s/.*last position's logits only: median \([0-9.]*\) s (.*/\1/p")
   tflops[$run]=$(echo "$bench" | sed -n 's/^matrix products.*= \([0-9.]*\) TFLOP\/s.*/\1/p')
   expert_tflops[$run]=$(echo "$bench" | sed -n 's/^expert GEMMs.*= \([0-9.]*\) TFLOP\/s.*/\1/p')
   mem[$run]=$(echo "$bench" | sed -n 's/^device memory in use: \(.*\)$/\1/p')
   mem_est[$run]=$(echo "$bench" | sed -n 's/^device memory estimated before the runs: \(.*\)$/\1/p')
+  echo "$bench" | grep -q '^indexer: not scored' && unscored=" (ours does not score the indexer at this length: bench says why)"
   # A fault in an asynchronous launch surfaces at whatever call synchronises next, under its
   # name: once more with every launch waited for, so the error names the op that faulted (into
   # the same log, after its numbers are read: the device tool brings back 8 files, all taken).
@@ -174,12 +201,12 @@ python=${PYTHON:-python3}
 torch_device=${TORCH_DEVICE:-cuda}
 # (A transformers without GLM-5's classes, older than 5.x, is not measured either: it would fail
 # after loading the checkpoint, its time spent.)
-if [ -e "$ckpt/config.json" ] && "$python" -c 'import sys, torch, transformers
+if [ -e "$ckpt/config.json" ] && timeout 60 "$python" -c 'import sys, torch, transformers
 from transformers import GlmMoeDsaForCausalLM
 assert sys.argv[1] != "cuda" or torch.cuda.is_available()' "$torch_device" 2>/dev/null; then
   step transformers 120 "$python" "$(dirname "$0")/transformers-prefill.py" "$ckpt" "$tokens" 3 "$torch_device" bfloat16
   t_json=$(tail -n 1 "$logs/transformers.log")
-  t_version=$("$python" -c 'import transformers; print(transformers.__version__)' 2>/dev/null)
+  t_version=$(timeout 60 "$python" -c 'import transformers; print(transformers.__version__)' 2>/dev/null)
   field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$t_json" "$1" 2>/dev/null; }
   t_median=$(field median)
   t_median_last=$(field median_last)
@@ -237,17 +264,19 @@ if [ -e "$ckpt/config.json" ]; then
   for how in whole stream; do
     flag=""; [ "$how" = stream ] && flag="--stream"
     t0=$(date +%s.%N)
+    lines=$(wc -l < "$logs/bench-bf16.log")
     # shellcheck disable=SC2086 # the flag is a word or none
     LOG=bench-bf16 step "run-$how" 60 "$glimpse" --max-memory "$max_memory" run --device "$device" --precision bf16 \
       --model "$ckpt" --tokens "$ids" $flag
     src=$?
     secs=$(since "$t0")
-    token=$(sed -n 's/.*next token (greedy) \([0-9]*\).*/\1/p' "$logs/bench-bf16.log" | tail -n 1)
+    # (This run's lines only: a run that printed no token must not read the one before it.)
+    token=$(tail -n +"$(( lines + 1 ))" "$logs/bench-bf16.log" | sed -n 's/.*next token (greedy) \([0-9]*\).*/\1/p' | tail -n 1)
     if [ $src -eq 0 ] && [ -n "$token" ]; then
       one_off[$how]="$secs s, next token $token"
       next_token[$how]=$token
     else
-      one_off[$how]="FAILED (exit code $src, see bench-bf16.log)"; rc=1
+      one_off[$how]=$(failed "run-$how" $src bench-bf16.log); rc=1
     fi
   done
   # The same arithmetic either way: a streamed run that picks another token is a failure.
@@ -277,7 +306,7 @@ if [ -e "$ckpt/config.json" ]; then
     if [ $src -eq 0 ] && [ -s "${csv[$how]}" ]; then
       audited[$how]="$(since "$t0") s"
     else
-      audited[$how]="FAILED (exit code $src, see bench-bf16.log)"; rc=1
+      audited[$how]=$(failed "audit-$how" $src bench-bf16.log); rc=1
     fi
   done
   if [ -s "${csv[whole]}" ] && [ -s "${csv[stream]}" ]; then
@@ -314,31 +343,32 @@ echo "| matrix products | ${tflops[f32]:-?} TFLOP/s ($(pct "${tflops[f32]:-0}") 
 echo "| routed experts' GEMMs | ${expert_tflops[f32]:-?} TFLOP/s ($(pct "${expert_tflops[f32]:-0}")) | ${expert_tflops[bf16]:-?} TFLOP/s ($(pct "${expert_tflops[bf16]:-0}")) | ${expert_tflops[fused]:-?} TFLOP/s ($(pct "${expert_tflops[fused]:-0}")) |"
 echo "| device memory | ${mem[f32]:-?} | ${mem[bf16]:-?} | ${mem[fused]:-?} |"
 echo "| device memory estimated before the runs | ${mem_est[f32]:-?} | ${mem_est[bf16]:-?} | ${mem_est[fused]:-?} |"
-echo "| transformers ${t_version:-} eager bf16 on $torch_device, every position's logits: ${t_median:-not measured} s | $(ratio "${t_median:-}" "${median[f32]:-}") | $(ratio "${t_median:-}" "${median[bf16]:-}") | $(ratio "${t_median:-}" "${median[fused]:-}") |"
+echo "| transformers ${t_version:-} eager bf16 on $torch_device, every position's logits: ${t_median:-not measured} s$unscored | $(ratio "${t_median:-}" "${median[f32]:-}") | $(ratio "${t_median:-}" "${median[bf16]:-}") | $(ratio "${t_median:-}" "${median[fused]:-}") |"
 echo "| the same, logits_to_keep=1: ${t_median_last:-not measured} s | $(ratio "${t_median_last:-}" "${median_last[f32]:-}") | $(ratio "${t_median_last:-}" "${median_last[bf16]:-}") | $(ratio "${t_median_last:-}" "${median_last[fused]:-}") |"
 echo "| one-off run in bf16 (open, uploads, prefill): whole; --stream | | ${one_off[whole]:-not run}; ${one_off[stream]:-not run} | |"
 echo "| audit of 8 prompts of ${length:-256} tokens in bf16: whole; --stream | | ${audited[whole]:-not run}; ${audited[stream]:-not run} | |"
 echo "| the same checkpoint in block FP8 (synth --dtype fp8), bf16 products: every position's logits; last only; routed experts' GEMMs | | ${median[fp8]:-not run} s; ${median_last[fp8]:-not run} s; ${expert_tflops[fp8]:-?} TFLOP/s | |"
 echo "| compute-sanitizer memcheck, kernels and products | ${sanitized[memcheck]} | | |"
 echo "| compute-sanitizer racecheck, kernels and products | ${sanitized[racecheck]} | | |"
+echo "| selftest --device $device | $selftest_verdict | | |"
+timings=""
+for name in "${step_order[@]}"; do timings+="${timings:+; }$name ${step_note[$name]}"; done
+echo "| steps (seconds, exit code) | $timings | | |"
 echo "total $(( $(date +%s) - start )) s"
 # The bf16 prefills' profiles (bench's sections, and the attention's steps), as bench printed
-# them: the default attention's, then the fused one's.
-for run in bf16 fused; do
-  if [ -s "$logs/bench-$run.log" ] && grep -q '^one more prefill' "$logs/bench-$run.log"; then
+# them: the default attention's, the fused one's, the FP8 checkpoint's; each from its own lines
+# of its log (the one-off runs and audits append to bench-bf16.log after it).
+declare -A titled=([bf16]="the default attention" [fused]="--attention fused" [fp8]="the block-FP8 checkpoint, bf16 products")
+for run in bf16 fused fp8; do
+  [ -n "${to[$run]:-}" ] || continue
+  profile=$(sed -n "${from[$run]},${to[$run]}p" "${logfile[$run]}" | sed -n '/^one more prefill/,$p' | grep -v '^device memory')
+  if [ -n "$profile" ]; then
     echo
-    echo "bench $run ($(head -n 1 "$logs/bench-$run.log" | cut -d: -f1)):"
+    echo "bench $run (${titled[$run]}):"
     echo '```'
-    sed -n '/^one more prefill/,$p' "$logs/bench-$run.log" | grep -v '^device memory'
+    echo "$profile"
     echo '```'
   fi
 done
-if [ -n "${from[fp8]:-}" ] && tail -n +"${from[fp8]}" "$logs/bench-f32.log" | grep -q '^one more prefill'; then
-  echo
-  echo "bench fp8 (the block-FP8 checkpoint, bf16 products):"
-  echo '```'
-  tail -n +"${from[fp8]}" "$logs/bench-f32.log" | sed -n '/^one more prefill/,$p' | grep -v '^device memory'
-  echo '```'
-fi
 } | tee "$logs/table.md"
 [ $rc -eq 0 ]

@@ -12,11 +12,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked --features cuda
 mkdir -p gpu-bin
-cp target/release/glimpse gpu-bin/glimpse
+# (Where cargo put it: a CARGO_TARGET_DIR elsewhere leaves an older target/release/glimpse here.)
+cp "${CARGO_TARGET_DIR:-target}/release/glimpse" gpu-bin/glimpse
 strip gpu-bin/glimpse
 # Which source the binary is: the check prints it in its table (a stale gpu-bin/ is easy to carry).
-echo "$(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD || echo '+uncommitted changes') built $(date -u '+%F %H:%M UTC')" \
-  >gpu-bin/COMMIT
+dirty=$([ -z "$(git status --porcelain --untracked-files=normal)" ] || echo '+uncommitted changes')
+echo "$(git rev-parse --short=12 HEAD)$dirty built $(date -u '+%F %H:%M UTC')" >gpu-bin/COMMIT
 ls -la gpu-bin/glimpse
 gpu-bin/glimpse --version
 cat gpu-bin/COMMIT

@@ -285,6 +285,7 @@ impl DeviceBench {
             self.flops_last as f64 / 1e9,
             self.flops_last as f64 / last / 1e12
         ) + &self.experts_line()
+            + &self.indexer_line()
             + "one more prefill, each section timed between synchronisations (which slow it: read the shares):\n"
             + &self.profile.render()
             + &match &self.steps {
@@ -296,6 +297,20 @@ impl DeviceBench {
                 }
                 None => String::new(),
             }
+    }
+
+    /// Whether the indexer went unscored (a prompt no longer than `index_topk`: each query keeps
+    /// every causal key whatever the scores), said where the time is, as transformers' forward
+    /// scores it anyway: a ratio against it counts that work as skipped, not as done faster.
+    fn indexer_line(&self) -> String {
+        match self.profile.sections.iter().find(|s| s.name == crate::device::forward::INDEXER_NOT_SCORED) {
+            Some(s) => format!(
+                "indexer: not scored at {} of its layers (no query sees more than index_topk keys, so \
+                 each keeps them all, the same selection); transformers' forward scores them\n",
+                s.calls
+            ),
+            None => String::new(),
+        }
     }
 
     /// The routed experts' GEMMs in the profiled prefill (nothing without MoE layers).

@@ -377,8 +377,14 @@ fn a_prompt_within_index_topk_is_not_scored_and_records_the_same() {
     assert_eq!(r.flops, 2 * (s * matmul_weights_per_token(c, false)) as u64);
     let p = &r.profile;
     assert!(p.sections.iter().all(|x| !x.name.starts_with("indexer: projections")), "{}", p.render());
-    let skipped = p.sections.iter().find(|x| x.name.starts_with("indexer: every causal key kept"));
+    let skipped = p.sections.iter().find(|x| x.name == glimpse::device::forward::INDEXER_NOT_SCORED);
     assert_eq!(skipped.map(|x| x.calls), Some(full), "{}", p.render());
+    // The benchmark says so where its times are (transformers scores such a prompt); a prompt one
+    // longer is scored, and nothing is said.
+    let said = format!("indexer: not scored at {full} of its layers");
+    assert!(r.render().contains(&said), "{}", r.render());
+    let longer = glimpse::bench::run_device(&CpuOps, &model, s + 1, 1).unwrap().render();
+    assert!(!longer.contains("indexer: not scored"), "{longer}");
 }
 
 /// `--stream` on a device: each layer is uploaded as the run reaches it and freed after, and

@@ -38,6 +38,11 @@ mod mtp;
 /// The profile's sections of the routed experts' GEMMs (the benchmark's "expert GEMMs").
 pub const EXPERT_GEMMS: [&str; 2] = ["expert GEMMs: gate_up", "expert GEMMs: down"];
 
+/// The profile's section of an indexer layer that keeps every causal key without scoring them (a
+/// prompt no longer than `index_topk`): work transformers' forward does, which a benchmark
+/// against it says.
+pub const INDEXER_NOT_SCORED: &str = "indexer: every causal key kept, not scored";
+
 /// RoPE's cos and sin tables [seq, half] on the device.
 struct Rope<O: Ops> {
     seq: usize,
@@ -566,7 +571,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let (idx, margin) = if s <= ix.topk && !obs.wants(hook(LayerHook::DsaScores)) {
             let mark = self.mark()?;
             let every = self.ops.every_key(t, k)?;
-            self.done(mark, "indexer: every causal key kept, not scored", 0)?;
+            self.done(mark, INDEXER_NOT_SCORED, 0)?;
             every
         } else {
             let mark = self.mark()?;
