@@ -240,8 +240,9 @@ pub trait Observer {
     }
     /// Isolation: the hidden state to feed layer `layer` (the final norm for `layer` = the depth)
     /// instead of the one this run computed. Both forward passes ask (`verify --isolate` on a
-    /// device answers with the reference's; the CPU's `verify --isolate` runs layer windows
-    /// instead, which also hand shared-indexer layers the reference's selection).
+    /// device answers with the reference's, and hands a shared-indexer layer the reference's
+    /// selection through `forced_selection`; the CPU's `verify --isolate` runs layer windows
+    /// instead, which start so too).
     fn isolated_input(&mut self, _layer: usize) -> Result<Option<Tensor>> {
         Ok(None)
     }

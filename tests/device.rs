@@ -387,6 +387,43 @@ fn a_prompt_within_index_topk_is_not_scored_and_records_the_same() {
     assert!(!longer.contains("indexer: not scored"), "{longer}");
 }
 
+/// `verify --isolate` starts each layer from the reference's state on both forward passes, a
+/// shared-indexer layer from the reference's selection too (the CPU's layer windows start so; the
+/// device forward asked only for the hidden state, and carried its own selection): with one row
+/// of a full layer's selection changed in the reference, both report the same tensors off, the
+/// shared layer after it among them.
+#[test]
+fn isolated_shared_indexer_layers_start_from_the_references_selection_on_both_paths() {
+    use glimpse::dump::Values;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/grouped-shared-yarn");
+    let config = Checkpoint::open(&dir).unwrap().config;
+    let (full, shared) = (2, 3);
+    assert_eq!((config.indexer_kind(full), config.indexer_kind(shared)), (IndexerKind::Full, IndexerKind::Shared));
+    let tmp = tempfile::tempdir().unwrap();
+    let edited = common::edit_dump(&dir.join("reference.safetensors"), &tmp.path().join("edited.st"), |t| {
+        let (_, v, shape) = t.iter_mut().find(|(n, _, _)| n == &format!("layers.{full}.dsa.topk")).unwrap();
+        let (Values::I64(ids), &[_, s, k]) = (v, &shape[..]) else { panic!("dsa.topk is [B, S, K] of i64") };
+        // The last query of the first row keeps other keys: the first k, or the last k if those
+        // were its keys already.
+        let row = &mut ids[(s - 1) * k..s * k];
+        let first: Vec<i64> = (0..k as i64).collect();
+        let other = if row == &first[..] { ((s - k) as i64..s as i64).collect() } else { first };
+        row.copy_from_slice(&other);
+    });
+    let off = |device: &str| -> Vec<String> {
+        let golden = edited.to_str().unwrap();
+        let args =
+            ["verify", "--model", dir.to_str().unwrap(), "--golden", golden, "--isolate", "--json", "--device", device];
+        let json = common::text(&common::glimpse(&args)).0;
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+        let tensors = v["tensors"].as_array().unwrap().iter();
+        tensors.filter(|t| t["match"] == false).map(|t| t["name"].as_str().unwrap().to_string()).collect()
+    };
+    let cpu = off("cpu");
+    assert!(cpu.iter().any(|n| n.starts_with(&format!("layers.{shared}."))), "{cpu:?}");
+    assert_eq!(off("cpu-ops"), cpu);
+}
+
 /// `--stream` on a device: each layer is uploaded as the run reaches it and freed after, and
 /// records every hook point the same, bit for bit, as the model uploaded whole, on every golden
 /// case (f32, bf16 with a tied head, block-FP8 in shards, grouped routing with a shared indexer,

@@ -11,7 +11,7 @@ use std::ops::RangeInclusive;
 use candle_core::Tensor;
 
 use crate::compare::{self, Comparison, Detail, Tolerance};
-use crate::config::{Config, MlpKind};
+use crate::config::{Config, IndexerKind, MlpKind};
 use crate::device::Prefill;
 use crate::dump::{Dump, Values};
 use crate::error::{Error, Result};
@@ -260,8 +260,19 @@ impl Observer for Verifier<'_> {
     }
 
     fn forced_selection(&mut self, layer: usize) -> Result<Option<Selection>> {
-        let name = HookPoint::Layer(layer, LayerHook::DsaTopk).name();
-        if !self.replay.selection || !self.golden.contains(&name) {
+        // Isolated, a shared-indexer layer starts from the reference's selection as it starts
+        // from the reference's hidden state: the one the layer before it carried, as the CPU's
+        // layer windows start (`Start::from_dump`). Ours would carry a flip of an earlier full
+        // layer into every shared one after it.
+        let shared = |c: &Config| layer > 0 && c.indexer_kind(layer) == IndexerKind::Shared;
+        let name = match self.config.as_ref() {
+            Some(c) if self.isolate.is_some() && !self.replay.selection && shared(c) => {
+                HookPoint::Layer(layer - 1, LayerHook::DsaTopk).name()
+            }
+            _ if self.replay.selection => HookPoint::Layer(layer, LayerHook::DsaTopk).name(),
+            _ => return Ok(None),
+        };
+        if !self.golden.contains(&name) {
             return Ok(None);
         }
         let tokens = self.golden.tokens()?;
