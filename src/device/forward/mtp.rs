@@ -85,9 +85,10 @@ impl<O: Ops> DeviceModel<'_, O> {
         };
         next.check_vocab(vocab)?;
         let ids: Vec<i32> = next.ids.iter().map(|&i| i as i32).collect(); // < vocab (checked)
-        let e = self.ops.gather_rows(table, &self.ops.upload_i32(&ids)?, t, hd)?; // [T, H]
-        let h = self.ops.upload(&values(hidden)?)?; // [T, H]
-        let (e, h) = (self.norm(&e, &d.enorm, t, hd)?, self.norm(&h, &d.hnorm, t, hd)?);
+                                                                          // (Each raw input is freed as soon as it is normed: the head must hold no more than the
+                                                                          // prefill did, which the check before a run counts for both.)
+        let e = self.norm(&self.ops.gather_rows(table, &self.ops.upload_i32(&ids)?, t, hd)?, &d.enorm, t, hd)?; // [T, H]
+        let h = self.norm(&self.ops.upload(&values(hidden)?)?, &d.hnorm, t, hd)?; // [T, H]
         let cat = self.ops.concat_columns(&[(&e, hd), (&h, hd)], t)?; // [T, 2H]
         drop((e, h));
         let x = self.mm(&cat, &d.eh_proj, t, 1.0)?; // [T, H]
@@ -97,6 +98,7 @@ impl<O: Ops> DeviceModel<'_, O> {
         // Causal over its own S-1 positions, with a DSA selection of its own.
         let out = self.layer(cfg.num_hidden_layers, &d.layer, x, (b, s - 1), &mut None, obs)?; // [T, H]
         let x = self.norm(&out, &d.shared_head_norm, t, hd)?;
+        drop(out);
         self.report(obs, HookPoint::MtpFinalNorm, &x, &[b, s - 1, hd])?;
         let lm_head = d.head.as_ref().unwrap_or(&main.lm_head);
         let logits = self.mm(&x, lm_head, t, 1.0)?; // [T, V]
