@@ -141,7 +141,7 @@ pub fn check_device(
         Residency::Streamed => ("its largest layer or its head takes", prefill, "fewer tokens"),
         Residency::Swept => (
             "its largest layer takes",
-            format!("its longest prompt's working set {}", gb(working)),
+            format!("its most demanding prompt's working set {}", gb(working)),
             "fewer or shorter prompts",
         ),
     };
@@ -169,6 +169,13 @@ pub struct DeviceNeed {
     /// The prefill's working set, the logits included (`cuda::working_set`).
     pub working: u64,
     pub logits: u64,
+}
+
+impl DeviceNeed {
+    /// What the GPU must hold: the weights and the working set.
+    pub fn total(&self) -> u64 {
+        self.weights.saturating_add(self.working)
+    }
 }
 
 impl std::fmt::Display for DeviceNeed {

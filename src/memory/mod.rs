@@ -4,6 +4,7 @@
 //! available), rather than be killed by the OS halfway through. And keep what a layer frees for
 //! the next one ([`keep_freed_memory`]).
 
+use std::collections::BTreeSet;
 use std::ops::RangeInclusive;
 
 use safetensors::tensor::Dtype;
@@ -471,22 +472,33 @@ fn sweep_held(ckpt: &Checkpoint, prompts: &[(usize, usize)]) -> u64 {
 /// needs more than `max` (host) or the GPU's memory: a streamed pass of the largest prompt, and
 /// every prompt's held state ([`sweep_held`]).
 pub fn check_sweep(ckpt: &Checkpoint, prompts: &[(usize, usize)], target: Target, max: Option<u64>) -> Result<()> {
-    let Some(&dims) = prompts.iter().max_by_key(|(batch, seq)| batch * seq) else { return Ok(()) };
+    // Every distinct shape is estimated and the largest checked: a pass's memory does not grow
+    // with batch x seq alone (the indexer's chunks and the kept keys follow seq), so 1 x 16383
+    // can need more than 8 x 2048.
+    let shapes: BTreeSet<(usize, usize)> = prompts.iter().copied().collect();
     let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
-    let mut est = match target.backend {
-        // A streamed layer is read in place by every prompt of fewer than 512 rows (on AMX);
-        // a longer one packs it, beside the pages a shorter one read before it.
-        Backend::Cpu => {
-            let in_place = |&(batch, seq): &(usize, usize)| crate::model::nn::Packing::reads_in_place(batch * seq);
-            let mixed = prompts.iter().any(in_place) && !prompts.iter().all(in_place);
-            let passes = if mixed { Passes::Many } else { Passes::One };
-            estimate(ckpt, dims, &all, Residency::Swept, Recording::Nothing, passes)
-        }
+    // A streamed layer is read in place by every prompt of fewer than 512 rows (on AMX); a
+    // longer one packs it, beside the pages a shorter one read before it.
+    let in_place = |&(batch, seq): &(usize, usize)| crate::model::nn::Packing::reads_in_place(batch * seq);
+    let mixed = prompts.iter().any(in_place) && !prompts.iter().all(in_place);
+    let passes = if mixed { Passes::Many } else { Passes::One };
+    let pass = |&dims: &(usize, usize)| match target.backend {
+        Backend::Cpu => estimate(ckpt, dims, &all, Residency::Swept, Recording::Nothing, passes),
         _ => estimate_run(ckpt, dims, Recording::Nothing, (target, Residency::Swept, false)),
     };
+    let Some(mut est) = shapes.iter().map(pass).max_by_key(Estimate::total) else { return Ok(()) };
     est.activations = est.activations.saturating_add(sweep_held(ckpt, prompts));
     check(&est, max, "fewer or shorter prompts")?;
-    check_gpu(ckpt, dims, Recording::Nothing, target, (Residency::Swept, false))
+    match most_on_device(ckpt, &shapes, target) {
+        Some(dims) => check_gpu(ckpt, dims, Recording::Nothing, target, (Residency::Swept, false)),
+        None => Ok(()),
+    }
+}
+
+/// The shape of `shapes` whose sweep needs the most of a GPU.
+fn most_on_device(ckpt: &Checkpoint, shapes: &BTreeSet<(usize, usize)>, target: Target) -> Option<(usize, usize)> {
+    let need = |&&dims: &&(usize, usize)| device_need(ckpt, dims, (target, false), Residency::Swept).total();
+    shapes.iter().max_by_key(need).copied()
 }
 
 /// The weights a whole-model run of `dims` tokens recording `recording` runs on `target`, once
@@ -614,6 +626,22 @@ pub fn check(est: &Estimate, max: Option<u64>, hint: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sweep's GPU check takes the prompt shape that needs the most, not the most tokens: past
+    /// `index_topk` a prompt is scored by the indexer in chunks, whose scratch a batch of shorter
+    /// prompts of more tokens in all does not need (bf16-fused: index_topk 6).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn a_sweep_is_checked_on_the_gpu_for_its_most_demanding_prompt() {
+        use crate::device::Precision;
+        let ckpt =
+            Checkpoint::open(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/bf16-fused")).unwrap();
+        let target = Target { precision: Precision::Bf16, ..Target::from(Backend::Cuda) };
+        let need = |dims| device_need(&ckpt, dims, (target, false), Residency::Swept).total();
+        let (batch, long) = ((2, 6), (1, 11));
+        assert!(need(long) > need(batch), "{} against {}", need(long), need(batch));
+        assert_eq!(most_on_device(&ckpt, &[batch, long].into(), target), Some(long));
+    }
 
     /// One forward pass of fewer than 512 rows on a CPU with AMX holds the FP8 codes as mapped
     /// (1 byte a weight), where repeated passes, or 512 rows, pack them (2 bytes); elsewhere the
