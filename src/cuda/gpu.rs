@@ -510,16 +510,8 @@ impl Gpu {
         weights: &mut Buf<f32>,
         margin: &mut Buf<f32>,
     ) -> Result<()> {
-        // The kernel's warp: at most 256 experts (8 a lane), 32 groups (one a lane) and
-        // top_k + 1 <= 16; top_k <= e, or it would read the logits at choices it never made.
-        if e > 256
-            || rc.top_k == 0
-            || rc.top_k > e
-            || rc.top_k + 1 > 16
-            || rc.n_group == 0
-            || rc.n_group > 32
-            || !e.is_multiple_of(rc.n_group)
-        {
+        // (`Target::supports` refuses such a config before a run loads anything.)
+        if !crate::device::route_fits(e, rc.top_k, rc.n_group) {
             return Err(Error::Device(format!(
                 "route: {e} experts, top-{} in {} groups is beyond the kernel",
                 rc.top_k, rc.n_group

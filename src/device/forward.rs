@@ -25,7 +25,7 @@ use super::weights::{
 use super::Ops;
 use crate::checkpoint::{Checkpoint, Loader};
 use crate::config::{Config, IndexerKind};
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::hooks::{in_prompt, HookPoint, LayerHook, Observer, SweepObserver};
 use crate::model::moe::RouterConfig;
 use crate::model::nn::{Linear, RmsNorm};
@@ -116,9 +116,12 @@ enum DWeights<'m, O: Ops> {
 impl<'m, O: Ops> DeviceModel<'m, O> {
     /// Uploads every weight of `model` the main forward pass uses.
     pub fn new(ops: &'m O, model: &'m Model) -> Result<Self> {
-        let layers = model.layers.iter().map(|layer| upload_layer(ops, layer)).collect::<Result<_>>()?;
-        let head = DHead::upload(ops, &model.norm, &model.lm_head)?;
-        let embed = ops.upload(&values(&model.embed_tokens)?)?;
+        let layers = (model.layers.iter().enumerate())
+            .map(|(i, layer)| upload_layer(ops, layer).context(|| format!("model.layers.{i}: upload")))
+            .collect::<Result<_>>()?;
+        let head =
+            DHead::upload(ops, &model.norm, &model.lm_head).context(|| "the final norm and lm_head: upload".into())?;
+        let embed = ops.upload(&values(&model.embed_tokens)?).context(|| "embed_tokens: upload".into())?;
         Ok(Self::with(ops, &model.config, DWeights::Resident { layers, head, embed }))
     }
 
@@ -145,7 +148,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
     /// released once uploaded).
     fn upload_streamed(&self, ckpt: &Checkpoint, i: usize) -> Result<DLayer<O>> {
         let layer = stream::load_layer(ckpt, i)?;
-        let uploaded = upload_layer(self.ops, &layer)?;
+        let uploaded = upload_layer(self.ops, &layer).context(|| format!("model.layers.{i}: upload"))?;
         drop(layer);
         ckpt.release(&format!("model.layers.{i}."));
         Ok(uploaded)
@@ -157,7 +160,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let mut l = Loader::new(ckpt);
         let head = Model::load_head(&mut l, None)?;
         let (norm, lm_head) = l.finish(head)?;
-        let head = DHead::upload(self.ops, &norm, &lm_head)?;
+        let head = DHead::upload(self.ops, &norm, &lm_head).context(|| "the final norm and lm_head: upload".into())?;
         drop(lm_head);
         ckpt.release(ckpt.head_name());
         Ok(head)

@@ -12,6 +12,7 @@ mod weights;
 
 use candle_core::Tensor;
 
+use crate::config::Config;
 use crate::error::Result;
 use crate::hooks::{Observer, SweepObserver};
 use crate::model::moe::RouterConfig;
@@ -148,6 +149,47 @@ impl Target {
             _ => Ok(self),
         }
     }
+
+    /// Refuses, before anything is loaded, a config this backend's forward pass cannot run (the
+    /// CPU model runs every config that validates): the device paths have no attention bias yet,
+    /// and the CUDA router's warp holds at most 256 experts, 32 groups and a top-15.
+    pub fn supports(self, config: &Config) -> Result<()> {
+        let usage = |what: String| Err(crate::error::Error::Usage(what));
+        let device = match self.backend {
+            Backend::Cpu => return Ok(()),
+            Backend::CpuOps => "cpu-ops",
+            Backend::Cuda => "cuda",
+            Backend::CudaEmu => "cuda-emu",
+        };
+        if config.attention_bias {
+            return usage(format!("attention_bias is true in the config: --device {device} has no attention bias yet (--device cpu runs it)"));
+        }
+        let moe = config.num_nextn_predict_layers > 0
+            || (0..config.num_hidden_layers).any(|i| config.mlp_kind(i) == crate::config::MlpKind::Moe);
+        let (e, k, g) = (config.n_routed_experts, config.num_experts_per_tok, config.n_group);
+        if self.backend != Backend::CpuOps && moe && !route_fits(e, k, g) {
+            return usage(format!(
+                "{e} routed experts, top-{k} in {g} groups in the config: the CUDA router takes at most \
+                 {ROUTE_MAX_EXPERTS} experts, a top-{ROUTE_MAX_TOP_K} and {ROUTE_MAX_GROUPS} groups (--device cpu or cpu-ops run it)"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The CUDA router kernel's bounds (`router.cu`: a warp a token, 8 experts a lane, one group a
+/// lane, the top-k and one more held sorted in 16 slots).
+pub const ROUTE_MAX_EXPERTS: usize = 256;
+pub const ROUTE_MAX_GROUPS: usize = 32;
+pub const ROUTE_MAX_TOP_K: usize = 15;
+
+/// Whether the CUDA router takes `experts` experts, a top-`top_k` and `groups` groups (top_k <= e,
+/// or it would read the logits at choices it never made; whole groups).
+pub fn route_fits(experts: usize, top_k: usize, groups: usize) -> bool {
+    (1..=ROUTE_MAX_TOP_K.min(experts)).contains(&top_k)
+        && experts <= ROUTE_MAX_EXPERTS
+        && (1..=ROUTE_MAX_GROUPS).contains(&groups)
+        && experts.is_multiple_of(groups)
 }
 
 /// Runs a prefill: the CPU model, or the device forward pass on some ops.
@@ -528,4 +570,40 @@ pub fn dispatch_on_host(ids: &[i32], k: usize, e: usize) -> Result<(Vec<usize>, 
     }
     let rows = order.iter().map(|&p| (p / k.max(1)) as i32).collect();
     Ok((counts, slot, rows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// golden/flat's config with `edit` applied.
+    fn flat(edit: impl FnOnce(&mut serde_json::Value)) -> Config {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat/config.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        edit(&mut v);
+        Config::from_json(&v).unwrap()
+    }
+
+    /// A config the device paths cannot run is refused by name before anything loads: an
+    /// attention bias on every device backend, more experts than the CUDA router's warp holds
+    /// on the CUDA ones; the CPU model runs both.
+    #[test]
+    fn configs_beyond_a_backend_are_refused_by_their_fields() {
+        let on = |backend, config: &Config| Target::from(backend).supports(config).map_err(|e| e.to_string());
+        let bias = flat(|v| v["attention_bias"] = true.into());
+        assert!(on(Backend::Cpu, &bias).is_ok());
+        for backend in [Backend::CpuOps, Backend::Cuda, Backend::CudaEmu] {
+            let err = on(backend, &bias).unwrap_err();
+            assert!(err.contains("attention_bias is true in the config"), "{err}");
+        }
+        let experts = flat(|v| v["n_routed_experts"] = 512.into());
+        for backend in [Backend::Cpu, Backend::CpuOps] {
+            assert!(on(backend, &experts).is_ok());
+        }
+        let err = on(Backend::Cuda, &experts).unwrap_err();
+        assert!(err.contains("512 routed experts") && err.contains("at most 256 experts"), "{err}");
+        assert!(on(Backend::Cuda, &flat(|_| ())).is_ok());
+        assert!(route_fits(256, 15, 32) && route_fits(256, 8, 1));
+        assert!(!route_fits(256, 16, 1) && !route_fits(8, 9, 1) && !route_fits(256, 8, 3) && !route_fits(256, 0, 1));
+    }
 }

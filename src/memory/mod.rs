@@ -434,6 +434,7 @@ pub fn check_run(
     max: Option<u64>,
     hint: &str,
 ) -> Result<()> {
+    target.supports(&ckpt.config)?;
     check(&estimate_run(ckpt, dims, recording, (target, residency, mtp)), max, hint)?;
     check_gpu(ckpt, dims, recording, target, (residency, mtp))
 }
@@ -472,6 +473,7 @@ fn sweep_held(ckpt: &Checkpoint, prompts: &[(usize, usize)]) -> u64 {
 /// needs more than `max` (host) or the GPU's memory: a streamed pass of the largest prompt, and
 /// every prompt's held state ([`sweep_held`]).
 pub fn check_sweep(ckpt: &Checkpoint, prompts: &[(usize, usize)], target: Target, max: Option<u64>) -> Result<()> {
+    target.supports(&ckpt.config)?;
     // Every distinct shape is estimated and the largest checked: a pass's memory does not grow
     // with batch x seq alone (the indexer's chunks and the kept keys follow seq), so 1 x 16383
     // can need more than 8 x 2048.
