@@ -310,6 +310,18 @@ pub fn own_files(dir: &Path) -> Vec<PathBuf> {
 /// validated to stay inside its folder.
 fn shard_list(dir: &Path, index_map: Option<&BTreeMap<String, String>>) -> Result<Vec<String>> {
     let index = dir.join(INDEX_FILE);
+    let single = dir.join(SINGLE_FILE);
+    if index_map.is_some() && single.exists() {
+        // transformers reads the single file first and never the index: refused, not guessed,
+        // so the two cannot run different weights from one folder.
+        return Err(Error::checkpoint(
+            dir,
+            format!(
+                "holds both {SINGLE_FILE} and {INDEX_FILE}: transformers loads {SINGLE_FILE} and ignores the \
+                 index; remove whichever is not the checkpoint"
+            ),
+        ));
+    }
     if let Some(map) = index_map {
         let shards: BTreeSet<String> = map.values().cloned().collect();
         let root = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
@@ -333,7 +345,6 @@ fn shard_list(dir: &Path, index_map: Option<&BTreeMap<String, String>>) -> Resul
         }
         return Ok(shards.into_iter().collect());
     }
-    let single = dir.join(SINGLE_FILE);
     if single.is_file() {
         return Ok(vec![SINGLE_FILE.to_string()]);
     }

@@ -369,6 +369,12 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
     if o.shards > 1 {
         let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         write_json(&o.out.join(INDEX_FILE), &index)?;
+        // A single file from before (synth's own: `refuse_foreign_files` checked it) would be
+        // what transformers loads, ahead of the index.
+        match std::fs::remove_file(o.out.join(SINGLE_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&o.out.join(SINGLE_FILE), e)),
+            _ => {}
+        }
     } else {
         let _ = std::fs::remove_file(o.out.join(INDEX_FILE));
     }

@@ -356,6 +356,13 @@ fn synth_refuses_what_it_would_destroy() {
     for shards in ["1", "2"] {
         assert_ok(&glimpse(&["synth", "--config", cfg, "--dtype", "f32", "--shards", shards, "--out", &t("mine")]));
     }
+    // The single file of the first run is gone: transformers would load it ahead of the index. A
+    // folder holding both is refused, not read one way here and the other there.
+    let mine = tmp.path().join("mine");
+    assert!(!mine.join("model.safetensors").exists());
+    std::fs::copy(golden("flat").join("model.safetensors"), mine.join("model.safetensors")).unwrap();
+    assert_error(&glimpse(&["inspect", "--model", &t("mine")]), "holds both model.safetensors and");
+    std::fs::remove_file(mine.join("model.safetensors")).unwrap();
     assert_ok(&glimpse(&["synth", "--config", &t("mine/config.json"), "--seed", "3", "--out", &t("mine")]));
     // What a synth stopped mid-way leaves (its shards may be of two seeds) is no checkpoint until
     // synth runs again.
