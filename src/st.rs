@@ -266,7 +266,8 @@ fn mismatched_tensor(header: &[u8]) -> Option<String> {
         let (a, b) = info.data_offsets;
         let bits = info.shape.iter().try_fold(info.dtype.bitsize(), |n, &d| n.checked_mul(d));
         match bits {
-            Some(bits) if b >= a && (b - a) * 8 == bits => None,
+            // (checked: the offsets are the file's, up to 2^64)
+            Some(bits) if b >= a && (b - a).checked_mul(8) == Some(bits) => None,
             _ => Some(format!("tensor `{name}`: {:?} {:?} in bytes {a}..{b}", info.dtype, info.shape)),
         }
     })
