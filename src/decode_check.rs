@@ -25,11 +25,17 @@ pub struct DecodeCheck {
     /// The first position at which the runs differ, and the index in `results` of the first hook
     /// point (in forward order) that differs there.
     pub first: Option<(usize, usize)>,
+    /// Hook points one run reported and the other did not (`[prefill only, decode only]`): a
+    /// decode that stops reporting a tensor fails, not passes with it unchecked.
+    pub one_sided: [Vec<String>; 2],
 }
 
 impl DecodeCheck {
     pub fn all_match(&self) -> bool {
-        self.first.is_none() && !self.results.is_empty()
+        self.first.is_none()
+            && !self.results.is_empty()
+            && self.one_sided.iter().all(Vec::is_empty)
+            && self.logits_max_abs.len() == self.positions
     }
 }
 
@@ -88,7 +94,11 @@ pub fn compare(
             .collect::<Result<_>>()?,
         _ => Vec::new(),
     };
-    Ok(DecodeCheck { positions: seq, results, logits_max_abs, first })
+    let only = |a: &BTreeMap<HookPoint, Tensor>, b: &BTreeMap<HookPoint, Tensor>| -> Vec<String> {
+        a.keys().filter(|p| !b.contains_key(p)).map(HookPoint::name).collect()
+    };
+    let one_sided = [only(prefill, decode), only(decode, prefill)];
+    Ok(DecodeCheck { positions: seq, results, logits_max_abs, first, one_sided })
 }
 
 /// Each flip's margins on both sides: `dsa.margin` is `[B, S]` and `moe.margin` `[B*S]`, indexed by
@@ -176,7 +186,16 @@ pub fn print(r: &DecodeCheck, tol: Tolerance, chunk: usize) {
         c if c == r.positions => format!("all {c} positions in one call"),
         c => format!("{c} positions per call"),
     };
+    for (names, run) in r.one_sided.iter().zip(["prefill", "decode"]) {
+        if !names.is_empty() {
+            println!("only the {run} reported {} hook point(s): {}", names.len(), names.join(", "));
+        }
+    }
+    if r.logits_max_abs.len() != r.positions {
+        println!("the logits were not compared: a run did not report them");
+    }
     match r.first {
+        None if !r.all_match() => println!("decode and prefill agree where both reported ({how}), but not everywhere"),
         None => println!(
             "decode matches prefill at every position ({how}; {} tensors, atol {:e}, rtol {:e})",
             r.results.len(),

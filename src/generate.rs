@@ -111,10 +111,14 @@ pub fn run(
     if let (Some((path, selector)), Some(stitcher)) = (&opts.dump, stitcher) {
         let mut writer = DumpWriter::create(path, selector.clone(), stitcher.len())?;
         stitcher.for_each(|point, t| writer.observe(point, &t))?;
+        // (As `decode::generate` runs it: a chunk as long as the prompt is the expanded prefill.)
+        let prompt_fed = match opts.chunk {
+            c if c == 0 || c >= prompt.seq => "the prompt through the expanded prefill".to_string(),
+            c => format!("the prompt through the latent cache {c} positions per call"),
+        };
         let source = format!(
-            "glimpse {} / candle, float32, cpu; generate: decode through the latent cache, {} prompt positions per call",
-            env!("CARGO_PKG_VERSION"),
-            if opts.chunk == 0 { prompt.seq } else { opts.chunk }
+            "glimpse {} / candle, float32, cpu; generate: {prompt_fed}, each step through the latent cache",
+            env!("CARGO_PKG_VERSION")
         );
         let meta = dump::metadata(&source, Some(&ckpt.config_bytes), Some(&dir.display().to_string()));
         let n = writer.finish(&meta)?;

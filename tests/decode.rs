@@ -99,6 +99,31 @@ fn decode_check_names_the_first_position_a_cache_bug_changes() {
     assert!(r.logits_max_abs[..6].iter().all(|&e| e < 1e-4), "{:?}", r.logits_max_abs);
 }
 
+/// A hook point the decode stopped reporting fails the check and is named (it passed, unchecked),
+/// as do logits missing on one side.
+#[test]
+fn decode_check_fails_on_a_hook_point_only_one_run_reported() {
+    let (model, tokens) = load("flat");
+    let mut prefill = Recorder::new(Selector::default());
+    model.forward(&tokens, &mut prefill).unwrap();
+    let mut stitcher = Stitcher::new(Selector::default());
+    model.decode_all(&tokens, 1, &mut stitcher).unwrap();
+    let prefill: std::collections::BTreeMap<_, _> = prefill.tensors.into_iter().collect();
+    let mut decode: std::collections::BTreeMap<_, _> = stitcher.finish().unwrap().into_iter().collect();
+    let cmp = |decode: &_| {
+        glimpse::decode_check::compare(&prefill, decode, tokens.seq, Tolerance::default(), &model.config).unwrap()
+    };
+    assert!(cmp(&decode).all_match());
+    let topk = glimpse::hooks::HookPoint::Layer(0, glimpse::hooks::LayerHook::DsaTopk);
+    decode.remove(&topk);
+    let r = cmp(&decode);
+    assert!(r.first.is_none() && !r.all_match());
+    assert_eq!(r.one_sided, [vec!["layers.0.dsa.topk".to_string()], vec![]]);
+    decode.remove(&glimpse::hooks::HookPoint::Logits);
+    let r = cmp(&decode);
+    assert!(!r.all_match() && r.logits_max_abs.is_empty());
+}
+
 mod common;
 
 #[test]
