@@ -309,14 +309,7 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
     let unfinished = o.out.join(crate::checkpoint::SYNTH_UNFINISHED);
     std::fs::write(&unfinished, b"").map_err(|e| Error::io(&unfinished, e))?;
 
-    // Balanced contiguous shards; a weight and its scale stay together.
-    let mut shard_of = Vec::with_capacity(tensors.len());
-    let mut acc = 0usize;
-    for t in &tensors {
-        let s = if t.2 { *shard_of.last().unwrap_or(&0) } else { (acc * o.shards / total.max(1)).min(o.shards - 1) };
-        shard_of.push(s);
-        acc += bytes(t);
-    }
+    let shard_of = assign_shards(&tensors.iter().map(|t| (bytes(t), t.2)).collect::<Vec<_>>(), o.shards);
     let file_name = |s: usize| {
         if o.shards == 1 {
             SINGLE_FILE.to_string()
@@ -401,6 +394,34 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
     Ok(cfg)
 }
 
+/// Each tensor's shard (of `shards`), the tensors given as (bytes, is the scale of the weight
+/// before it): contiguous shards balanced by bytes, a weight and its scale together, and no shard
+/// empty (a tensor larger than a shard's share, GLM-5's embedding, would leave the next one
+/// with nothing). Needs at least `shards` weights.
+fn assign_shards(tensors: &[(usize, bool)], shards: usize) -> Vec<usize> {
+    let total: usize = tensors.iter().map(|t| t.0).sum();
+    let weights = tensors.iter().filter(|t| !t.1).count();
+    let (mut out, mut acc, mut w) = (Vec::with_capacity(tensors.len()), 0usize, 0usize);
+    let mut prev: Option<usize> = None;
+    for &(bytes, scale) in tensors {
+        let s = match (scale, prev) {
+            (true, Some(p)) => p,
+            _ => {
+                let balanced = (acc * shards / total.max(1)).min(shards - 1);
+                // No shard skipped, and enough weights left for the shards after this one.
+                let (low, high) =
+                    (prev.unwrap_or(0).max((shards + w).saturating_sub(weights)), prev.map_or(0, |p| p + 1));
+                w += 1;
+                balanced.clamp(low.min(high), high)
+            }
+        };
+        out.push(s);
+        prev = Some(s);
+        acc += bytes;
+    }
+    out
+}
+
 /// The metadata entry on every weight file synth writes: a folder whose weights lack it holds a
 /// real checkpoint, which synth must not replace with random weights.
 const MARK: (&str, &str) = ("glimpse", "synth");
@@ -467,6 +488,36 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Shards are contiguous, balanced by bytes, a scale with its weight, and none empty: GLM-5's
+    /// one-layer layout in three left the third empty (the embedding filled the first, lm_head
+    /// began past two thirds of the bytes).
+    #[test]
+    fn shards_are_balanced_contiguous_and_never_empty() {
+        let check = |tensors: &[(usize, bool)], shards: usize| -> Vec<usize> {
+            let s = assign_shards(tensors, shards);
+            assert_eq!(s.len(), tensors.len());
+            assert_eq!(s[0], 0);
+            assert!(s.windows(2).all(|w| w[1] == w[0] || w[1] == w[0] + 1), "{s:?}");
+            assert_eq!(s.last(), Some(&(shards - 1)), "{s:?}");
+            for (i, t) in tensors.iter().enumerate().filter(|(_, t)| t.1) {
+                assert_eq!(s[i], s[i - 1], "scale {i} apart from its weight: {s:?} ({t:?})");
+            }
+            s
+        };
+        // Like GLM-5's: the embedding, 19 small layer weights, lm_head as large as the embedding.
+        let mut glm5 = vec![(1900, false)];
+        glm5.extend([(10, false); 19]);
+        glm5.push((1900, false));
+        assert_eq!(check(&glm5, 3), [vec![0], vec![1; 19], vec![2]].concat());
+        // Even sizes split evenly; FP8 scales stay with their weights.
+        assert_eq!(check(&[(1, false); 6], 3), [0, 0, 1, 1, 2, 2]);
+        let fp8 = [(8, false), (1, true), (8, false), (1, true), (8, false), (1, true), (8, false), (1, true)];
+        assert_eq!(check(&fp8, 2), [0, 0, 0, 0, 1, 1, 1, 1]);
+        // As many shards as weights: one each.
+        assert_eq!(check(&[(5, false), (1, false), (1, false)], 3), [0, 1, 2]);
+        assert_eq!(check(&[(5, false)], 1), [0]);
+    }
 
     /// The nearest code by search over the monotone codes, ties to the even code.
     fn by_search(x: f32) -> u8 {
