@@ -511,6 +511,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let (size, feed) = ((tokens.batch, tokens.seq), chunk.unwrap_or(0) as usize);
             let layers = ckpt.config.num_hidden_layers;
             let recorded = memory::Recording::to(dump.as_deref(), &recording(record.as_deref(), &ckpt.config)?, layers);
+            if mtp {
+                glimpse::model::mtp::Mtp::require(&ckpt)?; // before minutes of loading the model
+            }
             memory::check_generate(&ckpt, size, feed, max_new_tokens, mtp, recorded, max_memory)?;
             // The last generated token is printed, never fed back: one position fewer runs.
             warn_past_positions(&ckpt.config, tokens.seq + max_new_tokens.saturating_sub(1));

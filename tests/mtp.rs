@@ -153,6 +153,15 @@ fn generate_mtp_reports_acceptance_and_refuses_a_checkpoint_without_mtp() {
     let no_mtp = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/grouped-shared-yarn");
     let o = common::glimpse(&["generate", "--model", no_mtp.to_str().unwrap(), "--tokens", "1,2", "--mtp"]);
     common::assert_error(&o, "has no MTP layer");
+    // Said before the model loads: with a layer-0 weight missing too, the head is what it names.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(no_mtp.join("config.json"), tmp.path().join("config.json")).unwrap();
+    let bytes = std::fs::read(no_mtp.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept = st.tensors().into_iter().filter(|(n, _)| n != "model.layers.0.input_layernorm.weight");
+    safetensors::serialize_to_file(kept, None, &tmp.path().join("model.safetensors")).unwrap();
+    let o = common::glimpse(&["generate", "--model", tmp.path().to_str().unwrap(), "--tokens", "1,2", "--mtp"]);
+    common::assert_error(&o, "has no MTP layer");
 }
 
 /// A row that produced its eos stops counting drafts: the steps after it are the other rows'.

@@ -37,15 +37,23 @@ impl Mtp {
         ckpt.contains(&format!("model.layers.{}.eh_proj.weight", ckpt.config.num_hidden_layers))
     }
 
+    /// Refuses a checkpoint with no MTP layer, naming the tensor it lacks (before a command
+    /// that needs the head loads anything).
+    pub fn require(ckpt: &Checkpoint) -> Result<()> {
+        match Mtp::present(ckpt) {
+            true => Ok(()),
+            false => Err(Error::Usage(format!(
+                "{}: the checkpoint has no MTP layer (model.layers.{}.eh_proj.weight is absent)",
+                ckpt.dir.display(),
+                ckpt.config.num_hidden_layers
+            ))),
+        }
+    }
+
     pub fn load(ckpt: &Checkpoint) -> Result<Mtp> {
         let cfg = &ckpt.config;
         let (n, h, v) = (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size);
-        if !Mtp::present(ckpt) {
-            return Err(Error::Usage(format!(
-                "{}: the checkpoint has no MTP layer (model.layers.{n}.eh_proj.weight is absent)",
-                ckpt.dir.display()
-            )));
-        }
+        Mtp::require(ckpt)?;
         let p = format!("model.layers.{n}");
         let mut l = Loader::new(ckpt);
         let own = |l: &mut Loader, name: String| l.has(&name).then(|| l.get(&name, &[v, h]));
