@@ -65,7 +65,8 @@ impl Checkpoint {
         }
         let config_path = dir.join("config.json");
         let config_bytes = crate::st::read_input(&config_path)?;
-        let config = Config::from_file(&config_path)?;
+        // (Parsed from the bytes read, which the dumps' config hash describes: read once.)
+        let config = Config::from_bytes(&config_path, &config_bytes)?;
         let index = read_index(&dir.join(INDEX_FILE))?;
         let shard_names = shard_list(dir, index.as_ref())?;
         let progress = std::io::stderr().is_terminal() && shard_names.len() > 1;

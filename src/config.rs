@@ -184,9 +184,13 @@ pub(crate) fn as_f64(key: &str, v: &Value) -> Result<f64> {
 impl Config {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = crate::st::read_input(path)?;
+        Self::from_bytes(path, &crate::st::read_input(path)?)
+    }
+
+    /// Parses and validates the `bytes` read from `path` (named in its errors).
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
         let value: Value =
-            serde_json::from_slice(&bytes).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+            serde_json::from_slice(bytes).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
         Self::from_json(&value).map_err(|e| Error::Context { context: path.display().to_string(), source: Box::new(e) })
     }
 
