@@ -46,8 +46,10 @@ pub fn estimate_chunked(
     let t = batch.saturating_mul(seq);
     let (h, v) = (c.hidden_size, c.vocab_size);
     let logits = f(t).saturating_mul(v as u64);
-    if t > 1 << 32 || seq > 1 << 32 {
-        // Past any GPU (and past what the products below may count in a usize).
+    // Past any GPU at any width that runs; and below it every count here fits, in bytes, a u64:
+    // `Config::validate` caps experts (so top-k) at 2^16 and widths at 2^20, so the largest,
+    // t x top-k x 2 x inter, is below 2^22 x 2^37, and 4 x a few of them below 2^64.
+    if t > 1 << 22 || seq > 1 << 22 {
         return WorkingSet { total: u64::MAX, logits, layers: u64::MAX };
     }
     let k = c.index_topk.min(seq);
