@@ -302,8 +302,16 @@ impl Gpu {
     /// device that refused the opt-in keeps 48 KB, and long rows' top-k take slower paths).
     pub fn summary(&self) -> String {
         let kb = self.shared_limit / 1024;
+        // GLM-5's top-2048 over a long prompt needs chunks of 2 x 2049 keys: without the opt-in
+        // to more shared memory (48 KB) each row is ranked key by key, minutes at 16k tokens.
+        let slow = match self.topk_path(1 << 20, 2048) {
+            TopK::Ranked => {
+                "; too little for the top-k by chunks: a top-2048 over more keys than fit ranks them one by one (slow)"
+            }
+            _ => "",
+        };
         format!(
-            "{} ({}; {kb} KB of dynamic shared memory a block; memory: {}; {})",
+            "{} ({}; {kb} KB of dynamic shared memory a block{slow}; memory: {}; {})",
             self.name, self.arch, self.allocation, self.versions
         )
     }

@@ -465,7 +465,7 @@ pub fn reference_rule_breaks(
     // Each flip's own row of scores, read alone: a layer's whole `[B, S, S]` is 4 GB a batch
     // row at 32k tokens.
     for f in flips.iter_mut() {
-        let Ok(Values::F32(row)) = golden.rows(&name, f.row, 1) else { return };
+        let Ok(Values::F32(row)) = golden.rows(&name, f.row, 1) else { continue };
         let ranked = Ranked::new(&row, width, dsa, flat, router).map(|r| r.at_row(f.row));
         f.rule_break = own_scores(f, &[(Side::Reference, ranked.as_ref())], near_tie);
         f.lead_reference = ranked.as_ref().and_then(|r| keys_lead(f, Side::Reference, r));

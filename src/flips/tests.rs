@@ -45,7 +45,7 @@ fn a_recorded_choice_leads_by_its_lowest_kept_value() {
     assert!(lead(&v, &[0, 7], 2).is_nan(), "padding where a key should be");
     assert_eq!(lead(&v[..2], &[1, 0, 9], 2), f32::INFINITY, "every value kept (padding past them)");
     assert!(lead(&[f32::NAN, 1.0], &[1], 1).is_nan());
-    // A masked key kept over masked keys left out is a tie (it read +inf: clear, so real).
+    // A masked key kept over masked keys left out is a tie (it used to read +inf: clear, so real).
     let masked = [1.0, f32::NEG_INFINITY, f32::NEG_INFINITY];
     assert_eq!(lead(&masked, &[0, 1], 2), 0.0);
     assert_eq!(lead(&masked, &[0], 1), f32::INFINITY, "everything left out masked: clear");
