@@ -12,6 +12,7 @@ use glimpse::dump::Dump;
 use glimpse::hooks::{NoObserver, Recorder, Selector};
 use glimpse::model::decode::KvCache;
 use glimpse::model::layer::Ffn;
+use glimpse::model::stream::LogitRows;
 use glimpse::model::Model;
 use glimpse::stitch::Stitcher;
 use glimpse::verify;
@@ -298,7 +299,8 @@ fn a_prefilled_cache_decodes_on_like_the_prefill() {
         let full = model.forward(&tokens, &mut NoObserver).unwrap(); // [B, S, V]
         let p = tokens.seq - 3;
         let mut cache = KvCache::new(model.layers.len());
-        let (_, head) = model.prefill_into(&tokens.columns(0..p).unwrap(), &mut cache, &mut NoObserver).unwrap();
+        let (_, head) =
+            model.prefill_into(&tokens.columns(0..p).unwrap(), &mut cache, LogitRows::All, &mut NoObserver).unwrap();
         let mut got = vec![head];
         for s in p..tokens.seq {
             got.push(model.decode_step(&tokens.columns(s..s + 1).unwrap(), &mut cache, &mut NoObserver).unwrap());

@@ -60,15 +60,7 @@ struct Mark {
     flops: u64,
 }
 
-/// Which positions' logits a prefill computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogitRows {
-    /// Every position's, as a model's forward returns them (and transformers' forward does).
-    All,
-    /// Each sequence's last position's only: what generating the next token needs (transformers'
-    /// `generate` prefills with `logits_to_keep=1`); the lm_head then costs B rows, not B * S.
-    Last,
-}
+pub use crate::model::stream::LogitRows;
 
 pub struct DeviceModel<'m, O: Ops> {
     ops: &'m O,

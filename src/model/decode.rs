@@ -21,6 +21,7 @@ use super::mla::{Attention, Projected};
 use super::mtp::Mtp;
 use super::nn::Weight;
 use super::rope::RopeTables;
+use super::stream::LogitRows;
 use super::{Model, Tokens, Weights};
 use crate::error::{Error, Result};
 use crate::hooks::{emit, with_f32, HookPoint, LayerHook, Observer};
@@ -241,7 +242,7 @@ impl Model {
     /// `cache.len` on. Returns their logits [B, C, vocab] and extends the cache. C = 1 is a
     /// single-token step; a larger C is a chunk (chunked prefill), causal within the chunk.
     pub fn decode_step(&self, tokens: &Tokens, cache: &mut KvCache, obs: &mut dyn Observer) -> Result<Tensor> {
-        Ok(self.decode_hidden(tokens, cache, obs)?.1)
+        Ok(self.decode_hidden(tokens, cache, LogitRows::All, obs)?.1)
     }
 
     /// `decode_step` that also returns the final-norm hidden state [B, C, hidden] (what the MTP
@@ -250,6 +251,7 @@ impl Model {
         &self,
         tokens: &Tokens,
         cache: &mut KvCache,
+        rows: LogitRows,
         obs: &mut dyn Observer,
     ) -> Result<(Tensor, Tensor)> {
         if cache.layers.len() != self.layers.len() {
@@ -266,7 +268,7 @@ impl Model {
             h = layer.decode(&h, &rope, c, &mut sel, obs)?;
         }
         cache.len += tokens.seq;
-        super::stream::head_normed(Weights::Resident(self), &h, obs)
+        super::stream::head_normed(Weights::Resident(self), &h, rows, obs)
     }
 
     /// The expanded prefill of `tokens` into an empty cache: the same logits and hooks as
@@ -276,6 +278,7 @@ impl Model {
         &self,
         tokens: &Tokens,
         cache: &mut KvCache,
+        rows: LogitRows,
         obs: &mut dyn Observer,
     ) -> Result<(Tensor, Tensor)> {
         if cache.len != 0 || cache.layers.len() != self.layers.len() {
@@ -288,7 +291,7 @@ impl Model {
             h = layer.forward_filling(&h, &rope, &mut sel, Some(c), obs)?;
         }
         cache.len = tokens.seq;
-        super::stream::head_normed(Weights::Resident(self), &h, obs)
+        super::stream::head_normed(Weights::Resident(self), &h, rows, obs)
     }
 
     /// Runs `tokens` ([B, S]) through the cache `chunk` positions at a time: logits [B, S, vocab].
@@ -351,12 +354,14 @@ impl Model {
         let (mut hidden, mut logits) = (Vec::new(), None);
         if chunk == 0 || chunk >= p {
             // The whole prompt at once: the expanded prefill, filling the cache as it goes.
-            let (h, l) = self.prefill_into(prompt, &mut cache, obs)?;
+            // (Only the last position's logits choose the next token: transformers' generate
+            // keeps only those too, unless they are recorded.)
+            let (h, l) = self.prefill_into(prompt, &mut cache, LogitRows::Last, obs)?;
             hidden.push(h);
             logits = Some(l);
         } else {
             for (i, part) in prompt.chunks(chunk).enumerate() {
-                let (h, l) = self.decode_hidden(&part?, &mut cache, obs)?;
+                let (h, l) = self.decode_hidden(&part?, &mut cache, LogitRows::Last, obs)?;
                 hidden.push(h);
                 logits = Some(l);
                 if stop_in_prompt() {
@@ -399,7 +404,7 @@ impl Model {
                 d.feed(self, &h, &t, obs)?;
             }
             if step + 1 < new {
-                let (h, l) = self.decode_hidden(&Tokens::new(b, 1, next.clone())?, &mut cache, obs)?;
+                let (h, l) = self.decode_hidden(&Tokens::new(b, 1, next.clone())?, &mut cache, LogitRows::Last, obs)?;
                 next = last_argmax(&l)?;
                 if let Some(d) = drafter.as_mut() {
                     d.score(&next);

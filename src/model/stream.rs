@@ -301,13 +301,25 @@ pub fn embed(w: Weights, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tens
 /// Vocabulary rows of lm_head converted at a time when streaming.
 pub(crate) const HEAD_CHUNK: usize = 8192;
 
-/// [B, S, hidden] -> logits [B, S, vocab], reporting `final_norm` and `logits`.
-pub fn head(w: Weights, h: &Tensor, obs: &mut dyn Observer) -> Result<Tensor> {
-    Ok(head_normed(w, h, obs)?.1)
+/// Which positions' logits a prefill computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitRows {
+    /// Every position's, as a model's forward returns them (and transformers' forward does).
+    All,
+    /// Each sequence's last position's only: what generating the next token needs (transformers'
+    /// `generate` prefills with `logits_to_keep=1`); the lm_head then costs B rows, not B * S.
+    /// (Where an observer records the logits, the CPU head still computes every position's.)
+    Last,
 }
 
-/// `head`, also returning the final-norm hidden state [B, S, hidden] (what the MTP head reads).
-pub fn head_normed(w: Weights, h: &Tensor, obs: &mut dyn Observer) -> Result<(Tensor, Tensor)> {
+/// [B, S, hidden] -> logits [B, S, vocab], reporting `final_norm` and `logits`.
+pub fn head(w: Weights, h: &Tensor, obs: &mut dyn Observer) -> Result<Tensor> {
+    Ok(head_normed(w, h, LogitRows::All, obs)?.1)
+}
+
+/// `head`, also returning the final-norm hidden state [B, S, hidden] (what the MTP head reads);
+/// with [`LogitRows::Last`] and the logits not recorded, the logits are [B, 1, vocab].
+pub fn head_normed(w: Weights, h: &Tensor, rows: LogitRows, obs: &mut dyn Observer) -> Result<(Tensor, Tensor)> {
     let cfg = w.config();
     let (b, s, hidden) = h.dims3()?;
     let x = match w {
@@ -319,7 +331,11 @@ pub fn head_normed(w: Weights, h: &Tensor, obs: &mut dyn Observer) -> Result<(Te
         }
     }; // [B, S, hidden]
     emit(obs, HookPoint::FinalNorm, || Ok(x.clone()))?;
-    let x2 = x.reshape((b * s, hidden))?;
+    let s = match rows {
+        LogitRows::Last if !obs.wants(HookPoint::Logits) => 1,
+        _ => s,
+    };
+    let x2 = x.narrow(1, x.dim(1)? - s, s)?.contiguous()?.reshape((b * s, hidden))?;
     let logits = match w {
         Weights::Resident(m) => m.lm_head.forward(&x2)?,
         Weights::Streamed(ckpt) => {
