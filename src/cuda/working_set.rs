@@ -73,7 +73,7 @@ pub fn estimate_chunked(
     let attention = attention_scratch(c, (batch, seq), (k, scoring), target, chunk_values);
     let layer_phases = [
         // The whole scores live in the attention phase, beside its projections.
-        attention_phase(c, t, k).saturating_add(whole),
+        attention_phase(c, t, k, scoring).saturating_add(whole),
         moe_phase(c, t, a, target.precision),
         dense_phase(c, t),
     ];
@@ -87,22 +87,23 @@ pub fn estimate_chunked(
 
 /// Inside a layer's `attention`: its input norm and the MLA projections alive to the end (the
 /// stacked q_a / kv_a product and its cut, freed early, are fewer values), then the larger of the
-/// indexer's step (its projections, the new selection beside the old) and the attention's (its
-/// output and `o_proj`'s).
-fn attention_phase(c: &Config, t: usize, k: usize) -> u64 {
+/// indexer's step (its projections where it scores, the new selection beside the old) and the
+/// attention's (its output and `o_proj`'s).
+fn attention_phase(c: &Config, t: usize, k: usize, scoring: Scoring) -> u64 {
     let (nh, qk, vd, r, rd) =
         (c.num_attention_heads, c.qk_head_dim(), c.v_head_dim, c.kv_lora_rank, c.qk_rope_head_dim);
     let (n, d) = (c.index_n_heads, c.index_head_dim);
     let mla = c.hidden_size + c.q_lora_rank + nh * qk + 2 * r + rd + nh * (c.qk_nope_head_dim + vd);
-    let indexer = n * d + 2 * d + n + k + 1;
+    let projections = if scoring == Scoring::None { 0 } else { n * d + 2 * d + n };
+    let indexer = projections + k + 1;
     let attention = nh * vd + c.hidden_size;
     4 * (t * (mla + indexer.max(attention))) as u64
 }
 
-/// A MoE layer's peak: the layer's input norm, the attention's output and the post-attention
-/// norm, the route, then the routed experts' buffers (gate_up and the outputs, allocated
-/// together; then SwiGLU's, or in f32 mode the gathered rows the first product packs) and the
-/// shared expert's, then the combined output.
+/// A MoE layer's peak beside the residual stream: the post-attention norm and the route, then
+/// the largest of the routed experts' steps (gate_up, with in f32 mode the gathered rows the
+/// product packs; gate_up and SwiGLU's output; that output and the down products'; their
+/// output and the shared expert's buffers, or the combined output).
 fn moe_phase(c: &Config, t: usize, a: usize, precision: Precision) -> u64 {
     if a == 0 {
         return 0;
@@ -114,19 +115,24 @@ fn moe_phase(c: &Config, t: usize, a: usize, precision: Precision) -> u64 {
         c.moe_intermediate_size,
         c.shared_intermediate_size(),
     );
-    let layer = 3 * t * h; // input norm, attention output, post-attention norm
     let route = t * e + 3 * t * kx + t + a; // logits, ids, weights, slots, margin, rows
-    let experts = a * 2 * inter + a * h;
     let packed = if precision == Precision::F32 { a * h } else { 0 };
-    let after = a * inter + (t * (2 * shared + shared + h)).max(2 * t * h);
-    4 * (layer + route + experts + packed.max(after)) as u64
+    let steps =
+        [a * 2 * inter + packed, a * 3 * inter, a * h + a * inter, a * h + mlp_peak(t, h, shared).max(2 * t * h)];
+    4 * (t * h + route + steps.into_iter().max().unwrap_or(0)) as u64
 }
 
-/// A dense layer's peak: the layer's input norm, the attention's output, the post-attention norm,
-/// then the MLP's gate_up, SwiGLU and output; or the residual add after it (six [T, H] buffers).
+/// What an MLP of `inter` holds at once over `t` rows: gate_up and SwiGLU's output, then that
+/// and the down product's.
+fn mlp_peak(t: usize, h: usize, inter: usize) -> usize {
+    t * (3 * inter).max(inter + h)
+}
+
+/// A dense layer's peak beside the residual stream: the post-attention norm and the MLP's
+/// buffers; or the MLP's output and the residual added to it.
 fn dense_phase(c: &Config, t: usize) -> u64 {
     let h = c.hidden_size;
-    4 * (t * (3 * h + 3 * c.intermediate_size + h)).max(t * 6 * h) as u64
+    4 * (t * h + mlp_peak(t, h, c.intermediate_size)).max(2 * t * h) as u64
 }
 
 /// The products' scratch (`gemm::Products`): in bf16 mode the activation rows rounded for the

@@ -448,8 +448,10 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         self.report(obs, hook(LayerHook::InputNorm), &x, &[b, s, hd])?;
         self.done(mark, "norms, residual adds", 0)?;
         let attn = self.attention(i, &layer.attn, &x, (cos, sin, *half), (b, s), selection, obs)?;
+        drop(x); // (each buffer freed once read for the last time: the check before a run counts so)
         let mark = self.mark()?;
         h = self.ops.add(&h, &attn, t * hd)?;
+        drop(attn);
         let x = self.norm(&h, &layer.post_attention_layernorm, t, hd)?;
         self.report(obs, hook(LayerHook::PostAttnNorm), &x, &[b, s, hd])?;
         self.done(mark, "norms, residual adds", 0)?;
@@ -464,6 +466,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
                 self.moe(i, (gate, bias, experts, shared, router), &x, t, obs)?
             }
         };
+        drop(x);
         self.report(obs, hook(LayerHook::MlpOut), &mlp, &[b, s, hd])?;
         let mark = self.mark()?;
         h = self.ops.add(&h, &mlp, t * hd)?;
@@ -633,7 +636,9 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
     /// `down(silu(gate(x)) * up(x))` over `rows` rows.
     fn mlp(&self, m: &DMlp<O>, x: &O::F, rows: usize) -> Result<O::F> {
         let gate_up = self.mm(x, &m.gate_up, rows, 1.0)?; // [rows, 2 * inter]
-        self.mm(&self.ops.swiglu(&gate_up, rows, m.down.inp)?, &m.down, rows, 1.0)
+        let act = self.ops.swiglu(&gate_up, rows, m.down.inp)?; // [rows, inter]
+        drop(gate_up);
+        self.mm(&act, &m.down, rows, 1.0) // [rows, H]
     }
 
     /// Router, grouped expert GEMMs over the tokens sorted by expert, weighted combine in
@@ -682,7 +687,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         let a = t * k;
         self.done(mark, "experts: dispatch", 0)?;
         let inter = experts.first().map_or(0, |m| m.down.inp);
-        let (mut gate_up, mut y) = (self.ops.output(a * 2 * inter)?, self.ops.output(a * hd)?);
+        let mut gate_up = self.ops.output(a * 2 * inter)?; // [A, 2 inter]
         let (mut spans, mut start) = (Vec::new(), 0); // (expert, first packed row, rows)
         for (j, &count) in counts.iter().enumerate() {
             if count > 0 {
@@ -700,10 +705,13 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         self.done(mark, EXPERT_GEMMS[0], 0)?;
         let mark = self.mark()?;
         let act = self.ops.swiglu(&gate_up, a, inter)?; // [A, inter]
+        drop(gate_up);
         self.done(mark, "experts: SwiGLU", 0)?;
         let mark = self.mark()?;
         self.count([a, hd, inter]);
+        let mut y = self.ops.output(a * hd)?; // [A, H]
         self.ops.gemm_groups((&act, None), &groups(|m| &m.down.w), &mut y, [hd, inter])?;
+        drop(act);
         self.done(mark, EXPERT_GEMMS[1], 0)?;
         let mark = self.mark()?;
         let shared_out = self.mlp(shared, x, t)?;
