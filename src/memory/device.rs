@@ -291,8 +291,11 @@ mod tests {
         assert!(swept <= streamed && layers <= working && logits == 0, "{swept} {layers}");
         assert!(fits(swept + layers + DEVICE_UNCOUNTED, Residency::Swept).is_ok());
         let err = fits(swept + layers + DEVICE_UNCOUNTED - 1, Residency::Swept).unwrap_err().to_string();
-        let numbers =
-            format!("its largest layer takes {} there and its longest prompt's working set {}", gb(swept), gb(layers));
+        let numbers = format!(
+            "its largest layer takes {} there and its most demanding prompt's working set {}",
+            gb(swept),
+            gb(layers)
+        );
         assert!(
             err.contains(&numbers) && err.contains("try fewer or shorter prompts") && !err.contains("logits"),
             "{err}"
