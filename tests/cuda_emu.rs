@@ -46,6 +46,35 @@ fn the_warps_ahead_schedules_find_a_race_that_lockstep_misses() {
     }
 }
 
+/// What a fiber runs through but a GPU leaves undefined fails the launch, named
+/// (`src/cuda/emu/ub_canaries.cu`): a write past the dynamic shared memory, two barriers met at
+/// once, a full-mask shuffle over half a warp, a misaligned vector load. (Every kernel of ours
+/// passes these checks: the parity tests launch them all.)
+#[test]
+fn the_emulation_fails_what_a_gpu_leaves_undefined() {
+    let mut out = vec![0f32; 64];
+    let bits = vec![0u16; 64];
+    let n: i32 = 16;
+    let launch = |name: &str, block: u32, shared: u32, params: &[Param]| {
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: shared };
+        // SAFETY: each canary takes the parameters given here and touches at most 64 floats of
+        // `out`, 9 values of `bits` and its shared memory (plus the canary after it).
+        unsafe { glimpse::cuda::emu::launch(name, cfg, Schedule::Lockstep, params) }.unwrap_err().to_string()
+    };
+    let out_p = Param::Data(out.as_mut_ptr().cast());
+    let n_p = Param::Value((&n as *const i32).cast());
+    let err = launch("ub_overrun_shared", 32, 4 * n as u32, &[n_p]);
+    assert!(err.contains("wrote past its 64 bytes of dynamic shared memory"), "{err}");
+    for (name, block) in [("ub_divergent_barriers", 64), ("ub_full_mask_over_half_a_warp", 32)] {
+        let err = launch(name, block, 0, &[Param::Data(out.as_mut_ptr().cast())]);
+        assert!(err.contains("threads met at different barriers or shuffles"), "{name}: {err}");
+    }
+    // (p + 1 off 16 bytes whatever the allocator's alignment: at 14 mod 16 start a value later.)
+    let base = if (bits.as_ptr() as usize + 2).is_multiple_of(16) { &bits[1..] } else { &bits[..] };
+    let err = launch("ub_misaligned_load", 1, 0, &[Param::Data(base.as_ptr().cast_mut().cast()), out_p]);
+    assert!(err.contains("off its alignment"), "{err}");
+}
+
 /// `checks` on emulated ops of each precision and schedule: `counts` checks each time (f32, bf16),
 /// all passing.
 fn in_both_precisions(checks: fn(&CudaOps) -> glimpse::error::Result<Vec<Check>>, counts: [usize; 2]) {

@@ -22,6 +22,12 @@
 // plain adds. A round in which no fiber can move (threads waiting at different barriers) is
 // reported as a deadlock: the divergent-barrier bug that is undefined behaviour on a GPU.
 //
+// What runs here but is undefined on a GPU fails the launch too (`violation`), where a fiber
+// could otherwise pass it: threads of a block meeting at two different __syncthreads (or lanes
+// of a warp at two different shuffles), a shuffle whose mask leaves out its own lane or names
+// more lanes than are live, an mma with lanes missing; a block writing past its dynamic shared
+// memory (a canary after it); a vector load or store off its alignment.
+//
 // Not emulated: interleavings finer than a round (each thread runs from one barrier to the next
 // at once, so two unsynchronised read-modify-writes of one location never lose an update here),
 // blocks running at the same time, NVRTC's code generation, and the device's math library (expf
@@ -81,8 +87,9 @@ struct Schedule {
 struct Barrier {
     int expected = 0, arrived = 0;
     unsigned long generation = 0;
+    int site = 0;  // where this generation's first arrival waits (a source line)
     void reset(int n) { expected = n; arrived = 0; }
-    void wait();
+    void wait(int at);
     // A thread that returned: it no longer holds the others back.
     void leave();
 };
@@ -102,14 +109,26 @@ struct Launch {
     unsigned long progress = 0;  // arrivals, releases and exits: a round without any is a deadlock
     void (*body)(void*) = nullptr;
     void* args = nullptr;
+    int violation = 0;  // the first undefined behaviour seen (a status code), 0 for none
 };
 
 inline Launch* L = nullptr;
 
+// Statuses of what is undefined on a GPU (see the top of this file).
+constexpr int OVERRAN_SHARED = -5, DIVERGED = -6, MISALIGNED = -7;
+// Bytes after the dynamic shared memory that a block must leave as they were.
+constexpr unsigned CANARY = 256;
+
+inline void flag(int status) {
+    if (L->violation == 0) L->violation = status;
+}
+
 inline void yield_to_scheduler() { swapcontext(&L->fibers[L->current], &L->scheduler); }
 
-inline void Barrier::wait() {
+inline void Barrier::wait(int at) {
     unsigned long g = generation;
+    if (arrived == 0) site = at;
+    else if (site != at) flag(DIVERGED);
     L->progress++;
     if (++arrived >= expected) {
         arrived = 0;
@@ -128,22 +147,25 @@ inline void Barrier::leave() {
 }
 
 // Lane `src_lane`'s value of v, for every lane of the warp (__shfl_sync).
+// (`mask` names the lanes taking part: this lane, and no more lanes than are live; `at` is
+// the call's source line.)
 template <class T>
-T shfl(T v, unsigned src_lane) {
+T shfl(unsigned mask, T v, unsigned src_lane, int at) {
     unsigned t = L->thread_idx.x, warp = t >> 5;
     static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a wide type");
+    if (!(mask >> (t & 31) & 1u) || __builtin_popcount(mask) > L->warps[warp].expected) flag(DIVERGED);
     std::memcpy(&L->lanes[t], &v, sizeof(T));
-    L->warps[warp].wait();
+    L->warps[warp].wait(at);
     unsigned src = (warp << 5) | (src_lane & 31);
     T r = v;
     if (src < L->block.x) std::memcpy(&r, &L->lanes[src], sizeof(T));
-    L->warps[warp].wait();  // nobody overwrites a slot before every lane has read it
+    L->warps[warp].wait(at);  // nobody overwrites a slot before every lane has read it
     return r;
 }
 
 template <class T>
-T shfl_xor(T v, int mask) {
-    return shfl(v, (L->thread_idx.x & 31) ^ (unsigned)mask);
+T shfl_xor(unsigned mask, T v, int lane_mask, int at) {
+    return shfl(mask, v, (L->thread_idx.x & 31) ^ (unsigned)lane_mask, at);
 }
 
 inline float int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
@@ -164,8 +186,9 @@ inline float bf16_bits(unsigned r, int high) { return uint_as_float((high ? r >>
 
 inline void mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
     unsigned t = L->thread_idx.x, warp = t >> 5, lane = t & 31;
+    if (L->warps[warp].expected != 32) flag(DIVERGED);  // every lane of the warp takes part
     L->mma[t] = {a[0], a[1], a[2], a[3], b[0], b[1]};
-    L->warps[warp].wait();
+    L->warps[warp].wait(-1);
     float A[16][16], B[16][8];
     for (unsigned l = 0; l < 32; l++) {
         const std::array<unsigned, 6>& r = L->mma[(warp << 5) | l];
@@ -186,7 +209,7 @@ inline void mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
         for (int k = 0; k < 16; k++) acc += A[row][k] * B[k][col];
         d[i] = acc;
     }
-    L->warps[warp].wait();  // nobody posts the next registers before every lane has read these
+    L->warps[warp].wait(-1);  // nobody posts the next registers before every lane has read these
 }
 
 inline void fiber_entry() {
@@ -240,7 +263,8 @@ inline int launch(dim3 grid, dim3 block, unsigned shared, Schedule schedule, voi
     schedule.arrange(blocks, 0, grid.x);
     for (unsigned i = 0; i < grid.x && status == 0; i++) {
         l->block_idx = {blocks[i], 0, 0};
-        l->dynamic_shared.assign(shared, 0xFF);
+        l->dynamic_shared.assign(shared + CANARY, 0xFF);
+        std::fill(l->dynamic_shared.begin() + shared, l->dynamic_shared.end(), 0xA5);
         l->sync.reset((int)n);
         for (unsigned w = 0; w < l->warps.size(); w++) l->warps[w].reset((int)std::min(32u, n - 32 * w));
         for (unsigned t = 0; t < n; t++) {
@@ -270,6 +294,9 @@ inline int launch(dim3 grid, dim3 block, unsigned shared, Schedule schedule, voi
                 break;
             }
         }
+        if (std::any_of(l->dynamic_shared.begin() + shared, l->dynamic_shared.end(), [](unsigned char c) { return c != 0xA5; }))
+            flag(OVERRAN_SHARED);
+        if (status == 0 && l->violation != 0) status = l->violation;
     }
     L = nullptr;
     return status;
@@ -313,9 +340,9 @@ int run(void (*k)(A...), unsigned grid, unsigned block, unsigned shared, Schedul
 #define blockIdx (::glimpse_emu::L->block_idx)
 #define blockDim (::glimpse_emu::L->block)
 #define gridDim (::glimpse_emu::L->grid)
-#define __syncthreads() (::glimpse_emu::L->sync.wait())
-#define __shfl_xor_sync(mask, v, lane) ::glimpse_emu::shfl_xor((v), (lane))
-#define __shfl_sync(mask, v, lane) ::glimpse_emu::shfl((v), (unsigned)(lane))
+#define __syncthreads() (::glimpse_emu::L->sync.wait(__LINE__))
+#define __shfl_xor_sync(mask, v, lane) ::glimpse_emu::shfl_xor((unsigned)(mask), (v), (lane), __LINE__)
+#define __shfl_sync(mask, v, lane) ::glimpse_emu::shfl((unsigned)(mask), (v), (unsigned)(lane), __LINE__)
 #define __int_as_float(i) ::glimpse_emu::int_as_float(i)
 #define __uint_as_float(i) ::glimpse_emu::uint_as_float(i)
 #define __float_as_uint(f) ::glimpse_emu::float_as_uint(f)

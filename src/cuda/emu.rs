@@ -94,6 +94,15 @@ pub unsafe fn launch(name: &str, cfg: LaunchConfig, schedule: Schedule, params: 
         -1 => Err(Error::Device(format!("kernel `{name}` is not in the emulation library"))),
         -2 => Err(Error::Device(format!("{name}: deadlock, threads of a block wait at different barriers"))),
         -3 => Err(Error::Device(format!("{name}: a block of {block:?} threads is beyond the hardware"))),
+        -5 => Err(Error::Device(format!(
+            "{name}: a block wrote past its {} bytes of dynamic shared memory",
+            cfg.shared_mem_bytes
+        ))),
+        -6 => Err(Error::Device(format!(
+            "{name}: threads met at different barriers or shuffles, or a shuffle's mask or an mma left out live lanes \
+             (undefined on a GPU)"
+        ))),
+        -7 => Err(Error::Device(format!("{name}: a vector load or store off its alignment (a GPU faults)"))),
         code => Err(Error::Device(format!("{name}: the emulation failed ({code})"))),
     }
 }

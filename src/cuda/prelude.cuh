@@ -29,6 +29,7 @@ __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
 // Two neighbouring bf16 values (4-byte aligned) as one register.
 __device__ __forceinline__ unsigned ld_bf16x2(const bf16_t* p) {
 #ifdef GLIMPSE_EMU
+    if ((uintptr_t)p & 3) flag(MISALIGNED); // (a GPU faults: misaligned address)
     unsigned r;
     memcpy(&r, p, 4); // no type punning in host C++
     return r;
@@ -44,6 +45,7 @@ struct __align__(16) bf16x8 {
 
 __device__ __forceinline__ bf16x8 ld_bf16x8(const bf16_t* p) {
 #ifdef GLIMPSE_EMU
+    if ((uintptr_t)p & 15) flag(MISALIGNED);
     bf16x8 r;
     memcpy(&r, p, 16);
     return r;
@@ -54,6 +56,7 @@ __device__ __forceinline__ bf16x8 ld_bf16x8(const bf16_t* p) {
 
 __device__ __forceinline__ void st_bf16x8(bf16_t* p, bf16x8 v) {
 #ifdef GLIMPSE_EMU
+    if ((uintptr_t)p & 15) flag(MISALIGNED);
     memcpy(p, &v, 16);
 #else
     *(bf16x8*)p = v;
