@@ -416,10 +416,6 @@ impl Gpu {
         }
     }
 
-    /// Makes [`Gpu::output`] fill each new buffer with `value` (`None`: the engine's default,
-    /// nothing on a GPU). `selftest` poisons outputs with NaN on a GPU too: freed buffers return
-    /// to a kept pool, so an op that left part of its output unwritten could otherwise pass a
-    /// check on the values a previous path wrote into the same memory.
     /// What [`Gpu::poison_outputs`] set last.
     pub fn poisoned(&self) -> Option<f32> {
         match self.poison.load(std::sync::atomic::Ordering::Relaxed) {
@@ -428,6 +424,10 @@ impl Gpu {
         }
     }
 
+    /// Makes [`Gpu::output`] fill each new buffer with `value` (`None`: the engine's default,
+    /// nothing on a GPU). `selftest` poisons outputs with NaN on a GPU too: freed buffers return
+    /// to a kept pool, so an op that left part of its output unwritten could otherwise pass a
+    /// check on the values a previous path wrote into the same memory.
     pub fn poison_outputs(&self, value: Option<f32>) {
         let bits = value.map_or(ENGINE_DEFAULT, |v| v.to_bits() as u64);
         self.poison.store(bits, std::sync::atomic::Ordering::Relaxed);
