@@ -85,8 +85,9 @@ impl<O: Ops> DeviceModel<'_, O> {
         };
         next.check_vocab(vocab)?;
         let ids: Vec<i32> = next.ids.iter().map(|&i| i as i32).collect(); // < vocab (checked)
-                                                                          // Each raw input is freed as soon as it is normed: the head must hold no more than the
-                                                                          // prefill did, which the check before a run counts for both.
+
+        // Each raw input is freed as soon as it is normed: the head must hold no more than the
+        // prefill did, which the check before a run counts for both.
         let rows = self.ops.gather_rows(table, &self.ops.upload_i32(&ids)?, t, hd)?; // [T, H]
         let e = self.norm(&rows, &d.enorm, t, hd)?; // [T, H]
         drop(rows);
