@@ -244,9 +244,9 @@ fn cuda(target: Target, scope: Scope, cases: Cases) -> Result<bool> {
         })
     };
     let cases_ok = cases(&mut |case| {
-        let f32_ok =
-            verdict(case, &f32_name, device_case(&f32_ops, &f32_name, case, case.golden, &VerifyOptions::default()))
-                & verdict(case, &f32_name, streamed_case(&f32_ops, &f32_name, (case.dir, case.golden))); // (`&`: both run)
+        let whole = device_case(&f32_ops, &f32_name, case, case.golden, &VerifyOptions::default());
+        let streamed = streamed_case(&f32_ops, &f32_name, (case.dir, case.golden));
+        let f32_ok = verdict(case, &f32_name, whole) & verdict(case, &f32_name, streamed); // (`&`: both counted)
         let path = case.dir.join(crate::device::BF16_REFERENCE);
         let bf16_ok = if !path.is_file() {
             println!("verify {} ({bf16_name}): no {}  FAILED", case.dir.display(), crate::device::BF16_REFERENCE);

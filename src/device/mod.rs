@@ -162,7 +162,10 @@ impl Target {
             Backend::CudaEmu => "cuda-emu",
         };
         if config.attention_bias {
-            return usage(format!("attention_bias is true in the config: --device {device} has no attention bias yet (--device cpu runs it)"));
+            return usage(format!(
+                "attention_bias is true in the config: --device {device} has no attention bias yet \
+                 (--device cpu runs it)"
+            ));
         }
         let moe = config.num_nextn_predict_layers > 0
             || (0..config.num_hidden_layers).any(|i| config.mlp_kind(i) == crate::config::MlpKind::Moe);
@@ -170,7 +173,8 @@ impl Target {
         if self.backend != Backend::CpuOps && moe && !route_fits(e, k, g) {
             return usage(format!(
                 "{e} routed experts, top-{k} in {g} groups in the config: the CUDA router takes at most \
-                 {ROUTE_MAX_EXPERTS} experts, a top-{ROUTE_MAX_TOP_K} and {ROUTE_MAX_GROUPS} groups (--device cpu or cpu-ops run it)"
+                 {ROUTE_MAX_EXPERTS} experts, a top-{ROUTE_MAX_TOP_K} and {ROUTE_MAX_GROUPS} groups \
+                 (--device cpu or cpu-ops run it)"
             ));
         }
         Ok(())
