@@ -244,9 +244,10 @@ fn cuda(target: Target, scope: Scope, cases: Cases) -> Result<bool> {
         })
     };
     let cases_ok = cases(&mut |case| {
-        let whole = device_case(&f32_ops, &f32_name, case, case.golden, &VerifyOptions::default());
-        let streamed = streamed_case(&f32_ops, &f32_name, (case.dir, case.golden));
-        let f32_ok = verdict(case, &f32_name, whole) & verdict(case, &f32_name, streamed); // (`&`: both counted)
+        // (Each verdict printed as its run ends.)
+        let whole = verdict(case, &f32_name, device_case(&f32_ops, &f32_name, case, case.golden, &Default::default()));
+        let streamed = verdict(case, &f32_name, streamed_case(&f32_ops, &f32_name, (case.dir, case.golden)));
+        let f32_ok = whole && streamed;
         let path = case.dir.join(crate::device::BF16_REFERENCE);
         let bf16_ok = if !path.is_file() {
             println!("verify {} ({bf16_name}): no {}  FAILED", case.dir.display(), crate::device::BF16_REFERENCE);
