@@ -361,7 +361,7 @@ echo "total $(( $(date +%s) - start )) s"
 declare -A titled=([bf16]="the default attention" [fused]="--attention fused" [fp8]="the block-FP8 checkpoint, bf16 products")
 for run in bf16 fused fp8; do
   [ -n "${to[$run]:-}" ] || continue
-  profile=$(sed -n "${from[$run]},${to[$run]}p" "${logfile[$run]}" | sed -n '/^one more prefill/,$p' | grep -v '^device memory')
+  profile=$(sed -n "${from[$run]},${to[$run]}p" "${logfile[$run]}" | sed -n '/^[0-9]* more prefills, each section/,$p' | grep -v '^device memory')
   if [ -n "$profile" ]; then
     echo
     echo "bench $run (${titled[$run]}):"

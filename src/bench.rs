@@ -212,12 +212,17 @@ pub fn run_device<O: crate::device::Ops>(ops: &O, model: &Model, tokens: usize, 
         runs.push(prefill(LogitRows::All)?.0);
         runs_last.push(prefill(LogitRows::Last)?.0);
     }
-    // Two more prefills, one profiled by sections and one by the backend's steps, so neither
-    // profile's synchronisations slow the other's; profiling stops whether or not they ran.
-    device.set_profiling(true);
-    let profile = device.forward_on_device(&tokens_t, LogitRows::All, &mut NoObserver).map(|_| device.profile());
+    // More prefills: `repeat` profiled by sections (their median, section by section: the
+    // expert GEMMs' rate rests on it), then one by the backend's steps, so neither profile's
+    // synchronisations slow the other's; profiling stops whether or not they ran.
+    let profiled = || {
+        device.set_profiling(true); // (afresh: each prefill's own sections)
+        device.forward_on_device(&tokens_t, LogitRows::All, &mut NoObserver).map(|_| device.profile())
+    };
+    let profiles: Result<Vec<_>> = (0..repeat).map(|_| profiled()).collect();
     device.set_profiling(false);
-    let profile = profile?.unwrap_or_default();
+    let profiles: Vec<_> = profiles?.into_iter().flatten().collect();
+    let profile = crate::device::profile::Profile::median(&profiles);
     ops.set_step_profiling(true);
     // (A backend that times no steps of its own is spared the prefill.)
     let steps = match ops.step_profile() {
@@ -286,7 +291,11 @@ impl DeviceBench {
             self.flops_last as f64 / last / 1e12
         ) + &self.experts_line()
             + &self.indexer_line()
-            + "one more prefill, each section timed between synchronisations (which slow it: read the shares):\n"
+            + &format!(
+                "{} more prefills, each section timed between synchronisations (which slow it: read the shares), \
+                 its median over them:\n",
+                self.runs.len()
+            )
             + &self.profile.render()
             + &match &self.steps {
                 Some(steps) => {
@@ -321,7 +330,9 @@ impl DeviceBench {
             return String::new();
         }
         format!(
-            "expert GEMMs (one more prefill, synchronised around them): {:.1} GFLOP in {:.4} s = {:.2} TFLOP/s\n",
+            "expert GEMMs (the median of {} more prefills, synchronised around them): {:.1} GFLOP in {:.4} s = \
+             {:.2} TFLOP/s\n",
+            self.runs.len(),
             flops as f64 / 1e9,
             secs,
             flops as f64 / secs / 1e12

@@ -43,6 +43,25 @@ impl Profile {
             .fold((0.0, 0), |(t, f), s| (t + s.seconds, f + s.flops))
     }
 
+    /// Profiles of the same work (each the prefill once), section by section: each section's
+    /// median time over them, and the first's calls and FLOPs (the same in every run). One
+    /// profiled prefill is one sample of each section; the median of a few is what a rate quoted
+    /// against a target (the expert GEMMs' share of peak) should rest on.
+    pub fn median(runs: &[Profile]) -> Profile {
+        let Some(first) = runs.first() else { return Profile::default() };
+        let sections = (first.sections.iter())
+            .map(|s| {
+                let times: Vec<f64> = runs
+                    .iter()
+                    .filter_map(|p| p.sections.iter().find(|x| x.name == s.name))
+                    .map(|x| x.seconds)
+                    .collect();
+                Section { seconds: crate::bench::median(&times), ..s.clone() }
+            })
+            .collect();
+        Profile { sections }
+    }
+
     /// A table: each section's time, its share of the profiled prefill, and its TFLOP/s.
     pub fn render(&self) -> String {
         let (all, _) = self.total("");
@@ -91,5 +110,21 @@ mod tests {
         let table = p.render();
         assert!(table.contains("experts: gate_up      2      4.000   66.7%         8.0       2.0"), "{table}");
         assert!(table.lines().last().is_some_and(|l| l.starts_with("sum") && l.ends_with("6.000")), "{table}");
+    }
+
+    /// The median profile takes each section's median time over the runs, in the first run's
+    /// order, with its calls and FLOPs.
+    #[test]
+    fn the_median_profile_takes_each_sections_median() {
+        let run = |gate_up: f64, router: f64| {
+            let mut p = Profile::default();
+            p.add("expert GEMMs: gate_up", gate_up, 8);
+            p.add("router", router, 0);
+            p
+        };
+        let m = Profile::median(&[run(3.0, 0.5), run(1.0, 0.7), run(2.0, 0.1)]);
+        let got: Vec<_> = m.sections.iter().map(|s| (s.name, s.calls, s.seconds, s.flops)).collect();
+        assert_eq!(got, [("expert GEMMs: gate_up", 1, 2.0, 8), ("router", 1, 0.5, 0)]);
+        assert_eq!(Profile::median(&[]), Profile::default());
     }
 }
