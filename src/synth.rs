@@ -84,10 +84,16 @@ fn shrink(mut v: Value, o: &SynthOptions) -> Result<Value> {
                 list.truncate(n);
             }
         }
-        // Keep GLM-5's "dense first" pattern but leave room for MoE layers in shallow models.
-        if let Some(k) = obj.get("first_k_dense_replace").and_then(Value::as_u64) {
-            if k as usize >= n && n > 1 {
-                obj.insert("first_k_dense_replace".into(), json!(n / 2));
+        // Keep GLM-5's "dense first" pattern but leave room for MoE layers in shallow models:
+        // where every kept layer would be dense, the first half are (an explicit per-layer list,
+        // which overrides the count, rewritten to agree).
+        let listed = obj.get("mlp_layer_types").and_then(Value::as_array).map(|l| l.iter().all(|k| k == "dense"));
+        let counted = obj.get("first_k_dense_replace").and_then(Value::as_u64).is_some_and(|k| k as usize >= n);
+        if listed.unwrap_or(counted) && n > 1 {
+            obj.insert("first_k_dense_replace".into(), json!(n / 2));
+            if listed.is_some() {
+                let kinds: Vec<&str> = (0..n).map(|i| if i < n / 2 { "dense" } else { "sparse" }).collect();
+                obj.insert("mlp_layer_types".into(), json!(kinds));
             }
         }
     }
@@ -488,6 +494,35 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--layers` leaves room for a MoE layer where every kept layer would be dense, whether the
+    /// config counts its dense layers or lists every layer's kind (the list was only cut).
+    #[test]
+    fn layers_keep_a_moe_layer_whether_dense_layers_are_counted_or_listed() {
+        let o = |layers| SynthOptions {
+            config: Value::Null,
+            layers: Some(layers),
+            dense: None,
+            experts: None,
+            vocab: None,
+            dtype: SynthDtype::Bf16,
+            shards: 1,
+            mtp: false,
+            seed: 0,
+            out: PathBuf::new(),
+        };
+        let counted = shrink(preset_glm5(), &o(2)).unwrap();
+        assert_eq!(counted["first_k_dense_replace"], 1);
+        let mut listed = preset_glm5();
+        listed["mlp_layer_types"] = json!(["dense", "dense", "dense", "sparse", "sparse"]);
+        let listed = shrink(listed, &o(2)).unwrap();
+        assert_eq!(
+            (&listed["first_k_dense_replace"], &listed["mlp_layer_types"]),
+            (&json!(1), &json!(["dense", "sparse"]))
+        );
+        // Deep enough to keep a MoE layer: as given.
+        assert_eq!(shrink(preset_glm5(), &o(4)).unwrap()["first_k_dense_replace"], 3);
+    }
 
     /// Shards are contiguous, balanced by bytes, a scale with its weight, and none empty: GLM-5's
     /// one-layer layout in three left the third empty (the embedding filled the first, lm_head
