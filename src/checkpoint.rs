@@ -151,13 +151,14 @@ impl Checkpoint {
 
     /// `name`'s block scales, each finite and not negative (0 scales a block of zeros).
     fn scales(&self, scale_name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        let (scale, shape) = self.file(scale_name)?.f32(scale_name)?;
+        let file = self.file(scale_name)?;
+        let (scale, shape) = file.f32(scale_name)?;
         if let Some(i) = scale.iter().position(|s| !s.is_finite() || *s < 0.0) {
             let at = crate::compare::coord(&shape, i);
-            return Err(Error::Weights(format!(
-                "`{scale_name}` {at:?} is {}: a block's scale must be a finite number, 0 or more",
-                scale[i]
-            )));
+            return Err(Error::checkpoint(
+                &file.path,
+                format!("`{scale_name}` {at:?} is {}: a block's scale must be a finite number, 0 or more", scale[i]),
+            ));
         }
         Ok((scale, shape))
     }
@@ -216,7 +217,10 @@ impl Checkpoint {
     }
 
     fn file(&self, name: &str) -> Result<&StFile> {
-        self.names.get(name).map(|&i| &self.files[i]).ok_or_else(|| Error::Weights(format!("missing tensor `{name}`")))
+        self.names
+            .get(name)
+            .map(|&i| &self.files[i])
+            .ok_or_else(|| Error::checkpoint(&self.dir, format!("missing tensor `{name}`")))
     }
     pub fn dtype(&self, name: &str) -> Option<Dtype> {
         self.file(name).ok().and_then(|f| f.info(name)).map(|i| i.dtype)
@@ -248,12 +252,13 @@ impl Checkpoint {
 
     /// A tensor decoded to f32 with its shape; block-FP8 weights are dequantised.
     pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        let (mut data, shape) = self.file(name)?.f32(name)?;
+        let file = self.file(name)?;
+        let (mut data, shape) = file.f32(name)?;
         if let Some(scale_name) = self.scale_name(name) {
             let (scale, sshape) = self.scales(&scale_name)?;
             let block = self.config.fp8_block();
             dequantize_blocks(&mut data, &shape, &scale, &sshape, block)
-                .map_err(|msg| Error::Weights(format!("`{name}`: {msg}")))?;
+                .map_err(|msg| Error::checkpoint(&file.path, format!("`{name}`: {msg}")))?;
         }
         Ok((data, shape))
     }
@@ -265,7 +270,9 @@ impl Checkpoint {
             return Err(Error::checkpoint(&self.dir, format!("tensor `{name}` is not a 2-D weight")));
         };
         if self.scale_name(name).is_some() {
-            return Ok(self.tensor(name)?.narrow(0, start, count)?);
+            let rows = self.tensor(name)?.narrow(0, start, count);
+            return rows
+                .map_err(|e| Error::checkpoint(&self.dir, format!("tensor `{name}` rows {start}..+{count}: {e}")));
         }
         let data = self.file(name)?.f32_rows(name, start, count)?;
         Ok(Tensor::from_vec(data, (count, cols), &Device::Cpu)?)
