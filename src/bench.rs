@@ -300,7 +300,9 @@ impl DeviceBench {
             + &match &self.steps {
                 Some(steps) => {
                     format!(
-                        "one more prefill, the steps inside the attention's and the indexer's sections:\n{}",
+                        "one more prefill, the steps inside the attention's and the indexer's sections (their FLOPs as \
+                         issued: each chunk's whole rectangle of keys, the split products' three terms; the sections \
+                         above count the causal work once):\n{}",
                         steps.render()
                     )
                 }

@@ -585,7 +585,7 @@ fn the_benchmark_times_the_attentions_steps() {
     assert_eq!(scores, (2 * heads * t * t * (c.qk_nope_head_dim + c.qk_rope_head_dim)) as u64);
     let (_, values) = steps.total("attention: values");
     assert_eq!(values, (2 * heads * t * t * c.v_head_dim) as u64);
-    assert!(r.render().contains("the steps inside the attention's and the indexer's sections:"));
+    assert!(r.render().contains("the steps inside the attention's and the indexer's sections (their FLOPs as issued"));
     let (_, qk) = steps.total("indexer: q k products");
     let (n, d) = (c.index_n_heads, c.index_head_dim);
     let full = (0..c.num_hidden_layers).filter(|&i| c.indexer_kind(i) == glimpse::config::IndexerKind::Full).count();

@@ -20,7 +20,7 @@ use candle_core::{Device, Tensor};
 
 use super::profile::Profile;
 use super::weights::{
-    upload_layer, upload_linear, upload_norm, values, DAttention, DFfn, DIndexer, DLayer, DLinear, DMlp,
+    upload_layer, upload_linear, upload_norm, upload_values, DAttention, DFfn, DIndexer, DLayer, DLinear, DMlp,
 };
 use super::Ops;
 use crate::checkpoint::{Checkpoint, Loader};
@@ -113,7 +113,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
             .collect::<Result<_>>()?;
         let head =
             DHead::upload(ops, &model.norm, &model.lm_head).context(|| "the final norm and lm_head: upload".into())?;
-        let embed = ops.upload(&values(&model.embed_tokens)?).context(|| "embed_tokens: upload".into())?;
+        let embed = upload_values(ops, &model.embed_tokens).context(|| "embed_tokens: upload".into())?;
         Ok(Self::with(ops, &model.config, DWeights::Resident { layers, head, embed }))
     }
 
@@ -224,11 +224,11 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
 
     /// A hidden state handed in by the observer (isolation), checked to hold `n` values.
     fn feed(&self, given: &Tensor, n: usize) -> Result<O::F> {
-        let v = values(given)?;
-        if v.len() != n {
-            return Err(Error::Usage(format!("an isolated layer input of {} values, the run needs {n}", v.len())));
+        if given.elem_count() != n {
+            let have = given.elem_count();
+            return Err(Error::Usage(format!("an isolated layer input of {have} values, the run needs {n}")));
         }
-        self.ops.upload(&v)
+        upload_values(self.ops, given)
     }
 
     /// Reports an f32 buffer as `shape` if the observer wants `point`.
@@ -406,9 +406,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
                 h
             }
             // The prompt's rows only, as the CPU's streamed run reads them (reporting both hook points).
-            DWeights::Streamed(ckpt) => {
-                self.ops.upload(&values(&stream::embed(Weights::Streamed(ckpt), tokens, obs)?)?)?
-            }
+            DWeights::Streamed(ckpt) => upload_values(self.ops, &stream::embed(Weights::Streamed(ckpt), tokens, obs)?)?,
         };
         drop(self.rope_tables(s)?);
         self.done(mark, "embedding, RoPE tables", 0)?;

@@ -70,6 +70,12 @@ pub(super) fn values(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
+/// A tensor uploaded as f32: straight from its storage where it is f32 already (no host copy:
+/// GLM-5's embedding table is 3.8 GB), else through one.
+pub(super) fn upload_values<O: Ops>(ops: &O, t: &Tensor) -> Result<O::F> {
+    crate::hooks::with_f32(t, |v| ops.upload(v))?
+}
+
 /// A weight's rows on the host as stored, to upload: f32 values are copied, bf16 and FP8 ones
 /// are views of the memory-mapped checkpoint.
 enum HostRows {
@@ -119,7 +125,7 @@ fn upload_stacked<O: Ops>(ops: &O, [a, b]: [&Linear; 2]) -> Result<DLinear<O>> {
 }
 
 pub(super) fn upload_norm<O: Ops>(ops: &O, n: &RmsNorm) -> Result<(O::F, f32)> {
-    Ok((ops.upload(&values(&n.weight)?)?, n.eps as f32))
+    Ok((upload_values(ops, &n.weight)?, n.eps as f32))
 }
 
 fn upload_mlp<O: Ops>(ops: &O, m: &Mlp) -> Result<DMlp<O>> {
@@ -133,11 +139,7 @@ pub(super) fn upload_layer<O: Ops>(ops: &O, layer: &DecoderLayer) -> Result<DLay
         Indexer::Full(w) => Some(DIndexer {
             wq_b: upload_linear(ops, &w.wq_b)?,
             wk: upload_linear(ops, &w.wk)?,
-            k_norm: (
-                ops.upload(&values(&w.k_norm.weight)?)?,
-                ops.upload(&values(&w.k_norm.bias)?)?,
-                w.k_norm.eps as f32,
-            ),
+            k_norm: (upload_values(ops, &w.k_norm.weight)?, upload_values(ops, &w.k_norm.bias)?, w.k_norm.eps as f32),
             weights_proj: upload_linear(ops, &w.weights_proj)?,
             heads: w.n_heads,
             dim: w.head_dim,

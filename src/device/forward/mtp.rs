@@ -8,7 +8,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::super::weights::{upload_layer, upload_linear, upload_norm, values, DLayer, DLinear};
+use super::super::weights::{upload_layer, upload_linear, upload_norm, upload_values, DLayer, DLinear};
 use super::super::Ops;
 use super::{DWeights, DeviceModel};
 use crate::error::{Error, Result};
@@ -39,7 +39,7 @@ impl<O: Ops> DMtp<O> {
             layer: upload_layer(ops, &m.layer)?,
             shared_head_norm: upload_norm(ops, &m.shared_head_norm)?,
             embed_tokens: match &m.embed_tokens {
-                Some(t) => Some((ops.upload(&values(t)?)?, t.dims()[0])),
+                Some(t) => Some((upload_values(ops, t)?, t.dims()[0])),
                 None => None,
             },
             head: m.head.as_ref().map(|l| upload_linear(ops, l)).transpose()?,
@@ -91,7 +91,7 @@ impl<O: Ops> DeviceModel<'_, O> {
         let rows = self.ops.gather_rows(table, &self.ops.upload_i32(&ids)?, t, hd)?; // [T, H]
         let e = self.norm(&rows, &d.enorm, t, hd)?; // [T, H]
         drop(rows);
-        let h = self.norm(&self.ops.upload(&values(hidden)?)?, &d.hnorm, t, hd)?; // [T, H]
+        let h = self.norm(&upload_values(self.ops, hidden)?, &d.hnorm, t, hd)?; // [T, H]
         let cat = self.ops.concat_columns(&[(&e, hd), (&h, hd)], t)?; // [T, 2H]
         drop((e, h));
         let x = self.mm(&cat, &d.eh_proj, t, 1.0)?; // [T, H]
