@@ -169,7 +169,9 @@ impl Checkpoint {
         for (name, shard) in map.into_iter().filter(|(name, _)| !self.absent_names.contains(name)) {
             let file = self.names.get(&name).map(|&i| &self.files[i]);
             match file {
-                Some(f) if f.path.file_name().and_then(|n| n.to_str()) == Some(shard.as_str()) => {}
+                // (The shard's path under the folder: an index may name shards in subfolders, as
+                // transformers joins them.)
+                Some(f) if f.path == self.dir.join(&shard) => {}
                 _ => return Err(Error::checkpoint(&path, format!("maps `{name}` to {shard}, which does not hold it"))),
             }
         }

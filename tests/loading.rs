@@ -57,6 +57,28 @@ fn sharded_and_single_file_load_the_same_weights() {
     assert_eq!(logits(&one), logits(&three));
 }
 
+/// An index may name its shards in subfolders, as transformers joins them to the folder: the
+/// same weights load.
+#[test]
+fn shards_in_a_subfolder_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (three, one) = (tmp.path().join("three"), tmp.path().join("one"));
+    write_synth(&three, SynthDtype::F32, 3);
+    write_synth(&one, SynthDtype::F32, 1);
+    std::fs::create_dir(three.join("shards")).unwrap();
+    let index_path = three.join("model.safetensors.index.json");
+    let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    for shard in index["weight_map"].as_object_mut().unwrap().values_mut() {
+        let name = shard.as_str().unwrap().to_string();
+        if three.join(&name).exists() {
+            std::fs::rename(three.join(&name), three.join("shards").join(&name)).unwrap();
+        }
+        *shard = format!("shards/{name}").into();
+    }
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    assert_eq!(logits(&three), logits(&one));
+}
+
 /// A sharded checkpoint as the Hugging Face cache holds it (`REPO/snapshots/REV/` of links into
 /// `REPO/blobs/`) loads the same weights; the same links from a folder that is no snapshot are
 /// still refused (they lead outside it).
