@@ -67,6 +67,11 @@ pub fn preset_glm5() -> Value {
     })
 }
 
+/// `mlp_layer_types` for `n` layers, the first `dense` of them dense and the rest MoE.
+fn dense_first(n: usize, dense: usize) -> Value {
+    json!((0..n).map(|i| if i < dense { "dense" } else { "sparse" }).collect::<Vec<_>>())
+}
+
 /// Applies the shrinking flags to a config, keeping it consistent (per-layer lists cut to depth,
 /// top-k and groups within the expert count).
 fn shrink(mut v: Value, o: &SynthOptions) -> Result<Value> {
@@ -92,8 +97,7 @@ fn shrink(mut v: Value, o: &SynthOptions) -> Result<Value> {
         if listed.unwrap_or(counted) && n > 1 {
             obj.insert("first_k_dense_replace".into(), json!(n / 2));
             if listed.is_some() {
-                let kinds: Vec<&str> = (0..n).map(|i| if i < n / 2 { "dense" } else { "sparse" }).collect();
-                obj.insert("mlp_layer_types".into(), json!(kinds));
+                obj.insert("mlp_layer_types".into(), dense_first(n, n / 2));
             }
         }
     }
@@ -105,8 +109,7 @@ fn shrink(mut v: Value, o: &SynthOptions) -> Result<Value> {
         obj.insert("first_k_dense_replace".into(), json!(d));
         // An explicit per-layer list would override the count: written to agree with it.
         if obj.contains_key("mlp_layer_types") {
-            let kinds: Vec<&str> = (0..n).map(|i| if i < d { "dense" } else { "sparse" }).collect();
-            obj.insert("mlp_layer_types".into(), json!(kinds));
+            obj.insert("mlp_layer_types".into(), dense_first(n, d));
         }
     }
     if let Some(e) = o.experts {

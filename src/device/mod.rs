@@ -34,6 +34,18 @@ pub enum Backend {
     CudaEmu,
 }
 
+impl Backend {
+    /// As `--device` spells it.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::CpuOps => "cpu-ops",
+            Backend::Cuda => "cuda",
+            Backend::CudaEmu => "cuda-emu",
+        }
+    }
+}
+
 /// The arithmetic of the device's matrix products (`--precision`; CUDA backends only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Precision {
@@ -112,10 +124,8 @@ impl Target {
     /// As run and verify print it, and as dumps' `source` records it.
     pub fn describe(self) -> String {
         let name = match self.backend {
-            Backend::Cpu => "cpu".to_string(),
-            Backend::CpuOps => "cpu-ops".to_string(),
             Backend::Cuda => format!("cuda (GPU {})", self.ordinal),
-            Backend::CudaEmu => "cuda-emu".to_string(),
+            other => other.flag().to_string(),
         };
         let attention = match self.attention {
             Attention::Auto => "",
@@ -155,12 +165,10 @@ impl Target {
     /// and the CUDA router's warp holds at most 256 experts, 32 groups and a top-15.
     pub fn supports(self, config: &Config) -> Result<()> {
         let usage = |what: String| Err(crate::error::Error::Usage(what));
-        let device = match self.backend {
-            Backend::Cpu => return Ok(()),
-            Backend::CpuOps => "cpu-ops",
-            Backend::Cuda => "cuda",
-            Backend::CudaEmu => "cuda-emu",
-        };
+        if self.backend == Backend::Cpu {
+            return Ok(());
+        }
+        let device = self.backend.flag();
         if config.attention_bias {
             return usage(format!(
                 "attention_bias is true in the config: --device {device} has no attention bias yet \

@@ -265,10 +265,9 @@ impl Observer for Verifier<'_> {
         // layer windows start (`Start::from_dump`). Ours would carry a flip of an earlier full
         // layer into every shared one after it.
         let shared = |c: &Config| layer > 0 && c.indexer_kind(layer) == IndexerKind::Shared;
+        // (Replayed too: a shared layer's recorded selection is the one it reused.)
         let name = match self.config.as_ref() {
-            Some(c) if self.isolate.is_some() && !self.replay.selection && shared(c) => {
-                HookPoint::Layer(layer - 1, LayerHook::DsaTopk).name()
-            }
+            Some(c) if self.isolate.is_some() && shared(c) => HookPoint::Layer(layer - 1, LayerHook::DsaTopk).name(),
             _ if self.replay.selection => HookPoint::Layer(layer, LayerHook::DsaTopk).name(),
             _ => return Ok(None),
         };
