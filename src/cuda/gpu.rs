@@ -502,7 +502,7 @@ impl Gpu {
         }
         fits("rope", &[(x.len(), rows * heads * width), (cos.len(), seq * half), (sin.len(), seq * half)])?;
         let [r, s, h, w, st, hf] = ints("rope", [rows, seq, heads, width, start, half])?;
-        launch!(self, "rope_interleaved", cfg(rows * heads, 128, 0), [x, cos, sin, &r, &s, &h, &w, &st, &hf])
+        launch!(self, "rope_interleaved", per_item((rows * heads).div_ceil(4), 128, 0), [x, cos, sin, &r, &s, &h, &w, &st, &hf])
     }
 
     /// logits: `[n, e]`; bias: `[e]` -> ids, weights: `[n, k]`; margin: `[n]`.
@@ -584,7 +584,7 @@ impl Gpu {
         launch!(
             self,
             "index_combine",
-            cfg(qc * t, 256, 0),
+            per_item(qc, 256, 0),
             [g, w, scores, &q32, &n32, &te32, &t32, &w_row0, &out_row0, &f32_]
         )
     }

@@ -23,19 +23,22 @@
 // index_combine: the chunk's scores from g = q . k * scale (a cuBLAS product, cuda::attention):
 //   scores[out_row0 + i, j] = sum_h w[w_row0 + i, h] * relu(g[i * n + h, j]) for the causal keys
 //   j <= first + i (and j < t_eff, the keys g covers), -inf after. g is [qc * n, t_eff]; one
-//   thread per (i, j) of [qc, t]. The rows of all queries' scores (out_row0 = w_row0), or of a
-//   chunk's own (out_row0 = 0) when its top-k is taken before the next chunk.
+//   block per query row i of qc, its threads striding over the keys j of [t] (no thread divides a
+//   64-bit index). The rows of all queries' scores (out_row0 = w_row0), or of a chunk's own
+//   (out_row0 = 0) when its top-k is taken before the next chunk.
 extern "C" __global__ void index_combine(const float* g, const float* w, float* scores, int qc, int n, int t_eff,
                                          int t, long long w_row0, long long out_row0, int first) {
-    long long id = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (id >= (long long)qc * t) return;
-    int i = (int)(id / t), j = (int)(id % t);
-    float* out = scores + (out_row0 + i) * t + j;
-    if (j > first + i || j >= t_eff) { *out = -INFINITY; return; }
+    int i = blockIdx.x;
+    if (i >= qc) return;
+    float* out = scores + (out_row0 + i) * t;
     const float* wr = w + (w_row0 + i) * n;
-    float acc = 0.0f;
-    for (int h = 0; h < n; h++) acc += fmaxf(g[((long long)i * n + h) * t_eff + j], 0.0f) * wr[h];
-    *out = acc;
+    const float* gi = g + (long long)i * n * t_eff;
+    for (int j = threadIdx.x; j < t; j += blockDim.x) {
+        if (j > first + i || j >= t_eff) { out[j] = -INFINITY; continue; }
+        float acc = 0.0f;
+        for (int h = 0; h < n; h++) acc += fmaxf(gi[(long long)h * t_eff + j], 0.0f) * wr[h];
+        out[j] = acc;
+    }
 }
 
 // Whether key u (score x) ranks before key j (score v): higher score first, NaN last, ties to the
@@ -57,13 +60,11 @@ __device__ void every_key_row(int* out, int kk, float* margin) {
 
 // every_key: rows row0 .. row0 + rows of idx [*, kk] and margin [*] as every_key_row writes them,
 // for queries that see no more than kk keys, whose scores need not be computed at all. One
-// thread per (row, slot).
+// block per row.
 extern "C" __global__ void every_key(int* idx, float* margin, long long row0, long long rows, int kk) {
-    long long id = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (id >= rows * kk) return;
-    int r = (int)(id % kk);
-    idx[row0 * kk + id] = r;
-    if (r == 0) margin[row0 + id / kk] = INFINITY;
+    long long row = row0 + blockIdx.x;
+    if (blockIdx.x >= rows) return;
+    every_key_row(idx + row * kk, kk, margin + row);
 }
 
 extern "C" __global__ void topk_causal(const float* scores, int s, int t, int offset, int kk, int* idx, float* margin) {
@@ -199,14 +200,16 @@ extern "C" __global__ void topk_chunks_of_pairs(const float* score, const int* a
 }
 
 // topk_emit: rows' sorted best K + 1 pairs (n a row) -> idx [rows, kk] and margin [rows], as
-// topk_sorted writes them. One thread per (row, slot).
+// topk_sorted writes them. One block per row.
 extern "C" __global__ void topk_emit(const float* score, const int* at, long long rows, int n, int s, int t,
                                      int offset, int kk, int* idx, float* margin) {
-    long long id = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (id >= rows * kk) return;
-    long long row = id / kk;
-    int r = (int)(id % kk);
-    bool cut = min(offset + (int)(row % s) + 1, t) > kk; // else every causal key is kept
-    idx[id] = cut ? at[row * n + r] : r;
-    if (r == 0) margin[row] = cut ? score[row * n + kk - 1] - score[row * n + kk] : INFINITY;
+    long long row = blockIdx.x;
+    if (row >= rows) return;
+    if (min(offset + (int)(row % s) + 1, t) <= kk) { // every causal key is kept
+        every_key_row(idx + row * kk, kk, margin + row);
+        return;
+    }
+    const float* sc = score + row * n;
+    for (int r = threadIdx.x; r < kk; r += blockDim.x) idx[row * kk + r] = at[row * n + r];
+    if (threadIdx.x == 0) margin[row] = sc[kk - 1] - sc[kk];
 }

@@ -1,7 +1,7 @@
 //! The causal top-k's launchers (kernels in `indexer.cu`): which path a row length takes, and
 //! the rounds of the chunked one.
 
-use super::{cfg, emu, fits, ints, per_item, Buf, Engine, Gpu, KernelArg};
+use super::{emu, fits, ints, per_item, Buf, Engine, Gpu, KernelArg};
 use crate::error::{Error, Result};
 
 /// How the causal top-k ranks a row (`Gpu::topk_causal_by`).
@@ -45,7 +45,7 @@ impl Gpu {
     ) -> Result<()> {
         fits("every_key", &[(idx.len(), (row0 + rows) * k), (margin.len(), row0 + rows)])?;
         let ([k32], row0, rows64) = (ints("every_key", [k])?, row0 as i64, rows as i64);
-        launch!(self, "every_key", cfg(rows * k, 256, 0), [idx, margin, &row0, &rows64, &k32])
+        launch!(self, "every_key", per_item(rows, 256, 0), [idx, margin, &row0, &rows64, &k32])
     }
 
     /// scores: `[rows, T]` (rows = B*S) -> idx: `[rows, K]`; margin: `[rows]`, ranked on `path`
@@ -135,7 +135,7 @@ impl Gpu {
         launch!(
             self,
             "topk_emit",
-            cfg(rows * k, 256, 0),
+            per_item(rows, 256, 0),
             [score, pos, &rows64, &n32, &s32, &t32, &o32, &k32, idx, margin]
         )
     }
