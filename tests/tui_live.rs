@@ -175,12 +175,20 @@ static LIVE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 fn the_live_run_can_go_through_the_device_path() {
     let _one_live_run_at_a_time = LIVE.lock();
     let src = open_live(&flat(), glimpse::device::Backend::CpuOps, false);
-    let mut app = App::default();
-    let s = screen(&app, &src, 100, 24);
+    let s = screen(&App::default(), &src, 100, 24);
     assert!(s.contains("(live, cpu-ops, float32) vs reference"), "{s}");
-    for view in [View::Activations, View::Routing, View::Dsa, View::KvNorms] {
+    // At a MoE layer with its own indexer, past the first token: each view draws the run's own
+    // rows (the embeddings row has no routing or selection to draw).
+    let mut app = App { token: 20, ..at_layer(&src, 3) };
+    for (view, drawn) in [
+        (View::Activations, "layer 3 activations"),
+        (View::Routing, "layer 3 routing: "),
+        (View::Dsa, "layer 3 dsa ("),
+        (View::KvNorms, "latent kv norm"),
+    ] {
         app.set_view(view);
-        assert!(screen(&app, &src, 80, 24).contains("q quit"));
+        let s = screen(&app, &src, 100, 24);
+        assert!(s.contains(drawn) && !s.contains("no router") && !s.contains("no DSA selection"), "{s}");
     }
 }
 
@@ -191,8 +199,10 @@ fn the_live_run_can_go_through_the_device_path() {
 #[test]
 fn a_streamed_live_run_shows_what_the_resident_one_shows() {
     let _one_live_run_at_a_time = LIVE.lock();
+    // (At a MoE layer with its own indexer, past the first token: the embeddings row has no
+    // routing or selection to draw.)
     let screens = |src: &DumpSource| -> Vec<String> {
-        let mut app = App::default();
+        let mut app = App { token: 20, ..at_layer(src, 3) };
         View::ALL
             .iter()
             .map(|&v| {

@@ -58,6 +58,9 @@ pub struct DumpSource {
     /// Each MoE layer's co-activated pairs, counted when first drawn, not at every key, and
     /// their chance levels, drawn on a thread of their own.
     pairs: RefCell<HashMap<usize, Option<load::Counted>>>,
+    /// The latent-kv view's grid, computed when first drawn: a reference of GLM-5 shapes holds
+    /// its latents unnormed, some 166 M values at 4096 tokens, and every key redraws.
+    kv_norms: std::cell::OnceCell<Option<KvNormGrid>>,
     chances: load::Chances,
     warning: Option<String>,
 }
@@ -259,6 +262,7 @@ impl DumpSource {
             hook_rows: RefCell::default(),
             last_dsa: RefCell::default(),
             pairs: RefCell::default(),
+            kv_norms: std::cell::OnceCell::new(),
             chances: load::Chances::default(),
             warning: misnamed,
         })
@@ -475,6 +479,34 @@ impl DumpSource {
             _ => None,
         }
     }
+
+    /// Each layer's latent-kv norms by token ([`Source::kv_norms`], uncached).
+    fn kv_norm_grid(&self) -> Option<KvNormGrid> {
+        let mut g = KvNormGrid::default();
+        // Each layer's rows laid out by the run's tokens: the MTP layer's batch rows are one
+        // position shorter, so its rows are mapped (`None` at each batch row's last position).
+        let by_token = |v: Vec<f32>| {
+            let token = self.token_of(v.len());
+            let mut out = vec![None; self.tokens.ids.len()];
+            for (t, x) in v.into_iter().enumerate() {
+                if let Some(cell) = out.get_mut(token(t)) {
+                    *cell = Some(x);
+                }
+            }
+            out
+        };
+        for (i, _) in layer_names(&self.ours) {
+            let name = |h: LayerHook| HookPoint::Layer(i, h).name();
+            let Some(latent) = latent_norms(&self.ours, i) else { continue };
+            g.layers.push(i);
+            g.latent.push(by_token(latent));
+            g.reference_latent
+                .push(self.reference.as_ref().and_then(|r| latent_norms(r, i)).map(by_token).unwrap_or_default());
+            g.pre_norm.push(self.per_token(&name(LayerHook::KvNormPre)).map(by_token).unwrap_or_default());
+            g.k_rope.push(self.per_token(&name(LayerHook::KRopeNorm)).map(by_token).unwrap_or_default());
+        }
+        (!g.layers.is_empty()).then_some(g)
+    }
 }
 
 impl Source for DumpSource {
@@ -578,30 +610,7 @@ impl Source for DumpSource {
     }
 
     fn kv_norms(&self) -> Option<KvNormGrid> {
-        let mut g = KvNormGrid::default();
-        // Each layer's rows laid out by the run's tokens: the MTP layer's batch rows are one
-        // position shorter, so its rows are mapped (`None` at each batch row's last position).
-        let by_token = |v: Vec<f32>| {
-            let token = self.token_of(v.len());
-            let mut out = vec![None; self.tokens.ids.len()];
-            for (t, x) in v.into_iter().enumerate() {
-                if let Some(cell) = out.get_mut(token(t)) {
-                    *cell = Some(x);
-                }
-            }
-            out
-        };
-        for (i, _) in layer_names(&self.ours) {
-            let name = |h: LayerHook| HookPoint::Layer(i, h).name();
-            let Some(latent) = latent_norms(&self.ours, i) else { continue };
-            g.layers.push(i);
-            g.latent.push(by_token(latent));
-            g.reference_latent
-                .push(self.reference.as_ref().and_then(|r| latent_norms(r, i)).map(by_token).unwrap_or_default());
-            g.pre_norm.push(self.per_token(&name(LayerHook::KvNormPre)).map(by_token).unwrap_or_default());
-            g.k_rope.push(self.per_token(&name(LayerHook::KRopeNorm)).map(by_token).unwrap_or_default());
-        }
-        (!g.layers.is_empty()).then_some(g)
+        self.kv_norms.get_or_init(|| self.kv_norm_grid()).clone()
     }
 }
 

@@ -153,6 +153,7 @@ fn invalid_expert_ids_show_as_recorded() {
     let s = screen(&app, &src, 120, 30);
     let row = line_with(&s, "layer 3 ");
     assert!(row.contains("MaxVio"), "the row keeps its numbers on screen: {s}");
+    assert!(s.contains("expert load (16 experts") && s.contains("one cell = 1 expert"), "{s}");
 }
 
 /// Where the weights of the layer's rows do not fit, the routing view shows every chosen

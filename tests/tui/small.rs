@@ -90,3 +90,45 @@ fn the_mtp_routing_view_names_a_token_without_a_row() {
     let s = screen(&app, &src, 100, 24);
     assert!(!s.contains("has no row"), "{s}");
 }
+
+/// The expert-load view keeps the selected layer's row and its two lines of numbers on screen
+/// where its rows do not all fit (the numbers followed every row, past the box's bottom), and
+/// PgDn and PgUp move the selected layer through its rows.
+#[test]
+fn the_load_view_keeps_the_selected_layer_and_its_numbers_in_view() {
+    let port = port_source();
+    let mut app = at_view(&port, 4, View::Load);
+    app.page = glimpse_tui::views::page(&app, &port, ui::body(glimpse_tui::ratatui::layout::Rect::new(0, 0, 80, 10)));
+    // The 10 lines leave 6 to the view: its borders, the key to the cells and the selected
+    // layer's two lines take 5.
+    assert_eq!(app.page, 1);
+    let s = screen(&app, &port, 80, 10);
+    assert!(line_with(&s, "│layer 4 ").contains("MaxVio"), "{s}");
+    assert!(s.contains("│layer 4 busiest") && s.contains("│together"), "{s}");
+    assert!(!s.contains("│layer 2 "), "{s}");
+    app.scroll_up(&port);
+    assert_eq!(app.layer, row_of(&port, 3));
+    for _ in 0..3 {
+        app.scroll_up(&port);
+    }
+    assert_eq!(app.layer, row_of(&port, 2));
+    assert!(screen(&app, &port, 80, 10).contains("│layer 2 busiest"));
+    for _ in 0..5 {
+        app.scroll_down(&port);
+    }
+    assert_eq!(app.layer, row_of(&port, 4));
+}
+
+/// PgDn in the latent-kv view of a dump that records no decoder layer keeps the selection on a
+/// row of the layers view (it went past the last: `j` and `n` then did nothing, and the status
+/// line said "no layers").
+#[test]
+fn paging_the_latent_kv_view_of_a_dump_without_layers_stays_on_a_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = Path::new("golden/flat/bf16-port.safetensors");
+    let ours = common::edit_dump(port, &tmp.path().join("head.st"), |t| t.retain(|(n, _, _)| !n.starts_with("layers.")));
+    let src = dumps_source(&ours, &ours, &DiffOptions::default());
+    let mut app = App { view: View::KvNorms, page: 8, ..App::default() };
+    app.scroll_down(&src);
+    assert!(app.layer < src.layers().len(), "row {} of {}", app.layer, src.layers().len());
+}

@@ -149,8 +149,9 @@ fn load_dsa_and_kv_views_draw_the_bundled_case() {
     // Resize: the same state draws at another size, key help still on screen, and the selected
     // layer's row stays in view.
     let small = screen(&app, &port, 40, 12);
-    assert!(small.contains("latent kv") && small.contains("q quit"), "{small}");
-    assert!(small.contains("layer 3"), "{small}");
+    assert!(small.contains("latent kv norm") && small.contains("q quit"), "{small}");
+    // (The map's row: the status line and the detail name the layer too.)
+    assert!(small.contains("│layer 3   "), "{small}");
 }
 
 /// A dump whose last layer is the MTP head (S-1 positions, `layers.{N}.*` past the main layers)

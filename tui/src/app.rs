@@ -243,12 +243,12 @@ impl App {
         let Some(row) = src.layers().get(self.layer) else { return Vec::new() };
         // Case-insensitive, as a search in a pager is by default.
         let filter = self.filter.to_lowercase();
-        src.hooks(row.part).into_iter().filter(|h| h.name.to_lowercase().contains(&filter)).collect()
+        src.hooks(row.part).into_iter().filter(|h| h.short_name().to_lowercase().contains(&filter)).collect()
     }
 
     /// Pages down the current view, stopping at its last full page. Where the view keeps a
-    /// selected row in sight (routing and DSA: the token; latent kv and layers: the layer), the
-    /// selection moves by the page too, or the view could not leave it.
+    /// selected row in sight (routing and DSA: the token; latent kv, expert load and layers: the
+    /// layer), the selection moves by the page too, or the view could not leave it.
     pub fn scroll_down(&mut self, src: &dyn Source) {
         let rows = self.rows(src);
         self.scroll = (self.scroll + self.page).min(rows.saturating_sub(self.page));
@@ -259,6 +259,7 @@ impl App {
             }
             View::KvNorms => self.layer = clamp_to_layers(src, self.layer + self.page),
             View::Layers => self.layer = (self.layer + self.page).min(src.layers().len().saturating_sub(1)),
+            View::Load => self.layer = load_row_moved(src, self.layer, self.page, true),
             _ => {}
         }
     }
@@ -282,6 +283,7 @@ impl App {
             View::Routing | View::Dsa if self.rows(src) > 0 => self.token = self.token.saturating_sub(self.page),
             View::KvNorms => self.layer = clamp_to_layers(src, self.layer.saturating_sub(self.page)),
             View::Layers => self.layer = self.layer.saturating_sub(self.page),
+            View::Load => self.layer = load_row_moved(src, self.layer, self.page, false),
             _ => {}
         }
     }
@@ -314,8 +316,19 @@ fn clamp_to_layers(src: &dyn Source, row: usize) -> usize {
     let is_layer = |i: &usize| layers[*i].part.layer().is_some();
     match ((0..layers.len()).find(is_layer), (0..layers.len()).rev().find(is_layer)) {
         (Some(first), Some(last)) => row.clamp(first, last),
-        _ => row,
+        _ => row.min(layers.len().saturating_sub(1)),
     }
+}
+
+/// The row of `Source::layers()` of the MoE layer `by` rows of the load view down (or up) from
+/// the selected `layer`'s, held to the view's first and last; `layer` itself where the view has
+/// no row for it (a dense layer's), as PgDn then only scrolls.
+fn load_row_moved(src: &dyn Source, layer: usize, by: usize, down: bool) -> usize {
+    let (load, layers) = (src.load(), src.layers());
+    let at = layers.get(layer).and_then(|l| l.part.layer()).and_then(|i| load.iter().position(|r| r.layer == i));
+    let Some(at) = at else { return layer };
+    let to = if down { (at + by).min(load.len().saturating_sub(1)) } else { at.saturating_sub(by) };
+    load.get(to).and_then(|r| layers.iter().position(|l| l.part.layer() == Some(r.layer))).unwrap_or(layer)
 }
 
 /// The first token (batch rows flattened) from `from` on whose DSA selection in `layer` differs

@@ -116,6 +116,15 @@ pub struct HookRow {
     pub reference: Option<RefCheck>,
 }
 
+impl HookRow {
+    /// The name as the activations view shows it and its filter matches it: `attn.out`, not
+    /// `layers.3.attn.out` (the layer is in the title; a filter `3` would keep every row).
+    pub fn short_name(&self) -> &str {
+        let name = self.name.as_str();
+        name.strip_prefix("layers.").and_then(|r| r.split_once('.')).map_or(name, |(_, n)| n)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RefCheck {
     pub ok: bool,

@@ -18,7 +18,8 @@ pub fn run(src: &dyn Source) -> io::Result<Option<i32>> {
         return Err(io::Error::other("needs an interactive terminal (stdout is not one)"));
     }
     bus::save_terminal();
-    let mut terminal = ratatui::try_init()?;
+    // (`try_init` can fail after it turned raw mode on: the terminal is restored then too.)
+    let mut terminal = ratatui::try_init().inspect_err(|_| ratatui::restore())?;
     bus::install();
     let result = event_loop(&mut terminal, src);
     ratatui::restore();

@@ -56,6 +56,17 @@ fn worst_groups(hooks: &[crate::data::HookRow]) -> Vec<Vec<Line<'static>>> {
             let line = format!("{} at {:?}: ours {} ref {}", h.name, w.at, num(w.ours as f64), num(w.reference as f64));
             lines.push(Line::from(line).style(red));
         }
+        // A selection, an integer tensor or a comparison that could not be made has no fit and
+        // no worst elements: a line of its own, so every hook point counted is one listed.
+        if lines.is_empty() {
+            let what = match (r.invalid, &r.reference_shape, r.rows_differ) {
+                (Some(side), _, _) => format!("{side}: no set of distinct ids in range, nothing compared"),
+                (None, Some(shape), _) => format!("shape {:?} against the reference's {shape:?}", h.shape),
+                (None, None, Some(n)) => format!("{n} rows differ"),
+                (None, None, None) => format!("largest error {}", num(r.max_abs)),
+            };
+            lines.push(Line::from(format!("{}: {what}", h.name)).style(red.add_modifier(Modifier::BOLD)));
+        }
         groups.push(lines);
     }
     groups
@@ -97,7 +108,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let scroll = app.scroll.min(hooks.len().saturating_sub(visible));
     let rows = hooks.iter().zip(verdicts).skip(scroll).map(|(h, (vs_ref, style))| {
         let style = if h.nonfinite > 0 { Style::new().fg(Color::Red) } else { style };
-        let short = short_name(&h.name);
+        let short = h.short_name();
         // `1x2048x2048`: a long context's S x S scores fit the column (`[1, 2048, 2048]` did not).
         let shape = h.shape.iter().map(usize::to_string).collect::<Vec<_>>().join("x");
         let nan = h.nonfinite.to_string();
@@ -117,7 +128,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     // the numbers stay next to the names they belong to.
     let inner = area.width.saturating_sub(2);
     let others: u16 = shown(widths_wanted.iter().skip(1), &show[1..]).into_iter().map(|w| w + 1).sum();
-    let longest = hooks.iter().map(|h| short_name(&h.name).chars().count()).max().unwrap_or(0) as u16;
+    let longest = hooks.iter().map(|h| h.short_name().chars().count()).max().unwrap_or(0) as u16;
     let hook_width = longest.max(widths_wanted[0]).min(inner.saturating_sub(others).max(widths_wanted[0]));
     let widths = shown(
         widths_wanted.iter().enumerate().map(|(i, &w)| Constraint::Length(if i == 0 { hook_width } else { w })),
@@ -153,9 +164,4 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         let worst: Vec<Line> = groups.into_iter().flatten().collect();
         f.render_widget(Paragraph::new(worst).block(Block::bordered().title(title)), worst_area);
     }
-}
-
-/// The layer is in the title: show `attn.out`, not `layers.3.attn.out`.
-fn short_name(name: &str) -> &str {
-    name.strip_prefix("layers.").and_then(|r| r.split_once('.')).map_or(name, |(_, n)| n)
 }

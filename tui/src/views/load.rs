@@ -12,7 +12,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Paragraph};
 use ratatui::Frame;
 
-use super::{fit_list, heat_cell};
+use super::{first_row, fit_list, heat_cell};
 use crate::app::App;
 use crate::data::{PairsRow, Source};
 
@@ -34,9 +34,16 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let cells = (area.width as usize).saturating_sub(label_w + stats_w + 2).max(1);
     let per_cell = experts.div_ceil(cells).max(1);
     let selected = src.layers().get(app.layer).and_then(|l| l.part.layer());
+    // The selected layer's row stays in view; its two lines of numbers follow the rows shown.
+    let visible = rows_shown(area);
+    let start = match load.iter().position(|l| Some(l.layer) == selected) {
+        Some(at) => first_row(app.scroll, at, visible, load.len()),
+        None => app.scroll.min(load.len().saturating_sub(visible)),
+    };
     let mut lines: Vec<Line> = load
         .iter()
-        .skip(app.scroll)
+        .skip(start)
+        .take(visible)
         .map(|row| {
             let mean = row.counts.iter().sum::<u64>() as f64 / experts.max(1) as f64;
             let label = format!("layer {}{}", row.layer, if row.mtp { " mtp" } else { "" });
@@ -77,6 +84,12 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     f.render_widget(Paragraph::new(lines).block(block), area);
 }
 
+/// The layer rows that fit `area`: less its borders, the key to the cells and the selected
+/// layer's two lines.
+pub fn rows_shown(area: Rect) -> usize {
+    (area.height as usize).saturating_sub(5)
+}
+
 /// `layer L busiest 5:19 3:15 15:15, rarest 0:0 6:2 12:4` (expert:tokens; ties by id, lowest
 /// first; with few experts the rarest are those the busiest leave).
 fn extremes(layer: usize, counts: &[u64]) -> String {
@@ -103,8 +116,12 @@ fn pairs_line(p: &PairsRow, width: usize) -> String {
         None => format!("surprise {:.2}", top.surprise),
     };
     let tail = format!(" ({verdict})");
-    let items: Vec<String> =
-        p.pairs.iter().map(|q| format!("{}+{} {}/{:.1}", q.experts[0], q.experts[1], q.tokens, q.expected)).collect();
+    // (An expectation under 0.1 in two significant digits, as `audit --pairs` prints it: at
+    // 256 experts most are, and `2/0.0` reads as an expectation of nothing.)
+    let expected = |e: f64| if e > 0.0 && e < 0.1 { format!("{e:.1e}") } else { format!("{e:.1}") };
+    let items: Vec<String> = (p.pairs.iter())
+        .map(|q| format!("{}+{} {}/{}", q.experts[0], q.experts[1], q.tokens, expected(q.expected)))
+        .collect();
     let room = width.saturating_sub("together ".len() + tail.len());
     format!("together {}{tail}", fit_list(&items, room))
 }
@@ -125,6 +142,8 @@ mod tests {
             "together 12+40 9/1.2 3+7 9/1.2 100+200 9/1.2 (surprise 6.10, past chance's 95% 5.01)"
         );
         assert_eq!(pairs_line(&p, 66), "together 12+40 9/1.2 +2 (surprise 6.10, past chance's 95% 5.01)");
+        let rare = PairsRow { pairs: vec![ExpertPair { expected: 0.011, ..pair(1, 2, 4.2) }], ..p.clone() };
+        assert!(pairs_line(&rare, 80).starts_with("together 1+2 9/1.1e-2 ("), "{}", pairs_line(&rare, 80));
         let none = PairsRow { pairs: vec![], chance_p95: None, chance_pending: false };
         assert!(pairs_line(&none, 80).starts_with("together: no pair"));
         let pending = PairsRow { pairs, chance_p95: None, chance_pending: true };

@@ -19,7 +19,9 @@ pub fn page(app: &App, src: &dyn Source, area: Rect) -> usize {
     let rows = match app.view {
         View::Activations => activations::page(area, app, src),
         // Borders, and a header or a last line of their own.
-        View::Routing | View::Load => (area.height as usize).saturating_sub(3),
+        View::Routing => (area.height as usize).saturating_sub(3),
+        // Borders, the key to the cells and the selected layer's two lines.
+        View::Load => load::rows_shown(area),
         View::Dsa => (area.height as usize).saturating_sub(2),
         // The map above the 5 lines of the selected token's norms.
         View::KvNorms => (area.height as usize).saturating_sub(7),

@@ -17,7 +17,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let Some(layer) = src.layers().get(app.layer) else { return };
     let Some((index, routes)) = layer.part.layer().and_then(|i| Some((i, src.routing(i)?))) else {
         let msg = match layer.part.layer() {
-            Some(i) => format!("layer {i} has no router ({} feed-forward)", layer.ffn),
+            // A routed layer whose routing the dump did not record is no dense one.
+            Some(i) if layer.ffn == "dense" => format!("layer {i} has no router (dense feed-forward)"),
+            Some(i) => format!("no routing recorded for layer {i} ({} feed-forward)", layer.ffn),
             None => format!("no router in the {}", layer.part.name()),
         };
         f.render_widget(Paragraph::new(msg).wrap(Wrap { trim: false }).block(Block::bordered().title("routing")), area);
