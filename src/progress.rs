@@ -34,7 +34,7 @@ enum Unit {
     Rerun(usize, usize, &'static str),
     /// Divergences 1 to this, read on ours's own inputs (`diff::past`).
     OwnRead(usize),
-    /// Layers 1 to this, whose co-activation chance level is drawn (`audit --pairs`).
+    /// How many layers' co-activation chance levels are drawn (`audit --pairs`).
     PairChance(usize),
     /// A sweep (`audit --stream`) through layers 0 to `.0` of `.1` prompts: step `layer * .1 +
     /// prompt`.
@@ -81,7 +81,7 @@ impl Steps {
         Steps::of(Unit::OwnRead(total), ENABLED.load(Ordering::Relaxed))
     }
 
-    /// `audit --pairs`' chance levels, layers 1 to `total` (shown whether or not [`enable`] was
+    /// `audit --pairs`' chance levels, `total` layers' (shown whether or not [`enable`] was
     /// called: at GLM-5's 256 experts a layer's draws take a fraction of a second).
     pub fn pair_chances(total: usize) -> Steps {
         Steps::of(Unit::PairChance(total), true)
@@ -106,7 +106,7 @@ impl Steps {
             Unit::Prompt(total) => format!("audit: prompt {i} of {total}"),
             Unit::Rerun(layer, total, part) => format!("diff: rerun {i} of {total} of layer {layer}'s {part}"),
             Unit::OwnRead(total) => format!("diff: reading divergence {i} of {total} on ours's own inputs"),
-            Unit::PairChance(total) => format!("audit: co-activation chance level, layer {i} of {total}"),
+            Unit::PairChance(total) => format!("audit: co-activation chance levels, {i} of {total} layers"),
             Unit::Sweep(last, n) => format!("layer {} of 0..={last}, prompt {} of {n}", i / n, i % n + 1),
         };
         let elapsed = now.duration_since(self.start);

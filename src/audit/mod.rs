@@ -647,7 +647,8 @@ impl Audit {
 
     pub fn to_json(&self) -> Value {
         let uniform = self.uniform();
-        let pairs = self.pairs_json();
+        let (pairs, pair_notes) = self.pairs_json();
+        let notes = [self.notes_with(&uniform), pair_notes].concat();
         // As written (1e-4), not as the f32 widens (9.999999747378752e-5).
         let edges = MARGIN_EDGES.map(|e| e.to_string().parse::<f64>().unwrap_or(f64::from(e)));
         let layers: Vec<Value> = self
@@ -683,7 +684,7 @@ impl Audit {
             "complete": self.complete(),
             "prompts_total": self.prompts_total, "runs": self.runs_json(), "layers": layers,
             "layer_window": self.window.as_ref().map(|w| [*w.start(), *w.end()]),
-            "notes": self.notes_with(&uniform),
+            "notes": notes,
         })
     }
 

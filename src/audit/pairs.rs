@@ -351,6 +351,16 @@ impl Expectation {
         let pi: Vec<f64> = loads.iter().map(|&l| (l as f64 / n).min(1.0)).collect();
         let u: Vec<f64> = pi.iter().map(|p| p * (1.0 - p)).collect();
         let d: f64 = u.iter().sum();
+        // Hájek's joint inclusion below is negative for a pair with (1 - pi_a)(1 - pi_b) > d,
+        // which only routing close to fixed reaches (d under 1): a pair some token chose would
+        // expect nothing and drop out of the ranking, and the scale below would not make the pairs
+        // add up. Such a layer takes independent choice (pi_a pi_b, scaled) for every pair
+        // instead. The two least loaded experts in use have the largest such product.
+        let (mut p1, mut p2) = (f64::INFINITY, f64::INFINITY);
+        for &p in pi.iter().filter(|&&p| p > 0.0) {
+            (p1, p2) = if p < p1 { (p, p1) } else { (p1, p.min(p2)) };
+        }
+        let d = if p2.is_finite() && (1.0 - p1) * (1.0 - p2) >= d { 0.0 } else { d };
         let (sum, squares) = (pi.iter().sum::<f64>(), pi.iter().map(|p| p * p).sum::<f64>());
         // Sum over pairs of pi_a pi_b, less the correction's: (S^2 - sum pi^2) / 2 and, where
         // d > 0, (d^2 - sum u^2) / (2 d).
@@ -374,10 +384,22 @@ impl Expectation {
     }
 }
 
+/// Each counted layer's chance level, by layer.
+type Chances = std::collections::BTreeMap<usize, PairChance>;
+
+/// A pair's expected count as the table shows it: where it is under 0.1 (two rarely used experts
+/// at GLM-5's 256), in two significant digits, so it never reads as 0.0.
+fn expected(e: f64) -> String {
+    match e {
+        e if e < 0.1 && e > 0.0 => format!("{e:.1e}"),
+        e => format!("{e:.1}"),
+    }
+}
+
 impl Audit {
     /// Each counted layer's chance level ([`chance`] at its loads), the layers shared among the
     /// CPU's cores, with progress on stderr (a fifth of a second a layer at GLM-5's size).
-    fn pair_chances(&self) -> std::collections::BTreeMap<usize, PairChance> {
+    fn pair_chances(&self) -> Chances {
         use std::sync::atomic::{AtomicUsize, Ordering};
         use std::sync::Mutex;
         let layers: Vec<&LayerLoad> = self.layers.values().filter(|l| l.pairs.is_some()).collect();
@@ -410,32 +432,31 @@ impl Audit {
     /// surprise against chance's (median and 95th percentile), and the `n` strongest pairs.
     pub fn pairs_table(&self, n: usize) -> String {
         let chances = self.pair_chances();
-        let draws = chances.values().map(|c| c.draws).min().unwrap_or(0);
-        let mut s = format!(
-            "co-activation: expert pairs one token chose together more often than independent choice at the experts' \
-             loads gives, by surprise (-log10 of the Poisson tail P(X >= tokens) at the expected count); chance: the \
-             strongest pair's surprise where each token's experts are drawn independently at the layer's loads (the \
-             median and 95th percentile of {draws} draws)\n{:>7} {:>17} {:>9} {:>14}  strongest (a+b tokens/expected)\n",
-            "layer", "pairs seen", "surprise", "chance"
-        );
-        let (mut past, mut uncounted, mut weighed) = (Vec::new(), Vec::new(), 0);
+        let draws = chances.values().map(|c| c.draws);
+        let draws = match (draws.clone().min(), draws.max()) {
+            (Some(a), Some(b)) if a < b => format!("{a} to {b}"),
+            (_, b) => b.unwrap_or(0).to_string(),
+        };
+        let mut s = String::new();
+        if self.layers.values().any(|l| l.pairs.is_some()) {
+            let _ = write!(
+                s,
+                "co-activation: expert pairs one token chose together more often than independent choice at the \
+                 experts' loads gives, by surprise (-log10 of the Poisson tail P(X >= tokens) at the expected count); \
+                 chance: the strongest pair's surprise where each token's experts are drawn independently at the \
+                 layer's loads (the median and 95th percentile of {draws} draws)\n{:>7} {:>17} {:>9} {:>14}  strongest \
+                 (a+b tokens/expected)\n",
+                "layer", "pairs seen", "surprise", "chance"
+            );
+        }
         for l in self.layers.values() {
-            let Some(pairs) = l.pairs.as_ref() else {
-                uncounted.push(l.layer.to_string());
-                continue;
-            };
+            let Some(pairs) = l.pairs.as_ref() else { continue };
             let (all, seen) = pairs.seen();
             let strongest = l.strongest_pairs(n.max(1));
             let top = strongest.first().map(Pair::surprise);
             let c = chances.get(&l.layer);
-            if let (Some(top), Some(c)) = (top, c) {
-                weighed += 1;
-                if top > c.p95 {
-                    past.push(l.layer.to_string());
-                }
-            }
             let list: Vec<String> = (strongest.iter().take(n))
-                .map(|p| format!("{}+{} {}/{:.1}", p.experts[0], p.experts[1], p.tokens, p.expected))
+                .map(|p| format!("{}+{} {}/{}", p.experts[0], p.experts[1], p.tokens, expected(p.expected)))
                 .collect();
             let label = match self.mtp_layer == Some(l.layer) {
                 true => format!("{} mtp", l.layer),
@@ -450,30 +471,52 @@ impl Audit {
                 list.join("  ")
             );
         }
-        if !uncounted.is_empty() {
-            let _ = writeln!(
-                s,
-                "note: layer(s) {} not counted: a token chooses one expert there, or the experts are past {MAX_EXPERTS}",
-                uncounted.join(", ")
-            );
+        for note in self.pair_notes(&chances) {
+            let _ = writeln!(s, "note: {note}");
         }
-        let _ = match (weighed, past.is_empty()) {
-            (0, _) => Ok(()),
-            (_, true) => writeln!(s, "note: no layer's strongest pair is past chance's 95th percentile"),
-            (_, false) => writeln!(
-                s,
-                "note: layer(s) {}: the strongest pair is past chance's 95th percentile (where chance alone puts one \
-                 layer in twenty: {:.1} of these {weighed})",
-                past.join(", "),
-                weighed as f64 / 20.0
-            ),
-        };
         s
     }
 
+    /// The co-activation's notes, which the table ends with and the JSON's `notes` carries: the
+    /// layers not counted, and those whose strongest pair is past chance's 95th percentile.
+    fn pair_notes(&self, chances: &Chances) -> Vec<String> {
+        let (mut past, mut uncounted, mut weighed) = (Vec::new(), Vec::new(), 0);
+        for l in self.layers.values() {
+            if l.pairs.is_none() {
+                uncounted.push(l.layer.to_string());
+                continue;
+            }
+            let top = l.strongest_pairs(1).first().map(Pair::surprise);
+            if let (Some(top), Some(c)) = (top, chances.get(&l.layer)) {
+                weighed += 1;
+                if top > c.p95 {
+                    past.push(l.layer.to_string());
+                }
+            }
+        }
+        let mut notes = Vec::new();
+        if !uncounted.is_empty() {
+            notes.push(format!(
+                "layer(s) {} not counted: a token chooses one expert there, or the experts are past {MAX_EXPERTS}",
+                uncounted.join(", ")
+            ));
+        }
+        match (weighed, past.is_empty()) {
+            (0, _) => {}
+            (_, true) => notes.push("no layer's strongest pair is past chance's 95th percentile".into()),
+            (_, false) => notes.push(format!(
+                "layer(s) {}: the strongest pair is past chance's 95th percentile (where chance alone puts one layer \
+                 in twenty: {:.1} of these {weighed})",
+                past.join(", "),
+                weighed as f64 / 20.0
+            )),
+        }
+        notes
+    }
+
     /// Each layer's co-activation for the JSON, with `--pairs N` (null without): pairs counted
-    /// and seen, the N strongest, and the chance level.
-    pub(super) fn pairs_json(&self) -> std::collections::BTreeMap<usize, Value> {
+    /// and seen, the N strongest, and the chance level; and the co-activation's notes.
+    pub(super) fn pairs_json(&self) -> (std::collections::BTreeMap<usize, Value>, Vec<String>) {
         let Some(n) = self.pairs_listed else { return Default::default() };
         let chances = self.pair_chances();
         let pair = |p: &Pair| {
@@ -482,7 +525,7 @@ impl Audit {
                 "surprise": p.surprise(),
             })
         };
-        (self.layers.values())
+        let layers = (self.layers.values())
             .filter_map(|l| {
                 let (all, seen) = l.pairs.as_ref()?.seen();
                 let strongest = l.strongest_pairs(n);
@@ -494,7 +537,8 @@ impl Audit {
                 });
                 Some((l.layer, v))
             })
-            .collect()
+            .collect();
+        (layers, self.pair_notes(&chances))
     }
 }
 
@@ -555,7 +599,30 @@ mod tests {
             "{}",
             a.pairs_table(3)
         );
-        assert!(a.to_json()["layers"][0]["co_activation"].is_null());
+        // (Listed, so the k = 2 layer's is not null: a null there is the k = 1 layer's own.)
+        a.pairs_listed = Some(3);
+        let json = a.to_json();
+        assert!(json["layers"][0]["co_activation"].is_null(), "{json}");
+        assert_eq!(json["layers"][1]["co_activation"]["pairs_seen"], 2, "{json}");
+        let notes = json["notes"].as_array().map(|n| n.iter().filter_map(Value::as_str).collect::<Vec<_>>());
+        assert!(notes.is_some_and(|n| n.iter().any(|n| n.starts_with("layer(s) 1 not counted"))), "{json}");
+    }
+
+    /// Routing close to fixed, where Hájek's joint inclusion of two rarely used experts is
+    /// negative: 1000 tokens of top-3 of 5, 999 choosing {0, 1} and one of {2, 3, 4} (900, 50, 49
+    /// times), one token {2, 3, 4}. Shares [0.999, 0.999, 0.901, 0.051, 0.050] give d = 0.187,
+    /// under (1 - 0.051)(1 - 0.050); the layer falls back to independence, so the pair {3, 4},
+    /// chosen once, expects more than nothing (it expected 0 and was never ranked), and the pairs
+    /// expected add up to the 3000 chosen (they added up to 3009.6).
+    #[test]
+    fn routing_close_to_fixed_drops_no_pair() {
+        let loads = [999, 999, 901, 51, 50];
+        let e = Expectation::of(&loads, 1000, 3).unwrap();
+        assert_eq!(e.d, 0.0);
+        let pi = loads.map(|l| l as f64 / 1000.0);
+        assert!((e.pair(3, 4) / (e.scale * pi[3] * pi[4]) - 1.0).abs() < 1e-12, "{}", e.pair(3, 4));
+        let all: f64 = (0..5).flat_map(|a| (a + 1..5).map(move |b| (a, b))).map(|(a, b)| e.pair(a, b)).sum();
+        assert!((all - 3000.0).abs() < 1e-6, "{all}");
     }
 
     /// The Poisson tail by hand: P(X >= 3) at mean 0.5 is 1 - e^-0.5 (1 + 0.5 + 0.125) =
