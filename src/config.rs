@@ -413,6 +413,12 @@ impl Config {
         self.mlp_layer_types.get(i).copied().unwrap_or(MlpKind::Moe)
     }
 
+    /// Whether layer `i` is one of the checkpoint's (the MTP layer's included) and routes its
+    /// tokens to experts.
+    pub fn is_moe(&self, i: usize) -> bool {
+        i < self.num_hidden_layers + self.num_nextn_predict_layers && self.mlp_kind(i) == MlpKind::Moe
+    }
+
     /// Layer `i`'s indexer kind; the MTP layer runs alone, so it always scores keys itself.
     pub fn indexer_kind(&self, i: usize) -> IndexerKind {
         if i >= self.num_hidden_layers {

@@ -176,3 +176,39 @@ fn scores_dumped_before_the_causal_mask_are_read_past_rounding_as_masked_ones() 
         assert!(text.contains(past), "premask {premask}: {text}");
     }
 }
+
+/// Routing weights are read as they are compared, paired by expert: ours lists each token's
+/// experts best first (as glimpse does), the reference in its top-k's unsorted order (as
+/// transformers does), and a difference of rounding's shape reads as rounding's tail. (Read
+/// position by position, about 40% of the weights were outside the tolerance: no reading.)
+#[test]
+fn routing_weights_are_read_paired_by_expert() {
+    use glimpse::dump::Values;
+    let tmp = tempfile::tempdir().unwrap();
+    let ours = tmp.path().join("ours.safetensors");
+    let mut reordered = 0;
+    common::edit_dump(&golden("flat").join("reference.safetensors"), &ours, |t| {
+        let at = |name: &str| t.iter().position(|(n, _, _)| n == name).unwrap();
+        let (i, w) = (at("layers.2.moe.topk_ids"), at("layers.2.moe.topk_weights"));
+        let k = *t[w].2.last().unwrap();
+        let (Values::I64(ids), Values::F32(weights)) = (t[i].1.clone(), t[w].1.clone()) else { panic!() };
+        let (mut sorted_ids, mut sorted_weights) = (Vec::new(), Vec::new());
+        for (row, (ri, rw)) in ids.chunks(k).zip(weights.chunks(k)).enumerate() {
+            let mut order: Vec<usize> = (0..k).collect();
+            order.sort_by(|&x, &y| rw[y].total_cmp(&rw[x]));
+            reordered += usize::from(order.iter().enumerate().any(|(j, &o)| j != o));
+            for (j, &o) in order.iter().enumerate() {
+                sorted_ids.push(ri[o]);
+                // Noise everywhere inside the default tolerance, and one weight just past it.
+                let tol = 1e-4 + 1e-4 * rw[o].abs();
+                let by = if (row, j) == (5, 1) { 1.5 } else if j % 2 == 0 { 0.1 } else { -0.1 };
+                sorted_weights.push(rw[o] + by * tol);
+            }
+        }
+        (t[i].1, t[w].1) = (Values::I64(sorted_ids), Values::F32(sorted_weights));
+    });
+    assert!(reordered > 16, "{reordered} rows reordered");
+    let text = diff_flat(&ours, &[]);
+    assert!(text.contains("first divergence: layers.2.moe.topk_weights"), "{text}");
+    assert!(text.contains("1 of 128 elements outside") && text.contains("the tail of rounding noise"), "{text}");
+}

@@ -541,6 +541,15 @@ fn a_divergence_no_reading_names_is_localised_by_its_inputs() {
         "{l}"
     );
     assert!(!l.contains("--model DIR"), "{l}");
+    // Without --model and with no layer's routing recorded, nothing says whether a layer's MLP
+    // is a dense one: it is not called one.
+    let unrouted = |t: &mut Vec<Named>| t.retain(|(n, _, _)| !n.contains(".moe."));
+    let ours = plant(&[("layers.2.mlp.out", 3e-2)], "moe.st", "");
+    let ours = edit_dump(&ours, &tmp.path().join("unrouted.st"), unrouted);
+    let unrouted_ref = edit_dump(&reference, &tmp.path().join("unrouted-ref.st"), unrouted);
+    let (_, text) = code_and_text(&["diff", &s(&ours), &s(&unrouted_ref)]);
+    let l = line(&text).unwrap_or_else(|| panic!("{text}"));
+    assert!(l.contains("the difference is made in the MLP (a dense one, or the experts: the dumps record no"), "{l}");
     // The MTP layer (golden/mtp's layer 3) starts from the head's eh_proj, not the layer before.
     let mtp = golden("mtp");
     let ours =
@@ -559,6 +568,17 @@ fn a_divergence_no_reading_names_is_localised_by_its_inputs() {
     let bare_ref = edit_dump(&mtp.join("reference.safetensors"), &tmp.path().join("bare-ref.st"), no_head);
     let (_, text) = code_and_text(&["diff", &s(&bare), &s(&bare_ref)]);
     assert!(text.contains("first divergence: layers.3.input_norm") && line(&text).is_none(), "{text}");
+    // Without the MTP layer's own tensors (the head's mtp.* kept) and without --model, the dumps'
+    // last layer is a main one: layer 2 starts from layer 1's output, not from the head's eh_proj.
+    let no_layer = |t: &mut Vec<Named>| t.retain(|(n, _, _)| !n.starts_with("layers.3."));
+    let ours = edit_floats(&mtp.join("reference.safetensors"), &tmp.path().join("l2.st"), "layers.2.input_norm", |x, _| {
+        wobble(x, 0.03)
+    });
+    let headless = edit_dump(&ours, &tmp.path().join("headless.st"), no_layer);
+    let headless_ref = edit_dump(&mtp.join("reference.safetensors"), &tmp.path().join("headless-ref.st"), no_layer);
+    let (_, text) = code_and_text(&["diff", &s(&headless), &s(&headless_ref)]);
+    let made = "its input layers.1.output is the reference's exactly: the difference is made in input_layernorm";
+    assert!(text.contains(made), "{text}");
     // A bug as small as bf16 rounding but in one row (+-5% in layer 2's mlp.out at token 17: NMSE
     // 8e-5) is no rounding's: the MoE rerun is offered.
     let one_row = edit_floats(&reference, &tmp.path().join("row.st"), "layers.2.mlp.out", |x, shape| {

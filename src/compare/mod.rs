@@ -576,6 +576,30 @@ pub fn align_by_expert<T: Copy>(
     (aligned_ours, aligned_ref, positions)
 }
 
+/// `v`'s rows of `k` values (each an expert's, `ids` saying which; all three of one length) put
+/// in the order of `order_ids`' experts: a row of the same experts lines up with it value for value, and one that
+/// differs keeps its other experts' values, in their order, in the places left. Readings by
+/// position see routing weights paired as [`compare_expert_weights`] pairs them, whatever order
+/// each side's top-k lists its experts in (transformers' is unsorted).
+pub fn in_order_of<T: Copy>(order_ids: &[i64], ids: &[i64], v: &[T], k: usize) -> Vec<T> {
+    let k = k.max(1);
+    let mut out = Vec::with_capacity(v.len());
+    for ((order, row_ids), row) in order_ids.chunks(k).zip(ids.chunks(k)).zip(v.chunks(k)) {
+        let mut taken = vec![false; row.len()];
+        let placed: Vec<Option<T>> = (order.iter())
+            .map(|id| {
+                let j = (0..row.len()).find(|&j| !taken[j] && row_ids.get(j) == Some(id))?;
+                taken[j] = true;
+                Some(row[j])
+            })
+            .collect();
+        let mut rest = (0..row.len()).filter(|&j| !taken[j]).map(|j| row[j]);
+        // (As many places are left as values: the flatten drops nothing.)
+        out.extend(placed.into_iter().flat_map(|p| p.or_else(|| rest.next())));
+    }
+    out
+}
+
 /// Each row of `k` values sorted, largest first (NaN first: `total_cmp`).
 fn sorted_rows(v: &[f32], k: usize) -> Vec<f32> {
     let mut v = v.to_vec();

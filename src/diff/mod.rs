@@ -399,15 +399,26 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
 }
 
 /// `f` of the two dumps' values of `name` (of the reference's `shape`) as they were compared:
-/// indexer scores at causal keys only.
+/// indexer scores at causal keys only, routing weights paired by expert.
 fn with_compared<T>(
+    (a, b): (&Dump, &Dump),
     name: &str,
     (ours, reference, shape): (&Values, &Values, &[usize]),
     f: impl FnOnce(&Values, &Values) -> T,
 ) -> T {
     let causal = crate::compare::causal_scores(name, shape, ours, reference);
     let (x, y) = causal.as_ref().map_or((ours, reference), |(x, y)| (x, y));
-    f(x, y)
+    // Routing weights pair by expert, as compared: the reference's in the order of ours's experts.
+    let by_expert = match (name.strip_suffix(".moe.topk_weights"), y, shape.last()) {
+        (Some(layer), Values::F32(w), Some(&k)) => {
+            let n = format!("{layer}.moe.topk_ids");
+            (ints(a, &n).zip(ints(b, &n)))
+                .filter(|(ia, ib)| ia.len() == w.len() && ib.len() == w.len())
+                .map(|(ia, ib)| Values::F32(crate::compare::in_order_of(&ia, &ib, w, k)))
+        }
+        _ => None,
+    };
+    f(x, by_expert.as_ref().unwrap_or(y))
 }
 
 /// What the values of the divergence `c` say beyond its numbers, read from the two dumps.
@@ -427,7 +438,7 @@ fn notes_from(
 ) -> crate::reading::Notes {
     use crate::reading::{BiasLeftOut, Notes, Rerun, UnbiasedTies};
     let name = c.name.as_str();
-    let mut notes = with_compared(name, values, |x, y| match (x, y) {
+    let mut notes = with_compared((a, b), name, values, |x, y| match (x, y) {
         (Values::F32(x), Values::F32(y)) => Notes::of(a, b, name, (x, y, values.2), opts),
         _ => Notes::default(),
     });
@@ -557,6 +568,14 @@ impl DiffReport {
     }
 
     pub fn to_json(&self, a: &Path, b: &Path) -> Value {
+        // As the text says them: where a rerun names the cause, the onset's list of the kinds it
+        // may be is left out.
+        let onset_json = |n: &crate::reading::Notes| {
+            n.onset.map(|o| json!({"matching_positions": o.matching, "reading": o.reading_with(n.rerun.is_none())}))
+        };
+        let leading_json = |n: &crate::reading::Notes| {
+            n.leading.map(|l| json!({"differing_positions": l.differing, "reading": l.reading()}))
+        };
         json!({
             "schema": "glimpse-diff/1",
             "a": a.display().to_string(),
@@ -570,11 +589,11 @@ impl DiffReport {
             "past_rounding": self.past_rounding_reading().map(|p| {
                 json!({
                     "name": p.divergence.name, "reading": p.reading, "rerun": p.notes.rerun.map(|r| r.json()),
-                    "unread_before": p.unread,
+                    "unread_before": p.unread, "onset": onset_json(p.notes), "leading": leading_json(p.notes),
                 })
             }),
-            "first_divergence_onset": self.notes.onset.map(|o| json!({"matching_positions": o.matching, "reading": o.reading()})),
-            "first_divergence_leading": self.notes.leading.map(|l| json!({"differing_positions": l.differing, "reading": l.reading()})),
+            "first_divergence_onset": onset_json(&self.notes),
+            "first_divergence_leading": leading_json(&self.notes),
             "first_divergence_weights_rule": self.notes.weights_reading(),
             "notes": self.precision_notes(),
             "first_non_finite_a": self.non_finite_a.as_ref().map(|n| json!({"name": n.name, "at": n.at, "value": n.value.to_string()})),

@@ -13,7 +13,6 @@
 
 use super::{notes_of, with_compared, DiffOptions, DiffReport};
 use crate::compare::{element_ok, Comparison, Detail, Flip, Tolerance};
-use crate::config::MlpKind;
 use crate::dump::{Dump, Values};
 use crate::error::Result;
 use crate::flips::Class;
@@ -70,7 +69,7 @@ enum Own {
 
 impl Own {
     fn of(c: &Comparison, opts: &DiffOptions) -> Option<Own> {
-        let moe = |i: usize| opts.config.as_ref().is_some_and(|c| c.mlp_layer_types.get(i) == Some(&MlpKind::Moe));
+        let moe = |i: usize| opts.config.as_ref().is_some_and(|c| c.is_moe(i));
         match HookPoint::parse(&c.name)? {
             HookPoint::Layer(_, LayerHook::TopkIds | LayerHook::TopkWeights) => Some(Own::Routing),
             HookPoint::Layer(_, LayerHook::QLatent | LayerHook::KvLatent) => Some(Own::Latent),
@@ -233,7 +232,7 @@ fn rounding_explains(
 ) -> bool {
     let (Ok((va, _)), Ok((vb, sb))) = (a.values(&c.name), b.values(&c.name)) else { return false };
     let tol = opts.tol_for(&c.name);
-    with_compared(&c.name, (&va, &vb, &sb), |x, y| match (x, y) {
+    with_compared((a, b), &c.name, (&va, &vb, &sb), |x, y| match (x, y) {
         (Values::F32(x), Values::F32(y)) => {
             Tail::of(x, y, &sb, tol).is_some() || within((x, y, &sb), &c.name, tol, flipped, seq)
         }

@@ -293,7 +293,7 @@ fn the_model_hint_fits_the_unknown_flips() {
 #[test]
 fn an_onset_over_batch_rows_says_what_holds_of_every_row() {
     use crate::reading::Onset;
-    let onset = |batch| Onset { matching: 3, index_topk: None, batch, factor: None }.reading();
+    let onset = |batch| Onset { matching: 3, index_topk: None, batch, factor: None }.reading_with(true);
     assert_eq!(onset(1), "positions 0-2 match and every later one differs");
     assert_eq!(onset(2), "positions 0-2 match in every batch row and every later one differs in one row at least");
 }

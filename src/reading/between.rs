@@ -47,7 +47,9 @@ pub struct Between {
 struct Layer {
     /// What the layer starts from: the embeddings, the layer before's output, `mtp.eh_proj`.
     input: HookPoint,
-    moe: bool,
+    /// Whether it routes to experts; None where neither the config nor the dumps say (no
+    /// `--model`, no layer's `moe.*` recorded).
+    moe: Option<bool>,
 }
 
 /// The hook points `point` is computed from in the forward pass, and what computes it; None
@@ -76,11 +78,15 @@ fn inputs(point: HookPoint, layer: impl Fn(usize) -> Layer) -> Option<(Vec<HookP
         TopkWeights => {
             (vec![at(RouterLogits), at(TopkIds)], "the routing weights (sigmoid, normalisation, routed_scaling_factor)")
         }
-        MlpOut if moe => (
+        MlpOut if moe == Some(true) => (
             vec![at(PostAttnNorm), at(TopkIds), at(TopkWeights)],
             "the experts (routed and shared, and their weighted sum)",
         ),
-        MlpOut => (vec![at(PostAttnNorm)], "the dense MLP (gate_proj, up_proj, down_proj)"),
+        MlpOut if moe == Some(false) => (vec![at(PostAttnNorm)], "the dense MLP (gate_proj, up_proj, down_proj)"),
+        MlpOut => (
+            vec![at(PostAttnNorm)],
+            "the MLP (a dense one, or the experts: the dumps record no routing of the layer to say which)",
+        ),
         Output => (vec![input, at(AttnOut), at(MlpOut)], "the residual adds"),
         _ => return None,
     })
@@ -111,16 +117,12 @@ impl DiffReport {
         }
         let names = || self.results.iter().map(|c| &c.name).chain(&self.only_a).chain(&self.only_b);
         // The MTP layer starts from `mtp.eh_proj`: the config's last layer where it has one,
-        // else (without --model) the dumps' last where they hold the head's `mtp.*`; the first
-        // starts from the embeddings, the others from the layer before. A layer is a MoE one by
-        // the config, else where either dump routes it.
-        let last = names().filter_map(|n| HookPoint::parse(n)?.layer()).max();
-        let mtp = match self.with_model {
-            true => self.mtp_layer,
-            false => names().any(|n| n.starts_with("mtp.")).then_some(last).flatten(),
-        };
-        // Without a config, also a layer whose positions are not the layer before's: the MTP
-        // head drafts from one position fewer a batch row.
+        // else (without --model) a layer whose positions are not the layer before's, as the MTP
+        // head drafts from one position fewer a batch row. (The dumps' last layer is not taken
+        // for it: a dump of the head may not hold its layer.) The first starts from the
+        // embeddings, the others from the layer before. A layer is a MoE one by the config, else
+        // where either dump routes it.
+        let mtp = self.mtp_layer.filter(|_| self.with_model);
         let elements = |p: HookPoint| match self.results.iter().find(|c| c.name == p.name())?.detail {
             Detail::Float { elements, .. } => Some(elements),
             _ => None,
@@ -138,8 +140,12 @@ impl DiffReport {
                 i => HookPoint::Layer(i - 1, LayerHook::Output),
             },
             moe: match &self.mlp_kinds {
-                Some(kinds) => kinds.get(i) == Some(&MlpKind::Moe),
-                None => names().any(|n| n.starts_with(&format!("layers.{i}.moe."))),
+                Some(kinds) => Some(kinds.get(i) == Some(&MlpKind::Moe)),
+                // (Dumps that record some layer's routing record every routed layer's.)
+                None => match names().any(|n| n.starts_with(&format!("layers.{i}.moe."))) {
+                    true => Some(true),
+                    false => names().any(|n| n.contains(".moe.")).then_some(false),
+                },
             },
         };
         let point = HookPoint::parse(&first.name)?;
@@ -148,7 +154,7 @@ impl DiffReport {
         let reruns = match point {
             HookPoint::Layer(_, QLatent | KvLatent | DsaScores | AttnOut | TopkWeights) => true,
             // (The MoE rerun's: a dense MLP has none.)
-            HookPoint::Layer(i, MlpOut) => layer(i).moe,
+            HookPoint::Layer(i, MlpOut) => layer(i).moe != Some(false),
             _ => false,
         };
         let mut between = Between {

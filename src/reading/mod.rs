@@ -283,13 +283,21 @@ impl DiffReport {
             // Flips none of which is a near-tie (their margins unknown: routing without --model)
             // over gate logits that moved by m: one rule flips only choices tied within 2m, which
             // chance makes of about rows x 2m x E tokens (the k-th and next scores' gap has a
-            // density of about E, the experts, near 0; E = 256, GLM-5's, as the worst case).
+            // density of about E, the experts, near 0).
             // Ten times that many flips, and two at least, are no such ties.
             Detail::Sets { flips, rows, .. }
                 if flips.len() > 1 && flips.iter().all(|f| Class::of(f, self.near_tie) == Class::Unknown) =>
             {
                 let (name, moved) = input().filter(|(n, _)| n.ends_with("router_logits"))?;
-                let chance = *rows as f64 * 2.0 * moved * 256.0;
+                // E: the gate logits' width (their elements a token), 256 where they do not say.
+                let experts = (self.results.iter().find(|r| r.name == name))
+                    .and_then(|r| match r.detail {
+                        Detail::Float { elements, .. } => Some(elements / (*rows).max(1)),
+                        _ => None,
+                    })
+                    .filter(|&e| e > 0)
+                    .unwrap_or(256);
+                let chance = *rows as f64 * 2.0 * moved * experts as f64;
                 let test = if self.with_model { "" } else { "; --model DIR tests each flip" };
                 (flips.len() as f64 >= 10.0 * chance).then(|| {
                     format!(
@@ -325,7 +333,7 @@ impl Tail {
     /// - at most 1% of the finite elements outside the tolerance, scattered: over at least half
     ///   as many distinct rows, and columns, as that many elements dropped at random would
     ///   cover (a bug's elements share rows, a position, or columns, a channel);
-    /// - every non-finite value the same on both sides;
+    /// - no NaN, and every infinity the same on both sides;
     /// - an NMSE at most a quarter of what the tolerance allows (an rms error under half of it).
     ///
     /// None otherwise, when every element is inside the tolerance, or when the reference is 0.
@@ -341,8 +349,9 @@ impl Tail {
         let (mut finite, mut differ) = (0usize, 0usize);
         let (mut err, mut norm, mut allowed) = (0f64, 0f64, 0f64);
         for (i, (&a, &e)) in ours.iter().zip(reference).enumerate() {
+            // An infinity both sides hold matches; a NaN never does (the spec), so no tail.
             if !a.is_finite() || !e.is_finite() {
-                if a.to_bits() != e.to_bits() {
+                if a.is_nan() || a != e {
                     return None;
                 }
                 continue;
@@ -585,8 +594,7 @@ impl Notes {
         let routed_scaling = match point {
             Some(HookPoint::Layer(i, LayerHook::TopkWeights | LayerHook::MlpOut)) => {
                 opts.config.as_ref().and_then(|c| {
-                    let moe = c.mlp_layer_types.get(i) == Some(&crate::config::MlpKind::Moe);
-                    (moe && c.routed_scaling_factor != 1.0).then_some(c.routed_scaling_factor)
+                    (c.is_moe(i) && c.routed_scaling_factor != 1.0).then_some(c.routed_scaling_factor)
                 })
             }
             _ => None,

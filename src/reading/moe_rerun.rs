@@ -19,7 +19,6 @@ use candle_core::{Device, Tensor};
 use super::rerun::{pick, Output};
 use crate::checkpoint::{Checkpoint, Loader};
 use crate::compare::Tolerance;
-use crate::config::MlpKind;
 use crate::diff::{floats, ints};
 use crate::dump::Dump;
 use crate::hooks::{HookPoint, LayerHook};
@@ -137,7 +136,7 @@ impl MoeRerun {
         let Some(HookPoint::Layer(i, LayerHook::MlpOut)) = HookPoint::parse(name) else { return None };
         let tol = tol_for(name);
         let c = &ckpt.config;
-        if c.mlp_layer_types.get(i) != Some(&MlpKind::Moe) {
+        if !c.is_moe(i) {
             return None;
         }
         let mut loader = Loader::new(ckpt);

@@ -22,10 +22,6 @@ pub struct Onset {
 }
 
 impl Onset {
-    pub(crate) fn reading(self) -> String {
-        self.reading_with(true)
-    }
-
     /// The reading, with the kinds of cause its pattern allows (`causes`), or without them where
     /// another reading names the cause (a rerun's variant).
     pub(crate) fn reading_with(self, causes: bool) -> String {
