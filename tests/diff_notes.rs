@@ -201,7 +201,13 @@ fn routing_weights_are_read_paired_by_expert() {
                 sorted_ids.push(ri[o]);
                 // Noise everywhere inside the default tolerance, and one weight just past it.
                 let tol = 1e-4 + 1e-4 * rw[o].abs();
-                let by = if (row, j) == (5, 1) { 1.5 } else if j % 2 == 0 { 0.1 } else { -0.1 };
+                let by = if (row, j) == (5, 1) {
+                    1.5
+                } else if j % 2 == 0 {
+                    0.1
+                } else {
+                    -0.1
+                };
                 sorted_weights.push(rw[o] + by * tol);
             }
         }

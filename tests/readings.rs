@@ -571,9 +571,10 @@ fn a_divergence_no_reading_names_is_localised_by_its_inputs() {
     // Without the MTP layer's own tensors (the head's mtp.* kept) and without --model, the dumps'
     // last layer is a main one: layer 2 starts from layer 1's output, not from the head's eh_proj.
     let no_layer = |t: &mut Vec<Named>| t.retain(|(n, _, _)| !n.starts_with("layers.3."));
-    let ours = edit_floats(&mtp.join("reference.safetensors"), &tmp.path().join("l2.st"), "layers.2.input_norm", |x, _| {
-        wobble(x, 0.03)
-    });
+    let ours =
+        edit_floats(&mtp.join("reference.safetensors"), &tmp.path().join("l2.st"), "layers.2.input_norm", |x, _| {
+            wobble(x, 0.03)
+        });
     let headless = edit_dump(&ours, &tmp.path().join("headless.st"), no_layer);
     let headless_ref = edit_dump(&mtp.join("reference.safetensors"), &tmp.path().join("headless-ref.st"), no_layer);
     let (_, text) = code_and_text(&["diff", &s(&headless), &s(&headless_ref)]);
@@ -608,4 +609,24 @@ fn an_attention_past_an_unread_divergence_is_rerun_on_ours_own_input() {
     let own = "  on ours's own inputs, the first divergence that reads as a bug: layers.0.attn.out (ours is this layer's \
                attention rerun on its input with the softmax scale qk_head_dim^-0.5 = 0.204124 (YaRN's mscale² left out)";
     assert!(text.contains(own), "{text}");
+}
+
+/// The MTP layer's routing weights (one position short a batch row) keep their rows: weights
+/// normalised otherwise read as each row a scaled copy there too (its shape was dropped, and
+/// with it the rows' reading).
+#[test]
+fn the_mtp_layers_weights_are_read_by_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = golden("mtp").join("reference.safetensors");
+    let ours = edit_floats(&reference, &tmp.path().join("scaled.st"), "layers.3.moe.topk_weights", |w, shape| {
+        let k = shape[shape.len() - 1];
+        w.chunks_mut(k).enumerate().for_each(|(row, r)| r.iter_mut().for_each(|x| *x *= 1.1 + 0.01 * (row % 5) as f32));
+    });
+    let (code, text) = code_and_text(&["diff", &s(&ours), &s(&reference)]);
+    assert_eq!(code, 1, "{text}");
+    let first = "first divergence: layers.3.moe.topk_weights (each of its";
+    assert!(
+        text.contains(first) && text.contains("rows is a scaled copy of the reference's, by factors 1.1000 to 1.1400"),
+        "{text}"
+    );
 }

@@ -502,7 +502,12 @@ impl Gpu {
         }
         fits("rope", &[(x.len(), rows * heads * width), (cos.len(), seq * half), (sin.len(), seq * half)])?;
         let [r, s, h, w, st, hf] = ints("rope", [rows, seq, heads, width, start, half])?;
-        launch!(self, "rope_interleaved", per_item((rows * heads).div_ceil(4), 128, 0), [x, cos, sin, &r, &s, &h, &w, &st, &hf])
+        launch!(
+            self,
+            "rope_interleaved",
+            per_item((rows * heads).div_ceil(4), 128, 0),
+            [x, cos, sin, &r, &s, &h, &w, &st, &hf]
+        )
     }
 
     /// logits: `[n, e]`; bias: `[e]` -> ids, weights: `[n, k]`; margin: `[n]`.

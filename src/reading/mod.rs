@@ -527,11 +527,14 @@ impl Notes {
     ) -> Notes {
         let point = HookPoint::parse(name);
         let tail = Tail::of(ours, reference, shape, opts.tol_for(name));
-        // Router tensors are [B*S, ...]: by position as [B, S, ...], where `input_ids` says B and S.
+        // A row's width as stored, whatever the positions below make of the rows.
+        let width = shape.last().copied();
+        // Router tensors are [B*S, ...]: by position as [B, S, ...], where `input_ids` says B (the
+        // MTP layer's rows are one position short a batch row: [B, S - 1, ...]).
         let shape = match point {
             Some(HookPoint::Layer(_, h)) if h.token_rows() => match (b.shape("input_ids"), shape.split_first()) {
-                (Some(ids), Some((&rows, rest))) if ids.len() == 2 && ids[0] * ids[1] == rows => {
-                    [&ids[..], rest].concat()
+                (Some(ids), Some((&rows, rest))) if ids.len() == 2 && ids[0] > 0 && rows % ids[0] == 0 => {
+                    [&[ids[0], rows / ids[0]][..], rest].concat()
                 }
                 _ => Vec::new(),
             },
@@ -592,15 +595,14 @@ impl Notes {
         // would mislead. (A few masked keys leave it.)
         let onset = onset.filter(|_| !mask.is_some_and(|m| m.off_by_one()));
         let routed_scaling = match point {
-            Some(HookPoint::Layer(i, LayerHook::TopkWeights | LayerHook::MlpOut)) => {
-                opts.config.as_ref().and_then(|c| {
-                    (c.is_moe(i) && c.routed_scaling_factor != 1.0).then_some(c.routed_scaling_factor)
-                })
-            }
+            Some(HookPoint::Layer(i, LayerHook::TopkWeights | LayerHook::MlpOut)) => opts
+                .config
+                .as_ref()
+                .and_then(|c| (c.is_moe(i) && c.routed_scaling_factor != 1.0).then_some(c.routed_scaling_factor)),
             _ => None,
         };
         // (Rows that part at an onset, the earlier ones exact, are read by where it starts.)
-        let row_scale = shape.last().filter(|_| onset.is_none()).and_then(|&w| RowScale::of(ours, reference, w));
+        let row_scale = width.filter(|_| onset.is_none()).and_then(|w| RowScale::of(ours, reference, w));
         let ckpt = opts.checkpoint.as_deref();
         let moe_rerun = ckpt.and_then(|m| MoeRerun::of(a, b, name, m, |n| opts.tol_for(n)));
         let latent_norm = ckpt.and_then(|m| LatentNorm::of(a, b, name, m, opts.tol_for(name)));

@@ -126,7 +126,8 @@ fn the_load_view_keeps_the_selected_layer_and_its_numbers_in_view() {
 fn paging_the_latent_kv_view_of_a_dump_without_layers_stays_on_a_row() {
     let tmp = tempfile::tempdir().unwrap();
     let port = Path::new("golden/flat/bf16-port.safetensors");
-    let ours = common::edit_dump(port, &tmp.path().join("head.st"), |t| t.retain(|(n, _, _)| !n.starts_with("layers.")));
+    let ours =
+        common::edit_dump(port, &tmp.path().join("head.st"), |t| t.retain(|(n, _, _)| !n.starts_with("layers.")));
     let src = dumps_source(&ours, &ours, &DiffOptions::default());
     let mut app = App { view: View::KvNorms, page: 8, ..App::default() };
     app.scroll_down(&src);
