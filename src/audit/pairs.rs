@@ -131,7 +131,25 @@ impl Pairs {
     /// hundreds of times a layer, and a branch on each pair's count against its expectation,
     /// taken half the time, cost them a fifth.)
     fn chosen(&self, loads: &[u64], tokens: u64, k: usize, mut f: impl FnMut(Pair)) {
-        let Some(expect) = Expectation::of(loads, tokens, k) else { return };
+        let Some(mut expect) = Expectation::of(loads, tokens, k) else { return };
+        // A pair some token chose that Hájek's approximation gives no room (a negative joint,
+        // near-fixed routing's) would expect nothing and drop out of the ranking: such a layer
+        // takes independent choice for every pair. (Pairs no token chose may be negative: an
+        // expert every token takes leaves the others' pairs none at k = 2.)
+        if expect.may_be_negative() {
+            let mut at = 0;
+            let mut broken = false;
+            for a in 0..self.experts {
+                for b in a + 1..self.experts {
+                    broken |= self.counts[at] > 0 && expect.joint(a, b) <= 0.0;
+                    at += 1;
+                }
+            }
+            if broken {
+                let Some(independent) = Expectation::independent(loads, tokens, k) else { return };
+                expect = independent;
+            }
+        }
         let mut at = 0;
         for a in 0..self.experts {
             for b in a + 1..self.experts {
@@ -344,57 +362,77 @@ struct Expectation {
 impl Expectation {
     /// None for `k < 2`, no tokens, or loads that make no pair.
     fn of(loads: &[u64], tokens: u64, k: usize) -> Option<Expectation> {
+        Expectation::with(loads, tokens, k, true)
+    }
+
+    /// Independent choice at the loads, `pi_a pi_b` scaled (no Hájek correction).
+    fn independent(loads: &[u64], tokens: u64, k: usize) -> Option<Expectation> {
+        Expectation::with(loads, tokens, k, false)
+    }
+
+    fn with(loads: &[u64], tokens: u64, k: usize, hajek: bool) -> Option<Expectation> {
         if k < 2 || tokens == 0 {
             return None;
         }
         let n = tokens as f64;
         let pi: Vec<f64> = loads.iter().map(|&l| (l as f64 / n).min(1.0)).collect();
         let u: Vec<f64> = pi.iter().map(|p| p * (1.0 - p)).collect();
-        let d: f64 = u.iter().sum();
-        // Hájek's joint inclusion below is negative for a pair with (1 - pi_a)(1 - pi_b) > d,
-        // which only routing close to fixed reaches (d under 1): a pair some token chose would
-        // expect nothing and drop out of the ranking, and the scale below would not make the pairs
-        // add up. Such a layer takes independent choice (pi_a pi_b, scaled) for every pair
-        // instead. The two least loaded experts in use have the largest such product.
+        let d: f64 = if hajek { u.iter().sum() } else { 0.0 };
+        let pairs = (k * (k - 1)) as f64 / 2.0;
+        let mut e = Expectation { pi, d, scale: 1.0 };
+        // Sum over pairs of pi_a pi_b, less the correction's: (S^2 - sum pi^2) / 2 and, where
+        // d > 0, (d^2 - sum u^2) / (2 d). Where some pair's joint is negative (clamped to 0), its
+        // pairs summed one by one, so the expected counts still add up to the pairs chosen.
+        let total = match e.may_be_negative() {
+            true => e.joint_sum(),
+            false => {
+                let (sum, squares) = (e.pi.iter().sum::<f64>(), e.pi.iter().map(|p| p * p).sum::<f64>());
+                let correction = match d > 0.0 {
+                    true => (d * d - u.iter().map(|x| x * x).sum::<f64>()) / (2.0 * d),
+                    false => 0.0,
+                };
+                (sum * sum - squares) / 2.0 - correction
+            }
+        };
+        e.scale = n * pairs / total;
+        (total > 0.0).then_some(e)
+    }
+
+    /// Whether Hájek's joint inclusion is negative for some pair of experts in use: for a pair
+    /// with (1 - pi_a)(1 - pi_b) > d, which only routing close to fixed reaches (d under 1). The
+    /// two least loaded experts in use have the largest such product.
+    fn may_be_negative(&self) -> bool {
         let (mut p1, mut p2) = (f64::INFINITY, f64::INFINITY);
-        for &p in pi.iter().filter(|&&p| p > 0.0) {
+        for &p in self.pi.iter().filter(|&&p| p > 0.0) {
             (p1, p2) = if p < p1 { (p, p1) } else { (p1, p.min(p2)) };
         }
-        let d = if p2.is_finite() && (1.0 - p1) * (1.0 - p2) >= d { 0.0 } else { d };
-        let (sum, squares) = (pi.iter().sum::<f64>(), pi.iter().map(|p| p * p).sum::<f64>());
-        // Sum over pairs of pi_a pi_b, less the correction's: (S^2 - sum pi^2) / 2 and, where
-        // d > 0, (d^2 - sum u^2) / (2 d).
-        let correction = match d > 0.0 {
-            true => (d * d - u.iter().map(|x| x * x).sum::<f64>()) / (2.0 * d),
-            false => 0.0,
-        };
-        let total = (sum * sum - squares) / 2.0 - correction;
-        let pairs = (k * (k - 1)) as f64 / 2.0;
-        (total > 0.0).then(|| Expectation { pi, d, scale: n * pairs / total })
+        self.d > 0.0 && p2.is_finite() && (1.0 - p1) * (1.0 - p2) >= self.d
+    }
+
+    /// Pair (a, b)'s joint inclusion, unscaled; Hájek's may be negative.
+    fn joint(&self, a: usize, b: usize) -> f64 {
+        let (x, y) = (self.pi[a], self.pi[b]);
+        match self.d > 0.0 {
+            true => x * y * (1.0 - (1.0 - x) * (1.0 - y) / self.d),
+            false => x * y,
+        }
+    }
+
+    /// The joints of every pair of experts in use, each clamped to 0.
+    fn joint_sum(&self) -> f64 {
+        let used: Vec<usize> = (0..self.pi.len()).filter(|&a| self.pi[a] > 0.0).collect();
+        let pairs = used.iter().enumerate().flat_map(|(i, &a)| used[i + 1..].iter().map(move |&b| (a, b)));
+        pairs.map(|(a, b)| self.joint(a, b).max(0.0)).sum()
     }
 
     /// The tokens pair (a, b) expects.
     fn pair(&self, a: usize, b: usize) -> f64 {
-        let (x, y) = (self.pi[a], self.pi[b]);
-        let joint = match self.d > 0.0 {
-            true => x * y * (1.0 - (1.0 - x) * (1.0 - y) / self.d),
-            false => x * y,
-        };
-        self.scale * joint.max(0.0)
+        self.scale * self.joint(a, b).max(0.0)
     }
 }
 
 /// Each counted layer's chance level, by layer.
 type Chances = std::collections::BTreeMap<usize, PairChance>;
-
-/// A pair's expected count as the table shows it: where it is under 0.1 (two rarely used experts
-/// at GLM-5's 256), in two significant digits, so it never reads as 0.0.
-fn expected(e: f64) -> String {
-    match e {
-        e if e < 0.1 && e > 0.0 => format!("{e:.1e}"),
-        e => format!("{e:.1}"),
-    }
-}
 
 impl Audit {
     /// Each counted layer's chance level ([`chance`] at its loads), the layers shared among the
@@ -456,7 +494,15 @@ impl Audit {
             let top = strongest.first().map(Pair::surprise);
             let c = chances.get(&l.layer);
             let list: Vec<String> = (strongest.iter().take(n))
-                .map(|p| format!("{}+{} {}/{}", p.experts[0], p.experts[1], p.tokens, expected(p.expected)))
+                .map(|p| {
+                    format!(
+                        "{}+{} {}/{}",
+                        p.experts[0],
+                        p.experts[1],
+                        p.tokens,
+                        glimpse_tui::views::load::expected(p.expected)
+                    )
+                })
                 .collect();
             let label = match self.mtp_layer == Some(l.layer) {
                 true => format!("{} mtp", l.layer),
@@ -611,18 +657,58 @@ mod tests {
     /// Routing close to fixed, where Hájek's joint inclusion of two rarely used experts is
     /// negative: 1000 tokens of top-3 of 5, 999 choosing {0, 1} and one of {2, 3, 4} (900, 50, 49
     /// times), one token {2, 3, 4}. Shares [0.999, 0.999, 0.901, 0.051, 0.050] give d = 0.187,
-    /// under (1 - 0.051)(1 - 0.050); the layer falls back to independence, so the pair {3, 4},
-    /// chosen once, expects more than nothing (it expected 0 and was never ranked), and the pairs
-    /// expected add up to the 3000 chosen (they added up to 3009.6).
+    /// under (1 - 0.051)(1 - 0.050). The pair {3, 4}, which that token chose, expected 0 and was
+    /// never ranked: the layer takes independence, and its pairs still add up to the 3000 chosen
+    /// (with Hájek's clamped joints too: they added up to 3009.6).
     #[test]
-    fn routing_close_to_fixed_drops_no_pair() {
+    fn routing_close_to_fixed_drops_no_pair_a_token_chose() {
         let loads = [999, 999, 901, 51, 50];
-        let e = Expectation::of(&loads, 1000, 3).unwrap();
-        assert_eq!(e.d, 0.0);
-        let pi = loads.map(|l| l as f64 / 1000.0);
-        assert!((e.pair(3, 4) / (e.scale * pi[3] * pi[4]) - 1.0).abs() < 1e-12, "{}", e.pair(3, 4));
-        let all: f64 = (0..5).flat_map(|a| (a + 1..5).map(move |b| (a, b))).map(|(a, b)| e.pair(a, b)).sum();
-        assert!((all - 3000.0).abs() < 1e-6, "{all}");
+        let mut p = Pairs::new(5).unwrap();
+        for t in 0..999 {
+            p.add(&[
+                0,
+                1,
+                if t < 900 {
+                    2
+                } else if t < 950 {
+                    3
+                } else {
+                    4
+                },
+            ]);
+        }
+        p.add(&[2, 3, 4]);
+        let hajek = Expectation::of(&loads, 1000, 3).unwrap();
+        assert!(hajek.may_be_negative() && hajek.pair(3, 4) == 0.0);
+        let sum = |e: &Expectation| (0..5).flat_map(|a| (a + 1..5).map(move |b| e.pair(a, b))).sum::<f64>();
+        assert!((sum(&hajek) - 3000.0).abs() < 1e-6, "{}", sum(&hajek));
+        let independent = Expectation::independent(&loads, 1000, 3).unwrap();
+        assert!((sum(&independent) - 3000.0).abs() < 1e-6, "{}", sum(&independent));
+        let mut seen = Vec::new();
+        p.chosen(&loads, 1000, 3, |q| seen.push((q.experts, q.expected)));
+        let expected = |a, b| seen.iter().find(|(e, _)| *e == [a, b]).map(|&(_, x)| x);
+        assert_eq!(expected(3, 4), Some(independent.pair(3, 4)));
+        assert!(expected(3, 4).is_some_and(|x| x > 0.0));
+    }
+
+    /// An expert every token takes at k = 2 leaves the others' pairs none, where Hájek's joint
+    /// is negative for some: no token chose one, so the layer keeps Hájek's expectation (the
+    /// fixed expert's pairs near the other's tokens), not independence's (which gave 0+1 380 of
+    /// its 500 tokens, a surprise of 8.7 where Hájek's 454 gives about 1.7).
+    #[test]
+    fn a_fixed_expert_at_k_2_keeps_hajeks_expectation() {
+        let loads = [1000, 500, 300, 150, 49, 1];
+        let mut p = Pairs::new(6).unwrap();
+        for (e, &n) in loads.iter().enumerate().skip(1) {
+            (0..n).for_each(|_| p.add(&[0, e]));
+        }
+        let hajek = Expectation::of(&loads, 1000, 2).unwrap();
+        assert!(hajek.may_be_negative());
+        let mut seen = Vec::new();
+        p.chosen(&loads, 1000, 2, |q| seen.push((q.experts, q.expected)));
+        assert_eq!(seen.len(), 5);
+        assert!(seen.iter().all(|&([a, b], x)| x == hajek.pair(a, b)), "{seen:?}");
+        assert!((seen[0].1 - 454.0).abs() < 0.5, "{seen:?}");
     }
 
     /// The Poisson tail by hand: P(X >= 3) at mean 0.5 is 1 - e^-0.5 (1 + 0.5 + 0.125) =

@@ -102,6 +102,15 @@ fn extremes(layer: usize, counts: &[u64]) -> String {
     format!("layer {layer} busiest {}, rarest {} (expert:tokens)", list(&busiest).join(" "), list(&rarest).join(" "))
 }
 
+/// A pair's expected count as this view and `audit --pairs` print it: under 0.1 (most pairs at
+/// GLM-5's 256 experts) in two significant digits, as `2/0.0` would read as nothing expected.
+pub fn expected(e: f64) -> String {
+    match e {
+        e if e > 0.0 && e < 0.1 => format!("{e:.1e}"),
+        e => format!("{e:.1}"),
+    }
+}
+
 /// `together 12+40 9/1.2 3+7 6/0.8 (surprise 6.10, past chance's 95% 5.01)`: the strongest
 /// pairs as tokens/expected, and the top one's surprise against chance's, in `width` columns
 /// (whole pairs).
@@ -116,9 +125,6 @@ fn pairs_line(p: &PairsRow, width: usize) -> String {
         None => format!("surprise {:.2}", top.surprise),
     };
     let tail = format!(" ({verdict})");
-    // (An expectation under 0.1 in two significant digits, as `audit --pairs` prints it: at
-    // 256 experts most are, and `2/0.0` reads as an expectation of nothing.)
-    let expected = |e: f64| if e > 0.0 && e < 0.1 { format!("{e:.1e}") } else { format!("{e:.1}") };
     let items: Vec<String> = (p.pairs.iter())
         .map(|q| format!("{}+{} {}/{}", q.experts[0], q.experts[1], q.tokens, expected(q.expected)))
         .collect();
