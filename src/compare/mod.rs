@@ -579,8 +579,9 @@ pub fn align_by_expert<T: Copy>(
 /// `v`'s rows of `k` values (each an expert's, `ids` saying which; all three of one length) put
 /// in the order of `order_ids`' experts: a row of the same experts lines up with it value for value, and one that
 /// differs keeps its other experts' values, in their order, in the places left. Readings by
-/// position see routing weights paired as [`compare_expert_weights`] pairs them, whatever order
-/// each side's top-k lists its experts in (transformers' is unsorted).
+/// position see routing weights paired as [`compare_expert_weights`] pairs them (the experts
+/// both chose; in a flipped row the others pair as they fall), whatever order each side's top-k
+/// lists its experts in (transformers' is unsorted).
 pub fn in_order_of<T: Copy>(order_ids: &[i64], ids: &[i64], v: &[T], k: usize) -> Vec<T> {
     let k = k.max(1);
     let mut out = Vec::with_capacity(v.len());
@@ -601,7 +602,7 @@ pub fn in_order_of<T: Copy>(order_ids: &[i64], ids: &[i64], v: &[T], k: usize) -
 }
 
 /// Each row of `k` values sorted, largest first (NaN first: `total_cmp`).
-fn sorted_rows(v: &[f32], k: usize) -> Vec<f32> {
+pub(crate) fn sorted_rows(v: &[f32], k: usize) -> Vec<f32> {
     let mut v = v.to_vec();
     for row in v.chunks_mut(k.max(1)) {
         row.sort_by(|x, y| y.total_cmp(x));

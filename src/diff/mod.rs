@@ -321,13 +321,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
                 seen.insert(name.clone(), first_non_finite(name, v, shape));
             }
         }
-        let ids = match name.strip_suffix(".moe.topk_weights") {
-            Some(layer) => {
-                let n = format!("{layer}.moe.topk_ids");
-                ints(a, &n).zip(ints(b, &n))
-            }
-            None => None,
-        };
+        let ids = expert_ids(a, b, name);
         let ids = ids.as_ref().map(|(x, y)| (x.as_slice(), y.as_slice()));
         for (side, v) in [&va, &vb].into_iter().enumerate() {
             if let Values::F32(_) = v {
@@ -398,8 +392,16 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     Ok(report)
 }
 
+/// Both dumps' expert ids for the routing weights `weights_name` (`moe.topk_weights`), which
+/// pair the weights by expert; None for another tensor or where either lacks them.
+fn expert_ids(a: &Dump, b: &Dump, weights_name: &str) -> Option<(Vec<i64>, Vec<i64>)> {
+    let n = format!("{}.moe.topk_ids", weights_name.strip_suffix(".moe.topk_weights")?);
+    ints(a, &n).zip(ints(b, &n))
+}
+
 /// `f` of the two dumps' values of `name` (of the reference's `shape`) as they were compared:
-/// indexer scores at causal keys only, routing weights paired by expert.
+/// indexer scores at causal keys only, routing weights paired by expert (each row sorted where
+/// the dumps do not both hold the experts' ids).
 fn with_compared<T>(
     (a, b): (&Dump, &Dump),
     name: &str,
@@ -408,17 +410,19 @@ fn with_compared<T>(
 ) -> T {
     let causal = crate::compare::causal_scores(name, shape, ours, reference);
     let (x, y) = causal.as_ref().map_or((ours, reference), |(x, y)| (x, y));
-    // Routing weights pair by expert, as compared: the reference's in the order of ours's experts.
-    let by_expert = match (name.strip_suffix(".moe.topk_weights"), y, shape.last()) {
-        (Some(layer), Values::F32(w), Some(&k)) => {
-            let n = format!("{layer}.moe.topk_ids");
-            (ints(a, &n).zip(ints(b, &n)))
-                .filter(|(ia, ib)| ia.len() == w.len() && ib.len() == w.len())
-                .map(|(ia, ib)| Values::F32(crate::compare::in_order_of(&ia, &ib, w, k)))
-        }
-        _ => None,
+    // Routing weights as compared: with both sides' ids, the reference's in the order of ours's
+    // experts; without, each row of both sorted.
+    let (true, Values::F32(v), Values::F32(w), Some(&k)) = (name.ends_with(".moe.topk_weights"), x, y, shape.last())
+    else {
+        return f(x, y);
     };
-    f(x, by_expert.as_ref().unwrap_or(y))
+    match expert_ids(a, b, name).filter(|(ia, ib)| ia.len() == w.len() && ib.len() == w.len()) {
+        Some((ia, ib)) => f(x, &Values::F32(crate::compare::in_order_of(&ia, &ib, w, k))),
+        None => {
+            use crate::compare::sorted_rows;
+            f(&Values::F32(sorted_rows(v, k)), &Values::F32(sorted_rows(w, k)))
+        }
+    }
 }
 
 /// What the values of the divergence `c` say beyond its numbers, read from the two dumps.

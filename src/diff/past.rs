@@ -118,8 +118,9 @@ pub(super) fn past_rounding(r: &DiffReport, a: &Dump, b: &Dump, opts: &DiffOptio
         }
         _ => false,
     };
-    // (The run's positions per batch row: where routing's token rows sit.)
-    let seq = b.shape("input_ids").or_else(|| a.shape("input_ids")).and_then(|s| s.get(1).copied());
+    // (The run's batch rows: where routing's token rows sit, S positions a row, the MTP layer's
+    // S - 1.)
+    let batch = b.shape("input_ids").or_else(|| a.shape("input_ids")).and_then(|s| s.first().copied());
     let mut flipped = Flipped::default();
     let diverging: Vec<&Comparison> = r.results.iter().filter(|c| !c.ok).collect();
     for (n, c) in diverging.iter().enumerate() {
@@ -136,7 +137,8 @@ pub(super) fn past_rounding(r: &DiffReport, a: &Dump, b: &Dump, opts: &DiffOptio
         if let Some(notes) = routing.filter(|n| Own::reads_as_bug(r, c, n)) {
             return Ok(Some(Past { name: c.name.clone(), notes, own: None }));
         }
-        if let Detail::Sets { flips, .. } = &c.detail {
+        if let Detail::Sets { flips, rows, .. } = &c.detail {
+            let seq = positions(*rows, batch);
             let rows: Vec<Option<Row>> = flips.iter().map(|f| flip_row(&f.at, seq)).collect();
             // A flip rounding makes: a near-tie (or one of unknown margin) that its own side's
             // scores do not contradict, or a real one where an earlier near-tie reaches.
@@ -149,7 +151,7 @@ pub(super) fn past_rounding(r: &DiffReport, a: &Dump, b: &Dump, opts: &DiffOptio
                 continue;
             }
         }
-        if !matches!(c.detail, Detail::Sets { .. }) && rounding_explains(a, b, c, opts, &flipped, seq) {
+        if !matches!(c.detail, Detail::Sets { .. }) && rounding_explains(a, b, c, opts, &flipped, batch) {
             continue;
         }
         let notes = match routing {
@@ -209,6 +211,11 @@ fn own_read(
     Ok(None)
 }
 
+/// The positions a batch row of `rows` token rows over `batch` batch rows holds.
+fn positions(rows: usize, batch: Option<usize>) -> Option<usize> {
+    batch.filter(|&b| b > 0 && rows.is_multiple_of(b)).map(|b| rows / b)
+}
+
 /// The (batch row, position) of a flip at `at`: DSA's `[b, s]`, routing's token `[t]` (of `seq`
 /// positions a row).
 fn flip_row(at: &[usize], seq: Option<usize>) -> Option<Row> {
@@ -228,32 +235,35 @@ fn rounding_explains(
     c: &Comparison,
     opts: &DiffOptions,
     flipped: &Flipped,
-    seq: Option<usize>,
+    batch: Option<usize>,
 ) -> bool {
     let (Ok((va, _)), Ok((vb, sb))) = (a.values(&c.name), b.values(&c.name)) else { return false };
     let tol = opts.tol_for(&c.name);
     with_compared((a, b), &c.name, (&va, &vb, &sb), |x, y| match (x, y) {
         (Values::F32(x), Values::F32(y)) => {
-            Tail::of(x, y, &sb, tol).is_some() || within((x, y, &sb), &c.name, tol, flipped, seq)
+            Tail::of(x, y, &sb, tol).is_some() || within((x, y, &sb), &c.name, tol, flipped, batch)
         }
         _ => false,
     })
 }
 
 /// Whether every element of floats `x` against `y` (of `shape`) outside the tolerance lies where
-/// near-tie flips reach (none: false): tensors `[B, S, ...]`, or `[B*S, ...]` token rows of
-/// `seq` positions a row.
+/// near-tie flips reach (none: false): tensors `[B, S, ...]`, or `[B*S, ...]` token rows over
+/// `batch` batch rows (the MTP layer's `[B*(S-1), ...]`).
 fn within(
     (x, y, shape): (&[f32], &[f32], &[usize]),
     name: &str,
     tol: Tolerance,
     flipped: &Flipped,
-    seq: Option<usize>,
+    batch: Option<usize>,
 ) -> bool {
     let token_rows = HookPoint::parse(name).is_some_and(|p| matches!(p, HookPoint::Layer(_, h) if h.token_rows()));
-    let (positions, width) = match (token_rows, shape, seq) {
-        (true, [_, w, ..], Some(s)) => (s, *w),
-        (false, [_, s, rest @ ..], _) => (*s, rest.iter().product()),
+    let (positions, width) = match (token_rows, shape) {
+        (true, [rows, w, ..]) => match positions(*rows, batch) {
+            Some(s) => (s, *w),
+            None => return false,
+        },
+        (false, [_, s, rest @ ..]) => (*s, rest.iter().product()),
         _ => return false,
     };
     if flipped.is_empty() || positions == 0 || width == 0 || x.len() != y.len() {
