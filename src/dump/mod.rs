@@ -200,7 +200,7 @@ impl Dump {
 
     /// The MTP decoder layer's index, where the dump records the head: its last layer, when that
     /// layer's positions are the head's (one fewer than the main model's).
-    fn mtp_layer(&self) -> Option<usize> {
+    pub(crate) fn mtp_layer(&self) -> Option<usize> {
         let seq = |n: &str| self.info(n).and_then(|i| i.shape.get(1).copied());
         let head = seq(&HookPoint::MtpEhProj.name()).or_else(|| seq(&HookPoint::MtpInputHidden.name()))?;
         let last = self.file.names().filter_map(|n| HookPoint::parse(n)?.layer()).max()?;
@@ -295,8 +295,9 @@ impl Dump {
     }
 
     /// A recorded DSA selection (`layers.{i}.dsa.topk`), to replay or start a window from, for a
-    /// run of `batch` x `seq` tokens. Entries past each query are padding (the spec's); a negative
-    /// one, or a row with no causal key (no top-k keeps none), is refused with its query.
+    /// run of `batch` x `seq` tokens. Entries outside `0..=s` for query `s` are padding (the spec's
+    /// past the query, and -1 as serving engines pad, as the comparison reads them); a row with no
+    /// causal key (no top-k keeps none) is refused with its query.
     pub fn selection(&self, name: &str, batch: usize, seq: usize) -> Result<crate::model::indexer::Selection> {
         let (Values::I64(idx), shape) = self.values(name)? else {
             return Err(Error::dump(&self.path, format!("`{name}` must be an integer tensor")));
@@ -305,10 +306,7 @@ impl Dump {
             [b, s, k] if (b, s) == (batch, seq) => {
                 for (row, keys) in idx.chunks_exact(k.max(1)).enumerate() {
                     let (b, s) = (row / seq, row % seq);
-                    if let Some(j) = keys.iter().find(|&&j| j < 0) {
-                        return Err(Error::dump(&self.path, format!("`{name}` holds key {j} for query [{b}, {s}]")));
-                    }
-                    if !keys.iter().any(|&j| j <= s as i64) {
+                    if !keys.iter().any(|&j| (0..=s as i64).contains(&j)) {
                         let msg = format!("`{name}` keeps no causal key for query [{b}, {s}] (no top-k keeps none)");
                         return Err(Error::dump(&self.path, msg));
                     }

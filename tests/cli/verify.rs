@@ -308,15 +308,26 @@ fn verify_names_a_reference_whose_layers_start_at_1() {
     assert!(code == 0 && !out.contains("numbers its layers"), "{out}");
 }
 
-/// A replayed DSA selection is checked as a replayed routing is: a negative key, or a row that
-/// keeps no causal key (what no top-k does), is refused with its query, where it ran as padding
-/// and left the query attending to nothing (NaN in every tensor after it).
+/// A replayed DSA selection is checked as a replayed routing is: a row that keeps no causal key
+/// (what no top-k does: padding alone, past the query or -1) is refused with its query, where it
+/// ran as padding and left the query attending to nothing (NaN in every tensor after it). A
+/// selection padded with -1, as serving engines pad, replays as the comparison reads it (it was
+/// refused for its negative keys).
 #[test]
 fn a_replayed_selection_of_no_causal_key_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let reference = common::golden("flat").join("reference.safetensors");
+    let padded = common::edit_ints(&reference, &tmp.path().join("padded.st"), "layers.0.dsa.topk", |v, shape| {
+        let (seq, k) = (shape[1], shape[2]);
+        for (row, keys) in v.chunks_mut(k).enumerate() {
+            keys.iter_mut().filter(|j| **j > (row % seq) as i64).for_each(|j| *j = -1);
+        }
+    });
+    let (code, out) =
+        common::code_and_text(&["verify", "--model", "golden/flat", "--golden", &s(&padded), "--force-selection"]);
+    assert_eq!(code, 0, "{out}");
     for (name, bad, said) in [
-        ("negative.st", vec![-5], "holds key -5 for query [0, 3]"),
+        ("negative.st", vec![-1; 8], "keeps no causal key for query [0, 3]"),
         ("none.st", vec![1_000_000; 8], "keeps no causal key for query [0, 3]"),
     ] {
         let path = common::edit_ints(&reference, &tmp.path().join(name), "layers.0.dsa.topk", |v, shape| {
