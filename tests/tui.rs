@@ -574,6 +574,18 @@ fn a_dump_of_outputs_alone_takes_the_layer_kinds_from_its_reference() {
             assert_eq!(words[2], "full", "layer {i}:\n{s}");
         }
     }
+    // The routing view of a MoE layer whose routing ours did not record says so, and of a dense
+    // one that it has no router. Where neither dump routes any layer, no layer is called dense.
+    let at_routing = |src: &DumpSource, i| screen(&at_view(src, i, View::Routing), src, 80, 24);
+    let (moe, dense) = ((0..5).find(|&i| holds(i, "moe.topk_ids")).unwrap(), 0);
+    let s = at_routing(&src, moe);
+    assert!(s.contains(&format!("no routing recorded for layer {moe} (moe feed-forward)")), "{s}");
+    assert!(at_routing(&src, dense).contains("layer 0 has no router (dense feed-forward)"));
+    let unrouted =
+        common::edit_dump(&reference, &tmp.path().join("unrouted.st"), |t| t.retain(|(n, ..)| !n.contains(".moe.")));
+    let src = dumps_source(&outputs, &unrouted, &DiffOptions::default());
+    let s = at_routing(&src, dense);
+    assert!(s.contains("no routing recorded for layer 0") && !s.contains("dense"), "{s}");
 }
 
 /// The DSA and latent KV views on the embeddings' or the head's row say there is nothing of the

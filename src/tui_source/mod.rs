@@ -60,7 +60,7 @@ pub struct DumpSource {
     pairs: RefCell<HashMap<usize, Option<load::Counted>>>,
     /// The latent-kv view's grid, computed when first drawn: a reference of GLM-5 shapes holds
     /// its latents unnormed, some 166 M values at 4096 tokens, and every key redraws.
-    kv_norms: std::cell::OnceCell<Option<KvNormGrid>>,
+    kv_norms: std::cell::OnceCell<Option<Rc<KvNormGrid>>>,
     chances: load::Chances,
     warning: Option<String>,
 }
@@ -158,11 +158,12 @@ impl DumpSource {
         // of the layers' outputs alone is compared with a reference that holds their routing).
         let theirs = reference.as_ref().map(Dump::names).unwrap_or_default();
         let parts = part_names(&ours);
-        // And the MTP head's layer: the last one, where either dump holds the head's `mtp.*`
-        // (as the load view tells it, by its rows).
-        let mtp_names = ours.names().iter().chain(&theirs).any(|n| n.starts_with("mtp."));
-        let last = parts.iter().filter_map(|(part, _)| part.layer()).max();
-        let mtp_layer = last.filter(|_| mtp_names && config.is_none());
+        // And the MTP head's layer: the last one, where its positions are the head's (as `diff`
+        // tells it; a dump of the head need not hold its layer). A layer no dump routes is dense
+        // where the dumps route some layer, and unknown where they route none.
+        let mtp_layer = ours.mtp_layer().or_else(|| reference.as_ref().and_then(Dump::mtp_layer));
+        let mtp_layer = mtp_layer.filter(|_| config.is_none());
+        let routed = ours.names().iter().chain(&theirs).any(|n| n.ends_with(".moe.topk_ids"));
         let layers = parts
             .into_iter()
             .map(|(part, names)| {
@@ -179,7 +180,8 @@ impl DumpSource {
                             Some((Some(MlpKind::Dense), _)) => "dense",
                             _ if mtp_layer == Some(i) => "mtp",
                             _ if has(".moe.topk_ids") => "moe",
-                            _ => "dense",
+                            _ if routed => "dense",
+                            _ => "?",
                         };
                         let indexer = match config.and_then(|c| c.indexer_types.get(i)) {
                             Some(IndexerKind::Full) => "full",
@@ -609,8 +611,8 @@ impl Source for DumpSource {
         self.warning.clone()
     }
 
-    fn kv_norms(&self) -> Option<KvNormGrid> {
-        self.kv_norms.get_or_init(|| self.kv_norm_grid()).clone()
+    fn kv_norms(&self) -> Option<Rc<KvNormGrid>> {
+        self.kv_norms.get_or_init(|| self.kv_norm_grid().map(Rc::new)).clone()
     }
 }
 

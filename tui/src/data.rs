@@ -70,7 +70,7 @@ impl Part {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerRow {
     pub part: Part,
-    /// e.g. "dense" or "moe".
+    /// "dense", "moe", "mtp", or "?" where neither the config nor the dumps say.
     pub ffn: String,
     /// e.g. "full" or "shared".
     pub indexer: String,
@@ -336,7 +336,7 @@ pub trait Source {
     /// The DSA selection of `layer` for the batch row holding `token` (shared: a long prompt's
     /// is large, and every key press redraws it).
     fn dsa(&self, layer: usize, token: usize) -> Option<std::rc::Rc<DsaMatrix>>;
-    fn kv_norms(&self) -> Option<KvNormGrid>;
+    fn kv_norms(&self) -> Option<std::rc::Rc<KvNormGrid>>;
     /// Where the run first produced a NaN or an Inf, if it did (shown above the layers).
     fn first_non_finite(&self) -> Option<String> {
         None

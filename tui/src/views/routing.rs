@@ -19,6 +19,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         let msg = match layer.part.layer() {
             // A routed layer whose routing the dump did not record is no dense one.
             Some(i) if layer.ffn == "dense" => format!("layer {i} has no router (dense feed-forward)"),
+            Some(i) if layer.ffn == "?" => format!("no routing recorded for layer {i}"),
             Some(i) => format!("no routing recorded for layer {i} ({} feed-forward)", layer.ffn),
             None => format!("no router in the {}", layer.part.name()),
         };
