@@ -505,7 +505,8 @@ impl Gpu {
         launch!(
             self,
             "rope_interleaved",
-            per_item((rows * heads).div_ceil(4), 128, 0),
+            // A warp per (row, head): 4 a block of 128.
+            per_item((rows * heads).div_ceil(128 / 32), 128, 0),
             [x, cos, sin, &r, &s, &h, &w, &st, &hf]
         )
     }
@@ -589,7 +590,7 @@ impl Gpu {
         launch!(
             self,
             "index_combine",
-            per_item(qc, 256, 0),
+            per_item(qc * t.div_ceil(256), 256, 0),
             [g, w, scores, &q32, &n32, &te32, &t32, &w_row0, &out_row0, &f32_]
         )
     }

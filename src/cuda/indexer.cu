@@ -22,23 +22,23 @@
 
 // index_combine: the chunk's scores from g = q . k * scale (a cuBLAS product, cuda::attention):
 //   scores[out_row0 + i, j] = sum_h w[w_row0 + i, h] * relu(g[i * n + h, j]) for the causal keys
-//   j <= first + i (and j < t_eff, the keys g covers), -inf after. g is [qc * n, t_eff]; one
-//   block per query row i of qc, its threads striding over the keys j of [t] (no thread divides a
-//   64-bit index). The rows of all queries' scores (out_row0 = w_row0), or of a chunk's own
-//   (out_row0 = 0) when its top-k is taken before the next chunk.
+//   j <= first + i (and j < t_eff, the keys g covers), -inf after. g is [qc * n, t_eff]. A block
+//   per (query row i, tile of blockDim keys), so a long row still fills the card: the block's
+//   row and tile are one 32-bit division, not a 64-bit one per element. The rows of all queries'
+//   scores (out_row0 = w_row0), or of a chunk's own (out_row0 = 0) when its top-k is taken before
+//   the next chunk.
 extern "C" __global__ void index_combine(const float* g, const float* w, float* scores, int qc, int n, int t_eff,
                                          int t, long long w_row0, long long out_row0, int first) {
-    int i = blockIdx.x;
-    if (i >= qc) return;
-    float* out = scores + (out_row0 + i) * t;
+    int tiles = (t + (int)blockDim.x - 1) / (int)blockDim.x;
+    int i = blockIdx.x / tiles, j = (blockIdx.x % tiles) * blockDim.x + threadIdx.x;
+    if (i >= qc || j >= t) return;
+    float* out = scores + (out_row0 + i) * t + j;
+    if (j > first + i || j >= t_eff) { *out = -INFINITY; return; }
     const float* wr = w + (w_row0 + i) * n;
-    const float* gi = g + (long long)i * n * t_eff;
-    for (int j = threadIdx.x; j < t; j += blockDim.x) {
-        if (j > first + i || j >= t_eff) { out[j] = -INFINITY; continue; }
-        float acc = 0.0f;
-        for (int h = 0; h < n; h++) acc += fmaxf(gi[(long long)h * t_eff + j], 0.0f) * wr[h];
-        out[j] = acc;
-    }
+    const float* gi = g + (long long)i * n * t_eff + j;
+    float acc = 0.0f;
+    for (int h = 0; h < n; h++) acc += fmaxf(gi[(long long)h * t_eff], 0.0f) * wr[h];
+    *out = acc;
 }
 
 // Whether key u (score x) ranks before key j (score v): higher score first, NaN last, ties to the

@@ -125,18 +125,22 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     gpu.row_l2_norm(&dx, &mut n, rows, cols)?;
     out.push(check("row_l2_norm", &gpu.download(&n)?, &CpuOps.row_l2_norm(&x, rows, cols)?, 1e-5));
 
-    // RoPE with YaRN-style attention scaling: 7 rows x 5 heads x width 24, rope slice [8, 24).
-    let (r_rows, seq, heads, width, start, half) = (14, 7, 5, 24, 8, 8);
-    let rot = crate::model::rope::RotaryEmbedding {
-        inv_freq: (0..half).map(|j| 1.0 / 10000f32.powf(2.0 * j as f32 / (2 * half) as f32)).collect(),
-        attention_scaling: 1.2,
-    };
-    let tables = rot.tables(&(3..3 + seq).collect::<Vec<_>>());
-    let mut x = rng.vec(r_rows * heads * width);
-    let mut dx = gpu.upload(&x)?;
-    gpu.rope(&mut dx, &gpu.upload(&tables.cos)?, &gpu.upload(&tables.sin)?, r_rows, seq, heads, width, start, half)?;
-    tables.apply(&mut x, seq, heads, width, start);
-    out.push(check("rope_interleaved", &gpu.download(&dx)?, &x, 1e-5));
+    // RoPE with YaRN-style attention scaling: 14 rows (2 x 7 positions) x 5 heads x width 24,
+    // rope slice [8, 24); then 3 rows x 3 heads of 40 pairs (a lane's second pair, and the last
+    // block's warps past the rows).
+    for (r_rows, seq, heads, width, start, half) in [(14, 7, 5, 24, 8, 8), (3, 3, 3, 88, 8, 40)] {
+        let rot = crate::model::rope::RotaryEmbedding {
+            inv_freq: (0..half).map(|j| 1.0 / 10000f32.powf(2.0 * j as f32 / (2 * half) as f32)).collect(),
+            attention_scaling: 1.2,
+        };
+        let tables = rot.tables(&(3..3 + seq).collect::<Vec<_>>());
+        let mut x = rng.vec(r_rows * heads * width);
+        let mut dx = gpu.upload(&x)?;
+        let (cos, sin) = (gpu.upload(&tables.cos)?, gpu.upload(&tables.sin)?);
+        gpu.rope(&mut dx, &cos, &sin, r_rows, seq, heads, width, start, half)?;
+        tables.apply(&mut x, seq, heads, width, start);
+        out.push(check(format!("rope_interleaved (half {half})"), &gpu.download(&dx)?, &x, 1e-5));
+    }
 
     // SwiGLU over 37 rows of fused gate and up products (2 x 300 wide: a block of 256 threads
     // takes a row twice over), then adds of 10_007 values, then a cut of columns.
@@ -312,7 +316,8 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     // (ranks last); then 9 queries from position 0 with K = 6, so early rows keep every causal
     // key and are padded; then 3 queries after 200 keys with K = 6, coarsened, with a NaN, which
     // the chunked path (chunks of 16) cuts in five rounds; then 40 queries from position 0 with
-    // K = 3, whose early rows end chunks before the row does. Rows compare in order (best first,
+    // K = 3, whose early rows end chunks before the row does; then 2 queries after 600 keys with
+    // K = 300, more slots than a block's threads. Rows compare in order (best first,
     // ties to the lower position; a row kept whole by position), margins exactly.
     let (batch, s, offset, nh, d, topk) = (2, 5, 38, 4, 16, 24);
     let t = offset + s;
@@ -325,8 +330,15 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     long[203 + 150] = f32::NAN;
     // 40 queries from position 0 with K = 3: chunks of 8 that lie wholly past a row's query.
     let early: Vec<f32> = rng.vec(40 * 40).iter().map(|v| (v * 4.0).round() / 4.0).collect();
-    let datasets =
-        [(&coarse, batch, s, offset, topk), (&prefix, 1, 9, 0, 6), (&long, 1, 3, 200, 6), (&early, 1, 40, 0, 3)];
+    // 2 queries after 600 keys with K = 300: more slots than a block's threads.
+    let wide: Vec<f32> = rng.vec(2 * 602);
+    let datasets = [
+        (&coarse, batch, s, offset, topk),
+        (&prefix, 1, 9, 0, 6),
+        (&long, 1, 3, 200, 6),
+        (&early, 1, 40, 0, 3),
+        (&wide, 1, 2, 600, 300),
+    ];
     for path in [TopK::Ranked, TopK::Sorted, TopK::Chunked { chunk: 0 }] {
         let name = match path {
             TopK::Chunked { .. } => "topk_causal (Chunked, the smallest chunks K allows)".to_string(),
@@ -350,8 +362,24 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
         }
         out.push(worst);
     }
-    // Rows 3 .. 8 of a selection of 9 rows of K = 6, the others left as they were.
-    let (row0, rows, kk) = (3, 5, 6);
+    // index_combine over rows of 300 keys (two tiles of a block's 256, the second partial): 3
+    // queries at positions 290 .. 292 whose products cover 295 keys, -inf past each query and
+    // past those, from row 1 of the weights into rows 1 .. 3 of the scores.
+    let (qc, n, t_eff, keys, first) = (3, 4, 295, 300, 290);
+    let (g, wv) = (rng.vec(qc * n * t_eff), rng.vec((1 + qc) * n));
+    let mut scores = gpu.filled((1 + qc) * keys, nan)?;
+    gpu.index_combine(&gpu.upload(&g)?, &gpu.upload(&wv)?, &mut scores, [qc, n, t_eff, keys], (1, 1), first)?;
+    let want: Vec<f32> = (0..qc * keys)
+        .map(|at| match (at / keys, at % keys) {
+            (i, j) if j > first + i || j >= t_eff => f32::NEG_INFINITY,
+            (i, j) => (0..n).map(|h| g[(i * n + h) * t_eff + j].max(0.0) * wv[(1 + i) * n + h]).sum(),
+        })
+        .collect();
+    out.push(check("index_combine (300 keys)", &gpu.download(&scores)?[keys..], &want, 1e-5));
+
+    // Rows 3 .. 8 of a selection of 9 rows of K = 300 (more slots than a block's threads), the
+    // others left as they were.
+    let (row0, rows, kk) = (3, 5, 300);
     let (mut idx, mut margin) = (gpu.filled(9 * kk, -1i32)?, gpu.filled(9, -1f32)?);
     gpu.every_key(&mut idx, &mut margin, row0, rows, kk)?;
     let sel = crate::model::indexer::Selection::every_key(1, rows, kk);
