@@ -200,6 +200,9 @@ pub(crate) enum Command {
         /// Relative tolerance of the comparison with the reference (default as --atol's).
         #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]
         rtol: Option<f64>,
+        /// Per-name tolerance, `PATTERN=ATOL,RTOL` (`*` wildcard); repeatable, last match wins.
+        #[arg(long = "tol", value_name = "PATTERN=ATOL,RTOL")]
+        tols: Vec<String>,
         /// Flips whose margins on both sides are below this are marked near-ties (default 1e-3, or
         /// twice --atol where larger).
         #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]

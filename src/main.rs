@@ -452,8 +452,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", report.render());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Tui { model, golden, dump, tokens, prompt, stream, device, gpu, atol, rtol, near_tie } => {
+        Command::Tui { model, golden, dump, tokens, prompt, stream, device, gpu, atol, rtol, tols, near_tie } => {
             let model = model.or_else(|| dump.is_none().then(default_case));
+            let per_name = tols.iter().map(|t| diff::parse_tol(t)).collect::<Result<Vec<_>>>()?;
             let target = gpu.target(device, &[("--dump", dump.is_some())])?;
             // The run or the comparison comes before the first screen: said while it lasts.
             let waiting = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -477,6 +478,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 stream,
                 near_tie,
                 tol: tolerance(target, atol, rtol),
+                per_name: &per_name,
             });
             if waiting {
                 eprint!("\r\x1b[2K");

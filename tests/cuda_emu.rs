@@ -473,6 +473,7 @@ fn the_tui_in_bf16_takes_the_bf16_reference_and_tolerance() {
         stream: false,
         near_tie: None,
         tol: Precision::Bf16.tolerance(),
+        per_name: &[],
     })
     .unwrap();
     let reference = dir.join("reference-bf16.safetensors");

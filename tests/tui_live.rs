@@ -262,6 +262,7 @@ fn a_live_run_of_other_tokens_runs_without_the_folders_reference() {
             stream: false,
             near_tie: None,
             tol: Default::default(),
+            per_name: &[],
         })
     };
     let src = open(None).unwrap();
@@ -399,10 +400,10 @@ fn another_models_checkpoint_is_said() {
     config["rms_norm_eps"] = serde_json::json!(1e-6);
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
     std::fs::copy(flat().join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
-    let other = open_port(Some(dir.path()), Default::default());
+    let other = open_port(Some(dir.path()), Default::default(), &[]);
     let s = screen(&App::default(), &other, 120, 24);
     assert!(s.contains(": not the config.json the dumps ran"), "{s}");
-    let right = open_port(Some(&flat()), Default::default());
+    let right = open_port(Some(&flat()), Default::default(), &[]);
     assert_eq!(right.warning(), None);
     assert!(!screen(&App::default(), &right, 120, 24).contains("warning"));
     // The warning stays in the status line while no key's message takes its place.
@@ -431,6 +432,7 @@ fn open_live(model: &Path, backend: glimpse::device::Backend, stream: bool) -> D
         stream,
         near_tie: None,
         tol: Default::default(),
+        per_name: &[],
     })
     .unwrap()
 }
@@ -448,11 +450,16 @@ fn open_dump(model: Option<&Path>, golden: Option<&Path>, dump: &Path) -> glimps
         stream: false,
         near_tie: None,
         tol: Default::default(),
+        per_name: &[],
     })
 }
 
 /// `tui --dump` of the bundled bf16 port against its reference, as the binary opens it.
-fn open_port(model: Option<&Path>, tol: glimpse::compare::Tolerance) -> DumpSource {
+fn open_port(
+    model: Option<&Path>,
+    tol: glimpse::compare::Tolerance,
+    per_name: &[(String, glimpse::compare::Tolerance)],
+) -> DumpSource {
     let (port, reference) = (flat().join("bf16-port.safetensors"), flat().join("reference.safetensors"));
     glimpse::tui_source::open(&glimpse::tui_source::Open {
         model,
@@ -465,16 +472,18 @@ fn open_port(model: Option<&Path>, tol: glimpse::compare::Tolerance) -> DumpSour
         stream: false,
         near_tie: None,
         tol,
+        per_name,
     })
     .unwrap()
 }
 
 /// `tui --atol/--rtol`: the comparison's tolerance is diff's, so the bf16 port at bf16's 2e-2
-/// counts the mismatches diff counts there, and fewer than at the default 1e-4. (This checks
+/// counts the mismatches diff counts there, and fewer than at the default 1e-4; `--tol` sets a
+/// name pattern's own. (This checks
 /// the plumbing of the tolerance into the view; `diff`'s rules are checked in their own tests.)
 #[test]
 fn the_tolerance_is_the_comparisons() {
-    let open = |atol: f64| open_port(None, glimpse::compare::Tolerance { atol, rtol: atol });
+    let open = |atol: f64| open_port(None, glimpse::compare::Tolerance { atol, rtol: atol }, &[]);
     let (strict, loose) = (open(1e-4), open(2e-2));
     let tol = glimpse::compare::Tolerance { atol: 2e-2, rtol: 2e-2 };
     let (ours, theirs) = port_dumps();
@@ -489,6 +498,17 @@ fn the_tolerance_is_the_comparisons() {
     }
     let total = |src: &DumpSource| src.layers().iter().map(|l| l.mismatches).sum::<usize>();
     assert!(total(&loose) < total(&strict));
+    // `--tol 'layers.I.*=2e-2,2e-2'`, I a layer the two tolerances count apart: that layer at
+    // bf16's tolerance, the rest at the default.
+    let apart = (strict.layers().iter().zip(loose.layers()))
+        .find(|(s, l)| s.part.layer().is_some() && s.mismatches != l.mismatches);
+    let i = apart.and_then(|(s, _)| s.part.layer()).expect("a layer the tolerances count apart");
+    let per_name = [glimpse::diff::parse_tol(&format!("layers.{i}.*=2e-2,2e-2")).unwrap()];
+    let mixed = open_port(None, Default::default(), &per_name);
+    for ((m, s), l) in mixed.layers().iter().zip(strict.layers()).zip(loose.layers()) {
+        let want = if m.part == glimpse_tui::Part::Layer(i) { l.mismatches } else { s.mismatches };
+        assert_eq!(m.mismatches, want, "{:?}", m.part);
+    }
 }
 
 /// The expert-load view counts a layer's experts as `diff` and `audit` do: the router's width,

@@ -30,8 +30,9 @@ pub struct Open<'a> {
     pub stream: bool,
     /// Flips whose margins on both sides are below this are near-ties (default: `diff`'s).
     pub near_tie: Option<f64>,
-    /// The comparison's tolerance.
+    /// The comparison's tolerance, and per name pattern (`--tol`, last match wins).
     pub tol: crate::compare::Tolerance,
+    pub per_name: &'a [(String, crate::compare::Tolerance)],
 }
 
 /// How a dump's shapes say it is not a run of the model `cfg` describes: its hidden size, its
@@ -54,8 +55,9 @@ fn misfit(d: &Dump, cfg: &crate::config::Config) -> Option<String> {
 /// Opens the TUI's data: a recorded dump as it is, or a live run of a model recorded into a
 /// temporary dump; with the reference when there is one.
 pub fn open(o: &Open) -> Result<DumpSource> {
-    let Open { model, golden, dump, tokens, prompt, max_memory, target, stream, near_tie, tol } = *o;
-    let mut opts = DiffOptions { tol, near_tie: near_tie.unwrap_or(tol.near_tie()), ..DiffOptions::default() };
+    let Open { model, golden, dump, tokens, prompt, max_memory, target, stream, near_tie, tol, per_name } = *o;
+    let near_tie = near_tie.unwrap_or(tol.near_tie());
+    let mut opts = DiffOptions { tol, per_name: per_name.to_vec(), near_tie, ..DiffOptions::default() };
     let dir = match (dump, model) {
         (Some(path), model) => {
             let reference = golden.map(Dump::open).transpose()?;
