@@ -67,6 +67,31 @@ fn an_extra_tensor_of_another_dtype_is_listed_not_refused() {
     assert_eq!(code_and_text(&["audit", "--dump", &s(&ours)]).0, 0);
 }
 
+/// "A comparer compares the names both files have": a tool's bool mask both dumps hold, in one
+/// dtype and shape, is compared exactly (it was only listed as not read, so two masks that
+/// differ matched); in another shape it is not compared, and stays listed.
+#[test]
+fn an_extra_tensor_both_dumps_hold_alike_is_compared_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mask = |data: Vec<u8>| Entry { dtype: safetensors::Dtype::BOOL, shape: vec![1, data.len()], data };
+    let with = |name: &str, data: Vec<u8>| {
+        rewrite(&reference(), &tmp.path().join(name), as_is, vec![("engine.mask".into(), mask(data))], |_| {})
+    };
+    let (a, b) = (with("a.st", vec![1; 32]), with("b.st", vec![1; 32]));
+    let (code, out) = code_and_text(&["diff", &s(&a), &s(&b)]);
+    assert_eq!(code, 0, "{out}");
+    let mut flipped = vec![1; 32];
+    flipped[5] = 0;
+    let c = with("c.st", flipped);
+    let (code, out) = code_and_text(&["diff", &s(&c), &s(&b), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
+    let mask = v["tensors"].as_array().and_then(|t| t.iter().find(|t| t["name"] == "engine.mask"));
+    assert!(code == 1 && mask.is_some_and(|m| m["match"] == false), "{out}");
+    let shorter = with("d.st", vec![1; 31]);
+    let (code, out) = code_and_text(&["diff", &s(&shorter), &s(&b)]);
+    assert!(code == 0 && out.contains("engine.mask (BOOL"), "{out}");
+}
+
 /// glimpse's extra names are not the spec's: another tool's tensor under one of them, in a dtype
 /// or rank glimpse never writes it in (its own `moe.margin` of [B, S], a bool flag, integer
 /// norms), is listed and left unread, not refused, compared as glimpse's, or taken for its

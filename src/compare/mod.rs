@@ -741,6 +741,28 @@ fn compare_exact(ours: &[i64], reference: &[i64], shape: &[usize]) -> (bool, Det
     (differing.is_empty(), Detail::Exact { elements: reference.len(), differing })
 }
 
+/// Two tensors of a dtype no hook point takes (another tool's bool mask), compared exactly, each
+/// element as its little-endian word (a byte at a time for dtypes narrower than one); None where
+/// their dtypes or shapes differ (nothing to compare: the names stay listed as not read).
+pub fn compare_raw(
+    name: &str,
+    (dtype, shape, ours): (safetensors::Dtype, &[usize], &[u8]),
+    (ref_dtype, ref_shape, reference): (safetensors::Dtype, &[usize], &[u8]),
+) -> Option<Comparison> {
+    if dtype != ref_dtype || shape != ref_shape || ours.len() != reference.len() {
+        return None;
+    }
+    let (size, shape) = match dtype.bitsize() {
+        bits if bits % 8 == 0 && (8..=64).contains(&bits) => (bits / 8, shape.to_vec()),
+        _ => (1, vec![ours.len()]),
+    };
+    let words = |b: &[u8]| -> Vec<i64> {
+        b.chunks_exact(size).map(|w| w.iter().rev().fold(0i64, |acc, &x| (acc << 8) | i64::from(x))).collect()
+    };
+    let (ok, detail) = compare_exact(&words(ours), &words(reference), &shape);
+    Some(Comparison { name: name.to_string(), ok, detail })
+}
+
 pub fn to_f32(v: &Values) -> Vec<f32> {
     match v {
         Values::F32(x) => x.clone(),

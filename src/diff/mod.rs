@@ -361,6 +361,16 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         }
         results.push(c);
     }
+    // What neither reads as values (another tool's bool mask, its own dtype under one of
+    // glimpse's names) but both hold alike, in one dtype and shape: compared exactly, as the spec
+    // compares every name both files have.
+    for u in a.unread().iter().filter(|u| b.unread().iter().any(|v| v.name == u.name)) {
+        if let Some(c) = (a.unread_bytes(&u.name).zip(b.unread_bytes(&u.name)))
+            .and_then(|(x, y)| crate::compare::compare_raw(&u.name, x, y))
+        {
+            results.push(c);
+        }
+    }
     let mut report = DiffReport {
         results,
         non_finite_a: first_non_finite_with(a, &seen_a)?,

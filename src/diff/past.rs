@@ -278,7 +278,8 @@ mod tests {
     use super::*;
 
     /// A flip reaches its position and the later ones of its batch row, not the earlier ones nor
-    /// another row; routing's token rows map to (batch row, position).
+    /// another row; routing's token rows map to (batch row, position), the MTP layer's by its own
+    /// positions.
     #[test]
     fn a_flip_reaches_its_position_and_the_later_ones_of_its_row() {
         let mut f = Flipped::default();
@@ -289,5 +290,8 @@ mod tests {
         assert_eq!(flip_row(&[1, 4], None), Some((1, 4)));
         assert_eq!(flip_row(&[45], Some(40)), Some((1, 5)));
         assert_eq!(flip_row(&[45], None), None);
+        // The MTP layer's 30 rows over 2 batch rows: 15 positions a row, not the run's 16.
+        assert_eq!(flip_row(&[16], positions(30, Some(2))), Some((1, 1)));
+        assert_eq!((positions(32, Some(2)), positions(31, Some(2)), positions(4, Some(0))), (Some(16), None, None));
     }
 }
