@@ -68,8 +68,8 @@ fn an_extra_tensor_of_another_dtype_is_listed_not_refused() {
 }
 
 /// "A comparer compares the names both files have": a tool's bool mask both dumps hold, in one
-/// dtype and shape, is compared exactly (it was only listed as not read, so two masks that
-/// differ matched); in another shape it is not compared, and stays listed.
+/// dtype and shape, is compared exactly, apart from the hook points (it was only listed as not
+/// read, so two masks that differ matched); in another shape it is not compared.
 #[test]
 fn an_extra_tensor_both_dumps_hold_alike_is_compared_exactly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -83,13 +83,18 @@ fn an_extra_tensor_both_dumps_hold_alike_is_compared_exactly() {
     let mut flipped = vec![1; 32];
     flipped[5] = 0;
     let c = with("c.st", flipped);
+    let (code, out) = code_and_text(&["diff", &s(&c), &s(&b)]);
+    let said = "not read, compared exactly: engine.mask DIFFERS in 1 of 32 elements, the first at flat index 5";
+    assert!(code == 1 && out.contains(said), "{out}");
     let (code, out) = code_and_text(&["diff", &s(&c), &s(&b), "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
-    let mask = v["tensors"].as_array().and_then(|t| t.iter().find(|t| t["name"] == "engine.mask"));
-    assert!(code == 1 && mask.is_some_and(|m| m["match"] == false), "{out}");
+    let want = serde_json::json!([{"name": "engine.mask", "elements": 32, "differing": 1, "first_differing": 5}]);
+    assert!(code == 1 && v["unread_compared"] == want && v["match"] == false, "{out}");
+    // Not a hook point: the first divergence is none of the tensors read as values.
+    assert!(v["first_divergence"].is_null(), "{out}");
     let shorter = with("d.st", vec![1; 31]);
     let (code, out) = code_and_text(&["diff", &s(&shorter), &s(&b)]);
-    assert!(code == 0 && out.contains("engine.mask (BOOL"), "{out}");
+    assert!(code == 0 && out.contains("engine.mask (BOOL") && !out.contains("compared exactly"), "{out}");
 }
 
 /// glimpse's extra names are not the spec's: another tool's tensor under one of them, in a dtype

@@ -741,26 +741,37 @@ fn compare_exact(ours: &[i64], reference: &[i64], shape: &[usize]) -> (bool, Det
     (differing.is_empty(), Detail::Exact { elements: reference.len(), differing })
 }
 
-/// Two tensors of a dtype no hook point takes (another tool's bool mask), compared exactly, each
-/// element as its little-endian word (a byte at a time for dtypes narrower than one); None where
-/// their dtypes or shapes differ (nothing to compare: the names stay listed as not read).
+/// A tensor neither dump reads as values (another tool's bool mask) that both hold alike,
+/// compared exactly: its elements, how many differ, and the first that does (flat index).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawComparison {
+    pub name: String,
+    pub elements: usize,
+    pub differing: usize,
+    pub first: Option<usize>,
+}
+
+/// Two such tensors compared element by element (a byte at a time for dtypes narrower than one);
+/// None where their dtypes or shapes differ, and for floats, which are compared within a
+/// tolerance that another tool's tensor of its own under a name glimpse does not read has none
+/// of: those stay listed as not read.
 pub fn compare_raw(
     name: &str,
     (dtype, shape, ours): (safetensors::Dtype, &[usize], &[u8]),
     (ref_dtype, ref_shape, reference): (safetensors::Dtype, &[usize], &[u8]),
-) -> Option<Comparison> {
-    if dtype != ref_dtype || shape != ref_shape || ours.len() != reference.len() {
+) -> Option<RawComparison> {
+    use safetensors::Dtype::{BOOL, I16, I32, I64, I8, U16, U32, U64, U8};
+    let exact = matches!(dtype, BOOL | U8 | I8 | U16 | I16 | U32 | I32 | U64 | I64);
+    if !exact || dtype != ref_dtype || shape != ref_shape || ours.len() != reference.len() {
         return None;
     }
-    let (size, shape) = match dtype.bitsize() {
-        bits if bits % 8 == 0 && (8..=64).contains(&bits) => (bits / 8, shape.to_vec()),
-        _ => (1, vec![ours.len()]),
-    };
-    let words = |b: &[u8]| -> Vec<i64> {
-        b.chunks_exact(size).map(|w| w.iter().rev().fold(0i64, |acc, &x| (acc << 8) | i64::from(x))).collect()
-    };
-    let (ok, detail) = compare_exact(&words(ours), &words(reference), &shape);
-    Some(Comparison { name: name.to_string(), ok, detail })
+    let size = (dtype.bitsize() / 8).max(1);
+    let (mut differing, mut first) = (0, None);
+    for (i, _) in ours.chunks_exact(size).zip(reference.chunks_exact(size)).enumerate().filter(|(_, (x, y))| x != y) {
+        differing += 1;
+        first.get_or_insert(i);
+    }
+    Some(RawComparison { name: name.to_string(), elements: ours.len() / size, differing, first })
 }
 
 pub fn to_f32(v: &Values) -> Vec<f32> {

@@ -113,6 +113,8 @@ pub struct DiffReport {
     pub only_b: Vec<String>,
     /// Each dump's tensors left unread, and why ([`Dump::unread`]).
     pub unread: [Vec<crate::dump::Unread>; 2],
+    /// Of those, the ones both hold alike in an integer dtype, compared exactly.
+    pub raw: Vec<crate::compare::RawComparison>,
     pub near_tie: f64,
     /// The tolerance the floats were compared at, and the `--tol` overrides by name pattern.
     pub tol: Tolerance,
@@ -179,7 +181,7 @@ impl DiffReport {
     /// Whether every tensor both hold matches, and ours does not hold spec hook points under
     /// other names ([`DiffReport::misnamed`]): a partial recording matches, a misnamed one not.
     pub fn all_match(&self) -> bool {
-        self.results.iter().all(|c| c.ok) && self.not_compared().is_none()
+        self.results.iter().all(|c| c.ok) && self.raw.iter().all(|r| r.differing == 0) && self.not_compared().is_none()
     }
 
     /// Why two dumps whose common tensors all match still do not: nothing compared but the
@@ -361,17 +363,17 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         }
         results.push(c);
     }
-    // What neither reads as values (another tool's bool mask, its own dtype under one of
-    // glimpse's names) but both hold alike, in one dtype and shape: compared exactly, as the spec
-    // compares every name both files have.
-    for u in a.unread().iter().filter(|u| b.unread().iter().any(|v| v.name == u.name)) {
-        if let Some(c) = (a.unread_bytes(&u.name).zip(b.unread_bytes(&u.name)))
-            .and_then(|(x, y)| crate::compare::compare_raw(&u.name, x, y))
-        {
-            results.push(c);
-        }
-    }
+    // What neither reads as values (another tool's bool mask) but both hold alike, in one integer
+    // dtype and shape: compared exactly, as the spec compares every name both files have; apart
+    // from the hook points' results, which the readings and the first divergence read as values.
+    let raw = (a.unread().iter().filter(|u| b.unread().iter().any(|v| v.name == u.name)))
+        .filter_map(|u| {
+            let (x, y) = a.unread_bytes(&u.name).zip(b.unread_bytes(&u.name))?;
+            crate::compare::compare_raw(&u.name, x, y)
+        })
+        .collect();
     let mut report = DiffReport {
+        raw,
         results,
         non_finite_a: first_non_finite_with(a, &seen_a)?,
         non_finite_b: first_non_finite_with(b, &seen_b)?,
@@ -626,6 +628,9 @@ impl DiffReport {
             "only_in_b": self.only_b,
             "unread_in_a": Dump::unread_json(&self.unread[0]),
             "unread_in_b": Dump::unread_json(&self.unread[1]),
+            "unread_compared": self.raw.iter().map(|r| json!({
+                "name": r.name, "elements": r.elements, "differing": r.differing, "first_differing": r.first,
+            })).collect::<Vec<_>>(),
         })
     }
 
@@ -781,6 +786,15 @@ impl DiffReport {
             for u in unread {
                 out += &format!("not read in {}: {} ({}, {})\n", side.display(), u.name, u.dtype, u.why);
             }
+        }
+        for r in &self.raw {
+            let first = r.first.map(|i| format!(", the first at flat index {i}")).unwrap_or_default();
+            out += &match r.differing {
+                0 => format!("not read, compared exactly: {} matches ({} elements)\n", r.name, r.elements),
+                n => {
+                    format!("not read, compared exactly: {} DIFFERS in {n} of {} elements{first}\n", r.name, r.elements)
+                }
+            };
         }
         for note in self.precision_notes() {
             out += &format!("note: {note}\n");

@@ -9,6 +9,7 @@ fn report_of(results: Vec<Comparison>) -> DiffReport {
         only_a: vec![],
         only_b: vec![],
         unread: Default::default(),
+        raw: Vec::new(),
         near_tie: 1e-3,
         tol: Tolerance::default(),
         per_name: Vec::new(),

@@ -173,7 +173,6 @@ impl Dump {
         &self.unread
     }
 
-    /// [`Dump::unread`]'s list (or a report's copy of it) as JSON: `[{"name", "dtype", "why"}]`.
     /// An unread tensor's dtype, shape and raw little-endian bytes (what `diff` compares where
     /// both dumps hold it alike); None for a tensor read as values, or none of that name.
     pub fn unread_bytes(&self, name: &str) -> Option<(safetensors::Dtype, &[usize], &[u8])> {
@@ -182,6 +181,7 @@ impl Dump {
         Some((info.dtype, &info.shape, bytes))
     }
 
+    /// [`Dump::unread`]'s list (or a report's copy of it) as JSON: `[{"name", "dtype", "why"}]`.
     pub fn unread_json(unread: &[Unread]) -> serde_json::Value {
         unread.iter().map(|u| serde_json::json!({"name": u.name, "dtype": u.dtype, "why": u.why})).collect()
     }
