@@ -131,32 +131,23 @@ impl Pairs {
     /// hundreds of times a layer, and a branch on each pair's count against its expectation,
     /// taken half the time, cost them a fifth.)
     fn chosen(&self, loads: &[u64], tokens: u64, k: usize, mut f: impl FnMut(Pair)) {
-        let Some(mut expect) = Expectation::of(loads, tokens, k) else { return };
+        let Some(expect) = Expectation::of(loads, tokens, k) else { return };
         // A pair some token chose that Hájek's approximation gives no room (a negative joint,
-        // near-fixed routing's) would expect nothing and drop out of the ranking: such a layer
-        // takes independent choice for every pair. (Pairs no token chose may be negative: an
-        // expert every token takes leaves the others' pairs none at k = 2.)
-        if expect.may_be_negative() {
-            let mut at = 0;
-            let mut broken = false;
-            for a in 0..self.experts {
-                for b in a + 1..self.experts {
-                    broken |= self.counts[at] > 0 && expect.joint(a, b) <= 0.0;
-                    at += 1;
-                }
-            }
-            if broken {
-                let Some(independent) = Expectation::independent(loads, tokens, k) else { return };
-                expect = independent;
-            }
-        }
+        // near-fixed routing's) would expect nothing and drop out of the ranking: it takes what
+        // independent choice at the loads expects of it, which never overstates its surprise.
+        // The other pairs keep Hájek's, so one stray token does not move a whole layer's.
+        let independent = expect.may_be_negative().then(|| Expectation::independent(loads, tokens, k)).flatten();
         let mut at = 0;
         for a in 0..self.experts {
             for b in a + 1..self.experts {
                 let count = u64::from(self.counts[at]);
                 at += 1;
                 if count > 0 {
-                    f(Pair { experts: [a, b], tokens: count, expected: expect.pair(a, b) });
+                    let expected = match (expect.pair(a, b), &independent) {
+                        (e, Some(i)) if e <= 0.0 => i.pair(a, b),
+                        (e, _) => e,
+                    };
+                    f(Pair { experts: [a, b], tokens: count, expected });
                 }
             }
         }
@@ -658,8 +649,8 @@ mod tests {
     /// negative: 1000 tokens of top-3 of 5, 999 choosing {0, 1} and one of {2, 3, 4} (900, 50, 49
     /// times), one token {2, 3, 4}. Shares [0.999, 0.999, 0.901, 0.051, 0.050] give d = 0.187,
     /// under (1 - 0.051)(1 - 0.050). The pair {3, 4}, which that token chose, expected 0 and was
-    /// never ranked: the layer takes independence, and its pairs still add up to the 3000 chosen
-    /// (with Hájek's clamped joints too: they added up to 3009.6).
+    /// never ranked: it takes independence's expectation, the others keep Hájek's, and Hájek's
+    /// clamped joints add up to the 3000 pairs chosen (they added up to 3009.6).
     #[test]
     fn routing_close_to_fixed_drops_no_pair_a_token_chose() {
         let loads = [999, 999, 901, 51, 50];
@@ -689,12 +680,14 @@ mod tests {
         let expected = |a, b| seen.iter().find(|(e, _)| *e == [a, b]).map(|&(_, x)| x);
         assert_eq!(expected(3, 4), Some(independent.pair(3, 4)));
         assert!(expected(3, 4).is_some_and(|x| x > 0.0));
+        assert_eq!(expected(0, 1), Some(hajek.pair(0, 1)));
     }
 
     /// An expert every token takes at k = 2 leaves the others' pairs none, where Hájek's joint
     /// is negative for some: no token chose one, so the layer keeps Hájek's expectation (the
     /// fixed expert's pairs near the other's tokens), not independence's (which gave 0+1 380 of
-    /// its 500 tokens, a surprise of 8.7 where Hájek's 454 gives about 1.7).
+    /// its 500 tokens, a surprise of 8.7 where Hájek's 454 gives about 1.8); and a stray token
+    /// choosing such a pair moves that pair's alone.
     #[test]
     fn a_fixed_expert_at_k_2_keeps_hajeks_expectation() {
         let loads = [1000, 500, 300, 150, 49, 1];
@@ -709,6 +702,19 @@ mod tests {
         assert_eq!(seen.len(), 5);
         assert!(seen.iter().all(|&([a, b], x)| x == hajek.pair(a, b)), "{seen:?}");
         assert!((seen[0].1 - 454.0).abs() < 0.5, "{seen:?}");
+        // One stray token of {3, 4}, a pair Hájek gives no room: that pair alone takes
+        // independence's expectation, the fixed expert's pairs keep Hájek's.
+        p.add(&[3, 4]);
+        let loads = [1000, 500, 300, 151, 50, 1];
+        let (hajek, independent) =
+            (Expectation::of(&loads, 1001, 2).unwrap(), Expectation::independent(&loads, 1001, 2).unwrap());
+        assert!(hajek.joint(3, 4) < 0.0);
+        let mut seen = Vec::new();
+        p.chosen(&loads, 1001, 2, |q| seen.push((q.experts, q.expected)));
+        for ([a, b], x) in seen {
+            let want = if [a, b] == [3, 4] { independent.pair(3, 4) } else { hajek.pair(a, b) };
+            assert_eq!(x, want, "{a}+{b}");
+        }
     }
 
     /// The Poisson tail by hand: P(X >= 3) at mean 0.5 is 1 - e^-0.5 (1 + 0.5 + 0.125) =
