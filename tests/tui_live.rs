@@ -509,6 +509,9 @@ fn the_tolerance_is_the_comparisons() {
         let want = if m.part == glimpse_tui::Part::Layer(i) { l.mismatches } else { s.mismatches };
         assert_eq!(m.mismatches, want, "{:?}", m.part);
     }
+    // A pattern that matches nothing (a typo) is said, as diff warns of it.
+    let typo = open_port(None, Default::default(), &[glimpse::diff::parse_tol("layer.3.*=2e-2,2e-2").unwrap()]);
+    assert_eq!(typo.warning().as_deref(), Some("--tol layer.3.* matches no tensor compared"));
 }
 
 /// The expert-load view counts a layer's experts as `diff` and `audit` do: the router's width,
