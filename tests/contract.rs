@@ -85,7 +85,10 @@ fn an_extra_tensor_both_dumps_hold_alike_is_compared_exactly() {
     let c = with("c.st", flipped);
     let (code, out) = code_and_text(&["diff", &s(&c), &s(&b)]);
     let said = "not read, compared exactly: engine.mask DIFFERS in 1 of 32 elements, the first at flat index 5";
-    assert!(code == 1 && out.contains(said), "{out}");
+    assert!(
+        code == 1 && out.contains(said) && out.contains("not passed: 1 tensor(s) not read as values differ"),
+        "{out}"
+    );
     let (code, out) = code_and_text(&["diff", &s(&c), &s(&b), "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
     let want = serde_json::json!([{"name": "engine.mask", "elements": 32, "differing": 1, "first_differing": 5}]);

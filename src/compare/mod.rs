@@ -577,8 +577,9 @@ pub fn align_by_expert<T: Copy>(
 }
 
 /// `v`'s rows of `k` values (each an expert's, `ids` saying which; all three of one length) put
-/// in the order of `order_ids`' experts: a row of the same experts lines up with it value for value, and one that
-/// differs keeps its other experts' values, in their order, in the places left. Readings by
+/// in the order of `order_ids`' experts: a row of the same experts lines up with it value for
+/// value, and one that differs keeps its other experts' values, in their order, in the places
+/// left. Readings by
 /// position see routing weights paired as [`compare_expert_weights`] pairs them (the experts
 /// both chose; in a flipped row the others pair as they fall), whatever order each side's top-k
 /// lists its experts in (transformers' is unsorted).

@@ -811,9 +811,11 @@ impl DiffReport {
             }
         };
         // (All that was compared may match and the dumps still not: say so where the count ends.)
-        let not_passed = match bad == 0 && crate::compare::tokens_only(&self.results) {
-            true => "; not passed: nothing compared but input_ids",
-            false => "",
+        let raw_bad = self.raw.iter().filter(|r| r.differing > 0).count();
+        let not_passed = match (bad == 0 && crate::compare::tokens_only(&self.results), raw_bad) {
+            (true, _) => "; not passed: nothing compared but input_ids".to_string(),
+            (false, 0) => String::new(),
+            (false, n) => format!("; not passed: {n} tensor(s) not read as values differ"),
         };
         out += &format!(
             "{} of {} common tensors match{unmatched}{not_passed}\n",
