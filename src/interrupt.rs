@@ -129,8 +129,8 @@ mod imp {
         }
     }
 
-    const BUS_ERROR: &[u8] = b"glimpse: error: a file being read changed on disk (cut short or rewritten in place \
-while mapped): run again once it is written\n";
+    const BUS_ERROR: &[u8] = b"glimpse: error: a file being read was cut short on disk while mapped (a writer \
+that empties it first): run again once it is written\n";
 
     extern "C" fn on_bus(_: libc::c_int) {
         // SAFETY: write(2) and _exit(2) are async-signal-safe.

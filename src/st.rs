@@ -52,7 +52,11 @@ impl StFile {
         }
         check_regular(path)?;
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the map is read-only; a file truncated under us is outside what we defend.
+        // SAFETY: the map is read-only and outlives every slice borrowed from it. What the map
+        // cannot hold still is the file: one cut short under us faults on its next page (the
+        // binary makes that SIGBUS a one-line error, `interrupt::report_bus_errors`), and one
+        // rewritten in place at the same length changes the values behind live borrows. Neither
+        // is defended beyond that; no index is read from the map, checked, and read again.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let (data_start, tensors, metadata) = parse(&mmap).map_err(|msg| Error::checkpoint(path, msg))?;
         Ok(StFile { path: path.to_path_buf(), mmap: std::sync::Arc::new(mmap), data_start, tensors, metadata })

@@ -140,8 +140,9 @@ fn extent(rows: i32, cols: i32, ld: i32, stride: i64, batch: i32) -> Option<usiz
     if rows == 0 || cols == 0 || batch == 0 {
         return Some(0);
     }
-    let one = (cols as i64 - 1) * ld as i64 + rows as i64;
-    usize::try_from((batch as i64 - 1) * stride + one).ok()
+    // (Checked: a stride near i64's range would wrap to a small extent.)
+    let one = (cols as i64 - 1).checked_mul(ld as i64)?.checked_add(rows as i64)?;
+    usize::try_from((batch as i64 - 1).checked_mul(stride)?.checked_add(one)?).ok()
 }
 
 /// Checks a strided batch's operands ([`check_batched`]) and says whether it has any work.

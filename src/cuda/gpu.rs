@@ -232,7 +232,9 @@ macro_rules! launch {
                 let mut b = stream.launch_builder(f);
                 $( KernelArg::push($arg, &mut b)?; )*
                 // SAFETY: each launcher passes the argument list its kernel's signature declares,
-                // and has checked (`fits`) that every buffer holds what the kernel touches.
+                // and has checked (`fits`) that every buffer holds what the kernel indexes by its
+                // sizes; what a kernel indexes through values held in another buffer (gather_rows'
+                // rows, combine's slots, moe_dispatch's places) it checks itself (moe.cu).
                 unsafe { b.launch(cfg) }.map_err(|e| Error::Device(format!("launch {}: {e:?}", $name)))?;
                 Ok(())
             }
@@ -719,7 +721,8 @@ impl Gpu {
     pub fn gather_rows(&self, x: &Buf<f32>, rows: &Buf<i32>, out: &mut Buf<f32>, n: usize, cols: usize) -> Result<()> {
         fits("gather_rows", &[(rows.len(), n), (out.len(), n * cols)])?;
         let [n32, c32] = ints("gather_rows", [n, cols])?;
-        launch!(self, "gather_rows", per_item(n, 256, 0), [x, rows, out, &n32, &c32])
+        let x_rows = (x.len() / cols.max(1)) as i64;
+        launch!(self, "gather_rows", per_item(n, 256, 0), [x, &x_rows, rows, out, &n32, &c32])
     }
 
     /// Packed rows `row0 .. row0 + n` of [`Gpu::gather_rows`], rounded to bf16: out [n, cols].
@@ -731,9 +734,10 @@ impl Gpu {
         out: &mut Buf<u16>,
         [n, cols]: [usize; 2],
     ) -> Result<()> {
-        fits("gather_rows_bf16", &[(rows.len(), row0 + n), (out.len(), n * cols)])?;
+        fits("gather_rows_bf16", &[(rows.len(), row0.saturating_add(n)), (out.len(), n * cols)])?;
         let ([n32, c32], row0) = (ints("gather_rows_bf16", [n, cols])?, row0 as i64);
-        launch!(self, "gather_rows_bf16", per_item(n, 256, 0), [x, rows, &row0, out, &n32, &c32])
+        let x_rows = (x.len() / cols.max(1)) as i64;
+        launch!(self, "gather_rows_bf16", per_item(n, 256, 0), [x, &x_rows, rows, &row0, out, &n32, &c32])
     }
 
     /// y: packed expert outputs [*, cols]; ids, slot, w: [n, k]; shared, out: [n, cols].
@@ -764,7 +768,9 @@ impl Gpu {
             ],
         )?;
         let [n32, k32, c32] = ints("combine", [n, k, cols])?;
-        launch!(self, "combine", per_item(n, row_block(cols, 256), 0), [y, ids, slot, w, shared, out, &n32, &k32, &c32])
+        let y_rows = (y.len() / cols.max(1)) as i64;
+        let grid = per_item(n, row_block(cols, 256), 0);
+        launch!(self, "combine", grid, [y, &y_rows, ids, slot, w, shared, out, &n32, &k32, &c32])
     }
 
     /// Bytes copied to the device by [`Gpu::upload`] so far.

@@ -11,28 +11,36 @@
 //     reference's order, model::moe::Moe::forward, so the sum is deterministic), then the shared
 //     expert added: out[t] = sum_j w[t, j] * y[slot[t, j]] + shared[t].
 // slot[t, j] is the row of the packed expert outputs y holding token t's j-th choice.
+// The rows these kernels read through indices held in other buffers are checked against the
+// source's rows (x_rows, y_rows), and moe_dispatch's places against n: the launchers cannot see
+// those values, and one out of range reads or writes past a buffer. A row out of range reads as
+// NaN, so it shows in the output rather than as another row's values.
 
-extern "C" __global__ void gather_rows(const float* x, const int* rows, float* out, int n, int cols) {
+extern "C" __global__ void gather_rows(const float* x, long long x_rows, const int* rows, float* out, int n, int cols) {
     long long r = blockIdx.x;
     if (r >= n) return;
-    const float* src = x + (long long)rows[r] * cols;
+    int from = rows[r];
     float* dst = out + r * cols;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
+    bool ok = from >= 0 && from < x_rows;
+    const float* src = x + (ok ? (long long)from * cols : 0);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = ok ? src[c] : NAN;
 }
 
 // Packed rows row0 .. row0 + n (those a group of expert GEMMs spans) into out [n, cols].
-extern "C" __global__ void gather_rows_bf16(const float* x, const int* rows, long long row0, bf16_t* out, int n,
-                                            int cols) {
+extern "C" __global__ void gather_rows_bf16(const float* x, long long x_rows, const int* rows, long long row0,
+                                            bf16_t* out, int n, int cols) {
     long long r = blockIdx.x;
     if (r >= n) return;
-    const float* src = x + (long long)rows[row0 + r] * cols;
+    int from = rows[row0 + r];
     bf16_t* dst = out + r * cols;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = f32_to_bf16(src[c]);
+    bool ok = from >= 0 && from < x_rows;
+    const float* src = x + (ok ? (long long)from * cols : 0);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = f32_to_bf16(ok ? src[c] : NAN);
 }
 
 // One block per token: its first thread orders the token's choices by expert id (k <= 16) into
 // shared memory, then the block sums the rows, each thread a column at a time (coalesced).
-extern "C" __global__ void combine(const float* y, const int* ids, const int* slot, const float* w,
+extern "C" __global__ void combine(const float* y, long long y_rows, const int* ids, const int* slot, const float* w,
                                    const float* shared, float* out, int n, int k, int cols) {
     __shared__ long long row[16];
     __shared__ float weight[16];
@@ -46,14 +54,15 @@ extern "C" __global__ void combine(const float* y, const int* ids, const int* sl
                 int tmp = order[b]; order[b] = order[b - 1]; order[b - 1] = tmp;
             }
         for (int j = 0; j < k; j++) {
-            row[j] = (long long)slot[t * k + order[j]] * cols;
+            int at = slot[t * k + order[j]];
+            row[j] = at >= 0 && at < y_rows ? (long long)at * cols : -1;
             weight[j] = w[t * k + order[j]];
         }
     }
     __syncthreads();
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         float acc = 0.0f;
-        for (int j = 0; j < k; j++) acc += weight[j] * y[row[j] + c];
+        for (int j = 0; j < k; j++) acc += row[j] >= 0 ? weight[j] * y[row[j] + c] : NAN;
         out[t * cols + c] = acc + shared[t * cols + c];
     }
 }
@@ -77,8 +86,8 @@ extern "C" __global__ void moe_dispatch(const int* ids, int n, int k, const int*
             scan[tid] += v;
             __syncthreads();
         }
-        if (mine) {
-            int pos = base + scan[tid] - 1;
+        int pos = base + scan[tid] - 1;
+        if (mine && pos >= 0 && pos < n) {
             slot[p] = pos;
             rows[pos] = p / k;
         }

@@ -402,6 +402,12 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut g = gpu.filled(rows.len() * hidden, nan)?;
     gpu.gather_rows(&gpu.upload(&x)?, &gpu.upload(&rows)?, &mut g, rows.len(), hidden)?;
     out.push(check("gather_rows", &gpu.download(&g)?, &CpuOps.gather_rows(&x, &rows, rows.len(), hidden)?, 0.0));
+    // A row index past the source's rows, or negative, reads as NaN, not past the buffer.
+    let (outside, mut o) = (gpu.upload(&[3i32, 13, -1])?, gpu.filled(3 * hidden, 0f32)?);
+    gpu.gather_rows(&gpu.upload(&x)?, &outside, &mut o, 3, hidden)?;
+    let o = gpu.download(&o)?;
+    let kept = check("gather_rows (rows outside read NaN)", &o[..hidden], &x[3 * hidden..4 * hidden], 0.0);
+    out.push(Check { ok: kept.ok && o[hidden..].iter().all(|v| v.is_nan()), ..kept });
     let y = rng.vec(tokens * kx * hidden);
     let ids: Vec<i32> = (0..tokens * kx).map(|i| ((i * 7) % 11) as i32).collect();
     let slot: Vec<i32> = (0..tokens * kx).map(|i| ((i * 5) % (tokens * kx)) as i32).collect();

@@ -58,11 +58,8 @@ impl Bf16Weight {
     /// Rows `start .. start + count` (e.g. one expert of a fused `[E, R, C]` tensor viewed as
     /// `[E * R, C]`).
     pub fn rows(&self, start: usize, count: usize) -> Option<Self> {
-        (start + count <= self.rows).then(|| Bf16Weight {
-            offset: self.offset + start * self.cols * 2,
-            rows: count,
-            ..self.clone()
-        })
+        let offset = start.checked_mul(self.cols)?.checked_mul(2)?.checked_add(self.offset)?;
+        (start.checked_add(count)? <= self.rows).then(|| Bf16Weight { offset, rows: count, ..self.clone() })
     }
 
     /// Every value widened to f32, row-major (in parallel: this is a memory-bound copy).
@@ -107,9 +104,13 @@ impl Bf16Weight {
     }
 
     fn data(&self) -> &[u16] {
-        let bytes = &self.map[self.offset..self.offset + self.rows * self.cols * 2];
-        // SAFETY: `new` checked the bounds and the 2-byte alignment; any bit pattern is a valid u16.
-        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<u16>(), self.rows * self.cols) }
+        // (Saturating, and indexed: a shape set past what `new` checked panics here, not reads
+        // past the map.)
+        let len = self.rows.saturating_mul(self.cols).saturating_mul(2);
+        let bytes = &self.map[self.offset..self.offset.saturating_add(len)];
+        // SAFETY: `bytes` is in the map (indexed above) and 2-byte aligned (`new` checked the
+        // offset, which `rows` moves by whole 2-byte values); any bit pattern is a valid u16.
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<u16>(), bytes.len() / 2) }
     }
 }
 

@@ -101,8 +101,8 @@ mod bus {
     static TTY: AtomicI32 = AtomicI32::new(-1);
 
     const LEAVE: &[u8] = b"\x1b[?1049l\x1b[?25h\r\n";
-    const MESSAGE: &[u8] = b"glimpse: error: a dump the terminal UI reads changed on disk (cut short or rewritten in \
-place): open it again once it is written\n";
+    const MESSAGE: &[u8] = b"glimpse: error: a dump the terminal UI reads changed on disk (cut short while mapped): \
+open it again once it is written\n";
 
     pub fn save_terminal() {
         // SAFETY: open(2) of a NUL-terminated path; tcgetattr writes the termios it is given, and

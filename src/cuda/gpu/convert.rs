@@ -61,14 +61,14 @@ impl Gpu {
 
     /// Values `start .. start + n` of `x` widened into the first n of `out`.
     pub fn bf16_widen(&self, x: &Buf<u16>, start: usize, out: &mut Buf<f32>, n: usize) -> Result<()> {
-        fits("bf16_widen", &[(x.len(), start + n), (out.len(), n)])?;
+        fits("bf16_widen", &[(x.len(), start.saturating_add(n)), (out.len(), n)])?;
         let (start64, n64) = (start as i64, n as i64);
         launch!(self, "bf16_widen", cfg(n, 256, 0), [x, &start64, out, &n64])
     }
 
     /// Values `start .. start + n` of `x` rounded to bf16 into the first n of `out`.
     pub fn bf16_round(&self, x: &Buf<f32>, start: usize, out: &mut Buf<u16>, n: usize) -> Result<()> {
-        fits("bf16_round", &[(x.len(), start + n), (out.len(), n)])?;
+        fits("bf16_round", &[(x.len(), start.saturating_add(n)), (out.len(), n)])?;
         let (start64, n64) = (start as i64, n as i64);
         launch!(self, "bf16_round", cfg(n, 256, 0), [x, &start64, out, &n64])
     }
