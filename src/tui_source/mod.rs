@@ -145,7 +145,7 @@ impl DumpSource {
         });
         // And a `--tol` pattern that matches nothing (a typo), as `diff` warns of it.
         let tol_warning = report.as_ref().map(|r| crate::diff::tol_warnings(&opts.per_name, &r.results).join("; "));
-        let misnamed = misnamed.or(tol_warning.filter(|w| !w.is_empty()));
+        let warning = misnamed.or(tol_warning.filter(|w| !w.is_empty()));
         // With the notes on the precisions compared (a bf16 run at f32's tolerance), as `diff`'s.
         let divergence = report.as_ref().and_then(|r| {
             let notes = r.precision_notes().into_iter().map(|n| format!("\nnote: {n}"));
@@ -269,7 +269,7 @@ impl DumpSource {
             pairs: RefCell::default(),
             kv_norms: std::cell::OnceCell::new(),
             chances: load::Chances::default(),
-            warning: misnamed,
+            warning,
         })
     }
 
