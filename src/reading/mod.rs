@@ -169,10 +169,12 @@ impl DiffReport {
     /// near-ties or rounding's tail: [`DiffReport::past_rounding`]).
     pub(crate) fn reading_with(&self, c: &Comparison, notes: &Notes) -> Option<String> {
         // The scores the selection ranked, where they match, and how far they moved.
+        // The scores the selection ranks, where they match: their name, how far they moved, and
+        // their comparison.
         let input = || {
             let name = HookPoint::parse(&c.name).and_then(crate::flips::ranked_scores)?.0.name();
-            let moved = self.results.iter().find(|r| r.name == name && r.ok)?.detail.max_abs()?;
-            Some((name, moved))
+            let scores = self.results.iter().find(|r| r.name == name && r.ok)?;
+            Some((name, scores.detail.max_abs()?, scores))
         };
         let rule = |name: &str| match name.ends_with("router_logits") {
             true => "the routing rule or the correction bias differs",
@@ -261,7 +263,7 @@ impl DiffReport {
             // rest unknown says so too: a side whose choice is no top-k of its own scores under the
             // checkpoint's rule (a port's other bias) has an unknown margin.
             Detail::Sets { flips, .. } if mostly_real(flips) => {
-                let (name, moved) = input()?;
+                let (name, moved, _) = input()?;
                 let larger = |f: &Flip| {
                     let sides = [Side::Ours, Side::Reference].map(|s| f.decided_by(s));
                     sides.into_iter().flatten().fold(0f32, f32::max) as f64
@@ -288,15 +290,12 @@ impl DiffReport {
             Detail::Sets { flips, rows, .. }
                 if flips.len() > 1 && flips.iter().all(|f| Class::of(f, self.near_tie) == Class::Unknown) =>
             {
-                let (name, moved) = input().filter(|(n, _)| n.ends_with("router_logits"))?;
+                let (name, moved, logits) = input().filter(|(n, ..)| n.ends_with("router_logits"))?;
                 // E: the gate logits' width (their elements a token), 256 where they do not say.
-                let experts = (self.results.iter().find(|r| r.name == name))
-                    .and_then(|r| match r.detail {
-                        Detail::Float { elements, .. } => Some(elements / (*rows).max(1)),
-                        _ => None,
-                    })
-                    .filter(|&e| e > 0)
-                    .unwrap_or(256);
+                let experts = match logits.detail {
+                    Detail::Float { elements, .. } if elements >= *rows => elements / (*rows).max(1),
+                    _ => 256,
+                };
                 let chance = *rows as f64 * 2.0 * moved * experts as f64;
                 let test = if self.with_model { "" } else { "; --model DIR tests each flip" };
                 (flips.len() as f64 >= 10.0 * chance).then(|| {

@@ -161,8 +161,9 @@ impl DumpSource {
         // of the layers' outputs alone is compared with a reference that holds their routing).
         let theirs = reference.as_ref().map(Dump::names).unwrap_or_default();
         let parts = part_names(&ours);
-        // And the MTP head's layer: the last one, where its positions are the head's (as `diff`
-        // tells it; a dump of the head need not hold its layer). A layer no dump routes is dense
+        // And the MTP head's layer: the last one, where its positions are the head's
+        // (`Dump::mtp_layer`, as a dump orders its names; a dump of the head need not hold its
+        // layer). A layer no dump routes is dense
         // where the dumps route some layer, and unknown where they route none.
         let mtp_layer = ours.mtp_layer().or_else(|| reference.as_ref().and_then(Dump::mtp_layer));
         let mtp_layer = mtp_layer.filter(|_| config.is_none());
