@@ -760,6 +760,8 @@ impl Gpu {
         fits(
             "combine",
             &[
+                // (At least a row of y where a token chooses: an out-of-range slot reads row 0.)
+                (y.len(), cols.min(n * k * cols)),
                 (ids.len(), n * k),
                 (slot.len(), n * k),
                 (w.len(), n * k),

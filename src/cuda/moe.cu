@@ -21,9 +21,12 @@ extern "C" __global__ void gather_rows(const float* x, long long x_rows, const i
     if (r >= n) return;
     int from = rows[r];
     float* dst = out + r * cols;
-    bool ok = from >= 0 && from < x_rows;
-    const float* src = x + (ok ? (long long)from * cols : 0);
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = ok ? src[c] : NAN;
+    if (from < 0 || from >= x_rows) {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = NAN;
+        return;
+    }
+    const float* src = x + (long long)from * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
 }
 
 // Packed rows row0 .. row0 + n (those a group of expert GEMMs spans) into out [n, cols].
@@ -33,9 +36,12 @@ extern "C" __global__ void gather_rows_bf16(const float* x, long long x_rows, co
     if (r >= n) return;
     int from = rows[row0 + r];
     bf16_t* dst = out + r * cols;
-    bool ok = from >= 0 && from < x_rows;
-    const float* src = x + (ok ? (long long)from * cols : 0);
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = f32_to_bf16(ok ? src[c] : NAN);
+    if (from < 0 || from >= x_rows) {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = f32_to_bf16(NAN);
+        return;
+    }
+    const float* src = x + (long long)from * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = f32_to_bf16(src[c]);
 }
 
 // One block per token: its first thread orders the token's choices by expert id (k <= 16) into
@@ -54,15 +60,17 @@ extern "C" __global__ void combine(const float* y, long long y_rows, const int* 
                 int tmp = order[b]; order[b] = order[b - 1]; order[b - 1] = tmp;
             }
         for (int j = 0; j < k; j++) {
+            // (A slot out of range weighs row 0 by NaN: the sum below stays branch-free.)
             int at = slot[t * k + order[j]];
-            row[j] = at >= 0 && at < y_rows ? (long long)at * cols : -1;
-            weight[j] = w[t * k + order[j]];
+            bool ok = at >= 0 && at < y_rows;
+            row[j] = ok ? (long long)at * cols : 0;
+            weight[j] = ok ? w[t * k + order[j]] : NAN;
         }
     }
     __syncthreads();
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         float acc = 0.0f;
-        for (int j = 0; j < k; j++) acc += row[j] >= 0 ? weight[j] * y[row[j] + c] : NAN;
+        for (int j = 0; j < k; j++) acc += weight[j] * y[row[j] + c];
         out[t * cols + c] = acc + shared[t * cols + c];
     }
 }
