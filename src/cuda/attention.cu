@@ -319,3 +319,19 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_bf16(const flo
             if (i < qc && c < vd) out[((row0 + i) * nh + h) * vd + c] = o[nv][e] / l[e >> 1];
         }
 }
+
+// mma_probe: one mma_bf16_16816 of a [16, 16] by b [16, 8] into d [16, 8] (row-major; b given
+// transposed, bt [8, 16], as flash_attention_bf16 holds its keys and values), the fragments loaded
+// and stored as that kernel does. selftest's check of the PTX fragment layouts the tensor-core
+// kernels rest on, with inputs that make each output name the elements it took: where the hardware
+// differs from the layouts assumed here (and in the emulation's mma), the check's line says how.
+extern "C" __global__ void __launch_bounds__(32) mma_probe(const bf16_t* a, const bf16_t* bt, float* d) {
+    int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const bf16_t* pa = a + g * 16 + 2 * tq;
+    unsigned ra[4] = {ld_bf16x2(pa), ld_bf16x2(pa + 8 * 16), ld_bf16x2(pa + 8), ld_bf16x2(pa + 8 * 16 + 8)};
+    const bf16_t* pb = bt + g * 16 + 2 * tq;
+    unsigned rb[2] = {ld_bf16x2(pb), ld_bf16x2(pb + 8)};
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    mma_bf16_16816(acc, ra, rb);
+    for (int e = 0; e < 4; e++) d[(g + (e >> 1) * 8) * 8 + 2 * tq + (e & 1)] = acc[e];
+}

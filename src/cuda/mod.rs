@@ -54,7 +54,14 @@ pub const KERNELS: &[(&str, &str, &[&str])] = &[
     (
         "attention",
         include_str!("attention.cu"),
-        &["sparse_attention", "masked_softmax", "masked_softmax_bf16", "selection_bits", "flash_attention_bf16"],
+        &[
+            "sparse_attention",
+            "masked_softmax",
+            "masked_softmax_bf16",
+            "selection_bits",
+            "flash_attention_bf16",
+            "mma_probe",
+        ],
     ),
     ("moe", include_str!("moe.cu"), &["gather_rows", "gather_rows_bf16", "combine", "moe_dispatch"]),
     (

@@ -49,6 +49,7 @@ pub const LARGEST_BLOCK: &[(&str, u32)] = &[
     ("masked_softmax_bf16", 256),
     ("selection_bits", 128),
     ("flash_attention_bf16", 128),
+    ("mma_probe", 32),
     ("gather_rows", 256),
     ("gather_rows_bf16", 256),
     ("combine", 256),

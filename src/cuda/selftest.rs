@@ -469,6 +469,7 @@ pub fn kernels(gpu: &Gpu) -> Result<Vec<Check>> {
     out.push(Check { ok: c.ok && nan_kept, ..c });
     out.push(split_bf16(gpu, &mut rng)?);
     out.push(attention::masked_softmax_bf16(gpu, &mut rng)?);
+    out.push(attention::mma_layouts(gpu));
 
     gpu.synchronize()?;
     Ok(out)

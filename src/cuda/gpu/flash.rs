@@ -55,9 +55,8 @@ impl Gpu {
     /// within the shared memory a block may take.
     pub fn flash_refusal(&self, qk: usize, vd: usize) -> Option<String> {
         let chunk = FlashChunk { row0: 0, qc: 0, first: 0, key0: 0, t_eff: 0, bt: 0, nh: 0, qk, vd };
-        let major = self.arch.strip_prefix("sm_").and_then(|a| a.get(..a.len().saturating_sub(1))?.parse::<u32>().ok());
-        if matches!(self.engine, Engine::Cuda { .. }) && major.is_none_or(|m| m < 8) {
-            Some(format!("the fused attention needs bf16 tensor cores (sm_80 or later); this GPU is {}", self.arch))
+        if let Some(why) = self.tensor_core_refusal() {
+            Some(format!("the fused attention {why}"))
         } else if vd > FLASH_MAX_VD {
             Some(format!("the fused attention takes at most {FLASH_MAX_VD} values a head, not {vd}"))
         } else if chunk.shared_bytes() > self.shared_limit {
@@ -69,6 +68,24 @@ impl Gpu {
         } else {
             None
         }
+    }
+
+    /// Why this GPU has no bf16 tensor cores (`mma.sync` m16n8k16 needs sm_80 or later), if so.
+    fn tensor_core_refusal(&self) -> Option<String> {
+        let major = self.arch.strip_prefix("sm_").and_then(|a| a.get(..a.len().saturating_sub(1))?.parse::<u32>().ok());
+        let refused = matches!(self.engine, Engine::Cuda { .. }) && major.is_none_or(|m| m < 8);
+        refused.then(|| format!("needs bf16 tensor cores (sm_80 or later); this GPU is {}", self.arch))
+    }
+
+    /// `mma_probe`: d [16, 8] = a [16, 16] . bt [8, 16]^T in one tensor-core product, its
+    /// fragments loaded and stored as `flash_attention_bf16` does (`selftest`'s layout check).
+    pub fn mma_probe(&self, a: &Buf<u16>, bt: &Buf<u16>, d: &mut Buf<f32>) -> Result<()> {
+        let kernel = "mma_probe";
+        if let Some(why) = self.tensor_core_refusal() {
+            return Err(Error::Device(format!("{kernel} {why}")));
+        }
+        fits(kernel, &[(a.len(), 16 * 16), (bt.len(), 8 * 16), (d.len(), 16 * 8)])?;
+        launch!(self, kernel, per_item(1, 32, 0), [a, bt, d])
     }
 
     /// `flash_attention_bf16` over one chunk: q [.., nh, qk] (f32), keys [nh, bt, qk] and values

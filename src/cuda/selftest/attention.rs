@@ -65,6 +65,69 @@ fn masked_softmax_bf16_rows(gpu: &Gpu, rng: &mut Rng, t_eff: usize) -> Result<(V
     Ok((got, want))
 }
 
+/// `mma_probe` against the product worked out here, with inputs that make each output name the
+/// input it took. Three products: a's elements are 16 r + c + 1 and b picks a's column n (then
+/// n + 8) into column n of d; then a is the identity and b's elements are 8 k + n + 1, so d is b.
+/// Every value is an integer up to 256, exact in bf16 and in f32 sums, so the products are exact
+/// (0 is an output no input reached). On a failure the name says which element the first outputs
+/// that differ took (`d[i][n] took a[r][c]`): the fragment layout the hardware has, where it is not
+/// the one `flash_attention_bf16` and the emulation's mma assume.
+pub(super) fn mma_layouts(gpu: &Gpu) -> Check {
+    let name = "mma_probe (m16n8k16 fragment layouts)";
+    match mma_probes(gpu) {
+        Ok((max_abs, wrong)) if wrong.is_empty() => Check { name: name.into(), max_abs, ok: true },
+        Ok((max_abs, wrong)) => {
+            let first: Vec<&str> = wrong.iter().take(4).map(String::as_str).collect();
+            let name = format!("{name}: {} of 384 outputs differ: {}", wrong.len(), first.join("; "));
+            Check { name, max_abs, ok: false }
+        }
+        Err(e) => Check { name: format!("{name}: {e}"), max_abs: f64::INFINITY, ok: false },
+    }
+}
+
+/// The three products of [`mma_layouts`]: the largest difference, and each output that differs,
+/// described.
+fn mma_probes(gpu: &Gpu) -> Result<(f64, Vec<String>)> {
+    let bf16 = |v: f32| half::bf16::from_f32(v).to_bits();
+    let named = |v: f32, matrix: &str, cols: usize| match v {
+        v if v >= 1.0 && v.fract() == 0.0 => {
+            format!("{matrix}[{}][{}]", (v as usize - 1) / cols, (v as usize - 1) % cols)
+        }
+        v => format!("{v}"),
+    };
+    let counting_a: Vec<f32> = (0..256).map(|e| (e + 1) as f32).collect(); // a[r][c] = 16 r + c + 1
+    let identity_a: Vec<f32> = (0..256).map(|e| if e / 16 == e % 16 { 1.0 } else { 0.0 }).collect();
+    // b transposed, bt[n][k] = b[k][n]: picking a's column n + shift, or counting (8 k + n + 1).
+    let picking = |shift: usize| (0..128).map(move |e| if e % 16 == e / 16 + shift { 1.0 } else { 0.0 }).collect();
+    let counting_bt: Vec<f32> = (0..128).map(|e| (8 * (e % 16) + e / 16 + 1) as f32).collect();
+    let (mut max_abs, mut wrong) = (0f64, Vec::new());
+    for (a, bt, source) in [
+        (&counting_a, picking(0), ("a", 16, 0)),
+        (&counting_a, picking(8), ("a", 16, 8)),
+        (&identity_a, counting_bt, ("b", 8, 0)),
+    ] {
+        let (da, dbt) = (
+            gpu.upload(&a.iter().map(|&v| bf16(v)).collect::<Vec<_>>())?,
+            gpu.upload(&bt.iter().map(|&v| bf16(v)).collect::<Vec<_>>())?,
+        );
+        let mut d = gpu.filled(128, f32::NAN)?;
+        gpu.mma_probe(&da, &dbt, &mut d)?;
+        let got = gpu.download(&d)?;
+        for (e, &g) in got.iter().enumerate() {
+            let want: f32 = (0..16).map(|k| a[e / 8 * 16 + k] * bt[e % 8 * 16 + k]).sum();
+            let diff = (g as f64 - want as f64).abs();
+            max_abs = if diff.is_nan() { f64::INFINITY } else { max_abs.max(diff) };
+            if g != want {
+                let (matrix, cols, shift) = source;
+                let (i, n) = (e / 8, e % 8);
+                let expected = if matrix == "a" { format!("a[{i}][{}]", n + shift) } else { format!("b[{i}][{n}]") };
+                wrong.push(format!("d[{i}][{n}] took {}, not {expected}", named(g, matrix, cols)));
+            }
+        }
+    }
+    Ok((max_abs, wrong))
+}
+
 /// [`check`] where `want` has NaNs (the rows of a query with no key): `got` must be NaN exactly
 /// there, and within `tol` elsewhere.
 fn check_with_nans(name: impl Into<String>, got: &[f32], want: &[f32], tol: f64) -> Check {
