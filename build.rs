@@ -84,6 +84,17 @@ mod emu {
                 // Dynamic shared memory: a pointer into the launch's buffer.
                 let (ty, name) = decl.rsplit_once(' ').unwrap_or_else(|| panic!("{}: `{t}`", file.display()));
                 let _ = writeln!(src, "{ty}* {name} = static_cast<{ty}*>(::glimpse_emu::dynamic_shared());");
+            } else if let Some(decl) = t.strip_prefix("__shared__ ") {
+                // A static array: filled afresh in each block (emu.h's fresh_shared).
+                let (decl, rest) = decl.split_once(';').unwrap_or_else(|| panic!("{}: `{t}`", file.display()));
+                let name = decl.split('[').next().and_then(|d| d.rsplit(' ').next()).filter(|n| !n.is_empty());
+                let name = name
+                    .unwrap_or_else(|| panic!("{}: a __shared__ array build.rs cannot read: `{t}`", file.display()));
+                let _ = writeln!(
+                    src,
+                    "static {decl}; static unsigned long long {name}_block = 0; \
+                     ::glimpse_emu::fresh_shared({name}, sizeof({name}), {name}_block);{rest}"
+                );
             } else {
                 let _ = writeln!(src, "{line}");
             }

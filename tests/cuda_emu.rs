@@ -75,6 +75,22 @@ fn the_emulation_fails_what_a_gpu_leaves_undefined() {
     assert!(err.contains("off its alignment"), "{err}");
 }
 
+/// A static `__shared__` array starts each block as 0xFF bytes (NaN), as dynamic shared memory
+/// does: a block reading it before writing sees no value the block before it left (on the host
+/// such arrays are statics, kept from block to block and launch to launch).
+#[test]
+fn static_shared_memory_starts_each_block_afresh() {
+    for _ in 0..2 {
+        let mut out = vec![0f32; 3];
+        let cfg = LaunchConfig { grid_dim: (3, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+        let params = [Param::Data(out.as_mut_ptr().cast())];
+        // SAFETY: ub_shared_read_before_written(float* out) writes out[blockIdx.x], 3 blocks.
+        unsafe { glimpse::cuda::emu::launch("ub_shared_read_before_written", cfg, Schedule::Lockstep, &params) }
+            .unwrap();
+        assert!(out.iter().all(|v| v.is_nan()), "{out:?}");
+    }
+}
+
 /// `checks` on emulated ops of each precision and schedule: `counts` checks each time (f32, bf16),
 /// all passing.
 fn in_both_precisions(checks: fn(&CudaOps) -> glimpse::error::Result<Vec<Check>>, counts: [usize; 2]) {

@@ -13,12 +13,14 @@
 //   warps), or shuffled (a seeded permutation of the blocks, and of the warps and lanes at every
 //   step).
 // A kernel whose result depends on the schedule has a race a GPU can hit, so the tests run every
-// kernel under each. Dynamic shared memory starts each block as 0xFF bytes (NaN floats, -1
-// ints): a GPU's holds whatever was there before, never zeros.
+// kernel under each. Shared memory starts each block as 0xFF bytes (NaN floats, -1 ints): a
+// GPU's holds whatever was there before, never zeros (and never, reliably, what this block's
+// predecessor on the host left in a static).
 //
 // __syncthreads is a barrier over the block's live threads (a thread that returned counts as
 // arrived, as on the hardware), __shfl_xor_sync and __shfl_sync a barrier-separated exchange
-// within the warp, __shared__ a static (one launch runs at a time, one block at a time), atomics
+// within the warp, __shared__ a static (one launch runs at a time, one block at a time; build.rs
+// has the first thread of a block to reach its declaration fill it, fresh_shared), atomics
 // plain adds. A round in which no fiber can move (threads waiting at different barriers) is
 // reported as a deadlock: the divergent-barrier bug that is undefined behaviour on a GPU.
 //
@@ -107,6 +109,7 @@ struct Launch {
     std::vector<char> done;
     unsigned current = 0;
     unsigned long progress = 0;  // arrivals, releases and exits: a round without any is a deadlock
+    unsigned long long block_serial = 0;  // this block's number among every launch's (fresh_shared)
     void (*body)(void*) = nullptr;
     void* args = nullptr;
     int violation = 0;  // the first undefined behaviour seen (a status code), 0 for none
@@ -172,6 +175,16 @@ inline float int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline float uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline unsigned float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
 inline void* dynamic_shared() { return L->dynamic_shared.data(); }
+
+// A static __shared__ array's start in each block (build.rs puts a call after each declaration):
+// the first thread of the block to pass the declaration fills it with 0xFF bytes, as a launch does
+// the dynamic shared memory. No thread can have written it before: each must pass the
+// declaration first. `seen` is the array's own, the serial of the block that last filled it.
+inline void fresh_shared(void* p, size_t bytes, unsigned long long& seen) {
+    if (seen == L->block_serial) return;
+    std::memset(p, 0xFF, bytes);
+    seen = L->block_serial;
+}
 
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 with d as c, over the warp (prelude.cuh's
 // mma_bf16_16816): every lane posts its a[4] and b[2], then reads the whole A (16 x 16) and B
@@ -261,8 +274,10 @@ inline int launch(dim3 grid, dim3 block, unsigned shared, Schedule schedule, voi
     unsigned group = schedule.warps_ahead() ? 32 : n, groups = (n + group - 1) / group;
     std::vector<unsigned> blocks, order, lanes;
     schedule.arrange(blocks, 0, grid.x);
+    static unsigned long long serial = 0;  // blocks run so far, every launch's (under launch_lock)
     for (unsigned i = 0; i < grid.x && status == 0; i++) {
         l->block_idx = {blocks[i], 0, 0};
+        l->block_serial = ++serial;
         l->dynamic_shared.assign(shared + CANARY, 0xFF);
         std::fill(l->dynamic_shared.begin() + shared, l->dynamic_shared.end(), 0xA5);
         l->sync.reset((int)n);

@@ -30,3 +30,15 @@ extern "C" __global__ void ub_misaligned_load(const bf16_t* p, float* out) {
     bf16x8 v = ld_bf16x8(p + 1);
     out[threadIdx.x] = (float)(v.w[0] & 1u);
 }
+
+// Each block's thread 0 reads a static shared value before the block writes it, then writes it:
+// on a GPU the read is undefined. The emulation's statics outlive a block, so unless each block's
+// shared memory starts afresh, block 1 would read the 1.0 block 0 left, a value a GPU may not
+// give. Not a failed launch (nothing here is flagged): the test reads what each block saw.
+extern "C" __global__ void ub_shared_read_before_written(float* out) {
+    __shared__ float left[1];
+    if (threadIdx.x == 0) {
+        out[blockIdx.x] = left[0];
+        left[0] = 1.0f;
+    }
+}
