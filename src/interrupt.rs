@@ -5,7 +5,8 @@
 //! the prompt in progress, auditing those run (`audit --stream` after the layer in progress,
 //! every prompt counted up to it). A second signal ends the process at once, as the
 //! default action does (but for a repeat of the first from the same process within a second:
-//! `timeout` sends its one stop twice). Elsewhere both keep their default action.
+//! `timeout` sends its one stop twice). Elsewhere, and where the process was started ignoring
+//! one (a script's background job ignores Ctrl-C), each keeps the action it had.
 
 #[cfg(unix)]
 mod imp {
@@ -94,13 +95,25 @@ mod imp {
         fn restore(self) {}
     }
 
-    pub fn stop_at_checkpoints() {
+    /// Each signal's action before [`stop_at_checkpoints`] took it, to put back; `None` for one
+    /// it left alone.
+    pub struct Saved([Option<libc::sigaction>; 2]);
+
+    /// Takes SIGINT and SIGTERM, but not one the process inherited as ignored: a job a shell
+    /// without job control starts in the background (`glimpse ... &` in a script) ignores the
+    /// terminal's Ctrl-C, and so must it stop for one.
+    pub fn stop_at_checkpoints() -> Saved {
         REQUESTED.store(false, Ordering::Relaxed);
         TERMINAL.store(std::io::IsTerminal::is_terminal(&std::io::stderr()), Ordering::Relaxed);
-        for sig in SIGNALS {
-            // SAFETY: the handler only touches atomics and makes async-signal-safe calls; the
-            // sigaction is fully initialised before use.
+        Saved(SIGNALS.map(|sig| {
+            // SAFETY: the handler only touches atomics and makes async-signal-safe calls; both
+            // sigactions are fully initialised before use (zeroed, then filled by the kernel).
             unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                libc::sigaction(sig, std::ptr::null(), &mut old);
+                if old.sa_sigaction == libc::SIG_IGN {
+                    return None;
+                }
                 let mut action: libc::sigaction = std::mem::zeroed();
                 action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
                 action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
@@ -110,8 +123,9 @@ mod imp {
                     libc::sigaddset(&mut action.sa_mask, blocked);
                 }
                 libc::sigaction(sig, &action, std::ptr::null_mut());
+                Some(old)
             }
-        }
+        }))
     }
 
     pub fn requested() -> bool {
@@ -152,10 +166,12 @@ that empties it first): run again once it is written\n";
         }
     }
 
-    pub fn default_again() {
-        for sig in SIGNALS {
-            // SAFETY: restoring the default disposition.
-            unsafe { libc::signal(sig, libc::SIG_DFL) };
+    pub fn restore(saved: &Saved) {
+        for (sig, old) in SIGNALS.iter().zip(&saved.0) {
+            if let Some(old) = old {
+                // SAFETY: an action the kernel gave for this signal.
+                unsafe { libc::sigaction(*sig, old, std::ptr::null_mut()) };
+            }
         }
     }
 }
@@ -163,11 +179,14 @@ that empties it first): run again once it is written\n";
 #[cfg(not(unix))]
 mod imp {
     pub fn report_bus_errors() {}
-    pub fn stop_at_checkpoints() {}
+    pub struct Saved;
+    pub fn stop_at_checkpoints() -> Saved {
+        Saved
+    }
     pub fn requested() -> bool {
         false
     }
-    pub fn default_again() {}
+    pub fn restore(_: &Saved) {}
     pub fn exit_status() -> u8 {
         130
     }
@@ -193,19 +212,56 @@ pub use imp::exit_status;
 /// or "SIGTERM".
 pub use imp::signal_name;
 
-/// While this lives, the first Ctrl-C asks for a stop at the next checkpoint (`requested`); when
-/// it is dropped, however the work ended, SIGINT's default action is back.
+/// While this lives, the first Ctrl-C or SIGTERM asks for a stop at the next checkpoint
+/// (`requested`); when it is dropped, however the work ended, each signal's action before is
+/// back. A signal the process inherited as ignored stays ignored throughout.
 #[must_use]
-pub struct Stopping(());
+pub struct Stopping(imp::Saved);
 
 /// Starts asking: a stop requested before is forgotten.
 pub fn stop_at_checkpoints() -> Stopping {
-    imp::stop_at_checkpoints();
-    Stopping(())
+    Stopping(imp::stop_at_checkpoints())
 }
 
 impl Drop for Stopping {
     fn drop(&mut self) {
-        imp::default_again();
+        imp::restore(&self.0);
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    /// This process's action for `sig`.
+    fn action(sig: libc::c_int) -> libc::sighandler_t {
+        // SAFETY: reads the disposition only, into a zeroed sigaction.
+        unsafe {
+            let mut now: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(sig, std::ptr::null(), &mut now);
+            now.sa_sigaction
+        }
+    }
+
+    /// An ignored SIGINT stays ignored while stops are asked for, and SIGTERM, taken meanwhile,
+    /// gets back the action it had, not the default. (The only test in this crate that touches
+    /// either signal's action.)
+    #[test]
+    fn an_ignored_signal_stays_ignored_and_the_other_gets_its_action_back() {
+        extern "C" fn other(_: libc::c_int) {}
+        // SAFETY: setting and later restoring this process's own dispositions.
+        let (int_before, term_before) = unsafe {
+            (libc::signal(libc::SIGINT, libc::SIG_IGN), libc::signal(libc::SIGTERM, other as libc::sighandler_t))
+        };
+        let stopping = super::stop_at_checkpoints();
+        let (int_during, term_during) = (action(libc::SIGINT), action(libc::SIGTERM));
+        drop(stopping);
+        let (int_after, term_after) = (action(libc::SIGINT), action(libc::SIGTERM));
+        // SAFETY: as above.
+        unsafe {
+            libc::signal(libc::SIGINT, int_before);
+            libc::signal(libc::SIGTERM, term_before);
+        }
+        assert_eq!(int_during, libc::SIG_IGN);
+        assert_ne!(term_during, other as libc::sighandler_t, "SIGTERM asks for a stop");
+        assert_eq!((int_after, term_after), (libc::SIG_IGN, other as libc::sighandler_t));
     }
 }

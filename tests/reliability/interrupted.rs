@@ -179,6 +179,41 @@ fn ctrl_c_stops_generate_and_keeps_what_it_made() {
     assert!(d.names().iter().any(|n| n == "logits"));
 }
 
+/// A `generate` started with SIGINT ignored (a script's background job: `glimpse ... &` in a
+/// shell without job control) keeps ignoring it, and still stops for SIGTERM.
+#[test]
+fn an_inherited_ignored_ctrl_c_stays_ignored() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glimpse"));
+    cmd.args(["generate", "--model", &s(&golden("flat")), "--tokens", "1,2,3", "--max-new-tokens", "5000"])
+        .arg("--ignore-eos") // (as in ctrl_c_stops_generate_and_keeps_what_it_made)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: between fork and exec the closure only calls signal(2), which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            Ok(())
+        })
+    };
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.unwrap().starts_with("step 3:")), "it generates");
+    // SAFETY: signalling a child this test started and has not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    // Steps after the signal: it was delivered (to another process, before its next scheduling).
+    assert!(lines.any(|l| l.unwrap().starts_with("step 40:")), "it goes on generating");
+    assert!(child.try_wait().unwrap().is_none(), "still generating after Ctrl-C");
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _rest: Vec<String> = lines.map(Result::unwrap).collect();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("stopped by SIGTERM after") && !err.contains("Ctrl-C"), "{err}");
+}
+
 /// Ctrl-C while a prompt goes through the cache in chunks stops after the chunk in progress,
 /// with no token made (a 10,000-token prompt fed a position at a time ran to its end before).
 /// SIGTERM does the same, and the message names it (it said Ctrl-C).
