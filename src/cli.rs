@@ -514,7 +514,8 @@ pub(crate) struct RunArgs {
     #[arg(long, requires = "dump", conflicts_with = "layers")]
     pub(crate) resume: bool,
     /// Also run the MTP head over the tokens (its `mtp.*` and `layers.{N}.*` hook points go to
-    /// the dump) and print its draft for the token after next.
+    /// the dump) and print its draft of the next token (from the second-to-last position, as the
+    /// main model's last logits predict it).
     #[arg(long, conflicts_with_all = ["stream", "layers", "from_dump", "resume"])]
     pub(crate) mtp: bool,
     /// Where the forward pass runs (`cpu-ops`: the GPU path's code on the host; `cuda`: the GPU).

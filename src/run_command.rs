@@ -241,7 +241,9 @@ fn run_on_device(
 }
 
 /// `run --mtp`: the MTP head over the run's tokens, where `p` ran them, from the final-norm
-/// hidden state the run recorded; prints each row's draft for the token after the last.
+/// hidden state the run recorded; prints each row's draft of the next token (its last position,
+/// S - 2, takes the hidden state there and the prompt's last token: it drafts the token the main
+/// model's last logits predict, a check of the head against the model).
 fn run_mtp(
     p: &dyn glimpse::device::Prefill,
     head: &glimpse::model::mtp::Mtp,
@@ -255,7 +257,7 @@ fn run_mtp(
     let h = h.narrow(1, 0, tokens.seq.saturating_sub(1))?;
     let drafts = glimpse::model::decode::last_argmax(&p.mtp(head, &h, tokens, obs)?)?;
     for (row, d) in drafts.iter().enumerate() {
-        println!("row {row}: mtp draft for the token after next {d}");
+        println!("row {row}: mtp draft of the next token {d}");
     }
     Ok(())
 }

@@ -223,7 +223,7 @@ fn run_mtp_dump_diffs_clean_against_the_reference() {
         ]);
         assert_eq!(code, 0, "{device}: {text}");
         let drafted: Vec<String> =
-            text.lines().filter(|l| l.contains(": mtp draft for the token after next")).map(String::from).collect();
+            text.lines().filter(|l| l.contains(": mtp draft of the next token")).map(String::from).collect();
         assert_eq!(drafted.len(), 2, "{device}: {text}");
         drafts.push(drafted);
         let (code, text) = common::code_and_text(&["diff", out.to_str().unwrap(), reference.to_str().unwrap()]);
