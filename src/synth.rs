@@ -269,10 +269,29 @@ pub fn f32_to_e4m3(x: f32) -> u8 {
     sign | code.min(0x7E) as u8
 }
 
+/// A config error in a field one of `o`'s flags set is the flag's (`--experts 100000: ...`), not the
+/// config file's.
+fn blame_flag(e: Error, o: &SynthOptions) -> Error {
+    let flags = [
+        ("num_hidden_layers", "--layers", o.layers),
+        ("n_routed_experts", "--experts", o.experts),
+        ("vocab_size", "--vocab", o.vocab),
+    ];
+    match e {
+        Error::Config { field, msg } => {
+            match flags.iter().find(|(f, ..)| *f == field).and_then(|&(_, flag, v)| Some((flag, v?))) {
+                Some((flag, v)) => Error::Usage(format!("{flag} {v}: {msg}")),
+                None => Error::Config { field, msg },
+            }
+        }
+        e => e,
+    }
+}
+
 /// Writes the checkpoint and returns the config it was written for.
 pub fn synth(o: &SynthOptions) -> Result<Config> {
     let config_json = shrink(o.config.clone(), o)?;
-    let cfg = Config::from_json(&config_json)?;
+    let cfg = Config::from_json(&config_json).map_err(|e| blame_flag(e, o))?;
     if o.shards == 0 {
         return Err(Error::Usage("--shards must be at least 1".into()));
     }

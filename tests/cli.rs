@@ -471,8 +471,8 @@ fn a_dump_does_not_depend_on_how_the_model_was_spelled() {
     assert!(dumps.windows(2).all(|w| w[0] == w[1]));
 }
 
-/// A config file `synth` starts from that has a wrong field is named with the field, and a
-/// memory limit under a byte (a unit left out) is refused, not taken as 0 (which refused every
+/// A config file `synth` starts from that has a wrong field is named with the field (a value a
+/// flag set, with the flag), and a memory limit under a byte (a unit left out) is refused, not taken as 0 (which refused every
 /// later run with a budget message).
 #[test]
 fn synth_names_its_config_file_and_max_memory_refuses_less_than_a_byte() {
@@ -482,6 +482,10 @@ fn synth_names_its_config_file_and_max_memory_refuses_less_than_a_byte() {
     let out = tmp.path().join("out");
     let o = glimpse(&["synth", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
     assert_error(&o, &format!("{}: config field `n_group`: must be positive", cfg.display()));
+    // A value a flag set is the flag's, not the file's.
+    let flat = golden("flat").join("config.json");
+    let o = glimpse(&["synth", "--config", &s(&flat), "--out", out.to_str().unwrap(), "--experts", "100000"]);
+    assert_error(&o, "--experts 100000: 100000 is beyond any supported model (at most 65536)");
     assert_error(&glimpse(&["--max-memory", "0.5", "verify"]), "\"0.5\" is less than a byte (a unit missing? 16G)");
 }
 
