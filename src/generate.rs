@@ -54,7 +54,7 @@ pub fn run(
     // Loaded once, outside the timed steps (a real tokenizer.json takes a while to parse).
     // Ids need no tokenizer: one that cannot be read costs the text, not the run.
     let decoder = match prompt.batch {
-        1 => crate::tokenizer::Decoder::load(dir).unwrap_or_else(|e| {
+        1 => crate::tokenizer::Tokenizer::load(dir).unwrap_or_else(|e| {
             eprintln!("glimpse: warning: {e}: the steps are shown as ids only");
             None
         }),

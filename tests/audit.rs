@@ -518,6 +518,11 @@ fn audit_refuses_another_models_checkpoint_and_reads_text_on_request() {
     let (out, _) = assert_ok(&glimpse(&[&args[..], &["--text", "--json"]].concat()));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["layers"][0]["tokens"], 6, "{v}");
+    // Two lines of text, through one tokenizer: 6 and 3 tokens.
+    std::fs::write(&prompts, "count 1, 2, 3\ncount 1 2\n").unwrap();
+    let (out, _) = assert_ok(&glimpse(&[&args[..], &["--text", "--json"]].concat()));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["layers"][0]["tokens"], 9, "{v}");
     // --routes gives each token's text (a comma quoted, as CSV quotes).
     let routes = tmp.path().join("routes.csv");
     assert_ok(&glimpse(&[&args[..], &["--text", "--routes", routes.to_str().unwrap()]].concat()));

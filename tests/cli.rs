@@ -95,7 +95,12 @@ fn prompts_go_through_the_checkpoints_tokenizer() {
     let model = synth(tmp.path(), 3);
     let m = model.to_str().unwrap();
     let o = glimpse(&["run", "--model", m, "--prompt", "hello world"]);
-    assert_error(&o, "tokenizer.json");
+    assert_error(&o, "tokenizer.json, which does not exist");
+    // One that is there but no file is not said not to exist.
+    std::fs::create_dir(model.join("tokenizer.json")).unwrap();
+    let o = glimpse(&["run", "--model", m, "--prompt", "hello world"]);
+    assert_error(&o, "tokenizer.json: is not a regular file");
+    std::fs::remove_dir(model.join("tokenizer.json")).unwrap();
     let tokenizer = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
         "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
         "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "hello": 7, "world": 11}, "unk_token": "[UNK]"}}"#;

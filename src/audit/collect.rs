@@ -82,7 +82,7 @@ pub fn collect_with_other(
     }
     // Each token's text in --routes, where the checkpoint has a tokenizer.
     if let (Some(r), Some(dir)) = (routes.as_deref_mut(), model_dir) {
-        match crate::tokenizer::Decoder::load(dir) {
+        match crate::tokenizer::Tokenizer::load(dir) {
             Ok(Some(decoder)) => r.decode_with(decoder),
             Ok(None) => {}
             Err(e) => eprintln!("glimpse: warning: {e}: --routes' text column is left empty"),

@@ -324,6 +324,8 @@ pub(super) fn read_prompts(path: &Path, kind: Lines, dir: &Path) -> Result<Vec<(
     if lines.is_empty() {
         return Err(Error::Usage(format!("{}: no prompts (one per line)", path.display())));
     }
+    // Loaded at the first line of text, once (parsing a real tokenizer.json takes a while).
+    let mut tokenizer = None;
     lines
         .iter()
         .map(|&(n, line)| {
@@ -346,7 +348,8 @@ pub(super) fn read_prompts(path: &Path, kind: Lines, dir: &Path) -> Result<Vec<(
                             n + 1
                         );
                     }
-                    crate::tokenizer::encode(dir, line)
+                    let loaded = tokenizer.take().map_or_else(|| crate::tokenizer::Tokenizer::require(dir), Ok);
+                    loaded.and_then(|t| tokenizer.insert(t).encode(line))
                 }
             };
             Ok((n + 1, tokens.context(|| format!("{} line {}", path.display(), n + 1))?))

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::model::Tokens;
-use crate::tokenizer::Decoder;
+use crate::tokenizer::Tokenizer;
 
 /// The CSV's header: `run` is the dump or `--prompts` line in order (0-based), `row` its batch
 /// row, `position` and `token` the position's (in the MTP layer, the position it drafts from),
@@ -38,7 +38,7 @@ pub struct Routes {
     /// The runs written so far: the next one's number.
     pub runs: usize,
     /// The checkpoint's tokenizer, for each token's text, and the texts decoded so far.
-    decoder: Option<Decoder>,
+    decoder: Option<Tokenizer>,
     texts: HashMap<u32, String>,
 }
 
@@ -66,7 +66,7 @@ impl Routes {
     }
 
     /// Decode each token's text with `decoder` (the checkpoint's tokenizer).
-    pub fn decode_with(&mut self, decoder: Decoder) {
+    pub fn decode_with(&mut self, decoder: Tokenizer) {
         self.decoder = Some(decoder);
     }
 
