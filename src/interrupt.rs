@@ -246,11 +246,11 @@ mod tests {
     /// either signal's action.)
     #[test]
     fn an_ignored_signal_stays_ignored_and_the_other_gets_its_action_back() {
-        extern "C" fn other(_: libc::c_int) {}
+        extern "C" fn handler(_: libc::c_int) {}
+        let other = handler as *const () as libc::sighandler_t;
         // SAFETY: setting and later restoring this process's own dispositions.
-        let (int_before, term_before) = unsafe {
-            (libc::signal(libc::SIGINT, libc::SIG_IGN), libc::signal(libc::SIGTERM, other as libc::sighandler_t))
-        };
+        let (int_before, term_before) =
+            unsafe { (libc::signal(libc::SIGINT, libc::SIG_IGN), libc::signal(libc::SIGTERM, other)) };
         let stopping = super::stop_at_checkpoints();
         let (int_during, term_during) = (action(libc::SIGINT), action(libc::SIGTERM));
         drop(stopping);
@@ -261,7 +261,7 @@ mod tests {
             libc::signal(libc::SIGTERM, term_before);
         }
         assert_eq!(int_during, libc::SIG_IGN);
-        assert_ne!(term_during, other as libc::sighandler_t, "SIGTERM asks for a stop");
-        assert_eq!((int_after, term_after), (libc::SIG_IGN, other as libc::sighandler_t));
+        assert_ne!(term_during, other, "SIGTERM asks for a stop");
+        assert_eq!((int_after, term_after), (libc::SIG_IGN, other));
     }
 }

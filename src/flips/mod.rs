@@ -94,7 +94,7 @@ pub fn deciding(selection: HookPoint, config: &Config) -> HookPoint {
 /// margin where it chooses what was recorded.) None when the dump holds neither, or its shapes
 /// do not fit each other.
 pub fn margins_in(d: &Dump, selection: HookPoint, router: Option<(&RouterConfig, &[f32])>) -> Option<Vec<f32>> {
-    if let Some(recorded) = floats(d, &selection.margin()?.name()) {
+    if let Some(recorded) = recorded(d, selection) {
         return Some(recorded);
     }
     match selection {
@@ -127,6 +127,16 @@ pub fn margins_in(d: &Dump, selection: HookPoint, router: Option<(&RouterConfig,
     }
 }
 
+/// `selection`'s margin tensor in `d`, where it holds one margin a row of the selection (another
+/// tool's of another length, say from a cut or stitched run, would give flips other rows'
+/// margins): else the margins are recomputed, as where none is recorded.
+fn recorded(d: &Dump, selection: HookPoint) -> Option<Vec<f32>> {
+    let margins = floats(d, &selection.margin()?.name())?;
+    let shape = d.shape(&selection.name())?;
+    let rows: usize = shape.iter().rev().skip(1).product();
+    (margins.len() == rows).then_some(margins)
+}
+
 /// The DSA margins of layer `i`'s query rows `rows` (batch rows flattened) in `d`, recorded or
 /// recomputed from its `dsa.scores` as [`margins_in`] does. The scores and the selection are read
 /// a slice of rows at a time, so a long context's `[B, S, S]` never sits in memory whole (at 32k
@@ -141,7 +151,7 @@ const SLICE: usize = 1 << 22;
 /// [`dsa_margins`], reading about `slice` scores at a time.
 fn dsa_margins_by(d: &Dump, i: usize, rows: std::ops::Range<usize>, slice: usize) -> Option<Vec<f32>> {
     let selection = HookPoint::Layer(i, LayerHook::DsaTopk);
-    if let Some(recorded) = floats(d, &selection.margin()?.name()) {
+    if let Some(recorded) = recorded(d, selection) {
         return recorded.get(rows).map(<[f32]>::to_vec);
     }
     let scores = HookPoint::Layer(i, LayerHook::DsaScores).name();

@@ -124,9 +124,9 @@ fn a_flip_whose_experts_did_not_move_enough_has_another_rule() {
     assert!(flips.iter().all(|f| f.moved.is_some() && f.rule_break.is_none()));
 }
 
-/// Recomputed from a transformers-style dump (scores, no margin): query 2's exact tie between
-/// keys 0 and 1, broken towards the higher key, has margin 0 (a near-tie, not unknown); a
-/// query that keeps every causal key has none to lose (+inf).
+/// Recomputed from a transformers-style dump (scores, no margin of the selection's length): query
+/// 2's exact tie between keys 0 and 1, broken towards the higher key, has margin 0 (a near-tie,
+/// not unknown); a query that keeps every causal key has none to lose (+inf).
 #[test]
 fn a_tie_broken_either_way_has_margin_zero() {
     use crate::hooks::Observer;
@@ -141,12 +141,15 @@ fn a_tie_broken_either_way_has_margin_zero() {
     w.observe(HookPoint::Layer(0, LayerHook::DsaScores), &scores).unwrap();
     let topk = Tensor::from_vec(vec![0i64, 1, 1, 0, 2, 1], (1, 3, 2), &Device::Cpu).unwrap();
     w.observe(HookPoint::Layer(0, LayerHook::DsaTopk), &topk).unwrap();
+    // A recorded margin of another length (two rows, for three queries) is not theirs.
+    w.observe(HookPoint::Layer(0, LayerHook::DsaMargin), &t(vec![9.0, 9.0], &[1, 2])).unwrap();
     w.finish(&crate::dump::metadata("test", None, None)).unwrap();
     let d = Dump::open(&path).unwrap();
     let m = margins_in(&d, HookPoint::Layer(0, LayerHook::DsaTopk), None).unwrap();
     assert_eq!(m[0], f32::INFINITY, "query 0 keeps its only key (the 1 past it is padding)");
     assert_eq!(m[1], f32::INFINITY, "query 1 keeps both its keys");
     assert_eq!(m[2], 0.0, "keys 0 and 1 tie at 0.1; the recording kept 1");
+    assert_eq!(dsa_margins_by(&d, 0, 0..3, 1).unwrap(), m, "recomputed there too");
 }
 
 /// The recomputed DSA margins are the same whether the scores are read whole or a row at a
