@@ -102,6 +102,16 @@ impl Flip {
         [in_row(&self.only_ours), in_row(&self.only_reference)]
     }
 
+    /// [`Flip::keys_in`] as `side` chose: the keys it alone kept, then those it left out that the
+    /// other side kept.
+    pub fn kept_by(&self, side: Side, width: usize) -> [Vec<usize>; 2] {
+        let [ours, theirs] = self.keys_in(width);
+        match side {
+            Side::Ours => [ours, theirs],
+            Side::Reference => [theirs, ours],
+        }
+    }
+
     /// How clearly `side` decided against the other's keys: the larger of its row's margin and
     /// the flipped keys' own lead, where either is known.
     pub fn decided_by(&self, side: Side) -> Option<f32> {

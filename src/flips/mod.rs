@@ -268,8 +268,8 @@ pub fn add_movement(
     // Each side's lead on its own: a glimpse dump records no S x S `dsa.scores` by default, and
     // the reference's lead alone must class a flip as `verify` classes it.
     for f in flips.iter_mut() {
-        f.lead_ours = ours.as_ref().and_then(|r| keys_lead(f, Side::Ours, r));
-        f.lead_reference = theirs.as_ref().and_then(|r| keys_lead(f, Side::Reference, r));
+        f.lead_ours = ours.as_ref().and_then(|r| r.row(f.row)?.lead(f, Side::Ours));
+        f.lead_reference = theirs.as_ref().and_then(|r| r.row(f.row)?.lead(f, Side::Reference));
     }
     // The movement needs both, of one shape.
     let (Some((shape, x)), Some((other, y))) = (&sides[0], &sides[1]) else { return };
@@ -300,7 +300,9 @@ pub fn add_movement(
         let [kept, left] = f.keys_in(width);
         let deltas: Vec<Option<f32>> = kept.iter().chain(&left).map(|&k| delta(f.row * width + k)).collect();
         let Some(moved) = deltas.iter().flatten().copied().reduce(f32::max) else { continue };
-        let own = own_scores(f, &[(Side::Ours, ours.as_ref()), (Side::Reference, theirs.as_ref())], near_tie);
+        let rows = [(Side::Ours, &ours), (Side::Reference, &theirs)]
+            .map(|(side, r)| (side, r.as_ref().and_then(|r| r.row(f.row))));
+        let own = own_scores(f, &rows, near_tie);
         let too_little = match f.margin_ours.zip(f.margin_reference) {
             Some((mo, mr))
                 if flat
@@ -351,8 +353,6 @@ fn scores_shape(d: &Dump, scores: &str, selection: &str, dsa: bool) -> Option<Ve
 /// routing's `sigmoid(router_logits) + bias` (with the checkpoint's bias); `width` a row.
 struct Ranked<'a> {
     values: &'a [f32],
-    /// The row `values` start at: 0 for a whole tensor, a flip's row where only it was read.
-    first: usize,
     width: usize,
     /// The correction bias, for routing.
     bias: Option<&'a [f32]>,
@@ -370,79 +370,69 @@ impl<'a> Ranked<'a> {
         router: Option<(&RouterConfig, &'a [f32])>,
     ) -> Option<Ranked<'a>> {
         match dsa {
-            true => Some(Ranked { values, first: 0, width, bias: None }),
+            true => Some(Ranked { values, width, bias: None }),
             false => {
                 let bias = router.map(|(_, bias)| bias).filter(|b| flat && b.len() == width)?;
-                Some(Ranked { values, first: 0, width, bias: Some(bias) })
+                Some(Ranked { values, width, bias: Some(bias) })
             }
         }
     }
 
-    /// The values of `row` alone, read apart from the rest (the row of one flip).
-    fn at_row(mut self, row: usize) -> Self {
-        self.first = row;
-        self
-    }
-
     /// The values of `row`; None outside those held.
-    fn row(&self, row: usize) -> Option<&'a [f32]> {
-        let start = row.checked_sub(self.first)? * self.width;
-        self.values.get(start..start + self.width)
+    fn row(&self, row: usize) -> Option<RankedRow<'a>> {
+        let start = row * self.width;
+        Some(RankedRow { values: self.values.get(start..start + self.width)?, bias: self.bias })
     }
+}
 
-    fn at(&self, row: usize, key: usize) -> f32 {
-        let v = self.row(row).map_or(f32::NAN, |r| r[key]);
+/// One row of [`Ranked`] values: a flip's, from a whole tensor or read alone (`verify` keeps only
+/// the rows of its flips, not whole S x S scores).
+#[derive(Clone, Copy)]
+struct RankedRow<'a> {
+    values: &'a [f32],
+    bias: Option<&'a [f32]>,
+}
+
+impl RankedRow<'_> {
+    /// Key `k`'s value as the rule ranks it.
+    fn at(&self, k: usize) -> f32 {
         match self.bias {
-            Some(bias) => sigmoid(v) + bias[key],
-            None => v,
+            Some(b) => sigmoid(self.values[k]) + b.get(k).copied().unwrap_or(f32::NAN),
+            None => self.values[k],
         }
     }
-}
 
-/// The lead of `side`'s own choice in flip `f` on its ranked values: the lowest of the keys it
-/// alone kept minus the highest of the keys the other side alone kept; None where either set is
-/// empty (a row that kept fewer keys) or the lead is negative or NaN (a choice its own scores
-/// contradict: [`own_scores`] tells that).
-fn keys_lead(f: &Flip, side: Side, r: &Ranked) -> Option<f32> {
-    row_lead(f, side, r.row(f.row)?, r.bias)
-}
-
-/// [`keys_lead`] from that side's values of the flip's own row: DSA's scores, or the gate's
-/// logits with `bias` (flat routing: ranked as `sigmoid + bias`). `verify` keeps only the rows
-/// of its flips, not whole S x S scores.
-pub fn row_lead(f: &Flip, side: Side, row: &[f32], bias: Option<&[f32]>) -> Option<f32> {
-    let [ours, theirs] = f.keys_in(row.len());
-    let (kept, other) = match side {
-        Side::Ours => (ours, theirs),
-        Side::Reference => (theirs, ours),
-    };
-    let at = |k: usize| match bias {
-        Some(b) => sigmoid(row[k]) + b.get(k).copied().unwrap_or(f32::NAN),
-        None => row[k],
-    };
-    let (low, high) = (kept.iter().map(|&k| at(k)), other.iter().map(|&k| at(k)));
-    // (`f32::min` and `max` would pass over a NaN key.)
-    if low.clone().chain(high.clone()).any(f32::is_nan) {
-        return None;
+    /// The lead of `side`'s own choice in flip `f`: the lowest of the keys it alone kept minus
+    /// the highest of the keys the other side alone kept; None where either set is empty (a row
+    /// that kept fewer keys) or the lead is negative or NaN (a choice its own scores contradict:
+    /// [`own_scores`] tells that).
+    fn lead(&self, f: &Flip, side: Side) -> Option<f32> {
+        let [kept, other] = f.kept_by(side, self.values.len());
+        let (low, high) = (kept.iter().map(|&k| self.at(k)), other.iter().map(|&k| self.at(k)));
+        // (`f32::min` and `max` would pass over a NaN key.)
+        if low.clone().chain(high.clone()).any(f32::is_nan) {
+            return None;
+        }
+        Some(low.reduce(f32::min)? - high.reduce(f32::max)?).filter(|l| *l >= 0.0)
     }
-    Some(low.reduce(f32::min)? - high.reduce(f32::max)?).filter(|l| *l >= 0.0)
 }
 
-/// A side whose choice its own ranked values contradict: it left out a flipped key (or expert)
-/// that they rank above one it kept, by `near_tie` or more (below, the recomputation's rounding
-/// could do it); the largest such lead over the `sides` tested. Ours kept `only_ours` and left
-/// out `only_reference`; the reference the other way round.
-fn own_scores(f: &Flip, sides: &[(Side, Option<&Ranked>)], near_tie: f64) -> Option<RuleBreak> {
+/// [`RankedRow::lead`] of `side` in flip `f` from that side's values of the flip's own row:
+/// DSA's scores, or the gate's logits with `bias` (flat routing: ranked as `sigmoid + bias`).
+pub fn row_lead(f: &Flip, side: Side, row: &[f32], bias: Option<&[f32]>) -> Option<f32> {
+    RankedRow { values: row, bias }.lead(f, side)
+}
+
+/// A side whose choice its own ranked values of the flip's row contradict: it left out a flipped
+/// key (or expert) that they rank above one it kept, by `near_tie` or more (below, the
+/// recomputation's rounding could do it); the largest such lead over the `sides` tested.
+fn own_scores(f: &Flip, sides: &[(Side, Option<RankedRow>)], near_tie: f64) -> Option<RuleBreak> {
     let mut found: Option<RuleBreak> = None;
-    for &(side, ranked) in sides {
-        let Some(r) = ranked else { continue };
-        let [ours, theirs] = f.keys_in(r.width);
-        let (kept, left) = match side {
-            Side::Ours => (ours, theirs),
-            Side::Reference => (theirs, ours),
-        };
+    for &(side, row) in sides {
+        let Some(r) = row else { continue };
+        let [kept, left] = f.kept_by(side, r.values.len());
         for (&k, &l) in kept.iter().flat_map(|k| left.iter().map(move |l| (k, l))) {
-            let by = r.at(f.row, l) - r.at(f.row, k);
+            let by = r.at(l) - r.at(k);
             let larger = match found {
                 Some(RuleBreak::OwnScores { by: b, .. }) => by > b,
                 _ => true,
@@ -476,9 +466,9 @@ pub fn reference_rule_breaks(
     // row at 32k tokens.
     for f in flips.iter_mut() {
         let Ok(Values::F32(row)) = golden.rows(&name, f.row, 1) else { continue };
-        let ranked = Ranked::new(&row, width, dsa, flat, router).map(|r| r.at_row(f.row));
-        f.rule_break = own_scores(f, &[(Side::Reference, ranked.as_ref())], near_tie);
-        f.lead_reference = ranked.as_ref().and_then(|r| keys_lead(f, Side::Reference, r));
+        let ranked = Ranked::new(&row, width, dsa, flat, router).and_then(|r| r.row(0));
+        f.rule_break = own_scores(f, &[(Side::Reference, ranked)], near_tie);
+        f.lead_reference = ranked.and_then(|r| r.lead(f, Side::Reference));
     }
 }
 
@@ -565,7 +555,7 @@ pub fn render(flips: &[(&str, &Flip)], near_tie: f64, more: &str) -> String {
         let padded = match fl.fewer_keys() {
             // Its keys past the query, where it holds any: the causality bug itself.
             Some(side) => {
-                match &fl.past[usize::from(side == crate::compare::Side::Reference)] {
+                match &fl.past[usize::from(side == Side::Reference)] {
                     past if !past.is_empty() => {
                         format!(" ({} keeps fewer distinct causal keys: it holds {past:?}, past the query, where one belongs)", side.label())
                     }
