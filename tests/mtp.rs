@@ -73,6 +73,25 @@ fn mtp_drafts_during_generation_equal_the_prefill_form() {
     }
 }
 
+/// The decode form refuses hidden states of another shape than its next tokens, though they hold
+/// as many values (they would be paired with other tokens, and the cache count other positions).
+#[test]
+fn mtp_decode_refuses_hidden_states_of_another_shape() {
+    let ckpt = Checkpoint::open(&case()).unwrap();
+    let (model, mtp) = (Model::load(&ckpt).unwrap(), Mtp::load(&ckpt).unwrap());
+    let hidden = candle_core::Tensor::zeros(
+        (2, 1, model.config.hidden_size),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let next = Tokens::parse("5,6").unwrap(); // 1 x 2, where the hidden states are 2 x 1
+    let mut cache = glimpse::model::decode::KvCache::new(1);
+    let err = mtp.decode(&model, &hidden, &next, &mut cache, &mut glimpse::hooks::NoObserver).unwrap_err().to_string();
+    assert!(err.contains("needs 1 x 2 hidden states for 1 x 2 next tokens, got 2 x 1"), "{err}");
+    assert_eq!(cache.len, 0);
+}
+
 /// Feeding the head the hidden state before the final norm (a bug real ports shipped) fails
 /// `mtp.input_hidden` and everything after it.
 #[test]

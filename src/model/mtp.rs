@@ -107,6 +107,15 @@ impl Mtp {
         let [layer_cache] = &mut cache.layers[..] else {
             return Err(Error::Usage("the MTP cache holds exactly one layer".into()));
         };
+        // (`input` reshapes the embeddings to `hidden`'s shape: the same count in another shape
+        // would pass it, and the cache would count other positions than it holds.)
+        let (b, c, _) = hidden.dims3()?;
+        if (b, c) != (next.batch, next.seq) {
+            return Err(Error::Usage(format!(
+                "the MTP head needs {} x {} hidden states for {} x {} next tokens, got {b} x {c}",
+                next.batch, next.seq, next.batch, next.seq
+            )));
+        }
         let x = self.input(model, hidden, next, obs)?; // [B, C, hidden]
         let rope = model.rotary.tables(&(cache.len..cache.len + next.seq).collect::<Vec<_>>());
         let out = self.layer.decode(&x, &rope, layer_cache, &mut None, obs)?; // [B, C, hidden]
