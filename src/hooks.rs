@@ -20,7 +20,8 @@ pub enum LayerHook {
     KvNorm,
     /// L2 norm per token of the roped shared key `k_rope` [B, S].
     KRopeNorm,
-    /// Indexer scores [B, S, S], -inf at non-causal keys (full indexer layers only).
+    /// Indexer scores [B, S, S], -inf at non-causal keys (full indexer layers only); a decode
+    /// call's [B, C, T] over the T positions cached (a stitched run's padded to [B, S, T]).
     DsaScores,
     /// Indexer score of the K-th minus the (K+1)-th causal key [B, S]; +inf when all are kept.
     DsaMargin,
@@ -111,7 +112,9 @@ pub fn max_points(layers: usize) -> usize {
     9 + (layers + 1) * LayerHook::ALL.len()
 }
 
-/// Every point where the forward pass reports a tensor, ordered as the forward pass visits them.
+/// Every point where the forward pass reports a tensor, ordered as the forward pass visits them,
+/// but for the MTP layer's `Layer(num_hidden_layers, _)`, which sorts among the layers, before
+/// `FinalNorm` (it runs after `MtpEhProj`: `Dump::names` and [`HookPoint::all`] put it there).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum HookPoint {
     InputIds,
@@ -167,9 +170,10 @@ impl HookPoint {
     /// Every hook point of a model of `layers` layers and its MTP layer, in forward order.
     pub fn all(layers: usize) -> impl Iterator<Item = HookPoint> {
         use HookPoint::*;
-        let per_layer = (0..=layers).flat_map(|i| LayerHook::ALL.map(|h| Layer(i, h)));
-        let after = [FinalNorm, Logits, MtpInputHidden, MtpEhProj, MtpFinalNorm, MtpLogits];
-        [InputIds, Embeddings].into_iter().chain(per_layer).chain(after)
+        let of = |i| LayerHook::ALL.map(move |h| Layer(i, h));
+        let main = (0..layers).flat_map(of);
+        let head = [FinalNorm, Logits, MtpInputHidden, MtpEhProj];
+        [InputIds, Embeddings].into_iter().chain(main).chain(head).chain(of(layers)).chain([MtpFinalNorm, MtpLogits])
     }
 
     pub fn layer(&self) -> Option<usize> {

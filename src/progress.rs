@@ -1,7 +1,7 @@
 //! Progress of long work on stderr: the layer of a forward pass in progress, for the commands
 //! that ask for it (`run`, `verify`), the prompt of an `audit` in progress (with `--stream`, the
-//! layer and prompt of its sweep), and `diff`'s reruns of
-//! an attention (`reading::rerun`) and its reads past rounding (`diff::past`). On a terminal, one
+//! layer and prompt of its sweep) and its co-activation chance draws, and `diff`'s reruns of an
+//! attention (`reading::rerun`) and its reads past rounding (`diff::past`). On a terminal, one
 //! line once the work has taken two seconds; in a log (CI, `nohup`), a line at most every ten
 //! seconds. A GLM-5 prefill on a CPU spends minutes a layer, and said nothing between loading and
 //! its result. Quick runs (the golden cases) print nothing.
@@ -23,7 +23,7 @@ const TERMINAL_AFTER: Duration = Duration::from_secs(2);
 /// A log gets a line at most this often.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// What the steps are: a pass's layers, or an audit's prompts.
+/// What the steps are: a pass's layers, an audit's prompts, and the rest [`Unit`] lists.
 #[derive(Debug, Clone, Copy)]
 enum Unit {
     /// Layers `first..=last`.
@@ -41,7 +41,7 @@ enum Unit {
     Sweep(usize, usize),
 }
 
-/// One pass over a window of layers, or one audit's prompts.
+/// One long piece of work in steps: a pass over a window of layers, an audit's prompts, ...
 pub struct Steps {
     unit: Unit,
     start: Instant,
@@ -92,14 +92,14 @@ impl Steps {
         Steps { unit, start: now, last_line: now, terminal: std::io::stderr().is_terminal(), enabled, shown: false }
     }
 
-    /// Layer (or prompt) `i` starts.
+    /// Step `i` starts (a layer, a prompt, ...: the unit's).
     pub fn step(&mut self, i: usize) {
         if let Some(line) = self.enabled.then(|| self.line(i, Instant::now())).flatten() {
             eprint!("{line}");
         }
     }
 
-    /// What layer `i`'s start at `now` prints, if anything.
+    /// What step `i`'s start at `now` prints, if anything.
     fn line(&mut self, i: usize, now: Instant) -> Option<String> {
         let at = match self.unit {
             Unit::Layer(first, last) => format!("layer {i} of {first}..={last}"),

@@ -76,7 +76,8 @@ impl Stitcher {
         self.parts.is_empty()
     }
 
-    /// Every recorded hook point joined over all calls, in forward order.
+    /// Every recorded hook point joined over all calls, in [`HookPoint`]'s order (forward order
+    /// but for the MTP layer).
     pub fn finish(self) -> Result<Vec<(HookPoint, Tensor)>> {
         let mut all = Vec::new();
         self.for_each(|point, t| {
@@ -86,8 +87,8 @@ impl Stitcher {
         Ok(all)
     }
 
-    /// Each recorded hook point joined over all calls, in forward order, handed to `f` one at a
-    /// time (a spilled point's parts are read back only then).
+    /// Each recorded hook point joined over all calls, in [`HookPoint`]'s order, handed to `f` one
+    /// at a time (a spilled point's parts are read back only then).
     pub fn for_each(mut self, mut f: impl FnMut(HookPoint, Tensor) -> Result<()>) -> Result<()> {
         let batch = self.batch.unwrap_or(1);
         let mut spill = self.spill.take();

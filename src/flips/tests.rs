@@ -212,7 +212,8 @@ fn a_dsa_selection_its_own_scores_contradict_breaks_the_rule() {
     };
     let ninf = f32::NEG_INFINITY;
     let reference = write("ref.st", vec![0.3, ninf, ninf, 0.2, 0.7, ninf, 0.1, 0.5, 0.6], vec![0, 1, 2]);
-    // Query 1 kept key 0 (0.2) over key 1 (0.7); query 2 masked its own key (f32::MIN).
+    // Query 1 kept key 0 (0.2) over key 1 (0.7); query 2 masked its own key (f32::MIN, which the
+    // dump reader takes for -inf, as it does any value at or below f32::MIN / 2: torch's mask).
     let ours = write("ours.st", vec![0.3, ninf, ninf, 0.2, 0.7, ninf, 0.1, 0.5, f32::MIN], vec![0, 0, 1]);
     let values = |d: &Dump| ints(d, &point.name()).unwrap();
     let mut c = crate::compare::compare_tensor(
