@@ -68,6 +68,7 @@ fn golden_cases_exist() {
 
 #[test]
 fn every_golden_case_matches() {
+    assert!(cases().len() >= 5, "the bundled cases: {:?}", cases());
     for case in cases() {
         check(&case, false);
     }
@@ -75,6 +76,7 @@ fn every_golden_case_matches() {
 
 #[test]
 fn every_golden_case_matches_with_isolated_layers() {
+    assert!(cases().len() >= 5, "the bundled cases: {:?}", cases());
     for case in cases() {
         check(&case, true);
     }

@@ -67,7 +67,9 @@ fn every_readme_command_runs_as_written() {
         let out = Command::new("sh").arg("-c").arg(&shell).current_dir(root).stdin(Stdio::null()).output().unwrap();
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         let code = out.status.code();
-        let allowed: &[i32] = if args.contains("port") { &[0, 1] } else { &[0] };
+        // A port's dump (`bf16-port`, `port-no-mscale`) differs from its reference: exit 1.
+        let port = args.split_whitespace().any(|a| a.ends_with(".safetensors") && a.contains("port"));
+        let allowed: &[i32] = if port { &[1] } else { &[0] };
         assert!(
             code.is_some_and(|c| allowed.contains(&c)) && !text.contains("panicked"),
             "README line `{line}` exited {code:?} (allowed {allowed:?}):\n{text}"
