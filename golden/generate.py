@@ -457,6 +457,29 @@ def fp8_dequantise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.to(torch.float32) * s
 
 
+def check_fp8_dequantise() -> str:
+    """fp8_dequantise against transformers' own two readings of block FP8, bit for bit: the
+    backward pass's `_dequantize_fp8_weight` (a fixed block, ceil grid, the last block partial:
+    the checkpoint's semantic, which it shares) on a weight of partial edge blocks, and the
+    `dequantize=True` loader's `Fp8Dequantize` on a block-aligned one (it derives the block from
+    the scale grid, wrong for partial blocks: why the FP8 case does not load through it). Our
+    dequantiser makes the FP8 case's weights, so a misreading shared with glimpse's loader (the
+    grid's origin, scale_inv multiplied or divided) would otherwise pass unseen."""
+    from transformers.integrations import finegrained_fp8 as fp8
+    gen = torch.Generator().manual_seed(0)
+    for shape, loader in [((300, 200), False), ((256, 384), True)]:
+        q, s = fp8_quantise(torch.randn(shape, generator=gen))
+        ours = fp8_dequantise(q, s)
+        readings = {"_dequantize_fp8_weight": fp8._dequantize_fp8_weight(q, s, [FP8_BLOCK, FP8_BLOCK], torch.float32)}
+        if loader:
+            readings["Fp8Dequantize"] = fp8.Fp8Dequantize(None)._dequantize_one(q, s, torch.float32)
+        for what, theirs in readings.items():
+            if not torch.equal(ours, theirs):
+                raise SystemExit(f"fp8_dequantise differs from transformers' {what} at {shape}: "
+                                 f"max abs {(ours - theirs).abs().max().item():.3e}")
+    return "fp8_dequantise equals transformers' _dequantize_fp8_weight (300x200, partial blocks) and Fp8Dequantize (256x384)"
+
+
 def is_fp8_quantised(name: str) -> bool:
     parts = name.split(".")
     return parts[-1] == "weight" and parts[-2] in FP8_QUANTISED_LEAVES
@@ -1248,7 +1271,7 @@ def write_case(case: Case, out_dir: str, verbose: bool) -> dict:
         # dequantize=True path derives the block size as rows // scale_rows, which is wrong for
         # partial edge blocks (136 rows in 2 row-blocks -> 68-row blocks). We use the checkpoint's
         # semantic: fixed 128x128 blocks, ceil grid, last block partial.
-        loaded = "from_pretrained skipped (FP8; transformers' dequantize path mishandles partial blocks)"
+        loaded = "from_pretrained skipped (FP8; transformers' dequantize path mishandles partial blocks); " + check_fp8_dequantise()
     else:
         loaded = verify_from_pretrained(case, case_dir, sd, tensors)
 
