@@ -7,9 +7,14 @@ margins that decided each selection (`layers.{i}.dsa.margin`, `layers.{i}.moe.ma
 `glimpse diff` and `glimpse tui` can show real flips against golden/flat/reference.safetensors and
 tell near-ties from bugs. It is produced by transformers, not by glimpse.
 
-    venv/bin/python golden/bf16_port.py
+    venv/bin/python golden/bf16_port.py [--out PATH]
+
+The margins are the port's own, computed here from its scores; each is checked to reproduce the
+selection the port recorded (generate.py's `dsa_margins` and `routing_margins`, which assert
+that every row decided by a positive margin is the recorded set).
 """
 
+import argparse
 import hashlib
 import math
 import os
@@ -39,14 +44,17 @@ def dsa_margin(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def moe_margin(logits: torch.Tensor, bias: torch.Tensor, k: int) -> torch.Tensor:
-    """k-th minus (k+1)-th biased score per token (flat routing, as in this case)."""
+    """k-th minus (k+1)-th biased score per token (flat routing: checked in main)."""
     biased = logits.float().sigmoid() + bias.float()
     top = biased.sort(dim=-1, descending=True).values
     return top[:, k - 1] - top[:, k]
 
 
 @torch.no_grad()
-def main() -> int:
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(CASE, "bf16-port.safetensors"), help="default: golden/flat/")
+    args = ap.parse_args(argv)
     with safe_open(os.path.join(CASE, "reference.safetensors"), "pt") as f:
         input_ids = f.get_tensor("input_ids")
     model = GlmMoeDsaForCausalLM.from_pretrained(CASE, dtype=torch.float32)
@@ -55,6 +63,8 @@ def main() -> int:
     model = model.to(torch.bfloat16).eval()
     tensors, scores = generate.run_reference(model, input_ids)
     cfg = model.config
+    if cfg.n_group != 1:
+        raise SystemExit(f"moe_margin is flat routing's; this config has {cfg.n_group} groups")
     out = {}
     for name, t in tensors.items():
         out[name] = t.to(torch.int64) if not t.is_floating_point() else t.float()
@@ -63,11 +73,13 @@ def main() -> int:
         causal = torch.ones(s.shape[-1], s.shape[-1], dtype=torch.bool).tril()
         out[f"layers.{i}.dsa.scores"] = s.float().masked_fill(~causal, -math.inf).contiguous()
         out[f"layers.{i}.dsa.margin"] = dsa_margin(s, k).contiguous()
+        generate.dsa_margins(s.float(), out[f"layers.{i}.dsa.topk"], k)  # asserts the scores make the selection
     for i, layer in enumerate(model.model.layers):
         if hasattr(layer.mlp, "gate"):
             logits = out[f"layers.{i}.moe.router_logits"]
             bias = layer.mlp.gate.e_score_correction_bias
             out[f"layers.{i}.moe.margin"] = moe_margin(logits, bias, cfg.num_experts_per_tok).contiguous()
+            generate.routing_margins(logits, bias, out[f"layers.{i}.moe.topk_ids"], cfg)  # asserts the routing
     with open(os.path.join(CASE, "config.json"), "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
     meta = {
@@ -78,7 +90,7 @@ def main() -> int:
         "model": "flat",
         "generator": "golden/bf16_port.py",
     }
-    path = os.path.join(CASE, "bf16-port.safetensors")
+    path = args.out
     generate.save_safetensors(out, path, meta)
     print(f"wrote {path}: {len(out)} tensors")
     return 0

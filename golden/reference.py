@@ -190,6 +190,7 @@ class Bf16Products:
     two products take bf16 operands with f32 accumulation (see the doc)."""
 
     attention_calls = 0  # the patched attention's calls in this run (`bf16_attention`)
+    rounded_weights: set[int] = set()  # the storages of the weights the patched F.linear took
 
     def __enter__(self):
         # `bf16_attention` is a copy of 5.24's eager attention: a transformers whose copy differs
@@ -201,11 +202,13 @@ class Bf16Products:
                 "update bf16_attention in golden/reference.py from it"
             )
         Bf16Products.attention_calls = 0
+        Bf16Products.rounded_weights = set()
         self.linear = torch.nn.functional.linear
         self.attention = M.eager_attention_forward
         plain = self.linear
 
         def rounded(x, w, b=None):
+            Bf16Products.rounded_weights.add(w.untyped_storage().data_ptr())
             return plain(x.to(torch.bfloat16).to(x.dtype), w.to(torch.bfloat16).to(w.dtype), b)
 
         torch.nn.functional.linear = rounded
@@ -215,6 +218,21 @@ class Bf16Products:
     def __exit__(self, *exc):
         torch.nn.functional.linear = self.linear
         M.eager_attention_forward = self.attention
+
+    @staticmethod
+    def unrounded(modules: list[torch.nn.Module]) -> list[str]:
+        """The product weights of `modules` (every parameter of two or more dimensions but the
+        embeddings: projections, routers, fused experts, lm_head) that no call of the patched
+        F.linear took: a product transformers computes some other way (`@`, or `F.linear` bound
+        before the patch) would be left in f32, and the bf16 reference with it, silently."""
+        return [
+            name
+            for module in modules
+            for name, p in module.named_parameters()
+            if p.dim() >= 2
+            and not name.endswith("embed_tokens.weight")
+            and p.untyped_storage().data_ptr() not in Bf16Products.rounded_weights
+        ]
 
 
 def to_bf16(t: torch.Tensor) -> torch.Tensor:
@@ -312,6 +330,10 @@ def main(argv=None) -> int:
         layers = cfg["num_hidden_layers"] + (mtp is not None)
         if Bf16Products.attention_calls != layers:
             raise SystemExit(f"bf16 attention ran {Bf16Products.attention_calls} times for {layers} layers")
+        # And every product's weight went through the patched F.linear.
+        left = Bf16Products.unrounded([model] + ([mtp] if mtp is not None else []))
+        if left:
+            raise SystemExit(f"bf16 products: {len(left)} weight(s) never went through the patched F.linear: {left[:5]}")
     else:
         tensors, scores = G.run_reference(model, input_ids, mtp)
     checks = G.check_selections(cfg, sd, tensors, scores, model, mtp)
