@@ -237,14 +237,20 @@ mod tests {
         let (short, long) = (uniform(&[64; 10], 64, 8).unwrap(), uniform(&[4096; 10], 64, 8).unwrap());
         assert!(short.max_vio_per_run > 3.0 * long.max_vio_per_run, "{short:?} {long:?}");
         assert!(long.max_vio < long.max_vio_per_run);
-        // 20 prompts of 64 tokens, 8 of 64 experts: numpy's `rng.choice(64, 8, replace=False)`
-        // gave a median MaxVio/run of 0.8438 over 200 draws.
+        // The references are numpy's (scripts/chance-references.py, part 1). 20 prompts of 64
+        // tokens, 8 of 64 experts: `rng.choice(64, 8, replace=False)` gave a median MaxVio/run of
+        // 0.8438 over 200 draws.
         let u = uniform(&[64; 20], 64, 8).unwrap();
         assert!((u.max_vio_per_run - 0.8438).abs() < 0.03, "{u:?}");
-        // 32 tokens, 4 of E experts: numpy's 5000 draws gave median MaxVio 0.625 and 95th
-        // percentile 0.875 over 16 experts, 2.0 and 2.5 over 64, where 8 experts stay dead (median).
+        // 32 tokens, 4 of E experts (128 picks). Over 16 (a mean load of 8), 100,000 draws put the
+        // largest load at most 12 in 50.2% of them, 13 in 76.3%, 14 in 90.6% and 15 in 96.8%: a
+        // median of the draws is 12 or 13 as they fall (MaxVio 0.5 or 0.625), the 95th percentile
+        // 15 (0.875); no expert is left dead (99.8%). Over 64 (mean 2): largest at most 5 in 40.3%,
+        // 6 in 81.5%, 7 in 96.0%, and at most 7 dead in 39.9%, 8 in 57.9%: medians MaxVio 2.0 and
+        // 8 dead, 95th percentile 2.5.
         let u = uniform(&[32], 16, 4).unwrap();
-        assert_eq!((u.max_vio, u.max_vio_p95, u.dead, u.draws), (0.625, 0.875, 0.0, DRAWS), "{u:?}");
+        assert!([0.5, 0.625].contains(&u.max_vio), "{u:?}");
+        assert_eq!((u.max_vio_p95, u.dead, u.draws), (0.875, 0.0, DRAWS), "{u:?}");
         let u = uniform(&[32], 64, 4).unwrap();
         assert_eq!((u.max_vio, u.max_vio_p95, u.dead), (2.0, 2.5, 8.0), "{u:?}");
         // k = E: every expert every token, perfectly even.
