@@ -563,14 +563,17 @@ def build_model(cfg: dict, state_dict: dict[str, torch.Tensor]) -> GlmMoeDsaForC
 
 
 def check_rope(cfg: dict, model: GlmMoeDsaForCausalLM) -> None:
-    """The config must mean what we think: theta from rope_parameters or the old top-level
-    rope_theta key, frequencies over qk_rope_head_dim only."""
-    rp = cfg.get("rope_parameters") or {"rope_type": "default", "rope_theta": cfg["rope_theta"]}
+    """The config must mean what we think: its RoPE parameters (the legacy `rope_scaling`, else
+    `rope_parameters`, as transformers takes them; `type` the legacy name of `rope_type`), theta
+    from them or the old top-level rope_theta key, frequencies over qk_rope_head_dim only."""
+    rp = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    rope_type = rp.get("rope_type", rp.get("type", "default"))
+    theta = rp.get("rope_theta", cfg.get("rope_theta"))
     rot = model.model.rotary_emb
-    assert rot.rope_type == rp["rope_type"], (rot.rope_type, rp)
+    assert rot.rope_type == rope_type, (rot.rope_type, rp)
     d = cfg["qk_rope_head_dim"]
-    base = 1.0 / (rp["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    if rp["rope_type"] == "default":
+    base = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    if rope_type == "default":
         assert torch.equal(rot.inv_freq, base) and rot.attention_scaling == 1.0
         assert model.model.layers[0].self_attn.scaling == (cfg["qk_nope_head_dim"] + d) ** -0.5
 

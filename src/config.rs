@@ -134,6 +134,15 @@ impl<'a> Fields<'a> {
     pub(crate) fn get(&self, key: &str) -> Option<&'a Value> {
         self.obj.get(key).filter(|v| !v.is_null())
     }
+    /// `key`'s value where given; a `null` is refused (named `field`), not read as the default,
+    /// for the fields transformers fails on when null (`get` reads null as absent, as it does for
+    /// the fields it takes as their default).
+    pub(crate) fn given(&self, key: &str, field: &str) -> Result<Option<&'a Value>> {
+        match self.obj.get(key) {
+            Some(Value::Null) => Err(Error::config(field, "null: give a value, or leave the key out for the default")),
+            v => Ok(v),
+        }
+    }
     // A number or a flag given as `null` is refused, not read as its default: transformers'
     // config refuses it too (`q_lora_rank: null`, DeepSeek's "no low-rank query path", would
     // otherwise run as GLM-5's 2048).
@@ -157,15 +166,17 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// `eos_token_id`: one token id or a list of them.
+/// `eos_token_id`: one token id or a list of them; `null` for none, and transformers' default, 1,
+/// where the key is absent (its `generate` stops there too).
 fn eos_token_ids(f: &Fields) -> Result<Vec<u32>> {
     let id = |v: &Value| {
         v.as_u64()
             .and_then(|i| u32::try_from(i).ok())
             .ok_or_else(|| Error::config("eos_token_id", format!("expected a token id or a list of them, got {v}")))
     };
-    match f.get("eos_token_id") {
-        None => Ok(Vec::new()),
+    match f.obj.get("eos_token_id") {
+        None => Ok(vec![1]),
+        Some(Value::Null) => Ok(Vec::new()),
         Some(Value::Array(ids)) => ids.iter().map(id).collect(),
         Some(v) => id(v).map(|i| vec![i]),
     }
@@ -203,7 +214,7 @@ impl Config {
                 return Err(Error::config("model_type", format!("expected \"glm_moe_dsa\", got \"{other}\"")))
             }
         }
-        if let Some(act) = f.get("hidden_act") {
+        if let Some(act) = f.given("hidden_act", "hidden_act")? {
             if act.as_str() != Some("silu") {
                 return Err(Error::config("hidden_act", format!("only \"silu\" is supported, got {act}")));
             }
@@ -495,6 +506,13 @@ fn mlp_layer_types(f: &Fields, n: usize) -> Result<Vec<MlpKind>> {
             _ => Err(Error::config("mlp_layer_types", format!("entries must be \"dense\" or \"sparse\", got {x}"))),
         })
         .collect::<Result<Vec<_>>>()?;
+    // (transformers' `validate_layer_type` refuses a list of another length than the layers.)
+    if kinds.len() > n {
+        return Err(Error::config(
+            "mlp_layer_types",
+            format!("has {} entries but num_hidden_layers is {n}", kinds.len()),
+        ));
+    }
     per_layer("mlp_layer_types", kinds, n)
 }
 
@@ -534,7 +552,7 @@ fn indexer_types(f: &Fields, n: usize) -> Result<Vec<IndexerKind>> {
         let freq = f.usize_or("index_topk_freq", 1)?.max(1) as i128;
         // Any integer, as transformers takes it (a negative one too), in arithmetic that cannot
         // wrap.
-        let offset = match f.get("index_skip_topk_offset") {
+        let offset = match f.given("index_skip_topk_offset", "index_skip_topk_offset")? {
             Some(v) => v
                 .as_i64()
                 .ok_or_else(|| Error::config("index_skip_topk_offset", format!("{v}: expected an integer")))?,
@@ -554,8 +572,9 @@ fn indexer_types(f: &Fields, n: usize) -> Result<Vec<IndexerKind>> {
     Ok(kinds)
 }
 
-/// A per-layer list must cover every layer; extra trailing entries (e.g. describing the MTP
-/// layer) are ignored, as transformers ignores them.
+/// A per-layer list must cover every layer; extra trailing entries of the indexer's (e.g.
+/// describing the MTP layer) are ignored, as transformers ignores them (it refuses a longer
+/// `mlp_layer_types`: [`mlp_layer_types`]).
 fn per_layer<T>(field: &str, mut kinds: Vec<T>, n: usize) -> Result<Vec<T>> {
     if kinds.len() < n {
         return Err(Error::config(field, format!("has {} entries but num_hidden_layers is {n}", kinds.len())));
@@ -666,13 +685,15 @@ impl Config {
 mod tests {
     use super::*;
 
-    /// `eos_token_id`: one id or a list; none when absent; anything else is refused, not dropped.
+    /// `eos_token_id`: one id or a list; none for null, and transformers' default, 1, when
+    /// absent; anything else is refused, not dropped.
     #[test]
     fn eos_token_id_is_one_id_or_a_list() {
         let eos = |v: Value| Config::from_json(&serde_json::json!({ "eos_token_id": v })).map(|c| c.eos_token_ids);
         assert_eq!(eos(serde_json::json!(7)).unwrap(), [7]);
         assert_eq!(eos(serde_json::json!([154820, 154827, 154829])).unwrap(), [154820, 154827, 154829]);
         assert_eq!(eos(Value::Null).unwrap(), Vec::<u32>::new());
+        assert_eq!(Config::from_json(&serde_json::json!({})).unwrap().eos_token_ids, [1]);
         let bad = eos(serde_json::json!([1, "x"])).unwrap_err().to_string();
         assert!(bad.contains("eos_token_id") && bad.contains("\"x\""), "{bad}");
     }
@@ -754,6 +775,25 @@ mod tests {
         for field in ["q_lora_rank", "index_topk", "routed_scaling_factor", "norm_topk_prob", "n_routed_experts"] {
             let e = read(serde_json::json!({ field: null })).unwrap_err();
             assert!(e.contains(field) && e.contains("got null"), "{e}");
+        }
+        // So are the nulls transformers fails on that a reading as absent took for the default
+        // (a differential check against transformers 5.24 found them).
+        let yarn = |k: &str| serde_json::json!({ "rope_type": "yarn", "factor": 4.0, k: null });
+        for (json, field) in [
+            (serde_json::json!({ "hidden_act": null }), "hidden_act"),
+            (serde_json::json!({ "index_topk_freq": 2, "index_skip_topk_offset": null }), "index_skip_topk_offset"),
+            (serde_json::json!({ "rope_parameters": { "rope_type": null } }), "rope_parameters.rope_type"),
+            (serde_json::json!({ "rope_parameters": { "rope_theta": null } }), "rope_parameters.rope_theta"),
+            (serde_json::json!({ "rope_parameters": yarn("original_max_position_embeddings") }), "original_max"),
+        ] {
+            let e = read(json).unwrap_err();
+            assert!(e.contains(field) && e.contains("null"), "{e}");
+        }
+        // transformers refuses an `mlp_layer_types` of another length than the layers.
+        let mlp = |n: usize| small(serde_json::json!({ "mlp_layer_types": vec!["dense"; n] }));
+        assert!(read(mlp(3)).is_ok());
+        for n in [2, 4] {
+            assert!(read(mlp(n)).unwrap_err().contains(&format!("mlp_layer_types`: has {n} entries")));
         }
     }
 

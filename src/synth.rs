@@ -124,9 +124,12 @@ fn shrink(mut v: Value, o: &SynthOptions) -> Result<Value> {
     }
     if let Some(vocab) = o.vocab {
         obj.insert("vocab_size".into(), json!(vocab));
-        for key in ["eos_token_id", "bos_token_id", "pad_token_id"] {
+        for key in ["bos_token_id", "pad_token_id"] {
             obj.remove(key);
         }
+        // No end token in a vocabulary cut short (left out, the key would mean transformers'
+        // default, token 1).
+        obj.insert("eos_token_id".into(), Value::Null);
     }
     obj.insert("num_nextn_predict_layers".into(), json!(if o.mtp { 1 } else { 0 }));
     // transformers defaults this to 64 and fails on any other head count when it is absent.
@@ -393,7 +396,7 @@ pub fn synth(o: &SynthOptions) -> Result<Config> {
         // A single file from before (synth's own: `refuse_foreign_files` checked it) would be
         // what transformers loads, ahead of the index.
         match std::fs::remove_file(o.out.join(SINGLE_FILE)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&o.out.join(SINGLE_FILE), e)),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(o.out.join(SINGLE_FILE), e)),
             _ => {}
         }
     } else {

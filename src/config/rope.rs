@@ -53,7 +53,8 @@ pub(super) fn rope(f: &Fields) -> Result<Rope> {
         _ => return Err(Error::config(field, "expected an object")),
     };
     // Parameters per layer type (`{"full_attention": {...}}`) are another model's: GLM-5's
-    // layers share one rotary embedding (transformers fails on them too).
+    // layers share one rotary embedding. (transformers fails on them under its own layer type,
+    // `indexed_attention`; under another key it runs default RoPE, the nested YaRN unread.)
     if let Some((key, _)) = p.iter().find(|(_, v)| v.is_object()) {
         return Err(Error::config(
             format!("{field}.{key}"),
@@ -61,7 +62,7 @@ pub(super) fn rope(f: &Fields) -> Result<Rope> {
         ));
     }
     let pf = Fields { obj: p };
-    let theta = match pf.get("rope_theta") {
+    let theta = match pf.given("rope_theta", &format!("{field}.rope_theta"))? {
         Some(v) => as_f64(&format!("{field}.rope_theta"), v)?,
         None => f.f64_or("rope_theta", 10_000.0)?,
     };
@@ -75,7 +76,12 @@ pub(super) fn rope(f: &Fields) -> Result<Rope> {
     if partial != 1.0 {
         return Err(Error::config("partial_rotary_factor", format!("only 1.0 is supported, got {partial}")));
     }
-    let rope_type = pf.get("rope_type").or_else(|| pf.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let rope_type = match pf.given("rope_type", &format!("{field}.rope_type"))?.or_else(|| pf.get("type")) {
+        Some(v) => v
+            .as_str()
+            .ok_or_else(|| Error::config(format!("{field}.rope_type"), format!("expected a name, got {v}")))?,
+        None => "default",
+    };
     match rope_type {
         "default" => Ok(Rope::Default { theta }),
         "yarn" => {
@@ -90,10 +96,8 @@ pub(super) fn rope(f: &Fields) -> Result<Rope> {
             }
             let max_pos = f.usize_or("max_position_embeddings", 202752)? as f64;
             // A top-level `original_max_position_embeddings` wins, as in transformers.
-            let original = match f
-                .get("original_max_position_embeddings")
-                .or_else(|| pf.get("original_max_position_embeddings"))
-            {
+            let in_params = pf.given("original_max_position_embeddings", &key("original_max_position_embeddings"))?;
+            let original = match f.get("original_max_position_embeddings").or(in_params) {
                 Some(v) => as_f64(&key("original_max_position_embeddings"), v)?,
                 None => max_pos,
             };
