@@ -87,6 +87,9 @@ mod emu {
             } else if let Some(decl) = t.strip_prefix("__shared__ ") {
                 // A static array: filled afresh in each block (emu.h's fresh_shared).
                 let (decl, rest) = decl.split_once(';').unwrap_or_else(|| panic!("{}: `{t}`", file.display()));
+                if decl.contains(',') {
+                    panic!("{}: one __shared__ array a declaration, for the emulation: `{t}`", file.display());
+                }
                 let name = decl.split('[').next().and_then(|d| d.rsplit(' ').next()).filter(|n| !n.is_empty());
                 let name = name
                     .unwrap_or_else(|| panic!("{}: a __shared__ array build.rs cannot read: `{t}`", file.display()));
@@ -95,6 +98,9 @@ mod emu {
                     "static {decl}; static unsigned long long {name}_block = 0; \
                      ::glimpse_emu::fresh_shared({name}, sizeof({name}), {name}_block);{rest}"
                 );
+            } else if t.contains("__shared__") && !t.starts_with("//") {
+                // (Left as it is, it would hold what the block before left: see above.)
+                panic!("{}: a __shared__ declaration the emulation does not read: `{t}`", file.display());
             } else {
                 let _ = writeln!(src, "{line}");
             }

@@ -350,7 +350,6 @@ int run(void (*k)(A...), unsigned grid, unsigned block, unsigned shared, Schedul
 #define __device__
 #define __forceinline__ inline
 #define __align__(n) alignas(n)
-#define __shared__ static
 #define threadIdx (::glimpse_emu::L->thread_idx)
 #define blockIdx (::glimpse_emu::L->block_idx)
 #define blockDim (::glimpse_emu::L->block)

@@ -71,7 +71,9 @@ fn masked_softmax_bf16_rows(gpu: &Gpu, rng: &mut Rng, t_eff: usize) -> Result<(V
 /// Every value is an integer up to 256, exact in bf16 and in f32 sums, so the products are exact
 /// (0 is an output no input reached). On a failure the name says which element the first outputs
 /// that differ took (`d[i][n] took a[r][c]`): the fragment layout the hardware has, where it is not
-/// the one `flash_attention_bf16` and the emulation's mma assume.
+/// the one `flash_attention_bf16` and the emulation's mma assume. A guide, not a proof: where the
+/// operand that picks (b in the first two, a in the third) is the one laid out otherwise, an
+/// output may be a sum of several elements, named as the one its value spells.
 pub(super) fn mma_layouts(gpu: &Gpu) -> Check {
     let name = "mma_probe (m16n8k16 fragment layouts)";
     match mma_probes(gpu) {
