@@ -9,9 +9,9 @@ tell near-ties from bugs. It is produced by transformers, not by glimpse.
 
     venv/bin/python golden/bf16_port.py [--out PATH]
 
-The margins are the port's own, computed here from its scores; each is checked to reproduce the
-selection the port recorded (generate.py's `dsa_margins` and `routing_margins`, which assert
-that every row decided by a positive margin is the recorded set).
+The margins are the port's own, computed here from its scores; those scores are checked to make
+the selection the port recorded (generate.py's `dsa_margins` and `routing_margins` assert that
+every row a positive margin decides is the recorded set), so the margins describe its choices.
 """
 
 import argparse

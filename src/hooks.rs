@@ -562,6 +562,16 @@ mod tests {
         assert_eq!(points.last(), Some(&HookPoint::Logits));
         assert_eq!(HookPoint::parse("layers.x.output"), None);
         assert_eq!(HookPoint::parse("layers.2.nonsense"), None);
+        // `all` lists them as the pass runs them: the MTP layer (layers.2 of a 2-layer model)
+        // after `mtp.eh_proj`, which feeds it, and before its head, each point once.
+        let all: Vec<HookPoint> = HookPoint::all(2).collect();
+        let at = |p: HookPoint| all.iter().position(|&q| q == p).unwrap();
+        let (mtp_first, mtp_last) =
+            (HookPoint::Layer(2, LayerHook::ALL[0]), HookPoint::Layer(2, *LayerHook::ALL.last().unwrap()));
+        assert!(at(HookPoint::Layer(1, LayerHook::Output)) < at(HookPoint::FinalNorm));
+        assert!(at(HookPoint::MtpEhProj) < at(mtp_first) && at(mtp_last) < at(HookPoint::MtpFinalNorm));
+        assert_eq!((all.len(), all.last()), (8 + 3 * LayerHook::ALL.len(), Some(&HookPoint::MtpLogits)));
+        assert_eq!(all.iter().collect::<std::collections::BTreeSet<_>>().len(), all.len());
     }
 
     #[test]

@@ -114,6 +114,10 @@ fn shrink(mut v: Value, o: &SynthOptions) -> Result<Value> {
     }
     if let Some(e) = o.experts {
         obj.insert("n_routed_experts".into(), json!(e));
+        // transformers takes these names of the count first: the flag's count is the one.
+        for alias in ["num_local_experts", "num_experts"] {
+            obj.remove(alias);
+        }
         let k = obj.get("num_experts_per_tok").and_then(Value::as_u64).unwrap_or(8) as usize;
         obj.insert("num_experts_per_tok".into(), json!(k.min(e)));
         let g = obj.get("n_group").and_then(Value::as_u64).unwrap_or(1) as usize;

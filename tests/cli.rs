@@ -491,6 +491,24 @@ fn synth_names_its_config_file_and_max_memory_refuses_less_than_a_byte() {
     let flat = golden("flat").join("config.json");
     let o = glimpse(&["synth", "--config", &s(&flat), "--out", out.to_str().unwrap(), "--experts", "100000"]);
     assert_error(&o, "--experts 100000: 100000 is beyond any supported model (at most 65536)");
+    // Another name of the expert count in the file, which transformers reads first, yields to the
+    // flag (it was read instead, and its value blamed on the flag).
+    let mut aliased: serde_json::Value = serde_json::from_slice(&std::fs::read(&flat).unwrap()).unwrap();
+    aliased["num_local_experts"] = 100000.into();
+    std::fs::write(&cfg, aliased.to_string()).unwrap();
+    assert_ok(&glimpse(&[
+        "synth",
+        "--config",
+        &s(&cfg),
+        "--out",
+        out.to_str().unwrap(),
+        "--experts",
+        "8",
+        "--dtype",
+        "f32",
+    ]));
+    let written: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!((written["n_routed_experts"].as_u64(), written.get("num_local_experts")), (Some(8), None));
     assert_error(&glimpse(&["--max-memory", "0.5", "verify"]), "\"0.5\" is less than a byte (a unit missing? 16G)");
 }
 
