@@ -513,7 +513,8 @@ fn synth_names_its_config_file_and_max_memory_refuses_less_than_a_byte() {
 }
 
 /// `synth --dense N` keeps N dense layers and makes the rest MoE (a shallow GLM-5-shaped model
-/// with routing to audit); a checkpoint with no MoE layer is warned of, with --experts unused.
+/// with routing to audit); a checkpoint with no MoE layer is warned of, with --experts unused;
+/// `--vocab` writes no end token.
 #[test]
 fn synth_sets_the_dense_layers() {
     let tmp = tempfile::tempdir().unwrap();
@@ -522,6 +523,9 @@ fn synth_sets_the_dense_layers() {
     common::assert_ok(&glimpse(&[&base[..], &["--dense", "1", "--out", &s(&out)]].concat()));
     let (info, _) = common::assert_ok(&glimpse(&["inspect", "--model", &s(&out)]));
     assert!(info.contains("layers: 0 dense, 1-4 moe"), "{info}");
+    // A vocabulary cut short keeps no end token: `null`, where a missing key would mean token 1.
+    let written: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(written.get("eos_token_id"), Some(&serde_json::Value::Null));
     let all = tmp.path().join("d5");
     let (_, err) =
         common::assert_ok(&glimpse(&[&base[..], &["--dense", "5", "--experts", "8", "--out", &s(&all)]].concat()));
