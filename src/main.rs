@@ -456,6 +456,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let model = model.or_else(|| dump.is_none().then(default_case));
             let per_name = tols.iter().map(|t| diff::parse_tol(t)).collect::<Result<Vec<_>>>()?;
             let target = gpu.target(device, &[("--dump", dump.is_some())])?;
+            // Before the run or the comparison, which can take minutes: the UI needs a terminal.
+            if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                return Err(Error::Usage("tui needs an interactive terminal (stdout is not one)".into()));
+            }
             // The run or the comparison comes before the first screen: said while it lasts.
             let waiting = std::io::IsTerminal::is_terminal(&std::io::stderr());
             if waiting {

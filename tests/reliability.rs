@@ -347,6 +347,8 @@ fn malformed_files_and_arguments_are_one_line_errors() {
         (vec!["diff", &reference, &other_run], "runs of different inputs"),
         (vec!["audit", "--dump", &not_a_dump], "not a valid safetensors"),
         (vec!["tui", "--dump", &reference], "needs an interactive terminal"),
+        // Said before a live run (minutes on a large checkpoint), not after it.
+        (vec!["tui", "--model", &model, "--tokens", "1,2,3"], "tui needs an interactive terminal"),
         (vec!["audit", "--model", &model, "--prompts", "/no/such/prompts.txt"], "/no/such/prompts.txt"),
         (vec!["generate", "--model", &model, "--tokens", "1,999"], "out of range for vocab_size"),
         (

@@ -285,6 +285,28 @@ fn a_live_run_of_other_tokens_runs_without_the_folders_reference() {
     assert!(left.is_empty(), "left while the TUI runs: {left:?}");
     let err = open(Some(&reference)).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("ran other tokens than --tokens/--prompt give"), "{err}");
+    // The folder's reference recording no `input_ids` does not stop a run of given tokens (its
+    // missing tokens failed it).
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(flat().join(f), tmp.path().join(f)).unwrap();
+    }
+    common::edit_dump(&reference, &tmp.path().join("reference.safetensors"), |t| t.retain(|(n, ..)| n != "input_ids"));
+    let src = glimpse::tui_source::open(&glimpse::tui_source::Open {
+        model: Some(tmp.path()),
+        golden: None,
+        dump: None,
+        tokens: Some("1,2,3"),
+        prompt: None,
+        max_memory: None,
+        target: glimpse::device::Backend::Cpu.into(),
+        stream: false,
+        near_tie: None,
+        tol: Default::default(),
+        per_name: &[],
+    })
+    .unwrap();
+    assert!(src.title().contains("no reference"), "{}", src.title());
     // A dump alone, with nothing to compare it with, says so in its title.
     let alone = open_dump(None, None, &flat().join("bf16-port.safetensors")).unwrap();
     assert!(alone.title().ends_with("bf16-port.safetensors (no reference: nothing compared)"), "{}", alone.title());
