@@ -101,7 +101,7 @@ mod imp {
 
     /// Takes SIGINT and SIGTERM, but not one the process inherited as ignored: a job a shell
     /// without job control starts in the background (`glimpse ... &` in a script) ignores the
-    /// terminal's Ctrl-C, and so must it stop for one.
+    /// terminal's Ctrl-C, and must not stop for one.
     pub fn stop_at_checkpoints() -> Saved {
         REQUESTED.store(false, Ordering::Relaxed);
         TERMINAL.store(std::io::IsTerminal::is_terminal(&std::io::stderr()), Ordering::Relaxed);
