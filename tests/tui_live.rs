@@ -250,9 +250,9 @@ fn the_live_run_of_a_reference_with_the_mtp_head_runs_it() {
 fn a_live_run_of_other_tokens_runs_without_the_folders_reference() {
     let _one_live_run_at_a_time = LIVE.lock();
     let reference = flat().join("reference.safetensors");
-    let open = |golden: Option<&std::path::Path>| {
+    let open_in = |model: &std::path::Path, golden: Option<&std::path::Path>| {
         glimpse::tui_source::open(&glimpse::tui_source::Open {
-            model: Some(&flat()),
+            model: Some(model),
             golden,
             dump: None,
             tokens: Some("1,2,3"),
@@ -265,6 +265,7 @@ fn a_live_run_of_other_tokens_runs_without_the_folders_reference() {
             per_name: &[],
         })
     };
+    let open = |golden| open_in(&flat(), golden);
     let src = open(None).unwrap();
     let s = screen(&App::default(), &src, 100, 24);
     assert!(s.contains("(live, no reference: it ran other tokens)"), "{s}");
@@ -292,20 +293,7 @@ fn a_live_run_of_other_tokens_runs_without_the_folders_reference() {
         std::fs::copy(flat().join(f), tmp.path().join(f)).unwrap();
     }
     common::edit_dump(&reference, &tmp.path().join("reference.safetensors"), |t| t.retain(|(n, ..)| n != "input_ids"));
-    let src = glimpse::tui_source::open(&glimpse::tui_source::Open {
-        model: Some(tmp.path()),
-        golden: None,
-        dump: None,
-        tokens: Some("1,2,3"),
-        prompt: None,
-        max_memory: None,
-        target: glimpse::device::Backend::Cpu.into(),
-        stream: false,
-        near_tie: None,
-        tol: Default::default(),
-        per_name: &[],
-    })
-    .unwrap();
+    let src = open_in(tmp.path(), None).unwrap();
     assert!(src.title().contains("no reference"), "{}", src.title());
     // A dump alone, with nothing to compare it with, says so in its title.
     let alone = open_dump(None, None, &flat().join("bf16-port.safetensors")).unwrap();
