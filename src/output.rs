@@ -17,6 +17,11 @@ pub fn check(flag: &str, path: &Path) -> Result<()> {
     if path.is_dir() {
         return Err(Error::Usage(format!("{flag} {}: is a folder; give a file path", path.display())));
     }
+    // (A trailing separator names a folder to be: the probe below, beside the name without it,
+    // would pass, and the write fail after the work.)
+    if path.to_str().and_then(|p| p.chars().last()).is_some_and(std::path::is_separator) {
+        return Err(Error::Usage(format!("{flag} {}: ends in a separator; give a file path", path.display())));
+    }
     // Outputs are written beside the target and renamed over it: a device or a FIFO there
     // (`--dump /dev/null`) would be replaced by a regular file.
     if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
@@ -233,6 +238,7 @@ mod tests {
         let err = |p: &Path| check("--dump", p).unwrap_err().to_string();
         assert!(err(&dir).contains("is a folder"), "{}", err(&dir));
         assert!(err(&dir.join("no/such/x.safetensors")).contains("does not exist"));
+        assert!(err(&dir.join("new.svg/")).contains("ends in a separator"), "{}", err(&dir.join("new.svg/")));
         check("--dump", &dir.join("x.safetensors")).unwrap();
         assert!(write_atomic(&dir, b"x").is_err(), "a folder cannot be replaced by a file");
         write_atomic(&dir.join("r.csv"), b"a,b\n").unwrap();
