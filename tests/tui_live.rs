@@ -118,17 +118,7 @@ fn the_binary_in_tmux() {
     let (pid_file, rc_file) = (dir.path().join("pid"), dir.path().join("rc"));
     run(format!("sh -c 'echo $$ > {}; {bin} tui; echo $? > {}; sleep 30'", pid_file.display(), rc_file.display()));
     wait_for("1 layers");
-    let shell = std::fs::read_to_string(&pid_file).unwrap().trim().to_string();
-    let pid: i32 = (0..100)
-        .find_map(|_| {
-            let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children")).ok()?;
-            let pid = children.split_whitespace().next().and_then(|p| p.parse().ok());
-            if pid.is_none() {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            pid
-        })
-        .unwrap_or_else(|| panic!("no child of the shell {shell}"));
+    let pid = child_of(&std::fs::read_to_string(&pid_file).unwrap());
     // SAFETY: signalling the TUI this test started (the only child of its shell).
     unsafe { libc::kill(pid, libc::SIGTERM) };
     // The shell creates the file before it writes the status: a whole line is the status.
@@ -163,7 +153,67 @@ fn the_binary_in_tmux() {
     let s = wait_for("a dump the terminal UI reads changed on disk");
     assert!(!s.contains("1 layers"), "the terminal is restored: {s}");
     assert_eq!(status(), "2");
+
+    // Ctrl-C during a live run (of a model slow enough to be caught in it) stops it after the
+    // layer in progress, exit 130, and its temporary dump goes with it (killed, it stayed).
+    let (config, slow) = (dir.path().join("slow.json"), dir.path().join("slow"));
+    std::fs::write(&config, common::EIGHT_LAYERS).unwrap();
+    assert!(common::glimpse(&["synth", "--config", &common::s(&config), "--out", &common::s(&slow)]).status.success());
+    let tokens: Vec<String> = (0..256).map(|i| (i * 7 % 1024).to_string()).collect();
+    let _ = (std::fs::remove_file(&rc_file), std::fs::remove_file(&pid_file));
+    let (pid_at, rc) = (pid_file.display(), rc_file.display());
+    let tokens = tokens.join(",");
+    run(format!(
+        "sh -c 'echo $$ > {pid_at}; {bin} tui --model {} --tokens {tokens}; echo $? > {rc}; sleep 30'",
+        slow.display()
+    ));
+    let shell = (0..100).find_map(|_| {
+        let line = std::fs::read_to_string(&pid_file).ok().filter(|s| s.ends_with('\n'));
+        if line.is_none() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        line
+    });
+    let pid = child_of(&shell.expect("the shell wrote its id"));
+    let live = |pid: i32| -> Vec<String> {
+        let prefix = format!("glimpse-tui-{pid}-");
+        std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .filter(|n| n.starts_with(&prefix))
+            .collect()
+    };
+    let appeared = (0..600).any(|_| {
+        let found = !live(pid).is_empty();
+        if !found {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        found
+    });
+    assert!(appeared, "the live run wrote no temporary dump");
+    // SAFETY: signalling the glimpse this test started (the only child of its shell).
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    assert_eq!(status(), "130", "{}", tmux(&["capture-pane", "-p", "-t", &session]));
+    // Stopped in the run, not in the UI after it (which exits 130 on SIGINT too).
+    let s = tmux(&["capture-pane", "-p", "-t", &session]);
+    assert!(s.contains("the live run stopped by Ctrl-C after layer"), "{s}");
+    assert_eq!(live(pid), Vec::<String>::new(), "the live run's temporary dump is gone");
     tmux(&["kill-session", "-t", &session]);
+}
+
+/// The process id of the only child of the shell whose id `shell` holds, once it has one.
+fn child_of(shell: &str) -> i32 {
+    let shell = shell.trim();
+    (0..100)
+        .find_map(|_| {
+            let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children")).ok()?;
+            let pid = children.split_whitespace().next().and_then(|p| p.parse().ok());
+            if pid.is_none() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            pid
+        })
+        .unwrap_or_else(|| panic!("no child of the shell {shell}"))
 }
 
 /// Live runs in this process, one at a time: one test looks for temporary files a live run left.

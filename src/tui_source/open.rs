@@ -169,13 +169,19 @@ pub fn open(o: &Open) -> Result<DumpSource> {
         false => None,
     };
     let mut final_norm = crate::hooks::Recorder::new(Selector::new("final_norm", None));
+    // Ctrl-C (or SIGTERM) during the run stops it after the layer in progress, and the temporary
+    // dump goes with it (killed, the run left it for the next live run to sweep). The UI sets its
+    // own handlers once the run is done.
+    let stopping = crate::interrupt::stop_at_checkpoints();
     crate::device::with_prefill(target, weights, |p| {
-        p.prefill(&tokens, &mut crate::hooks::Tee(&mut writer, &mut final_norm))?;
+        let mut stop = StopAfterLayer;
+        p.prefill(&tokens, &mut crate::hooks::Tee(&mut writer, &mut crate::hooks::Tee(&mut final_norm, &mut stop)))?;
         if let (Some(head), Some(h)) = (&head, final_norm.get(HookPoint::FinalNorm)) {
             p.mtp(head, &h.narrow(1, 0, tokens.seq.saturating_sub(1))?, &tokens, &mut writer)?;
         }
         Ok(())
     })?;
+    drop(stopping);
     writer.finish(&dump::metadata("glimpse live run", Some(&ckpt.config_bytes), None))?;
     // Mapped, the dump outlives its name: removing the file now leaves none behind, however the
     // TUI ends (a kill included).
@@ -205,4 +211,31 @@ pub fn open(o: &Open) -> Result<DumpSource> {
         .and_then(|r| r.other_config(&ckpt.config_bytes, dir))
         .map(|_| format!("--model {}: not the config.json the reference ran", dir.display()));
     Ok(DumpSource::new(title, ours, reference, &opts)?.warned(warning))
+}
+
+/// Stops a live run after the layer in progress once a stop is asked for (the CPU model reports
+/// each layer done; a device's prefill runs to its end, in seconds).
+struct StopAfterLayer;
+
+impl crate::hooks::Observer for StopAfterLayer {
+    fn wants(&self, _: HookPoint) -> bool {
+        false
+    }
+    fn observe(&mut self, _: HookPoint, _: &candle_core::Tensor) -> Result<()> {
+        Ok(())
+    }
+    fn layer_done(
+        &mut self,
+        layer: usize,
+        _: &candle_core::Tensor,
+        _: Option<&crate::model::indexer::Selection>,
+    ) -> Result<()> {
+        match crate::interrupt::requested() {
+            true => Err(Error::Interrupted(format!(
+                "the live run stopped by {} after layer {layer}; nothing kept",
+                crate::interrupt::signal_name()
+            ))),
+            false => Ok(()),
+        }
+    }
 }
