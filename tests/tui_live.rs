@@ -18,10 +18,12 @@ use glimpse::tui_source::DumpSource;
 use glimpse_tui::{App, Source, View};
 
 /// tmux on a server of this test process's own (`-L`), so other tmux users, another run of
-/// this test among them, cannot end its sessions.
+/// this test among them, cannot end its sessions; started with SIGINT and SIGTERM at their default
+/// actions, which the glimpse in its panes inherits (this test's may be ignored).
 fn tmux_command() -> Command {
     let mut c = Command::new("tmux");
     c.args(["-L", &format!("glimpse-test-{}", std::process::id())]);
+    common::with_default_signals(&mut c);
     c
 }
 

@@ -362,15 +362,33 @@ pub fn contradicted_routing(
     })
 }
 
+/// The binary, to be run with SIGINT and SIGTERM at their default actions whatever this test's:
+/// tests run in the background of a script (`cargo test &`, no job control) inherit SIGINT
+/// ignored, which glimpse, as such a job should, keeps ignoring. The tests that signal it need
+/// it to take the signal.
+pub fn glimpse_taking_signals() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glimpse"));
+    with_default_signals(&mut cmd);
+    cmd
+}
+
+/// `cmd`'s process starts with SIGINT and SIGTERM at their default actions.
+pub fn with_default_signals(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure only calls signal(2), which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            Ok(())
+        })
+    };
+}
+
 /// Starts glimpse with `args` (its output piped) and returns once it catches SIGINT (/proc's
 /// `SigCgt`), so a Ctrl-C sent then is handled, not fatal.
 pub fn spawn_catching_sigint(args: &[&str]) -> std::process::Child {
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_glimpse"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = glimpse_taking_signals().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let catches_sigint = || {
         let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
         let caught = status.lines().find_map(|l| l.strip_prefix("SigCgt:")).map(str::trim).unwrap_or("0");

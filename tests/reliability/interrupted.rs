@@ -154,7 +154,7 @@ fn ctrl_c_stops_generate_and_keeps_what_it_made() {
     use std::io::BufRead;
     let tmp = tempfile::tempdir().unwrap();
     let dump = tmp.path().join("gen.safetensors");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+    let mut child = common::glimpse_taking_signals()
         .args(["generate", "--model", &s(&golden("flat")), "--tokens", "1,2,3", "--max-new-tokens", "5000"])
         // Not stopped by an eos first; the 5000 step lines outgrow the pipe, so the child waits
         // for this test to read them and cannot finish before the signal.
@@ -185,7 +185,7 @@ fn ctrl_c_stops_generate_and_keeps_what_it_made() {
 fn an_inherited_ignored_ctrl_c_stays_ignored() {
     use std::io::BufRead;
     use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glimpse"));
+    let mut cmd = common::glimpse_taking_signals();
     cmd.args(["generate", "--model", &s(&golden("flat")), "--tokens", "1,2,3", "--max-new-tokens", "5000"])
         .arg("--ignore-eos") // (as in ctrl_c_stops_generate_and_keeps_what_it_made)
         .stdout(Stdio::piped())
@@ -248,12 +248,8 @@ fn signal_when_present(args: &[&str], path: &Path, signal: i32) -> std::process:
 /// [`signal_when_present`], sending `signals` one after the other, 2 ms apart: each handled
 /// before the next arrives (a handler runs within microseconds), and all within a layer.
 fn signals_when_present(args: &[&str], path: &Path, signals: &[i32]) -> std::process::Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        common::glimpse_taking_signals().args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let start = std::time::Instant::now();
     while !path.exists() {
         assert!(child.try_wait().unwrap().is_none(), "the run ended before {path:?} appeared");
