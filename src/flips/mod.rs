@@ -214,7 +214,7 @@ fn lead(values: &[f32], ids: &[i64], want: usize) -> f32 {
 }
 
 /// Each flip of `c` (a `dsa.topk` or `moe.topk_ids` comparison of `a` against `b`, its margins
-/// set) with the flipped keys' lead on each side whose dump holds the scores ([`keys_lead`],
+/// set) with the flipped keys' lead on each side whose dump holds the scores ([`RankedRow::lead`],
 /// each side on its own), and, where both do, with how far its keys' scores moved between the two dumps against the layer's noise
 /// ([`Movement`]): the scores the selection ranked, `dsa.scores` (of the layer that decided it,
 /// for a shared indexer) or the gate's `sigmoid(router_logits)` (the correction bias cancels
