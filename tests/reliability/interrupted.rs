@@ -151,21 +151,11 @@ fn a_killed_run_leaves_the_previous_dump_intact_and_resumes() {
 /// line, and a dump of those steps, exit 0.
 #[test]
 fn ctrl_c_stops_generate_and_keeps_what_it_made() {
-    use std::io::BufRead;
     let tmp = tempfile::tempdir().unwrap();
     let dump = tmp.path().join("gen.safetensors");
-    let mut child = common::glimpse_taking_signals()
-        .args(["generate", "--model", &s(&golden("flat")), "--tokens", "1,2,3", "--max-new-tokens", "5000"])
-        // Not stopped by an eos first; the 5000 step lines outgrow the pipe, so the child waits
-        // for this test to read them and cannot finish before the signal.
-        .arg("--ignore-eos")
-        .args(["--dump", &s(&dump)])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    assert!(lines.any(|l| l.unwrap().starts_with("step 3:")), "it generates");
+    let (mut child, lines) = long_generate(|cmd| {
+        cmd.args(["--dump", &s(&dump)]);
+    });
     assert!(child.try_wait().unwrap().is_none(), "still generating when signalled");
     // SAFETY: signalling a child this test started and has not reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
@@ -183,23 +173,17 @@ fn ctrl_c_stops_generate_and_keeps_what_it_made() {
 /// shell without job control) keeps ignoring it, and still stops for SIGTERM.
 #[test]
 fn an_inherited_ignored_ctrl_c_stays_ignored() {
-    use std::io::BufRead;
     use std::os::unix::process::CommandExt;
-    let mut cmd = common::glimpse_taking_signals();
-    cmd.args(["generate", "--model", &s(&golden("flat")), "--tokens", "1,2,3", "--max-new-tokens", "5000"])
-        .arg("--ignore-eos") // (as in ctrl_c_stops_generate_and_keeps_what_it_made)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: between fork and exec the closure only calls signal(2), which is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::signal(libc::SIGINT, libc::SIG_IGN);
-            Ok(())
-        })
-    };
-    let mut child = cmd.spawn().unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    assert!(lines.any(|l| l.unwrap().starts_with("step 3:")), "it generates");
+    let (mut child, mut lines) = long_generate(|cmd| {
+        // SAFETY: between fork and exec the closure only calls signal(2), which is
+        // async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_IGN);
+                Ok(())
+            })
+        };
+    });
     // SAFETY: signalling a child this test started and has not reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     // (Lines read here may have been written before the signal arrived: what stopped it, below,
@@ -213,6 +197,25 @@ fn an_inherited_ignored_ctrl_c_stays_ignored() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("stopped by SIGTERM after") && !err.contains("Ctrl-C"), "{err}");
+}
+
+/// A `generate` of 5000 steps of golden/flat that no eos stops, taking signals, `setup` adding
+/// to its command, once it has printed step 3; its remaining stdout lines. The step lines outgrow
+/// the pipe, so the child waits for the test to read them and cannot finish before a signal.
+fn long_generate(
+    setup: impl FnOnce(&mut Command),
+) -> (std::process::Child, std::io::Lines<std::io::BufReader<std::process::ChildStdout>>) {
+    use std::io::BufRead;
+    let mut cmd = common::glimpse_taking_signals();
+    cmd.args(["generate", "--model", &s(&golden("flat")), "--tokens", "1,2,3", "--max-new-tokens", "5000"])
+        .arg("--ignore-eos")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    setup(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.unwrap().starts_with("step 3:")), "it generates");
+    (child, lines)
 }
 
 /// Ctrl-C while a prompt goes through the cache in chunks stops after the chunk in progress,
