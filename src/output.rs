@@ -27,7 +27,9 @@ pub fn check(flag: &str, path: &Path) -> Result<()> {
     if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
         return Err(Error::Usage(format!("{flag} {}: is not a regular file; give a file path", path.display())));
     }
-    let folder = match path.parent() {
+    // (A link's target is what is written, beside it.)
+    let at = landing(path);
+    let folder = match at.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
@@ -35,7 +37,7 @@ pub fn check(flag: &str, path: &Path) -> Result<()> {
         return Err(Error::Usage(format!("{flag} {}: folder {} does not exist", path.display(), folder.display())));
     }
     // (Not `create_new`: a probe a killed process of the same id left would refuse the folder.)
-    let probe = sibling(path, &format!(".{}.probe", std::process::id()));
+    let probe = own_sibling(&at, "probe");
     match std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&probe) {
         Ok(_) => {
             let _ = std::fs::remove_file(&probe);
@@ -167,21 +169,47 @@ pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// The temporary file a write of `path` goes to before its rename (`NAME.PID.tmp`), once what
-/// killed runs left beside it is swept.
-pub fn tmp_sibling(path: &Path) -> PathBuf {
-    sweep_leftovers(path);
-    sibling(path, &format!(".{}.tmp", std::process::id()))
+/// Where a write of `path` lands: a symbolic link there is followed to the file it names, so the
+/// rename replaces that file and the link stays a link (a rename over the link would put a plain
+/// file in its place and leave its target stale). Every writer starts from here, so its
+/// temporary file sits beside the file it replaces, on the same file system.
+pub fn landing(path: &Path) -> PathBuf {
+    let mut at = path.to_path_buf();
+    // (Bounded: a loop of links stops here and the write fails on it with the system's error.)
+    for _ in 0..40 {
+        let Ok(target) = std::fs::read_link(&at) else { break };
+        at = match at.parent() {
+            Some(folder) => folder.join(target),
+            None => target,
+        };
+    }
+    at
 }
 
-/// Removes the temporary files killed runs left beside `path` (`NAME.PID.partial`,
-/// `NAME.PID.tmp`) whose process is gone: a run killed while writing (a second Ctrl-C, SIGKILL)
-/// cannot remove its own, so the next one writing `path` does.
+/// A name beside `path` for this process's temporary file of kind `kind` (`NAME.glimpse-PID.tmp`,
+/// `NAME.glimpse-PID.partial`). The word keeps [`sweep_leftovers`] off a user's own `NAME.7.tmp`.
+pub fn own_sibling(path: &Path, kind: &str) -> PathBuf {
+    sibling(path, &format!(".{OWN}{}.{kind}", std::process::id()))
+}
+
+/// What marks this tool's temporary files beside an output, before the process id.
+const OWN: &str = "glimpse-";
+
+/// The temporary file a write of `path` goes to before its rename (`NAME.glimpse-PID.tmp`), once
+/// what killed runs left beside it is swept.
+pub fn tmp_sibling(path: &Path) -> PathBuf {
+    sweep_leftovers(path);
+    own_sibling(path, "tmp")
+}
+
+/// Removes the temporary files killed runs left beside `path` (`NAME.glimpse-PID.partial`,
+/// `NAME.glimpse-PID.tmp`) whose process is gone: a run killed while writing (a second Ctrl-C,
+/// SIGKILL) cannot remove its own, so the next one writing `path` does.
 pub fn sweep_leftovers(path: &Path) {
     let (Some(name), Some(dir)) = (path.file_name().and_then(|n| n.to_str()), path.parent()) else { return };
     let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
     sweep(dir, |file| {
-        let rest = file.strip_prefix(name)?.strip_prefix('.')?;
+        let rest = file.strip_prefix(name)?.strip_prefix('.')?.strip_prefix(OWN)?;
         rest.strip_suffix(".partial").or_else(|| rest.strip_suffix(".tmp"))?.parse().ok()
     });
 }
@@ -217,6 +245,7 @@ pub fn alive(pid: u32) -> bool {
 /// Writes a report file atomically: a temporary file beside it, then a rename. On failure the
 /// temporary file is removed and any earlier file at `path` is left as it was.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let path = &landing(path);
     let tmp = tmp_sibling(path);
     let result = std::fs::write(&tmp, bytes)
         .map_err(|e| Error::io(&tmp, e))

@@ -421,6 +421,7 @@ pub fn write_streaming(
     metadata: &BTreeMap<String, String>,
     mut fill: impl FnMut(usize, &mut dyn Write) -> Result<()>,
 ) -> Result<()> {
+    let path = &crate::output::landing(path);
     let (header, sizes) = header_bytes(path, layout, metadata)?;
     let tmp = crate::output::tmp_sibling(path);
     let result = (|| {

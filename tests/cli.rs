@@ -331,6 +331,42 @@ fn outputs_never_replace_inputs() {
     assert_ok(&glimpse(&["audit", "--dump", &dump, "--csv", n]));
 }
 
+/// An output path that is a symbolic link writes the file the link names and leaves the link a
+/// link (a rename over it put a plain file in its place and left the target stale), for a dump
+/// and for a report; a link whose target does not exist yet creates it.
+#[cfg(unix)]
+#[test]
+fn outputs_through_a_link_replace_its_target() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (real, elsewhere) = (tmp.path().join("real"), tmp.path().join("elsewhere"));
+    std::fs::create_dir_all(&real).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let link = |name: &str, target: &Path| {
+        let at = elsewhere.join(name);
+        std::os::unix::fs::symlink(target, &at).unwrap();
+        at.to_str().unwrap().to_string()
+    };
+    let (dump, csv) = (real.join("run.st"), real.join("audit.csv"));
+    std::fs::write(&csv, b"old report\n").unwrap();
+    let (dump_link, csv_link) = (link("run.st", &dump), link("audit.csv", Path::new("../real/audit.csv")));
+    let flat = golden("flat");
+    for _ in 0..2 {
+        assert_ok(&glimpse(&["run", "--model", flat.to_str().unwrap(), "--tokens", "1,2", "--dump", &dump_link]));
+    }
+    assert_ok(&glimpse(&["audit", "--dump", &dump_link, "--csv", &csv_link]));
+    for (l, target) in [(&dump_link, &dump), (&csv_link, &csv)] {
+        assert!(std::fs::symlink_metadata(l).unwrap().file_type().is_symlink(), "{l} is still a link");
+        assert!(std::fs::metadata(target).unwrap().len() > 0, "{} was written", target.display());
+    }
+    assert!(std::fs::read_to_string(&csv).unwrap().starts_with("layer,"), "the report replaced the old one");
+    let mut beside: Vec<_> = std::fs::read_dir(&elsewhere).unwrap().map(|e| e.unwrap().file_name()).collect();
+    beside.sort();
+    assert_eq!(beside, ["audit.csv", "run.st"], "nothing but the links beside the links");
+    let mut written: Vec<_> = std::fs::read_dir(&real).unwrap().map(|e| e.unwrap().file_name()).collect();
+    written.sort();
+    assert_eq!(written, ["audit.csv", "run.st"], "no temporary file left beside the targets");
+}
+
 /// `synth` does not write random weights over a checkpoint it did not write (it marks its own),
 /// nor over its `--config`; it refuses shards it cannot fill and checkpoints the disk cannot
 /// hold, before creating anything; a folder it did not finish is refused as a checkpoint.

@@ -115,7 +115,7 @@ fn a_streamed_head_gives_the_resident_logits_bit_for_bit() {
 
 /// A window run whose dump outgrows the disk (here the file size limit, `ulimit -f`, with its
 /// signal ignored so writes fail as on a full disk) fails with one line and leaves no partial
-/// file: it kept `w.st.PID.partial`, filling the disk it had run out of.
+/// file: it kept `w.st.glimpse-PID.partial`, filling the disk it had run out of.
 #[test]
 fn a_window_whose_dump_cannot_be_written_leaves_nothing() {
     let tmp = tempfile::tempdir().unwrap();

@@ -434,7 +434,7 @@ fn stale_live_dumps_of_dead_processes_are_swept() {
     let own = std::process::id();
     let names = [
         format!("glimpse-tui-{dead}-0.safetensors"),
-        format!("glimpse-tui-{dead}-1.safetensors.{dead}.partial"),
+        format!("glimpse-tui-{dead}-1.safetensors.glimpse-{dead}.partial"),
         format!("glimpse-tui-{own}-0.safetensors"),
         "notes.txt".to_string(),
     ];

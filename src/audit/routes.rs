@@ -45,6 +45,7 @@ pub struct Routes {
 impl Routes {
     /// The file at `path`, or standard output for `-`.
     pub fn create(path: &Path) -> Result<Routes> {
+        let path = &crate::output::landing(path);
         let (tmp, out): (PathBuf, Box<dyn Write>) = match Self::to_stdout(path) {
             true => (path.to_path_buf(), Box::new(std::io::stdout())),
             false => {

@@ -243,8 +243,9 @@ pub const HEADER_BYTES_PER_TENSOR: usize = 192;
 impl DumpWriter {
     /// `expected` is how many tensors the run may report (sizes the header reservation).
     pub fn create(path: &Path, selector: Selector, expected: usize) -> Result<Self> {
+        let path = &crate::output::landing(path);
         // Not `output::tmp_sibling`: the header-overflow fallback writes that one while reading this.
-        let tmp_path = crate::output::sibling(path, &format!(".{}.partial", std::process::id()));
+        let tmp_path = crate::output::own_sibling(path, "partial");
         DumpWriter::create_at(path, tmp_path, selector, expected)
     }
 
@@ -275,6 +276,7 @@ impl DumpWriter {
         tokens: &Tokens,
         config_sha256: &str,
     ) -> Result<Self> {
+        let path = &crate::output::landing(path);
         let lock = ResumeLock::take(path)?;
         let (partial, state_path, hidden_path) = resume_paths(path);
         refuse_interrupted(path)?;
@@ -289,6 +291,7 @@ impl DumpWriter {
     /// A run writing it now is named as such, not as an interrupted one (whose files the message
     /// says to delete).
     pub fn refuse_overwrite(path: &Path) -> Result<()> {
+        let path = &crate::output::landing(path);
         ResumeLock::probe(path)?;
         refuse_interrupted(path)
     }
@@ -301,6 +304,7 @@ impl DumpWriter {
         tokens: &Tokens,
         config_sha256: &str,
     ) -> Result<Option<(Self, crate::model::stream::Start, usize)>> {
+        let path = &crate::output::landing(path);
         let lock = ResumeLock::take(path)?;
         let (partial, state_path, hidden_path) = resume_paths(path);
         if !state_path.is_file() || !partial.is_file() {

@@ -354,7 +354,7 @@ fn ctrl_c_stops_an_audit_after_the_prompt_in_progress() {
 
 /// A run killed while writing (a second Ctrl-C during the dump's last write, SIGKILL) leaves its
 /// pid-named temporary file; the next run writing the same dump removes it, and only it: another
-/// live process's is kept.
+/// live process's is kept, and so is a user's file that merely ends in a number and `.tmp`.
 #[test]
 fn the_next_run_removes_what_a_killed_one_left() {
     let tmp = tempfile::tempdir().unwrap();
@@ -362,8 +362,12 @@ fn the_next_run_removes_what_a_killed_one_left() {
     let mut gone = Command::new("true").spawn().unwrap();
     let dead = gone.id();
     gone.wait().unwrap();
-    let names = [format!("run.safetensors.{dead}.partial"), format!("run.safetensors.{dead}.tmp")];
-    let kept = ["run.safetensors.1.partial".to_string(), "other.7.partial".into()];
+    let names = [format!("run.safetensors.glimpse-{dead}.partial"), format!("run.safetensors.glimpse-{dead}.tmp")];
+    let kept = [
+        "run.safetensors.glimpse-1.partial".to_string(),
+        "other.glimpse-7.partial".into(),
+        format!("run.safetensors.{dead}.tmp"),
+    ];
     for f in names.iter().chain(&kept) {
         std::fs::write(tmp.path().join(f), b"left").unwrap();
     }
