@@ -19,6 +19,9 @@ use crate::st::StFile;
 
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub const SINGLE_FILE: &str = "model.safetensors";
+/// The embedding table and the head, which `tie_word_embeddings` makes one tensor.
+const EMBED: &str = "model.embed_tokens.weight";
+const HEAD: &str = "lm_head.weight";
 /// Written by `synth` before its first shard and removed after its last: a folder that holds it
 /// was left half written (synth killed), its shards possibly of two runs.
 pub const SYNTH_UNFINISHED: &str = ".glimpse-synth-unfinished";
@@ -151,7 +154,7 @@ impl Checkpoint {
 
     /// `name`'s block scales, each finite and not negative (0 scales a block of zeros).
     fn scales(&self, scale_name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        let file = self.file(scale_name)?;
+        let (file, _) = self.file(scale_name)?;
         let (scale, shape) = file.f32(scale_name)?;
         if let Some(i) = scale.iter().position(|s| !s.is_finite() || *s < 0.0) {
             let at = crate::compare::coord(&shape, i);
@@ -199,48 +202,69 @@ impl Checkpoint {
         Some(format!("{INDEX_FILE} names {n} shard(s) not in the folder, {first}{more}: a download in progress?"))
     }
     pub fn contains(&self, name: &str) -> bool {
-        self.names.contains_key(name)
+        self.names.contains_key(self.stored(name))
     }
 
     /// Whether lm_head is the embedding table: `tie_word_embeddings`, unless the checkpoint
     /// stores an `lm_head.weight` of its own, which transformers then keeps (it unties the two
     /// when both are stored and differ, with a warning; equal ones give the same logits).
     pub fn tied_head(&self) -> bool {
-        self.config.tie_word_embeddings && !self.contains("lm_head.weight")
+        self.config.tie_word_embeddings && !self.contains(HEAD)
+    }
+
+    /// Whether the embedding table is `lm_head.weight`: `tie_word_embeddings` with only the head
+    /// stored, which transformers 5.24 loads into both (the mirror of [`Checkpoint::tied_head`]).
+    /// Its readers then read the head wherever they ask for `model.embed_tokens.weight`.
+    pub fn embedding_is_head(&self) -> bool {
+        self.config.tie_word_embeddings
+            && self.names.contains_key(HEAD)
+            && !self.names.contains_key(EMBED)
+            && !self.absent_names.contains(EMBED)
     }
 
     /// The tensor lm_head multiplies by (see [`Checkpoint::tied_head`]).
     pub fn head_name(&self) -> &'static str {
         if self.tied_head() {
-            "model.embed_tokens.weight"
+            EMBED
         } else {
-            "lm_head.weight"
+            HEAD
         }
     }
 
-    fn file(&self, name: &str) -> Result<&StFile> {
+    /// The stored tensor a read of `name` reads: itself, but the embedding where it is the head.
+    fn stored<'a>(&self, name: &'a str) -> &'a str {
+        match name == EMBED && self.embedding_is_head() {
+            true => HEAD,
+            false => name,
+        }
+    }
+
+    /// The file that holds `name`, and its name there.
+    fn file<'a>(&'a self, name: &'a str) -> Result<(&'a StFile, &'a str)> {
+        let stored = self.stored(name);
         self.names
-            .get(name)
-            .map(|&i| &self.files[i])
+            .get(stored)
+            .map(|&i| (&self.files[i], stored))
             .ok_or_else(|| Error::checkpoint(&self.dir, format!("missing tensor `{name}`")))
     }
     pub fn dtype(&self, name: &str) -> Option<Dtype> {
-        self.file(name).ok().and_then(|f| f.info(name)).map(|i| i.dtype)
+        self.file(name).ok().and_then(|(f, name)| f.info(name)).map(|i| i.dtype)
     }
     /// The stored shape (for FP8 weights, the true weight's shape: same as stored).
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.file(name).ok().and_then(|f| f.info(name)).map(|i| i.shape.clone())
+        self.file(name).ok().and_then(|(f, name)| f.info(name)).map(|i| i.shape.clone())
     }
     /// The FP8 scale tensor that belongs to `name`, if any (`X.weight` -> `X.weight_scale_inv`).
     pub fn scale_name(&self, name: &str) -> Option<String> {
-        let s = format!("{name}_scale_inv");
+        let s = format!("{}_scale_inv", self.stored(name));
         self.contains(&s).then_some(s)
     }
 
     /// A stored-BF16 weight read in place by the few-row decode products (None for other
     /// dtypes, FP8 included; a scale beside a bf16 weight is refused at open).
     pub fn bf16_weight(&self, name: &str) -> Option<crate::model::gemv::Bf16Weight> {
-        self.file(name).ok()?.bf16_weight(name)
+        let (file, name) = self.file(name).ok()?;
+        file.bf16_weight(name)
     }
 
     /// A block-FP8 weight read in place (None for other dtypes, or when its scales do not fit or
@@ -249,13 +273,14 @@ impl Checkpoint {
         let scale_name = self.scale_name(name)?;
         let (scale, scale_shape) = self.scales(&scale_name).ok()?;
         let block = self.config.fp8_block();
-        self.file(name).ok()?.fp8_weight(name, (scale, &scale_shape), block)
+        let (file, name) = self.file(name).ok()?;
+        file.fp8_weight(name, (scale, &scale_shape), block)
     }
 
     /// A tensor decoded to f32 with its shape; block-FP8 weights are dequantised.
     pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        let file = self.file(name)?;
-        let (mut data, shape) = file.f32(name)?;
+        let (file, stored) = self.file(name)?;
+        let (mut data, shape) = file.f32(stored)?;
         if let Some(scale_name) = self.scale_name(name) {
             let (scale, sshape) = self.scales(&scale_name)?;
             let block = self.config.fp8_block();
@@ -276,12 +301,14 @@ impl Checkpoint {
             return rows
                 .map_err(|e| Error::checkpoint(&self.dir, format!("tensor `{name}` rows {start}..+{count}: {e}")));
         }
-        let data = self.file(name)?.f32_rows(name, start, count)?;
+        let (file, stored) = self.file(name)?;
+        let data = file.f32_rows(stored, start, count)?;
         Ok(Tensor::from_vec(data, (count, cols), &Device::Cpu)?)
     }
 
     /// Drops the resident pages of every tensor whose name starts with `prefix`.
     pub fn release(&self, prefix: &str) {
+        let prefix = self.stored(prefix);
         for (name, &i) in self.names.range(prefix.to_string()..).take_while(|(n, _)| n.starts_with(prefix)) {
             self.files[i].release(name);
         }

@@ -98,9 +98,10 @@ pub fn describe(ckpt: &Checkpoint) -> Result<String> {
         "  rms_norm_eps {}, tie_word_embeddings {}{}, max positions {}{}",
         c.rms_norm_eps,
         c.tie_word_embeddings,
-        match c.tie_word_embeddings && !ckpt.tied_head() {
-            true => " (but lm_head.weight is stored: it is the head, as in transformers)",
-            false => "",
+        match (c.tie_word_embeddings, ckpt.tied_head(), ckpt.embedding_is_head()) {
+            (true, _, true) => " (only lm_head.weight is stored: it is the embedding too, as in transformers)",
+            (true, false, _) => " (but lm_head.weight is stored: it is the head, as in transformers)",
+            _ => "",
         },
         c.max_position_embeddings,
         match &c.fp8 {

@@ -261,6 +261,45 @@ fn a_stored_lm_head_is_the_head_even_when_tied() {
     assert_ne!(logits(&dir), untied);
 }
 
+/// `tie_word_embeddings` with only `lm_head.weight` stored: transformers 5.24 loads the head
+/// into the embedding too (seen with `from_pretrained`: the two share one tensor, equal to the
+/// stored head), so the logits are those of an untied checkpoint whose embedding is a copy of
+/// its head, resident and streamed, in f32 and in bf16 (whose head is read in place). It was
+/// refused as a missing `model.embed_tokens.weight`.
+#[test]
+fn a_tied_checkpoint_storing_only_the_head_embeds_with_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    for dtype in [SynthDtype::F32, SynthDtype::Bf16] {
+        let (copied, only_head) =
+            (tmp.path().join(format!("copied-{dtype}")), tmp.path().join(format!("head-{dtype}")));
+        write_synth(&copied, dtype, 1);
+        let untied = logits(&copied);
+        rewrite_weights(&copied, |t| {
+            let head = &t.iter().find(|(n, _)| n == "lm_head.weight").unwrap().1;
+            let head = Entry { dtype: head.dtype, shape: head.shape.clone(), data: head.data.clone() };
+            t.iter_mut().find(|(n, _)| n == "model.embed_tokens.weight").unwrap().1 = head;
+        });
+        let want = logits(&copied);
+        assert_ne!(want, untied, "the head differs from the embedding it replaces");
+
+        write_synth(&only_head, dtype, 1);
+        let config = only_head.join("config.json");
+        let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+        c["tie_word_embeddings"] = json!(true);
+        std::fs::write(&config, serde_json::to_vec(&c).unwrap()).unwrap();
+        rewrite_weights(&only_head, |t| t.retain(|(n, _)| n != "model.embed_tokens.weight"));
+        let ckpt = Checkpoint::open(&only_head).unwrap();
+        assert!(ckpt.embedding_is_head() && !ckpt.tied_head() && ckpt.head_name() == "lm_head.weight");
+        assert_eq!(logits(&only_head), want, "{dtype}: the stored head embeds");
+        let tokens = Tokens::new(2, 6, vec![1, 5, 9, 13, 17, 21, 2, 4, 6, 8, 10, 12]).unwrap();
+        use glimpse::model::stream::{run, Weights};
+        let streamed = run(Weights::Streamed(&ckpt), &tokens, None, None, &mut NoObserver).unwrap().unwrap();
+        assert_eq!(streamed.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want, "{dtype}: streamed alike");
+        let described = glimpse::inspect::describe(&ckpt).unwrap();
+        assert!(described.contains("it is the embedding too") && !described.contains("incomplete"), "{described}");
+    }
+}
+
 /// `files` of the golden case `case` copied into `dir` (made); returns the case's folder.
 fn copy_golden(case: &str, dir: &Path, files: &[&str]) -> std::path::PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case);

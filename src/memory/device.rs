@@ -47,8 +47,14 @@ fn widened(ckpt: &Checkpoint, n: &str) -> u64 {
 /// layer's are apart ([`mtp_device_weights`]), uploaded when the head first runs.
 pub fn device_weights(ckpt: &Checkpoint, precision: crate::device::Precision, residency: Residency) -> u64 {
     // A tied head is uploaded as a matrix of its own (the embeddings as stored), beside the
-    // embeddings' f32 table where that is resident.
-    let tied = if ckpt.tied_head() { as_matrix(ckpt, precision, "model.embed_tokens.weight") } else { 0 };
+    // embeddings' f32 table where that is resident; an embedding that is the stored head, as
+    // that table, which the walk over the stored names below does not meet.
+    let embed = "model.embed_tokens.weight";
+    let tied = match () {
+        _ if ckpt.tied_head() => as_matrix(ckpt, precision, embed),
+        _ if ckpt.embedding_is_head() && residency == Residency::Whole => uploaded(ckpt, precision, embed),
+        _ => 0,
+    };
     held_at_once(ckpt, residency, |n| uploaded(ckpt, precision, n), tied)
 }
 
