@@ -169,18 +169,43 @@ impl<'a> Fields<'a> {
 /// `eos_token_id`: one token id or a list of them; `null` for none, and transformers' default, 1,
 /// where the key is absent (its `generate` stops there too).
 fn eos_token_ids(f: &Fields) -> Result<Vec<u32>> {
+    match f.obj.get("eos_token_id") {
+        None => Ok(vec![1]),
+        Some(v) => eos_ids(v).map_err(|msg| Error::config("eos_token_id", msg)),
+    }
+}
+
+/// One token id, a list of them, or `null` for none.
+fn eos_ids(v: &Value) -> std::result::Result<Vec<u32>, String> {
     let id = |v: &Value| {
         v.as_u64()
             .and_then(|i| u32::try_from(i).ok())
-            .ok_or_else(|| Error::config("eos_token_id", format!("expected a token id or a list of them, got {v}")))
+            .ok_or_else(|| format!("expected a token id or a list of them, got {v}"))
     };
-    match f.obj.get("eos_token_id") {
-        None => Ok(vec![1]),
-        Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(ids)) => ids.iter().map(id).collect(),
-        Some(v) => id(v).map(|i| vec![i]),
+    match v {
+        Value::Null => Ok(Vec::new()),
+        Value::Array(ids) => ids.iter().map(id).collect(),
+        v => id(v).map(|i| vec![i]),
     }
 }
+
+/// The token ids `generate` stops at, as transformers' `generate` takes them: from the
+/// checkpoint's `generation_config.json` where it has one (none where that file names none,
+/// even if config.json does), else config.json's (`config`'s).
+pub fn generation_eos(dir: &Path, config: &Config) -> Result<Vec<u32>> {
+    let path = dir.join(GENERATION_CONFIG);
+    if !path.exists() {
+        return Ok(config.eos_token_ids.clone());
+    }
+    let bytes = crate::st::read_input(&path)?;
+    let json: Value = serde_json::from_slice(&bytes).map_err(|source| Error::Json { path: path.clone(), source })?;
+    let Value::Object(fields) = json else { return Err(Error::checkpoint(&path, "expected a JSON object")) };
+    let ids = fields.get("eos_token_id").map_or(Ok(Vec::new()), eos_ids);
+    ids.map_err(|msg| Error::checkpoint(&path, format!("`eos_token_id`: {msg}")))
+}
+
+/// The file transformers' `generate` reads its defaults from, beside config.json.
+pub const GENERATION_CONFIG: &str = "generation_config.json";
 
 fn as_usize(key: &str, v: &Value) -> Result<usize> {
     v.as_u64()

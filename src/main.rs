@@ -513,6 +513,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 (_, Some(p)) => glimpse::tokenizer::encode(&model, &p)?,
                 _ => return Err(Error::Usage("give --tokens or --prompt".into())),
             };
+            let eos = if ignore_eos { Vec::new() } else { glimpse::config::generation_eos(&ckpt.dir, &ckpt.config)? };
             let max_new_tokens = max_new_tokens as usize;
             let (size, feed) = ((tokens.batch, tokens.seq), chunk.unwrap_or(0) as usize);
             let layers = ckpt.config.num_hidden_layers;
@@ -528,7 +529,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 chunk: chunk.unwrap_or(0) as usize,
                 dump: dump.map(|d| recording(record.as_deref(), &ckpt.config).map(|s| (d, s))).transpose()?,
                 mtp,
-                eos: if ignore_eos { Vec::new() } else { ckpt.config.eos_token_ids.clone() },
+                eos,
             };
             glimpse::generate::run(&model, &ckpt, &Model::load(&ckpt)?, &tokens, &opts)?;
             if let Some(note) = opts.dump.as_ref().and_then(|_| scores_left_out(record.as_deref(), &ckpt.config)) {

@@ -223,7 +223,8 @@ fn streaming_fits_where_resident_does_and_mismatched_configs_are_named() {
 }
 
 /// `generate` stops once every row has produced one of config.json's `eos_token_id`s (one id or
-/// a list), shows a row up to its eos, and `--ignore-eos` goes on.
+/// a list), or generation_config.json's where there is one, shows a row up to its eos, and
+/// `--ignore-eos` goes on.
 #[test]
 fn generate_stops_at_eos_unless_told_not_to() {
     let tmp = tempfile::tempdir().unwrap();
@@ -247,6 +248,17 @@ fn generate_stops_at_eos_unless_told_not_to() {
     assert_eq!(stopped, all[..=first], "{err}");
     assert!(err.contains(&format!("stopped by eos_token_id in every row after {} of 6", first + 1)), "{err}");
     assert_eq!(greedy(&eos, &["--ignore-eos"]).0, all);
+    // A generation_config.json beside it decides, as it does for transformers' `generate`: its
+    // ids, or none where it names none (config.json's are then not read).
+    let generation = eos.join("generation_config.json");
+    std::fs::write(&generation, serde_json::json!({"eos_token_id": all[4]}).to_string()).unwrap();
+    let fifth = all.iter().position(|&t| t == all[4]).unwrap();
+    assert_eq!(greedy(&eos, &[]).0, all[..=fifth]);
+    std::fs::write(&generation, r#"{"do_sample": false}"#).unwrap();
+    assert_eq!(greedy(&eos, &[]).0, all);
+    std::fs::write(&generation, r#"{"eos_token_id": "end"}"#).unwrap();
+    let args = ["generate", "--model", eos.to_str().unwrap(), "--tokens", "1,2,3"];
+    assert_error(&glimpse(&args), "generation_config.json: `eos_token_id`: expected a token id or a list of them");
 }
 
 /// The GPU's flags are a section of their own in the help of each command with `--device`, and
