@@ -102,7 +102,7 @@ pub(crate) enum Command {
         stream: bool,
         /// Instead: run the tokens through the latent KV cache (absorbed MLA) and compare every
         /// hook point, position by position, with the prefill of the same tokens.
-        #[arg(long, conflicts_with_all = ["isolate", "force_routing", "force_selection", "layers", "stream", "near_tie", "tols", "json"])]
+        #[arg(long, conflicts_with_all = ["isolate", "force_routing", "force_selection", "layers", "stream", "near_tie", "json"])]
         decode: bool,
         /// Print one JSON document (`glimpse-verify/1`) instead of the lines: each tensor as `diff --json` gives it.
         #[arg(long)]

@@ -39,23 +39,30 @@ impl DecodeCheck {
     }
 }
 
-/// Runs `tokens` both ways (`chunk` positions per decode call) and compares.
-pub fn check(model: &Model, tokens: &Tokens, chunk: usize, tol: Tolerance) -> Result<DecodeCheck> {
+/// Runs `tokens` both ways (`chunk` positions per decode call) and compares, at `tol` or the last
+/// of the `per_name` patterns (`--tol`) that matches a hook point's name.
+pub fn check(
+    model: &Model,
+    tokens: &Tokens,
+    chunk: usize,
+    tol: Tolerance,
+    per_name: &[(String, Tolerance)],
+) -> Result<DecodeCheck> {
     let mut prefill = Recorder::new(Selector::default());
     model.forward(tokens, &mut prefill)?;
     let mut stitcher = Stitcher::new(Selector::default());
     model.decode_all(tokens, chunk, &mut stitcher)?;
     let (prefill, decode) = (prefill.tensors.into_iter().collect(), stitcher.finish()?.into_iter().collect());
-    compare(&prefill, &decode, tokens.seq, tol, &model.config)
+    compare(&prefill, &decode, tokens.seq, (tol, per_name), &model.config)
 }
 
 /// Compares a decode record (laid end to end, [`Stitcher`]) with a prefill record of the same
-/// `seq` positions of the model `config` describes.
+/// `seq` positions of the model `config` describes, at a tolerance and its `--tol` patterns.
 pub fn compare(
     prefill: &BTreeMap<HookPoint, Tensor>,
     decode: &BTreeMap<HookPoint, Tensor>,
     seq: usize,
-    tol: Tolerance,
+    (default, per_name): (Tolerance, &[(String, Tolerance)]),
     config: &Config,
 ) -> Result<DecodeCheck> {
     let mut results = Vec::new();
@@ -63,6 +70,7 @@ pub fn compare(
     let batch = prefill.get(&HookPoint::InputIds).and_then(|t| t.dims().first().copied());
     for (&point, ours) in decode {
         let Some(reference) = prefill.get(&point) else { continue };
+        let tol = crate::diff::tol_for(default, per_name, &point.name());
         let (a, e) = (Values::from_tensor(ours)?, Values::from_tensor(reference)?);
         let ids = match point {
             HookPoint::Layer(i, LayerHook::TopkWeights) => {
@@ -157,7 +165,7 @@ fn first_position(
 }
 
 /// The report: each hook point's verdict, then each position's logits error, then the verdict.
-pub fn print(r: &DecodeCheck, tol: Tolerance, chunk: usize) {
+pub fn print(r: &DecodeCheck, tol: Tolerance, per_name: &[(String, Tolerance)], chunk: usize) {
     for c in &r.results {
         // (The reference here is glimpse's own prefill, not the dump named on the first line.)
         println!("{}", crate::verify::format_line_as(c, ["decode", "prefill"]));
@@ -197,10 +205,14 @@ pub fn print(r: &DecodeCheck, tol: Tolerance, chunk: usize) {
     match r.first {
         None if !r.all_match() => println!("decode and prefill agree where both reported ({how}), but not everywhere"),
         None => println!(
-            "decode matches prefill at every position ({how}; {} tensors, atol {:e}, rtol {:e})",
+            "decode matches prefill at every position ({how}; {} tensors, atol {:e}, rtol {:e}{})",
             r.results.len(),
             tol.atol,
-            tol.rtol
+            tol.rtol,
+            match per_name.len() {
+                0 => String::new(),
+                n => format!(" and {n} --tol pattern(s)"),
+            }
         ),
         Some((s, i)) => {
             println!("first position where decode and prefill differ: {s}, first at {}", r.results[i].name);

@@ -250,7 +250,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         model_dir.display(),
                         golden.display()
                     );
-                    return verify_decode(&ckpt, &tokens, chunk as usize, tol, max_memory);
+                    return verify_decode(&ckpt, &tokens, chunk as usize, (tol, &per_name), max_memory);
                 }
                 if device != Backend::Cpu {
                     // The MTP head the reference checks runs on the device too, from the device's
@@ -670,7 +670,7 @@ fn verify_decode(
     ckpt: &Checkpoint,
     tokens: &Tokens,
     chunk: usize,
-    tol: Tolerance,
+    (tol, per_name): (Tolerance, &[(String, Tolerance)]),
     max: Option<u64>,
 ) -> Result<ExitCode> {
     let (dims, cpu) = ((tokens.batch, tokens.seq), Backend::Cpu.into());
@@ -678,8 +678,9 @@ fn verify_decode(
     memory::check_run(ckpt, dims, memory::Recording::ALL, (cpu, whole, false), max, "a reference of fewer tokens")?;
     let model = &Model::load(ckpt)?;
     println!("{}", glimpse::generate::cache_report(model, tokens.batch, tokens.seq, false));
-    let report = glimpse::decode_check::check(model, tokens, chunk, tol)?;
-    glimpse::decode_check::print(&report, tol, chunk);
+    let report = glimpse::decode_check::check(model, tokens, chunk, tol, per_name)?;
+    glimpse::decode_check::print(&report, tol, per_name, chunk);
+    diff::tol_warnings(per_name, &report.results).into_iter().for_each(|w| warn(Some(w)));
     // The main model's decode only: a checkpoint's MTP head is not checked here, which its
     // `verify` (without --decode) would check against a reference that holds `mtp.*`.
     if glimpse::model::mtp::Mtp::present(ckpt) {

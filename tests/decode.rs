@@ -33,7 +33,7 @@ fn decode_equals_prefill_on_every_golden_case() {
     for case in CASES {
         let (model, tokens) = load(case);
         for chunk in [1, 3] {
-            let r = check(&model, &tokens, chunk, Tolerance::default()).unwrap();
+            let r = check(&model, &tokens, chunk, Tolerance::default(), &[]).unwrap();
             let worst = r.logits_max_abs.iter().cloned().fold(0.0, f64::max);
             println!("{case}, chunk {chunk}: {} tensors, logits max_abs {worst:.3e}", r.results.len());
             let failed: Vec<String> = r.results.iter().filter(|c| !c.ok).map(verify::format_line).collect();
@@ -66,7 +66,7 @@ fn with_a_cache_bug(case: &str) -> glimpse::decode_check::DecodeCheck {
         model.decode_step(&tokens.columns(s..s + 1).unwrap(), &mut cache, &mut stitcher).unwrap();
     }
     let (prefill, decode) = (prefill.tensors.into_iter().collect(), stitcher.finish().unwrap().into_iter().collect());
-    glimpse::decode_check::compare(&prefill, &decode, tokens.seq, Tolerance::default(), &model.config).unwrap()
+    glimpse::decode_check::compare(&prefill, &decode, tokens.seq, (Tolerance::default(), &[]), &model.config).unwrap()
 }
 
 /// The flips the check found in the selection `name`.
@@ -112,7 +112,8 @@ fn decode_check_fails_on_a_hook_point_only_one_run_reported() {
     let prefill: std::collections::BTreeMap<_, _> = prefill.tensors.into_iter().collect();
     let mut decode: std::collections::BTreeMap<_, _> = stitcher.finish().unwrap().into_iter().collect();
     let cmp = |decode: &_| {
-        glimpse::decode_check::compare(&prefill, decode, tokens.seq, Tolerance::default(), &model.config).unwrap()
+        glimpse::decode_check::compare(&prefill, decode, tokens.seq, (Tolerance::default(), &[]), &model.config)
+            .unwrap()
     };
     assert!(cmp(&decode).all_match());
     let topk = glimpse::hooks::HookPoint::Layer(0, glimpse::hooks::LayerHook::DsaTopk);
@@ -155,6 +156,13 @@ fn verify_decode_reports_every_position() {
     let (code, text) = common::code_and_text(&["verify", "--decode", "--atol", "0", "--rtol", "0"]);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains(": decode ") && text.contains(" prefill ") && !text.contains(" ref "), "{text}");
+    // `--tol` patterns apply hook point by hook point: no tolerance on the logits alone fails
+    // them alone; a pattern that matches nothing compared is warned of.
+    let (code, text) = common::code_and_text(&["verify", "--decode", "--tol", "logits=0,0", "--tol", "no.such=1,1"]);
+    assert_eq!(code, 1, "{text}");
+    let failed: Vec<&str> = text.lines().filter(|l| l.contains("MISMATCH")).collect();
+    assert!(failed.len() == 1 && failed[0].starts_with("logits "), "{text}");
+    assert!(text.contains("--tol no.such matches no tensor compared"), "{text}");
     // A chunk as long as the tokens, or longer, is said as what ran: one call.
     for chunk in [tokens.seq, tokens.seq + 5] {
         let (code, text) = common::code_and_text(&["verify", "--decode", "--chunk", &chunk.to_string()]);

@@ -49,7 +49,8 @@ fn mtp_drafts_during_generation_equal_the_prefill_form() {
         let draft_logits = mtp.forward(&model, &h, &tokens, &mut prefill).unwrap(); // [B, seq-1, V]
         let prefill: BTreeMap<HookPoint, _> = prefill.tensors.into_iter().collect();
 
-        let r = glimpse::decode_check::compare(&prefill, &decode, seq, Tolerance::default(), &model.config).unwrap();
+        let r =
+            glimpse::decode_check::compare(&prefill, &decode, seq, (Tolerance::default(), &[]), &model.config).unwrap();
         let failed: Vec<String> = r.results.iter().filter(|c| !c.ok).map(glimpse::verify::format_line).collect();
         assert!(r.all_match(), "stop after {stop_after:?}: {failed:#?}");
         let n = model.layers.len();
