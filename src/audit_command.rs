@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use glimpse::error::{Error, Result};
+use glimpse::error::{Context, Error, Result};
 use glimpse::memory::Residency;
 
 use crate::cli::AuditArgs;
@@ -64,9 +64,26 @@ pub(crate) fn audit(args: AuditArgs, max_memory: Option<u64>) -> Result<ExitCode
     let contrast = !compare.is_empty() || compare_prompts.is_some();
     // Without a checkpoint, both sides count the experts their dumps record (or guess
     // it from the ids of both).
+    // (Each other dump opened first, so that one that cannot be names its flag.)
+    for (flag, paths) in [("--against", &against), ("--compare", &compare)] {
+        for path in paths {
+            glimpse::dump::Dump::open(path).context(|| flag.into())?;
+        }
+    }
     let experts = match model {
         Some(_) => None,
-        None => Some(glimpse::audit::expert_count(&[&dumps[..], &against, &compare].concat())?),
+        None => {
+            let count = glimpse::audit::expert_count(&[&dumps[..], &against, &compare].concat())?;
+            // Said before the audit, which refuses an id past that count as the audited dump's.
+            if !count.guessed && glimpse::audit::router_width(&dumps)?.is_none() {
+                let n = count.n;
+                eprintln!(
+                    "glimpse: note: the audited dumps record no router: the expert count, {n}, is the router width \
+                     of the --against or --compare dumps"
+                );
+            }
+            Some(count)
+        }
     };
     let lines = if text { glimpse::audit::Lines::Text } else { glimpse::audit::Lines::Auto };
     let mut routes = routes.as_deref().map(glimpse::audit::Routes::create).transpose()?;
@@ -183,8 +200,8 @@ pub(crate) fn audit(args: AuditArgs, max_memory: Option<u64>) -> Result<ExitCode
             print!("{}", audit.to_csv(other));
         }
         let by = glimpse::interrupt::signal_name();
-        if let Some((run, of)) = audit.stopped {
-            eprintln!("glimpse: {by} stopped the prompts after line {run} of {of}");
+        if let Some(stop) = audit.stopped {
+            eprintln!("glimpse: {by} stopped the prompts {}", stop.words());
         }
         if let Some(layer) = audit.stopped_after_layer {
             eprintln!("glimpse: {by} stopped the layers after layer {layer}");
@@ -202,9 +219,9 @@ pub(crate) fn audit(args: AuditArgs, max_memory: Option<u64>) -> Result<ExitCode
                 for note in glimpse::audit::contrast::notes(&audit, r) {
                     println!("note: {note}");
                 }
-                if let Some((run, of)) = r.stopped {
+                if let Some(stop) = r.stopped {
                     let by = glimpse::interrupt::signal_name();
-                    println!("({by} stopped the other prompts after {run} of {of}: the comparison covers those)");
+                    println!("({by} stopped the other prompts {}: the comparison covers those)", stop.words());
                 }
             }
             Some(r) => {

@@ -72,8 +72,8 @@ pub struct Config {
     pub indexer_types: Vec<IndexerKind>,
     pub rope: Rope,
     pub fp8: Option<Fp8>,
-    /// `eos_token_id`: one id or a list (GLM-5's has three); empty when absent. Not the forward
-    /// pass's: where `generate` stops.
+    /// `eos_token_id`: one id or a list (GLM-5's has three); empty when absent or null. Not the
+    /// forward pass's: where `generate` stops (unless generation_config.json says otherwise).
     pub eos_token_ids: Vec<u32>,
 }
 
@@ -166,11 +166,12 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// `eos_token_id`: one token id or a list of them; `null` for none, and transformers' default, 1,
-/// where the key is absent (its `generate` stops there too).
+/// `eos_token_id`: one token id or a list of them; none where it is `null` or absent. As
+/// transformers' `generate` takes it, which builds its settings from config.json's own keys: the
+/// config's attribute defaults to 1 where the key is absent, but `generate` then has no eos.
 fn eos_token_ids(f: &Fields) -> Result<Vec<u32>> {
     match f.obj.get("eos_token_id") {
-        None => Ok(vec![1]),
+        None => Ok(Vec::new()),
         Some(v) => eos_ids(v).map_err(|msg| Error::config("eos_token_id", msg)),
     }
 }

@@ -592,6 +592,33 @@ fn a_divergence_no_reading_names_is_localised_by_its_inputs() {
             && l.ends_with("--model DIR reruns it on ours's inputs against the bugs ports have shipped"),
         "{l}"
     );
+    // Outside the layers too: the embeddings from the ids, the final norm from the last main
+    // layer's output, the MTP head's norm from its layer's (said by the config, or found as the
+    // dumps' layer that starts from the head's eh_proj), its logits from that norm.
+    let (mtp_ref, mtp_dir) = (mtp.join("reference.safetensors"), s(&mtp));
+    let planted = [
+        (&reference, "embeddings", "its input input_ids is the reference's exactly: the difference is made in embed_tokens"),
+        (&reference, "final_norm", "its input layers.4.output is the reference's exactly: the difference is made in the final norm"),
+        (&mtp_ref, "final_norm", "its input layers.2.output is the reference's exactly: the difference is made in the final norm"),
+        (&mtp_ref, "mtp.final_norm", "its input layers.3.output is the reference's exactly: the difference is made in shared_head.norm"),
+        (&mtp_ref, "mtp.logits", "its input mtp.final_norm is the reference's exactly: the difference is made in the MTP head's shared_head.head"),
+    ];
+    for (i, (source, name, made)) in planted.into_iter().enumerate() {
+        let ours = edit_floats(source, &tmp.path().join(format!("out{i}.st")), name, |x, _| wobble(x, 0.03));
+        for model in [true, false] {
+            let mut args = vec!["diff".to_string(), s(&ours), s(source)];
+            if model && source == &mtp_ref {
+                args.extend(["--model".to_string(), mtp_dir.clone()]);
+            }
+            let (_, text) = code_and_text(&args.iter().map(String::as_str).collect::<Vec<_>>());
+            assert!(line(&text).is_some_and(|l| l.contains(made)), "{name} (model {model}): {text}");
+        }
+    }
+    // A first divergence of infinite NMSE (a NaN planted) is "inf" in the JSON, as elsewhere.
+    let nan = edit_floats(&reference, &tmp.path().join("nan.st"), "layers.0.output", |x, _| x[0] = f32::NAN);
+    let (_, text) = code_and_text(&["diff", &s(&nan), &s(&reference), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["first_divergence_between"]["nmse"], "inf", "{}", v["first_divergence_between"]);
 }
 
 /// Past a first divergence nothing reads, the first attention output is rerun on ours's own

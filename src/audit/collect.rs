@@ -507,15 +507,21 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>, mut routes: 
             return Err(Error::dump(&d.path, msg));
         }
         let rows = ids.len() / k;
-        if let Some(t) = &tokens {
-            let fits = |positions: usize| rows == t.batch * positions;
+        if rows == 0 {
+            return Err(Error::dump(&d.path, format!("`{name}` has shape {shape:?}: it routes no token")));
+        }
+        // The run's [B, S]: its input_ids', else its other hook points' (which only mark the MTP
+        // layer: without the ids, rows that fit neither are split by `batch_without_ids`).
+        let ids_dims = tokens.as_ref().map(|t| (t.batch, t.seq));
+        if let Some((batch, seq)) = ids_dims.or_else(|| d.positions()) {
+            let fits = |positions: usize| rows == batch * positions;
             let may_be_mtp = audit.mtp_layer.map_or(Some(i) == last, |m| m == i);
-            if may_be_mtp && !fits(t.seq) && fits(t.seq.saturating_sub(1)) {
+            if may_be_mtp && !fits(seq) && fits(seq.saturating_sub(1)) {
                 audit.mtp_layer = Some(i);
-            } else if !fits(t.seq) {
+            } else if !fits(seq) && ids_dims.is_some() {
                 return Err(Error::dump(
                     &d.path,
-                    format!("`{name}` holds {rows} tokens' experts, its input_ids {} x {}", t.batch, t.seq),
+                    format!("`{name}` holds {rows} tokens' experts, its input_ids {batch} x {seq}"),
                 ));
             }
         }
@@ -703,7 +709,7 @@ pub(super) fn unbiased(rc: &crate::model::moe::RouterConfig, logits: &[f32], exp
 }
 
 /// The width of the first router the dumps record (shapes only: nothing is read).
-fn router_width(dumps: &[PathBuf]) -> Result<Option<usize>> {
+pub fn router_width(dumps: &[PathBuf]) -> Result<Option<usize>> {
     for path in dumps {
         if let Some(width) = Dump::open(path)?.experts() {
             if width > MAX_EXPERTS {

@@ -173,7 +173,7 @@ pub(super) fn run_prompts(
             run.map_err(|e| Error::Usage(format!("{} line {line}: {e}", path.display())))?;
             push_run(audit, routes.as_deref_mut(), path, (line, tokens));
             if crate::interrupt::requested() && n + 1 < total {
-                audit.stopped = Some((n + 1, total));
+                audit.stopped = Some(super::Stopped { run: n + 1, of: total, line });
                 break;
             }
         }

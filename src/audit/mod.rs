@@ -25,7 +25,7 @@ mod live;
 pub mod pairs;
 mod routes;
 mod shift;
-pub use collect::{collect, collect_with_other, expert_count, CollectOptions, ExpertCount};
+pub use collect::{collect, collect_with_other, expert_count, router_width, CollectOptions, ExpertCount};
 pub use live::{AuditObserver, Lines};
 pub use pairs::{Pair, Pairs};
 pub use routes::Routes;
@@ -235,8 +235,8 @@ pub struct Audit {
     pub config_sha256: Option<String>,
     /// The MTP head's decoder layer (`num_hidden_layers`), when known: marked in the table.
     pub mtp_layer: Option<usize>,
-    /// Ctrl-C stopped the prompts: (lines run, lines given; a line may hold several batch rows).
-    pub stopped: Option<(usize, usize)>,
+    /// Ctrl-C stopped the prompts.
+    pub stopped: Option<Stopped>,
     /// Ctrl-C stopped a sweep (`audit --stream`) after this layer: every prompt ran the layers up
     /// to it, and [`Audit::window`] ends there.
     pub stopped_after_layer: Option<usize>,
@@ -256,6 +256,24 @@ pub struct Audit {
     /// `--pairs N`: the strongest co-activated pairs listed a layer, in the table or the JSON
     /// (which has no co-activation without it: its chance levels take a while).
     pub pairs_listed: Option<usize>,
+}
+
+/// Where Ctrl-C stopped an audit's prompts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stopped {
+    /// The prompts run, of how many the file holds (a prompt is a line of the file, less its
+    /// comments and blank lines, and may hold several batch rows).
+    pub run: usize,
+    pub of: usize,
+    /// The file's line of the last prompt run: a rerun of the rest starts past it.
+    pub line: usize,
+}
+
+impl Stopped {
+    /// "after 3 of 10 prompts (the last at line 5)".
+    pub fn words(&self) -> String {
+        format!("after {} of {} prompts (the last at line {})", self.run, self.of, self.line)
+    }
 }
 
 impl Audit {
@@ -310,10 +328,13 @@ impl Audit {
             return Err(Error::Usage(problem));
         }
         if let Some(flags) = bias_changed.filter(|f| f.len() != rows) {
-            return Err(Error::Usage(format!("has {rows} tokens and {} bias-changed flags", flags.len())));
+            let n = flags.len();
+            return Err(Error::Usage(format!("has {rows} tokens and its layer's `moe.bias_changed` {n} flags")));
         }
         if let Some((t, f)) = bias_changed.and_then(|f| f.iter().enumerate().find(|(_, &x)| x != 0 && x != 1)) {
-            return Err(Error::Usage(format!("has bias-changed flag {f} for token {t}: a flag is 0 or 1")));
+            return Err(Error::Usage(format!(
+                "has its layer's `moe.bias_changed` {f} for token {t}: a flag is 0 or 1"
+            )));
         }
         let l = self.layers.entry(layer).or_insert_with(|| LayerLoad::new(layer, experts));
         if l.k != 0 && l.k != k {
@@ -426,7 +447,7 @@ impl Audit {
     pub fn table(&self) -> String {
         let by = crate::interrupt::signal_name();
         let stopped = match (self.stopped, self.stopped_after_layer) {
-            (Some((run, of)), _) => format!(" ({by} stopped the prompts after line {run} of {of})"),
+            (Some(stop), _) => format!(" ({by} stopped the prompts {})", stop.words()),
             (None, Some(layer)) => format!(" ({by} stopped the layers after layer {layer})"),
             (None, None) => String::new(),
         };
@@ -680,7 +701,8 @@ impl Audit {
             .collect();
         json!({
             "schema": "glimpse-audit/1", "prompts": self.prompts(), "experts": self.experts, "experts_guessed": self.experts_guessed,
-            "stopped_after": self.stopped.map(|(run, _)| run), "stopped_after_layer": self.stopped_after_layer,
+            "stopped_after": self.stopped.map(|s| s.run), "stopped_at_line": self.stopped.map(|s| s.line),
+            "stopped_after_layer": self.stopped_after_layer,
             "complete": self.complete(),
             "prompts_total": self.prompts_total, "runs": self.runs_json(), "layers": layers,
             "layer_window": self.window.as_ref().map(|w| [*w.start(), *w.end()]),

@@ -81,9 +81,9 @@ fn balance_numbers_by_hand() {
         .add(5, &[1, 2], 2, 1, Some(&[0, 0]))
         .unwrap_err()
         .to_string()
-        .contains("1 tokens and 2 bias-changed flags"));
+        .contains("1 tokens and its layer's `moe.bias_changed` 2 flags"));
     let flag = a.add(5, &[1, 2], 2, 1, Some(&[5])).unwrap_err().to_string();
-    assert!(flag.contains("bias-changed flag 5 for token 0: a flag is 0 or 1"), "{flag}");
+    assert!(flag.contains("`moe.bias_changed` 5 for token 0: a flag is 0 or 1"), "{flag}");
     assert!(a
         .add(5, &[1], 1, 1, None)
         .unwrap_err()

@@ -2,15 +2,15 @@
 
 use super::*;
 
-/// `eos_token_id`: one id or a list; none for null, and transformers' default, 1, when
-/// absent; anything else is refused, not dropped.
+/// `eos_token_id`: one id or a list; none for null or absent (transformers' `generate` has no eos
+/// then, though the config's attribute defaults to 1); anything else is refused, not dropped.
 #[test]
 fn eos_token_id_is_one_id_or_a_list() {
     let eos = |v: Value| Config::from_json(&serde_json::json!({ "eos_token_id": v })).map(|c| c.eos_token_ids);
     assert_eq!(eos(serde_json::json!(7)).unwrap(), [7]);
     assert_eq!(eos(serde_json::json!([154820, 154827, 154829])).unwrap(), [154820, 154827, 154829]);
     assert_eq!(eos(Value::Null).unwrap(), Vec::<u32>::new());
-    assert_eq!(Config::from_json(&serde_json::json!({})).unwrap().eos_token_ids, [1]);
+    assert_eq!(Config::from_json(&serde_json::json!({})).unwrap().eos_token_ids, Vec::<u32>::new());
     let bad = eos(serde_json::json!([1, "x"])).unwrap_err().to_string();
     assert!(bad.contains("eos_token_id") && bad.contains("\"x\""), "{bad}");
 }

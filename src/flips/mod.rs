@@ -129,12 +129,15 @@ pub fn margins_in(d: &Dump, selection: HookPoint, router: Option<(&RouterConfig,
 
 /// `selection`'s margin tensor in `d`, where it holds one margin a row of the selection (another
 /// tool's of another length, say from a cut or stitched run, would give flips other rows'
-/// margins): else the margins are recomputed, as where none is recorded.
+/// margins): else the margins are recomputed, as where none is recorded. A negative one (another
+/// tool's: a choice that is not a top-k of its own scores) is unknown, NaN, as a recomputed lead
+/// is there: it would otherwise pass for a small margin and class a rule break a near-tie.
 fn recorded(d: &Dump, selection: HookPoint) -> Option<Vec<f32>> {
     let margins = floats(d, &selection.margin()?.name())?;
     let shape = d.shape(&selection.name())?;
     let rows: usize = shape.iter().rev().skip(1).product();
-    (margins.len() == rows).then_some(margins)
+    let known = |m: f32| if m >= 0.0 { m } else { f32::NAN };
+    (margins.len() == rows).then(|| margins.into_iter().map(known).collect())
 }
 
 /// The DSA margins of layer `i`'s query rows `rows` (batch rows flattened) in `d`, recorded or

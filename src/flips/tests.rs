@@ -235,3 +235,26 @@ fn a_dsa_selection_its_own_scores_contradict_breaks_the_rule() {
     assert!(out.contains("(ours left out 1, which its own scores rank 5.000e-1 above 0 it kept: its rule differs)"));
     assert!(out.contains("(0 of them within the layer's score changes"), "{out}");
 }
+
+/// A margin another tool recorded below 0 (or -inf) is unknown, as a recomputed lead is there:
+/// taken as it was, it passed for a small margin and classed a rule break a near-tie.
+#[test]
+fn a_negative_recorded_margin_is_unknown() {
+    use crate::hooks::Observer;
+    use candle_core::{Device, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.safetensors");
+    let mut w = crate::dump::DumpWriter::create(&path, crate::hooks::Selector::default(), 3).unwrap();
+    let topk: Vec<i64> = vec![0, 0, 1, 0, 2, 1];
+    w.observe(HookPoint::Layer(0, LayerHook::DsaTopk), &Tensor::from_vec(topk, (1, 3, 2), &Device::Cpu).unwrap())
+        .unwrap();
+    let recorded = vec![f32::INFINITY, -0.5, f32::NEG_INFINITY];
+    let margin = HookPoint::Layer(0, LayerHook::DsaMargin);
+    w.observe(margin, &Tensor::from_vec(recorded, (1, 3), &Device::Cpu).unwrap()).unwrap();
+    w.finish(&crate::dump::metadata("test", None, None)).unwrap();
+    let d = Dump::open(&path).unwrap();
+    let m = margins_in(&d, HookPoint::Layer(0, LayerHook::DsaTopk), None).unwrap();
+    assert_eq!(m[0], f32::INFINITY);
+    assert!(m[1].is_nan() && m[2].is_nan(), "{m:?}");
+    assert_eq!(dsa_margins_by(&d, 0, 1..3, 1).unwrap().iter().filter(|m| m.is_nan()).count(), 2);
+}

@@ -52,13 +52,31 @@ struct Layer {
     moe: Option<bool>,
 }
 
-/// The hook points `point` is computed from in the forward pass, and what computes it; None
-/// for points outside the spec's activations.
-fn inputs(point: HookPoint, layer: impl Fn(usize) -> Layer) -> Option<(Vec<HookPoint>, &'static str)> {
+/// The hook points `point` is computed from in the forward pass, and what computes it, in a
+/// model whose main layers end at `last` and whose MTP layer is `mtp` (None where the dumps do
+/// not say); None for points outside the spec's activations.
+fn inputs(
+    point: HookPoint,
+    layer: impl Fn(usize) -> Layer,
+    (last, mtp): (Option<usize>, Option<usize>),
+) -> Option<(Vec<HookPoint>, &'static str)> {
     use LayerHook::*;
     let (i, hook) = match point {
         HookPoint::Layer(i, hook) => (i, hook),
+        HookPoint::Embeddings => return Some((vec![HookPoint::InputIds], "embed_tokens")),
+        HookPoint::FinalNorm => return Some((vec![HookPoint::Layer(last?, Output)], "the final norm (model.norm)")),
         HookPoint::Logits => return Some((vec![HookPoint::FinalNorm], "lm_head")),
+        HookPoint::MtpInputHidden => {
+            return Some((vec![HookPoint::FinalNorm], "the MTP head's slice of the final norm's positions"))
+        }
+        HookPoint::MtpEhProj => {
+            let from = vec![HookPoint::MtpInputHidden, HookPoint::Embeddings];
+            return Some((from, "the MTP head's enorm (of the next token's embedding), hnorm and eh_proj"));
+        }
+        HookPoint::MtpFinalNorm => return Some((vec![HookPoint::Layer(mtp?, Output)], "shared_head.norm")),
+        HookPoint::MtpLogits => {
+            return Some((vec![HookPoint::MtpFinalNorm], "the MTP head's shared_head.head (or the model's lm_head)"))
+        }
         _ => return None,
     };
     let at = |h: LayerHook| HookPoint::Layer(i, h);
@@ -148,8 +166,17 @@ impl DiffReport {
                 },
             },
         };
+        // The MTP layer, and the main model's last (the final norm's input): by the config, else
+        // the dumps' layers, the last of them the MTP layer where it starts from `mtp.eh_proj`.
+        let highest = names().filter_map(|n| HookPoint::parse(n)?.layer()).max();
+        let mtp = mtp.or_else(|| highest.filter(|&i| layer(i).input == HookPoint::MtpEhProj));
+        let last = match (mtp, &self.mlp_kinds) {
+            (Some(m), _) => m.checked_sub(1),
+            (None, Some(kinds)) => kinds.len().checked_sub(1),
+            (None, None) => highest,
+        };
         let point = HookPoint::parse(&first.name)?;
-        let (points, op) = inputs(point, layer)?;
+        let (points, op) = inputs(point, layer, (last, mtp))?;
         use LayerHook::*;
         let reruns = match point {
             HookPoint::Layer(_, QLatent | KvLatent | DsaScores | AttnOut | TopkWeights) => true,
@@ -218,9 +245,11 @@ impl Between {
     }
 
     pub fn json(&self) -> Value {
-        let inputs: Vec<Value> = self.inputs.iter().map(|(n, nmse)| json!({"name": n, "nmse": nmse})).collect();
+        let number = crate::diff::json_number;
+        let inputs: Vec<Value> =
+            self.inputs.iter().map(|(n, nmse)| json!({"name": n, "nmse": number(*nmse)})).collect();
         json!({
-            "op": self.op, "inputs": inputs, "unrecorded": self.unrecorded, "nmse": self.nmse,
+            "op": self.op, "inputs": inputs, "unrecorded": self.unrecorded, "nmse": number(self.nmse),
             "bf16_sized": self.bf16_sized,
         })
     }

@@ -312,9 +312,10 @@ fn a_second_run_to_the_same_dump_is_refused_while_the_first_lives() {
 fn ctrl_c_stops_an_audit_after_the_prompt_in_progress() {
     let tmp = tempfile::tempdir().unwrap();
     let prompts = tmp.path().join("prompts.txt");
-    // Far more than run in the second before the signal (about 0.5 ms a prompt here).
+    // Far more than run in the second before the signal (about 0.5 ms a prompt here), after a
+    // comment and a blank line, which are no prompts.
     let line = (1..=16).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
-    std::fs::write(&prompts, format!("{line}\n").repeat(200_000)).unwrap();
+    std::fs::write(&prompts, format!("# 16 tokens a prompt\n\n{}", format!("{line}\n").repeat(200_000))).unwrap();
     let flat = golden("flat");
     // Once the audit catches SIGINT (its handler is installed before the prompts are read),
     // with a moment for prompts to run.
@@ -331,6 +332,7 @@ fn ctrl_c_stops_an_audit_after_the_prompt_in_progress() {
         assert!(run > 0 && run < 200_000, "{run}");
         assert_eq!((v["complete"].as_bool(), v["prompts_total"].as_u64()), (Some(false), Some(200_000)));
         assert_eq!(v["prompts"].as_u64(), Some(run));
+        assert_eq!(v["stopped_at_line"].as_u64(), Some(run + 2), "the file's line of the last prompt run");
         for layer in v["layers"].as_array().unwrap() {
             assert_eq!(layer["tokens"].as_u64(), Some(16 * run), "{layer}");
         }
