@@ -225,3 +225,31 @@ fn routing_weights_are_read_paired_by_expert() {
     assert!(text.contains("first divergence: layers.2.moe.topk_weights"), "{text}");
     assert!(text.contains("1 of 128 elements outside") && text.contains("the tail of rounding noise"), "{text}");
 }
+
+/// The routing's `[B*S, ...]` rows are placed along the positions by the dump's batch rows, which
+/// dumps without `input_ids` give by their `[B, S, ...]` hook points: the first element outside
+/// is the earliest position's in any batch row (golden/mtp's B = 2, S = 16: row 20, batch row 1's
+/// position 4, before row 10, batch row 0's position 10), as it is with the ids.
+#[test]
+fn routing_rows_are_placed_by_the_batch_without_input_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = golden("mtp").join("reference.safetensors");
+    let no_ids = |t: &mut Vec<common::Named>| t.retain(|(n, _, _)| n != "input_ids");
+    let moved = edit_floats(&source, &tmp.path().join("moved.st"), "layers.1.moe.router_logits", |x, shape| {
+        for row in [10, 20] {
+            x[row * shape[1] + 3] += 1.0;
+        }
+    });
+    for (ours, reference) in [
+        (moved.clone(), source.clone()),
+        (
+            common::edit_dump(&moved, &tmp.path().join("moved-no-ids.st"), no_ids),
+            common::edit_dump(&source, &tmp.path().join("ref-no-ids.st"), no_ids),
+        ),
+    ] {
+        let (_, text) = code_and_text(&["diff", &s(&ours), &s(&reference), "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let t = v["tensors"].as_array().unwrap().iter().find(|t| t["name"] == "layers.1.moe.router_logits").unwrap();
+        assert_eq!(t["first_outside_at"], serde_json::json!([20, 3]), "{}: {t}", ours.display());
+    }
+}

@@ -542,8 +542,10 @@ pub fn compare_expert_weights(
     let at = batch.map(|batch| Positions { lead: 1, batch });
     let key = |j: usize| Positions::key(at, shape, positions[j]);
     let (ok, mut detail) = compare_floats_keyed(&aligned_ours, &aligned_ref, &[aligned_ref.len()], tol, key);
-    // Report the worst and the first element outside at their coordinates in the reference tensor.
-    if let Detail::Float { worst_at, first_at, .. } = &mut detail {
+    // Report the worst and the first element outside at their coordinates in the reference tensor,
+    // and the tensor's elements (`total` counts those compared: the experts both chose).
+    if let Detail::Float { worst_at, first_at, elements, .. } = &mut detail {
+        *elements = reference.len();
         for at in [worst_at, first_at] {
             if let Some(&p) = at.first().and_then(|&p| positions.get(p)) {
                 *at = coord(shape, p);

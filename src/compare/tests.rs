@@ -163,7 +163,8 @@ fn near_ties_follow_the_tolerance_and_unknown_margins_stay_unknown() {
 }
 
 /// Expert weights are compared aligned by expert, and named at their place in the reference
-/// tensor: row 1's second expert, where ours holds it first.
+/// tensor: row 1's second expert, where ours holds it first. The weights of an expert one side
+/// chose alone are not counted, but the tensor's elements are its own.
 #[test]
 fn expert_weights_are_named_at_their_coordinate() {
     let tol = Tolerance { atol: 1e-4, rtol: 1e-4 };
@@ -173,6 +174,9 @@ fn expert_weights_are_named_at_their_coordinate() {
     let Detail::Float { worst_at, first_at, bad, .. } = d else { panic!() };
     assert!(!ok);
     assert_eq!((worst_at, first_at, bad), (vec![1, 1], vec![1, 1], 1));
+    let (_, d) = compare_expert_weights(&[3, 6, 7, 2], &ours, &ids, &reference, &[2, 2], tol, None);
+    let Detail::Float { total, elements, .. } = d else { panic!() };
+    assert_eq!((total, elements), (3, 4), "expert 5 and 6 chosen by one side each");
 }
 
 #[test]

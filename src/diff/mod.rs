@@ -292,7 +292,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     let mut results: Vec<Comparison> = Vec::new();
     let mut notes = crate::reading::Notes::default();
     // The run's batch rows: where the routing's `[B*S, ...]` rows sit along the positions.
-    let batch = b.shape("input_ids").or_else(|| a.shape("input_ids")).and_then(|s| s.first().copied());
+    let batch = b.batch().or_else(|| a.batch());
     // Whether every float value of each dump is a bf16 (low 16 bits 0), or an f16; whether a float
     // tensor outside its tolerance was compared at one tighter than bf16's, or at an rtol below
     // f16's rounding (what the precision notes hint at); and the first such tensor's bf16-ness.

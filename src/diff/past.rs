@@ -120,7 +120,7 @@ pub(super) fn past_rounding(r: &DiffReport, a: &Dump, b: &Dump, opts: &DiffOptio
     };
     // (The run's batch rows: where routing's token rows sit, S positions a row, the MTP layer's
     // S - 1.)
-    let batch = b.shape("input_ids").or_else(|| a.shape("input_ids")).and_then(|s| s.first().copied());
+    let batch = b.batch().or_else(|| a.batch());
     let mut flipped = Flipped::default();
     let diverging: Vec<&Comparison> = r.results.iter().filter(|c| !c.ok).collect();
     for (n, c) in diverging.iter().enumerate() {

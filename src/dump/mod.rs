@@ -348,6 +348,13 @@ impl Dump {
         self.names().iter().filter_map(of).max().map(|(s, b)| (b, s))
     }
 
+    /// The run's batch rows: `input_ids`' first dimension, else that of its `[B, S, ...]` hook
+    /// points ([`Dump::positions`]): where the routing's `[B*S, ...]` rows sit along the positions.
+    pub fn batch(&self) -> Option<usize> {
+        let ids = self.shape("input_ids").and_then(|s| s.first().copied());
+        ids.or_else(|| self.positions().map(|(b, _)| b))
+    }
+
     /// The tokens the dump was produced from (`input_ids`, [B, S]).
     pub fn tokens(&self) -> Result<Tokens> {
         let (v, shape) = match self.values("input_ids")? {

@@ -44,8 +44,8 @@ pub struct DumpSource {
     /// records gate logits but no `moe.margin` (a transformers dump).
     routers: Option<Routers>,
     non_finite: Option<String>,
-    /// `diff`'s first divergence and its reading, as it says them on top, and its notes on the
-    /// precisions compared.
+    /// `diff`'s first divergence and its reading, as it says them on top, with its notes on the
+    /// precisions compared under the first line.
     divergence: Option<String>,
     /// The checkpoint's routed-expert count, when its config is given.
     experts: Option<usize>,
@@ -147,9 +147,15 @@ impl DumpSource {
         let tol_warning = report.as_ref().map(|r| crate::diff::tol_warnings(&opts.per_name, &r.results).join("; "));
         let warning = misnamed.or(tol_warning.filter(|w| !w.is_empty()));
         // With the notes on the precisions compared (a bf16 run at f32's tolerance), as `diff`'s.
+        // The notes (short, and what to do: compare at bf16's tolerance) right under the first
+        // line, before the readings, which a short header cuts first.
         let divergence = report.as_ref().and_then(|r| {
-            let notes = r.precision_notes().into_iter().map(|n| format!("\nnote: {n}"));
-            Some(r.first_divergence_lines()? + &notes.collect::<String>())
+            let notes: String = r.precision_notes().into_iter().map(|n| format!("\nnote: {n}")).collect();
+            let lines = r.first_divergence_lines()?;
+            Some(match lines.split_once('\n') {
+                Some((first, rest)) => format!("{first}{notes}\n{rest}"),
+                None => lines + &notes,
+            })
         });
         // Each layer's output error and where it jumps, as `diff` and `verify` mark them.
         let by_layer = report.as_ref().map(|r| crate::layer_error::by_layer(&r.results, opts.near_tie));

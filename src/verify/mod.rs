@@ -160,7 +160,7 @@ impl<'a> Verifier<'a> {
             (Some(a), Some(b)) => Some((a.as_slice(), b.as_slice())),
             _ => None,
         };
-        let batch = self.golden.shape("input_ids").and_then(|s| s.first().copied());
+        let batch = self.golden.batch();
         let tol = crate::diff::tol_for(self.tol, &self.per_name, name);
         Ok(compare::compare_tensor(name, (&ours, &shape), (&reference, &ref_shape), ids, tol, batch))
     }
