@@ -17,22 +17,34 @@ use crate::audit::{pairs, Audit, LayerLoad};
 const PAIRS_SHOWN: usize = 3;
 
 impl DumpSource {
-    /// `layer`'s expert ids (`[tokens, k]` flattened), its expert count and k; None where it
-    /// routes nothing.
+    /// `layer`'s expert ids (`[tokens, k]` flattened), the view's expert count and k; None where
+    /// it routes nothing.
     fn layer_ids(&self, layer: usize) -> Option<(Vec<i64>, usize, usize)> {
         let name = format!("layers.{layer}.moe.topk_ids");
         let (ids, _) = Self::ints(&self.ours, &name)?;
-        // The router's width, else the checkpoint's count (never fewer than the ids need: a
-        // dump of a larger model than the config given), else the largest id + 1.
-        // (At most `MAX_EXPERTS`, whatever a dump says: ids past it are not counted.)
-        let largest = ids.iter().filter_map(|&x| usize::try_from(x).ok()).max().map_or(0, |m| m + 1);
-        // (The dump's own router's width bounds it: ids past it are a port's bug, not experts.)
-        let experts = match self.ours.experts_of(&name) {
-            Some(width) => width,
-            None => self.experts.unwrap_or(largest).max(largest),
-        };
         let k = self.ours.shape(&name).and_then(|s| s.last().copied()).unwrap_or(1).max(1);
-        Some((ids, experts.min(crate::config::MAX_EXPERTS), k))
+        Some((ids, self.expert_count(), k))
+    }
+
+    /// The view's one expert count, every layer's and the reference's, as `audit` counts the
+    /// dumps': the first router either records (ids past it are a port's bug, not experts), else
+    /// the checkpoint's (never fewer than the ids need: a dump of a larger model than the config
+    /// given), else the largest id of any layer of either dump + 1. At most `MAX_EXPERTS`,
+    /// whatever a dump says: ids past it are not counted. (Per layer, the rows stopped lining
+    /// up where a layer's largest id fell short, and one stray id shrank every other row.)
+    fn expert_count(&self) -> usize {
+        *self.expert_count.get_or_init(|| {
+            let dumps = || std::iter::once(&self.ours).chain(self.reference.as_ref());
+            let n = dumps().find_map(crate::dump::Dump::experts).unwrap_or_else(|| {
+                let ids = dumps().flat_map(|d| {
+                    let routed = d.names().into_iter().filter(|n| n.ends_with(".moe.topk_ids"));
+                    routed.filter_map(|n| Self::ints(d, &n)).flat_map(|(v, _)| v).collect::<Vec<_>>()
+                });
+                let largest = ids.filter_map(|x| usize::try_from(x).ok()).max().map_or(0, |m| m + 1);
+                self.experts.unwrap_or(largest).max(largest)
+            });
+            n.min(crate::config::MAX_EXPERTS)
+        })
     }
 
     pub(super) fn load_rows(&self) -> Vec<LoadRow> {
@@ -50,11 +62,10 @@ impl DumpSource {
             };
             let load = counts(&ids);
             let name = format!("layers.{i}.moe.topk_ids");
-            let moved = self
-                .reference
-                .as_ref()
-                .and_then(|r| Self::ints(r, &name))
-                .map(|(theirs, _)| crate::audit::net_moved(&load.counts, &counts(&theirs).counts));
+            // (Against the reference's routing of the same tokens and top-k only, as `audit
+            // --against` compares.)
+            let theirs = self.paired_ints(&name).ok().flatten();
+            let moved = theirs.map(|theirs| crate::audit::net_moved(&load.counts, &counts(&theirs).counts));
             let st = load.stats();
             let mtp = self.is_mtp(i, ids.len() / k);
             rows.push(LoadRow { layer: i, mtp, counts: load.counts, max_vio: st.max_vio, cv: st.cv, moved });

@@ -49,6 +49,8 @@ pub struct DumpSource {
     divergence: Option<String>,
     /// The checkpoint's routed-expert count, when its config is given.
     experts: Option<usize>,
+    /// The expert load view's count of experts, found when first drawn (`load::expert_count`).
+    expert_count: std::cell::OnceCell<usize>,
     /// Each hook point's statistics and worst elements, computed when first drawn: every key
     /// redraws, and at 512 tokens of GLM-5 shapes a layer's took 4.4 s to compute.
     hook_rows: RefCell<HashMap<String, Option<HookRow>>>,
@@ -271,6 +273,7 @@ impl DumpSource {
             non_finite,
             divergence,
             experts: config.map(|c| c.n_routed_experts),
+            expert_count: std::cell::OnceCell::new(),
             hook_rows: RefCell::default(),
             last_dsa: RefCell::default(),
             pairs: RefCell::default(),
@@ -431,6 +434,18 @@ impl DumpSource {
         move |t| (t / positions) * seq + t % positions
     }
 
+    /// The reference's integer tensor `name` where it pairs row for row with ours (Ok(None)
+    /// where either side lacks it); Err with the reference's shape where it holds it in another
+    /// shape (another top-k, other positions): its rows are then not ours' to pair.
+    fn paired_ints(&self, name: &str) -> std::result::Result<Option<Vec<i64>>, Vec<usize>> {
+        let (Some(reference), Some(ours)) = (self.reference.as_ref(), self.ours.shape(name)) else { return Ok(None) };
+        match reference.shape(name) {
+            Some(theirs) if theirs != ours => Err(theirs),
+            Some(_) => Ok(Self::ints(reference, name).map(|(v, _)| v)),
+            None => Ok(None),
+        }
+    }
+
     /// The DSA selection of `layer` for batch row `b` (see [`Source::dsa`]).
     fn dsa_of(&self, layer: usize, b: usize) -> Option<DsaMatrix> {
         let name = HookPoint::Layer(layer, LayerHook::DsaTopk).name();
@@ -480,9 +495,10 @@ impl DumpSource {
             None if (0..p).any(|q| own(q).is_some()) => Some((0..p).map(|q| own(q).unwrap_or(f32::NAN)).collect()),
             None => None,
         };
-        let (selected, reference) = (rows(&self.ours, false)?, self.reference.as_ref().and_then(|r| rows(r, false)));
-        let past = rows(&self.ours, true).unwrap_or_default();
-        Some(DsaMatrix { seq, selected, reference, margin, flips, reference_margin, past })
+        let paired = self.paired_ints(&name).is_ok_and(|r| r.is_some());
+        let reference = self.reference.as_ref().filter(|_| paired).and_then(|r| rows(r, false));
+        let (selected, past) = (rows(&self.ours, false)?, rows(&self.ours, true).unwrap_or_default());
+        Some(DsaMatrix { seq, queries: p, selected, reference, margin, flips, reference_margin, past })
     }
 
     fn per_token(&self, name: &str) -> Option<Vec<f32>> {
@@ -561,7 +577,7 @@ impl Source for DumpSource {
         // Recorded, else recomputed from the gate logits with the checkpoint's routers.
         let router = self.routers.as_ref().and_then(|r| r.layer(layer));
         let margin = margins_in(&self.ours, HookPoint::Layer(layer, LayerHook::TopkIds), router);
-        let reference = self.reference.as_ref().and_then(|r| Self::ints(r, &name(LayerHook::TopkIds))).map(|(v, _)| v);
+        let reference = self.paired_ints(&name(LayerHook::TopkIds)).ok().flatten();
         let flips = self.flip_classes(&name(LayerHook::TopkIds));
         let to_ids = <[i64]>::to_vec;
         // Row t of the layer is its position's token; the MTP layer has one position fewer a
@@ -619,6 +635,12 @@ impl Source for DumpSource {
     }
     fn warning(&self) -> Option<String> {
         self.warning.clone()
+    }
+    fn has_reference(&self) -> bool {
+        self.reference.is_some()
+    }
+    fn reference_shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.paired_ints(name).err()
     }
 
     fn kv_norms(&self) -> Option<Rc<KvNormGrid>> {

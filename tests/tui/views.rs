@@ -224,6 +224,14 @@ fn every_view_draws_a_dump_with_the_mtp_layer() {
     assert_eq!(keys(seq - 1 + q).len(), k, "a full selection");
     assert_eq!(m.selected[q], keys(seq - 1 + q));
     assert!(m.selected[seq - 1].is_empty(), "the MTP layer has no query at the last position");
+    // Its DSA view counts the layer's queries, one fewer a batch row, and says a batch row's last
+    // position has none (it drew an empty row, read as a query that kept no key).
+    let mut app = at_view(&src, 3, View::Dsa);
+    app.token = seq - 1;
+    let s = screen(&app, &src, 80, 24);
+    assert!(s.contains(&format!("{} queries (batch row b0 of b0-b1),", seq - 1)), "{s}");
+    assert!(s.contains(&format!("b0 s{} #", seq - 1)) && s.contains("has no row"), "{s}");
+    assert!(!s.contains(&format!("│q{} ", seq - 1)), "{s}");
     // The latent-KV grid lays the MTP layer's rows out by the same tokens: batch row 1's norms
     // are the dump's rows seq-1.., each batch row's last token has none.
     let latent = match reference.values("layers.3.attn.kv_latent").unwrap() {
@@ -355,4 +363,86 @@ fn the_load_view_lists_the_experts_chosen_together() {
     let verdict = if top > p95 { "past" } else { "within" };
     let line = format!("together {} (surprise {top:.2}, {verdict} chance's 95% {p95:.2})", pairs.join(" "));
     assert!(s.contains(&line), "want {line}\n{s}");
+}
+
+/// A reference whose routing or selection has another shape than ours (another top-k; a layer
+/// one position short) is not paired row by row: the views made up flips from rows that do not
+/// correspond, and a load moved that `audit --against` refuses. Said instead.
+#[test]
+fn a_reference_of_another_shape_is_not_paired() {
+    use glimpse::dump::Values;
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = flat().join("reference.safetensors");
+    let k2 = common::edit_dump(&reference, &tmp.path().join("k2.st"), |t| {
+        for (n, v, shape) in t.iter_mut().filter(|(n, _, _)| n.contains(".moe.topk_")) {
+            let k = shape[1];
+            match v {
+                Values::I64(x) => *x = x.chunks(k).flat_map(|r| r[..2].to_vec()).collect(),
+                Values::F32(x) => *x = x.chunks(k).flat_map(|r| r[..2].to_vec()).collect(),
+                _ => panic!("{n}"),
+            }
+            shape[1] = 2;
+        }
+    });
+    let src = dumps_source(&k2, &reference, &DiffOptions::default());
+    let s = screen(&at_view(&src, 2, View::Routing), &src, 100, 24);
+    assert!(s.contains("32 tokens (the reference's is [32, 4]: not compared)") && !s.contains("FLIP"), "{s}");
+    let s = screen(&at_view(&src, 2, View::Load), &src, 100, 24);
+    assert!(s.contains("layer 2") && !s.contains("moved"), "{s}");
+    // One layer's selection one position short: that layer's view pairs nothing, the others
+    // are compared as before.
+    let short = common::edit_dump(&reference, &tmp.path().join("short.st"), |t| {
+        let (_, v, shape) = t.iter_mut().find(|(n, _, _)| n == "layers.3.dsa.topk").unwrap();
+        let Values::I64(x) = v else { panic!("dsa.topk") };
+        x.truncate(x.len() - shape[2]);
+        shape[1] -= 1;
+    });
+    let src = dumps_source(&short, &reference, &DiffOptions::default());
+    let s = screen(&at_view(&src, 3, View::Dsa), &src, 100, 40);
+    assert!(s.contains("(the reference's is [1, 32, 8]: not compared)") && !s.contains(" differ"), "{s}");
+    let s = screen(&at_view(&src, 2, View::Dsa), &src, 100, 40);
+    assert!(s.contains("32 queries, 0 differ"), "{s}");
+    // A reference that shares no hook point with ours: `n` says so, not that there is none.
+    let ids = common::edit_dump(&reference, &tmp.path().join("ids.st"), |t| t.retain(|(n, _, _)| n == "input_ids"));
+    let src = dumps_source(&ids, &reference, &DiffOptions::default());
+    let mut app = App::default();
+    app.handle_key(KeyEvent::new(KeyCode::Char('n'), KeyModifiers::NONE), &src);
+    assert_eq!(app.message, "nothing compared: the dumps share no hook point");
+}
+
+/// The load view counts one expert count for every layer, as `audit` does: the first router
+/// either dump records. A dump of ids alone whose layer 2 never chose expert 15 was drawn 15
+/// experts wide there and 16 below, its statistics over 15.
+#[test]
+fn the_load_view_counts_the_same_experts_in_every_layer() {
+    use glimpse::dump::Values;
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = flat().join("reference.safetensors");
+    let ids = common::edit_dump(&reference, &tmp.path().join("ids.st"), |t| {
+        t.retain(|(n, _, _)| n == "input_ids" || n.ends_with(".moe.topk_ids"));
+        let (_, v, shape) = t.iter_mut().find(|(n, _, _)| n == "layers.2.moe.topk_ids").unwrap();
+        let (Values::I64(x), k) = (v, shape[1]) else { panic!("ids") };
+        for row in x.chunks_mut(k) {
+            if let Some(at) = row.iter().position(|&e| e == 15) {
+                row[at] = (0..15).find(|e| !row.contains(e)).unwrap();
+            }
+        }
+    });
+    let src = dumps_source(&ids, &reference, &DiffOptions::default());
+    let s = screen(&at_view(&src, 2, View::Load), &src, 100, 24);
+    assert!(s.contains("expert load (16 experts"), "{s}");
+    let cells = |layer: usize| {
+        line_with(&s, &format!("layer {layer} "))
+            .split('│')
+            .nth(1)
+            .unwrap()
+            .chars()
+            .skip(9)
+            .take(17)
+            .collect::<String>()
+    };
+    for layer in 2..5 {
+        assert_eq!(cells(layer).chars().filter(|c| *c != ' ').count(), 16, "layer {layer}: {s}");
+    }
+    assert!(line_with(&s, "layer 2 ").contains("dead   1"), "expert 15: {s}");
 }

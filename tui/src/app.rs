@@ -223,7 +223,10 @@ impl App {
             }
             // (Every row unchecked: there was nothing to find.)
             None if layers.iter().all(|l| l.status == crate::data::Status::Unchecked) => {
-                self.message = "no reference: nothing compared".into()
+                self.message = match src.has_reference() {
+                    true => "nothing compared: the dumps share no hook point".into(),
+                    false => "no reference: nothing compared".into(),
+                }
             }
             None => self.message = "no mismatch or flip in any layer".into(),
         }
@@ -271,7 +274,7 @@ impl App {
             View::Activations => self.hooks(src).len(),
             View::Routing => layer.and_then(|i| src.routing(i)).map_or(0, |r| r.len()),
             // The queries of the selected token's batch row.
-            View::Dsa => layer.and_then(|i| src.dsa(i, self.token)).map_or(0, |m| m.seq),
+            View::Dsa => layer.and_then(|i| src.dsa(i, self.token)).map_or(0, |m| m.queries),
             View::Load => src.load().len(),
             View::KvNorms => src.kv_norms().map_or(0, |g| g.layers.len()),
             View::Layers => 0,

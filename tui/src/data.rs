@@ -264,7 +264,11 @@ pub struct ExpertPair {
 /// The keys each query of one batch row attended to in one layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DsaMatrix {
+    /// The run's positions a batch row, which the rows below are indexed by.
     pub seq: usize,
+    /// The queries the layer has a batch row: `seq`, but one fewer in the MTP layer (its rows
+    /// from there on are empty: no query).
+    pub queries: usize,
     /// Selected causal keys per query, ascending, each once (what lets the views search them).
     pub selected: Vec<Vec<usize>>,
     pub reference: Option<Vec<Vec<usize>>>,
@@ -349,6 +353,15 @@ pub trait Source {
     /// What the session should know from the start (shown in the status line until a key):
     /// e.g. that the checkpoint given is not the one the dump ran.
     fn warning(&self) -> Option<String> {
+        None
+    }
+    /// Whether a reference was given (whatever it holds).
+    fn has_reference(&self) -> bool {
+        false
+    }
+    /// The reference's shape of the hook point `name` where it holds it in another shape than
+    /// ours (another top-k, other positions): its rows are then not paired with ours.
+    fn reference_shape(&self, _name: &str) -> Option<Vec<usize>> {
         None
     }
 }

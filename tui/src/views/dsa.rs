@@ -35,11 +35,14 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     let cut = m.seq > room;
     let keys = if cut { room.saturating_sub(2) } else { m.seq };
     let rows = area.height.saturating_sub(2) as usize;
-    // The selected token's query stays in view.
+    // The selected token's query stays in view (the MTP layer has none at a batch row's last
+    // position: its last query stands in).
     let q_sel = app.token % m.seq.max(1);
+    let no_row = q_sel >= m.queries;
+    let q_sel = q_sel.min(m.queries.saturating_sub(1));
     let first_key = if cut { (q_sel + 1).saturating_sub(keys) } else { 0 };
-    let start = super::first_row(app.scroll, q_sel, rows, m.seq);
-    let lines: Vec<Line> = (start..m.seq)
+    let start = super::first_row(app.scroll, q_sel, rows, m.queries);
+    let lines: Vec<Line> = (start..m.queries)
         .take(rows)
         .map(|q| {
             let ours = &m.selected[q];
@@ -76,7 +79,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             Line::from(spans)
         })
         .collect();
-    let flips = (0..m.seq).filter(|&q| m.recall(q).is_some_and(|r| r < 1.0)).count();
+    let flips = (0..m.queries).filter(|&q| m.recall(q).is_some_and(|r| r < 1.0)).count();
     let batch = src.tokens() / m.seq.max(1);
     // (Rows named as the tokens' labels name them: b0 first.)
     let row = match batch {
@@ -91,22 +94,30 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     };
     // (Short, so the counts fit 80 columns at long context: the rule breaks' count matters most,
     // and the legend at the end gives way first.)
-    let title = match m.reference.is_some() {
-        true => format!(
+    let unpaired = src.reference_shape(&format!("layers.{index}.dsa.topk"));
+    let title = match (m.reference.is_some(), unpaired) {
+        (true, _) => format!(
             "layer {} dsa ({}){cut}: {} queries{row}, {flips} differ{}  # both +ours -ref",
             index,
             layer.indexer,
-            m.seq,
+            m.queries,
             counts(m.flips.iter().flatten().copied())
         ),
         // Nothing compared: no count of rows that differ.
-        false => format!("layer {index} dsa ({}){cut}: {} queries{row} (no reference)  # kept", layer.indexer, m.seq),
+        (false, Some(shape)) => format!(
+            "layer {index} dsa ({}){cut}: {} queries{row} (the reference's is {shape:?}: not compared)  # kept",
+            layer.indexer, m.queries
+        ),
+        (false, None) => {
+            format!("layer {index} dsa ({}){cut}: {} queries{row} (no reference)  # kept", layer.indexer, m.queries)
+        }
     };
     // The selected query's margin at the cut, and for a flip the reference's beside it, with as
     // many of its one-sided keys as the line has room for.
     let width = (area.width as usize).saturating_sub(2);
     let ours = m.margin.as_ref().and_then(|v| v.get(q_sel).copied()).filter(|m| !m.is_nan());
     let margin = match (m.flips.get(q_sel).copied().flatten(), m.reference_margin.get(q_sel).copied().flatten()) {
+        _ if no_row => format!(" {} has no row ", src.token_label(app.token)),
         // (A flip's margins are what decided it, the flipped keys' lead among them: an infinite
         // one is a masked key's, `inf`, unless the side kept every causal key, `none`.)
         (Some(_), reference) => {

@@ -94,7 +94,13 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             counts(routes.iter().filter_map(|r| r.flip))
         ),
         // Nothing to flip against: no count that would read as a comparison made.
-        false => format!("layer {index} routing: {} tokens (no reference){missing}", routes.len()),
+        false => match src.reference_shape(&format!("layers.{index}.moe.topk_ids")) {
+            Some(shape) => format!(
+                "layer {index} routing: {} tokens (the reference's is {shape:?}: not compared){missing}",
+                routes.len()
+            ),
+            None => format!("layer {index} routing: {} tokens (no reference){missing}", routes.len()),
+        },
     };
     f.render_widget(Table::new(rows, constraints).header(header).block(Block::bordered().title(title)), area);
 }
