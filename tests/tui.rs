@@ -544,6 +544,11 @@ fn the_worst_elements_are_the_layers_worst_first() {
     assert_eq!(bad, 12);
     let s = screen(&app, &src, 80, 24);
     assert!(s.contains("out of tolerance (largest error first): 1 of 12 shown"), "{s}");
+    // And draws the groups it counts, whole: none of a fifth below the four that fit in 40 rows.
+    let s = screen(&app, &src, 80, 40);
+    assert!(s.contains(": 4 of 12 shown"), "{s}");
+    let groups = s.lines().filter(|l| l.starts_with("│layers.3.") && l.contains(": nmse ")).count();
+    assert_eq!(groups, 4, "{s}");
     let s = screen(&app, &src, 160, 60);
     let panel = s.lines().skip_while(|l| !l.contains("out of tolerance")).take_while(|l| !l.starts_with('└'));
     assert!(panel.count() > 30, "{s}");

@@ -101,7 +101,11 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         })
         .collect();
     let vs_width = verdicts.iter().map(|(v, _)| v.len()).max().unwrap_or(0).max(10) as u16;
-    let widths_wanted = [14, 14, 8, 8, 8, 8, 8, nan_width, 10, vs_width];
+    // The hook column asks for its longest name (`moe.router_logits`), so a column gives way
+    // before a name is cut (up to 24: a foreign dump's long names are cut rather than the numbers).
+    let longest = hooks.iter().map(|h| h.short_name().chars().count()).max().unwrap_or(0);
+    let hook_wanted = longest.clamp(14, 24) as u16;
+    let widths_wanted = [hook_wanted, 14, 8, 8, 8, 8, 8, nan_width, 10, vs_width];
     let show = fitting(area.width.saturating_sub(2), &widths_wanted, &[1, 6, 8, 7, 3, 4, 5]);
     // Paging stops at the last full page: the rows shown always fill the table.
     let visible = (table_area.height as usize).saturating_sub(3);
@@ -128,8 +132,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
     // the numbers stay next to the names they belong to.
     let inner = area.width.saturating_sub(2);
     let others: u16 = shown(widths_wanted.iter().skip(1), &show[1..]).into_iter().map(|w| w + 1).sum();
-    let longest = hooks.iter().map(|h| h.short_name().chars().count()).max().unwrap_or(0) as u16;
-    let hook_width = longest.max(widths_wanted[0]).min(inner.saturating_sub(others).max(widths_wanted[0]));
+    let hook_width = (longest as u16).max(widths_wanted[0]).min(inner.saturating_sub(others).max(widths_wanted[0]));
     let widths = shown(
         widths_wanted.iter().enumerate().map(|(i, &w)| Constraint::Length(if i == 0 { hook_width } else { w })),
         &show,
@@ -156,12 +159,14 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             *used += g.len();
             Some(*used <= room)
         });
-        let fit = whole.take_while(|&w| w).count();
+        // Whole groups only (the first, cut, where not even it fits): a group cut at the bottom
+        // would read as all there is of it.
+        let fit = whole.take_while(|&w| w).count().max(1);
         let title = match fit < groups.len() {
             true => format!("out of tolerance (largest error first): {fit} of {} shown", groups.len()),
             false => "out of tolerance (largest error first)".into(),
         };
-        let worst: Vec<Line> = groups.into_iter().flatten().collect();
+        let worst: Vec<Line> = groups.into_iter().take(fit).flatten().collect();
         f.render_widget(Paragraph::new(worst).block(Block::bordered().title(title)), worst_area);
     }
 }

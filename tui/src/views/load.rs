@@ -72,11 +72,12 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         .collect();
     lines.push(Line::raw(match per_cell {
         1 => format!("one cell = 1 expert; {DEAD} = dead (no token)"),
-        n => format!("one cell = {n} experts, coloured by the busiest; {DEAD} = one of them dead (no token)"),
+        // (Short enough for 80 columns: GLM-5's 256 experts are 4 a cell there.)
+        n => format!("one cell = {n} experts, coloured by the busiest; {DEAD} = one of them dead"),
     }));
     // The selected layer's numbers behind the colours, as `audit` lists them.
     if let Some(row) = load.iter().find(|l| Some(l.layer) == selected) {
-        lines.push(Line::raw(extremes(row.layer, &row.counts)));
+        lines.push(Line::raw(extremes(row.layer, &row.counts, area.width.saturating_sub(2) as usize)));
         if let Some(p) = src.pairs(row.layer) {
             lines.push(Line::raw(pairs_line(&p, area.width.saturating_sub(2) as usize)));
         }
@@ -90,16 +91,23 @@ pub fn rows_shown(area: Rect) -> usize {
     (area.height as usize).saturating_sub(5)
 }
 
-/// `layer L busiest 5:19 3:15 15:15, rarest 0:0 6:2 12:4` (expert:tokens; ties by id, lowest
-/// first; with few experts the rarest are those the busiest leave).
-fn extremes(layer: usize, counts: &[u64]) -> String {
+/// `layer L busiest 5:19 3:15 15:15, rarest 0:0 6:2 12:4 (expert:tokens)` (ties by id, lowest
+/// first; with few experts the rarest are those the busiest leave), the key left out where the
+/// line would pass `width` (four-digit counts at 80 columns).
+fn extremes(layer: usize, counts: &[u64], width: usize) -> String {
     let mut busiest: Vec<usize> = (0..counts.len()).collect();
     busiest.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
     let mut rarest = busiest.clone();
     rarest.sort_by(|&a, &b| counts[a].cmp(&counts[b]).then(a.cmp(&b)));
     rarest.retain(|e| !busiest[..3.min(busiest.len())].contains(e));
     let list = |experts: &[usize]| experts.iter().take(3).map(|&e| format!("{e}:{}", counts[e])).collect::<Vec<_>>();
-    format!("layer {layer} busiest {}, rarest {} (expert:tokens)", list(&busiest).join(" "), list(&rarest).join(" "))
+    let line = format!("layer {layer} busiest {}, rarest {}", list(&busiest).join(" "), list(&rarest).join(" "));
+    const KEY: &str = " (expert:tokens)";
+    if line.len() + KEY.len() <= width {
+        line + KEY
+    } else {
+        line
+    }
 }
 
 /// A pair's expected count as this view and `audit --pairs` print it: under 0.1 (most pairs at
