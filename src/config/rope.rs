@@ -73,9 +73,6 @@ pub(super) fn rope(f: &Fields) -> Result<Rope> {
         Some(v) => as_f64("partial_rotary_factor", v)?,
         None => 1.0,
     };
-    if partial != 1.0 {
-        return Err(Error::config("partial_rotary_factor", format!("only 1.0 is supported, got {partial}")));
-    }
     let rope_type = match pf.given("rope_type", &format!("{field}.rope_type"))?.or_else(|| pf.get("type")) {
         Some(v) => v
             .as_str()
@@ -83,7 +80,13 @@ pub(super) fn rope(f: &Fields) -> Result<Rope> {
         None => "default",
     };
     match rope_type {
+        // (transformers' default RoPE rotates the whole `qk_rope_head_dim` whatever the factor
+        // says: it does not read it, and the logits are the same; YaRN's frequencies do read it.)
         "default" => Ok(Rope::Default { theta }),
+        "yarn" if partial != 1.0 => Err(Error::config(
+            "partial_rotary_factor",
+            format!("only 1.0 is supported with yarn, got {partial} (transformers fails on the shapes too)"),
+        )),
         "yarn" => {
             let key = |k: &str| format!("{field}.{k}");
             let factor = match pf.get("factor") {

@@ -124,3 +124,16 @@ fn widths_the_layers_use_are_checked() {
     assert!(read(dense_with_mtp(0)).is_ok());
     assert!(read(dense_with_mtp(1)).unwrap_err().contains("The MTP layer (a MoE layer) needs experts"));
 }
+
+/// `partial_rotary_factor` is read only with YaRN: transformers' default RoPE rotates the whole
+/// `qk_rope_head_dim` whatever it says (a review measured the same logits at 0.5), and its
+/// YaRN fails on the shapes, which glimpse refuses before.
+#[test]
+fn a_partial_rotary_factor_is_refused_with_yarn_only() {
+    let rope = |params: Value| Config::from_json(&serde_json::json!({ "rope_parameters": params })).map(|c| c.rope);
+    let default = rope(serde_json::json!({"rope_type": "default", "partial_rotary_factor": 0.5})).unwrap();
+    assert_eq!(default, rope(serde_json::json!({"rope_type": "default"})).unwrap());
+    let yarn = serde_json::json!({"rope_type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.5});
+    let err = rope(yarn).unwrap_err().to_string();
+    assert!(err.contains("partial_rotary_factor") && err.contains("with yarn"), "{err}");
+}
