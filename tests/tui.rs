@@ -544,6 +544,8 @@ fn the_worst_elements_are_the_layers_worst_first() {
     assert_eq!(bad, 12);
     let s = screen(&app, &src, 80, 24);
     assert!(s.contains("out of tolerance (largest error first): 1 of 12 shown"), "{s}");
+    // A name the hook column cuts says so.
+    assert!(s.contains("│moe.router_lo… ") && s.contains("│post_attn_norm "), "{s}");
     // And draws the groups it counts, whole: none of a fifth below the four that fit in 40 rows.
     let s = screen(&app, &src, 80, 40);
     assert!(s.contains(": 4 of 12 shown"), "{s}");

@@ -101,18 +101,24 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
         })
         .collect();
     let vs_width = verdicts.iter().map(|(v, _)| v.len()).max().unwrap_or(0).max(10) as u16;
-    // The hook column asks for its longest name (`moe.router_logits`), so a column gives way
-    // before a name is cut (up to 24: a foreign dump's long names are cut rather than the numbers).
-    let longest = hooks.iter().map(|h| h.short_name().chars().count()).max().unwrap_or(0);
-    let hook_wanted = longest.clamp(14, 24) as u16;
-    let widths_wanted = [hook_wanted, 14, 8, 8, 8, 8, 8, nan_width, 10, vs_width];
+    let widths_wanted = [14, 14, 8, 8, 8, 8, 8, nan_width, 10, vs_width];
     let show = fitting(area.width.saturating_sub(2), &widths_wanted, &[1, 6, 8, 7, 3, 4, 5]);
+    // The hook column takes the slack up to its longest name, and no further: on a wide terminal
+    // the numbers stay next to the names they belong to.
+    let inner = area.width.saturating_sub(2);
+    let others: u16 = shown(widths_wanted.iter().skip(1), &show[1..]).into_iter().map(|w| w + 1).sum();
+    let longest = hooks.iter().map(|h| h.short_name().chars().count()).max().unwrap_or(0) as u16;
+    let hook_width = longest.max(widths_wanted[0]).min(inner.saturating_sub(others).max(widths_wanted[0]));
     // Paging stops at the last full page: the rows shown always fill the table.
     let visible = (table_area.height as usize).saturating_sub(3);
     let scroll = app.scroll.min(hooks.len().saturating_sub(visible));
     let rows = hooks.iter().zip(verdicts).skip(scroll).map(|(h, (vs_ref, style))| {
         let style = if h.nonfinite > 0 { Style::new().fg(Color::Red) } else { style };
-        let short = h.short_name();
+        // A name longer than the column ends in `…`, so that a cut one does not pass for another.
+        let short = match h.short_name().chars().count() > hook_width as usize {
+            true => h.short_name().chars().take((hook_width as usize).saturating_sub(1)).chain(['…']).collect(),
+            false => h.short_name().to_string(),
+        };
         // `1x2048x2048`: a long context's S x S scores fit the column (`[1, 2048, 2048]` did not).
         let shape = h.shape.iter().map(usize::to_string).collect::<Vec<_>>().join("x");
         let nan = h.nonfinite.to_string();
@@ -123,16 +129,11 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App, src: &dyn Source) {
             true => ["-", "-", "-", "-", "-", "no finite"].map(String::from),
             false => [num(h.mean), num(h.std), num(h.min), num(h.max), num(h.l2), sparkline(&h.histogram)],
         };
-        let cells = [short.to_string(), shape, mean, std, min, max, l2, nan, hist, vs_ref];
+        let cells = [short, shape, mean, std, min, max, l2, nan, hist, vs_ref];
         Row::new(shown(cells, &show)).style(style)
     });
     let header = ["hook", "shape", "mean", "std", "min", "max", "l2", "!fin", "histogram", "vs ref"];
     let header = Row::new(shown(header, &show)).style(Style::new().add_modifier(Modifier::UNDERLINED));
-    // The hook column takes the slack up to its longest name, and no further: on a wide terminal
-    // the numbers stay next to the names they belong to.
-    let inner = area.width.saturating_sub(2);
-    let others: u16 = shown(widths_wanted.iter().skip(1), &show[1..]).into_iter().map(|w| w + 1).sum();
-    let hook_width = (longest as u16).max(widths_wanted[0]).min(inner.saturating_sub(others).max(widths_wanted[0]));
     let widths = shown(
         widths_wanted.iter().enumerate().map(|(i, &w)| Constraint::Length(if i == 0 { hook_width } else { w })),
         &show,
