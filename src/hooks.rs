@@ -163,7 +163,10 @@ impl HookPoint {
         }
         let rest = name.strip_prefix("layers.")?;
         let (i, suffix) = rest.split_once('.')?;
-        let i = i.parse().ok()?;
+        // The spec's `{i}` only: decimal digits, no sign and no leading zero (`layers.01.output` is
+        // another tool's name, not layer 1's).
+        let canonical = i.bytes().all(|b| b.is_ascii_digit()) && (i == "0" || !i.starts_with('0'));
+        let i = i.parse().ok().filter(|_| canonical)?;
         LayerHook::ALL.iter().find(|h| h.suffix() == suffix).map(|h| HookPoint::Layer(i, *h))
     }
 
@@ -561,6 +564,11 @@ mod tests {
         assert_eq!(points[1], HookPoint::Layer(0, LayerHook::InputNorm));
         assert_eq!(points.last(), Some(&HookPoint::Logits));
         assert_eq!(HookPoint::parse("layers.x.output"), None);
+        // The spec's decimal `{i}` only: another tool's `layers.+1.*` or `layers.01.*` is its own.
+        for other in ["layers.+1.output", "layers.01.output", "layers.00.dsa.topk", "layers.-0.output"] {
+            assert_eq!(HookPoint::parse(other), None, "{other}");
+        }
+        assert_eq!(HookPoint::parse("layers.10.output"), Some(HookPoint::Layer(10, LayerHook::Output)));
         assert_eq!(HookPoint::parse("layers.2.nonsense"), None);
         // `all` lists them as the pass runs them: the MTP layer (layers.2 of a 2-layer model)
         // after `mtp.eh_proj`, which feeds it, and before its head, each point once.

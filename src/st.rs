@@ -1,5 +1,6 @@
 //! Safetensors files, read through a memory map and written atomically. Shared by checkpoint
-//! loading and dumps: decoding every stored float type (F32, F64, BF16, F16, F8_E4M3) to f32,
+//! loading and dumps: decoding every stored float type (F32, F64, BF16, F16, F8_E4M3, F8_E5M2)
+//! to f32,
 //! reading I64 index tensors, and streaming a file out tensor by tensor without holding it whole.
 
 use std::collections::{BTreeMap, HashMap};
@@ -301,7 +302,7 @@ fn duplicate_key(header: &[u8]) -> Option<String> {
 }
 
 /// The float dtypes [`decode_f32`] reads, and the integer ones [`StFile::i64`] reads.
-pub const FLOATS: [Dtype; 5] = [Dtype::F32, Dtype::F64, Dtype::BF16, Dtype::F16, Dtype::F8_E4M3];
+pub const FLOATS: [Dtype; 6] = [Dtype::F32, Dtype::F64, Dtype::BF16, Dtype::F16, Dtype::F8_E4M3, Dtype::F8_E5M2];
 pub const INTS: [Dtype; 3] = [Dtype::I64, Dtype::I32, Dtype::U32];
 
 /// A dtype list as the errors name it: `F32, F64, ...`.
@@ -337,6 +338,8 @@ pub fn decode_f32(dtype: Dtype, bytes: &[u8]) -> std::result::Result<Vec<f32>, S
             let lut = e4m3_table();
             out.extend(bytes.iter().map(|b| lut[*b as usize]))
         }
+        // E5M2 is f16's top byte (its sign, exponent and two mantissa bits).
+        Dtype::F8_E5M2 => out.extend(bytes.iter().map(|&b| half::f16::from_bits(u16::from(b) << 8).to_f32())),
         _ => return Err(unsupported()),
     }
     Ok(out)
@@ -516,5 +519,14 @@ mod tests {
         bytes.extend_from_slice(&[0; 8]);
         let err = super::parse(&bytes).err().unwrap_or_default();
         assert!(err.contains("tensor `x`: F32 [2] in bytes 4..8"), "{err}");
+    }
+
+    /// F8_E5M2 codes decode to the OCP FP8 spec's values: 1.0, -2.0, the largest normal 57344,
+    /// the smallest subnormal 2^-16, and the infinity and NaNs of the top exponent.
+    #[test]
+    fn e5m2_codes_decode_to_the_specs_values() {
+        let v = super::decode_f32(safetensors::Dtype::F8_E5M2, &[0x3c, 0xc0, 0x7b, 0x01, 0x7c, 0xfc, 0x7d]).unwrap();
+        assert_eq!(v[..6], [1.0, -2.0, 57344.0, 2f32.powi(-16), f32::INFINITY, f32::NEG_INFINITY]);
+        assert!(v[6].is_nan());
     }
 }

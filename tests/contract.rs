@@ -91,7 +91,9 @@ fn an_extra_tensor_both_dumps_hold_alike_is_compared_exactly() {
     );
     let (code, out) = code_and_text(&["diff", &s(&c), &s(&b), "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
-    let want = serde_json::json!([{"name": "engine.mask", "elements": 32, "differing": 1, "first_differing": 5}]);
+    let want = serde_json::json!([
+        {"name": "engine.mask", "elements": 32, "differing": 1, "first_differing": 5, "atol": null, "rtol": null}
+    ]);
     assert!(code == 1 && v["unread_compared"] == want && v["match"] == false, "{out}");
     // Not a hook point: the first divergence is none of the tensors read as values.
     assert!(v["first_divergence"].is_null(), "{out}");
@@ -142,6 +144,23 @@ fn another_tools_tensor_under_one_of_glimpses_names_is_not_read_as_glimpses() {
     let (code, out) = code_and_text(&["verify", "--model", &s(&golden("flat")), "--golden", &s(&ours)]);
     assert!(code == 0 && out.contains("layers.2.moe.margin") && out.contains("not read"), "{out}");
     assert_eq!(code_and_text(&["audit", "--dump", &s(&ours)]).0, 0);
+    // Both holding such a float tensor alike, it is compared at its tolerance (two that differed
+    // everywhere matched: "no divergence", exit 0).
+    let margin = |name: &str, at: f32| {
+        let extra = vec![("layers.2.moe.margin".to_string(), Entry::f32(vec![1, 32], &[at; 32]))];
+        rewrite(&reference(), &tmp.path().join(name), as_is, extra, |_| {})
+    };
+    let (a, b, c) = (margin("a.st", 0.3), margin("b.st", 0.3), margin("c.st", 0.5));
+    let (code, out) = code_and_text(&["diff", &s(&a), &s(&b)]);
+    assert!(
+        code == 0 && out.contains("not read, compared at atol 1e-4, rtol 1e-4: layers.2.moe.margin matches"),
+        "{out}"
+    );
+    let (code, out) = code_and_text(&["diff", &s(&c), &s(&b)]);
+    let said = "not read, compared at atol 1e-4, rtol 1e-4: layers.2.moe.margin DIFFERS in 32 of 32 elements";
+    assert!(code == 1 && out.contains(said), "{out}");
+    let (code, _) = code_and_text(&["diff", &s(&c), &s(&b), "--tol", "layers.2.moe.margin=1,0"]);
+    assert_eq!(code, 0, "its --tol pattern applies");
 }
 
 /// A dump stored in F16 (the spec lets a producer store its floats in lower precision) compared
@@ -312,4 +331,28 @@ fn f64_masks_and_upper_case_hashes_are_read_as_the_spec_means() {
     assert!(!out.contains("warning"), "{out}");
     let (code, out) = code_and_text(&["verify", "--model", &s(&golden("flat")), "--golden", &s(&ours)]);
     assert!(code == 0 && !out.contains("warning"), "{out}");
+}
+
+/// The spec lets a producer store its floats in a lower precision: F8_E5M2 as well as E4M3 (its
+/// values are the unit test's, `st::tests`). A tensor name holding a control character (a newline
+/// and an escape sequence would forge a line of the report and recolour the terminal) is refused,
+/// named.
+#[test]
+fn an_e5m2_dump_is_read_and_a_name_with_a_control_character_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let to_e5m2 = |x: f32| (half::f16::from_f32(x).to_bits() >> 8) as u8;
+    let logits_e5m2 = |n: &str, v: Values, shape: Vec<usize>| match (n, v) {
+        ("logits", Values::F32(x)) => {
+            Some(Entry { dtype: safetensors::Dtype::F8_E5M2, shape, data: x.into_iter().map(to_e5m2).collect() })
+        }
+        (n, v) => as_is(n, v, shape),
+    };
+    let e5m2 = rewrite(&reference(), &tmp.path().join("e5m2.st"), logits_e5m2, Vec::new(), |_| {});
+    let (values, shape) = Dump::open(&e5m2).unwrap().values("logits").unwrap();
+    assert!(matches!(values, Values::F32(v) if v.len() == shape.iter().product::<usize>()));
+    let (code, out) = code_and_text(&["diff", &s(&e5m2), &s(&reference())]);
+    assert!(code == 1 && out.contains("logits ") && !out.contains("error"), "{out}");
+    let forged = vec![("x\nlogits ok\u{1b}[31m".to_string(), Entry::f32(vec![1], &[0.0]))];
+    let forged = rewrite(&reference(), &tmp.path().join("forged.st"), as_is, forged, |_| {});
+    common::assert_error(&common::glimpse(&["diff", &s(&forged), &s(&reference())]), "holds a control character");
 }

@@ -744,37 +744,49 @@ fn compare_exact(ours: &[i64], reference: &[i64], shape: &[usize]) -> (bool, Det
     (differing.is_empty(), Detail::Exact { elements: reference.len(), differing })
 }
 
-/// A tensor neither dump reads as values (another tool's bool mask) that both hold alike,
-/// compared exactly: its elements, how many differ, and the first that does (flat index).
+/// A tensor neither dump reads as values (another tool's bool mask, or its own tensor under one
+/// of glimpse's extra names) that both hold alike: its elements, how many differ, and the first
+/// that does (flat index); integers compared exactly, floats within `tol`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawComparison {
     pub name: String,
     pub elements: usize,
     pub differing: usize,
     pub first: Option<usize>,
+    /// The tolerance a float tensor was compared at; None for an exact comparison.
+    pub tol: Option<Tolerance>,
 }
 
-/// Two such tensors compared element by element (a byte at a time for dtypes narrower than one);
-/// None where their dtypes or shapes differ, and for floats, which are compared within a
-/// tolerance that another tool's tensor of its own under a name glimpse does not read has none
-/// of: those stay listed as not read.
+/// Two such tensors compared element by element: integers exactly (a byte at a time for dtypes
+/// narrower than one), floats within `tol`, as the spec compares every float tensor both files
+/// have; None where their dtypes or shapes differ, or their bytes do not decode.
 pub fn compare_raw(
     name: &str,
     (dtype, shape, ours): (safetensors::Dtype, &[usize], &[u8]),
     (ref_dtype, ref_shape, reference): (safetensors::Dtype, &[usize], &[u8]),
+    tol: Tolerance,
 ) -> Option<RawComparison> {
     use safetensors::Dtype::{BOOL, I16, I32, I64, I8, U16, U32, U64, U8};
-    let exact = matches!(dtype, BOOL | U8 | I8 | U16 | I16 | U32 | I32 | U64 | I64);
-    if !exact || dtype != ref_dtype || shape != ref_shape || ours.len() != reference.len() {
+    if dtype != ref_dtype || shape != ref_shape || ours.len() != reference.len() {
+        return None;
+    }
+    let (mut differing, mut first) = (0, None);
+    let mut count = |i: usize| {
+        differing += 1;
+        first.get_or_insert(i);
+    };
+    if crate::st::FLOATS.contains(&dtype) {
+        let (a, e) = (crate::st::decode_f32(dtype, ours).ok()?, crate::st::decode_f32(dtype, reference).ok()?);
+        elements_outside(&a, &e, tol).for_each(&mut count);
+        return Some(RawComparison { name: name.to_string(), elements: e.len(), differing, first, tol: Some(tol) });
+    }
+    if !matches!(dtype, BOOL | U8 | I8 | U16 | I16 | U32 | I32 | U64 | I64) {
         return None;
     }
     let size = (dtype.bitsize() / 8).max(1);
-    let (mut differing, mut first) = (0, None);
-    for (i, _) in ours.chunks_exact(size).zip(reference.chunks_exact(size)).enumerate().filter(|(_, (x, y))| x != y) {
-        differing += 1;
-        first.get_or_insert(i);
-    }
-    Some(RawComparison { name: name.to_string(), elements: ours.len() / size, differing, first })
+    let pairs = ours.chunks_exact(size).zip(reference.chunks_exact(size)).enumerate();
+    pairs.filter(|(_, (x, y))| x != y).for_each(|(i, _)| count(i));
+    Some(RawComparison { name: name.to_string(), elements: ours.len() / size, differing, first, tol: None })
 }
 
 pub fn to_f32(v: &Values) -> Vec<f32> {

@@ -4,7 +4,7 @@
 
 mod past;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use serde_json::{json, Value};
@@ -282,7 +282,9 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     }
     let names_a = a.names();
     let names_b = b.names();
-    if !names_b.iter().any(|n| names_a.contains(n)) {
+    // (Sets to look names up in: a dump of tens of thousands of extra tensors took minutes.)
+    let (in_a, in_b): (HashSet<&String>, HashSet<&String>) = (names_a.iter().collect(), names_b.iter().collect());
+    if !names_b.iter().any(|n| in_a.contains(n)) {
         return Err(Error::Usage(format!(
             "{} and {} hold no tensor of the same name: nothing to compare",
             a.path.display(),
@@ -303,7 +305,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     let tells = |v: &Values| matches!(v, Values::F32(v) if crate::compare::tells_a_format(v));
     // Each compared tensor is scanned for NaN/Inf while it is in memory, not read again for it.
     let (mut seen_a, mut seen_b) = (HashMap::new(), HashMap::new());
-    for name in names_b.iter().filter(|n| names_a.contains(n)) {
+    for name in names_b.iter().filter(|n| in_a.contains(n)) {
         let (va, sa) = a.values(name)?;
         let (vb, sb) = b.values(name)?;
         if name.ends_with(".moe.topk_ids") {
@@ -363,13 +365,15 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         }
         results.push(c);
     }
-    // What neither reads as values (another tool's bool mask) but both hold alike, in one integer
-    // dtype and shape: compared exactly, as the spec compares every name both files have; apart
-    // from the hook points' results, which the readings and the first divergence read as values.
-    let raw = (a.unread().iter().filter(|u| b.unread().iter().any(|v| v.name == u.name)))
+    // What neither reads as values (another tool's bool mask, or its own tensor under one of
+    // glimpse's extra names) but both hold alike, in one dtype and shape: compared, integers
+    // exactly and floats at their tolerance, as the spec compares every name both files have;
+    // apart from the hook points' results, which the readings and the first divergence read.
+    let unread_b: HashSet<&str> = b.unread().iter().map(|u| u.name.as_str()).collect();
+    let raw = (a.unread().iter().filter(|u| unread_b.contains(u.name.as_str())))
         .filter_map(|u| {
             let (x, y) = a.unread_bytes(&u.name).zip(b.unread_bytes(&u.name))?;
-            crate::compare::compare_raw(&u.name, x, y)
+            crate::compare::compare_raw(&u.name, x, y, tol_for(opts.tol, &opts.per_name, &u.name))
         })
         .collect();
     let mut report = DiffReport {
@@ -377,8 +381,8 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         results,
         non_finite_a: first_non_finite_with(a, &seen_a)?,
         non_finite_b: first_non_finite_with(b, &seen_b)?,
-        only_a: names_a.iter().filter(|n| !names_b.contains(n)).cloned().collect(),
-        only_b: names_b.iter().filter(|n| !names_a.contains(n)).cloned().collect(),
+        only_a: names_a.iter().filter(|n| !in_b.contains(n)).cloned().collect(),
+        only_b: names_b.iter().filter(|n| !in_a.contains(n)).cloned().collect(),
         unread: [a.unread().to_vec(), b.unread().to_vec()],
         near_tie: opts.near_tie,
         tol: opts.tol,
@@ -630,6 +634,7 @@ impl DiffReport {
             "unread_in_b": Dump::unread_json(&self.unread[1]),
             "unread_compared": self.raw.iter().map(|r| json!({
                 "name": r.name, "elements": r.elements, "differing": r.differing, "first_differing": r.first,
+                "atol": r.tol.map(|t| t.atol), "rtol": r.tol.map(|t| t.rtol),
             })).collect::<Vec<_>>(),
         })
     }
@@ -789,11 +794,13 @@ impl DiffReport {
         }
         for r in &self.raw {
             let first = r.first.map(|i| format!(", the first at flat index {i}")).unwrap_or_default();
+            let how = match r.tol {
+                Some(t) => format!("compared at atol {:e}, rtol {:e}", t.atol, t.rtol),
+                None => "compared exactly".into(),
+            };
             out += &match r.differing {
-                0 => format!("not read, compared exactly: {} matches ({} elements)\n", r.name, r.elements),
-                n => {
-                    format!("not read, compared exactly: {} DIFFERS in {n} of {} elements{first}\n", r.name, r.elements)
-                }
+                0 => format!("not read, {how}: {} matches ({} elements)\n", r.name, r.elements),
+                n => format!("not read, {how}: {} DIFFERS in {n} of {} elements{first}\n", r.name, r.elements),
             };
         }
         for note in self.precision_notes() {

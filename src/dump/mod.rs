@@ -79,6 +79,11 @@ impl Dump {
         names.sort_unstable();
         let mut unread = Vec::new();
         for name in names {
+            // Names are printed in every report: a newline or an escape sequence in one would
+            // forge a line of it, or recolour the terminal.
+            if name.chars().any(char::is_control) {
+                return Err(Error::dump(path, format!("tensor name {name:?} holds a control character")));
+            }
             let Some(info) = file.info(name) else { continue };
             let (float, int) = (st::FLOATS.contains(&info.dtype), st::INTS.contains(&info.dtype));
             let hook = HookPoint::parse(name);
@@ -176,9 +181,15 @@ impl Dump {
     /// An unread tensor's dtype, shape and raw little-endian bytes (what `diff` compares where
     /// both dumps hold it alike); None for a tensor read as values, or none of that name.
     pub fn unread_bytes(&self, name: &str) -> Option<(safetensors::Dtype, &[usize], &[u8])> {
-        self.unread.iter().find(|u| u.name == name)?;
+        self.is_unread(name).then_some(())?;
         let (info, bytes) = self.file.bytes(name).ok()?;
         Some((info.dtype, &info.shape, bytes))
+    }
+
+    /// Whether `name` is one of [`Dump::unread`] (kept in name order at open: a binary search,
+    /// as every name of a dump of many extras is looked up).
+    fn is_unread(&self, name: &str) -> bool {
+        self.unread.binary_search_by(|u| u.name.as_str().cmp(name)).is_ok()
     }
 
     /// [`Dump::unread`]'s list (or a report's copy of it) as JSON: `[{"name", "dtype", "why"}]`.
@@ -189,7 +200,7 @@ impl Dump {
     /// Tensor names (but those [`Dump::unread`]), in forward order for hook points (the MTP
     /// layer's after `mtp.eh_proj`, which feeds it), then the rest alphabetically.
     pub fn names(&self) -> Vec<String> {
-        let unread = |n: &&str| self.unread.iter().any(|u| u.name == *n);
+        let unread = |n: &&str| self.is_unread(n);
         let mut names: Vec<String> = self.file.names().filter(|n| !unread(n)).map(String::from).collect();
         let mtp = self.mtp_layer();
         // (Every other hook point sorts as the enum orders them, which is the forward order.)
@@ -223,7 +234,7 @@ impl Dump {
 
     /// A tensor's header entry, None for one [`Dump::unread`] lists (as if it were not there).
     fn info(&self, name: &str) -> Option<&safetensors::tensor::TensorInfo> {
-        self.file.info(name).filter(|_| !self.unread.iter().any(|u| u.name == name))
+        self.file.info(name).filter(|_| !self.is_unread(name))
     }
 
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
@@ -311,6 +322,10 @@ impl Dump {
             return Err(Error::dump(&self.path, format!("`{name}` must be an integer tensor")));
         };
         match shape[..] {
+            // (No key a query, not even the first: every row keeps none.)
+            [_, s, 0] if s > 0 => {
+                Err(Error::dump(&self.path, format!("`{name}` is {shape:?}: it keeps no key for any query")))
+            }
             [b, s, k] if (b, s) == (batch, seq) => {
                 for (row, keys) in idx.chunks_exact(k.max(1)).enumerate() {
                     let (b, s) = (row / seq, row % seq);

@@ -133,6 +133,10 @@ pub fn check_replayed(
         Some(format!("chooses {} experts for token {row}, the run {}", forced[row].len(), k.unwrap_or(0)))
     } else {
         forced.iter().enumerate().find_map(|(t, ids)| {
+            // (A row is a set: an expert twice would run twice, and read as ours's bug.)
+            if let Some((j, &id)) = ids.iter().enumerate().find(|&(j, id)| ids[..j].contains(id)) {
+                return Some(format!("chooses expert {id} twice for token {t} (its place {j})"));
+            }
             let id = ids.iter().find(|&&i| i >= experts)?;
             let id = if *id == usize::MAX { "a negative expert id".to_string() } else { format!("expert {id}") };
             Some(format!("holds {id} for token {t}, past the model's {experts}"))

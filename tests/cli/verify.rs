@@ -348,6 +348,23 @@ fn a_replayed_selection_of_no_causal_key_is_refused() {
         let args = ["verify", "--model", "golden/flat", "--golden", &s(&path), "--force-selection"];
         common::assert_error(&glimpse(&args), said);
     }
+    // No key a query at all (K = 0: no row to find empty) is refused too, not run to NaN.
+    let empty = common::edit_dump(&reference, &tmp.path().join("k0.st"), |t| {
+        let (_, v, shape) = t.iter_mut().find(|(n, _, _)| n == "layers.0.dsa.topk").unwrap();
+        *v = glimpse::dump::Values::I64(Vec::new());
+        shape[2] = 0;
+    });
+    let args = ["verify", "--model", "golden/flat", "--golden", &s(&empty), "--force-selection"];
+    common::assert_error(&glimpse(&args), "`layers.0.dsa.topk` is [1, 32, 0]: it keeps no key for any query");
+    // And a replayed routing row that chooses an expert twice (rows are sets) is the reference's
+    // problem, not a mismatch of ours.
+    let twice =
+        common::edit_ints(&reference, &tmp.path().join("twice.st"), "layers.2.moe.topk_ids", |v, _| v[1] = v[0]);
+    let args = ["verify", "--model", "golden/flat", "--golden", &s(&twice), "--force-routing"];
+    common::assert_error(
+        &glimpse(&args),
+        "layer 2: the replayed routing (the reference's `moe.topk_ids`) chooses expert",
+    );
 }
 
 /// A reference tensor of NaN or zeros alone says nothing of bf16: no note calls it a bf16 run's
