@@ -305,6 +305,8 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     let tells = |v: &Values| matches!(v, Values::F32(v) if crate::compare::tells_a_format(v));
     // Each compared tensor is scanned for NaN/Inf while it is in memory, not read again for it.
     let (mut seen_a, mut seen_b) = (HashMap::new(), HashMap::new());
+    // Whether a tensor compared so far failed (the first one's notes are the report's).
+    let mut failed = false;
     for name in names_b.iter().filter(|n| in_a.contains(n)) {
         let (va, sa) = a.values(name)?;
         let (vb, sb) = b.values(name)?;
@@ -316,6 +318,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
             let experts = [own_a.or(own_b).or(config), own_b.or(own_a).or(config)];
             let sides = [(&va, sa.as_slice()), (&vb, sb.as_slice())];
             if let Some(c) = crate::compare::invalid_selection(name, sides, experts) {
+                failed |= !c.ok;
                 results.push(c);
                 continue;
             }
@@ -349,7 +352,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
             off_tighter_than_bf16 |= tight;
             off_tighter_than_f16 |= tol.rtol < F16_ROUNDING;
         }
-        if let (false, true) = (c.ok, results.iter().all(|r| r.ok)) {
+        if !c.ok && !failed {
             // (Its values, while they are here.)
             notes = notes_from(a, b, &c, (&va, &vb, &sb), opts);
         }
@@ -363,6 +366,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
                 flips::add_movement(&mut c, a, b, opts.config.as_ref(), router, opts.near_tie);
             }
         }
+        failed |= !c.ok;
         results.push(c);
     }
     // What neither reads as values (another tool's bool mask, or its own tensor under one of
