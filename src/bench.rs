@@ -95,7 +95,7 @@ pub fn run(
     let t0 = Instant::now();
     let ckpt = Checkpoint::open(model_dir)?;
     // (The recorded passes record what a dump records by default.)
-    let recording = crate::memory::Recording::of(&Default::default(), ckpt.config.num_hidden_layers);
+    let recording = crate::memory::Recording::of(&Default::default(), ckpt.config.num_hidden_layers, false);
     let cpu = (Backend::Cpu.into(), crate::memory::Residency::Whole, false);
     crate::memory::check_run(&ckpt, (1, tokens), recording, cpu, max_memory, "fewer --tokens")?;
     let model = Model::load(&ckpt)?;

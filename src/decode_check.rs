@@ -50,7 +50,10 @@ pub fn check(
 ) -> Result<DecodeCheck> {
     let mut prefill = Recorder::new(Selector::default());
     model.forward(tokens, &mut prefill)?;
-    let mut stitcher = Stitcher::new(Selector::default());
+    // The decode's steps go to a file (in the temp folder, unlinked at once) until they are
+    // joined: held, the many small tensors of one position each took more than the record.
+    let parts = std::env::temp_dir().join("glimpse-verify-decode");
+    let mut stitcher = Stitcher::spilling(Selector::default(), &parts)?;
     model.decode_all(tokens, chunk, &mut stitcher)?;
     let (prefill, decode) = (prefill.tensors.into_iter().collect(), stitcher.finish()?.into_iter().collect());
     compare(&prefill, &decode, tokens.seq, (tol, per_name), &model.config)

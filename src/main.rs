@@ -284,7 +284,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         false => {
                             let layers = 0..=n - 1 + usize::from(mtp);
                             let est = memory::estimate_on(target, &ckpt, dims, &layers, memory::Recording::Nothing);
-                            memory::check(&est, max_memory, "--stream, or a --layers window on the CPU")?;
+                            // (--stream does not run the MTP head a reference may check.)
+                            let hint = match mtp {
+                                true => "a --layers window of the main layers on the CPU",
+                                false => "--stream, or a --layers window on the CPU",
+                            };
+                            memory::check(&est, max_memory, hint)?;
                             let rec = memory::Recording::compared(&reference);
                             memory::check_gpu(&ckpt, dims, rec, target, (memory::Residency::Whole, mtp))?;
                             Weights::Resident(resident.insert(Model::load(&ckpt)?))
@@ -517,7 +522,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let max_new_tokens = max_new_tokens as usize;
             let (size, feed) = ((tokens.batch, tokens.seq), chunk.unwrap_or(0) as usize);
             let layers = ckpt.config.num_hidden_layers;
-            let recorded = memory::Recording::to(dump.as_deref(), &recording(record.as_deref(), &ckpt.config)?, layers);
+            let recorded =
+                memory::Recording::to(dump.as_deref(), &recording(record.as_deref(), &ckpt.config)?, layers, mtp);
             if mtp {
                 glimpse::model::mtp::Mtp::require(&ckpt)?; // before minutes of loading the model
             }
@@ -652,11 +658,17 @@ fn load_weights<'a>(ckpt: &'a Checkpoint, resident: &'a mut Option<Model>, b: &B
     let tokens = (b.tokens.batch, b.tokens.seq);
     let residency = if b.stream { memory::Residency::Streamed } else { memory::Residency::Whole };
     let est = memory::estimate(ckpt, tokens, &window, residency, b.recording, b.passes);
-    let hint = match (b.fixed, b.stream) {
-        (false, true) => "fewer tokens or a --layers window",
-        (false, false) => "fewer tokens, --stream or a --layers window",
-        (true, true) => "a --layers window",
-        (true, false) => "--stream or a --layers window",
+    // (What the command takes: `run --mtp` neither --stream nor --layers; `verify` of a reference
+    // that checks the MTP head --stream only with a window of the main layers, the head left out.)
+    let main_layers =
+        format!("--stream --layers 0..{} (the MTP head left unchecked)", ckpt.config.num_hidden_layers - 1);
+    let hint = match (b.fixed, b.stream, b.mtp) {
+        (false, _, true) => "fewer tokens",
+        (false, true, false) => "fewer tokens or a --layers window",
+        (false, false, false) => "fewer tokens, --stream or a --layers window",
+        (true, true, _) => "a --layers window",
+        (true, false, true) => &main_layers,
+        (true, false, false) => "--stream or a --layers window",
     };
     memory::check(&est, b.max, hint)?;
     if b.stream {
@@ -673,9 +685,7 @@ fn verify_decode(
     (tol, per_name): (Tolerance, &[(String, Tolerance)]),
     max: Option<u64>,
 ) -> Result<ExitCode> {
-    let (dims, cpu) = ((tokens.batch, tokens.seq), Backend::Cpu.into());
-    let whole = memory::Residency::Whole;
-    memory::check_run(ckpt, dims, memory::Recording::ALL, (cpu, whole, false), max, "a reference of fewer tokens")?;
+    memory::check_decode(ckpt, (tokens.batch, tokens.seq), max, "a reference of fewer tokens")?;
     let model = &Model::load(ckpt)?;
     println!("{}", glimpse::generate::cache_report(model, tokens.batch, tokens.seq, false));
     let report = glimpse::decode_check::check(model, tokens, chunk, tol, per_name)?;

@@ -91,7 +91,7 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
         window: layers.as_ref(),
         mtp: mtp_head.is_some(),
         stream,
-        recording: memory::Recording::to(out.as_deref(), &selector, ckpt.config.num_hidden_layers),
+        recording: memory::Recording::to(out.as_deref(), &selector, ckpt.config.num_hidden_layers, mtp_head.is_some()),
         passes: memory::Passes::One,
         max: max_memory,
     };
@@ -201,7 +201,7 @@ fn run_on_device(
     max: Option<u64>,
 ) -> Result<ExitCode> {
     let n = ckpt.config.num_hidden_layers;
-    let (recording, dims) = (memory::Recording::to(out, &selector, n), (tokens.batch, tokens.seq));
+    let (recording, dims) = (memory::Recording::to(out, &selector, n, mtp.is_some()), (tokens.batch, tokens.seq));
     let mut resident = None;
     let residency = if stream { memory::Residency::Streamed } else { memory::Residency::Whole };
     let held = (device, residency, mtp.is_some());

@@ -45,7 +45,7 @@ struct Spill {
 }
 
 impl Stitcher {
-    /// Parts held in memory (a decode check's few positions).
+    /// Parts held in memory (a few positions: each part is a tensor of its own).
     pub fn new(selector: Selector) -> Self {
         Stitcher { selector, parts: BTreeMap::new(), spill: None, batch: None }
     }

@@ -126,7 +126,9 @@ pub fn collect_with_other(
             let layers = 0..=c.config.num_hidden_layers - 1 + usize::from(live && mtp);
             let dims = (largest.batch, largest.seq);
             let est = crate::memory::estimate_on(target, c, dims, &layers, crate::memory::Recording::Nothing);
-            crate::memory::check(&est, max_memory, "shorter prompts, or --stream")?;
+            // (--stream does not run the MTP head.)
+            let hint = if live && mtp { "shorter prompts" } else { "shorter prompts, or --stream" };
+            crate::memory::check(&est, max_memory, hint)?;
             // And on a GPU its memory, the head's layer included where it runs there.
             let held = (Residency::Whole, live && mtp);
             crate::memory::check_gpu(c, dims, crate::memory::Recording::Nothing, target, held)?;

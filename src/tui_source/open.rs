@@ -139,7 +139,6 @@ pub fn open(o: &Open) -> Result<DumpSource> {
         }
     }
     let n = ckpt.config.num_hidden_layers;
-    let (dims, recording) = ((tokens.batch, tokens.seq), crate::memory::Recording::of(&Selector::default(), n));
     let mut resident = None;
     let residency = if stream { Residency::Streamed } else { Residency::Whole };
     // A reference that checks the MTP head (`golden/mtp`) gets it run too (where the prefill
@@ -149,6 +148,8 @@ pub fn open(o: &Open) -> Result<DumpSource> {
     // run.
     let checks_mtp = reference.as_ref().is_some_and(crate::verify::has_mtp) && crate::model::mtp::Mtp::present(&ckpt);
     let runs_mtp = checks_mtp && !stream;
+    let recording = crate::memory::Recording::of(&Selector::default(), n, runs_mtp);
+    let dims = (tokens.batch, tokens.seq);
     let weights = crate::memory::load_for_run(
         &ckpt,
         &mut resident,
