@@ -540,9 +540,12 @@ pub fn check_sweep(ckpt: &Checkpoint, prompts: &[(usize, usize)], target: Target
     let shapes: BTreeSet<(usize, usize)> = prompts.iter().copied().collect();
     let all = 0..=ckpt.config.num_hidden_layers.saturating_sub(1);
     // A streamed layer is read in place by every prompt of fewer than 512 rows (on AMX); a
-    // longer one packs it, beside the pages a shorter one read before it.
+    // longer one packs it, beside the pages a shorter one read before it (the prompts run each
+    // layer in order: a shorter one after it takes the packed product, and the pages go).
     let in_place = |&(batch, seq): &(usize, usize)| crate::model::nn::Packing::reads_in_place(batch * seq);
-    let mixed = prompts.iter().any(in_place) && !prompts.iter().all(in_place);
+    let first_in_place = prompts.iter().position(in_place);
+    let last_packing = prompts.iter().rposition(|p| !in_place(p));
+    let mixed = matches!((first_in_place, last_packing), (Some(i), Some(j)) if i < j);
     let passes = if mixed { Passes::Many } else { Passes::One };
     let pass = |&dims: &(usize, usize)| match target.backend {
         Backend::Cpu => estimate(ckpt, dims, &all, Residency::Swept, Recording::Nothing, passes),
@@ -632,7 +635,13 @@ fn generate_estimate(
         (true, false) => chunk,
         (true, true) => chunk.max(prompt.saturating_sub(1)),
     };
-    let mut est = estimate(ckpt, (batch, rows), &layers, Residency::Whole, recording, Passes::Many);
+    // On a CPU with AMX a prompt of fewer than 512 rows reads each weight in place (its first
+    // product), and decode steps of a few rows read it in place too (gemv): nothing is packed,
+    // the pages are all it holds, as a one-off pass's. A chunked prompt's second chunk packs.
+    let one_off =
+        !chunked && crate::model::nn::Packing::reads_in_place(batch * rows) && batch <= crate::model::gemv::MAX_ROWS;
+    let passes = if one_off { Passes::One } else { Passes::Many };
+    let mut est = estimate(ckpt, (batch, rows), &layers, Residency::Whole, recording, passes);
     let (b, fed) = (batch as u64, (batch * (prompt + new.saturating_sub(1))) as u64);
     let threads = rayon::current_num_threads() as u64;
     let cache = 4 * c.cache_values_per_token(mtp).0 as u64 * fed;
@@ -650,7 +659,7 @@ fn generate_estimate(
     for name in ckpt.names().filter(projection) {
         // The decode steps read the weights in place: their pages, beside what the prompt's
         // products packed (what `estimate` counted, the pages themselves when none was packed).
-        if !reads_mapped(ckpt, name, batch * rows) {
+        if !one_off && !reads_mapped(ckpt, name, batch * rows) {
             est.weights += match ckpt.dtype(name) {
                 Some(Dtype::BF16 | Dtype::F8_E4M3) => file_bytes(ckpt, name),
                 _ => 0,
