@@ -374,12 +374,11 @@ fn a_reference_of_another_shape_is_not_paired() {
     let tmp = tempfile::tempdir().unwrap();
     let reference = flat().join("reference.safetensors");
     let k2 = common::edit_dump(&reference, &tmp.path().join("k2.st"), |t| {
-        for (n, v, shape) in t.iter_mut().filter(|(n, _, _)| n.contains(".moe.topk_")) {
+        for (_, v, shape) in t.iter_mut().filter(|(n, _, _)| n.contains(".moe.topk_")) {
             let k = shape[1];
             match v {
                 Values::I64(x) => *x = x.chunks(k).flat_map(|r| r[..2].to_vec()).collect(),
                 Values::F32(x) => *x = x.chunks(k).flat_map(|r| r[..2].to_vec()).collect(),
-                _ => panic!("{n}"),
             }
             shape[1] = 2;
         }
