@@ -137,6 +137,13 @@ impl Checkpoint {
                         format!("`{name}` scales `{weight}`, which is {what}: block scales go beside F8_E4M3 weights"),
                     ));
                 }
+            } else if self.dtype(name) == Some(Dtype::F8_E5M2) {
+                // Dumps may hold E5M2; a checkpoint's FP8 is E4M3 with block scales, and E5M2
+                // codes run at face value would be a weight nobody quantised that way.
+                return Err(Error::checkpoint(
+                    &self.dir,
+                    format!("`{name}` is F8_E5M2: a checkpoint's FP8 weights are F8_E4M3 with block scales"),
+                ));
             } else if self.dtype(name) == Some(Dtype::F8_E4M3)
                 && self.scale_name(name).is_none()
                 && !self.absent_names.contains(&format!("{name}_scale_inv"))

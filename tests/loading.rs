@@ -331,7 +331,8 @@ fn rewrite_weights(dir: &Path, edit: impl Fn(&mut Tensors)) {
 
 /// An FP8 weight without its block scales, a scale beside a weight that is not FP8, and scales
 /// that are not finite or are negative are refused, naming the tensor (each ran before: the
-/// codes as the weight, the scale applied twice, NaN activations far downstream).
+/// codes as the weight, the scale applied twice, NaN activations far downstream), and so is an
+/// F8_E5M2 weight.
 #[test]
 fn fp8_scales_must_pair_with_fp8_weights_and_be_finite() {
     let tmp = tempfile::tempdir().unwrap();
@@ -356,6 +357,13 @@ fn fp8_scales_must_pair_with_fp8_weights_and_be_finite() {
         });
         assert!(e.contains(&format!("`{scale}` [0, 0] is {bad}")), "{name}: {e}");
     }
+    // E5M2 codes at face value are a weight nobody quantised that way (dumps may hold E5M2).
+    let e = case("e5m2", SynthDtype::Bf16, &|t| {
+        let (_, entry) = t.iter_mut().find(|(n, _)| n == w).unwrap();
+        entry.dtype = safetensors::Dtype::F8_E5M2;
+        entry.data.truncate(entry.data.len() / 2);
+    });
+    assert!(e.contains(&format!("`{w}` is F8_E5M2: a checkpoint's FP8 weights are F8_E4M3")), "{e}");
     // A scale of 0 is a block of zeros, as a quantiser writes one.
     let e = case("zero-scale", SynthDtype::Fp8, &|t| {
         let (_, entry) = t.iter_mut().find(|(n, _)| *n == scale).unwrap();
