@@ -685,7 +685,7 @@ fn verify_decode(
     (tol, per_name): (Tolerance, &[(String, Tolerance)]),
     max: Option<u64>,
 ) -> Result<ExitCode> {
-    memory::check_decode(ckpt, (tokens.batch, tokens.seq), max, "a reference of fewer tokens")?;
+    memory::check_decode(ckpt, (tokens.batch, tokens.seq), chunk, max, "a reference of fewer tokens")?;
     let model = &Model::load(ckpt)?;
     println!("{}", glimpse::generate::cache_report(model, tokens.batch, tokens.seq, false));
     let report = glimpse::decode_check::check(model, tokens, chunk, tol, per_name)?;

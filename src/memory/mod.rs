@@ -392,7 +392,7 @@ fn reads_mapped(ckpt: &Checkpoint, name: &str, rows: usize) -> bool {
 /// The file pages of the tensor `name`: its stored bytes (2 a bf16 weight, 1 an FP8 code).
 fn file_bytes(ckpt: &Checkpoint, name: &str) -> u64 {
     let size = match ckpt.dtype(name) {
-        Some(Dtype::F8_E4M3 | Dtype::I8 | Dtype::U8) => 1,
+        Some(Dtype::F8_E4M3 | Dtype::F8_E5M2 | Dtype::I8 | Dtype::U8) => 1,
         Some(Dtype::BF16 | Dtype::F16) => 2,
         Some(Dtype::F64 | Dtype::I64) => 8,
         _ => 4,
@@ -450,12 +450,12 @@ pub fn check_run(
 }
 
 /// `verify --decode`'s check: the prefill of the reference's tokens and their decode through
-/// the cache, as `generate` holds them (the steps reading the weights' pages beside the panels
+/// the cache (`chunk` positions a call), as `generate` holds them (the steps reading the weights' pages beside the panels
 /// the prefill packed), and both runs' whole records, every hook point of the main model kept
 /// until the two are compared (`decode_check`: a prefill's estimate, with a dump writer's queue
 /// of them, was half what it held).
-pub fn check_decode(ckpt: &Checkpoint, dims: (usize, usize), max: Option<u64>, hint: &str) -> Result<()> {
-    let mut est = generate_estimate(ckpt, dims, 0, 1, false, Recording::Nothing);
+pub fn check_decode(ckpt: &Checkpoint, dims: (usize, usize), chunk: usize, max: Option<u64>, hint: &str) -> Result<()> {
+    let mut est = generate_estimate(ckpt, dims, (0, chunk.max(1)), 1, false, Recording::Nothing);
     est.recorded = 2 * record_bytes(&ckpt.config, dims, &Selector::default());
     check(&est, max, hint)
 }
@@ -495,7 +495,7 @@ fn record_bytes(c: &Config, (b, s): (usize, usize), selector: &Selector) -> u64 
         }
     };
     let main = HookPoint::all(c.num_hidden_layers).filter(|p| p.layer().is_none_or(|i| i < c.num_hidden_layers));
-    let bytes: usize = main.filter(|&p| selector.wants(p)).map(|p| per_token(p)).map(|(n, size)| n * size).sum();
+    let bytes: usize = main.filter(|&p| selector.wants(p)).map(per_token).map(|(n, size)| n * size).sum();
     (bytes as u64).saturating_mul((b * s) as u64)
 }
 
@@ -615,14 +615,15 @@ pub fn check_generate(
     recording: Recording,
     max: Option<u64>,
 ) -> Result<()> {
-    check(&generate_estimate(ckpt, size, chunk, new, mtp, recording), max, "fewer tokens")
+    check(&generate_estimate(ckpt, size, (chunk, 1), new, mtp, recording), max, "fewer tokens")
 }
 
-/// [`check_generate`]'s estimate.
+/// [`check_generate`]'s estimate, its decode steps `step` positions a call after the prompt
+/// (1; `verify --decode`'s `--chunk`, whose prefill is a whole pass).
 fn generate_estimate(
     ckpt: &Checkpoint,
     (batch, prompt): (usize, usize),
-    chunk: usize,
+    (chunk, step): (usize, usize),
     new: usize,
     mtp: bool,
     recording: Recording,
@@ -635,11 +636,22 @@ fn generate_estimate(
         (true, false) => chunk,
         (true, true) => chunk.max(prompt.saturating_sub(1)),
     };
+    let projection = |n: &&str| {
+        let ours = crate::layout::layer_of(n).is_some_and(|i| layers.contains(&i)) || *n == "lm_head.weight";
+        ours && is_projection(ckpt, n)
+    };
+    // The cache's calls after the first (a chunked prompt's, the steps'): a bf16 or FP8 weight
+    // they cannot read where it is mapped (more than `gemv::MAX_ROWS` rows, FP8 blocks the
+    // kernel does not take) is packed by the second product that reaches it.
+    let decode_rows = batch * if chunked { chunk.max(step) } else { step };
+    let packed_by_steps =
+        |n: &&str| matches!(ckpt.dtype(n), Some(Dtype::BF16 | Dtype::F8_E4M3)) && !reads_mapped(ckpt, n, decode_rows);
     // On a CPU with AMX a prompt of fewer than 512 rows reads each weight in place (its first
     // product), and decode steps of a few rows read it in place too (gemv): nothing is packed,
     // the pages are all it holds, as a one-off pass's. A chunked prompt's second chunk packs.
-    let one_off =
-        !chunked && crate::model::nn::Packing::reads_in_place(batch * rows) && batch <= crate::model::gemv::MAX_ROWS;
+    let one_off = !chunked
+        && crate::model::nn::Packing::reads_in_place(batch * rows)
+        && !ckpt.names().filter(projection).any(|n| packed_by_steps(&n));
     let passes = if one_off { Passes::One } else { Passes::Many };
     let mut est = estimate(ckpt, (batch, rows), &layers, Residency::Whole, recording, passes);
     let (b, fed) = (batch as u64, (batch * (prompt + new.saturating_sub(1))) as u64);
@@ -647,14 +659,9 @@ fn generate_estimate(
     let cache = 4 * c.cache_values_per_token(mtp).0 as u64 * fed;
     let hidden = 4 * b * prompt as u64 * c.hidden_size as u64;
     est.activations += cache + hidden + 4 * 2 * threads * crate::model::attention::BLOCK as u64 * fed;
-    let projection = |n: &&str| {
-        let ours = crate::layout::layer_of(n).is_some_and(|i| layers.contains(&i)) || *n == "lm_head.weight";
-        ours && is_projection(ckpt, n)
-    };
     // The absorbed form's f32 split of `kv_b_proj` (`Attention::absorbed`), made by the first
     // decode call that does not read a bf16 one in place: one of more than `MAX_ROWS` rows, or
     // any call where it is stored FP8 or f32.
-    let decode_rows = batch * if chunked { chunk } else { 1 };
     let splits = |n: &str| ckpt.dtype(n) != Some(Dtype::BF16) || decode_rows > crate::model::gemv::MAX_ROWS;
     for name in ckpt.names().filter(projection) {
         // The decode steps read the weights in place: their pages, beside what the prompt's

@@ -59,9 +59,39 @@ fn a_short_fp8_generation_counts_its_codes_and_the_absorbed_splits() {
     // the codes in place (the pass then packed them), the codes' pages the steps read.
     let all = 0..=ckpt.config.num_hidden_layers - 1;
     let pass = estimate(&ckpt, (1, 4), &all, Residency::Whole, Recording::Nothing, Passes::Many).weights;
-    let generation = generate_estimate(&ckpt, (1, 4), 0, 4, false, Recording::Nothing).weights;
+    let generation = generate_estimate(&ckpt, (1, 4), (0, 1), 4, false, Recording::Nothing).weights;
     let in_place = crate::model::fp8_gemv::takes_blocks(ckpt.config.fp8.as_ref().unwrap().block[1]);
     assert_eq!(generation - pass, splits + if in_place { 0 } else { codes });
+}
+
+/// `verify --decode --chunk N` calls the cache with N rows: past `gemv::MAX_ROWS` they pack the
+/// weights and split every `kv_b_proj`, which the estimate counted as one row's steps (a one-off
+/// pass's pages, no splits); and FP8 blocks the kernel does not take are packed by any step.
+#[test]
+fn decode_steps_that_pack_are_no_one_off_pass() {
+    let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden");
+    let ckpt = Checkpoint::open(&golden.join("bf16-fused")).unwrap();
+    let rows = crate::model::gemv::MAX_ROWS + 1;
+    let decode = |ckpt: &Checkpoint, step| generate_estimate(ckpt, (1, 12), (0, step), 1, false, Recording::Nothing);
+    let splits: u64 = ckpt.names().filter(|n| n.ends_with("kv_b_proj.weight")).map(|n| 4 * numel(&ckpt, n)).sum();
+    let (one, many) = (decode(&ckpt, 1).weights, decode(&ckpt, rows).weights);
+    assert!(splits > 0 && many >= one + splits, "{many} against {one} + {splits}");
+    let all = 0..=ckpt.config.num_hidden_layers - 1;
+    let pass = |passes| estimate(&ckpt, (1, 12), &all, Residency::Whole, Recording::Nothing, passes).weights;
+    if crate::model::nn::Packing::reads_in_place(12) {
+        assert_eq!(one, pass(Passes::One));
+        assert!(many >= pass(Passes::Many) + splits, "{many} against {}", pass(Passes::Many));
+    }
+    // FP8 blocks of 8 inputs: the kernel reads 16 at a time, so the steps pack the codes.
+    let mut fp8 = Checkpoint::open(&golden.join("fp8-sharded")).unwrap();
+    let in_kernel = decode(&fp8, 1).weights;
+    if let Some(q) = fp8.config.fp8.as_mut() {
+        q.block[1] = 8;
+    }
+    let packed = decode(&fp8, 1).weights;
+    if crate::model::nn::Packing::reads_in_place(12) && crate::model::fp8_gemv::takes_blocks(128) {
+        assert!(packed > in_kernel, "{packed} against {in_kernel}");
+    }
 }
 
 /// A device sweep's host estimate is a streamed pass's without the head, which a sweep never
