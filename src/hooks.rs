@@ -133,6 +133,15 @@ pub enum HookPoint {
     MtpLogits,
 }
 
+/// The layer a dump name `layers.{i}.rest` is under, and its `rest` (a hook point's or another
+/// tool's). The spec's `{i}` only: decimal digits, no sign and no leading zero
+/// (`layers.01.output` is no layer's name, where it was read as layer 1's beside `layers.1.output`).
+pub fn layer_of_name(name: &str) -> Option<(usize, &str)> {
+    let (i, rest) = name.strip_prefix("layers.")?.split_once('.')?;
+    let canonical = i.bytes().all(|b| b.is_ascii_digit()) && (i == "0" || !i.starts_with('0'));
+    Some((i.parse().ok().filter(|_| canonical)?, rest))
+}
+
 impl HookPoint {
     pub fn name(&self) -> String {
         match self {
@@ -161,12 +170,7 @@ impl HookPoint {
             "mtp.logits" => return Some(HookPoint::MtpLogits),
             _ => {}
         }
-        let rest = name.strip_prefix("layers.")?;
-        let (i, suffix) = rest.split_once('.')?;
-        // The spec's `{i}` only: decimal digits, no sign and no leading zero (`layers.01.output` is
-        // another tool's name, not layer 1's).
-        let canonical = i.bytes().all(|b| b.is_ascii_digit()) && (i == "0" || !i.starts_with('0'));
-        let i = i.parse().ok().filter(|_| canonical)?;
+        let (i, suffix) = layer_of_name(name)?;
         LayerHook::ALL.iter().find(|h| h.suffix() == suffix).map(|h| HookPoint::Layer(i, *h))
     }
 

@@ -457,7 +457,10 @@ fn add_dump(audit: &mut Audit, d: &Dump, routers: Option<&Routers>, mut routes: 
     let layers: Vec<usize> = d
         .names()
         .iter()
-        .filter_map(|n| n.strip_prefix("layers.")?.strip_suffix(".moe.topk_ids")?.parse().ok())
+        .filter_map(|n| match HookPoint::parse(n)? {
+            HookPoint::Layer(i, LayerHook::TopkIds) => Some(i),
+            _ => None,
+        })
         .collect();
     if layers.is_empty() {
         return Err(Error::dump(&d.path, "holds no `layers.*.moe.topk_ids` to audit"));

@@ -67,6 +67,16 @@ pub struct DumpSource {
     warning: Option<String>,
 }
 
+/// The reference's tensor of a name beside ours ([`DumpSource::paired_ints`]).
+enum Pairing<'a> {
+    /// Both hold it in one shape: row for row, the reference's dump.
+    Paired(&'a Dump),
+    /// The reference holds it in another shape (another top-k, other positions).
+    Shaped(Vec<usize>),
+    /// Either side lacks it.
+    OneSided,
+}
+
 /// Live runs' temporary dumps are named `glimpse-tui-PID-...` in the temp folder.
 const LIVE_PREFIX: &str = "glimpse-tui-";
 
@@ -80,12 +90,11 @@ pub fn sweep_live_dumps(dir: &Path) {
 /// `layers.{i}.` too), the embeddings (with the input ids), or the head (everything else: the
 /// final norm, the logits, the MTP head's own tensors).
 fn part_of(name: &str) -> Part {
-    let layer = || name.strip_prefix("layers.")?.split('.').next()?.parse::<usize>().ok();
     match HookPoint::parse(name) {
         Some(HookPoint::InputIds | HookPoint::Embeddings) => Part::Embeddings,
         Some(HookPoint::Layer(i, _)) => Part::Layer(i),
         Some(_) => Part::Head,
-        None => layer().map_or(Part::Head, Part::Layer),
+        None => crate::hooks::layer_of_name(name).map_or(Part::Head, |(i, _)| Part::Layer(i)),
     }
 }
 
@@ -438,11 +447,23 @@ impl DumpSource {
     /// where either side lacks it); Err with the reference's shape where it holds it in another
     /// shape (another top-k, other positions): its rows are then not ours' to pair.
     fn paired_ints(&self, name: &str) -> std::result::Result<Option<Vec<i64>>, Vec<usize>> {
-        let (Some(reference), Some(ours)) = (self.reference.as_ref(), self.ours.shape(name)) else { return Ok(None) };
+        match self.pairing(name) {
+            Pairing::Paired(reference) => Ok(Self::ints(reference, name).map(|(v, _)| v)),
+            Pairing::Shaped(theirs) => Err(theirs),
+            Pairing::OneSided => Ok(None),
+        }
+    }
+
+    /// How the reference's tensor `name` stands beside ours, from the shapes alone (a redraw
+    /// asks; decoding a selection to answer it cost a frame).
+    fn pairing(&self, name: &str) -> Pairing<'_> {
+        let (Some(reference), Some(ours)) = (self.reference.as_ref(), self.ours.shape(name)) else {
+            return Pairing::OneSided;
+        };
         match reference.shape(name) {
-            Some(theirs) if theirs != ours => Err(theirs),
-            Some(_) => Ok(Self::ints(reference, name).map(|(v, _)| v)),
-            None => Ok(None),
+            Some(theirs) if theirs != ours => Pairing::Shaped(theirs),
+            Some(_) => Pairing::Paired(reference),
+            None => Pairing::OneSided,
         }
     }
 
@@ -495,8 +516,10 @@ impl DumpSource {
             None if (0..p).any(|q| own(q).is_some()) => Some((0..p).map(|q| own(q).unwrap_or(f32::NAN)).collect()),
             None => None,
         };
-        let paired = self.paired_ints(&name).is_ok_and(|r| r.is_some());
-        let reference = self.reference.as_ref().filter(|_| paired).and_then(|r| rows(r, false));
+        let reference = match self.pairing(&name) {
+            Pairing::Paired(r) => rows(r, false),
+            _ => None,
+        };
         let (selected, past) = (rows(&self.ours, false)?, rows(&self.ours, true).unwrap_or_default());
         Some(DsaMatrix { seq, queries: p, selected, reference, margin, flips, reference_margin, past })
     }
@@ -640,7 +663,10 @@ impl Source for DumpSource {
         self.reference.is_some()
     }
     fn reference_shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.paired_ints(name).err()
+        match self.pairing(name) {
+            Pairing::Shaped(theirs) => Some(theirs),
+            _ => None,
+        }
     }
 
     fn kv_norms(&self) -> Option<Rc<KvNormGrid>> {

@@ -202,10 +202,9 @@ impl Verifier<'_> {
 
     fn into_report(self, only_in_reference: Vec<String>, unchecked: Vec<String>, opts: &VerifyOptions) -> Report {
         // (In a --layers window, those of its layers, as `only_in_reference` is.)
-        let layer = |n: &str| n.strip_prefix("layers.")?.split('.').next()?.parse::<usize>().ok();
-        let in_window = |n: &str| match (&opts.layers, layer(n)) {
+        let in_window = |n: &str| match (&opts.layers, crate::hooks::layer_of_name(n)) {
             (None, _) => true,
-            (Some(w), Some(i)) => w.contains(&i),
+            (Some(w), Some((i, _))) => w.contains(&i),
             (Some(_), None) => false,
         };
         Report {

@@ -6,7 +6,8 @@ use super::*;
 /// What a review found the audit said of malformed or partial inputs: a layer that routes no
 /// token is refused, not counted as balanced; a missing `--against` names its flag; an expert
 /// count taken from the other side's router is said; a bad bias-changed flag names its tensor;
-/// the MTP layer is marked by its rows where the dump holds no input_ids.
+/// the MTP layer is marked by its rows where the dump holds no input_ids; a non-canonical
+/// layer name is not counted as its layer.
 #[test]
 fn audit_names_what_is_wrong_with_its_inputs() {
     let tmp = tempfile::tempdir().unwrap();
@@ -39,4 +40,13 @@ fn audit_names_what_is_wrong_with_its_inputs() {
     });
     let (out, _) = assert_ok(&glimpse(&["audit", "--dump", &common::s(&no_ids)]));
     assert!(out.lines().any(|l| l.trim_start().starts_with("3 mtp ")), "{out}");
+    // `layers.02.*` is another tool's name, not layer 2's: it was counted as layer 2 a second time.
+    let padded = common::edit_dump(flat, &t("padded.st"), |d| {
+        let copy = d.iter().find(|(n, _, _)| n == "layers.2.moe.topk_ids").cloned().unwrap();
+        d.push(("layers.02.moe.topk_ids".to_string(), copy.1, copy.2));
+    });
+    let (once, _) = assert_ok(&glimpse(&["audit", "--dump", &common::s(flat)]));
+    let (padded, _) = assert_ok(&glimpse(&["audit", "--dump", &common::s(&padded)]));
+    let rows = |out: &str| out.lines().filter(|l| !l.contains(".st")).map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(rows(&padded), rows(&once));
 }
