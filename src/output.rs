@@ -175,15 +175,19 @@ pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
 /// temporary file sits beside the file it replaces, on the same file system.
 pub fn landing(path: &Path) -> PathBuf {
     let mut at = path.to_path_buf();
-    // (Bounded: a loop of links stops here and the write fails on it with the system's error.)
     for _ in 0..40 {
-        let Ok(target) = std::fs::read_link(&at) else { break };
+        let Ok(target) = std::fs::read_link(&at) else { return at };
         at = match at.parent() {
             Some(folder) => folder.join(target),
             None => target,
         };
     }
-    at
+    // A loop of links (or a chain past the system's own limit) names no file: the write lands
+    // on the link given, as a rename over it does, not on whichever link of the loop was last.
+    match std::fs::symlink_metadata(&at) {
+        Ok(m) if m.file_type().is_symlink() => path.to_path_buf(),
+        _ => at,
+    }
 }
 
 /// A name beside `path` for this process's temporary file of kind `kind` (`NAME.glimpse-PID.tmp`,
@@ -259,6 +263,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A link is followed to the file it names; a loop of links lands on the link given (it
+    /// landed on whichever link of the loop the 40th hop reached).
+    #[cfg(unix)]
+    #[test]
+    fn a_loop_of_links_lands_on_the_link_given() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b, file) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("file"));
+        std::os::unix::fs::symlink("b", &a).unwrap();
+        std::os::unix::fs::symlink("a", &b).unwrap();
+        assert_eq!(landing(&a), a);
+        assert_eq!(landing(&b), b);
+        let to_file = tmp.path().join("to-file");
+        std::os::unix::fs::symlink("file", &to_file).unwrap();
+        assert_eq!(landing(&to_file), file);
+    }
 
     #[test]
     fn folders_and_missing_folders_are_refused_and_nothing_is_left() {
