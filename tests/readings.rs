@@ -607,8 +607,8 @@ fn a_divergence_no_reading_names_is_localised_by_its_inputs() {
         let ours = edit_floats(source, &tmp.path().join(format!("out{i}.st")), name, |x, _| wobble(x, 0.03));
         for model in [true, false] {
             let mut args = vec!["diff".to_string(), s(&ours), s(source)];
-            if model && source == &mtp_ref {
-                args.extend(["--model".to_string(), mtp_dir.clone()]);
+            if model {
+                args.extend(["--model".to_string(), if source == &mtp_ref { mtp_dir.clone() } else { s(&dir) }]);
             }
             let (_, text) = code_and_text(&args.iter().map(String::as_str).collect::<Vec<_>>());
             assert!(line(&text).is_some_and(|l| l.contains(made)), "{name} (model {model}): {text}");

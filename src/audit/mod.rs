@@ -270,9 +270,10 @@ pub struct Stopped {
 }
 
 impl Stopped {
-    /// "after 3 of 10 prompts (the last at line 5)".
+    /// "after 3 of 10 prompt lines (the last at line 5)": lines, where the title counts the
+    /// prompts (batch rows) they held.
     pub fn words(&self) -> String {
-        format!("after {} of {} prompts (the last at line {})", self.run, self.of, self.line)
+        format!("after {} of {} prompt lines (the last at line {})", self.run, self.of, self.line)
     }
 }
 

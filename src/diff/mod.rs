@@ -332,7 +332,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     let raw = (a.unread().iter().filter(|u| unread_b.contains(u.name.as_str())))
         .filter_map(|u| {
             let (x, y) = a.unread_bytes(&u.name).zip(b.unread_bytes(&u.name))?;
-            crate::compare::compare_raw(&u.name, x, y, tol_for(opts.tol, &opts.per_name, &u.name))
+            crate::compare::compare_raw(&u.name, x, y, opts.tol_for(&u.name))
         })
         .collect();
     let mut report = DiffReport {

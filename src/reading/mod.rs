@@ -528,12 +528,12 @@ impl Notes {
         let tail = Tail::of(ours, reference, shape, opts.tol_for(name));
         // A row's width as stored, whatever the positions below make of the rows.
         let width = shape.last().copied();
-        // Router tensors are [B*S, ...]: by position as [B, S, ...], where `input_ids` says B (the
-        // MTP layer's rows are one position short a batch row: [B, S - 1, ...]).
+        // Router tensors are [B*S, ...]: by position as [B, S, ...], where the reference says B
+        // (`Dump::batch`; the MTP layer's rows are one position short a batch row: [B, S - 1, ...]).
         let shape = match point {
-            Some(HookPoint::Layer(_, h)) if h.token_rows() => match (b.shape("input_ids"), shape.split_first()) {
-                (Some(ids), Some((&rows, rest))) if ids.len() == 2 && ids[0] > 0 && rows % ids[0] == 0 => {
-                    [&[ids[0], rows / ids[0]][..], rest].concat()
+            Some(HookPoint::Layer(_, h)) if h.token_rows() => match (b.batch(), shape.split_first()) {
+                (Some(batch), Some((&rows, rest))) if batch > 0 && rows % batch == 0 => {
+                    [&[batch, rows / batch][..], rest].concat()
                 }
                 _ => Vec::new(),
             },
