@@ -11,7 +11,7 @@ use glimpse::dump::{self, Dump, DumpWriter};
 use glimpse::error::{Context, Error, Result};
 use glimpse::hooks::{NonFiniteWatch, Selector, Tee};
 use glimpse::memory;
-use glimpse::model::stream::{self, Start};
+use glimpse::model::stream::{self, LogitRows, Start};
 use glimpse::model::Tokens;
 
 use crate::cli::RunArgs;
@@ -132,8 +132,10 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
                 }
                 match (layers, start) {
                     // Killed after the last layer: only the head is left.
-                    (Some(w), Some(s)) if *w.start() == n => Some(stream::head(weights, &s.hidden, &mut obs)?),
-                    (layers, start) => stream::run(weights, &tokens, layers, start, &mut obs)?,
+                    (Some(w), Some(s)) if *w.start() == n => {
+                        Some(stream::head_normed(weights, &s.hidden, LogitRows::Last, &mut obs)?.1)
+                    }
+                    (layers, start) => stream::run(weights, &tokens, (layers, start), LogitRows::Last, &mut obs)?,
                 }
             };
             // A Ctrl-C after the last checkpoint still stops here (the head is left to
@@ -157,7 +159,8 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
             logits
         }
         None => {
-            let logits = stream::run(weights, &tokens, layers, start, &mut Tee(&mut watch, &mut final_norm))?;
+            let mut obs = Tee(&mut watch, &mut final_norm);
+            let logits = stream::run(weights, &tokens, (layers, start), LogitRows::Last, &mut obs)?;
             if let Some(head) = &mtp_head {
                 run_mtp(&weights, head, &final_norm, &tokens, &mut watch)?;
             }
@@ -169,7 +172,8 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
     }
     match (logits, &window, &out) {
         (Some(logits), _, _) => {
-            let s = logits.dims()[1];
+            // (The last position's logits only, where the dump does not record them all.)
+            let s = tokens.seq;
             for (bi, next) in glimpse::model::decode::last_argmax(&logits)?.iter().enumerate() {
                 println!("row {bi}: {s} tokens, next token (greedy) {next}");
             }

@@ -18,6 +18,34 @@ fn the_device_forward_on_cpu_ops_matches_every_golden_case() {
     common::assert_device_matches_every_golden_case(&CpuOps);
 }
 
+/// A prefill whose observer records no logits computes the last position's only, on the CPU
+/// model and on the device path alike: the next token needs no more (`run` of 4096 tokens of a
+/// GLM-5-shaped checkpoint computed 2.5 GB of logits it printed one argmax of). An observer that
+/// records them gets every position's, as the model's forward returns them.
+#[test]
+fn a_prefill_computes_the_logits_it_is_asked_for() {
+    use glimpse::device::{with_prefill, Target};
+    use glimpse::hooks::{NoObserver, Recorder, Selector};
+    use glimpse::model::Weights;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
+    let model = Model::load(&Checkpoint::open(&dir).unwrap()).unwrap();
+    let tokens = Dump::open(&dir.join("reference.safetensors")).unwrap().tokens().unwrap();
+    let all = model.forward(&tokens, &mut NoObserver).unwrap(); // [B, S, V]
+    let (b, s, v) = all.dims3().unwrap();
+    let last = all.narrow(1, s - 1, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for backend in [Backend::Cpu, Backend::CpuOps] {
+        let target = Target::from(backend);
+        let got = with_prefill(target, Weights::Resident(&model), |p| p.prefill(&tokens, &mut NoObserver)).unwrap();
+        assert_eq!(got.dims(), [b, 1, v], "{backend:?}");
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let worst = got.iter().zip(&last).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{backend:?}: {worst}");
+        let mut recorder = Recorder::new(Selector::new("logits", None));
+        let got = with_prefill(target, Weights::Resident(&model), |p| p.prefill(&tokens, &mut recorder)).unwrap();
+        assert_eq!(got.dims(), [b, s, v], "{backend:?}: recorded, every position's");
+    }
+}
+
 /// The device benchmark counts the matrix-product work it times: 2 x tokens x every weight a
 /// token meets (experts: top-k of them), computed here from the config alone.
 #[test]

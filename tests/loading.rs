@@ -250,8 +250,9 @@ fn a_stored_lm_head_is_the_head_even_when_tied() {
     assert!(!ckpt.tied_head() && ckpt.head_name() == "lm_head.weight");
     assert_eq!(logits(&dir), untied, "the stored head, not the embedding");
     let tokens = Tokens::new(2, 6, vec![1, 5, 9, 13, 17, 21, 2, 4, 6, 8, 10, 12]).unwrap();
-    use glimpse::model::stream::{run, Weights};
-    let streamed = run(Weights::Streamed(&ckpt), &tokens, None, None, &mut NoObserver).unwrap().unwrap();
+    use glimpse::model::stream::{run, LogitRows, Weights};
+    let streamed =
+        run(Weights::Streamed(&ckpt), &tokens, (None, None), LogitRows::All, &mut NoObserver).unwrap().unwrap();
     assert_eq!(streamed.flatten_all().unwrap().to_vec1::<f32>().unwrap(), untied, "streamed alike");
 
     // Without a stored head, tying makes the embedding the head: other logits.
@@ -292,8 +293,9 @@ fn a_tied_checkpoint_storing_only_the_head_embeds_with_it() {
         assert!(ckpt.embedding_is_head() && !ckpt.tied_head() && ckpt.head_name() == "lm_head.weight");
         assert_eq!(logits(&only_head), want, "{dtype}: the stored head embeds");
         let tokens = Tokens::new(2, 6, vec![1, 5, 9, 13, 17, 21, 2, 4, 6, 8, 10, 12]).unwrap();
-        use glimpse::model::stream::{run, Weights};
-        let streamed = run(Weights::Streamed(&ckpt), &tokens, None, None, &mut NoObserver).unwrap().unwrap();
+        use glimpse::model::stream::{run, LogitRows, Weights};
+        let streamed =
+            run(Weights::Streamed(&ckpt), &tokens, (None, None), LogitRows::All, &mut NoObserver).unwrap().unwrap();
         assert_eq!(streamed.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want, "{dtype}: streamed alike");
         let described = glimpse::inspect::describe(&ckpt).unwrap();
         assert!(described.contains("it is the embedding too") && !described.contains("incomplete"), "{described}");

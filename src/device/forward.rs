@@ -259,6 +259,14 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
         Ok(logits)
     }
 
+    /// The whole prefill's hook points but the logits, and the last position's logits
+    /// [B, 1, vocab], copied to the host.
+    pub fn forward_last(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
+        let logits = self.forward_on_device(tokens, LogitRows::Last, obs)?; // [B, vocab]
+        let shape = (tokens.batch, 1, self.config.vocab_size);
+        Ok(Tensor::from_vec(self.ops.download(&logits)?, shape, &Device::Cpu)?)
+    }
+
     /// The prefill up to the logits of `rows` ([B * S, vocab] or [B, vocab]), left on the device
     /// (the benchmark's unit of work: at GLM-5's vocabulary, 2048 tokens of f32 logits are 1.3 GB
     /// to copy back); every hook point but `logits` is reported.

@@ -206,6 +206,9 @@ pub fn route_fits(experts: usize, top_k: usize, groups: usize) -> bool {
 
 /// Runs a prefill: the CPU model, or the device forward pass on some ops.
 pub trait Prefill {
+    /// The prefill's hook points, and its logits: every position's [B, S, vocab] where `obs`
+    /// records them, else the last position's [B, 1, vocab], all the next token needs (at
+    /// GLM-5's vocabulary, 4096 positions' f32 logits are 2.5 GB, and their lm_head 7.8 TFLOP).
     fn prefill(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor>;
     /// The prefill's hook points up to those of layer `last` (`audit --layers`, which needs
     /// nothing past it); the whole prefill's where `last` is the last layer.
@@ -239,12 +242,13 @@ impl Prefill for Model {
 /// The CPU model over resident or streamed weights.
 impl Prefill for Weights<'_> {
     fn prefill(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
-        crate::model::stream::run(*self, tokens, None, None, obs)?
+        crate::model::stream::run(*self, tokens, (None, None), crate::model::stream::LogitRows::Last, obs)?
             .ok_or_else(|| crate::error::Error::Usage("the forward pass stopped before the head".into()))
     }
     fn prefill_through(&self, tokens: &Tokens, last: usize, obs: &mut dyn Observer) -> Result<()> {
         let last = last.min(self.config().num_hidden_layers.saturating_sub(1));
-        crate::model::stream::run(*self, tokens, Some(0..=last), None, obs).map(|_| ())
+        let rows = crate::model::stream::LogitRows::Last;
+        crate::model::stream::run(*self, tokens, (Some(0..=last), None), rows, obs).map(|_| ())
     }
     fn sweep(&self, prompts: &[&Tokens], last: usize, obs: &mut dyn SweepObserver) -> Result<usize> {
         crate::model::stream::sweep(*self, prompts, last, obs)
@@ -259,7 +263,10 @@ impl Prefill for Weights<'_> {
 
 impl<O: Ops> Prefill for forward::DeviceModel<'_, O> {
     fn prefill(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
-        self.forward(tokens, obs)
+        match obs.wants(crate::hooks::HookPoint::Logits) {
+            true => self.forward(tokens, obs),
+            false => self.forward_last(tokens, obs),
+        }
     }
     fn prefill_through(&self, tokens: &Tokens, last: usize, obs: &mut dyn Observer) -> Result<()> {
         self.forward_through(tokens, last, obs)

@@ -203,7 +203,7 @@ impl Model {
 
     /// The whole forward pass: ids -> logits [B, S, vocab].
     pub fn forward(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
-        stream::run(Weights::Resident(self), tokens, None, None, obs)?
+        stream::run(Weights::Resident(self), tokens, (None, None), stream::LogitRows::All, obs)?
             .ok_or_else(|| Error::Usage("the forward pass stopped before the head".into()))
     }
 }

@@ -63,13 +63,14 @@ impl Start {
     }
 }
 
-/// Runs layers `window` (all of them when None); returns the logits when the window reaches the
-/// last layer. `start` replaces the embeddings when the window starts past layer 0.
+/// Runs layers `window` (all of them when None); returns the logits of `rows` when the window
+/// reaches the last layer ([`head_normed`]). `start` replaces the embeddings when the window
+/// starts past layer 0.
 pub fn run(
     w: Weights,
     tokens: &Tokens,
-    window: Option<RangeInclusive<usize>>,
-    start: Option<Start>,
+    (window, start): (Option<RangeInclusive<usize>>, Option<Start>),
+    rows: LogitRows,
     obs: &mut dyn Observer,
 ) -> Result<Option<Tensor>> {
     let cfg = w.config();
@@ -111,7 +112,7 @@ pub fn run(
     if let Some(given) = obs.isolated_input(n)? {
         h = given;
     }
-    head(w, &h, obs).map(Some)
+    Ok(Some(head_normed(w, &h, rows, obs)?.1))
 }
 
 /// A window must lie within the model's layers.

@@ -504,7 +504,7 @@ pub fn verify_with(w: Weights, golden: &Dump, opts: &VerifyOptions) -> Result<Re
             0 => None,
             first => Some(Start::from_dump(golden, first, [tokens.batch, tokens.seq, w.config().hidden_size])?),
         };
-        stream::run(w, &tokens, Some(window.clone()), start, &mut v)?;
+        stream::run(w, &tokens, (Some(window.clone()), start), stream::LogitRows::Last, &mut v)?;
     }
     let produced: BTreeSet<&str> = v.results.iter().map(|c| c.name.as_str()).collect();
     let in_window = |name: &str| match HookPoint::parse(name).and_then(|p| p.layer()) {
