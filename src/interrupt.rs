@@ -146,10 +146,18 @@ mod imp {
     const BUS_ERROR: &[u8] = b"glimpse: error: a file being read was cut short on disk while mapped (a writer \
 that empties it first): run again once it is written\n";
 
-    extern "C" fn on_bus(_: libc::c_int) {
-        // SAFETY: write(2) and _exit(2) are async-signal-safe.
+    extern "C" fn on_bus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        // SAFETY: write(2) and _exit(2) are async-signal-safe, and so is `mapped::name_at`; the
+        // kernel hands a SIGBUS handler installed with SA_SIGINFO its siginfo.
         unsafe {
-            libc::write(2, BUS_ERROR.as_ptr().cast(), BUS_ERROR.len());
+            let addr = if info.is_null() { 0 } else { (*info).si_addr() as usize };
+            if let Some(path) = crate::mapped::name_at(addr) {
+                for part in [&b"glimpse: error: "[..], path, &BUS_ERROR[b"glimpse: error: a file being read".len()..]] {
+                    libc::write(2, part.as_ptr().cast(), part.len());
+                }
+            } else {
+                libc::write(2, BUS_ERROR.as_ptr().cast(), BUS_ERROR.len());
+            }
             libc::_exit(2);
         }
     }
@@ -160,7 +168,7 @@ that empties it first): run again once it is written\n";
         unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = on_bus as *const () as libc::sighandler_t;
-            action.sa_flags = libc::SA_ONSTACK;
+            action.sa_flags = libc::SA_ONSTACK | libc::SA_SIGINFO;
             libc::sigemptyset(&mut action.sa_mask);
             libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
         }
@@ -197,8 +205,8 @@ mod imp {
 
 /// Dumps and weights are memory-mapped: a file cut short on disk while a command reads it (a
 /// writer that empties it first) faults with SIGBUS on the next page, which ended the process
-/// with "Bus error" (status 135). This makes it a one-line error, exit 2. (The terminal UI sets a
-/// handler of its own that also restores the terminal.)
+/// with "Bus error" (status 135). This makes it a one-line error naming the file (`mapped`),
+/// exit 2. (The terminal UI sets a handler of its own that also restores the terminal.)
 pub use imp::report_bus_errors;
 
 /// Whether a stop was asked for.
@@ -263,5 +271,49 @@ mod tests {
         assert_eq!(int_during, libc::SIG_IGN);
         assert_ne!(term_during, other, "SIGTERM asks for a stop");
         assert_eq!((int_after, term_after), (libc::SIG_IGN, other));
+    }
+
+    /// A mapped file cut short under a read ends the process with a one-line error that names
+    /// it (it said "a file being read"), exit 2. In a child: the fault ends the process.
+    #[test]
+    fn a_bus_error_names_the_file_cut_short() {
+        use std::io::Read;
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cut.safetensors");
+        std::fs::write(&path, vec![7u8; 3 * 65536]).unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        // SAFETY: a map of this test's own file, read only by the child, which faults on it.
+        let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+        let _named = crate::mapped::record(map.as_ptr(), map.len(), &path);
+        let far = map[2 * 65536..].as_ptr();
+        let mut fds = [0; 2];
+        // SAFETY: a pipe into the fds given.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: the child makes async-signal-safe calls only (dup2, sigaction, ftruncate, a
+        // read of the map, _exit) before the fault's handler ends it.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            unsafe {
+                libc::dup2(fds[1], 2);
+                super::report_bus_errors();
+                libc::ftruncate(file.as_raw_fd(), 0);
+                std::ptr::read_volatile(far);
+                libc::_exit(0);
+            }
+        }
+        assert!(pid > 0);
+        let mut said = String::new();
+        // SAFETY: the pipe's ends, each closed once (the read end by the File).
+        unsafe {
+            libc::close(fds[1]);
+            std::fs::File::from_raw_fd(fds[0]).read_to_string(&mut said).unwrap();
+        }
+        let mut status = 0;
+        // SAFETY: waits for this test's own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 2, "status {status}: {said}");
+        let want = format!("glimpse: error: {} was cut short on disk while mapped (a writer", path.display());
+        assert!(said.starts_with(&want) && said.ends_with("run again once it is written\n"), "{said}");
     }
 }

@@ -38,6 +38,7 @@ pub mod inspect;
 pub mod interrupt;
 pub mod layer_error;
 pub mod layout;
+pub mod mapped;
 pub mod memory;
 pub mod reading;
 mod rng;

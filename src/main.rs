@@ -494,6 +494,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let src = src?;
             memory::release_freed_memory();
+            glimpse_tui::term::name_mapped_files(glimpse::mapped::name_at);
             let signal = glimpse_tui::term::run(&src).map_err(|e| Error::Usage(format!("terminal: {e}")))?;
             // Ended by SIGTERM or SIGINT from outside: the status a shell expects of it.
             Ok(signal.map_or(ExitCode::SUCCESS, |s| ExitCode::from((128 + s).clamp(0, 255) as u8)))

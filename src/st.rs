@@ -21,6 +21,8 @@ pub struct StFile {
     data_start: usize,
     tensors: HashMap<String, TensorInfo>,
     metadata: HashMap<String, String>,
+    /// The map's pages, named for a SIGBUS handler (`mapped`), while this file is open.
+    _named: crate::mapped::Record,
 }
 
 /// Refuses an input that is not a regular file: opening a FIFO waits for a writer forever, and a
@@ -55,12 +57,14 @@ impl StFile {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only and outlives every slice borrowed from it. What the map
         // cannot hold still is the file: one cut short under us faults on its next page (the
-        // binary makes that SIGBUS a one-line error, `interrupt::report_bus_errors`), and one
+        // binary makes that SIGBUS a one-line error naming the file, `interrupt::report_bus_errors`), and one
         // rewritten in place at the same length changes the values behind live borrows. Neither
         // is defended beyond that; no index is read from the map, checked, and read again.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let _named = crate::mapped::record(mmap.as_ptr(), mmap.len(), path);
         let (data_start, tensors, metadata) = parse(&mmap).map_err(|msg| Error::checkpoint(path, msg))?;
-        Ok(StFile { path: path.to_path_buf(), mmap: std::sync::Arc::new(mmap), data_start, tensors, metadata })
+        let mmap = std::sync::Arc::new(mmap);
+        Ok(StFile { path: path.to_path_buf(), mmap, data_start, tensors, metadata, _named })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {

@@ -154,6 +154,8 @@ fn the_binary_in_tmux() {
     tmux(&["send-keys", "-t", &session, "j", "j", "2"]);
     let s = wait_for("a dump the terminal UI reads changed on disk");
     assert!(!s.contains("1 layers"), "the terminal is restored: {s}");
+    // (The pane wraps the line: the file's name is looked for in it unwrapped.)
+    assert!(s.replace('\n', "").contains("port.safetensors: open it again"), "the file is named: {s}");
     assert_eq!(status(), "2");
 
     // Ctrl-C during a live run (of a model slow enough to be caught in it) stops it after the

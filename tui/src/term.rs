@@ -26,6 +26,18 @@ pub fn run(src: &dyn Source) -> io::Result<Option<i32>> {
     result.map(|()| stop::signal())
 }
 
+/// The path of the mapped file holding an address, where one is known (async-signal-safe).
+pub type NameAt = fn(usize) -> Option<&'static [u8]>;
+
+/// How the SIGBUS of a mapped dump cut short names the file: `name_at` (async-signal-safe)
+/// gives the path of the mapped file holding an address. Without it, the message names none.
+pub fn name_mapped_files(name_at: NameAt) {
+    #[cfg(unix)]
+    let _ = bus::NAMES.set(name_at);
+    #[cfg(not(unix))]
+    let _ = name_at;
+}
+
 fn event_loop(terminal: &mut ratatui::DefaultTerminal, src: &dyn Source) -> io::Result<()> {
     let mut app = App::default();
     stop::install();
@@ -99,10 +111,14 @@ mod bus {
     /// crossterm puts in raw mode whether or not standard input is it.
     static SAVED: OnceLock<libc::termios> = OnceLock::new();
     static TTY: AtomicI32 = AtomicI32::new(-1);
+    /// What names the mapped file at an address ([`super::name_mapped_files`]).
+    pub(super) static NAMES: OnceLock<super::NameAt> = OnceLock::new();
 
     const LEAVE: &[u8] = b"\x1b[?1049l\x1b[?25h\r\n";
     const MESSAGE: &[u8] = b"glimpse: error: a dump the terminal UI reads changed on disk (cut short while mapped): \
 open it again once it is written\n";
+    /// Where the file's name goes, once known: before this.
+    const TAIL: &[u8] = b": open it again once it is written\n";
 
     pub fn save_terminal() {
         // SAFETY: open(2) of a NUL-terminated path; tcgetattr writes the termios it is given, and
@@ -118,15 +134,24 @@ open it again once it is written\n";
         }
     }
 
-    extern "C" fn on_bus(_: libc::c_int) {
-        // SAFETY: write(2), tcsetattr(3) and _exit(2) are async-signal-safe; SAVED and TTY were
-        // set before the handler was installed and are only read here.
+    extern "C" fn on_bus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        // SAFETY: write(2), tcsetattr(3) and _exit(2) are async-signal-safe, and so is
+        // `mapped::name_at`; SAVED and TTY were set before the handler was installed and are
+        // only read here; the kernel hands a handler installed with SA_SIGINFO its siginfo.
         unsafe {
             libc::write(1, LEAVE.as_ptr().cast(), LEAVE.len());
             if let (Some(t), fd @ 0..) = (SAVED.get(), TTY.load(Ordering::Relaxed)) {
                 libc::tcsetattr(fd, libc::TCSANOW, t);
             }
-            libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
+            let addr = if info.is_null() { 0 } else { (*info).si_addr() as usize };
+            let (head, tail) = MESSAGE.split_at(MESSAGE.len() - TAIL.len());
+            let parts: [&[u8]; 4] = match NAMES.get().and_then(|name_at| name_at(addr)) {
+                Some(path) => [head, b": ", path, tail],
+                None => [MESSAGE, b"", b"", b""],
+            };
+            for part in parts {
+                libc::write(2, part.as_ptr().cast(), part.len());
+            }
             libc::_exit(2);
         }
     }
@@ -137,7 +162,7 @@ open it again once it is written\n";
         unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = on_bus as *const () as libc::sighandler_t;
-            action.sa_flags = libc::SA_ONSTACK;
+            action.sa_flags = libc::SA_ONSTACK | libc::SA_SIGINFO;
             libc::sigemptyset(&mut action.sa_mask);
             libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
         }
