@@ -240,6 +240,15 @@ pub trait Observer {
     fn wants(&self, point: HookPoint) -> bool;
     fn observe(&mut self, point: HookPoint, value: &Tensor) -> Result<()>;
 
+    /// Whether a prefill that needs the last position's logits only ([`LogitRows::Last`]) must
+    /// still compute every position's for this observer: by default, where it wants `logits`.
+    /// (A run's NaN watch wants them when they are made, but is no reason to make them.)
+    ///
+    /// [`LogitRows::Last`]: crate::model::stream::LogitRows::Last
+    fn wants_every_logit(&self) -> bool {
+        self.wants(HookPoint::Logits)
+    }
+
     /// Counterfactual replay: a DSA selection to use in `layer` instead of the indexer's.
     fn forced_selection(&mut self, _layer: usize) -> Result<Option<Selection>> {
         Ok(None)
@@ -417,6 +426,9 @@ impl Observer for Tee<'_> {
     fn wants(&self, point: HookPoint) -> bool {
         self.0.wants(point) || self.1.wants(point)
     }
+    fn wants_every_logit(&self) -> bool {
+        self.0.wants_every_logit() || self.1.wants_every_logit()
+    }
     fn observe(&mut self, point: HookPoint, value: &Tensor) -> Result<()> {
         if self.0.wants(point) {
             self.0.observe(point, value)?;
@@ -541,6 +553,28 @@ impl Observer for NonFiniteWatch {
         self.first = with_f32(value, |v| first_non_finite(&point.name(), v, value.dims()))?;
         Ok(())
     }
+    fn wants_every_logit(&self) -> bool {
+        false
+    }
+}
+
+impl NonFiniteWatch {
+    /// The logits a run returns where it computed the last position's only, which no hook point
+    /// reports: `logits` [B, R, vocab] are the last R of `seq` positions.
+    pub fn check_logits(&mut self, logits: &Tensor, seq: usize) -> Result<()> {
+        if self.first.is_some() {
+            return Ok(());
+        }
+        let past = seq.saturating_sub(logits.dim(1)?);
+        let first = with_f32(logits, |v| first_non_finite("logits", v, logits.dims()))?;
+        self.first = first.map(|mut nf| {
+            if let Some(p) = nf.at.get_mut(1) {
+                *p += past;
+            }
+            nf
+        });
+        Ok(())
+    }
 }
 
 /// Reports `value` to the observer if it wants `point`; `make` builds the tensor lazily.
@@ -555,6 +589,21 @@ pub fn emit(obs: &mut dyn Observer, point: HookPoint, make: impl FnOnce() -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The last position's logits a run returns are checked at their place in the run: a NaN in
+    /// the last of 5 positions is at position 4, not 0; a NaN seen before them stays the first.
+    #[test]
+    fn the_returned_logits_are_checked_at_their_positions() {
+        let logits = Tensor::from_vec(vec![0.0, f32::NAN, 1.0, 2.0], (2, 1, 2), &candle_core::Device::Cpu).unwrap();
+        let mut watch = NonFiniteWatch::default();
+        watch.check_logits(&logits, 5).unwrap();
+        assert_eq!(watch.first.as_ref().map(|f| (f.name.as_str(), f.at.clone())), Some(("logits", vec![0, 4, 1])));
+        let earlier = NonFinite { name: "final_norm".into(), at: vec![0, 0, 0], value: f32::INFINITY };
+        let mut watch = NonFiniteWatch { first: Some(earlier.clone()) };
+        watch.check_logits(&logits, 5).unwrap();
+        assert_eq!(watch.first, Some(earlier));
+        assert!(!watch.wants_every_logit());
+    }
 
     #[test]
     fn names_round_trip_and_keep_forward_order() {

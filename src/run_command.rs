@@ -146,6 +146,9 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
                     return Err(writer.interrupted(n - 1));
                 }
             }
+            if let Some(logits) = &logits {
+                watch.check_logits(logits, tokens.seq)?;
+            }
             if let Some(head) = &mtp_head {
                 run_mtp(&weights, head, &final_norm, &tokens, &mut Tee(&mut writer, &mut watch))?;
             }
@@ -161,6 +164,9 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
         None => {
             let mut obs = Tee(&mut watch, &mut final_norm);
             let logits = stream::run(weights, &tokens, (layers, start), LogitRows::Last, &mut obs)?;
+            if let Some(logits) = &logits {
+                watch.check_logits(logits, tokens.seq)?;
+            }
             if let Some(head) = &mtp_head {
                 run_mtp(&weights, head, &final_norm, &tokens, &mut watch)?;
             }
@@ -235,6 +241,9 @@ fn run_on_device(
         }
         None => glimpse::device::with_prefill(device, weights, |p| run(p, &mut watch))?,
     };
+    // (After the MTP head's, where it ran: a NaN in the main lm_head alone is named after one
+    // of the head's.)
+    watch.check_logits(&logits, tokens.seq)?;
     if let Some(nf) = &watch.first {
         eprintln!("glimpse: warning: first NaN/Inf of the run: {nf}");
     }

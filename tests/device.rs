@@ -21,11 +21,12 @@ fn the_device_forward_on_cpu_ops_matches_every_golden_case() {
 /// A prefill whose observer records no logits computes the last position's only, on the CPU
 /// model and on the device path alike: the next token needs no more (`run` of 4096 tokens of a
 /// GLM-5-shaped checkpoint computed 2.5 GB of logits it printed one argmax of). An observer that
-/// records them gets every position's, as the model's forward returns them.
+/// records them gets every position's, as the model's forward returns them; `run`'s NaN watch,
+/// which checks the logits it is shown, is no reason to make them all.
 #[test]
 fn a_prefill_computes_the_logits_it_is_asked_for() {
     use glimpse::device::{with_prefill, Target};
-    use glimpse::hooks::{NoObserver, Recorder, Selector};
+    use glimpse::hooks::{NoObserver, NonFiniteWatch, Recorder, Selector, Tee};
     use glimpse::model::Weights;
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/flat");
     let model = Model::load(&Checkpoint::open(&dir).unwrap()).unwrap();
@@ -40,6 +41,12 @@ fn a_prefill_computes_the_logits_it_is_asked_for() {
         let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let worst = got.iter().zip(&last).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(worst < 1e-4, "{backend:?}: {worst}");
+        // `run`'s observers: its NaN watch and the final norm an MTP head reads (the watch once
+        // asked for every position's logits, so `run` made them all).
+        let (mut watch, mut norm) = (NonFiniteWatch::default(), Recorder::new(Selector::new("final_norm", None)));
+        let got =
+            with_prefill(target, Weights::Resident(&model), |p| p.prefill(&tokens, &mut Tee(&mut watch, &mut norm)));
+        assert_eq!(got.unwrap().dims(), [b, 1, v], "{backend:?}: run's observers");
         let mut recorder = Recorder::new(Selector::new("logits", None));
         let got = with_prefill(target, Weights::Resident(&model), |p| p.prefill(&tokens, &mut recorder)).unwrap();
         assert_eq!(got.dims(), [b, s, v], "{backend:?}: recorded, every position's");

@@ -263,7 +263,7 @@ impl Prefill for Weights<'_> {
 
 impl<O: Ops> Prefill for forward::DeviceModel<'_, O> {
     fn prefill(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
-        match obs.wants(crate::hooks::HookPoint::Logits) {
+        match obs.wants_every_logit() {
             true => self.forward(tokens, obs),
             false => self.forward_last(tokens, obs),
         }

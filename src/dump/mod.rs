@@ -366,7 +366,8 @@ impl Dump {
     /// The run's batch rows: `input_ids`' first dimension, else that of its `[B, S, ...]` hook
     /// points ([`Dump::positions`]): where the routing's `[B*S, ...]` rows sit along the positions.
     pub fn batch(&self) -> Option<usize> {
-        let ids = self.shape("input_ids").and_then(|s| s.first().copied());
+        // (A `[S]` of another tool's is no batch of S rows.)
+        let ids = self.shape("input_ids").and_then(|s| if let [b, _] = s[..] { Some(b) } else { None });
         ids.or_else(|| self.positions().map(|(b, _)| b))
     }
 

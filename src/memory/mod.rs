@@ -360,10 +360,10 @@ pub fn estimate(
     let whole_scores = if scores { 2 * b * s * s } else { 0 };
     let heads = 2 * b * nh * (s * (qk + v) + e * (nope + v)) + split;
     let per_layer = whole_scores + 2 * b * s * k + blocks + absorbed + heads + 8 * b * s * widest;
-    // Every position's logits where they are recorded, else the last one's (`Prefill::prefill`,
-    // `generate`; 4096 positions at GLM-5's vocabulary counted 5.1 GB a run did not hold).
-    let logit_rows = if logits_recorded > 0 { b * s } else { b };
-    let logits = 2 * logit_rows * c.vocab_size as u128;
+    // Every position's logits: a `run` or `audit` without them recorded makes the last one's
+    // only, but verify, the MTP head, a device window's and a benchmark's make them all, and
+    // the callers do not say which they are.
+    let logits = 2 * b * s * c.vocab_size as u128;
     let activations = 4 * (per_layer.max(logits) + 4 * b * s * h);
     // Tensors waiting for the dump writer: at most its queue and the one it writes, or the run's
     // recorded hook points where fewer, each at most a layer's widest (the hidden size, the
@@ -458,7 +458,8 @@ pub fn check_run(
 /// until the two are compared (`decode_check`: a prefill's estimate, with a dump writer's queue
 /// of them, was half what it held).
 pub fn check_decode(ckpt: &Checkpoint, dims: (usize, usize), chunk: usize, max: Option<u64>, hint: &str) -> Result<()> {
-    let mut est = generate_estimate(ckpt, dims, (0, chunk.max(1)), 1, false, Recording::Nothing);
+    let step = chunk.clamp(1, dims.1.max(1));
+    let mut est = generate_estimate(ckpt, dims, (0, step), 1, false, Recording::Nothing);
     est.recorded = 2 * record_bytes(&ckpt.config, dims, &Selector::default());
     check(&est, max, hint)
 }

@@ -319,7 +319,8 @@ pub fn head(w: Weights, h: &Tensor, obs: &mut dyn Observer) -> Result<Tensor> {
 }
 
 /// `head`, also returning the final-norm hidden state [B, S, hidden] (what the MTP head reads);
-/// with [`LogitRows::Last`] and the logits not recorded, the logits are [B, 1, vocab].
+/// with [`LogitRows::Last`] and no observer that wants every position's logits
+/// ([`Observer::wants_every_logit`]), the logits are [B, 1, vocab], reported to none.
 pub fn head_normed(w: Weights, h: &Tensor, rows: LogitRows, obs: &mut dyn Observer) -> Result<(Tensor, Tensor)> {
     let cfg = w.config();
     let (b, s, hidden) = h.dims3()?;
@@ -333,9 +334,10 @@ pub fn head_normed(w: Weights, h: &Tensor, rows: LogitRows, obs: &mut dyn Observ
     }; // [B, S, hidden]
     emit(obs, HookPoint::FinalNorm, || Ok(x.clone()))?;
     let s = match rows {
-        LogitRows::Last if !obs.wants(HookPoint::Logits) => 1,
+        LogitRows::Last if !obs.wants_every_logit() => 1,
         _ => s,
     };
+    let whole = s == h.dim(1)?;
     let x2 = x.narrow(1, x.dim(1)? - s, s)?.contiguous()?.reshape((b * s, hidden))?;
     let logits = match w {
         Weights::Resident(m) => m.lm_head.forward(&x2)?,
@@ -360,6 +362,9 @@ pub fn head_normed(w: Weights, h: &Tensor, rows: LogitRows, obs: &mut dyn Observ
         }
     }; // [B*S, vocab]
     let logits = logits.reshape((b, s, cfg.vocab_size))?;
-    emit(obs, HookPoint::Logits, || Ok(logits.clone()))?;
+    // (The last position's alone are not the hook point's tensor: the caller has them.)
+    if whole {
+        emit(obs, HookPoint::Logits, || Ok(logits.clone()))?;
+    }
     Ok((x, logits))
 }
