@@ -288,8 +288,12 @@ mod tests {
         let _named = crate::mapped::record(map.as_ptr(), map.len(), &path);
         let far = map[2 * 65536..].as_ptr();
         let mut fds = [0; 2];
-        // SAFETY: a pipe into the fds given.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: a pipe into the fds given, closed on exec: no process another test starts keeps
+        // its write end open, which would hold the read below.
+        unsafe {
+            assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+            fds.iter().for_each(|&fd| assert_eq!(libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC), 0));
+        }
         // SAFETY: the child makes async-signal-safe calls only (dup2, sigaction, ftruncate, a
         // read of the map, _exit) before the fault's handler ends it.
         let pid = unsafe { libc::fork() };

@@ -218,20 +218,24 @@ fn run_on_device(
     let weights = memory::load_for_run(ckpt, &mut resident, (dims, recording), held, max)?;
     let mut watch = NonFiniteWatch::default();
     let mut final_norm = glimpse::hooks::Recorder::new(Selector::new("final_norm", None));
-    // The prefill, then with --mtp the head (where the prefill ran) from its final norm.
-    // (The final norm is copied back only for the head.)
-    let mut run = |p: &dyn glimpse::device::Prefill, obs: &mut dyn glimpse::hooks::Observer| match mtp {
-        Some(head) => {
-            let logits = p.prefill(tokens, &mut Tee(obs, &mut final_norm))?;
-            run_mtp(p, head, &final_norm, tokens, obs)?;
-            Ok(logits)
+    // The prefill, its logits checked (the last position's, which no hook point reports), then
+    // with --mtp the head (where the prefill ran) from its final norm. (The final norm is
+    // copied back only for the head.)
+    let mut run = |p: &dyn glimpse::device::Prefill, writer: &mut dyn glimpse::hooks::Observer| {
+        let logits = match mtp {
+            Some(_) => p.prefill(tokens, &mut Tee(writer, &mut Tee(&mut watch, &mut final_norm)))?,
+            None => p.prefill(tokens, &mut Tee(writer, &mut watch))?,
+        };
+        watch.check_logits(&logits, tokens.seq)?;
+        if let Some(head) = mtp {
+            run_mtp(p, head, &final_norm, tokens, &mut Tee(writer, &mut watch))?;
         }
-        None => p.prefill(tokens, obs),
+        Ok(logits)
     };
     let logits = match out {
         Some(path) => {
             let mut writer = DumpWriter::create(path, selector, glimpse::hooks::max_points(n))?;
-            let logits = glimpse::device::with_prefill(device, weights, |p| run(p, &mut Tee(&mut writer, &mut watch)))?;
+            let logits = glimpse::device::with_prefill(device, weights, |p| run(p, &mut writer))?;
             let source =
                 format!("glimpse {} / device forward pass on {}", env!("CARGO_PKG_VERSION"), device.describe());
             let meta = dump::metadata(&source, Some(&ckpt.config_bytes), Some(&dir.display().to_string()));
@@ -239,11 +243,8 @@ fn run_on_device(
             println!("wrote {n} tensors to {}", path.display());
             logits
         }
-        None => glimpse::device::with_prefill(device, weights, |p| run(p, &mut watch))?,
+        None => glimpse::device::with_prefill(device, weights, |p| run(p, &mut glimpse::hooks::NoObserver))?,
     };
-    // (After the MTP head's, where it ran: a NaN in the main lm_head alone is named after one
-    // of the head's.)
-    watch.check_logits(&logits, tokens.seq)?;
     if let Some(nf) = &watch.first {
         eprintln!("glimpse: warning: first NaN/Inf of the run: {nf}");
     }

@@ -17,12 +17,13 @@ use crate::error::{Error, Result};
 /// One memory-mapped safetensors file.
 pub struct StFile {
     pub path: PathBuf,
+    /// The map's pages, named for a SIGBUS handler (`mapped`), while this file is open. (Before
+    /// `mmap`: dropped first, so no later map at the same address is named after this file.)
+    _named: crate::mapped::Record,
     mmap: std::sync::Arc<Mmap>,
     data_start: usize,
     tensors: HashMap<String, TensorInfo>,
     metadata: HashMap<String, String>,
-    /// The map's pages, named for a SIGBUS handler (`mapped`), while this file is open.
-    _named: crate::mapped::Record,
 }
 
 /// Refuses an input that is not a regular file: opening a FIFO waits for a writer forever, and a
@@ -64,7 +65,7 @@ impl StFile {
         let _named = crate::mapped::record(mmap.as_ptr(), mmap.len(), path);
         let (data_start, tensors, metadata) = parse(&mmap).map_err(|msg| Error::checkpoint(path, msg))?;
         let mmap = std::sync::Arc::new(mmap);
-        Ok(StFile { path: path.to_path_buf(), mmap, data_start, tensors, metadata, _named })
+        Ok(StFile { path: path.to_path_buf(), _named, mmap, data_start, tensors, metadata })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
