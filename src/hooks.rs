@@ -240,13 +240,14 @@ pub trait Observer {
     fn wants(&self, point: HookPoint) -> bool;
     fn observe(&mut self, point: HookPoint, value: &Tensor) -> Result<()>;
 
-    /// Whether a prefill that needs the last position's logits only ([`LogitRows::Last`]) must
-    /// still compute every position's for this observer: by default, where it wants `logits`.
-    /// (A run's NaN watch wants them when they are made, but is no reason to make them.)
+    /// Whether logits (`point`: `logits` or `mtp.logits`) that the caller needs at the last
+    /// position only ([`LogitRows::Last`]) must still be computed at every position for this
+    /// observer: by default, where it wants them. (A run's NaN watch wants them when they are
+    /// made, but is no reason to make them.)
     ///
     /// [`LogitRows::Last`]: crate::model::stream::LogitRows::Last
-    fn wants_every_logit(&self) -> bool {
-        self.wants(HookPoint::Logits)
+    fn wants_every_position(&self, point: HookPoint) -> bool {
+        self.wants(point)
     }
 
     /// Counterfactual replay: a DSA selection to use in `layer` instead of the indexer's.
@@ -426,8 +427,8 @@ impl Observer for Tee<'_> {
     fn wants(&self, point: HookPoint) -> bool {
         self.0.wants(point) || self.1.wants(point)
     }
-    fn wants_every_logit(&self) -> bool {
-        self.0.wants_every_logit() || self.1.wants_every_logit()
+    fn wants_every_position(&self, point: HookPoint) -> bool {
+        self.0.wants_every_position(point) || self.1.wants_every_position(point)
     }
     fn observe(&mut self, point: HookPoint, value: &Tensor) -> Result<()> {
         if self.0.wants(point) {
@@ -553,20 +554,20 @@ impl Observer for NonFiniteWatch {
         self.first = with_f32(value, |v| first_non_finite(&point.name(), v, value.dims()))?;
         Ok(())
     }
-    fn wants_every_logit(&self) -> bool {
+    fn wants_every_position(&self, _: HookPoint) -> bool {
         false
     }
 }
 
 impl NonFiniteWatch {
-    /// The logits a run returns where it computed the last position's only, which no hook point
-    /// reports: `logits` [B, R, vocab] are the last R of `seq` positions.
-    pub fn check_logits(&mut self, logits: &Tensor, seq: usize) -> Result<()> {
+    /// The logits (`point`: `logits` or `mtp.logits`) a run returns where it computed the last
+    /// position's only, which no hook point reports: [B, R, vocab], the last R of `seq`.
+    pub fn check_logits(&mut self, point: HookPoint, logits: &Tensor, seq: usize) -> Result<()> {
         if self.first.is_some() {
             return Ok(());
         }
         let past = seq.saturating_sub(logits.dim(1)?);
-        let first = with_f32(logits, |v| first_non_finite("logits", v, logits.dims()))?;
+        let first = with_f32(logits, |v| first_non_finite(&point.name(), v, logits.dims()))?;
         self.first = first.map(|mut nf| {
             if let Some(p) = nf.at.get_mut(1) {
                 *p += past;
@@ -596,13 +597,17 @@ mod tests {
     fn the_returned_logits_are_checked_at_their_positions() {
         let logits = Tensor::from_vec(vec![0.0, f32::NAN, 1.0, 2.0], (2, 1, 2), &candle_core::Device::Cpu).unwrap();
         let mut watch = NonFiniteWatch::default();
-        watch.check_logits(&logits, 5).unwrap();
+        watch.check_logits(HookPoint::Logits, &logits, 5).unwrap();
         assert_eq!(watch.first.as_ref().map(|f| (f.name.as_str(), f.at.clone())), Some(("logits", vec![0, 4, 1])));
+        let mut watch = NonFiniteWatch::default();
+        watch.check_logits(HookPoint::MtpLogits, &logits, 4).unwrap();
+        let at = watch.first.as_ref().map(|f| (f.name.as_str(), f.at.clone()));
+        assert_eq!(at, Some(("mtp.logits", vec![0, 3, 1])));
         let earlier = NonFinite { name: "final_norm".into(), at: vec![0, 0, 0], value: f32::INFINITY };
         let mut watch = NonFiniteWatch { first: Some(earlier.clone()) };
-        watch.check_logits(&logits, 5).unwrap();
+        watch.check_logits(HookPoint::Logits, &logits, 5).unwrap();
         assert_eq!(watch.first, Some(earlier));
-        assert!(!watch.wants_every_logit());
+        assert!(!watch.wants_every_position(HookPoint::Logits) && !watch.wants_every_position(HookPoint::MtpLogits));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use glimpse::checkpoint::Checkpoint;
 use glimpse::device::{Backend, Target};
 use glimpse::dump::{self, Dump, DumpWriter};
 use glimpse::error::{Context, Error, Result};
-use glimpse::hooks::{NonFiniteWatch, Selector, Tee};
+use glimpse::hooks::{HookPoint, NoObserver, NonFiniteWatch, Observer, Selector, Tee};
 use glimpse::memory;
 use glimpse::model::stream::{self, LogitRows, Start};
 use glimpse::model::Tokens;
@@ -147,10 +147,10 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
                 }
             }
             if let Some(logits) = &logits {
-                watch.check_logits(logits, tokens.seq)?;
+                watch.check_logits(HookPoint::Logits, logits, tokens.seq)?;
             }
             if let Some(head) = &mtp_head {
-                run_mtp(&weights, head, &final_norm, &tokens, &mut Tee(&mut writer, &mut watch))?;
+                run_mtp(&weights, head, &final_norm, &tokens, (&mut writer, &mut watch))?;
             }
             let meta = dump::metadata(
                 &format!("glimpse {} / candle, float32, cpu", env!("CARGO_PKG_VERSION")),
@@ -165,10 +165,10 @@ pub(crate) fn run(args: RunArgs, max_memory: Option<u64>) -> Result<ExitCode> {
             let mut obs = Tee(&mut watch, &mut final_norm);
             let logits = stream::run(weights, &tokens, (layers, start), LogitRows::Last, &mut obs)?;
             if let Some(logits) = &logits {
-                watch.check_logits(logits, tokens.seq)?;
+                watch.check_logits(HookPoint::Logits, logits, tokens.seq)?;
             }
             if let Some(head) = &mtp_head {
-                run_mtp(&weights, head, &final_norm, &tokens, &mut watch)?;
+                run_mtp(&weights, head, &final_norm, &tokens, (&mut NoObserver, &mut watch))?;
             }
             logits
         }
@@ -221,14 +221,14 @@ fn run_on_device(
     // The prefill, its logits checked (the last position's, which no hook point reports), then
     // with --mtp the head (where the prefill ran) from its final norm. (The final norm is
     // copied back only for the head.)
-    let mut run = |p: &dyn glimpse::device::Prefill, writer: &mut dyn glimpse::hooks::Observer| {
+    let mut run = |p: &dyn glimpse::device::Prefill, writer: &mut dyn Observer| {
         let logits = match mtp {
             Some(_) => p.prefill(tokens, &mut Tee(writer, &mut Tee(&mut watch, &mut final_norm)))?,
             None => p.prefill(tokens, &mut Tee(writer, &mut watch))?,
         };
-        watch.check_logits(&logits, tokens.seq)?;
+        watch.check_logits(HookPoint::Logits, &logits, tokens.seq)?;
         if let Some(head) = mtp {
-            run_mtp(p, head, &final_norm, tokens, &mut Tee(writer, &mut watch))?;
+            run_mtp(p, head, &final_norm, tokens, (writer, &mut watch))?;
         }
         Ok(logits)
     };
@@ -243,7 +243,7 @@ fn run_on_device(
             println!("wrote {n} tensors to {}", path.display());
             logits
         }
-        None => glimpse::device::with_prefill(device, weights, |p| run(p, &mut glimpse::hooks::NoObserver))?,
+        None => glimpse::device::with_prefill(device, weights, |p| run(p, &mut NoObserver))?,
     };
     if let Some(nf) = &watch.first {
         eprintln!("glimpse: warning: first NaN/Inf of the run: {nf}");
@@ -263,13 +263,16 @@ fn run_mtp(
     head: &glimpse::model::mtp::Mtp,
     final_norm: &glimpse::hooks::Recorder,
     tokens: &Tokens,
-    obs: &mut dyn glimpse::hooks::Observer,
+    (writer, watch): (&mut dyn Observer, &mut NonFiniteWatch),
 ) -> Result<()> {
     let h = final_norm
-        .get(glimpse::hooks::HookPoint::FinalNorm)
+        .get(HookPoint::FinalNorm)
         .ok_or_else(|| Error::Usage("--mtp: the run produced no final_norm".into()))?;
     let h = h.narrow(1, 0, tokens.seq.saturating_sub(1))?;
-    let drafts = glimpse::model::decode::last_argmax(&p.mtp(head, &h, tokens, obs)?)?;
+    let drafts = p.mtp(head, &h, tokens, &mut Tee(writer, watch))?;
+    // (The last position's only, where no dump records them all.)
+    watch.check_logits(HookPoint::MtpLogits, &drafts, tokens.seq.saturating_sub(1))?;
+    let drafts = glimpse::model::decode::last_argmax(&drafts)?;
     for (row, d) in drafts.iter().enumerate() {
         println!("row {row}: mtp draft of the next token {d}");
     }

@@ -53,6 +53,42 @@ fn a_prefill_computes_the_logits_it_is_asked_for() {
     }
 }
 
+/// So does the MTP head: the draft of the token after the prompt is the last pair's, and `run
+/// --mtp` made every pair's (S - 1 positions of lm_head), as a dump recording them still does.
+#[test]
+fn the_mtp_head_computes_the_drafts_it_is_asked_for() {
+    use glimpse::device::{with_prefill, Target};
+    use glimpse::hooks::{HookPoint, NoObserver, NonFiniteWatch, Recorder, Selector};
+    use glimpse::model::mtp::Mtp;
+    use glimpse::model::Weights;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/mtp");
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let (model, head) = (Model::load(&ckpt).unwrap(), Mtp::load(&ckpt).unwrap());
+    let tokens = Dump::open(&dir.join("reference.safetensors")).unwrap().tokens().unwrap();
+    let mut prefill = Recorder::new(Selector::new("final_norm", None));
+    model.forward(&tokens, &mut prefill).unwrap();
+    let h = prefill.get(HookPoint::FinalNorm).unwrap().narrow(1, 0, tokens.seq - 1).unwrap();
+    let all = head.forward(&model, &h, &tokens, &mut NoObserver).unwrap(); // [B, S-1, V]
+    let (b, pairs, v) = all.dims3().unwrap();
+    let last = all.narrow(1, pairs - 1, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for backend in [Backend::Cpu, Backend::CpuOps] {
+        let target = Target::from(backend);
+        let got = with_prefill(target, Weights::Resident(&model), |p| {
+            p.mtp(&head, &h, &tokens, &mut NonFiniteWatch::default())
+        });
+        let got = got.unwrap();
+        assert_eq!(got.dims(), [b, 1, v], "{backend:?}");
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let worst = got.iter().zip(&last).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{backend:?}: {worst}");
+        let mut recorder = Recorder::new(Selector::new("mtp.logits", None));
+        let got =
+            with_prefill(target, Weights::Resident(&model), |p| p.mtp(&head, &h, &tokens, &mut recorder)).unwrap();
+        assert_eq!(got.dims(), [b, pairs, v], "{backend:?}: recorded, every pair's");
+        assert_eq!(recorder.get(HookPoint::MtpLogits).map(|t| t.dims().to_vec()), Some(vec![b, pairs, v]));
+    }
+}
+
 /// The device benchmark counts the matrix-product work it times: 2 x tokens x every weight a
 /// token meets (experts: top-k of them), computed here from the config alone.
 #[test]

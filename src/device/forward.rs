@@ -296,7 +296,7 @@ impl<'m, O: Ops> DeviceModel<'m, O> {
     /// The prefill's hook points up to layer `last`'s: past the last layer, the whole prefill's.
     pub fn forward_through(&self, tokens: &Tokens, last: usize, obs: &mut dyn Observer) -> Result<()> {
         match last >= self.config.num_hidden_layers.saturating_sub(1) {
-            true if obs.wants_every_logit() => self.forward(tokens, obs).map(|_| ()),
+            true if obs.wants_every_position(HookPoint::Logits) => self.forward(tokens, obs).map(|_| ()),
             true => self.forward_last(tokens, obs).map(|_| ()),
             false => self.layers_through(tokens, last + 1, obs).map(|_| ()),
         }

@@ -219,7 +219,8 @@ pub trait Prefill {
     /// layer run (before `last` where `obs` stopped the sweep).
     fn sweep(&self, prompts: &[&Tokens], last: usize, obs: &mut dyn SweepObserver) -> Result<usize>;
     /// The MTP head `head` over `hidden` [B, S-1, hidden] (the prefill's final norm at positions
-    /// 0..S-2) and `tokens` [B, S] -> draft logits [B, S-1, vocab], where the prefill runs (it
+    /// 0..S-2) and `tokens` [B, S] -> draft logits [B, S-1, vocab] where `obs` records them, else
+    /// the last position's [B, 1, vocab] (as [`Prefill::prefill`]'s), where the prefill runs (it
     /// needs the resident model).
     fn mtp(&self, head: &Mtp, hidden: &Tensor, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor>;
 }
@@ -235,7 +236,7 @@ impl Prefill for Model {
         Weights::Resident(self).sweep(prompts, last, obs)
     }
     fn mtp(&self, head: &Mtp, hidden: &Tensor, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
-        head.forward(self, hidden, tokens, obs)
+        head.forward_rows(self, hidden, tokens, crate::model::stream::LogitRows::Last, obs)
     }
 }
 
@@ -263,7 +264,7 @@ impl Prefill for Weights<'_> {
 
 impl<O: Ops> Prefill for forward::DeviceModel<'_, O> {
     fn prefill(&self, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
-        match obs.wants_every_logit() {
+        match obs.wants_every_position(crate::hooks::HookPoint::Logits) {
             true => self.forward(tokens, obs),
             false => self.forward_last(tokens, obs),
         }
@@ -275,7 +276,7 @@ impl<O: Ops> Prefill for forward::DeviceModel<'_, O> {
         forward::DeviceModel::sweep(self, prompts, last, obs)
     }
     fn mtp(&self, head: &Mtp, hidden: &Tensor, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
-        forward::DeviceModel::mtp(self, head, hidden, tokens, obs)
+        self.mtp_rows(head, hidden, tokens, crate::model::stream::LogitRows::Last, obs)
     }
 }
 

@@ -16,6 +16,7 @@ use candle_core::{Tensor, D};
 use super::decode::KvCache;
 use super::layer::DecoderLayer;
 use super::nn::{Linear, RmsNorm};
+use super::stream::LogitRows;
 use super::{Model, Tokens};
 use crate::checkpoint::{Checkpoint, Loader};
 use crate::error::{Error, Result};
@@ -76,6 +77,20 @@ impl Mtp {
     /// token to pair with); returns draft logits [B, S-1, vocab], where position s predicts token
     /// s + 2.
     pub fn forward(&self, model: &Model, hidden: &Tensor, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
+        self.forward_rows(model, hidden, tokens, LogitRows::All, obs)
+    }
+
+    /// [`Mtp::forward`], its draft logits at `rows`: with [`LogitRows::Last`] and no observer
+    /// that wants them at every position, the last one's [B, 1, vocab] (the draft of the token
+    /// after the prompt), reported to none.
+    pub fn forward_rows(
+        &self,
+        model: &Model,
+        hidden: &Tensor,
+        tokens: &Tokens,
+        rows: LogitRows,
+        obs: &mut dyn Observer,
+    ) -> Result<Tensor> {
         let s = tokens.seq;
         let (b, pairs, _) = hidden.dims3()?;
         check_positions(s)?;
@@ -90,7 +105,7 @@ impl Mtp {
         let x = self.input(model, hidden, &tokens.columns(1..s)?, obs)?; // [B, S-1, hidden]
         let rope = model.rope_tables(s - 1);
         let out = self.layer.forward(&x, &rope, &mut None, obs)?; // [B, S-1, hidden]
-        self.logits(model, &out, obs)
+        self.logits(model, &out, rows, obs)
     }
 
     /// Decode form: C more (hidden state, next token) pairs per batch row, at the positions after
@@ -120,7 +135,7 @@ impl Mtp {
         let rope = model.rotary.tables(&(cache.len..cache.len + next.seq).collect::<Vec<_>>());
         let out = self.layer.decode(&x, &rope, layer_cache, &mut None, obs)?; // [B, C, hidden]
         cache.len += next.seq;
-        self.logits(model, &out, obs)
+        self.logits(model, &out, LogitRows::All, obs)
     }
 
     /// `eh_proj(cat(enorm(embed(next)), hnorm(h)))`: [B, C, hidden].
@@ -137,15 +152,22 @@ impl Mtp {
         Ok(x)
     }
 
-    /// `head(shared_head.norm(x))`: [B, C, hidden] -> [B, C, vocab].
-    fn logits(&self, model: &Model, x: &Tensor, obs: &mut dyn Observer) -> Result<Tensor> {
+    /// `head(shared_head.norm(x))`: [B, C, hidden] -> [B, C, vocab] (or the last position's,
+    /// [B, 1, vocab], as [`Mtp::forward_rows`] says).
+    fn logits(&self, model: &Model, x: &Tensor, rows: LogitRows, obs: &mut dyn Observer) -> Result<Tensor> {
         let (b, c, hidden) = x.dims3()?;
         let x = self.shared_head_norm.forward(x)?; // [B, C, hidden]
         emit(obs, HookPoint::MtpFinalNorm, || Ok(x.clone()))?;
-        let x2 = x.reshape((b * c, hidden))?;
+        let kept = match rows {
+            LogitRows::Last if !obs.wants_every_position(HookPoint::MtpLogits) => c.min(1),
+            _ => c,
+        };
+        let x2 = x.narrow(1, c - kept, kept)?.contiguous()?.reshape((b * kept, hidden))?;
         let logits = self.head.as_ref().unwrap_or(&model.lm_head).forward(&x2)?;
-        let logits = logits.reshape((b, c, ()))?; // [B, C, vocab]
-        emit(obs, HookPoint::MtpLogits, || Ok(logits.clone()))?;
+        let logits = logits.reshape((b, kept, ()))?; // [B, kept, vocab]
+        if kept == c {
+            emit(obs, HookPoint::MtpLogits, || Ok(logits.clone()))?;
+        }
         Ok(logits)
     }
 }

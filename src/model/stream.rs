@@ -320,7 +320,7 @@ pub fn head(w: Weights, h: &Tensor, obs: &mut dyn Observer) -> Result<Tensor> {
 
 /// `head`, also returning the final-norm hidden state [B, S, hidden] (what the MTP head reads);
 /// with [`LogitRows::Last`] and no observer that wants every position's logits
-/// ([`Observer::wants_every_logit`]), the logits are [B, 1, vocab], reported to none.
+/// ([`Observer::wants_every_position`]), the logits are [B, 1, vocab], reported to none.
 pub fn head_normed(w: Weights, h: &Tensor, rows: LogitRows, obs: &mut dyn Observer) -> Result<(Tensor, Tensor)> {
     let cfg = w.config();
     let (b, s, hidden) = h.dims3()?;
@@ -334,7 +334,7 @@ pub fn head_normed(w: Weights, h: &Tensor, rows: LogitRows, obs: &mut dyn Observ
     }; // [B, S, hidden]
     emit(obs, HookPoint::FinalNorm, || Ok(x.clone()))?;
     let s = match rows {
-        LogitRows::Last if !obs.wants_every_logit() => 1,
+        LogitRows::Last if !obs.wants_every_position(HookPoint::Logits) => 1,
         _ => s,
     };
     let whole = s == h.dim(1)?;

@@ -14,6 +14,7 @@ use super::{DWeights, DeviceModel};
 use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, Observer};
 use crate::model::mtp::{check_positions, Mtp};
+use crate::model::stream::LogitRows;
 use crate::model::Tokens;
 
 /// The MTP head's weights on the device.
@@ -52,6 +53,18 @@ impl<O: Ops> DeviceModel<'_, O> {
     /// 0..S-2, on the host) and `tokens` [B, S]: draft logits [B, S-1, vocab] on the host, where
     /// position s predicts token s + 2. Reports the hook points the CPU's head reports.
     pub fn mtp(&self, head: &Mtp, hidden: &Tensor, tokens: &Tokens, obs: &mut dyn Observer) -> Result<Tensor> {
+        self.mtp_rows(head, hidden, tokens, LogitRows::All, obs)
+    }
+
+    /// [`DeviceModel::mtp`], its draft logits at `logit_rows` as [`Mtp::forward_rows`] gives them.
+    pub fn mtp_rows(
+        &self,
+        head: &Mtp,
+        hidden: &Tensor,
+        tokens: &Tokens,
+        logit_rows: LogitRows,
+        obs: &mut dyn Observer,
+    ) -> Result<Tensor> {
         let DWeights::Resident { embed, head: main, .. } = &self.weights else {
             return Err(crate::model::mtp::needs_resident());
         };
@@ -104,6 +117,13 @@ impl<O: Ops> DeviceModel<'_, O> {
         drop(out);
         self.report(obs, HookPoint::MtpFinalNorm, &x, &[b, s - 1, hd])?;
         let lm_head = d.head.as_ref().unwrap_or(&main.lm_head);
+        if logit_rows == LogitRows::Last && !obs.wants_every_position(HookPoint::MtpLogits) {
+            // Each row's last pair only: the draft of the token after the prompt.
+            let last: Vec<i32> = (1..=b).map(|r| (r * (s - 1) - 1) as i32).collect(); // < T
+            let x = self.ops.gather_rows(&x, &self.ops.upload_i32(&last)?, b, hd)?; // [B, H]
+            let logits = self.mm(&x, lm_head, b, 1.0)?; // [B, V]
+            return Ok(Tensor::from_vec(self.ops.download(&logits)?, (b, 1, lm_head.out), &Device::Cpu)?);
+        }
         let logits = self.mm(&x, lm_head, t, 1.0)?; // [T, V]
         let logits = Tensor::from_vec(self.ops.download(&logits)?, (b, s - 1, lm_head.out), &Device::Cpu)?;
         if obs.wants(HookPoint::MtpLogits) {
