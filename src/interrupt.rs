@@ -143,20 +143,20 @@ mod imp {
         }
     }
 
-    const BUS_ERROR: &[u8] = b"glimpse: error: a file being read was cut short on disk while mapped (a writer \
-that empties it first): run again once it is written\n";
+    /// "glimpse: error: PATH was cut short ...", where the file is known, else "a file being read".
+    const BUS_HEAD: &[u8] = b"glimpse: error: ";
+    const BUS_UNNAMED: &[u8] = b"a file being read";
+    const BUS_TAIL: &[u8] =
+        b" was cut short on disk while mapped (a writer that empties it first): run again once it is written\n";
 
     extern "C" fn on_bus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
         // SAFETY: write(2) and _exit(2) are async-signal-safe, and so is `mapped::name_at`; the
         // kernel hands a SIGBUS handler installed with SA_SIGINFO its siginfo.
         unsafe {
             let addr = if info.is_null() { 0 } else { (*info).si_addr() as usize };
-            if let Some(path) = crate::mapped::name_at(addr) {
-                for part in [&b"glimpse: error: "[..], path, &BUS_ERROR[b"glimpse: error: a file being read".len()..]] {
-                    libc::write(2, part.as_ptr().cast(), part.len());
-                }
-            } else {
-                libc::write(2, BUS_ERROR.as_ptr().cast(), BUS_ERROR.len());
+            let name = crate::mapped::name_at(addr).unwrap_or(BUS_UNNAMED);
+            for part in [BUS_HEAD, name, BUS_TAIL] {
+                libc::write(2, part.as_ptr().cast(), part.len());
             }
             libc::_exit(2);
         }

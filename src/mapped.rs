@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 /// Files mapped at once that can be named (GLM-5's FP8 release has 142 shards, and a diff maps
 /// two dumps); past it a map is simply not named.
 const SLOTS: usize = 512;
-/// The bytes of a path kept (a longer one is cut, its end kept: the file name).
+/// The bytes of a path kept (a longer one is cut to `…` and its end: the file name).
 const PATH_BYTES: usize = 1024;
 
 const FREE: u8 = 0;
@@ -61,10 +61,21 @@ pub fn record(start: *const u8, len: usize, path: &Path) -> Record {
     };
     let slot = &TABLE[i];
     let bytes = path.as_os_str().as_encoded_bytes();
-    let kept = &bytes[bytes.len().saturating_sub(PATH_BYTES)..];
     // SAFETY: this thread claimed the slot (WRITING): no one else writes it, and readers skip it.
-    unsafe { (&mut *slot.path.get())[..kept.len()].copy_from_slice(kept) };
-    slot.path_len.store(kept.len(), Ordering::Relaxed);
+    let to = unsafe { &mut *slot.path.get() };
+    let path_len = match bytes.len() <= PATH_BYTES {
+        true => {
+            to[..bytes.len()].copy_from_slice(bytes);
+            bytes.len()
+        }
+        false => {
+            let cut = "…".as_bytes();
+            to[..cut.len()].copy_from_slice(cut);
+            to[cut.len()..].copy_from_slice(&bytes[bytes.len() - (PATH_BYTES - cut.len())..]);
+            PATH_BYTES
+        }
+    };
+    slot.path_len.store(path_len, Ordering::Relaxed);
     slot.start.store(start as usize, Ordering::Relaxed);
     slot.len.store(len, Ordering::Relaxed);
     slot.state.store(READY, Ordering::Release);
@@ -103,5 +114,9 @@ mod tests {
         assert_eq!(name_at(at as usize + 100), None, "one past the end");
         drop(record);
         assert_eq!(name_at(at as usize), None);
+        let long = format!("/{}/shard.safetensors", "d".repeat(2 * PATH_BYTES));
+        let _record = super::record(at, pages.len(), Path::new(&long));
+        let named = name_at(at as usize).map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+        assert!(named.starts_with("…ddd") && named.ends_with("/shard.safetensors") && named.len() == PATH_BYTES);
     }
 }

@@ -152,7 +152,7 @@ fn the_binary_in_tmux() {
     wait_for("1 layers");
     std::fs::OpenOptions::new().write(true).open(&copy).unwrap().set_len(2000).unwrap();
     tmux(&["send-keys", "-t", &session, "j", "j", "2"]);
-    let s = wait_for("a dump the terminal UI reads changed on disk");
+    let s = wait_for("a file the terminal UI reads changed on disk");
     assert!(!s.contains("1 layers"), "the terminal is restored: {s}");
     // (The pane wraps the line: the file's name is looked for in it unwrapped.)
     assert!(s.replace('\n', "").contains("port.safetensors: open it again"), "the file is named: {s}");

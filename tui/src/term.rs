@@ -115,9 +115,8 @@ mod bus {
     pub(super) static NAMES: OnceLock<super::NameAt> = OnceLock::new();
 
     const LEAVE: &[u8] = b"\x1b[?1049l\x1b[?25h\r\n";
-    const MESSAGE: &[u8] = b"glimpse: error: a dump the terminal UI reads changed on disk (cut short while mapped): \
-open it again once it is written\n";
-    /// Where the file's name goes, once known: before this.
+    /// The message: HEAD, ": PATH" where the file is known, TAIL.
+    const HEAD: &[u8] = b"glimpse: error: a file the terminal UI reads changed on disk (cut short while mapped)";
     const TAIL: &[u8] = b": open it again once it is written\n";
 
     pub fn save_terminal() {
@@ -144,10 +143,9 @@ open it again once it is written\n";
                 libc::tcsetattr(fd, libc::TCSANOW, t);
             }
             let addr = if info.is_null() { 0 } else { (*info).si_addr() as usize };
-            let (head, tail) = MESSAGE.split_at(MESSAGE.len() - TAIL.len());
             let parts: [&[u8]; 4] = match NAMES.get().and_then(|name_at| name_at(addr)) {
-                Some(path) => [head, b": ", path, tail],
-                None => [MESSAGE, b"", b"", b""],
+                Some(path) => [HEAD, b": ", path, TAIL],
+                None => [HEAD, TAIL, b"", b""],
             };
             for part in parts {
                 libc::write(2, part.as_ptr().cast(), part.len());
